@@ -1,0 +1,165 @@
+"""The envelope of one message: who sent it, to whom, from where, and each recipient's state.
+
+The envelope is what the spool stores beside the message body, as JSON (never pickle), and
+what every plugin sees.  Addresses are kept as text in their canonical form (see
+L{mailrelay.address}); the null reverse-path is the empty string.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+ENVELOPE_VERSION = 1
+
+#: Recipient states.  A message leaves the spool when no recipient is C{PENDING}.
+PENDING = "pending"
+DELIVERED = "delivered"
+BOUNCED = "bounced"
+RECIPIENT_STATES = (PENDING, DELIVERED, BOUNCED)
+
+
+@dataclass
+class ClientInfo:
+    """What is known of the SMTP client of one session.
+
+    @ivar address: the client's IP address as text (C{"127.0.0.1"}, C{"::1"}).
+    @ivar port: the client's source port.
+    @ivar rdns: the client's reverse DNS name, forward-confirmed, or C{None} ("unknown").
+    @ivar helo: the HELO/EHLO argument, or C{None} before HELO/EHLO.
+    @ivar esmtp: C{True} after EHLO, C{False} after HELO.
+    @ivar tls: a description of the TLS session (C{"TLSv1.3 TLS_AES_256_GCM_SHA384"}) or C{None}.
+    @ivar authUser: the authenticated user name, or C{None}.
+    @ivar relayAllowed: C{True} when the client may relay to any domain (it is in a relay
+        network, or authenticated).
+    @ivar listener: the name of the listener (its endpoint description) the client came in on.
+    """
+
+    address: str
+    port: int = 0
+    rdns: str | None = None
+    helo: str | None = None
+    esmtp: bool = False
+    tls: str | None = None
+    authUser: str | None = None
+    relayAllowed: bool = False
+    listener: str = ""
+
+    @property
+    def protocol(self) -> str:
+        """The RFC 3848 protocol name for C{Received:} (SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA)."""
+        if not self.esmtp:
+            return "SMTP"
+        name = "ESMTP"
+        if self.tls:
+            name += "S"
+        if self.authUser:
+            name += "A"
+        return name
+
+
+@dataclass
+class Recipient:
+    """One recipient of a message.
+
+    @ivar address: the canonical forward-path without angle brackets (C{"user@example.com"}).
+    @ivar original: the path as the client wrote it, without angle brackets.
+    @ivar notify: the DSN NOTIFY values (C{("SUCCESS", "FAILURE")}, C{("NEVER",)}) or C{None}.
+    @ivar orcpt: the DSN ORCPT parameter as received (C{"rfc822;user@example.com"}, xtext
+        decoded) or C{None}.
+    @ivar state: one of L{RECIPIENT_STATES}.
+    @ivar attempts: delivery attempts made for this recipient.
+    @ivar lastResult: the last delivery result (reply text), or C{None}.
+    """
+
+    address: str
+    original: str = ""
+    notify: tuple[str, ...] | None = None
+    orcpt: str | None = None
+    state: str = PENDING
+    attempts: int = 0
+    lastResult: str | None = None
+
+    @property
+    def domain(self) -> str:
+        """The domain part (after the last C{@}), or C{""}."""
+        return self.address.rpartition("@")[2] if "@" in self.address else ""
+
+
+@dataclass
+class Envelope:
+    """The envelope of one message.
+
+    @ivar queueID: the queue id, assigned when DATA starts; C{None} before.
+    @ivar sender: the canonical reverse-path without brackets; C{""} is the null sender.
+    @ivar recipients: accepted recipients, in RCPT order.
+    @ivar size: the declared SIZE parameter, or C{None}.
+    @ivar body: the BODY parameter (C{"7BIT"}, C{"8BITMIME"}) or C{None}.
+    @ivar smtputf8: C{True} when MAIL carried SMTPUTF8.
+    @ivar ret: the DSN RET parameter (C{"FULL"}, C{"HDRS"}) or C{None}.
+    @ivar envid: the DSN ENVID parameter (xtext decoded) or C{None}.
+    @ivar client: the client the message came from.
+    @ivar arrival: arrival time, seconds since the epoch (end of DATA).
+    @ivar messageSize: size in octets of the stored message (headers we added included).
+    @ivar attempts: delivery attempts made for the message.
+    """
+
+    sender: str = ""
+    recipients: list[Recipient] = field(default_factory=list)
+    queueID: str | None = None
+    size: int | None = None
+    body: str | None = None
+    smtputf8: bool = False
+    ret: str | None = None
+    envid: str | None = None
+    client: ClientInfo | None = None
+    arrival: float | None = None
+    messageSize: int = 0
+    attempts: int = 0
+
+    @property
+    def pendingRecipients(self) -> list[Recipient]:
+        return [r for r in self.recipients if r.state == PENDING]
+
+    def toDict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["version"] = ENVELOPE_VERSION
+        if self.client is not None:
+            d["client"]["protocol"] = self.client.protocol
+        for r in d["recipients"]:
+            if r["notify"] is not None:
+                r["notify"] = list(r["notify"])
+        return d
+
+    def toJSON(self) -> bytes:
+        """Serialise to UTF-8 JSON (stable key order)."""
+        return json.dumps(self.toDict(), sort_keys=True, ensure_ascii=False, indent=1).encode(
+            "utf-8"
+        )
+
+    @classmethod
+    def fromDict(cls, d: dict[str, Any]) -> "Envelope":
+        version = d.get("version")
+        if version != ENVELOPE_VERSION:
+            raise ValueError(f"unsupported envelope version {version!r}")
+        d = dict(d)
+        d.pop("version")
+        client = d.pop("client", None)
+        if client is not None:
+            client = dict(client)
+            client.pop("protocol", None)
+            client = ClientInfo(**client)
+        recipients = []
+        for r in d.pop("recipients", []):
+            r = dict(r)
+            if r.get("notify") is not None:
+                r["notify"] = tuple(r["notify"])
+            if r.get("state", PENDING) not in RECIPIENT_STATES:
+                raise ValueError(f"bad recipient state {r.get('state')!r}")
+            recipients.append(Recipient(**r))
+        return cls(client=client, recipients=recipients, **d)
+
+    @classmethod
+    def fromJSON(cls, data: bytes) -> "Envelope":
+        return cls.fromDict(json.loads(data.decode("utf-8")))

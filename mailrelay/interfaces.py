@@ -1,0 +1,189 @@
+"""Every interface a mailrelay plugin can implement, and the verdicts plugins return.
+
+A site plugin is an object providing L{IMailRelayPlugin}, exposed from a module in any
+C{twisted/plugins/} directory on C{sys.path}.  The configuration names it; mailrelay calls its
+C{build} with the plugin's own configuration table and checks the result with
+C{zope.interface.verify.verifyObject} against the interface the plugin says it provides.
+See C{docs/plugins.md}.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from twisted.plugin import IPlugin
+from zope.interface import Attribute, Interface
+
+from mailrelay.smtp.replies import Reply
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mailrelay.envelope import ClientInfo, Envelope, Recipient
+
+
+class VerdictKind(enum.Enum):
+    CONTINUE = "continue"
+    ACCEPT = "accept"
+    REJECT = "reject"
+    DEFER = "defer"
+    DISCONNECT = "disconnect"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What a policy plugin decided.
+
+    - C{CONTINUE}: no opinion, ask the next plugin in the chain (the end of the chain accepts).
+    - C{ACCEPT}: accept now; later plugins are not asked.
+    - C{REJECT}: refuse with a 5xx C{reply}.
+    - C{DEFER}: refuse for now with a 4xx C{reply}; the client should retry later.
+    - C{DISCONNECT}: send C{reply} (421 by default) and close the connection.
+    """
+
+    kind: VerdictKind
+    reply: Reply | None = None
+
+    @classmethod
+    def accept(cls) -> "Verdict":
+        return ACCEPT
+
+    @classmethod
+    def continue_(cls) -> "Verdict":
+        return CONTINUE
+
+    @classmethod
+    def reject(cls, text: str = "Error: rejected", code: int = 550, enhanced: str = "5.7.1") -> "Verdict":
+        if not 500 <= code <= 599 or not enhanced.startswith("5."):
+            raise ValueError(f"a reject needs a 5xx code and 5.x.x status, not {code} {enhanced}")
+        return cls(VerdictKind.REJECT, Reply(code, enhanced, text))
+
+    @classmethod
+    def defer(cls, text: str = "Error: try again later", code: int = 451, enhanced: str = "4.3.0") -> "Verdict":
+        if not 400 <= code <= 499 or not enhanced.startswith("4."):
+            raise ValueError(f"a defer needs a 4xx code and 4.x.x status, not {code} {enhanced}")
+        return cls(VerdictKind.DEFER, Reply(code, enhanced, text))
+
+    @classmethod
+    def disconnect(cls, text: str = "Error: closing connection", enhanced: str = "4.7.0") -> "Verdict":
+        return cls(VerdictKind.DISCONNECT, Reply(421, enhanced, text))
+
+
+CONTINUE = Verdict(VerdictKind.CONTINUE)
+ACCEPT = Verdict(VerdictKind.ACCEPT)
+
+
+class IRecipientValidator(Interface):
+    """Decides whether one recipient (one RCPT command) is accepted.
+
+    Validators run in the order the configuration lists them, after relay control has allowed
+    the recipient (relay control cannot be configured away).  The first verdict other than
+    C{CONTINUE} decides; when every validator continues, the recipient is accepted.
+    A validator that raises, fails its Deferred, or does not answer within its timeout makes
+    the recipient deferred (451 4.3.0): a failing plugin never accepts.
+    """
+
+    def validateRecipient(client: "ClientInfo", envelope: "Envelope", recipient: "Recipient") -> Any:
+        """Judge C{recipient}.
+
+        @param client: the session's client (address, HELO, TLS, user, relay permission).
+        @param envelope: the transaction so far (sender, recipients already accepted).
+        @param recipient: the recipient being judged; C{recipient.address} is canonical
+            (domain lower-cased, without trailing dot, IDNA A-labels).
+        @return: a L{Verdict} or a C{Deferred} firing with one.
+        """
+
+
+@dataclass
+class StampContext:
+    """What a header stamper is told when the header section of a message is complete.
+
+    @ivar hostname: this relay's host name.
+    @ivar client: the client the message came from.
+    @ivar envelope: the envelope; C{envelope.queueID} is set.
+    @ivar headers: the message's header section as received, one C{(name, raw_field)} pair
+        per field; C{name} is as written, C{raw_field} is the whole field including its name,
+        continuation lines and the final CRLF.
+    @ivar listenerOptions: the options of the listener the message came in on
+        (C{add_message_id}, C{add_date}, ...).
+    @ivar now: the time stamp to use, seconds since the epoch.
+    """
+
+    hostname: str
+    client: "ClientInfo"
+    envelope: "Envelope"
+    headers: list[tuple[str, bytes]]
+    listenerOptions: dict[str, Any] = field(default_factory=dict)
+    now: float = 0.0
+
+    def hasHeader(self, name: str) -> bool:
+        lname = name.lower()
+        return any(n.lower() == lname for n, _ in self.headers)
+
+    def count(self, name: str) -> int:
+        lname = name.lower()
+        return sum(1 for n, _ in self.headers if n.lower() == lname)
+
+
+@dataclass
+class StampResult:
+    """Header fields a stamper adds: whole fields, each ending in CRLF, with no bare CR or LF.
+
+    @ivar prepend: fields put above the message's first header (trace fields: C{Received:}).
+    @ivar append: fields put after the message's last header (C{Message-Id:}, C{Date:}).
+    """
+
+    prepend: list[bytes] = field(default_factory=list)
+    append: list[bytes] = field(default_factory=list)
+
+
+class IHeaderStamper(Interface):
+    """Adds header fields to each message accepted.
+
+    Stampers run in configuration order once the header section of a message has arrived,
+    before its body is stored.  They must be quick and must not block: they run on the
+    reactor thread.  The message itself is never changed otherwise.  Prepended fields of a
+    later stamper go above those of an earlier one, as trace fields do hop after hop.
+    """
+
+    def stamp(context: StampContext) -> StampResult:
+        """Return the fields to add to the message described by C{context}."""
+
+
+@dataclass
+class PluginContext:
+    """What a plugin's C{build} may use.
+
+    @ivar hostname: this relay's host name.
+    @ivar configDir: the directory of the configuration file, to resolve relative paths
+        (the current directory when running on the embedded default).
+    @ivar reactor: the reactor (for timers and I/O), or C{None} when only checking.
+    """
+
+    hostname: str
+    configDir: Path
+    reactor: Any = None
+
+
+class IMailRelayPlugin(IPlugin):
+    """What a C{twisted/plugins/} dropin exposes, one object per plugin.
+
+    The configuration selects a plugin by C{name} in a plugin list (for example
+    C{[[recipient_validators]] plugin = "recipient-map"}); the rest of that table is passed to
+    C{build} as C{options}.
+    """
+
+    name = Attribute("Unique name the configuration uses, e.g. C{'recipient-map'}.")
+    provides = Attribute("The interface the objects C{build} returns provide, e.g. L{IRecipientValidator}.")
+    description = Attribute("One line saying what the plugin does.")
+
+    def build(options: dict[str, Any], context: PluginContext) -> Any:
+        """Build the plugin from its configuration table.
+
+        @param options: the plugin's table without the C{plugin} key (and without the keys
+            the loader itself uses, such as C{timeout}).
+        @raise mailrelay.errors.ConfigError: an option is missing, unknown or wrong; the
+            message names the key and value.
+        @return: an object providing C{self.provides}.
+        """
