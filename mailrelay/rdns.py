@@ -1,0 +1,57 @@
+"""Forward-confirmed reverse DNS of a client, never blocking the reactor.
+
+The name is only used when one of its addresses is the client's address (as Postfix does);
+otherwise, or on any error or time-out, the client is "unknown".
+"""
+
+from __future__ import annotations
+
+from ipaddress import ip_address
+from typing import Any
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.logger import Logger
+from twisted.names import dns
+
+log = Logger()
+
+
+def _answers(result: Any, rtype: int) -> list[Any]:
+    answers = result[0] if isinstance(result, tuple) else result
+    return [rr.payload for rr in answers if rr.type == rtype]
+
+
+@inlineCallbacks
+def _lookup(resolver: Any, host: str) -> Any:
+    addr = ip_address(host.split("%", 1)[0])
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    ptr = yield resolver.lookupPointer(addr.reverse_pointer)
+    names = [str(p.name).rstrip(".").lower() for p in _answers(ptr, dns.PTR)]
+    for name in names[:3]:
+        if addr.version == 4:
+            fwd = yield resolver.lookupAddress(name)
+            found = {p.dottedQuad() for p in _answers(fwd, dns.A)}
+        else:
+            fwd = yield resolver.lookupIPV6Address(name)
+            found = {str(ip_address(p.address)) for p in _answers(fwd, dns.AAAA)}
+        if str(addr) in found:
+            return name
+    return None
+
+
+def reverseLookup(resolver: Any, host: str, timeout: float, clock: Any) -> Deferred:
+    """Look up C{host}'s forward-confirmed name.
+
+    @return: a Deferred firing with the name (lower case, no trailing dot) or C{None}; it never
+        fails.
+    """
+    d = _lookup(resolver, host)
+    d.addTimeout(timeout, clock)
+
+    def failed(failure: Any) -> None:
+        log.debug("reverse lookup of {host} failed: {error}", host=host, error=failure.getErrorMessage())
+        return None
+
+    return d.addErrback(failed)
+

@@ -1,0 +1,591 @@
+"""The ESMTP server session: a sans-IO state machine.
+
+L{ServerSession} takes bytes and returns a list of events: L{Reply} objects to send, L{Close},
+message body data to store (L{BodyData}), and questions the driver must answer before the
+session reads on (L{CheckMail}, L{CheckRecipient}, L{StartData}, L{EndOfData}).  After a question
+the session parses nothing more until L{ServerSession.answer} is called, so pipelined commands are
+answered strictly in order, across the DATA boundary too.  It never touches a socket, a clock or
+the disk: L{mailrelay.smtp.protocol} drives it with Twisted.
+
+Message data is handled in bulk (C{bytes.find}/C{replace}, never one Python call per line).  The
+end of data is only C{<CRLF>.<CRLF>}: a bare CR or LF never ends or splits a message.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from mailrelay import address
+from mailrelay.address import AddressError
+from mailrelay.envelope import ClientInfo, Envelope, Recipient
+from mailrelay.interfaces import Verdict, VerdictKind
+from mailrelay.smtp import replies as R
+from mailrelay.smtp.replies import Reply
+
+#: RFC 5321 4.5.3.1.4: a command line is at most 512 octets including CRLF.
+MAX_COMMAND_LINE = 512
+#: A client that sends this much without a line end is disconnected (421).
+COMMAND_BUFFER_LIMIT = 16384
+#: RFC 5321 4.5.3.1.6: a text line is at most 1000 octets including CRLF.
+MAX_DATA_LINE = 998
+#: In DATA, a partial line longer than this is processed without waiting for its end.
+DATA_PARTIAL_FLUSH = 65536
+
+BARE_NEWLINE_REJECT = "reject"
+BARE_NEWLINE_NORMALIZE = "normalize"
+
+_LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (MAX_DATA_LINE + 1))
+_BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_XTEXT_MAX = 100  # RFC 3461 ENVID limit
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """The limits and identity one listener gives its sessions."""
+
+    hostname: str
+    maxMessageSize: int = 10240000
+    maxRecipients: int = 100
+    maxErrors: int = 20
+    bareNewline: str = BARE_NEWLINE_REJECT
+    extensions: tuple[str, ...] = ()
+
+
+# Events -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close the connection after writing the replies before this event."""
+
+
+@dataclass(frozen=True, slots=True)
+class BodyData:
+    """Message content to store: unstuffed, with CRLF line ends only."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AbortData:
+    """The message being received is abandoned (connection lost, timeout): drop what was stored."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckMail:
+    """Question: may this MAIL be accepted?  Answer with a L{Verdict}."""
+
+    envelope: Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class CheckRecipient:
+    """Question: may this recipient be accepted?  Answer with a L{Verdict}."""
+
+    envelope: Envelope
+    recipient: Recipient
+    mailbox: address.Mailbox
+
+
+@dataclass(frozen=True, slots=True)
+class StartData:
+    """Question: a message is about to be received.  Prepare to store it (assign
+    C{envelope.queueID}) and answer C{None}, or answer a L{Reply} (4xx/5xx) to refuse DATA."""
+
+    envelope: Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfData:
+    """Question: the message ended.  C{error} is the reply the session wants to send when the
+    message is unacceptable (too big, long line, bare newline): the driver drops it and answers
+    that reply.  Otherwise the driver stores it durably and answers the final L{Reply}."""
+
+    envelope: Envelope
+    error: Reply | None
+    size: int
+
+
+@dataclass
+class _Transaction:
+    envelope: Envelope
+    rcptAttempted: int = 0
+    seen: set[str] = field(default_factory=set)
+
+
+_COMMAND, _DATA, _CLOSED = "command", "data", "closed"
+
+
+class ServerSession:
+    """One ESMTP server session (sans-IO)."""
+
+    def __init__(self, settings: SessionSettings, client: ClientInfo) -> None:
+        self.settings = settings
+        self.client = client
+        self.errors = 0
+        self.messages = 0
+        self.mode = _COMMAND
+        self.transaction: _Transaction | None = None
+        self._buf = b""
+        self._pos = 0
+        self._waiting: type | None = None
+        self._question: object | None = None
+        self._out: list[object] = []
+        # DATA state
+        self._atLineStart = True
+        self._lineLen = 0
+        self._dataSize = 0
+        self._dataError: Reply | None = None
+
+    # Driver API -----------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self.mode == _CLOSED
+
+    @property
+    def inData(self) -> bool:
+        return self.mode == _DATA
+
+    @property
+    def waiting(self) -> bool:
+        """C{True} while a question is unanswered (the driver should stop reading)."""
+        return self._waiting is not None
+
+    def greeting(self) -> list[object]:
+        return [Reply(220, "", f"{self.settings.hostname} ESMTP mailrelay")]
+
+    def dataReceived(self, data: bytes) -> list[object]:
+        if self.mode == _CLOSED:
+            return []
+        if self._pos:
+            self._buf = self._buf[self._pos :] + data
+            self._pos = 0
+        else:
+            self._buf += data
+        return self._run()
+
+    def answer(self, result: object) -> list[object]:
+        """Answer the pending question, then go on reading buffered input."""
+        kind, question = self._waiting, self._question
+        if kind is None:
+            raise RuntimeError("no question is pending")
+        self._waiting = self._question = None
+        if self.mode == _CLOSED:
+            return []
+        out = self._out = []
+        if kind is CheckMail:
+            self._mailAnswered(question, result)  # type: ignore[arg-type]
+        elif kind is CheckRecipient:
+            self._rcptAnswered(question, result)  # type: ignore[arg-type]
+        elif kind is StartData:
+            self._dataStartAnswered(result)  # type: ignore[arg-type]
+        elif kind is EndOfData:
+            self._dataEndAnswered(result)  # type: ignore[arg-type]
+        return out + self._run()
+
+    def timedOut(self) -> list[object]:
+        """The driver's timer expired (idle in command mode, or no data in DATA)."""
+        if self.mode == _CLOSED:
+            return []
+        out: list[object] = []
+        if self.mode == _DATA:
+            out.append(AbortData())
+        out += [Reply(421, "4.4.2", f"{self.settings.hostname} Error: timeout exceeded"), Close()]
+        self.mode = _CLOSED
+        self.transaction = None
+        return out
+
+    def connectionLost(self) -> list[object]:
+        """The client went away: an unfinished transaction is dropped, as by RSET."""
+        out: list[object] = []
+        if self.mode == _DATA:
+            out.append(AbortData())
+        self.mode = _CLOSED
+        self.transaction = None
+        return out
+
+    # Internals ------------------------------------------------------------------------------
+
+    def _reply(self, reply: Reply, countError: bool = True) -> None:
+        self._out.append(reply)
+        if reply.code >= 400 and countError:
+            self.errors += 1
+            if self.errors >= self.settings.maxErrors and self.mode != _CLOSED:
+                self._close(Reply(421, "4.7.0", f"{self.settings.hostname} Error: too many errors"))
+
+    def _close(self, reply: Reply) -> None:
+        self._out.append(reply)
+        self._out.append(Close())
+        self.mode = _CLOSED
+        self.transaction = None
+
+    def _ask(self, question: object) -> None:
+        self._waiting = type(question)
+        self._question = question
+        self._out.append(question)
+
+    def _run(self) -> list[object]:
+        result: list[object] = []
+        self._out = result
+        while self._waiting is None and self.mode != _CLOSED:
+            if self.mode == _DATA:
+                if not self._processData():
+                    break
+            elif not self._processCommand():
+                break
+        if self._pos and self._pos >= len(self._buf):
+            self._buf = b""
+            self._pos = 0
+        return result
+
+    # Command mode ---------------------------------------------------------------------------
+
+    def _processCommand(self) -> bool:
+        buf, pos = self._buf, self._pos
+        end = buf.find(b"\n", pos)
+        if end < 0:
+            if len(buf) - pos > COMMAND_BUFFER_LIMIT:
+                self._close(Reply(421, "4.7.0", f"{self.settings.hostname} Error: line too long, closing"))
+            return False
+        raw = buf[pos:end]
+        self._pos = end + 1
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        if len(raw) + 2 > MAX_COMMAND_LINE:
+            self._reply(R.LINE_TOO_LONG)
+            return True
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self._reply(Reply(500, "5.5.2", "Error: command is not valid UTF-8"))
+            return True
+        if any(c in line for c in "\r\n\x00"):
+            self._reply(R.SYNTAX_ERROR)
+            return True
+        verb, _, arg = line.partition(" ")
+        handler = getattr(self, "_cmd_" + verb.upper(), None) if verb.isalpha() else None
+        if handler is None:
+            if not verb:
+                self._reply(R.SYNTAX_ERROR)
+            elif verb.upper() in _UNIMPLEMENTED:
+                self._reply(R.NOT_IMPLEMENTED)
+            else:
+                self._reply(R.UNRECOGNIZED)
+            return True
+        handler(arg)
+        return True
+
+    def _resetTransaction(self) -> None:
+        self.transaction = None
+
+    def _cmd_EHLO(self, arg: str) -> None:
+        self._helo(arg, esmtp=True)
+
+    def _cmd_HELO(self, arg: str) -> None:
+        self._helo(arg, esmtp=False)
+
+    def _helo(self, arg: str, esmtp: bool) -> None:
+        name = arg.strip()
+        verb = "EHLO" if esmtp else "HELO"
+        if not name or " " in name or not name.isprintable():
+            self._reply(Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
+            return
+        self._resetTransaction()
+        self.client.helo = name
+        self.client.esmtp = esmtp
+        if esmtp:
+            lines = [self.settings.hostname, "PIPELINING", f"SIZE {self.settings.maxMessageSize}",
+                     "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", *self.settings.extensions]
+            self._reply(Reply(250, "", "\n".join(lines)))
+        else:
+            self._reply(Reply(250, "", self.settings.hostname))
+
+    def _cmd_MAIL(self, arg: str) -> None:
+        if self.client.helo is None:
+            self._reply(R.NEED_HELO)
+            return
+        if self.transaction is not None:
+            self._reply(R.NESTED_MAIL)
+            return
+        if arg[:5].upper() != "FROM:":
+            self._reply(Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>"))
+            return
+        try:
+            path, params = address.splitArgument(arg[5:])
+            envelope = Envelope(client=self.client)
+            self._mailParams(envelope, params)
+            sender = address.parseReversePath(path, utf8=envelope.smtputf8)
+        except AddressError as e:
+            self._reply(e.reply)
+            return
+        except _ParamError as e:
+            self._reply(e.reply)
+            return
+        envelope.sender = "" if sender is None else str(sender)
+        self._ask(CheckMail(envelope))
+
+    def _mailParams(self, envelope: Envelope, params: list[tuple[str, str | None]]) -> None:
+        seen: set[str] = set()
+        for key, value in params:
+            if key in seen:
+                raise _ParamError(Reply(501, "5.5.4", f"Error: duplicate {key} parameter"))
+            seen.add(key)
+            if key == "SIZE":
+                if value is None or not value.isdigit() or not value.isascii() or len(value) > 20:
+                    raise _ParamError(Reply(501, "5.5.4", "Error: bad SIZE parameter"))
+                envelope.size = int(value)
+                if envelope.size > self.settings.maxMessageSize:
+                    raise _ParamError(R.SIZE_EXCEEDED)
+            elif key == "BODY":
+                body = (value or "").upper()
+                if body not in ("7BIT", "8BITMIME"):
+                    raise _ParamError(Reply(501, "5.5.4", f"Error: unsupported BODY value {value!r}"))
+                envelope.body = body
+            elif key == "SMTPUTF8":
+                if value is not None:
+                    raise _ParamError(Reply(501, "5.5.4", "Error: SMTPUTF8 takes no value"))
+                envelope.smtputf8 = True
+            elif key == "RET":
+                ret = (value or "").upper()
+                if ret not in ("FULL", "HDRS"):
+                    raise _ParamError(Reply(501, "5.5.4", "Error: bad RET parameter (FULL or HDRS)"))
+                envelope.ret = ret
+            elif key == "ENVID":
+                if not value:
+                    raise _ParamError(Reply(501, "5.5.4", "Error: bad ENVID parameter"))
+                decoded = address.xtextDecode(value)
+                if len(decoded) > _XTEXT_MAX or not decoded.isprintable():
+                    raise _ParamError(Reply(501, "5.5.4", "Error: bad ENVID parameter"))
+                envelope.envid = decoded
+            else:
+                raise _ParamError(Reply(555, "5.5.4", f"Error: unsupported MAIL parameter {key}"))
+        for _key, value in params:
+            if value is not None and not value.isascii() and not envelope.smtputf8:
+                raise _ParamError(Reply(553, "5.6.7", "Error: non-ASCII parameter without SMTPUTF8"))
+
+    def _mailAnswered(self, question: CheckMail, verdict: Verdict) -> None:
+        if self._verdictRefuses(verdict):
+            return
+        self.transaction = _Transaction(question.envelope)
+        self._reply(Reply(250, "2.1.0", "Ok"))
+
+    def _verdictRefuses(self, verdict: Verdict) -> bool:
+        """Send the reply of a refusing verdict; C{True} when it refused."""
+        if verdict.kind in (VerdictKind.ACCEPT, VerdictKind.CONTINUE):
+            return False
+        if verdict.kind is VerdictKind.DISCONNECT:
+            self._close(verdict.reply or Reply(421, "4.7.0", "Error: closing connection"))
+        else:
+            self._reply(verdict.reply or R.VALIDATOR_FAILED)
+        return True
+
+    def _cmd_RCPT(self, arg: str) -> None:
+        t = self.transaction
+        if t is None:
+            self._reply(R.NEED_MAIL)
+            return
+        if arg[:3].upper() != "TO:":
+            self._reply(Reply(501, "5.5.4", "Syntax: RCPT TO:<address>"))
+            return
+        t.rcptAttempted += 1
+        if len(t.envelope.recipients) >= self.settings.maxRecipients:
+            self._reply(R.TOO_MANY_RCPT, countError=False)
+            return
+        try:
+            path, params = address.splitArgument(arg[3:])
+            rcpt = self._rcptParams(params, t.envelope.smtputf8)
+            mailbox = address.parseForwardPath(
+                path, utf8=t.envelope.smtputf8, postmasterDomain=self.settings.hostname
+            )
+        except (AddressError, _ParamError) as e:
+            self._reply(e.reply)
+            return
+        rcpt.address = str(mailbox)
+        rcpt.original = path[1:-1]
+        if rcpt.address in t.seen:
+            # A duplicate is accepted once: the message is delivered to it once.
+            self._reply(Reply(250, "2.1.5", "Ok"))
+            return
+        self._ask(CheckRecipient(t.envelope, rcpt, mailbox))
+
+    def _rcptParams(self, params: list[tuple[str, str | None]], utf8: bool) -> Recipient:
+        rcpt = Recipient(address="")
+        seen: set[str] = set()
+        for key, value in params:
+            if key in seen:
+                raise _ParamError(Reply(501, "5.5.4", f"Error: duplicate {key} parameter"))
+            seen.add(key)
+            if key == "NOTIFY":
+                items = tuple((value or "").upper().split(","))
+                if not items or not set(items) <= {"NEVER", "SUCCESS", "FAILURE", "DELAY"} or (
+                    "NEVER" in items and len(items) > 1
+                ) or len(set(items)) != len(items):
+                    raise _ParamError(Reply(501, "5.5.4", "Error: bad NOTIFY parameter"))
+                rcpt.notify = items
+            elif key == "ORCPT":
+                kind, sep, rest = (value or "").partition(";")
+                if not sep or not kind or not rest or not re.fullmatch(r"[A-Za-z0-9-]+", kind):
+                    raise _ParamError(Reply(501, "5.5.4", "Error: bad ORCPT parameter"))
+                if not rest.isascii() and not utf8:
+                    raise _ParamError(Reply(553, "5.6.7", "Error: non-ASCII parameter without SMTPUTF8"))
+                decoded = address.xtextDecode(rest) if kind.lower() != "utf-8" else rest
+                if not decoded.isprintable() or len(decoded) > 500:
+                    raise _ParamError(Reply(501, "5.5.4", "Error: bad ORCPT parameter"))
+                rcpt.orcpt = f"{kind};{decoded}"
+            else:
+                raise _ParamError(Reply(555, "5.5.4", f"Error: unsupported RCPT parameter {key}"))
+        return rcpt
+
+    def _rcptAnswered(self, question: CheckRecipient, verdict: Verdict) -> None:
+        if self._verdictRefuses(verdict):
+            return
+        t = self.transaction
+        if t is None or t.envelope is not question.envelope:  # pragma: no cover - defensive
+            return
+        t.envelope.recipients.append(question.recipient)
+        t.seen.add(question.recipient.address)
+        self._reply(Reply(250, "2.1.5", "Ok"))
+
+    def _cmd_DATA(self, arg: str) -> None:
+        if arg.strip():
+            self._reply(Reply(501, "5.5.4", "Syntax: DATA"))
+            return
+        t = self.transaction
+        if t is None:
+            self._reply(R.NEED_MAIL)
+            return
+        if not t.envelope.recipients:
+            self._reply(R.NO_VALID_RCPT if t.rcptAttempted else R.NEED_RCPT)
+            return
+        self._ask(StartData(t.envelope))
+
+    def _dataStartAnswered(self, refusal: Reply | None) -> None:
+        if refusal is not None:
+            self._resetTransaction()
+            self._reply(refusal)
+            return
+        self.mode = _DATA
+        self._atLineStart = True
+        self._lineLen = 0
+        self._dataSize = 0
+        self._dataError = None
+        self._out.append(R.START_DATA)
+
+    def _cmd_RSET(self, arg: str) -> None:
+        if arg.strip():
+            self._reply(Reply(501, "5.5.4", "Syntax: RSET"))
+            return
+        self._resetTransaction()
+        self._reply(R.OK)
+
+    def _cmd_NOOP(self, arg: str) -> None:
+        self._reply(R.OK)
+
+    def _cmd_QUIT(self, arg: str) -> None:
+        self._close(R.BYE)
+
+    def _cmd_VRFY(self, arg: str) -> None:
+        if not arg.strip():
+            self._reply(Reply(501, "5.5.4", "Syntax: VRFY address"))
+            return
+        self._reply(R.VRFY_CANNOT)
+
+    def _cmd_HELP(self, arg: str) -> None:
+        self._reply(R.HELP)
+
+    # DATA mode ------------------------------------------------------------------------------
+
+    def _processData(self) -> bool:
+        """Process buffered message data in bulk.  Returns C{True} if it made progress."""
+        buf, pos = self._buf, self._pos
+        if pos >= len(buf):
+            return False
+        if self._atLineStart:
+            # The terminating line can only be at a line start.
+            if buf.startswith(b".\r\n", pos):
+                return self._endOfData(pos + 3)
+            if len(buf) - pos < 3 and b".\r\n".startswith(buf[pos:]):
+                return False  # ".", ".\r": wait for more
+        marker = buf.find(b"\r\n.\r\n", pos)
+        if marker >= 0:
+            self._content(buf[pos : marker + 2], atLineStart=self._atLineStart)
+            return self._endOfData(marker + 5)
+        # No end marker yet: process up to the last complete line, keeping a possible start of
+        # the marker ("\r\n.\r" at most) in the buffer.
+        last = buf.rfind(b"\r\n", pos)
+        if last >= 0:
+            cut = last + 2
+        elif len(buf) - pos > DATA_PARTIAL_FLUSH:
+            cut = len(buf) - 1 if buf.endswith(b"\r") else len(buf)
+        else:
+            return False
+        if cut <= pos:
+            return False
+        self._content(buf[pos:cut], atLineStart=self._atLineStart)
+        self._pos = cut
+        self._atLineStart = last >= 0
+        return True
+
+    def _content(self, chunk: bytes, atLineStart: bool) -> None:
+        """Check, unstuff and pass on one chunk of content (not the terminating line)."""
+        if not chunk:
+            return
+        if self._dataError is not None:
+            return  # consume to the end marker, store nothing
+        # Line length: the first line continues the partial line carried over.
+        first = chunk.find(b"\r\n")
+        firstLen = (first if first >= 0 else len(chunk)) + (0 if atLineStart else self._lineLen)
+        if firstLen > MAX_DATA_LINE or _LONG_LINE.search(chunk):
+            self._dataError = R.DATA_LINE_TOO_LONG
+            return
+        lastEnd = chunk.rfind(b"\r\n")
+        self._lineLen = len(chunk) - lastEnd - 2 if lastEnd >= 0 else firstLen
+        # Dot-unstuffing, exact: a leading "." of every line is removed.
+        if atLineStart and chunk.startswith(b"."):
+            chunk = chunk[1:]
+        if b"\r\n." in chunk:
+            chunk = chunk.replace(b"\r\n.", b"\r\n")
+        # Bare CR / LF.
+        if chunk.count(b"\n") != chunk.count(b"\r"):
+            bad = True
+        else:
+            bad = chunk.count(b"\r\n") != chunk.count(b"\n")
+        if bad:
+            if self.settings.bareNewline == BARE_NEWLINE_NORMALIZE:
+                chunk = _BARE.sub(b"\r\n", chunk)
+            else:
+                self._dataError = R.BARE_NEWLINE
+                return
+        self._dataSize += len(chunk)
+        if self._dataSize > self.settings.maxMessageSize:
+            self._dataError = R.SIZE_EXCEEDED
+            return
+        self._out.append(BodyData(chunk))
+
+    def _endOfData(self, after: int) -> bool:
+        self._pos = after
+        self.mode = _COMMAND
+        t = self.transaction
+        assert t is not None
+        self._ask(EndOfData(t.envelope, self._dataError, self._dataSize))
+        return True
+
+    def _dataEndAnswered(self, reply: Reply) -> None:
+        self._resetTransaction()
+        if reply.isPositive:
+            self.messages += 1
+            self.errors = 0
+        self._reply(reply)
+
+
+class _ParamError(Exception):
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+_UNIMPLEMENTED = frozenset(
+    {"EXPN", "STARTTLS", "AUTH", "BDAT", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML"}
+)

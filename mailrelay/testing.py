@@ -1,0 +1,173 @@
+"""An in-memory mailrelay for tests, also for site plugin authors.
+
+    from mailrelay.testing import MemorySpool, ServerHarness
+    harness = ServerHarness(validators=[MyValidator()])
+    harness.send(b"EHLO client.example\\r\\n")
+    assert harness.replies()[-1].startswith(b"250 ")
+
+Nothing here touches the network, the disk or the global reactor: the transport is a
+C{StringTransport}, time is a C{task.Clock}, the spool keeps messages in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from ipaddress import ip_network
+from typing import Any, Sequence
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from mailrelay.envelope import Envelope
+from mailrelay.policy import ConfiguredValidator, RecipientPolicy, RelayControl
+from mailrelay.smtp.protocol import ListenerContext, SMTPServerFactory, SMTPServerProtocol
+from mailrelay.smtp.server import SessionSettings
+from mailrelay.stamping import DefaultStamper
+
+
+class _MemorySpoolError(Exception):
+    pass
+
+
+@dataclass
+class _MemoryWriter:
+    spool: "MemorySpool"
+    queueID: str
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+    aborted: bool = False
+
+    def write(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.spool.open.pop(self.queueID, None)
+
+    def commit(self, envelope: Envelope) -> Deferred:
+        self.spool.open.pop(self.queueID, None)
+        if self.spool.failCommits:
+            return fail(_MemorySpoolError("injected commit failure"))
+        if self.spool.holdCommits:
+            d: Deferred = Deferred()
+            self.spool.held.append((d, self, envelope))
+            return d
+        self.spool.committed[self.queueID] = (Envelope.fromJSON(envelope.toJSON()), b"".join(self.chunks))
+        return succeed(None)
+
+
+class MemorySpool:
+    """The spool API kept in memory.
+
+    @ivar committed: queue id to C{(envelope, message bytes)}.
+    @ivar open: queue ids being written.
+    @ivar failCommits: make every commit fail (to test 451 replies).
+    @ivar holdCommits: keep commits pending in C{held} until released with L{release}.
+    @ivar freeSpace: what L{hasFreeSpace} compares against.
+    """
+
+    def __init__(self) -> None:
+        self.committed: dict[str, tuple[Envelope, bytes]] = {}
+        self.open: dict[str, _MemoryWriter] = {}
+        self.failCommits = False
+        self.holdCommits = False
+        self.held: list[tuple[Deferred, _MemoryWriter, Envelope]] = []
+        self.freeSpace = 1 << 40
+        self.minFreeSpace = 0
+
+    def hasFreeSpace(self, needed: int = 0) -> bool:
+        return self.freeSpace - needed >= self.minFreeSpace
+
+    def openMessage(self, queueID: str) -> _MemoryWriter:
+        writer = _MemoryWriter(self, queueID)
+        self.open[queueID] = writer
+        return writer
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for d, writer, envelope in held:
+            self.committed[writer.queueID] = (envelope, b"".join(writer.chunks))
+            d.callback(None)
+
+    def messages(self) -> list[bytes]:
+        return [body for _, body in self.committed.values()]
+
+
+class ServerHarness:
+    """One SMTP server connection over a C{StringTransport}.
+
+    @ivar transport: the C{StringTransport}; C{transport.value()} holds what the server sent.
+    @ivar clock: the C{Clock} driving timeouts and validator time-outs.
+    @ivar spool: the L{MemorySpool}.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: SessionSettings | None = None,
+        validators: Sequence[Any] = (),
+        validatorTimeout: float = 30.0,
+        relayNetworks: Sequence[str] = ("127.0.0.0/8", "::1/128"),
+        acceptDomains: Sequence[str] = (),
+        peer: str = "127.0.0.1",
+        stampers: Sequence[Any] | None = None,
+        spool: MemorySpool | None = None,
+        listenerOptions: dict[str, Any] | None = None,
+        idleTimeout: float = 300.0,
+        dataTimeout: float = 300.0,
+        maxHops: int = 50,
+        connect: bool = True,
+    ) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.spool = spool or MemorySpool()
+        settings = settings or SessionSettings(hostname="relay.test")
+        relay = RelayControl([ip_network(n) for n in relayNetworks], acceptDomains, settings.hostname)
+        policy = RecipientPolicy(
+            relay,
+            [ConfiguredValidator(f"validator{i}", v, validatorTimeout) for i, v in enumerate(validators)],
+            self.clock,
+        )
+        self.context = ListenerContext(
+            settings=settings,
+            policy=policy,
+            spool=self.spool,
+            stampers=[DefaultStamper()] if stampers is None else list(stampers),
+            clock=self.clock,
+            listenerName="test",
+            listenerOptions=listenerOptions or {},
+            idleTimeout=idleTimeout,
+            dataTimeout=dataTimeout,
+            maxHops=maxHops,
+        )
+        self.factory = SMTPServerFactory(self.context)
+        self.protocol: SMTPServerProtocol = self.factory.buildProtocol(IPv4Address("TCP", peer, 40000))
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", peer, 40000))
+        self._read = 0
+        if connect:
+            self.protocol.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> list[bytes]:
+        """Send C{data} as the client; return the reply lines the server sent since last time."""
+        self.protocol.dataReceived(data)
+        return self.replies()
+
+    def replies(self) -> list[bytes]:
+        """Reply lines (without CRLF) sent since the last call."""
+        value = self.transport.value()
+        new, self._read = value[self._read :], len(value)
+        return new.split(b"\r\n")[:-1] if new else []
+
+    def codes(self, lines: list[bytes]) -> list[int]:
+        """The codes of the last line of each reply in C{lines}."""
+        return [int(line[:3]) for line in lines if line[3:4] == b" "]
+
+    @property
+    def closed(self) -> bool:
+        return self.transport.disconnecting
+
+    def loseConnection(self) -> None:
+        self.protocol.connectionLost(None)
