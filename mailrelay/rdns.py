@@ -9,7 +9,7 @@ from __future__ import annotations
 from ipaddress import ip_address
 from typing import Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.logger import Logger
 from twisted.names import dns
 
@@ -40,12 +40,38 @@ def _lookup(resolver: Any, host: str) -> Any:
     return None
 
 
+def hostsFileName(host: str, path: str = "/etc/hosts") -> str | None:
+    """The first name C{path} gives the address C{host}, or C{None}."""
+    try:
+        wanted = ip_address(host.split("%", 1)[0])
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split("#", 1)[0].split()
+                if len(fields) >= 2:
+                    try:
+                        if ip_address(fields[0]) == wanted:
+                            return fields[1].rstrip(".").lower()
+                    except ValueError:
+                        continue
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def reverseLookup(resolver: Any, host: str, timeout: float, clock: Any) -> Deferred:
     """Look up C{host}'s forward-confirmed name.
+
+    Loopback addresses are looked up in C{/etc/hosts} only: they mean nothing in the DNS, and a
+    relay should not send queries about them.
 
     @return: a Deferred firing with the name (lower case, no trailing dot) or C{None}; it never
         fails.
     """
+    try:
+        if ip_address(host.split("%", 1)[0]).is_loopback:
+            return succeed(hostsFileName(host))
+    except ValueError:
+        return succeed(None)
     d = _lookup(resolver, host)
     d.addTimeout(timeout, clock)
 

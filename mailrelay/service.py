@@ -80,12 +80,26 @@ class ListenerService(Service):
         return None
 
 
+class RelayService(MultiService):
+    """The whole relay.  If start-up fails, what already started (the spool's threads) is
+    stopped, so that the process can exit instead of hanging on live threads."""
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except BaseException:
+            for child in self:
+                if isinstance(child, SpoolService):
+                    child.spool.stop()
+            raise
+
+
 def makeRelayService(config: Config, reactor: Any) -> MultiService:
     """Build the whole relay from a checked configuration.
 
     @raise ConfigError: a plugin is unknown or refuses its options.
     """
-    top = MultiService()
+    top = RelayService()
     context = PluginContext(hostname=config.hostname, configDir=config.configDir, reactor=reactor)
     available = availablePlugins()
 

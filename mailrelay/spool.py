@@ -1,0 +1,1032 @@
+"""The durable message store: nothing accepted is ever lost.
+
+Layout under the spool directory::
+
+    lock              held (flock) by every process using the spool; see L{Spool.start}
+    tmp/              in-progress writes; anything here after a crash is garbage
+    queue/<ID>.eml    the message, exactly as it will be relayed (CRLF lines)
+    queue/<ID>.json   the envelope (L{Envelope.toJSON}); its presence marks the entry committed
+    corrupt/          C{.json} files found without their C{.eml}, kept for the operator
+
+A message is written to C{tmp/<ID>.eml} by a L{MessageWriter}.  L{MessageWriter.commit} makes
+it durable: body fsynced, envelope written to C{tmp/<ID>.json} and fsynced, C{.eml} renamed
+into C{queue/}, then C{.json}, then C{queue/} itself fsynced.  Only then does the commit's
+L{Deferred} fire, and only then may the SMTP side say C{250}.
+
+All fsync and rename work runs off the reactor thread, through a group committer: at most one
+batch is in flight, and everything requested meanwhile runs as the next batch, sharing one
+fsync of C{queue/}.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import secrets
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from mailrelay.envelope import Envelope
+
+log = Logger()
+
+__all__ = ["SpoolError", "Spool", "MessageWriter", "newQueueID", "isQueueID"]
+
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+_WRITE_BUFFER = 64 * 1024
+_FREE_SPACE_CACHE_SECONDS = 1.0
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+
+
+class SpoolError(Exception):
+    """A write, fsync, rename or space failure in the spool.
+
+    C{str()} says what failed and the path involved.
+
+    @ivar path: the path the failure concerns, or C{None}.
+    @ivar queueID: the queue id of the message concerned, or C{None}.
+    """
+
+    def __init__(
+        self, message: str, *, path: Path | str | None = None, queueID: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.queueID = queueID
+
+
+def _osError(what: str, path: Path | str, exc: BaseException, queueID: str | None) -> SpoolError:
+    """Make a L{SpoolError} for C{exc} raised while doing C{what} to C{path}."""
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc)
+        if exc.errno is not None:
+            reason = f"{reason} ({errno.errorcode.get(exc.errno, exc.errno)})"
+    else:
+        reason = repr(exc)
+    error = SpoolError(f"{what} {path} failed: {reason}", path=path, queueID=queueID)
+    error.__cause__ = exc
+    return error
+
+
+# ---------------------------------------------------------------------------------------------
+# Queue ids
+
+#: Crockford's base32 alphabet; its ASCII order is its numeric order.
+QUEUE_ID_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+QUEUE_ID_LENGTH = 20
+_QUEUE_ID_RE = re.compile(r"[0-9A-HJKMNP-TV-Z]{20}")
+
+
+def _encode(value: int, width: int) -> str:
+    """Encode C{value} (which must fit) as C{width} base32 digits, most significant first."""
+    digits = []
+    for _ in range(width):
+        digits.append(QUEUE_ID_ALPHABET[value & 31])
+        value >>= 5
+    return "".join(reversed(digits))
+
+
+def isQueueID(text: str) -> bool:
+    """Whether C{text} has the form of a queue id (and so is safe as a file name)."""
+    return _QUEUE_ID_RE.fullmatch(text) is not None
+
+
+class _QueueIDGenerator:
+    """The state behind L{newQueueID}: last timestamp, counter, and per-process suffix."""
+
+    _COUNTER_MODULUS = 32**4
+
+    def __init__(self) -> None:
+        self._lastMicros = 0
+        self._counter = 0
+        self._suffix: str | None = None
+
+    def forked(self) -> None:
+        """In a forked child: pick a new suffix, so the child cannot repeat the parent's ids."""
+        self._suffix = None
+
+    def _makeSuffix(self) -> str:
+        # 10 bits of the pid keep concurrent processes apart; 10 random bits cover pid reuse
+        # (a restarted process whose clock went back) and pids equal modulo 1024.
+        return _encode(((os.getpid() & 0x3FF) << 10) | secrets.randbits(10), 4)
+
+    def __call__(self) -> str:
+        micros = int(time.time() * 1_000_000)
+        if micros <= self._lastMicros:
+            micros = self._lastMicros + 1
+        self._lastMicros = micros
+        counter = self._counter
+        self._counter = (counter + 1) % self._COUNTER_MODULUS
+        if self._suffix is None:
+            self._suffix = self._makeSuffix()
+        return _encode(micros, 12) + _encode(counter, 4) + self._suffix
+
+
+_generator = _QueueIDGenerator()
+if hasattr(os, "register_at_fork"):  # pragma: no branch
+    os.register_at_fork(after_in_child=_generator.forked)
+
+
+def newQueueID() -> str:
+    """Return a new queue id.
+
+    Twenty characters of L{QUEUE_ID_ALPHABET}: 12 of microseconds since the epoch (strictly
+    increasing within the process, even if the clock steps back), 4 of a per-process counter
+    and 4 derived from the process id and randomness.  Ids sort by arrival, are safe as file
+    names, and two processes sharing a spool do not collide.  Call from one thread only.
+    """
+    return _generator()
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch operations (their run/rollback methods execute in the committer's thread)
+
+
+def _unlinkQuietly(path: Path, problems: list[str]) -> bool:
+    """Unlink C{path}; a missing file is fine; other errors are noted.  Return C{True} if a
+    file was removed."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        problems.append(f"removing {path} failed: {e.strerror or e}")
+        return False
+    return True
+
+
+def _writeAll(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _writeFileDurably(path: Path, data: bytes, queueID: str | None) -> None:
+    """Create C{path} (which must not exist), write C{data} and fsync it; raise L{SpoolError}."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, _FILE_MODE)
+    except OSError as e:
+        raise _osError("creating", path, e, queueID) from None
+    try:
+        try:
+            _writeAll(fd, data)
+        except OSError as e:
+            raise _osError("writing", path, e, queueID) from None
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            raise _osError("fsync of", path, e, queueID) from None
+    finally:
+        try:
+            os.close(fd)
+        except OSError:  # pragma: no cover - close of a regular file after fsync
+            pass
+
+
+class _Operation:
+    """One entry of a batch.
+
+    L{run} and L{rollback} run in the committer's thread and must not log; anything worth
+    telling the operator goes into L{problems} and is logged on the reactor thread.
+
+    @ivar deferred: fired on the reactor thread with the entry's result.
+    @ivar problems: clean-up failures to log.
+    """
+
+    kind = "operation"
+
+    def __init__(self, spool: Spool, queueID: str) -> None:
+        self.spool = spool
+        self.queueID = queueID
+        self.deferred: Deferred[None] = Deferred()
+        self.problems: list[str] = []
+
+    def run(self) -> None:
+        """Do the work, short of the directory fsync; raise L{SpoolError} on failure."""
+        raise NotImplementedError()
+
+    def rollback(self) -> None:
+        """Undo whatever L{run} did, after it failed; best effort."""
+
+    def directorySyncFailed(self) -> None:
+        """L{run} succeeded but the batch's directory fsync failed; undo if that is safe."""
+
+    def finished(self, error: SpoolError | None) -> None:
+        """On the reactor thread, before L{deferred} fires."""
+
+
+class _Commit(_Operation):
+    kind = "commit"
+
+    def __init__(self, writer: MessageWriter, envelopeData: bytes) -> None:
+        super().__init__(writer._spool, writer.queueID)
+        self.writer = writer
+        self.envelopeData = envelopeData
+        spool = writer._spool
+        self.tmpMessage = spool._tmpDir / f"{self.queueID}.eml"
+        self.tmpEnvelope = spool._tmpDir / f"{self.queueID}.json"
+        self.message = spool._queueDir / f"{self.queueID}.eml"
+        self.envelope = spool._queueDir / f"{self.queueID}.json"
+        self.messageRenamed = False
+        self.envelopeRenamed = False
+
+    def run(self) -> None:
+        """Flush and fsync the body, write and fsync the envelope, rename both into queue/."""
+        queueID = self.queueID
+        f = self.writer._file
+        assert f is not None
+        try:
+            f.flush()
+        except OSError as e:
+            raise _osError("writing", self.tmpMessage, e, queueID) from None
+        try:
+            os.fsync(f.fileno())
+        except OSError as e:
+            raise _osError("fsync of", self.tmpMessage, e, queueID) from None
+        try:
+            f.close()
+        except OSError as e:  # pragma: no cover - nothing left to flush
+            raise _osError("closing", self.tmpMessage, e, queueID) from None
+        _writeFileDurably(self.tmpEnvelope, self.envelopeData, queueID)
+        try:
+            os.rename(self.tmpMessage, self.message)
+        except OSError as e:
+            where = f"{self.tmpMessage} to {self.message}"
+            raise _osError("renaming", where, e, queueID) from None
+        self.messageRenamed = True
+        try:
+            os.rename(self.tmpEnvelope, self.envelope)
+        except OSError as e:
+            where = f"{self.tmpEnvelope} to {self.envelope}"
+            raise _osError("renaming", where, e, queueID) from None
+        self.envelopeRenamed = True
+
+    def rollback(self) -> None:
+        """Close the body; remove the temporary files and anything renamed into queue/."""
+        self.writer._closeQuietly()
+        # The .json first: should we crash in between, an orphan .eml is what start() removes.
+        if self.envelopeRenamed:
+            _unlinkQuietly(self.envelope, self.problems)
+        if self.messageRenamed:
+            _unlinkQuietly(self.message, self.problems)
+        _unlinkQuietly(self.tmpEnvelope, self.problems)
+        _unlinkQuietly(self.tmpMessage, self.problems)
+        self.messageRenamed = self.envelopeRenamed = False
+
+    def directorySyncFailed(self) -> None:
+        """Remove the entry from queue/."""
+        # The entry is in queue/ but not known durable; the client will be told to retry, so
+        # the entry must go (else it could be relayed twice, or half-survive a crash).
+        self.rollback()
+
+    def finished(self, error: SpoolError | None) -> None:
+        """Record the outcome in the writer."""
+        self.writer._state = _FAILED if error is not None else _COMMITTED
+
+
+class _Update(_Operation):
+    kind = "envelope update"
+
+    def __init__(self, spool: Spool, queueID: str, envelopeData: bytes, serial: int) -> None:
+        super().__init__(spool, queueID)
+        self.envelopeData = envelopeData
+        self.tmpEnvelope = spool._tmpDir / f"{queueID}.update-{serial}.json"
+        self.envelope = spool._queueDir / f"{queueID}.json"
+
+    def run(self) -> None:
+        """Write and fsync the new envelope in tmp/, then rename it over the old one."""
+        queueID = self.queueID
+        if not os.path.exists(self.envelope):
+            raise SpoolError(
+                f"updating envelope {self.envelope} failed: no such queue entry",
+                path=self.envelope,
+                queueID=queueID,
+            )
+        _writeFileDurably(self.tmpEnvelope, self.envelopeData, queueID)
+        try:
+            os.rename(self.tmpEnvelope, self.envelope)
+        except OSError as e:
+            where = f"{self.tmpEnvelope} to {self.envelope}"
+            raise _osError("renaming", where, e, queueID) from None
+
+    def rollback(self) -> None:
+        """Remove the temporary envelope."""
+        _unlinkQuietly(self.tmpEnvelope, self.problems)
+
+
+class _Remove(_Operation):
+    kind = "removal"
+
+    def __init__(self, spool: Spool, queueID: str) -> None:
+        super().__init__(spool, queueID)
+        self.envelope = spool._queueDir / f"{queueID}.json"
+        self.message = spool._queueDir / f"{queueID}.eml"
+
+    def run(self) -> None:
+        """Unlink the .json, then the .eml."""
+        # The .json first: it is what marks the entry; a crash in between leaves an orphan
+        # .eml, which start() removes.  Removing an entry already gone is not an error.
+        for path in (self.envelope, self.message):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise _osError("removing", path, e, self.queueID) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Writer
+
+_OPEN = "open"
+_COMMITTING = "committing"
+_COMMITTED = "committed"
+_FAILED = "failed"
+_ABORTED = "aborted"
+
+
+class MessageWriter:
+    """Writes one message to C{tmp/<ID>.eml}; made by L{Spool.openMessage}.
+
+    @ivar queueID: the message's queue id.
+    @ivar size: octets written so far.
+    @ivar path: the temporary file being written.
+    """
+
+    def __init__(self, spool: Spool, queueID: str, path: Path, file: Any) -> None:
+        self._spool = spool
+        self.queueID = queueID
+        self.path = path
+        self.size = 0
+        self._file = file
+        self._error: OSError | None = None
+        self._state = _OPEN
+
+    @property
+    def failed(self) -> bool:
+        """C{True} once a write has failed (the commit will fail)."""
+        return self._error is not None
+
+    def write(self, data: bytes) -> None:
+        """Append C{data} (buffered).
+
+        Never raises: an C{OSError} (disk full...) is logged once and remembered, later writes
+        are ignored, and L{commit} fails.  Writes after L{commit} or L{abort} are ignored.
+        """
+        if self._error is not None:
+            return
+        if self._state != _OPEN:
+            log.warn(
+                "write to message {queueID} ignored: the writer is {state}",
+                queueID=self.queueID,
+                state=self._state,
+            )
+            return
+        try:
+            self._file.write(data)
+        except OSError as e:
+            self._error = e
+            log.error(
+                "writing message {queueID} to {path} failed: {error}; the message will be refused",
+                queueID=self.queueID,
+                path=str(self.path),
+                error=e.strerror or str(e),
+            )
+            return
+        self.size += len(data)
+
+    def _closeQuietly(self) -> None:
+        f = self._file
+        if f is not None and not f.closed:
+            try:
+                f.close()  # flushes, then closes even if the flush fails
+            except Exception:
+                pass
+
+    def _discard(self) -> None:
+        self._closeQuietly()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.error(
+                "removing {path} of message {queueID} failed: {error}",
+                queueID=self.queueID,
+                path=str(self.path),
+                error=e.strerror or str(e),
+            )
+
+    def abort(self) -> None:
+        """Close and remove the temporary file.
+
+        Idempotent; safe after a failed commit.  Does nothing once L{commit} has been called
+        and has not failed: a commit in progress is not interrupted, and a committed entry is
+        only removed by L{Spool.remove}.
+        """
+        if self._state in (_OPEN, _FAILED):
+            self._discard()
+            if self._state == _OPEN:
+                log.debug("message {queueID} aborted", queueID=self.queueID)
+                self._state = _ABORTED
+
+    def _refuse(self, message: str) -> Deferred[None]:
+        error = SpoolError(message, path=self.path, queueID=self.queueID)
+        log.error(
+            "commit of message {queueID} failed: {error}", queueID=self.queueID, error=str(error)
+        )
+        self._discard()
+        self._state = _FAILED
+        return fail(error)
+
+    def commit(self, envelope: Envelope) -> Deferred[None]:
+        """Make the message and C{envelope} a durable queue entry.
+
+        C{envelope.queueID} must be this writer's L{queueID}.  The envelope is serialised now;
+        later changes to it are not stored.
+
+        @return: a L{Deferred} firing with C{None} once the entry is durable, or failing with
+            L{SpoolError}; the temporary files (and anything already renamed into C{queue/})
+            are then removed.
+        """
+        if self._state != _OPEN:
+            return fail(
+                SpoolError(
+                    f"cannot commit message {self.queueID} ({self.path}): it is {self._state}",
+                    path=self.path,
+                    queueID=self.queueID,
+                )
+            )
+        if envelope.queueID != self.queueID:
+            return self._refuse(
+                f"cannot commit {self.path}: envelope queue id {envelope.queueID!r} is not "
+                f"{self.queueID!r}"
+            )
+        if self._error is not None:
+            e = self._error
+            return self._refuse(f"writing {self.path} failed: {e.strerror or e}")
+        if not self._spool._running:
+            return self._refuse(f"cannot commit {self.path}: the spool is stopped")
+        try:
+            data = envelope.toJSON()
+        except Exception as e:
+            return self._refuse(
+                f"cannot commit {self.path}: serialising the envelope failed: {e!r}"
+            )
+        self._state = _COMMITTING
+        return self._spool._submit(_Commit(self, data))
+
+
+# ---------------------------------------------------------------------------------------------
+# Spool
+
+
+class Spool:
+    """The spool directory: recovery at start-up, message writers, and the group committer.
+
+    @ivar directory: the spool directory.
+    @ivar minFreeSpace: octets that must stay free on the spool's file system.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        reactor: Any,
+        minFreeSpace: int = 0,
+        deferToThread: Callable[..., Deferred[Any]] | None = None,
+    ) -> None:
+        """
+        @param directory: the spool directory; created by L{start} if missing.
+        @param reactor: provides C{seconds()} and, unless C{deferToThread} is given,
+            C{callFromThread()}.
+        @param minFreeSpace: see L{hasFreeSpace}.
+        @param deferToThread: C{callable(f, *args)} returning a L{Deferred} of C{f(*args)} run
+            off the reactor thread and fired on it.  When C{None}, the spool runs its own
+            thread pool between L{start} and L{stop}.
+        """
+        self.directory = Path(directory)
+        self.minFreeSpace = minFreeSpace
+        self._reactor = reactor
+        self._tmpDir = self.directory / "tmp"
+        self._queueDir = self.directory / "queue"
+        self._corruptDir = self.directory / "corrupt"
+        self._lockPath = self.directory / "lock"
+        self._lockFD: int | None = None
+        self._injectedDeferToThread = deferToThread
+        self._threadPool: ThreadPool | None = None
+        self._running = False
+        self._pending: list[_Operation] = []
+        self._inFlight = False
+        self._releaseLockWhenIdle = False
+        self._updateSerial = 0
+        self._freeSpaceCheckedAt: float | None = None
+        self._freeSpace: int | None = None
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> list[str]:
+        """Create the spool if needed, recover from a crash, and get ready to write.
+
+        Creates the directory, C{tmp/} and C{queue/} (mode 0700) if missing.  Then, unless
+        another process is using the spool (see below): removes every file in C{tmp/} and every
+        C{queue/<ID>.eml} without its C{.json} (never acknowledged), and moves every
+        C{queue/<ID>.json} without its C{.eml} to C{corrupt/}.
+
+        Every process using the spool holds a shared C{flock} on C{lock}; recovery needs an
+        exclusive one, as removing another live process's partial files would break its
+        commits in progress.
+
+        @return: the committed queue ids, sorted (by arrival).
+        @raise SpoolError: the spool directory cannot be created, locked or written.
+        """
+        if self._running:
+            raise RuntimeError(f"spool {self.directory} is already started")
+        if self._inFlight or self._pending:
+            raise RuntimeError(f"spool {self.directory} still has operations from its last run")
+        created = self._makeDirectories()
+        self._lockFD, exclusive = self._lock()
+        try:
+            self._probeWritable()
+            if exclusive:
+                queueIDs = self._recover()
+            else:
+                queueIDs = self.queueIDs()
+                log.warn(
+                    "spool {directory} is in use by another process: crash recovery skipped, "
+                    "{count} entries queued",
+                    directory=str(self.directory),
+                    count=len(queueIDs),
+                )
+            if created:
+                for path in created:
+                    self._fsyncDirectoryOrRaise(path.parent)
+            fcntl.flock(self._lockFD, fcntl.LOCK_SH)
+        except BaseException:
+            self._unlock()
+            raise
+        if self._injectedDeferToThread is None:
+            self._threadPool = ThreadPool(minthreads=1, maxthreads=4, name="mailrelay-spool")
+            self._threadPool.start()
+        self._running = True
+        return queueIDs
+
+    def stop(self) -> None:
+        """Stop accepting work, and stop the owned thread pool.
+
+        With the owned pool, waits for the batch in flight to finish its file work (its
+        L{Deferred}s fire later, through the reactor) and runs any queued batch right here, so
+        every commit requested before C{stop} completes.  With an injected C{deferToThread},
+        queued operations keep going through it.
+        """
+        if not self._running:
+            return
+        self._running = False
+        pool, self._threadPool = self._threadPool, None
+        if pool is not None:
+            pool.stop()
+            if self._pending:
+                batch, self._pending = self._pending, []
+                self._batchFinished(self._runBatch(batch), batch, fromStop=True)
+            self._unlock()
+        elif self._inFlight or self._pending:
+            self._releaseLockWhenIdle = True
+        else:
+            self._unlock()
+
+    def _makeDirectories(self) -> list[Path]:
+        created = []
+        for path in (self.directory, self._tmpDir, self._queueDir):
+            if path.is_dir():
+                continue
+            try:
+                if path == self.directory:
+                    os.makedirs(path, _DIR_MODE)
+                else:
+                    os.mkdir(path, _DIR_MODE)
+            except OSError as e:
+                raise _osError("creating spool directory", path, e, None) from None
+            created.append(path)
+            log.info("created spool directory {path}", path=str(path))
+        return created
+
+    def _lock(self) -> tuple[int, bool]:
+        try:
+            fd = os.open(self._lockPath, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, _FILE_MODE)
+        except OSError as e:
+            raise _osError("opening spool lock", self._lockPath, e, None) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd, True
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            os.close(fd)
+            raise _osError("locking", self._lockPath, e, None) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except OSError as e:
+            os.close(fd)
+            raise _osError("locking", self._lockPath, e, None) from None
+        return fd, False
+
+    def _unlock(self) -> None:
+        fd, self._lockFD = self._lockFD, None
+        self._releaseLockWhenIdle = False
+        if fd is not None:
+            os.close(fd)
+
+    def _probeWritable(self) -> None:
+        probe = self._tmpDir / f".probe-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, _FILE_MODE)
+        except OSError as e:
+            raise _osError("writing to spool directory", self._tmpDir, e, None) from None
+        os.close(fd)
+        try:
+            os.unlink(probe)
+        except OSError as e:
+            raise _osError("removing", probe, e, None) from None
+
+    def _recover(self) -> list[str]:
+        removed = 0
+        quarantined = 0
+        try:
+            tmpNames = os.listdir(self._tmpDir)
+            queueNames = os.listdir(self._queueDir)
+        except OSError as e:
+            raise _osError("listing", e.filename or self.directory, e, None) from None
+
+        for name in sorted(tmpNames):
+            path = self._tmpDir / name
+            queueID = name.split(".", 1)[0]
+            try:
+                os.unlink(path)
+            except IsADirectoryError:
+                log.warn("spool recovery: leaving unexpected directory {path}", path=str(path))
+                continue
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise _osError("removing partial file", path, e, None) from None
+            removed += 1
+            log.info(
+                "spool recovery: removed partial file {path} (never acknowledged)",
+                path=str(path),
+                queueID=queueID if isQueueID(queueID) else None,
+            )
+
+        messages: set[str] = set()
+        envelopes: set[str] = set()
+        for name in queueNames:
+            stem, dot, suffix = name.partition(".")
+            if dot and isQueueID(stem) and suffix == "eml":
+                messages.add(stem)
+            elif dot and isQueueID(stem) and suffix == "json":
+                envelopes.add(stem)
+            else:
+                log.warn(
+                    "spool recovery: leaving unexpected file {path}",
+                    path=str(self._queueDir / name),
+                )
+
+        changed = False
+        for queueID in sorted(messages - envelopes):
+            path = self._queueDir / f"{queueID}.eml"
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise _osError("removing orphan message", path, e, queueID) from None
+            removed += 1
+            changed = True
+            log.info(
+                "spool recovery: removed message {path} without envelope (never acknowledged)",
+                path=str(path),
+                queueID=queueID,
+            )
+
+        for queueID in sorted(envelopes - messages):
+            self._quarantine(queueID)
+            quarantined += 1
+            changed = True
+
+        if changed:
+            self._fsyncDirectoryOrRaise(self._queueDir)
+        committed = sorted(envelopes & messages)
+        log.info(
+            "spool recovered {count} entries, removed {removed} partial files, "
+            "quarantined {quarantined} corrupt entries",
+            count=len(committed),
+            removed=removed,
+            quarantined=quarantined,
+        )
+        return committed
+
+    def _quarantine(self, queueID: str) -> None:
+        source = self._queueDir / f"{queueID}.json"
+        try:
+            os.mkdir(self._corruptDir, _DIR_MODE)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise _osError("creating", self._corruptDir, e, queueID) from None
+        target = self._corruptDir / source.name
+        n = 0
+        while target.exists():
+            n += 1
+            target = self._corruptDir / f"{source.name}.{n}"
+        try:
+            os.rename(source, target)
+        except OSError as e:
+            raise _osError("moving corrupt entry", f"{source} to {target}", e, queueID) from None
+        self._fsyncDirectoryOrRaise(self._corruptDir)
+        log.error(
+            "spool recovery: envelope {path} has no message file; moved to {target} "
+            "for the operator",
+            path=str(source),
+            target=str(target),
+            queueID=queueID,
+        )
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _checkID(self, queueID: str) -> None:
+        if not isinstance(queueID, str) or not isQueueID(queueID):
+            raise ValueError(f"not a queue id: {queueID!r}")
+
+    def queueIDs(self) -> list[str]:
+        """The committed queue ids, sorted (by arrival).
+
+        An entry whose commit is in flight may show up before its L{Deferred} fires (and, if
+        the batch's directory fsync fails, vanish again); use commit results to learn of new
+        entries, and this to learn of old ones.
+        """
+        try:
+            names = os.listdir(self._queueDir)
+        except OSError as e:
+            raise _osError("listing", self._queueDir, e, None) from None
+        return sorted(
+            name[:-5] for name in names if name.endswith(".json") and isQueueID(name[:-5])
+        )
+
+    def messagePath(self, queueID: str) -> Path:
+        """The path of the committed message C{queueID} (C{queue/<ID>.eml})."""
+        self._checkID(queueID)
+        return self._queueDir / f"{queueID}.eml"
+
+    def loadEnvelope(self, queueID: str) -> Envelope:
+        """Read the envelope of the committed entry C{queueID}.
+
+        @raise SpoolError: the file cannot be read or does not hold a valid envelope.
+        """
+        self._checkID(queueID)
+        path = self._queueDir / f"{queueID}.json"
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise _osError("reading envelope", path, e, queueID) from None
+        try:
+            return Envelope.fromJSON(data)
+        except (ValueError, TypeError, KeyError) as e:
+            raise SpoolError(
+                f"reading envelope {path} failed: invalid envelope: {e}", path=path, queueID=queueID
+            ) from e
+
+    def hasFreeSpace(self, needed: int = 0) -> bool:
+        """Whether C{needed} more octets leave at least C{minFreeSpace} free.
+
+        The C{statvfs} result (or its failure) is reused for a second of C{reactor.seconds()}.
+        A C{statvfs} failure is logged and answers C{False}.
+        """
+        now = self._reactor.seconds()
+        checkedAt = self._freeSpaceCheckedAt
+        if checkedAt is None or not (checkedAt <= now < checkedAt + _FREE_SPACE_CACHE_SECONDS):
+            self._freeSpaceCheckedAt = now
+            try:
+                st = os.statvfs(self.directory)
+            except OSError as e:
+                self._freeSpace = None
+                log.error(
+                    "checking free space of spool {directory} failed: {error}",
+                    directory=str(self.directory),
+                    error=e.strerror or str(e),
+                )
+            else:
+                self._freeSpace = st.f_bavail * st.f_frsize
+        if self._freeSpace is None:
+            return False
+        return self._freeSpace - needed >= self.minFreeSpace
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def _checkRunning(self, what: str) -> None:
+        if not self._running:
+            raise SpoolError(f"{what} in spool {self.directory}: the spool is not started")
+
+    def openMessage(self, queueID: str) -> MessageWriter:
+        """Create C{tmp/<queueID>.eml} and return a writer for it.
+
+        @raise SpoolError: the file cannot be created (or the entry already exists).
+        @raise ValueError: C{queueID} is not a queue id.
+        """
+        self._checkID(queueID)
+        self._checkRunning(f"cannot open message {queueID}")
+        for suffix in (".json", ".eml"):
+            existing = self._queueDir / f"{queueID}{suffix}"
+            if os.path.lexists(existing):
+                raise SpoolError(
+                    f"creating message {queueID} failed: {existing} already exists",
+                    path=existing,
+                    queueID=queueID,
+                )
+        path = self._tmpDir / f"{queueID}.eml"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, _FILE_MODE)
+        except OSError as e:
+            raise _osError("creating", path, e, queueID) from None
+        file = os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
+        return MessageWriter(self, queueID, path, file)
+
+    def updateEnvelope(self, envelope: Envelope) -> Deferred[None]:
+        """Durably replace the envelope of the committed entry C{envelope.queueID}.
+
+        Written to a file in C{tmp/}, fsynced, renamed over C{queue/<ID>.json}, and C{queue/}
+        fsynced, in the next batch.  After a crash the entry has the old or the new envelope.
+        The envelope is serialised now.
+
+        @return: a L{Deferred} firing with C{None}, or failing with L{SpoolError} (also when
+            the entry does not exist).
+        """
+        queueID = envelope.queueID
+        self._checkID(queueID)  # type: ignore[arg-type]
+        assert queueID is not None
+        if not self._running:
+            return fail(
+                SpoolError(
+                    f"cannot update envelope {queueID}: spool {self.directory} is not started",
+                    queueID=queueID,
+                )
+            )
+        try:
+            data = envelope.toJSON()
+        except Exception as e:
+            return fail(
+                SpoolError(f"serialising envelope {queueID} failed: {e!r}", queueID=queueID)
+            )
+        self._updateSerial += 1
+        return self._submit(_Update(self, queueID, data, self._updateSerial))
+
+    def remove(self, queueID: str) -> Deferred[None]:
+        """Remove the entry C{queueID}: its C{.json} first, then its C{.eml}, then fsync
+        C{queue/}, in the next batch.  Removing an entry that does not exist succeeds.
+
+        @return: a L{Deferred} firing with C{None}, or failing with L{SpoolError}.
+        """
+        self._checkID(queueID)
+        if not self._running:
+            return fail(
+                SpoolError(
+                    f"cannot remove {queueID}: spool {self.directory} is not started",
+                    queueID=queueID,
+                )
+            )
+        return self._submit(_Remove(self, queueID))
+
+    # -- the group committer ------------------------------------------------------------------
+
+    def _fsyncDirectory(self, path: Path) -> None:
+        """fsync the directory C{path}; raises C{OSError}.  Runs in the committer's thread."""
+        fd = os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _fsyncDirectoryOrRaise(self, path: Path) -> None:
+        try:
+            self._fsyncDirectory(path)
+        except OSError as e:
+            raise _osError("fsync of directory", path, e, None) from None
+
+    def _deferToThread(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        if self._injectedDeferToThread is not None:
+            return self._injectedDeferToThread(f, *args)
+        assert self._threadPool is not None
+        return deferToThreadPool(self._reactor, self._threadPool, f, *args)
+
+    def _submit(self, operation: _Operation) -> Deferred[None]:
+        self._pending.append(operation)
+        self._maybeStartBatch()
+        return operation.deferred
+
+    def _maybeStartBatch(self) -> None:
+        if self._inFlight or not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        self._inFlight = True
+        try:
+            d = self._deferToThread(self._runBatch, batch)
+        except Exception:
+            d = fail()
+        d.addBoth(self._batchFinished, batch)
+
+    def _runBatch(self, batch: list[_Operation]) -> list[SpoolError | None]:
+        """Run C{batch} (in the committer's thread): each entry's work, then one fsync of
+        C{queue/}.  Never raises: returns each entry's error or C{None}."""
+        results: list[SpoolError | None] = []
+        succeeded: list[int] = []
+        for index, operation in enumerate(batch):
+            try:
+                operation.run()
+            except Exception as e:
+                if not isinstance(e, SpoolError):
+                    e = _osError(operation.kind, operation.queueID, e, operation.queueID)
+                try:
+                    operation.rollback()
+                except Exception as e2:  # pragma: no cover - rollback is best effort already
+                    operation.problems.append(f"rollback failed: {e2!r}")
+                results.append(e)
+            else:
+                results.append(None)
+                succeeded.append(index)
+        if succeeded:
+            try:
+                self._fsyncDirectory(self._queueDir)
+            except Exception as e:
+                for index in succeeded:
+                    operation = batch[index]
+                    results[index] = _osError(
+                        "fsync of directory", self._queueDir, e, operation.queueID
+                    )
+                    try:
+                        operation.directorySyncFailed()
+                    except Exception as e2:  # pragma: no cover
+                        operation.problems.append(f"rollback failed: {e2!r}")
+        return results
+
+    def _batchFinished(
+        self,
+        results: list[SpoolError | None] | Failure,
+        batch: list[_Operation],
+        fromStop: bool = False,
+    ) -> None:
+        """Fire each entry's Deferred (on the reactor thread), then start the next batch."""
+        if isinstance(results, Failure):
+            # Not the entries' failures (those come back as values): the thread call itself
+            # failed, so the entries did not run.  Clean up here.
+            log.failure("spool batch of {count} entries failed", results, count=len(batch))
+            reason = results.getErrorMessage()
+            errors: list[SpoolError | None] = []
+            for operation in batch:
+                operation.rollback()
+                errors.append(
+                    SpoolError(
+                        f"{operation.kind} of {operation.queueID} in {self.directory} failed: "
+                        f"{reason}",
+                        queueID=operation.queueID,
+                    )
+                )
+            results = errors
+        try:
+            for operation, error in zip(batch, results):
+                for problem in operation.problems:
+                    log.error(
+                        "spool clean-up for {queueID}: {problem}",
+                        queueID=operation.queueID,
+                        problem=problem,
+                    )
+                operation.finished(error)
+                if error is None:
+                    log.debug(
+                        "{kind} of {queueID} done", kind=operation.kind, queueID=operation.queueID
+                    )
+                    operation.deferred.callback(None)
+                else:
+                    log.error(
+                        "{kind} of {queueID} failed: {error}",
+                        kind=operation.kind,
+                        queueID=operation.queueID,
+                        error=str(error),
+                    )
+                    operation.deferred.errback(error)
+        finally:
+            if not fromStop:
+                self._inFlight = False
+                self._maybeStartBatch()
+                if self._releaseLockWhenIdle and not self._inFlight and not self._pending:
+                    self._unlock()

@@ -1,0 +1,832 @@
+"""Tests for L{mailrelay.spool}: durability, failure clean-up, recovery, group commit, ids."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+
+from mailrelay import spool as spoolModule
+from mailrelay.envelope import DELIVERED, ClientInfo, Envelope, Recipient
+from mailrelay.spool import MessageWriter, Spool, SpoolError, isQueueID, newQueueID
+
+QUEUE_ID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{20}$")
+MESSAGE = b"Received: from client\r\nSubject: hi\r\n\r\nbody line 1\r\n.dotted\r\n"
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def resultOf(d: Deferred[Any]) -> Any:
+    """The result of an already-fired Deferred (fails the test if it has not fired or failed)."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "Deferred has not fired"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+def failureOf(d: Deferred[Any], *types: type[BaseException]) -> Failure:
+    """The failure of an already-failed Deferred, checked against C{types}."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "Deferred has not fired"
+    assert isinstance(results[0], Failure), f"Deferred succeeded with {results[0]!r}"
+    assert results[0].check(*types), results[0]
+    return results[0]
+
+
+def hasFired(d: Deferred[Any]) -> bool:
+    return d.called
+
+
+def syncDeferToThread(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    try:
+        return succeed(f(*args))
+    except BaseException:
+        return fail()
+
+
+class ManualThreads:
+    """A deferToThread whose calls run only when the test says so."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
+
+    def __call__(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.calls.append((f, args, d))
+        return d
+
+    def runNext(self) -> None:
+        f, args, d = self.calls.pop(0)
+        try:
+            result = f(*args)
+        except BaseException:
+            d.errback()
+        else:
+            d.callback(result)
+
+
+def listing(path: Path) -> list[str]:
+    return sorted(os.listdir(path)) if path.exists() else []
+
+
+def makeEnvelope(queueID: str, **kw: Any) -> Envelope:
+    return Envelope(
+        sender="sender@example.org",
+        recipients=[Recipient("a@example.com", "A@example.com"), Recipient("b@example.net")],
+        queueID=queueID,
+        client=ClientInfo("192.0.2.1", 4321, helo="client.example.org", esmtp=True),
+        arrival=1700000000.5,
+        messageSize=len(MESSAGE),
+        **kw,
+    )
+
+
+@pytest.fixture
+def events() -> Any:
+    captured: list[dict[str, Any]] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "mailrelay.spool":
+            captured.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    yield captured
+    globalLogPublisher.removeObserver(observer)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def spoolDir(tmp_path: Path) -> Path:
+    return tmp_path / "spool"
+
+
+@pytest.fixture
+def spool(spoolDir: Path, clock: Clock) -> Any:
+    s = Spool(spoolDir, reactor=clock, deferToThread=syncDeferToThread)
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def threads() -> ManualThreads:
+    return ManualThreads()
+
+
+@pytest.fixture
+def manualSpool(spoolDir: Path, clock: Clock, threads: ManualThreads) -> Any:
+    s = Spool(spoolDir, reactor=clock, deferToThread=threads)
+    s.start()
+    yield s
+    s.stop()
+
+
+def writeMessage(spool: Spool, data: bytes = MESSAGE) -> MessageWriter:
+    writer = spool.openMessage(newQueueID())
+    for i in range(0, len(data), 7):
+        writer.write(data[i : i + 7])
+    return writer
+
+
+def countingDirectorySync(spool: Spool) -> list[Path]:
+    calls: list[Path] = []
+    original = spool._fsyncDirectory
+
+    def fsyncDirectory(path: Path) -> None:
+        calls.append(Path(path))
+        original(path)
+
+    spool._fsyncDirectory = fsyncDirectory  # type: ignore[method-assign]
+    return calls
+
+
+# --- commit ------------------------------------------------------------------------------------
+
+
+def test_commitWritesBothFilesExactly(spool: Spool, spoolDir: Path) -> None:
+    writer = writeMessage(spool)
+    assert writer.size == len(MESSAGE)
+    envelope = makeEnvelope(writer.queueID)
+    assert resultOf(writer.commit(envelope)) is None
+
+    qid = writer.queueID
+    assert (spoolDir / "queue" / f"{qid}.eml").read_bytes() == MESSAGE
+    assert (spoolDir / "queue" / f"{qid}.json").read_bytes() == envelope.toJSON()
+    assert spool.loadEnvelope(qid) == envelope
+    assert spool.messagePath(qid) == spoolDir / "queue" / f"{qid}.eml"
+    assert spool.queueIDs() == [qid]
+    assert listing(spoolDir / "tmp") == []
+    for name in (f"{qid}.eml", f"{qid}.json"):
+        assert stat.S_IMODE((spoolDir / "queue" / name).stat().st_mode) == 0o600
+    # A committed entry is not touched by a late abort, and a second commit fails.
+    writer.abort()
+    assert spool.queueIDs() == [qid]
+    failureOf(writer.commit(envelope), SpoolError)
+
+
+def test_directoriesCreatedPrivate(spool: Spool, spoolDir: Path) -> None:
+    for path in (spoolDir, spoolDir / "tmp", spoolDir / "queue"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700
+
+
+def test_nothingVisibleBeforeCommitFires(
+    manualSpool: Spool, spoolDir: Path, threads: ManualThreads
+) -> None:
+    writer = writeMessage(manualSpool)
+    d = writer.commit(makeEnvelope(writer.queueID))
+    assert not hasFired(d)
+    assert listing(spoolDir / "queue") == []
+    assert manualSpool.queueIDs() == []
+    assert len(threads.calls) == 1
+    threads.runNext()
+    assert resultOf(d) is None
+    assert listing(spoolDir / "queue") == [f"{writer.queueID}.eml", f"{writer.queueID}.json"]
+
+
+def test_commitEnvelopeSnapshot(manualSpool: Spool, threads: ManualThreads) -> None:
+    """The envelope is serialised when commit() is called."""
+    spool = manualSpool
+    writer = writeMessage(spool)
+    envelope = makeEnvelope(writer.queueID)
+    expected = envelope.toJSON()
+    d = writer.commit(envelope)
+    envelope.recipients.clear()
+    threads.runNext()
+    resultOf(d)
+    assert (spool.messagePath(writer.queueID).with_suffix(".json")).read_bytes() == expected
+
+
+def test_commitWrongQueueID(spool: Spool, spoolDir: Path) -> None:
+    writer = writeMessage(spool)
+    failureOf(writer.commit(makeEnvelope(newQueueID())), SpoolError)
+    assert listing(spoolDir / "tmp") == []
+    assert listing(spoolDir / "queue") == []
+
+
+# --- failures ----------------------------------------------------------------------------------
+
+
+def assertNothingLeft(spoolDir: Path) -> None:
+    assert listing(spoolDir / "queue") == []
+    assert listing(spoolDir / "tmp") == []
+
+
+def test_bodyFsyncFailure(spool: Spool, spoolDir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = writeMessage(spool)
+
+    def fsync(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    f = failureOf(writer.commit(makeEnvelope(writer.queueID)), SpoolError)
+    assert "fsync" in str(f.value)
+    assert str(spoolDir / "tmp" / f"{writer.queueID}.eml") in str(f.value)
+    assert f.value.queueID == writer.queueID
+    monkeypatch.undo()
+    assertNothingLeft(spoolDir)
+    writer.abort()  # safe after a failed commit
+    assertNothingLeft(spoolDir)
+
+
+@pytest.mark.parametrize("failOn", [".eml", ".json"])
+def test_renameFailure(
+    spool: Spool, spoolDir: Path, monkeypatch: pytest.MonkeyPatch, failOn: str
+) -> None:
+    """A failed rename of either file leaves nothing, not even the already-renamed .eml."""
+    writer = writeMessage(spool)
+    realRename = os.rename
+    renamed: list[str] = []
+
+    def rename(src: Any, dst: Any) -> None:
+        if str(dst).endswith(failOn):
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        renamed.append(str(dst))
+        realRename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    f = failureOf(writer.commit(makeEnvelope(writer.queueID)), SpoolError)
+    assert "renaming" in str(f.value)
+    if failOn == ".json":
+        assert renamed == [str(spoolDir / "queue" / f"{writer.queueID}.eml")]
+    assertNothingLeft(spoolDir)
+
+
+def test_directoryFsyncFailure(spool: Spool, spoolDir: Path) -> None:
+    """Renamed into queue/ but the directory fsync failed: not durable, so removed."""
+    writer = writeMessage(spool)
+
+    def fsyncDirectory(path: Path) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    spool._fsyncDirectory = fsyncDirectory  # type: ignore[method-assign]
+    f = failureOf(writer.commit(makeEnvelope(writer.queueID)), SpoolError)
+    assert "directory" in str(f.value) and str(spoolDir / "queue") in str(f.value)
+    assertNothingLeft(spoolDir)
+
+
+class FullDisk:
+    """Wraps a file; writes fail with ENOSPC once C{room} octets are used."""
+
+    def __init__(self, file: Any, room: int, failFlush: bool = False) -> None:
+        self.file = file
+        self.room = room
+        self.failFlush = failFlush
+        self.writes = 0
+
+    def write(self, data: bytes) -> int:
+        self.writes += 1
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        if self.failFlush:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.file.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+
+def test_writeErrorRememberedAndCommitFails(
+    spool: Spool, spoolDir: Path, events: list[dict[str, Any]]
+) -> None:
+    writer = spool.openMessage(newQueueID())
+    disk = FullDisk(writer._file, room=10)
+    writer._file = disk
+    writer.write(b"0123456789")
+    writer.write(b"this does not fit")  # must not raise
+    writer.write(b"ignored")
+    writer.write(b"ignored too")
+    assert writer.size == 10
+    assert writer.failed
+    assert disk.writes == 2  # later writes are not even attempted
+    errors = [e for e in events if "writing message" in e["log_format"]]
+    assert len(errors) == 1 and errors[0]["queueID"] == writer.queueID
+    f = failureOf(writer.commit(makeEnvelope(writer.queueID)), SpoolError)
+    assert "No space left" in str(f.value) and writer.queueID in str(f.value)
+    assertNothingLeft(spoolDir)
+    writer.abort()
+
+
+def test_flushErrorAtCommit(spool: Spool, spoolDir: Path) -> None:
+    """ENOSPC showing up only when the buffer is flushed, in the committer."""
+    writer = spool.openMessage(newQueueID())
+    writer._file = FullDisk(writer._file, room=10**6, failFlush=True)
+    writer.write(MESSAGE)
+    f = failureOf(writer.commit(makeEnvelope(writer.queueID)), SpoolError)
+    assert "writing" in str(f.value)
+    writer._file.failFlush = False  # let the wrapped file close cleanly
+    writer._file.close()
+    assertNothingLeft(spoolDir)
+
+
+def test_envelopeWriteError(spool: Spool, spoolDir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = writeMessage(spool)
+
+    def write(fd: int, data: Any) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", write)
+    f = failureOf(writer.commit(makeEnvelope(writer.queueID)), SpoolError)
+    monkeypatch.undo()
+    assert f"{writer.queueID}.json" in str(f.value)
+    assertNothingLeft(spoolDir)
+
+
+def test_abort(spool: Spool, spoolDir: Path) -> None:
+    writer = writeMessage(spool)
+    assert listing(spoolDir / "tmp") == [f"{writer.queueID}.eml"]
+    writer.abort()
+    writer.abort()
+    assertNothingLeft(spoolDir)
+    writer.write(b"more")  # ignored, no exception
+    failureOf(writer.commit(makeEnvelope(writer.queueID)), SpoolError)
+    assertNothingLeft(spoolDir)
+
+
+def test_openMessageErrors(spool: Spool, spoolDir: Path, clock: Clock) -> None:
+    writer = writeMessage(spool)
+    with pytest.raises(SpoolError, match="tmp"):
+        spool.openMessage(writer.queueID)  # O_EXCL
+    resultOf(writer.commit(makeEnvelope(writer.queueID)))
+    with pytest.raises(SpoolError, match="already exists"):
+        spool.openMessage(writer.queueID)  # never clobber a committed entry
+    with pytest.raises(ValueError):
+        spool.openMessage("../etc/passwd")
+    stopped = Spool(spoolDir.parent / "other", reactor=clock, deferToThread=syncDeferToThread)
+    with pytest.raises(SpoolError, match="not started"):
+        stopped.openMessage(newQueueID())
+
+
+def test_startFailsClearly(tmp_path: Path, clock: Clock) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    s = Spool(blocker / "spool", reactor=clock, deferToThread=syncDeferToThread)
+    with pytest.raises(SpoolError) as info:
+        s.start()
+    assert str(blocker / "spool") in str(info.value)
+
+
+def test_startTwice(spool: Spool) -> None:
+    with pytest.raises(RuntimeError):
+        spool.start()
+
+
+def test_stoppedSpoolRefusesWork(spoolDir: Path, clock: Clock) -> None:
+    s = Spool(spoolDir, reactor=clock, deferToThread=syncDeferToThread)
+    s.start()
+    writer = writeMessage(s)
+    s.stop()
+    failureOf(writer.commit(makeEnvelope(writer.queueID)), SpoolError)
+    failureOf(s.remove(newQueueID()), SpoolError)
+    failureOf(s.updateEnvelope(makeEnvelope(newQueueID())), SpoolError)
+    assertNothingLeft(spoolDir)
+
+
+# --- recovery ----------------------------------------------------------------------------------
+
+
+def test_recovery(spoolDir: Path, clock: Clock, events: list[dict[str, Any]]) -> None:
+    tmp, queue = spoolDir / "tmp", spoolDir / "queue"
+    tmp.mkdir(parents=True)
+    queue.mkdir()
+    committed = [newQueueID() for _ in range(3)]
+    orphan, corrupt, partial = newQueueID(), newQueueID(), newQueueID()
+    for qid in reversed(committed):
+        (queue / f"{qid}.eml").write_bytes(MESSAGE)
+        (queue / f"{qid}.json").write_bytes(makeEnvelope(qid).toJSON())
+    (queue / f"{orphan}.eml").write_bytes(MESSAGE)
+    (queue / f"{corrupt}.json").write_bytes(makeEnvelope(corrupt).toJSON())
+    (queue / "README").write_bytes(b"not ours")
+    (tmp / f"{partial}.eml").write_bytes(b"half a mess")
+    (tmp / f"{partial}.json").write_bytes(b"{")
+    (tmp / "junk").write_bytes(b"")
+
+    s = Spool(spoolDir, reactor=clock, deferToThread=syncDeferToThread)
+    assert s.start() == committed
+    try:
+        assert listing(tmp) == []
+        assert listing(queue) == sorted(
+            [f"{q}.eml" for q in committed] + [f"{q}.json" for q in committed] + ["README"]
+        )
+        assert listing(spoolDir / "corrupt") == [f"{corrupt}.json"]
+        assert s.queueIDs() == committed
+        assert s.loadEnvelope(committed[0]) == makeEnvelope(committed[0])
+
+        summary = [e for e in events if e["log_format"].startswith("spool recovered")]
+        assert len(summary) == 1
+        assert (summary[0]["count"], summary[0]["removed"], summary[0]["quarantined"]) == (3, 4, 1)
+        quarantine = [e for e in events if e.get("queueID") == corrupt]
+        assert quarantine and quarantine[0]["log_level"].name == "error"
+        assert any(e.get("queueID") == orphan for e in events)
+        assert any(e.get("queueID") == partial for e in events)
+    finally:
+        s.stop()
+
+    # A second quarantined envelope of the same name does not overwrite the first.
+    (queue / f"{corrupt}.json").write_bytes(b"second")
+    s.start()
+    s.stop()
+    assert listing(spoolDir / "corrupt") == [f"{corrupt}.json", f"{corrupt}.json.1"]
+
+
+def test_sharedSpoolSkipsRecovery(spool: Spool, spoolDir: Path, clock: Clock) -> None:
+    """A second process must not remove the first one's commits in progress."""
+    writer = writeMessage(spool)
+    other = Spool(spoolDir, reactor=clock, deferToThread=syncDeferToThread)
+    assert other.start() == []
+    try:
+        assert listing(spoolDir / "tmp") == [f"{writer.queueID}.eml"]
+        resultOf(writer.commit(makeEnvelope(writer.queueID)))
+        assert other.queueIDs() == [writer.queueID]
+    finally:
+        other.stop()
+
+
+# --- group commit ------------------------------------------------------------------------------
+
+
+def test_groupCommit(manualSpool: Spool, spoolDir: Path, threads: ManualThreads) -> None:
+    directorySyncs = countingDirectorySync(manualSpool)
+    first = writeMessage(manualSpool)
+    firstD = first.commit(makeEnvelope(first.queueID))
+    assert len(threads.calls) == 1
+
+    writers = [writeMessage(manualSpool) for _ in range(5)]
+    ds = [w.commit(makeEnvelope(w.queueID)) for w in writers]
+    assert len(threads.calls) == 1  # queued behind the batch in flight
+
+    threads.runNext()
+    assert resultOf(firstD) is None
+    assert not any(hasFired(d) for d in ds)
+    assert directorySyncs == [spoolDir / "queue"]
+    assert len(threads.calls) == 1  # the next batch: all five together
+
+    threads.runNext()
+    assert [resultOf(d) for d in ds] == [None] * 5
+    assert directorySyncs == [spoolDir / "queue"] * 2
+    assert threads.calls == []
+    assert manualSpool.queueIDs() == sorted([first.queueID] + [w.queueID for w in writers])
+
+
+def test_groupCommitFailureIsPerEntry(
+    manualSpool: Spool, spoolDir: Path, threads: ManualThreads, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directorySyncs = countingDirectorySync(manualSpool)
+    busy = writeMessage(manualSpool)
+    busyD = busy.commit(makeEnvelope(busy.queueID))  # occupies the committer
+    writers = [writeMessage(manualSpool) for _ in range(3)]
+    ds = [w.commit(makeEnvelope(w.queueID)) for w in writers]
+    threads.runNext()
+    resultOf(busyD)
+    bad = writers[1].queueID
+    realRename = os.rename
+
+    def rename(src: Any, dst: Any) -> None:
+        if str(dst).endswith(f"{bad}.json"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        realRename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    threads.runNext()
+    resultOf(ds[0])
+    failureOf(ds[1], SpoolError)
+    resultOf(ds[2])
+    assert len(directorySyncs) == 2
+    assert manualSpool.queueIDs() == [busy.queueID, writers[0].queueID, writers[2].queueID]
+    assert listing(spoolDir / "tmp") == []
+    assert not (spoolDir / "queue" / f"{bad}.eml").exists()
+
+
+def test_callbackCommittingAgainJoinsNextBatch(
+    manualSpool: Spool, threads: ManualThreads
+) -> None:
+    """Work requested from a commit's callback waits for (and joins) the next batch."""
+    first = writeMessage(manualSpool)
+    later: list[Deferred[None]] = []
+
+    def again(_: None) -> None:
+        w = writeMessage(manualSpool)
+        later.append(w.commit(makeEnvelope(w.queueID)))
+
+    d = first.commit(makeEnvelope(first.queueID)).addCallback(again)
+    second = writeMessage(manualSpool)
+    secondD = second.commit(makeEnvelope(second.queueID))
+    threads.runNext()
+    resultOf(d)
+    assert len(threads.calls) == 1
+    threads.runNext()
+    resultOf(secondD)
+    resultOf(later[0])
+    assert len(manualSpool.queueIDs()) == 3
+
+
+# --- remove and update -------------------------------------------------------------------------
+
+
+def committed(spool: Spool) -> tuple[str, Envelope]:
+    writer = writeMessage(spool)
+    envelope = makeEnvelope(writer.queueID)
+    resultOf(writer.commit(envelope))
+    return writer.queueID, envelope
+
+
+def test_removeOrdering(spool: Spool, spoolDir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    qid, _ = committed(spool)
+    other, _ = committed(spool)
+    order: list[str] = []
+    realUnlink = os.unlink
+    original = spool._fsyncDirectory
+
+    def unlink(path: Any) -> None:
+        order.append(Path(path).name)
+        realUnlink(path)
+
+    def fsyncDirectory(path: Path) -> None:
+        order.append("fsync " + Path(path).name)
+        original(path)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    spool._fsyncDirectory = fsyncDirectory  # type: ignore[method-assign]
+    assert resultOf(spool.remove(qid)) is None
+    assert order == [f"{qid}.json", f"{qid}.eml", "fsync queue"]
+    assert spool.queueIDs() == [other]
+    assert resultOf(spool.remove(qid)) is None  # already gone: fine
+
+
+def test_removeDirectoryFsyncFailure(spool: Spool) -> None:
+    qid, _ = committed(spool)
+
+    def fsyncDirectory(path: Path) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    spool._fsyncDirectory = fsyncDirectory  # type: ignore[method-assign]
+    failureOf(spool.remove(qid), SpoolError)
+
+
+def test_updateEnvelope(spool: Spool, spoolDir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    qid, envelope = committed(spool)
+    envelope.recipients[0].state = DELIVERED
+    envelope.recipients[0].attempts = 1
+    envelope.attempts = 1
+    renames: list[tuple[Path, Path]] = []
+    realRename = os.rename
+    monkeypatch.setattr(
+        os, "rename", lambda s, d: (renames.append((Path(s), Path(d))), realRename(s, d))[1]
+    )
+    directorySyncs = countingDirectorySync(spool)
+    assert resultOf(spool.updateEnvelope(envelope)) is None
+    assert spool.loadEnvelope(qid) == envelope
+    assert len(renames) == 1
+    assert renames[0][0].parent == spoolDir / "tmp"
+    assert renames[0][1] == spoolDir / "queue" / f"{qid}.json"
+    assert directorySyncs == [spoolDir / "queue"]
+    assert listing(spoolDir / "tmp") == []
+    assert spool.messagePath(qid).read_bytes() == MESSAGE
+
+
+def test_updateEnvelopeFailureKeepsOld(
+    spool: Spool, spoolDir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    qid, envelope = committed(spool)
+    before = (spoolDir / "queue" / f"{qid}.json").read_bytes()
+    envelope.attempts = 5
+
+    def fsync(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    failureOf(spool.updateEnvelope(envelope), SpoolError)
+    monkeypatch.undo()
+    assert (spoolDir / "queue" / f"{qid}.json").read_bytes() == before
+    assert listing(spoolDir / "tmp") == []
+
+
+def test_updateEnvelopeOfMissingEntry(spool: Spool, spoolDir: Path) -> None:
+    qid = newQueueID()
+    f = failureOf(spool.updateEnvelope(makeEnvelope(qid)), SpoolError)
+    assert "no such queue entry" in str(f.value)
+    assertNothingLeft(spoolDir)
+
+
+def test_loadEnvelopeErrors(spool: Spool, spoolDir: Path) -> None:
+    with pytest.raises(SpoolError):
+        spool.loadEnvelope(newQueueID())
+    qid, _ = committed(spool)
+    (spoolDir / "queue" / f"{qid}.json").write_bytes(b'{"version": 99}')
+    with pytest.raises(SpoolError, match="invalid envelope"):
+        spool.loadEnvelope(qid)
+
+
+# --- free space --------------------------------------------------------------------------------
+
+
+class FakeStatvfs:
+    def __init__(self, bavail: int, frsize: int = 4096) -> None:
+        self.f_bavail = bavail
+        self.f_frsize = frsize
+
+
+def test_hasFreeSpace(
+    spoolDir: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch, events: list[dict[str, Any]]
+) -> None:
+    calls: list[Any] = []
+    answer: list[Any] = [FakeStatvfs(1000)]  # 4 096 000 octets
+
+    def statvfs(path: Any) -> Any:
+        calls.append(path)
+        if isinstance(answer[0], Exception):
+            raise answer[0]
+        return answer[0]
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    s = Spool(spoolDir, reactor=clock, minFreeSpace=1_000_000, deferToThread=syncDeferToThread)
+    assert s.hasFreeSpace()
+    assert s.hasFreeSpace(3_096_000)
+    assert not s.hasFreeSpace(3_096_001)
+    assert len(calls) == 1 and Path(calls[0]) == spoolDir
+
+    answer[0] = FakeStatvfs(10)
+    clock.advance(0.999)
+    assert s.hasFreeSpace()  # cached
+    assert len(calls) == 1
+    clock.advance(0.001)
+    assert not s.hasFreeSpace()
+    assert len(calls) == 2
+
+    answer[0] = OSError(errno.EIO, os.strerror(errno.EIO))
+    clock.advance(1)
+    assert not s.hasFreeSpace()
+    assert any("free space" in e["log_format"] for e in events)
+    answer[0] = FakeStatvfs(10**6)
+    assert not s.hasFreeSpace()  # the failure is cached too
+    clock.advance(1)
+    assert s.hasFreeSpace()
+
+
+# --- queue ids ---------------------------------------------------------------------------------
+
+
+def test_queueIDs() -> None:
+    ids = [newQueueID() for _ in range(10000)]
+    assert len(set(ids)) == len(ids)
+    assert all(QUEUE_ID_RE.match(i) for i in ids)
+    assert all(a < b for a, b in zip(ids, ids[1:]))
+    assert all(isQueueID(i) for i in ids[:10])
+    assert not isQueueID("0123456789ABCDEFGHIJ")  # I is not Crockford
+    assert not isQueueID(ids[0].lower())
+
+
+def test_queueIDsMonotonicWhenClockGoesBack(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [time.time() + 1000]
+
+    def fakeTime() -> float:
+        now[0] -= 0.5
+        return now[0]
+
+    monkeypatch.setattr(time, "time", fakeTime)
+    ids = [newQueueID() for _ in range(100)]
+    monkeypatch.setattr(time, "time", lambda: now[0])  # the clock stands still
+    ids += [newQueueID() for _ in range(100)]
+    assert len(set(ids)) == 200
+    assert all(a < b for a, b in zip(ids, ids[1:]))
+
+
+def test_queueIDProcessSuffix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes minting ids in the same microsecond with the same counter differ."""
+    monkeypatch.setattr(time, "time", lambda: 1700000000.0)
+    made = []
+    for pid in (1000, 1001):
+        monkeypatch.setattr(os, "getpid", lambda pid=pid: pid)
+        generator = spoolModule._QueueIDGenerator()
+        made.append(generator())
+    assert made[0][:16] == made[1][:16]
+    assert made[0] != made[1]
+
+
+# --- the owned thread pool ---------------------------------------------------------------------
+
+
+class ThreadReactor(Clock):
+    """A Clock that also queues callFromThread calls for the test to run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fromThreads: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+        self.lock = threading.Lock()
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
+        with self.lock:
+            self.fromThreads.append((f, args))
+
+    def runFromThreads(self) -> None:
+        with self.lock:
+            calls, self.fromThreads = self.fromThreads, []
+        for f, args in calls:
+            f(*args)
+
+
+def test_ownedThreadPool(spoolDir: Path) -> None:
+    reactor = ThreadReactor()
+    s = Spool(spoolDir, reactor=reactor)
+    assert s._threadPool is None
+    s.start()
+    pool = s._threadPool
+    assert pool is not None and pool.started and pool.name == "mailrelay-spool"
+    assert (pool.min, pool.max) == (1, 4)
+
+    # The first batch blocks in its thread until released; the second queues behind it.
+    release = threading.Event()
+    original = s._fsyncDirectory
+
+    syncThreads: list[threading.Thread] = []
+
+    def slowFsyncDirectory(path: Path) -> None:
+        syncThreads.append(threading.current_thread())
+        assert release.wait(5)
+        original(path)
+
+    s._fsyncDirectory = slowFsyncDirectory  # type: ignore[method-assign]
+    first = writeMessage(s)
+    firstD = first.commit(makeEnvelope(first.queueID))
+    second = writeMessage(s)
+    secondD = second.commit(makeEnvelope(second.queueID))
+    assert not hasFired(firstD) and not hasFired(secondD)
+
+    release.set()
+    s.stop()  # waits for the batch in flight, then runs the queued one
+    assert pool.joined and not pool.started
+    assert s._threadPool is None
+    assert resultOf(secondD) is None
+    assert not hasFired(firstD)  # its result comes through the reactor
+    # The first batch ran in a pool thread; the queued one was run by stop() itself.
+    assert syncThreads[0] is not threading.main_thread()
+    assert syncThreads[1:] == [threading.main_thread()]
+    reactor.runFromThreads()
+    assert resultOf(firstD) is None
+    assert s.queueIDs() == [first.queueID, second.queueID]
+    failureOf(s.remove(first.queueID), SpoolError)  # stopped
+
+    # A new pool on restart.
+    assert s.start() == [first.queueID, second.queueID]
+    assert s._threadPool is not None and s._threadPool is not pool and s._threadPool.started
+    s.stop()
+
+
+def test_stopKeepsLockUntilIdle(
+    spoolDir: Path, clock: Clock, threads: ManualThreads, events: list[dict[str, Any]]
+) -> None:
+    """With an injected deferToThread, stop() lets queued work finish before unlocking, so
+    another process's recovery cannot remove files of a commit still in progress."""
+    s = Spool(spoolDir, reactor=clock, deferToThread=threads)
+    s.start()
+    writer = writeMessage(s)
+    d = writer.commit(makeEnvelope(writer.queueID))
+    s.stop()
+    other = Spool(spoolDir, reactor=clock, deferToThread=syncDeferToThread)
+    other.start()  # still locked: no recovery
+    other.stop()
+    assert listing(spoolDir / "tmp") == [f"{writer.queueID}.eml"]
+    assert any("recovery skipped" in e["log_format"] for e in events)
+    threads.runNext()
+    resultOf(d)
+    del events[:]
+    assert other.start() == [writer.queueID]  # now it recovers
+    other.stop()
+    assert any(e["log_format"].startswith("spool recovered") for e in events)
+
+
+def test_deferToThreadFailing(spoolDir: Path, clock: Clock) -> None:
+    """If the thread call itself fails, every entry fails and nothing is left behind."""
+
+    def broken(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        raise RuntimeError("no threads today")
+
+    s = Spool(spoolDir, reactor=clock, deferToThread=broken)
+    s.start()
+    writer = writeMessage(s)
+    f = failureOf(writer.commit(makeEnvelope(writer.queueID)), SpoolError)
+    assert "no threads today" in str(f.value)
+    assertNothingLeft(spoolDir)
+    s.stop()
