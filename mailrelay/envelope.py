@@ -70,7 +70,11 @@ class Recipient:
         decoded) or C{None}.
     @ivar state: one of L{RECIPIENT_STATES}.
     @ivar attempts: delivery attempts made for this recipient.
-    @ivar lastResult: the last delivery result (reply text), or C{None}.
+    @ivar lastResult: the last delivery diagnostic (RFC 3464 Diagnostic-Code form, e.g.
+        C{"smtp; 550 5.1.1 user unknown"}), or C{None}.
+    @ivar status: the RFC 3463 status of the last attempt or final outcome (C{"5.1.1"}).
+    @ivar remoteMTA: the RFC 3464 Remote-MTA of the last attempt (C{"dns; mx.example.org"}).
+    @ivar finalTime: when the recipient was delivered or bounced (seconds since the epoch).
     """
 
     address: str
@@ -80,6 +84,9 @@ class Recipient:
     state: str = PENDING
     attempts: int = 0
     lastResult: str | None = None
+    status: str | None = None
+    remoteMTA: str | None = None
+    finalTime: float | None = None
 
     @property
     def domain(self) -> str:
@@ -103,6 +110,10 @@ class Envelope:
     @ivar arrival: arrival time, seconds since the epoch (end of DATA).
     @ivar messageSize: size in octets of the stored message (headers we added included).
     @ivar attempts: delivery attempts made for the message.
+    @ivar nextAttempt: when the next delivery attempt is due (seconds since the epoch), or
+        C{None} for "as soon as possible".
+    @ivar delayWarned: a delay warning (DSN action "delayed") was sent.
+    @ivar isBounce: this message is a delivery status notification we generated.
     """
 
     sender: str = ""
@@ -117,6 +128,9 @@ class Envelope:
     arrival: float | None = None
     messageSize: int = 0
     attempts: int = 0
+    nextAttempt: float | None = None
+    delayWarned: bool = False
+    isBounce: bool = False
 
     @property
     def pendingRecipients(self) -> list[Recipient]:

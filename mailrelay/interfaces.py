@@ -151,6 +151,78 @@ class IHeaderStamper(Interface):
         """Return the fields to add to the message described by C{context}."""
 
 
+class DeliveryStatus(enum.Enum):
+    """The outcome of one delivery attempt for one recipient."""
+
+    DELIVERED = "delivered"
+    TRANSIENT = "transient"  # 4xx, connection trouble, time-out: retry later
+    PERMANENT = "permanent"  # 5xx: bounce
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientResult:
+    """What happened to one recipient in one delivery attempt.
+
+    @ivar address: the recipient's canonical address (as in L{Recipient.address}).
+    @ivar status: delivered, transient or permanent failure.
+    @ivar code: the RFC 3463 status code (C{"2.0.0"}, C{"4.4.1"}, C{"5.1.1"}); its class must
+        agree with C{status}.
+    @ivar diagnostic: RFC 3464 Diagnostic-Code form, C{"smtp; 550 5.1.1 user unknown"}, or for
+        failures that are not a reply C{"X-mailrelay; connection refused by 192.0.2.1"}.
+    @ivar remoteMTA: RFC 3464 Remote-MTA form (C{"dns; mx.example.org"}), or C{None}.
+    """
+
+    address: str
+    status: DeliveryStatus
+    code: str
+    diagnostic: str
+    remoteMTA: str | None = None
+
+    def __post_init__(self) -> None:
+        expected = {DeliveryStatus.DELIVERED: "2", DeliveryStatus.TRANSIENT: "4", DeliveryStatus.PERMANENT: "5"}
+        if not self.code.startswith(expected[self.status] + "."):
+            raise ValueError(f"status {self.status.value} does not match code {self.code}")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where one recipient goes next.
+
+    @ivar backend: the name of a configured delivery backend (C{"smtp"}, C{"lmtp"},
+        C{"maildir"}, C{"discard"}, or a site backend's name).
+    @ivar nexthop: the backend-specific destination: for C{smtp} a domain to look up by MX
+        (C{"example.org"}) or a host without MX lookup (C{"[smtp.example.net]:587"}); for
+        C{lmtp} C{"host:port"} or C{"unix:/path"}; for C{maildir} a directory.
+        Recipients of one message with the same C{(backend, nexthop)} share one delivery.
+    @ivar options: backend options this route overrides (TLS policy, credentials ...).
+    """
+
+    backend: str
+    nexthop: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+
+class IRouter(Interface):
+    """Maps each recipient to a delivery backend and next hop."""
+
+    def route(envelope: "Envelope", recipient: "Recipient") -> Any:
+        """Return a L{Route}, or a Deferred firing with one.  A failure makes the recipient's
+        delivery a transient failure (retried later)."""
+
+
+class IDeliveryBackend(Interface):
+    """Delivers one message to some of its recipients, at one next hop."""
+
+    def deliver(envelope: "Envelope", recipients: Any, nexthop: str, messagePath: Path) -> Any:
+        """Deliver the message stored at C{messagePath} (CRLF lines, as relayed) to
+        C{recipients} (a sequence of L{Recipient}) at C{nexthop}.
+
+        @return: a Deferred firing with one L{RecipientResult} per recipient, in order.  The
+            Deferred should not fail; if it does, every recipient counts as a transient
+            failure (retried), never as delivered.
+        """
+
+
 @dataclass
 class PluginContext:
     """What a plugin's C{build} may use.

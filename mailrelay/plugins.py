@@ -43,15 +43,20 @@ class MailRelayPlugin:
     """
 
     name: str
-    provides: type[Interface]
+    provides: Any  # an InterfaceClass such as IRecipientValidator
     description: str
     factory: str | Callable[[dict[str, Any], PluginContext], Any] = field(repr=False)
 
     def build(self, options: dict[str, Any], context: PluginContext) -> Any:
         factory = self.factory
         if isinstance(factory, str):
-            moduleName, _, attr = factory.partition(":")
-            factory = getattr(importlib.import_module(moduleName), attr)
+            moduleName, sep, attr = factory.partition(":")
+            if not sep or not moduleName or not attr:
+                raise ConfigError(f"plugin {self.name!r} has a bad factory {factory!r} (want 'module:function')")
+            try:
+                factory = getattr(importlib.import_module(moduleName), attr)
+            except (ImportError, AttributeError) as e:
+                raise ConfigError(f"plugin {self.name!r}: cannot load its factory {factory!r}: {e}") from e
         return factory(options, context)
 
 
