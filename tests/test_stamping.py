@@ -1,0 +1,202 @@
+"""Header stamping, loop counting, reverse DNS and relay control units."""
+
+from __future__ import annotations
+
+from ipaddress import ip_network
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.names import dns
+from twisted.names.error import DNSNameError
+from zope.interface.verify import verifyObject
+
+from mailrelay.address import parseForwardPath
+from mailrelay.envelope import ClientInfo, Envelope, Recipient
+from mailrelay.interfaces import IHeaderStamper, PluginContext, StampContext, StampResult, VerdictKind
+from mailrelay.policy import RelayControl
+from mailrelay.rdns import hostsFileName, reverseLookup
+from mailrelay.stamping import DefaultStamper, HeaderProcessor, buildDefaultStamper, parseHeaderSection, runStampers
+
+
+def context(**kw) -> StampContext:
+    client = kw.pop("client", ClientInfo(address="192.0.2.1", helo="client.example", esmtp=True, rdns="mail.client.example"))
+    envelope = kw.pop("envelope", Envelope(sender="a@b.example", recipients=[Recipient("c@d.example")], queueID="Q1", client=client))
+    return StampContext(hostname="relay.test", client=client, envelope=envelope, headers=kw.pop("headers", []), now=1_800_000_000, **kw)
+
+
+def test_default_stamper_provides_interface() -> None:
+    verifyObject(IHeaderStamper, DefaultStamper())
+    verifyObject(IHeaderStamper, buildDefaultStamper({}, PluginContext("relay.test", configDir=None)))  # type: ignore[arg-type]
+
+
+def test_received_field_per_rfc5321() -> None:
+    result = DefaultStamper().stamp(context())
+    (received,) = result.prepend
+    assert received.startswith(b"Received: from client.example (mail.client.example [192.0.2.1])\r\n\tby relay.test (mailrelay) with ESMTP id Q1\r\n\tfor <c@d.example>; ")
+    assert received.endswith(b"\r\n")
+    assert [f.split(b":")[0] for f in result.append] == [b"Message-Id", b"Date"]
+
+
+def test_received_ipv6_tls_auth_and_several_recipients() -> None:
+    client = ClientInfo(address="2001:db8::1", helo="h", esmtp=True, tls="TLSv1.3 TLS_AES_128_GCM_SHA256", authUser="joe")
+    envelope = Envelope(recipients=[Recipient("a@x.example"), Recipient("b@x.example")], queueID="Q2", client=client, smtputf8=True)
+    (received,) = DefaultStamper().stamp(context(client=client, envelope=envelope)).prepend
+    assert b"(unknown [IPv6:2001:db8::1])" in received
+    assert b"with UTF8SMTPSA id Q2" in received
+    assert b"(using TLSv1.3 TLS_AES_128_GCM_SHA256)" in received and b"(authenticated as joe)" in received
+    assert b"for <" not in received
+
+
+def test_existing_fields_not_duplicated_and_options_respected() -> None:
+    headers, _ = parseHeaderSection(b"message-id: <x@y>\r\nDATE: now\r\n\r\n")
+    assert DefaultStamper().stamp(context(headers=headers)).append == []
+    assert DefaultStamper().stamp(context(listenerOptions={"add_message_id": False, "add_date": False})).append == []
+    assert DefaultStamper(addMessageID=False).stamp(context()).append[0].startswith(b"Date: ")
+
+
+def test_build_default_stamper_checks_options() -> None:
+    from mailrelay.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="colour"):
+        buildDefaultStamper({"colour": True}, None)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="date"):
+        buildDefaultStamper({"date": "yes"}, None)  # type: ignore[arg-type]
+
+
+def test_parse_header_section() -> None:
+    data = b"Received: a\r\n b\r\nSubject: x\r\nX-Y : z\r\n\r\nbody\r\nNot: a header\r\n"
+    fields, end = parseHeaderSection(data)
+    assert [n for n, _ in fields] == ["Received", "Subject", "X-Y"]
+    assert fields[0][1] == b"Received: a\r\n b\r\n"
+    assert data[end:] == b"\r\nbody\r\nNot: a header\r\n"
+    fields, end = parseHeaderSection(b"Subject: x\r\nno colon here\r\nmore\r\n")
+    assert [n for n, _ in fields] == ["Subject"] and end == len(b"Subject: x\r\n")
+
+
+def test_malformed_stamper_output_is_refused() -> None:
+    class Bad:
+        def stamp(self, ctx):
+            return StampResult(prepend=[b"X-Evil: a\r\nBcc: victim@example.com\r\n"])
+
+    with pytest.raises(ValueError, match="malformed"):
+        runStampers([Bad()], context())
+
+
+def test_later_stampers_prepend_on_top() -> None:
+    class S:
+        def __init__(self, name):
+            self.name = name
+
+        def stamp(self, ctx):
+            return StampResult(prepend=[b"X-%s: 1\r\n" % self.name], append=[b"X-End-%s: 1\r\n" % self.name])
+
+    result = runStampers([S(b"A"), S(b"B")], context())
+    assert result.prepend == [b"X-B: 1\r\n", b"X-A: 1\r\n"]
+    assert result.append == [b"X-End-A: 1\r\n", b"X-End-B: 1\r\n"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.sampled_from([b"Subject: s\r\n", b"Received: r\r\n", b" cont\r\n", b"\r\n", b"body\r\n", b"X: y\r\n"]), max_size=20),
+    st.lists(st.integers(min_value=1, max_value=40), max_size=6),
+)
+def test_header_processor_stores_message_unchanged_besides_added_fields(parts: list[bytes], cuts: list[int]) -> None:
+    message = b"".join(parts)
+    out: list[bytes] = []
+    seen: list[list[tuple[str, bytes]]] = []
+
+    def stamp(headers):
+        seen.append(headers)
+        return StampResult(prepend=[b"Received: ours\r\n"], append=[b"X-Added: 1\r\n"])
+
+    proc = HeaderProcessor(out.append, stamp, limit=64)
+    pos = 0
+    for cut in sorted(cuts):
+        proc.write(message[pos:cut])
+        pos = max(pos, min(cut, len(message)))
+    proc.write(message[pos:])
+    proc.finish()
+    stored = b"".join(out)
+    assert len(seen) == 1
+    assert stored.startswith(b"Received: ours\r\n")
+    rest = stored[len(b"Received: ours\r\n"):]
+    assert rest.replace(b"X-Added: 1\r\n", b"", 1) == message
+
+
+class FakeResolver:
+    def __init__(self, ptr=None, a=(), aaaa=(), fail=False):
+        self.ptr, self.a, self.aaaa, self.fail = ptr, a, aaaa, fail
+        self.queries: list[str] = []
+
+    def lookupPointer(self, name):
+        self.queries.append(name)
+        if self.fail:
+            return fail(DNSNameError(name))
+        if self.ptr is None:
+            return Deferred()
+        return succeed(([dns.RRHeader(name, dns.PTR, payload=dns.Record_PTR(self.ptr))], [], []))
+
+    def lookupAddress(self, name):
+        return succeed(([dns.RRHeader(name, dns.A, payload=dns.Record_A(a)) for a in self.a], [], []))
+
+    def lookupIPV6Address(self, name):
+        return succeed(([dns.RRHeader(name, dns.AAAA, payload=dns.Record_AAAA(a)) for a in self.aaaa], [], []))
+
+
+def test_reverse_lookup_forward_confirmed() -> None:
+    clock = Clock()
+    r = FakeResolver(ptr="Mail.Example.", a=["192.0.2.1"])
+    results: list = []
+    reverseLookup(r, "192.0.2.1", 10, clock).addCallback(results.append)
+    assert results == ["mail.example"]
+    assert r.queries == ["1.2.0.192.in-addr.arpa"]
+    results.clear()
+    reverseLookup(FakeResolver(ptr="liar.example", a=["192.0.2.99"]), "192.0.2.1", 10, clock).addCallback(results.append)
+    reverseLookup(FakeResolver(fail=True), "192.0.2.1", 10, clock).addCallback(results.append)
+    reverseLookup(FakeResolver(ptr="v6.example", aaaa=["2001:db8::1"]), "2001:db8::1", 10, clock).addCallback(results.append)
+    assert results == [None, None, "v6.example"]
+
+
+def test_reverse_lookup_times_out_to_unknown() -> None:
+    clock = Clock()
+    results: list = []
+    reverseLookup(FakeResolver(), "192.0.2.1", 10, clock).addCallback(results.append)
+    assert results == []
+    clock.advance(10)
+    assert results == [None]
+
+
+def test_loopback_uses_hosts_file_only(tmp_path) -> None:
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# comment\n127.0.0.1 localhost loopy\n::1 ip6-localhost\n")
+    assert hostsFileName("127.0.0.1", str(hosts)) == "localhost"
+    assert hostsFileName("::1", str(hosts)) == "ip6-localhost"
+    assert hostsFileName("127.0.0.2", str(hosts)) is None
+    r = FakeResolver(fail=True)
+    results: list = []
+    reverseLookup(r, "127.0.0.1", 10, Clock()).addCallback(results.append)
+    assert r.queries == [] and len(results) == 1
+
+
+@pytest.mark.parametrize(
+    "client,rcpt,allowed",
+    [
+        ("10.1.2.3", "x@anywhere.example", True),
+        ("::ffff:10.1.2.3", "x@anywhere.example", True),
+        ("192.0.2.1", "x@anywhere.example", False),
+        ("192.0.2.1", "x@ours.example", True),
+        ("192.0.2.1", "x@sub.ours.example", False),
+        ("192.0.2.1", "x%y@ours.example", False),
+        ("192.0.2.1", "Postmaster@relay.test", True),
+        ("2001:db8::5", "x@anywhere.example", True),
+        ("not-an-ip", "x@anywhere.example", False),
+    ],
+)
+def test_relay_control(client: str, rcpt: str, allowed: bool) -> None:
+    relay = RelayControl([ip_network("10.0.0.0/8"), ip_network("2001:db8::/32")], ["ours.example"], "relay.test")
+    info = ClientInfo(address=client, relayAllowed=relay.isRelayClient(client))
+    verdict = relay.check(info, parseForwardPath(f"<{rcpt}>", postmasterDomain="relay.test"))
+    assert (verdict.kind is VerdictKind.CONTINUE) is allowed
