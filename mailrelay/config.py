@@ -9,6 +9,10 @@ C{limits.recipients}, C{relay.networks[2]}) and the offending value, for example
 
 Problems in command-line options name the option instead (C{--listen}) and no file.
 
+Files the configuration names (C{ca_file}, C{password_file}) are read or checked while
+loading, relative to the file's directory; passwords never appear in messages nor in the
+C{repr} of the result.
+
 See C{etc/mailrelay.toml} for a commented sample of every key.
 """
 
@@ -46,9 +50,52 @@ DEFAULT_HEADER_STAMPER = "default"
 DEFAULT_SMTP_PORT = 25
 BARE_NEWLINE_CHOICES = ("reject", "normalize")
 
+#: The TLS policies of C{delivery.tls}, C{smarthost.tls} and a route's C{tls}: C{"none"} (never
+#: use TLS), C{"may"} (STARTTLS when offered, without verifying the certificate),
+#: C{"required"} (STARTTLS with a verified certificate, or no delivery) and C{"implicit"}
+#: (TLS from the first byte, as on port 465, verified).
+TLS_CHOICES = ("none", "may", "required", "implicit")
+#: The delivery backends every relay has; C{[[backends]]} adds site backends.
+BUILTIN_BACKENDS = ("smtp", "lmtp", "maildir", "discard")
+#: The fields a C{maildir} route's directory template may use.
+MAILDIR_FIELDS = ("local", "domain", "address")
+
+DEFAULT_MIN_BACKOFF = 300.0
+DEFAULT_MAX_BACKOFF = 4000.0
+DEFAULT_MAX_LIFETIME = 432000.0
+DEFAULT_BOUNCE_LIFETIME = 432000.0
+DEFAULT_DELAY_WARNING = 0.0
+DEFAULT_ACTIVE_LIMIT = 1000
+DEFAULT_TLS = "may"
+DEFAULT_DESTINATION_CONCURRENCY = 20
+DEFAULT_CONNECTION_CACHE_TIME = 2.0
+DEFAULT_BACKEND_TIMEOUT = 600.0
+DEFAULT_DNS_PORT = 53
+
+#: The SMTP client's time-outs in seconds (RFC 5321 section 4.5.3.2): the key in
+#: C{[delivery.timeouts]}, the name in L{DeliveryConfig.timeouts} (the fields of
+#: C{mailrelay.smtp.client.ClientTimeouts}) and the default.
+CLIENT_TIMEOUTS: tuple[tuple[str, str, float], ...] = (
+    ("connect", "connect", 30.0),
+    ("greeting", "greeting", 300.0),
+    ("ehlo", "ehlo", 300.0),
+    ("starttls", "starttls", 120.0),
+    ("auth", "auth", 120.0),
+    ("mail", "mail", 300.0),
+    ("rcpt", "rcpt", 300.0),
+    ("data_init", "dataInit", 120.0),
+    ("data_block", "dataBlock", 180.0),
+    ("data_done", "dataDone", 600.0),
+    ("rset", "rset", 20.0),
+    ("quit", "quit", 300.0),
+)
+
+#: The keys of C{[smarthost]} and the transport keys of an C{smtp} or C{lmtp} route.
+TRANSPORT_KEYS = ("tls", "ca_file", "username", "password", "password_file", "auth_without_tls")
+
 #: The keys each table of the file may hold; C{""} is the top level.  The tables of
-#: C{recipient_validators} and C{header_stampers} hold C{plugin}, C{timeout} and the
-#: plugin's own options, so they are not listed here.
+#: C{recipient_validators}, C{header_stampers} and C{backends} hold C{plugin}, C{timeout}
+#: (and for backends C{name}) and the plugin's own options, so they are not listed here.
 ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
     "": (
         "hostname",
@@ -56,19 +103,47 @@ ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
         "relay",
         "limits",
         "dns",
+        "queue",
+        "delivery",
+        "smarthost",
         "listeners",
         "recipient_validators",
         "header_stampers",
+        "routes",
+        "backends",
     ),
     "spool": ("directory", "min_free_space"),
     "relay": ("networks", "accept_domains", "smarthost"),
     "limits": ("message_size", "recipients", "idle_timeout", "data_timeout", "errors", "hops"),
-    "dns": ("reverse_lookups",),
+    "dns": ("reverse_lookups", "nameservers"),
+    "queue": (
+        "min_backoff",
+        "max_backoff",
+        "max_lifetime",
+        "bounce_lifetime",
+        "delay_warning",
+        "active_limit",
+        "postmaster",
+    ),
+    "delivery": (
+        "helo_name",
+        "tls",
+        "ca_file",
+        "destination_concurrency",
+        "connection_cache_time",
+        "timeouts",
+    ),
+    "delivery.timeouts": tuple(name for name, _, _ in CLIENT_TIMEOUTS),
+    "smarthost": TRANSPORT_KEYS,
     "listeners": ("endpoint", "bare_newline", "add_message_id", "add_date"),
+    "routes": ("domain", "backend", "nexthop") + TRANSPORT_KEYS,
 }
 
 #: The keys of a plugin table that the loader consumes; the others are the plugin's options.
 PLUGIN_KEYS = ("plugin", "timeout")
+#: The keys of a C{[[backends]]} table that the loader consumes; the others are the plugin's
+#: options.
+BACKEND_KEYS = ("name", "plugin", "timeout")
 
 #: The keys L{loadConfig} accepts in C{overrides}, with the command-line option each stands for.
 OVERRIDE_OPTIONS: dict[str, str] = {
@@ -83,6 +158,8 @@ OVERRIDE_OPTIONS: dict[str, str] = {
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
 _DIGITS = re.compile(r"[0-9]+\Z")
+_TEMPLATE_FIELD = re.compile(r"\{([^{}/]*)\}")
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN (?:TRUSTED )?CERTIFICATE-----")
 
 
 @dataclass(frozen=True)
@@ -154,6 +231,133 @@ class Smarthost:
 
 
 @dataclass(frozen=True)
+class QueueConfig:
+    """How long and how often the queue retries deliveries (C{[queue]}).
+
+    The delay before each retry doubles from C{minBackoff} up to C{maxBackoff}
+    (Postfix's C{minimal_backoff_time} and C{maximal_backoff_time}).
+
+    @ivar minBackoff: seconds before the first retry.
+    @ivar maxBackoff: the longest delay between retries, in seconds (>= C{minBackoff}).
+    @ivar maxLifetime: seconds a message may stay queued before it bounces.
+    @ivar bounceLifetime: the same for the relay's own bounce messages.
+    @ivar delayWarning: seconds after which the sender is told that the message is delayed;
+        C{0.0} for no delay warnings.
+    @ivar activeLimit: the most messages in delivery at once.
+    @ivar postmaster: the canonical address (C{local@domain}) that gets bounces which cannot
+        be returned to their sender, or C{None} to log and drop them.
+    """
+
+    minBackoff: float = DEFAULT_MIN_BACKOFF
+    maxBackoff: float = DEFAULT_MAX_BACKOFF
+    maxLifetime: float = DEFAULT_MAX_LIFETIME
+    bounceLifetime: float = DEFAULT_BOUNCE_LIFETIME
+    delayWarning: float = DEFAULT_DELAY_WARNING
+    activeLimit: int = DEFAULT_ACTIVE_LIMIT
+    postmaster: str | None = None
+
+
+@dataclass(frozen=True)
+class TransportOptions:
+    """How to talk to one SMTP or LMTP next hop (C{[smarthost]}, or an C{smtp} or C{lmtp}
+    route).
+
+    @ivar tls: one of L{TLS_CHOICES}.
+    @ivar caFile: the absolute path of a PEM CA bundle to verify certificates with, or
+        C{None} for the system's trust store.
+    @ivar username: the AUTH (PLAIN or LOGIN) user name, or C{None} for no AUTH.
+    @ivar password: the AUTH password (read from C{password_file} when that was given), or
+        C{None} without a user name.  Never shown by C{repr}.
+    @ivar authWithoutTLS: whether AUTH may be used on a connection without TLS.
+    """
+
+    tls: str = DEFAULT_TLS
+    caFile: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    authWithoutTLS: bool = False
+
+
+def _defaultClientTimeouts() -> dict[str, float]:
+    """The SMTP client's default time-outs, by their L{DeliveryConfig.timeouts} names."""
+    return {name: default for _, name, default in CLIENT_TIMEOUTS}
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """How outgoing mail is delivered (C{[delivery]}).
+
+    @ivar heloName: the name this relay gives in EHLO/HELO/LHLO, or C{None} for its
+        host name.
+    @ivar tls: the TLS policy (one of L{TLS_CHOICES}) for delivery to MX hosts, and the
+        default of C{smtp} routes.
+    @ivar caFile: the absolute path of a PEM CA bundle, or C{None} for the system's trust
+        store; the default of C{smtp} routes.
+    @ivar destinationConcurrency: the most connections to one destination at once.
+    @ivar connectionCacheTime: seconds an idle connection is kept for reuse (C{0.0}: never).
+    @ivar timeouts: the SMTP client's time-outs in seconds, by the names of
+        C{mailrelay.smtp.client.ClientTimeouts}' fields: C{connect}, C{greeting}, C{ehlo},
+        C{starttls}, C{auth}, C{mail}, C{rcpt}, C{dataInit}, C{dataBlock}, C{dataDone},
+        C{rset}, C{quit} (all of them, always).
+    """
+
+    heloName: str | None = None
+    tls: str = DEFAULT_TLS
+    caFile: str | None = None
+    destinationConcurrency: int = DEFAULT_DESTINATION_CONCURRENCY
+    connectionCacheTime: float = DEFAULT_CONNECTION_CACHE_TIME
+    timeouts: dict[str, float] = field(default_factory=_defaultClientTimeouts, hash=False)
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """One C{[[routes]]} table: where mail for some domains goes.
+
+    @ivar domain: the normalised domain matched: C{"example.org"} (that domain only),
+        C{".example.org"} (its subdomains only) or C{"*"} (every domain: the default route).
+    @ivar backend: C{"smtp"}, C{"lmtp"}, C{"maildir"}, C{"discard"} or the name of a
+        L{BackendSpec}.
+    @ivar nexthop: the backend's destination, normalised, or C{None}:
+        - C{smtp}: a smarthost in L{parseSmarthost}'s notation, as C{str(Smarthost)} writes it
+          (C{"[mx.example.org]:25"}), or C{None} to look up the recipient domain's MX hosts;
+        - C{lmtp}: C{"host:port"} (C{"[2001:db8::1]:port"} for IPv6; never an MX lookup) or
+          C{"unix:/absolute/path"};
+        - C{maildir}: an absolute directory template that may hold C{{local}}, C{{domain}}
+          and C{{address}};
+        - C{discard} and site backends: C{None}.
+    @ivar options: the transport options of an C{smtp} or C{lmtp} route (for C{smtp} the
+        C{tls} and C{ca_file} not given default to C{[delivery]}'s); C{None} for other
+        backends.
+    @ivar key: where the route came from, e.g. C{"routes[2]"}.
+    """
+
+    domain: str
+    backend: str
+    nexthop: str | None = None
+    options: TransportOptions | None = None
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """One C{[[backends]]} table: a site delivery backend (a plugin providing
+    C{IDeliveryBackend}).
+
+    @ivar name: the name routes use in C{backend}.
+    @ivar plugin: the plugin's name (not checked here: the service builds it).
+    @ivar options: the other keys of the table, passed to the plugin's C{build}.
+    @ivar timeout: seconds one delivery may take (key C{timeout}, consumed by the loader).
+    @ivar key: where the entry came from, e.g. C{"backends[0]"}.
+    """
+
+    name: str
+    plugin: str
+    options: dict = field(default_factory=dict, hash=False)
+    timeout: float = DEFAULT_BACKEND_TIMEOUT
+    key: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     """The relay's whole configuration, checked.
 
@@ -177,6 +381,13 @@ class Config:
     @ivar listeners: where to accept SMTP connections.
     @ivar recipientValidators: the recipient validator plugins, in order.
     @ivar headerStampers: the header stamper plugins, in order.
+    @ivar queue: retry and lifetime settings of the queue.
+    @ivar delivery: how outgoing mail is delivered.
+    @ivar smarthostOptions: the transport options for C{smarthost}.
+    @ivar nameservers: C{(address, port)} of the DNS resolvers to use instead of the
+        system's (C{/etc/resolv.conf}); C{()} for the system's.
+    @ivar routes: the per-domain routes, in the file's order.
+    @ivar backends: the site delivery backends.
     """
 
     source: str | None
@@ -197,6 +408,12 @@ class Config:
     listeners: tuple[ListenerConfig, ...]
     recipientValidators: tuple[PluginSpec, ...]
     headerStampers: tuple[PluginSpec, ...]
+    queue: QueueConfig = QueueConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    smarthostOptions: TransportOptions = TransportOptions()
+    nameservers: tuple[tuple[str, int], ...] = ()
+    routes: tuple[RouteConfig, ...] = ()
+    backends: tuple[BackendSpec, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,23 +535,19 @@ def normaliseHostname(text: str) -> str:
     return text.rstrip(".").lower() if text.endswith(".") else text.lower()
 
 
-def parseSmarthost(text: str) -> Smarthost:
-    """Parse a smarthost: C{"host"}, C{"host:port"}, C{"[host]"}, C{"[host]:port"},
-    C{"192.0.2.1:2525"}, C{"[2001:db8::1]:2525"}.
+def _parseServer(text: str, what: str, hint: str) -> tuple[str, int | None, bool, bool]:
+    """Split C{"host"}, C{"host:port"}, C{"[host]"} or C{"[host]:port"} and check the parts.
 
-    Brackets mean "no MX lookup" (Postfix's relayhost convention); an IP address is never
-    looked up.  The port defaults to 25.
-
-    @raise ValueError: the message names the value and says what is wrong.
+    @param what: what C{text} is, for messages (C{"smarthost"}).
+    @param hint: the notations allowed, for messages.
+    @return: the host (lower case, no trailing dot; an IP address in canonical form, IPv6
+        without brackets), the port or C{None}, whether the host was in brackets and whether it
+        is an IP address.
+    @raise ValueError: C{"<text> is not a valid <what>: <reason> <hint>"}.
     """
-    if not isinstance(text, str):
-        raise ValueError(f"must be a smarthost as a string, not {describeValue(text)}")
 
     def bad(reason: str) -> ValueError:
-        return ValueError(
-            f"{describeValue(text)} is not a valid smarthost: {reason} "
-            '(use "host", "host:port", "[host]:port" or "[2001:db8::1]:port")'
-        )
+        return ValueError(f"{describeValue(text)} is not a valid {what}: {reason} {hint}")
 
     portText: str | None
     if text.startswith("["):
@@ -358,7 +571,7 @@ def parseSmarthost(text: str) -> Smarthost:
             portText = None
         bracketed = False
 
-    port = DEFAULT_SMTP_PORT
+    port = None
     if portText is not None:
         if not _DIGITS.match(portText):
             raise bad(f"the port must be a number from 1 to 65535, not {describeValue(portText)}")
@@ -372,12 +585,112 @@ def parseSmarthost(text: str) -> Smarthost:
     except ValueError:
         pass
     else:
-        return Smarthost(str(address), port, mxLookup=False)
+        return str(address), port, bracketed, True
     problem = hostnameProblem(host)
     if problem:
         raise bad(problem)
-    return Smarthost(host.rstrip(".").lower() if host.endswith(".") else host.lower(), port,
-                     mxLookup=not bracketed)
+    return host.rstrip(".").lower() if host.endswith(".") else host.lower(), port, bracketed, False
+
+
+def parseSmarthost(text: str) -> Smarthost:
+    """Parse a smarthost: C{"host"}, C{"host:port"}, C{"[host]"}, C{"[host]:port"},
+    C{"192.0.2.1:2525"}, C{"[2001:db8::1]:2525"}.
+
+    Brackets mean "no MX lookup" (Postfix's relayhost convention); an IP address is never
+    looked up.  The port defaults to 25.
+
+    @raise ValueError: the message names the value and says what is wrong.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"must be a smarthost as a string, not {describeValue(text)}")
+    host, port, bracketed, isAddress = _parseServer(
+        text, "smarthost", '(use "host", "host:port", "[host]:port" or "[2001:db8::1]:port")'
+    )
+    return Smarthost(
+        host,
+        DEFAULT_SMTP_PORT if port is None else port,
+        mxLookup=not (bracketed or isAddress),
+    )
+
+
+def parseNameserver(text: str) -> tuple[str, int]:
+    """Parse a DNS resolver's address: C{"192.0.2.1"}, C{"127.0.0.1:5353"}, C{"::1"},
+    C{"[::1]:53"}.  The port defaults to 53.
+
+    @return: C{(address, port)}, the address in its canonical form (IPv6 without brackets).
+    @raise ValueError: not an IP address with an optional port (host names are refused: a
+        resolver cannot be found by name); the message names the value.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"must be a name server address as a string, not {describeValue(text)}")
+    try:
+        return str(ipaddress.ip_address(text)), DEFAULT_DNS_PORT
+    except ValueError:
+        pass
+    hint = '(use "192.0.2.1", "127.0.0.1:5353" or "[2001:db8::1]:53")'
+    host, port, _, isAddress = _parseServer(text, "name server", hint)
+    if not isAddress:
+        raise ValueError(
+            f"{describeValue(text)} is not a valid name server: {describeValue(host)} is not "
+            f"an IP address (a name server is given by its address, not its name) {hint}"
+        )
+    return host, DEFAULT_DNS_PORT if port is None else port
+
+
+def parseLMTPNexthop(text: str) -> str:
+    """Parse an LMTP server: C{"host:port"}, C{"[host]:port"}, C{"[2001:db8::1]:port"} or
+    C{"unix:/path/to/socket"}.
+
+    The port is required (LMTP has no standard port).  An LMTP server's host is never looked
+    up by MX, so brackets around a host name change nothing.
+
+    @return: the canonical form: C{"host:port"} (host name in lower case, IPv4 address),
+        C{"[IPv6]:port"} or C{"unix:/normalised/path"}.
+    @raise ValueError: the message names the value and says what is wrong.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"must be an LMTP server as a string, not {describeValue(text)}")
+    hint = '(use "host:port", "[host]:port", "[2001:db8::1]:port" or "unix:/path/to/socket")'
+    if text.startswith("unix:"):
+        path = text[len("unix:"):]
+        if not path.startswith("/"):
+            raise ValueError(
+                f"{describeValue(text)} is not a valid LMTP server: the socket path after "
+                f'"unix:" must be absolute (start with "/") {hint}'
+            )
+        return "unix:" + os.path.normpath(path)
+    host, port, _, _ = _parseServer(text, "LMTP server", hint)
+    if port is None:
+        raise ValueError(
+            f"{describeValue(text)} is not a valid LMTP server: the port is missing "
+            f"(LMTP has no default port) {hint}"
+        )
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+def checkMaildirTemplate(text: str) -> None:
+    """Check a maildir directory template: a non-empty path in which C{{local}},
+    C{{domain}} and C{{address}} stand for the recipient's local part, domain and address.
+
+    The maildir backend replaces those three placeholders and leaves every other character as
+    it is; any other C{{...}} (C{{user}}, C{{Local}}, C{{}}) is refused here as a likely
+    mistake.
+
+    @raise ValueError: the message names the value and says what is wrong.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"must be a directory template (a string), not {describeValue(text)}")
+    if not text:
+        raise ValueError("must be a directory template, not an empty string")
+    for match in _TEMPLATE_FIELD.finditer(text):
+        if match.group(1) not in MAILDIR_FIELDS:
+            allowed = ", ".join("{" + name + "}" for name in MAILDIR_FIELDS)
+            raise ValueError(
+                f"{describeValue(text)} is not a valid directory template: unknown placeholder "
+                f"{describeValue(match.group(0))} (the placeholders are {allowed})"
+            )
 
 
 def checkEndpoint(text: str) -> None:
@@ -538,6 +851,30 @@ class _Loader:
             )
         return float(value)
 
+    def nonNegativeSeconds(self, value: Any, key: str) -> float:
+        """C{value}, a finite number (integer or float, not boolean) no smaller than zero."""
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            raise self.error(key, f"must be a number of seconds >= 0, not {describeValue(value)}")
+        return float(value)
+
+    def choice(self, value: Any, key: str, choices: tuple[str, ...]) -> str:
+        """C{value}, which must be one of C{choices}."""
+        if not isinstance(value, str) or value not in choices:
+            listed = ", ".join(describeValue(c) for c in choices[:-1])
+            raise self.error(
+                key, f"must be {listed} or {describeValue(choices[-1])}, not {describeValue(value)}"
+            )
+        return value
+
+    def path(self, text: str) -> str:
+        """C{text} (C{~} expanded) as an absolute path, relative to the file's directory."""
+        return os.path.abspath(self.configDir / os.path.expanduser(text))
+
     # -- settings
 
     def hostname(self, value: Any, key: str, *, cli: bool = False) -> str:
@@ -684,6 +1021,424 @@ class _Loader:
             result.append(PluginSpec(plugin=name, options=options, timeout=timeout, key=here))
         return tuple(result)
 
+    # -- outbound delivery
+
+    def caFile(self, value: Any, key: str) -> str | None:
+        """A PEM CA bundle: C{None} for C{""}, else the absolute path of a readable file
+        holding at least one PEM certificate."""
+        text = self.string(value, key)
+        if text == "":
+            return None
+        path = self.path(text)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise self.error(
+                key, f"cannot read the CA file {describeValue(path)}: {e.strerror or e}"
+            ) from None
+        if not _PEM_CERTIFICATE.search(data):
+            raise self.error(
+                key,
+                f"the CA file {describeValue(path)} holds no PEM certificate "
+                '(no "-----BEGIN CERTIFICATE-----" line)',
+            )
+        return path
+
+    def passwordFile(self, value: Any, key: str) -> str:
+        """The password in the file named by C{value}: its first line, without the line end.
+        The password itself never appears in messages."""
+        text = self.string(value, key)
+        path = self.path(text)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise self.error(
+                key, f"cannot read the password file {describeValue(path)}: {e.strerror or e}"
+            ) from None
+        try:
+            decoded = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.error(
+                key, f"the password file {describeValue(path)} is not UTF-8 text"
+            ) from None
+        password = decoded.split("\n", 1)[0].removesuffix("\r")
+        if not password:
+            what = "is empty" if not decoded else "has an empty first line"
+            raise self.error(
+                key,
+                f"the password file {describeValue(path)} {what} (its first line is the "
+                "password)",
+            )
+        if "\0" in password:
+            raise self.error(
+                key, f"the password in {describeValue(path)} contains a NUL character"
+            )
+        return password
+
+    def transportOptions(
+        self,
+        table: dict[str, Any],
+        here: str,
+        *,
+        tls: str = DEFAULT_TLS,
+        caFile: str | None = None,
+    ) -> TransportOptions:
+        """The L{TransportOptions} in C{table} (at C{here}: C{"smarthost"}, C{"routes[0]"});
+        C{tls} and C{caFile} are the defaults of the keys not given."""
+
+        def key(name: str) -> str:
+            return joinKey(here, name)
+
+        tls = self.choice(table.get("tls", tls), key("tls"), TLS_CHOICES)
+        if "ca_file" in table:
+            caFile = self.caFile(table["ca_file"], key("ca_file"))
+        username = self.string(table.get("username", ""), key("username")) or None
+        if username is not None and "\0" in username:
+            raise self.error(
+                key("username"), f"{describeValue(username)} contains a NUL character"
+            )
+        password = None
+        if "password" in table:
+            value = table["password"]
+            if not isinstance(value, str):
+                raise self.error(
+                    key("password"), "must be a string (the value is not shown here)"
+                )
+            if "\0" in value:
+                raise self.error(
+                    key("password"), "contains a NUL character (the value is not shown here)"
+                )
+            password = value or None
+        fileText = self.string(table.get("password_file", ""), key("password_file"))
+        if fileText and password is not None:
+            raise self.error(
+                key("password_file"),
+                f"{describeValue(fileText)} is given together with {key('password')}: "
+                "give only one of them",
+            )
+        if fileText:
+            if username is None:
+                raise self.error(
+                    key("password_file"),
+                    f"{describeValue(fileText)} is given without {key('username')}: "
+                    "set the user name too, or remove the password",
+                )
+            password = self.passwordFile(fileText, key("password_file"))
+        elif password is not None and username is None:
+            raise self.error(
+                key("password"),
+                f"is given without {key('username')}: set the user name too, or remove "
+                "the password (the value is not shown here)",
+            )
+        authWithoutTLS = self.boolean(
+            table.get("auth_without_tls", False), key("auth_without_tls")
+        )
+        if username is not None:
+            if password is None:
+                raise self.error(
+                    key("username"),
+                    f"{describeValue(username)} needs a password: set "
+                    f"{key('password_file')} (or {key('password')})",
+                )
+            if tls == "none" and not authWithoutTLS:
+                raise self.error(
+                    key("username"),
+                    f"{describeValue(username)} could never log in: {key('tls')} is \"none\" "
+                    f"and {key('auth_without_tls')} is false (AUTH is never sent without TLS "
+                    "unless auth_without_tls = true)",
+                )
+        return TransportOptions(
+            tls=tls,
+            caFile=caFile,
+            username=username,
+            password=password,
+            authWithoutTLS=authWithoutTLS,
+        )
+
+    def queue(self, table: dict[str, Any], hostname: str) -> QueueConfig:
+        """The C{[queue]} table; C{hostname} completes a bare C{postmaster}."""
+        minBackoff = self.seconds(
+            table.get("min_backoff", DEFAULT_MIN_BACKOFF), "queue.min_backoff"
+        )
+        maxBackoff = self.seconds(
+            table.get("max_backoff", DEFAULT_MAX_BACKOFF), "queue.max_backoff"
+        )
+        if maxBackoff < minBackoff:
+            if "max_backoff" in table:
+                raise self.error(
+                    "queue.max_backoff",
+                    f"must be at least queue.min_backoff ({minBackoff:g}), not "
+                    f"{describeValue(table['max_backoff'])}",
+                )
+            raise self.error(
+                "queue.min_backoff",
+                f"must be at most queue.max_backoff ({maxBackoff:g}, the default), not "
+                f"{describeValue(table['min_backoff'])}",
+            )
+        postmaster = None
+        text = self.string(table.get("postmaster", ""), "queue.postmaster")
+        if text:
+            from mailrelay.address import parseForwardPath
+
+            try:
+                postmaster = str(parseForwardPath(f"<{text}>", postmasterDomain=hostname))
+            except ValueError as e:
+                raise self.error(
+                    "queue.postmaster",
+                    f"{describeValue(text)} is not a valid address: {_domainProblem(e)}",
+                ) from None
+        return QueueConfig(
+            minBackoff=minBackoff,
+            maxBackoff=maxBackoff,
+            maxLifetime=self.seconds(
+                table.get("max_lifetime", DEFAULT_MAX_LIFETIME), "queue.max_lifetime"
+            ),
+            bounceLifetime=self.seconds(
+                table.get("bounce_lifetime", DEFAULT_BOUNCE_LIFETIME), "queue.bounce_lifetime"
+            ),
+            delayWarning=self.nonNegativeSeconds(
+                table.get("delay_warning", DEFAULT_DELAY_WARNING), "queue.delay_warning"
+            ),
+            activeLimit=self.integer(
+                table.get("active_limit", DEFAULT_ACTIVE_LIMIT), "queue.active_limit", minimum=1
+            ),
+            postmaster=postmaster,
+        )
+
+    def delivery(self, table: dict[str, Any]) -> DeliveryConfig:
+        """The C{[delivery]} table, with C{[delivery.timeouts]}."""
+        heloName = None
+        text = self.string(table.get("helo_name", ""), "delivery.helo_name")
+        if text:
+            heloName = self.hostname(text, "delivery.helo_name")
+        caFile = None
+        if "ca_file" in table:
+            caFile = self.caFile(table["ca_file"], "delivery.ca_file")
+        timeoutsTable = self.table(table.get("timeouts", {}), "delivery.timeouts")
+        self.checkKeys(timeoutsTable, "delivery.timeouts", ALLOWED_KEYS["delivery.timeouts"])
+        timeouts = {
+            name: self.seconds(timeoutsTable.get(key, default), f"delivery.timeouts.{key}")
+            for key, name, default in CLIENT_TIMEOUTS
+        }
+        return DeliveryConfig(
+            heloName=heloName,
+            tls=self.choice(table.get("tls", DEFAULT_TLS), "delivery.tls", TLS_CHOICES),
+            caFile=caFile,
+            destinationConcurrency=self.integer(
+                table.get("destination_concurrency", DEFAULT_DESTINATION_CONCURRENCY),
+                "delivery.destination_concurrency",
+                minimum=1,
+            ),
+            connectionCacheTime=self.nonNegativeSeconds(
+                table.get("connection_cache_time", DEFAULT_CONNECTION_CACHE_TIME),
+                "delivery.connection_cache_time",
+            ),
+            timeouts=timeouts,
+        )
+
+    def nameservers(self, value: Any, key: str) -> tuple[tuple[str, int], ...]:
+        """The C{dns.nameservers} array: C{(address, port)} pairs, without duplicates."""
+        result: list[tuple[str, int]] = []
+        seen: dict[tuple[str, int], str] = {}
+        for itemKey, text in self.stringList(value, key):
+            try:
+                server = parseNameserver(text)
+            except ValueError as e:
+                raise self.error(itemKey, str(e)) from None
+            if server in seen:
+                raise self.error(
+                    itemKey, f"{describeValue(text)} is already listed as {seen[server]}"
+                )
+            seen[server] = itemKey
+            result.append(server)
+        return tuple(result)
+
+    def backends(self, value: Any, key: str) -> tuple[BackendSpec, ...]:
+        """The C{[[backends]]} tables."""
+        result: list[BackendSpec] = []
+        seen: dict[str, str] = {}
+        for index, table in enumerate(self.arrayOfTables(value, key)):
+            here = f"{key}[{index}]"
+            nameKey = joinKey(here, "name")
+            if "name" not in table:
+                raise self.error(
+                    nameKey,
+                    f"is required in each [[{key}]] table: the name routes use in their "
+                    "backend key",
+                )
+            name = self.string(table["name"], nameKey)
+            if not name:
+                raise self.error(nameKey, "must be a backend name, not an empty string")
+            if name.lower() in BUILTIN_BACKENDS:
+                raise self.error(
+                    nameKey,
+                    f"{describeValue(name)} is the name of a built-in backend; choose another "
+                    f"(the built-in backends are: {', '.join(BUILTIN_BACKENDS)})",
+                )
+            if name in seen:
+                raise self.error(
+                    nameKey, f"{describeValue(name)} is already the name of {seen[name]}"
+                )
+            seen[name] = nameKey
+            pluginKey = joinKey(here, "plugin")
+            if "plugin" not in table:
+                raise self.error(
+                    pluginKey, f"is required in each [[{key}]] table: the name of the plugin"
+                )
+            plugin = self.string(table["plugin"], pluginKey)
+            if not plugin:
+                raise self.error(pluginKey, "must be a plugin name, not an empty string")
+            timeout = self.seconds(
+                table.get("timeout", DEFAULT_BACKEND_TIMEOUT), joinKey(here, "timeout")
+            )
+            options = {k: v for k, v in table.items() if k not in BACKEND_KEYS}
+            result.append(
+                BackendSpec(name=name, plugin=plugin, options=options, timeout=timeout, key=here)
+            )
+        return tuple(result)
+
+    def routeDomain(self, value: Any, key: str) -> str:
+        """A route's C{domain}: C{"*"}, C{".example.org"} or C{"example.org"}, normalised."""
+        text = self.string(value, key)
+        if text == "*":
+            return text
+        from mailrelay.address import normaliseDomain
+
+        hint = (
+            ' (a route\'s domain is "example.org" for that domain, ".example.org" for its '
+            'subdomains or "*" for every domain)'
+        )
+        subdomains = text.startswith(".")
+        try:
+            if subdomains and text[1:2] == "[":
+                raise ValueError("an address literal has no subdomains")
+            domain = normaliseDomain(text[1:] if subdomains else text)
+        except ValueError as e:
+            raise self.error(
+                key, f"{describeValue(text)} is not a valid domain: {_domainProblem(e)}{hint}"
+            ) from None
+        return "." + domain if subdomains else domain
+
+    def routes(
+        self,
+        value: Any,
+        key: str,
+        *,
+        backends: tuple[BackendSpec, ...],
+        delivery: DeliveryConfig,
+    ) -> tuple[RouteConfig, ...]:
+        """The C{[[routes]]} tables.
+
+        @param backends: the site backends routes may name.
+        @param delivery: the defaults of C{smtp} routes' C{tls} and C{ca_file}.
+        """
+        available = BUILTIN_BACKENDS + tuple(spec.name for spec in backends)
+        result: list[RouteConfig] = []
+        seen: dict[str, str] = {}
+        for index, table in enumerate(self.arrayOfTables(value, key)):
+            here = f"{key}[{index}]"
+            self.checkKeys(table, here, ALLOWED_KEYS["routes"])
+            domainKey = joinKey(here, "domain")
+            if "domain" not in table:
+                raise self.error(
+                    domainKey,
+                    f'is required in each [[{key}]] table: "example.org", ".example.org" or "*"',
+                )
+            domain = self.routeDomain(table["domain"], domainKey)
+            if domain in seen:
+                raise self.error(
+                    domainKey,
+                    f"{describeValue(table['domain'])} is already routed by {seen[domain]}",
+                )
+            seen[domain] = domainKey
+
+            backendKey = joinKey(here, "backend")
+            if "backend" not in table:
+                raise self.error(
+                    backendKey,
+                    f"is required in each [[{key}]] table; the backends available are: "
+                    + ", ".join(available),
+                )
+            backend = self.string(table["backend"], backendKey)
+            if backend not in available:
+                raise self.error(
+                    backendKey,
+                    f"unknown backend {describeValue(backend)}; the backends available are: "
+                    + ", ".join(available)
+                    + " (site backends are defined in [[backends]] tables)",
+                )
+
+            nexthopKey = joinKey(here, "nexthop")
+            nexthop: str | None = None
+            if backend == "smtp":
+                text = self.string(table.get("nexthop", ""), nexthopKey)
+                if text:
+                    try:
+                        nexthop = str(parseSmarthost(text))
+                    except ValueError as e:
+                        raise self.error(nexthopKey, str(e)) from None
+            elif backend == "lmtp":
+                if "nexthop" not in table:
+                    raise self.error(
+                        nexthopKey,
+                        'is required for an lmtp route: "host:port", "[host]:port" or '
+                        '"unix:/path/to/socket"',
+                    )
+                try:
+                    nexthop = parseLMTPNexthop(self.string(table["nexthop"], nexthopKey))
+                except ValueError as e:
+                    raise self.error(nexthopKey, str(e)) from None
+            elif backend == "maildir":
+                if "nexthop" not in table:
+                    raise self.error(
+                        nexthopKey,
+                        "is required for a maildir route: a directory, which may hold "
+                        '{local}, {domain} and {address} (e.g. "/var/mail/{domain}/{local}")',
+                    )
+                text = self.string(table["nexthop"], nexthopKey)
+                try:
+                    checkMaildirTemplate(text)
+                except ValueError as e:
+                    raise self.error(nexthopKey, str(e)) from None
+                nexthop = self.path(text)
+            elif "nexthop" in table:
+                what = (
+                    'a "discard" route'
+                    if backend == "discard"
+                    else f"a route to site backend {describeValue(backend)} (its options are "
+                    "in its [[backends]] table)"
+                )
+                raise self.error(
+                    nexthopKey, f"{describeValue(table['nexthop'])} is not allowed: {what} "
+                    "takes no nexthop"
+                )
+
+            options = None
+            if backend in ("smtp", "lmtp"):
+                if backend == "smtp":
+                    options = self.transportOptions(
+                        table, here, tls=delivery.tls, caFile=delivery.caFile
+                    )
+                else:
+                    options = self.transportOptions(table, here)
+            else:
+                for name in TRANSPORT_KEYS:
+                    if name in table:
+                        shown = "" if name == "password" else f"{describeValue(table[name])}: "
+                        raise self.error(
+                            joinKey(here, name),
+                            f"{shown}only smtp and lmtp routes take {name}, not a "
+                            f"{describeValue(backend)} route",
+                        )
+            result.append(
+                RouteConfig(
+                    domain=domain, backend=backend, nexthop=nexthop, options=options, key=here
+                )
+            )
+        return tuple(result)
+
 
 def _domainProblem(error: ValueError) -> str:
     """The text of a domain error, without the SMTP reply code an C{AddressError} carries."""
@@ -751,7 +1506,7 @@ def loadConfig(path: str | os.PathLike[str] | None, overrides: dict | None = Non
     load = _Loader(source, configDir)
     load.checkKeys(data, "", ALLOWED_KEYS[""])
     sections = {}
-    for name in ("spool", "relay", "limits", "dns"):
+    for name in ("spool", "relay", "limits", "dns", "queue", "delivery", "smarthost"):
         sections[name] = load.table(data.get(name, {}), name)
         load.checkKeys(sections[name], name, ALLOWED_KEYS[name])
     spool, relay, limits, dns = (sections[n] for n in ("spool", "relay", "limits", "dns"))
@@ -819,6 +1574,19 @@ def loadConfig(path: str | os.PathLike[str] | None, overrides: dict | None = Non
 
     # dns
     reverseDNS = load.boolean(dns.get("reverse_lookups", True), "dns.reverse_lookups")
+    nameservers = load.nameservers(dns.get("nameservers", []), "dns.nameservers")
+
+    # outbound delivery
+    queue = load.queue(sections["queue"], hostname)
+    delivery = load.delivery(sections["delivery"])
+    smarthostOptions = load.transportOptions(sections["smarthost"], "smarthost")
+    backends = load.backends(data.get("backends", []), "backends")
+    routes = load.routes(
+        data.get("routes", []),
+        "routes",
+        backends=backends,
+        delivery=delivery,
+    )
 
     # listeners and plugins
     if _given(overrides, "listen"):
@@ -853,4 +1621,10 @@ def loadConfig(path: str | os.PathLike[str] | None, overrides: dict | None = Non
         listeners=listeners,
         recipientValidators=recipientValidators,
         headerStampers=headerStampers,
+        queue=queue,
+        delivery=delivery,
+        smarthostOptions=smarthostOptions,
+        nameservers=nameservers,
+        routes=routes,
+        backends=backends,
     )

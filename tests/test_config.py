@@ -8,17 +8,29 @@ import os
 import re
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mailrelay import config as configModule
 from mailrelay.config import (
     ALLOWED_KEYS,
+    BACKEND_KEYS,
+    BUILTIN_BACKENDS,
+    CLIENT_TIMEOUTS,
+    BackendSpec,
     Config,
+    DeliveryConfig,
     ListenerConfig,
     PluginSpec,
+    QueueConfig,
+    RouteConfig,
     Smarthost,
+    TransportOptions,
+    checkMaildirTemplate,
     loadConfig,
+    parseLMTPNexthop,
+    parseNameserver,
     parseNetwork,
     parseSmarthost,
 )
@@ -40,6 +52,25 @@ def writeConfig(directory: Path, text: str, name: str = "mailrelay.toml") -> str
     path = directory / name
     path.write_text(text, encoding="utf-8")
     return str(path)
+
+
+PEM = (
+    "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUY29uZmlnLXRlc3Q=\n-----END CERTIFICATE-----\n"
+)
+TIMEOUT_DEFAULTS = {
+    "connect": 30.0,
+    "greeting": 300.0,
+    "ehlo": 300.0,
+    "starttls": 120.0,
+    "auth": 120.0,
+    "mail": 300.0,
+    "rcpt": 300.0,
+    "dataInit": 120.0,
+    "dataBlock": 180.0,
+    "dataDone": 600.0,
+    "rset": 20.0,
+    "quit": 300.0,
+}
 
 
 def uncommentSettings(text: str) -> str:
@@ -78,6 +109,26 @@ def test_defaults(tmp_path: Path) -> None:
     assert c.listeners == (ListenerConfig("tcp:2525:interface=127.0.0.1", "reject", True, True),)
     assert c.recipientValidators == ()
     assert c.headerStampers == (PluginSpec("default", {}, 30.0, "header_stampers[0]"),)
+    assert c.queue == QueueConfig(300.0, 4000.0, 432000.0, 432000.0, 0.0, 1000, None)
+    assert c.delivery == DeliveryConfig(None, "may", None, 20, 2.0, TIMEOUT_DEFAULTS)
+    assert c.smarthostOptions == TransportOptions("may", None, None, None, False)
+    assert c.nameservers == ()
+    assert c.routes == ()
+    assert c.backends == ()
+
+
+def test_configDefaultsForNewFields(tmp_path: Path) -> None:
+    """A Config built without the outbound fields (as before they existed) gets their
+    defaults, which are those the loader gives."""
+    c = loadConfig(None)
+    names = [f.name for f in dataclasses.fields(Config)]
+    old = names[: names.index("queue")]
+    built = Config(**{name: getattr(c, name) for name in old})
+    assert built == c
+    assert built.delivery.timeouts == TIMEOUT_DEFAULTS
+    hash(built.delivery)
+    hash(QueueConfig())
+    hash(TransportOptions(password="x"))
 
 
 def test_emptyFileIsDefaults(tmp_path: Path) -> None:
@@ -433,6 +484,189 @@ ERROR_CASES = [
      "header_stampers[0].timeout", 'not "fast"'),
     ('header_stampers = {plugin = "default"}', "header_stampers",
      'not {plugin = "default"}'),
+    # [queue]
+    ("[queue]\nmin_backoff = 0", "queue.min_backoff", "positive number of seconds, not 0"),
+    ('[queue]\nmin_backoff = "5m"', "queue.min_backoff", 'not "5m"'),
+    ("[queue]\nmin_backoff = true", "queue.min_backoff", "not true"),
+    ("[queue]\nmin_backoff = 5000", "queue.min_backoff",
+     "must be at most queue.max_backoff (4000, the default), not 5000"),
+    ("[queue]\nmin_backoff = 600\nmax_backoff = 599.5", "queue.max_backoff",
+     "must be at least queue.min_backoff (600), not 599.5"),
+    ("[queue]\nmax_backoff = nan", "queue.max_backoff", "not nan"),
+    ("[queue]\nmax_lifetime = 0", "queue.max_lifetime", "not 0"),
+    ("[queue]\nmax_lifetime = -1", "queue.max_lifetime", "not -1"),
+    ("[queue]\nbounce_lifetime = false", "queue.bounce_lifetime", "not false"),
+    ("[queue]\ndelay_warning = -1", "queue.delay_warning",
+     "must be a number of seconds >= 0, not -1"),
+    ('[queue]\ndelay_warning = "4h"', "queue.delay_warning", 'not "4h"'),
+    ("[queue]\ndelay_warning = true", "queue.delay_warning", "not true"),
+    ("[queue]\ndelay_warning = inf", "queue.delay_warning", "not inf"),
+    ("[queue]\nactive_limit = 0", "queue.active_limit", "positive integer, not 0"),
+    ("[queue]\nactive_limit = 10.0", "queue.active_limit", "not 10.0"),
+    ("[queue]\nactive_limit = true", "queue.active_limit", "not true"),
+    ("[queue]\npostmaster = 5", "queue.postmaster", "must be a string, not 5"),
+    ('[queue]\npostmaster = "nobody"', "queue.postmaster",
+     "\"nobody\" is not a valid address: bad recipient address syntax: missing '@'"),
+    ('[queue]\npostmaster = "a@b@c.example"', "queue.postmaster", '"a@b@c.example"'),
+    ('[queue]\npostmaster = "<pm@example.com>"', "queue.postmaster", '"<pm@example.com>"'),
+    ('[queue]\npostmaster = "pm@exa mple.com"', "queue.postmaster", '"pm@exa mple.com"'),
+    ('[queue]\npostmaster = "jörg@example.com"', "queue.postmaster", "requires SMTPUTF8"),
+    ("[queue]\nretries = 5", "queue.retries", "allowed in [queue] are: min_backoff"),
+    ("queue = 5", "queue", "must be a table ([queue]), not 5"),
+    # [delivery]
+    ('[delivery]\nhelo_name = "bad_name"', "delivery.helo_name",
+     '"bad_name" is not a valid host name'),
+    ('[delivery]\nhelo_name = "192.0.2.1"', "delivery.helo_name", "IP address"),
+    ("[delivery]\nhelo_name = 1", "delivery.helo_name", "must be a string, not 1"),
+    ('[delivery]\ntls = "yes"', "delivery.tls",
+     'must be "none", "may", "required" or "implicit", not "yes"'),
+    ('[delivery]\ntls = "May"', "delivery.tls", 'not "May"'),
+    ("[delivery]\ntls = true", "delivery.tls", "not true"),
+    ('[delivery]\nca_file = "missing.pem"', "delivery.ca_file",
+     "cannot read the CA file"),
+    ("[delivery]\nca_file = 0", "delivery.ca_file", "must be a string, not 0"),
+    ("[delivery]\ndestination_concurrency = 0", "delivery.destination_concurrency",
+     "positive integer, not 0"),
+    ("[delivery]\ndestination_concurrency = 2.5", "delivery.destination_concurrency",
+     "not 2.5"),
+    ("[delivery]\ndestination_concurrency = true", "delivery.destination_concurrency",
+     "not true"),
+    ("[delivery]\nconnection_cache_time = -0.5", "delivery.connection_cache_time",
+     "seconds >= 0, not -0.5"),
+    ('[delivery]\nconnection_cache_time = "2s"', "delivery.connection_cache_time",
+     'not "2s"'),
+    ("[delivery]\nconnection_cache_time = false", "delivery.connection_cache_time",
+     "not false"),
+    ("[delivery]\nconcurrency = 5", "delivery.concurrency",
+     'did you mean "destination_concurrency"'),
+    ("[delivery]\ntimeouts = 30", "delivery.timeouts",
+     "must be a table ([delivery.timeouts]), not 30"),
+    ("[delivery.timeouts]\nconnect = 0", "delivery.timeouts.connect",
+     "positive number of seconds, not 0"),
+    ('[delivery.timeouts]\ndata_done = "10m"', "delivery.timeouts.data_done", 'not "10m"'),
+    ("[delivery.timeouts]\nrset = true", "delivery.timeouts.rset", "not true"),
+    ("[delivery.timeouts]\ndataDone = 5", "delivery.timeouts.dataDone",
+     'did you mean "data_done"'),
+    ("[delivery.timeouts]\nhelo = 5", "delivery.timeouts.helo",
+     "allowed in [delivery.timeouts] are: connect, greeting, ehlo"),
+    # [smarthost]
+    ('[smarthost]\ntls = "optional"', "smarthost.tls", 'not "optional"'),
+    ('[smarthost]\nca_file = "nope/ca.pem"', "smarthost.ca_file", "No such file"),
+    ("[smarthost]\nusername = 5", "smarthost.username", "must be a string, not 5"),
+    ('[smarthost]\nusername = "bob"', "smarthost.username",
+     '"bob" needs a password: set smarthost.password_file (or smarthost.password)'),
+    ('[smarthost]\nusername = "bob"\npassword = ""', "smarthost.username",
+     '"bob" needs a password'),
+    ('[smarthost]\nusername = "bob"\npassword_file = ""', "smarthost.username",
+     '"bob" needs a password'),
+    ('[smarthost]\npassword_file = "pw"', "smarthost.password_file",
+     '"pw" is given without smarthost.username'),
+    ('[smarthost]\npassword = "hunter2"', "smarthost.password",
+     "is given without smarthost.username"),
+    ('[smarthost]\nusername = "bob"\npassword = "hunter2"\npassword_file = "pw"',
+     "smarthost.password_file", '"pw" is given together with smarthost.password'),
+    ('[smarthost]\nusername = "bob"\npassword_file = "missing.password"',
+     "smarthost.password_file", "cannot read the password file"),
+    ("[smarthost]\npassword_file = 3", "smarthost.password_file", "must be a string, not 3"),
+    ('[smarthost]\nusername = "bob"\npassword = "hunter2"\ntls = "none"',
+     "smarthost.username", '"bob" could never log in: smarthost.tls is "none"'),
+    ('[smarthost]\nusername = "bob"\npassword = "hunter2"\nauth_without_tls = "yes"',
+     "smarthost.auth_without_tls", 'true or false, not "yes"'),
+    ('[smarthost]\nhost = "x"', "smarthost.host", "allowed in [smarthost] are: tls, ca_file"),
+    ('smarthost = "[smtp.example.net]:587"', "smarthost",
+     'must be a table ([smarthost]), not "[smtp.example.net]:587"'),
+    # [dns]
+    ('[dns]\nnameservers = "127.0.0.1"', "dns.nameservers",
+     'array of strings, not "127.0.0.1"'),
+    ("[dns]\nnameservers = [53]", "dns.nameservers[0]", "must be a string, not 53"),
+    ('[dns]\nnameservers = ["192.0.2.1", "ns.example.com"]', "dns.nameservers[1]",
+     '"ns.example.com" is not a valid name server'),
+    ('[dns]\nnameservers = ["192.0.2.1:0"]', "dns.nameservers[0]", "not 0"),
+    ('[dns]\nnameservers = ["[::1]x"]', "dns.nameservers[0]", 'unexpected "x" after "]"'),
+    ('[dns]\nnameservers = ["2001:db8::g:53"]', "dns.nameservers[0]", "brackets"),
+    ('[dns]\nnameservers = ["192.0.2.1", "192.0.2.1:53"]', "dns.nameservers[1]",
+     '"192.0.2.1:53" is already listed as dns.nameservers[0]'),
+    ('[dns]\nnameservers = ["10.0.0.0/8"]', "dns.nameservers[0]", '"10.0.0.0/8"'),
+    # [[routes]]
+    ('routes = {domain = "x.example"}', "routes", "array of tables ([[routes]])"),
+    ('[[routes]]\nbackend = "smtp"', "routes[0].domain", "is required"),
+    ('[[routes]]\ndomain = "exa mple.org"\nbackend = "smtp"', "routes[0].domain",
+     '"exa mple.org" is not a valid domain: '),
+    ('[[routes]]\ndomain = "..example.org"\nbackend = "smtp"', "routes[0].domain",
+     '"..example.org" is not a valid domain'),
+    ('[[routes]]\ndomain = "."\nbackend = "smtp"', "routes[0].domain", '"."'),
+    ('[[routes]]\ndomain = "*.example.org"\nbackend = "smtp"', "routes[0].domain",
+     '".example.org" for its subdomains'),
+    ('[[routes]]\ndomain = ".[192.0.2.1]"\nbackend = "smtp"', "routes[0].domain",
+     "address literal has no subdomains"),
+    ('[[routes]]\ndomain = ""\nbackend = "smtp"', "routes[0].domain", '"" is not a valid'),
+    ("[[routes]]\ndomain = 5\nbackend = \"smtp\"", "routes[0].domain",
+     "must be a string, not 5"),
+    (('[[routes]]\ndomain = "a.example"\nbackend = "smtp"\n'
+      '[[routes]]\ndomain = "A.Example."\nbackend = "discard"'), "routes[1].domain",
+     '"A.Example." is already routed by routes[0].domain'),
+    ('[[routes]]\ndomain = "*"\nbackend = "smtp"\n[[routes]]\ndomain = "*"\nbackend = "smtp"',
+     "routes[1].domain", '"*" is already routed by routes[0].domain'),
+    ('[[routes]]\ndomain = "a.example"', "routes[0].backend",
+     ("is required in each [[routes]] table; the backends available are: smtp, lmtp, "
+      "maildir, discard")),
+    ('[[routes]]\ndomain = "a.example"\nbackend = "webhook"', "routes[0].backend",
+     'unknown backend "webhook"; the backends available are: smtp, lmtp, maildir, discard'),
+    ('[[routes]]\ndomain = "a.example"\nbackend = "SMTP"', "routes[0].backend",
+     'unknown backend "SMTP"'),
+    ('[[routes]]\ndomain = "a.example"\nbackend = 1', "routes[0].backend",
+     "must be a string, not 1"),
+    ('[[routes]]\ndomain = "a.example"\nbackend = "smtp"\nnexthop = "mx:99999"',
+     "routes[0].nexthop", '"mx:99999" is not a valid smarthost'),
+    ('[[routes]]\ndomain = "a.example"\nbackend = "smtp"\nnexthop = 25',
+     "routes[0].nexthop", "must be a string, not 25"),
+    ('[[routes]]\ndomain = "a.example"\nbackend = "lmtp"', "routes[0].nexthop",
+     "is required for an lmtp route"),
+    ('[[routes]]\ndomain = "a.example"\nbackend = "lmtp"\nnexthop = "lmtp.example"',
+     "routes[0].nexthop", '"lmtp.example" is not a valid LMTP server: the port is missing'),
+    ('[[routes]]\ndomain = "a.example"\nbackend = "lmtp"\nnexthop = "unix:run/lmtp"',
+     "routes[0].nexthop", "must be absolute"),
+    ('[[routes]]\ndomain = "a.example"\nbackend = "lmtp"\nnexthop = "[::1]:24x"',
+     "routes[0].nexthop", 'not "24x"'),
+    ('[[routes]]\ndomain = "a.example"\nbackend = "maildir"', "routes[0].nexthop",
+     "is required for a maildir route"),
+    ('[[routes]]\ndomain = "a.example"\nbackend = "maildir"\nnexthop = ""',
+     "routes[0].nexthop", "not an empty string"),
+    ('[[routes]]\ndomain = "a.example"\nbackend = "maildir"\nnexthop = "/m/{user}"',
+     "routes[0].nexthop", '"/m/{user}" is not a valid directory template: unknown placeholder '
+     '"{user}" (the placeholders are {local}, {domain}, {address})'),
+    ('[[routes]]\ndomain = "a.example"\nbackend = "discard"\nnexthop = "x"',
+     "routes[0].nexthop", '"x" is not allowed: a "discard" route takes no nexthop'),
+    (('[[backends]]\nname = "hook"\nplugin = "p"\n[[routes]]\ndomain = "a.example"\n'
+      'backend = "hook"\nnexthop = "x"'), "routes[0].nexthop",
+     'a route to site backend "hook"'),
+    ('[[routes]]\ndomain = "a.example"\nbackend = "discard"\ntls = "none"',
+     "routes[0].tls", 'only smtp and lmtp routes take tls, not a "discard" route'),
+    (('[[routes]]\ndomain = "a.example"\nbackend = "maildir"\nnexthop = "/m"\n'
+      'username = "u"'), "routes[0].username", "only smtp and lmtp routes take username"),
+    ('[[routes]]\ndomain = "a.example"\nbackend = "smtp"\ntls = "always"',
+     "routes[0].tls", 'not "always"'),
+    (('[[routes]]\ndomain = "a.example"\nbackend = "lmtp"\nnexthop = "h:24"\n'
+      'username = "u"'), "routes[0].username", "needs a password: set routes[0].password_file"),
+    ('[[routes]]\ndomain = "a.example"\nbackend = "smtp"\nport = 25', "routes[0].port",
+     "allowed in [routes[0]] are: domain, backend, nexthop, tls"),
+    # [[backends]]
+    ('backends = {name = "x"}', "backends", "array of tables ([[backends]])"),
+    ('[[backends]]\nplugin = "p"', "backends[0].name", "is required"),
+    ('[[backends]]\nname = ""\nplugin = "p"', "backends[0].name", "empty string"),
+    ('[[backends]]\nname = 7\nplugin = "p"', "backends[0].name", "must be a string, not 7"),
+    ('[[backends]]\nname = "maildir"\nplugin = "p"', "backends[0].name",
+     '"maildir" is the name of a built-in backend'),
+    ('[[backends]]\nname = "Discard"\nplugin = "p"', "backends[0].name",
+     '"Discard" is the name of a built-in backend'),
+    ('[[backends]]\nname = "x"\nplugin = "p"\n[[backends]]\nname = "x"\nplugin = "q"',
+     "backends[1].name", '"x" is already the name of backends[0].name'),
+    ('[[backends]]\nname = "x"', "backends[0].plugin", "is required"),
+    ('[[backends]]\nname = "x"\nplugin = ""', "backends[0].plugin", "empty string"),
+    ('[[backends]]\nname = "x"\nplugin = "p"\ntimeout = 0', "backends[0].timeout",
+     "not 0"),
+    ('[[backends]]\nname = "x"\nplugin = "p"\ntimeout = true', "backends[0].timeout",
+     "not true"),
 ]
 
 
@@ -760,22 +994,711 @@ def test_sampleSpool() -> None:
 
 
 def test_sampleEveryKeyUncommentedLoads(tmp_path: Path) -> None:
-    """With every setting switched on, the sample still loads: every key in it is known."""
+    """With every setting switched on, the sample still loads: every key in it is known.
+    Its relative files (CA bundle, password files) are made next to it."""
     text = uncommentSettings(SAMPLE.read_text(encoding="utf-8"))
     path = writeConfig(tmp_path, text, "sample.toml")
+    (tmp_path / "ca.pem").write_text(PEM)
+    (tmp_path / "smarthost.password").write_text("smarthost secret\n")
+    (tmp_path / "example.org.password").write_text("org secret\r\nsecond line\n")
     c = loadConfig(path, {"spool": str(tmp_path / "spool")})
     assert len(c.listeners) == 2
     assert c.smarthost == Smarthost("smtp.example.net", 587, False)
     assert c.hostname == "relay.example.com"
     assert [spec.plugin for spec in c.recipientValidators] == ["accepted-domains"]
 
+    ca = str(tmp_path / "ca.pem")
+    assert c.smarthostOptions == TransportOptions(
+        "may", ca, "relay@example.com", "smarthost secret", False
+    )
+    assert c.nameservers == (("127.0.0.1", 5353), ("::1", 53), ("192.0.2.53", 53))
+    assert c.queue.postmaster == "postmaster@example.com"
+    assert c.delivery.heloName == "relay.example.com"
+    assert c.delivery.caFile == ca
+    assert c.delivery.timeouts == TIMEOUT_DEFAULTS
+    assert c.routes == (
+        RouteConfig(
+            "example.org", "smtp", "[mx.example.org]:25",
+            TransportOptions("required", ca, "relay", "org secret", False), "routes[0]",
+        ),
+        RouteConfig(
+            "example.net", "smtp", "[submit.example.net]:587",
+            TransportOptions("may", ca, "relay@example.net", "correct horse battery staple"),
+            "routes[1]",
+        ),
+        RouteConfig(
+            ".example.org", "lmtp", "unix:/run/dovecot/lmtp", TransportOptions("none"),
+            "routes[2]",
+        ),
+        RouteConfig("example.com", "maildir", "/var/mail/{domain}/{local}", None, "routes[3]"),
+        RouteConfig("blackhole.example", "discard", None, None, "routes[4]"),
+        RouteConfig("hooks.example", "webhook", None, None, "routes[5]"),
+    )
+    assert c.backends == (
+        BackendSpec(
+            "webhook", "acme-webhook", {"url": "https://hooks.example.com/mail"}, 600.0,
+            "backends[0]",
+        ),
+    )
+    # Nothing secret shows.
+    for secret in ("smarthost secret", "org secret", "correct horse"):
+        assert secret not in repr(c) and secret not in str(c)
+
 
 def test_sampleDocumentsEveryKey() -> None:
     """Every key the loader knows appears in the sample, switched on or off."""
-    data = tomllib.loads(uncommentSettings(SAMPLE.read_text(encoding="utf-8")))
+    text = SAMPLE.read_text(encoding="utf-8")
+    data = tomllib.loads(uncommentSettings(text))
     assert set(data) == set(ALLOWED_KEYS[""])
-    for section in ("spool", "relay", "limits", "dns"):
+    for section in ("spool", "relay", "limits", "dns", "queue", "delivery"):
         assert set(data[section]) == set(ALLOWED_KEYS[section]), section
+    assert set(data["delivery"]["timeouts"]) == set(ALLOWED_KEYS["delivery.timeouts"])
+    # [smarthost] cannot switch on both password and password_file: password is shown in
+    # an explanation instead.
+    assert set(data["smarthost"]) == set(ALLOWED_KEYS["smarthost"]) - {"password"}
+    smarthostPart = text[text.index("\n[smarthost]") : text.index("\n[limits]")]
+    assert re.search(r'(?m)^#\s+password = "', smarthostPart)
     assert set().union(*data["listeners"]) == set(ALLOWED_KEYS["listeners"])
+    assert set().union(*data["routes"]) == set(ALLOWED_KEYS["routes"])
+    assert set(BACKEND_KEYS) <= set().union(*data["backends"])
+    assert {route["backend"] for route in data["routes"]} >= set(BUILTIN_BACKENDS)
     for plugins in ("recipient_validators", "header_stampers"):
         assert set().union(*data[plugins]) == {"plugin", "timeout"}, plugins
+
+
+def test_sampleDefaultsAreTheLoadersDefaults() -> None:
+    """The sample's switched-on settings of the outbound tables are the defaults."""
+    data = tomllib.loads(SAMPLE.read_text(encoding="utf-8"))
+    timeouts = data["delivery"]["timeouts"]
+    assert {name: float(timeouts[key]) for key, name, _ in CLIENT_TIMEOUTS} == TIMEOUT_DEFAULTS
+
+
+# ---------------------------------------------------------------------------------------------
+# Outbound delivery: [queue], [delivery], [smarthost], dns.nameservers, [[routes]], [[backends]]
+
+
+def test_outboundFullFile(tmp_path: Path) -> None:
+    """Every outbound key read from a file, numbers as floats."""
+    (tmp_path / "ca.pem").write_text(PEM)
+    (tmp_path / "pw").write_text("s3cret\n")
+    path = writeConfig(
+        tmp_path,
+        """
+hostname = "relay.example.com"
+[queue]
+min_backoff = 60
+max_backoff = 60
+max_lifetime = 86400.5
+bounce_lifetime = 3600
+delay_warning = 14400
+active_limit = 1
+postmaster = "Hostmaster@Example.COM"
+[delivery]
+helo_name = "Out.Example.COM."
+tls = "required"
+ca_file = "ca.pem"
+destination_concurrency = 1
+connection_cache_time = 0
+[delivery.timeouts]
+connect = 5
+greeting = 1.5
+data_init = 7
+data_block = 8
+data_done = 9
+quit = 10
+[smarthost]
+tls = "implicit"
+ca_file = "ca.pem"
+username = "bob"
+password_file = "pw"
+auth_without_tls = true
+[dns]
+nameservers = ["127.0.0.1:5353", "[2001:DB8::53]", "2001:db8::54", "[192.0.2.1]:54"]
+""",
+    )
+    c = loadConfig(path)
+    ca = str(tmp_path / "ca.pem")
+    assert c.queue == QueueConfig(60.0, 60.0, 86400.5, 3600.0, 14400.0, 1, "Hostmaster@example.com")
+    assert all(
+        isinstance(getattr(c.queue, name), float)
+        for name in ("minBackoff", "maxBackoff", "maxLifetime", "bounceLifetime", "delayWarning")
+    )
+    timeouts = dict(
+        TIMEOUT_DEFAULTS, connect=5.0, greeting=1.5, dataInit=7.0, dataBlock=8.0,
+        dataDone=9.0, quit=10.0,
+    )
+    assert c.delivery == DeliveryConfig("out.example.com", "required", ca, 1, 0.0, timeouts)
+    assert all(isinstance(v, float) for v in c.delivery.timeouts.values())
+    assert isinstance(c.delivery.connectionCacheTime, float)
+    assert c.smarthostOptions == TransportOptions("implicit", ca, "bob", "s3cret", True)
+    assert c.nameservers == (
+        ("127.0.0.1", 5353), ("2001:db8::53", 53), ("2001:db8::54", 53), ("192.0.2.1", 54),
+    )
+
+
+def test_timeoutNamesMatchTheClient() -> None:
+    """The timeouts' names are camelCase versions of the keys, all present by default."""
+    for key, name, _ in CLIENT_TIMEOUTS:
+        parts = key.split("_")
+        assert name == parts[0] + "".join(p.title() for p in parts[1:])
+    assert set(DeliveryConfig().timeouts) == {name for _, name, _ in CLIENT_TIMEOUTS}
+    assert ALLOWED_KEYS["delivery.timeouts"] == tuple(key for key, _, _ in CLIENT_TIMEOUTS)
+
+
+@pytest.mark.parametrize("tls", ["none", "may", "required", "implicit"])
+def test_tlsChoices(tmp_path: Path, tls: str) -> None:
+    """Each TLS policy is accepted in each place."""
+    path = writeConfig(
+        tmp_path,
+        f'[delivery]\ntls = "{tls}"\n[smarthost]\ntls = "{tls}"\n'
+        f'[[routes]]\ndomain = "a.example"\nbackend = "smtp"\ntls = "{tls}"\n',
+    )
+    c = loadConfig(path)
+    assert c.delivery.tls == c.smarthostOptions.tls == tls
+    assert c.routes[0].options is not None and c.routes[0].options.tls == tls
+
+
+def test_emptyStringsMeanNone(tmp_path: Path) -> None:
+    """The documented "" defaults mean None."""
+    path = writeConfig(
+        tmp_path,
+        '[queue]\npostmaster = ""\n[delivery]\nhelo_name = ""\nca_file = ""\n'
+        '[smarthost]\nca_file = ""\nusername = ""\npassword = ""\npassword_file = ""\n'
+        '[dns]\nnameservers = []\n',
+    )
+    c = loadConfig(path)
+    assert c == dataclasses.replace(loadConfig(None), source=path)
+
+
+def test_postmasterBareIsHostname(tmp_path: Path) -> None:
+    """A bare "postmaster" is the postmaster of this relay's (final) host name."""
+    path = writeConfig(tmp_path, 'hostname = "a.example"\n[queue]\npostmaster = "PostMaster"\n')
+    assert loadConfig(path).queue.postmaster == "postmaster@a.example"
+    assert loadConfig(path, {"hostname": "B.example"}).queue.postmaster == "postmaster@b.example"
+
+
+def test_postmasterErrorHasNoReplyCode(tmp_path: Path) -> None:
+    """A bad postmaster's message is the address problem, without the SMTP reply code."""
+    path = writeConfig(tmp_path, '[queue]\npostmaster = "nobody"\n')
+    with pytest.raises(ConfigError) as e:
+        loadConfig(path)
+    assert "501" not in str(e.value) and "5.1.3" not in str(e.value)
+    assert "Error:" not in str(e.value)
+
+
+def test_caFileRelativeToConfigDir(tmp_path: Path) -> None:
+    """A relative ca_file is relative to the file's directory, not the current one."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "ca.pem").write_text("some text\n" + PEM)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    path = writeConfig(etc, '[delivery]\nca_file = "ca.pem"\n')
+    os.chdir(elsewhere)
+    assert loadConfig(path).delivery.caFile == str(etc / "ca.pem")
+
+
+def test_caFileAbsolute(tmp_path: Path) -> None:
+    """An absolute ca_file is taken as it is; a trusted-certificate bundle will do."""
+    ca = tmp_path / "bundle.crt"
+    ca.write_text("-----BEGIN TRUSTED CERTIFICATE-----\nAAAA\n-----END TRUSTED CERTIFICATE-----\n")
+    path = writeConfig(tmp_path, f'[smarthost]\nca_file = "{ca}"\n')
+    assert loadConfig(path).smarthostOptions.caFile == str(ca)
+
+
+@pytest.mark.parametrize(
+    ("setup", "fragment"),
+    [
+        (lambda d: (d / "ca.pem").write_text("not a certificate\n"), "holds no PEM certificate"),
+        (lambda d: (d / "ca.pem").mkdir(), "Is a directory"),
+        (lambda d: None, "No such file or directory"),
+    ],
+)
+def test_badCaFile(tmp_path: Path, setup: Any, fragment: str) -> None:
+    """A CA file that is missing, a directory or not PEM is refused, naming its path."""
+    setup(tmp_path)
+    path = writeConfig(tmp_path, '[delivery]\nca_file = "ca.pem"\n')
+    with pytest.raises(ConfigError) as e:
+        loadConfig(path)
+    assert str(e.value).startswith(f"{path}: delivery.ca_file: ")
+    assert f'"{tmp_path / "ca.pem"}"' in str(e.value)
+    assert fragment in str(e.value)
+
+
+# -- passwords
+
+
+def test_passwordFileFirstLine(tmp_path: Path) -> None:
+    """The password is the file's first line, without its line end; spaces are kept."""
+    (tmp_path / "pw").write_bytes(b" pass word \r\nsecond line\n")
+    path = writeConfig(tmp_path, '[smarthost]\nusername = "u"\npassword_file = "pw"\n')
+    assert loadConfig(path).smarthostOptions.password == " pass word "
+
+
+def test_passwordFileWithoutNewline(tmp_path: Path) -> None:
+    """A password file without a final newline, and with non-ASCII text, will do."""
+    (tmp_path / "pw").write_text("pässwörd", encoding="utf-8")
+    path = writeConfig(tmp_path, '[smarthost]\nusername = "u"\npassword_file = "pw"\n')
+    assert loadConfig(path).smarthostOptions.password == "pässwörd"
+
+
+def test_passwordFileRelativeToConfigDir(tmp_path: Path) -> None:
+    """A relative password_file is relative to the file's directory."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "secret").write_text("from etc\n")
+    (tmp_path / "secret").write_text("from cwd\n")
+    path = writeConfig(etc, '[smarthost]\nusername = "u"\npassword_file = "secret"\n')
+    assert loadConfig(path).smarthostOptions.password == "from etc"
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"", "is empty"),
+        (b"\nsecret on the second line\n", "has an empty first line"),
+        (b"\xff\xfesecret\n", "is not UTF-8 text"),
+        (b"sec\x00ret\n", "contains a NUL character"),
+        (b"\r\nsecret\n", "has an empty first line"),
+        (None, "No such file or directory"),
+    ],
+)
+def test_badPasswordFile(tmp_path: Path, content: bytes | None, fragment: str) -> None:
+    """A password file that cannot give a password is refused, naming it but not showing
+    what it holds."""
+    if content is not None:
+        (tmp_path / "pw").write_bytes(content)
+    path = writeConfig(tmp_path, '[smarthost]\nusername = "u"\npassword_file = "pw"\n')
+    with pytest.raises(ConfigError) as e:
+        loadConfig(path)
+    assert str(e.value).startswith(f"{path}: smarthost.password_file: ")
+    assert f'"{tmp_path / "pw"}"' in str(e.value)
+    assert fragment in str(e.value)
+    assert "secret" not in str(e.value).replace(str(tmp_path), "")
+
+
+def test_passwordFileUnreadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unreadable password file gives the OS's reason."""
+    (tmp_path / "pw").write_text("x\n")
+    path = writeConfig(tmp_path, '[smarthost]\nusername = "u"\npassword_file = "pw"\n')
+    realOpen = open
+
+    def refuse(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(file) == str(tmp_path / "pw"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return realOpen(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", refuse)
+    with pytest.raises(ConfigError) as e:
+        loadConfig(path)
+    assert str(e.value) == (
+        f'{path}: smarthost.password_file: cannot read the password file "{tmp_path / "pw"}": '
+        "Permission denied"
+    )
+
+
+def test_passwordNeverShown(tmp_path: Path) -> None:
+    """Neither repr nor str of the configuration shows a password, wherever it came from."""
+    (tmp_path / "pw").write_text("file-secret\n")
+    path = writeConfig(
+        tmp_path,
+        '[smarthost]\nusername = "alice"\npassword = "inline-secret"\n'
+        '[[routes]]\ndomain = "a.example"\nbackend = "smtp"\nusername = "bob"\n'
+        'password_file = "pw"\n'
+        '[[routes]]\ndomain = "b.example"\nbackend = "lmtp"\nnexthop = "h:24"\n'
+        'username = "carol"\npassword = "lmtp-secret"\n',
+    )
+    c = loadConfig(path)
+    assert c.smarthostOptions.password == "inline-secret"
+    assert c.routes[0].options is not None and c.routes[0].options.password == "file-secret"
+    assert c.routes[1].options is not None and c.routes[1].options.password == "lmtp-secret"
+    for text in (repr(c), str(c), repr(c.smarthostOptions), str(c.routes)):
+        assert "secret" not in text
+    assert "alice" in repr(c) and "bob" in repr(c)
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        '[smarthost]\npassword = "hunter2"\n',
+        '[smarthost]\nusername = "u"\npassword = "hun\\u0000ter2"\n',
+        '[smarthost]\nusername = "u"\npassword = "hunter2"\ntls = "none"\n',
+        '[smarthost]\nusername = "u"\npassword = "hunter2"\npassword_file = "x"\n',
+        '[[routes]]\ndomain = "a.example"\nbackend = "discard"\npassword = "hunter2"\n',
+    ],
+)
+def test_passwordNotInErrors(tmp_path: Path, table: str) -> None:
+    """Errors about passwords never show them."""
+    path = writeConfig(tmp_path, table)
+    with pytest.raises(ConfigError) as e:
+        loadConfig(path)
+    assert "hunter" not in str(e.value)
+
+
+def test_passwordNotAStringNotShown(tmp_path: Path) -> None:
+    """Even a password of the wrong type is not shown."""
+    path = writeConfig(tmp_path, '[smarthost]\nusername = "u"\npassword = 314159\n')
+    with pytest.raises(ConfigError) as e:
+        loadConfig(path)
+    assert e.value.key == "smarthost.password"
+    assert "314159" not in str(e.value) and "must be a string" in str(e.value)
+
+
+def test_authWithoutTLSAllowsPlainAuth(tmp_path: Path) -> None:
+    """With auth_without_tls = true a user name goes with tls = "none"."""
+    path = writeConfig(
+        tmp_path,
+        '[smarthost]\ntls = "none"\nusername = "u"\npassword = "p"\nauth_without_tls = true\n',
+    )
+    assert loadConfig(path).smarthostOptions == TransportOptions("none", None, "u", "p", True)
+
+
+def test_usernameWithNul(tmp_path: Path) -> None:
+    """A user name with a NUL (impossible in AUTH PLAIN) is refused."""
+    path = writeConfig(tmp_path, '[smarthost]\nusername = "a\\u0000b"\npassword = "p"\n')
+    with pytest.raises(ConfigError) as e:
+        loadConfig(path)
+    assert e.value.key == "smarthost.username" and "NUL" in str(e.value)
+
+
+# -- routes
+
+
+def test_routes(tmp_path: Path) -> None:
+    """Routes of every backend, normalised, in the file's order, with their keys."""
+    (tmp_path / "ca.pem").write_text(PEM)
+    path = writeConfig(
+        tmp_path,
+        """
+[delivery]
+tls = "required"
+ca_file = "ca.pem"
+[[backends]]
+name = "hook"
+plugin = "acme-webhook"
+url = "https://example.com/"
+[[routes]]
+domain = "Example.ORG."
+backend = "smtp"
+[[routes]]
+domain = ".Bücher.example"
+backend = "smtp"
+nexthop = "[MX.Example.NET]:2525"
+tls = "may"
+ca_file = ""
+[[routes]]
+domain = "c.example"
+backend = "smtp"
+nexthop = ""
+[[routes]]
+domain = "d.example"
+backend = "smtp"
+nexthop = "192.0.2.25"
+[[routes]]
+domain = "e.example"
+backend = "smtp"
+nexthop = "[2001:DB8::25]:26"
+[[routes]]
+domain = "lmtp1.example"
+backend = "lmtp"
+nexthop = "[LMTP.example.]:24"
+[[routes]]
+domain = "lmtp2.example"
+backend = "lmtp"
+nexthop = "[2001:db8::24]:24"
+tls = "required"
+[[routes]]
+domain = "lmtp3.example"
+backend = "lmtp"
+nexthop = "unix:/run//dovecot/lmtp"
+[[routes]]
+domain = "mail.example"
+backend = "maildir"
+nexthop = "maildirs/{domain}/{local}"
+[[routes]]
+domain = "abs.example"
+backend = "maildir"
+nexthop = "/var/mail/{address}/{local"
+[[routes]]
+domain = "[192.0.2.1]"
+backend = "discard"
+[[routes]]
+domain = "*"
+backend = "hook"
+""",
+    )
+    c = loadConfig(path)
+    ca = str(tmp_path / "ca.pem")
+    assert c.routes == (
+        RouteConfig("example.org", "smtp", None, TransportOptions("required", ca), "routes[0]"),
+        RouteConfig(
+            ".xn--bcher-kva.example", "smtp", "[mx.example.net]:2525", TransportOptions("may"),
+            "routes[1]",
+        ),
+        RouteConfig("c.example", "smtp", None, TransportOptions("required", ca), "routes[2]"),
+        RouteConfig(
+            "d.example", "smtp", "[192.0.2.25]:25", TransportOptions("required", ca),
+            "routes[3]",
+        ),
+        RouteConfig(
+            "e.example", "smtp", "[2001:db8::25]:26", TransportOptions("required", ca),
+            "routes[4]",
+        ),
+        RouteConfig("lmtp1.example", "lmtp", "lmtp.example:24", TransportOptions(), "routes[5]"),
+        RouteConfig(
+            "lmtp2.example", "lmtp", "[2001:db8::24]:24", TransportOptions("required"),
+            "routes[6]",
+        ),
+        RouteConfig(
+            "lmtp3.example", "lmtp", "unix:/run/dovecot/lmtp", TransportOptions(), "routes[7]"
+        ),
+        RouteConfig(
+            "mail.example", "maildir", str(tmp_path / "maildirs" / "{domain}" / "{local}"),
+            None, "routes[8]",
+        ),
+        RouteConfig(
+            "abs.example", "maildir", "/var/mail/{address}/{local", None, "routes[9]"
+        ),
+        RouteConfig("[192.0.2.1]", "discard", None, None, "routes[10]"),
+        RouteConfig("*", "hook", None, None, "routes[11]"),
+    )
+    # A smtp nexthop reads back as the same smarthost.
+    assert parseSmarthost(c.routes[1].nexthop or "") == Smarthost("mx.example.net", 2525, False)
+    assert c.backends == (
+        BackendSpec("hook", "acme-webhook", {"url": "https://example.com/"}, 600.0, "backends[0]"),
+    )
+
+
+def test_routeSmtpNexthopWithMXLookup(tmp_path: Path) -> None:
+    """A nexthop without brackets keeps its MX lookup."""
+    path = writeConfig(
+        tmp_path,
+        '[[routes]]\ndomain = "a.example"\nbackend = "smtp"\nnexthop = "Relay.Example:587"\n',
+    )
+    nexthop = loadConfig(path).routes[0].nexthop
+    assert nexthop == "relay.example:587"
+    assert parseSmarthost(nexthop) == Smarthost("relay.example", 587, True)
+
+
+def test_routeExactAndSubdomainAreDifferent(tmp_path: Path) -> None:
+    """"example.org" and ".example.org" are two routes, not a duplicate."""
+    path = writeConfig(
+        tmp_path,
+        '[[routes]]\ndomain = "example.org"\nbackend = "smtp"\n'
+        '[[routes]]\ndomain = ".example.org"\nbackend = "discard"\n',
+    )
+    assert [r.domain for r in loadConfig(path).routes] == ["example.org", ".example.org"]
+
+
+def test_routeDuplicateAfterNormalising(tmp_path: Path) -> None:
+    """Duplicates are found after normalising (Unicode against A-labels), naming both keys."""
+    path = writeConfig(
+        tmp_path,
+        '[[routes]]\ndomain = ".xn--bcher-kva.example"\nbackend = "smtp"\n'
+        '[[routes]]\ndomain = "x.example"\nbackend = "smtp"\n'
+        '[[routes]]\ndomain = ".BÜCHER.example."\nbackend = "discard"\n',
+    )
+    with pytest.raises(ConfigError) as e:
+        loadConfig(path)
+    assert str(e.value) == (
+        f'{path}: routes[2].domain: ".BÜCHER.example." is already routed by routes[0].domain'
+    )
+
+
+def test_defaultRouteWithSmarthost(tmp_path: Path) -> None:
+    """A "*" route may go with a smarthost (the router gives the route precedence)."""
+    path = writeConfig(
+        tmp_path,
+        '[relay]\nsmarthost = "a.example"\n[[routes]]\ndomain = "*"\nbackend = "smtp"\n',
+    )
+    c = loadConfig(path, {"smarthost": "[b.example]:2525"})
+    assert c.smarthost == Smarthost("b.example", 2525, False)
+    assert c.routes[0].domain == "*"
+
+
+def test_unknownBackendListsSiteBackends(tmp_path: Path) -> None:
+    """An unknown backend's message lists the built-in and the configured ones."""
+    path = writeConfig(
+        tmp_path,
+        '[[backends]]\nname = "hook"\nplugin = "p"\n[[backends]]\nname = "archive"\n'
+        'plugin = "q"\n[[routes]]\ndomain = "a.example"\nbackend = "hok"\n',
+    )
+    with pytest.raises(ConfigError) as e:
+        loadConfig(path)
+    assert str(e.value).startswith(
+        f'{path}: routes[0].backend: unknown backend "hok"; the backends available are: '
+        "smtp, lmtp, maildir, discard, hook, archive"
+    )
+
+
+@pytest.mark.parametrize("backend", ["maildir", "discard", "hook"])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("tls", '"may"'), ("ca_file", '""'), ("username", '"u"'), ("password", '"p"'),
+     ("password_file", '"pw"'), ("auth_without_tls", "false")],
+)
+def test_transportKeysOnlyForSmtpAndLmtp(
+    tmp_path: Path, backend: str, name: str, value: str
+) -> None:
+    """Other backends refuse every transport key, even at its default value."""
+    nexthop = 'nexthop = "/m"\n' if backend == "maildir" else ""
+    path = writeConfig(
+        tmp_path,
+        '[[backends]]\nname = "hook"\nplugin = "p"\n'
+        f'[[routes]]\ndomain = "a.example"\nbackend = "{backend}"\n{nexthop}{name} = {value}\n',
+    )
+    with pytest.raises(ConfigError) as e:
+        loadConfig(path)
+    assert e.value.key == f"routes[0].{name}"
+    assert f'only smtp and lmtp routes take {name}, not a "{backend}" route' in str(e.value)
+
+
+# -- backends
+
+
+def test_backends(tmp_path: Path) -> None:
+    """Backends keep their plugin's options and timeout; unused ones are fine."""
+    path = writeConfig(
+        tmp_path,
+        '[[backends]]\nname = "a"\nplugin = "pa"\ntimeout = 5\nurl = "x"\nnested = {k = [1]}\n'
+        '[[backends]]\nname = "b"\nplugin = "pb"\n',
+    )
+    c = loadConfig(path)
+    assert c.backends == (
+        BackendSpec("a", "pa", {"url": "x", "nested": {"k": [1]}}, 5.0, "backends[0]"),
+        BackendSpec("b", "pb", {}, 600.0, "backends[1]"),
+    )
+    assert isinstance(c.backends[0].timeout, float)
+    hash(c.backends[0])
+
+
+@pytest.mark.parametrize("name", BUILTIN_BACKENDS)
+def test_backendNameCannotBeBuiltIn(tmp_path: Path, name: str) -> None:
+    """No site backend may take a built-in backend's name."""
+    path = writeConfig(tmp_path, f'[[backends]]\nname = "{name}"\nplugin = "p"\n')
+    with pytest.raises(ConfigError) as e:
+        loadConfig(path)
+    assert e.value.key == "backends[0].name"
+    assert f'"{name}" is the name of a built-in backend' in str(e.value)
+
+
+# -- value parsers
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("192.0.2.1", ("192.0.2.1", 53)),
+        ("127.0.0.1:5353", ("127.0.0.1", 5353)),
+        ("::1", ("::1", 53)),
+        ("[::1]:53", ("::1", 53)),
+        ("[::1]", ("::1", 53)),
+        ("[2001:DB8:0::1]:5353", ("2001:db8::1", 5353)),
+        ("[192.0.2.1]:54", ("192.0.2.1", 54)),
+        # Without brackets the colons all belong to the address.
+        ("::1:53", ("::1:53", 53)),
+    ],
+)
+def test_parseNameserver(text: str, expected: tuple[str, int]) -> None:
+    """IPv4 and IPv6 addresses, with and without port."""
+    assert parseNameserver(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("ns.example.com", "not an IP address"),
+        ("localhost:53", "not an IP address"),
+        ("[ns.example.com]:53", "not an IP address"),
+        ("", "host is missing"),
+        (":53", "host is missing"),
+        ("192.0.2.1:", "port"),
+        ("192.0.2.1:65536", "not 65536"),
+        ("192.0.2.1:dns", 'not "dns"'),
+        ("[::1", '"[" without "]"'),
+        ("[::1]53", 'unexpected "53"'),
+        ("300.1.2.3", "all digits"),
+    ],
+)
+def test_parseNameserverErrors(text: str, fragment: str) -> None:
+    """Bad name servers raise ValueError naming the value."""
+    with pytest.raises(ValueError) as e:
+        parseNameserver(text)
+    assert f'"{text}" is not a valid name server' in str(e.value)
+    assert fragment in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("lmtp.example:24", "lmtp.example:24"),
+        ("[LMTP.Example.]:2003", "lmtp.example:2003"),
+        ("192.0.2.1:24", "192.0.2.1:24"),
+        ("[192.0.2.1]:24", "192.0.2.1:24"),
+        ("[2001:db8::1]:24", "[2001:db8::1]:24"),
+        ("unix:/run/dovecot/lmtp", "unix:/run/dovecot/lmtp"),
+        ("unix:/run/./x//lmtp", "unix:/run/x/lmtp"),
+    ],
+)
+def test_parseLMTPNexthop(text: str, expected: str) -> None:
+    """TCP servers (port required) and Unix sockets (absolute path), normalised."""
+    assert parseLMTPNexthop(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("lmtp.example", "the port is missing"),
+        ("[lmtp.example]", "the port is missing"),
+        ("[::1]", "the port is missing"),
+        ("lmtp.example:0", "not 0"),
+        ("unix:", "must be absolute"),
+        ("unix:run/lmtp", "must be absolute"),
+        ("2001:db8::1:24", "brackets"),
+        ("bad_host:24", "letters, digits and hyphens"),
+    ],
+)
+def test_parseLMTPNexthopErrors(text: str, fragment: str) -> None:
+    """Bad LMTP servers raise ValueError naming the value."""
+    with pytest.raises(ValueError) as e:
+        parseLMTPNexthop(text)
+    assert f'"{text}" is not a valid LMTP server' in str(e.value)
+    assert fragment in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["/var/mail", "/var/mail/{domain}/{local}", "{address}", "rel/{local}", "/m/{local",
+     "/m/}{", "/m/{{local}}", "/m/{a/b}"],
+)
+def test_checkMaildirTemplate(text: str) -> None:
+    """Templates with the placeholders, or none, pass; lone braces are kept as they are."""
+    checkMaildirTemplate(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("", "empty string"),
+        ("/m/{user}", 'unknown placeholder "{user}"'),
+        ("/m/{Local}", 'unknown placeholder "{Local}"'),
+        ("/m/{}", 'unknown placeholder "{}"'),
+        ("/m/{0}", 'unknown placeholder "{0}"'),
+        ("/m/{local!r}", 'unknown placeholder "{local!r}"'),
+        ("/m/{domain:>9}", 'unknown placeholder "{domain:>9}"'),
+        ("/m/{local}/{{x}}", 'unknown placeholder "{x}"'),
+    ],
+)
+def test_checkMaildirTemplateErrors(text: str, fragment: str) -> None:
+    """Placeholders other than the three are refused as likely mistakes."""
+    with pytest.raises(ValueError) as e:
+        checkMaildirTemplate(text)
+    assert fragment in str(e.value)
+
+
+def test_timeoutsMatchClientTimeouts() -> None:
+    """The delivery time-outs are exactly ClientTimeouts' fields, with the same defaults."""
+    client = pytest.importorskip("mailrelay.smtp.client")
+    expected = {f.name: float(f.default) for f in dataclasses.fields(client.ClientTimeouts)}
+    assert DeliveryConfig().timeouts == expected
+    client.ClientTimeouts(**DeliveryConfig().timeouts)

@@ -60,6 +60,9 @@ class ListenerContext:
     maxHops: int = 50
     resolver: Any = None
     reverseLookupTimeout: float = 10.0
+    #: Called with the queue id of each message once it is durably queued (the queue manager
+    #: picks it up without rescanning the spool).
+    onQueued: Any = None
 
 
 class SMTPServerProtocol(Protocol):
@@ -309,6 +312,11 @@ class SMTPServerProtocol(Protocol):
         def committed(_: object) -> Reply:
             reply = Reply(250, "2.0.0", f"Ok: queued as {envelope.queueID}")
             self._logResult(envelope, writer.size, reply)
+            if self.context.onQueued is not None:
+                try:
+                    self.context.onQueued(envelope.queueID)
+                except Exception:
+                    log.failure("{queueID}: queue manager refused the new entry", queueID=envelope.queueID)
             return reply
 
         def failed(failure: Failure) -> Reply:
