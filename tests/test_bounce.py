@@ -1,0 +1,470 @@
+"""Tests for L{mailrelay.bounce}: RFC 3464 delivery status notifications."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import email.utils
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailrelay import bounce as bounceModule
+from mailrelay.bounce import (
+    DSN_SOURCE,
+    POSTMASTER_SOURCE,
+    buildDSN,
+    dsnEnvelope,
+    isPostmasterNotice,
+    utf8AddrXtext,
+)
+from mailrelay.envelope import ClientInfo, Envelope, Recipient
+
+HOST = "relay.test"
+QID = "01HZZZZZZZZZZZZZZZZZ"
+ARRIVAL = 1_700_000_000.0
+NOW = ARRIVAL + 3600
+HEADERS = (
+    b"Received: from client.example.org (client.example.org [192.0.2.1])\r\n"
+    b"\tby relay.test (mailrelay) with ESMTP id " + QID.encode() + b"; Tue, 14 Nov 2023\r\n"
+    b"From: Sender <sender@example.org>\r\n"
+    b"To: a@example.com\r\n"
+    b"Subject: the original\r\n"
+    b"Message-Id: <orig@example.org>\r\n"
+)
+BODY = b"first body line\r\nsecond body line\r\n"
+MESSAGE = HEADERS + b"\r\n" + BODY
+
+
+@pytest.fixture
+def original(tmp_path: Path) -> Path:
+    path = tmp_path / f"{QID}.eml"
+    path.write_bytes(MESSAGE)
+    return path
+
+
+def makeEnvelope(**kw: Any) -> Envelope:
+    kw.setdefault("sender", "sender@example.org")
+    return Envelope(
+        queueID=QID,
+        client=ClientInfo("192.0.2.1", helo="client.example.org"),
+        arrival=ARRIVAL,
+        messageSize=len(MESSAGE),
+        **kw,
+    )
+
+
+def failedRecipient(address: str = "a@example.com", **kw: Any) -> Recipient:
+    kw.setdefault("status", "5.1.1")
+    kw.setdefault("lastResult", "smtp; 550 5.1.1 <a@example.com>: user unknown")
+    kw.setdefault("remoteMTA", "dns; mx.example.com")
+    kw.setdefault("finalTime", NOW - 10)
+    return Recipient(address, address, state="bounced", attempts=1, **kw)
+
+
+def build(
+    original: Path,
+    envelope: Envelope | None = None,
+    recipients: list[Recipient] | None = None,
+    action: str = "failed",
+    **kw: Any,
+) -> bytes:
+    return buildDSN(
+        envelope or makeEnvelope(),
+        recipients or [failedRecipient()],
+        action,
+        hostname=HOST,
+        messagePath=original,
+        now=NOW,
+        queueID=QID,
+        **kw,
+    )
+
+
+def parse(dsn: bytes) -> email.message.EmailMessage:
+    return email.message_from_bytes(dsn, policy=email.policy.default)  # type: ignore[return-value]
+
+
+def parts(dsn: bytes) -> list[Any]:
+    report = parse(dsn)
+    assert report.get_content_type() == "multipart/report"
+    return report.get_payload()  # type: ignore[return-value]
+
+
+def deliveryStatus(dsn: bytes) -> tuple[Any, list[Any]]:
+    part = parts(dsn)[1]
+    assert part.get_content_type() == "message/delivery-status"
+    blocks = part.get_payload()
+    return blocks[0], blocks[1:]
+
+
+def assertWellFormed(dsn: bytes) -> None:
+    assert b"\r\n" in dsn
+    assert b"\n" not in dsn.replace(b"\r\n", b""), "bare LF"
+    assert b"\r" not in dsn.replace(b"\r\n", b""), "bare CR"
+    assert dsn.endswith(b"\r\n")
+    longest = max(len(line) for line in dsn.split(b"\r\n"))
+    assert longest <= 998, f"a line of {longest} octets"
+    report = parse(dsn)
+    assert not report.defects
+    for part in report.walk():
+        assert not part.defects, (part.get_content_type(), part.defects)
+
+
+# --- the top-level message ---------------------------------------------------------------------
+
+
+def test_headerFields(original: Path) -> None:
+    dsn = build(original)
+    assertWellFormed(dsn)
+    report = parse(dsn)
+    assert report["From"].addresses[0].addr_spec == f"MAILER-DAEMON@{HOST}"
+    assert f"From: MAILER-DAEMON@{HOST} (Mail Delivery System)\r\n".encode() in dsn
+    assert b"To: <sender@example.org>\r\n" in dsn
+    assert report["Subject"] == "Undelivered Mail Returned to Sender"
+    assert report["Date"].datetime.timestamp() == NOW
+    assert re.fullmatch(rf"<[^<>@\s]+@{re.escape(HOST)}>", report["Message-Id"])
+    assert report["Auto-Submitted"] == "auto-replied"
+    assert report["MIME-Version"] == "1.0"
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "delivery-status"
+    assert [p.get_content_type() for p in parts(dsn)] == [
+        "text/plain",
+        "message/delivery-status",
+        "text/rfc822-headers",
+    ]
+
+
+@pytest.mark.parametrize(
+    "action, subject",
+    [
+        ("failed", "Undelivered Mail Returned to Sender"),
+        ("delayed", "Delayed Mail (still being retried)"),
+        ("relayed", "Successful Mail Delivery Report"),
+    ],
+)
+def test_subjects(original: Path, action: str, subject: str) -> None:
+    dsn = build(original, action=action, willRetryUntil=ARRIVAL + 5 * 86400)
+    assertWellFormed(dsn)
+    assert parse(dsn)["Subject"] == subject
+    _, [block] = deliveryStatus(dsn)
+    assert block["Action"] == action
+
+
+def test_messageIDsDiffer(original: Path) -> None:
+    assert parse(build(original))["Message-Id"] != parse(build(original))["Message-Id"]
+
+
+def test_badArguments(original: Path) -> None:
+    with pytest.raises(ValueError):
+        build(original, action="bounced")
+    with pytest.raises(ValueError):
+        buildDSN(
+            makeEnvelope(), [], "failed", hostname=HOST, messagePath=original, now=NOW, queueID=QID
+        )
+
+
+# --- the human-readable part -------------------------------------------------------------------
+
+
+def test_textPartExplains(original: Path) -> None:
+    text = parts(build(original))[0].get_content()
+    assert f"mail system at host {HOST}" in text
+    assert "could not be delivered" in text
+    assert "<a@example.com>: host mx.example.com said: 550 5.1.1 <a@example.com>: user unknown" in (
+        " ".join(text.split())
+    )
+
+
+def test_textPartDelayed(original: Path) -> None:
+    dsn = build(
+        original,
+        recipients=[Recipient("a@example.com", status="4.2.0", lastResult="smtp; 451 4.2.0 later")],
+        action="delayed",
+        willRetryUntil=ARRIVAL + 5 * 86400,
+    )
+    text = parts(dsn)[0].get_content()
+    assert "THIS IS A WARNING ONLY" in text
+    assert "could not be delivered for 1 hour" in text
+    assert "retried until" in text and "5 days after it arrived" in text
+
+
+def test_textWrapped(original: Path) -> None:
+    long = "smtp; 550 " + " ".join(["word"] * 400)
+    dsn = build(original, recipients=[failedRecipient(lastResult=long)])
+    assertWellFormed(dsn)
+    text = parts(dsn)[0].get_content()
+    assert max(len(line) for line in text.splitlines()) <= 76
+
+
+# --- the delivery-status part ------------------------------------------------------------------
+
+
+def test_perMessageFields(original: Path) -> None:
+    perMessage, _ = deliveryStatus(build(original, envelope=makeEnvelope(envid="id+1=2 x")))
+    assert perMessage["Reporting-MTA"] == f"dns; {HOST}"
+    assert perMessage["X-Mailrelay-Queue-ID"] == QID
+    assert perMessage["Original-Envelope-Id"] == "id+2B1+3D2+20x"  # xtext
+    assert email.utils.parsedate_to_datetime(perMessage["Arrival-Date"]).timestamp() == ARRIVAL
+
+
+def test_noEnvelopeIDField(original: Path) -> None:
+    perMessage, _ = deliveryStatus(build(original))
+    assert "Original-Envelope-Id" not in perMessage
+
+
+def test_perRecipientFields(original: Path) -> None:
+    recipients = [
+        failedRecipient(orcpt="rfc822;A@Example.COM"),
+        Recipient(
+            "b@example.net", state="bounced", status="5.7.1", lastResult=None, remoteMTA=None
+        ),
+    ]
+    _, [a, b] = deliveryStatus(build(original, recipients=recipients))
+    assert a["Original-Recipient"] == "rfc822; A@Example.COM"
+    assert a["Final-Recipient"] == "rfc822; a@example.com"
+    assert a["Action"] == "failed"
+    assert a["Status"] == "5.1.1"
+    assert a["Remote-MTA"] == "dns; mx.example.com"
+    assert a["Diagnostic-Code"] == "smtp; 550 5.1.1 <a@example.com>: user unknown"
+    assert email.utils.parsedate_to_datetime(a["Last-Attempt-Date"]).timestamp() == NOW - 10
+    assert "Will-Retry-Until" not in a
+    assert "Original-Recipient" not in b
+    assert b["Final-Recipient"] == "rfc822; b@example.net"
+    assert b["Status"] == "5.7.1"
+    assert "Remote-MTA" not in b and "Diagnostic-Code" not in b
+    assert email.utils.parsedate_to_datetime(b["Last-Attempt-Date"]).timestamp() == NOW
+
+
+def test_statusDefaults(original: Path) -> None:
+    for action, expected in (("failed", "5.0.0"), ("delayed", "4.0.0"), ("relayed", "2.0.0")):
+        dsn = build(original, recipients=[Recipient("a@example.com")], action=action)
+        _, [block] = deliveryStatus(dsn)
+        assert block["Status"] == expected
+
+
+def test_willRetryUntilForDelayedOnly(original: Path) -> None:
+    until = ARRIVAL + 5 * 86400
+    _, [block] = deliveryStatus(build(original, action="delayed", willRetryUntil=until))
+    assert email.utils.parsedate_to_datetime(block["Will-Retry-Until"]).timestamp() == until
+    _, [block] = deliveryStatus(build(original, action="failed", willRetryUntil=until))
+    assert "Will-Retry-Until" not in block
+
+
+def test_utf8Recipient(original: Path) -> None:
+    recipient = failedRecipient("jörg@example.com", orcpt="utf-8;Jörg@example.com")
+    dsn = build(original, recipients=[recipient])
+    assertWellFormed(dsn)
+    _, [block] = deliveryStatus(dsn)
+    assert block["Final-Recipient"] == "utf-8; j\\x{F6}rg@example.com"
+    assert block["Original-Recipient"] == "utf-8; J\\x{F6}rg@example.com"
+    assert parts(dsn)[1].as_bytes().isascii()  # message/delivery-status stays ASCII
+    text = parts(dsn)[0]
+    assert text.get_content_charset() == "utf-8"
+    assert "<jörg@example.com>" in text.get_content()
+    assert parse(dsn)["Content-Transfer-Encoding"] == "8bit"
+
+
+def test_utf8Sender(original: Path) -> None:
+    dsn = build(original, envelope=makeEnvelope(sender="rené@example.org", smtputf8=True))
+    assertWellFormed(dsn)
+    assert "To: <rené@example.org>\r\n".encode() in dsn  # RFC 6532 UTF-8 header
+
+
+def test_utf8AddrXtext() -> None:
+    assert utf8AddrXtext("plain@example.com") == "plain@example.com"
+    assert utf8AddrXtext("a+b=c\\d@x") == "a\\x{2B}b\\x{3D}c\\x{5C}d@x"
+    assert utf8AddrXtext("日本@x") == "\\x{65E5}\\x{672C}@x"
+
+
+def test_longDiagnosticFolded(original: Path) -> None:
+    diagnostic = "smtp; 550 5.7.1 " + "x" * 2500 + " and " + "y " * 300
+    dsn = build(original, recipients=[failedRecipient(lastResult=diagnostic)])
+    assertWellFormed(dsn)
+    _, [block] = deliveryStatus(dsn)
+    assert block["Diagnostic-Code"].startswith("smtp; 550 5.7.1 xxx")
+    assert block["Diagnostic-Code"].replace(" ", "").count("x") == 2500
+
+
+def test_controlCharactersInDiagnostic(original: Path) -> None:
+    dsn = build(original, recipients=[failedRecipient(lastResult="smtp; 550 bad\r\nInjected: yes")])
+    assertWellFormed(dsn)
+    _, [block] = deliveryStatus(dsn)
+    assert "Injected" not in block.keys()
+    assert block["Diagnostic-Code"] == "smtp; 550 bad Injected: yes"
+
+
+# --- the returned original ---------------------------------------------------------------------
+
+
+def test_headersReturnedByDefault(original: Path) -> None:
+    for ret in (None, "HDRS"):
+        third = parts(build(original, envelope=makeEnvelope(ret=ret)))[2]
+        assert third.get_content_type() == "text/rfc822-headers"
+        content = third.get_payload(decode=True)
+        assert content == HEADERS
+        assert b"first body line" not in content
+
+
+def test_fullMessageReturnedWithRetFull(original: Path) -> None:
+    dsn = build(original, envelope=makeEnvelope(ret="FULL"))
+    assertWellFormed(dsn)
+    third = parts(dsn)[2]
+    assert third.get_content_type() == "message/rfc822"
+    [inner] = third.get_payload()
+    assert inner["Subject"] == "the original"
+    assert inner["Message-Id"] == "<orig@example.org>"
+    assert inner.get_content() == BODY.decode()
+    assert MESSAGE in dsn  # byte for byte
+    assert "It is attached below." in parts(dsn)[0].get_content()
+
+
+def test_retFullOnlyForFailures(original: Path) -> None:
+    dsn = build(original, envelope=makeEnvelope(ret="FULL"), action="delayed")
+    assert parts(dsn)[2].get_content_type() == "text/rfc822-headers"
+
+
+def test_fullMessageTooLargeReturnsHeaders(original: Path) -> None:
+    original.write_bytes(HEADERS + b"\r\n" + b"body line of some length\r\n" * 2000)
+    dsn = build(original, envelope=makeEnvelope(ret="FULL"), maxOriginal=10_000)
+    assertWellFormed(dsn)
+    assert len(dsn) < 10_000
+    third = parts(dsn)[2]
+    assert third.get_content_type() == "text/rfc822-headers"
+    assert b"body line" not in dsn
+    text = parts(dsn)[0].get_content()
+    assert "larger than the limit of 10000 octets" in " ".join(text.split())
+    assert "Its header section is attached below." in text
+
+
+def test_hugeHeaderSectionCutAtLineBoundary(original: Path) -> None:
+    fields = b"".join(b"X-Filler-%04d: %s\r\n" % (i, b"v" * 50) for i in range(500))
+    original.write_bytes(HEADERS + fields + b"\r\n" + BODY)
+    dsn = build(original, maxOriginal=5000)
+    assertWellFormed(dsn)
+    content = parts(dsn)[2].get_payload(decode=True).replace(b"\r\n", b"\n")
+    assert len(content) <= 5000
+    assert content.endswith(b"\n")
+    for line in content.splitlines():
+        assert re.fullmatch(rb"(X-Filler-\d{4}: v{50}|[A-Za-z-]+: .*|\t.*)", line), line
+    assert "truncated" in parts(dsn)[0].get_content()
+
+
+def test_messageWithoutBody(original: Path) -> None:
+    original.write_bytes(HEADERS)
+    for ret in ("FULL", "HDRS"):
+        dsn = build(original, envelope=makeEnvelope(ret=ret))
+        assertWellFormed(dsn)
+        third = parts(dsn)[2]
+        assert HEADERS in dsn
+        assert "truncated" not in parts(dsn)[0].get_content()
+        assert third.get_content_type() in ("message/rfc822", "text/rfc822-headers")
+
+
+def test_bareLineEndsInOriginalNormalised(original: Path) -> None:
+    original.write_bytes(b"Subject: x\nFrom: a@b\r\n\nbody\rmore\n")
+    for ret in ("FULL", "HDRS"):
+        assertWellFormed(build(original, envelope=makeEnvelope(ret=ret)))
+
+
+def test_overlongOriginalLines(original: Path) -> None:
+    original.write_bytes(b"Subject: " + b"s" * 1500 + b"\r\n\r\n" + b"b" * 1500 + b"\r\n")
+    dsn = build(original, envelope=makeEnvelope(ret="FULL"))
+    assertWellFormed(dsn)
+    assert parts(dsn)[2].get_content_type() == "text/rfc822-headers"
+    assert "lines too long" in parts(dsn)[0].get_content()
+
+
+def test_eightBitHeadersUseGlobalTypes(original: Path) -> None:
+    original.write_bytes("Subject: Grüße\r\nFrom: jörg@example.org\r\n\r\nbody\r\n".encode())
+    dsn = build(original, envelope=makeEnvelope(ret="HDRS"))
+    assertWellFormed(dsn)
+    third = parts(dsn)[2]
+    assert third.get_content_type() == "message/global-headers"
+    assert third["Content-Transfer-Encoding"] == "8bit"
+    assert "Subject: Grüße\r\n".encode() in dsn
+    dsn = build(original, envelope=makeEnvelope(ret="FULL"))
+    assertWellFormed(dsn)
+    assert parts(dsn)[2].get_content_type() == "message/global"
+
+
+def test_eightBitBodyFull(original: Path) -> None:
+    original.write_bytes(
+        b"Subject: x\r\nContent-Type: text/plain; charset=latin-1\r\n\r\n\xe9t\xe9\r\n"
+    )
+    dsn = build(original, envelope=makeEnvelope(ret="FULL"))
+    assertWellFormed(dsn)
+    third = parts(dsn)[2]
+    assert third.get_content_type() == "message/rfc822"
+    assert third["Content-Transfer-Encoding"] == "8bit"
+    assert b"\xe9t\xe9\r\n" in dsn
+
+
+def test_unreadableOriginal(tmp_path: Path) -> None:
+    dsn = build(tmp_path / "missing.eml")
+    assertWellFormed(dsn)
+    assert len(parts(dsn)) == 2
+    assert "could not be read" in parts(dsn)[0].get_content()
+
+
+def test_boundaryNotInContent(original: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original.write_bytes(HEADERS + b"\r\n--" + QID.encode() + b".aaaaaaaaaaaaaaaa=_\r\nmore\r\n")
+    tokens = iter(["aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb", "cafe"])
+    monkeypatch.setattr(bounceModule.secrets, "token_hex", lambda n: next(tokens))
+    dsn = build(original, envelope=makeEnvelope(ret="FULL"))
+    assertWellFormed(dsn)
+    report = parse(dsn)
+    assert report.get_boundary() == f"{QID}.bbbbbbbbbbbbbbbb=_"
+    assert len(report.get_payload()) == 3
+    assert MESSAGE.split(b"\r\n\r\n")[0] in dsn
+    assert b"\r\n--" + QID.encode() + b".aaaaaaaaaaaaaaaa=_\r\nmore\r\n" in dsn
+
+
+def test_boundariesAreRandom(original: Path) -> None:
+    assert parse(build(original)).get_boundary() != parse(build(original)).get_boundary()
+
+
+# --- the notification's envelope ---------------------------------------------------------------
+
+
+def test_dsnEnvelope() -> None:
+    dsn = b"Subject: x\r\n\r\nbody\r\n"
+    env = dsnEnvelope(
+        makeEnvelope(), to="sender@example.org", queueID="01J00000000000000000", now=NOW,
+        hostname=HOST, message=dsn,
+    )
+    assert env.sender == ""
+    assert [(r.address, r.state) for r in env.recipients] == [("sender@example.org", "pending")]
+    assert env.queueID == "01J00000000000000000"
+    assert env.isBounce
+    assert env.arrival == NOW
+    assert env.messageSize == len(dsn)
+    assert env.body is None and not env.smtputf8
+    assert env.ret is None and env.envid is None
+    assert env.client is not None
+    client = env.client
+    assert (client.address, client.helo, client.listener) == ("127.0.0.1", HOST, DSN_SOURCE)
+    assert env.client.relayAllowed
+    assert not isPostmasterNotice(env)
+    assert Envelope.fromJSON(env.toJSON()) == env
+
+
+def test_dsnEnvelopeEightBitAndPostmaster() -> None:
+    original = makeEnvelope(sender="rené@example.org", smtputf8=True)
+    message = "To: <rené@example.org>\r\n\r\n".encode()
+    env = dsnEnvelope(original, to="rené@example.org", queueID=QID, now=NOW, message=message)
+    assert env.body == "8BITMIME" and env.smtputf8
+    notice = dsnEnvelope(original, to="postmaster@x", queueID=QID, now=NOW, postmasterNotice=True)
+    assert notice.client is not None and notice.client.listener == POSTMASTER_SOURCE
+    assert isPostmasterNotice(notice)
+    assert isPostmasterNotice(Envelope.fromJSON(notice.toJSON()))
+
+
+def test_notificationToOtherAddress(original: Path) -> None:
+    dsn = build(original, envelope=makeEnvelope(sender=""), to="postmaster@relay.test")
+    assertWellFormed(dsn)
+    assert b"To: <postmaster@relay.test>\r\n" in dsn
+    perMessage, _ = deliveryStatus(dsn)
+    assert "X-Mailrelay-Sender" not in perMessage

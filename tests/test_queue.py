@@ -1,0 +1,918 @@
+"""Tests for L{mailrelay.queue}: scheduling, retries, bounces, durability ordering, restart.
+
+A real L{Spool} on C{tmp_path}, with its thread work run synchronously; time is a C{Clock};
+the router and the delivery backends are fakes answering from a script.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+
+from mailrelay import queue as queueModule
+from mailrelay.bounce import POSTMASTER_SOURCE
+from mailrelay.envelope import BOUNCED, DELIVERED, PENDING, ClientInfo, Envelope, Recipient
+from mailrelay.interfaces import DeliveryStatus, RecipientResult, Route
+from mailrelay.queue import QueueManager, QueuePolicy, backoff
+from mailrelay.spool import Spool, SpoolError, newQueueID
+
+HOST = "relay.test"
+START = 1_700_000_000.0
+MESSAGE = (
+    b"Received: from client.example.org by relay.test\r\n"
+    b"From: Sender <sender@example.org>\r\n"
+    b"Subject: test message\r\n"
+    b"\r\n"
+    b"body line\r\n"
+)
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def syncDeferToThread(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    try:
+        return succeed(f(*args))
+    except BaseException:
+        return fail()
+
+
+def resultOf(d: Deferred[Any]) -> Any:
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "Deferred has not fired"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+def result(address: str, kind: str) -> RecipientResult:
+    domain = address.rpartition("@")[2]
+    if kind == "2":
+        return RecipientResult(
+            address, DeliveryStatus.DELIVERED, "2.0.0", "smtp; 250 2.0.0 Ok", f"dns; mx.{domain}"
+        )
+    if kind == "4":
+        return RecipientResult(
+            address,
+            DeliveryStatus.TRANSIENT,
+            "4.2.0",
+            "smtp; 451 4.2.0 try later",
+            f"dns; mx.{domain}",
+        )
+    return RecipientResult(
+        address,
+        DeliveryStatus.PERMANENT,
+        "5.1.1",
+        "smtp; 550 5.1.1 user unknown",
+        f"dns; mx.{domain}",
+    )
+
+
+@dataclass
+class Call:
+    queueID: str
+    sender: str
+    addresses: list[str]
+    nexthop: str
+    path: Path
+    message: bytes
+    isBounce: bool
+
+
+class FakeBackend:
+    """Answers from C{script}: address -> list of C{"2"}, C{"4"}, C{"5"}; each call takes the
+    first, the last one repeats.  Unscripted addresses are delivered.  With C{hold}, answers
+    wait in C{held} until released."""
+
+    def __init__(self) -> None:
+        self.script: dict[str, list[str]] = {}
+        self.calls: list[Call] = []
+        self.hold = False
+        self.held: list[tuple[Deferred[Any], list[RecipientResult]]] = []
+
+    def answer(self, address: str) -> RecipientResult:
+        seq = self.script.setdefault(address, ["2"])
+        kind = seq.pop(0) if len(seq) > 1 else seq[0]
+        return result(address, kind)
+
+    def deliver(self, envelope: Envelope, recipients: Any, nexthop: str, messagePath: Path) -> Any:
+        self.calls.append(
+            Call(
+                envelope.queueID or "",
+                envelope.sender,
+                [r.address for r in recipients],
+                nexthop,
+                messagePath,
+                messagePath.read_bytes(),
+                envelope.isBounce,
+            )
+        )
+        results = [self.answer(r.address) for r in recipients]
+        if self.hold:
+            d: Deferred[Any] = Deferred()
+            self.held.append((d, results))
+            return d
+        return succeed(results)
+
+    def release(self, count: int | None = None) -> None:
+        held = self.held[:count] if count is not None else list(self.held)
+        del self.held[: len(held)]
+        for d, results in held:
+            d.callback(results)
+
+    def addressesDelivered(self) -> list[str]:
+        return [a for call in self.calls for a in call.addresses]
+
+    def bounces(self) -> list[Call]:
+        return [call for call in self.calls if call.isBounce]
+
+
+class FakeRouter:
+    """Routes to backend C{"smtp"}, next hop the recipient's domain, unless C{routes} (domain
+    -> Route or exception) says otherwise."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Any] = {}
+
+    def route(self, envelope: Envelope, recipient: Recipient) -> Any:
+        decision = self.routes.get(recipient.domain)
+        if isinstance(decision, Exception):
+            raise decision
+        if decision is not None:
+            return decision
+        return Route("smtp", recipient.domain)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    c = Clock()
+    c.advance(START)
+    return c
+
+
+@pytest.fixture
+def spool(tmp_path: Path, clock: Clock) -> Any:
+    s = Spool(tmp_path / "spool", reactor=clock, deferToThread=syncDeferToThread)
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def backend() -> FakeBackend:
+    return FakeBackend()
+
+
+@pytest.fixture
+def router() -> FakeRouter:
+    return FakeRouter()
+
+
+@pytest.fixture
+def events() -> Any:
+    captured: list[dict[str, Any]] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "mailrelay.queue":
+            captured.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    yield captured
+    globalLogPublisher.removeObserver(observer)
+
+
+def texts(events: list[dict[str, Any]], queueID: str | None = None) -> list[str]:
+    return [
+        formatEvent(e) for e in events if queueID is None or e.get("queueID") == queueID
+    ]
+
+
+def queueMessage(
+    spool: Spool,
+    clock: Clock,
+    recipients: list[str | Recipient],
+    sender: str = "sender@example.org",
+    message: bytes = MESSAGE,
+    **kw: Any,
+) -> str:
+    queueID = newQueueID()
+    writer = spool.openMessage(queueID)
+    writer.write(message)
+    envelope = Envelope(
+        sender=sender,
+        recipients=[r if isinstance(r, Recipient) else Recipient(r, r) for r in recipients],
+        queueID=queueID,
+        client=ClientInfo("192.0.2.1", 4321, helo="client.example.org", esmtp=True),
+        arrival=clock.seconds(),
+        messageSize=len(message),
+        **kw,
+    )
+    resultOf(writer.commit(envelope))
+    return queueID
+
+
+def stored(spool: Spool, queueID: str) -> dict[str, Any]:
+    path = spool.messagePath(queueID).with_suffix(".json")
+    return json.loads(path.read_bytes())
+
+
+def makeManager(
+    spool: Spool, router: FakeRouter, backends: dict[str, Any], clock: Clock, **policy: Any
+) -> QueueManager:
+    return QueueManager(spool, router, backends, clock, hostname=HOST, policy=QueuePolicy(**policy))
+
+
+def parse(message: bytes) -> email.message.EmailMessage:
+    return email.message_from_bytes(  # type: ignore[return-value]
+        message, policy=email.policy.default
+    )
+
+
+def recipientBlocks(message: bytes) -> list[Any]:
+    report = parse(message)
+    status = next(p for p in report.walk() if p.get_content_type() == "message/delivery-status")
+    return status.get_payload()[1:]
+
+
+# --- delivery, retry, bounce -------------------------------------------------------------------
+
+
+def test_deliveredEntryRemoved(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any
+) -> None:
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["a@example.com", "b@example.com"])
+    qm.enqueue(queueID)
+    assert len(backend.calls) == 1  # one group: same backend and next hop
+    call = backend.calls[0]
+    assert call.addresses == ["a@example.com", "b@example.com"]
+    assert call.nexthop == "example.com"
+    assert call.path == spool.messagePath(queueID)
+    assert call.message == MESSAGE
+    assert spool.queueIDs() == []
+    assert qm.activeCount == 0 and qm.scheduledCount == 0
+    lines = texts(events, queueID)
+    assert any(
+        "to=<a@example.com>, relay=mx.example.com" in t and "status=sent" in t for t in lines
+    )
+    assert lines[-1] == f"{queueID}: removed"
+    resultOf(qm.stopService())
+
+
+def test_backoffFunction() -> None:
+    policy = QueuePolicy()
+    assert [backoff(policy, n) for n in range(1, 8)] == [300, 600, 1200, 2400, 4000, 4000, 4000]
+    assert backoff(policy, 10_000) == 4000
+
+
+def test_transientRetriedOnBackoffSchedule(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    backend.script["a@example.com"] = ["4"] * 6 + ["2"]
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["a@example.com"])
+    qm.enqueue(queueID)
+    assert len(backend.calls) == 1
+    data = stored(spool, queueID)
+    assert data["attempts"] == 1
+    assert data["nextAttempt"] == START + 300
+    rcpt = data["recipients"][0]
+    assert (rcpt["state"], rcpt["attempts"], rcpt["status"]) == (PENDING, 1, "4.2.0")
+    assert rcpt["lastResult"] == "smtp; 451 4.2.0 try later"
+    assert rcpt["remoteMTA"] == "dns; mx.example.com"
+
+    for n, interval in enumerate([300, 600, 1200, 2400, 4000, 4000], start=2):
+        clock.advance(interval - 1)
+        assert len(backend.calls) == n - 1, f"attempt {n} too early"
+        clock.advance(1)
+        assert len(backend.calls) == n, f"attempt {n} not made after {interval}s"
+    assert spool.queueIDs() == []
+    assert backend.bounces() == []
+    assert clock.getDelayedCalls() == []
+    resultOf(qm.stopService())
+
+
+def test_permanentFailureBouncesBeforeUpdate(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, monkeypatch: Any
+) -> None:
+    router.routes["example.org"] = Route("hold", "example.org")
+    bounceBackend = FakeBackend()
+    bounceBackend.hold = True
+    seenAtUpdate: list[tuple[str | None, list[str]]] = []
+    realUpdate = spool.updateEnvelope
+
+    def updateEnvelope(envelope: Envelope) -> Deferred[None]:
+        seenAtUpdate.append((envelope.queueID, spool.queueIDs()))
+        return realUpdate(envelope)
+
+    monkeypatch.setattr(spool, "updateEnvelope", updateEnvelope)
+    backend.script["a@example.com"] = ["5"]
+    qm = makeManager(spool, router, {"smtp": backend, "hold": bounceBackend}, clock)
+    qm.startService()
+    queueID = queueMessage(
+        spool, clock, [Recipient("a@example.com", "A@example.com", orcpt="rfc822;A@example.com")],
+        envid="ENV-1",
+    )
+    qm.enqueue(queueID)
+
+    # The bounce is committed (and being delivered) before the original's update.
+    assert seenAtUpdate[0][0] == queueID
+    [dsnID] = [i for i in seenAtUpdate[0][1] if i != queueID]
+    assert spool.queueIDs() == [dsnID]  # the original is gone
+    bounce = spool.loadEnvelope(dsnID)
+    assert bounce.sender == ""
+    assert bounce.isBounce
+    assert [r.address for r in bounce.recipients] == ["sender@example.org"]
+    assert bounce.client is not None and bounce.client.address == "127.0.0.1"
+    [call] = bounceBackend.calls
+    assert call.queueID == dsnID and call.addresses == ["sender@example.org"]
+    report = parse(call.message)
+    assert report["Subject"] == "Undelivered Mail Returned to Sender"
+    [block] = recipientBlocks(call.message)
+    assert block["Final-Recipient"] == "rfc822; a@example.com"
+    assert block["Original-Recipient"] == "rfc822; A@example.com"
+    assert block["Action"] == "failed"
+    assert block["Status"] == "5.1.1"
+    assert block["Diagnostic-Code"] == "smtp; 550 5.1.1 user unknown"
+    assert block["Remote-MTA"] == "dns; mx.example.com"
+    bounceBackend.release()
+    assert spool.queueIDs() == []
+    resultOf(qm.stopService())
+
+
+def test_mixedRecipientsStatePersisted(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    router.routes["example.org"] = Route("hold", "example.org")
+    bounces = FakeBackend()
+    bounces.hold = True
+    backend.script.update({"b@example.net": ["4"], "c@example.com": ["5"]})
+    qm = makeManager(spool, router, {"smtp": backend, "hold": bounces}, clock)
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["a@example.com", "b@example.net", "c@example.com"])
+    clock.advance(10)
+    qm.enqueue(queueID)
+    assert sorted(c.nexthop for c in backend.calls) == ["example.com", "example.net"]
+    data = stored(spool, queueID)
+    assert data["attempts"] == 1
+    assert data["nextAttempt"] == START + 10 + 300
+    a, b, c = data["recipients"]
+    assert (a["state"], a["status"], a["finalTime"]) == (DELIVERED, "2.0.0", START + 10)
+    assert (b["state"], b["status"], b["finalTime"], b["attempts"]) == (PENDING, "4.2.0", None, 1)
+    assert (c["state"], c["status"]) == (BOUNCED, "5.1.1")
+    assert c["lastResult"] == "smtp; 550 5.1.1 user unknown"
+    [call] = bounces.calls
+    blocks = recipientBlocks(call.message)
+    assert [blk["Final-Recipient"] for blk in blocks] == ["rfc822; c@example.com"]
+
+    # The next attempt only goes to b.
+    backend.script["b@example.net"] = ["2"]
+    clock.advance(300)
+    assert backend.calls[-1].addresses == ["b@example.net"]
+    assert spool.queueIDs() == [call.queueID]  # only the held bounce is left
+    bounces.release()
+    resultOf(qm.stopService())
+
+
+def test_expiryBouncesWith447(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any
+) -> None:
+    backend.script["a@example.com"] = ["4"]
+    qm = makeManager(spool, router, {"smtp": backend}, clock, maxLifetime=1000)
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["a@example.com"])
+    qm.enqueue(queueID)
+    clock.advance(300)  # t=300
+    clock.advance(600)  # t=900
+    assert stored(spool, queueID)["recipients"][0]["state"] == PENDING
+    clock.advance(1200)  # t=2100 > 1000: last attempt, then bounced
+    assert [c.addresses for c in backend.calls[:4]] == [["a@example.com"]] * 4
+    [bounce] = backend.bounces()
+    [block] = recipientBlocks(bounce.message)
+    assert block["Action"] == "failed"
+    assert block["Status"] == "4.4.7"
+    assert block["Diagnostic-Code"] == "smtp; 451 4.2.0 try later"
+    text = parse(bounce.message).get_body(("plain",))
+    assert text is not None and "expired" in text.get_content()
+    assert spool.queueIDs() == []
+    assert any("status=bounced (message expired" in t for t in texts(events, queueID))
+    resultOf(qm.stopService())
+
+
+def test_notifyNeverNoBounce(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    backend.script["a@example.com"] = ["5"]
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    queueID = queueMessage(spool, clock, [Recipient("a@example.com", notify=("NEVER",))])
+    qm.enqueue(queueID)
+    assert spool.queueIDs() == []
+    assert backend.bounces() == []
+    assert len(backend.calls) == 1
+    resultOf(qm.stopService())
+
+
+def test_notifySuccessOnlyNoBounce(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    backend.script["a@example.com"] = ["5"]
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    qm.enqueue(queueMessage(spool, clock, [Recipient("a@example.com", notify=("SUCCESS",))]))
+    assert backend.bounces() == []
+    assert spool.queueIDs() == []
+    resultOf(qm.stopService())
+
+
+def test_successNotification(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    qm.enqueue(
+        queueMessage(
+            spool,
+            clock,
+            [Recipient("a@example.com", notify=("SUCCESS", "FAILURE")), Recipient("b@example.com")],
+        )
+    )
+    [dsn] = backend.bounces()
+    assert parse(dsn.message)["Subject"] == "Successful Mail Delivery Report"
+    [block] = recipientBlocks(dsn.message)
+    assert (block["Final-Recipient"], block["Action"], block["Status"]) == (
+        "rfc822; a@example.com",
+        "relayed",
+        "2.0.0",
+    )
+    assert spool.queueIDs() == []
+    resultOf(qm.stopService())
+
+
+def test_nullSenderFailureDiscarded(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any
+) -> None:
+    backend.script["a@example.com"] = ["5"]
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["a@example.com"], sender="")
+    qm.enqueue(queueID)
+    assert spool.queueIDs() == []
+    assert len(backend.calls) == 1
+    assert any("undeliverable bounce discarded" in t for t in texts(events, queueID))
+    resultOf(qm.stopService())
+
+
+def test_failedBounceGoesToPostmasterOnce(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any
+) -> None:
+    backend.script["a@example.com"] = ["5"]
+    backend.script["postmaster@relay.test"] = ["5"]
+    qm = makeManager(spool, router, {"smtp": backend}, clock, postmaster="postmaster@relay.test")
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["a@example.com"], sender="", isBounce=True)
+    qm.enqueue(queueID)
+    # The bounce failed -> one notice to the postmaster, which failed too -> dropped.
+    assert [c.addresses for c in backend.calls] == [["a@example.com"], ["postmaster@relay.test"]]
+    notice = backend.calls[1]
+    assert notice.sender == "" and notice.isBounce
+    report = parse(notice.message)
+    assert report["To"].addresses[0].addr_spec == "postmaster@relay.test"
+    [block] = recipientBlocks(notice.message)
+    assert block["Final-Recipient"] == "rfc822; a@example.com"
+    assert spool.queueIDs() == []
+    noticeLines = texts(events, notice.queueID)
+    assert any("undeliverable postmaster notification discarded" in t for t in noticeLines)
+    expected = f"postmaster non-delivery notification: {notice.queueID}"
+    assert any(expected in t for t in texts(events, queueID))
+    resultOf(qm.stopService())
+
+
+def test_postmasterNoticeMarked(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    router.routes["relay.test"] = Route("hold", "relay.test")
+    hold = FakeBackend()
+    hold.hold = True
+    backend.script["a@example.com"] = ["5"]
+    backends = {"smtp": backend, "hold": hold}
+    qm = makeManager(spool, router, backends, clock, postmaster="postmaster@relay.test")
+    qm.startService()
+    qm.enqueue(queueMessage(spool, clock, ["a@example.com"], sender=""))
+    [noticeID] = spool.queueIDs()
+    notice = spool.loadEnvelope(noticeID)
+    assert notice.client is not None and notice.client.listener == POSTMASTER_SOURCE
+    hold.release()
+    resultOf(qm.stopService())
+
+
+def test_delayWarningSentOnce(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    backend.script["a@example.com"] = ["4"]
+    backend.script["b@example.com"] = ["4"]
+    qm = makeManager(spool, router, {"smtp": backend}, clock, delayWarning=500)
+    qm.startService()
+    queueID = queueMessage(
+        spool, clock, ["a@example.com", Recipient("b@example.com", notify=("FAILURE",))]
+    )
+    qm.enqueue(queueID)
+    clock.advance(300)
+    assert backend.bounces() == []
+    assert stored(spool, queueID)["delayWarned"] is False
+    clock.advance(600)  # t=900 >= 500
+    [warning] = backend.bounces()
+    assert stored(spool, queueID)["delayWarned"] is True
+    report = parse(warning.message)
+    assert report["Subject"] == "Delayed Mail (still being retried)"
+    [block] = recipientBlocks(warning.message)  # b did not ask for delay notices
+    assert block["Final-Recipient"] == "rfc822; a@example.com"
+    assert block["Action"] == "delayed"
+    assert block["Status"] == "4.2.0"
+    assert block["Will-Retry-Until"]
+    clock.advance(1200)
+    clock.advance(2400)
+    assert len(backend.bounces()) == 1
+    assert len(spool.queueIDs()) == 1
+    resultOf(qm.stopService())
+
+
+# --- restart, window, shutdown -----------------------------------------------------------------
+
+
+def test_restartResumesPendingOnly(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    backend.script["b@example.com"] = ["4", "2"]
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["a@example.com", "b@example.com"])
+    qm.enqueue(queueID)
+    resultOf(qm.stopService())
+    assert clock.getDelayedCalls() == []
+    assert backend.addressesDelivered() == ["a@example.com", "b@example.com"]
+
+    fresh = FakeBackend()
+    qm2 = makeManager(spool, router, {"smtp": fresh}, clock)
+    clock.advance(100)
+    qm2.startService()
+    assert fresh.calls == []  # loaded, found not due yet, rescheduled
+    assert qm2.scheduledCount == 1 and qm2.activeCount == 0
+    assert qm2.snapshot()["scheduled"] == [(START + 300, queueID)]
+    clock.advance(200)
+    assert fresh.addressesDelivered() == ["b@example.com"]
+    assert spool.queueIDs() == []
+    resultOf(qm2.stopService())
+
+
+def test_restartDeliversEverythingCommitted(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    ids = [queueMessage(spool, clock, [f"r{i}@example.com"]) for i in range(3)]
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    assert [c.queueID for c in backend.calls] == ids  # in arrival order
+    assert spool.queueIDs() == []
+    resultOf(qm.stopService())
+
+
+def test_activeWindowBounded(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    backend.hold = True
+    ids = [queueMessage(spool, clock, [f"r{i}@example.com"]) for i in range(50)]
+    qm = makeManager(spool, router, {"smtp": backend}, clock, activeLimit=5)
+    qm.startService()
+    maxInFlight = 0
+    while backend.held:
+        maxInFlight = max(maxInFlight, len(backend.held))
+        assert qm.activeCount == len(backend.held) <= 5
+        assert qm.activeCount + qm.scheduledCount == len(spool.queueIDs())
+        backend.release(2)
+    assert maxInFlight == 5
+    assert sorted(c.queueID for c in backend.calls) == ids
+    assert spool.queueIDs() == []
+    assert qm.activeCount == qm.scheduledCount == 0
+    resultOf(qm.stopService())
+
+
+def test_newEntryWaitsForRoomInWindow(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    backend.hold = True
+    qm = makeManager(spool, router, {"smtp": backend}, clock, activeLimit=1)
+    qm.startService()
+    first = queueMessage(spool, clock, ["a@example.com"])
+    qm.enqueue(first)
+    second = queueMessage(spool, clock, ["b@example.com"])
+    qm.enqueue(second)
+    assert qm.snapshot()["active"] == [first]
+    assert qm.scheduledCount == 1
+    backend.release()
+    assert qm.snapshot()["active"] == [second]
+    backend.release()
+    assert spool.queueIDs() == []
+    resultOf(qm.stopService())
+
+
+def test_startupLoadsInBatches(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(queueModule, "_LOADS_PER_TURN", 4)
+    ids = [
+        queueMessage(spool, clock, [f"r{i}@example.com"], nextAttempt=START + 1000)
+        for i in range(10)
+    ]
+    loads: list[str] = []
+    realLoad = spool.loadEnvelope
+
+    def loadEnvelope(queueID: str) -> Envelope:
+        loads.append(queueID)
+        return realLoad(queueID)
+
+    monkeypatch.setattr(spool, "loadEnvelope", loadEnvelope)
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    assert loads == ids[:4]  # the rest in later reactor turns
+    assert [c.getTime() for c in clock.getDelayedCalls()] == [START]
+    clock.advance(0)  # (a Clock runs the turns it schedules at once)
+    assert loads == ids
+    assert backend.calls == []
+    assert qm.scheduledCount == 10
+    clock.advance(1000)
+    assert sorted(c.queueID for c in backend.calls) == ids
+    resultOf(qm.stopService())
+
+
+def test_stopWaitsForInFlight(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    backend.hold = True
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["a@example.com"])
+    other = queueMessage(spool, clock, ["b@example.com"])
+    qm.enqueue(queueID)
+    stopped = qm.stopService()
+    assert not stopped.called
+    qm.enqueue(other)  # after stop: ignored, the next start finds it
+    backend.release()
+    assert stopped.called
+    assert spool.queueIDs() == [other]
+    assert len(backend.calls) == 1
+    assert clock.getDelayedCalls() == []
+
+
+def test_stopGivesUpAfterTimeout(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    backend.hold = True
+    qm = makeManager(spool, router, {"smtp": backend}, clock, stopTimeout=5)
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["a@example.com"])
+    qm.enqueue(queueID)
+    stopped = qm.stopService()
+    clock.advance(5)
+    assert stopped.called
+    assert spool.queueIDs() == [queueID]  # not lost
+    backend.release()
+
+
+# --- failures ----------------------------------------------------------------------------------
+
+
+def test_updateFailureKeepsEntryAndRetries(
+    spool: Spool,
+    router: FakeRouter,
+    backend: FakeBackend,
+    clock: Clock,
+    monkeypatch: Any,
+    events: Any,
+) -> None:
+    realUpdate = spool.updateEnvelope
+    failures = [SpoolError("disk on fire")]
+
+    def updateEnvelope(envelope: Envelope) -> Deferred[None]:
+        if failures:
+            return fail(failures.pop())
+        return realUpdate(envelope)
+
+    monkeypatch.setattr(spool, "updateEnvelope", updateEnvelope)
+    backend.script["a@example.com"] = ["4", "2"]
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["a@example.com"])
+    qm.enqueue(queueID)
+    assert spool.queueIDs() == [queueID]
+    assert stored(spool, queueID)["attempts"] == 0  # the update did not happen
+    expected = "saving the delivery state failed: disk on fire"
+    assert any(expected in t for t in texts(events, queueID))
+    assert qm.scheduledCount == 1
+    clock.advance(300)
+    assert len(backend.calls) == 2
+    assert spool.queueIDs() == []
+    resultOf(qm.stopService())
+
+
+def test_removeFailureRetried(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, monkeypatch: Any
+) -> None:
+    realRemove = spool.remove
+    failures = [SpoolError("EIO")]
+
+    def remove(queueID: str) -> Deferred[None]:
+        if failures:
+            return fail(failures.pop())
+        return realRemove(queueID)
+
+    monkeypatch.setattr(spool, "remove", remove)
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["a@example.com"])
+    qm.enqueue(queueID)
+    assert spool.queueIDs() == [queueID]
+    assert stored(spool, queueID)["recipients"][0]["state"] == DELIVERED
+    clock.advance(300)
+    assert len(backend.calls) == 1  # nothing pending: only the removal is repeated
+    assert spool.queueIDs() == []
+    resultOf(qm.stopService())
+
+
+def test_bounceCommitFailureKeepsRecipientPending(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, monkeypatch: Any
+) -> None:
+    queueID = queueMessage(spool, clock, ["a@example.com"])
+    realOpen = spool.openMessage
+    failures = [SpoolError("no space")]
+
+    def openMessage(queueID: str) -> Any:
+        if failures:
+            raise failures.pop()
+        return realOpen(queueID)
+
+    monkeypatch.setattr(spool, "openMessage", openMessage)
+    backend.script["a@example.com"] = ["5"]
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    assert spool.queueIDs() == [queueID]
+    rcpt = stored(spool, queueID)["recipients"][0]
+    assert rcpt["state"] == PENDING and rcpt["status"] == "5.1.1"
+    clock.advance(300)  # fails permanently again; the bounce is queued this time
+    assert len(backend.bounces()) == 1
+    assert spool.queueIDs() == []
+    resultOf(qm.stopService())
+
+
+def test_unknownBackendIsTransient(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any
+) -> None:
+    router.routes["example.net"] = Route("nosuch", "example.net")
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["a@example.com", "b@example.net"])
+    qm.enqueue(queueID)
+    a, b = stored(spool, queueID)["recipients"]
+    assert a["state"] == DELIVERED
+    assert (b["state"], b["status"]) == (PENDING, "4.3.5")
+    assert "unknown delivery backend" in b["lastResult"]
+    errors = [e for e in events if e["log_level"].name == "error" and e.get("queueID") == queueID]
+    assert errors and "nosuch" in formatEvent(errors[0])
+    resultOf(qm.stopService())
+
+
+def test_routerFailureIsTransient(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    router.routes["example.net"] = RuntimeError("map unavailable")
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["b@example.net"])
+    qm.enqueue(queueID)
+    [b] = stored(spool, queueID)["recipients"]
+    assert (b["state"], b["status"]) == (PENDING, "4.3.0")
+    assert b["lastResult"].startswith("X-mailrelay; routing failed: ")
+    assert "map unavailable" in b["lastResult"]
+    assert backend.calls == []
+    del router.routes["example.net"]
+    clock.advance(300)
+    assert spool.queueIDs() == []
+    resultOf(qm.stopService())
+
+
+class BrokenBackend:
+    def __init__(self, answer: Callable[[list[Recipient]], Any]) -> None:
+        self.answer = answer
+
+    def deliver(self, envelope: Envelope, recipients: Any, nexthop: str, messagePath: Path) -> Any:
+        return self.answer(list(recipients))
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        lambda rs: fail(RuntimeError("backend crashed")),
+        lambda rs: (_ for _ in ()).throw(RuntimeError("raised synchronously")),
+        lambda rs: succeed([result(rs[0].address, "2")]),  # one result for two recipients
+        lambda rs: succeed([result(r.address, "2") for r in reversed(rs)]),  # out of order
+        lambda rs: succeed(["delivered", "delivered"]),
+    ],
+    ids=["failed", "raised", "short", "reordered", "notResults"],
+)
+def test_badBackendAnswerIsTransient(
+    spool: Spool, router: FakeRouter, clock: Clock, answer: Any
+) -> None:
+    qm = makeManager(spool, router, {"smtp": BrokenBackend(answer)}, clock)
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["a@example.com", "b@example.com"])
+    qm.enqueue(queueID)
+    for r in stored(spool, queueID)["recipients"]:
+        assert (r["state"], r["status"]) == (PENDING, "4.3.0")
+    resultOf(qm.stopService())
+
+
+def test_deliveryTimeout(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    backend.hold = True
+    qm = makeManager(spool, router, {"smtp": backend}, clock, deliveryTimeout=60)
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["a@example.com"])
+    qm.enqueue(queueID)
+    clock.advance(60)
+    assert qm.activeCount == 0
+    [r] = stored(spool, queueID)["recipients"]
+    assert (r["state"], r["status"]) == (PENDING, "4.3.0")
+    backend.release()  # a late answer is ignored
+    assert stored(spool, queueID)["recipients"][0]["state"] == PENDING
+    resultOf(qm.stopService())
+
+
+def test_groupsDeliveredConcurrently(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    backend.hold = True
+    router.routes["example.net"] = Route("smtp", "[smtp.example.net]:587", (("tls", "required"),))
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    queueID = queueMessage(
+        spool, clock, ["a@example.com", "b@example.net", "c@example.com", "d@example.net"]
+    )
+    qm.enqueue(queueID)
+    assert len(backend.held) == 2
+    assert sorted(c.addresses for c in backend.calls) == [
+        ["a@example.com", "c@example.com"],
+        ["b@example.net", "d@example.net"],
+    ]
+    backend.release()
+    assert spool.queueIDs() == []
+    resultOf(qm.stopService())
+
+
+def test_entryGoneOrBogusIsDropped(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any
+) -> None:
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    qm.enqueue(newQueueID())
+    qm.enqueue("../etc/passwd")
+    assert qm.scheduledCount == qm.activeCount == 0
+    assert backend.calls == []
+    resultOf(qm.stopService())
+
+
+def test_corruptEnvelopeRetriedLater(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any
+) -> None:
+    queueID = queueMessage(spool, clock, ["a@example.com"])
+    jsonPath = spool.messagePath(queueID).with_suffix(".json")
+    good = jsonPath.read_bytes()
+    jsonPath.write_bytes(b"{not json")
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    assert backend.calls == []
+    assert qm.scheduledCount == 1
+    assert any("cannot load envelope" in t for t in texts(events, queueID))
+    jsonPath.write_bytes(good)
+    clock.advance(4000)
+    assert spool.queueIDs() == []
+    resultOf(qm.stopService())
+
+
+def test_policyValidation() -> None:
+    with pytest.raises(ValueError):
+        QueuePolicy(activeLimit=0)
+    with pytest.raises(ValueError):
+        QueuePolicy(minBackoff=5000, maxBackoff=4000)
