@@ -124,6 +124,7 @@ ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
         "delay_warning",
         "active_limit",
         "postmaster",
+        "hold",
     ),
     "delivery": (
         "helo_name",
@@ -244,6 +245,8 @@ class QueueConfig:
     @ivar delayWarning: seconds after which the sender is told that the message is delayed;
         C{0.0} for no delay warnings.
     @ivar activeLimit: the most messages in delivery at once.
+    @ivar hold: accept and spool mail but deliver none (like Postfix's hold queue) until the
+        relay is restarted without it; for staged roll-outs and maintenance.
     @ivar postmaster: the canonical address (C{local@domain}) that gets bounces which cannot
         be returned to their sender, or C{None} to log and drop them.
     """
@@ -255,6 +258,7 @@ class QueueConfig:
     delayWarning: float = DEFAULT_DELAY_WARNING
     activeLimit: int = DEFAULT_ACTIVE_LIMIT
     postmaster: str | None = None
+    hold: bool = False
 
 
 @dataclass(frozen=True)
@@ -1205,6 +1209,7 @@ class _Loader:
                 table.get("active_limit", DEFAULT_ACTIVE_LIMIT), "queue.active_limit", minimum=1
             ),
             postmaster=postmaster,
+            hold=self.boolean(table.get("hold", False), "queue.hold"),
         )
 
     def delivery(self, table: dict[str, Any]) -> DeliveryConfig:

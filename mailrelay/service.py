@@ -10,7 +10,12 @@ from twisted.logger import Logger
 
 from mailrelay.config import Config
 from mailrelay.errors import ConfigError
-from mailrelay.interfaces import IHeaderStamper, IRecipientValidator, PluginContext
+from mailrelay.interfaces import (
+    IDeliveryBackend,
+    IHeaderStamper,
+    IRecipientValidator,
+    PluginContext,
+)
 from mailrelay.plugins import availablePlugins, buildPlugin
 from mailrelay.policy import ConfiguredValidator, RecipientPolicy, RelayControl
 from mailrelay.smtp.protocol import ListenerContext, SMTPServerFactory
@@ -94,6 +99,76 @@ class RelayService(MultiService):
             raise
 
 
+class BackendsService(Service):
+    """Closes the delivery backends (quits cached connections) after the queue has stopped."""
+
+    name = "backends"
+
+    def __init__(self, backends: dict[str, Any]) -> None:
+        self.backends = backends
+
+    def stopService(self) -> Any:
+        super().stopService()
+        from twisted.internet.defer import DeferredList, maybeDeferred
+
+        closing = [
+            maybeDeferred(backend.close)
+            for backend in self.backends.values()
+            if callable(getattr(backend, "close", None))
+        ]
+        return DeferredList(closing, consumeErrors=True)
+
+
+def makeBackends(config: Config, reactor: Any, router: Any, build: Any) -> dict[str, Any]:
+    """The built-in delivery backends, configured, and the site backends (plugins)."""
+    import dataclasses
+
+    from mailrelay.delivery.discard import DiscardBackend
+    from mailrelay.delivery.lmtp import LMTPBackend
+    from mailrelay.delivery.maildir import MaildirBackend
+    from mailrelay.delivery.smtp import SMTPBackend, routeSettingsLookup
+    from mailrelay.route import MXResolver, makeResolver
+    from mailrelay.smtp.client import ClientSettings, ClientTimeouts
+
+    source = config.source or "(embedded default)"
+    delivery = config.delivery
+    try:
+        base = ClientSettings(
+            heloName=delivery.heloName or config.hostname,
+            tls=delivery.tls,
+            caFile=delivery.caFile,
+            timeouts=ClientTimeouts(**delivery.timeouts),
+        )
+        lmtpBase = dataclasses.replace(base, lmtp=True, tls="none", caFile=None)
+        resolver = makeResolver(
+            [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in config.nameservers] or None,
+            reactor=reactor,
+        )
+        backends: dict[str, Any] = {
+            "smtp": SMTPBackend(
+                reactor,
+                MXResolver(resolver, reactor),
+                base,
+                routeSettings=routeSettingsLookup(router, base, "smtp", configDir=config.configDir),
+                destinationConcurrency=delivery.destinationConcurrency,
+                connectionCacheTime=delivery.connectionCacheTime,
+            ),
+            "lmtp": LMTPBackend(
+                reactor,
+                lmtpBase,
+                routeSettings=routeSettingsLookup(router, lmtpBase, "lmtp", configDir=config.configDir),
+                concurrency=delivery.destinationConcurrency,
+            ),
+            "maildir": MaildirBackend(reactor, hostname=config.hostname),
+            "discard": DiscardBackend(),
+        }
+    except ValueError as e:
+        raise ConfigError(str(e), file=source, key="routes") from e
+    for spec in config.backends:
+        backends[spec.name] = build(spec, IDeliveryBackend)
+    return backends
+
+
 def makeRelayService(config: Config, reactor: Any) -> MultiService:
     """Build the whole relay from a checked configuration.
 
@@ -119,6 +194,39 @@ def makeRelayService(config: Config, reactor: Any) -> MultiService:
 
     spool = Spool(config.spoolDirectory, reactor=reactor, minFreeSpace=config.minFreeSpace)
     SpoolService(spool).setServiceParent(top)
+
+    from mailrelay.queue import QueueManager, QueuePolicy
+    from mailrelay.route import RoutingTable
+
+    try:
+        router = RoutingTable.fromConfig(config)
+    except ValueError as e:
+        raise ConfigError(str(e), file=config.source or "(embedded default)", key="routes") from e
+    backends = makeBackends(config, reactor, router, build)
+    # Children stop in reverse order: listeners, then the queue, then the backends, then
+    # the spool.
+    BackendsService(backends).setServiceParent(top)
+    q = config.queue
+    queue = QueueManager(
+        spool,
+        router,
+        backends,
+        reactor,
+        hostname=config.hostname,
+        policy=QueuePolicy(
+            minBackoff=q.minBackoff,
+            maxBackoff=q.maxBackoff,
+            maxLifetime=q.maxLifetime,
+            bounceLifetime=q.bounceLifetime,
+            delayWarning=q.delayWarning,
+            activeLimit=q.activeLimit,
+            postmaster=q.postmaster,
+        ),
+    )
+    if config.queue.hold:
+        log.warn("queue.hold is set: mail is accepted and spooled, nothing is delivered")
+    else:
+        queue.setServiceParent(top)
 
     resolver = None
     if config.reverseDNS:
@@ -150,6 +258,7 @@ def makeRelayService(config: Config, reactor: Any) -> MultiService:
             dataTimeout=config.dataTimeout,
             maxHops=config.maxHops,
             resolver=resolver,
+            onQueued=None if config.queue.hold else queue.enqueue,
         )
         ListenerService(reactor, listener.endpoint, SMTPServerFactory(ctx)).setServiceParent(top)
     return top

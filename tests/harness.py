@@ -44,9 +44,13 @@ class RelayProcess:
     """
 
     def __init__(self, directory: Path, config: str | None = None, args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None, defaults: bool = True, listeners: int = 1) -> None:
+                 env: dict[str, str] | None = None, defaults: bool = True, listeners: int = 1,
+                 hold: bool = False) -> None:
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
+        if hold:
+            # Inbound-only tests: spool, deliver nothing (and so never look up an MX).
+            config = "[queue]\nhold = true\n" + (config or "")
         self.configText = config
         self.args = args
         self.env = env

@@ -1702,3 +1702,13 @@ def test_timeoutsMatchClientTimeouts() -> None:
     expected = {f.name: float(f.default) for f in dataclasses.fields(client.ClientTimeouts)}
     assert DeliveryConfig().timeouts == expected
     client.ClientTimeouts(**DeliveryConfig().timeouts)
+
+
+def test_queue_hold(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[queue]\nhold = true\n")
+    assert loadConfig(str(path), {"spool": str(tmp_path / "s")}).queue.hold is True
+    assert loadConfig(None, {"spool": str(tmp_path / "s")}).queue.hold is False
+    path.write_text('[queue]\nhold = "yes"\n')
+    with pytest.raises(ConfigError, match=r"queue\.hold: must be true or false"):
+        loadConfig(str(path), {"spool": str(tmp_path / "s")})

@@ -21,6 +21,7 @@ def relay(tmp_path: Path):
     started: list[RelayProcess] = []
 
     def start(config: str | None = None, *args: str, **kw) -> RelayProcess:
+        kw.setdefault("hold", True)
         r = RelayProcess(tmp_path / f"relay{len(started)}", config, args, **kw)
         started.append(r)
         return r.start()

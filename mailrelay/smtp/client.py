@@ -132,7 +132,7 @@ class ClientSettings:
     tls: str = "may"
     caFile: str | None = None
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     authWithoutTLS: bool = False
     timeouts: ClientTimeouts = ClientTimeouts()
 

@@ -1,0 +1,39 @@
+"""The C{discard} backend: every recipient counts as delivered, nothing is sent anywhere.
+
+Meant for load tests of the relay itself (and for routing a domain to nowhere).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailrelay.delivery import resultsForAll
+from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend
+
+log = Logger()
+
+
+@implementer(IDeliveryBackend)
+class DiscardBackend:
+    """Delivers to nowhere: each recipient gets C{2.0.0 "X-mailrelay; discarded"}."""
+
+    def deliver(self, envelope: Any, recipients: Any, nexthop: str, messagePath: Path) -> Deferred:
+        recipients = list(recipients)
+        log.info(
+            "{queueID}: discarded for {count} recipient(s): {addresses}",
+            queueID=envelope.queueID,
+            count=len(recipients),
+            addresses=", ".join(r.address for r in recipients),
+        )
+        return succeed(
+            resultsForAll(recipients, DeliveryStatus.DELIVERED, "2.0.0", "X-mailrelay; discarded")
+        )
+
+    def close(self) -> Deferred:
+        """Nothing to close."""
+        return succeed(None)

@@ -1,0 +1,268 @@
+"""The C{lmtp} backend: hands messages to a mail store over LMTP (RFC 2033).
+
+The route's next hop is C{"unix:/path/to/socket"}, C{"host:port"}, C{"[host]:port"} or
+C{"[2001:db8::1]:port"} (the port defaults to 24).  Host names are resolved by the reactor's
+name resolver (C{HostnameEndpoint}), without MX lookup.  Each delivery opens a connection
+(at most C{concurrency} at once per next hop), sends the message, takes the per-recipient
+replies LMTP gives after DATA, and quits.
+
+A connection failure defers every recipient (transient; a 5xx greeting too: a store that
+refuses connections is a problem to fix, not a reason to bounce).  A bad next hop defers
+every recipient with 4.3.5 (system incorrectly configured).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, DeferredSemaphore, inlineCallbacks
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    UNIXClientEndpoint,
+    wrapClientTLS,
+)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailrelay.delivery import resultsForAll
+from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend
+from mailrelay.smtp import client as smtpClient
+from mailrelay.smtp.client import ClientSettings, SMTPConnectError
+
+log = Logger()
+
+DEFAULT_LMTP_PORT = 24
+
+
+def parseLMTPNexthop(nexthop: str) -> tuple[str, str, int | None]:
+    """C{("unix", path, None)} or C{("tcp", host, port)} for an LMTP next hop.
+
+    @raise ValueError: not an LMTP next hop.
+    """
+    if not isinstance(nexthop, str) or not nexthop:
+        raise ValueError(f"{nexthop!r} is not an LMTP next hop")
+    if nexthop.startswith("unix:"):
+        path = nexthop[5:]
+        if not path:
+            raise ValueError(f"{nexthop!r}: the socket path is missing")
+        return "unix", path, None
+    portText: str | None
+    if nexthop.startswith("["):
+        close = nexthop.find("]")
+        rest = nexthop[close + 1 :] if close >= 0 else "?"
+        if close < 0 or (rest and not rest.startswith(":")):
+            raise ValueError(f"{nexthop!r} is not an LMTP next hop (use host:port or unix:/path)")
+        host = nexthop[1:close]
+        if host[:5].lower() == "ipv6:":
+            host = host[5:]
+        portText = rest[1:] if rest else None
+    else:
+        if nexthop.count(":") > 1:
+            raise ValueError(f"{nexthop!r}: an IPv6 address must be written in brackets")
+        host, colon, portText = nexthop.partition(":")
+        if not colon:
+            portText = None
+    port = DEFAULT_LMTP_PORT
+    if portText is not None:
+        if not portText.isascii() or not portText.isdigit() or not 1 <= int(portText) <= 65535:
+            raise ValueError(f"{nexthop!r}: the port must be a number from 1 to 65535")
+        port = int(portText)
+    if not host:
+        raise ValueError(f"{nexthop!r}: the host is missing")
+    return "tcp", host, port
+
+
+@implementer(IDeliveryBackend)
+class LMTPBackend:
+    """Delivers over LMTP (see the module docstring)."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        settings: ClientSettings,
+        *,
+        routeSettings: Mapping[str, ClientSettings]
+        | Callable[[str], ClientSettings | None]
+        | None = None,
+        concurrency: int = 20,
+        connect: Callable[..., Deferred] | None = None,
+    ) -> None:
+        """
+        @param reactor: provides C{IReactorTCP}, C{IReactorUNIX} and C{IReactorTime}.
+        @param settings: the client settings (C{lmtp} is forced on; C{tls="none"} is usual
+            for a local store).
+        @param routeSettings: settings for particular next hops, as for
+            L{SMTPBackend <mailrelay.delivery.smtp.SMTPBackend>}.
+        @param concurrency: the most simultaneous connections to one next hop.
+        @param connect: the connecting function, C{connectSMTP} by default (for tests).
+        """
+        self.reactor = reactor
+        self.settings = settings
+        self.routeSettings = routeSettings
+        self.concurrency = concurrency
+        self._connect = connect
+        self._semaphores: dict[str, DeferredSemaphore] = {}
+        self._quitting: set[Deferred] = set()
+
+    def settingsFor(self, nexthop: str) -> ClientSettings:
+        """The client settings for C{nexthop}, with C{lmtp=True}."""
+        found = None
+        if callable(self.routeSettings):
+            found = self.routeSettings(nexthop)
+        elif self.routeSettings is not None:
+            found = self.routeSettings.get(nexthop)
+        settings = found if found is not None else self.settings
+        return settings if settings.lmtp else dataclasses.replace(settings, lmtp=True)
+
+    def deliver(self, envelope: Any, recipients: Any, nexthop: str, messagePath: Path) -> Deferred:
+        """Deliver to C{recipients} at C{nexthop}; the Deferred never fails."""
+        recipients = list(recipients)
+        semaphore = self._semaphores.get(nexthop)
+        if semaphore is None:
+            semaphore = self._semaphores[nexthop] = DeferredSemaphore(self.concurrency)
+        d = semaphore.run(self._deliver, envelope, recipients, nexthop, messagePath)
+
+        def forget(result: Any) -> Any:
+            if (
+                semaphore.tokens == semaphore.limit
+                and not semaphore.waiting
+                and self._semaphores.get(nexthop) is semaphore
+            ):
+                del self._semaphores[nexthop]
+            return result
+
+        def unexpected(failure: Failure) -> Any:
+            if failure.check(defer.CancelledError):
+                return failure  # the caller cancelled (its time-out): let it know
+            log.failure(
+                "{queueID}: LMTP delivery to {nexthop} failed unexpectedly",
+                failure,
+                queueID=envelope.queueID,
+                nexthop=nexthop,
+            )
+            return resultsForAll(
+                recipients,
+                DeliveryStatus.TRANSIENT,
+                "4.3.0",
+                f"X-mailrelay; internal error: {failure.getErrorMessage()}",
+            )
+
+        d.addErrback(unexpected)
+        d.addBoth(forget)
+        return d
+
+    def _endpoint(self, nexthop: str, settings: ClientSettings) -> tuple[Any, str, str]:
+        """The endpoint, TLS host name and Remote-MTA for C{nexthop}."""
+        kind, host, port = parseLMTPNexthop(nexthop)
+        timeout = settings.timeouts.connect
+        if kind == "unix":
+            return (
+                UNIXClientEndpoint(self.reactor, host, timeout=timeout),
+                "localhost",
+                f"X-unix; {host}",
+            )
+        assert port is not None
+        try:
+            version = ipaddress.ip_address(host).version
+        except ValueError:
+            version = 0
+        if version == 4:
+            endpoint: Any = TCP4ClientEndpoint(self.reactor, host, port, timeout=timeout)
+            remoteMTA = f"dns; [{host}]"
+        elif version == 6:
+            endpoint = TCP6ClientEndpoint(self.reactor, host, port, timeout=timeout)
+            remoteMTA = f"dns; [{host}]"
+        else:
+            endpoint = HostnameEndpoint(self.reactor, host.encode("idna"), port, timeout=timeout)
+            remoteMTA = f"dns; {host}"
+        if settings.tls == "implicit":
+            endpoint = wrapClientTLS(smtpClient.clientTLSOptions(settings, host), endpoint)
+        return endpoint, host, remoteMTA
+
+    @inlineCallbacks
+    def _deliver(self, envelope: Any, recipients: list, nexthop: str, messagePath: Path) -> Any:
+        queueID = envelope.queueID
+        settings = self.settingsFor(nexthop)
+        try:
+            endpoint, tlsHostname, remoteMTA = self._endpoint(nexthop, settings)
+        except ValueError as e:
+            log.error("{queueID}: bad LMTP next hop: {error}", queueID=queueID, error=str(e))
+            return resultsForAll(recipients, DeliveryStatus.TRANSIENT, "4.3.5", f"X-mailrelay; {e}")
+        connect = self._connect if self._connect is not None else smtpClient.connectSMTP
+        try:
+            connection = yield connect(
+                self.reactor, endpoint, settings, tlsHostname=tlsHostname, remoteMTA=remoteMTA
+            )
+        except SMTPConnectError as e:
+            log.warn(
+                "{queueID}: cannot connect to LMTP server {nexthop}: {code} {diagnostic}",
+                queueID=queueID,
+                nexthop=nexthop,
+                code=e.code,
+                diagnostic=e.diagnostic,
+            )
+            return resultsForAll(
+                recipients,
+                DeliveryStatus.TRANSIENT,
+                "4" + e.code[1:],
+                e.diagnostic,
+                e.remoteMTA or remoteMTA,
+            )
+        try:
+            results = yield connection.send(envelope, recipients, messagePath)
+        except defer.CancelledError:
+            connection.abort()
+            raise
+        except Exception as e:
+            log.failure(
+                "{queueID}: LMTP send to {nexthop} failed", queueID=queueID, nexthop=nexthop
+            )
+            connection.abort()
+            return resultsForAll(
+                recipients,
+                DeliveryStatus.TRANSIENT,
+                "4.3.0",
+                f"X-mailrelay; internal error: {e}",
+                remoteMTA,
+            )
+        self._quit(connection)
+        return list(results)
+
+    def _quit(self, connection: Any) -> None:
+        if not connection.usable:
+            connection.abort()
+            return
+        d = defer.maybeDeferred(connection.quit)
+        self._quitting.add(d)
+
+        def done(result: Any) -> None:
+            self._quitting.discard(d)
+            if isinstance(result, Failure):
+                try:
+                    connection.abort()
+                except Exception:
+                    pass
+
+        d.addBoth(done)
+
+    def close(self, timeout: float = 10.0) -> Deferred:
+        """Wait (at most C{timeout} seconds) for connections still quitting."""
+        pending = list(self._quitting)
+        if not pending:
+            return defer.succeed(None)
+        done = defer.DeferredList(pending, consumeErrors=True)
+        timer = self.reactor.callLater(timeout, done.cancel)
+
+        def finish(_: Any) -> None:
+            if timer.active():
+                timer.cancel()
+
+        done.addBoth(finish)
+        return done

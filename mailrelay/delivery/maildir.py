@@ -1,0 +1,281 @@
+"""The C{maildir} backend: each recipient's copy written into a Maildir, in a thread.
+
+The route's next hop is a path template with the placeholders C{{local}}, C{{domain}} and
+C{{address}} (C{{local}@{domain}}), for example C{"/var/mail/{domain}/{local}/Maildir"}.
+Only those three are replaced (this is not C{str.format}: other braces stay as they are).
+A relative template is relative to the process's working directory; the configuration should
+make it absolute.
+
+For the path the local part is unquoted (C{"john doe"} becomes C{john doe}) and lower-cased;
+a local part or domain that is empty, starts with C{"."}, or contains C{"/"}, a NUL or another
+control character is refused (permanent 5.1.3), so that no recipient can write outside its
+directory.
+
+Each copy starts with C{Return-Path: <sender>} and C{Delivered-To: <address>} and is stored
+with LF line ends (the Unix Maildir convention: the spool's CRLF become LF; a lone CR stays).
+The copy is written to C{tmp/}, fsynced, linked (or, where the file system cannot link,
+renamed) into C{new/}, and C{new/} is fsynced, as the Maildir specification asks.  Missing
+Maildirs (C{tmp}, C{new}, C{cur}) are created with mode 0700.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, RecipientResult
+
+log = Logger()
+
+CHUNK = 65536
+DELIVERED_DIAGNOSTIC = "X-mailrelay; delivered to maildir"
+
+_counter = itertools.count(1)
+
+
+class UnsafeAddress(ValueError):
+    """A local part or domain that cannot be part of a path."""
+
+
+def unquoteLocalPart(local: str) -> str:
+    """C{local} without its quotes and backslash escapes, when it is a quoted-string."""
+    if len(local) >= 2 and local.startswith('"') and local.endswith('"'):
+        out = []
+        chars = iter(local[1:-1])
+        for c in chars:
+            if c == "\\":
+                c = next(chars, "")
+            out.append(c)
+        return "".join(out)
+    return local
+
+
+def _checkComponent(text: str, what: str) -> str:
+    if not text:
+        raise UnsafeAddress(f"empty {what}")
+    if text.startswith("."):
+        raise UnsafeAddress(f"{what} {text!r} starts with '.'")
+    if "/" in text or "\\" in text:
+        raise UnsafeAddress(f"{what} {text!r} contains a slash")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise UnsafeAddress(f"{what} {text!r} contains a control character")
+    return text
+
+
+def mailboxPath(template: str, address: str) -> str:
+    """The Maildir of C{address} (canonical, C{local@domain}) according to C{template}.
+
+    @raise UnsafeAddress: the local part or domain cannot safely be part of a path.
+    """
+    local, at, domain = address.rpartition("@")
+    if not at:
+        local, domain = address, ""
+    local = _checkComponent(unquoteLocalPart(local).lower(), "local part")
+    if "{domain}" in template or "{address}" in template:
+        domain = _checkComponent(domain, "domain")
+    return (
+        template.replace("{address}", f"{local}@{domain}")
+        .replace("{local}", local)
+        .replace("{domain}", domain)
+    )
+
+
+def _hostnameForName() -> str:
+    """This host's name as a Maildir file name part ('/' and ':' escaped as the spec says)."""
+    return socket.gethostname().replace("/", "\\057").replace(":", "\\072") or "localhost"
+
+
+@dataclass
+class _Job:
+    address: str
+    directory: str
+
+
+@implementer(IDeliveryBackend)
+class MaildirBackend:
+    """Writes each recipient's copy into its Maildir (see the module docstring)."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        *,
+        deferToThread: Callable[..., Deferred] | None = None,
+        hostname: str | None = None,
+    ) -> None:
+        """
+        @param reactor: the reactor; its thread pool runs the file operations unless
+            C{deferToThread} is given.
+        @param deferToThread: C{callable(f, *args)} returning a Deferred of C{f(*args)}
+            (tests pass one running C{f} at once).
+        @param hostname: the host name in unique file names (default: C{socket.gethostname()}).
+        """
+        self.reactor = reactor
+        self._deferToThread = deferToThread
+        self.hostname = (
+            hostname.replace("/", "\\057").replace(":", "\\072") if hostname else _hostnameForName()
+        )
+
+    def _inThread(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        if self._deferToThread is not None:
+            return self._deferToThread(f, *args)
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
+
+    def deliver(self, envelope: Any, recipients: Any, nexthop: str, messagePath: Path) -> Deferred:
+        recipients = list(recipients)
+        results: list[RecipientResult | None] = [None] * len(recipients)
+        jobs: list[tuple[int, _Job]] = []
+        for index, recipient in enumerate(recipients):
+            try:
+                directory = mailboxPath(nexthop, recipient.address)
+            except UnsafeAddress as e:
+                log.warn(
+                    "{queueID}: refusing maildir delivery to {address}: {problem}",
+                    queueID=envelope.queueID,
+                    address=recipient.address,
+                    problem=str(e),
+                )
+                results[index] = RecipientResult(
+                    recipient.address,
+                    DeliveryStatus.PERMANENT,
+                    "5.1.3",
+                    f"X-mailrelay; cannot deliver to maildir: {e}",
+                )
+            else:
+                jobs.append((index, _Job(recipient.address, directory)))
+        if not jobs:
+            return succeed(results)
+
+        header = f"Return-Path: <{envelope.sender}>\n"
+
+        d = self._inThread(self._deliverAll, header, [j for _, j in jobs], str(messagePath))
+
+        def done(outcomes: list[RecipientResult]) -> list[RecipientResult]:
+            for (index, job), result in zip(jobs, outcomes):
+                results[index] = result
+                if result.status is DeliveryStatus.DELIVERED:
+                    log.info(
+                        "{queueID}: delivered to {address} in maildir {directory}",
+                        queueID=envelope.queueID,
+                        address=job.address,
+                        directory=job.directory,
+                    )
+                else:
+                    log.warn(
+                        "{queueID}: maildir delivery to {address} failed: {diagnostic}",
+                        queueID=envelope.queueID,
+                        address=job.address,
+                        diagnostic=result.diagnostic,
+                    )
+            return results  # type: ignore[return-value]
+
+        def failed(failure: Any) -> list[RecipientResult]:
+            log.failure("{queueID}: maildir delivery failed", failure, queueID=envelope.queueID)
+            for index, job in jobs:
+                results[index] = RecipientResult(
+                    job.address,
+                    DeliveryStatus.TRANSIENT,
+                    "4.3.0",
+                    f"X-mailrelay; maildir delivery failed: {failure.getErrorMessage()}",
+                )
+            return results  # type: ignore[return-value]
+
+        d.addCallbacks(done, failed)
+        return d
+
+    # -- in the thread ------------------------------------------------------------------------
+
+    def _deliverAll(self, header: str, jobs: list[_Job], messagePath: str) -> list[RecipientResult]:
+        return [self._deliverOne(header, job, messagePath) for job in jobs]
+
+    def _deliverOne(self, header: str, job: _Job, messagePath: str) -> RecipientResult:
+        try:
+            self._write(header + f"Delivered-To: {job.address}\n", job.directory, messagePath)
+        except OSError as e:
+            if e.errno == errno.EDQUOT:
+                code = "4.2.2"
+            elif e.errno == errno.ENOSPC:
+                code = "4.3.1"
+            else:
+                code = "4.3.0"
+            return RecipientResult(
+                job.address,
+                DeliveryStatus.TRANSIENT,
+                code,
+                f"X-mailrelay; cannot deliver to maildir: {e}",
+            )
+        return RecipientResult(job.address, DeliveryStatus.DELIVERED, "2.0.0", DELIVERED_DIAGNOSTIC)
+
+    def _uniqueName(self) -> str:
+        now = time.time()
+        seconds = int(now)
+        micro = int((now - seconds) * 1_000_000)
+        return f"{seconds}.M{micro}P{os.getpid()}Q{next(_counter)}.{self.hostname}"
+
+    def _write(self, header: str, directory: str, messagePath: str) -> None:
+        for sub in ("", "tmp", "new", "cur"):
+            path = os.path.join(directory, sub) if sub else directory
+            if not os.path.isdir(path):
+                os.makedirs(path, mode=0o700, exist_ok=True)
+        while True:
+            name = self._uniqueName()
+            tmpPath = os.path.join(directory, "tmp", name)
+            try:
+                fd = os.open(tmpPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                continue
+            break
+        try:
+            with os.fdopen(fd, "wb") as out, open(messagePath, "rb") as source:
+                out.write(header.encode("utf-8"))
+                pendingCR = b""
+                while True:
+                    chunk = source.read(CHUNK)
+                    if not chunk:
+                        break
+                    chunk = pendingCR + chunk
+                    if chunk.endswith(b"\r"):
+                        chunk, pendingCR = chunk[:-1], b"\r"
+                    else:
+                        pendingCR = b""
+                    out.write(chunk.replace(b"\r\n", b"\n"))
+                out.write(pendingCR)
+                out.flush()
+                os.fsync(out.fileno())
+            newPath = os.path.join(directory, "new", name)
+            try:
+                os.link(tmpPath, newPath)
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EOPNOTSUPP):
+                    raise
+                os.rename(tmpPath, newPath)
+            else:
+                try:
+                    os.unlink(tmpPath)
+                except OSError:
+                    pass
+        except BaseException:
+            try:
+                os.unlink(tmpPath)
+            except OSError:
+                pass
+            raise
+        dirFD = os.open(os.path.join(directory, "new"), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dirFD)
+        finally:
+            os.close(dirFD)
+
+    def close(self) -> Deferred:
+        """Nothing to close."""
+        return succeed(None)

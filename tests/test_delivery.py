@@ -1,0 +1,909 @@
+"""Delivery backends: maildir, discard, SMTP (fake connections, fake clock) and LMTP."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, UNIXClientEndpoint
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+from zope.interface.verify import verifyObject
+
+from mailrelay.delivery import BUILTIN_BACKENDS
+from mailrelay.delivery.discard import DiscardBackend
+from mailrelay.delivery.maildir import MaildirBackend, UnsafeAddress, mailboxPath
+from mailrelay.envelope import Envelope, Recipient
+from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, RecipientResult
+from mailrelay.route import DeliveryFailure, MXHost, RouteRule, RoutingTable
+from mailrelay.smtp.client import ClientSettings, SMTPConnectError
+
+DELIVERED = DeliveryStatus.DELIVERED
+TRANSIENT = DeliveryStatus.TRANSIENT
+PERMANENT = DeliveryStatus.PERMANENT
+
+MESSAGE = b"Subject: hi\r\nFrom: a@example.com\r\n\r\nline one\r\nline\rtwo\r\n"
+CLEAN_MESSAGE = b"Subject: hi\r\nFrom: a@example.com\r\n\r\nline one\r\n.dot line\r\n"
+
+
+def envelope(*addresses: str, sender: str = "alice@example.com") -> Envelope:
+    return Envelope(
+        sender=sender, recipients=[Recipient(address=a) for a in addresses], queueID="Q" * 20
+    )
+
+
+def result(d: defer.Deferred) -> Any:
+    """The result of a Deferred that has fired."""
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    if isinstance(out[0], Failure):
+        out[0].raiseException()
+    return out[0]
+
+
+@pytest.fixture
+def messagePath(tmp_path: Path) -> Path:
+    path = tmp_path / "message.eml"
+    path.write_bytes(MESSAGE)
+    return path
+
+
+def test_builtin_names() -> None:
+    assert BUILTIN_BACKENDS == ("smtp", "lmtp", "maildir", "discard")
+
+
+# ---------------------------------------------------------------------------------------------
+# discard
+
+
+def test_discard(messagePath: Path) -> None:
+    backend = DiscardBackend()
+    verifyObject(IDeliveryBackend, backend)
+    env = envelope("a@example.org", "b@example.org")
+    results = result(backend.deliver(env, env.recipients, "discard", messagePath))
+    assert results == [
+        RecipientResult("a@example.org", DELIVERED, "2.0.0", "X-mailrelay; discarded"),
+        RecipientResult("b@example.org", DELIVERED, "2.0.0", "X-mailrelay; discarded"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# maildir
+
+
+def syncThread(f: Any, *args: Any) -> defer.Deferred:
+    return defer.maybeDeferred(f, *args)
+
+
+def maildir() -> MaildirBackend:
+    return MaildirBackend(Clock(), deferToThread=syncThread, hostname="host/with:odd")
+
+
+def test_maildir_delivers(tmp_path: Path, messagePath: Path) -> None:
+    backend = maildir()
+    verifyObject(IDeliveryBackend, backend)
+    template = str(tmp_path / "mail" / "{domain}" / "{local}" / "Maildir")
+    env = envelope("Bob@example.org", "carol@example.net")
+    results = result(backend.deliver(env, env.recipients, template, messagePath))
+    assert [r.status for r in results] == [DELIVERED, DELIVERED]
+    assert results[0] == RecipientResult(
+        "Bob@example.org", DELIVERED, "2.0.0", "X-mailrelay; delivered to maildir"
+    )
+    box = tmp_path / "mail" / "example.org" / "bob" / "Maildir"
+    for sub in ("tmp", "new", "cur"):
+        assert (box / sub).is_dir()
+        assert (box / sub).stat().st_mode & 0o777 == 0o700
+    assert list((box / "tmp").iterdir()) == []
+    (stored,) = list((box / "new").iterdir())
+    assert f"P{os.getpid()}" in stored.name
+    assert stored.name.endswith(".host\\057with\\072odd")
+    assert stored.read_bytes() == (
+        b"Return-Path: <alice@example.com>\nDelivered-To: Bob@example.org\n"
+        b"Subject: hi\nFrom: a@example.com\n\nline one\nline\rtwo\n"
+    )
+    (other,) = list((tmp_path / "mail" / "example.net" / "carol" / "Maildir" / "new").iterdir())
+    assert other.read_bytes().startswith(
+        b"Return-Path: <alice@example.com>\nDelivered-To: carol@example.net\n"
+    )
+    # A second delivery gets another unique name.
+    result(backend.deliver(env, env.recipients[:1], template, messagePath))
+    assert len(list((box / "new").iterdir())) == 2
+
+
+def test_maildir_null_sender_and_address_placeholder(tmp_path: Path, messagePath: Path) -> None:
+    env = envelope('"John Doe"@example.org', sender="")
+    template = str(tmp_path / "{address}")
+    (r,) = result(maildir().deliver(env, env.recipients, template, messagePath))
+    assert r.status is DELIVERED
+    (stored,) = list((tmp_path / "john doe@example.org" / "new").iterdir())
+    assert stored.read_bytes().startswith(
+        b'Return-Path: <>\nDelivered-To: "John Doe"@example.org\n'
+    )
+
+
+def test_maildir_crlf_split_across_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mailrelay.delivery import maildir as module
+
+    monkeypatch.setattr(module, "CHUNK", 3)
+    path = tmp_path / "m.eml"
+    body = b"ab\r\ncd\r\r\nef\r\n\r\nx\r"
+    path.write_bytes(body)
+    env = envelope("u@example.org")
+    result(maildir().deliver(env, env.recipients, str(tmp_path / "box"), path))
+    (stored,) = list((tmp_path / "box" / "new").iterdir())
+    assert stored.read_bytes().split(b"\n", 2)[2] == body.replace(b"\r\n", b"\n")
+
+
+def test_maildir_unsafe_local_parts(tmp_path: Path, messagePath: Path) -> None:
+    template = str(tmp_path / "{domain}" / "{local}")
+    for address in [
+        '"../x"@example.org',
+        '"a/b"@example.org',
+        ".hidden@example.org",
+        '"a\\\x00b"@example.org',
+        '".."@example.org',
+    ]:
+        with pytest.raises(UnsafeAddress):
+            mailboxPath(template, address)
+    env = envelope('"../../etc"@example.org', "fine@example.org")
+    results = result(maildir().deliver(env, env.recipients, template, messagePath))
+    assert results[0].status is PERMANENT
+    assert results[0].code == "5.1.3"
+    assert results[1].status is DELIVERED
+    assert sorted(p.name for p in (tmp_path / "example.org").iterdir()) == ["fine"]
+    assert (
+        mailboxPath("/m/{local}/{domain}", "X.Y@[IPv6:2001:db8::1]") == "/m/x.y/[IPv6:2001:db8::1]"
+    )
+
+
+def test_maildir_errors(tmp_path: Path, messagePath: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = maildir()
+    env = envelope("u@example.org")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    (r,) = result(backend.deliver(env, env.recipients, str(blocker / "{local}"), messagePath))
+    assert (r.status, r.code) == (TRANSIENT, "4.3.0")
+    assert r.diagnostic.startswith("X-mailrelay; cannot deliver to maildir: ")
+
+    def full(*args: Any, **kw: Any) -> None:
+        raise OSError(wanted, os.strerror(wanted))
+
+    monkeypatch.setattr(os, "fsync", full)
+    for wanted, code in [(errno.ENOSPC, "4.3.1"), (errno.EDQUOT, "4.2.2")]:
+        (r,) = result(backend.deliver(env, env.recipients, str(tmp_path / "box"), messagePath))
+        assert (r.status, r.code) == (TRANSIENT, code)
+    assert list((tmp_path / "box" / "tmp").iterdir()) == []
+    assert list((tmp_path / "box" / "new").iterdir()) == []
+
+
+class MaildirThreadTests(unittest.TestCase):
+    """Without an injected deferToThread the reactor's thread pool is used."""
+
+    @defer.inlineCallbacks
+    def test_real_thread(self) -> Any:
+        from twisted.internet import reactor
+
+        tmp = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, tmp, True)
+        path = tmp / "m.eml"
+        path.write_bytes(MESSAGE)
+        env = envelope("u@example.org")
+        (r,) = yield MaildirBackend(reactor).deliver(env, env.recipients, str(tmp / "box"), path)
+        self.assertIs(r.status, DELIVERED)
+        self.assertEqual(len(list((tmp / "box" / "new").iterdir())), 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# SMTP backend, with fake connections
+
+
+def connectError(
+    code: str, diagnostic: str, *, permanent: bool = False, remoteMTA: str | None = None
+) -> SMTPConnectError:
+    return SMTPConnectError(
+        code=code, diagnostic=diagnostic, permanent=permanent, remoteMTA=remoteMTA
+    )
+
+
+class FakeConnection:
+    """An SMTPConnection: C{replies} maps a recipient address to its result status/code."""
+
+    def __init__(self, net: FakeNet, address: str, remoteMTA: str) -> None:
+        self.net = net
+        self.address = address
+        self.remoteMTA = remoteMTA
+        self.extensions: dict[str, Any] = {}
+        self.usable = True
+        self.sent: list[tuple[str, list[str]]] = []
+        self.quitted = False
+        self.aborted = False
+
+    def send(
+        self, envelope: Envelope, recipients: list[Recipient], messagePath: Path
+    ) -> defer.Deferred:
+        self.sent.append((envelope.queueID, [r.address for r in recipients]))
+        behaviour = self.net.sendBehaviour.get(self.address, "ok")
+        if behaviour == "hold":
+            d: defer.Deferred = defer.Deferred()
+            self.net.heldSends.append((d, self, recipients))
+            return d
+        return defer.succeed(self.net.results(self, recipients, behaviour))
+
+    def quit(self) -> defer.Deferred:
+        self.quitted = True
+        self.usable = False
+        return defer.succeed(None)
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.usable = False
+
+
+class FakeNet:
+    """A fake connectSMTP: per address, connect behaviour and send behaviour."""
+
+    def __init__(self) -> None:
+        self.connectBehaviour: dict[str, Any] = {}
+        self.sendBehaviour: dict[str, str] = {}
+        self.attempts: list[tuple[str, int, str, ClientSettings, Any]] = []
+        self.connections: list[FakeConnection] = []
+        self.heldConnects: list[tuple[defer.Deferred, str, str]] = []
+        self.heldSends: list[tuple[defer.Deferred, FakeConnection, list]] = []
+
+    def connect(
+        self,
+        reactor: Any,
+        endpoint: Any,
+        settings: ClientSettings,
+        *,
+        tlsHostname: str,
+        remoteMTA: str | None = None,
+    ) -> defer.Deferred:
+        inner = getattr(endpoint, "_wrappedEndpoint", endpoint)
+        address, port = inner._host, inner._port
+        self.attempts.append((address, port, tlsHostname, settings, endpoint))
+        behaviour = self.connectBehaviour.get(address, "ok")
+        if isinstance(behaviour, Exception):
+            return defer.fail(behaviour)
+        if behaviour == "hold":
+            d: defer.Deferred = defer.Deferred()
+            self.heldConnects.append((d, address, remoteMTA or ""))
+            return d
+        return defer.succeed(self.newConnection(address, remoteMTA or ""))
+
+    def newConnection(self, address: str, remoteMTA: str) -> FakeConnection:
+        c = FakeConnection(self, address, remoteMTA)
+        self.connections.append(c)
+        return c
+
+    def results(
+        self, conn: FakeConnection, recipients: list[Recipient], behaviour: str
+    ) -> list[RecipientResult]:
+        if behaviour == "ok":
+            return [
+                RecipientResult(r.address, DELIVERED, "2.0.0", "smtp; 250 2.0.0 Ok", conn.remoteMTA)
+                for r in recipients
+            ]
+        if behaviour == "451":
+            return [
+                RecipientResult(
+                    r.address, TRANSIENT, "4.3.0", "smtp; 451 4.3.0 try later", conn.remoteMTA
+                )
+                for r in recipients
+            ]
+        if behaviour == "lost":
+            conn.usable = False
+            return [
+                RecipientResult(
+                    r.address, TRANSIENT, "4.4.2", "X-mailrelay; connection lost", conn.remoteMTA
+                )
+                for r in recipients
+            ]
+        if behaviour == "mixed":
+            return [
+                RecipientResult(
+                    r.address,
+                    DELIVERED if i == 0 else TRANSIENT,
+                    "2.0.0" if i == 0 else "4.2.0",
+                    "smtp; x",
+                    conn.remoteMTA,
+                )
+                for i, r in enumerate(recipients)
+            ]
+        if behaviour == "550":
+            return [
+                RecipientResult(
+                    r.address, PERMANENT, "5.1.1", "smtp; 550 5.1.1 unknown", conn.remoteMTA
+                )
+                for r in recipients
+            ]
+        raise AssertionError(behaviour)
+
+
+class FakeMX:
+    """An MXResolver answering from a dict: nexthop -> list of MXHost or a DeliveryFailure."""
+
+    def __init__(self, answers: dict[str, Any]) -> None:
+        self.answers = answers
+        self.asked: list[str] = []
+
+    def resolve(self, nexthop: str) -> defer.Deferred:
+        self.asked.append(nexthop)
+        answer = self.answers[nexthop]
+        if isinstance(answer, Exception):
+            return defer.fail(answer)
+        return defer.succeed(list(answer))
+
+
+HOSTS = {
+    "example.org": [
+        MXHost("mx1.example.org", "192.0.2.1", 25, 10),
+        MXHost("mx1.example.org", "2001:db8::1", 25, 10),
+        MXHost("mx2.example.org", "192.0.2.2", 25, 20),
+    ],
+    "example.net": [MXHost("mx.example.net", "192.0.2.30", 25, 10)],
+    "[relay.example]:587": [MXHost("relay.example", "192.0.2.40", 587)],
+    "nowhere.example": DeliveryFailure(
+        permanent=True,
+        code="5.1.2",
+        diagnostic="X-mailrelay; domain nowhere.example does not exist",
+    ),
+    "nullmx.example": DeliveryFailure(
+        permanent=True,
+        code="5.1.10",
+        diagnostic="X-mailrelay; domain nullmx.example does not accept mail (null MX)",
+    ),
+    "relay.nowhere.example": DeliveryFailure(
+        permanent=True,
+        code="5.1.2",
+        diagnostic="X-mailrelay; domain relay.nowhere.example does not exist",
+    ),
+    "broken.example": DeliveryFailure(
+        permanent=False, code="4.4.3", diagnostic="X-mailrelay; SERVFAIL"
+    ),
+}
+
+SETTINGS = ClientSettings(heloName="relay.test")
+
+
+def smtpBackend(**kw: Any) -> tuple[Any, FakeNet, Clock, FakeMX]:
+    from mailrelay.delivery.smtp import SMTPBackend
+
+    net = FakeNet()
+    clock = Clock()
+    mx = FakeMX(HOSTS)
+    kw.setdefault("settings", SETTINGS)
+    backend = SMTPBackend(clock, mx, connect=net.connect, **kw)
+    return backend, net, clock, mx
+
+
+def send(
+    backend: Any,
+    nexthop: str,
+    *addresses: str,
+    queueID: str | None = None,
+    path: Path = Path("/nonexistent"),
+) -> defer.Deferred:
+    env = envelope(*addresses)
+    if queueID:
+        env.queueID = queueID
+    return backend.deliver(env, env.recipients, nexthop, path)
+
+
+def test_smtp_provides_interface() -> None:
+    backend, *_ = smtpBackend()
+    verifyObject(IDeliveryBackend, backend)
+
+
+def test_smtp_failover_order() -> None:
+    backend, net, clock, mx = smtpBackend()
+    net.connectBehaviour["192.0.2.1"] = connectError(
+        "4.4.1", "X-mailrelay; connection refused by 192.0.2.1", remoteMTA="dns; mx1.example.org"
+    )
+    net.connectBehaviour["2001:db8::1"] = connectError(
+        "5.3.0", "smtp; 554 5.3.0 go away", permanent=True, remoteMTA="dns; mx1.example.org"
+    )
+    results = result(send(backend, "example.org", "a@example.org", "b@example.org"))
+    assert [r.status for r in results] == [DELIVERED, DELIVERED]
+    assert [(a, p, t) for a, p, t, _, _ in net.attempts] == [
+        ("192.0.2.1", 25, "mx1.example.org"),
+        ("2001:db8::1", 25, "mx1.example.org"),
+        ("192.0.2.2", 25, "mx2.example.org"),
+    ]
+    assert isinstance(net.attempts[0][4], TCP4ClientEndpoint)
+    assert isinstance(net.attempts[1][4], TCP6ClientEndpoint)
+    assert net.attempts[0][4]._timeout == SETTINGS.timeouts.connect
+    assert net.connections[0].remoteMTA == "dns; mx2.example.org"
+    assert net.connections[0].sent == [("Q" * 20, ["a@example.org", "b@example.org"])]
+
+
+def test_smtp_all_hosts_fail() -> None:
+    backend, net, clock, mx = smtpBackend()
+    net.connectBehaviour["192.0.2.1"] = connectError(
+        "4.4.1", "X-mailrelay; connection refused by 192.0.2.1"
+    )
+    net.connectBehaviour["2001:db8::1"] = connectError(
+        "5.3.0", "smtp; 554 5.3.0 go away", permanent=True, remoteMTA="dns; mx1.example.org"
+    )
+    net.connectBehaviour["192.0.2.2"] = connectError(
+        "4.4.2", "X-mailrelay; timed out connecting to 192.0.2.2"
+    )
+    results = result(send(backend, "example.org", "a@example.org"))
+    # The error carrying a server reply is the most relevant; it is kept, as a transient one.
+    assert results == [
+        RecipientResult(
+            "a@example.org", TRANSIENT, "4.3.0", "smtp; 554 5.3.0 go away", "dns; mx1.example.org"
+        )
+    ]
+    net.connectBehaviour["2001:db8::1"] = connectError(
+        "4.4.1", "X-mailrelay; connection refused by 2001:db8::1"
+    )
+    results = result(send(backend, "example.org", "a@example.org"))
+    assert results == [
+        RecipientResult(
+            "a@example.org",
+            TRANSIENT,
+            "4.4.2",
+            "X-mailrelay; timed out connecting to 192.0.2.2",
+            None,
+        )
+    ]
+
+
+def test_smtp_unexpected_connect_exception_is_transient() -> None:
+    backend, net, clock, mx = smtpBackend()
+    net.connectBehaviour["192.0.2.30"] = RuntimeError("boom")
+    (r,) = result(send(backend, "example.net", "a@example.net"))
+    assert (r.status, r.code) == (TRANSIENT, "4.4.0")
+    assert "boom" in r.diagnostic
+
+
+def test_smtp_all_transient_tries_next_host() -> None:
+    backend, net, clock, mx = smtpBackend(connectionCacheTime=0)
+    net.sendBehaviour["192.0.2.1"] = "451"
+    net.sendBehaviour["2001:db8::1"] = "lost"
+    results = result(send(backend, "example.org", "a@example.org"))
+    assert results[0].status is DELIVERED
+    assert [c.address for c in net.connections] == ["192.0.2.1", "2001:db8::1", "192.0.2.2"]
+    # Every host deferring: the last transaction's results.
+    net.sendBehaviour["192.0.2.2"] = "451"
+    (r,) = result(send(backend, "example.org", "a@example.org"))
+    assert (r.status, r.code, r.remoteMTA) == (TRANSIENT, "4.3.0", "dns; mx2.example.org")
+    # Partly delivered or permanent: no next host.
+    net.connections.clear()
+    net.sendBehaviour["192.0.2.1"] = "mixed"
+    results = result(send(backend, "example.org", "a@example.org", "b@example.org"))
+    assert [r.status for r in results] == [DELIVERED, TRANSIENT]
+    assert len(net.connections) == 1
+    net.connections.clear()
+    net.sendBehaviour["192.0.2.1"] = "550"
+    results = result(send(backend, "example.org", "a@example.org"))
+    assert results[0].status is PERMANENT
+    assert len(net.connections) == 1
+    assert all(c.quitted or c.aborted for c in net.connections)
+
+
+def test_smtp_dns_failures() -> None:
+    backend, net, clock, mx = smtpBackend()
+    (r,) = result(send(backend, "nowhere.example", "a@nowhere.example"))
+    assert r == RecipientResult(
+        "a@nowhere.example",
+        PERMANENT,
+        "5.1.2",
+        "X-mailrelay; domain nowhere.example does not exist",
+    )
+    (r,) = result(send(backend, "nullmx.example", "a@nullmx.example"))
+    assert (r.status, r.code) == (PERMANENT, "5.1.10")
+    # A next hop that is not the recipients' domain (a smarthost): kept, not bounced.
+    (r,) = result(send(backend, "relay.nowhere.example", "a@example.com"))
+    assert (r.status, r.code) == (TRANSIENT, "4.1.2")
+    (r,) = result(send(backend, "broken.example", "a@broken.example"))
+    assert (r.status, r.code, r.diagnostic) == (TRANSIENT, "4.4.3", "X-mailrelay; SERVFAIL")
+    assert net.attempts == []
+
+
+def test_smtp_connection_reuse() -> None:
+    backend, net, clock, mx = smtpBackend(connectionCacheTime=2.0)
+    assert result(send(backend, "example.net", "a@example.net", queueID="A"))[0].status is DELIVERED
+    assert backend.idleConnections("example.net") == 1
+    clock.advance(1.5)
+    assert result(send(backend, "example.net", "b@example.net", queueID="B"))[0].status is DELIVERED
+    assert len(net.connections) == 1
+    assert mx.asked == ["example.net"]  # no DNS for a reused connection
+    conn = net.connections[0]
+    assert conn.sent == [("A", ["a@example.net"]), ("B", ["b@example.net"])]
+    # The cache time restarts with each release.
+    clock.advance(1.9)
+    assert not conn.quitted
+    clock.advance(0.2)
+    assert conn.quitted
+    assert backend.idleConnections() == 0
+    result(send(backend, "example.net", "c@example.net"))
+    assert len(net.connections) == 2
+    # Other next hops do not share connections.
+    result(send(backend, "[relay.example]:587", "c@example.com"))
+    assert len(net.connections) == 3
+    assert backend.idleConnections() == 2
+    result(backend.close())
+    assert backend.idleConnections() == 0
+    assert all(c.quitted for c in net.connections)
+    # After close, connections are not cached.
+    result(send(backend, "example.net", "d@example.net"))
+    assert net.connections[-1].quitted
+    assert clock.getDelayedCalls() == []
+
+
+def test_smtp_unusable_connection_not_reused() -> None:
+    backend, net, clock, mx = smtpBackend()
+    result(send(backend, "example.net", "a@example.net"))
+    net.connections[0].usable = False  # the server closed it while idle
+    result(send(backend, "example.net", "b@example.net"))
+    assert len(net.connections) == 2
+    assert net.connections[0].aborted
+    assert clock.getDelayedCalls()[0].active()
+
+
+def test_smtp_stale_reused_connection_retried_afresh() -> None:
+    backend, net, clock, mx = smtpBackend()
+    result(send(backend, "example.net", "a@example.net"))
+    net.sendBehaviour["192.0.2.30"] = "lost"
+    first = net.connections[0]
+
+    def recover(*a: Any) -> None:
+        net.sendBehaviour["192.0.2.30"] = "ok"
+
+    # The reused connection loses the connection; a fresh one delivers.
+    original = first.send
+
+    def sendThenRecover(*a: Any) -> defer.Deferred:
+        d = original(*a)
+        recover()
+        return d
+
+    first.send = sendThenRecover  # type: ignore[method-assign]
+    (r,) = result(send(backend, "example.net", "b@example.net"))
+    assert r.status is DELIVERED
+    assert len(net.connections) == 2
+    assert first.aborted
+
+
+def test_smtp_concurrency_limit() -> None:
+    backend, net, clock, mx = smtpBackend(destinationConcurrency=2)
+    net.sendBehaviour["192.0.2.30"] = "hold"
+    d1 = send(backend, "example.net", "a@example.net", queueID="1")
+    d2 = send(backend, "example.net", "b@example.net", queueID="2")
+    d3 = send(backend, "example.net", "c@example.net", queueID="3")
+    assert len(net.attempts) == 2
+    assert len(net.heldSends) == 2
+    # Another next hop is not held up.
+    assert result(send(backend, "[relay.example]:587", "x@example.com"))[0].status is DELIVERED
+    net.sendBehaviour["192.0.2.30"] = "ok"
+    sendD, conn, rcpts = net.heldSends.pop(0)
+    sendD.callback(net.results(conn, rcpts, "ok"))
+    assert result(d1)[0].status is DELIVERED
+    # The third delivery got the released connection: still two connections.
+    assert result(d3)[0].status is DELIVERED
+    assert [a[0] for a in net.attempts] == ["192.0.2.30", "192.0.2.30", "192.0.2.40"]
+    assert conn.sent == [("1", ["a@example.net"]), ("3", ["c@example.net"])]
+    sendD, conn2, rcpts = net.heldSends.pop(0)
+    sendD.callback(net.results(conn2, rcpts, "ok"))
+    assert result(d2)[0].status is DELIVERED
+    assert backend._semaphores == {}
+
+
+def test_smtp_route_settings() -> None:
+    special = dataclasses.replace(SETTINGS, tls="required", username="u", password="p")
+    backend, net, clock, mx = smtpBackend(routeSettings={"[relay.example]:587": special})
+    result(send(backend, "[relay.example]:587", "a@example.com"))
+    result(send(backend, "example.net", "a@example.net"))
+    assert net.attempts[0][3] is special
+    assert net.attempts[1][3] is SETTINGS
+
+
+def test_smtp_route_settings_from_routing_table(tmp_path: Path) -> None:
+    from mailrelay.delivery.smtp import routeSettingsLookup
+
+    (tmp_path / "secret").write_text("s3cret\n")
+    table = RoutingTable(
+        [
+            RouteRule(
+                "example.com",
+                "smtp",
+                "[relay.example]",
+                (("port", 587), ("username", "u"), ("password_file", "secret")),
+            ),
+            RouteRule(
+                ".example.net", "smtp", None, (("tls", "required"), ("ca_file", "/etc/ca.pem"))
+            ),
+        ]
+    )
+    lookup = routeSettingsLookup(table, SETTINGS, configDir=tmp_path)
+    backend, net, clock, mx = smtpBackend(routeSettings=lookup)
+    mx.answers = dict(
+        HOSTS, **{"mx.example.net": [MXHost("mx.mx.example.net", "192.0.2.50", 25, 10)]}
+    )
+    route = table.route(None, Recipient("a@example.com"))
+    result(send(backend, route.nexthop, "a@example.com"))
+    route = table.route(None, Recipient("a@mx.example.net"))
+    assert route.nexthop == "mx.example.net"
+    result(send(backend, route.nexthop, "a@mx.example.net"))
+    result(send(backend, "example.org", "a@example.org"))
+    first, second, third = (a[3] for a in net.attempts)
+    assert (first.username, first.password, first.tls) == ("u", "s3cret", "may")
+    assert (second.tls, second.caFile, second.username) == ("required", "/etc/ca.pem", None)
+    assert third is SETTINGS
+
+
+def test_route_settings_from_transport_options() -> None:
+    from mailrelay.config import TransportOptions
+    from mailrelay.delivery.smtp import routeSettingsLookup, settingsWithOptions
+
+    transport = TransportOptions(tls="required", caFile="/ca.pem", username="u", password="pw")
+    settings = settingsWithOptions(SETTINGS, [("transport", transport)])
+    assert (settings.tls, settings.caFile, settings.username, settings.password) == (
+        "required",
+        "/ca.pem",
+        "u",
+        "pw",
+    )
+    assert "pw" not in repr(("transport", transport))
+    table = RoutingTable(
+        smarthost="[relay.example]:587", smarthostOptions=(("transport", transport),)
+    )
+    lookup = routeSettingsLookup(table, SETTINGS)
+    assert lookup("[relay.example]:587") == settings
+    assert lookup("example.org") is None
+    with pytest.raises(ValueError, match="tls must be"):
+        settingsWithOptions(SETTINGS, [("transport", TransportOptions(tls="bogus"))])
+    with pytest.raises(ValueError, match="transport"):
+        settingsWithOptions(SETTINGS, [("transport", "nonsense")])
+
+
+def test_route_option_errors(tmp_path: Path) -> None:
+    from mailrelay.delivery.smtp import routeSettingsLookup, settingsWithOptions
+
+    with pytest.raises(ValueError, match="unknown route option 'colour'"):
+        settingsWithOptions(SETTINGS, [("colour", "blue")])
+    with pytest.raises(ValueError, match="tls must be"):
+        settingsWithOptions(SETTINGS, [("tls", "maybe")])
+    with pytest.raises(ValueError, match="go together"):
+        settingsWithOptions(SETTINGS, [("username", "u")])
+    with pytest.raises(ValueError, match="not both"):
+        settingsWithOptions(
+            SETTINGS, [("username", "u"), ("password", "p"), ("password_file", "f")]
+        )
+    with pytest.raises(ValueError, match="cannot read"):
+        settingsWithOptions(
+            SETTINGS, [("username", "u"), ("password_file", "missing")], configDir=tmp_path
+        )
+    assert settingsWithOptions(
+        SETTINGS, [("auth_without_tls", True), ("username", "u"), ("password", "p")]
+    ).authWithoutTLS
+    table = RoutingTable([RouteRule("example.com", "smtp", "[relay.example]", (("tls", "bogus"),))])
+    with pytest.raises(ValueError, match="relay.example"):
+        routeSettingsLookup(table, SETTINGS)
+
+
+def test_smtp_implicit_tls_wraps_endpoint() -> None:
+    implicit = dataclasses.replace(SETTINGS, tls="implicit")
+    backend, net, clock, mx = smtpBackend(settings=implicit)
+    result(send(backend, "[relay.example]:587", "a@example.com"))
+    endpoint = net.attempts[0][4]
+    assert not isinstance(endpoint, TCP4ClientEndpoint)
+    assert isinstance(endpoint._wrappedEndpoint, TCP4ClientEndpoint)
+    assert net.attempts[0][2] == "relay.example"
+
+
+def test_smtp_send_exception_is_transient() -> None:
+    backend, net, clock, mx = smtpBackend()
+
+    def broken(*a: Any) -> defer.Deferred:
+        raise RuntimeError("bug")
+
+    original = net.newConnection
+
+    def brokenConnection(*a: Any) -> FakeConnection:
+        c = original(*a)
+        c.send = broken  # type: ignore[method-assign]
+        return c
+
+    net.newConnection = brokenConnection  # type: ignore[method-assign]
+    results = result(send(backend, "example.net", "a@example.net"))
+    assert (results[0].status, results[0].code) == (TRANSIENT, "4.3.0")
+    assert net.connections[0].aborted
+
+
+def test_smtp_cancel() -> None:
+    """A caller's time-out cancels: the connection is aborted, no other host is tried."""
+    backend, net, clock, mx = smtpBackend(destinationConcurrency=1)
+    net.sendBehaviour["192.0.2.1"] = "hold"
+    d1 = send(backend, "example.org", "a@example.org")
+    d2 = send(backend, "example.org", "b@example.org")  # waits for the slot
+    d2.cancel()
+    with pytest.raises(defer.CancelledError):
+        result(d2)
+    d1.cancel()
+    with pytest.raises(defer.CancelledError):
+        result(d1)
+    assert [a[0] for a in net.attempts] == ["192.0.2.1"]
+    assert net.connections[0].aborted
+    assert backend._semaphores == {}
+    assert backend.idleConnections() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# LMTP backend
+
+
+def test_lmtp_nexthops() -> None:
+    from mailrelay.delivery.lmtp import parseLMTPNexthop
+
+    assert parseLMTPNexthop("unix:/run/dovecot/lmtp") == ("unix", "/run/dovecot/lmtp", None)
+    assert parseLMTPNexthop("127.0.0.1:2424") == ("tcp", "127.0.0.1", 2424)
+    assert parseLMTPNexthop("[::1]:24") == ("tcp", "::1", 24)
+    assert parseLMTPNexthop("[IPv6:::1]") == ("tcp", "::1", 24)
+    assert parseLMTPNexthop("store.example") == ("tcp", "store.example", 24)
+    for bad in ["", "unix:", "a:b:c", "[::1", "host:0", ":24"]:
+        with pytest.raises(ValueError):
+            parseLMTPNexthop(bad)
+
+
+def test_lmtp_with_fake_connection(tmp_path: Path) -> None:
+    from mailrelay.delivery.lmtp import LMTPBackend
+
+    net = FakeNet()
+    calls: list[Any] = []
+
+    def connect(reactor: Any, endpoint: Any, settings: ClientSettings, **kw: Any) -> defer.Deferred:
+        calls.append((endpoint, settings, kw))
+        if isinstance(endpoint, UNIXClientEndpoint):
+            return defer.succeed(net.newConnection("unix", kw["remoteMTA"]))
+        return net.connect(reactor, endpoint, settings, **kw)
+
+    backend = LMTPBackend(Clock(), SETTINGS, connect=connect)
+    verifyObject(IDeliveryBackend, backend)
+    results = result(send(backend, f"unix:{tmp_path}/lmtp.sock", "a@example.org", "b@example.org"))
+    assert [r.status for r in results] == [DELIVERED, DELIVERED]
+    endpoint, settings, kw = calls[0]
+    assert endpoint._path == f"{tmp_path}/lmtp.sock"
+    assert settings.lmtp is True and settings.heloName == "relay.test"
+    assert kw == {"tlsHostname": "localhost", "remoteMTA": f"X-unix; {tmp_path}/lmtp.sock"}
+    assert net.connections[0].quitted
+    result(send(backend, "[::1]:2424", "a@example.org"))
+    assert isinstance(calls[1][0], TCP6ClientEndpoint)
+    assert calls[1][2]["remoteMTA"] == "dns; [::1]"
+    # Connection failures and bad next hops defer every recipient.
+    net.connectBehaviour["192.0.2.5"] = connectError("5.3.0", "smtp; 554 5.3.0 no", permanent=True)
+    (r,) = result(send(backend, "192.0.2.5:24", "a@example.org"))
+    assert (r.status, r.code, r.diagnostic) == (TRANSIENT, "4.3.0", "smtp; 554 5.3.0 no")
+    (r,) = result(send(backend, "a:b:c", "a@example.org"))
+    assert (r.status, r.code) == (TRANSIENT, "4.3.5")
+    assert backend._semaphores == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Real servers (aiosmtpd in a thread) with the real client
+
+
+class _Handler:
+    """An aiosmtpd handler: refuses unknown@, defers full@, records what it got."""
+
+    def __init__(self, lmtp: bool) -> None:
+        self.lmtp = lmtp
+        self.messages: list[tuple[tuple, str, list[str], bytes]] = []
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
+        if address.startswith("unknown@"):
+            return "550 5.1.1 no such user"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.messages.append(
+            (session.peer, envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content)
+        )
+        if not self.lmtp:
+            return "250 2.0.0 queued"
+        return "\r\n".join(
+            "452 4.2.2 mailbox full" if r.startswith("full@") else "250 2.0.0 delivered"
+            for r in envelope.rcpt_tos
+        )
+
+
+class RealServerTests(unittest.TestCase):
+    """LMTP over a UNIX socket and SMTP over TCP, against aiosmtpd."""
+
+    def setUp(self) -> None:
+        # Not self.mktemp(): under pytest it would create directories in the working tree.
+        self.tmp = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.messagePath = self.tmp / "message.eml"
+        self.messagePath.write_bytes(CLEAN_MESSAGE)
+
+    def startServer(self, lmtp: bool) -> tuple[_Handler, str]:
+        import socket
+
+        from aiosmtpd.controller import Controller, UnixSocketController
+        from aiosmtpd.lmtp import LMTP
+
+        handler = _Handler(lmtp)
+        if lmtp:
+
+            class LMTPController(UnixSocketController):
+                def factory(self) -> Any:
+                    return LMTP(self.handler, **self.SMTP_kwargs)
+
+            path = str(self.tmp / "lmtp.sock")
+            controller: Any = LMTPController(handler, unix_socket=path)
+            nexthop = f"unix:{path}"
+        else:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            controller = Controller(handler, hostname="127.0.0.1", port=port)
+            nexthop = f"[127.0.0.1]:{port}"
+        controller.start()
+        self.addCleanup(controller.stop)
+        return handler, nexthop
+
+    @defer.inlineCallbacks
+    def test_lmtp(self) -> Any:
+        from twisted.internet import reactor
+
+        from mailrelay.delivery.lmtp import LMTPBackend
+
+        handler, nexthop = self.startServer(lmtp=True)
+        backend = LMTPBackend(reactor, ClientSettings(heloName="relay.test", tls="none"))
+        env = envelope("bob@example.org", "unknown@example.org", "full@example.org")
+        results = yield backend.deliver(env, env.recipients, nexthop, self.messagePath)
+        self.assertEqual(
+            [(r.status, r.code) for r in results],
+            [(DELIVERED, "2.0.0"), (PERMANENT, "5.1.1"), (TRANSIENT, "4.2.2")],
+        )
+        self.assertEqual(results[0].remoteMTA, f"X-unix; {nexthop[5:]}")
+        ((_, sender, rcpts, content),) = handler.messages
+        self.assertEqual(
+            (sender, rcpts), ("alice@example.com", ["bob@example.org", "full@example.org"])
+        )
+        self.assertEqual(content, CLEAN_MESSAGE)
+        yield backend.close()
+
+    @defer.inlineCallbacks
+    def test_smtp_reuses_connection(self) -> Any:
+        from twisted.internet import reactor
+
+        from mailrelay.delivery.smtp import SMTPBackend
+        from mailrelay.route import MXResolver
+
+        handler, nexthop = self.startServer(lmtp=False)
+        backend = SMTPBackend(
+            reactor,
+            MXResolver(None, reactor),
+            ClientSettings(heloName="relay.test", tls="none"),
+            connectionCacheTime=5,
+        )
+        env = envelope("bob@example.org", "unknown@example.org")
+        results = yield backend.deliver(env, env.recipients, nexthop, self.messagePath)
+        self.assertEqual([r.status for r in results], [DELIVERED, PERMANENT])
+        self.assertEqual(results[0].remoteMTA, "dns; [127.0.0.1]")
+        env = envelope("carol@example.org", sender="")
+        (r,) = yield backend.deliver(env, env.recipients, nexthop, self.messagePath)
+        self.assertIs(r.status, DELIVERED)
+        self.assertEqual(len(handler.messages), 2)
+        # Both messages came over the same connection.
+        self.assertEqual(handler.messages[0][0], handler.messages[1][0])
+        self.assertEqual(handler.messages[1][1:3], ("<>", ["carol@example.org"]))
+        self.assertEqual(backend.idleConnections(nexthop), 1)
+        yield backend.close()
+        self.assertEqual(backend.idleConnections(), 0)

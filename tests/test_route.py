@@ -1,0 +1,526 @@
+"""Routing table, next hops, MX resolution (fake resolver and a real DNS server on loopback)."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
+from twisted.names import authority, dns, error, server
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+from zope.interface.verify import verifyObject
+
+from mailrelay.config import Smarthost, parseSmarthost
+from mailrelay.envelope import Envelope, Recipient
+from mailrelay.interfaces import IRouter, Route
+from mailrelay.route import (
+    DeliveryFailure,
+    MXHost,
+    MXResolver,
+    RouteRule,
+    RoutingTable,
+    makeResolver,
+    parseNameserver,
+    parseNexthop,
+)
+
+
+def rcpt(address: str) -> Recipient:
+    return Recipient(address=address)
+
+
+ENV = Envelope(sender="a@example.com")
+
+
+# ---------------------------------------------------------------------------------------------
+# RoutingTable
+
+
+def routeOf(table: RoutingTable, address: str) -> Route:
+    return table.route(ENV, rcpt(address))
+
+
+def test_provides_irouter() -> None:
+    verifyObject(IRouter, RoutingTable())
+
+
+def test_default_is_mx_of_the_domain() -> None:
+    table = RoutingTable()
+    assert routeOf(table, "bob@example.org") == Route("smtp", "example.org")
+
+
+def test_address_literal_is_its_own_nexthop() -> None:
+    table = RoutingTable()
+    assert routeOf(table, "bob@[192.0.2.1]") == Route("smtp", "[192.0.2.1]")
+    assert routeOf(table, "bob@[IPv6:2001:db8::1]") == Route("smtp", "[IPv6:2001:db8::1]")
+    assert parseNexthop("[IPv6:2001:db8::1]") == ("2001:db8::1", 25, False)
+
+
+def test_smarthost_default() -> None:
+    table = RoutingTable(smarthost=Smarthost("relay.example.net", 587, mxLookup=False))
+    assert routeOf(table, "bob@example.org") == Route("smtp", "[relay.example.net]:587")
+    assert routeOf(table, "bob@[192.0.2.1]") == Route("smtp", "[relay.example.net]:587")
+    table = RoutingTable(smarthost=parseSmarthost("relay.example.net"))
+    assert routeOf(table, "bob@example.org") == Route("smtp", "relay.example.net")
+    table = RoutingTable(smarthost="[2001:db8::1]:2525")
+    assert routeOf(table, "bob@example.org") == Route("smtp", "[2001:db8::1]:2525")
+    assert parseNexthop(str(parseSmarthost("[2001:db8::1]:2525"))) == ("2001:db8::1", 2525, False)
+
+
+def test_most_specific_rule_wins() -> None:
+    rules = [
+        RouteRule("*", "smtp", "[fallback.example]"),
+        RouteRule(".example.org", "smtp", "[sub.example]"),
+        RouteRule(".deep.example.org", "lmtp", "unix:/run/lmtp"),
+        RouteRule("example.org", "maildir", "/var/mail/{domain}/{local}"),
+        RouteRule("x.deep.example.org", "discard"),
+    ]
+    table = RoutingTable(rules, smarthost="[smarthost.example]:25")
+    assert routeOf(table, "a@example.org") == Route("maildir", "/var/mail/{domain}/{local}")
+    assert routeOf(table, "a@a.example.org") == Route("smtp", "[sub.example]")
+    assert routeOf(table, "a@b.a.example.org") == Route("smtp", "[sub.example]")
+    assert routeOf(table, "a@deep.example.org") == Route("smtp", "[sub.example]")
+    assert routeOf(table, "a@y.deep.example.org") == Route("lmtp", "unix:/run/lmtp")
+    assert routeOf(table, "a@x.deep.example.org") == Route("discard", "discard")
+    # "*" beats the smarthost.
+    assert routeOf(table, "a@example.com") == Route("smtp", "[fallback.example]")
+    assert routeOf(table, "a@notexample.org") == Route("smtp", "[fallback.example]")
+
+
+def test_subdomain_rule_does_not_match_the_domain_itself() -> None:
+    table = RoutingTable([RouteRule(".example.org", "discard")])
+    assert routeOf(table, "a@example.org") == Route("smtp", "example.org")
+    assert routeOf(table, "a@www.example.org") == Route("discard", "discard")
+
+
+def test_patterns_are_normalised() -> None:
+    table = RoutingTable(
+        [RouteRule("Example.ORG.", "discard"), RouteRule(".BÜCHER.example", "discard", "x")]
+    )
+    assert routeOf(table, "a@example.org") == Route("discard", "discard")
+    assert routeOf(table, "a@www.xn--bcher-kva.example") == Route("discard", "x")
+
+
+def test_smtp_rule_without_nexthop_uses_recipient_domain_and_port() -> None:
+    table = RoutingTable(
+        [
+            RouteRule(".example.org", "smtp", None, (("port", 2525), ("tls", "required"))),
+            RouteRule("example.net", "smtp", "[relay.example]", (("port", 587), ("username", "u"))),
+            RouteRule("*", "smtp", None, (("tls", "may"),)),
+        ],
+        smarthost="[ignored.example]",
+    )
+    assert routeOf(table, "a@www.example.org") == Route(
+        "smtp", "www.example.org:2525", (("tls", "required"),)
+    )
+    assert routeOf(table, "a@example.net") == Route(
+        "smtp", "[relay.example]:587", (("username", "u"),)
+    )
+    assert routeOf(table, "a@example.com") == Route("smtp", "example.com", (("tls", "may"),))
+    assert routeOf(table, "a@[192.0.2.7]") == Route("smtp", "[192.0.2.7]", (("tls", "may"),))
+    # optionsFor finds the options back from the next hop.
+    assert table.optionsFor("smtp", "www.example.org:2525") == (("tls", "required"),)
+    assert table.optionsFor("smtp", "[relay.example]:587") == (("username", "u"),)
+    assert table.optionsFor("smtp", "example.com") == (("tls", "may"),)
+    assert table.optionsFor("smtp", "[192.0.2.7]") == (("tls", "may"),)
+    assert table.optionsFor("smtp", "www.example.org") is None  # wrong port: not this rule
+    assert table.optionsFor("lmtp", "example.com") is None
+    assert len(table.routesWithOptions()) == 3
+
+
+def test_site_backend_and_smarthost_options() -> None:
+    options = (("tls", "required"),)
+    table = RoutingTable(
+        [RouteRule("example.org", "acme-store")],
+        smarthost="[relay.example]:587",
+        smarthostOptions=options,
+    )
+    assert routeOf(table, "a@example.org") == Route("acme-store", "acme-store")
+    assert routeOf(table, "a@example.com") == Route("smtp", "[relay.example]:587", options)
+    assert table.optionsFor("smtp", "[relay.example]:587") == options
+    assert table.routesWithOptions() == [Route("smtp", "[relay.example]:587", options)]
+
+
+def test_from_config() -> None:
+    from types import SimpleNamespace
+
+    transport = SimpleNamespace(tls="required")
+    config = SimpleNamespace(
+        routes=[
+            SimpleNamespace(domain=".example.net", backend="smtp", nexthop=None, options=transport),
+            SimpleNamespace(
+                domain="local.test", backend="maildir", nexthop="/m/{local}", options=None
+            ),
+        ],
+        smarthost=Smarthost("relay.example", 587, mxLookup=False),
+        smarthostOptions=transport,
+    )
+    table = RoutingTable.fromConfig(config)
+    assert routeOf(table, "a@x.example.net") == Route(
+        "smtp", "x.example.net", (("transport", transport),)
+    )
+    assert routeOf(table, "a@local.test") == Route("maildir", "/m/{local}")
+    assert routeOf(table, "a@other.example") == Route(
+        "smtp", "[relay.example]:587", (("transport", transport),)
+    )
+
+
+def test_bad_rules() -> None:
+    with pytest.raises(ValueError, match="needs a nexthop"):
+        RoutingTable([RouteRule("example.org", "lmtp")])
+    with pytest.raises(ValueError, match="needs a nexthop"):
+        RoutingTable([RouteRule("example.org", "maildir")])
+    with pytest.raises(ValueError, match="already a route"):
+        RoutingTable([RouteRule("example.org", "discard"), RouteRule("EXAMPLE.org", "discard")])
+    with pytest.raises(ValueError, match="already"):
+        RoutingTable([RouteRule("*", "discard"), RouteRule("*", "discard")])
+    with pytest.raises(ValueError, match="not a valid route domain"):
+        RoutingTable([RouteRule("exa mple.org", "discard")])
+    with pytest.raises(ValueError, match="port"):
+        RoutingTable([RouteRule("example.org", "smtp", None, (("port", 0),))])
+    with pytest.raises(ValueError, match="next hop"):
+        RoutingTable([RouteRule("example.org", "smtp", "[relay.example")])
+    with pytest.raises(ValueError):
+        RoutingTable(smarthost="[nope")
+
+
+def test_recipient_without_domain() -> None:
+    with pytest.raises(DeliveryFailure) as e:
+        routeOf(RoutingTable(), "postmaster")
+    assert e.value.permanent and e.value.code == "5.1.2"
+    assert routeOf(RoutingTable(smarthost="[relay.example]:25"), "postmaster") == Route(
+        "smtp", "[relay.example]:25"
+    )
+
+
+def test_parse_nexthop_errors() -> None:
+    for bad in ["", "[x", "[x]y", "a:b:c", "host:0", "host:99999", "host:x", "[]", "a b"]:
+        with pytest.raises(ValueError):
+            parseNexthop(bad)
+
+
+def test_parse_nameserver() -> None:
+    assert parseNameserver("10.0.0.1") == ("10.0.0.1", 53)
+    assert parseNameserver("127.0.0.1:5353") == ("127.0.0.1", 5353)
+    assert parseNameserver("[::1]:53") == ("::1", 53)
+    assert parseNameserver("::1") == ("::1", 53)
+    for bad in ["dns.example", "[::1", "1.2.3.4:x", "[::1]x"]:
+        with pytest.raises(ValueError):
+            parseNameserver(bad)
+
+
+def test_make_resolver() -> None:
+    from twisted.names import client
+
+    r = makeResolver(["127.0.0.1:5353", "[::1]:53", "10.0.0.1", ("192.0.2.53", 5300)])
+    assert isinstance(r, client.Resolver)
+    assert r.servers == [("127.0.0.1", 5353), ("::1", 53), ("10.0.0.1", 53), ("192.0.2.53", 5300)]
+
+
+# ---------------------------------------------------------------------------------------------
+# MXResolver with a fake IResolver
+
+
+class FakeResolver:
+    """An C{IResolver} answering from a dict: name -> list of records, or an exception."""
+
+    def __init__(self, records: dict[str, Any]) -> None:
+        self.records = records
+        self.queries: list[tuple[str, str]] = []
+        self.held: dict[tuple[str, str], defer.Deferred] = {}
+
+    def _answer(self, name: str, rtype: int, kind: str) -> defer.Deferred:
+        self.queries.append((kind, name))
+        entry = self.records.get((name, kind), self.records.get(name))
+        if entry == "hold":
+            d: defer.Deferred = defer.Deferred()
+            self.held[(kind, name)] = d
+            return d
+        if isinstance(entry, Exception):
+            return defer.fail(entry)
+        if entry is None:
+            return defer.fail(error.DNSNameError(name))
+        answers = [
+            dns.RRHeader(name=name, type=rec.TYPE, payload=rec)
+            for rec in entry
+            if rec.TYPE == rtype
+        ]
+        return defer.succeed((answers, [], []))
+
+    def lookupMailExchange(self, name: str, timeout: Any = None) -> defer.Deferred:
+        return self._answer(name, dns.MX, "MX")
+
+    def lookupAddress(self, name: str, timeout: Any = None) -> defer.Deferred:
+        return self._answer(name, dns.A, "A")
+
+    def lookupIPV6Address(self, name: str, timeout: Any = None) -> defer.Deferred:
+        return self._answer(name, dns.AAAA, "AAAA")
+
+
+def MX(pref: int, name: str) -> dns.Record_MX:
+    return dns.Record_MX(pref, name.encode())
+
+
+def A(address: str) -> dns.Record_A:
+    return dns.Record_A(address)
+
+
+def AAAA(address: str) -> dns.Record_AAAA:
+    return dns.Record_AAAA(address)
+
+
+def resolveNow(resolver: MXResolver, nexthop: str) -> Any:
+    """The result (or raised DeliveryFailure) of a resolution that completes synchronously."""
+    out: list[Any] = []
+    resolver.resolve(nexthop).addBoth(out.append)
+    assert out, "resolution did not complete"
+    result = out[0]
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result
+
+
+def failureOf(resolver: MXResolver, nexthop: str) -> DeliveryFailure:
+    with pytest.raises(DeliveryFailure) as e:
+        resolveNow(resolver, nexthop)
+    return e.value
+
+
+ZONE: dict[str, Any] = {
+    "example.org": [MX(20, "mx2.example.org."), MX(10, "mx1.example.org.")],
+    "mx1.example.org": [A("192.0.2.1"), AAAA("2001:db8::1")],
+    "mx2.example.org": [A("192.0.2.2")],
+    "plain.example": [A("192.0.2.9")],
+    "v6only.example": [AAAA("2001:db8::9")],
+    "nullmx.example": [MX(0, ".")],
+    "broken.example": error.DNSServerError("SERVFAIL"),
+    "refused.example": error.DNSQueryRefusedError("REFUSED"),
+    "lame.example": [MX(10, "gone.example"), MX(20, "mx2.example.org")],
+    "allgone.example": [MX(10, "gone.example"), MX(20, "gone2.example")],
+    "noaddr.example": [MX(10, "empty.example")],
+    "empty.example": [],
+    "ipmx.example": [MX(10, "192.0.2.77")],
+    "flaky.example": [MX(10, "flakymx.example")],
+    "flakymx.example": error.DNSServerError("SERVFAIL"),
+    "slow.example": "hold",
+}
+
+
+def makeMX(
+    zone: dict[str, Any] = ZONE, seed: int = 1, **kw: Any
+) -> tuple[MXResolver, FakeResolver, Clock]:
+    fake = FakeResolver(zone)
+    clock = Clock()
+    return MXResolver(fake, clock, timeout=5, random=random.Random(seed), **kw), fake, clock
+
+
+def test_mx_preference_order_and_addresses() -> None:
+    resolver, fake, _ = makeMX()
+    hosts = resolveNow(resolver, "example.org")
+    assert hosts == [
+        MXHost("mx1.example.org", "192.0.2.1", 25, 10),
+        MXHost("mx1.example.org", "2001:db8::1", 25, 10),
+        MXHost("mx2.example.org", "192.0.2.2", 25, 20),
+    ]
+    assert hosts[1].family == 6
+
+
+def test_mx_port_and_families() -> None:
+    resolver, _, _ = makeMX(families=(6, 4))
+    hosts = resolveNow(resolver, "example.org:2525")
+    assert [(h.address, h.port) for h in hosts] == [
+        ("2001:db8::1", 2525),
+        ("192.0.2.1", 2525),
+        ("192.0.2.2", 2525),
+    ]
+    resolver, fake, _ = makeMX(families=(4,))
+    hosts = resolveNow(resolver, "example.org")
+    assert [h.address for h in hosts] == ["192.0.2.1", "192.0.2.2"]
+    assert ("AAAA", "mx1.example.org") not in fake.queries
+
+
+def test_equal_preferences_are_shuffled() -> None:
+    zone = dict(ZONE)
+    zone["many.example"] = [MX(10, f"mx{i}.many.example") for i in range(6)] + [
+        MX(5, "first.many.example")
+    ]
+    for i in range(6):
+        zone[f"mx{i}.many.example"] = [A(f"192.0.2.{10 + i}")]
+    zone["first.many.example"] = [A("192.0.2.5")]
+    orders = set()
+    for seed in range(10):
+        resolver, _, _ = makeMX(zone, seed=seed)
+        hosts = resolveNow(resolver, "many.example")
+        assert hosts[0].name == "first.many.example"
+        assert sorted(h.name for h in hosts[1:]) == [f"mx{i}.many.example" for i in range(6)]
+        orders.add(tuple(h.name for h in hosts))
+    assert len(orders) > 1
+    # The same seed gives the same order.
+    a = resolveNow(makeMX(zone, seed=3)[0], "many.example")
+    b = resolveNow(makeMX(zone, seed=3)[0], "many.example")
+    assert a == b
+
+
+def test_no_mx_falls_back_to_addresses() -> None:
+    resolver, fake, _ = makeMX()
+    assert resolveNow(resolver, "plain.example") == [MXHost("plain.example", "192.0.2.9", 25)]
+    assert resolveNow(resolver, "v6only.example") == [MXHost("v6only.example", "2001:db8::9", 25)]
+
+
+def test_null_mx() -> None:
+    resolver, _, _ = makeMX()
+    f = failureOf(resolver, "nullmx.example")
+    assert (f.permanent, f.code) == (True, "5.1.10")
+    assert f.diagnostic == "X-mailrelay; domain nullmx.example does not accept mail (null MX)"
+
+
+def test_nxdomain() -> None:
+    resolver, _, _ = makeMX()
+    f = failureOf(resolver, "nowhere.example")
+    assert (f.permanent, f.code) == (True, "5.1.2")
+    assert f.diagnostic == "X-mailrelay; domain nowhere.example does not exist"
+
+
+def test_servfail_and_refused_are_transient() -> None:
+    resolver, _, _ = makeMX()
+    f = failureOf(resolver, "broken.example")
+    assert (f.permanent, f.code) == (False, "4.4.3")
+    assert "SERVFAIL" in f.diagnostic
+    f = failureOf(resolver, "refused.example")
+    assert (f.permanent, f.code) == (False, "4.4.3")
+    assert "REFUSED" in f.diagnostic
+
+
+def test_timeout_is_transient() -> None:
+    resolver, fake, clock = makeMX()
+    out: list[Any] = []
+    resolver.resolve("slow.example").addBoth(out.append)
+    assert out == []
+    clock.advance(4.9)
+    assert out == []
+    clock.advance(0.2)
+    assert len(out) == 1
+    f = out[0].value
+    assert isinstance(f, DeliveryFailure)
+    assert (f.permanent, f.code) == (False, "4.4.3")
+    assert "time-out" in f.diagnostic
+
+
+def test_mx_hosts_without_address_are_skipped() -> None:
+    resolver, _, _ = makeMX()
+    hosts = resolveNow(resolver, "lame.example")
+    assert hosts == [MXHost("mx2.example.org", "192.0.2.2", 25, 20)]
+    f = failureOf(resolver, "allgone.example")
+    assert (f.permanent, f.code) == (False, "4.4.4")
+    assert "gone.example" in f.diagnostic
+    f = failureOf(resolver, "noaddr.example")
+    assert (f.permanent, f.code) == (False, "4.4.4")
+    f = failureOf(resolver, "flaky.example")
+    assert (f.permanent, f.code) == (False, "4.4.3")
+
+
+def test_mx_exchange_written_as_ip() -> None:
+    resolver, _, _ = makeMX()
+    assert resolveNow(resolver, "ipmx.example") == [MXHost("192.0.2.77", "192.0.2.77", 25, 10)]
+
+
+def test_bracketed_hosts_and_literals() -> None:
+    resolver, fake, _ = makeMX()
+    assert resolveNow(resolver, "[mx1.example.org]:587") == [
+        MXHost("mx1.example.org", "192.0.2.1", 587),
+        MXHost("mx1.example.org", "2001:db8::1", 587),
+    ]
+    assert ("MX", "mx1.example.org") not in fake.queries
+    assert resolveNow(resolver, "[192.0.2.1]") == [MXHost("192.0.2.1", "192.0.2.1", 25)]
+    assert resolveNow(resolver, "[IPv6:2001:DB8::1]") == [MXHost("2001:db8::1", "2001:db8::1", 25)]
+    assert resolveNow(resolver, "[2001:db8::1]:2525") == [
+        MXHost("2001:db8::1", "2001:db8::1", 2525)
+    ]
+    assert resolveNow(resolver, "192.0.2.3:26") == [MXHost("192.0.2.3", "192.0.2.3", 26)]
+    # A bracketed host that does not exist: the operator's mistake, deferred.
+    f = failureOf(resolver, "[nowhere.example]")
+    assert (f.permanent, f.code) == (False, "4.4.4")
+    f = failureOf(resolver, "[x")
+    assert not f.permanent
+
+
+def test_max_addresses() -> None:
+    resolver, _, _ = makeMX(maxAddresses=2)
+    assert len(resolveNow(resolver, "example.org")) == 2
+
+
+def test_transient_copy() -> None:
+    f = DeliveryFailure(permanent=True, code="5.1.2", diagnostic="x")
+    t = f.transient()
+    assert (t.permanent, t.code, t.diagnostic) == (False, "4.1.2", "x")
+    assert t.transient() is t
+
+
+# ---------------------------------------------------------------------------------------------
+# A real DNS server on loopback
+
+
+class DictAuthority(authority.FileAuthority):
+    """An authority for one zone, from a list of (name, record) pairs."""
+
+    def loadFile(self, zone: Any) -> None:
+        origin, records = zone
+        self.records = {}
+        for name, record in records:
+            if isinstance(record, dns.Record_SOA):
+                self.soa = (name.encode(), record)
+            self.records.setdefault(name.encode().lower(), []).append(record)
+
+
+class RealDNSTests(unittest.TestCase):
+    """MXResolver over real UDP against a twisted.names server on 127.0.0.1."""
+
+    def setUp(self) -> None:
+        soa = dns.Record_SOA(
+            mname=b"ns.test.example", rname=b"root.test.example", serial=1, minimum=60, expire=60
+        )
+        records = [
+            ("test.example", soa),
+            ("test.example", dns.Record_MX(10, b"mx.test.example")),
+            ("mx.test.example", dns.Record_A("127.0.0.1")),
+            ("noemail.test.example", dns.Record_MX(0, b"")),
+            ("plain.test.example", dns.Record_A("127.0.0.2")),
+        ]
+        auth = DictAuthority(("test.example", records))
+        factory = server.DNSServerFactory(authorities=[auth])
+        protocol = dns.DNSDatagramProtocol(factory)
+        self.port = reactor.listenUDP(0, protocol, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        resolver = makeResolver([f"127.0.0.1:{self.port.getHost().port}"])
+        self.mx = MXResolver(resolver, reactor, timeout=5, families=(4,))
+
+    @defer.inlineCallbacks
+    def test_mx(self) -> Any:
+        hosts = yield self.mx.resolve("test.example")
+        self.assertEqual(hosts, [MXHost("mx.test.example", "127.0.0.1", 25, 10)])
+
+    @defer.inlineCallbacks
+    def test_no_mx_uses_a(self) -> Any:
+        hosts = yield self.mx.resolve("plain.test.example:2525")
+        self.assertEqual(hosts, [MXHost("plain.test.example", "127.0.0.2", 2525)])
+
+    @defer.inlineCallbacks
+    def test_null_mx(self) -> Any:
+        try:
+            yield self.mx.resolve("noemail.test.example")
+        except DeliveryFailure as e:
+            self.assertEqual((e.permanent, e.code), (True, "5.1.10"))
+        else:
+            self.fail("no DeliveryFailure")
+
+    @defer.inlineCallbacks
+    def test_nxdomain(self) -> Any:
+        try:
+            yield self.mx.resolve("nowhere.test.example")
+        except DeliveryFailure as e:
+            self.assertEqual((e.permanent, e.code), (True, "5.1.2"))
+        else:
+            self.fail("no DeliveryFailure")
