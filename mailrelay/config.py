@@ -112,7 +112,7 @@ ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
         "routes",
         "backends",
     ),
-    "spool": ("directory", "min_free_space"),
+    "spool": ("directory", "min_free_space", "sync"),
     "relay": ("networks", "accept_domains", "smarthost"),
     "limits": ("message_size", "recipients", "idle_timeout", "data_timeout", "errors", "hops"),
     "dns": ("reverse_lookups", "nameservers"),
@@ -372,6 +372,7 @@ class Config:
     @ivar spoolDirectory: the absolute path of the spool directory (it may not exist yet, but
         can be created).
     @ivar minFreeSpace: bytes that must stay free on the spool's file system.
+    @ivar spoolSync: how the spool makes a batch durable: C{"syncfs"} or C{"fsync"}.
     @ivar relayNetworks: clients in these networks may relay to any domain.
     @ivar acceptDomains: domains (normalised) accepted from anyone.
     @ivar smarthost: where outgoing mail goes, or C{None} for direct MX delivery.
@@ -418,6 +419,7 @@ class Config:
     nameservers: tuple[tuple[str, int], ...] = ()
     routes: tuple[RouteConfig, ...] = ()
     backends: tuple[BackendSpec, ...] = ()
+    spoolSync: str = "syncfs"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1542,6 +1544,9 @@ def loadConfig(path: str | os.PathLike[str] | None, overrides: dict | None = Non
     minFreeSpace = load.integer(
         spool.get("min_free_space", DEFAULT_MIN_FREE_SPACE), "spool.min_free_space", minimum=0
     )
+    spoolSync = spool.get("sync", "syncfs")
+    if spoolSync not in ("syncfs", "fsync"):
+        raise load.error("spool.sync", f'must be "syncfs" or "fsync", not {describeValue(spoolSync)}')
 
     # relay
     if _given(overrides, "relay_network"):
@@ -1632,4 +1637,5 @@ def loadConfig(path: str | os.PathLike[str] | None, overrides: dict | None = Non
         nameservers=nameservers,
         routes=routes,
         backends=backends,
+        spoolSync=spoolSync,
     )

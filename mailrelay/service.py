@@ -192,7 +192,12 @@ def makeRelayService(config: Config, reactor: Any) -> MultiService:
     relay = RelayControl(config.relayNetworks, config.acceptDomains, config.hostname)
     policy = RecipientPolicy(relay, validators, reactor)
 
-    spool = Spool(config.spoolDirectory, reactor=reactor, minFreeSpace=config.minFreeSpace)
+    spool = Spool(
+        config.spoolDirectory,
+        reactor=reactor,
+        minFreeSpace=config.minFreeSpace,
+        syncMethod=config.spoolSync,
+    )
     SpoolService(spool).setServiceParent(top)
 
     from mailrelay.queue import QueueManager, QueuePolicy

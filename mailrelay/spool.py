@@ -47,6 +47,84 @@ _WRITE_BUFFER = 64 * 1024
 _FREE_SPACE_CACHE_SECONDS = 1.0
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+#: A message is held in memory up to this size, and written to its temporary file only at
+#: commit time, in the committer's thread: creating a file can wait for the file system's
+#: journal (measured here: 0.8 ms per open while other sessions fsync), which must not stall
+#: the reactor.  Bigger messages spill to their file as they arrive.
+_MEMORY_LIMIT = 256 * 1024
+
+#: How a batch makes its data durable: one syncfs(2) of the spool's file system for the whole
+#: batch ("syncfs", Linux), or an fsync of each file ("fsync").  Measured here for 40 small
+#: files: 0.8 ms with syncfs, 5.9 ms with 40 fsyncs.
+SYNC_METHODS = ("syncfs", "fsync")
+
+
+def _loadSyncfs() -> Callable[[int], None] | None:
+    """C{syncfs(fd)} from the C library, raising C{OSError}; C{None} where there is none."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        function = libc.syncfs
+    except (OSError, AttributeError, ImportError):  # pragma: no cover - not Linux
+        return None
+    function.argtypes = [ctypes.c_int]
+
+    def syncfs(fd: int) -> None:
+        if function(fd) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, os.strerror(errno))
+
+    return syncfs
+
+
+_syncfs = _loadSyncfs()
+
+
+class _SpillFile:
+    """A message's temporary file, held in memory until it grows past C{limit} bytes or its
+    file is needed (L{flush}, L{fileno}: at commit time, in the committer's thread)."""
+
+    def __init__(self, path: Path, limit: int = _MEMORY_LIMIT) -> None:
+        self.path = path
+        self._limit = limit
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._file: Any = None
+        self.closed = False
+
+    def _materialise(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, _FILE_MODE)
+        self._file = os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
+        chunks, self._chunks = self._chunks, []
+        self._file.write(b"".join(chunks))
+
+    def write(self, data: bytes) -> int:
+        if self._file is None:
+            self._chunks.append(data)
+            self._size += len(data)
+            if self._size > self._limit:
+                self._materialise()
+        else:
+            self._file.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        if self._file is None:
+            self._materialise()
+        self._file.flush()
+
+    def fileno(self) -> int:
+        if self._file is None:
+            self._materialise()
+        return int(self._file.fileno())
+
+    def close(self) -> None:
+        self.closed = True
+        self._chunks = []
+        if self._file is not None:
+            self._file.close()
 
 
 class SpoolError(Exception):
@@ -195,6 +273,21 @@ def _writeFileDurably(path: Path, data: bytes, queueID: str | None) -> None:
             pass
 
 
+def _createAndWrite(path: Path, data: bytes, queueID: str | None) -> int:
+    """Create C{path} (which must not exist) and write C{data}; return the open descriptor
+    (to fsync, then close).  Raises L{SpoolError}, leaving nothing open."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, _FILE_MODE)
+    except OSError as e:
+        raise _osError("creating", path, e, queueID) from None
+    try:
+        _writeAll(fd, data)
+    except OSError as e:
+        os.close(fd)
+        raise _osError("writing", path, e, queueID) from None
+    return fd
+
+
 class _Operation:
     """One entry of a batch.
 
@@ -213,9 +306,23 @@ class _Operation:
         self.deferred: Deferred[None] = Deferred()
         self.problems: list[str] = []
 
+    #: Does L{prepare} write data that must be made durable before L{publish}?
+    hasData = True
+
     def run(self) -> None:
         """Do the work, short of the directory fsync; raise L{SpoolError} on failure."""
-        raise NotImplementedError()
+        self.prepare()
+        self.syncData()
+        self.publish()
+
+    def prepare(self) -> None:
+        """Write the data (not yet durable)."""
+
+    def syncData(self) -> None:
+        """fsync what L{prepare} wrote (unless the batch synced the whole file system)."""
+
+    def publish(self) -> None:
+        """Once the data is durable: the renames or unlinks that make the change visible."""
 
     def rollback(self) -> None:
         """Undo whatever L{run} did, after it failed; best effort."""
@@ -241,9 +348,10 @@ class _Commit(_Operation):
         self.envelope = spool._queueDir / f"{self.queueID}.json"
         self.messageRenamed = False
         self.envelopeRenamed = False
+        self.envelopeFD: int | None = None
 
-    def run(self) -> None:
-        """Flush and fsync the body, write and fsync the envelope, rename both into queue/."""
+    def prepare(self) -> None:
+        """Write the body to its temporary file and the envelope beside it."""
         queueID = self.queueID
         f = self.writer._file
         assert f is not None
@@ -251,15 +359,37 @@ class _Commit(_Operation):
             f.flush()
         except OSError as e:
             raise _osError("writing", self.tmpMessage, e, queueID) from None
+        self.envelopeFD = _createAndWrite(self.tmpEnvelope, self.envelopeData, queueID)
+
+    def syncData(self) -> None:
+        queueID = self.queueID
+        f = self.writer._file
         try:
             os.fsync(f.fileno())
         except OSError as e:
             raise _osError("fsync of", self.tmpMessage, e, queueID) from None
         try:
-            f.close()
+            os.fsync(self.envelopeFD)
+        except OSError as e:
+            raise _osError("fsync of", self.tmpEnvelope, e, queueID) from None
+
+    def publish(self) -> None:
+        """Rename the body, then the envelope (which marks the entry), into queue/."""
+        queueID = self.queueID
+        self._closeEnvelope()
+        try:
+            self.writer._file.close()
         except OSError as e:  # pragma: no cover - nothing left to flush
             raise _osError("closing", self.tmpMessage, e, queueID) from None
-        _writeFileDurably(self.tmpEnvelope, self.envelopeData, queueID)
+        for existing in (self.envelope, self.message):
+            # Never replace a committed entry (two writers given one id).  Commits run one
+            # at a time in this thread, so nothing can slip in between check and rename.
+            if os.path.lexists(existing):
+                raise SpoolError(
+                    f"committing message {queueID} failed: {existing} already exists",
+                    path=existing,
+                    queueID=queueID,
+                )
         try:
             os.rename(self.tmpMessage, self.message)
         except OSError as e:
@@ -273,8 +403,17 @@ class _Commit(_Operation):
             raise _osError("renaming", where, e, queueID) from None
         self.envelopeRenamed = True
 
+    def _closeEnvelope(self) -> None:
+        fd, self.envelopeFD = self.envelopeFD, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:  # pragma: no cover
+                pass
+
     def rollback(self) -> None:
         """Close the body; remove the temporary files and anything renamed into queue/."""
+        self._closeEnvelope()
         self.writer._closeQuietly()
         # The .json first: should we crash in between, an orphan .eml is what start() removes.
         if self.envelopeRenamed:
@@ -304,25 +443,44 @@ class _Update(_Operation):
         self.envelopeData = envelopeData
         self.tmpEnvelope = spool._tmpDir / f"{queueID}.update-{serial}.json"
         self.envelope = spool._queueDir / f"{queueID}.json"
+        self.envelopeFD: int | None = None
 
-    def run(self) -> None:
-        """Write and fsync the new envelope in tmp/, then rename it over the old one."""
-        queueID = self.queueID
+    def prepare(self) -> None:
+        """Write the new envelope in tmp/."""
         if not os.path.exists(self.envelope):
             raise SpoolError(
                 f"updating envelope {self.envelope} failed: no such queue entry",
                 path=self.envelope,
-                queueID=queueID,
+                queueID=self.queueID,
             )
-        _writeFileDurably(self.tmpEnvelope, self.envelopeData, queueID)
+        self.envelopeFD = _createAndWrite(self.tmpEnvelope, self.envelopeData, self.queueID)
+
+    def syncData(self) -> None:
+        try:
+            os.fsync(self.envelopeFD)  # type: ignore[arg-type]
+        except OSError as e:
+            raise _osError("fsync of", self.tmpEnvelope, e, self.queueID) from None
+
+    def publish(self) -> None:
+        """Rename the new envelope over the old one."""
+        self._closeEnvelope()
         try:
             os.rename(self.tmpEnvelope, self.envelope)
         except OSError as e:
             where = f"{self.tmpEnvelope} to {self.envelope}"
-            raise _osError("renaming", where, e, queueID) from None
+            raise _osError("renaming", where, e, self.queueID) from None
+
+    def _closeEnvelope(self) -> None:
+        fd, self.envelopeFD = self.envelopeFD, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:  # pragma: no cover
+                pass
 
     def rollback(self) -> None:
         """Remove the temporary envelope."""
+        self._closeEnvelope()
         _unlinkQuietly(self.tmpEnvelope, self.problems)
 
 
@@ -334,7 +492,9 @@ class _Remove(_Operation):
         self.envelope = spool._queueDir / f"{queueID}.json"
         self.message = spool._queueDir / f"{queueID}.eml"
 
-    def run(self) -> None:
+    hasData = False
+
+    def publish(self) -> None:
         """Unlink the .json, then the .eml."""
         # The .json first: it is what marks the entry; a crash in between leaves an orphan
         # .eml, which start() removes.  Removing an entry already gone is not an error.
@@ -507,9 +667,13 @@ class Spool:
         reactor: Any,
         minFreeSpace: int = 0,
         deferToThread: Callable[..., Deferred[Any]] | None = None,
+        syncMethod: str = "syncfs",
     ) -> None:
         """
         @param directory: the spool directory; created by L{start} if missing.
+        @param syncMethod: one of L{SYNC_METHODS}: C{"syncfs"} (one syncfs(2) per batch; best
+            on a file system of its own) or C{"fsync"} (each file); without syncfs (not
+            Linux), C{"fsync"} is used.
         @param reactor: provides C{seconds()} and, unless C{deferToThread} is given,
             C{callFromThread()}.
         @param minFreeSpace: see L{hasFreeSpace}.
@@ -519,6 +683,9 @@ class Spool:
         """
         self.directory = Path(directory)
         self.minFreeSpace = minFreeSpace
+        if syncMethod not in SYNC_METHODS:
+            raise ValueError(f"syncMethod must be one of {SYNC_METHODS}, not {syncMethod!r}")
+        self._syncMethod = syncMethod
         self._reactor = reactor
         self._tmpDir = self.directory / "tmp"
         self._queueDir = self.directory / "queue"
@@ -855,12 +1022,7 @@ class Spool:
                     queueID=queueID,
                 )
         path = self._tmpDir / f"{queueID}.eml"
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, _FILE_MODE)
-        except OSError as e:
-            raise _osError("creating", path, e, queueID) from None
-        file = os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
-        return MessageWriter(self, queueID, path, file)
+        return MessageWriter(self, queueID, path, _SpillFile(path))
 
     def updateEnvelope(self, envelope: Envelope) -> Deferred[None]:
         """Durably replace the envelope of the committed entry C{envelope.queueID}.
@@ -946,24 +1108,54 @@ class Spool:
         d.addBoth(self._batchFinished, batch)
 
     def _runBatch(self, batch: list[_Operation]) -> list[SpoolError | None]:
-        """Run C{batch} (in the committer's thread): each entry's work, then one fsync of
-        C{queue/}.  Never raises: returns each entry's error or C{None}."""
-        results: list[SpoolError | None] = []
-        succeeded: list[int] = []
+        """Run C{batch} (in the committer's thread).  Never raises: returns each entry's error
+        or C{None}.
+
+        Group commit in three steps: every entry writes its data; the data is made durable,
+        with one C{syncfs} of the file system for the whole batch (or an fsync per file); then
+        every entry renames or unlinks, and one fsync of C{queue/} makes that durable.  No
+        entry becomes visible in C{queue/} before its data is on disk.
+        """
+        results: list[SpoolError | None] = [None] * len(batch)
+
+        def failed(index: int, e: BaseException) -> None:
+            operation = batch[index]
+            if not isinstance(e, SpoolError):
+                e = _osError(operation.kind, operation.queueID, e, operation.queueID)
+            try:
+                operation.rollback()
+            except Exception as e2:  # pragma: no cover - rollback is best effort already
+                operation.problems.append(f"rollback failed: {e2!r}")
+            results[index] = e  # type: ignore[assignment]
+
+        def alive() -> list[int]:
+            return [i for i, r in enumerate(results) if r is None]
+
         for index, operation in enumerate(batch):
             try:
-                operation.run()
+                operation.prepare()
             except Exception as e:
-                if not isinstance(e, SpoolError):
-                    e = _osError(operation.kind, operation.queueID, e, operation.queueID)
+                failed(index, e)
+        withData = [i for i in alive() if batch[i].hasData]
+        if withData:
+            if self._syncMethod == "syncfs" and _syncfs is not None:
                 try:
-                    operation.rollback()
-                except Exception as e2:  # pragma: no cover - rollback is best effort already
-                    operation.problems.append(f"rollback failed: {e2!r}")
-                results.append(e)
+                    self._syncFilesystem()
+                except Exception as e:
+                    for index in withData:
+                        failed(index, _osError("syncfs of", self.directory, e, batch[index].queueID))
             else:
-                results.append(None)
-                succeeded.append(index)
+                for index in withData:
+                    try:
+                        batch[index].syncData()
+                    except Exception as e:
+                        failed(index, e)
+        for index in alive():
+            try:
+                batch[index].publish()
+            except Exception as e:
+                failed(index, e)
+        succeeded = alive()
         if succeeded:
             try:
                 self._fsyncDirectory(self._queueDir)
@@ -978,6 +1170,16 @@ class Spool:
                     except Exception as e2:  # pragma: no cover
                         operation.problems.append(f"rollback failed: {e2!r}")
         return results
+
+    def _syncFilesystem(self) -> None:
+        """syncfs(2) of the spool's file system; raises C{OSError}.  In the committer's
+        thread."""
+        assert _syncfs is not None
+        fd = os.open(self.directory, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+        try:
+            _syncfs(fd)
+        finally:
+            os.close(fd)
 
     def _batchFinished(
         self,

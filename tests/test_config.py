@@ -1712,3 +1712,14 @@ def test_queue_hold(tmp_path: Path) -> None:
     path.write_text('[queue]\nhold = "yes"\n')
     with pytest.raises(ConfigError, match=r"queue\.hold: must be true or false"):
         loadConfig(str(path), {"spool": str(tmp_path / "s")})
+
+
+def test_spool_sync(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    spool = {"spool": str(tmp_path / "s")}
+    assert loadConfig(None, spool).spoolSync == "syncfs"
+    path.write_text('[spool]\nsync = "fsync"\n')
+    assert loadConfig(str(path), spool).spoolSync == "fsync"
+    path.write_text('[spool]\nsync = "never"\n')
+    with pytest.raises(ConfigError, match=r'spool\.sync: must be "syncfs" or "fsync", not "never"'):
+        loadConfig(str(path), spool)

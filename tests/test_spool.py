@@ -70,6 +70,14 @@ class ManualThreads:
         self.calls.append((f, args, d))
         return d
 
+    def runAll(self) -> None:
+        """Run calls, including those queued by earlier ones, until none is left."""
+        for _ in range(1000):
+            if not self.calls:
+                return
+            self.runNext()
+        raise AssertionError("thread calls keep coming")
+
     def runNext(self) -> None:
         f, args, d = self.calls.pop(0)
         try:
@@ -121,7 +129,9 @@ def spoolDir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def spool(spoolDir: Path, clock: Clock) -> Any:
-    s = Spool(spoolDir, reactor=clock, deferToThread=syncDeferToThread)
+    # Per-file fsync, so that tests can inject the failure of one file's fsync; the syncfs
+    # path has its own tests below.
+    s = Spool(spoolDir, reactor=clock, deferToThread=syncDeferToThread, syncMethod="fsync")
     s.start()
     yield s
     s.stop()
@@ -134,16 +144,21 @@ def threads() -> ManualThreads:
 
 @pytest.fixture
 def manualSpool(spoolDir: Path, clock: Clock, threads: ManualThreads) -> Any:
-    s = Spool(spoolDir, reactor=clock, deferToThread=threads)
+    s = Spool(spoolDir, reactor=clock, deferToThread=threads, syncMethod="fsync")
     s.start()
     yield s
     s.stop()
 
 
-def writeMessage(spool: Spool, data: bytes = MESSAGE) -> MessageWriter:
-    writer = spool.openMessage(newQueueID())
-    for i in range(0, len(data), 7):
-        writer.write(data[i : i + 7])
+#: Bigger than what a writer keeps in memory: written to its temporary file at once.
+BIG = b"x" * (spoolModule._MEMORY_LIMIT + 1)
+
+
+def writeMessage(spool: Spool, data: bytes = MESSAGE, queueID: str | None = None) -> MessageWriter:
+    writer = spool.openMessage(queueID or newQueueID())
+    step = 7 if len(data) < 4096 else 65536
+    for i in range(0, len(data), step):
+        writer.write(data[i : i + step])
     return writer
 
 
@@ -355,7 +370,10 @@ def test_envelopeWriteError(spool: Spool, spoolDir: Path, monkeypatch: pytest.Mo
 
 
 def test_abort(spool: Spool, spoolDir: Path) -> None:
-    writer = writeMessage(spool)
+    small = writeMessage(spool)
+    small.abort()
+    assertNothingLeft(spoolDir)
+    writer = writeMessage(spool, BIG)  # spilled to its file
     assert listing(spoolDir / "tmp") == [f"{writer.queueID}.eml"]
     writer.abort()
     writer.abort()
@@ -367,9 +385,12 @@ def test_abort(spool: Spool, spoolDir: Path) -> None:
 
 def test_openMessageErrors(spool: Spool, spoolDir: Path, clock: Clock) -> None:
     writer = writeMessage(spool)
-    with pytest.raises(SpoolError, match="tmp"):
-        spool.openMessage(writer.queueID)  # O_EXCL
+    twin = writeMessage(spool, queueID=writer.queueID)
     resultOf(writer.commit(makeEnvelope(writer.queueID)))
+    # A second writer of the same id can never replace the committed entry.
+    f = failureOf(twin.commit(makeEnvelope(writer.queueID)), SpoolError)
+    assert "already exists" in str(f.value)
+    assert (spoolDir / "queue" / f"{writer.queueID}.eml").read_bytes() == MESSAGE
     with pytest.raises(SpoolError, match="already exists"):
         spool.openMessage(writer.queueID)  # never clobber a committed entry
     with pytest.raises(ValueError):
@@ -453,7 +474,7 @@ def test_recovery(spoolDir: Path, clock: Clock, events: list[dict[str, Any]]) ->
 
 def test_sharedSpoolSkipsRecovery(spool: Spool, spoolDir: Path, clock: Clock) -> None:
     """A second process must not remove the first one's commits in progress."""
-    writer = writeMessage(spool)
+    writer = writeMessage(spool, BIG)
     other = Spool(spoolDir, reactor=clock, deferToThread=syncDeferToThread)
     assert other.start() == []
     try:
@@ -801,7 +822,7 @@ def test_stopKeepsLockUntilIdle(
     another process's recovery cannot remove files of a commit still in progress."""
     s = Spool(spoolDir, reactor=clock, deferToThread=threads)
     s.start()
-    writer = writeMessage(s)
+    writer = writeMessage(s, BIG)
     d = writer.commit(makeEnvelope(writer.queueID))
     s.stop()
     other = Spool(spoolDir, reactor=clock, deferToThread=syncDeferToThread)
@@ -830,3 +851,80 @@ def test_deferToThreadFailing(spoolDir: Path, clock: Clock) -> None:
     assert "no threads today" in str(f.value)
     assertNothingLeft(spoolDir)
     s.stop()
+
+
+# syncfs: one sync of the file system for the whole batch ------------------------------------
+
+
+@pytest.fixture
+def syncfsSpool(spoolDir: Path, clock: Clock, threads: ManualThreads) -> Any:
+    if spoolModule._syncfs is None:
+        pytest.skip("no syncfs(2) on this platform")
+    s = Spool(spoolDir, reactor=clock, deferToThread=threads, syncMethod="syncfs")
+    s.start()
+    yield s
+    s.stop()
+
+
+def test_syncfsBatchSyncsOnceAndPublishesAfter(
+    syncfsSpool: Spool, spoolDir: Path, threads: ManualThreads, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    visible: list[set[str]] = []
+    realSyncfs = spoolModule._syncfs
+
+    def syncfs(fd: int) -> None:
+        calls.append("syncfs")
+        visible.append({p.name for p in (spoolDir / "queue").iterdir()})
+        realSyncfs(fd)
+
+    monkeypatch.setattr(spoolModule, "_syncfs", syncfs)
+    realFsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), realFsync(fd))[1])
+    first = writeMessage(syncfsSpool)
+    d1 = first.commit(makeEnvelope(first.queueID))
+    writers = [writeMessage(syncfsSpool) for _ in range(5)]
+    ds = [w.commit(makeEnvelope(w.queueID)) for w in writers]
+    threads.runAll()
+    for d in [d1, *ds]:
+        assert resultOf(d) is None
+    # Two batches; each: one syncfs for the data, one fsync for the queue/ directory.
+    assert calls == ["syncfs", "fsync", "syncfs", "fsync"]
+    # Nothing of a batch is visible in queue/ before its data is durable.
+    assert visible == [set(), {f"{first.queueID}.eml", f"{first.queueID}.json"}]
+    assert sorted(p.name for p in (spoolDir / "queue").iterdir()) == sorted(
+        f"{w.queueID}{ext}" for w in [first, *writers] for ext in (".eml", ".json")
+    )
+    assert list((spoolDir / "tmp").iterdir()) == []
+
+
+def test_syncfsFailureFailsTheBatchAndLeavesNothing(
+    syncfsSpool: Spool, spoolDir: Path, threads: ManualThreads, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def syncfs(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(spoolModule, "_syncfs", syncfs)
+    writers = [writeMessage(syncfsSpool) for _ in range(3)]
+    ds = [w.commit(makeEnvelope(w.queueID)) for w in writers]
+    threads.runAll()
+    for d in ds:
+        f = failureOf(d, SpoolError)
+        assert "syncfs" in str(f.value) and "EIO" in str(f.value)
+    assert list((spoolDir / "queue").iterdir()) == []
+    assert list((spoolDir / "tmp").iterdir()) == []
+
+
+def test_smallMessagesStayInMemoryUntilCommit(syncfsSpool: Spool, spoolDir: Path, threads: ManualThreads) -> None:
+    writer = syncfsSpool.openMessage(newQueueID())
+    writer.write(b"Subject: x\r\n\r\nbody\r\n")
+    assert list((spoolDir / "tmp").iterdir()) == []  # no file created on the reactor thread
+    big = syncfsSpool.openMessage(newQueueID())
+    big.write(b"x" * (spoolModule._MEMORY_LIMIT + 1))
+    assert [p.name for p in (spoolDir / "tmp").iterdir()] == [f"{big.queueID}.eml"]
+    d = writer.commit(makeEnvelope(writer.queueID))
+    threads.runAll()
+    assert resultOf(d) is None
+    assert (spoolDir / "queue" / f"{writer.queueID}.eml").read_bytes() == b"Subject: x\r\n\r\nbody\r\n"
+    big.abort()
+    assert list((spoolDir / "tmp").iterdir()) == []
