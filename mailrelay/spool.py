@@ -1214,9 +1214,7 @@ class Spool:
                     )
                 operation.finished(error)
                 if error is None:
-                    log.debug(
-                        "{kind} of {queueID} done", kind=operation.kind, queueID=operation.queueID
-                    )
+                    # No log line here: the caller logs the outcome (one line per message).
                     operation.deferred.callback(None)
                 else:
                     log.error(
