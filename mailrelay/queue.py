@@ -542,6 +542,15 @@ class QueueManager(Service):
                 rcpt=recipient.address,
                 error=repr(e),
             )
+            permanent = getattr(e, "permanent", None)
+            code = getattr(e, "code", None)
+            diagnostic = getattr(e, "diagnostic", None)
+            if permanent is True and isinstance(code, str) and code.startswith("5.") and diagnostic:
+                # A router's permanent verdict (route.DeliveryFailure): no route will ever
+                # exist for this recipient; bounce it rather than retry for days.
+                return RecipientResult(
+                    recipient.address, DeliveryStatus.PERMANENT, code, _oneLine(diagnostic)
+                )
             return _transient(recipient, "4.3.0", f"X-mailrelay; routing failed: {e}")
         if not isinstance(route, Route):
             log.error(

@@ -916,3 +916,33 @@ def test_policyValidation() -> None:
         QueuePolicy(activeLimit=0)
     with pytest.raises(ValueError):
         QueuePolicy(minBackoff=5000, maxBackoff=4000)
+
+
+def test_permanentRoutingFailureBounces(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    """A router's permanent failure (route.DeliveryFailure) bounces at once; a transient one
+    is retried."""
+    from mailrelay.route import DeliveryFailure
+
+    router.routes["gone.example"] = DeliveryFailure(
+        permanent=True, code="5.1.2", diagnostic="X-mailrelay; no route to gone.example"
+    )
+    router.routes["later.example"] = DeliveryFailure(
+        permanent=False, code="4.4.3", diagnostic="X-mailrelay; dns trouble"
+    )
+    router.routes["example.org"] = Route("hold", "example.org")
+    bounces = FakeBackend()
+    bounces.hold = True
+    qm = makeManager(spool, router, {"smtp": backend, "hold": bounces}, clock)
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["a@gone.example", "b@later.example"])
+    qm.enqueue(queueID)
+    a, b = stored(spool, queueID)["recipients"]
+    assert (a["state"], a["status"]) == (BOUNCED, "5.1.2")
+    assert a["lastResult"] == "X-mailrelay; no route to gone.example"
+    assert (b["state"], b["status"]) == (PENDING, "4.3.0")
+    [call] = bounces.calls
+    assert [blk["Final-Recipient"] for blk in recipientBlocks(call.message)] == ["rfc822; a@gone.example"]
+    bounces.release()
+    resultOf(qm.stopService())
