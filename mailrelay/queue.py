@@ -495,6 +495,22 @@ class QueueManager(Service):
         await self._commitNotices(queueID, envelope, notices, now)
 
         stillPending = bool(envelope.pendingRecipients)
+        if not stillPending and not notices:
+            # Every recipient is done and no notification depends on the recorded state: go
+            # straight to removal (a crash before it means a duplicate, never a loss).  Only
+            # if removal fails is the state saved, so that the retry repeats the removal,
+            # not the deliveries.
+            try:
+                await self.spool.remove(queueID)
+            except Exception as e:
+                log.error(
+                    "{queueID}: removing the queue entry failed: {error}; saving its state",
+                    queueID=queueID,
+                    error=str(e),
+                )
+            else:
+                log.info("{queueID}: removed", queueID=queueID)
+                return None
         if stillPending:
             envelope.nextAttempt = now + backoff(policy, envelope.attempts)
         try:
