@@ -495,6 +495,7 @@ class QueueManager(Service):
         await self._commitNotices(queueID, envelope, notices, now)
 
         stillPending = bool(envelope.pendingRecipients)
+        removalFailed = False
         if not stillPending and not notices:
             # Every recipient is done and no notification depends on the recorded state: go
             # straight to removal (a crash before it means a duplicate, never a loss).  Only
@@ -508,6 +509,7 @@ class QueueManager(Service):
                     queueID=queueID,
                     error=str(e),
                 )
+                removalFailed = True
             else:
                 log.info("{queueID}: removed", queueID=queueID)
                 return None
@@ -527,6 +529,8 @@ class QueueManager(Service):
             return retry
         if stillPending:
             return envelope.nextAttempt
+        if removalFailed:
+            return now + policy.minBackoff
         return await self._remove(queueID)
 
     async def _remove(self, queueID: str) -> float | None:
