@@ -187,3 +187,98 @@ class LineClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def freePort(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (for servers that cannot report the port they
+    got); callers should retry when the server then fails to bind it."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+# A tiny authoritative DNS server (twisted.names) for end-to-end tests, run as a subprocess
+# (a reactor in a thread of pytest is fragile).  argv[1] is JSON: {"origin": "test",
+# "records": [[name, TYPE, *args of dns.Record_TYPE]]}; a null MX is ["x.test", "MX", 0, ""].
+# Names of the origin's zone without records are NXDOMAIN; names with records but none of the
+# type asked are NODATA.  It prints "port N" when listening, then "query NAME TYPE" for each
+# query it answers.
+_DNS_SERVER_SCRIPT = r"""
+import json, sys
+from twisted.internet import reactor
+from twisted.names import authority, dns, server
+
+spec = json.loads(sys.argv[1])
+
+class Zone(authority.FileAuthority):
+    def loadFile(self, filename):
+        origin = spec["origin"].encode("ascii")
+        soa = dns.Record_SOA(mname=b"ns." + origin, rname=b"hostmaster." + origin, serial=1,
+                             refresh=60, retry=60, expire=60, minimum=60)
+        self.soa = (origin, soa)
+        self.records = {origin: [soa]}
+        for name, rtype, *args in spec["records"]:
+            args = [a.encode("ascii") if isinstance(a, str) and rtype != "A" and rtype != "AAAA"
+                    else a for a in args]
+            record = getattr(dns, "Record_" + rtype)(*args)
+            self.records.setdefault(name.lower().encode("ascii"), []).append(record)
+
+    def _lookup(self, name, cls, type, timeout=None):
+        print("query", name.decode("ascii", "replace").lower(), dns.QUERY_TYPES.get(type, type),
+              flush=True)
+        return super()._lookup(name, cls, type, timeout)
+
+factory = server.DNSServerFactory(authorities=[Zone(None)])
+port = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
+print("port", port.getHost().port, flush=True)
+reactor.run()
+"""
+
+
+class DNSServer:
+    """L{_DNS_SERVER_SCRIPT} on 127.0.0.1 (UDP), in a subprocess.
+
+    @ivar port: the UDP port it answers on.
+    """
+
+    def __init__(self, directory: Path, origin: str, records: list[list]) -> None:
+        import json
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self.logPath = directory / "dns.log"
+        with open(self.logPath, "wb") as log:
+            self.process: subprocess.Popen[bytes] | None = subprocess.Popen(
+                [sys.executable, "-c", _DNS_SERVER_SCRIPT,
+                 json.dumps({"origin": origin, "records": records})],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            m = re.search(r"^port (\d+)$", self.log(), re.MULTILINE)
+            if m:
+                self.port = int(m.group(1))
+                return
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        text = self.log()
+        self.stop()
+        raise AssertionError(f"the DNS server did not start:\n{text}")
+
+    def log(self) -> str:
+        return self.logPath.read_text(errors="replace") if self.logPath.exists() else ""
+
+    def queries(self) -> list[tuple[str, str]]:
+        """The C{(name, type)} of every query answered so far."""
+        found = re.finditer(r"^query (\S+) (\S+)$", self.log(), re.MULTILINE)
+        return [(m.group(1), m.group(2)) for m in found]
+
+    def stop(self) -> None:
+        p, self.process = self.process, None
+        if p is not None and p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)

@@ -1,0 +1,836 @@
+"""End-to-end, outbound: the real C{twistd -n mailrelay} delivering to real next hops.
+
+Next hops: Postfix's C{smtp-sink}, aiosmtpd (SMTP over TCP, LMTP over a UNIX socket) in a
+thread of the test process, raw sockets that misbehave, and maildirs.  MX lookups go to a
+twisted.names server the tests run on 127.0.0.1 (L{tests.harness.DNSServer}); every relay is
+configured with it as its only name server, so no test ever asks the system's resolver.
+
+Assertions are on what arrived at the next hop (byte for byte, compared with the relay's own
+spool file where the test can read it first), on the spool, and on the relay's log lines
+(C{ID: to=<..>, relay=.., delay=.., attempts=N, status=sent|deferred|bounced (..)},
+C{ID: removed}).
+
+To read a message as spooled before it is delivered, a test starts the relay with
+C{[queue] hold = true}, submits, reads C{queue/ID.eml}, and restarts the same relay (same
+spool) with C{hold = false}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import email
+import json
+import os
+import re
+import shutil
+import smtplib
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.message import Message
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller, UnixSocketController
+from aiosmtpd.lmtp import LMTP
+
+from mailrelay.smtp.client import CHUNK_SIZE
+from tests.harness import DNSServer, RelayProcess, freePort, requireTool
+
+# ---------------------------------------------------------------------------------------------
+# Next hops
+
+
+@dataclass
+class Received:
+    """One transaction a next hop accepted (or, in C{attempts}, saw)."""
+
+    mailFrom: str
+    rcptTos: list[str]
+    mailOptions: list[str]
+    rcptOptions: dict[str, list[str]]
+    content: bytes
+    peer: Any = None
+
+
+class Recorder:
+    """An aiosmtpd handler that records every transaction and answers as told.
+
+    @ivar rcptReply: C{address -> reply or None} (None: accept).
+    @ivar dataReply: C{(Received, attempt number) -> reply}; the reply C{"DROP"} aborts the
+        connection instead of answering (after the whole message came in).  For LMTP, a list
+        of replies, one per accepted recipient.
+    """
+
+    def __init__(self, lmtp: bool = False) -> None:
+        self.lmtp = lmtp
+        self.cond = threading.Condition()
+        self.accepted: list[Received] = []
+        self.attempts: list[Received] = []
+        self.rcptReply: Callable[[str], str | None] = lambda address: None
+        self.dataReply: Callable[[Received, int], Any] = lambda received, n: (
+            ["250 2.0.0 delivered"] * len(received.rcptTos) if self.lmtp else "250 2.0.0 OK"
+        )
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          rcpt_options: list[str]) -> str:
+        reply = self.rcptReply(address)
+        if reply is not None:
+            return reply
+        envelope.rcpt_tos.append(address)
+        if not hasattr(envelope, "perRcptOptions"):
+            envelope.perRcptOptions = {}
+        envelope.perRcptOptions[address] = list(rcpt_options)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        received = Received(
+            envelope.mail_from, list(envelope.rcpt_tos), list(envelope.mail_options),
+            dict(getattr(envelope, "perRcptOptions", {})), bytes(envelope.original_content),
+            session.peer,
+        )
+        with self.cond:
+            self.attempts.append(received)
+            n = len(self.attempts)
+        reply = self.dataReply(received, n)
+        if reply == "DROP":
+            server.transport.abort()  # no reply at all; writes after this are discarded
+            return "451 4.0.0 (never sent: the connection is gone)"
+        if self.lmtp:
+            ok = [r for r, text in zip(received.rcptTos, reply) if text.startswith("2")]
+            reply = "\r\n".join(reply)
+        else:
+            ok = received.rcptTos if reply.startswith("2") else []
+        if ok:
+            with self.cond:
+                self.accepted.append(dataclasses.replace(received, rcptTos=ok))
+                self.cond.notify_all()
+        return reply
+
+    def waitFor(self, predicate: Callable[[list[Received]], bool], timeout: float = 15.0,
+                what: str = "") -> list[Received]:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not predicate(self.accepted):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"next hop: {what or predicate} not seen in {timeout}s; "
+                                         f"accepted: {self.accepted!r}")
+                self.cond.wait(min(left, 0.2))
+            return list(self.accepted)
+
+    def to(self, address: str) -> list[Received]:
+        with self.cond:
+            return [m for m in self.accepted if address in m.rcptTos]
+
+    def waitTo(self, address: str, count: int = 1, timeout: float = 15.0) -> list[Received]:
+        self.waitFor(lambda acc: sum(address in m.rcptTos for m in acc) >= count, timeout,
+                     f"{count} message(s) to <{address}>")
+        return self.to(address)
+
+
+class _TCPController(Controller):
+    """aiosmtpd on 127.0.0.1; with C{port=0} it takes a free port and reports it."""
+
+    def _trigger_server(self) -> None:
+        if self.port == 0:
+            self.port = self.server.sockets[0].getsockname()[1]
+        super()._trigger_server()
+
+
+class _LMTPController(UnixSocketController):
+    def factory(self) -> Any:
+        return LMTP(self.handler, **self.SMTP_kwargs)
+
+
+@pytest.fixture
+def nexthop(tmp_path: Path):
+    """C{nexthop(port=0, lmtp=False)}: a started aiosmtpd next hop: C{(Recorder, where)}
+    with C{where} the port (SMTP) or socket path (LMTP).  Stopped in teardown."""
+    controllers: list[Any] = []
+
+    def start(port: int = 0, lmtp: bool = False) -> tuple[Recorder, Any]:
+        handler = Recorder(lmtp)
+        if lmtp:
+            path = tmp_path / f"lmtp{len(controllers)}.sock"
+            controller: Any = _LMTPController(handler, unix_socket=str(path), ready_timeout=10)
+        else:
+            controller = _TCPController(handler, hostname="127.0.0.1", port=port, ready_timeout=10)
+        controller.start()
+        controllers.append(controller)
+        return handler, (str(path) if lmtp else controller.port)
+
+    yield start
+    for c in controllers:
+        c.stop()
+
+
+class Sink:
+    """Postfix's smtp-sink, dumping each transaction to a file in C{directory}."""
+
+    def __init__(self, path: str) -> None:
+        # smtp-sink drops privileges to nobody: its dump directory must be reachable and
+        # writable by nobody (pytest's tmp_path is under a 0700 directory).
+        self.directory = Path(tempfile.mkdtemp(prefix="mailrelay-sink-"))
+        self.directory.chmod(0o777)
+        self.process: subprocess.Popen[bytes] | None = None
+        out = self.directory / "counters"
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        for _ in range(5):  # the free port may be taken between freePort() and bind()
+            self.port = freePort()
+            with open(out, "wb") as f:
+                self.process = subprocess.Popen(
+                    [path, *user, "-c", "-h", "sink.test", "-d", str(self.directory / "msg."),
+                     f"127.0.0.1:{self.port}", "16"],
+                    stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            if self._listening():
+                return
+            self.stop()
+        raise AssertionError(f"smtp-sink did not start: {out.read_text(errors='replace')}")
+
+    def _listening(self) -> bool:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                return False
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return True
+            except OSError:
+                time.sleep(0.05)
+        return False
+
+    def counters(self) -> bytes:
+        return (self.directory / "counters").read_bytes()
+
+    def dumps(self) -> list[bytes]:
+        return [p.read_bytes() for p in sorted(self.directory.glob("msg.*"))]
+
+    def stop(self) -> None:
+        p, self.process = self.process, None
+        if p is not None and p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@pytest.fixture
+def sink():
+    path = requireTool("smtp-sink")
+    sinks: list[Sink] = []
+
+    def start() -> Sink:
+        s = Sink(path)
+        sinks.append(s)
+        return s
+
+    yield start
+    for s in sinks:
+        s.cleanup()
+
+
+class SilentServer:
+    """Accepts TCP connections (the kernel completes the handshake) and never says a word."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# DNS: one server for the module; zone "test"
+
+ZONE = [
+    ["mx.test", "MX", 10, "mail.mx.test"],        # MX to a host with an A record only
+    ["mail.mx.test", "A", "127.0.0.1"],
+    ["nullmx.test", "MX", 0, ""],                 # RFC 7505 null MX
+    ["aonly.test", "A", "127.0.0.1"],             # no MX: the domain is its own exchanger
+    ["nullmx.test", "A", "127.0.0.1"],            # (never to be used: null MX wins)
+]                                                 # nx.test: no records: NXDOMAIN
+
+
+@pytest.fixture(scope="module")
+def dns(tmp_path_factory: pytest.TempPathFactory):
+    server = DNSServer(tmp_path_factory.mktemp("dns"), "test", ZONE)
+    yield server
+    server.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# The relay
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    raise TypeError(value)
+
+
+def config(dns: DNSServer, *, hold: bool = False, queue: dict | None = None,
+           delivery: dict | None = None, timeouts: dict | None = None,
+           routes: list[dict] = ()) -> str:
+    """A relay configuration: DNS only through C{dns}, no reverse lookups, C{hold} as given."""
+    lines = ["[queue]", f"hold = {_toml(hold)}"]
+    lines += [f"{k} = {_toml(v)}" for k, v in (queue or {}).items()]
+    lines += ["[delivery]"] + [f"{k} = {_toml(v)}" for k, v in (delivery or {}).items()]
+    lines += ["[delivery.timeouts]"] + [f"{k} = {_toml(v)}" for k, v in (timeouts or {}).items()]
+    lines += ["[dns]", "reverse_lookups = false", f'nameservers = ["127.0.0.1:{dns.port}"]']
+    for route in routes:
+        lines += ["[[routes]]"] + [f"{k} = {_toml(v)}" for k, v in route.items()]
+    return "\n".join(lines) + "\n"
+
+
+def smtpRoute(domain: str, port: int) -> dict:
+    return {"domain": domain, "backend": "smtp", "nexthop": f"[127.0.0.1]:{port}"}
+
+
+@pytest.fixture
+def relay(tmp_path: Path):
+    started: list[RelayProcess] = []
+
+    def start(config: str | None = None, *args: str, **kw: Any) -> RelayProcess:
+        kw.setdefault("hold", False)
+        r = RelayProcess(tmp_path / f"relay{len(started)}", config, args, **kw)
+        started.append(r)
+        return r.start()
+
+    yield start
+    for r in started:
+        r.stop()
+
+
+def submit(r: RelayProcess, sender: str, recipients: list[str], message: bytes,
+           mailOptions: tuple[str, ...] = (), rcptOptions: tuple[str, ...] = ()) -> str:
+    """Hand C{message} to the relay with smtplib; its queue id."""
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=15) as s:
+        assert s.ehlo("client.test")[0] == 250
+        assert s.mail(sender, list(mailOptions)) == (250, b"2.1.0 Ok")
+        for rcpt in recipients:
+            assert s.rcpt(rcpt, list(rcptOptions)) == (250, b"2.1.5 Ok")
+        code, reply = s.data(message)
+        assert code == 250, reply
+    m = re.fullmatch(rb"2\.0\.0 Ok: queued as ([0-9A-Z]{20})", reply)
+    assert m, reply
+    return m.group(1).decode()
+
+
+def spooled(r: RelayProcess, queueID: str) -> bytes:
+    return (r.spool / "queue" / f"{queueID}.eml").read_bytes()
+
+
+def release(r: RelayProcess, configText: str) -> None:
+    """Restart C{r} (same directory and spool) with C{configText} (which should not hold)."""
+    r.stop()
+    r.configText = configText
+    r.start()
+
+
+_RESULT = (r"{id}: to=<{rcpt}>, relay=(?P<relay>\S+), delay=[\d.]+, attempts=(?P<attempts>\d+), "
+           r"status=(?P<status>{status}) \((?P<diagnostic>.*)\)")
+
+
+def waitResult(r: RelayProcess, queueID: str, rcpt: str, status: str = r"\w+",
+               timeout: float = 15.0) -> re.Match[str]:
+    """The log line of a delivery result of C{rcpt} with C{status}."""
+    return r.waitForLog(_RESULT.format(id=queueID, rcpt=re.escape(rcpt), status=status), timeout)
+
+
+def results(r: RelayProcess, queueID: str, rcpt: str) -> list[tuple[str, str, str]]:
+    """C{(attempts, status, diagnostic)} of every result logged for C{rcpt} so far."""
+    pattern = _RESULT.format(id=queueID, rcpt=re.escape(rcpt), status=r"\w+")
+    return [(m["attempts"], m["status"], m["diagnostic"]) for m in re.finditer(pattern, r.log())]
+
+
+def waitRemoved(r: RelayProcess, queueID: str, timeout: float = 15.0) -> None:
+    r.waitForLog(rf"{queueID}: removed", timeout)
+
+
+def waitEmpty(r: RelayProcess, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while r.queued() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert r.queued() == [], r.log()
+    assert sorted(p.name for p in (r.spool / "queue").iterdir()) == []
+
+
+def bounceID(r: RelayProcess, queueID: str, kind: str = "non-delivery notification") -> str:
+    m = r.waitForLog(rf"{queueID}: sender {kind}: ([0-9A-Z]{{20}})")
+    return m.group(1)
+
+
+def unfold(value: str) -> str:
+    """A header field value without its folding (RFC 5322 section 2.2.3)."""
+    return re.sub(r"\r?\n(?=[ \t])", "", value)
+
+
+def parseReport(content: bytes) -> tuple[Message, Message, list[Message], list[Message]]:
+    """A DSN: C{(message, per-message fields, per-recipient fields, parts)}."""
+    msg = email.message_from_bytes(content)
+    assert msg.get_content_type() == "multipart/report", content[:500]
+    assert msg.get_param("report-type") == "delivery-status"
+    parts = msg.get_payload()
+    assert isinstance(parts, list) and len(parts) >= 2
+    assert parts[0].get_content_type() == "text/plain"
+    assert parts[1].get_content_type() == "message/delivery-status"
+    blocks = parts[1].get_payload()
+    return msg, blocks[0], blocks[1:], parts
+
+
+def message(subject: str, body: str = "Hello.\r\n", extra: str = "") -> bytes:
+    return (f"From: Alice <alice@sender.test>\r\nTo: bob@example.org\r\nSubject: {subject}\r\n"
+            f"{extra}\r\n{body}").encode()
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Postfix's smtp-sink as the smarthost
+
+
+def test_smarthost_smtp_sink(relay, sink, dns) -> None:
+    s = sink()
+    r = relay(config(dns), "--smarthost", f"[127.0.0.1]:{s.port}")
+    msg = message("to the sink", "line one\r\n.leading dot\r\n")
+    qid = submit(r, "alice@sender.test", ["bob@example.org", "carol@example.org"], msg,
+                 mailOptions=("RET=HDRS", "ENVID=env-1"), rcptOptions=("NOTIFY=FAILURE,DELAY",))
+    size = int(r.waitForLog(rf"{qid}: from=<alice@sender\.test> nrcpt=2 size=(\d+) ").group(1))
+    for rcpt in ("bob@example.org", "carol@example.org"):
+        m = waitResult(r, qid, rcpt)
+        assert (m["status"], m["attempts"], m["relay"]) == ("sent", "1", "[127.0.0.1]"), m[0]
+        assert m["diagnostic"].startswith("smtp; 250 2.0.0 Ok"), m[0]
+    waitRemoved(r, qid)
+    waitEmpty(r)
+
+    (dump,) = s.dumps()  # one transaction for both recipients
+    head, _, content = dump.partition(b"\nReceived: from relay.test ([127.0.0.1])\n")
+    assert head.split(b"\n") == [
+        b"X-Client-Addr: 127.0.0.1",
+        b"X-Client-Proto: ESMTP",
+        b"X-Helo-Args: relay.test",
+        # smtp-sink announces DSN (not SIZE): the DSN parameters are passed on (RFC 3461
+        # section 4), SIZE is not sent.
+        b"X-Mail-Args: <alice@sender.test> RET=HDRS ENVID=env-1",
+        b"X-Rcpt-Args: <bob@example.org> NOTIFY=FAILURE,DELAY ORCPT=rfc822;bob@example.org",
+        b"X-Rcpt-Args: <carol@example.org> NOTIFY=FAILURE,DELAY ORCPT=rfc822;carol@example.org",
+    ]
+    # After smtp-sink's own 3-line Received: the message as relayed (LF line ends), then an
+    # empty line: our Received: first, the original, our Message-Id:/Date:, the body unstuffed.
+    message_ = content.split(b"\n", 2)[2]
+    assert message_.endswith(b"\nline one\n.leading dot\n\n")
+    relayed = message_[:-1].replace(b"\n", b"\r\n")
+    assert len(relayed) == size
+    assert relayed.startswith(b"Received: from client.test (unknown [127.0.0.1])\r\n"
+                              b"\tby relay.test (mailrelay) with ESMTP id " + qid.encode())
+    assert b"\r\nSubject: to the sink\r\n" in relayed
+    assert re.search(rb"\r\nMessage-Id: <\d{14}\." + qid.encode() + rb"@relay\.test>\r\nDate: ",
+                     relayed)
+    # smtp-sink's own count (-c: "sess=N quit=N mesg=N", updated after each "."): one message.
+    assert re.findall(rb"mesg=(\d+)", s.counters())[-1] == b"1"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: a 'relayed' success DSN is issued even when the next hop announced DSN and was given "
+    "NOTIFY=SUCCESS (RFC 3461 5.2.1: the notification is then the next hop's to send; 5.2.2: "
+    "'relayed' is only for non-DSN next hops), so the sender gets two success reports. "
+    "QueueManager._notices cannot tell: RecipientResult does not say whether NOTIFY was "
+    "passed on."))
+def test_no_relayed_dsn_when_next_hop_has_dsn(relay, sink, dns) -> None:
+    s = sink()
+    r = relay(config(dns), "--smarthost", f"[127.0.0.1]:{s.port}")
+    qid = submit(r, "alice@sender.test", ["bob@example.org"], message("notify success"),
+                 rcptOptions=("NOTIFY=SUCCESS",))
+    assert waitResult(r, qid, "bob@example.org")["status"] == "sent"
+    waitRemoved(r, qid)  # notifications are committed before the entry is removed
+    passedOn = b"\nX-Rcpt-Args: <bob@example.org> NOTIFY=SUCCESS ORCPT=rfc822;bob@example.org\n"
+    assert [passedOn in dump for dump in s.dumps()].count(True) == 1
+    assert "notification" not in r.log()
+    assert len(s.dumps()) == 1  # no report to alice@sender.test through the smarthost
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Byte-exact relaying to aiosmtpd (no DSN extension)
+
+
+def test_relay_byte_exact_without_dsn(relay, nexthop, dns) -> None:
+    hop, port = nexthop()
+    routes = [smtpRoute("example.org", port), smtpRoute("sender.test", port)]
+    r = relay(config(dns, hold=True, routes=routes))
+    msg = message("exact", "Body\r\n..two dots\r\n.\r\nlast line, no final newline",
+                  extra="X-Extra: keep\r\n\tfolded\r\n")
+    qid = submit(r, "alice@sender.test", ["bob@example.org", "carol@example.org"], msg,
+                 mailOptions=("RET=FULL", "ENVID=env-2"),
+                 rcptOptions=("NOTIFY=SUCCESS,FAILURE",))
+    original = spooled(r, qid)
+    assert original.startswith(b"Received: ") and original.endswith(b"no final newline\r\n")
+    assert hop.accepted == []
+    release(r, config(dns, routes=routes))
+
+    for rcpt in ("bob@example.org", "carol@example.org"):
+        m = waitResult(r, qid, rcpt)
+        assert (m["status"], m["relay"]) == ("sent", "[127.0.0.1]"), m[0]
+    waitRemoved(r, qid)
+    (got,) = hop.to("bob@example.org")
+    assert got.mailFrom == "alice@sender.test"
+    assert got.rcptTos == ["bob@example.org", "carol@example.org"]
+    assert got.content == original
+    # aiosmtpd does not announce DSN: no RET/ENVID/NOTIFY/ORCPT (it would refuse RCPT
+    # parameters with 555 anyway).
+    assert got.mailOptions == [f"SIZE={len(original)}"]
+    assert got.rcptOptions == {"bob@example.org": [], "carol@example.org": []}
+
+    # ... so the relay itself reports the success to the sender, who asked NOTIFY=SUCCESS:
+    # action "relayed" (RFC 3461 section 5.2.2).
+    dsnID = bounceID(r, qid, "delivery status notification")
+    waitRemoved(r, dsnID)
+    (report,) = hop.waitTo("alice@sender.test")
+    assert report.mailFrom == "<>"
+    assert report.mailOptions == [f"SIZE={len(report.content)}"]
+    _, perMessage, perRecipient, _ = parseReport(report.content)
+    assert perMessage["Original-Envelope-Id"] == "env-2"
+    assert [(b["Final-Recipient"], b["Action"], b["Status"]) for b in perRecipient] == [
+        ("rfc822; bob@example.org", "relayed", "2.0.0"),
+        ("rfc822; carol@example.org", "relayed", "2.0.0"),
+    ]
+    waitEmpty(r)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. 4xx, then 250 on the retry
+
+
+@pytest.mark.parametrize("stage", ["RCPT", "DATA"])
+def test_temporary_failure_then_delivered(relay, nexthop, dns, stage: str) -> None:
+    hop, port = nexthop()
+    if stage == "RCPT":
+        seen: list[str] = []
+
+        def rcptReply(address: str) -> str | None:
+            seen.append(address)
+            return "451 4.3.0 try later" if len(seen) == 1 else None
+
+        hop.rcptReply = rcptReply
+    else:
+        hop.dataReply = lambda received, n: "451 4.3.0 try later" if n == 1 else "250 2.0.0 OK"
+    r = relay(config(dns, queue={"min_backoff": 1, "max_backoff": 2},
+                     routes=[smtpRoute("example.org", port)]))
+    qid = submit(r, "alice@sender.test", ["bob@example.org"], message("retry"))
+    waitResult(r, qid, "bob@example.org", "sent")
+    waitRemoved(r, qid)
+    assert results(r, qid, "bob@example.org") == [
+        ("1", "deferred", "smtp; 451 4.3.0 try later"),
+        ("2", "sent", "smtp; 250 2.0.0 OK"),
+    ]
+    if stage == "DATA":
+        assert len(hop.attempts) == 2 and hop.attempts[0].content == hop.attempts[1].content
+    else:
+        assert len(hop.attempts) == 1  # no DATA without an accepted recipient
+    assert [m.rcptTos for m in hop.accepted] == [["bob@example.org"]]
+    assert "notification" not in r.log()
+    waitEmpty(r)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. 5xx at RCPT: a bounce, delivered, from <>
+
+
+def test_permanent_failure_bounces_to_sender(relay, nexthop, dns) -> None:
+    hop, port = nexthop()
+    hop.rcptReply = lambda a: "550 5.1.1 no such user" if a == "bob@example.org" else None
+    r = relay(config(dns, routes=[smtpRoute("example.org", port), smtpRoute("sender.test", port)]))
+    qid = submit(r, "alice@sender.test", ["bob@example.org", "carol@example.org"],
+                 message("will bounce"), mailOptions=("ENVID=env-4",))
+    m = waitResult(r, qid, "bob@example.org")
+    assert (m["status"], m["diagnostic"]) == ("bounced", "smtp; 550 5.1.1 no such user"), m[0]
+    assert waitResult(r, qid, "carol@example.org")["status"] == "sent"
+    dsnID = bounceID(r, qid)
+    waitRemoved(r, qid)
+    waitResult(r, dsnID, "alice@sender.test", "sent")
+    waitRemoved(r, dsnID)
+
+    (bounce,) = hop.waitTo("alice@sender.test")
+    assert bounce.mailFrom == "<>"  # RFC 5321 6.1, RFC 3461 6.1: notifications come from <>
+    assert [m.rcptTos for m in hop.to("carol@example.org")] == [["carol@example.org"]]
+    assert hop.to("bob@example.org") == []
+    msg, perMessage, perRecipient, parts = parseReport(bounce.content)
+    assert msg["To"] == "<alice@sender.test>" and msg["From"].startswith("MAILER-DAEMON@relay.test")
+    assert msg["Auto-Submitted"] == "auto-replied"
+    assert perMessage["Reporting-MTA"] == "dns; relay.test"
+    assert perMessage["Original-Envelope-Id"] == "env-4"
+    (block,) = perRecipient  # carol was delivered: not in the report
+    assert block["Final-Recipient"] == "rfc822; bob@example.org"
+    assert block["Action"] == "failed"
+    assert block["Status"] == "5.1.1"
+    assert block["Remote-MTA"] == "dns; [127.0.0.1]"
+    assert unfold(block["Diagnostic-Code"]) == "smtp; 550 5.1.1 no such user"
+    # RET not given: the original's header section is returned.
+    assert parts[2].get_content_type() == "text/rfc822-headers"
+    assert b"Subject: will bounce" in parts[2].get_payload(decode=True)
+    waitEmpty(r)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The next hop drops the connection after the message, without a reply
+
+
+def test_connection_dropped_after_data_is_deferred_then_delivered(relay, nexthop, dns) -> None:
+    hop, port = nexthop()
+    broken = threading.Event()
+    broken.set()
+    hop.dataReply = lambda received, n: "DROP" if broken.is_set() else "250 2.0.0 OK"
+    r = relay(config(dns, queue={"min_backoff": 1, "max_backoff": 2},
+                     routes=[smtpRoute("example.org", port)]))
+    qid = submit(r, "alice@sender.test", ["bob@example.org"], message("dropped"))
+    m = waitResult(r, qid, "bob@example.org")
+    assert m["status"] == "deferred", m[0]
+    assert "lost connection with" in m["diagnostic"] and "end of data" in m["diagnostic"], m[0]
+    # Not lost, not bounced: still in the spool, recipient pending.
+    assert r.queued() == [qid]
+    envelope = json.loads((r.spool / "queue" / f"{qid}.json").read_text())
+    assert [x["state"] for x in envelope["recipients"]] == ["pending"]
+    assert hop.accepted == [] and len(hop.attempts) >= 1
+    broken.clear()
+
+    waitResult(r, qid, "bob@example.org", "sent")
+    waitRemoved(r, qid)
+    statuses = [s for _, s, _ in results(r, qid, "bob@example.org")]
+    assert statuses[-1] == "sent" and set(statuses[:-1]) == {"deferred"}
+    assert "bounced" not in statuses and "notification" not in r.log()
+    (got,) = hop.accepted
+    assert got.content == hop.attempts[0].content  # the same message, whole, again
+    waitEmpty(r)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The next hop accepts the connection and never says anything
+
+
+def test_greeting_timeout_defers(relay, dns) -> None:
+    silent = SilentServer()
+    try:
+        r = relay(config(dns, queue={"min_backoff": 300, "max_backoff": 600},
+                         timeouts={"greeting": 1},
+                         routes=[smtpRoute("example.org", silent.port)]))
+        start = time.monotonic()
+        qid = submit(r, "alice@sender.test", ["bob@example.org"], message("silence"))
+        m = waitResult(r, qid, "bob@example.org", timeout=20)
+        elapsed = time.monotonic() - start
+        assert m["status"] == "deferred", m[0]
+        assert "timed out while receiving the initial server greeting" in m["diagnostic"], m[0]
+        assert 0.9 <= elapsed < 10, elapsed  # the 1 s greeting timeout, not the default 300 s
+        assert r.queued() == [qid]
+        assert "bounced" not in r.log() and "notification" not in r.log()
+    finally:
+        silent.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. MX delivery through our DNS server
+
+
+def _mxRoutes(port: int, sinkPort: int) -> list[dict]:
+    # "domain:port" (no brackets): look up the domain's MX records, connect to that port
+    # (relay.smarthost syntax; see route.parseNexthop).  The relay cannot be made to use port
+    # 25 here, so every test domain gets such a route.
+    return ([{"domain": d, "backend": "smtp", "nexthop": f"{d}:{port}"}
+             for d in ("mx.test", "aonly.test", "nullmx.test", "nx.test")]
+            + [smtpRoute("sender.test", sinkPort)])
+
+
+@pytest.mark.parametrize("domain, outcome, queries", [
+    ("mx.test", "sent", [("mx.test", "MX"), ("mail.mx.test", "A")]),
+    ("aonly.test", "sent", [("aonly.test", "MX"), ("aonly.test", "A")]),
+    ("nullmx.test", "5.1.10", [("nullmx.test", "MX")]),
+    ("nx.test", "5.1.2", [("nx.test", "MX")]),
+])
+def test_mx_delivery(relay, nexthop, dns, domain: str, outcome: str,
+                     queries: list[tuple[str, str]]) -> None:
+    hop, port = nexthop()
+    notices, noticePort = nexthop()
+    r = relay(config(dns, routes=_mxRoutes(port, noticePort)))
+    rcpt = f"user@{domain}"
+    qid = submit(r, "alice@sender.test", [rcpt], message(f"to {domain}"))
+    m = waitResult(r, qid, rcpt)
+    waitRemoved(r, qid)
+    asked = [q for q in dns.queries() if q[0] == domain or q[0].endswith("." + domain)]
+    for q in queries:
+        assert q in asked, (q, asked)
+    if outcome == "sent":
+        assert m["status"] == "sent", m[0]
+        assert m["relay"] == (f"mail.{domain}" if domain == "mx.test" else domain), m[0]
+        (got,) = hop.waitTo(rcpt)
+        assert got.mailFrom == "alice@sender.test"
+        assert f"Subject: to {domain}".encode() in got.content
+        assert "notification" not in r.log()
+    else:
+        assert m["status"] == "bounced", m[0]
+        expected = {"5.1.10": "does not accept mail (null MX)", "5.1.2": "does not exist"}[outcome]
+        assert m["diagnostic"] == f"X-mailrelay; domain {domain} {expected}", m[0]
+        assert hop.accepted == []
+        if domain == "nullmx.test":
+            assert (domain, "A") not in asked  # a null MX is final: no fallback to A
+        dsnID = bounceID(r, qid)
+        waitRemoved(r, dsnID)
+        (bounce,) = notices.waitTo("alice@sender.test")
+        assert bounce.mailFrom == "<>"
+        _, _, (block,), _ = parseReport(bounce.content)
+        assert (block["Final-Recipient"], block["Action"], block["Status"]) == (
+            f"rfc822; {rcpt}", "failed", outcome)
+        assert unfold(block["Diagnostic-Code"]) == f"X-mailrelay; domain {domain} {expected}"
+    waitEmpty(r)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. LMTP over a UNIX socket, one reply per recipient
+
+
+def test_lmtp_per_recipient_results(relay, nexthop, dns) -> None:
+    store, path = nexthop(lmtp=True)
+    store.dataReply = lambda received, n: [
+        "550 5.1.1 no such mailbox" if rcpt.startswith("carol@") else "250 2.0.0 delivered"
+        for rcpt in received.rcptTos
+    ]
+    notices, noticePort = nexthop()
+    r = relay(config(dns, routes=[
+        {"domain": "lmtp.test", "backend": "lmtp", "nexthop": f"unix:{path}"},
+        smtpRoute("sender.test", noticePort),
+    ]))
+    qid = submit(r, "alice@sender.test", ["bob@lmtp.test", "carol@lmtp.test"],
+                 message("lmtp", "the body\r\n"), mailOptions=("RET=FULL",))
+    bob = waitResult(r, qid, "bob@lmtp.test")
+    carol = waitResult(r, qid, "carol@lmtp.test")
+    assert (bob["status"], bob["diagnostic"]) == ("sent", "smtp; 250 2.0.0 delivered"), bob[0]
+    assert (carol["status"], carol["diagnostic"]) == (
+        "bounced", "smtp; 550 5.1.1 no such mailbox"), carol[0]
+    (attempt,) = store.attempts  # one LMTP transaction for both
+    assert attempt.rcptTos == ["bob@lmtp.test", "carol@lmtp.test"]
+    assert b"Subject: lmtp\r\n" in attempt.content
+    dsnID = bounceID(r, qid)
+    waitRemoved(r, dsnID)
+    (bounce,) = notices.waitTo("alice@sender.test")
+    assert bounce.mailFrom == "<>"
+    _, _, (block,), _ = parseReport(bounce.content)
+    assert (block["Final-Recipient"], block["Action"], block["Status"]) == (
+        "rfc822; carol@lmtp.test", "failed", "5.1.1")
+    assert unfold(block["Diagnostic-Code"]) == "smtp; 550 5.1.1 no such mailbox"
+    # RET=FULL: the whole original comes back, as the relay spooled it (what LMTP got).
+    returned = parseReport(bounce.content)[3][2]
+    assert returned.get_content_type() == "message/rfc822"
+    assert b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: 7bit\r\n\r\n" \
+        + attempt.content + b"\r\n--" in bounce.content
+    waitEmpty(r)
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Maildir
+
+
+def test_maildir(relay, dns, tmp_path: Path) -> None:
+    template = str(tmp_path / "mail" / "{domain}" / "{local}" / "Maildir")
+    routes = [{"domain": "maildir.test", "backend": "maildir", "nexthop": template}]
+    r = relay(config(dns, hold=True, routes=routes))
+    qid = submit(r, "alice@sender.test", ["Bob@maildir.test", "carol@maildir.test"],
+                 message("to a maildir", "Line\r\n.dot\r\n"))
+    original = spooled(r, qid)
+    release(r, config(dns, routes=routes))
+    for rcpt in ("Bob@maildir.test", "carol@maildir.test"):
+        assert waitResult(r, qid, rcpt)["status"] == "sent"
+    waitRemoved(r, qid)
+    for local, address in (("bob", "Bob@maildir.test"), ("carol", "carol@maildir.test")):
+        box = tmp_path / "mail" / "maildir.test" / local / "Maildir"
+        (copy,) = list((box / "new").iterdir())
+        assert list((box / "tmp").iterdir()) == [] and list((box / "cur").iterdir()) == []
+        assert copy.read_bytes() == (
+            f"Return-Path: <alice@sender.test>\nDelivered-To: {address}\n".encode()
+            + original.replace(b"\r\n", b"\n"))
+    waitEmpty(r)
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. kill -9 with messages queued: nothing lost
+
+
+def test_kill9_with_queued_messages_loses_nothing(relay, nexthop, dns) -> None:
+    port = freePort()  # nothing listens there yet: connections are refused
+    routes = [smtpRoute("example.org", port)]
+    r = relay(config(dns, queue={"min_backoff": 1, "max_backoff": 2}, routes=routes))
+    ids = [submit(r, "alice@sender.test", ["bob@example.org"], message(f"kill {i}"))
+           for i in range(5)]
+    for qid in ids:
+        m = waitResult(r, qid, "bob@example.org")
+        assert m["status"] == "deferred" and "refused" in m["diagnostic"], m[0]
+    r.kill9()
+    assert r.queued() == sorted(ids)
+
+    hop, _ = nexthop(port=port)
+    r.start()
+    for qid in ids:
+        waitRemoved(r, qid, timeout=20)
+    # The next hop records a message before it answers 250, so everything it accepted is
+    # recorded by the time the relay has removed the entries: exactly once each.
+    got = sorted(re.search(rb"with ESMTP id (\w+)", m.content).group(1).decode()
+                 for m in hop.accepted)
+    assert got == sorted(ids)
+    waitEmpty(r)
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. Dot-stuffing across the client's chunk boundary
+
+
+DOT_LINES = [b".\r\n", b".x\r\n", b"..\r\n", b"...\r\n"]
+
+
+def test_dot_lines_at_chunk_boundary(relay, nexthop, dns) -> None:
+    """Lines starting with "." at every offset from CHUNK_SIZE - 3 to CHUNK_SIZE + 3 of the
+    spooled file (the client reads the file in CHUNK_SIZE pieces), including the boundary
+    between CR and LF: each message's body is one dot line repeated, after a first line whose
+    length shifts the pattern by one octet per message."""
+    hop, port = nexthop()
+    routes = [smtpRoute("example.org", port)]
+    r = relay(config(dns, hold=True, routes=routes))
+    bodies = {}
+    for line in DOT_LINES:
+        for shift in range(len(line)):
+            body = b"s" * shift + b"\r\n" + line * ((CHUNK_SIZE + 2000) // len(line))
+            qid = submit(r, "alice@sender.test", ["bob@example.org"],
+                         message(f"dots {line!r} {shift}", "") + body)
+            bodies[qid] = line
+    originals = {qid: spooled(r, qid) for qid in bodies}
+    # The test covers what it claims: for each dot line, some message has it starting at each
+    # offset around the boundary.
+    for line in DOT_LINES:
+        covered = {o for qid, text in originals.items() if bodies[qid] == line
+                   for o in range(CHUNK_SIZE - 3, CHUNK_SIZE + 4)
+                   if text[o - 2:o] == b"\r\n" and text[o:o + len(line)] == line}
+        assert covered == set(range(CHUNK_SIZE - 3, CHUNK_SIZE + 4)), (line, covered)
+    assert all(CHUNK_SIZE + 1000 < len(t) < 2 * CHUNK_SIZE for t in originals.values())
+    release(r, config(dns, routes=routes))
+    for qid in originals:
+        waitRemoved(r, qid, timeout=30)
+    assert all(results(r, qid, "bob@example.org")[0][1] == "sent" for qid in originals)
+    byID = {re.search(rb"with ESMTP id (\w+)", m.content).group(1).decode(): m.content
+            for m in hop.accepted}
+    assert sorted(byID) == sorted(originals)
+    for qid, text in originals.items():
+        assert byID[qid] == text, qid
+    waitEmpty(r)
