@@ -170,6 +170,8 @@ class RecipientResult:
     @ivar diagnostic: RFC 3464 Diagnostic-Code form, C{"smtp; 550 5.1.1 user unknown"}, or for
         failures that are not a reply C{"X-mailrelay; connection refused by 192.0.2.1"}.
     @ivar remoteMTA: RFC 3464 Remote-MTA form (C{"dns; mx.example.org"}), or C{None}.
+    @ivar dsnRelayed: the next hop took the recipient's DSN request (it offered DSN and was
+        given NOTIFY): from here on, success notices are its job, not ours (RFC 3461 5.2).
     """
 
     address: str
@@ -177,6 +179,7 @@ class RecipientResult:
     code: str
     diagnostic: str
     remoteMTA: str | None = None
+    dsnRelayed: bool = False
 
     def __post_init__(self) -> None:
         expected = {DeliveryStatus.DELIVERED: "2", DeliveryStatus.TRANSIENT: "4", DeliveryStatus.PERMANENT: "5"}

@@ -462,7 +462,8 @@ class QueueManager(Service):
             if result.status is DeliveryStatus.DELIVERED:
                 r.state = DELIVERED
                 r.finalTime = now
-                delivered.append(r)
+                if not result.dsnRelayed:
+                    delivered.append(r)  # a success notice, if asked for, is ours to send
                 status = "sent"
             elif result.status is DeliveryStatus.PERMANENT:
                 r.state = BOUNCED

@@ -140,10 +140,7 @@ def makeBackends(config: Config, reactor: Any, router: Any, build: Any) -> dict[
             timeouts=ClientTimeouts(**delivery.timeouts),
         )
         lmtpBase = dataclasses.replace(base, lmtp=True, tls="none", caFile=None)
-        resolver = makeResolver(
-            [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in config.nameservers] or None,
-            reactor=reactor,
-        )
+        resolver = makeResolver(list(config.nameservers) or None, reactor=reactor)
         backends: dict[str, Any] = {
             "smtp": SMTPBackend(
                 reactor,
@@ -235,9 +232,10 @@ def makeRelayService(config: Config, reactor: Any) -> MultiService:
 
     resolver = None
     if config.reverseDNS:
-        from twisted.names import client
+        from mailrelay.route import makeResolver
 
-        resolver = client.createResolver()
+        # The same servers as delivery uses: [dns] nameservers, or the system's.
+        resolver = makeResolver(list(config.nameservers) or None, reactor=reactor)
 
     for listener in config.listeners:
         settings = SessionSettings(

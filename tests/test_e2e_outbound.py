@@ -448,12 +448,6 @@ def test_smarthost_smtp_sink(relay, sink, dns) -> None:
     assert re.findall(rb"mesg=(\d+)", s.counters())[-1] == b"1"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a 'relayed' success DSN is issued even when the next hop announced DSN and was given "
-    "NOTIFY=SUCCESS (RFC 3461 5.2.1: the notification is then the next hop's to send; 5.2.2: "
-    "'relayed' is only for non-DSN next hops), so the sender gets two success reports. "
-    "QueueManager._notices cannot tell: RecipientResult does not say whether NOTIFY was "
-    "passed on."))
 def test_no_relayed_dsn_when_next_hop_has_dsn(relay, sink, dns) -> None:
     s = sink()
     r = relay(config(dns), "--smarthost", f"[127.0.0.1]:{s.port}")

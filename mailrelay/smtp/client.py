@@ -684,8 +684,12 @@ class ClientSession:
 
     def _result(self, recipient: Recipient, status: DeliveryStatus, code: str,
                 diagnostic: str) -> RecipientResult:
+        # NOTIFY went with the RCPT when the peer offers DSN: a success notice is then the
+        # peer's to send (RFC 3461 5.2.2), not ours.
+        relayed = (status is DeliveryStatus.DELIVERED and recipient.notify is not None
+                   and "DSN" in self.extensions)
         return RecipientResult(recipient.address, status, code, diagnostic[:MAX_DIAGNOSTIC],
-                               self.remoteMTA)
+                               self.remoteMTA, dsnRelayed=relayed)
 
     def _fromReply(self, recipient: Recipient, reply: Reply) -> RecipientResult:
         status, code = _statusOf(reply)
