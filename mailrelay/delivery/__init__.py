@@ -15,11 +15,18 @@ module when building it.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailrelay.interfaces import DeliveryStatus, RecipientResult
 
-__all__ = ["BUILTIN_BACKENDS", "resultsForAll"]
+__all__ = ["BUILTIN_BACKENDS", "resultsForAll", "PerDestination"]
+
+log = Logger()
 
 #: The names of the built-in backends, as routes name them.
 BUILTIN_BACKENDS = ("smtp", "lmtp", "maildir", "discard")
@@ -39,3 +46,64 @@ def resultsForAll(
         )
         for r in recipients
     ]
+
+
+class PerDestination:
+    """Runs deliveries with at most C{limit} at once per next hop, and makes their Deferreds
+    never fail (an unexpected error is logged and counts as a transient failure of every
+    recipient; a cancellation by the caller passes through).
+
+    @ivar semaphores: the semaphores of the next hops with deliveries running or waiting
+        (forgotten when a next hop goes idle, so the mapping stays small).
+    """
+
+    def __init__(self, limit: int, what: str) -> None:
+        if limit < 1:
+            raise ValueError("the concurrency limit must be at least 1")
+        self.limit = limit
+        self.what = what
+        self.semaphores: dict[str, DeferredSemaphore] = {}
+
+    def run(
+        self,
+        nexthop: str,
+        envelope: Any,
+        recipients: list[Any],
+        f: Callable[..., Deferred],
+        *args: Any,
+    ) -> Deferred:
+        """Run C{f(*args)} when a slot for C{nexthop} is free."""
+        semaphore = self.semaphores.get(nexthop)
+        if semaphore is None:
+            semaphore = self.semaphores[nexthop] = DeferredSemaphore(self.limit)
+        d = semaphore.run(f, *args)
+
+        def forget(result: Any) -> Any:
+            if (
+                semaphore.tokens == semaphore.limit
+                and not semaphore.waiting
+                and self.semaphores.get(nexthop) is semaphore
+            ):
+                del self.semaphores[nexthop]
+            return result
+
+        def unexpected(failure: Failure) -> Any:
+            if failure.check(defer.CancelledError):
+                return failure  # the caller cancelled (its time-out): let it know
+            log.failure(
+                "{queueID}: {what} delivery to {nexthop} failed unexpectedly",
+                failure,
+                queueID=envelope.queueID,
+                what=self.what,
+                nexthop=nexthop,
+            )
+            return resultsForAll(
+                recipients,
+                DeliveryStatus.TRANSIENT,
+                "4.3.0",
+                f"X-mailrelay; internal error: {failure.getErrorMessage()}",
+            )
+
+        d.addErrback(unexpected)
+        d.addBoth(forget)
+        return d

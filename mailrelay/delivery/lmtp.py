@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from twisted.internet import defer
-from twisted.internet.defer import Deferred, DeferredSemaphore, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay.delivery import resultsForAll
+from mailrelay.delivery import PerDestination, resultsForAll
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend
 from mailrelay.smtp import client as smtpClient
 from mailrelay.smtp.client import ClientSettings, SMTPConnectError
@@ -108,7 +108,7 @@ class LMTPBackend:
         self.routeSettings = routeSettings
         self.concurrency = concurrency
         self._connect = connect
-        self._semaphores: dict[str, DeferredSemaphore] = {}
+        self._perDestination = PerDestination(concurrency, "LMTP")
         self._quitting: set[Deferred] = set()
 
     def settingsFor(self, nexthop: str) -> ClientSettings:
@@ -124,39 +124,13 @@ class LMTPBackend:
     def deliver(self, envelope: Any, recipients: Any, nexthop: str, messagePath: Path) -> Deferred:
         """Deliver to C{recipients} at C{nexthop}; the Deferred never fails."""
         recipients = list(recipients)
-        semaphore = self._semaphores.get(nexthop)
-        if semaphore is None:
-            semaphore = self._semaphores[nexthop] = DeferredSemaphore(self.concurrency)
-        d = semaphore.run(self._deliver, envelope, recipients, nexthop, messagePath)
+        return self._perDestination.run(
+            nexthop, envelope, recipients, self._deliver, envelope, recipients, nexthop, messagePath
+        )
 
-        def forget(result: Any) -> Any:
-            if (
-                semaphore.tokens == semaphore.limit
-                and not semaphore.waiting
-                and self._semaphores.get(nexthop) is semaphore
-            ):
-                del self._semaphores[nexthop]
-            return result
-
-        def unexpected(failure: Failure) -> Any:
-            if failure.check(defer.CancelledError):
-                return failure  # the caller cancelled (its time-out): let it know
-            log.failure(
-                "{queueID}: LMTP delivery to {nexthop} failed unexpectedly",
-                failure,
-                queueID=envelope.queueID,
-                nexthop=nexthop,
-            )
-            return resultsForAll(
-                recipients,
-                DeliveryStatus.TRANSIENT,
-                "4.3.0",
-                f"X-mailrelay; internal error: {failure.getErrorMessage()}",
-            )
-
-        d.addErrback(unexpected)
-        d.addBoth(forget)
-        return d
+    @property
+    def _semaphores(self) -> dict[str, Any]:
+        return self._perDestination.semaphores
 
     def _endpoint(self, nexthop: str, settings: ClientSettings) -> tuple[Any, str, str]:
         """The endpoint, TLS host name and Remote-MTA for C{nexthop}."""

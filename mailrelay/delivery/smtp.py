@@ -38,13 +38,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from twisted.internet import defer
-from twisted.internet.defer import Deferred, DeferredSemaphore, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay.delivery import resultsForAll
+from mailrelay.delivery import PerDestination, resultsForAll
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, RecipientResult
 from mailrelay.route import DeliveryFailure, MXHost, parseNexthop
 from mailrelay.smtp import client as smtpClient
@@ -250,7 +250,7 @@ class SMTPBackend:
         self.destinationConcurrency = destinationConcurrency
         self.connectionCacheTime = connectionCacheTime
         self._connect = connect
-        self._semaphores: dict[str, DeferredSemaphore] = {}
+        self._perDestination = PerDestination(destinationConcurrency, "SMTP")
         self._idle: dict[str, list[_Idle]] = {}
         self._quitting: set[Deferred] = set()
         self._closed = False
@@ -271,39 +271,13 @@ class SMTPBackend:
     def deliver(self, envelope: Any, recipients: Any, nexthop: str, messagePath: Path) -> Deferred:
         """Deliver to C{recipients} at C{nexthop}; the Deferred never fails."""
         recipients = list(recipients)
-        semaphore = self._semaphores.get(nexthop)
-        if semaphore is None:
-            semaphore = self._semaphores[nexthop] = DeferredSemaphore(self.destinationConcurrency)
-        d = semaphore.run(self._deliver, envelope, recipients, nexthop, messagePath)
+        return self._perDestination.run(
+            nexthop, envelope, recipients, self._deliver, envelope, recipients, nexthop, messagePath
+        )
 
-        def forget(result: Any) -> Any:
-            if (
-                semaphore.tokens == semaphore.limit
-                and not semaphore.waiting
-                and self._semaphores.get(nexthop) is semaphore
-            ):
-                del self._semaphores[nexthop]
-            return result
-
-        def unexpected(failure: Failure) -> Any:
-            if failure.check(defer.CancelledError):
-                return failure  # the caller cancelled (its time-out): let it know
-            log.failure(
-                "{queueID}: SMTP delivery to {nexthop} failed unexpectedly",
-                failure,
-                queueID=envelope.queueID,
-                nexthop=nexthop,
-            )
-            return resultsForAll(
-                recipients,
-                DeliveryStatus.TRANSIENT,
-                "4.3.0",
-                f"X-mailrelay; internal error: {failure.getErrorMessage()}",
-            )
-
-        d.addErrback(unexpected)
-        d.addBoth(forget)
-        return d
+    @property
+    def _semaphores(self) -> dict[str, Any]:
+        return self._perDestination.semaphores
 
     def _connectFunction(self) -> Callable[..., Deferred]:
         return self._connect if self._connect is not None else smtpClient.connectSMTP
