@@ -333,6 +333,17 @@ class _Operation:
     def finished(self, error: SpoolError | None) -> None:
         """On the reactor thread, before L{deferred} fires."""
 
+    #: The open temporary envelope file written by L{prepare}, if any.
+    envelopeFD: int | None = None
+
+    def _closeEnvelope(self) -> None:
+        fd, self.envelopeFD = self.envelopeFD, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:  # pragma: no cover
+                pass
+
 
 class _Commit(_Operation):
     kind = "commit"
@@ -403,14 +414,6 @@ class _Commit(_Operation):
             raise _osError("renaming", where, e, queueID) from None
         self.envelopeRenamed = True
 
-    def _closeEnvelope(self) -> None:
-        fd, self.envelopeFD = self.envelopeFD, None
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:  # pragma: no cover
-                pass
-
     def rollback(self) -> None:
         """Close the body; remove the temporary files and anything renamed into queue/."""
         self._closeEnvelope()
@@ -469,14 +472,6 @@ class _Update(_Operation):
         except OSError as e:
             where = f"{self.tmpEnvelope} to {self.envelope}"
             raise _osError("renaming", where, e, self.queueID) from None
-
-    def _closeEnvelope(self) -> None:
-        fd, self.envelopeFD = self.envelopeFD, None
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:  # pragma: no cover
-                pass
 
     def rollback(self) -> None:
         """Remove the temporary envelope."""
