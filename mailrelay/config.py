@@ -49,6 +49,14 @@ DEFAULT_PLUGIN_TIMEOUT = 30.0
 DEFAULT_HEADER_STAMPER = "default"
 DEFAULT_SMTP_PORT = 25
 BARE_NEWLINE_CHOICES = ("reject", "normalize")
+#: A listener's role (C{mode}): C{"relay"} (MX or relay for the relay networks and accepted
+#: domains), C{"submission"} (RFC 6409, port 587: AUTH required before MAIL) and
+#: C{"submissions"} (RFC 8314, port 465: the same over implicit TLS).
+LISTENER_MODES = ("relay", "submission", "submissions")
+#: A listener's TLS (C{tls_mode}): none, STARTTLS (RFC 3207), or TLS from the first byte.
+LISTENER_TLS_MODES = ("none", "starttls", "implicit")
+#: The values of a listener's C{tls_min_version}.
+TLS_MIN_VERSIONS = ("TLSv1.2", "TLSv1.3")
 
 #: The TLS policies of C{delivery.tls}, C{smarthost.tls} and a route's C{tls}: C{"none"} (never
 #: use TLS), C{"may"} (STARTTLS when offered, without verifying the certificate),
@@ -111,6 +119,7 @@ ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
         "header_stampers",
         "routes",
         "backends",
+        "auth",
     ),
     "spool": ("directory", "min_free_space", "sync"),
     "relay": ("networks", "accept_domains", "smarthost"),
@@ -136,7 +145,29 @@ ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
     ),
     "delivery.timeouts": tuple(name for name, _, _ in CLIENT_TIMEOUTS),
     "smarthost": TRANSPORT_KEYS,
-    "listeners": ("endpoint", "bare_newline", "add_message_id", "add_date"),
+    "listeners": (
+        "endpoint",
+        "bare_newline",
+        "add_message_id",
+        "add_date",
+        "mode",
+        "tls_mode",
+        "tls_certificate",
+        "tls_key",
+        "tls_min_version",
+        "tls_ciphers",
+        "auth",
+        "auth_without_tls",
+    ),
+    "auth": (
+        "password_file",
+        "mechanisms",
+        "throttle_after",
+        "failure_delay",
+        "max_failures",
+        "failure_window",
+        "senders",
+    ),
     "routes": ("domain", "backend", "nexthop") + TRANSPORT_KEYS,
 }
 
@@ -172,12 +203,29 @@ class ListenerConfig:
         message, or C{"normalize"} it to CRLF.
     @ivar add_message_id: add a C{Message-Id:} field to messages that lack one.
     @ivar add_date: add a C{Date:} field to messages that lack one.
+    @ivar mode: one of L{LISTENER_MODES}.
+    @ivar tls_mode: one of L{LISTENER_TLS_MODES}.
+    @ivar tls_certificate: the absolute path of the PEM certificate chain, or C{None}.
+    @ivar tls_key: the absolute path of the PEM private key (the certificate's file when it
+        holds both), or C{None}.
+    @ivar tls_min_version: one of L{TLS_MIN_VERSIONS}.
+    @ivar tls_ciphers: an OpenSSL cipher string for TLS 1.2, or C{None} for the defaults.
+    @ivar auth: AUTH is offered (PLAIN and LOGIN, checked against C{[auth]}).
+    @ivar auth_without_tls: AUTH is offered and accepted without TLS too.
     """
 
     endpoint: str
     bare_newline: str = "reject"
     add_message_id: bool = True
     add_date: bool = True
+    mode: str = "relay"
+    tls_mode: str = "none"
+    tls_certificate: str | None = None
+    tls_key: str | None = None
+    tls_min_version: str = "TLSv1.2"
+    tls_ciphers: str | None = None
+    auth: bool = False
+    auth_without_tls: bool = False
 
     def asOptions(self) -> dict[str, Any]:
         """The listener's options as a dict, as header stampers see them."""
@@ -186,6 +234,34 @@ class ListenerConfig:
             "add_message_id": self.add_message_id,
             "add_date": self.add_date,
         }
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """SMTP AUTH on the listeners that offer it (C{[auth]}).
+
+    @ivar passwordFile: the absolute path of the password file (C{user:argon2-hash} lines).
+    @ivar users: its users and hashes as read at start-up (not shown by C{repr}).
+    @ivar mechanisms: the SASL mechanisms offered, a subset of C{("PLAIN", "LOGIN")}.
+    @ivar throttleAfter: failures from one client address after which each further failure
+        is answered C{failureDelay} seconds late.
+    @ivar failureDelay: that delay in seconds.
+    @ivar maxFailures: failures from one address after which AUTH is refused with 421 and
+        the connection closed.
+    @ivar failureWindow: seconds after an address's last failure when its failures are
+        forgotten.
+    @ivar senders: user name to the MAIL FROM addresses (C{"a@example.com"}) and domains
+        (C{"@example.com"}) the user may use; users not listed may use any.
+    """
+
+    passwordFile: str
+    users: dict = field(default_factory=dict, repr=False, hash=False, compare=False)
+    mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
+    throttleAfter: int = 3
+    failureDelay: float = 5.0
+    maxFailures: int = 10
+    failureWindow: float = 900.0
+    senders: dict = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -393,6 +469,7 @@ class Config:
         system's (C{/etc/resolv.conf}); C{()} for the system's.
     @ivar routes: the per-domain routes, in the file's order.
     @ivar backends: the site delivery backends.
+    @ivar auth: SMTP AUTH settings, or C{None} without an C{[auth]} table.
     """
 
     source: str | None
@@ -420,6 +497,7 @@ class Config:
     routes: tuple[RouteConfig, ...] = ()
     backends: tuple[BackendSpec, ...] = ()
     spoolSync: str = "syncfs"
+    auth: AuthConfig | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -951,8 +1029,10 @@ class _Loader:
             raise self.error(key, str(e), cli=cli) from None
         return text
 
-    def listeners(self, value: Any, key: str) -> tuple[ListenerConfig, ...]:
-        """The C{[[listeners]]} tables."""
+    def listeners(
+        self, value: Any, key: str, auth: "AuthConfig | None" = None
+    ) -> tuple[ListenerConfig, ...]:
+        """The C{[[listeners]]} tables; C{auth} is the C{[auth]} table (or C{None})."""
         tables = self.arrayOfTables(value, key)
         if not tables:
             raise self.error(
@@ -991,9 +1071,226 @@ class _Loader:
                         table.get("add_message_id", True), joinKey(here, "add_message_id")
                     ),
                     add_date=self.boolean(table.get("add_date", True), joinKey(here, "add_date")),
+                    **self.listenerSecurity(table, here, endpoint, auth),
                 )
             )
         return tuple(result)
+
+    def listenerSecurity(
+        self, table: dict[str, Any], here: str, endpoint: str, auth: "AuthConfig | None"
+    ) -> dict[str, Any]:
+        """A listener's mode, TLS and AUTH keys, checked together; the certificate and key
+        are loaded (and must match) now."""
+
+        def key(name: str) -> str:
+            return joinKey(here, name)
+
+        mode = self.choice(table.get("mode", "relay"), key("mode"), LISTENER_MODES)
+        certificate = key_ = None
+        if "tls_certificate" in table:
+            text = self.string(table["tls_certificate"], key("tls_certificate"))
+            if not text:
+                raise self.error(key("tls_certificate"), "must be a file name, not an empty string")
+            certificate = self.path(text)
+        if "tls_key" in table:
+            text = self.string(table["tls_key"], key("tls_key"))
+            if not text:
+                raise self.error(key("tls_key"), "must be a file name, not an empty string")
+            if certificate is None:
+                raise self.error(
+                    key("tls_key"),
+                    f"{describeValue(text)} is given without {key('tls_certificate')}",
+                )
+            key_ = self.path(text)
+        elif certificate is not None:
+            key_ = certificate  # one file holding both
+        if "tls_mode" in table:
+            tlsMode = self.choice(table["tls_mode"], key("tls_mode"), LISTENER_TLS_MODES)
+        elif mode == "submissions":
+            tlsMode = "implicit"
+        else:
+            tlsMode = "starttls" if certificate is not None else "none"
+        if mode == "submissions" and tlsMode != "implicit":
+            raise self.error(
+                key("tls_mode"),
+                f'must be "implicit" for a "submissions" listener (RFC 8314), not '
+                f"{describeValue(tlsMode)}",
+            )
+        if tlsMode == "none":
+            if certificate is not None:
+                raise self.error(
+                    key("tls_certificate"),
+                    f'{describeValue(table["tls_certificate"])} is given, but tls_mode is "none": '
+                    'remove the certificate or set tls_mode = "starttls" or "implicit"',
+                )
+            for name in ("tls_min_version", "tls_ciphers"):
+                if name in table:
+                    raise self.error(
+                        key(name),
+                        f"{describeValue(table[name])} has no effect on a listener without TLS "
+                        "(set tls_certificate too)",
+                    )
+        elif certificate is None:
+            raise self.error(
+                key("tls_certificate"),
+                f"is required with tls_mode = {describeValue(tlsMode)}"
+                + (
+                    ' (a "submissions" listener is TLS from the first byte)'
+                    if mode == "submissions"
+                    else ""
+                )
+                + ": the PEM file of the server's certificate chain",
+            )
+        if tlsMode == "implicit" and endpoint.startswith("ssl:"):
+            raise self.error(
+                key("tls_mode"),
+                f'"implicit" with the TLS endpoint {describeValue(endpoint)} would be TLS twice: '
+                'use a "tcp:" endpoint (the certificate comes from tls_certificate)',
+            )
+        minVersion = self.choice(
+            table.get("tls_min_version", "TLSv1.2"), key("tls_min_version"), TLS_MIN_VERSIONS
+        )
+        ciphers = None
+        if "tls_ciphers" in table:
+            ciphers = self.string(table["tls_ciphers"], key("tls_ciphers"))
+            if not ciphers:
+                raise self.error(
+                    key("tls_ciphers"),
+                    "must be an OpenSSL cipher string, not an empty string (leave the key out "
+                    "for the defaults)",
+                )
+        if certificate is not None:
+            from mailrelay.tls import TLSConfigError, loadServerTLS
+
+            try:
+                loadServerTLS(
+                    certificate, key_ or certificate, minVersion=minVersion, ciphers=ciphers
+                )
+            except TLSConfigError as e:
+                at = {
+                    "certificate": "tls_certificate",
+                    "key": "tls_key" if "tls_key" in table else "tls_certificate",
+                    "ciphers": "tls_ciphers",
+                    "version": "tls_min_version",
+                }[e.setting]
+                raise self.error(key(at), str(e)) from None
+
+        offerAuth = self.boolean(table.get("auth", mode != "relay"), key("auth"))
+        withoutTLS = self.boolean(table.get("auth_without_tls", False), key("auth_without_tls"))
+        if offerAuth:
+            if auth is None:
+                raise self.error(
+                    key("auth"),
+                    ("a submission listener needs AUTH: " if mode != "relay" else "")
+                    + "AUTH needs an [auth] table with a password_file",
+                )
+            if tlsMode == "none" and not withoutTLS:
+                raise self.error(
+                    key("auth"),
+                    "no client could ever log in: the listener has no TLS and AUTH is only "
+                    "accepted under TLS; set tls_certificate (STARTTLS), or auth_without_tls = "
+                    "true to let passwords cross the network in clear",
+                )
+        else:
+            if mode != "relay":
+                raise self.error(
+                    key("auth"),
+                    f"must be true on a {describeValue(mode)} listener: submission requires "
+                    "AUTH (RFC 6409)",
+                )
+            if "auth_without_tls" in table:
+                raise self.error(
+                    key("auth_without_tls"),
+                    f"{describeValue(withoutTLS)} has no effect on a listener without AUTH "
+                    "(auth = false)",
+                )
+        return {
+            "mode": mode,
+            "tls_mode": tlsMode,
+            "tls_certificate": certificate,
+            "tls_key": key_,
+            "tls_min_version": minVersion,
+            "tls_ciphers": ciphers,
+            "auth": offerAuth,
+            "auth_without_tls": withoutTLS,
+        }
+
+    def auth(self, table: dict[str, Any]) -> AuthConfig:
+        """The C{[auth]} table: the password file is read and checked now."""
+        from mailrelay.auth import MECHANISMS, PasswordFileError, readPasswordFile
+
+        if "password_file" not in table:
+            raise self.error(
+                "auth.password_file",
+                'is required in [auth]: the file of "user:hash" lines (see mailrelay-passwd)',
+            )
+        text = self.string(table["password_file"], "auth.password_file")
+        if not text:
+            raise self.error("auth.password_file", "must be a file name, not an empty string")
+        path = self.path(text)
+        try:
+            users = readPasswordFile(path)
+        except PasswordFileError as e:
+            raise self.error("auth.password_file", str(e)) from None
+        mechanisms: list[str] = []
+        items = self.stringList(table.get("mechanisms", list(MECHANISMS)), "auth.mechanisms")
+        for itemKey, name in items:
+            if name.upper() not in MECHANISMS:
+                raise self.error(
+                    itemKey,
+                    f"unknown SASL mechanism {describeValue(name)}; the mechanisms are "
+                    + ", ".join(MECHANISMS),
+                )
+            if name.upper() not in mechanisms:
+                mechanisms.append(name.upper())
+        if not mechanisms:
+            raise self.error("auth.mechanisms", "must name at least one mechanism, not []")
+        senders = self.senders(self.table(table.get("senders", {}), "auth.senders"), users)
+        return AuthConfig(
+            passwordFile=path,
+            users=users,
+            mechanisms=tuple(mechanisms),
+            throttleAfter=self.integer(
+                table.get("throttle_after", 3), "auth.throttle_after", minimum=0
+            ),
+            failureDelay=self.nonNegativeSeconds(
+                table.get("failure_delay", 5.0), "auth.failure_delay"
+            ),
+            maxFailures=self.integer(table.get("max_failures", 10), "auth.max_failures", minimum=1),
+            failureWindow=self.seconds(table.get("failure_window", 900.0), "auth.failure_window"),
+            senders=senders,
+        )
+
+    def senders(self, table: dict[str, Any], users: dict[str, str]) -> dict[str, tuple[str, ...]]:
+        """C{[auth.senders]}: user = ["a@example.com", "@example.org"], normalised."""
+        from mailrelay.address import normaliseDomain, parseReversePath
+
+        result: dict[str, tuple[str, ...]] = {}
+        for user, value in table.items():
+            here = joinKey("auth.senders", user)
+            if user not in users:
+                raise self.error(
+                    here, f"user {describeValue(user)} is not in the password file"
+                )
+            patterns: list[str] = []
+            for itemKey, text in self.stringList(value, here):
+                try:
+                    if text.startswith("@"):
+                        pattern = "@" + normaliseDomain(text[1:])
+                    else:
+                        mailbox = parseReversePath(f"<{text}>", utf8=True)
+                        if mailbox is None:
+                            raise ValueError("the null sender <> is always allowed")
+                        pattern = str(mailbox)
+                except ValueError as e:
+                    raise self.error(
+                        itemKey,
+                        f"{describeValue(text)} is not an address or \"@domain\": "
+                        f"{_domainProblem(e)}",
+                    ) from None
+                patterns.append(pattern)
+            result[user] = tuple(patterns)
+        return result
 
     def cliListeners(self, value: Any, key: str) -> tuple[ListenerConfig, ...]:
         """Listeners from C{--listen}: default options for each."""
@@ -1513,7 +1810,7 @@ def loadConfig(path: str | os.PathLike[str] | None, overrides: dict | None = Non
     load = _Loader(source, configDir)
     load.checkKeys(data, "", ALLOWED_KEYS[""])
     sections = {}
-    for name in ("spool", "relay", "limits", "dns", "queue", "delivery", "smarthost"):
+    for name in ("spool", "relay", "limits", "dns", "queue", "delivery", "smarthost", "auth"):
         sections[name] = load.table(data.get(name, {}), name)
         load.checkKeys(sections[name], name, ALLOWED_KEYS[name])
     spool, relay, limits, dns = (sections[n] for n in ("spool", "relay", "limits", "dns"))
@@ -1598,12 +1895,13 @@ def loadConfig(path: str | os.PathLike[str] | None, overrides: dict | None = Non
         delivery=delivery,
     )
 
-    # listeners and plugins
+    # AUTH, listeners and plugins
+    auth = load.auth(sections["auth"]) if "auth" in data else None
     if _given(overrides, "listen"):
         listeners = load.cliListeners(overrides["listen"], "--listen")
     else:
         listeners = load.listeners(
-            data.get("listeners", [{"endpoint": DEFAULT_ENDPOINT}]), "listeners"
+            data.get("listeners", [{"endpoint": DEFAULT_ENDPOINT}]), "listeners", auth
         )
     recipientValidators = load.plugins(
         data.get("recipient_validators", []), "recipient_validators"
@@ -1638,4 +1936,5 @@ def loadConfig(path: str | os.PathLike[str] | None, overrides: dict | None = Non
         routes=routes,
         backends=backends,
         spoolSync=spoolSync,
+        auth=auth,
     )

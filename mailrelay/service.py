@@ -49,10 +49,11 @@ class SpoolService(Service):
 class ListenerService(Service):
     """Listens on one endpoint; a failure to listen stops start-up with a clear message."""
 
-    def __init__(self, reactor: Any, description: str, factory: SMTPServerFactory) -> None:
+    def __init__(self, reactor: Any, description: str, factory: Any, role: str = "") -> None:
         self.reactor = reactor
         self.description = description
         self.factory = factory
+        self.role = role
         self.port: Any = None
 
     def privilegedStartService(self) -> None:
@@ -70,10 +71,11 @@ class ListenerService(Service):
         self.port = outcome
         host = self.port.getHost()
         log.info(
-            "listening on {host}:{port} ({endpoint})",
+            "listening on {host}:{port} ({endpoint}{role})",
             host=getattr(host, "host", host),
             port=getattr(host, "port", ""),
             endpoint=self.description,
+            role=f"; {self.role}" if self.role else "",
         )
         super().privilegedStartService()
 
@@ -237,13 +239,19 @@ def makeRelayService(config: Config, reactor: Any) -> MultiService:
         # The same servers as delivery uses: [dns] nameservers, or the system's.
         resolver = makeResolver(list(config.nameservers) or None, reactor=reactor)
 
+    authPolicy = makeAuthPolicy(config, reactor)
     for listener in config.listeners:
+        tls = loadListenerTLS(config, listener)
         settings = SessionSettings(
             hostname=config.hostname,
             maxMessageSize=config.maxMessageSize,
             maxRecipients=config.maxRecipients,
             maxErrors=config.maxErrors,
             bareNewline=listener.bare_newline,
+            starttls=listener.tls_mode == "starttls",
+            authMechanisms=authPolicy.mechanisms if listener.auth and authPolicy else (),
+            authWithoutTLS=listener.auth_without_tls,
+            requireAuth=listener.mode != "relay",
         )
         ctx = ListenerContext(
             settings=settings,
@@ -256,12 +264,76 @@ def makeRelayService(config: Config, reactor: Any) -> MultiService:
                 "add_message_id": listener.add_message_id,
                 "add_date": listener.add_date,
                 "bare_newline": listener.bare_newline,
+                "mode": listener.mode,
+                "tls_mode": listener.tls_mode,
             },
             idleTimeout=config.idleTimeout,
             dataTimeout=config.dataTimeout,
             maxHops=config.maxHops,
             resolver=resolver,
             onQueued=None if config.queue.hold else queue.enqueue,
+            tlsOptions=tls.options if tls is not None else None,
+            implicitTLS=listener.tls_mode == "implicit",
+            auth=authPolicy if listener.auth else None,
         )
-        ListenerService(reactor, listener.endpoint, SMTPServerFactory(ctx)).setServiceParent(top)
+        factory: Any = SMTPServerFactory(ctx)
+        if listener.tls_mode == "implicit":
+            from twisted.protocols.tls import TLSMemoryBIOFactory
+
+            assert tls is not None
+            factory = TLSMemoryBIOFactory(tls.options, False, factory)
+        role = listener.mode
+        if listener.tls_mode != "none":
+            role += ", STARTTLS" if listener.tls_mode == "starttls" else ", implicit TLS"
+        if listener.auth:
+            role += ", AUTH"
+        ListenerService(reactor, listener.endpoint, factory, role).setServiceParent(top)
     return top
+
+
+def loadListenerTLS(config: Config, listener: Any) -> Any:
+    """The listener's L{mailrelay.tls.ServerTLS} (its certificate loaded again: the
+    configuration checked it), or C{None} without TLS; warnings (an expired certificate) are
+    logged."""
+    if listener.tls_certificate is None:
+        return None
+    from mailrelay.tls import TLSConfigError, loadServerTLS
+
+    try:
+        tls = loadServerTLS(
+            listener.tls_certificate,
+            listener.tls_key or listener.tls_certificate,
+            minVersion=listener.tls_min_version,
+            ciphers=listener.tls_ciphers,
+        )
+    except TLSConfigError as e:  # the file changed since the configuration was checked
+        raise ConfigError(str(e), file=config.source, key="listeners") from e
+    for warning in tls.warnings:
+        log.warn("listener {endpoint}: {warning}", endpoint=listener.endpoint, warning=warning)
+    log.info(
+        "listener {endpoint}: certificate {subject}, valid until {notAfter}",
+        endpoint=listener.endpoint,
+        subject=tls.subject,
+        notAfter=tls.notAfter.strftime("%Y-%m-%d"),
+    )
+    return tls
+
+
+def makeAuthPolicy(config: Config, reactor: Any) -> Any:
+    """The L{mailrelay.auth.AuthPolicy} all AUTH listeners share (one throttle for all), or
+    C{None} without C{[auth]}."""
+    if config.auth is None:
+        return None
+    from mailrelay.auth import AuthPolicy, MemoryAuthThrottle, PasswordFileChecker, makePortal
+
+    a = config.auth
+    checker = PasswordFileChecker(a.passwordFile, users=a.users)
+    return AuthPolicy(
+        portal=makePortal([checker]),
+        throttle=MemoryAuthThrottle(reactor, window=a.failureWindow),
+        throttleAfter=a.throttleAfter,
+        failureDelay=a.failureDelay,
+        maxFailures=a.maxFailures,
+        senders=dict(a.senders),
+        mechanisms=a.mechanisms,
+    )

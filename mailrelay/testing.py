@@ -6,7 +6,10 @@
     assert harness.replies()[-1].startswith(b"250 ")
 
 Nothing here touches the network, the disk or the global reactor: the transport is a
-C{StringTransport}, time is a C{task.Clock}, the spool keeps messages in memory.
+C{StringTransport}, time is a C{task.Clock}, the spool keeps messages in memory.  TLS is
+simulated: the transport records C{startTLS} (L{TLSStringTransport}) and the test completes
+the handshake with L{ServerHarness.completeHandshake}.  For AUTH, L{MemoryChecker} holds
+users and passwords in memory, and L{ServerHarness} builds the portal and throttle.
 """
 
 from __future__ import annotations
@@ -15,10 +18,16 @@ from dataclasses import dataclass, field
 from ipaddress import ip_network
 from typing import Any, Sequence
 
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from zope.interface import implementer
+
+from mailrelay.auth import AuthPolicy, MemoryAuthThrottle, makePortal
 
 from mailrelay.envelope import Envelope
 from mailrelay.policy import ConfiguredValidator, RecipientPolicy, RelayControl
@@ -96,12 +105,94 @@ class MemorySpool:
         return [body for _, body in self.committed.values()]
 
 
+class FakeTLSConnection:
+    """What C{getHandle()} returns once the simulated handshake is done: the two methods of
+    C{OpenSSL.SSL.Connection} the server reads."""
+
+    def __init__(self, version: str, cipher: str) -> None:
+        self.version = version
+        self.cipher = cipher
+
+    def get_protocol_version_name(self) -> str:
+        return self.version
+
+    def get_cipher_name(self) -> str:
+        return self.cipher
+
+
+class TLSStringTransport(StringTransport):
+    """A C{StringTransport} that records C{startTLS} (and what had been written before it)
+    instead of doing a handshake.
+
+    @ivar tlsOptions: the options C{startTLS} was called with, or C{None}.
+    @ivar writtenBeforeTLS: C{value()} when C{startTLS} was called: what went out in plaintext.
+    @ivar aborted: C{abortConnection} was called.
+    """
+
+    tlsOptions: Any = None
+    writtenBeforeTLS: bytes | None = None
+    handle: Any = None
+    aborted = False
+
+    def startTLS(self, options: Any) -> None:
+        self.tlsOptions = options
+        self.writtenBeforeTLS = self.value()
+
+    def getHandle(self) -> Any:
+        return self.handle
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        self.loseConnection()
+
+
+@implementer(ICredentialsChecker)
+class MemoryChecker:
+    """An C{ICredentialsChecker} with users and passwords in memory, answering at once (or,
+    with C{hold}, when L{release} is called)."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, users: dict[str, str], hold: bool = False) -> None:
+        self.users = users
+        self.hold = hold
+        self.held: list[tuple[Deferred, Any]] = []
+        self.checked: list[str] = []
+
+    def requestAvatarId(self, credentials: Any) -> Deferred:
+        self.checked.append(credentials.username)
+        if self.hold:
+            d: Deferred = Deferred()
+            self.held.append((d, credentials))
+            return d
+        return self._check(credentials)
+
+    def _check(self, credentials: Any) -> Deferred:
+        password = credentials.password
+        if isinstance(password, bytes):
+            password = password.decode("utf-8", "replace")
+        if self.users.get(credentials.username) == password:
+            return succeed(credentials.username)
+        return fail(UnauthorizedLogin())
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for d, credentials in held:
+            self._check(credentials).chainDeferred(d)
+
+
 class ServerHarness:
     """One SMTP server connection over a C{StringTransport}.
 
     @ivar transport: the C{StringTransport}; C{transport.value()} holds what the server sent.
     @ivar clock: the C{Clock} driving timeouts and validator time-outs.
     @ivar spool: the L{MemorySpool}.
+    @ivar checker: the L{MemoryChecker} behind AUTH when C{users} was given.
+    @ivar throttle: the L{MemoryAuthThrottle} of AUTH failures (on C{clock}).
+
+    With C{users} (user name to password) the listener offers AUTH; C{tls=True} gives it a
+    certificate (STARTTLS offered), C{implicitTLS=True} makes it a TLS-wrapped listener; in
+    both cases complete the handshake with L{completeHandshake}.
     """
 
     def __init__(
@@ -120,11 +211,41 @@ class ServerHarness:
         dataTimeout: float = 300.0,
         maxHops: int = 50,
         connect: bool = True,
+        tls: bool = False,
+        implicitTLS: bool = False,
+        users: dict[str, str] | None = None,
+        authWithoutTLS: bool = False,
+        requireAuth: bool = False,
+        senders: dict[str, tuple[str, ...]] | None = None,
+        throttleAfter: int = 3,
+        failureDelay: float = 5.0,
+        maxFailures: int = 10,
+        throttle: Any = None,
     ) -> None:
         self.clock = Clock()
         self.clock.advance(1_800_000_000)
         self.spool = spool or MemorySpool()
-        settings = settings or SessionSettings(hostname="relay.test")
+        self.checker: MemoryChecker | None = None
+        self.throttle = throttle or MemoryAuthThrottle(self.clock)
+        auth = None
+        if users is not None:
+            self.checker = MemoryChecker(users)
+            auth = AuthPolicy(
+                portal=makePortal([self.checker]),
+                throttle=self.throttle,
+                throttleAfter=throttleAfter,
+                failureDelay=failureDelay,
+                maxFailures=maxFailures,
+                senders=dict(senders or {}),
+            )
+        if settings is None:
+            settings = SessionSettings(
+                hostname="relay.test",
+                starttls=tls,
+                authMechanisms=auth.mechanisms if auth else (),
+                authWithoutTLS=authWithoutTLS,
+                requireAuth=requireAuth,
+            )
         relay = RelayControl([ip_network(n) for n in relayNetworks], acceptDomains, settings.hostname)
         policy = RecipientPolicy(
             relay,
@@ -142,10 +263,13 @@ class ServerHarness:
             idleTimeout=idleTimeout,
             dataTimeout=dataTimeout,
             maxHops=maxHops,
+            tlsOptions=object() if tls else None,
+            implicitTLS=implicitTLS,
+            auth=auth,
         )
         self.factory = SMTPServerFactory(self.context)
         self.protocol: SMTPServerProtocol = self.factory.buildProtocol(IPv4Address("TCP", peer, 40000))
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", peer, 40000))
+        self.transport = TLSStringTransport(peerAddress=IPv4Address("TCP", peer, 40000))
         self._read = 0
         if connect:
             self.protocol.makeConnection(self.transport)
@@ -164,6 +288,14 @@ class ServerHarness:
     def codes(self, lines: list[bytes]) -> list[int]:
         """The codes of the last line of each reply in C{lines}."""
         return [int(line[:3]) for line in lines if line[3:4] == b" "]
+
+    def completeHandshake(
+        self, version: str = "TLSv1.3", cipher: str = "TLS_AES_256_GCM_SHA384"
+    ) -> list[bytes]:
+        """Finish the simulated TLS handshake; return the reply lines sent since last time."""
+        self.transport.handle = FakeTLSConnection(version, cipher)
+        self.protocol.handshakeCompleted()
+        return self.replies()
 
     @property
     def closed(self) -> bool:

@@ -73,6 +73,22 @@ TIMEOUT_DEFAULTS = {
 }
 
 
+def writeCertificate(directory: Path, certName: str = "cert.pem", keyName: str = "key.pem",
+                     hostname: str = "relay.example.com", **kw) -> tuple[Path, Path]:
+    """A certificate chain and its key (made with trustme) in C{directory}."""
+    import trustme
+
+    leaf = trustme.CA().issue_cert(hostname, **kw)
+    cert, key = directory / certName, directory / keyName
+    cert.write_bytes(b"".join(p.bytes() for p in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(key))
+    return cert, key
+
+
+#: An argon2id hash (cheap parameters) of "pw", for password files.
+HASH = "$argon2id$v=19$m=8,t=1,p=1$c29tZXNhbHQ$oLR5MAEGfpggpujVlakg8jrOLGnE2ouxEqlNfMbANDc"
+
+
 def uncommentSettings(text: str) -> str:
     """Switch on every setting of the sample: lines where C{#} is right before a key or
     a table header (explanations have a space after the C{#})."""
@@ -1001,8 +1017,20 @@ def test_sampleEveryKeyUncommentedLoads(tmp_path: Path) -> None:
     (tmp_path / "ca.pem").write_text(PEM)
     (tmp_path / "smarthost.password").write_text("smarthost secret\n")
     (tmp_path / "example.org.password").write_text("org secret\r\nsecond line\n")
+    writeCertificate(tmp_path, "relay.pem", "relay.key")
+    (tmp_path / "users").write_text(f"alice:{HASH}\n")
     c = loadConfig(path, {"spool": str(tmp_path / "spool")})
-    assert len(c.listeners) == 2
+    assert len(c.listeners) == 4
+    assert [(x.mode, x.tls_mode, x.auth) for x in c.listeners] == [
+        ("relay", "starttls", True),
+        ("relay", "none", False),
+        ("submission", "starttls", True),
+        ("submissions", "implicit", True),
+    ]
+    assert c.listeners[0].tls_certificate == str(tmp_path / "relay.pem")
+    assert c.listeners[0].tls_ciphers == "ECDHE+AESGCM:ECDHE+CHACHA20"
+    assert c.auth is not None and c.auth.passwordFile == str(tmp_path / "users")
+    assert c.auth.senders == {"alice": ("alice@example.com", "@alice.example.org")}
     assert c.smarthost == Smarthost("smtp.example.net", 587, False)
     assert c.hostname == "relay.example.com"
     assert [spec.plugin for spec in c.recipientValidators] == ["accepted-domains"]
@@ -1050,7 +1078,7 @@ def test_sampleDocumentsEveryKey() -> None:
     text = SAMPLE.read_text(encoding="utf-8")
     data = tomllib.loads(uncommentSettings(text))
     assert set(data) == set(ALLOWED_KEYS[""])
-    for section in ("spool", "relay", "limits", "dns", "queue", "delivery"):
+    for section in ("spool", "relay", "limits", "dns", "queue", "delivery", "auth"):
         assert set(data[section]) == set(ALLOWED_KEYS[section]), section
     assert set(data["delivery"]["timeouts"]) == set(ALLOWED_KEYS["delivery.timeouts"])
     # [smarthost] cannot switch on both password and password_file: password is shown in
@@ -1723,3 +1751,120 @@ def test_spool_sync(tmp_path: Path) -> None:
     path.write_text('[spool]\nsync = "never"\n')
     with pytest.raises(ConfigError, match=r'spool\.sync: must be "syncfs" or "fsync", not "never"'):
         loadConfig(str(path), spool)
+
+
+# ---------------------------------------------------------------------------------------------
+# Listener TLS, AUTH and modes; [auth]
+
+AUTH_TABLE = '[auth]\npassword_file = "users"\n'
+CERT = 'tls_certificate = "cert.pem"\ntls_key = "key.pem"\n'
+
+
+@pytest.fixture
+def tlsDir(tmp_path: Path) -> Path:
+    writeCertificate(tmp_path)
+    (tmp_path / "users").write_text(f"# users\nalice:{HASH}\nbob:{HASH}\n")
+    return tmp_path
+
+
+def listenerConfig(tlsDir: Path, listener: str, extra: str = AUTH_TABLE) -> tuple[str, Config]:
+    path = writeConfig(tlsDir, extra + '[[listeners]]\nendpoint = "tcp:2525"\n' + listener)
+    return path, loadConfig(path)
+
+
+def test_listenerSecurityDefaults(tlsDir: Path) -> None:
+    """Modes and TLS modes default per RFC 6409 / RFC 8314; paths are relative to the file."""
+    cert, key = str(tlsDir / "cert.pem"), str(tlsDir / "key.pem")
+    _, c = listenerConfig(tlsDir, "")
+    assert c.listeners[0] == ListenerConfig("tcp:2525")
+    assert c.auth is not None and c.auth.users["alice"] == HASH and "argon2" not in repr(c)
+    _, c = listenerConfig(tlsDir, CERT)
+    assert (c.listeners[0].tls_mode, c.listeners[0].auth) == ("starttls", False)
+    assert (c.listeners[0].tls_certificate, c.listeners[0].tls_key) == (cert, key)
+    _, c = listenerConfig(tlsDir, 'mode = "submission"\n' + CERT)
+    assert (c.listeners[0].tls_mode, c.listeners[0].auth) == ("starttls", True)
+    _, c = listenerConfig(tlsDir, 'mode = "submissions"\n' + CERT + 'tls_min_version = "TLSv1.3"\n')
+    listener = c.listeners[0]
+    assert (listener.tls_mode, listener.auth, listener.tls_min_version) == ("implicit", True, "TLSv1.3")
+    _, c = listenerConfig(tlsDir, 'mode = "submission"\nauth_without_tls = true\n')
+    assert (c.listeners[0].tls_mode, c.listeners[0].auth_without_tls) == ("none", True)
+    # One file holding certificate and key.
+    (tlsDir / "both.pem").write_bytes((tlsDir / "cert.pem").read_bytes() + (tlsDir / "key.pem").read_bytes())
+    _, c = listenerConfig(tlsDir, 'tls_certificate = "both.pem"\n')
+    assert c.listeners[0].tls_key == str(tlsDir / "both.pem")
+
+
+def test_authTable(tlsDir: Path) -> None:
+    _, c = listenerConfig(
+        tlsDir, "",
+        AUTH_TABLE + 'mechanisms = ["login"]\nthrottle_after = 0\nfailure_delay = 1.5\n'
+        'max_failures = 3\nfailure_window = 60\n[auth.senders]\n'
+        'alice = ["Alice@Example.COM", "@B\u00fccher.example"]\n',
+    )
+    a = c.auth
+    assert a is not None
+    assert (a.passwordFile, a.mechanisms, a.throttleAfter, a.failureDelay, a.maxFailures, a.failureWindow) == (
+        str(tlsDir / "users"), ("LOGIN",), 0, 1.5, 3, 60.0
+    )
+    assert a.senders == {"alice": ("Alice@example.com", "@xn--bcher-kva.example")}
+
+
+@pytest.mark.parametrize(
+    "listener,extra,key,fragment",
+    [
+        ('mode = "mx"\n', AUTH_TABLE, "listeners[0].mode", '"relay", "submission" or "submissions", not "mx"'),
+        ('tls_mode = "starttls"\n', AUTH_TABLE, "listeners[0].tls_certificate", 'is required with tls_mode = "starttls"'),
+        ('mode = "submissions"\n', AUTH_TABLE, "listeners[0].tls_certificate", "TLS from the first byte"),
+        ('mode = "submissions"\ntls_mode = "starttls"\n' + CERT, AUTH_TABLE, "listeners[0].tls_mode", 'must be "implicit"'),
+        ('tls_mode = "none"\n' + CERT, AUTH_TABLE, "listeners[0].tls_certificate", 'tls_mode is "none"'),
+        ('tls_ciphers = "HIGH"\n', AUTH_TABLE, "listeners[0].tls_ciphers", "no effect on a listener without TLS"),
+        ('tls_key = "key.pem"\n', AUTH_TABLE, "listeners[0].tls_key", "without listeners[0].tls_certificate"),
+        ('tls_certificate = "nope.pem"\n', AUTH_TABLE, "listeners[0].tls_certificate", "cannot read the certificate file"),
+        ('tls_certificate = "key.pem"\n', AUTH_TABLE, "listeners[0].tls_certificate", "holds no PEM certificate"),
+        ('tls_certificate = "cert.pem"\n', AUTH_TABLE, "listeners[0].tls_certificate", "holds no usable PEM private key"),
+        ('tls_certificate = "cert.pem"\ntls_key = "other.pem"\n', AUTH_TABLE, "listeners[0].tls_key", "does not belong"),
+        (CERT + 'tls_ciphers = "NOPE"\n', AUTH_TABLE, "listeners[0].tls_ciphers", "selects no cipher"),
+        (CERT + 'tls_min_version = "TLSv1.1"\n', AUTH_TABLE, "listeners[0].tls_min_version", 'not "TLSv1.1"'),
+        ('auth = true\n', "", "listeners[0].auth", "AUTH needs an [auth] table"),
+        ('mode = "submission"\n' + CERT, "", "listeners[0].auth", "a submission listener needs AUTH"),
+        ('auth = true\n', AUTH_TABLE, "listeners[0].auth", "no client could ever log in"),
+        ('mode = "submission"\nauth = false\n' + CERT, AUTH_TABLE, "listeners[0].auth", "submission requires AUTH"),
+        ("auth_without_tls = true\n", AUTH_TABLE, "listeners[0].auth_without_tls", "no effect on a listener without AUTH"),
+        ("", "[auth]\n", "auth.password_file", "is required in [auth]"),
+        ("", '[auth]\npassword_file = "missing"\n', "auth.password_file", "cannot read the password file"),
+        ("", '[auth]\npassword_file = "cert.pem"\n', "auth.password_file", "cert.pem:1: expected \"user:hash\""),
+        ("", AUTH_TABLE + 'mechanisms = ["CRAM-MD5"]\n', "auth.mechanisms[0]", 'unknown SASL mechanism "CRAM-MD5"'),
+        ("", AUTH_TABLE + "mechanisms = []\n", "auth.mechanisms", "at least one mechanism"),
+        ("", AUTH_TABLE + "max_failures = 0\n", "auth.max_failures", "positive integer"),
+        ("", AUTH_TABLE + "failure_delay = -1\n", "auth.failure_delay", ">= 0"),
+        ("", AUTH_TABLE + "throttle = 3\n", "auth.throttle", 'did you mean "throttle_after"'),
+        ("", AUTH_TABLE + '[auth.senders]\ncarol = ["@x.example"]\n', "auth.senders.carol", "not in the password file"),
+        ("", AUTH_TABLE + '[auth.senders]\nalice = ["not an address"]\n', "auth.senders.alice[0]", "is not an address"),
+        ("", AUTH_TABLE + '[auth.senders]\nalice = "@x.example"\n', "auth.senders.alice", "array of strings"),
+    ],
+)
+def test_listenerSecurityErrors(tlsDir: Path, listener: str, extra: str, key: str, fragment: str) -> None:
+    writeCertificate(tlsDir, "unused.pem", "other.pem")
+    path = writeConfig(tlsDir, extra + '[[listeners]]\nendpoint = "tcp:2525"\n' + listener)
+    with pytest.raises(ConfigError) as e:
+        loadConfig(path)
+    assert (e.value.file, e.value.key) == (path, key), str(e.value)
+    assert fragment in str(e.value)
+    assert HASH not in str(e.value)
+
+
+def test_implicitTLSOnAnSSLEndpointIsRefused(tlsDir: Path) -> None:
+    path = writeConfig(tlsDir, '[[listeners]]\nendpoint = "ssl:465:privateKey=key.pem:certKey=cert.pem"\n'
+                       'tls_mode = "implicit"\n' + CERT)
+    with pytest.raises(ConfigError, match=r"listeners\[0\]\.tls_mode: .*would be TLS twice"):
+        loadConfig(path)
+
+
+def test_expiredCertificateLoadsWithAWarning(tlsDir: Path) -> None:
+    """An expired certificate does not stop start-up (the service logs a warning)."""
+    import datetime
+
+    past = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
+    writeCertificate(tlsDir, "old.pem", "old.key", not_before=past - datetime.timedelta(days=1), not_after=past)
+    _, c = listenerConfig(tlsDir, 'tls_certificate = "old.pem"\ntls_key = "old.key"\n')
+    assert c.listeners[0].tls_mode == "starttls"

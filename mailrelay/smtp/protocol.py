@@ -1,8 +1,14 @@
 """The Twisted side of the ESMTP server: a thin Protocol driving L{ServerSession}.
 
 The protocol moves bytes, runs the timers, and answers the session's questions with the policy
-(relay control and recipient validators), the header stampers and the spool.  It pauses reading
-while a question is pending, so a client pipelining ahead cannot make us buffer without bound.
+(relay control and recipient validators), the header stampers, the spool and (for AUTH) the
+L{mailrelay.auth.AuthPolicy}.  It pauses reading while a question is pending, so a client
+pipelining ahead cannot make us buffer without bound.
+
+TLS: on L{StartTLS} the protocol writes the 220 reply in plaintext and calls
+C{transport.startTLS}; on an implicit TLS listener the factory is wrapped in a
+C{TLSMemoryBIOFactory}.  Either way the transport calls L{SMTPServerProtocol.handshakeCompleted}
+(C{IHandshakeListener}), which records the TLS version and cipher in C{client.tls}.
 """
 
 from __future__ import annotations
@@ -10,19 +16,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IAddress
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IAddress, IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from mailrelay.auth import IAuthenticatedUser
 from mailrelay.envelope import ClientInfo, Envelope
 from mailrelay.interfaces import ACCEPT, StampContext, Verdict, VerdictKind
 from mailrelay.policy import RecipientPolicy
 from mailrelay.smtp import replies as R
 from mailrelay.smtp.replies import Reply
 from mailrelay.smtp.server import (
+    AUTH_INVALID,
     AbortData,
+    Authenticate,
     BodyData,
     CheckMail,
     CheckRecipient,
@@ -31,12 +44,18 @@ from mailrelay.smtp.server import (
     ServerSession,
     SessionSettings,
     StartData,
+    StartTLS,
 )
 from mailrelay.stamping import HeaderProcessor, runStampers
+from mailrelay.tls import describeTLS
 
 log = Logger()
 
 NO_SPACE_VERDICT = Verdict(VerdictKind.DEFER, R.NO_SPACE)
+AUTH_TOO_MANY_FAILURES = Reply(
+    421, "4.7.0", "Error: too many failed authentications, try again later"
+)
+AUTH_TEMPORARY_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")
 
 
 @dataclass
@@ -46,6 +65,11 @@ class ListenerContext:
     @ivar spool: a L{mailrelay.spool.Spool}.
     @ivar stampers: the configured L{IHeaderStamper} providers, in order.
     @ivar resolver: an C{IResolver} for reverse lookups, or C{None} to skip them.
+    @ivar tlsOptions: the C{IOpenSSLServerConnectionCreator} STARTTLS uses (the listener's
+        certificate), or C{None}.
+    @ivar implicitTLS: the listener's factory is wrapped in TLS: connections are TLS from the
+        first byte.
+    @ivar auth: the L{mailrelay.auth.AuthPolicy} checking AUTH, or C{None} (no AUTH).
     """
 
     settings: SessionSettings
@@ -63,8 +87,12 @@ class ListenerContext:
     #: Called with the queue id of each message once it is durably queued (the queue manager
     #: picks it up without rescanning the spool).
     onQueued: Any = None
+    tlsOptions: Any = None
+    implicitTLS: bool = False
+    auth: Any = None
 
 
+@implementer(IHandshakeListener)
 class SMTPServerProtocol(Protocol):
     """One inbound SMTP connection."""
 
@@ -76,6 +104,8 @@ class SMTPServerProtocol(Protocol):
         self._headers: HeaderProcessor | None = None
         self._paused = False
         self._lookup: Deferred | None = None
+        #: A TLS handshake is under way (implicit TLS, or after STARTTLS) and not finished.
+        self._handshaking = context.implicitTLS
 
     # Connection life cycle ------------------------------------------------------------------
 
@@ -118,6 +148,21 @@ class SMTPServerProtocol(Protocol):
         self._handle(self.session.dataReceived(data))
         self._resetTimer()
 
+    def handshakeCompleted(self) -> None:
+        """C{IHandshakeListener}: the TLS handshake is done; the session starts afresh."""
+        self._handshaking = False
+        session = self.session
+        if session is None:
+            return
+        description = describeTLS(self.transport.getHandle())
+        log.info(
+            "TLS established with {client}: {tls}",
+            client=session.client.address,
+            tls=description,
+        )
+        self._handle(session.tlsStarted(description))
+        self._resetTimer()
+
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._cancelTimer()
         if self._lookup is not None:
@@ -126,6 +171,12 @@ class SMTPServerProtocol(Protocol):
         if session is None:
             return
         wasOpen = not session.closed
+        if self._handshaking and reason is not None:
+            log.info(
+                "TLS handshake with {client} failed: {error}",
+                client=session.client.address,
+                error=reason.getErrorMessage(),
+            )
         self._handle(session.connectionLost())
         log.info(
             "disconnect from {client} messages={messages} errors={errors}{how}",
@@ -181,7 +232,15 @@ class SMTPServerProtocol(Protocol):
                 elif isinstance(event, Close):
                     self._flush(out)
                     self._cancelTimer()
-                    self.transport.loseConnection()
+                    if self._handshaking:
+                        # A TLS layer waits for the handshake to end before it closes: a
+                        # client that never finishes it would hold the connection.
+                        self.transport.abortConnection()
+                    else:
+                        self.transport.loseConnection()
+                elif isinstance(event, StartTLS):
+                    self._flush(out)
+                    self._startTLS(event)
                 elif isinstance(event, AbortData):
                     self._abortMessage()
                 else:
@@ -217,6 +276,8 @@ class SMTPServerProtocol(Protocol):
             d = succeed(self._startData(question.envelope))
         elif isinstance(question, EndOfData):
             d = self._endOfData(question)
+        elif isinstance(question, Authenticate):
+            d = self._authenticate(question)
         else:  # pragma: no cover - a new question type without a handler
             raise TypeError(f"unknown session event {question!r}")
         return d.addErrback(self._questionFailed, question)
@@ -247,7 +308,100 @@ class SMTPServerProtocol(Protocol):
 
     # Answers --------------------------------------------------------------------------------
 
+    def _startTLS(self, event: StartTLS) -> None:
+        session = self.session
+        assert session is not None
+        if event.discarded:
+            log.warn(
+                "{client}: {count} bytes sent after STARTTLS, before the TLS handshake, "
+                "discarded (command injection?)",
+                client=session.client.address,
+                count=event.discarded,
+            )
+        self._handshaking = True
+        try:
+            self.transport.startTLS(self.context.tlsOptions)
+        except Exception:
+            log.failure("cannot start TLS with {client}", client=session.client.address)
+            self._cancelTimer()
+            self.transport.abortConnection()
+
+    def _authenticate(self, question: Authenticate) -> Deferred:
+        """Check credentials through the portal; count failures per client address, delay the
+        535 after C{throttleAfter} of them and refuse with 421 from C{maxFailures} on."""
+        auth = self.context.auth
+        session = self.session
+        assert session is not None
+        if auth is None:  # pragma: no cover - the session only asks when AUTH is configured
+            return succeed(AUTH_TEMPORARY_FAILURE)
+        address = session.client.address
+
+        def logFailure(count: int, why: str) -> None:
+            log.warn(
+                "authentication failed from {client}: sasl_method={mechanism} "
+                "sasl_username={user} failures={failures} ({why})",
+                client=address,
+                mechanism=question.mechanism,
+                user=question.username,
+                sasl_username=question.username,
+                failures=count,
+                why=why,
+            )
+
+        def blockedOrLogin(count: int) -> Any:
+            if count >= auth.maxFailures:
+                logFailure(count, "too many failures, refused with 421")
+                return AUTH_TOO_MANY_FAILURES
+            if question.authzid and question.authzid != question.username:
+                return failed(Failure(UnauthorizedLogin("authorization identity differs")))
+            d = auth.portal.login(
+                UsernamePassword(question.username, question.password), None, IAuthenticatedUser
+            )
+            return d.addCallbacks(succeeded, failed)
+
+        def succeeded(result: tuple[Any, Any, Any]) -> str:
+            _, avatar, _ = result
+            name = getattr(avatar, "name", question.username)
+            log.info(
+                "authenticated {client}: sasl_method={mechanism} sasl_username={user}",
+                client=address,
+                mechanism=question.mechanism,
+                user=name,
+                sasl_username=name,
+            )
+            return name
+
+        def failed(failure: Failure) -> Any:
+            if not failure.check(UnauthorizedLogin, UnhandledCredentials):
+                log.failure("authentication check failed for {client}", failure, client=address)
+                return AUTH_TEMPORARY_FAILURE
+            return maybeDeferred(auth.throttle.recordFailure, address).addCallback(answer)
+
+        def answer(count: int) -> Any:
+            if count >= auth.maxFailures:
+                logFailure(count, "too many failures, closing")
+                return AUTH_TOO_MANY_FAILURES
+            if count > auth.throttleAfter and auth.failureDelay > 0:
+                logFailure(count, f"answer delayed {auth.failureDelay:g}s")
+                return deferLater(self.context.clock, auth.failureDelay, lambda: AUTH_INVALID)
+            logFailure(count, "wrong user name or password")
+            return AUTH_INVALID
+
+        return maybeDeferred(auth.throttle.failures, address).addCallback(blockedOrLogin)
+
     def _checkMail(self, envelope: Envelope) -> Deferred:
+        auth = self.context.auth
+        user = envelope.client.authUser if envelope.client else None
+        if auth is not None and user is not None and not auth.senderAllowed(user, envelope.sender):
+            log.warn(
+                "{client}: sasl_username={user} may not send as <{sender}>",
+                client=envelope.client.address,  # type: ignore[union-attr]
+                user=user,
+                sasl_username=user,
+                sender=envelope.sender,
+            )
+            text = f"<{envelope.sender}>: Sender address rejected: not owned by user {user}"
+            return succeed(Verdict(VerdictKind.REJECT, Reply(553, "5.7.1", text)))
         needed = envelope.size or 0
         return succeed(ACCEPT if self.context.spool.hasFreeSpace(needed) else NO_SPACE_VERDICT)
 
@@ -332,13 +486,18 @@ class SMTPServerProtocol(Protocol):
         return commit
 
     def _logResult(self, envelope: Envelope, size: int, reply: Reply) -> None:
+        user = envelope.client.authUser if envelope.client else None
         log.info(
-            "{queueID}: from=<{sender}> nrcpt={nrcpt} size={size} client={client} result={result}",
+            "{queueID}: from=<{sender}> nrcpt={nrcpt} size={size} client={client}{sasl}"
+            " result={result}",
             queueID=envelope.queueID,
             sender=envelope.sender,
             nrcpt=len(envelope.recipients),
             size=size,
             client=envelope.client.address if envelope.client else "",
+            sasl=f" sasl_username={user}" if user else "",
+            sasl_username=user,
+            tls=envelope.client.tls if envelope.client else None,
             result=str(reply),
             accepted=reply.isPositive,
         )

@@ -1,18 +1,31 @@
 """The ESMTP server session: a sans-IO state machine.
 
 L{ServerSession} takes bytes and returns a list of events: L{Reply} objects to send, L{Close},
-message body data to store (L{BodyData}), and questions the driver must answer before the
-session reads on (L{CheckMail}, L{CheckRecipient}, L{StartData}, L{EndOfData}).  After a question
+message body data to store (L{BodyData}), L{StartTLS}, and questions the driver must answer
+before the session reads on (L{CheckMail}, L{CheckRecipient}, L{StartData}, L{EndOfData},
+L{Authenticate}).  After a question
 the session parses nothing more until L{ServerSession.answer} is called, so pipelined commands are
 answered strictly in order, across the DATA boundary too.  It never touches a socket, a clock or
 the disk: L{mailrelay.smtp.protocol} drives it with Twisted.
 
 Message data is handled in bulk (C{bytes.find}/C{replace}, never one Python call per line).  The
 end of data is only C{<CRLF>.<CRLF>}: a bare CR or LF never ends or splits a message.
+
+STARTTLS (RFC 3207): after C{220 2.0.0 Ready to start TLS} the session emits L{StartTLS} and
+B{discards} every byte already received after the STARTTLS line (a client, or a man in the
+middle, pipelining plaintext commands behind it: the "STARTTLS command injection" of
+CVE-2011-0411); L{StartTLS.discarded} says how many, for the log.  It then reads nothing until
+the driver calls L{ServerSession.tlsStarted} once the handshake is done, which resets the
+session (no HELO, no transaction, no authentication): the client must EHLO again.
+
+AUTH (RFC 4954): SASL PLAIN (RFC 4616) and LOGIN, with or without an initial response, are
+decoded here; the credentials go to the driver in an L{Authenticate} question.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from dataclasses import dataclass, field
 
@@ -31,6 +44,9 @@ COMMAND_BUFFER_LIMIT = 16384
 MAX_DATA_LINE = 998
 #: In DATA, a partial line longer than this is processed without waiting for its end.
 DATA_PARTIAL_FLUSH = 65536
+#: RFC 4954 section 4: an AUTH command (with its initial response) may be 12288 octets longer
+#: than other commands, and a SASL response line (without CRLF) at most 12288 octets.
+MAX_SASL_LINE = 12288
 
 BARE_NEWLINE_REJECT = "reject"
 BARE_NEWLINE_NORMALIZE = "normalize"
@@ -50,6 +66,14 @@ class SessionSettings:
     maxErrors: int = 20
     bareNewline: str = BARE_NEWLINE_REJECT
     extensions: tuple[str, ...] = ()
+    #: STARTTLS is offered (the listener has a certificate and C{tls_mode = "starttls"}).
+    starttls: bool = False
+    #: The SASL mechanisms offered (C{("PLAIN", "LOGIN")}); C{()}: no AUTH on this listener.
+    authMechanisms: tuple[str, ...] = ()
+    #: AUTH is offered and accepted without TLS too (else 538 5.7.11 before TLS).
+    authWithoutTLS: bool = False
+    #: MAIL needs AUTH first (a submission listener): 530 5.7.0 otherwise.
+    requireAuth: bool = False
 
 
 # Events -------------------------------------------------------------------------------------
@@ -107,6 +131,41 @@ class EndOfData:
     size: int
 
 
+@dataclass(frozen=True, slots=True)
+class StartTLS:
+    """Start the TLS handshake now, after writing the replies before this event, then call
+    L{ServerSession.tlsStarted} when it completes.
+
+    @ivar discarded: how many bytes received after the STARTTLS line were thrown away.
+    """
+
+    discarded: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticate:
+    """Question: are these credentials good?  Answer with the user name (C{str}) to accept
+    (the session replies 235), or with a L{Reply} to refuse: 535 (or any 4xx/5xx) goes to the
+    client and the session goes on; 421 goes to the client and the session closes.
+
+    @ivar mechanism: C{"PLAIN"} or C{"LOGIN"}.
+    @ivar username: the authentication identity (UTF-8 decoded).
+    @ivar password: the password, as sent (bytes).
+    @ivar authzid: the PLAIN authorization identity (C{""} when none was given).
+    """
+
+    mechanism: str
+    username: str
+    password: bytes = field(repr=False)
+    authzid: str = ""
+
+
+@dataclass
+class _Sasl:
+    mechanism: str
+    username: str | None = None
+
+
 @dataclass
 class _Transaction:
     envelope: Envelope
@@ -115,6 +174,21 @@ class _Transaction:
 
 
 _COMMAND, _DATA, _CLOSED = "command", "data", "closed"
+#: Waiting for the TLS handshake after STARTTLS; waiting for a SASL response line.
+_TLS, _SASL = "tls", "sasl"
+
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_INVALID = Reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_NEED_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+AUTH_ABORTED = Reply(501, "5.0.0", "Authentication aborted")
+AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode response")
+AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication mechanism")
+AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too long")
+READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+_PLAIN_CHALLENGE = Reply(334, "", "")
+_LOGIN_USERNAME = Reply(334, "", "VXNlcm5hbWU6")  # "Username:"
+_LOGIN_PASSWORD = Reply(334, "", "UGFzc3dvcmQ6")  # "Password:"
 
 
 class ServerSession:
@@ -123,6 +197,10 @@ class ServerSession:
     def __init__(self, settings: SessionSettings, client: ClientInfo) -> None:
         self.settings = settings
         self.client = client
+        #: What relay control said of the client's address, restored when TLS resets the
+        #: session (authentication may have raised C{client.relayAllowed}).
+        self._addressRelay = client.relayAllowed
+        self._sasl: _Sasl | None = None
         self.errors = 0
         self.messages = 0
         self.mode = _COMMAND
@@ -183,7 +261,30 @@ class ServerSession:
             self._dataStartAnswered(result)  # type: ignore[arg-type]
         elif kind is EndOfData:
             self._dataEndAnswered(result)  # type: ignore[arg-type]
+        elif kind is Authenticate:
+            self._authAnswered(question, result)  # type: ignore[arg-type]
         return out + self._run()
+
+    def tlsStarted(self, description: str | None) -> list[object]:
+        """The TLS handshake completed (after STARTTLS, or on an implicit TLS listener before
+        the first command).  The session starts afresh: no HELO, no transaction, no
+        authentication; the client must EHLO again.
+
+        @param description: the TLS version and cipher (C{"TLSv1.3 TLS_AES_256_GCM_SHA384"}),
+            kept in C{client.tls}.
+        """
+        if self.mode == _CLOSED:
+            return []
+        self.client.tls = description or "TLS"
+        self.client.helo = None
+        self.client.esmtp = False
+        self.client.authUser = None
+        self.client.relayAllowed = self._addressRelay
+        self.transaction = None
+        self._sasl = None
+        if self.mode in (_TLS, _SASL):
+            self.mode = _COMMAND
+        return self._run()
 
     def timedOut(self) -> list[object]:
         """The driver's timer expired (idle in command mode, or no data in DATA)."""
@@ -195,6 +296,7 @@ class ServerSession:
         out += [Reply(421, "4.4.2", f"{self.settings.hostname} Error: timeout exceeded"), Close()]
         self.mode = _CLOSED
         self.transaction = None
+        self._sasl = None
         return out
 
     def connectionLost(self) -> list[object]:
@@ -233,6 +335,11 @@ class ServerSession:
             if self.mode == _DATA:
                 if not self._processData():
                     break
+            elif self.mode == _TLS:
+                break
+            elif self.mode == _SASL:
+                if not self._processSaslResponse():
+                    break
             elif not self._processCommand():
                 break
         if self._pos and self._pos >= len(self._buf):
@@ -242,18 +349,29 @@ class ServerSession:
 
     # Command mode ---------------------------------------------------------------------------
 
-    def _processCommand(self) -> bool:
+    def _takeLine(self) -> bytes | None:
+        """The next line from the buffer, without its line end, or C{None} when none is
+        complete yet (the session is closed when the partial line is too long)."""
         buf, pos = self._buf, self._pos
         end = buf.find(b"\n", pos)
         if end < 0:
             if len(buf) - pos > COMMAND_BUFFER_LIMIT:
                 self._close(Reply(421, "4.7.0", f"{self.settings.hostname} Error: line too long, closing"))
-            return False
+            return None
         raw = buf[pos:end]
         self._pos = end + 1
         if raw.endswith(b"\r"):
             raw = raw[:-1]
-        if len(raw) + 2 > MAX_COMMAND_LINE:
+        return raw
+
+    def _processCommand(self) -> bool:
+        raw = self._takeLine()
+        if raw is None:
+            return False
+        limit = MAX_COMMAND_LINE
+        if raw[:5].upper() == b"AUTH " and self.settings.authMechanisms:
+            limit += MAX_SASL_LINE
+        if len(raw) + 2 > limit:
             self._reply(R.LINE_TOO_LONG)
             return True
         try:
@@ -297,7 +415,12 @@ class ServerSession:
         self.client.esmtp = esmtp
         if esmtp:
             lines = [self.settings.hostname, "PIPELINING", f"SIZE {self.settings.maxMessageSize}",
-                     "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", *self.settings.extensions]
+                     "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"]
+            if self.settings.starttls and not self.client.tls:
+                lines.append("STARTTLS")
+            if self._authOffered:
+                lines.append("AUTH " + " ".join(self.settings.authMechanisms))
+            lines += self.settings.extensions
             self._reply(Reply(250, "", "\n".join(lines)))
         else:
             self._reply(Reply(250, "", self.settings.hostname))
@@ -305,6 +428,9 @@ class ServerSession:
     def _cmd_MAIL(self, arg: str) -> None:
         if self.client.helo is None:
             self._reply(R.NEED_HELO)
+            return
+        if self.settings.requireAuth and self.client.authUser is None:
+            self._reply(AUTH_REQUIRED)
             return
         if self.transaction is not None:
             self._reply(R.NESTED_MAIL)
@@ -359,6 +485,11 @@ class ServerSession:
                 if len(decoded) > _XTEXT_MAX or not decoded.isprintable():
                     raise _ParamError(Reply(501, "5.5.4", "Error: bad ENVID parameter"))
                 envelope.envid = decoded
+            elif key == "AUTH" and self.settings.authMechanisms:
+                # RFC 4954 section 5: the submitter's identity, for trusted relays; we record
+                # our own client's authentication instead, so it is checked and ignored.
+                if not value:
+                    raise _ParamError(Reply(501, "5.5.4", "Error: bad AUTH parameter"))
             else:
                 raise _ParamError(Reply(555, "5.5.4", f"Error: unsupported MAIL parameter {key}"))
         for _key, value in params:
@@ -495,6 +626,158 @@ class ServerSession:
     def _cmd_HELP(self, arg: str) -> None:
         self._reply(R.HELP)
 
+    # STARTTLS (RFC 3207) --------------------------------------------------------------------
+
+    def _cmd_STARTTLS(self, arg: str) -> None:
+        if self.client.tls:
+            self._reply(Reply(503, "5.5.1", "Error: TLS already active"))
+            return
+        if not self.settings.starttls:
+            self._reply(R.NOT_IMPLEMENTED)
+            return
+        if arg.strip():
+            self._reply(Reply(501, "5.5.4", "Syntax: STARTTLS"))
+            return
+        if self.transaction is not None:
+            self._reply(Reply(503, "5.5.1", "Error: MAIL transaction in progress"))
+            return
+        self._out.append(READY_FOR_TLS)
+        # Whatever came after the STARTTLS line was sent in plaintext, before the handshake:
+        # it must never be taken as a command of the TLS session.
+        discarded = len(self._buf) - self._pos
+        self._buf = b""
+        self._pos = 0
+        self.mode = _TLS
+        self._out.append(StartTLS(discarded))
+
+    # AUTH (RFC 4954) ------------------------------------------------------------------------
+
+    @property
+    def _authOffered(self) -> bool:
+        """AUTH is offered (in EHLO) and accepted now: the listener has mechanisms, and TLS is
+        active or not needed."""
+        return bool(self.settings.authMechanisms) and (
+            self.client.tls is not None or self.settings.authWithoutTLS
+        )
+
+    def _cmd_AUTH(self, arg: str) -> None:
+        if not self.settings.authMechanisms:
+            self._reply(R.NOT_IMPLEMENTED)
+            return
+        if self.client.helo is None or not self.client.esmtp:
+            self._reply(Reply(503, "5.5.1", "Error: send EHLO first"))
+            return
+        if self.client.authUser is not None:
+            self._reply(Reply(503, "5.5.1", "Error: already authenticated"))
+            return
+        if self.transaction is not None:
+            self._reply(Reply(503, "5.5.1", "Error: MAIL transaction in progress"))
+            return
+        parts = arg.split(" ")
+        if not parts[0] or len(parts) > 2 or (len(parts) == 2 and not parts[1]):
+            self._reply(Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"))
+            return
+        if not self._authOffered:
+            self._reply(AUTH_NEED_TLS)
+            return
+        mechanism = parts[0].upper()
+        if mechanism not in self.settings.authMechanisms:
+            self._reply(AUTH_UNKNOWN_MECHANISM)
+            return
+        initial: bytes | None = None
+        if len(parts) == 2:
+            initial = self._decodeSasl(parts[1].encode("utf-8"), initial=True)
+            if initial is None:
+                return
+        self._sasl = _Sasl(mechanism)
+        if initial is not None:
+            self._saslStep(initial)
+        elif mechanism == "PLAIN":
+            self.mode = _SASL
+            self._out.append(_PLAIN_CHALLENGE)
+        else:
+            self.mode = _SASL
+            self._out.append(_LOGIN_USERNAME)
+
+    def _decodeSasl(self, data: bytes, initial: bool = False) -> bytes | None:
+        """A base64 SASL response decoded, or C{None} after replying 501 (bad base64)."""
+        if initial and data == b"=":
+            return b""
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            self._saslDone(AUTH_BAD_BASE64)
+            return None
+
+    def _saslDone(self, reply: Reply | None = None) -> None:
+        """End the exchange (with C{reply}, unless a question will answer it)."""
+        self._sasl = None
+        if self.mode == _SASL:
+            self.mode = _COMMAND
+        if reply is not None:
+            self._reply(reply)
+
+    def _processSaslResponse(self) -> bool:
+        raw = self._takeLine()
+        if raw is None:
+            return False
+        if len(raw) > MAX_SASL_LINE:
+            self._saslDone(AUTH_LINE_TOO_LONG)
+            return True
+        if raw == b"*":
+            self._saslDone(AUTH_ABORTED)
+            return True
+        decoded = self._decodeSasl(raw)
+        if decoded is not None:
+            self._saslStep(decoded)
+        return True
+
+    def _saslStep(self, response: bytes) -> None:
+        sasl = self._sasl
+        assert sasl is not None
+        if sasl.mechanism == "PLAIN":
+            # RFC 4616: [authzid] NUL authcid NUL passwd
+            parts = response.split(b"\0")
+            if len(parts) != 3 or not parts[1]:
+                self._saslDone(Reply(501, "5.5.2", "Error: malformed PLAIN response"))
+                return
+            authzid, username, password = parts
+            self._authenticate(username, password, authzid)
+        elif sasl.username is None:
+            try:
+                sasl.username = response.decode("utf-8")
+            except UnicodeDecodeError:
+                self._saslDone(Reply(501, "5.5.2", "Error: user name is not valid UTF-8"))
+                return
+            self.mode = _SASL
+            self._out.append(_LOGIN_PASSWORD)
+        else:
+            self._authenticate(sasl.username.encode("utf-8"), response, b"")
+
+    def _authenticate(self, username: bytes, password: bytes, authzid: bytes) -> None:
+        mechanism = self._sasl.mechanism if self._sasl else ""
+        self._saslDone()
+        try:
+            user = username.decode("utf-8")
+            authz = authzid.decode("utf-8")
+        except UnicodeDecodeError:
+            self._reply(Reply(501, "5.5.2", "Error: user name is not valid UTF-8"))
+            return
+        if not user or "\0" in user or not user.isprintable():
+            self._reply(AUTH_INVALID)
+            return
+        self._ask(Authenticate(mechanism, user, password, authz))
+
+    def _authAnswered(self, question: Authenticate, result: str | Reply) -> None:
+        if isinstance(result, str):
+            self.client.authUser = result
+            self.client.relayAllowed = True
+            self._reply(AUTH_OK)
+        elif result.code == 421:
+            self._close(result)
+        else:
+            self._reply(result)
+
     # DATA mode ------------------------------------------------------------------------------
 
     def _processData(self) -> bool:
@@ -597,6 +880,4 @@ class _ParamError(Exception):
         self.reply = reply
 
 
-_UNIMPLEMENTED = frozenset(
-    {"EXPN", "STARTTLS", "AUTH", "BDAT", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML"}
-)
+_UNIMPLEMENTED = frozenset({"EXPN", "BDAT", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML"})

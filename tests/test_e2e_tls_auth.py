@@ -1,0 +1,377 @@
+"""End-to-end: STARTTLS, implicit TLS, AUTH and submission with the real C{twistd -n mailrelay}
+and real clients (swaks, smtplib, raw sockets wrapped in C{ssl}); certificates from trustme,
+users made with the real C{mailrelay-passwd} (C{python -m mailrelay.passwd})."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import smtplib
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness import TWISTD, LineClient, RelayProcess, requireTool
+
+PASSWORDS = {"alice": "alice's secret", "bob": "b0b pw"}
+
+LISTENERS = """
+[[listeners]]
+endpoint = "tcp:0:interface=127.0.0.1"
+tls_certificate = "relay.pem"
+tls_key = "relay.key"
+auth = true
+
+[[listeners]]
+endpoint = "tcp:port=0:interface=127.0.0.1"
+mode = "submission"
+tls_certificate = "relay.pem"
+tls_key = "relay.key"
+
+[[listeners]]
+endpoint = "tcp:interface=127.0.0.1:port=0"
+mode = "submissions"
+tls_certificate = "relay.pem"
+tls_key = "relay.key"
+"""
+
+AUTH = """
+[relay]
+networks = []
+
+[auth]
+password_file = "users"
+throttle_after = 2
+failure_delay = 0.5
+max_failures = 4
+
+[auth.senders]
+bob = ["@bob.example"]
+"""
+
+
+def passwd(directory: Path, *args: str, password: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mailrelay.passwd", *args], cwd=directory, input=password,
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+class Site:
+    """A relay directory: certificate (for relay.test and 127.0.0.1), CA, users."""
+
+    def __init__(self, directory: Path) -> None:
+        import trustme
+
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.ca = trustme.CA()
+        leaf = self.ca.issue_cert("relay.test", "127.0.0.1")
+        (directory / "relay.pem").write_bytes(b"".join(p.bytes() for p in leaf.cert_chain_pems))
+        leaf.private_key_pem.write_to_path(str(directory / "relay.key"))
+        self.caFile = directory / "ca.pem"
+        self.ca.cert_pem.write_to_path(str(self.caFile))
+        for user, password in PASSWORDS.items():
+            out = passwd(directory, "--stdin", "users", "add", user, password=password + "\n")
+            assert out.returncode == 0, out.stderr
+
+    def context(self, **kw) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.caFile))
+        for name, value in kw.items():
+            setattr(context, name, value)
+        return context
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Site:
+    return Site(tmp_path / "relay")
+
+
+@pytest.fixture
+def relay(site: Site):
+    started: list[RelayProcess] = []
+
+    def start(config: str = AUTH + LISTENERS, listeners: int = 3) -> RelayProcess:
+        r = RelayProcess(
+            site.directory, config, ("--spool", str(site.directory / "spool"), "--hostname", "relay.test"),
+            defaults=False, listeners=listeners, hold=True,
+        )
+        started.append(r)
+        return r.start()
+
+    yield start
+    for r in started:
+        r.stop()
+
+
+def queued(r: RelayProcess) -> list[tuple[dict, bytes]]:
+    out = []
+    for queueID in r.queued():
+        base = r.spool / "queue" / queueID
+        out.append((json.loads(base.with_suffix(".json").read_text()), base.with_suffix(".eml").read_bytes()))
+    return out
+
+
+def received(message: bytes) -> str:
+    end = message.index(b"\r\n", message.index(b"; ")) if b"; " in message else len(message)
+    return message[:end].decode()
+
+
+RECEIVED_TLS = re.compile(
+    r"with ESMTPSA id \w+\r\n\t\(using (TLSv1\.[23]) (\S+)\)\r\n\t\(authenticated as (\w+)\)"
+)
+
+
+# STARTTLS + AUTH ---------------------------------------------------------------------------------
+
+
+def test_swaks_starttls_auth_plain(relay, site) -> None:
+    swaks = requireTool("swaks")
+    r = relay()
+    out = subprocess.run(
+        [swaks, "--server", f"127.0.0.1:{r.ports[0]}", "--tls", "--tls-verify", "--tls-ca-path",
+         str(site.caFile), "--auth", "PLAIN", "--auth-user", "alice", "--auth-password",
+         PASSWORDS["alice"], "--from", "alice@example.com", "--to", "carol@example.org",
+         "--ehlo", "laptop.example", "--header", "Subject: via swaks"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "235 2.7.0 Authentication successful" in out.stdout
+    ((envelope, message),) = queued(r)
+    assert envelope["client"]["authUser"] == "alice"
+    assert envelope["client"]["protocol"] == "ESMTPSA"
+    m = RECEIVED_TLS.search(message.decode())
+    assert m, received(message)
+    assert m.group(3) == "alice" and envelope["client"]["tls"] == f"{m.group(1)} {m.group(2)}"
+    assert f"client=127.0.0.1 sasl_username=alice result=250 2.0.0 Ok: queued as {envelope['queueID']}" in r.log()
+
+
+def test_smtplib_starttls_login_on_submission(relay, site) -> None:
+    r = relay()
+    with smtplib.SMTP("127.0.0.1", r.ports[1], timeout=10) as s:
+        s.ehlo("laptop.example")
+        assert s.has_extn("starttls") and not s.has_extn("auth")
+        s.starttls(context=site.context())
+        s.ehlo("laptop.example")
+        assert not s.has_extn("starttls")
+        assert s.esmtp_features["auth"].split() == ["PLAIN", "LOGIN"]
+        assert s.login("alice", PASSWORDS["alice"])[0] == 235
+        s.sendmail("alice@example.com", ["carol@example.org"], b"Subject: via smtplib\r\n\r\nhi\r\n")
+    # LOGIN, and a TLS 1.2 client.
+    with smtplib.SMTP("127.0.0.1", r.ports[1], timeout=10) as s:
+        s.starttls(context=site.context(maximum_version=ssl.TLSVersion.TLSv1_2))
+        s.ehlo("laptop.example")
+        s.user, s.password = "bob", PASSWORDS["bob"]
+        assert s.auth("LOGIN", s.auth_login)[0] == 235
+        s.sendmail("bob@bob.example", ["carol@example.org"], b"Subject: TLS 1.2\r\n\r\nhi\r\n")
+    messages = sorted(queued(r), key=lambda x: x[0]["client"]["authUser"])
+    assert [e["client"]["authUser"] for e, _ in messages] == ["alice", "bob"]
+    (e1, m1), (e2, m2) = messages
+    assert RECEIVED_TLS.search(m1.decode()).group(3) == "alice"
+    assert RECEIVED_TLS.search(m2.decode()).group(1) == "TLSv1.2"
+    assert e2["client"]["tls"].startswith("TLSv1.2 ECDHE-")
+    # Submission adds Message-Id: and Date:.
+    assert re.search(rb"\r\nMessage-Id: <\d+\.\w+@relay\.test>\r\nDate: ", m1)
+
+
+def test_auth_before_tls_is_refused_and_not_advertised(relay, site) -> None:
+    r = relay()
+    c = LineClient(r.ports[0])
+    c.readReply()
+    c.send(b"EHLO laptop.example\r\n")
+    ehlo = c.readReply()
+    assert b"STARTTLS" in [line[4:] for line in ehlo] and not any(b"AUTH" in line for line in ehlo)
+    plain = base64.b64encode(b"\0alice\0" + PASSWORDS["alice"].encode())
+    c.send(b"AUTH PLAIN " + plain + b"\r\n")
+    assert c.readReply() == [b"538 5.7.11 Encryption required for requested authentication mechanism"]
+    c.close()
+
+
+def test_submission_without_auth_is_refused(relay, site) -> None:
+    r = relay()
+    with smtplib.SMTP("127.0.0.1", r.ports[1], timeout=10) as s:
+        s.starttls(context=site.context())
+        s.ehlo("laptop.example")
+        code, text = s.mail("alice@example.com")
+        assert (code, text) == (530, b"5.7.0 Authentication required")
+    # Nor may an unauthenticated client relay through the relay listener.
+    with smtplib.SMTP("127.0.0.1", r.ports[0], timeout=10) as s:
+        with pytest.raises(smtplib.SMTPRecipientsRefused):
+            s.sendmail("a@example.com", ["carol@example.org"], b"Subject: x\r\n\r\nx\r\n")
+    assert r.queued() == []
+
+
+def test_sender_binding(relay, site) -> None:
+    r = relay()
+    with smtplib.SMTP("127.0.0.1", r.ports[1], timeout=10) as s:
+        s.starttls(context=site.context())
+        s.login("bob", PASSWORDS["bob"])
+        code, text = s.mail("bob@example.com")
+        assert code == 553
+        assert text == b"5.7.1 <bob@example.com>: Sender address rejected: not owned by user bob"
+
+
+def test_wrong_password_is_throttled_then_421(relay, site) -> None:
+    r = relay()
+
+    def attempt(s: smtplib.SMTP, password: str) -> tuple[int, float]:
+        s.user, s.password = "alice", password
+        started = time.monotonic()
+        try:
+            code = s.auth("PLAIN", s.auth_plain)[0]
+        except smtplib.SMTPAuthenticationError as e:
+            code = e.smtp_code
+        return code, time.monotonic() - started
+
+    with smtplib.SMTP("127.0.0.1", r.ports[1], timeout=10) as s:
+        s.starttls(context=site.context())
+        s.ehlo("laptop.example")
+        fast = [attempt(s, "wrong") for _ in range(2)]
+        assert [code for code, _ in fast] == [535, 535]
+        code, took = attempt(s, "wrong")
+        assert code == 535 and took >= 0.45, took
+        code, _ = attempt(s, "wrong")
+        assert code == 421
+        with pytest.raises((smtplib.SMTPServerDisconnected, ConnectionError, OSError)):
+            s.noop()
+    assert "sasl_username=alice failures=4" in r.log()
+    # The address stays blocked, even with the right password.
+    with smtplib.SMTP("127.0.0.1", r.ports[1], timeout=10) as s:
+        s.starttls(context=site.context())
+        s.ehlo("laptop.example")
+        assert attempt(s, PASSWORDS["alice"])[0] == 421
+
+
+# STARTTLS injection ------------------------------------------------------------------------------
+
+
+def test_starttls_injection_is_not_executed(relay, site) -> None:
+    r = relay()
+    sock = socket.create_connection(("127.0.0.1", r.ports[0]), timeout=10)
+    f = sock.makefile("rb")
+    assert f.readline().startswith(b"220 ")
+    sock.sendall(b"EHLO laptop.example\r\n")
+    while not f.readline().startswith(b"250 "):
+        pass
+    sock.sendall(b"STARTTLS\r\nRSET\r\n")
+    assert f.readline() == b"220 2.0.0 Ready to start TLS\r\n"
+    # The RSET is not answered in plaintext.
+    sock.settimeout(0.5)
+    with pytest.raises(socket.timeout):
+        sock.recv(1)
+    sock.settimeout(10)
+    tls = site.context().wrap_socket(sock, server_hostname="relay.test")
+    # Nor after the handshake: the first reply is to our own command, and the session was
+    # reset (no EHLO yet).
+    tls.settimeout(0.5)
+    with pytest.raises(socket.timeout):
+        tls.recv(1)
+    tls.settimeout(10)
+    tls.sendall(b"MAIL FROM:<alice@example.com>\r\n")
+    assert tls.recv(1024) == b"503 5.5.1 Error: send HELO/EHLO first\r\n"
+    tls.sendall(b"QUIT\r\n")
+    assert tls.recv(1024) == b"221 2.0.0 Bye\r\n"
+    tls.close()
+    r.waitForLog(r"6 bytes sent after STARTTLS, before the TLS handshake, discarded")
+
+
+# Implicit TLS ------------------------------------------------------------------------------------
+
+
+def test_implicit_tls_with_smtp_ssl(relay, site) -> None:
+    r = relay()
+    with smtplib.SMTP_SSL("127.0.0.1", r.ports[2], timeout=10, context=site.context()) as s:
+        s.ehlo("laptop.example")
+        assert not s.has_extn("starttls")
+        assert s.esmtp_features["auth"].split() == ["PLAIN", "LOGIN"]
+        code, _ = s.mail("alice@example.com")
+        assert code == 530
+        s.rset()
+        s.login("alice", PASSWORDS["alice"])
+        s.sendmail("alice@example.com", ["carol@example.org"], b"Subject: 465\r\n\r\nhi\r\n")
+    ((envelope, message),) = queued(r)
+    assert RECEIVED_TLS.search(message.decode()).group(3) == "alice"
+    assert envelope["client"]["tls"].startswith("TLSv1.3 ")
+    assert re.search(r"listening on 127\.0\.0\.1:\d+ \(tcp:interface=127\.0\.0\.1:port=0; submissions, implicit TLS, AUTH\)", r.log())
+
+
+def test_swaks_implicit_tls(relay, site) -> None:
+    swaks = requireTool("swaks")
+    r = relay()
+    out = subprocess.run(
+        [swaks, "--server", f"127.0.0.1:{r.ports[2]}", "--tls-on-connect", "--auth", "LOGIN",
+         "--auth-user", "bob", "--auth-password", PASSWORDS["bob"], "--from", "bob@bob.example",
+         "--to", "carol@example.org"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert len(r.queued()) == 1
+
+
+def test_tls13_minimum_refuses_a_tls12_client(relay, site) -> None:
+    config = AUTH + LISTENERS.replace('tls_key = "relay.key"\nauth = true', 'tls_key = "relay.key"\nauth = true\ntls_min_version = "TLSv1.3"', 1)
+    r = relay(config)
+    with smtplib.SMTP("127.0.0.1", r.ports[0], timeout=10) as s:
+        with pytest.raises(ssl.SSLError):
+            s.starttls(context=site.context(maximum_version=ssl.TLSVersion.TLSv1_2))
+    r.waitForLog(r"TLS handshake with 127\.0\.0\.1 failed")
+
+
+# Start-up checks and the password tool -----------------------------------------------------------
+
+
+def startFails(site: Site, config: str) -> str:
+    (site.directory / "bad.toml").write_text(config)
+    out = subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "mailrelay", "--config", "bad.toml", "--spool", "spool",
+         "--hostname", "relay.test"],
+        cwd=site.directory, capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode != 0
+    return out.stdout + out.stderr
+
+
+def test_bad_certificate_or_password_file_stops_startup(site) -> None:
+    import trustme
+
+    trustme.CA().issue_cert("other.test").private_key_pem.write_to_path(str(site.directory / "other.key"))
+    text = startFails(site, AUTH + LISTENERS.replace('tls_key = "relay.key"', 'tls_key = "other.key"', 1))
+    assert "bad.toml: listeners[0].tls_key: the private key in" in text
+    assert "does not belong to the certificate" in text
+    text = startFails(site, AUTH + LISTENERS.replace('"relay.pem"', '"missing.pem"', 1))
+    assert "listeners[0].tls_certificate: cannot read the certificate file" in text
+    with open(site.directory / "users", "a") as f:
+        f.write("carol:plaintext\n")
+    text = startFails(site, AUTH + LISTENERS)
+    assert re.search(r"auth\.password_file: \S+/users:3: the hash must be an argon2 hash", text), text
+
+
+def test_passwd_tool_and_live_reload(relay, site) -> None:
+    users = site.directory / "users"
+    assert stat.S_IMODE(users.stat().st_mode) == 0o600
+    r = relay()
+    # A user added while the relay runs can log in at once.
+    out = passwd(site.directory, "--stdin", "users", "add", "dave", password="dave pw\n")
+    assert out.returncode == 0 and "dave: added" in out.stdout, out.stderr
+    with smtplib.SMTP_SSL("127.0.0.1", r.ports[2], timeout=10, context=site.context()) as s:
+        assert s.login("dave", "dave pw")[0] == 235
+    # change, list, delete; errors.
+    assert passwd(site.directory, "--stdin", "users", "change", "dave", password="new pw\n").returncode == 0
+    assert passwd(site.directory, "users", "list").stdout.split() == ["alice", "bob", "dave"]
+    out = passwd(site.directory, "--stdin", "users", "add", "dave", password="x\n")
+    assert out.returncode == 1 and "already exists" in out.stderr
+    out = passwd(site.directory, "--stdin", "users", "set", "erin", password="\n")
+    assert out.returncode == 1 and "empty password refused" in out.stderr
+    with smtplib.SMTP_SSL("127.0.0.1", r.ports[2], timeout=10, context=site.context()) as s:
+        assert s.login("dave", "new pw")[0] == 235
+    assert passwd(site.directory, "users", "delete", "dave").returncode == 0
+    assert "dave" not in users.read_text()
+    assert stat.S_IMODE(users.stat().st_mode) == 0o600
+    assert [p.name for p in site.directory.iterdir() if p.name.startswith(".mailrelay-passwd")] == []

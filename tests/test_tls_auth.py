@@ -1,0 +1,768 @@
+"""STARTTLS, implicit TLS, AUTH and submission: the sans-IO session and the protocol on a
+C{StringTransport} with a C{Clock} (TLS simulated), the password file and its checker, the
+certificate loader, and real TLS handshakes over loopback with the real reactor (our own
+client against our own server)."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+from argon2 import PasswordHasher
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
+
+from mailrelay.auth import (
+    AuthenticatedUser,
+    IAuthenticatedUser,
+    IAuthThrottle,
+    MemoryAuthThrottle,
+    PasswordFileChecker,
+    PasswordFileError,
+    SubmitterRealm,
+    parsePasswordLines,
+    readPasswordFile,
+    senderAllowed,
+)
+from mailrelay.envelope import ClientInfo
+from mailrelay.smtp.replies import Reply
+from mailrelay.smtp.server import Authenticate, ServerSession, SessionSettings, StartTLS
+from mailrelay.testing import MemoryChecker, ServerHarness
+from mailrelay.tls import TLSConfigError, describeTLS, loadServerTLS
+
+FAST = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+
+
+def b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+def plain(user: str, password: str, authzid: str = "") -> bytes:
+    return b64(f"{authzid}\0{user}\0{password}".encode())
+
+
+def tlsHarness(**kw) -> ServerHarness:
+    kw.setdefault("tls", True)
+    kw.setdefault("users", {"alice": "secret"})
+    h = ServerHarness(**kw)
+    h.replies()
+    return h
+
+
+def afterTLS(h: ServerHarness) -> None:
+    """EHLO, STARTTLS, handshake, EHLO again."""
+    h.send(b"EHLO client.example\r\n")
+    assert h.send(b"STARTTLS\r\n") == [b"220 2.0.0 Ready to start TLS"]
+    assert h.completeHandshake() == []
+    h.send(b"EHLO client.example\r\n")
+
+
+def send(h: ServerHarness, body: bytes = b"Subject: hi\r\n\r\nhello\r\n") -> bytes:
+    lines = h.send(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n" + body + b".\r\n")
+    assert lines[-1].startswith(b"250 2.0.0 Ok: queued as "), lines
+    queueID = lines[-1].rsplit(b" ", 1)[1].decode()
+    return h.spool.committed[queueID]
+
+
+# STARTTLS -------------------------------------------------------------------------------------
+
+
+def test_starttls_advertised_only_with_a_certificate_and_before_tls() -> None:
+    assert b"250-STARTTLS" not in ServerHarness().send(b"EHLO x\r\n")
+    h = tlsHarness()
+    ehlo = h.send(b"EHLO client.example\r\n")
+    assert b"250-STARTTLS" in ehlo or b"250 STARTTLS" in ehlo
+    assert not any(b"AUTH" in line for line in ehlo), "AUTH must not be offered before TLS"
+    h.send(b"STARTTLS\r\n")
+    h.completeHandshake()
+    ehlo = h.send(b"EHLO client.example\r\n")
+    assert not any(b"STARTTLS" in line for line in ehlo)
+    assert ehlo[-1] == b"250 AUTH PLAIN LOGIN"
+
+
+def test_starttls_writes_220_in_plaintext_then_starts_tls() -> None:
+    h = tlsHarness()
+    h.send(b"EHLO client.example\r\n")
+    assert h.send(b"STARTTLS\r\n") == [b"220 2.0.0 Ready to start TLS"]
+    assert h.transport.tlsOptions is h.context.tlsOptions
+    assert h.transport.writtenBeforeTLS.endswith(b"220 2.0.0 Ready to start TLS\r\n")
+    assert h.protocol.session.client.tls is None
+
+
+def test_starttls_resets_the_session_and_records_the_cipher() -> None:
+    h = tlsHarness()
+    h.send(b"EHLO client.example\r\n")
+    h.send(b"STARTTLS\r\n")
+    assert h.completeHandshake("TLSv1.2", "ECDHE-RSA-AES256-GCM-SHA384") == []
+    client = h.protocol.session.client
+    assert client.tls == "TLSv1.2 ECDHE-RSA-AES256-GCM-SHA384"
+    assert client.helo is None
+    # The client must EHLO again.
+    assert h.send(b"MAIL FROM:<a@example.com>\r\n") == [b"503 5.5.1 Error: send HELO/EHLO first"]
+    h.send(b"EHLO client.example\r\n")
+    _, message = send(h)
+    assert b"with ESMTPS id" in message
+    assert b"\r\n\t(using TLSv1.2 ECDHE-RSA-AES256-GCM-SHA384)\r\n" in message
+
+
+def test_starttls_injection_is_discarded_and_logged() -> None:
+    h = tlsHarness()
+    h.send(b"EHLO client.example\r\n")
+    with capturedLogs() as events:
+        lines = h.send(b"STARTTLS\r\nRSET\r\nMAIL FROM:<evil@example.com>\r\n")
+    # Only the 220: the RSET and MAIL are not answered in plaintext...
+    assert lines == [b"220 2.0.0 Ready to start TLS"]
+    assert h.transport.value().endswith(b"220 2.0.0 Ready to start TLS\r\n")
+    assert any(e.get("count") == len(b"RSET\r\nMAIL FROM:<evil@example.com>\r\n") for e in events)
+    # ...nor executed after the handshake.
+    assert h.completeHandshake() == []
+    assert h.send(b"RCPT TO:<b@example.org>\r\n") == [b"503 5.5.1 Error: need MAIL command"]
+
+
+def test_data_arriving_before_the_handshake_completes_is_kept_for_after() -> None:
+    """What the TLS layer hands on is post-handshake data: it waits for tlsStarted."""
+    h = tlsHarness()
+    h.send(b"STARTTLS\r\n")
+    assert h.send(b"EHLO client.example\r\n") == []
+    lines = h.completeHandshake()
+    assert lines[0] == b"250-relay.test" and lines[-1] == b"250 AUTH PLAIN LOGIN"
+
+
+@pytest.mark.parametrize(
+    "kw,commands,expected",
+    [
+        ({}, b"STARTTLS\r\n", b"502 5.5.1 Error: command not implemented"),
+        ({"tls": True}, b"STARTTLS now\r\n", b"501 5.5.4 Syntax: STARTTLS"),
+        (
+            {"tls": True},
+            b"EHLO x\r\nMAIL FROM:<a@example.com>\r\nSTARTTLS\r\n",
+            b"503 5.5.1 Error: MAIL transaction in progress",
+        ),
+    ],
+)
+def test_starttls_refusals(kw, commands, expected) -> None:
+    h = ServerHarness(**kw)
+    h.replies()
+    assert h.send(commands)[-1] == expected
+    assert h.transport.tlsOptions is None
+
+
+def test_starttls_twice_is_503() -> None:
+    h = tlsHarness()
+    h.send(b"STARTTLS\r\n")
+    h.completeHandshake()
+    assert h.send(b"STARTTLS\r\n") == [b"503 5.5.1 Error: TLS already active"]
+
+
+def test_timeout_during_the_handshake_aborts() -> None:
+    h = tlsHarness()
+    h.send(b"STARTTLS\r\n")
+    h.clock.advance(301)
+    assert h.transport.aborted
+
+
+def test_handshake_failure_is_logged() -> None:
+    h = tlsHarness()
+    h.send(b"STARTTLS\r\n")
+    with capturedLogs() as events:
+        h.protocol.connectionLost(Failure(Exception("no shared cipher")))
+    assert any("TLS handshake" in e["log_format"] and e.get("error") == "no shared cipher" for e in events)
+
+
+def test_implicit_tls_listener() -> None:
+    h = ServerHarness(implicitTLS=True, users={"alice": "secret"})
+    assert h.replies() == [b"220 relay.test ESMTP mailrelay"]
+    assert h.completeHandshake() == []
+    assert h.protocol.session.client.tls == "TLSv1.3 TLS_AES_256_GCM_SHA384"
+    ehlo = h.send(b"EHLO client.example\r\n")
+    assert not any(b"STARTTLS" in line for line in ehlo)
+    assert ehlo[-1] == b"250 AUTH PLAIN LOGIN"
+    assert h.send(b"STARTTLS\r\n") == [b"503 5.5.1 Error: TLS already active"]
+    assert h.send(b"AUTH PLAIN " + plain("alice", "secret") + b"\r\n") == [b"235 2.7.0 Authentication successful"]
+
+
+def test_implicit_tls_timeout_before_handshake_aborts() -> None:
+    h = ServerHarness(implicitTLS=True)
+    h.clock.advance(301)
+    assert h.transport.aborted
+
+
+def test_sans_io_starttls_event() -> None:
+    session = ServerSession(SessionSettings("relay.test", starttls=True), ClientInfo("192.0.2.1"))
+    events = session.dataReceived(b"STARTTLS\r\nRSET\r\n")
+    assert events == [Reply(220, "2.0.0", "Ready to start TLS"), StartTLS(discarded=6)]
+    assert session.dataReceived(b"NOOP\r\n") == []
+    assert session.tlsStarted("TLSv1.3 TLS_AES_128_GCM_SHA256") == [Reply(250, "2.0.0", "Ok")]
+
+
+# AUTH -----------------------------------------------------------------------------------------
+
+
+def test_auth_before_tls_is_538() -> None:
+    h = tlsHarness()
+    h.send(b"EHLO client.example\r\n")
+    assert h.send(b"AUTH PLAIN " + plain("alice", "secret") + b"\r\n") == [
+        b"538 5.7.11 Encryption required for requested authentication mechanism"
+    ]
+    assert h.checker.checked == []
+
+
+def test_auth_without_tls_when_the_listener_allows_it() -> None:
+    h = ServerHarness(users={"alice": "secret"}, authWithoutTLS=True)
+    assert h.send(b"EHLO client.example\r\n")[-1] == b"250 AUTH PLAIN LOGIN"
+    assert h.send(b"AUTH PLAIN " + plain("alice", "secret") + b"\r\n") == [b"235 2.7.0 Authentication successful"]
+
+
+def test_auth_not_configured_is_502() -> None:
+    h = ServerHarness()
+    h.send(b"EHLO x\r\n")
+    assert h.send(b"AUTH PLAIN " + plain("alice", "secret") + b"\r\n") == [b"502 5.5.1 Error: command not implemented"]
+
+
+def test_plain_with_initial_response_lets_an_outsider_relay() -> None:
+    h = tlsHarness(peer="192.0.2.1")
+    afterTLS(h)
+    h.send(b"MAIL FROM:<alice@example.com>\r\n")
+    assert h.send(b"RCPT TO:<bob@example.org>\r\n") == [b"554 5.7.1 Relay access denied"]
+    h.send(b"RSET\r\n")
+    with capturedLogs() as events:
+        assert h.send(b"AUTH PLAIN " + plain("alice", "secret") + b"\r\n") == [b"235 2.7.0 Authentication successful"]
+    assert any(e.get("sasl_username") == "alice" for e in events)
+    client = h.protocol.session.client
+    assert (client.authUser, client.relayAllowed) == ("alice", True)
+    with capturedLogs() as events:
+        _, message = send(h)
+    assert b" with ESMTPSA id " in message
+    assert b"\r\n\t(using TLSv1.3 TLS_AES_256_GCM_SHA384)\r\n\t(authenticated as alice)\r\n" in message
+    assert any("sasl_username=alice result=250" in e["log_format"].format(**e) for e in events if "queueID" in e and "result" in e)
+
+
+def test_plain_without_initial_response() -> None:
+    h = tlsHarness()
+    afterTLS(h)
+    assert h.send(b"AUTH PLAIN\r\n") == [b"334 "]
+    assert h.send(plain("alice", "secret") + b"\r\n") == [b"235 2.7.0 Authentication successful"]
+
+
+def test_login_exchange() -> None:
+    h = tlsHarness()
+    afterTLS(h)
+    assert h.send(b"AUTH LOGIN\r\n") == [b"334 VXNlcm5hbWU6"]
+    assert h.send(b64(b"alice") + b"\r\n") == [b"334 UGFzc3dvcmQ6"]
+    assert h.send(b64(b"secret") + b"\r\n") == [b"235 2.7.0 Authentication successful"]
+
+
+def test_login_with_initial_response() -> None:
+    h = tlsHarness()
+    afterTLS(h)
+    assert h.send(b"auth login " + b64(b"alice") + b"\r\n") == [b"334 UGFzc3dvcmQ6"]
+    assert h.send(b64(b"secret") + b"\r\n") == [b"235 2.7.0 Authentication successful"]
+
+
+@pytest.mark.parametrize(
+    "commands,expected",
+    [
+        (b"AUTH CRAM-MD5\r\n", b"504 5.5.4 Unrecognized authentication mechanism"),
+        (b"AUTH PLAIN !!!notbase64\r\n", b"501 5.5.2 Cannot decode response"),
+        (b"AUTH PLAIN\r\n!!!\r\n", b"501 5.5.2 Cannot decode response"),
+        (b"AUTH PLAIN\r\n*\r\n", b"501 5.0.0 Authentication aborted"),
+        (b"AUTH LOGIN\r\n" + b64(b"alice") + b"\r\n*\r\n", b"501 5.0.0 Authentication aborted"),
+        (b"AUTH PLAIN =\r\n", b"501 5.5.2 Error: malformed PLAIN response"),
+        (b"AUTH\r\n", b"501 5.5.4 Syntax: AUTH mechanism [initial-response]"),
+        (b"AUTH PLAIN a b\r\n", b"501 5.5.4 Syntax: AUTH mechanism [initial-response]"),
+        (b"AUTH PLAIN " + plain("alice", "wrong") + b"\r\n", b"535 5.7.8 Authentication credentials invalid"),
+        (b"AUTH PLAIN " + plain("nobody", "secret") + b"\r\n", b"535 5.7.8 Authentication credentials invalid"),
+        (b"AUTH PLAIN " + plain("alice", "secret", "bob") + b"\r\n", b"535 5.7.8 Authentication credentials invalid"),
+        (
+            b"AUTH PLAIN " + plain("alice", "secret") + b"\r\nAUTH PLAIN " + plain("alice", "secret") + b"\r\n",
+            b"503 5.5.1 Error: already authenticated",
+        ),
+        (
+            b"MAIL FROM:<a@example.com>\r\nAUTH PLAIN " + plain("alice", "secret") + b"\r\n",
+            b"503 5.5.1 Error: MAIL transaction in progress",
+        ),
+    ],
+)
+def test_auth_replies(commands: bytes, expected: bytes) -> None:
+    h = tlsHarness()
+    afterTLS(h)
+    assert h.send(commands)[-1] == expected
+    if not expected.startswith(b"503 5.5.1 Error: already"):
+        assert h.protocol.session.client.authUser is None
+
+
+def test_auth_needs_ehlo() -> None:
+    h = tlsHarness()
+    h.send(b"STARTTLS\r\n")
+    h.completeHandshake()
+    assert h.send(b"AUTH PLAIN " + plain("alice", "secret") + b"\r\n") == [b"503 5.5.1 Error: send EHLO first"]
+
+
+def test_plain_authzid_equal_to_user_is_fine() -> None:
+    h = tlsHarness()
+    afterTLS(h)
+    assert h.send(b"AUTH PLAIN " + plain("alice", "secret", "alice") + b"\r\n") == [b"235 2.7.0 Authentication successful"]
+
+
+def test_long_auth_line_within_rfc4954_limit() -> None:
+    h = tlsHarness(users={"alice": "x" * 3000})
+    afterTLS(h)
+    assert h.send(b"AUTH PLAIN " + plain("alice", "x" * 3000) + b"\r\n") == [b"235 2.7.0 Authentication successful"]
+
+
+def test_mail_auth_parameter_accepted_when_auth_offered() -> None:
+    h = tlsHarness()
+    afterTLS(h)
+    assert h.send(b"MAIL FROM:<a@example.com> AUTH=<>\r\n") == [b"250 2.1.0 Ok"]
+    h2 = ServerHarness()
+    h2.send(b"EHLO x\r\n")
+    assert h2.send(b"MAIL FROM:<a@example.com> AUTH=<>\r\n")[-1].startswith(b"555 ")
+
+
+def test_slow_checker_pauses_reading_and_keeps_order() -> None:
+    h = tlsHarness()
+    afterTLS(h)
+    h.checker.hold = True
+    assert h.send(b"AUTH PLAIN " + plain("alice", "secret") + b"\r\nMAIL FROM:<a@example.com>\r\n") == []
+    assert h.transport.producerState == "paused"
+    h.checker.release()
+    assert h.replies() == [b"235 2.7.0 Authentication successful", b"250 2.1.0 Ok"]
+
+
+def test_starttls_resets_authentication() -> None:
+    h = ServerHarness(tls=True, users={"alice": "secret"}, authWithoutTLS=True, peer="192.0.2.1")
+    h.send(b"EHLO client.example\r\n")
+    h.send(b"AUTH PLAIN " + plain("alice", "secret") + b"\r\n")
+    assert h.protocol.session.client.relayAllowed
+    h.send(b"STARTTLS\r\n")
+    h.completeHandshake()
+    client = h.protocol.session.client
+    assert (client.authUser, client.relayAllowed) == (None, False)
+
+
+def test_failed_attempts_are_throttled_then_421() -> None:
+    h = tlsHarness(throttleAfter=3, failureDelay=5.0, maxFailures=6)
+    afterTLS(h)
+    bad = b"AUTH PLAIN " + plain("alice", "guess") + b"\r\n"
+    for _ in range(3):
+        assert h.send(bad) == [b"535 5.7.8 Authentication credentials invalid"]
+    # The 4th and 5th failures are answered late; reading is paused meanwhile.
+    for _ in range(2):
+        assert h.send(bad) == []
+        assert h.transport.producerState == "paused"
+        h.clock.advance(4.9)
+        assert h.replies() == []
+        h.clock.advance(0.1)
+        assert h.replies() == [b"535 5.7.8 Authentication credentials invalid"]
+    with capturedLogs() as events:
+        assert h.send(bad) == [b"421 4.7.0 Error: too many failed authentications, try again later"]
+    assert h.closed
+    assert any(e.get("failures") == 6 and e.get("sasl_username") == "alice" for e in events)
+    # Another connection from the same address is refused at once, even with the password.
+    h2 = tlsHarness(throttle=h.throttle, maxFailures=6)
+    afterTLS(h2)
+    assert h2.send(b"AUTH PLAIN " + plain("alice", "secret") + b"\r\n") == [
+        b"421 4.7.0 Error: too many failed authentications, try again later"
+    ]
+    assert h2.checker.checked == []
+    # Failures are forgotten after the window.
+    h.clock.advance(900)
+    h2.clock.advance(900)
+    h3 = tlsHarness(throttle=MemoryAuthThrottle(h2.clock))
+    afterTLS(h3)
+    assert h3.send(b"AUTH PLAIN " + plain("alice", "secret") + b"\r\n") == [b"235 2.7.0 Authentication successful"]
+
+
+def test_memory_throttle_window_and_bound() -> None:
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    t = MemoryAuthThrottle(clock, window=10, maxEntries=2)
+    verifyObject(IAuthThrottle, t)
+    assert t.recordFailure("a") == 1
+    clock.advance(5)
+    assert t.recordFailure("a") == 2
+    clock.advance(9)
+    assert t.failures("a") == 2
+    clock.advance(1)
+    assert t.failures("a") == 0
+    t.recordFailure("b")
+    t.recordFailure("c")
+    t.recordFailure("d")
+    assert (t.failures("b"), t.failures("c"), t.failures("d")) == (0, 1, 1)
+
+
+def test_checker_error_is_454_not_success() -> None:
+    h = tlsHarness()
+    afterTLS(h)
+
+    def broken(credentials):
+        raise RuntimeError("LDAP is down")
+
+    h.checker.requestAvatarId = broken
+    with capturedLogs():
+        assert h.send(b"AUTH PLAIN " + plain("alice", "secret") + b"\r\n") == [b"454 4.7.0 Temporary authentication failure"]
+    assert h.protocol.session.client.authUser is None
+
+
+# Submission and sender binding ----------------------------------------------------------------
+
+
+def test_submission_requires_auth_before_mail() -> None:
+    h = tlsHarness(requireAuth=True)
+    afterTLS(h)
+    assert h.send(b"MAIL FROM:<alice@example.com>\r\n") == [b"530 5.7.0 Authentication required"]
+    h.send(b"AUTH PLAIN " + plain("alice", "secret") + b"\r\n")
+    assert h.send(b"MAIL FROM:<alice@example.com>\r\n") == [b"250 2.1.0 Ok"]
+
+
+def test_submission_requires_auth_even_from_relay_networks() -> None:
+    h = ServerHarness(requireAuth=True, users={"alice": "secret"}, peer="127.0.0.1")
+    h.send(b"EHLO x\r\n")
+    assert h.send(b"MAIL FROM:<alice@example.com>\r\n") == [b"530 5.7.0 Authentication required"]
+
+
+def test_sender_binding() -> None:
+    h = tlsHarness(senders={"alice": ("alice@example.com", "@example.org")})
+    afterTLS(h)
+    h.send(b"AUTH PLAIN " + plain("alice", "secret") + b"\r\n")
+    with capturedLogs():
+        assert h.send(b"MAIL FROM:<mallory@example.net>\r\n") == [
+            b"553 5.7.1 <mallory@example.net>: Sender address rejected: not owned by user alice"
+        ]
+    for sender in (b"<alice@example.com>", b"<anyone@Example.ORG>", b"<>"):
+        assert h.send(b"MAIL FROM:" + sender + b"\r\n") == [b"250 2.1.0 Ok"], sender
+        h.send(b"RSET\r\n")
+    assert h.send(b"MAIL FROM:<Alice@example.com>\r\n")[0].startswith(b"553 5.7.1")
+
+
+def test_senderAllowed() -> None:
+    assert senderAllowed(["@example.org"], "x@EXAMPLE.org")
+    assert not senderAllowed(["@example.org"], "x@sub.example.org")
+    assert senderAllowed(["a@Example.com"], "a@example.com")
+    assert not senderAllowed(["a@example.com"], "b@example.com")
+    assert senderAllowed([], "")
+
+
+def test_sans_io_authenticate_question_and_answers() -> None:
+    settings = SessionSettings("relay.test", authMechanisms=("PLAIN", "LOGIN"), authWithoutTLS=True)
+    session = ServerSession(settings, ClientInfo("192.0.2.1"))
+    session.dataReceived(b"EHLO x\r\n")
+    (question,) = session.dataReceived(b"AUTH PLAIN " + plain("bob", "pw", "bob") + b"\r\nNOOP\r\n")
+    assert question == Authenticate("PLAIN", "bob", b"pw", "bob")
+    assert "pw" not in repr(question)
+    assert session.answer(Reply(535, "5.7.8", "no")) == [Reply(535, "5.7.8", "no"), Reply(250, "2.0.0", "Ok")]
+    (question,) = session.dataReceived(b"AUTH PLAIN " + plain("bob", "pw") + b"\r\n")
+    events = session.answer(Reply(421, "4.7.0", "bye"))
+    assert events[0] == Reply(421, "4.7.0", "bye") and session.closed
+
+
+# Verification of the cred pieces ----------------------------------------------------------------
+
+
+def test_interfaces_are_provided(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    path.write_text(f"alice:{FAST.hash('pw')}\n")
+    verifyObject(ICredentialsChecker, PasswordFileChecker(str(path)))
+    verifyObject(ICredentialsChecker, MemoryChecker({}))
+    verifyObject(IRealm, SubmitterRealm())
+    verifyObject(IAuthenticatedUser, AuthenticatedUser("alice"))
+    assert SubmitterRealm().requestAvatar(b"alice", None, IAuthenticatedUser)[1] == AuthenticatedUser("alice")
+
+
+# The password file -----------------------------------------------------------------------------
+
+
+def test_password_file_format() -> None:
+    h = FAST.hash("pw")
+    text = f"# users\r\n\r\n  # indented comment\nalice:{h}\r\nbob@example.com:{h}\n"
+    assert parsePasswordLines("users", text) == {"alice": h, "bob@example.com": h}
+
+
+@pytest.mark.parametrize(
+    "line,problem",
+    [
+        ("alice", 'expected "user:hash"'),
+        (":$argon2id$x", "the user name is empty"),
+        ("al ice:{h}", "white space"),
+        ("alice:$2b$12$abcdefghijklmnopqrstuu0123456789012345678901234567890", "bcrypt hashes are not supported"),
+        ("alice:plaintext", "must be an argon2 hash"),
+        ("alice:$argon2id$garbage", "malformed"),
+    ],
+)
+def test_password_file_errors_name_path_and_line(line: str, problem: str) -> None:
+    text = "# first\n" + line.format(h=FAST.hash("pw")) + "\n"
+    with pytest.raises(PasswordFileError) as e:
+        parsePasswordLines("/etc/mailrelay/users", text)
+    assert str(e.value).startswith("/etc/mailrelay/users:2: ")
+    assert problem in str(e.value)
+    assert e.value.lineno == 2
+
+
+def test_password_file_duplicate_unreadable_not_utf8(tmp_path: Path) -> None:
+    h = FAST.hash("pw")
+    with pytest.raises(PasswordFileError, match=r"users:3: user 'a' is listed twice"):
+        parsePasswordLines("users", f"a:{h}\nb:{h}\na:{h}\n")
+    with pytest.raises(PasswordFileError, match="cannot read the password file: No such file"):
+        readPasswordFile(str(tmp_path / "missing"))
+    bad = tmp_path / "bad"
+    bad.write_bytes(f"a:{h}\n\xff:{h}\n".encode("latin-1"))
+    with pytest.raises(PasswordFileError, match=r"bad:2: not UTF-8"):
+        readPasswordFile(str(bad))
+
+
+def syncThread(f, *args) -> Deferred:
+    return maybeDeferred(f, *args)
+
+
+def outcome(d: Deferred):
+    box: list = []
+    d.addBoth(box.append)
+    assert box
+    return box[0]
+
+
+def test_password_file_checker(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    path.write_text(f"alice:{FAST.hash('right')}\n")
+    checker = PasswordFileChecker(str(path), deferToThread=syncThread)
+    assert outcome(checker.requestAvatarId(UsernamePassword("alice", "right"))) == "alice"
+    assert outcome(checker.requestAvatarId(UsernamePassword(b"alice", b"right"))) == "alice"
+    for user, password in (("alice", "wrong"), ("nobody", "right"), ("nobody", "mailrelay dummy password")):
+        result = outcome(checker.requestAvatarId(UsernamePassword(user, password)))
+        assert isinstance(result, Failure) and result.check(UnauthorizedLogin), (user, password)
+
+
+def test_password_file_checker_rereads_a_changed_file(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    path.write_text(f"alice:{FAST.hash('right')}\n")
+    checker = PasswordFileChecker(str(path), deferToThread=syncThread)
+    new = tmp_path / "users.new"
+    new.write_text(f"alice:{FAST.hash('right')}\nbob:{FAST.hash('bobpw')}\n")
+    os.replace(new, path)
+    assert outcome(checker.requestAvatarId(UsernamePassword("bob", "bobpw"))) == "bob"
+    # A broken edit is logged, and the users read before stay.
+    path.write_text("garbage\n")
+    with capturedLogs() as events:
+        assert outcome(checker.requestAvatarId(UsernamePassword("bob", "bobpw"))) == "bob"
+    assert any("users:1: expected" in e.get("problem", "") for e in events)
+
+
+from twisted.trial import unittest as trial  # noqa: E402
+
+
+class CheckerThreadTests(trial.TestCase):
+    """Without an injected deferToThread, hashing runs in the reactor's thread pool."""
+
+    def test_verifiesOffTheReactorThread(self):
+        directory = tempfile.mkdtemp(prefix="mailrelay-auth-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = Path(directory) / "users"
+        path.write_text(f"alice:{FAST.hash('right')}\n")
+        checker = PasswordFileChecker(str(path))
+        threads = []
+        original = checker._verify
+
+        def recording(*args):
+            threads.append(threading.current_thread())
+            return original(*args)
+
+        checker._verify = recording
+        d = checker.requestAvatarId(UsernamePassword("alice", "right"))
+
+        def check(result):
+            self.assertEqual(result, "alice")
+            self.assertIsNot(threads[0], threading.main_thread())
+
+        return d.addCallback(check)
+
+
+# Certificates ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def certs(tmp_path: Path):
+    import trustme
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("relay.test")
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(b"".join(p.bytes() for p in leaf.cert_chain_pems))
+    key = tmp_path / "key.pem"
+    leaf.private_key_pem.write_to_path(str(key))
+    return ca, chain, key
+
+
+def test_load_server_tls(certs, tmp_path: Path) -> None:
+    ca, chain, key = certs
+    loaded = loadServerTLS(str(chain), str(key), minVersion="TLSv1.3", ciphers="ECDHE+AESGCM")
+    assert loaded.warnings == []
+    assert loaded.options.getContext() is not None
+    combined = tmp_path / "combined.pem"
+    combined.write_bytes(chain.read_bytes() + key.read_bytes())
+    assert loadServerTLS(str(combined), str(combined)).warnings == []
+
+
+def test_load_server_tls_errors(certs, tmp_path: Path) -> None:
+    ca, chain, key = certs
+    other = tmp_path / "other.pem"
+    ca.issue_cert("other.test").private_key_pem.write_to_path(str(other))
+    encrypted = tmp_path / "enc.pem"
+    encrypted.write_text("-----BEGIN ENCRYPTED PRIVATE KEY-----\nxx\n-----END ENCRYPTED PRIVATE KEY-----\n")
+    cases = [
+        ((str(tmp_path / "none.pem"), str(key)), "cannot read the certificate file"),
+        ((str(key), str(key)), "holds no PEM certificate"),
+        ((str(chain), str(chain)), "holds no usable PEM private key"),
+        ((str(chain), str(other)), "does not belong to the certificate"),
+        ((str(chain), str(encrypted)), "is encrypted"),
+    ]
+    for args, message in cases:
+        with pytest.raises(TLSConfigError, match=message):
+            loadServerTLS(*args)
+    with pytest.raises(TLSConfigError, match="selects no cipher"):
+        loadServerTLS(str(chain), str(key), ciphers="NO-SUCH-CIPHER")
+    with pytest.raises(TLSConfigError, match="unknown TLS version"):
+        loadServerTLS(str(chain), str(key), minVersion="TLSv1.1")
+
+
+def test_expired_certificate_is_a_warning(tmp_path: Path) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    past = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
+    leaf = ca.issue_cert("relay.test", not_before=past - datetime.timedelta(days=10), not_after=past)
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    (warning,) = loadServerTLS(str(cert), str(key)).warnings
+    assert "expired on 2020-01-01" in warning
+    (warning,) = loadServerTLS(str(cert), str(key), now=past - datetime.timedelta(days=20)).warnings
+    assert "is not valid before" in warning
+
+
+def test_describeTLS() -> None:
+    assert describeTLS(object()) is None
+
+
+# Real handshakes: our client against our server on loopback -------------------------------------
+
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS  # noqa: E402
+from twisted.protocols.tls import TLSMemoryBIOFactory  # noqa: E402
+
+from mailrelay.auth import AuthPolicy, makePortal  # noqa: E402
+from mailrelay.envelope import Envelope, Recipient  # noqa: E402
+from mailrelay.policy import RecipientPolicy, RelayControl  # noqa: E402
+from mailrelay.smtp.client import ClientSettings, clientTLSOptions, connectSMTP  # noqa: E402
+from mailrelay.smtp.protocol import ListenerContext, SMTPServerFactory  # noqa: E402
+from mailrelay.stamping import DefaultStamper  # noqa: E402
+from mailrelay.testing import MemorySpool  # noqa: E402
+
+
+class RealTLSTests(trial.TestCase):
+    """The server with a real certificate on 127.0.0.1, the relay's own SMTP client on the
+    real reactor: STARTTLS and implicit TLS handshakes, AUTH, and what gets recorded."""
+
+    timeout = 20
+
+    def setUp(self):
+        import trustme
+
+        self.directory = Path(tempfile.mkdtemp(prefix="mailrelay-tls-"))
+        self.addCleanup(shutil.rmtree, self.directory, True)
+        ca = trustme.CA()
+        leaf = ca.issue_cert("relay.test")
+        chain, key, self.caFile = (self.directory / n for n in ("chain.pem", "key.pem", "ca.pem"))
+        chain.write_bytes(b"".join(p.bytes() for p in leaf.cert_chain_pems))
+        leaf.private_key_pem.write_to_path(str(key))
+        ca.cert_pem.write_to_path(str(self.caFile))
+        self.tls = loadServerTLS(str(chain), str(key))
+
+    def listen(self, implicit: bool):
+        from twisted.internet import reactor
+
+        self.spool = MemorySpool()
+        auth = AuthPolicy(makePortal([MemoryChecker({"alice": "secret"})]), MemoryAuthThrottle(reactor))
+        settings = SessionSettings(
+            "relay.test", starttls=not implicit, authMechanisms=auth.mechanisms, requireAuth=True
+        )
+        context = ListenerContext(
+            settings=settings,
+            policy=RecipientPolicy(RelayControl([], [], "relay.test"), [], reactor),
+            spool=self.spool,
+            stampers=[DefaultStamper()],
+            clock=reactor,
+            tlsOptions=self.tls.options,
+            implicitTLS=implicit,
+            auth=auth,
+        )
+        factory = SMTPServerFactory(context)
+        if implicit:
+            factory = TLSMemoryBIOFactory(self.tls.options, False, factory)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    async def deliver(self, implicit: bool):
+        from twisted.internet import reactor
+
+        port = self.listen(implicit)
+        settings = ClientSettings(
+            "client.test", tls="implicit" if implicit else "required", caFile=str(self.caFile),
+            username="alice", password="secret",
+        )
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
+        if implicit:
+            endpoint = wrapClientTLS(clientTLSOptions(settings, "relay.test"), endpoint)
+        conn = await connectSMTP(reactor, endpoint, settings, tlsHostname="relay.test")
+        self.assertTrue(conn.tls)
+        message = self.directory / "message"
+        message.write_bytes(b"Subject: hi\r\n\r\nhello\r\n")
+        env = Envelope(sender="alice@example.com", recipients=[Recipient("bob@example.org")], queueID="Q")
+        results = await conn.send(env, env.recipients, message)
+        await conn.quit()
+        self.assertEqual([r.code for r in results], ["2.0.0"])
+        ((envelope, stored),) = self.spool.committed.values()
+        self.assertEqual((envelope.client.authUser, envelope.client.protocol), ("alice", "ESMTPSA"))
+        self.assertRegex(envelope.client.tls, r"^TLSv1\.[23] \S+$")
+        self.assertIn(b" with ESMTPSA id ", stored)
+        self.assertIn(f"(using {envelope.client.tls})".encode(), stored)
+
+    def test_starttlsAuthAndDelivery(self):
+        return Deferred.fromCoroutine(self.deliver(implicit=False))
+
+    def test_implicitTLSAuthAndDelivery(self):
+        return Deferred.fromCoroutine(self.deliver(implicit=True))
+
+
+def test_service_logs_an_expired_certificate(tmp_path: Path) -> None:
+    import trustme
+
+    from mailrelay.config import ListenerConfig
+    from mailrelay.service import loadListenerTLS
+
+    past = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
+    leaf = trustme.CA().issue_cert("relay.test", not_before=past - datetime.timedelta(days=1), not_after=past)
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    listener = ListenerConfig("tcp:25", tls_mode="starttls", tls_certificate=str(cert), tls_key=str(key))
+
+    class FakeConfig:
+        source = "relay.toml"
+
+    with capturedLogs() as events:
+        assert loadListenerTLS(FakeConfig(), listener) is not None
+    assert any("expired on 2020-01-01" in e.get("warning", "") for e in events)
+    assert loadListenerTLS(FakeConfig(), ListenerConfig("tcp:25")) is None
