@@ -303,6 +303,21 @@ class DotStuffer:
         return b".\r\n" if self._atLineStart else b"\r\n.\r\n"
 
 
+def _noDelay(transport: Any) -> None:
+    """Turn Nagle's algorithm off: a command or the final dot written while the previous
+    segment is unacknowledged would otherwise wait for the peer's delayed ACK (up to 40 ms on
+    Linux) -- measured as the largest cost per message in the benchmark."""
+    setNoDelay = getattr(transport, "setTcpNoDelay", None)
+    if setNoDelay is None:
+        handle = getattr(transport, "transport", None)  # TLS wraps the TCP transport
+        setNoDelay = getattr(handle, "setTcpNoDelay", None)
+    if setNoDelay is not None:
+        try:
+            setNoDelay(True)
+        except OSError:  # pragma: no cover - not a TCP socket
+            pass
+
+
 def _printable(text: str) -> str:
     return "".join(c if " " <= c <= "~" else "?" for c in text)
 
@@ -1200,9 +1215,9 @@ class SMTPClientProtocol(Protocol):
     # Protocol ---------------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        _noDelay(self.transport)
         address = getattr(self.transport.getPeer(), "host", None)
         self.host = f"{self.tlsHostname}[{address}]" if address else self.tlsHostname
-        log.debug("connected to {host}", host=self.host, queueID=None)
         self._handle(self.session.connectionMade(self.host))
 
     def dataReceived(self, data: bytes) -> None:
