@@ -6,6 +6,7 @@ otherwise, or on any error or time-out, the client is "unknown".
 
 from __future__ import annotations
 
+import os
 from ipaddress import ip_address
 from typing import Any
 
@@ -40,22 +41,35 @@ def _lookup(resolver: Any, host: str) -> Any:
     return None
 
 
+_hostsCache: dict[str, tuple[tuple[int, int], dict[Any, str]]] = {}
+
+
+def _hostsTable(path: str) -> dict[Any, str]:
+    """Address to first name, from C{path}; re-read only when the file changes."""
+    st = os.stat(path)
+    stamp = (st.st_mtime_ns, st.st_size)
+    cached = _hostsCache.get(path)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    table: dict[Any, str] = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            fields = line.split("#", 1)[0].split()
+            if len(fields) >= 2:
+                try:
+                    table.setdefault(ip_address(fields[0]), fields[1].rstrip(".").lower())
+                except ValueError:
+                    continue
+    _hostsCache[path] = (stamp, table)
+    return table
+
+
 def hostsFileName(host: str, path: str = "/etc/hosts") -> str | None:
     """The first name C{path} gives the address C{host}, or C{None}."""
     try:
-        wanted = ip_address(host.split("%", 1)[0])
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                fields = line.split("#", 1)[0].split()
-                if len(fields) >= 2:
-                    try:
-                        if ip_address(fields[0]) == wanted:
-                            return fields[1].rstrip(".").lower()
-                    except ValueError:
-                        continue
+        return _hostsTable(path).get(ip_address(host.split("%", 1)[0]))
     except (OSError, ValueError):
         return None
-    return None
 
 
 def reverseLookup(resolver: Any, host: str, timeout: float, clock: Any) -> Deferred:

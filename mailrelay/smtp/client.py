@@ -1258,7 +1258,6 @@ class SMTPClientProtocol(Protocol):
             elif isinstance(event, TransactionDone):
                 self._stopBody()
                 self._closeFile()
-                self._logResults(event.results)
                 d, self._sending = self._sending, None
                 if d is not None:
                     fire.append((d, event.results))
@@ -1377,13 +1376,6 @@ class SMTPClientProtocol(Protocol):
         self._queueID = envelope.queueID
         self._handle(self.session.send(envelope, recipients, size))
         return d
-
-    def _logResults(self, results: list[RecipientResult]) -> None:
-        for r in results:
-            log.info("{queueID}: to=<{address}> relay={host} status={status} code={code} "
-                     "({diagnostic})", queueID=self._queueID, address=r.address,
-                     host=self.host, status=r.status.value, code=r.code,
-                     diagnostic=r.diagnostic, remoteMTA=r.remoteMTA)
 
 
 class SMTPConnection:
