@@ -46,6 +46,7 @@ DEFAULT_THROTTLE_AFTER = 3
 DEFAULT_FAILURE_DELAY = 5.0
 DEFAULT_MAX_FAILURES = 10
 DEFAULT_FAILURE_WINDOW = 900.0
+DEFAULT_CHECKER_TIMEOUT = 30.0
 
 
 class PasswordFileError(ValueError):
@@ -354,6 +355,8 @@ class AuthPolicy:
     @ivar senders: user name to the MAIL FROM patterns the user may use (see
         L{senderAllowed}); users not listed may use any sender.
     @ivar mechanisms: the SASL mechanisms offered.
+    @ivar timeout: seconds the portal's checker may take to answer (a slow site checker):
+        then C{454 4.7.0} (temporary failure), not counted as a failure; C{0}: no limit.
     """
 
     portal: Portal
@@ -363,6 +366,7 @@ class AuthPolicy:
     maxFailures: int = DEFAULT_MAX_FAILURES
     senders: dict[str, tuple[str, ...]] = field(default_factory=dict)
     mechanisms: tuple[str, ...] = MECHANISMS
+    timeout: float = DEFAULT_CHECKER_TIMEOUT
 
     def senderAllowed(self, user: str, sender: str) -> bool:
         patterns = self.senders.get(user)

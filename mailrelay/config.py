@@ -58,6 +58,18 @@ LISTENER_TLS_MODES = ("none", "starttls", "implicit")
 #: The values of a listener's C{tls_min_version}.
 TLS_MIN_VERSIONS = ("TLSv1.2", "TLSv1.3")
 
+#: A listener's abuse limits (Postfix's defaults; see L{mailrelay.limits}), protocol checks
+#: and deadlines.
+DEFAULT_MAX_CONNECTIONS = 100
+DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 50
+DEFAULT_RATE_WINDOW = 60.0
+DEFAULT_IPV6_PREFIX_LENGTH = 84
+DEFAULT_MAX_SESSION_TIME = 1800.0
+DEFAULT_MIN_DATA_RATE = 500
+#: Postfix >= 3.9 refuses unauthorised pipelining by default; mailrelay does not yet (see
+#: the sample configuration).
+DEFAULT_REJECT_UNAUTH_PIPELINING = False
+
 #: The TLS policies of C{delivery.tls}, C{smarthost.tls} and a route's C{tls}: C{"none"} (never
 #: use TLS), C{"may"} (STARTTLS when offered, without verifying the certificate),
 #: C{"required"} (STARTTLS with a verified certificate, or no delivery) and C{"implicit"}
@@ -120,6 +132,7 @@ ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
         "routes",
         "backends",
         "auth",
+        "rate_limiter",
     ),
     "spool": ("directory", "min_free_space", "sync"),
     "relay": ("networks", "accept_domains", "smarthost"),
@@ -158,9 +171,26 @@ ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
         "tls_ciphers",
         "auth",
         "auth_without_tls",
+        "tls_certificates",
+        "max_connections",
+        "max_connections_per_client",
+        "connection_rate_limit",
+        "message_rate_limit",
+        "user_message_rate_limit",
+        "rate_window",
+        "limit_exceptions",
+        "ipv6_prefix_length",
+        "greet_pause",
+        "reject_unauth_pipelining",
+        "max_session_time",
+        "min_data_rate",
+        "proxy_protocol",
+        "proxy_networks",
     ),
+    "listeners.tls_certificates": ("server_name", "certificate", "key"),
     "auth": (
         "password_file",
+        "checker",
         "mechanisms",
         "throttle_after",
         "failure_delay",
@@ -195,6 +225,22 @@ _PEM_CERTIFICATE = re.compile(rb"-----BEGIN (?:TRUSTED )?CERTIFICATE-----")
 
 
 @dataclass(frozen=True)
+class SNICertificate:
+    """A certificate a listener presents to clients asking for C{server_name} (TLS SNI).
+
+    @ivar server_name: a lower-case host name, or C{"*.example.org"} for the names one label
+        below C{example.org}.
+    @ivar certificate: the absolute path of its PEM certificate chain.
+    @ivar key: the absolute path of its PEM private key (the certificate's file when it holds
+        both).
+    """
+
+    server_name: str
+    certificate: str
+    key: str
+
+
+@dataclass(frozen=True)
 class ListenerConfig:
     """One SMTP listener.
 
@@ -212,6 +258,27 @@ class ListenerConfig:
     @ivar tls_ciphers: an OpenSSL cipher string for TLS 1.2, or C{None} for the defaults.
     @ivar auth: AUTH is offered (PLAIN and LOGIN, checked against C{[auth]}).
     @ivar auth_without_tls: AUTH is offered and accepted without TLS too.
+    @ivar tls_certificates: more certificates, chosen by the name the client asks for (SNI).
+    @ivar max_connections: connections open at once on the listener (0: no limit).
+    @ivar max_connections_per_client: connections open at once from one address (0: none).
+    @ivar connection_rate_limit: connections from one address per C{rate_window} (0: none).
+    @ivar message_rate_limit: MAIL commands from one address per C{rate_window} (0: none).
+    @ivar user_message_rate_limit: MAIL commands from one authenticated user per
+        C{rate_window} (0: none).
+    @ivar rate_window: seconds.
+    @ivar limit_exceptions: client networks exempt from the per-address limits, or C{None}
+        for the relay networks.
+    @ivar ipv6_prefix_length: IPv6 clients are counted together by network of this length.
+    @ivar greet_pause: seconds to wait before the greeting; clients talking before it are
+        refused (0: greet at once).
+    @ivar reject_unauth_pipelining: refuse (554, close) commands pipelined without PIPELINING
+        having been advertised, or after a command that must end a group, and input before
+        the greeting.
+    @ivar max_session_time: seconds a session may last in all (0: no limit).
+    @ivar min_data_rate: bytes per second a client must keep up in DATA (0: only the data
+        timeout).
+    @ivar proxy_protocol: connections start with a PROXY protocol (v1 or v2) header.
+    @ivar proxy_networks: the load balancers' networks, the only peers allowed to send one.
     """
 
     endpoint: str
@@ -226,6 +293,21 @@ class ListenerConfig:
     tls_ciphers: str | None = None
     auth: bool = False
     auth_without_tls: bool = False
+    tls_certificates: tuple[SNICertificate, ...] = ()
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+    connection_rate_limit: int = 0
+    message_rate_limit: int = 0
+    user_message_rate_limit: int = 0
+    rate_window: float = DEFAULT_RATE_WINDOW
+    limit_exceptions: tuple[IPNetwork, ...] | None = None
+    ipv6_prefix_length: int = DEFAULT_IPV6_PREFIX_LENGTH
+    greet_pause: float = 0.0
+    reject_unauth_pipelining: bool = DEFAULT_REJECT_UNAUTH_PIPELINING
+    max_session_time: float = DEFAULT_MAX_SESSION_TIME
+    min_data_rate: int = DEFAULT_MIN_DATA_RATE
+    proxy_protocol: bool = False
+    proxy_networks: tuple[IPNetwork, ...] = ()
 
     def asOptions(self) -> dict[str, Any]:
         """The listener's options as a dict, as header stampers see them."""
@@ -240,7 +322,8 @@ class ListenerConfig:
 class AuthConfig:
     """SMTP AUTH on the listeners that offer it (C{[auth]}).
 
-    @ivar passwordFile: the absolute path of the password file (C{user:argon2-hash} lines).
+    @ivar passwordFile: the absolute path of the password file (C{user:argon2-hash} lines),
+        or C{None} when a site checker is used instead.
     @ivar users: its users and hashes as read at start-up (not shown by C{repr}).
     @ivar mechanisms: the SASL mechanisms offered, a subset of C{("PLAIN", "LOGIN")}.
     @ivar throttleAfter: failures from one client address after which each further failure
@@ -252,9 +335,12 @@ class AuthConfig:
         forgotten.
     @ivar senders: user name to the MAIL FROM addresses (C{"a@example.com"}) and domains
         (C{"@example.com"}) the user may use; users not listed may use any.
+    @ivar checker: the site credentials checker (C{[auth.checker]}: a plugin providing
+        C{twisted.cred.checkers.ICredentialsChecker}) used instead of the password file, or
+        C{None}.  Its C{timeout} is how long one check may take.
     """
 
-    passwordFile: str
+    passwordFile: str | None
     users: dict = field(default_factory=dict, repr=False, hash=False, compare=False)
     mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
     throttleAfter: int = 3
@@ -262,6 +348,7 @@ class AuthConfig:
     maxFailures: int = 10
     failureWindow: float = 900.0
     senders: dict = field(default_factory=dict, hash=False)
+    checker: "PluginSpec | None" = None
 
 
 @dataclass(frozen=True)
@@ -470,6 +557,9 @@ class Config:
     @ivar routes: the per-domain routes, in the file's order.
     @ivar backends: the site delivery backends.
     @ivar auth: SMTP AUTH settings, or C{None} without an C{[auth]} table.
+    @ivar rateLimiter: the plugin (providing L{mailrelay.interfaces.IRateLimiter}) keeping the
+        listeners' limit counters, shared by several relays, or C{None} for the in-memory
+        default; its C{timeout} is how long one answer may take.
     """
 
     source: str | None
@@ -498,6 +588,7 @@ class Config:
     backends: tuple[BackendSpec, ...] = ()
     spoolSync: str = "syncfs"
     auth: AuthConfig | None = None
+    rateLimiter: PluginSpec | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1072,8 +1163,134 @@ class _Loader:
                     ),
                     add_date=self.boolean(table.get("add_date", True), joinKey(here, "add_date")),
                     **self.listenerSecurity(table, here, endpoint, auth),
+                    **self.listenerLimits(table, here),
                 )
             )
+        return tuple(result)
+
+    def listenerLimits(self, table: dict[str, Any], here: str) -> dict[str, Any]:
+        """A listener's abuse limits, protocol checks, deadlines and PROXY protocol keys."""
+
+        def key(name: str) -> str:
+            return joinKey(here, name)
+
+        result: dict[str, Any] = {}
+        for name, default in (
+            ("max_connections", DEFAULT_MAX_CONNECTIONS),
+            ("max_connections_per_client", DEFAULT_MAX_CONNECTIONS_PER_CLIENT),
+            ("connection_rate_limit", 0),
+            ("message_rate_limit", 0),
+            ("user_message_rate_limit", 0),
+            ("min_data_rate", DEFAULT_MIN_DATA_RATE),
+        ):
+            result[name] = self.integer(table.get(name, default), key(name), minimum=0)
+        result["rate_window"] = self.seconds(
+            table.get("rate_window", DEFAULT_RATE_WINDOW), key("rate_window")
+        )
+        if "limit_exceptions" in table:
+            result["limit_exceptions"] = self.networks(
+                table["limit_exceptions"], key("limit_exceptions")
+            )
+        prefix = table.get("ipv6_prefix_length", DEFAULT_IPV6_PREFIX_LENGTH)
+        if isinstance(prefix, bool) or not isinstance(prefix, int) or not 1 <= prefix <= 128:
+            raise self.error(
+                key("ipv6_prefix_length"),
+                f"must be an integer from 1 to 128, not {describeValue(prefix)}",
+            )
+        result["ipv6_prefix_length"] = prefix
+        result["greet_pause"] = self.nonNegativeSeconds(
+            table.get("greet_pause", 0.0), key("greet_pause")
+        )
+        result["reject_unauth_pipelining"] = self.boolean(
+            table.get("reject_unauth_pipelining", DEFAULT_REJECT_UNAUTH_PIPELINING),
+            key("reject_unauth_pipelining"),
+        )
+        result["max_session_time"] = self.nonNegativeSeconds(
+            table.get("max_session_time", DEFAULT_MAX_SESSION_TIME), key("max_session_time")
+        )
+        proxy = self.boolean(table.get("proxy_protocol", False), key("proxy_protocol"))
+        networks: tuple[IPNetwork, ...] = ()
+        if "proxy_networks" in table:
+            networks = self.networks(table["proxy_networks"], key("proxy_networks"))
+            if not proxy:
+                raise self.error(
+                    key("proxy_networks"),
+                    f"{describeValue(table['proxy_networks'])} has no effect without "
+                    "proxy_protocol = true",
+                )
+        if proxy and not networks:
+            raise self.error(
+                key("proxy_networks"),
+                "is required with proxy_protocol = true: the networks of the load balancers "
+                'allowed to send PROXY headers (e.g. ["10.0.0.0/8"]); a PROXY header from '
+                "anyone else could claim any client address",
+            )
+        result["proxy_protocol"] = proxy
+        result["proxy_networks"] = networks
+        return result
+
+    def sniCertificates(
+        self,
+        value: Any,
+        here: str,
+        *,
+        minVersion: str,
+        ciphers: str | None,
+    ) -> tuple[SNICertificate, ...]:
+        """A listener's C{tls_certificates}: an array of C{{server_name, certificate, key}}
+        tables; each certificate is loaded (and must match its key) now."""
+        from mailrelay.tls import TLSConfigError, loadServerTLS
+
+        key = joinKey(here, "tls_certificates")
+        example = (
+            '[{server_name = "mail.example.org", certificate = "example.org.pem", '
+            'key = "example.org.key"}]'
+        )
+        if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+            raise self.error(
+                key, f"must be an array of tables such as {example}, not {describeValue(value)}"
+            )
+        result: list[SNICertificate] = []
+        seen: dict[str, str] = {}
+        for index, item in enumerate(value):
+            itemKey = f"{key}[{index}]"
+            self.checkKeys(item, itemKey, ALLOWED_KEYS["listeners.tls_certificates"])
+            for required in ("server_name", "certificate"):
+                if required not in item:
+                    raise self.error(
+                        joinKey(itemKey, required), f"is required in each table, as in {example}"
+                    )
+            nameKey = joinKey(itemKey, "server_name")
+            text = self.string(item["server_name"], nameKey)
+            name = text.lower().rstrip(".")
+            problem = hostnameProblem(name[2:] if name.startswith("*.") else name)
+            if problem:
+                raise self.error(
+                    nameKey,
+                    f"{describeValue(text)} is not a host name (or \"*.\" and a domain): "
+                    f"{problem}",
+                )
+            if name in seen:
+                raise self.error(nameKey, f"{describeValue(text)} is already given in {seen[name]}")
+            seen[name] = nameKey
+            paths = {}
+            for field_ in ("certificate", "key"):
+                if field_ in item:
+                    fileText = self.string(item[field_], joinKey(itemKey, field_))
+                    if not fileText:
+                        raise self.error(
+                            joinKey(itemKey, field_), "must be a file name, not an empty string"
+                        )
+                    paths[field_] = self.path(fileText)
+            paths.setdefault("key", paths["certificate"])
+            try:
+                loadServerTLS(
+                    paths["certificate"], paths["key"], minVersion=minVersion, ciphers=ciphers
+                )
+            except TLSConfigError as e:
+                at = "key" if e.setting == "key" and "key" in item else "certificate"
+                raise self.error(joinKey(itemKey, at), str(e)) from None
+            result.append(SNICertificate(name, paths["certificate"], paths["key"]))
         return tuple(result)
 
     def listenerSecurity(
@@ -1174,6 +1391,17 @@ class _Loader:
                     "version": "tls_min_version",
                 }[e.setting]
                 raise self.error(key(at), str(e)) from None
+        sni: tuple[SNICertificate, ...] = ()
+        if "tls_certificates" in table:
+            if certificate is None:
+                raise self.error(
+                    key("tls_certificates"),
+                    "needs tls_certificate too: the certificate for clients that ask for no "
+                    "name, or for a name not listed",
+                )
+            sni = self.sniCertificates(
+                table["tls_certificates"], here, minVersion=minVersion, ciphers=ciphers
+            )
 
         offerAuth = self.boolean(table.get("auth", mode != "relay"), key("auth"))
         withoutTLS = self.boolean(table.get("auth_without_tls", False), key("auth_without_tls"))
@@ -1213,25 +1441,47 @@ class _Loader:
             "tls_ciphers": ciphers,
             "auth": offerAuth,
             "auth_without_tls": withoutTLS,
+            "tls_certificates": sni,
         }
 
     def auth(self, table: dict[str, Any]) -> AuthConfig:
         """The C{[auth]} table: the password file is read and checked now."""
-        from mailrelay.auth import MECHANISMS, PasswordFileError, readPasswordFile
+        from mailrelay.auth import (
+            DEFAULT_CHECKER_TIMEOUT,
+            MECHANISMS,
+            PasswordFileError,
+            readPasswordFile,
+        )
 
-        if "password_file" not in table:
+        checker = None
+        if "checker" in table:
+            if "password_file" in table:
+                raise self.error(
+                    "auth.checker",
+                    "cannot be used with auth.password_file: users are checked either by the "
+                    "password file or by a site checker; remove one of the two",
+                )
+            checker = self.pluginTable(
+                table["checker"], "auth.checker", DEFAULT_CHECKER_TIMEOUT,
+                "a credentials checker plugin",
+            )
+            path = None
+            users: dict[str, str] = {}
+        elif "password_file" not in table:
             raise self.error(
                 "auth.password_file",
-                'is required in [auth]: the file of "user:hash" lines (see mailrelay-passwd)',
+                'is required in [auth]: the file of "user:hash" lines (see mailrelay-passwd), '
+                "unless a site checker is configured in [auth.checker]",
             )
-        text = self.string(table["password_file"], "auth.password_file")
-        if not text:
-            raise self.error("auth.password_file", "must be a file name, not an empty string")
-        path = self.path(text)
-        try:
-            users = readPasswordFile(path)
-        except PasswordFileError as e:
-            raise self.error("auth.password_file", str(e)) from None
+        else:
+            text = self.string(table["password_file"], "auth.password_file")
+            if not text:
+                raise self.error("auth.password_file", "must be a file name, not an empty string")
+            path = self.path(text)
+            try:
+                users = readPasswordFile(path)
+            except PasswordFileError as e:
+                raise self.error("auth.password_file", str(e)) from None
         mechanisms: list[str] = []
         items = self.stringList(table.get("mechanisms", list(MECHANISMS)), "auth.mechanisms")
         for itemKey, name in items:
@@ -1245,7 +1495,10 @@ class _Loader:
                 mechanisms.append(name.upper())
         if not mechanisms:
             raise self.error("auth.mechanisms", "must name at least one mechanism, not []")
-        senders = self.senders(self.table(table.get("senders", {}), "auth.senders"), users)
+        senders = self.senders(
+            self.table(table.get("senders", {}), "auth.senders"),
+            None if checker is not None else users,
+        )
         return AuthConfig(
             passwordFile=path,
             users=users,
@@ -1259,16 +1512,20 @@ class _Loader:
             maxFailures=self.integer(table.get("max_failures", 10), "auth.max_failures", minimum=1),
             failureWindow=self.seconds(table.get("failure_window", 900.0), "auth.failure_window"),
             senders=senders,
+            checker=checker,
         )
 
-    def senders(self, table: dict[str, Any], users: dict[str, str]) -> dict[str, tuple[str, ...]]:
-        """C{[auth.senders]}: user = ["a@example.com", "@example.org"], normalised."""
+    def senders(
+        self, table: dict[str, Any], users: dict[str, str] | None
+    ) -> dict[str, tuple[str, ...]]:
+        """C{[auth.senders]}: user = ["a@example.com", "@example.org"], normalised; each user
+        must be in C{users} (the password file's), unless C{None} (a site checker)."""
         from mailrelay.address import normaliseDomain, parseReversePath
 
         result: dict[str, tuple[str, ...]] = {}
         for user, value in table.items():
             here = joinKey("auth.senders", user)
-            if user not in users:
+            if users is not None and user not in users:
                 raise self.error(
                     here, f"user {describeValue(user)} is not in the password file"
                 )
@@ -1291,6 +1548,23 @@ class _Loader:
                 patterns.append(pattern)
             result[user] = tuple(patterns)
         return result
+
+    def pluginTable(self, value: Any, key: str, defaultTimeout: float, what: str) -> PluginSpec:
+        """A table naming one plugin (C{[auth.checker]}, C{[rate_limiter]}): C{plugin},
+        C{timeout} and the plugin's options."""
+        table = self.table(value, key)
+        pluginKey = joinKey(key, "plugin")
+        if "plugin" not in table:
+            raise self.error(pluginKey, f"is required in [{key}]: the name of {what}")
+        name = self.string(table["plugin"], pluginKey)
+        if not name:
+            raise self.error(pluginKey, "must be a plugin name, not an empty string")
+        return PluginSpec(
+            plugin=name,
+            options={k: v for k, v in table.items() if k not in PLUGIN_KEYS},
+            timeout=self.seconds(table.get("timeout", defaultTimeout), joinKey(key, "timeout")),
+            key=key,
+        )
 
     def cliListeners(self, value: Any, key: str) -> tuple[ListenerConfig, ...]:
         """Listeners from C{--listen}: default options for each."""
@@ -1909,6 +2183,13 @@ def loadConfig(path: str | os.PathLike[str] | None, overrides: dict | None = Non
     headerStampers = load.plugins(
         data.get("header_stampers", [{"plugin": DEFAULT_HEADER_STAMPER}]), "header_stampers"
     )
+    rateLimiter = None
+    if "rate_limiter" in data:
+        from mailrelay.limits import LIMITER_TIMEOUT
+
+        rateLimiter = load.pluginTable(
+            data["rate_limiter"], "rate_limiter", LIMITER_TIMEOUT, "a rate limiter plugin"
+        )
 
     return Config(
         source=source,
@@ -1937,4 +2218,5 @@ def loadConfig(path: str | os.PathLike[str] | None, overrides: dict | None = Non
         backends=backends,
         spoolSync=spoolSync,
         auth=auth,
+        rateLimiter=rateLimiter,
     )

@@ -262,3 +262,39 @@ class IMailRelayPlugin(IPlugin):
             message names the key and value.
         @return: an object providing C{self.provides}.
         """
+
+
+class IRateLimiter(Interface):
+    """The shared state of the abuse limits: sessions open and events counted, per key.
+
+    The server builds the keys (opaque text such as C{"tcp:25 conn 192.0.2.7"}); an
+    implementation only counts.  The built-in L{mailrelay.limits.MemoryRateLimiter} keeps the
+    counts in memory, per relay process.  Several relays behind one MX or load balancer can
+    share one implementation backed by a store such as Redis (C{acquire}/C{release} as
+    C{INCR}/C{DECR}, C{hit} as C{INCR} plus C{EXPIRE} on the first event).
+
+    Every method may return a Deferred.  An answer that fails, or does not come within
+    L{mailrelay.limits.LIMITER_TIMEOUT} seconds, is logged and the limit is not applied for
+    that event: the limits never stop mail because their store is down, and acknowledging a
+    message never depends on it.
+    """
+
+    def acquire(key: str) -> Any:
+        """One more concurrent session for C{key}.
+
+        @return: the number of sessions open for C{key} now, this one included (an C{int}, or
+            a Deferred firing with one).  Every C{acquire} that answered is matched by one
+            L{release}, also when the session is then refused for being over the limit.
+        """
+
+    def release(key: str) -> Any:
+        """A session counted by L{acquire} ended.  The result (or the Deferred's) is ignored."""
+
+    def hit(key: str, window: float) -> Any:
+        """Count one event for C{key} in fixed windows of C{window} seconds.
+
+        @return: the events counted for C{key} in its current window, this one included (an
+            C{int}, or a Deferred firing with one).  A window starts with the first event
+            counted after the previous window ended, as with Postfix's anvil(8) and a Redis
+            C{INCR} with C{EXPIRE}.
+        """

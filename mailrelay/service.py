@@ -239,9 +239,26 @@ def makeRelayService(config: Config, reactor: Any) -> MultiService:
         # The same servers as delivery uses: [dns] nameservers, or the system's.
         resolver = makeResolver(list(config.nameservers) or None, reactor=reactor)
 
-    authPolicy = makeAuthPolicy(config, reactor)
+    authPolicy = makeAuthPolicy(config, reactor, build)
+    from mailrelay.limits import LIMITER_TIMEOUT, ListenerLimits, MemoryRateLimiter
+
+    # One limiter for all listeners (their keys differ): in memory, or a site's shared one.
+    if config.rateLimiter is not None:
+        from mailrelay.interfaces import IRateLimiter
+
+        limiter: Any = build(config.rateLimiter, IRateLimiter)
+        limiterTimeout = config.rateLimiter.timeout
+        log.info("limits: counters kept by plugin {plugin}", plugin=config.rateLimiter.plugin)
+    else:
+        limiter = MemoryRateLimiter(reactor)
+        limiterTimeout = LIMITER_TIMEOUT
     for listener in config.listeners:
         tls = loadListenerTLS(config, listener)
+        tlsOptions = None
+        if tls is not None:
+            tlsOptions = tls.options
+            if listener.tls_certificates:
+                tlsOptions = loadListenerSNI(config, listener, tls)
         settings = SessionSettings(
             hostname=config.hostname,
             maxMessageSize=config.maxMessageSize,
@@ -252,6 +269,27 @@ def makeRelayService(config: Config, reactor: Any) -> MultiService:
             authMechanisms=authPolicy.mechanisms if listener.auth and authPolicy else (),
             authWithoutTLS=listener.auth_without_tls,
             requireAuth=listener.mode != "relay",
+            rejectUnauthPipelining=listener.reject_unauth_pipelining,
+            rejectPregreet=listener.reject_unauth_pipelining or listener.greet_pause > 0,
+        )
+        limits = ListenerLimits(
+            hostname=config.hostname,
+            listener=listener.endpoint,
+            limiter=limiter,
+            clock=reactor,
+            timeout=limiterTimeout,
+            maxConnections=listener.max_connections,
+            maxConnectionsPerClient=listener.max_connections_per_client,
+            connectionRateLimit=listener.connection_rate_limit,
+            messageRateLimit=listener.message_rate_limit,
+            userMessageRateLimit=listener.user_message_rate_limit,
+            rateWindow=listener.rate_window,
+            ipv6PrefixLength=listener.ipv6_prefix_length,
+            exceptions=(
+                config.relayNetworks
+                if listener.limit_exceptions is None
+                else listener.limit_exceptions
+            ),
         )
         ctx = ListenerContext(
             settings=settings,
@@ -272,37 +310,60 @@ def makeRelayService(config: Config, reactor: Any) -> MultiService:
             maxHops=config.maxHops,
             resolver=resolver,
             onQueued=None if config.queue.hold else queue.enqueue,
-            tlsOptions=tls.options if tls is not None else None,
+            tlsOptions=tlsOptions,
             implicitTLS=listener.tls_mode == "implicit",
             auth=authPolicy if listener.auth else None,
+            limits=limits,
+            greetPause=listener.greet_pause,
+            maxSessionTime=listener.max_session_time,
+            minDataRate=listener.min_data_rate,
         )
         factory: Any = SMTPServerFactory(ctx)
         if listener.tls_mode == "implicit":
             from twisted.protocols.tls import TLSMemoryBIOFactory
 
-            assert tls is not None
-            factory = TLSMemoryBIOFactory(tls.options, False, factory)
+            assert tlsOptions is not None
+            factory = TLSMemoryBIOFactory(tlsOptions, False, factory)
+        if listener.proxy_protocol:
+            from mailrelay.proxy import ProxyProtocolFactory
+
+            factory = ProxyProtocolFactory(
+                factory, listener.proxy_networks, reactor, listenerName=listener.endpoint
+            )
         role = listener.mode
         if listener.tls_mode != "none":
             role += ", STARTTLS" if listener.tls_mode == "starttls" else ", implicit TLS"
+            if listener.tls_certificates:
+                role += f" (+{len(listener.tls_certificates)} SNI)"
         if listener.auth:
             role += ", AUTH"
+        if listener.proxy_protocol:
+            role += ", PROXY from " + " ".join(str(n) for n in listener.proxy_networks)
         ListenerService(reactor, listener.endpoint, factory, role).setServiceParent(top)
     return top
 
 
-def loadListenerTLS(config: Config, listener: Any) -> Any:
+def loadListenerTLS(
+    config: Config,
+    listener: Any,
+    certificate: str | None = None,
+    key: str | None = None,
+    what: str = "certificate",
+) -> Any:
     """The listener's L{mailrelay.tls.ServerTLS} (its certificate loaded again: the
     configuration checked it), or C{None} without TLS; warnings (an expired certificate) are
-    logged."""
-    if listener.tls_certificate is None:
-        return None
+    logged.  With C{certificate} and C{key}, that certificate (an SNI one) instead."""
+    if certificate is None:
+        if listener.tls_certificate is None:
+            return None
+        certificate = listener.tls_certificate
+        key = listener.tls_key or listener.tls_certificate
     from mailrelay.tls import TLSConfigError, loadServerTLS
 
     try:
         tls = loadServerTLS(
-            listener.tls_certificate,
-            listener.tls_key or listener.tls_certificate,
+            certificate,
+            key or certificate,
             minVersion=listener.tls_min_version,
             ciphers=listener.tls_ciphers,
         )
@@ -311,23 +372,67 @@ def loadListenerTLS(config: Config, listener: Any) -> Any:
     for warning in tls.warnings:
         log.warn("listener {endpoint}: {warning}", endpoint=listener.endpoint, warning=warning)
     log.info(
-        "listener {endpoint}: certificate {subject}, valid until {notAfter}",
+        "listener {endpoint}: {what} {subject}, valid until {notAfter}",
         endpoint=listener.endpoint,
+        what=what,
         subject=tls.subject,
         notAfter=tls.notAfter.strftime("%Y-%m-%d"),
     )
     return tls
 
 
-def makeAuthPolicy(config: Config, reactor: Any) -> Any:
+def loadListenerSNI(config: Config, listener: Any, default: Any) -> Any:
+    """The listener's L{mailrelay.tls.SNIServerOptions}: C{default} (its L{ServerTLS}) and the
+    certificates of C{tls_certificates} by server name."""
+    from mailrelay.tls import SNIServerOptions
+
+    byName = {}
+    for entry in listener.tls_certificates:
+        tls = loadListenerTLS(
+            config,
+            listener,
+            certificate=entry.certificate,
+            key=entry.key,
+            what=f"certificate for {entry.server_name}",
+        )
+        byName[entry.server_name] = tls.options
+    return SNIServerOptions(default.options, byName)
+
+
+def makeAuthPolicy(config: Config, reactor: Any, build: Any = None) -> Any:
     """The L{mailrelay.auth.AuthPolicy} all AUTH listeners share (one throttle for all), or
-    C{None} without C{[auth]}."""
+    C{None} without C{[auth]}.
+
+    @param build: builds a plugin from a L{mailrelay.config.PluginSpec} and an interface
+        (for a site checker, C{[auth.checker]}).
+    @raise ConfigError: the site checker is unknown, refuses its options, or does not check
+        user names and passwords.
+    """
     if config.auth is None:
         return None
     from mailrelay.auth import AuthPolicy, MemoryAuthThrottle, PasswordFileChecker, makePortal
 
     a = config.auth
-    checker = PasswordFileChecker(a.passwordFile, users=a.users)
+    timeout = 30.0
+    if a.checker is not None:
+        from twisted.cred.checkers import ICredentialsChecker
+        from twisted.cred.credentials import UsernamePassword
+
+        assert build is not None, "a site checker needs the plugin builder"
+        checker = build(a.checker, ICredentialsChecker)
+        sample = UsernamePassword(b"user", b"password")
+        if not any(i.providedBy(sample) for i in getattr(checker, "credentialInterfaces", ())):
+            raise ConfigError(
+                f"plugin {a.checker.plugin!r} does not check user names and passwords (its "
+                "credentialInterfaces lack twisted.cred.credentials.IUsernamePassword)",
+                file=config.source or "(embedded default)",
+                key="auth.checker.plugin",
+            )
+        timeout = a.checker.timeout
+        log.info("AUTH: users checked by plugin {plugin}", plugin=a.checker.plugin)
+    else:
+        assert a.passwordFile is not None
+        checker = PasswordFileChecker(a.passwordFile, users=a.users)
     return AuthPolicy(
         portal=makePortal([checker]),
         throttle=MemoryAuthThrottle(reactor, window=a.failureWindow),
@@ -336,4 +441,5 @@ def makeAuthPolicy(config: Config, reactor: Any) -> Any:
         maxFailures=a.maxFailures,
         senders=dict(a.senders),
         mechanisms=a.mechanisms,
+        timeout=timeout,
     )

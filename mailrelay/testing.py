@@ -10,10 +10,16 @@ C{StringTransport}, time is a C{task.Clock}, the spool keeps messages in memory.
 simulated: the transport records C{startTLS} (L{TLSStringTransport}) and the test completes
 the handshake with L{ServerHarness.completeHandshake}.  For AUTH, L{MemoryChecker} holds
 users and passwords in memory, and L{ServerHarness} builds the portal and throttle.
+
+Abuse limits: give L{ServerHarness} C{limits} (the keyword arguments of
+L{mailrelay.limits.ListenerLimits}) and open more connections to the same listener with
+L{ServerHarness.another}; the counts live in a L{mailrelay.limits.MemoryRateLimiter} (or the
+C{limiter} given) on the harness's clock.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from ipaddress import ip_network
 from typing import Any, Sequence
@@ -30,6 +36,7 @@ from zope.interface import implementer
 from mailrelay.auth import AuthPolicy, MemoryAuthThrottle, makePortal
 
 from mailrelay.envelope import Envelope
+from mailrelay.limits import ListenerLimits, MemoryRateLimiter
 from mailrelay.policy import ConfiguredValidator, RecipientPolicy, RelayControl
 from mailrelay.smtp.protocol import ListenerContext, SMTPServerFactory, SMTPServerProtocol
 from mailrelay.smtp.server import SessionSettings
@@ -189,6 +196,8 @@ class ServerHarness:
     @ivar spool: the L{MemorySpool}.
     @ivar checker: the L{MemoryChecker} behind AUTH when C{users} was given.
     @ivar throttle: the L{MemoryAuthThrottle} of AUTH failures (on C{clock}).
+    @ivar limits: the L{ListenerLimits} when C{limits} was given, else C{None}.
+    @ivar limiter: the L{IRateLimiter} behind them.
 
     With C{users} (user name to password) the listener offers AUTH; C{tls=True} gives it a
     certificate (STARTTLS offered), C{implicitTLS=True} makes it a TLS-wrapped listener; in
@@ -221,6 +230,14 @@ class ServerHarness:
         failureDelay: float = 5.0,
         maxFailures: int = 10,
         throttle: Any = None,
+        limits: dict[str, Any] | None = None,
+        limiter: Any = None,
+        greetPause: float = 0.0,
+        maxSessionTime: float = 0.0,
+        minDataRate: int = 0,
+        rejectUnauthPipelining: bool = False,
+        rejectPregreet: bool | None = None,
+        authTimeout: float = 30.0,
     ) -> None:
         self.clock = Clock()
         self.clock.advance(1_800_000_000)
@@ -237,6 +254,7 @@ class ServerHarness:
                 failureDelay=failureDelay,
                 maxFailures=maxFailures,
                 senders=dict(senders or {}),
+                timeout=authTimeout,
             )
         if settings is None:
             settings = SessionSettings(
@@ -245,6 +263,12 @@ class ServerHarness:
                 authMechanisms=auth.mechanisms if auth else (),
                 authWithoutTLS=authWithoutTLS,
                 requireAuth=requireAuth,
+                rejectUnauthPipelining=rejectUnauthPipelining,
+                rejectPregreet=(
+                    greetPause > 0 or rejectUnauthPipelining
+                    if rejectPregreet is None
+                    else rejectPregreet
+                ),
             )
         relay = RelayControl([ip_network(n) for n in relayNetworks], acceptDomains, settings.hostname)
         policy = RecipientPolicy(
@@ -252,6 +276,16 @@ class ServerHarness:
             [ConfiguredValidator(f"validator{i}", v, validatorTimeout) for i, v in enumerate(validators)],
             self.clock,
         )
+        self.limiter = limiter or MemoryRateLimiter(self.clock)
+        self.limits = None
+        if limits is not None:
+            self.limits = ListenerLimits(
+                hostname=settings.hostname,
+                listener="test",
+                limiter=self.limiter,
+                clock=self.clock,
+                **limits,
+            )
         self.context = ListenerContext(
             settings=settings,
             policy=policy,
@@ -266,13 +300,32 @@ class ServerHarness:
             tlsOptions=object() if tls else None,
             implicitTLS=implicitTLS,
             auth=auth,
+            limits=self.limits,
+            greetPause=greetPause,
+            maxSessionTime=maxSessionTime,
+            minDataRate=minDataRate,
         )
         self.factory = SMTPServerFactory(self.context)
-        self.protocol: SMTPServerProtocol = self.factory.buildProtocol(IPv4Address("TCP", peer, 40000))
-        self.transport = TLSStringTransport(peerAddress=IPv4Address("TCP", peer, 40000))
+        self._open(peer, connect)
+
+    def _open(self, peer: str, connect: bool) -> None:
+        address = IPv4Address("TCP", peer, 40000) if ":" not in peer else None
+        if address is None:
+            from twisted.internet.address import IPv6Address
+
+            address = IPv6Address("TCP", peer, 40000)  # type: ignore[assignment]
+        self.protocol: SMTPServerProtocol = self.factory.buildProtocol(address)
+        self.transport = TLSStringTransport(peerAddress=address)
         self._read = 0
         if connect:
             self.protocol.makeConnection(self.transport)
+
+    def another(self, peer: str = "127.0.0.1", connect: bool = True) -> "ServerHarness":
+        """Another connection to the same listener (same clock, spool, limits), from
+        C{peer}."""
+        other = copy.copy(self)
+        other._open(peer, connect)
+        return other
 
     def send(self, data: bytes) -> list[bytes]:
         """Send C{data} as the client; return the reply lines the server sent since last time."""

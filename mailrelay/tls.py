@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
+from zope.interface import implementer
 
 #: The values of C{tls_min_version}, lowest first.
 TLS_VERSIONS: dict[str, Any] = {"TLSv1.2": TLSVersion.TLSv1_2, "TLSv1.3": TLSVersion.TLSv1_3}
@@ -172,3 +174,57 @@ def describeTLS(connection: Any) -> str | None:
     if not version or not cipher:
         return None
     return f"{version} {cipher}"
+
+
+def matchServerName(name: str, candidates: Mapping[str, Any]) -> Any:
+    """The value of C{candidates} (keyed by lower-case host names and C{"*.domain"}
+    wildcards) for the server name C{name}, or C{None}.  An exact name wins over a wildcard;
+    a wildcard covers one label only (C{"*.example.org"} covers C{"mx.example.org"}, not
+    C{"example.org"} nor C{"a.mx.example.org"})."""
+    name = name.lower().rstrip(".")
+    if name in candidates:
+        return candidates[name]
+    head, dot, parent = name.partition(".")
+    if head and dot and parent:
+        return candidates.get("*." + parent)
+    return None
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class SNIServerOptions:
+    """A server context factory that presents the certificate matching the name the client
+    asks for (TLS SNI, RFC 6066), and C{default}'s for no name or an unknown one.
+
+    It can stand wherever Twisted takes server TLS options: C{transport.startTLS} (STARTTLS)
+    and C{TLSMemoryBIOFactory} (implicit TLS).  Every connection starts with C{default}'s
+    context; pyOpenSSL's server name callback switches it before the certificate is sent.
+
+    @ivar selected: how many handshakes were switched to each name's certificate (for tests
+        and curiosity).
+    """
+
+    def __init__(self, default: CertificateOptions, byName: Mapping[str, CertificateOptions]) -> None:
+        self._context = default.getContext()
+        self._contexts = {name: (name, options.getContext()) for name, options in byName.items()}
+        self._context.set_tlsext_servername_callback(self._serverName)
+        self.selected: dict[str, int] = {}
+
+    def getContext(self) -> SSL.Context:
+        """The default context (old-style context factory API)."""
+        return self._context
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        return SSL.Connection(self._context, None)
+
+    def _serverName(self, connection: SSL.Connection) -> None:
+        try:
+            raw = connection.get_servername()
+            if not raw:
+                return
+            found = matchServerName(raw.decode("ascii", "replace"), self._contexts)
+            if found is not None:
+                key, context = found
+                connection.set_context(context)
+                self.selected[key] = self.selected.get(key, 0) + 1
+        except Exception:  # pragma: no cover - never fail a handshake over the name
+            pass

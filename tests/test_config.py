@@ -1078,8 +1078,15 @@ def test_sampleDocumentsEveryKey() -> None:
     text = SAMPLE.read_text(encoding="utf-8")
     data = tomllib.loads(uncommentSettings(text))
     assert set(data) == set(ALLOWED_KEYS[""])
-    for section in ("spool", "relay", "limits", "dns", "queue", "delivery", "auth"):
+    for section in ("spool", "relay", "limits", "dns", "queue", "delivery"):
         assert set(data[section]) == set(ALLOWED_KEYS[section]), section
+    # [auth] cannot switch on both password_file and checker: the checker is shown in an
+    # explanation instead.
+    assert set(data["auth"]) == set(ALLOWED_KEYS["auth"]) - {"checker"}
+    authPart = text[text.index("\n#[auth]") : text.index("\n[[listeners]]")]
+    assert re.search(r'(?m)^#\s+\[auth\.checker\]\n#\s+plugin = "', authPart)
+    sni = set().union(*(t for listener in data["listeners"] for t in listener.get("tls_certificates", [])))
+    assert sni == set(ALLOWED_KEYS["listeners.tls_certificates"])
     assert set(data["delivery"]["timeouts"]) == set(ALLOWED_KEYS["delivery.timeouts"])
     # [smarthost] cannot switch on both password and password_file: password is shown in
     # an explanation instead.
@@ -1868,3 +1875,152 @@ def test_expiredCertificateLoadsWithAWarning(tlsDir: Path) -> None:
     writeCertificate(tlsDir, "old.pem", "old.key", not_before=past - datetime.timedelta(days=1), not_after=past)
     _, c = listenerConfig(tlsDir, 'tls_certificate = "old.pem"\ntls_key = "old.key"\n')
     assert c.listeners[0].tls_mode == "starttls"
+
+
+# ---------------------------------------------------------------------------------------------
+# Listener limits, protocol checks, deadlines, PROXY protocol, SNI; [auth.checker]
+
+
+def test_listenerLimitDefaults(tlsDir: Path) -> None:
+    """Postfix's defaults; exceptions default to the relay networks (None)."""
+    _, c = listenerConfig(tlsDir, "")
+    listener = c.listeners[0]
+    assert (listener.max_connections, listener.max_connections_per_client) == (100, 50)
+    assert (listener.connection_rate_limit, listener.message_rate_limit, listener.user_message_rate_limit) == (0, 0, 0)
+    assert (listener.rate_window, listener.limit_exceptions, listener.greet_pause) == (60.0, None, 0.0)
+    assert listener.reject_unauth_pipelining is False
+    assert (listener.max_session_time, listener.min_data_rate) == (1800.0, 500)
+    assert (listener.proxy_protocol, listener.proxy_networks, listener.tls_certificates) == (False, (), ())
+    assert loadConfig(None).listeners[0] == listener.__class__("tcp:2525:interface=127.0.0.1")
+
+
+def test_listenerLimitsFromTheFile(tlsDir: Path) -> None:
+    writeCertificate(tlsDir, "a.pem", "a.key", "mail.example.org")
+    (tlsDir / "both.pem").write_bytes((tlsDir / "a.pem").read_bytes() + (tlsDir / "a.key").read_bytes())
+    _, c = listenerConfig(
+        tlsDir,
+        CERT
+        + "max_connections = 0\nmax_connections_per_client = 5\nconnection_rate_limit = 30\n"
+        "message_rate_limit = 100\nuser_message_rate_limit = 200\nrate_window = 3600\n"
+        'limit_exceptions = ["192.0.2.0/24", "2001:db8::/32"]\nipv6_prefix_length = 64\ngreet_pause = 2.5\n'
+        "reject_unauth_pipelining = true\nmax_session_time = 0\nmin_data_rate = 0\n"
+        'proxy_protocol = true\nproxy_networks = ["10.0.0.0/8", "fd00::/8"]\n'
+        'tls_certificates = [{server_name = "Mail.Example.ORG.", certificate = "a.pem", key = "a.key"},\n'
+        '  {server_name = "*.example.net", certificate = "both.pem"}]\n',
+    )
+    listener = c.listeners[0]
+    assert (listener.max_connections, listener.max_connections_per_client, listener.connection_rate_limit) == (0, 5, 30)
+    assert (listener.message_rate_limit, listener.user_message_rate_limit, listener.rate_window) == (100, 200, 3600.0)
+    assert listener.limit_exceptions == (ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8::/32"))
+    assert (listener.greet_pause, listener.reject_unauth_pipelining, listener.ipv6_prefix_length) == (2.5, True, 64)
+    assert (listener.max_session_time, listener.min_data_rate) == (0.0, 0)
+    assert listener.proxy_protocol and listener.proxy_networks == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
+    assert listener.tls_certificates == (
+        configModule.SNICertificate("mail.example.org", str(tlsDir / "a.pem"), str(tlsDir / "a.key")),
+        configModule.SNICertificate("*.example.net", str(tlsDir / "both.pem"), str(tlsDir / "both.pem")),
+    )
+    _, c = listenerConfig(tlsDir, "limit_exceptions = []\n")
+    assert c.listeners[0].limit_exceptions == ()
+
+
+@pytest.mark.parametrize(
+    "listener,key,fragment",
+    [
+        ("max_connections = -1\n", "max_connections", "an integer >= 0, not -1"),
+        ('max_connections_per_client = "50"\n', "max_connections_per_client", 'not "50"'),
+        ("connection_rate_limit = 1.5\n", "connection_rate_limit", "an integer >= 0"),
+        ("message_rate_limit = true\n", "message_rate_limit", "an integer >= 0, not true"),
+        ("user_message_rate_limit = -3\n", "user_message_rate_limit", "an integer >= 0"),
+        ("min_data_rate = -1\n", "min_data_rate", "an integer >= 0"),
+        ("rate_window = 0\n", "rate_window", "positive number of seconds, not 0"),
+        ('limit_exceptions = ["10.0.0.1/8"]\n', "limit_exceptions[0]", 'did you mean "10.0.0.0/8"'),
+        ("greet_pause = -1\n", "greet_pause", ">= 0, not -1"),
+        ("ipv6_prefix_length = 0\n", "ipv6_prefix_length", "from 1 to 128, not 0"),
+        ("ipv6_prefix_length = 129\n", "ipv6_prefix_length", "from 1 to 128, not 129"),
+        ('reject_unauth_pipelining = "yes"\n', "reject_unauth_pipelining", 'true or false, not "yes"'),
+        ("max_session_time = -5\n", "max_session_time", ">= 0, not -5"),
+        ("proxy_protocol = true\n", "proxy_networks", "is required with proxy_protocol = true"),
+        ('proxy_protocol = true\nproxy_networks = []\n', "proxy_networks", "is required"),
+        ('proxy_networks = ["10.0.0.0/8"]\n', "proxy_networks", "no effect without proxy_protocol = true"),
+        ('proxy_protocol = true\nproxy_networks = ["nowhere"]\n', "proxy_networks[0]", "not an IP address"),
+        ('tls_certificates = [{server_name = "a.example", certificate = "cert.pem", key = "key.pem"}]\n',
+         "tls_certificates", "needs tls_certificate too"),
+        (CERT + 'tls_certificates = "a.pem"\n', "tls_certificates", "must be an array of tables"),
+        (CERT + 'tls_certificates = [{certificate = "cert.pem"}]\n', "tls_certificates[0].server_name", "is required"),
+        (CERT + 'tls_certificates = [{server_name = "a.example"}]\n', "tls_certificates[0].certificate", "is required"),
+        (CERT + 'tls_certificates = [{server_name = "a..example", certificate = "cert.pem", key = "key.pem"}]\n',
+         "tls_certificates[0].server_name", "empty label"),
+        (CERT + 'tls_certificates = [{server_name = "*.*.example", certificate = "cert.pem", key = "key.pem"}]\n',
+         "tls_certificates[0].server_name", "is not a host name"),
+        (CERT + 'tls_certificates = [{server_name = "a.example", certificate = "cert.pem", key = "key.pem"},'
+         ' {server_name = "A.example", certificate = "cert.pem", key = "key.pem"}]\n',
+         "tls_certificates[1].server_name", "is already given in listeners[0].tls_certificates[0].server_name"),
+        (CERT + 'tls_certificates = [{server_name = "a.example", certificate = "cert.pem", keys = "key.pem"}]\n',
+         "tls_certificates[0].keys", 'did you mean "key"'),
+        (CERT + 'tls_certificates = [{server_name = "a.example", certificate = "nope.pem"}]\n',
+         "tls_certificates[0].certificate", "cannot read the certificate file"),
+        (CERT + 'tls_certificates = [{server_name = "a.example", certificate = "cert.pem", key = "other.pem"}]\n',
+         "tls_certificates[0].key", "does not belong to the certificate"),
+        (CERT + 'tls_certificates = [{server_name = "a.example", certificate = "cert.pem"}]\n',
+         "tls_certificates[0].certificate", "holds no usable PEM private key"),
+    ],
+)
+def test_listenerLimitErrors(tlsDir: Path, listener: str, key: str, fragment: str) -> None:
+    writeCertificate(tlsDir, "unused.pem", "other.pem")
+    path = writeConfig(tlsDir, '[[listeners]]\nendpoint = "tcp:2525"\n' + listener)
+    with pytest.raises(ConfigError) as e:
+        loadConfig(path)
+    assert (e.value.file, e.value.key) == (path, f"listeners[0].{key}"), str(e.value)
+    assert fragment in str(e.value)
+
+
+def test_authChecker(tlsDir: Path) -> None:
+    """A site checker replaces the password file; its table is plugin, timeout and options;
+    sender binding is not limited to the password file's users."""
+    path = writeConfig(
+        tlsDir,
+        '[auth]\n[auth.checker]\nplugin = "acme-ldap"\ntimeout = 5\nurl = "ldaps://ldap.example"\n'
+        '[auth.senders]\ncarol = ["@example.com"]\n'
+        '[[listeners]]\nendpoint = "tcp:587"\nmode = "submission"\n' + CERT,
+    )
+    a = loadConfig(path).auth
+    assert a is not None
+    assert a.passwordFile is None and a.users == {}
+    assert a.checker == PluginSpec("acme-ldap", {"url": "ldaps://ldap.example"}, 5.0, "auth.checker")
+    assert a.senders == {"carol": ("@example.com",)}
+    path = writeConfig(tlsDir, '[auth.checker]\nplugin = "x"\n')
+    assert loadConfig(path).auth.checker.timeout == 30.0
+
+
+@pytest.mark.parametrize(
+    "auth,key,fragment",
+    [
+        ('[auth]\npassword_file = "users"\n[auth.checker]\nplugin = "x"\n', "auth.checker", "cannot be used with auth.password_file"),
+        ("[auth.checker]\ntimeout = 5\n", "auth.checker.plugin", "is required in [auth.checker]"),
+        ('[auth.checker]\nplugin = ""\n', "auth.checker.plugin", "not an empty string"),
+        ('[auth.checker]\nplugin = "x"\ntimeout = 0\n', "auth.checker.timeout", "positive number of seconds"),
+        ('[auth]\nchecker = "acme-ldap"\n', "auth.checker", "must be a table"),
+        ("[auth]\n", "auth.password_file", "unless a site checker is configured in [auth.checker]"),
+    ],
+)
+def test_authCheckerErrors(tlsDir: Path, auth: str, key: str, fragment: str) -> None:
+    path = writeConfig(tlsDir, auth)
+    with pytest.raises(ConfigError) as e:
+        loadConfig(path)
+    assert (e.value.file, e.value.key) == (path, key), str(e.value)
+    assert fragment in str(e.value)
+
+
+def test_rateLimiterPlugin(tmp_path: Path) -> None:
+    path = writeConfig(tmp_path, '[rate_limiter]\nplugin = "acme-redis"\nurl = "redis://x"\n')
+    assert loadConfig(path).rateLimiter == PluginSpec("acme-redis", {"url": "redis://x"}, 5.0, "rate_limiter")
+    assert loadConfig(None).rateLimiter is None
+    for text, key, fragment in [
+        ("[rate_limiter]\n", "rate_limiter.plugin", "is required in [rate_limiter]: the name of a rate limiter plugin"),
+        ('[rate_limiter]\nplugin = "x"\ntimeout = -1\n', "rate_limiter.timeout", "positive number of seconds"),
+        ('rate_limiter = "x"\n', "rate_limiter", "must be a table"),
+    ]:
+        path = writeConfig(tmp_path, text)
+        with pytest.raises(ConfigError) as e:
+            loadConfig(path)
+        assert (e.value.key, fragment in str(e.value)) == (key, True), str(e.value)

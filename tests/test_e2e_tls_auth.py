@@ -375,3 +375,128 @@ def test_passwd_tool_and_live_reload(relay, site) -> None:
     assert "dave" not in users.read_text()
     assert stat.S_IMODE(users.stat().st_mode) == 0o600
     assert [p.name for p in site.directory.iterdir() if p.name.startswith(".mailrelay-passwd")] == []
+
+
+# SNI ---------------------------------------------------------------------------------------------
+
+
+def test_sni_chooses_the_certificate(relay, site) -> None:
+    """smtplib (STARTTLS) and an implicit TLS client asking for other names get the
+    certificate issued for them; a client asking for none gets the default one."""
+    for name in ("mail.example.org", "any.example.net"):
+        leaf = site.ca.issue_cert(name if name.startswith("mail") else "*.example.net")
+        stem = name.split(".", 1)[1]
+        (site.directory / f"{stem}.pem").write_bytes(b"".join(p.bytes() for p in leaf.cert_chain_pems))
+        leaf.private_key_pem.write_to_path(str(site.directory / f"{stem}.key"))
+    sni = (
+        'tls_certificates = [{ server_name = "mail.example.org", certificate = "example.org.pem", key = "example.org.key" },\n'
+        '  { server_name = "*.example.net", certificate = "example.net.pem", key = "example.net.key" }]\n'
+    )
+    config = AUTH + LISTENERS.replace('tls_key = "relay.key"\n', 'tls_key = "relay.key"\n' + sni)
+    r = relay(config)
+    assert re.search(r"\(tcp:0:interface=127\.0\.0\.1; relay, STARTTLS \(\+2 SNI\), AUTH\)", r.log())
+
+    def starttlsNames(serverName: str) -> list[str]:
+        with smtplib.SMTP("127.0.0.1", r.ports[1], timeout=10) as s:
+            s._host = serverName  # what smtplib sends as SNI and verifies the certificate for
+            s.starttls(context=site.context())
+            names = [v for k, v in s.sock.getpeercert()["subjectAltName"] if k == "DNS"]
+            s.login("alice", PASSWORDS["alice"])
+            s.sendmail("alice@example.com", ["carol@example.org"], b"Subject: SNI\r\n\r\nhi\r\n")
+            return names
+
+    assert starttlsNames("mail.example.org") == ["mail.example.org"]
+    assert starttlsNames("mx1.example.net") == ["*.example.net"]
+    assert starttlsNames("relay.test") == ["relay.test"]
+    # A name no certificate covers: the default certificate, which the client refuses.
+    with pytest.raises(ssl.SSLCertVerificationError):
+        starttlsNames("unknown.example.com")
+    # Implicit TLS.
+    raw = socket.create_connection(("127.0.0.1", r.ports[2]), timeout=10)
+    with site.context().wrap_socket(raw, server_hostname="mail.example.org") as tls:
+        assert tls.recv(1024).startswith(b"220 relay.test ESMTP")
+        assert [v for k, v in tls.getpeercert()["subjectAltName"] if k == "DNS"] == ["mail.example.org"]
+    assert len(r.queued()) == 3
+
+
+# A site credentials checker as a plugin -------------------------------------------------------------
+
+
+CHECKER_MODULE = '''
+"""A site checker for the tests: users and passwords from its options."""
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import fail, succeed
+from zope.interface import implementer
+
+from mailrelay.errors import ConfigError
+
+
+@implementer(ICredentialsChecker)
+class StaticUsers:
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, users):
+        self.users = users
+
+    def requestAvatarId(self, credentials):
+        password = self.users.get(credentials.username)
+        if password is not None and credentials.checkPassword(password.encode()):
+            return succeed(credentials.username)
+        return fail(UnauthorizedLogin())
+
+
+def build(options, context):
+    users = options.get("users")
+    if not isinstance(users, dict):
+        raise ConfigError(f"must be a table of user = password, not {users!r}", key="users")
+    return StaticUsers(users)
+'''
+
+CHECKER_DROPIN = '''
+from twisted.cred.checkers import ICredentialsChecker
+from mailrelay.plugins import MailRelayPlugin
+
+staticUsers = MailRelayPlugin(
+    name="test-static-users",
+    provides=ICredentialsChecker,
+    description="Users and passwords from the plugin's options (tests only)",
+    factory="static_users:build",
+)
+'''
+
+
+def test_site_checker_plugin(site, tmp_path: Path) -> None:
+    import os
+
+    plugins = tmp_path / "site-plugins"
+    (plugins / "twisted" / "plugins").mkdir(parents=True)
+    (plugins / "static_users.py").write_text(CHECKER_MODULE)
+    (plugins / "twisted" / "plugins" / "static_users_plugin.py").write_text(CHECKER_DROPIN)
+    env = {"PYTHONPATH": os.pathsep.join([str(plugins), os.environ.get("PYTHONPATH", "")])}
+    config = (
+        '[relay]\nnetworks = []\n[auth]\n[auth.checker]\nplugin = "test-static-users"\ntimeout = 5\n'
+        '[auth.checker.users]\nerin = "erin\'s pw"\n'
+        '[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\nmode = "submission"\n'
+        'tls_certificate = "relay.pem"\ntls_key = "relay.key"\n'
+    )
+    r = RelayProcess(site.directory, config, ("--spool", "spool", "--hostname", "relay.test"),
+                     env=env, defaults=False, hold=True)
+    try:
+        r.start()
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
+            s.starttls(context=site.context())
+            s.ehlo("laptop.example")
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                s.login("alice", PASSWORDS["alice"])  # the password file is not used
+            assert s.login("erin", "erin's pw")[0] == 235
+            s.sendmail("erin@example.com", ["carol@example.org"], b"Subject: site checker\r\n\r\nhi\r\n")
+        ((envelope, _),) = queued(r)
+        assert envelope["client"]["authUser"] == "erin"
+        assert "AUTH: users checked by plugin test-static-users" in r.log()
+    finally:
+        r.stop()
+    # A plugin of another kind, or an unknown one, stops start-up naming the key.
+    text = startFails(site, config.replace("test-static-users", "no-such-checker"))
+    assert "bad.toml: auth.checker.plugin: unknown plugin 'no-such-checker'" in text, text

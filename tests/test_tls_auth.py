@@ -22,6 +22,7 @@ from twisted.cred.portal import IRealm
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mailrelay.auth import (
@@ -766,3 +767,146 @@ def test_service_logs_an_expired_certificate(tmp_path: Path) -> None:
         assert loadListenerTLS(FakeConfig(), listener) is not None
     assert any("expired on 2020-01-01" in e.get("warning", "") for e in events)
     assert loadListenerTLS(FakeConfig(), ListenerConfig("tcp:25")) is None
+
+
+# SNI: several certificates chosen by server name ----------------------------------------------------
+
+
+def test_matchServerName() -> None:
+    from mailrelay.tls import matchServerName
+
+    names = {"mail.example.org": 1, "*.example.net": 2, "example.net": 3}
+    assert matchServerName("MAIL.Example.org.", names) == 1
+    assert matchServerName("mx.example.net", names) == 2
+    assert matchServerName("example.net", names) == 3
+    assert matchServerName("a.mx.example.net", names) is None  # one label only
+    assert matchServerName("example.org", names) is None
+    assert matchServerName("", names) is None
+
+
+def sniHandshake(options, serverName: str | None, caFile: str) -> dict:
+    """A memory-BIO handshake: Python's ssl as the client (asking for C{serverName}),
+    C{options} as the server; the certificate the client verified."""
+    import ssl
+
+    from OpenSSL import SSL
+
+    context = ssl.create_default_context(cafile=caFile)
+    context.check_hostname = False
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = context.wrap_bio(incoming, outgoing, server_hostname=serverName)
+    server = options.serverConnectionForTLS(None)
+    server.set_accept_state()
+    for _ in range(20):
+        done = 0
+        try:
+            client.do_handshake()
+            done += 1
+        except ssl.SSLWantReadError:
+            pass
+        data = outgoing.read()
+        if data:
+            server.bio_write(data)
+        try:
+            server.do_handshake()
+            done += 1
+        except SSL.WantReadError:
+            pass
+        try:
+            incoming.write(server.bio_read(65536))
+        except SSL.WantReadError:
+            pass
+        if done == 2:
+            break
+    return client.getpeercert()
+
+
+def test_sni_chooses_the_certificate(tmp_path: Path) -> None:
+    import trustme
+
+    from mailrelay.tls import SNIServerOptions
+
+    ca = trustme.CA()
+    caFile = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(caFile))
+    loaded = {}
+    for name in ("relay.test", "mail.example.org", "*.example.net"):
+        leaf = ca.issue_cert(name)
+        cert, key = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+        cert.write_bytes(b"".join(p.bytes() for p in leaf.cert_chain_pems))
+        leaf.private_key_pem.write_to_path(str(key))
+        loaded[name] = loadServerTLS(str(cert), str(key)).options
+    sni = SNIServerOptions(loaded.pop("relay.test"), loaded)
+    assert sni.getContext() is not None
+
+    def names(peer: dict) -> list[str]:
+        return [value for kind, value in peer["subjectAltName"] if kind == "DNS"]
+
+    assert names(sniHandshake(sni, "mail.example.org", str(caFile))) == ["mail.example.org"]
+    assert names(sniHandshake(sni, "MX.example.net", str(caFile))) == ["*.example.net"]
+    assert names(sniHandshake(sni, "unknown.example", str(caFile))) == ["relay.test"]
+    assert names(sniHandshake(sni, None, str(caFile))) == ["relay.test"]
+    assert sni.selected == {"mail.example.org": 1, "*.example.net": 1}
+
+
+# Site checkers: time-out, and the service's checks ---------------------------------------------------
+
+
+def test_slow_checker_times_out_with_454() -> None:
+    h = tlsHarness(authTimeout=10)
+    afterTLS(h)
+    h.checker.hold = True
+    with capturedLogs() as logs:
+        assert h.send(b"AUTH PLAIN " + plain("alice", "secret") + b"\r\n") == []
+        h.clock.advance(10)
+    assert h.replies() == [b"454 4.7.0 Temporary authentication failure"]
+    from twisted.logger import formatEvent
+
+    assert any("(sasl_username=alice) gave no answer in 10s" in formatEvent(e) for e in logs)
+    assert h.throttle.failures("127.0.0.1") == 0  # not the client's fault
+    h.checker.release()  # a late answer is dropped
+    assert h.replies() == []
+
+
+def makeSiteCheckerPolicy(tmp_path: Path, checker) -> object:
+    from twisted.internet.task import Clock
+
+    from mailrelay.config import loadConfig
+    from mailrelay.service import makeAuthPolicy
+
+    path = tmp_path / "c.toml"
+    path.write_text('[auth.checker]\nplugin = "site"\ntimeout = 7\n')
+    config = loadConfig(str(path), {"spool": str(tmp_path / "spool")})
+    built = []
+
+    def build(spec, interface):
+        built.append((spec.plugin, interface))
+        return checker
+
+    policy = makeAuthPolicy(config, Clock(), build)
+    assert built == [("site", ICredentialsChecker)]
+    return policy
+
+
+def test_service_builds_the_site_checker(tmp_path: Path) -> None:
+    from mailrelay.errors import ConfigError
+
+    checker = MemoryChecker({"erin": "pw"})
+    policy = makeSiteCheckerPolicy(tmp_path, checker)
+    assert policy.timeout == 7.0
+    d = policy.portal.login(UsernamePassword("erin", b"pw"), None, IAuthenticatedUser)
+    assert outcome(d)[1].name == "erin"
+
+    @implementer(ICredentialsChecker)
+    class KeysOnly:
+        from twisted.cred.credentials import ISSHPrivateKey
+
+        credentialInterfaces = (ISSHPrivateKey,)
+
+        def requestAvatarId(self, credentials):  # pragma: no cover
+            raise NotImplementedError
+
+    with pytest.raises(ConfigError) as e:
+        makeSiteCheckerPolicy(tmp_path, KeysOnly())
+    assert e.value.key == "auth.checker.plugin"
+    assert "does not check user names and passwords" in str(e.value)

@@ -9,6 +9,14 @@ TLS: on L{StartTLS} the protocol writes the 220 reply in plaintext and calls
 C{transport.startTLS}; on an implicit TLS listener the factory is wrapped in a
 C{TLSMemoryBIOFactory}.  Either way the transport calls L{SMTPServerProtocol.handshakeCompleted}
 (C{IHandshakeListener}), which records the TLS version and cipher in C{client.tls}.
+
+Abuse limits (L{mailrelay.limits.ListenerLimits}): a new connection is counted first; one over
+a limit gets a 421 instead of the greeting.  The greeting waits C{greetPause} seconds when set
+(input before it is early talk: 554, see L{mailrelay.smtp.server}).  The session ends with 421
+after C{maxSessionTime} seconds whatever the client does, and in DATA a client must keep up
+C{minDataRate} bytes per second on average: each chunk received extends its deadline by
+C{len(chunk) / minDataRate} seconds, never beyond C{dataTimeout} from now (Postfix's
+C{smtpd_min_data_rate}).
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from typing import Any, Sequence
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succeed
 from twisted.internet.interfaces import IAddress, IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
@@ -45,6 +53,7 @@ from mailrelay.smtp.server import (
     SessionSettings,
     StartData,
     StartTLS,
+    SyncError,
 )
 from mailrelay.stamping import HeaderProcessor, runStampers
 from mailrelay.tls import describeTLS
@@ -90,6 +99,14 @@ class ListenerContext:
     tlsOptions: Any = None
     implicitTLS: bool = False
     auth: Any = None
+    #: The listener's L{mailrelay.limits.ListenerLimits}, or C{None} for no limits.
+    limits: Any = None
+    #: Seconds to wait before the greeting (0: greet at once).
+    greetPause: float = 0.0
+    #: Seconds a session may last in all (0: no limit).
+    maxSessionTime: float = 0.0
+    #: Bytes per second a client must send on average in DATA (0: only C{dataTimeout}).
+    minDataRate: int = 0
 
 
 @implementer(IHandshakeListener)
@@ -106,10 +123,22 @@ class SMTPServerProtocol(Protocol):
         self._lookup: Deferred | None = None
         #: A TLS handshake is under way (implicit TLS, or after STARTTLS) and not finished.
         self._handshaking = context.implicitTLS
+        #: The limits' bookkeeping of this connection (L{mailrelay.limits.Admission}).
+        self._admission: Any = None
+        self._greetTimer: Any = None
+        self._deadline: Any = None
+        #: The session time limit passed while a question was pending: close once answered.
+        self._deadlinePassed = False
+        #: In DATA with C{minDataRate}: when the client's time runs out.
+        self._dataDeadline: float | None = None
+        self._lastReceived = 0.0
 
     # Connection life cycle ------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        from mailrelay.smtp.client import _noDelay
+
+        _noDelay(self.transport)  # replies go out at once, not after the client's delayed ACK
         ctx = self.context
         peer = self.transport.getPeer()
         host = getattr(peer, "host", str(peer))
@@ -119,7 +148,8 @@ class SMTPServerProtocol(Protocol):
             relayAllowed=ctx.policy.relay.isRelayClient(host),
             listener=ctx.listenerName,
         )
-        self.session = ServerSession(ctx.settings, client)
+        self.session = ServerSession(ctx.settings, client, awaitingGreeting=True)
+        self._lastReceived = ctx.clock.seconds()
         log.info(
             "connect from {client}:{port} on {listener} relay={relay}",
             client=client.address,
@@ -127,6 +157,8 @@ class SMTPServerProtocol(Protocol):
             listener=ctx.listenerName,
             relay=client.relayAllowed,
         )
+        if ctx.maxSessionTime > 0:
+            self._deadline = ctx.clock.callLater(ctx.maxSessionTime, self._sessionExpired)
         if ctx.resolver is not None:
             from mailrelay.rdns import reverseLookup
 
@@ -134,8 +166,62 @@ class SMTPServerProtocol(Protocol):
                 ctx.resolver, client.address, ctx.reverseLookupTimeout, ctx.clock
             )
             self._lookup.addCallback(self._gotReverseName)
-        self._handle(self.session.greeting())
         self._resetTimer()
+        if ctx.limits is None:
+            self._admitted(None)
+            return
+        self._admission = ctx.limits.admit(client.address)
+        d = self._admission.check()
+        d.addCallback(self._admitted)
+        d.addErrback(lambda f: log.failure("checking the limits of {client}", f, client=host))
+
+    def _admitted(self, refusal: Any) -> None:
+        """The limits answered: greet (now or after C{greetPause}), or refuse with 421."""
+        session = self.session
+        if session is None or session.closed:
+            return
+        if refusal is not None:
+            log.warn(
+                "connection from {client} on {listener} refused: {reason}",
+                client=session.client.address,
+                listener=self.context.listenerName,
+                reason=refusal.reason,
+            )
+            self._handle(session.closeWith(refusal.reply))
+            return
+        if self.context.greetPause > 0:
+            self._greetTimer = self.context.clock.callLater(self.context.greetPause, self._greet)
+        else:
+            self._greet()
+
+    def _greet(self) -> None:
+        self._greetTimer = None
+        session = self.session
+        if session is None or session.closed:
+            return
+        self._resume()  # input kept until the greeting (without rejectPregreet)
+        self._handle(session.greeting())
+        self._resetTimer()
+
+    def _sessionExpired(self) -> None:
+        self._deadline = None
+        session = self.session
+        if session is None or session.closed:
+            return
+        if session.waiting:
+            # Never cut a question short (a message being committed to the spool would be
+            # queued after the client was told 421): close when it is answered.
+            self._deadlinePassed = True
+            return
+        log.info(
+            "session time limit of {limit:g}s exceeded by {client}, closing",
+            limit=self.context.maxSessionTime,
+            client=session.client.address,
+        )
+        host = self.context.settings.hostname
+        self._handle(
+            session.closeWith(Reply(421, "4.4.2", f"{host} Error: session time limit exceeded"))
+        )
 
     def _gotReverseName(self, name: str | None) -> None:
         self._lookup = None
@@ -143,9 +229,16 @@ class SMTPServerProtocol(Protocol):
             self.session.client.rdns = name
 
     def dataReceived(self, data: bytes) -> None:
-        if self.session is None:
+        session = self.session
+        if session is None:
             return
-        self._handle(self.session.dataReceived(data))
+        self._lastReceived = self.context.clock.seconds()
+        inData = session.inData
+        self._handle(session.dataReceived(data))
+        if session.awaitingGreeting and not session.closed:
+            self._pause()  # read no more before the greeting
+        if inData and self._dataDeadline is not None:
+            self._dataDeadline += len(data) / self.context.minDataRate
         self._resetTimer()
 
     def handshakeCompleted(self) -> None:
@@ -165,6 +258,12 @@ class SMTPServerProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._cancelTimer()
+        for timer in (self._greetTimer, self._deadline):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._greetTimer = self._deadline = None
+        if self._admission is not None:
+            self._admission.release()
         if self._lookup is not None:
             self._lookup.cancel()
         session = self.session
@@ -192,7 +291,18 @@ class SMTPServerProtocol(Protocol):
         session = self.session
         if session is None or session.closed:
             return
-        timeout = self.context.dataTimeout if session.inData else self.context.idleTimeout
+        ctx = self.context
+        if not session.inData:
+            self._dataDeadline = None
+            timeout = ctx.idleTimeout
+        elif ctx.minDataRate > 0:
+            now = ctx.clock.seconds()
+            latest = now + ctx.dataTimeout
+            if self._dataDeadline is None or self._dataDeadline > latest:
+                self._dataDeadline = latest
+            timeout = max(self._dataDeadline - now, 0.0)
+        else:
+            timeout = ctx.dataTimeout
         if self._timer is not None and self._timer.active():
             self._timer.reset(timeout)
         else:
@@ -207,11 +317,13 @@ class SMTPServerProtocol(Protocol):
         self._timer = None
         if self.session is None:
             return
-        log.info(
-            "timeout {what} from {client}",
-            what="in DATA" if self.session.inData else "waiting for a command",
-            client=self.session.client.address,
-        )
+        if not self.session.inData:
+            what = "waiting for a command"
+        elif self.context.clock.seconds() - self._lastReceived < self.context.dataTimeout:
+            what = f"in DATA (less than min_data_rate = {self.context.minDataRate} bytes/s)"
+        else:
+            what = "in DATA"
+        log.info("timeout {what} from {client}", what=what, client=self.session.client.address)
         self._handle(self.session.timedOut())
 
     # Events ---------------------------------------------------------------------------------
@@ -243,6 +355,8 @@ class SMTPServerProtocol(Protocol):
                     self._startTLS(event)
                 elif isinstance(event, AbortData):
                     self._abortMessage()
+                elif isinstance(event, SyncError):
+                    self._logSyncError(event)
                 else:
                     question = event
             self._flush(out)
@@ -258,6 +372,24 @@ class SMTPServerProtocol(Protocol):
             if session.closed:
                 return
             events = session.answer(box[0])
+
+    def _logSyncError(self, event: SyncError) -> None:
+        session = self.session
+        assert session is not None
+        if event.after:
+            log.warn(
+                "improper command pipelining after {command} from {client}: {pending!r}, "
+                "refused with 554",
+                command=event.after,
+                client=session.client.address,
+                pending=event.pending,
+            )
+        else:
+            log.warn(
+                "{client} talked before the greeting: {pending!r}, refused with 554",
+                client=session.client.address,
+                pending=event.pending,
+            )
 
     def _flush(self, out: list[bytes]) -> None:
         if out:
@@ -295,6 +427,8 @@ class SMTPServerProtocol(Protocol):
             return
         self._handle(session.answer(result))
         self._resetTimer()
+        if self._deadlinePassed and not session.closed and not session.waiting:
+            self._sessionExpired()
 
     def _pause(self) -> None:
         if not self._paused:
@@ -357,6 +491,8 @@ class SMTPServerProtocol(Protocol):
             d = auth.portal.login(
                 UsernamePassword(question.username, question.password), None, IAuthenticatedUser
             )
+            if auth.timeout and not d.called:
+                d.addTimeout(auth.timeout, self.context.clock)
             return d.addCallbacks(succeeded, failed)
 
         def succeeded(result: tuple[Any, Any, Any]) -> str:
@@ -372,6 +508,15 @@ class SMTPServerProtocol(Protocol):
             return name
 
         def failed(failure: Failure) -> Any:
+            if failure.check(TimeoutError):
+                log.error(
+                    "authentication check for {client} (sasl_username={user}) gave no answer "
+                    "in {timeout:g}s",
+                    client=address,
+                    user=question.username,
+                    timeout=auth.timeout,
+                )
+                return AUTH_TEMPORARY_FAILURE
             if not failure.check(UnauthorizedLogin, UnhandledCredentials):
                 log.failure("authentication check failed for {client}", failure, client=address)
                 return AUTH_TEMPORARY_FAILURE
@@ -403,7 +548,27 @@ class SMTPServerProtocol(Protocol):
             text = f"<{envelope.sender}>: Sender address rejected: not owned by user {user}"
             return succeed(Verdict(VerdictKind.REJECT, Reply(553, "5.7.1", text)))
         needed = envelope.size or 0
-        return succeed(ACCEPT if self.context.spool.hasFreeSpace(needed) else NO_SPACE_VERDICT)
+        limits = self.context.limits
+        if limits is None:
+            return succeed(self._spaceVerdict(needed))
+        client = envelope.client or self.session.client  # type: ignore[union-attr]
+
+        def judged(refusal: Any) -> Verdict:
+            if refusal is not None:
+                log.warn(
+                    "{client}: MAIL FROM:<{sender}> refused: {reason}",
+                    client=client.address,
+                    sender=envelope.sender,
+                    reason=refusal.reason,
+                    sasl_username=client.authUser,
+                )
+                return Verdict(VerdictKind.DEFER, refusal.reply)
+            return self._spaceVerdict(needed)
+
+        return limits.checkMail(client.address, client.authUser).addCallback(judged)
+
+    def _spaceVerdict(self, needed: int) -> Verdict:
+        return ACCEPT if self.context.spool.hasFreeSpace(needed) else NO_SPACE_VERDICT
 
     def _startData(self, envelope: Envelope) -> Reply | None:
         from mailrelay.spool import SpoolError, newQueueID

@@ -20,6 +20,15 @@ session (no HELO, no transaction, no authentication): the client must EHLO again
 
 AUTH (RFC 4954): SASL PLAIN (RFC 4616) and LOGIN, with or without an initial response, are
 decoded here; the credentials go to the driver in an L{Authenticate} question.
+
+Protocol synchronization (Postfix's C{smtpd_forbid_unauth_pipelining}): with
+C{SessionSettings.rejectUnauthPipelining}, a command followed by more input already received is
+refused with C{554 5.5.0 Error: SMTP protocol synchronization} and the session closed, when the
+client cannot know that pipelining is allowed (no EHLO answered yet, or HELO) or when the command
+must end a group (RFC 2920 3.1: EHLO, HELO, DATA, NOOP, VRFY, EXPN, TURN).  A session made with
+C{awaitingGreeting=True} treats input received before L{ServerSession.greeting} (an early talker)
+the same way when C{rejectPregreet} is set, and otherwise keeps it until the greeting.  Either
+way a L{SyncError} event comes first, for the log.
 """
 
 from __future__ import annotations
@@ -74,6 +83,10 @@ class SessionSettings:
     authWithoutTLS: bool = False
     #: MAIL needs AUTH first (a submission listener): 530 5.7.0 otherwise.
     requireAuth: bool = False
+    #: Refuse improper pipelining (554 5.5.0 and close; see the module docstring).
+    rejectUnauthPipelining: bool = False
+    #: Refuse input received before the greeting (554 5.5.0 and close).
+    rejectPregreet: bool = False
 
 
 # Events -------------------------------------------------------------------------------------
@@ -143,6 +156,19 @@ class StartTLS:
 
 
 @dataclass(frozen=True, slots=True)
+class SyncError:
+    """The client broke protocol synchronization; the 554 reply and L{Close} follow.
+
+    @ivar after: the command after which input was pending (C{"EHLO"}), or C{""} for input
+        before the greeting.
+    @ivar pending: the start of the input that was pending (at most 100 bytes), for the log.
+    """
+
+    after: str
+    pending: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Authenticate:
     """Question: are these credentials good?  Answer with the user name (C{str}) to accept
     (the session replies 235), or with a L{Reply} to refuse: 535 (or any 4xx/5xx) goes to the
@@ -186,6 +212,9 @@ AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode response")
 AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication mechanism")
 AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too long")
 READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+SYNC_ERROR = Reply(554, "5.5.0", "Error: SMTP protocol synchronization")
+#: RFC 2920 3.1: commands that can only be the last of a pipelined group.
+_LAST_IN_GROUP = frozenset({"EHLO", "HELO", "DATA", "NOOP", "VRFY", "EXPN", "TURN"})
 _PLAIN_CHALLENGE = Reply(334, "", "")
 _LOGIN_USERNAME = Reply(334, "", "VXNlcm5hbWU6")  # "Username:"
 _LOGIN_PASSWORD = Reply(334, "", "UGFzc3dvcmQ6")  # "Password:"
@@ -194,8 +223,16 @@ _LOGIN_PASSWORD = Reply(334, "", "UGFzc3dvcmQ6")  # "Password:"
 class ServerSession:
     """One ESMTP server session (sans-IO)."""
 
-    def __init__(self, settings: SessionSettings, client: ClientInfo) -> None:
+    def __init__(
+        self, settings: SessionSettings, client: ClientInfo, awaitingGreeting: bool = False
+    ) -> None:
+        """
+        @param awaitingGreeting: the driver sends the greeting later (L{greeting}): input
+            received before that is early talk (refused with C{settings.rejectPregreet},
+            otherwise kept until the greeting).  Without it, input is processed at once.
+        """
         self.settings = settings
+        self._awaitingGreeting = awaitingGreeting
         self.client = client
         #: What relay control said of the client's address, restored when TLS resets the
         #: session (authentication may have raised C{client.relayAllowed}).
@@ -227,12 +264,25 @@ class ServerSession:
         return self.mode == _DATA
 
     @property
+    def awaitingGreeting(self) -> bool:
+        """C{True} until L{greeting} (for a session made with C{awaitingGreeting=True})."""
+        return self._awaitingGreeting
+
+    @property
     def waiting(self) -> bool:
         """C{True} while a question is unanswered (the driver should stop reading)."""
         return self._waiting is not None
 
     def greeting(self) -> list[object]:
-        return [Reply(220, "", f"{self.settings.hostname} ESMTP mailrelay")]
+        """The 220 greeting, then what input kept until now (without C{rejectPregreet})
+        makes the session do."""
+        if self.mode == _CLOSED:
+            return []
+        self._awaitingGreeting = False
+        out: list[object] = [Reply(220, "", f"{self.settings.hostname} ESMTP mailrelay")]
+        if self._buf:
+            out += self._run()
+        return out
 
     def dataReceived(self, data: bytes) -> list[object]:
         if self.mode == _CLOSED:
@@ -242,7 +292,27 @@ class ServerSession:
             self._pos = 0
         else:
             self._buf += data
+        if self._awaitingGreeting:
+            if self.settings.rejectPregreet:
+                self._out = out = [SyncError("", self._buf[:100])]
+                self._close(SYNC_ERROR)
+                return out
+            return []
         return self._run()
+
+    def closeWith(self, reply: Reply) -> list[object]:
+        """Send C{reply} (a 421) and close: a time limit, a connection limit.  A message being
+        received is abandoned."""
+        if self.mode == _CLOSED:
+            return []
+        out: list[object] = []
+        if self.mode == _DATA:
+            out.append(AbortData())
+        out += [reply, Close()]
+        self.mode = _CLOSED
+        self.transaction = None
+        self._sasl = None
+        return out
 
     def answer(self, result: object) -> list[object]:
         """Answer the pending question, then go on reading buffered input."""
@@ -284,20 +354,13 @@ class ServerSession:
         self._sasl = None
         if self.mode in (_TLS, _SASL):
             self.mode = _COMMAND
+        if self._awaitingGreeting:  # implicit TLS: the greeting has not been sent yet
+            return []
         return self._run()
 
     def timedOut(self) -> list[object]:
         """The driver's timer expired (idle in command mode, or no data in DATA)."""
-        if self.mode == _CLOSED:
-            return []
-        out: list[object] = []
-        if self.mode == _DATA:
-            out.append(AbortData())
-        out += [Reply(421, "4.4.2", f"{self.settings.hostname} Error: timeout exceeded"), Close()]
-        self.mode = _CLOSED
-        self.transaction = None
-        self._sasl = None
-        return out
+        return self.closeWith(Reply(421, "4.4.2", f"{self.settings.hostname} Error: timeout exceeded"))
 
     def connectionLost(self) -> list[object]:
         """The client went away: an unfinished transaction is dropped, as by RSET."""
@@ -392,6 +455,12 @@ class ServerSession:
             else:
                 self._reply(R.UNRECOGNIZED)
             return True
+        if self.settings.rejectUnauthPipelining and self._pos < len(self._buf):
+            name = verb.upper()
+            if name != "QUIT" and (not self.client.esmtp or name in _LAST_IN_GROUP):
+                self._out.append(SyncError(name, self._buf[self._pos : self._pos + 100]))
+                self._close(SYNC_ERROR)
+                return True
         handler(arg)
         return True
 

@@ -1,0 +1,531 @@
+"""Abuse limits, protocol synchronization and session deadlines: the limiter, the sans-IO
+session, and the protocol on a C{StringTransport} with a C{Clock}."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from mailrelay.envelope import ClientInfo
+from mailrelay.interfaces import IRateLimiter
+from mailrelay.limits import LIMITER_TIMEOUT, ListenerLimits, MemoryRateLimiter
+from mailrelay.smtp.replies import Reply
+from mailrelay.smtp.server import SYNC_ERROR, Close, ServerSession, SessionSettings, SyncError
+from mailrelay.testing import ServerHarness
+
+SYNC = b"554 5.5.0 Error: SMTP protocol synchronization"
+
+
+def messages(logs: list[dict]) -> str:
+    from twisted.logger import formatEvent
+
+    return "\n".join(formatEvent(e) for e in logs)
+
+
+# The in-memory limiter ---------------------------------------------------------------------------
+
+
+def test_memoryLimiterProvidesTheInterface() -> None:
+    verifyObject(IRateLimiter, MemoryRateLimiter(Clock()))
+
+
+def test_memoryLimiterCountsSessions() -> None:
+    limiter = MemoryRateLimiter(Clock())
+    assert [limiter.acquire("a") for _ in range(3)] == [1, 2, 3]
+    assert limiter.acquire("b") == 1
+    limiter.release("a")
+    assert limiter.sessions("a") == 2
+    limiter.release("a")
+    limiter.release("a")
+    limiter.release("a")  # one too many: never negative
+    assert limiter.sessions("a") == 0
+    assert limiter.acquire("a") == 1
+
+
+def test_memoryLimiterFixedWindows() -> None:
+    clock = Clock()
+    limiter = MemoryRateLimiter(clock)
+    assert [limiter.hit("k", 60) for _ in range(3)] == [1, 2, 3]
+    clock.advance(59.9)
+    assert limiter.hit("k", 60) == 4
+    clock.advance(0.1)  # the window that started at 0 ended at 60
+    assert limiter.hit("k", 60) == 1
+    assert limiter.hit("other", 60) == 1
+
+
+def test_memoryLimiterForgetsOldWindows() -> None:
+    clock = Clock()
+    limiter = MemoryRateLimiter(clock, maxEntries=3)
+    for i in range(10):
+        limiter.hit(f"k{i}", 60)
+    assert len(limiter._windows) == 3
+    assert limiter.hit("k9", 60) == 2  # the most recent are kept
+    clock.advance(61)
+    limiter.hit("new", 60)
+    limiter.hit("new", 60)
+    assert len(limiter._windows) < 3  # ended windows are dropped as events come
+
+
+# Connection limits -------------------------------------------------------------------------------
+
+
+def harness(peer: str = "192.0.2.1", **limits) -> ServerHarness:
+    return ServerHarness(peer=peer, limits=limits)
+
+
+def test_perClientConcurrencyLimit() -> None:
+    h = harness(maxConnectionsPerClient=2)
+    assert h.replies() == [b"220 relay.test ESMTP mailrelay"]
+    second = h.another("192.0.2.1")
+    assert second.replies()[0].startswith(b"220 ")
+    with capturedLogs() as logs:
+        third = h.another("192.0.2.1")
+    assert third.replies() == [b"421 4.7.0 relay.test Error: too many connections from 192.0.2.1"]
+    assert third.closed
+    assert "connection from 192.0.2.1 on test refused: 3 connections at once is over the limit of 2" in messages(logs)
+    # Another address is not affected.
+    assert h.another("192.0.2.2").replies()[0].startswith(b"220 ")
+    # The refused connection and a closed one free their places.
+    third.loseConnection()
+    second.send(b"QUIT\r\n")
+    second.loseConnection()
+    assert h.limiter.sessions("test conn 192.0.2.1") == 1
+    fourth = h.another("192.0.2.1")
+    assert fourth.replies()[0].startswith(b"220 ")
+    assert h.limits.active == 3
+
+
+def test_totalConcurrencyLimit() -> None:
+    h = harness(maxConnections=2, maxConnectionsPerClient=0)
+    h.another("192.0.2.2")
+    third = h.another("127.0.0.1")  # exceptions do not apply to the listener's total
+    assert third.replies() == [b"421 4.7.0 relay.test Error: too many connections"]
+    assert third.closed
+    third.loseConnection()
+    h.loseConnection()
+    assert h.another("192.0.2.3").replies()[0].startswith(b"220 ")
+
+
+def test_exceptionNetworksAreNotLimited() -> None:
+    h = harness(
+        peer="10.1.2.3",
+        maxConnectionsPerClient=1,
+        connectionRateLimit=1,
+        exceptions=(ipaddress.ip_network("10.0.0.0/8"),),
+    )
+    others = [h.another("10.1.2.3") for _ in range(3)]
+    assert all(o.replies()[0].startswith(b"220 ") for o in others)
+    assert h.limiter.sessions("test conn 10.1.2.3") == 0
+    # IPv4-mapped IPv6 addresses are their IPv4 address.
+    assert h.limits.isExempt("::ffff:10.0.0.1")
+    assert not h.limits.isExempt("192.0.2.1")
+    assert h.limits.isExempt("not an address")  # a UNIX socket's peer
+
+
+def test_connectionRateLimit() -> None:
+    h = harness(connectionRateLimit=3, rateWindow=60, maxConnectionsPerClient=0)
+    h.loseConnection()
+    for _ in range(2):
+        c = h.another("192.0.2.1")
+        assert c.replies()[0].startswith(b"220 ")
+        c.loseConnection()
+    with capturedLogs() as logs:
+        over = h.another("192.0.2.1")
+    assert over.replies() == [b"421 4.7.0 relay.test Error: too many connections from 192.0.2.1"]
+    assert "connection rate 4 in 60s is over the limit of 3" in messages(logs)
+    h.clock.advance(60)
+    assert h.another("192.0.2.1").replies()[0].startswith(b"220 ")
+
+
+def test_messageRateLimitPerClient() -> None:
+    h = harness(messageRateLimit=2)
+    h.replies()
+    h.send(b"EHLO client.example\r\n")
+    for _ in range(2):
+        assert h.send(b"MAIL FROM:<a@example.com>\r\n") == [b"250 2.1.0 Ok"]
+        h.send(b"RSET\r\n")
+    with capturedLogs() as logs:
+        assert h.send(b"MAIL FROM:<a@example.com>\r\n") == [b"450 4.7.1 Error: too much mail from 192.0.2.1"]
+    assert "192.0.2.1: MAIL FROM:<a@example.com> refused: message rate 3 in 60s is over the limit of 2" in messages(logs)
+    # Counted per address, across connections.
+    other = h.another("192.0.2.1")
+    other.replies()
+    other.send(b"EHLO client.example\r\n")
+    assert other.send(b"MAIL FROM:<a@example.com>\r\n")[0].startswith(b"450 4.7.1")
+    h.clock.advance(60)
+    assert other.send(b"MAIL FROM:<a@example.com>\r\n") == [b"250 2.1.0 Ok"]
+
+
+def test_messageRateLimitPerUser() -> None:
+    h = ServerHarness(
+        peer="192.0.2.1", users={"alice": "pw", "bob": "pw"}, authWithoutTLS=True,
+        limits={"userMessageRateLimit": 1, "exceptions": (ipaddress.ip_network("192.0.2.0/24"),)},
+    )
+    h.replies()
+    h.send(b"EHLO client.example\r\n")
+    import base64
+
+    assert h.send(b"AUTH PLAIN " + base64.b64encode(b"\0alice\0pw") + b"\r\n")[0].startswith(b"235")
+    assert h.send(b"MAIL FROM:<a@example.com>\r\n") == [b"250 2.1.0 Ok"]
+    h.send(b"RSET\r\n")
+    # Exceptions do not exempt users.
+    assert h.send(b"MAIL FROM:<a@example.com>\r\n") == [b"450 4.7.1 Error: too much mail from user alice"]
+    bob = h.another("192.0.2.1")
+    bob.replies()
+    bob.send(b"EHLO client.example\r\n")
+    bob.send(b"AUTH PLAIN " + base64.b64encode(b"\0bob\0pw") + b"\r\n")
+    assert bob.send(b"MAIL FROM:<a@example.com>\r\n") == [b"250 2.1.0 Ok"]
+
+
+@implementer(IRateLimiter)
+class SlowLimiter:
+    """Answers when told to; or fails."""
+
+    def __init__(self, failing: bool = False) -> None:
+        self.failing = failing
+        self.calls: list[tuple] = []
+        self.pending: list[Deferred] = []
+
+    def acquire(self, key):
+        return self._call("acquire", key)
+
+    def release(self, key):
+        self.calls.append(("release", key))
+
+    def hit(self, key, window):
+        return self._call("hit", key)
+
+    def _call(self, *call):
+        self.calls.append(call)
+        if self.failing:
+            return fail(ConnectionError("redis is down"))
+        d: Deferred = Deferred()
+        self.pending.append(d)
+        return d
+
+
+def test_asynchronousLimiterDelaysTheGreeting() -> None:
+    limiter = SlowLimiter()
+    verifyObject(IRateLimiter, limiter)
+    h = ServerHarness(peer="192.0.2.1", limiter=limiter, limits={"maxConnectionsPerClient": 1})
+    assert h.replies() == []
+    # A client that talks meanwhile is early (with rejectPregreet off its input waits).
+    h.send(b"EHLO x\r\n")
+    assert h.transport.producerState == "paused"
+    limiter.pending.pop().callback(1)
+    assert h.replies()[0] == b"220 relay.test ESMTP mailrelay"
+    assert h.replies() == [] and h.transport.producerState == "producing"
+    h.loseConnection()
+    assert limiter.calls[-1] == ("release", "test conn 192.0.2.1")
+
+
+def test_asynchronousLimiterAnswersAfterTheClientLeft() -> None:
+    limiter = SlowLimiter()
+    h = ServerHarness(peer="192.0.2.1", limiter=limiter, limits={"maxConnectionsPerClient": 1})
+    h.loseConnection()
+    assert h.limits.active == 0
+    limiter.pending.pop().callback(1)  # counted after all: released at once
+    assert limiter.calls == [("acquire", "test conn 192.0.2.1"), ("release", "test conn 192.0.2.1")]
+    assert h.transport.value() == b""
+
+
+def test_failingOrSlowLimiterDoesNotStopMail() -> None:
+    limiter = SlowLimiter(failing=True)
+    with capturedLogs() as logs:
+        h = ServerHarness(peer="192.0.2.1", limiter=limiter, limits={"messageRateLimit": 1, "connectionRateLimit": 1})
+        assert h.replies()[0].startswith(b"220 ")
+        h.send(b"EHLO x\r\n")
+        assert h.send(b"MAIL FROM:<a@example.com>\r\n") == [b"250 2.1.0 Ok"]
+    assert "rate limiter acquire(test conn 192.0.2.1) failed, limit not applied: redis is down" in messages(logs)
+    # A limiter that does not answer is given up after LIMITER_TIMEOUT seconds.
+    slow = SlowLimiter()
+    h = ServerHarness(peer="192.0.2.1", limiter=slow, limits={})
+    assert h.replies() == []
+    h.clock.advance(LIMITER_TIMEOUT)
+    assert h.replies()[0].startswith(b"220 ")
+    h.loseConnection()
+    assert ("release", "test conn 192.0.2.1") not in slow.calls  # never counted
+
+
+# Protocol synchronization --------------------------------------------------------------------------
+
+
+def strict(**kw) -> ServerHarness:
+    h = ServerHarness(rejectUnauthPipelining=True, **kw)
+    h.replies()
+    return h
+
+
+def test_pipeliningAfterEhloIsAllowed() -> None:
+    h = strict()
+    h.send(b"EHLO client.example\r\n")
+    lines = h.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nRCPT TO:<c@example.org>\r\nDATA\r\n")
+    assert h.codes(lines) == [250, 250, 250, 354]
+    assert h.codes(h.send(b"hi\r\n.\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nQUIT\r\n")) == [250, 250, 250, 221]
+
+
+@pytest.mark.parametrize(
+    "data, after",
+    [
+        (b"EHLO x\r\nMAIL FROM:<a@example.com>\r\n", "EHLO"),  # EHLO must end a group
+        (b"HELO x\r\nMAIL FROM:<a@example.com>\r\n", "HELO"),
+        (b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n", "MAIL"),  # no EHLO yet
+        (b"NOOP\r\nNOOP\r\n", "NOOP"),
+        (b"RSET\r\nQUIT\r\n", "RSET"),
+    ],
+)
+def test_unauthorisedPipeliningIsRefused(data: bytes, after: str) -> None:
+    h = strict()
+    with capturedLogs() as logs:
+        assert h.send(data) == [SYNC]
+    assert h.closed
+    text = messages(logs)
+    assert f"improper command pipelining after {after} from 127.0.0.1: " in text
+    assert "refused with 554" in text
+
+
+def test_pipelinedAfterHeloIsRefused() -> None:
+    h = strict()
+    assert h.send(b"HELO x\r\n") == [b"250 relay.test"]
+    assert h.send(b"MAIL FROM:<a@example.com>\r\n") == [b"250 2.1.0 Ok"]
+    assert h.send(b"RCPT TO:<b@example.org>\r\nDATA\r\n") == [SYNC]
+
+
+def test_dataMustEndAGroup() -> None:
+    """Message content sent with DATA, before the 354 (SMTP smuggling tools do this)."""
+    h = strict()
+    h.send(b"EHLO x\r\n")
+    assert h.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\nSubject: x\r\n\r\n.\r\n") == [
+        b"250 2.1.0 Ok", b"250 2.1.5 Ok", SYNC,
+    ]
+    assert h.spool.committed == {} and h.spool.open == {}
+
+
+def test_quitMayFollowAnything() -> None:
+    h = strict()
+    h.send(b"EHLO x\r\n")
+    assert h.send(b"QUIT\r\nwhatever\r\n") == [b"221 2.0.0 Bye"]
+
+
+def test_pipeliningAllowedWhenSwitchedOff() -> None:
+    h = ServerHarness()
+    h.replies()
+    assert h.codes(h.send(b"HELO x\r\nMAIL FROM:<a@example.com>\r\nNOOP\r\nNOOP\r\n")) == [250, 250, 250, 250]
+
+
+def test_starttlsInjectionStillDiscarded() -> None:
+    """With an EHLO, bytes after STARTTLS are discarded as before (not a 554)."""
+    h = ServerHarness(rejectUnauthPipelining=True, tls=True)
+    h.replies()
+    h.send(b"EHLO x\r\n")
+    assert h.send(b"STARTTLS\r\nRSET\r\n") == [b"220 2.0.0 Ready to start TLS"]
+    assert not h.closed
+
+
+def test_sessionSyncErrorEvent() -> None:
+    s = ServerSession(SessionSettings("h", rejectUnauthPipelining=True), ClientInfo("192.0.2.1"))
+    assert s.dataReceived(b"NOOP\r\nNOOP\r\n") == [SyncError("NOOP", b"NOOP\r\n"), SYNC_ERROR, Close()]
+    assert s.closed and s.dataReceived(b"NOOP\r\n") == []
+
+
+# Early talkers and the greeting pause ------------------------------------------------------------
+
+
+def test_earlyTalkerRefusedDuringGreetPause() -> None:
+    h = ServerHarness(greetPause=2.0)
+    assert h.replies() == []
+    h.clock.advance(1)
+    with capturedLogs() as logs:
+        assert h.send(b"EHLO spambot\r\n") == [SYNC]
+    assert h.closed
+    assert "127.0.0.1 talked before the greeting: b'EHLO spambot\\r\\n', refused with 554" in messages(logs)
+    h.clock.advance(5)
+    assert h.replies() == []  # no greeting after the 554
+
+
+def test_politeClientAfterGreetPause() -> None:
+    h = ServerHarness(greetPause=2.0)
+    h.clock.advance(1.9)
+    assert h.replies() == []
+    h.clock.advance(0.1)
+    assert h.replies() == [b"220 relay.test ESMTP mailrelay"]
+    assert h.send(b"EHLO x\r\n")[-1] == b"250 SMTPUTF8"
+
+
+def test_earlyInputKeptWithoutRejection() -> None:
+    s = ServerSession(SessionSettings("h"), ClientInfo("192.0.2.1"), awaitingGreeting=True)
+    assert s.dataReceived(b"HELO x\r\n") == []
+    assert s.greeting() == [Reply(220, "", "h ESMTP mailrelay"), Reply(250, "", "h")]
+    s = ServerSession(SessionSettings("h", rejectPregreet=True), ClientInfo("192.0.2.1"), awaitingGreeting=True)
+    assert s.dataReceived(b"HELO x\r\n") == [SyncError("", b"HELO x\r\n"), SYNC_ERROR, Close()]
+    assert s.greeting() == []
+
+
+def test_earlyTalkerWhileTheLimiterCounts() -> None:
+    limiter = SlowLimiter()
+    h = ServerHarness(limiter=limiter, limits={}, peer="192.0.2.1", rejectUnauthPipelining=True)
+    assert h.send(b"EHLO x\r\n") == [SYNC]
+    limiter.pending.pop().callback(1)
+    assert h.replies() == []
+
+
+# Session deadline and minimum data rate ------------------------------------------------------------
+
+
+def test_sessionDeadline() -> None:
+    h = ServerHarness(maxSessionTime=100, idleTimeout=60)
+    h.replies()
+    for _ in range(3):
+        h.clock.advance(30)
+        assert h.send(b"NOOP\r\n") == [b"250 2.0.0 Ok"]  # never idle
+    with capturedLogs() as logs:
+        h.clock.advance(10)
+    assert h.replies() == [b"421 4.4.2 relay.test Error: session time limit exceeded"]
+    assert h.closed
+    assert "session time limit of 100s exceeded by 127.0.0.1, closing" in messages(logs)
+
+
+def test_sessionDeadlineInDataDropsTheMessage() -> None:
+    h = ServerHarness(maxSessionTime=100)
+    h.replies()
+    h.send(b"EHLO x\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
+    h.send(b"Subject: slow\r\n\r\n")
+    h.clock.advance(100)
+    assert h.replies() == [b"421 4.4.2 relay.test Error: session time limit exceeded"]
+    assert h.spool.committed == {} and h.spool.open == {}
+
+
+def test_sessionDeadlineWaitsForTheSpool() -> None:
+    """A message being committed when time runs out gets its 250, then the 421."""
+    h = ServerHarness(maxSessionTime=100)
+    h.replies()
+    h.spool.holdCommits = True
+    h.send(b"EHLO x\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
+    h.replies()
+    h.send(b"Subject: x\r\n\r\n.\r\n")
+    h.clock.advance(100)
+    assert h.replies() == [] and not h.closed
+    h.spool.release()
+    lines = h.replies()
+    assert lines[0].startswith(b"250 2.0.0 Ok: queued as ")
+    assert lines[1:] == [b"421 4.4.2 relay.test Error: session time limit exceeded"]
+    assert len(h.spool.committed) == 1
+
+
+def test_minDataRate() -> None:
+    h = ServerHarness(minDataRate=100, dataTimeout=10)
+    h.replies()
+    h.send(b"EHLO x\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
+    h.replies()
+    # 1000 bytes every 9 s: ~111 bytes/s, fast enough, even though the deadline
+    # (10 s at most from now) is never pushed far.
+    for _ in range(5):
+        h.clock.advance(9)
+        h.send(b"x" * 998 + b"\r\n")
+        assert not h.closed
+    # 50 bytes every 5 s (10 bytes/s) drains the credit.
+    with capturedLogs() as logs:
+        for _ in range(10):
+            h.clock.advance(5)
+            if h.closed:
+                break
+            h.send(b"y" * 48 + b"\r\n")
+    assert h.closed
+    assert h.replies()[-1] == b"421 4.4.2 relay.test Error: timeout exceeded"
+    assert "timeout in DATA (less than min_data_rate = 100 bytes/s) from 127.0.0.1" in messages(logs)
+    assert h.spool.committed == {}
+
+
+def test_minDataRateOffIsTheDataTimeoutOnly() -> None:
+    h = ServerHarness(dataTimeout=10)
+    h.replies()
+    h.send(b"EHLO x\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
+    for _ in range(10):
+        h.clock.advance(9)
+        h.send(b"y\r\n")
+    assert not h.closed
+    assert h.codes(h.send(b".\r\n"))[-1] == 250
+
+
+def test_limitsDataclassDefaults() -> None:
+    limits = ListenerLimits("h", "l", MemoryRateLimiter(Clock()), Clock())
+    assert (limits.maxConnections, limits.maxConnectionsPerClient, limits.rateWindow) == (100, 50, 60.0)
+    assert (limits.connectionRateLimit, limits.messageRateLimit, limits.userMessageRateLimit) == (0, 0, 0)
+
+
+# Wiring: the service builds each listener's limits ------------------------------------------------
+
+
+def test_serviceWiresLimitsProxyAndALimiterPlugin(tmp_path, monkeypatch) -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mailrelay import service
+    from mailrelay.config import loadConfig
+    from mailrelay.plugins import MailRelayPlugin
+    from mailrelay.proxy import ProxyProtocolFactory
+
+    shared = MemoryRateLimiter(Clock())
+    plugin = MailRelayPlugin("shared-limits", IRateLimiter, "tests", lambda options, context: shared)
+    installed = service.availablePlugins()
+    monkeypatch.setattr(service, "availablePlugins", lambda: {**installed, "shared-limits": plugin})
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        '[relay]\nnetworks = ["192.0.2.0/24"]\n[rate_limiter]\nplugin = "shared-limits"\ntimeout = 2\n'
+        '[queue]\nhold = true\n[dns]\nreverse_lookups = false\nnameservers = ["127.0.0.1:5353"]\n'
+        '[[listeners]]\nendpoint = "tcp:2525"\nmessage_rate_limit = 7\ngreet_pause = 1\n'
+        'max_session_time = 99\nmin_data_rate = 10\nreject_unauth_pipelining = true\n'
+        '[[listeners]]\nendpoint = "tcp:2526"\nlimit_exceptions = []\nproxy_protocol = true\n'
+        'proxy_networks = ["10.0.0.0/8"]\n'
+    )
+    config = loadConfig(str(path), {"spool": str(tmp_path / "spool")})
+    top = service.makeRelayService(config, MemoryReactorClock())
+    listeners = [s for s in top if isinstance(s, service.ListenerService)]
+    first, second = (s.factory for s in listeners)
+    ctx = first.context
+    assert ctx.limits.limiter is shared and ctx.limits.timeout == 2.0
+    assert ctx.limits.messageRateLimit == 7
+    assert ctx.limits.exceptions == config.relayNetworks
+    assert (ctx.greetPause, ctx.maxSessionTime, ctx.minDataRate) == (1.0, 99.0, 10)
+    assert ctx.settings.rejectUnauthPipelining and ctx.settings.rejectPregreet
+    assert isinstance(second, ProxyProtocolFactory)
+    assert second.networks == (ipaddress.ip_network("10.0.0.0/8"),)
+    inner = second.wrappedFactory.context
+    assert inner.limits.limiter is shared and inner.limits.exceptions == ()
+    assert not inner.settings.rejectUnauthPipelining and not inner.settings.rejectPregreet
+    assert "PROXY from 10.0.0.0/8" in listeners[1].role
+
+
+def test_implicitTLSWithGreetPause() -> None:
+    """On an implicit TLS listener the handshake comes first; the greeting still waits."""
+    h = ServerHarness(implicitTLS=True, tls=True, greetPause=1.0)
+    assert h.completeHandshake() == []
+    h.clock.advance(1)
+    assert h.replies() == [b"220 relay.test ESMTP mailrelay"]
+    assert h.send(b"EHLO x\r\n")[-1] == b"250 SMTPUTF8"
+
+
+def test_refusedDuringImplicitTLSHandshakeIsAborted() -> None:
+    """A client refused before its TLS handshake ended is cut off (a TLS layer would wait for
+    the handshake before closing)."""
+    h = ServerHarness(implicitTLS=True, tls=True, peer="192.0.2.1", limits={"maxConnectionsPerClient": 1})
+    other = h.another("192.0.2.1")
+    assert other.transport.aborted
+
+
+def test_ipv6ClientsAreCountedByPrefix() -> None:
+    h = harness(peer="2001:db8::1", maxConnectionsPerClient=2)
+    assert h.another("2001:db8::2:3").replies()[0].startswith(b"220 ")  # same /84
+    over = h.another("2001:db8::fff:ffff:ffff")  # the last address of the /84
+    assert over.replies() == [b"421 4.7.0 relay.test Error: too many connections from 2001:db8::fff:ffff:ffff"]
+    assert h.another("2001:db8::1000:0:0").replies()[0].startswith(b"220 ")  # the next /84
+    over.loseConnection()
+    assert h.limiter.sessions("test conn 2001:db8::/84") == 2
+    assert h.limits.clientKey("conn", "::ffff:192.0.2.1") == "test conn 192.0.2.1"
+    h.limits.ipv6PrefixLength = 128
+    assert h.limits.clientKey("mail", "2001:db8::1") == "test mail 2001:db8::1"
