@@ -147,6 +147,7 @@ ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
         "active_limit",
         "postmaster",
         "hold",
+        "process",
     ),
     "delivery": (
         "helo_name",
@@ -408,6 +409,9 @@ class QueueConfig:
     @ivar delayWarning: seconds after which the sender is told that the message is delayed;
         C{0.0} for no delay warnings.
     @ivar activeLimit: the most messages in delivery at once.
+    @ivar process: C{"separate"}: the queue manager and delivery run in a process of their own
+        (two cores: acceptance and delivery in parallel, like Postfix's smtpd and qmgr);
+        C{"inline"}: in the relay's process.
     @ivar hold: accept and spool mail but deliver none (like Postfix's hold queue) until the
         relay is restarted without it; for staged roll-outs and maintenance.
     @ivar postmaster: the canonical address (C{local@domain}) that gets bounces which cannot
@@ -422,6 +426,7 @@ class QueueConfig:
     activeLimit: int = DEFAULT_ACTIVE_LIMIT
     postmaster: str | None = None
     hold: bool = False
+    process: str = "separate"
 
 
 @dataclass(frozen=True)
@@ -1783,6 +1788,7 @@ class _Loader:
             ),
             postmaster=postmaster,
             hold=self.boolean(table.get("hold", False), "queue.hold"),
+            process=self.choice(table.get("process", "separate"), "queue.process", ("separate", "inline")),
         )
 
     def delivery(self, table: dict[str, Any]) -> DeliveryConfig:

@@ -152,28 +152,9 @@ def makeDeliveryServices(config: Any, reactor: Any) -> tuple[Any, Any]:
     """
     from twisted.application.service import MultiService
 
-    from mailrelay.errors import ConfigError
-    from mailrelay.interfaces import PluginContext
-    from mailrelay.plugins import availablePlugins, buildPlugin
-    from mailrelay.queue import QueueManager, QueuePolicy
-    from mailrelay.route import RoutingTable
-    from mailrelay.service import BackendsService, SpoolService, makeBackends
+    from mailrelay.service import SpoolService, makeDelivery, pluginBuilder
     from mailrelay.spool import Spool
 
-    source = config.source or "(embedded default)"
-    context = PluginContext(hostname=config.hostname, configDir=config.configDir, reactor=reactor)
-    available = availablePlugins()
-
-    def build(spec: Any, interface: Any) -> Any:
-        try:
-            return buildPlugin(available, spec.plugin, interface, spec.options, context)
-        except ConfigError as e:
-            raise e.within(file=source, key=spec.key) from e
-
-    try:
-        router = RoutingTable.fromConfig(config)
-    except ValueError as e:
-        raise ConfigError(str(e), file=source, key="routes") from e
     top = MultiService()
     spool = Spool(
         config.spoolDirectory,
@@ -182,27 +163,17 @@ def makeDeliveryServices(config: Any, reactor: Any) -> tuple[Any, Any]:
         syncMethod=config.spoolSync,
     )
     SpoolService(spool).setServiceParent(top)
-    backends = makeBackends(config, reactor, router, build)
-    BackendsService(backends).setServiceParent(top)
-    q = config.queue
-    queue = QueueManager(
-        spool,
-        router,
-        backends,
-        reactor,
-        hostname=config.hostname,
-        policy=QueuePolicy(
-            minBackoff=q.minBackoff,
-            maxBackoff=q.maxBackoff,
-            maxLifetime=q.maxLifetime,
-            bounceLifetime=q.bounceLifetime,
-            delayWarning=q.delayWarning,
-            activeLimit=q.activeLimit,
-            postmaster=q.postmaster,
-        ),
-    )
-    queue.setServiceParent(top)
+    services, queue = makeDelivery(config, reactor, spool, pluginBuilder(config, reactor))
+    for service in services:
+        service.setServiceParent(top)
     return top, queue
+
+
+def _stopReactor(reactor: Any) -> None:
+    try:
+        reactor.stop()
+    except ierror.ReactorNotRunning:  # already stopping (a signal got there first)
+        pass
 
 
 def _childMain(argv: list[str]) -> int:
@@ -246,7 +217,7 @@ def _childMain(argv: list[str]) -> int:
             if not self.stopping:
                 self.stopping = True
                 d = services.stopService()
-                d.addBoth(lambda _: reactor.stop())
+                d.addBoth(lambda _: _stopReactor(reactor))
 
         def writeConnectionLost(self) -> None:
             pass

@@ -168,12 +168,9 @@ def makeBackends(config: Config, reactor: Any, router: Any, build: Any) -> dict[
     return backends
 
 
-def makeRelayService(config: Config, reactor: Any) -> MultiService:
-    """Build the whole relay from a checked configuration.
-
-    @raise ConfigError: a plugin is unknown or refuses its options.
-    """
-    top = RelayService()
+def pluginBuilder(config: Config, reactor: Any) -> Any:
+    """C{build(spec, interface)}: builds the plugin a configuration entry names; a
+    L{ConfigError} names the file and the entry's key."""
     context = PluginContext(hostname=config.hostname, configDir=config.configDir, reactor=reactor)
     available = availablePlugins()
 
@@ -183,22 +180,15 @@ def makeRelayService(config: Config, reactor: Any) -> MultiService:
         except ConfigError as e:
             raise e.within(file=config.source or "(embedded default)", key=spec.key) from e
 
-    validators = [
-        ConfiguredValidator(spec.plugin, build(spec, IRecipientValidator), spec.timeout)
-        for spec in config.recipientValidators
-    ]
-    stampers = [build(spec, IHeaderStamper) for spec in config.headerStampers]
-    relay = RelayControl(config.relayNetworks, config.acceptDomains, config.hostname)
-    policy = RecipientPolicy(relay, validators, reactor)
+    return build
 
-    spool = Spool(
-        config.spoolDirectory,
-        reactor=reactor,
-        minFreeSpace=config.minFreeSpace,
-        syncMethod=config.spoolSync,
-    )
-    SpoolService(spool).setServiceParent(top)
 
+def makeDelivery(config: Config, reactor: Any, spool: Any, build: Any) -> tuple[list[Any], Any]:
+    """The delivery side over C{spool}: the backends' service and the queue manager (to be
+    started in that order), and the queue manager.
+
+    @raise ConfigError: a route or a backend plugin is refused.
+    """
     from mailrelay.queue import QueueManager, QueuePolicy
     from mailrelay.route import RoutingTable
 
@@ -207,9 +197,6 @@ def makeRelayService(config: Config, reactor: Any) -> MultiService:
     except ValueError as e:
         raise ConfigError(str(e), file=config.source or "(embedded default)", key="routes") from e
     backends = makeBackends(config, reactor, router, build)
-    # Children stop in reverse order: listeners, then the queue, then the backends, then
-    # the spool.
-    BackendsService(backends).setServiceParent(top)
     q = config.queue
     queue = QueueManager(
         spool,
@@ -227,10 +214,54 @@ def makeRelayService(config: Config, reactor: Any) -> MultiService:
             postmaster=q.postmaster,
         ),
     )
+    return [BackendsService(backends), queue], queue
+
+
+def makeRelayService(
+    config: Config, reactor: Any, overrides: dict[str, Any] | None = None
+) -> MultiService:
+    """Build the whole relay from a checked configuration.
+
+    @param overrides: the command-line options the configuration was loaded with; the
+        delivery process loads the same configuration with them.
+    @raise ConfigError: a plugin is unknown or refuses its options.
+    """
+    top = RelayService()
+    build = pluginBuilder(config, reactor)
+
+    validators = [
+        ConfiguredValidator(spec.plugin, build(spec, IRecipientValidator), spec.timeout)
+        for spec in config.recipientValidators
+    ]
+    stampers = [build(spec, IHeaderStamper) for spec in config.headerStampers]
+    relay = RelayControl(config.relayNetworks, config.acceptDomains, config.hostname)
+    policy = RecipientPolicy(relay, validators, reactor)
+
+    spool = Spool(
+        config.spoolDirectory,
+        reactor=reactor,
+        minFreeSpace=config.minFreeSpace,
+        syncMethod=config.spoolSync,
+    )
+    SpoolService(spool).setServiceParent(top)
+
+    # Routes and backends are built here in every mode, so that their errors stop start-up.
+    deliveryServices, queue = makeDelivery(config, reactor, spool, build)
     if config.queue.hold:
         log.warn("queue.hold is set: mail is accepted and spooled, nothing is delivered")
+        onQueued = None
+    elif config.queue.process == "inline":
+        # Children stop in reverse order: listeners, then the queue, then the backends,
+        # then the spool.
+        for service in deliveryServices:
+            service.setServiceParent(top)
+        onQueued = queue.enqueue
     else:
-        queue.setServiceParent(top)
+        from mailrelay.qmgrprocess import DeliveryProcessService
+
+        process = DeliveryProcessService(reactor, config.source, overrides or {})
+        process.setServiceParent(top)
+        onQueued = process.enqueue
 
     resolver = None
     if config.reverseDNS:
@@ -309,7 +340,7 @@ def makeRelayService(config: Config, reactor: Any) -> MultiService:
             dataTimeout=config.dataTimeout,
             maxHops=config.maxHops,
             resolver=resolver,
-            onQueued=None if config.queue.hold else queue.enqueue,
+            onQueued=onQueued,
             tlsOptions=tlsOptions,
             implicitTLS=listener.tls_mode == "implicit",
             auth=authPolicy if listener.auth else None,

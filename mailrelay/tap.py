@@ -76,6 +76,6 @@ def makeService(options: Options) -> Any:
 
     try:
         config = loadConfig(options["config"], options.overrides())
-        return makeRelayService(config, reactor)
+        return makeRelayService(config, reactor, options.overrides())
     except ConfigError as e:
         raise SystemExit(f"mailrelay: configuration error: {e}") from None

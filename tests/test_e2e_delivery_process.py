@@ -1,0 +1,101 @@
+"""End-to-end: the queue manager in its own process (the default), restarted when it dies,
+stopped with the relay; and the inline mode (`[queue] process = "inline"`)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import smtplib
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness import RelayProcess
+from tests.test_e2e_outbound import nexthop  # noqa: F401 - the aiosmtpd next-hop fixture
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped) does not count
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+    return True
+
+
+def _send(port: int, to: str) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        s.sendmail("alice@example.com", [to], b"Subject: p\r\n\r\nbody\r\n")
+
+
+@pytest.fixture
+def relay(tmp_path: Path):
+    started: list[RelayProcess] = []
+
+    def start(config: str) -> RelayProcess:
+        r = RelayProcess(tmp_path / f"relay{len(started)}", config)
+        started.append(r)
+        return r.start()
+
+    yield start
+    for r in started:
+        r.stop()
+
+
+def test_delivery_process_restarted_and_stopped_with_the_relay(relay, nexthop) -> None:  # noqa: F811
+    recorder, port = nexthop()
+    r = relay(f'[relay]\nsmarthost = "[127.0.0.1]:{port}"\n[dns]\nreverse_lookups = false\n')
+    first = int(r.waitForLog(r"delivery process started \(pid (\d+)\)").group(1))
+    _send(r.port, "one@example.org")
+    recorder.waitTo("one@example.org")
+    r.waitForLog(r": removed")
+
+    os.kill(first, signal.SIGKILL)
+    r.waitForLog(r"delivery process exited unexpectedly")
+    pids = [int(p) for p in re.findall(r"delivery process started \(pid (\d+)\)", r.log())]
+    deadline = time.monotonic() + 15
+    while len(pids) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        pids = [int(p) for p in re.findall(r"delivery process started \(pid (\d+)\)", r.log())]
+    assert len(pids) == 2 and pids[1] != first
+    _send(r.port, "two@example.org")  # accepted meanwhile or after: delivered either way
+    recorder.waitTo("two@example.org", timeout=20)
+
+    # twistd ends by re-raising the SIGTERM it shut down on: -15 is a clean stop.
+    assert r.stop() in (0, -signal.SIGTERM)
+    assert "Traceback" not in r.log()
+    deadline = time.monotonic() + 10
+    while _alive(pids[1]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pids[1]), "the delivery process outlived the relay"
+
+
+def test_messages_accepted_while_delivery_process_is_down_are_delivered(relay, nexthop) -> None:  # noqa: F811
+    recorder, port = nexthop()
+    r = relay(f'[relay]\nsmarthost = "[127.0.0.1]:{port}"\n[dns]\nreverse_lookups = false\n')
+    pid = int(r.waitForLog(r"delivery process started \(pid (\d+)\)").group(1))
+    os.kill(pid, signal.SIGSTOP)  # hung, not dead: notifications pile up in its pipe
+    try:
+        for i in range(3):
+            _send(r.port, f"held{i}@example.org")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    for i in range(3):
+        recorder.waitTo(f"held{i}@example.org", timeout=20)
+
+
+def test_inline_queue_manager(relay, nexthop) -> None:  # noqa: F811
+    recorder, port = nexthop()
+    r = relay(
+        f'[relay]\nsmarthost = "[127.0.0.1]:{port}"\n[queue]\nprocess = "inline"\n'
+        "[dns]\nreverse_lookups = false\n"
+    )
+    _send(r.port, "inline@example.org")
+    recorder.waitTo("inline@example.org")
+    assert "delivery process started" not in r.log()
