@@ -397,9 +397,16 @@ class Mailrelay:
         return self
 
     def rss_groups(self) -> dict[str, list[tuple[int, str, int]]]:
+        """The twistd process and its children (the delivery process)."""
         assert self.proc is not None
-        st = proc_stat(self.proc.pid)
-        procs = [(self.proc.pid, st[0], st[2])] if st else []
+        root = self.proc.pid
+        st = proc_stat(root)
+        procs = [(root, st[0], st[2])] if st else []
+        for pid in all_pids():
+            if pid != root:
+                child = proc_stat(pid)
+                if child is not None and child[1] == root:
+                    procs.append((pid, child[0], child[2]))
         return {"relay": procs, "all": procs}
 
     def extra(self) -> dict[str, Any]:
@@ -992,7 +999,7 @@ def main(argv: list[str] | None = None) -> int:
     output.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print_table(rows, relays)
     print(f"RSS: peak of the summed resident set, sampled every {args.rss_interval:g}s; mailrelay "
-          "= the twistd process, postfix = its smtpd+cleanup+qmgr+smtp processes "
+          "= the twistd process and its delivery process, postfix = its smtpd+cleanup+qmgr+smtp processes "
           "(shared pages counted once per process, so Postfix's sum overstates it); "
           "PSS ratio: the same with proportional set sizes (shared pages divided among "
           "their sharers).")
