@@ -68,7 +68,7 @@ DEFAULT_MAX_SESSION_TIME = 1800.0
 DEFAULT_MIN_DATA_RATE = 500
 #: Postfix >= 3.9 refuses unauthorised pipelining by default; mailrelay does not yet (see
 #: the sample configuration).
-DEFAULT_REJECT_UNAUTH_PIPELINING = False
+DEFAULT_REJECT_UNAUTH_PIPELINING = True
 
 #: The TLS policies of C{delivery.tls}, C{smarthost.tls} and a route's C{tls}: C{"none"} (never
 #: use TLS), C{"may"} (STARTTLS when offered, without verifying the certificate),

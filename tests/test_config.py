@@ -1888,7 +1888,7 @@ def test_listenerLimitDefaults(tlsDir: Path) -> None:
     assert (listener.max_connections, listener.max_connections_per_client) == (100, 50)
     assert (listener.connection_rate_limit, listener.message_rate_limit, listener.user_message_rate_limit) == (0, 0, 0)
     assert (listener.rate_window, listener.limit_exceptions, listener.greet_pause) == (60.0, None, 0.0)
-    assert listener.reject_unauth_pipelining is False
+    assert listener.reject_unauth_pipelining is True
     assert (listener.max_session_time, listener.min_data_rate) == (1800.0, 500)
     assert (listener.proxy_protocol, listener.proxy_networks, listener.tls_certificates) == (False, (), ())
     assert loadConfig(None).listeners[0] == listener.__class__("tcp:2525:interface=127.0.0.1")

@@ -481,7 +481,7 @@ def test_serviceWiresLimitsProxyAndALimiterPlugin(tmp_path, monkeypatch) -> None
         '[[listeners]]\nendpoint = "tcp:2525"\nmessage_rate_limit = 7\ngreet_pause = 1\n'
         'max_session_time = 99\nmin_data_rate = 10\nreject_unauth_pipelining = true\n'
         '[[listeners]]\nendpoint = "tcp:2526"\nlimit_exceptions = []\nproxy_protocol = true\n'
-        'proxy_networks = ["10.0.0.0/8"]\n'
+        'proxy_networks = ["10.0.0.0/8"]\nreject_unauth_pipelining = false\n'
     )
     config = loadConfig(str(path), {"spool": str(tmp_path / "spool")})
     top = service.makeRelayService(config, MemoryReactorClock())
