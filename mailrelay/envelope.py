@@ -156,7 +156,7 @@ class Envelope:
         return d
 
     def toJSON(self) -> bytes:
-        """Serialise to UTF-8 JSON (stable key order, one line per key for people to read)."""
+        """Serialise to UTF-8 JSON (stable key order)."""
         return _ENCODER.encode(self.toDict()).encode("utf-8")
 
     @classmethod
@@ -189,4 +189,5 @@ class Envelope:
 _ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope))
 _CLIENT_FIELDS = tuple(f.name for f in fields(ClientInfo))
 _RECIPIENT_FIELDS = tuple(f.name for f in fields(Recipient))
-_ENCODER = json.JSONEncoder(sort_keys=True, ensure_ascii=False, indent=0)
+# No indent: only then does json use its C encoder (the pure-Python one cost 0.1 ms per message).
+_ENCODER = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(", ", ": "))
