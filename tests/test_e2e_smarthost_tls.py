@@ -1,0 +1,99 @@
+"""End-to-end: the real relay delivering to a smarthost that requires STARTTLS, verifying its
+certificate (issue "TLS, AUTH and submission", client side): a good certificate delivers;
+a wrong host name or an untrusted (self-signed) certificate defers with a clear log line and
+never falls back to plaintext."""
+
+from __future__ import annotations
+
+import smtplib
+import ssl
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from tests.harness import DNSServer, RelayProcess
+from tests.test_e2e_outbound import Recorder, _TCPController
+
+
+@pytest.fixture(scope="module")
+def dns(tmp_path_factory: pytest.TempPathFactory):
+    server = DNSServer(tmp_path_factory.mktemp("dns"), "test",
+                       [["smarthost.tls.test", "A", "127.0.0.1"], ["other.tls.test", "A", "127.0.0.1"]])
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def smarthost(tmp_path: Path):
+    """C{start(certifiedFor, selfSigned=False)} -> (Recorder, port, caFile)."""
+    controllers: list[Any] = []
+
+    def start(name: str, selfSigned: bool = False) -> tuple[Recorder, int, Path]:
+        trusted = trustme.CA()
+        ca = trustme.CA() if selfSigned else trusted  # self-signed: not the CA we trust
+        cert = ca.issue_cert(name)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        cert.configure_cert(context)
+        caFile = tmp_path / f"ca{len(controllers)}.pem"
+        trusted.cert_pem.write_to_path(str(caFile))
+        handler = Recorder()
+        controller = _TCPController(handler, hostname="127.0.0.1", port=0, ready_timeout=10,
+                                    tls_context=context, require_starttls=True)
+        controller.start()
+        controllers.append(controller)
+        return handler, controller.port, caFile
+
+    yield start
+    for c in controllers:
+        c.stop()
+
+
+def _relay(tmp_path: Path, dns: DNSServer, host: str, port: int, caFile: Path) -> RelayProcess:
+    config = (
+        f'[relay]\nsmarthost = "[{host}]:{port}"\n'
+        f'[smarthost]\ntls = "required"\nca_file = "{caFile}"\n'
+        f'[dns]\nreverse_lookups = false\nnameservers = ["127.0.0.1:{dns.port}"]\n'
+        "[queue]\nmin_backoff = 60\n"
+    )
+    return RelayProcess(tmp_path / "relay", config).start()
+
+
+def _send(r: RelayProcess, to: str) -> None:
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
+        s.sendmail("alice@example.com", [to], b"Subject: tls\r\n\r\nsecret\r\n")
+
+
+def test_verified_smarthost_delivers(tmp_path: Path, dns, smarthost) -> None:
+    recorder, port, caFile = smarthost("smarthost.tls.test")
+    r = _relay(tmp_path, dns, "smarthost.tls.test", port, caFile)
+    try:
+        _send(r, "bob@example.org")
+        (message,) = recorder.waitTo("bob@example.org")
+        assert b"secret" in message.content
+        r.waitForLog(r"status=sent")
+    finally:
+        r.stop()
+
+
+@pytest.mark.parametrize(
+    "certifiedFor,selfSigned,reason",
+    [
+        ("other.tls.test", False, "host name mismatch"),
+        ("smarthost.tls.test", True, "not trusted"),
+    ],
+)
+def test_bad_certificate_defers_and_never_downgrades(
+    tmp_path: Path, dns, smarthost, certifiedFor: str, selfSigned: bool, reason: str
+) -> None:
+    recorder, port, caFile = smarthost(certifiedFor, selfSigned)
+    r = _relay(tmp_path, dns, "smarthost.tls.test", port, caFile)
+    try:
+        _send(r, "bob@example.org")
+        m = r.waitForLog(r"to=<bob@example\.org>.*status=deferred \((.*)\)")
+        assert f"TLS handshake with smarthost.tls.test[127.0.0.1] failed: certificate {reason}" in m.group(1)
+        assert recorder.to("bob@example.org") == []  # nothing sent, not even in plaintext
+        assert len(r.queued()) == 1  # kept for a retry
+    finally:
+        r.stop()
