@@ -161,6 +161,7 @@ def makeDeliveryServices(config: Any, reactor: Any) -> tuple[Any, Any]:
         reactor=reactor,
         minFreeSpace=config.minFreeSpace,
         syncMethod=config.spoolSync,
+        recover=False,  # the relay's process recovered the spool before starting us
     )
     SpoolService(spool).setServiceParent(top)
     services, queue = makeDelivery(config, reactor, spool, pluginBuilder(config, reactor))

@@ -663,12 +663,16 @@ class Spool:
         minFreeSpace: int = 0,
         deferToThread: Callable[..., Deferred[Any]] | None = None,
         syncMethod: str = "syncfs",
+        recover: bool = True,
     ) -> None:
         """
         @param directory: the spool directory; created by L{start} if missing.
         @param syncMethod: one of L{SYNC_METHODS}: C{"syncfs"} (one syncfs(2) per batch; best
             on a file system of its own) or C{"fsync"} (each file); without syncfs (not
             Linux), C{"fsync"} is used.
+        @param recover: do crash recovery in L{start} (when no other process uses the spool);
+            C{False} for a process that joins a spool another one has recovered (the delivery
+            process).
         @param reactor: provides C{seconds()} and, unless C{deferToThread} is given,
             C{callFromThread()}.
         @param minFreeSpace: see L{hasFreeSpace}.
@@ -681,6 +685,7 @@ class Spool:
         if syncMethod not in SYNC_METHODS:
             raise ValueError(f"syncMethod must be one of {SYNC_METHODS}, not {syncMethod!r}")
         self._syncMethod = syncMethod
+        self._recoverAtStart = recover
         self._reactor = reactor
         self._tmpDir = self.directory / "tmp"
         self._queueDir = self.directory / "queue"
@@ -719,11 +724,13 @@ class Spool:
         if self._inFlight or self._pending:
             raise RuntimeError(f"spool {self.directory} still has operations from its last run")
         created = self._makeDirectories()
-        self._lockFD, exclusive = self._lock()
+        self._lockFD, exclusive = self._lock(tryExclusive=self._recoverAtStart)
         try:
             self._probeWritable()
             if exclusive:
                 queueIDs = self._recover()
+            elif not self._recoverAtStart:
+                queueIDs = self.queueIDs()  # the relay's own process recovers, not us
             else:
                 queueIDs = self.queueIDs()
                 log.warn(
@@ -784,14 +791,15 @@ class Spool:
             log.info("created spool directory {path}", path=str(path))
         return created
 
-    def _lock(self) -> tuple[int, bool]:
+    def _lock(self, tryExclusive: bool = True) -> tuple[int, bool]:
         try:
             fd = os.open(self._lockPath, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, _FILE_MODE)
         except OSError as e:
             raise _osError("opening spool lock", self._lockPath, e, None) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd, True
+            if tryExclusive:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd, True
         except BlockingIOError:
             pass
         except OSError as e:

@@ -928,3 +928,19 @@ def test_smallMessagesStayInMemoryUntilCommit(syncfsSpool: Spool, spoolDir: Path
     assert (spoolDir / "queue" / f"{writer.queueID}.eml").read_bytes() == b"Subject: x\r\n\r\nbody\r\n"
     big.abort()
     assert list((spoolDir / "tmp").iterdir()) == []
+
+
+def test_joiningProcessDoesNotRecover(spoolDir: Path, clock: Clock, events: list[dict[str, Any]]) -> None:
+    """The delivery process joins a spool the relay's process recovered: it removes nothing
+    and warns of nothing."""
+    first = Spool(spoolDir, reactor=clock, deferToThread=syncDeferToThread)
+    first.start()
+    first.stop()
+    (spoolDir / "tmp" / f"{newQueueID()}.eml").write_bytes(b"partial")
+    joiner = Spool(spoolDir, reactor=clock, deferToThread=syncDeferToThread, recover=False)
+    assert joiner.start() == []
+    try:
+        assert len(listing(spoolDir / "tmp")) == 1
+        assert not [e for e in events if "recovery" in e.get("log_format", "")]
+    finally:
+        joiner.stop()

@@ -1452,6 +1452,7 @@ class SMTPConnection:
 
 
 class _SMTPClientFactory(Factory):
+    noisy = False  # no "Starting factory" log line per connection
     def __init__(self, reactor: Any, settings: ClientSettings, tlsHostname: str,
                  remoteMTA: str, ready: Deferred) -> None:
         self.reactor = reactor

@@ -672,6 +672,7 @@ class SMTPServerFactory(Factory):
     """Builds L{SMTPServerProtocol}s for one listener."""
 
     protocol = SMTPServerProtocol
+    noisy = False  # the listener service logs where it listens
 
     def __init__(self, context: ListenerContext) -> None:
         self.context = context
