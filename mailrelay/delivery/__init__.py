@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 
 from mailrelay.interfaces import DeliveryStatus, RecipientResult
 
-__all__ = ["BUILTIN_BACKENDS", "resultsForAll", "PerDestination"]
+__all__ = ["BUILTIN_BACKENDS", "resultsForAll", "PerDestination", "Quitter"]
 
 log = Logger()
 
@@ -107,3 +107,55 @@ class PerDestination:
         d.addErrback(unexpected)
         d.addBoth(forget)
         return d
+
+
+class Quitter:
+    """Ends client connections in the background (QUIT, or abort when a connection cannot be
+    used any more), and lets a backend wait for those still quitting when it closes."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.quitting: set[Deferred] = set()
+
+    def quit(self, connection: Any) -> None:
+        if not connection.usable:
+            try:
+                connection.abort()
+            except Exception:
+                log.failure(
+                    "aborting {remoteMTA}", remoteMTA=getattr(connection, "remoteMTA", None)
+                )
+            return
+        d = defer.maybeDeferred(connection.quit)
+        self.quitting.add(d)
+
+        def done(result: Any) -> None:
+            self.quitting.discard(d)
+            if isinstance(result, Failure):
+                log.debug(
+                    "QUIT to {remoteMTA} failed: {error}",
+                    remoteMTA=getattr(connection, "remoteMTA", None),
+                    error=result.getErrorMessage(),
+                )
+                try:
+                    connection.abort()
+                except Exception:
+                    pass
+
+        d.addBoth(done)
+
+    def wait(self, timeout: float) -> Deferred:
+        """Fires (never failing) when every connection has quit, or after C{timeout} seconds
+        (those left are then cancelled, which aborts them)."""
+        pending = list(self.quitting)
+        if not pending:
+            return defer.succeed(None)
+        done = defer.DeferredList(pending, consumeErrors=True)
+        timer = self.reactor.callLater(timeout, done.cancel)
+
+        def finish(_: Any) -> None:
+            if timer.active():
+                timer.cancel()
+
+        done.addBoth(finish)
+        return done

@@ -28,10 +28,9 @@ from twisted.internet.endpoints import (
     wrapClientTLS,
 )
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay.delivery import PerDestination, resultsForAll
+from mailrelay.delivery import PerDestination, Quitter, resultsForAll
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend
 from mailrelay.smtp import client as smtpClient
 from mailrelay.smtp.client import ClientSettings, SMTPConnectError
@@ -109,7 +108,7 @@ class LMTPBackend:
         self.concurrency = concurrency
         self._connect = connect
         self._perDestination = PerDestination(concurrency, "LMTP")
-        self._quitting: set[Deferred] = set()
+        self._quitter = Quitter(reactor)
 
     def settingsFor(self, nexthop: str) -> ClientSettings:
         """The client settings for C{nexthop}, with C{lmtp=True}."""
@@ -210,33 +209,9 @@ class LMTPBackend:
         return list(results)
 
     def _quit(self, connection: Any) -> None:
-        if not connection.usable:
-            connection.abort()
-            return
-        d = defer.maybeDeferred(connection.quit)
-        self._quitting.add(d)
-
-        def done(result: Any) -> None:
-            self._quitting.discard(d)
-            if isinstance(result, Failure):
-                try:
-                    connection.abort()
-                except Exception:
-                    pass
-
-        d.addBoth(done)
+        """Send QUIT (or abort a connection that cannot be used any more), in the background."""
+        self._quitter.quit(connection)
 
     def close(self, timeout: float = 10.0) -> Deferred:
         """Wait (at most C{timeout} seconds) for connections still quitting."""
-        pending = list(self._quitting)
-        if not pending:
-            return defer.succeed(None)
-        done = defer.DeferredList(pending, consumeErrors=True)
-        timer = self.reactor.callLater(timeout, done.cancel)
-
-        def finish(_: Any) -> None:
-            if timer.active():
-                timer.cancel()
-
-        done.addBoth(finish)
-        return done
+        return self._quitter.wait(timeout)

@@ -41,10 +41,9 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay.delivery import PerDestination, resultsForAll
+from mailrelay.delivery import PerDestination, Quitter, resultsForAll
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, RecipientResult
 from mailrelay.route import DeliveryFailure, MXHost, parseNexthop
 from mailrelay.smtp import client as smtpClient
@@ -252,7 +251,7 @@ class SMTPBackend:
         self._connect = connect
         self._perDestination = PerDestination(destinationConcurrency, "SMTP")
         self._idle: dict[str, list[_Idle]] = {}
-        self._quitting: set[Deferred] = set()
+        self._quitter = Quitter(reactor)
         self._closed = False
 
     # -- settings ------------------------------------------------------------------------------
@@ -480,31 +479,7 @@ class SMTPBackend:
 
     def _quit(self, connection: Any) -> None:
         """Send QUIT (or abort a connection that cannot be used any more), in the background."""
-        if not connection.usable:
-            try:
-                connection.abort()
-            except Exception:
-                log.failure(
-                    "aborting {remoteMTA}", remoteMTA=getattr(connection, "remoteMTA", None)
-                )
-            return
-        d = defer.maybeDeferred(connection.quit)
-        self._quitting.add(d)
-
-        def done(result: Any) -> None:
-            self._quitting.discard(d)
-            if isinstance(result, Failure):
-                log.debug(
-                    "QUIT to {remoteMTA} failed: {error}",
-                    remoteMTA=connection.remoteMTA,
-                    error=result.getErrorMessage(),
-                )
-                try:
-                    connection.abort()
-                except Exception:
-                    pass
-
-        d.addBoth(done)
+        self._quitter.quit(connection)
 
     def idleConnections(self, nexthop: str | None = None) -> int:
         """How many idle connections are cached (to C{nexthop}, or in all)."""
@@ -527,15 +502,4 @@ class SMTPBackend:
                 if entry.timer.active():
                     entry.timer.cancel()
                 self._quit(entry.connection)
-        pending = list(self._quitting)
-        if not pending:
-            return defer.succeed(None)
-        done = defer.DeferredList(pending, consumeErrors=True)
-        timer = self.reactor.callLater(timeout, done.cancel)
-
-        def finish(_: Any) -> None:
-            if timer.active():
-                timer.cancel()
-
-        done.addBoth(finish)
-        return done
+        return self._quitter.wait(timeout)
