@@ -1558,18 +1558,30 @@ class _Loader:
         """A table naming one plugin (C{[auth.checker]}, C{[rate_limiter]}): C{plugin},
         C{timeout} and the plugin's options."""
         table = self.table(value, key)
-        pluginKey = joinKey(key, "plugin")
+        name, timeout, options = self._pluginEntry(
+            table, key, f"is required in [{key}]: the name of {what}", defaultTimeout, PLUGIN_KEYS
+        )
+        return PluginSpec(plugin=name, options=options, timeout=timeout, key=key)
+
+    def _pluginEntry(
+        self,
+        table: dict[str, Any],
+        here: str,
+        missing: str,
+        defaultTimeout: float,
+        consumed: tuple[str, ...],
+    ) -> tuple[str, float, dict[str, Any]]:
+        """The C{plugin} name, C{timeout} and options (the keys not in C{consumed}) of a
+        plugin's table found at C{here}; C{missing} says what to write when there is no
+        C{plugin} key."""
+        pluginKey = joinKey(here, "plugin")
         if "plugin" not in table:
-            raise self.error(pluginKey, f"is required in [{key}]: the name of {what}")
+            raise self.error(pluginKey, missing)
         name = self.string(table["plugin"], pluginKey)
         if not name:
             raise self.error(pluginKey, "must be a plugin name, not an empty string")
-        return PluginSpec(
-            plugin=name,
-            options={k: v for k, v in table.items() if k not in PLUGIN_KEYS},
-            timeout=self.seconds(table.get("timeout", defaultTimeout), joinKey(key, "timeout")),
-            key=key,
-        )
+        timeout = self.seconds(table.get("timeout", defaultTimeout), joinKey(here, "timeout"))
+        return name, timeout, {k: v for k, v in table.items() if k not in consumed}
 
     def cliListeners(self, value: Any, key: str) -> tuple[ListenerConfig, ...]:
         """Listeners from C{--listen}: default options for each."""
@@ -1588,18 +1600,13 @@ class _Loader:
         result = []
         for index, table in enumerate(self.arrayOfTables(value, key)):
             here = f"{key}[{index}]"
-            pluginKey = joinKey(here, "plugin")
-            if "plugin" not in table:
-                raise self.error(
-                    pluginKey, f"is required in each [[{key}]] table: the name of the plugin"
-                )
-            name = self.string(table["plugin"], pluginKey)
-            if not name:
-                raise self.error(pluginKey, "must be a plugin name, not an empty string")
-            timeout = self.seconds(
-                table.get("timeout", DEFAULT_PLUGIN_TIMEOUT), joinKey(here, "timeout")
+            name, timeout, options = self._pluginEntry(
+                table,
+                here,
+                f"is required in each [[{key}]] table: the name of the plugin",
+                DEFAULT_PLUGIN_TIMEOUT,
+                PLUGIN_KEYS,
             )
-            options = {k: v for k, v in table.items() if k not in PLUGIN_KEYS}
             result.append(PluginSpec(plugin=name, options=options, timeout=timeout, key=here))
         return tuple(result)
 
@@ -1866,18 +1873,13 @@ class _Loader:
                     nameKey, f"{describeValue(name)} is already the name of {seen[name]}"
                 )
             seen[name] = nameKey
-            pluginKey = joinKey(here, "plugin")
-            if "plugin" not in table:
-                raise self.error(
-                    pluginKey, f"is required in each [[{key}]] table: the name of the plugin"
-                )
-            plugin = self.string(table["plugin"], pluginKey)
-            if not plugin:
-                raise self.error(pluginKey, "must be a plugin name, not an empty string")
-            timeout = self.seconds(
-                table.get("timeout", DEFAULT_BACKEND_TIMEOUT), joinKey(here, "timeout")
+            plugin, timeout, options = self._pluginEntry(
+                table,
+                here,
+                f"is required in each [[{key}]] table: the name of the plugin",
+                DEFAULT_BACKEND_TIMEOUT,
+                BACKEND_KEYS,
             )
-            options = {k: v for k, v in table.items() if k not in BACKEND_KEYS}
             result.append(
                 BackendSpec(name=name, plugin=plugin, options=options, timeout=timeout, key=here)
             )
