@@ -5,8 +5,9 @@ commits it to the spool; a child process (C{python -m mailrelay.qmgrprocess}) ru
 manager and the delivery backends over the same spool.  The main process tells the child of
 each committed entry by writing its queue id, one per line, to the child's standard input --
 the child never rescans the spool, and a lost notification costs nothing: whatever is in the
-spool is delivered when the child (re)starts.  The child logs to the same standard output and
-error as the main process.
+spool is delivered when the child (re)starts.  The child sends its log events, as JSON, on its
+standard output; the main process publishes them to its own log observers, so they go
+wherever the relay logs (stdout with C{-n}, C{twistd.log} when daemonised), as if logged there.
 
 When the child exits unexpectedly it is started again (after a pause that doubles, up to a
 minute).  When the relay stops, the child's standard input is closed; the child stops its
@@ -24,7 +25,7 @@ from twisted.application.service import Service
 from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger
+from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 
 log = Logger()
 
@@ -34,10 +35,37 @@ _RESTART_MIN = 1.0
 _RESTART_MAX = 60.0
 
 
+#: Separates the child's JSON log records (twisted.logger.jsonFileLogObserver's default).
+_RECORD_SEPARATOR = b"\x1e"
+#: A log record longer than this is dropped (with a note) rather than buffered without bound.
+_MAX_RECORD = 1024 * 1024
+
+
 class _ChildProtocol(ProcessProtocol):
     def __init__(self, service: "DeliveryProcessService") -> None:
         self.service = service
         self.ended: Deferred[None] = Deferred()
+        self._buffer = b""
+
+    def outReceived(self, data: bytes) -> None:
+        """Log events from the child: publish each to our own observers."""
+        # Each record is "\x1e" + JSON (no raw newline inside) + "\n": a record is complete
+        # at its newline.
+        self._buffer += data
+        *records, self._buffer = self._buffer.split(b"\n")
+        if len(self._buffer) > _MAX_RECORD:
+            log.error("delivery process: log record over {limit} bytes dropped", limit=_MAX_RECORD)
+            self._buffer = b""
+        for record in records:
+            record = record.strip().lstrip(_RECORD_SEPARATOR)
+            if not record:
+                continue
+            try:
+                event = eventFromJSON(record.decode("utf-8", "replace"))
+            except ValueError:
+                log.warn("delivery process: {line}", line=record.decode("utf-8", "replace"))
+                continue
+            globalLogPublisher(event)
 
     def processEnded(self, reason: Any) -> None:
         self.service._childEnded(self, reason)
@@ -83,7 +111,7 @@ class DeliveryProcessService(Service):
             args[0],
             args,
             env=dict(os.environ),
-            childFDs={0: "w", 1: 1, 2: 2},
+            childFDs={0: "w", 1: "r", 2: 2},
         )
         self._child = child
         log.info("delivery process started (pid {pid})", pid=child.transport.pid)
@@ -181,7 +209,7 @@ def _childMain(argv: list[str]) -> int:
     import argparse
 
     from twisted.internet import reactor, stdio
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import globalLogBeginner, jsonFileLogObserver
     from twisted.protocols.basic import LineReceiver
 
     from zope.interface import implementer
@@ -194,7 +222,10 @@ def _childMain(argv: list[str]) -> int:
     parser.add_argument("--config")
     parser.add_argument("--overrides", default="{}")
     options = parser.parse_args(argv)
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    # Log events go to the relay's process as JSON records on our standard output, each
+    # flushed as it is written (a pipe would otherwise hold them in a block buffer).
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout)], redirectStandardIO=False)
     try:
         config = loadConfig(options.config, json.loads(options.overrides))
         services, queue = makeDeliveryServices(config, reactor)
@@ -228,7 +259,7 @@ def _childMain(argv: list[str]) -> int:
 
     def start() -> None:
         services.startService()
-        # Our standard output carries the log; StandardIO gets /dev/null to write to.
+        # Our standard output carries the log records; StandardIO gets /dev/null to write to.
         stdio.StandardIO(Feed(), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY))
 
     reactor.callWhenRunning(start)

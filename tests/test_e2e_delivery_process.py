@@ -99,3 +99,31 @@ def test_inline_queue_manager(relay, nexthop) -> None:  # noqa: F811
     _send(r.port, "inline@example.org")
     recorder.waitTo("inline@example.org")
     assert "delivery process started" not in r.log()
+
+
+def test_delivery_process_logs_where_the_relay_logs(tmp_path: Path) -> None:
+    """Its events reach the relay's own log file (as when daemonised), not a lost stdout."""
+    import subprocess
+
+    from tests.harness import TWISTD
+
+    logfile = tmp_path / "relay.log"
+    p = subprocess.Popen(
+        [TWISTD, "-n", "--pidfile=", f"--logfile={logfile}", "mailrelay",
+         "--listen", "tcp:0:interface=127.0.0.1", "--spool", str(tmp_path / "spool"),
+         "--hostname", "relay.test", "--smarthost", "[127.0.0.1]:9"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        text = ""
+        while time.monotonic() < deadline:
+            text = logfile.read_text() if logfile.exists() else ""
+            if "queue manager started" in text:
+                break
+            time.sleep(0.1)
+        assert "[mailrelay.queue#info] queue manager started" in text, text
+    finally:
+        p.terminate()
+        out, _ = p.communicate(timeout=20)
+    assert b"queue manager" not in out  # nothing escaped to the terminal
