@@ -5,9 +5,9 @@ commits it to the spool; a child process (C{python -m mailrelay.qmgrprocess}) ru
 manager and the delivery backends over the same spool.  The main process tells the child of
 each committed entry by writing its queue id, one per line, to the child's standard input --
 the child never rescans the spool, and a lost notification costs nothing: whatever is in the
-spool is delivered when the child (re)starts.  The child sends its log events, as JSON, on its
-standard output; the main process publishes them to its own log observers, so they go
-wherever the relay logs (stdout with C{-n}, C{twistd.log} when daemonised), as if logged there.
+spool is delivered when the child (re)starts.  The child sends its log events, formatted, one
+line each, on its standard output; the main process publishes them to its own log observers,
+so they go wherever the relay logs (stdout with C{-n}, C{twistd.log} when daemonised), as if logged there.
 
 When the child exits unexpectedly it is started again (after a pause that doubles, up to a
 minute).  When the relay stops, the child's standard input is closed; the child stops its
@@ -25,7 +25,7 @@ from twisted.application.service import Service
 from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.logger import LogLevel, Logger, formatEvent, globalLogPublisher
 
 log = Logger()
 
@@ -35,10 +35,41 @@ _RESTART_MIN = 1.0
 _RESTART_MAX = 60.0
 
 
-#: Separates the child's JSON log records (twisted.logger.jsonFileLogObserver's default).
-_RECORD_SEPARATOR = b"\x1e"
 #: A log record longer than this is dropped (with a note) rather than buffered without bound.
 _MAX_RECORD = 1024 * 1024
+
+
+def encodeLogEvent(event: dict[str, Any]) -> str:
+    """One line for the relay's process: time, namespace, level and the formatted text
+    (with its traceback, if any), tab-separated, backslashes and newlines escaped.  The child
+    formats its events itself: the relay only copies them into its log, cheaply."""
+    text = formatEvent(event)
+    failure = event.get("log_failure")
+    if failure is not None:
+        text += "\n" + failure.getTraceback()
+    text = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+    level = event.get("log_level")
+    return "{}\t{}\t{}\t{}\n".format(
+        event.get("log_time", 0.0),
+        event.get("log_namespace", "-"),
+        getattr(level, "name", "info"),
+        text,
+    )
+
+
+def decodeLogEvent(line: str) -> dict[str, Any]:
+    """The event L{encodeLogEvent} wrote.  @raise ValueError: not such a line."""
+    when, namespace, level, text = line.split("\t", 3)
+    text = (
+        text.replace("\\\\", "\x00").replace("\\n", "\n").replace("\\r", "\r").replace("\x00", "\\")
+    )
+    return {
+        "log_time": float(when),
+        "log_namespace": namespace,
+        "log_level": LogLevel.levelWithName(level),
+        "log_format": "{log_text}",
+        "log_text": text,
+    }
 
 
 class _ChildProtocol(ProcessProtocol):
@@ -49,20 +80,17 @@ class _ChildProtocol(ProcessProtocol):
 
     def outReceived(self, data: bytes) -> None:
         """Log events from the child: publish each to our own observers."""
-        # Each record is "\x1e" + JSON (no raw newline inside) + "\n": a record is complete
-        # at its newline.
         self._buffer += data
         *records, self._buffer = self._buffer.split(b"\n")
         if len(self._buffer) > _MAX_RECORD:
             log.error("delivery process: log record over {limit} bytes dropped", limit=_MAX_RECORD)
             self._buffer = b""
         for record in records:
-            record = record.strip().lstrip(_RECORD_SEPARATOR)
             if not record:
                 continue
             try:
-                event = eventFromJSON(record.decode("utf-8", "replace"))
-            except ValueError:
+                event = decodeLogEvent(record.decode("utf-8", "replace"))
+            except (ValueError, KeyError):
                 log.warn("delivery process: {line}", line=record.decode("utf-8", "replace"))
                 continue
             globalLogPublisher(event)
@@ -209,7 +237,7 @@ def _childMain(argv: list[str]) -> int:
     import argparse
 
     from twisted.internet import reactor, stdio
-    from twisted.logger import globalLogBeginner, jsonFileLogObserver
+    from twisted.logger import globalLogBeginner
     from twisted.protocols.basic import LineReceiver
 
     from zope.interface import implementer
@@ -225,7 +253,10 @@ def _childMain(argv: list[str]) -> int:
     # Log events go to the relay's process as JSON records on our standard output, each
     # flushed as it is written (a pipe would otherwise hold them in a block buffer).
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    def toRelay(event: dict[str, Any]) -> None:
+        sys.stdout.write(encodeLogEvent(event))
+
+    globalLogBeginner.beginLoggingTo([toRelay], redirectStandardIO=False)
     try:
         config = loadConfig(options.config, json.loads(options.overrides))
         services, queue = makeDeliveryServices(config, reactor)

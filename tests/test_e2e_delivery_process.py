@@ -127,3 +127,27 @@ def test_delivery_process_logs_where_the_relay_logs(tmp_path: Path) -> None:
         p.terminate()
         out, _ = p.communicate(timeout=20)
     assert b"queue manager" not in out  # nothing escaped to the terminal
+
+
+def test_log_lines_round_trip() -> None:
+    """What the delivery process writes is what the relay logs: level, namespace, time and
+    text, newlines and backslashes included, and a failure's traceback."""
+    from twisted.logger import LogLevel, formatEventAsClassicLogText
+    from twisted.python.failure import Failure
+
+    from mailrelay.qmgrprocess import decodeLogEvent, encodeLogEvent
+
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        failure = Failure()
+    event = {"log_time": 1800000000.0, "log_namespace": "mailrelay.queue", "log_level": LogLevel.warn,
+             "log_format": "{queueID}: odd {text}", "queueID": "Q1", "text": "a\\b\nc\td"}
+    line = encodeLogEvent(event)
+    assert line.count("\n") == 1 and line.endswith("\n")
+    decoded = decodeLogEvent(line[:-1])
+    assert formatEventAsClassicLogText(decoded) == formatEventAsClassicLogText(
+        {**event, "log_format": "{queueID}: odd {text}"}
+    )
+    decoded = decodeLogEvent(encodeLogEvent({**event, "log_failure": failure})[:-1])
+    assert decoded["log_text"].startswith("Q1: odd a\\b\nc\td\n") and "ZeroDivisionError" in decoded["log_text"]
