@@ -122,7 +122,7 @@ class DeliveryProcessService(Service):
     def command(self) -> list[str]:
         args = [sys.executable, "-m", "mailrelay.qmgrprocess", "--overrides", json.dumps(self.overrides)]
         if self.configPath is not None:
-            args += ["--config", self.configPath]
+            args += ["--config", os.path.abspath(self.configPath)]
         return args
 
     def startService(self) -> None:
