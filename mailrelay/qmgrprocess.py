@@ -208,18 +208,11 @@ def makeDeliveryServices(config: Any, reactor: Any) -> tuple[Any, Any]:
     """
     from twisted.application.service import MultiService
 
-    from mailrelay.service import SpoolService, makeDelivery, pluginBuilder
-    from mailrelay.spool import Spool
+    from mailrelay.service import makeDelivery, makeSpool, pluginBuilder
 
     top = MultiService()
-    spool = Spool(
-        config.spoolDirectory,
-        reactor=reactor,
-        minFreeSpace=config.minFreeSpace,
-        syncMethod=config.spoolSync,
-        recover=False,  # the relay's process recovered the spool before starting us
-    )
-    SpoolService(spool).setServiceParent(top)
+    # The relay's process recovered the spool before starting us.
+    spool = makeSpool(config, reactor, top, recover=False)
     services, queue = makeDelivery(config, reactor, spool, pluginBuilder(config, reactor))
     for service in services:
         service.setServiceParent(top)

@@ -168,6 +168,19 @@ def makeBackends(config: Config, reactor: Any, router: Any, build: Any) -> dict[
     return backends
 
 
+def makeSpool(config: Config, reactor: Any, parent: Any, recover: bool = True) -> Spool:
+    """The spool of C{config}, started (and stopped) by a L{SpoolService} under C{parent}."""
+    spool = Spool(
+        config.spoolDirectory,
+        reactor=reactor,
+        minFreeSpace=config.minFreeSpace,
+        syncMethod=config.spoolSync,
+        recover=recover,
+    )
+    SpoolService(spool).setServiceParent(parent)
+    return spool
+
+
 def pluginBuilder(config: Config, reactor: Any) -> Any:
     """C{build(spec, interface)}: builds the plugin a configuration entry names; a
     L{ConfigError} names the file and the entry's key."""
@@ -237,13 +250,7 @@ def makeRelayService(
     relay = RelayControl(config.relayNetworks, config.acceptDomains, config.hostname)
     policy = RecipientPolicy(relay, validators, reactor)
 
-    spool = Spool(
-        config.spoolDirectory,
-        reactor=reactor,
-        minFreeSpace=config.minFreeSpace,
-        syncMethod=config.spoolSync,
-    )
-    SpoolService(spool).setServiceParent(top)
+    spool = makeSpool(config, reactor, top)
 
     # Routes and backends are built here in every mode, so that their errors stop start-up.
     deliveryServices, queue = makeDelivery(config, reactor, spool, build)
