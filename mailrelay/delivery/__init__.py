@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 
 from mailrelay.interfaces import DeliveryStatus, RecipientResult
 
-__all__ = ["BUILTIN_BACKENDS", "resultsForAll", "PerDestination", "Quitter"]
+__all__ = ["BUILTIN_BACKENDS", "resultsForAll", "PerDestination", "Quitter", "ClientBackend"]
 
 log = Logger()
 
@@ -159,3 +159,36 @@ class Quitter:
 
         done.addBoth(finish)
         return done
+
+
+class ClientBackend:
+    """What the SMTP and LMTP backends share: client settings per next hop, and deliveries
+    limited per next hop (see L{PerDestination}).  Subclasses set C{settings},
+    C{routeSettings} and C{_perDestination}, and define C{_deliver}."""
+
+    settings: Any
+    routeSettings: Any
+    _perDestination: PerDestination
+
+    def settingsFor(self, nexthop: str) -> Any:
+        """The client settings of the route to C{nexthop}, or the backend's default."""
+        found = None
+        if callable(self.routeSettings):
+            found = self.routeSettings(nexthop)
+        elif self.routeSettings is not None:
+            found = self.routeSettings.get(nexthop)
+        return found if found is not None else self.settings
+
+    def deliver(self, envelope: Any, recipients: Any, nexthop: str, messagePath: Any) -> Deferred:
+        """Deliver to C{recipients} at C{nexthop}; the Deferred never fails."""
+        recipients = list(recipients)
+        return self._perDestination.run(
+            nexthop, envelope, recipients, self._deliver, envelope, recipients, nexthop, messagePath
+        )
+
+    def _deliver(self, envelope: Any, recipients: list[Any], nexthop: str, messagePath: Any) -> Deferred:
+        raise NotImplementedError()
+
+    @property
+    def _semaphores(self) -> dict[str, Any]:
+        return self._perDestination.semaphores

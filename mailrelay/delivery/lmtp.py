@@ -30,7 +30,7 @@ from twisted.internet.endpoints import (
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailrelay.delivery import PerDestination, Quitter, resultsForAll
+from mailrelay.delivery import ClientBackend, PerDestination, Quitter, resultsForAll
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend
 from mailrelay.smtp import client as smtpClient
 from mailrelay.smtp.client import ClientSettings, SMTPConnectError
@@ -79,7 +79,7 @@ def parseLMTPNexthop(nexthop: str) -> tuple[str, str, int | None]:
 
 
 @implementer(IDeliveryBackend)
-class LMTPBackend:
+class LMTPBackend(ClientBackend):
     """Delivers over LMTP (see the module docstring)."""
 
     def __init__(
@@ -112,24 +112,9 @@ class LMTPBackend:
 
     def settingsFor(self, nexthop: str) -> ClientSettings:
         """The client settings for C{nexthop}, with C{lmtp=True}."""
-        found = None
-        if callable(self.routeSettings):
-            found = self.routeSettings(nexthop)
-        elif self.routeSettings is not None:
-            found = self.routeSettings.get(nexthop)
-        settings = found if found is not None else self.settings
+        settings = super().settingsFor(nexthop)
         return settings if settings.lmtp else dataclasses.replace(settings, lmtp=True)
 
-    def deliver(self, envelope: Any, recipients: Any, nexthop: str, messagePath: Path) -> Deferred:
-        """Deliver to C{recipients} at C{nexthop}; the Deferred never fails."""
-        recipients = list(recipients)
-        return self._perDestination.run(
-            nexthop, envelope, recipients, self._deliver, envelope, recipients, nexthop, messagePath
-        )
-
-    @property
-    def _semaphores(self) -> dict[str, Any]:
-        return self._perDestination.semaphores
 
     def _endpoint(self, nexthop: str, settings: ClientSettings) -> tuple[Any, str, str]:
         """The endpoint, TLS host name and Remote-MTA for C{nexthop}."""

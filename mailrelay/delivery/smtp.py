@@ -43,7 +43,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, w
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailrelay.delivery import PerDestination, Quitter, resultsForAll
+from mailrelay.delivery import ClientBackend, PerDestination, Quitter, resultsForAll
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, RecipientResult
 from mailrelay.route import DeliveryFailure, MXHost, parseNexthop
 from mailrelay.smtp import client as smtpClient
@@ -212,7 +212,7 @@ class _Idle:
 
 
 @implementer(IDeliveryBackend)
-class SMTPBackend:
+class SMTPBackend(ClientBackend):
     """Delivers over SMTP to MX hosts or a fixed next hop (see the module docstring)."""
 
     def __init__(
@@ -254,29 +254,8 @@ class SMTPBackend:
         self._quitter = Quitter(reactor)
         self._closed = False
 
-    # -- settings ------------------------------------------------------------------------------
-
-    def settingsFor(self, nexthop: str) -> ClientSettings:
-        """The client settings for C{nexthop}."""
-        found = None
-        if callable(self.routeSettings):
-            found = self.routeSettings(nexthop)
-        elif self.routeSettings is not None:
-            found = self.routeSettings.get(nexthop)
-        return found if found is not None else self.settings
-
     # -- delivery ------------------------------------------------------------------------------
 
-    def deliver(self, envelope: Any, recipients: Any, nexthop: str, messagePath: Path) -> Deferred:
-        """Deliver to C{recipients} at C{nexthop}; the Deferred never fails."""
-        recipients = list(recipients)
-        return self._perDestination.run(
-            nexthop, envelope, recipients, self._deliver, envelope, recipients, nexthop, messagePath
-        )
-
-    @property
-    def _semaphores(self) -> dict[str, Any]:
-        return self._perDestination.semaphores
 
     def _connectFunction(self) -> Callable[..., Deferred]:
         return self._connect if self._connect is not None else smtpClient.connectSMTP
