@@ -45,6 +45,8 @@ DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_DATA_TIMEOUT = 300.0
 DEFAULT_MAX_ERRORS = 20
 DEFAULT_MAX_HOPS = 50
+#: Seconds a stopping relay gives sessions in DATA, and deliveries in flight, to finish.
+DEFAULT_DRAIN_TIME = 30.0
 DEFAULT_PLUGIN_TIMEOUT = 30.0
 DEFAULT_HEADER_STAMPER = "default"
 DEFAULT_SMTP_PORT = 25
@@ -119,6 +121,7 @@ TRANSPORT_KEYS = ("tls", "ca_file", "username", "password", "password_file", "au
 ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
     "": (
         "hostname",
+        "drain_time",
         "spool",
         "relay",
         "limits",
@@ -565,6 +568,8 @@ class Config:
     @ivar rateLimiter: the plugin (providing L{mailrelay.interfaces.IRateLimiter}) keeping the
         listeners' limit counters, shared by several relays, or C{None} for the in-memory
         default; its C{timeout} is how long one answer may take.
+    @ivar drainTime: seconds a stopping relay lets sessions in DATA finish their message,
+        and then deliveries in flight finish and be recorded.
     """
 
     source: str | None
@@ -594,6 +599,7 @@ class Config:
     spoolSync: str = "syncfs"
     auth: AuthConfig | None = None
     rateLimiter: PluginSpec | None = None
+    drainTime: float = DEFAULT_DRAIN_TIME
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2035,22 +2041,33 @@ def _domainProblem(error: ValueError) -> str:
     return text.removeprefix("Error: ")
 
 
-def _readFile(path: str) -> dict[str, Any]:
-    """The TOML table in C{path}.
+def readConfigFile(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of the configuration file C{path}.
 
-    @raise ConfigError: the file cannot be read, is not UTF-8 or is not valid TOML.
+    @raise ConfigError: the file cannot be read.
     """
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            return f.read()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot read the configuration file: {e.strerror or e}", file=os.fspath(path)
+        ) from None
+
+
+def _readFile(path: str, text: bytes | None = None) -> dict[str, Any]:
+    """The TOML table in C{path}, or in C{text} (the file's bytes, already read).
+
+    @raise ConfigError: the file cannot be read, is not UTF-8 or is not valid TOML.
+    """
+    if text is None:
+        text = readConfigFile(path)
+    try:
+        return tomllib.loads(text.decode("utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"TOML syntax error: {e}", file=path) from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"not UTF-8 text: {e}", file=path) from None
-    except OSError as e:
-        raise ConfigError(
-            f"cannot read the configuration file: {e.strerror or e}", file=path
-        ) from None
 
 
 def _given(overrides: dict[str, Any], name: str) -> bool:
@@ -2059,10 +2076,14 @@ def _given(overrides: dict[str, Any], name: str) -> bool:
     return value is not None and value != [] and value != ()
 
 
-def loadConfig(path: str | os.PathLike[str] | None, overrides: dict | None = None) -> Config:
+def loadConfig(
+    path: str | os.PathLike[str] | None, overrides: dict | None = None, text: bytes | None = None
+) -> Config:
     """Read, override and check the configuration.
 
     @param path: the TOML file, or C{None} for the built-in defaults.
+    @param text: the bytes of C{path} when the caller has read them already (see
+        L{readConfigFile}); the file is then not read again.
     @param overrides: command-line options, by the keys of L{OVERRIDE_OPTIONS}: C{"listen"},
         C{"relay_network"}, C{"accept_domain"} (lists of strings), C{"hostname"}, C{"spool"},
         C{"smarthost"} (strings; C{""} for no smarthost).  An option given replaces the file's
@@ -2087,7 +2108,7 @@ def loadConfig(path: str | os.PathLike[str] | None, overrides: dict | None = Non
     else:
         source = os.fspath(path)
         configDir = Path(os.path.abspath(os.path.dirname(source) or "."))
-        data = _readFile(source)
+        data = _readFile(source, text)
 
     load = _Loader(source, configDir)
     load.checkKeys(data, "", ALLOWED_KEYS[""])
@@ -2112,6 +2133,8 @@ def loadConfig(path: str | os.PathLike[str] | None, overrides: dict | None = Non
                 f"the system's name from socket.getfqdn() will not do: {e}; "
                 "set hostname in the configuration file or use --hostname",
             ) from None
+
+    drainTime = load.seconds(data.get("drain_time", DEFAULT_DRAIN_TIME), "drain_time")
 
     # spool
     if _given(overrides, "spool"):
@@ -2227,4 +2250,5 @@ def loadConfig(path: str | os.PathLike[str] | None, overrides: dict | None = Non
         spoolSync=spoolSync,
         auth=auth,
         rateLimiter=rateLimiter,
+        drainTime=drainTime,
     )

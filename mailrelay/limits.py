@@ -118,6 +118,14 @@ def _parseAddress(host: str) -> Any:
 
 
 @dataclass
+class ConnectionCount:
+    """The connections open now on one listener; kept across a reload, so that connections
+    made before it still count (and are uncounted when they end)."""
+
+    value: int = 0
+
+
+@dataclass
 class ListenerLimits:
     """The limits of one listener, shared by its sessions.
 
@@ -139,7 +147,7 @@ class ListenerLimits:
     @ivar ipv6PrefixLength: IPv6 clients are counted together by network of this length
         (128: each address alone); IPv4 clients by address.
     @ivar timeout: seconds a limiter answer may take before the limit is skipped.
-    @ivar active: connections open now on this listener.
+    @ivar count: the L{ConnectionCount} of this listener (L{active}).
     """
 
     hostname: str
@@ -155,7 +163,16 @@ class ListenerLimits:
     exceptions: Sequence[Any] = ()
     ipv6PrefixLength: int = DEFAULT_IPV6_PREFIX_LENGTH
     timeout: float = LIMITER_TIMEOUT
-    active: int = field(default=0, init=False)
+    count: ConnectionCount = field(default_factory=ConnectionCount)
+
+    @property
+    def active(self) -> int:
+        """Connections open now on this listener."""
+        return self.count.value
+
+    @active.setter
+    def active(self, value: int) -> None:
+        self.count.value = value
 
     def isExempt(self, address: str) -> bool:
         """Is C{address} in an exception network (or not an IP address at all: a UNIX

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -173,6 +173,7 @@ class QueueManager(Service):
         *,
         hostname: str,
         policy: QueuePolicy = QueuePolicy(),
+        lock: Any = None,
     ) -> None:
         """
         @param spool: a started L{mailrelay.spool.Spool} (by the time L{startService} runs).
@@ -180,6 +181,9 @@ class QueueManager(Service):
         @param backends: the delivery backends by name (L{Route.backend}).
         @param clock: provides C{seconds()} and C{callLater()} (the reactor).
         @param hostname: this relay's host name, for notifications.
+        @param lock: a L{mailrelay.queuelock.QueueLock} of the spool, or C{None}: nothing is
+            delivered before it is held, and it is released when the manager has stopped,
+            so that two queue managers never deliver from one spool at once.
         """
         self.spool = spool
         self.router = router
@@ -198,6 +202,13 @@ class QueueManager(Service):
         self._pumping = False
         self._pumpAgain = False
         self._stopped = False
+        self.lock = lock
+        #: The lock is held (or not needed) and the spool has been listed: deliveries may run.
+        self._ready = False
+        self._locking: Deferred[None] | None = None
+        #: Router and backend calls in flight, cancelled when the stop's drain time is over.
+        self._calls: set[Deferred[Any]] = set()
+        self._interrupted = False
 
     # -- introspection ------------------------------------------------------------------------
 
@@ -228,62 +239,96 @@ class QueueManager(Service):
     # -- life cycle ---------------------------------------------------------------------------
 
     def startService(self) -> None:
-        """Schedule every committed spool entry, due now, in arrival order.
+        """Take the spool's queue lock (waiting while another queue manager holds it), then
+        schedule every committed spool entry, due now, in arrival order.
 
         Envelopes are not read here: an entry whose next attempt is in the future is found so
         when it is loaded, and then rescheduled without an attempt.
         """
         super().startService()
         self._stopped = False
+        self._interrupted = False
+        if self.lock is None:
+            self._begin()
+            return
+        self._locking = self.lock.acquire()
+        self._locking.addCallbacks(lambda _: self._begin(), self._lockFailed)
+
+    def _lockFailed(self, failure: Failure) -> None:
+        self._locking = None
+        if failure.check(CancelledError):
+            return  # stopped while waiting
+        log.error(
+            "queue manager not started: cannot take the queue lock {path}: {error}",
+            path=str(self.lock.path),
+            error=failure.getErrorMessage(),
+        )
+
+    def _begin(self) -> None:
+        self._locking = None
+        self._ready = True
         try:
             queueIDs = self.spool.queueIDs()
         except SpoolError as e:
             log.error("queue: cannot list the spool: {error}", error=str(e))
             queueIDs = []
         now = self.clock.seconds()
-        added = 0
         for queueID in queueIDs:
             if queueID not in self._scheduled and queueID not in self._active:
                 self._schedule(queueID, now)
-                added += 1
         log.info(
             "queue manager started: {count} queued entries, active limit {limit}",
-            count=added,
+            count=len(self._scheduled),
             limit=self.policy.activeLimit,
         )
         self._pump()
 
     def stopService(self) -> Deferred[None]:
-        """Start no more deliveries, cancel the timer, and wait (at most
-        C{policy.stopTimeout} seconds) for the attempts in progress to record their results."""
+        """Start no more deliveries, cancel the timer, and wait for the attempts in progress
+        to end and record their results.  Deliveries still running after
+        C{policy.stopTimeout} seconds (the drain time) are interrupted: their recipients are
+        recorded as deferred, to be retried at the next start (the next hop may have received
+        the message: it may be sent twice).  Then the queue lock is released."""
         super().stopService()
         self._stopped = True
+        self._ready = False
         self._cancelTimer()
+        if self._locking is not None:
+            self._locking.cancel()
+        done: Deferred[None] = Deferred()
         inFlight = list(self._active.values())
         if not inFlight:
-            return succeed(None)
+            self._stopped_(done)
+            return done
         log.info("queue manager stopping: waiting for {count} deliveries", count=len(inFlight))
-        done: Deferred[None] = Deferred()
         waiting = DeferredList(inFlight, consumeErrors=True)
 
-        def timedOut() -> None:
+        def drainTimeOver() -> None:
+            self._interrupted = True
             log.warn(
-                "queue manager stopped with {count} deliveries still in progress; they will be "
-                "retried at the next start",
+                "queue manager stopping: {count} deliveries still in progress after "
+                "{timeout:g}s are interrupted; their recipients stay queued",
                 count=len(self._active),
+                timeout=self.policy.stopTimeout,
             )
-            done.callback(None)
+            for call in list(self._calls):
+                call.cancel()
 
-        timer = self.clock.callLater(self.policy.stopTimeout, timedOut)
+        timer = self.clock.callLater(self.policy.stopTimeout, drainTimeOver)
 
         def finished(_: object) -> None:
             if timer.active():
                 timer.cancel()
-                log.info("queue manager stopped")
-                done.callback(None)
+            self._stopped_(done)
 
         waiting.addCallback(finished)
         return done
+
+    def _stopped_(self, done: Deferred[None]) -> None:
+        if self.lock is not None:
+            self.lock.release()
+        log.info("queue manager stopped")
+        done.callback(None)
 
     def enqueue(self, queueID: str) -> None:
         """A new entry was committed: schedule it, due now.
@@ -297,7 +342,7 @@ class QueueManager(Service):
         if queueID in self._active or self._stopped:
             return
         self._schedule(queueID, self.clock.seconds())
-        if self.running:
+        if self.running and self._ready:
             self._pump()
 
     # -- scheduling ---------------------------------------------------------------------------
@@ -345,7 +390,7 @@ class QueueManager(Service):
             loads = 0
             while True:
                 self._pumpAgain = False
-                if not self.running:
+                if not self.running or not self._ready:
                     return
                 now = self.clock.seconds()
                 while len(self._active) < self.policy.activeLimit:
@@ -548,9 +593,40 @@ class QueueManager(Service):
         return None
 
     def _withTimeout(self, d: Deferred[Any]) -> Deferred[Any]:
-        if self.policy.deliveryTimeout > 0:
-            d.addTimeout(self.policy.deliveryTimeout, self.clock)
-        return d
+        """A Deferred of C{d}'s result that fails with C{TimeoutError} after
+        C{policy.deliveryTimeout} seconds, or with C{CancelledError} when the stop's drain
+        time is over, whether or not C{d} honours its cancellation (C{d} is cancelled, and a
+        late result of it is ignored)."""
+
+        def cancel(_: Deferred[Any]) -> None:
+            d.cancel()
+
+        outer: Deferred[Any] = Deferred(cancel)
+
+        def relay(result: Any) -> None:
+            self._calls.discard(outer)
+            if not outer.called:
+                if isinstance(result, Failure):
+                    outer.errback(result)
+                else:
+                    outer.callback(result)
+
+        # (d.called says nothing: a Deferred waiting for another one is "called".)
+        d.addBoth(relay)
+        if not outer.called:
+            self._calls.add(outer)
+            if self.policy.deliveryTimeout > 0:
+                outer.addTimeout(self.policy.deliveryTimeout, self.clock)
+        return outer
+
+    def _interruption(self, relay: str) -> str | None:
+        """The diagnostic of a call cut short by the stop, or C{None} when it was not."""
+        if not self._interrupted:
+            return None
+        return (
+            f"X-mailrelay; delivery via {relay} interrupted: the relay was stopping (the next "
+            "hop may have received the message)"
+        )
 
     async def _route(self, queueID: str, envelope: Envelope, recipient: Recipient) -> Any:
         """The recipient's L{Route}, or a transient L{RecipientResult} when routing failed."""
@@ -630,13 +706,13 @@ class QueueManager(Service):
                 maybeDeferred(backend.deliver, envelope, list(recipients), route.nexthop, path)
             )
         except Exception as e:
+            diagnostic = self._interruption(relay) or f"X-mailrelay; delivery via {relay} failed: {e!r}"
             log.error(
                 "{queueID}: delivery via {relay} failed: {error}",
                 queueID=queueID,
                 relay=relay,
-                error=repr(e),
+                error=diagnostic if self._interrupted else repr(e),
             )
-            diagnostic = f"X-mailrelay; delivery via {relay} failed: {e!r}"
             return [_Outcome(r, _transient(r, "4.3.0", diagnostic), relay) for r in recipients]
         problem = self._checkResults(results, recipients)
         if problem is not None:

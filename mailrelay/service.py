@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from mailrelay.config import Config
+from mailrelay.config import Config, loadConfig, readConfigFile
 from mailrelay.errors import ConfigError
 from mailrelay.interfaces import (
     IDeliveryBackend,
@@ -18,11 +21,39 @@ from mailrelay.interfaces import (
 )
 from mailrelay.plugins import availablePlugins, buildPlugin
 from mailrelay.policy import ConfiguredValidator, RecipientPolicy, RelayControl
-from mailrelay.smtp.protocol import ListenerContext, SMTPServerFactory
+from mailrelay.smtp.protocol import ListenerContext, Sessions, SMTPServerFactory
 from mailrelay.smtp.server import SessionSettings
 from mailrelay.spool import Spool, SpoolError
 
 log = Logger()
+
+
+class OrderedMultiService(MultiService):
+    """A L{MultiService} that stops its children one at a time, the last added first, each
+    once the one before has finished stopping (Twisted's own stops them all at once): the
+    listeners stop before the sessions drain, the queue manager has recorded its deliveries
+    before the backends close, and the spool closes last.
+
+    Before the first child stops, every child with a C{beginShutdown} method is told that
+    the whole service is stopping.
+    """
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        children = list(self)[::-1]
+        for child in children:
+            begin = getattr(child, "beginShutdown", None)
+            if callable(begin):
+                begin()
+        d: Deferred[Any] = succeed(None)
+        for child in children:
+            d.addCallback(lambda _, child=child: maybeDeferred(child.stopService))
+            d.addErrback(
+                lambda f, child=child: log.failure(
+                    "stopping {service} failed", f, service=child.name or repr(child)
+                )
+            )
+        return d.addCallback(lambda _: None)
 
 
 class SpoolService(Service):
@@ -46,28 +77,89 @@ class SpoolService(Service):
         self.spool.stop()
 
 
+class SessionsService(Service):
+    """Stops the SMTP sessions gracefully once the listeners have stopped: idle sessions get
+    C{421 4.3.2 Service shutting down} at once; a session with a message in hand may finish
+    it within the drain time, and gets its 250 only once the message is durable."""
+
+    name = "sessions"
+
+    def __init__(self, sessions: Sessions, clock: Any, drainTime: float) -> None:
+        self.sessions = sessions
+        self.clock = clock
+        self.drainTime = drainTime
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.sessions.drain(self.clock, self.drainTime)
+
+
+class _SwitchFactory(Factory):
+    """The factory a listening port keeps across reloads: each connection is built by the
+    factory (chain) of the configuration current when it arrives; connections made before a
+    reload keep theirs, and with it the settings they started with."""
+
+    noisy = False
+
+    def __init__(self, current: Any) -> None:
+        self.current = current
+
+    def switch(self, factory: Any) -> None:
+        old, self.current = self.current, factory
+        factory.doStart()
+        old.doStop()
+
+    def startFactory(self) -> None:
+        self.current.doStart()
+
+    def stopFactory(self) -> None:
+        self.current.doStop()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return self.current.buildProtocol(addr)
+
+    def logPrefix(self) -> str:
+        prefix = getattr(self.current, "logPrefix", None)
+        return prefix() if callable(prefix) else self.current.__class__.__name__
+
+
+class ListenError(Exception):
+    """A listener could not listen; the message names its endpoint."""
+
+
 class ListenerService(Service):
-    """Listens on one endpoint; a failure to listen stops start-up with a clear message."""
+    """Listens on one endpoint; a failure to listen stops start-up with a clear message.
+
+    @ivar factory: the factory (chain) that builds the connections accepted now.
+    """
 
     def __init__(self, reactor: Any, description: str, factory: Any, role: str = "") -> None:
         self.reactor = reactor
         self.description = description
-        self.factory = factory
+        self._switch = _SwitchFactory(factory)
         self.role = role
         self.port: Any = None
 
-    def privilegedStartService(self) -> None:
+    @property
+    def factory(self) -> Any:
+        return self._switch.current
+
+    def switch(self, factory: Any, role: str) -> None:
+        """New connections are built by C{factory} from now on (a reload)."""
+        self._switch.switch(factory)
+        self.role = role
+
+    def listen(self) -> None:
+        """Start listening.  @raise ListenError: naming the endpoint and the reason."""
         endpoint = endpoints.serverFromString(self.reactor, self.description)
-        d = endpoint.listen(self.factory)
+        d = endpoint.listen(self._switch)
         result: list[Any] = []
         d.addBoth(result.append)
         if not result:  # pragma: no cover - every stream endpoint we know listens at once
-            raise SystemExit(f"mailrelay: error: listener {self.description} did not start")
+            raise ListenError(f"listener {self.description} did not start")
         outcome = result[0]
         if hasattr(outcome, "getErrorMessage"):
-            raise SystemExit(
-                f"mailrelay: error: cannot listen on {self.description}: {outcome.getErrorMessage()}"
-            )
+            raise ListenError(f"cannot listen on {self.description}: {outcome.getErrorMessage()}")
         self.port = outcome
         host = self.port.getHost()
         log.info(
@@ -77,6 +169,12 @@ class ListenerService(Service):
             endpoint=self.description,
             role=f"; {self.role}" if self.role else "",
         )
+
+    def privilegedStartService(self) -> None:
+        try:
+            self.listen()
+        except ListenError as e:
+            raise SystemExit(f"mailrelay: error: {e}") from None
         super().privilegedStartService()
 
     def stopService(self) -> Any:
@@ -85,20 +183,6 @@ class ListenerService(Service):
             port, self.port = self.port, None
             return port.stopListening()
         return None
-
-
-class RelayService(MultiService):
-    """The whole relay.  If start-up fails, what already started (the spool's threads) is
-    stopped, so that the process can exit instead of hanging on live threads."""
-
-    def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except BaseException:
-            for child in self:
-                if isinstance(child, SpoolService):
-                    child.spool.stop()
-            raise
 
 
 class BackendsService(Service):
@@ -203,6 +287,7 @@ def makeDelivery(config: Config, reactor: Any, spool: Any, build: Any) -> tuple[
     @raise ConfigError: a route or a backend plugin is refused.
     """
     from mailrelay.queue import QueueManager, QueuePolicy
+    from mailrelay.queuelock import QueueLock
     from mailrelay.route import RoutingTable
 
     try:
@@ -225,23 +310,297 @@ def makeDelivery(config: Config, reactor: Any, spool: Any, build: Any) -> tuple[
             delayWarning=q.delayWarning,
             activeLimit=q.activeLimit,
             postmaster=q.postmaster,
+            stopTimeout=config.drainTime,
         ),
+        lock=QueueLock(config.spoolDirectory, reactor),
     )
     return [BackendsService(backends), queue], queue
 
 
+class InlineDelivery(Service):
+    """The queue manager and the backends in the relay's own process (C{[queue] process =
+    "inline"}), replaceable by a reload; with C{hold}, nothing is delivered."""
+
+    name = "delivery"
+
+    def __init__(self, services: list[Any], queue: Any, hold: bool) -> None:
+        self._current = self._group(services)
+        self.queue = queue
+        self.hold = hold
+        self._retiring: list[Deferred[None]] = []
+
+    @staticmethod
+    def _group(services: list[Any]) -> OrderedMultiService:
+        group = OrderedMultiService()
+        for service in services:
+            service.setServiceParent(group)
+        return group
+
+    def startService(self) -> None:
+        super().startService()
+        if not self.hold:
+            self._current.startService()
+
+    def enqueue(self, queueID: str) -> None:
+        if not self.hold:
+            self.queue.enqueue(queueID)
+
+    def reload(self, services: list[Any], queue: Any, hold: bool) -> None:
+        """Deliver with C{services} from now on: the new queue manager starts at once and
+        begins delivering when the old one, stopping meanwhile, has recorded its deliveries
+        and released the queue lock."""
+        old = self._current
+        self._current, self.queue, self.hold = self._group(services), queue, hold
+        if self.running and not hold:
+            self._current.startService()
+        if old.running:
+            d = old.stopService()
+            self._retiring.append(d)
+            d.addBoth(lambda _: self._retiring.remove(d))
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        stopping = list(self._retiring)
+        if self._current.running:
+            stopping.append(self._current.stopService())
+        return DeferredList(stopping, consumeErrors=True).addCallback(lambda _: None)
+
+
+#: Settings a reload cannot change: the running relay keeps them until it is restarted.
+_RESTART_ONLY = (
+    ("spoolDirectory", "spool.directory"),
+    ("spoolSync", "spool.sync"),
+)
+
+
+@dataclass
+class _Carried:
+    """What a reload keeps: counters that must not restart from zero, resolvers."""
+
+    limiter: Any = None
+    limiterSpec: Any = None
+    throttle: Any = None
+    throttleWindow: float | None = None
+    counts: dict[str, Any] = field(default_factory=dict)
+    resolvers: dict[Any, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Plan:
+    """A configuration built and checked, ready to run."""
+
+    config: Config
+    configText: bytes | None
+    #: C{(endpoint, factory, role)} of each listener, in the configuration's order.
+    listeners: list[tuple[str, Any, str]]
+    #: The delivery side's services and queue manager (built in every mode: this checks the
+    #: routes and backends).
+    delivery: tuple[list[Any], Any]
+
+
+class RelayService(OrderedMultiService):
+    """The whole relay: the spool, the delivery side, the sessions and the listeners, started
+    in that order and stopped in the reverse one (see L{OrderedMultiService}).
+
+    L{reload} (on SIGHUP) re-reads the configuration file, builds and checks everything,
+    and only then replaces what runs; if anything is wrong the relay keeps running as it was.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        configPath: str | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.configPath = configPath
+        self.overrides = dict(overrides or {})
+        self.sessions = Sessions()
+        self.carried = _Carried()
+        self.config: Config | None = None
+        self.spool: Spool | None = None
+        self.delivery: Any = None
+        self.listeners: dict[str, ListenerService] = {}
+        self._sessionsService: SessionsService | None = None
+
+    def privilegedStartService(self) -> None:
+        # If start-up fails, what already started (the spool's threads) is stopped, so that
+        # the process can exit instead of hanging on live threads.
+        try:
+            super().privilegedStartService()
+        except BaseException:
+            if self.spool is not None:
+                self.spool.stop()
+            raise
+
+    def enqueue(self, queueID: str) -> None:
+        """A message was committed: hand it to the delivery side."""
+        if self.delivery is not None:
+            self.delivery.enqueue(queueID)
+
+    def plan(self, config: Config, configText: bytes | None) -> _Plan:
+        """Build everything C{config} describes, without touching what runs.
+
+        @raise ConfigError: a plugin, certificate, password file, route or backend is refused.
+        """
+        assert self.spool is not None
+        build = pluginBuilder(config, self.reactor)
+        delivery = makeDelivery(config, self.reactor, self.spool, build)
+        listeners = makeListeners(
+            config, self.reactor, build, self.carried, self.spool, self.sessions, self.enqueue
+        )
+        return _Plan(config, configText, listeners, delivery)
+
+    def build(self, plan: _Plan) -> None:
+        """Add the services of the first configuration."""
+        config = self.config = plan.config
+        assert self.spool is not None
+        if config.queue.hold:
+            log.warn("queue.hold is set: mail is accepted and spooled, nothing is delivered")
+        services, queue = plan.delivery
+        if config.queue.process == "inline":
+            self.delivery = InlineDelivery(services, queue, config.queue.hold)
+        else:
+            from mailrelay.qmgrprocess import DeliveryProcessService
+
+            self.delivery = DeliveryProcessService(
+                self.reactor,
+                config.source,
+                self.overrides,
+                configText=plan.configText,
+                drainTime=config.drainTime,
+                hold=config.queue.hold,
+            )
+        self.delivery.setServiceParent(self)
+        self._sessionsService = SessionsService(self.sessions, self.reactor, config.drainTime)
+        self._sessionsService.setServiceParent(self)
+        for endpoint, factory, role in plan.listeners:
+            listener = ListenerService(self.reactor, endpoint, factory, role)
+            listener.setServiceParent(self)
+            self.listeners[endpoint] = listener
+
+    def reload(self) -> bool:
+        """Re-read the configuration file and run on it, or log why not and keep running on
+        the one in use.  Returns whether the new configuration is in use."""
+        if not self.running:
+            return False
+        source = self.configPath or "(embedded default)"
+        try:
+            text = readConfigFile(self.configPath) if self.configPath is not None else None
+            config = loadConfig(self.configPath, self.overrides, text=text)
+            self._checkReloadable(config)
+            plan = self.plan(config, text)
+            added = self._listenNew(plan)
+        except (ConfigError, ListenError) as e:
+            log.error(
+                "configuration not reloaded (still running on the previous one): {error}",
+                error=str(e),
+            )
+            return False
+        except Exception:
+            log.failure("configuration not reloaded (still running on the previous one)")
+            return False
+        self._swap(plan, added)
+        log.info("configuration reloaded from {source}", source=source)
+        return True
+
+    def _checkReloadable(self, config: Config) -> None:
+        old = self.config
+        assert old is not None
+        for attribute, key in _RESTART_ONLY:
+            if getattr(config, attribute) != getattr(old, attribute):
+                raise ConfigError(
+                    f"changed from {getattr(old, attribute)} to {getattr(config, attribute)}: "
+                    "a restart is needed for this setting",
+                    file=config.source or "(embedded default)",
+                    key=key,
+                )
+        if config.queue.process != old.queue.process:
+            raise ConfigError(
+                f"changed from {old.queue.process!r} to {config.queue.process!r}: a restart is "
+                "needed for this setting",
+                file=config.source or "(embedded default)",
+                key="queue.process",
+            )
+
+    def _listenNew(self, plan: _Plan) -> list[ListenerService]:
+        """Listen on the endpoints the new configuration adds; if one cannot be listened
+        on, close those just opened and raise L{ListenError}."""
+        added: list[ListenerService] = []
+        for endpoint, factory, role in plan.listeners:
+            if endpoint in self.listeners:
+                continue
+            listener = ListenerService(self.reactor, endpoint, factory, role)
+            try:
+                listener.listen()
+            except ListenError:
+                for opened in added:
+                    opened.stopService()
+                raise
+            added.append(listener)
+        return added
+
+    def _swap(self, plan: _Plan, added: list[ListenerService]) -> None:
+        config = plan.config
+        assert self.spool is not None
+        self.config = config
+        self.spool.minFreeSpace = config.minFreeSpace
+        wanted = {endpoint: (factory, role) for endpoint, factory, role in plan.listeners}
+        for endpoint, listener in list(self.listeners.items()):
+            if endpoint in wanted:
+                listener.switch(*wanted[endpoint])
+            else:
+                del self.listeners[endpoint]
+                listener.disownServiceParent()  # stops listening; its sessions carry on
+                log.info("listener {endpoint} removed", endpoint=endpoint)
+        for listener in added:
+            listener.setServiceParent(self)  # already listening: startService only
+            self.listeners[listener.description] = listener
+        assert self._sessionsService is not None
+        self._sessionsService.drainTime = config.drainTime
+        services, queue = plan.delivery
+        if config.queue.process == "inline":
+            self.delivery.reload(services, queue, config.queue.hold)
+        else:
+            self.delivery.reload(plan.configText, self.overrides, config.drainTime, config.queue.hold)
+
+
 def makeRelayService(
-    config: Config, reactor: Any, overrides: dict[str, Any] | None = None
-) -> MultiService:
+    config: Config,
+    reactor: Any,
+    overrides: dict[str, Any] | None = None,
+    configText: bytes | None = None,
+) -> RelayService:
     """Build the whole relay from a checked configuration.
 
     @param overrides: the command-line options the configuration was loaded with; the
-        delivery process loads the same configuration with them.
+        delivery process loads the same configuration with them, and so does a reload.
+    @param configText: the bytes of the configuration file C{config} was loaded from (the
+        delivery process gets them rather than reading the file, which may have changed).
     @raise ConfigError: a plugin is unknown or refuses its options.
     """
-    top = RelayService()
-    build = pluginBuilder(config, reactor)
+    top = RelayService(reactor, config.source, overrides)
+    top.spool = makeSpool(config, reactor, top)
+    top.build(top.plan(config, configText))
+    return top
 
+
+def makeListeners(
+    config: Config,
+    reactor: Any,
+    build: Any,
+    carried: _Carried,
+    spool: Any,
+    sessions: Sessions,
+    onQueued: Any,
+) -> list[tuple[str, Any, str]]:
+    """The C{(endpoint, factory, role)} of every listener of C{config}, their plugins built
+    and certificates loaded.  Counters in C{carried} (rate limits, AUTH failures, connections
+    per listener) are reused, so that a reload does not reset them.
+
+    @raise ConfigError: a plugin is unknown or refuses its options, a certificate is refused.
+    """
     validators = [
         ConfiguredValidator(spec.plugin, build(spec, IRecipientValidator), spec.timeout)
         for spec in config.recipientValidators
@@ -250,46 +609,36 @@ def makeRelayService(
     relay = RelayControl(config.relayNetworks, config.acceptDomains, config.hostname)
     policy = RecipientPolicy(relay, validators, reactor)
 
-    spool = makeSpool(config, reactor, top)
-
-    # Routes and backends are built here in every mode, so that their errors stop start-up.
-    deliveryServices, queue = makeDelivery(config, reactor, spool, build)
-    if config.queue.hold:
-        log.warn("queue.hold is set: mail is accepted and spooled, nothing is delivered")
-        onQueued = None
-    elif config.queue.process == "inline":
-        # Children stop in reverse order: listeners, then the queue, then the backends,
-        # then the spool.
-        for service in deliveryServices:
-            service.setServiceParent(top)
-        onQueued = queue.enqueue
-    else:
-        from mailrelay.qmgrprocess import DeliveryProcessService
-
-        process = DeliveryProcessService(reactor, config.source, overrides or {})
-        process.setServiceParent(top)
-        onQueued = process.enqueue
-
     resolver = None
     if config.reverseDNS:
         from mailrelay.route import makeResolver
 
         # The same servers as delivery uses: [dns] nameservers, or the system's.
-        resolver = makeResolver(list(config.nameservers) or None, reactor=reactor)
+        resolver = carried.resolvers.get(config.nameservers)
+        if resolver is None:
+            resolver = makeResolver(list(config.nameservers) or None, reactor=reactor)
+            carried.resolvers[config.nameservers] = resolver
 
-    authPolicy = makeAuthPolicy(config, reactor, build)
-    from mailrelay.limits import LIMITER_TIMEOUT, ListenerLimits, MemoryRateLimiter
+    authPolicy = makeAuthPolicy(config, reactor, build, carried)
+    from mailrelay.limits import LIMITER_TIMEOUT, ConnectionCount, ListenerLimits, MemoryRateLimiter
 
     # One limiter for all listeners (their keys differ): in memory, or a site's shared one.
     if config.rateLimiter is not None:
         from mailrelay.interfaces import IRateLimiter
 
-        limiter: Any = build(config.rateLimiter, IRateLimiter)
+        if carried.limiterSpec == config.rateLimiter:
+            limiter: Any = carried.limiter
+        else:
+            limiter = build(config.rateLimiter, IRateLimiter)
+            log.info("limits: counters kept by plugin {plugin}", plugin=config.rateLimiter.plugin)
         limiterTimeout = config.rateLimiter.timeout
-        log.info("limits: counters kept by plugin {plugin}", plugin=config.rateLimiter.plugin)
     else:
-        limiter = MemoryRateLimiter(reactor)
+        limiter = carried.limiter if carried.limiterSpec is None else None
+        if not isinstance(limiter, MemoryRateLimiter):
+            limiter = MemoryRateLimiter(reactor)
         limiterTimeout = LIMITER_TIMEOUT
+    carried.limiter, carried.limiterSpec = limiter, config.rateLimiter
+    result = []
     for listener in config.listeners:
         tls = loadListenerTLS(config, listener)
         tlsOptions = None
@@ -310,6 +659,7 @@ def makeRelayService(
             rejectUnauthPipelining=listener.reject_unauth_pipelining,
             rejectPregreet=listener.reject_unauth_pipelining or listener.greet_pause > 0,
         )
+        count = carried.counts.setdefault(listener.endpoint, ConnectionCount())
         limits = ListenerLimits(
             hostname=config.hostname,
             listener=listener.endpoint,
@@ -328,6 +678,7 @@ def makeRelayService(
                 if listener.limit_exceptions is None
                 else listener.limit_exceptions
             ),
+            count=count,
         )
         ctx = ListenerContext(
             settings=settings,
@@ -355,6 +706,7 @@ def makeRelayService(
             greetPause=listener.greet_pause,
             maxSessionTime=listener.max_session_time,
             minDataRate=listener.min_data_rate,
+            sessions=sessions,
         )
         factory: Any = SMTPServerFactory(ctx)
         if listener.tls_mode == "implicit":
@@ -377,8 +729,8 @@ def makeRelayService(
             role += ", AUTH"
         if listener.proxy_protocol:
             role += ", PROXY from " + " ".join(str(n) for n in listener.proxy_networks)
-        ListenerService(reactor, listener.endpoint, factory, role).setServiceParent(top)
-    return top
+        result.append((listener.endpoint, factory, role))
+    return result
 
 
 def loadListenerTLS(
@@ -437,12 +789,14 @@ def loadListenerSNI(config: Config, listener: Any, default: Any) -> Any:
     return SNIServerOptions(default.options, byName)
 
 
-def makeAuthPolicy(config: Config, reactor: Any, build: Any = None) -> Any:
+def makeAuthPolicy(config: Config, reactor: Any, build: Any = None, carried: Any = None) -> Any:
     """The L{mailrelay.auth.AuthPolicy} all AUTH listeners share (one throttle for all), or
     C{None} without C{[auth]}.
 
     @param build: builds a plugin from a L{mailrelay.config.PluginSpec} and an interface
         (for a site checker, C{[auth.checker]}).
+    @param carried: what a reload keeps: the throttle (its failure counts) is reused when its
+        window is unchanged.
     @raise ConfigError: the site checker is unknown, refuses its options, or does not check
         user names and passwords.
     """
@@ -471,9 +825,16 @@ def makeAuthPolicy(config: Config, reactor: Any, build: Any = None) -> Any:
     else:
         assert a.passwordFile is not None
         checker = PasswordFileChecker(a.passwordFile, users=a.users)
+    throttle = None
+    if carried is not None and carried.throttleWindow == a.failureWindow:
+        throttle = carried.throttle  # a reload does not forgive failures
+    if throttle is None:
+        throttle = MemoryAuthThrottle(reactor, window=a.failureWindow)
+    if carried is not None:
+        carried.throttle, carried.throttleWindow = throttle, a.failureWindow
     return AuthPolicy(
         portal=makePortal([checker]),
-        throttle=MemoryAuthThrottle(reactor, window=a.failureWindow),
+        throttle=throttle,
         throttleAfter=a.throttleAfter,
         failureDelay=a.failureDelay,
         maxFailures=a.maxFailures,

@@ -63,19 +63,34 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> Any:
-    """Load and check the configuration, then build the relay.
+    """Load and check the configuration, then build the relay; SIGHUP will reload it.
 
     A configuration error stops start-up: its message (file, key, value) goes to stderr and
     twistd exits with status 1.
     """
     from twisted.internet import reactor
 
-    from mailrelay.config import loadConfig
+    from mailrelay.config import loadConfig, readConfigFile
     from mailrelay.errors import ConfigError
     from mailrelay.service import makeRelayService
 
+    path = options["config"]
     try:
-        config = loadConfig(options["config"], options.overrides())
-        return makeRelayService(config, reactor, options.overrides())
+        text = readConfigFile(path) if path is not None else None
+        config = loadConfig(path, options.overrides(), text=text)
+        relay = makeRelayService(config, reactor, options.overrides(), configText=text)
     except ConfigError as e:
         raise SystemExit(f"mailrelay: configuration error: {e}") from None
+    reactor.callWhenRunning(installReloadSignal, reactor, relay)
+    return relay
+
+
+def installReloadSignal(reactor: Any, relay: Any) -> None:
+    """SIGHUP reloads the configuration (as C{postfix reload} does), instead of ending the
+    process.  (SIGUSR1 still rotates twistd's log file.)"""
+    import signal
+
+    def onSignal(signum: int, frame: Any) -> None:
+        reactor.callFromThread(relay.reload)
+
+    signal.signal(signal.SIGHUP, onSignal)

@@ -107,6 +107,83 @@ class ListenerContext:
     maxSessionTime: float = 0.0
     #: Bytes per second a client must send on average in DATA (0: only C{dataTimeout}).
     minDataRate: int = 0
+    #: The relay's L{Sessions}, for a graceful stop, or C{None}.
+    sessions: Any = None
+
+
+def shuttingDown(hostname: str) -> Reply:
+    """The reply of a stopping relay (RFC 5321 3.8: a 421 may come at any time)."""
+    return Reply(421, "4.3.2", f"{hostname} Service shutting down")
+
+
+class Sessions:
+    """The open sessions of all of a relay's listeners, for a graceful stop: the listeners
+    stop first, then L{drain} closes idle sessions at once and lets those with a message in
+    hand finish it.
+
+    @ivar live: the L{SMTPServerProtocol}s connected now.
+    @ivar shuttingDown: L{drain} has begun: a session starting now is refused with 421.
+    """
+
+    def __init__(self) -> None:
+        self.live: set[SMTPServerProtocol] = set()
+        self.shuttingDown = False
+        self._whenEmpty: list[Deferred[None]] = []
+
+    def add(self, protocol: SMTPServerProtocol) -> None:
+        self.live.add(protocol)
+
+    def discard(self, protocol: SMTPServerProtocol) -> None:
+        self.live.discard(protocol)
+        if not self.live:
+            waiting, self._whenEmpty = self._whenEmpty, []
+            for d in waiting:
+                d.callback(None)
+
+    def drain(self, clock: Any, drainTime: float) -> Deferred[None]:
+        """Close every session as soon as it has no message in hand; after C{drainTime}
+        seconds abandon the messages still being received, and a few seconds later drop
+        connections still open (a client that does not read its 421).  Fires when no session
+        is left."""
+        self.shuttingDown = True
+        for protocol in list(self.live):
+            protocol.shutdown()
+        if not self.live:
+            return succeed(None)
+        log.info(
+            "relay stopping: {count} session(s) open; messages in progress have {drain:g}s "
+            "to finish",
+            count=len(self.live),
+            drain=drainTime,
+        )
+        done: Deferred[None] = Deferred()
+        self._whenEmpty.append(done)
+
+        def cutShort() -> None:
+            for protocol in list(self.live):
+                protocol.cutShort()
+            timers.append(clock.callLater(_ABORT_AFTER, abort))
+
+        def abort() -> None:
+            for protocol in list(self.live):
+                if protocol.session is None or not protocol.session.waiting:
+                    protocol.transport.abortConnection()
+
+        timers = [clock.callLater(drainTime, cutShort)]
+
+        def finished(result: None) -> None:
+            for timer in timers:
+                if timer.active():
+                    timer.cancel()
+            return result
+
+        return done.addCallback(finished)
+
+
+#: Seconds after the drain time when connections still open are aborted.
+_ABORT_AFTER = 5.0
+#: Seconds a client whose message was answered while the relay stops has to say QUIT.
+_QUIT_GRACE = 1.0
 
 
 @implementer(IHandshakeListener)
@@ -132,6 +209,10 @@ class SMTPServerProtocol(Protocol):
         #: In DATA with C{minDataRate}: when the client's time runs out.
         self._dataDeadline: float | None = None
         self._lastReceived = 0.0
+        #: The relay is stopping: close (421) as soon as no message is in hand.
+        self._shuttingDown = False
+        #: After a message answered while stopping: the 421 unless QUIT comes first.
+        self._quitTimer: Any = None
 
     # Connection life cycle ------------------------------------------------------------------
 
@@ -150,6 +231,11 @@ class SMTPServerProtocol(Protocol):
         )
         self.session = ServerSession(ctx.settings, client, awaitingGreeting=True)
         self._lastReceived = ctx.clock.seconds()
+        if ctx.sessions is not None:
+            ctx.sessions.add(self)
+            if ctx.sessions.shuttingDown:  # accepted (or PROXY header read) as the stop began
+                self._handle(self.session.closeWith(shuttingDown(ctx.settings.hostname)))
+                return
         log.info(
             "connect from {client}:{port} on {listener} relay={relay}",
             client=client.address,
@@ -223,6 +309,49 @@ class SMTPServerProtocol(Protocol):
             session.closeWith(Reply(421, "4.4.2", f"{host} Error: session time limit exceeded"))
         )
 
+    def shutdown(self, messageDone: bool = False) -> None:
+        """The relay is stopping: say 421 and close now, or, while the client has a message
+        in hand, once its end is answered (250 only once it is durable).  After that answer
+        the client has a moment to say QUIT (and get its 221) before the 421; any other
+        command gets the 421 at once.
+
+        @param messageDone: the answer to the end of a message was just sent.
+        """
+        self._shuttingDown = True
+        session = self.session
+        if session is None or session.closed or session.inMessage:
+            return
+        if messageDone:
+            self._quitTimer = self.context.clock.callLater(_QUIT_GRACE, self._closeForShutdown)
+        elif self._quitTimer is None:
+            self._closeForShutdown()
+
+    def _closeForShutdown(self) -> None:
+        if self._quitTimer is not None and self._quitTimer.active():
+            self._quitTimer.cancel()
+        self._quitTimer = None
+        session = self.session
+        if session is None or session.closed:
+            return
+        log.info("relay stopping: closing the session of {client}", client=session.client.address)
+        self._handle(session.closeWith(shuttingDown(self.context.settings.hostname)))
+
+    def cutShort(self) -> None:
+        """The drain time is over: abandon a message still being received (421), unless its
+        commit to the spool is under way (then close when it is answered)."""
+        self._shuttingDown = True
+        session = self.session
+        if session is None or session.closed:
+            self.transport.abortConnection()
+            return
+        if session.waiting and not session.inData:
+            return  # the answer to the end of data is coming; shutdown() runs then
+        log.info(
+            "relay stopping: drain time over, message from {client} abandoned",
+            client=session.client.address,
+        )
+        self._handle(session.closeWith(shuttingDown(self.context.settings.hostname)))
+
     def _gotReverseName(self, name: str | None) -> None:
         self._lookup = None
         if self.session is not None:
@@ -234,6 +363,9 @@ class SMTPServerProtocol(Protocol):
             return
         self._lastReceived = self.context.clock.seconds()
         inData = session.inData
+        if self._shuttingDown and not session.inMessage and data[:4].upper() != b"QUIT":
+            self._closeForShutdown()  # a stopping relay takes no new command but QUIT
+            return
         self._handle(session.dataReceived(data))
         if session.awaitingGreeting and not session.closed:
             self._pause()  # read no more before the greeting
@@ -257,8 +389,10 @@ class SMTPServerProtocol(Protocol):
         self._resetTimer()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.context.sessions is not None:
+            self.context.sessions.discard(self)
         self._cancelTimer()
-        for timer in (self._greetTimer, self._deadline):
+        for timer in (self._greetTimer, self._deadline, self._quitTimer):
             if timer is not None and timer.active():
                 timer.cancel()
         self._greetTimer = self._deadline = None
@@ -425,8 +559,11 @@ class SMTPServerProtocol(Protocol):
         self._resume()
         if session is None or session.closed:
             return
+        inMessage = session.inMessage
         self._handle(session.answer(result))
         self._resetTimer()
+        if self._shuttingDown:
+            self.shutdown(messageDone=inMessage and not session.inMessage)
         if self._deadlinePassed and not session.closed and not session.waiting:
             self._sessionExpired()
 

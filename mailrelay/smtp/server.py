@@ -264,6 +264,12 @@ class ServerSession:
         return self.mode == _DATA
 
     @property
+    def inMessage(self) -> bool:
+        """C{True} from the 354 reply to DATA until the reply to the end of the message is
+        known: the client has a message in hand (a stopping relay lets it finish)."""
+        return self.mode == _DATA or self._waiting is EndOfData
+
+    @property
     def awaitingGreeting(self) -> bool:
         """C{True} until L{greeting} (for a session made with C{awaitingGreeting=True})."""
         return self._awaitingGreeting

@@ -1,0 +1,266 @@
+"""End-to-end: stopping and crashing the real C{twistd -n mailrelay} loses nothing and
+delivers nothing twice.
+
+- SIGTERM: listeners stop; idle sessions get C{421 4.3.2}; a message being received may be
+  finished (250 once durable); deliveries in flight run to their end and are recorded before
+  the spool closes; the restarted relay delivers none of them again.
+- The drain time bounds all that: a delivery still running then is interrupted, recorded as
+  deferred and retried at the next start.
+- C{kill -9} of twistd: its delivery process finishes what it has in flight, records it, and
+  exits (it never outlives the relay for long); a relay restarted meanwhile starts a new one,
+  which waits for the spool's queue lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import re
+import signal
+import smtplib
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import RelayProcess
+from tests.test_e2e_outbound import _TCPController
+
+
+class SlowHop:
+    """An aiosmtpd next hop that takes C{delay} seconds to answer each message, and counts
+    the messages it accepted by Subject."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.cond = threading.Condition()
+        self.started = 0
+        self.subjects: Counter[str] = Counter()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        with self.cond:
+            self.started += 1
+            self.cond.notify_all()
+        await asyncio.sleep(self.delay)
+        match = re.search(rb"^Subject: (\S+)", envelope.original_content, re.MULTILINE)
+        with self.cond:
+            self.subjects[match.group(1).decode() if match else ""] += 1
+            self.cond.notify_all()
+        return "250 2.0.0 OK"
+
+    def waitFor(self, predicate: Any, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not predicate():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"next hop: {what} not seen in {timeout}s: "
+                                         f"started={self.started} got={dict(self.subjects)}")
+                self.cond.wait(min(left, 0.2))
+
+
+@pytest.fixture
+def hop():
+    controllers: list[Any] = []
+
+    def start(delay: float) -> tuple[SlowHop, int]:
+        handler = SlowHop(delay)
+        controller = _TCPController(handler, hostname="127.0.0.1", port=0, ready_timeout=10)
+        controller.start()
+        controllers.append(controller)
+        return handler, controller.port
+
+    yield start
+    for c in controllers:
+        c.stop()
+
+
+@pytest.fixture
+def relays(tmp_path: Path):
+    made: list[RelayProcess] = []
+
+    def make(config: str, name: str = "relay") -> RelayProcess:
+        r = RelayProcess(tmp_path / name, config)
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        r.stop(signal.SIGKILL)
+        for pid in _deliveryPIDs(r):
+            _killQuietly(pid)
+
+
+def _deliveryPIDs(r: RelayProcess) -> list[int]:
+    text = r.logPath.read_text(errors="replace") if r.logPath.exists() else ""
+    return [int(p) for p in re.findall(r"delivery process started \(pid (\d+)\)", text)]
+
+
+def _killQuietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def _send(port: int, subject: str) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+        s.sendmail("alice@example.com", ["bob@example.org"],
+                   f"Subject: {subject}\r\n\r\nbody\r\n".encode())
+
+
+def _config(port: int, extra: str = "") -> str:
+    return (f'drain_time = 10\n[relay]\nsmarthost = "[127.0.0.1]:{port}"\n'
+            f"[dns]\nreverse_lookups = false\n{extra}")
+
+
+def test_sigterm_lets_deliveries_in_flight_finish_and_records_them(relays, hop) -> None:
+    """The deliveries under way at SIGTERM end normally and are recorded: the restarted
+    relay sends none of them again."""
+    slow, port = hop(1.5)
+    r = relays(_config(port)).start()
+    r.waitForLog(r"queue manager started")
+    for i in range(5):
+        _send(r.port, f"m{i}")
+    slow.waitFor(lambda: slow.started >= 5, 20, "5 deliveries in flight")
+    assert not slow.subjects  # none answered yet: all five are in flight
+    assert r.stop(signal.SIGTERM, timeout=30) in (0, -signal.SIGTERM)
+    log = r.log()
+    assert slow.subjects == Counter({f"m{i}": 1 for i in range(5)}), log
+    assert "not started" not in log and "may be sent more than once" not in log, log
+    assert len(re.findall(r"status=sent", log)) == 5, log
+    assert r.queued() == [], "delivered entries must be removed before the spool closes"
+
+    r.start()
+    r.waitForLog(r"queue manager started: 0 queued entries")
+    time.sleep(2)
+    assert slow.subjects == Counter({f"m{i}": 1 for i in range(5)})
+
+
+def test_drain_time_bounds_a_delivery_that_does_not_end(relays, hop) -> None:
+    """A next hop that never answers cannot hold the stop beyond the drain time: the
+    delivery is interrupted, recorded as deferred, and retried at the next start."""
+    stuck, port = hop(3600)
+    r = relays(_config(port).replace("drain_time = 10", "drain_time = 2")).start()
+    r.waitForLog(r"queue manager started")
+    _send(r.port, "stuck")
+    stuck.waitFor(lambda: stuck.started >= 1, 20, "the delivery")
+    began = time.monotonic()
+    assert r.stop(signal.SIGTERM, timeout=30) in (0, -signal.SIGTERM)
+    assert time.monotonic() - began < 12
+    log = r.log()
+    assert re.search(r"status=deferred \(X-mailrelay; delivery via smtp:\S+ interrupted: the "
+                     r"relay was stopping", log), log
+    assert len(r.queued()) == 1  # still queued, nothing lost
+
+    fast, port2 = hop(0)
+    r.configText = _config(port2).replace("drain_time = 10", "drain_time = 2")
+    r.start()
+    r.waitForLog(r"queue manager started: 1 queued entries")
+
+
+def test_sigterm_during_inbound_data_finishes_the_message(relays) -> None:
+    """SIGTERM while a client sends a message: it may finish it and gets its 250 (the
+    message is queued), then 221 to its QUIT; an idle client gets 421 4.3.2 at once."""
+    r = relays("drain_time = 10\n[dns]\nreverse_lookups = false\n[queue]\nhold = true\n").start()
+    idle = r.connect()
+    assert idle.readReply()[0].startswith(b"220 ")
+    idle.send(b"EHLO idle.test\r\n")
+    idle.readReply()
+    busy = r.connect()
+    busy.readReply()
+    busy.send(b"EHLO busy.test\r\n")
+    busy.readReply()
+    for command in (b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.org>", b"DATA"):
+        busy.send(command + b"\r\n")
+        busy.readReply()
+    busy.send(b"Subject: half\r\n\r\nthe first half\r\n")
+    r.process.send_signal(signal.SIGTERM)
+    assert idle.readReply() == [b"421 4.3.2 relay.test Service shutting down"]
+    idle.expectClosed()
+    r.waitForLog(r"session\(s\) open; messages in progress have 10s to finish")
+    busy.send(b"and the second\r\n.\r\n")
+    reply = busy.readReply()
+    assert reply[0].startswith(b"250 2.0.0 Ok: queued as "), reply
+    busy.send(b"QUIT\r\n")
+    assert busy.readReply()[0].startswith(b"221 ")
+    r.process.wait(20)
+    queued = r.queued()
+    assert len(queued) == 1
+    assert (r.spool / "queue" / f"{queued[0]}.eml").read_bytes().endswith(
+        b"the first half\r\nand the second\r\n")
+
+
+def test_message_unfinished_at_the_end_of_the_drain_time_is_refused(relays) -> None:
+    """A client that does not finish its message within the drain time gets 421: its
+    message is not acknowledged (it will send it again) and not queued."""
+    r = relays("drain_time = 1\n[dns]\nreverse_lookups = false\n[queue]\nhold = true\n").start()
+    c = r.connect()
+    c.readReply()
+    for command in (b"EHLO x.test", b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.org>",
+                    b"DATA"):
+        c.send(command + b"\r\n")
+        c.readReply()
+    c.send(b"Subject: slow\r\n\r\nstill typing\r\n")
+    r.process.send_signal(signal.SIGTERM)
+    assert c.readReply() == [b"421 4.3.2 relay.test Service shutting down"]
+    r.process.wait(20)
+    assert r.queued() == []
+
+
+def test_kill9_delivery_process_finishes_in_flight_work_and_exits(relays, hop) -> None:
+    """After kill -9 of twistd, its delivery process finishes the deliveries in flight,
+    records them and exits; the relay restarted at once waits for it (queue lock) and
+    delivers nothing twice."""
+    slow, port = hop(3)
+    r = relays(_config(port)).start()
+    r.waitForLog(r"queue manager started")
+    child = _deliveryPIDs(r)[-1]
+    for i in range(3):
+        _send(r.port, f"k{i}")
+    slow.waitFor(lambda: slow.started >= 3, 20, "3 deliveries in flight")
+    r.stop(signal.SIGKILL)
+    r.start()  # at once, while the orphan is still delivering
+    r.waitForLog(r"waiting for the queue lock \S+, held by process " + str(child), timeout=20)
+    slow.waitFor(lambda: sum(slow.subjects.values()) >= 3, 20, "the 3 deliveries")
+    deadline = time.monotonic() + 15
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child), "the old delivery process outlived its relay"
+    r.waitForLog(r"queue lock \S+ acquired", timeout=20)
+    r.waitForLog(r"queue manager started: 0 queued entries", timeout=20)
+    _send(r.port, "after")
+    slow.waitFor(lambda: slow.subjects["after"] >= 1, 20, "the message sent after")
+    assert slow.subjects == Counter({"k0": 1, "k1": 1, "k2": 1, "after": 1})
+
+
+def test_queue_manager_waits_for_the_queue_lock(relays, hop) -> None:
+    """While another process holds the spool's queue lock, nothing is delivered; the log
+    says who holds it."""
+    fast, port = hop(0)
+    r = relays(_config(port))
+    r.spool.mkdir(parents=True)
+    fd = os.open(r.spool / "qmgr.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        r.start()
+        r.waitForLog(rf"waiting for the queue lock \S+qmgr.lock, held by process {os.getpid()}")
+        _send(r.port, "locked")
+        time.sleep(1.5)
+        assert not fast.subjects
+    finally:
+        os.close(fd)
+    fast.waitFor(lambda: fast.subjects["locked"] == 1, 20, "the message")
