@@ -9,9 +9,10 @@ envelopes (L{Spool.loadEnvelope}) and of the original's header section for notif
 One delivery attempt of an active message:
 
  1. every C{PENDING} recipient is routed (L{IRouter.route}); recipients with the same
-    C{(backend, nexthop, options)} form one group, and every group is handed to its backend at
-    once (L{IDeliveryBackend.deliver}); a routing failure, an unknown backend, a failed
-    delivery Deferred or a malformed answer is a transient failure, never a delivery;
+    L{Route} (backend, next hop and options) form one group, and every group is handed with
+    its route to its backend at once (L{IDeliveryBackend.deliver}); a routing failure, an
+    unknown backend, a failed delivery Deferred or a malformed answer is a transient
+    failure, never a delivery;
  2. results are applied: delivered, bounced (5xx), or deferred (4xx: retried with exponential
     back-off); past the maximal queue lifetime every recipient still pending is bounced with
     status 4.4.7;
@@ -122,13 +123,10 @@ def _wants(recipient: Recipient, kind: str) -> bool:
     return kind in {item.upper() for item in recipient.notify}
 
 
-def _groupKey(route: Route) -> Any:
-    key = (route.backend, route.nexthop, route.options)
-    try:
-        hash(key)
-    except TypeError:
-        key = (route.backend, route.nexthop, repr(route.options))
-    return key
+def _groupKey(route: Route) -> Route:
+    """What recipients share one delivery by: their whole route (a L{Route} is hashable: its
+    fields are strings and a frozen L{RouteOptions <mailrelay.interfaces.RouteOptions>})."""
+    return route
 
 
 @dataclass
@@ -627,7 +625,7 @@ class QueueManager(Service):
         try:
             path = self.spool.messagePath(queueID)
             results = await self._withTimeout(
-                maybeDeferred(backend.deliver, envelope, list(recipients), route.nexthop, path)
+                maybeDeferred(backend.deliver, envelope, list(recipients), route, path)
             )
         except Exception as e:
             log.error(

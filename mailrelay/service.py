@@ -121,14 +121,15 @@ class BackendsService(Service):
         return DeferredList(closing, consumeErrors=True)
 
 
-def makeBackends(config: Config, reactor: Any, router: Any, build: Any) -> dict[str, Any]:
-    """The built-in delivery backends, configured, and the site backends (plugins)."""
+def makeBackends(config: Config, reactor: Any, build: Any) -> dict[str, Any]:
+    """The built-in delivery backends, configured, and the site backends (plugins).  Each
+    route's options are applied by its backend at delivery time, over these defaults."""
     import dataclasses
 
     from mailrelay.delivery.discard import DiscardBackend
     from mailrelay.delivery.lmtp import LMTPBackend
     from mailrelay.delivery.maildir import MaildirBackend
-    from mailrelay.delivery.smtp import SMTPBackend, routeSettingsLookup
+    from mailrelay.delivery.smtp import SMTPBackend
     from mailrelay.route import MXResolver, makeResolver
     from mailrelay.smtp.client import ClientSettings, ClientTimeouts
 
@@ -148,21 +149,19 @@ def makeBackends(config: Config, reactor: Any, router: Any, build: Any) -> dict[
                 reactor,
                 MXResolver(resolver, reactor),
                 base,
-                routeSettings=routeSettingsLookup(router, base, "smtp", configDir=config.configDir),
                 destinationConcurrency=delivery.destinationConcurrency,
                 connectionCacheTime=delivery.connectionCacheTime,
             ),
             "lmtp": LMTPBackend(
                 reactor,
                 lmtpBase,
-                routeSettings=routeSettingsLookup(router, lmtpBase, "lmtp", configDir=config.configDir),
                 concurrency=delivery.destinationConcurrency,
             ),
             "maildir": MaildirBackend(reactor, hostname=config.hostname),
             "discard": DiscardBackend(),
         }
     except ValueError as e:
-        raise ConfigError(str(e), file=source, key="routes") from e
+        raise ConfigError(str(e), file=source, key="delivery") from e
     for spec in config.backends:
         backends[spec.name] = build(spec, IDeliveryBackend)
     return backends
@@ -209,7 +208,7 @@ def makeDelivery(config: Config, reactor: Any, spool: Any, build: Any) -> tuple[
         router = RoutingTable.fromConfig(config)
     except ValueError as e:
         raise ConfigError(str(e), file=config.source or "(embedded default)", key="routes") from e
-    backends = makeBackends(config, reactor, router, build)
+    backends = makeBackends(config, reactor, build)
     q = config.queue
     queue = QueueManager(
         spool,

@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from mailrelay import queue as queueModule
 from mailrelay.bounce import POSTMASTER_SOURCE
 from mailrelay.envelope import BOUNCED, DELIVERED, PENDING, ClientInfo, Envelope, Recipient
-from mailrelay.interfaces import DeliveryStatus, RecipientResult, Route
+from mailrelay.interfaces import DeliveryStatus, RecipientResult, Route, RouteOptions
 from mailrelay.queue import QueueManager, QueuePolicy, backoff
 from mailrelay.spool import Spool, SpoolError, newQueueID
 
@@ -84,10 +84,14 @@ class Call:
     queueID: str
     sender: str
     addresses: list[str]
-    nexthop: str
+    route: Route
     path: Path
     message: bytes
     isBounce: bool
+
+    @property
+    def nexthop(self) -> str:
+        return self.route.nexthop
 
 
 class FakeBackend:
@@ -106,13 +110,13 @@ class FakeBackend:
         kind = seq.pop(0) if len(seq) > 1 else seq[0]
         return result(address, kind)
 
-    def deliver(self, envelope: Envelope, recipients: Any, nexthop: str, messagePath: Path) -> Any:
+    def deliver(self, envelope: Envelope, recipients: Any, route: Route, messagePath: Path) -> Any:
         self.calls.append(
             Call(
                 envelope.queueID or "",
                 envelope.sender,
                 [r.address for r in recipients],
-                nexthop,
+                route,
                 messagePath,
                 messagePath.read_bytes(),
                 envelope.isBounce,
@@ -816,7 +820,7 @@ class BrokenBackend:
     def __init__(self, answer: Callable[[list[Recipient]], Any]) -> None:
         self.answer = answer
 
-    def deliver(self, envelope: Envelope, recipients: Any, nexthop: str, messagePath: Path) -> Any:
+    def deliver(self, envelope: Envelope, recipients: Any, route: Route, messagePath: Path) -> Any:
         return self.answer(list(recipients))
 
 
@@ -860,11 +864,37 @@ def test_deliveryTimeout(
     resultOf(qm.stopService())
 
 
+def test_recipientsGroupedByTheWholeRoute(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    """Two routes to one next hop with different options are two deliveries, each given its
+    own route; equal routes share one."""
+    relay = "[relay.example]:587"
+    router.routes["plain.example"] = Route("smtp", relay, RouteOptions(tls="none"))
+    router.routes["tls.example"] = Route("smtp", relay, RouteOptions(tls="required"))
+    router.routes["tls2.example"] = Route("smtp", relay, RouteOptions(tls="required"))
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    queueID = queueMessage(
+        spool, clock, ["a@plain.example", "b@tls.example", "c@tls2.example", "d@plain.example"]
+    )
+    qm.enqueue(queueID)
+    assert sorted((c.addresses, c.route.options.tls) for c in backend.calls) == [
+        (["a@plain.example", "d@plain.example"], "none"),
+        (["b@tls.example", "c@tls2.example"], "required"),
+    ]
+    assert {c.nexthop for c in backend.calls} == {relay}
+    assert spool.queueIDs() == []
+    resultOf(qm.stopService())
+
+
 def test_groupsDeliveredConcurrently(
     spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
 ) -> None:
     backend.hold = True
-    router.routes["example.net"] = Route("smtp", "[smtp.example.net]:587", (("tls", "required"),))
+    router.routes["example.net"] = Route(
+        "smtp", "[smtp.example.net]:587", RouteOptions(tls="required")
+    )
     qm = makeManager(spool, router, {"smtp": backend}, clock)
     qm.startService()
     queueID = queueMessage(
