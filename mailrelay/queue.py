@@ -11,8 +11,8 @@ One delivery attempt of an active message:
  1. every C{PENDING} recipient is routed (L{IRouter.route}); recipients with the same
     L{Route} (backend, next hop and options) form one group, and every group is handed with
     its route to its backend at once (L{IDeliveryBackend.deliver}); a routing failure, an
-    unknown backend, a failed delivery Deferred or a malformed answer is a transient
-    failure, never a delivery;
+    unknown backend, a failed delivery Deferred, a delivery that outlasts the backend's
+    timeout or a malformed answer is a transient failure, never a delivery;
  2. results are applied: delivered, bounced (5xx), or deferred (4xx: retried with exponential
     back-off); past the maximal queue lifetime every recipient still pending is bounced with
     status 4.4.7;
@@ -43,7 +43,7 @@ from mailrelay.spool import SpoolError, newQueueID
 
 log = Logger()
 
-__all__ = ["QueuePolicy", "QueueManager", "backoff"]
+__all__ = ["DeliveryTimedOut", "QueuePolicy", "QueueManager", "backoff"]
 
 #: At most this many envelopes are loaded only to be found not yet due (after a restart) in
 #: one reactor turn; the rest continue in the next turn, so the reactor stays responsive.
@@ -67,8 +67,10 @@ class QueuePolicy:
         (C{qmgr_message_active_limit}).
     @ivar postmaster: where a notification about an undeliverable bounce goes; C{None}: such
         bounces are logged and dropped.
-    @ivar deliveryTimeout: seconds a routing decision or a backend delivery may take before it
-        is abandoned and counted as a transient failure (a late answer is ignored); 0: no limit.
+    @ivar deliveryTimeout: seconds a routing decision, or a delivery by a backend without a
+        timeout of its own (see L{QueueManager}'s C{timeouts}: the built-in backends), may
+        take before it is abandoned and counted as a transient failure (a late answer is
+        ignored); 0: no limit.
     @ivar stopTimeout: seconds L{QueueManager.stopService} waits for deliveries in flight.
     @ivar bounceSizeLimit: the most octets of an original message returned in a notification
         (C{bounce_size_limit}).
@@ -129,6 +131,23 @@ def _groupKey(route: Route) -> Route:
     return route
 
 
+class DeliveryTimedOut(Exception):
+    """A backend did not answer a delivery within its timeout.
+
+    @ivar timeout: the timeout, in seconds.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"no answer within {timeout:g}s")
+        self.timeout = timeout
+
+
+def _timedOut(result: Any, timeout: float) -> None:
+    """C{onTimeoutCancel} of a delivery: it failed with L{DeliveryTimedOut}, whatever the
+    cancelled backend answered."""
+    raise DeliveryTimedOut(timeout)
+
+
 @dataclass
 class _Outcome:
     """One recipient's result in one attempt, and where it went (for the log)."""
@@ -171,6 +190,7 @@ class QueueManager(Service):
         *,
         hostname: str,
         policy: QueuePolicy = QueuePolicy(),
+        timeouts: Mapping[str, float] | None = None,
     ) -> None:
         """
         @param spool: a started L{mailrelay.spool.Spool} (by the time L{startService} runs).
@@ -178,10 +198,17 @@ class QueueManager(Service):
         @param backends: the delivery backends by name (L{Route.backend}).
         @param clock: provides C{seconds()} and C{callLater()} (the reactor).
         @param hostname: this relay's host name, for notifications.
+        @param timeouts: seconds one delivery by the named backend may take (a site backend's
+            C{[[backends]] timeout}); a backend not named gets C{policy.deliveryTimeout}.
+        @raise ValueError: a timeout that is not a number greater than zero.
         """
         self.spool = spool
         self.router = router
         self.backends = dict(backends)
+        self.timeouts = dict(timeouts or {})
+        for name, timeout in self.timeouts.items():
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+                raise ValueError(f"the timeout of backend {name!r} must be > 0, not {timeout!r}")
         self.clock = clock
         self.hostname = hostname
         self.policy = policy
@@ -545,6 +572,10 @@ class QueueManager(Service):
         log.info("{queueID}: removed", queueID=queueID)
         return None
 
+    def timeoutFor(self, backend: str) -> float:
+        """Seconds one delivery by C{backend} may take (0: no limit)."""
+        return self.timeouts.get(backend, self.policy.deliveryTimeout)
+
     def _withTimeout(self, d: Deferred[Any]) -> Deferred[Any]:
         if self.policy.deliveryTimeout > 0:
             d.addTimeout(self.policy.deliveryTimeout, self.clock)
@@ -622,23 +653,44 @@ class QueueManager(Service):
             )
             diagnostic = f"X-mailrelay; unknown delivery backend {route.backend!r}"
             return [_Outcome(r, _transient(r, "4.3.5", diagnostic), relay) for r in recipients]
+        timeout = self.timeoutFor(route.backend)
         try:
             path = self.spool.messagePath(queueID)
-            results = await self._withTimeout(
-                maybeDeferred(backend.deliver, envelope, list(recipients), route, path)
+            delivery = maybeDeferred(backend.deliver, envelope, list(recipients), route, path)
+            if timeout > 0:
+                delivery.addTimeout(timeout, self.clock, onTimeoutCancel=_timedOut)
+            results = await delivery
+        except DeliveryTimedOut:
+            return self._deferGroup(
+                recipients,
+                relay,
+                "4.4.2",
+                f"X-mailrelay; delivery via {relay} timed out after {timeout:g}s",
+                "{queueID}: delivery backend {backend!r} did not answer within its timeout of "
+                "{timeout:g}s; {count} recipient(s) deferred",
+                queueID=queueID,
+                backend=route.backend,
+                timeout=timeout,
+                count=len(recipients),
             )
         except Exception as e:
-            log.error(
+            return self._deferGroup(
+                recipients,
+                relay,
+                "4.3.0",
+                f"X-mailrelay; delivery via {relay} failed: {e!r}",
                 "{queueID}: delivery via {relay} failed: {error}",
                 queueID=queueID,
                 relay=relay,
                 error=repr(e),
             )
-            diagnostic = f"X-mailrelay; delivery via {relay} failed: {e!r}"
-            return [_Outcome(r, _transient(r, "4.3.0", diagnostic), relay) for r in recipients]
         problem = self._checkResults(results, recipients)
         if problem is not None:
-            log.error(
+            return self._deferGroup(
+                recipients,
+                relay,
+                "4.3.0",
+                f"X-mailrelay; delivery via {relay} gave no usable result ({problem})",
                 "{queueID}: delivery backend {backend!r} answered badly ({problem}); "
                 "counting {count} recipient(s) as not delivered",
                 queueID=queueID,
@@ -646,13 +698,26 @@ class QueueManager(Service):
                 problem=problem,
                 count=len(recipients),
             )
-            diagnostic = f"X-mailrelay; delivery via {relay} gave no usable result ({problem})"
-            return [_Outcome(r, _transient(r, "4.3.0", diagnostic), relay) for r in recipients]
         outcomes = []
         for r, result in zip(recipients, results):
             remote = result.remoteMTA.partition(";")[2].strip() if result.remoteMTA else ""
             outcomes.append(_Outcome(r, result, remote or relay))
         return outcomes
+
+    @staticmethod
+    def _deferGroup(
+        recipients: list[Recipient],
+        relay: str,
+        code: str,
+        diagnostic: str,
+        logFormat: str,
+        /,
+        **logFields: Any,
+    ) -> list[_Outcome]:
+        """Log C{logFormat} as an error and count every recipient of a group as deferred
+        with C{code} and C{diagnostic}."""
+        log.error(logFormat, **logFields)
+        return [_Outcome(r, _transient(r, code, diagnostic), relay) for r in recipients]
 
     @staticmethod
     def _checkResults(results: Any, recipients: Sequence[Recipient]) -> str | None:

@@ -225,6 +225,8 @@ def makeDelivery(config: Config, reactor: Any, spool: Any, build: Any) -> tuple[
             activeLimit=q.activeLimit,
             postmaster=q.postmaster,
         ),
+        # A site backend's [[backends]] timeout; the built-in ones keep the policy's bound.
+        timeouts={spec.name: spec.timeout for spec in config.backends},
     )
     return [BackendsService(backends), queue], queue
 

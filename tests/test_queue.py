@@ -232,9 +232,17 @@ def stored(spool: Spool, queueID: str) -> dict[str, Any]:
 
 
 def makeManager(
-    spool: Spool, router: FakeRouter, backends: dict[str, Any], clock: Clock, **policy: Any
+    spool: Spool,
+    router: FakeRouter,
+    backends: dict[str, Any],
+    clock: Clock,
+    timeouts: dict[str, float] | None = None,
+    **policy: Any,
 ) -> QueueManager:
-    return QueueManager(spool, router, backends, clock, hostname=HOST, policy=QueuePolicy(**policy))
+    return QueueManager(
+        spool, router, backends, clock, hostname=HOST, policy=QueuePolicy(**policy),
+        timeouts=timeouts,
+    )
 
 
 def parse(message: bytes) -> email.message.EmailMessage:
@@ -858,10 +866,62 @@ def test_deliveryTimeout(
     clock.advance(60)
     assert qm.activeCount == 0
     [r] = stored(spool, queueID)["recipients"]
-    assert (r["state"], r["status"]) == (PENDING, "4.3.0")
+    assert (r["state"], r["status"]) == (PENDING, "4.4.2")
+    assert r["lastResult"] == "X-mailrelay; delivery via smtp:example.com timed out after 60s"
     backend.release()  # a late answer is ignored
     assert stored(spool, queueID)["recipients"][0]["state"] == PENDING
     resultOf(qm.stopService())
+
+
+class SilentBackend:
+    """A site backend that never answers (and records what it was asked)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], Route]] = []
+
+    def deliver(self, envelope: Envelope, recipients: Any, route: Route, messagePath: Path) -> Any:
+        self.calls.append(([r.address for r in recipients], route))
+        return Deferred()
+
+
+def test_siteBackendTimeout(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any
+) -> None:
+    """A site backend's delivery is abandoned after its own timeout ([[backends]] timeout),
+    not the built-in backends' bound; its recipients are deferred, with a clear log line."""
+    silent = SilentBackend()
+    backend.hold = True
+    router.routes["hooks.example"] = Route("webhook", "webhook")
+    qm = makeManager(
+        spool, router, {"smtp": backend, "webhook": silent}, clock, timeouts={"webhook": 600}
+    )
+    assert (qm.timeoutFor("webhook"), qm.timeoutFor("smtp")) == (600, 3600)
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["a@hooks.example", "b@example.com"])
+    qm.enqueue(queueID)
+    assert silent.calls == [(["a@hooks.example"], Route("webhook", "webhook"))]
+    clock.advance(599)
+    assert qm.activeCount == 1 and not [t for t in texts(events, queueID) if "timeout" in t]
+    clock.advance(1)
+    lines = [t for t in texts(events, queueID) if "timeout" in t]
+    assert lines == [
+        f"{queueID}: delivery backend 'webhook' did not answer within its timeout of 600s; "
+        "1 recipient(s) deferred"
+    ]
+    assert qm.activeCount == 1  # the smtp delivery is still running: its bound is longer
+    backend.release()
+    assert qm.activeCount == 0
+    a, b = stored(spool, queueID)["recipients"]
+    assert (a["state"], a["status"]) == (PENDING, "4.4.2")
+    assert a["lastResult"] == "X-mailrelay; delivery via webhook:webhook timed out after 600s"
+    assert b["state"] == DELIVERED
+    resultOf(qm.stopService())
+
+
+def test_badBackendTimeouts(spool: Spool, router: FakeRouter, clock: Clock) -> None:
+    for bad in (0, -1, True, "600"):
+        with pytest.raises(ValueError, match="the timeout of backend 'webhook' must be > 0"):
+            makeManager(spool, router, {}, clock, timeouts={"webhook": bad})
 
 
 def test_recipientsGroupedByTheWholeRoute(
