@@ -1,0 +1,65 @@
+"""End-to-end: input that must not corrupt a message or the relay's memory (issue 7, point 4).
+
+The real C{twistd -n mailrelay}, spoken to with smtplib and raw sockets, relaying to aiosmtpd
+(the next hop and DNS fixtures of L{tests.test_e2e_outbound}).
+"""
+
+from __future__ import annotations
+
+import re
+import smtplib
+from pathlib import Path
+
+import pytest
+
+from tests.harness import LineClient, RelayProcess
+from tests.test_e2e_outbound import (  # noqa: F401 - fixtures
+    config,
+    dns,
+    nexthop,
+    relay,
+    release,
+    smtpRoute,
+    spooled,
+    submit,
+    waitEmpty,
+    waitRemoved,
+    waitResult,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# A 998-octet line that begins with "." (999 octets on the wire, dot-stuffed)
+
+
+def test_longest_line_starting_with_a_dot_is_relayed(relay, nexthop, dns) -> None:
+    hop, port = nexthop()
+    routes = [smtpRoute("example.org", port)]
+    r = relay(config(dns, hold=True, routes=routes))
+    longest = b"." + b"d" * 997
+    assert len(longest) == 998
+    msg = (b"From: alice@sender.test\r\nTo: bob@example.org\r\nSubject: long dot line\r\n\r\n"
+           + longest + b"\r\n" + b"." * 998 + b"\r\nend\r\n")
+    # smtplib dot-stuffs: 999 octets on the wire for both lines, the limit plus the dot.
+    qid = submit(r, "alice@sender.test", ["bob@example.org"], msg)
+    original = spooled(r, qid)
+    assert original.endswith(msg.split(b"\r\n\r\n", 1)[1])
+    release(r, config(dns, routes=routes))
+    m = waitResult(r, qid, "bob@example.org")
+    assert m["status"] == "sent", m[0]
+    waitRemoved(r, qid)
+    (got,) = hop.to("bob@example.org")
+    assert got.content == original
+    assert b"\r\n" + longest + b"\r\n" + b"." * 998 + b"\r\nend\r\n" in got.content
+    waitEmpty(r)
+
+
+def test_line_over_the_limit_after_unstuffing_is_refused(relay) -> None:
+    r = relay(hold=True)
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=15) as s:
+        s.ehlo("client.test")
+        s.mail("alice@sender.test")
+        s.rcpt("bob@example.org")
+        code, reply = s.data(b"Subject: x\r\n\r\n." + b"d" * 998 + b"\r\n")
+    assert (code, reply) == (500, b"5.5.2 Error: message line longer than 998 octets")
+    assert r.queued() == []
