@@ -63,3 +63,37 @@ def test_line_over_the_limit_after_unstuffing_is_refused(relay) -> None:
         code, reply = s.data(b"Subject: x\r\n\r\n." + b"d" * 998 + b"\r\n")
     assert (code, reply) == (500, b"5.5.2 Error: message line longer than 998 octets")
     assert r.queued() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# A header section over the 100 KB the relay parses, without Message-Id:
+
+
+def wellFormed(message: bytes) -> None:
+    """CRLF line ends only, and a header section of complete fields up to the empty line."""
+    assert message.count(b"\r") == message.count(b"\n") == message.count(b"\r\n")
+    header, sep, _ = message.partition(b"\r\n\r\n")
+    assert sep
+    for line in header.split(b"\r\n"):
+        assert re.match(rb"[\x21-\x39\x3b-\x7e]+:|[ \t]", line), line[:80]
+
+
+@pytest.mark.parametrize("firstLine", [101, 150, 60])
+def test_huge_header_section_gets_fields_at_a_line_boundary(relay, firstLine: int) -> None:
+    # The relay parses the first 102400 octets of the header section; the fields of 100
+    # octets after the first one put that limit between CR and LF (101), mid-line (150), or
+    # inside a continuation line (60).
+    r = relay(hold=True)
+    first = b"X-First: " + b"f" * (firstLine - 11) + b"\r\n"
+    filler = [b"X-Filler: " + b"y" * 88 + b"\r\n", b"\tcont" + b"c" * 93 + b"\r\n"]
+    fields = first + b"".join(filler[i % 2] for i in range(1400))
+    assert 150_000 > len(fields) > 102400
+    body = b"Subject: big header\r\n\r\nbody\r\n"
+    qid = submit(r, "alice@sender.test", ["bob@example.org"], fields + body)
+    stored = spooled(r, qid)
+    wellFormed(stored)
+    added = re.findall(rb"\r\n(Message-Id: <[^>\r\n]+>\r\nDate: [^\r\n]+\r\n)", stored)
+    assert len(added) == 1, added
+    assert stored.split(added[0], 1)[1][:1] not in (b" ", b"\t")  # not inside a field
+    trace = re.fullmatch(rb"Received: [^\r\n]+(?:\r\n\t[^\r\n]+)*\r\n(.*)", stored, re.S)
+    assert trace is not None and trace.group(1).replace(added[0], b"", 1) == fields + body

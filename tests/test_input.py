@@ -7,7 +7,13 @@ the sans-IO pieces directly.
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from mailrelay.bounce import _readOriginal
+from mailrelay.interfaces import StampResult
+from mailrelay.smtp.client import DotStuffer
+from mailrelay.stamping import HEADER_SECTION_LIMIT, HeaderProcessor, parseHeaderSection
 from mailrelay.testing import ServerHarness
 
 DATA_START = b"EHLO client.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n"
@@ -31,7 +37,9 @@ def sendMessage(h: ServerHarness, wire: bytes, cuts: tuple[int, ...] = ()) -> li
 
 @pytest.mark.parametrize("cuts", [(), (1,), (2,), (500,), (999,), (1000,)])
 @pytest.mark.parametrize("before", [b"", b"Subject: x\r\n\r\n"])
-def test_998_octet_line_starting_with_a_dot_is_accepted(before: bytes, cuts: tuple[int, ...]) -> None:
+def test_998_octet_line_starting_with_a_dot_is_accepted(
+    before: bytes, cuts: tuple[int, ...]
+) -> None:
     h = ServerHarness()
     line = b"." + b"x" * 997
     wire = before + b"." + line + b"\r\n.\r\n"
@@ -56,20 +64,116 @@ def test_long_line_starting_with_a_dot_split_over_a_huge_partial_line() -> None:
 
 
 def test_client_sends_the_998_octet_dot_line_stuffed() -> None:
-    from mailrelay.smtp.client import DotStuffer
-
     line = b"." + b"x" * 997 + b"\r\n"
     stuffer = DotStuffer()
-    assert stuffer.feed(b"a\r\n" + line + line[:500]) + stuffer.feed(line[500:]) + stuffer.finish() == (
-        b"a\r\n." + line + b"." + line + b".\r\n"
-    )
+    wire = stuffer.feed(b"a\r\n" + line + line[:500]) + stuffer.feed(line[500:]) + stuffer.finish()
+    assert wire == b"a\r\n." + line + b"." + line + b".\r\n"
 
 
 def test_bounce_returns_a_message_with_the_998_octet_dot_line_in_full(tmp_path) -> None:
-    from mailrelay.bounce import _readOriginal
-
     message = b"Subject: x\r\n\r\n." + b"x" * 997 + b"\r\n"
     path = tmp_path / "m.eml"
     path.write_bytes(message)
     original = _readOriginal(path, True, 100000, "Q")
-    assert (original.contentType, original.content, original.note) == ("message/rfc822", message, None)
+    assert original.contentType == "message/rfc822"
+    assert (original.content, original.note) == (message, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Added header fields only at a field boundary, whatever the size of the header section
+
+PREPENDED = b"Received: ours\r\n"
+APPENDED = b"Message-Id: <added@relay.test>\r\nDate: now\r\n"
+
+
+def stampThrough(
+    message: bytes, limit: int, cuts: list[int]
+) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """C{message} through a L{HeaderProcessor} in writes cut at C{cuts}: what it stores and the
+    fields the stamper saw."""
+    out: list[bytes] = []
+    seen: list[list[tuple[str, bytes]]] = []
+
+    def stamp(headers: list[tuple[str, bytes]]) -> StampResult:
+        seen.append(headers)
+        return StampResult(prepend=[PREPENDED], append=[APPENDED])
+
+    proc = HeaderProcessor(out.append, stamp, limit=limit)
+    prev = 0
+    for cut in sorted(set(cuts)) + [len(message)]:
+        if cut > prev:
+            proc.write(message[prev:cut])
+            prev = cut
+    proc.finish()
+    assert len(seen) == 1
+    return b"".join(out), seen[0]
+
+
+def assertAddedAtFieldBoundary(message: bytes, stored: bytes) -> None:
+    """C{stored} is C{message} with L{PREPENDED} on top and L{APPENDED} inserted where a line
+    starts that does not continue the field before."""
+    assert stored.startswith(PREPENDED)
+    rest = stored[len(PREPENDED):]
+    at = rest.find(APPENDED)
+    assert at >= 0, rest
+    assert at == 0 or rest[at - 2 : at] == b"\r\n", (at, rest[at - 10 : at + 10])
+    after = rest[at + len(APPENDED) :]
+    assert after[:1] not in (b" ", b"\t"), "inserted between a field and its continuation"
+    if at == 0 and message[:1] in (b" ", b"\t"):
+        assert after[:2] == b"\r\n", "no empty line before a body starting with white space"
+        after = after[2:]
+    assert rest[:at] + after == message
+    assert stored.count(b"\r") == stored.count(b"\n") == stored.count(b"\r\n")
+
+
+_headerLine = st.one_of(
+    st.integers(min_value=0, max_value=60).map(lambda n: b"X-F: " + b"v" * n + b"\r\n"),
+    st.integers(min_value=0, max_value=60).map(lambda n: b"\t" + b"c" * n + b"\r\n"),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(_headerLine, max_size=40),
+    st.booleans(),
+    st.integers(min_value=8, max_value=400),
+    st.lists(st.integers(min_value=0, max_value=3000), max_size=6),
+)
+def test_added_fields_never_split_a_line_or_a_field(
+    lines: list[bytes], ended: bool, limit: int, cuts: list[int]
+) -> None:
+    message = b"".join(lines) + (b"\r\nbody\r\n" if ended else b"")
+    stored, _ = stampThrough(message, limit, cuts)
+    assertAddedAtFieldBoundary(message, stored)
+
+
+@pytest.mark.parametrize("shift", range(-4, 5))
+@pytest.mark.parametrize("continued", [False, True])
+def test_header_section_around_the_real_limit(shift: int, continued: bool) -> None:
+    # Fields of 100 octets after a first one of 100 + shift: the limit falls at every offset
+    # of the line around it (mid-line, before CR, between CR and LF, after LF).
+    first = b"X-First: " + b"f" * (89 + shift) + b"\r\n"
+    field = (b"\tcontinued" + b"c" * 88 if continued else b"X-Filler: " + b"y" * 88) + b"\r\n"
+    count = (HEADER_SECTION_LIMIT + 3000) // 100
+    message = first + field * count + b"Subject: last\r\n\r\nbody\r\n"
+    everyPage = list(range(0, len(message), 4096))
+    for cuts in ([], [HEADER_SECTION_LIMIT - 1], everyPage, [HEADER_SECTION_LIMIT + 1]):
+        stored, fields = stampThrough(message, HEADER_SECTION_LIMIT, cuts)
+        assertAddedAtFieldBoundary(message, stored)
+        assert sum(len(raw) for _, raw in fields) <= HEADER_SECTION_LIMIT
+
+
+def test_parse_header_section_only_takes_complete_lines_and_fields() -> None:
+    a, b = ("A", b"A: 1\r\n"), ("B", b"B: 2\r\n")
+    assert parseHeaderSection(b"A: 1\r\nB: 2\r") == ([a], 6)
+    assert parseHeaderSection(b"A: 1\r\nB: 2") == ([a], 6)
+    assert parseHeaderSection(b"A: 1\r\nB: 2\r\n") == ([a, b], 12)
+    # A field whose continuation is not complete is not complete either.
+    assert parseHeaderSection(b"A: 1\r\nB: 2\r\n\tmore") == ([a], 6)
+    # Beyond the limit, only whether the last field goes on is looked at.
+    assert parseHeaderSection(b"A: 1\r\nB: 2\r\n\tmore\r\nC: 3\r\n", limit=16) == ([a], 6)
+    assert parseHeaderSection(b"A: 1\r\nB: 2\r\nC: 3\r\n", limit=12) == ([a, b], 12)
+    assert parseHeaderSection(b"A: 1\r\nB: 2\r\nC: 3\r\n", limit=13) == ([a, b], 12)
+    assert parseHeaderSection(b"A: 1\r\nB: 2\r\n", limit=12) == ([a, b], 12)
+    assert parseHeaderSection(b"A: 1\r\nB: 2\r\n \r\n\r\n", limit=100) == (
+        [a, ("B", b"B: 2\r\n \r\n")], 15)
