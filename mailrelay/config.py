@@ -162,6 +162,7 @@ ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
     "listeners": (
         "endpoint",
         "bare_newline",
+        "nul_bytes",
         "add_message_id",
         "add_date",
         "mode",
@@ -280,6 +281,8 @@ class ListenerConfig:
         timeout).
     @ivar proxy_protocol: connections start with a PROXY protocol (v1 or v2) header.
     @ivar proxy_networks: the load balancers' networks, the only peers allowed to send one.
+    @ivar nul_bytes: what to do with NUL bytes in message data: C{"reject"} the message, or
+        C{"normalize"} it by removing them.
     """
 
     endpoint: str
@@ -309,6 +312,7 @@ class ListenerConfig:
     min_data_rate: int = DEFAULT_MIN_DATA_RATE
     proxy_protocol: bool = False
     proxy_networks: tuple[IPNetwork, ...] = ()
+    nul_bytes: str = "reject"
 
     def asOptions(self) -> dict[str, Any]:
         """The listener's options as a dict, as header stampers see them."""
@@ -1163,6 +1167,11 @@ class _Loader:
                 ListenerConfig(
                     endpoint=endpoint,
                     bare_newline=bareNewline,
+                    nul_bytes=self.choice(
+                        table.get("nul_bytes", "reject"),
+                        joinKey(here, "nul_bytes"),
+                        BARE_NEWLINE_CHOICES,
+                    ),
                     add_message_id=self.boolean(
                         table.get("add_message_id", True), joinKey(here, "add_message_id")
                     ),

@@ -97,3 +97,49 @@ def test_huge_header_section_gets_fields_at_a_line_boundary(relay, firstLine: in
     assert stored.split(added[0], 1)[1][:1] not in (b" ", b"\t")  # not inside a field
     trace = re.fullmatch(rb"Received: [^\r\n]+(?:\r\n\t[^\r\n]+)*\r\n(.*)", stored, re.S)
     assert trace is not None and trace.group(1).replace(added[0], b"", 1) == fields + body
+
+
+# ---------------------------------------------------------------------------------------------
+# NUL in message data: "\r\n\0.\r\n" is an end of data to a receiver that strips NULs
+
+
+def rawTransaction(r: RelayProcess, content: bytes) -> tuple[bytes, LineClient]:
+    """A raw session up to the end of C{content} (sent as is, then the final dot): the last
+    reply line, and the client (still open)."""
+    c = r.connect()
+    assert c.readReply()[0].startswith(b"220 ")
+    c.send(b"EHLO client.test\r\n")
+    c.readReply()
+    for command in (b"MAIL FROM:<alice@sender.test>", b"RCPT TO:<bob@example.org>", b"DATA"):
+        c.send(command + b"\r\n")
+        assert c.readReply()[-1][:1] in (b"2", b"3"), command
+    c.send(content + b".\r\n")
+    return c.readReply()[-1], c
+
+
+SMUGGLING = (b"Subject: nul\r\n\r\nfirst\r\n\0.\r\nMAIL FROM:<evil@sender.test>\r\n"
+             b"RCPT TO:<victim@example.org>\r\nDATA\r\nforged\r\n")
+
+
+def test_nul_in_data_is_refused(relay) -> None:
+    r = relay(hold=True)
+    reply, c = rawTransaction(r, SMUGGLING)
+    assert reply == b"550 5.6.0 Error: message contains NUL characters"
+    c.send(b"QUIT\r\n")
+    assert c.readReply() == [b"221 2.0.0 Bye"]
+    c.close()
+    assert r.queued() == []
+    assert re.search(r"result=550 5\.6\.0 Error: message contains NUL characters", r.log())
+
+
+def test_nul_removed_on_a_normalizing_listener(relay) -> None:
+    r = relay('[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\nnul_bytes = "normalize"\n',
+              "--spool", "spool", "--hostname", "relay.test", defaults=False, hold=True)
+    reply, c = rawTransaction(r, SMUGGLING)
+    c.close()
+    m = re.fullmatch(rb"250 2\.0\.0 Ok: queued as ([0-9A-Z]{20})", reply)
+    assert m, reply
+    (qid,) = r.queued()
+    stored = spooled(r, qid)
+    assert b"\0" not in stored
+    assert stored.endswith(b"\r\n\r\n" + SMUGGLING.split(b"\r\n\r\n")[1].replace(b"\0", b""))

@@ -177,3 +177,53 @@ def test_parse_header_section_only_takes_complete_lines_and_fields() -> None:
     assert parseHeaderSection(b"A: 1\r\nB: 2\r\n", limit=12) == ([a, b], 12)
     assert parseHeaderSection(b"A: 1\r\nB: 2\r\n \r\n\r\n", limit=100) == (
         [a, ("B", b"B: 2\r\n \r\n")], 15)
+
+
+# ---------------------------------------------------------------------------------------------
+# NUL in message data
+
+SMUGGLED = b"MAIL FROM:<evil@x.example>\r\nRCPT TO:<victim@y.example>\r\nDATA\r\nforged\r\n"
+NUL_REFUSED = b"550 5.6.0 Error: message contains NUL characters"
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        b"Subject: x\r\n\r\nfirst\r\n\0.\r\n" + SMUGGLED + b".\r\n",
+        b"Subject: x\r\n\r\nfirst\r\n.\0\r\n" + SMUGGLED + b".\r\n",
+        b"Subject: \0x\r\n\r\nbody\r\n.\r\n",
+        b"\0\r\n.\r\n",
+        b"Subject: x\r\n\r\nbody\0",
+    ],
+)
+def test_nul_in_message_data_is_refused_by_default(wire: bytes) -> None:
+    h = ServerHarness()
+    if not wire.endswith(b".\r\n"):
+        wire += b"\r\n.\r\n"
+    h.replies()
+    lines = h.send(DATA_START + wire)
+    assert lines[-1] == NUL_REFUSED
+    # One message, one final reply: the smuggled commands were message text.
+    assert h.codes(lines) == [250, 250, 250, 354, 550]
+    assert h.spool.committed == {}
+    assert h.send(b"NOOP\r\n") == [b"250 2.0.0 Ok"]
+
+
+def test_nul_refused_whatever_the_chunking() -> None:
+    wire = b"Subject: x\r\n\r\n" + b"y" * 100 + b"\r\n\0.\r\n" + SMUGGLED + b".\r\n"
+    for cut in range(len(wire)):
+        h = ServerHarness()
+        assert sendMessage(h, wire, (cut,)) == [250, 250, 250, 354, 550], cut
+
+
+def test_nul_removed_when_the_listener_normalizes() -> None:
+    from mailrelay.smtp.server import SessionSettings
+
+    h = ServerHarness(settings=SessionSettings(hostname="relay.test", nulBytes="normalize"))
+    wire = b"Subject: \0x\r\n\r\nfirst\r\n\0.\r\n\0..two\r\n" + SMUGGLED + b".\r\n"
+    assert sendMessage(h, wire) == [250, 250, 250, 354, 250]
+    (message,) = h.spool.messages()
+    assert b"\0" not in message
+    # Removed after un-stuffing (the "." of a line starting with NUL is not stuffing).
+    assert message.endswith(b"\r\n\r\nfirst\r\n.\r\n..two\r\n" + SMUGGLED)
+    assert b"Subject: x\r\n" in message

@@ -75,6 +75,9 @@ class SessionSettings:
     maxRecipients: int = 100
     maxErrors: int = 20
     bareNewline: str = BARE_NEWLINE_REJECT
+    #: NUL bytes in message data: C{"reject"} the message (550 5.6.0), or C{"normalize"}:
+    #: remove them (a receiver that strips NULs would otherwise see what we did not).
+    nulBytes: str = BARE_NEWLINE_REJECT
     extensions: tuple[str, ...] = ()
     #: STARTTLS is offered (the listener has a certificate and C{tls_mode = "starttls"}).
     starttls: bool = False
@@ -137,7 +140,7 @@ class StartData:
 @dataclass(frozen=True, slots=True)
 class EndOfData:
     """Question: the message ended.  C{error} is the reply the session wants to send when the
-    message is unacceptable (too big, long line, bare newline): the driver drops it and answers
+    message is unacceptable (too big, long line, bare newline, NUL): the driver drops it and answers
     that reply.  Otherwise the driver stores it durably and answers the final L{Reply}."""
 
     envelope: Envelope
@@ -892,6 +895,12 @@ class ServerSession:
             chunk = chunk[1:]
         if b"\r\n." in chunk:
             chunk = chunk.replace(b"\r\n.", b"\r\n")
+        # NUL: "\r\n\0.\r\n" is an end of data to a receiver that strips NULs.
+        if b"\0" in chunk:
+            if self.settings.nulBytes != BARE_NEWLINE_NORMALIZE:
+                self._dataError = R.NUL_IN_DATA
+                return
+            chunk = chunk.replace(b"\0", b"")
         # Line length, of the text un-stuffed (RFC 5321 4.5.3.1.6: the line "." + 997 octets
         # is 999 octets on the wire): the first line continues the partial line carried over.
         first = chunk.find(b"\r\n")
