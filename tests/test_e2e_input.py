@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import smtplib
+import time
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,56 @@ def test_nul_removed_on_a_normalizing_listener(relay) -> None:
     stored = spooled(r, qid)
     assert b"\0" not in stored
     assert stored.endswith(b"\r\n\r\n" + SMUGGLING.split(b"\r\n\r\n")[1].replace(b"\0", b""))
+
+
+# ---------------------------------------------------------------------------------------------
+# A client that pipelines commands and never reads the replies
+
+
+def rss(pid: int) -> int:
+    """The resident set size of process C{pid}, in bytes."""
+    text = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmRSS:\s+(\d+) kB$", text, re.M).group(1)) * 1024
+
+
+def sendWithoutReading(c: LineClient, data: bytes, stall: float) -> int:
+    """Send C{data} as far as the peer takes it, giving up once nothing could be sent for
+    C{stall} seconds; how many bytes were sent."""
+    c.sock.settimeout(0.2)
+    sent = 0
+    stalledSince = None
+    while sent < len(data):
+        try:
+            sent += c.sock.send(data[sent : sent + 65536])
+            stalledSince = None
+        except TimeoutError:
+            now = time.monotonic()
+            stalledSince = stalledSince or now
+            if now - stalledSince > stall:
+                break
+    return sent
+
+
+def test_pipelining_client_that_never_reads_cannot_grow_memory(relay) -> None:
+    r = relay("[limits]\nidle_timeout = 6\n", hold=True)
+    c = r.connect()
+    c.readReply()
+    c.send(b"EHLO client.test\r\n")
+    c.readReply()
+    assert r.process is not None
+    before = rss(r.process.pid)
+    total = 20 * 1024 * 1024
+    sent = sendWithoutReading(c, b"RSET\r\n" * (total // 6), stall=2.0)
+    grown = rss(r.process.pid) - before
+    # The relay stopped reading: what was sent sits in the kernel's socket buffers, and the
+    # replies to what it read in its (bounded) write buffer.
+    assert sent < total // 6 * 6, f"the relay read all {sent} bytes; its memory grew by {grown}"
+    assert grown < 16 * 1024 * 1024, (sent, grown)
+    # Its output blocked past the idle timeout, the session is closed.
+    r.waitForLog(r"timeout .*client not reading replies.* from 127\.0\.0\.1", timeout=30)
+    c.sock.settimeout(10)
+    with pytest.raises((ConnectionResetError, EOFError)):
+        while True:
+            if not c.sock.recv(1 << 20):
+                raise EOFError()
+    c.close()

@@ -9,12 +9,15 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import capturedLogs, formatEvent
+from zope.interface.verify import verifyObject
 
 from mailrelay.bounce import _readOriginal
 from mailrelay.interfaces import StampResult
 from mailrelay.smtp.client import DotStuffer
 from mailrelay.stamping import HEADER_SECTION_LIMIT, HeaderProcessor, parseHeaderSection
-from mailrelay.testing import ServerHarness
+from mailrelay.testing import ServerHarness, TLSStringTransport
 
 DATA_START = b"EHLO client.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n"
 
@@ -227,3 +230,92 @@ def test_nul_removed_when_the_listener_normalizes() -> None:
     # Removed after un-stuffing (the "." of a line starting with NUL is not stuffing).
     assert message.endswith(b"\r\n\r\nfirst\r\n.\r\n..two\r\n" + SMUGGLED)
     assert b"Subject: x\r\n" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# Backpressure: replies the client does not read stop the reading of its commands
+
+
+def test_protocol_is_the_streaming_producer_of_its_transport() -> None:
+    h = ServerHarness()
+    assert h.transport.producer is h.protocol and h.transport.streaming
+    verifyObject(IPushProducer, h.protocol)
+
+
+def test_output_blocked_pauses_reading_until_drained() -> None:
+    h = ServerHarness()
+    h.replies()
+    h.protocol.pauseProducing()  # the transport's write buffer is full
+    assert h.transport.producerState == "paused"
+    h.protocol.resumeProducing()  # drained
+    assert h.transport.producerState == "producing"
+
+
+@pytest.mark.parametrize("drainedFirst", [False, True])
+def test_pending_question_and_blocked_output_are_tracked_apart(drainedFirst: bool) -> None:
+    h = ServerHarness()
+    h.spool.holdCommits = True
+    h.replies()
+    h.send(DATA_START + b"Subject: x\r\n\r\nbody\r\n.\r\n")
+    assert h.transport.producerState == "paused"  # a question is pending: the commit
+    h.protocol.pauseProducing()
+    if drainedFirst:
+        h.protocol.resumeProducing()
+        assert h.transport.producerState == "paused"  # the question still is
+        h.spool.release()
+    else:
+        h.spool.release()
+        assert h.transport.producerState == "paused"  # the output still is blocked
+        h.protocol.resumeProducing()
+    assert h.transport.producerState == "producing"
+    assert h.replies()[-1].startswith(b"250 2.0.0 Ok: queued as ")
+
+
+class BlockedTransport(TLSStringTransport):
+    """A transport whose peer reads nothing: once more than C{bufferSize} bytes were written
+    it pauses its producer, as a TCP transport does when its write buffer is full."""
+
+    bufferSize = 1000
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self.producer is not None and len(self.value()) > self.bufferSize:
+            self.producer.pauseProducing()
+
+
+def blockedHarness(**kw) -> ServerHarness:
+    h = ServerHarness(connect=False, **kw)
+    h.transport = BlockedTransport(peerAddress=h.transport.getPeer())
+    h.protocol.makeConnection(h.transport)
+    return h
+
+
+def test_session_closed_when_output_stays_blocked_past_the_idle_timeout() -> None:
+    h = blockedHarness(idleTimeout=60)
+    with capturedLogs() as events:
+        h.send(b"EHLO x\r\n" + b"RSET\r\n" * 100)
+        assert h.transport.producerState == "paused"
+        h.clock.advance(59)
+        assert not h.transport.aborted
+        h.clock.advance(1)
+    assert h.transport.aborted
+    assert any("client not reading replies" in formatEvent(e) for e in events)
+
+
+def test_close_with_unread_replies_aborts_after_the_idle_timeout() -> None:
+    h = blockedHarness(idleTimeout=60)
+    h.send(b"EHLO x\r\n" + b"RSET\r\n" * 100 + b"QUIT\r\n")
+    assert h.transport.value().endswith(b"221 2.0.0 Bye\r\n")
+    # Closing once all is sent (the producer unregistered, or the transport would wait for it)
+    assert h.transport.disconnecting and h.transport.producer is None
+    assert not h.transport.aborted
+    h.clock.advance(60)  # ... which never happens: the client reads nothing
+    assert h.transport.aborted
+
+
+def test_close_timer_ends_with_the_connection() -> None:
+    h = ServerHarness(idleTimeout=60)
+    h.replies()
+    h.send(b"QUIT\r\n")
+    h.loseConnection()
+    assert h.clock.getDelayedCalls() == []
