@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterable
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailrelay.address import AddressError, normaliseDomain
+from mailrelay.config import hostnameProblem
 from mailrelay.interfaces import IHeaderStamper, PluginContext, StampContext, StampResult
 
 log = Logger()
@@ -125,14 +127,20 @@ class HeaderProcessor:
         self._sink(b"".join(result.prepend) + data[:end] + added + data[end:])
 
 
-def _sanitiseHelo(helo: str) -> str:
-    helo = helo[:255]
-    return _HELO_UNSAFE.sub("?", helo) or "unknown"
+def _heloDomain(helo: str) -> str:
+    """The HELO name as the C{From-domain} of C{Received:}: a host name or an address literal
+    of valid syntax, else C{"unknown"} (never free text: no comment can be spoofed)."""
+    if helo.startswith("["):
+        try:
+            return normaliseDomain(helo)
+        except AddressError:
+            return "unknown"
+    return helo if hostnameProblem(helo) is None else "unknown"
 
 
 def _addressLiteral(ip: str) -> str:
     try:
-        parsed = ip_address(ip)
+        parsed = ip_address(ip.split("%", 1)[0])  # without an IPv6 zone id
     except ValueError:
         return "[" + _HELO_UNSAFE.sub("?", ip) + "]"
     if parsed.version == 6:
@@ -167,7 +175,7 @@ class DefaultStamper:
         client = context.client
         envelope = context.envelope
         date = formatDate(context.now)
-        helo = _sanitiseHelo(client.helo or "unknown")
+        helo = _heloDomain(client.helo or "unknown")
         rdns = client.rdns or "unknown"
         received = (
             f"Received: from {helo} ({rdns} {_addressLiteral(client.address)})\r\n"

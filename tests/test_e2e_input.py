@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import LineClient, RelayProcess
+from tests.harness import DNSServer, LineClient, RelayProcess
 from tests.test_e2e_outbound import (  # noqa: F401 - fixtures
     config,
     dns,
@@ -197,3 +197,69 @@ def test_pipelining_client_that_never_reads_cannot_grow_memory(relay) -> None:
             if not c.sock.recv(1 << 20):
                 raise EOFError()
     c.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Names and addresses from outside: reverse DNS names, PROXY v1 addresses
+
+
+@pytest.fixture
+def ptrDNS(tmp_path: Path):
+    """A DNS server with forward-confirmed reverse names for 192.0.2.7 (a name that would
+    close the comment of Received: and open another) and 192.0.2.8 (a good one)."""
+    server = DNSServer(tmp_path / "ptr-dns", "test", [
+        ["7.2.0.192.in-addr.arpa", "PTR", "spoof) (by trusted.test"],
+        ["spoof) (by trusted.test", "A", "192.0.2.7"],
+        ["8.2.0.192.in-addr.arpa", "PTR", "good.test"],
+        ["good.test", "A", "192.0.2.8"],
+    ])
+    yield server
+    server.stop()
+
+
+def proxiedRelay(relay, dnsPort: int) -> RelayProcess:
+    return relay(
+        '[relay]\naccept_domains = ["example.org"]\n'
+        '[dns]\nreverse_lookups = true\nnameservers = ["127.0.0.1:%d"]\n'
+        '[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\n'
+        'proxy_protocol = true\nproxy_networks = ["127.0.0.0/8"]\n' % dnsPort,
+        "--spool", "spool", "--hostname", "relay.test", defaults=False, hold=True,
+    )
+
+
+def proxiedMessage(r: RelayProcess, header: bytes, helo: bytes = b"lb-client.test") -> bytes:
+    """Send one message through the PROXY listener as the client C{header} names; the queued
+    message."""
+    c = r.connect()
+    c.send(header)
+    assert c.readReply()[0].startswith(b"220 ")
+    for command in (b"EHLO " + helo, b"MAIL FROM:<a@sender.test>", b"RCPT TO:<b@example.org>",
+                    b"DATA"):
+        c.send(command + b"\r\n")
+        assert c.readReply()[-1][:1] in (b"2", b"3"), command
+    c.send(b"Subject: proxied\r\n\r\nx\r\n.\r\n")
+    (reply,) = c.readReply()
+    c.close()
+    m = re.fullmatch(rb"250 2\.0\.0 Ok: queued as ([0-9A-Z]{20})", reply)
+    assert m, reply
+    return spooled(r, m.group(1).decode())
+
+
+def test_reverse_name_of_bad_syntax_is_left_out(relay, ptrDNS) -> None:
+    r = proxiedRelay(relay, ptrDNS.port)
+    good = proxiedMessage(r, b"PROXY TCP4 192.0.2.8 192.0.2.25 40000 25\r\n")
+    assert good.startswith(b"Received: from lb-client.test (good.test [192.0.2.8])\r\n")
+    bad = proxiedMessage(r, b"PROXY TCP4 192.0.2.7 192.0.2.25 40001 25\r\n", b"x(y).test")
+    assert bad.startswith(b"Received: from unknown (unknown [192.0.2.7])\r\n")
+    assert ("7.2.0.192.in-addr.arpa", "PTR") in ptrDNS.queries()
+    assert "spoof" not in r.log()
+
+
+def test_proxy_v1_address_with_a_zone_id_is_refused(relay, ptrDNS) -> None:
+    r = proxiedRelay(relay, ptrDNS.port)
+    c = r.connect()
+    c.send(b"PROXY TCP6 fe80::1%(spoof) fe80::2 40000 25\r\n")
+    with pytest.raises((EOFError, ConnectionResetError)):
+        c.readReply()
+    r.waitForLog(r"bad PROXY header from 127\.0\.0\.1: .*zone")
+    assert r.queued() == []

@@ -10,14 +10,25 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from zope.interface.verify import verifyObject
 
 from mailrelay.bounce import _readOriginal
+from mailrelay.envelope import ClientInfo
 from mailrelay.interfaces import StampResult
+from mailrelay.proxy import ProxyHeaderError, parseProxyHeader
+from mailrelay.rdns import hostsFileName, reverseLookup
 from mailrelay.smtp.client import DotStuffer
-from mailrelay.stamping import HEADER_SECTION_LIMIT, HeaderProcessor, parseHeaderSection
+from mailrelay.stamping import (
+    HEADER_SECTION_LIMIT,
+    DefaultStamper,
+    HeaderProcessor,
+    parseHeaderSection,
+)
 from mailrelay.testing import ServerHarness, TLSStringTransport
+from tests.test_stamping import FakeResolver
+from tests.test_stamping import context as stampContext
 
 DATA_START = b"EHLO client.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n"
 
@@ -319,3 +330,77 @@ def test_close_timer_ends_with_the_connection() -> None:
     h.send(b"QUIT\r\n")
     h.loseConnection()
     assert h.clock.getDelayedCalls() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Names and addresses from outside in Received: and the logs
+
+
+@pytest.mark.parametrize(
+    "ptr",
+    [
+        "spoof) (by trusted.example",
+        "mail.example [192.0.2.1]",
+        "under_score.example",
+        "tab\tname.example",
+        "-dash.example",
+        "x" * 64 + ".example",
+        "192.0.2.1",
+        "name.123",
+    ],
+)
+def test_reverse_name_of_bad_syntax_is_unknown(ptr: str) -> None:
+    resolver = FakeResolver(ptr=ptr, a=["192.0.2.1"])
+    results: list = []
+    reverseLookup(resolver, "192.0.2.1", 10, Clock()).addCallback(results.append)
+    assert results == [None]
+
+
+def test_hosts_file_name_of_bad_syntax_is_skipped(tmp_path) -> None:
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 bad(name) good-alias\n127.0.0.2 under_score\n")
+    assert hostsFileName("127.0.0.1", str(hosts)) == "good-alias"
+    assert hostsFileName("127.0.0.2", str(hosts)) is None
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"PROXY TCP6 fe80::1%eth0 fe80::2 1234 25\r\n",
+        b"PROXY TCP6 fe80::1%(spoof) fe80::2 1234 25\r\n",
+        b"PROXY TCP6 2001:db8::1 fe80::2%1 1234 25\r\n",
+    ],
+)
+def test_proxy_v1_address_with_a_zone_id_is_refused(header: bytes) -> None:
+    with pytest.raises(ProxyHeaderError, match="zone"):
+        parseProxyHeader(header)
+
+
+@pytest.mark.parametrize(
+    "helo,shown",
+    [
+        ("client.example", "client.example"),
+        ("Client.Example.", "Client.Example."),
+        ("[192.0.2.1]", "[192.0.2.1]"),
+        ("[IPv6:2001:DB8::1]", "[IPv6:2001:db8::1]"),
+        ("ev(i)l.example", "unknown"),
+        ("evil.example)(by", "unknown"),
+        ("under_score.example", "unknown"),
+        ("192.0.2.1", "unknown"),
+        ("[IPv6:fe80::1%eth0]", "unknown"),
+        ("[192.0.2.1", "unknown"),
+        ("[tag:general]", "unknown"),
+        ("a" * 64 + ".example", "unknown"),
+        ("ümlaut.example", "unknown"),
+    ],
+)
+def test_received_shows_a_helo_name_only_of_valid_syntax(helo: str, shown: str) -> None:
+    client = ClientInfo(address="192.0.2.1", helo=helo, esmtp=True, rdns="mail.example")
+    (received,) = DefaultStamper().stamp(stampContext(client=client)).prepend
+    assert received.startswith(f"Received: from {shown} (mail.example [192.0.2.1])\r\n".encode())
+
+
+def test_received_address_literal_without_zone_id() -> None:
+    client = ClientInfo(address="fe80::1%eth0", helo="client.example", esmtp=True)
+    (received,) = DefaultStamper().stamp(stampContext(client=client)).prepend
+    assert received.startswith(b"Received: from client.example (unknown [IPv6:fe80::1])\r\n")
