@@ -263,3 +263,18 @@ def test_proxy_v1_address_with_a_zone_id_is_refused(relay, ptrDNS) -> None:
         c.readReply()
     r.waitForLog(r"bad PROXY header from 127\.0\.0\.1: .*zone")
     assert r.queued() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Integer settings beyond their bounds stop the relay with the file, key and value
+
+
+def test_message_size_beyond_20_digits_stops_the_relay(tmp_path: Path) -> None:
+    r = RelayProcess(tmp_path / "relay", "[limits]\nmessage_size = 1000000000000000000000\n")
+    with pytest.raises(AssertionError, match="relay exited with 1"):
+        r.start()
+    r.stop()
+    assert re.search(
+        r"mailrelay: configuration error: \S+/mailrelay\.toml: limits\.message_size: must be a "
+        r"positive integer no larger than 99999999999999999999 \(20 digits, RFC 1870\), "
+        r"not 1000000000000000000000", r.log())

@@ -20,6 +20,7 @@ from mailrelay.interfaces import StampResult
 from mailrelay.proxy import ProxyHeaderError, parseProxyHeader
 from mailrelay.rdns import hostsFileName, reverseLookup
 from mailrelay.smtp.client import DotStuffer
+from mailrelay.smtp.server import SessionSettings
 from mailrelay.stamping import (
     HEADER_SECTION_LIMIT,
     DefaultStamper,
@@ -231,8 +232,6 @@ def test_nul_refused_whatever_the_chunking() -> None:
 
 
 def test_nul_removed_when_the_listener_normalizes() -> None:
-    from mailrelay.smtp.server import SessionSettings
-
     h = ServerHarness(settings=SessionSettings(hostname="relay.test", nulBytes="normalize"))
     wire = b"Subject: \0x\r\n\r\nfirst\r\n\0.\r\n\0..two\r\n" + SMUGGLED + b".\r\n"
     assert sendMessage(h, wire) == [250, 250, 250, 354, 250]
@@ -404,3 +403,25 @@ def test_received_address_literal_without_zone_id() -> None:
     client = ClientInfo(address="fe80::1%eth0", helo="client.example", esmtp=True)
     (received,) = DefaultStamper().stamp(stampContext(client=client)).prepend
     assert received.startswith(b"Received: from client.example (unknown [IPv6:fe80::1])\r\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# SIZE values: at most 20 digits (RFC 1870)
+
+
+@pytest.mark.parametrize(
+    "size,code",
+    [
+        ("9" * 12, 250),
+        ("9" * 20, 452),  # within the limit, but more than the spool's free space
+        ("0" * 20, 250),
+        ("1" + "0" * 20, 501),
+        ("0" * 21, 501),
+        ("١٢", 501),  # digits, but not ASCII ones
+    ],
+)
+def test_mail_size_parameter_of_at_most_20_digits(size: str, code: int) -> None:
+    h = ServerHarness(settings=SessionSettings(hostname="relay.test", maxMessageSize=10**20 - 1))
+    h.replies()
+    assert b"250-SIZE 99999999999999999999" in h.send(b"EHLO x\r\n")
+    assert h.codes(h.send(f"MAIL FROM:<a@b.example> SIZE={size}\r\n".encode())) == [code]
