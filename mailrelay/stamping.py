@@ -86,23 +86,23 @@ class HeaderProcessor:
         self._sink = sink
         self._stamp = stamp
         self._limit = limit
-        self._pending: list[bytes] | None = []
-        self._pendingSize = 0
+        #: The start of the message held back until its header section is complete.
+        self._pending: bytearray | None = bytearray()
         self.headers: list[tuple[str, bytes]] = []
 
     def write(self, data: bytes) -> None:
-        if self._pending is None:
+        pending = self._pending
+        if pending is None:
             self._sink(data)
             return
-        self._pending.append(data)
-        self._pendingSize += len(data)
-        if self._pendingSize > self._limit:
-            self._flush()
-            return
-        joined = b"".join(self._pending)
-        self._pending = [joined]
-        # Fast path: the section certainly ends by the first empty line.
-        if joined.startswith(b"\r\n") or b"\r\n\r\n" in joined:
+        searchFrom = max(len(pending) - 3, 0)  # only the new data, and a CRLF CR before it
+        pending += data
+        # The section certainly ends by the first empty line, or is taken as ended at the limit.
+        if (
+            len(pending) > self._limit
+            or pending.startswith(b"\r\n")
+            or pending.find(b"\r\n\r\n", searchFrom) >= 0
+        ):
             self._flush()
 
     def finish(self) -> None:
@@ -115,7 +115,7 @@ class HeaderProcessor:
         return sum(1 for n, _ in self.headers if n.lower() == lname)
 
     def _flush(self) -> None:
-        data = b"".join(self._pending or [])
+        data = bytes(self._pending or b"")
         self._pending = None
         self.headers, end = parseHeaderSection(data, self._limit)
         result = self._stamp(self.headers)

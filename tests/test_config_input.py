@@ -81,7 +81,8 @@ def test_integer_settings_have_upper_bounds(tmp_path: Path, table: str, key: str
 
 
 def test_message_size_limit_is_the_20_digits_of_rfc_1870(tmp_path: Path) -> None:
-    message = refused(tmp_path, "[limits]\nmessage_size = 100000000000000000000", "limits.message_size")
+    text = "[limits]\nmessage_size = 100000000000000000000"
+    message = refused(tmp_path, text, "limits.message_size")
     assert message.endswith(
         "must be a positive integer no larger than 99999999999999999999 (20 digits, RFC 1870), "
         "not 100000000000000000000")
