@@ -304,6 +304,7 @@ def makeRelayService(
             maxRecipients=config.maxRecipients,
             maxErrors=config.maxErrors,
             bareNewline=listener.bare_newline,
+            nulBytes=listener.nul_bytes,
             starttls=listener.tls_mode == "starttls",
             authMechanisms=authPolicy.mechanisms if listener.auth and authPolicy else (),
             authWithoutTLS=listener.auth_without_tls,

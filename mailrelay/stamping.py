@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterable
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailrelay.address import AddressError, normaliseDomain
+from mailrelay.config import hostnameProblem
 from mailrelay.interfaces import IHeaderStamper, PluginContext, StampContext, StampResult
 
 log = Logger()
@@ -30,31 +32,42 @@ _WELL_FORMED_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+:[^\r\n]*(?:\r\n[ \t][^\
 _HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 
 
-def parseHeaderSection(data: bytes) -> tuple[list[tuple[str, bytes]], int]:
+def parseHeaderSection(
+    data: bytes, limit: int | None = None
+) -> tuple[list[tuple[str, bytes]], int]:
     """Split the header fields off the start of a message.
 
+    Only complete lines (ending in CRLF) and complete fields are taken: where the section is
+    cut short (at C{limit}, or by an unfinished line at the end of C{data}), a field whose next
+    line is a continuation, or may be one, is left out.  So the offset returned is always the
+    start of a line that does not continue a field: the place where fields may be inserted.
+
     @param data: the start of a message (CRLF line ends).
+    @param limit: when C{data} is longer, only lines ending within its first C{limit} octets
+        are parsed (what follows tells whether the last of them is continued).
     @return: the fields as C{(name, raw)} pairs (raw includes continuation lines and CRLF), and
-        the offset where the header section ends (at the empty line, or at the first line that
-        is neither a field nor a continuation, or at the end of C{data}).
+        the offset where the header section ends (at the empty line, at the first line that
+        is neither a field nor a continuation, at the end of C{data} or at the end of the last
+        complete field within C{limit}).
     """
-    fields: list[tuple[str, bytes]] = []
+    starts: list[tuple[str, int]] = []
     pos = 0
-    n = len(data)
+    n = len(data) if limit is None else min(len(data), limit)
     while pos < n:
-        eol = data.find(b"\r\n", pos)
-        lineEnd = n if eol < 0 else eol + 2
-        line = data[pos:lineEnd]
-        if line[:1] in (b" ", b"\t") and fields:
-            name, raw = fields[-1]
-            fields[-1] = (name, raw + line)
-        else:
-            m = _FIELD_NAME.match(line)
+        eol = data.find(b"\r\n", pos, n)
+        if eol < 0:
+            break  # a line not complete within what may be parsed
+        if data[pos : pos + 1] not in (b" ", b"\t") or not starts:
+            m = _FIELD_NAME.match(data, pos, eol)
             if m is None:
                 break
-            fields.append((m.group(0)[:-1].rstrip(b" \t").decode("ascii"), line))
-        pos = lineEnd
-    return fields, pos
+            starts.append((m.group(0)[:-1].rstrip(b" \t").decode("ascii"), pos))
+        pos = eol + 2
+    if starts and data[pos : pos + 1] in (b" ", b"\t"):
+        # The last field goes on beyond what was parsed: it is not complete.
+        pos = starts.pop()[1]
+    ends = [start for _, start in starts[1:]] + [pos]
+    return [(name, data[start:end]) for (name, start), end in zip(starts, ends)], pos
 
 
 class HeaderProcessor:
@@ -73,23 +86,23 @@ class HeaderProcessor:
         self._sink = sink
         self._stamp = stamp
         self._limit = limit
-        self._pending: list[bytes] | None = []
-        self._pendingSize = 0
+        #: The start of the message held back until its header section is complete.
+        self._pending: bytearray | None = bytearray()
         self.headers: list[tuple[str, bytes]] = []
 
     def write(self, data: bytes) -> None:
-        if self._pending is None:
+        pending = self._pending
+        if pending is None:
             self._sink(data)
             return
-        self._pending.append(data)
-        self._pendingSize += len(data)
-        if self._pendingSize > self._limit:
-            self._flush()
-            return
-        joined = b"".join(self._pending)
-        self._pending = [joined]
-        # Fast path: the section certainly ends by the first empty line.
-        if joined.startswith(b"\r\n") or b"\r\n\r\n" in joined:
+        searchFrom = max(len(pending) - 3, 0)  # only the new data, and a CRLF CR before it
+        pending += data
+        # The section certainly ends by the first empty line, or is taken as ended at the limit.
+        if (
+            len(pending) > self._limit
+            or pending.startswith(b"\r\n")
+            or pending.find(b"\r\n\r\n", searchFrom) >= 0
+        ):
             self._flush()
 
     def finish(self) -> None:
@@ -102,21 +115,32 @@ class HeaderProcessor:
         return sum(1 for n, _ in self.headers if n.lower() == lname)
 
     def _flush(self) -> None:
-        data = b"".join(self._pending or [])
+        data = bytes(self._pending or b"")
         self._pending = None
-        self.headers, end = parseHeaderSection(data[: self._limit])
+        self.headers, end = parseHeaderSection(data, self._limit)
         result = self._stamp(self.headers)
-        self._sink(b"".join(result.prepend) + data[:end] + b"".join(result.append) + data[end:])
+        added = b"".join(result.append)
+        if data[end : end + 1] in (b" ", b"\t") and (result.prepend or added):
+            # A message starting with white space (no header section): the line would continue
+            # the last field added; an empty line makes it the start of the body it is.
+            added += b"\r\n"
+        self._sink(b"".join(result.prepend) + data[:end] + added + data[end:])
 
 
-def _sanitiseHelo(helo: str) -> str:
-    helo = helo[:255]
-    return _HELO_UNSAFE.sub("?", helo) or "unknown"
+def _heloDomain(helo: str) -> str:
+    """The HELO name as the C{From-domain} of C{Received:}: a host name or an address literal
+    of valid syntax, else C{"unknown"} (never free text: no comment can be spoofed)."""
+    if helo.startswith("["):
+        try:
+            return normaliseDomain(helo)
+        except AddressError:
+            return "unknown"
+    return helo if hostnameProblem(helo) is None else "unknown"
 
 
 def _addressLiteral(ip: str) -> str:
     try:
-        parsed = ip_address(ip)
+        parsed = ip_address(ip.split("%", 1)[0])  # without an IPv6 zone id
     except ValueError:
         return "[" + _HELO_UNSAFE.sub("?", ip) + "]"
     if parsed.version == 6:
@@ -151,7 +175,7 @@ class DefaultStamper:
         client = context.client
         envelope = context.envelope
         date = formatDate(context.now)
-        helo = _sanitiseHelo(client.helo or "unknown")
+        helo = _heloDomain(client.helo or "unknown")
         rdns = client.rdns or "unknown"
         received = (
             f"Received: from {helo} ({rdns} {_addressLiteral(client.address)})\r\n"

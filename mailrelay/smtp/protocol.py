@@ -10,6 +10,12 @@ C{transport.startTLS}; on an implicit TLS listener the factory is wrapped in a
 C{TLSMemoryBIOFactory}.  Either way the transport calls L{SMTPServerProtocol.handshakeCompleted}
 (C{IHandshakeListener}), which records the TLS version and cipher in C{client.tls}.
 
+Backpressure: the protocol is the streaming producer of its own transport, so a client that
+pipelines commands and does not read the replies makes the transport's write buffer full,
+which pauses the reading of further commands until the replies are sent; a session whose
+output stays blocked past the idle timeout is closed (aborted: nothing can be sent to it).
+Reading is paused for that and for a pending question independently.
+
 Abuse limits (L{mailrelay.limits.ListenerLimits}): a new connection is counted first; one over
 a limit gets a 421 instead of the greeting.  The greeting waits C{greetPause} seconds when set
 (input before it is early talk: 554, see L{mailrelay.smtp.server}).  The session ends with 421
@@ -27,7 +33,7 @@ from typing import Any, Sequence
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succeed
-from twisted.internet.interfaces import IAddress, IHandshakeListener
+from twisted.internet.interfaces import IAddress, IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -109,7 +115,7 @@ class ListenerContext:
     minDataRate: int = 0
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IPushProducer)
 class SMTPServerProtocol(Protocol):
     """One inbound SMTP connection."""
 
@@ -119,7 +125,9 @@ class SMTPServerProtocol(Protocol):
         self._timer: Any = None
         self._writer: Any = None
         self._headers: HeaderProcessor | None = None
-        self._paused = False
+        #: Why reading is paused: C{"session"} (a question pending, or before the greeting),
+        #: C{"output"} (the transport's write buffer is full).
+        self._pausedFor: set[str] = set()
         self._lookup: Deferred | None = None
         #: A TLS handshake is under way (implicit TLS, or after STARTTLS) and not finished.
         self._handshaking = context.implicitTLS
@@ -139,6 +147,7 @@ class SMTPServerProtocol(Protocol):
         from mailrelay.smtp.client import _noDelay
 
         _noDelay(self.transport)  # replies go out at once, not after the client's delayed ACK
+        self.transport.registerProducer(self, True)
         ctx = self.context
         peer = self.transport.getPeer()
         host = getattr(peer, "host", str(peer))
@@ -317,6 +326,13 @@ class SMTPServerProtocol(Protocol):
         self._timer = None
         if self.session is None:
             return
+        if "output" in self._pausedFor:
+            log.info(
+                "timeout with output blocked (client not reading replies) from {client}, closing",
+                client=self.session.client.address,
+            )
+            self.transport.abortConnection()
+            return
         if not self.session.inData:
             what = "waiting for a command"
         elif self.context.clock.seconds() - self._lastReceived < self.context.dataTimeout:
@@ -349,7 +365,12 @@ class SMTPServerProtocol(Protocol):
                         # client that never finishes it would hold the connection.
                         self.transport.abortConnection()
                     else:
+                        self.transport.unregisterProducer()
                         self.transport.loseConnection()
+                        # A client that reads nothing would hold it with our unsent replies.
+                        self._timer = self.context.clock.callLater(
+                            self.context.idleTimeout, self.transport.abortConnection
+                        )
                 elif isinstance(event, StartTLS):
                     self._flush(out)
                     self._startTLS(event)
@@ -430,15 +451,33 @@ class SMTPServerProtocol(Protocol):
         if self._deadlinePassed and not session.closed and not session.waiting:
             self._sessionExpired()
 
-    def _pause(self) -> None:
-        if not self._paused:
-            self._paused = True
+    def _pause(self, reason: str = "session") -> None:
+        if not self._pausedFor:
             self.transport.pauseProducing()
+        self._pausedFor.add(reason)
 
-    def _resume(self) -> None:
-        if self._paused:
-            self._paused = False
-            self.transport.resumeProducing()
+    def _resume(self, reason: str = "session") -> None:
+        if reason in self._pausedFor:
+            self._pausedFor.discard(reason)
+            if not self._pausedFor:
+                self.transport.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        """C{IPushProducer}: the transport's write buffer is full (the client is not reading
+        its replies): read no more commands until it is drained.
+
+        Not during a TLS handshake: the TLS layer holds the greeting back until the handshake
+        is done, and the handshake needs reading.
+        """
+        if not self._handshaking:
+            self._pause("output")
+
+    def resumeProducing(self) -> None:
+        """C{IPushProducer}: the transport's write buffer is drained: read on."""
+        self._resume("output")
+
+    def stopProducing(self) -> None:
+        """C{IPushProducer}: the connection is going away (L{connectionLost} follows)."""
 
     # Answers --------------------------------------------------------------------------------
 

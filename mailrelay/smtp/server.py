@@ -49,7 +49,8 @@ from mailrelay.smtp.replies import Reply
 MAX_COMMAND_LINE = 512
 #: A client that sends this much without a line end is disconnected (421).
 COMMAND_BUFFER_LIMIT = 16384
-#: RFC 5321 4.5.3.1.6: a text line is at most 1000 octets including CRLF.
+#: RFC 5321 4.5.3.1.6: a text line is at most 1000 octets including CRLF, counted after
+#: un-stuffing (the line "." + 997 octets is 999 on the wire, and legal).
 MAX_DATA_LINE = 998
 #: In DATA, a partial line longer than this is processed without waiting for its end.
 DATA_PARTIAL_FLUSH = 65536
@@ -74,6 +75,9 @@ class SessionSettings:
     maxRecipients: int = 100
     maxErrors: int = 20
     bareNewline: str = BARE_NEWLINE_REJECT
+    #: NUL bytes in message data: C{"reject"} the message (550 5.6.0), or C{"normalize"}:
+    #: remove them (a receiver that strips NULs would otherwise see what we did not).
+    nulBytes: str = BARE_NEWLINE_REJECT
     extensions: tuple[str, ...] = ()
     #: STARTTLS is offered (the listener has a certificate and C{tls_mode = "starttls"}).
     starttls: bool = False
@@ -136,7 +140,7 @@ class StartData:
 @dataclass(frozen=True, slots=True)
 class EndOfData:
     """Question: the message ended.  C{error} is the reply the session wants to send when the
-    message is unacceptable (too big, long line, bare newline): the driver drops it and answers
+    message is unacceptable (too big, long line, bare newline, NUL): the driver drops it and answers
     that reply.  Otherwise the driver stores it durably and answers the final L{Reply}."""
 
     envelope: Envelope
@@ -886,7 +890,19 @@ class ServerSession:
             return
         if self._dataError is not None:
             return  # consume to the end marker, store nothing
-        # Line length: the first line continues the partial line carried over.
+        # Dot-unstuffing, exact: a leading "." of every line is removed.
+        if atLineStart and chunk.startswith(b"."):
+            chunk = chunk[1:]
+        if b"\r\n." in chunk:
+            chunk = chunk.replace(b"\r\n.", b"\r\n")
+        # NUL: "\r\n\0.\r\n" is an end of data to a receiver that strips NULs.
+        if b"\0" in chunk:
+            if self.settings.nulBytes != BARE_NEWLINE_NORMALIZE:
+                self._dataError = R.NUL_IN_DATA
+                return
+            chunk = chunk.replace(b"\0", b"")
+        # Line length, of the text un-stuffed (RFC 5321 4.5.3.1.6: the line "." + 997 octets
+        # is 999 octets on the wire): the first line continues the partial line carried over.
         first = chunk.find(b"\r\n")
         firstLen = (first if first >= 0 else len(chunk)) + (0 if atLineStart else self._lineLen)
         if firstLen > MAX_DATA_LINE or (len(chunk) > MAX_DATA_LINE and _hasLongLine(chunk)):
@@ -894,11 +910,6 @@ class ServerSession:
             return
         lastEnd = chunk.rfind(b"\r\n")
         self._lineLen = len(chunk) - lastEnd - 2 if lastEnd >= 0 else firstLen
-        # Dot-unstuffing, exact: a leading "." of every line is removed.
-        if atLineStart and chunk.startswith(b"."):
-            chunk = chunk[1:]
-        if b"\r\n." in chunk:
-            chunk = chunk.replace(b"\r\n.", b"\r\n")
         # Bare CR / LF.
         if chunk.count(b"\n") != chunk.count(b"\r"):
             bad = True
