@@ -37,6 +37,7 @@ from zope.interface import implementer
 from mailrelay.auth import IAuthenticatedUser
 from mailrelay.envelope import ClientInfo, Envelope
 from mailrelay.interfaces import ACCEPT, StampContext, Verdict, VerdictKind
+from mailrelay.limits import DEFAULT_IPV6_PREFIX_LENGTH, clientNetwork
 from mailrelay.policy import RecipientPolicy
 from mailrelay.smtp import replies as R
 from mailrelay.smtp.replies import Reply
@@ -461,14 +462,19 @@ class SMTPServerProtocol(Protocol):
             self.transport.abortConnection()
 
     def _authenticate(self, question: Authenticate) -> Deferred:
-        """Check credentials through the portal; count failures per client address, delay the
-        535 after C{throttleAfter} of them and refuse with 421 from C{maxFailures} on."""
+        """Check credentials through the portal.  Attempts are counted per client (IPv6 by
+        the listener's C{ipv6_prefix_length}) while in flight and as failures after (see
+        L{mailrelay.auth.IAuthThrottle}): after C{throttleAfter} failures the 535 is
+        delayed, and from C{maxFailures} on AUTH is refused with 421 without a check."""
         auth = self.context.auth
         session = self.session
         assert session is not None
         if auth is None:  # pragma: no cover - the session only asks when AUTH is configured
             return succeed(AUTH_TEMPORARY_FAILURE)
         address = session.client.address
+        limits = self.context.limits
+        prefix = limits.ipv6PrefixLength if limits is not None else DEFAULT_IPV6_PREFIX_LENGTH
+        client = clientNetwork(address, prefix)
 
         def logFailure(count: int, why: str) -> None:
             log.warn(
@@ -482,9 +488,18 @@ class SMTPServerProtocol(Protocol):
                 why=why,
             )
 
-        def blockedOrLogin(count: int) -> Any:
-            if count >= auth.maxFailures:
-                logFailure(count, "too many failures, refused with 421")
+        def settle(failed: bool) -> Deferred:
+            return maybeDeferred(auth.throttle.settle, client, failed)
+
+        def release() -> None:
+            settle(False).addErrback(
+                lambda f: log.failure("AUTH throttle: settling for {client}", f, client=client)
+            )
+
+        def reserved(count: int) -> Any:
+            if count > auth.maxFailures:
+                release()
+                logFailure(count - 1, "too many failures, refused with 421 without checking")
                 return AUTH_TOO_MANY_FAILURES
             if question.authzid and question.authzid != question.username:
                 return failed(Failure(UnauthorizedLogin("authorization identity differs")))
@@ -495,7 +510,12 @@ class SMTPServerProtocol(Protocol):
                 d.addTimeout(auth.timeout, self.context.clock)
             return d.addCallbacks(succeeded, failed)
 
+        def notReserved(failure: Failure) -> Reply:
+            log.failure("AUTH throttle: counting the attempt of {client}", failure, client=client)
+            return AUTH_TEMPORARY_FAILURE
+
         def succeeded(result: tuple[Any, Any, Any]) -> str:
+            release()
             _, avatar, _ = result
             name = getattr(avatar, "name", question.username)
             log.info(
@@ -509,6 +529,7 @@ class SMTPServerProtocol(Protocol):
 
         def failed(failure: Failure) -> Any:
             if failure.check(TimeoutError):
+                release()
                 log.error(
                     "authentication check for {client} (sasl_username={user}) gave no answer "
                     "in {timeout:g}s",
@@ -518,9 +539,14 @@ class SMTPServerProtocol(Protocol):
                 )
                 return AUTH_TEMPORARY_FAILURE
             if not failure.check(UnauthorizedLogin, UnhandledCredentials):
+                release()
                 log.failure("authentication check failed for {client}", failure, client=address)
                 return AUTH_TEMPORARY_FAILURE
-            return maybeDeferred(auth.throttle.recordFailure, address).addCallback(answer)
+            return settle(True).addCallbacks(answer, notRecorded)
+
+        def notRecorded(failure: Failure) -> Reply:
+            log.failure("AUTH throttle: recording a failure of {client}", failure, client=client)
+            return AUTH_INVALID
 
         def answer(count: int) -> Any:
             if count >= auth.maxFailures:
@@ -532,7 +558,7 @@ class SMTPServerProtocol(Protocol):
             logFailure(count, "wrong user name or password")
             return AUTH_INVALID
 
-        return maybeDeferred(auth.throttle.failures, address).addCallback(blockedOrLogin)
+        return maybeDeferred(auth.throttle.reserve, client).addCallbacks(reserved, notReserved)
 
     def _checkMail(self, envelope: Envelope) -> Deferred:
         auth = self.context.auth

