@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import base64
 import re
+import smtplib
 import socket
 from pathlib import Path
 
 from tests.harness import RelayProcess
+from tests.test_e2e_outbound import nexthop  # noqa: F401 - a fixture
 from tests.test_e2e_tls_auth import Site
 
 # AUTH guessing in parallel ------------------------------------------------------------------------
@@ -90,3 +92,61 @@ def test_parallel_auth_guesses_are_bounded_by_max_failures(tmp_path: Path) -> No
     assert len(checked) == 10, f"{len(checked)} passwords checked:\n{text}"
     assert codes.count(b"535") == 9 and codes.count(b"421") == 41, codes
     assert len(re.findall(r"too many failures, refused with 421 without checking", text)) == 40
+
+
+# Damaged queue files ------------------------------------------------------------------------------
+
+
+def deliveryConfig(port: int) -> str:
+    return (
+        '[dns]\nreverse_lookups = false\nnameservers = ["127.0.0.1:9"]\n'
+        f'[[routes]]\ndomain = "good.test"\nbackend = "smtp"\nnexthop = "[127.0.0.1]:{port}"\n'
+    )
+
+
+def test_damaged_queue_files_are_quarantined_not_retried(tmp_path: Path, nexthop) -> None:
+    recorder, port = nexthop()
+    directory = tmp_path / "relay"
+    held = RelayProcess(directory, deliveryConfig(port), hold=True).start()
+    try:
+        for n in range(6):
+            with smtplib.SMTP("127.0.0.1", held.port, timeout=15) as s:
+                s.sendmail("a@example.com", [f"r{n}@good.test"],
+                           f"Subject: message {n}\r\n\r\n".encode() + b"body line\r\n" * 200)
+        held.waitForLog(r"(result=250 2\.0\.0 Ok: queued as \w+(.|\n)*){6}")
+        ids = re.findall(r"result=250 2\.0\.0 Ok: queued as (\w+)", held.log())
+    finally:
+        held.stop()
+    assert len(ids) == 6 and sorted(ids) == held.queued()
+    queue = held.spool / "queue"
+    truncatedJSON, emptyJSON, invalidJSON, truncatedEML, good1, good2 = ids
+    data = (queue / f"{truncatedJSON}.json").read_bytes()
+    (queue / f"{truncatedJSON}.json").write_bytes(data[: len(data) // 2])
+    (queue / f"{emptyJSON}.json").write_bytes(b"")
+    (queue / f"{invalidJSON}.json").write_bytes(b'{"version": 1, "recipients": "nonsense"}')
+    eml = (queue / f"{truncatedEML}.eml").read_bytes()
+    (queue / f"{truncatedEML}.eml").write_bytes(eml[:1000])
+    damaged = [truncatedJSON, emptyJSON, invalidJSON, truncatedEML]
+
+    r = RelayProcess(directory, deliveryConfig(port))
+    try:
+        r.start()
+        recorder.waitFor(lambda accepted: len(accepted) >= 2, what="the two good messages")
+        for queueID in damaged:
+            r.waitForLog(rf"{queueID}: damaged queue entry: .*; moved to \S+corrupt")
+        r.waitForLog(rf"{good1}: removed")
+        r.waitForLog(rf"{good2}: removed")
+    finally:
+        text = r.log()
+        r.stop()
+    delivered = sorted(m.rcptTos[0] for m in recorder.accepted)
+    assert delivered == ["r4@good.test", "r5@good.test"], recorder.accepted
+    assert r.queued() == []
+    corrupt = sorted(p.name for p in (r.spool / "corrupt").iterdir())
+    assert corrupt == sorted([f"{q}.json" for q in damaged] + [f"{q}.eml" for q in damaged])
+    assert (r.spool / "corrupt" / f"{truncatedEML}.eml").read_bytes() == eml[:1000]
+    for queueID in damaged:
+        lines = [line for line in text.splitlines() if queueID in line]
+        assert len(lines) == 1, lines
+    assert f"message file {queue}/{truncatedEML}.eml has 1000 octets, the envelope records {len(eml)}" in text
+    assert "retrying" not in text
