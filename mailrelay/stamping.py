@@ -3,23 +3,36 @@
 L{HeaderProcessor} sits between the session's message data and the spool: it holds back the
 header section (bounded), lets the stampers add their fields once it is complete, then streams
 the rest straight through.  The message is otherwise stored byte for byte as received.
+
+Stampers may answer with a Deferred (L{runStampers}), each within its configured C{timeout}:
+the body that arrives meanwhile is held back, and the outcome is awaited at the end of data.
+A stamper that raises, fails or is too slow makes the message L{STAMPING_FAILED} (451 4.3.0),
+logged once with the stamper's name: a failing plugin never lets a message through
+unstamped.
 """
 
 from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
 from ipaddress import ip_address
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Sequence
 
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, maybeDeferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.interfaces import IHeaderStamper, PluginContext, StampContext, StampResult
+from mailrelay.smtp.replies import Reply
 
 log = Logger()
+
+#: The reply to a message whose stamping failed (a stamper raised, failed or was too slow).
+STAMPING_FAILED = Reply(451, "4.3.0", "Error: temporary failure processing the message, try again later")
 
 #: Like Postfix's header_size_limit: past this much, the rest is treated as body.
 HEADER_SECTION_LIMIT = 102400
@@ -61,7 +74,8 @@ class HeaderProcessor:
     """Buffers the header section of one message, stamps it, then streams.
 
     @param sink: called with the bytes to store, in order.
-    @param stamp: called once with the parsed header fields; returns the L{StampResult}.
+    @param stamp: called once with the parsed header fields; returns the L{StampResult}, or
+        a Deferred firing with it (the data written meanwhile is held until it fires).
     """
 
     def __init__(
@@ -76,10 +90,23 @@ class HeaderProcessor:
         self._pending: list[bytes] | None = []
         self._pendingSize = 0
         self.headers: list[tuple[str, bytes]] = []
+        #: The stamping, from the end of the header section on (see L{finish}).
+        self._stamping: Deferred[None] | None = None
+        #: Data written while the stamping is in progress, in order.
+        self._held: list[bytes] | None = None
+        self._failure: Failure | None = None
+
+    @property
+    def stamping(self) -> bool:
+        """The stampers have been called and have not answered yet."""
+        return self._held is not None
 
     def write(self, data: bytes) -> None:
         if self._pending is None:
-            self._sink(data)
+            if self._held is not None:
+                self._held.append(data)
+            else:
+                self._sink(data)
             return
         self._pending.append(data)
         self._pendingSize += len(data)
@@ -92,10 +119,27 @@ class HeaderProcessor:
         if joined.startswith(b"\r\n") or b"\r\n\r\n" in joined:
             self._flush()
 
-    def finish(self) -> None:
-        """The message ended: stamp now if the header section never ended."""
+    def finish(self) -> Deferred[None]:
+        """The message ended: stamp now if the header section never ended.
+
+        @return: a Deferred firing once the whole stamped message is in the sink, or failing
+            with the stampers' error (then nothing more is written to the sink).
+        """
         if self._pending is not None:
             self._flush()
+        assert self._stamping is not None
+
+        def outcome(_: None) -> Failure | None:
+            return self._failure
+
+        return self._stamping.addCallback(outcome)
+
+    def abort(self) -> None:
+        """The message is abandoned: stop stamping, write nothing more to the sink."""
+        self._pending = self._held = None
+        self._sink = _discard
+        if self._stamping is not None:
+            self._stamping.cancel()  # nothing once it has its result
 
     def count(self, name: str) -> int:
         lname = name.lower()
@@ -105,8 +149,25 @@ class HeaderProcessor:
         data = b"".join(self._pending or [])
         self._pending = None
         self.headers, end = parseHeaderSection(data[: self._limit])
-        result = self._stamp(self.headers)
-        self._sink(b"".join(result.prepend) + data[:end] + b"".join(result.append) + data[end:])
+        self._held = []
+        self._stamping = maybeDeferred(self._stamp, self.headers)
+        self._stamping.addCallbacks(
+            self._stamped, self._stampingFailed, callbackArgs=(data[:end], data[end:])
+        )
+
+    def _stamped(self, result: StampResult, head: bytes, rest: bytes) -> None:
+        held, self._held = self._held or [], None
+        added = b"".join(result.prepend) + head + b"".join(result.append)
+        self._sink(added + rest + b"".join(held))
+
+    def _stampingFailed(self, failure: Failure) -> None:
+        self._failure = failure
+        self._held = None
+        self._sink = _discard
+
+
+def _discard(data: bytes) -> None:
+    """The sink of a message whose stamping failed: it will be refused."""
 
 
 def _sanitiseHelo(helo: str) -> str:
@@ -194,14 +255,92 @@ def buildDefaultStamper(options: dict[str, Any], context: PluginContext) -> Defa
     )
 
 
-def runStampers(stampers: Iterable[IHeaderStamper], context: StampContext) -> StampResult:
-    """Run every stamper; later stampers' prepended fields go on top."""
+@dataclass(frozen=True)
+class ConfiguredStamper:
+    """A header stamper as configured.
+
+    @ivar name: its plugin's name, for the log.
+    @ivar stamper: the L{IHeaderStamper} provider.
+    @ivar timeout: seconds it may take to answer.
+    """
+
+    name: str
+    stamper: Any
+    timeout: float
+
+
+class StampingFailed(Exception):
+    """A header stamper raised, failed, gave no answer in time, or returned something that
+    is not a L{StampResult} of well-formed fields; already logged, naming the stamper."""
+
+
+def runStampers(
+    stampers: Sequence[ConfiguredStamper], context: StampContext, clock: Any
+) -> Deferred[StampResult]:
+    """Run every stamper, in order, each within its timeout (on C{clock}); later stampers'
+    prepended fields go on top.
+
+    @return: a Deferred firing with the combined L{StampResult}, or failing with
+        L{StampingFailed} (logged here, once, naming the stamper), or with C{CancelledError}
+        when cancelled (the message was abandoned; not logged).
+    """
     total = StampResult()
-    for stamper in stampers:
-        result = stamper.stamp(context)
+    queueID = context.envelope.queueID
+
+    def run(_: object, configured: ConfiguredStamper) -> Deferred[None]:
+        d = maybeDeferred(configured.stamper.stamp, context)
+        if not d.called:
+            d.addTimeout(configured.timeout, clock)
+        return d.addCallbacks(add, failed, callbackArgs=(configured,), errbackArgs=(configured,))
+
+    def add(result: object, configured: ConfiguredStamper) -> None:
+        problem = _resultProblem(result)
+        if problem is not None:
+            log.error(
+                "{queueID}: header stamper {stamper} returned {problem}; the message is "
+                "refused with 451",
+                queueID=queueID,
+                stamper=configured.name,
+                problem=problem,
+            )
+            raise StampingFailed(f"header stamper {configured.name} returned {problem}")
+        assert isinstance(result, StampResult)
         total.prepend[:0] = result.prepend
         total.append.extend(result.append)
-    for fieldBytes in total.prepend + total.append:
-        if not _WELL_FORMED_FIELD.fullmatch(fieldBytes):
-            raise ValueError(f"a stamper returned a malformed header field: {fieldBytes!r}")
-    return total
+
+    def failed(failure: Failure, configured: ConfiguredStamper) -> Failure:
+        if failure.check(CancelledError, StampingFailed):
+            return failure
+        if failure.check(TimeoutError):
+            log.error(
+                "{queueID}: header stamper {stamper} gave no answer in {timeout:g}s; the "
+                "message is refused with 451",
+                queueID=queueID,
+                stamper=configured.name,
+                timeout=configured.timeout,
+            )
+            what = f"gave no answer in {configured.timeout:g}s"
+        else:
+            log.failure(
+                "{queueID}: header stamper {stamper} failed; the message is refused with 451",
+                failure,
+                queueID=queueID,
+                stamper=configured.name,
+            )
+            what = f"failed: {failure.getErrorMessage()}"
+        return Failure(StampingFailed(f"header stamper {configured.name} {what}"))
+
+    d: Deferred[Any] = succeed(None)
+    for configured in stampers:
+        d.addCallback(run, configured)
+    return d.addCallback(lambda _: total)
+
+
+def _resultProblem(result: object) -> str | None:
+    """What is wrong with a stamper's answer, or C{None}."""
+    if not isinstance(result, StampResult):
+        return f"{result!r}, not a StampResult"
+    for fieldBytes in result.prepend + result.append:
+        if not isinstance(fieldBytes, bytes) or not _WELL_FORMED_FIELD.fullmatch(fieldBytes):
+            return f"a malformed header field: {fieldBytes!r}"
+    return None

@@ -15,6 +15,7 @@ import base64
 import re
 import smtplib
 import socket
+import time
 from pathlib import Path
 
 from tests.harness import RelayProcess
@@ -150,3 +151,126 @@ def test_damaged_queue_files_are_quarantined_not_retried(tmp_path: Path, nexthop
         assert len(lines) == 1, lines
     assert f"message file {queue}/{truncatedEML}.eml has 1000 octets, the envelope records {len(eml)}" in text
     assert "retrying" not in text
+
+
+# Header stampers that fail or are slow ------------------------------------------------------------
+
+STAMPER_MODULE = '''
+"""Site header stampers for the tests: one that raises, one that answers after a delay."""
+from twisted.internet.task import deferLater
+from zope.interface import implementer
+
+from mailrelay.interfaces import IHeaderStamper, StampResult
+
+
+@implementer(IHeaderStamper)
+class Broken:
+    def stamp(self, context):
+        raise RuntimeError("the stamper's database is gone")
+
+
+@implementer(IHeaderStamper)
+class Slow:
+    def __init__(self, reactor, delay):
+        self.reactor = reactor
+        self.delay = delay
+
+    def stamp(self, context):
+        field = f"X-Slow-Stamp: {context.envelope.queueID}\\r\\n".encode()
+        return deferLater(self.reactor, self.delay, lambda: StampResult(append=[field]))
+
+
+def buildBroken(options, context):
+    return Broken()
+
+
+def buildSlow(options, context):
+    return Slow(context.reactor, float(options.get("delay", 0)))
+'''
+
+STAMPER_DROPIN = '''
+from mailrelay.interfaces import IHeaderStamper
+from mailrelay.plugins import MailRelayPlugin
+
+broken = MailRelayPlugin(name="test-broken-stamper", provides=IHeaderStamper,
+                         description="raises (tests only)", factory="site_stampers:buildBroken")
+slow = MailRelayPlugin(name="test-slow-stamper", provides=IHeaderStamper,
+                       description="answers late (tests only)", factory="site_stampers:buildSlow")
+'''
+
+
+def stamperRelay(tmp_path: Path, stampers: str) -> RelayProcess:
+    import os
+
+    plugins = tmp_path / "site-plugins"
+    (plugins / "twisted" / "plugins").mkdir(parents=True, exist_ok=True)
+    (plugins / "site_stampers.py").write_text(STAMPER_MODULE)
+    (plugins / "twisted" / "plugins" / "site_stampers_plugin.py").write_text(STAMPER_DROPIN)
+    env = {"PYTHONPATH": os.pathsep.join([str(plugins), os.environ.get("PYTHONPATH", "")])}
+    config = '[dns]\nreverse_lookups = false\n[[header_stampers]]\nplugin = "default"\n' + stampers
+    return RelayProcess(tmp_path / "relay", config, env=env, hold=True).start()
+
+
+def sendMessage(r: RelayProcess) -> list[bytes]:
+    """One message on a raw connection; the reply to its end of data, then to QUIT."""
+    c = r.connect()
+    try:
+        assert c.readReply()[0].startswith(b"220 ")
+        c.send(b"EHLO client.example\r\n")
+        c.readReply()
+        c.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
+        assert [c.readReply() for _ in range(3)] == [[b"250 2.1.0 Ok"], [b"250 2.1.5 Ok"],
+                                                       [b"354 End data with <CR><LF>.<CR><LF>"]]
+        c.send(b"Subject: stamped\r\n\r\n" + b"body\r\n" * 1000 + b".\r\n")
+        (end,) = c.readReply()
+        c.send(b"QUIT\r\n")
+        return [end, c.readReply()[0]]
+    finally:
+        c.close()
+
+
+def refusedByStamper(tmp_path: Path, stampers: str, logged: str) -> tuple[str, float]:
+    """Send one message through a relay with C{stampers}: it must be refused with 451 (the
+    session going on), nothing queued, and C{logged} logged.  The log and the seconds the
+    end of data took."""
+    r = stamperRelay(tmp_path, stampers)
+    try:
+        started = time.monotonic()
+        end, bye = sendMessage(r)
+        took = time.monotonic() - started
+        assert end == b"451 4.3.0 Error: temporary failure processing the message, try again later"
+        assert bye == b"221 2.0.0 Bye"
+        assert r.queued() == []
+        r.waitForLog(logged)
+        return r.waitForLog(r"disconnect from 127\.0\.0\.1 .*").string, took
+    finally:
+        r.stop()
+
+
+def test_stamper_that_raises_is_451_and_logged_once(tmp_path: Path) -> None:
+    text, _ = refusedByStamper(tmp_path, '[[header_stampers]]\nplugin = "test-broken-stamper"\n',
+                               r"header stamper test-broken-stamper failed")
+    assert text.count("RuntimeError: the stamper's database is gone") == 1, text
+    assert "client closed the connection" not in text
+
+
+def test_stamper_timeout_is_honoured(tmp_path: Path) -> None:
+    _, took = refusedByStamper(
+        tmp_path, '[[header_stampers]]\nplugin = "test-slow-stamper"\ndelay = 60\ntimeout = 1\n',
+        r"header stamper test-slow-stamper gave no answer in 1s")
+    assert 0.9 <= took < 30, took
+
+
+def test_stamper_answering_with_a_deferred(tmp_path: Path) -> None:
+    r = stamperRelay(tmp_path, '[[header_stampers]]\nplugin = "test-slow-stamper"\ndelay = 0.3\ntimeout = 10\n')
+    try:
+        end, _ = sendMessage(r)
+        assert end.startswith(b"250 2.0.0 Ok: queued as ")
+        (queueID,) = r.queued()
+        message = (r.spool / "queue" / f"{queueID}.eml").read_bytes()
+    finally:
+        r.stop()
+    assert message.startswith(b"Received: from client.example")
+    head, _, body = message.partition(b"\r\n\r\n")
+    assert head.endswith(f"\r\nX-Slow-Stamp: {queueID}".encode())
+    assert body == b"body\r\n" * 1000

@@ -763,7 +763,7 @@ from mailrelay.envelope import Envelope, Recipient  # noqa: E402
 from mailrelay.policy import RecipientPolicy, RelayControl  # noqa: E402
 from mailrelay.smtp.client import ClientSettings, clientTLSOptions, connectSMTP  # noqa: E402
 from mailrelay.smtp.protocol import ListenerContext, SMTPServerFactory  # noqa: E402
-from mailrelay.stamping import DefaultStamper  # noqa: E402
+from mailrelay.stamping import ConfiguredStamper, DefaultStamper  # noqa: E402
 from mailrelay.testing import MemorySpool  # noqa: E402
 
 
@@ -798,7 +798,7 @@ class RealTLSTests(trial.TestCase):
             settings=settings,
             policy=RecipientPolicy(RelayControl([], [], "relay.test"), [], reactor),
             spool=self.spool,
-            stampers=[DefaultStamper()],
+            stampers=[ConfiguredStamper("default", DefaultStamper(), 30.0)],
             clock=reactor,
             tlsOptions=self.tls.options,
             implicitTLS=implicit,

@@ -56,7 +56,7 @@ from mailrelay.smtp.server import (
     StartTLS,
     SyncError,
 )
-from mailrelay.stamping import HeaderProcessor, runStampers
+from mailrelay.stamping import STAMPING_FAILED, HeaderProcessor, StampingFailed, runStampers
 from mailrelay.tls import describeTLS
 
 log = Logger()
@@ -73,7 +73,8 @@ class ListenerContext:
     """Everything the sessions of one listener share.
 
     @ivar spool: a L{mailrelay.spool.Spool}.
-    @ivar stampers: the configured L{IHeaderStamper} providers, in order.
+    @ivar stampers: the configured header stampers (L{mailrelay.stamping.ConfiguredStamper}),
+        in order.
     @ivar resolver: an C{IResolver} for reverse lookups, or C{None} to skip them.
     @ivar tlsOptions: the C{IOpenSSLServerConnectionCreator} STARTTLS uses (the listener's
         certificate), or C{None}.
@@ -133,6 +134,8 @@ class SMTPServerProtocol(Protocol):
         #: In DATA with C{minDataRate}: when the client's time runs out.
         self._dataDeadline: float | None = None
         self._lastReceived = 0.0
+        #: When the header stampers were called, while they have not answered.
+        self._stampingSince: float | None = None
 
     # Connection life cycle ------------------------------------------------------------------
 
@@ -293,6 +296,9 @@ class SMTPServerProtocol(Protocol):
         if session is None or session.closed:
             return
         ctx = self.context
+        if session.inData and self._stampingSince is not None:
+            self._cancelTimer()  # reading is paused; the stampers' timeout bounds the wait
+            return
         if not session.inData:
             self._dataDeadline = None
             timeout = ctx.idleTimeout
@@ -617,33 +623,63 @@ class SMTPServerProtocol(Protocol):
                 listenerOptions=self.context.listenerOptions,
                 now=now,
             )
-            return runStampers(self.context.stampers, context)
+            self._stampingSince = self.context.clock.seconds()
+            d = runStampers(self.context.stampers, context, self.context.clock)
+            d.addBoth(self._stampingEnded)
+            if self._stampingSince is not None:
+                # A stamper answers later: read no more meanwhile (what the session has
+                # already read is held by the HeaderProcessor), and stop the DATA clock.
+                self._cancelTimer()
+                self._pause()
+            return d
 
         self._headers = HeaderProcessor(self._writer.write, stamp)
         return None
+
+    def _stampingEnded(self, result: object) -> object:
+        since, self._stampingSince = self._stampingSince, None
+        session = self.session
+        if since is None or not self._paused or session is None or session.closed:
+            return result  # answered at once
+        if session.waiting:
+            return result  # the end of data waits for the stampers: its answer resumes
+        if self._dataDeadline is not None:
+            self._dataDeadline += self.context.clock.seconds() - since
+        self._resume()
+        self._resetTimer()
+        return result
 
     def _abortMessage(self) -> None:
         if self._writer is not None:
             log.info("{queueID}: message not completed, dropped", queueID=self._writer.queueID)
             self._writer.abort()
+        if self._headers is not None:
+            self._headers.abort()
         self._writer = None
         self._headers = None
 
     def _endOfData(self, question: EndOfData) -> Deferred:
-        envelope = question.envelope
         writer, headers = self._writer, self._headers
         self._writer = self._headers = None
-        error = question.error
-        if error is None and headers is not None:
-            try:
-                headers.finish()
-            except Exception:
-                log.failure("{queueID}: header stamping failed", queueID=envelope.queueID)
-                error = R.LOCAL_ERROR
-            else:
-                hops = headers.count("Received")
-                if hops > self.context.maxHops:
-                    error = R.TOO_MANY_HOPS
+        if question.error is not None or headers is None:
+            return self._storeMessage(question, writer, question.error)
+
+        def stamped(_: None) -> Any:
+            hops = headers.count("Received")
+            error = R.TOO_MANY_HOPS if hops > self.context.maxHops else None
+            return self._storeMessage(question, writer, error)
+
+        def notStamped(failure: Failure) -> Any:
+            if not failure.check(StampingFailed):  # already logged, naming the stamper
+                log.failure("{queueID}: header stamping failed", failure, queueID=question.envelope.queueID)
+            return self._storeMessage(question, writer, STAMPING_FAILED)
+
+        # The stampers were called when the header section ended: wait for their answer.
+        return headers.finish().addCallbacks(stamped, notStamped)
+
+    def _storeMessage(self, question: EndOfData, writer: Any, error: Reply | None) -> Deferred:
+        """Commit the message to the spool, or drop it when C{error}: the reply to its end."""
+        envelope = question.envelope
         if error is not None or writer is None:
             if writer is not None:
                 writer.abort()
