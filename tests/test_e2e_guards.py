@@ -274,3 +274,45 @@ def test_stamper_answering_with_a_deferred(tmp_path: Path) -> None:
     head, _, body = message.partition(b"\r\n\r\n")
     assert head.endswith(f"\r\nX-Slow-Stamp: {queueID}".encode())
     assert body == b"body\r\n" * 1000
+
+
+# Refusals are logged, Postfix style ---------------------------------------------------------------
+
+
+def test_refused_commands_are_logged_postfix_style(tmp_path: Path) -> None:
+    table = tmp_path / "recipients"
+    table.write_text("@ours.example OK\nnobody@ours.example REJECT User unknown\n")
+    config = (
+        '[relay]\nnetworks = []\naccept_domains = ["ours.example"]\n[dns]\nreverse_lookups = false\n'
+        f'[limits]\nmessage_size = 100000\n[[recipient_validators]]\nplugin = "recipient-map"\nfile = "{table}"\n'
+    )
+    r = RelayProcess(tmp_path / "relay", config, hold=True).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
+            s.ehlo("client.example")
+            assert s.mail("big@example.com", ["SIZE=200000"])[0] == 552
+            assert s.mail("s@example.com")[0] == 250
+            assert s.rcpt("x@elsewhere.example")[0] == 554
+            assert s.rcpt("nobody@ours.example")[0] == 550
+            assert s.docmd("RCPT TO:<broken>")[0] == 501
+            code, _ = s.docmd("DATA")
+            assert code == 554
+        r.waitForLog(r"disconnect from 127\.0\.0\.1")
+        text = r.log()
+    finally:
+        r.stop()
+    expected = [
+        "NOQUEUE: reject: MAIL from unknown[127.0.0.1]: 552 5.3.4 Error: message size exceeds "
+        "fixed limit; from=<big@example.com> proto=ESMTP helo=<client.example>",
+        "NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 554 5.7.1 Relay access denied; "
+        "from=<s@example.com> to=<x@elsewhere.example> proto=ESMTP helo=<client.example>",
+        "NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 550 5.1.1 User unknown; "
+        "from=<s@example.com> to=<nobody@ours.example> proto=ESMTP helo=<client.example>",
+        "NOQUEUE: reject: DATA from unknown[127.0.0.1]: 554 5.5.1 Error: no valid recipients; "
+        "from=<s@example.com> proto=ESMTP helo=<client.example>",
+    ]
+    for line in expected:
+        assert line in text, f"{line}\nnot in:\n{text}"
+    assert re.search(r"NOQUEUE: reject: RCPT from unknown\[127\.0\.0\.1\]: 501 5\.1\.3 .*; "
+                     r"from=<s@example\.com> to=<broken> proto=ESMTP", text), text
+    assert text.count("NOQUEUE: reject:") == 5

@@ -50,6 +50,7 @@ from mailrelay.smtp.server import (
     CheckRecipient,
     Close,
     EndOfData,
+    Refused,
     ServerSession,
     SessionSettings,
     StartData,
@@ -364,6 +365,8 @@ class SMTPServerProtocol(Protocol):
                     self._abortMessage()
                 elif isinstance(event, SyncError):
                     self._logSyncError(event)
+                elif isinstance(event, Refused):
+                    self._logRefusal(event)
                 else:
                     question = event
             self._flush(out)
@@ -397,6 +400,24 @@ class SMTPServerProtocol(Protocol):
                 client=session.client.address,
                 pending=event.pending,
             )
+
+    def _logRefusal(self, event: Refused) -> None:
+        """Postfix's line: C{NOQUEUE: reject: RCPT from host[addr]: 554 5.7.1 ...;
+        from=<s> to=<r> proto=ESMTP helo=<h>}."""
+        client = self.session.client  # type: ignore[union-attr]
+        log.info(
+            "NOQUEUE: reject: {command} from {host}[{client}]: {reply};{sender}{recipient} "
+            "proto={proto}{helo}",
+            command=event.command,
+            host=client.rdns or "unknown",
+            client=client.address,
+            reply=str(event.reply),
+            sender="" if event.sender is None else f" from=<{event.sender}>",
+            recipient="" if event.recipient is None else f" to=<{event.recipient}>",
+            proto="ESMTP" if client.esmtp else "SMTP",
+            helo=f" helo=<{client.helo}>" if client.helo else "",
+            sasl_username=client.authUser,
+        )
 
     def _flush(self, out: list[bytes]) -> None:
         if out:
