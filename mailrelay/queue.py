@@ -477,6 +477,8 @@ class QueueManager(Service):
         envelope.attempts += 1
         failed: list[Recipient] = []
         delivered: list[Recipient] = []
+        #: What each recipient's log line says, once the notifications are queued.
+        statuses: list[tuple[_Outcome, str, str]] = []
         for outcome in outcomes:
             r, result = outcome.recipient, outcome.result
             diagnostic = result.diagnostic
@@ -505,6 +507,15 @@ class QueueManager(Service):
                 diagnostic += result.diagnostic
             else:
                 status = "deferred"
+            statuses.append((outcome, status, diagnostic))
+
+        notices = self._notices(queueID, envelope, failed, delivered, now)
+        await self._commitNotices(queueID, envelope, notices, now)
+        for outcome, status, diagnostic in statuses:
+            r = outcome.recipient
+            if status == "bounced" and r.state == PENDING:
+                status = "deferred"  # its bounce could not be queued: it stays queued
+                diagnostic += "; the bounce could not be queued, will retry"
             log.info(
                 "{queueID}: to=<{rcpt}>, relay={relay}, delay={delay:.1f}, attempts={attempts}, "
                 "status={status} ({diagnostic})",
@@ -516,9 +527,6 @@ class QueueManager(Service):
                 status=status,
                 diagnostic=diagnostic,
             )
-
-        notices = self._notices(queueID, envelope, failed, delivered, now)
-        await self._commitNotices(queueID, envelope, notices, now)
 
         stillPending = bool(envelope.pendingRecipients)
         removalFailed = False

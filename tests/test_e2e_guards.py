@@ -316,3 +316,44 @@ def test_refused_commands_are_logged_postfix_style(tmp_path: Path) -> None:
     assert re.search(r"NOQUEUE: reject: RCPT from unknown\[127\.0\.0\.1\]: 501 5\.1\.3 .*; "
                      r"from=<s@example\.com> to=<broken> proto=ESMTP", text), text
     assert text.count("NOQUEUE: reject:") == 5
+
+
+# What the log says of a bounce that could not be queued -------------------------------------------
+
+
+def test_recipient_whose_bounce_cannot_be_queued_is_logged_deferred(tmp_path: Path, nexthop) -> None:
+    import shutil
+    import threading
+
+    recorder, port = nexthop()
+    atRcpt, swapped = threading.Event(), threading.Event()
+
+    def rcptReply(address: str) -> str:
+        atRcpt.set()
+        swapped.wait(20)
+        return "550 5.1.1 <gone@good.test>: no such user"
+
+    recorder.rcptReply = rcptReply
+    r = RelayProcess(tmp_path / "relay", deliveryConfig(port)).start()
+    tmp = r.spool / "tmp"
+    try:
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=15) as s:
+            s.sendmail("a@example.com", ["gone@good.test"], b"Subject: x\r\n\r\nhi\r\n")
+        assert atRcpt.wait(20)
+        # The spool's tmp/ becomes unusable (as on a failing disk): the bounce cannot be written.
+        tmp.rename(tmp.with_name("tmp.away"))
+        tmp.write_bytes(b"")
+        swapped.set()
+        r.waitForLog(r"queueing the failed notification to <a@example\.com> failed")
+        line = r.waitForLog(r"to=<gone@good\.test>, relay=\S+, delay=\S+, attempts=1, status=\w+ \(.*\)")[0]
+    finally:
+        swapped.set()
+        if tmp.is_file():
+            tmp.unlink()
+            tmp.with_name("tmp.away").rename(tmp)
+        text = r.log()
+        r.stop()
+        shutil.rmtree(tmp.with_name("tmp.away"), ignore_errors=True)
+    assert "status=bounced" not in text, text
+    assert "status=deferred (smtp; 550 5.1.1 <gone@good.test>: no such user; the bounce could not be queued" in line, line
+    assert len(recorder.accepted) == 0

@@ -752,7 +752,8 @@ def test_removeFailureRetried(
 
 
 def test_bounceCommitFailureKeepsRecipientPending(
-    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, monkeypatch: Any
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, monkeypatch: Any,
+    events: Any,
 ) -> None:
     queueID = queueMessage(spool, clock, ["a@example.com"])
     realOpen = spool.openMessage
@@ -770,8 +771,11 @@ def test_bounceCommitFailureKeepsRecipientPending(
     assert spool.queueIDs() == [queueID]
     rcpt = stored(spool, queueID)["recipients"][0]
     assert rcpt["state"] == PENDING and rcpt["status"] == "5.1.1"
+    (line,) = [t for t in texts(events, queueID) if "to=<a@example.com>" in t]
+    assert "status=deferred (" in line and line.endswith("; the bounce could not be queued, will retry)")
     clock.advance(300)  # fails permanently again; the bounce is queued this time
     assert len(backend.bounces()) == 1
+    assert "status=bounced (" in [t for t in texts(events, queueID) if "to=<a@example.com>" in t][1]
     assert spool.queueIDs() == []
     resultOf(qm.stopService())
 
