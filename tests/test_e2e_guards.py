@@ -14,11 +14,10 @@ from __future__ import annotations
 import base64
 import re
 import smtplib
-import socket
 import time
 from pathlib import Path
 
-from tests.harness import RelayProcess
+from tests.harness import LineClient, RelayProcess
 from tests.test_e2e_outbound import nexthop  # noqa: F401 - a fixture
 from tests.test_e2e_tls_auth import Site
 
@@ -48,43 +47,26 @@ CHECKED_FAILURE = re.compile(
 )
 
 
-def readReply(sock: socket.socket, buffer: bytearray) -> bytes:
-    """The next complete reply line of a single-line reply (multi-line replies: the last)."""
-    while True:
-        end = buffer.find(b"\r\n")
-        if end >= 0:
-            line = bytes(buffer[:end])
-            del buffer[: end + 2]
-            if line[3:4] != b"-":
-                return line
-            continue
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise EOFError(f"connection closed; buffered {bytes(buffer)!r}")
-        buffer += chunk
-
-
 def test_parallel_auth_guesses_are_bounded_by_max_failures(tmp_path: Path) -> None:
     site = Site(tmp_path / "relay")
     r = RelayProcess(site.directory, PARALLEL_AUTH, ("--spool", "spool", "--hostname", "relay.test"),
                      defaults=False, hold=True)
-    sockets: list[tuple[socket.socket, bytearray]] = []
+    clients: list[LineClient] = []
     try:
         r.start()
         for _ in range(50):
-            sock = socket.create_connection(("127.0.0.1", r.port), timeout=30)
-            buffer = bytearray()
-            sockets.append((sock, buffer))
-            assert readReply(sock, buffer).startswith(b"220 ")
-            sock.sendall(b"EHLO guesser.example\r\n")
-            assert readReply(sock, buffer) == b"250 AUTH PLAIN LOGIN"
+            c = r.connect()
+            clients.append(c)
+            assert c.readReply()[0].startswith(b"220 ")
+            c.send(b"EHLO guesser.example\r\n")
+            assert c.readReply()[-1] == b"250 AUTH PLAIN LOGIN"
         guess = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0not the password") + b"\r\n"
-        for sock, _ in sockets:  # all at once, before any answer
-            sock.sendall(guess)
-        replies = [readReply(sock, buffer) for sock, buffer in sockets]
+        for c in clients:  # all at once, before any answer
+            c.send(guess)
+        replies = [c.readReply()[0] for c in clients]
     finally:
-        for sock, _ in sockets:
-            sock.close()
+        for c in clients:
+            c.close()
         text = r.log()
         r.stop()
     codes = [reply[:3] for reply in replies]
