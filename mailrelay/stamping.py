@@ -21,7 +21,14 @@ from email.utils import format_datetime
 from ipaddress import ip_address
 from typing import Any, Callable, Sequence
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, maybeDeferred, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    TimeoutError,
+    fail,
+    maybeDeferred,
+    succeed,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -75,7 +82,8 @@ class HeaderProcessor:
 
     @param sink: called with the bytes to store, in order.
     @param stamp: called once with the parsed header fields; returns the L{StampResult}, or
-        a Deferred firing with it (the data written meanwhile is held until it fires).
+        a Deferred firing with it (the data written meanwhile is held until it fires).  It
+        must not raise (a failure is a failed Deferred).
     """
 
     def __init__(
@@ -127,7 +135,8 @@ class HeaderProcessor:
         """
         if self._pending is not None:
             self._flush()
-        assert self._stamping is not None
+        if self._stamping is None:
+            return succeed(None)  # stamped at once
 
         def outcome(_: None) -> Failure | None:
             return self._failure
@@ -149,11 +158,13 @@ class HeaderProcessor:
         data = b"".join(self._pending or [])
         self._pending = None
         self.headers, end = parseHeaderSection(data[: self._limit])
+        result = self._stamp(self.headers)
+        if not isinstance(result, Deferred):
+            self._stamped(result, data[:end], data[end:])
+            return
         self._held = []
-        self._stamping = maybeDeferred(self._stamp, self.headers)
-        self._stamping.addCallbacks(
-            self._stamped, self._stampingFailed, callbackArgs=(data[:end], data[end:])
-        )
+        self._stamping = result
+        result.addCallbacks(self._stamped, self._stampingFailed, callbackArgs=(data[:end], data[end:]))
 
     def _stamped(self, result: StampResult, head: bytes, rest: bytes) -> None:
         held, self._held = self._held or [], None
@@ -276,19 +287,19 @@ class StampingFailed(Exception):
 
 def runStampers(
     stampers: Sequence[ConfiguredStamper], context: StampContext, clock: Any
-) -> Deferred[StampResult]:
+) -> StampResult | Deferred[StampResult]:
     """Run every stamper, in order, each within its timeout (on C{clock}); later stampers'
     prepended fields go on top.
 
-    @return: a Deferred firing with the combined L{StampResult}, or failing with
-        L{StampingFailed} (logged here, once, naming the stamper), or with C{CancelledError}
-        when cancelled (the message was abandoned; not logged).
+    @return: the combined L{StampResult} when every stamper answered at once; otherwise a
+        Deferred firing with it, or failing with L{StampingFailed} (logged here, once,
+        naming the stamper), or with C{CancelledError} when cancelled (the message was
+        abandoned; not logged).
     """
     total = StampResult()
     queueID = context.envelope.queueID
 
-    def run(_: object, configured: ConfiguredStamper) -> Deferred[None]:
-        d = maybeDeferred(configured.stamper.stamp, context)
+    def run(d: Deferred[Any], configured: ConfiguredStamper) -> Deferred[None]:
         if not d.called:
             d.addTimeout(configured.timeout, clock)
         return d.addCallbacks(add, failed, callbackArgs=(configured,), errbackArgs=(configured,))
@@ -330,10 +341,23 @@ def runStampers(
             what = f"failed: {failure.getErrorMessage()}"
         return Failure(StampingFailed(f"header stamper {configured.name} {what}"))
 
-    d: Deferred[Any] = succeed(None)
-    for configured in stampers:
-        d.addCallback(run, configured)
-    return d.addCallback(lambda _: total)
+    # Stampers answering at once (the usual case) run in a plain loop; from the first one
+    # answering with a Deferred on, the rest wait in its callback chain.
+    for index, configured in enumerate(stampers):
+        try:
+            result = configured.stamper.stamp(context)
+        except Exception:
+            return fail(failed(Failure(), configured))
+        if isinstance(result, Deferred):
+            d = run(result, configured)
+            for later in stampers[index + 1 :]:
+                d.addCallback(lambda _, c=later: run(maybeDeferred(c.stamper.stamp, context), c))
+            return d.addCallback(lambda _: total)
+        try:
+            add(result, configured)
+        except StampingFailed:
+            return fail()
+    return total
 
 
 def _resultProblem(result: object) -> str | None:

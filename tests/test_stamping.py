@@ -104,7 +104,7 @@ def test_later_stampers_prepend_on_top() -> None:
         def stamp(self, ctx):
             return StampResult(prepend=[b"X-%s: 1\r\n" % self.name], append=[b"X-End-%s: 1\r\n" % self.name])
 
-    result = runStampers([ConfiguredStamper(n, S(n.encode()), 30) for n in "AB"], context(), Clock()).result
+    result = runStampers([ConfiguredStamper(n, S(n.encode()), 30) for n in "AB"], context(), Clock())
     assert result.prepend == [b"X-B: 1\r\n", b"X-A: 1\r\n"]
     assert result.append == [b"X-End-A: 1\r\n", b"X-End-B: 1\r\n"]
 

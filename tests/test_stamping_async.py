@@ -165,5 +165,5 @@ def test_clock_is_unused_by_synchronous_stampers() -> None:
     from mailrelay.stamping import DefaultStamper, runStampers
     from tests.test_stamping import context
 
-    d = runStampers([ConfiguredStamper("default", DefaultStamper(), 1)], context(), clock)
-    assert d.called and clock.getDelayedCalls() == []
+    result = runStampers([ConfiguredStamper("default", DefaultStamper(), 1)], context(), clock)
+    assert isinstance(result, StampResult) and clock.getDelayedCalls() == []

@@ -644,15 +644,16 @@ class SMTPServerProtocol(Protocol):
                 listenerOptions=self.context.listenerOptions,
                 now=now,
             )
-            self._stampingSince = self.context.clock.seconds()
-            d = runStampers(self.context.stampers, context, self.context.clock)
-            d.addBoth(self._stampingEnded)
-            if self._stampingSince is not None:
-                # A stamper answers later: read no more meanwhile (what the session has
-                # already read is held by the HeaderProcessor), and stop the DATA clock.
-                self._cancelTimer()
-                self._pause()
-            return d
+            result = runStampers(self.context.stampers, context, self.context.clock)
+            if isinstance(result, Deferred):
+                self._stampingSince = self.context.clock.seconds()
+                result.addBoth(self._stampingEnded)
+                if self._stampingSince is not None:
+                    # A stamper answers later: read no more meanwhile (what the session has
+                    # already read is held by the HeaderProcessor), and stop the DATA clock.
+                    self._cancelTimer()
+                    self._pause()
+            return result
 
         self._headers = HeaderProcessor(self._writer.write, stamp)
         return None

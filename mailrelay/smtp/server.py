@@ -988,7 +988,8 @@ def _givenPath(arg: str, keyword: str) -> str | None:
     path = arg[len(keyword) :].strip().split(" ", 1)[0]
     if path.startswith("<") and path.endswith(">"):
         path = path[1:-1]
-    return "".join(c if c.isprintable() else "?" for c in path[:256])
+    path = path[:256]
+    return path if path.isprintable() else "".join(c if c.isprintable() else "?" for c in path)
 
 
 def _refusable(question: object) -> tuple[str, str | None, str | None] | None:
