@@ -142,13 +142,21 @@ class IHeaderStamper(Interface):
     """Adds header fields to each message accepted.
 
     Stampers run in configuration order once the header section of a message has arrived,
-    before its body is stored.  They must be quick and must not block: they run on the
-    reactor thread.  The message itself is never changed otherwise.  Prepended fields of a
+    before its body is stored.  They run on the reactor thread and must not block: one that
+    needs I/O returns a Deferred (the client's further data is held, and reading paused,
+    until it fires).  The message itself is never changed otherwise.  Prepended fields of a
     later stamper go above those of an earlier one, as trace fields do hop after hop.
+
+    A stamper that raises, whose Deferred fails, that does not answer within its configured
+    C{timeout} (the Deferred is then cancelled), or that returns anything but a
+    L{StampResult} of well-formed fields makes the message refused at its end of data with
+    C{451 4.3.0} (the client retries later); the failure is logged once, naming the plugin.
+    A failing stamper never lets a message through unstamped.
     """
 
-    def stamp(context: StampContext) -> StampResult:
-        """Return the fields to add to the message described by C{context}."""
+    def stamp(context: StampContext) -> Any:
+        """Return the fields to add to the message described by C{context}: a
+        L{StampResult}, or a Deferred firing with one."""
 
 
 class DeliveryStatus(enum.Enum):

@@ -4,7 +4,9 @@ Like Postfix's qmgr.  Every committed spool entry is scheduled by its due time; 
 number of messages is I{active} (envelope loaded, deliveries running) at once, the rest are
 only a C{(due time, queue id)} pair in a heap.  One reactor timer is armed for the earliest due
 entry.  Everything runs on the reactor thread; the only blocking calls are the small reads of
-envelopes (L{Spool.loadEnvelope}) and of the original's header section for notifications.
+envelopes (L{Spool.loadEnvelope}, with a stat of the message) and of the original's header
+section for notifications.  A damaged entry (L{mailrelay.spool.CorruptEntry}) is moved to the
+spool's C{corrupt/}, never retried.
 
 One delivery attempt of an active message:
 
@@ -39,7 +41,7 @@ from twisted.python.failure import Failure
 from mailrelay.bounce import buildDSN, dsnEnvelope, isPostmasterNotice
 from mailrelay.envelope import BOUNCED, DELIVERED, PENDING, Envelope, Recipient
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, RecipientResult, Route
-from mailrelay.spool import SpoolError, newQueueID
+from mailrelay.spool import CorruptEntry, SpoolError, newQueueID
 
 log = Logger()
 
@@ -403,6 +405,9 @@ class QueueManager(Service):
         except ValueError as e:  # not a queue id (SpoolError is no ValueError)
             log.error("{queueID}: cannot deliver: {error}", queueID=queueID, error=str(e))
             return False
+        except CorruptEntry as e:
+            self._quarantine(queueID, str(e))
+            return False
         except SpoolError as e:
             # The envelope is queue/<ID>.json beside the message (see mailrelay.spool).
             if not self.spool.messagePath(queueID).with_suffix(".json").exists():
@@ -437,6 +442,26 @@ class QueueManager(Service):
         attempt.addErrback(self._attemptFailed, queueID)
         attempt.addCallback(self._attemptDone, queueID, done)
         return True
+
+    def _quarantine(self, queueID: str, problem: str) -> None:
+        """Move a damaged entry to the spool's C{corrupt/} (it logs that); if even that
+        fails, try again later."""
+
+        def failed(failure: Failure) -> None:
+            delay = self.policy.maxBackoff
+            log.error(
+                "{queueID}: {problem}; it could not be moved aside ({error}), retrying in "
+                "{delay:.0f}s",
+                queueID=queueID,
+                problem=problem,
+                error=failure.getErrorMessage(),
+                delay=delay,
+            )
+            if not self._stopped:
+                self._schedule(queueID, self.clock.seconds() + delay)
+                self._pump()
+
+        self.spool.quarantine(queueID, problem).addErrback(failed)
 
     def _attemptFailed(self, failure: Failure, queueID: str) -> float:
         # A bug, not a delivery failure: keep the entry, try again later.
@@ -477,6 +502,8 @@ class QueueManager(Service):
         envelope.attempts += 1
         failed: list[Recipient] = []
         delivered: list[Recipient] = []
+        #: What each recipient's log line says, once the notifications are queued.
+        statuses: list[tuple[_Outcome, str, str]] = []
         for outcome in outcomes:
             r, result = outcome.recipient, outcome.result
             diagnostic = result.diagnostic
@@ -505,6 +532,15 @@ class QueueManager(Service):
                 diagnostic += result.diagnostic
             else:
                 status = "deferred"
+            statuses.append((outcome, status, diagnostic))
+
+        notices = self._notices(queueID, envelope, failed, delivered, now)
+        await self._commitNotices(queueID, envelope, notices, now)
+        for outcome, status, diagnostic in statuses:
+            r = outcome.recipient
+            if status == "bounced" and r.state == PENDING:
+                status = "deferred"  # its bounce could not be queued: it stays queued
+                diagnostic += "; the bounce could not be queued, will retry"
             log.info(
                 "{queueID}: to=<{rcpt}>, relay={relay}, delay={delay:.1f}, attempts={attempts}, "
                 "status={status} ({diagnostic})",
@@ -516,9 +552,6 @@ class QueueManager(Service):
                 status=status,
                 diagnostic=diagnostic,
             )
-
-        notices = self._notices(queueID, envelope, failed, delivered, now)
-        await self._commitNotices(queueID, envelope, notices, now)
 
         stillPending = bool(envelope.pendingRecipients)
         removalFailed = False

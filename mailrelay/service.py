@@ -21,6 +21,7 @@ from mailrelay.policy import ConfiguredValidator, RecipientPolicy, RelayControl
 from mailrelay.smtp.protocol import ListenerContext, SMTPServerFactory
 from mailrelay.smtp.server import SessionSettings
 from mailrelay.spool import Spool, SpoolError
+from mailrelay.stamping import ConfiguredStamper
 
 log = Logger()
 
@@ -247,7 +248,10 @@ def makeRelayService(
         ConfiguredValidator(spec.plugin, build(spec, IRecipientValidator), spec.timeout)
         for spec in config.recipientValidators
     ]
-    stampers = [build(spec, IHeaderStamper) for spec in config.headerStampers]
+    stampers = [
+        ConfiguredStamper(spec.plugin, build(spec, IHeaderStamper), spec.timeout)
+        for spec in config.headerStampers
+    ]
     relay = RelayControl(config.relayNetworks, config.acceptDomains, config.hostname)
     policy = RecipientPolicy(relay, validators, reactor)
 

@@ -24,7 +24,7 @@ from mailrelay.bounce import POSTMASTER_SOURCE
 from mailrelay.envelope import BOUNCED, DELIVERED, PENDING, ClientInfo, Envelope, Recipient
 from mailrelay.interfaces import DeliveryStatus, RecipientResult, Route, RouteOptions
 from mailrelay.queue import QueueManager, QueuePolicy, backoff
-from mailrelay.spool import Spool, SpoolError, newQueueID
+from mailrelay.spool import CorruptEntry, Spool, SpoolError, newQueueID
 
 HOST = "relay.test"
 START = 1_700_000_000.0
@@ -764,7 +764,8 @@ def test_removeFailureRetried(
 
 
 def test_bounceCommitFailureKeepsRecipientPending(
-    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, monkeypatch: Any
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, monkeypatch: Any,
+    events: Any,
 ) -> None:
     queueID = queueMessage(spool, clock, ["a@example.com"])
     realOpen = spool.openMessage
@@ -782,8 +783,11 @@ def test_bounceCommitFailureKeepsRecipientPending(
     assert spool.queueIDs() == [queueID]
     rcpt = stored(spool, queueID)["recipients"][0]
     assert rcpt["state"] == PENDING and rcpt["status"] == "5.1.1"
+    (line,) = [t for t in texts(events, queueID) if "to=<a@example.com>" in t]
+    assert "status=deferred (" in line and line.endswith("; the bounce could not be queued, will retry)")
     clock.advance(300)  # fails permanently again; the bounce is queued this time
     assert len(backend.bounces()) == 1
+    assert "status=bounced (" in [t for t in texts(events, queueID) if "to=<a@example.com>" in t][1]
     assert spool.queueIDs() == []
     resultOf(qm.stopService())
 
@@ -983,21 +987,87 @@ def test_entryGoneOrBogusIsDropped(
     resultOf(qm.stopService())
 
 
-def test_corruptEnvelopeRetriedLater(
-    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda json, eml: json.write_bytes(json.read_bytes()[:40]),  # truncated envelope
+        lambda json, eml: json.write_bytes(b""),
+        lambda json, eml: json.write_bytes(b"[1, 2]"),
+        lambda json, eml: json.write_bytes(b'{"version": 1, "recipients": 7}'),
+        lambda json, eml: eml.write_bytes(eml.read_bytes()[:-3]),  # truncated message
+        lambda json, eml: eml.write_bytes(eml.read_bytes() + b"more\r\n"),
+        lambda json, eml: eml.unlink(),
+    ],
+    ids=["truncated-json", "empty-json", "json-list", "bad-field", "short-eml", "long-eml", "no-eml"],
+)
+def test_damagedEntryQuarantinedNotRetried(
+    damage: Callable[[Path, Path], Any],
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any,
 ) -> None:
     queueID = queueMessage(spool, clock, ["a@example.com"])
-    jsonPath = spool.messagePath(queueID).with_suffix(".json")
-    good = jsonPath.read_bytes()
-    jsonPath.write_bytes(b"{not json")
+    good = queueMessage(spool, clock, ["b@example.com"])
+    eml = spool.messagePath(queueID)
+    damage(eml.with_suffix(".json"), eml)
+    expected = sorted(p.name for p in (eml, eml.with_suffix(".json")) if p.exists())
+    spoolEvents: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(spoolEvents.append)
+    try:
+        qm = makeManager(spool, router, {"smtp": backend}, clock)
+        qm.startService()
+    finally:
+        globalLogPublisher.removeObserver(spoolEvents.append)
+    assert [c.addresses for c in backend.calls] == [["b@example.com"]]
+    assert spool.queueIDs() == [] and qm.scheduledCount == qm.activeCount == 0
+    assert sorted(p.name for p in (spool.directory / "corrupt").iterdir()) == expected
+    about = [e for e in spoolEvents if e.get("queueID") == queueID]
+    assert len(about) == 1 and about[0]["log_level"].name == "error", about
+    assert "damaged queue entry" in formatEvent(about[0])
+    assert not any(e.get("queueID") == good and "damaged" in formatEvent(e) for e in spoolEvents)
+    clock.advance(5 * 4000)
+    assert len(backend.calls) == 1  # never retried
+    resultOf(qm.stopService())
+
+
+def test_truncatedMessageNamesSizes(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    queueID = queueMessage(spool, clock, ["a@example.com"])
+    eml = spool.messagePath(queueID)
+    eml.write_bytes(MESSAGE[:10])
+    with pytest.raises(CorruptEntry) as caught:
+        spool.loadEnvelope(queueID)
+    assert str(caught.value) == (
+        f"message file {eml} has 10 octets, the envelope records {len(MESSAGE)}"
+    )
+    eml.unlink()
+    with pytest.raises(CorruptEntry, match=r"message file .* is missing"):
+        spool.loadEnvelope(queueID)
+    eml.with_suffix(".json").unlink()
+    with pytest.raises(SpoolError) as gone:
+        spool.loadEnvelope(queueID)
+    assert not isinstance(gone.value, CorruptEntry)
+
+
+def test_quarantineThatFailsIsRetriedLater(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    queueID = queueMessage(spool, clock, ["a@example.com"])
+    eml = spool.messagePath(queueID)
+    eml.with_suffix(".json").write_bytes(b"{")
+
+    def refuse(queueID: str) -> Any:
+        raise SpoolError("moving corrupt entry failed: Read-only file system")
+
+    monkeypatch.setattr(spool, "_moveToCorrupt", refuse)
     qm = makeManager(spool, router, {"smtp": backend}, clock)
     qm.startService()
-    assert backend.calls == []
+    assert any("could not be moved aside" in t and "retrying in 4000s" in t for t in texts(events, queueID))
     assert qm.scheduledCount == 1
-    assert any("cannot load envelope" in t for t in texts(events, queueID))
-    jsonPath.write_bytes(good)
+    monkeypatch.undo()
     clock.advance(4000)
-    assert spool.queueIDs() == []
+    assert spool.queueIDs() == [] and qm.scheduledCount == 0
+    assert backend.calls == []
     resultOf(qm.stopService())
 
 

@@ -1,7 +1,8 @@
 """The ESMTP server session: a sans-IO state machine.
 
 L{ServerSession} takes bytes and returns a list of events: L{Reply} objects to send, L{Close},
-message body data to store (L{BodyData}), L{StartTLS}, and questions the driver must answer
+message body data to store (L{BodyData}), L{StartTLS}, refusals to log (L{Refused}), and
+questions the driver must answer
 before the session reads on (L{CheckMail}, L{CheckRecipient}, L{StartData}, L{EndOfData},
 L{Authenticate}).  After a question
 the session parses nothing more until L{ServerSession.answer} is called, so pipelined commands are
@@ -173,6 +174,25 @@ class SyncError:
 
 
 @dataclass(frozen=True, slots=True)
+class Refused:
+    """A MAIL, RCPT or DATA command is refused (4xx or 5xx), for the log (Postfix's
+    C{NOQUEUE: reject:} line); the reply itself follows as its own event.
+
+    @ivar command: C{"MAIL"}, C{"RCPT"} or C{"DATA"}.
+    @ivar reply: the refusal.
+    @ivar sender: the transaction's sender (C{""}: the null sender), or the one the refused
+        MAIL gave, or C{None} when there is none.
+    @ivar recipient: the recipient a refused RCPT gave (without its angle brackets), else
+        C{None}.
+    """
+
+    command: str
+    reply: Reply
+    sender: str | None = None
+    recipient: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Authenticate:
     """Question: are these credentials good?  Answer with the user name (C{str}) to accept
     (the session replies 235), or with a L{Reply} to refuse: 535 (or any 4xx/5xx) goes to the
@@ -251,6 +271,9 @@ class ServerSession:
         self._waiting: type | None = None
         self._question: object | None = None
         self._out: list[object] = []
+        #: The MAIL, RCPT or DATA command being answered, as C{(command, sender,
+        #: recipient)}: its refusals are reported (L{Refused}).
+        self._refusable: tuple[str, str | None, str | None] | None = None
         # DATA state
         self._atLineStart = True
         self._lineLen = 0
@@ -327,6 +350,7 @@ class ServerSession:
         if self.mode == _CLOSED:
             return []
         out = self._out = []
+        self._refusable = _refusable(question)
         if kind is CheckMail:
             self._mailAnswered(question, result)  # type: ignore[arg-type]
         elif kind is CheckRecipient:
@@ -378,11 +402,17 @@ class ServerSession:
     # Internals ------------------------------------------------------------------------------
 
     def _reply(self, reply: Reply, countError: bool = True) -> None:
+        self._noteRefusal(reply)
         self._out.append(reply)
         if reply.code >= 400 and countError:
             self.errors += 1
             if self.errors >= self.settings.maxErrors and self.mode != _CLOSED:
                 self._close(Reply(421, "4.7.0", f"{self.settings.hostname} Error: too many errors"))
+
+    def _noteRefusal(self, reply: Reply) -> None:
+        if reply.code >= 400 and self._refusable is not None:
+            command, sender, recipient = self._refusable
+            self._out.append(Refused(command, reply, sender, recipient))
 
     def _close(self, reply: Reply) -> None:
         self._out.append(reply)
@@ -432,6 +462,7 @@ class ServerSession:
         return raw
 
     def _processCommand(self) -> bool:
+        self._refusable = None
         raw = self._takeLine()
         if raw is None:
             return False
@@ -499,6 +530,7 @@ class ServerSession:
             self._reply(Reply(250, "", self.settings.hostname))
 
     def _cmd_MAIL(self, arg: str) -> None:
+        self._refusable = ("MAIL", _givenPath(arg, "FROM:"), None)
         if self.client.helo is None:
             self._reply(R.NEED_HELO)
             return
@@ -580,13 +612,17 @@ class ServerSession:
         if verdict.kind in (VerdictKind.ACCEPT, VerdictKind.CONTINUE):
             return False
         if verdict.kind is VerdictKind.DISCONNECT:
-            self._close(verdict.reply or Reply(421, "4.7.0", "Error: closing connection"))
+            reply = verdict.reply or Reply(421, "4.7.0", "Error: closing connection")
+            self._noteRefusal(reply)
+            self._close(reply)
         else:
             self._reply(verdict.reply or R.VALIDATOR_FAILED)
         return True
 
     def _cmd_RCPT(self, arg: str) -> None:
         t = self.transaction
+        sender = t.envelope.sender if t is not None else None
+        self._refusable = ("RCPT", sender, _givenPath(arg, "TO:"))
         if t is None:
             self._reply(R.NEED_MAIL)
             return
@@ -657,6 +693,7 @@ class ServerSession:
             self._reply(Reply(501, "5.5.4", "Syntax: DATA"))
             return
         t = self.transaction
+        self._refusable = ("DATA", t.envelope.sender if t is not None else None, None)
         if t is None:
             self._reply(R.NEED_MAIL)
             return
@@ -952,6 +989,29 @@ def _hasLongLine(chunk: bytes) -> bool:
     if max(map(len, chunk.split(b"\r\n"))) <= MAX_DATA_LINE:
         return False
     return max(map(len, _ANY_NEWLINE.split(chunk))) > MAX_DATA_LINE
+
+
+def _givenPath(arg: str, keyword: str) -> str | None:
+    """The path a MAIL or RCPT argument gives, for the log: without its angle brackets,
+    printable, at most 256 characters; C{None} without C{keyword}."""
+    if arg[: len(keyword)].upper() != keyword:
+        return None
+    path = arg[len(keyword) :].strip().split(" ", 1)[0]
+    if path.startswith("<") and path.endswith(">"):
+        path = path[1:-1]
+    path = path[:256]
+    return path if path.isprintable() else "".join(c if c.isprintable() else "?" for c in path)
+
+
+def _refusable(question: object) -> tuple[str, str | None, str | None] | None:
+    """The command a question answers, as L{ServerSession._refusable} holds it."""
+    if isinstance(question, CheckMail):
+        return ("MAIL", question.envelope.sender, None)
+    if isinstance(question, CheckRecipient):
+        return ("RCPT", question.envelope.sender, question.recipient.original)
+    if isinstance(question, StartData):
+        return ("DATA", question.envelope.sender, None)
+    return None
 
 
 class _ParamError(Exception):
