@@ -1,5 +1,5 @@
 """SMTP AUTH behind C{twisted.cred}: the password file, its checker, the realm, the portal,
-the per-address throttle of failed attempts, and per-user sender binding.
+the per-client throttle of AUTH attempts, and per-user sender binding.
 
 The server session (L{mailrelay.smtp.server}) speaks SASL PLAIN and LOGIN and asks its driver
 to check the credentials; the driver (L{mailrelay.smtp.protocol}) logs in through the
@@ -268,25 +268,54 @@ def makePortal(checkers: Sequence[Any]) -> Portal:
 
 
 class IAuthThrottle(Interface):
-    """Counts failed AUTH attempts per client address.
+    """Counts AUTH attempts per client, so that at most C{maxFailures} passwords are ever
+    checked per window per client, however many connections guess at once.
+
+    A client is what L{mailrelay.limits.clientNetwork} makes of its address: an IPv4
+    address, or an IPv6 network of the listener's C{ipv6_prefix_length} bits (one host has a
+    whole /64 or more to guess from).
+
+    The server L{reserve}s every attempt before its password is checked and L{settle}s it
+    once the check is over: an attempt in flight counts as a failure until it is settled, so
+    that fifty guesses sent at once on fifty connections cannot all be checked before the
+    first failure is recorded.  Every C{reserve} that answered is matched by exactly one
+    C{settle}, also when the attempt is then refused without a check.
 
     The built-in L{MemoryAuthThrottle} keeps the counts in memory, per relay process.  One
-    shared by several relays (Redis, say) can replace it: both methods may return a Deferred.
+    shared by several relays (Redis, say) can replace it: both methods may return a
+    Deferred, and C{reserve} must count atomically (one C{INCR} of a counter of failures and
+    attempts in flight, whose C{EXPIRE} is renewed by each failure; C{settle} with
+    C{failed=False} is a C{DECR}).  A C{reserve} that fails makes the attempt a temporary
+    failure (C{454 4.7.0}), never a check without a count.
     """
 
-    def failures(address: str) -> Any:
-        """The failures recorded for C{address} (an IP address as text) and not yet expired:
-        an C{int}, or a Deferred firing with one."""
+    def reserve(client: str) -> Any:
+        """An AUTH attempt from C{client} is about to be checked: count it.
 
-    def recordFailure(address: str) -> Any:
-        """Record one failure for C{address}; return the new count (or a Deferred of it)."""
+        @return: the failures of C{client} not yet expired plus its attempts in flight, this
+            one included (an C{int}, or a Deferred firing with one).  When it is over the
+            limit the server refuses the attempt without a check (and settles it, not
+            failed).
+        """
+
+    def settle(client: str, failed: bool) -> Any:
+        """The attempt L{reserve}d for C{client} is over.
+
+        @param failed: C{True}: the password was wrong; the attempt stays counted as a
+            failure, and the window of C{client}'s failures starts again.  C{False}: it is
+            forgotten (the login succeeded, the attempt was refused without a check, or the
+            checker gave no answer).
+        @return: the failures of C{client} now recorded and not expired, attempts still in
+            flight not included (an C{int}, or a Deferred firing with one).
+        """
 
 
 @implementer(IAuthThrottle)
 class MemoryAuthThrottle:
     """L{IAuthThrottle} in memory: a failure is forgotten C{window} seconds after the last
-    failure of its address.  At most C{maxEntries} addresses are kept (the oldest are dropped
-    first), so a scan from many addresses cannot exhaust memory.
+    failure of its client.  At most C{maxEntries} clients with failures are kept (the oldest
+    are dropped first), so a scan from many addresses cannot exhaust memory; attempts in
+    flight are kept until settled (at most one per connection).
     """
 
     def __init__(
@@ -296,21 +325,39 @@ class MemoryAuthThrottle:
         self.window = window
         self.maxEntries = maxEntries
         self._entries: dict[str, tuple[int, float]] = {}
+        self._inFlight: dict[str, int] = {}
 
-    def failures(self, address: str) -> int:
-        entry = self._entries.get(address)
+    def failures(self, client: str) -> int:
+        """The failures of C{client} recorded and not expired (attempts in flight not
+        included)."""
+        entry = self._entries.get(client)
         if entry is None:
             return 0
         count, last = entry
         if self.clock.seconds() - last >= self.window:
-            del self._entries[address]
+            del self._entries[client]
             return 0
         return count
 
-    def recordFailure(self, address: str) -> int:
-        count = self.failures(address) + 1
-        self._entries.pop(address, None)  # re-insert: dict order is then by last failure
-        self._entries[address] = (count, self.clock.seconds())
+    def inFlight(self, client: str) -> int:
+        """The attempts of C{client} reserved and not yet settled."""
+        return self._inFlight.get(client, 0)
+
+    def reserve(self, client: str) -> int:
+        self._inFlight[client] = self.inFlight(client) + 1
+        return self.failures(client) + self._inFlight[client]
+
+    def settle(self, client: str, failed: bool) -> int:
+        left = self.inFlight(client) - 1
+        if left > 0:
+            self._inFlight[client] = left
+        else:
+            self._inFlight.pop(client, None)
+        if not failed:
+            return self.failures(client)
+        count = self.failures(client) + 1
+        self._entries.pop(client, None)  # re-insert: dict order is then by last failure
+        self._entries[client] = (count, self.clock.seconds())
         while len(self._entries) > self.maxEntries:
             del self._entries[next(iter(self._entries))]
         return count
@@ -347,11 +394,12 @@ class AuthPolicy:
     @ivar portal: the C{Portal} credentials are checked through (avatar interface
         L{IAuthenticatedUser}).
     @ivar throttle: the L{IAuthThrottle}.
-    @ivar throttleAfter: failures from one address after which each further C{535} is
-        delayed by C{failureDelay} seconds.
+    @ivar throttleAfter: failures from one client (see L{IAuthThrottle}) after which each
+        further C{535} is delayed by C{failureDelay} seconds.
     @ivar failureDelay: that delay.
-    @ivar maxFailures: failures from one address after which AUTH is refused with C{421} and
-        the connection closed (until the failures expire).
+    @ivar maxFailures: failures (and attempts in flight) from one client after which AUTH is
+        refused with C{421} and the connection closed (until the failures expire): at most
+        this many passwords are checked per window per client.
     @ivar senders: user name to the MAIL FROM patterns the user may use (see
         L{senderAllowed}); users not listed may use any sender.
     @ivar mechanisms: the SASL mechanisms offered.

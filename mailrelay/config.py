@@ -51,6 +51,27 @@ DEFAULT_PLUGIN_TIMEOUT = 30.0
 DEFAULT_HEADER_STAMPER = "default"
 DEFAULT_SMTP_PORT = 25
 BARE_NEWLINE_CHOICES = ("reject", "normalize")
+#: The largest value of each integer setting (keyed without list indexes), so that a typo or
+#: an overflow is refused at start-up rather than believed.
+INTEGER_MAXIMA: dict[str, int] = {
+    # RFC 1870: the SIZE value of EHLO and MAIL is at most 20 digits.
+    "limits.message_size": 10**20 - 1,
+    "limits.recipients": 100_000,
+    "limits.errors": 10_000,
+    "limits.hops": 1_000,
+    "spool.min_free_space": 10**18,
+    "queue.active_limit": 1_000_000,
+    "delivery.destination_concurrency": 10_000,
+    "auth.throttle_after": 1_000_000,
+    "auth.max_failures": 1_000_000,
+    "listeners.max_connections": 1_000_000,
+    "listeners.max_connections_per_client": 1_000_000,
+    "listeners.connection_rate_limit": 1_000_000_000,
+    "listeners.message_rate_limit": 1_000_000_000,
+    "listeners.user_message_rate_limit": 1_000_000_000,
+    "listeners.min_data_rate": 1_000_000_000,
+}
+_INTEGER_REASONS = {"limits.message_size": " (20 digits, RFC 1870)"}
 #: A listener's role (C{mode}): C{"relay"} (MX or relay for the relay networks and accepted
 #: domains), C{"submission"} (RFC 6409, port 587: AUTH required before MAIL) and
 #: C{"submissions"} (RFC 8314, port 465: the same over implicit TLS).
@@ -165,6 +186,7 @@ ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
     "listeners": (
         "endpoint",
         "bare_newline",
+        "nul_bytes",
         "add_message_id",
         "add_date",
         "mode",
@@ -283,6 +305,8 @@ class ListenerConfig:
         timeout).
     @ivar proxy_protocol: connections start with a PROXY protocol (v1 or v2) header.
     @ivar proxy_networks: the load balancers' networks, the only peers allowed to send one.
+    @ivar nul_bytes: what to do with NUL bytes in message data: C{"reject"} the message, or
+        C{"normalize"} it by removing them.
     """
 
     endpoint: str
@@ -312,6 +336,7 @@ class ListenerConfig:
     min_data_rate: int = DEFAULT_MIN_DATA_RATE
     proxy_protocol: bool = False
     proxy_networks: tuple[IPNetwork, ...] = ()
+    nul_bytes: str = "reject"
 
     def asOptions(self) -> dict[str, Any]:
         """The listener's options as a dict, as header stampers see them."""
@@ -1018,10 +1043,19 @@ class _Loader:
         return value
 
     def integer(self, value: Any, key: str, *, minimum: int) -> int:
-        """C{value}, an integer (not a boolean) no smaller than C{minimum} (0 or 1)."""
+        """C{value}, an integer (not a boolean) no smaller than C{minimum} (0 or 1) and no
+        larger than the setting's L{INTEGER_MAXIMA}."""
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
             raise self.error(key, f"must be {what}, not {describeValue(value)}")
+        setting = re.sub(r"\[\d+\]", "", key)
+        maximum = INTEGER_MAXIMA[setting]
+        if value > maximum:
+            raise self.error(
+                key,
+                f"must be {what} no larger than {maximum}{_INTEGER_REASONS.get(setting, '')}, "
+                f"not {describeValue(value)}",
+            )
         return value
 
     def seconds(self, value: Any, key: str) -> float:
@@ -1169,6 +1203,11 @@ class _Loader:
                 ListenerConfig(
                     endpoint=endpoint,
                     bare_newline=bareNewline,
+                    nul_bytes=self.choice(
+                        table.get("nul_bytes", "reject"),
+                        joinKey(here, "nul_bytes"),
+                        BARE_NEWLINE_CHOICES,
+                    ),
                     add_message_id=self.boolean(
                         table.get("add_message_id", True), joinKey(here, "add_message_id")
                     ),

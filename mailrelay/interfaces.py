@@ -142,13 +142,21 @@ class IHeaderStamper(Interface):
     """Adds header fields to each message accepted.
 
     Stampers run in configuration order once the header section of a message has arrived,
-    before its body is stored.  They must be quick and must not block: they run on the
-    reactor thread.  The message itself is never changed otherwise.  Prepended fields of a
+    before its body is stored.  They run on the reactor thread and must not block: one that
+    needs I/O returns a Deferred (the client's further data is held, and reading paused,
+    until it fires).  The message itself is never changed otherwise.  Prepended fields of a
     later stamper go above those of an earlier one, as trace fields do hop after hop.
+
+    A stamper that raises, whose Deferred fails, that does not answer within its configured
+    C{timeout} (the Deferred is then cancelled), or that returns anything but a
+    L{StampResult} of well-formed fields makes the message refused at its end of data with
+    C{451 4.3.0} (the client retries later); the failure is logged once, naming the plugin.
+    A failing stamper never lets a message through unstamped.
     """
 
-    def stamp(context: StampContext) -> StampResult:
-        """Return the fields to add to the message described by C{context}."""
+    def stamp(context: StampContext) -> Any:
+        """Return the fields to add to the message described by C{context}: a
+        L{StampResult}, or a Deferred firing with one."""
 
 
 class DeliveryStatus(enum.Enum):
@@ -187,22 +195,88 @@ class RecipientResult:
             raise ValueError(f"status {self.status.value} does not match code {self.code}")
 
 
+#: The TLS policies of a client connection (see L{RouteOptions.tls}).
+TLS_POLICIES = ("none", "may", "required", "implicit")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteOptions:
+    """The client settings a route sets for its next hop, over the backend's defaults.
+
+    C{None} leaves a setting to the backend (for the built-in C{smtp} backend: C{[delivery]};
+    for C{lmtp}: no TLS, no AUTH).  A value is hashable and compares equal only when every
+    setting is the same, the password included (which C{repr} never shows): deliveries share
+    a connection only when their options are equal.
+
+    @ivar tls: C{"none"} (never STARTTLS), C{"may"} (STARTTLS when offered, unverified),
+        C{"required"} (STARTTLS with a verified certificate, or no delivery) or
+        C{"implicit"} (TLS from the first byte, verified).
+    @ivar caFile: the path of a PEM bundle of trusted CA certificates.
+    @ivar username: log in (AUTH) as this user; needs C{password}.
+    @ivar password: the AUTH password; needs C{username}.
+    @ivar authWithoutTLS: whether AUTH may be sent on a connection without TLS.
+    @raise ValueError: a bad setting (the message names it).
+    """
+
+    tls: str | None = None
+    caFile: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    authWithoutTLS: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.tls is not None and self.tls not in TLS_POLICIES:
+            raise ValueError(f"tls must be one of {', '.join(TLS_POLICIES)}, not {self.tls!r}")
+        for name in ("caFile", "username", "password"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value or "\0" in value):
+                shown = "(the value is not shown here)" if name == "password" else repr(value)
+                raise ValueError(f"{name} must be a non-empty string without NUL, not {shown}")
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together")
+        if self.authWithoutTLS is not None and not isinstance(self.authWithoutTLS, bool):
+            raise ValueError(f"authWithoutTLS must be a bool, not {self.authWithoutTLS!r}")
+
+    def changes(self) -> dict[str, Any]:
+        """The settings this route sets (those not C{None}), by name."""
+        return {
+            name: getattr(self, name)
+            for name in ("tls", "caFile", "username", "password", "authWithoutTLS")
+            if getattr(self, name) is not None
+        }
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
-    """Where one recipient goes next.
+    """Where one recipient goes next: what the router chose, handed to the backend as is.
+
+    Recipients of one message with the same route (all three fields equal) share one
+    delivery.
 
     @ivar backend: the name of a configured delivery backend (C{"smtp"}, C{"lmtp"},
         C{"maildir"}, C{"discard"}, or a site backend's name).
     @ivar nexthop: the backend-specific destination: for C{smtp} a domain to look up by MX
         (C{"example.org"}) or a host without MX lookup (C{"[smtp.example.net]:587"}); for
-        C{lmtp} C{"host:port"} or C{"unix:/path"}; for C{maildir} a directory.
-        Recipients of one message with the same C{(backend, nexthop)} share one delivery.
-    @ivar options: backend options this route overrides (TLS policy, credentials ...).
+        C{lmtp} C{"host:port"} or C{"unix:/path"}; for C{maildir} a directory template; for
+        C{discard} and site backends the backend's name, unless the router says otherwise.
+    @ivar options: the L{RouteOptions} of this route (TLS policy, CA file, credentials): the
+        backend applies them over its defaults for this delivery only.  Two routes to the
+        same next hop may carry different options.
+    @raise TypeError: a field of the wrong type.
     """
 
     backend: str
     nexthop: str
-    options: tuple[tuple[str, Any], ...] = ()
+    options: RouteOptions = RouteOptions()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.backend, str) or not isinstance(self.nexthop, str):
+            raise TypeError(
+                f"a Route's backend and nexthop are strings, not {self.backend!r}, "
+                f"{self.nexthop!r}"
+            )
+        if not isinstance(self.options, RouteOptions):
+            raise TypeError(f"a Route's options are RouteOptions, not {self.options!r}")
 
 
 class IRouter(Interface):
@@ -214,12 +288,25 @@ class IRouter(Interface):
 
 
 class IDeliveryBackend(Interface):
-    """Delivers one message to some of its recipients, at one next hop."""
+    """Delivers one message to some of its recipients, along one L{Route}.
 
-    def deliver(envelope: "Envelope", recipients: Any, nexthop: str, messagePath: Path) -> Any:
+    The queue manager calls C{deliver} once per group of a message's pending recipients with
+    the same route, and bounds each call by the backend's timeout (C{[[backends]] timeout}
+    for a site backend): an answer that does not come in time counts as a transient failure
+    of every recipient of the call, and a late answer is ignored.
+    """
+
+    def deliver(envelope: "Envelope", recipients: Any, route: Route, messagePath: Path) -> Any:
         """Deliver the message stored at C{messagePath} (CRLF lines, as relayed) to
-        C{recipients} (a sequence of L{Recipient}) at C{nexthop}.
+        C{recipients} (a sequence of L{Recipient}) along C{route}.
 
+        @param route: the L{Route} the router chose for these recipients: C{route.backend}
+            is this backend's name, C{route.nexthop} where to deliver, and C{route.options}
+            the L{RouteOptions} to use for this delivery over the backend's own defaults
+            (never looked up again by the next hop's name: two routes to one next hop may
+            differ).  A backend must never deliver with weaker settings than these; when it
+            cannot meet them (TLS required but unavailable), the recipients fail
+            transiently, with a diagnostic saying why.
         @return: a Deferred firing with one L{RecipientResult} per recipient, in order.  The
             Deferred should not fail; if it does, every recipient counts as a transient
             failure (retried), never as delivered.

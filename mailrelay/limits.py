@@ -117,6 +117,18 @@ def _parseAddress(host: str) -> Any:
     return addr
 
 
+def clientNetwork(address: str, ipv6PrefixLength: int = DEFAULT_IPV6_PREFIX_LENGTH) -> str:
+    """What a client is counted as: an IPv4 address (also IPv4-mapped IPv6) by itself, an
+    IPv6 address by its network of C{ipv6PrefixLength} bits (C{"2001:db8::/84"}; 128: the
+    address alone), anything else (a UNIX socket's peer) as it is."""
+    addr = _parseAddress(address)
+    if addr is None:
+        return address
+    if addr.version == 6 and ipv6PrefixLength < 128:
+        return str(ipaddress.ip_network(f"{addr}/{ipv6PrefixLength}", strict=False))
+    return str(addr)
+
+
 @dataclass
 class ConnectionCount:
     """The connections open now on one listener; kept across a reload, so that connections
@@ -187,13 +199,8 @@ class ListenerLimits:
         return f"{self.listener} {kind} {value}"
 
     def clientKey(self, kind: str, address: str) -> str:
-        """The limiter key of a client address: IPv6 addresses by their network of
-        C{ipv6PrefixLength} bits (C{"2001:db8::/84"})."""
-        addr = _parseAddress(address)
-        if addr is not None and addr.version == 6 and self.ipv6PrefixLength < 128:
-            net = ipaddress.ip_network(f"{addr}/{self.ipv6PrefixLength}", strict=False)
-            return self.key(kind, str(net))
-        return self.key(kind, str(addr) if addr is not None else address)
+        """The limiter key of a client address (see L{clientNetwork})."""
+        return self.key(kind, clientNetwork(address, self.ipv6PrefixLength))
 
     def admit(self, address: str) -> "Admission":
         """The bookkeeping of one new connection from C{address}: call

@@ -78,6 +78,10 @@ def _v1Address(text: bytes, version: int) -> str:
         address = ipaddress.ip_address(text.decode("ascii"))
     except (UnicodeDecodeError, ValueError):
         raise ProxyHeaderError(f"bad address {text[:50]!r}") from None
+    if getattr(address, "scope_id", None) is not None:
+        # Meaningless here (the load balancer's interface), and free text in the logs and
+        # in Received:.
+        raise ProxyHeaderError(f"bad address {text[:50]!r}: an IPv6 zone id is not allowed")
     if address.version != version:
         raise ProxyHeaderError(f"{text.decode('ascii')} is not an IPv{version} address")
     return str(address)

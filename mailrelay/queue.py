@@ -4,14 +4,17 @@ Like Postfix's qmgr.  Every committed spool entry is scheduled by its due time; 
 number of messages is I{active} (envelope loaded, deliveries running) at once, the rest are
 only a C{(due time, queue id)} pair in a heap.  One reactor timer is armed for the earliest due
 entry.  Everything runs on the reactor thread; the only blocking calls are the small reads of
-envelopes (L{Spool.loadEnvelope}) and of the original's header section for notifications.
+envelopes (L{Spool.loadEnvelope}, with a stat of the message) and of the original's header
+section for notifications.  A damaged entry (L{mailrelay.spool.CorruptEntry}) is moved to the
+spool's C{corrupt/}, never retried.
 
 One delivery attempt of an active message:
 
  1. every C{PENDING} recipient is routed (L{IRouter.route}); recipients with the same
-    C{(backend, nexthop, options)} form one group, and every group is handed to its backend at
-    once (L{IDeliveryBackend.deliver}); a routing failure, an unknown backend, a failed
-    delivery Deferred or a malformed answer is a transient failure, never a delivery;
+    L{Route} (backend, next hop and options) form one group, and every group is handed with
+    its route to its backend at once (L{IDeliveryBackend.deliver}); a routing failure, an
+    unknown backend, a failed delivery Deferred, a delivery that outlasts the backend's
+    timeout or a malformed answer is a transient failure, never a delivery;
  2. results are applied: delivered, bounced (5xx), or deferred (4xx: retried with exponential
     back-off); past the maximal queue lifetime every recipient still pending is bounced with
     status 4.4.7;
@@ -38,11 +41,11 @@ from twisted.python.failure import Failure
 from mailrelay.bounce import buildDSN, dsnEnvelope, isPostmasterNotice
 from mailrelay.envelope import BOUNCED, DELIVERED, PENDING, Envelope, Recipient
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, RecipientResult, Route
-from mailrelay.spool import SpoolError, newQueueID
+from mailrelay.spool import CorruptEntry, SpoolError, newQueueID
 
 log = Logger()
 
-__all__ = ["QueuePolicy", "QueueManager", "backoff"]
+__all__ = ["DeliveryTimedOut", "QueuePolicy", "QueueManager", "backoff"]
 
 #: At most this many envelopes are loaded only to be found not yet due (after a restart) in
 #: one reactor turn; the rest continue in the next turn, so the reactor stays responsive.
@@ -66,8 +69,10 @@ class QueuePolicy:
         (C{qmgr_message_active_limit}).
     @ivar postmaster: where a notification about an undeliverable bounce goes; C{None}: such
         bounces are logged and dropped.
-    @ivar deliveryTimeout: seconds a routing decision or a backend delivery may take before it
-        is abandoned and counted as a transient failure (a late answer is ignored); 0: no limit.
+    @ivar deliveryTimeout: seconds a routing decision, or a delivery by a backend without a
+        timeout of its own (see L{QueueManager}'s C{timeouts}: the built-in backends), may
+        take before it is abandoned and counted as a transient failure (a late answer is
+        ignored); 0: no limit.
     @ivar stopTimeout: seconds L{QueueManager.stopService} waits for deliveries in flight.
     @ivar bounceSizeLimit: the most octets of an original message returned in a notification
         (C{bounce_size_limit}).
@@ -122,13 +127,27 @@ def _wants(recipient: Recipient, kind: str) -> bool:
     return kind in {item.upper() for item in recipient.notify}
 
 
-def _groupKey(route: Route) -> Any:
-    key = (route.backend, route.nexthop, route.options)
-    try:
-        hash(key)
-    except TypeError:
-        key = (route.backend, route.nexthop, repr(route.options))
-    return key
+def _groupKey(route: Route) -> Route:
+    """What recipients share one delivery by: their whole route (a L{Route} is hashable: its
+    fields are strings and a frozen L{RouteOptions <mailrelay.interfaces.RouteOptions>})."""
+    return route
+
+
+class DeliveryTimedOut(Exception):
+    """A backend did not answer a delivery within its timeout.
+
+    @ivar timeout: the timeout, in seconds.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"no answer within {timeout:g}s")
+        self.timeout = timeout
+
+
+def _timedOut(result: Any, timeout: float) -> None:
+    """C{onTimeoutCancel} of a delivery: it failed with L{DeliveryTimedOut}, whatever the
+    cancelled backend answered."""
+    raise DeliveryTimedOut(timeout)
 
 
 @dataclass
@@ -173,6 +192,7 @@ class QueueManager(Service):
         *,
         hostname: str,
         policy: QueuePolicy = QueuePolicy(),
+        timeouts: Mapping[str, float] | None = None,
         lock: Any = None,
     ) -> None:
         """
@@ -181,13 +201,20 @@ class QueueManager(Service):
         @param backends: the delivery backends by name (L{Route.backend}).
         @param clock: provides C{seconds()} and C{callLater()} (the reactor).
         @param hostname: this relay's host name, for notifications.
+        @param timeouts: seconds one delivery by the named backend may take (a site backend's
+            C{[[backends]] timeout}); a backend not named gets C{policy.deliveryTimeout}.
         @param lock: a L{mailrelay.queuelock.QueueLock} of the spool, or C{None}: nothing is
             delivered before it is held, and it is released when the manager has stopped,
             so that two queue managers never deliver from one spool at once.
+        @raise ValueError: a timeout that is not a number greater than zero.
         """
         self.spool = spool
         self.router = router
         self.backends = dict(backends)
+        self.timeouts = dict(timeouts or {})
+        for name, timeout in self.timeouts.items():
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+                raise ValueError(f"the timeout of backend {name!r} must be > 0, not {timeout!r}")
         self.clock = clock
         self.hostname = hostname
         self.policy = policy
@@ -423,6 +450,9 @@ class QueueManager(Service):
         except ValueError as e:  # not a queue id (SpoolError is no ValueError)
             log.error("{queueID}: cannot deliver: {error}", queueID=queueID, error=str(e))
             return False
+        except CorruptEntry as e:
+            self._quarantine(queueID, str(e))
+            return False
         except SpoolError as e:
             # The envelope is queue/<ID>.json beside the message (see mailrelay.spool).
             if not self.spool.messagePath(queueID).with_suffix(".json").exists():
@@ -457,6 +487,26 @@ class QueueManager(Service):
         attempt.addErrback(self._attemptFailed, queueID)
         attempt.addCallback(self._attemptDone, queueID, done)
         return True
+
+    def _quarantine(self, queueID: str, problem: str) -> None:
+        """Move a damaged entry to the spool's C{corrupt/} (it logs that); if even that
+        fails, try again later."""
+
+        def failed(failure: Failure) -> None:
+            delay = self.policy.maxBackoff
+            log.error(
+                "{queueID}: {problem}; it could not be moved aside ({error}), retrying in "
+                "{delay:.0f}s",
+                queueID=queueID,
+                problem=problem,
+                error=failure.getErrorMessage(),
+                delay=delay,
+            )
+            if not self._stopped:
+                self._schedule(queueID, self.clock.seconds() + delay)
+                self._pump()
+
+        self.spool.quarantine(queueID, problem).addErrback(failed)
 
     def _attemptFailed(self, failure: Failure, queueID: str) -> float:
         # A bug, not a delivery failure: keep the entry, try again later.
@@ -497,6 +547,8 @@ class QueueManager(Service):
         envelope.attempts += 1
         failed: list[Recipient] = []
         delivered: list[Recipient] = []
+        #: What each recipient's log line says, once the notifications are queued.
+        statuses: list[tuple[_Outcome, str, str]] = []
         for outcome in outcomes:
             r, result = outcome.recipient, outcome.result
             diagnostic = result.diagnostic
@@ -525,6 +577,15 @@ class QueueManager(Service):
                 diagnostic += result.diagnostic
             else:
                 status = "deferred"
+            statuses.append((outcome, status, diagnostic))
+
+        notices = self._notices(queueID, envelope, failed, delivered, now)
+        await self._commitNotices(queueID, envelope, notices, now)
+        for outcome, status, diagnostic in statuses:
+            r = outcome.recipient
+            if status == "bounced" and r.state == PENDING:
+                status = "deferred"  # its bounce could not be queued: it stays queued
+                diagnostic += "; the bounce could not be queued, will retry"
             log.info(
                 "{queueID}: to=<{rcpt}>, relay={relay}, delay={delay:.1f}, attempts={attempts}, "
                 "status={status} ({diagnostic})",
@@ -536,9 +597,6 @@ class QueueManager(Service):
                 status=status,
                 diagnostic=diagnostic,
             )
-
-        notices = self._notices(queueID, envelope, failed, delivered, now)
-        await self._commitNotices(queueID, envelope, notices, now)
 
         stillPending = bool(envelope.pendingRecipients)
         removalFailed = False
@@ -592,11 +650,19 @@ class QueueManager(Service):
         log.info("{queueID}: removed", queueID=queueID)
         return None
 
-    def _withTimeout(self, d: Deferred[Any]) -> Deferred[Any]:
-        """A Deferred of C{d}'s result that fails with C{TimeoutError} after
-        C{policy.deliveryTimeout} seconds, or with C{CancelledError} when the stop's drain
-        time is over, whether or not C{d} honours its cancellation (C{d} is cancelled, and a
-        late result of it is ignored)."""
+    def timeoutFor(self, backend: str) -> float:
+        """Seconds one delivery by C{backend} may take (0: no limit)."""
+        return self.timeouts.get(backend, self.policy.deliveryTimeout)
+
+    def _withTimeout(
+        self, d: Deferred[Any], timeout: float | None = None, onTimeoutCancel: Any = None
+    ) -> Deferred[Any]:
+        """A Deferred of C{d}'s result that fails after C{timeout} seconds (by default
+        C{policy.deliveryTimeout}; 0: none) with C{TimeoutError} (or what C{onTimeoutCancel}
+        raises), or with C{CancelledError} when the stop's drain time is over, whether or not
+        C{d} honours its cancellation (C{d} is cancelled, and a late result of it ignored)."""
+        if timeout is None:
+            timeout = self.policy.deliveryTimeout
 
         def cancel(_: Deferred[Any]) -> None:
             d.cancel()
@@ -615,8 +681,8 @@ class QueueManager(Service):
         d.addBoth(relay)
         if not outer.called:
             self._calls.add(outer)
-            if self.policy.deliveryTimeout > 0:
-                outer.addTimeout(self.policy.deliveryTimeout, self.clock)
+            if timeout > 0:
+                outer.addTimeout(timeout, self.clock, onTimeoutCancel=onTimeoutCancel)
         return outer
 
     def _interruption(self, relay: str) -> str | None:
@@ -700,23 +766,56 @@ class QueueManager(Service):
             )
             diagnostic = f"X-mailrelay; unknown delivery backend {route.backend!r}"
             return [_Outcome(r, _transient(r, "4.3.5", diagnostic), relay) for r in recipients]
+        timeout = self.timeoutFor(route.backend)
         try:
             path = self.spool.messagePath(queueID)
             results = await self._withTimeout(
-                maybeDeferred(backend.deliver, envelope, list(recipients), route.nexthop, path)
+                maybeDeferred(backend.deliver, envelope, list(recipients), route, path),
+                timeout,
+                _timedOut,
+            )
+        except DeliveryTimedOut:
+            return self._deferGroup(
+                recipients,
+                relay,
+                "4.4.2",
+                f"X-mailrelay; delivery via {relay} timed out after {timeout:g}s",
+                "{queueID}: delivery backend {backend!r} did not answer within its timeout of "
+                "{timeout:g}s; {count} recipient(s) deferred",
+                queueID=queueID,
+                backend=route.backend,
+                timeout=timeout,
+                count=len(recipients),
             )
         except Exception as e:
-            diagnostic = self._interruption(relay) or f"X-mailrelay; delivery via {relay} failed: {e!r}"
-            log.error(
+            interrupted = self._interruption(relay)
+            if interrupted is not None:
+                return self._deferGroup(
+                    recipients,
+                    relay,
+                    "4.3.0",
+                    interrupted,
+                    "{queueID}: delivery via {relay} interrupted: the relay is stopping",
+                    queueID=queueID,
+                    relay=relay,
+                )
+            return self._deferGroup(
+                recipients,
+                relay,
+                "4.3.0",
+                f"X-mailrelay; delivery via {relay} failed: {e!r}",
                 "{queueID}: delivery via {relay} failed: {error}",
                 queueID=queueID,
                 relay=relay,
-                error=diagnostic if self._interrupted else repr(e),
+                error=repr(e),
             )
-            return [_Outcome(r, _transient(r, "4.3.0", diagnostic), relay) for r in recipients]
         problem = self._checkResults(results, recipients)
         if problem is not None:
-            log.error(
+            return self._deferGroup(
+                recipients,
+                relay,
+                "4.3.0",
+                f"X-mailrelay; delivery via {relay} gave no usable result ({problem})",
                 "{queueID}: delivery backend {backend!r} answered badly ({problem}); "
                 "counting {count} recipient(s) as not delivered",
                 queueID=queueID,
@@ -724,13 +823,26 @@ class QueueManager(Service):
                 problem=problem,
                 count=len(recipients),
             )
-            diagnostic = f"X-mailrelay; delivery via {relay} gave no usable result ({problem})"
-            return [_Outcome(r, _transient(r, "4.3.0", diagnostic), relay) for r in recipients]
         outcomes = []
         for r, result in zip(recipients, results):
             remote = result.remoteMTA.partition(";")[2].strip() if result.remoteMTA else ""
             outcomes.append(_Outcome(r, result, remote or relay))
         return outcomes
+
+    @staticmethod
+    def _deferGroup(
+        recipients: list[Recipient],
+        relay: str,
+        code: str,
+        diagnostic: str,
+        logFormat: str,
+        /,
+        **logFields: Any,
+    ) -> list[_Outcome]:
+        """Log C{logFormat} as an error and count every recipient of a group as deferred
+        with C{code} and C{diagnostic}."""
+        log.error(logFormat, **logFields)
+        return [_Outcome(r, _transient(r, code, diagnostic), relay) for r in recipients]
 
     @staticmethod
     def _checkResults(results: Any, recipients: Sequence[Recipient]) -> str | None:

@@ -1,6 +1,8 @@
 """Forward-confirmed reverse DNS of a client, never blocking the reactor.
 
-The name is only used when one of its addresses is the client's address (as Postfix does);
+The name is only used when one of its addresses is the client's address (as Postfix does)
+and it is a host name of valid syntax (it goes into C{Received:} and the logs: a PTR record
+may hold any octets, parentheses that would end the comment of C{Received:} included);
 otherwise, or on any error or time-out, the client is "unknown".
 """
 
@@ -14,7 +16,13 @@ from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.logger import Logger
 from twisted.names import dns
 
+from mailrelay.config import hostnameProblem
+
 log = Logger()
+
+
+def _validName(name: str) -> bool:
+    return hostnameProblem(name) is None
 
 
 def _answers(result: Any, rtype: int) -> list[Any]:
@@ -29,6 +37,7 @@ def _lookup(resolver: Any, host: str) -> Any:
         addr = addr.ipv4_mapped
     ptr = yield resolver.lookupPointer(addr.reverse_pointer)
     names = [str(p.name).rstrip(".").lower() for p in _answers(ptr, dns.PTR)]
+    names = [name for name in names if _validName(name)]
     for name in names[:3]:
         if addr.version == 4:
             fwd = yield resolver.lookupAddress(name)
@@ -45,7 +54,8 @@ _hostsCache: dict[str, tuple[tuple[int, int], dict[Any, str]]] = {}
 
 
 def _hostsTable(path: str) -> dict[Any, str]:
-    """Address to first name, from C{path}; re-read only when the file changes."""
+    """Address to first name (of valid syntax), from C{path}; re-read only when the file
+    changes."""
     st = os.stat(path)
     stamp = (st.st_mtime_ns, st.st_size)
     cached = _hostsCache.get(path)
@@ -55,9 +65,10 @@ def _hostsTable(path: str) -> dict[Any, str]:
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             fields = line.split("#", 1)[0].split()
-            if len(fields) >= 2:
+            names = [name.rstrip(".").lower() for name in fields[1:] if _validName(name)]
+            if names:
                 try:
-                    table.setdefault(ip_address(fields[0]), fields[1].rstrip(".").lower())
+                    table.setdefault(ip_address(fields[0]), names[0])
                 except ValueError:
                     continue
     _hostsCache[path] = (stamp, table)

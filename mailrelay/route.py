@@ -31,7 +31,7 @@ from twisted.names import client, dns
 from twisted.names import error as dnsError
 from zope.interface import implementer
 
-from mailrelay.interfaces import IRouter, Route
+from mailrelay.interfaces import IRouter, Route, RouteOptions
 
 log = Logger()
 
@@ -44,6 +44,7 @@ __all__ = [
     "RoutingTable",
     "makeResolver",
     "parseNexthop",
+    "routeOptions",
 ]
 
 DEFAULT_SMTP_PORT = 25
@@ -111,15 +112,17 @@ class RouteRule:
         it defaults to the recipient's domain (an MX lookup); required for C{"lmtp"} and
         C{"maildir"}; for C{"discard"} and site backends it defaults to the backend's name
         (so that all the recipients of a message routed there form one delivery).
-    @ivar options: backend options, C{(key, value)} pairs.  For C{"smtp"} the option
-        C{port} is folded into the next hop (C{nexthop = "relay.example"}, C{port = 2525}
-        routes to C{"relay.example:2525"}); the other options are kept in L{Route.options}.
+    @ivar options: the L{RouteOptions} the routes of this rule carry (TLS, CA file, AUTH).
+    @ivar port: for C{"smtp"} only, the port folded into the next hop (C{nexthop =
+        "relay.example"}, C{port = 2525} routes to C{"relay.example:2525"}; without a next
+        hop, to the recipient domain's MX hosts on that port).
     """
 
     domain: str
     backend: str
     nexthop: str | None = None
-    options: tuple[tuple[str, Any], ...] = ()
+    options: RouteOptions = RouteOptions()
+    port: int | None = None
 
 
 def _withPort(nexthop: str, port: int) -> str:
@@ -144,49 +147,49 @@ class RoutingTable:
     A recipient without a domain (RFC 5321 C{<postmaster>}) goes to the C{"*"} rule, the
     smarthost, or nowhere: L{route} then raises a permanent L{DeliveryFailure}.
 
-    Route options reach the backends through L{optionsFor} (the backends only see the next
-    hop): when two routes lead to the same C{(backend, nexthop)} they share the options of
-    the first.
+    Each L{Route} carries the L{RouteOptions} of the rule (or of the smarthost) that chose
+    it, and the backend is given that route: two rules with the same next hop keep their own
+    TLS and AUTH settings.
     """
 
     @classmethod
     def fromConfig(cls, config: Any) -> RoutingTable:
-        """The table of a L{mailrelay.config.Config}: its C{routes} (each route's
-        C{TransportOptions} kept as the single option C{("transport", options)}) and its
-        C{smarthost} with C{smarthostOptions}.
+        """The table of a L{mailrelay.config.Config}: its C{routes} and its C{smarthost},
+        each with its transport options (L{mailrelay.config.TransportOptions}) as
+        L{RouteOptions}.
 
         @raise ValueError: a route the table refuses (the message names it).
         """
-        rules = []
-        for r in config.routes:
-            options = (("transport", r.options),) if r.options is not None else ()
-            rules.append(RouteRule(r.domain, r.backend, r.nexthop, options))
-        smarthostOptions: tuple[tuple[str, Any], ...] = ()
-        transport = getattr(config, "smarthostOptions", None)
-        if config.smarthost is not None and transport is not None:
-            smarthostOptions = (("transport", transport),)
+        rules = [
+            RouteRule(r.domain, r.backend, r.nexthop, routeOptions(r.options))
+            for r in config.routes
+        ]
+        smarthostOptions = routeOptions(getattr(config, "smarthostOptions", None))
         return cls(rules, smarthost=config.smarthost, smarthostOptions=smarthostOptions)
 
     def __init__(
         self,
         rules: Iterable[RouteRule] = (),
         smarthost: Any = None,
-        smarthostOptions: tuple[tuple[str, Any], ...] = (),
+        smarthostOptions: RouteOptions = RouteOptions(),
     ) -> None:
         """
         @param rules: the rules, in any order; two rules for the same pattern are an error.
         @param smarthost: a L{mailrelay.config.Smarthost}, its string form
             (C{"[relay.example]:587"}, C{"relay.example"}) or C{None}.
-        @param smarthostOptions: the options of the smarthost route (C{(key, value)} pairs, as
-            for L{RouteRule.options}).
+        @param smarthostOptions: the L{RouteOptions} of the smarthost route.
         @raise ValueError: a bad rule (the message names it).
         """
         self._exact: dict[str, Route] = {}
         self._subdomains: dict[str, Route] = {}
         self._wildcard: Route | None = None
-        self._implicit: dict[str, tuple[str, int | None, tuple]] = {}
+        self._implicit: dict[str, tuple[str, int | None, RouteOptions]] = {}
         self.smarthost = None if smarthost is None or smarthost == "" else str(smarthost)
-        self.smarthostOptions = tuple(smarthostOptions)
+        if not isinstance(smarthostOptions, RouteOptions):
+            raise ValueError(
+                f"the smarthost's options must be RouteOptions, not {smarthostOptions!r}"
+            )
+        self.smarthostOptions = smarthostOptions
         if self.smarthost is not None:
             parseNexthop(self.smarthost)
         for rule in rules:
@@ -196,19 +199,18 @@ class RoutingTable:
         pattern = _normalisePattern(rule.domain)
         if not isinstance(rule.backend, str) or not rule.backend:
             raise ValueError(f"route {rule.domain!r}: backend must be a name, not {rule.backend!r}")
-        options = []
-        port = None
-        for item in rule.options:
-            key, value = item
-            if key == "port" and rule.backend == "smtp":
-                if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-                    raise ValueError(
-                        f"route {rule.domain!r}: port must be a number from 1 to 65535, "
-                        f"not {value!r}"
-                    )
-                port = value
-            else:
-                options.append((key, value))
+        if not isinstance(rule.options, RouteOptions):
+            raise ValueError(
+                f"route {rule.domain!r}: options must be RouteOptions, not {rule.options!r}"
+            )
+        port = rule.port
+        if port is not None:
+            if rule.backend != "smtp":
+                raise ValueError(f"route {rule.domain!r}: port is for smtp routes only")
+            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                raise ValueError(
+                    f"route {rule.domain!r}: port must be a number from 1 to 65535, not {port!r}"
+                )
         nexthop = rule.nexthop
         if nexthop is not None and not isinstance(nexthop, str):
             raise ValueError(f"route {rule.domain!r}: nexthop must be a string, not {nexthop!r}")
@@ -227,10 +229,10 @@ class RoutingTable:
                 raise ValueError(f"route {rule.domain!r}: {e}") from None
             if port is not None:
                 nexthop = _withPort(nexthop, port)
-        route = Route(rule.backend, nexthop or "", tuple(options))
+        route = Route(rule.backend, nexthop or "", rule.options)
         if nexthop is None:
             # The next hop is the recipient's domain: remember the port and options.
-            self._implicit[pattern] = (rule.backend, port, tuple(options))
+            self._implicit[pattern] = (rule.backend, port, rule.options)
         if pattern == "*":
             if self._wildcard is not None:
                 raise ValueError(f'route {rule.domain!r}: there is already a "*" route')
@@ -285,52 +287,19 @@ class RoutingTable:
             )
         return Route("smtp", nexthopForDomain(domain))
 
-    def optionsFor(self, backend: str, nexthop: str) -> tuple[tuple[str, Any], ...] | None:
-        """The options of the rule that produces the route C{(backend, nexthop)}, or C{None}
-        when no rule does (the default MX routes have no options).
 
-        Rules with an explicit next hop are matched on it exactly; for rules routing to the
-        recipient's own domain the next hop's host is matched as a domain, as L{route} does.
-        Backends use this (see L{mailrelay.delivery.smtp.routeSettingsLookup}) to apply per-route
-        options, since L{IDeliveryBackend.deliver} is only given the next hop.
-        """
-        candidates = [r for r in self._allRoutes() if r.backend == backend and r.nexthop == nexthop]
-        if candidates:
-            # Rules sharing a next hop should share options; the first wins.
-            return candidates[0].options
-        if backend == "smtp" and nexthop == self.smarthost:
-            return self.smarthostOptions or None
-        if backend != "smtp":
-            return None
-        try:
-            host, port, mxLookup = parseNexthop(nexthop)
-        except ValueError:
-            return None
-        domain = host if mxLookup else f"[{nexthop[1:].split(']')[0]}]"
-        pattern, route = self._match(domain)
-        if route is None or route.nexthop or pattern not in self._implicit:
-            return None
-        ruleBackend, rulePort, options = self._implicit[pattern]
-        if ruleBackend != backend or nexthopForDomain(domain, rulePort) != nexthop:
-            return None
-        return options
-
-    def _allRoutes(self) -> list[Route]:
-        routes = list(self._exact.values()) + list(self._subdomains.values())
-        if self._wildcard is not None:
-            routes.append(self._wildcard)
-        return [r for r in routes if r.nexthop]
-
-    def routesWithOptions(self) -> list[Route]:
-        """Every route of the table that carries options (with C{nexthop=""} for rules routing
-        to the recipient's domain), for checking the options at configuration time."""
-        result = [r for r in self._allRoutes() if r.options]
-        if self.smarthost is not None and self.smarthostOptions:
-            result.append(Route("smtp", self.smarthost, self.smarthostOptions))
-        for backend, _, options in self._implicit.values():
-            if options:
-                result.append(Route(backend, "", options))
-        return result
+def routeOptions(transport: Any) -> RouteOptions:
+    """The L{RouteOptions} of a route's L{mailrelay.config.TransportOptions} (which sets
+    every field, defaults resolved), or empty options for C{None}."""
+    if transport is None:
+        return RouteOptions()
+    return RouteOptions(
+        tls=transport.tls,
+        caFile=transport.caFile,
+        username=transport.username,
+        password=transport.password,
+        authWithoutTLS=transport.authWithoutTLS,
+    )
 
 
 def nexthopForDomain(domain: str, port: int | None = None) -> str:

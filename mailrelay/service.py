@@ -24,6 +24,7 @@ from mailrelay.policy import ConfiguredValidator, RecipientPolicy, RelayControl
 from mailrelay.smtp.protocol import ListenerContext, Sessions, SMTPServerFactory
 from mailrelay.smtp.server import SessionSettings
 from mailrelay.spool import Spool, SpoolError
+from mailrelay.stamping import ConfiguredStamper
 
 log = Logger()
 
@@ -205,14 +206,15 @@ class BackendsService(Service):
         return DeferredList(closing, consumeErrors=True)
 
 
-def makeBackends(config: Config, reactor: Any, router: Any, build: Any) -> dict[str, Any]:
-    """The built-in delivery backends, configured, and the site backends (plugins)."""
+def makeBackends(config: Config, reactor: Any, build: Any) -> dict[str, Any]:
+    """The built-in delivery backends, configured, and the site backends (plugins).  Each
+    route's options are applied by its backend at delivery time, over these defaults."""
     import dataclasses
 
     from mailrelay.delivery.discard import DiscardBackend
     from mailrelay.delivery.lmtp import LMTPBackend
     from mailrelay.delivery.maildir import MaildirBackend
-    from mailrelay.delivery.smtp import SMTPBackend, routeSettingsLookup
+    from mailrelay.delivery.smtp import SMTPBackend
     from mailrelay.route import MXResolver, makeResolver
     from mailrelay.smtp.client import ClientSettings, ClientTimeouts
 
@@ -232,21 +234,19 @@ def makeBackends(config: Config, reactor: Any, router: Any, build: Any) -> dict[
                 reactor,
                 MXResolver(resolver, reactor),
                 base,
-                routeSettings=routeSettingsLookup(router, base, "smtp", configDir=config.configDir),
                 destinationConcurrency=delivery.destinationConcurrency,
                 connectionCacheTime=delivery.connectionCacheTime,
             ),
             "lmtp": LMTPBackend(
                 reactor,
                 lmtpBase,
-                routeSettings=routeSettingsLookup(router, lmtpBase, "lmtp", configDir=config.configDir),
                 concurrency=delivery.destinationConcurrency,
             ),
             "maildir": MaildirBackend(reactor, hostname=config.hostname),
             "discard": DiscardBackend(),
         }
     except ValueError as e:
-        raise ConfigError(str(e), file=source, key="routes") from e
+        raise ConfigError(str(e), file=source, key="delivery") from e
     for spec in config.backends:
         backends[spec.name] = build(spec, IDeliveryBackend)
     return backends
@@ -294,7 +294,7 @@ def makeDelivery(config: Config, reactor: Any, spool: Any, build: Any) -> tuple[
         router = RoutingTable.fromConfig(config)
     except ValueError as e:
         raise ConfigError(str(e), file=config.source or "(embedded default)", key="routes") from e
-    backends = makeBackends(config, reactor, router, build)
+    backends = makeBackends(config, reactor, build)
     q = config.queue
     queue = QueueManager(
         spool,
@@ -312,6 +312,8 @@ def makeDelivery(config: Config, reactor: Any, spool: Any, build: Any) -> tuple[
             postmaster=q.postmaster,
             stopTimeout=config.drainTime,
         ),
+        # A site backend's [[backends]] timeout; the built-in ones keep the policy's bound.
+        timeouts={spec.name: spec.timeout for spec in config.backends},
         lock=QueueLock(config.spoolDirectory, reactor),
     )
     return [BackendsService(backends), queue], queue
@@ -605,7 +607,10 @@ def makeListeners(
         ConfiguredValidator(spec.plugin, build(spec, IRecipientValidator), spec.timeout)
         for spec in config.recipientValidators
     ]
-    stampers = [build(spec, IHeaderStamper) for spec in config.headerStampers]
+    stampers = [
+        ConfiguredStamper(spec.plugin, build(spec, IHeaderStamper), spec.timeout)
+        for spec in config.headerStampers
+    ]
     relay = RelayControl(config.relayNetworks, config.acceptDomains, config.hostname)
     policy = RecipientPolicy(relay, validators, reactor)
 
@@ -652,6 +657,7 @@ def makeListeners(
             maxRecipients=config.maxRecipients,
             maxErrors=config.maxErrors,
             bareNewline=listener.bare_newline,
+            nulBytes=listener.nul_bytes,
             starttls=listener.tls_mode == "starttls",
             authMechanisms=authPolicy.mechanisms if listener.auth and authPolicy else (),
             authWithoutTLS=listener.auth_without_tls,

@@ -6,7 +6,9 @@ Layout under the spool directory::
     tmp/              in-progress writes; anything here after a crash is garbage
     queue/<ID>.eml    the message, exactly as it will be relayed (CRLF lines)
     queue/<ID>.json   the envelope (L{Envelope.toJSON}); its presence marks the entry committed
-    corrupt/          C{.json} files found without their C{.eml}, kept for the operator
+    corrupt/          damaged entries, kept for the operator: a C{.json} found without its
+                      C{.eml}, or an entry whose envelope cannot be read or whose message is
+                      not of the size its envelope records (L{Spool.quarantine})
 
 A message is written to C{tmp/<ID>.eml} by a L{MessageWriter}.  L{MessageWriter.commit} makes
 it durable: body fsynced, envelope written to C{tmp/<ID>.json} and fsynced, C{.eml} renamed
@@ -39,7 +41,7 @@ from mailrelay.envelope import Envelope
 
 log = Logger()
 
-__all__ = ["SpoolError", "Spool", "MessageWriter", "newQueueID", "isQueueID"]
+__all__ = ["SpoolError", "CorruptEntry", "Spool", "MessageWriter", "newQueueID", "isQueueID"]
 
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
@@ -142,6 +144,13 @@ class SpoolError(Exception):
         super().__init__(message)
         self.path = path
         self.queueID = queueID
+
+
+class CorruptEntry(SpoolError):
+    """A committed entry is damaged: its envelope is empty, truncated or invalid, or its
+    message file is missing or not of the size the envelope records.  Commits are atomic, so
+    only something outside mailrelay (a disk error, an operator's editor, a bad restore) can
+    leave one; trying again will not mend it (see L{Spool.quarantine})."""
 
 
 def _osError(what: str, path: Path | str, exc: BaseException, queueID: str | None) -> SpoolError:
@@ -502,6 +511,20 @@ class _Remove(_Operation):
                 raise _osError("removing", path, e, self.queueID) from None
 
 
+class _Quarantine(_Operation):
+    kind = "quarantine"
+
+    def __init__(self, spool: Spool, queueID: str) -> None:
+        super().__init__(spool, queueID)
+        self.moved: list[Path] = []
+
+    hasData = False
+
+    def publish(self) -> None:
+        """Move the .json, then the .eml, to corrupt/."""
+        self.moved = self.spool._moveToCorrupt(self.queueID)
+
+
 # ---------------------------------------------------------------------------------------------
 # Writer
 
@@ -609,8 +632,9 @@ class MessageWriter:
     def commit(self, envelope: Envelope) -> Deferred[None]:
         """Make the message and C{envelope} a durable queue entry.
 
-        C{envelope.queueID} must be this writer's L{queueID}.  The envelope is serialised now;
-        later changes to it are not stored.
+        C{envelope.queueID} must be this writer's L{queueID}; C{envelope.messageSize} is set
+        to the octets written.  The envelope is serialised now; later changes to it are not
+        stored.
 
         @return: a L{Deferred} firing with C{None} once the entry is durable, or failing with
             L{SpoolError}; the temporary files (and anything already renamed into C{queue/})
@@ -634,6 +658,7 @@ class MessageWriter:
             return self._refuse(f"writing {self.path} failed: {e.strerror or e}")
         if not self._spool._running:
             return self._refuse(f"cannot commit {self.path}: the spool is stopped")
+        envelope.messageSize = self.size  # checked when the entry is loaded
         try:
             data = envelope.toJSON()
         except Exception as e:
@@ -908,22 +933,7 @@ class Spool:
 
     def _quarantine(self, queueID: str) -> None:
         source = self._queueDir / f"{queueID}.json"
-        try:
-            os.mkdir(self._corruptDir, _DIR_MODE)
-        except FileExistsError:
-            pass
-        except OSError as e:
-            raise _osError("creating", self._corruptDir, e, queueID) from None
-        target = self._corruptDir / source.name
-        n = 0
-        while target.exists():
-            n += 1
-            target = self._corruptDir / f"{source.name}.{n}"
-        try:
-            os.rename(source, target)
-        except OSError as e:
-            raise _osError("moving corrupt entry", f"{source} to {target}", e, queueID) from None
-        self._fsyncDirectoryOrRaise(self._corruptDir)
+        (target,) = self._moveToCorrupt(queueID)
         log.error(
             "spool recovery: envelope {path} has no message file; moved to {target} "
             "for the operator",
@@ -931,6 +941,39 @@ class Spool:
             target=str(target),
             queueID=queueID,
         )
+
+    def _moveToCorrupt(self, queueID: str) -> list[Path]:
+        """Move C{queue/<ID>.json}, then C{queue/<ID>.eml} if there is one, to C{corrupt/}
+        (never over an earlier one of the same name: C{<ID>.json.1} ...), and fsync
+        C{corrupt/}; the caller fsyncs C{queue/}.  Return where they went.
+
+        @raise SpoolError: a file cannot be moved.
+        """
+        try:
+            os.mkdir(self._corruptDir, _DIR_MODE)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise _osError("creating", self._corruptDir, e, queueID) from None
+        names = [f"{queueID}.json"]
+        if os.path.lexists(self._queueDir / f"{queueID}.eml"):
+            names.append(f"{queueID}.eml")
+        n = 0
+        suffix = ""
+        while any(os.path.lexists(self._corruptDir / (name + suffix)) for name in names):
+            n += 1
+            suffix = f".{n}"
+        moved = []
+        for name in names:
+            source, target = self._queueDir / name, self._corruptDir / (name + suffix)
+            try:
+                os.rename(source, target)
+            except OSError as e:
+                where = f"{source} to {target}"
+                raise _osError("moving corrupt entry", where, e, queueID) from None
+            moved.append(target)
+        self._fsyncDirectoryOrRaise(self._corruptDir)
+        return moved
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -959,9 +1002,12 @@ class Spool:
         return self._queueDir / f"{queueID}.eml"
 
     def loadEnvelope(self, queueID: str) -> Envelope:
-        """Read the envelope of the committed entry C{queueID}.
+        """Read the envelope of the committed entry C{queueID}, and check that its message
+        file has the size the envelope records (C{messageSize}; 0: not recorded).
 
-        @raise SpoolError: the file cannot be read or does not hold a valid envelope.
+        @raise CorruptEntry: the envelope is not valid, or the message file is missing or of
+            another size (see L{quarantine}).
+        @raise SpoolError: the files cannot be read (the entry may be gone).
         """
         self._checkID(queueID)
         path = self._queueDir / f"{queueID}.json"
@@ -971,11 +1017,55 @@ class Spool:
         except OSError as e:
             raise _osError("reading envelope", path, e, queueID) from None
         try:
-            return Envelope.fromJSON(data)
-        except (ValueError, TypeError, KeyError) as e:
-            raise SpoolError(
-                f"reading envelope {path} failed: invalid envelope: {e}", path=path, queueID=queueID
-            ) from e
+            envelope = Envelope.fromJSON(data)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            problem = "empty" if not data else f"not a valid envelope: {e}"
+            raise CorruptEntry(f"envelope {path} is {problem}", path=path, queueID=queueID) from e
+        message = self._queueDir / f"{queueID}.eml"
+        try:
+            size = os.stat(message).st_size
+        except FileNotFoundError as e:
+            if not os.path.lexists(path):  # the whole entry was removed meanwhile
+                raise _osError("checking", message, e, queueID) from None
+            raise CorruptEntry(
+                f"message file {message} is missing", path=message, queueID=queueID
+            ) from None
+        except OSError as e:
+            raise _osError("checking", message, e, queueID) from None
+        if envelope.messageSize and size != envelope.messageSize:
+            raise CorruptEntry(
+                f"message file {message} has {size} octets, the envelope records "
+                f"{envelope.messageSize}",
+                path=message,
+                queueID=queueID,
+            )
+        return envelope
+
+    def quarantine(self, queueID: str, problem: str) -> Deferred[list[Path]]:
+        """Move the damaged entry C{queueID} (its C{.json}, and its C{.eml} if any) to
+        C{corrupt/}, for the operator, in the next batch; log one line saying C{problem}
+        and where the files went.
+
+        @return: a L{Deferred} firing with the files' new paths, or failing with
+            L{SpoolError} (the entry stays where it was).
+        """
+        self._checkID(queueID)
+        if not self._running:
+            return self._notStarted("quarantine", queueID)
+        operation = _Quarantine(self, queueID)
+
+        def moved(_: None) -> list[Path]:
+            log.error(
+                "{queueID}: damaged queue entry: {problem}; moved to {corrupt} ({names}) for "
+                "the operator, not delivered",
+                queueID=queueID,
+                problem=problem,
+                corrupt=str(self._corruptDir),
+                names=", ".join(p.name for p in operation.moved),
+            )
+            return operation.moved
+
+        return self._submit(operation).addCallback(moved)
 
     def hasFreeSpace(self, needed: int = 0) -> bool:
         """Whether C{needed} more octets leave at least C{minFreeSpace} free.
@@ -1064,13 +1154,16 @@ class Spool:
         """
         self._checkID(queueID)
         if not self._running:
-            return fail(
-                SpoolError(
-                    f"cannot remove {queueID}: spool {self.directory} is not started",
-                    queueID=queueID,
-                )
-            )
+            return self._notStarted("remove", queueID)
         return self._submit(_Remove(self, queueID))
+
+    def _notStarted(self, what: str, queueID: str) -> Deferred[Any]:
+        return fail(
+            SpoolError(
+                f"cannot {what} {queueID}: spool {self.directory} is not started",
+                queueID=queueID,
+            )
+        )
 
     # -- the group committer ------------------------------------------------------------------
 

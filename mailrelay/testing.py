@@ -40,7 +40,7 @@ from mailrelay.limits import ListenerLimits, MemoryRateLimiter
 from mailrelay.policy import ConfiguredValidator, RecipientPolicy, RelayControl
 from mailrelay.smtp.protocol import ListenerContext, SMTPServerFactory, SMTPServerProtocol
 from mailrelay.smtp.server import SessionSettings
-from mailrelay.stamping import DefaultStamper
+from mailrelay.stamping import ConfiguredStamper, DefaultStamper
 
 
 class _MemorySpoolError(Exception):
@@ -199,6 +199,10 @@ class ServerHarness:
     @ivar limits: the L{ListenerLimits} when C{limits} was given, else C{None}.
     @ivar limiter: the L{IRateLimiter} behind them.
 
+    C{stampers} are L{IHeaderStamper} providers (each may answer within C{stamperTimeout}
+    seconds of the clock) or L{mailrelay.stamping.ConfiguredStamper}s; by default the
+    L{DefaultStamper}.
+
     With C{users} (user name to password) the listener offers AUTH; C{tls=True} gives it a
     certificate (STARTTLS offered), C{implicitTLS=True} makes it a TLS-wrapped listener; in
     both cases complete the handshake with L{completeHandshake}.
@@ -214,6 +218,7 @@ class ServerHarness:
         acceptDomains: Sequence[str] = (),
         peer: str = "127.0.0.1",
         stampers: Sequence[Any] | None = None,
+        stamperTimeout: float = 30.0,
         spool: MemorySpool | None = None,
         listenerOptions: dict[str, Any] | None = None,
         idleTimeout: float = 300.0,
@@ -290,7 +295,10 @@ class ServerHarness:
             settings=settings,
             policy=policy,
             spool=self.spool,
-            stampers=[DefaultStamper()] if stampers is None else list(stampers),
+            stampers=[
+                s if isinstance(s, ConfiguredStamper) else ConfiguredStamper(type(s).__name__, s, stamperTimeout)
+                for s in ([DefaultStamper()] if stampers is None else stampers)
+            ],
             clock=self.clock,
             listenerName="test",
             listenerOptions=listenerOptions or {},

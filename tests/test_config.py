@@ -1607,6 +1607,32 @@ def test_backends(tmp_path: Path) -> None:
     hash(c.backends[0])
 
 
+def test_backendTimeoutsReachTheQueueManager(tmp_path: Path) -> None:
+    """Each site backend's delivery is bounded by its own timeout (it was parsed and
+    ignored: every backend got 3600 s); the built-in backends keep the queue's bound."""
+    from twisted.internet.task import Clock
+
+    from mailrelay.delivery.discard import DiscardBackend
+    from mailrelay.service import makeDelivery
+
+    path = writeConfig(
+        tmp_path,
+        '[dns]\nnameservers = ["127.0.0.1"]\n'
+        '[[backends]]\nname = "a"\nplugin = "pa"\ntimeout = 5\n'
+        '[[backends]]\nname = "b"\nplugin = "pb"\n',
+    )
+    built: list[str] = []
+
+    def build(spec: Any, interface: Any) -> Any:
+        built.append(spec.name)
+        return DiscardBackend()
+
+    _, queue = makeDelivery(loadConfig(path), Clock(), None, build)
+    assert built == ["a", "b"]
+    assert (queue.timeoutFor("a"), queue.timeoutFor("b")) == (5.0, 600.0)
+    assert queue.timeoutFor("smtp") == queue.policy.deliveryTimeout == 3600.0
+
+
 @pytest.mark.parametrize("name", BUILTIN_BACKENDS)
 def test_backendNameCannotBeBuiltIn(tmp_path: Path, name: str) -> None:
     """No site backend may take a built-in backend's name."""

@@ -22,7 +22,13 @@ from mailrelay.delivery import BUILTIN_BACKENDS
 from mailrelay.delivery.discard import DiscardBackend
 from mailrelay.delivery.maildir import MaildirBackend, UnsafeAddress, mailboxPath
 from mailrelay.envelope import Envelope, Recipient
-from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, RecipientResult
+from mailrelay.interfaces import (
+    DeliveryStatus,
+    IDeliveryBackend,
+    RecipientResult,
+    Route,
+    RouteOptions,
+)
 from mailrelay.route import DeliveryFailure, MXHost, RouteRule, RoutingTable
 from mailrelay.smtp.client import ClientSettings, SMTPConnectError
 
@@ -50,6 +56,11 @@ def result(d: defer.Deferred) -> Any:
     return out[0]
 
 
+def toMaildir(template: str) -> Route:
+    """The route to the maildir backend with C{template}."""
+    return Route("maildir", template)
+
+
 @pytest.fixture
 def messagePath(tmp_path: Path) -> Path:
     path = tmp_path / "message.eml"
@@ -69,7 +80,7 @@ def test_discard(messagePath: Path) -> None:
     backend = DiscardBackend()
     verifyObject(IDeliveryBackend, backend)
     env = envelope("a@example.org", "b@example.org")
-    results = result(backend.deliver(env, env.recipients, "discard", messagePath))
+    results = result(backend.deliver(env, env.recipients, Route("discard", "discard"), messagePath))
     assert results == [
         RecipientResult("a@example.org", DELIVERED, "2.0.0", "X-mailrelay; discarded"),
         RecipientResult("b@example.org", DELIVERED, "2.0.0", "X-mailrelay; discarded"),
@@ -93,7 +104,7 @@ def test_maildir_delivers(tmp_path: Path, messagePath: Path) -> None:
     verifyObject(IDeliveryBackend, backend)
     template = str(tmp_path / "mail" / "{domain}" / "{local}" / "Maildir")
     env = envelope("Bob@example.org", "carol@example.net")
-    results = result(backend.deliver(env, env.recipients, template, messagePath))
+    results = result(backend.deliver(env, env.recipients, toMaildir(template), messagePath))
     assert [r.status for r in results] == [DELIVERED, DELIVERED]
     assert results[0] == RecipientResult(
         "Bob@example.org", DELIVERED, "2.0.0", "X-mailrelay; delivered to maildir"
@@ -115,14 +126,14 @@ def test_maildir_delivers(tmp_path: Path, messagePath: Path) -> None:
         b"Return-Path: <alice@example.com>\nDelivered-To: carol@example.net\n"
     )
     # A second delivery gets another unique name.
-    result(backend.deliver(env, env.recipients[:1], template, messagePath))
+    result(backend.deliver(env, env.recipients[:1], toMaildir(template), messagePath))
     assert len(list((box / "new").iterdir())) == 2
 
 
 def test_maildir_null_sender_and_address_placeholder(tmp_path: Path, messagePath: Path) -> None:
     env = envelope('"John Doe"@example.org', sender="")
     template = str(tmp_path / "{address}")
-    (r,) = result(maildir().deliver(env, env.recipients, template, messagePath))
+    (r,) = result(maildir().deliver(env, env.recipients, toMaildir(template), messagePath))
     assert r.status is DELIVERED
     (stored,) = list((tmp_path / "john doe@example.org" / "new").iterdir())
     assert stored.read_bytes().startswith(
@@ -138,7 +149,7 @@ def test_maildir_crlf_split_across_chunks(tmp_path: Path, monkeypatch: pytest.Mo
     body = b"ab\r\ncd\r\r\nef\r\n\r\nx\r"
     path.write_bytes(body)
     env = envelope("u@example.org")
-    result(maildir().deliver(env, env.recipients, str(tmp_path / "box"), path))
+    result(maildir().deliver(env, env.recipients, toMaildir(str(tmp_path / "box")), path))
     (stored,) = list((tmp_path / "box" / "new").iterdir())
     assert stored.read_bytes().split(b"\n", 2)[2] == body.replace(b"\r\n", b"\n")
 
@@ -155,7 +166,7 @@ def test_maildir_unsafe_local_parts(tmp_path: Path, messagePath: Path) -> None:
         with pytest.raises(UnsafeAddress):
             mailboxPath(template, address)
     env = envelope('"../../etc"@example.org', "fine@example.org")
-    results = result(maildir().deliver(env, env.recipients, template, messagePath))
+    results = result(maildir().deliver(env, env.recipients, toMaildir(template), messagePath))
     assert results[0].status is PERMANENT
     assert results[0].code == "5.1.3"
     assert results[1].status is DELIVERED
@@ -170,7 +181,8 @@ def test_maildir_errors(tmp_path: Path, messagePath: Path, monkeypatch: pytest.M
     env = envelope("u@example.org")
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    (r,) = result(backend.deliver(env, env.recipients, str(blocker / "{local}"), messagePath))
+    route = toMaildir(str(blocker / "{local}"))
+    (r,) = result(backend.deliver(env, env.recipients, route, messagePath))
     assert (r.status, r.code) == (TRANSIENT, "4.3.0")
     assert r.diagnostic.startswith("X-mailrelay; cannot deliver to maildir: ")
 
@@ -179,7 +191,8 @@ def test_maildir_errors(tmp_path: Path, messagePath: Path, monkeypatch: pytest.M
 
     monkeypatch.setattr(os, "fsync", full)
     for wanted, code in [(errno.ENOSPC, "4.3.1"), (errno.EDQUOT, "4.2.2")]:
-        (r,) = result(backend.deliver(env, env.recipients, str(tmp_path / "box"), messagePath))
+        route = toMaildir(str(tmp_path / "box"))
+        (r,) = result(backend.deliver(env, env.recipients, route, messagePath))
         assert (r.status, r.code) == (TRANSIENT, code)
     assert list((tmp_path / "box" / "tmp").iterdir()) == []
     assert list((tmp_path / "box" / "new").iterdir()) == []
@@ -197,7 +210,8 @@ class MaildirThreadTests(unittest.TestCase):
         path = tmp / "m.eml"
         path.write_bytes(MESSAGE)
         env = envelope("u@example.org")
-        (r,) = yield MaildirBackend(reactor).deliver(env, env.recipients, str(tmp / "box"), path)
+        route = toMaildir(str(tmp / "box"))
+        (r,) = yield MaildirBackend(reactor).deliver(env, env.recipients, route, path)
         self.assertIs(r.status, DELIVERED)
         self.assertEqual(len(list((tmp / "box" / "new").iterdir())), 1)
 
@@ -392,11 +406,14 @@ def send(
     *addresses: str,
     queueID: str | None = None,
     path: Path = Path("/nonexistent"),
+    options: RouteOptions = RouteOptions(),
+    backendName: str = "smtp",
 ) -> defer.Deferred:
+    """Deliver along C{Route(backendName, nexthop, options)}."""
     env = envelope(*addresses)
     if queueID:
         env.queueID = queueID
-    return backend.deliver(env, env.recipients, nexthop, path)
+    return backend.deliver(env, env.recipients, Route(backendName, nexthop, options), path)
 
 
 def test_smtp_provides_interface() -> None:
@@ -600,97 +617,96 @@ def test_smtp_concurrency_limit() -> None:
     assert backend._semaphores == {}
 
 
-def test_smtp_route_settings() -> None:
-    special = dataclasses.replace(SETTINGS, tls="required", username="u", password="p")
-    backend, net, clock, mx = smtpBackend(routeSettings={"[relay.example]:587": special})
-    result(send(backend, "[relay.example]:587", "a@example.com"))
+def test_smtp_route_options_over_defaults() -> None:
+    """Each delivery's settings are the backend's defaults with its route's options."""
+    backend, net, clock, mx = smtpBackend()
+    options = RouteOptions(tls="required", caFile="/ca.pem", username="u", password="p")
+    result(send(backend, "[relay.example]:587", "a@example.com", options=options))
     result(send(backend, "example.net", "a@example.net"))
-    assert net.attempts[0][3] is special
+    assert net.attempts[0][3] == dataclasses.replace(
+        SETTINGS, tls="required", caFile="/ca.pem", username="u", password="p"
+    )
     assert net.attempts[1][3] is SETTINGS
 
 
-def test_smtp_route_settings_from_routing_table(tmp_path: Path) -> None:
-    from mailrelay.delivery.smtp import routeSettingsLookup
-
-    (tmp_path / "secret").write_text("s3cret\n")
+def test_smtp_routes_to_one_nexthop_keep_their_settings() -> None:
+    """A route whose next hop is the smarthost's does not change the smarthost's settings
+    (issue 7: settings were looked up by the next hop's name, so smarthost mail configured
+    tls = "required" went out with the route's tls = "none")."""
     table = RoutingTable(
-        [
-            RouteRule(
-                "example.com",
-                "smtp",
-                "[relay.example]",
-                (("port", 587), ("username", "u"), ("password_file", "secret")),
-            ),
-            RouteRule(
-                ".example.net", "smtp", None, (("tls", "required"), ("ca_file", "/etc/ca.pem"))
-            ),
-        ]
+        [RouteRule("plain.example", "smtp", "[relay.example]:587", RouteOptions(tls="none"))],
+        smarthost="[relay.example]:587",
+        smarthostOptions=RouteOptions(tls="required", caFile="/ca.pem"),
     )
-    lookup = routeSettingsLookup(table, SETTINGS, configDir=tmp_path)
-    backend, net, clock, mx = smtpBackend(routeSettings=lookup)
-    mx.answers = dict(
-        HOSTS, **{"mx.example.net": [MXHost("mx.mx.example.net", "192.0.2.50", 25, 10)]}
-    )
-    route = table.route(None, Recipient("a@example.com"))
-    result(send(backend, route.nexthop, "a@example.com"))
-    route = table.route(None, Recipient("a@mx.example.net"))
-    assert route.nexthop == "mx.example.net"
-    result(send(backend, route.nexthop, "a@mx.example.net"))
-    result(send(backend, "example.org", "a@example.org"))
-    first, second, third = (a[3] for a in net.attempts)
-    assert (first.username, first.password, first.tls) == ("u", "s3cret", "may")
-    assert (second.tls, second.caFile, second.username) == ("required", "/etc/ca.pem", None)
-    assert third is SETTINGS
+    backend, net, clock, mx = smtpBackend()
+    for address in ("a@example.com", "b@plain.example"):
+        env = envelope(address)
+        route = table.route(env, env.recipients[0])
+        assert result(backend.deliver(env, env.recipients, route, Path("/x")))[0].status is DELIVERED
+    assert [(a[3].tls, a[3].caFile) for a in net.attempts] == [
+        ("required", "/ca.pem"),
+        ("none", None),
+    ]
 
 
-def test_route_settings_from_transport_options() -> None:
-    from mailrelay.config import TransportOptions
-    from mailrelay.delivery.smtp import routeSettingsLookup, settingsWithOptions
+def test_smtp_connections_reused_only_with_the_same_settings() -> None:
+    backend, net, clock, mx = smtpBackend(connectionCacheTime=10)
+    nexthop = "[relay.example]:587"
+    required = RouteOptions(tls="required")
+    alice = RouteOptions(tls="required", username="alice", password="pa")
+    bob = RouteOptions(tls="required", username="bob", password="pb")
+    wrongPassword = RouteOptions(tls="required", username="bob", password="other")
+    for options in (RouteOptions(), required, alice, bob, wrongPassword):
+        result(send(backend, nexthop, "a@example.com", options=options))
+    # Five settings, five connections: none was reused for other settings.
+    assert len(net.connections) == 5
+    assert [a[3].username for a in net.attempts] == [None, None, "alice", "bob", "bob"]
+    assert backend.idleConnections(nexthop) == 5
+    # The same settings again: their own connection, no new one.
+    result(send(backend, nexthop, "b@example.com", queueID="B", options=alice))
+    result(send(backend, nexthop, "c@example.com", queueID="C", options=RouteOptions()))
+    assert len(net.connections) == 5
+    assert net.connections[2].sent[-1] == ("B", ["b@example.com"])
+    assert net.connections[0].sent[-1] == ("C", ["c@example.com"])
+    # Equal options built separately are the same settings.
+    result(send(backend, nexthop, "d@example.com", queueID="D", options=RouteOptions("required")))
+    assert net.connections[1].sent[-1] == ("D", ["d@example.com"])
+    assert len(net.connections) == 5
+    result(backend.close())
+    assert backend.idleConnections() == 0
 
-    transport = TransportOptions(tls="required", caFile="/ca.pem", username="u", password="pw")
-    settings = settingsWithOptions(SETTINGS, [("transport", transport)])
-    assert (settings.tls, settings.caFile, settings.username, settings.password) == (
-        "required",
-        "/ca.pem",
-        "u",
-        "pw",
-    )
-    assert "pw" not in repr(("transport", transport))
-    table = RoutingTable(
-        smarthost="[relay.example]:587", smarthostOptions=(("transport", transport),)
-    )
-    lookup = routeSettingsLookup(table, SETTINGS)
-    assert lookup("[relay.example]:587") == settings
-    assert lookup("example.org") is None
-    with pytest.raises(ValueError, match="tls must be"):
-        settingsWithOptions(SETTINGS, [("transport", TransportOptions(tls="bogus"))])
-    with pytest.raises(ValueError, match="transport"):
-        settingsWithOptions(SETTINGS, [("transport", "nonsense")])
+
+def test_smtp_concurrency_is_per_nexthop_whatever_the_settings() -> None:
+    backend, net, clock, mx = smtpBackend(destinationConcurrency=1)
+    net.sendBehaviour["192.0.2.40"] = "hold"
+    nexthop = "[relay.example]:587"
+    d1 = send(backend, nexthop, "a@example.com", options=RouteOptions(tls="none"))
+    d2 = send(backend, nexthop, "b@example.com", options=RouteOptions(tls="required"))
+    assert len(net.attempts) == 1  # the second waits for the next hop's only slot
+    sendD, conn, rcpts = net.heldSends.pop(0)
+    sendD.callback(net.results(conn, rcpts, "ok"))
+    assert result(d1)[0].status is DELIVERED
+    # It then gets a connection of its own: the idle one has other settings.
+    assert [a[3].tls for a in net.attempts] == ["none", "required"]
+    sendD, conn2, rcpts = net.heldSends.pop(0)
+    assert conn2 is not conn
+    sendD.callback(net.results(conn2, rcpts, "ok"))
+    assert result(d2)[0].status is DELIVERED
 
 
-def test_route_option_errors(tmp_path: Path) -> None:
-    from mailrelay.delivery.smtp import routeSettingsLookup, settingsWithOptions
+def test_smtp_unusable_route_options_defer() -> None:
+    """Options that cannot be applied (here: a backend whose settings refuse them) defer the
+    recipients with the reason; nothing is sent with other settings."""
+    backend, net, clock, mx = smtpBackend()
 
-    with pytest.raises(ValueError, match="unknown route option 'colour'"):
-        settingsWithOptions(SETTINGS, [("colour", "blue")])
-    with pytest.raises(ValueError, match="tls must be"):
-        settingsWithOptions(SETTINGS, [("tls", "maybe")])
-    with pytest.raises(ValueError, match="go together"):
-        settingsWithOptions(SETTINGS, [("username", "u")])
-    with pytest.raises(ValueError, match="not both"):
-        settingsWithOptions(
-            SETTINGS, [("username", "u"), ("password", "p"), ("password_file", "f")]
-        )
-    with pytest.raises(ValueError, match="cannot read"):
-        settingsWithOptions(
-            SETTINGS, [("username", "u"), ("password_file", "missing")], configDir=tmp_path
-        )
-    assert settingsWithOptions(
-        SETTINGS, [("auth_without_tls", True), ("username", "u"), ("password", "p")]
-    ).authWithoutTLS
-    table = RoutingTable([RouteRule("example.com", "smtp", "[relay.example]", (("tls", "bogus"),))])
-    with pytest.raises(ValueError, match="relay.example"):
-        routeSettingsLookup(table, SETTINGS)
+    class Refusing(RouteOptions):
+        def changes(self) -> dict[str, Any]:
+            return {"tls": "bogus"}
+
+    (r,) = result(send(backend, "example.net", "a@example.net", options=Refusing()))
+    assert (r.status, r.code) == (TRANSIENT, "4.3.5")
+    assert "unusable options for the route to example.net: tls must be one of" in r.diagnostic
+    assert net.attempts == []
 
 
 def test_smtp_implicit_tls_wraps_endpoint() -> None:
@@ -788,6 +804,12 @@ def test_lmtp_with_fake_connection(tmp_path: Path) -> None:
     (r,) = result(send(backend, "a:b:c", "a@example.org"))
     assert (r.status, r.code) == (TRANSIENT, "4.3.5")
     assert backend._semaphores == {}
+    # The route's options apply over the defaults, LMTP stays on.
+    options = RouteOptions(tls="required", caFile="/ca.pem")
+    result(send(backend, "[::1]:2424", "a@example.org", options=options, backendName="lmtp"))
+    settings = calls[-1][1]
+    assert (settings.lmtp, settings.tls, settings.caFile) == (True, "required", "/ca.pem")
+    assert calls[1][1].tls == SETTINGS.tls  # the earlier delivery: the defaults
 
 
 # ---------------------------------------------------------------------------------------------
@@ -866,7 +888,8 @@ class RealServerTests(unittest.TestCase):
         handler, nexthop = self.startServer(lmtp=True)
         backend = LMTPBackend(reactor, ClientSettings(heloName="relay.test", tls="none"))
         env = envelope("bob@example.org", "unknown@example.org", "full@example.org")
-        results = yield backend.deliver(env, env.recipients, nexthop, self.messagePath)
+        route = Route("lmtp", nexthop)
+        results = yield backend.deliver(env, env.recipients, route, self.messagePath)
         self.assertEqual(
             [(r.status, r.code) for r in results],
             [(DELIVERED, "2.0.0"), (PERMANENT, "5.1.1"), (TRANSIENT, "4.2.2")],
@@ -893,12 +916,13 @@ class RealServerTests(unittest.TestCase):
             ClientSettings(heloName="relay.test", tls="none"),
             connectionCacheTime=5,
         )
+        route = Route("smtp", nexthop)
         env = envelope("bob@example.org", "unknown@example.org")
-        results = yield backend.deliver(env, env.recipients, nexthop, self.messagePath)
+        results = yield backend.deliver(env, env.recipients, route, self.messagePath)
         self.assertEqual([r.status for r in results], [DELIVERED, PERMANENT])
         self.assertEqual(results[0].remoteMTA, "dns; [127.0.0.1]")
         env = envelope("carol@example.org", sender="")
-        (r,) = yield backend.deliver(env, env.recipients, nexthop, self.messagePath)
+        (r,) = yield backend.deliver(env, env.recipients, route, self.messagePath)
         self.assertIs(r.status, DELIVERED)
         self.assertEqual(len(handler.messages), 2)
         # Both messages came over the same connection.

@@ -22,9 +22,9 @@ from twisted.python.failure import Failure
 from mailrelay import queue as queueModule
 from mailrelay.bounce import POSTMASTER_SOURCE
 from mailrelay.envelope import BOUNCED, DELIVERED, PENDING, ClientInfo, Envelope, Recipient
-from mailrelay.interfaces import DeliveryStatus, RecipientResult, Route
+from mailrelay.interfaces import DeliveryStatus, RecipientResult, Route, RouteOptions
 from mailrelay.queue import QueueManager, QueuePolicy, backoff
-from mailrelay.spool import Spool, SpoolError, newQueueID
+from mailrelay.spool import CorruptEntry, Spool, SpoolError, newQueueID
 
 HOST = "relay.test"
 START = 1_700_000_000.0
@@ -84,10 +84,14 @@ class Call:
     queueID: str
     sender: str
     addresses: list[str]
-    nexthop: str
+    route: Route
     path: Path
     message: bytes
     isBounce: bool
+
+    @property
+    def nexthop(self) -> str:
+        return self.route.nexthop
 
 
 class FakeBackend:
@@ -106,13 +110,13 @@ class FakeBackend:
         kind = seq.pop(0) if len(seq) > 1 else seq[0]
         return result(address, kind)
 
-    def deliver(self, envelope: Envelope, recipients: Any, nexthop: str, messagePath: Path) -> Any:
+    def deliver(self, envelope: Envelope, recipients: Any, route: Route, messagePath: Path) -> Any:
         self.calls.append(
             Call(
                 envelope.queueID or "",
                 envelope.sender,
                 [r.address for r in recipients],
-                nexthop,
+                route,
                 messagePath,
                 messagePath.read_bytes(),
                 envelope.isBounce,
@@ -228,9 +232,17 @@ def stored(spool: Spool, queueID: str) -> dict[str, Any]:
 
 
 def makeManager(
-    spool: Spool, router: FakeRouter, backends: dict[str, Any], clock: Clock, **policy: Any
+    spool: Spool,
+    router: FakeRouter,
+    backends: dict[str, Any],
+    clock: Clock,
+    timeouts: dict[str, float] | None = None,
+    **policy: Any,
 ) -> QueueManager:
-    return QueueManager(spool, router, backends, clock, hostname=HOST, policy=QueuePolicy(**policy))
+    return QueueManager(
+        spool, router, backends, clock, hostname=HOST, policy=QueuePolicy(**policy),
+        timeouts=timeouts,
+    )
 
 
 def parse(message: bytes) -> email.message.EmailMessage:
@@ -752,7 +764,8 @@ def test_removeFailureRetried(
 
 
 def test_bounceCommitFailureKeepsRecipientPending(
-    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, monkeypatch: Any
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, monkeypatch: Any,
+    events: Any,
 ) -> None:
     queueID = queueMessage(spool, clock, ["a@example.com"])
     realOpen = spool.openMessage
@@ -770,8 +783,11 @@ def test_bounceCommitFailureKeepsRecipientPending(
     assert spool.queueIDs() == [queueID]
     rcpt = stored(spool, queueID)["recipients"][0]
     assert rcpt["state"] == PENDING and rcpt["status"] == "5.1.1"
+    (line,) = [t for t in texts(events, queueID) if "to=<a@example.com>" in t]
+    assert "status=deferred (" in line and line.endswith("; the bounce could not be queued, will retry)")
     clock.advance(300)  # fails permanently again; the bounce is queued this time
     assert len(backend.bounces()) == 1
+    assert "status=bounced (" in [t for t in texts(events, queueID) if "to=<a@example.com>" in t][1]
     assert spool.queueIDs() == []
     resultOf(qm.stopService())
 
@@ -816,7 +832,7 @@ class BrokenBackend:
     def __init__(self, answer: Callable[[list[Recipient]], Any]) -> None:
         self.answer = answer
 
-    def deliver(self, envelope: Envelope, recipients: Any, nexthop: str, messagePath: Path) -> Any:
+    def deliver(self, envelope: Envelope, recipients: Any, route: Route, messagePath: Path) -> Any:
         return self.answer(list(recipients))
 
 
@@ -854,9 +870,85 @@ def test_deliveryTimeout(
     clock.advance(60)
     assert qm.activeCount == 0
     [r] = stored(spool, queueID)["recipients"]
-    assert (r["state"], r["status"]) == (PENDING, "4.3.0")
+    assert (r["state"], r["status"]) == (PENDING, "4.4.2")
+    assert r["lastResult"] == "X-mailrelay; delivery via smtp:example.com timed out after 60s"
     backend.release()  # a late answer is ignored
     assert stored(spool, queueID)["recipients"][0]["state"] == PENDING
+    resultOf(qm.stopService())
+
+
+class SilentBackend:
+    """A site backend that never answers (and records what it was asked)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], Route]] = []
+
+    def deliver(self, envelope: Envelope, recipients: Any, route: Route, messagePath: Path) -> Any:
+        self.calls.append(([r.address for r in recipients], route))
+        return Deferred()
+
+
+def test_siteBackendTimeout(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any
+) -> None:
+    """A site backend's delivery is abandoned after its own timeout ([[backends]] timeout),
+    not the built-in backends' bound; its recipients are deferred, with a clear log line."""
+    silent = SilentBackend()
+    backend.hold = True
+    router.routes["hooks.example"] = Route("webhook", "webhook")
+    qm = makeManager(
+        spool, router, {"smtp": backend, "webhook": silent}, clock, timeouts={"webhook": 600}
+    )
+    assert (qm.timeoutFor("webhook"), qm.timeoutFor("smtp")) == (600, 3600)
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["a@hooks.example", "b@example.com"])
+    qm.enqueue(queueID)
+    assert silent.calls == [(["a@hooks.example"], Route("webhook", "webhook"))]
+    clock.advance(599)
+    assert qm.activeCount == 1 and not [t for t in texts(events, queueID) if "timeout" in t]
+    clock.advance(1)
+    lines = [t for t in texts(events, queueID) if "timeout" in t]
+    assert lines == [
+        f"{queueID}: delivery backend 'webhook' did not answer within its timeout of 600s; "
+        "1 recipient(s) deferred"
+    ]
+    assert qm.activeCount == 1  # the smtp delivery is still running: its bound is longer
+    backend.release()
+    assert qm.activeCount == 0
+    a, b = stored(spool, queueID)["recipients"]
+    assert (a["state"], a["status"]) == (PENDING, "4.4.2")
+    assert a["lastResult"] == "X-mailrelay; delivery via webhook:webhook timed out after 600s"
+    assert b["state"] == DELIVERED
+    resultOf(qm.stopService())
+
+
+def test_badBackendTimeouts(spool: Spool, router: FakeRouter, clock: Clock) -> None:
+    for bad in (0, -1, True, "600"):
+        with pytest.raises(ValueError, match="the timeout of backend 'webhook' must be > 0"):
+            makeManager(spool, router, {}, clock, timeouts={"webhook": bad})
+
+
+def test_recipientsGroupedByTheWholeRoute(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    """Two routes to one next hop with different options are two deliveries, each given its
+    own route; equal routes share one."""
+    relay = "[relay.example]:587"
+    router.routes["plain.example"] = Route("smtp", relay, RouteOptions(tls="none"))
+    router.routes["tls.example"] = Route("smtp", relay, RouteOptions(tls="required"))
+    router.routes["tls2.example"] = Route("smtp", relay, RouteOptions(tls="required"))
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    queueID = queueMessage(
+        spool, clock, ["a@plain.example", "b@tls.example", "c@tls2.example", "d@plain.example"]
+    )
+    qm.enqueue(queueID)
+    assert sorted((c.addresses, c.route.options.tls) for c in backend.calls) == [
+        (["a@plain.example", "d@plain.example"], "none"),
+        (["b@tls.example", "c@tls2.example"], "required"),
+    ]
+    assert {c.nexthop for c in backend.calls} == {relay}
+    assert spool.queueIDs() == []
     resultOf(qm.stopService())
 
 
@@ -864,7 +956,9 @@ def test_groupsDeliveredConcurrently(
     spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
 ) -> None:
     backend.hold = True
-    router.routes["example.net"] = Route("smtp", "[smtp.example.net]:587", (("tls", "required"),))
+    router.routes["example.net"] = Route(
+        "smtp", "[smtp.example.net]:587", RouteOptions(tls="required")
+    )
     qm = makeManager(spool, router, {"smtp": backend}, clock)
     qm.startService()
     queueID = queueMessage(
@@ -893,21 +987,87 @@ def test_entryGoneOrBogusIsDropped(
     resultOf(qm.stopService())
 
 
-def test_corruptEnvelopeRetriedLater(
-    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda json, eml: json.write_bytes(json.read_bytes()[:40]),  # truncated envelope
+        lambda json, eml: json.write_bytes(b""),
+        lambda json, eml: json.write_bytes(b"[1, 2]"),
+        lambda json, eml: json.write_bytes(b'{"version": 1, "recipients": 7}'),
+        lambda json, eml: eml.write_bytes(eml.read_bytes()[:-3]),  # truncated message
+        lambda json, eml: eml.write_bytes(eml.read_bytes() + b"more\r\n"),
+        lambda json, eml: eml.unlink(),
+    ],
+    ids=["truncated-json", "empty-json", "json-list", "bad-field", "short-eml", "long-eml", "no-eml"],
+)
+def test_damagedEntryQuarantinedNotRetried(
+    damage: Callable[[Path, Path], Any],
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any,
 ) -> None:
     queueID = queueMessage(spool, clock, ["a@example.com"])
-    jsonPath = spool.messagePath(queueID).with_suffix(".json")
-    good = jsonPath.read_bytes()
-    jsonPath.write_bytes(b"{not json")
+    good = queueMessage(spool, clock, ["b@example.com"])
+    eml = spool.messagePath(queueID)
+    damage(eml.with_suffix(".json"), eml)
+    expected = sorted(p.name for p in (eml, eml.with_suffix(".json")) if p.exists())
+    spoolEvents: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(spoolEvents.append)
+    try:
+        qm = makeManager(spool, router, {"smtp": backend}, clock)
+        qm.startService()
+    finally:
+        globalLogPublisher.removeObserver(spoolEvents.append)
+    assert [c.addresses for c in backend.calls] == [["b@example.com"]]
+    assert spool.queueIDs() == [] and qm.scheduledCount == qm.activeCount == 0
+    assert sorted(p.name for p in (spool.directory / "corrupt").iterdir()) == expected
+    about = [e for e in spoolEvents if e.get("queueID") == queueID]
+    assert len(about) == 1 and about[0]["log_level"].name == "error", about
+    assert "damaged queue entry" in formatEvent(about[0])
+    assert not any(e.get("queueID") == good and "damaged" in formatEvent(e) for e in spoolEvents)
+    clock.advance(5 * 4000)
+    assert len(backend.calls) == 1  # never retried
+    resultOf(qm.stopService())
+
+
+def test_truncatedMessageNamesSizes(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    queueID = queueMessage(spool, clock, ["a@example.com"])
+    eml = spool.messagePath(queueID)
+    eml.write_bytes(MESSAGE[:10])
+    with pytest.raises(CorruptEntry) as caught:
+        spool.loadEnvelope(queueID)
+    assert str(caught.value) == (
+        f"message file {eml} has 10 octets, the envelope records {len(MESSAGE)}"
+    )
+    eml.unlink()
+    with pytest.raises(CorruptEntry, match=r"message file .* is missing"):
+        spool.loadEnvelope(queueID)
+    eml.with_suffix(".json").unlink()
+    with pytest.raises(SpoolError) as gone:
+        spool.loadEnvelope(queueID)
+    assert not isinstance(gone.value, CorruptEntry)
+
+
+def test_quarantineThatFailsIsRetriedLater(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    queueID = queueMessage(spool, clock, ["a@example.com"])
+    eml = spool.messagePath(queueID)
+    eml.with_suffix(".json").write_bytes(b"{")
+
+    def refuse(queueID: str) -> Any:
+        raise SpoolError("moving corrupt entry failed: Read-only file system")
+
+    monkeypatch.setattr(spool, "_moveToCorrupt", refuse)
     qm = makeManager(spool, router, {"smtp": backend}, clock)
     qm.startService()
-    assert backend.calls == []
+    assert any("could not be moved aside" in t and "retrying in 4000s" in t for t in texts(events, queueID))
     assert qm.scheduledCount == 1
-    assert any("cannot load envelope" in t for t in texts(events, queueID))
-    jsonPath.write_bytes(good)
+    monkeypatch.undo()
     clock.advance(4000)
-    assert spool.queueIDs() == []
+    assert spool.queueIDs() == [] and qm.scheduledCount == 0
+    assert backend.calls == []
     resultOf(qm.stopService())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from zope.interface.verify import verifyObject
 
 from mailrelay.config import Smarthost, parseSmarthost
 from mailrelay.envelope import Envelope, Recipient
-from mailrelay.interfaces import IRouter, Route
+from mailrelay.interfaces import IRouter, Route, RouteOptions
 from mailrelay.route import (
     DeliveryFailure,
     MXHost,
@@ -105,34 +106,43 @@ def test_patterns_are_normalised() -> None:
 
 
 def test_smtp_rule_without_nexthop_uses_recipient_domain_and_port() -> None:
+    required, user, may = (
+        RouteOptions(tls="required"),
+        RouteOptions(username="u", password="p"),
+        RouteOptions(tls="may"),
+    )
     table = RoutingTable(
         [
-            RouteRule(".example.org", "smtp", None, (("port", 2525), ("tls", "required"))),
-            RouteRule("example.net", "smtp", "[relay.example]", (("port", 587), ("username", "u"))),
-            RouteRule("*", "smtp", None, (("tls", "may"),)),
+            RouteRule(".example.org", "smtp", None, required, port=2525),
+            RouteRule("example.net", "smtp", "[relay.example]", user, port=587),
+            RouteRule("*", "smtp", None, may),
         ],
         smarthost="[ignored.example]",
     )
-    assert routeOf(table, "a@www.example.org") == Route(
-        "smtp", "www.example.org:2525", (("tls", "required"),)
+    assert routeOf(table, "a@www.example.org") == Route("smtp", "www.example.org:2525", required)
+    assert routeOf(table, "a@example.net") == Route("smtp", "[relay.example]:587", user)
+    assert routeOf(table, "a@example.com") == Route("smtp", "example.com", may)
+    assert routeOf(table, "a@[192.0.2.7]") == Route("smtp", "[192.0.2.7]", may)
+
+
+def test_routes_to_one_nexthop_keep_their_own_options() -> None:
+    """A rule whose next hop is the smarthost's does not change the smarthost's options
+    (issue 7: they were looked up by the next hop's name)."""
+    smarthostOptions = RouteOptions(tls="required", caFile="/ca.pem")
+    table = RoutingTable(
+        [RouteRule("plain.example", "smtp", "[relay.example]:587", RouteOptions(tls="none"))],
+        smarthost="[relay.example]:587",
+        smarthostOptions=smarthostOptions,
     )
-    assert routeOf(table, "a@example.net") == Route(
-        "smtp", "[relay.example]:587", (("username", "u"),)
-    )
-    assert routeOf(table, "a@example.com") == Route("smtp", "example.com", (("tls", "may"),))
-    assert routeOf(table, "a@[192.0.2.7]") == Route("smtp", "[192.0.2.7]", (("tls", "may"),))
-    # optionsFor finds the options back from the next hop.
-    assert table.optionsFor("smtp", "www.example.org:2525") == (("tls", "required"),)
-    assert table.optionsFor("smtp", "[relay.example]:587") == (("username", "u"),)
-    assert table.optionsFor("smtp", "example.com") == (("tls", "may"),)
-    assert table.optionsFor("smtp", "[192.0.2.7]") == (("tls", "may"),)
-    assert table.optionsFor("smtp", "www.example.org") is None  # wrong port: not this rule
-    assert table.optionsFor("lmtp", "example.com") is None
-    assert len(table.routesWithOptions()) == 3
+    plain = routeOf(table, "a@plain.example")
+    other = routeOf(table, "a@example.com")
+    assert plain == Route("smtp", "[relay.example]:587", RouteOptions(tls="none"))
+    assert other == Route("smtp", "[relay.example]:587", smarthostOptions)
+    assert plain != other and hash(plain) != hash(other)
 
 
 def test_site_backend_and_smarthost_options() -> None:
-    options = (("tls", "required"),)
+    options = RouteOptions(tls="required")
     table = RoutingTable(
         [RouteRule("example.org", "acme-store")],
         smarthost="[relay.example]:587",
@@ -140,14 +150,13 @@ def test_site_backend_and_smarthost_options() -> None:
     )
     assert routeOf(table, "a@example.org") == Route("acme-store", "acme-store")
     assert routeOf(table, "a@example.com") == Route("smtp", "[relay.example]:587", options)
-    assert table.optionsFor("smtp", "[relay.example]:587") == options
-    assert table.routesWithOptions() == [Route("smtp", "[relay.example]:587", options)]
 
 
 def test_from_config() -> None:
-    from types import SimpleNamespace
+    from mailrelay.config import TransportOptions
 
-    transport = SimpleNamespace(tls="required")
+    transport = TransportOptions("required", "/ca.pem", "u", "pw", False)
+    expected = RouteOptions("required", "/ca.pem", "u", "pw", False)
     config = SimpleNamespace(
         routes=[
             SimpleNamespace(domain=".example.net", backend="smtp", nexthop=None, options=transport),
@@ -156,16 +165,39 @@ def test_from_config() -> None:
             ),
         ],
         smarthost=Smarthost("relay.example", 587, mxLookup=False),
-        smarthostOptions=transport,
+        smarthostOptions=TransportOptions("may"),
     )
     table = RoutingTable.fromConfig(config)
-    assert routeOf(table, "a@x.example.net") == Route(
-        "smtp", "x.example.net", (("transport", transport),)
-    )
+    assert routeOf(table, "a@x.example.net") == Route("smtp", "x.example.net", expected)
     assert routeOf(table, "a@local.test") == Route("maildir", "/m/{local}")
     assert routeOf(table, "a@other.example") == Route(
-        "smtp", "[relay.example]:587", (("transport", transport),)
+        "smtp", "[relay.example]:587", RouteOptions("may", None, None, None, False)
     )
+
+
+def test_route_options_are_checked() -> None:
+    assert RouteOptions().changes() == {}
+    assert RouteOptions(tls="none", authWithoutTLS=False).changes() == {
+        "tls": "none",
+        "authWithoutTLS": False,
+    }
+    assert "secret" not in repr(RouteOptions(username="u", password="secret"))
+    for bad, message in [
+        (dict(tls="maybe"), "tls must be one of none, may, required, implicit"),
+        (dict(username="u"), "go together"),
+        (dict(password="p"), "go together"),
+        (dict(caFile=""), "caFile must be a non-empty string"),
+        (dict(username="u\0", password="p"), "username must be"),
+        (dict(authWithoutTLS="yes"), "authWithoutTLS must be a bool"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            RouteOptions(**bad)
+    with pytest.raises(ValueError, match="not shown"):
+        RouteOptions(username="u", password="")
+    with pytest.raises(TypeError, match="RouteOptions"):
+        Route("smtp", "example.org", (("tls", "none"),))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="strings"):
+        Route("smtp", None)  # type: ignore[arg-type]
 
 
 def test_bad_rules() -> None:
@@ -179,8 +211,14 @@ def test_bad_rules() -> None:
         RoutingTable([RouteRule("*", "discard"), RouteRule("*", "discard")])
     with pytest.raises(ValueError, match="not a valid route domain"):
         RoutingTable([RouteRule("exa mple.org", "discard")])
-    with pytest.raises(ValueError, match="port"):
-        RoutingTable([RouteRule("example.org", "smtp", None, (("port", 0),))])
+    with pytest.raises(ValueError, match="port must be a number"):
+        RoutingTable([RouteRule("example.org", "smtp", None, port=0)])
+    with pytest.raises(ValueError, match="port is for smtp routes only"):
+        RoutingTable([RouteRule("example.org", "lmtp", "unix:/run/lmtp", port=24)])
+    with pytest.raises(ValueError, match="options must be RouteOptions"):
+        RoutingTable([RouteRule("example.org", "smtp", None, ())])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="smarthost's options"):
+        RoutingTable(smarthost="[relay.example]", smarthostOptions=())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="next hop"):
         RoutingTable([RouteRule("example.org", "smtp", "[relay.example")])
     with pytest.raises(ValueError):

@@ -445,7 +445,7 @@ def test_received_header_sanitises_helo() -> None:
     assert h.send(b"EHLO ev(i)l.example\r\n")[-1] == b"250 SMTPUTF8"
     h.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\nSubject: s\r\n\r\n.\r\n")
     (message,) = h.spool.messages()
-    assert message.startswith(b"Received: from ev?i?l.example (unknown [127.0.0.1])\r\n")
+    assert message.startswith(b"Received: from unknown (unknown [127.0.0.1])\r\n")  # not a host name
 
 
 def test_existing_message_id_and_date_are_kept_and_body_untouched() -> None:
@@ -497,7 +497,9 @@ def dotStuff(content: bytes) -> bytes:
     return b"\r\n".join(b"." + line if line.startswith(b".") else line for line in lines)
 
 
-_line = st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+_line = st.binary(max_size=40).map(  # no CR, LF or NUL (refused: see tests/test_input.py)
+    lambda b: b.replace(b"\r", b"").replace(b"\n", b"").replace(b"\0", b"")
+)
 _lines = st.lists(st.one_of(_line, st.sampled_from([b".", b"..", b".x", b"", b". ", b"...\t"])), max_size=30)
 
 

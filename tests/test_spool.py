@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 
 from mailrelay import spool as spoolModule
 from mailrelay.envelope import DELIVERED, ClientInfo, Envelope, Recipient
-from mailrelay.spool import MessageWriter, Spool, SpoolError, isQueueID, newQueueID
+from mailrelay.spool import CorruptEntry, MessageWriter, Spool, SpoolError, isQueueID, newQueueID
 
 QUEUE_ID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{20}$")
 MESSAGE = b"Received: from client\r\nSubject: hi\r\n\r\nbody line 1\r\n.dotted\r\n"
@@ -656,8 +656,33 @@ def test_loadEnvelopeErrors(spool: Spool, spoolDir: Path) -> None:
         spool.loadEnvelope(newQueueID())
     qid, _ = committed(spool)
     (spoolDir / "queue" / f"{qid}.json").write_bytes(b'{"version": 99}')
-    with pytest.raises(SpoolError, match="invalid envelope"):
+    with pytest.raises(CorruptEntry, match="is not a valid envelope: unsupported envelope version 99"):
         spool.loadEnvelope(qid)
+
+
+def test_commitRecordsTheMessageSize(spool: Spool) -> None:
+    writer = writeMessage(spool)
+    envelope = makeEnvelope(writer.queueID)
+    envelope.messageSize = 0  # not set by the caller: the writer knows
+    resultOf(writer.commit(envelope))
+    assert envelope.messageSize == len(MESSAGE)
+    assert spool.loadEnvelope(writer.queueID).messageSize == len(MESSAGE)
+
+
+def test_quarantineMovesBothFilesAside(spool: Spool, spoolDir: Path, events: list[dict[str, Any]]) -> None:
+    qid, _ = committed(spool)
+    corrupt = spoolDir / "corrupt"
+    corrupt.mkdir()
+    (corrupt / f"{qid}.eml").write_bytes(b"an earlier one")
+    moved = resultOf(spool.quarantine(qid, "the envelope is empty"))
+    assert moved == [corrupt / f"{qid}.json.1", corrupt / f"{qid}.eml.1"]
+    assert listing(corrupt) == sorted([f"{qid}.eml", f"{qid}.json.1", f"{qid}.eml.1"])
+    assert (corrupt / f"{qid}.eml.1").read_bytes() == MESSAGE
+    assert spool.queueIDs() == [] and listing(spoolDir / "queue") == []
+    (line,) = [e for e in events if e.get("queueID") == qid]
+    assert line["log_level"].name == "error" and line["problem"] == "the envelope is empty"
+    # An entry already gone cannot be moved: the failure says so.
+    failureOf(spool.quarantine(qid, "again"), SpoolError)
 
 
 # --- free space --------------------------------------------------------------------------------

@@ -392,17 +392,113 @@ def test_memory_throttle_window_and_bound() -> None:
     clock = Clock()
     t = MemoryAuthThrottle(clock, window=10, maxEntries=2)
     verifyObject(IAuthThrottle, t)
-    assert t.recordFailure("a") == 1
+
+    def fail(client: str) -> int:
+        t.reserve(client)
+        return t.settle(client, failed=True)
+
+    assert fail("a") == 1
     clock.advance(5)
-    assert t.recordFailure("a") == 2
+    assert fail("a") == 2
     clock.advance(9)
     assert t.failures("a") == 2
     clock.advance(1)
     assert t.failures("a") == 0
-    t.recordFailure("b")
-    t.recordFailure("c")
-    t.recordFailure("d")
+    fail("b")
+    fail("c")
+    fail("d")
     assert (t.failures("b"), t.failures("c"), t.failures("d")) == (0, 1, 1)
+
+
+def test_memory_throttle_counts_attempts_in_flight() -> None:
+    from twisted.internet.task import Clock
+
+    t = MemoryAuthThrottle(Clock())
+    assert [t.reserve("a") for _ in range(3)] == [1, 2, 3]
+    assert t.reserve("b") == 1
+    assert t.settle("a", failed=True) == 1
+    assert (t.failures("a"), t.inFlight("a")) == (1, 2)
+    assert t.reserve("a") == 4  # one failure and three in flight
+    assert t.settle("a", failed=False) == 1  # forgotten: a success, or refused unchecked
+    assert [t.settle("a", failed=True) for _ in range(2)] == [2, 3]
+    assert (t.failures("a"), t.inFlight("a"), t.inFlight("b")) == (3, 0, 1)
+
+
+def test_parallel_attempts_are_checked_at_most_max_failures_times() -> None:
+    """Guesses on many connections at once: attempts in flight count, so only maxFailures
+    passwords are ever checked; the rest are refused with 421 without a check."""
+    first = tlsHarness(maxFailures=4, failureDelay=0)
+    first.checker.hold = True
+    harnesses = [first] + [
+        tlsHarness(throttle=first.throttle, maxFailures=4, failureDelay=0) for _ in range(9)
+    ]
+    bad = b"AUTH PLAIN " + plain("alice", "guess") + b"\r\n"
+    with capturedLogs() as events:
+        replies = []
+        for h in harnesses:
+            afterTLS(h)
+            h.checker = first.checker
+            h.protocol.context.auth.portal = first.protocol.context.auth.portal
+            replies.append(h.send(bad))
+        assert len(first.checker.held) == 4
+        first.checker.release()
+    replies = [sent or h.replies() for sent, h in zip(replies, harnesses)]
+    assert replies.count([b"535 5.7.8 Authentication credentials invalid"]) == 3
+    assert replies.count([b"421 4.7.0 Error: too many failed authentications, try again later"]) == 7
+    assert len(first.checker.checked) == 4
+    assert sum("without checking" in e.get("why", "") for e in events) == 6
+    assert (first.throttle.failures("127.0.0.1"), first.throttle.inFlight("127.0.0.1")) == (4, 0)
+
+
+@pytest.mark.parametrize(
+    "peers, prefix, shared",
+    [
+        (("2001:db8::1", "2001:db8::ffff:2"), 84, True),  # the next address in the /84
+        (("2001:db8::1", "2001:db8:0:0:1::2"), 84, False),  # another /84 of the /64
+        (("2001:db8::1", "2001:db8:0:0:1::2"), 64, True),
+        (("2001:db8::1", "2001:db8::2"), 128, False),
+        (("192.0.2.1", "::ffff:192.0.2.1"), 84, True),  # IPv4-mapped: the same IPv4 client
+        (("192.0.2.1", "192.0.2.2"), 84, False),
+    ],
+)
+def test_failures_count_per_client_network(peers: tuple[str, str], prefix: int, shared: bool) -> None:
+    limits = {"ipv6PrefixLength": prefix, "exceptions": ()}
+    first = tlsHarness(peer=peers[0], maxFailures=2, failureDelay=0, limits=limits)
+    afterTLS(first)
+    for _ in range(2):
+        first.send(b"AUTH PLAIN " + plain("alice", "guess") + b"\r\n")
+    assert first.closed
+    second = tlsHarness(peer=peers[1], throttle=first.throttle, maxFailures=2, limits=limits)
+    afterTLS(second)
+    expected = (
+        b"421 4.7.0 Error: too many failed authentications, try again later"
+        if shared
+        else b"235 2.7.0 Authentication successful"
+    )
+    assert second.send(b"AUTH PLAIN " + plain("alice", "secret") + b"\r\n") == [expected]
+
+
+def test_success_and_unanswered_checks_release_their_reservation() -> None:
+    h = tlsHarness(authTimeout=10)
+    afterTLS(h)
+    assert h.send(b"AUTH PLAIN " + plain("alice", "secret") + b"\r\n") == [b"235 2.7.0 Authentication successful"]
+    assert (h.throttle.failures("127.0.0.1"), h.throttle.inFlight("127.0.0.1")) == (0, 0)
+
+
+def test_throttle_that_fails_is_454_without_a_check() -> None:
+    class Broken:
+        def reserve(self, client):
+            raise ConnectionError("store down")
+
+        def settle(self, client, failed):  # pragma: no cover - never reserved
+            raise AssertionError("not reserved")
+
+    h = tlsHarness(throttle=Broken())
+    afterTLS(h)
+    with capturedLogs() as events:
+        assert h.send(b"AUTH PLAIN " + plain("alice", "secret") + b"\r\n") == [b"454 4.7.0 Temporary authentication failure"]
+    assert h.checker.checked == []
+    assert any("store down" in str(e.get("log_failure", "")) for e in events)
 
 
 def test_checker_error_is_454_not_success() -> None:
@@ -667,7 +763,7 @@ from mailrelay.envelope import Envelope, Recipient  # noqa: E402
 from mailrelay.policy import RecipientPolicy, RelayControl  # noqa: E402
 from mailrelay.smtp.client import ClientSettings, clientTLSOptions, connectSMTP  # noqa: E402
 from mailrelay.smtp.protocol import ListenerContext, SMTPServerFactory  # noqa: E402
-from mailrelay.stamping import DefaultStamper  # noqa: E402
+from mailrelay.stamping import ConfiguredStamper, DefaultStamper  # noqa: E402
 from mailrelay.testing import MemorySpool  # noqa: E402
 
 
@@ -702,7 +798,7 @@ class RealTLSTests(trial.TestCase):
             settings=settings,
             policy=RecipientPolicy(RelayControl([], [], "relay.test"), [], reactor),
             spool=self.spool,
-            stampers=[DefaultStamper()],
+            stampers=[ConfiguredStamper("default", DefaultStamper(), 30.0)],
             clock=reactor,
             tlsOptions=self.tls.options,
             implicitTLS=implicit,
@@ -864,6 +960,7 @@ def test_slow_checker_times_out_with_454() -> None:
 
     assert any("(sasl_username=alice) gave no answer in 10s" in formatEvent(e) for e in logs)
     assert h.throttle.failures("127.0.0.1") == 0  # not the client's fault
+    assert h.throttle.inFlight("127.0.0.1") == 0
     h.checker.release()  # a late answer is dropped
     assert h.replies() == []
 

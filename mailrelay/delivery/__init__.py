@@ -1,8 +1,8 @@
 """Delivery backends: where a message goes once it is routed.
 
 Each backend provides L{mailrelay.interfaces.IDeliveryBackend}; the queue groups the pending
-recipients of a message by L{Route} C{(backend, nexthop)} and calls the backend's C{deliver}
-once per group.  The built-in backends, by the name a route uses:
+recipients of a message by L{Route} (backend, next hop and options) and calls the backend's
+C{deliver} once per group, with that route.  The built-in backends, by the name a route uses:
 
   - C{"smtp"}: L{mailrelay.delivery.smtp.SMTPBackend}, to MX hosts or a smarthost;
   - C{"lmtp"}: L{mailrelay.delivery.lmtp.LMTPBackend}, to a local mail store (TCP or UNIX);
@@ -15,6 +15,7 @@ module when building it.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Iterable
 
 from twisted.internet import defer
@@ -22,7 +23,7 @@ from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailrelay.interfaces import DeliveryStatus, RecipientResult
+from mailrelay.interfaces import DeliveryStatus, RecipientResult, Route
 
 __all__ = ["BUILTIN_BACKENDS", "resultsForAll", "PerDestination", "Quitter", "ClientBackend"]
 
@@ -94,7 +95,7 @@ class PerDestination:
                 "{queueID}: {what} delivery to {nexthop} failed unexpectedly",
                 failure,
                 queueID=envelope.queueID,
-                what=self.what,
+                what=self._perDestination.what,
                 nexthop=nexthop,
             )
             return resultsForAll(
@@ -162,31 +163,62 @@ class Quitter:
 
 
 class ClientBackend:
-    """What the SMTP and LMTP backends share: client settings per next hop, and deliveries
-    limited per next hop (see L{PerDestination}).  Subclasses set C{settings},
-    C{routeSettings} and C{_perDestination}, and define C{_deliver}."""
+    """What the SMTP and LMTP backends share: each delivery's client settings are the
+    backend's defaults with the options of the delivery's L{Route} applied (never looked up
+    by the next hop's name), and deliveries are limited per next hop (see
+    L{PerDestination}).  Subclasses set C{settings} and C{_perDestination}, and define
+    C{_deliver}."""
 
     settings: Any
-    routeSettings: Any
     _perDestination: PerDestination
 
-    def settingsFor(self, nexthop: str) -> Any:
-        """The client settings of the route to C{nexthop}, or the backend's default."""
-        found = None
-        if callable(self.routeSettings):
-            found = self.routeSettings(nexthop)
-        elif self.routeSettings is not None:
-            found = self.routeSettings.get(nexthop)
-        return found if found is not None else self.settings
+    def settingsFor(self, route: Route) -> Any:
+        """The client settings of a delivery along C{route}: the backend's default
+        C{settings} with C{route.options} applied.
 
-    def deliver(self, envelope: Any, recipients: Any, nexthop: str, messagePath: Any) -> Deferred:
-        """Deliver to C{recipients} at C{nexthop}; the Deferred never fails."""
+        @raise ValueError: the options cannot be applied (the message says why).
+        """
+        changes = route.options.changes()
+        return dataclasses.replace(self.settings, **changes) if changes else self.settings
+
+    def deliver(self, envelope: Any, recipients: Any, route: Route, messagePath: Any) -> Deferred:
+        """Deliver to C{recipients} along C{route}; the Deferred never fails (but may be
+        cancelled)."""
         recipients = list(recipients)
+        try:
+            settings = self.settingsFor(route)
+        except ValueError as e:
+            log.error(
+                "{queueID}: the options of the {what} route to {nexthop} cannot be used: "
+                "{error}",
+                queueID=envelope.queueID,
+                what=self._perDestination.what,
+                nexthop=route.nexthop,
+                error=str(e),
+            )
+            return defer.succeed(
+                resultsForAll(
+                    recipients,
+                    DeliveryStatus.TRANSIENT,
+                    "4.3.5",
+                    f"X-mailrelay; unusable options for the route to {route.nexthop}: {e}",
+                )
+            )
         return self._perDestination.run(
-            nexthop, envelope, recipients, self._deliver, envelope, recipients, nexthop, messagePath
+            route.nexthop,
+            envelope,
+            recipients,
+            self._deliver,
+            envelope,
+            recipients,
+            route.nexthop,
+            settings,
+            messagePath,
         )
 
-    def _deliver(self, envelope: Any, recipients: list[Any], nexthop: str, messagePath: Any) -> Deferred:
+    def _deliver(
+        self, envelope: Any, recipients: list[Any], nexthop: str, settings: Any, messagePath: Any
+    ) -> Deferred:
         raise NotImplementedError()
 
     @property

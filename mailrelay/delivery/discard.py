@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailrelay.delivery import resultsForAll
-from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend
+from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, Route
 
 log = Logger()
 
@@ -22,7 +22,8 @@ log = Logger()
 class DiscardBackend:
     """Delivers to nowhere: each recipient gets C{2.0.0 "X-mailrelay; discarded"}."""
 
-    def deliver(self, envelope: Any, recipients: Any, nexthop: str, messagePath: Path) -> Deferred:
+    def deliver(self, envelope: Any, recipients: Any, route: Route, messagePath: Path) -> Deferred:
+        """Count every recipient as delivered; C{route} does not matter."""
         recipients = list(recipients)
         log.info(
             "{queueID}: discarded for {count} recipient(s): {addresses}",

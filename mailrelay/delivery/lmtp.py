@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailrelay.delivery import ClientBackend, PerDestination, Quitter, resultsForAll
-from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend
+from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, Route
 from mailrelay.smtp import client as smtpClient
 from mailrelay.smtp.client import ClientSettings, SMTPConnectError
 
@@ -87,34 +87,27 @@ class LMTPBackend(ClientBackend):
         reactor: Any,
         settings: ClientSettings,
         *,
-        routeSettings: Mapping[str, ClientSettings]
-        | Callable[[str], ClientSettings | None]
-        | None = None,
         concurrency: int = 20,
         connect: Callable[..., Deferred] | None = None,
     ) -> None:
         """
         @param reactor: provides C{IReactorTCP}, C{IReactorUNIX} and C{IReactorTime}.
-        @param settings: the client settings (C{lmtp} is forced on; C{tls="none"} is usual
-            for a local store).
-        @param routeSettings: settings for particular next hops, as for
-            L{SMTPBackend <mailrelay.delivery.smtp.SMTPBackend>}.
+        @param settings: the default client settings, which each route's options override
+            (C{lmtp} is forced on; C{tls="none"} is usual for a local store).
         @param concurrency: the most simultaneous connections to one next hop.
         @param connect: the connecting function, C{connectSMTP} by default (for tests).
         """
         self.reactor = reactor
         self.settings = settings
-        self.routeSettings = routeSettings
         self.concurrency = concurrency
         self._connect = connect
         self._perDestination = PerDestination(concurrency, "LMTP")
         self._quitter = Quitter(reactor)
 
-    def settingsFor(self, nexthop: str) -> ClientSettings:
-        """The client settings for C{nexthop}, with C{lmtp=True}."""
-        settings = super().settingsFor(nexthop)
+    def settingsFor(self, route: Route) -> ClientSettings:
+        """The client settings of a delivery along C{route}, with C{lmtp=True}."""
+        settings = super().settingsFor(route)
         return settings if settings.lmtp else dataclasses.replace(settings, lmtp=True)
-
 
     def _endpoint(self, nexthop: str, settings: ClientSettings) -> tuple[Any, str, str]:
         """The endpoint, TLS host name and Remote-MTA for C{nexthop}."""
@@ -145,9 +138,15 @@ class LMTPBackend(ClientBackend):
         return endpoint, host, remoteMTA
 
     @inlineCallbacks
-    def _deliver(self, envelope: Any, recipients: list, nexthop: str, messagePath: Path) -> Any:
+    def _deliver(
+        self,
+        envelope: Any,
+        recipients: list,
+        nexthop: str,
+        settings: ClientSettings,
+        messagePath: Path,
+    ) -> Any:
         queueID = envelope.queueID
-        settings = self.settingsFor(nexthop)
         try:
             endpoint, tlsHostname, remoteMTA = self._endpoint(nexthop, settings)
         except ValueError as e:

@@ -34,7 +34,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, RecipientResult
+from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, RecipientResult, Route
 
 log = Logger()
 
@@ -131,13 +131,15 @@ class MaildirBackend:
             return self._deferToThread(f, *args)
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
 
-    def deliver(self, envelope: Any, recipients: Any, nexthop: str, messagePath: Path) -> Deferred:
+    def deliver(self, envelope: Any, recipients: Any, route: Route, messagePath: Path) -> Deferred:
+        """Write each recipient's copy into the Maildir C{route.nexthop} names (a template,
+        see the module docstring); C{route.options} do not apply to files."""
         recipients = list(recipients)
         results: list[RecipientResult | None] = [None] * len(recipients)
         jobs: list[tuple[int, _Job]] = []
         for index, recipient in enumerate(recipients):
             try:
-                directory = mailboxPath(nexthop, recipient.address)
+                directory = mailboxPath(route.nexthop, recipient.address)
             except UnsafeAddress as e:
                 log.warn(
                     "{queueID}: refusing maildir delivery to {address}: {problem}",

@@ -4,7 +4,8 @@ For each delivery the backend
 
   1. waits for one of the next hop's C{destinationConcurrency} slots (a
      C{DeferredSemaphore} per next hop: at most that many simultaneous connections to it);
-  2. reuses an idle connection to the same next hop if one is cached (see below);
+  2. reuses an idle connection to the same next hop with the same settings if one is
+     cached (see below);
   3. otherwise resolves the next hop with L{MXResolver} and tries its hosts in order: a
      connection failure (refused, time-out, 4xx or 5xx greeting, TLS or AUTH trouble: an
      C{SMTPConnectError}) moves on to the next host, as does a transaction in which I{every}
@@ -18,24 +19,23 @@ recipient that failure; a permanent one (NXDOMAIN, null MX) stays permanent only
 next hop is the recipients' own domain: a configured next hop or smarthost that does not
 exist is the operator's mistake, and its mail is kept (transient).
 
-Connections that are still usable after a delivery stay open for C{connectionCacheTime}
-seconds and carry the next delivery to the same next hop (several messages share one
-connection); then they are sent QUIT.  L{SMTPBackend.close} quits them all (call it when the
-service stops).
+Each delivery's L{ClientSettings} are the backend's defaults with the options of the
+delivery's L{Route <mailrelay.interfaces.Route>} applied (TLS policy, CA file, AUTH): the
+route the router chose, so that two routes to the same next hop (a C{[[routes]]} entry and
+the smarthost) keep their own settings.  A TLS requirement that cannot be met defers the
+recipients (4.7.5, with the reason); there is never a fallback to weaker settings.
 
-Per-route settings: L{IDeliveryBackend.deliver} only gets the next hop, so route options
-(C{transport}, C{tls}, C{username}, C{password}, C{password_file}, C{ca_file},
-C{auth_without_tls}) are
-turned into a L{ClientSettings} per next hop at configuration time: see
-L{settingsWithOptions} and L{routeSettingsLookup}.
+Connections that are still usable after a delivery stay open for C{connectionCacheTime}
+seconds and carry the next delivery to the same next hop I{with the same settings} (several
+messages share one connection); then they are sent QUIT.  L{SMTPBackend.close} quits them
+all (call it when the service stops).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -51,139 +51,7 @@ from mailrelay.smtp.client import ClientSettings, SMTPConnectError
 
 log = Logger()
 
-__all__ = [
-    "ROUTE_OPTIONS",
-    "SMTPBackend",
-    "routeSettingsLookup",
-    "settingsWithOptions",
-]
-
-#: The route options L{settingsWithOptions} understands (C{port} is folded into the next hop
-#: by the routing table).
-ROUTE_OPTIONS = (
-    "transport",
-    "tls",
-    "username",
-    "password",
-    "password_file",
-    "ca_file",
-    "auth_without_tls",
-    "port",
-)
-TLS_POLICIES = ("none", "may", "required", "implicit")
-
-
-def settingsWithOptions(
-    base: ClientSettings, options: Iterable[tuple[str, Any]], *, configDir: Path | None = None
-) -> ClientSettings:
-    """C{base} with route C{options} applied.
-
-    @param options: C{(key, value)} pairs: C{transport} (an object with the attributes
-        C{tls}, C{caFile}, C{username}, C{password} and C{authWithoutTLS}, such as
-        L{mailrelay.config.TransportOptions}: all five are applied, C{None} included; it keeps
-        the password out of C{repr(route)}), then C{tls} (C{"none"}, C{"may"}, C{"required"},
-        C{"implicit"}), C{username}, C{password} or C{password_file} (read now, trailing
-        newline removed, relative to C{configDir}), C{ca_file} (relative to C{configDir}),
-        C{auth_without_tls} (bool).  C{port} is ignored here.
-    @raise ValueError: an unknown key or a bad value (the message names the key).
-    """
-    changes: dict[str, Any] = {}
-    opts = dict(options)
-    transport = opts.pop("transport", None)
-    if transport is not None:
-        try:
-            changes.update(
-                tls=transport.tls,
-                caFile=transport.caFile,
-                username=transport.username,
-                password=transport.password,
-                authWithoutTLS=bool(transport.authWithoutTLS),
-            )
-        except AttributeError as e:
-            raise ValueError(
-                f"transport must be transport options, not {transport!r}: {e}"
-            ) from None
-        if changes["tls"] not in TLS_POLICIES:
-            raise ValueError(
-                f"tls must be one of {', '.join(TLS_POLICIES)}, not {changes['tls']!r}"
-            )
-    for key in opts:
-        if key not in ROUTE_OPTIONS:
-            raise ValueError(f"unknown route option {key!r}; known: {', '.join(ROUTE_OPTIONS)}")
-    if "tls" in opts:
-        if opts["tls"] not in TLS_POLICIES:
-            raise ValueError(f"tls must be one of {', '.join(TLS_POLICIES)}, not {opts['tls']!r}")
-        changes["tls"] = opts["tls"]
-    for key in ("username", "password", "password_file", "ca_file"):
-        if key in opts and (not isinstance(opts[key], str) or not opts[key]):
-            raise ValueError(f"{key} must be a non-empty string, not {opts[key]!r}")
-    if "password" in opts and "password_file" in opts:
-        raise ValueError("give password or password_file, not both")
-    if "username" in opts:
-        changes["username"] = opts["username"]
-    if "password" in opts:
-        changes["password"] = opts["password"]
-    if "password_file" in opts:
-        path = Path(opts["password_file"])
-        if configDir is not None and not path.is_absolute():
-            path = configDir / path
-        try:
-            changes["password"] = path.read_text(encoding="utf-8").rstrip("\r\n")
-        except OSError as e:
-            raise ValueError(
-                f"password_file: cannot read {str(path)!r}: {e.strerror or e}"
-            ) from None
-    username = changes.get("username", base.username)
-    password = changes.get("password", base.password)
-    if (username is None) != (password is None):
-        raise ValueError("username and password (or password_file) go together")
-    if "ca_file" in opts:
-        path = Path(opts["ca_file"])
-        if configDir is not None and not path.is_absolute():
-            path = configDir / path
-        changes["caFile"] = str(path)
-    if "auth_without_tls" in opts:
-        if not isinstance(opts["auth_without_tls"], bool):
-            raise ValueError(
-                f"auth_without_tls must be true or false, not {opts['auth_without_tls']!r}"
-            )
-        changes["authWithoutTLS"] = opts["auth_without_tls"]
-    try:
-        return dataclasses.replace(base, **changes) if changes else base
-    except ValueError as e:  # ClientSettings.__post_init__
-        raise ValueError(str(e)) from None
-
-
-def routeSettingsLookup(
-    table: Any, base: ClientSettings, backend: str = "smtp", *, configDir: Path | None = None
-) -> Callable[[str], ClientSettings | None]:
-    """A C{routeSettings} callable for L{SMTPBackend} (or L{LMTPBackend
-    <mailrelay.delivery.lmtp.LMTPBackend>}) from a L{RoutingTable
-    <mailrelay.route.RoutingTable>}: the settings of the rule producing each next hop.
-
-    Every route of C{backend} with options is checked now, so bad options stop start-up.
-
-    @raise ValueError: bad route options (the message names the route's next hop).
-    """
-    for route in table.routesWithOptions():
-        if route.backend == backend:
-            try:
-                settingsWithOptions(base, route.options, configDir=configDir)
-            except ValueError as e:
-                raise ValueError(
-                    f"route to {route.nexthop or 'the recipient domain'!r}: {e}"
-                ) from None
-    cache: dict[str, ClientSettings | None] = {}
-
-    def lookup(nexthop: str) -> ClientSettings | None:
-        if nexthop not in cache:
-            options = table.optionsFor(backend, nexthop)
-            cache[nexthop] = (
-                settingsWithOptions(base, options, configDir=configDir) if options else None
-            )
-        return cache[nexthop]
-
-    return lookup
+__all__ = ["SMTPBackend"]
 
 
 def _remoteMTA(name: str) -> str:
@@ -221,9 +89,6 @@ class SMTPBackend(ClientBackend):
         resolver: Any,
         settings: ClientSettings,
         *,
-        routeSettings: Mapping[str, ClientSettings]
-        | Callable[[str], ClientSettings | None]
-        | None = None,
         destinationConcurrency: int = 20,
         connectionCacheTime: float = 2.0,
         connect: Callable[..., Deferred] | None = None,
@@ -231,10 +96,7 @@ class SMTPBackend(ClientBackend):
         """
         @param reactor: provides C{IReactorTCP} and C{IReactorTime}.
         @param resolver: an L{MXResolver <mailrelay.route.MXResolver>}.
-        @param settings: the default client settings.
-        @param routeSettings: settings for particular next hops: a mapping from the next hop
-            string (exactly as routed), or a callable returning the settings or C{None} (see
-            L{routeSettingsLookup}); the default C{settings} otherwise.
+        @param settings: the default client settings, which each route's options override.
         @param destinationConcurrency: the most simultaneous connections to one next hop.
         @param connectionCacheTime: seconds an idle connection is kept for reuse; 0 to quit
             after each delivery.
@@ -245,12 +107,12 @@ class SMTPBackend(ClientBackend):
         self.reactor = reactor
         self.resolver = resolver
         self.settings = settings
-        self.routeSettings = routeSettings
         self.destinationConcurrency = destinationConcurrency
         self.connectionCacheTime = connectionCacheTime
         self._connect = connect
         self._perDestination = PerDestination(destinationConcurrency, "SMTP")
-        self._idle: dict[str, list[_Idle]] = {}
+        #: idle connections by C{(nexthop, settings)}: reused only with the same settings.
+        self._idle: dict[tuple[str, ClientSettings], list[_Idle]] = {}
         self._quitter = Quitter(reactor)
         self._closed = False
 
@@ -307,16 +169,23 @@ class SMTPBackend(ClientBackend):
         return list(results)
 
     @inlineCallbacks
-    def _deliver(self, envelope: Any, recipients: list, nexthop: str, messagePath: Path) -> Any:
+    def _deliver(
+        self,
+        envelope: Any,
+        recipients: list,
+        nexthop: str,
+        settings: ClientSettings,
+        messagePath: Path,
+    ) -> Any:
         queueID = envelope.queueID
-        settings = self.settingsFor(nexthop)
         reusedResults: list[RecipientResult] | None = None
         freshResults: list[RecipientResult] | None = None
+        key = (nexthop, settings)
 
-        cached = self._takeIdle(nexthop)
+        cached = self._takeIdle(key)
         if cached is not None:
             results = yield self._send(cached, envelope, recipients, messagePath)
-            self._release(nexthop, cached)
+            self._release(key, cached)
             if not _allTransient(results):
                 return results
             log.info(
@@ -379,7 +248,7 @@ class SMTPBackend(ClientBackend):
                 )
                 continue
             results = yield self._send(connection, envelope, recipients, messagePath)
-            self._release(nexthop, connection)
+            self._release(key, connection)
             if _allTransient(results) and index + 1 < len(hosts):
                 log.info(
                     "{queueID}: every recipient deferred by {remoteMTA}; trying the next host",
@@ -424,36 +293,36 @@ class SMTPBackend(ClientBackend):
 
     # -- connection cache ----------------------------------------------------------------------
 
-    def _takeIdle(self, nexthop: str) -> Any:
-        """An idle usable connection to C{nexthop}, or C{None}."""
-        idle = self._idle.get(nexthop)
+    def _takeIdle(self, key: tuple[str, ClientSettings]) -> Any:
+        """An idle usable connection to C{key}'s next hop with C{key}'s settings, or C{None}."""
+        idle = self._idle.get(key)
         while idle:
             entry = idle.pop()
             if entry.timer.active():
                 entry.timer.cancel()
             if entry.connection.usable:
                 if not idle:
-                    del self._idle[nexthop]
+                    del self._idle[key]
                 return entry.connection
             self._quit(entry.connection)
-        self._idle.pop(nexthop, None)
+        self._idle.pop(key, None)
         return None
 
-    def _release(self, nexthop: str, connection: Any) -> None:
-        """Cache C{connection} for reuse, or quit it."""
+    def _release(self, key: tuple[str, ClientSettings], connection: Any) -> None:
+        """Cache C{connection} for reuse by deliveries to C{key}, or quit it."""
         if self._closed or self.connectionCacheTime <= 0 or not connection.usable:
             self._quit(connection)
             return
         entry = _Idle(connection, None)
-        entry.timer = self.reactor.callLater(self.connectionCacheTime, self._expire, nexthop, entry)
-        self._idle.setdefault(nexthop, []).append(entry)
+        entry.timer = self.reactor.callLater(self.connectionCacheTime, self._expire, key, entry)
+        self._idle.setdefault(key, []).append(entry)
 
-    def _expire(self, nexthop: str, entry: _Idle) -> None:
-        idle = self._idle.get(nexthop, [])
+    def _expire(self, key: tuple[str, ClientSettings], entry: _Idle) -> None:
+        idle = self._idle.get(key, [])
         if entry in idle:
             idle.remove(entry)
             if not idle:
-                del self._idle[nexthop]
+                del self._idle[key]
         self._quit(entry.connection)
 
     def _quit(self, connection: Any) -> None:
@@ -461,10 +330,13 @@ class SMTPBackend(ClientBackend):
         self._quitter.quit(connection)
 
     def idleConnections(self, nexthop: str | None = None) -> int:
-        """How many idle connections are cached (to C{nexthop}, or in all)."""
-        if nexthop is not None:
-            return len(self._idle.get(nexthop, ()))
-        return sum(len(v) for v in self._idle.values())
+        """How many idle connections are cached (to C{nexthop} with any settings, or in
+        all)."""
+        return sum(
+            len(entries)
+            for (destination, _), entries in self._idle.items()
+            if nexthop is None or destination == nexthop
+        )
 
     def close(self, timeout: float = 10.0) -> Deferred:
         """Quit every idle connection and stop caching; connections still delivering are
@@ -476,8 +348,8 @@ class SMTPBackend(ClientBackend):
             are closed.
         """
         self._closed = True
-        for nexthop in list(self._idle):
-            for entry in self._idle.pop(nexthop):
+        for key in list(self._idle):
+            for entry in self._idle.pop(key):
                 if entry.timer.active():
                     entry.timer.cancel()
                 self._quit(entry.connection)

@@ -64,7 +64,7 @@ from zope.interface import implementer
 
 from mailrelay.address import xtextEncode
 from mailrelay.envelope import Envelope, Recipient
-from mailrelay.interfaces import DeliveryStatus, RecipientResult
+from mailrelay.interfaces import TLS_POLICIES, DeliveryStatus, RecipientResult
 from mailrelay.smtp.replies import Reply
 
 log = Logger()
@@ -77,8 +77,6 @@ MAX_REPLY_LINE = 65536
 MAX_REPLY_LINES = 1000
 #: Diagnostics are cut to this many characters.
 MAX_DIAGNOSTIC = 1000
-
-TLS_POLICIES = ("none", "may", "required", "implicit")
 
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?= |$)")
 _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]?)(.*)", re.DOTALL)

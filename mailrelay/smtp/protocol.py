@@ -10,6 +10,12 @@ C{transport.startTLS}; on an implicit TLS listener the factory is wrapped in a
 C{TLSMemoryBIOFactory}.  Either way the transport calls L{SMTPServerProtocol.handshakeCompleted}
 (C{IHandshakeListener}), which records the TLS version and cipher in C{client.tls}.
 
+Backpressure: the protocol is the streaming producer of its own transport, so a client that
+pipelines commands and does not read the replies makes the transport's write buffer full,
+which pauses the reading of further commands until the replies are sent; a session whose
+output stays blocked past the idle timeout is closed (aborted: nothing can be sent to it).
+Reading is paused for that and for a pending question independently.
+
 Abuse limits (L{mailrelay.limits.ListenerLimits}): a new connection is counted first; one over
 a limit gets a 421 instead of the greeting.  The greeting waits C{greetPause} seconds when set
 (input before it is early talk: 554, see L{mailrelay.smtp.server}).  The session ends with 421
@@ -27,7 +33,7 @@ from typing import Any, Sequence
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succeed
-from twisted.internet.interfaces import IAddress, IHandshakeListener
+from twisted.internet.interfaces import IAddress, IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -37,6 +43,7 @@ from zope.interface import implementer
 from mailrelay.auth import IAuthenticatedUser
 from mailrelay.envelope import ClientInfo, Envelope
 from mailrelay.interfaces import ACCEPT, StampContext, Verdict, VerdictKind
+from mailrelay.limits import DEFAULT_IPV6_PREFIX_LENGTH, clientNetwork
 from mailrelay.policy import RecipientPolicy
 from mailrelay.smtp import replies as R
 from mailrelay.smtp.replies import Reply
@@ -49,13 +56,14 @@ from mailrelay.smtp.server import (
     CheckRecipient,
     Close,
     EndOfData,
+    Refused,
     ServerSession,
     SessionSettings,
     StartData,
     StartTLS,
     SyncError,
 )
-from mailrelay.stamping import HeaderProcessor, runStampers
+from mailrelay.stamping import STAMPING_FAILED, HeaderProcessor, StampingFailed, runStampers
 from mailrelay.tls import describeTLS
 
 log = Logger()
@@ -72,7 +80,8 @@ class ListenerContext:
     """Everything the sessions of one listener share.
 
     @ivar spool: a L{mailrelay.spool.Spool}.
-    @ivar stampers: the configured L{IHeaderStamper} providers, in order.
+    @ivar stampers: the configured header stampers (L{mailrelay.stamping.ConfiguredStamper}),
+        in order.
     @ivar resolver: an C{IResolver} for reverse lookups, or C{None} to skip them.
     @ivar tlsOptions: the C{IOpenSSLServerConnectionCreator} STARTTLS uses (the listener's
         certificate), or C{None}.
@@ -186,7 +195,7 @@ _ABORT_AFTER = 5.0
 _QUIT_GRACE = 1.0
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IPushProducer)
 class SMTPServerProtocol(Protocol):
     """One inbound SMTP connection."""
 
@@ -196,7 +205,9 @@ class SMTPServerProtocol(Protocol):
         self._timer: Any = None
         self._writer: Any = None
         self._headers: HeaderProcessor | None = None
-        self._paused = False
+        #: Why reading is paused: C{"session"} (a question pending, or before the greeting),
+        #: C{"output"} (the transport's write buffer is full).
+        self._pausedFor: set[str] = set()
         self._lookup: Deferred | None = None
         #: A TLS handshake is under way (implicit TLS, or after STARTTLS) and not finished.
         self._handshaking = context.implicitTLS
@@ -213,6 +224,8 @@ class SMTPServerProtocol(Protocol):
         self._shuttingDown = False
         #: After a message answered while stopping: the 421 unless QUIT comes first.
         self._quitTimer: Any = None
+        #: When the header stampers were called, while they have not answered.
+        self._stampingSince: float | None = None
 
     # Connection life cycle ------------------------------------------------------------------
 
@@ -220,6 +233,7 @@ class SMTPServerProtocol(Protocol):
         from mailrelay.smtp.client import _noDelay
 
         _noDelay(self.transport)  # replies go out at once, not after the client's delayed ACK
+        self.transport.registerProducer(self, True)
         ctx = self.context
         peer = self.transport.getPeer()
         host = getattr(peer, "host", str(peer))
@@ -426,6 +440,9 @@ class SMTPServerProtocol(Protocol):
         if session is None or session.closed:
             return
         ctx = self.context
+        if session.inData and self._stampingSince is not None:
+            self._cancelTimer()  # reading is paused; the stampers' timeout bounds the wait
+            return
         if not session.inData:
             self._dataDeadline = None
             timeout = ctx.idleTimeout
@@ -450,6 +467,13 @@ class SMTPServerProtocol(Protocol):
     def _timedOut(self) -> None:
         self._timer = None
         if self.session is None:
+            return
+        if "output" in self._pausedFor:
+            log.info(
+                "timeout with output blocked (client not reading replies) from {client}, closing",
+                client=self.session.client.address,
+            )
+            self.transport.abortConnection()
             return
         if not self.session.inData:
             what = "waiting for a command"
@@ -483,7 +507,12 @@ class SMTPServerProtocol(Protocol):
                         # client that never finishes it would hold the connection.
                         self.transport.abortConnection()
                     else:
+                        self.transport.unregisterProducer()
                         self.transport.loseConnection()
+                        # A client that reads nothing would hold it with our unsent replies.
+                        self._timer = self.context.clock.callLater(
+                            self.context.idleTimeout, self.transport.abortConnection
+                        )
                 elif isinstance(event, StartTLS):
                     self._flush(out)
                     self._startTLS(event)
@@ -491,6 +520,8 @@ class SMTPServerProtocol(Protocol):
                     self._abortMessage()
                 elif isinstance(event, SyncError):
                     self._logSyncError(event)
+                elif isinstance(event, Refused):
+                    self._logRefusal(event)
                 else:
                     question = event
             self._flush(out)
@@ -524,6 +555,24 @@ class SMTPServerProtocol(Protocol):
                 client=session.client.address,
                 pending=event.pending,
             )
+
+    def _logRefusal(self, event: Refused) -> None:
+        """Postfix's line: C{NOQUEUE: reject: RCPT from host[addr]: 554 5.7.1 ...;
+        from=<s> to=<r> proto=ESMTP helo=<h>}."""
+        client = self.session.client  # type: ignore[union-attr]
+        log.info(
+            "NOQUEUE: reject: {command} from {host}[{client}]: {reply};{sender}{recipient} "
+            "proto={proto}{helo}",
+            command=event.command,
+            host=client.rdns or "unknown",
+            client=client.address,
+            reply=str(event.reply),
+            sender="" if event.sender is None else f" from=<{event.sender}>",
+            recipient="" if event.recipient is None else f" to=<{event.recipient}>",
+            proto="ESMTP" if client.esmtp else "SMTP",
+            helo=f" helo=<{client.helo}>" if client.helo else "",
+            sasl_username=client.authUser,
+        )
 
     def _flush(self, out: list[bytes]) -> None:
         if out:
@@ -567,15 +616,33 @@ class SMTPServerProtocol(Protocol):
         if self._deadlinePassed and not session.closed and not session.waiting:
             self._sessionExpired()
 
-    def _pause(self) -> None:
-        if not self._paused:
-            self._paused = True
+    def _pause(self, reason: str = "session") -> None:
+        if not self._pausedFor:
             self.transport.pauseProducing()
+        self._pausedFor.add(reason)
 
-    def _resume(self) -> None:
-        if self._paused:
-            self._paused = False
-            self.transport.resumeProducing()
+    def _resume(self, reason: str = "session") -> None:
+        if reason in self._pausedFor:
+            self._pausedFor.discard(reason)
+            if not self._pausedFor:
+                self.transport.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        """C{IPushProducer}: the transport's write buffer is full (the client is not reading
+        its replies): read no more commands until it is drained.
+
+        Not during a TLS handshake: the TLS layer holds the greeting back until the handshake
+        is done, and the handshake needs reading.
+        """
+        if not self._handshaking:
+            self._pause("output")
+
+    def resumeProducing(self) -> None:
+        """C{IPushProducer}: the transport's write buffer is drained: read on."""
+        self._resume("output")
+
+    def stopProducing(self) -> None:
+        """C{IPushProducer}: the connection is going away (L{connectionLost} follows)."""
 
     # Answers --------------------------------------------------------------------------------
 
@@ -598,14 +665,19 @@ class SMTPServerProtocol(Protocol):
             self.transport.abortConnection()
 
     def _authenticate(self, question: Authenticate) -> Deferred:
-        """Check credentials through the portal; count failures per client address, delay the
-        535 after C{throttleAfter} of them and refuse with 421 from C{maxFailures} on."""
+        """Check credentials through the portal.  Attempts are counted per client (IPv6 by
+        the listener's C{ipv6_prefix_length}) while in flight and as failures after (see
+        L{mailrelay.auth.IAuthThrottle}): after C{throttleAfter} failures the 535 is
+        delayed, and from C{maxFailures} on AUTH is refused with 421 without a check."""
         auth = self.context.auth
         session = self.session
         assert session is not None
         if auth is None:  # pragma: no cover - the session only asks when AUTH is configured
             return succeed(AUTH_TEMPORARY_FAILURE)
         address = session.client.address
+        limits = self.context.limits
+        prefix = limits.ipv6PrefixLength if limits is not None else DEFAULT_IPV6_PREFIX_LENGTH
+        client = clientNetwork(address, prefix)
 
         def logFailure(count: int, why: str) -> None:
             log.warn(
@@ -619,9 +691,18 @@ class SMTPServerProtocol(Protocol):
                 why=why,
             )
 
-        def blockedOrLogin(count: int) -> Any:
-            if count >= auth.maxFailures:
-                logFailure(count, "too many failures, refused with 421")
+        def settle(failed: bool) -> Deferred:
+            return maybeDeferred(auth.throttle.settle, client, failed)
+
+        def release() -> None:
+            settle(False).addErrback(
+                lambda f: log.failure("AUTH throttle: settling for {client}", f, client=client)
+            )
+
+        def reserved(count: int) -> Any:
+            if count > auth.maxFailures:
+                release()
+                logFailure(count - 1, "too many failures, refused with 421 without checking")
                 return AUTH_TOO_MANY_FAILURES
             if question.authzid and question.authzid != question.username:
                 return failed(Failure(UnauthorizedLogin("authorization identity differs")))
@@ -632,7 +713,12 @@ class SMTPServerProtocol(Protocol):
                 d.addTimeout(auth.timeout, self.context.clock)
             return d.addCallbacks(succeeded, failed)
 
+        def notReserved(failure: Failure) -> Reply:
+            log.failure("AUTH throttle: counting the attempt of {client}", failure, client=client)
+            return AUTH_TEMPORARY_FAILURE
+
         def succeeded(result: tuple[Any, Any, Any]) -> str:
+            release()
             _, avatar, _ = result
             name = getattr(avatar, "name", question.username)
             log.info(
@@ -646,6 +732,7 @@ class SMTPServerProtocol(Protocol):
 
         def failed(failure: Failure) -> Any:
             if failure.check(TimeoutError):
+                release()
                 log.error(
                     "authentication check for {client} (sasl_username={user}) gave no answer "
                     "in {timeout:g}s",
@@ -655,9 +742,14 @@ class SMTPServerProtocol(Protocol):
                 )
                 return AUTH_TEMPORARY_FAILURE
             if not failure.check(UnauthorizedLogin, UnhandledCredentials):
+                release()
                 log.failure("authentication check failed for {client}", failure, client=address)
                 return AUTH_TEMPORARY_FAILURE
-            return maybeDeferred(auth.throttle.recordFailure, address).addCallback(answer)
+            return settle(True).addCallbacks(answer, notRecorded)
+
+        def notRecorded(failure: Failure) -> Reply:
+            log.failure("AUTH throttle: recording a failure of {client}", failure, client=client)
+            return AUTH_INVALID
 
         def answer(count: int) -> Any:
             if count >= auth.maxFailures:
@@ -669,7 +761,7 @@ class SMTPServerProtocol(Protocol):
             logFailure(count, "wrong user name or password")
             return AUTH_INVALID
 
-        return maybeDeferred(auth.throttle.failures, address).addCallback(blockedOrLogin)
+        return maybeDeferred(auth.throttle.reserve, client).addCallbacks(reserved, notReserved)
 
     def _checkMail(self, envelope: Envelope) -> Deferred:
         auth = self.context.auth
@@ -728,33 +820,64 @@ class SMTPServerProtocol(Protocol):
                 listenerOptions=self.context.listenerOptions,
                 now=now,
             )
-            return runStampers(self.context.stampers, context)
+            result = runStampers(self.context.stampers, context, self.context.clock)
+            if isinstance(result, Deferred):
+                self._stampingSince = self.context.clock.seconds()
+                result.addBoth(self._stampingEnded)
+                if self._stampingSince is not None:
+                    # A stamper answers later: read no more meanwhile (what the session has
+                    # already read is held by the HeaderProcessor), and stop the DATA clock.
+                    self._cancelTimer()
+                    self._pause("stamping")
+            return result
 
         self._headers = HeaderProcessor(self._writer.write, stamp)
         return None
+
+    def _stampingEnded(self, result: object) -> object:
+        since, self._stampingSince = self._stampingSince, None
+        session = self.session
+        if since is None or "stamping" not in self._pausedFor:
+            return result  # answered at once
+        self._resume("stamping")
+        if session is None or session.closed or session.waiting:
+            return result  # the end of data waits for the stampers: its answer resets the timer
+        if self._dataDeadline is not None:
+            self._dataDeadline += self.context.clock.seconds() - since
+        self._resetTimer()
+        return result
 
     def _abortMessage(self) -> None:
         if self._writer is not None:
             log.info("{queueID}: message not completed, dropped", queueID=self._writer.queueID)
             self._writer.abort()
+        if self._headers is not None:
+            self._headers.abort()
         self._writer = None
         self._headers = None
 
     def _endOfData(self, question: EndOfData) -> Deferred:
-        envelope = question.envelope
         writer, headers = self._writer, self._headers
         self._writer = self._headers = None
-        error = question.error
-        if error is None and headers is not None:
-            try:
-                headers.finish()
-            except Exception:
-                log.failure("{queueID}: header stamping failed", queueID=envelope.queueID)
-                error = R.LOCAL_ERROR
-            else:
-                hops = headers.count("Received")
-                if hops > self.context.maxHops:
-                    error = R.TOO_MANY_HOPS
+        if question.error is not None or headers is None:
+            return self._storeMessage(question, writer, question.error)
+
+        def stamped(_: None) -> Any:
+            hops = headers.count("Received")
+            error = R.TOO_MANY_HOPS if hops > self.context.maxHops else None
+            return self._storeMessage(question, writer, error)
+
+        def notStamped(failure: Failure) -> Any:
+            if not failure.check(StampingFailed):  # already logged, naming the stamper
+                log.failure("{queueID}: header stamping failed", failure, queueID=question.envelope.queueID)
+            return self._storeMessage(question, writer, STAMPING_FAILED)
+
+        # The stampers were called when the header section ended: wait for their answer.
+        return headers.finish().addCallbacks(stamped, notStamped)
+
+    def _storeMessage(self, question: EndOfData, writer: Any, error: Reply | None) -> Deferred:
+        """Commit the message to the spool, or drop it when C{error}: the reply to its end."""
+        envelope = question.envelope
         if error is not None or writer is None:
             if writer is not None:
                 writer.abort()

@@ -1,7 +1,8 @@
 """The ESMTP server session: a sans-IO state machine.
 
 L{ServerSession} takes bytes and returns a list of events: L{Reply} objects to send, L{Close},
-message body data to store (L{BodyData}), L{StartTLS}, and questions the driver must answer
+message body data to store (L{BodyData}), L{StartTLS}, refusals to log (L{Refused}), and
+questions the driver must answer
 before the session reads on (L{CheckMail}, L{CheckRecipient}, L{StartData}, L{EndOfData},
 L{Authenticate}).  After a question
 the session parses nothing more until L{ServerSession.answer} is called, so pipelined commands are
@@ -49,7 +50,8 @@ from mailrelay.smtp.replies import Reply
 MAX_COMMAND_LINE = 512
 #: A client that sends this much without a line end is disconnected (421).
 COMMAND_BUFFER_LIMIT = 16384
-#: RFC 5321 4.5.3.1.6: a text line is at most 1000 octets including CRLF.
+#: RFC 5321 4.5.3.1.6: a text line is at most 1000 octets including CRLF, counted after
+#: un-stuffing (the line "." + 997 octets is 999 on the wire, and legal).
 MAX_DATA_LINE = 998
 #: In DATA, a partial line longer than this is processed without waiting for its end.
 DATA_PARTIAL_FLUSH = 65536
@@ -74,6 +76,9 @@ class SessionSettings:
     maxRecipients: int = 100
     maxErrors: int = 20
     bareNewline: str = BARE_NEWLINE_REJECT
+    #: NUL bytes in message data: C{"reject"} the message (550 5.6.0), or C{"normalize"}:
+    #: remove them (a receiver that strips NULs would otherwise see what we did not).
+    nulBytes: str = BARE_NEWLINE_REJECT
     extensions: tuple[str, ...] = ()
     #: STARTTLS is offered (the listener has a certificate and C{tls_mode = "starttls"}).
     starttls: bool = False
@@ -136,7 +141,7 @@ class StartData:
 @dataclass(frozen=True, slots=True)
 class EndOfData:
     """Question: the message ended.  C{error} is the reply the session wants to send when the
-    message is unacceptable (too big, long line, bare newline): the driver drops it and answers
+    message is unacceptable (too big, long line, bare newline, NUL): the driver drops it and answers
     that reply.  Otherwise the driver stores it durably and answers the final L{Reply}."""
 
     envelope: Envelope
@@ -166,6 +171,25 @@ class SyncError:
 
     after: str
     pending: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A MAIL, RCPT or DATA command is refused (4xx or 5xx), for the log (Postfix's
+    C{NOQUEUE: reject:} line); the reply itself follows as its own event.
+
+    @ivar command: C{"MAIL"}, C{"RCPT"} or C{"DATA"}.
+    @ivar reply: the refusal.
+    @ivar sender: the transaction's sender (C{""}: the null sender), or the one the refused
+        MAIL gave, or C{None} when there is none.
+    @ivar recipient: the recipient a refused RCPT gave (without its angle brackets), else
+        C{None}.
+    """
+
+    command: str
+    reply: Reply
+    sender: str | None = None
+    recipient: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +271,9 @@ class ServerSession:
         self._waiting: type | None = None
         self._question: object | None = None
         self._out: list[object] = []
+        #: The MAIL, RCPT or DATA command being answered, as C{(command, sender,
+        #: recipient)}: its refusals are reported (L{Refused}).
+        self._refusable: tuple[str, str | None, str | None] | None = None
         # DATA state
         self._atLineStart = True
         self._lineLen = 0
@@ -329,6 +356,7 @@ class ServerSession:
         if self.mode == _CLOSED:
             return []
         out = self._out = []
+        self._refusable = _refusable(question)
         if kind is CheckMail:
             self._mailAnswered(question, result)  # type: ignore[arg-type]
         elif kind is CheckRecipient:
@@ -380,11 +408,17 @@ class ServerSession:
     # Internals ------------------------------------------------------------------------------
 
     def _reply(self, reply: Reply, countError: bool = True) -> None:
+        self._noteRefusal(reply)
         self._out.append(reply)
         if reply.code >= 400 and countError:
             self.errors += 1
             if self.errors >= self.settings.maxErrors and self.mode != _CLOSED:
                 self._close(Reply(421, "4.7.0", f"{self.settings.hostname} Error: too many errors"))
+
+    def _noteRefusal(self, reply: Reply) -> None:
+        if reply.code >= 400 and self._refusable is not None:
+            command, sender, recipient = self._refusable
+            self._out.append(Refused(command, reply, sender, recipient))
 
     def _close(self, reply: Reply) -> None:
         self._out.append(reply)
@@ -434,6 +468,7 @@ class ServerSession:
         return raw
 
     def _processCommand(self) -> bool:
+        self._refusable = None
         raw = self._takeLine()
         if raw is None:
             return False
@@ -501,6 +536,7 @@ class ServerSession:
             self._reply(Reply(250, "", self.settings.hostname))
 
     def _cmd_MAIL(self, arg: str) -> None:
+        self._refusable = ("MAIL", _givenPath(arg, "FROM:"), None)
         if self.client.helo is None:
             self._reply(R.NEED_HELO)
             return
@@ -582,13 +618,17 @@ class ServerSession:
         if verdict.kind in (VerdictKind.ACCEPT, VerdictKind.CONTINUE):
             return False
         if verdict.kind is VerdictKind.DISCONNECT:
-            self._close(verdict.reply or Reply(421, "4.7.0", "Error: closing connection"))
+            reply = verdict.reply or Reply(421, "4.7.0", "Error: closing connection")
+            self._noteRefusal(reply)
+            self._close(reply)
         else:
             self._reply(verdict.reply or R.VALIDATOR_FAILED)
         return True
 
     def _cmd_RCPT(self, arg: str) -> None:
         t = self.transaction
+        sender = t.envelope.sender if t is not None else None
+        self._refusable = ("RCPT", sender, _givenPath(arg, "TO:"))
         if t is None:
             self._reply(R.NEED_MAIL)
             return
@@ -659,6 +699,7 @@ class ServerSession:
             self._reply(Reply(501, "5.5.4", "Syntax: DATA"))
             return
         t = self.transaction
+        self._refusable = ("DATA", t.envelope.sender if t is not None else None, None)
         if t is None:
             self._reply(R.NEED_MAIL)
             return
@@ -892,7 +933,19 @@ class ServerSession:
             return
         if self._dataError is not None:
             return  # consume to the end marker, store nothing
-        # Line length: the first line continues the partial line carried over.
+        # Dot-unstuffing, exact: a leading "." of every line is removed.
+        if atLineStart and chunk.startswith(b"."):
+            chunk = chunk[1:]
+        if b"\r\n." in chunk:
+            chunk = chunk.replace(b"\r\n.", b"\r\n")
+        # NUL: "\r\n\0.\r\n" is an end of data to a receiver that strips NULs.
+        if b"\0" in chunk:
+            if self.settings.nulBytes != BARE_NEWLINE_NORMALIZE:
+                self._dataError = R.NUL_IN_DATA
+                return
+            chunk = chunk.replace(b"\0", b"")
+        # Line length, of the text un-stuffed (RFC 5321 4.5.3.1.6: the line "." + 997 octets
+        # is 999 octets on the wire): the first line continues the partial line carried over.
         first = chunk.find(b"\r\n")
         firstLen = (first if first >= 0 else len(chunk)) + (0 if atLineStart else self._lineLen)
         if firstLen > MAX_DATA_LINE or (len(chunk) > MAX_DATA_LINE and _hasLongLine(chunk)):
@@ -900,11 +953,6 @@ class ServerSession:
             return
         lastEnd = chunk.rfind(b"\r\n")
         self._lineLen = len(chunk) - lastEnd - 2 if lastEnd >= 0 else firstLen
-        # Dot-unstuffing, exact: a leading "." of every line is removed.
-        if atLineStart and chunk.startswith(b"."):
-            chunk = chunk[1:]
-        if b"\r\n." in chunk:
-            chunk = chunk.replace(b"\r\n.", b"\r\n")
         # Bare CR / LF.
         if chunk.count(b"\n") != chunk.count(b"\r"):
             bad = True
@@ -947,6 +995,29 @@ def _hasLongLine(chunk: bytes) -> bool:
     if max(map(len, chunk.split(b"\r\n"))) <= MAX_DATA_LINE:
         return False
     return max(map(len, _ANY_NEWLINE.split(chunk))) > MAX_DATA_LINE
+
+
+def _givenPath(arg: str, keyword: str) -> str | None:
+    """The path a MAIL or RCPT argument gives, for the log: without its angle brackets,
+    printable, at most 256 characters; C{None} without C{keyword}."""
+    if arg[: len(keyword)].upper() != keyword:
+        return None
+    path = arg[len(keyword) :].strip().split(" ", 1)[0]
+    if path.startswith("<") and path.endswith(">"):
+        path = path[1:-1]
+    path = path[:256]
+    return path if path.isprintable() else "".join(c if c.isprintable() else "?" for c in path)
+
+
+def _refusable(question: object) -> tuple[str, str | None, str | None] | None:
+    """The command a question answers, as L{ServerSession._refusable} holds it."""
+    if isinstance(question, CheckMail):
+        return ("MAIL", question.envelope.sender, None)
+    if isinstance(question, CheckRecipient):
+        return ("RCPT", question.envelope.sender, question.recipient.original)
+    if isinstance(question, StartData):
+        return ("DATA", question.envelope.sender, None)
+    return None
 
 
 class _ParamError(Exception):

@@ -1,0 +1,341 @@
+"""End-to-end, with the real C{twistd -n mailrelay}: limits and checks that must hold against
+a hostile or broken outside (issue 7, points 5 to 7).
+
+- AUTH guessing: attempts sent at once on many connections are counted while in flight, so at
+  most C{max_failures} passwords are ever checked per window per client.
+- Damaged queue files are quarantined in C{corrupt/} with one log line, never retried nor
+  relayed truncated; good entries beside them are delivered.
+- A header stamper that fails or is too slow makes the message C{451 4.3.0}; refused commands
+  are logged Postfix style (C{NOQUEUE: reject: ...}).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import smtplib
+import time
+from pathlib import Path
+
+from tests.harness import LineClient, RelayProcess
+from tests.test_e2e_outbound import nexthop  # noqa: F401 - a fixture
+from tests.test_e2e_tls_auth import Site
+
+# AUTH guessing in parallel ------------------------------------------------------------------------
+
+PARALLEL_AUTH = """
+[relay]
+networks = []
+
+[auth]
+password_file = "users"
+throttle_after = 1000
+failure_delay = 0
+max_failures = 10
+
+[[listeners]]
+endpoint = "tcp:0:interface=127.0.0.1"
+auth = true
+auth_without_tls = true
+max_connections_per_client = 0
+"""
+
+#: The log line of an AUTH attempt whose password was checked and found wrong.
+CHECKED_FAILURE = re.compile(
+    r"authentication failed from 127\.0\.0\.1: sasl_method=PLAIN sasl_username=alice "
+    r"failures=\d+ \((wrong user name or password|answer delayed [^)]*|too many failures, closing)\)"
+)
+
+
+def test_parallel_auth_guesses_are_bounded_by_max_failures(tmp_path: Path) -> None:
+    site = Site(tmp_path / "relay")
+    r = RelayProcess(site.directory, PARALLEL_AUTH, ("--spool", "spool", "--hostname", "relay.test"),
+                     defaults=False, hold=True)
+    clients: list[LineClient] = []
+    try:
+        r.start()
+        for _ in range(50):
+            c = r.connect()
+            clients.append(c)
+            assert c.readReply()[0].startswith(b"220 ")
+            c.send(b"EHLO guesser.example\r\n")
+            assert c.readReply()[-1] == b"250 AUTH PLAIN LOGIN"
+        guess = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0not the password") + b"\r\n"
+        for c in clients:  # all at once, before any answer
+            c.send(guess)
+        replies = [c.readReply()[0] for c in clients]
+    finally:
+        for c in clients:
+            c.close()
+        text = r.log()
+        r.stop()
+    codes = [reply[:3] for reply in replies]
+    assert set(codes) <= {b"535", b"421"}, replies
+    checked = CHECKED_FAILURE.findall(text)
+    assert len(checked) == 10, f"{len(checked)} passwords checked:\n{text}"
+    assert codes.count(b"535") == 9 and codes.count(b"421") == 41, codes
+    assert len(re.findall(r"too many failures, refused with 421 without checking", text)) == 40
+
+
+# Damaged queue files ------------------------------------------------------------------------------
+
+
+def deliveryConfig(port: int) -> str:
+    return (
+        '[dns]\nreverse_lookups = false\nnameservers = ["127.0.0.1:9"]\n'
+        f'[[routes]]\ndomain = "good.test"\nbackend = "smtp"\nnexthop = "[127.0.0.1]:{port}"\n'
+    )
+
+
+def test_damaged_queue_files_are_quarantined_not_retried(tmp_path: Path, nexthop) -> None:
+    recorder, port = nexthop()
+    directory = tmp_path / "relay"
+    held = RelayProcess(directory, deliveryConfig(port), hold=True).start()
+    try:
+        for n in range(6):
+            with smtplib.SMTP("127.0.0.1", held.port, timeout=15) as s:
+                s.sendmail("a@example.com", [f"r{n}@good.test"],
+                           f"Subject: message {n}\r\n\r\n".encode() + b"body line\r\n" * 200)
+        held.waitForLog(r"(result=250 2\.0\.0 Ok: queued as \w+(.|\n)*){6}")
+        ids = re.findall(r"result=250 2\.0\.0 Ok: queued as (\w+)", held.log())
+    finally:
+        held.stop()
+    assert len(ids) == 6 and sorted(ids) == held.queued()
+    queue = held.spool / "queue"
+    truncatedJSON, emptyJSON, invalidJSON, truncatedEML, good1, good2 = ids
+    data = (queue / f"{truncatedJSON}.json").read_bytes()
+    (queue / f"{truncatedJSON}.json").write_bytes(data[: len(data) // 2])
+    (queue / f"{emptyJSON}.json").write_bytes(b"")
+    (queue / f"{invalidJSON}.json").write_bytes(b'{"version": 1, "recipients": "nonsense"}')
+    eml = (queue / f"{truncatedEML}.eml").read_bytes()
+    (queue / f"{truncatedEML}.eml").write_bytes(eml[:1000])
+    damaged = [truncatedJSON, emptyJSON, invalidJSON, truncatedEML]
+
+    r = RelayProcess(directory, deliveryConfig(port))
+    try:
+        r.start()
+        recorder.waitFor(lambda accepted: len(accepted) >= 2, what="the two good messages")
+        for queueID in damaged:
+            r.waitForLog(rf"{queueID}: damaged queue entry: .*; moved to \S+corrupt")
+        r.waitForLog(rf"{good1}: removed")
+        r.waitForLog(rf"{good2}: removed")
+    finally:
+        text = r.log()
+        r.stop()
+    delivered = sorted(m.rcptTos[0] for m in recorder.accepted)
+    assert delivered == ["r4@good.test", "r5@good.test"], recorder.accepted
+    assert r.queued() == []
+    corrupt = sorted(p.name for p in (r.spool / "corrupt").iterdir())
+    assert corrupt == sorted([f"{q}.json" for q in damaged] + [f"{q}.eml" for q in damaged])
+    assert (r.spool / "corrupt" / f"{truncatedEML}.eml").read_bytes() == eml[:1000]
+    for queueID in damaged:
+        lines = [line for line in text.splitlines() if queueID in line]
+        assert len(lines) == 1, lines
+    assert f"message file {queue}/{truncatedEML}.eml has 1000 octets, the envelope records {len(eml)}" in text
+    assert "retrying" not in text
+
+
+# Header stampers that fail or are slow ------------------------------------------------------------
+
+STAMPER_MODULE = '''
+"""Site header stampers for the tests: one that raises, one that answers after a delay."""
+from twisted.internet.task import deferLater
+from zope.interface import implementer
+
+from mailrelay.interfaces import IHeaderStamper, StampResult
+
+
+@implementer(IHeaderStamper)
+class Broken:
+    def stamp(self, context):
+        raise RuntimeError("the stamper's database is gone")
+
+
+@implementer(IHeaderStamper)
+class Slow:
+    def __init__(self, reactor, delay):
+        self.reactor = reactor
+        self.delay = delay
+
+    def stamp(self, context):
+        field = f"X-Slow-Stamp: {context.envelope.queueID}\\r\\n".encode()
+        return deferLater(self.reactor, self.delay, lambda: StampResult(append=[field]))
+
+
+def buildBroken(options, context):
+    return Broken()
+
+
+def buildSlow(options, context):
+    return Slow(context.reactor, float(options.get("delay", 0)))
+'''
+
+STAMPER_DROPIN = '''
+from mailrelay.interfaces import IHeaderStamper
+from mailrelay.plugins import MailRelayPlugin
+
+broken = MailRelayPlugin(name="test-broken-stamper", provides=IHeaderStamper,
+                         description="raises (tests only)", factory="site_stampers:buildBroken")
+slow = MailRelayPlugin(name="test-slow-stamper", provides=IHeaderStamper,
+                       description="answers late (tests only)", factory="site_stampers:buildSlow")
+'''
+
+
+def stamperRelay(tmp_path: Path, stampers: str) -> RelayProcess:
+    import os
+
+    plugins = tmp_path / "site-plugins"
+    (plugins / "twisted" / "plugins").mkdir(parents=True, exist_ok=True)
+    (plugins / "site_stampers.py").write_text(STAMPER_MODULE)
+    (plugins / "twisted" / "plugins" / "site_stampers_plugin.py").write_text(STAMPER_DROPIN)
+    env = {"PYTHONPATH": os.pathsep.join([str(plugins), os.environ.get("PYTHONPATH", "")])}
+    config = '[dns]\nreverse_lookups = false\n[[header_stampers]]\nplugin = "default"\n' + stampers
+    return RelayProcess(tmp_path / "relay", config, env=env, hold=True).start()
+
+
+def sendMessage(r: RelayProcess) -> list[bytes]:
+    """One message on a raw connection; the reply to its end of data, then to QUIT."""
+    c = r.connect()
+    try:
+        assert c.readReply()[0].startswith(b"220 ")
+        c.send(b"EHLO client.example\r\n")
+        c.readReply()
+        c.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
+        assert [c.readReply() for _ in range(3)] == [[b"250 2.1.0 Ok"], [b"250 2.1.5 Ok"],
+                                                       [b"354 End data with <CR><LF>.<CR><LF>"]]
+        c.send(b"Subject: stamped\r\n\r\n" + b"body\r\n" * 1000 + b".\r\n")
+        (end,) = c.readReply()
+        c.send(b"QUIT\r\n")
+        return [end, c.readReply()[0]]
+    finally:
+        c.close()
+
+
+def refusedByStamper(tmp_path: Path, stampers: str, logged: str) -> tuple[str, float]:
+    """Send one message through a relay with C{stampers}: it must be refused with 451 (the
+    session going on), nothing queued, and C{logged} logged.  The log and the seconds the
+    end of data took."""
+    r = stamperRelay(tmp_path, stampers)
+    try:
+        started = time.monotonic()
+        end, bye = sendMessage(r)
+        took = time.monotonic() - started
+        assert end == b"451 4.3.0 Error: temporary failure processing the message, try again later"
+        assert bye == b"221 2.0.0 Bye"
+        assert r.queued() == []
+        r.waitForLog(logged)
+        return r.waitForLog(r"disconnect from 127\.0\.0\.1 .*").string, took
+    finally:
+        r.stop()
+
+
+def test_stamper_that_raises_is_451_and_logged_once(tmp_path: Path) -> None:
+    text, _ = refusedByStamper(tmp_path, '[[header_stampers]]\nplugin = "test-broken-stamper"\n',
+                               r"header stamper test-broken-stamper failed")
+    assert text.count("RuntimeError: the stamper's database is gone") == 1, text
+    assert "client closed the connection" not in text
+
+
+def test_stamper_timeout_is_honoured(tmp_path: Path) -> None:
+    _, took = refusedByStamper(
+        tmp_path, '[[header_stampers]]\nplugin = "test-slow-stamper"\ndelay = 60\ntimeout = 1\n',
+        r"header stamper test-slow-stamper gave no answer in 1s")
+    assert 0.9 <= took < 30, took
+
+
+def test_stamper_answering_with_a_deferred(tmp_path: Path) -> None:
+    r = stamperRelay(tmp_path, '[[header_stampers]]\nplugin = "test-slow-stamper"\ndelay = 0.3\ntimeout = 10\n')
+    try:
+        end, _ = sendMessage(r)
+        assert end.startswith(b"250 2.0.0 Ok: queued as ")
+        (queueID,) = r.queued()
+        message = (r.spool / "queue" / f"{queueID}.eml").read_bytes()
+    finally:
+        r.stop()
+    assert message.startswith(b"Received: from client.example")
+    head, _, body = message.partition(b"\r\n\r\n")
+    assert head.endswith(f"\r\nX-Slow-Stamp: {queueID}".encode())
+    assert body == b"body\r\n" * 1000
+
+
+# Refusals are logged, Postfix style ---------------------------------------------------------------
+
+
+def test_refused_commands_are_logged_postfix_style(tmp_path: Path) -> None:
+    table = tmp_path / "recipients"
+    table.write_text("@ours.example OK\nnobody@ours.example REJECT User unknown\n")
+    config = (
+        '[relay]\nnetworks = []\naccept_domains = ["ours.example"]\n[dns]\nreverse_lookups = false\n'
+        f'[limits]\nmessage_size = 100000\n[[recipient_validators]]\nplugin = "recipient-map"\nfile = "{table}"\n'
+    )
+    r = RelayProcess(tmp_path / "relay", config, hold=True).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
+            s.ehlo("client.example")
+            assert s.mail("big@example.com", ["SIZE=200000"])[0] == 552
+            assert s.mail("s@example.com")[0] == 250
+            assert s.rcpt("x@elsewhere.example")[0] == 554
+            assert s.rcpt("nobody@ours.example")[0] == 550
+            assert s.docmd("RCPT TO:<broken>")[0] == 501
+            code, _ = s.docmd("DATA")
+            assert code == 554
+        r.waitForLog(r"disconnect from 127\.0\.0\.1")
+        text = r.log()
+    finally:
+        r.stop()
+    expected = [
+        "NOQUEUE: reject: MAIL from unknown[127.0.0.1]: 552 5.3.4 Error: message size exceeds "
+        "fixed limit; from=<big@example.com> proto=ESMTP helo=<client.example>",
+        "NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 554 5.7.1 Relay access denied; "
+        "from=<s@example.com> to=<x@elsewhere.example> proto=ESMTP helo=<client.example>",
+        "NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 550 5.1.1 User unknown; "
+        "from=<s@example.com> to=<nobody@ours.example> proto=ESMTP helo=<client.example>",
+        "NOQUEUE: reject: DATA from unknown[127.0.0.1]: 554 5.5.1 Error: no valid recipients; "
+        "from=<s@example.com> proto=ESMTP helo=<client.example>",
+    ]
+    for line in expected:
+        assert line in text, f"{line}\nnot in:\n{text}"
+    assert re.search(r"NOQUEUE: reject: RCPT from unknown\[127\.0\.0\.1\]: 501 5\.1\.3 .*; "
+                     r"from=<s@example\.com> to=<broken> proto=ESMTP", text), text
+    assert text.count("NOQUEUE: reject:") == 5
+
+
+# What the log says of a bounce that could not be queued -------------------------------------------
+
+
+def test_recipient_whose_bounce_cannot_be_queued_is_logged_deferred(tmp_path: Path, nexthop) -> None:
+    import shutil
+    import threading
+
+    recorder, port = nexthop()
+    atRcpt, swapped = threading.Event(), threading.Event()
+
+    def rcptReply(address: str) -> str:
+        atRcpt.set()
+        swapped.wait(20)
+        return "550 5.1.1 <gone@good.test>: no such user"
+
+    recorder.rcptReply = rcptReply
+    r = RelayProcess(tmp_path / "relay", deliveryConfig(port)).start()
+    tmp = r.spool / "tmp"
+    try:
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=15) as s:
+            s.sendmail("a@example.com", ["gone@good.test"], b"Subject: x\r\n\r\nhi\r\n")
+        assert atRcpt.wait(20)
+        # The spool's tmp/ becomes unusable (as on a failing disk): the bounce cannot be written.
+        tmp.rename(tmp.with_name("tmp.away"))
+        tmp.write_bytes(b"")
+        swapped.set()
+        r.waitForLog(r"queueing the failed notification to <a@example\.com> failed")
+        line = r.waitForLog(r"to=<gone@good\.test>, relay=\S+, delay=\S+, attempts=1, status=\w+ \(.*\)")[0]
+    finally:
+        swapped.set()
+        if tmp.is_file():
+            tmp.unlink()
+            tmp.with_name("tmp.away").rename(tmp)
+        text = r.log()
+        r.stop()
+        shutil.rmtree(tmp.with_name("tmp.away"), ignore_errors=True)
+    assert "status=bounced" not in text, text
+    assert "status=deferred (smtp; 550 5.1.1 <gone@good.test>: no such user; the bounce could not be queued" in line, line
+    assert len(recorder.accepted) == 0
