@@ -29,7 +29,13 @@ from twisted.application.service import Service
 from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import LogLevel, Logger, formatEvent, globalLogPublisher
+from twisted.logger import (
+    LogLevel,
+    Logger,
+    formatEvent,
+    formatEventAsClassicLogText,
+    globalLogPublisher,
+)
 
 log = Logger()
 
@@ -81,10 +87,12 @@ class _ChildProtocol(ProcessProtocol):
         self.service = service
         self.ended: Deferred[None] = Deferred()
         self._buffer = b""
+        #: The process id (kept after the process has ended, for the log).
+        self.pid: int | None = None
 
-    @property
-    def pid(self) -> Any:
-        return self.transport.pid if self.transport is not None else None
+    def makeConnection(self, transport: Any) -> None:
+        self.pid = transport.pid
+        super().makeConnection(transport)
 
     def outReceived(self, data: bytes) -> None:
         """Log events from the child: publish each to our own observers."""
@@ -375,8 +383,17 @@ def _childMain(argv: list[str]) -> int:
     # flushed as it is written (a pipe would otherwise hold them in a block buffer).
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
 
+    relayGone: list[bool] = []
+
     def toRelay(event: dict[str, Any]) -> None:
-        sys.stdout.write(encodeLogEvent(event))
+        if not relayGone:
+            try:
+                sys.stdout.write(encodeLogEvent(event))
+                return
+            except OSError:  # the relay is gone (killed): finish logging to our stderr
+                relayGone.append(True)
+        sys.stderr.write(formatEventAsClassicLogText(event) or "")
+        sys.stderr.flush()
 
     globalLogBeginner.beginLoggingTo([toRelay], redirectStandardIO=False)
     try:

@@ -173,7 +173,8 @@ class ListenerService(Service):
 
     def privilegedStartService(self) -> None:
         try:
-            self.listen()
+            if self.port is None:  # (a listener added by a reload listens already)
+                self.listen()
         except ListenError as e:
             raise SystemExit(f"mailrelay: error: {e}") from None
         super().privilegedStartService()

@@ -243,6 +243,7 @@ class ServerHarness:
         rejectUnauthPipelining: bool = False,
         rejectPregreet: bool | None = None,
         authTimeout: float = 30.0,
+        sessions: Any = None,
     ) -> None:
         self.clock = Clock()
         self.clock.advance(1_800_000_000)
@@ -312,6 +313,7 @@ class ServerHarness:
             greetPause=greetPause,
             maxSessionTime=maxSessionTime,
             minDataRate=minDataRate,
+            sessions=sessions,
         )
         self.factory = SMTPServerFactory(self.context)
         self._open(peer, connect)

@@ -336,6 +336,8 @@ class SMTPServerProtocol(Protocol):
         if session is None or session.closed or session.inMessage:
             return
         if messageDone:
+            if self._quitTimer is not None and self._quitTimer.active():
+                self._quitTimer.cancel()
             self._quitTimer = self.context.clock.callLater(_QUIT_GRACE, self._closeForShutdown)
         elif self._quitTimer is None:
             self._closeForShutdown()
@@ -377,10 +379,13 @@ class SMTPServerProtocol(Protocol):
             return
         self._lastReceived = self.context.clock.seconds()
         inData = session.inData
-        if self._shuttingDown and not session.inMessage and data[:4].upper() != b"QUIT":
+        inMessage = session.inMessage
+        if self._shuttingDown and not inMessage and data[:4].upper() != b"QUIT":
             self._closeForShutdown()  # a stopping relay takes no new command but QUIT
             return
         self._handle(session.dataReceived(data))
+        if self._shuttingDown:
+            self.shutdown(messageDone=inMessage and not session.inMessage)
         if session.awaitingGreeting and not session.closed:
             self._pause()  # read no more before the greeting
         if inData and self._dataDeadline is not None:

@@ -1,0 +1,238 @@
+"""End-to-end: SIGHUP reloads the real C{twistd -n mailrelay} (as C{postfix reload} does).
+
+The new configuration is read, built and checked completely before anything running is
+touched: a bad one is logged (file, key) and the relay keeps running on the old one.  A good
+one replaces policy, limits, TLS certificates and routes; listeners are added and removed;
+sessions already open finish on the settings they started with; the delivery process is
+replaced without losing (or repeating) its deliveries in flight.  SIGUSR1 still rotates
+twistd's log file.
+"""
+
+from __future__ import annotations
+
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.harness import TWISTD, RelayProcess
+from tests.test_e2e_stop import _send
+
+
+def _reload(r: RelayProcess, config: str) -> str:
+    """Write C{config} as the relay's file and send SIGHUP; the log line that answers."""
+    (r.directory / "mailrelay.toml").write_text(config)
+    before = r.log().count("configuration reloaded from") + r.log().count(
+        "configuration not reloaded")
+    r.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        lines = [line for line in r.log().splitlines()
+                 if "configuration reloaded from" in line or "configuration not reloaded" in line]
+        if len(lines) > before:
+            return lines[before]
+        assert r.process.poll() is None, f"the relay exited on SIGHUP:\n{r.log()}"
+        time.sleep(0.05)
+    raise AssertionError(f"no answer to SIGHUP:\n{r.log()}")
+
+
+BASE = "[dns]\nreverse_lookups = false\n[queue]\nhold = true\n"
+
+
+def test_bad_configuration_is_refused_and_the_relay_keeps_running(relays) -> None:
+    r = relays(BASE).start()
+    line = _reload(r, BASE + "[limits]\nrecipients = \"ten\"\n")
+    assert "configuration not reloaded (still running on the previous one)" in line
+    assert "mailrelay.toml: limits.recipients: must be a positive integer" in line
+    line = _reload(r, BASE + "[[recipient_validators]]\nplugin = \"no-such-plugin\"\n")
+    assert "recipient_validators" in line and "no-such-plugin" in line
+    line = _reload(r, "this is not TOML [")
+    assert "TOML syntax error" in line
+    assert r.process.poll() is None
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
+        s.sendmail("a@example.com", ["b@example.org"], b"Subject: still\r\n\r\nhere\r\n")
+    assert len(r.queued()) == 1
+    assert r.stop() in (0, -signal.SIGTERM)
+
+
+def test_restart_only_settings_are_refused(relays) -> None:
+    r = relays(BASE).start()
+    line = _reload(r, BASE.replace("[dns]", '[spool]\nsync = "fsync"\n[dns]'))
+    assert "spool.sync: changed from syncfs to fsync: a restart is needed" in line
+    line = _reload(r, BASE + 'process = "inline"\n')
+    assert "queue.process: changed from 'separate' to 'inline'" in line
+
+
+def _fileListeners(relays, config: str) -> RelayProcess:
+    """A relay whose listeners come from its file (the harness's --listen would override
+    them); the first must be C{tcp:0:interface=127.0.0.1}."""
+    r = relays(config, defaults=False)
+    r.args = ("--spool", str(r.spool), "--hostname", "relay.test")
+    return r
+
+
+LISTENER = '[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\n'
+
+
+def test_policy_and_listeners_change_open_sessions_keep_theirs(relays) -> None:
+    """After a reload that stops loopback from relaying and adds a listener: new sessions are
+    refused relaying, a session opened before keeps relaying, the new listener listens."""
+    r = _fileListeners(relays, BASE + LISTENER).start()
+    old = r.connect()
+    assert old.readReply()[0].startswith(b"220 ")
+    old.send(b"EHLO old.test\r\n")
+    old.readReply()
+
+    new = BASE + ('[relay]\nnetworks = []\naccept_domains = ["local.test"]\n'
+                  '[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\n'
+                  '[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.2"\n')
+    line = _reload(r, new)
+    assert "configuration reloaded from" in line and "mailrelay.toml" in line
+    added = r.waitForLog(r"listening on 127\.0\.0\.2:(\d+) ")
+    port2 = int(added.group(1))
+
+    old.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n")
+    assert old.readReply() == [b"250 2.1.0 Ok"]
+    assert old.readReply() == [b"250 2.1.5 Ok"]  # the settings it started with
+    old.send(b"QUIT\r\n")
+    old.readReply()
+    for port, host in ((r.port, "127.0.0.1"), (port2, "127.0.0.2")):
+        with smtplib.SMTP(host, port, timeout=10) as s:
+            s.ehlo("new.test")
+            s.mail("a@example.com")
+            code, text = s.rcpt("b@example.org")
+            assert code == 554 and b"Relay access denied" in text
+            assert s.rcpt("x@local.test")[0] == 250
+
+    # Back to one listener: the 127.0.0.2 one is removed.
+    line = _reload(r, BASE + LISTENER)
+    assert "configuration reloaded from" in line
+    r.waitForLog(r"listener tcp:0:interface=127\.0\.0\.2 removed")
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.2", port2), timeout=5).close()
+    assert r.stop() in (0, -signal.SIGTERM)
+
+
+def test_new_certificate_is_served_after_a_reload(relays) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    r = _fileListeners(relays, BASE)
+    r.directory.mkdir(parents=True, exist_ok=True)
+
+    def issue(name: str) -> None:
+        leaf = ca.issue_cert(name, "127.0.0.1")
+        (r.directory / "relay.pem").write_bytes(b"".join(p.bytes() for p in leaf.cert_chain_pems))
+        leaf.private_key_pem.write_to_path(str(r.directory / "relay.key"))
+
+    def served() -> list:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
+            s.starttls(context=context)
+            cert = s.sock.getpeercert()
+        return [v for kind, v in cert["subjectAltName"] if kind == "DNS"]
+
+    tls = ('[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\n'
+           'tls_certificate = "relay.pem"\ntls_key = "relay.key"\n')
+    issue("first.relay.test")
+    r.configText = BASE + tls
+    r.start()
+    assert "first.relay.test" in served()
+    issue("second.relay.test")  # renewed on disk
+    assert "first.relay.test" in served()  # not before the reload
+    assert "configuration reloaded from" in _reload(r, BASE + tls)
+    assert "second.relay.test" in served()
+    # A certificate that does not load is refused; the one in use stays.
+    (r.directory / "relay.pem").write_text("not a certificate\n")
+    line = _reload(r, BASE + tls)
+    assert "configuration not reloaded" in line and "listeners" in line
+    assert "second.relay.test" in served()
+
+
+def _replaceNextHop(relays, hop, extra: str = "") -> RelayProcess:
+    """Deliver through a slow next hop, reload to a new one while a delivery is in flight:
+    the delivery in flight ends once, new mail goes to the new next hop."""
+    slow, oldPort = hop(2)
+    fast, newPort = hop(0)
+    config = ('drain_time = 10\n[relay]\nsmarthost = "[127.0.0.1]:{}"\n[dns]\n'
+              "reverse_lookups = false\n" + extra)
+    r = relays(config.format(oldPort)).start()
+    r.waitForLog(r"queue manager started")
+    _send(r.port, "before")
+    slow.waitFor(lambda: slow.started >= 1, 20, "the delivery in flight")
+    assert "configuration reloaded from" in _reload(r, config.format(newPort))
+    _send(r.port, "after")
+    fast.waitFor(lambda: fast.subjects["after"] == 1, 30, "the new mail at the new next hop")
+    slow.waitFor(lambda: slow.subjects["before"] == 1, 30, "the delivery in flight")
+    time.sleep(1)
+    assert slow.subjects == Counter({"before": 1}) and fast.subjects == Counter({"after": 1})
+    assert r.queued() == []
+    return r
+
+
+def test_delivery_process_is_replaced_without_losing_or_repeating_deliveries(relays, hop) -> None:
+    r = _replaceNextHop(relays, hop)
+    first = r.waitForLog(r"delivery process started \(pid (\d+)\)").group(1)
+    r.waitForLog(rf"previous delivery process \(pid {first}\) exited")
+
+
+def test_sigusr1_still_rotates_the_log(tmp_path: Path) -> None:
+    logfile = tmp_path / "relay.log"
+    p = subprocess.Popen(
+        [TWISTD, "-n", "--pidfile=", f"--logfile={logfile}", "mailrelay",
+         "--listen", "tcp:0:interface=127.0.0.1", "--spool", str(tmp_path / "spool"),
+         "--hostname", "relay.test"],
+        cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while "queue manager started" not in (logfile.read_text() if logfile.exists() else ""):
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.1)
+        p.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "relay.log.1").exists():
+            assert time.monotonic() < deadline, "SIGUSR1 did not rotate the log"
+            time.sleep(0.1)
+        p.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "configuration reloaded from (embedded default)" not in logfile.read_text():
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.1)
+    finally:
+        p.terminate()
+        p.wait(30)
+
+
+def test_hold_is_lifted_by_a_reload(relays, hop) -> None:
+    """[queue] hold switched off by a reload: what waited is delivered; switched on again:
+    nothing more is."""
+    fast, port = hop(0)
+    config = 'drain_time = 5\n[relay]\nsmarthost = "[127.0.0.1]:{}"\n[dns]\nreverse_lookups = false\n'
+    held = config.format(port) + "[queue]\nhold = true\n"
+    r = relays(held).start()
+    _send(r.port, "waited")
+    time.sleep(1)
+    assert not fast.subjects and len(r.queued()) == 1
+    assert "configuration reloaded from" in _reload(r, config.format(port))
+    fast.waitFor(lambda: fast.subjects["waited"] == 1, 30, "the held message")
+    assert "configuration reloaded from" in _reload(r, held)
+    r.waitForLog(r"queue.hold is set: the delivery process is stopped")
+    r.waitForLog(r"previous delivery process \(pid \d+\) exited")
+    _send(r.port, "held again")
+    time.sleep(1)
+    assert fast.subjects == Counter({"waited": 1}) and len(r.queued()) == 1
+
+
+def test_inline_queue_manager_is_replaced_by_a_reload(relays, hop) -> None:
+    r = _replaceNextHop(relays, hop, '[queue]\nprocess = "inline"\n')
+    assert "delivery process started" not in r.log()
+    assert r.stop() in (0, -signal.SIGTERM)
