@@ -723,6 +723,8 @@ class SMTPServerProtocol(Protocol):
         writer, headers = self._writer, self._headers
         self._writer = self._headers = None
         if question.error is not None or headers is None:
+            if headers is not None:
+                headers.abort()  # a stamper still at work is not waited for
             return self._storeMessage(question, writer, question.error)
 
         def stamped(_: None) -> Any:
