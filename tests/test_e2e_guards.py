@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import re
+import signal
 import smtplib
 import time
 from pathlib import Path
@@ -87,21 +88,28 @@ def deliveryConfig(port: int) -> str:
     )
 
 
-def test_damaged_queue_files_are_quarantined_not_retried(tmp_path: Path, nexthop) -> None:
-    recorder, port = nexthop()
-    directory = tmp_path / "relay"
+def queueHeld(directory: Path, port: int, count: int) -> list[str]:
+    """Queue C{count} messages (to r0@good.test, r1@good.test ...) in a relay on hold in
+    C{directory}, then stop it; their queue ids, in order."""
     held = RelayProcess(directory, deliveryConfig(port), hold=True).start()
     try:
-        for n in range(6):
+        for n in range(count):
             with smtplib.SMTP("127.0.0.1", held.port, timeout=15) as s:
                 s.sendmail("a@example.com", [f"r{n}@good.test"],
                            f"Subject: message {n}\r\n\r\n".encode() + b"body line\r\n" * 200)
-        held.waitForLog(r"(result=250 2\.0\.0 Ok: queued as \w+(.|\n)*){6}")
+        held.waitForLog(r"(result=250 2\.0\.0 Ok: queued as \w+(.|\n)*){%d}" % count)
         ids = re.findall(r"result=250 2\.0\.0 Ok: queued as (\w+)", held.log())
     finally:
         held.stop()
-    assert len(ids) == 6 and sorted(ids) == held.queued()
-    queue = held.spool / "queue"
+    assert len(ids) == count and sorted(ids) == held.queued()
+    return ids
+
+
+def test_damaged_queue_files_are_quarantined_not_retried(tmp_path: Path, nexthop) -> None:
+    recorder, port = nexthop()
+    directory = tmp_path / "relay"
+    ids = queueHeld(directory, port, 6)
+    queue = directory / "spool" / "queue"
     truncatedJSON, emptyJSON, invalidJSON, truncatedEML, good1, good2 = ids
     data = (queue / f"{truncatedJSON}.json").read_bytes()
     (queue / f"{truncatedJSON}.json").write_bytes(data[: len(data) // 2])
@@ -133,6 +141,44 @@ def test_damaged_queue_files_are_quarantined_not_retried(tmp_path: Path, nexthop
         assert len(lines) == 1, lines
     assert f"message file {queue}/{truncatedEML}.eml has 1000 octets, the envelope records {len(eml)}" in text
     assert "retrying" not in text
+
+
+def test_envelope_with_fields_of_the_wrong_type_is_quarantined(tmp_path: Path, nexthop) -> None:
+    """Valid JSON whose fields have the wrong types (an editor's slip, a bad restore) is as
+    damaged as a truncated file: quarantined with one line, while the good entries beside it
+    are delivered and the relay stops cleanly (one such envelope stopped every delivery)."""
+    import json
+
+    recorder, port = nexthop()
+    directory = tmp_path / "relay"
+    ids = queueHeld(directory, port, 5)
+    queue = directory / "spool" / "queue"
+    changes = [
+        lambda e: e.update(nextAttempt="soon"),
+        lambda e: e.update(arrival=[1]),
+        lambda e: e["recipients"][0].update(address=5),
+        lambda e: e["client"].update(port="25"),
+    ]
+    damaged = ids[: len(changes)]
+    for queueID, change in zip(damaged, changes):
+        path = queue / f"{queueID}.json"
+        envelope = json.loads(path.read_bytes())
+        change(envelope)
+        path.write_text(json.dumps(envelope))
+
+    r = RelayProcess(directory, deliveryConfig(port))
+    try:
+        r.start()
+        for queueID in damaged:
+            r.waitForLog(rf"{queueID}: damaged queue entry: envelope \S+ is not a valid envelope")
+        r.waitForLog(rf"{ids[-1]}: removed")
+    finally:
+        text = r.log()
+        code = r.stop()
+    assert [m.rcptTos for m in recorder.accepted] == [[f"r{len(changes)}@good.test"]]
+    assert r.queued() == []
+    assert "Traceback" not in text, text
+    assert code == -signal.SIGTERM, text  # stopped on SIGTERM, not killed after a hang
 
 
 # Header stampers that fail or are slow ------------------------------------------------------------
