@@ -23,7 +23,7 @@ from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailrelay.interfaces import DeliveryStatus, RecipientResult, Route
+from mailrelay.interfaces import PLATFORM_TRUST_STORE, DeliveryStatus, RecipientResult, Route
 
 __all__ = ["BUILTIN_BACKENDS", "resultsForAll", "PerDestination", "Quitter", "ClientBackend"]
 
@@ -179,6 +179,8 @@ class ClientBackend:
         @raise ValueError: the options cannot be applied (the message says why).
         """
         changes = route.options.changes()
+        if changes.get("caFile") == PLATFORM_TRUST_STORE:
+            changes["caFile"] = None  # what ClientSettings calls the platform's trust store
         return dataclasses.replace(self.settings, **changes) if changes else self.settings
 
     def deliver(self, envelope: Any, recipients: Any, route: Route, messagePath: Any) -> Deferred:
