@@ -19,7 +19,7 @@ import dataclasses
 from typing import Any, Callable, Iterable
 
 from twisted.internet import defer
-from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.defer import Deferred, DeferredSemaphore, inlineCallbacks
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -222,6 +222,30 @@ class ClientBackend:
         self, envelope: Any, recipients: list[Any], nexthop: str, settings: Any, messagePath: Any
     ) -> Deferred:
         raise NotImplementedError()
+
+    @inlineCallbacks
+    def _send(self, connection: Any, envelope: Any, recipients: list, messagePath: Any) -> Any:
+        """C{connection.send}, turning an (unexpected) failure into transient results."""
+        try:
+            results = yield connection.send(envelope, recipients, messagePath)
+        except defer.CancelledError:
+            connection.abort()
+            raise
+        except Exception as e:
+            log.failure(
+                "{queueID}: sending over {remoteMTA} failed unexpectedly",
+                queueID=envelope.queueID,
+                remoteMTA=getattr(connection, "remoteMTA", None),
+            )
+            connection.abort()
+            return resultsForAll(
+                recipients,
+                DeliveryStatus.TRANSIENT,
+                "4.3.0",
+                f"X-mailrelay; internal error: {e}",
+                getattr(connection, "remoteMTA", None),
+            )
+        return list(results)
 
     @property
     def _semaphores(self) -> dict[str, Any]:
