@@ -719,6 +719,37 @@ def test_quarantineMovesBothFilesAside(spool: Spool, spoolDir: Path, events: lis
     failureOf(spool.quarantine(qid, "again"), SpoolError)
 
 
+
+def test_quarantineCutShortKeepsTheMessage(
+    spool: Spool, spoolDir: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash between the two moves of a quarantine loses nothing: the next start finds the
+    rest and quarantines it too (a .json moved first left the .eml an orphan, which start()
+    deletes as never acknowledged: the damaged message's text was lost)."""
+    qid, _ = committed(spool)
+    realRename = os.rename
+    renames: list[Any] = []
+
+    def rename(source: Any, target: Any) -> None:
+        renames.append(source)
+        if len(renames) == 2:
+            raise OSError(errno.EIO, "the process died here")
+        realRename(source, target)
+
+    monkeypatch.setattr(os, "rename", rename)
+    failureOf(spool.quarantine(qid, "its message is truncated"), SpoolError)
+    monkeypatch.undo()
+    spool.stop()
+    again = Spool(spoolDir, reactor=clock, deferToThread=syncDeferToThread, syncMethod="fsync")
+    again.start()
+    try:
+        corrupt = spoolDir / "corrupt"
+        assert listing(corrupt) == sorted([f"{qid}.eml", f"{qid}.json"])
+        assert (corrupt / f"{qid}.eml").read_bytes() == MESSAGE
+        assert listing(spoolDir / "queue") == []
+    finally:
+        again.stop()
+
 # --- free space --------------------------------------------------------------------------------
 
 
