@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tests.harness import LineClient, RelayProcess
 from tests.test_e2e_outbound import nexthop  # noqa: F401 - a fixture
-from tests.test_e2e_tls_auth import Site
+from tests.test_e2e_tls_auth import PASSWORDS, Site
 
 # AUTH guessing in parallel ------------------------------------------------------------------------
 
@@ -48,34 +48,50 @@ CHECKED_FAILURE = re.compile(
 )
 
 
-def test_parallel_auth_guesses_are_bounded_by_max_failures(tmp_path: Path) -> None:
+def parallelAuth(tmp_path: Path, connections: int, password: str) -> tuple[list[bytes], str]:
+    """C{connections} connections from 127.0.0.1 each send AUTH PLAIN as alice with
+    C{password}, all at once, before any answer: the first line of each reply, and the
+    relay's log."""
     site = Site(tmp_path / "relay")
     r = RelayProcess(site.directory, PARALLEL_AUTH, ("--spool", "spool", "--hostname", "relay.test"),
                      defaults=False, hold=True)
     clients: list[LineClient] = []
     try:
         r.start()
-        for _ in range(50):
+        for _ in range(connections):
             c = r.connect()
             clients.append(c)
             assert c.readReply()[0].startswith(b"220 ")
-            c.send(b"EHLO guesser.example\r\n")
+            c.send(b"EHLO client.example\r\n")
             assert c.readReply()[-1] == b"250 AUTH PLAIN LOGIN"
-        guess = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0not the password") + b"\r\n"
-        for c in clients:  # all at once, before any answer
-            c.send(guess)
+        login = b"AUTH PLAIN " + base64.b64encode(f"\0alice\0{password}".encode()) + b"\r\n"
+        for c in clients:
+            c.send(login)
         replies = [c.readReply()[0] for c in clients]
     finally:
         for c in clients:
             c.close()
         text = r.log()
         r.stop()
+    return replies, text
+
+
+def test_parallel_auth_guesses_are_bounded_by_max_failures(tmp_path: Path) -> None:
+    replies, text = parallelAuth(tmp_path, 50, "not the password")
     codes = [reply[:3] for reply in replies]
     assert set(codes) <= {b"535", b"421"}, replies
     checked = CHECKED_FAILURE.findall(text)
     assert len(checked) == 10, f"{len(checked)} passwords checked:\n{text}"
     assert codes.count(b"535") == 9 and codes.count(b"421") == 41, codes
     assert len(re.findall(r"too many failures, refused with 421 without checking", text)) == 40
+
+
+def test_parallel_good_logins_beyond_max_failures_all_succeed(tmp_path: Path) -> None:
+    """An application opening twice max_failures connections at once, all with the right
+    password: none is refused (those beyond the budget wait for the checks in flight; they
+    were refused with 421 for failures nobody made)."""
+    replies, _ = parallelAuth(tmp_path, 20, PASSWORDS["alice"])
+    assert replies == [b"235 2.7.0 Authentication successful"] * 20, replies
 
 
 # Damaged queue files ------------------------------------------------------------------------------
