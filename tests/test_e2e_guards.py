@@ -200,11 +200,16 @@ def test_envelope_with_fields_of_the_wrong_type_is_quarantined(tmp_path: Path, n
 # Header stampers that fail or are slow ------------------------------------------------------------
 
 STAMPER_MODULE = '''
-"""Site header stampers for the tests: one that raises, one that answers after a delay."""
+"""Site plugins for the tests: a header stamper that raises, one that answers after a delay,
+and a delivery backend that never answers."""
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
+from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailrelay.interfaces import IHeaderStamper, StampResult
+from mailrelay.interfaces import IDeliveryBackend, IHeaderStamper, StampResult
+
+log = Logger()
 
 
 @implementer(IHeaderStamper)
@@ -230,20 +235,35 @@ def buildBroken(options, context):
 
 def buildSlow(options, context):
     return Slow(context.reactor, float(options.get("delay", 0)))
+
+
+@implementer(IDeliveryBackend)
+class Silent:
+    """A delivery backend that never answers."""
+
+    def deliver(self, envelope, recipients, route, messagePath):
+        return Deferred(lambda d: log.info("delivery cancelled {queueID}", queueID=envelope.queueID))
+
+
+def buildSilent(options, context):
+    return Silent()
 '''
 
 STAMPER_DROPIN = '''
-from mailrelay.interfaces import IHeaderStamper
+from mailrelay.interfaces import IDeliveryBackend, IHeaderStamper
 from mailrelay.plugins import MailRelayPlugin
 
 broken = MailRelayPlugin(name="test-broken-stamper", provides=IHeaderStamper,
                          description="raises (tests only)", factory="site_stampers:buildBroken")
 slow = MailRelayPlugin(name="test-slow-stamper", provides=IHeaderStamper,
                        description="answers late (tests only)", factory="site_stampers:buildSlow")
+silent = MailRelayPlugin(name="test-silent-backend", provides=IDeliveryBackend,
+                         description="never answers (tests only)", factory="site_stampers:buildSilent")
 '''
 
 
-def stamperRelay(tmp_path: Path, stampers: str) -> RelayProcess:
+def siteRelay(tmp_path: Path, config: str, hold: bool = True) -> RelayProcess:
+    """A started relay with C{config} and the site plugins above on its C{PYTHONPATH}."""
     import os
 
     plugins = tmp_path / "site-plugins"
@@ -251,8 +271,12 @@ def stamperRelay(tmp_path: Path, stampers: str) -> RelayProcess:
     (plugins / "site_stampers.py").write_text(STAMPER_MODULE)
     (plugins / "twisted" / "plugins" / "site_stampers_plugin.py").write_text(STAMPER_DROPIN)
     env = {"PYTHONPATH": os.pathsep.join([str(plugins), os.environ.get("PYTHONPATH", "")])}
-    config = '[dns]\nreverse_lookups = false\n[[header_stampers]]\nplugin = "default"\n' + stampers
-    return RelayProcess(tmp_path / "relay", config, env=env, hold=True).start()
+    config = "[dns]\nreverse_lookups = false\n" + config
+    return RelayProcess(tmp_path / "relay", config, env=env, hold=hold).start()
+
+
+def stamperRelay(tmp_path: Path, stampers: str) -> RelayProcess:
+    return siteRelay(tmp_path, '[[header_stampers]]\nplugin = "default"\n' + stampers)
 
 
 def sendMessage(r: RelayProcess) -> list[bytes]:
@@ -319,6 +343,30 @@ def test_stamper_answering_with_a_deferred(tmp_path: Path) -> None:
     assert head.endswith(f"\r\nX-Slow-Stamp: {queueID}".encode())
     assert body == b"body\r\n" * 1000
 
+
+
+def test_site_backend_timeout_is_honoured(tmp_path: Path) -> None:
+    """[[backends]] timeout bounds a delivery (it was parsed and ignored: every backend got
+    3600 s): the delivery is cancelled, its recipient deferred with 4.4.2, retried later."""
+    r = siteRelay(
+        tmp_path,
+        '[[backends]]\nname = "hook"\nplugin = "test-silent-backend"\ntimeout = 1\n'
+        '[[routes]]\ndomain = "hooks.test"\nbackend = "hook"\n',
+        hold=False,
+    )
+    try:
+        started = time.monotonic()
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
+            s.sendmail("a@example.com", ["x@hooks.test"], b"Subject: hook\r\n\r\nhi\r\n")
+        line = r.waitForLog(r"to=<x@hooks\.test>, .*status=\w+ \(.*\)", timeout=30)[0]
+        took = time.monotonic() - started
+        text = r.log()
+    finally:
+        r.stop()
+    assert "status=deferred (X-mailrelay; delivery via hook:hook timed out after 1s)" in line, line
+    assert "delivery backend 'hook' did not answer within its timeout of 1s" in text
+    assert "delivery cancelled" in text
+    assert took < 20, took
 
 # Refusals are logged, Postfix style ---------------------------------------------------------------
 
