@@ -577,7 +577,7 @@ class SMTPServerProtocol(Protocol):
 
         def reserved(count: int) -> Any:
             if count > auth.maxFailures:
-                return settle(False).addCallbacks(overBudget, notReleased)
+                return settle(False).addCallbacks(overBudget, notReserved)
             if question.authzid and question.authzid != question.username:
                 return failed(Failure(UnauthorizedLogin("authorization identity differs")))
             d = auth.portal.login(
@@ -588,7 +588,7 @@ class SMTPServerProtocol(Protocol):
             return d.addCallbacks(succeeded, failed)
 
         def notReserved(failure: Failure) -> Reply:
-            log.failure("AUTH throttle: counting the attempt of {client}", failure, client=client)
+            log.failure("AUTH throttle: reserving or settling for {client}", failure, client=client)
             return AUTH_TEMPORARY_FAILURE
 
         def overBudget(failures: int) -> Any:
@@ -612,10 +612,6 @@ class SMTPServerProtocol(Protocol):
                 )
                 return AUTH_TEMPORARY_FAILURE
             return deferLater(clock, AUTH_WAIT_INTERVAL, reserve)
-
-        def notReleased(failure: Failure) -> Reply:
-            log.failure("AUTH throttle: settling for {client}", failure, client=client)
-            return AUTH_TEMPORARY_FAILURE
 
         def succeeded(result: tuple[Any, Any, Any]) -> str:
             release()
