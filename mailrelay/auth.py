@@ -279,7 +279,10 @@ class IAuthThrottle(Interface):
     once the check is over: an attempt in flight counts as a failure until it is settled, so
     that fifty guesses sent at once on fifty connections cannot all be checked before the
     first failure is recorded.  Every C{reserve} that answered is matched by exactly one
-    C{settle}, also when the attempt is then refused without a check.
+    C{settle}, also when the attempt is then not checked.  An attempt over the limit is
+    settled at once: when the failures recorded (what C{settle} returns) reach the limit it
+    is refused; otherwise attempts in flight hold the budget, and the server reserves again
+    a moment later (polling: a shared store needs no notification).
 
     The built-in L{MemoryAuthThrottle} keeps the counts in memory, per relay process.  One
     shared by several relays (Redis, say) can replace it: both methods may return a
@@ -294,8 +297,8 @@ class IAuthThrottle(Interface):
 
         @return: the failures of C{client} not yet expired plus its attempts in flight, this
             one included (an C{int}, or a Deferred firing with one).  When it is over the
-            limit the server refuses the attempt without a check (and settles it, not
-            failed).
+            limit the server settles it (not failed) without a check, and refuses it or
+            tries again later (see above).
         """
 
     def settle(client: str, failed: bool) -> Any:
@@ -397,14 +400,17 @@ class AuthPolicy:
     @ivar throttleAfter: failures from one client (see L{IAuthThrottle}) after which each
         further C{535} is delayed by C{failureDelay} seconds.
     @ivar failureDelay: that delay.
-    @ivar maxFailures: failures (and attempts in flight) from one client after which AUTH is
-        refused with C{421} and the connection closed (until the failures expire): at most
-        this many passwords are checked per window per client.
+    @ivar maxFailures: failures from one client after which AUTH is refused with C{421} and
+        the connection closed (until the failures expire); attempts in flight count too (one
+        beyond waits for them), so at most this many passwords are checked per window per
+        client.
     @ivar senders: user name to the MAIL FROM patterns the user may use (see
         L{senderAllowed}); users not listed may use any sender.
     @ivar mechanisms: the SASL mechanisms offered.
     @ivar timeout: seconds the portal's checker may take to answer (a slow site checker):
-        then C{454 4.7.0} (temporary failure), not counted as a failure; C{0}: no limit.
+        then C{454 4.7.0} (temporary failure), not counted as a failure; also the longest an
+        attempt waits for the checks in flight of the same client (then C{454} too); C{0}:
+        no limit.
     """
 
     portal: Portal

@@ -72,6 +72,9 @@ INTEGER_MAXIMA: dict[str, int] = {
     "listeners.min_data_rate": 1_000_000_000,
 }
 _INTEGER_REASONS = {"limits.message_size": " (20 digits, RFC 1870)"}
+#: The largest setting in seconds: beyond any sane one, and small enough that a time that far
+#: ahead (a message's arrival plus queue.max_lifetime) is still a date.
+SECONDS_MAXIMUM = 10**9
 #: A listener's role (C{mode}): C{"relay"} (MX or relay for the relay networks and accepted
 #: domains), C{"submission"} (RFC 6409, port 587: AUTH required before MAIL) and
 #: C{"submissions"} (RFC 8314, port 465: the same over implicit TLS).
@@ -1059,27 +1062,30 @@ class _Loader:
         return value
 
     def seconds(self, value: Any, key: str) -> float:
-        """C{value}, a finite number (integer or float, not boolean) greater than zero."""
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-            or value <= 0
-        ):
-            raise self.error(
-                key, f"must be a positive number of seconds, not {describeValue(value)}"
-            )
-        return float(value)
+        """C{value}, a finite number (integer or float, not boolean) greater than zero and no
+        larger than L{SECONDS_MAXIMUM}."""
+        return self._seconds(value, key, "a positive number of seconds", zero=False)
 
     def nonNegativeSeconds(self, value: Any, key: str) -> float:
-        """C{value}, a finite number (integer or float, not boolean) no smaller than zero."""
+        """C{value}, a finite number (integer or float, not boolean) no smaller than zero and
+        no larger than L{SECONDS_MAXIMUM}."""
+        return self._seconds(value, key, "a number of seconds >= 0", zero=True)
+
+    def _seconds(self, value: Any, key: str, what: str, zero: bool) -> float:
         if (
             isinstance(value, bool)
             or not isinstance(value, (int, float))
             or not math.isfinite(value)
             or value < 0
+            or (value == 0 and not zero)
         ):
-            raise self.error(key, f"must be a number of seconds >= 0, not {describeValue(value)}")
+            raise self.error(key, f"must be {what}, not {describeValue(value)}")
+        if value > SECONDS_MAXIMUM:
+            raise self.error(
+                key,
+                f"must be {what} no larger than {SECONDS_MAXIMUM} (about 31 years), "
+                f"not {describeValue(value)}",
+            )
         return float(value)
 
     def choice(self, value: Any, key: str, choices: tuple[str, ...]) -> str:

@@ -8,7 +8,8 @@ L{mailrelay.address}); the null reverse-path is the empty string.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+import math
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 ENVELOPE_VERSION = 1
@@ -161,29 +162,109 @@ class Envelope:
 
     @classmethod
     def fromDict(cls, d: dict[str, Any]) -> "Envelope":
+        """The envelope L{toDict} made.
+
+        @raise ValueError: C{d} is not such a dict: another version, an unknown or missing
+            field, or a field of the wrong type (the message names it).
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"an envelope is a JSON object, not {_shown(d)}")
         version = d.get("version")
         if version != ENVELOPE_VERSION:
-            raise ValueError(f"unsupported envelope version {version!r}")
+            raise ValueError(f"unsupported envelope version {_shown(version)}")
         d = dict(d)
         d.pop("version")
         client = d.pop("client", None)
         if client is not None:
-            client = dict(client)
+            client = _fields(client, ClientInfo, _CLIENT_KINDS, "client.")
             client.pop("protocol", None)
             client = ClientInfo(**client)
-        recipients = []
-        for r in d.pop("recipients", []):
-            r = dict(r)
-            if r.get("notify") is not None:
-                r["notify"] = tuple(r["notify"])
-            if r.get("state", PENDING) not in RECIPIENT_STATES:
-                raise ValueError(f"bad recipient state {r.get('state')!r}")
-            recipients.append(Recipient(**r))
-        return cls(client=client, recipients=recipients, **d)
+        recipients = d.pop("recipients", [])
+        if not isinstance(recipients, list):
+            raise ValueError(f"recipients: {_shown(recipients)} is not a list")
+        recipients = [
+            Recipient(**_fields(r, Recipient, _RECIPIENT_KINDS, f"recipients[{n}]."))
+            for n, r in enumerate(recipients)
+        ]
+        return cls(client=client, recipients=recipients, **_fields(d, cls, _ENVELOPE_KINDS, ""))
 
     @classmethod
     def fromJSON(cls, data: bytes) -> "Envelope":
-        return cls.fromDict(json.loads(data.decode("utf-8")))
+        """The envelope L{toJSON} wrote.
+
+        @raise ValueError: C{data} is not such JSON (see L{fromDict}).
+        """
+        try:
+            d = json.loads(data.decode("utf-8"))
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
+        return cls.fromDict(d)
+
+
+def _shown(value: Any) -> str:
+    """C{value} for an error message, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _isNumber(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+#: What each stored field may hold, by kind: checked when an envelope is read back, so that
+#: a damaged one is refused there (see L{mailrelay.spool.CorruptEntry}), not where a field is
+#: used.  A kind ending in "?" also allows C{None}.
+_KINDS: dict[str, tuple[str, Any]] = {
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "count": ("an integer >= 0", lambda v: _isNumber(v) and isinstance(v, int) and v >= 0),
+    "time": ("a finite number", _isNumber),
+    "strings": (
+        "a list of strings",
+        lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
+    ),
+    "state": (f"one of {', '.join(RECIPIENT_STATES)}", lambda v: v in RECIPIENT_STATES),
+}
+_ENVELOPE_KINDS = {
+    "sender": "str", "queueID": "str?", "size": "count?", "body": "str?", "smtputf8": "bool",
+    "ret": "str?", "envid": "str?", "arrival": "time?", "messageSize": "count",
+    "attempts": "count", "nextAttempt": "time?", "delayWarned": "bool", "isBounce": "bool",
+}  # fmt: skip
+_CLIENT_KINDS = {
+    "address": "str", "port": "count", "rdns": "str?", "helo": "str?", "esmtp": "bool",
+    "tls": "str?", "authUser": "str?", "relayAllowed": "bool", "listener": "str",
+    "protocol": "str",
+}  # fmt: skip
+_RECIPIENT_KINDS = {
+    "address": "str", "original": "str", "notify": "strings?", "orcpt": "str?", "state": "state",
+    "attempts": "count", "lastResult": "str?", "status": "str?", "remoteMTA": "str?",
+    "finalTime": "time?",
+}  # fmt: skip
+
+
+def _fields(d: Any, kind: type, kinds: dict[str, str], where: str) -> dict[str, Any]:
+    """The fields of the stored C{kind} C{d} (a JSON object), checked against C{kinds}, as
+    keyword arguments for C{kind} (a list of strings made a tuple).
+
+    @raise ValueError: C{d} is not an object, lacks a required field, has an unknown one, or
+        one of the wrong type; C{where} prefixes the field's name in the message.
+    """
+    if not isinstance(d, dict):
+        raise ValueError(f"{where[:-1] or kind.__name__}: {_shown(d)} is not a JSON object")
+    for f in fields(kind):
+        if f.name not in d and f.default is MISSING and f.default_factory is MISSING:
+            raise ValueError(f"{where}{f.name}: missing")
+    result = {}
+    for name, value in d.items():
+        if name not in kinds:
+            raise ValueError(f"{where}{name}: unknown field")
+        spec = kinds[name]
+        if not (value is None and spec.endswith("?")):
+            description, check = _KINDS[spec.rstrip("?")]
+            if not check(value):
+                raise ValueError(f"{where}{name}: {_shown(value)} is not {description}")
+        result[name] = tuple(value) if isinstance(value, list) else value
+    return result
 
 
 _ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope))

@@ -198,6 +198,10 @@ class RecipientResult:
 #: The TLS policies of a client connection (see L{RouteOptions.tls}).
 TLS_POLICIES = ("none", "may", "required", "implicit")
 
+#: L{RouteOptions.caFile} meaning the platform's trust store, whatever the backend's default
+#: (as C{ca_file = ""} in the configuration).
+PLATFORM_TRUST_STORE = ""
+
 
 @dataclass(frozen=True, slots=True)
 class RouteOptions:
@@ -211,7 +215,8 @@ class RouteOptions:
     @ivar tls: C{"none"} (never STARTTLS), C{"may"} (STARTTLS when offered, unverified),
         C{"required"} (STARTTLS with a verified certificate, or no delivery) or
         C{"implicit"} (TLS from the first byte, verified).
-    @ivar caFile: the path of a PEM bundle of trusted CA certificates.
+    @ivar caFile: the path of a PEM bundle of trusted CA certificates, or
+        L{PLATFORM_TRUST_STORE} (C{""}) for the platform's trust store.
     @ivar username: log in (AUTH) as this user; needs C{password}.
     @ivar password: the AUTH password; needs C{username}.
     @ivar authWithoutTLS: whether AUTH may be sent on a connection without TLS.
@@ -229,6 +234,8 @@ class RouteOptions:
             raise ValueError(f"tls must be one of {', '.join(TLS_POLICIES)}, not {self.tls!r}")
         for name in ("caFile", "username", "password"):
             value = getattr(self, name)
+            if name == "caFile" and value == PLATFORM_TRUST_STORE:
+                continue
             if value is not None and (not isinstance(value, str) or not value or "\0" in value):
                 shown = "(the value is not shown here)" if name == "password" else repr(value)
                 raise ValueError(f"{name} must be a non-empty string without NUL, not {shown}")

@@ -31,7 +31,7 @@ from twisted.names import client, dns
 from twisted.names import error as dnsError
 from zope.interface import implementer
 
-from mailrelay.interfaces import IRouter, Route, RouteOptions
+from mailrelay.interfaces import PLATFORM_TRUST_STORE, IRouter, Route, RouteOptions
 
 log = Logger()
 
@@ -290,12 +290,13 @@ class RoutingTable:
 
 def routeOptions(transport: Any) -> RouteOptions:
     """The L{RouteOptions} of a route's L{mailrelay.config.TransportOptions} (which sets
-    every field, defaults resolved), or empty options for C{None}."""
+    every field, defaults resolved: its C{caFile} C{None} is the platform's trust store, not
+    the backend's default), or empty options for C{None}."""
     if transport is None:
         return RouteOptions()
     return RouteOptions(
         tls=transport.tls,
-        caFile=transport.caFile,
+        caFile=PLATFORM_TRUST_STORE if transport.caFile is None else transport.caFile,
         username=transport.username,
         password=transport.password,
         authWithoutTLS=transport.authWithoutTLS,

@@ -521,7 +521,7 @@ class _Quarantine(_Operation):
     hasData = False
 
     def publish(self) -> None:
-        """Move the .json, then the .eml, to corrupt/."""
+        """Move the .eml, then the .json, to corrupt/."""
         self.moved = self.spool._moveToCorrupt(self.queueID)
 
 
@@ -943,9 +943,14 @@ class Spool:
         )
 
     def _moveToCorrupt(self, queueID: str) -> list[Path]:
-        """Move C{queue/<ID>.json}, then C{queue/<ID>.eml} if there is one, to C{corrupt/}
+        """Move C{queue/<ID>.eml} if there is one, then C{queue/<ID>.json}, to C{corrupt/}
         (never over an earlier one of the same name: C{<ID>.json.1} ...), and fsync
-        C{corrupt/}; the caller fsyncs C{queue/}.  Return where they went.
+        C{corrupt/}; the caller fsyncs C{queue/}.  Return where they went (the C{.json}'s
+        path first).
+
+        The message goes first: should the process die in between, the C{.json} left in
+        C{queue/} is quarantined at the next start, whereas an C{.eml} left alone would be
+        removed as never acknowledged.
 
         @raise SpoolError: a file cannot be moved.
         """
@@ -964,14 +969,14 @@ class Spool:
             n += 1
             suffix = f".{n}"
         moved = []
-        for name in names:
+        for name in reversed(names):
             source, target = self._queueDir / name, self._corruptDir / (name + suffix)
             try:
                 os.rename(source, target)
             except OSError as e:
                 where = f"{source} to {target}"
                 raise _osError("moving corrupt entry", where, e, queueID) from None
-            moved.append(target)
+            moved.insert(0, target)
         self._fsyncDirectoryOrRaise(self._corruptDir)
         return moved
 

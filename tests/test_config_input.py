@@ -86,3 +86,42 @@ def test_message_size_limit_is_the_20_digits_of_rfc_1870(tmp_path: Path) -> None
     assert message.endswith(
         "must be a positive integer no larger than 99999999999999999999 (20 digits, RFC 1870), "
         "not 100000000000000000000")
+
+
+#: (TOML table, key) of every setting in seconds.
+SECONDS = [
+    ("limits", "idle_timeout"), ("limits", "data_timeout"),
+    ("queue", "min_backoff"), ("queue", "max_backoff"), ("queue", "max_lifetime"),
+    ("queue", "bounce_lifetime"), ("queue", "delay_warning"),
+    ("delivery", "connection_cache_time"), ("delivery.timeouts", "connect"),
+    ("delivery.timeouts", "data_done"),
+    ("auth", "failure_delay"), ("auth", "failure_window"),
+    ("[listeners]", "rate_window"), ("[listeners]", "greet_pause"),
+    ("[listeners]", "max_session_time"),
+    ("[[header_stampers]]", "timeout"), ("[[recipient_validators]]", "timeout"),
+]  # fmt: skip
+
+
+def secondsSetting(table: str, key: str, value: float) -> tuple[str, str]:
+    """As L{setting}, for a setting in seconds (the plugin tables too)."""
+    if table == "[[header_stampers]]":
+        return f'[[header_stampers]]\nplugin = "default"\n{key} = {value}', f"header_stampers[0].{key}"
+    if table == "[[recipient_validators]]":
+        return (f'[[recipient_validators]]\nplugin = "accepted-domains"\ndomains = ["a.test"]\n'
+                f"{key} = {value}", f"recipient_validators[0].{key}")
+    if table == "queue" and key == "min_backoff":
+        # max_backoff must be at least min_backoff
+        return f"[queue]\nmax_backoff = 1e9\n{key} = {value}", f"queue.{key}"
+    return setting(table, key, value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("table", "key"), SECONDS)
+def test_settings_in_seconds_have_an_upper_bound(tmp_path: Path, table: str, key: str) -> None:
+    """At most 10**9 s (about 31 years): a larger one was accepted, then failed where it was
+    used (max_lifetime = 1e12 made every delay warning fail: "year 33715 is out of range")."""
+    (tmp_path / "passwd").write_text("")
+    load(tmp_path, secondsSetting(table, key, 1_000_000_000)[0])  # the largest accepted
+    for value in (1_000_000_001, 1e12, 1e300):
+        text, dotted = secondsSetting(table, key, value)
+        message = refused(tmp_path, text, dotted)
+        assert "no larger than 1000000000 (about 31 years), not " in message, message

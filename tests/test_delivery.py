@@ -23,6 +23,7 @@ from mailrelay.delivery.discard import DiscardBackend
 from mailrelay.delivery.maildir import MaildirBackend, UnsafeAddress, mailboxPath
 from mailrelay.envelope import Envelope, Recipient
 from mailrelay.interfaces import (
+    PLATFORM_TRUST_STORE,
     DeliveryStatus,
     IDeliveryBackend,
     RecipientResult,
@@ -627,6 +628,21 @@ def test_smtp_route_options_over_defaults() -> None:
         SETTINGS, tls="required", caFile="/ca.pem", username="u", password="p"
     )
     assert net.attempts[1][3] is SETTINGS
+
+
+def test_smtp_route_asking_for_the_platform_trust_store() -> None:
+    """C{caFile = PLATFORM_TRUST_STORE} verifies with the platform's trust store even when
+    the backend's default names a CA file (the smarthost's own, unset C{ca_file} must not
+    become C{[delivery]}'s)."""
+    mxCA = dataclasses.replace(SETTINGS, caFile="/mx-ca.pem")
+    backend, net, clock, mx = smtpBackend(settings=mxCA)
+    options = RouteOptions(tls="required", caFile=PLATFORM_TRUST_STORE)
+    result(send(backend, "[relay.example]:587", "a@example.com", options=options))
+    result(send(backend, "example.net", "a@example.net", options=RouteOptions(tls="required")))
+    assert [(a[3].tls, a[3].caFile) for a in net.attempts] == [
+        ("required", None),
+        ("required", "/mx-ca.pem"),
+    ]
 
 
 def test_smtp_routes_to_one_nexthop_keep_their_settings() -> None:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import base64
 import re
+import signal
 import smtplib
 import time
 from pathlib import Path
 
 from tests.harness import LineClient, RelayProcess
 from tests.test_e2e_outbound import nexthop  # noqa: F401 - a fixture
-from tests.test_e2e_tls_auth import Site
+from tests.test_e2e_tls_auth import PASSWORDS, Site
 
 # AUTH guessing in parallel ------------------------------------------------------------------------
 
@@ -47,34 +48,50 @@ CHECKED_FAILURE = re.compile(
 )
 
 
-def test_parallel_auth_guesses_are_bounded_by_max_failures(tmp_path: Path) -> None:
+def parallelAuth(tmp_path: Path, connections: int, password: str) -> tuple[list[bytes], str]:
+    """C{connections} connections from 127.0.0.1 each send AUTH PLAIN as alice with
+    C{password}, all at once, before any answer: the first line of each reply, and the
+    relay's log."""
     site = Site(tmp_path / "relay")
     r = RelayProcess(site.directory, PARALLEL_AUTH, ("--spool", "spool", "--hostname", "relay.test"),
                      defaults=False, hold=True)
     clients: list[LineClient] = []
     try:
         r.start()
-        for _ in range(50):
+        for _ in range(connections):
             c = r.connect()
             clients.append(c)
             assert c.readReply()[0].startswith(b"220 ")
-            c.send(b"EHLO guesser.example\r\n")
+            c.send(b"EHLO client.example\r\n")
             assert c.readReply()[-1] == b"250 AUTH PLAIN LOGIN"
-        guess = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0not the password") + b"\r\n"
-        for c in clients:  # all at once, before any answer
-            c.send(guess)
+        login = b"AUTH PLAIN " + base64.b64encode(f"\0alice\0{password}".encode()) + b"\r\n"
+        for c in clients:
+            c.send(login)
         replies = [c.readReply()[0] for c in clients]
     finally:
         for c in clients:
             c.close()
         text = r.log()
         r.stop()
+    return replies, text
+
+
+def test_parallel_auth_guesses_are_bounded_by_max_failures(tmp_path: Path) -> None:
+    replies, text = parallelAuth(tmp_path, 50, "not the password")
     codes = [reply[:3] for reply in replies]
     assert set(codes) <= {b"535", b"421"}, replies
     checked = CHECKED_FAILURE.findall(text)
     assert len(checked) == 10, f"{len(checked)} passwords checked:\n{text}"
     assert codes.count(b"535") == 9 and codes.count(b"421") == 41, codes
     assert len(re.findall(r"too many failures, refused with 421 without checking", text)) == 40
+
+
+def test_parallel_good_logins_beyond_max_failures_all_succeed(tmp_path: Path) -> None:
+    """An application opening twice max_failures connections at once, all with the right
+    password: none is refused (those beyond the budget wait for the checks in flight; they
+    were refused with 421 for failures nobody made)."""
+    replies, _ = parallelAuth(tmp_path, 20, PASSWORDS["alice"])
+    assert replies == [b"235 2.7.0 Authentication successful"] * 20, replies
 
 
 # Damaged queue files ------------------------------------------------------------------------------
@@ -87,21 +104,28 @@ def deliveryConfig(port: int) -> str:
     )
 
 
-def test_damaged_queue_files_are_quarantined_not_retried(tmp_path: Path, nexthop) -> None:
-    recorder, port = nexthop()
-    directory = tmp_path / "relay"
+def queueHeld(directory: Path, port: int, count: int) -> list[str]:
+    """Queue C{count} messages (to r0@good.test, r1@good.test ...) in a relay on hold in
+    C{directory}, then stop it; their queue ids, in order."""
     held = RelayProcess(directory, deliveryConfig(port), hold=True).start()
     try:
-        for n in range(6):
+        for n in range(count):
             with smtplib.SMTP("127.0.0.1", held.port, timeout=15) as s:
                 s.sendmail("a@example.com", [f"r{n}@good.test"],
                            f"Subject: message {n}\r\n\r\n".encode() + b"body line\r\n" * 200)
-        held.waitForLog(r"(result=250 2\.0\.0 Ok: queued as \w+(.|\n)*){6}")
+        held.waitForLog(r"(result=250 2\.0\.0 Ok: queued as \w+(.|\n)*){%d}" % count)
         ids = re.findall(r"result=250 2\.0\.0 Ok: queued as (\w+)", held.log())
     finally:
         held.stop()
-    assert len(ids) == 6 and sorted(ids) == held.queued()
-    queue = held.spool / "queue"
+    assert len(ids) == count and sorted(ids) == held.queued()
+    return ids
+
+
+def test_damaged_queue_files_are_quarantined_not_retried(tmp_path: Path, nexthop) -> None:
+    recorder, port = nexthop()
+    directory = tmp_path / "relay"
+    ids = queueHeld(directory, port, 6)
+    queue = directory / "spool" / "queue"
     truncatedJSON, emptyJSON, invalidJSON, truncatedEML, good1, good2 = ids
     data = (queue / f"{truncatedJSON}.json").read_bytes()
     (queue / f"{truncatedJSON}.json").write_bytes(data[: len(data) // 2])
@@ -135,14 +159,57 @@ def test_damaged_queue_files_are_quarantined_not_retried(tmp_path: Path, nexthop
     assert "retrying" not in text
 
 
+def test_envelope_with_fields_of_the_wrong_type_is_quarantined(tmp_path: Path, nexthop) -> None:
+    """Valid JSON whose fields have the wrong types (an editor's slip, a bad restore) is as
+    damaged as a truncated file: quarantined with one line, while the good entries beside it
+    are delivered and the relay stops cleanly (one such envelope stopped every delivery)."""
+    import json
+
+    recorder, port = nexthop()
+    directory = tmp_path / "relay"
+    ids = queueHeld(directory, port, 5)
+    queue = directory / "spool" / "queue"
+    changes = [
+        lambda e: e.update(nextAttempt="soon"),
+        lambda e: e.update(arrival=[1]),
+        lambda e: e["recipients"][0].update(address=5),
+        lambda e: e["client"].update(port="25"),
+    ]
+    damaged = ids[: len(changes)]
+    for queueID, change in zip(damaged, changes):
+        path = queue / f"{queueID}.json"
+        envelope = json.loads(path.read_bytes())
+        change(envelope)
+        path.write_text(json.dumps(envelope))
+
+    r = RelayProcess(directory, deliveryConfig(port))
+    try:
+        r.start()
+        for queueID in damaged:
+            r.waitForLog(rf"{queueID}: damaged queue entry: envelope \S+ is not a valid envelope")
+        r.waitForLog(rf"{ids[-1]}: removed")
+    finally:
+        text = r.log()
+        code = r.stop()
+    assert [m.rcptTos for m in recorder.accepted] == [[f"r{len(changes)}@good.test"]]
+    assert r.queued() == []
+    assert "Traceback" not in text, text
+    assert code == -signal.SIGTERM, text  # stopped on SIGTERM, not killed after a hang
+
+
 # Header stampers that fail or are slow ------------------------------------------------------------
 
 STAMPER_MODULE = '''
-"""Site header stampers for the tests: one that raises, one that answers after a delay."""
+"""Site plugins for the tests: a header stamper that raises, one that answers after a delay,
+and a delivery backend that never answers."""
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
+from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailrelay.interfaces import IHeaderStamper, StampResult
+from mailrelay.interfaces import IDeliveryBackend, IHeaderStamper, StampResult
+
+log = Logger()
 
 
 @implementer(IHeaderStamper)
@@ -168,20 +235,35 @@ def buildBroken(options, context):
 
 def buildSlow(options, context):
     return Slow(context.reactor, float(options.get("delay", 0)))
+
+
+@implementer(IDeliveryBackend)
+class Silent:
+    """A delivery backend that never answers."""
+
+    def deliver(self, envelope, recipients, route, messagePath):
+        return Deferred(lambda d: log.info("delivery cancelled {queueID}", queueID=envelope.queueID))
+
+
+def buildSilent(options, context):
+    return Silent()
 '''
 
 STAMPER_DROPIN = '''
-from mailrelay.interfaces import IHeaderStamper
+from mailrelay.interfaces import IDeliveryBackend, IHeaderStamper
 from mailrelay.plugins import MailRelayPlugin
 
 broken = MailRelayPlugin(name="test-broken-stamper", provides=IHeaderStamper,
                          description="raises (tests only)", factory="site_stampers:buildBroken")
 slow = MailRelayPlugin(name="test-slow-stamper", provides=IHeaderStamper,
                        description="answers late (tests only)", factory="site_stampers:buildSlow")
+silent = MailRelayPlugin(name="test-silent-backend", provides=IDeliveryBackend,
+                         description="never answers (tests only)", factory="site_stampers:buildSilent")
 '''
 
 
-def stamperRelay(tmp_path: Path, stampers: str) -> RelayProcess:
+def siteRelay(tmp_path: Path, config: str, hold: bool = True) -> RelayProcess:
+    """A started relay with C{config} and the site plugins above on its C{PYTHONPATH}."""
     import os
 
     plugins = tmp_path / "site-plugins"
@@ -189,8 +271,12 @@ def stamperRelay(tmp_path: Path, stampers: str) -> RelayProcess:
     (plugins / "site_stampers.py").write_text(STAMPER_MODULE)
     (plugins / "twisted" / "plugins" / "site_stampers_plugin.py").write_text(STAMPER_DROPIN)
     env = {"PYTHONPATH": os.pathsep.join([str(plugins), os.environ.get("PYTHONPATH", "")])}
-    config = '[dns]\nreverse_lookups = false\n[[header_stampers]]\nplugin = "default"\n' + stampers
-    return RelayProcess(tmp_path / "relay", config, env=env, hold=True).start()
+    config = "[dns]\nreverse_lookups = false\n" + config
+    return RelayProcess(tmp_path / "relay", config, env=env, hold=hold).start()
+
+
+def stamperRelay(tmp_path: Path, stampers: str) -> RelayProcess:
+    return siteRelay(tmp_path, '[[header_stampers]]\nplugin = "default"\n' + stampers)
 
 
 def sendMessage(r: RelayProcess) -> list[bytes]:
@@ -257,6 +343,30 @@ def test_stamper_answering_with_a_deferred(tmp_path: Path) -> None:
     assert head.endswith(f"\r\nX-Slow-Stamp: {queueID}".encode())
     assert body == b"body\r\n" * 1000
 
+
+
+def test_site_backend_timeout_is_honoured(tmp_path: Path) -> None:
+    """[[backends]] timeout bounds a delivery (it was parsed and ignored: every backend got
+    3600 s): the delivery is cancelled, its recipient deferred with 4.4.2, retried later."""
+    r = siteRelay(
+        tmp_path,
+        '[[backends]]\nname = "hook"\nplugin = "test-silent-backend"\ntimeout = 1\n'
+        '[[routes]]\ndomain = "hooks.test"\nbackend = "hook"\n',
+        hold=False,
+    )
+    try:
+        started = time.monotonic()
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
+            s.sendmail("a@example.com", ["x@hooks.test"], b"Subject: hook\r\n\r\nhi\r\n")
+        line = r.waitForLog(r"to=<x@hooks\.test>, .*status=\w+ \(.*\)", timeout=30)[0]
+        took = time.monotonic() - started
+        text = r.log()
+    finally:
+        r.stop()
+    assert "status=deferred (X-mailrelay; delivery via hook:hook timed out after 1s)" in line, line
+    assert "delivery backend 'hook' did not answer within its timeout of 1s" in text
+    assert "delivery cancelled" in text
+    assert took < 20, took
 
 # Refusals are logged, Postfix style ---------------------------------------------------------------
 

@@ -269,12 +269,27 @@ def test_proxy_v1_address_with_a_zone_id_is_refused(relay, ptrDNS) -> None:
 # Integer settings beyond their bounds stop the relay with the file, key and value
 
 
-def test_message_size_beyond_20_digits_stops_the_relay(tmp_path: Path) -> None:
-    r = RelayProcess(tmp_path / "relay", "[limits]\nmessage_size = 1000000000000000000000\n")
+def refusedAtStart(tmp_path: Path, config: str, error: str) -> None:
+    """The relay with C{config} does not start: it exits with C{error} (a regular
+    expression), after the file's name."""
+    r = RelayProcess(tmp_path / "relay", config)
     with pytest.raises(AssertionError, match="relay exited with 1"):
         r.start()
     r.stop()
-    assert re.search(
-        r"mailrelay: configuration error: \S+/mailrelay\.toml: limits\.message_size: must be a "
-        r"positive integer no larger than 99999999999999999999 \(20 digits, RFC 1870\), "
-        r"not 1000000000000000000000", r.log())
+    assert re.search(r"mailrelay: configuration error: \S+/mailrelay\.toml: " + error, r.log())
+
+
+def test_message_size_beyond_20_digits_stops_the_relay(tmp_path: Path) -> None:
+    refusedAtStart(
+        tmp_path, "[limits]\nmessage_size = 1000000000000000000000\n",
+        r"limits\.message_size: must be a positive integer no larger than 99999999999999999999 "
+        r"\(20 digits, RFC 1870\), not 1000000000000000000000")
+
+
+def test_lifetime_beyond_the_bound_of_seconds_stops_the_relay(tmp_path: Path) -> None:
+    """A queue lifetime of 31,000 years was accepted, then every delay warning failed to be
+    built ("year 33715 is out of range"): settings in seconds have a bound too."""
+    refusedAtStart(
+        tmp_path, "[queue]\nmax_lifetime = 1e12\ndelay_warning = 60\n",
+        r"queue\.max_lifetime: must be a positive number of seconds no larger than 1000000000 "
+        r"\(about 31 years\), not 1000000000000\.0")

@@ -108,3 +108,27 @@ def test_smarthost_mail_keeps_its_tls_when_a_route_shares_the_next_hop(
         assert _deliver(r, recorder, "dave@example.org") == (tlsPeer, True)
     finally:
         r.stop()
+
+
+def test_smarthost_does_not_trust_the_ca_file_of_delivery(
+    tmp_path: Path, dns: DNSServer, nexthop: Any
+) -> None:
+    """C{[delivery] ca_file} is for MX hosts and smtp routes; the smarthost's certificate is
+    verified against its own C{[smarthost] ca_file}, by default the system's trust store, which
+    does not know the next hop's test CA: its mail is deferred, never sent."""
+    recorder, port, caFile = nexthop
+    config = (
+        f'[relay]\nsmarthost = "[smarthost.tls.test]:{port}"\n'
+        '[smarthost]\ntls = "required"\n'
+        f'[delivery]\nca_file = "{caFile}"\n'
+        f'[dns]\nreverse_lookups = false\nnameservers = ["127.0.0.1:{dns.port}"]\n'
+        "[queue]\nmin_backoff = 60\n"
+    )
+    r = RelayProcess(tmp_path / "relay", config).start()
+    try:
+        _send(r, "bob@example.org")
+        line = r.waitForLog(r"to=<bob@example\.org>.*status=\w+ \(.*\)")[0]
+    finally:
+        r.stop()
+    assert "status=deferred" in line and "certificate not trusted" in line, line
+    assert recorder.sessions == {}

@@ -16,7 +16,7 @@ from zope.interface.verify import verifyObject
 
 from mailrelay.config import Smarthost, parseSmarthost
 from mailrelay.envelope import Envelope, Recipient
-from mailrelay.interfaces import IRouter, Route, RouteOptions
+from mailrelay.interfaces import PLATFORM_TRUST_STORE, IRouter, Route, RouteOptions
 from mailrelay.route import (
     DeliveryFailure,
     MXHost,
@@ -170,8 +170,9 @@ def test_from_config() -> None:
     table = RoutingTable.fromConfig(config)
     assert routeOf(table, "a@x.example.net") == Route("smtp", "x.example.net", expected)
     assert routeOf(table, "a@local.test") == Route("maildir", "/m/{local}")
+    # The smarthost's CA file not given: the platform's trust store, not [delivery]'s file.
     assert routeOf(table, "a@other.example") == Route(
-        "smtp", "[relay.example]:587", RouteOptions("may", None, None, None, False)
+        "smtp", "[relay.example]:587", RouteOptions("may", PLATFORM_TRUST_STORE, None, None, False)
     )
 
 
@@ -186,7 +187,7 @@ def test_route_options_are_checked() -> None:
         (dict(tls="maybe"), "tls must be one of none, may, required, implicit"),
         (dict(username="u"), "go together"),
         (dict(password="p"), "go together"),
-        (dict(caFile=""), "caFile must be a non-empty string"),
+        (dict(caFile=b"/ca.pem"), "caFile must be a non-empty string"),
         (dict(username="u\0", password="p"), "username must be"),
         (dict(authWithoutTLS="yes"), "authWithoutTLS must be a bool"),
     ]:

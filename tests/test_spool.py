@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import stat
@@ -660,6 +661,39 @@ def test_loadEnvelopeErrors(spool: Spool, spoolDir: Path) -> None:
         spool.loadEnvelope(qid)
 
 
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (lambda e: e.update(nextAttempt="soon"), "nextAttempt: 'soon' is not a finite number"),
+        (lambda e: e.update(arrival=None, attempts=-1), "attempts: -1 is not an integer >= 0"),
+        (lambda e: e.update(isBounce=1), "isBounce: 1 is not true or false"),
+        (lambda e: e.update(sender=None), "sender: None is not a string"),
+        (lambda e: e.update(extra=1), "extra: unknown field"),
+        (lambda e: e.update(recipients={}), "recipients: {} is not a list"),
+        (lambda e: e["recipients"].insert(0, ["x"]), "recipients[0]: ['x'] is not a JSON object"),
+        (lambda e: e["recipients"][0].pop("address"), "recipients[0].address: missing"),
+        (lambda e: e["recipients"][0].update(state="lost"), "recipients[0].state: 'lost' is not one of"),
+        (lambda e: e["recipients"][0].update(notify=[1]), "recipients[0].notify: [1] is not a list of strings"),
+        (lambda e: e["recipients"][0].update(finalTime=True), "recipients[0].finalTime: True is not a finite"),
+        (lambda e: e.update(client=[]), "client: [] is not a JSON object"),
+        (lambda e: e.update(client={"port": 25}), "client.address: missing"),
+    ],
+)
+def test_loadEnvelopeRefusesFieldsOfTheWrongType(
+    spool: Spool, spoolDir: Path, change: Any, problem: str
+) -> None:
+    """Valid JSON is not enough: a field of the wrong type would fail where it is used (one
+    stopped the queue manager), so the entry is damaged (and quarantined) when read."""
+    qid, envelope = committed(spool)
+    path = spoolDir / "queue" / f"{qid}.json"
+    assert spool.loadEnvelope(qid).recipients == envelope.recipients  # well-formed: read back
+    data = json.loads(path.read_bytes())
+    change(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(CorruptEntry, match=re.escape(f"is not a valid envelope: {problem}")):
+        spool.loadEnvelope(qid)
+
+
 def test_commitRecordsTheMessageSize(spool: Spool) -> None:
     writer = writeMessage(spool)
     envelope = makeEnvelope(writer.queueID)
@@ -684,6 +718,37 @@ def test_quarantineMovesBothFilesAside(spool: Spool, spoolDir: Path, events: lis
     # An entry already gone cannot be moved: the failure says so.
     failureOf(spool.quarantine(qid, "again"), SpoolError)
 
+
+
+def test_quarantineCutShortKeepsTheMessage(
+    spool: Spool, spoolDir: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash between the two moves of a quarantine loses nothing: the next start finds the
+    rest and quarantines it too (a .json moved first left the .eml an orphan, which start()
+    deletes as never acknowledged: the damaged message's text was lost)."""
+    qid, _ = committed(spool)
+    realRename = os.rename
+    renames: list[Any] = []
+
+    def rename(source: Any, target: Any) -> None:
+        renames.append(source)
+        if len(renames) == 2:
+            raise OSError(errno.EIO, "the process died here")
+        realRename(source, target)
+
+    monkeypatch.setattr(os, "rename", rename)
+    failureOf(spool.quarantine(qid, "its message is truncated"), SpoolError)
+    monkeypatch.undo()
+    spool.stop()
+    again = Spool(spoolDir, reactor=clock, deferToThread=syncDeferToThread, syncMethod="fsync")
+    again.start()
+    try:
+        corrupt = spoolDir / "corrupt"
+        assert listing(corrupt) == sorted([f"{qid}.eml", f"{qid}.json"])
+        assert (corrupt / f"{qid}.eml").read_bytes() == MESSAGE
+        assert listing(spoolDir / "queue") == []
+    finally:
+        again.stop()
 
 # --- free space --------------------------------------------------------------------------------
 

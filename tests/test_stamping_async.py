@@ -167,3 +167,24 @@ def test_clock_is_unused_by_synchronous_stampers() -> None:
 
     result = runStampers([ConfiguredStamper("default", DefaultStamper(), 1)], context(), clock)
     assert isinstance(result, StampResult) and clock.getDelayedCalls() == []
+
+
+def test_message_refused_while_stamping_cancels_it_and_reads_on() -> None:
+    """A message refused at its end (here for a NUL in its body) while a stamper has not
+    answered: the stamping is abandoned at once, so the session reads the next command
+    without waiting for the stamper, and nothing is logged about a stamping that no longer
+    matters.  (Over TCP the refusal cannot be read while the stampers work, reading being
+    paused; a transport that delivers what it already has after a pause would show it.)"""
+    stamper = Later()
+    h = harness(stamper, timeout=30)
+    h.send(b"Subject: hi\r\n\r\n")
+    (pending,) = stamper.calls
+    with capturedLogs() as events:
+        assert h.send(b"a NUL \0 here\r\n.\r\n") == [b"550 5.6.0 Error: message contains NUL characters"]
+        assert pending.called  # cancelled
+        assert h.transport.producerState == "producing"
+        assert h.send(b"RSET\r\n") == [b"250 2.0.0 Ok"]
+        h.clock.advance(30)
+    assert h.spool.committed == {}
+    texts = [formatEvent(e) for e in events]
+    assert not any("stamper" in t or "ignored" in t for t in texts), texts

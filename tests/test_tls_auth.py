@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from argon2 import PasswordHasher
@@ -20,7 +21,7 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -424,30 +425,84 @@ def test_memory_throttle_counts_attempts_in_flight() -> None:
     assert (t.failures("a"), t.inFlight("a"), t.inFlight("b")) == (3, 0, 1)
 
 
+def parallelHarnesses(count: int, **kw: Any) -> list[ServerHarness]:
+    """C{count} connections from one client, after TLS, sharing one throttle and one checker
+    (which holds its answers)."""
+    first = tlsHarness(**kw)
+    first.checker.hold = True
+    harnesses = [first] + [tlsHarness(throttle=first.throttle, **kw) for _ in range(count - 1)]
+    for h in harnesses:
+        afterTLS(h)
+        h.checker = first.checker
+        h.protocol.context.auth.portal = first.protocol.context.auth.portal
+    return harnesses
+
+
 def test_parallel_attempts_are_checked_at_most_max_failures_times() -> None:
     """Guesses on many connections at once: attempts in flight count, so only maxFailures
-    passwords are ever checked; the rest are refused with 421 without a check."""
-    first = tlsHarness(maxFailures=4, failureDelay=0)
-    first.checker.hold = True
-    harnesses = [first] + [
-        tlsHarness(throttle=first.throttle, maxFailures=4, failureDelay=0) for _ in range(9)
-    ]
+    passwords are ever checked; the rest wait for those checks, and are then refused with 421
+    without a check."""
+    harnesses = parallelHarnesses(10, maxFailures=4, failureDelay=0)
+    first = harnesses[0]
     bad = b"AUTH PLAIN " + plain("alice", "guess") + b"\r\n"
     with capturedLogs() as events:
-        replies = []
-        for h in harnesses:
-            afterTLS(h)
-            h.checker = first.checker
-            h.protocol.context.auth.portal = first.protocol.context.auth.portal
-            replies.append(h.send(bad))
+        replies = [h.send(bad) for h in harnesses]
         assert len(first.checker.held) == 4
         first.checker.release()
+        for h in harnesses:
+            h.clock.advance(1)
     replies = [sent or h.replies() for sent, h in zip(replies, harnesses)]
     assert replies.count([b"535 5.7.8 Authentication credentials invalid"]) == 3
     assert replies.count([b"421 4.7.0 Error: too many failed authentications, try again later"]) == 7
     assert len(first.checker.checked) == 4
     assert sum("without checking" in e.get("why", "") for e in events) == 6
     assert (first.throttle.failures("127.0.0.1"), first.throttle.inFlight("127.0.0.1")) == (4, 0)
+
+
+def test_parallel_good_logins_beyond_max_failures_wait_and_succeed() -> None:
+    """An application opening more connections at once than max_failures, all with the
+    right password: the attempts beyond the budget wait for the checks in flight, never get
+    a 421 for failures nobody made."""
+    harnesses = parallelHarnesses(6, maxFailures=2, failureDelay=0)
+    first = harnesses[0]
+    good = b"AUTH PLAIN " + plain("alice", "secret") + b"\r\n"
+    assert [h.send(good) for h in harnesses] == [[]] * 6  # two checks, four waiting
+    assert len(first.checker.held) == 2
+    for _ in range(3):
+        first.checker.release()
+        for h in harnesses:
+            h.clock.advance(0.5)
+    assert [h.replies() for h in harnesses] == [[b"235 2.7.0 Authentication successful"]] * 6
+    assert len(first.checker.checked) == 6
+    assert (first.throttle.failures("127.0.0.1"), first.throttle.inFlight("127.0.0.1")) == (0, 0)
+
+
+def test_waiting_for_checks_in_flight_is_bounded() -> None:
+    """Checks of other connections that do not end: an attempt waits at most the checker's
+    timeout, then gets 454 (try again later), not a check and not a 421."""
+    first, second = parallelHarnesses(2, maxFailures=1, authTimeout=10)
+    good = b"AUTH PLAIN " + plain("alice", "secret") + b"\r\n"
+    assert first.send(good) == [] and second.send(good) == []
+    with capturedLogs() as events:
+        second.clock.advance(10)
+        assert second.replies() == [b"454 4.7.0 Temporary authentication failure"]
+    assert len(first.checker.checked) == 1
+    assert any("waited 10s for the checks in flight" in formatEvent(e) for e in events)
+    first.checker.release()
+    assert first.replies() == [b"235 2.7.0 Authentication successful"]
+    assert first.throttle.inFlight("127.0.0.1") == 0
+
+
+def test_waiting_ends_with_the_connection() -> None:
+    first, second = parallelHarnesses(2, maxFailures=1)
+    good = b"AUTH PLAIN " + plain("alice", "secret") + b"\r\n"
+    first.send(good)
+    second.send(good)
+    second.loseConnection()
+    second.clock.advance(60)
+    first.checker.release()
+    assert len(first.checker.checked) == 1  # the gone connection's password is never checked
+    assert first.throttle.inFlight("127.0.0.1") == 0
 
 
 @pytest.mark.parametrize(

@@ -19,11 +19,11 @@ import dataclasses
 from typing import Any, Callable, Iterable
 
 from twisted.internet import defer
-from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.defer import Deferred, DeferredSemaphore, inlineCallbacks
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailrelay.interfaces import DeliveryStatus, RecipientResult, Route
+from mailrelay.interfaces import PLATFORM_TRUST_STORE, DeliveryStatus, RecipientResult, Route
 
 __all__ = ["BUILTIN_BACKENDS", "resultsForAll", "PerDestination", "Quitter", "ClientBackend"]
 
@@ -179,6 +179,8 @@ class ClientBackend:
         @raise ValueError: the options cannot be applied (the message says why).
         """
         changes = route.options.changes()
+        if changes.get("caFile") == PLATFORM_TRUST_STORE:
+            changes["caFile"] = None  # what ClientSettings calls the platform's trust store
         return dataclasses.replace(self.settings, **changes) if changes else self.settings
 
     def deliver(self, envelope: Any, recipients: Any, route: Route, messagePath: Any) -> Deferred:
@@ -220,6 +222,30 @@ class ClientBackend:
         self, envelope: Any, recipients: list[Any], nexthop: str, settings: Any, messagePath: Any
     ) -> Deferred:
         raise NotImplementedError()
+
+    @inlineCallbacks
+    def _send(self, connection: Any, envelope: Any, recipients: list, messagePath: Any) -> Any:
+        """C{connection.send}, turning an (unexpected) failure into transient results."""
+        try:
+            results = yield connection.send(envelope, recipients, messagePath)
+        except defer.CancelledError:
+            connection.abort()
+            raise
+        except Exception as e:
+            log.failure(
+                "{queueID}: sending over {remoteMTA} failed unexpectedly",
+                queueID=envelope.queueID,
+                remoteMTA=getattr(connection, "remoteMTA", None),
+            )
+            connection.abort()
+            return resultsForAll(
+                recipients,
+                DeliveryStatus.TRANSIENT,
+                "4.3.0",
+                f"X-mailrelay; internal error: {e}",
+                getattr(connection, "remoteMTA", None),
+            )
+        return list(results)
 
     @property
     def _semaphores(self) -> dict[str, Any]:

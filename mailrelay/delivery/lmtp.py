@@ -18,7 +18,6 @@ import ipaddress
 from pathlib import Path
 from typing import Any, Callable
 
-from twisted.internet import defer
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import (
     HostnameEndpoint,
@@ -172,25 +171,9 @@ class LMTPBackend(ClientBackend):
                 e.diagnostic,
                 e.remoteMTA or remoteMTA,
             )
-        try:
-            results = yield connection.send(envelope, recipients, messagePath)
-        except defer.CancelledError:
-            connection.abort()
-            raise
-        except Exception as e:
-            log.failure(
-                "{queueID}: LMTP send to {nexthop} failed", queueID=queueID, nexthop=nexthop
-            )
-            connection.abort()
-            return resultsForAll(
-                recipients,
-                DeliveryStatus.TRANSIENT,
-                "4.3.0",
-                f"X-mailrelay; internal error: {e}",
-                remoteMTA,
-            )
+        results = yield self._send(connection, envelope, recipients, messagePath)
         self._quit(connection)
-        return list(results)
+        return results
 
     def _quit(self, connection: Any) -> None:
         """Send QUIT (or abort a connection that cannot be used any more), in the background."""

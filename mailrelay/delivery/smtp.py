@@ -145,30 +145,6 @@ class SMTPBackend(ClientBackend):
         )
 
     @inlineCallbacks
-    def _send(self, connection: Any, envelope: Any, recipients: list, messagePath: Path) -> Any:
-        """C{connection.send}, turning an (unexpected) failure into transient results."""
-        try:
-            results = yield connection.send(envelope, recipients, messagePath)
-        except defer.CancelledError:
-            connection.abort()
-            raise
-        except Exception as e:
-            log.failure(
-                "{queueID}: sending over {remoteMTA} failed unexpectedly",
-                queueID=envelope.queueID,
-                remoteMTA=getattr(connection, "remoteMTA", None),
-            )
-            connection.abort()
-            return resultsForAll(
-                recipients,
-                DeliveryStatus.TRANSIENT,
-                "4.3.0",
-                f"X-mailrelay; internal error: {e}",
-                getattr(connection, "remoteMTA", None),
-            )
-        return list(results)
-
-    @inlineCallbacks
     def _deliver(
         self,
         envelope: Any,

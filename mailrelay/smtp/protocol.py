@@ -73,6 +73,9 @@ AUTH_TOO_MANY_FAILURES = Reply(
     421, "4.7.0", "Error: too many failed authentications, try again later"
 )
 AUTH_TEMPORARY_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")
+#: Seconds between two looks at the AUTH throttle of an attempt waiting for the checks in
+#: flight of the same client.
+AUTH_WAIT_INTERVAL = 0.1
 
 
 @dataclass
@@ -673,7 +676,11 @@ class SMTPServerProtocol(Protocol):
         """Check credentials through the portal.  Attempts are counted per client (IPv6 by
         the listener's C{ipv6_prefix_length}) while in flight and as failures after (see
         L{mailrelay.auth.IAuthThrottle}): after C{throttleAfter} failures the 535 is
-        delayed, and from C{maxFailures} on AUTH is refused with 421 without a check."""
+        delayed, and from C{maxFailures} on AUTH is refused with 421 without a check.  An
+        attempt that would go beyond C{maxFailures} with the checks in flight of the same
+        client waits for them (at most C{auth.timeout}, then 454), so that at most
+        C{maxFailures} passwords are checked per window, however many connections try at
+        once, and a client with many connections and the right password is not refused."""
         auth = self.context.auth
         session = self.session
         assert session is not None
@@ -704,11 +711,15 @@ class SMTPServerProtocol(Protocol):
                 lambda f: log.failure("AUTH throttle: settling for {client}", f, client=client)
             )
 
+        clock = self.context.clock
+        started = clock.seconds()
+
+        def reserve() -> Deferred:
+            return maybeDeferred(auth.throttle.reserve, client).addCallbacks(reserved, notReserved)
+
         def reserved(count: int) -> Any:
             if count > auth.maxFailures:
-                release()
-                logFailure(count - 1, "too many failures, refused with 421 without checking")
-                return AUTH_TOO_MANY_FAILURES
+                return settle(False).addCallbacks(overBudget, notReserved)
             if question.authzid and question.authzid != question.username:
                 return failed(Failure(UnauthorizedLogin("authorization identity differs")))
             d = auth.portal.login(
@@ -719,8 +730,30 @@ class SMTPServerProtocol(Protocol):
             return d.addCallbacks(succeeded, failed)
 
         def notReserved(failure: Failure) -> Reply:
-            log.failure("AUTH throttle: counting the attempt of {client}", failure, client=client)
+            log.failure("AUTH throttle: reserving or settling for {client}", failure, client=client)
             return AUTH_TEMPORARY_FAILURE
+
+        def overBudget(failures: int) -> Any:
+            # The failures recorded fill the budget: refused.  Otherwise checks still in
+            # flight (other connections of this client) hold it: wait for them, never refuse
+            # a client for failures it has not made.
+            if failures >= auth.maxFailures:
+                logFailure(failures, "too many failures, refused with 421 without checking")
+                return AUTH_TOO_MANY_FAILURES
+            if session.closed:
+                return AUTH_TEMPORARY_FAILURE  # no one waits for the answer: check nothing
+            waited = clock.seconds() - started
+            if auth.timeout and waited >= auth.timeout:
+                log.warn(
+                    "authentication from {client} (sasl_username={user}) waited {waited:g}s "
+                    "for the checks in flight of the same client; answered 454",
+                    client=address,
+                    user=question.username,
+                    sasl_username=question.username,
+                    waited=waited,
+                )
+                return AUTH_TEMPORARY_FAILURE
+            return deferLater(clock, AUTH_WAIT_INTERVAL, reserve)
 
         def succeeded(result: tuple[Any, Any, Any]) -> str:
             release()
@@ -766,7 +799,7 @@ class SMTPServerProtocol(Protocol):
             logFailure(count, "wrong user name or password")
             return AUTH_INVALID
 
-        return maybeDeferred(auth.throttle.reserve, client).addCallbacks(reserved, notReserved)
+        return reserve()
 
     def _checkMail(self, envelope: Envelope) -> Deferred:
         auth = self.context.auth
@@ -865,6 +898,8 @@ class SMTPServerProtocol(Protocol):
         writer, headers = self._writer, self._headers
         self._writer = self._headers = None
         if question.error is not None or headers is None:
+            if headers is not None:
+                headers.abort()  # a stamper still at work is not waited for
             return self._storeMessage(question, writer, question.error)
 
         def stamped(_: None) -> Any:
