@@ -424,17 +424,25 @@ def _childMain(argv: list[str]) -> int:
         def connectionLost(self, reason: Any = None) -> None:
             self.readConnectionLost()
 
+    exitCode = [0]
+
     def start() -> None:
+        # Our standard output carries the log records; StandardIO gets /dev/null to write to.
+        # It comes first, so that the end of our input stops us whatever happens next.
+        stdio.StandardIO(Feed(), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY))
         # reactor.stop (end of input, SIGTERM) waits for the queue manager to finish its
         # deliveries and record them, then for the backends and the spool to close.
         reactor.addSystemEventTrigger("before", "shutdown", services.stopService)
-        services.startService()
-        # Our standard output carries the log records; StandardIO gets /dev/null to write to.
-        stdio.StandardIO(Feed(), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY))
+        try:
+            services.startService()
+        except Exception:
+            log.failure("delivery process: start-up failed; exiting (the relay restarts it)")
+            exitCode[0] = 1
+            _stopReactor(reactor)
 
     reactor.callWhenRunning(start)
     reactor.run()
-    return 0
+    return exitCode[0]
 
 
 if __name__ == "__main__":  # pragma: no cover - run as the child process

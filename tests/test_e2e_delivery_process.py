@@ -151,3 +151,27 @@ def test_log_lines_round_trip() -> None:
     )
     decoded = decodeLogEvent(encodeLogEvent({**event, "log_failure": failure})[:-1])
     assert decoded["log_text"].startswith("Q1: odd a\\b\nc\td\n") and "ZeroDivisionError" in decoded["log_text"]
+
+
+def test_delivery_process_that_fails_to_start_exits(tmp_path: Path) -> None:
+    """A start-up failure of the delivery process ends it (status 1, the failure logged), so
+    that the relay restarts it, instead of leaving it running deaf to the end of its input."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[spool]\ndirectory = "{tmp_path}/spool"\n')
+    script = (
+        "import sys\n"
+        "from mailrelay import qmgrprocess, queue\n"
+        "def broken(self): raise RuntimeError('the queue cannot start')\n"
+        "queue.QueueManager.startService = broken\n"
+        "sys.exit(qmgrprocess._childMain(sys.argv[1:]))\n"
+    )
+    (tmp_path / "spool").mkdir()
+    p = subprocess.run(
+        [sys.executable, "-c", script, "--config", str(config)],
+        stdin=subprocess.PIPE, capture_output=True, timeout=30, cwd=tmp_path,
+    )  # stdin is a pipe held open: the child must not wait for its end
+    assert p.returncode == 1, p
+    assert b"start-up failed" in p.stdout and b"the queue cannot start" in p.stdout
