@@ -33,14 +33,13 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
-from mailrelay.auth import AuthPolicy, MemoryAuthThrottle, makePortal
-
+from mailrelay.cleanup.stamping import ConfiguredStamper, DefaultStamper
 from mailrelay.envelope import Envelope
-from mailrelay.limits import ListenerLimits, MemoryRateLimiter
-from mailrelay.policy import ConfiguredValidator, RecipientPolicy, RelayControl
-from mailrelay.smtp.protocol import ListenerContext, SMTPServerFactory, SMTPServerProtocol
+from mailrelay.policy.chain import ConfiguredValidator, RecipientPolicy, RelayControl
+from mailrelay.receive.auth import AuthPolicy, MemoryAuthThrottle, makePortal
+from mailrelay.receive.limits import ListenerLimits, MemoryRateLimiter
+from mailrelay.receive.protocol import ListenerContext, SMTPServerFactory, SMTPServerProtocol
 from mailrelay.smtp.server import SessionSettings
-from mailrelay.stamping import ConfiguredStamper, DefaultStamper
 
 
 class _MemorySpoolError(Exception):

@@ -38,9 +38,9 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybe
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailrelay.bounce import buildDSN, dsnEnvelope, isPostmasterNotice
 from mailrelay.envelope import BOUNCED, DELIVERED, PENDING, Envelope, Recipient
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, RecipientResult, Route
+from mailrelay.queue.dsn import buildDSN, dsnEnvelope, isPostmasterNotice
 from mailrelay.spool import CorruptEntry, SpoolError, newQueueID
 
 log = Logger()

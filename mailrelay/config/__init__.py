@@ -1289,7 +1289,7 @@ class _Loader:
     ) -> tuple[SNICertificate, ...]:
         """A listener's C{tls_certificates}: an array of C{{server_name, certificate, key}}
         tables; each certificate is loaded (and must match its key) now."""
-        from mailrelay.tls import TLSConfigError, loadServerTLS
+        from mailrelay.receive.tls import TLSConfigError, loadServerTLS
 
         key = joinKey(here, "tls_certificates")
         example = (
@@ -1427,7 +1427,7 @@ class _Loader:
                     "for the defaults)",
                 )
         if certificate is not None:
-            from mailrelay.tls import TLSConfigError, loadServerTLS
+            from mailrelay.receive.tls import TLSConfigError, loadServerTLS
 
             try:
                 loadServerTLS(
@@ -1496,7 +1496,7 @@ class _Loader:
 
     def auth(self, table: dict[str, Any]) -> AuthConfig:
         """The C{[auth]} table: the password file is read and checked now."""
-        from mailrelay.auth import (
+        from mailrelay.receive.auth import (
             DEFAULT_CHECKER_TIMEOUT,
             MECHANISMS,
             PasswordFileError,
@@ -2255,7 +2255,7 @@ def loadConfig(
     )
     rateLimiter = None
     if "rate_limiter" in data:
-        from mailrelay.limits import LIMITER_TIMEOUT
+        from mailrelay.receive.limits import LIMITER_TIMEOUT
 
         rateLimiter = load.pluginTable(
             data["rate_limiter"], "rate_limiter", LIMITER_TIMEOUT, "a rate limiter plugin"
