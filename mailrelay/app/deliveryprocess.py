@@ -309,12 +309,16 @@ def makeDeliveryServices(config: Any, reactor: Any) -> tuple[Any, Any]:
 
     @raise mailrelay.errors.ConfigError: a route or backend plugin is refused.
     """
-    from mailrelay.app.relay import OrderedMultiService, makeDelivery, makeSpool, pluginBuilder
+    from mailrelay.app.delivery import makeDelivery, makeSpool
+    from mailrelay.app.plugins import availablePlugins, pluginBuilder
+    from mailrelay.app.services import OrderedMultiService
 
     top = OrderedMultiService()
     # The relay's process recovered the spool before starting us.
     spool = makeSpool(config, reactor, top, recover=False)
-    services, queue = makeDelivery(config, reactor, spool, pluginBuilder(config, reactor))
+    services, queue = makeDelivery(
+        config, reactor, spool, pluginBuilder(config, reactor, availablePlugins())
+    )
     for service in services:
         service.setServiceParent(top)
     return top, queue

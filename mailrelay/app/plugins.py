@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.plugin import IPlugin, getPlugins
 from zope.interface import Interface, implementer
@@ -21,6 +21,9 @@ from zope.interface.verify import verifyObject
 
 from mailrelay.errors import ConfigError
 from mailrelay.interfaces import IMailRelayPlugin, PluginContext
+
+if TYPE_CHECKING:
+    from mailrelay.config import Config
 
 
 @implementer(IPlugin, IMailRelayPlugin)
@@ -119,3 +122,20 @@ def buildPlugin(
             key="plugin",
         ) from e
     return obj
+
+
+def pluginBuilder(config: Config, reactor: Any, available: dict[str, IMailRelayPlugin]) -> Any:
+    """C{build(spec, interface)}: builds the plugin a configuration entry names; a
+    L{ConfigError} names the file and the entry's key.
+
+    @param available: the installed plugins by name (L{availablePlugins}).
+    """
+    context = PluginContext(hostname=config.hostname, configDir=config.configDir, reactor=reactor)
+
+    def build(spec: Any, interface: Any) -> Any:
+        try:
+            return buildPlugin(available, spec.plugin, interface, spec.options, context)
+        except ConfigError as e:
+            raise e.within(file=config.source or "(embedded default)", key=spec.key) from e
+
+    return build
