@@ -1,4 +1,5 @@
-"""Every interface a mailrelay plugin can implement, and the verdicts plugins return.
+"""Every interface a mailrelay plugin can implement, the verdicts plugins return, the values
+the stages exchange (replies, routes, results) and L{MailRelayPlugin}.
 
 A site plugin is an object providing L{IMailRelayPlugin}, exposed from a module in any
 C{twisted/plugins/} directory on C{sys.path}.  The configuration names it; mailrelay calls its
@@ -10,17 +11,69 @@ See C{docs/plugins.md}.
 from __future__ import annotations
 
 import enum
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.plugin import IPlugin
-from zope.interface import Attribute, Interface
+from zope.interface import Attribute, Interface, implementer
 
-from mailrelay.smtp.replies import Reply
+from mailrelay.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     from mailrelay.envelope import ClientInfo, Envelope, Recipient
+
+
+# -- SMTP replies
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One SMTP reply, possibly multi-line.
+
+    @ivar code: the three-digit basic code.
+    @ivar enhanced: the RFC 3463 enhanced status code (C{"2.0.0"}) or C{""} when the reply
+        must not carry one (greeting, EHLO/HELO, 354).
+    @ivar text: the text; several lines are separated by C{"\\n"}.
+    """
+
+    code: int
+    enhanced: str
+    text: str
+
+    def __post_init__(self) -> None:
+        if not 200 <= self.code <= 599:
+            raise ValueError(f"bad SMTP reply code {self.code}")
+        if "\r" in self.text:
+            raise ValueError("reply text must not contain CR")
+
+    @property
+    def isPositive(self) -> bool:
+        return self.code < 400
+
+    @property
+    def isTransient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def isPermanent(self) -> bool:
+        return self.code >= 500
+
+    def toBytes(self) -> bytes:
+        lines = self.text.split("\n") or [""]
+        out = []
+        prefix = f"{self.enhanced} " if self.enhanced else ""
+        for i, line in enumerate(lines):
+            sep = " " if i == len(lines) - 1 else "-"
+            out.append(f"{self.code}{sep}{prefix}{line}\r\n")
+        return "".join(out).encode("utf-8")
+
+    def __str__(self) -> str:
+        return self.toBytes().decode("utf-8").rstrip("\r\n").replace("\r\n", " / ")
+
+
+# -- verdicts
 
 
 class VerdictKind(enum.Enum):
@@ -385,3 +438,43 @@ class IRateLimiter(Interface):
             counted after the previous window ended, as with Postfix's anvil(8) and a Redis
             C{INCR} with C{EXPIRE}.
         """
+
+
+# -- plugins
+
+
+@implementer(IPlugin, IMailRelayPlugin)
+@dataclass(frozen=True)
+class MailRelayPlugin:
+    """A ready-made L{IMailRelayPlugin}: a name, the interface provided, and a factory.
+
+    C{factory} is either a callable C{factory(options, context)} or a string
+    C{"package.module:function"} imported only when the plugin is built, so that scanning
+    the dropin stays cheap.  Site dropins can use this class too::
+
+        from mailrelay.interfaces import IRecipientValidator
+        from mailrelay.plugins import MailRelayPlugin
+        acmeRecipients = MailRelayPlugin(
+            name="acme-recipients",
+            provides=IRecipientValidator,
+            description="Recipients from ACME's directory",
+            factory="acme_mailrelay.recipients:build",
+        )
+    """
+
+    name: str
+    provides: Any  # an InterfaceClass such as IRecipientValidator
+    description: str
+    factory: str | Callable[[dict[str, Any], PluginContext], Any] = field(repr=False)
+
+    def build(self, options: dict[str, Any], context: PluginContext) -> Any:
+        factory = self.factory
+        if isinstance(factory, str):
+            moduleName, sep, attr = factory.partition(":")
+            if not sep or not moduleName or not attr:
+                raise ConfigError(f"plugin {self.name!r} has a bad factory {factory!r} (want 'module:function')")
+            try:
+                factory = getattr(importlib.import_module(moduleName), attr)
+            except (ImportError, AttributeError) as e:
+                raise ConfigError(f"plugin {self.name!r}: cannot load its factory {factory!r}: {e}") from e
+        return factory(options, context)

@@ -4,63 +4,27 @@ Plugins are objects providing L{IMailRelayPlugin}, found with C{twisted.plugin.g
 every C{twisted/plugins/} directory on C{sys.path}.  The configuration names them; this module
 finds each by name, builds it with its options and checks the result with C{verifyObject}.
 
-This module must stay cheap to import: the dropin imports it while Twisted scans plugins, so it
-never imports the reactor or reads configuration at import time.
+This module must stay cheap to import: site dropins import L{MailRelayPlugin} from it (as
+C{mailrelay.plugins}) while Twisted scans plugins, so it never imports the reactor or reads
+configuration at import time.  L{MailRelayPlugin} itself is a value of L{mailrelay.interfaces}.
 """
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from twisted.plugin import IPlugin, getPlugins
-from zope.interface import Interface, implementer
+from twisted.plugin import getPlugins
+from zope.interface import Interface
 from zope.interface.exceptions import Invalid
 from zope.interface.verify import verifyObject
 
 from mailrelay.errors import ConfigError
-from mailrelay.interfaces import IMailRelayPlugin, PluginContext
+from mailrelay.interfaces import IMailRelayPlugin, MailRelayPlugin, PluginContext
 
 if TYPE_CHECKING:
     from mailrelay.config import Config
 
-
-@implementer(IPlugin, IMailRelayPlugin)
-@dataclass(frozen=True)
-class MailRelayPlugin:
-    """A ready-made L{IMailRelayPlugin}: a name, the interface provided, and a factory.
-
-    C{factory} is either a callable C{factory(options, context)} or a string
-    C{"package.module:function"} imported only when the plugin is built, so that scanning
-    the dropin stays cheap.  Site dropins can use this class too::
-
-        from mailrelay.interfaces import IRecipientValidator
-        from mailrelay.plugins import MailRelayPlugin
-        acmeRecipients = MailRelayPlugin(
-            name="acme-recipients",
-            provides=IRecipientValidator,
-            description="Recipients from ACME's directory",
-            factory="acme_mailrelay.recipients:build",
-        )
-    """
-
-    name: str
-    provides: Any  # an InterfaceClass such as IRecipientValidator
-    description: str
-    factory: str | Callable[[dict[str, Any], PluginContext], Any] = field(repr=False)
-
-    def build(self, options: dict[str, Any], context: PluginContext) -> Any:
-        factory = self.factory
-        if isinstance(factory, str):
-            moduleName, sep, attr = factory.partition(":")
-            if not sep or not moduleName or not attr:
-                raise ConfigError(f"plugin {self.name!r} has a bad factory {factory!r} (want 'module:function')")
-            try:
-                factory = getattr(importlib.import_module(moduleName), attr)
-            except (ImportError, AttributeError) as e:
-                raise ConfigError(f"plugin {self.name!r}: cannot load its factory {factory!r}: {e}") from e
-        return factory(options, context)
+__all__ = ["MailRelayPlugin", "availablePlugins", "buildPlugin", "pluginBuilder"]
 
 
 def availablePlugins() -> dict[str, IMailRelayPlugin]:

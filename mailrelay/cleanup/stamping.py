@@ -33,8 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay.address import AddressError, normaliseDomain
-from mailrelay.config import hostnameProblem
+from mailrelay.address import AddressError, hostnameProblem, normaliseDomain
 from mailrelay.interfaces import IHeaderStamper, PluginContext, StampContext, StampResult
 from mailrelay.smtp.replies import Reply
 

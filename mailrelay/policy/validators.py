@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailrelay.app.plugins import MailRelayPlugin
 from mailrelay.errors import ConfigError
 from mailrelay.interfaces import (
     ACCEPT,
     CONTINUE,
     IRecipientValidator,
+    MailRelayPlugin,
     PluginContext,
     Verdict,
 )

@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.logger import Logger
 from twisted.names import dns
 
-from mailrelay.config import hostnameProblem
+from mailrelay.address import hostnameProblem
 
 log = Logger()
 

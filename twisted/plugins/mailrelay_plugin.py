@@ -6,8 +6,7 @@ command runs, and the built-in plugins import their implementations only when bu
 
 from twisted.application.service import ServiceMaker
 
-from mailrelay.app.plugins import MailRelayPlugin
-from mailrelay.interfaces import IHeaderStamper
+from mailrelay.interfaces import IHeaderStamper, MailRelayPlugin
 from mailrelay.policy.validators import acceptedDomainsPlugin, recipientMapPlugin, regexPlugin
 
 mailrelay = ServiceMaker(
