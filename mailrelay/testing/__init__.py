@@ -5,10 +5,10 @@
 May import every package but L{mailrelay.app}.
 """
 
+from mailrelay.spool.memory import MemorySpool
 from mailrelay.testing.harness import (
     FakeTLSConnection,
     MemoryChecker,
-    MemorySpool,
     ServerHarness,
     TLSStringTransport,
 )
