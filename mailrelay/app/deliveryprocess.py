@@ -1,7 +1,7 @@
 """The queue manager in a process of its own, so that delivery and acceptance use two cores.
 
 Like Postfix's qmgr beside its smtpd processes: the relay's main process accepts mail and
-commits it to the spool; a child process (C{python -m mailrelay.qmgrprocess}) runs the queue
+commits it to the spool; a child process (C{python -m mailrelay.app.deliveryprocess}) runs the queue
 manager and the delivery backends over the same spool.  The main process tells the child of
 each committed entry by writing its queue id, one per line, to the child's standard input --
 the child never rescans the spool, and a lost notification costs nothing: whatever is in the
@@ -14,7 +14,7 @@ minute).  When the relay stops or reloads, the child's standard input is closed;
 stops its queue manager -- deliveries in flight run to their end (at most the drain time) and
 are recorded -- then closes its backends and the spool, and exits.  The child also stops so
 when it gets SIGTERM, which Linux sends it when the relay dies (C{PR_SET_PDEATHSIG}); and only
-one queue manager delivers from a spool at a time (L{mailrelay.queuelock}), so a relay
+one queue manager delivers from a spool at a time (L{mailrelay.queue.lock}), so a relay
 restarted after C{kill -9} starts a child that waits for the old one to finish.
 """
 
@@ -122,7 +122,7 @@ class DeliveryProcessService(Service):
     The child gets the configuration the relay runs on: the bytes of its file (on file
     descriptor 3, so that an edit not yet reloaded does not reach a restarted child), its path
     (for messages and relative paths) and the command-line overrides.  It holds the spool's
-    queue lock (L{mailrelay.queuelock}) while it may deliver, so that a child started while a
+    queue lock (L{mailrelay.queue.lock}) while it may deliver, so that a child started while a
     previous one finishes (after a reload, or a crash of the relay) waits for it.
 
     @ivar drainTime: seconds the child may take to finish its deliveries when told to stop;

@@ -308,7 +308,7 @@ def loadListenerTLS(
     key: str | None = None,
     what: str = "certificate",
 ) -> Any:
-    """The listener's L{mailrelay.tls.ServerTLS} (its certificate loaded again: the
+    """The listener's L{mailrelay.receive.tls.ServerTLS} (its certificate loaded again: the
     configuration checked it), or C{None} without TLS; warnings (an expired certificate) are
     logged.  With C{certificate} and C{key}, that certificate (an SNI one) instead."""
     if certificate is None:
@@ -340,8 +340,8 @@ def loadListenerTLS(
 
 
 def loadListenerSNI(config: Config, listener: Any, default: Any) -> Any:
-    """The listener's L{mailrelay.tls.SNIServerOptions}: C{default} (its L{ServerTLS}) and the
-    certificates of C{tls_certificates} by server name."""
+    """The listener's L{mailrelay.receive.tls.SNIServerOptions}: C{default} (its
+    L{ServerTLS}) and the certificates of C{tls_certificates} by server name."""
     from mailrelay.receive.tls import SNIServerOptions
 
     byName = {}
@@ -358,7 +358,7 @@ def loadListenerSNI(config: Config, listener: Any, default: Any) -> Any:
 
 
 def makeAuthPolicy(config: Config, reactor: Any, build: Any = None, carried: Any = None) -> Any:
-    """The L{mailrelay.auth.AuthPolicy} all AUTH listeners share (one throttle for all), or
+    """The L{mailrelay.receive.auth.AuthPolicy} all AUTH listeners share (one throttle for all), or
     C{None} without C{[auth]}.
 
     @param build: builds a plugin from a L{mailrelay.config.PluginSpec} and an interface

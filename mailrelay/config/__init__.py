@@ -14,6 +14,11 @@ loading, relative to the file's directory; passwords never appear in messages no
 C{repr} of the result.
 
 See C{etc/mailrelay.toml} for a commented sample of every key.
+
+The package (this module, until it is split into schema, loader and types) may import the
+values (L{mailrelay.interfaces}, L{mailrelay.envelope}, L{mailrelay.errors},
+L{mailrelay.address}), L{mailrelay.smtp} and the stages, to check their values; never
+L{mailrelay.app}.
 """
 
 from __future__ import annotations
@@ -80,7 +85,7 @@ LISTENER_TLS_MODES = ("none", "starttls", "implicit")
 #: The values of a listener's C{tls_min_version}.
 TLS_MIN_VERSIONS = ("TLSv1.2", "TLSv1.3")
 
-#: A listener's abuse limits (Postfix's defaults; see L{mailrelay.limits}), protocol checks
+#: A listener's abuse limits (Postfix's defaults; see L{mailrelay.receive.limits}), protocol checks
 #: and deadlines.
 DEFAULT_MAX_CONNECTIONS = 100
 DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 50

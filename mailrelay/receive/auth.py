@@ -2,7 +2,7 @@
 the per-client throttle of AUTH attempts, and per-user sender binding.
 
 The server session (L{mailrelay.smtp.server}) speaks SASL PLAIN and LOGIN and asks its driver
-to check the credentials; the driver (L{mailrelay.smtp.protocol}) logs in through the
+to check the credentials; the driver (L{mailrelay.receive.protocol}) logs in through the
 L{AuthPolicy}'s C{Portal}.  Any C{ICredentialsChecker} for C{IUsernamePassword} can stand
 behind that portal (a site's LDAP or SQL checker); the built-in one is
 L{PasswordFileChecker}, reading a file of argon2 hashes::
@@ -271,7 +271,7 @@ class IAuthThrottle(Interface):
     """Counts AUTH attempts per client, so that at most C{maxFailures} passwords are ever
     checked per window per client, however many connections guess at once.
 
-    A client is what L{mailrelay.limits.clientNetwork} makes of its address: an IPv4
+    A client is what L{mailrelay.receive.limits.clientNetwork} makes of its address: an IPv4
     address, or an IPv6 network of the listener's C{ipv6_prefix_length} bits (one host has a
     whole /64 or more to guess from).
 

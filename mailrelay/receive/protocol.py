@@ -2,7 +2,7 @@
 
 The protocol moves bytes, runs the timers, and answers the session's questions with the policy
 (relay control and recipient validators), the header stampers, the spool and (for AUTH) the
-L{mailrelay.auth.AuthPolicy}.  It pauses reading while a question is pending, so a client
+L{mailrelay.receive.auth.AuthPolicy}.  It pauses reading while a question is pending, so a client
 pipelining ahead cannot make us buffer without bound.
 
 TLS: on L{StartTLS} the protocol writes the 220 reply in plaintext and calls
@@ -16,11 +16,11 @@ which pauses the reading of further commands until the replies are sent; a sessi
 output stays blocked past the idle timeout is closed (aborted: nothing can be sent to it).
 Reading is paused for that and for a pending question independently.
 
-Abuse limits (L{mailrelay.limits.ListenerLimits}): a new connection is counted first; one over
-a limit gets a 421 instead of the greeting.  The greeting waits C{greetPause} seconds when set
-(input before it is early talk: 554, see L{mailrelay.smtp.server}).  The session ends with 421
-after C{maxSessionTime} seconds whatever the client does, and in DATA a client must keep up
-C{minDataRate} bytes per second on average: each chunk received extends its deadline by
+Abuse limits (L{mailrelay.receive.limits.ListenerLimits}): a new connection is counted first;
+one over a limit gets a 421 instead of the greeting.  The greeting waits C{greetPause} seconds
+when set (input before it is early talk: 554, see L{mailrelay.smtp.server}).  The session ends
+with 421 after C{maxSessionTime} seconds whatever the client does, and in DATA a client must
+keep up C{minDataRate} bytes per second on average: each chunk received extends its deadline by
 C{len(chunk) / minDataRate} seconds, never beyond C{dataTimeout} from now (Postfix's
 C{smtpd_min_data_rate}).
 """
@@ -80,14 +80,14 @@ class ListenerContext:
     """Everything the sessions of one listener share.
 
     @ivar spool: a L{mailrelay.spool.Spool}.
-    @ivar stampers: the configured header stampers (L{mailrelay.stamping.ConfiguredStamper}),
-        in order.
+    @ivar stampers: the configured header stampers
+        (L{mailrelay.cleanup.stamping.ConfiguredStamper}), in order.
     @ivar resolver: an C{IResolver} for reverse lookups, or C{None} to skip them.
     @ivar tlsOptions: the C{IOpenSSLServerConnectionCreator} STARTTLS uses (the listener's
         certificate), or C{None}.
     @ivar implicitTLS: the listener's factory is wrapped in TLS: connections are TLS from the
         first byte.
-    @ivar auth: the L{mailrelay.auth.AuthPolicy} checking AUTH, or C{None} (no AUTH).
+    @ivar auth: the L{mailrelay.receive.auth.AuthPolicy} checking AUTH, or C{None} (no AUTH).
     """
 
     settings: SessionSettings
@@ -108,7 +108,7 @@ class ListenerContext:
     tlsOptions: Any = None
     implicitTLS: bool = False
     auth: Any = None
-    #: The listener's L{mailrelay.limits.ListenerLimits}, or C{None} for no limits.
+    #: The listener's L{mailrelay.receive.limits.ListenerLimits}, or C{None} for no limits.
     limits: Any = None
     #: Seconds to wait before the greeting (0: greet at once).
     greetPause: float = 0.0
@@ -211,7 +211,7 @@ class SMTPServerProtocol(Protocol):
         self._lookup: Deferred | None = None
         #: A TLS handshake is under way (implicit TLS, or after STARTTLS) and not finished.
         self._handshaking = context.implicitTLS
-        #: The limits' bookkeeping of this connection (L{mailrelay.limits.Admission}).
+        #: The limits' bookkeeping of this connection (L{mailrelay.receive.limits.Admission}).
         self._admission: Any = None
         self._greetTimer: Any = None
         self._deadline: Any = None
@@ -672,7 +672,7 @@ class SMTPServerProtocol(Protocol):
     def _authenticate(self, question: Authenticate) -> Deferred:
         """Check credentials through the portal.  Attempts are counted per client (IPv6 by
         the listener's C{ipv6_prefix_length}) while in flight and as failures after (see
-        L{mailrelay.auth.IAuthThrottle}): after C{throttleAfter} failures the 535 is
+        L{mailrelay.receive.auth.IAuthThrottle}): after C{throttleAfter} failures the 535 is
         delayed, and from C{maxFailures} on AUTH is refused with 421 without a check."""
         auth = self.context.auth
         session = self.session

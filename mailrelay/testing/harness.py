@@ -12,8 +12,8 @@ the handshake with L{ServerHarness.completeHandshake}.  For AUTH, L{MemoryChecke
 users and passwords in memory, and L{ServerHarness} builds the portal and throttle.
 
 Abuse limits: give L{ServerHarness} C{limits} (the keyword arguments of
-L{mailrelay.limits.ListenerLimits}) and open more connections to the same listener with
-L{ServerHarness.another}; the counts live in a L{mailrelay.limits.MemoryRateLimiter} (or the
+L{mailrelay.receive.limits.ListenerLimits}) and open more connections to the same listener with
+L{ServerHarness.another}; the counts live in a L{mailrelay.receive.limits.MemoryRateLimiter} (or the
 C{limiter} given) on the harness's clock.
 """
 
@@ -129,7 +129,7 @@ class ServerHarness:
     @ivar limiter: the L{IRateLimiter} behind them.
 
     C{stampers} are L{IHeaderStamper} providers (each may answer within C{stamperTimeout}
-    seconds of the clock) or L{mailrelay.stamping.ConfiguredStamper}s; by default the
+    seconds of the clock) or L{mailrelay.cleanup.stamping.ConfiguredStamper}s; by default the
     L{DefaultStamper}.
 
     With C{users} (user name to password) the listener offers AUTH; C{tls=True} gives it a
