@@ -24,12 +24,15 @@ from dataclasses import dataclass
 
 import idna
 
-from mailrelay.smtp.replies import Reply
+from mailrelay.errors import describeValue
+from mailrelay.interfaces import Reply
 
 __all__ = [
     "AddressError",
     "Mailbox",
+    "hostnameProblem",
     "normaliseDomain",
+    "normaliseHostname",
     "parseForwardPath",
     "parseReversePath",
     "splitArgument",
@@ -51,6 +54,7 @@ _IPV4 = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}", re.ASCII)
 _IPV6_CHARS = re.compile(r"[0-9A-Fa-f:.]+", re.ASCII)
 # General-address-literal = Standardized-tag ":" 1*dcontent; dcontent = %d33-90 / %d94-126
 _GENERAL_LITERAL = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+", re.ASCII)
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*", re.ASCII)
 _HEX = frozenset("0123456789ABCDEFabcdef")
 _ROUTING = frozenset("%!@")
@@ -527,3 +531,53 @@ def xtextEncode(s: str) -> str:
         else:
             out.extend(f"+{octet:02X}" for octet in char.encode("utf-8"))
     return "".join(out)
+
+
+# -- host names (HELO, the relay's own name, certificates, reverse DNS)
+
+
+def hostnameProblem(text: str) -> str | None:
+    """Why C{text} is not a syntactically valid host name, or C{None} when it is.
+
+    A host name is dot-separated labels of ASCII letters, digits and hyphens, each 1 to 63
+    characters long, not starting or ending with a hyphen; one trailing dot is allowed; the whole
+    is at most 253 characters.  An IP address is not a host name.
+    """
+    if not text:
+        return "a host name cannot be empty"
+    name = text[:-1] if text.endswith(".") else text
+    if len(name) > 253:
+        return "a host name is at most 253 characters long"
+    for label in name.split("."):
+        if not label:
+            return "a host name cannot have an empty label (two dots in a row, or a leading dot)"
+        if len(label) > 63:
+            return f"label {describeValue(label, 30)} is longer than 63 characters"
+        if not _HOST_LABEL.match(label):
+            return (
+                f"label {describeValue(label)} may hold only letters, digits and hyphens, "
+                "and cannot start or end with a hyphen"
+            )
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        pass
+    else:
+        return "an IP address is not a host name"
+    if name.rsplit(".", 1)[-1].isdigit():
+        return "the last label cannot be all digits (as in an IP address)"
+    return None
+
+
+def normaliseHostname(text: str) -> str:
+    """Check a host name (see L{hostnameProblem}) and return it lower-cased, without a
+    trailing dot.
+
+    @raise ValueError: not a valid host name; the message names the value.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"must be a host name (a string), not {describeValue(text)}")
+    problem = hostnameProblem(text)
+    if problem:
+        raise ValueError(f"{describeValue(text)} is not a valid host name: {problem}")
+    return text.rstrip(".").lower() if text.endswith(".") else text.lower()

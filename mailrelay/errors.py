@@ -1,6 +1,13 @@
-"""Exceptions shared across mailrelay."""
+"""Exceptions shared across mailrelay, and how their messages name values and keys."""
 
 from __future__ import annotations
+
+import datetime
+import json
+import re
+from typing import Any
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
 
 
 class ConfigError(ValueError):
@@ -34,3 +41,46 @@ class ConfigError(ValueError):
         elif self.key:
             newKey = self.key
         return ConfigError(self.message, file=file or self.file, key=newKey)
+
+
+# -- describing values and keys in messages
+
+
+def describeValue(value: Any, limit: int = 80) -> str:
+    """Render C{value} the way it is written in TOML, shortened to about C{limit} characters.
+
+    Strings come out in double quotes (C{"ten"}), booleans as C{true}/C{false}, arrays in
+    brackets and tables as inline tables.
+    """
+    text = _render(value)
+    if len(text) > limit:
+        text = text[: limit - 1] + "\u2026"
+    return text
+
+
+def _render(value: Any) -> str:
+    """Render C{value} as TOML-like text, without shortening."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_render(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_keyPart(k)} = {_render(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def _keyPart(name: str) -> str:
+    """One segment of a dotted key: bare when TOML allows it, quoted otherwise."""
+    return name if _BARE_KEY.match(name) else json.dumps(name, ensure_ascii=False)
+
+
+def joinKey(parent: str, name: str) -> str:
+    """The dotted key of C{name} inside the table at C{parent} (C{""} for the top level)."""
+    part = _keyPart(name)
+    return f"{parent}.{part}" if parent else part

@@ -1,4 +1,5 @@
-"""Every interface a mailrelay plugin can implement, and the verdicts plugins return.
+"""Every interface a mailrelay plugin can implement, the verdicts plugins return, the values
+the stages exchange (replies, routes, results) and L{MailRelayPlugin}.
 
 A site plugin is an object providing L{IMailRelayPlugin}, exposed from a module in any
 C{twisted/plugins/} directory on C{sys.path}.  The configuration names it; mailrelay calls its
@@ -10,17 +11,69 @@ See C{docs/plugins.md}.
 from __future__ import annotations
 
 import enum
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.plugin import IPlugin
-from zope.interface import Attribute, Interface
+from zope.interface import Attribute, Interface, implementer
 
-from mailrelay.smtp.replies import Reply
+from mailrelay.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     from mailrelay.envelope import ClientInfo, Envelope, Recipient
+
+
+# -- SMTP replies (smtp/ sends them; every stage may make one)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One SMTP reply, possibly multi-line.
+
+    @ivar code: the three-digit basic code.
+    @ivar enhanced: the RFC 3463 enhanced status code (C{"2.0.0"}) or C{""} when the reply
+        must not carry one (greeting, EHLO/HELO, 354).
+    @ivar text: the text; several lines are separated by C{"\\n"}.
+    """
+
+    code: int
+    enhanced: str
+    text: str
+
+    def __post_init__(self) -> None:
+        if not 200 <= self.code <= 599:
+            raise ValueError(f"bad SMTP reply code {self.code}")
+        if "\r" in self.text:
+            raise ValueError("reply text must not contain CR")
+
+    @property
+    def isPositive(self) -> bool:
+        return self.code < 400
+
+    @property
+    def isTransient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def isPermanent(self) -> bool:
+        return self.code >= 500
+
+    def toBytes(self) -> bytes:
+        lines = self.text.split("\n") or [""]
+        out = []
+        prefix = f"{self.enhanced} " if self.enhanced else ""
+        for i, line in enumerate(lines):
+            sep = " " if i == len(lines) - 1 else "-"
+            out.append(f"{self.code}{sep}{prefix}{line}\r\n")
+        return "".join(out).encode("utf-8")
+
+    def __str__(self) -> str:
+        return self.toBytes().decode("utf-8").rstrip("\r\n").replace("\r\n", " / ")
+
+
+# -- verdicts and recipient policy (policy/)
 
 
 class VerdictKind(enum.Enum):
@@ -95,6 +148,9 @@ class IRecipientValidator(Interface):
         """
 
 
+# -- intake (cleanup/)
+
+
 @dataclass
 class StampContext:
     """What a header stamper is told when the header section of a message is complete.
@@ -159,40 +215,10 @@ class IHeaderStamper(Interface):
         L{StampResult}, or a Deferred firing with one."""
 
 
-class DeliveryStatus(enum.Enum):
-    """The outcome of one delivery attempt for one recipient."""
-
-    DELIVERED = "delivered"
-    TRANSIENT = "transient"  # 4xx, connection trouble, time-out: retry later
-    PERMANENT = "permanent"  # 5xx: bounce
+# -- spool (spool/)
 
 
-@dataclass(frozen=True, slots=True)
-class RecipientResult:
-    """What happened to one recipient in one delivery attempt.
-
-    @ivar address: the recipient's canonical address (as in L{Recipient.address}).
-    @ivar status: delivered, transient or permanent failure.
-    @ivar code: the RFC 3463 status code (C{"2.0.0"}, C{"4.4.1"}, C{"5.1.1"}); its class must
-        agree with C{status}.
-    @ivar diagnostic: RFC 3464 Diagnostic-Code form, C{"smtp; 550 5.1.1 user unknown"}, or for
-        failures that are not a reply C{"X-mailrelay; connection refused by 192.0.2.1"}.
-    @ivar remoteMTA: RFC 3464 Remote-MTA form (C{"dns; mx.example.org"}), or C{None}.
-    @ivar dsnRelayed: the next hop took the recipient's DSN request (it offered DSN and was
-        given NOTIFY): from here on, success notices are its job, not ours (RFC 3461 5.2).
-    """
-
-    address: str
-    status: DeliveryStatus
-    code: str
-    diagnostic: str
-    remoteMTA: str | None = None
-    dsnRelayed: bool = False
-
-    def __post_init__(self) -> None:
-        expected = {DeliveryStatus.DELIVERED: "2", DeliveryStatus.TRANSIENT: "4", DeliveryStatus.PERMANENT: "5"}
-        if not self.code.startswith(expected[self.status] + "."):
-            raise ValueError(f"status {self.status.value} does not match code {self.code}")
+# -- routing (route/)
 
 
 #: The TLS policies of a client connection (see L{RouteOptions.tls}).
@@ -294,6 +320,45 @@ class IRouter(Interface):
         delivery a transient failure (retried later)."""
 
 
+# -- delivery (delivery/)
+
+
+class DeliveryStatus(enum.Enum):
+    """The outcome of one delivery attempt for one recipient."""
+
+    DELIVERED = "delivered"
+    TRANSIENT = "transient"  # 4xx, connection trouble, time-out: retry later
+    PERMANENT = "permanent"  # 5xx: bounce
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientResult:
+    """What happened to one recipient in one delivery attempt.
+
+    @ivar address: the recipient's canonical address (as in L{Recipient.address}).
+    @ivar status: delivered, transient or permanent failure.
+    @ivar code: the RFC 3463 status code (C{"2.0.0"}, C{"4.4.1"}, C{"5.1.1"}); its class must
+        agree with C{status}.
+    @ivar diagnostic: RFC 3464 Diagnostic-Code form, C{"smtp; 550 5.1.1 user unknown"}, or for
+        failures that are not a reply C{"X-mailrelay; connection refused by 192.0.2.1"}.
+    @ivar remoteMTA: RFC 3464 Remote-MTA form (C{"dns; mx.example.org"}), or C{None}.
+    @ivar dsnRelayed: the next hop took the recipient's DSN request (it offered DSN and was
+        given NOTIFY): from here on, success notices are its job, not ours (RFC 3461 5.2).
+    """
+
+    address: str
+    status: DeliveryStatus
+    code: str
+    diagnostic: str
+    remoteMTA: str | None = None
+    dsnRelayed: bool = False
+
+    def __post_init__(self) -> None:
+        expected = {DeliveryStatus.DELIVERED: "2", DeliveryStatus.TRANSIENT: "4", DeliveryStatus.PERMANENT: "5"}
+        if not self.code.startswith(expected[self.status] + "."):
+            raise ValueError(f"status {self.status.value} does not match code {self.code}")
+
+
 class IDeliveryBackend(Interface):
     """Delivers one message to some of its recipients, along one L{Route}.
 
@@ -318,6 +383,49 @@ class IDeliveryBackend(Interface):
             Deferred should not fail; if it does, every recipient counts as a transient
             failure (retried), never as delivered.
         """
+
+
+# -- abuse limits (receive/)
+
+
+class IRateLimiter(Interface):
+    """The shared state of the abuse limits: sessions open and events counted, per key.
+
+    The server builds the keys (opaque text such as C{"tcp:25 conn 192.0.2.7"}); an
+    implementation only counts.  The built-in L{mailrelay.receive.limits.MemoryRateLimiter}
+    keeps the counts in memory, per relay process.  Several relays behind one MX or load
+    balancer can share one implementation backed by a store such as Redis
+    (C{acquire}/C{release} as C{INCR}/C{DECR}, C{hit} as C{INCR} plus C{EXPIRE} on the first
+    event).
+
+    Every method may return a Deferred.  An answer that fails, or does not come within
+    L{mailrelay.receive.limits.LIMITER_TIMEOUT} seconds, is logged and the limit is not applied
+    for that event: the limits never stop mail because their store is down, and acknowledging a
+    message never depends on it.
+    """
+
+    def acquire(key: str) -> Any:
+        """One more concurrent session for C{key}.
+
+        @return: the number of sessions open for C{key} now, this one included (an C{int}, or
+            a Deferred firing with one).  Every C{acquire} that answered is matched by one
+            L{release}, also when the session is then refused for being over the limit.
+        """
+
+    def release(key: str) -> Any:
+        """A session counted by L{acquire} ended.  The result (or the Deferred's) is ignored."""
+
+    def hit(key: str, window: float) -> Any:
+        """Count one event for C{key} in fixed windows of C{window} seconds.
+
+        @return: the events counted for C{key} in its current window, this one included (an
+            C{int}, or a Deferred firing with one).  A window starts with the first event
+            counted after the previous window ended, as with Postfix's anvil(8) and a Redis
+            C{INCR} with C{EXPIRE}.
+        """
+
+
+# -- plugins (app/plugins.py finds and builds them)
 
 
 @dataclass
@@ -358,37 +466,38 @@ class IMailRelayPlugin(IPlugin):
         """
 
 
-class IRateLimiter(Interface):
-    """The shared state of the abuse limits: sessions open and events counted, per key.
+@implementer(IPlugin, IMailRelayPlugin)
+@dataclass(frozen=True)
+class MailRelayPlugin:
+    """A ready-made L{IMailRelayPlugin}: a name, the interface provided, and a factory.
 
-    The server builds the keys (opaque text such as C{"tcp:25 conn 192.0.2.7"}); an
-    implementation only counts.  The built-in L{mailrelay.limits.MemoryRateLimiter} keeps the
-    counts in memory, per relay process.  Several relays behind one MX or load balancer can
-    share one implementation backed by a store such as Redis (C{acquire}/C{release} as
-    C{INCR}/C{DECR}, C{hit} as C{INCR} plus C{EXPIRE} on the first event).
+    C{factory} is either a callable C{factory(options, context)} or a string
+    C{"package.module:function"} imported only when the plugin is built, so that scanning
+    the dropin stays cheap.  Site dropins can use this class too::
 
-    Every method may return a Deferred.  An answer that fails, or does not come within
-    L{mailrelay.limits.LIMITER_TIMEOUT} seconds, is logged and the limit is not applied for
-    that event: the limits never stop mail because their store is down, and acknowledging a
-    message never depends on it.
+        from mailrelay.interfaces import IRecipientValidator
+        from mailrelay.plugins import MailRelayPlugin
+        acmeRecipients = MailRelayPlugin(
+            name="acme-recipients",
+            provides=IRecipientValidator,
+            description="Recipients from ACME's directory",
+            factory="acme_mailrelay.recipients:build",
+        )
     """
 
-    def acquire(key: str) -> Any:
-        """One more concurrent session for C{key}.
+    name: str
+    provides: Any  # an InterfaceClass such as IRecipientValidator
+    description: str
+    factory: str | Callable[[dict[str, Any], PluginContext], Any] = field(repr=False)
 
-        @return: the number of sessions open for C{key} now, this one included (an C{int}, or
-            a Deferred firing with one).  Every C{acquire} that answered is matched by one
-            L{release}, also when the session is then refused for being over the limit.
-        """
-
-    def release(key: str) -> Any:
-        """A session counted by L{acquire} ended.  The result (or the Deferred's) is ignored."""
-
-    def hit(key: str, window: float) -> Any:
-        """Count one event for C{key} in fixed windows of C{window} seconds.
-
-        @return: the events counted for C{key} in its current window, this one included (an
-            C{int}, or a Deferred firing with one).  A window starts with the first event
-            counted after the previous window ended, as with Postfix's anvil(8) and a Redis
-            C{INCR} with C{EXPIRE}.
-        """
+    def build(self, options: dict[str, Any], context: PluginContext) -> Any:
+        factory = self.factory
+        if isinstance(factory, str):
+            moduleName, sep, attr = factory.partition(":")
+            if not sep or not moduleName or not attr:
+                raise ConfigError(f"plugin {self.name!r} has a bad factory {factory!r} (want 'module:function')")
+            try:
+                factory = getattr(importlib.import_module(moduleName), attr)
+            except (ImportError, AttributeError) as e:
+                raise ConfigError(f"plugin {self.name!r}: cannot load its factory {factory!r}: {e}") from e
+        return factory(options, context)

@@ -1,108 +1,12 @@
-"""Forward-confirmed reverse DNS of a client, never blocking the reactor.
+"""Moved to L{mailrelay.receive.rdns}: this old name is an alias of the same module object.
 
-The name is only used when one of its addresses is the client's address (as Postfix does)
-and it is a host name of valid syntax (it goes into C{Received:} and the logs: a PTR record
-may hold any octets, parentheses that would end the comment of C{Received:} included);
-otherwise, or on any error or time-out, the client is "unknown".
+Internal: it stays only until the tests import the new path.  Nothing under C{mailrelay/}
+imports it.
 """
 
-from __future__ import annotations
+import sys
 
-import os
-from ipaddress import ip_address
-from typing import Any
+from mailrelay.receive import rdns as _moved
+from mailrelay.receive.rdns import *  # noqa: F403  (for type checkers and help())
 
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
-from twisted.logger import Logger
-from twisted.names import dns
-
-from mailrelay.config import hostnameProblem
-
-log = Logger()
-
-
-def _validName(name: str) -> bool:
-    return hostnameProblem(name) is None
-
-
-def _answers(result: Any, rtype: int) -> list[Any]:
-    answers = result[0] if isinstance(result, tuple) else result
-    return [rr.payload for rr in answers if rr.type == rtype]
-
-
-@inlineCallbacks
-def _lookup(resolver: Any, host: str) -> Any:
-    addr = ip_address(host.split("%", 1)[0])
-    if addr.version == 6 and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    ptr = yield resolver.lookupPointer(addr.reverse_pointer)
-    names = [str(p.name).rstrip(".").lower() for p in _answers(ptr, dns.PTR)]
-    names = [name for name in names if _validName(name)]
-    for name in names[:3]:
-        if addr.version == 4:
-            fwd = yield resolver.lookupAddress(name)
-            found = {p.dottedQuad() for p in _answers(fwd, dns.A)}
-        else:
-            fwd = yield resolver.lookupIPV6Address(name)
-            found = {str(ip_address(p.address)) for p in _answers(fwd, dns.AAAA)}
-        if str(addr) in found:
-            return name
-    return None
-
-
-_hostsCache: dict[str, tuple[tuple[int, int], dict[Any, str]]] = {}
-
-
-def _hostsTable(path: str) -> dict[Any, str]:
-    """Address to first name (of valid syntax), from C{path}; re-read only when the file
-    changes."""
-    st = os.stat(path)
-    stamp = (st.st_mtime_ns, st.st_size)
-    cached = _hostsCache.get(path)
-    if cached is not None and cached[0] == stamp:
-        return cached[1]
-    table: dict[Any, str] = {}
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            fields = line.split("#", 1)[0].split()
-            names = [name.rstrip(".").lower() for name in fields[1:] if _validName(name)]
-            if names:
-                try:
-                    table.setdefault(ip_address(fields[0]), names[0])
-                except ValueError:
-                    continue
-    _hostsCache[path] = (stamp, table)
-    return table
-
-
-def hostsFileName(host: str, path: str = "/etc/hosts") -> str | None:
-    """The first name C{path} gives the address C{host}, or C{None}."""
-    try:
-        return _hostsTable(path).get(ip_address(host.split("%", 1)[0]))
-    except (OSError, ValueError):
-        return None
-
-
-def reverseLookup(resolver: Any, host: str, timeout: float, clock: Any) -> Deferred:
-    """Look up C{host}'s forward-confirmed name.
-
-    Loopback addresses are looked up in C{/etc/hosts} only: they mean nothing in the DNS, and a
-    relay should not send queries about them.
-
-    @return: a Deferred firing with the name (lower case, no trailing dot) or C{None}; it never
-        fails.
-    """
-    try:
-        if ip_address(host.split("%", 1)[0]).is_loopback:
-            return succeed(hostsFileName(host))
-    except ValueError:
-        return succeed(None)
-    d = _lookup(resolver, host)
-    d.addTimeout(timeout, clock)
-
-    def failed(failure: Any) -> None:
-        log.debug("reverse lookup of {host} failed: {error}", host=host, error=failure.getErrorMessage())
-        return None
-
-    return d.addErrback(failed)
-
+sys.modules[__name__] = _moved

@@ -36,7 +36,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_wheel_contents(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "twisted/plugins/mailrelay_plugin.py" in names
-    assert "mailrelay/smtp/server.py" in names and "mailrelay/spool.py" in names
+    assert "mailrelay/smtp/server.py" in names and "mailrelay/spool/__init__.py" in names
     assert "mailrelay/delivery/smtp.py" in names and "mailrelay/smtp/client.py" in names
     assert "twisted/plugins/__init__.py" not in names and "twisted/__init__.py" not in names
     assert not any(n.startswith("tests/") for n in names)

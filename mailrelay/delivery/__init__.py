@@ -11,6 +11,9 @@ C{deliver} once per group, with that route.  The built-in backends, by the name 
 
 This package does not import its modules (nor the reactor) itself: import the backend's
 module when building it.
+
+The package may import the values (L{mailrelay.interfaces}, L{mailrelay.envelope},
+L{mailrelay.errors}, L{mailrelay.address}), L{mailrelay.smtp} and L{mailrelay.route}.
 """
 
 from __future__ import annotations

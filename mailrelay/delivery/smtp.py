@@ -45,7 +45,7 @@ from zope.interface import implementer
 
 from mailrelay.delivery import ClientBackend, PerDestination, Quitter, resultsForAll
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, RecipientResult
-from mailrelay.route import DeliveryFailure, MXHost, parseNexthop
+from mailrelay.route.table import DeliveryFailure, MXHost, parseNexthop
 from mailrelay.smtp import client as smtpClient
 from mailrelay.smtp.client import ClientSettings, SMTPConnectError
 

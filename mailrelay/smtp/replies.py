@@ -1,59 +1,13 @@
 """SMTP replies: basic code, RFC 3463 enhanced status code and text, in one place.
 
-Every reply the server sends is a :class:`Reply`.  Per RFC 2034 the enhanced code is carried
-on every 2xx/4xx/5xx reply except the greeting and the replies to HELO/EHLO; 3xx replies
-(354) carry none.
+Every reply the server sends is a L{Reply} (a value, defined in L{mailrelay.interfaces} and
+importable from here too).  Per RFC 2034 the enhanced code is carried on every 2xx/4xx/5xx
+reply except the greeting and the replies to HELO/EHLO; 3xx replies (354) carry none.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """One SMTP reply, possibly multi-line.
-
-    @ivar code: the three-digit basic code.
-    @ivar enhanced: the RFC 3463 enhanced status code (C{"2.0.0"}) or C{""} when the reply
-        must not carry one (greeting, EHLO/HELO, 354).
-    @ivar text: the text; several lines are separated by C{"\\n"}.
-    """
-
-    code: int
-    enhanced: str
-    text: str
-
-    def __post_init__(self) -> None:
-        if not 200 <= self.code <= 599:
-            raise ValueError(f"bad SMTP reply code {self.code}")
-        if "\r" in self.text:
-            raise ValueError("reply text must not contain CR")
-
-    @property
-    def isPositive(self) -> bool:
-        return self.code < 400
-
-    @property
-    def isTransient(self) -> bool:
-        return 400 <= self.code < 500
-
-    @property
-    def isPermanent(self) -> bool:
-        return self.code >= 500
-
-    def toBytes(self) -> bytes:
-        lines = self.text.split("\n") or [""]
-        out = []
-        prefix = f"{self.enhanced} " if self.enhanced else ""
-        for i, line in enumerate(lines):
-            sep = " " if i == len(lines) - 1 else "-"
-            out.append(f"{self.code}{sep}{prefix}{line}\r\n")
-        return "".join(out).encode("utf-8")
-
-    def __str__(self) -> str:
-        return self.toBytes().decode("utf-8").rstrip("\r\n").replace("\r\n", " / ")
-
+from mailrelay.interfaces import Reply
 
 # Fixed replies used in several places.
 OK = Reply(250, "2.0.0", "Ok")

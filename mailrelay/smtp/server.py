@@ -7,7 +7,7 @@ before the session reads on (L{CheckMail}, L{CheckRecipient}, L{StartData}, L{En
 L{Authenticate}).  After a question
 the session parses nothing more until L{ServerSession.answer} is called, so pipelined commands are
 answered strictly in order, across the DATA boundary too.  It never touches a socket, a clock or
-the disk: L{mailrelay.smtp.protocol} drives it with Twisted.
+the disk: L{mailrelay.receive.protocol} drives it with Twisted.
 
 Message data is handled in bulk (C{bytes.find}/C{replace}, never one Python call per line).  The
 end of data is only C{<CRLF>.<CRLF>}: a bare CR or LF never ends or splits a message.

@@ -12,15 +12,14 @@ the handshake with L{ServerHarness.completeHandshake}.  For AUTH, L{MemoryChecke
 users and passwords in memory, and L{ServerHarness} builds the portal and throttle.
 
 Abuse limits: give L{ServerHarness} C{limits} (the keyword arguments of
-L{mailrelay.limits.ListenerLimits}) and open more connections to the same listener with
-L{ServerHarness.another}; the counts live in a L{mailrelay.limits.MemoryRateLimiter} (or the
+L{mailrelay.receive.limits.ListenerLimits}) and open more connections to the same listener with
+L{ServerHarness.another}; the counts live in a L{mailrelay.receive.limits.MemoryRateLimiter} (or the
 C{limiter} given) on the harness's clock.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 from ipaddress import ip_network
 from typing import Any, Sequence
 
@@ -33,83 +32,13 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
-from mailrelay.auth import AuthPolicy, MemoryAuthThrottle, makePortal
-
-from mailrelay.envelope import Envelope
-from mailrelay.limits import ListenerLimits, MemoryRateLimiter
-from mailrelay.policy import ConfiguredValidator, RecipientPolicy, RelayControl
-from mailrelay.smtp.protocol import ListenerContext, SMTPServerFactory, SMTPServerProtocol
+from mailrelay.cleanup.stamping import ConfiguredStamper, DefaultStamper
+from mailrelay.policy.chain import ConfiguredValidator, RecipientPolicy, RelayControl
+from mailrelay.receive.auth import AuthPolicy, MemoryAuthThrottle, makePortal
+from mailrelay.receive.limits import ListenerLimits, MemoryRateLimiter
+from mailrelay.receive.protocol import ListenerContext, SMTPServerFactory, SMTPServerProtocol
 from mailrelay.smtp.server import SessionSettings
-from mailrelay.stamping import ConfiguredStamper, DefaultStamper
-
-
-class _MemorySpoolError(Exception):
-    pass
-
-
-@dataclass
-class _MemoryWriter:
-    spool: "MemorySpool"
-    queueID: str
-    chunks: list[bytes] = field(default_factory=list)
-    size: int = 0
-    aborted: bool = False
-
-    def write(self, data: bytes) -> None:
-        self.chunks.append(data)
-        self.size += len(data)
-
-    def abort(self) -> None:
-        self.aborted = True
-        self.spool.open.pop(self.queueID, None)
-
-    def commit(self, envelope: Envelope) -> Deferred:
-        self.spool.open.pop(self.queueID, None)
-        if self.spool.failCommits:
-            return fail(_MemorySpoolError("injected commit failure"))
-        if self.spool.holdCommits:
-            d: Deferred = Deferred()
-            self.spool.held.append((d, self, envelope))
-            return d
-        self.spool.committed[self.queueID] = (Envelope.fromJSON(envelope.toJSON()), b"".join(self.chunks))
-        return succeed(None)
-
-
-class MemorySpool:
-    """The spool API kept in memory.
-
-    @ivar committed: queue id to C{(envelope, message bytes)}.
-    @ivar open: queue ids being written.
-    @ivar failCommits: make every commit fail (to test 451 replies).
-    @ivar holdCommits: keep commits pending in C{held} until released with L{release}.
-    @ivar freeSpace: what L{hasFreeSpace} compares against.
-    """
-
-    def __init__(self) -> None:
-        self.committed: dict[str, tuple[Envelope, bytes]] = {}
-        self.open: dict[str, _MemoryWriter] = {}
-        self.failCommits = False
-        self.holdCommits = False
-        self.held: list[tuple[Deferred, _MemoryWriter, Envelope]] = []
-        self.freeSpace = 1 << 40
-        self.minFreeSpace = 0
-
-    def hasFreeSpace(self, needed: int = 0) -> bool:
-        return self.freeSpace - needed >= self.minFreeSpace
-
-    def openMessage(self, queueID: str) -> _MemoryWriter:
-        writer = _MemoryWriter(self, queueID)
-        self.open[queueID] = writer
-        return writer
-
-    def release(self) -> None:
-        held, self.held = self.held, []
-        for d, writer, envelope in held:
-            self.committed[writer.queueID] = (envelope, b"".join(writer.chunks))
-            d.callback(None)
-
-    def messages(self) -> list[bytes]:
-        return [body for _, body in self.committed.values()]
+from mailrelay.spool.memory import MemorySpool
 
 
 class FakeTLSConnection:
@@ -200,7 +129,7 @@ class ServerHarness:
     @ivar limiter: the L{IRateLimiter} behind them.
 
     C{stampers} are L{IHeaderStamper} providers (each may answer within C{stamperTimeout}
-    seconds of the clock) or L{mailrelay.stamping.ConfiguredStamper}s; by default the
+    seconds of the clock) or L{mailrelay.cleanup.stamping.ConfiguredStamper}s; by default the
     L{DefaultStamper}.
 
     With C{users} (user name to password) the listener offers AUTH; C{tls=True} gives it a

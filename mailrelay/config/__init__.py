@@ -14,14 +14,17 @@ loading, relative to the file's directory; passwords never appear in messages no
 C{repr} of the result.
 
 See C{etc/mailrelay.toml} for a commented sample of every key.
+
+The package (this module, until it is split into schema, loader and types) may import the
+values (L{mailrelay.interfaces}, L{mailrelay.envelope}, L{mailrelay.errors},
+L{mailrelay.address}), L{mailrelay.smtp} and the stages, to check their values; never
+L{mailrelay.app}.
 """
 
 from __future__ import annotations
 
-import datetime
 import difflib
 import ipaddress
-import json
 import math
 import os
 import re
@@ -31,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from mailrelay.errors import ConfigError
+from mailrelay.address import hostnameProblem, normaliseHostname
+from mailrelay.errors import ConfigError, describeValue, joinKey
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -84,7 +88,7 @@ LISTENER_TLS_MODES = ("none", "starttls", "implicit")
 #: The values of a listener's C{tls_min_version}.
 TLS_MIN_VERSIONS = ("TLSv1.2", "TLSv1.3")
 
-#: A listener's abuse limits (Postfix's defaults; see L{mailrelay.limits}), protocol checks
+#: A listener's abuse limits (Postfix's defaults; see L{mailrelay.receive.limits}), protocol checks
 #: and deadlines.
 DEFAULT_MAX_CONNECTIONS = 100
 DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 50
@@ -246,8 +250,6 @@ OVERRIDE_OPTIONS: dict[str, str] = {
     "smarthost": "--smarthost",
 }
 
-_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
 _DIGITS = re.compile(r"[0-9]+\Z")
 _TEMPLATE_FIELD = re.compile(r"\{([^{}/]*)\}")
 _PEM_CERTIFICATE = re.compile(rb"-----BEGIN (?:TRUSTED )?CERTIFICATE-----")
@@ -631,50 +633,6 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# Describing values and keys in messages
-
-
-def describeValue(value: Any, limit: int = 80) -> str:
-    """Render C{value} the way it is written in TOML, shortened to about C{limit} characters.
-
-    Strings come out in double quotes (C{"ten"}), booleans as C{true}/C{false}, arrays in
-    brackets and tables as inline tables.
-    """
-    text = _render(value)
-    if len(text) > limit:
-        text = text[: limit - 1] + "\u2026"
-    return text
-
-
-def _render(value: Any) -> str:
-    """Render C{value} as TOML-like text, without shortening."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (datetime.date, datetime.time)):
-        return value.isoformat()
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_render(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_keyPart(k)} = {_render(v)}" for k, v in value.items()) + "}"
-    return repr(value)
-
-
-def _keyPart(name: str) -> str:
-    """One segment of a dotted key: bare when TOML allows it, quoted otherwise."""
-    return name if _BARE_KEY.match(name) else json.dumps(name, ensure_ascii=False)
-
-
-def joinKey(parent: str, name: str) -> str:
-    """The dotted key of C{name} inside the table at C{parent} (C{""} for the top level)."""
-    part = _keyPart(name)
-    return f"{parent}.{part}" if parent else part
-
-
-# ---------------------------------------------------------------------------------------------
 # Parsing single values (usable on their own: they raise ValueError)
 
 
@@ -700,53 +658,6 @@ def parseNetwork(text: str) -> IPNetwork:
         raise ValueError(
             f"{describeValue(text)} has host bits set; did you mean {describeValue(str(loose))}?"
         ) from None
-
-
-def hostnameProblem(text: str) -> str | None:
-    """Why C{text} is not a syntactically valid host name, or C{None} when it is.
-
-    A host name is dot-separated labels of ASCII letters, digits and hyphens, each 1 to 63
-    characters long, not starting or ending with a hyphen; one trailing dot is allowed; the whole
-    is at most 253 characters.  An IP address is not a host name.
-    """
-    if not text:
-        return "a host name cannot be empty"
-    name = text[:-1] if text.endswith(".") else text
-    if len(name) > 253:
-        return "a host name is at most 253 characters long"
-    for label in name.split("."):
-        if not label:
-            return "a host name cannot have an empty label (two dots in a row, or a leading dot)"
-        if len(label) > 63:
-            return f"label {describeValue(label, 30)} is longer than 63 characters"
-        if not _LABEL.match(label):
-            return (
-                f"label {describeValue(label)} may hold only letters, digits and hyphens, "
-                "and cannot start or end with a hyphen"
-            )
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        pass
-    else:
-        return "an IP address is not a host name"
-    if name.rsplit(".", 1)[-1].isdigit():
-        return "the last label cannot be all digits (as in an IP address)"
-    return None
-
-
-def normaliseHostname(text: str) -> str:
-    """Check a host name (see L{hostnameProblem}) and return it lower-cased, without a
-    trailing dot.
-
-    @raise ValueError: not a valid host name; the message names the value.
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"must be a host name (a string), not {describeValue(text)}")
-    problem = hostnameProblem(text)
-    if problem:
-        raise ValueError(f"{describeValue(text)} is not a valid host name: {problem}")
-    return text.rstrip(".").lower() if text.endswith(".") else text.lower()
 
 
 def _parseServer(text: str, what: str, hint: str) -> tuple[str, int | None, bool, bool]:
@@ -1295,7 +1206,7 @@ class _Loader:
     ) -> tuple[SNICertificate, ...]:
         """A listener's C{tls_certificates}: an array of C{{server_name, certificate, key}}
         tables; each certificate is loaded (and must match its key) now."""
-        from mailrelay.tls import TLSConfigError, loadServerTLS
+        from mailrelay.receive.tls import TLSConfigError, loadServerTLS
 
         key = joinKey(here, "tls_certificates")
         example = (
@@ -1433,7 +1344,7 @@ class _Loader:
                     "for the defaults)",
                 )
         if certificate is not None:
-            from mailrelay.tls import TLSConfigError, loadServerTLS
+            from mailrelay.receive.tls import TLSConfigError, loadServerTLS
 
             try:
                 loadServerTLS(
@@ -1502,7 +1413,7 @@ class _Loader:
 
     def auth(self, table: dict[str, Any]) -> AuthConfig:
         """The C{[auth]} table: the password file is read and checked now."""
-        from mailrelay.auth import (
+        from mailrelay.receive.auth import (
             DEFAULT_CHECKER_TIMEOUT,
             MECHANISMS,
             PasswordFileError,
@@ -2261,7 +2172,7 @@ def loadConfig(
     )
     rateLimiter = None
     if "rate_limiter" in data:
-        from mailrelay.limits import LIMITER_TIMEOUT
+        from mailrelay.receive.limits import LIMITER_TIMEOUT
 
         rateLimiter = load.pluginTable(
             data["rate_limiter"], "rate_limiter", LIMITER_TIMEOUT, "a rate limiter plugin"

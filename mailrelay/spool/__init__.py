@@ -18,6 +18,10 @@ L{Deferred} fire, and only then may the SMTP side say C{250}.
 All fsync and rename work runs off the reactor thread, through a group committer: at most one
 batch is in flight, and everything requested meanwhile runs as the next batch, sharing one
 fsync of C{queue/}.
+
+The package (this module, until it is split; and L{mailrelay.spool.memory}, a spool in
+memory for tests) may import the values (L{mailrelay.interfaces}, L{mailrelay.envelope},
+L{mailrelay.errors}, L{mailrelay.address}) and L{mailrelay.smtp}.
 """
 
 from __future__ import annotations

@@ -18,12 +18,18 @@ One delivery attempt of an active message:
  2. results are applied: delivered, bounced (5xx), or deferred (4xx: retried with exponential
     back-off); past the maximal queue lifetime every recipient still pending is bounced with
     status 4.4.7;
- 3. notifications (L{mailrelay.bounce}) are built and B{committed to the spool first}, then
+ 3. notifications (L{mailrelay.queue.dsn}) are built and B{committed to the spool first}, then
     the envelope is durably updated, then the entry is removed when nothing is pending.  A
     crash anywhere in between may repeat a delivery or a notification, but loses nothing.
 
 Every log event about a message carries C{queueID}, and its text starts with it, so that
 grepping one id shows the message's whole life (Postfix style).
+
+The package (this module until it is split, L{mailrelay.queue.dsn}: the notifications'
+content, L{mailrelay.queue.lock}: one queue manager per spool) may import the values
+(L{mailrelay.interfaces}, L{mailrelay.envelope}, L{mailrelay.errors}, L{mailrelay.address})
+and L{mailrelay.smtp}; its imports of L{mailrelay.spool} and L{mailrelay.cleanup} are to go
+(C{tests/test_layering.py} lists them).
 """
 
 from __future__ import annotations
@@ -38,9 +44,9 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybe
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailrelay.bounce import buildDSN, dsnEnvelope, isPostmasterNotice
 from mailrelay.envelope import BOUNCED, DELIVERED, PENDING, Envelope, Recipient
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, RecipientResult, Route
+from mailrelay.queue.dsn import buildDSN, dsnEnvelope, isPostmasterNotice
 from mailrelay.spool import CorruptEntry, SpoolError, newQueueID
 
 log = Logger()
@@ -203,7 +209,7 @@ class QueueManager(Service):
         @param hostname: this relay's host name, for notifications.
         @param timeouts: seconds one delivery by the named backend may take (a site backend's
             C{[[backends]] timeout}); a backend not named gets C{policy.deliveryTimeout}.
-        @param lock: a L{mailrelay.queuelock.QueueLock} of the spool, or C{None}: nothing is
+        @param lock: a L{mailrelay.queue.lock.QueueLock} of the spool, or C{None}: nothing is
             delivered before it is held, and it is released when the manager has stopped,
             so that two queue managers never deliver from one spool at once.
         @raise ValueError: a timeout that is not a number greater than zero.

@@ -1,0 +1,116 @@
+"""The delivery side of a L{Config}: the spool, and the queue manager with its backends
+(in the relay's process, or in the delivery process)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList
+
+from mailrelay.app.backends import makeBackends
+from mailrelay.app.services import BackendsService, OrderedMultiService, SpoolService
+from mailrelay.config import Config
+from mailrelay.errors import ConfigError
+from mailrelay.spool import Spool
+
+
+def makeSpool(config: Config, reactor: Any, parent: Any, recover: bool = True) -> Spool:
+    """The spool of C{config}, started (and stopped) by a L{SpoolService} under C{parent}."""
+    spool = Spool(
+        config.spoolDirectory,
+        reactor=reactor,
+        minFreeSpace=config.minFreeSpace,
+        syncMethod=config.spoolSync,
+        recover=recover,
+    )
+    SpoolService(spool).setServiceParent(parent)
+    return spool
+
+
+def makeDelivery(config: Config, reactor: Any, spool: Any, build: Any) -> tuple[list[Any], Any]:
+    """The delivery side over C{spool}: the backends' service and the queue manager (to be
+    started in that order), and the queue manager.
+
+    @raise ConfigError: a route or a backend plugin is refused.
+    """
+    from mailrelay.queue import QueueManager, QueuePolicy
+    from mailrelay.queue.lock import QueueLock
+    from mailrelay.route.table import RoutingTable
+
+    try:
+        router = RoutingTable.fromConfig(config)
+    except ValueError as e:
+        raise ConfigError(str(e), file=config.source or "(embedded default)", key="routes") from e
+    backends = makeBackends(config, reactor, build)
+    q = config.queue
+    queue = QueueManager(
+        spool,
+        router,
+        backends,
+        reactor,
+        hostname=config.hostname,
+        policy=QueuePolicy(
+            minBackoff=q.minBackoff,
+            maxBackoff=q.maxBackoff,
+            maxLifetime=q.maxLifetime,
+            bounceLifetime=q.bounceLifetime,
+            delayWarning=q.delayWarning,
+            activeLimit=q.activeLimit,
+            postmaster=q.postmaster,
+            stopTimeout=config.drainTime,
+        ),
+        # A site backend's [[backends]] timeout; the built-in ones keep the policy's bound.
+        timeouts={spec.name: spec.timeout for spec in config.backends},
+        lock=QueueLock(config.spoolDirectory, reactor),
+    )
+    return [BackendsService(backends), queue], queue
+
+
+class InlineDelivery(Service):
+    """The queue manager and the backends in the relay's own process (C{[queue] process =
+    "inline"}), replaceable by a reload; with C{hold}, nothing is delivered."""
+
+    name = "delivery"
+
+    def __init__(self, services: list[Any], queue: Any, hold: bool) -> None:
+        self._current = self._group(services)
+        self.queue = queue
+        self.hold = hold
+        self._retiring: list[Deferred[None]] = []
+
+    @staticmethod
+    def _group(services: list[Any]) -> OrderedMultiService:
+        group = OrderedMultiService()
+        for service in services:
+            service.setServiceParent(group)
+        return group
+
+    def startService(self) -> None:
+        super().startService()
+        if not self.hold:
+            self._current.startService()
+
+    def enqueue(self, queueID: str) -> None:
+        if not self.hold:
+            self.queue.enqueue(queueID)
+
+    def reload(self, services: list[Any], queue: Any, hold: bool) -> None:
+        """Deliver with C{services} from now on: the new queue manager starts at once and
+        begins delivering when the old one, stopping meanwhile, has recorded its deliveries
+        and released the queue lock."""
+        old = self._current
+        self._current, self.queue, self.hold = self._group(services), queue, hold
+        if self.running and not hold:
+            self._current.startService()
+        if old.running:
+            d = old.stopService()
+            self._retiring.append(d)
+            d.addBoth(lambda _: self._retiring.remove(d))
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        stopping = list(self._retiring)
+        if self._current.running:
+            stopping.append(self._current.stopService())
+        return DeferredList(stopping, consumeErrors=True).addCallback(lambda _: None)

@@ -1,0 +1,417 @@
+"""The listeners of a L{Config}: recipient policy, stampers, AUTH, abuse limits and TLS built
+into one factory (chain) per endpoint, the services that listen on them, and the graceful
+end of the sessions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from mailrelay.cleanup.stamping import ConfiguredStamper
+from mailrelay.config import Config
+from mailrelay.errors import ConfigError
+from mailrelay.interfaces import IHeaderStamper, IRecipientValidator
+from mailrelay.policy.chain import ConfiguredValidator, RecipientPolicy, RelayControl
+from mailrelay.receive.protocol import ListenerContext, Sessions, SMTPServerFactory
+from mailrelay.smtp.server import SessionSettings
+
+log = Logger()
+
+
+@dataclass
+class _Carried:
+    """What a reload keeps: counters that must not restart from zero, resolvers."""
+
+    limiter: Any = None
+    limiterSpec: Any = None
+    throttle: Any = None
+    throttleWindow: float | None = None
+    counts: dict[str, Any] = field(default_factory=dict)
+    resolvers: dict[Any, Any] = field(default_factory=dict)
+
+
+class SessionsService(Service):
+    """Stops the SMTP sessions gracefully once the listeners have stopped: idle sessions get
+    C{421 4.3.2 Service shutting down} at once; a session with a message in hand may finish
+    it within the drain time, and gets its 250 only once the message is durable."""
+
+    name = "sessions"
+
+    def __init__(self, sessions: Sessions, clock: Any, drainTime: float) -> None:
+        self.sessions = sessions
+        self.clock = clock
+        self.drainTime = drainTime
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.sessions.drain(self.clock, self.drainTime)
+
+
+class _SwitchFactory(Factory):
+    """The factory a listening port keeps across reloads: each connection is built by the
+    factory (chain) of the configuration current when it arrives; connections made before a
+    reload keep theirs, and with it the settings they started with."""
+
+    noisy = False
+
+    def __init__(self, current: Any) -> None:
+        self.current = current
+
+    def switch(self, factory: Any) -> None:
+        old, self.current = self.current, factory
+        factory.doStart()
+        old.doStop()
+
+    def startFactory(self) -> None:
+        self.current.doStart()
+
+    def stopFactory(self) -> None:
+        self.current.doStop()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return self.current.buildProtocol(addr)
+
+    def logPrefix(self) -> str:
+        prefix = getattr(self.current, "logPrefix", None)
+        return prefix() if callable(prefix) else self.current.__class__.__name__
+
+
+class ListenError(Exception):
+    """A listener could not listen; the message names its endpoint."""
+
+
+class ListenerService(Service):
+    """Listens on one endpoint; a failure to listen stops start-up with a clear message.
+
+    @ivar factory: the factory (chain) that builds the connections accepted now.
+    """
+
+    def __init__(self, reactor: Any, description: str, factory: Any, role: str = "") -> None:
+        self.reactor = reactor
+        self.description = description
+        self._switch = _SwitchFactory(factory)
+        self.role = role
+        self.port: Any = None
+
+    @property
+    def factory(self) -> Any:
+        return self._switch.current
+
+    def switch(self, factory: Any, role: str) -> None:
+        """New connections are built by C{factory} from now on (a reload)."""
+        self._switch.switch(factory)
+        self.role = role
+
+    def listen(self) -> None:
+        """Start listening.  @raise ListenError: naming the endpoint and the reason."""
+        endpoint = endpoints.serverFromString(self.reactor, self.description)
+        d = endpoint.listen(self._switch)
+        result: list[Any] = []
+        d.addBoth(result.append)
+        if not result:  # pragma: no cover - every stream endpoint we know listens at once
+            raise ListenError(f"listener {self.description} did not start")
+        outcome = result[0]
+        if hasattr(outcome, "getErrorMessage"):
+            raise ListenError(f"cannot listen on {self.description}: {outcome.getErrorMessage()}")
+        self.port = outcome
+        host = self.port.getHost()
+        log.info(
+            "listening on {host}:{port} ({endpoint}{role})",
+            host=getattr(host, "host", host),
+            port=getattr(host, "port", ""),
+            endpoint=self.description,
+            role=f"; {self.role}" if self.role else "",
+        )
+
+    def privilegedStartService(self) -> None:
+        try:
+            if self.port is None:  # (a listener added by a reload listens already)
+                self.listen()
+        except ListenError as e:
+            raise SystemExit(f"mailrelay: error: {e}") from None
+        super().privilegedStartService()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+
+def makeListeners(
+    config: Config,
+    reactor: Any,
+    build: Any,
+    carried: _Carried,
+    spool: Any,
+    sessions: Sessions,
+    onQueued: Any,
+) -> list[tuple[str, Any, str]]:
+    """The C{(endpoint, factory, role)} of every listener of C{config}, their plugins built
+    and certificates loaded.  Counters in C{carried} (rate limits, AUTH failures, connections
+    per listener) are reused, so that a reload does not reset them.
+
+    @raise ConfigError: a plugin is unknown or refuses its options, a certificate is refused.
+    """
+    validators = [
+        ConfiguredValidator(spec.plugin, build(spec, IRecipientValidator), spec.timeout)
+        for spec in config.recipientValidators
+    ]
+    stampers = [
+        ConfiguredStamper(spec.plugin, build(spec, IHeaderStamper), spec.timeout)
+        for spec in config.headerStampers
+    ]
+    relay = RelayControl(config.relayNetworks, config.acceptDomains, config.hostname)
+    policy = RecipientPolicy(relay, validators, reactor)
+
+    resolver = None
+    if config.reverseDNS:
+        from mailrelay.route.table import makeResolver
+
+        # The same servers as delivery uses: [dns] nameservers, or the system's.
+        resolver = carried.resolvers.get(config.nameservers)
+        if resolver is None:
+            resolver = makeResolver(list(config.nameservers) or None, reactor=reactor)
+            carried.resolvers[config.nameservers] = resolver
+
+    authPolicy = makeAuthPolicy(config, reactor, build, carried)
+    from mailrelay.receive.limits import (
+        LIMITER_TIMEOUT,
+        ConnectionCount,
+        ListenerLimits,
+        MemoryRateLimiter,
+    )
+
+    # One limiter for all listeners (their keys differ): in memory, or a site's shared one.
+    if config.rateLimiter is not None:
+        from mailrelay.interfaces import IRateLimiter
+
+        if carried.limiterSpec == config.rateLimiter:
+            limiter: Any = carried.limiter
+        else:
+            limiter = build(config.rateLimiter, IRateLimiter)
+            log.info("limits: counters kept by plugin {plugin}", plugin=config.rateLimiter.plugin)
+        limiterTimeout = config.rateLimiter.timeout
+    else:
+        limiter = carried.limiter if carried.limiterSpec is None else None
+        if not isinstance(limiter, MemoryRateLimiter):
+            limiter = MemoryRateLimiter(reactor)
+        limiterTimeout = LIMITER_TIMEOUT
+    carried.limiter, carried.limiterSpec = limiter, config.rateLimiter
+    result = []
+    for listener in config.listeners:
+        tls = loadListenerTLS(config, listener)
+        tlsOptions = None
+        if tls is not None:
+            tlsOptions = tls.options
+            if listener.tls_certificates:
+                tlsOptions = loadListenerSNI(config, listener, tls)
+        settings = SessionSettings(
+            hostname=config.hostname,
+            maxMessageSize=config.maxMessageSize,
+            maxRecipients=config.maxRecipients,
+            maxErrors=config.maxErrors,
+            bareNewline=listener.bare_newline,
+            nulBytes=listener.nul_bytes,
+            starttls=listener.tls_mode == "starttls",
+            authMechanisms=authPolicy.mechanisms if listener.auth and authPolicy else (),
+            authWithoutTLS=listener.auth_without_tls,
+            requireAuth=listener.mode != "relay",
+            rejectUnauthPipelining=listener.reject_unauth_pipelining,
+            rejectPregreet=listener.reject_unauth_pipelining or listener.greet_pause > 0,
+        )
+        count = carried.counts.setdefault(listener.endpoint, ConnectionCount())
+        limits = ListenerLimits(
+            hostname=config.hostname,
+            listener=listener.endpoint,
+            limiter=limiter,
+            clock=reactor,
+            timeout=limiterTimeout,
+            maxConnections=listener.max_connections,
+            maxConnectionsPerClient=listener.max_connections_per_client,
+            connectionRateLimit=listener.connection_rate_limit,
+            messageRateLimit=listener.message_rate_limit,
+            userMessageRateLimit=listener.user_message_rate_limit,
+            rateWindow=listener.rate_window,
+            ipv6PrefixLength=listener.ipv6_prefix_length,
+            exceptions=(
+                config.relayNetworks
+                if listener.limit_exceptions is None
+                else listener.limit_exceptions
+            ),
+            count=count,
+        )
+        ctx = ListenerContext(
+            settings=settings,
+            policy=policy,
+            spool=spool,
+            stampers=stampers,
+            clock=reactor,
+            listenerName=listener.endpoint,
+            listenerOptions={
+                "add_message_id": listener.add_message_id,
+                "add_date": listener.add_date,
+                "bare_newline": listener.bare_newline,
+                "mode": listener.mode,
+                "tls_mode": listener.tls_mode,
+            },
+            idleTimeout=config.idleTimeout,
+            dataTimeout=config.dataTimeout,
+            maxHops=config.maxHops,
+            resolver=resolver,
+            onQueued=onQueued,
+            tlsOptions=tlsOptions,
+            implicitTLS=listener.tls_mode == "implicit",
+            auth=authPolicy if listener.auth else None,
+            limits=limits,
+            greetPause=listener.greet_pause,
+            maxSessionTime=listener.max_session_time,
+            minDataRate=listener.min_data_rate,
+            sessions=sessions,
+        )
+        factory: Any = SMTPServerFactory(ctx)
+        if listener.tls_mode == "implicit":
+            from twisted.protocols.tls import TLSMemoryBIOFactory
+
+            assert tlsOptions is not None
+            factory = TLSMemoryBIOFactory(tlsOptions, False, factory)
+        if listener.proxy_protocol:
+            from mailrelay.receive.proxy import ProxyProtocolFactory
+
+            factory = ProxyProtocolFactory(
+                factory, listener.proxy_networks, reactor, listenerName=listener.endpoint
+            )
+        role = listener.mode
+        if listener.tls_mode != "none":
+            role += ", STARTTLS" if listener.tls_mode == "starttls" else ", implicit TLS"
+            if listener.tls_certificates:
+                role += f" (+{len(listener.tls_certificates)} SNI)"
+        if listener.auth:
+            role += ", AUTH"
+        if listener.proxy_protocol:
+            role += ", PROXY from " + " ".join(str(n) for n in listener.proxy_networks)
+        result.append((listener.endpoint, factory, role))
+    return result
+
+
+def loadListenerTLS(
+    config: Config,
+    listener: Any,
+    certificate: str | None = None,
+    key: str | None = None,
+    what: str = "certificate",
+) -> Any:
+    """The listener's L{mailrelay.receive.tls.ServerTLS} (its certificate loaded again: the
+    configuration checked it), or C{None} without TLS; warnings (an expired certificate) are
+    logged.  With C{certificate} and C{key}, that certificate (an SNI one) instead."""
+    if certificate is None:
+        if listener.tls_certificate is None:
+            return None
+        certificate = listener.tls_certificate
+        key = listener.tls_key or listener.tls_certificate
+    from mailrelay.receive.tls import TLSConfigError, loadServerTLS
+
+    try:
+        tls = loadServerTLS(
+            certificate,
+            key or certificate,
+            minVersion=listener.tls_min_version,
+            ciphers=listener.tls_ciphers,
+        )
+    except TLSConfigError as e:  # the file changed since the configuration was checked
+        raise ConfigError(str(e), file=config.source, key="listeners") from e
+    for warning in tls.warnings:
+        log.warn("listener {endpoint}: {warning}", endpoint=listener.endpoint, warning=warning)
+    log.info(
+        "listener {endpoint}: {what} {subject}, valid until {notAfter}",
+        endpoint=listener.endpoint,
+        what=what,
+        subject=tls.subject,
+        notAfter=tls.notAfter.strftime("%Y-%m-%d"),
+    )
+    return tls
+
+
+def loadListenerSNI(config: Config, listener: Any, default: Any) -> Any:
+    """The listener's L{mailrelay.receive.tls.SNIServerOptions}: C{default} (its
+    L{ServerTLS}) and the certificates of C{tls_certificates} by server name."""
+    from mailrelay.receive.tls import SNIServerOptions
+
+    byName = {}
+    for entry in listener.tls_certificates:
+        tls = loadListenerTLS(
+            config,
+            listener,
+            certificate=entry.certificate,
+            key=entry.key,
+            what=f"certificate for {entry.server_name}",
+        )
+        byName[entry.server_name] = tls.options
+    return SNIServerOptions(default.options, byName)
+
+
+def makeAuthPolicy(config: Config, reactor: Any, build: Any = None, carried: Any = None) -> Any:
+    """The L{mailrelay.receive.auth.AuthPolicy} all AUTH listeners share (one throttle for all), or
+    C{None} without C{[auth]}.
+
+    @param build: builds a plugin from a L{mailrelay.config.PluginSpec} and an interface
+        (for a site checker, C{[auth.checker]}).
+    @param carried: what a reload keeps: the throttle (its failure counts) is reused when its
+        window is unchanged.
+    @raise ConfigError: the site checker is unknown, refuses its options, or does not check
+        user names and passwords.
+    """
+    if config.auth is None:
+        return None
+    from mailrelay.receive.auth import (
+        AuthPolicy,
+        MemoryAuthThrottle,
+        PasswordFileChecker,
+        makePortal,
+    )
+
+    a = config.auth
+    timeout = 30.0
+    if a.checker is not None:
+        from twisted.cred.checkers import ICredentialsChecker
+        from twisted.cred.credentials import UsernamePassword
+
+        assert build is not None, "a site checker needs the plugin builder"
+        checker = build(a.checker, ICredentialsChecker)
+        sample = UsernamePassword(b"user", b"password")
+        if not any(i.providedBy(sample) for i in getattr(checker, "credentialInterfaces", ())):
+            raise ConfigError(
+                f"plugin {a.checker.plugin!r} does not check user names and passwords (its "
+                "credentialInterfaces lack twisted.cred.credentials.IUsernamePassword)",
+                file=config.source or "(embedded default)",
+                key="auth.checker.plugin",
+            )
+        timeout = a.checker.timeout
+        log.info("AUTH: users checked by plugin {plugin}", plugin=a.checker.plugin)
+    else:
+        assert a.passwordFile is not None
+        checker = PasswordFileChecker(a.passwordFile, users=a.users)
+    throttle = None
+    if carried is not None and carried.throttleWindow == a.failureWindow:
+        throttle = carried.throttle  # a reload does not forgive failures
+    if throttle is None:
+        throttle = MemoryAuthThrottle(reactor, window=a.failureWindow)
+    if carried is not None:
+        carried.throttle, carried.throttleWindow = throttle, a.failureWindow
+    return AuthPolicy(
+        portal=makePortal([checker]),
+        throttle=throttle,
+        throttleAfter=a.throttleAfter,
+        failureDelay=a.failureDelay,
+        maxFailures=a.maxFailures,
+        senders=dict(a.senders),
+        mechanisms=a.mechanisms,
+        timeout=timeout,
+    )

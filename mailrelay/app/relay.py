@@ -1,0 +1,249 @@
+"""The relay process: from a L{Config} to the running services (spool, delivery, sessions,
+listeners), and a reload on SIGHUP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.logger import Logger
+
+from mailrelay.app.delivery import InlineDelivery, makeDelivery, makeSpool
+from mailrelay.app.listeners import (
+    ListenError,
+    ListenerService,
+    SessionsService,
+    _Carried,
+    loadListenerTLS,
+    makeAuthPolicy,
+    makeListeners,
+)
+from mailrelay.app.plugins import availablePlugins, pluginBuilder
+from mailrelay.app.services import OrderedMultiService
+from mailrelay.config import Config, loadConfig, readConfigFile
+from mailrelay.errors import ConfigError
+from mailrelay.receive.protocol import Sessions
+from mailrelay.spool import Spool
+
+__all__ = [
+    "RelayService",
+    "makeRelayService",
+    # Reached through the old path mailrelay.service by tests (until they import the module
+    # that defines them), and availablePlugins so that replacing it here still bites:
+    "ListenerService",
+    "OrderedMultiService",
+    "availablePlugins",
+    "loadListenerTLS",
+    "makeAuthPolicy",
+    "makeDelivery",
+]
+
+log = Logger()
+
+
+#: Settings a reload cannot change: the running relay keeps them until it is restarted.
+_RESTART_ONLY = (
+    ("spoolDirectory", "spool.directory"),
+    ("spoolSync", "spool.sync"),
+)
+
+
+@dataclass
+class _Plan:
+    """A configuration built and checked, ready to run."""
+
+    config: Config
+    configText: bytes | None
+    #: C{(endpoint, factory, role)} of each listener, in the configuration's order.
+    listeners: list[tuple[str, Any, str]]
+    #: The delivery side's services and queue manager (built in every mode: this checks the
+    #: routes and backends).
+    delivery: tuple[list[Any], Any]
+
+
+class RelayService(OrderedMultiService):
+    """The whole relay: the spool, the delivery side, the sessions and the listeners, started
+    in that order and stopped in the reverse one (see L{OrderedMultiService}).
+
+    L{reload} (on SIGHUP) re-reads the configuration file, builds and checks everything,
+    and only then replaces what runs; if anything is wrong the relay keeps running as it was.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        configPath: str | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.configPath = configPath
+        self.overrides = dict(overrides or {})
+        self.sessions = Sessions()
+        self.carried = _Carried()
+        self.config: Config | None = None
+        self.spool: Spool | None = None
+        self.delivery: Any = None
+        self.listeners: dict[str, ListenerService] = {}
+        self._sessionsService: SessionsService | None = None
+
+    def privilegedStartService(self) -> None:
+        # If start-up fails, what already started (the spool's threads) is stopped, so that
+        # the process can exit instead of hanging on live threads.
+        try:
+            super().privilegedStartService()
+        except BaseException:
+            if self.spool is not None:
+                self.spool.stop()
+            raise
+
+    def enqueue(self, queueID: str) -> None:
+        """A message was committed: hand it to the delivery side."""
+        if self.delivery is not None:
+            self.delivery.enqueue(queueID)
+
+    def plan(self, config: Config, configText: bytes | None) -> _Plan:
+        """Build everything C{config} describes, without touching what runs.
+
+        @raise ConfigError: a plugin, certificate, password file, route or backend is refused.
+        """
+        assert self.spool is not None
+        build = pluginBuilder(config, self.reactor, availablePlugins())
+        delivery = makeDelivery(config, self.reactor, self.spool, build)
+        listeners = makeListeners(
+            config, self.reactor, build, self.carried, self.spool, self.sessions, self.enqueue
+        )
+        return _Plan(config, configText, listeners, delivery)
+
+    def build(self, plan: _Plan) -> None:
+        """Add the services of the first configuration."""
+        config = self.config = plan.config
+        assert self.spool is not None
+        if config.queue.hold:
+            log.warn("queue.hold is set: mail is accepted and spooled, nothing is delivered")
+        services, queue = plan.delivery
+        if config.queue.process == "inline":
+            self.delivery = InlineDelivery(services, queue, config.queue.hold)
+        else:
+            from mailrelay.app.deliveryprocess import DeliveryProcessService
+
+            self.delivery = DeliveryProcessService(
+                self.reactor,
+                config.source,
+                self.overrides,
+                configText=plan.configText,
+                drainTime=config.drainTime,
+                hold=config.queue.hold,
+            )
+        self.delivery.setServiceParent(self)
+        self._sessionsService = SessionsService(self.sessions, self.reactor, config.drainTime)
+        self._sessionsService.setServiceParent(self)
+        for endpoint, factory, role in plan.listeners:
+            listener = ListenerService(self.reactor, endpoint, factory, role)
+            listener.setServiceParent(self)
+            self.listeners[endpoint] = listener
+
+    def reload(self) -> bool:
+        """Re-read the configuration file and run on it, or log why not and keep running on
+        the one in use.  Returns whether the new configuration is in use."""
+        if not self.running:
+            return False
+        source = self.configPath or "(embedded default)"
+        try:
+            text = readConfigFile(self.configPath) if self.configPath is not None else None
+            config = loadConfig(self.configPath, self.overrides, text=text)
+            self._checkReloadable(config)
+            plan = self.plan(config, text)
+            added = self._listenNew(plan)
+        except (ConfigError, ListenError) as e:
+            log.error(
+                "configuration not reloaded (still running on the previous one): {error}",
+                error=str(e),
+            )
+            return False
+        except Exception:
+            log.failure("configuration not reloaded (still running on the previous one)")
+            return False
+        self._swap(plan, added)
+        log.info("configuration reloaded from {source}", source=source)
+        return True
+
+    def _checkReloadable(self, config: Config) -> None:
+        old = self.config
+        assert old is not None
+        for attribute, key in _RESTART_ONLY:
+            if getattr(config, attribute) != getattr(old, attribute):
+                raise ConfigError(
+                    f"changed from {getattr(old, attribute)} to {getattr(config, attribute)}: "
+                    "a restart is needed for this setting",
+                    file=config.source or "(embedded default)",
+                    key=key,
+                )
+        if config.queue.process != old.queue.process:
+            raise ConfigError(
+                f"changed from {old.queue.process!r} to {config.queue.process!r}: a restart is "
+                "needed for this setting",
+                file=config.source or "(embedded default)",
+                key="queue.process",
+            )
+
+    def _listenNew(self, plan: _Plan) -> list[ListenerService]:
+        """Listen on the endpoints the new configuration adds; if one cannot be listened
+        on, close those just opened and raise L{ListenError}."""
+        added: list[ListenerService] = []
+        for endpoint, factory, role in plan.listeners:
+            if endpoint in self.listeners:
+                continue
+            listener = ListenerService(self.reactor, endpoint, factory, role)
+            try:
+                listener.listen()
+            except ListenError:
+                for opened in added:
+                    opened.stopService()
+                raise
+            added.append(listener)
+        return added
+
+    def _swap(self, plan: _Plan, added: list[ListenerService]) -> None:
+        config = plan.config
+        assert self.spool is not None
+        self.config = config
+        self.spool.minFreeSpace = config.minFreeSpace
+        wanted = {endpoint: (factory, role) for endpoint, factory, role in plan.listeners}
+        for endpoint, listener in list(self.listeners.items()):
+            if endpoint in wanted:
+                listener.switch(*wanted[endpoint])
+            else:
+                del self.listeners[endpoint]
+                listener.disownServiceParent()  # stops listening; its sessions carry on
+                log.info("listener {endpoint} removed", endpoint=endpoint)
+        for listener in added:
+            listener.setServiceParent(self)  # already listening: startService only
+            self.listeners[listener.description] = listener
+        assert self._sessionsService is not None
+        self._sessionsService.drainTime = config.drainTime
+        services, queue = plan.delivery
+        if config.queue.process == "inline":
+            self.delivery.reload(services, queue, config.queue.hold)
+        else:
+            self.delivery.reload(plan.configText, self.overrides, config.drainTime, config.queue.hold)
+
+
+def makeRelayService(
+    config: Config,
+    reactor: Any,
+    overrides: dict[str, Any] | None = None,
+    configText: bytes | None = None,
+) -> RelayService:
+    """Build the whole relay from a checked configuration.
+
+    @param overrides: the command-line options the configuration was loaded with; the
+        delivery process loads the same configuration with them, and so does a reload.
+    @param configText: the bytes of the configuration file C{config} was loaded from (the
+        delivery process gets them rather than reading the file, which may have changed).
+    @raise ConfigError: a plugin is unknown or refuses its options.
+    """
+    top = RelayService(reactor, config.source, overrides)
+    top.spool = makeSpool(config, reactor, top)
+    top.build(top.plan(config, configText))
+    return top

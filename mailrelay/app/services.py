@@ -1,0 +1,83 @@
+"""Services the relay and the delivery process share: a stop in order, the spool's and the
+delivery backends' lifetimes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.logger import Logger
+
+from mailrelay.spool import Spool, SpoolError
+
+log = Logger()
+
+
+class OrderedMultiService(MultiService):
+    """A L{MultiService} that stops its children one at a time, the last added first, each
+    once the one before has finished stopping (Twisted's own stops them all at once): the
+    listeners stop before the sessions drain, the queue manager has recorded its deliveries
+    before the backends close, and the spool closes last.
+
+    Before the first child stops, every child with a C{beginShutdown} method is told that
+    the whole service is stopping.
+    """
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        children = list(self)[::-1]
+        for child in children:
+            begin = getattr(child, "beginShutdown", None)
+            if callable(begin):
+                begin()
+        d: Deferred[Any] = succeed(None)
+        for child in children:
+            d.addCallback(lambda _, child=child: maybeDeferred(child.stopService))
+            d.addErrback(
+                lambda f, child=child: log.failure(
+                    "stopping {service} failed", f, service=child.name or repr(child)
+                )
+            )
+        return d.addCallback(lambda _: None)
+
+
+class SpoolService(Service):
+    """Starts the spool (crash recovery, thread pool) before the listeners, stops it after."""
+
+    name = "spool"
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+
+    def privilegedStartService(self) -> None:
+        try:
+            ids = self.spool.start()
+        except SpoolError as e:
+            raise SystemExit(f"mailrelay: error: {e}") from e
+        log.info("spool {path}: {count} queued entries", path=str(self.spool.directory), count=len(ids))
+        super().privilegedStartService()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        self.spool.stop()
+
+
+class BackendsService(Service):
+    """Closes the delivery backends (quits cached connections) after the queue has stopped."""
+
+    name = "backends"
+
+    def __init__(self, backends: dict[str, Any]) -> None:
+        self.backends = backends
+
+    def stopService(self) -> Any:
+        super().stopService()
+        from twisted.internet.defer import DeferredList, maybeDeferred
+
+        closing = [
+            maybeDeferred(backend.close)
+            for backend in self.backends.values()
+            if callable(getattr(backend, "close", None))
+        ]
+        return DeferredList(closing, consumeErrors=True)

@@ -1,0 +1,96 @@
+"""C{twistd mailrelay}: command-line options and makeService, nothing else."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.python import usage
+
+from mailrelay import __version__
+
+
+class Options(usage.Options):
+    synopsis = (
+        "[--config FILE] [--listen ENDPOINT]... [--hostname FQDN] [--spool DIR] "
+        "[--relay-network CIDR]... [--accept-domain DOMAIN]... [--smarthost HOST[:PORT]]"
+    )
+    longdesc = (
+        "Run the mailrelay mail relay.  Options override the configuration file; with neither, "
+        "an embedded default listens on tcp:2525:interface=127.0.0.1, spools to "
+        "./mailrelay-spool and relays only for 127.0.0.0/8 and ::1.  A list option given on "
+        "the command line replaces that whole list."
+    )
+    optParameters = [
+        ["config", "c", None, "TOML configuration file (see etc/mailrelay.toml)."],
+        ["hostname", None, None, "This relay's fully qualified host name."],
+        ["spool", None, None, "Spool directory."],
+        ["smarthost", None, None, "Default next hop: HOST[:PORT], [HOST]:PORT for no MX lookup."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["relay_network"] = []
+        self["accept_domain"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """Twisted server endpoint to listen on, e.g. tcp:25 (repeatable)."""
+        self["listen"].append(endpoint)
+
+    def opt_relay_network(self, cidr: str) -> None:
+        """Client network allowed to relay, e.g. 10.0.0.0/8 (repeatable)."""
+        self["relay_network"].append(cidr)
+
+    def opt_accept_domain(self, domain: str) -> None:
+        """Domain accepted from anyone (repeatable)."""
+        self["accept_domain"].append(domain)
+
+    def opt_version(self) -> None:
+        """Print the version and exit."""
+        print(f"mailrelay {__version__}")
+        raise SystemExit(0)
+
+    def overrides(self) -> dict[str, Any]:
+        """The options given, in the form L{mailrelay.config.loadConfig} takes."""
+        result: dict[str, Any] = {}
+        for key in ("listen", "relay_network", "accept_domain"):
+            if self[key]:
+                result[key] = list(self[key])
+        for key in ("hostname", "spool", "smarthost"):
+            if self[key] is not None:
+                result[key] = self[key]
+        return result
+
+
+def makeService(options: Options) -> Any:
+    """Load and check the configuration, then build the relay; SIGHUP will reload it.
+
+    A configuration error stops start-up: its message (file, key, value) goes to stderr and
+    twistd exits with status 1.
+    """
+    from twisted.internet import reactor
+
+    from mailrelay.app.relay import makeRelayService
+    from mailrelay.config import loadConfig, readConfigFile
+    from mailrelay.errors import ConfigError
+
+    path = options["config"]
+    try:
+        text = readConfigFile(path) if path is not None else None
+        config = loadConfig(path, options.overrides(), text=text)
+        relay = makeRelayService(config, reactor, options.overrides(), configText=text)
+    except ConfigError as e:
+        raise SystemExit(f"mailrelay: configuration error: {e}") from None
+    reactor.callWhenRunning(installReloadSignal, reactor, relay)
+    return relay
+
+
+def installReloadSignal(reactor: Any, relay: Any) -> None:
+    """SIGHUP reloads the configuration (as C{postfix reload} does), instead of ending the
+    process.  (SIGUSR1 still rotates twistd's log file.)"""
+    import signal
+
+    def onSignal(signum: int, frame: Any) -> None:
+        reactor.callFromThread(relay.reload)
+
+    signal.signal(signal.SIGHUP, onSignal)

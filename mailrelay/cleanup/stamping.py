@@ -1,0 +1,392 @@
+"""Header stamping: C{Received:}, C{Message-Id:} and C{Date:}, and loop detection.
+
+L{HeaderProcessor} sits between the session's message data and the spool: it holds back the
+header section (bounded), lets the stampers add their fields once it is complete, then streams
+the rest straight through.  The message is otherwise stored byte for byte as received.
+
+Stampers may answer with a Deferred (L{runStampers}), each within its configured C{timeout}:
+the body that arrives meanwhile is held back, and the outcome is awaited at the end of data.
+A stamper that raises, fails or is too slow makes the message L{STAMPING_FAILED} (451 4.3.0),
+logged once with the stamper's name: a failing plugin never lets a message through
+unstamped.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from email.utils import format_datetime
+from ipaddress import ip_address
+from typing import Any, Callable, Sequence
+
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    TimeoutError,
+    fail,
+    maybeDeferred,
+    succeed,
+)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailrelay.address import AddressError, hostnameProblem, normaliseDomain
+from mailrelay.interfaces import IHeaderStamper, PluginContext, StampContext, StampResult
+from mailrelay.smtp.replies import Reply
+
+log = Logger()
+
+#: The reply to a message whose stamping failed (a stamper raised, failed or was too slow).
+STAMPING_FAILED = Reply(451, "4.3.0", "Error: temporary failure processing the message, try again later")
+
+#: Like Postfix's header_size_limit: past this much, the rest is treated as body.
+HEADER_SECTION_LIMIT = 102400
+
+_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
+#: A field: name, colon, value; continuation lines start with white space; CRLF only.
+_WELL_FORMED_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+:[^\r\n]*(?:\r\n[ \t][^\r\n]*)*\r\n")
+_HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
+
+
+def parseHeaderSection(
+    data: bytes, limit: int | None = None
+) -> tuple[list[tuple[str, bytes]], int]:
+    """Split the header fields off the start of a message.
+
+    Only complete lines (ending in CRLF) and complete fields are taken: where the section is
+    cut short (at C{limit}, or by an unfinished line at the end of C{data}), a field whose next
+    line is a continuation, or may be one, is left out.  So the offset returned is always the
+    start of a line that does not continue a field: the place where fields may be inserted.
+
+    @param data: the start of a message (CRLF line ends).
+    @param limit: when C{data} is longer, only lines ending within its first C{limit} octets
+        are parsed (what follows tells whether the last of them is continued).
+    @return: the fields as C{(name, raw)} pairs (raw includes continuation lines and CRLF), and
+        the offset where the header section ends (at the empty line, at the first line that
+        is neither a field nor a continuation, at the end of C{data} or at the end of the last
+        complete field within C{limit}).
+    """
+    starts: list[tuple[str, int]] = []
+    pos = 0
+    n = len(data) if limit is None else min(len(data), limit)
+    while pos < n:
+        eol = data.find(b"\r\n", pos, n)
+        if eol < 0:
+            break  # a line not complete within what may be parsed
+        if data[pos : pos + 1] not in (b" ", b"\t") or not starts:
+            m = _FIELD_NAME.match(data, pos, eol)
+            if m is None:
+                break
+            starts.append((m.group(0)[:-1].rstrip(b" \t").decode("ascii"), pos))
+        pos = eol + 2
+    if starts and data[pos : pos + 1] in (b" ", b"\t"):
+        # The last field goes on beyond what was parsed: it is not complete.
+        pos = starts.pop()[1]
+    ends = [start for _, start in starts[1:]] + [pos]
+    return [(name, data[start:end]) for (name, start), end in zip(starts, ends)], pos
+
+
+class HeaderProcessor:
+    """Buffers the header section of one message, stamps it, then streams.
+
+    @param sink: called with the bytes to store, in order.
+    @param stamp: called once with the parsed header fields; returns the L{StampResult}, or
+        a Deferred firing with it (the data written meanwhile is held until it fires).  It
+        must not raise (a failure is a failed Deferred).
+    """
+
+    def __init__(
+        self,
+        sink: Callable[[bytes], None],
+        stamp: Callable[[list[tuple[str, bytes]]], StampResult],
+        limit: int = HEADER_SECTION_LIMIT,
+    ) -> None:
+        self._sink = sink
+        self._stamp = stamp
+        self._limit = limit
+        #: The start of the message held back until its header section is complete.
+        self._pending: bytearray | None = bytearray()
+        self.headers: list[tuple[str, bytes]] = []
+        #: The stamping, from the end of the header section on (see L{finish}).
+        self._stamping: Deferred[None] | None = None
+        #: Data written while the stamping is in progress, in order.
+        self._held: list[bytes] | None = None
+        self._failure: Failure | None = None
+
+    @property
+    def stamping(self) -> bool:
+        """The stampers have been called and have not answered yet."""
+        return self._held is not None
+
+    def write(self, data: bytes) -> None:
+        pending = self._pending
+        if pending is None:
+            if self._held is not None:
+                self._held.append(data)
+            else:
+                self._sink(data)
+            return
+        searchFrom = max(len(pending) - 3, 0)  # only the new data, and a CRLF CR before it
+        pending += data
+        # The section certainly ends by the first empty line, or is taken as ended at the limit.
+        if (
+            len(pending) > self._limit
+            or pending.startswith(b"\r\n")
+            or pending.find(b"\r\n\r\n", searchFrom) >= 0
+        ):
+            self._flush()
+
+    def finish(self) -> Deferred[None]:
+        """The message ended: stamp now if the header section never ended.
+
+        @return: a Deferred firing once the whole stamped message is in the sink, or failing
+            with the stampers' error (then nothing more is written to the sink).
+        """
+        if self._pending is not None:
+            self._flush()
+        if self._stamping is None:
+            return succeed(None)  # stamped at once
+
+        def outcome(_: None) -> Failure | None:
+            return self._failure
+
+        return self._stamping.addCallback(outcome)
+
+    def abort(self) -> None:
+        """The message is abandoned: stop stamping, write nothing more to the sink."""
+        self._pending = self._held = None
+        self._sink = _discard
+        if self._stamping is not None:
+            self._stamping.cancel()  # nothing once it has its result
+
+    def count(self, name: str) -> int:
+        lname = name.lower()
+        return sum(1 for n, _ in self.headers if n.lower() == lname)
+
+    def _flush(self) -> None:
+        data = bytes(self._pending or b"")
+        self._pending = None
+        self.headers, end = parseHeaderSection(data, self._limit)
+        result = self._stamp(self.headers)
+        if not isinstance(result, Deferred):
+            self._stamped(result, data[:end], data[end:])
+            return
+        self._held = []
+        self._stamping = result
+        result.addCallbacks(self._stamped, self._stampingFailed, callbackArgs=(data[:end], data[end:]))
+
+    def _stamped(self, result: StampResult, head: bytes, rest: bytes) -> None:
+        held, self._held = self._held or [], None
+        added = b"".join(result.append)
+        if rest[:1] in (b" ", b"\t") and (result.prepend or added):
+            # A message starting with white space (no header section): the line would continue
+            # the last field added; an empty line makes it the start of the body it is.
+            added += b"\r\n"
+        self._sink(b"".join(result.prepend) + head + added + rest + b"".join(held))
+
+    def _stampingFailed(self, failure: Failure) -> None:
+        self._failure = failure
+        self._held = None
+        self._sink = _discard
+
+
+def _discard(data: bytes) -> None:
+    """The sink of a message whose stamping failed: it will be refused."""
+
+
+def _heloDomain(helo: str) -> str:
+    """The HELO name as the C{From-domain} of C{Received:}: a host name or an address literal
+    of valid syntax, else C{"unknown"} (never free text: no comment can be spoofed)."""
+    if helo.startswith("["):
+        try:
+            return normaliseDomain(helo)
+        except AddressError:
+            return "unknown"
+    return helo if hostnameProblem(helo) is None else "unknown"
+
+
+def _addressLiteral(ip: str) -> str:
+    try:
+        parsed = ip_address(ip.split("%", 1)[0])  # without an IPv6 zone id
+    except ValueError:
+        return "[" + _HELO_UNSAFE.sub("?", ip) + "]"
+    if parsed.version == 6:
+        if parsed.ipv4_mapped is not None:
+            return f"[{parsed.ipv4_mapped}]"
+        return f"[IPv6:{parsed.compressed}]"
+    return f"[{parsed}]"
+
+
+def protocolName(context: StampContext) -> str:
+    """The C{with} protocol of RFC 3848 / RFC 6531 (UTF8SMTP when SMTPUTF8 was used)."""
+    name = context.client.protocol
+    if context.envelope.smtputf8 and name.startswith("ESMTP"):
+        name = "UTF8SMTP" + name[5:]
+    return name
+
+
+def formatDate(when: float) -> str:
+    return format_datetime(datetime.fromtimestamp(when).astimezone())
+
+
+@implementer(IHeaderStamper)
+class DefaultStamper:
+    """Adds the RFC 5321 section 4.4 C{Received:} field, and C{Message-Id:} and C{Date:} when
+    the message has none and the listener allows it (C{add_message_id}, C{add_date})."""
+
+    def __init__(self, addMessageID: bool = True, addDate: bool = True) -> None:
+        self.addMessageID = addMessageID
+        self.addDate = addDate
+
+    def stamp(self, context: StampContext) -> StampResult:
+        client = context.client
+        envelope = context.envelope
+        date = formatDate(context.now)
+        helo = _heloDomain(client.helo or "unknown")
+        rdns = client.rdns or "unknown"
+        received = (
+            f"Received: from {helo} ({rdns} {_addressLiteral(client.address)})\r\n"
+            f"\tby {context.hostname} (mailrelay) with {protocolName(context)}"
+            f" id {envelope.queueID}"
+        )
+        if client.tls:
+            received += f"\r\n\t(using {client.tls})"
+        if client.authUser:
+            received += f"\r\n\t(authenticated as {_HELO_UNSAFE.sub('?', client.authUser)})"
+        if len(envelope.recipients) == 1:
+            rcpt = envelope.recipients[0].address
+            if "\r" not in rcpt and "\n" not in rcpt:
+                received += f"\r\n\tfor <{rcpt}>"
+        received += f"; {date}\r\n"
+        result = StampResult(prepend=[received.encode("utf-8")])
+        options = context.listenerOptions
+        if self.addMessageID and options.get("add_message_id", True) and not context.hasHeader("Message-Id"):
+            stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(context.now))
+            result.append.append(
+                f"Message-Id: <{stamp}.{envelope.queueID}@{context.hostname}>\r\n".encode("ascii")
+            )
+        if self.addDate and options.get("add_date", True) and not context.hasHeader("Date"):
+            result.append.append(f"Date: {date}\r\n".encode("ascii"))
+        return result
+
+
+def buildDefaultStamper(options: dict[str, Any], context: PluginContext) -> DefaultStamper:
+    """Factory for the C{default} header stamper plugin (options: C{message_id}, C{date})."""
+    from mailrelay.errors import ConfigError
+
+    allowed = {"message_id", "date"}
+    for key, value in options.items():
+        if key not in allowed:
+            raise ConfigError(f"unknown option; allowed: {', '.join(sorted(allowed))}", key=key)
+        if not isinstance(value, bool):
+            raise ConfigError(f"must be true or false, not {value!r}", key=key)
+    return DefaultStamper(
+        addMessageID=options.get("message_id", True), addDate=options.get("date", True)
+    )
+
+
+@dataclass(frozen=True)
+class ConfiguredStamper:
+    """A header stamper as configured.
+
+    @ivar name: its plugin's name, for the log.
+    @ivar stamper: the L{IHeaderStamper} provider.
+    @ivar timeout: seconds it may take to answer.
+    """
+
+    name: str
+    stamper: Any
+    timeout: float
+
+
+class StampingFailed(Exception):
+    """A header stamper raised, failed, gave no answer in time, or returned something that
+    is not a L{StampResult} of well-formed fields; already logged, naming the stamper."""
+
+
+def runStampers(
+    stampers: Sequence[ConfiguredStamper], context: StampContext, clock: Any
+) -> StampResult | Deferred[StampResult]:
+    """Run every stamper, in order, each within its timeout (on C{clock}); later stampers'
+    prepended fields go on top.
+
+    @return: the combined L{StampResult} when every stamper answered at once; otherwise a
+        Deferred firing with it, or failing with L{StampingFailed} (logged here, once,
+        naming the stamper), or with C{CancelledError} when cancelled (the message was
+        abandoned; not logged).
+    """
+    total = StampResult()
+    queueID = context.envelope.queueID
+
+    def run(d: Deferred[Any], configured: ConfiguredStamper) -> Deferred[None]:
+        if not d.called:
+            d.addTimeout(configured.timeout, clock)
+        return d.addCallbacks(add, failed, callbackArgs=(configured,), errbackArgs=(configured,))
+
+    def add(result: object, configured: ConfiguredStamper) -> None:
+        problem = _resultProblem(result)
+        if problem is not None:
+            log.error(
+                "{queueID}: header stamper {stamper} returned {problem}; the message is "
+                "refused with 451",
+                queueID=queueID,
+                stamper=configured.name,
+                problem=problem,
+            )
+            raise StampingFailed(f"header stamper {configured.name} returned {problem}")
+        assert isinstance(result, StampResult)
+        total.prepend[:0] = result.prepend
+        total.append.extend(result.append)
+
+    def failed(failure: Failure, configured: ConfiguredStamper) -> Failure:
+        if failure.check(CancelledError, StampingFailed):
+            return failure
+        if failure.check(TimeoutError):
+            log.error(
+                "{queueID}: header stamper {stamper} gave no answer in {timeout:g}s; the "
+                "message is refused with 451",
+                queueID=queueID,
+                stamper=configured.name,
+                timeout=configured.timeout,
+            )
+            what = f"gave no answer in {configured.timeout:g}s"
+        else:
+            log.failure(
+                "{queueID}: header stamper {stamper} failed; the message is refused with 451",
+                failure,
+                queueID=queueID,
+                stamper=configured.name,
+            )
+            what = f"failed: {failure.getErrorMessage()}"
+        return Failure(StampingFailed(f"header stamper {configured.name} {what}"))
+
+    # Stampers answering at once (the usual case) run in a plain loop; from the first one
+    # answering with a Deferred on, the rest wait in its callback chain.
+    for index, configured in enumerate(stampers):
+        try:
+            result = configured.stamper.stamp(context)
+        except Exception:
+            return fail(failed(Failure(), configured))
+        if isinstance(result, Deferred):
+            d = run(result, configured)
+            for later in stampers[index + 1 :]:
+                d.addCallback(lambda _, c=later: run(maybeDeferred(c.stamper.stamp, context), c))
+            return d.addCallback(lambda _: total)
+        try:
+            add(result, configured)
+        except StampingFailed:
+            return fail()
+    return total
+
+
+def _resultProblem(result: object) -> str | None:
+    """What is wrong with a stamper's answer, or C{None}."""
+    if not isinstance(result, StampResult):
+        return f"{result!r}, not a StampResult"
+    for fieldBytes in result.prepend + result.append:
+        if not isinstance(fieldBytes, bytes) or not _WELL_FORMED_FIELD.fullmatch(fieldBytes):
+            return f"a malformed header field: {fieldBytes!r}"
+    return None

@@ -1,0 +1,983 @@
+"""The Twisted side of the ESMTP server: a thin Protocol driving L{ServerSession}.
+
+The protocol moves bytes, runs the timers, and answers the session's questions with the policy
+(relay control and recipient validators), the header stampers, the spool and (for AUTH) the
+L{mailrelay.receive.auth.AuthPolicy}.  It pauses reading while a question is pending, so a client
+pipelining ahead cannot make us buffer without bound.
+
+TLS: on L{StartTLS} the protocol writes the 220 reply in plaintext and calls
+C{transport.startTLS}; on an implicit TLS listener the factory is wrapped in a
+C{TLSMemoryBIOFactory}.  Either way the transport calls L{SMTPServerProtocol.handshakeCompleted}
+(C{IHandshakeListener}), which records the TLS version and cipher in C{client.tls}.
+
+Backpressure: the protocol is the streaming producer of its own transport, so a client that
+pipelines commands and does not read the replies makes the transport's write buffer full,
+which pauses the reading of further commands until the replies are sent; a session whose
+output stays blocked past the idle timeout is closed (aborted: nothing can be sent to it).
+Reading is paused for that and for a pending question independently.
+
+Abuse limits (L{mailrelay.receive.limits.ListenerLimits}): a new connection is counted first;
+one over a limit gets a 421 instead of the greeting.  The greeting waits C{greetPause} seconds
+when set (input before it is early talk: 554, see L{mailrelay.smtp.server}).  The session ends
+with 421 after C{maxSessionTime} seconds whatever the client does, and in DATA a client must
+keep up C{minDataRate} bytes per second on average: each chunk received extends its deadline by
+C{len(chunk) / minDataRate} seconds, never beyond C{dataTimeout} from now (Postfix's
+C{smtpd_min_data_rate}).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succeed
+from twisted.internet.interfaces import IAddress, IHandshakeListener, IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailrelay.cleanup.stamping import STAMPING_FAILED, HeaderProcessor, StampingFailed, runStampers
+from mailrelay.envelope import ClientInfo, Envelope
+from mailrelay.interfaces import ACCEPT, StampContext, Verdict, VerdictKind
+from mailrelay.policy.chain import RecipientPolicy
+from mailrelay.receive.auth import IAuthenticatedUser
+from mailrelay.receive.limits import DEFAULT_IPV6_PREFIX_LENGTH, clientNetwork
+from mailrelay.receive.tls import describeTLS
+from mailrelay.smtp import replies as R
+from mailrelay.smtp.replies import Reply
+from mailrelay.smtp.server import (
+    AUTH_INVALID,
+    AbortData,
+    Authenticate,
+    BodyData,
+    CheckMail,
+    CheckRecipient,
+    Close,
+    EndOfData,
+    Refused,
+    ServerSession,
+    SessionSettings,
+    StartData,
+    StartTLS,
+    SyncError,
+)
+
+log = Logger()
+
+NO_SPACE_VERDICT = Verdict(VerdictKind.DEFER, R.NO_SPACE)
+AUTH_TOO_MANY_FAILURES = Reply(
+    421, "4.7.0", "Error: too many failed authentications, try again later"
+)
+AUTH_TEMPORARY_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")
+#: Seconds between two looks at the AUTH throttle of an attempt waiting for the checks in
+#: flight of the same client.
+AUTH_WAIT_INTERVAL = 0.1
+
+
+@dataclass
+class ListenerContext:
+    """Everything the sessions of one listener share.
+
+    @ivar spool: a L{mailrelay.spool.Spool}.
+    @ivar stampers: the configured header stampers
+        (L{mailrelay.cleanup.stamping.ConfiguredStamper}), in order.
+    @ivar resolver: an C{IResolver} for reverse lookups, or C{None} to skip them.
+    @ivar tlsOptions: the C{IOpenSSLServerConnectionCreator} STARTTLS uses (the listener's
+        certificate), or C{None}.
+    @ivar implicitTLS: the listener's factory is wrapped in TLS: connections are TLS from the
+        first byte.
+    @ivar auth: the L{mailrelay.receive.auth.AuthPolicy} checking AUTH, or C{None} (no AUTH).
+    """
+
+    settings: SessionSettings
+    policy: RecipientPolicy
+    spool: Any
+    stampers: Sequence[Any]
+    clock: Any
+    listenerName: str = ""
+    listenerOptions: dict[str, Any] = field(default_factory=dict)
+    idleTimeout: float = 300.0
+    dataTimeout: float = 300.0
+    maxHops: int = 50
+    resolver: Any = None
+    reverseLookupTimeout: float = 10.0
+    #: Called with the queue id of each message once it is durably queued (the queue manager
+    #: picks it up without rescanning the spool).
+    onQueued: Any = None
+    tlsOptions: Any = None
+    implicitTLS: bool = False
+    auth: Any = None
+    #: The listener's L{mailrelay.receive.limits.ListenerLimits}, or C{None} for no limits.
+    limits: Any = None
+    #: Seconds to wait before the greeting (0: greet at once).
+    greetPause: float = 0.0
+    #: Seconds a session may last in all (0: no limit).
+    maxSessionTime: float = 0.0
+    #: Bytes per second a client must send on average in DATA (0: only C{dataTimeout}).
+    minDataRate: int = 0
+    #: The relay's L{Sessions}, for a graceful stop, or C{None}.
+    sessions: Any = None
+
+
+def shuttingDown(hostname: str) -> Reply:
+    """The reply of a stopping relay (RFC 5321 3.8: a 421 may come at any time)."""
+    return Reply(421, "4.3.2", f"{hostname} Service shutting down")
+
+
+class Sessions:
+    """The open sessions of all of a relay's listeners, for a graceful stop: the listeners
+    stop first, then L{drain} closes idle sessions at once and lets those with a message in
+    hand finish it.
+
+    @ivar live: the L{SMTPServerProtocol}s connected now.
+    @ivar shuttingDown: L{drain} has begun: a session starting now is refused with 421.
+    """
+
+    def __init__(self) -> None:
+        self.live: set[SMTPServerProtocol] = set()
+        self.shuttingDown = False
+        self._whenEmpty: list[Deferred[None]] = []
+
+    def add(self, protocol: SMTPServerProtocol) -> None:
+        self.live.add(protocol)
+
+    def discard(self, protocol: SMTPServerProtocol) -> None:
+        self.live.discard(protocol)
+        if not self.live:
+            waiting, self._whenEmpty = self._whenEmpty, []
+            for d in waiting:
+                d.callback(None)
+
+    def drain(self, clock: Any, drainTime: float) -> Deferred[None]:
+        """Close every session as soon as it has no message in hand; after C{drainTime}
+        seconds abandon the messages still being received, and a few seconds later drop
+        connections still open (a client that does not read its 421).  Fires when no session
+        is left."""
+        self.shuttingDown = True
+        for protocol in list(self.live):
+            protocol.shutdown()
+        if not self.live:
+            return succeed(None)
+        log.info(
+            "relay stopping: {count} session(s) open; messages in progress have {drain:g}s "
+            "to finish",
+            count=len(self.live),
+            drain=drainTime,
+        )
+        done: Deferred[None] = Deferred()
+        self._whenEmpty.append(done)
+
+        def cutShort() -> None:
+            for protocol in list(self.live):
+                protocol.cutShort()
+            timers.append(clock.callLater(_ABORT_AFTER, abort))
+
+        def abort() -> None:
+            for protocol in list(self.live):
+                if protocol.session is None or not protocol.session.waiting:
+                    protocol.transport.abortConnection()
+
+        timers = [clock.callLater(drainTime, cutShort)]
+
+        def finished(result: None) -> None:
+            for timer in timers:
+                if timer.active():
+                    timer.cancel()
+            return result
+
+        return done.addCallback(finished)
+
+
+#: Seconds after the drain time when connections still open are aborted.
+_ABORT_AFTER = 5.0
+#: Seconds a client whose message was answered while the relay stops has to say QUIT.
+_QUIT_GRACE = 1.0
+
+
+@implementer(IHandshakeListener, IPushProducer)
+class SMTPServerProtocol(Protocol):
+    """One inbound SMTP connection."""
+
+    def __init__(self, context: ListenerContext) -> None:
+        self.context = context
+        self.session: ServerSession | None = None
+        self._timer: Any = None
+        self._writer: Any = None
+        self._headers: HeaderProcessor | None = None
+        #: Why reading is paused: C{"session"} (a question pending, or before the greeting),
+        #: C{"output"} (the transport's write buffer is full).
+        self._pausedFor: set[str] = set()
+        self._lookup: Deferred | None = None
+        #: A TLS handshake is under way (implicit TLS, or after STARTTLS) and not finished.
+        self._handshaking = context.implicitTLS
+        #: The limits' bookkeeping of this connection (L{mailrelay.receive.limits.Admission}).
+        self._admission: Any = None
+        self._greetTimer: Any = None
+        self._deadline: Any = None
+        #: The session time limit passed while a question was pending: close once answered.
+        self._deadlinePassed = False
+        #: In DATA with C{minDataRate}: when the client's time runs out.
+        self._dataDeadline: float | None = None
+        self._lastReceived = 0.0
+        #: The relay is stopping: close (421) as soon as no message is in hand.
+        self._shuttingDown = False
+        #: After a message answered while stopping: the 421 unless QUIT comes first.
+        self._quitTimer: Any = None
+        #: When the header stampers were called, while they have not answered.
+        self._stampingSince: float | None = None
+
+    # Connection life cycle ------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        from mailrelay.smtp.client import _noDelay
+
+        _noDelay(self.transport)  # replies go out at once, not after the client's delayed ACK
+        self.transport.registerProducer(self, True)
+        ctx = self.context
+        peer = self.transport.getPeer()
+        host = getattr(peer, "host", str(peer))
+        client = ClientInfo(
+            address=host,
+            port=getattr(peer, "port", 0),
+            relayAllowed=ctx.policy.relay.isRelayClient(host),
+            listener=ctx.listenerName,
+        )
+        self.session = ServerSession(ctx.settings, client, awaitingGreeting=True)
+        self._lastReceived = ctx.clock.seconds()
+        if ctx.sessions is not None:
+            ctx.sessions.add(self)
+            if ctx.sessions.shuttingDown:  # accepted (or PROXY header read) as the stop began
+                self._handle(self.session.closeWith(shuttingDown(ctx.settings.hostname)))
+                return
+        log.info(
+            "connect from {client}:{port} on {listener} relay={relay}",
+            client=client.address,
+            port=client.port,
+            listener=ctx.listenerName,
+            relay=client.relayAllowed,
+        )
+        if ctx.maxSessionTime > 0:
+            self._deadline = ctx.clock.callLater(ctx.maxSessionTime, self._sessionExpired)
+        if ctx.resolver is not None:
+            from mailrelay.receive.rdns import reverseLookup
+
+            self._lookup = reverseLookup(
+                ctx.resolver, client.address, ctx.reverseLookupTimeout, ctx.clock
+            )
+            self._lookup.addCallback(self._gotReverseName)
+        self._resetTimer()
+        if ctx.limits is None:
+            self._admitted(None)
+            return
+        self._admission = ctx.limits.admit(client.address)
+        d = self._admission.check()
+        d.addCallback(self._admitted)
+        d.addErrback(lambda f: log.failure("checking the limits of {client}", f, client=host))
+
+    def _admitted(self, refusal: Any) -> None:
+        """The limits answered: greet (now or after C{greetPause}), or refuse with 421."""
+        session = self.session
+        if session is None or session.closed:
+            return
+        if refusal is not None:
+            log.warn(
+                "connection from {client} on {listener} refused: {reason}",
+                client=session.client.address,
+                listener=self.context.listenerName,
+                reason=refusal.reason,
+            )
+            self._handle(session.closeWith(refusal.reply))
+            return
+        if self.context.greetPause > 0:
+            self._greetTimer = self.context.clock.callLater(self.context.greetPause, self._greet)
+        else:
+            self._greet()
+
+    def _greet(self) -> None:
+        self._greetTimer = None
+        session = self.session
+        if session is None or session.closed:
+            return
+        self._resume()  # input kept until the greeting (without rejectPregreet)
+        self._handle(session.greeting())
+        self._resetTimer()
+
+    def _sessionExpired(self) -> None:
+        self._deadline = None
+        session = self.session
+        if session is None or session.closed:
+            return
+        if session.waiting:
+            # Never cut a question short (a message being committed to the spool would be
+            # queued after the client was told 421): close when it is answered.
+            self._deadlinePassed = True
+            return
+        log.info(
+            "session time limit of {limit:g}s exceeded by {client}, closing",
+            limit=self.context.maxSessionTime,
+            client=session.client.address,
+        )
+        host = self.context.settings.hostname
+        self._handle(
+            session.closeWith(Reply(421, "4.4.2", f"{host} Error: session time limit exceeded"))
+        )
+
+    def shutdown(self, messageDone: bool = False) -> None:
+        """The relay is stopping: say 421 and close now, or, while the client has a message
+        in hand, once its end is answered (250 only once it is durable).  After that answer
+        the client has a moment to say QUIT (and get its 221) before the 421; any other
+        command gets the 421 at once.
+
+        @param messageDone: the answer to the end of a message was just sent.
+        """
+        self._shuttingDown = True
+        session = self.session
+        if session is None or session.closed or session.inMessage:
+            return
+        if messageDone:
+            if self._quitTimer is not None and self._quitTimer.active():
+                self._quitTimer.cancel()
+            self._quitTimer = self.context.clock.callLater(_QUIT_GRACE, self._closeForShutdown)
+        elif self._quitTimer is None:
+            self._closeForShutdown()
+
+    def _closeForShutdown(self) -> None:
+        if self._quitTimer is not None and self._quitTimer.active():
+            self._quitTimer.cancel()
+        self._quitTimer = None
+        session = self.session
+        if session is None or session.closed:
+            return
+        log.info("relay stopping: closing the session of {client}", client=session.client.address)
+        self._handle(session.closeWith(shuttingDown(self.context.settings.hostname)))
+
+    def cutShort(self) -> None:
+        """The drain time is over: abandon a message still being received (421), unless its
+        commit to the spool is under way (then close when it is answered)."""
+        self._shuttingDown = True
+        session = self.session
+        if session is None or session.closed:
+            self.transport.abortConnection()
+            return
+        if session.waiting and not session.inData:
+            return  # the answer to the end of data is coming; shutdown() runs then
+        log.info(
+            "relay stopping: drain time over, message from {client} abandoned",
+            client=session.client.address,
+        )
+        self._handle(session.closeWith(shuttingDown(self.context.settings.hostname)))
+
+    def _gotReverseName(self, name: str | None) -> None:
+        self._lookup = None
+        if self.session is not None:
+            self.session.client.rdns = name
+
+    def dataReceived(self, data: bytes) -> None:
+        session = self.session
+        if session is None:
+            return
+        self._lastReceived = self.context.clock.seconds()
+        inData = session.inData
+        inMessage = session.inMessage
+        if self._shuttingDown and not inMessage and data[:4].upper() != b"QUIT":
+            self._closeForShutdown()  # a stopping relay takes no new command but QUIT
+            return
+        self._handle(session.dataReceived(data))
+        if self._shuttingDown:
+            self.shutdown(messageDone=inMessage and not session.inMessage)
+        if session.awaitingGreeting and not session.closed:
+            self._pause()  # read no more before the greeting
+        if inData and self._dataDeadline is not None:
+            self._dataDeadline += len(data) / self.context.minDataRate
+        self._resetTimer()
+
+    def handshakeCompleted(self) -> None:
+        """C{IHandshakeListener}: the TLS handshake is done; the session starts afresh."""
+        self._handshaking = False
+        session = self.session
+        if session is None:
+            return
+        description = describeTLS(self.transport.getHandle())
+        log.info(
+            "TLS established with {client}: {tls}",
+            client=session.client.address,
+            tls=description,
+        )
+        self._handle(session.tlsStarted(description))
+        self._resetTimer()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.context.sessions is not None:
+            self.context.sessions.discard(self)
+        self._cancelTimer()
+        for timer in (self._greetTimer, self._deadline, self._quitTimer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._greetTimer = self._deadline = None
+        if self._admission is not None:
+            self._admission.release()
+        if self._lookup is not None:
+            self._lookup.cancel()
+        session = self.session
+        if session is None:
+            return
+        wasOpen = not session.closed
+        if self._handshaking and reason is not None:
+            log.info(
+                "TLS handshake with {client} failed: {error}",
+                client=session.client.address,
+                error=reason.getErrorMessage(),
+            )
+        self._handle(session.connectionLost())
+        log.info(
+            "disconnect from {client} messages={messages} errors={errors}{how}",
+            client=session.client.address,
+            messages=session.messages,
+            errors=session.errors,
+            how=" (client closed the connection)" if wasOpen else "",
+        )
+
+    # Timers ---------------------------------------------------------------------------------
+
+    def _resetTimer(self) -> None:
+        session = self.session
+        if session is None or session.closed:
+            return
+        ctx = self.context
+        if session.inData and self._stampingSince is not None:
+            self._cancelTimer()  # reading is paused; the stampers' timeout bounds the wait
+            return
+        if not session.inData:
+            self._dataDeadline = None
+            timeout = ctx.idleTimeout
+        elif ctx.minDataRate > 0:
+            now = ctx.clock.seconds()
+            latest = now + ctx.dataTimeout
+            if self._dataDeadline is None or self._dataDeadline > latest:
+                self._dataDeadline = latest
+            timeout = max(self._dataDeadline - now, 0.0)
+        else:
+            timeout = ctx.dataTimeout
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(timeout)
+        else:
+            self._timer = self.context.clock.callLater(timeout, self._timedOut)
+
+    def _cancelTimer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timedOut(self) -> None:
+        self._timer = None
+        if self.session is None:
+            return
+        if "output" in self._pausedFor:
+            log.info(
+                "timeout with output blocked (client not reading replies) from {client}, closing",
+                client=self.session.client.address,
+            )
+            self.transport.abortConnection()
+            return
+        if not self.session.inData:
+            what = "waiting for a command"
+        elif self.context.clock.seconds() - self._lastReceived < self.context.dataTimeout:
+            what = f"in DATA (less than min_data_rate = {self.context.minDataRate} bytes/s)"
+        else:
+            what = "in DATA"
+        log.info("timeout {what} from {client}", what=what, client=self.session.client.address)
+        self._handle(self.session.timedOut())
+
+    # Events ---------------------------------------------------------------------------------
+
+    def _handle(self, events: list[object]) -> None:
+        """Carry out the session's events.  Answers available at once are fed back in a loop,
+        not by recursion, so a long pipelined batch does not deepen the stack."""
+        session = self.session
+        while events:
+            out: list[bytes] = []
+            question = None
+            for event in events:
+                if isinstance(event, BodyData):
+                    if self._headers is not None:
+                        self._headers.write(event.data)
+                elif isinstance(event, Reply):
+                    out.append(event.toBytes())
+                elif isinstance(event, Close):
+                    self._flush(out)
+                    self._cancelTimer()
+                    if self._handshaking:
+                        # A TLS layer waits for the handshake to end before it closes: a
+                        # client that never finishes it would hold the connection.
+                        self.transport.abortConnection()
+                    else:
+                        self.transport.unregisterProducer()
+                        self.transport.loseConnection()
+                        # A client that reads nothing would hold it with our unsent replies.
+                        self._timer = self.context.clock.callLater(
+                            self.context.idleTimeout, self.transport.abortConnection
+                        )
+                elif isinstance(event, StartTLS):
+                    self._flush(out)
+                    self._startTLS(event)
+                elif isinstance(event, AbortData):
+                    self._abortMessage()
+                elif isinstance(event, SyncError):
+                    self._logSyncError(event)
+                elif isinstance(event, Refused):
+                    self._logRefusal(event)
+                else:
+                    question = event
+            self._flush(out)
+            if question is None or session is None:
+                return
+            d = self._ask(question)
+            box: list[object] = []
+            d.addCallback(box.append)
+            if not box:
+                self._pause()
+                d.addCallback(lambda _: self._answer(box[0]))
+                return
+            if session.closed:
+                return
+            events = session.answer(box[0])
+
+    def _logSyncError(self, event: SyncError) -> None:
+        session = self.session
+        assert session is not None
+        if event.after:
+            log.warn(
+                "improper command pipelining after {command} from {client}: {pending!r}, "
+                "refused with 554",
+                command=event.after,
+                client=session.client.address,
+                pending=event.pending,
+            )
+        else:
+            log.warn(
+                "{client} talked before the greeting: {pending!r}, refused with 554",
+                client=session.client.address,
+                pending=event.pending,
+            )
+
+    def _logRefusal(self, event: Refused) -> None:
+        """Postfix's line: C{NOQUEUE: reject: RCPT from host[addr]: 554 5.7.1 ...;
+        from=<s> to=<r> proto=ESMTP helo=<h>}."""
+        client = self.session.client  # type: ignore[union-attr]
+        log.info(
+            "NOQUEUE: reject: {command} from {host}[{client}]: {reply};{sender}{recipient} "
+            "proto={proto}{helo}",
+            command=event.command,
+            host=client.rdns or "unknown",
+            client=client.address,
+            reply=str(event.reply),
+            sender="" if event.sender is None else f" from=<{event.sender}>",
+            recipient="" if event.recipient is None else f" to=<{event.recipient}>",
+            proto="ESMTP" if client.esmtp else "SMTP",
+            helo=f" helo=<{client.helo}>" if client.helo else "",
+            sasl_username=client.authUser,
+        )
+
+    def _flush(self, out: list[bytes]) -> None:
+        if out:
+            self.transport.write(b"".join(out))
+            out.clear()
+
+    def _ask(self, question: object) -> Deferred:
+        if isinstance(question, CheckMail):
+            d = self._checkMail(question.envelope)
+        elif isinstance(question, CheckRecipient):
+            assert self.session is not None
+            d = self.context.policy.check(
+                self.session.client, question.envelope, question.recipient, question.mailbox
+            )
+        elif isinstance(question, StartData):
+            d = succeed(self._startData(question.envelope))
+        elif isinstance(question, EndOfData):
+            d = self._endOfData(question)
+        elif isinstance(question, Authenticate):
+            d = self._authenticate(question)
+        else:  # pragma: no cover - a new question type without a handler
+            raise TypeError(f"unknown session event {question!r}")
+        return d.addErrback(self._questionFailed, question)
+
+    def _questionFailed(self, failure: Failure, question: object) -> Reply | Verdict:
+        log.failure("error handling {question}", failure, question=type(question).__name__)
+        if isinstance(question, (CheckMail, CheckRecipient)):
+            return Verdict(VerdictKind.DEFER, Reply(451, "4.3.0", "Error: local error, try again later"))
+        return R.LOCAL_ERROR
+
+    def _answer(self, result: object) -> None:
+        session = self.session
+        self._resume()
+        if session is None or session.closed:
+            return
+        inMessage = session.inMessage
+        self._handle(session.answer(result))
+        self._resetTimer()
+        if self._shuttingDown:
+            self.shutdown(messageDone=inMessage and not session.inMessage)
+        if self._deadlinePassed and not session.closed and not session.waiting:
+            self._sessionExpired()
+
+    def _pause(self, reason: str = "session") -> None:
+        if not self._pausedFor:
+            self.transport.pauseProducing()
+        self._pausedFor.add(reason)
+
+    def _resume(self, reason: str = "session") -> None:
+        if reason in self._pausedFor:
+            self._pausedFor.discard(reason)
+            if not self._pausedFor:
+                self.transport.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        """C{IPushProducer}: the transport's write buffer is full (the client is not reading
+        its replies): read no more commands until it is drained.
+
+        Not during a TLS handshake: the TLS layer holds the greeting back until the handshake
+        is done, and the handshake needs reading.
+        """
+        if not self._handshaking:
+            self._pause("output")
+
+    def resumeProducing(self) -> None:
+        """C{IPushProducer}: the transport's write buffer is drained: read on."""
+        self._resume("output")
+
+    def stopProducing(self) -> None:
+        """C{IPushProducer}: the connection is going away (L{connectionLost} follows)."""
+
+    # Answers --------------------------------------------------------------------------------
+
+    def _startTLS(self, event: StartTLS) -> None:
+        session = self.session
+        assert session is not None
+        if event.discarded:
+            log.warn(
+                "{client}: {count} bytes sent after STARTTLS, before the TLS handshake, "
+                "discarded (command injection?)",
+                client=session.client.address,
+                count=event.discarded,
+            )
+        self._handshaking = True
+        try:
+            self.transport.startTLS(self.context.tlsOptions)
+        except Exception:
+            log.failure("cannot start TLS with {client}", client=session.client.address)
+            self._cancelTimer()
+            self.transport.abortConnection()
+
+    def _authenticate(self, question: Authenticate) -> Deferred:
+        """Check credentials through the portal.  Attempts are counted per client (IPv6 by
+        the listener's C{ipv6_prefix_length}) while in flight and as failures after (see
+        L{mailrelay.receive.auth.IAuthThrottle}): after C{throttleAfter} failures the 535 is
+        delayed, and from C{maxFailures} on AUTH is refused with 421 without a check.  An
+        attempt that would go beyond C{maxFailures} with the checks in flight of the same
+        client waits for them (at most C{auth.timeout}, then 454), so that at most
+        C{maxFailures} passwords are checked per window, however many connections try at
+        once, and a client with many connections and the right password is not refused."""
+        auth = self.context.auth
+        session = self.session
+        assert session is not None
+        if auth is None:  # pragma: no cover - the session only asks when AUTH is configured
+            return succeed(AUTH_TEMPORARY_FAILURE)
+        address = session.client.address
+        limits = self.context.limits
+        prefix = limits.ipv6PrefixLength if limits is not None else DEFAULT_IPV6_PREFIX_LENGTH
+        client = clientNetwork(address, prefix)
+
+        def logFailure(count: int, why: str) -> None:
+            log.warn(
+                "authentication failed from {client}: sasl_method={mechanism} "
+                "sasl_username={user} failures={failures} ({why})",
+                client=address,
+                mechanism=question.mechanism,
+                user=question.username,
+                sasl_username=question.username,
+                failures=count,
+                why=why,
+            )
+
+        def settle(failed: bool) -> Deferred:
+            return maybeDeferred(auth.throttle.settle, client, failed)
+
+        def release() -> None:
+            settle(False).addErrback(
+                lambda f: log.failure("AUTH throttle: settling for {client}", f, client=client)
+            )
+
+        clock = self.context.clock
+        started = clock.seconds()
+
+        def reserve() -> Deferred:
+            return maybeDeferred(auth.throttle.reserve, client).addCallbacks(reserved, notReserved)
+
+        def reserved(count: int) -> Any:
+            if count > auth.maxFailures:
+                return settle(False).addCallbacks(overBudget, notReserved)
+            if question.authzid and question.authzid != question.username:
+                return failed(Failure(UnauthorizedLogin("authorization identity differs")))
+            d = auth.portal.login(
+                UsernamePassword(question.username, question.password), None, IAuthenticatedUser
+            )
+            if auth.timeout and not d.called:
+                d.addTimeout(auth.timeout, self.context.clock)
+            return d.addCallbacks(succeeded, failed)
+
+        def notReserved(failure: Failure) -> Reply:
+            log.failure("AUTH throttle: reserving or settling for {client}", failure, client=client)
+            return AUTH_TEMPORARY_FAILURE
+
+        def overBudget(failures: int) -> Any:
+            # The failures recorded fill the budget: refused.  Otherwise checks still in
+            # flight (other connections of this client) hold it: wait for them, never refuse
+            # a client for failures it has not made.
+            if failures >= auth.maxFailures:
+                logFailure(failures, "too many failures, refused with 421 without checking")
+                return AUTH_TOO_MANY_FAILURES
+            if session.closed:
+                return AUTH_TEMPORARY_FAILURE  # no one waits for the answer: check nothing
+            waited = clock.seconds() - started
+            if auth.timeout and waited >= auth.timeout:
+                log.warn(
+                    "authentication from {client} (sasl_username={user}) waited {waited:g}s "
+                    "for the checks in flight of the same client; answered 454",
+                    client=address,
+                    user=question.username,
+                    sasl_username=question.username,
+                    waited=waited,
+                )
+                return AUTH_TEMPORARY_FAILURE
+            return deferLater(clock, AUTH_WAIT_INTERVAL, reserve)
+
+        def succeeded(result: tuple[Any, Any, Any]) -> str:
+            release()
+            _, avatar, _ = result
+            name = getattr(avatar, "name", question.username)
+            log.info(
+                "authenticated {client}: sasl_method={mechanism} sasl_username={user}",
+                client=address,
+                mechanism=question.mechanism,
+                user=name,
+                sasl_username=name,
+            )
+            return name
+
+        def failed(failure: Failure) -> Any:
+            if failure.check(TimeoutError):
+                release()
+                log.error(
+                    "authentication check for {client} (sasl_username={user}) gave no answer "
+                    "in {timeout:g}s",
+                    client=address,
+                    user=question.username,
+                    timeout=auth.timeout,
+                )
+                return AUTH_TEMPORARY_FAILURE
+            if not failure.check(UnauthorizedLogin, UnhandledCredentials):
+                release()
+                log.failure("authentication check failed for {client}", failure, client=address)
+                return AUTH_TEMPORARY_FAILURE
+            return settle(True).addCallbacks(answer, notRecorded)
+
+        def notRecorded(failure: Failure) -> Reply:
+            log.failure("AUTH throttle: recording a failure of {client}", failure, client=client)
+            return AUTH_INVALID
+
+        def answer(count: int) -> Any:
+            if count >= auth.maxFailures:
+                logFailure(count, "too many failures, closing")
+                return AUTH_TOO_MANY_FAILURES
+            if count > auth.throttleAfter and auth.failureDelay > 0:
+                logFailure(count, f"answer delayed {auth.failureDelay:g}s")
+                return deferLater(self.context.clock, auth.failureDelay, lambda: AUTH_INVALID)
+            logFailure(count, "wrong user name or password")
+            return AUTH_INVALID
+
+        return reserve()
+
+    def _checkMail(self, envelope: Envelope) -> Deferred:
+        auth = self.context.auth
+        user = envelope.client.authUser if envelope.client else None
+        if auth is not None and user is not None and not auth.senderAllowed(user, envelope.sender):
+            log.warn(
+                "{client}: sasl_username={user} may not send as <{sender}>",
+                client=envelope.client.address,  # type: ignore[union-attr]
+                user=user,
+                sasl_username=user,
+                sender=envelope.sender,
+            )
+            text = f"<{envelope.sender}>: Sender address rejected: not owned by user {user}"
+            return succeed(Verdict(VerdictKind.REJECT, Reply(553, "5.7.1", text)))
+        needed = envelope.size or 0
+        limits = self.context.limits
+        if limits is None:
+            return succeed(self._spaceVerdict(needed))
+        client = envelope.client or self.session.client  # type: ignore[union-attr]
+
+        def judged(refusal: Any) -> Verdict:
+            if refusal is not None:
+                log.warn(
+                    "{client}: MAIL FROM:<{sender}> refused: {reason}",
+                    client=client.address,
+                    sender=envelope.sender,
+                    reason=refusal.reason,
+                    sasl_username=client.authUser,
+                )
+                return Verdict(VerdictKind.DEFER, refusal.reply)
+            return self._spaceVerdict(needed)
+
+        return limits.checkMail(client.address, client.authUser).addCallback(judged)
+
+    def _spaceVerdict(self, needed: int) -> Verdict:
+        return ACCEPT if self.context.spool.hasFreeSpace(needed) else NO_SPACE_VERDICT
+
+    def _startData(self, envelope: Envelope) -> Reply | None:
+        from mailrelay.spool import SpoolError, newQueueID
+
+        queueID = newQueueID()
+        try:
+            self._writer = self.context.spool.openMessage(queueID)
+        except SpoolError as e:
+            log.error("cannot create queue file: {error}", error=str(e))
+            return R.LOCAL_ERROR
+        envelope.queueID = queueID
+        now = self.context.clock.seconds()
+
+        def stamp(headers: list[tuple[str, bytes]]) -> Any:
+            context = StampContext(
+                hostname=self.context.settings.hostname,
+                client=envelope.client or self.session.client,  # type: ignore[union-attr]
+                envelope=envelope,
+                headers=headers,
+                listenerOptions=self.context.listenerOptions,
+                now=now,
+            )
+            result = runStampers(self.context.stampers, context, self.context.clock)
+            if isinstance(result, Deferred):
+                self._stampingSince = self.context.clock.seconds()
+                result.addBoth(self._stampingEnded)
+                if self._stampingSince is not None:
+                    # A stamper answers later: read no more meanwhile (what the session has
+                    # already read is held by the HeaderProcessor), and stop the DATA clock.
+                    self._cancelTimer()
+                    self._pause("stamping")
+            return result
+
+        self._headers = HeaderProcessor(self._writer.write, stamp)
+        return None
+
+    def _stampingEnded(self, result: object) -> object:
+        since, self._stampingSince = self._stampingSince, None
+        session = self.session
+        if since is None or "stamping" not in self._pausedFor:
+            return result  # answered at once
+        self._resume("stamping")
+        if session is None or session.closed or session.waiting:
+            return result  # the end of data waits for the stampers: its answer resets the timer
+        if self._dataDeadline is not None:
+            self._dataDeadline += self.context.clock.seconds() - since
+        self._resetTimer()
+        return result
+
+    def _abortMessage(self) -> None:
+        if self._writer is not None:
+            log.info("{queueID}: message not completed, dropped", queueID=self._writer.queueID)
+            self._writer.abort()
+        if self._headers is not None:
+            self._headers.abort()
+        self._writer = None
+        self._headers = None
+
+    def _endOfData(self, question: EndOfData) -> Deferred:
+        writer, headers = self._writer, self._headers
+        self._writer = self._headers = None
+        if question.error is not None or headers is None:
+            if headers is not None:
+                headers.abort()  # a stamper still at work is not waited for
+            return self._storeMessage(question, writer, question.error)
+
+        def stamped(_: None) -> Any:
+            hops = headers.count("Received")
+            error = R.TOO_MANY_HOPS if hops > self.context.maxHops else None
+            return self._storeMessage(question, writer, error)
+
+        def notStamped(failure: Failure) -> Any:
+            if not failure.check(StampingFailed):  # already logged, naming the stamper
+                log.failure("{queueID}: header stamping failed", failure, queueID=question.envelope.queueID)
+            return self._storeMessage(question, writer, STAMPING_FAILED)
+
+        # The stampers were called when the header section ended: wait for their answer.
+        return headers.finish().addCallbacks(stamped, notStamped)
+
+    def _storeMessage(self, question: EndOfData, writer: Any, error: Reply | None) -> Deferred:
+        """Commit the message to the spool, or drop it when C{error}: the reply to its end."""
+        envelope = question.envelope
+        if error is not None or writer is None:
+            if writer is not None:
+                writer.abort()
+            reply = error or R.LOCAL_ERROR
+            self._logResult(envelope, question.size, reply)
+            return succeed(reply)
+        envelope.arrival = self.context.clock.seconds()
+        envelope.messageSize = writer.size
+        commit = writer.commit(envelope)
+
+        def committed(_: object) -> Reply:
+            reply = Reply(250, "2.0.0", f"Ok: queued as {envelope.queueID}")
+            self._logResult(envelope, writer.size, reply)
+            if self.context.onQueued is not None:
+                try:
+                    self.context.onQueued(envelope.queueID)
+                except Exception:
+                    log.failure("{queueID}: queue manager refused the new entry", queueID=envelope.queueID)
+            return reply
+
+        def failed(failure: Failure) -> Reply:
+            log.error(
+                "{queueID}: spool commit failed: {error}",
+                queueID=envelope.queueID,
+                error=failure.getErrorMessage(),
+            )
+            self._logResult(envelope, writer.size, R.LOCAL_ERROR)
+            return R.LOCAL_ERROR
+
+        commit.addCallbacks(committed, failed)
+        return commit
+
+    def _logResult(self, envelope: Envelope, size: int, reply: Reply) -> None:
+        user = envelope.client.authUser if envelope.client else None
+        log.info(
+            "{queueID}: from=<{sender}> nrcpt={nrcpt} size={size} client={client}{sasl}"
+            " result={result}",
+            queueID=envelope.queueID,
+            sender=envelope.sender,
+            nrcpt=len(envelope.recipients),
+            size=size,
+            client=envelope.client.address if envelope.client else "",
+            sasl=f" sasl_username={user}" if user else "",
+            sasl_username=user,
+            tls=envelope.client.tls if envelope.client else None,
+            result=str(reply),
+            accepted=reply.isPositive,
+        )
+
+
+class SMTPServerFactory(Factory):
+    """Builds L{SMTPServerProtocol}s for one listener."""
+
+    protocol = SMTPServerProtocol
+    noisy = False  # the listener service logs where it listens
+
+    def __init__(self, context: ListenerContext) -> None:
+        self.context = context
+
+    def buildProtocol(self, addr: IAddress) -> SMTPServerProtocol:
+        p = SMTPServerProtocol(self.context)
+        p.factory = self
+        return p

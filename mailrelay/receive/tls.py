@@ -1,0 +1,230 @@
+"""Server-side TLS: loading and checking a listener's certificate and key, and describing a
+TLS session for logs and C{Received:}.
+
+L{loadServerTLS} reads the PEM files named in a listener's configuration and returns the
+Twisted C{CertificateOptions} its connections use, for STARTTLS (C{transport.startTLS}) and
+for implicit TLS (C{TLSMemoryBIOFactory} around the listener's factory) alike.  Every problem
+(missing or unreadable file, no certificate, no key, an encrypted key, a key that does not
+belong to the certificate, an unknown cipher string) raises L{TLSConfigError} with a message
+naming the file; the configuration loader turns it into a C{ConfigError} naming the key.  A
+certificate that has expired, or is not valid yet, is not an error (the relay keeps serving
+plaintext clients, and opportunistic TLS clients do not verify): it is returned in
+L{ServerTLS.warnings}, which the service logs at start-up.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
+from zope.interface import implementer
+
+#: The values of C{tls_min_version}, lowest first.
+TLS_VERSIONS: dict[str, Any] = {"TLSv1.2": TLSVersion.TLSv1_2, "TLSv1.3": TLSVersion.TLSv1_3}
+DEFAULT_TLS_MIN_VERSION = "TLSv1.2"
+
+
+class TLSConfigError(ValueError):
+    """A listener's certificate, key or TLS settings cannot be used; the message says why and
+    names the file.
+
+    @ivar setting: which setting is at fault: C{"certificate"}, C{"key"}, C{"ciphers"} or
+        C{"version"} (the configuration names the matching key).
+    """
+
+    def __init__(self, message: str, setting: str = "certificate") -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+@dataclass
+class ServerTLS:
+    """A listener's TLS material, checked.
+
+    @ivar options: the C{CertificateOptions} for the listener's connections (an
+        C{IOpenSSLServerConnectionCreator}).
+    @ivar subject: the leaf certificate's subject, for logs.
+    @ivar notAfter: when the leaf certificate expires.
+    @ivar warnings: problems that do not stop start-up (expired, not yet valid), in words.
+    """
+
+    options: CertificateOptions
+    subject: str
+    notAfter: datetime.datetime
+    warnings: list[str] = field(default_factory=list)
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise TLSConfigError(
+            f"cannot read the {what} file {path!r}: {e.strerror or e}", what
+        ) from None
+
+
+def loadServerTLS(
+    certificateFile: str,
+    keyFile: str,
+    *,
+    minVersion: str = DEFAULT_TLS_MIN_VERSION,
+    ciphers: str | None = None,
+    now: datetime.datetime | None = None,
+) -> ServerTLS:
+    """Load and check a listener's certificate chain and private key.
+
+    @param certificateFile: a PEM file: the server's certificate first, then any intermediate
+        certificates (the chain sent to clients).  It may also hold the key.
+    @param keyFile: a PEM file holding the (unencrypted) private key; it may be
+        C{certificateFile} itself.
+    @param minVersion: the lowest TLS version accepted, a key of L{TLS_VERSIONS}.
+    @param ciphers: an OpenSSL cipher string for TLS 1.2 (TLS 1.3's suites are always the
+        OpenSSL defaults), or C{None} for Twisted's default selection.
+    @param now: the time to check validity against (tests); default: now.
+    @raise TLSConfigError: the message says what is wrong and names the file.
+    """
+    if minVersion not in TLS_VERSIONS:
+        raise TLSConfigError(
+            f"unknown TLS version {minVersion!r}; choose one of {', '.join(TLS_VERSIONS)}",
+            "version",
+        )
+    certData = _read(certificateFile, "certificate")
+    try:
+        chain = x509.load_pem_x509_certificates(certData)
+    except ValueError:
+        raise TLSConfigError(
+            f"the certificate file {certificateFile!r} holds no PEM certificate "
+            '(no valid "-----BEGIN CERTIFICATE-----" block)'
+        ) from None
+    keyData = certData if keyFile == certificateFile else _read(keyFile, "key")
+    if b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in keyData or b"Proc-Type: 4,ENCRYPTED" in keyData:
+        raise TLSConfigError(
+            f"the private key in {keyFile!r} is encrypted; the relay needs an unencrypted key "
+            "(readable by the relay only)",
+            "key",
+        )
+    try:
+        key = serialization.load_pem_private_key(keyData, password=None)
+    except (ValueError, TypeError) as e:
+        raise TLSConfigError(
+            f"the key file {keyFile!r} holds no usable PEM private key ({e})", "key"
+        ) from None
+    leaf = chain[0]
+    der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if leaf.public_key().public_bytes(der, spki) != key.public_key().public_bytes(der, spki):
+        raise TLSConfigError(
+            f"the private key in {keyFile!r} does not belong to the certificate in "
+            f"{certificateFile!r} (the first certificate of the file must be the server's)",
+            "key",
+        )
+    acceptable = None
+    if ciphers is not None:
+        acceptable = AcceptableCiphers.fromOpenSSLCipherString(ciphers)
+        if not acceptable._ciphers:  # nothing this OpenSSL knows
+            raise TLSConfigError(
+                f"the cipher string {ciphers!r} selects no cipher OpenSSL knows", "ciphers"
+            )
+    try:
+        options = CertificateOptions(
+            # cryptography objects: pyOpenSSL deprecates its own X509/PKey in contexts.
+            privateKey=key,  # type: ignore[arg-type]
+            certificate=leaf,  # type: ignore[arg-type]
+            extraCertChain=list(chain[1:]),  # type: ignore[arg-type]
+            raiseMinimumTo=TLS_VERSIONS[minVersion],
+            acceptableCiphers=acceptable,
+        )
+        options.getContext()  # builds the context now: any OpenSSL complaint stops start-up
+    except (SSL.Error, ValueError, TypeError) as e:
+        raise TLSConfigError(
+            f"OpenSSL refuses the certificate {certificateFile!r} and key {keyFile!r}: {e}"
+        ) from None
+
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    warnings = []
+    subject = leaf.subject.rfc4514_string()
+    notAfter = leaf.not_valid_after_utc
+    if notAfter < now:
+        warnings.append(
+            f"the certificate {certificateFile!r} ({subject}) expired on "
+            f"{notAfter:%Y-%m-%d %H:%M} UTC"
+        )
+    elif leaf.not_valid_before_utc > now:
+        warnings.append(
+            f"the certificate {certificateFile!r} ({subject}) is not valid before "
+            f"{leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
+        )
+    return ServerTLS(options=options, subject=subject, notAfter=notAfter, warnings=warnings)
+
+
+def describeTLS(connection: Any) -> str | None:
+    """The TLS version and cipher of an established C{OpenSSL.SSL.Connection}, as
+    C{"TLSv1.3 TLS_AES_256_GCM_SHA384"}, or C{None} when C{connection} is not one."""
+    try:
+        version = connection.get_protocol_version_name()
+        cipher = connection.get_cipher_name()
+    except (AttributeError, SSL.Error):
+        return None
+    if not version or not cipher:
+        return None
+    return f"{version} {cipher}"
+
+
+def matchServerName(name: str, candidates: Mapping[str, Any]) -> Any:
+    """The value of C{candidates} (keyed by lower-case host names and C{"*.domain"}
+    wildcards) for the server name C{name}, or C{None}.  An exact name wins over a wildcard;
+    a wildcard covers one label only (C{"*.example.org"} covers C{"mx.example.org"}, not
+    C{"example.org"} nor C{"a.mx.example.org"})."""
+    name = name.lower().rstrip(".")
+    if name in candidates:
+        return candidates[name]
+    head, dot, parent = name.partition(".")
+    if head and dot and parent:
+        return candidates.get("*." + parent)
+    return None
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class SNIServerOptions:
+    """A server context factory that presents the certificate matching the name the client
+    asks for (TLS SNI, RFC 6066), and C{default}'s for no name or an unknown one.
+
+    It can stand wherever Twisted takes server TLS options: C{transport.startTLS} (STARTTLS)
+    and C{TLSMemoryBIOFactory} (implicit TLS).  Every connection starts with C{default}'s
+    context; pyOpenSSL's server name callback switches it before the certificate is sent.
+
+    @ivar selected: how many handshakes were switched to each name's certificate (for tests
+        and curiosity).
+    """
+
+    def __init__(self, default: CertificateOptions, byName: Mapping[str, CertificateOptions]) -> None:
+        self._context = default.getContext()
+        self._contexts = {name: (name, options.getContext()) for name, options in byName.items()}
+        self._context.set_tlsext_servername_callback(self._serverName)
+        self.selected: dict[str, int] = {}
+
+    def getContext(self) -> SSL.Context:
+        """The default context (old-style context factory API)."""
+        return self._context
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        return SSL.Connection(self._context, None)
+
+    def _serverName(self, connection: SSL.Connection) -> None:
+        try:
+            raw = connection.get_servername()
+            if not raw:
+                return
+            found = matchServerName(raw.decode("ascii", "replace"), self._contexts)
+            if found is not None:
+                key, context = found
+                connection.set_context(context)
+                self.selected[key] = self.selected.get(key, 0) + 1
+        except Exception:  # pragma: no cover - never fail a handshake over the name
+            pass
