@@ -776,17 +776,18 @@ def test_smtp_cancel() -> None:
 # LMTP backend
 
 
-def test_lmtp_nexthops() -> None:
-    from mailrelay.delivery.lmtp import parseLMTPNexthop
+def test_lmtp_nexthop_without_port_is_deferred() -> None:
+    """The LMTP backend reads its next hop with the configuration's parser: the port is
+    required (there is no default 24), so a next hop without one defers with 4.3.5."""
+    from mailrelay.delivery.lmtp import LMTPBackend
 
-    assert parseLMTPNexthop("unix:/run/dovecot/lmtp") == ("unix", "/run/dovecot/lmtp", None)
-    assert parseLMTPNexthop("127.0.0.1:2424") == ("tcp", "127.0.0.1", 2424)
-    assert parseLMTPNexthop("[::1]:24") == ("tcp", "::1", 24)
-    assert parseLMTPNexthop("[IPv6:::1]") == ("tcp", "::1", 24)
-    assert parseLMTPNexthop("store.example") == ("tcp", "store.example", 24)
-    for bad in ["", "unix:", "a:b:c", "[::1", "host:0", ":24"]:
-        with pytest.raises(ValueError):
-            parseLMTPNexthop(bad)
+    calls: list[Any] = []
+    backend = LMTPBackend(Clock(), SETTINGS, connect=lambda *a, **kw: calls.append(a))
+    for nexthop in ["store.example", "[IPv6:::1]", "unix:relative/lmtp"]:
+        (r,) = result(send(backend, nexthop, "a@example.org"))
+        assert (r.status, r.code) == (TRANSIENT, "4.3.5")
+        assert "is not a valid LMTP server" in r.diagnostic
+    assert calls == []
 
 
 def test_lmtp_with_fake_connection(tmp_path: Path) -> None:

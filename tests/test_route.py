@@ -25,7 +25,14 @@ from mailrelay.route import (
     RoutingTable,
     makeResolver,
     parseNameserver,
-    parseNexthop,
+    parseSMTPNexthop,
+)
+from mailrelay.route.nexthop import (
+    LMTPNexthop,
+    SMTPNexthop,
+    checkMaildirTemplate,
+    parseLMTPNexthop,
+    parseRouteDomain,
 )
 
 
@@ -57,7 +64,7 @@ def test_address_literal_is_its_own_nexthop() -> None:
     table = RoutingTable()
     assert routeOf(table, "bob@[192.0.2.1]") == Route("smtp", "[192.0.2.1]")
     assert routeOf(table, "bob@[IPv6:2001:db8::1]") == Route("smtp", "[IPv6:2001:db8::1]")
-    assert parseNexthop("[IPv6:2001:db8::1]") == ("2001:db8::1", 25, False)
+    assert parseSMTPNexthop("[IPv6:2001:db8::1]") == SMTPNexthop("2001:db8::1", 25, False)
 
 
 def test_smarthost_default() -> None:
@@ -68,7 +75,9 @@ def test_smarthost_default() -> None:
     assert routeOf(table, "bob@example.org") == Route("smtp", "relay.example.net")
     table = RoutingTable(smarthost="[2001:db8::1]:2525")
     assert routeOf(table, "bob@example.org") == Route("smtp", "[2001:db8::1]:2525")
-    assert parseNexthop(str(parseSmarthost("[2001:db8::1]:2525"))) == ("2001:db8::1", 2525, False)
+    assert parseSMTPNexthop(str(parseSmarthost("[2001:db8::1]:2525"))) == SMTPNexthop(
+        "2001:db8::1", 2525, False
+    )
 
 
 def test_most_specific_rule_wins() -> None:
@@ -210,7 +219,7 @@ def test_bad_rules() -> None:
         RoutingTable([RouteRule("example.org", "discard"), RouteRule("EXAMPLE.org", "discard")])
     with pytest.raises(ValueError, match="already"):
         RoutingTable([RouteRule("*", "discard"), RouteRule("*", "discard")])
-    with pytest.raises(ValueError, match="not a valid route domain"):
+    with pytest.raises(ValueError, match="not a valid domain"):
         RoutingTable([RouteRule("exa mple.org", "discard")])
     with pytest.raises(ValueError, match="port must be a number"):
         RoutingTable([RouteRule("example.org", "smtp", None, port=0)])
@@ -238,17 +247,253 @@ def test_recipient_without_domain() -> None:
 def test_parse_nexthop_errors() -> None:
     for bad in ["", "[x", "[x]y", "a:b:c", "host:0", "host:99999", "host:x", "[]", "a b"]:
         with pytest.raises(ValueError):
-            parseNexthop(bad)
+            parseSMTPNexthop(bad)
 
 
-def test_parse_nameserver() -> None:
-    assert parseNameserver("10.0.0.1") == ("10.0.0.1", 53)
-    assert parseNameserver("127.0.0.1:5353") == ("127.0.0.1", 5353)
-    assert parseNameserver("[::1]:53") == ("::1", 53)
-    assert parseNameserver("::1") == ("::1", 53)
-    for bad in ["dns.example", "[::1", "1.2.3.4:x", "[::1]x"]:
+# ---------------------------------------------------------------------------------------------
+# Next hop parsers (route/nexthop.py: the configuration's and the runtime's)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("smtp.example.net", SMTPNexthop("smtp.example.net", 25, True)),
+        ("SMTP.Example.NET.", SMTPNexthop("smtp.example.net", 25, True)),
+        ("smtp.example.net:2525", SMTPNexthop("smtp.example.net", 2525, True)),
+        ("[smtp.example.net]", SMTPNexthop("smtp.example.net", 25, False)),
+        ("[smtp.example.net]:587", SMTPNexthop("smtp.example.net", 587, False)),
+        ("localhost", SMTPNexthop("localhost", 25, True)),
+        ("192.0.2.1", SMTPNexthop("192.0.2.1", 25, False)),
+        ("192.0.2.1:26", SMTPNexthop("192.0.2.1", 26, False)),
+        ("[192.0.2.1]:26", SMTPNexthop("192.0.2.1", 26, False)),
+        ("[::1]:2525", SMTPNexthop("::1", 2525, False)),
+        ("[2001:db8::1]", SMTPNexthop("2001:db8::1", 25, False)),
+        ("[2001:DB8:0::1]:65535", SMTPNexthop("2001:db8::1", 65535, False)),
+        ("[IPv6:2001:DB8::1]:587", SMTPNexthop("2001:db8::1", 587, False)),
+        ("[ipv6:::1]", SMTPNexthop("::1", 25, False)),
+        ("host:1", SMTPNexthop("host", 1, True)),
+    ],
+)
+def test_parseSMTPNexthop(text: str, expected: SMTPNexthop) -> None:
+    """Host names, IPv4 and bracketed IPv6 addresses (with or without RFC 5321's "IPv6:"
+    tag), with and without port and brackets."""
+    assert parseSMTPNexthop(text) == expected
+    assert parseSMTPNexthop(str(expected)) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("", "host is missing"),
+        (":25", "host is missing"),
+        ("[]:25", "host is missing"),
+        ("host:", "port"),
+        ("host:0", "from 1 to 65535, not 0"),
+        ("host:65536", "not 65536"),
+        ("host:x25", 'not "x25"'),
+        ("host:+25", 'not "+25"'),
+        ("[host", '"[" without "]"'),
+        ("[host]x", 'unexpected "x"'),
+        ("[host]:", "port"),
+        ("2001:db8::1", "brackets"),
+        ("::1", "brackets"),
+        ("[IPv6:192.0.2.1]", '"192.0.2.1" after "IPv6:" is not an IPv6 address'),
+        ("bad_host.example", "letters, digits and hyphens"),
+        ("-host.example", "hyphen"),
+        ("a..b", "empty label"),
+        ("host name", "letters, digits and hyphens"),
+        ("[300.1.2.3]", "all digits"),
+    ],
+)
+def test_parseSMTPNexthopErrors(text: str, fragment: str) -> None:
+    """Bad next hops raise ValueError naming the value, what it is, the problem and the
+    notations allowed."""
+    with pytest.raises(ValueError) as e:
+        parseSMTPNexthop(text, what="smarthost")
+    assert f'"{text}" is not a valid smarthost: ' in str(e.value)
+    assert fragment in str(e.value)
+    assert str(e.value).endswith('(use "host", "host:port", "[host]:port" or "[2001:db8::1]:port")')
+    with pytest.raises(ValueError, match="must be a smarthost as a string, not 25"):
+        parseSMTPNexthop(25, what="smarthost")  # type: ignore[arg-type]
+
+
+def test_parseSMTPNexthop_recipient_domain() -> None:
+    """strict=False reads a host as a mail domain (what a recipient's domain, which the
+    router makes a next hop of, may be), not as a host name."""
+    for text in ["example.123", "bücher.example"]:
         with pytest.raises(ValueError):
-            parseNameserver(bad)
+            parseSMTPNexthop(text)
+    assert parseSMTPNexthop("example.123:2525", strict=False) == SMTPNexthop("example.123", 2525)
+    assert parseSMTPNexthop("Bücher.example", strict=False) == SMTPNexthop(
+        "xn--bcher-kva.example"
+    )
+    assert parseSMTPNexthop("[IPv6:2001:db8::7]", strict=False) == SMTPNexthop(
+        "2001:db8::7", 25, False
+    )
+    with pytest.raises(ValueError, match="invalid character ' ' in domain"):
+        parseSMTPNexthop("a b.example", strict=False)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("lmtp.example:24", LMTPNexthop("lmtp.example", 24)),
+        ("[LMTP.Example.]:2003", LMTPNexthop("lmtp.example", 2003)),
+        ("192.0.2.1:24", LMTPNexthop("192.0.2.1", 24)),
+        ("[192.0.2.1]:24", LMTPNexthop("192.0.2.1", 24)),
+        ("[2001:db8::1]:24", LMTPNexthop("2001:db8::1", 24)),
+        ("[IPv6:2001:db8::1]:24", LMTPNexthop("2001:db8::1", 24)),
+        ("unix:/run/dovecot/lmtp", LMTPNexthop(path="/run/dovecot/lmtp")),
+        ("unix:/run/./x//lmtp", LMTPNexthop(path="/run/x/lmtp")),
+    ],
+)
+def test_parseLMTPNexthop(text: str, expected: LMTPNexthop) -> None:
+    """TCP servers (port required) and Unix sockets (absolute path), normalised."""
+    assert parseLMTPNexthop(text) == expected
+    assert parseLMTPNexthop(str(expected)) == expected
+
+
+def test_LMTPNexthop_str() -> None:
+    assert str(parseLMTPNexthop("[LMTP.Example.]:2003")) == "lmtp.example:2003"
+    assert str(parseLMTPNexthop("[IPv6:2001:db8::1]:24")) == "[2001:db8::1]:24"
+    assert str(parseLMTPNexthop("unix:/run/./x//lmtp")) == "unix:/run/x/lmtp"
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("lmtp.example", "the port is missing"),
+        ("[lmtp.example]", "the port is missing"),
+        ("[::1]", "the port is missing"),
+        ("lmtp.example:0", "not 0"),
+        ("unix:", "must be absolute"),
+        ("unix:run/lmtp", "must be absolute"),
+        ("2001:db8::1:24", "brackets"),
+        ("bad_host:24", "letters, digits and hyphens"),
+    ],
+)
+def test_parseLMTPNexthopErrors(text: str, fragment: str) -> None:
+    """Bad LMTP servers raise ValueError naming the value."""
+    with pytest.raises(ValueError) as e:
+        parseLMTPNexthop(text)
+    assert f'"{text}" is not a valid LMTP server' in str(e.value)
+    assert fragment in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("192.0.2.1", ("192.0.2.1", 53)),
+        ("127.0.0.1:5353", ("127.0.0.1", 5353)),
+        ("::1", ("::1", 53)),
+        ("[::1]:53", ("::1", 53)),
+        ("[::1]", ("::1", 53)),
+        ("[2001:DB8:0::1]:5353", ("2001:db8::1", 5353)),
+        ("[192.0.2.1]:54", ("192.0.2.1", 54)),
+        # Without brackets the colons all belong to the address.
+        ("::1:53", ("::1:53", 53)),
+    ],
+)
+def test_parseNameserver(text: str, expected: tuple[str, int]) -> None:
+    """IPv4 and IPv6 addresses, with and without port."""
+    assert parseNameserver(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("ns.example.com", "not an IP address"),
+        ("localhost:53", "not an IP address"),
+        ("[ns.example.com]:53", "not an IP address"),
+        ("", "host is missing"),
+        (":53", "host is missing"),
+        ("192.0.2.1:", "port"),
+        ("192.0.2.1:65536", "not 65536"),
+        ("192.0.2.1:dns", 'not "dns"'),
+        ("[::1", '"[" without "]"'),
+        ("[::1]53", 'unexpected "53"'),
+        ("300.1.2.3", "all digits"),
+    ],
+)
+def test_parseNameserverErrors(text: str, fragment: str) -> None:
+    """Bad name servers raise ValueError naming the value."""
+    with pytest.raises(ValueError) as e:
+        parseNameserver(text)
+    assert f'"{text}" is not a valid name server' in str(e.value)
+    assert fragment in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("*", "*"),
+        ("Example.ORG.", "example.org"),
+        (".BÜCHER.example", ".xn--bcher-kva.example"),
+        ("[192.0.2.1]", "[192.0.2.1]"),
+        ("[IPv6:2001:DB8::1]", "[IPv6:2001:db8::1]"),
+    ],
+)
+def test_parseRouteDomain(text: str, expected: str) -> None:
+    assert parseRouteDomain(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("", "missing domain"),
+        (".", "missing domain"),
+        ("exa mple.org", "invalid character ' ' in domain"),
+        ("a..b", "empty label"),
+        (".[192.0.2.1]", "an address literal has no subdomains"),
+    ],
+)
+def test_parseRouteDomainErrors(text: str, fragment: str) -> None:
+    with pytest.raises(ValueError) as e:
+        parseRouteDomain(text)
+    assert f'"{text}" is not a valid domain: ' in str(e.value)
+    assert fragment in str(e.value)
+    assert str(e.value).endswith('or "*" for every domain)')
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["/var/mail", "/var/mail/{domain}/{local}", "{address}", "rel/{local}", "/m/{local",
+     "/m/}{", "/m/{{local}}", "/m/{a/b}"],
+)
+def test_checkMaildirTemplate(text: str) -> None:
+    """Templates with the placeholders, or none, pass; lone braces are kept as they are."""
+    checkMaildirTemplate(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("", "empty string"),
+        ("/m/{user}", 'unknown placeholder "{user}"'),
+        ("/m/{Local}", 'unknown placeholder "{Local}"'),
+        ("/m/{}", 'unknown placeholder "{}"'),
+        ("/m/{0}", 'unknown placeholder "{0}"'),
+        ("/m/{local!r}", 'unknown placeholder "{local!r}"'),
+        ("/m/{domain:>9}", 'unknown placeholder "{domain:>9}"'),
+        ("/m/{local}/{{x}}", 'unknown placeholder "{x}"'),
+    ],
+)
+def test_checkMaildirTemplateErrors(text: str, fragment: str) -> None:
+    """Placeholders other than the three are refused as likely mistakes."""
+    with pytest.raises(ValueError) as e:
+        checkMaildirTemplate(text)
+    assert fragment in str(e.value)
+
+
+def test_table_checks_each_nexthop_with_its_backends_parser() -> None:
+    with pytest.raises(ValueError, match="is not a valid LMTP server: the port is missing"):
+        RoutingTable([RouteRule("example.org", "lmtp", "store.example")])
+    with pytest.raises(ValueError, match='unknown placeholder "{user}"'):
+        RoutingTable([RouteRule("example.org", "maildir", "/var/mail/{user}")])
+    with pytest.raises(ValueError, match="is not a valid smarthost"):
+        RoutingTable(smarthost="[relay.example]:0")
+    table = RoutingTable([RouteRule("example.org", "webhook", "anything: goes")])
+    assert routeOf(table, "a@example.org") == Route("webhook", "anything: goes")
 
 
 def test_make_resolver() -> None:

@@ -1,7 +1,8 @@
 """The C{lmtp} backend: hands messages to a mail store over LMTP (RFC 2033).
 
 The route's next hop is C{"unix:/path/to/socket"}, C{"host:port"}, C{"[host]:port"} or
-C{"[2001:db8::1]:port"} (the port defaults to 24).  Host names are resolved by the reactor's
+C{"[2001:db8::1]:port"} (see L{parseLMTPNexthop <mailrelay.route.nexthop.parseLMTPNexthop>}:
+the port is required, LMTP has no standard port).  Host names are resolved by the reactor's
 name resolver (C{HostnameEndpoint}), without MX lookup.  Each delivery opens a connection
 (at most C{concurrency} at once per next hop), sends the message, takes the per-recipient
 replies LMTP gives after DATA, and quits.
@@ -31,50 +32,11 @@ from zope.interface import implementer
 
 from mailrelay.delivery import ClientBackend, PerDestination, Quitter, resultsForAll
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, Route
+from mailrelay.route.nexthop import parseLMTPNexthop
 from mailrelay.smtp import client as smtpClient
 from mailrelay.smtp.client import ClientSettings, SMTPConnectError
 
 log = Logger()
-
-DEFAULT_LMTP_PORT = 24
-
-
-def parseLMTPNexthop(nexthop: str) -> tuple[str, str, int | None]:
-    """C{("unix", path, None)} or C{("tcp", host, port)} for an LMTP next hop.
-
-    @raise ValueError: not an LMTP next hop.
-    """
-    if not isinstance(nexthop, str) or not nexthop:
-        raise ValueError(f"{nexthop!r} is not an LMTP next hop")
-    if nexthop.startswith("unix:"):
-        path = nexthop[5:]
-        if not path:
-            raise ValueError(f"{nexthop!r}: the socket path is missing")
-        return "unix", path, None
-    portText: str | None
-    if nexthop.startswith("["):
-        close = nexthop.find("]")
-        rest = nexthop[close + 1 :] if close >= 0 else "?"
-        if close < 0 or (rest and not rest.startswith(":")):
-            raise ValueError(f"{nexthop!r} is not an LMTP next hop (use host:port or unix:/path)")
-        host = nexthop[1:close]
-        if host[:5].lower() == "ipv6:":
-            host = host[5:]
-        portText = rest[1:] if rest else None
-    else:
-        if nexthop.count(":") > 1:
-            raise ValueError(f"{nexthop!r}: an IPv6 address must be written in brackets")
-        host, colon, portText = nexthop.partition(":")
-        if not colon:
-            portText = None
-    port = DEFAULT_LMTP_PORT
-    if portText is not None:
-        if not portText.isascii() or not portText.isdigit() or not 1 <= int(portText) <= 65535:
-            raise ValueError(f"{nexthop!r}: the port must be a number from 1 to 65535")
-        port = int(portText)
-    if not host:
-        raise ValueError(f"{nexthop!r}: the host is missing")
-    return "tcp", host, port
 
 
 @implementer(IDeliveryBackend)
@@ -110,17 +72,17 @@ class LMTPBackend(ClientBackend):
 
     def _endpoint(self, nexthop: str, settings: ClientSettings) -> tuple[Any, str, str]:
         """The endpoint, TLS host name and Remote-MTA for C{nexthop}."""
-        kind, host, port = parseLMTPNexthop(nexthop)
+        parsed = parseLMTPNexthop(nexthop)
+        host, port = parsed.host, parsed.port
         timeout = settings.timeouts.connect
-        if kind == "unix":
+        if parsed.path:
             return (
-                UNIXClientEndpoint(self.reactor, host, timeout=timeout),
+                UNIXClientEndpoint(self.reactor, parsed.path, timeout=timeout),
                 "localhost",
-                f"X-unix; {host}",
+                f"X-unix; {parsed.path}",
             )
-        assert port is not None
         try:
-            version = ipaddress.ip_address(host).version
+            version: int = ipaddress.ip_address(host).version
         except ValueError:
             version = 0
         if version == 4:

@@ -45,7 +45,8 @@ from zope.interface import implementer
 
 from mailrelay.delivery import ClientBackend, PerDestination, Quitter, resultsForAll
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, RecipientResult
-from mailrelay.route.table import DeliveryFailure, MXHost, parseNexthop
+from mailrelay.route.nexthop import parseSMTPNexthop
+from mailrelay.route.table import DeliveryFailure, MXHost
 from mailrelay.smtp import client as smtpClient
 from mailrelay.smtp.client import ClientSettings, SMTPConnectError
 
@@ -262,10 +263,10 @@ class SMTPBackend(ClientBackend):
     def _isRecipientDomain(nexthop: str, recipients: list) -> bool:
         """Whether C{nexthop} is an MX lookup of the recipients' own domain."""
         try:
-            host, _, mxLookup = parseNexthop(nexthop)
+            parsed = parseSMTPNexthop(nexthop, strict=False)
         except ValueError:
             return False
-        return mxLookup and all(r.domain == host for r in recipients)
+        return parsed.mxLookup and all(r.domain == parsed.host for r in recipients)
 
     # -- connection cache ----------------------------------------------------------------------
 

@@ -5,8 +5,9 @@ L{RoutingTable} maps a recipient's domain to a L{Route}; L{MXResolver} turns an 
 C{"[IPv6:2001:db8::1]"}) into the list of L{MXHost}s to try, in order, without ever blocking
 the reactor; L{makeResolver} builds the DNS resolver it uses.
 
-Next hop syntax (the SMTP backend's, and the one L{config.Smarthost.__str__
-<mailrelay.config.Smarthost>} writes):
+Next hop syntax (the SMTP backend's, read by L{parseSMTPNexthop
+<mailrelay.route.nexthop.parseSMTPNexthop>}, written by L{SMTPNexthop.__str__
+<mailrelay.route.nexthop.SMTPNexthop>}):
 
   - C{"domain"} or C{"domain:port"}: look up the MX records of C{domain} (RFC 5321 section
     5.1), falling back to the domain's own addresses when it has none; connect to C{port}
@@ -19,6 +20,7 @@ Next hop syntax (the SMTP backend's, and the one L{config.Smarthost.__str__
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import random as randomModule
 from dataclasses import dataclass
@@ -32,23 +34,26 @@ from twisted.names import error as dnsError
 from zope.interface import implementer
 
 from mailrelay.interfaces import PLATFORM_TRUST_STORE, IRouter, Route, RouteOptions
+from mailrelay.route.nexthop import (
+    DEFAULT_SMTP_PORT,
+    checkMaildirTemplate,
+    parseLMTPNexthop,
+    parseNameserver,
+    parseRouteDomain,
+    parseSMTPNexthop,
+)
 
 log = Logger()
 
 __all__ = [
-    "DEFAULT_SMTP_PORT",
     "DeliveryFailure",
     "MXHost",
     "MXResolver",
     "RouteRule",
     "RoutingTable",
     "makeResolver",
-    "parseNexthop",
     "routeOptions",
 ]
-
-DEFAULT_SMTP_PORT = 25
-DEFAULT_DNS_PORT = 53
 
 
 class DeliveryFailure(Exception):
@@ -80,25 +85,6 @@ class DeliveryFailure(Exception):
 # Routing table
 
 
-def _normalisePattern(pattern: str) -> str:
-    """The canonical form of a rule's domain pattern (see L{RouteRule})."""
-    from mailrelay.address import normaliseDomain
-
-    if not isinstance(pattern, str) or not pattern:
-        raise ValueError(f"a route's domain must be a non-empty string, not {pattern!r}")
-    if pattern == "*":
-        return pattern
-    subdomains = pattern.startswith(".")
-    text = pattern[1:] if subdomains else pattern
-    try:
-        canonical = normaliseDomain(text)
-    except ValueError as e:
-        raise ValueError(f"{pattern!r} is not a valid route domain: {e}") from None
-    if subdomains and canonical.startswith("["):
-        raise ValueError(f"{pattern!r}: an address literal has no subdomains")
-    return "." + canonical if subdomains else canonical
-
-
 @dataclass(frozen=True)
 class RouteRule:
     """One rule of a L{RoutingTable}.
@@ -125,12 +111,21 @@ class RouteRule:
     port: int | None = None
 
 
-def _withPort(nexthop: str, port: int) -> str:
-    """C{nexthop} with its port replaced by C{port}."""
-    if nexthop.startswith("["):
-        return f"[{nexthop[1 : nexthop.index(']')]}]:{port}"
-    host, _, _ = parseNexthop(nexthop)
-    return f"{host}:{port}"
+def _checkNexthop(backend: str, nexthop: str, port: int | None) -> str:
+    """A rule's next hop checked by its backend's parser (C{smtp}, C{lmtp}, C{maildir}; a
+    site backend's is its own business), with C{port} folded into an C{smtp} one.
+
+    @raise ValueError: the next hop is not one of the backend's.
+    """
+    if backend == "smtp":
+        parsed = parseSMTPNexthop(nexthop)
+        if port is not None:
+            return str(dataclasses.replace(parsed, port=port))
+    elif backend == "lmtp":
+        parseLMTPNexthop(nexthop)
+    elif backend == "maildir":
+        checkMaildirTemplate(nexthop)
+    return nexthop
 
 
 @implementer(IRouter)
@@ -191,12 +186,12 @@ class RoutingTable:
             )
         self.smarthostOptions = smarthostOptions
         if self.smarthost is not None:
-            parseNexthop(self.smarthost)
+            parseSMTPNexthop(self.smarthost, what="smarthost")
         for rule in rules:
             self._add(rule)
 
     def _add(self, rule: RouteRule) -> None:
-        pattern = _normalisePattern(rule.domain)
+        pattern = parseRouteDomain(rule.domain)
         if not isinstance(rule.backend, str) or not rule.backend:
             raise ValueError(f"route {rule.domain!r}: backend must be a name, not {rule.backend!r}")
         if not isinstance(rule.options, RouteOptions):
@@ -222,13 +217,11 @@ class RoutingTable:
             if rule.backend != "smtp":
                 # discard and site backends: one delivery per message and backend.
                 nexthop = rule.backend
-        elif rule.backend == "smtp":
+        else:
             try:
-                parseNexthop(nexthop)
+                nexthop = _checkNexthop(rule.backend, nexthop, port)
             except ValueError as e:
                 raise ValueError(f"route {rule.domain!r}: {e}") from None
-            if port is not None:
-                nexthop = _withPort(nexthop, port)
         route = Route(rule.backend, nexthop or "", rule.options)
         if nexthop is None:
             # The next hop is the recipient's domain: remember the port and options.
@@ -313,61 +306,6 @@ def nexthopForDomain(domain: str, port: int | None = None) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Next hops and MX resolution
-
-
-def parseNexthop(nexthop: str) -> tuple[str, int, bool]:
-    """Split an SMTP next hop into C{(host, port, mxLookup)}.
-
-    C{host} is a lower-case name without trailing dot or an IP address in its canonical text
-    form (an C{"IPv6:"} tag removed); C{mxLookup} is C{False} for bracketed hosts and IP
-    addresses.
-
-    @raise ValueError: not a next hop.
-    """
-    if not isinstance(nexthop, str) or not nexthop:
-        raise ValueError(f"{nexthop!r} is not a next hop")
-
-    def bad(reason: str) -> ValueError:
-        return ValueError(f"{nexthop!r} is not a valid next hop: {reason}")
-
-    if nexthop.startswith("["):
-        close = nexthop.find("]")
-        if close < 0:
-            raise bad('"[" without "]"')
-        host = nexthop[1:close]
-        rest = nexthop[close + 1 :]
-        if rest and not rest.startswith(":"):
-            raise bad(f"unexpected {rest!r} after ']'")
-        portText = rest[1:] if rest else None
-        mxLookup = False
-        if host[:5].lower() == "ipv6:":
-            host = host[5:]
-            try:
-                host = str(ipaddress.IPv6Address(host))
-            except ValueError:
-                raise bad("not an IPv6 address") from None
-    else:
-        if nexthop.count(":") > 1:
-            raise bad("an IPv6 address must be written in brackets")
-        host, colon, portText = nexthop.partition(":")
-        if not colon:
-            portText = None
-        mxLookup = True
-    port = DEFAULT_SMTP_PORT
-    if portText is not None:
-        if not portText.isascii() or not portText.isdigit() or not 1 <= int(portText) <= 65535:
-            raise bad(f"the port must be a number from 1 to 65535, not {portText!r}")
-        port = int(portText)
-    if not host:
-        raise bad("the host is missing")
-    try:
-        host = str(ipaddress.ip_address(host))
-        mxLookup = False
-    except ValueError:
-        host = host.rstrip(".").lower() if host != "." else host
-        if not host or any(c in host for c in " /\\\0[]@"):
-            raise bad("not a host name")
-    return host, port, mxLookup
 
 
 def _isIP(text: str) -> int:
@@ -547,9 +485,10 @@ class MXResolver:
     @inlineCallbacks
     def _resolve(self, nexthop: str) -> Any:
         try:
-            host, port, mxLookup = parseNexthop(nexthop)
+            parsed = parseSMTPNexthop(nexthop, strict=False)
         except ValueError as e:
             raise DeliveryFailure(permanent=False, code="4.4.0", diagnostic=f"X-mailrelay; {e}")
+        host, port, mxLookup = parsed.host, parsed.port, parsed.mxLookup
         if _isIP(host):
             return [MXHost(host, host, port)]
         if not mxLookup:
@@ -679,33 +618,3 @@ def makeResolver(nameservers: Sequence[Any] | None = None, *, reactor: Any = Non
         for ns in nameservers
     ]
     return client.Resolver(servers=servers, reactor=reactor)
-
-
-def parseNameserver(text: str) -> tuple[str, int]:
-    """C{"10.0.0.1"}, C{"10.0.0.1:5353"}, C{"::1"}, C{"[::1]:53"} as C{(address, port)}.
-
-    @raise ValueError: not an IP address with an optional port.
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"a name server must be a string, not {text!r}")
-    host, port = text, DEFAULT_DNS_PORT
-    if text.startswith("["):
-        close = text.find("]")
-        rest = text[close + 1 :] if close >= 0 else "?"
-        if close < 0 or (rest and not rest.startswith(":")):
-            raise ValueError(f"{text!r} is not a name server address")
-        host = text[1:close]
-        portText = rest[1:] if rest else None
-    elif text.count(":") == 1:
-        host, _, portText = text.partition(":")
-    else:
-        portText = None
-    if portText is not None:
-        if not portText.isascii() or not portText.isdigit() or not 1 <= int(portText) <= 65535:
-            raise ValueError(f"{text!r}: the port must be a number from 1 to 65535")
-        port = int(portText)
-    try:
-        host = str(ipaddress.ip_address(host))
-    except ValueError:
-        raise ValueError(f"{text!r} is not a name server IP address") from None
-    return host, port
