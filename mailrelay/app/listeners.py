@@ -173,7 +173,7 @@ def makeListeners(
 
     resolver = None
     if config.reverseDNS:
-        from mailrelay.route.table import makeResolver
+        from mailrelay.route import makeResolver
 
         # The same servers as delivery uses: [dns] nameservers, or the system's.
         resolver = carried.resolvers.get(config.nameservers)
