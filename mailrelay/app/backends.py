@@ -18,7 +18,7 @@ def makeBackends(config: Config, reactor: Any, build: Any) -> dict[str, Any]:
     from mailrelay.delivery.lmtp import LMTPBackend
     from mailrelay.delivery.maildir import MaildirBackend
     from mailrelay.delivery.smtp import SMTPBackend
-    from mailrelay.route.table import MXResolver, makeResolver
+    from mailrelay.route.mx import MXResolver, makeResolver
     from mailrelay.smtp.client import ClientSettings, ClientTimeouts
 
     source = config.source or "(embedded default)"

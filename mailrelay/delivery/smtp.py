@@ -46,7 +46,8 @@ from zope.interface import implementer
 from mailrelay.delivery import ClientBackend, PerDestination, Quitter, resultsForAll
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, RecipientResult
 from mailrelay.route.nexthop import parseSMTPNexthop
-from mailrelay.route.table import DeliveryFailure, MXHost
+from mailrelay.route.mx import MXHost
+from mailrelay.route.table import DeliveryFailure
 from mailrelay.smtp import client as smtpClient
 from mailrelay.smtp.client import ClientSettings, SMTPConnectError
 

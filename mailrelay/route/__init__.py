@@ -1,14 +1,16 @@
 """Routing: which backend, next hop and options each recipient goes to (L{table}), the one
-parser of each kind of next hop (L{nexthop}), and MX resolution.
+parser of each kind of next hop (L{nexthop}), and MX resolution (L{mx}).
 
 May import the values (L{mailrelay.interfaces}, L{mailrelay.envelope}, L{mailrelay.errors},
 L{mailrelay.address}) and L{mailrelay.smtp}.
 """
 
+from mailrelay.route import mx as _mx
 from mailrelay.route import nexthop as _nexthop
 from mailrelay.route import table as _table
+from mailrelay.route.mx import *  # noqa: F403
 from mailrelay.route.nexthop import *  # noqa: F403
 from mailrelay.route.table import *  # noqa: F403
 from mailrelay.route.table import nexthopForDomain
 
-__all__ = [*_nexthop.__all__, *_table.__all__, "nexthopForDomain"]
+__all__ = [*_mx.__all__, *_nexthop.__all__, *_table.__all__, "nexthopForDomain"]

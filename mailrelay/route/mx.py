@@ -1,0 +1,351 @@
+"""MX resolution: the hosts and addresses an SMTP next hop stands for.
+
+L{MXResolver} turns an SMTP next hop (C{"example.org"}, C{"example.org:2525"},
+C{"[smtp.example.net]:587"}, C{"[192.0.2.1]"}, C{"[IPv6:2001:db8::1]"}) into the list of
+L{MXHost}s to try, in order, without ever blocking the reactor; L{makeResolver} builds the DNS
+resolver it uses.
+
+Next hop syntax (the SMTP backend's, read by L{parseSMTPNexthop
+<mailrelay.route.nexthop.parseSMTPNexthop>}, written by L{SMTPNexthop.__str__
+<mailrelay.route.nexthop.SMTPNexthop>}):
+
+  - C{"domain"} or C{"domain:port"}: look up the MX records of C{domain} (RFC 5321 section
+    5.1), falling back to the domain's own addresses when it has none; connect to C{port}
+    (25 by default).
+  - C{"[host]"} or C{"[host]:port"}: no MX lookup; connect to the addresses of C{host} (a name
+    whose A/AAAA records are looked up, or an IP address).
+  - C{"[192.0.2.1]"}, C{"[IPv6:2001:db8::1]"}, C{"[2001:db8::1]:2525"}, C{"192.0.2.1:2525"}:
+    that address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random as randomModule
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.logger import Logger
+from twisted.names import client, dns
+from twisted.names import error as dnsError
+
+from mailrelay.route.nexthop import parseNameserver, parseSMTPNexthop
+from mailrelay.route.table import DeliveryFailure
+
+log = Logger()
+
+__all__ = ["MXHost", "MXResolver", "makeResolver"]
+
+
+def _isIP(text: str) -> int:
+    """4 or 6 when C{text} is an IP address of that version, else 0."""
+    try:
+        return ipaddress.ip_address(text).version
+    except ValueError:
+        return 0
+
+
+@dataclass(frozen=True, slots=True)
+class MXHost:
+    """One address to try, in the order L{MXResolver.resolve} returns them.
+
+    @ivar name: the host's name (the MX exchange, the bracketed host, or the domain itself
+        for the implicit MX), lower case without trailing dot; for an IP address next hop, the
+        address.  Use it for TLS server name checks and the Remote-MTA (C{"dns; " + name}).
+    @ivar address: the IP address to connect to (C{"192.0.2.1"}, C{"2001:db8::1"}).
+    @ivar port: the TCP port.
+    @ivar preference: the MX preference, or C{None} when there was no MX lookup or no MX.
+    """
+
+    name: str
+    address: str
+    port: int
+    preference: int | None = None
+
+    @property
+    def family(self) -> int:
+        """4 or 6."""
+        return _isIP(self.address)
+
+
+def _records(result: Any, rtype: int) -> list[Any]:
+    """The payloads of type C{rtype} in a lookup result."""
+    answers = result[0] if isinstance(result, tuple) else result
+    return [rr.payload for rr in answers if rr.type == rtype]
+
+
+_NXDOMAIN = "nxdomain"
+_NODATA = "nodata"
+_ERROR = "error"
+
+
+class MXResolver:
+    """Resolves SMTP next hops to addresses, through a Twisted C{IResolver} (never blocking).
+
+    MX records are ordered by preference, shuffled among equal preferences (RFC 5321 section
+    5.1); each MX host's addresses are looked up (A and AAAA, concurrently), hosts without an
+    address are skipped.  A domain without MX records is its own mail exchanger.  A domain
+    whose only MX records have the exchange C{"."} has a null MX (RFC 7505).  An MX exchange
+    written as an IP address is used as is.
+
+    Failures raise L{DeliveryFailure}: NXDOMAIN of the domain is permanent (5.1.2), a null
+    MX permanent (5.1.10), a DNS error or time-out transient (4.4.3), and no address for any
+    host transient (4.4.4).
+    """
+
+    def __init__(
+        self,
+        resolver: Any,
+        clock: Any,
+        timeout: float = 30,
+        *,
+        random: randomModule.Random | None = None,
+        families: Sequence[int] = (4, 6),
+        maxAddresses: int = 10,
+    ) -> None:
+        """
+        @param resolver: a C{twisted.internet.interfaces.IResolver} (see L{makeResolver}).
+        @param clock: an C{IReactorTime}, for the time-out.
+        @param timeout: seconds each DNS query may take before it counts as failed.
+        @param random: the source of the shuffle among MX hosts of equal preference.
+        @param families: the address families to look up, in the order their addresses are
+            tried for each host: C{(4, 6)} (the default: IPv4 first), C{(6, 4)}, or C{(4,)}
+            to never use IPv6.
+        @param maxAddresses: at most this many addresses are returned (Postfix's
+            C{smtp_mx_address_limit}), so that a domain of many dead MX hosts does not hold a
+            delivery for hours.
+        """
+        self.resolver = resolver
+        self.clock = clock
+        self.timeout = timeout
+        self.random = random if random is not None else randomModule.Random()
+        if not families or any(f not in (4, 6) for f in families):
+            raise ValueError(f"families must be a sequence of 4 and 6, not {families!r}")
+        self.families = tuple(families)
+        self.maxAddresses = maxAddresses
+
+    def _query(self, method: str, name: str) -> Deferred:
+        """Call C{resolver.method(name)} bounded by the time-out."""
+        d = defer.maybeDeferred(getattr(self.resolver, method), name)
+        d.addTimeout(self.timeout, self.clock)
+        return d
+
+    @staticmethod
+    def _classify(failure: Any) -> str:
+        if failure.check(dnsError.DNSNameError, dns.AuthoritativeDomainError):
+            return _NXDOMAIN
+        if failure.check(
+            dnsError.DNSServerError,
+            dnsError.DNSQueryRefusedError,
+            dnsError.DNSFormatError,
+            dnsError.DNSNotImplementedError,
+            dnsError.DNSUnknownError,
+        ):
+            return _ERROR
+        if failure.check(dnsError.DomainError):
+            # Not from a name server: no resolver of a chain knew the name.
+            return _NODATA
+        return _ERROR
+
+    @inlineCallbacks
+    def _addresses(self, name: str) -> Any:
+        """The addresses of host C{name}, in family order.
+
+        @return: a Deferred firing with C{(addresses, problem)}: C{problem} is C{None},
+            L{_NXDOMAIN}, L{_NODATA} or a description of a DNS error.
+        """
+        if _isIP(name):
+            return [name], None
+        methods = {4: "lookupAddress", 6: "lookupIPV6Address"}
+        queries = [self._query(methods[f], name) for f in self.families]
+        outcomes = yield defer.DeferredList(queries, consumeErrors=True)
+        addresses: list[str] = []
+        problems = []
+        for family, (ok, result) in zip(self.families, outcomes):
+            if ok:
+                if family == 4:
+                    found = [p.dottedQuad() for p in _records(result, dns.A)]
+                else:
+                    found = [
+                        str(ipaddress.IPv6Address(p.address)) for p in _records(result, dns.AAAA)
+                    ]
+                for a in found:
+                    if a not in addresses:
+                        addresses.append(a)
+            else:
+                kind = self._classify(result)
+                problems.append(kind if kind != _ERROR else _describe(result))
+        if addresses:
+            return addresses, None
+        if problems and all(p == _NXDOMAIN for p in problems):
+            return [], _NXDOMAIN
+        errors = [p for p in problems if p not in (_NXDOMAIN, _NODATA)]
+        if errors:
+            return [], errors[0]
+        return [], _NODATA
+
+    def _orderMX(self, records: list[Any]) -> list[tuple[int, str]]:
+        byPreference: dict[int, list[str]] = {}
+        for record in records:
+            name = str(record.name).rstrip(".").lower()
+            byPreference.setdefault(record.preference, [])
+            if name not in byPreference[record.preference]:
+                byPreference[record.preference].append(name)
+        ordered: list[tuple[int, str]] = []
+        seen = set()
+        for preference in sorted(byPreference):
+            names = byPreference[preference]
+            self.random.shuffle(names)
+            for name in names:
+                if name not in seen:
+                    seen.add(name)
+                    ordered.append((preference, name))
+        return ordered
+
+    def resolve(self, nexthop: str) -> Deferred:
+        """Resolve C{nexthop} (see the module docstring for its forms).
+
+        @return: a Deferred firing with a non-empty list of L{MXHost}, in the order to try
+            them (for each host, its addresses in L{families} order), or failing with
+            L{DeliveryFailure}.
+        """
+        return self._resolve(nexthop)
+
+    @inlineCallbacks
+    def _resolve(self, nexthop: str) -> Any:
+        try:
+            parsed = parseSMTPNexthop(nexthop, strict=False)
+        except ValueError as e:
+            raise DeliveryFailure(permanent=False, code="4.4.0", diagnostic=f"X-mailrelay; {e}")
+        host, port, mxLookup = parsed.host, parsed.port, parsed.mxLookup
+        if _isIP(host):
+            return [MXHost(host, host, port)]
+        if not mxLookup:
+            addresses, problem = yield self._addresses(host)
+            if not addresses:
+                raise self._noAddress(host, problem, [host])
+            return self._limit([MXHost(host, a, port) for a in addresses])
+
+        try:
+            result = yield self._query("lookupMailExchange", host)
+        except Exception:
+            failure = _currentFailure()
+            kind = self._classify(failure)
+            if kind == _NXDOMAIN:
+                raise DeliveryFailure(
+                    permanent=True,
+                    code="5.1.2",
+                    diagnostic=f"X-mailrelay; domain {host} does not exist",
+                )
+            if kind == _ERROR:
+                raise DeliveryFailure(
+                    permanent=False,
+                    code="4.4.3",
+                    diagnostic=f"X-mailrelay; cannot look up the MX records of {host}: "
+                    f"{_describe(failure)}",
+                )
+            result = ([], [], [])
+        records = _records(result, dns.MX)
+        real = [r for r in records if str(r.name).rstrip(".") != ""]
+        if records and not real:
+            raise DeliveryFailure(
+                permanent=True,
+                code="5.1.10",
+                diagnostic=f"X-mailrelay; domain {host} does not accept mail (null MX)",
+            )
+        if not real:
+            # RFC 5321 section 5.1: no MX, the domain is its own mail exchanger.
+            addresses, problem = yield self._addresses(host)
+            if not addresses:
+                if problem == _NXDOMAIN:
+                    raise DeliveryFailure(
+                        permanent=True,
+                        code="5.1.2",
+                        diagnostic=f"X-mailrelay; domain {host} does not exist",
+                    )
+                raise self._noAddress(host, problem, [host])
+            return self._limit([MXHost(host, a, port) for a in addresses])
+
+        ordered = self._orderMX(real)
+        lookups = yield defer.gatherResults(
+            [self._addresses(name) for _, name in ordered], consumeErrors=True
+        )
+        hosts: list[MXHost] = []
+        problems = []
+        for (preference, name), (addresses, problem) in zip(ordered, lookups):
+            if not addresses:
+                log.info(
+                    "MX host {mx} of {domain} has no address: {problem}",
+                    mx=name,
+                    domain=host,
+                    problem=problem,
+                )
+                problems.append(problem)
+            for a in addresses:
+                hosts.append(MXHost(name, a, port, preference))
+        if not hosts:
+            problem = next((p for p in problems if p not in (_NXDOMAIN, _NODATA)), _NODATA)
+            raise self._noAddress(host, problem, [n for _, n in ordered])
+        return self._limit(hosts)
+
+    def _limit(self, hosts: list[MXHost]) -> list[MXHost]:
+        return hosts[: self.maxAddresses] if self.maxAddresses > 0 else hosts
+
+    @staticmethod
+    def _noAddress(domain: str, problem: str | None, names: list[str]) -> DeliveryFailure:
+        if problem in (None, _NXDOMAIN, _NODATA):
+            if names == [domain]:
+                text = f"host {domain} has no address"
+            else:
+                text = f"no MX host of {domain} has an address ({', '.join(names)})"
+            return DeliveryFailure(permanent=False, code="4.4.4", diagnostic=f"X-mailrelay; {text}")
+        return DeliveryFailure(
+            permanent=False,
+            code="4.4.3",
+            diagnostic=f"X-mailrelay; cannot look up the address of {', '.join(names)}: {problem}",
+        )
+
+
+def _currentFailure() -> Any:
+    from twisted.python.failure import Failure
+
+    return Failure()
+
+
+def _describe(failure: Any) -> str:
+    """A short text for a DNS failure."""
+    if failure.check(defer.TimeoutError, dnsError.DNSQueryTimeoutError, defer.CancelledError):
+        return "DNS time-out"
+    names = {
+        dnsError.DNSServerError: "SERVFAIL",
+        dnsError.DNSQueryRefusedError: "REFUSED",
+        dnsError.DNSFormatError: "FORMERR",
+        dnsError.DNSNotImplementedError: "NOTIMP",
+        dnsError.DNSUnknownError: "unknown DNS error",
+    }
+    for kind, text in names.items():
+        if failure.check(kind):
+            return text
+    return f"{failure.type.__name__}: {failure.getErrorMessage()}"
+
+
+def makeResolver(nameservers: Sequence[Any] | None = None, *, reactor: Any = None) -> Any:
+    """A DNS resolver: the system's, or one asking only C{nameservers}.
+
+    @param nameservers: C{None} or empty for the system's resolver
+        (C{twisted.names.client.createResolver()}: C{/etc/hosts}, a cache and the servers of
+        C{/etc/resolv.conf}); otherwise name servers as C{"10.0.0.1"}, C{"127.0.0.1:5353"},
+        C{"::1"} or C{"[::1]:53"} (or C{(address, port)} pairs, as
+        L{mailrelay.config.Config.nameservers} holds them), asked in turn, without cache and
+        without the hosts file.
+    @raise ValueError: a bad name server (the message names it).
+    """
+    if not nameservers:
+        return client.createResolver()
+    servers = [
+        (str(ns[0]), int(ns[1])) if isinstance(ns, tuple) else parseNameserver(ns)
+        for ns in nameservers
+    ]
+    return client.Resolver(servers=servers, reactor=reactor)
