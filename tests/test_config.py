@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 
 from mailrelay import config as configModule
+from mailrelay.config import loader as configLoader
+from mailrelay.config import values as configValues
 from mailrelay.config import (
     ALLOWED_KEYS,
     BACKEND_KEYS,
@@ -44,7 +46,7 @@ FQDN = "relay.test.example"
 def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run each test in its own directory, with a known (and fast) system host name."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(configModule.socket, "getfqdn", lambda: FQDN)
+    monkeypatch.setattr(configLoader.socket, "getfqdn", lambda: FQDN)
 
 
 def writeConfig(directory: Path, text: str, name: str = "mailrelay.toml") -> str:
@@ -158,13 +160,13 @@ def test_emptyFileIsDefaults(tmp_path: Path) -> None:
 
 def test_hostnameWithoutDot(monkeypatch: pytest.MonkeyPatch) -> None:
     """A system name without a dot is still used."""
-    monkeypatch.setattr(configModule.socket, "getfqdn", lambda: "Localhost")
+    monkeypatch.setattr(configLoader.socket, "getfqdn", lambda: "Localhost")
     assert loadConfig(None).hostname == "localhost"
 
 
 def test_badSystemHostname(monkeypatch: pytest.MonkeyPatch) -> None:
     """A system name that is not a host name is reported, with the way out."""
-    monkeypatch.setattr(configModule.socket, "getfqdn", lambda: "my_box")
+    monkeypatch.setattr(configLoader.socket, "getfqdn", lambda: "my_box")
     with pytest.raises(ConfigError) as e:
         loadConfig(None)
     assert e.value.key == "hostname"
@@ -802,7 +804,7 @@ def test_spoolNotWritable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     spool.mkdir()
     realAccess = os.access
     monkeypatch.setattr(
-        configModule.os, "access",
+        configValues.os, "access",
         lambda p, mode: False if Path(p) == spool else realAccess(p, mode),
     )
     path = writeConfig(tmp_path, '[spool]\ndirectory = "ro"\n')
@@ -818,7 +820,7 @@ def test_spoolParentNotWritable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     parent.mkdir()
     realAccess = os.access
     monkeypatch.setattr(
-        configModule.os, "access",
+        configValues.os, "access",
         lambda p, mode: False if Path(p) == parent else realAccess(p, mode),
     )
     with pytest.raises(ConfigError) as e:
