@@ -18,15 +18,8 @@ L{mailrelay.address}), L{mailrelay.smtp} and the stages, to check their values; 
 L{mailrelay.app}.  This module only re-exports.
 """
 
-from mailrelay.config.loader import (
-    ALLOWED_KEYS,
-    BACKEND_KEYS,
-    BUILTIN_BACKENDS,
-    CLIENT_TIMEOUTS,
-    OVERRIDE_OPTIONS,
-    loadConfig,
-    readConfigFile,
-)
+from mailrelay.config.keys import OVERRIDE_OPTIONS
+from mailrelay.config.loader import loadConfig, readConfigFile
 from mailrelay.config.types import (
     AuthConfig,
     BackendSpec,
@@ -52,10 +45,6 @@ from mailrelay.config.values import (
 from mailrelay.errors import ConfigError, describeValue
 
 __all__ = [
-    "ALLOWED_KEYS",
-    "BACKEND_KEYS",
-    "BUILTIN_BACKENDS",
-    "CLIENT_TIMEOUTS",
     "OVERRIDE_OPTIONS",
     "AuthConfig",
     "BackendSpec",

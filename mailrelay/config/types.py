@@ -1,58 +1,22 @@
 """The frozen types of the configuration, as L{mailrelay.config.loadConfig} returns them.
 
-The package may import the values, L{mailrelay.smtp} and the stages; never L{mailrelay.app}.
+A field's default is the default of the key that fills it (L{mailrelay.config.keys} declares
+no other, unless the field has none), so that a type built by hand, as tests do, is what the
+loader gives for the keys left out.
+
+Part of the config layer: it may import the values, L{mailrelay.smtp} and the stages.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mailrelay.config.values import Smarthost
+from mailrelay.config.values import IPNetwork, Smarthost
+from mailrelay.smtp.client import ClientTimeouts
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-DEFAULT_ENDPOINT = "tcp:2525:interface=127.0.0.1"
-DEFAULT_SPOOL_DIRECTORY = "./mailrelay-spool"
-DEFAULT_MIN_FREE_SPACE = 100 * 1024 * 1024
-DEFAULT_RELAY_NETWORKS = ("127.0.0.0/8", "::1/128")
-DEFAULT_MESSAGE_SIZE = 10240000
-DEFAULT_MAX_RECIPIENTS = 100
-DEFAULT_IDLE_TIMEOUT = 300.0
-DEFAULT_DATA_TIMEOUT = 300.0
-DEFAULT_MAX_ERRORS = 20
-DEFAULT_MAX_HOPS = 50
-#: Seconds a stopping relay gives sessions in DATA, and deliveries in flight, to finish.
-DEFAULT_DRAIN_TIME = 30.0
-DEFAULT_PLUGIN_TIMEOUT = 30.0
-DEFAULT_HEADER_STAMPER = "default"
-BARE_NEWLINE_CHOICES = ("reject", "normalize")
-#: The largest value of each integer setting (keyed without list indexes), so that a typo or
-#: an overflow is refused at start-up rather than believed.
-INTEGER_MAXIMA: dict[str, int] = {
-    # RFC 1870: the SIZE value of EHLO and MAIL is at most 20 digits.
-    "limits.message_size": 10**20 - 1,
-    "limits.recipients": 100_000,
-    "limits.errors": 10_000,
-    "limits.hops": 1_000,
-    "spool.min_free_space": 10**18,
-    "queue.active_limit": 1_000_000,
-    "delivery.destination_concurrency": 10_000,
-    "auth.throttle_after": 1_000_000,
-    "auth.max_failures": 1_000_000,
-    "listeners.max_connections": 1_000_000,
-    "listeners.max_connections_per_client": 1_000_000,
-    "listeners.connection_rate_limit": 1_000_000_000,
-    "listeners.message_rate_limit": 1_000_000_000,
-    "listeners.user_message_rate_limit": 1_000_000_000,
-    "listeners.min_data_rate": 1_000_000_000,
-}
-_INTEGER_REASONS = {"limits.message_size": " (20 digits, RFC 1870)"}
-#: The largest setting in seconds: beyond any sane one, and small enough that a time that far
-#: ahead (a message's arrival plus queue.max_lifetime) is still a date.
-SECONDS_MAXIMUM = 10**9
 #: A listener's role (C{mode}): C{"relay"} (MX or relay for the relay networks and accepted
 #: domains), C{"submission"} (RFC 6409, port 587: AUTH required before MAIL) and
 #: C{"submissions"} (RFC 8314, port 465: the same over implicit TLS).
@@ -61,165 +25,13 @@ LISTENER_MODES = ("relay", "submission", "submissions")
 LISTENER_TLS_MODES = ("none", "starttls", "implicit")
 #: The values of a listener's C{tls_min_version}.
 TLS_MIN_VERSIONS = ("TLSv1.2", "TLSv1.3")
+#: What a listener does with a bare line feed (C{bare_newline}) or a NUL (C{nul_bytes}).
+BARE_NEWLINE_CHOICES = ("reject", "normalize")
 
-#: A listener's abuse limits (Postfix's defaults; see L{mailrelay.receive.limits}), protocol checks
-#: and deadlines.
-DEFAULT_MAX_CONNECTIONS = 100
-DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 50
-DEFAULT_RATE_WINDOW = 60.0
-DEFAULT_IPV6_PREFIX_LENGTH = 84
-DEFAULT_MAX_SESSION_TIME = 1800.0
-DEFAULT_MIN_DATA_RATE = 500
-#: Postfix >= 3.9 refuses unauthorised pipelining by default; mailrelay does not yet (see
-#: the sample configuration).
-DEFAULT_REJECT_UNAUTH_PIPELINING = True
 
-#: The TLS policies of C{delivery.tls}, C{smarthost.tls} and a route's C{tls}: C{"none"} (never
-#: use TLS), C{"may"} (STARTTLS when offered, without verifying the certificate),
-#: C{"required"} (STARTTLS with a verified certificate, or no delivery) and C{"implicit"}
-#: (TLS from the first byte, as on port 465, verified).
-TLS_CHOICES = ("none", "may", "required", "implicit")
-#: The delivery backends every relay has; C{[[backends]]} adds site backends.
-BUILTIN_BACKENDS = ("smtp", "lmtp", "maildir", "discard")
-
-DEFAULT_MIN_BACKOFF = 300.0
-DEFAULT_MAX_BACKOFF = 4000.0
-DEFAULT_MAX_LIFETIME = 432000.0
-DEFAULT_BOUNCE_LIFETIME = 432000.0
-DEFAULT_DELAY_WARNING = 0.0
-DEFAULT_ACTIVE_LIMIT = 1000
-DEFAULT_TLS = "may"
-DEFAULT_DESTINATION_CONCURRENCY = 20
-DEFAULT_CONNECTION_CACHE_TIME = 2.0
-DEFAULT_BACKEND_TIMEOUT = 600.0
-
-#: The SMTP client's time-outs in seconds (RFC 5321 section 4.5.3.2): the key in
-#: C{[delivery.timeouts]}, the name in L{DeliveryConfig.timeouts} (the fields of
-#: C{mailrelay.smtp.client.ClientTimeouts}) and the default.
-CLIENT_TIMEOUTS: tuple[tuple[str, str, float], ...] = (
-    ("connect", "connect", 30.0),
-    ("greeting", "greeting", 300.0),
-    ("ehlo", "ehlo", 300.0),
-    ("starttls", "starttls", 120.0),
-    ("auth", "auth", 120.0),
-    ("mail", "mail", 300.0),
-    ("rcpt", "rcpt", 300.0),
-    ("data_init", "dataInit", 120.0),
-    ("data_block", "dataBlock", 180.0),
-    ("data_done", "dataDone", 600.0),
-    ("rset", "rset", 20.0),
-    ("quit", "quit", 300.0),
-)
-
-#: The keys of C{[smarthost]} and the transport keys of an C{smtp} or C{lmtp} route.
-TRANSPORT_KEYS = ("tls", "ca_file", "username", "password", "password_file", "auth_without_tls")
-
-#: The keys each table of the file may hold; C{""} is the top level.  The tables of
-#: C{recipient_validators}, C{header_stampers} and C{backends} hold C{plugin}, C{timeout}
-#: (and for backends C{name}) and the plugin's own options, so they are not listed here.
-ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
-    "": (
-        "hostname",
-        "drain_time",
-        "spool",
-        "relay",
-        "limits",
-        "dns",
-        "queue",
-        "delivery",
-        "smarthost",
-        "listeners",
-        "recipient_validators",
-        "header_stampers",
-        "routes",
-        "backends",
-        "auth",
-        "rate_limiter",
-    ),
-    "spool": ("directory", "min_free_space", "sync"),
-    "relay": ("networks", "accept_domains", "smarthost"),
-    "limits": ("message_size", "recipients", "idle_timeout", "data_timeout", "errors", "hops"),
-    "dns": ("reverse_lookups", "nameservers"),
-    "queue": (
-        "min_backoff",
-        "max_backoff",
-        "max_lifetime",
-        "bounce_lifetime",
-        "delay_warning",
-        "active_limit",
-        "postmaster",
-        "hold",
-        "process",
-    ),
-    "delivery": (
-        "helo_name",
-        "tls",
-        "ca_file",
-        "destination_concurrency",
-        "connection_cache_time",
-        "timeouts",
-    ),
-    "delivery.timeouts": tuple(name for name, _, _ in CLIENT_TIMEOUTS),
-    "smarthost": TRANSPORT_KEYS,
-    "listeners": (
-        "endpoint",
-        "bare_newline",
-        "nul_bytes",
-        "add_message_id",
-        "add_date",
-        "mode",
-        "tls_mode",
-        "tls_certificate",
-        "tls_key",
-        "tls_min_version",
-        "tls_ciphers",
-        "auth",
-        "auth_without_tls",
-        "tls_certificates",
-        "max_connections",
-        "max_connections_per_client",
-        "connection_rate_limit",
-        "message_rate_limit",
-        "user_message_rate_limit",
-        "rate_window",
-        "limit_exceptions",
-        "ipv6_prefix_length",
-        "greet_pause",
-        "reject_unauth_pipelining",
-        "max_session_time",
-        "min_data_rate",
-        "proxy_protocol",
-        "proxy_networks",
-    ),
-    "listeners.tls_certificates": ("server_name", "certificate", "key"),
-    "auth": (
-        "password_file",
-        "checker",
-        "mechanisms",
-        "throttle_after",
-        "failure_delay",
-        "max_failures",
-        "failure_window",
-        "senders",
-    ),
-    "routes": ("domain", "backend", "nexthop") + TRANSPORT_KEYS,
-}
-
-#: The keys of a plugin table that the loader consumes; the others are the plugin's options.
-PLUGIN_KEYS = ("plugin", "timeout")
-#: The keys of a C{[[backends]]} table that the loader consumes; the others are the plugin's
-#: options.
-BACKEND_KEYS = ("name", "plugin", "timeout")
-
-#: The keys L{loadConfig} accepts in C{overrides}, with the command-line option each stands for.
-OVERRIDE_OPTIONS: dict[str, str] = {
-    "listen": "--listen",
-    "hostname": "--hostname",
-    "spool": "--spool",
-    "relay_network": "--relay-network",
-    "accept_domain": "--accept-domain",
-    "smarthost": "--smarthost",
-}
+def _defaultClientTimeouts() -> dict[str, float]:
+    """The SMTP client's default time-outs (L{ClientTimeouts}' defaults), by field name."""
+    return {name: float(value) for name, value in dataclasses.asdict(ClientTimeouts()).items()}
 
 
 @dataclass(frozen=True)
@@ -294,18 +106,18 @@ class ListenerConfig:
     auth: bool = False
     auth_without_tls: bool = False
     tls_certificates: tuple[SNICertificate, ...] = ()
-    max_connections: int = DEFAULT_MAX_CONNECTIONS
-    max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+    max_connections: int = 100
+    max_connections_per_client: int = 50
     connection_rate_limit: int = 0
     message_rate_limit: int = 0
     user_message_rate_limit: int = 0
-    rate_window: float = DEFAULT_RATE_WINDOW
+    rate_window: float = 60.0
     limit_exceptions: tuple[IPNetwork, ...] | None = None
-    ipv6_prefix_length: int = DEFAULT_IPV6_PREFIX_LENGTH
+    ipv6_prefix_length: int = 84
     greet_pause: float = 0.0
-    reject_unauth_pipelining: bool = DEFAULT_REJECT_UNAUTH_PIPELINING
-    max_session_time: float = DEFAULT_MAX_SESSION_TIME
-    min_data_rate: int = DEFAULT_MIN_DATA_RATE
+    reject_unauth_pipelining: bool = True
+    max_session_time: float = 1800.0
+    min_data_rate: int = 500
     proxy_protocol: bool = False
     proxy_networks: tuple[IPNetwork, ...] = ()
     nul_bytes: str = "reject"
@@ -349,7 +161,7 @@ class AuthConfig:
     maxFailures: int = 10
     failureWindow: float = 900.0
     senders: dict = field(default_factory=dict, hash=False)
-    checker: "PluginSpec | None" = None
+    checker: PluginSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -366,7 +178,7 @@ class PluginSpec:
 
     plugin: str
     options: dict = field(default_factory=dict, hash=False)
-    timeout: float = DEFAULT_PLUGIN_TIMEOUT
+    timeout: float = 30.0
     key: str = ""
 
 
@@ -394,12 +206,12 @@ class QueueConfig:
         be returned to their sender, or C{None} to log and drop them.
     """
 
-    minBackoff: float = DEFAULT_MIN_BACKOFF
-    maxBackoff: float = DEFAULT_MAX_BACKOFF
-    maxLifetime: float = DEFAULT_MAX_LIFETIME
-    bounceLifetime: float = DEFAULT_BOUNCE_LIFETIME
-    delayWarning: float = DEFAULT_DELAY_WARNING
-    activeLimit: int = DEFAULT_ACTIVE_LIMIT
+    minBackoff: float = 300.0
+    maxBackoff: float = 4000.0
+    maxLifetime: float = 432000.0
+    bounceLifetime: float = 432000.0
+    delayWarning: float = 0.0
+    activeLimit: int = 1000
     postmaster: str | None = None
     hold: bool = False
     process: str = "separate"
@@ -410,7 +222,7 @@ class TransportOptions:
     """How to talk to one SMTP or LMTP next hop (C{[smarthost]}, or an C{smtp} or C{lmtp}
     route).
 
-    @ivar tls: one of L{TLS_CHOICES}.
+    @ivar tls: one of L{mailrelay.interfaces.TLS_POLICIES}.
     @ivar caFile: the absolute path of a PEM CA bundle to verify certificates with, or
         C{None} for the system's trust store.
     @ivar username: the AUTH (PLAIN or LOGIN) user name, or C{None} for no AUTH.
@@ -419,16 +231,11 @@ class TransportOptions:
     @ivar authWithoutTLS: whether AUTH may be used on a connection without TLS.
     """
 
-    tls: str = DEFAULT_TLS
+    tls: str = "may"
     caFile: str | None = None
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     authWithoutTLS: bool = False
-
-
-def _defaultClientTimeouts() -> dict[str, float]:
-    """The SMTP client's default time-outs, by their L{DeliveryConfig.timeouts} names."""
-    return {name: default for _, name, default in CLIENT_TIMEOUTS}
 
 
 @dataclass(frozen=True)
@@ -437,8 +244,8 @@ class DeliveryConfig:
 
     @ivar heloName: the name this relay gives in EHLO/HELO/LHLO, or C{None} for its
         host name.
-    @ivar tls: the TLS policy (one of L{TLS_CHOICES}) for delivery to MX hosts, and the
-        default of C{smtp} routes.
+    @ivar tls: the TLS policy (one of L{mailrelay.interfaces.TLS_POLICIES}) for delivery to
+        MX hosts, and the default of C{smtp} routes.
     @ivar caFile: the absolute path of a PEM CA bundle, or C{None} for the system's trust
         store; the default of C{smtp} routes.
     @ivar destinationConcurrency: the most connections to one destination at once.
@@ -450,10 +257,10 @@ class DeliveryConfig:
     """
 
     heloName: str | None = None
-    tls: str = DEFAULT_TLS
+    tls: str = "may"
     caFile: str | None = None
-    destinationConcurrency: int = DEFAULT_DESTINATION_CONCURRENCY
-    connectionCacheTime: float = DEFAULT_CONNECTION_CACHE_TIME
+    destinationConcurrency: int = 20
+    connectionCacheTime: float = 2.0
     timeouts: dict[str, float] = field(default_factory=_defaultClientTimeouts, hash=False)
 
 
@@ -501,7 +308,7 @@ class BackendSpec:
     name: str
     plugin: str
     options: dict = field(default_factory=dict, hash=False)
-    timeout: float = DEFAULT_BACKEND_TIMEOUT
+    timeout: float = 600.0
     key: str = ""
 
 
@@ -572,5 +379,5 @@ class Config:
     spoolSync: str = "syncfs"
     auth: AuthConfig | None = None
     rateLimiter: PluginSpec | None = None
-    drainTime: float = DEFAULT_DRAIN_TIME
+    drainTime: float = 30.0
 
