@@ -1072,49 +1072,6 @@ def test_sampleEveryKeyUncommentedLoads(tmp_path: Path) -> None:
         assert secret not in repr(c) and secret not in str(c)
 
 
-def allowed(path: str) -> tuple[str, ...]:
-    """The keys the table at C{path} (C{""}: the top level) allows."""
-    table = TOP
-    for part in path.split(".") if path else ():
-        table = table.key(part).parse
-    return table.names
-
-
-def test_sampleDocumentsEveryKey() -> None:
-    """Every key the loader knows appears in the sample, switched on or off."""
-    text = SAMPLE.read_text(encoding="utf-8")
-    data = tomllib.loads(uncommentSettings(text))
-    assert set(data) == set(allowed(""))
-    for section in ("spool", "relay", "limits", "dns", "queue", "delivery"):
-        assert set(data[section]) == set(allowed(section)), section
-    # [auth] cannot switch on both password_file and checker: the checker is shown in an
-    # explanation instead.
-    assert set(data["auth"]) == set(allowed("auth")) - {"checker"}
-    authPart = text[text.index("\n#[auth]") : text.index("\n[[listeners]]")]
-    assert re.search(r'(?m)^#\s+\[auth\.checker\]\n#\s+plugin = "', authPart)
-    sni = set().union(*(t for listener in data["listeners"] for t in listener.get("tls_certificates", [])))
-    assert sni == set(allowed("listeners.tls_certificates"))
-    assert set(data["delivery"]["timeouts"]) == set(allowed("delivery.timeouts"))
-    # [smarthost] cannot switch on both password and password_file: password is shown in
-    # an explanation instead.
-    assert set(data["smarthost"]) == set(allowed("smarthost")) - {"password"}
-    smarthostPart = text[text.index("\n[smarthost]") : text.index("\n[limits]")]
-    assert re.search(r'(?m)^#\s+password = "', smarthostPart)
-    assert set().union(*data["listeners"]) == set(allowed("listeners"))
-    assert set().union(*data["routes"]) == set(allowed("routes"))
-    assert set(allowed("backends")) <= set().union(*data["backends"])
-    assert {route["backend"] for route in data["routes"]} >= set(BUILTIN_BACKENDS)
-    for plugins in ("recipient_validators", "header_stampers"):
-        assert set().union(*data[plugins]) == {"plugin", "timeout"}, plugins
-
-
-def test_sampleDefaultsAreTheLoadersDefaults() -> None:
-    """The sample's switched-on settings of the outbound tables are the defaults."""
-    data = tomllib.loads(SAMPLE.read_text(encoding="utf-8"))
-    timeouts = data["delivery"]["timeouts"]
-    assert {key.target: float(timeouts[key.name]) for key in TIMEOUTS.keys} == TIMEOUT_DEFAULTS
-
-
 # ---------------------------------------------------------------------------------------------
 # Outbound delivery: [queue], [delivery], [smarthost], dns.nameservers, [[routes]], [[backends]]
 

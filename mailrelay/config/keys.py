@@ -331,12 +331,7 @@ TRANSPORT = Table(
         Key("tls", choice(*TLS_POLICIES), "When to use TLS."),
         Key("ca_file", caFile, "The PEM CA bundle to verify the server with.", field="caFile"),
         Key("username", userName, "The user to log in as (AUTH PLAIN or LOGIN)."),
-        Key(
-            "password",
-            secret,
-            "The password, written here (discouraged).",
-            sample="explanation",
-        ),
+        Key("password", secret, "The password, written here (discouraged)."),
         Key(
             "password_file",
             string,
@@ -496,7 +491,6 @@ AUTH = Table(
                 DEFAULT_CHECKER_TIMEOUT,
             ),
             "A site checker instead of the password file.",
-            sample="explanation",
         ),
         Key("mechanisms", checks.mechanisms, "The SASL mechanisms offered."),
         Key(

@@ -169,10 +169,6 @@ class Key:
     @ivar cli: the command-line option that replaces the key's value.
     @ivar unique: in an array of tables, the phrase refusing a value that an earlier table
         has already given (C{"is already listed as"}; the earlier key follows).
-    @ivar sample: how C{etc/mailrelay.toml} shows the key: C{"line"}, as a line C{key = ...}
-        (switched on, or off with a C{#} right before it), or C{"explanation"}, inside an
-        explanation as C{#   key = ...} (of two keys that cannot both be set, the other one
-        has the line).
     """
 
     name: str
@@ -183,7 +179,6 @@ class Key:
     required: str | None = None
     cli: Override | None = None
     unique: str | None = None
-    sample: str = "line"
 
     @property
     def target(self) -> str:
