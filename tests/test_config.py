@@ -227,11 +227,6 @@ comment = "hello"
         ListenerConfig("tcp:2525", "normalize", False, False),
         ListenerConfig("tcp6:2526:interface=\\:\\:1"),
     )
-    assert c.listeners[0].asOptions() == {
-        "bare_newline": "normalize",
-        "add_message_id": False,
-        "add_date": False,
-    }
     assert c.recipientValidators == (
         PluginSpec("recipient-map", {"file": "recipients.txt"}, 2.0, "recipient_validators[0]"),
         PluginSpec("accepted-domains", {}, 30.0, "recipient_validators[1]"),

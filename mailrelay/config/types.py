@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from mailrelay.config.values import IPNetwork, Smarthost
 from mailrelay.smtp.client import ClientTimeouts
@@ -121,14 +120,6 @@ class ListenerConfig:
     proxy_protocol: bool = False
     proxy_networks: tuple[IPNetwork, ...] = ()
     nul_bytes: str = "reject"
-
-    def asOptions(self) -> dict[str, Any]:
-        """The listener's options as a dict, as header stampers see them."""
-        return {
-            "bare_newline": self.bare_newline,
-            "add_message_id": self.add_message_id,
-            "add_date": self.add_date,
-        }
 
 
 @dataclass(frozen=True)
