@@ -13,8 +13,6 @@ from typing import Any
 import pytest
 
 from mailrelay import config as configModule
-from mailrelay.config.keys import TIMEOUTS, TOP
-from mailrelay.config import values as configValues
 from mailrelay.config import (
     BackendSpec,
     Config,
@@ -32,6 +30,8 @@ from mailrelay.config import (
     parseNetwork,
     parseSmarthost,
 )
+from mailrelay.config import values as configValues
+from mailrelay.config.keys import TIMEOUTS, TOP
 from mailrelay.delivery import BUILTIN_BACKENDS
 from mailrelay.errors import ConfigError
 

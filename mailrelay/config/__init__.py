@@ -11,11 +11,22 @@ Problems in command-line options name the option instead (C{--listen}) and no fi
 
 See C{etc/mailrelay.toml} for a commented sample of every key.
 
-The package owns: L{mailrelay.config.types} (the frozen types), L{mailrelay.config.values}
-(parsers of single values) and L{mailrelay.config.loader} (the loader).  It may import the
-values (L{mailrelay.interfaces}, L{mailrelay.envelope}, L{mailrelay.errors},
-L{mailrelay.address}), L{mailrelay.smtp} and the stages, to check their values; never
-L{mailrelay.app}.  This module only re-exports.
+Each key is declared once, in L{mailrelay.config.keys}: its name, parser, default and
+meaning, the field it fills; the loader, the messages listing the keys a table allows (with a
+did-you-mean), the command-line options and the test that the sample documents every key are
+derived from those declarations.  The package's modules:
+
+  - L{mailrelay.config.schema}: the machinery (keys and tables), a value module the stages
+    may use for their plugins' options;
+  - L{mailrelay.config.values}: one parser per type of value, also a value module;
+  - L{mailrelay.config.types}: the frozen types the loader returns;
+  - L{mailrelay.config.checks}: the checks across the keys of a table;
+  - L{mailrelay.config.keys}: the relay's keys;
+  - L{mailrelay.config.loader}: L{loadConfig}.
+
+The package may import the values (L{mailrelay.interfaces}, L{mailrelay.envelope},
+L{mailrelay.errors}, L{mailrelay.address}), L{mailrelay.smtp} and the stages, to check their
+values; never L{mailrelay.app}.  This module only re-exports.
 """
 
 from mailrelay.config.keys import OVERRIDE_OPTIONS

@@ -64,7 +64,25 @@ from mailrelay.receive.auth import DEFAULT_CHECKER_TIMEOUT
 from mailrelay.receive.limits import LIMITER_TIMEOUT
 from mailrelay.smtp.client import ClientTimeouts
 
-__all__ = ["DEFAULT_ENDPOINT", "OVERRIDE_OPTIONS", "TOP", "TRANSPORT"]
+__all__ = [
+    "AUTH",
+    "BACKENDS",
+    "DEFAULT_ENDPOINT",
+    "DELIVERY",
+    "DNS",
+    "LIMITS",
+    "LISTENERS",
+    "OVERRIDE_OPTIONS",
+    "QUEUE",
+    "RELAY",
+    "ROUTES",
+    "SNI_CERTIFICATES",
+    "SPOOL",
+    "TIMEOUTS",
+    "TOP",
+    "TRANSPORT",
+    "pluginTable",
+]
 
 #: The endpoint of the listener there is when the file sets none.
 DEFAULT_ENDPOINT = "tcp:2525:interface=127.0.0.1"

@@ -78,7 +78,9 @@ class Smarthost:
 
 
 # ---------------------------------------------------------------------------------------------
-# Parsing single values (usable on their own: they raise ValueError)
+# Parsing single values (usable on their own: they raise ValueError).  The next hops', name
+# servers' and route domains' parsers give way to route/nexthop.py's: keys.py and checks.py
+# call each through checked(...) in one line.
 
 
 def parseNetwork(text: str) -> IPNetwork:
