@@ -489,13 +489,8 @@ def fileName(value: Any, at: At) -> str:
     return at.path(nonEmpty("a file name")(value, at))
 
 
-def hostname(value: Any, at: At) -> str:
-    """A host name for this relay, normalised."""
-    text = string(value, at)
-    try:
-        return normaliseHostname(text)
-    except ValueError as e:
-        raise at.error(str(e)) from None
+#: A host name for this relay, normalised.
+hostname = checked(normaliseHostname)
 
 
 def optionalHostname(value: Any, at: At) -> str | None:
