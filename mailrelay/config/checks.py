@@ -1,0 +1,438 @@
+"""The checks of the configuration that involve several keys, one function per table
+(L{mailrelay.config.schema.Table.check}), and the parsers of values only one table holds.
+
+Each check sees the table's keys read (L{Reading.fields}, by field), the table as written
+(to tell a key given from a default) and where it is; it refuses what does not go together,
+works out the defaults that depend on other keys, and loads what must be loaded at start-up
+(certificates, the password file), so that a configuration that loads is one that works.
+
+Part of the config layer: it may import the values, L{mailrelay.smtp} and the stages.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mailrelay.address import normaliseDomain, parseReversePath
+from mailrelay.config.schema import At, Reading, tableOf
+from mailrelay.config.types import ListenerConfig
+from mailrelay.config.values import (
+    checked,
+    checkMaildirTemplate,
+    domainProblem,
+    endpoint,
+    nonEmpty,
+    parseLMTPNexthop,
+    parseNameserver,
+    parseSmarthost,
+    secretFile,
+    string,
+    stringList,
+)
+from mailrelay.delivery import BUILTIN_BACKENDS
+from mailrelay.errors import describeValue
+from mailrelay.receive.auth import MECHANISMS, PasswordFileError, readPasswordFile
+from mailrelay.receive.tls import TLSConfigError, loadServerTLS
+
+# ---------------------------------------------------------------------------------------------
+# [dns], [queue], [smarthost] and a route's transport keys
+
+
+def nameservers(value: Any, at: At) -> tuple[tuple[str, int], ...]:
+    """The C{dns.nameservers} array: C{(address, port)} pairs, each once."""
+    result: list[tuple[str, int]] = []
+    seen: dict[tuple[str, int], str] = {}
+    for where, text in stringList(value, at):
+        server = checked(parseNameserver)(text, where)
+        if server in seen:
+            raise where.error(f"{describeValue(text)} is already listed as {seen[server]}")
+        seen[server] = where.key
+        result.append(server)
+    return tuple(result)
+
+
+def checkQueue(r: Reading) -> None:
+    """The backoff's bounds go together."""
+    minBackoff, maxBackoff = r.fields["minBackoff"], r.fields["maxBackoff"]
+    if maxBackoff < minBackoff:
+        if r.given("max_backoff"):
+            raise r.error(
+                "max_backoff",
+                f"must be at least {r.key('min_backoff')} ({minBackoff:g}), not "
+                f"{describeValue(r.raw['max_backoff'])}",
+            )
+        raise r.error(
+            "min_backoff",
+            f"must be at most {r.key('max_backoff')} ({maxBackoff:g}, the default), not "
+            f"{describeValue(r.raw['min_backoff'])}",
+        )
+
+
+def checkTransport(r: Reading) -> None:
+    """A user name goes with one password (read from C{password_file} now), and with TLS or
+    C{auth_without_tls}."""
+    fields, key = r.fields, r.key
+    username, password = fields["username"], fields["password"]
+    fileText = fields.pop("password_file")
+    if fileText and password is not None:
+        raise r.error(
+            "password_file",
+            f"{describeValue(fileText)} is given together with {key('password')}: "
+            "give only one of them",
+        )
+    if fileText:
+        if username is None:
+            raise r.error(
+                "password_file",
+                f"{describeValue(fileText)} is given without {key('username')}: "
+                "set the user name too, or remove the password",
+            )
+        password = fields["password"] = secretFile(fileText, r.at.child("password_file"))
+    elif password is not None and username is None:
+        raise r.error(
+            "password",
+            f"is given without {key('username')}: set the user name too, or remove "
+            "the password (the value is not shown here)",
+        )
+    if username is None:
+        return
+    if password is None:
+        raise r.error(
+            "username",
+            f"{describeValue(username)} needs a password: set "
+            f"{key('password_file')} (or {key('password')})",
+        )
+    if fields["tls"] == "none" and not fields["authWithoutTLS"]:
+        raise r.error(
+            "username",
+            f"{describeValue(username)} could never log in: {key('tls')} is \"none\" "
+            f"and {key('auth_without_tls')} is false (AUTH is never sent without TLS "
+            "unless auth_without_tls = true)",
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# [[listeners]]
+
+
+def cliListeners(value: Any, at: At) -> tuple[ListenerConfig, ...]:
+    """Listeners from C{--listen}: default options for each."""
+    result: list[ListenerConfig] = []
+    for where, text in stringList(value, at):
+        address = endpoint(text, where)
+        if any(listener.endpoint == address for listener in result):
+            raise where.error(f"{describeValue(address)} is given twice")
+        result.append(ListenerConfig(address))
+    return tuple(result)
+
+
+def checkListener(r: Reading) -> None:
+    """A listener's TLS, AUTH and PROXY keys go together; its certificates load."""
+    _listenerTLS(r)
+    _loadListenerCertificates(r)
+    _listenerAuth(r)
+    proxy = r.fields["proxy_protocol"]
+    if r.given("proxy_networks") and not proxy:
+        raise r.error(
+            "proxy_networks",
+            f"{describeValue(r.raw['proxy_networks'])} has no effect without "
+            "proxy_protocol = true",
+        )
+    if proxy and not r.fields["proxy_networks"]:
+        raise r.error(
+            "proxy_networks",
+            "is required with proxy_protocol = true: the networks of the load balancers "
+            'allowed to send PROXY headers (e.g. ["10.0.0.0/8"]); a PROXY header from '
+            "anyone else could claim any client address",
+        )
+
+
+def _listenerTLS(r: Reading) -> None:
+    """The TLS mode (and its default) goes with the mode, the certificate and the endpoint."""
+    fields = r.fields
+    mode, certificate = fields["mode"], fields["tls_certificate"]
+    if r.given("tls_key") and certificate is None:
+        raise r.error(
+            "tls_key",
+            f"{describeValue(r.raw['tls_key'])} is given without {r.key('tls_certificate')}",
+        )
+    if certificate is not None and not r.given("tls_key"):
+        fields["tls_key"] = certificate  # one file holding both
+    if not r.given("tls_mode"):
+        if mode == "submissions":
+            fields["tls_mode"] = "implicit"
+        else:
+            fields["tls_mode"] = "starttls" if certificate is not None else "none"
+    tlsMode = fields["tls_mode"]
+    if mode == "submissions" and tlsMode != "implicit":
+        raise r.error(
+            "tls_mode",
+            f'must be "implicit" for a "submissions" listener (RFC 8314), not '
+            f"{describeValue(tlsMode)}",
+        )
+    if tlsMode == "none":
+        if certificate is not None:
+            raise r.error(
+                "tls_certificate",
+                f'{describeValue(r.raw["tls_certificate"])} is given, but tls_mode is "none": '
+                'remove the certificate or set tls_mode = "starttls" or "implicit"',
+            )
+        for name in ("tls_min_version", "tls_ciphers"):
+            if r.given(name):
+                raise r.error(
+                    name,
+                    f"{describeValue(r.raw[name])} has no effect on a listener without TLS "
+                    "(set tls_certificate too)",
+                )
+    elif certificate is None:
+        submissions = ' (a "submissions" listener is TLS from the first byte)'
+        raise r.error(
+            "tls_certificate",
+            f"is required with tls_mode = {describeValue(tlsMode)}"
+            + (submissions if mode == "submissions" else "")
+            + ": the PEM file of the server's certificate chain",
+        )
+    if tlsMode == "implicit" and fields["endpoint"].startswith("ssl:"):
+        raise r.error(
+            "tls_mode",
+            f'"implicit" with the TLS endpoint {describeValue(fields["endpoint"])} would be '
+            'TLS twice: use a "tcp:" endpoint (the certificate comes from tls_certificate)',
+        )
+
+
+#: Which key a certificate's problem (L{TLSConfigError.setting}) is reported at.
+_TLS_SETTING_KEYS = {
+    "certificate": "tls_certificate",
+    "ciphers": "tls_ciphers",
+    "version": "tls_min_version",
+}
+
+
+def _loadListenerCertificates(r: Reading) -> None:
+    """Load the certificate and the SNI certificates now, each with its key."""
+    fields = r.fields
+    certificate = fields["tls_certificate"]
+    options = {"minVersion": fields["tls_min_version"], "ciphers": fields["tls_ciphers"]}
+    if certificate is not None:
+        try:
+            loadServerTLS(certificate, fields["tls_key"], **options)
+        except TLSConfigError as e:
+            if e.setting == "key":
+                at = "tls_key" if r.given("tls_key") else "tls_certificate"
+            else:
+                at = _TLS_SETTING_KEYS[e.setting]
+            raise r.error(at, str(e)) from None
+    if not r.given("tls_certificates"):
+        return
+    if certificate is None:
+        raise r.error(
+            "tls_certificates",
+            "needs tls_certificate too: the certificate for clients that ask for no "
+            "name, or for a name not listed",
+        )
+    for index, sni in enumerate(fields["tls_certificates"]):
+        try:
+            loadServerTLS(sni.certificate, sni.key, **options)
+        except TLSConfigError as e:
+            keyGiven = "key" in r.raw["tls_certificates"][index]
+            at = "key" if e.setting == "key" and keyGiven else "certificate"
+            raise r.at.child("tls_certificates").item(index).child(at).error(str(e)) from None
+
+
+def _listenerAuth(r: Reading) -> None:
+    """AUTH (on by default on submission listeners) needs C{[auth]}, and TLS unless
+    C{auth_without_tls}."""
+    fields = r.fields
+    mode = fields["mode"]
+    if not r.given("auth"):
+        fields["auth"] = mode != "relay"
+    if fields["auth"]:
+        if r.at.scope["auth"] is None:
+            raise r.error(
+                "auth",
+                ("a submission listener needs AUTH: " if mode != "relay" else "")
+                + "AUTH needs an [auth] table with a password_file",
+            )
+        if fields["tls_mode"] == "none" and not fields["auth_without_tls"]:
+            raise r.error(
+                "auth",
+                "no client could ever log in: the listener has no TLS and AUTH is only "
+                "accepted under TLS; set tls_certificate (STARTTLS), or auth_without_tls = "
+                "true to let passwords cross the network in clear",
+            )
+    elif mode != "relay":
+        raise r.error(
+            "auth",
+            f"must be true on a {describeValue(mode)} listener: submission requires "
+            "AUTH (RFC 6409)",
+        )
+    elif r.given("auth_without_tls"):
+        raise r.error(
+            "auth_without_tls",
+            f"{describeValue(fields['auth_without_tls'])} has no effect on a listener "
+            "without AUTH (auth = false)",
+        )
+
+
+def checkSNICertificate(r: Reading) -> None:
+    """The key is in the certificate's file unless given."""
+    r.fields.setdefault("key", r.fields["certificate"])
+
+
+# ---------------------------------------------------------------------------------------------
+# [auth]
+
+
+def mechanisms(value: Any, at: At) -> tuple[str, ...]:
+    """SASL mechanisms the server implements, in upper case, each once, at least one."""
+    result: list[str] = []
+    for where, name in stringList(value, at):
+        if name.upper() not in MECHANISMS:
+            raise where.error(
+                f"unknown SASL mechanism {describeValue(name)}; the mechanisms are "
+                + ", ".join(MECHANISMS)
+            )
+        if name.upper() not in result:
+            result.append(name.upper())
+    if not result:
+        raise at.error("must name at least one mechanism, not []")
+    return tuple(result)
+
+
+def senders(value: Any, at: At) -> dict[str, tuple[str, ...]]:
+    """C{[auth.senders]}: user = ["a@example.com", "@example.org"], normalised."""
+    result: dict[str, tuple[str, ...]] = {}
+    for user, patterns in tableOf(value, at).items():
+        result[user] = tuple(
+            _senderPattern(text, where) for where, text in stringList(patterns, at.child(user))
+        )
+    return result
+
+
+def _senderPattern(text: str, at: At) -> str:
+    """An address (C{"a@example.com"}) or a domain (C{"@example.com"}), normalised."""
+    try:
+        if text.startswith("@"):
+            return "@" + normaliseDomain(text[1:])
+        mailbox = parseReversePath(f"<{text}>", utf8=True)
+        if mailbox is None:
+            raise ValueError("the null sender <> is always allowed")
+        return str(mailbox)
+    except ValueError as e:
+        raise at.error(
+            f'{describeValue(text)} is not an address or "@domain": {domainProblem(e)}'
+        ) from None
+
+
+def checkAuth(r: Reading) -> None:
+    """Users are checked by the password file (read now) or by a site checker, not both;
+    the users bound to senders are the password file's."""
+    users: dict[str, str] = {}
+    if r.given("checker"):
+        if r.given("password_file"):
+            raise r.error(
+                "checker",
+                f"cannot be used with {r.key('password_file')}: users are checked either by "
+                "the password file or by a site checker; remove one of the two",
+            )
+        r.fields["passwordFile"] = None
+    elif not r.given("password_file"):
+        raise r.error(
+            "password_file",
+            'is required in [auth]: the file of "user:hash" lines (see mailrelay-passwd), '
+            "unless a site checker is configured in [auth.checker]",
+        )
+    else:
+        try:
+            users = readPasswordFile(r.fields["passwordFile"])
+        except PasswordFileError as e:
+            raise r.error("password_file", str(e)) from None
+        for user in r.fields["senders"]:
+            if user not in users:
+                raise r.at.child("senders").child(user).error(
+                    f"user {describeValue(user)} is not in the password file"
+                )
+    r.fields["users"] = users
+
+
+# ---------------------------------------------------------------------------------------------
+# [[backends]] and [[routes]]
+
+
+def backendName(value: Any, at: At) -> str:
+    """A site backend's name: not empty, not a built-in backend's."""
+    name = nonEmpty("a backend name")(value, at)
+    if name.lower() in BUILTIN_BACKENDS:
+        raise at.error(
+            f"{describeValue(name)} is the name of a built-in backend; choose another "
+            f"(the built-in backends are: {', '.join(BUILTIN_BACKENDS)})"
+        )
+    return name
+
+
+def checkRoute(r: Reading) -> None:
+    """The backend is known; the next hop and the transport keys are the backend's."""
+    available = BUILTIN_BACKENDS + tuple(spec.name for spec in r.at.scope["backends"])
+    if not r.given("backend"):
+        raise r.error(
+            "backend",
+            "is required in each [[routes]] table; the backends available are: "
+            + ", ".join(available),
+        )
+    backend = r.fields["backend"]
+    if backend not in available:
+        raise r.error(
+            "backend",
+            f"unknown backend {describeValue(backend)}; the backends available are: "
+            + ", ".join(available)
+            + " (site backends are defined in [[backends]] tables)",
+        )
+    r.fields["nexthop"] = _routeNexthop(r, backend)
+    if backend == "smtp":
+        delivery = r.at.scope["delivery"]
+        r.fields["options"] = r.readIncluded({"tls": delivery.tls, "caFile": delivery.caFile})
+    elif backend == "lmtp":
+        r.fields["options"] = r.readIncluded()
+    else:
+        for name in r.table.includes[0].names:
+            if r.given(name):
+                shown = "" if name == "password" else f"{describeValue(r.raw[name])}: "
+                raise r.error(
+                    name,
+                    f"{shown}only smtp and lmtp routes take {name}, not a "
+                    f"{describeValue(backend)} route",
+                )
+
+
+def _routeNexthop(r: Reading, backend: str) -> str | None:
+    """The route's C{nexthop}, read as its backend's notation and normalised."""
+    at, given = r.at.child("nexthop"), r.given("nexthop")
+    if backend == "smtp":
+        text = string(r.raw.get("nexthop", ""), at)
+        return str(checked(parseSmarthost)(text, at)) if text else None
+    if backend == "lmtp":
+        if not given:
+            raise at.error(
+                'is required for an lmtp route: "host:port", "[host]:port" or '
+                '"unix:/path/to/socket"'
+            )
+        return checked(parseLMTPNexthop)(r.raw["nexthop"], at)
+    if backend == "maildir":
+        if not given:
+            raise at.error(
+                "is required for a maildir route: a directory, which may hold "
+                '{local}, {domain} and {address} (e.g. "/var/mail/{domain}/{local}")'
+            )
+        checked(checkMaildirTemplate)(r.raw["nexthop"], at)
+        return at.path(r.raw["nexthop"])
+    if given:
+        what = (
+            'a "discard" route'
+            if backend == "discard"
+            else f"a route to site backend {describeValue(backend)} (its options are "
+            "in its [[backends]] table)"
+        )
+        raise at.error(
+            f"{describeValue(r.raw['nexthop'])} is not allowed: {what} takes no nexthop"
+        )
+    return None

@@ -1,0 +1,674 @@
+"""Every key of the relay's configuration file, declared once.
+
+Each L{Key} gives the key's name, its parser, its default (when it is not the default of the
+field it fills, in L{mailrelay.config.types}) and what it is for; each L{Table} the type its
+keys fill and its checks (L{mailrelay.config.checks}).  The loader (L{TOP}), the messages
+listing the keys a table allows, the command-line options (L{OVERRIDE_OPTIONS}) and the test
+that C{etc/mailrelay.toml} documents every key and nothing else all read these declarations.
+
+Part of the config layer: it may import the values, L{mailrelay.smtp} and the stages.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mailrelay.config import checks
+from mailrelay.config.schema import MISSING, At, Computed, Key, Override, Table
+from mailrelay.config.types import (
+    BARE_NEWLINE_CHOICES,
+    LISTENER_MODES,
+    LISTENER_TLS_MODES,
+    TLS_MIN_VERSIONS,
+    AuthConfig,
+    BackendSpec,
+    Config,
+    DeliveryConfig,
+    ListenerConfig,
+    PluginSpec,
+    QueueConfig,
+    RouteConfig,
+    SNICertificate,
+    TransportOptions,
+)
+from mailrelay.config.values import (
+    boolean,
+    caFile,
+    checked,
+    choice,
+    defaultSpoolDirectory,
+    domains,
+    endpoint,
+    fileName,
+    hostname,
+    integer,
+    networks,
+    nonEmpty,
+    nonNegativeSeconds,
+    optionalHostname,
+    parseRouteDomain,
+    parseSmarthost,
+    postmaster,
+    raw,
+    seconds,
+    secret,
+    serverName,
+    spoolDirectory,
+    string,
+    systemHostname,
+    userName,
+)
+from mailrelay.errors import describeValue
+from mailrelay.interfaces import TLS_POLICIES
+from mailrelay.receive.auth import DEFAULT_CHECKER_TIMEOUT
+from mailrelay.receive.limits import LIMITER_TIMEOUT
+from mailrelay.smtp.client import ClientTimeouts
+
+__all__ = [
+    "AUTH",
+    "BACKENDS",
+    "DEFAULT_ENDPOINT",
+    "DELIVERY",
+    "DNS",
+    "LIMITS",
+    "LISTENERS",
+    "OVERRIDE_OPTIONS",
+    "QUEUE",
+    "RELAY",
+    "ROUTES",
+    "SNI_CERTIFICATES",
+    "SPOOL",
+    "TIMEOUTS",
+    "TOP",
+    "TRANSPORT",
+    "pluginTable",
+]
+
+#: The endpoint of the listener there is when the file sets none.
+DEFAULT_ENDPOINT = "tcp:2525:interface=127.0.0.1"
+
+
+def smarthost(value: Any, at: At) -> Any:
+    """The smarthost (see L{parseSmarthost}); C{""} means none."""
+    return checked(parseSmarthost)(value, at) if string(value, at) else None
+
+
+def pluginTable(
+    missing: str, timeout: Any = MISSING, *, array: bool = False, name: Key | None = None
+) -> Table:
+    """A table naming a plugin: C{plugin}, C{timeout} and the plugin's own options.
+
+    @param missing: the message refusing a table without C{plugin}.
+    @param timeout: the default of C{timeout}, when not the type's.
+    @param name: a key before C{plugin} (a backend's C{name}); the table is then a
+        L{BackendSpec}, else a L{PluginSpec}.
+    """
+    keys = (
+        Key("plugin", nonEmpty("a plugin name"), "The plugin's name.", required=missing),
+        Key("timeout", seconds, "Seconds the plugin may take to answer.", default=timeout),
+    )
+    return Table(
+        (name, *keys) if name is not None else keys,
+        target=BackendSpec if name is not None else PluginSpec,
+        options="options",
+        where="key",
+        array=array,
+    )
+
+
+def _plugins(table: str) -> Table:
+    """An array of plugin tables (C{[[recipient_validators]]}, C{[[header_stampers]]})."""
+    missing = f"is required in each [[{table}]] table: the name of the plugin"
+    return pluginTable(missing, array=True)
+
+
+SPOOL = Table(
+    (
+        Key(
+            "directory",
+            spoolDirectory,
+            "Where accepted messages are stored until they are delivered.",
+            default=Computed(defaultSpoolDirectory("./mailrelay-spool")),
+            field="spoolDirectory",
+            cli=Override("spool", "--spool"),
+        ),
+        Key(
+            "min_free_space",
+            integer(0, 10**18),
+            "Bytes that must stay free on the spool's file system (0: no check).",
+            default=100 * 1024 * 1024,
+            field="minFreeSpace",
+        ),
+        Key(
+            "sync",
+            choice("syncfs", "fsync"),
+            "How the spool makes accepted mail durable: syncfs(2) per group, or fsync.",
+            field="spoolSync",
+        ),
+    ),
+    target=Config,
+    merge=True,
+)
+
+RELAY = Table(
+    (
+        Key(
+            "networks",
+            networks,
+            "Clients in these networks may relay to any domain.",
+            default=["127.0.0.0/8", "::1/128"],
+            field="relayNetworks",
+            cli=Override("relay_network", "--relay-network"),
+        ),
+        Key(
+            "accept_domains",
+            domains,
+            "Domains accepted from anyone.",
+            default=[],
+            field="acceptDomains",
+            cli=Override("accept_domain", "--accept-domain"),
+        ),
+        Key(
+            "smarthost",
+            smarthost,
+            "Where all outgoing mail goes instead of to the MX hosts.",
+            default="",
+            cli=Override("smarthost", "--smarthost"),
+        ),
+    ),
+    target=Config,
+    merge=True,
+)
+
+LIMITS = Table(
+    (
+        Key(
+            "message_size",
+            integer(1, 10**20 - 1, " (20 digits, RFC 1870)"),
+            "The largest message accepted, in bytes.",
+            default=10240000,
+            field="maxMessageSize",
+        ),
+        Key(
+            "recipients",
+            integer(1, 100_000),
+            "The most recipients accepted for one message.",
+            default=100,
+            field="maxRecipients",
+        ),
+        Key(
+            "idle_timeout",
+            seconds,
+            "Seconds a client may stay silent between commands.",
+            default=300,
+            field="idleTimeout",
+        ),
+        Key(
+            "data_timeout",
+            seconds,
+            "Seconds a client may stay silent while sending a message.",
+            default=300,
+            field="dataTimeout",
+        ),
+        Key(
+            "errors",
+            integer(1, 10_000),
+            "Errors in one session before it is closed with 421.",
+            default=20,
+            field="maxErrors",
+        ),
+        Key(
+            "hops",
+            integer(1, 1_000),
+            "The most Received: fields a message may carry (mail loops).",
+            default=50,
+            field="maxHops",
+        ),
+    ),
+    target=Config,
+    merge=True,
+)
+
+DNS = Table(
+    (
+        Key(
+            "reverse_lookups",
+            boolean,
+            "Look up each client's name, forward-confirmed, for Received: fields.",
+            default=True,
+            field="reverseDNS",
+        ),
+        Key(
+            "nameservers",
+            checks.nameservers,
+            "The DNS resolvers to ask instead of the system's.",
+        ),
+    ),
+    target=Config,
+    merge=True,
+)
+
+QUEUE = Table(
+    (
+        Key("min_backoff", seconds, "Seconds before the first retry.", field="minBackoff"),
+        Key(
+            "max_backoff",
+            seconds,
+            "The longest delay between two attempts.",
+            field="maxBackoff",
+        ),
+        Key(
+            "max_lifetime",
+            seconds,
+            "Seconds a message may stay queued before it bounces.",
+            field="maxLifetime",
+        ),
+        Key(
+            "bounce_lifetime",
+            seconds,
+            "The same for the relay's own bounces.",
+            field="bounceLifetime",
+        ),
+        Key(
+            "delay_warning",
+            nonNegativeSeconds,
+            "Seconds after which the sender is told of a delay (0: never).",
+            field="delayWarning",
+        ),
+        Key(
+            "active_limit",
+            integer(1, 1_000_000),
+            "The most messages in delivery at once.",
+            field="activeLimit",
+        ),
+        Key("postmaster", postmaster, "Where bounces that cannot be returned go."),
+        Key("hold", boolean, "Accept and queue mail but deliver none."),
+        Key(
+            "process",
+            choice("separate", "inline"),
+            "Whether the queue manager and delivery run in a process of their own.",
+        ),
+    ),
+    target=QueueConfig,
+    check=checks.checkQueue,
+)
+
+#: The SMTP client's time-outs (RFC 5321 section 4.5.3.2), the defaults of C{ClientTimeouts}.
+TIMEOUTS = Table(
+    tuple(
+        Key(name, seconds, f"Seconds to wait for {what}.", field=field)
+        for name, field, what in (
+            ("connect", "connect", "the connection"),
+            ("greeting", "greeting", "the server's greeting"),
+            ("ehlo", "ehlo", "the reply to EHLO (HELO, LHLO)"),
+            ("starttls", "starttls", "the reply to STARTTLS and the TLS handshake"),
+            ("auth", "auth", "each reply during AUTH"),
+            ("mail", "mail", "the reply to MAIL FROM"),
+            ("rcpt", "rcpt", "the reply to each RCPT TO"),
+            ("data_init", "dataInit", "the reply to DATA"),
+            ("data_block", "dataBlock", "each block of the message to be sent"),
+            ("data_done", "dataDone", "the reply after the message's final dot"),
+            ("rset", "rset", "the reply to RSET"),
+            ("quit", "quit", "the reply to QUIT"),
+        )
+    ),
+    target=ClientTimeouts,
+    build=lambda fields, at: {name: float(value) for name, value in fields.items()},
+)
+
+DELIVERY = Table(
+    (
+        Key(
+            "helo_name",
+            optionalHostname,
+            "The name given in EHLO when delivering (default: hostname).",
+            field="heloName",
+        ),
+        Key("tls", choice(*TLS_POLICIES), "When to use TLS delivering to MX hosts."),
+        Key("ca_file", caFile, "The PEM CA bundle to verify servers with.", field="caFile"),
+        Key(
+            "destination_concurrency",
+            integer(1, 10_000),
+            "The most connections to one destination at once.",
+            field="destinationConcurrency",
+        ),
+        Key(
+            "connection_cache_time",
+            nonNegativeSeconds,
+            "Seconds an idle connection is kept for the next message.",
+            field="connectionCacheTime",
+        ),
+        Key("timeouts", TIMEOUTS, "The SMTP client's time-outs.", default={}),
+    ),
+    target=DeliveryConfig,
+)
+
+#: How to talk to one SMTP or LMTP next hop: C{[smarthost]}, or an smtp or lmtp route.
+TRANSPORT = Table(
+    (
+        Key("tls", choice(*TLS_POLICIES), "When to use TLS."),
+        Key("ca_file", caFile, "The PEM CA bundle to verify the server with.", field="caFile"),
+        Key("username", userName, "The user to log in as (AUTH PLAIN or LOGIN)."),
+        Key("password", secret, "The password, written here (discouraged)."),
+        Key(
+            "password_file",
+            string,
+            "A file whose first line is the password.",
+            default="",
+        ),
+        Key(
+            "auth_without_tls",
+            boolean,
+            "Send AUTH over a connection without TLS too.",
+            field="authWithoutTLS",
+        ),
+    ),
+    target=TransportOptions,
+    check=checks.checkTransport,
+)
+
+#: An array of C{{server_name, certificate, key}} tables, for the message refusing others.
+SNI_EXAMPLE = (
+    '[{server_name = "mail.example.org", certificate = "example.org.pem", '
+    'key = "example.org.key"}]'
+)
+
+SNI_CERTIFICATES = Table(
+    (
+        Key(
+            "server_name",
+            serverName,
+            "The name the client asks for (or *. and a domain).",
+            required=f"is required in each table, as in {SNI_EXAMPLE}",
+            unique="is already given in",
+        ),
+        Key(
+            "certificate",
+            fileName,
+            "The PEM certificate chain for that name.",
+            required=f"is required in each table, as in {SNI_EXAMPLE}",
+        ),
+        Key("key", fileName, "Its PEM private key (default: the certificate's file)."),
+    ),
+    target=SNICertificate,
+    check=checks.checkSNICertificate,
+    array=True,
+    shape=f"an array of tables such as {SNI_EXAMPLE}",
+)
+
+
+_REQUIRED_ENDPOINT = (
+    f"is required in each [[listeners]] table (e.g. endpoint = {describeValue(DEFAULT_ENDPOINT)})"
+)
+
+LISTENERS = Table(
+    (
+        Key(
+            "endpoint",
+            endpoint,
+            "A Twisted server endpoint description.",
+            required=_REQUIRED_ENDPOINT,
+            unique="is already listed as",
+        ),
+        Key("bare_newline", choice(*BARE_NEWLINE_CHOICES), "What to do with a bare LF."),
+        Key("nul_bytes", choice(*BARE_NEWLINE_CHOICES), "What to do with a NUL byte."),
+        Key("add_message_id", boolean, "Add a Message-Id: field when there is none."),
+        Key("add_date", boolean, "Add a Date: field when there is none."),
+        Key("mode", choice(*LISTENER_MODES), "The listener's role."),
+        Key(
+            "tls_mode",
+            choice(*LISTENER_TLS_MODES),
+            "TLS: none, STARTTLS or from the first byte (default: from mode and certificate).",
+        ),
+        Key("tls_certificate", fileName, "The server's PEM certificate chain."),
+        Key("tls_key", fileName, "Its PEM private key (default: the certificate's file)."),
+        Key("tls_min_version", choice(*TLS_MIN_VERSIONS), "The oldest TLS version accepted."),
+        Key(
+            "tls_ciphers",
+            nonEmpty(
+                "an OpenSSL cipher string", " (leave the key out for the defaults)"
+            ),
+            "An OpenSSL cipher string choosing the TLS 1.2 ciphers.",
+        ),
+        Key("auth", boolean, "Offer SMTP AUTH (default: on submission listeners)."),
+        Key("auth_without_tls", boolean, "Offer and accept AUTH without TLS too."),
+        Key(
+            "tls_certificates",
+            SNI_CERTIFICATES,
+            "More certificates, by the name the client asks for (SNI).",
+        ),
+        Key(
+            "max_connections",
+            integer(0, 1_000_000),
+            "Connections open at once on the listener (0: no limit).",
+        ),
+        Key(
+            "max_connections_per_client",
+            integer(0, 1_000_000),
+            "Connections open at once from one client address (0: no limit).",
+        ),
+        Key(
+            "connection_rate_limit",
+            integer(0, 1_000_000_000),
+            "New connections from one client address per rate_window (0: no limit).",
+        ),
+        Key(
+            "message_rate_limit",
+            integer(0, 1_000_000_000),
+            "Messages from one client address per rate_window (0: no limit).",
+        ),
+        Key(
+            "user_message_rate_limit",
+            integer(0, 1_000_000_000),
+            "Messages from one authenticated user per rate_window (0: no limit).",
+        ),
+        Key("rate_window", seconds, "The length of the rate windows, in seconds."),
+        Key(
+            "limit_exceptions",
+            networks,
+            "Client networks exempt from the per-address limits (default: relay networks).",
+        ),
+        Key(
+            "ipv6_prefix_length",
+            integer(1, 128, span=True),
+            "IPv6 clients are counted together by network of this many bits.",
+        ),
+        Key("greet_pause", nonNegativeSeconds, "Seconds to wait before the greeting."),
+        Key(
+            "reject_unauth_pipelining",
+            boolean,
+            "Refuse commands sent ahead without PIPELINING.",
+        ),
+        Key("max_session_time", nonNegativeSeconds, "Seconds a session may last (0: no limit)."),
+        Key(
+            "min_data_rate",
+            integer(0, 1_000_000_000),
+            "Bytes per second a client must keep up while sending a message.",
+        ),
+        Key("proxy_protocol", boolean, "Connections start with a PROXY protocol header."),
+        Key("proxy_networks", networks, "The load balancers allowed to send PROXY headers."),
+    ),
+    target=ListenerConfig,
+    check=checks.checkListener,
+    array=True,
+    empty="at least one listener is needed, not an empty array []",
+)
+
+AUTH = Table(
+    (
+        Key(
+            "password_file",
+            fileName,
+            'The file of "user:hash" lines (see mailrelay-passwd).',
+            field="passwordFile",
+        ),
+        Key(
+            "checker",
+            pluginTable(
+                "is required in [auth.checker]: the name of a credentials checker plugin",
+                DEFAULT_CHECKER_TIMEOUT,
+            ),
+            "A site checker instead of the password file.",
+        ),
+        Key("mechanisms", checks.mechanisms, "The SASL mechanisms offered."),
+        Key(
+            "throttle_after",
+            integer(0, 1_000_000),
+            "Failures from one client after which each further one is answered late.",
+            field="throttleAfter",
+        ),
+        Key(
+            "failure_delay",
+            nonNegativeSeconds,
+            "How late, in seconds.",
+            field="failureDelay",
+        ),
+        Key(
+            "max_failures",
+            integer(1, 1_000_000),
+            "Failures from one client after which AUTH is refused with 421.",
+            field="maxFailures",
+        ),
+        Key(
+            "failure_window",
+            seconds,
+            "Seconds after a client's last failure when its failures are forgotten.",
+            field="failureWindow",
+        ),
+        Key(
+            "senders",
+            checks.senders,
+            "The MAIL FROM addresses and domains each user may use.",
+        ),
+    ),
+    target=AuthConfig,
+    check=checks.checkAuth,
+)
+
+ROUTES = Table(
+    (
+        Key(
+            "domain",
+            checked(parseRouteDomain),
+            'The domain routed: "example.org", ".example.org" (subdomains) or "*".',
+            required='is required in each [[routes]] table: "example.org", ".example.org" or "*"',
+            unique="is already routed by",
+        ),
+        Key("backend", string, "The backend: smtp, lmtp, maildir, discard or a site one."),
+        Key("nexthop", raw, "The backend's destination (its notation is the backend's)."),
+    ),
+    target=RouteConfig,
+    check=checks.checkRoute,
+    array=True,
+    includes=(TRANSPORT,),
+    where="key",
+)
+
+BACKENDS = pluginTable(
+    "is required in each [[backends]] table: the name of the plugin",
+    array=True,
+    name=Key(
+        "name",
+        checks.backendName,
+        "The name routes use in their backend key.",
+        required="is required in each [[backends]] table: the name routes use in their "
+        "backend key",
+        unique="is already the name of",
+    ),
+)
+
+#: The whole file.
+TOP = Table(
+    (
+        Key(
+            "hostname",
+            hostname,
+            "The relay's fully qualified host name.",
+            default=Computed(systemHostname),
+            cli=Override("hostname", "--hostname"),
+        ),
+        Key(
+            "drain_time",
+            seconds,
+            "Seconds a stopping relay waits for messages and deliveries in flight.",
+            field="drainTime",
+        ),
+        Key("spool", SPOOL, "The spool.", default={}),
+        Key("relay", RELAY, "Who may relay, and where to.", default={}),
+        Key("limits", LIMITS, "Limits of each SMTP session.", default={}),
+        Key("dns", DNS, "DNS lookups.", default={}),
+        Key("queue", QUEUE, "Retries and lifetimes.", default={}),
+        Key("delivery", DELIVERY, "How outgoing mail is delivered.", default={}),
+        Key(
+            "smarthost",
+            TRANSPORT,
+            "How to talk to the smarthost.",
+            default={},
+            field="smarthostOptions",
+        ),
+        Key(
+            "listeners",
+            LISTENERS,
+            "Where to accept SMTP connections.",
+            default=[{"endpoint": DEFAULT_ENDPOINT}],
+            cli=Override("listen", "--listen", parse=checks.cliListeners),
+        ),
+        Key(
+            "recipient_validators",
+            _plugins("recipient_validators"),
+            "Plugins deciding, in order, whether each recipient is accepted.",
+            default=[],
+            field="recipientValidators",
+        ),
+        Key(
+            "header_stampers",
+            _plugins("header_stampers"),
+            "Plugins adding header fields to each message accepted, in order.",
+            default=[{"plugin": "default"}],
+            field="headerStampers",
+        ),
+        Key("routes", ROUTES, "Where mail for some domains goes.", default=[]),
+        Key("backends", BACKENDS, "Site delivery backends (plugins).", default=[]),
+        Key("auth", AUTH, "SMTP AUTH for the listeners that offer it."),
+        Key(
+            "rate_limiter",
+            pluginTable(
+                "is required in [rate_limiter]: the name of a rate limiter plugin",
+                LIMITER_TIMEOUT,
+            ),
+            "The plugin keeping the listeners' limit counters.",
+            field="rateLimiter",
+        ),
+    ),
+    target=Config,
+    build=lambda fields, at: Config(
+        source=at.source.file, configDir=at.source.directory, **fields
+    ),
+    scope=True,
+    # Each table after those its checks read: queue after hostname, routes after backends
+    # and delivery, listeners after auth.
+    order=(
+        "hostname",
+        "drain_time",
+        "spool",
+        "relay",
+        "limits",
+        "dns",
+        "queue",
+        "delivery",
+        "smarthost",
+        "backends",
+        "routes",
+        "auth",
+        "listeners",
+        "recipient_validators",
+        "header_stampers",
+        "rate_limiter",
+    ),
+)
+
+#: The keys L{mailrelay.config.loadConfig} accepts in C{overrides}, with the command-line
+#: option each stands for.
+OVERRIDE_OPTIONS: dict[str, str] = {
+    key.cli.name: key.cli.option for _, key, _ in TOP.walk() if key.cli is not None
+}

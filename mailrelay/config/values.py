@@ -1,0 +1,642 @@
+"""One parser per type of value the configuration holds.
+
+Two kinds of function live here:
+
+  - the parsers of values with a notation of their own (networks, smarthosts, name servers,
+    LMTP servers, maildir templates, route domains, endpoints), usable anywhere: they take
+    the text and raise L{ValueError} with a message naming the value;
+  - the schema's parsers (see L{mailrelay.config.schema}): C{parse(value, at)} checks the
+    type the file gives, and raises the L{ConfigError} of C{at.error(...)}, which names the
+    file and the key.  Integers and seconds have upper bounds (L{SECONDS_MAXIMUM}; each
+    integer key gives its own), so that a typo or an overflow is refused at start-up rather
+    than believed.
+
+A value module: it imports only the values (L{mailrelay.address}, L{mailrelay.errors},
+L{mailrelay.config.schema}), so that the stages may use it for their plugins' options.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mailrelay.address import (
+    hostnameProblem,
+    normaliseDomain,
+    normaliseHostname,
+    parseForwardPath,
+)
+from mailrelay.config.schema import At, Parser
+from mailrelay.errors import describeValue
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+T = TypeVar("T")
+
+DEFAULT_SMTP_PORT = 25
+DEFAULT_DNS_PORT = 53
+#: The fields a C{maildir} route's directory template may use.
+MAILDIR_FIELDS = ("local", "domain", "address")
+#: The largest setting in seconds: beyond any sane one, and small enough that a time that far
+#: ahead (a message's arrival plus queue.max_lifetime) is still a date.
+SECONDS_MAXIMUM = 10**9
+
+_DIGITS = re.compile(r"[0-9]+\Z")
+_TEMPLATE_FIELD = re.compile(r"\{([^{}/]*)\}")
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN (?:TRUSTED )?CERTIFICATE-----")
+
+
+@dataclass(frozen=True)
+class Smarthost:
+    """Where all outgoing mail goes instead of to the recipients' MX hosts.
+
+    @ivar host: a lower-case host name (no trailing dot) or an IP address (IPv6 without brackets).
+    @ivar port: the TCP port.
+    @ivar mxLookup: C{True} when C{host} is a domain whose MX records are looked up
+        (written without brackets); C{False} for C{"[host]"} (Postfix's relayhost convention:
+        connect to the host's own addresses) and for IP addresses.
+    """
+
+    host: str
+    port: int = DEFAULT_SMTP_PORT
+    mxLookup: bool = True
+
+    def __str__(self) -> str:
+        if self.mxLookup:
+            text = self.host
+        else:
+            text = f"[{self.host}]"
+        if self.port != DEFAULT_SMTP_PORT or not self.mxLookup:
+            text += f":{self.port}"
+        return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing single values (usable on their own: they raise ValueError).  The next hops', name
+# servers' and route domains' parsers give way to route/nexthop.py's: keys.py and checks.py
+# call each through checked(...) in one line.
+
+
+def parseNetwork(text: str) -> IPNetwork:
+    """Parse an IP network: C{"192.0.2.0/24"}, C{"2001:db8::/32"}, or a bare address (C{/32},
+    C{/128}).
+
+    @raise ValueError: not a network, or host bits set (C{"10.0.0.1/8"}); the message names
+        the value.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"must be an IP network as a string, not {describeValue(text)}")
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError as e:
+        try:
+            loose = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise ValueError(
+                f"{describeValue(text)} is not an IP address or network "
+                f'(such as "192.0.2.0/24", "2001:db8::/32" or "192.0.2.1"): {e}'
+            ) from None
+        raise ValueError(
+            f"{describeValue(text)} has host bits set; did you mean {describeValue(str(loose))}?"
+        ) from None
+
+
+def _parseServer(text: str, what: str, hint: str) -> tuple[str, int | None, bool, bool]:
+    """Split C{"host"}, C{"host:port"}, C{"[host]"} or C{"[host]:port"} and check the parts.
+
+    @param what: what C{text} is, for messages (C{"smarthost"}).
+    @param hint: the notations allowed, for messages.
+    @return: the host (lower case, no trailing dot; an IP address in canonical form, IPv6
+        without brackets), the port or C{None}, whether the host was in brackets and whether it
+        is an IP address.
+    @raise ValueError: C{"<text> is not a valid <what>: <reason> <hint>"}.
+    """
+
+    def bad(reason: str) -> ValueError:
+        return ValueError(f"{describeValue(text)} is not a valid {what}: {reason} {hint}")
+
+    portText: str | None
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise bad('"[" without "]"')
+        host = text[1:close]
+        rest = text[close + 1 :]
+        bracketed = True
+        if not rest:
+            portText = None
+        elif rest.startswith(":"):
+            portText = rest[1:]
+        else:
+            raise bad(f'unexpected {describeValue(rest)} after "]"')
+    else:
+        if text.count(":") > 1:
+            raise bad("an IPv6 address must be written in brackets")
+        host, colon, portText = text.partition(":")
+        if not colon:
+            portText = None
+        bracketed = False
+
+    port = None
+    if portText is not None:
+        if not _DIGITS.match(portText):
+            raise bad(f"the port must be a number from 1 to 65535, not {describeValue(portText)}")
+        port = int(portText)
+        if not 1 <= port <= 65535:
+            raise bad(f"the port must be from 1 to 65535, not {port}")
+    if not host:
+        raise bad("the host is missing")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return str(address), port, bracketed, True
+    problem = hostnameProblem(host)
+    if problem:
+        raise bad(problem)
+    return host.rstrip(".").lower() if host.endswith(".") else host.lower(), port, bracketed, False
+
+
+def parseSmarthost(text: str) -> Smarthost:
+    """Parse a smarthost: C{"host"}, C{"host:port"}, C{"[host]"}, C{"[host]:port"},
+    C{"192.0.2.1:2525"}, C{"[2001:db8::1]:2525"}.
+
+    Brackets mean "no MX lookup" (Postfix's relayhost convention); an IP address is never
+    looked up.  The port defaults to 25.
+
+    @raise ValueError: the message names the value and says what is wrong.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"must be a smarthost as a string, not {describeValue(text)}")
+    host, port, bracketed, isAddress = _parseServer(
+        text, "smarthost", '(use "host", "host:port", "[host]:port" or "[2001:db8::1]:port")'
+    )
+    return Smarthost(
+        host,
+        DEFAULT_SMTP_PORT if port is None else port,
+        mxLookup=not (bracketed or isAddress),
+    )
+
+
+def parseNameserver(text: str) -> tuple[str, int]:
+    """Parse a DNS resolver's address: C{"192.0.2.1"}, C{"127.0.0.1:5353"}, C{"::1"},
+    C{"[::1]:53"}.  The port defaults to 53.
+
+    @return: C{(address, port)}, the address in its canonical form (IPv6 without brackets).
+    @raise ValueError: not an IP address with an optional port (host names are refused: a
+        resolver cannot be found by name); the message names the value.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"must be a name server address as a string, not {describeValue(text)}")
+    try:
+        return str(ipaddress.ip_address(text)), DEFAULT_DNS_PORT
+    except ValueError:
+        pass
+    hint = '(use "192.0.2.1", "127.0.0.1:5353" or "[2001:db8::1]:53")'
+    host, port, _, isAddress = _parseServer(text, "name server", hint)
+    if not isAddress:
+        raise ValueError(
+            f"{describeValue(text)} is not a valid name server: {describeValue(host)} is not "
+            f"an IP address (a name server is given by its address, not its name) {hint}"
+        )
+    return host, DEFAULT_DNS_PORT if port is None else port
+
+
+def parseLMTPNexthop(text: str) -> str:
+    """Parse an LMTP server: C{"host:port"}, C{"[host]:port"}, C{"[2001:db8::1]:port"} or
+    C{"unix:/path/to/socket"}.
+
+    The port is required (LMTP has no standard port).  An LMTP server's host is never looked
+    up by MX, so brackets around a host name change nothing.
+
+    @return: the canonical form: C{"host:port"} (host name in lower case, IPv4 address),
+        C{"[IPv6]:port"} or C{"unix:/normalised/path"}.
+    @raise ValueError: the message names the value and says what is wrong.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"must be an LMTP server as a string, not {describeValue(text)}")
+    hint = '(use "host:port", "[host]:port", "[2001:db8::1]:port" or "unix:/path/to/socket")'
+    if text.startswith("unix:"):
+        path = text[len("unix:"):]
+        if not path.startswith("/"):
+            raise ValueError(
+                f"{describeValue(text)} is not a valid LMTP server: the socket path after "
+                f'"unix:" must be absolute (start with "/") {hint}'
+            )
+        return "unix:" + os.path.normpath(path)
+    host, port, _, _ = _parseServer(text, "LMTP server", hint)
+    if port is None:
+        raise ValueError(
+            f"{describeValue(text)} is not a valid LMTP server: the port is missing "
+            f"(LMTP has no default port) {hint}"
+        )
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+def checkMaildirTemplate(text: str) -> None:
+    """Check a maildir directory template: a non-empty path in which C{{local}},
+    C{{domain}} and C{{address}} stand for the recipient's local part, domain and address.
+
+    The maildir backend replaces those three placeholders and leaves every other character as
+    it is; any other C{{...}} (C{{user}}, C{{Local}}, C{{}}) is refused here as a likely
+    mistake.
+
+    @raise ValueError: the message names the value and says what is wrong.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"must be a directory template (a string), not {describeValue(text)}")
+    if not text:
+        raise ValueError("must be a directory template, not an empty string")
+    for match in _TEMPLATE_FIELD.finditer(text):
+        if match.group(1) not in MAILDIR_FIELDS:
+            allowed = ", ".join("{" + name + "}" for name in MAILDIR_FIELDS)
+            raise ValueError(
+                f"{describeValue(text)} is not a valid directory template: unknown placeholder "
+                f"{describeValue(match.group(0))} (the placeholders are {allowed})"
+            )
+
+
+def checkEndpoint(text: str) -> None:
+    """Check that Twisted can parse C{text} as a server endpoint description.
+
+    The endpoint is built without a reactor and never listens.
+
+    @raise ValueError: the message names the value and gives Twisted's complaint.
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    if not isinstance(text, str):
+        raise ValueError(f"must be an endpoint string, not {describeValue(text)}")
+    hint = '(e.g. "tcp:2525:interface=127.0.0.1", "tcp6:25:interface=\\:\\:1", "unix:/run/x.sock")'
+    try:
+        endpoint = serverFromString(None, text)
+    except (ValueError, TypeError, KeyError, IndexError, OSError) as e:
+        raise ValueError(
+            f"{describeValue(text)} is not a valid server endpoint {hint}: {e}"
+        ) from None
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        raise ValueError(
+            f"{describeValue(text)} is not a valid server endpoint: "
+            f"port {port} is not from 0 to 65535"
+        )
+
+
+def spoolDirectoryProblem(path: Path) -> str | None:
+    """Why C{path} cannot serve as the spool directory, or C{None} if it can.
+
+    An existing directory must be writable and searchable; a missing one must be creatable:
+    its nearest existing ancestor must be a writable, searchable directory.
+    """
+    where = describeValue(str(path))
+    try:
+        if path.exists():
+            if not path.is_dir():
+                return f"{where} exists but is not a directory"
+            if not os.access(path, os.W_OK | os.X_OK):
+                return f"directory {where} is not writable (it needs write and search permission)"
+            return None
+        if os.path.lexists(path):
+            return f"{where} is a dangling symbolic link"
+        ancestor = path.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            return f"cannot create {where}: {describeValue(str(ancestor))} is not a directory"
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            return (
+                f"cannot create {where}: its parent {describeValue(str(ancestor))} "
+                "is not writable"
+            )
+    except OSError as e:
+        return f"cannot use {where}: {e.strerror or e}"
+    return None
+
+
+
+def domainProblem(error: ValueError) -> str:
+    """The text of a domain error, without the SMTP reply code an C{AddressError} carries."""
+    reply = getattr(error, "reply", None)
+    text = getattr(reply, "text", None)
+    if not isinstance(text, str):
+        return str(error)
+    return text.removeprefix("Error: ")
+
+
+def parseRouteDomain(text: str) -> str:
+    """Parse a route's domain: C{"*"} (every domain), C{".example.org"} (the subdomains of
+    example.org) or C{"example.org"}, normalised (lower case, A-labels, no trailing dot).
+
+    @raise ValueError: the message names the value and says what is wrong.
+    """
+    if text == "*":
+        return text
+    hint = (
+        ' (a route\'s domain is "example.org" for that domain, ".example.org" for its '
+        'subdomains or "*" for every domain)'
+    )
+    subdomains = text.startswith(".")
+    try:
+        if subdomains and text[1:2] == "[":
+            raise ValueError("an address literal has no subdomains")
+        domain = normaliseDomain(text[1:] if subdomains else text)
+    except ValueError as e:
+        raise ValueError(
+            f"{describeValue(text)} is not a valid domain: {domainProblem(e)}{hint}"
+        ) from None
+    return "." + domain if subdomains else domain
+
+
+# ---------------------------------------------------------------------------------------------
+# The schema's parsers: parse(value, at) raises at.error(...)
+
+
+def checked(parse: Callable[[str], T]) -> Callable[[Any, At], T]:
+    """The schema's parser of a string read by C{parse}, which raises L{ValueError}."""
+
+    def checkedParse(value: Any, at: At) -> T:
+        text = string(value, at)
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise at.error(str(e)) from None
+
+    return checkedParse
+
+
+def raw(value: Any, at: At) -> Any:
+    """The value as the file gives it, for the table's check to read."""
+    return value
+
+
+def string(value: Any, at: At) -> str:
+    """A string."""
+    if not isinstance(value, str):
+        raise at.error(f"must be a string, not {describeValue(value)}")
+    return value
+
+
+def nonEmpty(what: str, hint: str = "") -> Parser:
+    """A string that is not empty: C{what} it is (C{"a plugin name"}), for the message
+    refusing C{""}, and C{hint}, said after it."""
+
+    def parse(value: Any, at: At) -> str:
+        text = string(value, at)
+        if not text:
+            raise at.error(f"must be {what}, not an empty string{hint}")
+        return text
+
+    return parse
+
+
+def boolean(value: Any, at: At) -> bool:
+    """C{true} or C{false}."""
+    if not isinstance(value, bool):
+        raise at.error(f"must be true or false, not {describeValue(value)}")
+    return value
+
+
+def integer(minimum: int, maximum: int, reason: str = "", *, span: bool = False) -> Parser:
+    """An integer (not a boolean) from C{minimum} to C{maximum}.
+
+    @param reason: why the maximum, said after it (C{" (20 digits, RFC 1870)"}).
+    @param span: say "an integer from C{minimum} to C{maximum}" in every message, instead of
+        "a positive integer" (or "an integer >= 0") and, when too large, its maximum.
+    """
+    if span:
+        what = f"an integer from {minimum} to {maximum}"
+    else:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+
+    def parse(value: Any, at: At) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise at.error(f"must be {what}, not {describeValue(value)}")
+        if value > maximum:
+            if span:
+                raise at.error(f"must be {what}, not {describeValue(value)}")
+            raise at.error(
+                f"must be {what} no larger than {maximum}{reason}, not {describeValue(value)}"
+            )
+        return value
+
+    return parse
+
+
+def _seconds(value: Any, at: At, what: str, zero: bool) -> float:
+    """A finite number (integer or float, not boolean) from 0 (or above it) to
+    L{SECONDS_MAXIMUM}, as a float."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+        or (value == 0 and not zero)
+    ):
+        raise at.error(f"must be {what}, not {describeValue(value)}")
+    if value > SECONDS_MAXIMUM:
+        raise at.error(
+            f"must be {what} no larger than {SECONDS_MAXIMUM} (about 31 years), "
+            f"not {describeValue(value)}"
+        )
+    return float(value)
+
+
+def seconds(value: Any, at: At) -> float:
+    """A number of seconds greater than zero."""
+    return _seconds(value, at, "a positive number of seconds", zero=False)
+
+
+def nonNegativeSeconds(value: Any, at: At) -> float:
+    """A number of seconds, zero included."""
+    return _seconds(value, at, "a number of seconds >= 0", zero=True)
+
+
+def choice(*choices: str) -> Parser:
+    """One of C{choices}."""
+    listed = ", ".join(describeValue(c) for c in choices[:-1])
+
+    def parse(value: Any, at: At) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise at.error(
+                f"must be {listed} or {describeValue(choices[-1])}, not {describeValue(value)}"
+            )
+        return value
+
+    return parse
+
+
+def stringList(value: Any, at: At) -> list[tuple[At, str]]:
+    """An array of strings, as C{(where, string)} pairs; a command-line option given as one
+    string is a list of one."""
+    if isinstance(value, str) and at.cli:
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise at.error(f"must be an array of strings, not {describeValue(value)}")
+    return [(at.item(index), string(item, at.item(index))) for index, item in enumerate(value)]
+
+
+def fileName(value: Any, at: At) -> str:
+    """A file's name, as an absolute path."""
+    return at.path(nonEmpty("a file name")(value, at))
+
+
+#: A host name for this relay, normalised.
+hostname = checked(normaliseHostname)
+
+
+def optionalHostname(value: Any, at: At) -> str | None:
+    """A host name, or C{""} for none (C{None})."""
+    return hostname(value, at) if string(value, at) else None
+
+
+def systemHostname(at: At) -> str:
+    """The system's host name (the default of C{hostname})."""
+    fqdn = socket.getfqdn()
+    try:
+        return normaliseHostname(fqdn)
+    except ValueError as e:
+        raise at.error(
+            f"the system's name from socket.getfqdn() will not do: {e}; "
+            "set hostname in the configuration file or use --hostname"
+        ) from None
+
+
+def networks(value: Any, at: At) -> tuple[IPNetwork, ...]:
+    """An array of IP networks (see L{parseNetwork})."""
+    return tuple(checked(parseNetwork)(text, where) for where, text in stringList(value, at))
+
+
+def domains(value: Any, at: At) -> tuple[str, ...]:
+    """An array of domains, normalised and without duplicates."""
+    result: list[str] = []
+    for where, text in stringList(value, at):
+        try:
+            domain = normaliseDomain(text)
+        except ValueError as e:
+            raise where.error(
+                f"{describeValue(text)} is not a valid domain: {domainProblem(e)}"
+            ) from None
+        if domain not in result:
+            result.append(domain)
+    return tuple(result)
+
+
+def endpoint(value: Any, at: At) -> str:
+    """A server endpoint description Twisted can parse (see L{checkEndpoint})."""
+    text = string(value, at)
+    checked(checkEndpoint)(text, at)
+    return text
+
+
+def spoolDirectory(value: Any, at: At) -> Path:
+    """The spool directory, which must be usable (see L{spoolDirectoryProblem})."""
+    text = nonEmpty("a directory path")(value, at)
+    path = Path(at.path(text))
+    problem = spoolDirectoryProblem(path)
+    if problem:
+        raise at.error(f"unusable spool directory: {problem}")
+    return path
+
+
+def defaultSpoolDirectory(text: str) -> Callable[[At], Path]:
+    """The default of the spool directory: C{text}, relative to the current directory."""
+    return lambda at: spoolDirectory(text, replace(at, base=at.source.cwd))
+
+
+def _readBytes(path: str, what: str, at: At) -> bytes:
+    """The bytes of the file C{path}, which holds C{what} (for the message when it cannot be
+    read)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise at.error(f"cannot read {what} {describeValue(path)}: {e.strerror or e}") from None
+
+
+def caFile(value: Any, at: At) -> str | None:
+    """A PEM CA bundle: C{None} for C{""}, else the absolute path of a readable file holding
+    at least one PEM certificate."""
+    text = string(value, at)
+    if text == "":
+        return None
+    path = at.path(text)
+    data = _readBytes(path, "the CA file", at)
+    if not _PEM_CERTIFICATE.search(data):
+        raise at.error(
+            f"the CA file {describeValue(path)} holds no PEM certificate "
+            '(no "-----BEGIN CERTIFICATE-----" line)'
+        )
+    return path
+
+
+def secretFile(value: Any, at: At) -> str:
+    """The secret in the file named by C{value}: its first line, without the line end.  The
+    secret itself never appears in messages."""
+    path = at.path(string(value, at))
+    data = _readBytes(path, "the password file", at)
+    try:
+        decoded = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise at.error(f"the password file {describeValue(path)} is not UTF-8 text") from None
+    password = decoded.split("\n", 1)[0].removesuffix("\r")
+    if not password:
+        what = "is empty" if not decoded else "has an empty first line"
+        raise at.error(
+            f"the password file {describeValue(path)} {what} (its first line is the password)"
+        )
+    if "\0" in password:
+        raise at.error(f"the password in {describeValue(path)} contains a NUL character")
+    return password
+
+
+def secret(value: Any, at: At) -> str | None:
+    """A password written in the file (C{""}: none), never shown in messages."""
+    if not isinstance(value, str):
+        raise at.error("must be a string (the value is not shown here)")
+    if "\0" in value:
+        raise at.error("contains a NUL character (the value is not shown here)")
+    return value or None
+
+
+def userName(value: Any, at: At) -> str | None:
+    """A user name to log in with (C{""}: none)."""
+    text = string(value, at)
+    if "\0" in text:
+        raise at.error(f"{describeValue(text)} contains a NUL character")
+    return text or None
+
+
+def serverName(value: Any, at: At) -> str:
+    """A name a TLS client may ask for: a host name, or C{"*."} and a domain, in lower case
+    without a trailing dot."""
+    text = string(value, at)
+    name = text.lower().rstrip(".")
+    problem = hostnameProblem(name[2:] if name.startswith("*.") else name)
+    if problem:
+        raise at.error(
+            f'{describeValue(text)} is not a host name (or "*." and a domain): {problem}'
+        )
+    return name
+
+
+def postmaster(value: Any, at: At) -> str | None:
+    """A mailbox (C{""}: none); a bare C{postmaster} is postmaster at the relay's host name
+    (C{hostname}, read before)."""
+    text = string(value, at)
+    if not text:
+        return None
+    try:
+        return str(parseForwardPath(f"<{text}>", postmasterDomain=at.scope["hostname"]))
+    except ValueError as e:
+        raise at.error(
+            f"{describeValue(text)} is not a valid address: {domainProblem(e)}"
+        ) from None
