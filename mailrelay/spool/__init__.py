@@ -42,6 +42,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from mailrelay.envelope import Envelope
+from mailrelay.errors import CorruptEntry, SpoolError
 
 log = Logger()
 
@@ -131,30 +132,6 @@ class _SpillFile:
         self._chunks = []
         if self._file is not None:
             self._file.close()
-
-
-class SpoolError(Exception):
-    """A write, fsync, rename or space failure in the spool.
-
-    C{str()} says what failed and the path involved.
-
-    @ivar path: the path the failure concerns, or C{None}.
-    @ivar queueID: the queue id of the message concerned, or C{None}.
-    """
-
-    def __init__(
-        self, message: str, *, path: Path | str | None = None, queueID: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.path = path
-        self.queueID = queueID
-
-
-class CorruptEntry(SpoolError):
-    """A committed entry is damaged: its envelope is empty, truncated or invalid, or its
-    message file is missing or not of the size the envelope records.  Commits are atomic, so
-    only something outside mailrelay (a disk error, an operator's editor, a bad restore) can
-    leave one; trying again will not mend it (see L{Spool.quarantine})."""
 
 
 def _osError(what: str, path: Path | str, exc: BaseException, queueID: str | None) -> SpoolError:
