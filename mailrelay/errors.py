@@ -72,6 +72,11 @@ class CorruptEntry(SpoolError):
     leave one; trying again will not mend it (see L{mailrelay.spool.Spool.quarantine})."""
 
 
+
+class EntryGone(SpoolError):
+    """There is no committed entry of that queue id (any more): it was removed, or never
+    committed.  Nothing to deliver and nothing to repair."""
+
 # -- describing values and keys in messages
 
 

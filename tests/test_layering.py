@@ -75,8 +75,7 @@ KNOWN = {
     # The intake (cleanup/) will open and commit spool entries through ISpool.
     "mailrelay.receive.protocol -> mailrelay.cleanup.stamping",
     "mailrelay.receive.protocol -> mailrelay.spool",
-    # DSNs will enter the spool through the intake; the queue will use ISpool.
-    "mailrelay.queue -> mailrelay.spool",
+    # DSNs will enter the spool through the intake.
     "mailrelay.queue.dsn -> mailrelay.cleanup.stamping",
     # The dropin will define the built-in plugin objects itself.
     "twisted.plugins.mailrelay_plugin -> mailrelay.policy.validators",

@@ -24,7 +24,8 @@ from mailrelay.bounce import POSTMASTER_SOURCE
 from mailrelay.envelope import BOUNCED, DELIVERED, PENDING, ClientInfo, Envelope, Recipient
 from mailrelay.interfaces import DeliveryStatus, RecipientResult, Route, RouteOptions
 from mailrelay.queue import QueueManager, QueuePolicy, backoff
-from mailrelay.spool import CorruptEntry, Spool, SpoolError, newQueueID
+from mailrelay.errors import CorruptEntry, SpoolError
+from mailrelay.spool import Spool, newQueueID
 
 HOST = "relay.test"
 START = 1_700_000_000.0
@@ -771,7 +772,7 @@ def test_bounceCommitFailureKeepsRecipientPending(
     realOpen = spool.openMessage
     failures = [SpoolError("no space")]
 
-    def openMessage(queueID: str) -> Any:
+    def openMessage(queueID: str | None = None) -> Any:
         if failures:
             raise failures.pop()
         return realOpen(queueID)

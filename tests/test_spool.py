@@ -17,10 +17,14 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
 
 from mailrelay import spool as spoolModule
 from mailrelay.envelope import DELIVERED, ClientInfo, Envelope, Recipient
-from mailrelay.spool import CorruptEntry, MessageWriter, Spool, SpoolError, isQueueID, newQueueID
+from mailrelay.errors import CorruptEntry, EntryGone, SpoolError
+from mailrelay.interfaces import IMessageWriter, ISpool
+from mailrelay.spool import MessageWriter, Spool, isQueueID, newQueueID
+from mailrelay.spool.memory import MemorySpool
 
 QUEUE_ID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{20}$")
 MESSAGE = b"Received: from client\r\nSubject: hi\r\n\r\nbody line 1\r\n.dotted\r\n"
@@ -653,8 +657,14 @@ def test_updateEnvelopeOfMissingEntry(spool: Spool, spoolDir: Path) -> None:
 
 
 def test_loadEnvelopeErrors(spool: Spool, spoolDir: Path) -> None:
-    with pytest.raises(SpoolError):
+    with pytest.raises(EntryGone):
         spool.loadEnvelope(newQueueID())
+    unreadable = newQueueID()
+    (spoolDir / "queue" / f"{unreadable}.json").mkdir()  # not gone, but cannot be read
+    with pytest.raises(SpoolError, match="reading envelope") as raised:
+        spool.loadEnvelope(unreadable)
+    assert not isinstance(raised.value, (EntryGone, CorruptEntry))
+    (spoolDir / "queue" / f"{unreadable}.json").rmdir()
     qid, _ = committed(spool)
     (spoolDir / "queue" / f"{qid}.json").write_bytes(b'{"version": 99}')
     with pytest.raises(CorruptEntry, match="is not a valid envelope: unsupported envelope version 99"):
@@ -1034,3 +1044,85 @@ def test_joiningProcessDoesNotRecover(spoolDir: Path, clock: Clock, events: list
         assert not [e for e in events if "recovery" in e.get("log_format", "")]
     finally:
         joiner.stop()
+
+
+# --- the ISpool contract, for the spool and the one in memory ---------------------------------
+
+
+@pytest.fixture(params=["Spool", "MemorySpool"])
+def anySpool(request: Any, spoolDir: Path, clock: Clock, tmp_path: Path) -> Any:
+    if request.param == "MemorySpool":
+        yield MemorySpool(tmp_path / "messages")
+        return
+    s = Spool(spoolDir, reactor=clock, deferToThread=syncDeferToThread)
+    s.start()
+    yield s
+    s.stop()
+
+
+def test_bothProvideISpool(anySpool: Any) -> None:
+    assert verifyObject(ISpool, anySpool)
+    writer = anySpool.openMessage()
+    assert verifyObject(IMessageWriter, writer)
+    writer.abort()
+
+
+def test_contractCommitLoadUpdateRemove(anySpool: Any) -> None:
+    writer = anySpool.openMessage()
+    assert isQueueID(writer.queueID)
+    writer.write(MESSAGE[:10])
+    writer.write(MESSAGE[10:])
+    assert writer.size == len(MESSAGE)
+    envelope = makeEnvelope(writer.queueID)
+    envelope.messageSize = 0
+    assert anySpool.queueIDs() == []
+    resultOf(writer.commit(envelope))
+    assert envelope.messageSize == len(MESSAGE)
+    assert anySpool.queueIDs() == [writer.queueID]
+    assert anySpool.messagePath(writer.queueID).read_bytes() == MESSAGE
+    loaded = anySpool.loadEnvelope(writer.queueID)
+    assert loaded == envelope and loaded is not envelope
+    loaded.recipients[0].state = DELIVERED
+    assert anySpool.loadEnvelope(writer.queueID).recipients[0].state != DELIVERED
+    resultOf(anySpool.updateEnvelope(loaded))
+    assert anySpool.loadEnvelope(writer.queueID) == loaded
+    resultOf(anySpool.remove(writer.queueID))
+    resultOf(anySpool.remove(writer.queueID))  # already gone: fine
+    assert anySpool.queueIDs() == []
+    with pytest.raises(EntryGone):
+        anySpool.loadEnvelope(writer.queueID)
+    failureOf(anySpool.updateEnvelope(loaded), SpoolError)
+    with pytest.raises(ValueError):
+        anySpool.loadEnvelope("../etc/passwd")
+
+
+def test_contractAbortAndRefusals(anySpool: Any) -> None:
+    writer = anySpool.openMessage()
+    writer.write(MESSAGE)
+    writer.abort()
+    writer.abort()
+    failureOf(writer.commit(makeEnvelope(writer.queueID)), SpoolError)
+    assert anySpool.queueIDs() == []
+    other = anySpool.openMessage()
+    failureOf(other.commit(makeEnvelope(newQueueID())), SpoolError)  # not its id
+    assert anySpool.queueIDs() == []
+    given = newQueueID()
+    assert anySpool.openMessage(given).queueID == given  # an id allocated by the caller
+
+
+def test_contractQuarantine(anySpool: Any) -> None:
+    writer = anySpool.openMessage()
+    writer.write(MESSAGE)
+    resultOf(writer.commit(makeEnvelope(writer.queueID)))
+    assert isinstance(resultOf(anySpool.quarantine(writer.queueID, "damaged")), list)
+    assert anySpool.queueIDs() == []
+    failureOf(anySpool.quarantine(writer.queueID, "again"), SpoolError)
+
+
+def test_memorySpoolWithoutDirectoryHasNoPaths() -> None:
+    spool = MemorySpool()
+    writer = spool.openMessage()
+    resultOf(writer.commit(makeEnvelope(writer.queueID)))
+    with pytest.raises(SpoolError, match="no directory"):
+        spool.messagePath(writer.queueID)
+    assert spool.messages() == [b""]

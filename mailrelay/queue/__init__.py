@@ -4,8 +4,8 @@ Like Postfix's qmgr.  Every committed spool entry is scheduled by its due time; 
 number of messages is I{active} (envelope loaded, deliveries running) at once, the rest are
 only a C{(due time, queue id)} pair in a heap.  One reactor timer is armed for the earliest due
 entry.  Everything runs on the reactor thread; the only blocking calls are the small reads of
-envelopes (L{Spool.loadEnvelope}, with a stat of the message) and of the original's header
-section for notifications.  A damaged entry (L{mailrelay.spool.CorruptEntry}) is moved to the
+envelopes (L{ISpool.loadEnvelope}, with a stat of the message) and of the original's header
+section for notifications.  A damaged entry (L{mailrelay.errors.CorruptEntry}) is moved to the
 spool's C{corrupt/}, never retried.
 
 One delivery attempt of an active message:
@@ -28,8 +28,8 @@ grepping one id shows the message's whole life (Postfix style).
 The package (this module until it is split, L{mailrelay.queue.dsn}: the notifications'
 content, L{mailrelay.queue.lock}: one queue manager per spool) may import the values
 (L{mailrelay.interfaces}, L{mailrelay.envelope}, L{mailrelay.errors}, L{mailrelay.address})
-and L{mailrelay.smtp}; its imports of L{mailrelay.spool} and L{mailrelay.cleanup} are to go
-(C{tests/test_layering.py} lists them).
+and L{mailrelay.smtp}; it reaches the spool only through L{ISpool}.  Its import of
+L{mailrelay.cleanup} is to go (C{tests/test_layering.py} lists it).
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailrelay.envelope import BOUNCED, DELIVERED, PENDING, Envelope, Recipient
-from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, RecipientResult, Route
+from mailrelay.errors import CorruptEntry, EntryGone, SpoolError
+from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, ISpool, RecipientResult, Route
 from mailrelay.queue.dsn import buildDSN, dsnEnvelope, isPostmasterNotice
-from mailrelay.spool import CorruptEntry, SpoolError, newQueueID
 
 log = Logger()
 
@@ -191,7 +191,7 @@ class QueueManager(Service):
 
     def __init__(
         self,
-        spool: Any,
+        spool: ISpool,
         router: Any,
         backends: Mapping[str, IDeliveryBackend],
         clock: Any,
@@ -202,7 +202,7 @@ class QueueManager(Service):
         lock: Any = None,
     ) -> None:
         """
-        @param spool: a started L{mailrelay.spool.Spool} (by the time L{startService} runs).
+        @param spool: an L{ISpool}, started by the time L{startService} runs.
         @param router: an L{IRouter}.
         @param backends: the delivery backends by name (L{Route.backend}).
         @param clock: provides C{seconds()} and C{callLater()} (the reactor).
@@ -456,21 +456,20 @@ class QueueManager(Service):
         except ValueError as e:  # not a queue id (SpoolError is no ValueError)
             log.error("{queueID}: cannot deliver: {error}", queueID=queueID, error=str(e))
             return False
+        except EntryGone:
+            log.info("{queueID}: no longer in the spool", queueID=queueID)
+            return False
         except CorruptEntry as e:
             self._quarantine(queueID, str(e))
             return False
         except SpoolError as e:
-            # The envelope is queue/<ID>.json beside the message (see mailrelay.spool).
-            if not self.spool.messagePath(queueID).with_suffix(".json").exists():
-                log.info("{queueID}: no longer in the spool", queueID=queueID)
-            else:
-                log.error(
-                    "{queueID}: cannot load envelope: {error}; retrying in {delay:.0f}s",
-                    queueID=queueID,
-                    error=str(e),
-                    delay=self.policy.maxBackoff,
-                )
-                self._schedule(queueID, now + self.policy.maxBackoff)
+            log.error(
+                "{queueID}: cannot load envelope: {error}; retrying in {delay:.0f}s",
+                queueID=queueID,
+                error=str(e),
+                delay=self.policy.maxBackoff,
+            )
+            self._schedule(queueID, now + self.policy.maxBackoff)
             return False
         except Exception:
             log.failure("{queueID}: cannot load envelope; retrying later", queueID=queueID)
@@ -960,7 +959,6 @@ class QueueManager(Service):
     ) -> str | None:
         """Build, write and commit one notification; its queue id, or C{None} on failure."""
         policy = self.policy
-        dsnID = newQueueID()
         lifetime = policy.bounceLifetime if envelope.isBounce else policy.maxLifetime
         arrival = envelope.arrival if envelope.arrival is not None else now
         writer = None
@@ -977,6 +975,8 @@ class QueueManager(Service):
                 willRetryUntil=arrival + lifetime,
                 to=notice.to,
             )
+            writer = self.spool.openMessage()
+            dsnID = writer.queueID
             dsn = dsnEnvelope(
                 envelope,
                 to=notice.to,
@@ -986,7 +986,6 @@ class QueueManager(Service):
                 message=message,
                 postmasterNotice=notice.postmaster,
             )
-            writer = self.spool.openMessage(dsnID)
             writer.write(message)
             await writer.commit(dsn)
         except Exception as e:

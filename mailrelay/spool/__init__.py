@@ -40,13 +40,23 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
 from mailrelay.envelope import Envelope
-from mailrelay.errors import CorruptEntry, SpoolError
+from mailrelay.errors import CorruptEntry, EntryGone, SpoolError
+from mailrelay.interfaces import IMessageWriter, ISpool
 
 log = Logger()
 
-__all__ = ["SpoolError", "CorruptEntry", "Spool", "MessageWriter", "newQueueID", "isQueueID"]
+__all__ = [
+    "CorruptEntry",
+    "EntryGone",
+    "MessageWriter",
+    "Spool",
+    "SpoolError",
+    "isQueueID",
+    "newQueueID",
+]
 
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
@@ -516,6 +526,7 @@ _FAILED = "failed"
 _ABORTED = "aborted"
 
 
+@implementer(IMessageWriter)
 class MessageWriter:
     """Writes one message to C{tmp/<ID>.eml}; made by L{Spool.openMessage}.
 
@@ -654,6 +665,7 @@ class MessageWriter:
 # Spool
 
 
+@implementer(ISpool)
 class Spool:
     """The spool directory: recovery at start-up, message writers, and the group committer.
 
@@ -991,15 +1003,20 @@ class Spool:
         """Read the envelope of the committed entry C{queueID}, and check that its message
         file has the size the envelope records (C{messageSize}; 0: not recorded).
 
+        @raise EntryGone: there is no such entry (any more).
         @raise CorruptEntry: the envelope is not valid, or the message file is missing or of
             another size (see L{quarantine}).
-        @raise SpoolError: the files cannot be read (the entry may be gone).
+        @raise SpoolError: the files cannot be read.
         """
         self._checkID(queueID)
         path = self._queueDir / f"{queueID}.json"
         try:
             with open(path, "rb") as f:
                 data = f.read()
+        except FileNotFoundError:
+            raise EntryGone(
+                f"no queue entry {queueID} ({path})", path=path, queueID=queueID
+            ) from None
         except OSError as e:
             raise _osError("reading envelope", path, e, queueID) from None
         try:
@@ -1012,7 +1029,9 @@ class Spool:
             size = os.stat(message).st_size
         except FileNotFoundError as e:
             if not os.path.lexists(path):  # the whole entry was removed meanwhile
-                raise _osError("checking", message, e, queueID) from None
+                raise EntryGone(
+                    f"no queue entry {queueID} ({path})", path=path, queueID=queueID
+                ) from None
             raise CorruptEntry(
                 f"message file {message} is missing", path=message, queueID=queueID
             ) from None
@@ -1084,12 +1103,15 @@ class Spool:
         if not self._running:
             raise SpoolError(f"{what} in spool {self.directory}: the spool is not started")
 
-    def openMessage(self, queueID: str) -> MessageWriter:
+    def openMessage(self, queueID: str | None = None) -> MessageWriter:
         """Create C{tmp/<queueID>.eml} and return a writer for it.
 
+        @param queueID: the message's queue id; C{None}: a new one (L{newQueueID}).
         @raise SpoolError: the file cannot be created (or the entry already exists).
         @raise ValueError: C{queueID} is not a queue id.
         """
+        if queueID is None:
+            queueID = newQueueID()
         self._checkID(queueID)
         self._checkRunning(f"cannot open message {queueID}")
         for suffix in (".json", ".eml"):
