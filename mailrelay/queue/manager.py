@@ -1,0 +1,967 @@
+"""The queue manager: delivers what the spool holds, retries, bounces and expires it.
+
+Like Postfix's qmgr.  Every committed spool entry is scheduled by its due time; a bounded
+number of messages is I{active} (envelope loaded, deliveries running) at once, the rest are
+only a C{(due time, queue id)} pair in a heap.  One reactor timer is armed for the earliest due
+entry.  Everything runs on the reactor thread; the only blocking calls are the small reads of
+envelopes (L{ISpool.loadEnvelope}, with a stat of the message) and of the original's header
+section for notifications.  A damaged entry (L{mailrelay.errors.CorruptEntry}) is moved to the
+spool's C{corrupt/}, never retried.
+
+One delivery attempt of an active message:
+
+ 1. every C{PENDING} recipient is routed (L{IRouter.route}); recipients with the same
+    L{Route} (backend, next hop and options) form one group, and every group is handed with
+    its route to its backend at once (L{IDeliveryBackend.deliver}); a routing failure, an
+    unknown backend, a failed delivery Deferred, a delivery that outlasts the backend's
+    timeout or a malformed answer is a transient failure, never a delivery;
+ 2. results are applied: delivered, bounced (5xx), or deferred (4xx: retried with exponential
+    back-off); past the maximal queue lifetime every recipient still pending is bounced with
+    status 4.4.7;
+ 3. notifications (L{mailrelay.queue.dsn}) are built and B{committed to the spool first}, then
+    the envelope is durably updated, then the entry is removed when nothing is pending.  A
+    crash anywhere in between may repeat a delivery or a notification, but loses nothing.
+
+Every log event about a message carries C{queueID}, and its text starts with it, so that
+grepping one id shows the message's whole life (Postfix style).
+
+The package (this module until it is split, L{mailrelay.queue.dsn}: the notifications'
+content, L{mailrelay.queue.lock}: one queue manager per spool) may import the values
+(L{mailrelay.interfaces}, L{mailrelay.envelope}, L{mailrelay.errors}, L{mailrelay.address})
+and L{mailrelay.smtp}; it reaches the spool only through L{ISpool}.  Its import of
+L{mailrelay.cleanup} is to go (C{tests/test_layering.py} lists it).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailrelay.envelope import BOUNCED, DELIVERED, PENDING, Envelope, Recipient
+from mailrelay.errors import CorruptEntry, EntryGone, SpoolError
+from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, ISpool, RecipientResult, Route
+from mailrelay.queue.dsn import buildDSN, dsnEnvelope, isPostmasterNotice
+from mailrelay.queue.policy import QueuePolicy, backoff
+
+log = Logger(namespace="mailrelay.queue")
+
+__all__ = ["DeliveryTimedOut", "QueueManager"]
+
+#: At most this many envelopes are loaded only to be found not yet due (after a restart) in
+#: one reactor turn; the rest continue in the next turn, so the reactor stays responsive.
+_LOADS_PER_TURN = 200
+
+
+def _oneLine(text: str, limit: int = 500) -> str:
+    """C{text} on one line (controls become spaces), at most C{limit} characters."""
+    text = "".join(" " if ord(c) < 32 or ord(c) == 127 else c for c in text).strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _transient(recipient: Recipient, code: str, diagnostic: str) -> RecipientResult:
+    return RecipientResult(recipient.address, DeliveryStatus.TRANSIENT, code, _oneLine(diagnostic))
+
+
+def _wants(recipient: Recipient, kind: str) -> bool:
+    """Whether C{recipient}'s NOTIFY asks for a C{kind} (FAILURE, DELAY, SUCCESS)
+    notification; with no NOTIFY, failures and delays are reported."""
+    if recipient.notify is None:
+        return kind in ("FAILURE", "DELAY")
+    return kind in {item.upper() for item in recipient.notify}
+
+
+def _groupKey(route: Route) -> Route:
+    """What recipients share one delivery by: their whole route (a L{Route} is hashable: its
+    fields are strings and a frozen L{RouteOptions <mailrelay.interfaces.RouteOptions>})."""
+    return route
+
+
+class DeliveryTimedOut(Exception):
+    """A backend did not answer a delivery within its timeout.
+
+    @ivar timeout: the timeout, in seconds.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"no answer within {timeout:g}s")
+        self.timeout = timeout
+
+
+def _timedOut(result: Any, timeout: float) -> None:
+    """C{onTimeoutCancel} of a delivery: it failed with L{DeliveryTimedOut}, whatever the
+    cancelled backend answered."""
+    raise DeliveryTimedOut(timeout)
+
+
+@dataclass
+class _Outcome:
+    """One recipient's result in one attempt, and where it went (for the log)."""
+
+    recipient: Recipient
+    result: RecipientResult
+    relay: str
+
+
+@dataclass
+class _Notice:
+    """A notification to commit before the envelope update.
+
+    @ivar action: C{failed}, C{delayed} or C{relayed}.
+    @ivar recipients: the recipients it reports on.
+    @ivar to: its recipient.
+    @ivar postmaster: a notice to the postmaster about a failed bounce.
+    """
+
+    action: str
+    recipients: list[Recipient]
+    to: str
+    postmaster: bool = False
+
+
+class QueueManager(Service):
+    """Schedules and delivers every entry of a spool.
+
+    @ivar policy: the L{QueuePolicy}.
+    """
+
+    name = "queue"
+
+    def __init__(
+        self,
+        spool: ISpool,
+        router: Any,
+        backends: Mapping[str, IDeliveryBackend],
+        clock: Any,
+        *,
+        hostname: str,
+        policy: QueuePolicy = QueuePolicy(),
+        timeouts: Mapping[str, float] | None = None,
+        lock: Any = None,
+    ) -> None:
+        """
+        @param spool: an L{ISpool}, started by the time L{startService} runs.
+        @param router: an L{IRouter}.
+        @param backends: the delivery backends by name (L{Route.backend}).
+        @param clock: provides C{seconds()} and C{callLater()} (the reactor).
+        @param hostname: this relay's host name, for notifications.
+        @param timeouts: seconds one delivery by the named backend may take (a site backend's
+            C{[[backends]] timeout}); a backend not named gets C{policy.deliveryTimeout}.
+        @param lock: a L{mailrelay.queue.lock.QueueLock} of the spool, or C{None}: nothing is
+            delivered before it is held, and it is released when the manager has stopped,
+            so that two queue managers never deliver from one spool at once.
+        @raise ValueError: a timeout that is not a number greater than zero.
+        """
+        self.spool = spool
+        self.router = router
+        self.backends = dict(backends)
+        self.timeouts = dict(timeouts or {})
+        for name, timeout in self.timeouts.items():
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+                raise ValueError(f"the timeout of backend {name!r} must be > 0, not {timeout!r}")
+        self.clock = clock
+        self.hostname = hostname
+        self.policy = policy
+        self._heap: list[tuple[float, int, str]] = []
+        #: queue id -> sequence number of its live heap entry (others are stale).
+        self._scheduled: dict[str, int] = {}
+        #: queue id -> Deferred fired when its attempt is over (for stopService).
+        self._active: dict[str, Deferred[None]] = {}
+        self._sequence = itertools.count()
+        self._timer: Any = None
+        self._timerDue: float | None = None
+        self._pumping = False
+        self._pumpAgain = False
+        self._stopped = False
+        self.lock = lock
+        #: The lock is held (or not needed) and the spool has been listed: deliveries may run.
+        self._ready = False
+        self._locking: Deferred[None] | None = None
+        #: Router and backend calls in flight, cancelled when the stop's drain time is over.
+        self._calls: set[Deferred[Any]] = set()
+        self._interrupted = False
+
+    # -- introspection ------------------------------------------------------------------------
+
+    @property
+    def activeCount(self) -> int:
+        """Messages whose delivery attempt is in progress."""
+        return len(self._active)
+
+    @property
+    def scheduledCount(self) -> int:
+        """Messages waiting for their due time (or for room in the active window)."""
+        return len(self._scheduled)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The queue's state: C{running}, C{active} (sorted queue ids) and C{scheduled}
+        (C{(due time, queue id)} pairs, earliest first)."""
+        live = sorted(
+            (due, seq, queueID)
+            for due, seq, queueID in self._heap
+            if self._scheduled.get(queueID) == seq
+        )
+        return {
+            "running": bool(self.running),
+            "active": sorted(self._active),
+            "scheduled": [(due, queueID) for due, _, queueID in live],
+        }
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        """Take the spool's queue lock (waiting while another queue manager holds it), then
+        schedule every committed spool entry, due now, in arrival order.
+
+        Envelopes are not read here: an entry whose next attempt is in the future is found so
+        when it is loaded, and then rescheduled without an attempt.
+        """
+        super().startService()
+        self._stopped = False
+        self._interrupted = False
+        if self.lock is None:
+            self._begin()
+            return
+        self._locking = self.lock.acquire()
+        self._locking.addCallbacks(lambda _: self._begin(), self._lockFailed)
+
+    def _lockFailed(self, failure: Failure) -> None:
+        self._locking = None
+        if failure.check(CancelledError):
+            return  # stopped while waiting
+        log.error(
+            "queue manager not started: cannot take the queue lock {path}: {error}",
+            path=str(self.lock.path),
+            error=failure.getErrorMessage(),
+        )
+
+    def _begin(self) -> None:
+        self._locking = None
+        self._ready = True
+        try:
+            queueIDs = self.spool.queueIDs()
+        except SpoolError as e:
+            log.error("queue: cannot list the spool: {error}", error=str(e))
+            queueIDs = []
+        now = self.clock.seconds()
+        for queueID in queueIDs:
+            if queueID not in self._scheduled and queueID not in self._active:
+                self._schedule(queueID, now)
+        log.info(
+            "queue manager started: {count} queued entries, active limit {limit}",
+            count=len(self._scheduled),
+            limit=self.policy.activeLimit,
+        )
+        self._pump()
+
+    def stopService(self) -> Deferred[None]:
+        """Start no more deliveries, cancel the timer, and wait for the attempts in progress
+        to end and record their results.  Deliveries still running after
+        C{policy.stopTimeout} seconds (the drain time) are interrupted: their recipients are
+        recorded as deferred, to be retried at the next start (the next hop may have received
+        the message: it may be sent twice).  Then the queue lock is released."""
+        super().stopService()
+        self._stopped = True
+        self._ready = False
+        self._cancelTimer()
+        if self._locking is not None:
+            self._locking.cancel()
+        done: Deferred[None] = Deferred()
+        inFlight = list(self._active.values())
+        if not inFlight:
+            self._stopped_(done)
+            return done
+        log.info("queue manager stopping: waiting for {count} deliveries", count=len(inFlight))
+        waiting = DeferredList(inFlight, consumeErrors=True)
+
+        def drainTimeOver() -> None:
+            self._interrupted = True
+            log.warn(
+                "queue manager stopping: {count} deliveries still in progress after "
+                "{timeout:g}s are interrupted; their recipients stay queued",
+                count=len(self._active),
+                timeout=self.policy.stopTimeout,
+            )
+            for call in list(self._calls):
+                call.cancel()
+
+        timer = self.clock.callLater(self.policy.stopTimeout, drainTimeOver)
+
+        def finished(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+            self._stopped_(done)
+
+        waiting.addCallback(finished)
+        return done
+
+    def _stopped_(self, done: Deferred[None]) -> None:
+        if self.lock is not None:
+            self.lock.release()
+        log.info("queue manager stopped")
+        done.callback(None)
+
+    def enqueue(self, queueID: str) -> None:
+        """A new entry was committed: schedule it, due now.
+
+        Call after each successful commit; the spool directory is not rescanned.  An id
+        already scheduled is looked at now (but an envelope whose C{nextAttempt} is in the
+        future is only rescheduled); an id being delivered is left alone.  Before
+        L{startService} the id is remembered; after L{stopService} it is ignored (the next
+        start finds it in the spool).
+        """
+        if queueID in self._active or self._stopped:
+            return
+        self._schedule(queueID, self.clock.seconds())
+        if self.running and self._ready:
+            self._pump()
+
+    # -- scheduling ---------------------------------------------------------------------------
+
+    def _schedule(self, queueID: str, due: float) -> None:
+        seq = next(self._sequence)
+        self._scheduled[queueID] = seq
+        heapq.heappush(self._heap, (due, seq, queueID))
+
+    def _peek(self) -> tuple[float, int, str] | None:
+        """The earliest live heap entry (stale ones on top are dropped)."""
+        heap = self._heap
+        while heap:
+            due, seq, queueID = heap[0]
+            if self._scheduled.get(queueID) == seq:
+                return heap[0]
+            heapq.heappop(heap)
+        return None
+
+    def _cancelTimer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._timerDue = None
+
+    def _armTimer(self, due: float) -> None:
+        if self._timer is not None and self._timer.active() and self._timerDue == due:
+            return
+        self._cancelTimer()
+        self._timerDue = due
+        self._timer = self.clock.callLater(max(0.0, due - self.clock.seconds()), self._timerFired)
+
+    def _timerFired(self) -> None:
+        self._timer = None
+        self._timerDue = None
+        self._pump()
+
+    def _pump(self) -> None:
+        """Activate due entries while there is room; arm the timer for the next one."""
+        if self._pumping:
+            self._pumpAgain = True
+            return
+        self._pumping = True
+        try:
+            loads = 0
+            while True:
+                self._pumpAgain = False
+                if not self.running or not self._ready:
+                    return
+                now = self.clock.seconds()
+                while len(self._active) < self.policy.activeLimit:
+                    top = self._peek()
+                    if top is None or top[0] > now:
+                        break
+                    if loads >= _LOADS_PER_TURN:
+                        self._armTimer(now)  # continue in the next reactor turn
+                        return
+                    heapq.heappop(self._heap)
+                    queueID = top[2]
+                    del self._scheduled[queueID]
+                    if not self._activate(queueID, now):
+                        loads += 1
+                if not self._pumpAgain:
+                    break
+            top = self._peek()
+            if top is None or len(self._active) >= self.policy.activeLimit:
+                self._cancelTimer()
+            else:
+                self._armTimer(top[0])
+        finally:
+            self._pumping = False
+
+    def _activate(self, queueID: str, now: float) -> bool:
+        """Load C{queueID} and start its attempt if it is due.  Return C{True} if an attempt
+        started."""
+        try:
+            envelope = self.spool.loadEnvelope(queueID)
+        except ValueError as e:  # not a queue id (SpoolError is no ValueError)
+            log.error("{queueID}: cannot deliver: {error}", queueID=queueID, error=str(e))
+            return False
+        except EntryGone:
+            log.info("{queueID}: no longer in the spool", queueID=queueID)
+            return False
+        except CorruptEntry as e:
+            self._quarantine(queueID, str(e))
+            return False
+        except SpoolError as e:
+            log.error(
+                "{queueID}: cannot load envelope: {error}; retrying in {delay:.0f}s",
+                queueID=queueID,
+                error=str(e),
+                delay=self.policy.maxBackoff,
+            )
+            self._schedule(queueID, now + self.policy.maxBackoff)
+            return False
+        except Exception:
+            log.failure("{queueID}: cannot load envelope; retrying later", queueID=queueID)
+            self._schedule(queueID, now + self.policy.maxBackoff)
+            return False
+        envelope.queueID = queueID
+        if envelope.nextAttempt is not None and envelope.nextAttempt > now:
+            self._schedule(queueID, envelope.nextAttempt)
+            return False
+        log.info(
+            "{queueID}: from=<{sender}>, size={size}, nrcpt={nrcpt} (queue active)",
+            queueID=queueID,
+            sender=envelope.sender,
+            size=envelope.messageSize,
+            nrcpt=len(envelope.pendingRecipients),
+        )
+        done: Deferred[None] = Deferred()
+        self._active[queueID] = done
+        attempt = Deferred.fromCoroutine(self._attempt(queueID, envelope))
+        attempt.addErrback(self._attemptFailed, queueID)
+        attempt.addCallback(self._attemptDone, queueID, done)
+        return True
+
+    def _quarantine(self, queueID: str, problem: str) -> None:
+        """Move a damaged entry to the spool's C{corrupt/} (it logs that); if even that
+        fails, try again later."""
+
+        def failed(failure: Failure) -> None:
+            delay = self.policy.maxBackoff
+            log.error(
+                "{queueID}: {problem}; it could not be moved aside ({error}), retrying in "
+                "{delay:.0f}s",
+                queueID=queueID,
+                problem=problem,
+                error=failure.getErrorMessage(),
+                delay=delay,
+            )
+            if not self._stopped:
+                self._schedule(queueID, self.clock.seconds() + delay)
+                self._pump()
+
+        self.spool.quarantine(queueID, problem).addErrback(failed)
+
+    def _attemptFailed(self, failure: Failure, queueID: str) -> float:
+        # A bug, not a delivery failure: keep the entry, try again later.
+        log.failure(
+            "{queueID}: delivery attempt failed unexpectedly; retrying later",
+            failure,
+            queueID=queueID,
+        )
+        return self.clock.seconds() + self.policy.minBackoff
+
+    def _attemptDone(self, due: float | None, queueID: str, done: Deferred[None]) -> None:
+        del self._active[queueID]
+        if due is not None:
+            self._schedule(queueID, due)
+        done.callback(None)
+        self._pump()
+
+    # -- one attempt --------------------------------------------------------------------------
+
+    async def _attempt(self, queueID: str, envelope: Envelope) -> float | None:
+        """Deliver, notify, record.  Return when to schedule the entry next, or C{None} when it
+        is gone from the spool."""
+        policy = self.policy
+        if envelope.arrival is None:
+            envelope.arrival = self.clock.seconds()
+        arrival = envelope.arrival
+        pending = envelope.pendingRecipients
+        if not pending:
+            # Finished before a crash, or by another process: only the removal is left.
+            return await self._remove(queueID)
+
+        outcomes = await self._deliverAll(queueID, envelope, pending)
+
+        now = self.clock.seconds()
+        delay = now - arrival
+        lifetime = policy.bounceLifetime if envelope.isBounce else policy.maxLifetime
+        expired = delay > lifetime
+        envelope.attempts += 1
+        failed: list[Recipient] = []
+        delivered: list[Recipient] = []
+        #: What each recipient's log line says, once the notifications are queued.
+        statuses: list[tuple[_Outcome, str, str]] = []
+        for outcome in outcomes:
+            r, result = outcome.recipient, outcome.result
+            diagnostic = result.diagnostic
+            r.attempts += 1
+            r.lastResult = result.diagnostic
+            r.status = result.code
+            r.remoteMTA = result.remoteMTA
+            if result.status is DeliveryStatus.DELIVERED:
+                r.state = DELIVERED
+                r.finalTime = now
+                if not result.dsnRelayed:
+                    delivered.append(r)  # a success notice, if asked for, is ours to send
+                status = "sent"
+            elif result.status is DeliveryStatus.PERMANENT:
+                r.state = BOUNCED
+                r.finalTime = now
+                failed.append(r)
+                status = "bounced"
+            elif expired:
+                r.state = BOUNCED
+                r.finalTime = now
+                r.status = "4.4.7"
+                failed.append(r)
+                status = "bounced"
+                diagnostic = f"message expired after {delay:.0f}s in the queue; last error: "
+                diagnostic += result.diagnostic
+            else:
+                status = "deferred"
+            statuses.append((outcome, status, diagnostic))
+
+        notices = self._notices(queueID, envelope, failed, delivered, now)
+        await self._commitNotices(queueID, envelope, notices, now)
+        for outcome, status, diagnostic in statuses:
+            r = outcome.recipient
+            if status == "bounced" and r.state == PENDING:
+                status = "deferred"  # its bounce could not be queued: it stays queued
+                diagnostic += "; the bounce could not be queued, will retry"
+            log.info(
+                "{queueID}: to=<{rcpt}>, relay={relay}, delay={delay:.1f}, attempts={attempts}, "
+                "status={status} ({diagnostic})",
+                queueID=queueID,
+                rcpt=r.address,
+                relay=outcome.relay,
+                delay=delay,
+                attempts=r.attempts,
+                status=status,
+                diagnostic=diagnostic,
+            )
+
+        stillPending = bool(envelope.pendingRecipients)
+        removalFailed = False
+        if not stillPending and not notices:
+            # Every recipient is done and no notification depends on the recorded state: go
+            # straight to removal (a crash before it means a duplicate, never a loss).  Only
+            # if removal fails is the state saved, so that the retry repeats the removal,
+            # not the deliveries.
+            try:
+                await self.spool.remove(queueID)
+            except Exception as e:
+                log.error(
+                    "{queueID}: removing the queue entry failed: {error}; saving its state",
+                    queueID=queueID,
+                    error=str(e),
+                )
+                removalFailed = True
+            else:
+                log.info("{queueID}: removed", queueID=queueID)
+                return None
+        if stillPending:
+            envelope.nextAttempt = now + backoff(policy, envelope.attempts)
+        try:
+            await self.spool.updateEnvelope(envelope)
+        except Exception as e:
+            retry = envelope.nextAttempt if stillPending else now + policy.minBackoff
+            log.error(
+                "{queueID}: saving the delivery state failed: {error}; the attempt will be "
+                "repeated at {retry:.0f}",
+                queueID=queueID,
+                error=str(e),
+                retry=retry,
+            )
+            return retry
+        if stillPending:
+            return envelope.nextAttempt
+        if removalFailed:
+            return now + policy.minBackoff
+        return await self._remove(queueID)
+
+    async def _remove(self, queueID: str) -> float | None:
+        try:
+            await self.spool.remove(queueID)
+        except Exception as e:
+            log.error(
+                "{queueID}: removing the queue entry failed: {error}; will try again",
+                queueID=queueID,
+                error=str(e),
+            )
+            return self.clock.seconds() + self.policy.minBackoff
+        log.info("{queueID}: removed", queueID=queueID)
+        return None
+
+    def timeoutFor(self, backend: str) -> float:
+        """Seconds one delivery by C{backend} may take (0: no limit)."""
+        return self.timeouts.get(backend, self.policy.deliveryTimeout)
+
+    def _withTimeout(
+        self, d: Deferred[Any], timeout: float | None = None, onTimeoutCancel: Any = None
+    ) -> Deferred[Any]:
+        """A Deferred of C{d}'s result that fails after C{timeout} seconds (by default
+        C{policy.deliveryTimeout}; 0: none) with C{TimeoutError} (or what C{onTimeoutCancel}
+        raises), or with C{CancelledError} when the stop's drain time is over, whether or not
+        C{d} honours its cancellation (C{d} is cancelled, and a late result of it ignored)."""
+        if timeout is None:
+            timeout = self.policy.deliveryTimeout
+
+        def cancel(_: Deferred[Any]) -> None:
+            d.cancel()
+
+        outer: Deferred[Any] = Deferred(cancel)
+
+        def relay(result: Any) -> None:
+            self._calls.discard(outer)
+            if not outer.called:
+                if isinstance(result, Failure):
+                    outer.errback(result)
+                else:
+                    outer.callback(result)
+
+        # (d.called says nothing: a Deferred waiting for another one is "called".)
+        d.addBoth(relay)
+        if not outer.called:
+            self._calls.add(outer)
+            if timeout > 0:
+                outer.addTimeout(timeout, self.clock, onTimeoutCancel=onTimeoutCancel)
+        return outer
+
+    def _interruption(self, relay: str) -> str | None:
+        """The diagnostic of a call cut short by the stop, or C{None} when it was not."""
+        if not self._interrupted:
+            return None
+        return (
+            f"X-mailrelay; delivery via {relay} interrupted: the relay was stopping (the next "
+            "hop may have received the message)"
+        )
+
+    async def _route(self, queueID: str, envelope: Envelope, recipient: Recipient) -> Any:
+        """The recipient's L{Route}, or a transient L{RecipientResult} when routing failed."""
+        try:
+            route = await self._withTimeout(maybeDeferred(self.router.route, envelope, recipient))
+        except Exception as e:
+            log.warn(
+                "{queueID}: routing <{rcpt}> failed: {error}",
+                queueID=queueID,
+                rcpt=recipient.address,
+                error=repr(e),
+            )
+            permanent = getattr(e, "permanent", None)
+            code = getattr(e, "code", None)
+            diagnostic = getattr(e, "diagnostic", None)
+            if permanent is True and isinstance(code, str) and code.startswith("5.") and diagnostic:
+                # A router's permanent verdict (route.DeliveryFailure): no route will ever
+                # exist for this recipient; bounce it rather than retry for days.
+                return RecipientResult(
+                    recipient.address, DeliveryStatus.PERMANENT, code, _oneLine(diagnostic)
+                )
+            return _transient(recipient, "4.3.0", f"X-mailrelay; routing failed: {e}")
+        if not isinstance(route, Route):
+            log.error(
+                "{queueID}: the router returned {route!r} for <{rcpt}>, not a Route",
+                queueID=queueID,
+                route=route,
+                rcpt=recipient.address,
+            )
+            return _transient(recipient, "4.3.0", "X-mailrelay; routing failed: no route")
+        return route
+
+    async def _deliverAll(
+        self, queueID: str, envelope: Envelope, pending: list[Recipient]
+    ) -> list[_Outcome]:
+        """Route every pending recipient, deliver every group at once; one outcome per
+        recipient, in envelope order."""
+        routed = [
+            Deferred.fromCoroutine(self._route(queueID, envelope, r)) for r in pending
+        ]
+        outcomes: dict[int, _Outcome] = {}
+        groups: dict[Any, tuple[Route, list[Recipient]]] = {}
+        for r, d in zip(pending, routed):
+            route = await d
+            if isinstance(route, RecipientResult):
+                outcomes[id(r)] = _Outcome(r, route, "none")
+            else:
+                groups.setdefault(_groupKey(route), (route, []))[1].append(r)
+        deliveries = [
+            Deferred.fromCoroutine(self._deliverGroup(queueID, envelope, route, rcpts))
+            for route, rcpts in groups.values()
+        ]
+        for d in deliveries:
+            for outcome in await d:
+                outcomes[id(outcome.recipient)] = outcome
+        return [outcomes[id(r)] for r in pending]
+
+    async def _deliverGroup(
+        self, queueID: str, envelope: Envelope, route: Route, recipients: list[Recipient]
+    ) -> list[_Outcome]:
+        relay = f"{route.backend}:{route.nexthop}"
+        backend = self.backends.get(route.backend)
+        if backend is None:
+            log.error(
+                "{queueID}: unknown delivery backend {backend!r} for {count} recipient(s); "
+                "known: {known}",
+                queueID=queueID,
+                backend=route.backend,
+                count=len(recipients),
+                known=", ".join(sorted(self.backends)) or "none",
+            )
+            diagnostic = f"X-mailrelay; unknown delivery backend {route.backend!r}"
+            return [_Outcome(r, _transient(r, "4.3.5", diagnostic), relay) for r in recipients]
+        timeout = self.timeoutFor(route.backend)
+        try:
+            path = self.spool.messagePath(queueID)
+            results = await self._withTimeout(
+                maybeDeferred(backend.deliver, envelope, list(recipients), route, path),
+                timeout,
+                _timedOut,
+            )
+        except DeliveryTimedOut:
+            return self._deferGroup(
+                recipients,
+                relay,
+                "4.4.2",
+                f"X-mailrelay; delivery via {relay} timed out after {timeout:g}s",
+                "{queueID}: delivery backend {backend!r} did not answer within its timeout of "
+                "{timeout:g}s; {count} recipient(s) deferred",
+                queueID=queueID,
+                backend=route.backend,
+                timeout=timeout,
+                count=len(recipients),
+            )
+        except Exception as e:
+            interrupted = self._interruption(relay)
+            if interrupted is not None:
+                return self._deferGroup(
+                    recipients,
+                    relay,
+                    "4.3.0",
+                    interrupted,
+                    "{queueID}: delivery via {relay} interrupted: the relay is stopping",
+                    queueID=queueID,
+                    relay=relay,
+                )
+            return self._deferGroup(
+                recipients,
+                relay,
+                "4.3.0",
+                f"X-mailrelay; delivery via {relay} failed: {e!r}",
+                "{queueID}: delivery via {relay} failed: {error}",
+                queueID=queueID,
+                relay=relay,
+                error=repr(e),
+            )
+        problem = self._checkResults(results, recipients)
+        if problem is not None:
+            return self._deferGroup(
+                recipients,
+                relay,
+                "4.3.0",
+                f"X-mailrelay; delivery via {relay} gave no usable result ({problem})",
+                "{queueID}: delivery backend {backend!r} answered badly ({problem}); "
+                "counting {count} recipient(s) as not delivered",
+                queueID=queueID,
+                backend=route.backend,
+                problem=problem,
+                count=len(recipients),
+            )
+        outcomes = []
+        for r, result in zip(recipients, results):
+            remote = result.remoteMTA.partition(";")[2].strip() if result.remoteMTA else ""
+            outcomes.append(_Outcome(r, result, remote or relay))
+        return outcomes
+
+    @staticmethod
+    def _deferGroup(
+        recipients: list[Recipient],
+        relay: str,
+        code: str,
+        diagnostic: str,
+        logFormat: str,
+        /,
+        **logFields: Any,
+    ) -> list[_Outcome]:
+        """Log C{logFormat} as an error and count every recipient of a group as deferred
+        with C{code} and C{diagnostic}."""
+        log.error(logFormat, **logFields)
+        return [_Outcome(r, _transient(r, code, diagnostic), relay) for r in recipients]
+
+    @staticmethod
+    def _checkResults(results: Any, recipients: Sequence[Recipient]) -> str | None:
+        """Why C{results} is not one L{RecipientResult} per recipient in order, or C{None}."""
+        try:
+            results = list(results)
+        except TypeError:
+            return f"not a sequence: {results!r}"
+        if len(results) != len(recipients):
+            return f"{len(results)} results for {len(recipients)} recipients"
+        for r, result in zip(recipients, results):
+            if not isinstance(result, RecipientResult):
+                return f"not a RecipientResult: {result!r}"
+            if result.address != r.address:
+                return f"result for <{result.address}> where <{r.address}> was expected"
+        return None
+
+    # -- notifications ------------------------------------------------------------------------
+
+    def _notices(
+        self,
+        queueID: str,
+        envelope: Envelope,
+        failed: list[Recipient],
+        delivered: list[Recipient],
+        now: float,
+    ) -> list[_Notice]:
+        """The notifications this attempt calls for."""
+        policy = self.policy
+        notices: list[_Notice] = []
+        arrival = envelope.arrival if envelope.arrival is not None else now
+        delayRecipients: list[Recipient] = []
+        pending = envelope.pendingRecipients
+        if (
+            policy.delayWarning > 0
+            and not envelope.delayWarned
+            and pending
+            and now - arrival >= policy.delayWarning
+        ):
+            envelope.delayWarned = True
+            delayRecipients = [r for r in pending if _wants(r, "DELAY")]
+
+        if envelope.sender:
+            wanted = [r for r in failed if _wants(r, "FAILURE")]
+            if wanted:
+                notices.append(_Notice("failed", wanted, envelope.sender))
+            if delayRecipients:
+                notices.append(_Notice("delayed", delayRecipients, envelope.sender))
+            successes = [r for r in delivered if _wants(r, "SUCCESS")]
+            if successes:
+                notices.append(_Notice("relayed", successes, envelope.sender))
+            return notices
+
+        # The null sender: nobody to notify.  A failed bounce goes to the postmaster, once.
+        if not failed:
+            return notices
+        addresses = ", ".join(f"<{r.address}>" for r in failed)
+        if isPostmasterNotice(envelope) or (
+            policy.postmaster is not None
+            and envelope.isBounce
+            and all(r.address == policy.postmaster for r in envelope.recipients)
+        ):
+            log.warn(
+                "{queueID}: undeliverable postmaster notification discarded (to {addresses})",
+                queueID=queueID,
+                addresses=addresses,
+            )
+        elif policy.postmaster is not None:
+            notices.append(_Notice("failed", list(failed), policy.postmaster, postmaster=True))
+        else:
+            log.warn(
+                "{queueID}: undeliverable bounce discarded (to {addresses})",
+                queueID=queueID,
+                addresses=addresses,
+            )
+        return notices
+
+    async def _commitNotices(
+        self, queueID: str, envelope: Envelope, notices: list[_Notice], now: float
+    ) -> None:
+        """Commit every notice to the spool (all at once).  What a notice that could not be
+        committed reported on is undone, so that it is reported again later: bounced
+        recipients go back to pending, the delay warning is not marked as sent.  (A success
+        report that cannot be committed is only logged: delivering again would be worse.)"""
+        commits = [
+            Deferred.fromCoroutine(self._commitNotice(queueID, envelope, notice, now))
+            for notice in notices
+        ]
+        for notice, d in zip(notices, commits):
+            dsnID = await d
+            if dsnID is not None:
+                self.enqueue(dsnID)
+                continue
+            if notice.action == "failed":
+                for r in notice.recipients:
+                    r.state = PENDING
+                    r.finalTime = None
+                log.warn(
+                    "{queueID}: bounce not queued; {count} recipient(s) stay queued and will be "
+                    "retried",
+                    queueID=queueID,
+                    count=len(notice.recipients),
+                )
+            elif notice.action == "delayed":
+                envelope.delayWarned = False
+
+    async def _commitNotice(
+        self, queueID: str, envelope: Envelope, notice: _Notice, now: float
+    ) -> str | None:
+        """Build, write and commit one notification; its queue id, or C{None} on failure."""
+        policy = self.policy
+        lifetime = policy.bounceLifetime if envelope.isBounce else policy.maxLifetime
+        arrival = envelope.arrival if envelope.arrival is not None else now
+        writer = None
+        try:
+            message = buildDSN(
+                envelope,
+                notice.recipients,
+                notice.action,
+                hostname=self.hostname,
+                messagePath=self.spool.messagePath(queueID),
+                now=now,
+                queueID=queueID,
+                maxOriginal=policy.bounceSizeLimit,
+                willRetryUntil=arrival + lifetime,
+                to=notice.to,
+            )
+            writer = self.spool.openMessage()
+            dsnID = writer.queueID
+            dsn = dsnEnvelope(
+                envelope,
+                to=notice.to,
+                queueID=dsnID,
+                now=now,
+                hostname=self.hostname,
+                message=message,
+                postmasterNotice=notice.postmaster,
+            )
+            writer.write(message)
+            await writer.commit(dsn)
+        except Exception as e:
+            if writer is not None:
+                writer.abort()
+            log.error(
+                "{queueID}: queueing the {action} notification to <{to}> failed: {error}",
+                queueID=queueID,
+                action=notice.action,
+                to=notice.to,
+                error=str(e) or repr(e),
+            )
+            return None
+        kind = {
+            "failed": "non-delivery notification",
+            "delayed": "delay notification",
+            "relayed": "delivery status notification",
+        }[notice.action]
+        who = "postmaster" if notice.postmaster else "sender"
+        log.info(
+            "{queueID}: {who} {kind}: {dsnID}",
+            queueID=queueID,
+            who=who,
+            kind=kind,
+            dsnID=dsnID,
+        )
+        log.info(
+            "{queueID}: from=<>, to=<{to}>, size={size}: {kind} about {original}",
+            queueID=dsnID,
+            to=notice.to,
+            size=len(message),
+            kind=kind,
+            original=queueID,
+        )
+        return dsnID
