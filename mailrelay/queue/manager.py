@@ -36,18 +36,21 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailrelay.envelope import BOUNCED, DELIVERED, PENDING, Envelope, Recipient
 from mailrelay.errors import CorruptEntry, EntryGone, SpoolError
-from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, ISpool, RecipientResult, Route
+from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, ISpool
+from mailrelay.queue.attempt import Calls, Deliverer, DeliveryTimedOut
 from mailrelay.queue.dsn import buildDSN, dsnEnvelope, isPostmasterNotice
+from mailrelay.queue.outcome import Outcome
 from mailrelay.queue.policy import QueuePolicy, backoff
 
 log = Logger(namespace="mailrelay.queue")
@@ -59,54 +62,12 @@ __all__ = ["DeliveryTimedOut", "QueueManager"]
 _LOADS_PER_TURN = 200
 
 
-def _oneLine(text: str, limit: int = 500) -> str:
-    """C{text} on one line (controls become spaces), at most C{limit} characters."""
-    text = "".join(" " if ord(c) < 32 or ord(c) == 127 else c for c in text).strip()
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _transient(recipient: Recipient, code: str, diagnostic: str) -> RecipientResult:
-    return RecipientResult(recipient.address, DeliveryStatus.TRANSIENT, code, _oneLine(diagnostic))
-
-
 def _wants(recipient: Recipient, kind: str) -> bool:
     """Whether C{recipient}'s NOTIFY asks for a C{kind} (FAILURE, DELAY, SUCCESS)
     notification; with no NOTIFY, failures and delays are reported."""
     if recipient.notify is None:
         return kind in ("FAILURE", "DELAY")
     return kind in {item.upper() for item in recipient.notify}
-
-
-def _groupKey(route: Route) -> Route:
-    """What recipients share one delivery by: their whole route (a L{Route} is hashable: its
-    fields are strings and a frozen L{RouteOptions <mailrelay.interfaces.RouteOptions>})."""
-    return route
-
-
-class DeliveryTimedOut(Exception):
-    """A backend did not answer a delivery within its timeout.
-
-    @ivar timeout: the timeout, in seconds.
-    """
-
-    def __init__(self, timeout: float) -> None:
-        super().__init__(f"no answer within {timeout:g}s")
-        self.timeout = timeout
-
-
-def _timedOut(result: Any, timeout: float) -> None:
-    """C{onTimeoutCancel} of a delivery: it failed with L{DeliveryTimedOut}, whatever the
-    cancelled backend answered."""
-    raise DeliveryTimedOut(timeout)
-
-
-@dataclass
-class _Outcome:
-    """One recipient's result in one attempt, and where it went (for the log)."""
-
-    recipient: Recipient
-    result: RecipientResult
-    relay: str
 
 
 @dataclass
@@ -159,12 +120,16 @@ class QueueManager(Service):
         @raise ValueError: a timeout that is not a number greater than zero.
         """
         self.spool = spool
-        self.router = router
-        self.backends = dict(backends)
-        self.timeouts = dict(timeouts or {})
-        for name, timeout in self.timeouts.items():
-            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-                raise ValueError(f"the timeout of backend {name!r} must be > 0, not {timeout!r}")
+        #: Router and backend calls in flight, cut short when the stop's drain time is over.
+        self.calls = Calls(clock)
+        self.deliverer = Deliverer(
+            spool,
+            router,
+            backends,
+            self.calls,
+            deliveryTimeout=policy.deliveryTimeout,
+            timeouts=timeouts,
+        )
         self.clock = clock
         self.hostname = hostname
         self.policy = policy
@@ -183,9 +148,6 @@ class QueueManager(Service):
         #: The lock is held (or not needed) and the spool has been listed: deliveries may run.
         self._ready = False
         self._locking: Deferred[None] | None = None
-        #: Router and backend calls in flight, cancelled when the stop's drain time is over.
-        self._calls: set[Deferred[Any]] = set()
-        self._interrupted = False
 
     # -- introspection ------------------------------------------------------------------------
 
@@ -224,7 +186,7 @@ class QueueManager(Service):
         """
         super().startService()
         self._stopped = False
-        self._interrupted = False
+        self.calls.reset()
         if self.lock is None:
             self._begin()
             return
@@ -281,15 +243,13 @@ class QueueManager(Service):
         waiting = DeferredList(inFlight, consumeErrors=True)
 
         def drainTimeOver() -> None:
-            self._interrupted = True
             log.warn(
                 "queue manager stopping: {count} deliveries still in progress after "
                 "{timeout:g}s are interrupted; their recipients stay queued",
                 count=len(self._active),
                 timeout=self.policy.stopTimeout,
             )
-            for call in list(self._calls):
-                call.cancel()
+            self.calls.interrupt()
 
         timer = self.clock.callLater(self.policy.stopTimeout, drainTimeOver)
 
@@ -487,7 +447,7 @@ class QueueManager(Service):
             # Finished before a crash, or by another process: only the removal is left.
             return await self._remove(queueID)
 
-        outcomes = await self._deliverAll(queueID, envelope, pending)
+        outcomes = await self.deliverer.deliver(queueID, envelope, pending)
 
         now = self.clock.seconds()
         delay = now - arrival
@@ -497,7 +457,7 @@ class QueueManager(Service):
         failed: list[Recipient] = []
         delivered: list[Recipient] = []
         #: What each recipient's log line says, once the notifications are queued.
-        statuses: list[tuple[_Outcome, str, str]] = []
+        statuses: list[tuple[Outcome, str, str]] = []
         for outcome in outcomes:
             r, result = outcome.recipient, outcome.result
             diagnostic = result.diagnostic
@@ -601,213 +561,7 @@ class QueueManager(Service):
 
     def timeoutFor(self, backend: str) -> float:
         """Seconds one delivery by C{backend} may take (0: no limit)."""
-        return self.timeouts.get(backend, self.policy.deliveryTimeout)
-
-    def _withTimeout(
-        self, d: Deferred[Any], timeout: float | None = None, onTimeoutCancel: Any = None
-    ) -> Deferred[Any]:
-        """A Deferred of C{d}'s result that fails after C{timeout} seconds (by default
-        C{policy.deliveryTimeout}; 0: none) with C{TimeoutError} (or what C{onTimeoutCancel}
-        raises), or with C{CancelledError} when the stop's drain time is over, whether or not
-        C{d} honours its cancellation (C{d} is cancelled, and a late result of it ignored)."""
-        if timeout is None:
-            timeout = self.policy.deliveryTimeout
-
-        def cancel(_: Deferred[Any]) -> None:
-            d.cancel()
-
-        outer: Deferred[Any] = Deferred(cancel)
-
-        def relay(result: Any) -> None:
-            self._calls.discard(outer)
-            if not outer.called:
-                if isinstance(result, Failure):
-                    outer.errback(result)
-                else:
-                    outer.callback(result)
-
-        # (d.called says nothing: a Deferred waiting for another one is "called".)
-        d.addBoth(relay)
-        if not outer.called:
-            self._calls.add(outer)
-            if timeout > 0:
-                outer.addTimeout(timeout, self.clock, onTimeoutCancel=onTimeoutCancel)
-        return outer
-
-    def _interruption(self, relay: str) -> str | None:
-        """The diagnostic of a call cut short by the stop, or C{None} when it was not."""
-        if not self._interrupted:
-            return None
-        return (
-            f"X-mailrelay; delivery via {relay} interrupted: the relay was stopping (the next "
-            "hop may have received the message)"
-        )
-
-    async def _route(self, queueID: str, envelope: Envelope, recipient: Recipient) -> Any:
-        """The recipient's L{Route}, or a transient L{RecipientResult} when routing failed."""
-        try:
-            route = await self._withTimeout(maybeDeferred(self.router.route, envelope, recipient))
-        except Exception as e:
-            log.warn(
-                "{queueID}: routing <{rcpt}> failed: {error}",
-                queueID=queueID,
-                rcpt=recipient.address,
-                error=repr(e),
-            )
-            permanent = getattr(e, "permanent", None)
-            code = getattr(e, "code", None)
-            diagnostic = getattr(e, "diagnostic", None)
-            if permanent is True and isinstance(code, str) and code.startswith("5.") and diagnostic:
-                # A router's permanent verdict (route.DeliveryFailure): no route will ever
-                # exist for this recipient; bounce it rather than retry for days.
-                return RecipientResult(
-                    recipient.address, DeliveryStatus.PERMANENT, code, _oneLine(diagnostic)
-                )
-            return _transient(recipient, "4.3.0", f"X-mailrelay; routing failed: {e}")
-        if not isinstance(route, Route):
-            log.error(
-                "{queueID}: the router returned {route!r} for <{rcpt}>, not a Route",
-                queueID=queueID,
-                route=route,
-                rcpt=recipient.address,
-            )
-            return _transient(recipient, "4.3.0", "X-mailrelay; routing failed: no route")
-        return route
-
-    async def _deliverAll(
-        self, queueID: str, envelope: Envelope, pending: list[Recipient]
-    ) -> list[_Outcome]:
-        """Route every pending recipient, deliver every group at once; one outcome per
-        recipient, in envelope order."""
-        routed = [
-            Deferred.fromCoroutine(self._route(queueID, envelope, r)) for r in pending
-        ]
-        outcomes: dict[int, _Outcome] = {}
-        groups: dict[Any, tuple[Route, list[Recipient]]] = {}
-        for r, d in zip(pending, routed):
-            route = await d
-            if isinstance(route, RecipientResult):
-                outcomes[id(r)] = _Outcome(r, route, "none")
-            else:
-                groups.setdefault(_groupKey(route), (route, []))[1].append(r)
-        deliveries = [
-            Deferred.fromCoroutine(self._deliverGroup(queueID, envelope, route, rcpts))
-            for route, rcpts in groups.values()
-        ]
-        for d in deliveries:
-            for outcome in await d:
-                outcomes[id(outcome.recipient)] = outcome
-        return [outcomes[id(r)] for r in pending]
-
-    async def _deliverGroup(
-        self, queueID: str, envelope: Envelope, route: Route, recipients: list[Recipient]
-    ) -> list[_Outcome]:
-        relay = f"{route.backend}:{route.nexthop}"
-        backend = self.backends.get(route.backend)
-        if backend is None:
-            log.error(
-                "{queueID}: unknown delivery backend {backend!r} for {count} recipient(s); "
-                "known: {known}",
-                queueID=queueID,
-                backend=route.backend,
-                count=len(recipients),
-                known=", ".join(sorted(self.backends)) or "none",
-            )
-            diagnostic = f"X-mailrelay; unknown delivery backend {route.backend!r}"
-            return [_Outcome(r, _transient(r, "4.3.5", diagnostic), relay) for r in recipients]
-        timeout = self.timeoutFor(route.backend)
-        try:
-            path = self.spool.messagePath(queueID)
-            results = await self._withTimeout(
-                maybeDeferred(backend.deliver, envelope, list(recipients), route, path),
-                timeout,
-                _timedOut,
-            )
-        except DeliveryTimedOut:
-            return self._deferGroup(
-                recipients,
-                relay,
-                "4.4.2",
-                f"X-mailrelay; delivery via {relay} timed out after {timeout:g}s",
-                "{queueID}: delivery backend {backend!r} did not answer within its timeout of "
-                "{timeout:g}s; {count} recipient(s) deferred",
-                queueID=queueID,
-                backend=route.backend,
-                timeout=timeout,
-                count=len(recipients),
-            )
-        except Exception as e:
-            interrupted = self._interruption(relay)
-            if interrupted is not None:
-                return self._deferGroup(
-                    recipients,
-                    relay,
-                    "4.3.0",
-                    interrupted,
-                    "{queueID}: delivery via {relay} interrupted: the relay is stopping",
-                    queueID=queueID,
-                    relay=relay,
-                )
-            return self._deferGroup(
-                recipients,
-                relay,
-                "4.3.0",
-                f"X-mailrelay; delivery via {relay} failed: {e!r}",
-                "{queueID}: delivery via {relay} failed: {error}",
-                queueID=queueID,
-                relay=relay,
-                error=repr(e),
-            )
-        problem = self._checkResults(results, recipients)
-        if problem is not None:
-            return self._deferGroup(
-                recipients,
-                relay,
-                "4.3.0",
-                f"X-mailrelay; delivery via {relay} gave no usable result ({problem})",
-                "{queueID}: delivery backend {backend!r} answered badly ({problem}); "
-                "counting {count} recipient(s) as not delivered",
-                queueID=queueID,
-                backend=route.backend,
-                problem=problem,
-                count=len(recipients),
-            )
-        outcomes = []
-        for r, result in zip(recipients, results):
-            remote = result.remoteMTA.partition(";")[2].strip() if result.remoteMTA else ""
-            outcomes.append(_Outcome(r, result, remote or relay))
-        return outcomes
-
-    @staticmethod
-    def _deferGroup(
-        recipients: list[Recipient],
-        relay: str,
-        code: str,
-        diagnostic: str,
-        logFormat: str,
-        /,
-        **logFields: Any,
-    ) -> list[_Outcome]:
-        """Log C{logFormat} as an error and count every recipient of a group as deferred
-        with C{code} and C{diagnostic}."""
-        log.error(logFormat, **logFields)
-        return [_Outcome(r, _transient(r, code, diagnostic), relay) for r in recipients]
-
-    @staticmethod
-    def _checkResults(results: Any, recipients: Sequence[Recipient]) -> str | None:
-        """Why C{results} is not one L{RecipientResult} per recipient in order, or C{None}."""
-        try:
-            results = list(results)
-        except TypeError:
-            return f"not a sequence: {results!r}"
-        if len(results) != len(recipients):
-            return f"{len(results)} results for {len(recipients)} recipients"
-        for r, result in zip(recipients, results):
-            if not isinstance(result, RecipientResult):
-                return f"not a RecipientResult: {result!r}"
-            if result.address != r.address:
-                return f"result for <{result.address}> where <{r.address}> was expected"
-        return None
+        return self.deliverer.timeoutFor(backend)
 
     # -- notifications ------------------------------------------------------------------------
 
