@@ -75,9 +75,7 @@ class Calls:
     def __len__(self) -> int:
         return len(self._calls)
 
-    def bound(
-        self, d: Deferred[Any], timeout: float, onTimeoutCancel: Any = None
-    ) -> Deferred[Any]:
+    def bound(self, d: Deferred[Any], timeout: float, onTimeoutCancel: Any = None) -> Deferred[Any]:
         """A Deferred of C{d}'s result that fails after C{timeout} seconds (0: none) with
         C{TimeoutError} (or what C{onTimeoutCancel} raises), or with C{CancelledError} when
         L{interrupt} is called, whether or not C{d} honours its cancellation (C{d} is

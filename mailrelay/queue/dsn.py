@@ -26,13 +26,14 @@ import re
 import secrets
 import textwrap
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from twisted.logger import Logger
 
 from mailrelay.cleanup.stamping import formatDate
 from mailrelay.envelope import ClientInfo, Envelope, Recipient
+from mailrelay.queue.outcome import POSTMASTER_SOURCE, isPostmasterNotice
 
 log = Logger()
 
@@ -51,9 +52,6 @@ ACTIONS = ("failed", "delayed", "relayed")
 
 #: The C{ClientInfo.listener} of notifications we generate (they come from no listener).
 DSN_SOURCE = "local:dsn"
-#: The C{ClientInfo.listener} of a notification sent to the postmaster because a bounce could
-#: not be delivered; when one of these fails in turn it is dropped, never bounced again.
-POSTMASTER_SOURCE = "local:postmaster-notice"
 
 _SUBJECTS = {
     "failed": "Undelivered Mail Returned to Sender",
@@ -614,10 +612,3 @@ def dsnEnvelope(
         messageSize=len(message) if message is not None else 0,
         isBounce=True,
     )
-
-
-def isPostmasterNotice(envelope: Envelope) -> bool:
-    """Whether C{envelope} is that of a notification sent to the postmaster about a failed
-    bounce (see L{dsnEnvelope}); such a message is never bounced."""
-    client = envelope.client
-    return envelope.isBounce and client is not None and client.listener == POSTMASTER_SOURCE

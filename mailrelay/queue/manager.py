@@ -37,7 +37,6 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
@@ -45,45 +44,23 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailrelay.envelope import BOUNCED, DELIVERED, PENDING, Envelope, Recipient
+from mailrelay.envelope import PENDING, Envelope
 from mailrelay.errors import CorruptEntry, EntryGone, SpoolError
-from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, ISpool
+from mailrelay.interfaces import IDeliveryBackend, ISpool
 from mailrelay.queue.attempt import Calls, Deliverer, DeliveryTimedOut
-from mailrelay.queue.dsn import buildDSN, dsnEnvelope, isPostmasterNotice
-from mailrelay.queue.outcome import Outcome
-from mailrelay.queue.policy import QueuePolicy, backoff
+from mailrelay.queue.notify import Notifier
+from mailrelay.queue.outcome import Decision, apply, decide
+from mailrelay.queue.policy import QueuePolicy
 
 log = Logger(namespace="mailrelay.queue")
 
 __all__ = ["DeliveryTimedOut", "QueueManager"]
 
+_DEFAULT_POLICY = QueuePolicy()
+
 #: At most this many envelopes are loaded only to be found not yet due (after a restart) in
 #: one reactor turn; the rest continue in the next turn, so the reactor stays responsive.
 _LOADS_PER_TURN = 200
-
-
-def _wants(recipient: Recipient, kind: str) -> bool:
-    """Whether C{recipient}'s NOTIFY asks for a C{kind} (FAILURE, DELAY, SUCCESS)
-    notification; with no NOTIFY, failures and delays are reported."""
-    if recipient.notify is None:
-        return kind in ("FAILURE", "DELAY")
-    return kind in {item.upper() for item in recipient.notify}
-
-
-@dataclass
-class _Notice:
-    """A notification to commit before the envelope update.
-
-    @ivar action: C{failed}, C{delayed} or C{relayed}.
-    @ivar recipients: the recipients it reports on.
-    @ivar to: its recipient.
-    @ivar postmaster: a notice to the postmaster about a failed bounce.
-    """
-
-    action: str
-    recipients: list[Recipient]
-    to: str
-    postmaster: bool = False
 
 
 class QueueManager(Service):
@@ -102,7 +79,7 @@ class QueueManager(Service):
         clock: Any,
         *,
         hostname: str,
-        policy: QueuePolicy = QueuePolicy(),
+        policy: QueuePolicy = _DEFAULT_POLICY,
         timeouts: Mapping[str, float] | None = None,
         lock: Any = None,
     ) -> None:
@@ -130,6 +107,7 @@ class QueueManager(Service):
             deliveryTimeout=policy.deliveryTimeout,
             timeouts=timeouts,
         )
+        self.notifier = Notifier(spool, policy, hostname=hostname, enqueue=self.enqueue)
         self.clock = clock
         self.hostname = hostname
         self.policy = policy
@@ -436,80 +414,46 @@ class QueueManager(Service):
     # -- one attempt --------------------------------------------------------------------------
 
     async def _attempt(self, queueID: str, envelope: Envelope) -> float | None:
-        """Deliver, notify, record.  Return when to schedule the entry next, or C{None} when it
-        is gone from the spool."""
-        policy = self.policy
+        """Deliver, decide, notify, record.  Return when to schedule the entry next, or
+        C{None} when it is gone from the spool."""
         if envelope.arrival is None:
             envelope.arrival = self.clock.seconds()
-        arrival = envelope.arrival
         pending = envelope.pendingRecipients
         if not pending:
             # Finished before a crash, or by another process: only the removal is left.
             return await self._remove(queueID)
-
         outcomes = await self.deliverer.deliver(queueID, envelope, pending)
-
         now = self.clock.seconds()
-        delay = now - arrival
-        lifetime = policy.bounceLifetime if envelope.isBounce else policy.maxLifetime
-        expired = delay > lifetime
-        envelope.attempts += 1
-        failed: list[Recipient] = []
-        delivered: list[Recipient] = []
-        #: What each recipient's log line says, once the notifications are queued.
-        statuses: list[tuple[Outcome, str, str]] = []
-        for outcome in outcomes:
-            r, result = outcome.recipient, outcome.result
-            diagnostic = result.diagnostic
-            r.attempts += 1
-            r.lastResult = result.diagnostic
-            r.status = result.code
-            r.remoteMTA = result.remoteMTA
-            if result.status is DeliveryStatus.DELIVERED:
-                r.state = DELIVERED
-                r.finalTime = now
-                if not result.dsnRelayed:
-                    delivered.append(r)  # a success notice, if asked for, is ours to send
-                status = "sent"
-            elif result.status is DeliveryStatus.PERMANENT:
-                r.state = BOUNCED
-                r.finalTime = now
-                failed.append(r)
-                status = "bounced"
-            elif expired:
-                r.state = BOUNCED
-                r.finalTime = now
-                r.status = "4.4.7"
-                failed.append(r)
-                status = "bounced"
-                diagnostic = f"message expired after {delay:.0f}s in the queue; last error: "
-                diagnostic += result.diagnostic
-            else:
-                status = "deferred"
-            statuses.append((outcome, status, diagnostic))
-
-        notices = self._notices(queueID, envelope, failed, delivered, now)
-        await self._commitNotices(queueID, envelope, notices, now)
-        for outcome, status, diagnostic in statuses:
-            r = outcome.recipient
-            if status == "bounced" and r.state == PENDING:
+        decision = decide(envelope, outcomes, self.policy, now)
+        apply(envelope, decision)
+        await self.notifier.notify(queueID, envelope, decision.notices, decision.discarded, now)
+        for t in decision.transitions:
+            status, diagnostic = t.logStatus, t.logDiagnostic
+            if status == "bounced" and t.recipient.state == PENDING:
                 status = "deferred"  # its bounce could not be queued: it stays queued
                 diagnostic += "; the bounce could not be queued, will retry"
             log.info(
                 "{queueID}: to=<{rcpt}>, relay={relay}, delay={delay:.1f}, attempts={attempts}, "
                 "status={status} ({diagnostic})",
                 queueID=queueID,
-                rcpt=r.address,
-                relay=outcome.relay,
-                delay=delay,
-                attempts=r.attempts,
+                rcpt=t.recipient.address,
+                relay=t.relay,
+                delay=decision.delay,
+                attempts=t.attempts,
                 status=status,
                 diagnostic=diagnostic,
             )
+        return await self._record(queueID, envelope, decision, now)
 
+    async def _record(
+        self, queueID: str, envelope: Envelope, decision: Decision, now: float
+    ) -> float | None:
+        """Store what the attempt changed (or remove the entry when nothing is left to do);
+        return when to schedule the entry next, or C{None} when it is gone."""
+        policy = self.policy
         stillPending = bool(envelope.pendingRecipients)
         removalFailed = False
-        if not stillPending and not notices:
+        if not stillPending and not decision.notices:
             # Every recipient is done and no notification depends on the recorded state: go
             # straight to removal (a crash before it means a duplicate, never a loss).  Only
             # if removal fails is the state saved, so that the retry repeats the removal,
@@ -527,11 +471,11 @@ class QueueManager(Service):
                 log.info("{queueID}: removed", queueID=queueID)
                 return None
         if stillPending:
-            envelope.nextAttempt = now + backoff(policy, envelope.attempts)
+            envelope.nextAttempt = decision.nextAttempt
         try:
             await self.spool.updateEnvelope(envelope)
         except Exception as e:
-            retry = envelope.nextAttempt if stillPending else now + policy.minBackoff
+            retry = decision.nextAttempt if stillPending else now + policy.minBackoff
             log.error(
                 "{queueID}: saving the delivery state failed: {error}; the attempt will be "
                 "repeated at {retry:.0f}",
@@ -541,7 +485,7 @@ class QueueManager(Service):
             )
             return retry
         if stillPending:
-            return envelope.nextAttempt
+            return decision.nextAttempt
         if removalFailed:
             return now + policy.minBackoff
         return await self._remove(queueID)
@@ -562,160 +506,3 @@ class QueueManager(Service):
     def timeoutFor(self, backend: str) -> float:
         """Seconds one delivery by C{backend} may take (0: no limit)."""
         return self.deliverer.timeoutFor(backend)
-
-    # -- notifications ------------------------------------------------------------------------
-
-    def _notices(
-        self,
-        queueID: str,
-        envelope: Envelope,
-        failed: list[Recipient],
-        delivered: list[Recipient],
-        now: float,
-    ) -> list[_Notice]:
-        """The notifications this attempt calls for."""
-        policy = self.policy
-        notices: list[_Notice] = []
-        arrival = envelope.arrival if envelope.arrival is not None else now
-        delayRecipients: list[Recipient] = []
-        pending = envelope.pendingRecipients
-        if (
-            policy.delayWarning > 0
-            and not envelope.delayWarned
-            and pending
-            and now - arrival >= policy.delayWarning
-        ):
-            envelope.delayWarned = True
-            delayRecipients = [r for r in pending if _wants(r, "DELAY")]
-
-        if envelope.sender:
-            wanted = [r for r in failed if _wants(r, "FAILURE")]
-            if wanted:
-                notices.append(_Notice("failed", wanted, envelope.sender))
-            if delayRecipients:
-                notices.append(_Notice("delayed", delayRecipients, envelope.sender))
-            successes = [r for r in delivered if _wants(r, "SUCCESS")]
-            if successes:
-                notices.append(_Notice("relayed", successes, envelope.sender))
-            return notices
-
-        # The null sender: nobody to notify.  A failed bounce goes to the postmaster, once.
-        if not failed:
-            return notices
-        addresses = ", ".join(f"<{r.address}>" for r in failed)
-        if isPostmasterNotice(envelope) or (
-            policy.postmaster is not None
-            and envelope.isBounce
-            and all(r.address == policy.postmaster for r in envelope.recipients)
-        ):
-            log.warn(
-                "{queueID}: undeliverable postmaster notification discarded (to {addresses})",
-                queueID=queueID,
-                addresses=addresses,
-            )
-        elif policy.postmaster is not None:
-            notices.append(_Notice("failed", list(failed), policy.postmaster, postmaster=True))
-        else:
-            log.warn(
-                "{queueID}: undeliverable bounce discarded (to {addresses})",
-                queueID=queueID,
-                addresses=addresses,
-            )
-        return notices
-
-    async def _commitNotices(
-        self, queueID: str, envelope: Envelope, notices: list[_Notice], now: float
-    ) -> None:
-        """Commit every notice to the spool (all at once).  What a notice that could not be
-        committed reported on is undone, so that it is reported again later: bounced
-        recipients go back to pending, the delay warning is not marked as sent.  (A success
-        report that cannot be committed is only logged: delivering again would be worse.)"""
-        commits = [
-            Deferred.fromCoroutine(self._commitNotice(queueID, envelope, notice, now))
-            for notice in notices
-        ]
-        for notice, d in zip(notices, commits):
-            dsnID = await d
-            if dsnID is not None:
-                self.enqueue(dsnID)
-                continue
-            if notice.action == "failed":
-                for r in notice.recipients:
-                    r.state = PENDING
-                    r.finalTime = None
-                log.warn(
-                    "{queueID}: bounce not queued; {count} recipient(s) stay queued and will be "
-                    "retried",
-                    queueID=queueID,
-                    count=len(notice.recipients),
-                )
-            elif notice.action == "delayed":
-                envelope.delayWarned = False
-
-    async def _commitNotice(
-        self, queueID: str, envelope: Envelope, notice: _Notice, now: float
-    ) -> str | None:
-        """Build, write and commit one notification; its queue id, or C{None} on failure."""
-        policy = self.policy
-        lifetime = policy.bounceLifetime if envelope.isBounce else policy.maxLifetime
-        arrival = envelope.arrival if envelope.arrival is not None else now
-        writer = None
-        try:
-            message = buildDSN(
-                envelope,
-                notice.recipients,
-                notice.action,
-                hostname=self.hostname,
-                messagePath=self.spool.messagePath(queueID),
-                now=now,
-                queueID=queueID,
-                maxOriginal=policy.bounceSizeLimit,
-                willRetryUntil=arrival + lifetime,
-                to=notice.to,
-            )
-            writer = self.spool.openMessage()
-            dsnID = writer.queueID
-            dsn = dsnEnvelope(
-                envelope,
-                to=notice.to,
-                queueID=dsnID,
-                now=now,
-                hostname=self.hostname,
-                message=message,
-                postmasterNotice=notice.postmaster,
-            )
-            writer.write(message)
-            await writer.commit(dsn)
-        except Exception as e:
-            if writer is not None:
-                writer.abort()
-            log.error(
-                "{queueID}: queueing the {action} notification to <{to}> failed: {error}",
-                queueID=queueID,
-                action=notice.action,
-                to=notice.to,
-                error=str(e) or repr(e),
-            )
-            return None
-        kind = {
-            "failed": "non-delivery notification",
-            "delayed": "delay notification",
-            "relayed": "delivery status notification",
-        }[notice.action]
-        who = "postmaster" if notice.postmaster else "sender"
-        log.info(
-            "{queueID}: {who} {kind}: {dsnID}",
-            queueID=queueID,
-            who=who,
-            kind=kind,
-            dsnID=dsnID,
-        )
-        log.info(
-            "{queueID}: from=<>, to=<{to}>, size={size}: {kind} about {original}",
-            queueID=dsnID,
-            to=notice.to,
-            size=len(message),
-            kind=kind,
-            original=queueID,
-        )
-        return dsnID
