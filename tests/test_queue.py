@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from mailrelay.queue import manager as managerModule
+from mailrelay.queue import scheduler as schedulerModule
 from mailrelay.bounce import POSTMASTER_SOURCE
 from mailrelay.envelope import BOUNCED, DELIVERED, PENDING, ClientInfo, Envelope, Recipient
 from mailrelay.interfaces import DeliveryStatus, RecipientResult, Route, RouteOptions
@@ -645,7 +645,7 @@ def test_newEntryWaitsForRoomInWindow(
 def test_startupLoadsInBatches(
     spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, monkeypatch: Any
 ) -> None:
-    monkeypatch.setattr(managerModule, "_LOADS_PER_TURN", 4)
+    monkeypatch.setattr(schedulerModule, "_LOADS_PER_TURN", 4)
     ids = [
         queueMessage(spool, clock, [f"r{i}@example.com"], nextAttempt=START + 1000)
         for i in range(10)

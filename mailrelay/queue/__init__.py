@@ -3,6 +3,10 @@
 Modules:
 
   - L{manager}: L{QueueManager}, the service that schedules and delivers every entry;
+  - L{scheduler}: when each entry is next looked at, and which are active;
+  - L{attempt}: one delivery attempt (route, group by route, deliver with timeouts);
+  - L{outcome}: what an attempt means for the recipients, a pure function;
+  - L{notify}: committing the notifications an attempt owes;
   - L{policy}: L{QueuePolicy} (retry, expiry, notification settings) and the back-off;
   - L{dsn}: the content of delivery status notifications (RFC 3464);
   - L{lock}: one queue manager per spool.

@@ -1,41 +1,29 @@
 """The queue manager: delivers what the spool holds, retries, bounces and expires it.
 
-Like Postfix's qmgr.  Every committed spool entry is scheduled by its due time; a bounded
-number of messages is I{active} (envelope loaded, deliveries running) at once, the rest are
-only a C{(due time, queue id)} pair in a heap.  One reactor timer is armed for the earliest due
-entry.  Everything runs on the reactor thread; the only blocking calls are the small reads of
+Like Postfix's qmgr.  L{QueueManager} is the service that composes the queue's parts and
+records what they decide:
+
+  - L{mailrelay.queue.scheduler}: when each entry is next looked at; at most
+    C{activeLimit} entries are I{active} (envelope loaded, deliveries running) at once;
+  - L{mailrelay.queue.attempt}: one delivery attempt (route, group, deliver with timeouts);
+  - L{mailrelay.queue.outcome}: what the attempt means (a pure decision);
+  - L{mailrelay.queue.notify}: the notifications it calls for, committed to the spool.
+
+The order is what makes it crash-safe: notifications are B{committed to the spool first},
+then the envelope is durably updated, then the entry is removed when nothing is pending.  A
+crash anywhere in between may repeat a delivery or a notification, but loses nothing.
+
+Everything runs on the reactor thread; the only blocking calls are the small reads of
 envelopes (L{ISpool.loadEnvelope}, with a stat of the message) and of the original's header
-section for notifications.  A damaged entry (L{mailrelay.errors.CorruptEntry}) is moved to the
-spool's C{corrupt/}, never retried.
-
-One delivery attempt of an active message:
-
- 1. every C{PENDING} recipient is routed (L{IRouter.route}); recipients with the same
-    L{Route} (backend, next hop and options) form one group, and every group is handed with
-    its route to its backend at once (L{IDeliveryBackend.deliver}); a routing failure, an
-    unknown backend, a failed delivery Deferred, a delivery that outlasts the backend's
-    timeout or a malformed answer is a transient failure, never a delivery;
- 2. results are applied: delivered, bounced (5xx), or deferred (4xx: retried with exponential
-    back-off); past the maximal queue lifetime every recipient still pending is bounced with
-    status 4.4.7;
- 3. notifications (L{mailrelay.queue.dsn}) are built and B{committed to the spool first}, then
-    the envelope is durably updated, then the entry is removed when nothing is pending.  A
-    crash anywhere in between may repeat a delivery or a notification, but loses nothing.
+section for notifications.  A damaged entry (L{mailrelay.errors.CorruptEntry}) is moved aside
+(L{ISpool.quarantine}), never retried.
 
 Every log event about a message carries C{queueID}, and its text starts with it, so that
 grepping one id shows the message's whole life (Postfix style).
-
-The package (this module until it is split, L{mailrelay.queue.dsn}: the notifications'
-content, L{mailrelay.queue.lock}: one queue manager per spool) may import the values
-(L{mailrelay.interfaces}, L{mailrelay.envelope}, L{mailrelay.errors}, L{mailrelay.address})
-and L{mailrelay.smtp}; it reaches the spool only through L{ISpool}.  Its import of
-L{mailrelay.cleanup} is to go (C{tests/test_layering.py} lists it).
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,16 +39,13 @@ from mailrelay.queue.attempt import Calls, Deliverer, DeliveryTimedOut
 from mailrelay.queue.notify import Notifier
 from mailrelay.queue.outcome import Decision, apply, decide
 from mailrelay.queue.policy import QueuePolicy
+from mailrelay.queue.scheduler import Scheduler
 
 log = Logger(namespace="mailrelay.queue")
 
 __all__ = ["DeliveryTimedOut", "QueueManager"]
 
 _DEFAULT_POLICY = QueuePolicy()
-
-#: At most this many envelopes are loaded only to be found not yet due (after a restart) in
-#: one reactor turn; the rest continue in the next turn, so the reactor stays responsive.
-_LOADS_PER_TURN = 200
 
 
 class QueueManager(Service):
@@ -111,20 +96,10 @@ class QueueManager(Service):
         self.clock = clock
         self.hostname = hostname
         self.policy = policy
-        self._heap: list[tuple[float, int, str]] = []
-        #: queue id -> sequence number of its live heap entry (others are stale).
-        self._scheduled: dict[str, int] = {}
-        #: queue id -> Deferred fired when its attempt is over (for stopService).
-        self._active: dict[str, Deferred[None]] = {}
-        self._sequence = itertools.count()
-        self._timer: Any = None
-        self._timerDue: float | None = None
-        self._pumping = False
-        self._pumpAgain = False
+        #: Enabled once the lock is held (or not needed) and the spool has been listed.
+        self.scheduler = Scheduler(clock, policy.activeLimit, self._activate)
         self._stopped = False
         self.lock = lock
-        #: The lock is held (or not needed) and the spool has been listed: deliveries may run.
-        self._ready = False
         self._locking: Deferred[None] | None = None
 
     # -- introspection ------------------------------------------------------------------------
@@ -132,25 +107,20 @@ class QueueManager(Service):
     @property
     def activeCount(self) -> int:
         """Messages whose delivery attempt is in progress."""
-        return len(self._active)
+        return self.scheduler.activeCount
 
     @property
     def scheduledCount(self) -> int:
         """Messages waiting for their due time (or for room in the active window)."""
-        return len(self._scheduled)
+        return self.scheduler.scheduledCount
 
     def snapshot(self) -> dict[str, Any]:
         """The queue's state: C{running}, C{active} (sorted queue ids) and C{scheduled}
         (C{(due time, queue id)} pairs, earliest first)."""
-        live = sorted(
-            (due, seq, queueID)
-            for due, seq, queueID in self._heap
-            if self._scheduled.get(queueID) == seq
-        )
         return {
             "running": bool(self.running),
-            "active": sorted(self._active),
-            "scheduled": [(due, queueID) for due, _, queueID in live],
+            "active": self.scheduler.activeIDs(),
+            "scheduled": self.scheduler.scheduled(),
         }
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -183,7 +153,7 @@ class QueueManager(Service):
 
     def _begin(self) -> None:
         self._locking = None
-        self._ready = True
+        self.scheduler.enabled = True
         try:
             queueIDs = self.spool.queueIDs()
         except SpoolError as e:
@@ -191,14 +161,14 @@ class QueueManager(Service):
             queueIDs = []
         now = self.clock.seconds()
         for queueID in queueIDs:
-            if queueID not in self._scheduled and queueID not in self._active:
-                self._schedule(queueID, now)
+            if not self.scheduler.isKnown(queueID):
+                self.scheduler.schedule(queueID, now)
         log.info(
             "queue manager started: {count} queued entries, active limit {limit}",
-            count=len(self._scheduled),
+            count=self.scheduler.scheduledCount,
             limit=self.policy.activeLimit,
         )
-        self._pump()
+        self.scheduler.pump()
 
     def stopService(self) -> Deferred[None]:
         """Start no more deliveries, cancel the timer, and wait for the attempts in progress
@@ -208,12 +178,11 @@ class QueueManager(Service):
         the message: it may be sent twice).  Then the queue lock is released."""
         super().stopService()
         self._stopped = True
-        self._ready = False
-        self._cancelTimer()
+        self.scheduler.stop()
         if self._locking is not None:
             self._locking.cancel()
         done: Deferred[None] = Deferred()
-        inFlight = list(self._active.values())
+        inFlight = self.scheduler.attemptsInProgress()
         if not inFlight:
             self._stopped_(done)
             return done
@@ -224,7 +193,7 @@ class QueueManager(Service):
             log.warn(
                 "queue manager stopping: {count} deliveries still in progress after "
                 "{timeout:g}s are interrupted; their recipients stay queued",
-                count=len(self._active),
+                count=self.scheduler.activeCount,
                 timeout=self.policy.stopTimeout,
             )
             self.calls.interrupt()
@@ -254,81 +223,12 @@ class QueueManager(Service):
         L{startService} the id is remembered; after L{stopService} it is ignored (the next
         start finds it in the spool).
         """
-        if queueID in self._active or self._stopped:
+        if self.scheduler.isActive(queueID) or self._stopped:
             return
-        self._schedule(queueID, self.clock.seconds())
-        if self.running and self._ready:
-            self._pump()
+        self.scheduler.schedule(queueID, self.clock.seconds())
+        self.scheduler.pump()
 
-    # -- scheduling ---------------------------------------------------------------------------
-
-    def _schedule(self, queueID: str, due: float) -> None:
-        seq = next(self._sequence)
-        self._scheduled[queueID] = seq
-        heapq.heappush(self._heap, (due, seq, queueID))
-
-    def _peek(self) -> tuple[float, int, str] | None:
-        """The earliest live heap entry (stale ones on top are dropped)."""
-        heap = self._heap
-        while heap:
-            due, seq, queueID = heap[0]
-            if self._scheduled.get(queueID) == seq:
-                return heap[0]
-            heapq.heappop(heap)
-        return None
-
-    def _cancelTimer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        self._timerDue = None
-
-    def _armTimer(self, due: float) -> None:
-        if self._timer is not None and self._timer.active() and self._timerDue == due:
-            return
-        self._cancelTimer()
-        self._timerDue = due
-        self._timer = self.clock.callLater(max(0.0, due - self.clock.seconds()), self._timerFired)
-
-    def _timerFired(self) -> None:
-        self._timer = None
-        self._timerDue = None
-        self._pump()
-
-    def _pump(self) -> None:
-        """Activate due entries while there is room; arm the timer for the next one."""
-        if self._pumping:
-            self._pumpAgain = True
-            return
-        self._pumping = True
-        try:
-            loads = 0
-            while True:
-                self._pumpAgain = False
-                if not self.running or not self._ready:
-                    return
-                now = self.clock.seconds()
-                while len(self._active) < self.policy.activeLimit:
-                    top = self._peek()
-                    if top is None or top[0] > now:
-                        break
-                    if loads >= _LOADS_PER_TURN:
-                        self._armTimer(now)  # continue in the next reactor turn
-                        return
-                    heapq.heappop(self._heap)
-                    queueID = top[2]
-                    del self._scheduled[queueID]
-                    if not self._activate(queueID, now):
-                        loads += 1
-                if not self._pumpAgain:
-                    break
-            top = self._peek()
-            if top is None or len(self._active) >= self.policy.activeLimit:
-                self._cancelTimer()
-            else:
-                self._armTimer(top[0])
-        finally:
-            self._pumping = False
+    # -- activation ---------------------------------------------------------------------------
 
     def _activate(self, queueID: str, now: float) -> bool:
         """Load C{queueID} and start its attempt if it is due.  Return C{True} if an attempt
@@ -351,15 +251,15 @@ class QueueManager(Service):
                 error=str(e),
                 delay=self.policy.maxBackoff,
             )
-            self._schedule(queueID, now + self.policy.maxBackoff)
+            self.scheduler.schedule(queueID, now + self.policy.maxBackoff)
             return False
         except Exception:
             log.failure("{queueID}: cannot load envelope; retrying later", queueID=queueID)
-            self._schedule(queueID, now + self.policy.maxBackoff)
+            self.scheduler.schedule(queueID, now + self.policy.maxBackoff)
             return False
         envelope.queueID = queueID
         if envelope.nextAttempt is not None and envelope.nextAttempt > now:
-            self._schedule(queueID, envelope.nextAttempt)
+            self.scheduler.schedule(queueID, envelope.nextAttempt)
             return False
         log.info(
             "{queueID}: from=<{sender}>, size={size}, nrcpt={nrcpt} (queue active)",
@@ -368,11 +268,10 @@ class QueueManager(Service):
             size=envelope.messageSize,
             nrcpt=len(envelope.pendingRecipients),
         )
-        done: Deferred[None] = Deferred()
-        self._active[queueID] = done
+        self.scheduler.begin(queueID)
         attempt = Deferred.fromCoroutine(self._attempt(queueID, envelope))
         attempt.addErrback(self._attemptFailed, queueID)
-        attempt.addCallback(self._attemptDone, queueID, done)
+        attempt.addCallback(lambda due: self.scheduler.finish(queueID, due))
         return True
 
     def _quarantine(self, queueID: str, problem: str) -> None:
@@ -390,8 +289,8 @@ class QueueManager(Service):
                 delay=delay,
             )
             if not self._stopped:
-                self._schedule(queueID, self.clock.seconds() + delay)
-                self._pump()
+                self.scheduler.schedule(queueID, self.clock.seconds() + delay)
+                self.scheduler.pump()
 
         self.spool.quarantine(queueID, problem).addErrback(failed)
 
@@ -403,13 +302,6 @@ class QueueManager(Service):
             queueID=queueID,
         )
         return self.clock.seconds() + self.policy.minBackoff
-
-    def _attemptDone(self, due: float | None, queueID: str, done: Deferred[None]) -> None:
-        del self._active[queueID]
-        if due is not None:
-            self._schedule(queueID, due)
-        done.callback(None)
-        self._pump()
 
     # -- one attempt --------------------------------------------------------------------------
 
@@ -427,22 +319,7 @@ class QueueManager(Service):
         decision = decide(envelope, outcomes, self.policy, now)
         apply(envelope, decision)
         await self.notifier.notify(queueID, envelope, decision.notices, decision.discarded, now)
-        for t in decision.transitions:
-            status, diagnostic = t.logStatus, t.logDiagnostic
-            if status == "bounced" and t.recipient.state == PENDING:
-                status = "deferred"  # its bounce could not be queued: it stays queued
-                diagnostic += "; the bounce could not be queued, will retry"
-            log.info(
-                "{queueID}: to=<{rcpt}>, relay={relay}, delay={delay:.1f}, attempts={attempts}, "
-                "status={status} ({diagnostic})",
-                queueID=queueID,
-                rcpt=t.recipient.address,
-                relay=t.relay,
-                delay=decision.delay,
-                attempts=t.attempts,
-                status=status,
-                diagnostic=diagnostic,
-            )
+        _logTransitions(queueID, decision)
         return await self._record(queueID, envelope, decision, now)
 
     async def _record(
@@ -506,3 +383,24 @@ class QueueManager(Service):
     def timeoutFor(self, backend: str) -> float:
         """Seconds one delivery by C{backend} may take (0: no limit)."""
         return self.deliverer.timeoutFor(backend)
+
+
+def _logTransitions(queueID: str, decision: Decision) -> None:
+    """One line per recipient tried, once the notifications are committed (a recipient
+    whose bounce could not be queued is pending again, and logged as deferred)."""
+    for t in decision.transitions:
+        status, diagnostic = t.logStatus, t.logDiagnostic
+        if status == "bounced" and t.recipient.state == PENDING:
+            status = "deferred"
+            diagnostic += "; the bounce could not be queued, will retry"
+        log.info(
+            "{queueID}: to=<{rcpt}>, relay={relay}, delay={delay:.1f}, attempts={attempts}, "
+            "status={status} ({diagnostic})",
+            queueID=queueID,
+            rcpt=t.recipient.address,
+            relay=t.relay,
+            delay=decision.delay,
+            attempts=t.attempts,
+            status=status,
+            diagnostic=diagnostic,
+        )
