@@ -6,19 +6,25 @@ are in L{mailrelay.queue.process}.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import signal
 import sys
 from typing import Any
 
 from twisted.internet import error as ierror
-from twisted.logger import Logger, formatEventAsClassicLogText
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.logger import Logger, formatEventAsClassicLogText, globalLogBeginner
+from twisted.protocols.basic import LineReceiver
+from zope.interface import implementer
 
-from mailrelay.queue.process import DeliveryProcessService, decodeLogEvent, encodeLogEvent
+from mailrelay.queue.process import decodeLogEvent, encodeLogEvent
 
 log = Logger()
 
-__all__ = ["DeliveryProcessService", "decodeLogEvent", "encodeLogEvent", "makeDeliveryServices"]
+#: decodeLogEvent: kept here for old imports (mailrelay.qmgrprocess).
+__all__ = ["decodeLogEvent", "encodeLogEvent", "makeDeliveryServices"]
 
 
 # -- the child ----------------------------------------------------------------------------------
@@ -59,7 +65,6 @@ def dieWithParent(parentPID: int) -> bool:
     when the parent is already gone."""
     import ctypes
     import ctypes.util
-    import signal
 
     if sys.platform.startswith("linux"):
         try:
@@ -79,36 +84,20 @@ def _readConfigText(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _childMain(argv: list[str]) -> int:
-    import argparse
-    import signal
-
-    from twisted.internet import reactor, stdio
-    from twisted.internet.interfaces import IHalfCloseableProtocol
-    from twisted.logger import globalLogBeginner
-    from twisted.protocols.basic import LineReceiver
-    from zope.interface import implementer
-
-    from mailrelay.config import loadConfig
-    from mailrelay.errors import ConfigError
-
+def _parseArguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m mailrelay.app.deliveryprocess")
     parser.add_argument("--config")
     parser.add_argument("--config-fd", type=int)
     parser.add_argument("--overrides", default="{}")
     parser.add_argument("--parent-pid", type=int)
-    options = parser.parse_args(argv)
-    if options.parent_pid is not None and not dieWithParent(options.parent_pid):
-        print("mailrelay delivery process: the relay is gone; not starting", file=sys.stderr)
-        return 1
-    # The relay stops us (by closing our input); a Ctrl-C meant for it must not cut our
-    # deliveries short.  SIGTERM (also sent when the relay dies) stops us cleanly.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    configText = _readConfigText(options.config_fd) if options.config_fd is not None else None
-    # Log events go to the relay's process, one line each on our standard output, each
-    # flushed as it is written (a pipe would otherwise hold them in a block buffer).
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    return parser.parse_args(argv)
 
+
+def _logToRelay() -> None:
+    """Send every log event to the relay's process, one line each on our standard output
+    (L{encodeLogEvent}), each flushed as it is written (a pipe would otherwise hold them in a
+    block buffer); once the relay is gone, to our standard error."""
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     relayGone: list[bool] = []
 
     def toRelay(event: dict[str, Any]) -> None:
@@ -122,40 +111,47 @@ def _childMain(argv: list[str]) -> int:
         sys.stderr.flush()
 
     globalLogBeginner.beginLoggingTo([toRelay], redirectStandardIO=False)
-    try:
-        config = loadConfig(options.config, json.loads(options.overrides), text=configText)
-        services, queue = makeDeliveryServices(config, reactor)
-        services.privilegedStartService()
-    except ConfigError as e:
-        print(f"mailrelay delivery process: configuration error: {e}", file=sys.stderr)
-        return 1
 
-    @implementer(IHalfCloseableProtocol)
-    class Feed(LineReceiver):
-        delimiter = b"\n"
 
-        def lineReceived(self, line: bytes) -> None:
-            queueID = line.strip().decode("ascii", "replace")
-            if queueID:
-                queue.enqueue(queueID)
+@implementer(IHalfCloseableProtocol)
+class _Feed(LineReceiver):
+    """Our standard input: the queue ids the relay committed, one per line; its end tells
+    us to stop."""
 
-        def readConnectionLost(self) -> None:
-            # The relay closed our input: it is stopping, reloading, or gone.  Stop cleanly
-            # (the shutdown trigger stops the services in order).
-            _stopReactor(reactor)
+    delimiter = b"\n"
 
-        def writeConnectionLost(self) -> None:
-            pass
+    def __init__(self, queue: Any, reactor: Any) -> None:
+        self.queue = queue
+        self.reactor = reactor
 
-        def connectionLost(self, reason: Any = None) -> None:
-            self.readConnectionLost()
+    def lineReceived(self, line: bytes) -> None:
+        queueID = line.strip().decode("ascii", "replace")
+        if queueID:
+            self.queue.enqueue(queueID)
+
+    def readConnectionLost(self) -> None:
+        # The relay closed our input: it is stopping, reloading, or gone.  Stop cleanly (the
+        # shutdown trigger stops the services in order).
+        _stopReactor(self.reactor)
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.readConnectionLost()
+
+
+def _run(reactor: Any, services: Any, queue: Any) -> int:
+    """Run the reactor with C{services} started, until our input ends (or SIGTERM); the exit
+    status."""
+    from twisted.internet import stdio
 
     exitCode = [0]
 
     def start() -> None:
         # Our standard output carries the log records; StandardIO gets /dev/null to write to.
         # It comes first, so that the end of our input stops us whatever happens next.
-        stdio.StandardIO(Feed(), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY))
+        stdio.StandardIO(_Feed(queue, reactor), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY))
         # reactor.stop (end of input, SIGTERM) waits for the queue manager to finish its
         # deliveries and record them, then for the backends and the spool to close.
         reactor.addSystemEventTrigger("before", "shutdown", services.stopService)
@@ -169,6 +165,31 @@ def _childMain(argv: list[str]) -> int:
     reactor.callWhenRunning(start)
     reactor.run()
     return exitCode[0]
+
+
+def _childMain(argv: list[str]) -> int:
+    from twisted.internet import reactor
+
+    from mailrelay.config import loadConfig
+    from mailrelay.errors import ConfigError
+
+    options = _parseArguments(argv)
+    if options.parent_pid is not None and not dieWithParent(options.parent_pid):
+        print("mailrelay delivery process: the relay is gone; not starting", file=sys.stderr)
+        return 1
+    # The relay stops us (by closing our input); a Ctrl-C meant for it must not cut our
+    # deliveries short.  SIGTERM (also sent when the relay dies) stops us cleanly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configText = _readConfigText(options.config_fd) if options.config_fd is not None else None
+    _logToRelay()
+    try:
+        config = loadConfig(options.config, json.loads(options.overrides), text=configText)
+        services, queue = makeDeliveryServices(config, reactor)
+        services.privilegedStartService()
+    except ConfigError as e:
+        print(f"mailrelay delivery process: configuration error: {e}", file=sys.stderr)
+        return 1
+    return _run(reactor, services, queue)
 
 
 if __name__ == "__main__":  # pragma: no cover - run as the child process
