@@ -82,7 +82,6 @@ KNOWN = {
     # Modules that became their package's __init__.py until they are split.
     "mailrelay.config: __init__.py holds code",
     "mailrelay.delivery: __init__.py holds code",
-    "mailrelay.spool: __init__.py holds code",
 }
 
 

@@ -19,7 +19,9 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
-from mailrelay import spool as spoolModule
+from mailrelay.spool import commit as commitModule
+from mailrelay.spool import ids as idsModule
+from mailrelay.spool import writer as writerModule
 from mailrelay.envelope import DELIVERED, ClientInfo, Envelope, Recipient
 from mailrelay.errors import CorruptEntry, EntryGone, SpoolError
 from mailrelay.interfaces import IMessageWriter, ISpool
@@ -156,7 +158,7 @@ def manualSpool(spoolDir: Path, clock: Clock, threads: ManualThreads) -> Any:
 
 
 #: Bigger than what a writer keeps in memory: written to its temporary file at once.
-BIG = b"x" * (spoolModule._MEMORY_LIMIT + 1)
+BIG = b"x" * (writerModule._MEMORY_LIMIT + 1)
 
 
 def writeMessage(spool: Spool, data: bytes = MESSAGE, queueID: str | None = None) -> MessageWriter:
@@ -840,7 +842,7 @@ def test_queueIDProcessSuffix(monkeypatch: pytest.MonkeyPatch) -> None:
     made = []
     for pid in (1000, 1001):
         monkeypatch.setattr(os, "getpid", lambda pid=pid: pid)
-        generator = spoolModule._QueueIDGenerator()
+        generator = idsModule._QueueIDGenerator()
         made.append(generator())
     assert made[0][:16] == made[1][:16]
     assert made[0] != made[1]
@@ -958,7 +960,7 @@ def test_deferToThreadFailing(spoolDir: Path, clock: Clock) -> None:
 
 @pytest.fixture
 def syncfsSpool(spoolDir: Path, clock: Clock, threads: ManualThreads) -> Any:
-    if spoolModule._syncfs is None:
+    if commitModule._syncfs is None:
         pytest.skip("no syncfs(2) on this platform")
     s = Spool(spoolDir, reactor=clock, deferToThread=threads, syncMethod="syncfs")
     s.start()
@@ -971,14 +973,14 @@ def test_syncfsBatchSyncsOnceAndPublishesAfter(
 ) -> None:
     calls: list[str] = []
     visible: list[set[str]] = []
-    realSyncfs = spoolModule._syncfs
+    realSyncfs = commitModule._syncfs
 
     def syncfs(fd: int) -> None:
         calls.append("syncfs")
         visible.append({p.name for p in (spoolDir / "queue").iterdir()})
         realSyncfs(fd)
 
-    monkeypatch.setattr(spoolModule, "_syncfs", syncfs)
+    monkeypatch.setattr(commitModule, "_syncfs", syncfs)
     realFsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), realFsync(fd))[1])
     first = writeMessage(syncfsSpool)
@@ -1004,7 +1006,7 @@ def test_syncfsFailureFailsTheBatchAndLeavesNothing(
     def syncfs(fd: int) -> None:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(spoolModule, "_syncfs", syncfs)
+    monkeypatch.setattr(commitModule, "_syncfs", syncfs)
     writers = [writeMessage(syncfsSpool) for _ in range(3)]
     ds = [w.commit(makeEnvelope(w.queueID)) for w in writers]
     threads.runAll()
@@ -1020,7 +1022,7 @@ def test_smallMessagesStayInMemoryUntilCommit(syncfsSpool: Spool, spoolDir: Path
     writer.write(b"Subject: x\r\n\r\nbody\r\n")
     assert list((spoolDir / "tmp").iterdir()) == []  # no file created on the reactor thread
     big = syncfsSpool.openMessage(newQueueID())
-    big.write(b"x" * (spoolModule._MEMORY_LIMIT + 1))
+    big.write(b"x" * (writerModule._MEMORY_LIMIT + 1))
     assert [p.name for p in (spoolDir / "tmp").iterdir()] == [f"{big.queueID}.eml"]
     d = writer.commit(makeEnvelope(writer.queueID))
     threads.runAll()

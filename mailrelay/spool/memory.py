@@ -13,7 +13,7 @@ from zope.interface import implementer
 from mailrelay.envelope import Envelope
 from mailrelay.errors import EntryGone, SpoolError
 from mailrelay.interfaces import IMessageWriter, ISpool
-from mailrelay.spool import isQueueID, newQueueID
+from mailrelay.spool.ids import isQueueID, newQueueID
 
 __all__ = ["MemorySpool"]
 
