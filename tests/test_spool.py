@@ -171,13 +171,13 @@ def writeMessage(spool: Spool, data: bytes = MESSAGE, queueID: str | None = None
 
 def countingDirectorySync(spool: Spool) -> list[Path]:
     calls: list[Path] = []
-    original = spool._fsyncDirectory
+    original = spool._committer.fsyncDirectory
 
     def fsyncDirectory(path: Path) -> None:
         calls.append(Path(path))
         original(path)
 
-    spool._fsyncDirectory = fsyncDirectory  # type: ignore[method-assign]
+    spool._committer.fsyncDirectory = fsyncDirectory  # type: ignore[method-assign]
     return calls
 
 
@@ -299,7 +299,7 @@ def test_directoryFsyncFailure(spool: Spool, spoolDir: Path) -> None:
     def fsyncDirectory(path: Path) -> None:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    spool._fsyncDirectory = fsyncDirectory  # type: ignore[method-assign]
+    spool._committer.fsyncDirectory = fsyncDirectory  # type: ignore[method-assign]
     f = failureOf(writer.commit(makeEnvelope(writer.queueID)), SpoolError)
     assert "directory" in str(f.value) and str(spoolDir / "queue") in str(f.value)
     assertNothingLeft(spoolDir)
@@ -585,7 +585,7 @@ def test_removeOrdering(spool: Spool, spoolDir: Path, monkeypatch: pytest.Monkey
     other, _ = committed(spool)
     order: list[str] = []
     realUnlink = os.unlink
-    original = spool._fsyncDirectory
+    original = spool._committer.fsyncDirectory
 
     def unlink(path: Any) -> None:
         order.append(Path(path).name)
@@ -596,7 +596,7 @@ def test_removeOrdering(spool: Spool, spoolDir: Path, monkeypatch: pytest.Monkey
         original(path)
 
     monkeypatch.setattr(os, "unlink", unlink)
-    spool._fsyncDirectory = fsyncDirectory  # type: ignore[method-assign]
+    spool._committer.fsyncDirectory = fsyncDirectory  # type: ignore[method-assign]
     assert resultOf(spool.remove(qid)) is None
     assert order == [f"{qid}.json", f"{qid}.eml", "fsync queue"]
     assert spool.queueIDs() == [other]
@@ -609,7 +609,7 @@ def test_removeDirectoryFsyncFailure(spool: Spool) -> None:
     def fsyncDirectory(path: Path) -> None:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    spool._fsyncDirectory = fsyncDirectory  # type: ignore[method-assign]
+    spool._committer.fsyncDirectory = fsyncDirectory  # type: ignore[method-assign]
     failureOf(spool.remove(qid), SpoolError)
 
 
@@ -873,15 +873,15 @@ class ThreadReactor(Clock):
 def test_ownedThreadPool(spoolDir: Path) -> None:
     reactor = ThreadReactor()
     s = Spool(spoolDir, reactor=reactor)
-    assert s._threadPool is None
+    assert s._committer.threadPool is None
     s.start()
-    pool = s._threadPool
+    pool = s._committer.threadPool
     assert pool is not None and pool.started and pool.name == "mailrelay-spool"
     assert (pool.min, pool.max) == (1, 4)
 
     # The first batch blocks in its thread until released; the second queues behind it.
     release = threading.Event()
-    original = s._fsyncDirectory
+    original = s._committer.fsyncDirectory
 
     syncThreads: list[threading.Thread] = []
 
@@ -890,7 +890,7 @@ def test_ownedThreadPool(spoolDir: Path) -> None:
         assert release.wait(5)
         original(path)
 
-    s._fsyncDirectory = slowFsyncDirectory  # type: ignore[method-assign]
+    s._committer.fsyncDirectory = slowFsyncDirectory  # type: ignore[method-assign]
     first = writeMessage(s)
     firstD = first.commit(makeEnvelope(first.queueID))
     second = writeMessage(s)
@@ -900,7 +900,7 @@ def test_ownedThreadPool(spoolDir: Path) -> None:
     release.set()
     s.stop()  # waits for the batch in flight, then runs the queued one
     assert pool.joined and not pool.started
-    assert s._threadPool is None
+    assert s._committer.threadPool is None
     assert resultOf(secondD) is None
     assert not hasFired(firstD)  # its result comes through the reactor
     # The first batch ran in a pool thread; the queued one was run by stop() itself.
@@ -913,7 +913,7 @@ def test_ownedThreadPool(spoolDir: Path) -> None:
 
     # A new pool on restart.
     assert s.start() == [first.queueID, second.queueID]
-    assert s._threadPool is not None and s._threadPool is not pool and s._threadPool.started
+    assert s._committer.threadPool is not None and s._committer.threadPool is not pool and s._committer.threadPool.started
     s.stop()
 
 

@@ -11,15 +11,21 @@ import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
 from mailrelay.errors import SpoolError
 
 if TYPE_CHECKING:  # pragma: no cover
     from mailrelay.spool.store import Spool
     from mailrelay.spool.writer import MessageWriter
+
+log = Logger(namespace="mailrelay.spool")
 
 _FILE_MODE = 0o600
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -88,28 +94,6 @@ def _writeAll(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
-
-
-def _writeFileDurably(path: Path, data: bytes, queueID: str | None) -> None:
-    """Create C{path} (which must not exist), write C{data} and fsync it; raise L{SpoolError}."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, _FILE_MODE)
-    except OSError as e:
-        raise _osError("creating", path, e, queueID) from None
-    try:
-        try:
-            _writeAll(fd, data)
-        except OSError as e:
-            raise _osError("writing", path, e, queueID) from None
-        try:
-            os.fsync(fd)
-        except OSError as e:
-            raise _osError("fsync of", path, e, queueID) from None
-    finally:
-        try:
-            os.close(fd)
-        except OSError:  # pragma: no cover - close of a regular file after fsync
-            pass
 
 
 def _createAndWrite(path: Path, data: bytes, queueID: str | None) -> int:
@@ -353,3 +337,236 @@ class _Quarantine(_Operation):
     def publish(self) -> None:
         """Move the .eml, then the .json, to corrupt/."""
         self.moved = self.spool._moveToCorrupt(self.queueID)
+
+
+# -- the group committer
+
+
+class GroupCommitter:
+    """Runs the spool's operations in batches off the reactor thread: at most one batch is in
+    flight, and everything submitted meanwhile runs as the next batch, sharing one syncfs (or
+    fsync per file) and one fsync of C{queue/}.
+
+    @ivar threadPool: the thread pool it owns between L{start} and L{stop}, or C{None}.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        queueDir: Path,
+        reactor: Any,
+        *,
+        syncMethod: str,
+        deferToThread: Callable[..., Deferred[Any]] | None = None,
+    ) -> None:
+        """
+        @param directory: the spool directory (its file system is the one synced).
+        @param queueDir: the directory fsynced after every batch.
+        @param syncMethod: one of L{SYNC_METHODS}.
+        @param deferToThread: C{callable(f, *args)} returning a L{Deferred} of C{f(*args)} run
+            off the reactor thread and fired on it; C{None}: a thread pool of its own.
+        """
+        self.directory = directory
+        self.queueDir = queueDir
+        self._reactor = reactor
+        self._syncMethod = syncMethod
+        self._injectedDeferToThread = deferToThread
+        self.threadPool: ThreadPool | None = None
+        self._pending: list[_Operation] = []
+        self._inFlight = False
+        self._whenIdle: Callable[[], None] | None = None
+
+    @property
+    def busy(self) -> bool:
+        """Whether a batch is in flight or operations wait for one."""
+        return self._inFlight or bool(self._pending)
+
+    def start(self) -> None:
+        """Start the thread pool (unless C{deferToThread} was given)."""
+        self._whenIdle = None
+        if self._injectedDeferToThread is None:
+            self.threadPool = ThreadPool(minthreads=1, maxthreads=4, name="mailrelay-spool")
+            self.threadPool.start()
+
+    def stop(self, whenIdle: Callable[[], None]) -> None:
+        """Stop the owned thread pool, and call C{whenIdle} once no operation is left.
+
+        With the owned pool, waits for the batch in flight to finish its file work (its
+        L{Deferred}s fire later, through the reactor) and runs any queued batch right here, so
+        every operation submitted before C{stop} completes.  With an injected
+        C{deferToThread}, queued operations keep going through it.
+        """
+        pool, self.threadPool = self.threadPool, None
+        if pool is not None:
+            pool.stop()
+            if self._pending:
+                batch, self._pending = self._pending, []
+                self._batchFinished(self._runBatch(batch), batch, fromStop=True)
+            whenIdle()
+        elif self.busy:
+            self._whenIdle = whenIdle
+        else:
+            whenIdle()
+
+    def fsyncDirectory(self, path: Path) -> None:
+        """fsync the directory C{path}; raises C{OSError}.  Runs in the committer's thread."""
+        fd = os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def fsyncDirectoryOrRaise(self, path: Path) -> None:
+        try:
+            self.fsyncDirectory(path)
+        except OSError as e:
+            raise _osError("fsync of directory", path, e, None) from None
+
+    def _deferToThread(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        if self._injectedDeferToThread is not None:
+            return self._injectedDeferToThread(f, *args)
+        assert self.threadPool is not None
+        return deferToThreadPool(self._reactor, self.threadPool, f, *args)
+
+    def submit(self, operation: _Operation) -> Deferred[None]:
+        self._pending.append(operation)
+        self._maybeStartBatch()
+        return operation.deferred
+
+    def _maybeStartBatch(self) -> None:
+        if self._inFlight or not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        self._inFlight = True
+        try:
+            d = self._deferToThread(self._runBatch, batch)
+        except Exception:
+            d = fail()
+        d.addBoth(self._batchFinished, batch)
+
+    def _runBatch(self, batch: list[_Operation]) -> list[SpoolError | None]:
+        """Run C{batch} (in the committer's thread).  Never raises: returns each entry's error
+        or C{None}.
+
+        Group commit in three steps: every entry writes its data; the data is made durable,
+        with one C{syncfs} of the file system for the whole batch (or an fsync per file); then
+        every entry renames or unlinks, and one fsync of C{queue/} makes that durable.  No
+        entry becomes visible in C{queue/} before its data is on disk.
+        """
+        results: list[SpoolError | None] = [None] * len(batch)
+
+        def failed(index: int, e: BaseException) -> None:
+            operation = batch[index]
+            if not isinstance(e, SpoolError):
+                e = _osError(operation.kind, operation.queueID, e, operation.queueID)
+            try:
+                operation.rollback()
+            except Exception as e2:  # pragma: no cover - rollback is best effort already
+                operation.problems.append(f"rollback failed: {e2!r}")
+            results[index] = e  # type: ignore[assignment]
+
+        def alive() -> list[int]:
+            return [i for i, r in enumerate(results) if r is None]
+
+        for index, operation in enumerate(batch):
+            try:
+                operation.prepare()
+            except Exception as e:
+                failed(index, e)
+        withData = [i for i in alive() if batch[i].hasData]
+        if withData:
+            if self._syncMethod == "syncfs" and _syncfs is not None:
+                try:
+                    self._syncFilesystem()
+                except Exception as e:
+                    for index in withData:
+                        queueID = batch[index].queueID
+                        failed(index, _osError("syncfs of", self.directory, e, queueID))
+            else:
+                for index in withData:
+                    try:
+                        batch[index].syncData()
+                    except Exception as e:
+                        failed(index, e)
+        for index in alive():
+            try:
+                batch[index].publish()
+            except Exception as e:
+                failed(index, e)
+        succeeded = alive()
+        if succeeded:
+            try:
+                self.fsyncDirectory(self.queueDir)
+            except Exception as e:
+                for index in succeeded:
+                    operation = batch[index]
+                    results[index] = _osError(
+                        "fsync of directory", self.queueDir, e, operation.queueID
+                    )
+                    try:
+                        operation.directorySyncFailed()
+                    except Exception as e2:  # pragma: no cover
+                        operation.problems.append(f"rollback failed: {e2!r}")
+        return results
+
+    def _syncFilesystem(self) -> None:
+        """syncfs(2) of the spool's file system; raises C{OSError}.  In the committer's
+        thread."""
+        syncfs = _syncfs
+        assert syncfs is not None
+        fd = os.open(self.directory, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+        try:
+            syncfs(fd)
+        finally:
+            os.close(fd)
+
+    def _batchFinished(
+        self,
+        results: list[SpoolError | None] | Failure,
+        batch: list[_Operation],
+        fromStop: bool = False,
+    ) -> None:
+        """Fire each entry's Deferred (on the reactor thread), then start the next batch."""
+        if isinstance(results, Failure):
+            # Not the entries' failures (those come back as values): the thread call itself
+            # failed, so the entries did not run.  Clean up here.
+            log.failure("spool batch of {count} entries failed", results, count=len(batch))
+            reason = results.getErrorMessage()
+            errors: list[SpoolError | None] = []
+            for operation in batch:
+                operation.rollback()
+                errors.append(
+                    SpoolError(
+                        f"{operation.kind} of {operation.queueID} in {self.directory} failed: "
+                        f"{reason}",
+                        queueID=operation.queueID,
+                    )
+                )
+            results = errors
+        try:
+            for operation, error in zip(batch, results, strict=True):
+                for problem in operation.problems:
+                    log.error(
+                        "spool clean-up for {queueID}: {problem}",
+                        queueID=operation.queueID,
+                        problem=problem,
+                    )
+                operation.finished(error)
+                if error is None:
+                    # No log line here: the caller logs the outcome (one line per message).
+                    operation.deferred.callback(None)
+                else:
+                    log.error(
+                        "{kind} of {queueID} failed: {error}",
+                        kind=operation.kind,
+                        queueID=operation.queueID,
+                        error=str(error),
+                    )
+                    operation.deferred.errback(error)
+        finally:
+            if not fromStop:
+                self._inFlight = False
+                self._maybeStartBatch()
+                if self._whenIdle is not None and not self.busy:
+                    whenIdle, self._whenIdle = self._whenIdle, None
+                    whenIdle()

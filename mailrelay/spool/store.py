@@ -30,21 +30,17 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mailrelay.envelope import Envelope
 from mailrelay.errors import CorruptEntry, EntryGone, SpoolError
 from mailrelay.interfaces import ISpool
-from mailrelay.spool import commit as commitModule
 from mailrelay.spool.commit import (
     _FILE_MODE,
     _O_CLOEXEC,
-    _O_DIRECTORY,
     SYNC_METHODS,
+    GroupCommitter,
     _Operation,
     _osError,
     _Quarantine,
@@ -64,7 +60,8 @@ _FREE_SPACE_CACHE_SECONDS = 1.0
 
 @implementer(ISpool)
 class Spool:
-    """The spool directory: recovery at start-up, message writers, and the group committer.
+    """The spool directory: recovery at start-up, reading entries, message writers; the
+    durable work goes through a L{GroupCommitter}.
 
     @ivar directory: the spool directory.
     @ivar minFreeSpace: octets that must stay free on the spool's file system.
@@ -99,20 +96,20 @@ class Spool:
         self.minFreeSpace = minFreeSpace
         if syncMethod not in SYNC_METHODS:
             raise ValueError(f"syncMethod must be one of {SYNC_METHODS}, not {syncMethod!r}")
-        self._syncMethod = syncMethod
         self._recoverAtStart = recover
         self._reactor = reactor
         self._tmpDir = self.directory / "tmp"
         self._queueDir = self.directory / "queue"
         self._corruptDir = self.directory / "corrupt"
-        self._lockPath = self.directory / "lock"
-        self._lockFD: int | None = None
-        self._injectedDeferToThread = deferToThread
-        self._threadPool: ThreadPool | None = None
+        self._lock = _DirectoryLock(self.directory / "lock")
+        self._committer = GroupCommitter(
+            self.directory,
+            self._queueDir,
+            reactor,
+            syncMethod=syncMethod,
+            deferToThread=deferToThread,
+        )
         self._running = False
-        self._pending: list[_Operation] = []
-        self._inFlight = False
-        self._releaseLockWhenIdle = False
         self._updateSerial = 0
         self._freeSpaceCheckedAt: float | None = None
         self._freeSpace: int | None = None
@@ -136,12 +133,12 @@ class Spool:
         """
         if self._running:
             raise RuntimeError(f"spool {self.directory} is already started")
-        if self._inFlight or self._pending:
+        if self._committer.busy:
             raise RuntimeError(f"spool {self.directory} still has operations from its last run")
-        created = self._makeDirectories()
-        self._lockFD, exclusive = self._lock(tryExclusive=self._recoverAtStart)
+        created = _makeDirectories([self.directory, self._tmpDir, self._queueDir])
+        exclusive = self._lock.acquire(tryExclusive=self._recoverAtStart)
         try:
-            self._probeWritable()
+            _probeWritable(self._tmpDir)
             if exclusive:
                 queueIDs = self._recover()
             elif not self._recoverAtStart:
@@ -157,13 +154,11 @@ class Spool:
             if created:
                 for path in created:
                     self._fsyncDirectoryOrRaise(path.parent)
-            fcntl.flock(self._lockFD, fcntl.LOCK_SH)
+            self._lock.share()
         except BaseException:
-            self._unlock()
+            self._lock.release()
             raise
-        if self._injectedDeferToThread is None:
-            self._threadPool = ThreadPool(minthreads=1, maxthreads=4, name="mailrelay-spool")
-            self._threadPool.start()
+        self._committer.start()
         self._running = True
         return queueIDs
 
@@ -178,72 +173,7 @@ class Spool:
         if not self._running:
             return
         self._running = False
-        pool, self._threadPool = self._threadPool, None
-        if pool is not None:
-            pool.stop()
-            if self._pending:
-                batch, self._pending = self._pending, []
-                self._batchFinished(self._runBatch(batch), batch, fromStop=True)
-            self._unlock()
-        elif self._inFlight or self._pending:
-            self._releaseLockWhenIdle = True
-        else:
-            self._unlock()
-
-    def _makeDirectories(self) -> list[Path]:
-        created = []
-        for path in (self.directory, self._tmpDir, self._queueDir):
-            if path.is_dir():
-                continue
-            try:
-                if path == self.directory:
-                    os.makedirs(path, _DIR_MODE)
-                else:
-                    os.mkdir(path, _DIR_MODE)
-            except OSError as e:
-                raise _osError("creating spool directory", path, e, None) from None
-            created.append(path)
-            log.info("created spool directory {path}", path=str(path))
-        return created
-
-    def _lock(self, tryExclusive: bool = True) -> tuple[int, bool]:
-        try:
-            fd = os.open(self._lockPath, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, _FILE_MODE)
-        except OSError as e:
-            raise _osError("opening spool lock", self._lockPath, e, None) from None
-        try:
-            if tryExclusive:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd, True
-        except BlockingIOError:
-            pass
-        except OSError as e:
-            os.close(fd)
-            raise _osError("locking", self._lockPath, e, None) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-        except OSError as e:
-            os.close(fd)
-            raise _osError("locking", self._lockPath, e, None) from None
-        return fd, False
-
-    def _unlock(self) -> None:
-        fd, self._lockFD = self._lockFD, None
-        self._releaseLockWhenIdle = False
-        if fd is not None:
-            os.close(fd)
-
-    def _probeWritable(self) -> None:
-        probe = self._tmpDir / f".probe-{os.getpid()}-{secrets.token_hex(4)}"
-        try:
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, _FILE_MODE)
-        except OSError as e:
-            raise _osError("writing to spool directory", self._tmpDir, e, None) from None
-        os.close(fd)
-        try:
-            os.unlink(probe)
-        except OSError as e:
-            raise _osError("removing", probe, e, None) from None
+        self._committer.stop(whenIdle=self._lock.release)
 
     def _recover(self) -> list[str]:
         removed = 0
@@ -570,165 +500,87 @@ class Spool:
             )
         )
 
-    # -- the group committer ------------------------------------------------------------------
-
-    def _fsyncDirectory(self, path: Path) -> None:
-        """fsync the directory C{path}; raises C{OSError}.  Runs in the committer's thread."""
-        fd = os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     def _fsyncDirectoryOrRaise(self, path: Path) -> None:
-        try:
-            self._fsyncDirectory(path)
-        except OSError as e:
-            raise _osError("fsync of directory", path, e, None) from None
-
-    def _deferToThread(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        if self._injectedDeferToThread is not None:
-            return self._injectedDeferToThread(f, *args)
-        assert self._threadPool is not None
-        return deferToThreadPool(self._reactor, self._threadPool, f, *args)
+        self._committer.fsyncDirectoryOrRaise(path)
 
     def _submit(self, operation: _Operation) -> Deferred[None]:
-        self._pending.append(operation)
-        self._maybeStartBatch()
-        return operation.deferred
+        return self._committer.submit(operation)
 
-    def _maybeStartBatch(self) -> None:
-        if self._inFlight or not self._pending:
-            return
-        batch, self._pending = self._pending, []
-        self._inFlight = True
+
+# -- start-up helpers
+
+
+def _makeDirectories(paths: list[Path]) -> list[Path]:
+    """Create each of C{paths} (mode 0700, the first with its parents) that is missing;
+    return those created."""
+    created = []
+    for path in paths:
+        if path.is_dir():
+            continue
         try:
-            d = self._deferToThread(self._runBatch, batch)
-        except Exception:
-            d = fail()
-        d.addBoth(self._batchFinished, batch)
-
-    def _runBatch(self, batch: list[_Operation]) -> list[SpoolError | None]:
-        """Run C{batch} (in the committer's thread).  Never raises: returns each entry's error
-        or C{None}.
-
-        Group commit in three steps: every entry writes its data; the data is made durable,
-        with one C{syncfs} of the file system for the whole batch (or an fsync per file); then
-        every entry renames or unlinks, and one fsync of C{queue/} makes that durable.  No
-        entry becomes visible in C{queue/} before its data is on disk.
-        """
-        results: list[SpoolError | None] = [None] * len(batch)
-
-        def failed(index: int, e: BaseException) -> None:
-            operation = batch[index]
-            if not isinstance(e, SpoolError):
-                e = _osError(operation.kind, operation.queueID, e, operation.queueID)
-            try:
-                operation.rollback()
-            except Exception as e2:  # pragma: no cover - rollback is best effort already
-                operation.problems.append(f"rollback failed: {e2!r}")
-            results[index] = e  # type: ignore[assignment]
-
-        def alive() -> list[int]:
-            return [i for i, r in enumerate(results) if r is None]
-
-        for index, operation in enumerate(batch):
-            try:
-                operation.prepare()
-            except Exception as e:
-                failed(index, e)
-        withData = [i for i in alive() if batch[i].hasData]
-        if withData:
-            if self._syncMethod == "syncfs" and commitModule._syncfs is not None:
-                try:
-                    self._syncFilesystem()
-                except Exception as e:
-                    for index in withData:
-                        failed(index, _osError("syncfs of", self.directory, e, batch[index].queueID))
+            if path == paths[0]:
+                os.makedirs(path, _DIR_MODE)
             else:
-                for index in withData:
-                    try:
-                        batch[index].syncData()
-                    except Exception as e:
-                        failed(index, e)
-        for index in alive():
-            try:
-                batch[index].publish()
-            except Exception as e:
-                failed(index, e)
-        succeeded = alive()
-        if succeeded:
-            try:
-                self._fsyncDirectory(self._queueDir)
-            except Exception as e:
-                for index in succeeded:
-                    operation = batch[index]
-                    results[index] = _osError(
-                        "fsync of directory", self._queueDir, e, operation.queueID
-                    )
-                    try:
-                        operation.directorySyncFailed()
-                    except Exception as e2:  # pragma: no cover
-                        operation.problems.append(f"rollback failed: {e2!r}")
-        return results
+                os.mkdir(path, _DIR_MODE)
+        except OSError as e:
+            raise _osError("creating spool directory", path, e, None) from None
+        created.append(path)
+        log.info("created spool directory {path}", path=str(path))
+    return created
 
-    def _syncFilesystem(self) -> None:
-        """syncfs(2) of the spool's file system; raises C{OSError}.  In the committer's
-        thread."""
-        syncfs = commitModule._syncfs
-        assert syncfs is not None
-        fd = os.open(self.directory, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+
+def _probeWritable(directory: Path) -> None:
+    """Create and remove a file in C{directory}, or raise L{SpoolError}."""
+    probe = directory / f".probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, _FILE_MODE)
+    except OSError as e:
+        raise _osError("writing to spool directory", directory, e, None) from None
+    os.close(fd)
+    try:
+        os.unlink(probe)
+    except OSError as e:
+        raise _osError("removing", probe, e, None) from None
+
+
+class _DirectoryLock:
+    """The C{flock} on the spool's C{lock} file: shared by every process using the spool,
+    exclusive for the one doing crash recovery."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self, tryExclusive: bool) -> bool:
+        """Lock, exclusively if C{tryExclusive} and no other process holds it, else shared;
+        return whether the lock is exclusive.  @raise SpoolError: it cannot be taken."""
         try:
-            syncfs(fd)
-        finally:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, _FILE_MODE)
+        except OSError as e:
+            raise _osError("opening spool lock", self.path, e, None) from None
+        self._fd = fd
+        try:
+            if tryExclusive:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            self.release()
+            raise _osError("locking", self.path, e, None) from None
+        self.share()
+        return False
+
+    def share(self) -> None:
+        """Turn the lock into a shared one.  @raise SpoolError: it cannot."""
+        assert self._fd is not None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_SH)
+        except OSError as e:
+            self.release()
+            raise _osError("locking", self.path, e, None) from None
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
             os.close(fd)
-
-    def _batchFinished(
-        self,
-        results: list[SpoolError | None] | Failure,
-        batch: list[_Operation],
-        fromStop: bool = False,
-    ) -> None:
-        """Fire each entry's Deferred (on the reactor thread), then start the next batch."""
-        if isinstance(results, Failure):
-            # Not the entries' failures (those come back as values): the thread call itself
-            # failed, so the entries did not run.  Clean up here.
-            log.failure("spool batch of {count} entries failed", results, count=len(batch))
-            reason = results.getErrorMessage()
-            errors: list[SpoolError | None] = []
-            for operation in batch:
-                operation.rollback()
-                errors.append(
-                    SpoolError(
-                        f"{operation.kind} of {operation.queueID} in {self.directory} failed: "
-                        f"{reason}",
-                        queueID=operation.queueID,
-                    )
-                )
-            results = errors
-        try:
-            for operation, error in zip(batch, results):
-                for problem in operation.problems:
-                    log.error(
-                        "spool clean-up for {queueID}: {problem}",
-                        queueID=operation.queueID,
-                        problem=problem,
-                    )
-                operation.finished(error)
-                if error is None:
-                    # No log line here: the caller logs the outcome (one line per message).
-                    operation.deferred.callback(None)
-                else:
-                    log.error(
-                        "{kind} of {queueID} failed: {error}",
-                        kind=operation.kind,
-                        queueID=operation.queueID,
-                        error=str(error),
-                    )
-                    operation.deferred.errback(error)
-        finally:
-            if not fromStop:
-                self._inFlight = False
-                self._maybeStartBatch()
-                if self._releaseLockWhenIdle and not self._inFlight and not self._pending:
-                    self._unlock()
