@@ -19,13 +19,13 @@ from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from mailrelay.queue import scheduler as schedulerModule
-from mailrelay.bounce import POSTMASTER_SOURCE
 from mailrelay.envelope import BOUNCED, DELIVERED, PENDING, ClientInfo, Envelope, Recipient
+from mailrelay.errors import CorruptEntry, SpoolError
 from mailrelay.interfaces import DeliveryStatus, RecipientResult, Route, RouteOptions
 from mailrelay.queue import QueueManager, QueuePolicy, backoff
+from mailrelay.queue import scheduler as schedulerModule
 from mailrelay.queue.attempt import Calls
-from mailrelay.errors import CorruptEntry, SpoolError
+from mailrelay.queue.outcome import POSTMASTER_SOURCE
 from mailrelay.spool import Spool, newQueueID
 
 HOST = "relay.test"

@@ -19,13 +19,13 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
-from mailrelay.spool import commit as commitModule
-from mailrelay.spool import ids as idsModule
-from mailrelay.spool import writer as writerModule
 from mailrelay.envelope import DELIVERED, ClientInfo, Envelope, Recipient
 from mailrelay.errors import CorruptEntry, EntryGone, SpoolError
 from mailrelay.interfaces import IMessageWriter, ISpool
 from mailrelay.spool import MessageWriter, Spool, isQueueID, newQueueID
+from mailrelay.spool import commit as commitModule
+from mailrelay.spool import ids as idsModule
+from mailrelay.spool import writer as writerModule
 from mailrelay.spool.memory import MemorySpool
 
 QUEUE_ID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{20}$")
