@@ -71,9 +71,8 @@ class InlineDelivery(Service):
     """The queue manager and the backends in the relay's own process (C{[queue] process =
     "inline"}), replaceable by a reload; with C{hold}, nothing is delivered."""
 
-    name = "delivery"
-
     def __init__(self, services: list[Any], queue: Any, hold: bool) -> None:
+        self.setName("delivery")
         self._current = self._group(services)
         self.queue = queue
         self.hold = hold

@@ -11,11 +11,11 @@ import json
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import error as ierror
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.logger import Logger, formatEventAsClassicLogText, globalLogBeginner
+from twisted.logger import ILogObserver, Logger, formatEventAsClassicLogText, globalLogBeginner
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
@@ -110,7 +110,7 @@ def _logToRelay() -> None:
         sys.stderr.write(formatEventAsClassicLogText(event) or "")
         sys.stderr.flush()
 
-    globalLogBeginner.beginLoggingTo([toRelay], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([cast(ILogObserver, toRelay)], redirectStandardIO=False)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -151,7 +151,9 @@ def _run(reactor: Any, services: Any, queue: Any) -> int:
     def start() -> None:
         # Our standard output carries the log records; StandardIO gets /dev/null to write to.
         # It comes first, so that the end of our input stops us whatever happens next.
-        stdio.StandardIO(_Feed(queue, reactor), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY))
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        # (typed from the Windows module, which has no stdin/stdout arguments)
+        stdio.StandardIO(_Feed(queue, reactor), stdin=0, stdout=devnull)  # type: ignore[call-arg]
         # reactor.stop (end of input, SIGTERM) waits for the queue manager to finish its
         # deliveries and record them, then for the backends and the spool to close.
         reactor.addSystemEventTrigger("before", "shutdown", services.stopService)

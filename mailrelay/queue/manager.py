@@ -54,8 +54,6 @@ class QueueManager(Service):
     @ivar policy: the L{QueuePolicy}.
     """
 
-    name = "queue"
-
     def __init__(
         self,
         spool: ISpool,
@@ -81,6 +79,7 @@ class QueueManager(Service):
             so that two queue managers never deliver from one spool at once.
         @raise ValueError: a timeout that is not a number greater than zero.
         """
+        self.setName("queue")
         self.spool = spool
         #: Router and backend calls in flight, cut short when the stop's drain time is over.
         self.calls = Calls(clock)

@@ -29,6 +29,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 
@@ -87,6 +88,12 @@ class _ChildProtocol(ProcessProtocol):
         #: The process id (kept after the process has ended, for the log).
         self.pid: int | None = None
 
+    @property
+    def process(self) -> IProcessTransport:
+        """The child process (once started)."""
+        assert self.transport is not None
+        return self.transport
+
     def makeConnection(self, transport: Any) -> None:
         self.pid = transport.pid
         super().makeConnection(transport)
@@ -127,7 +134,6 @@ class DeliveryProcessService(Service):
     @ivar hold: start no child (C{[queue] hold}); mail stays in the spool.
     """
 
-    name = "delivery-process"
     #: The module run as the child (C{python -m}): the delivery process's composition root.
     childModule = "mailrelay.app.deliveryprocess"
 
@@ -140,6 +146,7 @@ class DeliveryProcessService(Service):
         drainTime: float = 30.0,
         hold: bool = False,
     ) -> None:
+        self.setName("delivery-process")
         self.reactor = reactor
         self.configPath = configPath
         self.overrides = overrides
@@ -185,13 +192,13 @@ class DeliveryProcessService(Service):
             childFDs[3] = "w"
         self.reactor.spawnProcess(child, args[0], args, env=dict(os.environ), childFDs=childFDs)
         if self.configText is not None:
-            child.transport.writeToChild(3, self.configText)
-            child.transport.closeChildFD(3)
+            child.process.writeToChild(3, self.configText)
+            child.process.closeChildFD(3)
         self._child = child
         log.info("delivery process started (pid {pid})", pid=child.pid)
         backlog, self._backlog = self._backlog, []
         for line in backlog:
-            child.transport.write(line)
+            child.process.write(line)
 
     def enqueue(self, queueID: str) -> None:
         """Tell the delivery process of a newly committed entry."""
@@ -204,7 +211,7 @@ class DeliveryProcessService(Service):
             # but keep the order of arrival for it.
             self._backlog.append(line)
             return
-        child.transport.write(line)
+        child.process.write(line)
 
     def reload(
         self, configText: bytes | None, overrides: dict[str, Any], drainTime: float, hold: bool
@@ -231,7 +238,7 @@ class DeliveryProcessService(Service):
 
     def _retire(self, child: _ChildProtocol) -> None:
         self._retiring.add(child)
-        child.transport.closeStdin()  # the child stops its queue manager and exits
+        child.process.closeStdin()  # the child stops its queue manager and exits
         kill = self.reactor.callLater(self.drainTime + _KILL_MARGIN, self._kill, child)
 
         def ended(_: object) -> None:
@@ -293,6 +300,6 @@ class DeliveryProcessService(Service):
             timeout=self.drainTime + _KILL_MARGIN,
         )
         try:
-            child.transport.signalProcess("KILL")
+            child.process.signalProcess("KILL")
         except ierror.ProcessExitedAlready:
             pass

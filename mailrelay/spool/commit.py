@@ -202,6 +202,7 @@ class _Commit(_Operation):
             os.fsync(f.fileno())
         except OSError as e:
             raise _osError("fsync of", self.tmpMessage, e, queueID) from None
+        assert self.envelopeFD is not None
         try:
             os.fsync(self.envelopeFD)
         except OSError as e:

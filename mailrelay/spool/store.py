@@ -288,7 +288,7 @@ class Spool:
         while any(os.path.lexists(self._corruptDir / (name + suffix)) for name in names):
             n += 1
             suffix = f".{n}"
-        moved = []
+        moved: list[Path] = []
         for name in reversed(names):
             source, target = self._queueDir / name, self._corruptDir / (name + suffix)
             try:
