@@ -251,8 +251,8 @@ class IMessageWriter(Interface):
 class ISpool(Interface):
     """The durable store of queued messages: one entry per message, an envelope beside it.
 
-    L{mailrelay.spool.Spool} keeps it in a directory; L{mailrelay.spool.MemorySpool} in memory,
-    for tests.  Failures are L{mailrelay.errors.SpoolError}s (raised, or through Deferreds).
+    L{mailrelay.spool.Spool} keeps it in a directory; L{mailrelay.spool.memory.MemorySpool} in
+    memory, for tests.  Failures are L{mailrelay.errors.SpoolError}s (raised, or through Deferreds).
     """
 
     def openMessage(queueID: str | None = None) -> IMessageWriter:
