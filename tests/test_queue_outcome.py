@@ -106,7 +106,7 @@ def scenarios(draw: Any) -> tuple[Envelope, list[Outcome], QueuePolicy, float]:
     return envelope, outcomes, policy, now
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(scenarios())
 def test_decideChangesNothingAndIsRepeatable(scenario: Any) -> None:
     envelope, outcomes, policy, now = scenario
@@ -117,7 +117,7 @@ def test_decideChangesNothingAndIsRepeatable(scenario: Any) -> None:
     assert decide(envelope, outcomes, policy, now) == first
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(scenarios())
 def test_transitionsFollowTheResults(scenario: Any) -> None:
     envelope, outcomes, policy, now = scenario
@@ -156,7 +156,7 @@ def _after(envelope: Envelope, decision: Decision) -> dict[int, str]:
     return states
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(scenarios())
 def test_noticesFollowNotifyAndTheNullSenderRules(scenario: Any) -> None:
     envelope, outcomes, policy, now = scenario
@@ -211,7 +211,7 @@ def test_noticesFollowNotifyAndTheNullSenderRules(scenario: Any) -> None:
         assert decision.discarded.what == expected
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(scenarios())
 def test_applyWritesTheDecision(scenario: Any) -> None:
     envelope, outcomes, policy, now = scenario
