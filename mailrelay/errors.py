@@ -1,10 +1,12 @@
-"""Exceptions shared across mailrelay, and how their messages name values and keys."""
+"""Exceptions shared across mailrelay (configuration, spool), and how their messages name
+values and keys."""
 
 from __future__ import annotations
 
 import datetime
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
@@ -42,6 +44,38 @@ class ConfigError(ValueError):
             newKey = self.key
         return ConfigError(self.message, file=file or self.file, key=newKey)
 
+
+# -- spool errors (spool/ raises them; the queue and the intake handle them)
+
+
+class SpoolError(Exception):
+    """A write, fsync, rename or space failure in the spool.
+
+    C{str()} says what failed and the path involved.
+
+    @ivar path: the path the failure concerns, or C{None}.
+    @ivar queueID: the queue id of the message concerned, or C{None}.
+    """
+
+    def __init__(
+        self, message: str, *, path: Path | str | None = None, queueID: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.queueID = queueID
+
+
+class CorruptEntry(SpoolError):
+    """A committed entry is damaged: its envelope is empty, truncated or invalid, or its
+    message file is missing or not of the size the envelope records.  Commits are atomic, so
+    only something outside mailrelay (a disk error, an operator's editor, a bad restore) can
+    leave one; trying again will not mend it (see L{mailrelay.spool.Spool.quarantine})."""
+
+
+
+class EntryGone(SpoolError):
+    """There is no committed entry of that queue id (any more): it was removed, or never
+    committed.  Nothing to deliver and nothing to repair."""
 
 # -- describing values and keys in messages
 

@@ -218,6 +218,83 @@ class IHeaderStamper(Interface):
 # -- spool (spool/)
 
 
+class IMessageWriter(Interface):
+    """Writes one message into a spool; made by L{ISpool.openMessage}.
+
+    Nothing written is visible to anyone before L{commit} has succeeded; L{abort} (or a failed
+    commit) leaves no trace.
+    """
+
+    queueID = Attribute("The message's queue id (a string safe as a file name).")
+    size = Attribute("Octets written so far.")
+
+    def write(data: bytes) -> None:
+        """Append C{data}.  Never raises: a failure to store it (disk full) is remembered and
+        makes L{commit} fail; writes after L{commit} or L{abort} are ignored."""
+
+    def commit(envelope: "Envelope") -> Any:
+        """Make the message and C{envelope} a durable entry of the spool.
+
+        C{envelope.queueID} must be this writer's L{queueID}; C{envelope.messageSize} is set to
+        the octets written.  The envelope is copied now: later changes to it are not stored.
+
+        @return: a C{Deferred} firing with C{None} once the entry is durable (only then may
+            anyone be told it is queued), or failing with L{mailrelay.errors.SpoolError}; the
+            message is then gone.
+        """
+
+    def abort() -> None:
+        """Drop the message.  Idempotent; does nothing once L{commit} has been called and has
+        not failed."""
+
+
+class ISpool(Interface):
+    """The durable store of queued messages: one entry per message, an envelope beside it.
+
+    L{mailrelay.spool.Spool} keeps it in a directory; L{mailrelay.spool.memory.MemorySpool} in
+    memory, for tests.  Failures are L{mailrelay.errors.SpoolError}s (raised, or through Deferreds).
+    """
+
+    def openMessage(queueID: str | None = None) -> IMessageWriter:
+        """A writer for a new message.
+
+        @param queueID: the id to store it under; C{None} (the usual case): the spool allocates
+            a new one (L{IMessageWriter.queueID}).
+        @raise mailrelay.errors.SpoolError: the message cannot be created.
+        """
+
+    def hasFreeSpace(needed: int = 0) -> bool:
+        """Whether C{needed} more octets still leave the spool's reserve free."""
+
+    def queueIDs() -> list[str]:
+        """The ids of the committed entries, sorted (by arrival)."""
+
+    def messagePath(queueID: str) -> Path:
+        """The path of the committed message C{queueID} (CRLF lines), for a backend to read."""
+
+    def loadEnvelope(queueID: str) -> "Envelope":
+        """A fresh copy of the committed envelope of C{queueID}.
+
+        @raise mailrelay.errors.EntryGone: there is no such entry (any more).
+        @raise mailrelay.errors.CorruptEntry: the entry is damaged (see L{quarantine}).
+        @raise mailrelay.errors.SpoolError: it cannot be read now.
+        @raise ValueError: C{queueID} is not a queue id.
+        """
+
+    def updateEnvelope(envelope: "Envelope") -> Any:
+        """Durably replace the envelope of the entry C{envelope.queueID}: a Deferred firing
+        with C{None}, or failing with L{mailrelay.errors.SpoolError}."""
+
+    def remove(queueID: str) -> Any:
+        """Remove the entry C{queueID} (an entry already gone is fine): a Deferred firing with
+        C{None}, or failing with L{mailrelay.errors.SpoolError}."""
+
+    def quarantine(queueID: str, problem: str) -> Any:
+        """Move the damaged entry C{queueID} aside for the operator, logging C{problem}: a
+        Deferred firing with where its files went (a list of paths, possibly empty), or
+        failing with L{mailrelay.errors.SpoolError} (the entry stays)."""
+
+
 # -- routing (route/)
 
 

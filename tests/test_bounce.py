@@ -1,4 +1,4 @@
-"""Tests for L{mailrelay.bounce}: RFC 3464 delivery status notifications."""
+"""Tests for L{mailrelay.queue.dsn}: RFC 3464 delivery status notifications."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from mailrelay import bounce as bounceModule
-from mailrelay.bounce import (
+from mailrelay.envelope import ClientInfo, Envelope, Recipient
+from mailrelay.queue import dsn as dsnModule
+from mailrelay.queue.dsn import (
     DSN_SOURCE,
     POSTMASTER_SOURCE,
     buildDSN,
@@ -20,7 +21,6 @@ from mailrelay.bounce import (
     isPostmasterNotice,
     utf8AddrXtext,
 )
-from mailrelay.envelope import ClientInfo, Envelope, Recipient
 
 HOST = "relay.test"
 QID = "01HZZZZZZZZZZZZZZZZZ"
@@ -412,7 +412,7 @@ def test_unreadableOriginal(tmp_path: Path) -> None:
 def test_boundaryNotInContent(original: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     original.write_bytes(HEADERS + b"\r\n--" + QID.encode() + b".aaaaaaaaaaaaaaaa=_\r\nmore\r\n")
     tokens = iter(["aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb", "cafe"])
-    monkeypatch.setattr(bounceModule.secrets, "token_hex", lambda n: next(tokens))
+    monkeypatch.setattr(dsnModule.secrets, "token_hex", lambda n: next(tokens))
     dsn = build(original, envelope=makeEnvelope(ret="FULL"))
     assertWellFormed(dsn)
     report = parse(dsn)

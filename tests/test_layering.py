@@ -75,15 +75,12 @@ KNOWN = {
     # The intake (cleanup/) will open and commit spool entries through ISpool.
     "mailrelay.receive.protocol -> mailrelay.cleanup.stamping",
     "mailrelay.receive.protocol -> mailrelay.spool",
-    # DSNs will enter the spool through the intake; the queue will use ISpool.
-    "mailrelay.queue -> mailrelay.spool",
+    # DSNs will enter the spool through the intake.
     "mailrelay.queue.dsn -> mailrelay.cleanup.stamping",
     # The dropin will define the built-in plugin objects itself.
     "twisted.plugins.mailrelay_plugin -> mailrelay.policy.validators",
     # Modules that became their package's __init__.py until they are split.
     "mailrelay.delivery: __init__.py holds code",
-    "mailrelay.queue: __init__.py holds code",
-    "mailrelay.spool: __init__.py holds code",
 }
 
 

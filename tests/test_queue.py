@@ -14,17 +14,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from mailrelay import queue as queueModule
-from mailrelay.bounce import POSTMASTER_SOURCE
 from mailrelay.envelope import BOUNCED, DELIVERED, PENDING, ClientInfo, Envelope, Recipient
+from mailrelay.errors import CorruptEntry, SpoolError
 from mailrelay.interfaces import DeliveryStatus, RecipientResult, Route, RouteOptions
 from mailrelay.queue import QueueManager, QueuePolicy, backoff
-from mailrelay.spool import CorruptEntry, Spool, SpoolError, newQueueID
+from mailrelay.queue import scheduler as schedulerModule
+from mailrelay.queue.attempt import Calls
+from mailrelay.queue.outcome import POSTMASTER_SOURCE
+from mailrelay.spool import Spool, newQueueID
 
 HOST = "relay.test"
 START = 1_700_000_000.0
@@ -643,7 +645,7 @@ def test_newEntryWaitsForRoomInWindow(
 def test_startupLoadsInBatches(
     spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, monkeypatch: Any
 ) -> None:
-    monkeypatch.setattr(queueModule, "_LOADS_PER_TURN", 4)
+    monkeypatch.setattr(schedulerModule, "_LOADS_PER_TURN", 4)
     ids = [
         queueMessage(spool, clock, [f"r{i}@example.com"], nextAttempt=START + 1000)
         for i in range(10)
@@ -689,18 +691,69 @@ def test_stopWaitsForInFlight(
 
 
 def test_stopGivesUpAfterTimeout(
-    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any
 ) -> None:
+    """After the drain time, a delivery still running is cut short: its recipients are
+    recorded as deferred (interrupted), not lost, and a late answer is ignored."""
     backend.hold = True
     qm = makeManager(spool, router, {"smtp": backend}, clock, stopTimeout=5)
     qm.startService()
     queueID = queueMessage(spool, clock, ["a@example.com"])
     qm.enqueue(queueID)
     stopped = qm.stopService()
-    clock.advance(5)
-    assert stopped.called
+    clock.advance(4.9)
+    assert not stopped.called
+    clock.advance(0.1)
+    assert stopped.called and qm.activeCount == 0
     assert spool.queueIDs() == [queueID]  # not lost
-    backend.release()
+    [r] = stored(spool, queueID)["recipients"]
+    assert (r["state"], r["status"]) == (PENDING, "4.3.0")
+    assert r["lastResult"] == (
+        "X-mailrelay; delivery via smtp:example.com interrupted: the relay was stopping (the "
+        "next hop may have received the message)"
+    )
+    backend.release()  # too late: ignored
+    assert stored(spool, queueID)["recipients"][0]["state"] == PENDING
+    assert any("interrupted: the relay is stopping" in t for t in texts(events, queueID))
+
+
+def test_boundCallFiresWhateverTheCallDoes() -> None:
+    """L{Calls.bound}: a time-out or an interruption ends the call even when the Deferred
+    ignores its cancellation; a late result is dropped."""
+    clock = Clock()
+    calls = Calls(clock)
+    later: list[Deferred[Any]] = []
+
+    async def deaf() -> str:
+        """A call that shrugs its cancellation off and goes on waiting."""
+        first: Deferred[str] = Deferred()
+        try:
+            return await first
+        except CancelledError:
+            later.append(Deferred())
+            return await later[-1]
+
+    bounded = calls.bound(Deferred.fromCoroutine(deaf()), 10, lambda result, timeout: (
+        _ for _ in ()).throw(TimeoutError(f"after {timeout}")))
+    assert len(calls) == 1
+    clock.advance(10)
+    assert len(later) == 1  # it was cancelled, and ignored it
+    with pytest.raises(TimeoutError, match="after 10"):
+        resultOf(bounded)
+    later[0].callback("late")
+    assert len(calls) == 0
+    interrupted = calls.bound(Deferred.fromCoroutine(deaf()), 0)  # no time limit
+    clock.advance(1000)
+    assert not interrupted.called
+    calls.interrupt()
+    assert calls.interrupted and len(later) == 2
+    with pytest.raises(CancelledError):
+        resultOf(interrupted)
+    later[1].callback("late")
+    calls.reset()
+    assert not calls.interrupted
+    fine = calls.bound(succeed("now"), 10)
+    assert resultOf(fine) == "now" and len(calls) == 0 and not clock.getDelayedCalls()
 
 
 # --- failures ----------------------------------------------------------------------------------
@@ -771,7 +824,7 @@ def test_bounceCommitFailureKeepsRecipientPending(
     realOpen = spool.openMessage
     failures = [SpoolError("no space")]
 
-    def openMessage(queueID: str) -> Any:
+    def openMessage(queueID: str | None = None) -> Any:
         if failures:
             raise failures.pop()
         return realOpen(queueID)

@@ -17,10 +17,16 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
 
-from mailrelay import spool as spoolModule
 from mailrelay.envelope import DELIVERED, ClientInfo, Envelope, Recipient
-from mailrelay.spool import CorruptEntry, MessageWriter, Spool, SpoolError, isQueueID, newQueueID
+from mailrelay.errors import CorruptEntry, EntryGone, SpoolError
+from mailrelay.interfaces import IMessageWriter, ISpool
+from mailrelay.spool import MessageWriter, Spool, isQueueID, newQueueID
+from mailrelay.spool import commit as commitModule
+from mailrelay.spool import ids as idsModule
+from mailrelay.spool import writer as writerModule
+from mailrelay.spool.memory import MemorySpool
 
 QUEUE_ID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{20}$")
 MESSAGE = b"Received: from client\r\nSubject: hi\r\n\r\nbody line 1\r\n.dotted\r\n"
@@ -152,7 +158,7 @@ def manualSpool(spoolDir: Path, clock: Clock, threads: ManualThreads) -> Any:
 
 
 #: Bigger than what a writer keeps in memory: written to its temporary file at once.
-BIG = b"x" * (spoolModule._MEMORY_LIMIT + 1)
+BIG = b"x" * (writerModule._MEMORY_LIMIT + 1)
 
 
 def writeMessage(spool: Spool, data: bytes = MESSAGE, queueID: str | None = None) -> MessageWriter:
@@ -165,13 +171,13 @@ def writeMessage(spool: Spool, data: bytes = MESSAGE, queueID: str | None = None
 
 def countingDirectorySync(spool: Spool) -> list[Path]:
     calls: list[Path] = []
-    original = spool._fsyncDirectory
+    original = spool._committer.fsyncDirectory
 
     def fsyncDirectory(path: Path) -> None:
         calls.append(Path(path))
         original(path)
 
-    spool._fsyncDirectory = fsyncDirectory  # type: ignore[method-assign]
+    spool._committer.fsyncDirectory = fsyncDirectory  # type: ignore[method-assign]
     return calls
 
 
@@ -293,7 +299,7 @@ def test_directoryFsyncFailure(spool: Spool, spoolDir: Path) -> None:
     def fsyncDirectory(path: Path) -> None:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    spool._fsyncDirectory = fsyncDirectory  # type: ignore[method-assign]
+    spool._committer.fsyncDirectory = fsyncDirectory  # type: ignore[method-assign]
     f = failureOf(writer.commit(makeEnvelope(writer.queueID)), SpoolError)
     assert "directory" in str(f.value) and str(spoolDir / "queue") in str(f.value)
     assertNothingLeft(spoolDir)
@@ -579,7 +585,7 @@ def test_removeOrdering(spool: Spool, spoolDir: Path, monkeypatch: pytest.Monkey
     other, _ = committed(spool)
     order: list[str] = []
     realUnlink = os.unlink
-    original = spool._fsyncDirectory
+    original = spool._committer.fsyncDirectory
 
     def unlink(path: Any) -> None:
         order.append(Path(path).name)
@@ -590,7 +596,7 @@ def test_removeOrdering(spool: Spool, spoolDir: Path, monkeypatch: pytest.Monkey
         original(path)
 
     monkeypatch.setattr(os, "unlink", unlink)
-    spool._fsyncDirectory = fsyncDirectory  # type: ignore[method-assign]
+    spool._committer.fsyncDirectory = fsyncDirectory  # type: ignore[method-assign]
     assert resultOf(spool.remove(qid)) is None
     assert order == [f"{qid}.json", f"{qid}.eml", "fsync queue"]
     assert spool.queueIDs() == [other]
@@ -603,7 +609,7 @@ def test_removeDirectoryFsyncFailure(spool: Spool) -> None:
     def fsyncDirectory(path: Path) -> None:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    spool._fsyncDirectory = fsyncDirectory  # type: ignore[method-assign]
+    spool._committer.fsyncDirectory = fsyncDirectory  # type: ignore[method-assign]
     failureOf(spool.remove(qid), SpoolError)
 
 
@@ -653,8 +659,14 @@ def test_updateEnvelopeOfMissingEntry(spool: Spool, spoolDir: Path) -> None:
 
 
 def test_loadEnvelopeErrors(spool: Spool, spoolDir: Path) -> None:
-    with pytest.raises(SpoolError):
+    with pytest.raises(EntryGone):
         spool.loadEnvelope(newQueueID())
+    unreadable = newQueueID()
+    (spoolDir / "queue" / f"{unreadable}.json").mkdir()  # not gone, but cannot be read
+    with pytest.raises(SpoolError, match="reading envelope") as raised:
+        spool.loadEnvelope(unreadable)
+    assert not isinstance(raised.value, (EntryGone, CorruptEntry))
+    (spoolDir / "queue" / f"{unreadable}.json").rmdir()
     qid, _ = committed(spool)
     (spoolDir / "queue" / f"{qid}.json").write_bytes(b'{"version": 99}')
     with pytest.raises(CorruptEntry, match="is not a valid envelope: unsupported envelope version 99"):
@@ -830,7 +842,7 @@ def test_queueIDProcessSuffix(monkeypatch: pytest.MonkeyPatch) -> None:
     made = []
     for pid in (1000, 1001):
         monkeypatch.setattr(os, "getpid", lambda pid=pid: pid)
-        generator = spoolModule._QueueIDGenerator()
+        generator = idsModule._QueueIDGenerator()
         made.append(generator())
     assert made[0][:16] == made[1][:16]
     assert made[0] != made[1]
@@ -861,15 +873,15 @@ class ThreadReactor(Clock):
 def test_ownedThreadPool(spoolDir: Path) -> None:
     reactor = ThreadReactor()
     s = Spool(spoolDir, reactor=reactor)
-    assert s._threadPool is None
+    assert s._committer.threadPool is None
     s.start()
-    pool = s._threadPool
+    pool = s._committer.threadPool
     assert pool is not None and pool.started and pool.name == "mailrelay-spool"
     assert (pool.min, pool.max) == (1, 4)
 
     # The first batch blocks in its thread until released; the second queues behind it.
     release = threading.Event()
-    original = s._fsyncDirectory
+    original = s._committer.fsyncDirectory
 
     syncThreads: list[threading.Thread] = []
 
@@ -878,7 +890,7 @@ def test_ownedThreadPool(spoolDir: Path) -> None:
         assert release.wait(5)
         original(path)
 
-    s._fsyncDirectory = slowFsyncDirectory  # type: ignore[method-assign]
+    s._committer.fsyncDirectory = slowFsyncDirectory  # type: ignore[method-assign]
     first = writeMessage(s)
     firstD = first.commit(makeEnvelope(first.queueID))
     second = writeMessage(s)
@@ -888,7 +900,7 @@ def test_ownedThreadPool(spoolDir: Path) -> None:
     release.set()
     s.stop()  # waits for the batch in flight, then runs the queued one
     assert pool.joined and not pool.started
-    assert s._threadPool is None
+    assert s._committer.threadPool is None
     assert resultOf(secondD) is None
     assert not hasFired(firstD)  # its result comes through the reactor
     # The first batch ran in a pool thread; the queued one was run by stop() itself.
@@ -901,7 +913,7 @@ def test_ownedThreadPool(spoolDir: Path) -> None:
 
     # A new pool on restart.
     assert s.start() == [first.queueID, second.queueID]
-    assert s._threadPool is not None and s._threadPool is not pool and s._threadPool.started
+    assert s._committer.threadPool is not None and s._committer.threadPool is not pool and s._committer.threadPool.started
     s.stop()
 
 
@@ -948,7 +960,7 @@ def test_deferToThreadFailing(spoolDir: Path, clock: Clock) -> None:
 
 @pytest.fixture
 def syncfsSpool(spoolDir: Path, clock: Clock, threads: ManualThreads) -> Any:
-    if spoolModule._syncfs is None:
+    if commitModule._syncfs is None:
         pytest.skip("no syncfs(2) on this platform")
     s = Spool(spoolDir, reactor=clock, deferToThread=threads, syncMethod="syncfs")
     s.start()
@@ -961,14 +973,14 @@ def test_syncfsBatchSyncsOnceAndPublishesAfter(
 ) -> None:
     calls: list[str] = []
     visible: list[set[str]] = []
-    realSyncfs = spoolModule._syncfs
+    realSyncfs = commitModule._syncfs
 
     def syncfs(fd: int) -> None:
         calls.append("syncfs")
         visible.append({p.name for p in (spoolDir / "queue").iterdir()})
         realSyncfs(fd)
 
-    monkeypatch.setattr(spoolModule, "_syncfs", syncfs)
+    monkeypatch.setattr(commitModule, "_syncfs", syncfs)
     realFsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), realFsync(fd))[1])
     first = writeMessage(syncfsSpool)
@@ -994,7 +1006,7 @@ def test_syncfsFailureFailsTheBatchAndLeavesNothing(
     def syncfs(fd: int) -> None:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(spoolModule, "_syncfs", syncfs)
+    monkeypatch.setattr(commitModule, "_syncfs", syncfs)
     writers = [writeMessage(syncfsSpool) for _ in range(3)]
     ds = [w.commit(makeEnvelope(w.queueID)) for w in writers]
     threads.runAll()
@@ -1010,7 +1022,7 @@ def test_smallMessagesStayInMemoryUntilCommit(syncfsSpool: Spool, spoolDir: Path
     writer.write(b"Subject: x\r\n\r\nbody\r\n")
     assert list((spoolDir / "tmp").iterdir()) == []  # no file created on the reactor thread
     big = syncfsSpool.openMessage(newQueueID())
-    big.write(b"x" * (spoolModule._MEMORY_LIMIT + 1))
+    big.write(b"x" * (writerModule._MEMORY_LIMIT + 1))
     assert [p.name for p in (spoolDir / "tmp").iterdir()] == [f"{big.queueID}.eml"]
     d = writer.commit(makeEnvelope(writer.queueID))
     threads.runAll()
@@ -1034,3 +1046,85 @@ def test_joiningProcessDoesNotRecover(spoolDir: Path, clock: Clock, events: list
         assert not [e for e in events if "recovery" in e.get("log_format", "")]
     finally:
         joiner.stop()
+
+
+# --- the ISpool contract, for the spool and the one in memory ---------------------------------
+
+
+@pytest.fixture(params=["Spool", "MemorySpool"])
+def anySpool(request: Any, spoolDir: Path, clock: Clock, tmp_path: Path) -> Any:
+    if request.param == "MemorySpool":
+        yield MemorySpool(tmp_path / "messages")
+        return
+    s = Spool(spoolDir, reactor=clock, deferToThread=syncDeferToThread)
+    s.start()
+    yield s
+    s.stop()
+
+
+def test_bothProvideISpool(anySpool: Any) -> None:
+    assert verifyObject(ISpool, anySpool)
+    writer = anySpool.openMessage()
+    assert verifyObject(IMessageWriter, writer)
+    writer.abort()
+
+
+def test_contractCommitLoadUpdateRemove(anySpool: Any) -> None:
+    writer = anySpool.openMessage()
+    assert isQueueID(writer.queueID)
+    writer.write(MESSAGE[:10])
+    writer.write(MESSAGE[10:])
+    assert writer.size == len(MESSAGE)
+    envelope = makeEnvelope(writer.queueID)
+    envelope.messageSize = 0
+    assert anySpool.queueIDs() == []
+    resultOf(writer.commit(envelope))
+    assert envelope.messageSize == len(MESSAGE)
+    assert anySpool.queueIDs() == [writer.queueID]
+    assert anySpool.messagePath(writer.queueID).read_bytes() == MESSAGE
+    loaded = anySpool.loadEnvelope(writer.queueID)
+    assert loaded == envelope and loaded is not envelope
+    loaded.recipients[0].state = DELIVERED
+    assert anySpool.loadEnvelope(writer.queueID).recipients[0].state != DELIVERED
+    resultOf(anySpool.updateEnvelope(loaded))
+    assert anySpool.loadEnvelope(writer.queueID) == loaded
+    resultOf(anySpool.remove(writer.queueID))
+    resultOf(anySpool.remove(writer.queueID))  # already gone: fine
+    assert anySpool.queueIDs() == []
+    with pytest.raises(EntryGone):
+        anySpool.loadEnvelope(writer.queueID)
+    failureOf(anySpool.updateEnvelope(loaded), SpoolError)
+    with pytest.raises(ValueError):
+        anySpool.loadEnvelope("../etc/passwd")
+
+
+def test_contractAbortAndRefusals(anySpool: Any) -> None:
+    writer = anySpool.openMessage()
+    writer.write(MESSAGE)
+    writer.abort()
+    writer.abort()
+    failureOf(writer.commit(makeEnvelope(writer.queueID)), SpoolError)
+    assert anySpool.queueIDs() == []
+    other = anySpool.openMessage()
+    failureOf(other.commit(makeEnvelope(newQueueID())), SpoolError)  # not its id
+    assert anySpool.queueIDs() == []
+    given = newQueueID()
+    assert anySpool.openMessage(given).queueID == given  # an id allocated by the caller
+
+
+def test_contractQuarantine(anySpool: Any) -> None:
+    writer = anySpool.openMessage()
+    writer.write(MESSAGE)
+    resultOf(writer.commit(makeEnvelope(writer.queueID)))
+    assert isinstance(resultOf(anySpool.quarantine(writer.queueID, "damaged")), list)
+    assert anySpool.queueIDs() == []
+    failureOf(anySpool.quarantine(writer.queueID, "again"), SpoolError)
+
+
+def test_memorySpoolWithoutDirectoryHasNoPaths() -> None:
+    spool = MemorySpool()
+    writer = spool.openMessage()
+    resultOf(writer.commit(makeEnvelope(writer.queueID)))
+    with pytest.raises(SpoolError, match="no directory"):
+        spool.messagePath(writer.queueID)
+    assert spool.messages() == [b""]

@@ -12,6 +12,7 @@ from mailrelay.app.backends import makeBackends
 from mailrelay.app.services import BackendsService, OrderedMultiService, SpoolService
 from mailrelay.config import Config
 from mailrelay.errors import ConfigError
+from mailrelay.interfaces import ISpool
 from mailrelay.spool import Spool
 
 
@@ -28,7 +29,9 @@ def makeSpool(config: Config, reactor: Any, parent: Any, recover: bool = True) -
     return spool
 
 
-def makeDelivery(config: Config, reactor: Any, spool: Any, build: Any) -> tuple[list[Any], Any]:
+def makeDelivery(
+    config: Config, reactor: Any, spool: ISpool, build: Any
+) -> tuple[list[Any], Any]:
     """The delivery side over C{spool}: the backends' service and the queue manager (to be
     started in that order), and the queue manager.
 
@@ -71,9 +74,8 @@ class InlineDelivery(Service):
     """The queue manager and the backends in the relay's own process (C{[queue] process =
     "inline"}), replaceable by a reload; with C{hold}, nothing is delivered."""
 
-    name = "delivery"
-
     def __init__(self, services: list[Any], queue: Any, hold: bool) -> None:
+        self.setName("delivery")
         self._current = self._group(services)
         self.queue = queue
         self.hold = hold

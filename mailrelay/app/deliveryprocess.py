@@ -1,302 +1,30 @@
-"""The queue manager in a process of its own, so that delivery and acceptance use two cores.
-
-Like Postfix's qmgr beside its smtpd processes: the relay's main process accepts mail and
-commits it to the spool; a child process (C{python -m mailrelay.app.deliveryprocess}) runs the queue
-manager and the delivery backends over the same spool.  The main process tells the child of
-each committed entry by writing its queue id, one per line, to the child's standard input --
-the child never rescans the spool, and a lost notification costs nothing: whatever is in the
-spool is delivered when the child (re)starts.  The child sends its log events, formatted, one
-line each, on its standard output; the main process publishes them to its own log observers,
-so they go wherever the relay logs (stdout with C{-n}, C{twistd.log} when daemonised), as if logged there.
-
-When the child exits unexpectedly it is started again (after a pause that doubles, up to a
-minute).  When the relay stops or reloads, the child's standard input is closed; the child
-stops its queue manager -- deliveries in flight run to their end (at most the drain time) and
-are recorded -- then closes its backends and the spool, and exits.  The child also stops so
-when it gets SIGTERM, which Linux sends it when the relay dies (C{PR_SET_PDEATHSIG}); and only
-one queue manager delivers from a spool at a time (L{mailrelay.queue.lock}), so a relay
-restarted after C{kill -9} starts a child that waits for the old one to finish.
+"""The delivery process's composition root (C{python -m mailrelay.app.deliveryprocess}): the
+spool, the backends and the queue manager of the relay's configuration, fed with queue ids on
+standard input, logging to standard output.  The relay's side, and the whole process model,
+are in L{mailrelay.queue.process}.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import signal
 import sys
-from typing import Any
+from typing import Any, cast
 
-from twisted.application.service import Service
 from twisted.internet import error as ierror
-from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import (
-    LogLevel,
-    Logger,
-    formatEvent,
-    formatEventAsClassicLogText,
-    globalLogPublisher,
-)
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.logger import ILogObserver, Logger, formatEventAsClassicLogText, globalLogBeginner
+from twisted.protocols.basic import LineReceiver
+from zope.interface import implementer
+
+from mailrelay.queue.process import decodeLogEvent, encodeLogEvent
 
 log = Logger()
 
-#: Seconds after its drain time when a delivery process told to stop is killed.
-_KILL_MARGIN = 15.0
-_RESTART_MIN = 1.0
-_RESTART_MAX = 60.0
-
-
-#: A log record longer than this is dropped (with a note) rather than buffered without bound.
-_MAX_RECORD = 1024 * 1024
-
-
-def encodeLogEvent(event: dict[str, Any]) -> str:
-    """One line for the relay's process: time, namespace, level and the formatted text
-    (with its traceback, if any), tab-separated, backslashes and newlines escaped.  The child
-    formats its events itself: the relay only copies them into its log, cheaply."""
-    text = formatEvent(event)
-    failure = event.get("log_failure")
-    if failure is not None:
-        text += "\n" + failure.getTraceback()
-    text = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
-    level = event.get("log_level")
-    return "{}\t{}\t{}\t{}\n".format(
-        event.get("log_time", 0.0),
-        event.get("log_namespace", "-"),
-        getattr(level, "name", "info"),
-        text,
-    )
-
-
-def decodeLogEvent(line: str) -> dict[str, Any]:
-    """The event L{encodeLogEvent} wrote.  @raise ValueError: not such a line."""
-    when, namespace, level, text = line.split("\t", 3)
-    text = (
-        text.replace("\\\\", "\x00").replace("\\n", "\n").replace("\\r", "\r").replace("\x00", "\\")
-    )
-    return {
-        "log_time": float(when),
-        "log_namespace": namespace,
-        "log_level": LogLevel.levelWithName(level),
-        "log_format": "{log_text}",
-        "log_text": text,
-    }
-
-
-class _ChildProtocol(ProcessProtocol):
-    def __init__(self, service: "DeliveryProcessService") -> None:
-        self.service = service
-        self.ended: Deferred[None] = Deferred()
-        self._buffer = b""
-        #: The process id (kept after the process has ended, for the log).
-        self.pid: int | None = None
-
-    def makeConnection(self, transport: Any) -> None:
-        self.pid = transport.pid
-        super().makeConnection(transport)
-
-    def outReceived(self, data: bytes) -> None:
-        """Log events from the child: publish each to our own observers."""
-        self._buffer += data
-        *records, self._buffer = self._buffer.split(b"\n")
-        if len(self._buffer) > _MAX_RECORD:
-            log.error("delivery process: log record over {limit} bytes dropped", limit=_MAX_RECORD)
-            self._buffer = b""
-        for record in records:
-            if not record:
-                continue
-            try:
-                event = decodeLogEvent(record.decode("utf-8", "replace"))
-            except (ValueError, KeyError):
-                log.warn("delivery process: {line}", line=record.decode("utf-8", "replace"))
-                continue
-            globalLogPublisher(event)
-
-    def processEnded(self, reason: Any) -> None:
-        self.service._childEnded(self, reason)
-        self.ended.callback(None)
-
-
-class DeliveryProcessService(Service):
-    """Runs and feeds the delivery process.
-
-    The child gets the configuration the relay runs on: the bytes of its file (on file
-    descriptor 3, so that an edit not yet reloaded does not reach a restarted child), its path
-    (for messages and relative paths) and the command-line overrides.  It holds the spool's
-    queue lock (L{mailrelay.queue.lock}) while it may deliver, so that a child started while a
-    previous one finishes (after a reload, or a crash of the relay) waits for it.
-
-    @ivar drainTime: seconds the child may take to finish its deliveries when told to stop;
-        it is killed if it has not exited some seconds after that.
-    @ivar hold: start no child (C{[queue] hold}); mail stays in the spool.
-    """
-
-    name = "delivery-process"
-
-    def __init__(
-        self,
-        reactor: Any,
-        configPath: str | None,
-        overrides: dict[str, Any],
-        configText: bytes | None = None,
-        drainTime: float = 30.0,
-        hold: bool = False,
-    ) -> None:
-        self.reactor = reactor
-        self.configPath = configPath
-        self.overrides = overrides
-        self.configText = configText
-        self.drainTime = drainTime
-        self.hold = hold
-        self._child: _ChildProtocol | None = None
-        #: Children told to stop (a reload) that have not exited yet.
-        self._retiring: set[_ChildProtocol] = set()
-        self._backlog: list[bytes] = []
-        self._restartDelay = _RESTART_MIN
-        self._restartCall: Any = None
-        self._stopping = False
-
-    def command(self) -> list[str]:
-        args = [
-            sys.executable,
-            "-m",
-            "mailrelay.app.deliveryprocess",
-            "--overrides",
-            json.dumps(self.overrides),
-            "--parent-pid",
-            str(os.getpid()),
-        ]
-        if self.configPath is not None:
-            args += ["--config", os.path.abspath(self.configPath)]
-        if self.configText is not None:
-            args += ["--config-fd", "3"]
-        return args
-
-    def startService(self) -> None:
-        super().startService()
-        self._stopping = False
-        if not self.hold:
-            self._spawn()
-
-    def _spawn(self) -> None:
-        self._restartCall = None
-        child = _ChildProtocol(self)
-        args = self.command()
-        childFDs: dict[int, Any] = {0: "w", 1: "r", 2: 2}
-        if self.configText is not None:
-            childFDs[3] = "w"
-        self.reactor.spawnProcess(child, args[0], args, env=dict(os.environ), childFDs=childFDs)
-        if self.configText is not None:
-            child.transport.writeToChild(3, self.configText)
-            child.transport.closeChildFD(3)
-        self._child = child
-        log.info("delivery process started (pid {pid})", pid=child.pid)
-        backlog, self._backlog = self._backlog, []
-        for line in backlog:
-            child.transport.write(line)
-
-    def enqueue(self, queueID: str) -> None:
-        """Tell the delivery process of a newly committed entry."""
-        if self.hold:
-            return
-        line = queueID.encode("ascii") + b"\n"
-        child = self._child
-        if child is None:
-            # Between a crash and the restart: the restarted child scans the spool anyway,
-            # but keep the order of arrival for it.
-            self._backlog.append(line)
-            return
-        child.transport.write(line)
-
-    def reload(
-        self, configText: bytes | None, overrides: dict[str, Any], drainTime: float, hold: bool
-    ) -> None:
-        """Run a new child on a new configuration: the running one is told to stop (it
-        finishes its deliveries and records them), the new one starts at once and begins
-        delivering when the old one has released the queue lock."""
-        self.configText = configText
-        self.overrides = overrides
-        self.drainTime = drainTime
-        self.hold = hold
-        old, self._child = self._child, None
-        if self._restartCall is not None and self._restartCall.active():
-            self._restartCall.cancel()
-        self._restartCall = None
-        self._restartDelay = _RESTART_MIN
-        if old is not None:
-            self._retire(old)
-        if self.running and not self.hold:
-            self._spawn()
-        elif self.hold:
-            self._backlog.clear()
-            log.warn("queue.hold is set: the delivery process is stopped, nothing is delivered")
-
-    def _retire(self, child: _ChildProtocol) -> None:
-        self._retiring.add(child)
-        child.transport.closeStdin()  # the child stops its queue manager and exits
-        kill = self.reactor.callLater(self.drainTime + _KILL_MARGIN, self._kill, child)
-
-        def ended(_: object) -> None:
-            if kill.active():
-                kill.cancel()
-
-        child.ended.addCallback(ended)
-
-    def _childEnded(self, child: _ChildProtocol, reason: Any) -> None:
-        code = getattr(reason.value, "exitCode", None)
-        if child in self._retiring:
-            self._retiring.discard(child)
-            if not self._stopping:
-                log.info(
-                    "previous delivery process (pid {pid}) exited ({reason})",
-                    pid=child.pid,
-                    reason=reason.getErrorMessage() if code is None else f"status {code}",
-                )
-            return
-        if child is self._child:
-            self._child = None
-        if self._stopping:
-            return
-        log.error(
-            "delivery process exited unexpectedly ({reason}); restarting in {delay:.0f}s",
-            reason=reason.getErrorMessage() if code is None else f"status {code}",
-            delay=self._restartDelay,
-        )
-        self._restartCall = self.reactor.callLater(self._restartDelay, self._spawn)
-        self._restartDelay = min(_RESTART_MAX, self._restartDelay * 2)
-
-    def beginShutdown(self) -> None:
-        """The relay is stopping: a child exiting from now on is not restarted (it may have
-        been signalled with the relay, as by a terminal's Ctrl-C or systemd)."""
-        self._stopping = True
-
-    def stopService(self) -> Deferred[None]:
-        super().stopService()
-        self.beginShutdown()
-        if self._restartCall is not None and self._restartCall.active():
-            self._restartCall.cancel()
-        if self._child is not None:
-            child, self._child = self._child, None
-            self._retire(child)
-        ended = [child.ended for child in self._retiring]
-        if not ended:
-            return succeed(None)
-        log.info(
-            "waiting for the delivery process to finish its deliveries (at most {drain:g}s)",
-            drain=self.drainTime,
-        )
-        return DeferredList(ended, consumeErrors=True).addCallback(lambda _: None)
-
-    def _kill(self, child: _ChildProtocol) -> None:
-        log.error(
-            "delivery process (pid {pid}) did not stop {timeout:g}s after it was told to; "
-            "killing it",
-            pid=child.pid,
-            timeout=self.drainTime + _KILL_MARGIN,
-        )
-        try:
-            child.transport.signalProcess("KILL")
-        except ierror.ProcessExitedAlready:
-            pass
+#: decodeLogEvent: kept here for old imports (mailrelay.qmgrprocess).
+__all__ = ["decodeLogEvent", "encodeLogEvent", "makeDeliveryServices"]
 
 
 # -- the child ----------------------------------------------------------------------------------
@@ -337,7 +65,6 @@ def dieWithParent(parentPID: int) -> bool:
     when the parent is already gone."""
     import ctypes
     import ctypes.util
-    import signal
 
     if sys.platform.startswith("linux"):
         try:
@@ -357,36 +84,20 @@ def _readConfigText(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _childMain(argv: list[str]) -> int:
-    import argparse
-    import signal
-
-    from twisted.internet import reactor, stdio
-    from twisted.internet.interfaces import IHalfCloseableProtocol
-    from twisted.logger import globalLogBeginner
-    from twisted.protocols.basic import LineReceiver
-    from zope.interface import implementer
-
-    from mailrelay.config import loadConfig
-    from mailrelay.errors import ConfigError
-
+def _parseArguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m mailrelay.app.deliveryprocess")
     parser.add_argument("--config")
     parser.add_argument("--config-fd", type=int)
     parser.add_argument("--overrides", default="{}")
     parser.add_argument("--parent-pid", type=int)
-    options = parser.parse_args(argv)
-    if options.parent_pid is not None and not dieWithParent(options.parent_pid):
-        print("mailrelay delivery process: the relay is gone; not starting", file=sys.stderr)
-        return 1
-    # The relay stops us (by closing our input); a Ctrl-C meant for it must not cut our
-    # deliveries short.  SIGTERM (also sent when the relay dies) stops us cleanly.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    configText = _readConfigText(options.config_fd) if options.config_fd is not None else None
-    # Log events go to the relay's process, one line each on our standard output, each
-    # flushed as it is written (a pipe would otherwise hold them in a block buffer).
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    return parser.parse_args(argv)
 
+
+def _logToRelay() -> None:
+    """Send every log event to the relay's process, one line each on our standard output
+    (L{encodeLogEvent}), each flushed as it is written (a pipe would otherwise hold them in a
+    block buffer); once the relay is gone, to our standard error."""
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     relayGone: list[bool] = []
 
     def toRelay(event: dict[str, Any]) -> None:
@@ -399,41 +110,50 @@ def _childMain(argv: list[str]) -> int:
         sys.stderr.write(formatEventAsClassicLogText(event) or "")
         sys.stderr.flush()
 
-    globalLogBeginner.beginLoggingTo([toRelay], redirectStandardIO=False)
-    try:
-        config = loadConfig(options.config, json.loads(options.overrides), text=configText)
-        services, queue = makeDeliveryServices(config, reactor)
-        services.privilegedStartService()
-    except ConfigError as e:
-        print(f"mailrelay delivery process: configuration error: {e}", file=sys.stderr)
-        return 1
+    globalLogBeginner.beginLoggingTo([cast(ILogObserver, toRelay)], redirectStandardIO=False)
 
-    @implementer(IHalfCloseableProtocol)
-    class Feed(LineReceiver):
-        delimiter = b"\n"
 
-        def lineReceived(self, line: bytes) -> None:
-            queueID = line.strip().decode("ascii", "replace")
-            if queueID:
-                queue.enqueue(queueID)
+@implementer(IHalfCloseableProtocol)
+class _Feed(LineReceiver):
+    """Our standard input: the queue ids the relay committed, one per line; its end tells
+    us to stop."""
 
-        def readConnectionLost(self) -> None:
-            # The relay closed our input: it is stopping, reloading, or gone.  Stop cleanly
-            # (the shutdown trigger stops the services in order).
-            _stopReactor(reactor)
+    delimiter = b"\n"
 
-        def writeConnectionLost(self) -> None:
-            pass
+    def __init__(self, queue: Any, reactor: Any) -> None:
+        self.queue = queue
+        self.reactor = reactor
 
-        def connectionLost(self, reason: Any = None) -> None:
-            self.readConnectionLost()
+    def lineReceived(self, line: bytes) -> None:
+        queueID = line.strip().decode("ascii", "replace")
+        if queueID:
+            self.queue.enqueue(queueID)
+
+    def readConnectionLost(self) -> None:
+        # The relay closed our input: it is stopping, reloading, or gone.  Stop cleanly (the
+        # shutdown trigger stops the services in order).
+        _stopReactor(self.reactor)
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.readConnectionLost()
+
+
+def _run(reactor: Any, services: Any, queue: Any) -> int:
+    """Run the reactor with C{services} started, until our input ends (or SIGTERM); the exit
+    status."""
+    from twisted.internet import stdio
 
     exitCode = [0]
 
     def start() -> None:
         # Our standard output carries the log records; StandardIO gets /dev/null to write to.
         # It comes first, so that the end of our input stops us whatever happens next.
-        stdio.StandardIO(Feed(), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY))
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        # (typed from the Windows module, which has no stdin/stdout arguments)
+        stdio.StandardIO(_Feed(queue, reactor), stdin=0, stdout=devnull)  # type: ignore[call-arg]
         # reactor.stop (end of input, SIGTERM) waits for the queue manager to finish its
         # deliveries and record them, then for the backends and the spool to close.
         reactor.addSystemEventTrigger("before", "shutdown", services.stopService)
@@ -447,6 +167,31 @@ def _childMain(argv: list[str]) -> int:
     reactor.callWhenRunning(start)
     reactor.run()
     return exitCode[0]
+
+
+def _childMain(argv: list[str]) -> int:
+    from twisted.internet import reactor
+
+    from mailrelay.config import loadConfig
+    from mailrelay.errors import ConfigError
+
+    options = _parseArguments(argv)
+    if options.parent_pid is not None and not dieWithParent(options.parent_pid):
+        print("mailrelay delivery process: the relay is gone; not starting", file=sys.stderr)
+        return 1
+    # The relay stops us (by closing our input); a Ctrl-C meant for it must not cut our
+    # deliveries short.  SIGTERM (also sent when the relay dies) stops us cleanly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configText = _readConfigText(options.config_fd) if options.config_fd is not None else None
+    _logToRelay()
+    try:
+        config = loadConfig(options.config, json.loads(options.overrides), text=configText)
+        services, queue = makeDeliveryServices(config, reactor)
+        services.privilegedStartService()
+    except ConfigError as e:
+        print(f"mailrelay delivery process: configuration error: {e}", file=sys.stderr)
+        return 1
+    return _run(reactor, services, queue)
 
 
 if __name__ == "__main__":  # pragma: no cover - run as the child process

@@ -125,7 +125,7 @@ class RelayService(OrderedMultiService):
         if config.queue.process == "inline":
             self.delivery = InlineDelivery(services, queue, config.queue.hold)
         else:
-            from mailrelay.app.deliveryprocess import DeliveryProcessService
+            from mailrelay.queue.process import DeliveryProcessService
 
             self.delivery = DeliveryProcessService(
                 self.reactor,

@@ -26,15 +26,16 @@ import re
 import secrets
 import textwrap
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from twisted.logger import Logger
 
 from mailrelay.cleanup.stamping import formatDate
 from mailrelay.envelope import ClientInfo, Envelope, Recipient
+from mailrelay.queue.outcome import POSTMASTER_SOURCE, isPostmasterNotice
 
-log = Logger()
+log = Logger(namespace="mailrelay.queue")
 
 __all__ = [
     "ACTIONS",
@@ -51,9 +52,6 @@ ACTIONS = ("failed", "delayed", "relayed")
 
 #: The C{ClientInfo.listener} of notifications we generate (they come from no listener).
 DSN_SOURCE = "local:dsn"
-#: The C{ClientInfo.listener} of a notification sent to the postmaster because a bounce could
-#: not be delivered; when one of these fails in turn it is dropped, never bounced again.
-POSTMASTER_SOURCE = "local:postmaster-notice"
 
 _SUBJECTS = {
     "failed": "Undelivered Mail Returned to Sender",
@@ -368,8 +366,26 @@ def _humanText(
     willRetryUntil: float | None,
     original: _Original,
 ) -> str:
-    paragraphs: list[list[str]] = []
     arrival = envelope.arrival if envelope.arrival is not None else now
+    paragraphs = _explanation(action, hostname, now - arrival, willRetryUntil, arrival, original)
+    if original.note:
+        paragraphs.append(_wrap(original.note))
+    paragraphs.append(["                   The mail system"])
+    for r in recipients:
+        paragraphs.append(_wrap(_recipientText(r, action, now - arrival), indent="    "))
+    return "\r\n\r\n".join("\r\n".join(p) for p in paragraphs) + "\r\n"
+
+
+def _explanation(
+    action: str,
+    hostname: str,
+    delay: float,
+    willRetryUntil: float | None,
+    arrival: float,
+    original: _Original,
+) -> list[list[str]]:
+    """The paragraphs that say what happened, before the recipients."""
+    paragraphs: list[list[str]] = []
     if action == "delayed":
         paragraphs.append(
             [
@@ -407,10 +423,7 @@ def _humanText(
             else ""
         )
         paragraphs.append(
-            _wrap(
-                "Your message could not be delivered for "
-                f"{_duration(now - arrival)}.{until}{attached}"
-            )
+            _wrap(f"Your message could not be delivered for {_duration(delay)}.{until}{attached}")
         )
         paragraphs.append(_wrap("For further assistance, please send mail to postmaster."))
     else:
@@ -422,25 +435,22 @@ def _humanText(
                 f"delivery errors from other systems.{attached}"
             )
         )
-    if original.note:
-        paragraphs.append(_wrap(original.note))
-    paragraphs.append(["                   The mail system"])
-    for r in recipients:
-        reason = _diagnosticText(r.lastResult) if r.lastResult else ""
-        remote = _remoteName(r.remoteMTA)
-        if action == "relayed":
-            text = f"<{r.address}>: " + (f"delivered via {remote}: " if remote else "")
-            text += reason or "delivered"
-        elif r.status == "4.4.7" and action == "failed":
-            text = f"<{r.address}>: message expired after {_duration(now - arrival)} in the queue"
-            if reason:
-                text += f"; the last attempt said: {reason}"
-        elif remote and reason:
-            text = f"<{r.address}>: host {remote} said: {reason}"
-        else:
-            text = f"<{r.address}>: {reason or 'delivery failed'}"
-        paragraphs.append(_wrap(text, indent="    "))
-    return "\r\n\r\n".join("\r\n".join(p) for p in paragraphs) + "\r\n"
+    return paragraphs
+
+
+def _recipientText(r: Recipient, action: str, delay: float) -> str:
+    """What the report says of one recipient."""
+    reason = _diagnosticText(r.lastResult) if r.lastResult else ""
+    remote = _remoteName(r.remoteMTA)
+    if action == "relayed":
+        text = f"<{r.address}>: " + (f"delivered via {remote}: " if remote else "")
+        return text + (reason or "delivered")
+    if r.status == "4.4.7" and action == "failed":
+        text = f"<{r.address}>: message expired after {_duration(delay)} in the queue"
+        return text + (f"; the last attempt said: {reason}" if reason else "")
+    if remote and reason:
+        return f"<{r.address}>: host {remote} said: {reason}"
+    return f"<{r.address}>: {reason or 'delivery failed'}"
 
 
 def _remoteName(remoteMTA: str | None) -> str | None:
@@ -503,13 +513,24 @@ def buildDSN(
     to = envelope.sender if to is None else to
     wantFull = action == "failed" and (envelope.ret or "").upper() == "FULL"
     original = _readOriginal(Path(messagePath), wantFull, maxOriginal, queueID)
-
     text = _humanText(envelope, recipients, action, hostname, now, willRetryUntil, original)
     textBytes = text.encode("utf-8")
     status = _deliveryStatus(envelope, recipients, action, hostname, queueID, now, willRetryUntil)
     contents = [textBytes, status, original.content]
     boundary = _boundary(queueID, contents)
+    eightBit = not all(content.isascii() for content in contents)
+    headers = _headers(hostname, to, action, now, queueID, boundary, eightBit)
+    delimiter = f"\r\n--{boundary}\r\n".encode("ascii")
+    body = [b"This is a MIME-encapsulated message.\r\n"]
+    for part in _parts(textBytes, status, original, action):
+        body.append(delimiter)
+        body.append(part)
+    body.append(f"\r\n--{boundary}--\r\n".encode("ascii"))
+    return "".join(headers).encode("utf-8") + b"\r\n" + b"".join(body)
 
+
+def _parts(textBytes: bytes, status: bytes, original: _Original, action: str) -> list[bytes]:
+    """The report's parts: the text, the delivery status, and the original if returned."""
     parts = [
         _part(
             [
@@ -547,8 +568,13 @@ def buildDSN(
                 original.content,
             )
         )
-    eightBit = not all(content.isascii() for content in contents)
+    return parts
 
+
+def _headers(
+    hostname: str, to: str, action: str, now: float, queueID: str, boundary: str, eightBit: bool
+) -> list[str]:
+    """The report's header section, one field per item."""
     stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
     headers = [
         f"From: MAILER-DAEMON@{hostname} (Mail Delivery System)\r\n",
@@ -563,13 +589,7 @@ def buildDSN(
     ]
     if eightBit:
         headers.append("Content-Transfer-Encoding: 8bit\r\n")
-    delimiter = f"\r\n--{boundary}\r\n".encode("ascii")
-    body = [b"This is a MIME-encapsulated message.\r\n"]
-    for part in parts:
-        body.append(delimiter)
-        body.append(part)
-    body.append(f"\r\n--{boundary}--\r\n".encode("ascii"))
-    return "".join(headers).encode("utf-8") + b"\r\n" + b"".join(body)
+    return headers
 
 
 def dsnEnvelope(
@@ -614,10 +634,3 @@ def dsnEnvelope(
         messageSize=len(message) if message is not None else 0,
         isBounce=True,
     )
-
-
-def isPostmasterNotice(envelope: Envelope) -> bool:
-    """Whether C{envelope} is that of a notification sent to the postmaster about a failed
-    bounce (see L{dsnEnvelope}); such a message is never bounced."""
-    client = envelope.client
-    return envelope.isBounce and client is not None and client.listener == POSTMASTER_SOURCE

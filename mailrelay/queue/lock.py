@@ -22,7 +22,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-log = Logger()
+log = Logger(namespace="mailrelay.queue")
 
 __all__ = ["LOCK_NAME", "QueueLock"]
 

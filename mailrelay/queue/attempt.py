@@ -1,0 +1,331 @@
+"""One delivery attempt of one message: route, group, deliver, check.
+
+Every C{PENDING} recipient is routed (L{IRouter.route}); recipients with the same L{Route}
+(backend, next hop and options) form one group, and every group is handed with its route to
+its backend at once (L{IDeliveryBackend.deliver}).  A routing failure, an unknown backend, a
+failed delivery Deferred, a delivery that outlasts the backend's timeout, a call cut short by
+the stop, or a malformed answer is a transient failure, never a delivery.  The result is one
+L{Outcome} per recipient; what becomes of the recipients is L{mailrelay.queue.outcome}'s to
+decide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailrelay.envelope import Envelope, Recipient
+from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, ISpool, RecipientResult, Route
+from mailrelay.queue.outcome import Outcome
+
+log = Logger(namespace="mailrelay.queue")
+
+__all__ = ["Calls", "Deliverer", "DeliveryTimedOut"]
+
+
+def _oneLine(text: str, limit: int = 500) -> str:
+    """C{text} on one line (controls become spaces), at most C{limit} characters."""
+    text = "".join(" " if ord(c) < 32 or ord(c) == 127 else c for c in text).strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _transient(recipient: Recipient, code: str, diagnostic: str) -> RecipientResult:
+    return RecipientResult(recipient.address, DeliveryStatus.TRANSIENT, code, _oneLine(diagnostic))
+
+
+def _groupKey(route: Route) -> Route:
+    """What recipients share one delivery by: their whole route (a L{Route} is hashable: its
+    fields are strings and a frozen L{RouteOptions <mailrelay.interfaces.RouteOptions>})."""
+    return route
+
+
+class DeliveryTimedOut(Exception):
+    """A backend did not answer a delivery within its timeout.
+
+    @ivar timeout: the timeout, in seconds.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"no answer within {timeout:g}s")
+        self.timeout = timeout
+
+
+def _timedOut(result: Any, timeout: float) -> None:
+    """C{onTimeoutCancel} of a delivery: it failed with L{DeliveryTimedOut}, whatever the
+    cancelled backend answered."""
+    raise DeliveryTimedOut(timeout)
+
+
+class Calls:
+    """The router and backend calls in flight, each bounded by a timeout, and all cut short
+    at once when the stop's drain time is over (L{interrupt}).
+
+    @ivar interrupted: L{interrupt} was called (until L{reset}).
+    """
+
+    def __init__(self, clock: Any) -> None:
+        self._clock = clock
+        self._calls: set[Deferred[Any]] = set()
+        self.interrupted = False
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def bound(self, d: Deferred[Any], timeout: float, onTimeoutCancel: Any = None) -> Deferred[Any]:
+        """A Deferred of C{d}'s result that fails after C{timeout} seconds (0: none) with
+        C{TimeoutError} (or what C{onTimeoutCancel} raises), or with C{CancelledError} when
+        L{interrupt} is called, whether or not C{d} honours its cancellation (C{d} is
+        cancelled, and a late result of it ignored)."""
+
+        def cancel(_: Deferred[Any]) -> None:
+            d.cancel()
+
+        outer: Deferred[Any] = Deferred(cancel)
+
+        def relay(result: Any) -> None:
+            self._calls.discard(outer)
+            if not outer.called:
+                if isinstance(result, Failure):
+                    outer.errback(result)
+                else:
+                    outer.callback(result)
+
+        # (d.called says nothing: a Deferred waiting for another one is "called".)
+        d.addBoth(relay)
+        if not outer.called:
+            self._calls.add(outer)
+            if timeout > 0:
+                outer.addTimeout(timeout, self._clock, onTimeoutCancel=onTimeoutCancel)
+        return outer
+
+    def interrupt(self) -> None:
+        """Cut every call in flight short (they fail with C{CancelledError})."""
+        self.interrupted = True
+        for call in list(self._calls):
+            call.cancel()
+
+    def reset(self) -> None:
+        """A new start: calls are no longer cut short."""
+        self.interrupted = False
+
+
+class Deliverer:
+    """Makes the delivery attempts of the queue manager.
+
+    @ivar calls: the L{Calls} in flight.
+    """
+
+    def __init__(
+        self,
+        spool: ISpool,
+        router: Any,
+        backends: Mapping[str, IDeliveryBackend],
+        calls: Calls,
+        *,
+        deliveryTimeout: float,
+        timeouts: Mapping[str, float] | None = None,
+    ) -> None:
+        """
+        @param router: an L{IRouter}.
+        @param backends: the delivery backends by name (L{Route.backend}).
+        @param deliveryTimeout: seconds a routing decision, or a delivery by a backend not in
+            C{timeouts}, may take (0: no limit).
+        @param timeouts: seconds one delivery by the named backend may take.
+        @raise ValueError: a timeout that is not a number greater than zero.
+        """
+        self.spool = spool
+        self.router = router
+        self.backends = dict(backends)
+        self.calls = calls
+        self.deliveryTimeout = deliveryTimeout
+        self.timeouts = dict(timeouts or {})
+        for name, timeout in self.timeouts.items():
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+                raise ValueError(f"the timeout of backend {name!r} must be > 0, not {timeout!r}")
+
+    def timeoutFor(self, backend: str) -> float:
+        """Seconds one delivery by C{backend} may take (0: no limit)."""
+        return self.timeouts.get(backend, self.deliveryTimeout)
+
+    async def deliver(
+        self, queueID: str, envelope: Envelope, pending: list[Recipient]
+    ) -> list[Outcome]:
+        """Route every pending recipient, deliver every group at once; one outcome per
+        recipient, in envelope order."""
+        routed = [Deferred.fromCoroutine(self._route(queueID, envelope, r)) for r in pending]
+        outcomes: dict[int, Outcome] = {}
+        groups: dict[Any, tuple[Route, list[Recipient]]] = {}
+        for r, d in zip(pending, routed, strict=True):
+            route = await d
+            if isinstance(route, RecipientResult):
+                outcomes[id(r)] = Outcome(r, route, "none")
+            else:
+                groups.setdefault(_groupKey(route), (route, []))[1].append(r)
+        deliveries = [
+            Deferred.fromCoroutine(self._deliverGroup(queueID, envelope, route, rcpts))
+            for route, rcpts in groups.values()
+        ]
+        for d in deliveries:
+            for outcome in await d:
+                outcomes[id(outcome.recipient)] = outcome
+        return [outcomes[id(r)] for r in pending]
+
+    async def _route(self, queueID: str, envelope: Envelope, recipient: Recipient) -> Any:
+        """The recipient's L{Route}, or a transient L{RecipientResult} when routing failed."""
+        try:
+            route = await self.calls.bound(
+                maybeDeferred(self.router.route, envelope, recipient), self.deliveryTimeout
+            )
+        except Exception as e:
+            log.warn(
+                "{queueID}: routing <{rcpt}> failed: {error}",
+                queueID=queueID,
+                rcpt=recipient.address,
+                error=repr(e),
+            )
+            permanent = getattr(e, "permanent", None)
+            code = getattr(e, "code", None)
+            diagnostic = getattr(e, "diagnostic", None)
+            if permanent is True and isinstance(code, str) and code.startswith("5.") and diagnostic:
+                # A router's permanent verdict (route.DeliveryFailure): no route will ever
+                # exist for this recipient; bounce it rather than retry for days.
+                return RecipientResult(
+                    recipient.address, DeliveryStatus.PERMANENT, code, _oneLine(diagnostic)
+                )
+            return _transient(recipient, "4.3.0", f"X-mailrelay; routing failed: {e}")
+        if not isinstance(route, Route):
+            log.error(
+                "{queueID}: the router returned {route!r} for <{rcpt}>, not a Route",
+                queueID=queueID,
+                route=route,
+                rcpt=recipient.address,
+            )
+            return _transient(recipient, "4.3.0", "X-mailrelay; routing failed: no route")
+        return route
+
+    async def _deliverGroup(
+        self, queueID: str, envelope: Envelope, route: Route, recipients: list[Recipient]
+    ) -> list[Outcome]:
+        relay = f"{route.backend}:{route.nexthop}"
+        backend = self.backends.get(route.backend)
+        if backend is None:
+            log.error(
+                "{queueID}: unknown delivery backend {backend!r} for {count} recipient(s); "
+                "known: {known}",
+                queueID=queueID,
+                backend=route.backend,
+                count=len(recipients),
+                known=", ".join(sorted(self.backends)) or "none",
+            )
+            diagnostic = f"X-mailrelay; unknown delivery backend {route.backend!r}"
+            return [Outcome(r, _transient(r, "4.3.5", diagnostic), relay) for r in recipients]
+        timeout = self.timeoutFor(route.backend)
+        try:
+            path = self.spool.messagePath(queueID)
+            results = await self.calls.bound(
+                maybeDeferred(backend.deliver, envelope, list(recipients), route, path),
+                timeout,
+                _timedOut,
+            )
+        except Exception as e:
+            return self._failedGroup(queueID, route, recipients, timeout, e)
+        problem = self._checkResults(results, recipients)
+        if problem is not None:
+            return _deferGroup(
+                recipients,
+                relay,
+                "4.3.0",
+                f"X-mailrelay; delivery via {relay} gave no usable result ({problem})",
+                "{queueID}: delivery backend {backend!r} answered badly ({problem}); "
+                "counting {count} recipient(s) as not delivered",
+                queueID=queueID,
+                backend=route.backend,
+                problem=problem,
+                count=len(recipients),
+            )
+        outcomes = []
+        for r, result in zip(recipients, results, strict=True):
+            remote = result.remoteMTA.partition(";")[2].strip() if result.remoteMTA else ""
+            outcomes.append(Outcome(r, result, remote or relay))
+        return outcomes
+
+    def _failedGroup(
+        self,
+        queueID: str,
+        route: Route,
+        recipients: list[Recipient],
+        timeout: float,
+        error: Exception,
+    ) -> list[Outcome]:
+        """A group whose delivery timed out, was cut short by the stop, or failed: every
+        recipient is deferred, with a diagnostic saying which."""
+        relay = f"{route.backend}:{route.nexthop}"
+        if isinstance(error, DeliveryTimedOut):
+            return _deferGroup(
+                recipients,
+                relay,
+                "4.4.2",
+                f"X-mailrelay; delivery via {relay} timed out after {timeout:g}s",
+                "{queueID}: delivery backend {backend!r} did not answer within its timeout of "
+                "{timeout:g}s; {count} recipient(s) deferred",
+                queueID=queueID,
+                backend=route.backend,
+                timeout=timeout,
+                count=len(recipients),
+            )
+        if self.calls.interrupted:
+            return _deferGroup(
+                recipients,
+                relay,
+                "4.3.0",
+                f"X-mailrelay; delivery via {relay} interrupted: the relay was stopping (the "
+                "next hop may have received the message)",
+                "{queueID}: delivery via {relay} interrupted: the relay is stopping",
+                queueID=queueID,
+                relay=relay,
+            )
+        return _deferGroup(
+            recipients,
+            relay,
+            "4.3.0",
+            f"X-mailrelay; delivery via {relay} failed: {error!r}",
+            "{queueID}: delivery via {relay} failed: {error}",
+            queueID=queueID,
+            relay=relay,
+            error=repr(error),
+        )
+
+    @staticmethod
+    def _checkResults(results: Any, recipients: Sequence[Recipient]) -> str | None:
+        """Why C{results} is not one L{RecipientResult} per recipient in order, or C{None}."""
+        try:
+            results = list(results)
+        except TypeError:
+            return f"not a sequence: {results!r}"
+        if len(results) != len(recipients):
+            return f"{len(results)} results for {len(recipients)} recipients"
+        for r, result in zip(recipients, results, strict=True):
+            if not isinstance(result, RecipientResult):
+                return f"not a RecipientResult: {result!r}"
+            if result.address != r.address:
+                return f"result for <{result.address}> where <{r.address}> was expected"
+        return None
+
+
+def _deferGroup(
+    recipients: list[Recipient],
+    relay: str,
+    code: str,
+    diagnostic: str,
+    logFormat: str,
+    /,
+    **logFields: Any,
+) -> list[Outcome]:
+    """Log C{logFormat} as an error and count every recipient of a group as deferred with
+    C{code} and C{diagnostic}."""
+    log.error(logFormat, **logFields)
+    return [Outcome(r, _transient(r, code, diagnostic), relay) for r in recipients]

@@ -1,0 +1,155 @@
+"""Committing the notifications an attempt owes (L{mailrelay.queue.outcome.Notice}), before
+the envelope they report on is recorded.
+
+A notice that cannot be committed is undone in the envelope, so that it is owed again at the
+next attempt: its bounced recipients go back to pending, a delay warning is not marked as
+sent.  (A success report that cannot be committed is only logged: delivering again would be
+worse.)  A committed notice is handed to the queue manager to deliver, like any new entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from mailrelay.envelope import PENDING, Envelope
+from mailrelay.interfaces import ISpool
+from mailrelay.queue.dsn import buildDSN, dsnEnvelope
+from mailrelay.queue.outcome import Discarded, Notice
+from mailrelay.queue.policy import QueuePolicy
+
+log = Logger(namespace="mailrelay.queue")
+
+__all__ = ["Notifier"]
+
+_KINDS = {
+    "failed": "non-delivery notification",
+    "delayed": "delay notification",
+    "relayed": "delivery status notification",
+}
+
+
+class Notifier:
+    """Builds, writes and commits notifications into the spool."""
+
+    def __init__(
+        self,
+        spool: ISpool,
+        policy: QueuePolicy,
+        *,
+        hostname: str,
+        enqueue: Callable[[str], None],
+    ) -> None:
+        """
+        @param hostname: this relay's host name, for the notifications.
+        @param enqueue: called with the queue id of every notification committed.
+        """
+        self.spool = spool
+        self.policy = policy
+        self.hostname = hostname
+        self.enqueue = enqueue
+
+    async def notify(
+        self,
+        queueID: str,
+        envelope: Envelope,
+        notices: Sequence[Notice],
+        discarded: Discarded | None,
+        now: float,
+    ) -> None:
+        """Commit every notice (all at once) about the message C{queueID}; undo in
+        C{envelope} what a notice that failed reported on.  Log the C{discarded} failures."""
+        if discarded is not None:
+            log.warn(
+                "{queueID}: undeliverable {what} discarded (to {addresses})",
+                queueID=queueID,
+                what=discarded.what,
+                addresses=", ".join(f"<{a}>" for a in discarded.addresses),
+            )
+        commits = [
+            Deferred.fromCoroutine(self._commit(queueID, envelope, notice, now))
+            for notice in notices
+        ]
+        for notice, d in zip(notices, commits, strict=True):
+            dsnID = await d
+            if dsnID is not None:
+                self.enqueue(dsnID)
+            else:
+                self._undo(queueID, envelope, notice)
+
+    @staticmethod
+    def _undo(queueID: str, envelope: Envelope, notice: Notice) -> None:
+        if notice.action == "failed":
+            for r in notice.recipients:
+                r.state = PENDING
+                r.finalTime = None
+            log.warn(
+                "{queueID}: bounce not queued; {count} recipient(s) stay queued and will be "
+                "retried",
+                queueID=queueID,
+                count=len(notice.recipients),
+            )
+        elif notice.action == "delayed":
+            envelope.delayWarned = False
+
+    async def _commit(
+        self, queueID: str, envelope: Envelope, notice: Notice, now: float
+    ) -> str | None:
+        """Build, write and commit one notification; its queue id, or C{None} on failure."""
+        policy = self.policy
+        lifetime = policy.bounceLifetime if envelope.isBounce else policy.maxLifetime
+        arrival = envelope.arrival if envelope.arrival is not None else now
+        writer = None
+        try:
+            message = buildDSN(
+                envelope,
+                notice.recipients,
+                notice.action,
+                hostname=self.hostname,
+                messagePath=self.spool.messagePath(queueID),
+                now=now,
+                queueID=queueID,
+                maxOriginal=policy.bounceSizeLimit,
+                willRetryUntil=arrival + lifetime,
+                to=notice.to,
+            )
+            writer = self.spool.openMessage()
+            dsnID = writer.queueID
+            dsn = dsnEnvelope(
+                envelope,
+                to=notice.to,
+                queueID=dsnID,
+                now=now,
+                hostname=self.hostname,
+                message=message,
+                postmasterNotice=notice.postmaster,
+            )
+            writer.write(message)
+            await writer.commit(dsn)
+        except Exception as e:
+            if writer is not None:
+                writer.abort()
+            log.error(
+                "{queueID}: queueing the {action} notification to <{to}> failed: {error}",
+                queueID=queueID,
+                action=notice.action,
+                to=notice.to,
+                error=str(e) or repr(e),
+            )
+            return None
+        kind = _KINDS[notice.action]
+        who = "postmaster" if notice.postmaster else "sender"
+        log.info(
+            "{queueID}: {who} {kind}: {dsnID}", queueID=queueID, who=who, kind=kind, dsnID=dsnID
+        )
+        log.info(
+            "{queueID}: from=<>, to=<{to}>, size={size}: {kind} about {original}",
+            queueID=dsnID,
+            to=notice.to,
+            size=len(message),
+            kind=kind,
+            original=queueID,
+        )
+        return dsnID

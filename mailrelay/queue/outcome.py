@@ -1,0 +1,257 @@
+"""What one delivery attempt means for a message: a pure function of its envelope, the
+attempt's results, the policy and the time.
+
+L{decide} reads and never changes; it does no I/O and asks no clock.  It says, for every
+recipient tried, what it becomes (delivered, bounced -- 5xx, or 4xx past the queue lifetime,
+with status 4.4.7 --, or still pending), which notifications are owed and to whom (the RFC 3461
+NOTIFY rules; a failed bounce goes to the postmaster once, a failed postmaster notice to
+nobody), whether the one delay warning is now due, and when to try again.  L{apply} then
+writes the transitions into the envelope; committing the notices and recording the envelope
+are the queue manager's (L{mailrelay.queue.notify}, L{mailrelay.queue.manager}).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mailrelay.envelope import BOUNCED, DELIVERED, PENDING, Envelope, Recipient
+from mailrelay.interfaces import DeliveryStatus, RecipientResult
+from mailrelay.queue.policy import QueuePolicy, backoff
+
+__all__ = [
+    "EXPIRED",
+    "POSTMASTER_SOURCE",
+    "Decision",
+    "Discarded",
+    "Notice",
+    "Outcome",
+    "Transition",
+    "apply",
+    "decide",
+    "isPostmasterNotice",
+    "wants",
+]
+
+#: Status code of a recipient bounced because its message outlived the queue lifetime.
+EXPIRED = "4.4.7"
+
+#: The C{ClientInfo.listener} of a notification sent to the postmaster because a bounce could
+#: not be delivered; when one of these fails in turn it is dropped, never bounced again.
+POSTMASTER_SOURCE = "local:postmaster-notice"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One recipient's result in one attempt, and where it went (for the log).
+
+    @ivar recipient: the envelope's recipient.
+    @ivar result: what the backend (or the attempt, for a failure of its own) said.
+    @ivar relay: the next hop, as logged (C{relay=}).
+    """
+
+    recipient: Recipient
+    result: RecipientResult
+    relay: str
+
+
+@dataclass(frozen=True)
+class Transition:
+    """What one attempt makes of one recipient.
+
+    @ivar recipient: the envelope's recipient it applies to (unchanged until L{apply}).
+    @ivar state: its new state (C{PENDING}, C{DELIVERED} or C{BOUNCED}).
+    @ivar status: the RFC 3463 status code to record (the result's, or C{4.4.7} expired).
+    @ivar lastResult: the diagnostic to record (the result's).
+    @ivar remoteMTA: the Remote-MTA to record (the result's).
+    @ivar finalTime: when it was delivered or bounced (its old value while pending).
+    @ivar attempts: its attempt count, this one included.
+    @ivar relay: where it went, for the log.
+    @ivar logStatus: C{sent}, C{bounced} or C{deferred}, for the log.
+    @ivar logDiagnostic: the log's explanation.
+    """
+
+    recipient: Recipient
+    state: str
+    status: str
+    lastResult: str
+    remoteMTA: str | None
+    finalTime: float | None
+    attempts: int
+    relay: str
+    logStatus: str
+    logDiagnostic: str
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A notification owed, to be committed before the envelope is recorded.
+
+    @ivar action: C{failed}, C{delayed} or C{relayed} (RFC 3464).
+    @ivar recipients: the recipients it reports on.
+    @ivar to: whom it goes to.
+    @ivar postmaster: a notice to the postmaster about a failed bounce.
+    """
+
+    action: str
+    recipients: tuple[Recipient, ...]
+    to: str
+    postmaster: bool = False
+
+
+@dataclass(frozen=True)
+class Discarded:
+    """Failures of a message from the null sender that nobody is told of.
+
+    @ivar what: C{"bounce"} (no postmaster configured) or C{"postmaster notification"} (it
+        was itself about a failed bounce: never notified again).
+    @ivar addresses: the failed recipients.
+    """
+
+    what: str
+    addresses: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Everything one attempt decides.
+
+    @ivar transitions: one per outcome, in the same order.
+    @ivar notices: the notifications owed.
+    @ivar nextAttempt: when to try again if a recipient is still pending once the notices
+        are committed.
+    @ivar delayWarned: the envelope's new C{delayWarned} (whether the delay warning is sent).
+    @ivar attempts: the envelope's attempt count, this one included.
+    @ivar delay: seconds since the message arrived.
+    @ivar discarded: failures nobody will be told of, or C{None}.
+    """
+
+    transitions: tuple[Transition, ...]
+    notices: tuple[Notice, ...]
+    nextAttempt: float
+    delayWarned: bool
+    attempts: int
+    delay: float
+    discarded: Discarded | None = None
+
+
+def isPostmasterNotice(envelope: Envelope) -> bool:
+    """Whether C{envelope} is that of a notification sent to the postmaster about a failed
+    bounce (see L{mailrelay.queue.dsn.dsnEnvelope}); such a message is never bounced."""
+    client = envelope.client
+    return envelope.isBounce and client is not None and client.listener == POSTMASTER_SOURCE
+
+
+def wants(recipient: Recipient, kind: str) -> bool:
+    """Whether C{recipient}'s NOTIFY asks for a C{kind} (FAILURE, DELAY, SUCCESS)
+    notification; with no NOTIFY, failures and delays are reported."""
+    if recipient.notify is None:
+        return kind in ("FAILURE", "DELAY")
+    return kind in {item.upper() for item in recipient.notify}
+
+
+def _transition(outcome: Outcome, now: float, delay: float, expired: bool) -> Transition:
+    r, result = outcome.recipient, outcome.result
+    state, status, finalTime = PENDING, result.code, r.finalTime
+    diagnostic, logStatus = result.diagnostic, "deferred"
+    if result.status is DeliveryStatus.DELIVERED:
+        state, finalTime, logStatus = DELIVERED, now, "sent"
+    elif result.status is DeliveryStatus.PERMANENT:
+        state, finalTime, logStatus = BOUNCED, now, "bounced"
+    elif expired:
+        state, finalTime, logStatus, status = BOUNCED, now, "bounced", EXPIRED
+        diagnostic = (
+            f"message expired after {delay:.0f}s in the queue; last error: {result.diagnostic}"
+        )
+    return Transition(
+        recipient=r,
+        state=state,
+        status=status,
+        lastResult=result.diagnostic,
+        remoteMTA=result.remoteMTA,
+        finalTime=finalTime,
+        attempts=r.attempts + 1,
+        relay=outcome.relay,
+        logStatus=logStatus,
+        logDiagnostic=diagnostic,
+    )
+
+
+def _toNullSender(
+    envelope: Envelope, failed: list[Recipient], policy: QueuePolicy
+) -> tuple[tuple[Notice, ...], Discarded | None]:
+    """A message from the null sender notifies nobody; a failed bounce goes to the
+    postmaster, once (a failed postmaster notice is dropped)."""
+    if not failed:
+        return (), None
+    addresses = tuple(r.address for r in failed)
+    if isPostmasterNotice(envelope) or (
+        policy.postmaster is not None
+        and envelope.isBounce
+        and all(r.address == policy.postmaster for r in envelope.recipients)
+    ):
+        return (), Discarded("postmaster notification", addresses)
+    if policy.postmaster is None:
+        return (), Discarded("bounce", addresses)
+    return (Notice("failed", tuple(failed), policy.postmaster, postmaster=True),), None
+
+
+def decide(
+    envelope: Envelope, outcomes: Sequence[Outcome], policy: QueuePolicy, now: float
+) -> Decision:
+    """What the attempt that gave C{outcomes} (one per recipient tried) at time C{now}
+    means for C{envelope}.  Changes nothing."""
+    arrival = envelope.arrival if envelope.arrival is not None else now
+    delay = now - arrival
+    lifetime = policy.bounceLifetime if envelope.isBounce else policy.maxLifetime
+    transitions = tuple(_transition(o, now, delay, delay > lifetime) for o in outcomes)
+    newState = {id(t.recipient): t.state for t in transitions}
+    pending = [r for r in envelope.recipients if newState.get(id(r), r.state) == PENDING]
+    failed = [t.recipient for t in transitions if t.state == BOUNCED]
+    warnNow = (
+        policy.delayWarning > 0
+        and not envelope.delayWarned
+        and bool(pending)
+        and delay >= policy.delayWarning
+    )
+    discarded = None
+    if envelope.sender:
+        delivered = [
+            o.recipient
+            for o in outcomes
+            # A next hop that took the DSN request sends the success notice, not us.
+            if o.result.status is DeliveryStatus.DELIVERED and not o.result.dsnRelayed
+        ]
+        owed = (
+            ("failed", [r for r in failed if wants(r, "FAILURE")]),
+            ("delayed", [r for r in pending if wants(r, "DELAY")] if warnNow else []),
+            ("relayed", [r for r in delivered if wants(r, "SUCCESS")]),
+        )
+        notices = tuple(
+            Notice(action, tuple(recipients), envelope.sender)
+            for action, recipients in owed
+            if recipients
+        )
+    else:
+        notices, discarded = _toNullSender(envelope, failed, policy)
+    attempts = envelope.attempts + 1
+    return Decision(
+        transitions=transitions,
+        notices=notices,
+        nextAttempt=now + backoff(policy, attempts),
+        delayWarned=envelope.delayWarned or warnNow,
+        attempts=attempts,
+        delay=delay,
+        discarded=discarded,
+    )
+
+
+def apply(envelope: Envelope, decision: Decision) -> None:
+    """Write C{decision}'s transitions, attempt count and delay warning into C{envelope}
+    (in memory: recording it is the caller's)."""
+    envelope.attempts = decision.attempts
+    envelope.delayWarned = decision.delayWarned
+    for t in decision.transitions:
+        r = t.recipient
+        r.state, r.status, r.lastResult = t.state, t.status, t.lastResult
+        r.remoteMTA, r.finalTime, r.attempts = t.remoteMTA, t.finalTime, t.attempts

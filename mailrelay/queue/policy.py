@@ -1,0 +1,64 @@
+"""How the queue manager retries, expires and notifies: L{QueuePolicy} and the back-off."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["QueuePolicy", "backoff"]
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    """How the queue manager retries, expires and notifies (Postfix parameter names in
+    brackets).
+
+    @ivar minBackoff: seconds before the first retry; doubled at every retry
+        (C{minimal_backoff_time}).
+    @ivar maxBackoff: the most seconds between retries (C{maximal_backoff_time}).
+    @ivar maxLifetime: seconds after arrival when a message still not delivered is bounced,
+        after one last attempt (C{maximal_queue_lifetime}).
+    @ivar bounceLifetime: the same for notifications we generated (C{bounce_queue_lifetime}).
+    @ivar delayWarning: seconds after arrival when one "delayed" notification is sent for the
+        recipients still pending; 0 turns delay warnings off (C{delay_warning_time}).
+    @ivar activeLimit: messages loaded and being delivered at once
+        (C{qmgr_message_active_limit}).
+    @ivar postmaster: where a notification about an undeliverable bounce goes; C{None}: such
+        bounces are logged and dropped.
+    @ivar deliveryTimeout: seconds a routing decision, or a delivery by a backend without a
+        timeout of its own (see L{QueueManager}'s C{timeouts}: the built-in backends), may
+        take before it is abandoned and counted as a transient failure (a late answer is
+        ignored); 0: no limit.
+    @ivar stopTimeout: seconds L{QueueManager.stopService} waits for deliveries in flight.
+    @ivar bounceSizeLimit: the most octets of an original message returned in a notification
+        (C{bounce_size_limit}).
+    """
+
+    minBackoff: float = 300.0
+    maxBackoff: float = 4000.0
+    maxLifetime: float = 5 * 86400
+    bounceLifetime: float = 5 * 86400
+    delayWarning: float = 0.0
+    activeLimit: int = 1000
+    postmaster: str | None = None
+    deliveryTimeout: float = 3600.0
+    stopTimeout: float = 30.0
+    bounceSizeLimit: int = 102400
+
+    def __post_init__(self) -> None:
+        if not 0 < self.minBackoff <= self.maxBackoff:
+            raise ValueError("need 0 < minBackoff <= maxBackoff")
+        if self.maxLifetime < 0 or self.bounceLifetime < 0 or self.delayWarning < 0:
+            raise ValueError("lifetimes and delayWarning must not be negative")
+        if self.activeLimit < 1:
+            raise ValueError("activeLimit must be at least 1")
+        if self.deliveryTimeout < 0 or self.stopTimeout < 0 or self.bounceSizeLimit < 0:
+            raise ValueError(
+                "deliveryTimeout, stopTimeout and bounceSizeLimit must not be negative"
+            )
+
+
+def backoff(policy: QueuePolicy, attempts: int) -> float:
+    """Seconds to wait after attempt number C{attempts} (1 for the first):
+    C{min(maxBackoff, minBackoff * 2 ** (attempts - 1))}."""
+    exponent = min(max(attempts - 1, 0), 64)
+    return min(policy.maxBackoff, policy.minBackoff * 2.0**exponent)

@@ -1,0 +1,183 @@
+"""When each queue entry is next looked at, and which entries are active.
+
+Every entry the queue manager knows of is either I{scheduled} -- only a C{(due time, queue
+id)} pair in a heap -- or I{active}: its envelope loaded and its delivery attempt running.  At
+most C{activeLimit} entries are active at once.  One reactor timer is armed for the earliest
+due entry; when it fires, due entries are handed to the C{activate} callback while there is
+room.  Rescheduling an entry pushes a new heap pair and leaves the old one stale (it is
+dropped when it reaches the top), so that scheduling costs O(log n).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+__all__ = ["Scheduler"]
+
+#: At most this many envelopes are loaded only to be found not yet due (after a restart) in
+#: one reactor turn; the rest continue in the next turn, so the reactor stays responsive.
+_LOADS_PER_TURN = 200
+
+
+class Scheduler:
+    """The heap of scheduled entries, the window of active ones, and the timer.
+
+    @ivar enabled: whether due entries are activated (the queue manager runs and may
+        deliver); while not, entries are only remembered.
+    """
+
+    def __init__(
+        self, clock: Any, activeLimit: int, activate: Callable[[str, float], bool]
+    ) -> None:
+        """
+        @param clock: provides C{seconds()} and C{callLater()} (the reactor).
+        @param activeLimit: the most entries active at once.
+        @param activate: called with a due entry's queue id and the time; it either makes
+            the entry active (L{begin}) and returns C{True}, or returns C{False} (the entry
+            was not due after all, is gone, or was rescheduled).
+        """
+        self.clock = clock
+        self.activeLimit = activeLimit
+        self.activate = activate
+        self.enabled = False
+        self._heap: list[tuple[float, int, str]] = []
+        #: queue id -> sequence number of its live heap entry (others are stale).
+        self._scheduled: dict[str, int] = {}
+        #: queue id -> Deferred fired when its attempt is over.
+        self._active: dict[str, Deferred[None]] = {}
+        self._sequence = itertools.count()
+        self._timer: Any = None
+        self._timerDue: float | None = None
+        self._pumping = False
+        self._pumpAgain = False
+
+    # -- what is known ------------------------------------------------------------------------
+
+    @property
+    def activeCount(self) -> int:
+        return len(self._active)
+
+    @property
+    def scheduledCount(self) -> int:
+        return len(self._scheduled)
+
+    def isActive(self, queueID: str) -> bool:
+        return queueID in self._active
+
+    def isKnown(self, queueID: str) -> bool:
+        """Whether C{queueID} is scheduled or active."""
+        return queueID in self._scheduled or queueID in self._active
+
+    def activeIDs(self) -> list[str]:
+        """The queue ids of the active entries, sorted."""
+        return sorted(self._active)
+
+    def attemptsInProgress(self) -> list[Deferred[None]]:
+        """A Deferred per active entry, fired when its attempt is over."""
+        return list(self._active.values())
+
+    def scheduled(self) -> list[tuple[float, str]]:
+        """The scheduled entries as C{(due time, queue id)}, earliest first."""
+        live = sorted(
+            (due, seq, queueID)
+            for due, seq, queueID in self._heap
+            if self._scheduled.get(queueID) == seq
+        )
+        return [(due, queueID) for due, _, queueID in live]
+
+    # -- changes ------------------------------------------------------------------------------
+
+    def schedule(self, queueID: str, due: float) -> None:
+        """Look at C{queueID} at C{due} (replacing when it was due before).  Call L{pump}
+        for the change to take effect at once."""
+        seq = next(self._sequence)
+        self._scheduled[queueID] = seq
+        heapq.heappush(self._heap, (due, seq, queueID))
+
+    def begin(self, queueID: str) -> None:
+        """C{queueID} is active from now on (called by C{activate})."""
+        self._active[queueID] = Deferred()
+
+    def finish(self, queueID: str, due: float | None) -> None:
+        """The attempt of C{queueID} is over: schedule it at C{due} (C{None}: it is gone),
+        and activate what is due."""
+        done = self._active.pop(queueID)
+        if due is not None:
+            self.schedule(queueID, due)
+        done.callback(None)
+        self.pump()
+
+    def stop(self) -> None:
+        """Activate nothing more; cancel the timer."""
+        self.enabled = False
+        self._cancelTimer()
+
+    # -- the timer ----------------------------------------------------------------------------
+
+    def _peek(self) -> tuple[float, int, str] | None:
+        """The earliest live heap entry (stale ones on top are dropped)."""
+        heap = self._heap
+        while heap:
+            due, seq, queueID = heap[0]
+            if self._scheduled.get(queueID) == seq:
+                return heap[0]
+            heapq.heappop(heap)
+        return None
+
+    def _cancelTimer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._timerDue = None
+
+    def _armTimer(self, due: float) -> None:
+        if self._timer is not None and self._timer.active() and self._timerDue == due:
+            return
+        self._cancelTimer()
+        self._timerDue = due
+        self._timer = self.clock.callLater(max(0.0, due - self.clock.seconds()), self._timerFired)
+
+    def _timerFired(self) -> None:
+        self._timer = None
+        self._timerDue = None
+        self.pump()
+
+    def pump(self) -> None:
+        """Activate due entries while there is room; arm the timer for the next one."""
+        if self._pumping:
+            self._pumpAgain = True
+            return
+        self._pumping = True
+        try:
+            loads = 0
+            while True:
+                self._pumpAgain = False
+                if not self.enabled:
+                    return
+                now = self.clock.seconds()
+                while len(self._active) < self.activeLimit:
+                    top = self._peek()
+                    if top is None or top[0] > now:
+                        break
+                    if loads >= _LOADS_PER_TURN:
+                        self._armTimer(now)  # continue in the next reactor turn
+                        return
+                    heapq.heappop(self._heap)
+                    queueID = top[2]
+                    del self._scheduled[queueID]
+                    if not self.activate(queueID, now):
+                        loads += 1
+                if not self._pumpAgain:
+                    break
+            top = self._peek()
+            if top is None or len(self._active) >= self.activeLimit:
+                self._cancelTimer()
+            else:
+                self._armTimer(top[0])
+        finally:
+            self._pumping = False

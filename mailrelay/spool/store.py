@@ -1,0 +1,586 @@
+"""The durable message store: nothing accepted is ever lost.
+
+Layout under the spool directory::
+
+    lock              held (flock) by every process using the spool; see L{Spool.start}
+    tmp/              in-progress writes; anything here after a crash is garbage
+    queue/<ID>.eml    the message, exactly as it will be relayed (CRLF lines)
+    queue/<ID>.json   the envelope (L{Envelope.toJSON}); its presence marks the entry committed
+    corrupt/          damaged entries, kept for the operator: a C{.json} found without its
+                      C{.eml}, or an entry whose envelope cannot be read or whose message is
+                      not of the size its envelope records (L{Spool.quarantine})
+
+A message is written to C{tmp/<ID>.eml} by a L{MessageWriter}.  L{MessageWriter.commit} makes
+it durable: body fsynced, envelope written to C{tmp/<ID>.json} and fsynced, C{.eml} renamed
+into C{queue/}, then C{.json}, then C{queue/} itself fsynced.  Only then does the commit's
+L{Deferred} fire, and only then may the SMTP side say C{250}.
+
+All fsync and rename work runs off the reactor thread, through a group committer: at most one
+batch is in flight, and everything requested meanwhile runs as the next batch, sharing one
+fsync of C{queue/}.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailrelay.envelope import Envelope
+from mailrelay.errors import CorruptEntry, EntryGone, SpoolError
+from mailrelay.interfaces import ISpool
+from mailrelay.spool.commit import (
+    _FILE_MODE,
+    _O_CLOEXEC,
+    SYNC_METHODS,
+    GroupCommitter,
+    _Operation,
+    _osError,
+    _Quarantine,
+    _Remove,
+    _Update,
+)
+from mailrelay.spool.ids import isQueueID, newQueueID
+from mailrelay.spool.writer import MessageWriter, _SpillFile
+
+log = Logger(namespace="mailrelay.spool")
+
+__all__ = ["Spool"]
+
+_DIR_MODE = 0o700
+_FREE_SPACE_CACHE_SECONDS = 1.0
+
+
+@implementer(ISpool)
+class Spool:
+    """The spool directory: recovery at start-up, reading entries, message writers; the
+    durable work goes through a L{GroupCommitter}.
+
+    @ivar directory: the spool directory.
+    @ivar minFreeSpace: octets that must stay free on the spool's file system.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        reactor: Any,
+        minFreeSpace: int = 0,
+        deferToThread: Callable[..., Deferred[Any]] | None = None,
+        syncMethod: str = "syncfs",
+        recover: bool = True,
+    ) -> None:
+        """
+        @param directory: the spool directory; created by L{start} if missing.
+        @param syncMethod: one of L{SYNC_METHODS}: C{"syncfs"} (one syncfs(2) per batch; best
+            on a file system of its own) or C{"fsync"} (each file); without syncfs (not
+            Linux), C{"fsync"} is used.
+        @param recover: do crash recovery in L{start} (when no other process uses the spool);
+            C{False} for a process that joins a spool another one has recovered (the delivery
+            process).
+        @param reactor: provides C{seconds()} and, unless C{deferToThread} is given,
+            C{callFromThread()}.
+        @param minFreeSpace: see L{hasFreeSpace}.
+        @param deferToThread: C{callable(f, *args)} returning a L{Deferred} of C{f(*args)} run
+            off the reactor thread and fired on it.  When C{None}, the spool runs its own
+            thread pool between L{start} and L{stop}.
+        """
+        self.directory = Path(directory)
+        self.minFreeSpace = minFreeSpace
+        if syncMethod not in SYNC_METHODS:
+            raise ValueError(f"syncMethod must be one of {SYNC_METHODS}, not {syncMethod!r}")
+        self._recoverAtStart = recover
+        self._reactor = reactor
+        self._tmpDir = self.directory / "tmp"
+        self._queueDir = self.directory / "queue"
+        self._corruptDir = self.directory / "corrupt"
+        self._lock = _DirectoryLock(self.directory / "lock")
+        self._committer = GroupCommitter(
+            self.directory,
+            self._queueDir,
+            reactor,
+            syncMethod=syncMethod,
+            deferToThread=deferToThread,
+        )
+        self._running = False
+        self._updateSerial = 0
+        self._freeSpaceCheckedAt: float | None = None
+        self._freeSpace: int | None = None
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> list[str]:
+        """Create the spool if needed, recover from a crash, and get ready to write.
+
+        Creates the directory, C{tmp/} and C{queue/} (mode 0700) if missing.  Then, unless
+        another process is using the spool (see below): removes every file in C{tmp/} and every
+        C{queue/<ID>.eml} without its C{.json} (never acknowledged), and moves every
+        C{queue/<ID>.json} without its C{.eml} to C{corrupt/}.
+
+        Every process using the spool holds a shared C{flock} on C{lock}; recovery needs an
+        exclusive one, as removing another live process's partial files would break its
+        commits in progress.
+
+        @return: the committed queue ids, sorted (by arrival).
+        @raise SpoolError: the spool directory cannot be created, locked or written.
+        """
+        if self._running:
+            raise RuntimeError(f"spool {self.directory} is already started")
+        if self._committer.busy:
+            raise RuntimeError(f"spool {self.directory} still has operations from its last run")
+        created = _makeDirectories([self.directory, self._tmpDir, self._queueDir])
+        exclusive = self._lock.acquire(tryExclusive=self._recoverAtStart)
+        try:
+            _probeWritable(self._tmpDir)
+            if exclusive:
+                queueIDs = self._recover()
+            elif not self._recoverAtStart:
+                queueIDs = self.queueIDs()  # the relay's own process recovers, not us
+            else:
+                queueIDs = self.queueIDs()
+                log.warn(
+                    "spool {directory} is in use by another process: crash recovery skipped, "
+                    "{count} entries queued",
+                    directory=str(self.directory),
+                    count=len(queueIDs),
+                )
+            if created:
+                for path in created:
+                    self._fsyncDirectoryOrRaise(path.parent)
+            self._lock.share()
+        except BaseException:
+            self._lock.release()
+            raise
+        self._committer.start()
+        self._running = True
+        return queueIDs
+
+    def stop(self) -> None:
+        """Stop accepting work, and stop the owned thread pool.
+
+        With the owned pool, waits for the batch in flight to finish its file work (its
+        L{Deferred}s fire later, through the reactor) and runs any queued batch right here, so
+        every commit requested before C{stop} completes.  With an injected C{deferToThread},
+        queued operations keep going through it.
+        """
+        if not self._running:
+            return
+        self._running = False
+        self._committer.stop(whenIdle=self._lock.release)
+
+    def _recover(self) -> list[str]:
+        removed = 0
+        quarantined = 0
+        try:
+            tmpNames = os.listdir(self._tmpDir)
+            queueNames = os.listdir(self._queueDir)
+        except OSError as e:
+            raise _osError("listing", e.filename or self.directory, e, None) from None
+
+        for name in sorted(tmpNames):
+            path = self._tmpDir / name
+            queueID = name.split(".", 1)[0]
+            try:
+                os.unlink(path)
+            except IsADirectoryError:
+                log.warn("spool recovery: leaving unexpected directory {path}", path=str(path))
+                continue
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise _osError("removing partial file", path, e, None) from None
+            removed += 1
+            log.info(
+                "spool recovery: removed partial file {path} (never acknowledged)",
+                path=str(path),
+                queueID=queueID if isQueueID(queueID) else None,
+            )
+
+        messages: set[str] = set()
+        envelopes: set[str] = set()
+        for name in queueNames:
+            stem, dot, suffix = name.partition(".")
+            if dot and isQueueID(stem) and suffix == "eml":
+                messages.add(stem)
+            elif dot and isQueueID(stem) and suffix == "json":
+                envelopes.add(stem)
+            else:
+                log.warn(
+                    "spool recovery: leaving unexpected file {path}",
+                    path=str(self._queueDir / name),
+                )
+
+        changed = False
+        for queueID in sorted(messages - envelopes):
+            path = self._queueDir / f"{queueID}.eml"
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise _osError("removing orphan message", path, e, queueID) from None
+            removed += 1
+            changed = True
+            log.info(
+                "spool recovery: removed message {path} without envelope (never acknowledged)",
+                path=str(path),
+                queueID=queueID,
+            )
+
+        for queueID in sorted(envelopes - messages):
+            self._quarantine(queueID)
+            quarantined += 1
+            changed = True
+
+        if changed:
+            self._fsyncDirectoryOrRaise(self._queueDir)
+        committed = sorted(envelopes & messages)
+        log.info(
+            "spool recovered {count} entries, removed {removed} partial files, "
+            "quarantined {quarantined} corrupt entries",
+            count=len(committed),
+            removed=removed,
+            quarantined=quarantined,
+        )
+        return committed
+
+    def _quarantine(self, queueID: str) -> None:
+        source = self._queueDir / f"{queueID}.json"
+        (target,) = self._moveToCorrupt(queueID)
+        log.error(
+            "spool recovery: envelope {path} has no message file; moved to {target} "
+            "for the operator",
+            path=str(source),
+            target=str(target),
+            queueID=queueID,
+        )
+
+    def _moveToCorrupt(self, queueID: str) -> list[Path]:
+        """Move C{queue/<ID>.eml} if there is one, then C{queue/<ID>.json}, to C{corrupt/}
+        (never over an earlier one of the same name: C{<ID>.json.1} ...), and fsync
+        C{corrupt/}; the caller fsyncs C{queue/}.  Return where they went (the C{.json}'s
+        path first).
+
+        The message goes first: should the process die in between, the C{.json} left in
+        C{queue/} is quarantined at the next start, whereas an C{.eml} left alone would be
+        removed as never acknowledged.
+
+        @raise SpoolError: a file cannot be moved.
+        """
+        try:
+            os.mkdir(self._corruptDir, _DIR_MODE)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise _osError("creating", self._corruptDir, e, queueID) from None
+        names = [f"{queueID}.json"]
+        if os.path.lexists(self._queueDir / f"{queueID}.eml"):
+            names.append(f"{queueID}.eml")
+        n = 0
+        suffix = ""
+        while any(os.path.lexists(self._corruptDir / (name + suffix)) for name in names):
+            n += 1
+            suffix = f".{n}"
+        moved: list[Path] = []
+        for name in reversed(names):
+            source, target = self._queueDir / name, self._corruptDir / (name + suffix)
+            try:
+                os.rename(source, target)
+            except OSError as e:
+                where = f"{source} to {target}"
+                raise _osError("moving corrupt entry", where, e, queueID) from None
+            moved.insert(0, target)
+        self._fsyncDirectoryOrRaise(self._corruptDir)
+        return moved
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _checkID(self, queueID: str) -> None:
+        if not isinstance(queueID, str) or not isQueueID(queueID):
+            raise ValueError(f"not a queue id: {queueID!r}")
+
+    def queueIDs(self) -> list[str]:
+        """The committed queue ids, sorted (by arrival).
+
+        An entry whose commit is in flight may show up before its L{Deferred} fires (and, if
+        the batch's directory fsync fails, vanish again); use commit results to learn of new
+        entries, and this to learn of old ones.
+        """
+        try:
+            names = os.listdir(self._queueDir)
+        except OSError as e:
+            raise _osError("listing", self._queueDir, e, None) from None
+        return sorted(
+            name[:-5] for name in names if name.endswith(".json") and isQueueID(name[:-5])
+        )
+
+    def messagePath(self, queueID: str) -> Path:
+        """The path of the committed message C{queueID} (C{queue/<ID>.eml})."""
+        self._checkID(queueID)
+        return self._queueDir / f"{queueID}.eml"
+
+    def loadEnvelope(self, queueID: str) -> Envelope:
+        """Read the envelope of the committed entry C{queueID}, and check that its message
+        file has the size the envelope records (C{messageSize}; 0: not recorded).
+
+        @raise EntryGone: there is no such entry (any more).
+        @raise CorruptEntry: the envelope is not valid, or the message file is missing or of
+            another size (see L{quarantine}).
+        @raise SpoolError: the files cannot be read.
+        """
+        self._checkID(queueID)
+        path = self._queueDir / f"{queueID}.json"
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise EntryGone(
+                f"no queue entry {queueID} ({path})", path=path, queueID=queueID
+            ) from None
+        except OSError as e:
+            raise _osError("reading envelope", path, e, queueID) from None
+        try:
+            envelope = Envelope.fromJSON(data)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            problem = "empty" if not data else f"not a valid envelope: {e}"
+            raise CorruptEntry(f"envelope {path} is {problem}", path=path, queueID=queueID) from e
+        message = self._queueDir / f"{queueID}.eml"
+        try:
+            size = os.stat(message).st_size
+        except FileNotFoundError:
+            if not os.path.lexists(path):  # the whole entry was removed meanwhile
+                raise EntryGone(
+                    f"no queue entry {queueID} ({path})", path=path, queueID=queueID
+                ) from None
+            raise CorruptEntry(
+                f"message file {message} is missing", path=message, queueID=queueID
+            ) from None
+        except OSError as e:
+            raise _osError("checking", message, e, queueID) from None
+        if envelope.messageSize and size != envelope.messageSize:
+            raise CorruptEntry(
+                f"message file {message} has {size} octets, the envelope records "
+                f"{envelope.messageSize}",
+                path=message,
+                queueID=queueID,
+            )
+        return envelope
+
+    def quarantine(self, queueID: str, problem: str) -> Deferred[list[Path]]:
+        """Move the damaged entry C{queueID} (its C{.json}, and its C{.eml} if any) to
+        C{corrupt/}, for the operator, in the next batch; log one line saying C{problem}
+        and where the files went.
+
+        @return: a L{Deferred} firing with the files' new paths, or failing with
+            L{SpoolError} (the entry stays where it was).
+        """
+        self._checkID(queueID)
+        if not self._running:
+            return self._notStarted("quarantine", queueID)
+        operation = _Quarantine(self, queueID)
+
+        def moved(_: None) -> list[Path]:
+            log.error(
+                "{queueID}: damaged queue entry: {problem}; moved to {corrupt} ({names}) for "
+                "the operator, not delivered",
+                queueID=queueID,
+                problem=problem,
+                corrupt=str(self._corruptDir),
+                names=", ".join(p.name for p in operation.moved),
+            )
+            return operation.moved
+
+        return self._submit(operation).addCallback(moved)
+
+    def hasFreeSpace(self, needed: int = 0) -> bool:
+        """Whether C{needed} more octets leave at least C{minFreeSpace} free.
+
+        The C{statvfs} result (or its failure) is reused for a second of C{reactor.seconds()}.
+        A C{statvfs} failure is logged and answers C{False}.
+        """
+        now = self._reactor.seconds()
+        checkedAt = self._freeSpaceCheckedAt
+        if checkedAt is None or not (checkedAt <= now < checkedAt + _FREE_SPACE_CACHE_SECONDS):
+            self._freeSpaceCheckedAt = now
+            try:
+                st = os.statvfs(self.directory)
+            except OSError as e:
+                self._freeSpace = None
+                log.error(
+                    "checking free space of spool {directory} failed: {error}",
+                    directory=str(self.directory),
+                    error=e.strerror or str(e),
+                )
+            else:
+                self._freeSpace = st.f_bavail * st.f_frsize
+        if self._freeSpace is None:
+            return False
+        return self._freeSpace - needed >= self.minFreeSpace
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def _checkRunning(self, what: str) -> None:
+        if not self._running:
+            raise SpoolError(f"{what} in spool {self.directory}: the spool is not started")
+
+    def openMessage(self, queueID: str | None = None) -> MessageWriter:
+        """Create C{tmp/<queueID>.eml} and return a writer for it.
+
+        @param queueID: the message's queue id; C{None}: a new one (L{newQueueID}).
+        @raise SpoolError: the file cannot be created (or the entry already exists).
+        @raise ValueError: C{queueID} is not a queue id.
+        """
+        if queueID is None:
+            queueID = newQueueID()
+        self._checkID(queueID)
+        self._checkRunning(f"cannot open message {queueID}")
+        for suffix in (".json", ".eml"):
+            existing = self._queueDir / f"{queueID}{suffix}"
+            if os.path.lexists(existing):
+                raise SpoolError(
+                    f"creating message {queueID} failed: {existing} already exists",
+                    path=existing,
+                    queueID=queueID,
+                )
+        path = self._tmpDir / f"{queueID}.eml"
+        return MessageWriter(self, queueID, path, _SpillFile(path))
+
+    def updateEnvelope(self, envelope: Envelope) -> Deferred[None]:
+        """Durably replace the envelope of the committed entry C{envelope.queueID}.
+
+        Written to a file in C{tmp/}, fsynced, renamed over C{queue/<ID>.json}, and C{queue/}
+        fsynced, in the next batch.  After a crash the entry has the old or the new envelope.
+        The envelope is serialised now.
+
+        @return: a L{Deferred} firing with C{None}, or failing with L{SpoolError} (also when
+            the entry does not exist).
+        """
+        queueID = envelope.queueID
+        self._checkID(queueID)  # type: ignore[arg-type]
+        assert queueID is not None
+        if not self._running:
+            return fail(
+                SpoolError(
+                    f"cannot update envelope {queueID}: spool {self.directory} is not started",
+                    queueID=queueID,
+                )
+            )
+        try:
+            data = envelope.toJSON()
+        except Exception as e:
+            return fail(
+                SpoolError(f"serialising envelope {queueID} failed: {e!r}", queueID=queueID)
+            )
+        self._updateSerial += 1
+        return self._submit(_Update(self, queueID, data, self._updateSerial))
+
+    def remove(self, queueID: str) -> Deferred[None]:
+        """Remove the entry C{queueID}: its C{.json} first, then its C{.eml}, then fsync
+        C{queue/}, in the next batch.  Removing an entry that does not exist succeeds.
+
+        @return: a L{Deferred} firing with C{None}, or failing with L{SpoolError}.
+        """
+        self._checkID(queueID)
+        if not self._running:
+            return self._notStarted("remove", queueID)
+        return self._submit(_Remove(self, queueID))
+
+    def _notStarted(self, what: str, queueID: str) -> Deferred[Any]:
+        return fail(
+            SpoolError(
+                f"cannot {what} {queueID}: spool {self.directory} is not started",
+                queueID=queueID,
+            )
+        )
+
+    def _fsyncDirectoryOrRaise(self, path: Path) -> None:
+        self._committer.fsyncDirectoryOrRaise(path)
+
+    def _submit(self, operation: _Operation) -> Deferred[None]:
+        return self._committer.submit(operation)
+
+
+# -- start-up helpers
+
+
+def _makeDirectories(paths: list[Path]) -> list[Path]:
+    """Create each of C{paths} (mode 0700, the first with its parents) that is missing;
+    return those created."""
+    created = []
+    for path in paths:
+        if path.is_dir():
+            continue
+        try:
+            if path == paths[0]:
+                os.makedirs(path, _DIR_MODE)
+            else:
+                os.mkdir(path, _DIR_MODE)
+        except OSError as e:
+            raise _osError("creating spool directory", path, e, None) from None
+        created.append(path)
+        log.info("created spool directory {path}", path=str(path))
+    return created
+
+
+def _probeWritable(directory: Path) -> None:
+    """Create and remove a file in C{directory}, or raise L{SpoolError}."""
+    probe = directory / f".probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, _FILE_MODE)
+    except OSError as e:
+        raise _osError("writing to spool directory", directory, e, None) from None
+    os.close(fd)
+    try:
+        os.unlink(probe)
+    except OSError as e:
+        raise _osError("removing", probe, e, None) from None
+
+
+class _DirectoryLock:
+    """The C{flock} on the spool's C{lock} file: shared by every process using the spool,
+    exclusive for the one doing crash recovery."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self, tryExclusive: bool) -> bool:
+        """Lock, exclusively if C{tryExclusive} and no other process holds it, else shared;
+        return whether the lock is exclusive.  @raise SpoolError: it cannot be taken."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, _FILE_MODE)
+        except OSError as e:
+            raise _osError("opening spool lock", self.path, e, None) from None
+        self._fd = fd
+        try:
+            if tryExclusive:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            self.release()
+            raise _osError("locking", self.path, e, None) from None
+        self.share()
+        return False
+
+    def share(self) -> None:
+        """Turn the lock into a shared one.  @raise SpoolError: it cannot."""
+        assert self._fd is not None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_SH)
+        except OSError as e:
+            self.release()
+            raise _osError("locking", self.path, e, None) from None
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
