@@ -31,7 +31,7 @@ def _reload(r: RelayProcess, config: str) -> str:
     before = r.log().count("configuration reloaded from") + r.log().count(
         "configuration not reloaded")
     r.process.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         lines = [line for line in r.log().splitlines()
                  if "configuration reloaded from" in line or "configuration not reloaded" in line]
