@@ -72,9 +72,9 @@ KNOWN = {
     "mailrelay.smtp.client -> twisted.internet",
     "mailrelay.smtp.client -> twisted.logger",
     "mailrelay.smtp.client -> twisted.python",
-    # The intake (cleanup/) will open and commit spool entries through ISpool.
-    "mailrelay.receive.protocol -> mailrelay.cleanup.stamping",
-    "mailrelay.receive.protocol -> mailrelay.spool",
+    # The intake allocates queue ids (newQueueID) and knows SpoolError until the spool is
+    # behind ISpool (openMessage() allocating the id, SpoolError in errors.py).
+    "mailrelay.cleanup.intake -> mailrelay.spool",
     # DSNs will enter the spool through the intake; the queue will use ISpool.
     "mailrelay.queue -> mailrelay.spool",
     "mailrelay.queue.dsn -> mailrelay.cleanup.stamping",

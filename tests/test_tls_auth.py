@@ -814,6 +814,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS  # noqa
 from twisted.protocols.tls import TLSMemoryBIOFactory  # noqa: E402
 
 from mailrelay.auth import AuthPolicy, makePortal  # noqa: E402
+from mailrelay.cleanup.intake import Intake  # noqa: E402
 from mailrelay.envelope import Envelope, Recipient  # noqa: E402
 from mailrelay.policy import RecipientPolicy, RelayControl  # noqa: E402
 from mailrelay.smtp.client import ClientSettings, clientTLSOptions, connectSMTP  # noqa: E402
@@ -852,8 +853,10 @@ class RealTLSTests(trial.TestCase):
         context = ListenerContext(
             settings=settings,
             policy=RecipientPolicy(RelayControl([], [], "relay.test"), [], reactor),
-            spool=self.spool,
-            stampers=[ConfiguredStamper("default", DefaultStamper(), 30.0)],
+            intake=Intake(
+                self.spool, [ConfiguredStamper("default", DefaultStamper(), 30.0)], reactor,
+                "relay.test",
+            ),
             clock=reactor,
             tlsOptions=self.tls.options,
             implicitTLS=implicit,

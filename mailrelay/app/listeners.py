@@ -13,6 +13,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from mailrelay.cleanup.intake import Intake
 from mailrelay.cleanup.stamping import ConfiguredStamper
 from mailrelay.config import Config
 from mailrelay.errors import ConfigError
@@ -168,6 +169,7 @@ def makeListeners(
         ConfiguredStamper(spec.plugin, build(spec, IHeaderStamper), spec.timeout)
         for spec in config.headerStampers
     ]
+    intake = Intake(spool, stampers, reactor, config.hostname, config.maxHops, onQueued)
     relay = RelayControl(config.relayNetworks, config.acceptDomains, config.hostname)
     policy = RecipientPolicy(relay, validators, reactor)
 
@@ -251,8 +253,7 @@ def makeListeners(
         ctx = ListenerContext(
             settings=settings,
             policy=policy,
-            spool=spool,
-            stampers=stampers,
+            intake=intake,
             clock=reactor,
             listenerName=listener.endpoint,
             listenerOptions={
@@ -264,9 +265,7 @@ def makeListeners(
             },
             idleTimeout=config.idleTimeout,
             dataTimeout=config.dataTimeout,
-            maxHops=config.maxHops,
             resolver=resolver,
-            onQueued=onQueued,
             tlsOptions=tlsOptions,
             implicitTLS=listener.tls_mode == "implicit",
             auth=authPolicy if listener.auth else None,

@@ -1,8 +1,8 @@
 """The Twisted side of the ESMTP server: a thin Protocol driving L{ServerSession}.
 
 The protocol moves bytes, runs the timers, and answers the session's questions with the policy
-(relay control and recipient validators), the header stampers, the spool and (for AUTH) the
-L{mailrelay.receive.auth.AuthPolicy}.  It pauses reading while a question is pending, so a client
+(relay control and recipient validators), the intake (L{mailrelay.interfaces.IIntake}: the
+message's way into the spool) and (for AUTH) the L{mailrelay.receive.auth.AuthPolicy}.  It pauses reading while a question is pending, so a client
 pipelining ahead cannot make us buffer without bound.
 
 TLS: on L{StartTLS} the protocol writes the 220 reply in plaintext and calls
@@ -28,7 +28,7 @@ C{smtpd_min_data_rate}).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
@@ -40,9 +40,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay.cleanup.stamping import STAMPING_FAILED, HeaderProcessor, StampingFailed, runStampers
 from mailrelay.envelope import ClientInfo, Envelope
-from mailrelay.interfaces import ACCEPT, StampContext, Verdict, VerdictKind
+from mailrelay.interfaces import ACCEPT, Verdict, VerdictKind
 from mailrelay.policy.chain import RecipientPolicy
 from mailrelay.receive.auth import IAuthenticatedUser
 from mailrelay.receive.limits import DEFAULT_IPV6_PREFIX_LENGTH, clientNetwork
@@ -82,9 +81,7 @@ AUTH_WAIT_INTERVAL = 0.1
 class ListenerContext:
     """Everything the sessions of one listener share.
 
-    @ivar spool: a L{mailrelay.spool.Spool}.
-    @ivar stampers: the configured header stampers
-        (L{mailrelay.cleanup.stamping.ConfiguredStamper}), in order.
+    @ivar intake: the L{mailrelay.interfaces.IIntake} messages go into the spool through.
     @ivar resolver: an C{IResolver} for reverse lookups, or C{None} to skip them.
     @ivar tlsOptions: the C{IOpenSSLServerConnectionCreator} STARTTLS uses (the listener's
         certificate), or C{None}.
@@ -95,19 +92,14 @@ class ListenerContext:
 
     settings: SessionSettings
     policy: RecipientPolicy
-    spool: Any
-    stampers: Sequence[Any]
+    intake: Any
     clock: Any
     listenerName: str = ""
     listenerOptions: dict[str, Any] = field(default_factory=dict)
     idleTimeout: float = 300.0
     dataTimeout: float = 300.0
-    maxHops: int = 50
     resolver: Any = None
     reverseLookupTimeout: float = 10.0
-    #: Called with the queue id of each message once it is durably queued (the queue manager
-    #: picks it up without rescanning the spool).
-    onQueued: Any = None
     tlsOptions: Any = None
     implicitTLS: bool = False
     auth: Any = None
@@ -206,8 +198,8 @@ class SMTPServerProtocol(Protocol):
         self.context = context
         self.session: ServerSession | None = None
         self._timer: Any = None
-        self._writer: Any = None
-        self._headers: HeaderProcessor | None = None
+        #: The message being received (an L{mailrelay.interfaces.IIncomingMessage}).
+        self._message: Any = None
         #: Why reading is paused: C{"session"} (a question pending, or before the greeting),
         #: C{"output"} (the transport's write buffer is full).
         self._pausedFor: set[str] = set()
@@ -503,8 +495,10 @@ class SMTPServerProtocol(Protocol):
             question = None
             for event in events:
                 if isinstance(event, BodyData):
-                    if self._headers is not None:
-                        self._headers.write(event.data)
+                    if self._message is not None:
+                        started = self._message.write(event.data)
+                        if started is not None:
+                            self._stampingStarted(started)
                 elif isinstance(event, Reply):
                     out.append(event.toBytes())
                 elif isinstance(event, Close):
@@ -835,48 +829,30 @@ class SMTPServerProtocol(Protocol):
         return limits.checkMail(client.address, client.authUser).addCallback(judged)
 
     def _spaceVerdict(self, needed: int) -> Verdict:
-        return ACCEPT if self.context.spool.hasFreeSpace(needed) else NO_SPACE_VERDICT
+        return ACCEPT if self.context.intake.hasFreeSpace(needed) else NO_SPACE_VERDICT
 
     def _startData(self, envelope: Envelope) -> Reply | None:
-        from mailrelay.spool import SpoolError, newQueueID
-
-        queueID = newQueueID()
-        try:
-            self._writer = self.context.spool.openMessage(queueID)
-        except SpoolError as e:
-            log.error("cannot create queue file: {error}", error=str(e))
-            return R.LOCAL_ERROR
-        envelope.queueID = queueID
-        now = self.context.clock.seconds()
-
-        def stamp(headers: list[tuple[str, bytes]]) -> Any:
-            context = StampContext(
-                hostname=self.context.settings.hostname,
-                client=envelope.client or self.session.client,  # type: ignore[union-attr]
-                envelope=envelope,
-                headers=headers,
-                listenerOptions=self.context.listenerOptions,
-                now=now,
-            )
-            result = runStampers(self.context.stampers, context, self.context.clock)
-            if isinstance(result, Deferred):
-                self._stampingSince = self.context.clock.seconds()
-                result.addBoth(self._stampingEnded)
-                if self._stampingSince is not None:
-                    # A stamper answers later: read no more meanwhile (what the session has
-                    # already read is held by the HeaderProcessor), and stop the DATA clock.
-                    self._cancelTimer()
-                    self._pause("stamping")
-            return result
-
-        self._headers = HeaderProcessor(self._writer.write, stamp)
+        ctx = self.context
+        client = envelope.client or self.session.client  # type: ignore[union-attr]
+        opened = ctx.intake.open(envelope, client, ctx.listenerOptions)
+        if isinstance(opened, Reply):
+            return opened
+        self._message = opened
         return None
+
+    def _stampingStarted(self, started: Deferred[None]) -> None:
+        """A stamper answers later: read no more meanwhile (what the session has already read
+        is held by the intake), and stop the DATA clock until it has answered."""
+        self._stampingSince = self.context.clock.seconds()
+        self._cancelTimer()
+        self._pause("stamping")
+        started.addCallback(self._stampingEnded)
 
     def _stampingEnded(self, result: object) -> object:
         since, self._stampingSince = self._stampingSince, None
         session = self.session
         if since is None or "stamping" not in self._pausedFor:
-            return result  # answered at once
+            return result
         self._resume("stamping")
         if session is None or session.closed or session.waiting:
             return result  # the end of data waits for the stampers: its answer resets the timer
@@ -886,86 +862,15 @@ class SMTPServerProtocol(Protocol):
         return result
 
     def _abortMessage(self) -> None:
-        if self._writer is not None:
-            log.info("{queueID}: message not completed, dropped", queueID=self._writer.queueID)
-            self._writer.abort()
-        if self._headers is not None:
-            self._headers.abort()
-        self._writer = None
-        self._headers = None
+        message, self._message = self._message, None
+        if message is not None:
+            message.abort()
 
     def _endOfData(self, question: EndOfData) -> Deferred:
-        writer, headers = self._writer, self._headers
-        self._writer = self._headers = None
-        if question.error is not None or headers is None:
-            if headers is not None:
-                headers.abort()  # a stamper still at work is not waited for
-            return self._storeMessage(question, writer, question.error)
-
-        def stamped(_: None) -> Any:
-            hops = headers.count("Received")
-            error = R.TOO_MANY_HOPS if hops > self.context.maxHops else None
-            return self._storeMessage(question, writer, error)
-
-        def notStamped(failure: Failure) -> Any:
-            if not failure.check(StampingFailed):  # already logged, naming the stamper
-                log.failure("{queueID}: header stamping failed", failure, queueID=question.envelope.queueID)
-            return self._storeMessage(question, writer, STAMPING_FAILED)
-
-        # The stampers were called when the header section ended: wait for their answer.
-        return headers.finish().addCallbacks(stamped, notStamped)
-
-    def _storeMessage(self, question: EndOfData, writer: Any, error: Reply | None) -> Deferred:
-        """Commit the message to the spool, or drop it when C{error}: the reply to its end."""
-        envelope = question.envelope
-        if error is not None or writer is None:
-            if writer is not None:
-                writer.abort()
-            reply = error or R.LOCAL_ERROR
-            self._logResult(envelope, question.size, reply)
-            return succeed(reply)
-        envelope.arrival = self.context.clock.seconds()
-        envelope.messageSize = writer.size
-        commit = writer.commit(envelope)
-
-        def committed(_: object) -> Reply:
-            reply = Reply(250, "2.0.0", f"Ok: queued as {envelope.queueID}")
-            self._logResult(envelope, writer.size, reply)
-            if self.context.onQueued is not None:
-                try:
-                    self.context.onQueued(envelope.queueID)
-                except Exception:
-                    log.failure("{queueID}: queue manager refused the new entry", queueID=envelope.queueID)
-            return reply
-
-        def failed(failure: Failure) -> Reply:
-            log.error(
-                "{queueID}: spool commit failed: {error}",
-                queueID=envelope.queueID,
-                error=failure.getErrorMessage(),
-            )
-            self._logResult(envelope, writer.size, R.LOCAL_ERROR)
-            return R.LOCAL_ERROR
-
-        commit.addCallbacks(committed, failed)
-        return commit
-
-    def _logResult(self, envelope: Envelope, size: int, reply: Reply) -> None:
-        user = envelope.client.authUser if envelope.client else None
-        log.info(
-            "{queueID}: from=<{sender}> nrcpt={nrcpt} size={size} client={client}{sasl}"
-            " result={result}",
-            queueID=envelope.queueID,
-            sender=envelope.sender,
-            nrcpt=len(envelope.recipients),
-            size=size,
-            client=envelope.client.address if envelope.client else "",
-            sasl=f" sasl_username={user}" if user else "",
-            sasl_username=user,
-            tls=envelope.client.tls if envelope.client else None,
-            result=str(reply),
-            accepted=reply.isPositive,
-        )
+        message, self._message = self._message, None
+        if message is None:  # pragma: no cover - the session asks only after StartData
+            return succeed(question.error or R.LOCAL_ERROR)
+        return message.finish(question.error, question.size)
 
 
 class SMTPServerFactory(Factory):

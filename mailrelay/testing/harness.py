@@ -32,6 +32,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
+from mailrelay.cleanup.intake import Intake
 from mailrelay.cleanup.stamping import ConfiguredStamper, DefaultStamper
 from mailrelay.policy.chain import ConfiguredValidator, RecipientPolicy, RelayControl
 from mailrelay.receive.auth import AuthPolicy, MemoryAuthThrottle, makePortal
@@ -221,20 +222,25 @@ class ServerHarness:
                 clock=self.clock,
                 **limits,
             )
-        self.context = ListenerContext(
-            settings=settings,
-            policy=policy,
-            spool=self.spool,
-            stampers=[
+        self.intake = Intake(
+            self.spool,
+            [
                 s if isinstance(s, ConfiguredStamper) else ConfiguredStamper(type(s).__name__, s, stamperTimeout)
                 for s in ([DefaultStamper()] if stampers is None else stampers)
             ],
+            self.clock,
+            settings.hostname,
+            maxHops,
+        )
+        self.context = ListenerContext(
+            settings=settings,
+            policy=policy,
+            intake=self.intake,
             clock=self.clock,
             listenerName="test",
             listenerOptions=listenerOptions or {},
             idleTimeout=idleTimeout,
             dataTimeout=dataTimeout,
-            maxHops=maxHops,
             tlsOptions=object() if tls else None,
             implicitTLS=implicitTLS,
             auth=auth,
