@@ -36,7 +36,6 @@ from mailrelay.auth import (
     SubmitterRealm,
     parsePasswordLines,
     readPasswordFile,
-    senderAllowed,
 )
 from mailrelay.envelope import ClientInfo
 from mailrelay.smtp.replies import Reply
@@ -600,14 +599,6 @@ def test_sender_binding() -> None:
     assert h.send(b"MAIL FROM:<Alice@example.com>\r\n")[0].startswith(b"553 5.7.1")
 
 
-def test_senderAllowed() -> None:
-    assert senderAllowed(["@example.org"], "x@EXAMPLE.org")
-    assert not senderAllowed(["@example.org"], "x@sub.example.org")
-    assert senderAllowed(["a@Example.com"], "a@example.com")
-    assert not senderAllowed(["a@example.com"], "b@example.com")
-    assert senderAllowed([], "")
-
-
 def test_sans_io_authenticate_question_and_answers() -> None:
     settings = SessionSettings("relay.test", authMechanisms=("PLAIN", "LOGIN"), authWithoutTLS=True)
     session = ServerSession(settings, ClientInfo("192.0.2.1"))
@@ -814,6 +805,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS  # noqa
 from twisted.protocols.tls import TLSMemoryBIOFactory  # noqa: E402
 
 from mailrelay.auth import AuthPolicy, makePortal  # noqa: E402
+from mailrelay.policy.sender import SenderPolicy  # noqa: E402
 from mailrelay.cleanup.intake import Intake  # noqa: E402
 from mailrelay.envelope import Envelope, Recipient  # noqa: E402
 from mailrelay.policy import RecipientPolicy, RelayControl  # noqa: E402
@@ -853,6 +845,7 @@ class RealTLSTests(trial.TestCase):
         context = ListenerContext(
             settings=settings,
             policy=RecipientPolicy(RelayControl([], [], "relay.test"), [], reactor),
+            sender=SenderPolicy(),
             intake=Intake(
                 self.spool, [ConfiguredStamper("default", DefaultStamper(), 30.0)], reactor,
                 "relay.test",

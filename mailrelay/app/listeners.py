@@ -19,6 +19,7 @@ from mailrelay.config import Config
 from mailrelay.errors import ConfigError
 from mailrelay.interfaces import IHeaderStamper, IRecipientValidator
 from mailrelay.policy.chain import ConfiguredValidator, RecipientPolicy, RelayControl
+from mailrelay.policy.sender import SenderPolicy
 from mailrelay.receive.protocol import ListenerContext, Sessions, SMTPServerFactory
 from mailrelay.smtp.server import SessionSettings
 
@@ -250,9 +251,15 @@ def makeListeners(
             ),
             count=count,
         )
+        listenerAuth = authPolicy if listener.auth else None
         ctx = ListenerContext(
             settings=settings,
             policy=policy,
+            sender=SenderPolicy(
+                senders=listenerAuth.senders if listenerAuth is not None else {},
+                limits=limits,
+                hasFreeSpace=intake.hasFreeSpace,
+            ),
             intake=intake,
             clock=reactor,
             listenerName=listener.endpoint,
@@ -268,7 +275,7 @@ def makeListeners(
             resolver=resolver,
             tlsOptions=tlsOptions,
             implicitTLS=listener.tls_mode == "implicit",
-            auth=authPolicy if listener.auth else None,
+            auth=listenerAuth,
             limits=limits,
             greetPause=listener.greet_pause,
             maxSessionTime=listener.max_session_time,

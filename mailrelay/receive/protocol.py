@@ -30,26 +30,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.cred.credentials import UsernamePassword
-from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
-from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IAddress, IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.envelope import ClientInfo, Envelope
-from mailrelay.interfaces import ACCEPT, Verdict, VerdictKind
+from mailrelay.interfaces import Verdict, VerdictKind
 from mailrelay.policy.chain import RecipientPolicy
-from mailrelay.receive.auth import IAuthenticatedUser
-from mailrelay.receive.limits import DEFAULT_IPV6_PREFIX_LENGTH, clientNetwork
+from mailrelay.policy.sender import SenderPolicy
+from mailrelay.receive.auth import AUTH_TEMPORARY_FAILURE
+from mailrelay.receive.limits import DEFAULT_IPV6_PREFIX_LENGTH
 from mailrelay.receive.tls import describeTLS
 from mailrelay.smtp import replies as R
 from mailrelay.smtp.replies import Reply
 from mailrelay.smtp.server import (
-    AUTH_INVALID,
     AbortData,
     Authenticate,
     BodyData,
@@ -67,20 +64,13 @@ from mailrelay.smtp.server import (
 
 log = Logger()
 
-NO_SPACE_VERDICT = Verdict(VerdictKind.DEFER, R.NO_SPACE)
-AUTH_TOO_MANY_FAILURES = Reply(
-    421, "4.7.0", "Error: too many failed authentications, try again later"
-)
-AUTH_TEMPORARY_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")
-#: Seconds between two looks at the AUTH throttle of an attempt waiting for the checks in
-#: flight of the same client.
-AUTH_WAIT_INTERVAL = 0.1
 
 
 @dataclass
 class ListenerContext:
     """Everything the sessions of one listener share.
 
+    @ivar sender: the L{SenderPolicy}: the checks of the MAIL stage.
     @ivar intake: the L{mailrelay.interfaces.IIntake} messages go into the spool through.
     @ivar resolver: an C{IResolver} for reverse lookups, or C{None} to skip them.
     @ivar tlsOptions: the C{IOpenSSLServerConnectionCreator} STARTTLS uses (the listener's
@@ -92,6 +82,7 @@ class ListenerContext:
 
     settings: SessionSettings
     policy: RecipientPolicy
+    sender: SenderPolicy
     intake: Any
     clock: Any
     listenerName: str = ""
@@ -583,7 +574,9 @@ class SMTPServerProtocol(Protocol):
 
     def _ask(self, question: object) -> Deferred:
         if isinstance(question, CheckMail):
-            d = self._checkMail(question.envelope)
+            envelope = question.envelope
+            client = envelope.client or self.session.client  # type: ignore[union-attr]
+            d = self.context.sender.check(client, envelope)
         elif isinstance(question, CheckRecipient):
             assert self.session is not None
             d = self.context.policy.check(
@@ -667,169 +660,19 @@ class SMTPServerProtocol(Protocol):
             self.transport.abortConnection()
 
     def _authenticate(self, question: Authenticate) -> Deferred:
-        """Check credentials through the portal.  Attempts are counted per client (IPv6 by
-        the listener's C{ipv6_prefix_length}) while in flight and as failures after (see
-        L{mailrelay.receive.auth.IAuthThrottle}): after C{throttleAfter} failures the 535 is
-        delayed, and from C{maxFailures} on AUTH is refused with 421 without a check.  An
-        attempt that would go beyond C{maxFailures} with the checks in flight of the same
-        client waits for them (at most C{auth.timeout}, then 454), so that at most
-        C{maxFailures} passwords are checked per window, however many connections try at
-        once, and a client with many connections and the right password is not refused."""
         auth = self.context.auth
         session = self.session
         assert session is not None
         if auth is None:  # pragma: no cover - the session only asks when AUTH is configured
             return succeed(AUTH_TEMPORARY_FAILURE)
-        address = session.client.address
         limits = self.context.limits
-        prefix = limits.ipv6PrefixLength if limits is not None else DEFAULT_IPV6_PREFIX_LENGTH
-        client = clientNetwork(address, prefix)
-
-        def logFailure(count: int, why: str) -> None:
-            log.warn(
-                "authentication failed from {client}: sasl_method={mechanism} "
-                "sasl_username={user} failures={failures} ({why})",
-                client=address,
-                mechanism=question.mechanism,
-                user=question.username,
-                sasl_username=question.username,
-                failures=count,
-                why=why,
-            )
-
-        def settle(failed: bool) -> Deferred:
-            return maybeDeferred(auth.throttle.settle, client, failed)
-
-        def release() -> None:
-            settle(False).addErrback(
-                lambda f: log.failure("AUTH throttle: settling for {client}", f, client=client)
-            )
-
-        clock = self.context.clock
-        started = clock.seconds()
-
-        def reserve() -> Deferred:
-            return maybeDeferred(auth.throttle.reserve, client).addCallbacks(reserved, notReserved)
-
-        def reserved(count: int) -> Any:
-            if count > auth.maxFailures:
-                return settle(False).addCallbacks(overBudget, notReserved)
-            if question.authzid and question.authzid != question.username:
-                return failed(Failure(UnauthorizedLogin("authorization identity differs")))
-            d = auth.portal.login(
-                UsernamePassword(question.username, question.password), None, IAuthenticatedUser
-            )
-            if auth.timeout and not d.called:
-                d.addTimeout(auth.timeout, self.context.clock)
-            return d.addCallbacks(succeeded, failed)
-
-        def notReserved(failure: Failure) -> Reply:
-            log.failure("AUTH throttle: reserving or settling for {client}", failure, client=client)
-            return AUTH_TEMPORARY_FAILURE
-
-        def overBudget(failures: int) -> Any:
-            # The failures recorded fill the budget: refused.  Otherwise checks still in
-            # flight (other connections of this client) hold it: wait for them, never refuse
-            # a client for failures it has not made.
-            if failures >= auth.maxFailures:
-                logFailure(failures, "too many failures, refused with 421 without checking")
-                return AUTH_TOO_MANY_FAILURES
-            if session.closed:
-                return AUTH_TEMPORARY_FAILURE  # no one waits for the answer: check nothing
-            waited = clock.seconds() - started
-            if auth.timeout and waited >= auth.timeout:
-                log.warn(
-                    "authentication from {client} (sasl_username={user}) waited {waited:g}s "
-                    "for the checks in flight of the same client; answered 454",
-                    client=address,
-                    user=question.username,
-                    sasl_username=question.username,
-                    waited=waited,
-                )
-                return AUTH_TEMPORARY_FAILURE
-            return deferLater(clock, AUTH_WAIT_INTERVAL, reserve)
-
-        def succeeded(result: tuple[Any, Any, Any]) -> str:
-            release()
-            _, avatar, _ = result
-            name = getattr(avatar, "name", question.username)
-            log.info(
-                "authenticated {client}: sasl_method={mechanism} sasl_username={user}",
-                client=address,
-                mechanism=question.mechanism,
-                user=name,
-                sasl_username=name,
-            )
-            return name
-
-        def failed(failure: Failure) -> Any:
-            if failure.check(TimeoutError):
-                release()
-                log.error(
-                    "authentication check for {client} (sasl_username={user}) gave no answer "
-                    "in {timeout:g}s",
-                    client=address,
-                    user=question.username,
-                    timeout=auth.timeout,
-                )
-                return AUTH_TEMPORARY_FAILURE
-            if not failure.check(UnauthorizedLogin, UnhandledCredentials):
-                release()
-                log.failure("authentication check failed for {client}", failure, client=address)
-                return AUTH_TEMPORARY_FAILURE
-            return settle(True).addCallbacks(answer, notRecorded)
-
-        def notRecorded(failure: Failure) -> Reply:
-            log.failure("AUTH throttle: recording a failure of {client}", failure, client=client)
-            return AUTH_INVALID
-
-        def answer(count: int) -> Any:
-            if count >= auth.maxFailures:
-                logFailure(count, "too many failures, closing")
-                return AUTH_TOO_MANY_FAILURES
-            if count > auth.throttleAfter and auth.failureDelay > 0:
-                logFailure(count, f"answer delayed {auth.failureDelay:g}s")
-                return deferLater(self.context.clock, auth.failureDelay, lambda: AUTH_INVALID)
-            logFailure(count, "wrong user name or password")
-            return AUTH_INVALID
-
-        return reserve()
-
-    def _checkMail(self, envelope: Envelope) -> Deferred:
-        auth = self.context.auth
-        user = envelope.client.authUser if envelope.client else None
-        if auth is not None and user is not None and not auth.senderAllowed(user, envelope.sender):
-            log.warn(
-                "{client}: sasl_username={user} may not send as <{sender}>",
-                client=envelope.client.address,  # type: ignore[union-attr]
-                user=user,
-                sasl_username=user,
-                sender=envelope.sender,
-            )
-            text = f"<{envelope.sender}>: Sender address rejected: not owned by user {user}"
-            return succeed(Verdict(VerdictKind.REJECT, Reply(553, "5.7.1", text)))
-        needed = envelope.size or 0
-        limits = self.context.limits
-        if limits is None:
-            return succeed(self._spaceVerdict(needed))
-        client = envelope.client or self.session.client  # type: ignore[union-attr]
-
-        def judged(refusal: Any) -> Verdict:
-            if refusal is not None:
-                log.warn(
-                    "{client}: MAIL FROM:<{sender}> refused: {reason}",
-                    client=client.address,
-                    sender=envelope.sender,
-                    reason=refusal.reason,
-                    sasl_username=client.authUser,
-                )
-                return Verdict(VerdictKind.DEFER, refusal.reply)
-            return self._spaceVerdict(needed)
-
-        return limits.checkMail(client.address, client.authUser).addCallback(judged)
-
-    def _spaceVerdict(self, needed: int) -> Verdict:
-        return ACCEPT if self.context.intake.hasFreeSpace(needed) else NO_SPACE_VERDICT
+        return auth.authenticate(
+            question,
+            session.client.address,
+            self.context.clock,
+            limits.ipv6PrefixLength if limits is not None else DEFAULT_IPV6_PREFIX_LENGTH,
+            lambda: session.closed,
+        )
 
     def _startData(self, envelope: Envelope) -> Reply | None:
         ctx = self.context

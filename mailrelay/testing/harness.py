@@ -35,6 +35,7 @@ from zope.interface import implementer
 from mailrelay.cleanup.intake import Intake
 from mailrelay.cleanup.stamping import ConfiguredStamper, DefaultStamper
 from mailrelay.policy.chain import ConfiguredValidator, RecipientPolicy, RelayControl
+from mailrelay.policy.sender import SenderPolicy
 from mailrelay.receive.auth import AuthPolicy, MemoryAuthThrottle, makePortal
 from mailrelay.receive.limits import ListenerLimits, MemoryRateLimiter
 from mailrelay.receive.protocol import ListenerContext, SMTPServerFactory, SMTPServerProtocol
@@ -235,6 +236,11 @@ class ServerHarness:
         self.context = ListenerContext(
             settings=settings,
             policy=policy,
+            sender=SenderPolicy(
+                senders=auth.senders if auth is not None else {},
+                limits=self.limits,
+                hasFreeSpace=self.intake.hasFreeSpace,
+            ),
             intake=self.intake,
             clock=self.clock,
             listenerName="test",
