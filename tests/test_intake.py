@@ -96,13 +96,18 @@ def test_message_is_stamped_committed_queued_and_logged() -> None:
     stored, data = spool.committed[env.queueID]
     assert data.startswith(b"Received: from client.example (unknown [192.0.2.7])\r\n")
     assert b"\tfor <r0@example.org>; " in data
-    assert data.endswith(b"Subject: hi\r\nMessage-Id: <20270115080000." + env.queueID.encode()
-                         + b"@relay.test>\r\nX-Stamped: 1\r\n\r\nbody\r\n")
+    assert data.endswith(
+        b"Subject: hi\r\nMessage-Id: <20270115080000."
+        + env.queueID.encode()
+        + b"@relay.test>\r\nX-Stamped: 1\r\n\r\nbody\r\n"
+    )
     assert stored.messageSize == len(data) and stored.arrival == intake.clock.seconds()
     assert stamper.contexts[0].listenerOptions == {"add_date": False}
     (line,) = [formatEvent(e) for e in events if "nrcpt" in e["log_format"]]
-    assert line == (f"{env.queueID}: from=<a@example.com> nrcpt=1 size={len(data)} "
-                    f"client=192.0.2.7 result=250 2.0.0 Ok: queued as {env.queueID}")
+    assert line == (
+        f"{env.queueID}: from=<a@example.com> nrcpt=1 size={len(data)} "
+        f"client=192.0.2.7 result=250 2.0.0 Ok: queued as {env.queueID}"
+    )
 
 
 def test_stamper_answering_later_holds_the_data_and_says_so() -> None:
@@ -288,8 +293,13 @@ def test_submit_stamps_as_local_mail_and_queues() -> None:
     stored, data = spool.committed[queueID]
     assert stored.isBounce and stored.messageSize == len(data)
     date = data.split(b"; ", 1)[1].split(b"\r\n", 1)[0]
-    assert data.startswith(b"Received: by relay.test (mailrelay) id " + queueID.encode() + b"; "
-                           + date + b"\r\nFrom: MAILER-DAEMON@relay.test\r\nMessage-Id: <")
+    assert data.startswith(
+        b"Received: by relay.test (mailrelay) id "
+        + queueID.encode()
+        + b"; "
+        + date
+        + b"\r\nFrom: MAILER-DAEMON@relay.test\r\nMessage-Id: <"
+    )
     assert b"\r\nDate: " + date + b"\r\nX-Stamped: 1\r\n\r\nsorry\r\n" in data
     assert stamper.contexts[0].client is None
 

@@ -27,8 +27,8 @@ C{smtpd_min_data_rate}).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IAddress, IHandshakeListener, IPushProducer
@@ -62,47 +62,40 @@ from mailrelay.smtp.server import (
     SyncError,
 )
 
+if TYPE_CHECKING:  # pragma: no cover
+    from mailrelay.receive.listener import ListenerSettings
+
 log = Logger()
 
 
 
 @dataclass
 class ListenerContext:
-    """Everything the sessions of one listener share.
+    """Everything the sessions of one listener share (made by
+    L{mailrelay.receive.listener.buildListenerFactory}).
 
+    @ivar settings: the listener's L{mailrelay.receive.listener.ListenerSettings} (timeouts,
+        TLS, its name).
+    @ivar session: the L{SessionSettings} of its sans-IO sessions.
+    @ivar policy: the L{RecipientPolicy} (relay control, recipient validators).
     @ivar sender: the L{SenderPolicy}: the checks of the MAIL stage.
     @ivar intake: the L{mailrelay.interfaces.IIntake} messages go into the spool through.
-    @ivar resolver: an C{IResolver} for reverse lookups, or C{None} to skip them.
-    @ivar tlsOptions: the C{IOpenSSLServerConnectionCreator} STARTTLS uses (the listener's
-        certificate), or C{None}.
-    @ivar implicitTLS: the listener's factory is wrapped in TLS: connections are TLS from the
-        first byte.
+    @ivar clock: an C{IReactorTime}.
     @ivar auth: the L{mailrelay.receive.auth.AuthPolicy} checking AUTH, or C{None} (no AUTH).
+    @ivar limits: the listener's L{mailrelay.receive.limits.ListenerLimits}, or C{None}.
+    @ivar resolver: an C{IResolver} for reverse lookups, or C{None} to skip them.
+    @ivar sessions: the relay's L{Sessions}, for a graceful stop, or C{None}.
     """
 
-    settings: SessionSettings
+    settings: ListenerSettings
+    session: SessionSettings
     policy: RecipientPolicy
     sender: SenderPolicy
     intake: Any
     clock: Any
-    listenerName: str = ""
-    listenerOptions: dict[str, Any] = field(default_factory=dict)
-    idleTimeout: float = 300.0
-    dataTimeout: float = 300.0
-    resolver: Any = None
-    reverseLookupTimeout: float = 10.0
-    tlsOptions: Any = None
-    implicitTLS: bool = False
     auth: Any = None
-    #: The listener's L{mailrelay.receive.limits.ListenerLimits}, or C{None} for no limits.
     limits: Any = None
-    #: Seconds to wait before the greeting (0: greet at once).
-    greetPause: float = 0.0
-    #: Seconds a session may last in all (0: no limit).
-    maxSessionTime: float = 0.0
-    #: Bytes per second a client must send on average in DATA (0: only C{dataTimeout}).
-    minDataRate: int = 0
-    #: The relay's L{Sessions}, for a graceful stop, or C{None}.
+    resolver: Any = None
     sessions: Any = None
 
 
@@ -196,7 +189,7 @@ class SMTPServerProtocol(Protocol):
         self._pausedFor: set[str] = set()
         self._lookup: Deferred | None = None
         #: A TLS handshake is under way (implicit TLS, or after STARTTLS) and not finished.
-        self._handshaking = context.implicitTLS
+        self._handshaking = context.settings.tlsMode == "implicit"
         #: The limits' bookkeeping of this connection (L{mailrelay.receive.limits.Admission}).
         self._admission: Any = None
         self._greetTimer: Any = None
@@ -227,29 +220,29 @@ class SMTPServerProtocol(Protocol):
             address=host,
             port=getattr(peer, "port", 0),
             relayAllowed=ctx.policy.relay.isRelayClient(host),
-            listener=ctx.listenerName,
+            listener=ctx.settings.name,
         )
-        self.session = ServerSession(ctx.settings, client, awaitingGreeting=True)
+        self.session = ServerSession(ctx.session, client, awaitingGreeting=True)
         self._lastReceived = ctx.clock.seconds()
         if ctx.sessions is not None:
             ctx.sessions.add(self)
             if ctx.sessions.shuttingDown:  # accepted (or PROXY header read) as the stop began
-                self._handle(self.session.closeWith(shuttingDown(ctx.settings.hostname)))
+                self._handle(self.session.closeWith(shuttingDown(ctx.session.hostname)))
                 return
         log.info(
             "connect from {client}:{port} on {listener} relay={relay}",
             client=client.address,
             port=client.port,
-            listener=ctx.listenerName,
+            listener=ctx.settings.name,
             relay=client.relayAllowed,
         )
-        if ctx.maxSessionTime > 0:
-            self._deadline = ctx.clock.callLater(ctx.maxSessionTime, self._sessionExpired)
+        if ctx.settings.maxSessionTime > 0:
+            self._deadline = ctx.clock.callLater(ctx.settings.maxSessionTime, self._sessionExpired)
         if ctx.resolver is not None:
             from mailrelay.receive.rdns import reverseLookup
 
             self._lookup = reverseLookup(
-                ctx.resolver, client.address, ctx.reverseLookupTimeout, ctx.clock
+                ctx.resolver, client.address, ctx.settings.reverseLookupTimeout, ctx.clock
             )
             self._lookup.addCallback(self._gotReverseName)
         self._resetTimer()
@@ -270,13 +263,13 @@ class SMTPServerProtocol(Protocol):
             log.warn(
                 "connection from {client} on {listener} refused: {reason}",
                 client=session.client.address,
-                listener=self.context.listenerName,
+                listener=self.context.settings.name,
                 reason=refusal.reason,
             )
             self._handle(session.closeWith(refusal.reply))
             return
-        if self.context.greetPause > 0:
-            self._greetTimer = self.context.clock.callLater(self.context.greetPause, self._greet)
+        if self.context.settings.greetPause > 0:
+            self._greetTimer = self.context.clock.callLater(self.context.settings.greetPause, self._greet)
         else:
             self._greet()
 
@@ -301,10 +294,10 @@ class SMTPServerProtocol(Protocol):
             return
         log.info(
             "session time limit of {limit:g}s exceeded by {client}, closing",
-            limit=self.context.maxSessionTime,
+            limit=self.context.settings.maxSessionTime,
             client=session.client.address,
         )
-        host = self.context.settings.hostname
+        host = self.context.session.hostname
         self._handle(
             session.closeWith(Reply(421, "4.4.2", f"{host} Error: session time limit exceeded"))
         )
@@ -336,7 +329,7 @@ class SMTPServerProtocol(Protocol):
         if session is None or session.closed:
             return
         log.info("relay stopping: closing the session of {client}", client=session.client.address)
-        self._handle(session.closeWith(shuttingDown(self.context.settings.hostname)))
+        self._handle(session.closeWith(shuttingDown(self.context.session.hostname)))
 
     def cutShort(self) -> None:
         """The drain time is over: abandon a message still being received (421), unless its
@@ -352,7 +345,7 @@ class SMTPServerProtocol(Protocol):
             "relay stopping: drain time over, message from {client} abandoned",
             client=session.client.address,
         )
-        self._handle(session.closeWith(shuttingDown(self.context.settings.hostname)))
+        self._handle(session.closeWith(shuttingDown(self.context.session.hostname)))
 
     def _gotReverseName(self, name: str | None) -> None:
         self._lookup = None
@@ -375,7 +368,7 @@ class SMTPServerProtocol(Protocol):
         if session.awaitingGreeting and not session.closed:
             self._pause()  # read no more before the greeting
         if inData and self._dataDeadline is not None:
-            self._dataDeadline += len(data) / self.context.minDataRate
+            self._dataDeadline += len(data) / self.context.settings.minDataRate
         self._resetTimer()
 
     def handshakeCompleted(self) -> None:
@@ -436,15 +429,15 @@ class SMTPServerProtocol(Protocol):
             return
         if not session.inData:
             self._dataDeadline = None
-            timeout = ctx.idleTimeout
-        elif ctx.minDataRate > 0:
+            timeout = ctx.settings.idleTimeout
+        elif ctx.settings.minDataRate > 0:
             now = ctx.clock.seconds()
-            latest = now + ctx.dataTimeout
+            latest = now + ctx.settings.dataTimeout
             if self._dataDeadline is None or self._dataDeadline > latest:
                 self._dataDeadline = latest
             timeout = max(self._dataDeadline - now, 0.0)
         else:
-            timeout = ctx.dataTimeout
+            timeout = ctx.settings.dataTimeout
         if self._timer is not None and self._timer.active():
             self._timer.reset(timeout)
         else:
@@ -468,8 +461,8 @@ class SMTPServerProtocol(Protocol):
             return
         if not self.session.inData:
             what = "waiting for a command"
-        elif self.context.clock.seconds() - self._lastReceived < self.context.dataTimeout:
-            what = f"in DATA (less than min_data_rate = {self.context.minDataRate} bytes/s)"
+        elif self.context.clock.seconds() - self._lastReceived < self.context.settings.dataTimeout:
+            what = f"in DATA (less than min_data_rate = {self.context.settings.minDataRate} bytes/s)"
         else:
             what = "in DATA"
         log.info("timeout {what} from {client}", what=what, client=self.session.client.address)
@@ -504,7 +497,7 @@ class SMTPServerProtocol(Protocol):
                         self.transport.loseConnection()
                         # A client that reads nothing would hold it with our unsent replies.
                         self._timer = self.context.clock.callLater(
-                            self.context.idleTimeout, self.transport.abortConnection
+                            self.context.settings.idleTimeout, self.transport.abortConnection
                         )
                 elif isinstance(event, StartTLS):
                     self._flush(out)
@@ -653,7 +646,7 @@ class SMTPServerProtocol(Protocol):
             )
         self._handshaking = True
         try:
-            self.transport.startTLS(self.context.tlsOptions)
+            self.transport.startTLS(self.context.settings.tlsOptions)
         except Exception:
             log.failure("cannot start TLS with {client}", client=session.client.address)
             self._cancelTimer()
@@ -677,7 +670,7 @@ class SMTPServerProtocol(Protocol):
     def _startData(self, envelope: Envelope) -> Reply | None:
         ctx = self.context
         client = envelope.client or self.session.client  # type: ignore[union-attr]
-        opened = ctx.intake.open(envelope, client, ctx.listenerOptions)
+        opened = ctx.intake.open(envelope, client, ctx.settings.listenerOptions)
         if isinstance(opened, Reply):
             return opened
         self._message = opened
