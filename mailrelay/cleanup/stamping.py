@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
 from ipaddress import ip_address
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from twisted.internet.defer import (
     CancelledError,
@@ -41,7 +42,9 @@ from mailrelay.smtp.replies import Reply
 log = Logger()
 
 #: The reply to a message whose stamping failed (a stamper raised, failed or was too slow).
-STAMPING_FAILED = Reply(451, "4.3.0", "Error: temporary failure processing the message, try again later")
+STAMPING_FAILED = Reply(
+    451, "4.3.0", "Error: temporary failure processing the message, try again later"
+)
 
 #: Like Postfix's header_size_limit: past this much, the rest is treated as body.
 HEADER_SECTION_LIMIT = 102400
@@ -87,7 +90,7 @@ def parseHeaderSection(
         # The last field goes on beyond what was parsed: it is not complete.
         pos = starts.pop()[1]
     ends = [start for _, start in starts[1:]] + [pos]
-    return [(name, data[start:end]) for (name, start), end in zip(starts, ends)], pos
+    return [(name, data[start:end]) for (name, start), end in zip(starts, ends, strict=False)], pos
 
 
 class HeaderProcessor:
@@ -177,7 +180,9 @@ class HeaderProcessor:
             return
         self._held = []
         self._stamping = result
-        result.addCallbacks(self._stamped, self._stampingFailed, callbackArgs=(data[:end], data[end:]))
+        result.addCallbacks(
+            self._stamped, self._stampingFailed, callbackArgs=(data[:end], data[end:])
+        )
 
     def _stamped(self, result: StampResult, head: bytes, rest: bytes) -> None:
         held, self._held = self._held or [], None
@@ -278,7 +283,8 @@ class DefaultStamper:
         received += f"; {date}\r\n"
         result = StampResult(prepend=[received.encode("utf-8")])
         options = context.listenerOptions
-        if self.addMessageID and options.get("add_message_id", True) and not context.hasHeader("Message-Id"):
+        addMessageID = self.addMessageID and options.get("add_message_id", True)
+        if addMessageID and not context.hasHeader("Message-Id"):
             stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(context.now))
             result.append.append(
                 f"Message-Id: <{stamp}.{envelope.queueID}@{context.hostname}>\r\n".encode("ascii")

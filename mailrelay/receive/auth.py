@@ -5,9 +5,10 @@ the per-client throttle of AUTH attempts, and one attempt's way through them
 The server session (L{mailrelay.smtp.server}) speaks SASL PLAIN and LOGIN and asks its driver
 to check the credentials; the driver (L{mailrelay.receive.protocol}) hands them to
 L{AuthPolicy.authenticate}, which logs in through the policy's C{Portal}.  (The users'
-sender binding, C{AuthPolicy.senders}, is checked at MAIL: L{mailrelay.policy.sender}.)  Any C{ICredentialsChecker} for C{IUsernamePassword} can stand
-behind that portal (a site's LDAP or SQL checker); the built-in one is
-L{PasswordFileChecker}, reading a file of argon2 hashes::
+sender binding, C{AuthPolicy.senders}, is checked at MAIL: L{mailrelay.policy.sender}.)  Any
+C{ICredentialsChecker} for C{IUsernamePassword} can stand behind that portal (a site's LDAP
+or SQL checker); the built-in one is L{PasswordFileChecker}, reading a file of argon2
+hashes::
 
     # comment
     alice:$argon2id$v=19$m=65536,t=3,p=4$...$...

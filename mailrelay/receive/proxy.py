@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IHandshakeListener
@@ -111,7 +112,9 @@ def _parseV1(data: bytes) -> tuple[ProxyHeader, int] | None:
     end = data.find(b"\r\n", 0, V1_MAX_LENGTH)
     if end < 0:
         if len(data) >= V1_MAX_LENGTH or b"\n" in data:
-            raise ProxyHeaderError("a version 1 header is one line of at most 107 bytes, ending in CRLF")
+            raise ProxyHeaderError(
+                "a version 1 header is one line of at most 107 bytes, ending in CRLF"
+            )
         return None
     line = data[:end]
     parts = line.split(b" ")
@@ -179,7 +182,7 @@ class ProxyProtocolWrapper(ProtocolWrapper):
     """Reads the PROXY header of one connection, then connects the wrapped protocol, as whose
     transport it reports the client's address in C{getPeer} (see the module docstring)."""
 
-    def __init__(self, factory: "ProxyProtocolFactory", wrappedProtocol: Any) -> None:
+    def __init__(self, factory: ProxyProtocolFactory, wrappedProtocol: Any) -> None:
         super().__init__(factory, wrappedProtocol)
         self._buffer = b""
         self._header: ProxyHeader | None = None

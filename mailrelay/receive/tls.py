@@ -15,8 +15,9 @@ L{ServerTLS.warnings}, which the service logs at start-up.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -146,7 +147,7 @@ def loadServerTLS(
             f"OpenSSL refuses the certificate {certificateFile!r} and key {keyFile!r}: {e}"
         ) from None
 
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     warnings = []
     subject = leaf.subject.rfc4514_string()
     notAfter = leaf.not_valid_after_utc
@@ -203,7 +204,9 @@ class SNIServerOptions:
         and curiosity).
     """
 
-    def __init__(self, default: CertificateOptions, byName: Mapping[str, CertificateOptions]) -> None:
+    def __init__(
+        self, default: CertificateOptions, byName: Mapping[str, CertificateOptions]
+    ) -> None:
         self._context = default.getContext()
         self._contexts = {name: (name, options.getContext()) for name, options in byName.items()}
         self._context.set_tlsext_servername_callback(self._serverName)
