@@ -1,9 +1,10 @@
 """The Twisted side of the ESMTP server: a thin Protocol driving L{ServerSession}.
 
-The protocol moves bytes, runs the timers, and answers the session's questions with the policy
-(relay control and recipient validators), the intake (L{mailrelay.interfaces.IIntake}: the
-message's way into the spool) and (for AUTH) the L{mailrelay.receive.auth.AuthPolicy}.  It pauses reading while a question is pending, so a client
-pipelining ahead cannot make us buffer without bound.
+The protocol moves bytes, runs the timers, and answers the session's questions with the
+policies (L{mailrelay.policy.sender.SenderPolicy} at MAIL, relay control and recipient
+validators at RCPT), the intake (L{mailrelay.interfaces.IIntake}: the message's way into the
+spool) and, for AUTH, the L{mailrelay.receive.auth.AuthPolicy}.  It pauses reading while a
+question is pending, so a client pipelining ahead cannot make us buffer without bound.
 
 TLS: on L{StartTLS} the protocol writes the 220 reply in plaintext and calls
 C{transport.startTLS}; on an implicit TLS listener the factory is wrapped in a
@@ -27,6 +28,7 @@ C{smtpd_min_data_rate}).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,8 +43,6 @@ from mailrelay.envelope import ClientInfo, Envelope
 from mailrelay.interfaces import Verdict, VerdictKind
 from mailrelay.policy.chain import RecipientPolicy
 from mailrelay.policy.sender import SenderPolicy
-from mailrelay.receive.auth import AUTH_TEMPORARY_FAILURE
-from mailrelay.receive.limits import DEFAULT_IPV6_PREFIX_LENGTH
 from mailrelay.receive.tls import describeTLS
 from mailrelay.smtp import replies as R
 from mailrelay.smtp.replies import Reply
@@ -66,6 +66,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from mailrelay.receive.listener import ListenerSettings
 
 log = Logger()
+
+#: The verdict on a MAIL or RCPT command whose check failed unexpectedly.
+QUESTION_FAILED = Verdict(
+    VerdictKind.DEFER, Reply(451, "4.3.0", "Error: local error, try again later")
+)
 
 
 
@@ -168,10 +173,82 @@ class Sessions:
         return done.addCallback(finished)
 
 
+#: What L{SMTPServerProtocol._askNow} returns for an answer still to come.
+_LATER = object()
 #: Seconds after the drain time when connections still open are aborted.
 _ABORT_AFTER = 5.0
 #: Seconds a client whose message was answered while the relay stops has to say QUIT.
 _QUIT_GRACE = 1.0
+
+
+class _ReadTimer:
+    """The time a client has to send: its next command (C{idleTimeout}) or, in DATA, the rest
+    of its message (C{dataTimeout}; with C{minDataRate}, a deadline that each chunk received
+    moves C{len(chunk) / minDataRate} seconds later, never beyond C{dataTimeout} from now).
+    One C{IDelayedCall}, restarted as data comes.
+
+    @ivar lastReceived: when the client last sent something.
+    """
+
+    def __init__(self, settings: ListenerSettings, clock: Any, expired: Callable[[], None]) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.expired = expired
+        self.lastReceived = 0.0
+        #: In DATA with C{minDataRate}: when the client's time runs out.
+        self.dataDeadline: float | None = None
+        self._call: Any = None
+
+    def received(self, size: int, inData: bool) -> None:
+        """The client sent C{size} octets (C{inData}: of a message)."""
+        self.lastReceived = self.clock.seconds()
+        if inData and self.dataDeadline is not None:
+            self.dataDeadline += size / self.settings.minDataRate
+
+    def extend(self, seconds: float) -> None:
+        """The client's DATA deadline moves C{seconds} later (a wait that was not its own)."""
+        if self.dataDeadline is not None:
+            self.dataDeadline += seconds
+
+    def start(self, inData: bool) -> None:
+        """(Re)start the time: waiting for a command, or for the rest of a message."""
+        settings = self.settings
+        if not inData:
+            self.dataDeadline = None
+            timeout = settings.idleTimeout
+        elif settings.minDataRate > 0:
+            now = self.clock.seconds()
+            latest = now + settings.dataTimeout
+            if self.dataDeadline is None or self.dataDeadline > latest:
+                self.dataDeadline = latest
+            timeout = max(self.dataDeadline - now, 0.0)
+        else:
+            timeout = settings.dataTimeout
+        if self._call is not None and self._call.active():
+            self._call.reset(timeout)
+        else:
+            self.after(timeout, self._expired)
+
+    def after(self, seconds: float, call: Callable[[], object]) -> None:
+        """Call C{call} in C{seconds} instead (the time of a closing connection)."""
+        self.stop()
+        self._call = self.clock.callLater(seconds, call)
+
+    def stop(self) -> None:
+        _cancel(self._call)
+        self._call = None
+
+    def waitingFor(self, inData: bool) -> str:
+        """What the client was too slow to send, for the log."""
+        if not inData:
+            return "waiting for a command"
+        if self.clock.seconds() - self.lastReceived < self.settings.dataTimeout:
+            return f"in DATA (less than min_data_rate = {self.settings.minDataRate} bytes/s)"
+        return "in DATA"
+
+    def _expired(self) -> None:
+        self._call = None
+        self.expired()
 
 
 @implementer(IHandshakeListener, IPushProducer)
@@ -181,7 +258,8 @@ class SMTPServerProtocol(Protocol):
     def __init__(self, context: ListenerContext) -> None:
         self.context = context
         self.session: ServerSession | None = None
-        self._timer: Any = None
+        #: The time the client has to send (L{_ReadTimer}).
+        self._timer = _ReadTimer(context.settings, context.clock, self._timedOut)
         #: The message being received (an L{mailrelay.interfaces.IIncomingMessage}).
         self._message: Any = None
         #: Why reading is paused: C{"session"} (a question pending, or before the greeting),
@@ -196,9 +274,6 @@ class SMTPServerProtocol(Protocol):
         self._deadline: Any = None
         #: The session time limit passed while a question was pending: close once answered.
         self._deadlinePassed = False
-        #: In DATA with C{minDataRate}: when the client's time runs out.
-        self._dataDeadline: float | None = None
-        self._lastReceived = 0.0
         #: The relay is stopping: close (421) as soon as no message is in hand.
         self._shuttingDown = False
         #: After a message answered while stopping: the 421 unless QUIT comes first.
@@ -223,19 +298,13 @@ class SMTPServerProtocol(Protocol):
             listener=ctx.settings.name,
         )
         self.session = ServerSession(ctx.session, client, awaitingGreeting=True)
-        self._lastReceived = ctx.clock.seconds()
+        self._timer.lastReceived = ctx.clock.seconds()
         if ctx.sessions is not None:
             ctx.sessions.add(self)
             if ctx.sessions.shuttingDown:  # accepted (or PROXY header read) as the stop began
                 self._handle(self.session.closeWith(shuttingDown(ctx.session.hostname)))
                 return
-        log.info(
-            "connect from {client}:{port} on {listener} relay={relay}",
-            client=client.address,
-            port=client.port,
-            listener=ctx.settings.name,
-            relay=client.relayAllowed,
-        )
+        _logConnect(client)
         if ctx.settings.maxSessionTime > 0:
             self._deadline = ctx.clock.callLater(ctx.settings.maxSessionTime, self._sessionExpired)
         if ctx.resolver is not None:
@@ -269,7 +338,8 @@ class SMTPServerProtocol(Protocol):
             self._handle(session.closeWith(refusal.reply))
             return
         if self.context.settings.greetPause > 0:
-            self._greetTimer = self.context.clock.callLater(self.context.settings.greetPause, self._greet)
+            pause = self.context.settings.greetPause
+            self._greetTimer = self.context.clock.callLater(pause, self._greet)
         else:
             self._greet()
 
@@ -315,15 +385,13 @@ class SMTPServerProtocol(Protocol):
         if session is None or session.closed or session.inMessage:
             return
         if messageDone:
-            if self._quitTimer is not None and self._quitTimer.active():
-                self._quitTimer.cancel()
+            _cancel(self._quitTimer)
             self._quitTimer = self.context.clock.callLater(_QUIT_GRACE, self._closeForShutdown)
         elif self._quitTimer is None:
             self._closeForShutdown()
 
     def _closeForShutdown(self) -> None:
-        if self._quitTimer is not None and self._quitTimer.active():
-            self._quitTimer.cancel()
+        _cancel(self._quitTimer)
         self._quitTimer = None
         session = self.session
         if session is None or session.closed:
@@ -356,7 +424,6 @@ class SMTPServerProtocol(Protocol):
         session = self.session
         if session is None:
             return
-        self._lastReceived = self.context.clock.seconds()
         inData = session.inData
         inMessage = session.inMessage
         if self._shuttingDown and not inMessage and data[:4].upper() != b"QUIT":
@@ -367,8 +434,7 @@ class SMTPServerProtocol(Protocol):
             self.shutdown(messageDone=inMessage and not session.inMessage)
         if session.awaitingGreeting and not session.closed:
             self._pause()  # read no more before the greeting
-        if inData and self._dataDeadline is not None:
-            self._dataDeadline += len(data) / self.context.settings.minDataRate
+        self._timer.received(len(data), inData)
         self._resetTimer()
 
     def handshakeCompleted(self) -> None:
@@ -389,10 +455,9 @@ class SMTPServerProtocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         if self.context.sessions is not None:
             self.context.sessions.discard(self)
-        self._cancelTimer()
+        self._timer.stop()
         for timer in (self._greetTimer, self._deadline, self._quitTimer):
-            if timer is not None and timer.active():
-                timer.cancel()
+            _cancel(timer)
         self._greetTimer = self._deadline = None
         if self._admission is not None:
             self._admission.release()
@@ -409,13 +474,7 @@ class SMTPServerProtocol(Protocol):
                 error=reason.getErrorMessage(),
             )
         self._handle(session.connectionLost())
-        log.info(
-            "disconnect from {client} messages={messages} errors={errors}{how}",
-            client=session.client.address,
-            messages=session.messages,
-            errors=session.errors,
-            how=" (client closed the connection)" if wasOpen else "",
-        )
+        _logDisconnect(session, wasOpen)
 
     # Timers ---------------------------------------------------------------------------------
 
@@ -423,33 +482,12 @@ class SMTPServerProtocol(Protocol):
         session = self.session
         if session is None or session.closed:
             return
-        ctx = self.context
         if session.inData and self._stampingSince is not None:
-            self._cancelTimer()  # reading is paused; the stampers' timeout bounds the wait
+            self._timer.stop()  # reading is paused; the stampers' timeout bounds the wait
             return
-        if not session.inData:
-            self._dataDeadline = None
-            timeout = ctx.settings.idleTimeout
-        elif ctx.settings.minDataRate > 0:
-            now = ctx.clock.seconds()
-            latest = now + ctx.settings.dataTimeout
-            if self._dataDeadline is None or self._dataDeadline > latest:
-                self._dataDeadline = latest
-            timeout = max(self._dataDeadline - now, 0.0)
-        else:
-            timeout = ctx.settings.dataTimeout
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(timeout)
-        else:
-            self._timer = self.context.clock.callLater(timeout, self._timedOut)
-
-    def _cancelTimer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._timer.start(session.inData)
 
     def _timedOut(self) -> None:
-        self._timer = None
         if self.session is None:
             return
         if "output" in self._pausedFor:
@@ -459,12 +497,7 @@ class SMTPServerProtocol(Protocol):
             )
             self.transport.abortConnection()
             return
-        if not self.session.inData:
-            what = "waiting for a command"
-        elif self.context.clock.seconds() - self._lastReceived < self.context.settings.dataTimeout:
-            what = f"in DATA (less than min_data_rate = {self.context.settings.minDataRate} bytes/s)"
-        else:
-            what = "in DATA"
+        what = self._timer.waitingFor(self.session.inData)
         log.info("timeout {what} from {client}", what=what, client=self.session.client.address)
         self._handle(self.session.timedOut())
 
@@ -487,7 +520,7 @@ class SMTPServerProtocol(Protocol):
                     out.append(event.toBytes())
                 elif isinstance(event, Close):
                     self._flush(out)
-                    self._cancelTimer()
+                    self._timer.stop()
                     if self._handshaking:
                         # A TLS layer waits for the handshake to end before it closes: a
                         # client that never finishes it would hold the connection.
@@ -496,7 +529,7 @@ class SMTPServerProtocol(Protocol):
                         self.transport.unregisterProducer()
                         self.transport.loseConnection()
                         # A client that reads nothing would hold it with our unsent replies.
-                        self._timer = self.context.clock.callLater(
+                        self._timer.after(
                             self.context.settings.idleTimeout, self.transport.abortConnection
                         )
                 elif isinstance(event, StartTLS):
@@ -505,60 +538,29 @@ class SMTPServerProtocol(Protocol):
                 elif isinstance(event, AbortData):
                     self._abortMessage()
                 elif isinstance(event, SyncError):
-                    self._logSyncError(event)
+                    _logSyncError(session.client, event)  # type: ignore[union-attr]
                 elif isinstance(event, Refused):
-                    self._logRefusal(event)
+                    _logRefusal(session.client, event)  # type: ignore[union-attr]
                 else:
                     question = event
             self._flush(out)
             if question is None or session is None:
                 return
-            d = self._ask(question)
-            box: list[object] = []
-            d.addCallback(box.append)
-            if not box:
-                self._pause()
-                d.addCallback(lambda _: self._answer(box[0]))
+            answer = self._askNow(question)
+            if answer is _LATER or session.closed:
                 return
-            if session.closed:
-                return
-            events = session.answer(box[0])
+            events = session.answer(answer)
 
-    def _logSyncError(self, event: SyncError) -> None:
-        session = self.session
-        assert session is not None
-        if event.after:
-            log.warn(
-                "improper command pipelining after {command} from {client}: {pending!r}, "
-                "refused with 554",
-                command=event.after,
-                client=session.client.address,
-                pending=event.pending,
-            )
-        else:
-            log.warn(
-                "{client} talked before the greeting: {pending!r}, refused with 554",
-                client=session.client.address,
-                pending=event.pending,
-            )
-
-    def _logRefusal(self, event: Refused) -> None:
-        """Postfix's line: C{NOQUEUE: reject: RCPT from host[addr]: 554 5.7.1 ...;
-        from=<s> to=<r> proto=ESMTP helo=<h>}."""
-        client = self.session.client  # type: ignore[union-attr]
-        log.info(
-            "NOQUEUE: reject: {command} from {host}[{client}]: {reply};{sender}{recipient} "
-            "proto={proto}{helo}",
-            command=event.command,
-            host=client.rdns or "unknown",
-            client=client.address,
-            reply=str(event.reply),
-            sender="" if event.sender is None else f" from=<{event.sender}>",
-            recipient="" if event.recipient is None else f" to=<{event.recipient}>",
-            proto="ESMTP" if client.esmtp else "SMTP",
-            helo=f" helo=<{client.helo}>" if client.helo else "",
-            sasl_username=client.authUser,
-        )
+    def _askNow(self, question: object) -> object:
+        """The answer to C{question} when it is there at once; else read no more until it
+        comes (then L{_answer}) and return L{_LATER}."""
+        box: list[object] = []
+        d = self._ask(question).addCallback(box.append)
+        if box:
+            return box[0]
+        self._pause()
+        d.addCallback(lambda _: self._answer(box[0]))
+        return _LATER
 
     def _flush(self, out: list[bytes]) -> None:
         if out:
@@ -580,7 +582,12 @@ class SMTPServerProtocol(Protocol):
         elif isinstance(question, EndOfData):
             d = self._endOfData(question)
         elif isinstance(question, Authenticate):
-            d = self._authenticate(question)
+            session, ctx = self.session, self.context
+            assert session is not None and ctx.auth is not None  # asked only when offered
+            d = ctx.auth.authenticate(
+                question, session.client.address, ctx.clock, ctx.settings.ipv6PrefixLength,
+                lambda: session.closed,
+            )
         else:  # pragma: no cover - a new question type without a handler
             raise TypeError(f"unknown session event {question!r}")
         return d.addErrback(self._questionFailed, question)
@@ -588,7 +595,7 @@ class SMTPServerProtocol(Protocol):
     def _questionFailed(self, failure: Failure, question: object) -> Reply | Verdict:
         log.failure("error handling {question}", failure, question=type(question).__name__)
         if isinstance(question, (CheckMail, CheckRecipient)):
-            return Verdict(VerdictKind.DEFER, Reply(451, "4.3.0", "Error: local error, try again later"))
+            return QUESTION_FAILED
         return R.LOCAL_ERROR
 
     def _answer(self, result: object) -> None:
@@ -649,23 +656,8 @@ class SMTPServerProtocol(Protocol):
             self.transport.startTLS(self.context.settings.tlsOptions)
         except Exception:
             log.failure("cannot start TLS with {client}", client=session.client.address)
-            self._cancelTimer()
+            self._timer.stop()
             self.transport.abortConnection()
-
-    def _authenticate(self, question: Authenticate) -> Deferred:
-        auth = self.context.auth
-        session = self.session
-        assert session is not None
-        if auth is None:  # pragma: no cover - the session only asks when AUTH is configured
-            return succeed(AUTH_TEMPORARY_FAILURE)
-        limits = self.context.limits
-        return auth.authenticate(
-            question,
-            session.client.address,
-            self.context.clock,
-            limits.ipv6PrefixLength if limits is not None else DEFAULT_IPV6_PREFIX_LENGTH,
-            lambda: session.closed,
-        )
 
     def _startData(self, envelope: Envelope) -> Reply | None:
         ctx = self.context
@@ -680,7 +672,7 @@ class SMTPServerProtocol(Protocol):
         """A stamper answers later: read no more meanwhile (what the session has already read
         is held by the intake), and stop the DATA clock until it has answered."""
         self._stampingSince = self.context.clock.seconds()
-        self._cancelTimer()
+        self._timer.stop()
         self._pause("stamping")
         started.addCallback(self._stampingEnded)
 
@@ -692,8 +684,7 @@ class SMTPServerProtocol(Protocol):
         self._resume("stamping")
         if session is None or session.closed or session.waiting:
             return result  # the end of data waits for the stampers: its answer resets the timer
-        if self._dataDeadline is not None:
-            self._dataDeadline += self.context.clock.seconds() - since
+        self._timer.extend(self.context.clock.seconds() - since)
         self._resetTimer()
         return result
 
@@ -707,6 +698,67 @@ class SMTPServerProtocol(Protocol):
         if message is None:  # pragma: no cover - the session asks only after StartData
             return succeed(question.error or R.LOCAL_ERROR)
         return message.finish(question.error, question.size)
+
+
+def _cancel(call: Any) -> None:
+    """Cancel C{call} (an C{IDelayedCall} or C{None}) unless it has run or been cancelled."""
+    if call is not None and call.active():
+        call.cancel()
+
+
+def _logConnect(client: ClientInfo) -> None:
+    log.info(
+        "connect from {client}:{port} on {listener} relay={relay}",
+        client=client.address,
+        port=client.port,
+        listener=client.listener,
+        relay=client.relayAllowed,
+    )
+
+
+def _logDisconnect(session: ServerSession, wasOpen: bool) -> None:
+    log.info(
+        "disconnect from {client} messages={messages} errors={errors}{how}",
+        client=session.client.address,
+        messages=session.messages,
+        errors=session.errors,
+        how=" (client closed the connection)" if wasOpen else "",
+    )
+
+
+def _logSyncError(client: ClientInfo, event: SyncError) -> None:
+    if event.after:
+        log.warn(
+            "improper command pipelining after {command} from {client}: {pending!r}, "
+            "refused with 554",
+            command=event.after,
+            client=client.address,
+            pending=event.pending,
+        )
+    else:
+        log.warn(
+            "{client} talked before the greeting: {pending!r}, refused with 554",
+            client=client.address,
+            pending=event.pending,
+        )
+
+
+def _logRefusal(client: ClientInfo, event: Refused) -> None:
+    """Postfix's line: C{NOQUEUE: reject: RCPT from host[addr]: 554 5.7.1 ...;
+    from=<s> to=<r> proto=ESMTP helo=<h>}."""
+    log.info(
+        "NOQUEUE: reject: {command} from {host}[{client}]: {reply};{sender}{recipient} "
+        "proto={proto}{helo}",
+        command=event.command,
+        host=client.rdns or "unknown",
+        client=client.address,
+        reply=str(event.reply),
+        sender="" if event.sender is None else f" from=<{event.sender}>",
+        recipient="" if event.recipient is None else f" to=<{event.recipient}>",
+        proto="ESMTP" if client.esmtp else "SMTP",
+        helo=f" helo=<{client.helo}>" if client.helo else "",
+        sasl_username=client.authUser,
+    )
 
 
 class SMTPServerFactory(Factory):
