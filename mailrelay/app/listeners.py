@@ -47,7 +47,7 @@ class SessionsService(Service):
     C{421 4.3.2 Service shutting down} at once; a session with a message in hand may finish
     it within the drain time, and gets its 250 only once the message is durable."""
 
-    name = "sessions"
+    name = "sessions"  # type: ignore[assignment]  # Twisted types Service.name as None
 
     def __init__(self, sessions: Sessions, clock: Any, drainTime: float) -> None:
         self.sessions = sessions

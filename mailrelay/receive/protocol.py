@@ -255,6 +255,9 @@ class _ReadTimer:
 class SMTPServerProtocol(Protocol):
     """One inbound SMTP connection."""
 
+    #: A TCP transport (C{abortConnection}, C{startTLS}, C{registerProducer}, ...).
+    transport: Any
+
     def __init__(self, context: ListenerContext) -> None:
         self.context = context
         self.session: ServerSession | None = None
@@ -452,7 +455,7 @@ class SMTPServerProtocol(Protocol):
         self._handle(session.tlsStarted(description))
         self._resetTimer()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         if self.context.sessions is not None:
             self.context.sessions.discard(self)
         self._timer.stop()
@@ -568,6 +571,7 @@ class SMTPServerProtocol(Protocol):
             out.clear()
 
     def _ask(self, question: object) -> Deferred:
+        d: Deferred[Any]
         if isinstance(question, CheckMail):
             envelope = question.envelope
             client = envelope.client or self.session.client  # type: ignore[union-attr]
@@ -770,7 +774,7 @@ class SMTPServerFactory(Factory):
     def __init__(self, context: ListenerContext) -> None:
         self.context = context
 
-    def buildProtocol(self, addr: IAddress) -> SMTPServerProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> SMTPServerProtocol:
         p = SMTPServerProtocol(self.context)
         p.factory = self
         return p
