@@ -156,7 +156,7 @@ def _unknown(name: str, known: Sequence[str]) -> TypeError:
     return TypeError(f"ServerHarness() got an unexpected keyword argument {name!r}; use {hint}")
 
 
-def listenerSettings(settings: dict[str, Any], limits: dict[str, Any] | None) -> ListenerSettings:
+def _listenerSettings(settings: dict[str, Any], limits: dict[str, Any] | None) -> ListenerSettings:
     """The harness's L{ListenerSettings}: C{settings} (field names; by default host name
     C{relay.test}, listener C{test}, and a stand-in for TLS options when C{tlsMode} wants
     them) and C{limits} (L{ListenerLimits} keyword arguments).
@@ -232,7 +232,7 @@ class ServerHarness:
         self.clock.advance(1_800_000_000)
         self.spool = spool or MemorySpool()
         settings.setdefault("auth", users is not None)
-        listener = listenerSettings(settings, limits)
+        listener = _listenerSettings(settings, limits)
         authPolicy = self._auth(users, dict(auth or {}))
         configured = [
             s if isinstance(s, ConfiguredStamper) else ConfiguredStamper(type(s).__name__, s, 30.0)
