@@ -156,7 +156,8 @@ class StampContext:
     """What a header stamper is told when the header section of a message is complete.
 
     @ivar hostname: this relay's host name.
-    @ivar client: the client the message came from.
+    @ivar client: the client the message came from, or C{None} for a message the relay made
+        itself (a delivery status notification; see L{IIntake.submit}).
     @ivar envelope: the envelope; C{envelope.queueID} is set.
     @ivar headers: the message's header section as received, one C{(name, raw_field)} pair
         per field; C{name} is as written, C{raw_field} is the whole field including its name,
@@ -167,7 +168,7 @@ class StampContext:
     """
 
     hostname: str
-    client: "ClientInfo"
+    client: "ClientInfo | None"
     envelope: "Envelope"
     headers: list[tuple[str, bytes]]
     listenerOptions: dict[str, Any] = field(default_factory=dict)
@@ -213,6 +214,67 @@ class IHeaderStamper(Interface):
     def stamp(context: StampContext) -> Any:
         """Return the fields to add to the message described by C{context}: a
         L{StampResult}, or a Deferred firing with one."""
+
+
+class MessageRefused(Exception):
+    """The intake refused a message given to it whole (L{IIntake.submit}).
+
+    @ivar reply: why, as the reply an SMTP client would have had (C{str()} shows it).
+    """
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+class IIncomingMessage(Interface):
+    """One message on its way into the spool (from L{IIntake.open}): written as it arrives,
+    then finished or abandoned."""
+
+    queueID = Attribute("The queue id the message is spooled under.")
+    envelope = Attribute("The L{Envelope}; its C{queueID} is set.")
+
+    def write(data: bytes) -> Any:
+        """Add C{data} (CRLF lines, as received, without SMTP dot-stuffing).
+
+        @return: C{None}, or a Deferred when the header stampers were called by this write and
+            have not answered yet: the data given meanwhile is held, so a caller reading from
+            a client should read no more until it fires (it never fails).
+        """
+
+    def finish(error: Reply | None = None, size: int | None = None) -> Any:
+        """The message ended: stamp, check, commit and notify, or drop it when C{error}.
+
+        @param error: the reply refusing the message (too big, a bad line), or C{None}.
+        @param size: the octets received, for the log line of a refused message (default:
+            those written).
+        @return: a Deferred firing with the reply to the end of the message: C{250} once the
+            message is durable and the queue told of it, else a 4xx or 5xx (never fails).
+        """
+
+    def abort() -> None:
+        """The message is abandoned (the client went away): drop what was written."""
+
+
+class IIntake(Interface):
+    """The one way into the spool: a message received by SMTP and one the relay makes itself
+    (a delivery status notification) go the same way: a queue id, header processing and
+    the header stampers, the hop check, the filters, the commit, and the queue told."""
+
+    def hasFreeSpace(needed: int) -> bool:
+        """Whether the spool can take a message of C{needed} octets now."""
+
+    def open(envelope: "Envelope", client: "ClientInfo | None", listenerOptions: Any) -> Any:
+        """Start a message from C{client} (C{None}: made here): an L{IIncomingMessage}, or
+        the L{Reply} refusing it (the spool cannot take it now)."""
+
+    def submit(envelope: "Envelope", message: bytes) -> Any:
+        """Spool a message the relay made itself, given whole (CRLF lines); it is stamped
+        as mail with no client.
+
+        @return: a Deferred firing with its queue id once it is durable (and the queue told),
+            or failing with L{MessageRefused}.
+        """
 
 
 # -- spool (spool/)

@@ -232,7 +232,7 @@ def test_nul_refused_whatever_the_chunking() -> None:
 
 
 def test_nul_removed_when_the_listener_normalizes() -> None:
-    h = ServerHarness(settings=SessionSettings(hostname="relay.test", nulBytes="normalize"))
+    h = ServerHarness(nulBytes="normalize")
     wire = b"Subject: \0x\r\n\r\nfirst\r\n\0.\r\n\0..two\r\n" + SMUGGLED + b".\r\n"
     assert sendMessage(h, wire) == [250, 250, 250, 354, 250]
     (message,) = h.spool.messages()
@@ -421,7 +421,7 @@ def test_received_address_literal_without_zone_id() -> None:
     ],
 )
 def test_mail_size_parameter_of_at_most_20_digits(size: str, code: int) -> None:
-    h = ServerHarness(settings=SessionSettings(hostname="relay.test", maxMessageSize=10**20 - 1))
+    h = ServerHarness(maxMessageSize=10**20 - 1)
     h.replies()
     assert b"250-SIZE 99999999999999999999" in h.send(b"EHLO x\r\n")
     assert h.codes(h.send(f"MAIL FROM:<a@b.example> SIZE={size}\r\n".encode())) == [code]

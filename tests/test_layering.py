@@ -72,9 +72,9 @@ KNOWN = {
     "mailrelay.smtp.client -> twisted.internet",
     "mailrelay.smtp.client -> twisted.logger",
     "mailrelay.smtp.client -> twisted.python",
-    # The intake (cleanup/) will open and commit spool entries through ISpool.
-    "mailrelay.receive.protocol -> mailrelay.cleanup.stamping",
-    "mailrelay.receive.protocol -> mailrelay.spool",
+    # The intake allocates queue ids (newQueueID) and knows SpoolError until it opens
+    # entries through ISpool.openMessage() (which allocates the id).
+    "mailrelay.cleanup.intake -> mailrelay.spool",
     # DSNs will enter the spool through the intake.
     "mailrelay.queue.dsn -> mailrelay.cleanup.stamping",
     # The dropin will define the built-in plugin objects itself.

@@ -321,7 +321,7 @@ def test_pipeliningAllowedWhenSwitchedOff() -> None:
 
 def test_starttlsInjectionStillDiscarded() -> None:
     """With an EHLO, bytes after STARTTLS are discarded as before (not a 554)."""
-    h = ServerHarness(rejectUnauthPipelining=True, tls=True)
+    h = ServerHarness(rejectUnauthPipelining=True, tlsMode="starttls")
     h.replies()
     h.send(b"EHLO x\r\n")
     assert h.send(b"STARTTLS\r\nRSET\r\n") == [b"220 2.0.0 Ready to start TLS"]
@@ -489,21 +489,25 @@ def test_serviceWiresLimitsProxyAndALimiterPlugin(tmp_path, monkeypatch) -> None
     first, second = (s.factory for s in listeners)
     ctx = first.context
     assert ctx.limits.limiter is shared and ctx.limits.timeout == 2.0
-    assert ctx.limits.messageRateLimit == 7
+    assert ctx.limits.messageRateLimit == 7 and ctx.sender.limits is ctx.limits
     assert ctx.limits.exceptions == config.relayNetworks
-    assert (ctx.greetPause, ctx.maxSessionTime, ctx.minDataRate) == (1.0, 99.0, 10)
-    assert ctx.settings.rejectUnauthPipelining and ctx.settings.rejectPregreet
+    settings = ctx.settings
+    assert (settings.greetPause, settings.maxSessionTime, settings.minDataRate) == (1.0, 99.0, 10)
+    assert ctx.session.rejectUnauthPipelining and ctx.session.rejectPregreet
     assert isinstance(second, ProxyProtocolFactory)
     assert second.networks == (ipaddress.ip_network("10.0.0.0/8"),)
     inner = second.wrappedFactory.context
     assert inner.limits.limiter is shared and inner.limits.exceptions == ()
-    assert not inner.settings.rejectUnauthPipelining and not inner.settings.rejectPregreet
+    assert not inner.session.rejectUnauthPipelining and not inner.session.rejectPregreet
     assert "PROXY from 10.0.0.0/8" in listeners[1].role
+    # Both listeners share one intake, one recipient policy and the relay's sessions.
+    assert inner.intake is ctx.intake and inner.policy is ctx.policy
+    assert ctx.sessions is top.sessions and ctx.intake.notify == top.enqueue
 
 
 def test_implicitTLSWithGreetPause() -> None:
     """On an implicit TLS listener the handshake comes first; the greeting still waits."""
-    h = ServerHarness(implicitTLS=True, tls=True, greetPause=1.0)
+    h = ServerHarness(tlsMode="implicit", greetPause=1.0)
     assert h.completeHandshake() == []
     h.clock.advance(1)
     assert h.replies() == [b"220 relay.test ESMTP mailrelay"]
@@ -513,7 +517,9 @@ def test_implicitTLSWithGreetPause() -> None:
 def test_refusedDuringImplicitTLSHandshakeIsAborted() -> None:
     """A client refused before its TLS handshake ended is cut off (a TLS layer would wait for
     the handshake before closing)."""
-    h = ServerHarness(implicitTLS=True, tls=True, peer="192.0.2.1", limits={"maxConnectionsPerClient": 1})
+    h = ServerHarness(
+        tlsMode="implicit", peer="192.0.2.1", limits={"maxConnectionsPerClient": 1}
+    )
     other = h.another("192.0.2.1")
     assert other.transport.aborted
 

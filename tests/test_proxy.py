@@ -248,7 +248,7 @@ def test_headerTimeout() -> None:
 def test_smtpServerSeesTheClient() -> None:
     """The SMTP protocol behind the wrapper: relay control, Received: and the envelope use
     the proxied address."""
-    h = ServerHarness(relayNetworks=("192.0.2.0/24",), connect=False)
+    h = ServerHarness(relay={"networks": ("192.0.2.0/24",)}, connect=False)
     factory = ProxyProtocolFactory(h.factory, NETS, h.clock)
     protocol = factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 1234))
     transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 1234))

@@ -43,7 +43,7 @@ def test_session_reports_each_refused_command_once() -> None:
 
 
 def test_protocol_logs_postfix_style() -> None:
-    h = ServerHarness(relayNetworks=(), peer="192.0.2.7")
+    h = ServerHarness(relay={"networks": ()}, peer="192.0.2.7")
     h.protocol.session.client.rdns = "mail.example.net"
     with capturedLogs() as events:
         h.send(b"HELO client.example\r\nMAIL FROM:<s@example.com>\r\nRCPT TO:<x@elsewhere.example>\r\n")

@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred, fail
 from zope.interface import implementer
 
 from mailrelay.interfaces import IRecipientValidator, Verdict
+from mailrelay.policy import ConfiguredValidator
 from mailrelay.smtp.server import ServerSession, SessionSettings, BodyData, EndOfData, StartData
 from mailrelay.envelope import ClientInfo
 from mailrelay.testing import ServerHarness
@@ -111,7 +112,7 @@ def test_enhanced_codes_on_every_reply_but_greeting_ehlo_and_354() -> None:
 
 
 def test_relay_denied_for_outsiders() -> None:
-    h = ServerHarness(peer="192.0.2.7", acceptDomains=["ours.example"])
+    h = ServerHarness(peer="192.0.2.7", relay={"acceptDomains": ["ours.example"]})
     h.replies()
     h.send(b"EHLO x\r\nMAIL FROM:<a@b.example>\r\n")
     assert h.send(b"RCPT TO:<c@elsewhere.example>\r\n") == [b"554 5.7.1 Relay access denied"]
@@ -130,14 +131,14 @@ def test_relay_denied_for_outsiders() -> None:
     ],
 )
 def test_address_tricks_do_not_open_the_relay(rcpt: bytes) -> None:
-    h = ServerHarness(peer="192.0.2.7", acceptDomains=["ours.example"])
+    h = ServerHarness(peer="192.0.2.7", relay={"acceptDomains": ["ours.example"]})
     h.replies()
     h.send(b"EHLO x\r\nMAIL FROM:<a@b.example>\r\n")
     assert h.send(b"RCPT TO:" + rcpt + b"\r\n") == [b"554 5.7.1 Relay access denied"]
 
 
 def test_source_route_is_judged_on_the_mailbox() -> None:
-    h = ServerHarness(peer="192.0.2.7", acceptDomains=["ours.example"])
+    h = ServerHarness(peer="192.0.2.7", relay={"acceptDomains": ["ours.example"]})
     h.replies()
     h.send(b"EHLO x\r\nMAIL FROM:<a@b.example>\r\n")
     assert h.send(b"RCPT TO:<@ours.example:c@elsewhere.example>\r\n") == [b"554 5.7.1 Relay access denied"]
@@ -152,7 +153,7 @@ def test_postmaster_always_accepted() -> None:
 
 
 def test_too_many_recipients() -> None:
-    h = ServerHarness(settings=SessionSettings(hostname="relay.test", maxRecipients=3))
+    h = ServerHarness(maxRecipients=3)
     h.replies()
     h.send(b"EHLO x\r\nMAIL FROM:<a@b.example>\r\n")
     lines = h.send(b"".join(b"RCPT TO:<r%d@d.example>\r\n" % i for i in range(5)))
@@ -211,7 +212,7 @@ def test_validator_failure_and_timeout_defer_never_accept() -> None:
                 return "yes"
             return Deferred()  # never answers
 
-    h = ServerHarness(validators=[Broken()], validatorTimeout=5)
+    h = ServerHarness(validators=[ConfiguredValidator("broken", Broken(), 5)])
     h.replies()
     h.send(b"EHLO x\r\nMAIL FROM:<a@b.example>\r\n")
     for who in (b"boom", b"fail", b"junk"):
@@ -266,7 +267,7 @@ def test_command_line_limits() -> None:
 
 
 def test_error_limit_disconnects() -> None:
-    h = ServerHarness(settings=SessionSettings(hostname="relay.test", maxErrors=3))
+    h = ServerHarness(maxErrors=3)
     h.replies()
     lines = h.send(b"FOO\r\nFOO\r\nFOO\r\nNOOP\r\n")
     assert lines == [b"500 5.5.2 Error: command not recognized"] * 3 + [b"421 4.7.0 relay.test Error: too many errors"]
@@ -304,7 +305,7 @@ def test_premature_close_queues_nothing() -> None:
 
 
 def test_oversize_message_consumed_then_refused() -> None:
-    h = ServerHarness(settings=SessionSettings(hostname="relay.test", maxMessageSize=1000))
+    h = ServerHarness(maxMessageSize=1000)
     h.replies()
     lines = transaction(h, body=b"Subject: x\r\n\r\n" + b"y" * 70 + b"\r\n" * 1 + (b"z" * 70 + b"\r\n") * 30)
     assert lines[-1] == b"552 5.3.4 Error: message size exceeds fixed limit"
@@ -337,7 +338,7 @@ def test_long_line_split_across_reads() -> None:
 
 
 def test_huge_line_without_crlf_is_consumed_with_bounded_buffer() -> None:
-    h = ServerHarness(settings=SessionSettings(hostname="relay.test", maxMessageSize=10**9))
+    h = ServerHarness(maxMessageSize=10**9)
     h.replies()
     h.send(b"EHLO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n")
     h.replies()
@@ -360,7 +361,7 @@ def test_bare_newline_rejected_by_default(body: bytes) -> None:
 
 
 def test_bare_newline_normalized_when_listener_says_so() -> None:
-    h = ServerHarness(settings=SessionSettings(hostname="relay.test", bareNewline="normalize"))
+    h = ServerHarness(bareNewline="normalize")
     h.replies()
     lines = transaction(h, body=b"Subject: x\n\nbare\nLF\rCR\r\n")
     assert lines[-1].startswith(b"250 ")
@@ -375,7 +376,7 @@ def test_bare_newline_normalized_when_listener_says_so() -> None:
 )
 def test_smuggling_does_not_end_the_message(smuggle: bytes) -> None:
     for mode in ("reject", "normalize"):
-        h = ServerHarness(settings=SessionSettings(hostname="relay.test", bareNewline=mode))
+        h = ServerHarness(bareNewline=mode)
         h.replies()
         body = b"Subject: x\r\n\r\nfirst" + smuggle + b"MAIL FROM:<evil@x.example>\r\nRCPT TO:<victim@y.example>\r\nDATA\r\nsmuggled\r\n"
         lines = transaction(h, body=body)
@@ -388,7 +389,8 @@ def test_smuggling_does_not_end_the_message(smuggle: bytes) -> None:
 
 
 def test_loop_detection() -> None:
-    h = ServerHarness(maxHops=3)
+    h = ServerHarness()
+    h.intake.maxHops = 3
     h.replies()
     assert h.codes(transaction(h, body=b"Received: a\r\n" * 3 + b"\r\nx\r\n"))[-1] == 250
     h.send(b"RSET\r\n")
@@ -458,7 +460,7 @@ def test_existing_message_id_and_date_are_kept_and_body_untouched() -> None:
 
 
 def test_listener_can_turn_off_message_id_and_date() -> None:
-    h = ServerHarness(listenerOptions={"add_message_id": False, "add_date": False})
+    h = ServerHarness(addMessageID=False, addDate=False)
     h.replies()
     transaction(h, body=b"Subject: s\r\n\r\nb\r\n")
     (message,) = h.spool.messages()

@@ -13,13 +13,19 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from mailrelay.cleanup.intake import Intake
 from mailrelay.cleanup.stamping import ConfiguredStamper
 from mailrelay.config import Config
 from mailrelay.errors import ConfigError
-from mailrelay.interfaces import IHeaderStamper, IRecipientValidator
+from mailrelay.interfaces import IHeaderStamper, IRateLimiter, IRecipientValidator
 from mailrelay.policy.chain import ConfiguredValidator, RecipientPolicy, RelayControl
-from mailrelay.receive.protocol import ListenerContext, Sessions, SMTPServerFactory
-from mailrelay.smtp.server import SessionSettings
+from mailrelay.receive.limits import LIMITER_TIMEOUT, ConnectionCount, MemoryRateLimiter
+from mailrelay.receive.listener import (
+    ListenerSettings,
+    buildListenerFactory,
+    wrapListenerFactory,
+)
+from mailrelay.receive.protocol import Sessions
 
 log = Logger()
 
@@ -41,7 +47,7 @@ class SessionsService(Service):
     C{421 4.3.2 Service shutting down} at once; a session with a message in hand may finish
     it within the drain time, and gets its 250 only once the message is durable."""
 
-    name = "sessions"
+    name = "sessions"  # type: ignore[assignment]  # Twisted types Service.name as None
 
     def __init__(self, sessions: Sessions, clock: Any, drainTime: float) -> None:
         self.sessions = sessions
@@ -158,147 +164,136 @@ def makeListeners(
     and certificates loaded.  Counters in C{carried} (rate limits, AUTH failures, connections
     per listener) are reused, so that a reload does not reset them.
 
+    @param onQueued: called with the queue id of each message once it is durable.
     @raise ConfigError: a plugin is unknown or refuses its options, a certificate is refused.
     """
-    validators = [
-        ConfiguredValidator(spec.plugin, build(spec, IRecipientValidator), spec.timeout)
-        for spec in config.recipientValidators
-    ]
     stampers = [
         ConfiguredStamper(spec.plugin, build(spec, IHeaderStamper), spec.timeout)
         for spec in config.headerStampers
     ]
-    relay = RelayControl(config.relayNetworks, config.acceptDomains, config.hostname)
-    policy = RecipientPolicy(relay, validators, reactor)
-
-    resolver = None
-    if config.reverseDNS:
-        from mailrelay.route import makeResolver
-
-        # The same servers as delivery uses: [dns] nameservers, or the system's.
-        resolver = carried.resolvers.get(config.nameservers)
-        if resolver is None:
-            resolver = makeResolver(list(config.nameservers) or None, reactor=reactor)
-            carried.resolvers[config.nameservers] = resolver
-
+    intake = Intake(spool, stampers, reactor, config.hostname, config.maxHops, onQueued)
+    policy = makeRecipientPolicy(config, reactor, build)
+    resolver = _reverseResolver(config, reactor, carried)
     authPolicy = makeAuthPolicy(config, reactor, build, carried)
-    from mailrelay.receive.limits import (
-        LIMITER_TIMEOUT,
-        ConnectionCount,
-        ListenerLimits,
-        MemoryRateLimiter,
-    )
+    limiter, limiterTimeout = _rateLimiter(config, reactor, build, carried)
+    result = []
+    for listener in config.listeners:
+        settings = listenerSettings(config, listener, limiterTimeout)
+        factory = buildListenerFactory(
+            settings,
+            policy=policy,
+            intake=intake,
+            clock=reactor,
+            auth=authPolicy,
+            limiter=limiter,
+            resolver=resolver,
+            sessions=sessions,
+            connectionCount=carried.counts.setdefault(listener.endpoint, ConnectionCount()),
+        )
+        factory = wrapListenerFactory(settings, factory, reactor)
+        result.append((listener.endpoint, factory, _role(listener)))
+    return result
 
-    # One limiter for all listeners (their keys differ): in memory, or a site's shared one.
+
+def makeRecipientPolicy(config: Config, reactor: Any, build: Any) -> RecipientPolicy:
+    """Relay control and the configured recipient validators, shared by all listeners."""
+    validators = [
+        ConfiguredValidator(spec.plugin, build(spec, IRecipientValidator), spec.timeout)
+        for spec in config.recipientValidators
+    ]
+    relay = RelayControl(config.relayNetworks, config.acceptDomains, config.hostname)
+    return RecipientPolicy(relay, validators, reactor)
+
+
+def _reverseResolver(config: Config, reactor: Any, carried: _Carried) -> Any:
+    """The resolver of the reverse lookups (the servers delivery uses: C{[dns] nameservers},
+    or the system's), or C{None} when they are off."""
+    if not config.reverseDNS:
+        return None
+    from mailrelay.route import makeResolver
+
+    resolver = carried.resolvers.get(config.nameservers)
+    if resolver is None:
+        resolver = makeResolver(list(config.nameservers) or None, reactor=reactor)
+        carried.resolvers[config.nameservers] = resolver
+    return resolver
+
+
+def _rateLimiter(config: Config, reactor: Any, build: Any, carried: _Carried) -> tuple[Any, float]:
+    """One limiter for all listeners (their keys differ), in memory or a site's shared one
+    (C{[rate_limiter]}), and the time its answers may take."""
     if config.rateLimiter is not None:
-        from mailrelay.interfaces import IRateLimiter
-
         if carried.limiterSpec == config.rateLimiter:
             limiter: Any = carried.limiter
         else:
             limiter = build(config.rateLimiter, IRateLimiter)
             log.info("limits: counters kept by plugin {plugin}", plugin=config.rateLimiter.plugin)
-        limiterTimeout = config.rateLimiter.timeout
+        timeout = config.rateLimiter.timeout
     else:
         limiter = carried.limiter if carried.limiterSpec is None else None
         if not isinstance(limiter, MemoryRateLimiter):
             limiter = MemoryRateLimiter(reactor)
-        limiterTimeout = LIMITER_TIMEOUT
+        timeout = LIMITER_TIMEOUT
     carried.limiter, carried.limiterSpec = limiter, config.rateLimiter
-    result = []
-    for listener in config.listeners:
-        tls = loadListenerTLS(config, listener)
-        tlsOptions = None
-        if tls is not None:
-            tlsOptions = tls.options
-            if listener.tls_certificates:
-                tlsOptions = loadListenerSNI(config, listener, tls)
-        settings = SessionSettings(
-            hostname=config.hostname,
-            maxMessageSize=config.maxMessageSize,
-            maxRecipients=config.maxRecipients,
-            maxErrors=config.maxErrors,
-            bareNewline=listener.bare_newline,
-            nulBytes=listener.nul_bytes,
-            starttls=listener.tls_mode == "starttls",
-            authMechanisms=authPolicy.mechanisms if listener.auth and authPolicy else (),
-            authWithoutTLS=listener.auth_without_tls,
-            requireAuth=listener.mode != "relay",
-            rejectUnauthPipelining=listener.reject_unauth_pipelining,
-            rejectPregreet=listener.reject_unauth_pipelining or listener.greet_pause > 0,
-        )
-        count = carried.counts.setdefault(listener.endpoint, ConnectionCount())
-        limits = ListenerLimits(
-            hostname=config.hostname,
-            listener=listener.endpoint,
-            limiter=limiter,
-            clock=reactor,
-            timeout=limiterTimeout,
-            maxConnections=listener.max_connections,
-            maxConnectionsPerClient=listener.max_connections_per_client,
-            connectionRateLimit=listener.connection_rate_limit,
-            messageRateLimit=listener.message_rate_limit,
-            userMessageRateLimit=listener.user_message_rate_limit,
-            rateWindow=listener.rate_window,
-            ipv6PrefixLength=listener.ipv6_prefix_length,
-            exceptions=(
-                config.relayNetworks
-                if listener.limit_exceptions is None
-                else listener.limit_exceptions
-            ),
-            count=count,
-        )
-        ctx = ListenerContext(
-            settings=settings,
-            policy=policy,
-            spool=spool,
-            stampers=stampers,
-            clock=reactor,
-            listenerName=listener.endpoint,
-            listenerOptions={
-                "add_message_id": listener.add_message_id,
-                "add_date": listener.add_date,
-                "bare_newline": listener.bare_newline,
-                "mode": listener.mode,
-                "tls_mode": listener.tls_mode,
-            },
-            idleTimeout=config.idleTimeout,
-            dataTimeout=config.dataTimeout,
-            maxHops=config.maxHops,
-            resolver=resolver,
-            onQueued=onQueued,
-            tlsOptions=tlsOptions,
-            implicitTLS=listener.tls_mode == "implicit",
-            auth=authPolicy if listener.auth else None,
-            limits=limits,
-            greetPause=listener.greet_pause,
-            maxSessionTime=listener.max_session_time,
-            minDataRate=listener.min_data_rate,
-            sessions=sessions,
-        )
-        factory: Any = SMTPServerFactory(ctx)
-        if listener.tls_mode == "implicit":
-            from twisted.protocols.tls import TLSMemoryBIOFactory
+    return limiter, timeout
 
-            assert tlsOptions is not None
-            factory = TLSMemoryBIOFactory(tlsOptions, False, factory)
-        if listener.proxy_protocol:
-            from mailrelay.receive.proxy import ProxyProtocolFactory
 
-            factory = ProxyProtocolFactory(
-                factory, listener.proxy_networks, reactor, listenerName=listener.endpoint
-            )
-        role = listener.mode
-        if listener.tls_mode != "none":
-            role += ", STARTTLS" if listener.tls_mode == "starttls" else ", implicit TLS"
-            if listener.tls_certificates:
-                role += f" (+{len(listener.tls_certificates)} SNI)"
-        if listener.auth:
-            role += ", AUTH"
-        if listener.proxy_protocol:
-            role += ", PROXY from " + " ".join(str(n) for n in listener.proxy_networks)
-        result.append((listener.endpoint, factory, role))
-    return result
+def listenerSettings(config: Config, listener: Any, limiterTimeout: float) -> ListenerSettings:
+    """The L{ListenerSettings} of one listener of C{config}, its certificates loaded."""
+    tlsOptions = None
+    tls = loadListenerTLS(config, listener)
+    if tls is not None:
+        tlsOptions = tls.options
+        if listener.tls_certificates:
+            tlsOptions = loadListenerSNI(config, listener, tls)
+    exceptions = listener.limit_exceptions
+    return ListenerSettings(
+        hostname=config.hostname,
+        name=listener.endpoint,
+        mode=listener.mode,
+        maxMessageSize=config.maxMessageSize,
+        maxRecipients=config.maxRecipients,
+        maxErrors=config.maxErrors,
+        bareNewline=listener.bare_newline,
+        nulBytes=listener.nul_bytes,
+        auth=listener.auth,
+        authWithoutTLS=listener.auth_without_tls,
+        rejectUnauthPipelining=listener.reject_unauth_pipelining,
+        addMessageID=listener.add_message_id,
+        addDate=listener.add_date,
+        idleTimeout=config.idleTimeout,
+        dataTimeout=config.dataTimeout,
+        greetPause=listener.greet_pause,
+        maxSessionTime=listener.max_session_time,
+        minDataRate=listener.min_data_rate,
+        tlsMode=listener.tls_mode,
+        tlsOptions=tlsOptions,
+        maxConnections=listener.max_connections,
+        maxConnectionsPerClient=listener.max_connections_per_client,
+        connectionRateLimit=listener.connection_rate_limit,
+        messageRateLimit=listener.message_rate_limit,
+        userMessageRateLimit=listener.user_message_rate_limit,
+        rateWindow=listener.rate_window,
+        ipv6PrefixLength=listener.ipv6_prefix_length,
+        limitExceptions=tuple(config.relayNetworks if exceptions is None else exceptions),
+        limiterTimeout=limiterTimeout,
+        proxyProtocol=listener.proxy_protocol,
+        proxyNetworks=tuple(listener.proxy_networks),
+    )
+
+
+def _role(listener: Any) -> str:
+    """What the log says a listener is for: its mode, TLS, AUTH and PROXY."""
+    role = str(listener.mode)
+    if listener.tls_mode != "none":
+        role += ", STARTTLS" if listener.tls_mode == "starttls" else ", implicit TLS"
+        if listener.tls_certificates:
+            role += f" (+{len(listener.tls_certificates)} SNI)"
+    if listener.auth:
+        role += ", AUTH"
+    if listener.proxy_protocol:
+        role += ", PROXY from " + " ".join(str(n) for n in listener.proxy_networks)
+    return role
 
 
 def loadListenerTLS(

@@ -1,8 +1,11 @@
-"""The one way into the spool: header processing and stampers (L{stamping}).
+"""The one way into the spool: the intake (L{intake}), with header processing and the header
+stampers (L{stamping}).
 
-Every message, received by SMTP or made by the relay (a DSN), is to enter the spool through
-this package: open, header processing, stampers, hop check, commit, notify the queue.
+Every message, received by SMTP or made by the relay (a DSN), enters the spool through
+L{intake.Intake}: open, header processing, stampers, hop check, filters, commit, notify the
+queue.
 
 May import the values (L{mailrelay.interfaces}, L{mailrelay.envelope}, L{mailrelay.errors},
-L{mailrelay.address}) and L{mailrelay.smtp}.  This file imports nothing.
+L{mailrelay.address}) and L{mailrelay.smtp}; L{intake} imports L{mailrelay.spool} until the
+spool is behind C{ISpool}.  This file imports nothing.
 """

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
 from ipaddress import ip_address
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from twisted.internet.defer import (
     CancelledError,
@@ -34,13 +35,16 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.address import AddressError, hostnameProblem, normaliseDomain
+from mailrelay.envelope import ClientInfo
 from mailrelay.interfaces import IHeaderStamper, PluginContext, StampContext, StampResult
 from mailrelay.smtp.replies import Reply
 
 log = Logger()
 
 #: The reply to a message whose stamping failed (a stamper raised, failed or was too slow).
-STAMPING_FAILED = Reply(451, "4.3.0", "Error: temporary failure processing the message, try again later")
+STAMPING_FAILED = Reply(
+    451, "4.3.0", "Error: temporary failure processing the message, try again later"
+)
 
 #: Like Postfix's header_size_limit: past this much, the rest is treated as body.
 HEADER_SECTION_LIMIT = 102400
@@ -86,7 +90,7 @@ def parseHeaderSection(
         # The last field goes on beyond what was parsed: it is not complete.
         pos = starts.pop()[1]
     ends = [start for _, start in starts[1:]] + [pos]
-    return [(name, data[start:end]) for (name, start), end in zip(starts, ends)], pos
+    return [(name, data[start:end]) for (name, start), end in zip(starts, ends, strict=False)], pos
 
 
 class HeaderProcessor:
@@ -101,7 +105,7 @@ class HeaderProcessor:
     def __init__(
         self,
         sink: Callable[[bytes], None],
-        stamp: Callable[[list[tuple[str, bytes]]], StampResult],
+        stamp: Callable[[list[tuple[str, bytes]]], StampResult | Deferred[StampResult]],
         limit: int = HEADER_SECTION_LIMIT,
     ) -> None:
         self._sink = sink
@@ -111,7 +115,7 @@ class HeaderProcessor:
         self._pending: bytearray | None = bytearray()
         self.headers: list[tuple[str, bytes]] = []
         #: The stamping, from the end of the header section on (see L{finish}).
-        self._stamping: Deferred[None] | None = None
+        self._stamping: Deferred[Any] | None = None
         #: Data written while the stamping is in progress, in order.
         self._held: list[bytes] | None = None
         self._failure: Failure | None = None
@@ -176,7 +180,9 @@ class HeaderProcessor:
             return
         self._held = []
         self._stamping = result
-        result.addCallbacks(self._stamped, self._stampingFailed, callbackArgs=(data[:end], data[end:]))
+        result.addCallbacks(
+            self._stamped, self._stampingFailed, callbackArgs=(data[:end], data[end:])
+        )
 
     def _stamped(self, result: StampResult, head: bytes, rest: bytes) -> None:
         held, self._held = self._held or [], None
@@ -222,6 +228,7 @@ def _addressLiteral(ip: str) -> str:
 
 def protocolName(context: StampContext) -> str:
     """The C{with} protocol of RFC 3848 / RFC 6531 (UTF8SMTP when SMTPUTF8 was used)."""
+    assert context.client is not None
     name = context.client.protocol
     if context.envelope.smtputf8 and name.startswith("ESMTP"):
         name = "UTF8SMTP" + name[5:]
@@ -232,38 +239,52 @@ def formatDate(when: float) -> str:
     return format_datetime(datetime.fromtimestamp(when).astimezone())
 
 
+def _receivedFrom(context: StampContext, client: ClientInfo) -> str:
+    """The RFC 5321 section 4.4 C{Received:} field of a message from C{client}, up to its date."""
+    envelope = context.envelope
+    helo = _heloDomain(client.helo or "unknown")
+    rdns = client.rdns or "unknown"
+    received = (
+        f"Received: from {helo} ({rdns} {_addressLiteral(client.address)})\r\n"
+        f"\tby {context.hostname} (mailrelay) with {protocolName(context)}"
+        f" id {envelope.queueID}"
+    )
+    if client.tls:
+        received += f"\r\n\t(using {client.tls})"
+    if client.authUser:
+        received += f"\r\n\t(authenticated as {_HELO_UNSAFE.sub('?', client.authUser)})"
+    if len(envelope.recipients) == 1:
+        rcpt = envelope.recipients[0].address
+        if "\r" not in rcpt and "\n" not in rcpt:
+            received += f"\r\n\tfor <{rcpt}>"
+    return received
+
+
 @implementer(IHeaderStamper)
 class DefaultStamper:
     """Adds the RFC 5321 section 4.4 C{Received:} field, and C{Message-Id:} and C{Date:} when
-    the message has none and the listener allows it (C{add_message_id}, C{add_date})."""
+    the message has none and the listener allows it (C{add_message_id}, C{add_date}).
+
+    A message the relay made itself (no client: a delivery status notification) gets the
+    local form C{Received: by <host> (mailrelay) id <queue id>; <date>}.
+    """
 
     def __init__(self, addMessageID: bool = True, addDate: bool = True) -> None:
         self.addMessageID = addMessageID
         self.addDate = addDate
 
     def stamp(self, context: StampContext) -> StampResult:
-        client = context.client
         envelope = context.envelope
         date = formatDate(context.now)
-        helo = _heloDomain(client.helo or "unknown")
-        rdns = client.rdns or "unknown"
-        received = (
-            f"Received: from {helo} ({rdns} {_addressLiteral(client.address)})\r\n"
-            f"\tby {context.hostname} (mailrelay) with {protocolName(context)}"
-            f" id {envelope.queueID}"
-        )
-        if client.tls:
-            received += f"\r\n\t(using {client.tls})"
-        if client.authUser:
-            received += f"\r\n\t(authenticated as {_HELO_UNSAFE.sub('?', client.authUser)})"
-        if len(envelope.recipients) == 1:
-            rcpt = envelope.recipients[0].address
-            if "\r" not in rcpt and "\n" not in rcpt:
-                received += f"\r\n\tfor <{rcpt}>"
+        if context.client is None:
+            received = f"Received: by {context.hostname} (mailrelay) id {envelope.queueID}"
+        else:
+            received = _receivedFrom(context, context.client)
         received += f"; {date}\r\n"
         result = StampResult(prepend=[received.encode("utf-8")])
         options = context.listenerOptions
-        if self.addMessageID and options.get("add_message_id", True) and not context.hasHeader("Message-Id"):
+        addMessageID = self.addMessageID and options.get("add_message_id", True)
+        if addMessageID and not context.hasHeader("Message-Id"):
             stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(context.now))
             result.append.append(
                 f"Message-Id: <{stamp}.{envelope.queueID}@{context.hostname}>\r\n".encode("ascii")
@@ -363,6 +384,9 @@ def runStampers(
             what = f"failed: {failure.getErrorMessage()}"
         return Failure(StampingFailed(f"header stamper {configured.name} {what}"))
 
+    def runNext(_: object, configured: ConfiguredStamper) -> Deferred[None]:
+        return run(maybeDeferred(configured.stamper.stamp, context), configured)
+
     # Stampers answering at once (the usual case) run in a plain loop; from the first one
     # answering with a Deferred on, the rest wait in its callback chain.
     for index, configured in enumerate(stampers):
@@ -373,7 +397,7 @@ def runStampers(
         if isinstance(result, Deferred):
             d = run(result, configured)
             for later in stampers[index + 1 :]:
-                d.addCallback(lambda _, c=later: run(maybeDeferred(c.stamper.stamp, context), c))
+                d.addCallback(runNext, later)
             return d.addCallback(lambda _: total)
         try:
             add(result, configured)

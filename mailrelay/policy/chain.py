@@ -10,9 +10,10 @@ is too slow defers the recipient (451 4.3.0): a failing plugin never accepts.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_address
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succeed
 from twisted.logger import Logger

@@ -1,11 +1,14 @@
 """SMTP AUTH behind C{twisted.cred}: the password file, its checker, the realm, the portal,
-the per-client throttle of AUTH attempts, and per-user sender binding.
+the per-client throttle of AUTH attempts, and one attempt's way through them
+(L{AuthPolicy.authenticate}).
 
 The server session (L{mailrelay.smtp.server}) speaks SASL PLAIN and LOGIN and asks its driver
-to check the credentials; the driver (L{mailrelay.receive.protocol}) logs in through the
-L{AuthPolicy}'s C{Portal}.  Any C{ICredentialsChecker} for C{IUsernamePassword} can stand
-behind that portal (a site's LDAP or SQL checker); the built-in one is
-L{PasswordFileChecker}, reading a file of argon2 hashes::
+to check the credentials; the driver (L{mailrelay.receive.protocol}) hands them to
+L{AuthPolicy.authenticate}, which logs in through the policy's C{Portal}.  (The users'
+sender binding, C{AuthPolicy.senders}, is checked at MAIL: L{mailrelay.policy.sender}.)  Any
+C{ICredentialsChecker} for C{IUsernamePassword} can stand behind that portal (a site's LDAP
+or SQL checker); the built-in one is L{PasswordFileChecker}, reading a file of argon2
+hashes::
 
     # comment
     alice:$argon2id$v=19$m=65536,t=3,p=4$...$...
@@ -21,18 +24,25 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from argon2 import PasswordHasher, extract_parameters
 from argon2.exceptions import InvalidHashError, VerificationError
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import IUsernamePassword
-from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.credentials import IUsernamePassword, UsernamePassword
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
+
+from mailrelay.interfaces import Reply
+from mailrelay.receive.limits import DEFAULT_IPV6_PREFIX_LENGTH, clientNetwork
+from mailrelay.smtp.server import AUTH_INVALID, Authenticate
 
 log = Logger()
 
@@ -47,6 +57,14 @@ DEFAULT_FAILURE_DELAY = 5.0
 DEFAULT_MAX_FAILURES = 10
 DEFAULT_FAILURE_WINDOW = 900.0
 DEFAULT_CHECKER_TIMEOUT = 30.0
+
+AUTH_TOO_MANY_FAILURES = Reply(
+    421, "4.7.0", "Error: too many failed authentications, try again later"
+)
+AUTH_TEMPORARY_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")
+#: Seconds between two looks at the AUTH throttle of an attempt waiting for the checks in
+#: flight of the same client.
+AUTH_WAIT_INTERVAL = 0.1
 
 
 class PasswordFileError(ValueError):
@@ -143,8 +161,8 @@ def _defaultDeferToThread(f: Callable[..., Any], *args: Any) -> Deferred:
     from twisted.internet import reactor
     from twisted.internet.threads import deferToThreadPool
 
-    pool = reactor.getThreadPool()  # type: ignore[attr-defined]
-    return deferToThreadPool(reactor, pool, f, *args)
+    theReactor: Any = reactor
+    return deferToThreadPool(theReactor, theReactor.getThreadPool(), f, *args)
 
 
 @implementer(ICredentialsChecker)
@@ -366,30 +384,6 @@ class MemoryAuthThrottle:
         return count
 
 
-def senderAllowed(patterns: Sequence[str], sender: str) -> bool:
-    """May a user bound to C{patterns} use the MAIL FROM address C{sender}?
-
-    A pattern is an address (C{"alice@example.com"}, compared with the domain
-    case-insensitively and the local part exactly) or C{"@domain"} (any address in that
-    domain).  The null sender (C{""}, for bounces) is always allowed.
-    """
-    if sender == "":
-        return True
-    local, at, domain = sender.rpartition("@")
-    if not at:
-        return False
-    domain = domain.lower()
-    for pattern in patterns:
-        if pattern.startswith("@"):
-            if pattern[1:].lower() == domain:
-                return True
-        else:
-            pLocal, _, pDomain = pattern.rpartition("@")
-            if pLocal == local and pDomain.lower() == domain:
-                return True
-    return False
-
-
 @dataclass
 class AuthPolicy:
     """What a listener needs for SMTP AUTH.
@@ -405,7 +399,7 @@ class AuthPolicy:
         beyond waits for them), so at most this many passwords are checked per window per
         client.
     @ivar senders: user name to the MAIL FROM patterns the user may use (see
-        L{senderAllowed}); users not listed may use any sender.
+        L{mailrelay.policy.sender.senderAllowed}); users not listed may use any sender.
     @ivar mechanisms: the SASL mechanisms offered.
     @ivar timeout: seconds the portal's checker may take to answer (a slow site checker):
         then C{454 4.7.0} (temporary failure), not counted as a failure; also the longest an
@@ -422,6 +416,163 @@ class AuthPolicy:
     mechanisms: tuple[str, ...] = MECHANISMS
     timeout: float = DEFAULT_CHECKER_TIMEOUT
 
-    def senderAllowed(self, user: str, sender: str) -> bool:
-        patterns = self.senders.get(user)
-        return patterns is None or senderAllowed(patterns, sender)
+    def authenticate(
+        self,
+        attempt: Authenticate,
+        address: str,
+        clock: Any,
+        ipv6PrefixLength: int = DEFAULT_IPV6_PREFIX_LENGTH,
+        abandoned: Callable[[], bool] = lambda: False,
+    ) -> Deferred[Reply | str]:
+        """Check the credentials of C{attempt}, made by the client at C{address}, through the
+        portal.
+
+        Attempts are counted per client (an IPv6 client by its network of C{ipv6PrefixLength}
+        bits) while in flight and as failures after (see L{IAuthThrottle}): after
+        C{throttleAfter} failures the 535 is delayed, and from C{maxFailures} on AUTH is
+        refused with 421 without a check.  An attempt that would go beyond C{maxFailures}
+        with the checks in flight of the same client waits for them (at most C{timeout},
+        then 454), so that at most C{maxFailures} passwords are checked per window, however
+        many connections try at once, and a client with many connections and the right
+        password is not refused.
+
+        @param clock: an C{IReactorTime} for the timeout and the delays.
+        @param abandoned: whether no one waits for the answer any more (the session closed):
+            an attempt waiting for others is then not checked.
+        @return: a Deferred firing with the user name (accepted) or the L{Reply} refusing.
+        """
+        return _Attempt(self, attempt, address, clock, ipv6PrefixLength, abandoned).start()
+
+
+class _Attempt:
+    """One AUTH attempt going through the throttle and the portal (see
+    L{AuthPolicy.authenticate})."""
+
+    def __init__(
+        self,
+        policy: AuthPolicy,
+        attempt: Authenticate,
+        address: str,
+        clock: Any,
+        ipv6PrefixLength: int,
+        abandoned: Callable[[], bool],
+    ) -> None:
+        self.policy = policy
+        self.attempt = attempt
+        self.address = address
+        self.client = clientNetwork(address, ipv6PrefixLength)
+        self.clock = clock
+        self.abandoned = abandoned
+        self.started = clock.seconds()
+
+    def start(self) -> Deferred[Reply | str]:
+        """Reserve a place in the client's budget, then check."""
+        d = maybeDeferred(self.policy.throttle.reserve, self.client)
+        return d.addCallbacks(self._reserved, self._throttleFailed)
+
+    def _settle(self, failed: bool) -> Deferred[int]:
+        return maybeDeferred(self.policy.throttle.settle, self.client, failed)
+
+    def _release(self) -> None:
+        self._settle(False).addErrback(
+            lambda f: log.failure("AUTH throttle: settling for {client}", f, client=self.client)
+        )
+
+    def _reserved(self, count: int) -> Any:
+        policy, attempt = self.policy, self.attempt
+        if count > policy.maxFailures:
+            return self._settle(False).addCallbacks(self._overBudget, self._throttleFailed)
+        if attempt.authzid and attempt.authzid != attempt.username:
+            return self._failed(Failure(UnauthorizedLogin("authorization identity differs")))
+        # The user name is text: checkers get it as the documented str.
+        credentials = UsernamePassword(attempt.username, attempt.password)  # type: ignore[arg-type]
+        d = policy.portal.login(credentials, None, IAuthenticatedUser)
+        if policy.timeout and not d.called:
+            d.addTimeout(policy.timeout, self.clock)
+        return d.addCallbacks(self._succeeded, self._failed)
+
+    def _throttleFailed(self, failure: Failure) -> Reply:
+        log.failure(
+            "AUTH throttle: reserving or settling for {client}", failure, client=self.client
+        )
+        return AUTH_TEMPORARY_FAILURE
+
+    def _overBudget(self, failures: int) -> Any:
+        # The failures recorded fill the budget: refused.  Otherwise checks still in flight
+        # (other connections of this client) hold it: wait for them, never refuse a client
+        # for failures it has not made.
+        policy = self.policy
+        if failures >= policy.maxFailures:
+            self._logFailure(failures, "too many failures, refused with 421 without checking")
+            return AUTH_TOO_MANY_FAILURES
+        if self.abandoned():
+            return AUTH_TEMPORARY_FAILURE  # no one waits for the answer: check nothing
+        waited = self.clock.seconds() - self.started
+        if policy.timeout and waited >= policy.timeout:
+            log.warn(
+                "authentication from {client} (sasl_username={user}) waited {waited:g}s "
+                "for the checks in flight of the same client; answered 454",
+                client=self.address,
+                user=self.attempt.username,
+                sasl_username=self.attempt.username,
+                waited=waited,
+            )
+            return AUTH_TEMPORARY_FAILURE
+        return deferLater(self.clock, AUTH_WAIT_INTERVAL, self.start)
+
+    def _succeeded(self, result: tuple[Any, Any, Any]) -> str:
+        self._release()
+        _, avatar, _ = result
+        name = getattr(avatar, "name", self.attempt.username)
+        log.info(
+            "authenticated {client}: sasl_method={mechanism} sasl_username={user}",
+            client=self.address,
+            mechanism=self.attempt.mechanism,
+            user=name,
+            sasl_username=name,
+        )
+        return str(name)
+
+    def _failed(self, failure: Failure) -> Any:
+        if failure.check(TimeoutError):
+            self._release()
+            log.error(
+                "authentication check for {client} (sasl_username={user}) gave no answer "
+                "in {timeout:g}s",
+                client=self.address,
+                user=self.attempt.username,
+                timeout=self.policy.timeout,
+            )
+            return AUTH_TEMPORARY_FAILURE
+        if not failure.check(UnauthorizedLogin, UnhandledCredentials):
+            self._release()
+            log.failure("authentication check failed for {client}", failure, client=self.address)
+            return AUTH_TEMPORARY_FAILURE
+        return self._settle(True).addCallbacks(self._answer, self._notRecorded)
+
+    def _notRecorded(self, failure: Failure) -> Reply:
+        log.failure("AUTH throttle: recording a failure of {client}", failure, client=self.client)
+        return AUTH_INVALID
+
+    def _answer(self, count: int) -> Any:
+        policy = self.policy
+        if count >= policy.maxFailures:
+            self._logFailure(count, "too many failures, closing")
+            return AUTH_TOO_MANY_FAILURES
+        if count > policy.throttleAfter and policy.failureDelay > 0:
+            self._logFailure(count, f"answer delayed {policy.failureDelay:g}s")
+            return deferLater(self.clock, policy.failureDelay, lambda: AUTH_INVALID)
+        self._logFailure(count, "wrong user name or password")
+        return AUTH_INVALID
+
+    def _logFailure(self, count: int, why: str) -> None:
+        log.warn(
+            "authentication failed from {client}: sasl_method={mechanism} "
+            "sasl_username={user} failures={failures} ({why})",
+            client=self.address,
+            mechanism=self.attempt.mechanism,
+            user=self.attempt.username,
+            sasl_username=self.attempt.username,
+            failures=count,
+            why=why,
+        )

@@ -20,8 +20,9 @@ their store.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
@@ -202,7 +203,7 @@ class ListenerLimits:
         """The limiter key of a client address (see L{clientNetwork})."""
         return self.key(kind, clientNetwork(address, self.ipv6PrefixLength))
 
-    def admit(self, address: str) -> "Admission":
+    def admit(self, address: str) -> Admission:
         """The bookkeeping of one new connection from C{address}: call
         L{Admission.check}, and L{Admission.release} when the connection ends."""
         return Admission(self, address)

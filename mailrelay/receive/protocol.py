@@ -1,9 +1,10 @@
 """The Twisted side of the ESMTP server: a thin Protocol driving L{ServerSession}.
 
-The protocol moves bytes, runs the timers, and answers the session's questions with the policy
-(relay control and recipient validators), the header stampers, the spool and (for AUTH) the
-L{mailrelay.receive.auth.AuthPolicy}.  It pauses reading while a question is pending, so a client
-pipelining ahead cannot make us buffer without bound.
+The protocol moves bytes, runs the timers, and answers the session's questions with the
+policies (L{mailrelay.policy.sender.SenderPolicy} at MAIL, relay control and recipient
+validators at RCPT), the intake (L{mailrelay.interfaces.IIntake}: the message's way into the
+spool) and, for AUTH, the L{mailrelay.receive.auth.AuthPolicy}.  It pauses reading while a
+question is pending, so a client pipelining ahead cannot make us buffer without bound.
 
 TLS: on L{StartTLS} the protocol writes the 220 reply in plaintext and calls
 C{transport.startTLS}; on an implicit TLS listener the factory is wrapped in a
@@ -27,30 +28,25 @@ C{smtpd_min_data_rate}).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from twisted.cred.credentials import UsernamePassword
-from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
-from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IAddress, IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay.cleanup.stamping import STAMPING_FAILED, HeaderProcessor, StampingFailed, runStampers
 from mailrelay.envelope import ClientInfo, Envelope
-from mailrelay.interfaces import ACCEPT, StampContext, Verdict, VerdictKind
+from mailrelay.interfaces import Verdict, VerdictKind
 from mailrelay.policy.chain import RecipientPolicy
-from mailrelay.receive.auth import IAuthenticatedUser
-from mailrelay.receive.limits import DEFAULT_IPV6_PREFIX_LENGTH, clientNetwork
+from mailrelay.policy.sender import SenderPolicy
 from mailrelay.receive.tls import describeTLS
 from mailrelay.smtp import replies as R
 from mailrelay.smtp.replies import Reply
 from mailrelay.smtp.server import (
-    AUTH_INVALID,
     AbortData,
     Authenticate,
     BodyData,
@@ -66,60 +62,45 @@ from mailrelay.smtp.server import (
     SyncError,
 )
 
+if TYPE_CHECKING:  # pragma: no cover
+    from mailrelay.receive.listener import ListenerSettings
+
 log = Logger()
 
-NO_SPACE_VERDICT = Verdict(VerdictKind.DEFER, R.NO_SPACE)
-AUTH_TOO_MANY_FAILURES = Reply(
-    421, "4.7.0", "Error: too many failed authentications, try again later"
+#: The verdict on a MAIL or RCPT command whose check failed unexpectedly.
+QUESTION_FAILED = Verdict(
+    VerdictKind.DEFER, Reply(451, "4.3.0", "Error: local error, try again later")
 )
-AUTH_TEMPORARY_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")
-#: Seconds between two looks at the AUTH throttle of an attempt waiting for the checks in
-#: flight of the same client.
-AUTH_WAIT_INTERVAL = 0.1
+
 
 
 @dataclass
 class ListenerContext:
-    """Everything the sessions of one listener share.
+    """Everything the sessions of one listener share (made by
+    L{mailrelay.receive.listener.buildListenerFactory}).
 
-    @ivar spool: a L{mailrelay.spool.Spool}.
-    @ivar stampers: the configured header stampers
-        (L{mailrelay.cleanup.stamping.ConfiguredStamper}), in order.
-    @ivar resolver: an C{IResolver} for reverse lookups, or C{None} to skip them.
-    @ivar tlsOptions: the C{IOpenSSLServerConnectionCreator} STARTTLS uses (the listener's
-        certificate), or C{None}.
-    @ivar implicitTLS: the listener's factory is wrapped in TLS: connections are TLS from the
-        first byte.
+    @ivar settings: the listener's L{mailrelay.receive.listener.ListenerSettings} (timeouts,
+        TLS, its name).
+    @ivar session: the L{SessionSettings} of its sans-IO sessions.
+    @ivar policy: the L{RecipientPolicy} (relay control, recipient validators).
+    @ivar sender: the L{SenderPolicy}: the checks of the MAIL stage.
+    @ivar intake: the L{mailrelay.interfaces.IIntake} messages go into the spool through.
+    @ivar clock: an C{IReactorTime}.
     @ivar auth: the L{mailrelay.receive.auth.AuthPolicy} checking AUTH, or C{None} (no AUTH).
+    @ivar limits: the listener's L{mailrelay.receive.limits.ListenerLimits}, or C{None}.
+    @ivar resolver: an C{IResolver} for reverse lookups, or C{None} to skip them.
+    @ivar sessions: the relay's L{Sessions}, for a graceful stop, or C{None}.
     """
 
-    settings: SessionSettings
+    settings: ListenerSettings
+    session: SessionSettings
     policy: RecipientPolicy
-    spool: Any
-    stampers: Sequence[Any]
+    sender: SenderPolicy
+    intake: Any
     clock: Any
-    listenerName: str = ""
-    listenerOptions: dict[str, Any] = field(default_factory=dict)
-    idleTimeout: float = 300.0
-    dataTimeout: float = 300.0
-    maxHops: int = 50
-    resolver: Any = None
-    reverseLookupTimeout: float = 10.0
-    #: Called with the queue id of each message once it is durably queued (the queue manager
-    #: picks it up without rescanning the spool).
-    onQueued: Any = None
-    tlsOptions: Any = None
-    implicitTLS: bool = False
     auth: Any = None
-    #: The listener's L{mailrelay.receive.limits.ListenerLimits}, or C{None} for no limits.
     limits: Any = None
-    #: Seconds to wait before the greeting (0: greet at once).
-    greetPause: float = 0.0
-    #: Seconds a session may last in all (0: no limit).
-    maxSessionTime: float = 0.0
-    #: Bytes per second a client must send on average in DATA (0: only C{dataTimeout}).
-    minDataRate: int = 0
-    #: The relay's L{Sessions}, for a graceful stop, or C{None}.
+    resolver: Any = None
     sessions: Any = None
 
 
@@ -192,37 +173,110 @@ class Sessions:
         return done.addCallback(finished)
 
 
+#: What L{SMTPServerProtocol._askNow} returns for an answer still to come.
+_LATER = object()
 #: Seconds after the drain time when connections still open are aborted.
 _ABORT_AFTER = 5.0
 #: Seconds a client whose message was answered while the relay stops has to say QUIT.
 _QUIT_GRACE = 1.0
 
 
+class _ReadTimer:
+    """The time a client has to send: its next command (C{idleTimeout}) or, in DATA, the rest
+    of its message (C{dataTimeout}; with C{minDataRate}, a deadline that each chunk received
+    moves C{len(chunk) / minDataRate} seconds later, never beyond C{dataTimeout} from now).
+    One C{IDelayedCall}, restarted as data comes.
+
+    @ivar lastReceived: when the client last sent something.
+    """
+
+    def __init__(self, settings: ListenerSettings, clock: Any, expired: Callable[[], None]) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.expired = expired
+        self.lastReceived = 0.0
+        #: In DATA with C{minDataRate}: when the client's time runs out.
+        self.dataDeadline: float | None = None
+        self._call: Any = None
+
+    def received(self, size: int, inData: bool) -> None:
+        """The client sent C{size} octets (C{inData}: of a message)."""
+        self.lastReceived = self.clock.seconds()
+        if inData and self.dataDeadline is not None:
+            self.dataDeadline += size / self.settings.minDataRate
+
+    def extend(self, seconds: float) -> None:
+        """The client's DATA deadline moves C{seconds} later (a wait that was not its own)."""
+        if self.dataDeadline is not None:
+            self.dataDeadline += seconds
+
+    def start(self, inData: bool) -> None:
+        """(Re)start the time: waiting for a command, or for the rest of a message."""
+        settings = self.settings
+        if not inData:
+            self.dataDeadline = None
+            timeout = settings.idleTimeout
+        elif settings.minDataRate > 0:
+            now = self.clock.seconds()
+            latest = now + settings.dataTimeout
+            if self.dataDeadline is None or self.dataDeadline > latest:
+                self.dataDeadline = latest
+            timeout = max(self.dataDeadline - now, 0.0)
+        else:
+            timeout = settings.dataTimeout
+        if self._call is not None and self._call.active():
+            self._call.reset(timeout)
+        else:
+            self.after(timeout, self._expired)
+
+    def after(self, seconds: float, call: Callable[[], object]) -> None:
+        """Call C{call} in C{seconds} instead (the time of a closing connection)."""
+        self.stop()
+        self._call = self.clock.callLater(seconds, call)
+
+    def stop(self) -> None:
+        _cancel(self._call)
+        self._call = None
+
+    def waitingFor(self, inData: bool) -> str:
+        """What the client was too slow to send, for the log."""
+        if not inData:
+            return "waiting for a command"
+        if self.clock.seconds() - self.lastReceived < self.settings.dataTimeout:
+            return f"in DATA (less than min_data_rate = {self.settings.minDataRate} bytes/s)"
+        return "in DATA"
+
+    def _expired(self) -> None:
+        self._call = None
+        self.expired()
+
+
 @implementer(IHandshakeListener, IPushProducer)
 class SMTPServerProtocol(Protocol):
     """One inbound SMTP connection."""
 
+    #: A TCP transport (C{abortConnection}, C{startTLS}, C{registerProducer}, ...).
+    transport: Any
+
     def __init__(self, context: ListenerContext) -> None:
         self.context = context
         self.session: ServerSession | None = None
-        self._timer: Any = None
-        self._writer: Any = None
-        self._headers: HeaderProcessor | None = None
+        #: The time the client has to send (L{_ReadTimer}).
+        self._timer = _ReadTimer(context.settings, context.clock, self._timedOut)
+        #: The message being received (an L{mailrelay.interfaces.IIncomingMessage}).
+        self._message: Any = None
         #: Why reading is paused: C{"session"} (a question pending, or before the greeting),
         #: C{"output"} (the transport's write buffer is full).
         self._pausedFor: set[str] = set()
         self._lookup: Deferred | None = None
         #: A TLS handshake is under way (implicit TLS, or after STARTTLS) and not finished.
-        self._handshaking = context.implicitTLS
+        self._handshaking = context.settings.tlsMode == "implicit"
         #: The limits' bookkeeping of this connection (L{mailrelay.receive.limits.Admission}).
         self._admission: Any = None
         self._greetTimer: Any = None
         self._deadline: Any = None
         #: The session time limit passed while a question was pending: close once answered.
         self._deadlinePassed = False
-        #: In DATA with C{minDataRate}: when the client's time runs out.
-        self._dataDeadline: float | None = None
-        self._lastReceived = 0.0
         #: The relay is stopping: close (421) as soon as no message is in hand.
         self._shuttingDown = False
         #: After a message answered while stopping: the 421 unless QUIT comes first.
@@ -244,29 +298,23 @@ class SMTPServerProtocol(Protocol):
             address=host,
             port=getattr(peer, "port", 0),
             relayAllowed=ctx.policy.relay.isRelayClient(host),
-            listener=ctx.listenerName,
+            listener=ctx.settings.name,
         )
-        self.session = ServerSession(ctx.settings, client, awaitingGreeting=True)
-        self._lastReceived = ctx.clock.seconds()
+        self.session = ServerSession(ctx.session, client, awaitingGreeting=True)
+        self._timer.lastReceived = ctx.clock.seconds()
         if ctx.sessions is not None:
             ctx.sessions.add(self)
             if ctx.sessions.shuttingDown:  # accepted (or PROXY header read) as the stop began
-                self._handle(self.session.closeWith(shuttingDown(ctx.settings.hostname)))
+                self._handle(self.session.closeWith(shuttingDown(ctx.session.hostname)))
                 return
-        log.info(
-            "connect from {client}:{port} on {listener} relay={relay}",
-            client=client.address,
-            port=client.port,
-            listener=ctx.listenerName,
-            relay=client.relayAllowed,
-        )
-        if ctx.maxSessionTime > 0:
-            self._deadline = ctx.clock.callLater(ctx.maxSessionTime, self._sessionExpired)
+        _logConnect(client)
+        if ctx.settings.maxSessionTime > 0:
+            self._deadline = ctx.clock.callLater(ctx.settings.maxSessionTime, self._sessionExpired)
         if ctx.resolver is not None:
             from mailrelay.receive.rdns import reverseLookup
 
             self._lookup = reverseLookup(
-                ctx.resolver, client.address, ctx.reverseLookupTimeout, ctx.clock
+                ctx.resolver, client.address, ctx.settings.reverseLookupTimeout, ctx.clock
             )
             self._lookup.addCallback(self._gotReverseName)
         self._resetTimer()
@@ -287,13 +335,14 @@ class SMTPServerProtocol(Protocol):
             log.warn(
                 "connection from {client} on {listener} refused: {reason}",
                 client=session.client.address,
-                listener=self.context.listenerName,
+                listener=self.context.settings.name,
                 reason=refusal.reason,
             )
             self._handle(session.closeWith(refusal.reply))
             return
-        if self.context.greetPause > 0:
-            self._greetTimer = self.context.clock.callLater(self.context.greetPause, self._greet)
+        if self.context.settings.greetPause > 0:
+            pause = self.context.settings.greetPause
+            self._greetTimer = self.context.clock.callLater(pause, self._greet)
         else:
             self._greet()
 
@@ -318,10 +367,10 @@ class SMTPServerProtocol(Protocol):
             return
         log.info(
             "session time limit of {limit:g}s exceeded by {client}, closing",
-            limit=self.context.maxSessionTime,
+            limit=self.context.settings.maxSessionTime,
             client=session.client.address,
         )
-        host = self.context.settings.hostname
+        host = self.context.session.hostname
         self._handle(
             session.closeWith(Reply(421, "4.4.2", f"{host} Error: session time limit exceeded"))
         )
@@ -339,21 +388,19 @@ class SMTPServerProtocol(Protocol):
         if session is None or session.closed or session.inMessage:
             return
         if messageDone:
-            if self._quitTimer is not None and self._quitTimer.active():
-                self._quitTimer.cancel()
+            _cancel(self._quitTimer)
             self._quitTimer = self.context.clock.callLater(_QUIT_GRACE, self._closeForShutdown)
         elif self._quitTimer is None:
             self._closeForShutdown()
 
     def _closeForShutdown(self) -> None:
-        if self._quitTimer is not None and self._quitTimer.active():
-            self._quitTimer.cancel()
+        _cancel(self._quitTimer)
         self._quitTimer = None
         session = self.session
         if session is None or session.closed:
             return
         log.info("relay stopping: closing the session of {client}", client=session.client.address)
-        self._handle(session.closeWith(shuttingDown(self.context.settings.hostname)))
+        self._handle(session.closeWith(shuttingDown(self.context.session.hostname)))
 
     def cutShort(self) -> None:
         """The drain time is over: abandon a message still being received (421), unless its
@@ -369,7 +416,7 @@ class SMTPServerProtocol(Protocol):
             "relay stopping: drain time over, message from {client} abandoned",
             client=session.client.address,
         )
-        self._handle(session.closeWith(shuttingDown(self.context.settings.hostname)))
+        self._handle(session.closeWith(shuttingDown(self.context.session.hostname)))
 
     def _gotReverseName(self, name: str | None) -> None:
         self._lookup = None
@@ -380,7 +427,6 @@ class SMTPServerProtocol(Protocol):
         session = self.session
         if session is None:
             return
-        self._lastReceived = self.context.clock.seconds()
         inData = session.inData
         inMessage = session.inMessage
         if self._shuttingDown and not inMessage and data[:4].upper() != b"QUIT":
@@ -391,8 +437,7 @@ class SMTPServerProtocol(Protocol):
             self.shutdown(messageDone=inMessage and not session.inMessage)
         if session.awaitingGreeting and not session.closed:
             self._pause()  # read no more before the greeting
-        if inData and self._dataDeadline is not None:
-            self._dataDeadline += len(data) / self.context.minDataRate
+        self._timer.received(len(data), inData)
         self._resetTimer()
 
     def handshakeCompleted(self) -> None:
@@ -410,13 +455,12 @@ class SMTPServerProtocol(Protocol):
         self._handle(session.tlsStarted(description))
         self._resetTimer()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         if self.context.sessions is not None:
             self.context.sessions.discard(self)
-        self._cancelTimer()
+        self._timer.stop()
         for timer in (self._greetTimer, self._deadline, self._quitTimer):
-            if timer is not None and timer.active():
-                timer.cancel()
+            _cancel(timer)
         self._greetTimer = self._deadline = None
         if self._admission is not None:
             self._admission.release()
@@ -433,13 +477,7 @@ class SMTPServerProtocol(Protocol):
                 error=reason.getErrorMessage(),
             )
         self._handle(session.connectionLost())
-        log.info(
-            "disconnect from {client} messages={messages} errors={errors}{how}",
-            client=session.client.address,
-            messages=session.messages,
-            errors=session.errors,
-            how=" (client closed the connection)" if wasOpen else "",
-        )
+        _logDisconnect(session, wasOpen)
 
     # Timers ---------------------------------------------------------------------------------
 
@@ -447,33 +485,12 @@ class SMTPServerProtocol(Protocol):
         session = self.session
         if session is None or session.closed:
             return
-        ctx = self.context
         if session.inData and self._stampingSince is not None:
-            self._cancelTimer()  # reading is paused; the stampers' timeout bounds the wait
+            self._timer.stop()  # reading is paused; the stampers' timeout bounds the wait
             return
-        if not session.inData:
-            self._dataDeadline = None
-            timeout = ctx.idleTimeout
-        elif ctx.minDataRate > 0:
-            now = ctx.clock.seconds()
-            latest = now + ctx.dataTimeout
-            if self._dataDeadline is None or self._dataDeadline > latest:
-                self._dataDeadline = latest
-            timeout = max(self._dataDeadline - now, 0.0)
-        else:
-            timeout = ctx.dataTimeout
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(timeout)
-        else:
-            self._timer = self.context.clock.callLater(timeout, self._timedOut)
-
-    def _cancelTimer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._timer.start(session.inData)
 
     def _timedOut(self) -> None:
-        self._timer = None
         if self.session is None:
             return
         if "output" in self._pausedFor:
@@ -483,12 +500,7 @@ class SMTPServerProtocol(Protocol):
             )
             self.transport.abortConnection()
             return
-        if not self.session.inData:
-            what = "waiting for a command"
-        elif self.context.clock.seconds() - self._lastReceived < self.context.dataTimeout:
-            what = f"in DATA (less than min_data_rate = {self.context.minDataRate} bytes/s)"
-        else:
-            what = "in DATA"
+        what = self._timer.waitingFor(self.session.inData)
         log.info("timeout {what} from {client}", what=what, client=self.session.client.address)
         self._handle(self.session.timedOut())
 
@@ -503,13 +515,15 @@ class SMTPServerProtocol(Protocol):
             question = None
             for event in events:
                 if isinstance(event, BodyData):
-                    if self._headers is not None:
-                        self._headers.write(event.data)
+                    if self._message is not None:
+                        started = self._message.write(event.data)
+                        if started is not None:
+                            self._stampingStarted(started)
                 elif isinstance(event, Reply):
                     out.append(event.toBytes())
                 elif isinstance(event, Close):
                     self._flush(out)
-                    self._cancelTimer()
+                    self._timer.stop()
                     if self._handshaking:
                         # A TLS layer waits for the handshake to end before it closes: a
                         # client that never finishes it would hold the connection.
@@ -518,8 +532,8 @@ class SMTPServerProtocol(Protocol):
                         self.transport.unregisterProducer()
                         self.transport.loseConnection()
                         # A client that reads nothing would hold it with our unsent replies.
-                        self._timer = self.context.clock.callLater(
-                            self.context.idleTimeout, self.transport.abortConnection
+                        self._timer.after(
+                            self.context.settings.idleTimeout, self.transport.abortConnection
                         )
                 elif isinstance(event, StartTLS):
                     self._flush(out)
@@ -527,60 +541,29 @@ class SMTPServerProtocol(Protocol):
                 elif isinstance(event, AbortData):
                     self._abortMessage()
                 elif isinstance(event, SyncError):
-                    self._logSyncError(event)
+                    _logSyncError(session.client, event)  # type: ignore[union-attr]
                 elif isinstance(event, Refused):
-                    self._logRefusal(event)
+                    _logRefusal(session.client, event)  # type: ignore[union-attr]
                 else:
                     question = event
             self._flush(out)
             if question is None or session is None:
                 return
-            d = self._ask(question)
-            box: list[object] = []
-            d.addCallback(box.append)
-            if not box:
-                self._pause()
-                d.addCallback(lambda _: self._answer(box[0]))
+            answer = self._askNow(question)
+            if answer is _LATER or session.closed:
                 return
-            if session.closed:
-                return
-            events = session.answer(box[0])
+            events = session.answer(answer)
 
-    def _logSyncError(self, event: SyncError) -> None:
-        session = self.session
-        assert session is not None
-        if event.after:
-            log.warn(
-                "improper command pipelining after {command} from {client}: {pending!r}, "
-                "refused with 554",
-                command=event.after,
-                client=session.client.address,
-                pending=event.pending,
-            )
-        else:
-            log.warn(
-                "{client} talked before the greeting: {pending!r}, refused with 554",
-                client=session.client.address,
-                pending=event.pending,
-            )
-
-    def _logRefusal(self, event: Refused) -> None:
-        """Postfix's line: C{NOQUEUE: reject: RCPT from host[addr]: 554 5.7.1 ...;
-        from=<s> to=<r> proto=ESMTP helo=<h>}."""
-        client = self.session.client  # type: ignore[union-attr]
-        log.info(
-            "NOQUEUE: reject: {command} from {host}[{client}]: {reply};{sender}{recipient} "
-            "proto={proto}{helo}",
-            command=event.command,
-            host=client.rdns or "unknown",
-            client=client.address,
-            reply=str(event.reply),
-            sender="" if event.sender is None else f" from=<{event.sender}>",
-            recipient="" if event.recipient is None else f" to=<{event.recipient}>",
-            proto="ESMTP" if client.esmtp else "SMTP",
-            helo=f" helo=<{client.helo}>" if client.helo else "",
-            sasl_username=client.authUser,
-        )
+    def _askNow(self, question: object) -> object:
+        """The answer to C{question} when it is there at once; else read no more until it
+        comes (then L{_answer}) and return L{_LATER}."""
+        box: list[object] = []
+        d = self._ask(question).addCallback(box.append)
+        if box:
+            return box[0]
+        self._pause()
+        d.addCallback(lambda _: self._answer(box[0]))
+        return _LATER
 
     def _flush(self, out: list[bytes]) -> None:
         if out:
@@ -588,8 +571,11 @@ class SMTPServerProtocol(Protocol):
             out.clear()
 
     def _ask(self, question: object) -> Deferred:
+        d: Deferred[Any]
         if isinstance(question, CheckMail):
-            d = self._checkMail(question.envelope)
+            envelope = question.envelope
+            client = envelope.client or self.session.client  # type: ignore[union-attr]
+            d = self.context.sender.check(client, envelope)
         elif isinstance(question, CheckRecipient):
             assert self.session is not None
             d = self.context.policy.check(
@@ -600,7 +586,12 @@ class SMTPServerProtocol(Protocol):
         elif isinstance(question, EndOfData):
             d = self._endOfData(question)
         elif isinstance(question, Authenticate):
-            d = self._authenticate(question)
+            session, ctx = self.session, self.context
+            assert session is not None and ctx.auth is not None  # asked only when offered
+            d = ctx.auth.authenticate(
+                question, session.client.address, ctx.clock, ctx.settings.ipv6PrefixLength,
+                lambda: session.closed,
+            )
         else:  # pragma: no cover - a new question type without a handler
             raise TypeError(f"unknown session event {question!r}")
         return d.addErrback(self._questionFailed, question)
@@ -608,7 +599,7 @@ class SMTPServerProtocol(Protocol):
     def _questionFailed(self, failure: Failure, question: object) -> Reply | Verdict:
         log.failure("error handling {question}", failure, question=type(question).__name__)
         if isinstance(question, (CheckMail, CheckRecipient)):
-            return Verdict(VerdictKind.DEFER, Reply(451, "4.3.0", "Error: local error, try again later"))
+            return QUESTION_FAILED
         return R.LOCAL_ERROR
 
     def _answer(self, result: object) -> None:
@@ -666,306 +657,112 @@ class SMTPServerProtocol(Protocol):
             )
         self._handshaking = True
         try:
-            self.transport.startTLS(self.context.tlsOptions)
+            self.transport.startTLS(self.context.settings.tlsOptions)
         except Exception:
             log.failure("cannot start TLS with {client}", client=session.client.address)
-            self._cancelTimer()
+            self._timer.stop()
             self.transport.abortConnection()
 
-    def _authenticate(self, question: Authenticate) -> Deferred:
-        """Check credentials through the portal.  Attempts are counted per client (IPv6 by
-        the listener's C{ipv6_prefix_length}) while in flight and as failures after (see
-        L{mailrelay.receive.auth.IAuthThrottle}): after C{throttleAfter} failures the 535 is
-        delayed, and from C{maxFailures} on AUTH is refused with 421 without a check.  An
-        attempt that would go beyond C{maxFailures} with the checks in flight of the same
-        client waits for them (at most C{auth.timeout}, then 454), so that at most
-        C{maxFailures} passwords are checked per window, however many connections try at
-        once, and a client with many connections and the right password is not refused."""
-        auth = self.context.auth
-        session = self.session
-        assert session is not None
-        if auth is None:  # pragma: no cover - the session only asks when AUTH is configured
-            return succeed(AUTH_TEMPORARY_FAILURE)
-        address = session.client.address
-        limits = self.context.limits
-        prefix = limits.ipv6PrefixLength if limits is not None else DEFAULT_IPV6_PREFIX_LENGTH
-        client = clientNetwork(address, prefix)
-
-        def logFailure(count: int, why: str) -> None:
-            log.warn(
-                "authentication failed from {client}: sasl_method={mechanism} "
-                "sasl_username={user} failures={failures} ({why})",
-                client=address,
-                mechanism=question.mechanism,
-                user=question.username,
-                sasl_username=question.username,
-                failures=count,
-                why=why,
-            )
-
-        def settle(failed: bool) -> Deferred:
-            return maybeDeferred(auth.throttle.settle, client, failed)
-
-        def release() -> None:
-            settle(False).addErrback(
-                lambda f: log.failure("AUTH throttle: settling for {client}", f, client=client)
-            )
-
-        clock = self.context.clock
-        started = clock.seconds()
-
-        def reserve() -> Deferred:
-            return maybeDeferred(auth.throttle.reserve, client).addCallbacks(reserved, notReserved)
-
-        def reserved(count: int) -> Any:
-            if count > auth.maxFailures:
-                return settle(False).addCallbacks(overBudget, notReserved)
-            if question.authzid and question.authzid != question.username:
-                return failed(Failure(UnauthorizedLogin("authorization identity differs")))
-            d = auth.portal.login(
-                UsernamePassword(question.username, question.password), None, IAuthenticatedUser
-            )
-            if auth.timeout and not d.called:
-                d.addTimeout(auth.timeout, self.context.clock)
-            return d.addCallbacks(succeeded, failed)
-
-        def notReserved(failure: Failure) -> Reply:
-            log.failure("AUTH throttle: reserving or settling for {client}", failure, client=client)
-            return AUTH_TEMPORARY_FAILURE
-
-        def overBudget(failures: int) -> Any:
-            # The failures recorded fill the budget: refused.  Otherwise checks still in
-            # flight (other connections of this client) hold it: wait for them, never refuse
-            # a client for failures it has not made.
-            if failures >= auth.maxFailures:
-                logFailure(failures, "too many failures, refused with 421 without checking")
-                return AUTH_TOO_MANY_FAILURES
-            if session.closed:
-                return AUTH_TEMPORARY_FAILURE  # no one waits for the answer: check nothing
-            waited = clock.seconds() - started
-            if auth.timeout and waited >= auth.timeout:
-                log.warn(
-                    "authentication from {client} (sasl_username={user}) waited {waited:g}s "
-                    "for the checks in flight of the same client; answered 454",
-                    client=address,
-                    user=question.username,
-                    sasl_username=question.username,
-                    waited=waited,
-                )
-                return AUTH_TEMPORARY_FAILURE
-            return deferLater(clock, AUTH_WAIT_INTERVAL, reserve)
-
-        def succeeded(result: tuple[Any, Any, Any]) -> str:
-            release()
-            _, avatar, _ = result
-            name = getattr(avatar, "name", question.username)
-            log.info(
-                "authenticated {client}: sasl_method={mechanism} sasl_username={user}",
-                client=address,
-                mechanism=question.mechanism,
-                user=name,
-                sasl_username=name,
-            )
-            return name
-
-        def failed(failure: Failure) -> Any:
-            if failure.check(TimeoutError):
-                release()
-                log.error(
-                    "authentication check for {client} (sasl_username={user}) gave no answer "
-                    "in {timeout:g}s",
-                    client=address,
-                    user=question.username,
-                    timeout=auth.timeout,
-                )
-                return AUTH_TEMPORARY_FAILURE
-            if not failure.check(UnauthorizedLogin, UnhandledCredentials):
-                release()
-                log.failure("authentication check failed for {client}", failure, client=address)
-                return AUTH_TEMPORARY_FAILURE
-            return settle(True).addCallbacks(answer, notRecorded)
-
-        def notRecorded(failure: Failure) -> Reply:
-            log.failure("AUTH throttle: recording a failure of {client}", failure, client=client)
-            return AUTH_INVALID
-
-        def answer(count: int) -> Any:
-            if count >= auth.maxFailures:
-                logFailure(count, "too many failures, closing")
-                return AUTH_TOO_MANY_FAILURES
-            if count > auth.throttleAfter and auth.failureDelay > 0:
-                logFailure(count, f"answer delayed {auth.failureDelay:g}s")
-                return deferLater(self.context.clock, auth.failureDelay, lambda: AUTH_INVALID)
-            logFailure(count, "wrong user name or password")
-            return AUTH_INVALID
-
-        return reserve()
-
-    def _checkMail(self, envelope: Envelope) -> Deferred:
-        auth = self.context.auth
-        user = envelope.client.authUser if envelope.client else None
-        if auth is not None and user is not None and not auth.senderAllowed(user, envelope.sender):
-            log.warn(
-                "{client}: sasl_username={user} may not send as <{sender}>",
-                client=envelope.client.address,  # type: ignore[union-attr]
-                user=user,
-                sasl_username=user,
-                sender=envelope.sender,
-            )
-            text = f"<{envelope.sender}>: Sender address rejected: not owned by user {user}"
-            return succeed(Verdict(VerdictKind.REJECT, Reply(553, "5.7.1", text)))
-        needed = envelope.size or 0
-        limits = self.context.limits
-        if limits is None:
-            return succeed(self._spaceVerdict(needed))
-        client = envelope.client or self.session.client  # type: ignore[union-attr]
-
-        def judged(refusal: Any) -> Verdict:
-            if refusal is not None:
-                log.warn(
-                    "{client}: MAIL FROM:<{sender}> refused: {reason}",
-                    client=client.address,
-                    sender=envelope.sender,
-                    reason=refusal.reason,
-                    sasl_username=client.authUser,
-                )
-                return Verdict(VerdictKind.DEFER, refusal.reply)
-            return self._spaceVerdict(needed)
-
-        return limits.checkMail(client.address, client.authUser).addCallback(judged)
-
-    def _spaceVerdict(self, needed: int) -> Verdict:
-        return ACCEPT if self.context.spool.hasFreeSpace(needed) else NO_SPACE_VERDICT
-
     def _startData(self, envelope: Envelope) -> Reply | None:
-        from mailrelay.spool import SpoolError, newQueueID
-
-        queueID = newQueueID()
-        try:
-            self._writer = self.context.spool.openMessage(queueID)
-        except SpoolError as e:
-            log.error("cannot create queue file: {error}", error=str(e))
-            return R.LOCAL_ERROR
-        envelope.queueID = queueID
-        now = self.context.clock.seconds()
-
-        def stamp(headers: list[tuple[str, bytes]]) -> Any:
-            context = StampContext(
-                hostname=self.context.settings.hostname,
-                client=envelope.client or self.session.client,  # type: ignore[union-attr]
-                envelope=envelope,
-                headers=headers,
-                listenerOptions=self.context.listenerOptions,
-                now=now,
-            )
-            result = runStampers(self.context.stampers, context, self.context.clock)
-            if isinstance(result, Deferred):
-                self._stampingSince = self.context.clock.seconds()
-                result.addBoth(self._stampingEnded)
-                if self._stampingSince is not None:
-                    # A stamper answers later: read no more meanwhile (what the session has
-                    # already read is held by the HeaderProcessor), and stop the DATA clock.
-                    self._cancelTimer()
-                    self._pause("stamping")
-            return result
-
-        self._headers = HeaderProcessor(self._writer.write, stamp)
+        ctx = self.context
+        client = envelope.client or self.session.client  # type: ignore[union-attr]
+        opened = ctx.intake.open(envelope, client, ctx.settings.listenerOptions)
+        if isinstance(opened, Reply):
+            return opened
+        self._message = opened
         return None
+
+    def _stampingStarted(self, started: Deferred[None]) -> None:
+        """A stamper answers later: read no more meanwhile (what the session has already read
+        is held by the intake), and stop the DATA clock until it has answered."""
+        self._stampingSince = self.context.clock.seconds()
+        self._timer.stop()
+        self._pause("stamping")
+        started.addCallback(self._stampingEnded)
 
     def _stampingEnded(self, result: object) -> object:
         since, self._stampingSince = self._stampingSince, None
         session = self.session
         if since is None or "stamping" not in self._pausedFor:
-            return result  # answered at once
+            return result
         self._resume("stamping")
         if session is None or session.closed or session.waiting:
             return result  # the end of data waits for the stampers: its answer resets the timer
-        if self._dataDeadline is not None:
-            self._dataDeadline += self.context.clock.seconds() - since
+        self._timer.extend(self.context.clock.seconds() - since)
         self._resetTimer()
         return result
 
     def _abortMessage(self) -> None:
-        if self._writer is not None:
-            log.info("{queueID}: message not completed, dropped", queueID=self._writer.queueID)
-            self._writer.abort()
-        if self._headers is not None:
-            self._headers.abort()
-        self._writer = None
-        self._headers = None
+        message, self._message = self._message, None
+        if message is not None:
+            message.abort()
 
     def _endOfData(self, question: EndOfData) -> Deferred:
-        writer, headers = self._writer, self._headers
-        self._writer = self._headers = None
-        if question.error is not None or headers is None:
-            if headers is not None:
-                headers.abort()  # a stamper still at work is not waited for
-            return self._storeMessage(question, writer, question.error)
+        message, self._message = self._message, None
+        if message is None:  # pragma: no cover - the session asks only after StartData
+            return succeed(question.error or R.LOCAL_ERROR)
+        return message.finish(question.error, question.size)
 
-        def stamped(_: None) -> Any:
-            hops = headers.count("Received")
-            error = R.TOO_MANY_HOPS if hops > self.context.maxHops else None
-            return self._storeMessage(question, writer, error)
 
-        def notStamped(failure: Failure) -> Any:
-            if not failure.check(StampingFailed):  # already logged, naming the stamper
-                log.failure("{queueID}: header stamping failed", failure, queueID=question.envelope.queueID)
-            return self._storeMessage(question, writer, STAMPING_FAILED)
+def _cancel(call: Any) -> None:
+    """Cancel C{call} (an C{IDelayedCall} or C{None}) unless it has run or been cancelled."""
+    if call is not None and call.active():
+        call.cancel()
 
-        # The stampers were called when the header section ended: wait for their answer.
-        return headers.finish().addCallbacks(stamped, notStamped)
 
-    def _storeMessage(self, question: EndOfData, writer: Any, error: Reply | None) -> Deferred:
-        """Commit the message to the spool, or drop it when C{error}: the reply to its end."""
-        envelope = question.envelope
-        if error is not None or writer is None:
-            if writer is not None:
-                writer.abort()
-            reply = error or R.LOCAL_ERROR
-            self._logResult(envelope, question.size, reply)
-            return succeed(reply)
-        envelope.arrival = self.context.clock.seconds()
-        envelope.messageSize = writer.size
-        commit = writer.commit(envelope)
+def _logConnect(client: ClientInfo) -> None:
+    log.info(
+        "connect from {client}:{port} on {listener} relay={relay}",
+        client=client.address,
+        port=client.port,
+        listener=client.listener,
+        relay=client.relayAllowed,
+    )
 
-        def committed(_: object) -> Reply:
-            reply = Reply(250, "2.0.0", f"Ok: queued as {envelope.queueID}")
-            self._logResult(envelope, writer.size, reply)
-            if self.context.onQueued is not None:
-                try:
-                    self.context.onQueued(envelope.queueID)
-                except Exception:
-                    log.failure("{queueID}: queue manager refused the new entry", queueID=envelope.queueID)
-            return reply
 
-        def failed(failure: Failure) -> Reply:
-            log.error(
-                "{queueID}: spool commit failed: {error}",
-                queueID=envelope.queueID,
-                error=failure.getErrorMessage(),
-            )
-            self._logResult(envelope, writer.size, R.LOCAL_ERROR)
-            return R.LOCAL_ERROR
+def _logDisconnect(session: ServerSession, wasOpen: bool) -> None:
+    log.info(
+        "disconnect from {client} messages={messages} errors={errors}{how}",
+        client=session.client.address,
+        messages=session.messages,
+        errors=session.errors,
+        how=" (client closed the connection)" if wasOpen else "",
+    )
 
-        commit.addCallbacks(committed, failed)
-        return commit
 
-    def _logResult(self, envelope: Envelope, size: int, reply: Reply) -> None:
-        user = envelope.client.authUser if envelope.client else None
-        log.info(
-            "{queueID}: from=<{sender}> nrcpt={nrcpt} size={size} client={client}{sasl}"
-            " result={result}",
-            queueID=envelope.queueID,
-            sender=envelope.sender,
-            nrcpt=len(envelope.recipients),
-            size=size,
-            client=envelope.client.address if envelope.client else "",
-            sasl=f" sasl_username={user}" if user else "",
-            sasl_username=user,
-            tls=envelope.client.tls if envelope.client else None,
-            result=str(reply),
-            accepted=reply.isPositive,
+def _logSyncError(client: ClientInfo, event: SyncError) -> None:
+    if event.after:
+        log.warn(
+            "improper command pipelining after {command} from {client}: {pending!r}, "
+            "refused with 554",
+            command=event.after,
+            client=client.address,
+            pending=event.pending,
         )
+    else:
+        log.warn(
+            "{client} talked before the greeting: {pending!r}, refused with 554",
+            client=client.address,
+            pending=event.pending,
+        )
+
+
+def _logRefusal(client: ClientInfo, event: Refused) -> None:
+    """Postfix's line: C{NOQUEUE: reject: RCPT from host[addr]: 554 5.7.1 ...;
+    from=<s> to=<r> proto=ESMTP helo=<h>}."""
+    log.info(
+        "NOQUEUE: reject: {command} from {host}[{client}]: {reply};{sender}{recipient} "
+        "proto={proto}{helo}",
+        command=event.command,
+        host=client.rdns or "unknown",
+        client=client.address,
+        reply=str(event.reply),
+        sender="" if event.sender is None else f" from=<{event.sender}>",
+        recipient="" if event.recipient is None else f" to=<{event.recipient}>",
+        proto="ESMTP" if client.esmtp else "SMTP",
+        helo=f" helo=<{client.helo}>" if client.helo else "",
+        sasl_username=client.authUser,
+    )
 
 
 class SMTPServerFactory(Factory):
@@ -977,7 +774,7 @@ class SMTPServerFactory(Factory):
     def __init__(self, context: ListenerContext) -> None:
         self.context = context
 
-    def buildProtocol(self, addr: IAddress) -> SMTPServerProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> SMTPServerProtocol:
         p = SMTPServerProtocol(self.context)
         p.factory = self
         return p

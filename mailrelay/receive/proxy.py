@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IHandshakeListener
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
 log = Logger()
@@ -111,7 +113,9 @@ def _parseV1(data: bytes) -> tuple[ProxyHeader, int] | None:
     end = data.find(b"\r\n", 0, V1_MAX_LENGTH)
     if end < 0:
         if len(data) >= V1_MAX_LENGTH or b"\n" in data:
-            raise ProxyHeaderError("a version 1 header is one line of at most 107 bytes, ending in CRLF")
+            raise ProxyHeaderError(
+                "a version 1 header is one line of at most 107 bytes, ending in CRLF"
+            )
         return None
     line = data[:end]
     parts = line.split(b" ")
@@ -179,7 +183,10 @@ class ProxyProtocolWrapper(ProtocolWrapper):
     """Reads the PROXY header of one connection, then connects the wrapped protocol, as whose
     transport it reports the client's address in C{getPeer} (see the module docstring)."""
 
-    def __init__(self, factory: "ProxyProtocolFactory", wrappedProtocol: Any) -> None:
+    #: The connection (TCP, or TLS over it): C{getPeer}, C{abortConnection}, ...
+    transport: Any
+
+    def __init__(self, factory: ProxyProtocolFactory, wrappedProtocol: Any) -> None:
         super().__init__(factory, wrappedProtocol)
         self._buffer = b""
         self._header: ProxyHeader | None = None
@@ -263,7 +270,8 @@ class ProxyProtocolWrapper(ProtocolWrapper):
                 port=header.source[1],
             )
         self._connected = True
-        self.wrappedProtocol.makeConnection(self)
+        # This wrapper provides its transport's interfaces (makeConnection says so).
+        self.wrappedProtocol.makeConnection(self)  # type: ignore[arg-type]
         if rest and self.wrappedProtocol is not None:
             self.wrappedProtocol.dataReceived(rest)
 
@@ -287,7 +295,7 @@ class ProxyProtocolWrapper(ProtocolWrapper):
         if self._connected and IHandshakeListener.providedBy(self.wrappedProtocol):
             self.wrappedProtocol.handshakeCompleted()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancelTimer()
         self.factory.unregisterProtocol(self)
         if self._connected and self.wrappedProtocol is not None:
@@ -295,7 +303,7 @@ class ProxyProtocolWrapper(ProtocolWrapper):
         self.wrappedProtocol = None  # type: ignore[assignment]
 
 
-class ProxyProtocolFactory(WrappingFactory):
+class ProxyProtocolFactory(WrappingFactory[ProxyProtocolWrapper]):
     """Wraps a listener's factory: connections from C{networks} must start with a PROXY
     header; connections from elsewhere are closed.
 

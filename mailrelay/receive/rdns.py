@@ -101,7 +101,9 @@ def reverseLookup(resolver: Any, host: str, timeout: float, clock: Any) -> Defer
     d.addTimeout(timeout, clock)
 
     def failed(failure: Any) -> None:
-        log.debug("reverse lookup of {host} failed: {error}", host=host, error=failure.getErrorMessage())
+        log.debug(
+            "reverse lookup of {host} failed: {error}", host=host, error=failure.getErrorMessage()
+        )
         return None
 
     return d.addErrback(failed)

@@ -15,8 +15,9 @@ L{ServerTLS.warnings}, which the service logs at start-up.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -104,6 +105,40 @@ def loadServerTLS(
             '(no valid "-----BEGIN CERTIFICATE-----" block)'
         ) from None
     keyData = certData if keyFile == certificateFile else _read(keyFile, "key")
+    key = _loadKey(keyData, keyFile, chain[0], certificateFile)
+    acceptable = None
+    if ciphers is not None:
+        acceptable = AcceptableCiphers.fromOpenSSLCipherString(ciphers)
+        if not acceptable._ciphers:  # nothing this OpenSSL knows
+            raise TLSConfigError(
+                f"the cipher string {ciphers!r} selects no cipher OpenSSL knows", "ciphers"
+            )
+    try:
+        options = CertificateOptions(
+            # cryptography objects: pyOpenSSL deprecates its own X509/PKey in contexts.
+            privateKey=key,  # type: ignore[arg-type]
+            certificate=chain[0],  # type: ignore[arg-type]
+            extraCertChain=list(chain[1:]),  # type: ignore[arg-type]
+            raiseMinimumTo=TLS_VERSIONS[minVersion],
+            acceptableCiphers=acceptable,
+        )
+        options.getContext()  # builds the context now: any OpenSSL complaint stops start-up
+    except (SSL.Error, ValueError, TypeError) as e:
+        raise TLSConfigError(
+            f"OpenSSL refuses the certificate {certificateFile!r} and key {keyFile!r}: {e}"
+        ) from None
+    leaf = chain[0]
+    now = now or datetime.datetime.now(datetime.UTC)
+    return ServerTLS(
+        options=options,
+        subject=leaf.subject.rfc4514_string(),
+        notAfter=leaf.not_valid_after_utc,
+        warnings=_validityWarnings(leaf, certificateFile, now),
+    )
+
+
+def _loadKey(keyData: bytes, keyFile: str, leaf: x509.Certificate, certificateFile: str) -> Any:
+    """The unencrypted private key in C{keyData}, checked to belong to C{leaf}."""
     if b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in keyData or b"Proc-Type: 4,ENCRYPTED" in keyData:
         raise TLSConfigError(
             f"the private key in {keyFile!r} is encrypted; the relay needs an unencrypted key "
@@ -116,7 +151,6 @@ def loadServerTLS(
         raise TLSConfigError(
             f"the key file {keyFile!r} holds no usable PEM private key ({e})", "key"
         ) from None
-    leaf = chain[0]
     der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     if leaf.public_key().public_bytes(der, spki) != key.public_key().public_bytes(der, spki):
         raise TLSConfigError(
@@ -124,43 +158,26 @@ def loadServerTLS(
             f"{certificateFile!r} (the first certificate of the file must be the server's)",
             "key",
         )
-    acceptable = None
-    if ciphers is not None:
-        acceptable = AcceptableCiphers.fromOpenSSLCipherString(ciphers)
-        if not acceptable._ciphers:  # nothing this OpenSSL knows
-            raise TLSConfigError(
-                f"the cipher string {ciphers!r} selects no cipher OpenSSL knows", "ciphers"
-            )
-    try:
-        options = CertificateOptions(
-            # cryptography objects: pyOpenSSL deprecates its own X509/PKey in contexts.
-            privateKey=key,  # type: ignore[arg-type]
-            certificate=leaf,  # type: ignore[arg-type]
-            extraCertChain=list(chain[1:]),  # type: ignore[arg-type]
-            raiseMinimumTo=TLS_VERSIONS[minVersion],
-            acceptableCiphers=acceptable,
-        )
-        options.getContext()  # builds the context now: any OpenSSL complaint stops start-up
-    except (SSL.Error, ValueError, TypeError) as e:
-        raise TLSConfigError(
-            f"OpenSSL refuses the certificate {certificateFile!r} and key {keyFile!r}: {e}"
-        ) from None
+    return key
 
-    now = now or datetime.datetime.now(datetime.timezone.utc)
-    warnings = []
+
+def _validityWarnings(
+    leaf: x509.Certificate, certificateFile: str, now: datetime.datetime
+) -> list[str]:
+    """Why C{leaf} is not valid at C{now} (expired, not yet valid), in words; or nothing."""
     subject = leaf.subject.rfc4514_string()
     notAfter = leaf.not_valid_after_utc
     if notAfter < now:
-        warnings.append(
+        return [
             f"the certificate {certificateFile!r} ({subject}) expired on "
             f"{notAfter:%Y-%m-%d %H:%M} UTC"
-        )
-    elif leaf.not_valid_before_utc > now:
-        warnings.append(
+        ]
+    if leaf.not_valid_before_utc > now:
+        return [
             f"the certificate {certificateFile!r} ({subject}) is not valid before "
             f"{leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
-        )
-    return ServerTLS(options=options, subject=subject, notAfter=notAfter, warnings=warnings)
+        ]
+    return []
 
 
 def describeTLS(connection: Any) -> str | None:
@@ -203,7 +220,9 @@ class SNIServerOptions:
         and curiosity).
     """
 
-    def __init__(self, default: CertificateOptions, byName: Mapping[str, CertificateOptions]) -> None:
+    def __init__(
+        self, default: CertificateOptions, byName: Mapping[str, CertificateOptions]
+    ) -> None:
         self._context = default.getContext()
         self._contexts = {name: (name, options.getContext()) for name, options in byName.items()}
         self._context.set_tlsext_servername_callback(self._serverName)

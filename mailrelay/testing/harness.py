@@ -15,13 +15,21 @@ Abuse limits: give L{ServerHarness} C{limits} (the keyword arguments of
 L{mailrelay.receive.limits.ListenerLimits}) and open more connections to the same listener with
 L{ServerHarness.another}; the counts live in a L{mailrelay.receive.limits.MemoryRateLimiter} (or the
 C{limiter} given) on the harness's clock.
+
+The listener is built by the relay's own builder
+(L{mailrelay.receive.listener.buildListenerFactory}); its settings are the keyword arguments
+named as the fields of L{mailrelay.receive.listener.ListenerSettings}
+(C{ServerHarness(tlsMode="starttls", greetPause=1, maxMessageSize=1000)}).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
+from collections.abc import Sequence
 from ipaddress import ip_network
-from typing import Any, Sequence
+from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
@@ -32,12 +40,13 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
+from mailrelay.cleanup.intake import Intake
 from mailrelay.cleanup.stamping import ConfiguredStamper, DefaultStamper
 from mailrelay.policy.chain import ConfiguredValidator, RecipientPolicy, RelayControl
 from mailrelay.receive.auth import AuthPolicy, MemoryAuthThrottle, makePortal
-from mailrelay.receive.limits import ListenerLimits, MemoryRateLimiter
-from mailrelay.receive.protocol import ListenerContext, SMTPServerFactory, SMTPServerProtocol
-from mailrelay.smtp.server import SessionSettings
+from mailrelay.receive.limits import MemoryRateLimiter
+from mailrelay.receive.listener import ListenerSettings, buildListenerFactory
+from mailrelay.receive.protocol import SMTPServerProtocol
 from mailrelay.spool.memory import MemorySpool
 
 
@@ -117,135 +126,151 @@ class MemoryChecker:
             self._check(credentials).chainDeferred(d)
 
 
+#: Keyword arguments ServerHarness took before it was built like the relay's listeners, and
+#: what to write instead (for the error message).
+_RENAMED = {
+    "settings": "the ListenerSettings fields themselves (hostname=..., maxMessageSize=...)",
+    "tls": "tlsMode='starttls'",
+    "implicitTLS": "tlsMode='implicit'",
+    "requireAuth": "mode='submission'",
+    "listenerOptions": "addMessageID=... and addDate=...",
+    "relayNetworks": "relay={'networks': [...]}",
+    "acceptDomains": "relay={'acceptDomains': [...]}",
+    "validatorTimeout": "validators=[ConfiguredValidator(name, validator, timeout)]",
+    "stamperTimeout": "stampers=[ConfiguredStamper(name, stamper, timeout)]",
+    "maxHops": "harness.intake.maxHops = ...",
+    "authTimeout": "auth={'timeout': ...}",
+    **{name: f"auth={{{name!r}: ...}}" for name in (
+        "senders", "throttleAfter", "failureDelay", "maxFailures", "throttle"
+    )},
+}
+#: The keys of C{limits} that are named differently in L{ListenerSettings}.
+_LIMITS_KEYS = {"exceptions": "limitExceptions", "timeout": "limiterTimeout"}
+
+
+def _unknown(name: str, known: Sequence[str]) -> TypeError:
+    hint = _RENAMED.get(name)
+    if hint is None:
+        close = difflib.get_close_matches(name, known, 1)
+        hint = f"{close[0]}=..." if close else "a ListenerSettings field"
+    return TypeError(f"ServerHarness() got an unexpected keyword argument {name!r}; use {hint}")
+
+
+def _listenerSettings(settings: dict[str, Any], limits: dict[str, Any] | None) -> ListenerSettings:
+    """The harness's L{ListenerSettings}: C{settings} (field names; by default host name
+    C{relay.test}, listener C{test}, and a stand-in for TLS options when C{tlsMode} wants
+    them) and C{limits} (L{ListenerLimits} keyword arguments).
+
+    @raise TypeError: an unknown name, saying what to use instead.
+    """
+    known = [f.name for f in dataclasses.fields(ListenerSettings)]
+    values = {"hostname": "relay.test", "name": "test", **settings}
+    for key, value in (limits or {}).items():
+        values[_LIMITS_KEYS.get(key, key)] = value
+    for name in values:
+        if name not in known:
+            raise _unknown(name, known)
+    if values.get("tlsMode", "none") != "none":
+        values.setdefault("tlsOptions", object())
+    return ListenerSettings(**values)
+
+
 class ServerHarness:
-    """One SMTP server connection over a C{StringTransport}.
+    """One SMTP server connection over a C{StringTransport}, built like the relay's
+    listeners (L{mailrelay.receive.listener.buildListenerFactory}).
 
     @ivar transport: the C{StringTransport}; C{transport.value()} holds what the server sent.
     @ivar clock: the C{Clock} driving timeouts and validator time-outs.
     @ivar spool: the L{MemorySpool}.
+    @ivar intake: the L{mailrelay.cleanup.intake.Intake} in front of it.
     @ivar checker: the L{MemoryChecker} behind AUTH when C{users} was given.
     @ivar throttle: the L{MemoryAuthThrottle} of AUTH failures (on C{clock}).
-    @ivar limits: the L{ListenerLimits} when C{limits} was given, else C{None}.
+    @ivar limits: the L{mailrelay.receive.limits.ListenerLimits} when C{limits} was given,
+        else C{None}.
     @ivar limiter: the L{IRateLimiter} behind them.
+    @ivar context: the listener's L{mailrelay.receive.protocol.ListenerContext}.
 
-    C{stampers} are L{IHeaderStamper} providers (each may answer within C{stamperTimeout}
-    seconds of the clock) or L{mailrelay.cleanup.stamping.ConfiguredStamper}s; by default the
-    L{DefaultStamper}.
-
-    With C{users} (user name to password) the listener offers AUTH; C{tls=True} gives it a
-    certificate (STARTTLS offered), C{implicitTLS=True} makes it a TLS-wrapped listener; in
-    both cases complete the handshake with L{completeHandshake}.
+    @param validators: L{IRecipientValidator} providers (each may answer within 30 seconds of
+        the clock) or L{ConfiguredValidator}s.
+    @param users: user name to password: the listener offers AUTH, checked by a
+        L{MemoryChecker}.
+    @param auth: more L{AuthPolicy} settings (C{senders}, C{throttleAfter}, C{failureDelay},
+        C{maxFailures}, C{throttle}, C{timeout}, C{mechanisms}).
+    @param relay: relay control: C{networks} (default loopback) and C{acceptDomains}.
+    @param stampers: L{IHeaderStamper} providers (each may answer within 30 seconds of the
+        clock) or L{ConfiguredStamper}s; by default the L{DefaultStamper}.
+    @param spool: a L{MemorySpool} (one is made by default).
+    @param limiter: the L{IRateLimiter} the limits count through (by default a
+        L{MemoryRateLimiter} on the clock).
+    @param limits: the listener's limits (keyword arguments of
+        L{mailrelay.receive.limits.ListenerLimits}); without, no limits are applied.
+    @param sessions: a L{mailrelay.receive.protocol.Sessions}, to test a graceful stop.
+    @param peer: the client's address.
+    @param connect: make the connection now (else call C{protocol.makeConnection}).
+    @param settings: the listener's settings: L{ListenerSettings} field names, e.g.
+        C{tlsMode="starttls"} (complete the simulated handshake with L{completeHandshake}),
+        C{mode="submission"}, C{greetPause=1}, C{maxMessageSize=1000}.
     """
 
     def __init__(
         self,
         *,
-        settings: SessionSettings | None = None,
         validators: Sequence[Any] = (),
-        validatorTimeout: float = 30.0,
-        relayNetworks: Sequence[str] = ("127.0.0.0/8", "::1/128"),
-        acceptDomains: Sequence[str] = (),
-        peer: str = "127.0.0.1",
-        stampers: Sequence[Any] | None = None,
-        stamperTimeout: float = 30.0,
-        spool: MemorySpool | None = None,
-        listenerOptions: dict[str, Any] | None = None,
-        idleTimeout: float = 300.0,
-        dataTimeout: float = 300.0,
-        maxHops: int = 50,
-        connect: bool = True,
-        tls: bool = False,
-        implicitTLS: bool = False,
         users: dict[str, str] | None = None,
-        authWithoutTLS: bool = False,
-        requireAuth: bool = False,
-        senders: dict[str, tuple[str, ...]] | None = None,
-        throttleAfter: int = 3,
-        failureDelay: float = 5.0,
-        maxFailures: int = 10,
-        throttle: Any = None,
-        limits: dict[str, Any] | None = None,
+        auth: dict[str, Any] | None = None,
+        relay: dict[str, Any] | None = None,
+        stampers: Sequence[Any] | None = None,
+        spool: MemorySpool | None = None,
         limiter: Any = None,
-        greetPause: float = 0.0,
-        maxSessionTime: float = 0.0,
-        minDataRate: int = 0,
-        rejectUnauthPipelining: bool = False,
-        rejectPregreet: bool | None = None,
-        authTimeout: float = 30.0,
+        limits: dict[str, Any] | None = None,
         sessions: Any = None,
+        peer: str = "127.0.0.1",
+        connect: bool = True,
+        **settings: Any,
     ) -> None:
         self.clock = Clock()
         self.clock.advance(1_800_000_000)
         self.spool = spool or MemorySpool()
-        self.checker: MemoryChecker | None = None
-        self.throttle = throttle or MemoryAuthThrottle(self.clock)
-        auth = None
-        if users is not None:
-            self.checker = MemoryChecker(users)
-            auth = AuthPolicy(
-                portal=makePortal([self.checker]),
-                throttle=self.throttle,
-                throttleAfter=throttleAfter,
-                failureDelay=failureDelay,
-                maxFailures=maxFailures,
-                senders=dict(senders or {}),
-                timeout=authTimeout,
-            )
-        if settings is None:
-            settings = SessionSettings(
-                hostname="relay.test",
-                starttls=tls,
-                authMechanisms=auth.mechanisms if auth else (),
-                authWithoutTLS=authWithoutTLS,
-                requireAuth=requireAuth,
-                rejectUnauthPipelining=rejectUnauthPipelining,
-                rejectPregreet=(
-                    greetPause > 0 or rejectUnauthPipelining
-                    if rejectPregreet is None
-                    else rejectPregreet
-                ),
-            )
-        relay = RelayControl([ip_network(n) for n in relayNetworks], acceptDomains, settings.hostname)
-        policy = RecipientPolicy(
-            relay,
-            [ConfiguredValidator(f"validator{i}", v, validatorTimeout) for i, v in enumerate(validators)],
-            self.clock,
-        )
+        settings.setdefault("auth", users is not None)
+        listener = _listenerSettings(settings, limits)
+        authPolicy = self._auth(users, dict(auth or {}))
+        configured = [
+            s if isinstance(s, ConfiguredStamper) else ConfiguredStamper(type(s).__name__, s, 30.0)
+            for s in ([DefaultStamper()] if stampers is None else stampers)
+        ]
+        self.intake = Intake(self.spool, configured, self.clock, listener.hostname)
         self.limiter = limiter or MemoryRateLimiter(self.clock)
-        self.limits = None
-        if limits is not None:
-            self.limits = ListenerLimits(
-                hostname=settings.hostname,
-                listener="test",
-                limiter=self.limiter,
-                clock=self.clock,
-                **limits,
-            )
-        self.context = ListenerContext(
-            settings=settings,
-            policy=policy,
-            spool=self.spool,
-            stampers=[
-                s if isinstance(s, ConfiguredStamper) else ConfiguredStamper(type(s).__name__, s, stamperTimeout)
-                for s in ([DefaultStamper()] if stampers is None else stampers)
-            ],
+        self.factory = buildListenerFactory(
+            listener,
+            policy=self._policy(validators, dict(relay or {}), listener.hostname),
+            intake=self.intake,
             clock=self.clock,
-            listenerName="test",
-            listenerOptions=listenerOptions or {},
-            idleTimeout=idleTimeout,
-            dataTimeout=dataTimeout,
-            maxHops=maxHops,
-            tlsOptions=object() if tls else None,
-            implicitTLS=implicitTLS,
-            auth=auth,
-            limits=self.limits,
-            greetPause=greetPause,
-            maxSessionTime=maxSessionTime,
-            minDataRate=minDataRate,
+            auth=authPolicy,
+            limiter=self.limiter if limits is not None else None,
             sessions=sessions,
         )
-        self.factory = SMTPServerFactory(self.context)
+        self.context = self.factory.context
+        self.limits = self.context.limits
         self._open(peer, connect)
+
+    def _auth(self, users: dict[str, str] | None, options: dict[str, Any]) -> AuthPolicy | None:
+        self.throttle = options.pop("throttle", None) or MemoryAuthThrottle(self.clock)
+        self.checker: MemoryChecker | None = None
+        if users is None:
+            return None
+        self.checker = MemoryChecker(users)
+        return AuthPolicy(portal=makePortal([self.checker]), throttle=self.throttle, **options)
+
+    def _policy(self, validators: Sequence[Any], relay: dict[str, Any], hostname: str) -> Any:
+        networks = relay.pop("networks", ("127.0.0.0/8", "::1/128"))
+        control = RelayControl(
+            [ip_network(n) for n in networks], relay.pop("acceptDomains", ()), hostname, **relay
+        )
+        configured = [
+            v if isinstance(v, ConfiguredValidator) else ConfiguredValidator(f"validator{i}", v, 30)
+            for i, v in enumerate(validators)
+        ]
+        return RecipientPolicy(control, configured, self.clock)
 
     def _open(self, peer: str, connect: bool) -> None:
         address = IPv4Address("TCP", peer, 40000) if ":" not in peer else None
@@ -259,7 +284,7 @@ class ServerHarness:
         if connect:
             self.protocol.makeConnection(self.transport)
 
-    def another(self, peer: str = "127.0.0.1", connect: bool = True) -> "ServerHarness":
+    def another(self, peer: str = "127.0.0.1", connect: bool = True) -> ServerHarness:
         """Another connection to the same listener (same clock, spool, limits), from
         C{peer}."""
         other = copy.copy(self)

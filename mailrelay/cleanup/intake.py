@@ -1,0 +1,312 @@
+"""The intake: the one way into the spool.
+
+Every message enters the spool here, whoever made it: one received by SMTP, fed as it
+arrives (L{Intake.open}, then L{IncomingMessage.write} and L{IncomingMessage.finish}), or one
+the relay made itself and gives whole, such as a delivery status notification
+(L{Intake.submit}).  Each goes the same way:
+
+  1. a queue id and a spool writer;
+  2. header processing (L{HeaderProcessor}): the header section is held back until complete;
+  3. the header stampers (L{runStampers}) add their fields; the body streams on to the spool;
+  4. the hop check: more than C{maxHops} C{Received:} fields is a mail loop (554 5.4.6);
+  5. the filters, in order (the slot for message filters), which may refuse the message;
+  6. the commit: the message is durable before its 250;
+  7. the queue is told of the new queue id (C{notify});
+  8. one log line, as Postfix's: C{from=<...> nrcpt=N size=N client=... result=...}.
+
+The hop check comes before the filters, as in Postfix's cleanup: a looping message is refused
+before a filter spends any work on it.  Stampers that answer at once cost no Deferred round
+trip; one that answers later holds the data written meanwhile (L{IncomingMessage.write} says
+so, so that the SMTP side can stop reading).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailrelay.cleanup.stamping import (
+    STAMPING_FAILED,
+    ConfiguredStamper,
+    HeaderProcessor,
+    StampingFailed,
+    runStampers,
+)
+from mailrelay.envelope import ClientInfo, Envelope
+from mailrelay.interfaces import (
+    IIncomingMessage,
+    IIntake,
+    MessageRefused,
+    Reply,
+    StampContext,
+    StampResult,
+)
+from mailrelay.smtp import replies as R
+from mailrelay.spool import SpoolError, newQueueID
+
+log = Logger()
+
+#: A message filter, run once the message is stamped and its hop count checked, before the
+#: commit: called with the L{IncomingMessage} (all its data written, not yet durable), it
+#: answers C{None} to pass the message on or a 4xx/5xx L{Reply} refusing it, or a Deferred
+#: firing with either.  A filter that raises or fails refuses the message with 451 4.3.0:
+#: a failing filter never lets a message through.
+MessageFilter = Callable[["IncomingMessage"], Any]
+
+#: The reply to a message whose filter raised or failed.
+FILTER_FAILED = STAMPING_FAILED
+
+
+@implementer(IIntake)
+class Intake:
+    """The intake of one relay: its spool, stampers, filters and hop limit.
+
+    @ivar spool: the spool (C{openMessage(queueID)} returns a writer with C{write},
+        C{commit(envelope)}, C{abort} and C{size}; C{hasFreeSpace(needed)}).
+    @ivar stampers: the L{ConfiguredStamper}s, in order.
+    @ivar clock: an C{IReactorTime}: time stamps, the stampers' timeouts.
+    @ivar hostname: this relay's host name, for the stampers.
+    @ivar maxHops: C{Received:} fields beyond this many make the message refused as a loop.
+    @ivar notify: called with the queue id of each message once it is durable (the queue
+        manager picks it up without rescanning the spool), or C{None}.
+    @ivar filters: the L{MessageFilter}s, in order.
+    """
+
+    def __init__(
+        self,
+        spool: Any,
+        stampers: Sequence[ConfiguredStamper],
+        clock: Any,
+        hostname: str,
+        maxHops: int = 50,
+        notify: Callable[[str], object] | None = None,
+        filters: Sequence[MessageFilter] = (),
+    ) -> None:
+        self.spool = spool
+        self.stampers = tuple(stampers)
+        self.clock = clock
+        self.hostname = hostname
+        self.maxHops = maxHops
+        self.notify = notify
+        self.filters = tuple(filters)
+
+    def hasFreeSpace(self, needed: int) -> bool:
+        return bool(self.spool.hasFreeSpace(needed))
+
+    def open(
+        self,
+        envelope: Envelope,
+        client: ClientInfo | None,
+        listenerOptions: dict[str, Any] | None = None,
+    ) -> IncomingMessage | Reply:
+        """Start a message (see L{IIntake.open}); sets C{envelope.queueID}."""
+        queueID = newQueueID()
+        try:
+            writer = self.spool.openMessage(queueID)
+        except SpoolError as e:
+            log.error("cannot create queue file: {error}", error=str(e))
+            return R.LOCAL_ERROR
+        envelope.queueID = queueID
+        return IncomingMessage(self, envelope, client, writer, listenerOptions or {})
+
+    def submit(self, envelope: Envelope, message: bytes) -> Deferred[str]:
+        """Spool a whole message made here (see L{IIntake.submit})."""
+        opened = self.open(envelope, None)
+        if isinstance(opened, Reply):
+            return fail(MessageRefused(opened))
+        opened.write(message)
+
+        def queued(reply: Reply) -> str:
+            if not reply.isPositive:
+                raise MessageRefused(reply)
+            return opened.queueID
+
+        return opened.finish().addCallback(queued)
+
+
+@implementer(IIncomingMessage)
+class IncomingMessage:
+    """One message on its way into the spool (see L{IIncomingMessage}).
+
+    @ivar envelope: its envelope.
+    @ivar client: the client it comes from, or C{None} when made here.
+    """
+
+    def __init__(
+        self,
+        intake: Intake,
+        envelope: Envelope,
+        client: ClientInfo | None,
+        writer: Any,
+        listenerOptions: dict[str, Any],
+    ) -> None:
+        self.intake = intake
+        self.envelope = envelope
+        self.client = client
+        self._writer = writer
+        self._listenerOptions = listenerOptions
+        self._now = intake.clock.seconds()
+        #: Set by the write that called stampers answering later, for that write to return.
+        self._started: Deferred[None] | None = None
+        self._processor = HeaderProcessor(writer.write, self._stamp)
+        #: Finished or abandoned: nothing more is written.
+        self._closed = False
+
+    @property
+    def queueID(self) -> str:
+        return str(self._writer.queueID)
+
+    @property
+    def headers(self) -> list[tuple[str, bytes]]:
+        """The header fields as received (C{(name, raw)} pairs), once the stampers ran."""
+        return self._processor.headers
+
+    def write(self, data: bytes) -> Deferred[None] | None:
+        if self._closed:
+            return None
+        self._processor.write(data)
+        started, self._started = self._started, None
+        return started
+
+    def _stamp(self, headers: list[tuple[str, bytes]]) -> StampResult | Deferred[StampResult]:
+        context = StampContext(
+            hostname=self.intake.hostname,
+            client=self.client,
+            envelope=self.envelope,
+            headers=headers,
+            listenerOptions=self._listenerOptions,
+            now=self._now,
+        )
+        result = runStampers(self.intake.stampers, context, self.intake.clock)
+        if isinstance(result, Deferred) and not result.called:
+            started: Deferred[None] = Deferred()
+            self._started = started
+
+            def ended(outcome: object) -> object:
+                started.callback(None)
+                return outcome
+
+            result.addBoth(ended)
+        return result
+
+    def finish(self, error: Reply | None = None, size: int | None = None) -> Deferred[Reply]:
+        if self._closed:
+            return succeed(error or R.LOCAL_ERROR)  # abandoned already
+        self._closed = True
+        if error is not None:
+            self._processor.abort()  # a stamper still at work is not waited for
+            return succeed(self._refuse(error, size))
+        # The stampers were called when the header section ended: wait for their answer.
+        d: Deferred[Any] = self._processor.finish()
+        return d.addCallbacks(self._stamped, self._notStamped, errbackArgs=(size,))
+
+    def abort(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        log.info("{queueID}: message not completed, dropped", queueID=self.queueID)
+        self._writer.abort()
+        self._processor.abort()
+
+    def _notStamped(self, failure: Failure, size: int | None) -> Reply:
+        if not failure.check(StampingFailed):  # already logged, naming the stamper
+            log.failure("{queueID}: header stamping failed", failure, queueID=self.queueID)
+        return self._refuse(STAMPING_FAILED, size)
+
+    def _stamped(self, _: object) -> Reply | Deferred[Reply]:
+        if self._processor.count("Received") > self.intake.maxHops:
+            return self._refuse(R.TOO_MANY_HOPS)
+        if not self.intake.filters:
+            return self._commit()
+        return self._filter(0)
+
+    def _filter(self, index: int) -> Reply | Deferred[Reply]:
+        """Run the filters from C{index} on, then commit (or refuse)."""
+        filters = self.intake.filters
+        if index >= len(filters):
+            return self._commit()
+        d = maybeDeferred(filters[index], self)
+
+        def judged(verdict: object) -> Reply | Deferred[Reply]:
+            if verdict is None:
+                return self._filter(index + 1)
+            if isinstance(verdict, Reply) and not verdict.isPositive:
+                return self._refuse(verdict)
+            log.error(
+                "{queueID}: message filter {filter!r} returned {verdict!r}, not None or a "
+                "4xx/5xx reply; the message is refused with 451",
+                queueID=self.queueID,
+                filter=filters[index],
+                verdict=verdict,
+            )
+            return self._refuse(FILTER_FAILED)
+
+        def failed(failure: Failure) -> Reply:
+            log.failure(
+                "{queueID}: message filter {filter!r} failed; the message is refused with 451",
+                failure,
+                queueID=self.queueID,
+                filter=filters[index],
+            )
+            return self._refuse(FILTER_FAILED)
+
+        return d.addCallbacks(judged, failed)
+
+    def _refuse(self, reply: Reply, size: int | None = None) -> Reply:
+        """Drop the message; C{reply} answers its end."""
+        self._writer.abort()
+        self._logResult(reply, self._writer.size if size is None else size)
+        return reply
+
+    def _commit(self) -> Deferred[Reply]:
+        envelope = self.envelope
+        writer = self._writer
+        envelope.arrival = self.intake.clock.seconds()
+        envelope.messageSize = writer.size
+        d: Deferred[Any] = writer.commit(envelope)
+        return d.addCallbacks(self._committed, self._notCommitted)
+
+    def _committed(self, _: object) -> Reply:
+        queueID = self.queueID
+        reply = Reply(250, "2.0.0", f"Ok: queued as {queueID}")
+        self._logResult(reply, self._writer.size)
+        notify = self.intake.notify
+        if notify is not None:
+            try:
+                notify(queueID)
+            except Exception:
+                log.failure("{queueID}: queue manager refused the new entry", queueID=queueID)
+        return reply
+
+    def _notCommitted(self, failure: Failure) -> Reply:
+        log.error(
+            "{queueID}: spool commit failed: {error}",
+            queueID=self.queueID,
+            error=failure.getErrorMessage(),
+        )
+        self._logResult(R.LOCAL_ERROR, self._writer.size)
+        return R.LOCAL_ERROR
+
+    def _logResult(self, reply: Reply, size: int) -> None:
+        envelope = self.envelope
+        client = envelope.client
+        user = client.authUser if client else None
+        log.info(
+            "{queueID}: from=<{sender}> nrcpt={nrcpt} size={size} client={client}{sasl}"
+            " result={result}",
+            queueID=envelope.queueID,
+            sender=envelope.sender,
+            nrcpt=len(envelope.recipients),
+            size=size,
+            client=client.address if client else "",
+            sasl=f" sasl_username={user}" if user else "",
+            sasl_username=user,
+            tls=client.tls if client else None,
+            result=str(reply),
+            accepted=reply.isPositive,
+        )

@@ -1,0 +1,219 @@
+"""One listener built from its settings: the one builder of the relay's listeners
+(L{mailrelay.app.listeners}) and of the test kit's (L{mailrelay.testing.ServerHarness}).
+
+L{ListenerSettings} is what the configuration says about one listener, in the form the
+runtime uses; L{buildListenerFactory} makes the factory of its SMTP sessions from it and the
+shared parts (recipient policy, intake, AUTH, rate limiter, clock, resolver, sessions), and
+L{wrapListenerFactory} adds the layers below SMTP (implicit TLS, the PROXY protocol).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from mailrelay.policy.chain import RecipientPolicy
+from mailrelay.policy.sender import SenderPolicy
+from mailrelay.receive.limits import (
+    DEFAULT_IPV6_PREFIX_LENGTH,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+    DEFAULT_RATE_WINDOW,
+    LIMITER_TIMEOUT,
+    ConnectionCount,
+    ListenerLimits,
+)
+from mailrelay.receive.protocol import ListenerContext, SMTPServerFactory
+from mailrelay.smtp.server import BARE_NEWLINE_REJECT, SessionSettings
+
+#: A listener's C{mode}: C{relay} (port 25: AUTH optional) or a submission port (AUTH
+#: required before MAIL), with STARTTLS or implicit TLS.
+LISTENER_MODES = ("relay", "submission", "submissions")
+#: A listener's C{tlsMode}.
+TLS_MODES = ("none", "starttls", "implicit")
+
+
+@dataclass(frozen=True)
+class ListenerSettings:
+    """Everything that makes one listener's sessions what they are (the shared parts aside).
+
+    Identity and mode:
+      - C{hostname}: this relay's name (greeting, C{Received:}); C{name}: the listener's
+        (its endpoint), in the log and the limit counters' keys; C{mode}: one of
+        L{LISTENER_MODES} (not C{relay}: MAIL needs AUTH first).
+    The session (see L{SessionSettings}): C{maxMessageSize}, C{maxRecipients}, C{maxErrors},
+      C{bareNewline}, C{nulBytes}; C{auth}: AUTH is offered (when the relay has AUTH at all);
+      C{authWithoutTLS}; C{rejectUnauthPipelining}; C{rejectPregreet} (C{None}: when
+      C{greetPause} is set or C{rejectUnauthPipelining}).
+    Stamping: C{addMessageID}, C{addDate}: the built-in stamper may add those fields.
+    Timeouts, in seconds: C{idleTimeout} (between commands), C{dataTimeout} (in DATA),
+      C{greetPause} (before the greeting), C{maxSessionTime} (0: none),
+      C{reverseLookupTimeout}; C{minDataRate}: bytes per second a client must keep up in
+      DATA (0: only C{dataTimeout}).
+    TLS: C{tlsMode}, one of L{TLS_MODES}; C{tlsOptions}: the server TLS options (an
+      C{IOpenSSLServerConnectionCreator}), needed unless C{tlsMode} is C{none}.
+    Limits (see L{ListenerLimits}; applied when the listener has a rate limiter):
+      C{maxConnections}, C{maxConnectionsPerClient}, C{connectionRateLimit},
+      C{messageRateLimit}, C{userMessageRateLimit}, C{rateWindow}, C{ipv6PrefixLength},
+      C{limitExceptions} (networks), C{limiterTimeout}.
+    PROXY: C{proxyProtocol}: connections start with a PROXY header, from C{proxyNetworks}
+      only.
+
+    @raise ValueError: a mode or TLS mode that does not exist, or TLS without options.
+    """
+
+    hostname: str
+    name: str = ""
+    mode: str = "relay"
+    maxMessageSize: int = 10240000
+    maxRecipients: int = 100
+    maxErrors: int = 20
+    bareNewline: str = BARE_NEWLINE_REJECT
+    nulBytes: str = BARE_NEWLINE_REJECT
+    auth: bool = False
+    authWithoutTLS: bool = False
+    rejectUnauthPipelining: bool = False
+    rejectPregreet: bool | None = None
+    addMessageID: bool = True
+    addDate: bool = True
+    idleTimeout: float = 300.0
+    dataTimeout: float = 300.0
+    greetPause: float = 0.0
+    maxSessionTime: float = 0.0
+    minDataRate: int = 0
+    reverseLookupTimeout: float = 10.0
+    tlsMode: str = "none"
+    tlsOptions: Any = None
+    maxConnections: int = DEFAULT_MAX_CONNECTIONS
+    maxConnectionsPerClient: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+    connectionRateLimit: int = 0
+    messageRateLimit: int = 0
+    userMessageRateLimit: int = 0
+    rateWindow: float = DEFAULT_RATE_WINDOW
+    ipv6PrefixLength: int = DEFAULT_IPV6_PREFIX_LENGTH
+    limitExceptions: tuple[Any, ...] = ()
+    limiterTimeout: float = LIMITER_TIMEOUT
+    proxyProtocol: bool = False
+    proxyNetworks: tuple[Any, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.mode not in LISTENER_MODES:
+            raise ValueError(f"mode must be one of {', '.join(LISTENER_MODES)}, not {self.mode!r}")
+        if self.tlsMode not in TLS_MODES:
+            raise ValueError(f"tlsMode must be one of {', '.join(TLS_MODES)}, not {self.tlsMode!r}")
+        if self.tlsMode != "none" and self.tlsOptions is None:
+            raise ValueError(f"tlsMode {self.tlsMode!r} needs tlsOptions (a certificate)")
+
+    @cached_property
+    def listenerOptions(self) -> dict[str, Any]:
+        """The options header stampers see (L{mailrelay.interfaces.StampContext})."""
+        return {
+            "add_message_id": self.addMessageID,
+            "add_date": self.addDate,
+            "bare_newline": self.bareNewline,
+            "mode": self.mode,
+            "tls_mode": self.tlsMode,
+        }
+
+    def sessionSettings(self, authMechanisms: tuple[str, ...]) -> SessionSettings:
+        """The settings of the sans-IO session, offering C{authMechanisms} (C{()}: no AUTH)."""
+        rejectPregreet = self.rejectPregreet
+        if rejectPregreet is None:
+            rejectPregreet = self.rejectUnauthPipelining or self.greetPause > 0
+        return SessionSettings(
+            hostname=self.hostname,
+            maxMessageSize=self.maxMessageSize,
+            maxRecipients=self.maxRecipients,
+            maxErrors=self.maxErrors,
+            bareNewline=self.bareNewline,
+            nulBytes=self.nulBytes,
+            starttls=self.tlsMode == "starttls",
+            authMechanisms=authMechanisms,
+            authWithoutTLS=self.authWithoutTLS,
+            requireAuth=self.mode != "relay",
+            rejectUnauthPipelining=self.rejectUnauthPipelining,
+            rejectPregreet=rejectPregreet,
+        )
+
+    def limits(self, limiter: Any, clock: Any, count: ConnectionCount | None) -> ListenerLimits:
+        """The L{ListenerLimits} of this listener, counting through C{limiter}."""
+        return ListenerLimits(
+            hostname=self.hostname,
+            listener=self.name,
+            limiter=limiter,
+            clock=clock,
+            timeout=self.limiterTimeout,
+            maxConnections=self.maxConnections,
+            maxConnectionsPerClient=self.maxConnectionsPerClient,
+            connectionRateLimit=self.connectionRateLimit,
+            messageRateLimit=self.messageRateLimit,
+            userMessageRateLimit=self.userMessageRateLimit,
+            rateWindow=self.rateWindow,
+            ipv6PrefixLength=self.ipv6PrefixLength,
+            exceptions=self.limitExceptions,
+            count=count if count is not None else ConnectionCount(),
+        )
+
+
+def buildListenerFactory(
+    settings: ListenerSettings,
+    *,
+    policy: RecipientPolicy,
+    intake: Any,
+    clock: Any,
+    auth: Any = None,
+    limiter: Any = None,
+    resolver: Any = None,
+    sessions: Any = None,
+    connectionCount: ConnectionCount | None = None,
+) -> SMTPServerFactory:
+    """The factory of one listener's SMTP sessions (below it, L{wrapListenerFactory}'s
+    layers).
+
+    @param policy: the L{RecipientPolicy} (relay control and validators).
+    @param intake: the L{mailrelay.interfaces.IIntake} messages enter the spool through.
+    @param clock: an C{IReactorTime}.
+    @param auth: the relay's L{mailrelay.receive.auth.AuthPolicy}, or C{None} without AUTH;
+        used only when C{settings.auth}.
+    @param limiter: the L{mailrelay.interfaces.IRateLimiter} the limits count through, or
+        C{None} for no limits at all.
+    @param resolver: an C{IResolver} for reverse lookups, or C{None} to skip them.
+    @param sessions: the relay's L{mailrelay.receive.protocol.Sessions}, for a graceful stop.
+    @param connectionCount: the listener's count of open connections, kept across a reload.
+    """
+    listenerAuth = auth if settings.auth else None
+    limits = None if limiter is None else settings.limits(limiter, clock, connectionCount)
+    context = ListenerContext(
+        settings=settings,
+        session=settings.sessionSettings(listenerAuth.mechanisms if listenerAuth else ()),
+        policy=policy,
+        sender=SenderPolicy(
+            senders=listenerAuth.senders if listenerAuth is not None else {},
+            limits=limits,
+            hasFreeSpace=intake.hasFreeSpace,
+        ),
+        intake=intake,
+        clock=clock,
+        auth=listenerAuth,
+        limits=limits,
+        resolver=resolver,
+        sessions=sessions,
+    )
+    return SMTPServerFactory(context)
+
+
+def wrapListenerFactory(settings: ListenerSettings, factory: Any, clock: Any) -> Any:
+    """C{factory} (from L{buildListenerFactory}) under the listener's transport layers: TLS
+    from the first byte (C{tlsMode} C{implicit}), then the PROXY protocol."""
+    if settings.tlsMode == "implicit":
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        factory = TLSMemoryBIOFactory(settings.tlsOptions, False, factory)
+    if settings.proxyProtocol:
+        from mailrelay.receive.proxy import ProxyProtocolFactory
+
+        factory = ProxyProtocolFactory(
+            factory, settings.proxyNetworks, clock, listenerName=settings.name
+        )
+    return factory

@@ -1,0 +1,313 @@
+"""The intake (L{mailrelay.cleanup.intake}): the one way into the spool, on a L{MemorySpool}
+and a C{Clock}, without the SMTP side."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from mailrelay.cleanup.intake import FILTER_FAILED, IncomingMessage, Intake
+from mailrelay.cleanup.stamping import STAMPING_FAILED, ConfiguredStamper, DefaultStamper
+from mailrelay.envelope import ClientInfo, Envelope, Recipient
+from mailrelay.interfaces import (
+    IHeaderStamper,
+    IIncomingMessage,
+    IIntake,
+    MessageRefused,
+    StampResult,
+)
+from mailrelay.smtp import replies as R
+from mailrelay.smtp.replies import Reply
+from mailrelay.spool import SpoolError
+from mailrelay.testing import MemorySpool
+
+MESSAGE = b"Subject: hi\r\n\r\nbody\r\n"
+
+
+@implementer(IHeaderStamper)
+class Stamper:
+    """Adds C{X-Stamped:}, at once or (C{later}) when the test fires its Deferred."""
+
+    def __init__(self, later: bool = False) -> None:
+        self.later = later
+        self.calls: list[Deferred[StampResult]] = []
+        self.contexts: list[Any] = []
+
+    def stamp(self, context: Any) -> Any:
+        self.contexts.append(context)
+        result = StampResult(append=[b"X-Stamped: 1\r\n"])
+        if not self.later:
+            return result
+        d: Deferred[StampResult] = Deferred()
+        self.calls.append(d)
+        return d
+
+
+def makeIntake(*stampers: Any, **kw: Any) -> tuple[Intake, MemorySpool, list[str]]:
+    spool = MemorySpool()
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    queued: list[str] = []
+    configured = [ConfiguredStamper(f"s{i}", s, 10.0) for i, s in enumerate(stampers)]
+    return Intake(spool, configured, clock, "relay.test", notify=queued.append, **kw), spool, queued
+
+
+def envelope(recipients: int = 1) -> Envelope:
+    client = ClientInfo("192.0.2.7", helo="client.example")
+    return Envelope(
+        sender="a@example.com",
+        recipients=[Recipient(f"r{i}@example.org") for i in range(recipients)],
+        client=client,
+    )
+
+
+def received(d: Deferred[Any]) -> Any:
+    box: list[Any] = []
+    d.addBoth(box.append)
+    assert box, "not fired"
+    return box[0]
+
+
+def test_provides_the_interfaces() -> None:
+    intake, _, _ = makeIntake()
+    verifyObject(IIntake, intake)
+    message = intake.open(envelope(), None, {})
+    assert isinstance(message, IncomingMessage)
+    verifyObject(IIncomingMessage, message)
+
+
+def test_message_is_stamped_committed_queued_and_logged() -> None:
+    stamper = Stamper()
+    intake, spool, queued = makeIntake(DefaultStamper(), stamper)
+    env = envelope()
+    message = intake.open(env, env.client, {"add_date": False})
+    assert isinstance(message, IncomingMessage) and env.queueID == message.queueID
+    assert message.write(MESSAGE[:5]) is None and message.write(MESSAGE[5:]) is None
+    with capturedLogs() as events:
+        reply = received(message.finish())
+    assert reply == Reply(250, "2.0.0", f"Ok: queued as {env.queueID}")
+    assert queued == [env.queueID]
+    stored, data = spool.committed[env.queueID]
+    assert data.startswith(b"Received: from client.example (unknown [192.0.2.7])\r\n")
+    assert b"\tfor <r0@example.org>; " in data
+    assert data.endswith(
+        b"Subject: hi\r\nMessage-Id: <20270115080000."
+        + env.queueID.encode()
+        + b"@relay.test>\r\nX-Stamped: 1\r\n\r\nbody\r\n"
+    )
+    assert stored.messageSize == len(data) and stored.arrival == intake.clock.seconds()
+    assert stamper.contexts[0].listenerOptions == {"add_date": False}
+    (line,) = [formatEvent(e) for e in events if "nrcpt" in e["log_format"]]
+    assert line == (
+        f"{env.queueID}: from=<a@example.com> nrcpt=1 size={len(data)} "
+        f"client=192.0.2.7 result=250 2.0.0 Ok: queued as {env.queueID}"
+    )
+
+
+def test_stamper_answering_later_holds_the_data_and_says_so() -> None:
+    stamper = Stamper(later=True)
+    intake, spool, queued = makeIntake(stamper)
+    env = envelope()
+    message = intake.open(env, env.client, {})
+    assert isinstance(message, IncomingMessage)
+    assert message.write(b"Subject: hi\r\n") is None  # the header section goes on
+    started = message.write(b"\r\nbody\r\n")
+    assert isinstance(started, Deferred) and not started.called
+    assert message.write(b"more\r\n") is None
+    done = message.finish()
+    assert not done.called and not spool.committed
+    stamper.calls[0].callback(StampResult(prepend=[b"X-First: 1\r\n"]))
+    assert started.called and received(done).code == 250
+    assert spool.committed[env.queueID][1] == b"X-First: 1\r\nSubject: hi\r\n\r\nbody\r\nmore\r\n"
+    assert queued == [env.queueID]
+
+
+def test_a_failing_stamper_is_451_and_nothing_is_queued() -> None:
+    @implementer(IHeaderStamper)
+    class Broken:
+        def stamp(self, context: Any) -> Any:
+            return fail(RuntimeError("no"))
+
+    intake, spool, queued = makeIntake(Broken())
+    env = envelope()
+    message = intake.open(env, env.client, {})
+    with capturedLogs():
+        message.write(MESSAGE)
+        assert received(message.finish()) == STAMPING_FAILED
+    assert spool.committed == {} and spool.open == {} and queued == []
+
+
+def test_too_many_hops_is_554_before_any_filter() -> None:
+    seen: list[Any] = []
+    intake, spool, queued = makeIntake(DefaultStamper(), maxHops=2, filters=[seen.append])
+    env = envelope()
+    message = intake.open(env, env.client, {})
+    message.write(b"Received: a\r\nReceived: b\r\nReceived: c\r\n" + MESSAGE)
+    with capturedLogs() as events:
+        assert received(message.finish()) == R.TOO_MANY_HOPS
+    assert spool.committed == {} and queued == [] and seen == []
+    assert any("result=554 5.4.6" in formatEvent(e) for e in events)
+    # Two are still fine (ours is not counted).
+    message = intake.open(envelope(), None, {})
+    message.write(b"Received: a\r\nReceived: b\r\n" + MESSAGE)
+    assert received(message.finish()).code == 250
+
+
+def test_a_commit_failure_is_451_and_logged() -> None:
+    intake, spool, queued = makeIntake()
+    spool.failCommits = True
+    env = envelope()
+    message = intake.open(env, env.client, {})
+    message.write(MESSAGE)
+    with capturedLogs() as events:
+        assert received(message.finish()) == R.LOCAL_ERROR
+    assert queued == []
+    texts = [formatEvent(e) for e in events]
+    assert f"{env.queueID}: spool commit failed: injected commit failure" in texts
+    assert any("result=451 4.3.0" in t for t in texts)
+
+
+def test_the_spool_refusing_a_new_message_is_451() -> None:
+    intake, spool, _ = makeIntake()
+
+    def refuse(queueID: str) -> Any:
+        raise SpoolError("creating tmp/x.eml failed: No space left on device")
+
+    spool.openMessage = refuse  # type: ignore[method-assign]
+    with capturedLogs() as events:
+        assert intake.open(envelope(), None, {}) == R.LOCAL_ERROR
+    assert "cannot create queue file: creating tmp/x.eml failed" in formatEvent(events[0])
+
+
+def test_refused_at_its_end_logs_the_size_received() -> None:
+    intake, spool, queued = makeIntake(Stamper(later=True))
+    env = envelope()
+    message = intake.open(env, env.client, {})
+    started = message.write(MESSAGE)
+    with capturedLogs() as events:
+        assert received(message.finish(R.SIZE_EXCEEDED, 12345)) == R.SIZE_EXCEEDED
+    assert started.called  # the stamping is abandoned: the reader may read on
+    assert spool.committed == {} and spool.open == {} and queued == []
+    assert "size=12345 " in formatEvent(events[-1])
+    assert message.write(b"late\r\n") is None
+
+
+def test_abort_drops_the_message_and_cancels_the_stamping() -> None:
+    stamper = Stamper(later=True)
+    intake, spool, queued = makeIntake(stamper)
+    env = envelope()
+    message = intake.open(env, env.client, {})
+    started = message.write(MESSAGE)
+    with capturedLogs() as events:
+        message.abort()
+        message.abort()  # once is enough
+    assert started.called and stamper.calls[0].called  # cancelled
+    assert spool.open == {} and spool.committed == {} and queued == []
+    assert [formatEvent(e) for e in events] == [f"{env.queueID}: message not completed, dropped"]
+    assert received(message.finish()) == R.LOCAL_ERROR
+
+
+def test_filters_run_in_order_and_may_refuse() -> None:
+    calls: list[str] = []
+
+    def passes(message: IncomingMessage) -> None:
+        calls.append(f"pass {message.queueID} {message.headers[0][0]}")
+
+    later: Deferred[Reply | None] = Deferred()
+
+    def slow(message: IncomingMessage) -> Deferred[Reply | None]:
+        calls.append("slow")
+        return later
+
+    refusal = Reply(550, "5.7.1", "Error: spam")
+    intake, spool, queued = makeIntake(filters=[passes, slow, lambda m: succeed(refusal)])
+    env = envelope()
+    message = intake.open(env, env.client, {})
+    message.write(MESSAGE)
+    done = message.finish()
+    box: list[Any] = []
+    done.addBoth(box.append)
+    assert calls == [f"pass {env.queueID} Subject", "slow"] and box == []
+    later.callback(None)
+    assert box == [refusal] and spool.committed == {} and queued == []
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        lambda: fail(RuntimeError("scanner down")),
+        lambda: 1 / 0,
+        lambda: "yes",
+        lambda: Reply(250, "2.0.0", "ok"),
+    ],
+)
+def test_a_failing_or_wrong_filter_never_lets_the_message_through(answer: Any) -> None:
+    def filter(message: IncomingMessage) -> Any:
+        return answer()
+
+    intake, spool, queued = makeIntake(filters=[filter])
+    message = intake.open(envelope(), None, {})
+    message.write(MESSAGE)
+    with capturedLogs() as events:
+        assert received(message.finish()) == FILTER_FAILED
+    assert spool.committed == {} and queued == []
+    assert any("message filter" in formatEvent(e) for e in events)
+
+
+def test_filters_pass_and_the_message_is_committed() -> None:
+    intake, spool, queued = makeIntake(filters=[lambda m: None, lambda m: succeed(None)])
+    env = envelope()
+    message = intake.open(env, env.client, {})
+    message.write(MESSAGE)
+    assert received(message.finish()).code == 250 and queued == [env.queueID]
+
+
+def test_notify_failing_is_logged_and_the_message_stays_accepted() -> None:
+    intake, spool, _ = makeIntake()
+
+    def refuse(queueID: str) -> None:
+        raise RuntimeError("queue manager gone")
+
+    intake.notify = refuse
+    env = envelope()
+    message = intake.open(env, env.client, {})
+    message.write(MESSAGE)
+    with capturedLogs() as events:
+        assert received(message.finish()).code == 250
+    assert env.queueID in spool.committed
+    assert any("queue manager refused the new entry" in formatEvent(e) for e in events)
+
+
+def test_submit_stamps_as_local_mail_and_queues() -> None:
+    stamper = Stamper()
+    intake, spool, queued = makeIntake(DefaultStamper(), stamper)
+    dsn = Envelope(sender="", recipients=[Recipient("a@example.com")], isBounce=True)
+    queueID = received(intake.submit(dsn, b"From: MAILER-DAEMON@relay.test\r\n\r\nsorry\r\n"))
+    assert queueID == dsn.queueID and queued == [queueID]
+    stored, data = spool.committed[queueID]
+    assert stored.isBounce and stored.messageSize == len(data)
+    date = data.split(b"; ", 1)[1].split(b"\r\n", 1)[0]
+    assert data.startswith(
+        b"Received: by relay.test (mailrelay) id "
+        + queueID.encode()
+        + b"; "
+        + date
+        + b"\r\nFrom: MAILER-DAEMON@relay.test\r\nMessage-Id: <"
+    )
+    assert b"\r\nDate: " + date + b"\r\nX-Stamped: 1\r\n\r\nsorry\r\n" in data
+    assert stamper.contexts[0].client is None
+
+
+def test_submit_fails_with_the_reply_when_refused() -> None:
+    intake, spool, queued = makeIntake()
+    spool.failCommits = True
+    with capturedLogs():
+        failure = received(intake.submit(envelope(), MESSAGE))
+    assert failure.check(MessageRefused) and failure.value.reply == R.LOCAL_ERROR
+    assert str(failure.value) == str(R.LOCAL_ERROR) and queued == []

@@ -1,0 +1,192 @@
+"""The listener builder (L{mailrelay.receive.listener}): L{ListenerSettings}, what
+L{buildListenerFactory} makes of them, the layers below SMTP, and the relay's and the test
+kit's use of it."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from pathlib import Path
+
+import pytest
+from twisted.internet.ssl import CertificateOptions
+from twisted.internet.task import Clock
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from mailrelay.cleanup.intake import Intake
+from mailrelay.policy import RecipientPolicy, RelayControl
+from mailrelay.receive.auth import AuthPolicy, MemoryAuthThrottle, makePortal
+from mailrelay.receive.limits import ConnectionCount, MemoryRateLimiter
+from mailrelay.receive.listener import (
+    ListenerSettings,
+    buildListenerFactory,
+    wrapListenerFactory,
+)
+from mailrelay.receive.protocol import ListenerContext
+from mailrelay.receive.proxy import ProxyProtocolFactory
+from mailrelay.testing import MemoryChecker, MemorySpool, ServerHarness
+
+
+def build(settings: ListenerSettings, **kw: object):
+    clock = Clock()
+    kw.setdefault("policy", RecipientPolicy(RelayControl([], [], "mx.test"), [], clock))
+    kw.setdefault("intake", Intake(MemorySpool(), [], clock, "mx.test"))
+    return buildListenerFactory(settings, clock=clock, **kw)  # type: ignore[arg-type]
+
+
+def test_the_context_has_at_most_ten_fields() -> None:
+    assert len(dataclasses.fields(ListenerContext)) <= 10
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        ({"mode": "smtp"}, "mode must be one of relay, submission, submissions, not 'smtp'"),
+        ({"tlsMode": "tls"}, "tlsMode must be one of none, starttls, implicit, not 'tls'"),
+        ({"tlsMode": "starttls"}, "tlsMode 'starttls' needs tlsOptions (a certificate)"),
+    ],
+)
+def test_settings_refuse_what_cannot_work(kw: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError) as e:
+        ListenerSettings("mx.test", **kw)
+    assert str(e.value) == message
+
+
+def test_session_settings_follow_the_listener() -> None:
+    settings = ListenerSettings(
+        "mx.test",
+        mode="submission",
+        greetPause=2,
+        tlsMode="starttls",
+        tlsOptions=object(),
+        maxRecipients=5,
+    )
+    session = settings.sessionSettings(("PLAIN",))
+    assert session.requireAuth and session.rejectPregreet and session.starttls
+    assert (session.hostname, session.maxRecipients, session.authMechanisms) == (
+        "mx.test",
+        5,
+        ("PLAIN",),
+    )
+    plain = ListenerSettings("mx.test").sessionSettings(())
+    assert not (plain.requireAuth or plain.rejectPregreet or plain.starttls)
+    assert (
+        ListenerSettings("mx.test", rejectUnauthPipelining=True).sessionSettings(()).rejectPregreet
+    )
+    assert (
+        not ListenerSettings("mx.test", greetPause=1, rejectPregreet=False)
+        .sessionSettings(())
+        .rejectPregreet
+    )
+    assert ListenerSettings("mx.test", addDate=False).listenerOptions == {
+        "add_message_id": True,
+        "add_date": False,
+        "bare_newline": "reject",
+        "mode": "relay",
+        "tls_mode": "none",
+    }
+
+
+def test_limits_only_with_a_limiter_and_auth_only_where_offered() -> None:
+    auth = AuthPolicy(
+        makePortal([MemoryChecker({})]),
+        MemoryAuthThrottle(Clock()),
+        senders={"alice": ("@example.org",)},
+    )
+    count = ConnectionCount(3)
+    limiter = MemoryRateLimiter(Clock())
+    settings = ListenerSettings(
+        "mx.test",
+        name="tcp:25",
+        auth=True,
+        messageRateLimit=9,
+        limitExceptions=(ipaddress.ip_network("10.0.0.0/8"),),
+    )
+    context = build(settings, auth=auth, limiter=limiter, connectionCount=count).context
+    assert context.auth is auth and context.session.authMechanisms == auth.mechanisms
+    assert context.sender.senders == {"alice": ("@example.org",)}
+    limits = context.limits
+    assert limits is context.sender.limits and limits.limiter is limiter and limits.count is count
+    assert (limits.listener, limits.messageRateLimit, limits.active) == ("tcp:25", 9, 3)
+    assert limits.exceptions == settings.limitExceptions
+    assert context.sender.hasFreeSpace == context.intake.hasFreeSpace
+    context = build(dataclasses.replace(settings, auth=False), auth=auth).context
+    assert context.auth is None and context.limits is None and context.session.authMechanisms == ()
+    assert context.sender.senders == {}
+
+
+def test_layers_below_smtp() -> None:
+    options = CertificateOptions()
+    plain = ListenerSettings("mx.test")
+    factory = build(plain)
+    assert wrapListenerFactory(plain, factory, Clock()) is factory
+    settings = ListenerSettings(
+        "mx.test",
+        name="tcp:465",
+        tlsMode="implicit",
+        tlsOptions=options,
+        proxyProtocol=True,
+        proxyNetworks=(ipaddress.ip_network("10.0.0.0/8"),),
+    )
+    wrapped = wrapListenerFactory(settings, factory, Clock())
+    assert isinstance(wrapped, ProxyProtocolFactory) and wrapped.listenerName == "tcp:465"
+    assert wrapped.networks == settings.proxyNetworks
+    assert isinstance(wrapped.wrappedFactory, TLSMemoryBIOFactory)
+    assert wrapped.wrappedFactory.wrappedFactory is factory
+
+
+def test_harness_settings_are_the_listener_settings() -> None:
+    h = ServerHarness(maxMessageSize=1000, greetPause=1, limits={"exceptions": (), "timeout": 2})
+    settings = h.context.settings
+    assert (settings.hostname, settings.name, settings.maxMessageSize) == (
+        "relay.test",
+        "test",
+        1000,
+    )
+    assert h.limits is not None and h.limits.timeout == 2 and h.context.session.rejectPregreet
+    assert ServerHarness().limits is None
+
+
+@pytest.mark.parametrize(
+    "kw,hint",
+    [
+        ({"tls": True}, "use tlsMode='starttls'"),
+        ({"maxFailures": 3}, "use auth={'maxFailures': ...}"),
+        ({"acceptDomains": ["a.example"]}, "use relay={'acceptDomains': [...]}"),
+        ({"greetPuase": 1}, "use greetPause=..."),
+        ({"limits": {"maxConnectionPerClient": 1}}, "use maxConnectionsPerClient=..."),
+        ({"nothingLikeIt": 1}, "use a ListenerSettings field"),
+    ],
+)
+def test_harness_names_the_setting_to_use(kw: dict[str, object], hint: str) -> None:
+    with pytest.raises(TypeError) as e:
+        ServerHarness(**kw)  # type: ignore[arg-type]
+    assert str(e.value).endswith(hint), str(e.value)
+
+
+def test_the_relay_maps_its_configuration(tmp_path: Path) -> None:
+    from mailrelay.app.listeners import listenerSettings
+    from mailrelay.config import loadConfig
+
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        'hostname = "mx.example.org"\n[relay]\nnetworks = ["192.0.2.0/24"]\n'
+        '[[listeners]]\nendpoint = "tcp:2525"\ngreet_pause = 3\nreject_unauth_pipelining = false\n'
+        'add_date = false\nnul_bytes = "normalize"\nmax_connections_per_client = 7\n'
+    )
+    config = loadConfig(str(path), {"spool": str(tmp_path / "spool")})
+    (listener,) = config.listeners
+    settings = listenerSettings(config, listener, 4.0)
+    assert (settings.hostname, settings.name, settings.mode) == (
+        "mx.example.org",
+        "tcp:2525",
+        "relay",
+    )
+    assert (settings.greetPause, settings.addDate, settings.nulBytes) == (3.0, False, "normalize")
+    assert not settings.rejectUnauthPipelining and settings.rejectPregreet is None
+    assert (settings.maxConnectionsPerClient, settings.limiterTimeout) == (7, 4.0)
+    assert settings.limitExceptions == tuple(config.relayNetworks)
+    assert (settings.idleTimeout, settings.maxMessageSize) == (
+        config.idleTimeout,
+        config.maxMessageSize,
+    )
