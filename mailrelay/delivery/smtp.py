@@ -14,9 +14,10 @@ For each delivery the backend
 
 When no host accepts, every recipient gets the most relevant error as a transient failure:
 the last transaction's results if there was one, else the last connection error that carried
-a server reply, else the last connection error.  DNS failures (L{DeliveryFailure}) give every
-recipient that failure; a permanent one (NXDOMAIN, null MX) stays permanent only when the
-next hop is the recipients' own domain: a configured next hop or smarthost that does not
+a server reply, else the last connection error.  DNS failures (a L{TransientFailure
+<mailrelay.errors.TransientFailure>} or L{PermanentFailure <mailrelay.errors.PermanentFailure>}
+from the resolver) give every recipient that failure; a permanent one (NXDOMAIN, null MX) stays
+permanent only when the next hop is the recipients' own domain: a configured next hop or smarthost that does not
 exist is the operator's mistake, and its mail is kept (transient).
 
 Each delivery's L{ClientSettings} are the backend's defaults with the options of the
@@ -44,10 +45,10 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailrelay.delivery import ClientBackend, PerDestination, Quitter, resultsForAll
+from mailrelay.errors import DeliveryFailure, PermanentFailure
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, RecipientResult
 from mailrelay.route.nexthop import parseSMTPNexthop
 from mailrelay.route.mx import MXHost
-from mailrelay.route.table import DeliveryFailure
 from mailrelay.smtp import client as smtpClient
 from mailrelay.smtp.client import ClientSettings, SMTPConnectError
 
@@ -177,7 +178,9 @@ class SMTPBackend(ClientBackend):
         try:
             hosts = yield self.resolver.resolve(nexthop)
         except DeliveryFailure as e:
-            if e.permanent and not self._isRecipientDomain(nexthop, recipients):
+            if isinstance(e, PermanentFailure) and not self._isRecipientDomain(
+                nexthop, recipients
+            ):
                 e = e.transient()
             log.warn(
                 "{queueID}: cannot deliver to {nexthop}: {code} {diagnostic}",
@@ -186,7 +189,8 @@ class SMTPBackend(ClientBackend):
                 code=e.code,
                 diagnostic=e.diagnostic,
             )
-            status = DeliveryStatus.PERMANENT if e.permanent else DeliveryStatus.TRANSIENT
+            permanent = isinstance(e, PermanentFailure)
+            status = DeliveryStatus.PERMANENT if permanent else DeliveryStatus.TRANSIENT
             return resultsForAll(recipients, status, e.code, e.diagnostic)
 
         connectErrors: list[tuple[str, str, str | None, bool]] = []

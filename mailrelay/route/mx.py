@@ -31,8 +31,8 @@ from twisted.logger import Logger
 from twisted.names import client, dns
 from twisted.names import error as dnsError
 
+from mailrelay.errors import DeliveryFailure, PermanentFailure, TransientFailure
 from mailrelay.route.nexthop import parseNameserver, parseSMTPNexthop
-from mailrelay.route.table import DeliveryFailure
 
 log = Logger()
 
@@ -218,7 +218,7 @@ class MXResolver:
         try:
             parsed = parseSMTPNexthop(nexthop, strict=False)
         except ValueError as e:
-            raise DeliveryFailure(permanent=False, code="4.4.0", diagnostic=f"X-mailrelay; {e}")
+            raise TransientFailure(code="4.4.0", diagnostic=f"X-mailrelay; {e}")
         host, port, mxLookup = parsed.host, parsed.port, parsed.mxLookup
         if _isIP(host):
             return [MXHost(host, host, port)]
@@ -234,14 +234,12 @@ class MXResolver:
             failure = _currentFailure()
             kind = self._classify(failure)
             if kind == _NXDOMAIN:
-                raise DeliveryFailure(
-                    permanent=True,
+                raise PermanentFailure(
                     code="5.1.2",
                     diagnostic=f"X-mailrelay; domain {host} does not exist",
                 )
             if kind == _ERROR:
-                raise DeliveryFailure(
-                    permanent=False,
+                raise TransientFailure(
                     code="4.4.3",
                     diagnostic=f"X-mailrelay; cannot look up the MX records of {host}: "
                     f"{_describe(failure)}",
@@ -250,8 +248,7 @@ class MXResolver:
         records = _records(result, dns.MX)
         real = [r for r in records if str(r.name).rstrip(".") != ""]
         if records and not real:
-            raise DeliveryFailure(
-                permanent=True,
+            raise PermanentFailure(
                 code="5.1.10",
                 diagnostic=f"X-mailrelay; domain {host} does not accept mail (null MX)",
             )
@@ -260,8 +257,7 @@ class MXResolver:
             addresses, problem = yield self._addresses(host)
             if not addresses:
                 if problem == _NXDOMAIN:
-                    raise DeliveryFailure(
-                        permanent=True,
+                    raise PermanentFailure(
                         code="5.1.2",
                         diagnostic=f"X-mailrelay; domain {host} does not exist",
                     )
@@ -300,9 +296,8 @@ class MXResolver:
                 text = f"host {domain} has no address"
             else:
                 text = f"no MX host of {domain} has an address ({', '.join(names)})"
-            return DeliveryFailure(permanent=False, code="4.4.4", diagnostic=f"X-mailrelay; {text}")
-        return DeliveryFailure(
-            permanent=False,
+            return TransientFailure(code="4.4.4", diagnostic=f"X-mailrelay; {text}")
+        return TransientFailure(
             code="4.4.3",
             diagnostic=f"X-mailrelay; cannot look up the address of {', '.join(names)}: {problem}",
         )
