@@ -82,7 +82,6 @@ KNOWN = {
     "twisted.plugins.mailrelay_plugin -> mailrelay.policy.validators",
     # Modules that became their package's __init__.py until they are split.
     "mailrelay.config: __init__.py holds code",
-    "mailrelay.delivery: __init__.py holds code",
     "mailrelay.queue: __init__.py holds code",
     "mailrelay.spool: __init__.py holds code",
 }

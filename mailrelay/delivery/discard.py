@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailrelay.delivery import resultsForAll
+from mailrelay.delivery.common import resultsForAll
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, Route
 
 log = Logger()

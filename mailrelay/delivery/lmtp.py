@@ -30,7 +30,7 @@ from twisted.internet.endpoints import (
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailrelay.delivery import ClientBackend, PerDestination, Quitter, resultsForAll
+from mailrelay.delivery.common import ClientBackend, PerDestination, Quitter, resultsForAll
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, Route
 from mailrelay.route.nexthop import parseLMTPNexthop
 from mailrelay.smtp import client as smtpClient

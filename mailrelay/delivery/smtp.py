@@ -44,7 +44,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, w
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailrelay.delivery import ClientBackend, PerDestination, Quitter, resultsForAll
+from mailrelay.delivery.common import ClientBackend, PerDestination, Quitter, resultsForAll
 from mailrelay.errors import DeliveryFailure, PermanentFailure
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, RecipientResult
 from mailrelay.route.nexthop import parseSMTPNexthop
