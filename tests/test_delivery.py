@@ -417,6 +417,35 @@ def send(
     return backend.deliver(env, env.recipients, Route(backendName, nexthop, options), path)
 
 
+def test_unexpected_error_of_a_delivery_defers_its_recipients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A backend's delivery that fails unexpectedly (a bug) gives its recipients a transient
+    4.3.0 with the error, logged; the Deferred never fails, and the next hop's slot is freed."""
+    from twisted.logger import Logger
+
+    from mailrelay.delivery import common
+
+    events: list[dict] = []
+    monkeypatch.setattr(common, "log", Logger(observer=events.append))
+    limit = common.PerDestination(1, "SMTP")
+    env = envelope("a@example.org", "b@example.org")
+
+    def broken() -> defer.Deferred:
+        return defer.fail(RuntimeError("oops"))
+
+    results = result(limit.run("mx.example", env, env.recipients, broken))
+    assert [(r.address, r.status, r.code) for r in results] == [
+        ("a@example.org", TRANSIENT, "4.3.0"),
+        ("b@example.org", TRANSIENT, "4.3.0"),
+    ]
+    assert results[0].diagnostic == "X-mailrelay; internal error: oops"
+    assert limit.semaphores == {}
+    (event,) = events
+    assert event["log_failure"].check(RuntimeError)
+    assert (event["queueID"], event["what"], event["nexthop"]) == ("Q" * 20, "SMTP", "mx.example")
+
+
 def test_smtp_provides_interface() -> None:
     backend, *_ = smtpBackend()
     verifyObject(IDeliveryBackend, backend)

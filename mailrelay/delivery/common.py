@@ -84,7 +84,7 @@ class PerDestination:
                 "{queueID}: {what} delivery to {nexthop} failed unexpectedly",
                 failure,
                 queueID=envelope.queueID,
-                what=self._perDestination.what,
+                what=self.what,
                 nexthop=nexthop,
             )
             return resultsForAll(
