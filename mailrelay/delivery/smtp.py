@@ -17,8 +17,8 @@ the last transaction's results if there was one, else the last connection error 
 a server reply, else the last connection error.  DNS failures (a L{TransientFailure
 <mailrelay.errors.TransientFailure>} or L{PermanentFailure <mailrelay.errors.PermanentFailure>}
 from the resolver) give every recipient that failure; a permanent one (NXDOMAIN, null MX) stays
-permanent only when the next hop is the recipients' own domain: a configured next hop or smarthost that does not
-exist is the operator's mistake, and its mail is kept (transient).
+permanent only when the next hop is the recipients' own domain: a configured next hop or
+smarthost that does not exist is the operator's mistake, and its mail is kept (transient).
 
 Each delivery's L{ClientSettings} are the backend's defaults with the options of the
 delivery's L{Route <mailrelay.interfaces.Route>} applied (TLS policy, CA file, AUTH): the
@@ -35,8 +35,10 @@ all (call it when the service stops).
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -47,8 +49,8 @@ from zope.interface import implementer
 from mailrelay.delivery.common import ClientBackend, PerDestination, Quitter, resultsForAll
 from mailrelay.errors import DeliveryFailure, PermanentFailure
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, RecipientResult
-from mailrelay.route.nexthop import parseSMTPNexthop
 from mailrelay.route.mx import MXHost
+from mailrelay.route.nexthop import parseSMTPNexthop
 from mailrelay.smtp import client as smtpClient
 from mailrelay.smtp.client import ClientSettings, SMTPConnectError
 
@@ -72,6 +74,18 @@ def _allTransient(results: list[RecipientResult]) -> bool:
 
 def _transientCode(code: str) -> str:
     return "4" + code[1:] if code[:1] in ("4", "5") else "4.4.0"
+
+
+@dataclass
+class _Tried:
+    """What the hosts of one delivery said when none took the message.
+
+    @ivar deferred: the results of the last host that deferred every recipient, if any.
+    @ivar connectErrors: C{(code, diagnostic, remoteMTA)} of each failed connection.
+    """
+
+    deferred: list[RecipientResult] | None = None
+    connectErrors: list[tuple[str, str, str | None]] = field(default_factory=list)
 
 
 class _Idle:
@@ -156,106 +170,156 @@ class SMTPBackend(ClientBackend):
         settings: ClientSettings,
         messagePath: Path,
     ) -> Any:
-        queueID = envelope.queueID
-        reusedResults: list[RecipientResult] | None = None
-        freshResults: list[RecipientResult] | None = None
         key = (nexthop, settings)
-
-        cached = self._takeIdle(key)
-        if cached is not None:
-            results = yield self._send(cached, envelope, recipients, messagePath)
-            self._release(key, cached)
-            if not _allTransient(results):
-                return results
-            log.info(
-                "{queueID}: every recipient deferred on the reused connection to {remoteMTA}; "
-                "trying afresh",
-                queueID=queueID,
-                remoteMTA=cached.remoteMTA,
-            )
-            reusedResults = results
-
+        reusedResults = yield self._sendOnIdle(key, envelope, recipients, messagePath)
+        if reusedResults is not None and not _allTransient(reusedResults):
+            return reusedResults
         try:
             hosts = yield self.resolver.resolve(nexthop)
         except DeliveryFailure as e:
-            if isinstance(e, PermanentFailure) and not self._isRecipientDomain(
-                nexthop, recipients
-            ):
-                e = e.transient()
-            log.warn(
-                "{queueID}: cannot deliver to {nexthop}: {code} {diagnostic}",
-                queueID=queueID,
-                nexthop=nexthop,
-                code=e.code,
-                diagnostic=e.diagnostic,
-            )
-            permanent = isinstance(e, PermanentFailure)
-            status = DeliveryStatus.PERMANENT if permanent else DeliveryStatus.TRANSIENT
-            return resultsForAll(recipients, status, e.code, e.diagnostic)
+            return self._unresolved(e, envelope, recipients, nexthop)
+        tried = _Tried()
+        results = yield self._tryHosts(hosts, key, envelope, recipients, messagePath, tried)
+        if results is not None:
+            return results
+        return self._noHostAccepted(tried, reusedResults, envelope, recipients, nexthop)
 
-        connectErrors: list[tuple[str, str, str | None, bool]] = []
+    @inlineCallbacks
+    def _sendOnIdle(
+        self, key: tuple[str, ClientSettings], envelope: Any, recipients: list, messagePath: Path
+    ) -> Any:
+        """Send over an idle cached connection to C{key}, if there is one.
+
+        @return: a Deferred firing with the results, or C{None} without a cached connection.
+        """
+        cached = self._takeIdle(key)
+        if cached is None:
+            return None
+        results = yield self._send(cached, envelope, recipients, messagePath)
+        self._release(key, cached)
+        if _allTransient(results):
+            log.info(
+                "{queueID}: every recipient deferred on the reused connection to {remoteMTA}; "
+                "trying afresh",
+                queueID=envelope.queueID,
+                remoteMTA=cached.remoteMTA,
+            )
+        return results
+
+    def _unresolved(
+        self, failure: DeliveryFailure, envelope: Any, recipients: list, nexthop: str
+    ) -> list[RecipientResult]:
+        """The results of a delivery whose next hop did not resolve: C{failure} for every
+        recipient, transient unless the next hop is the recipients' own domain."""
+        if isinstance(failure, PermanentFailure) and not self._isRecipientDomain(
+            nexthop, recipients
+        ):
+            failure = failure.transient()
+        log.warn(
+            "{queueID}: cannot deliver to {nexthop}: {code} {diagnostic}",
+            queueID=envelope.queueID,
+            nexthop=nexthop,
+            code=failure.code,
+            diagnostic=failure.diagnostic,
+        )
+        permanent = isinstance(failure, PermanentFailure)
+        status = DeliveryStatus.PERMANENT if permanent else DeliveryStatus.TRANSIENT
+        return resultsForAll(recipients, status, failure.code, failure.diagnostic)
+
+    @inlineCallbacks
+    def _tryHosts(
+        self,
+        hosts: list[MXHost],
+        key: tuple[str, ClientSettings],
+        envelope: Any,
+        recipients: list,
+        messagePath: Path,
+        tried: _Tried,
+    ) -> Any:
+        """Try C{hosts} in order until one takes the message (or is the last one to answer).
+
+        @return: a Deferred firing with the results of the host that decided, or C{None} when
+            none did (C{tried} then says what went wrong).
+        """
         for index, host in enumerate(hosts):
-            try:
-                connection = yield self._connectTo(host, settings)
-            except SMTPConnectError as e:
-                log.info(
-                    "{queueID}: cannot use {mx}[{address}]:{port} for {nexthop}: {code} {diagnostic}",
-                    queueID=queueID,
-                    mx=host.name,
-                    address=host.address,
-                    port=host.port,
-                    nexthop=nexthop,
-                    code=e.code,
-                    diagnostic=e.diagnostic,
-                )
-                connectErrors.append((e.code, e.diagnostic, e.remoteMTA, True))
-                continue
-            except defer.CancelledError:
-                raise
-            except Exception as e:
-                log.failure(
-                    "{queueID}: connecting to {mx}[{address}]:{port} failed unexpectedly",
-                    queueID=queueID,
-                    mx=host.name,
-                    address=host.address,
-                    port=host.port,
-                )
-                connectErrors.append(
-                    (
-                        "4.4.0",
-                        f"X-mailrelay; cannot connect to {host.name}: {e}",
-                        _remoteMTA(host.name),
-                        False,
-                    )
-                )
+            connection = yield self._connectNoting(host, key, envelope, tried)
+            if connection is None:
                 continue
             results = yield self._send(connection, envelope, recipients, messagePath)
             self._release(key, connection)
             if _allTransient(results) and index + 1 < len(hosts):
                 log.info(
                     "{queueID}: every recipient deferred by {remoteMTA}; trying the next host",
-                    queueID=queueID,
+                    queueID=envelope.queueID,
                     remoteMTA=connection.remoteMTA,
                 )
-                freshResults = results
+                tried.deferred = results
                 continue
             return results
+        return None
 
-        if freshResults is not None:
+    @inlineCallbacks
+    def _connectNoting(
+        self, host: MXHost, key: tuple[str, ClientSettings], envelope: Any, tried: _Tried
+    ) -> Any:
+        """Connect to C{host}; a failure is logged and noted in C{tried}.
+
+        @return: a Deferred firing with the connection, or C{None} when it failed.
+        """
+        try:
+            return (yield self._connectTo(host, key[1]))
+        except SMTPConnectError as e:
+            log.info(
+                "{queueID}: cannot use {mx}[{address}]:{port} for {nexthop}: "
+                "{code} {diagnostic}",
+                queueID=envelope.queueID,
+                mx=host.name,
+                address=host.address,
+                port=host.port,
+                nexthop=key[0],
+                code=e.code,
+                diagnostic=e.diagnostic,
+            )
+            tried.connectErrors.append((e.code, e.diagnostic, e.remoteMTA))
+        except defer.CancelledError:
+            raise
+        except Exception as e:
+            log.failure(
+                "{queueID}: connecting to {mx}[{address}]:{port} failed unexpectedly",
+                queueID=envelope.queueID,
+                mx=host.name,
+                address=host.address,
+                port=host.port,
+            )
+            diagnostic = f"X-mailrelay; cannot connect to {host.name}: {e}"
+            tried.connectErrors.append(("4.4.0", diagnostic, _remoteMTA(host.name)))
+        return None
+
+    def _noHostAccepted(
+        self,
+        tried: _Tried,
+        reusedResults: list[RecipientResult] | None,
+        envelope: Any,
+        recipients: list,
+        nexthop: str,
+    ) -> list[RecipientResult]:
+        """The results when no host took the message: what the last server that answered
+        said, else the most relevant connection error, as a transient failure."""
+        if tried.deferred is not None:
             # A server answered (every recipient deferred): that says more than a refusal.
-            return freshResults
-        if not connectErrors:  # pragma: no cover - the resolver never returns no host
+            return tried.deferred
+        if not tried.connectErrors:  # pragma: no cover - the resolver never returns no host
             return reusedResults or resultsForAll(
                 recipients,
                 DeliveryStatus.TRANSIENT,
                 "4.4.4",
                 f"X-mailrelay; no host to deliver to for {nexthop}",
             )
-        withReply = [c for c in connectErrors if c[1].startswith("smtp;")]
-        code, diagnostic, remoteMTA, _ = (withReply or connectErrors)[-1]
+        withReply = [c for c in tried.connectErrors if c[1].startswith("smtp;")]
+        code, diagnostic, remoteMTA = (withReply or tried.connectErrors)[-1]
         log.warn(
             "{queueID}: no host of {nexthop} accepted the delivery: {code} {diagnostic}",
-            queueID=queueID,
+            queueID=envelope.queueID,
             nexthop=nexthop,
             code=code,
             diagnostic=diagnostic,
