@@ -96,6 +96,68 @@ class _Idle:
         self.timer = timer
 
 
+class _ConnectionCache:
+    """Idle connections by C{(nexthop, settings)}, reused only with the same settings, each
+    kept C{cacheTime} seconds and then quit."""
+
+    def __init__(self, reactor: Any, cacheTime: float, quit: Callable[[Any], None]) -> None:
+        self.reactor = reactor
+        self.cacheTime = cacheTime
+        self._quit = quit
+        self._idle: dict[tuple[str, ClientSettings], list[_Idle]] = {}
+        self._closed = False
+
+    def take(self, key: tuple[str, ClientSettings]) -> Any:
+        """An idle usable connection to C{key}'s next hop with C{key}'s settings, or C{None}."""
+        idle = self._idle.get(key)
+        while idle:
+            entry = idle.pop()
+            if entry.timer.active():
+                entry.timer.cancel()
+            if entry.connection.usable:
+                if not idle:
+                    del self._idle[key]
+                return entry.connection
+            self._quit(entry.connection)
+        self._idle.pop(key, None)
+        return None
+
+    def release(self, key: tuple[str, ClientSettings], connection: Any) -> None:
+        """Cache C{connection} for reuse by deliveries to C{key}, or quit it."""
+        if self._closed or self.cacheTime <= 0 or not connection.usable:
+            self._quit(connection)
+            return
+        entry = _Idle(connection, None)
+        entry.timer = self.reactor.callLater(self.cacheTime, self._expire, key, entry)
+        self._idle.setdefault(key, []).append(entry)
+
+    def _expire(self, key: tuple[str, ClientSettings], entry: _Idle) -> None:
+        idle = self._idle.get(key, [])
+        if entry in idle:
+            idle.remove(entry)
+            if not idle:
+                del self._idle[key]
+        self._quit(entry.connection)
+
+    def count(self, nexthop: str | None = None) -> int:
+        """How many idle connections are cached (to C{nexthop} with any settings, or in
+        all)."""
+        return sum(
+            len(entries)
+            for (destination, _), entries in self._idle.items()
+            if nexthop is None or destination == nexthop
+        )
+
+    def close(self) -> None:
+        """Quit every idle connection and stop caching."""
+        self._closed = True
+        for key in list(self._idle):
+            for entry in self._idle.pop(key):
+                if entry.timer.active():
+                    entry.timer.cancel()
+                self._quit(entry.connection)
+
+
 @implementer(IDeliveryBackend)
 class SMTPBackend(ClientBackend):
     """Delivers over SMTP to MX hosts or a fixed next hop (see the module docstring)."""
@@ -128,13 +190,8 @@ class SMTPBackend(ClientBackend):
         self.connectionCacheTime = connectionCacheTime
         self._connect = connect
         self._perDestination = PerDestination(destinationConcurrency, "SMTP")
-        #: idle connections by C{(nexthop, settings)}: reused only with the same settings.
-        self._idle: dict[tuple[str, ClientSettings], list[_Idle]] = {}
         self._quitter = Quitter(reactor)
-        self._closed = False
-
-    # -- delivery ------------------------------------------------------------------------------
-
+        self._cache = _ConnectionCache(reactor, connectionCacheTime, self._quit)
 
     def _connectFunction(self) -> Callable[..., Deferred]:
         return self._connect if self._connect is not None else smtpClient.connectSMTP
@@ -192,11 +249,11 @@ class SMTPBackend(ClientBackend):
 
         @return: a Deferred firing with the results, or C{None} without a cached connection.
         """
-        cached = self._takeIdle(key)
+        cached = self._cache.take(key)
         if cached is None:
             return None
         results = yield self._send(cached, envelope, recipients, messagePath)
-        self._release(key, cached)
+        self._cache.release(key, cached)
         if _allTransient(results):
             log.info(
                 "{queueID}: every recipient deferred on the reused connection to {remoteMTA}; "
@@ -246,7 +303,7 @@ class SMTPBackend(ClientBackend):
             if connection is None:
                 continue
             results = yield self._send(connection, envelope, recipients, messagePath)
-            self._release(key, connection)
+            self._cache.release(key, connection)
             if _allTransient(results) and index + 1 < len(hosts):
                 log.info(
                     "{queueID}: every recipient deferred by {remoteMTA}; trying the next host",
@@ -337,40 +394,6 @@ class SMTPBackend(ClientBackend):
             return False
         return parsed.mxLookup and all(r.domain == parsed.host for r in recipients)
 
-    # -- connection cache ----------------------------------------------------------------------
-
-    def _takeIdle(self, key: tuple[str, ClientSettings]) -> Any:
-        """An idle usable connection to C{key}'s next hop with C{key}'s settings, or C{None}."""
-        idle = self._idle.get(key)
-        while idle:
-            entry = idle.pop()
-            if entry.timer.active():
-                entry.timer.cancel()
-            if entry.connection.usable:
-                if not idle:
-                    del self._idle[key]
-                return entry.connection
-            self._quit(entry.connection)
-        self._idle.pop(key, None)
-        return None
-
-    def _release(self, key: tuple[str, ClientSettings], connection: Any) -> None:
-        """Cache C{connection} for reuse by deliveries to C{key}, or quit it."""
-        if self._closed or self.connectionCacheTime <= 0 or not connection.usable:
-            self._quit(connection)
-            return
-        entry = _Idle(connection, None)
-        entry.timer = self.reactor.callLater(self.connectionCacheTime, self._expire, key, entry)
-        self._idle.setdefault(key, []).append(entry)
-
-    def _expire(self, key: tuple[str, ClientSettings], entry: _Idle) -> None:
-        idle = self._idle.get(key, [])
-        if entry in idle:
-            idle.remove(entry)
-            if not idle:
-                del self._idle[key]
-        self._quit(entry.connection)
-
     def _quit(self, connection: Any) -> None:
         """Send QUIT (or abort a connection that cannot be used any more), in the background."""
         self._quitter.quit(connection)
@@ -378,11 +401,7 @@ class SMTPBackend(ClientBackend):
     def idleConnections(self, nexthop: str | None = None) -> int:
         """How many idle connections are cached (to C{nexthop} with any settings, or in
         all)."""
-        return sum(
-            len(entries)
-            for (destination, _), entries in self._idle.items()
-            if nexthop is None or destination == nexthop
-        )
+        return self._cache.count(nexthop)
 
     def close(self, timeout: float = 10.0) -> Deferred:
         """Quit every idle connection and stop caching; connections still delivering are
@@ -393,10 +412,5 @@ class SMTPBackend(ClientBackend):
         @return: a Deferred firing (with C{None}, never failing) when the idle connections
             are closed.
         """
-        self._closed = True
-        for key in list(self._idle):
-            for entry in self._idle.pop(key):
-                if entry.timer.active():
-                    entry.timer.cancel()
-                self._quit(entry.connection)
+        self._cache.close()
         return self._quitter.wait(timeout)
