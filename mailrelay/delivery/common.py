@@ -1,11 +1,13 @@
 """What the delivery backends share: results for a whole group (L{resultsForAll}), the
 per-next-hop concurrency limit (L{PerDestination}), quitting connections in the background
-(L{Quitter}), and the base of the SMTP and LMTP backends (L{ClientBackend})."""
+(L{Quitter}), the base of the SMTP and LMTP backends (L{ClientBackend}), and the checks of the
+options the relay builds the built-in backends' plugins with (L{builtinOptions})."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredSemaphore, inlineCallbacks
@@ -13,13 +15,46 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailrelay.interfaces import PLATFORM_TRUST_STORE, DeliveryStatus, RecipientResult, Route
+from mailrelay.smtp.client import ClientSettings
 
-__all__ = ["BUILTIN_BACKENDS", "resultsForAll", "PerDestination", "Quitter", "ClientBackend"]
+__all__ = [
+    "BUILTIN_BACKENDS",
+    "resultsForAll",
+    "PerDestination",
+    "Quitter",
+    "ClientBackend",
+    "builtinOptions",
+]
 
 log = Logger()
 
-#: The names of the built-in backends, as routes name them.
+#: The names of the built-in backends, as routes name them, and of their plugins (the
+#: dropin's; each module's C{build} makes the backend).
 BUILTIN_BACKENDS = ("smtp", "lmtp", "maildir", "discard")
+
+
+def builtinOptions(
+    backend: str, options: dict[str, Any], allowed: Iterable[str]
+) -> dict[str, Any]:
+    """C{options} of the built-in C{backend}'s plugin, checked: the relay builds them from
+    C{[delivery]} and C{[dns]} (L{mailrelay.app.backends}); C{settings}, when allowed, is
+    required and must be a L{ClientSettings}.
+
+    @raise ValueError: an unknown option, or no usable C{settings}.
+    """
+    allowed = tuple(allowed)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"the built-in {backend} backend has no option {unknown[0]!r} "
+            f"(its options: {', '.join(allowed) or 'none'})"
+        )
+    if "settings" in allowed and not isinstance(options.get("settings"), ClientSettings):
+        raise ValueError(
+            f"the built-in {backend} backend needs its client settings (option 'settings', "
+            f"a ClientSettings), not {options.get('settings')!r}"
+        )
+    return options
 
 
 def resultsForAll(

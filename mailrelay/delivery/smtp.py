@@ -46,17 +46,23 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, w
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailrelay.delivery.common import ClientBackend, PerDestination, Quitter, resultsForAll
+from mailrelay.delivery.common import (
+    ClientBackend,
+    PerDestination,
+    Quitter,
+    builtinOptions,
+    resultsForAll,
+)
 from mailrelay.errors import DeliveryFailure, PermanentFailure
-from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, RecipientResult
-from mailrelay.route.mx import MXHost
+from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, PluginContext, RecipientResult
+from mailrelay.route.mx import MXHost, MXResolver, makeResolver
 from mailrelay.route.nexthop import parseSMTPNexthop
 from mailrelay.smtp import client as smtpClient
 from mailrelay.smtp.client import ClientSettings, SMTPConnectError
 
 log = Logger()
 
-__all__ = ["SMTPBackend"]
+__all__ = ["SMTPBackend", "build"]
 
 
 def _remoteMTA(name: str) -> str:
@@ -414,3 +420,27 @@ class SMTPBackend(ClientBackend):
         """
         self._cache.close()
         return self._quitter.wait(timeout)
+
+
+def build(options: dict[str, Any], context: PluginContext) -> SMTPBackend:
+    """The C{smtp} plugin's factory: the SMTP backend of the relay.
+
+    @param options: C{settings}, the default L{ClientSettings} (of C{[delivery]});
+        C{nameservers}, the C{[dns]} name servers (none: the system's resolver);
+        C{destination_concurrency} and C{connection_cache_time} (see L{SMTPBackend}).
+    @param context: its C{reactor} connects, times and resolves.
+    """
+    options = builtinOptions(
+        "smtp",
+        options,
+        ("settings", "nameservers", "destination_concurrency", "connection_cache_time"),
+    )
+    reactor = context.reactor
+    resolver = makeResolver(list(options.get("nameservers", ())) or None, reactor=reactor)
+    return SMTPBackend(
+        reactor,
+        MXResolver(resolver, reactor),
+        options["settings"],
+        destinationConcurrency=options.get("destination_concurrency", 20),
+        connectionCacheTime=options.get("connection_cache_time", 2.0),
+    )
