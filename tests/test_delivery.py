@@ -89,15 +89,40 @@ def test_builtin_backends_are_the_dropins_plugins() -> None:
         assert plugin.factory == f"mailrelay.delivery.{name}:build"  # type: ignore[attr-defined]
 
 
+def test_dropin_defines_the_validator_plugins() -> None:
+    """The built-in validators' plugin objects are the dropin's own (it imports only values),
+    with factories at their canonical paths, and they build."""
+    from mailrelay.app.plugins import availablePlugins, buildPlugin
+    from mailrelay.interfaces import IRecipientValidator
+    from twisted.plugins import mailrelay_plugin as dropin
+
+    installed = availablePlugins()
+    for name, function in [
+        ("accepted-domains", "buildAcceptedDomains"),
+        ("recipient-map", "buildRecipientMap"),
+        ("regex", "buildRegex"),
+    ]:
+        plugin = installed[name]
+        plugins = (dropin.acceptedDomainsPlugin, dropin.recipientMapPlugin, dropin.regexPlugin)
+        assert plugin in plugins
+        assert plugin.provides is IRecipientValidator
+        assert plugin.factory == f"mailrelay.policy.validators:{function}"  # type: ignore[attr-defined]
+    validator = buildPlugin(
+        installed, "accepted-domains", IRecipientValidator, {"domains": ["a.test"]}, _context()
+    )
+    verifyObject(IRecipientValidator, validator)
+
+
 def test_dropin_imports_no_backend_and_no_reactor() -> None:
-    """Scanning the dropin stays cheap: it imports no delivery module and no reactor."""
+    """Scanning the dropin stays cheap: it imports no delivery or policy module and no
+    reactor."""
     import subprocess
     import sys
 
     code = (
         "import sys, twisted.plugins.mailrelay_plugin\n"
-        "print(sorted(m for m in sys.modules if m.startswith('mailrelay.delivery')"
-        " or m == 'twisted.internet.reactor'))"
+        "print(sorted(m for m in sys.modules if m.startswith(('mailrelay.delivery',"
+        " 'mailrelay.policy')) or m == 'twisted.internet.reactor'))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

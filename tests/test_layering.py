@@ -78,8 +78,6 @@ KNOWN = {
     # DSNs will enter the spool through the intake; the queue will use ISpool.
     "mailrelay.queue -> mailrelay.spool",
     "mailrelay.queue.dsn -> mailrelay.cleanup.stamping",
-    # The dropin will define the built-in plugin objects itself.
-    "twisted.plugins.mailrelay_plugin -> mailrelay.policy.validators",
     # Modules that became their package's __init__.py until they are split.
     "mailrelay.config: __init__.py holds code",
     "mailrelay.queue: __init__.py holds code",

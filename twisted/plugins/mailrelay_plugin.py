@@ -8,8 +8,12 @@ a site's: the relay builds them from C{[delivery]} and C{[dns]} (L{mailrelay.app
 
 from twisted.application.service import ServiceMaker
 
-from mailrelay.interfaces import IDeliveryBackend, IHeaderStamper, MailRelayPlugin
-from mailrelay.policy.validators import acceptedDomainsPlugin, recipientMapPlugin, regexPlugin
+from mailrelay.interfaces import (
+    IDeliveryBackend,
+    IHeaderStamper,
+    IRecipientValidator,
+    MailRelayPlugin,
+)
 
 mailrelay = ServiceMaker(
     "mailrelay",
@@ -25,6 +29,27 @@ defaultStamper = MailRelayPlugin(
     factory="mailrelay.cleanup.stamping:buildDefaultStamper",
 )
 
+
+acceptedDomainsPlugin = MailRelayPlugin(
+    name="accepted-domains",
+    provides=IRecipientValidator,
+    description="Accept recipients in listed domains (.example.com: its subdomains)",
+    factory="mailrelay.policy.validators:buildAcceptedDomains",
+)
+
+recipientMapPlugin = MailRelayPlugin(
+    name="recipient-map",
+    provides=IRecipientValidator,
+    description="Accept, reject or defer recipients listed in a Postfix-style table file",
+    factory="mailrelay.policy.validators:buildRecipientMap",
+)
+
+regexPlugin = MailRelayPlugin(
+    name="regex",
+    provides=IRecipientValidator,
+    description="Accept, reject or defer recipients matching regular expressions",
+    factory="mailrelay.policy.validators:buildRegex",
+)
 
 
 def _builtinBackend(name: str, description: str) -> MailRelayPlugin:
