@@ -33,7 +33,7 @@ class ConfigError(ValueError):
             where.append(self.key)
         return ": ".join(where + [self.message])
 
-    def within(self, *, file: str | None = None, key: str | None = None) -> "ConfigError":
+    def within(self, *, file: str | None = None, key: str | None = None) -> ConfigError:
         """Return a copy located in C{file} and under C{key} (prefixed to any existing key)."""
         newKey = key
         if key and self.key:

@@ -171,7 +171,7 @@ class MaildirBackend:
         d = self._inThread(self._deliverAll, header, [j for _, j in jobs], str(messagePath))
 
         def done(outcomes: list[RecipientResult]) -> list[RecipientResult]:
-            for (index, job), result in zip(jobs, outcomes):
+            for (index, job), result in zip(jobs, outcomes, strict=True):
                 results[index] = result
                 if result.status is DeliveryStatus.DELIVERED:
                     log.info(

@@ -8,8 +8,9 @@ C{[[routes]]} and its smarthost; each rule's next hop is checked by its backend'
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -25,6 +26,8 @@ from mailrelay.route.nexthop import (
 )
 
 log = Logger()
+
+_NO_OPTIONS = RouteOptions()
 
 __all__ = [
     "RouteRule",
@@ -118,7 +121,7 @@ class RoutingTable:
         self,
         rules: Iterable[RouteRule] = (),
         smarthost: Any = None,
-        smarthostOptions: RouteOptions = RouteOptions(),
+        smarthostOptions: RouteOptions = _NO_OPTIONS,
     ) -> None:
         """
         @param rules: the rules, in any order; two rules for the same pattern are an error.
