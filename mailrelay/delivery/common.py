@@ -189,12 +189,13 @@ class Quitter:
 class ClientBackend:
     """What the SMTP and LMTP backends share: each delivery's client settings are the
     backend's defaults with the options of the delivery's L{Route} applied (never looked up
-    by the next hop's name), and deliveries are limited per next hop (see
-    L{PerDestination}).  Subclasses set C{settings} and C{_perDestination}, and define
-    C{_deliver}."""
+    by the next hop's name), deliveries are limited per next hop (see L{PerDestination}), and
+    connections are quit in the background (see L{Quitter}).  Subclasses set C{settings},
+    C{_perDestination} and C{_quitter}, and define C{_deliver}."""
 
     settings: Any
     _perDestination: PerDestination
+    _quitter: Quitter
 
     def settingsFor(self, route: Route) -> Any:
         """The client settings of a delivery along C{route}: the backend's default
@@ -270,6 +271,14 @@ class ClientBackend:
                 getattr(connection, "remoteMTA", None),
             )
         return list(results)
+
+    def _quit(self, connection: Any) -> None:
+        """Send QUIT (or abort a connection that cannot be used any more), in the background."""
+        self._quitter.quit(connection)
+
+    def close(self, timeout: float = 10.0) -> Deferred:
+        """Wait (at most C{timeout} seconds) for connections still quitting."""
+        return self._quitter.wait(timeout)
 
     @property
     def _semaphores(self) -> dict[str, Any]:

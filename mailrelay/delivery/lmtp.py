@@ -146,14 +146,6 @@ class LMTPBackend(ClientBackend):
         self._quit(connection)
         return results
 
-    def _quit(self, connection: Any) -> None:
-        """Send QUIT (or abort a connection that cannot be used any more), in the background."""
-        self._quitter.quit(connection)
-
-    def close(self, timeout: float = 10.0) -> Deferred:
-        """Wait (at most C{timeout} seconds) for connections still quitting."""
-        return self._quitter.wait(timeout)
-
 
 def build(options: dict[str, Any], context: PluginContext) -> LMTPBackend:
     """The C{lmtp} plugin's factory: the LMTP backend of the relay.

@@ -400,10 +400,6 @@ class SMTPBackend(ClientBackend):
             return False
         return parsed.mxLookup and all(r.domain == parsed.host for r in recipients)
 
-    def _quit(self, connection: Any) -> None:
-        """Send QUIT (or abort a connection that cannot be used any more), in the background."""
-        self._quitter.quit(connection)
-
     def idleConnections(self, nexthop: str | None = None) -> int:
         """How many idle connections are cached (to C{nexthop} with any settings, or in
         all)."""
@@ -419,7 +415,7 @@ class SMTPBackend(ClientBackend):
             are closed.
         """
         self._cache.close()
-        return self._quitter.wait(timeout)
+        return super().close(timeout)
 
 
 def build(options: dict[str, Any], context: PluginContext) -> SMTPBackend:
