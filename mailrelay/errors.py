@@ -35,7 +35,7 @@ class ConfigError(ValueError):
             where.append(self.key)
         return ": ".join(where + [self.message])
 
-    def within(self, *, file: str | None = None, key: str | None = None) -> "ConfigError":
+    def within(self, *, file: str | None = None, key: str | None = None) -> ConfigError:
         """Return a copy located in C{file} and under C{key} (prefixed to any existing key)."""
         newKey = key
         if key and self.key:
@@ -118,3 +118,65 @@ def joinKey(parent: str, name: str) -> str:
     """The dotted key of C{name} inside the table at C{parent} (C{""} for the top level)."""
     part = _keyPart(name)
     return f"{parent}.{part}" if parent else part
+
+
+# -- delivery failures (route/, delivery/)
+
+
+class DeliveryFailure(Exception):
+    """A delivery cannot even start (DNS says no, nothing to connect to, no route): the base
+    of L{TransientFailure} and L{PermanentFailure}, which routers and backends raise.
+
+    C{DeliveryFailure(permanent=..., code=..., diagnostic=...)} makes the one of the two that
+    C{permanent} names, so C{isinstance(e, PermanentFailure)} is the test to use.
+
+    @ivar permanent: C{True} when retrying will not help (the recipients bounce).
+    @ivar code: the RFC 3463 status (C{"5.1.2"}, C{"4.4.3"}); its class agrees with
+        C{permanent}.
+    @ivar diagnostic: an RFC 3464 diagnostic, C{"X-mailrelay; domain example.org does not
+        exist"}.
+    """
+
+    permanent: bool
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> DeliveryFailure:
+        if cls is DeliveryFailure:
+            cls = PermanentFailure if kwargs.get("permanent") else TransientFailure
+        return super().__new__(cls)
+
+    def __init__(self, *, code: str, diagnostic: str, permanent: bool | None = None) -> None:
+        """
+        @param permanent: only for C{DeliveryFailure(...)} itself, which it chooses the class
+            of; a subclass knows.
+        @raise ValueError: C{code} is not of the class's kind (C{"5.x.x"} permanent,
+            C{"4.x.x"} transient).
+        """
+        if permanent is not None and permanent is not self.permanent:
+            raise ValueError(f"a {type(self).__name__} is not permanent={permanent}")
+        if not isinstance(code, str) or code[:2] != ("5." if self.permanent else "4."):
+            raise ValueError(
+                f"a {type(self).__name__}'s code must be "
+                f"{'5' if self.permanent else '4'}.x.x, not {code!r}"
+            )
+        self.code = code
+        self.diagnostic = diagnostic
+        super().__init__(f"{code} {diagnostic}")
+
+    def transient(self) -> TransientFailure:
+        """This failure as a transient one (a C{4.x.x} code), or itself when already transient."""
+        if isinstance(self, TransientFailure):
+            return self
+        return TransientFailure(code="4" + self.code[1:], diagnostic=self.diagnostic)
+
+
+class TransientFailure(DeliveryFailure):
+    """A delivery failure that a later attempt may not have (C{4.x.x}): the recipients stay
+    queued."""
+
+    permanent = False
+
+
+class PermanentFailure(DeliveryFailure):
+    """A delivery failure no retry will mend (C{5.x.x}): the recipients bounce."""
+
+    permanent = True

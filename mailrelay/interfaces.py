@@ -455,8 +455,10 @@ class IRouter(Interface):
     """Maps each recipient to a delivery backend and next hop."""
 
     def route(envelope: "Envelope", recipient: "Recipient") -> Any:
-        """Return a L{Route}, or a Deferred firing with one.  A failure makes the recipient's
-        delivery a transient failure (retried later)."""
+        """Return a L{Route}, or a Deferred firing with one.  A
+        L{PermanentFailure <mailrelay.errors.PermanentFailure>} bounces the recipient at once
+        (no route will ever exist); any other failure makes the recipient's delivery a
+        transient failure (retried later)."""
 
 
 # -- delivery (delivery/)

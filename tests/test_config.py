@@ -1586,7 +1586,7 @@ def test_backendTimeoutsReachTheQueueManager(tmp_path: Path) -> None:
         return DiscardBackend()
 
     _, queue = makeDelivery(loadConfig(path), Clock(), None, build)
-    assert built == ["a", "b"]
+    assert [name for name in built if name not in BUILTIN_BACKENDS] == ["a", "b"]
     assert (queue.timeoutFor("a"), queue.timeoutFor("b")) == (5.0, 600.0)
     assert queue.timeoutFor("smtp") == queue.policy.deliveryTimeout == 3600.0
 

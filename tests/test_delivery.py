@@ -74,6 +74,174 @@ def test_builtin_names() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The built-in backends are plugins, built like a site's
+
+
+def test_builtin_backends_are_the_dropins_plugins() -> None:
+    """The dropin has a lazy IDeliveryBackend plugin for each built-in backend, which the
+    relay finds like any other plugin."""
+    from mailrelay.app.plugins import availablePlugins
+
+    installed = availablePlugins()
+    for name in BUILTIN_BACKENDS:
+        plugin = installed[name]
+        assert plugin.provides is IDeliveryBackend
+        assert plugin.factory == f"mailrelay.delivery.{name}:build"  # type: ignore[attr-defined]
+
+
+def test_dropin_defines_the_validator_plugins() -> None:
+    """The built-in validators' plugin objects are the dropin's own (it imports only values),
+    with factories at their canonical paths, and they build."""
+    from mailrelay.app.plugins import availablePlugins, buildPlugin
+    from mailrelay.interfaces import IRecipientValidator
+    from twisted.plugins import mailrelay_plugin as dropin
+
+    installed = availablePlugins()
+    for name, function in [
+        ("accepted-domains", "buildAcceptedDomains"),
+        ("recipient-map", "buildRecipientMap"),
+        ("regex", "buildRegex"),
+    ]:
+        plugin = installed[name]
+        plugins = (dropin.acceptedDomainsPlugin, dropin.recipientMapPlugin, dropin.regexPlugin)
+        assert plugin in plugins
+        assert plugin.provides is IRecipientValidator
+        assert plugin.factory == f"mailrelay.policy.validators:{function}"  # type: ignore[attr-defined]
+    validator = buildPlugin(
+        installed, "accepted-domains", IRecipientValidator, {"domains": ["a.test"]}, _context()
+    )
+    verifyObject(IRecipientValidator, validator)
+
+
+def test_dropin_imports_no_backend_and_no_reactor() -> None:
+    """Scanning the dropin stays cheap: it imports no delivery or policy module and no
+    reactor."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, twisted.plugins.mailrelay_plugin\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('mailrelay.delivery',"
+        " 'mailrelay.policy')) or m == 'twisted.internet.reactor'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def _context(reactor: Any = None) -> Any:
+    from mailrelay.interfaces import PluginContext
+
+    return PluginContext(hostname="relay.test", configDir=Path("/"), reactor=reactor or Clock())
+
+
+def test_builtin_backends_build_from_their_options() -> None:
+    from mailrelay.app.plugins import availablePlugins, buildPlugin
+    from mailrelay.delivery.lmtp import LMTPBackend
+    from mailrelay.delivery.smtp import SMTPBackend
+
+    installed = availablePlugins()
+    context = _context()
+    options = {
+        "settings": SETTINGS,
+        "nameservers": (("127.0.0.1", 5353),),
+        "destination_concurrency": 3,
+        "connection_cache_time": 0.5,
+    }
+    smtp = buildPlugin(installed, "smtp", IDeliveryBackend, options, context)
+    assert isinstance(smtp, SMTPBackend) and smtp.reactor is context.reactor
+    assert (smtp.settings, smtp.destinationConcurrency, smtp.connectionCacheTime) == (
+        SETTINGS,
+        3,
+        0.5,
+    )
+    assert smtp.resolver.resolver.servers == [("127.0.0.1", 5353)]
+    lmtp = buildPlugin(
+        installed, "lmtp", IDeliveryBackend, {"settings": SETTINGS, "concurrency": 4}, context
+    )
+    assert isinstance(lmtp, LMTPBackend) and lmtp.concurrency == 4
+    # LMTP's defaults: no TLS, the platform's trust store, unless a route says otherwise.
+    assert (lmtp.settings.lmtp, lmtp.settings.tls, lmtp.settings.caFile) == (True, "none", None)
+    assert lmtp.settings.heloName == SETTINGS.heloName
+    maildir = buildPlugin(installed, "maildir", IDeliveryBackend, {}, context)
+    assert isinstance(maildir, MaildirBackend) and maildir.hostname == "relay.test"
+    discard = buildPlugin(installed, "discard", IDeliveryBackend, {}, context)
+    assert isinstance(discard, DiscardBackend)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("smtp", {}, "the built-in smtp backend needs its client settings (option 'settings'"),
+        ("lmtp", {"settings": "x"}, "a ClientSettings), not 'x'"),
+        ("lmtp", {"settings": ClientSettings(heloName="r.test"), "tls": "none"}, "no option 'tls'"),
+        ("maildir", {"directory": "/m"}, "has no option 'directory' (its options: none)"),
+        ("discard", {"x": 1}, "the built-in discard backend has no option 'x'"),
+    ],
+)
+def test_builtin_backends_refuse_options_not_theirs(
+    name: str, options: dict[str, Any], message: str
+) -> None:
+    from mailrelay.app.plugins import availablePlugins, buildPlugin
+    from mailrelay.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        buildPlugin(availablePlugins(), name, IDeliveryBackend, options, _context())
+    assert f"plugin {name!r}: " in str(e.value) and message in str(e.value)
+
+
+def test_make_backends_builds_every_backend_through_the_plugin_builder(tmp_path: Path) -> None:
+    from mailrelay.app.backends import makeBackends
+    from mailrelay.config import loadConfig
+
+    path = tmp_path / "mailrelay.toml"
+    path.write_text(
+        'hostname = "relay.test"\n'
+        '[delivery]\nhelo_name = "out.test"\ndestination_concurrency = 7\n'
+        '[dns]\nnameservers = ["127.0.0.1:5353"]\n'
+        '[[backends]]\nname = "hook"\nplugin = "webhook"\nurl = "https://x.test/"\n'
+    )
+    config = loadConfig(str(path))
+    built: list[Any] = []
+
+    def build(spec: Any, interface: Any) -> Any:
+        built.append(spec)
+        assert interface is IDeliveryBackend
+        return DiscardBackend()
+
+    backends = makeBackends(config, Clock(), build)
+    assert list(backends) == [*BUILTIN_BACKENDS, "hook"]
+    assert [(s.name, s.plugin, s.key) for s in built] == [
+        ("smtp", "smtp", "delivery"),
+        ("lmtp", "lmtp", "delivery"),
+        ("maildir", "maildir", "delivery"),
+        ("discard", "discard", "delivery"),
+        ("hook", "webhook", "backends[0]"),
+    ]
+    smtp, lmtp = built[0].options, built[1].options
+    assert smtp["settings"].heloName == "out.test" and smtp["settings"] is lmtp["settings"]
+    assert smtp["nameservers"] == (("127.0.0.1", 5353),)
+    assert (smtp["destination_concurrency"], lmtp["concurrency"]) == (7, 7)
+    assert built[4].options == {"url": "https://x.test/"}
+
+
+@pytest.mark.parametrize("name", BUILTIN_BACKENDS)
+def test_backends_table_cannot_use_a_builtin_backend(tmp_path: Path, name: str) -> None:
+    """A [[backends]] table names a site backend's plugin; a built-in backend is named by
+    routes directly and set up by [delivery] (it was an unknown plugin before it was one)."""
+    from mailrelay.app.backends import makeBackends
+    from mailrelay.config import loadConfig
+    from mailrelay.errors import ConfigError
+
+    path = tmp_path / "mailrelay.toml"
+    path.write_text(f'[[backends]]\nname = "mine"\nplugin = "{name}"\n')
+    with pytest.raises(ConfigError) as e:
+        makeBackends(loadConfig(str(path)), Clock(), lambda spec, interface: DiscardBackend())
+    assert e.value.key == "backends[0].plugin" and e.value.file == str(path)
+    assert f"{name!r} is a built-in backend" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
 # discard
 
 
@@ -415,6 +583,35 @@ def send(
     if queueID:
         env.queueID = queueID
     return backend.deliver(env, env.recipients, Route(backendName, nexthop, options), path)
+
+
+def test_unexpected_error_of_a_delivery_defers_its_recipients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A backend's delivery that fails unexpectedly (a bug) gives its recipients a transient
+    4.3.0 with the error, logged; the Deferred never fails, and the next hop's slot is freed."""
+    from twisted.logger import Logger
+
+    from mailrelay.delivery import common
+
+    events: list[dict] = []
+    monkeypatch.setattr(common, "log", Logger(observer=events.append))
+    limit = common.PerDestination(1, "SMTP")
+    env = envelope("a@example.org", "b@example.org")
+
+    def broken() -> defer.Deferred:
+        return defer.fail(RuntimeError("oops"))
+
+    results = result(limit.run("mx.example", env, env.recipients, broken))
+    assert [(r.address, r.status, r.code) for r in results] == [
+        ("a@example.org", TRANSIENT, "4.3.0"),
+        ("b@example.org", TRANSIENT, "4.3.0"),
+    ]
+    assert results[0].diagnostic == "X-mailrelay; internal error: oops"
+    assert limit.semaphores == {}
+    (event,) = events
+    assert event["log_failure"].check(RuntimeError)
+    assert (event["queueID"], event["what"], event["nexthop"]) == ("Q" * 20, "SMTP", "mx.example")
 
 
 def test_smtp_provides_interface() -> None:

@@ -77,10 +77,6 @@ KNOWN = {
     "mailrelay.cleanup.intake -> mailrelay.spool",
     # DSNs will enter the spool through the intake.
     "mailrelay.queue.dsn -> mailrelay.cleanup.stamping",
-    # The dropin will define the built-in plugin objects itself.
-    "twisted.plugins.mailrelay_plugin -> mailrelay.policy.validators",
-    # Modules that became their package's __init__.py until they are split.
-    "mailrelay.delivery: __init__.py holds code",
 }
 
 

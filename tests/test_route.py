@@ -21,8 +21,10 @@ from mailrelay.route import (
     DeliveryFailure,
     MXHost,
     MXResolver,
+    PermanentFailure,
     RouteRule,
     RoutingTable,
+    TransientFailure,
     makeResolver,
     parseNameserver,
     parseSMTPNexthop,
@@ -238,7 +240,7 @@ def test_bad_rules() -> None:
 def test_recipient_without_domain() -> None:
     with pytest.raises(DeliveryFailure) as e:
         routeOf(RoutingTable(), "postmaster")
-    assert e.value.permanent and e.value.code == "5.1.2"
+    assert isinstance(e.value, PermanentFailure) and e.value.code == "5.1.2"
     assert routeOf(RoutingTable(smarthost="[relay.example]:25"), "postmaster") == Route(
         "smtp", "[relay.example]:25"
     )
@@ -657,6 +659,7 @@ def test_no_mx_falls_back_to_addresses() -> None:
 def test_null_mx() -> None:
     resolver, _, _ = makeMX()
     f = failureOf(resolver, "nullmx.example")
+    assert isinstance(f, PermanentFailure)
     assert (f.permanent, f.code) == (True, "5.1.10")
     assert f.diagnostic == "X-mailrelay; domain nullmx.example does not accept mail (null MX)"
 
@@ -671,6 +674,7 @@ def test_nxdomain() -> None:
 def test_servfail_and_refused_are_transient() -> None:
     resolver, _, _ = makeMX()
     f = failureOf(resolver, "broken.example")
+    assert isinstance(f, TransientFailure)
     assert (f.permanent, f.code) == (False, "4.4.3")
     assert "SERVFAIL" in f.diagnostic
     f = failureOf(resolver, "refused.example")
@@ -739,8 +743,28 @@ def test_max_addresses() -> None:
 def test_transient_copy() -> None:
     f = DeliveryFailure(permanent=True, code="5.1.2", diagnostic="x")
     t = f.transient()
+    assert isinstance(t, TransientFailure)
     assert (t.permanent, t.code, t.diagnostic) == (False, "4.1.2", "x")
     assert t.transient() is t
+
+
+def test_delivery_failure_classes() -> None:
+    """DeliveryFailure(permanent=...) makes the subclass it names; the code's class must
+    agree with it."""
+    f = DeliveryFailure(permanent=True, code="5.1.2", diagnostic="X-mailrelay; gone")
+    assert type(f) is PermanentFailure and f.permanent
+    assert (f.code, f.diagnostic) == ("5.1.2", "X-mailrelay; gone")
+    assert str(f) == "5.1.2 X-mailrelay; gone"
+    f = DeliveryFailure(permanent=False, code="4.4.3", diagnostic="x")
+    assert type(f) is TransientFailure and not f.permanent
+    assert isinstance(TransientFailure(code="4.4.4", diagnostic="x"), DeliveryFailure)
+    assert PermanentFailure(code="5.1.10", diagnostic="x").permanent
+    with pytest.raises(ValueError, match="code must be 4.x.x, not '5.1.1'"):
+        TransientFailure(code="5.1.1", diagnostic="x")
+    with pytest.raises(ValueError, match="code must be 5.x.x, not '4.1.1'"):
+        DeliveryFailure(permanent=True, code="4.1.1", diagnostic="x")
+    with pytest.raises(ValueError, match="is not permanent=False"):
+        PermanentFailure(code="5.1.1", diagnostic="x", permanent=False)
 
 
 # ---------------------------------------------------------------------------------------------

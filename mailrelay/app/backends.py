@@ -1,55 +1,67 @@
-"""The delivery backends of a L{Config}: the built-in ones, configured, and the site's."""
+"""The delivery backends of a L{Config}: the built-in ones and the site's, all built as plugins.
+
+The built-in backends are the dropin's C{smtp}, C{lmtp}, C{maildir} and C{discard} plugins,
+given options made of C{[delivery]} and C{[dns]}; the site backends are C{[[backends]]}
+tables.  Both go through the same plugin builder.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from mailrelay.config import Config
+from mailrelay.config import BackendSpec, Config
 from mailrelay.errors import ConfigError
 from mailrelay.interfaces import IDeliveryBackend
 
 
-def makeBackends(config: Config, reactor: Any, build: Any) -> dict[str, Any]:
-    """The built-in delivery backends, configured, and the site backends (plugins).  Each
-    route's options are applied by its backend at delivery time, over these defaults."""
-    import dataclasses
+def builtinBackendSpecs(config: Config) -> list[BackendSpec]:
+    """The plugin entries of the built-in backends, their options made of C{config}.
 
-    from mailrelay.delivery.discard import DiscardBackend
-    from mailrelay.delivery.lmtp import LMTPBackend
-    from mailrelay.delivery.maildir import MaildirBackend
-    from mailrelay.delivery.smtp import SMTPBackend
-    from mailrelay.route.mx import MXResolver, makeResolver
+    @raise ConfigError: C{[delivery]} makes no usable client settings.
+    """
+    from mailrelay.delivery.common import BUILTIN_BACKENDS
     from mailrelay.smtp.client import ClientSettings, ClientTimeouts
 
-    source = config.source or "(embedded default)"
     delivery = config.delivery
     try:
-        base = ClientSettings(
+        settings = ClientSettings(
             heloName=delivery.heloName or config.hostname,
             tls=delivery.tls,
             caFile=delivery.caFile,
             timeouts=ClientTimeouts(**delivery.timeouts),
         )
-        lmtpBase = dataclasses.replace(base, lmtp=True, tls="none", caFile=None)
-        resolver = makeResolver(list(config.nameservers) or None, reactor=reactor)
-        backends: dict[str, Any] = {
-            "smtp": SMTPBackend(
-                reactor,
-                MXResolver(resolver, reactor),
-                base,
-                destinationConcurrency=delivery.destinationConcurrency,
-                connectionCacheTime=delivery.connectionCacheTime,
-            ),
-            "lmtp": LMTPBackend(
-                reactor,
-                lmtpBase,
-                concurrency=delivery.destinationConcurrency,
-            ),
-            "maildir": MaildirBackend(reactor, hostname=config.hostname),
-            "discard": DiscardBackend(),
-        }
     except ValueError as e:
-        raise ConfigError(str(e), file=source, key="delivery") from e
+        raise ConfigError(str(e), file=config.source or "(embedded default)", key="delivery") from e
+    options: dict[str, dict[str, Any]] = {
+        "smtp": {
+            "settings": settings,
+            "nameservers": config.nameservers,
+            "destination_concurrency": delivery.destinationConcurrency,
+            "connection_cache_time": delivery.connectionCacheTime,
+        },
+        "lmtp": {"settings": settings, "concurrency": delivery.destinationConcurrency},
+    }
+    return [
+        BackendSpec(name=name, plugin=name, options=options.get(name, {}), key="delivery")
+        for name in BUILTIN_BACKENDS
+    ]
+
+
+def makeBackends(config: Config, reactor: Any, build: Any) -> dict[str, Any]:
+    """The built-in delivery backends, configured, and the site backends, by name.  Each
+    route's options are applied by its backend at delivery time, over these defaults.
+
+    @param build: C{build(spec, interface)} (L{mailrelay.app.plugins.pluginBuilder}).
+    @raise ConfigError: a backend is refused, or a C{[[backends]]} table names a built-in
+        backend's plugin (those are set up by C{[delivery]}, and routes name them directly).
+    """
+    builtins = builtinBackendSpecs(config)
     for spec in config.backends:
-        backends[spec.name] = build(spec, IDeliveryBackend)
-    return backends
+        if spec.plugin in {b.plugin for b in builtins}:
+            raise ConfigError(
+                f"{spec.plugin!r} is a built-in backend: routes name it as their backend and "
+                "[delivery] sets it up; it cannot be the plugin of a [[backends]] table",
+                file=config.source or "(embedded default)",
+                key=f"{spec.key}.plugin",
+            )
+    return {spec.name: build(spec, IDeliveryBackend) for spec in [*builtins, *config.backends]}

@@ -12,8 +12,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailrelay.delivery import resultsForAll
-from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, Route
+from mailrelay.delivery.common import builtinOptions, resultsForAll
+from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, PluginContext, Route
 
 log = Logger()
 
@@ -38,3 +38,9 @@ class DiscardBackend:
     def close(self) -> Deferred:
         """Nothing to close."""
         return succeed(None)
+
+
+def build(options: dict[str, Any], context: PluginContext) -> DiscardBackend:
+    """The C{discard} plugin's factory: no options."""
+    builtinOptions("discard", options, ())
+    return DiscardBackend()

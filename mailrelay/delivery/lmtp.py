@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import (
@@ -30,13 +31,21 @@ from twisted.internet.endpoints import (
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailrelay.delivery import ClientBackend, PerDestination, Quitter, resultsForAll
-from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, Route
+from mailrelay.delivery.common import (
+    ClientBackend,
+    PerDestination,
+    Quitter,
+    builtinOptions,
+    resultsForAll,
+)
+from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, PluginContext, Route
 from mailrelay.route.nexthop import parseLMTPNexthop
 from mailrelay.smtp import client as smtpClient
 from mailrelay.smtp.client import ClientSettings, SMTPConnectError
 
 log = Logger()
+
+__all__ = ["LMTPBackend", "build"]
 
 
 @implementer(IDeliveryBackend)
@@ -137,10 +146,15 @@ class LMTPBackend(ClientBackend):
         self._quit(connection)
         return results
 
-    def _quit(self, connection: Any) -> None:
-        """Send QUIT (or abort a connection that cannot be used any more), in the background."""
-        self._quitter.quit(connection)
 
-    def close(self, timeout: float = 10.0) -> Deferred:
-        """Wait (at most C{timeout} seconds) for connections still quitting."""
-        return self._quitter.wait(timeout)
+def build(options: dict[str, Any], context: PluginContext) -> LMTPBackend:
+    """The C{lmtp} plugin's factory: the LMTP backend of the relay.
+
+    @param options: C{settings}, the relay's default L{ClientSettings} (of C{[delivery]}),
+        which LMTP uses without TLS and with the platform's trust store unless a route says
+        otherwise (a local store); C{concurrency} (see L{LMTPBackend}).
+    @param context: its C{reactor} connects and times.
+    """
+    options = builtinOptions("lmtp", options, ("settings", "concurrency"))
+    settings = dataclasses.replace(options["settings"], lmtp=True, tls="none", caFile=None)
+    return LMTPBackend(context.reactor, settings, concurrency=options.get("concurrency", 20))

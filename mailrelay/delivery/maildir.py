@@ -25,16 +25,24 @@ import itertools
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, RecipientResult, Route
+from mailrelay.delivery.common import builtinOptions
+from mailrelay.interfaces import (
+    DeliveryStatus,
+    IDeliveryBackend,
+    PluginContext,
+    RecipientResult,
+    Route,
+)
 
 log = Logger()
 
@@ -163,7 +171,7 @@ class MaildirBackend:
         d = self._inThread(self._deliverAll, header, [j for _, j in jobs], str(messagePath))
 
         def done(outcomes: list[RecipientResult]) -> list[RecipientResult]:
-            for (index, job), result in zip(jobs, outcomes):
+            for (index, job), result in zip(jobs, outcomes, strict=True):
                 results[index] = result
                 if result.status is DeliveryStatus.DELIVERED:
                     log.info(
@@ -281,3 +289,10 @@ class MaildirBackend:
     def close(self) -> Deferred:
         """Nothing to close."""
         return succeed(None)
+
+
+def build(options: dict[str, Any], context: PluginContext) -> MaildirBackend:
+    """The C{maildir} plugin's factory: no options; the relay's host name (C{context}) goes
+    into the unique file names, the reactor's thread pool writes."""
+    builtinOptions("maildir", options, ())
+    return MaildirBackend(context.reactor, hostname=context.hostname)

@@ -14,10 +14,11 @@ For each delivery the backend
 
 When no host accepts, every recipient gets the most relevant error as a transient failure:
 the last transaction's results if there was one, else the last connection error that carried
-a server reply, else the last connection error.  DNS failures (L{DeliveryFailure}) give every
-recipient that failure; a permanent one (NXDOMAIN, null MX) stays permanent only when the
-next hop is the recipients' own domain: a configured next hop or smarthost that does not
-exist is the operator's mistake, and its mail is kept (transient).
+a server reply, else the last connection error.  DNS failures (a L{TransientFailure
+<mailrelay.errors.TransientFailure>} or L{PermanentFailure <mailrelay.errors.PermanentFailure>}
+from the resolver) give every recipient that failure; a permanent one (NXDOMAIN, null MX) stays
+permanent only when the next hop is the recipients' own domain: a configured next hop or
+smarthost that does not exist is the operator's mistake, and its mail is kept (transient).
 
 Each delivery's L{ClientSettings} are the backend's defaults with the options of the
 delivery's L{Route <mailrelay.interfaces.Route>} applied (TLS policy, CA file, AUTH): the
@@ -34,8 +35,10 @@ all (call it when the service stops).
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -43,17 +46,23 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, w
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailrelay.delivery import ClientBackend, PerDestination, Quitter, resultsForAll
-from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, RecipientResult
+from mailrelay.delivery.common import (
+    ClientBackend,
+    PerDestination,
+    Quitter,
+    builtinOptions,
+    resultsForAll,
+)
+from mailrelay.errors import DeliveryFailure, PermanentFailure
+from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, PluginContext, RecipientResult
+from mailrelay.route.mx import MXHost, MXResolver, makeResolver
 from mailrelay.route.nexthop import parseSMTPNexthop
-from mailrelay.route.mx import MXHost
-from mailrelay.route.table import DeliveryFailure
 from mailrelay.smtp import client as smtpClient
 from mailrelay.smtp.client import ClientSettings, SMTPConnectError
 
 log = Logger()
 
-__all__ = ["SMTPBackend"]
+__all__ = ["SMTPBackend", "build"]
 
 
 def _remoteMTA(name: str) -> str:
@@ -73,12 +82,86 @@ def _transientCode(code: str) -> str:
     return "4" + code[1:] if code[:1] in ("4", "5") else "4.4.0"
 
 
+@dataclass
+class _Tried:
+    """What the hosts of one delivery said when none took the message.
+
+    @ivar deferred: the results of the last host that deferred every recipient, if any.
+    @ivar connectErrors: C{(code, diagnostic, remoteMTA)} of each failed connection.
+    """
+
+    deferred: list[RecipientResult] | None = None
+    connectErrors: list[tuple[str, str, str | None]] = field(default_factory=list)
+
+
 class _Idle:
     """An idle cached connection and the timer that will close it."""
 
     def __init__(self, connection: Any, timer: Any) -> None:
         self.connection = connection
         self.timer = timer
+
+
+class _ConnectionCache:
+    """Idle connections by C{(nexthop, settings)}, reused only with the same settings, each
+    kept C{cacheTime} seconds and then quit."""
+
+    def __init__(self, reactor: Any, cacheTime: float, quit: Callable[[Any], None]) -> None:
+        self.reactor = reactor
+        self.cacheTime = cacheTime
+        self._quit = quit
+        self._idle: dict[tuple[str, ClientSettings], list[_Idle]] = {}
+        self._closed = False
+
+    def take(self, key: tuple[str, ClientSettings]) -> Any:
+        """An idle usable connection to C{key}'s next hop with C{key}'s settings, or C{None}."""
+        idle = self._idle.get(key)
+        while idle:
+            entry = idle.pop()
+            if entry.timer.active():
+                entry.timer.cancel()
+            if entry.connection.usable:
+                if not idle:
+                    del self._idle[key]
+                return entry.connection
+            self._quit(entry.connection)
+        self._idle.pop(key, None)
+        return None
+
+    def release(self, key: tuple[str, ClientSettings], connection: Any) -> None:
+        """Cache C{connection} for reuse by deliveries to C{key}, or quit it."""
+        if self._closed or self.cacheTime <= 0 or not connection.usable:
+            self._quit(connection)
+            return
+        entry = _Idle(connection, None)
+        entry.timer = self.reactor.callLater(self.cacheTime, self._expire, key, entry)
+        self._idle.setdefault(key, []).append(entry)
+
+    def _expire(self, key: tuple[str, ClientSettings], entry: _Idle) -> None:
+        idle = self._idle.get(key, [])
+        if entry in idle:
+            idle.remove(entry)
+            if not idle:
+                del self._idle[key]
+        self._quit(entry.connection)
+
+    def count(self, nexthop: str | None = None) -> int:
+        """How many idle connections are cached (to C{nexthop} with any settings, or in
+        all)."""
+        return sum(
+            len(entries)
+            for (destination, _), entries in self._idle.items()
+            if nexthop is None or destination == nexthop
+        )
+
+    def close(self) -> None:
+        """Quit every idle connection and stop caching."""
+        self._closed = True
+        for key in list(self._idle):
+            for entry in self._idle.pop(key):
+                if entry.timer.active():
+                    entry.timer.cancel()
+                self._quit(entry.connection)
 
 
 @implementer(IDeliveryBackend)
@@ -113,13 +196,8 @@ class SMTPBackend(ClientBackend):
         self.connectionCacheTime = connectionCacheTime
         self._connect = connect
         self._perDestination = PerDestination(destinationConcurrency, "SMTP")
-        #: idle connections by C{(nexthop, settings)}: reused only with the same settings.
-        self._idle: dict[tuple[str, ClientSettings], list[_Idle]] = {}
         self._quitter = Quitter(reactor)
-        self._closed = False
-
-    # -- delivery ------------------------------------------------------------------------------
-
+        self._cache = _ConnectionCache(reactor, connectionCacheTime, self._quit)
 
     def _connectFunction(self) -> Callable[..., Deferred]:
         return self._connect if self._connect is not None else smtpClient.connectSMTP
@@ -155,103 +233,156 @@ class SMTPBackend(ClientBackend):
         settings: ClientSettings,
         messagePath: Path,
     ) -> Any:
-        queueID = envelope.queueID
-        reusedResults: list[RecipientResult] | None = None
-        freshResults: list[RecipientResult] | None = None
         key = (nexthop, settings)
-
-        cached = self._takeIdle(key)
-        if cached is not None:
-            results = yield self._send(cached, envelope, recipients, messagePath)
-            self._release(key, cached)
-            if not _allTransient(results):
-                return results
-            log.info(
-                "{queueID}: every recipient deferred on the reused connection to {remoteMTA}; "
-                "trying afresh",
-                queueID=queueID,
-                remoteMTA=cached.remoteMTA,
-            )
-            reusedResults = results
-
+        reusedResults = yield self._sendOnIdle(key, envelope, recipients, messagePath)
+        if reusedResults is not None and not _allTransient(reusedResults):
+            return reusedResults
         try:
             hosts = yield self.resolver.resolve(nexthop)
         except DeliveryFailure as e:
-            if e.permanent and not self._isRecipientDomain(nexthop, recipients):
-                e = e.transient()
-            log.warn(
-                "{queueID}: cannot deliver to {nexthop}: {code} {diagnostic}",
-                queueID=queueID,
-                nexthop=nexthop,
-                code=e.code,
-                diagnostic=e.diagnostic,
-            )
-            status = DeliveryStatus.PERMANENT if e.permanent else DeliveryStatus.TRANSIENT
-            return resultsForAll(recipients, status, e.code, e.diagnostic)
+            return self._unresolved(e, envelope, recipients, nexthop)
+        tried = _Tried()
+        results = yield self._tryHosts(hosts, key, envelope, recipients, messagePath, tried)
+        if results is not None:
+            return results
+        return self._noHostAccepted(tried, reusedResults, envelope, recipients, nexthop)
 
-        connectErrors: list[tuple[str, str, str | None, bool]] = []
+    @inlineCallbacks
+    def _sendOnIdle(
+        self, key: tuple[str, ClientSettings], envelope: Any, recipients: list, messagePath: Path
+    ) -> Any:
+        """Send over an idle cached connection to C{key}, if there is one.
+
+        @return: a Deferred firing with the results, or C{None} without a cached connection.
+        """
+        cached = self._cache.take(key)
+        if cached is None:
+            return None
+        results = yield self._send(cached, envelope, recipients, messagePath)
+        self._cache.release(key, cached)
+        if _allTransient(results):
+            log.info(
+                "{queueID}: every recipient deferred on the reused connection to {remoteMTA}; "
+                "trying afresh",
+                queueID=envelope.queueID,
+                remoteMTA=cached.remoteMTA,
+            )
+        return results
+
+    def _unresolved(
+        self, failure: DeliveryFailure, envelope: Any, recipients: list, nexthop: str
+    ) -> list[RecipientResult]:
+        """The results of a delivery whose next hop did not resolve: C{failure} for every
+        recipient, transient unless the next hop is the recipients' own domain."""
+        if isinstance(failure, PermanentFailure) and not self._isRecipientDomain(
+            nexthop, recipients
+        ):
+            failure = failure.transient()
+        log.warn(
+            "{queueID}: cannot deliver to {nexthop}: {code} {diagnostic}",
+            queueID=envelope.queueID,
+            nexthop=nexthop,
+            code=failure.code,
+            diagnostic=failure.diagnostic,
+        )
+        permanent = isinstance(failure, PermanentFailure)
+        status = DeliveryStatus.PERMANENT if permanent else DeliveryStatus.TRANSIENT
+        return resultsForAll(recipients, status, failure.code, failure.diagnostic)
+
+    @inlineCallbacks
+    def _tryHosts(
+        self,
+        hosts: list[MXHost],
+        key: tuple[str, ClientSettings],
+        envelope: Any,
+        recipients: list,
+        messagePath: Path,
+        tried: _Tried,
+    ) -> Any:
+        """Try C{hosts} in order until one takes the message (or is the last one to answer).
+
+        @return: a Deferred firing with the results of the host that decided, or C{None} when
+            none did (C{tried} then says what went wrong).
+        """
         for index, host in enumerate(hosts):
-            try:
-                connection = yield self._connectTo(host, settings)
-            except SMTPConnectError as e:
-                log.info(
-                    "{queueID}: cannot use {mx}[{address}]:{port} for {nexthop}: {code} {diagnostic}",
-                    queueID=queueID,
-                    mx=host.name,
-                    address=host.address,
-                    port=host.port,
-                    nexthop=nexthop,
-                    code=e.code,
-                    diagnostic=e.diagnostic,
-                )
-                connectErrors.append((e.code, e.diagnostic, e.remoteMTA, True))
-                continue
-            except defer.CancelledError:
-                raise
-            except Exception as e:
-                log.failure(
-                    "{queueID}: connecting to {mx}[{address}]:{port} failed unexpectedly",
-                    queueID=queueID,
-                    mx=host.name,
-                    address=host.address,
-                    port=host.port,
-                )
-                connectErrors.append(
-                    (
-                        "4.4.0",
-                        f"X-mailrelay; cannot connect to {host.name}: {e}",
-                        _remoteMTA(host.name),
-                        False,
-                    )
-                )
+            connection = yield self._connectNoting(host, key, envelope, tried)
+            if connection is None:
                 continue
             results = yield self._send(connection, envelope, recipients, messagePath)
-            self._release(key, connection)
+            self._cache.release(key, connection)
             if _allTransient(results) and index + 1 < len(hosts):
                 log.info(
                     "{queueID}: every recipient deferred by {remoteMTA}; trying the next host",
-                    queueID=queueID,
+                    queueID=envelope.queueID,
                     remoteMTA=connection.remoteMTA,
                 )
-                freshResults = results
+                tried.deferred = results
                 continue
             return results
+        return None
 
-        if freshResults is not None:
+    @inlineCallbacks
+    def _connectNoting(
+        self, host: MXHost, key: tuple[str, ClientSettings], envelope: Any, tried: _Tried
+    ) -> Any:
+        """Connect to C{host}; a failure is logged and noted in C{tried}.
+
+        @return: a Deferred firing with the connection, or C{None} when it failed.
+        """
+        try:
+            return (yield self._connectTo(host, key[1]))
+        except SMTPConnectError as e:
+            log.info(
+                "{queueID}: cannot use {mx}[{address}]:{port} for {nexthop}: "
+                "{code} {diagnostic}",
+                queueID=envelope.queueID,
+                mx=host.name,
+                address=host.address,
+                port=host.port,
+                nexthop=key[0],
+                code=e.code,
+                diagnostic=e.diagnostic,
+            )
+            tried.connectErrors.append((e.code, e.diagnostic, e.remoteMTA))
+        except defer.CancelledError:
+            raise
+        except Exception as e:
+            log.failure(
+                "{queueID}: connecting to {mx}[{address}]:{port} failed unexpectedly",
+                queueID=envelope.queueID,
+                mx=host.name,
+                address=host.address,
+                port=host.port,
+            )
+            diagnostic = f"X-mailrelay; cannot connect to {host.name}: {e}"
+            tried.connectErrors.append(("4.4.0", diagnostic, _remoteMTA(host.name)))
+        return None
+
+    def _noHostAccepted(
+        self,
+        tried: _Tried,
+        reusedResults: list[RecipientResult] | None,
+        envelope: Any,
+        recipients: list,
+        nexthop: str,
+    ) -> list[RecipientResult]:
+        """The results when no host took the message: what the last server that answered
+        said, else the most relevant connection error, as a transient failure."""
+        if tried.deferred is not None:
             # A server answered (every recipient deferred): that says more than a refusal.
-            return freshResults
-        if not connectErrors:  # pragma: no cover - the resolver never returns no host
+            return tried.deferred
+        if not tried.connectErrors:  # pragma: no cover - the resolver never returns no host
             return reusedResults or resultsForAll(
                 recipients,
                 DeliveryStatus.TRANSIENT,
                 "4.4.4",
                 f"X-mailrelay; no host to deliver to for {nexthop}",
             )
-        withReply = [c for c in connectErrors if c[1].startswith("smtp;")]
-        code, diagnostic, remoteMTA, _ = (withReply or connectErrors)[-1]
+        withReply = [c for c in tried.connectErrors if c[1].startswith("smtp;")]
+        code, diagnostic, remoteMTA = (withReply or tried.connectErrors)[-1]
         log.warn(
             "{queueID}: no host of {nexthop} accepted the delivery: {code} {diagnostic}",
-            queueID=queueID,
+            queueID=envelope.queueID,
             nexthop=nexthop,
             code=code,
             diagnostic=diagnostic,
@@ -269,52 +400,10 @@ class SMTPBackend(ClientBackend):
             return False
         return parsed.mxLookup and all(r.domain == parsed.host for r in recipients)
 
-    # -- connection cache ----------------------------------------------------------------------
-
-    def _takeIdle(self, key: tuple[str, ClientSettings]) -> Any:
-        """An idle usable connection to C{key}'s next hop with C{key}'s settings, or C{None}."""
-        idle = self._idle.get(key)
-        while idle:
-            entry = idle.pop()
-            if entry.timer.active():
-                entry.timer.cancel()
-            if entry.connection.usable:
-                if not idle:
-                    del self._idle[key]
-                return entry.connection
-            self._quit(entry.connection)
-        self._idle.pop(key, None)
-        return None
-
-    def _release(self, key: tuple[str, ClientSettings], connection: Any) -> None:
-        """Cache C{connection} for reuse by deliveries to C{key}, or quit it."""
-        if self._closed or self.connectionCacheTime <= 0 or not connection.usable:
-            self._quit(connection)
-            return
-        entry = _Idle(connection, None)
-        entry.timer = self.reactor.callLater(self.connectionCacheTime, self._expire, key, entry)
-        self._idle.setdefault(key, []).append(entry)
-
-    def _expire(self, key: tuple[str, ClientSettings], entry: _Idle) -> None:
-        idle = self._idle.get(key, [])
-        if entry in idle:
-            idle.remove(entry)
-            if not idle:
-                del self._idle[key]
-        self._quit(entry.connection)
-
-    def _quit(self, connection: Any) -> None:
-        """Send QUIT (or abort a connection that cannot be used any more), in the background."""
-        self._quitter.quit(connection)
-
     def idleConnections(self, nexthop: str | None = None) -> int:
         """How many idle connections are cached (to C{nexthop} with any settings, or in
         all)."""
-        return sum(
-            len(entries)
-            for (destination, _), entries in self._idle.items()
-            if nexthop is None or destination == nexthop
-        )
+        return self._cache.count(nexthop)
 
     def close(self, timeout: float = 10.0) -> Deferred:
         """Quit every idle connection and stop caching; connections still delivering are
@@ -325,10 +414,29 @@ class SMTPBackend(ClientBackend):
         @return: a Deferred firing (with C{None}, never failing) when the idle connections
             are closed.
         """
-        self._closed = True
-        for key in list(self._idle):
-            for entry in self._idle.pop(key):
-                if entry.timer.active():
-                    entry.timer.cancel()
-                self._quit(entry.connection)
-        return self._quitter.wait(timeout)
+        self._cache.close()
+        return super().close(timeout)
+
+
+def build(options: dict[str, Any], context: PluginContext) -> SMTPBackend:
+    """The C{smtp} plugin's factory: the SMTP backend of the relay.
+
+    @param options: C{settings}, the default L{ClientSettings} (of C{[delivery]});
+        C{nameservers}, the C{[dns]} name servers (none: the system's resolver);
+        C{destination_concurrency} and C{connection_cache_time} (see L{SMTPBackend}).
+    @param context: its C{reactor} connects, times and resolves.
+    """
+    options = builtinOptions(
+        "smtp",
+        options,
+        ("settings", "nameservers", "destination_concurrency", "connection_cache_time"),
+    )
+    reactor = context.reactor
+    resolver = makeResolver(list(options.get("nameservers", ())) or None, reactor=reactor)
+    return SMTPBackend(
+        reactor,
+        MXResolver(resolver, reactor),
+        options["settings"],
+        destinationConcurrency=options.get("destination_concurrency", 20),
+        connectionCacheTime=options.get("connection_cache_time", 2.0),
+    )

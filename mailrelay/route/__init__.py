@@ -5,6 +5,7 @@ May import the values (L{mailrelay.interfaces}, L{mailrelay.envelope}, L{mailrel
 L{mailrelay.address}) and L{mailrelay.smtp}.
 """
 
+from mailrelay.errors import DeliveryFailure, PermanentFailure, TransientFailure
 from mailrelay.route import mx as _mx
 from mailrelay.route import nexthop as _nexthop
 from mailrelay.route import table as _table
@@ -13,4 +14,12 @@ from mailrelay.route.nexthop import *  # noqa: F403
 from mailrelay.route.table import *  # noqa: F403
 from mailrelay.route.table import nexthopForDomain
 
-__all__ = [*_mx.__all__, *_nexthop.__all__, *_table.__all__, "nexthopForDomain"]
+__all__ = [
+    *_mx.__all__,
+    *_nexthop.__all__,
+    *_table.__all__,
+    "nexthopForDomain",
+    "DeliveryFailure",
+    "PermanentFailure",
+    "TransientFailure",
+]

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import ipaddress
 import random as randomModule
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -31,8 +32,8 @@ from twisted.logger import Logger
 from twisted.names import client, dns
 from twisted.names import error as dnsError
 
+from mailrelay.errors import DeliveryFailure, PermanentFailure, TransientFailure
 from mailrelay.route.nexthop import parseNameserver, parseSMTPNexthop
-from mailrelay.route.table import DeliveryFailure
 
 log = Logger()
 
@@ -163,7 +164,7 @@ class MXResolver:
         outcomes = yield defer.DeferredList(queries, consumeErrors=True)
         addresses: list[str] = []
         problems = []
-        for family, (ok, result) in zip(self.families, outcomes):
+        for family, (ok, result) in zip(self.families, outcomes, strict=True):
             if ok:
                 if family == 4:
                     found = [p.dottedQuad() for p in _records(result, dns.A)]
@@ -218,7 +219,7 @@ class MXResolver:
         try:
             parsed = parseSMTPNexthop(nexthop, strict=False)
         except ValueError as e:
-            raise DeliveryFailure(permanent=False, code="4.4.0", diagnostic=f"X-mailrelay; {e}")
+            raise TransientFailure(code="4.4.0", diagnostic=f"X-mailrelay; {e}") from None
         host, port, mxLookup = parsed.host, parsed.port, parsed.mxLookup
         if _isIP(host):
             return [MXHost(host, host, port)]
@@ -234,24 +235,21 @@ class MXResolver:
             failure = _currentFailure()
             kind = self._classify(failure)
             if kind == _NXDOMAIN:
-                raise DeliveryFailure(
-                    permanent=True,
+                raise PermanentFailure(
                     code="5.1.2",
                     diagnostic=f"X-mailrelay; domain {host} does not exist",
-                )
+                ) from None
             if kind == _ERROR:
-                raise DeliveryFailure(
-                    permanent=False,
+                raise TransientFailure(
                     code="4.4.3",
                     diagnostic=f"X-mailrelay; cannot look up the MX records of {host}: "
                     f"{_describe(failure)}",
-                )
+                ) from None
             result = ([], [], [])
         records = _records(result, dns.MX)
         real = [r for r in records if str(r.name).rstrip(".") != ""]
         if records and not real:
-            raise DeliveryFailure(
-                permanent=True,
+            raise PermanentFailure(
                 code="5.1.10",
                 diagnostic=f"X-mailrelay; domain {host} does not accept mail (null MX)",
             )
@@ -260,8 +258,7 @@ class MXResolver:
             addresses, problem = yield self._addresses(host)
             if not addresses:
                 if problem == _NXDOMAIN:
-                    raise DeliveryFailure(
-                        permanent=True,
+                    raise PermanentFailure(
                         code="5.1.2",
                         diagnostic=f"X-mailrelay; domain {host} does not exist",
                     )
@@ -274,7 +271,7 @@ class MXResolver:
         )
         hosts: list[MXHost] = []
         problems = []
-        for (preference, name), (addresses, problem) in zip(ordered, lookups):
+        for (preference, name), (addresses, problem) in zip(ordered, lookups, strict=True):
             if not addresses:
                 log.info(
                     "MX host {mx} of {domain} has no address: {problem}",
@@ -300,9 +297,8 @@ class MXResolver:
                 text = f"host {domain} has no address"
             else:
                 text = f"no MX host of {domain} has an address ({', '.join(names)})"
-            return DeliveryFailure(permanent=False, code="4.4.4", diagnostic=f"X-mailrelay; {text}")
-        return DeliveryFailure(
-            permanent=False,
+            return TransientFailure(code="4.4.4", diagnostic=f"X-mailrelay; {text}")
+        return TransientFailure(
             code="4.4.3",
             diagnostic=f"X-mailrelay; cannot look up the address of {', '.join(names)}: {problem}",
         )

@@ -310,8 +310,7 @@ def parseRouteDomain(text: str) -> str:
         domain = normaliseDomain(text[1:] if subdomains else text)
     except ValueError as e:
         raise ValueError(
-            f"{describeValue(text)} is not a valid domain: {_domainProblem(e)}"
-            f"{_ROUTE_DOMAIN_HINT}"
+            f"{describeValue(text)} is not a valid domain: {_domainProblem(e)}{_ROUTE_DOMAIN_HINT}"
         ) from None
     return "." + domain if subdomains else domain
 

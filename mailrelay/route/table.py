@@ -8,12 +8,14 @@ C{[[routes]]} and its smarthost; each rule's next hop is checked by its backend'
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailrelay.errors import PermanentFailure
 from mailrelay.interfaces import PLATFORM_TRUST_STORE, IRouter, Route, RouteOptions
 from mailrelay.route.nexthop import (
     DEFAULT_SMTP_PORT,
@@ -25,37 +27,13 @@ from mailrelay.route.nexthop import (
 
 log = Logger()
 
+_NO_OPTIONS = RouteOptions()
+
 __all__ = [
-    "DeliveryFailure",
     "RouteRule",
     "RoutingTable",
     "routeOptions",
 ]
-
-
-class DeliveryFailure(Exception):
-    """Delivery to a next hop cannot even start (DNS says no, or nothing to connect to).
-
-    @ivar permanent: C{True} when retrying will not help (the recipients bounce).
-    @ivar code: the RFC 3463 status (C{"5.1.2"}, C{"4.4.3"}); its class agrees with
-        C{permanent}.
-    @ivar diagnostic: an RFC 3464 diagnostic, C{"X-mailrelay; domain example.org does not
-        exist"}.
-    """
-
-    def __init__(self, *, permanent: bool, code: str, diagnostic: str) -> None:
-        self.permanent = permanent
-        self.code = code
-        self.diagnostic = diagnostic
-        super().__init__(f"{code} {diagnostic}")
-
-    def transient(self) -> DeliveryFailure:
-        """This failure as a transient one (a C{4.x.x} code), or itself when already transient."""
-        if not self.permanent:
-            return self
-        return DeliveryFailure(
-            permanent=False, code="4" + self.code[1:], diagnostic=self.diagnostic
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +95,7 @@ class RoutingTable:
     and gets no MX lookup).  A C{"*"} rule takes precedence over the smarthost.
 
     A recipient without a domain (RFC 5321 C{<postmaster>}) goes to the C{"*"} rule, the
-    smarthost, or nowhere: L{route} then raises a permanent L{DeliveryFailure}.
+    smarthost, or nowhere: L{route} then raises a L{PermanentFailure}.
 
     Each L{Route} carries the L{RouteOptions} of the rule (or of the smarthost) that chose
     it, and the backend is given that route: two rules with the same next hop keep their own
@@ -143,7 +121,7 @@ class RoutingTable:
         self,
         rules: Iterable[RouteRule] = (),
         smarthost: Any = None,
-        smarthostOptions: RouteOptions = RouteOptions(),
+        smarthostOptions: RouteOptions = _NO_OPTIONS,
     ) -> None:
         """
         @param rules: the rules, in any order; two rules for the same pattern are an error.
@@ -231,7 +209,7 @@ class RoutingTable:
     def route(self, envelope: Any, recipient: Any) -> Route:
         """The L{Route} for C{recipient} (see the class docstring).
 
-        @raise DeliveryFailure: the recipient has no domain and nothing routes it.
+        @raise PermanentFailure: the recipient has no domain and nothing routes it.
         """
         domain = recipient.domain
         pattern, route = self._match(domain)
@@ -241,8 +219,7 @@ class RoutingTable:
             # An smtp rule without nexthop: the recipient's own domain.
             _, port, options = self._implicit[pattern]  # type: ignore[index]
             if not domain:
-                raise DeliveryFailure(
-                    permanent=True,
+                raise PermanentFailure(
                     code="5.1.2",
                     diagnostic=f"X-mailrelay; recipient {recipient.address} has no domain",
                 )
@@ -250,8 +227,7 @@ class RoutingTable:
         if self.smarthost is not None:
             return Route("smtp", self.smarthost, self.smarthostOptions)
         if not domain:
-            raise DeliveryFailure(
-                permanent=True,
+            raise PermanentFailure(
                 code="5.1.2",
                 diagnostic=f"X-mailrelay; recipient {recipient.address} has no domain",
             )

@@ -1,13 +1,19 @@
 """The mailrelay dropin: the C{twistd mailrelay} command and the built-in plugins.
 
 Everything here is cheap to import: C{ServiceMaker} imports L{mailrelay.app.tap} only when the
-command runs, and the built-in plugins import their implementations only when built.
+command runs, and the built-in plugins import their implementations only when built (their
+factories are C{"module:function"} strings).  The built-in delivery backends are plugins like
+a site's: the relay builds them from C{[delivery]} and C{[dns]} (L{mailrelay.app.backends}).
 """
 
 from twisted.application.service import ServiceMaker
 
-from mailrelay.interfaces import IHeaderStamper, MailRelayPlugin
-from mailrelay.policy.validators import acceptedDomainsPlugin, recipientMapPlugin, regexPlugin
+from mailrelay.interfaces import (
+    IDeliveryBackend,
+    IHeaderStamper,
+    IRecipientValidator,
+    MailRelayPlugin,
+)
 
 mailrelay = ServiceMaker(
     "mailrelay",
@@ -23,10 +29,52 @@ defaultStamper = MailRelayPlugin(
     factory="mailrelay.cleanup.stamping:buildDefaultStamper",
 )
 
+
+acceptedDomainsPlugin = MailRelayPlugin(
+    name="accepted-domains",
+    provides=IRecipientValidator,
+    description="Accept recipients in listed domains (.example.com: its subdomains)",
+    factory="mailrelay.policy.validators:buildAcceptedDomains",
+)
+
+recipientMapPlugin = MailRelayPlugin(
+    name="recipient-map",
+    provides=IRecipientValidator,
+    description="Accept, reject or defer recipients listed in a Postfix-style table file",
+    factory="mailrelay.policy.validators:buildRecipientMap",
+)
+
+regexPlugin = MailRelayPlugin(
+    name="regex",
+    provides=IRecipientValidator,
+    description="Accept, reject or defer recipients matching regular expressions",
+    factory="mailrelay.policy.validators:buildRegex",
+)
+
+
+def _builtinBackend(name: str, description: str) -> MailRelayPlugin:
+    """The plugin of the built-in backend C{name}, made by C{mailrelay.delivery.<name>.build}."""
+    return MailRelayPlugin(
+        name=name,
+        provides=IDeliveryBackend,
+        description=f"Built in: {description}",
+        factory=f"mailrelay.delivery.{name}:build",
+    )
+
+
+smtpBackend = _builtinBackend("smtp", "delivers over SMTP to a domain's MX hosts or a next hop")
+lmtpBackend = _builtinBackend("lmtp", "hands messages to a mail store over LMTP (TCP or UNIX)")
+maildirBackend = _builtinBackend("maildir", "writes each recipient's copy into a Maildir")
+discardBackend = _builtinBackend("discard", "counts every recipient as delivered, sends nothing")
+
 __all__ = [
     "mailrelay",
     "defaultStamper",
     "acceptedDomainsPlugin",
     "recipientMapPlugin",
     "regexPlugin",
+    "smtpBackend",
+    "lmtpBackend",
+    "maildirBackend",
+    "discardBackend",
 ]

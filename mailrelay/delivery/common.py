@@ -1,0 +1,285 @@
+"""What the delivery backends share: results for a whole group (L{resultsForAll}), the
+per-next-hop concurrency limit (L{PerDestination}), quitting connections in the background
+(L{Quitter}), the base of the SMTP and LMTP backends (L{ClientBackend}), and the checks of the
+options the relay builds the built-in backends' plugins with (L{builtinOptions})."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, DeferredSemaphore, inlineCallbacks
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailrelay.interfaces import PLATFORM_TRUST_STORE, DeliveryStatus, RecipientResult, Route
+from mailrelay.smtp.client import ClientSettings
+
+__all__ = [
+    "BUILTIN_BACKENDS",
+    "resultsForAll",
+    "PerDestination",
+    "Quitter",
+    "ClientBackend",
+    "builtinOptions",
+]
+
+log = Logger()
+
+#: The names of the built-in backends, as routes name them, and of their plugins (the
+#: dropin's; each module's C{build} makes the backend).
+BUILTIN_BACKENDS = ("smtp", "lmtp", "maildir", "discard")
+
+
+def builtinOptions(
+    backend: str, options: dict[str, Any], allowed: Iterable[str]
+) -> dict[str, Any]:
+    """C{options} of the built-in C{backend}'s plugin, checked: the relay builds them from
+    C{[delivery]} and C{[dns]} (L{mailrelay.app.backends}); C{settings}, when allowed, is
+    required and must be a L{ClientSettings}.
+
+    @raise ValueError: an unknown option, or no usable C{settings}.
+    """
+    allowed = tuple(allowed)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"the built-in {backend} backend has no option {unknown[0]!r} "
+            f"(its options: {', '.join(allowed) or 'none'})"
+        )
+    if "settings" in allowed and not isinstance(options.get("settings"), ClientSettings):
+        raise ValueError(
+            f"the built-in {backend} backend needs its client settings (option 'settings', "
+            f"a ClientSettings), not {options.get('settings')!r}"
+        )
+    return options
+
+
+def resultsForAll(
+    recipients: Iterable[Any],
+    status: DeliveryStatus,
+    code: str,
+    diagnostic: str,
+    remoteMTA: str | None = None,
+) -> list[RecipientResult]:
+    """The same result for each of C{recipients} (L{mailrelay.envelope.Recipient}s)."""
+    return [
+        RecipientResult(
+            address=r.address, status=status, code=code, diagnostic=diagnostic, remoteMTA=remoteMTA
+        )
+        for r in recipients
+    ]
+
+
+class PerDestination:
+    """Runs deliveries with at most C{limit} at once per next hop, and makes their Deferreds
+    never fail (an unexpected error is logged and counts as a transient failure of every
+    recipient; a cancellation by the caller passes through).
+
+    @ivar semaphores: the semaphores of the next hops with deliveries running or waiting
+        (forgotten when a next hop goes idle, so the mapping stays small).
+    """
+
+    def __init__(self, limit: int, what: str) -> None:
+        if limit < 1:
+            raise ValueError("the concurrency limit must be at least 1")
+        self.limit = limit
+        self.what = what
+        self.semaphores: dict[str, DeferredSemaphore] = {}
+
+    def run(
+        self,
+        nexthop: str,
+        envelope: Any,
+        recipients: list[Any],
+        f: Callable[..., Deferred],
+        *args: Any,
+    ) -> Deferred:
+        """Run C{f(*args)} when a slot for C{nexthop} is free."""
+        semaphore = self.semaphores.get(nexthop)
+        if semaphore is None:
+            semaphore = self.semaphores[nexthop] = DeferredSemaphore(self.limit)
+        d = semaphore.run(f, *args)
+
+        def forget(result: Any) -> Any:
+            if (
+                semaphore.tokens == semaphore.limit
+                and not semaphore.waiting
+                and self.semaphores.get(nexthop) is semaphore
+            ):
+                del self.semaphores[nexthop]
+            return result
+
+        def unexpected(failure: Failure) -> Any:
+            if failure.check(defer.CancelledError):
+                return failure  # the caller cancelled (its time-out): let it know
+            log.failure(
+                "{queueID}: {what} delivery to {nexthop} failed unexpectedly",
+                failure,
+                queueID=envelope.queueID,
+                what=self.what,
+                nexthop=nexthop,
+            )
+            return resultsForAll(
+                recipients,
+                DeliveryStatus.TRANSIENT,
+                "4.3.0",
+                f"X-mailrelay; internal error: {failure.getErrorMessage()}",
+            )
+
+        d.addErrback(unexpected)
+        d.addBoth(forget)
+        return d
+
+
+class Quitter:
+    """Ends client connections in the background (QUIT, or abort when a connection cannot be
+    used any more), and lets a backend wait for those still quitting when it closes."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.quitting: set[Deferred] = set()
+
+    def quit(self, connection: Any) -> None:
+        if not connection.usable:
+            try:
+                connection.abort()
+            except Exception:
+                log.failure(
+                    "aborting {remoteMTA}", remoteMTA=getattr(connection, "remoteMTA", None)
+                )
+            return
+        d = defer.maybeDeferred(connection.quit)
+        self.quitting.add(d)
+
+        def done(result: Any) -> None:
+            self.quitting.discard(d)
+            if isinstance(result, Failure):
+                log.debug(
+                    "QUIT to {remoteMTA} failed: {error}",
+                    remoteMTA=getattr(connection, "remoteMTA", None),
+                    error=result.getErrorMessage(),
+                )
+                try:
+                    connection.abort()
+                except Exception:
+                    pass
+
+        d.addBoth(done)
+
+    def wait(self, timeout: float) -> Deferred:
+        """Fires (never failing) when every connection has quit, or after C{timeout} seconds
+        (those left are then cancelled, which aborts them)."""
+        pending = list(self.quitting)
+        if not pending:
+            return defer.succeed(None)
+        done = defer.DeferredList(pending, consumeErrors=True)
+        timer = self.reactor.callLater(timeout, done.cancel)
+
+        def finish(_: Any) -> None:
+            if timer.active():
+                timer.cancel()
+
+        done.addBoth(finish)
+        return done
+
+
+class ClientBackend:
+    """What the SMTP and LMTP backends share: each delivery's client settings are the
+    backend's defaults with the options of the delivery's L{Route} applied (never looked up
+    by the next hop's name), deliveries are limited per next hop (see L{PerDestination}), and
+    connections are quit in the background (see L{Quitter}).  Subclasses set C{settings},
+    C{_perDestination} and C{_quitter}, and define C{_deliver}."""
+
+    settings: Any
+    _perDestination: PerDestination
+    _quitter: Quitter
+
+    def settingsFor(self, route: Route) -> Any:
+        """The client settings of a delivery along C{route}: the backend's default
+        C{settings} with C{route.options} applied.
+
+        @raise ValueError: the options cannot be applied (the message says why).
+        """
+        changes = route.options.changes()
+        if changes.get("caFile") == PLATFORM_TRUST_STORE:
+            changes["caFile"] = None  # what ClientSettings calls the platform's trust store
+        return dataclasses.replace(self.settings, **changes) if changes else self.settings
+
+    def deliver(self, envelope: Any, recipients: Any, route: Route, messagePath: Any) -> Deferred:
+        """Deliver to C{recipients} along C{route}; the Deferred never fails (but may be
+        cancelled)."""
+        recipients = list(recipients)
+        try:
+            settings = self.settingsFor(route)
+        except ValueError as e:
+            log.error(
+                "{queueID}: the options of the {what} route to {nexthop} cannot be used: "
+                "{error}",
+                queueID=envelope.queueID,
+                what=self._perDestination.what,
+                nexthop=route.nexthop,
+                error=str(e),
+            )
+            return defer.succeed(
+                resultsForAll(
+                    recipients,
+                    DeliveryStatus.TRANSIENT,
+                    "4.3.5",
+                    f"X-mailrelay; unusable options for the route to {route.nexthop}: {e}",
+                )
+            )
+        return self._perDestination.run(
+            route.nexthop,
+            envelope,
+            recipients,
+            self._deliver,
+            envelope,
+            recipients,
+            route.nexthop,
+            settings,
+            messagePath,
+        )
+
+    def _deliver(
+        self, envelope: Any, recipients: list[Any], nexthop: str, settings: Any, messagePath: Any
+    ) -> Deferred:
+        raise NotImplementedError()
+
+    @inlineCallbacks
+    def _send(self, connection: Any, envelope: Any, recipients: list, messagePath: Any) -> Any:
+        """C{connection.send}, turning an (unexpected) failure into transient results."""
+        try:
+            results = yield connection.send(envelope, recipients, messagePath)
+        except defer.CancelledError:
+            connection.abort()
+            raise
+        except Exception as e:
+            log.failure(
+                "{queueID}: sending over {remoteMTA} failed unexpectedly",
+                queueID=envelope.queueID,
+                remoteMTA=getattr(connection, "remoteMTA", None),
+            )
+            connection.abort()
+            return resultsForAll(
+                recipients,
+                DeliveryStatus.TRANSIENT,
+                "4.3.0",
+                f"X-mailrelay; internal error: {e}",
+                getattr(connection, "remoteMTA", None),
+            )
+        return list(results)
+
+    def _quit(self, connection: Any) -> None:
+        """Send QUIT (or abort a connection that cannot be used any more), in the background."""
+        self._quitter.quit(connection)
+
+    def close(self, timeout: float = 10.0) -> Deferred:
+        """Wait (at most C{timeout} seconds) for connections still quitting."""
+        return self._quitter.wait(timeout)
+
+    @property
+    def _semaphores(self) -> dict[str, Any]:
+        return self._perDestination.semaphores
