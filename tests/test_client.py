@@ -1,4 +1,5 @@
-"""Tests for the ESMTP/LMTP delivery client (L{mailrelay.smtp.client}).
+"""Tests for the ESMTP/LMTP delivery client: the sans-IO session (L{mailrelay.smtp.client}, with
+L{mailrelay.smtp.wire}) and its Twisted driver (L{mailrelay.delivery.connection}).
 
 Most tests drive L{connectSMTP} over a C{StringTransport} with a C{task.Clock}: the test plays
 the server byte for byte.  The dot-stuffing property test uses our own sans-IO server session
@@ -27,17 +28,13 @@ from twisted.python.failure import Failure
 
 from mailrelay.envelope import ClientInfo, Envelope, Recipient
 from mailrelay.interfaces import ACCEPT, DeliveryStatus
-from mailrelay.smtp import client
-from mailrelay.smtp.client import (
-    ClientSettings,
-    ClientTimeouts,
-    DotStuffer,
-    BareNewlineError,
-    ProtocolError,
-    ReplyParser,
-    SMTPConnectError,
-    connectSMTP,
-)
+from mailrelay.delivery import protocol as clientProtocol
+from mailrelay.delivery.connection import connectSMTP
+from mailrelay.delivery.tls import clientTLSOptions
+from mailrelay.smtp import wire
+from mailrelay.smtp.clientsettings import ClientSettings, ClientTimeouts
+from mailrelay.smtp.errors import BareNewlineError, ProtocolError, SMTPConnectError
+from mailrelay.smtp.wire import DotStuffer, ReplyParser
 from mailrelay.smtp.replies import Reply
 from mailrelay.smtp.server import (
     BodyData,
@@ -188,7 +185,7 @@ def test_replyParserMultiLineAndEnhancedCodes():
     parser.feed(b"50 5.1.1 user\r\n250\r\n")
     second = parser.next()
     assert (second.code, second.enhanced, second.text) == (550, "5.1.1", "no such\nuser")
-    assert client.replyDiagnostic(second) == "smtp; 550 5.1.1 no such user"
+    assert wire.replyDiagnostic(second) == "smtp; 550 5.1.1 no such user"
     third = parser.next()
     assert (third.code, third.text) == (250, "")
     assert not parser.hasData
@@ -205,7 +202,7 @@ def test_replyParserMultiLineAndEnhancedCodes():
     b"150 too low\r\n",
     b"250 bare\nLF\r\n",
     b"250 bare \r CR\r\n",
-    b"250 " + b"x" * (client.MAX_REPLY_LINE + 10),
+    b"250 " + b"x" * (wire.MAX_REPLY_LINE + 10),
 ])
 def test_replyParserRejectsMalformed(data):
     parser = ReplyParser()
@@ -789,7 +786,7 @@ def test_connectionLostMidData(tmp_path):
     d = send(conn, envelope("a@example.org", "b@example.org"), path)
     peer.say(b"250 ok\r\n250 ok\r\n550 5.1.1 no\r\n354 go\r\n")
     peer.transport.producer.resumeProducing()  # one chunk only
-    assert len(peer.heard()) < 2 * client.CHUNK_SIZE
+    assert len(peer.heard()) < 2 * clientProtocol.CHUNK_SIZE
     peer.lose(ConnectionLost)
     a, b = resultOf(d)
     assert (a.status, a.code) == (TRANSIENT, "4.4.2")
@@ -963,7 +960,7 @@ def deliverThroughSession(content: bytes, chunkSize: int) -> tuple[bytes, bytes,
             events = session.answer(_answer(question)) if question is not None else []
 
     with tempfile.TemporaryDirectory() as directory, \
-            mock.patch.object(client, "CHUNK_SIZE", chunkSize):
+            mock.patch.object(clientProtocol, "CHUNK_SIZE", chunkSize):
         path = Path(directory) / "message"
         path.write_bytes(content)
         peer = Peer()
@@ -1216,7 +1213,7 @@ class EndToEndTests(trial.TestCase):
 
         async def run():
             tcp = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port, timeout=5)
-            endpoint = wrapClientTLS(client.clientTLSOptions(settings, "mx.test"), tcp)
+            endpoint = wrapClientTLS(clientTLSOptions(settings, "mx.test"), tcp)
             conn = await connectSMTP(reactor, endpoint, settings, tlsHostname="mx.test")
             self.assertTrue(conn.tls)
             self.assertNotIn("STARTTLS", conn.extensions)
@@ -1226,7 +1223,7 @@ class EndToEndTests(trial.TestCase):
             # (aiosmtpd sets session.ssl only after STARTTLS, so check the content only.)
             self.assertEqual(self.handler.messages[0][2], MESSAGE + b".\r\n..\r\nend\r\n")
             # The same server under another name fails verification.
-            wrong = wrapClientTLS(client.clientTLSOptions(settings, "other.test"), tcp)
+            wrong = wrapClientTLS(clientTLSOptions(settings, "other.test"), tcp)
             try:
                 await connectSMTP(reactor, wrong, settings, tlsHostname="other.test")
             except SMTPConnectError as e:
