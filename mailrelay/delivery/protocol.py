@@ -39,7 +39,7 @@ from mailrelay.smtp.client import (
 )
 from mailrelay.smtp.clientsettings import ClientSettings
 from mailrelay.smtp.errors import BareNewlineError
-from mailrelay.smtp.wire import DotStuffer, _noDelay
+from mailrelay.smtp.wire import DotStuffer, setNoDelay
 
 if TYPE_CHECKING:
     from mailrelay.delivery.connection import SMTPConnection
@@ -139,7 +139,7 @@ class SMTPClientProtocol(Protocol):
     # Protocol ---------------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        _noDelay(self.transport)
+        setNoDelay(self.transport)
         address = getattr(self.transport.getPeer(), "host", None)
         self.host = f"{self.tlsHostname}[{address}]" if address else self.tlsHostname
         self._handle(self.session.connectionMade(self.host))

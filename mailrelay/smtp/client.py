@@ -46,11 +46,11 @@ from mailrelay.smtp.replies import Reply
 from mailrelay.smtp.wire import (
     MAX_DIAGNOSTIC,
     ReplyParser,
-    _asciiName,
-    _orcpt,
-    _parseExtensions,
-    _printable,
-    _statusOf,
+    asciiName,
+    orcptValue,
+    parseExtensions,
+    printable,
+    statusOf,
     replyDiagnostic,
 )
 
@@ -382,7 +382,7 @@ class ClientSession:
                                self.remoteMTA, dsnRelayed=relayed)
 
     def _fromReply(self, recipient: Recipient, reply: Reply) -> RecipientResult:
-        status, code = _statusOf(reply)
+        status, code = statusOf(reply)
         return self._result(recipient, status, code, replyDiagnostic(reply))
 
     def _fail(self, code: str, diagnostic: str) -> None:
@@ -410,7 +410,7 @@ class ClientSession:
 
     def _connectFailed(self, code: str, diagnostic: str, permanent: bool = False,
                        quit: bool = False, close: bool = True) -> None:
-        error = SMTPConnectError(code, _printable(diagnostic)[:MAX_DIAGNOSTIC], permanent,
+        error = SMTPConnectError(code, printable(diagnostic)[:MAX_DIAGNOSTIC], permanent,
                                  self.remoteMTA)
         self._out.append(ConnectFailed(error))
         if close:
@@ -424,7 +424,7 @@ class ClientSession:
         if reply.code // 100 not in (4, 5):
             self._protocolError(f"unexpected reply {replyDiagnostic(reply)[6:]}")
             return
-        _status, code = _statusOf(reply)
+        _status, code = statusOf(reply)
         permanent = reply.code >= 500
         if permanent and permanentCode and not reply.enhanced.startswith("5."):
             code = permanentCode
@@ -440,15 +440,15 @@ class ClientSession:
 
     def _sendHello(self) -> None:
         verb = b"LHLO" if self.settings.lmtp else b"EHLO"
-        self._write(verb + b" " + _asciiName(self.settings.heloName) + b"\r\n")
+        self._write(verb + b" " + asciiName(self.settings.heloName) + b"\r\n")
         self._wait(_EHLO)
 
     def _reply_ehlo(self, reply: Reply) -> None:
         if reply.code // 100 == 2:
-            self.extensions = _parseExtensions(reply)
+            self.extensions = parseExtensions(reply)
             self._afterHello()
         elif reply.code // 100 == 5 and not self.settings.lmtp:
-            self._write(b"HELO " + _asciiName(self.settings.heloName) + b"\r\n")
+            self._write(b"HELO " + asciiName(self.settings.heloName) + b"\r\n")
             self._wait(_HELO)
         else:
             self._connectFailedReply(reply)
@@ -580,7 +580,7 @@ class ClientSession:
         if "DSN" in self.extensions:
             if recipient.notify:
                 params.append("NOTIFY=" + ",".join(recipient.notify))
-            params.append("ORCPT=" + _orcpt(recipient, t.envelope.smtputf8))
+            params.append("ORCPT=" + orcptValue(recipient, t.envelope.smtputf8))
         line = f"RCPT TO:<{recipient.address}>" + "".join(" " + p for p in params)
         return line.encode("utf-8") + b"\r\n"
 
@@ -745,7 +745,11 @@ def __getattr__(name: str) -> Any:
         from mailrelay.smtp import clientsettings as moved
     elif name in ("BareNewlineError",):
         from mailrelay.smtp import errors as moved
-    elif name in ("DotStuffer", "MAX_REPLY_LINE", "MAX_REPLY_LINES", "_noDelay"):
+    elif name == "_noDelay":  # receive/protocol.py's name for it
+        from mailrelay.smtp.wire import setNoDelay
+
+        return setNoDelay
+    elif name in ("DotStuffer", "MAX_REPLY_LINE", "MAX_REPLY_LINES"):
         from mailrelay.smtp import wire as moved
     elif name in ("clientTLSOptions", "describeTLSFailure"):
         from mailrelay.delivery import tls as moved

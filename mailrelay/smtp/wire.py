@@ -1,6 +1,8 @@
 """The SMTP wire format, pure: reply parsing (L{ReplyParser}), dot-stuffing
-(L{DotStuffer}), diagnostics (L{replyDiagnostic}), EHLO keywords, DSN parameters (ORCPT),
-and L{_noDelay} for the adapters of both sides."""
+(L{DotStuffer}), diagnostics (L{replyDiagnostic}, L{statusOf}), EHLO keywords
+(L{parseExtensions}, L{asciiName}), the DSN ORCPT parameter (L{orcptValue}), and
+L{setNoDelay}, which the Twisted adapters of both sides call on their transport (it only
+looks for a C{setTcpNoDelay} method, so it needs no I/O library here)."""
 
 from __future__ import annotations
 
@@ -137,22 +139,23 @@ class DotStuffer:
         return b".\r\n" if self._atLineStart else b"\r\n.\r\n"
 
 
-def _noDelay(transport: Any) -> None:
+def setNoDelay(transport: Any) -> None:
     """Turn Nagle's algorithm off: a command or the final dot written while the previous
     segment is unacknowledged would otherwise wait for the peer's delayed ACK (up to 40 ms on
     Linux) -- measured as the largest cost per message in the benchmark."""
-    setNoDelay = getattr(transport, "setTcpNoDelay", None)
-    if setNoDelay is None:
+    setter = getattr(transport, "setTcpNoDelay", None)
+    if setter is None:
         handle = getattr(transport, "transport", None)  # TLS wraps the TCP transport
-        setNoDelay = getattr(handle, "setTcpNoDelay", None)
-    if setNoDelay is not None:
+        setter = getattr(handle, "setTcpNoDelay", None)
+    if setter is not None:
         try:
-            setNoDelay(True)
+            setter(True)
         except OSError:  # pragma: no cover - not a TCP socket
             pass
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
+    """C{text} with every character outside printable ASCII replaced by C{"?"}."""
     return "".join(c if " " <= c <= "~" else "?" for c in text)
 
 
@@ -160,10 +163,10 @@ def replyDiagnostic(reply: Reply) -> str:
     """The RFC 3464 Diagnostic-Code of a reply: C{"smtp; 550 5.1.1 user unknown"}."""
     text = " ".join(line.strip() for line in reply.text.split("\n") if line.strip())
     head = f"{reply.code} {reply.enhanced}" if reply.enhanced else str(reply.code)
-    return _printable(f"smtp; {head} {text}".rstrip())[:MAX_DIAGNOSTIC]
+    return printable(f"smtp; {head} {text}".rstrip())[:MAX_DIAGNOSTIC]
 
 
-def _statusOf(reply: Reply) -> tuple[DeliveryStatus, str]:
+def statusOf(reply: Reply) -> tuple[DeliveryStatus, str]:
     """The delivery status and RFC 3463 code a 2xx, 4xx or 5xx reply means."""
     cls = str(reply.code)[0]
     status = {"2": DeliveryStatus.DELIVERED, "4": DeliveryStatus.TRANSIENT,
@@ -178,7 +181,7 @@ def _utf8AddrXtext(text: str) -> str:
                    for c in text)
 
 
-def _orcpt(recipient: Recipient, utf8: bool) -> str:
+def orcptValue(recipient: Recipient, utf8: bool) -> str:
     """The ORCPT parameter value to relay for C{recipient} (RFC 3461 4.2, RFC 6533)."""
     if recipient.orcpt:
         kind, _, value = recipient.orcpt.partition(";")
@@ -192,12 +195,14 @@ def _orcpt(recipient: Recipient, utf8: bool) -> str:
     return f"{kind};{xtextEncode(value)}"
 
 
-def _asciiName(name: str) -> bytes:
+def asciiName(name: str) -> bytes:
     """A host name for EHLO/HELO/LHLO: IDNA A-labels when it is not ASCII."""
     return name.encode("ascii") if name.isascii() else name.encode("idna")
 
 
-def _parseExtensions(reply: Reply) -> dict[str, str]:
+def parseExtensions(reply: Reply) -> dict[str, str]:
+    """The EHLO keywords of a 2xx reply to EHLO/LHLO (upper case) to their parameters; the
+    pre-RFC 4954 C{AUTH=...} lines count as C{AUTH} when there is no C{AUTH} line."""
     extensions: dict[str, str] = {}
     legacyAuth: list[str] = []
     for line in reply.text.split("\n")[1:]:
