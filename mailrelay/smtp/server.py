@@ -79,7 +79,6 @@ class SessionSettings:
     #: NUL bytes in message data: C{"reject"} the message (550 5.6.0), or C{"normalize"}:
     #: remove them (a receiver that strips NULs would otherwise see what we did not).
     nulBytes: str = BARE_NEWLINE_REJECT
-    extensions: tuple[str, ...] = ()
     #: STARTTLS is offered (the listener has a certificate and C{tls_mode = "starttls"}).
     starttls: bool = False
     #: The SASL mechanisms offered (C{("PLAIN", "LOGIN")}); C{()}: no AUTH on this listener.
@@ -530,7 +529,6 @@ class ServerSession:
                 lines.append("STARTTLS")
             if self._authOffered:
                 lines.append("AUTH " + " ".join(self.settings.authMechanisms))
-            lines += self.settings.extensions
             self._reply(Reply(250, "", "\n".join(lines)))
         else:
             self._reply(Reply(250, "", self.settings.hostname))
