@@ -17,7 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IHandshakeListener, IPullProducer
+from twisted.internet.interfaces import (
+    IConsumer,
+    IHandshakeListener,
+    IPullProducer,
+    ITLSTransport,
+)
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -50,11 +55,16 @@ log = Logger()
 CHUNK_SIZE = 65536
 
 
+class IClientTransport(ITLSTransport, IConsumer):
+    """What the client needs of its transport: a TCP connection it can abort, STARTTLS, and
+    a consumer for the body's producer (TCP and TLS transports provide all three)."""
+
+
 @implementer(IPullProducer)
 class _BodySender:
     """Streams the message file through a L{DotStuffer}, one chunk per C{resumeProducing}."""
 
-    def __init__(self, protocol: "SMTPClientProtocol", file: BinaryIO, chunkSize: int) -> None:
+    def __init__(self, protocol: SMTPClientProtocol, file: BinaryIO, chunkSize: int) -> None:
         self.protocol = protocol
         self.file = file
         self.chunkSize = chunkSize
@@ -118,6 +128,7 @@ class SMTPClientProtocol(Protocol):
     """
 
     connection: SMTPConnection
+    transport: IClientTransport
 
     def __init__(self, reactor: Any, settings: ClientSettings, tlsHostname: str,
                  remoteMTA: str, ready: Deferred | None = None) -> None:

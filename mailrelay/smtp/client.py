@@ -50,10 +50,9 @@ from mailrelay.smtp.wire import (
     orcptValue,
     parseExtensions,
     printable,
-    statusOf,
     replyDiagnostic,
+    statusOf,
 )
-
 
 # Events ---------------------------------------------------------------------------------------
 
@@ -741,22 +740,28 @@ class ClientSession:
 # their last importers use the new paths (delivery/smtp.py and delivery/lmtp.py in round 2,
 # and a few tests).  Then this function goes, and with it the KNOWN entries of test_layering.
 def __getattr__(name: str) -> Any:
-    if name in ("ClientTimeouts",):
-        from mailrelay.smtp import clientsettings as moved
-    elif name in ("BareNewlineError",):
-        from mailrelay.smtp import errors as moved
-    elif name == "_noDelay":  # receive/protocol.py's name for it
-        from mailrelay.smtp.wire import setNoDelay
+    if name == "ClientTimeouts":
+        from mailrelay.smtp import clientsettings
 
-        return setNoDelay
-    elif name in ("DotStuffer", "MAX_REPLY_LINE", "MAX_REPLY_LINES"):
-        from mailrelay.smtp import wire as moved
-    elif name in ("clientTLSOptions", "describeTLSFailure"):
-        from mailrelay.delivery import tls as moved
-    elif name in ("CHUNK_SIZE", "SMTPClientProtocol"):
-        from mailrelay.delivery import protocol as moved
-    elif name in ("SMTPConnection", "connectSMTP"):
-        from mailrelay.delivery import connection as moved
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(moved, name)
+        return clientsettings.ClientTimeouts
+    if name == "BareNewlineError":
+        from mailrelay.smtp import errors
+
+        return errors.BareNewlineError
+    if name in ("DotStuffer", "MAX_REPLY_LINE", "MAX_REPLY_LINES", "_noDelay"):
+        from mailrelay.smtp import wire  # _noDelay: receive/protocol.py's name for setNoDelay
+
+        return getattr(wire, "setNoDelay" if name == "_noDelay" else name)
+    if name in ("clientTLSOptions", "describeTLSFailure"):
+        from mailrelay.delivery import tls
+
+        return getattr(tls, name)
+    if name in ("CHUNK_SIZE", "SMTPClientProtocol"):
+        from mailrelay.delivery import protocol
+
+        return getattr(protocol, name)
+    if name in ("SMTPConnection", "connectSMTP"):
+        from mailrelay.delivery import connection
+
+        return getattr(connection, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -65,6 +65,7 @@ BARE_NEWLINE_NORMALIZE = "normalize"
 _ANY_NEWLINE = re.compile(rb"\r\n|\r|\n")
 _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _XTEXT_MAX = 100  # RFC 3461 ENVID limit
+_NON_ASCII_PARAMETER = Reply(553, "5.6.7", "Error: non-ASCII parameter without SMTPUTF8")
 
 
 @dataclass(frozen=True)
@@ -326,7 +327,8 @@ class ServerSession:
             self._buf += data
         if self._awaitingGreeting:
             if self.settings.rejectPregreet:
-                self._out = out = [SyncError("", self._buf[:100])]
+                out: list[object] = [SyncError("", self._buf[:100])]
+                self._out = out
                 self._close(SYNC_ERROR)
                 return out
             return []
@@ -393,7 +395,8 @@ class ServerSession:
 
     def timedOut(self) -> list[object]:
         """The driver's timer expired (idle in command mode, or no data in DATA)."""
-        return self.closeWith(Reply(421, "4.4.2", f"{self.settings.hostname} Error: timeout exceeded"))
+        return self.closeWith(
+            Reply(421, "4.4.2", f"{self.settings.hostname} Error: timeout exceeded"))
 
     def connectionLost(self) -> list[object]:
         """The client went away: an unfinished transaction is dropped, as by RSET."""
@@ -458,7 +461,8 @@ class ServerSession:
         end = buf.find(b"\n", pos)
         if end < 0:
             if len(buf) - pos > COMMAND_BUFFER_LIMIT:
-                self._close(Reply(421, "4.7.0", f"{self.settings.hostname} Error: line too long, closing"))
+                self._close(Reply(421, "4.7.0",
+                                  f"{self.settings.hostname} Error: line too long, closing"))
             return None
         raw = buf[pos:end]
         self._pos = end + 1
@@ -576,7 +580,8 @@ class ServerSession:
             elif key == "BODY":
                 body = (value or "").upper()
                 if body not in ("7BIT", "8BITMIME"):
-                    raise _ParamError(Reply(501, "5.5.4", f"Error: unsupported BODY value {value!r}"))
+                    raise _ParamError(
+                        Reply(501, "5.5.4", f"Error: unsupported BODY value {value!r}"))
                 envelope.body = body
             elif key == "SMTPUTF8":
                 if value is not None:
@@ -585,7 +590,8 @@ class ServerSession:
             elif key == "RET":
                 ret = (value or "").upper()
                 if ret not in ("FULL", "HDRS"):
-                    raise _ParamError(Reply(501, "5.5.4", "Error: bad RET parameter (FULL or HDRS)"))
+                    raise _ParamError(
+                        Reply(501, "5.5.4", "Error: bad RET parameter (FULL or HDRS)"))
                 envelope.ret = ret
             elif key == "ENVID":
                 if not value:
@@ -603,7 +609,7 @@ class ServerSession:
                 raise _ParamError(Reply(555, "5.5.4", f"Error: unsupported MAIL parameter {key}"))
         for _key, value in params:
             if value is not None and not value.isascii() and not envelope.smtputf8:
-                raise _ParamError(Reply(553, "5.6.7", "Error: non-ASCII parameter without SMTPUTF8"))
+                raise _ParamError(_NON_ASCII_PARAMETER)
 
     def _mailAnswered(self, question: CheckMail, verdict: Verdict) -> None:
         if self._verdictRefuses(verdict):
@@ -673,7 +679,7 @@ class ServerSession:
                 if not sep or not kind or not rest or not re.fullmatch(r"[A-Za-z0-9-]+", kind):
                     raise _ParamError(Reply(501, "5.5.4", "Error: bad ORCPT parameter"))
                 if not rest.isascii() and not utf8:
-                    raise _ParamError(Reply(553, "5.6.7", "Error: non-ASCII parameter without SMTPUTF8"))
+                    raise _ParamError(_NON_ASCII_PARAMETER)
                 decoded = address.xtextDecode(rest) if kind.lower() != "utf-8" else rest
                 if not decoded.isprintable() or len(decoded) > 500:
                     raise _ParamError(Reply(501, "5.5.4", "Error: bad ORCPT parameter"))
