@@ -96,8 +96,7 @@ DEFAULT_RATE_WINDOW = 60.0
 DEFAULT_IPV6_PREFIX_LENGTH = 84
 DEFAULT_MAX_SESSION_TIME = 1800.0
 DEFAULT_MIN_DATA_RATE = 500
-#: Postfix >= 3.9 refuses unauthorised pipelining by default; mailrelay does not yet (see
-#: the sample configuration).
+#: Postfix >= 3.9 refuses unauthorised pipelining by default, and so does mailrelay.
 DEFAULT_REJECT_UNAUTH_PIPELINING = True
 
 #: The TLS policies of C{delivery.tls}, C{smarthost.tls} and a route's C{tls}: C{"none"} (never
