@@ -9,8 +9,9 @@ the session parses nothing more until L{ServerSession.answer} is called, so pipe
 answered strictly in order, across the DATA boundary too.  It never touches a socket, a clock or
 the disk: L{mailrelay.receive.protocol} drives it with Twisted.
 
-Message data is handled in bulk (C{bytes.find}/C{replace}, never one Python call per line).  The
-end of data is only C{<CRLF>.<CRLF>}: a bare CR or LF never ends or splits a message.
+Message data is read by L{mailrelay.smtp.data.DataReader}, in bulk (C{bytes.find}/C{replace},
+never one Python call per line).  The end of data is only C{<CRLF>.<CRLF>}: a bare CR or LF
+never ends or splits a message.
 
 STARTTLS (RFC 3207): after C{220 2.0.0 Ready to start TLS} the session emits L{StartTLS} and
 B{discards} every byte already received after the STARTTLS line (a client, or a man in the
@@ -44,14 +45,7 @@ from mailrelay.address import AddressError
 from mailrelay.envelope import ClientInfo, Envelope, Recipient
 from mailrelay.interfaces import Verdict, VerdictKind
 from mailrelay.smtp import replies as R
-from mailrelay.smtp.data import (
-    _BARE,
-    BARE_NEWLINE_NORMALIZE,
-    BARE_NEWLINE_REJECT,
-    DATA_PARTIAL_FLUSH,
-    MAX_DATA_LINE,
-    _hasLongLine,
-)
+from mailrelay.smtp.data import BARE_NEWLINE_REJECT, DataReader
 from mailrelay.smtp.replies import Reply
 
 #: RFC 5321 4.5.3.1.4: a command line is at most 512 octets including CRLF.
@@ -272,11 +266,8 @@ class ServerSession:
         #: The MAIL, RCPT or DATA command being answered, as C{(command, sender,
         #: recipient)}: its refusals are reported (L{Refused}).
         self._refusable: tuple[str, str | None, str | None] | None = None
-        # DATA state
-        self._atLineStart = True
-        self._lineLen = 0
-        self._dataSize = 0
-        self._dataError: Reply | None = None
+        #: The message's content reader, in DATA mode.
+        self._data: DataReader | None = None
 
     # Driver API -----------------------------------------------------------------------------
 
@@ -716,10 +707,8 @@ class ServerSession:
             self._reply(refusal)
             return
         self.mode = _DATA
-        self._atLineStart = True
-        self._lineLen = 0
-        self._dataSize = 0
-        self._dataError = None
+        settings = self.settings
+        self._data = DataReader(settings.maxMessageSize, settings.bareNewline, settings.nulBytes)
         self._out.append(R.START_DATA)
 
     def _cmd_RSET(self, arg: str) -> None:
@@ -900,84 +889,20 @@ class ServerSession:
 
     def _processData(self) -> bool:
         """Process buffered message data in bulk.  Returns C{True} if it made progress."""
-        buf, pos = self._buf, self._pos
-        if pos >= len(buf):
+        reader = self._data
+        assert reader is not None
+        step = reader.read(self._buf, self._pos)
+        if step is None:
             return False
-        if self._atLineStart:
-            # The terminating line can only be at a line start.
-            if buf.startswith(b".\r\n", pos):
-                return self._endOfData(pos + 3)
-            if len(buf) - pos < 3 and b".\r\n".startswith(buf[pos:]):
-                return False  # ".", ".\r": wait for more
-        marker = buf.find(b"\r\n.\r\n", pos)
-        if marker >= 0:
-            self._content(buf[pos : marker + 2], atLineStart=self._atLineStart)
-            return self._endOfData(marker + 5)
-        # No end marker yet: process up to the last complete line, keeping a possible start of
-        # the marker ("\r\n.\r" at most) in the buffer.
-        last = buf.rfind(b"\r\n", pos)
-        if last >= 0:
-            cut = last + 2
-        elif len(buf) - pos > DATA_PARTIAL_FLUSH:
-            cut = len(buf) - 1 if buf.endswith(b"\r") else len(buf)
-        else:
-            return False
-        if cut <= pos:
-            return False
-        self._content(buf[pos:cut], atLineStart=self._atLineStart)
-        self._pos = cut
-        self._atLineStart = last >= 0
-        return True
-
-    def _content(self, chunk: bytes, atLineStart: bool) -> None:
-        """Check, unstuff and pass on one chunk of content (not the terminating line)."""
-        if not chunk:
-            return
-        if self._dataError is not None:
-            return  # consume to the end marker, store nothing
-        # Dot-unstuffing, exact: a leading "." of every line is removed.
-        if atLineStart and chunk.startswith(b"."):
-            chunk = chunk[1:]
-        if b"\r\n." in chunk:
-            chunk = chunk.replace(b"\r\n.", b"\r\n")
-        # NUL: "\r\n\0.\r\n" is an end of data to a receiver that strips NULs.
-        if b"\0" in chunk:
-            if self.settings.nulBytes != BARE_NEWLINE_NORMALIZE:
-                self._dataError = R.NUL_IN_DATA
-                return
-            chunk = chunk.replace(b"\0", b"")
-        # Line length, of the text un-stuffed (RFC 5321 4.5.3.1.6: the line "." + 997 octets
-        # is 999 octets on the wire): the first line continues the partial line carried over.
-        first = chunk.find(b"\r\n")
-        firstLen = (first if first >= 0 else len(chunk)) + (0 if atLineStart else self._lineLen)
-        if firstLen > MAX_DATA_LINE or (len(chunk) > MAX_DATA_LINE and _hasLongLine(chunk)):
-            self._dataError = R.DATA_LINE_TOO_LONG
-            return
-        lastEnd = chunk.rfind(b"\r\n")
-        self._lineLen = len(chunk) - lastEnd - 2 if lastEnd >= 0 else firstLen
-        # Bare CR / LF.
-        if chunk.count(b"\n") != chunk.count(b"\r"):
-            bad = True
-        else:
-            bad = chunk.count(b"\r\n") != chunk.count(b"\n")
-        if bad:
-            if self.settings.bareNewline == BARE_NEWLINE_NORMALIZE:
-                chunk = _BARE.sub(b"\r\n", chunk)
-            else:
-                self._dataError = R.BARE_NEWLINE
-                return
-        self._dataSize += len(chunk)
-        if self._dataSize > self.settings.maxMessageSize:
-            self._dataError = R.SIZE_EXCEEDED
-            return
-        self._out.append(BodyData(chunk))
-
-    def _endOfData(self, after: int) -> bool:
-        self._pos = after
-        self.mode = _COMMAND
-        t = self.transaction
-        assert t is not None
-        self._ask(EndOfData(t.envelope, self._dataError, self._dataSize))
+        self._pos, content, ended = step
+        if content is not None:
+            self._out.append(BodyData(content))
+        if ended:
+            self._data = None
+            self.mode = _COMMAND
+            t = self.transaction
+            assert t is not None
+            self._ask(EndOfData(t.envelope, reader.error, reader.size))
         return True
 
     def _dataEndAnswered(self, reply: Reply) -> None:
