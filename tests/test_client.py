@@ -18,7 +18,9 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
@@ -26,15 +28,14 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from mailrelay.envelope import ClientInfo, Envelope, Recipient
-from mailrelay.interfaces import ACCEPT, DeliveryStatus
 from mailrelay.delivery import protocol as clientProtocol
 from mailrelay.delivery.connection import connectSMTP
 from mailrelay.delivery.tls import clientTLSOptions
+from mailrelay.envelope import ClientInfo, Envelope, Recipient
+from mailrelay.interfaces import ACCEPT, DeliveryStatus
 from mailrelay.smtp import wire
 from mailrelay.smtp.clientsettings import ClientSettings, ClientTimeouts
 from mailrelay.smtp.errors import BareNewlineError, ProtocolError, SMTPConnectError
-from mailrelay.smtp.wire import DotStuffer, ReplyParser
 from mailrelay.smtp.replies import Reply
 from mailrelay.smtp.server import (
     BodyData,
@@ -45,6 +46,7 @@ from mailrelay.smtp.server import (
     SessionSettings,
     StartData,
 )
+from mailrelay.smtp.wire import DotStuffer, ReplyParser
 from mailrelay.testing import ServerHarness
 
 HOST = "mx.test"
@@ -144,7 +146,8 @@ class Peer:
 def ehloReply(extensions, name=HOST) -> bytes:
     lines = [name, *extensions]
     return b"".join(
-        f"250{' ' if i == len(lines) - 1 else '-'}{line}\r\n".encode() for i, line in enumerate(lines)
+        f"250{' ' if i == len(lines) - 1 else '-'}{line}\r\n".encode()
+        for i, line in enumerate(lines)
     )
 
 
@@ -262,6 +265,7 @@ def test_ehloFallsBackToHelo(message):
     # No extensions: no parameters, one command at a time.
     d = send(conn, envelope("a@example.org", body="8BITMIME", envid="x"), message)
     assert peer.heard() == b"MAIL FROM:<sender@example.org>\r\n"
+    assert not d.called  # waiting for the reply to MAIL before RCPT
 
 
 def test_heloRefusedIsPermanent():
@@ -451,7 +455,8 @@ def test_tlsHandshakeFailure():
 
     peer = Peer(ClientSettings("client.test", tls="required"))
     peer.say(b"220 hi\r\n" + ehloReply(["STARTTLS"]) + b"220 go\r\n")
-    peer.protocol.connectionLost(Failure(SSL.Error([("SSL routines", "", "certificate verify failed")])))
+    peer.protocol.connectionLost(
+        Failure(SSL.Error([("SSL routines", "", "certificate verify failed")])))
     error = failureOf(peer.ready)
     assert (error.code, error.permanent) == ("4.7.5", False)
     assert "certificate not trusted" in error.diagnostic
@@ -851,7 +856,8 @@ def test_connectTimeouts(stage, seconds, replies, what):
     peer.clock.advance(0.5)
     error = failureOf(peer.ready)
     assert error.code == "4.4.2" and not error.permanent
-    assert error.diagnostic == f"X-mailrelay; conversation with mx.test[192.0.2.25] timed out while {what}"
+    assert error.diagnostic == (
+        f"X-mailrelay; conversation with mx.test[192.0.2.25] timed out while {what}")
     assert peer.aborted
 
 
@@ -1075,8 +1081,9 @@ class _Handler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session, envelope):
-        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content,
-                              session.ssl is not None, envelope.mail_options))
+        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos),
+                              envelope.original_content, session.ssl is not None,
+                              envelope.mail_options))
         return "250 2.0.0 queued"
 
 
