@@ -1,4 +1,5 @@
-"""Tests for the ESMTP/LMTP delivery client (L{mailrelay.smtp.client}).
+"""Tests for the ESMTP/LMTP delivery client: the sans-IO session (L{mailrelay.smtp.client}, with
+L{mailrelay.smtp.wire}) and its Twisted driver (L{mailrelay.delivery.connection}).
 
 Most tests drive L{connectSMTP} over a C{StringTransport} with a C{task.Clock}: the test plays
 the server byte for byte.  The dot-stuffing property test uses our own sans-IO server session
@@ -17,7 +18,9 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
@@ -25,19 +28,14 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from mailrelay.delivery import protocol as clientProtocol
+from mailrelay.delivery.connection import connectSMTP
+from mailrelay.delivery.tls import clientTLSOptions
 from mailrelay.envelope import ClientInfo, Envelope, Recipient
 from mailrelay.interfaces import ACCEPT, DeliveryStatus
-from mailrelay.smtp import client
-from mailrelay.smtp.client import (
-    ClientSettings,
-    ClientTimeouts,
-    DotStuffer,
-    BareNewlineError,
-    ProtocolError,
-    ReplyParser,
-    SMTPConnectError,
-    connectSMTP,
-)
+from mailrelay.smtp import wire
+from mailrelay.smtp.clientsettings import ClientSettings, ClientTimeouts
+from mailrelay.smtp.errors import BareNewlineError, ProtocolError, SMTPConnectError
 from mailrelay.smtp.replies import Reply
 from mailrelay.smtp.server import (
     BodyData,
@@ -48,6 +46,7 @@ from mailrelay.smtp.server import (
     SessionSettings,
     StartData,
 )
+from mailrelay.smtp.wire import DotStuffer, ReplyParser
 from mailrelay.testing import ServerHarness
 
 HOST = "mx.test"
@@ -147,7 +146,8 @@ class Peer:
 def ehloReply(extensions, name=HOST) -> bytes:
     lines = [name, *extensions]
     return b"".join(
-        f"250{' ' if i == len(lines) - 1 else '-'}{line}\r\n".encode() for i, line in enumerate(lines)
+        f"250{' ' if i == len(lines) - 1 else '-'}{line}\r\n".encode()
+        for i, line in enumerate(lines)
     )
 
 
@@ -188,7 +188,7 @@ def test_replyParserMultiLineAndEnhancedCodes():
     parser.feed(b"50 5.1.1 user\r\n250\r\n")
     second = parser.next()
     assert (second.code, second.enhanced, second.text) == (550, "5.1.1", "no such\nuser")
-    assert client.replyDiagnostic(second) == "smtp; 550 5.1.1 no such user"
+    assert wire.replyDiagnostic(second) == "smtp; 550 5.1.1 no such user"
     third = parser.next()
     assert (third.code, third.text) == (250, "")
     assert not parser.hasData
@@ -205,7 +205,7 @@ def test_replyParserMultiLineAndEnhancedCodes():
     b"150 too low\r\n",
     b"250 bare\nLF\r\n",
     b"250 bare \r CR\r\n",
-    b"250 " + b"x" * (client.MAX_REPLY_LINE + 10),
+    b"250 " + b"x" * (wire.MAX_REPLY_LINE + 10),
 ])
 def test_replyParserRejectsMalformed(data):
     parser = ReplyParser()
@@ -265,6 +265,7 @@ def test_ehloFallsBackToHelo(message):
     # No extensions: no parameters, one command at a time.
     d = send(conn, envelope("a@example.org", body="8BITMIME", envid="x"), message)
     assert peer.heard() == b"MAIL FROM:<sender@example.org>\r\n"
+    assert not d.called  # waiting for the reply to MAIL before RCPT
 
 
 def test_heloRefusedIsPermanent():
@@ -454,7 +455,8 @@ def test_tlsHandshakeFailure():
 
     peer = Peer(ClientSettings("client.test", tls="required"))
     peer.say(b"220 hi\r\n" + ehloReply(["STARTTLS"]) + b"220 go\r\n")
-    peer.protocol.connectionLost(Failure(SSL.Error([("SSL routines", "", "certificate verify failed")])))
+    peer.protocol.connectionLost(
+        Failure(SSL.Error([("SSL routines", "", "certificate verify failed")])))
     error = failureOf(peer.ready)
     assert (error.code, error.permanent) == ("4.7.5", False)
     assert "certificate not trusted" in error.diagnostic
@@ -789,7 +791,7 @@ def test_connectionLostMidData(tmp_path):
     d = send(conn, envelope("a@example.org", "b@example.org"), path)
     peer.say(b"250 ok\r\n250 ok\r\n550 5.1.1 no\r\n354 go\r\n")
     peer.transport.producer.resumeProducing()  # one chunk only
-    assert len(peer.heard()) < 2 * client.CHUNK_SIZE
+    assert len(peer.heard()) < 2 * clientProtocol.CHUNK_SIZE
     peer.lose(ConnectionLost)
     a, b = resultOf(d)
     assert (a.status, a.code) == (TRANSIENT, "4.4.2")
@@ -854,7 +856,8 @@ def test_connectTimeouts(stage, seconds, replies, what):
     peer.clock.advance(0.5)
     error = failureOf(peer.ready)
     assert error.code == "4.4.2" and not error.permanent
-    assert error.diagnostic == f"X-mailrelay; conversation with mx.test[192.0.2.25] timed out while {what}"
+    assert error.diagnostic == (
+        f"X-mailrelay; conversation with mx.test[192.0.2.25] timed out while {what}")
     assert peer.aborted
 
 
@@ -963,7 +966,7 @@ def deliverThroughSession(content: bytes, chunkSize: int) -> tuple[bytes, bytes,
             events = session.answer(_answer(question)) if question is not None else []
 
     with tempfile.TemporaryDirectory() as directory, \
-            mock.patch.object(client, "CHUNK_SIZE", chunkSize):
+            mock.patch.object(clientProtocol, "CHUNK_SIZE", chunkSize):
         path = Path(directory) / "message"
         path.write_bytes(content)
         peer = Peer()
@@ -1078,8 +1081,9 @@ class _Handler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session, envelope):
-        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content,
-                              session.ssl is not None, envelope.mail_options))
+        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos),
+                              envelope.original_content, session.ssl is not None,
+                              envelope.mail_options))
         return "250 2.0.0 queued"
 
 
@@ -1216,7 +1220,7 @@ class EndToEndTests(trial.TestCase):
 
         async def run():
             tcp = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port, timeout=5)
-            endpoint = wrapClientTLS(client.clientTLSOptions(settings, "mx.test"), tcp)
+            endpoint = wrapClientTLS(clientTLSOptions(settings, "mx.test"), tcp)
             conn = await connectSMTP(reactor, endpoint, settings, tlsHostname="mx.test")
             self.assertTrue(conn.tls)
             self.assertNotIn("STARTTLS", conn.extensions)
@@ -1226,7 +1230,7 @@ class EndToEndTests(trial.TestCase):
             # (aiosmtpd sets session.ssl only after STARTTLS, so check the content only.)
             self.assertEqual(self.handler.messages[0][2], MESSAGE + b".\r\n..\r\nend\r\n")
             # The same server under another name fails verification.
-            wrong = wrapClientTLS(client.clientTLSOptions(settings, "other.test"), tcp)
+            wrong = wrapClientTLS(clientTLSOptions(settings, "other.test"), tcp)
             try:
                 await connectSMTP(reactor, wrong, settings, tlsHostname="other.test")
             except SMTPConnectError as e:

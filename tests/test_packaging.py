@@ -78,3 +78,15 @@ def test_dropin_cache_is_not_committed() -> None:
     files = subprocess.check_output(["git", "ls-files"], cwd=REPO, text=True).split()
     assert not [f for f in files if f.endswith("dropin.cache")]
     assert "twisted/plugins/__init__.py" not in files
+
+
+def test_readmeTestCommandIsWhatCIRuns() -> None:
+    """README's second set-up command is the one .ci/run runs, word for word, and it installs
+    the extras the suite and .ci/lint need."""
+    run = (REPO / ".ci" / "run").read_text().splitlines()
+    command = run[run.index("# The README's test command:") + 1]
+    assert command in (REPO / "README.md").read_text().splitlines()
+    assert "'.[test,lint]'" in command and command.endswith("&& .ci/lint")
+    baseline = (REPO / ".ci" / "lint-baseline").read_text().split("\n")
+    assert {line.split()[0] for line in baseline if line and not line.startswith("#")} == {
+        "ruff", "mypy"}

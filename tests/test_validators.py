@@ -412,35 +412,6 @@ def test_recipientMapInMemory() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Fallbacks used when mailrelay.address is not importable
-
-
-def test_fallbackNormalisers(monkeypatch: pytest.MonkeyPatch, context: PluginContext) -> None:
-    """Without mailrelay.address, domains are still normalised and local parts checked."""
-    monkeypatch.setitem(sys.modules, "mailrelay.address", None)
-    assert validators._domainNormaliser() is validators._fallbackNormaliseDomain
-    assert validators._localPartNormaliser() is validators._fallbackLocalPart
-    normalise = validators._fallbackNormaliseDomain
-    assert normalise("Example.COM.") == "example.com"
-    assert normalise("Bücher.de") == "xn--bcher-kva.de"
-    for bad in ["", ".", "a..b", ".a", "a b", "a@b", "a.b..", "a\x00b"]:
-        with pytest.raises(ValueError):
-            normalise(bad)
-    local = validators._fallbackLocalPart
-    assert local("Alice") == "Alice"
-    assert local('"a@b c"') == '"a@b c"'
-    for bad in ["a@b", "a b", "a\x01"]:
-        with pytest.raises(ValueError):
-            local(bad)
-    validator = validators.buildAcceptedDomains({"domains": ["Example.COM."]}, context)
-    assert validator.domains == {"example.com"}
-    table = validators.parseRecipientMap(['"John Doe"@Example.com', "x@"])
-    assert judge(table, '"john doe"@example.com') == ACCEPT
-    with pytest.raises(ConfigError, match="bad local part"):
-        validators.parseRecipientMap(["a\x01b@example.com"])
-
-
-# ---------------------------------------------------------------------------------------------
 # regex
 
 RULES = [

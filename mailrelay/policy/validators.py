@@ -12,13 +12,14 @@ end; it must stay cheap to import and never import the reactor.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailrelay.address import normaliseDomain, parseForwardPath
 from mailrelay.errors import ConfigError
 from mailrelay.interfaces import (
     ACCEPT,
@@ -129,70 +130,14 @@ def _why(error: ValueError) -> str:
     return reply.text if reply is not None else str(error)
 
 
-def _fallbackNormaliseDomain(domain: str) -> str:
-    """Normalise a domain name when L{mailrelay.address} is not available.
+def _normaliseLocalPart(localPart: str) -> str:
+    """The canonical form of a local part, as recipients have it: C{"joe"} becomes C{joe} and
+    other quoted-strings are quoted minimally, as in L{mailrelay.envelope.Recipient.address}.
 
-    Lower-cases, removes one trailing dot and converts U-labels to IDNA A-labels.
-
-    @raise ValueError: C{domain} is not a plausible domain name.
+    @raise ValueError: a bad local part (an L{mailrelay.address.AddressError}).
     """
-    name = domain[:-1] if domain.endswith(".") else domain
-    if (
-        not name
-        or name.startswith(".")
-        or name.endswith(".")
-        or ".." in name
-        or "@" in name
-        or any(c.isspace() or not c.isprintable() for c in name)
-    ):
-        raise ValueError(f"bad domain name {domain!r}")
-    if not name.isascii():
-        import idna
-
-        name = idna.encode(name, uts46=True).decode("ascii")
-    return name.lower()
-
-
-def _domainNormaliser() -> Callable[[str], str]:
-    """Return L{mailrelay.address.normaliseDomain}, or a fallback when it cannot be imported."""
-    try:
-        from mailrelay.address import normaliseDomain
-    except ImportError:
-        return _fallbackNormaliseDomain
-    return normaliseDomain
-
-
-def _fallbackLocalPart(localPart: str) -> str:
-    """Check a local part when L{mailrelay.address} is not available; return it unchanged.
-
-    @raise ValueError: it holds an unquoted C{@}, a space or a control character.
-    """
-    if "@" in localPart and not localPart.startswith('"'):
-        raise ValueError("'@' in an unquoted local part")
-    if not localPart.startswith('"') and any(c.isspace() for c in localPart):
-        raise ValueError("white space in an unquoted local part")
-    if any(not c.isprintable() and c != " " for c in localPart):
-        raise ValueError("control character in the local part")
-    return localPart
-
-
-def _localPartNormaliser() -> Callable[[str], str]:
-    """Return a function giving the canonical form of a local part, as recipients have it.
-
-    With L{mailrelay.address}, C{"joe"} becomes C{joe} and other quoted-strings are quoted
-    minimally, as in L{mailrelay.envelope.Recipient.address}; without it, local parts are
-    only checked.  The function raises C{ValueError} for a bad local part.
-    """
-    try:
-        from mailrelay.address import parseForwardPath
-    except ImportError:
-        return _fallbackLocalPart
-
-    def normaliseLocalPart(localPart: str) -> str:
-        path = f"<{localPart}@example.invalid>"
-        return parseForwardPath(path, utf8=True, postmasterDomain="example.invalid").localPart
-
-    return normaliseLocalPart
+    path = f"<{localPart}@example.invalid>"
+    return parseForwardPath(path, utf8=True, postmasterDomain="example.invalid").localPart
 
 
 def _recipientParts(recipient: Recipient) -> tuple[str, str]:
@@ -276,7 +221,7 @@ def buildAcceptedDomains(options: dict[str, Any], context: PluginContext) -> Acc
         raise ConfigError(
             f"must be a non-empty list of domain names, not {entries!r}", key="domains"
         )
-    normalise = _domainNormaliser()
+    normalise = normaliseDomain
     domains: set[str] = set()
     parents: set[str] = set()
     for i, entry in enumerate(entries):
@@ -390,12 +335,7 @@ def _mapVerdict(action: str, text: str | None) -> Verdict | str:
     return f"unknown action {action!r}; actions: OK, REJECT [text], DEFER [text], CONTINUE"
 
 
-def _parseMapLine(
-    line: str,
-    normaliseLocal: Callable[[str], str],
-    normaliseDomain: Callable[[str], str],
-    caseSensitive: bool,
-) -> tuple[str, str, Verdict]:
+def _parseMapLine(line: str, caseSensitive: bool) -> tuple[str, str, Verdict]:
     """Parse one stripped, non-comment line of a recipient map.
 
     @return: the canonical (and, unless C{caseSensitive}, lower-cased) local part or C{""},
@@ -418,7 +358,7 @@ def _parseMapLine(
         raise ValueError("the key must be user@domain, @domain or user@")
     if local:
         try:
-            local = normaliseLocal(local)
+            local = _normaliseLocalPart(local)
         except ValueError as e:
             raise ValueError(f"bad local part {local!r} ({_why(e)})") from e
         if not caseSensitive:
@@ -452,8 +392,6 @@ def parseRecipientMap(
     @param source: the file name, for error messages.
     @raise ConfigError: a line is wrong; the message gives C{source:lineno} and the line.
     """
-    normaliseDomain = _domainNormaliser()
-    normaliseLocal = _localPartNormaliser()
     addresses: dict[str, Verdict] = {}
     localParts: dict[str, Verdict] = {}
     catchAlls: dict[str, Verdict] = {}
@@ -464,9 +402,7 @@ def parseRecipientMap(
         if not line or line.startswith("#"):
             continue
         try:
-            local, domain, verdict = _parseMapLine(
-                line, normaliseLocal, normaliseDomain, caseSensitive
-            )
+            local, domain, verdict = _parseMapLine(line, caseSensitive)
             key = f"{local}@{domain}"
             if key in seen:
                 raise ValueError(f"duplicate key {key!r} (first on line {seen[key]})")

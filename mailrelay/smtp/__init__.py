@@ -1,8 +1,11 @@
 """The SMTP protocol engines, sans-IO: the server session (L{server}), the client session
-(L{client}) and the replies (L{replies}).  They turn bytes into events and answers into bytes;
-the Twisted adapters that move the bytes live in L{mailrelay.receive} and L{mailrelay.delivery}.
+(L{client}), the wire format both use (L{wire}), the replies (L{replies}), the client's
+settings (L{clientsettings}) and errors (L{errors}).  They turn bytes into events and answers
+into bytes; the Twisted adapters that move the bytes live in L{mailrelay.receive} and
+L{mailrelay.delivery}.
 
 May import only each other and the values (L{mailrelay.interfaces}, L{mailrelay.envelope},
-L{mailrelay.errors}, L{mailrelay.address}), and no C{twisted} or C{OpenSSL} (L{client} still
-does, until its Twisted half moves to L{mailrelay.delivery}).  This file imports nothing.
+L{mailrelay.errors}, L{mailrelay.address}): no Twisted and no TLS library (L{client} reaches
+into L{mailrelay.delivery} only for its transitional aliases of the moved names).  This file
+imports nothing.
 """

@@ -34,4 +34,5 @@ BARE_NEWLINE = Reply(550, "5.6.0", "Error: message contains a bare CR or LF; use
 NUL_IN_DATA = Reply(550, "5.6.0", "Error: message contains NUL characters")
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Error: too many hops (mail forwarding loop)")
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
-VALIDATOR_FAILED = Reply(451, "4.3.0", "Error: temporary failure checking recipient, try again later")
+VALIDATOR_FAILED = Reply(
+    451, "4.3.0", "Error: temporary failure checking recipient, try again later")

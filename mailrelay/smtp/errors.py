@@ -1,0 +1,52 @@
+"""The errors of the SMTP engines: L{SMTPConnectError} (setting a client connection up
+failed), L{ProtocolError} (the server broke the protocol) and L{BareNewlineError} (message
+content that cannot be sent as it is)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from mailrelay.envelope import Recipient
+from mailrelay.interfaces import DeliveryStatus, RecipientResult
+
+
+class SMTPConnectError(Exception):
+    """Connecting, the greeting, EHLO/HELO/LHLO, STARTTLS or AUTH failed.
+
+    @ivar code: the RFC 3463 status: C{"4.4.1"} (connection refused, timed out, host not found),
+        C{"4.4.2"} (connection lost or timed out later, protocol error), C{"4.7.5"} (TLS
+        required but unavailable, handshake or verification failed), C{"4.7.0"} (STARTTLS
+        response injection, credentials withheld, no usable AUTH mechanism), C{"5.7.8"}
+        (credentials rejected) or the status of the server's reply.
+    @ivar diagnostic: RFC 3464 Diagnostic-Code form: C{"smtp; 554 5.7.1 go away"} for a reply,
+        C{"X-mailrelay; connection refused by mx.example.org"} otherwise.
+    @ivar permanent: C{True} for a 5xx greeting, EHLO and HELO, or AUTH reply.
+    @ivar remoteMTA: RFC 3464 Remote-MTA form (C{"dns; mx.example.org"}).
+    """
+
+    def __init__(self, code: str, diagnostic: str, permanent: bool = False,
+                 remoteMTA: str | None = None) -> None:
+        super().__init__(diagnostic)
+        if permanent != code.startswith("5."):
+            raise ValueError(f"permanent={permanent} does not match status {code}")
+        self.code = code
+        self.diagnostic = diagnostic
+        self.permanent = permanent
+        self.remoteMTA = remoteMTA
+
+    def resultsFor(self, recipients: Sequence[Recipient]) -> list[RecipientResult]:
+        """One L{RecipientResult} per recipient saying this error happened."""
+        status = DeliveryStatus.PERMANENT if self.permanent else DeliveryStatus.TRANSIENT
+        return [RecipientResult(r.address, status, self.code, self.diagnostic, self.remoteMTA)
+                for r in recipients]
+
+    def __repr__(self) -> str:
+        return f"SMTPConnectError({self.code!r}, {self.diagnostic!r}, permanent={self.permanent})"
+
+
+class ProtocolError(Exception):
+    """The server broke the protocol (malformed reply, reply out of place)."""
+
+
+class BareNewlineError(Exception):
+    """The message content holds a CR not followed by LF, or an LF not preceded by CR."""
