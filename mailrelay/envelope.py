@@ -161,7 +161,7 @@ class Envelope:
         return _ENCODER.encode(self.toDict()).encode("utf-8")
 
     @classmethod
-    def fromDict(cls, d: dict[str, Any]) -> "Envelope":
+    def fromDict(cls, d: dict[str, Any]) -> Envelope:
         """The envelope L{toDict} made.
 
         @raise ValueError: C{d} is not such a dict: another version, an unknown or missing
@@ -189,7 +189,7 @@ class Envelope:
         return cls(client=client, recipients=recipients, **_fields(d, cls, _ENVELOPE_KINDS, ""))
 
     @classmethod
-    def fromJSON(cls, data: bytes) -> "Envelope":
+    def fromJSON(cls, data: bytes) -> Envelope:
         """The envelope L{toJSON} wrote.
 
         @raise ValueError: C{data} is not such JSON (see L{fromDict}).

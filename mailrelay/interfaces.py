@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import enum
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from twisted.plugin import IPlugin
 from zope.interface import Attribute, Interface, implementer
@@ -99,27 +100,33 @@ class Verdict:
     reply: Reply | None = None
 
     @classmethod
-    def accept(cls) -> "Verdict":
+    def accept(cls) -> Verdict:
         return ACCEPT
 
     @classmethod
-    def continue_(cls) -> "Verdict":
+    def continue_(cls) -> Verdict:
         return CONTINUE
 
     @classmethod
-    def reject(cls, text: str = "Error: rejected", code: int = 550, enhanced: str = "5.7.1") -> "Verdict":
+    def reject(
+        cls, text: str = "Error: rejected", code: int = 550, enhanced: str = "5.7.1"
+    ) -> Verdict:
         if not 500 <= code <= 599 or not enhanced.startswith("5."):
             raise ValueError(f"a reject needs a 5xx code and 5.x.x status, not {code} {enhanced}")
         return cls(VerdictKind.REJECT, Reply(code, enhanced, text))
 
     @classmethod
-    def defer(cls, text: str = "Error: try again later", code: int = 451, enhanced: str = "4.3.0") -> "Verdict":
+    def defer(
+        cls, text: str = "Error: try again later", code: int = 451, enhanced: str = "4.3.0"
+    ) -> Verdict:
         if not 400 <= code <= 499 or not enhanced.startswith("4."):
             raise ValueError(f"a defer needs a 4xx code and 4.x.x status, not {code} {enhanced}")
         return cls(VerdictKind.DEFER, Reply(code, enhanced, text))
 
     @classmethod
-    def disconnect(cls, text: str = "Error: closing connection", enhanced: str = "4.7.0") -> "Verdict":
+    def disconnect(
+        cls, text: str = "Error: closing connection", enhanced: str = "4.7.0"
+    ) -> Verdict:
         return cls(VerdictKind.DISCONNECT, Reply(421, enhanced, text))
 
 
@@ -137,7 +144,7 @@ class IRecipientValidator(Interface):
     the recipient deferred (451 4.3.0): a failing plugin never accepts.
     """
 
-    def validateRecipient(client: "ClientInfo", envelope: "Envelope", recipient: "Recipient") -> Any:
+    def validateRecipient(client: ClientInfo, envelope: Envelope, recipient: Recipient) -> Any:
         """Judge C{recipient}.
 
         @param client: the session's client (address, HELO, TLS, user, relay permission).
@@ -168,8 +175,8 @@ class StampContext:
     """
 
     hostname: str
-    client: "ClientInfo | None"
-    envelope: "Envelope"
+    client: ClientInfo | None
+    envelope: Envelope
     headers: list[tuple[str, bytes]]
     listenerOptions: dict[str, Any] = field(default_factory=dict)
     now: float = 0.0
@@ -264,11 +271,11 @@ class IIntake(Interface):
     def hasFreeSpace(needed: int) -> bool:
         """Whether the spool can take a message of C{needed} octets now."""
 
-    def open(envelope: "Envelope", client: "ClientInfo | None", listenerOptions: Any) -> Any:
+    def open(envelope: Envelope, client: ClientInfo | None, listenerOptions: Any) -> Any:
         """Start a message from C{client} (C{None}: made here): an L{IIncomingMessage}, or
         the L{Reply} refusing it (the spool cannot take it now)."""
 
-    def submit(envelope: "Envelope", message: bytes) -> Any:
+    def submit(envelope: Envelope, message: bytes) -> Any:
         """Spool a message the relay made itself, given whole (CRLF lines); it is stamped
         as mail with no client.
 
@@ -294,7 +301,7 @@ class IMessageWriter(Interface):
         """Append C{data}.  Never raises: a failure to store it (disk full) is remembered and
         makes L{commit} fail; writes after L{commit} or L{abort} are ignored."""
 
-    def commit(envelope: "Envelope") -> Any:
+    def commit(envelope: Envelope) -> Any:
         """Make the message and C{envelope} a durable entry of the spool.
 
         C{envelope.queueID} must be this writer's L{queueID}; C{envelope.messageSize} is set to
@@ -334,7 +341,7 @@ class ISpool(Interface):
     def messagePath(queueID: str) -> Path:
         """The path of the committed message C{queueID} (CRLF lines), for a backend to read."""
 
-    def loadEnvelope(queueID: str) -> "Envelope":
+    def loadEnvelope(queueID: str) -> Envelope:
         """A fresh copy of the committed envelope of C{queueID}.
 
         @raise mailrelay.errors.EntryGone: there is no such entry (any more).
@@ -343,7 +350,7 @@ class ISpool(Interface):
         @raise ValueError: C{queueID} is not a queue id.
         """
 
-    def updateEnvelope(envelope: "Envelope") -> Any:
+    def updateEnvelope(envelope: Envelope) -> Any:
         """Durably replace the envelope of the entry C{envelope.queueID}: a Deferred firing
         with C{None}, or failing with L{mailrelay.errors.SpoolError}."""
 
@@ -454,7 +461,7 @@ class Route:
 class IRouter(Interface):
     """Maps each recipient to a delivery backend and next hop."""
 
-    def route(envelope: "Envelope", recipient: "Recipient") -> Any:
+    def route(envelope: Envelope, recipient: Recipient) -> Any:
         """Return a L{Route}, or a Deferred firing with one.  A
         L{PermanentFailure <mailrelay.errors.PermanentFailure>} bounces the recipient at once
         (no route will ever exist); any other failure makes the recipient's delivery a
@@ -495,7 +502,11 @@ class RecipientResult:
     dsnRelayed: bool = False
 
     def __post_init__(self) -> None:
-        expected = {DeliveryStatus.DELIVERED: "2", DeliveryStatus.TRANSIENT: "4", DeliveryStatus.PERMANENT: "5"}
+        expected = {
+            DeliveryStatus.DELIVERED: "2",
+            DeliveryStatus.TRANSIENT: "4",
+            DeliveryStatus.PERMANENT: "5",
+        }
         if not self.code.startswith(expected[self.status] + "."):
             raise ValueError(f"status {self.status.value} does not match code {self.code}")
 
@@ -509,7 +520,7 @@ class IDeliveryBackend(Interface):
     of every recipient of the call, and a late answer is ignored.
     """
 
-    def deliver(envelope: "Envelope", recipients: Any, route: Route, messagePath: Path) -> Any:
+    def deliver(envelope: Envelope, recipients: Any, route: Route, messagePath: Path) -> Any:
         """Deliver the message stored at C{messagePath} (CRLF lines, as relayed) to
         C{recipients} (a sequence of L{Recipient}) along C{route}.
 
@@ -593,7 +604,9 @@ class IMailRelayPlugin(IPlugin):
     """
 
     name = Attribute("Unique name the configuration uses, e.g. C{'recipient-map'}.")
-    provides = Attribute("The interface the objects C{build} returns provide, e.g. L{IRecipientValidator}.")
+    provides = Attribute(
+        "The interface the objects C{build} returns provide, e.g. L{IRecipientValidator}."
+    )
     description = Attribute("One line saying what the plugin does.")
 
     def build(options: dict[str, Any], context: PluginContext) -> Any:
@@ -636,9 +649,13 @@ class MailRelayPlugin:
         if isinstance(factory, str):
             moduleName, sep, attr = factory.partition(":")
             if not sep or not moduleName or not attr:
-                raise ConfigError(f"plugin {self.name!r} has a bad factory {factory!r} (want 'module:function')")
+                raise ConfigError(
+                    f"plugin {self.name!r} has a bad factory {factory!r} (want 'module:function')"
+                )
             try:
                 factory = getattr(importlib.import_module(moduleName), attr)
             except (ImportError, AttributeError) as e:
-                raise ConfigError(f"plugin {self.name!r}: cannot load its factory {factory!r}: {e}") from e
+                raise ConfigError(
+                    f"plugin {self.name!r}: cannot load its factory {factory!r}: {e}"
+                ) from e
         return factory(options, context)

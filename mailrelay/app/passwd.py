@@ -21,7 +21,8 @@ import getpass
 import os
 import sys
 import tempfile
-from typing import Sequence, TextIO
+from collections.abc import Sequence
+from typing import TextIO
 
 from argon2 import PasswordHasher
 

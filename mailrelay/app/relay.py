@@ -226,7 +226,9 @@ class RelayService(OrderedMultiService):
         if config.queue.process == "inline":
             self.delivery.reload(services, queue, config.queue.hold)
         else:
-            self.delivery.reload(plan.configText, self.overrides, config.drainTime, config.queue.hold)
+            self.delivery.reload(
+                plan.configText, self.overrides, config.drainTime, config.queue.hold
+            )
 
 
 def makeRelayService(

@@ -8,6 +8,7 @@ from typing import Any
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailrelay.spool import Spool, SpoolError
 
@@ -33,19 +34,23 @@ class OrderedMultiService(MultiService):
                 begin()
         d: Deferred[Any] = succeed(None)
         for child in children:
-            d.addCallback(lambda _, child=child: maybeDeferred(child.stopService))
-            d.addErrback(
-                lambda f, child=child: log.failure(
-                    "stopping {service} failed", f, service=child.name or repr(child)
-                )
-            )
+            d.addCallback(_stopChild, child)
+            d.addErrback(_stopFailed, child)
         return d.addCallback(lambda _: None)
+
+
+def _stopChild(_: object, child: Any) -> Deferred[Any]:
+    return maybeDeferred(child.stopService)
+
+
+def _stopFailed(failure: Failure, child: Any) -> None:
+    log.failure("stopping {service} failed", failure, service=child.name or repr(child))
 
 
 class SpoolService(Service):
     """Starts the spool (crash recovery, thread pool) before the listeners, stops it after."""
 
-    name = "spool"
+    name = "spool"  # type: ignore[assignment]  # (Service declares None)
 
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
@@ -55,7 +60,9 @@ class SpoolService(Service):
             ids = self.spool.start()
         except SpoolError as e:
             raise SystemExit(f"mailrelay: error: {e}") from e
-        log.info("spool {path}: {count} queued entries", path=str(self.spool.directory), count=len(ids))
+        log.info(
+            "spool {path}: {count} queued entries", path=str(self.spool.directory), count=len(ids)
+        )
         super().privilegedStartService()
 
     def stopService(self) -> Any:
@@ -66,7 +73,7 @@ class SpoolService(Service):
 class BackendsService(Service):
     """Closes the delivery backends (quits cached connections) after the queue has stopped."""
 
-    name = "backends"
+    name = "backends"  # type: ignore[assignment]  # (Service declares None)
 
     def __init__(self, backends: dict[str, Any]) -> None:
         self.backends = backends
