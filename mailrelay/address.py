@@ -30,6 +30,7 @@ from mailrelay.interfaces import Reply
 __all__ = [
     "AddressError",
     "Mailbox",
+    "domainProblem",
     "hostnameProblem",
     "normaliseDomain",
     "normaliseHostname",
@@ -72,6 +73,17 @@ class AddressError(ValueError):
     def __init__(self, reply: Reply) -> None:
         self.reply = reply
         super().__init__(str(reply))
+
+
+def domainProblem(error: ValueError) -> str:
+    """What C{error} (raised by L{normaliseDomain} or the path parsers) says is wrong, for a
+    message that is not an SMTP reply: an L{AddressError}'s text without its reply code and
+    C{"Error: "}; any other error's own text."""
+    reply = getattr(error, "reply", None)
+    text = getattr(reply, "text", None)
+    if not isinstance(text, str):
+        return str(error)
+    return text.removeprefix("Error: ")
 
 
 class _Bad(Exception):

@@ -26,7 +26,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from mailrelay.address import hostnameProblem, normaliseDomain
+from mailrelay.address import domainProblem, hostnameProblem, normaliseDomain
 from mailrelay.errors import describeValue
 
 __all__ = [
@@ -133,21 +133,12 @@ def _parseServer(text: str, what: str, hint: str, *, strict: bool = True) -> _Se
         try:
             return _Server(normaliseDomain(host), port, bracketed, False)
         except ValueError as e:
-            raise bad(_domainProblem(e)) from None
+            raise bad(domainProblem(e)) from None
     problem = hostnameProblem(host)
     if problem:
         raise bad(problem)
     name = host.rstrip(".").lower() if host.endswith(".") else host.lower()
     return _Server(name, port, bracketed, False)
-
-
-def _domainProblem(error: ValueError) -> str:
-    """The text of a domain error, without the SMTP reply code an C{AddressError} carries."""
-    reply = getattr(error, "reply", None)
-    text = getattr(reply, "text", None)
-    if not isinstance(text, str):
-        return str(error)
-    return text.removeprefix("Error: ")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,7 +301,7 @@ def parseRouteDomain(text: str) -> str:
         domain = normaliseDomain(text[1:] if subdomains else text)
     except ValueError as e:
         raise ValueError(
-            f"{describeValue(text)} is not a valid domain: {_domainProblem(e)}{_ROUTE_DOMAIN_HINT}"
+            f"{describeValue(text)} is not a valid domain: {domainProblem(e)}{_ROUTE_DOMAIN_HINT}"
         ) from None
     return "." + domain if subdomains else domain
 
