@@ -14,7 +14,6 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from mailrelay.config import Smarthost, parseSmarthost
 from mailrelay.envelope import Envelope, Recipient
 from mailrelay.interfaces import PLATFORM_TRUST_STORE, IRouter, Route, RouteOptions
 from mailrelay.route import (
@@ -70,14 +69,14 @@ def test_address_literal_is_its_own_nexthop() -> None:
 
 
 def test_smarthost_default() -> None:
-    table = RoutingTable(smarthost=Smarthost("relay.example.net", 587, mxLookup=False))
+    table = RoutingTable(smarthost=SMTPNexthop("relay.example.net", 587, mxLookup=False))
     assert routeOf(table, "bob@example.org") == Route("smtp", "[relay.example.net]:587")
     assert routeOf(table, "bob@[192.0.2.1]") == Route("smtp", "[relay.example.net]:587")
-    table = RoutingTable(smarthost=parseSmarthost("relay.example.net"))
+    table = RoutingTable(smarthost=parseSMTPNexthop("relay.example.net"))
     assert routeOf(table, "bob@example.org") == Route("smtp", "relay.example.net")
     table = RoutingTable(smarthost="[2001:db8::1]:2525")
     assert routeOf(table, "bob@example.org") == Route("smtp", "[2001:db8::1]:2525")
-    assert parseSMTPNexthop(str(parseSmarthost("[2001:db8::1]:2525"))) == SMTPNexthop(
+    assert parseSMTPNexthop(str(parseSMTPNexthop("[2001:db8::1]:2525"))) == SMTPNexthop(
         "2001:db8::1", 2525, False
     )
 
@@ -175,7 +174,7 @@ def test_from_config() -> None:
                 domain="local.test", backend="maildir", nexthop="/m/{local}", options=None
             ),
         ],
-        smarthost=Smarthost("relay.example", 587, mxLookup=False),
+        smarthost=SMTPNexthop("relay.example", 587, mxLookup=False),
         smarthostOptions=TransportOptions("may"),
     )
     table = RoutingTable.fromConfig(config)
