@@ -21,19 +21,15 @@ from mailrelay.config import (
     PluginSpec,
     QueueConfig,
     RouteConfig,
-    Smarthost,
     TransportOptions,
-    checkMaildirTemplate,
     loadConfig,
-    parseLMTPNexthop,
-    parseNameserver,
     parseNetwork,
-    parseSmarthost,
 )
 from mailrelay.config import values as configValues
 from mailrelay.config.keys import TIMEOUTS, TOP
 from mailrelay.delivery import BUILTIN_BACKENDS
 from mailrelay.errors import ConfigError
+from mailrelay.route.nexthop import SMTPNexthop, parseSMTPNexthop
 
 SAMPLE = Path(__file__).resolve().parent.parent / "etc" / "mailrelay.toml"
 FQDN = "relay.test.example"
@@ -218,7 +214,7 @@ comment = "hello"
         ipaddress.ip_network("2001:db8::/32"),
         ipaddress.ip_network("198.51.100.7/32"),
     )
-    assert c.smarthost == Smarthost("smtp.example.net", 587, False)
+    assert c.smarthost == SMTPNexthop("smtp.example.net", 587, False)
     assert (c.maxMessageSize, c.maxRecipients, c.maxErrors, c.maxHops) == (1000, 5, 3, 10)
     assert c.idleTimeout == 1.5
     assert c.dataTimeout == 60.0 and isinstance(c.dataTimeout, float)
@@ -351,10 +347,10 @@ def test_overrideHostname(tmp_path: Path) -> None:
     assert loadConfig(path, {"hostname": "cli.example"}).hostname == "cli.example"
 
 
-def test_overrideSmarthost(tmp_path: Path) -> None:
+def test_overrideSMTPNexthop(tmp_path: Path) -> None:
     """C{--smarthost} replaces the file's; an empty one switches it off."""
     path = writeConfig(tmp_path, '[relay]\nsmarthost = "a.example"\n')
-    assert loadConfig(path, {"smarthost": "[b.example]:2525"}).smarthost == Smarthost(
+    assert loadConfig(path, {"smarthost": "[b.example]:2525"}).smarthost == SMTPNexthop(
         "b.example", 2525, False
     )
     assert loadConfig(path, {"smarthost": ""}).smarthost is None
@@ -867,72 +863,6 @@ def test_singleStringOverrideIsOneItem() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# parseSmarthost
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("smtp.example.net", Smarthost("smtp.example.net", 25, True)),
-        ("SMTP.Example.NET.", Smarthost("smtp.example.net", 25, True)),
-        ("smtp.example.net:2525", Smarthost("smtp.example.net", 2525, True)),
-        ("[smtp.example.net]", Smarthost("smtp.example.net", 25, False)),
-        ("[smtp.example.net]:587", Smarthost("smtp.example.net", 587, False)),
-        ("localhost", Smarthost("localhost", 25, True)),
-        ("192.0.2.1", Smarthost("192.0.2.1", 25, False)),
-        ("192.0.2.1:26", Smarthost("192.0.2.1", 26, False)),
-        ("[192.0.2.1]:26", Smarthost("192.0.2.1", 26, False)),
-        ("[::1]:2525", Smarthost("::1", 2525, False)),
-        ("[2001:db8::1]", Smarthost("2001:db8::1", 25, False)),
-        ("[2001:DB8:0::1]:65535", Smarthost("2001:db8::1", 65535, False)),
-        ("host:1", Smarthost("host", 1, True)),
-    ],
-)
-def test_parseSmarthost(text: str, expected: Smarthost) -> None:
-    """Host names, IPv4 and bracketed IPv6 addresses, with and without port and brackets."""
-    assert parseSmarthost(text) == expected
-
-
-@pytest.mark.parametrize(
-    ("text", "fragment"),
-    [
-        ("", "host is missing"),
-        (":25", "host is missing"),
-        ("[]:25", "host is missing"),
-        ("host:", "port"),
-        ("host:0", "from 1 to 65535, not 0"),
-        ("host:65536", "not 65536"),
-        ("host:x25", 'not "x25"'),
-        ("host:+25", 'not "+25"'),
-        ("[host", '"[" without "]"'),
-        ("[host]x", 'unexpected "x"'),
-        ("[host]:", "port"),
-        ("2001:db8::1", "brackets"),
-        ("::1", "brackets"),
-        ("bad_host.example", "letters, digits and hyphens"),
-        ("-host.example", "hyphen"),
-        ("a..b", "empty label"),
-        ("host name", "letters, digits and hyphens"),
-        ("[300.1.2.3]", "all digits"),
-    ],
-)
-def test_parseSmarthostErrors(text: str, fragment: str) -> None:
-    """Bad smarthosts raise ValueError naming the value and the problem."""
-    with pytest.raises(ValueError) as e:
-        parseSmarthost(text)
-    assert f'"{text}"' in str(e.value)
-    assert fragment in str(e.value)
-
-
-def test_smarthostStr() -> None:
-    """A smarthost renders back in the configuration's notation."""
-    for text in ["smtp.example.net", "smtp.example.net:2525", "[smtp.example.net]:587",
-                 "[::1]:2525"]:
-        assert str(parseSmarthost(text)) == text
-    assert str(parseSmarthost("[a.example]")) == "[a.example]:25"
-
-
-# ---------------------------------------------------------------------------------------------
 # parseNetwork
 
 
@@ -1025,7 +955,7 @@ def test_sampleEveryKeyUncommentedLoads(tmp_path: Path) -> None:
     assert c.listeners[0].tls_ciphers == "ECDHE+AESGCM:ECDHE+CHACHA20"
     assert c.auth is not None and c.auth.passwordFile == str(tmp_path / "users")
     assert c.auth.senders == {"alice": ("alice@example.com", "@alice.example.org")}
-    assert c.smarthost == Smarthost("smtp.example.net", 587, False)
+    assert c.smarthost == SMTPNexthop("smtp.example.net", 587, False)
     assert c.hostname == "relay.example.com"
     assert [spec.plugin for spec in c.recipientValidators] == ["accepted-domains"]
 
@@ -1456,7 +1386,7 @@ backend = "hook"
         RouteConfig("*", "hook", None, None, "routes[11]"),
     )
     # A smtp nexthop reads back as the same smarthost.
-    assert parseSmarthost(c.routes[1].nexthop or "") == Smarthost("mx.example.net", 2525, False)
+    assert parseSMTPNexthop(c.routes[1].nexthop or "") == SMTPNexthop("mx.example.net", 2525, False)
     assert c.backends == (
         BackendSpec("hook", "acme-webhook", {"url": "https://example.com/"}, 600.0, "backends[0]"),
     )
@@ -1470,7 +1400,7 @@ def test_routeSmtpNexthopWithMXLookup(tmp_path: Path) -> None:
     )
     nexthop = loadConfig(path).routes[0].nexthop
     assert nexthop == "relay.example:587"
-    assert parseSmarthost(nexthop) == Smarthost("relay.example", 587, True)
+    assert parseSMTPNexthop(nexthop) == SMTPNexthop("relay.example", 587, True)
 
 
 def test_routeExactAndSubdomainAreDifferent(tmp_path: Path) -> None:
@@ -1498,14 +1428,14 @@ def test_routeDuplicateAfterNormalising(tmp_path: Path) -> None:
     )
 
 
-def test_defaultRouteWithSmarthost(tmp_path: Path) -> None:
+def test_defaultRouteWithSMTPNexthop(tmp_path: Path) -> None:
     """A "*" route may go with a smarthost (the router gives the route precedence)."""
     path = writeConfig(
         tmp_path,
         '[relay]\nsmarthost = "a.example"\n[[routes]]\ndomain = "*"\nbackend = "smtp"\n',
     )
     c = loadConfig(path, {"smarthost": "[b.example]:2525"})
-    assert c.smarthost == Smarthost("b.example", 2525, False)
+    assert c.smarthost == SMTPNexthop("b.example", 2525, False)
     assert c.routes[0].domain == "*"
 
 
@@ -1601,123 +1531,9 @@ def test_backendNameCannotBeBuiltIn(tmp_path: Path, name: str) -> None:
     assert f'"{name}" is the name of a built-in backend' in str(e.value)
 
 
-# -- value parsers
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("192.0.2.1", ("192.0.2.1", 53)),
-        ("127.0.0.1:5353", ("127.0.0.1", 5353)),
-        ("::1", ("::1", 53)),
-        ("[::1]:53", ("::1", 53)),
-        ("[::1]", ("::1", 53)),
-        ("[2001:DB8:0::1]:5353", ("2001:db8::1", 5353)),
-        ("[192.0.2.1]:54", ("192.0.2.1", 54)),
-        # Without brackets the colons all belong to the address.
-        ("::1:53", ("::1:53", 53)),
-    ],
-)
-def test_parseNameserver(text: str, expected: tuple[str, int]) -> None:
-    """IPv4 and IPv6 addresses, with and without port."""
-    assert parseNameserver(text) == expected
-
-
-@pytest.mark.parametrize(
-    ("text", "fragment"),
-    [
-        ("ns.example.com", "not an IP address"),
-        ("localhost:53", "not an IP address"),
-        ("[ns.example.com]:53", "not an IP address"),
-        ("", "host is missing"),
-        (":53", "host is missing"),
-        ("192.0.2.1:", "port"),
-        ("192.0.2.1:65536", "not 65536"),
-        ("192.0.2.1:dns", 'not "dns"'),
-        ("[::1", '"[" without "]"'),
-        ("[::1]53", 'unexpected "53"'),
-        ("300.1.2.3", "all digits"),
-    ],
-)
-def test_parseNameserverErrors(text: str, fragment: str) -> None:
-    """Bad name servers raise ValueError naming the value."""
-    with pytest.raises(ValueError) as e:
-        parseNameserver(text)
-    assert f'"{text}" is not a valid name server' in str(e.value)
-    assert fragment in str(e.value)
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("lmtp.example:24", "lmtp.example:24"),
-        ("[LMTP.Example.]:2003", "lmtp.example:2003"),
-        ("192.0.2.1:24", "192.0.2.1:24"),
-        ("[192.0.2.1]:24", "192.0.2.1:24"),
-        ("[2001:db8::1]:24", "[2001:db8::1]:24"),
-        ("unix:/run/dovecot/lmtp", "unix:/run/dovecot/lmtp"),
-        ("unix:/run/./x//lmtp", "unix:/run/x/lmtp"),
-    ],
-)
-def test_parseLMTPNexthop(text: str, expected: str) -> None:
-    """TCP servers (port required) and Unix sockets (absolute path), normalised."""
-    assert parseLMTPNexthop(text) == expected
-
-
-@pytest.mark.parametrize(
-    ("text", "fragment"),
-    [
-        ("lmtp.example", "the port is missing"),
-        ("[lmtp.example]", "the port is missing"),
-        ("[::1]", "the port is missing"),
-        ("lmtp.example:0", "not 0"),
-        ("unix:", "must be absolute"),
-        ("unix:run/lmtp", "must be absolute"),
-        ("2001:db8::1:24", "brackets"),
-        ("bad_host:24", "letters, digits and hyphens"),
-    ],
-)
-def test_parseLMTPNexthopErrors(text: str, fragment: str) -> None:
-    """Bad LMTP servers raise ValueError naming the value."""
-    with pytest.raises(ValueError) as e:
-        parseLMTPNexthop(text)
-    assert f'"{text}" is not a valid LMTP server' in str(e.value)
-    assert fragment in str(e.value)
-
-
-@pytest.mark.parametrize(
-    "text",
-    ["/var/mail", "/var/mail/{domain}/{local}", "{address}", "rel/{local}", "/m/{local",
-     "/m/}{", "/m/{{local}}", "/m/{a/b}"],
-)
-def test_checkMaildirTemplate(text: str) -> None:
-    """Templates with the placeholders, or none, pass; lone braces are kept as they are."""
-    checkMaildirTemplate(text)
-
-
-@pytest.mark.parametrize(
-    ("text", "fragment"),
-    [
-        ("", "empty string"),
-        ("/m/{user}", 'unknown placeholder "{user}"'),
-        ("/m/{Local}", 'unknown placeholder "{Local}"'),
-        ("/m/{}", 'unknown placeholder "{}"'),
-        ("/m/{0}", 'unknown placeholder "{0}"'),
-        ("/m/{local!r}", 'unknown placeholder "{local!r}"'),
-        ("/m/{domain:>9}", 'unknown placeholder "{domain:>9}"'),
-        ("/m/{local}/{{x}}", 'unknown placeholder "{x}"'),
-    ],
-)
-def test_checkMaildirTemplateErrors(text: str, fragment: str) -> None:
-    """Placeholders other than the three are refused as likely mistakes."""
-    with pytest.raises(ValueError) as e:
-        checkMaildirTemplate(text)
-    assert fragment in str(e.value)
-
-
 def test_timeoutsMatchClientTimeouts() -> None:
     """The delivery time-outs are exactly ClientTimeouts' fields, with the same defaults."""
-    client = pytest.importorskip("mailrelay.smtp.client")
+    client = pytest.importorskip("mailrelay.smtp.clientsettings")
     expected = {f.name: float(f.default) for f in dataclasses.fields(client.ClientTimeouts)}
     assert DeliveryConfig().timeouts == expected
     client.ClientTimeouts(**DeliveryConfig().timeouts)

@@ -43,16 +43,7 @@ from mailrelay.config.types import (
     SNICertificate,
     TransportOptions,
 )
-from mailrelay.config.values import (
-    Smarthost,
-    checkEndpoint,
-    checkMaildirTemplate,
-    parseLMTPNexthop,
-    parseNameserver,
-    parseNetwork,
-    parseSmarthost,
-    spoolDirectoryProblem,
-)
+from mailrelay.config.values import checkEndpoint, parseNetwork, spoolDirectoryProblem
 from mailrelay.errors import ConfigError, describeValue
 
 __all__ = [
@@ -67,16 +58,11 @@ __all__ = [
     "QueueConfig",
     "RouteConfig",
     "SNICertificate",
-    "Smarthost",
     "TransportOptions",
     "checkEndpoint",
-    "checkMaildirTemplate",
     "describeValue",
     "loadConfig",
-    "parseLMTPNexthop",
-    "parseNameserver",
     "parseNetwork",
-    "parseSmarthost",
     "readConfigFile",
     "spoolDirectoryProblem",
 ]

@@ -11,20 +11,16 @@ Part of the config layer: it may import the values, L{mailrelay.smtp} and the st
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
-from mailrelay.address import normaliseDomain, parseReversePath
+from mailrelay.address import domainProblem, normaliseDomain, parseReversePath
 from mailrelay.config.schema import At, Reading, tableOf
 from mailrelay.config.types import ListenerConfig
 from mailrelay.config.values import (
     checked,
-    checkMaildirTemplate,
-    domainProblem,
     endpoint,
     nonEmpty,
-    parseLMTPNexthop,
-    parseNameserver,
-    parseSmarthost,
     secretFile,
     string,
     stringList,
@@ -33,9 +29,23 @@ from mailrelay.delivery import BUILTIN_BACKENDS
 from mailrelay.errors import describeValue
 from mailrelay.receive.auth import MECHANISMS, PasswordFileError, readPasswordFile
 from mailrelay.receive.tls import TLSConfigError, loadServerTLS
+from mailrelay.route.nexthop import (
+    SMTPNexthop,
+    checkMaildirTemplate,
+    parseLMTPNexthop,
+    parseNameserver,
+    parseSMTPNexthop,
+)
 
 # ---------------------------------------------------------------------------------------------
 # [dns], [queue], [smarthost] and a route's transport keys
+
+
+def smarthost(value: Any, at: At) -> SMTPNexthop | None:
+    """The smarthost, or an smtp route's next hop (see L{parseSMTPNexthop}); C{""} means
+    none."""
+    text = string(value, at)
+    return checked(partial(parseSMTPNexthop, what="smarthost"))(text, at) if text else None
 
 
 def nameservers(value: Any, at: At) -> tuple[tuple[str, int], ...]:
@@ -408,15 +418,15 @@ def _routeNexthop(r: Reading, backend: str) -> str | None:
     """The route's C{nexthop}, read as its backend's notation and normalised."""
     at, given = r.at.child("nexthop"), r.given("nexthop")
     if backend == "smtp":
-        text = string(r.raw.get("nexthop", ""), at)
-        return str(checked(parseSmarthost)(text, at)) if text else None
+        nexthop = smarthost(r.raw.get("nexthop", ""), at)
+        return None if nexthop is None else str(nexthop)
     if backend == "lmtp":
         if not given:
             raise at.error(
                 'is required for an lmtp route: "host:port", "[host]:port" or '
                 '"unix:/path/to/socket"'
             )
-        return checked(parseLMTPNexthop)(r.raw["nexthop"], at)
+        return str(checked(parseLMTPNexthop)(r.raw["nexthop"], at))
     if backend == "maildir":
         if not given:
             raise at.error(

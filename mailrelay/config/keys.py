@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from mailrelay.config import checks
-from mailrelay.config.schema import MISSING, At, Computed, Key, Override, Table
+from mailrelay.config.schema import MISSING, Computed, Key, Override, Table
 from mailrelay.config.types import (
     BARE_NEWLINE_CHOICES,
     LISTENER_MODES,
@@ -46,8 +46,6 @@ from mailrelay.config.values import (
     nonEmpty,
     nonNegativeSeconds,
     optionalHostname,
-    parseRouteDomain,
-    parseSmarthost,
     postmaster,
     raw,
     seconds,
@@ -62,7 +60,8 @@ from mailrelay.errors import describeValue
 from mailrelay.interfaces import TLS_POLICIES
 from mailrelay.receive.auth import DEFAULT_CHECKER_TIMEOUT
 from mailrelay.receive.limits import LIMITER_TIMEOUT
-from mailrelay.smtp.client import ClientTimeouts
+from mailrelay.route.nexthop import parseRouteDomain
+from mailrelay.smtp.clientsettings import ClientTimeouts
 
 __all__ = [
     "AUTH",
@@ -86,11 +85,6 @@ __all__ = [
 
 #: The endpoint of the listener there is when the file sets none.
 DEFAULT_ENDPOINT = "tcp:2525:interface=127.0.0.1"
-
-
-def smarthost(value: Any, at: At) -> Any:
-    """The smarthost (see L{parseSmarthost}); C{""} means none."""
-    return checked(parseSmarthost)(value, at) if string(value, at) else None
 
 
 def pluginTable(
@@ -170,7 +164,7 @@ RELAY = Table(
         ),
         Key(
             "smarthost",
-            smarthost,
+            checks.smarthost,
             "Where all outgoing mail goes instead of to the MX hosts.",
             default="",
             cli=Override("smarthost", "--smarthost"),

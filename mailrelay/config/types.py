@@ -13,8 +13,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mailrelay.config.values import IPNetwork, Smarthost
-from mailrelay.smtp.client import ClientTimeouts
+from mailrelay.config.values import IPNetwork
+from mailrelay.route.nexthop import SMTPNexthop
+from mailrelay.smtp.clientsettings import ClientTimeouts
 
 #: A listener's role (C{mode}): C{"relay"} (MX or relay for the relay networks and accepted
 #: domains), C{"submission"} (RFC 6409, port 587: AUTH required before MAIL) and
@@ -242,7 +243,7 @@ class DeliveryConfig:
     @ivar destinationConcurrency: the most connections to one destination at once.
     @ivar connectionCacheTime: seconds an idle connection is kept for reuse (C{0.0}: never).
     @ivar timeouts: the SMTP client's time-outs in seconds, by the names of
-        C{mailrelay.smtp.client.ClientTimeouts}' fields: C{connect}, C{greeting}, C{ehlo},
+        C{mailrelay.smtp.clientsettings.ClientTimeouts}' fields: C{connect}, C{greeting}, C{ehlo},
         C{starttls}, C{auth}, C{mail}, C{rcpt}, C{dataInit}, C{dataBlock}, C{dataDone},
         C{rset}, C{quit} (all of them, always).
     """
@@ -264,8 +265,9 @@ class RouteConfig:
     @ivar backend: C{"smtp"}, C{"lmtp"}, C{"maildir"}, C{"discard"} or the name of a
         L{BackendSpec}.
     @ivar nexthop: the backend's destination, normalised, or C{None}:
-        - C{smtp}: a smarthost in L{parseSmarthost}'s notation, as C{str(Smarthost)} writes it
-          (C{"[mx.example.org]:25"}), or C{None} to look up the recipient domain's MX hosts;
+        - C{smtp}: a next hop in L{mailrelay.route.nexthop.parseSMTPNexthop}'s notation, as
+          C{str(SMTPNexthop)} writes it (C{"[mx.example.org]:25"}), or C{None} to look up the
+          recipient domain's MX hosts;
         - C{lmtp}: C{"host:port"} (C{"[2001:db8::1]:port"} for IPv6; never an MX lookup) or
           C{"unix:/absolute/path"};
         - C{maildir}: an absolute directory template that may hold C{{local}}, C{{domain}}
@@ -350,7 +352,7 @@ class Config:
     minFreeSpace: int
     relayNetworks: tuple[IPNetwork, ...]
     acceptDomains: tuple[str, ...]
-    smarthost: Smarthost | None
+    smarthost: SMTPNexthop | None
     maxMessageSize: int
     maxRecipients: int
     idleTimeout: float
