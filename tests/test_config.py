@@ -19,7 +19,6 @@ from mailrelay.config import (
     DeliveryConfig,
     ListenerConfig,
     PluginSpec,
-    QueueConfig,
     RouteConfig,
     TransportOptions,
     loadConfig,
@@ -29,6 +28,7 @@ from mailrelay.config import values as configValues
 from mailrelay.config.keys import TIMEOUTS, TOP
 from mailrelay.delivery import BUILTIN_BACKENDS
 from mailrelay.errors import ConfigError
+from mailrelay.queue.policy import QueuePolicy
 from mailrelay.route.nexthop import SMTPNexthop, parseSMTPNexthop
 
 SAMPLE = Path(__file__).resolve().parent.parent / "etc" / "mailrelay.toml"
@@ -120,7 +120,8 @@ def test_defaults(tmp_path: Path) -> None:
     assert c.listeners == (ListenerConfig("tcp:2525:interface=127.0.0.1", "reject", True, True),)
     assert c.recipientValidators == ()
     assert c.headerStampers == (PluginSpec("default", {}, 30.0, "header_stampers[0]"),)
-    assert c.queue == QueueConfig(300.0, 4000.0, 432000.0, 432000.0, 0.0, 1000, None)
+    assert c.queue == QueuePolicy(300.0, 4000.0, 432000.0, 432000.0, 0.0, 1000, None)
+    assert (c.hold, c.queueProcess, c.queue.stopTimeout) == (False, "separate", c.drainTime)
     assert c.delivery == DeliveryConfig(None, "may", None, 20, 2.0, TIMEOUT_DEFAULTS)
     assert c.smarthostOptions == TransportOptions("may", None, None, None, False)
     assert c.nameservers == ()
@@ -138,7 +139,7 @@ def test_configDefaultsForNewFields(tmp_path: Path) -> None:
     assert built == c
     assert built.delivery.timeouts == TIMEOUT_DEFAULTS
     hash(built.delivery)
-    hash(QueueConfig())
+    hash(QueuePolicy())
     hash(TransportOptions(password="x"))
 
 
@@ -1042,7 +1043,7 @@ nameservers = ["127.0.0.1:5353", "[2001:DB8::53]", "2001:db8::54", "[192.0.2.1]:
     )
     c = loadConfig(path)
     ca = str(tmp_path / "ca.pem")
-    assert c.queue == QueueConfig(60.0, 60.0, 86400.5, 3600.0, 14400.0, 1, "Hostmaster@example.com")
+    assert c.queue == QueuePolicy(60.0, 60.0, 86400.5, 3600.0, 14400.0, 1, "Hostmaster@example.com")
     assert all(
         isinstance(getattr(c.queue, name), float)
         for name in ("minBackoff", "maxBackoff", "maxLifetime", "bounceLifetime", "delayWarning")
@@ -1542,11 +1543,21 @@ def test_timeoutsMatchClientTimeouts() -> None:
 def test_queue_hold(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("[queue]\nhold = true\n")
-    assert loadConfig(str(path), {"spool": str(tmp_path / "s")}).queue.hold is True
-    assert loadConfig(None, {"spool": str(tmp_path / "s")}).queue.hold is False
+    assert loadConfig(str(path), {"spool": str(tmp_path / "s")}).hold is True
+    assert loadConfig(None, {"spool": str(tmp_path / "s")}).hold is False
     path.write_text('[queue]\nhold = "yes"\n')
     with pytest.raises(ConfigError, match=r"queue\.hold: must be true or false"):
         loadConfig(str(path), {"spool": str(tmp_path / "s")})
+
+
+def test_queuePolicyFromTheFile(tmp_path: Path) -> None:
+    """[queue] makes the queue manager's own policy (its stop waits drain_time); hold and
+    process are the relay's."""
+    path = tmp_path / "c.toml"
+    path.write_text('drain_time = 12\n[queue]\nprocess = "inline"\nmin_backoff = 60\n')
+    c = loadConfig(str(path), {"spool": str(tmp_path / "s")})
+    assert c.queue == QueuePolicy(minBackoff=60.0, stopTimeout=12.0)
+    assert (c.queueProcess, c.hold, c.drainTime) == ("inline", False, 12.0)
 
 
 def test_spool_sync(tmp_path: Path) -> None:

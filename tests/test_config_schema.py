@@ -15,7 +15,7 @@ import pytest
 
 from mailrelay.config import loadConfig
 from mailrelay.config.keys import OVERRIDE_OPTIONS, TOP
-from mailrelay.config.schema import At, Computed, Key, Override, Source, Table
+from mailrelay.config.schema import At, Computed, Key, Override, Part, Source, Table
 from mailrelay.config.values import boolean, integer, string
 from mailrelay.delivery import BUILTIN_BACKENDS
 from mailrelay.errors import ConfigError, describeValue, joinKey
@@ -288,3 +288,42 @@ def test_arrayShape() -> None:
     assert str(e.value) == "zoo.toml: zoo.pets[0]: must be a table ([[zoo.pets]]), not 5"
     with pytest.raises(ConfigError, match=r"must be an array of tables \(\[\[zoo\.pets\]\]\)"):
         read({"pets": {"name": "rex"}})
+
+
+@dataclass(frozen=True)
+class Diet:
+    food: str = "hay"
+    meals: int = 2
+
+    def __post_init__(self) -> None:
+        if self.meals > 5:
+            raise ValueError(f"{self.meals} meals a day is too many")
+
+
+@dataclass(frozen=True)
+class Stable:
+    diet: Diet
+    name: str = "stable"
+
+
+STABLE = Table(
+    (
+        Key("name", string, "Its name."),
+        Key("food", string, "What they eat."),
+        Key("meals", integer(0, 9), "How often."),
+    ),
+    target=Stable,
+    part=Part("diet", Diet),
+)
+
+
+def test_partFillsATypeOfItsOwn() -> None:
+    """The keys of a part fill its type (with its defaults), which fills a field of the
+    table's; a value the type refuses is refused naming the file and the table."""
+    at = At(Source("zoo.toml", Path("/etc"), Path("/tmp")), "stable")
+    assert STABLE.read({"food": "oats"}, at) == Stable(Diet("oats", 2))
+    assert STABLE.default(STABLE.key("meals"), at) == 2
+    assert STABLE.read({"name": "b", "meals": 3}, at) == Stable(Diet("hay", 3), "b")
+    with pytest.raises(ConfigError) as e:
+        STABLE.read({"meals": 7}, at)
+    assert str(e.value) == "zoo.toml: stable: 7 meals a day is too many"

@@ -37,7 +37,7 @@ def makeDelivery(
 
     @raise ConfigError: a route or a backend plugin is refused.
     """
-    from mailrelay.queue import QueueManager, QueuePolicy
+    from mailrelay.queue import QueueManager
     from mailrelay.queue.lock import QueueLock
     from mailrelay.route.table import RoutingTable
 
@@ -46,23 +46,13 @@ def makeDelivery(
     except ValueError as e:
         raise ConfigError(str(e), file=config.source or "(embedded default)", key="routes") from e
     backends = makeBackends(config, reactor, build)
-    q = config.queue
     queue = QueueManager(
         spool,
         router,
         backends,
         reactor,
         hostname=config.hostname,
-        policy=QueuePolicy(
-            minBackoff=q.minBackoff,
-            maxBackoff=q.maxBackoff,
-            maxLifetime=q.maxLifetime,
-            bounceLifetime=q.bounceLifetime,
-            delayWarning=q.delayWarning,
-            activeLimit=q.activeLimit,
-            postmaster=q.postmaster,
-            stopTimeout=config.drainTime,
-        ),
+        policy=config.queue,
         # A site backend's [[backends]] timeout; the built-in ones keep the policy's bound.
         timeouts={spec.name: spec.timeout for spec in config.backends},
         lock=QueueLock(config.spoolDirectory, reactor),

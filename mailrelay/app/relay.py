@@ -119,11 +119,11 @@ class RelayService(OrderedMultiService):
         """Add the services of the first configuration."""
         config = self.config = plan.config
         assert self.spool is not None
-        if config.queue.hold:
+        if config.hold:
             log.warn("queue.hold is set: mail is accepted and spooled, nothing is delivered")
         services, queue = plan.delivery
-        if config.queue.process == "inline":
-            self.delivery = InlineDelivery(services, queue, config.queue.hold)
+        if config.queueProcess == "inline":
+            self.delivery = InlineDelivery(services, queue, config.hold)
         else:
             from mailrelay.queue.process import DeliveryProcessService
 
@@ -133,7 +133,7 @@ class RelayService(OrderedMultiService):
                 self.overrides,
                 configText=plan.configText,
                 drainTime=config.drainTime,
-                hold=config.queue.hold,
+                hold=config.hold,
             )
         self.delivery.setServiceParent(self)
         self._sessionsService = SessionsService(self.sessions, self.reactor, config.drainTime)
@@ -179,9 +179,9 @@ class RelayService(OrderedMultiService):
                     file=config.source or "(embedded default)",
                     key=key,
                 )
-        if config.queue.process != old.queue.process:
+        if config.queueProcess != old.queueProcess:
             raise ConfigError(
-                f"changed from {old.queue.process!r} to {config.queue.process!r}: a restart is "
+                f"changed from {old.queueProcess!r} to {config.queueProcess!r}: a restart is "
                 "needed for this setting",
                 file=config.source or "(embedded default)",
                 key="queue.process",
@@ -223,11 +223,11 @@ class RelayService(OrderedMultiService):
         assert self._sessionsService is not None
         self._sessionsService.drainTime = config.drainTime
         services, queue = plan.delivery
-        if config.queue.process == "inline":
-            self.delivery.reload(services, queue, config.queue.hold)
+        if config.queueProcess == "inline":
+            self.delivery.reload(services, queue, config.hold)
         else:
             self.delivery.reload(
-                plan.configText, self.overrides, config.drainTime, config.queue.hold
+                plan.configText, self.overrides, config.drainTime, config.hold
             )
 
 

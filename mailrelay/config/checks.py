@@ -62,7 +62,8 @@ def nameservers(value: Any, at: At) -> tuple[tuple[str, int], ...]:
 
 
 def checkQueue(r: Reading) -> None:
-    """The backoff's bounds go together."""
+    """The backoff's bounds go together; the queue manager's stop waits C{drain_time}."""
+    r.fields["stopTimeout"] = r.at.scope["drainTime"]
     minBackoff, maxBackoff = r.fields["minBackoff"], r.fields["maxBackoff"]
     if maxBackoff < minBackoff:
         if r.given("max_backoff"):

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from mailrelay.config import checks
-from mailrelay.config.schema import MISSING, Computed, Key, Override, Table
+from mailrelay.config.schema import MISSING, Computed, Key, Override, Part, Table
 from mailrelay.config.types import (
     BARE_NEWLINE_CHOICES,
     LISTENER_MODES,
@@ -26,7 +26,6 @@ from mailrelay.config.types import (
     DeliveryConfig,
     ListenerConfig,
     PluginSpec,
-    QueueConfig,
     RouteConfig,
     SNICertificate,
     TransportOptions,
@@ -58,6 +57,7 @@ from mailrelay.config.values import (
 )
 from mailrelay.errors import describeValue
 from mailrelay.interfaces import TLS_POLICIES
+from mailrelay.queue.policy import QueuePolicy
 from mailrelay.receive.auth import DEFAULT_CHECKER_TIMEOUT
 from mailrelay.receive.limits import LIMITER_TIMEOUT
 from mailrelay.route.nexthop import parseRouteDomain
@@ -281,10 +281,13 @@ QUEUE = Table(
             "process",
             choice("separate", "inline"),
             "Whether the queue manager and delivery run in a process of their own.",
+            field="queueProcess",
         ),
     ),
-    target=QueueConfig,
+    target=Config,
+    part=Part("queue", QueuePolicy),
     check=checks.checkQueue,
+    merge=True,
 )
 
 #: The SMTP client's time-outs (RFC 5321 section 4.5.3.2), the defaults of C{ClientTimeouts}.

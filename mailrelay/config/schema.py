@@ -37,6 +37,7 @@ __all__ = [
     "Key",
     "Override",
     "Parser",
+    "Part",
     "Reading",
     "Source",
     "Table",
@@ -117,6 +118,16 @@ class At:
         return os.path.abspath(base / os.path.expanduser(text))
 
 
+def _make(target: type, fields: dict[str, Any], at: At) -> Any:
+    """C{target(**fields)}: a type of the runtime, which checks its values too.  The checks
+    of the configuration come first, with better messages; should a value get past them,
+    the type's complaint still names the file and the table."""
+    try:
+        return target(**fields)
+    except ValueError as e:
+        raise at.error(str(e)) from None
+
+
 def given(overrides: Mapping[str, Any], name: str) -> bool:
     """Whether the command line gave option C{name}: not absent, not C{None}, not C{[]}."""
     value = overrides.get(name)
@@ -186,6 +197,27 @@ class Key:
         return self.field or self.name
 
 
+@dataclass(frozen=True)
+class Part:
+    """The keys of a table that fill a type of their own, whose value fills one field of the
+    table's: the keys of C{[queue]} that fill a L{mailrelay.queue.policy.QueuePolicy} (the
+    C{queue} field of the L{mailrelay.config.types.Config} the others fill), so that the
+    configuration holds the type the runtime uses, not a copy of it.
+
+    @ivar field: the field of the table's type the part fills.
+    @ivar target: the part's dataclass: the keys whose fields are its fields fill it (and take
+        its fields' defaults); the table's check may add to them.
+    """
+
+    field: str
+    target: type
+
+    @property
+    def names(self) -> frozenset[str]:
+        """The fields of the part."""
+        return frozenset(f.name for f in dataclasses.fields(self.target))
+
+
 @dataclass
 class Reading:
     """A table being read, as its check (L{Table.check}) sees it.
@@ -231,6 +263,7 @@ class Table:
         C{order} says otherwise).
     @ivar target: the dataclass whose fields the keys fill, whose fields' defaults are the
         keys' defaults.
+    @ivar part: the keys that fill a type of their own instead (see L{Part}).
     @ivar build: makes the table's value from its fields: C{build(fields, at)}; C{None} for
         C{target(**fields)}.
     @ivar check: C{check(reading)}, the checks involving several keys, once they are read
@@ -253,6 +286,7 @@ class Table:
 
     keys: tuple[Key, ...]
     target: type | None = None
+    part: Part | None = None
     build: Callable[[dict[str, Any], At], Any] | None = None
     check: Callable[[Reading], None] | None = None
     merge: bool = False
@@ -300,8 +334,11 @@ class Table:
             return key.default.compute(at)
         if key.default is not MISSING:
             return key.parse(key.default, at)
-        if self.target is not None and dataclasses.is_dataclass(self.target):
-            for f in dataclasses.fields(self.target):
+        target = self.target
+        if self.part is not None and key.target in self.part.names:
+            target = self.part.target
+        if target is not None and dataclasses.is_dataclass(target):
+            for f in dataclasses.fields(target):
                 if f.name == key.target:
                     if f.default is not dataclasses.MISSING:
                         return f.default
@@ -367,12 +404,16 @@ class Table:
             fields[self.where] = at.key
         if self.check is not None:
             self.check(Reading(fields, table, at, self))
+        if self.part is not None:
+            names = self.part.names
+            own = {name: fields.pop(name) for name in list(fields) if name in names}
+            fields[self.part.field] = _make(self.part.target, own, at)
         if self.merge:
             return fields
         if self.build is not None:
             return self.build(fields, at)
         assert self.target is not None, "a table needs a target or a build function"
-        return self.target(**fields)
+        return _make(self.target, fields, at)
 
     def readArray(self, value: Any, at: At) -> tuple[Any, ...]:
         """Read an array of tables into a tuple."""

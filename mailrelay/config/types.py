@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mailrelay.config.values import IPNetwork
+from mailrelay.queue.policy import QueuePolicy
 from mailrelay.route.nexthop import SMTPNexthop
 from mailrelay.smtp.clientsettings import ClientTimeouts
 
@@ -176,40 +177,6 @@ class PluginSpec:
 
 
 @dataclass(frozen=True)
-class QueueConfig:
-    """How long and how often the queue retries deliveries (C{[queue]}).
-
-    The delay before each retry doubles from C{minBackoff} up to C{maxBackoff}
-    (Postfix's C{minimal_backoff_time} and C{maximal_backoff_time}).
-
-    @ivar minBackoff: seconds before the first retry.
-    @ivar maxBackoff: the longest delay between retries, in seconds (>= C{minBackoff}).
-    @ivar maxLifetime: seconds a message may stay queued before it bounces.
-    @ivar bounceLifetime: the same for the relay's own bounce messages.
-    @ivar delayWarning: seconds after which the sender is told that the message is delayed;
-        C{0.0} for no delay warnings.
-    @ivar activeLimit: the most messages in delivery at once.
-    @ivar process: C{"separate"}: the queue manager and delivery run in a process of their own
-        (two cores: acceptance and delivery in parallel, like Postfix's smtpd and qmgr);
-        C{"inline"}: in the relay's process.
-    @ivar hold: accept and spool mail but deliver none (like Postfix's hold queue) until the
-        relay is restarted without it; for staged roll-outs and maintenance.
-    @ivar postmaster: the canonical address (C{local@domain}) that gets bounces which cannot
-        be returned to their sender, or C{None} to log and drop them.
-    """
-
-    minBackoff: float = 300.0
-    maxBackoff: float = 4000.0
-    maxLifetime: float = 432000.0
-    bounceLifetime: float = 432000.0
-    delayWarning: float = 0.0
-    activeLimit: int = 1000
-    postmaster: str | None = None
-    hold: bool = False
-    process: str = "separate"
-
-
-@dataclass(frozen=True)
 class TransportOptions:
     """How to talk to one SMTP or LMTP next hop (C{[smarthost]}, or an C{smtp} or C{lmtp}
     route).
@@ -330,7 +297,13 @@ class Config:
     @ivar listeners: where to accept SMTP connections.
     @ivar recipientValidators: the recipient validator plugins, in order.
     @ivar headerStampers: the header stamper plugins, in order.
-    @ivar queue: retry and lifetime settings of the queue.
+    @ivar queue: how the queue manager retries, expires and notifies (C{[queue]}); its
+        C{stopTimeout} is C{drainTime}.
+    @ivar hold: accept and spool mail but deliver none (like Postfix's hold queue) until the
+        relay is restarted or reloaded without it; for staged roll-outs and maintenance.
+    @ivar queueProcess: C{"separate"}: the queue manager and delivery run in a process of
+        their own (two cores: acceptance and delivery in parallel, like Postfix's smtpd and
+        qmgr); C{"inline"}: in the relay's process.
     @ivar delivery: how outgoing mail is delivered.
     @ivar smarthostOptions: the transport options for C{smarthost}.
     @ivar nameservers: C{(address, port)} of the DNS resolvers to use instead of the
@@ -363,7 +336,9 @@ class Config:
     listeners: tuple[ListenerConfig, ...]
     recipientValidators: tuple[PluginSpec, ...]
     headerStampers: tuple[PluginSpec, ...]
-    queue: QueueConfig = QueueConfig()
+    queue: QueuePolicy = QueuePolicy()
+    hold: bool = False
+    queueProcess: str = "separate"
     delivery: DeliveryConfig = DeliveryConfig()
     smarthostOptions: TransportOptions = TransportOptions()
     nameservers: tuple[tuple[str, int], ...] = ()
