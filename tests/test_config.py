@@ -16,7 +16,6 @@ from mailrelay import config as configModule
 from mailrelay.config import (
     BackendSpec,
     Config,
-    DeliveryConfig,
     ListenerConfig,
     PluginSpec,
     RouteConfig,
@@ -30,6 +29,7 @@ from mailrelay.delivery import BUILTIN_BACKENDS
 from mailrelay.errors import ConfigError
 from mailrelay.queue.policy import QueuePolicy
 from mailrelay.route.nexthop import SMTPNexthop, parseSMTPNexthop
+from mailrelay.smtp.clientsettings import ClientSettings, ClientTimeouts
 
 SAMPLE = Path(__file__).resolve().parent.parent / "etc" / "mailrelay.toml"
 FQDN = "relay.test.example"
@@ -52,20 +52,6 @@ def writeConfig(directory: Path, text: str, name: str = "mailrelay.toml") -> str
 PEM = (
     "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUY29uZmlnLXRlc3Q=\n-----END CERTIFICATE-----\n"
 )
-TIMEOUT_DEFAULTS = {
-    "connect": 30.0,
-    "greeting": 300.0,
-    "ehlo": 300.0,
-    "starttls": 120.0,
-    "auth": 120.0,
-    "mail": 300.0,
-    "rcpt": 300.0,
-    "dataInit": 120.0,
-    "dataBlock": 180.0,
-    "dataDone": 600.0,
-    "rset": 20.0,
-    "quit": 300.0,
-}
 
 
 def writeCertificate(directory: Path, certName: str = "cert.pem", keyName: str = "key.pem",
@@ -122,7 +108,8 @@ def test_defaults(tmp_path: Path) -> None:
     assert c.headerStampers == (PluginSpec("default", {}, 30.0, "header_stampers[0]"),)
     assert c.queue == QueuePolicy(300.0, 4000.0, 432000.0, 432000.0, 0.0, 1000, None)
     assert (c.hold, c.queueProcess, c.queue.stopTimeout) == (False, "separate", c.drainTime)
-    assert c.delivery == DeliveryConfig(None, "may", None, 20, 2.0, TIMEOUT_DEFAULTS)
+    assert c.delivery == ClientSettings(FQDN, tls="may", caFile=None, timeouts=ClientTimeouts())
+    assert (c.destinationConcurrency, c.connectionCacheTime) == (20, 2.0)
     assert c.smarthostOptions == TransportOptions("may", None, None, None, False)
     assert c.nameservers == ()
     assert c.routes == ()
@@ -137,7 +124,7 @@ def test_configDefaultsForNewFields(tmp_path: Path) -> None:
     old = names[: names.index("queue")]
     built = Config(**{name: getattr(c, name) for name in old})
     assert built == c
-    assert built.delivery.timeouts == TIMEOUT_DEFAULTS
+    assert built.delivery.timeouts == ClientTimeouts()
     hash(built.delivery)
     hash(QueuePolicy())
     hash(TransportOptions(password="x"))
@@ -968,7 +955,7 @@ def test_sampleEveryKeyUncommentedLoads(tmp_path: Path) -> None:
     assert c.queue.postmaster == "postmaster@example.com"
     assert c.delivery.heloName == "relay.example.com"
     assert c.delivery.caFile == ca
-    assert c.delivery.timeouts == TIMEOUT_DEFAULTS
+    assert c.delivery.timeouts == ClientTimeouts()
     assert c.routes == (
         RouteConfig(
             "example.org", "smtp", "[mx.example.org]:25",
@@ -1048,13 +1035,15 @@ nameservers = ["127.0.0.1:5353", "[2001:DB8::53]", "2001:db8::54", "[192.0.2.1]:
         isinstance(getattr(c.queue, name), float)
         for name in ("minBackoff", "maxBackoff", "maxLifetime", "bounceLifetime", "delayWarning")
     )
-    timeouts = dict(
-        TIMEOUT_DEFAULTS, connect=5.0, greeting=1.5, dataInit=7.0, dataBlock=8.0,
-        dataDone=9.0, quit=10.0,
+    timeouts = ClientTimeouts(
+        connect=5.0, greeting=1.5, dataInit=7.0, dataBlock=8.0, dataDone=9.0, quit=10.0
     )
-    assert c.delivery == DeliveryConfig("out.example.com", "required", ca, 1, 0.0, timeouts)
-    assert all(isinstance(v, float) for v in c.delivery.timeouts.values())
-    assert isinstance(c.delivery.connectionCacheTime, float)
+    assert c.delivery == ClientSettings("out.example.com", tls="required", caFile=ca,
+                                        timeouts=timeouts)
+    assert all(isinstance(getattr(c.delivery.timeouts, name), float)
+               for name in ("connect", "greeting", "dataInit", "dataBlock", "dataDone", "quit"))
+    assert (c.destinationConcurrency, c.connectionCacheTime) == (1, 0.0)
+    assert isinstance(c.connectionCacheTime, float)
     assert c.smarthostOptions == TransportOptions("implicit", ca, "bob", "s3cret", True)
     assert c.nameservers == (
         ("127.0.0.1", 5353), ("2001:db8::53", 53), ("2001:db8::54", 53), ("192.0.2.1", 54),
@@ -1066,7 +1055,8 @@ def test_timeoutNamesMatchTheClient() -> None:
     for key in TIMEOUTS.keys:
         parts = key.name.split("_")
         assert key.target == parts[0] + "".join(p.title() for p in parts[1:])
-    assert set(DeliveryConfig().timeouts) == {key.target for key in TIMEOUTS.keys}
+    fields = {f.name for f in dataclasses.fields(ClientTimeouts)}
+    assert fields == {key.target for key in TIMEOUTS.keys}
 
 
 @pytest.mark.parametrize("tls", ["none", "may", "required", "implicit"])
@@ -1530,14 +1520,6 @@ def test_backendNameCannotBeBuiltIn(tmp_path: Path, name: str) -> None:
         loadConfig(path)
     assert e.value.key == "backends[0].name"
     assert f'"{name}" is the name of a built-in backend' in str(e.value)
-
-
-def test_timeoutsMatchClientTimeouts() -> None:
-    """The delivery time-outs are exactly ClientTimeouts' fields, with the same defaults."""
-    client = pytest.importorskip("mailrelay.smtp.clientsettings")
-    expected = {f.name: float(f.default) for f in dataclasses.fields(client.ClientTimeouts)}
-    assert DeliveryConfig().timeouts == expected
-    client.ClientTimeouts(**DeliveryConfig().timeouts)
 
 
 def test_queue_hold(tmp_path: Path) -> None:

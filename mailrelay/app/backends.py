@@ -15,31 +15,17 @@ from mailrelay.interfaces import IDeliveryBackend
 
 
 def builtinBackendSpecs(config: Config) -> list[BackendSpec]:
-    """The plugin entries of the built-in backends, their options made of C{config}.
-
-    @raise ConfigError: C{[delivery]} makes no usable client settings.
-    """
+    """The plugin entries of the built-in backends, their options made of C{config}."""
     from mailrelay.delivery.common import BUILTIN_BACKENDS
-    from mailrelay.smtp.client import ClientSettings, ClientTimeouts
 
-    delivery = config.delivery
-    try:
-        settings = ClientSettings(
-            heloName=delivery.heloName or config.hostname,
-            tls=delivery.tls,
-            caFile=delivery.caFile,
-            timeouts=ClientTimeouts(**delivery.timeouts),
-        )
-    except ValueError as e:
-        raise ConfigError(str(e), file=config.source or "(embedded default)", key="delivery") from e
     options: dict[str, dict[str, Any]] = {
         "smtp": {
-            "settings": settings,
+            "settings": config.delivery,
             "nameservers": config.nameservers,
-            "destination_concurrency": delivery.destinationConcurrency,
-            "connection_cache_time": delivery.connectionCacheTime,
+            "destination_concurrency": config.destinationConcurrency,
+            "connection_cache_time": config.connectionCacheTime,
         },
-        "lmtp": {"settings": settings, "concurrency": delivery.destinationConcurrency},
+        "lmtp": {"settings": config.delivery, "concurrency": config.destinationConcurrency},
     }
     return [
         BackendSpec(name=name, plugin=name, options=options.get(name, {}), key="delivery")

@@ -38,7 +38,7 @@ from mailrelay.route.nexthop import (
 )
 
 # ---------------------------------------------------------------------------------------------
-# [dns], [queue], [smarthost] and a route's transport keys
+# [dns], [queue], [delivery], [smarthost] and a route's transport keys
 
 
 def smarthost(value: Any, at: At) -> SMTPNexthop | None:
@@ -77,6 +77,12 @@ def checkQueue(r: Reading) -> None:
             f"must be at most {r.key('max_backoff')} ({maxBackoff:g}, the default), not "
             f"{describeValue(r.raw['min_backoff'])}",
         )
+
+
+def checkDelivery(r: Reading) -> None:
+    """The client's name is the relay's unless C{helo_name} gives another."""
+    if r.fields["heloName"] is None:
+        r.fields["heloName"] = r.at.scope["hostname"]
 
 
 def checkTransport(r: Reading) -> None:

@@ -23,7 +23,6 @@ from mailrelay.config.types import (
     AuthConfig,
     BackendSpec,
     Config,
-    DeliveryConfig,
     ListenerConfig,
     PluginSpec,
     RouteConfig,
@@ -61,7 +60,7 @@ from mailrelay.queue.policy import QueuePolicy
 from mailrelay.receive.auth import DEFAULT_CHECKER_TIMEOUT
 from mailrelay.receive.limits import LIMITER_TIMEOUT
 from mailrelay.route.nexthop import parseRouteDomain
-from mailrelay.smtp.clientsettings import ClientTimeouts
+from mailrelay.smtp.clientsettings import ClientSettings, ClientTimeouts
 
 __all__ = [
     "AUTH",
@@ -310,7 +309,6 @@ TIMEOUTS = Table(
         )
     ),
     target=ClientTimeouts,
-    build=lambda fields, at: {name: float(value) for name, value in fields.items()},
 )
 
 DELIVERY = Table(
@@ -319,6 +317,7 @@ DELIVERY = Table(
             "helo_name",
             optionalHostname,
             "The name given in EHLO when delivering (default: hostname).",
+            default="",
             field="heloName",
         ),
         Key("tls", choice(*TLS_POLICIES), "When to use TLS delivering to MX hosts."),
@@ -337,7 +336,10 @@ DELIVERY = Table(
         ),
         Key("timeouts", TIMEOUTS, "The SMTP client's time-outs.", default={}),
     ),
-    target=DeliveryConfig,
+    target=Config,
+    part=Part("delivery", ClientSettings),
+    check=checks.checkDelivery,
+    merge=True,
 )
 
 #: How to talk to one SMTP or LMTP next hop: C{[smarthost]}, or an smtp or lmtp route.

@@ -9,14 +9,13 @@ Part of the config layer: it may import the values, L{mailrelay.smtp} and the st
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mailrelay.config.values import IPNetwork
 from mailrelay.queue.policy import QueuePolicy
 from mailrelay.route.nexthop import SMTPNexthop
-from mailrelay.smtp.clientsettings import ClientTimeouts
+from mailrelay.smtp.clientsettings import ClientSettings
 
 #: A listener's role (C{mode}): C{"relay"} (MX or relay for the relay networks and accepted
 #: domains), C{"submission"} (RFC 6409, port 587: AUTH required before MAIL) and
@@ -28,11 +27,6 @@ LISTENER_TLS_MODES = ("none", "starttls", "implicit")
 TLS_MIN_VERSIONS = ("TLSv1.2", "TLSv1.3")
 #: What a listener does with a bare line feed (C{bare_newline}) or a NUL (C{nul_bytes}).
 BARE_NEWLINE_CHOICES = ("reject", "normalize")
-
-
-def _defaultClientTimeouts() -> dict[str, float]:
-    """The SMTP client's default time-outs (L{ClientTimeouts}' defaults), by field name."""
-    return {name: float(value) for name, value in dataclasses.asdict(ClientTimeouts()).items()}
 
 
 @dataclass(frozen=True)
@@ -198,32 +192,6 @@ class TransportOptions:
 
 
 @dataclass(frozen=True)
-class DeliveryConfig:
-    """How outgoing mail is delivered (C{[delivery]}).
-
-    @ivar heloName: the name this relay gives in EHLO/HELO/LHLO, or C{None} for its
-        host name.
-    @ivar tls: the TLS policy (one of L{mailrelay.interfaces.TLS_POLICIES}) for delivery to
-        MX hosts, and the default of C{smtp} routes.
-    @ivar caFile: the absolute path of a PEM CA bundle, or C{None} for the system's trust
-        store; the default of C{smtp} routes.
-    @ivar destinationConcurrency: the most connections to one destination at once.
-    @ivar connectionCacheTime: seconds an idle connection is kept for reuse (C{0.0}: never).
-    @ivar timeouts: the SMTP client's time-outs in seconds, by the names of
-        C{mailrelay.smtp.clientsettings.ClientTimeouts}' fields: C{connect}, C{greeting}, C{ehlo},
-        C{starttls}, C{auth}, C{mail}, C{rcpt}, C{dataInit}, C{dataBlock}, C{dataDone},
-        C{rset}, C{quit} (all of them, always).
-    """
-
-    heloName: str | None = None
-    tls: str = "may"
-    caFile: str | None = None
-    destinationConcurrency: int = 20
-    connectionCacheTime: float = 2.0
-    timeouts: dict[str, float] = field(default_factory=_defaultClientTimeouts, hash=False)
-
-
-@dataclass(frozen=True)
 class RouteConfig:
     """One C{[[routes]]} table: where mail for some domains goes.
 
@@ -304,7 +272,11 @@ class Config:
     @ivar queueProcess: C{"separate"}: the queue manager and delivery run in a process of
         their own (two cores: acceptance and delivery in parallel, like Postfix's smtpd and
         qmgr); C{"inline"}: in the relay's process.
-    @ivar delivery: how outgoing mail is delivered.
+    @ivar delivery: how the SMTP and LMTP clients talk to the next hops (C{[delivery]}): the
+        name they give (C{helo_name}, else C{hostname}), the TLS policy and CA file for MX
+        hosts and the default of C{smtp} routes, the time-outs.
+    @ivar destinationConcurrency: the most connections to one destination at once.
+    @ivar connectionCacheTime: seconds an idle connection is kept for reuse (C{0.0}: never).
     @ivar smarthostOptions: the transport options for C{smarthost}.
     @ivar nameservers: C{(address, port)} of the DNS resolvers to use instead of the
         system's (C{/etc/resolv.conf}); C{()} for the system's.
@@ -336,10 +308,12 @@ class Config:
     listeners: tuple[ListenerConfig, ...]
     recipientValidators: tuple[PluginSpec, ...]
     headerStampers: tuple[PluginSpec, ...]
+    delivery: ClientSettings
     queue: QueuePolicy = QueuePolicy()
     hold: bool = False
     queueProcess: str = "separate"
-    delivery: DeliveryConfig = DeliveryConfig()
+    destinationConcurrency: int = 20
+    connectionCacheTime: float = 2.0
     smarthostOptions: TransportOptions = TransportOptions()
     nameservers: tuple[tuple[str, int], ...] = ()
     routes: tuple[RouteConfig, ...] = ()
