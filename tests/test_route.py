@@ -163,26 +163,21 @@ def test_site_backend_and_smarthost_options() -> None:
 
 
 def test_from_config() -> None:
-    from mailrelay.config import TransportOptions
-
-    transport = TransportOptions("required", "/ca.pem", "u", "pw", False)
-    expected = RouteOptions("required", "/ca.pem", "u", "pw", False)
+    """The table of a configuration: its routes (the configuration's rules, with their
+    options) and its smarthost with the smarthost's options."""
+    options = RouteOptions("required", "/ca.pem", "u", "pw", False)
+    smarthostOptions = RouteOptions("may", PLATFORM_TRUST_STORE, None, None, False)
     config = SimpleNamespace(
-        routes=[
-            SimpleNamespace(domain=".example.net", backend="smtp", nexthop=None, options=transport),
-            SimpleNamespace(
-                domain="local.test", backend="maildir", nexthop="/m/{local}", options=None
-            ),
-        ],
+        routes=(
+            RouteRule(".example.net", "smtp", None, options),
+        ),
         smarthost=SMTPNexthop("relay.example", 587, mxLookup=False),
-        smarthostOptions=TransportOptions("may"),
+        smarthostOptions=smarthostOptions,
     )
     table = RoutingTable.fromConfig(config)
-    assert routeOf(table, "a@x.example.net") == Route("smtp", "x.example.net", expected)
-    assert routeOf(table, "a@local.test") == Route("maildir", "/m/{local}")
-    # The smarthost's CA file not given: the platform's trust store, not [delivery]'s file.
+    assert routeOf(table, "a@x.example.net") == Route("smtp", "x.example.net", options)
     assert routeOf(table, "a@other.example") == Route(
-        "smtp", "[relay.example]:587", RouteOptions("may", PLATFORM_TRUST_STORE, None, None, False)
+        "smtp", "[relay.example]:587", smarthostOptions
     )
 
 
