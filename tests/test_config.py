@@ -18,8 +18,6 @@ from mailrelay.config import (
     Config,
     ListenerConfig,
     PluginSpec,
-    RouteConfig,
-    TransportOptions,
     loadConfig,
     parseNetwork,
 )
@@ -27,12 +25,27 @@ from mailrelay.config import values as configValues
 from mailrelay.config.keys import TIMEOUTS, TOP
 from mailrelay.delivery import BUILTIN_BACKENDS
 from mailrelay.errors import ConfigError
+from mailrelay.interfaces import PLATFORM_TRUST_STORE, RouteOptions
 from mailrelay.queue.policy import QueuePolicy
 from mailrelay.route.nexthop import SMTPNexthop, parseSMTPNexthop
+from mailrelay.route.table import RouteRule
 from mailrelay.smtp.clientsettings import ClientSettings, ClientTimeouts
 
 SAMPLE = Path(__file__).resolve().parent.parent / "etc" / "mailrelay.toml"
 FQDN = "relay.test.example"
+
+
+def transport(
+    tls: str = "may",
+    caFile: str | None = None,
+    username: str | None = None,
+    password: str | None = None,
+    authWithoutTLS: bool = False,
+) -> RouteOptions:
+    """The L{RouteOptions} a transport table ([smarthost], an smtp or lmtp route) makes:
+    every option set, C{caFile} C{None} being the platform's trust store."""
+    caFile = PLATFORM_TRUST_STORE if caFile is None else caFile
+    return RouteOptions(tls, caFile, username, password, authWithoutTLS)
 
 
 @pytest.fixture(autouse=True)
@@ -110,7 +123,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert (c.hold, c.queueProcess, c.queue.stopTimeout) == (False, "separate", c.drainTime)
     assert c.delivery == ClientSettings(FQDN, tls="may", caFile=None, timeouts=ClientTimeouts())
     assert (c.destinationConcurrency, c.connectionCacheTime) == (20, 2.0)
-    assert c.smarthostOptions == TransportOptions("may", None, None, None, False)
+    assert c.smarthostOptions == RouteOptions("may", PLATFORM_TRUST_STORE, None, None, False)
     assert c.nameservers == ()
     assert c.routes == ()
     assert c.backends == ()
@@ -127,7 +140,7 @@ def test_configDefaultsForNewFields(tmp_path: Path) -> None:
     assert built.delivery.timeouts == ClientTimeouts()
     hash(built.delivery)
     hash(QueuePolicy())
-    hash(TransportOptions(password="x"))
+    hash(transport(username="u", password="x"))
 
 
 def test_emptyFileIsDefaults(tmp_path: Path) -> None:
@@ -948,7 +961,7 @@ def test_sampleEveryKeyUncommentedLoads(tmp_path: Path) -> None:
     assert [spec.plugin for spec in c.recipientValidators] == ["accepted-domains"]
 
     ca = str(tmp_path / "ca.pem")
-    assert c.smarthostOptions == TransportOptions(
+    assert c.smarthostOptions == transport(
         "may", ca, "relay@example.com", "smarthost secret", False
     )
     assert c.nameservers == (("127.0.0.1", 5353), ("::1", 53), ("192.0.2.53", 53))
@@ -957,22 +970,17 @@ def test_sampleEveryKeyUncommentedLoads(tmp_path: Path) -> None:
     assert c.delivery.caFile == ca
     assert c.delivery.timeouts == ClientTimeouts()
     assert c.routes == (
-        RouteConfig(
+        RouteRule(
             "example.org", "smtp", "[mx.example.org]:25",
-            TransportOptions("required", ca, "relay", "org secret", False), "routes[0]",
-        ),
-        RouteConfig(
+            transport("required", ca, "relay", "org secret", False)),
+        RouteRule(
             "example.net", "smtp", "[submit.example.net]:587",
-            TransportOptions("may", ca, "relay@example.net", "correct horse battery staple"),
-            "routes[1]",
-        ),
-        RouteConfig(
-            ".example.org", "lmtp", "unix:/run/dovecot/lmtp", TransportOptions("none"),
-            "routes[2]",
-        ),
-        RouteConfig("example.com", "maildir", "/var/mail/{domain}/{local}", None, "routes[3]"),
-        RouteConfig("blackhole.example", "discard", None, None, "routes[4]"),
-        RouteConfig("hooks.example", "webhook", None, None, "routes[5]"),
+            transport("may", ca, "relay@example.net", "correct horse battery staple")),
+        RouteRule(
+            ".example.org", "lmtp", "unix:/run/dovecot/lmtp", transport("none")),
+        RouteRule("example.com", "maildir", "/var/mail/{domain}/{local}"),
+        RouteRule("blackhole.example", "discard", None),
+        RouteRule("hooks.example", "webhook", None),
     )
     assert c.backends == (
         BackendSpec(
@@ -1044,7 +1052,7 @@ nameservers = ["127.0.0.1:5353", "[2001:DB8::53]", "2001:db8::54", "[192.0.2.1]:
                for name in ("connect", "greeting", "dataInit", "dataBlock", "dataDone", "quit"))
     assert (c.destinationConcurrency, c.connectionCacheTime) == (1, 0.0)
     assert isinstance(c.connectionCacheTime, float)
-    assert c.smarthostOptions == TransportOptions("implicit", ca, "bob", "s3cret", True)
+    assert c.smarthostOptions == transport("implicit", ca, "bob", "s3cret", True)
     assert c.nameservers == (
         ("127.0.0.1", 5353), ("2001:db8::53", 53), ("2001:db8::54", 53), ("192.0.2.1", 54),
     )
@@ -1264,7 +1272,7 @@ def test_authWithoutTLSAllowsPlainAuth(tmp_path: Path) -> None:
         tmp_path,
         '[smarthost]\ntls = "none"\nusername = "u"\npassword = "p"\nauth_without_tls = true\n',
     )
-    assert loadConfig(path).smarthostOptions == TransportOptions("none", None, "u", "p", True)
+    assert loadConfig(path).smarthostOptions == transport("none", None, "u", "p", True)
 
 
 def test_usernameWithNul(tmp_path: Path) -> None:
@@ -1344,37 +1352,26 @@ backend = "hook"
     c = loadConfig(path)
     ca = str(tmp_path / "ca.pem")
     assert c.routes == (
-        RouteConfig("example.org", "smtp", None, TransportOptions("required", ca), "routes[0]"),
-        RouteConfig(
-            ".xn--bcher-kva.example", "smtp", "[mx.example.net]:2525", TransportOptions("may"),
-            "routes[1]",
+        RouteRule("example.org", "smtp", None, transport("required", ca)),
+        RouteRule(
+            ".xn--bcher-kva.example", "smtp", "[mx.example.net]:2525", transport("may")),
+        RouteRule("c.example", "smtp", None, transport("required", ca)),
+        RouteRule(
+            "d.example", "smtp", "[192.0.2.25]:25", transport("required", ca)),
+        RouteRule(
+            "e.example", "smtp", "[2001:db8::25]:26", transport("required", ca)),
+        RouteRule("lmtp1.example", "lmtp", "lmtp.example:24", transport()),
+        RouteRule(
+            "lmtp2.example", "lmtp", "[2001:db8::24]:24", transport("required")),
+        RouteRule(
+            "lmtp3.example", "lmtp", "unix:/run/dovecot/lmtp", transport()),
+        RouteRule(
+            "mail.example", "maildir", str(tmp_path / "maildirs" / "{domain}" / "{local}")
         ),
-        RouteConfig("c.example", "smtp", None, TransportOptions("required", ca), "routes[2]"),
-        RouteConfig(
-            "d.example", "smtp", "[192.0.2.25]:25", TransportOptions("required", ca),
-            "routes[3]",
-        ),
-        RouteConfig(
-            "e.example", "smtp", "[2001:db8::25]:26", TransportOptions("required", ca),
-            "routes[4]",
-        ),
-        RouteConfig("lmtp1.example", "lmtp", "lmtp.example:24", TransportOptions(), "routes[5]"),
-        RouteConfig(
-            "lmtp2.example", "lmtp", "[2001:db8::24]:24", TransportOptions("required"),
-            "routes[6]",
-        ),
-        RouteConfig(
-            "lmtp3.example", "lmtp", "unix:/run/dovecot/lmtp", TransportOptions(), "routes[7]"
-        ),
-        RouteConfig(
-            "mail.example", "maildir", str(tmp_path / "maildirs" / "{domain}" / "{local}"),
-            None, "routes[8]",
-        ),
-        RouteConfig(
-            "abs.example", "maildir", "/var/mail/{address}/{local", None, "routes[9]"
-        ),
-        RouteConfig("[192.0.2.1]", "discard", None, None, "routes[10]"),
-        RouteConfig("*", "hook", None, None, "routes[11]"),
+        RouteRule(
+            "abs.example", "maildir", "/var/mail/{address}/{local"),
+        RouteRule("[192.0.2.1]", "discard", None),
+        RouteRule("*", "hook", None),
     )
     # A smtp nexthop reads back as the same smarthost.
     assert parseSMTPNexthop(c.routes[1].nexthop or "") == SMTPNexthop("mx.example.net", 2525, False)

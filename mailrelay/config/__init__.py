@@ -37,9 +37,7 @@ from mailrelay.config.types import (
     Config,
     ListenerConfig,
     PluginSpec,
-    RouteConfig,
     SNICertificate,
-    TransportOptions,
 )
 from mailrelay.config.values import checkEndpoint, parseNetwork, spoolDirectoryProblem
 from mailrelay.errors import ConfigError, describeValue
@@ -52,9 +50,7 @@ __all__ = [
     "ConfigError",
     "ListenerConfig",
     "PluginSpec",
-    "RouteConfig",
     "SNICertificate",
-    "TransportOptions",
     "checkEndpoint",
     "describeValue",
     "loadConfig",

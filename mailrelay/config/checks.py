@@ -27,6 +27,7 @@ from mailrelay.config.values import (
 )
 from mailrelay.delivery import BUILTIN_BACKENDS
 from mailrelay.errors import describeValue
+from mailrelay.interfaces import PLATFORM_TRUST_STORE
 from mailrelay.receive.auth import MECHANISMS, PasswordFileError, readPasswordFile
 from mailrelay.receive.tls import TLSConfigError, loadServerTLS
 from mailrelay.route.nexthop import (
@@ -407,7 +408,8 @@ def checkRoute(r: Reading) -> None:
     r.fields["nexthop"] = _routeNexthop(r, backend)
     if backend == "smtp":
         delivery = r.at.scope["delivery"]
-        r.fields["options"] = r.readIncluded({"tls": delivery.tls, "caFile": delivery.caFile})
+        caFile = PLATFORM_TRUST_STORE if delivery.caFile is None else delivery.caFile
+        r.fields["options"] = r.readIncluded({"tls": delivery.tls, "caFile": caFile})
     elif backend == "lmtp":
         r.fields["options"] = r.readIncluded()
     else:

@@ -25,9 +25,7 @@ from mailrelay.config.types import (
     Config,
     ListenerConfig,
     PluginSpec,
-    RouteConfig,
     SNICertificate,
-    TransportOptions,
 )
 from mailrelay.config.values import (
     boolean,
@@ -46,6 +44,7 @@ from mailrelay.config.values import (
     optionalHostname,
     postmaster,
     raw,
+    routeCAFile,
     seconds,
     secret,
     serverName,
@@ -55,11 +54,12 @@ from mailrelay.config.values import (
     userName,
 )
 from mailrelay.errors import describeValue
-from mailrelay.interfaces import TLS_POLICIES
+from mailrelay.interfaces import TLS_POLICIES, RouteOptions
 from mailrelay.queue.policy import QueuePolicy
 from mailrelay.receive.auth import DEFAULT_CHECKER_TIMEOUT
 from mailrelay.receive.limits import LIMITER_TIMEOUT
 from mailrelay.route.nexthop import parseRouteDomain
+from mailrelay.route.table import RouteRule
 from mailrelay.smtp.clientsettings import ClientSettings, ClientTimeouts
 
 __all__ = [
@@ -342,11 +342,19 @@ DELIVERY = Table(
     merge=True,
 )
 
-#: How to talk to one SMTP or LMTP next hop: C{[smarthost]}, or an smtp or lmtp route.
+#: How to talk to one SMTP or LMTP next hop: C{[smarthost]}, or an smtp or lmtp route.  The
+#: table sets every option of its L{RouteOptions}, so that the defaults of C{[delivery]} do
+#: not apply (but those an smtp route takes from it: L{checks.checkRoute}).
 TRANSPORT = Table(
     (
-        Key("tls", choice(*TLS_POLICIES), "When to use TLS."),
-        Key("ca_file", caFile, "The PEM CA bundle to verify the server with.", field="caFile"),
+        Key("tls", choice(*TLS_POLICIES), "When to use TLS.", default="may"),
+        Key(
+            "ca_file",
+            routeCAFile,
+            "The PEM CA bundle to verify the server with.",
+            default="",
+            field="caFile",
+        ),
         Key("username", userName, "The user to log in as (AUTH PLAIN or LOGIN)."),
         Key("password", secret, "The password, written here (discouraged)."),
         Key(
@@ -359,10 +367,11 @@ TRANSPORT = Table(
             "auth_without_tls",
             boolean,
             "Send AUTH over a connection without TLS too.",
+            default=False,
             field="authWithoutTLS",
         ),
     ),
-    target=TransportOptions,
+    target=RouteOptions,
     check=checks.checkTransport,
 )
 
@@ -556,11 +565,10 @@ ROUTES = Table(
         Key("backend", string, "The backend: smtp, lmtp, maildir, discard or a site one."),
         Key("nexthop", raw, "The backend's destination (its notation is the backend's)."),
     ),
-    target=RouteConfig,
+    target=RouteRule,
     check=checks.checkRoute,
     array=True,
     includes=(TRANSPORT,),
-    where="key",
 )
 
 BACKENDS = pluginTable(

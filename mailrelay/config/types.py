@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mailrelay.config.values import IPNetwork
+from mailrelay.interfaces import RouteOptions
 from mailrelay.queue.policy import QueuePolicy
 from mailrelay.route.nexthop import SMTPNexthop
+from mailrelay.route.table import RouteRule
 from mailrelay.smtp.clientsettings import ClientSettings
 
 #: A listener's role (C{mode}): C{"relay"} (MX or relay for the relay networks and accepted
@@ -171,57 +173,6 @@ class PluginSpec:
 
 
 @dataclass(frozen=True)
-class TransportOptions:
-    """How to talk to one SMTP or LMTP next hop (C{[smarthost]}, or an C{smtp} or C{lmtp}
-    route).
-
-    @ivar tls: one of L{mailrelay.interfaces.TLS_POLICIES}.
-    @ivar caFile: the absolute path of a PEM CA bundle to verify certificates with, or
-        C{None} for the system's trust store.
-    @ivar username: the AUTH (PLAIN or LOGIN) user name, or C{None} for no AUTH.
-    @ivar password: the AUTH password (read from C{password_file} when that was given), or
-        C{None} without a user name.  Never shown by C{repr}.
-    @ivar authWithoutTLS: whether AUTH may be used on a connection without TLS.
-    """
-
-    tls: str = "may"
-    caFile: str | None = None
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    authWithoutTLS: bool = False
-
-
-@dataclass(frozen=True)
-class RouteConfig:
-    """One C{[[routes]]} table: where mail for some domains goes.
-
-    @ivar domain: the normalised domain matched: C{"example.org"} (that domain only),
-        C{".example.org"} (its subdomains only) or C{"*"} (every domain: the default route).
-    @ivar backend: C{"smtp"}, C{"lmtp"}, C{"maildir"}, C{"discard"} or the name of a
-        L{BackendSpec}.
-    @ivar nexthop: the backend's destination, normalised, or C{None}:
-        - C{smtp}: a next hop in L{mailrelay.route.nexthop.parseSMTPNexthop}'s notation, as
-          C{str(SMTPNexthop)} writes it (C{"[mx.example.org]:25"}), or C{None} to look up the
-          recipient domain's MX hosts;
-        - C{lmtp}: C{"host:port"} (C{"[2001:db8::1]:port"} for IPv6; never an MX lookup) or
-          C{"unix:/absolute/path"};
-        - C{maildir}: an absolute directory template that may hold C{{local}}, C{{domain}}
-          and C{{address}};
-        - C{discard} and site backends: C{None}.
-    @ivar options: the transport options of an C{smtp} or C{lmtp} route (for C{smtp} the
-        C{tls} and C{ca_file} not given default to C{[delivery]}'s); C{None} for other
-        backends.
-    @ivar key: where the route came from, e.g. C{"routes[2]"}.
-    """
-
-    domain: str
-    backend: str
-    nexthop: str | None = None
-    options: TransportOptions | None = None
-    key: str = ""
-
-
-@dataclass(frozen=True)
 class BackendSpec:
     """One C{[[backends]]} table: a site delivery backend (a plugin providing
     C{IDeliveryBackend}).
@@ -277,10 +228,15 @@ class Config:
         hosts and the default of C{smtp} routes, the time-outs.
     @ivar destinationConcurrency: the most connections to one destination at once.
     @ivar connectionCacheTime: seconds an idle connection is kept for reuse (C{0.0}: never).
-    @ivar smarthostOptions: the transport options for C{smarthost}.
+    @ivar smarthostOptions: how to talk to the smarthost (C{[smarthost]}): every option
+        set (C{tls} C{"may"}, the platform's trust store, no AUTH unless given).
     @ivar nameservers: C{(address, port)} of the DNS resolvers to use instead of the
         system's (C{/etc/resolv.conf}); C{()} for the system's.
-    @ivar routes: the per-domain routes, in the file's order.
+    @ivar routes: the per-domain routes (C{[[routes]]}), in the file's order, as the routing
+        table's rules: each with its next hop normalised (see
+        L{mailrelay.config.checks.checkRoute}) and, for C{smtp} and C{lmtp} routes, its
+        options (the C{tls} and C{ca_file} an C{smtp} route does not give are
+        C{[delivery]}'s).
     @ivar backends: the site delivery backends.
     @ivar auth: SMTP AUTH settings, or C{None} without an C{[auth]} table.
     @ivar rateLimiter: the plugin (providing L{mailrelay.interfaces.IRateLimiter}) keeping the
@@ -309,14 +265,14 @@ class Config:
     recipientValidators: tuple[PluginSpec, ...]
     headerStampers: tuple[PluginSpec, ...]
     delivery: ClientSettings
+    smarthostOptions: RouteOptions
     queue: QueuePolicy = QueuePolicy()
     hold: bool = False
     queueProcess: str = "separate"
     destinationConcurrency: int = 20
     connectionCacheTime: float = 2.0
-    smarthostOptions: TransportOptions = TransportOptions()
     nameservers: tuple[tuple[str, int], ...] = ()
-    routes: tuple[RouteConfig, ...] = ()
+    routes: tuple[RouteRule, ...] = ()
     backends: tuple[BackendSpec, ...] = ()
     spoolSync: str = "syncfs"
     auth: AuthConfig | None = None

@@ -37,6 +37,7 @@ from mailrelay.address import (
 )
 from mailrelay.config.schema import At, Parser
 from mailrelay.errors import describeValue
+from mailrelay.interfaces import PLATFORM_TRUST_STORE
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 T = TypeVar("T")
@@ -354,6 +355,12 @@ def caFile(value: Any, at: At) -> str | None:
             '(no "-----BEGIN CERTIFICATE-----" line)'
         )
     return path
+
+
+def routeCAFile(value: Any, at: At) -> str:
+    """A route's (or the smarthost's) CA bundle, as L{caFile}; C{""} is
+    L{PLATFORM_TRUST_STORE}: the platform's trust store, whatever the backend's default."""
+    return caFile(value, at) or PLATFORM_TRUST_STORE
 
 
 def secretFile(value: Any, at: At) -> str:
