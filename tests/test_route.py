@@ -170,12 +170,14 @@ def test_from_config() -> None:
     config = SimpleNamespace(
         routes=(
             RouteRule(".example.net", "smtp", None, options),
+            RouteRule("local.test", "maildir", "/m/{local}"),
         ),
         smarthost=SMTPNexthop("relay.example", 587, mxLookup=False),
         smarthostOptions=smarthostOptions,
     )
     table = RoutingTable.fromConfig(config)
     assert routeOf(table, "a@x.example.net") == Route("smtp", "x.example.net", options)
+    assert routeOf(table, "a@local.test") == Route("maildir", "/m/{local}")
     assert routeOf(table, "a@other.example") == Route(
         "smtp", "[relay.example]:587", smarthostOptions
     )

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailrelay.errors import PermanentFailure
-from mailrelay.interfaces import PLATFORM_TRUST_STORE, IRouter, Route, RouteOptions
+from mailrelay.interfaces import IRouter, Route, RouteOptions
 from mailrelay.route.nexthop import (
     DEFAULT_SMTP_PORT,
     checkMaildirTemplate,
@@ -32,7 +32,6 @@ _NO_OPTIONS = RouteOptions()
 __all__ = [
     "RouteRule",
     "RoutingTable",
-    "routeOptions",
 ]
 
 
@@ -104,18 +103,14 @@ class RoutingTable:
 
     @classmethod
     def fromConfig(cls, config: Any) -> RoutingTable:
-        """The table of a L{mailrelay.config.Config}: its C{routes} and its C{smarthost},
-        each with its transport options (L{mailrelay.config.TransportOptions}) as
-        L{RouteOptions}.
+        """The table of a L{mailrelay.config.Config}: its C{routes} (L{RouteRule}s) and its
+        C{smarthost} with the smarthost's L{RouteOptions}.
 
         @raise ValueError: a route the table refuses (the message names it).
         """
-        rules = [
-            RouteRule(r.domain, r.backend, r.nexthop, routeOptions(r.options))
-            for r in config.routes
-        ]
-        smarthostOptions = routeOptions(getattr(config, "smarthostOptions", None))
-        return cls(rules, smarthost=config.smarthost, smarthostOptions=smarthostOptions)
+        return cls(
+            config.routes, smarthost=config.smarthost, smarthostOptions=config.smarthostOptions
+        )
 
     def __init__(
         self,
@@ -232,21 +227,6 @@ class RoutingTable:
                 diagnostic=f"X-mailrelay; recipient {recipient.address} has no domain",
             )
         return Route("smtp", nexthopForDomain(domain))
-
-
-def routeOptions(transport: Any) -> RouteOptions:
-    """The L{RouteOptions} of a route's L{mailrelay.config.TransportOptions} (which sets
-    every field, defaults resolved: its C{caFile} C{None} is the platform's trust store, not
-    the backend's default), or empty options for C{None}."""
-    if transport is None:
-        return RouteOptions()
-    return RouteOptions(
-        tls=transport.tls,
-        caFile=PLATFORM_TRUST_STORE if transport.caFile is None else transport.caFile,
-        username=transport.username,
-        password=transport.password,
-        authWithoutTLS=transport.authWithoutTLS,
-    )
 
 
 def nexthopForDomain(domain: str, port: int | None = None) -> str:
