@@ -15,7 +15,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailrelay.cleanup.intake import Intake
 from mailrelay.policy import RecipientPolicy, RelayControl
-from mailrelay.receive.auth import AuthPolicy, MemoryAuthThrottle, makePortal
+from mailrelay.receive.auth import AuthPolicy, AuthSettings, MemoryAuthThrottle, makePortal
 from mailrelay.receive.limits import ConnectionCount, MemoryRateLimiter
 from mailrelay.receive.listener import (
     ListenerSettings,
@@ -91,7 +91,7 @@ def test_limits_only_with_a_limiter_and_auth_only_where_offered() -> None:
     auth = AuthPolicy(
         makePortal([MemoryChecker({})]),
         MemoryAuthThrottle(Clock()),
-        senders={"alice": ("@example.org",)},
+        AuthSettings(senders={"alice": ("@example.org",)}),
     )
     count = ConnectionCount(3)
     limiter = MemoryRateLimiter(Clock())
@@ -103,7 +103,7 @@ def test_limits_only_with_a_limiter_and_auth_only_where_offered() -> None:
         limitExceptions=(ipaddress.ip_network("10.0.0.0/8"),),
     )
     context = build(settings, auth=auth, limiter=limiter, connectionCount=count).context
-    assert context.auth is auth and context.session.authMechanisms == auth.mechanisms
+    assert context.auth is auth and context.session.authMechanisms == auth.settings.mechanisms
     assert context.sender.senders == {"alice": ("@example.org",)}
     limits = context.limits
     assert limits is context.sender.limits and limits.limiter is limiter and limits.count is count

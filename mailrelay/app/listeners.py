@@ -367,6 +367,7 @@ def makeAuthPolicy(config: Config, reactor: Any, build: Any = None, carried: Any
         return None
     from mailrelay.receive.auth import (
         AuthPolicy,
+        AuthSettings,
         MemoryAuthThrottle,
         PasswordFileChecker,
         makePortal,
@@ -403,10 +404,16 @@ def makeAuthPolicy(config: Config, reactor: Any, build: Any = None, carried: Any
     return AuthPolicy(
         portal=makePortal([checker]),
         throttle=throttle,
-        throttleAfter=a.throttleAfter,
-        failureDelay=a.failureDelay,
-        maxFailures=a.maxFailures,
-        senders=dict(a.senders),
-        mechanisms=a.mechanisms,
+        settings=AuthSettings(
+            passwordFile=a.passwordFile,
+            users=a.users,
+            checker=a.checker,
+            mechanisms=a.mechanisms,
+            throttleAfter=a.throttleAfter,
+            failureDelay=a.failureDelay,
+            maxFailures=a.maxFailures,
+            failureWindow=a.failureWindow,
+            senders=dict(a.senders),
+        ),
         timeout=timeout,
     )

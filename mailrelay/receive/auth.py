@@ -5,7 +5,7 @@ the per-client throttle of AUTH attempts, and one attempt's way through them
 The server session (L{mailrelay.smtp.server}) speaks SASL PLAIN and LOGIN and asks its driver
 to check the credentials; the driver (L{mailrelay.receive.protocol}) hands them to
 L{AuthPolicy.authenticate}, which logs in through the policy's C{Portal}.  (The users'
-sender binding, C{AuthPolicy.senders}, is checked at MAIL: L{mailrelay.policy.sender}.)  Any
+sender binding, C{AuthSettings.senders}, is checked at MAIL: L{mailrelay.policy.sender}.)  Any
 C{ICredentialsChecker} for C{IUsernamePassword} can stand behind that portal (a site's LDAP
 or SQL checker); the built-in one is L{PasswordFileChecker}, reading a file of argon2
 hashes::
@@ -52,9 +52,6 @@ HASH_PREFIXES = ("$argon2id$", "$argon2i$", "$argon2d$")
 #: The SASL mechanisms the server implements.
 MECHANISMS = ("PLAIN", "LOGIN")
 
-DEFAULT_THROTTLE_AFTER = 3
-DEFAULT_FAILURE_DELAY = 5.0
-DEFAULT_MAX_FAILURES = 10
 DEFAULT_FAILURE_WINDOW = 900.0
 DEFAULT_CHECKER_TIMEOUT = 30.0
 
@@ -384,13 +381,18 @@ class MemoryAuthThrottle:
         return count
 
 
-@dataclass
-class AuthPolicy:
-    """What a listener needs for SMTP AUTH.
+@dataclass(frozen=True)
+class AuthSettings:
+    """What the relay's AUTH is (C{[auth]}): who checks the users, what they may do, and how
+    failures are limited.
 
-    @ivar portal: the C{Portal} credentials are checked through (avatar interface
-        L{IAuthenticatedUser}).
-    @ivar throttle: the L{IAuthThrottle}.
+    @ivar passwordFile: the password file (see L{PasswordFileChecker}) the users are checked
+        against, or C{None} when a site checker checks them.
+    @ivar users: its users and hashes as read at start-up (not shown by C{repr}).
+    @ivar checker: the site checker's plugin entry (a plugin providing
+        C{ICredentialsChecker}, with its options and its C{timeout}: how long one check may
+        take), which the application builds; or C{None}.
+    @ivar mechanisms: the SASL mechanisms offered.
     @ivar throttleAfter: failures from one client (see L{IAuthThrottle}) after which each
         further C{535} is delayed by C{failureDelay} seconds.
     @ivar failureDelay: that delay.
@@ -398,9 +400,31 @@ class AuthPolicy:
         the connection closed (until the failures expire); attempts in flight count too (one
         beyond waits for them), so at most this many passwords are checked per window per
         client.
+    @ivar failureWindow: seconds after a client's last failure when its failures are
+        forgotten (the window of the L{MemoryAuthThrottle}).
     @ivar senders: user name to the MAIL FROM patterns the user may use (see
         L{mailrelay.policy.sender.senderAllowed}); users not listed may use any sender.
-    @ivar mechanisms: the SASL mechanisms offered.
+    """
+
+    passwordFile: str | None = None
+    users: Mapping[str, str] = field(default_factory=dict, repr=False, hash=False, compare=False)
+    checker: Any = None
+    mechanisms: tuple[str, ...] = MECHANISMS
+    throttleAfter: int = 3
+    failureDelay: float = 5.0
+    maxFailures: int = 10
+    failureWindow: float = DEFAULT_FAILURE_WINDOW
+    senders: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
+
+
+@dataclass
+class AuthPolicy:
+    """What a listener needs for SMTP AUTH.
+
+    @ivar portal: the C{Portal} credentials are checked through (avatar interface
+        L{IAuthenticatedUser}).
+    @ivar throttle: the L{IAuthThrottle}.
+    @ivar settings: the L{AuthSettings}: mechanisms, senders, the limits on failures.
     @ivar timeout: seconds the portal's checker may take to answer (a slow site checker):
         then C{454 4.7.0} (temporary failure), not counted as a failure; also the longest an
         attempt waits for the checks in flight of the same client (then C{454} too); C{0}:
@@ -409,11 +433,7 @@ class AuthPolicy:
 
     portal: Portal
     throttle: Any
-    throttleAfter: int = DEFAULT_THROTTLE_AFTER
-    failureDelay: float = DEFAULT_FAILURE_DELAY
-    maxFailures: int = DEFAULT_MAX_FAILURES
-    senders: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    mechanisms: tuple[str, ...] = MECHANISMS
+    settings: AuthSettings = AuthSettings()
     timeout: float = DEFAULT_CHECKER_TIMEOUT
 
     def authenticate(
@@ -480,7 +500,7 @@ class _Attempt:
 
     def _reserved(self, count: int) -> Any:
         policy, attempt = self.policy, self.attempt
-        if count > policy.maxFailures:
+        if count > policy.settings.maxFailures:
             return self._settle(False).addCallbacks(self._overBudget, self._throttleFailed)
         if attempt.authzid and attempt.authzid != attempt.username:
             return self._failed(Failure(UnauthorizedLogin("authorization identity differs")))
@@ -502,7 +522,7 @@ class _Attempt:
         # (other connections of this client) hold it: wait for them, never refuse a client
         # for failures it has not made.
         policy = self.policy
-        if failures >= policy.maxFailures:
+        if failures >= policy.settings.maxFailures:
             self._logFailure(failures, "too many failures, refused with 421 without checking")
             return AUTH_TOO_MANY_FAILURES
         if self.abandoned():
@@ -556,12 +576,12 @@ class _Attempt:
 
     def _answer(self, count: int) -> Any:
         policy = self.policy
-        if count >= policy.maxFailures:
+        if count >= policy.settings.maxFailures:
             self._logFailure(count, "too many failures, closing")
             return AUTH_TOO_MANY_FAILURES
-        if count > policy.throttleAfter and policy.failureDelay > 0:
-            self._logFailure(count, f"answer delayed {policy.failureDelay:g}s")
-            return deferLater(self.clock, policy.failureDelay, lambda: AUTH_INVALID)
+        if count > policy.settings.throttleAfter and policy.settings.failureDelay > 0:
+            self._logFailure(count, f"answer delayed {policy.settings.failureDelay:g}s")
+            return deferLater(self.clock, policy.settings.failureDelay, lambda: AUTH_INVALID)
         self._logFailure(count, "wrong user name or password")
         return AUTH_INVALID
 

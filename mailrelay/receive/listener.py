@@ -186,10 +186,10 @@ def buildListenerFactory(
     limits = None if limiter is None else settings.limits(limiter, clock, connectionCount)
     context = ListenerContext(
         settings=settings,
-        session=settings.sessionSettings(listenerAuth.mechanisms if listenerAuth else ()),
+        session=settings.sessionSettings(listenerAuth.settings.mechanisms if listenerAuth else ()),
         policy=policy,
         sender=SenderPolicy(
-            senders=listenerAuth.senders if listenerAuth is not None else {},
+            senders=listenerAuth.settings.senders if listenerAuth is not None else {},
             limits=limits,
             hasFreeSpace=intake.hasFreeSpace,
         ),

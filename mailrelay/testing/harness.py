@@ -43,7 +43,7 @@ from zope.interface import implementer
 from mailrelay.cleanup.intake import Intake
 from mailrelay.cleanup.stamping import ConfiguredStamper, DefaultStamper
 from mailrelay.policy.chain import ConfiguredValidator, RecipientPolicy, RelayControl
-from mailrelay.receive.auth import AuthPolicy, MemoryAuthThrottle, makePortal
+from mailrelay.receive.auth import AuthPolicy, AuthSettings, MemoryAuthThrottle, makePortal
 from mailrelay.receive.limits import MemoryRateLimiter
 from mailrelay.receive.listener import ListenerSettings, buildListenerFactory
 from mailrelay.receive.protocol import SMTPServerProtocol
@@ -194,8 +194,9 @@ class ServerHarness:
         the clock) or L{ConfiguredValidator}s.
     @param users: user name to password: the listener offers AUTH, checked by a
         L{MemoryChecker}.
-    @param auth: more L{AuthPolicy} settings (C{senders}, C{throttleAfter}, C{failureDelay},
-        C{maxFailures}, C{throttle}, C{timeout}, C{mechanisms}).
+    @param auth: more AUTH settings: L{AuthSettings} fields (C{senders}, C{throttleAfter},
+        C{failureDelay}, C{maxFailures}, C{mechanisms}), the L{AuthPolicy}'s C{timeout} and
+        C{throttle}.
     @param relay: relay control: C{networks} (default loopback) and C{acceptDomains}.
     @param stampers: L{IHeaderStamper} providers (each may answer within 30 seconds of the
         clock) or L{ConfiguredStamper}s; by default the L{DefaultStamper}.
@@ -259,7 +260,9 @@ class ServerHarness:
         if users is None:
             return None
         self.checker = MemoryChecker(users)
-        return AuthPolicy(portal=makePortal([self.checker]), throttle=self.throttle, **options)
+        timeout = {"timeout": options.pop("timeout")} if "timeout" in options else {}
+        portal = makePortal([self.checker])
+        return AuthPolicy(portal, self.throttle, AuthSettings(**options), **timeout)
 
     def _policy(self, validators: Sequence[Any], relay: dict[str, Any], hostname: str) -> Any:
         networks = relay.pop("networks", ("127.0.0.0/8", "::1/128"))
