@@ -1150,6 +1150,22 @@ def test_badCaFile(tmp_path: Path, setup: Any, fragment: str) -> None:
 # -- passwords
 
 
+def test_twoKindsOfPasswordFile(tmp_path: Path) -> None:
+    """[auth]'s password_file is the table of the users who log in here; a next hop's holds
+    the relay's own password on its first line: each is read as what it is."""
+    (tmp_path / "users").write_text(f"alice:{HASH}\n")
+    (tmp_path / "pw").write_text("s3cret\n")
+    text = '[auth]\npassword_file = "{}"\n[smarthost]\nusername = "u"\npassword_file = "pw"\n'
+    c = loadConfig(writeConfig(tmp_path, text.format("users")))
+    assert c.auth is not None and dict(c.auth.users) == {"alice": HASH}
+    assert c.smarthostOptions.password == "s3cret"
+    path = writeConfig(tmp_path, text.format("pw"))
+    with pytest.raises(ConfigError) as e:
+        loadConfig(path)
+    assert e.value.key == "auth.password_file"
+    assert 'pw:1: expected "user:hash"' in str(e.value)
+
+
 def test_passwordFileFirstLine(tmp_path: Path) -> None:
     """The password is the file's first line, without its line end; spaces are kept."""
     (tmp_path / "pw").write_bytes(b" pass word \r\nsecond line\n")

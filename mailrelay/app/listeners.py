@@ -367,7 +367,6 @@ def makeAuthPolicy(config: Config, reactor: Any, build: Any = None, carried: Any
         return None
     from mailrelay.receive.auth import (
         AuthPolicy,
-        AuthSettings,
         MemoryAuthThrottle,
         PasswordFileChecker,
         makePortal,
@@ -404,16 +403,6 @@ def makeAuthPolicy(config: Config, reactor: Any, build: Any = None, carried: Any
     return AuthPolicy(
         portal=makePortal([checker]),
         throttle=throttle,
-        settings=AuthSettings(
-            passwordFile=a.passwordFile,
-            users=a.users,
-            checker=a.checker,
-            mechanisms=a.mechanisms,
-            throttleAfter=a.throttleAfter,
-            failureDelay=a.failureDelay,
-            maxFailures=a.maxFailures,
-            failureWindow=a.failureWindow,
-            senders=dict(a.senders),
-        ),
+        settings=a,
         timeout=timeout,
     )

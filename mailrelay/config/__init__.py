@@ -32,7 +32,6 @@ values; never L{mailrelay.app}.  This module only re-exports.
 from mailrelay.config.keys import OVERRIDE_OPTIONS
 from mailrelay.config.loader import loadConfig, readConfigFile
 from mailrelay.config.types import (
-    AuthConfig,
     BackendSpec,
     Config,
     ListenerConfig,
@@ -44,7 +43,6 @@ from mailrelay.errors import ConfigError, describeValue
 
 __all__ = [
     "OVERRIDE_OPTIONS",
-    "AuthConfig",
     "BackendSpec",
     "Config",
     "ConfigError",

@@ -20,8 +20,9 @@ from mailrelay.config.types import ListenerConfig
 from mailrelay.config.values import (
     checked,
     endpoint,
+    fileName,
     nonEmpty,
-    secretFile,
+    readSecret,
     string,
     stringList,
 )
@@ -91,21 +92,22 @@ def checkTransport(r: Reading) -> None:
     C{auth_without_tls}."""
     fields, key = r.fields, r.key
     username, password = fields["username"], fields["password"]
-    fileText = fields.pop("password_file")
-    if fileText and password is not None:
+    passwordFile = fields.pop("password_file")
+    fileText = r.raw.get("password_file")
+    if passwordFile is not None and password is not None:
         raise r.error(
             "password_file",
             f"{describeValue(fileText)} is given together with {key('password')}: "
             "give only one of them",
         )
-    if fileText:
+    if passwordFile is not None:
         if username is None:
             raise r.error(
                 "password_file",
                 f"{describeValue(fileText)} is given without {key('username')}: "
                 "set the user name too, or remove the password",
             )
-        password = fields["password"] = secretFile(fileText, r.at.child("password_file"))
+        password = fields["password"] = readSecret(passwordFile, r.at.child("password_file"))
     elif password is not None and username is None:
         raise r.error(
             "password",
@@ -340,6 +342,14 @@ def _senderPattern(text: str, at: At) -> str:
         raise at.error(
             f'{describeValue(text)} is not an address or "@domain": {domainProblem(e)}'
         ) from None
+
+
+def passwordTable(value: Any, at: At) -> str:
+    """C{[auth]}'s C{password_file}: the name of a file of C{user:hash} lines made with
+    C{mailrelay-passwd}, as an absolute path; L{checkAuth} reads it (L{readPasswordFile})
+    unless a site checker checks the users instead.  (Not a next hop's C{password_file},
+    whose first line is a password: L{mailrelay.config.values.secretFileName}.)"""
+    return fileName(value, at)
 
 
 def checkAuth(r: Reading) -> None:

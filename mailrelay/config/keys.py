@@ -20,7 +20,6 @@ from mailrelay.config.types import (
     LISTENER_MODES,
     LISTENER_TLS_MODES,
     TLS_MIN_VERSIONS,
-    AuthConfig,
     BackendSpec,
     Config,
     ListenerConfig,
@@ -47,6 +46,7 @@ from mailrelay.config.values import (
     routeCAFile,
     seconds,
     secret,
+    secretFileName,
     serverName,
     spoolDirectory,
     string,
@@ -56,7 +56,7 @@ from mailrelay.config.values import (
 from mailrelay.errors import describeValue
 from mailrelay.interfaces import TLS_POLICIES, RouteOptions
 from mailrelay.queue.policy import QueuePolicy
-from mailrelay.receive.auth import DEFAULT_CHECKER_TIMEOUT
+from mailrelay.receive.auth import DEFAULT_CHECKER_TIMEOUT, AuthSettings
 from mailrelay.receive.limits import LIMITER_TIMEOUT
 from mailrelay.route.nexthop import parseRouteDomain
 from mailrelay.route.table import RouteRule
@@ -359,8 +359,8 @@ TRANSPORT = Table(
         Key("password", secret, "The password, written here (discouraged)."),
         Key(
             "password_file",
-            string,
-            "A file whose first line is the password.",
+            secretFileName,
+            "A file whose first line is the password (not a user:hash table).",
             default="",
         ),
         Key(
@@ -506,8 +506,8 @@ AUTH = Table(
     (
         Key(
             "password_file",
-            fileName,
-            'The file of "user:hash" lines (see mailrelay-passwd).',
+            checks.passwordTable,
+            'The file of "user:hash" lines the users log in with (see mailrelay-passwd).',
             field="passwordFile",
         ),
         Key(
@@ -549,7 +549,7 @@ AUTH = Table(
             "The MAIL FROM addresses and domains each user may use.",
         ),
     ),
-    target=AuthConfig,
+    target=AuthSettings,
     check=checks.checkAuth,
 )
 

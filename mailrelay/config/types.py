@@ -15,6 +15,7 @@ from pathlib import Path
 from mailrelay.config.values import IPNetwork
 from mailrelay.interfaces import RouteOptions
 from mailrelay.queue.policy import QueuePolicy
+from mailrelay.receive.auth import AuthSettings
 from mailrelay.route.nexthop import SMTPNexthop
 from mailrelay.route.table import RouteRule
 from mailrelay.smtp.clientsettings import ClientSettings
@@ -121,39 +122,6 @@ class ListenerConfig:
 
 
 @dataclass(frozen=True)
-class AuthConfig:
-    """SMTP AUTH on the listeners that offer it (C{[auth]}).
-
-    @ivar passwordFile: the absolute path of the password file (C{user:argon2-hash} lines),
-        or C{None} when a site checker is used instead.
-    @ivar users: its users and hashes as read at start-up (not shown by C{repr}).
-    @ivar mechanisms: the SASL mechanisms offered, a subset of C{("PLAIN", "LOGIN")}.
-    @ivar throttleAfter: failures from one client address after which each further failure
-        is answered C{failureDelay} seconds late.
-    @ivar failureDelay: that delay in seconds.
-    @ivar maxFailures: failures from one address after which AUTH is refused with 421 and
-        the connection closed.
-    @ivar failureWindow: seconds after an address's last failure when its failures are
-        forgotten.
-    @ivar senders: user name to the MAIL FROM addresses (C{"a@example.com"}) and domains
-        (C{"@example.com"}) the user may use; users not listed may use any.
-    @ivar checker: the site credentials checker (C{[auth.checker]}: a plugin providing
-        C{twisted.cred.checkers.ICredentialsChecker}) used instead of the password file, or
-        C{None}.  Its C{timeout} is how long one check may take.
-    """
-
-    passwordFile: str | None
-    users: dict = field(default_factory=dict, repr=False, hash=False, compare=False)
-    mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
-    throttleAfter: int = 3
-    failureDelay: float = 5.0
-    maxFailures: int = 10
-    failureWindow: float = 900.0
-    senders: dict = field(default_factory=dict, hash=False)
-    checker: PluginSpec | None = None
-
-
-@dataclass(frozen=True)
 class PluginSpec:
     """One entry of a plugin list (C{[[recipient_validators]]}, C{[[header_stampers]]}).
 
@@ -238,7 +206,8 @@ class Config:
         options (the C{tls} and C{ca_file} an C{smtp} route does not give are
         C{[delivery]}'s).
     @ivar backends: the site delivery backends.
-    @ivar auth: SMTP AUTH settings, or C{None} without an C{[auth]} table.
+    @ivar auth: SMTP AUTH settings (C{[auth]}: the password file read, or the site
+        checker's L{PluginSpec}), or C{None} without an C{[auth]} table.
     @ivar rateLimiter: the plugin (providing L{mailrelay.interfaces.IRateLimiter}) keeping the
         listeners' limit counters, shared by several relays, or C{None} for the in-memory
         default; its C{timeout} is how long one answer may take.
@@ -275,7 +244,7 @@ class Config:
     routes: tuple[RouteRule, ...] = ()
     backends: tuple[BackendSpec, ...] = ()
     spoolSync: str = "syncfs"
-    auth: AuthConfig | None = None
+    auth: AuthSettings | None = None
     rateLimiter: PluginSpec | None = None
     drainTime: float = 30.0
 

@@ -363,10 +363,18 @@ def routeCAFile(value: Any, at: At) -> str:
     return caFile(value, at) or PLATFORM_TRUST_STORE
 
 
-def secretFile(value: Any, at: At) -> str:
-    """The secret in the file named by C{value}: its first line, without the line end.  The
-    secret itself never appears in messages."""
-    path = at.path(string(value, at))
+def secretFileName(value: Any, at: At) -> str | None:
+    """A next hop's C{password_file} (C{[smarthost]}, an smtp or lmtp route): the name of a
+    file whose first line is the password to log in with, as an absolute path; C{""}: none.
+    The table's check reads it (L{readSecret}) once it knows a user name goes with it.  (Not
+    C{[auth]}'s C{password_file}, a table of users and hashes.)"""
+    text = string(value, at)
+    return at.path(text) if text else None
+
+
+def readSecret(path: str, at: At) -> str:
+    """The secret in the file C{path}: its first line, without the line end.  The secret
+    itself never appears in messages."""
     data = _readBytes(path, "the password file", at)
     try:
         decoded = data.decode("utf-8")
