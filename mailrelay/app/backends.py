@@ -20,7 +20,7 @@ def builtinBackendSpecs(config: Config) -> list[BackendSpec]:
     @raise ConfigError: C{[delivery]} makes no usable client settings.
     """
     from mailrelay.delivery.common import BUILTIN_BACKENDS
-    from mailrelay.smtp.client import ClientSettings, ClientTimeouts
+    from mailrelay.smtp.clientsettings import ClientSettings, ClientTimeouts
 
     delivery = config.delivery
     try:
