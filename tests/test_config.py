@@ -1717,7 +1717,7 @@ def test_checkMaildirTemplateErrors(text: str, fragment: str) -> None:
 
 def test_timeoutsMatchClientTimeouts() -> None:
     """The delivery time-outs are exactly ClientTimeouts' fields, with the same defaults."""
-    client = pytest.importorskip("mailrelay.smtp.client")
+    client = pytest.importorskip("mailrelay.smtp.clientsettings")
     expected = {f.name: float(f.default) for f in dataclasses.fields(client.ClientTimeouts)}
     assert DeliveryConfig().timeouts == expected
     client.ClientTimeouts(**DeliveryConfig().timeouts)

@@ -62,7 +62,7 @@ from mailrelay.errors import describeValue
 from mailrelay.interfaces import TLS_POLICIES
 from mailrelay.receive.auth import DEFAULT_CHECKER_TIMEOUT
 from mailrelay.receive.limits import LIMITER_TIMEOUT
-from mailrelay.smtp.client import ClientTimeouts
+from mailrelay.smtp.clientsettings import ClientTimeouts
 
 __all__ = [
     "AUTH",

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mailrelay.config.values import IPNetwork, Smarthost
-from mailrelay.smtp.client import ClientTimeouts
+from mailrelay.smtp.clientsettings import ClientTimeouts
 
 #: A listener's role (C{mode}): C{"relay"} (MX or relay for the relay networks and accepted
 #: domains), C{"submission"} (RFC 6409, port 587: AUTH required before MAIL) and
@@ -242,7 +242,7 @@ class DeliveryConfig:
     @ivar destinationConcurrency: the most connections to one destination at once.
     @ivar connectionCacheTime: seconds an idle connection is kept for reuse (C{0.0}: never).
     @ivar timeouts: the SMTP client's time-outs in seconds, by the names of
-        C{mailrelay.smtp.client.ClientTimeouts}' fields: C{connect}, C{greeting}, C{ehlo},
+        C{mailrelay.smtp.clientsettings.ClientTimeouts}' fields: C{connect}, C{greeting}, C{ehlo},
         C{starttls}, C{auth}, C{mail}, C{rcpt}, C{dataInit}, C{dataBlock}, C{dataDone},
         C{rset}, C{quit} (all of them, always).
     """
