@@ -19,7 +19,7 @@ from mailrelay.envelope import ClientInfo
 from mailrelay.interfaces import StampResult
 from mailrelay.proxy import ProxyHeaderError, parseProxyHeader
 from mailrelay.rdns import hostsFileName, reverseLookup
-from mailrelay.smtp.client import DotStuffer
+from mailrelay.smtp.wire import DotStuffer
 from mailrelay.smtp.server import SessionSettings
 from mailrelay.stamping import (
     HEADER_SECTION_LIMIT,

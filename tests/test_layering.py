@@ -67,11 +67,6 @@ DROPIN = "twisted.plugins.mailrelay_plugin"
 #: The violations left after the move (issue 8, step 1).  Strike an entry out when its cause
 #: is gone; never add one.
 KNOWN = {
-    # smtp/client.py's transitional __getattr__ serves the names that moved to delivery/
-    # until delivery/smtp.py and delivery/lmtp.py import them from there.
-    "mailrelay.smtp.client -> mailrelay.delivery.connection",
-    "mailrelay.smtp.client -> mailrelay.delivery.protocol",
-    "mailrelay.smtp.client -> mailrelay.delivery.tls",
     # The intake allocates queue ids (newQueueID) and knows SpoolError until it opens
     # entries through ISpool.openMessage() (which allocates the id).
     "mailrelay.cleanup.intake -> mailrelay.spool",

@@ -814,7 +814,9 @@ from mailrelay.auth import AuthPolicy, makePortal  # noqa: E402
 from mailrelay.cleanup.intake import Intake  # noqa: E402
 from mailrelay.envelope import Envelope, Recipient  # noqa: E402
 from mailrelay.policy import RecipientPolicy, RelayControl  # noqa: E402
-from mailrelay.smtp.client import ClientSettings, clientTLSOptions, connectSMTP  # noqa: E402
+from mailrelay.delivery.connection import connectSMTP  # noqa: E402
+from mailrelay.delivery.tls import clientTLSOptions  # noqa: E402
+from mailrelay.smtp.clientsettings import ClientSettings  # noqa: E402
 from mailrelay.receive.listener import (  # noqa: E402
     ListenerSettings,
     buildListenerFactory,
