@@ -47,19 +47,11 @@ STAGE_EXTRA = {"receive": {"policy"}, "delivery": {"route"}}
 #: Old module paths kept as aliases of the moved modules (see each file's docstring).
 SHIMS = {
     "mailrelay.auth": "mailrelay.receive.auth",
-    "mailrelay.bounce": "mailrelay.queue.dsn",
     "mailrelay.limits": "mailrelay.receive.limits",
     "mailrelay.passwd": "mailrelay.app.passwd",
     "mailrelay.plugins": "mailrelay.app.plugins",
-    "mailrelay.proxy": "mailrelay.receive.proxy",
-    "mailrelay.qmgrprocess": "mailrelay.app.deliveryprocess",
-    "mailrelay.queuelock": "mailrelay.queue.lock",
-    "mailrelay.rdns": "mailrelay.receive.rdns",
-    "mailrelay.service": "mailrelay.app.relay",
-    "mailrelay.smtp.protocol": "mailrelay.receive.protocol",
     "mailrelay.stamping": "mailrelay.cleanup.stamping",
     "mailrelay.tap": "mailrelay.app.tap",
-    "mailrelay.tls": "mailrelay.receive.tls",
     "mailrelay.validators": "mailrelay.policy.validators",
 }
 DROPIN = "twisted.plugins.mailrelay_plugin"
