@@ -1504,8 +1504,8 @@ def test_backendTimeoutsReachTheQueueManager(tmp_path: Path) -> None:
     ignored: every backend got 3600 s); the built-in backends keep the queue's bound."""
     from twisted.internet.task import Clock
 
+    from mailrelay.app.delivery import makeDelivery
     from mailrelay.delivery.discard import DiscardBackend
-    from mailrelay.service import makeDelivery
 
     path = writeConfig(
         tmp_path,

@@ -135,7 +135,7 @@ def test_log_lines_round_trip() -> None:
     from twisted.logger import LogLevel, formatEventAsClassicLogText
     from twisted.python.failure import Failure
 
-    from mailrelay.qmgrprocess import decodeLogEvent, encodeLogEvent
+    from mailrelay.queue.process import decodeLogEvent, encodeLogEvent
 
     try:
         1 / 0
@@ -163,10 +163,11 @@ def test_delivery_process_that_fails_to_start_exits(tmp_path: Path) -> None:
     config.write_text(f'[spool]\ndirectory = "{tmp_path}/spool"\n')
     script = (
         "import sys\n"
-        "from mailrelay import qmgrprocess, queue\n"
+        "from mailrelay import queue\n"
+        "from mailrelay.app import deliveryprocess\n"
         "def broken(self): raise RuntimeError('the queue cannot start')\n"
         "queue.QueueManager.startService = broken\n"
-        "sys.exit(qmgrprocess._childMain(sys.argv[1:]))\n"
+        "sys.exit(deliveryprocess._childMain(sys.argv[1:]))\n"
     )
     (tmp_path / "spool").mkdir()
     p = subprocess.run(

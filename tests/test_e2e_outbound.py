@@ -39,7 +39,7 @@ import pytest
 from aiosmtpd.controller import Controller, UnixSocketController
 from aiosmtpd.lmtp import LMTP
 
-from mailrelay.smtp.client import CHUNK_SIZE
+from mailrelay.delivery.protocol import CHUNK_SIZE
 from tests.harness import DNSServer, RelayProcess, freePort, requireTool
 
 # ---------------------------------------------------------------------------------------------

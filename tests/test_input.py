@@ -14,13 +14,13 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from zope.interface.verify import verifyObject
 
-from mailrelay.bounce import _readOriginal
 from mailrelay.envelope import ClientInfo
 from mailrelay.interfaces import StampResult
-from mailrelay.proxy import ProxyHeaderError, parseProxyHeader
-from mailrelay.rdns import hostsFileName, reverseLookup
-from mailrelay.smtp.client import DotStuffer
+from mailrelay.queue.dsn import _readOriginal
+from mailrelay.receive.proxy import ProxyHeaderError, parseProxyHeader
+from mailrelay.receive.rdns import hostsFileName, reverseLookup
 from mailrelay.smtp.server import SessionSettings
+from mailrelay.smtp.wire import DotStuffer
 from mailrelay.stamping import (
     HEADER_SECTION_LIMIT,
     DefaultStamper,

@@ -465,15 +465,16 @@ def test_limitsDataclassDefaults() -> None:
 def test_serviceWiresLimitsProxyAndALimiterPlugin(tmp_path, monkeypatch) -> None:
     from twisted.internet.testing import MemoryReactorClock
 
-    from mailrelay import service
+    from mailrelay.app import relay
+    from mailrelay.app.listeners import ListenerService
     from mailrelay.config import loadConfig
     from mailrelay.plugins import MailRelayPlugin
-    from mailrelay.proxy import ProxyProtocolFactory
+    from mailrelay.receive.proxy import ProxyProtocolFactory
 
     shared = MemoryRateLimiter(Clock())
     plugin = MailRelayPlugin("shared-limits", IRateLimiter, "tests", lambda options, context: shared)
-    installed = service.availablePlugins()
-    monkeypatch.setattr(service, "availablePlugins", lambda: {**installed, "shared-limits": plugin})
+    installed = relay.availablePlugins()
+    monkeypatch.setattr(relay, "availablePlugins", lambda: {**installed, "shared-limits": plugin})
     path = tmp_path / "relay.toml"
     path.write_text(
         '[relay]\nnetworks = ["192.0.2.0/24"]\n[rate_limiter]\nplugin = "shared-limits"\ntimeout = 2\n'
@@ -484,8 +485,8 @@ def test_serviceWiresLimitsProxyAndALimiterPlugin(tmp_path, monkeypatch) -> None
         'proxy_networks = ["10.0.0.0/8"]\nreject_unauth_pipelining = false\n'
     )
     config = loadConfig(str(path), {"spool": str(tmp_path / "spool")})
-    top = service.makeRelayService(config, MemoryReactorClock())
-    listeners = [s for s in top if isinstance(s, service.ListenerService)]
+    top = relay.makeRelayService(config, MemoryReactorClock())
+    listeners = [s for s in top if isinstance(s, ListenerService)]
     first, second = (s.factory for s in listeners)
     ctx = first.context
     assert ctx.limits.limiter is shared and ctx.limits.timeout == 2.0

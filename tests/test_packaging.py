@@ -70,6 +70,12 @@ def test_installed_wheel_is_found_by_twistd(wheel: Path, tmp_path: Path) -> None
                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "--relay-network" in out.stdout and "--smarthost" in out.stdout
+    # The old path mailrelay.validators serves the installed dropin's plugin objects.
+    check = ("import mailrelay.validators as old, twisted.plugins.mailrelay_plugin as dropin; "
+             "assert old.regexPlugin is dropin.regexPlugin, old.regexPlugin")
+    out = subprocess.run([str(python), "-c", check], cwd=elsewhere, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
 
 
 def test_dropin_cache_is_not_committed() -> None:

@@ -17,7 +17,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from zope.interface import implementer
 
-from mailrelay.proxy import (
+from mailrelay.receive.proxy import (
     V2_SIGNATURE,
     ProxyHeader,
     ProxyHeaderError,

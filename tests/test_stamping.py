@@ -17,7 +17,7 @@ from mailrelay.address import parseForwardPath
 from mailrelay.envelope import ClientInfo, Envelope, Recipient
 from mailrelay.interfaces import IHeaderStamper, PluginContext, StampContext, StampResult, VerdictKind
 from mailrelay.policy import RelayControl
-from mailrelay.rdns import hostsFileName, reverseLookup
+from mailrelay.receive.rdns import hostsFileName, reverseLookup
 from mailrelay.stamping import (
     ConfiguredStamper,
     DefaultStamper,

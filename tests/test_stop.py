@@ -11,9 +11,9 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from mailrelay.queuelock import QueueLock
-from mailrelay.service import OrderedMultiService
-from mailrelay.smtp.protocol import Sessions
+from mailrelay.app.services import OrderedMultiService
+from mailrelay.queue.lock import QueueLock
+from mailrelay.receive.protocol import Sessions
 from mailrelay.testing import ServerHarness
 
 

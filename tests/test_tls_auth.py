@@ -38,10 +38,10 @@ from mailrelay.auth import (
     readPasswordFile,
 )
 from mailrelay.envelope import ClientInfo
+from mailrelay.receive.tls import TLSConfigError, describeTLS, loadServerTLS
 from mailrelay.smtp.replies import Reply
 from mailrelay.smtp.server import Authenticate, ServerSession, SessionSettings, StartTLS
 from mailrelay.testing import MemoryChecker, ServerHarness
-from mailrelay.tls import TLSConfigError, describeTLS, loadServerTLS
 
 FAST = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 
@@ -812,14 +812,16 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS  # noqa
 
 from mailrelay.auth import AuthPolicy, makePortal  # noqa: E402
 from mailrelay.cleanup.intake import Intake  # noqa: E402
+from mailrelay.delivery.connection import connectSMTP  # noqa: E402
+from mailrelay.delivery.tls import clientTLSOptions  # noqa: E402
 from mailrelay.envelope import Envelope, Recipient  # noqa: E402
 from mailrelay.policy import RecipientPolicy, RelayControl  # noqa: E402
-from mailrelay.smtp.client import ClientSettings, clientTLSOptions, connectSMTP  # noqa: E402
 from mailrelay.receive.listener import (  # noqa: E402
     ListenerSettings,
     buildListenerFactory,
     wrapListenerFactory,
 )
+from mailrelay.smtp.clientsettings import ClientSettings  # noqa: E402
 from mailrelay.stamping import ConfiguredStamper, DefaultStamper  # noqa: E402
 from mailrelay.testing import MemorySpool  # noqa: E402
 
@@ -905,8 +907,8 @@ class RealTLSTests(trial.TestCase):
 def test_service_logs_an_expired_certificate(tmp_path: Path) -> None:
     import trustme
 
+    from mailrelay.app.listeners import loadListenerTLS
     from mailrelay.config import ListenerConfig
-    from mailrelay.service import loadListenerTLS
 
     past = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
     leaf = trustme.CA().issue_cert("relay.test", not_before=past - datetime.timedelta(days=1), not_after=past)
@@ -928,7 +930,7 @@ def test_service_logs_an_expired_certificate(tmp_path: Path) -> None:
 
 
 def test_matchServerName() -> None:
-    from mailrelay.tls import matchServerName
+    from mailrelay.receive.tls import matchServerName
 
     names = {"mail.example.org": 1, "*.example.net": 2, "example.net": 3}
     assert matchServerName("MAIL.Example.org.", names) == 1
@@ -979,7 +981,7 @@ def sniHandshake(options, serverName: str | None, caFile: str) -> dict:
 def test_sni_chooses_the_certificate(tmp_path: Path) -> None:
     import trustme
 
-    from mailrelay.tls import SNIServerOptions
+    from mailrelay.receive.tls import SNIServerOptions
 
     ca = trustme.CA()
     caFile = tmp_path / "ca.pem"
@@ -1027,8 +1029,8 @@ def test_slow_checker_times_out_with_454() -> None:
 def makeSiteCheckerPolicy(tmp_path: Path, checker) -> object:
     from twisted.internet.task import Clock
 
+    from mailrelay.app.listeners import makeAuthPolicy
     from mailrelay.config import loadConfig
-    from mailrelay.service import makeAuthPolicy
 
     path = tmp_path / "c.toml"
     path.write_text('[auth.checker]\nplugin = "site"\ntimeout = 7\n')

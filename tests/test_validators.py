@@ -1,4 +1,5 @@
-"""Tests for L{mailrelay.validators} and the example C{sqlite-recipients} site plugin."""
+"""Tests for L{mailrelay.policy.validators} (also importable as C{mailrelay.validators}) and the
+example C{sqlite-recipients} site plugin."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
-from mailrelay import validators
 from mailrelay.envelope import ClientInfo, Envelope, Recipient
 from mailrelay.errors import ConfigError
 from mailrelay.interfaces import (
@@ -28,7 +28,9 @@ from mailrelay.interfaces import (
     Verdict,
     VerdictKind,
 )
-from mailrelay.plugins import buildPlugin
+from mailrelay.plugins import MailRelayPlugin, buildPlugin
+from mailrelay.policy import validators
+from twisted.plugins import mailrelay_plugin as dropin
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "sqlite-recipients"
@@ -73,10 +75,10 @@ def configError(build: Any, options: Any, context: PluginContext, key: str, *fra
 @pytest.mark.parametrize(
     "plugin, name, options",
     [
-        (validators.acceptedDomainsPlugin, "accepted-domains", {"domains": ["example.com"]}),
-        (validators.recipientMapPlugin, "recipient-map", {"file": "map"}),
+        (dropin.acceptedDomainsPlugin, "accepted-domains", {"domains": ["example.com"]}),
+        (dropin.recipientMapPlugin, "recipient-map", {"file": "map"}),
         (
-            validators.regexPlugin,
+            dropin.regexPlugin,
             "regex",
             {"rules": [{"pattern": "^x", "action": "reject"}]},
         ),
@@ -90,15 +92,31 @@ def test_pluginObjects(plugin: Any, name: str, options: dict, context: PluginCon
     assert plugin.provides is IRecipientValidator
     assert plugin.description
     assert isinstance(plugin.factory, str)
-    assert plugin.factory.startswith("mailrelay.validators:")
+    assert plugin.factory.startswith("mailrelay.policy.validators:")
     validator = buildPlugin({name: plugin}, name, IRecipientValidator, options, context)
     verifyObject(IRecipientValidator, validator)
     assert repr(validator).startswith("<")
 
 
-def test_importIsCheap() -> None:
-    """Importing mailrelay.validators does not import the reactor."""
-    code = "import sys, mailrelay.validators; sys.exit('twisted.internet.reactor' in sys.modules)"
+def test_oldPathServesTheDropinsPluginObjects(context: PluginContext) -> None:
+    """The old path mailrelay.validators (docs/plugins.md) gives the dropin's plugin objects,
+    the one definition of each, and its factory names still build."""
+    import mailrelay.validators as old
+
+    assert old.acceptedDomainsPlugin is dropin.acceptedDomainsPlugin
+    assert old.recipientMapPlugin is dropin.recipientMapPlugin
+    assert old.regexPlugin is dropin.regexPlugin
+    assert old.buildRegex is validators.buildRegex
+    plugin = MailRelayPlugin("old-regex", IRecipientValidator, "d", "mailrelay.validators:buildRegex")
+    options = {"rules": [{"pattern": "^x", "action": "reject"}]}
+    built = buildPlugin({"old-regex": plugin}, "old-regex", IRecipientValidator, options, context)
+    assert isinstance(built, validators.RegexValidator)
+
+
+@pytest.mark.parametrize("module", ["mailrelay.validators", "mailrelay.policy.validators"])
+def test_importIsCheap(module: str) -> None:
+    """Importing the validators does not import the reactor."""
+    code = f"import sys, {module}; sys.exit('twisted.internet.reactor' in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 

@@ -19,12 +19,11 @@ from twisted.logger import ILogObserver, Logger, formatEventAsClassicLogText, gl
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
-from mailrelay.queue.process import decodeLogEvent, encodeLogEvent
+from mailrelay.queue.process import encodeLogEvent
 
 log = Logger()
 
-#: decodeLogEvent: kept here for old imports (mailrelay.qmgrprocess).
-__all__ = ["decodeLogEvent", "encodeLogEvent", "makeDeliveryServices"]
+__all__ = ["makeDeliveryServices"]
 
 
 # -- the child ----------------------------------------------------------------------------------

@@ -14,8 +14,6 @@ from mailrelay.app.listeners import (
     ListenerService,
     SessionsService,
     _Carried,
-    loadListenerTLS,
-    makeAuthPolicy,
     makeListeners,
 )
 from mailrelay.app.plugins import availablePlugins, pluginBuilder
@@ -25,18 +23,7 @@ from mailrelay.errors import ConfigError
 from mailrelay.receive.protocol import Sessions
 from mailrelay.spool import Spool
 
-__all__ = [
-    "RelayService",
-    "makeRelayService",
-    # Reached through the old path mailrelay.service by tests (until they import the module
-    # that defines them), and availablePlugins so that replacing it here still bites:
-    "ListenerService",
-    "OrderedMultiService",
-    "availablePlugins",
-    "loadListenerTLS",
-    "makeAuthPolicy",
-    "makeDelivery",
-]
+__all__ = ["RelayService", "makeRelayService"]
 
 log = Logger()
 

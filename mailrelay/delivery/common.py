@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailrelay.interfaces import PLATFORM_TRUST_STORE, DeliveryStatus, RecipientResult, Route
-from mailrelay.smtp.client import ClientSettings
+from mailrelay.smtp.clientsettings import ClientSettings
 
 __all__ = [
     "BUILTIN_BACKENDS",

@@ -38,10 +38,12 @@ from mailrelay.delivery.common import (
     builtinOptions,
     resultsForAll,
 )
+from mailrelay.delivery.connection import connectSMTP
+from mailrelay.delivery.tls import clientTLSOptions
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, PluginContext, Route
 from mailrelay.route.nexthop import parseLMTPNexthop
-from mailrelay.smtp import client as smtpClient
-from mailrelay.smtp.client import ClientSettings, SMTPConnectError
+from mailrelay.smtp.clientsettings import ClientSettings
+from mailrelay.smtp.errors import SMTPConnectError
 
 log = Logger()
 
@@ -104,7 +106,7 @@ class LMTPBackend(ClientBackend):
             endpoint = HostnameEndpoint(self.reactor, host.encode("idna"), port, timeout=timeout)
             remoteMTA = f"dns; {host}"
         if settings.tls == "implicit":
-            endpoint = wrapClientTLS(smtpClient.clientTLSOptions(settings, host), endpoint)
+            endpoint = wrapClientTLS(clientTLSOptions(settings, host), endpoint)
         return endpoint, host, remoteMTA
 
     @inlineCallbacks
@@ -122,7 +124,7 @@ class LMTPBackend(ClientBackend):
         except ValueError as e:
             log.error("{queueID}: bad LMTP next hop: {error}", queueID=queueID, error=str(e))
             return resultsForAll(recipients, DeliveryStatus.TRANSIENT, "4.3.5", f"X-mailrelay; {e}")
-        connect = self._connect if self._connect is not None else smtpClient.connectSMTP
+        connect = self._connect if self._connect is not None else connectSMTP
         try:
             connection = yield connect(
                 self.reactor, endpoint, settings, tlsHostname=tlsHostname, remoteMTA=remoteMTA

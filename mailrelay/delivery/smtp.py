@@ -53,12 +53,14 @@ from mailrelay.delivery.common import (
     builtinOptions,
     resultsForAll,
 )
+from mailrelay.delivery.connection import connectSMTP
+from mailrelay.delivery.tls import clientTLSOptions
 from mailrelay.errors import DeliveryFailure, PermanentFailure
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, PluginContext, RecipientResult
 from mailrelay.route.mx import MXHost, MXResolver, makeResolver
 from mailrelay.route.nexthop import parseSMTPNexthop
-from mailrelay.smtp import client as smtpClient
-from mailrelay.smtp.client import ClientSettings, SMTPConnectError
+from mailrelay.smtp.clientsettings import ClientSettings
+from mailrelay.smtp.errors import SMTPConnectError
 
 log = Logger()
 
@@ -200,7 +202,7 @@ class SMTPBackend(ClientBackend):
         self._cache = _ConnectionCache(reactor, connectionCacheTime, self._quit)
 
     def _connectFunction(self) -> Callable[..., Deferred]:
-        return self._connect if self._connect is not None else smtpClient.connectSMTP
+        return self._connect if self._connect is not None else connectSMTP
 
     def _endpoint(self, host: MXHost, settings: ClientSettings) -> Any:
         timeout = settings.timeouts.connect
@@ -211,7 +213,7 @@ class SMTPBackend(ClientBackend):
         else:
             endpoint = TCP4ClientEndpoint(self.reactor, host.address, host.port, timeout=timeout)
         if settings.tls == "implicit":
-            endpoint = wrapClientTLS(smtpClient.clientTLSOptions(settings, host.name), endpoint)
+            endpoint = wrapClientTLS(clientTLSOptions(settings, host.name), endpoint)
         return endpoint
 
     def _connectTo(self, host: MXHost, settings: ClientSettings) -> Deferred:

@@ -5,8 +5,9 @@ and provides L{IRecipientValidator}.  The factories check every option and raise
 L{ConfigError} naming the offending key and value, so that a bad configuration stops start-up
 instead of misbehaving later.  The validators answer synchronously with a plain L{Verdict}.
 
-This module is imported when the plugin dropin is scanned, through the plugin objects at the
-end; it must stay cheap to import and never import the reactor.
+Their plugin objects are the mailrelay dropin's (C{twisted/plugins/mailrelay_plugin.py}),
+defined there once, with these factories named as C{"mailrelay.policy.validators:build..."}
+strings: scanning the dropin does not import this module.  It never imports the reactor.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from mailrelay.interfaces import (
     ACCEPT,
     CONTINUE,
     IRecipientValidator,
-    MailRelayPlugin,
     PluginContext,
     Verdict,
 )
@@ -34,6 +34,20 @@ if TYPE_CHECKING:  # pragma: no cover
     from mailrelay.envelope import ClientInfo, Envelope, Recipient
 
 log = Logger()
+
+__all__ = [
+    "DOMAIN_NOT_ACCEPTED_TEXT",
+    "RECIPIENT_DEFER_TEXT",
+    "USER_UNKNOWN_TEXT",
+    "AcceptedDomains",
+    "RecipientMap",
+    "RegexRule",
+    "RegexValidator",
+    "buildAcceptedDomains",
+    "buildRecipientMap",
+    "buildRegex",
+    "parseRecipientMap",
+]
 
 #: Default reply text for a recipient a recipient map does not know.
 USER_UNKNOWN_TEXT = "Error: user unknown in recipient table"
@@ -585,27 +599,3 @@ def buildRegex(options: dict[str, Any], context: PluginContext) -> RegexValidato
     log.debug("Built {validator!r}", validator=validator)
     return validator
 
-
-# ---------------------------------------------------------------------------------------------
-# Plugin objects, exposed by the mailrelay dropin.
-
-acceptedDomainsPlugin = MailRelayPlugin(
-    name="accepted-domains",
-    provides=IRecipientValidator,
-    description="Accept recipients in listed domains (.example.com: its subdomains)",
-    factory="mailrelay.validators:buildAcceptedDomains",
-)
-
-recipientMapPlugin = MailRelayPlugin(
-    name="recipient-map",
-    provides=IRecipientValidator,
-    description="Accept, reject or defer recipients listed in a Postfix-style table file",
-    factory="mailrelay.validators:buildRecipientMap",
-)
-
-regexPlugin = MailRelayPlugin(
-    name="regex",
-    provides=IRecipientValidator,
-    description="Accept, reject or defer recipients matching regular expressions",
-    factory="mailrelay.validators:buildRegex",
-)

@@ -61,6 +61,7 @@ from mailrelay.smtp.server import (
     StartTLS,
     SyncError,
 )
+from mailrelay.smtp.wire import setNoDelay
 
 if TYPE_CHECKING:  # pragma: no cover
     from mailrelay.receive.listener import ListenerSettings
@@ -287,9 +288,7 @@ class SMTPServerProtocol(Protocol):
     # Connection life cycle ------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        from mailrelay.smtp.client import _noDelay
-
-        _noDelay(self.transport)  # replies go out at once, not after the client's delayed ACK
+        setNoDelay(self.transport)  # replies go out at once, not after the client's delayed ACK
         self.transport.registerProducer(self, True)
         ctx = self.context
         peer = self.transport.getPeer()

@@ -5,7 +5,6 @@ into bytes; the Twisted adapters that move the bytes live in L{mailrelay.receive
 L{mailrelay.delivery}.
 
 May import only each other and the values (L{mailrelay.interfaces}, L{mailrelay.envelope},
-L{mailrelay.errors}, L{mailrelay.address}): no Twisted and no TLS library (L{client} reaches
-into L{mailrelay.delivery} only for its transitional aliases of the moved names).  This file
+L{mailrelay.errors}, L{mailrelay.address}): no Twisted and no TLS library.  This file
 imports nothing.
 """

@@ -35,7 +35,6 @@ import base64
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from mailrelay.address import xtextEncode
 from mailrelay.envelope import Envelope, Recipient
@@ -735,33 +734,3 @@ class ClientSession:
             self._close(abort=close == "abort")
         self._out.append(TransactionDone(results))
 
-
-# Transitional (issue 8): names that moved out of this module stay reachable here until
-# their last importers use the new paths (delivery/smtp.py and delivery/lmtp.py in round 2,
-# and a few tests).  Then this function goes, and with it the KNOWN entries of test_layering.
-def __getattr__(name: str) -> Any:
-    if name == "ClientTimeouts":
-        from mailrelay.smtp import clientsettings
-
-        return clientsettings.ClientTimeouts
-    if name == "BareNewlineError":
-        from mailrelay.smtp import errors
-
-        return errors.BareNewlineError
-    if name in ("DotStuffer", "MAX_REPLY_LINE", "MAX_REPLY_LINES", "_noDelay"):
-        from mailrelay.smtp import wire  # _noDelay: receive/protocol.py's name for setNoDelay
-
-        return getattr(wire, "setNoDelay" if name == "_noDelay" else name)
-    if name in ("clientTLSOptions", "describeTLSFailure"):
-        from mailrelay.delivery import tls
-
-        return getattr(tls, name)
-    if name in ("CHUNK_SIZE", "SMTPClientProtocol"):
-        from mailrelay.delivery import protocol
-
-        return getattr(protocol, name)
-    if name in ("SMTPConnection", "connectSMTP"):
-        from mailrelay.delivery import connection
-
-        return getattr(connection, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
