@@ -27,6 +27,8 @@ from mailrelay.delivery import BUILTIN_BACKENDS
 from mailrelay.errors import ConfigError
 from mailrelay.interfaces import PLATFORM_TRUST_STORE, RouteOptions
 from mailrelay.queue.policy import QueuePolicy
+from mailrelay.receive.listener import ListenerSettings
+from mailrelay.receive.tls import SNIServerOptions
 from mailrelay.route.nexthop import SMTPNexthop, parseSMTPNexthop
 from mailrelay.route.table import RouteRule
 from mailrelay.smtp.clientsettings import ClientSettings, ClientTimeouts
@@ -46,6 +48,26 @@ def transport(
     every option set, C{caFile} C{None} being the platform's trust store."""
     caFile = PLATFORM_TRUST_STORE if caFile is None else caFile
     return RouteOptions(tls, caFile, username, password, authWithoutTLS)
+
+
+def listenerSettings(config: Config, endpoint: str, **changes: Any) -> ListenerSettings:
+    """The settings of a listener that gives only its C{endpoint} (and the settings
+    C{changes} gives, by field) in the file C{config} was loaded from: its keys' defaults,
+    and the relay's host name, session limits and relay networks."""
+    return ListenerSettings(
+        hostname=config.hostname,
+        name=endpoint,
+        maxMessageSize=config.maxMessageSize,
+        maxRecipients=config.maxRecipients,
+        maxErrors=config.maxErrors,
+        idleTimeout=config.idleTimeout,
+        dataTimeout=config.dataTimeout,
+        rejectUnauthPipelining=True,
+        maxSessionTime=1800.0,
+        minDataRate=500,
+        limitExceptions=config.relayNetworks,
+        **changes,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -116,7 +138,10 @@ def test_defaults(tmp_path: Path) -> None:
     assert c.maxErrors == 20
     assert c.maxHops == 50
     assert c.reverseDNS is True
-    assert c.listeners == (ListenerConfig("tcp:2525:interface=127.0.0.1", "reject", True, True),)
+    assert c.listeners == (ListenerConfig(listenerSettings(c, "tcp:2525:interface=127.0.0.1")),)
+    (listener,) = c.listeners
+    assert (listener.settings.hostname, listener.settings.maxMessageSize) == (FQDN, 10240000)
+    assert (listener.certificate, listener.sniCertificates) == (None, ())
     assert c.recipientValidators == ()
     assert c.headerStampers == (PluginSpec("default", {}, 30.0, "header_stampers[0]"),)
     assert c.queue == QueuePolicy(300.0, 4000.0, 432000.0, 432000.0, 0.0, 1000, None)
@@ -221,9 +246,19 @@ comment = "hello"
     assert c.dataTimeout == 60.0 and isinstance(c.dataTimeout, float)
     assert c.reverseDNS is False
     assert c.listeners == (
-        ListenerConfig("tcp:2525", "normalize", False, False),
-        ListenerConfig("tcp6:2526:interface=\\:\\:1"),
+        ListenerConfig(
+            listenerSettings(
+                c, "tcp:2525", bareNewline="normalize", addMessageID=False, addDate=False
+            )
+        ),
+        ListenerConfig(listenerSettings(c, "tcp6:2526:interface=\\:\\:1")),
     )
+    settings = c.listeners[0].settings
+    assert (settings.hostname, settings.maxMessageSize, settings.maxRecipients) == (
+        "mx1.example.com", 1000, 5
+    )
+    assert (settings.maxErrors, settings.idleTimeout, settings.dataTimeout) == (3, 1.5, 60.0)
+    assert settings.limitExceptions == c.relayNetworks
     assert c.recipientValidators == (
         PluginSpec("recipient-map", {"file": "recipients.txt"}, 2.0, "recipient_validators[0]"),
         PluginSpec("accepted-domains", {}, 30.0, "recipient_validators[1]"),
@@ -321,9 +356,9 @@ def test_overrideListenReplacesAll(tmp_path: Path) -> None:
         '[[listeners]]\nendpoint = "tcp:587"\n',
     )
     c = loadConfig(path, {"listen": ["tcp:2600"]})
-    assert c.listeners == (ListenerConfig("tcp:2600"),)
+    assert c.listeners == (ListenerConfig(listenerSettings(c, "tcp:2600")),)
     c = loadConfig(path, {"listen": ["tcp:2600", "tcp:2601"]})
-    assert [listener.endpoint for listener in c.listeners] == ["tcp:2600", "tcp:2601"]
+    assert [listener.settings.name for listener in c.listeners] == ["tcp:2600", "tcp:2601"]
 
 
 def test_overrideRelayNetworkReplacesLoopback() -> None:
@@ -860,7 +895,8 @@ def test_overrideErrorNamesOption(
 
 def test_singleStringOverrideIsOneItem() -> None:
     """A list option given as one string counts as a list of one."""
-    assert loadConfig(None, {"listen": "tcp:2600"}).listeners == (ListenerConfig("tcp:2600"),)
+    c = loadConfig(None, {"listen": "tcp:2600"})
+    assert c.listeners == (ListenerConfig(listenerSettings(c, "tcp:2600")),)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -915,7 +951,7 @@ def test_sampleLoads(tmp_path: Path) -> None:
     """The sample loads as shipped (its spool pointed at a temporary directory)."""
     c = loadConfig(str(SAMPLE), {"spool": str(tmp_path / "spool")})
     assert c.source == str(SAMPLE)
-    assert c.listeners == (ListenerConfig("tcp:2525:interface=127.0.0.1"),)
+    assert c.listeners == (ListenerConfig(listenerSettings(c, "tcp:2525:interface=127.0.0.1")),)
     assert c.headerStampers == (PluginSpec("default", {}, 30.0, "header_stampers[0]"),)
     defaults = loadConfig(None, {"spool": str(tmp_path / "spool")})
     # Apart from where it came from, the sample as shipped is the defaults.
@@ -946,14 +982,16 @@ def test_sampleEveryKeyUncommentedLoads(tmp_path: Path) -> None:
     (tmp_path / "users").write_text(f"alice:{HASH}\n")
     c = loadConfig(path, {"spool": str(tmp_path / "spool")})
     assert len(c.listeners) == 4
-    assert [(x.mode, x.tls_mode, x.auth) for x in c.listeners] == [
+    assert [(x.settings.mode, x.settings.tlsMode, x.settings.auth) for x in c.listeners] == [
         ("relay", "starttls", True),
         ("relay", "none", False),
         ("submission", "starttls", True),
         ("submissions", "implicit", True),
     ]
-    assert c.listeners[0].tls_certificate == str(tmp_path / "relay.pem")
-    assert c.listeners[0].tls_ciphers == "ECDHE+AESGCM:ECDHE+CHACHA20"
+    certificate = c.listeners[0].certificate
+    assert certificate is not None and certificate.notAfter.year > 2000
+    assert isinstance(c.listeners[0].settings.tlsOptions, SNIServerOptions)
+    assert [name for name, _ in c.listeners[0].sniCertificates] == ["mail.example.org"]
     assert c.auth is not None and c.auth.passwordFile == str(tmp_path / "users")
     assert c.auth.senders == {"alice": ("alice@example.com", "@alice.example.org")}
     assert c.smarthost == SMTPNexthop("smtp.example.net", 587, False)
@@ -1585,26 +1623,42 @@ def listenerConfig(tlsDir: Path, listener: str, extra: str = AUTH_TABLE) -> tupl
     return path, loadConfig(path)
 
 
-def test_listenerSecurityDefaults(tlsDir: Path) -> None:
-    """Modes and TLS modes default per RFC 6409 / RFC 8314; paths are relative to the file."""
+def test_listenerSecurityDefaults(tlsDir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Modes and TLS modes default per RFC 6409 / RFC 8314; paths are relative to the file;
+    the certificates are loaded once, by the configuration, with the listener's TLS keys."""
+    loaded: list[tuple[Any, ...]] = []
+    load = configModule.checks.loadServerTLS
+
+    def recordingLoad(certificate: str, key: str, **options: Any) -> Any:
+        loaded.append((certificate, key, options))
+        return load(certificate, key, **options)
+
+    monkeypatch.setattr(configModule.checks, "loadServerTLS", recordingLoad)
     cert, key = str(tlsDir / "cert.pem"), str(tlsDir / "key.pem")
     _, c = listenerConfig(tlsDir, "")
-    assert c.listeners[0] == ListenerConfig("tcp:2525")
+    assert c.listeners[0] == ListenerConfig(listenerSettings(c, "tcp:2525"))
     assert c.auth is not None and c.auth.users["alice"] == HASH and "argon2" not in repr(c)
+    assert loaded == []
     _, c = listenerConfig(tlsDir, CERT)
-    assert (c.listeners[0].tls_mode, c.listeners[0].auth) == ("starttls", False)
-    assert (c.listeners[0].tls_certificate, c.listeners[0].tls_key) == (cert, key)
+    settings = c.listeners[0].settings
+    assert (settings.tlsMode, settings.auth) == ("starttls", False)
+    assert loaded == [(cert, key, {"minVersion": "TLSv1.2", "ciphers": None})]
+    certificate = c.listeners[0].certificate
+    assert certificate is not None and settings.tlsOptions is certificate.options
     _, c = listenerConfig(tlsDir, 'mode = "submission"\n' + CERT)
-    assert (c.listeners[0].tls_mode, c.listeners[0].auth) == ("starttls", True)
+    assert (c.listeners[0].settings.tlsMode, c.listeners[0].settings.auth) == ("starttls", True)
     _, c = listenerConfig(tlsDir, 'mode = "submissions"\n' + CERT + 'tls_min_version = "TLSv1.3"\n')
-    listener = c.listeners[0]
-    assert (listener.tls_mode, listener.auth, listener.tls_min_version) == ("implicit", True, "TLSv1.3")
+    settings = c.listeners[0].settings
+    assert (settings.tlsMode, settings.auth) == ("implicit", True)
+    assert loaded[-1] == (cert, key, {"minVersion": "TLSv1.3", "ciphers": None})
     _, c = listenerConfig(tlsDir, 'mode = "submission"\nauth_without_tls = true\n')
-    assert (c.listeners[0].tls_mode, c.listeners[0].auth_without_tls) == ("none", True)
+    assert (c.listeners[0].settings.tlsMode, c.listeners[0].settings.authWithoutTLS) == ("none", True)
     # One file holding certificate and key.
     (tlsDir / "both.pem").write_bytes((tlsDir / "cert.pem").read_bytes() + (tlsDir / "key.pem").read_bytes())
-    _, c = listenerConfig(tlsDir, 'tls_certificate = "both.pem"\n')
-    assert c.listeners[0].tls_key == str(tlsDir / "both.pem")
+    _, c = listenerConfig(tlsDir, 'tls_certificate = "both.pem"\ntls_ciphers = "HIGH"\n')
+    both = str(tlsDir / "both.pem")
+    assert loaded[-1] == (both, both, {"minVersion": "TLSv1.2", "ciphers": "HIGH"})
+    assert c.listeners[0].certificate is not None
 
 
 def test_authTable(tlsDir: Path) -> None:
@@ -1680,7 +1734,9 @@ def test_expiredCertificateLoadsWithAWarning(tlsDir: Path) -> None:
     past = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
     writeCertificate(tlsDir, "old.pem", "old.key", not_before=past - datetime.timedelta(days=1), not_after=past)
     _, c = listenerConfig(tlsDir, 'tls_certificate = "old.pem"\ntls_key = "old.key"\n')
-    assert c.listeners[0].tls_mode == "starttls"
+    assert c.listeners[0].settings.tlsMode == "starttls"
+    certificate = c.listeners[0].certificate
+    assert certificate is not None and "expired on 2020-01-01" in " ".join(certificate.warnings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1688,21 +1744,30 @@ def test_expiredCertificateLoadsWithAWarning(tlsDir: Path) -> None:
 
 
 def test_listenerLimitDefaults(tlsDir: Path) -> None:
-    """Postfix's defaults; exceptions default to the relay networks (None)."""
+    """Postfix's defaults; exceptions default to the relay networks."""
     _, c = listenerConfig(tlsDir, "")
-    listener = c.listeners[0]
-    assert (listener.max_connections, listener.max_connections_per_client) == (100, 50)
-    assert (listener.connection_rate_limit, listener.message_rate_limit, listener.user_message_rate_limit) == (0, 0, 0)
-    assert (listener.rate_window, listener.limit_exceptions, listener.greet_pause) == (60.0, None, 0.0)
-    assert listener.reject_unauth_pipelining is True
-    assert (listener.max_session_time, listener.min_data_rate) == (1800.0, 500)
-    assert (listener.proxy_protocol, listener.proxy_networks, listener.tls_certificates) == (False, (), ())
-    assert loadConfig(None).listeners[0] == listener.__class__("tcp:2525:interface=127.0.0.1")
+    listener = c.listeners[0].settings
+    assert (listener.maxConnections, listener.maxConnectionsPerClient) == (100, 50)
+    limits = (listener.connectionRateLimit, listener.messageRateLimit, listener.userMessageRateLimit)
+    assert limits == (0, 0, 0)
+    assert (listener.rateWindow, listener.limitExceptions, listener.greetPause) == (
+        60.0, c.relayNetworks, 0.0
+    )
+    assert listener.rejectUnauthPipelining is True
+    assert (listener.maxSessionTime, listener.minDataRate) == (1800.0, 500)
+    assert (listener.proxyProtocol, listener.proxyNetworks, c.listeners[0].sniCertificates) == (
+        False, (), ()
+    )
+    assert (listener.limiterTimeout, listener.ipv6PrefixLength) == (5.0, 84)
+    assert loadConfig(None).listeners[0].settings == dataclasses.replace(
+        listener, name="tcp:2525:interface=127.0.0.1", hostname=FQDN
+    )
 
 
 def test_listenerLimitsFromTheFile(tlsDir: Path) -> None:
     writeCertificate(tlsDir, "a.pem", "a.key", "mail.example.org")
-    (tlsDir / "both.pem").write_bytes((tlsDir / "a.pem").read_bytes() + (tlsDir / "a.key").read_bytes())
+    writeCertificate(tlsDir, "b.pem", "b.key", "smtp.example.net")
+    (tlsDir / "both.pem").write_bytes((tlsDir / "b.pem").read_bytes() + (tlsDir / "b.key").read_bytes())
     _, c = listenerConfig(
         tlsDir,
         CERT
@@ -1712,21 +1777,24 @@ def test_listenerLimitsFromTheFile(tlsDir: Path) -> None:
         "reject_unauth_pipelining = true\nmax_session_time = 0\nmin_data_rate = 0\n"
         'proxy_protocol = true\nproxy_networks = ["10.0.0.0/8", "fd00::/8"]\n'
         'tls_certificates = [{server_name = "Mail.Example.ORG.", certificate = "a.pem", key = "a.key"},\n'
-        '  {server_name = "*.example.net", certificate = "both.pem"}]\n',
+        '  {server_name = "*.example.net", certificate = "both.pem"}]\n'
+        "[rate_limiter]\nplugin = \"shared\"\ntimeout = 2\n",
     )
-    listener = c.listeners[0]
-    assert (listener.max_connections, listener.max_connections_per_client, listener.connection_rate_limit) == (0, 5, 30)
-    assert (listener.message_rate_limit, listener.user_message_rate_limit, listener.rate_window) == (100, 200, 3600.0)
-    assert listener.limit_exceptions == (ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8::/32"))
-    assert (listener.greet_pause, listener.reject_unauth_pipelining, listener.ipv6_prefix_length) == (2.5, True, 64)
-    assert (listener.max_session_time, listener.min_data_rate) == (0.0, 0)
-    assert listener.proxy_protocol and listener.proxy_networks == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
-    assert listener.tls_certificates == (
-        configModule.SNICertificate("mail.example.org", str(tlsDir / "a.pem"), str(tlsDir / "a.key")),
-        configModule.SNICertificate("*.example.net", str(tlsDir / "both.pem"), str(tlsDir / "both.pem")),
-    )
+    listener = c.listeners[0].settings
+    assert (listener.maxConnections, listener.maxConnectionsPerClient, listener.connectionRateLimit) == (0, 5, 30)
+    assert (listener.messageRateLimit, listener.userMessageRateLimit, listener.rateWindow) == (100, 200, 3600.0)
+    assert listener.limitExceptions == (ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8::/32"))
+    assert (listener.greetPause, listener.rejectUnauthPipelining, listener.ipv6PrefixLength) == (2.5, True, 64)
+    assert (listener.maxSessionTime, listener.minDataRate, listener.limiterTimeout) == (0.0, 0, 2.0)
+    assert listener.proxyProtocol and listener.proxyNetworks == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
+    sni = c.listeners[0].sniCertificates
+    assert [name for name, _ in sni] == ["mail.example.org", "*.example.net"]
+    certificate = c.listeners[0].certificate
+    assert certificate is not None  # three certificates, each of its own (trustme) CA
+    assert len({certificate.subject, sni[0][1].subject, sni[1][1].subject}) == 3
+    assert isinstance(listener.tlsOptions, SNIServerOptions)
     _, c = listenerConfig(tlsDir, "limit_exceptions = []\n")
-    assert c.listeners[0].limit_exceptions == ()
+    assert c.listeners[0].settings.limitExceptions == ()
 
 
 @pytest.mark.parametrize(

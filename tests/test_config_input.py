@@ -32,7 +32,7 @@ def refused(tmp_path: Path, text: str, key: str) -> str:
 def test_nul_bytes(tmp_path: Path) -> None:
     c = load(tmp_path, '[[listeners]]\nendpoint = "tcp:25"\n'
                        '[[listeners]]\nendpoint = "tcp:26"\nnul_bytes = "normalize"\n')
-    assert [listener.nul_bytes for listener in c.listeners] == ["reject", "normalize"]
+    assert [listener.settings.nulBytes for listener in c.listeners] == ["reject", "normalize"]
     assert refused(tmp_path, '[[listeners]]\nendpoint = "tcp:25"\nnul_bytes = "strip"',
                    "listeners[0].nul_bytes").endswith(
         'must be "reject" or "normalize", not "strip"')

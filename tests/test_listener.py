@@ -165,7 +165,6 @@ def test_harness_names_the_setting_to_use(kw: dict[str, object], hint: str) -> N
 
 
 def test_the_relay_maps_its_configuration(tmp_path: Path) -> None:
-    from mailrelay.app.listeners import listenerSettings
     from mailrelay.config import loadConfig
 
     path = tmp_path / "relay.toml"
@@ -173,10 +172,11 @@ def test_the_relay_maps_its_configuration(tmp_path: Path) -> None:
         'hostname = "mx.example.org"\n[relay]\nnetworks = ["192.0.2.0/24"]\n'
         '[[listeners]]\nendpoint = "tcp:2525"\ngreet_pause = 3\nreject_unauth_pipelining = false\n'
         'add_date = false\nnul_bytes = "normalize"\nmax_connections_per_client = 7\n'
+        '[rate_limiter]\nplugin = "shared-limits"\ntimeout = 4\n'
     )
     config = loadConfig(str(path), {"spool": str(tmp_path / "spool")})
     (listener,) = config.listeners
-    settings = listenerSettings(config, listener, 4.0)
+    settings = listener.settings
     assert (settings.hostname, settings.name, settings.mode) == (
         "mx.example.org",
         "tcp:2525",

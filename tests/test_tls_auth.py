@@ -907,23 +907,28 @@ class RealTLSTests(trial.TestCase):
 def test_service_logs_an_expired_certificate(tmp_path: Path) -> None:
     import trustme
 
-    from mailrelay.app.listeners import loadListenerTLS
-    from mailrelay.config import ListenerConfig
+    from mailrelay.app.listeners import logCertificates
+    from mailrelay.config import loadConfig
 
     past = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
     leaf = trustme.CA().issue_cert("relay.test", not_before=past - datetime.timedelta(days=1), not_after=past)
     cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
     leaf.cert_chain_pems[0].write_to_path(str(cert))
     leaf.private_key_pem.write_to_path(str(key))
-    listener = ListenerConfig("tcp:25", tls_mode="starttls", tls_certificate=str(cert), tls_key=str(key))
-
-    class FakeConfig:
-        source = "relay.toml"
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        '[[listeners]]\nendpoint = "tcp:25"\ntls_certificate = "c.pem"\ntls_key = "k.pem"\n'
+        '[[listeners]]\nendpoint = "tcp:26"\n'
+    )
+    tls, plain = loadConfig(str(path), {"spool": str(tmp_path / "spool")}).listeners
 
     with capturedLogs() as events:
-        assert loadListenerTLS(FakeConfig(), listener) is not None
+        logCertificates(tls)
     assert any("expired on 2020-01-01" in e.get("warning", "") for e in events)
-    assert loadListenerTLS(FakeConfig(), ListenerConfig("tcp:25")) is None
+    assert any(e.get("notAfter") == "2020-01-01" for e in events)
+    with capturedLogs() as events:
+        logCertificates(plain)
+    assert events == []
 
 
 # SNI: several certificates chosen by server name ----------------------------------------------------

@@ -15,13 +15,12 @@ from twisted.logger import Logger
 
 from mailrelay.cleanup.intake import Intake
 from mailrelay.cleanup.stamping import ConfiguredStamper
-from mailrelay.config import Config
+from mailrelay.config import Config, ListenerConfig
 from mailrelay.errors import ConfigError
 from mailrelay.interfaces import IHeaderStamper, IRateLimiter, IRecipientValidator
 from mailrelay.policy.chain import ConfiguredValidator, RecipientPolicy, RelayControl
-from mailrelay.receive.limits import LIMITER_TIMEOUT, ConnectionCount, MemoryRateLimiter
+from mailrelay.receive.limits import ConnectionCount, MemoryRateLimiter
 from mailrelay.receive.listener import (
-    ListenerSettings,
     buildListenerFactory,
     wrapListenerFactory,
 )
@@ -161,11 +160,12 @@ def makeListeners(
     onQueued: Any,
 ) -> list[tuple[str, Any, str]]:
     """The C{(endpoint, factory, role)} of every listener of C{config}, their plugins built
-    and certificates loaded.  Counters in C{carried} (rate limits, AUTH failures, connections
-    per listener) are reused, so that a reload does not reset them.
+    (their certificates are those the configuration loaded: logged here).  Counters in
+    C{carried} (rate limits, AUTH failures, connections per listener) are reused, so that a
+    reload does not reset them.
 
     @param onQueued: called with the queue id of each message once it is durable.
-    @raise ConfigError: a plugin is unknown or refuses its options, a certificate is refused.
+    @raise ConfigError: a plugin is unknown or refuses its options.
     """
     stampers = [
         ConfiguredStamper(spec.plugin, build(spec, IHeaderStamper), spec.timeout)
@@ -175,10 +175,11 @@ def makeListeners(
     policy = makeRecipientPolicy(config, reactor, build)
     resolver = _reverseResolver(config, reactor, carried)
     authPolicy = makeAuthPolicy(config, reactor, build, carried)
-    limiter, limiterTimeout = _rateLimiter(config, reactor, build, carried)
+    limiter = _rateLimiter(config, reactor, build, carried)
     result = []
     for listener in config.listeners:
-        settings = listenerSettings(config, listener, limiterTimeout)
+        settings = listener.settings
+        logCertificates(listener)
         factory = buildListenerFactory(
             settings,
             policy=policy,
@@ -188,10 +189,10 @@ def makeListeners(
             limiter=limiter,
             resolver=resolver,
             sessions=sessions,
-            connectionCount=carried.counts.setdefault(listener.endpoint, ConnectionCount()),
+            connectionCount=carried.counts.setdefault(settings.name, ConnectionCount()),
         )
         factory = wrapListenerFactory(settings, factory, reactor)
-        result.append((listener.endpoint, factory, _role(listener)))
+        result.append((settings.name, factory, _role(listener)))
     return result
 
 
@@ -219,137 +220,54 @@ def _reverseResolver(config: Config, reactor: Any, carried: _Carried) -> Any:
     return resolver
 
 
-def _rateLimiter(config: Config, reactor: Any, build: Any, carried: _Carried) -> tuple[Any, float]:
+def _rateLimiter(config: Config, reactor: Any, build: Any, carried: _Carried) -> Any:
     """One limiter for all listeners (their keys differ), in memory or a site's shared one
-    (C{[rate_limiter]}), and the time its answers may take."""
+    (C{[rate_limiter]})."""
     if config.rateLimiter is not None:
         if carried.limiterSpec == config.rateLimiter:
             limiter: Any = carried.limiter
         else:
             limiter = build(config.rateLimiter, IRateLimiter)
             log.info("limits: counters kept by plugin {plugin}", plugin=config.rateLimiter.plugin)
-        timeout = config.rateLimiter.timeout
     else:
         limiter = carried.limiter if carried.limiterSpec is None else None
         if not isinstance(limiter, MemoryRateLimiter):
             limiter = MemoryRateLimiter(reactor)
-        timeout = LIMITER_TIMEOUT
     carried.limiter, carried.limiterSpec = limiter, config.rateLimiter
-    return limiter, timeout
+    return limiter
 
 
-def listenerSettings(config: Config, listener: Any, limiterTimeout: float) -> ListenerSettings:
-    """The L{ListenerSettings} of one listener of C{config}, its certificates loaded."""
-    tlsOptions = None
-    tls = loadListenerTLS(config, listener)
-    if tls is not None:
-        tlsOptions = tls.options
-        if listener.tls_certificates:
-            tlsOptions = loadListenerSNI(config, listener, tls)
-    exceptions = listener.limit_exceptions
-    return ListenerSettings(
-        hostname=config.hostname,
-        name=listener.endpoint,
-        mode=listener.mode,
-        maxMessageSize=config.maxMessageSize,
-        maxRecipients=config.maxRecipients,
-        maxErrors=config.maxErrors,
-        bareNewline=listener.bare_newline,
-        nulBytes=listener.nul_bytes,
-        auth=listener.auth,
-        authWithoutTLS=listener.auth_without_tls,
-        rejectUnauthPipelining=listener.reject_unauth_pipelining,
-        addMessageID=listener.add_message_id,
-        addDate=listener.add_date,
-        idleTimeout=config.idleTimeout,
-        dataTimeout=config.dataTimeout,
-        greetPause=listener.greet_pause,
-        maxSessionTime=listener.max_session_time,
-        minDataRate=listener.min_data_rate,
-        tlsMode=listener.tls_mode,
-        tlsOptions=tlsOptions,
-        maxConnections=listener.max_connections,
-        maxConnectionsPerClient=listener.max_connections_per_client,
-        connectionRateLimit=listener.connection_rate_limit,
-        messageRateLimit=listener.message_rate_limit,
-        userMessageRateLimit=listener.user_message_rate_limit,
-        rateWindow=listener.rate_window,
-        ipv6PrefixLength=listener.ipv6_prefix_length,
-        limitExceptions=tuple(config.relayNetworks if exceptions is None else exceptions),
-        limiterTimeout=limiterTimeout,
-        proxyProtocol=listener.proxy_protocol,
-        proxyNetworks=tuple(listener.proxy_networks),
-    )
-
-
-def _role(listener: Any) -> str:
+def _role(listener: ListenerConfig) -> str:
     """What the log says a listener is for: its mode, TLS, AUTH and PROXY."""
-    role = str(listener.mode)
-    if listener.tls_mode != "none":
-        role += ", STARTTLS" if listener.tls_mode == "starttls" else ", implicit TLS"
-        if listener.tls_certificates:
-            role += f" (+{len(listener.tls_certificates)} SNI)"
-    if listener.auth:
+    settings = listener.settings
+    role = settings.mode
+    if settings.tlsMode != "none":
+        role += ", STARTTLS" if settings.tlsMode == "starttls" else ", implicit TLS"
+        if listener.sniCertificates:
+            role += f" (+{len(listener.sniCertificates)} SNI)"
+    if settings.auth:
         role += ", AUTH"
-    if listener.proxy_protocol:
-        role += ", PROXY from " + " ".join(str(n) for n in listener.proxy_networks)
+    if settings.proxyProtocol:
+        role += ", PROXY from " + " ".join(str(n) for n in settings.proxyNetworks)
     return role
 
 
-def loadListenerTLS(
-    config: Config,
-    listener: Any,
-    certificate: str | None = None,
-    key: str | None = None,
-    what: str = "certificate",
-) -> Any:
-    """The listener's L{mailrelay.receive.tls.ServerTLS} (its certificate loaded again: the
-    configuration checked it), or C{None} without TLS; warnings (an expired certificate) are
-    logged.  With C{certificate} and C{key}, that certificate (an SNI one) instead."""
-    if certificate is None:
-        if listener.tls_certificate is None:
-            return None
-        certificate = listener.tls_certificate
-        key = listener.tls_key or listener.tls_certificate
-    from mailrelay.receive.tls import TLSConfigError, loadServerTLS
-
-    try:
-        tls = loadServerTLS(
-            certificate,
-            key or certificate,
-            minVersion=listener.tls_min_version,
-            ciphers=listener.tls_ciphers,
+def logCertificates(listener: ListenerConfig) -> None:
+    """Log the certificates a listener serves, as the configuration loaded them: each one's
+    subject and end of validity, after its warnings (an expired certificate)."""
+    endpoint = listener.settings.name
+    served = [("certificate", listener.certificate)] if listener.certificate else []
+    served += [(f"certificate for {name}", tls) for name, tls in listener.sniCertificates]
+    for what, tls in served:
+        for warning in tls.warnings:
+            log.warn("listener {endpoint}: {warning}", endpoint=endpoint, warning=warning)
+        log.info(
+            "listener {endpoint}: {what} {subject}, valid until {notAfter}",
+            endpoint=endpoint,
+            what=what,
+            subject=tls.subject,
+            notAfter=tls.notAfter.strftime("%Y-%m-%d"),
         )
-    except TLSConfigError as e:  # the file changed since the configuration was checked
-        raise ConfigError(str(e), file=config.source, key="listeners") from e
-    for warning in tls.warnings:
-        log.warn("listener {endpoint}: {warning}", endpoint=listener.endpoint, warning=warning)
-    log.info(
-        "listener {endpoint}: {what} {subject}, valid until {notAfter}",
-        endpoint=listener.endpoint,
-        what=what,
-        subject=tls.subject,
-        notAfter=tls.notAfter.strftime("%Y-%m-%d"),
-    )
-    return tls
-
-
-def loadListenerSNI(config: Config, listener: Any, default: Any) -> Any:
-    """The listener's L{mailrelay.receive.tls.SNIServerOptions}: C{default} (its
-    L{ServerTLS}) and the certificates of C{tls_certificates} by server name."""
-    from mailrelay.receive.tls import SNIServerOptions
-
-    byName = {}
-    for entry in listener.tls_certificates:
-        tls = loadListenerTLS(
-            config,
-            listener,
-            certificate=entry.certificate,
-            key=entry.key,
-            what=f"certificate for {entry.server_name}",
-        )
-        byName[entry.server_name] = tls.options
-    return SNIServerOptions(default.options, byName)
 
 
 def makeAuthPolicy(config: Config, reactor: Any, build: Any = None, carried: Any = None) -> Any:

@@ -16,10 +16,9 @@ from typing import Any
 
 from mailrelay.address import domainProblem, normaliseDomain, parseReversePath
 from mailrelay.config.schema import At, Reading, tableOf
-from mailrelay.config.types import ListenerConfig
+from mailrelay.config.types import SNICertificate
 from mailrelay.config.values import (
     checked,
-    endpoint,
     fileName,
     nonEmpty,
     readSecret,
@@ -30,7 +29,7 @@ from mailrelay.delivery import BUILTIN_BACKENDS
 from mailrelay.errors import describeValue
 from mailrelay.interfaces import PLATFORM_TRUST_STORE
 from mailrelay.receive.auth import MECHANISMS, PasswordFileError, readPasswordFile
-from mailrelay.receive.tls import TLSConfigError, loadServerTLS
+from mailrelay.receive.tls import SNIServerOptions, TLSConfigError, loadServerTLS
 from mailrelay.route.nexthop import (
     SMTPNexthop,
     checkMaildirTemplate,
@@ -135,42 +134,47 @@ def checkTransport(r: Reading) -> None:
 # [[listeners]]
 
 
-def cliListeners(value: Any, at: At) -> tuple[ListenerConfig, ...]:
-    """Listeners from C{--listen}: default options for each."""
-    result: list[ListenerConfig] = []
-    for where, text in stringList(value, at):
-        address = endpoint(text, where)
-        if any(listener.endpoint == address for listener in result):
-            raise where.error(f"{describeValue(address)} is given twice")
-        result.append(ListenerConfig(address))
-    return tuple(result)
-
-
 def checkListener(r: Reading) -> None:
-    """A listener's TLS, AUTH and PROXY keys go together; its certificates load."""
+    """A listener's TLS, AUTH and PROXY keys go together; its certificates load; the relay's
+    settings a listener runs with join its own."""
     _listenerTLS(r)
     _loadListenerCertificates(r)
     _listenerAuth(r)
-    proxy = r.fields["proxy_protocol"]
+    proxy = r.fields["proxyProtocol"]
     if r.given("proxy_networks") and not proxy:
         raise r.error(
             "proxy_networks",
             f"{describeValue(r.raw['proxy_networks'])} has no effect without "
             "proxy_protocol = true",
         )
-    if proxy and not r.fields["proxy_networks"]:
+    if proxy and not r.fields["proxyNetworks"]:
         raise r.error(
             "proxy_networks",
             "is required with proxy_protocol = true: the networks of the load balancers "
             'allowed to send PROXY headers (e.g. ["10.0.0.0/8"]); a PROXY header from '
             "anyone else could claim any client address",
         )
+    _relaySettings(r)
+
+
+def _relaySettings(r: Reading) -> None:
+    """What a listener takes from the rest of the file: the relay's host name, the session
+    limits of C{[limits]}, the relay networks as the exceptions to its limits unless it
+    names its own, and the time the rate limiter's answers may take."""
+    scope, fields = r.at.scope, r.fields
+    for name in ("hostname", "maxMessageSize", "maxRecipients", "maxErrors"):
+        fields[name] = scope[name]
+    fields["idleTimeout"], fields["dataTimeout"] = scope["idleTimeout"], scope["dataTimeout"]
+    if not r.given("limit_exceptions"):
+        fields["limitExceptions"] = scope["relayNetworks"]
+    if scope["rateLimiter"] is not None:
+        fields["limiterTimeout"] = scope["rateLimiter"].timeout
 
 
 def _listenerTLS(r: Reading) -> None:
     """The TLS mode (and its default) goes with the mode, the certificate and the endpoint."""
     fields = r.fields
-    mode, certificate = fields["mode"], fields["tls_certificate"]
+    mode, certificate = fields["mode"], fields.get("tls_certificate")
     if r.given("tls_key") and certificate is None:
         raise r.error(
             "tls_key",
@@ -180,10 +184,10 @@ def _listenerTLS(r: Reading) -> None:
         fields["tls_key"] = certificate  # one file holding both
     if not r.given("tls_mode"):
         if mode == "submissions":
-            fields["tls_mode"] = "implicit"
+            fields["tlsMode"] = "implicit"
         else:
-            fields["tls_mode"] = "starttls" if certificate is not None else "none"
-    tlsMode = fields["tls_mode"]
+            fields["tlsMode"] = "starttls" if certificate is not None else "none"
+    tlsMode = fields["tlsMode"]
     if mode == "submissions" and tlsMode != "implicit":
         raise r.error(
             "tls_mode",
@@ -212,10 +216,10 @@ def _listenerTLS(r: Reading) -> None:
             + (submissions if mode == "submissions" else "")
             + ": the PEM file of the server's certificate chain",
         )
-    if tlsMode == "implicit" and fields["endpoint"].startswith("ssl:"):
+    if tlsMode == "implicit" and fields["name"].startswith("ssl:"):
         raise r.error(
             "tls_mode",
-            f'"implicit" with the TLS endpoint {describeValue(fields["endpoint"])} would be '
+            f'"implicit" with the TLS endpoint {describeValue(fields["name"])} would be '
             'TLS twice: use a "tcp:" endpoint (the certificate comes from tls_certificate)',
         )
 
@@ -229,19 +233,26 @@ _TLS_SETTING_KEYS = {
 
 
 def _loadListenerCertificates(r: Reading) -> None:
-    """Load the certificate and the SNI certificates now, each with its key."""
+    """Load the certificate and the SNI certificates now, each with its key, once: the
+    listener keeps them (L{ListenerConfig}) and its TLS options are made of them."""
     fields = r.fields
-    certificate = fields["tls_certificate"]
-    options = {"minVersion": fields["tls_min_version"], "ciphers": fields["tls_ciphers"]}
+    certificate, key = fields.pop("tls_certificate", None), fields.pop("tls_key", None)
+    sni: tuple[SNICertificate, ...] = fields.pop("tls_certificates", ())
+    options = {
+        "minVersion": fields.pop("tls_min_version"),
+        "ciphers": fields.pop("tls_ciphers", None),
+    }
     if certificate is not None:
         try:
-            loadServerTLS(certificate, fields["tls_key"], **options)
+            tls = loadServerTLS(certificate, key, **options)
         except TLSConfigError as e:
             if e.setting == "key":
                 at = "tls_key" if r.given("tls_key") else "tls_certificate"
             else:
                 at = _TLS_SETTING_KEYS[e.setting]
             raise r.error(at, str(e)) from None
+        fields["certificate"] = tls
+        fields["tlsOptions"] = tls.options
     if not r.given("tls_certificates"):
         return
     if certificate is None:
@@ -250,13 +261,18 @@ def _loadListenerCertificates(r: Reading) -> None:
             "needs tls_certificate too: the certificate for clients that ask for no "
             "name, or for a name not listed",
         )
-    for index, sni in enumerate(fields["tls_certificates"]):
+    loaded = []
+    for index, entry in enumerate(sni):
         try:
-            loadServerTLS(sni.certificate, sni.key, **options)
+            tls = loadServerTLS(entry.certificate, entry.key, **options)
         except TLSConfigError as e:
             keyGiven = "key" in r.raw["tls_certificates"][index]
             at = "key" if e.setting == "key" and keyGiven else "certificate"
             raise r.at.child("tls_certificates").item(index).child(at).error(str(e)) from None
+        loaded.append((entry.server_name, tls))
+    fields["sniCertificates"] = tuple(loaded)
+    byName = {name: tls.options for name, tls in loaded}
+    fields["tlsOptions"] = SNIServerOptions(fields["tlsOptions"], byName)
 
 
 def _listenerAuth(r: Reading) -> None:
@@ -273,7 +289,7 @@ def _listenerAuth(r: Reading) -> None:
                 ("a submission listener needs AUTH: " if mode != "relay" else "")
                 + "AUTH needs an [auth] table with a password_file",
             )
-        if fields["tls_mode"] == "none" and not fields["auth_without_tls"]:
+        if fields["tlsMode"] == "none" and not fields["authWithoutTLS"]:
             raise r.error(
                 "auth",
                 "no client could ever log in: the listener has no TLS and AUTH is only "
@@ -289,7 +305,7 @@ def _listenerAuth(r: Reading) -> None:
     elif r.given("auth_without_tls"):
         raise r.error(
             "auth_without_tls",
-            f"{describeValue(fields['auth_without_tls'])} has no effect on a listener "
+            f"{describeValue(fields['authWithoutTLS'])} has no effect on a listener "
             "without AUTH (auth = false)",
         )
 

@@ -14,12 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from mailrelay.config import checks
-from mailrelay.config.schema import MISSING, Computed, Key, Override, Part, Table
+from mailrelay.config.schema import MISSING, At, Computed, Key, Override, Part, Table
 from mailrelay.config.types import (
-    BARE_NEWLINE_CHOICES,
-    LISTENER_MODES,
-    LISTENER_TLS_MODES,
-    TLS_MIN_VERSIONS,
     BackendSpec,
     Config,
     ListenerConfig,
@@ -50,6 +46,7 @@ from mailrelay.config.values import (
     serverName,
     spoolDirectory,
     string,
+    stringList,
     systemHostname,
     userName,
 )
@@ -58,9 +55,12 @@ from mailrelay.interfaces import TLS_POLICIES, RouteOptions
 from mailrelay.queue.policy import QueuePolicy
 from mailrelay.receive.auth import DEFAULT_CHECKER_TIMEOUT, AuthSettings
 from mailrelay.receive.limits import LIMITER_TIMEOUT
+from mailrelay.receive.listener import LISTENER_MODES, TLS_MODES, ListenerSettings
+from mailrelay.receive.tls import DEFAULT_TLS_MIN_VERSION, TLS_VERSIONS
 from mailrelay.route.nexthop import parseRouteDomain
 from mailrelay.route.table import RouteRule
 from mailrelay.smtp.clientsettings import ClientSettings, ClientTimeouts
+from mailrelay.smtp.data import BARE_NEWLINE_NORMALIZE, BARE_NEWLINE_REJECT
 
 __all__ = [
     "AUTH",
@@ -81,6 +81,9 @@ __all__ = [
     "TRANSPORT",
     "pluginTable",
 ]
+
+#: What a listener does with a bare line feed (C{bare_newline}) or a NUL (C{nul_bytes}).
+NEWLINE_CHOICES = (BARE_NEWLINE_REJECT, BARE_NEWLINE_NORMALIZE)
 
 #: The endpoint of the listener there is when the file sets none.
 DEFAULT_ENDPOINT = "tcp:2525:interface=127.0.0.1"
@@ -416,21 +419,38 @@ LISTENERS = Table(
             endpoint,
             "A Twisted server endpoint description.",
             required=_REQUIRED_ENDPOINT,
+            field="name",
             unique="is already listed as",
         ),
-        Key("bare_newline", choice(*BARE_NEWLINE_CHOICES), "What to do with a bare LF."),
-        Key("nul_bytes", choice(*BARE_NEWLINE_CHOICES), "What to do with a NUL byte."),
-        Key("add_message_id", boolean, "Add a Message-Id: field when there is none."),
-        Key("add_date", boolean, "Add a Date: field when there is none."),
+        Key(
+            "bare_newline",
+            choice(*NEWLINE_CHOICES),
+            "What to do with a bare LF.",
+            field="bareNewline",
+        ),
+        Key("nul_bytes", choice(*NEWLINE_CHOICES), "What to do with a NUL byte.", field="nulBytes"),
+        Key(
+            "add_message_id",
+            boolean,
+            "Add a Message-Id: field when there is none.",
+            field="addMessageID",
+        ),
+        Key("add_date", boolean, "Add a Date: field when there is none.", field="addDate"),
         Key("mode", choice(*LISTENER_MODES), "The listener's role."),
         Key(
             "tls_mode",
-            choice(*LISTENER_TLS_MODES),
+            choice(*TLS_MODES),
             "TLS: none, STARTTLS or from the first byte (default: from mode and certificate).",
+            field="tlsMode",
         ),
         Key("tls_certificate", fileName, "The server's PEM certificate chain."),
         Key("tls_key", fileName, "Its PEM private key (default: the certificate's file)."),
-        Key("tls_min_version", choice(*TLS_MIN_VERSIONS), "The oldest TLS version accepted."),
+        Key(
+            "tls_min_version",
+            choice(*TLS_VERSIONS),
+            "The oldest TLS version accepted.",
+            default=DEFAULT_TLS_MIN_VERSION,
+        ),
         Key(
             "tls_ciphers",
             nonEmpty(
@@ -439,7 +459,12 @@ LISTENERS = Table(
             "An OpenSSL cipher string choosing the TLS 1.2 ciphers.",
         ),
         Key("auth", boolean, "Offer SMTP AUTH (default: on submission listeners)."),
-        Key("auth_without_tls", boolean, "Offer and accept AUTH without TLS too."),
+        Key(
+            "auth_without_tls",
+            boolean,
+            "Offer and accept AUTH without TLS too.",
+            field="authWithoutTLS",
+        ),
         Key(
             "tls_certificates",
             SNI_CERTIFICATES,
@@ -449,58 +474,108 @@ LISTENERS = Table(
             "max_connections",
             integer(0, 1_000_000),
             "Connections open at once on the listener (0: no limit).",
+            field="maxConnections",
         ),
         Key(
             "max_connections_per_client",
             integer(0, 1_000_000),
             "Connections open at once from one client address (0: no limit).",
+            field="maxConnectionsPerClient",
         ),
         Key(
             "connection_rate_limit",
             integer(0, 1_000_000_000),
             "New connections from one client address per rate_window (0: no limit).",
+            field="connectionRateLimit",
         ),
         Key(
             "message_rate_limit",
             integer(0, 1_000_000_000),
             "Messages from one client address per rate_window (0: no limit).",
+            field="messageRateLimit",
         ),
         Key(
             "user_message_rate_limit",
             integer(0, 1_000_000_000),
             "Messages from one authenticated user per rate_window (0: no limit).",
+            field="userMessageRateLimit",
         ),
-        Key("rate_window", seconds, "The length of the rate windows, in seconds."),
+        Key(
+            "rate_window",
+            seconds,
+            "The length of the rate windows, in seconds.",
+            field="rateWindow",
+        ),
         Key(
             "limit_exceptions",
             networks,
             "Client networks exempt from the per-address limits (default: relay networks).",
+            field="limitExceptions",
         ),
         Key(
             "ipv6_prefix_length",
             integer(1, 128, span=True),
             "IPv6 clients are counted together by network of this many bits.",
+            field="ipv6PrefixLength",
         ),
-        Key("greet_pause", nonNegativeSeconds, "Seconds to wait before the greeting."),
+        Key(
+            "greet_pause",
+            nonNegativeSeconds,
+            "Seconds to wait before the greeting.",
+            field="greetPause",
+        ),
         Key(
             "reject_unauth_pipelining",
             boolean,
             "Refuse commands sent ahead without PIPELINING.",
+            default=True,
+            field="rejectUnauthPipelining",
         ),
-        Key("max_session_time", nonNegativeSeconds, "Seconds a session may last (0: no limit)."),
+        Key(
+            "max_session_time",
+            nonNegativeSeconds,
+            "Seconds a session may last (0: no limit).",
+            default=1800,
+            field="maxSessionTime",
+        ),
         Key(
             "min_data_rate",
             integer(0, 1_000_000_000),
             "Bytes per second a client must keep up while sending a message.",
+            default=500,
+            field="minDataRate",
         ),
-        Key("proxy_protocol", boolean, "Connections start with a PROXY protocol header."),
-        Key("proxy_networks", networks, "The load balancers allowed to send PROXY headers."),
+        Key(
+            "proxy_protocol",
+            boolean,
+            "Connections start with a PROXY protocol header.",
+            field="proxyProtocol",
+        ),
+        Key(
+            "proxy_networks",
+            networks,
+            "The load balancers allowed to send PROXY headers.",
+            field="proxyNetworks",
+        ),
     ),
     target=ListenerConfig,
+    part=Part("settings", ListenerSettings),
     check=checks.checkListener,
     array=True,
     empty="at least one listener is needed, not an empty array []",
 )
+
+
+def cliListeners(value: Any, at: At) -> tuple[ListenerConfig, ...]:
+    """Listeners from C{--listen}: default settings for each endpoint."""
+    result: list[ListenerConfig] = []
+    for where, text in stringList(value, at):
+        address = endpoint(text, where)
+        if any(listener.settings.name == address for listener in result):
+            raise where.error(f"{describeValue(address)} is given twice")
+        result.append(LISTENERS.read({"endpoint": address}, where))
+    return tuple(result)
+
 
 AUTH = Table(
     (
@@ -618,7 +693,7 @@ TOP = Table(
             LISTENERS,
             "Where to accept SMTP connections.",
             default=[{"endpoint": DEFAULT_ENDPOINT}],
-            cli=Override("listen", "--listen", parse=checks.cliListeners),
+            cli=Override("listen", "--listen", parse=cliListeners),
         ),
         Key(
             "recipient_validators",
@@ -652,8 +727,9 @@ TOP = Table(
         source=at.source.file, configDir=at.source.directory, **fields
     ),
     scope=True,
-    # Each table after those its checks read: queue after hostname, routes after backends
-    # and delivery, listeners after auth.
+    # Each table after those its checks read: queue after hostname and drain_time, delivery
+    # after hostname, routes after backends and delivery, listeners after hostname, limits,
+    # relay, auth and rate_limiter.
     order=(
         "hostname",
         "drain_time",
@@ -667,10 +743,10 @@ TOP = Table(
         "backends",
         "routes",
         "auth",
+        "rate_limiter",
         "listeners",
         "recipient_validators",
         "header_stampers",
-        "rate_limiter",
     ),
 )
 

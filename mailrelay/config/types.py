@@ -16,20 +16,11 @@ from mailrelay.config.values import IPNetwork
 from mailrelay.interfaces import RouteOptions
 from mailrelay.queue.policy import QueuePolicy
 from mailrelay.receive.auth import AuthSettings
+from mailrelay.receive.listener import ListenerSettings
+from mailrelay.receive.tls import ServerTLS
 from mailrelay.route.nexthop import SMTPNexthop
 from mailrelay.route.table import RouteRule
 from mailrelay.smtp.clientsettings import ClientSettings
-
-#: A listener's role (C{mode}): C{"relay"} (MX or relay for the relay networks and accepted
-#: domains), C{"submission"} (RFC 6409, port 587: AUTH required before MAIL) and
-#: C{"submissions"} (RFC 8314, port 465: the same over implicit TLS).
-LISTENER_MODES = ("relay", "submission", "submissions")
-#: A listener's TLS (C{tls_mode}): none, STARTTLS (RFC 3207), or TLS from the first byte.
-LISTENER_TLS_MODES = ("none", "starttls", "implicit")
-#: The values of a listener's C{tls_min_version}.
-TLS_MIN_VERSIONS = ("TLSv1.2", "TLSv1.3")
-#: What a listener does with a bare line feed (C{bare_newline}) or a NUL (C{nul_bytes}).
-BARE_NEWLINE_CHOICES = ("reject", "normalize")
 
 
 @dataclass(frozen=True)
@@ -50,75 +41,21 @@ class SNICertificate:
 
 @dataclass(frozen=True)
 class ListenerConfig:
-    """One SMTP listener.
+    """One SMTP listener (C{[[listeners]]}): the settings it runs with, and the certificates
+    they were made of, loaded once (for the log).
 
-    @ivar endpoint: a Twisted server endpoint string, e.g. C{"tcp:2525:interface=127.0.0.1"}.
-    @ivar bare_newline: what to do with a bare LF (or CR) in message data: C{"reject"} the
-        message, or C{"normalize"} it to CRLF.
-    @ivar add_message_id: add a C{Message-Id:} field to messages that lack one.
-    @ivar add_date: add a C{Date:} field to messages that lack one.
-    @ivar mode: one of L{LISTENER_MODES}.
-    @ivar tls_mode: one of L{LISTENER_TLS_MODES}.
-    @ivar tls_certificate: the absolute path of the PEM certificate chain, or C{None}.
-    @ivar tls_key: the absolute path of the PEM private key (the certificate's file when it
-        holds both), or C{None}.
-    @ivar tls_min_version: one of L{TLS_MIN_VERSIONS}.
-    @ivar tls_ciphers: an OpenSSL cipher string for TLS 1.2, or C{None} for the defaults.
-    @ivar auth: AUTH is offered (PLAIN and LOGIN, checked against C{[auth]}).
-    @ivar auth_without_tls: AUTH is offered and accepted without TLS too.
-    @ivar tls_certificates: more certificates, chosen by the name the client asks for (SNI).
-    @ivar max_connections: connections open at once on the listener (0: no limit).
-    @ivar max_connections_per_client: connections open at once from one address (0: none).
-    @ivar connection_rate_limit: connections from one address per C{rate_window} (0: none).
-    @ivar message_rate_limit: MAIL commands from one address per C{rate_window} (0: none).
-    @ivar user_message_rate_limit: MAIL commands from one authenticated user per
-        C{rate_window} (0: none).
-    @ivar rate_window: seconds.
-    @ivar limit_exceptions: client networks exempt from the per-address limits, or C{None}
-        for the relay networks.
-    @ivar ipv6_prefix_length: IPv6 clients are counted together by network of this length.
-    @ivar greet_pause: seconds to wait before the greeting; clients talking before it are
-        refused (0: greet at once).
-    @ivar reject_unauth_pipelining: refuse (554, close) commands pipelined without PIPELINING
-        having been advertised, or after a command that must end a group, and input before
-        the greeting.
-    @ivar max_session_time: seconds a session may last in all (0: no limit).
-    @ivar min_data_rate: bytes per second a client must keep up in DATA (0: only the data
-        timeout).
-    @ivar proxy_protocol: connections start with a PROXY protocol (v1 or v2) header.
-    @ivar proxy_networks: the load balancers' networks, the only peers allowed to send one.
-    @ivar nul_bytes: what to do with NUL bytes in message data: C{"reject"} the message, or
-        C{"normalize"} it by removing them.
+    @ivar settings: the listener's L{ListenerSettings}: its keys, with the relay's host name,
+        the session limits of C{[limits]}, the relay networks as its C{limitExceptions}
+        unless it gives its own, the C{[rate_limiter]}'s time-out, and its C{tlsOptions}
+        made of its certificates (by server name, with C{tls_certificates}).
+    @ivar certificate: its C{tls_certificate} and key, loaded, or C{None} without TLS.
+    @ivar sniCertificates: the certificates of C{tls_certificates}, loaded, by server name
+        (in the file's order).
     """
 
-    endpoint: str
-    bare_newline: str = "reject"
-    add_message_id: bool = True
-    add_date: bool = True
-    mode: str = "relay"
-    tls_mode: str = "none"
-    tls_certificate: str | None = None
-    tls_key: str | None = None
-    tls_min_version: str = "TLSv1.2"
-    tls_ciphers: str | None = None
-    auth: bool = False
-    auth_without_tls: bool = False
-    tls_certificates: tuple[SNICertificate, ...] = ()
-    max_connections: int = 100
-    max_connections_per_client: int = 50
-    connection_rate_limit: int = 0
-    message_rate_limit: int = 0
-    user_message_rate_limit: int = 0
-    rate_window: float = 60.0
-    limit_exceptions: tuple[IPNetwork, ...] | None = None
-    ipv6_prefix_length: int = 84
-    greet_pause: float = 0.0
-    reject_unauth_pipelining: bool = True
-    max_session_time: float = 1800.0
-    min_data_rate: int = 500
-    proxy_protocol: bool = False
-    proxy_networks: tuple[IPNetwork, ...] = ()
-    nul_bytes: str = "reject"
+    settings: ListenerSettings
+    certificate: ServerTLS | None = field(default=None, compare=False)
+    sniCertificates: tuple[tuple[str, ServerTLS], ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
@@ -181,7 +118,7 @@ class Config:
     @ivar maxErrors: errors in one session before it is closed with 421.
     @ivar maxHops: the most C{Received:} fields a message may carry (mail loops).
     @ivar reverseDNS: look up the client's name (forward-confirmed) for C{Received:}.
-    @ivar listeners: where to accept SMTP connections.
+    @ivar listeners: where to accept SMTP connections, and how.
     @ivar recipientValidators: the recipient validator plugins, in order.
     @ivar headerStampers: the header stamper plugins, in order.
     @ivar queue: how the queue manager retries, expires and notifies (C{[queue]}); its
