@@ -19,7 +19,8 @@ derived from those declarations.  The package's modules:
   - L{mailrelay.config.schema}: the machinery (keys and tables), a value module the stages
     may use for their plugins' options;
   - L{mailrelay.config.values}: one parser per type of value, also a value module;
-  - L{mailrelay.config.types}: the frozen types the loader returns;
+  - L{mailrelay.config.types}: the configuration's own frozen types (the stages' settings
+    are the stages' own types, which the keys fill directly);
   - L{mailrelay.config.checks}: the checks across the keys of a table;
   - L{mailrelay.config.keys}: the relay's keys;
   - L{mailrelay.config.loader}: L{loadConfig}.

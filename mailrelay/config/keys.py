@@ -1,8 +1,12 @@
 """Every key of the relay's configuration file, declared once.
 
 Each L{Key} gives the key's name, its parser, its default (when it is not the default of the
-field it fills, in L{mailrelay.config.types}) and what it is for; each L{Table} the type its
-keys fill and its checks (L{mailrelay.config.checks}).  The loader (L{TOP}), the messages
+field it fills) and what it is for; each L{Table} the type its keys fill and its checks
+(L{mailrelay.config.checks}).  Those types are the runtime's own where there is one (the
+queue's L{QueuePolicy}, the client's L{ClientSettings} and L{ClientTimeouts}, the routes'
+L{RouteOptions} and L{RouteRule}, L{AuthSettings}, L{ListenerSettings}): the configuration
+hands them to the stages as they are, and a default lives in one place, the runtime type's
+field or the key.  The loader (L{TOP}), the messages
 listing the keys a table allows, the command-line options (L{OVERRIDE_OPTIONS}) and the test
 that C{etc/mailrelay.toml} documents every key and nothing else all read these declarations.
 

@@ -1,4 +1,9 @@
-"""The frozen types of the configuration, as L{mailrelay.config.loadConfig} returns them.
+"""The configuration's own frozen types, as L{mailrelay.config.loadConfig} returns them: the
+whole L{Config}, a listener with its certificates, the plugin entries.  The settings of the
+stages are the stages' own types (L{mailrelay.queue.policy.QueuePolicy},
+L{mailrelay.smtp.clientsettings.ClientSettings}, L{mailrelay.interfaces.RouteOptions},
+L{mailrelay.route.table.RouteRule}, L{mailrelay.receive.auth.AuthSettings},
+L{mailrelay.receive.listener.ListenerSettings}), which the keys fill directly.
 
 A field's default is the default of the key that fills it (L{mailrelay.config.keys} declares
 no other, unless the field has none), so that a type built by hand, as tests do, is what the
