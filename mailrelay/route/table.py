@@ -120,7 +120,7 @@ class RoutingTable:
     ) -> None:
         """
         @param rules: the rules, in any order; two rules for the same pattern are an error.
-        @param smarthost: a L{mailrelay.config.Smarthost}, its string form
+        @param smarthost: an L{mailrelay.route.nexthop.SMTPNexthop}, its string form
             (C{"[relay.example]:587"}, C{"relay.example"}) or C{None}.
         @param smarthostOptions: the L{RouteOptions} of the smarthost route.
         @raise ValueError: a bad rule (the message names it).
