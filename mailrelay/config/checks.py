@@ -91,7 +91,7 @@ def checkTransport(r: Reading) -> None:
     C{auth_without_tls}."""
     fields, key = r.fields, r.key
     username, password = fields["username"], fields["password"]
-    passwordFile = fields.pop("password_file")
+    passwordFile = fields.pop("passwordFile")
     fileText = r.raw.get("password_file")
     if passwordFile is not None and password is not None:
         raise r.error(
@@ -174,14 +174,14 @@ def _relaySettings(r: Reading) -> None:
 def _listenerTLS(r: Reading) -> None:
     """The TLS mode (and its default) goes with the mode, the certificate and the endpoint."""
     fields = r.fields
-    mode, certificate = fields["mode"], fields.get("tls_certificate")
+    mode, certificate = fields["mode"], fields.get("tlsCertificate")
     if r.given("tls_key") and certificate is None:
         raise r.error(
             "tls_key",
             f"{describeValue(r.raw['tls_key'])} is given without {r.key('tls_certificate')}",
         )
     if certificate is not None and not r.given("tls_key"):
-        fields["tls_key"] = certificate  # one file holding both
+        fields["tlsKey"] = certificate  # one file holding both
     if not r.given("tls_mode"):
         if mode == "submissions":
             fields["tlsMode"] = "implicit"
@@ -236,11 +236,11 @@ def _loadListenerCertificates(r: Reading) -> None:
     """Load the certificate and the SNI certificates now, each with its key, once: the
     listener keeps them (L{ListenerConfig}) and its TLS options are made of them."""
     fields = r.fields
-    certificate, key = fields.pop("tls_certificate", None), fields.pop("tls_key", None)
-    sni: tuple[SNICertificate, ...] = fields.pop("tls_certificates", ())
+    certificate, key = fields.pop("tlsCertificate", None), fields.pop("tlsKey", None)
+    sni: tuple[SNICertificate, ...] = fields.pop("tlsCertificates", ())
     options = {
-        "minVersion": fields.pop("tls_min_version"),
-        "ciphers": fields.pop("tls_ciphers", None),
+        "minVersion": fields.pop("tlsMinVersion"),
+        "ciphers": fields.pop("tlsCiphers", None),
     }
     if certificate is not None:
         try:
@@ -269,7 +269,7 @@ def _loadListenerCertificates(r: Reading) -> None:
             keyGiven = "key" in r.raw["tls_certificates"][index]
             at = "key" if e.setting == "key" and keyGiven else "certificate"
             raise r.at.child("tls_certificates").item(index).child(at).error(str(e)) from None
-        loaded.append((entry.server_name, tls))
+        loaded.append((entry.serverName, tls))
     fields["sniCertificates"] = tuple(loaded)
     byName = {name: tls.options for name, tls in loaded}
     fields["tlsOptions"] = SNIServerOptions(fields["tlsOptions"], byName)

@@ -175,7 +175,8 @@ class Key:
         C{parse}; a L{Computed} default; or L{MISSING}: the default of the field it fills
         (taken as it is), or no value at all when that has none (the table's check then
         decides).
-    @ivar field: the field of the table's type the value fills; C{None} for C{name}.
+    @ivar field: the field of the table's type the value fills; C{None} for C{name} in
+        camelCase (C{min_backoff} fills C{minBackoff}).
     @ivar required: the message refusing a table without the key, when it must be there.
     @ivar cli: the command-line option that replaces the key's value.
     @ivar unique: in an array of tables, the phrase refusing a value that an earlier table
@@ -193,8 +194,11 @@ class Key:
 
     @property
     def target(self) -> str:
-        """The field the key fills (its name when it has no L{field})."""
-        return self.field or self.name
+        """The field the key fills: L{field}, or the name in camelCase."""
+        if self.field is not None:
+            return self.field
+        first, *rest = self.name.split("_")
+        return first + "".join(word.title() for word in rest)
 
 
 @dataclass(frozen=True)

@@ -32,14 +32,14 @@ from mailrelay.smtp.clientsettings import ClientSettings
 class SNICertificate:
     """A certificate a listener presents to clients asking for C{server_name} (TLS SNI).
 
-    @ivar server_name: a lower-case host name, or C{"*.example.org"} for the names one label
+    @ivar serverName: a lower-case host name, or C{"*.example.org"} for the names one label
         below C{example.org}.
     @ivar certificate: the absolute path of its PEM certificate chain.
     @ivar key: the absolute path of its PEM private key (the certificate's file when it holds
         both).
     """
 
-    server_name: str
+    serverName: str
     certificate: str
     key: str
 
