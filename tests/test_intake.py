@@ -15,6 +15,7 @@ from zope.interface.verify import verifyObject
 from mailrelay.cleanup.intake import FILTER_FAILED, IncomingMessage, Intake
 from mailrelay.cleanup.stamping import STAMPING_FAILED, ConfiguredStamper, DefaultStamper
 from mailrelay.envelope import ClientInfo, Envelope, Recipient
+from mailrelay.errors import SpoolError
 from mailrelay.interfaces import (
     IHeaderStamper,
     IIncomingMessage,
@@ -24,7 +25,6 @@ from mailrelay.interfaces import (
 )
 from mailrelay.smtp import replies as R
 from mailrelay.smtp.replies import Reply
-from mailrelay.spool import SpoolError
 from mailrelay.testing import MemorySpool
 
 MESSAGE = b"Subject: hi\r\n\r\nbody\r\n"
@@ -176,13 +176,29 @@ def test_a_commit_failure_is_451_and_logged() -> None:
 def test_the_spool_refusing_a_new_message_is_451() -> None:
     intake, spool, _ = makeIntake()
 
-    def refuse(queueID: str) -> Any:
+    def refuse(queueID: str | None = None) -> Any:
         raise SpoolError("creating tmp/x.eml failed: No space left on device")
 
     spool.openMessage = refuse  # type: ignore[method-assign]
     with capturedLogs() as events:
         assert intake.open(envelope(), None, {}) == R.LOCAL_ERROR
     assert "cannot create queue file: creating tmp/x.eml failed" in formatEvent(events[0])
+
+
+def test_the_spool_allocates_the_queue_id() -> None:
+    intake, spool, _ = makeIntake()
+    asked: list[str | None] = []
+    openMessage = spool.openMessage
+
+    def recording(queueID: str | None = None) -> Any:
+        asked.append(queueID)
+        return openMessage(queueID)
+
+    spool.openMessage = recording  # type: ignore[method-assign]
+    env = envelope()
+    message = intake.open(env, env.client, {})
+    assert asked == [None]
+    assert env.queueID == message.queueID and list(spool.open) == [env.queueID]
 
 
 def test_refused_at_its_end_logs_the_size_received() -> None:

@@ -72,9 +72,6 @@ KNOWN = {
     "mailrelay.smtp.client -> mailrelay.delivery.connection",
     "mailrelay.smtp.client -> mailrelay.delivery.protocol",
     "mailrelay.smtp.client -> mailrelay.delivery.tls",
-    # The intake allocates queue ids (newQueueID) and knows SpoolError until it opens
-    # entries through ISpool.openMessage() (which allocates the id).
-    "mailrelay.cleanup.intake -> mailrelay.spool",
     # DSNs will enter the spool through the intake.
     "mailrelay.queue.dsn -> mailrelay.cleanup.stamping",
 }

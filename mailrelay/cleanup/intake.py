@@ -5,7 +5,7 @@ arrives (L{Intake.open}, then L{IncomingMessage.write} and L{IncomingMessage.fin
 the relay made itself and gives whole, such as a delivery status notification
 (L{Intake.submit}).  Each goes the same way:
 
-  1. a queue id and a spool writer;
+  1. a spool writer, under a queue id the spool allocates (L{ISpool.openMessage});
   2. header processing (L{HeaderProcessor}): the header section is held back until complete;
   3. the header stampers (L{runStampers}) add their fields; the body streams on to the spool;
   4. the hop check: more than C{maxHops} C{Received:} fields is a mail loop (554 5.4.6);
@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -38,16 +39,18 @@ from mailrelay.cleanup.stamping import (
     runStampers,
 )
 from mailrelay.envelope import ClientInfo, Envelope
+from mailrelay.errors import SpoolError
 from mailrelay.interfaces import (
     IIncomingMessage,
     IIntake,
+    IMessageWriter,
+    ISpool,
     MessageRefused,
     Reply,
     StampContext,
     StampResult,
 )
 from mailrelay.smtp import replies as R
-from mailrelay.spool import SpoolError, newQueueID
 
 log = Logger()
 
@@ -66,8 +69,7 @@ FILTER_FAILED = STAMPING_FAILED
 class Intake:
     """The intake of one relay: its spool, stampers, filters and hop limit.
 
-    @ivar spool: the spool (C{openMessage(queueID)} returns a writer with C{write},
-        C{commit(envelope)}, C{abort} and C{size}; C{hasFreeSpace(needed)}).
+    @ivar spool: the L{ISpool} messages are written into (it allocates their queue ids).
     @ivar stampers: the L{ConfiguredStamper}s, in order.
     @ivar clock: an C{IReactorTime}: time stamps, the stampers' timeouts.
     @ivar hostname: this relay's host name, for the stampers.
@@ -79,9 +81,9 @@ class Intake:
 
     def __init__(
         self,
-        spool: Any,
+        spool: ISpool,
         stampers: Sequence[ConfiguredStamper],
-        clock: Any,
+        clock: IReactorTime,
         hostname: str,
         maxHops: int = 50,
         notify: Callable[[str], object] | None = None,
@@ -105,13 +107,12 @@ class Intake:
         listenerOptions: dict[str, Any] | None = None,
     ) -> IncomingMessage | Reply:
         """Start a message (see L{IIntake.open}); sets C{envelope.queueID}."""
-        queueID = newQueueID()
         try:
-            writer = self.spool.openMessage(queueID)
+            writer = self.spool.openMessage()
         except SpoolError as e:
             log.error("cannot create queue file: {error}", error=str(e))
             return R.LOCAL_ERROR
-        envelope.queueID = queueID
+        envelope.queueID = writer.queueID
         return IncomingMessage(self, envelope, client, writer, listenerOptions or {})
 
     def submit(self, envelope: Envelope, message: bytes) -> Deferred[str]:
@@ -142,7 +143,7 @@ class IncomingMessage:
         intake: Intake,
         envelope: Envelope,
         client: ClientInfo | None,
-        writer: Any,
+        writer: IMessageWriter,
         listenerOptions: dict[str, Any],
     ) -> None:
         self.intake = intake

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from twisted.internet.interfaces import IReactorTime
+
+from mailrelay.interfaces import IIntake, IRateLimiter
 from mailrelay.policy.chain import RecipientPolicy
 from mailrelay.policy.sender import SenderPolicy
 from mailrelay.receive.limits import (
@@ -24,8 +27,11 @@ from mailrelay.receive.limits import (
     ConnectionCount,
     ListenerLimits,
 )
-from mailrelay.receive.protocol import ListenerContext, SMTPServerFactory
+from mailrelay.receive.protocol import ListenerContext, Sessions, SMTPServerFactory
 from mailrelay.smtp.server import BARE_NEWLINE_REJECT, SessionSettings
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mailrelay.receive.auth import AuthPolicy
 
 #: A listener's C{mode}: C{relay} (port 25: AUTH optional) or a submission port (AUTH
 #: required before MAIL), with STARTTLS or implicit TLS.
@@ -160,12 +166,12 @@ def buildListenerFactory(
     settings: ListenerSettings,
     *,
     policy: RecipientPolicy,
-    intake: Any,
-    clock: Any,
-    auth: Any = None,
-    limiter: Any = None,
+    intake: IIntake,
+    clock: IReactorTime,
+    auth: AuthPolicy | None = None,
+    limiter: IRateLimiter | None = None,
     resolver: Any = None,
-    sessions: Any = None,
+    sessions: Sessions | None = None,
     connectionCount: ConnectionCount | None = None,
 ) -> SMTPServerFactory:
     """The factory of one listener's SMTP sessions (below it, L{wrapListenerFactory}'s
