@@ -107,8 +107,8 @@ def test_limits_only_with_a_limiter_and_auth_only_where_offered() -> None:
     assert context.sender.senders == {"alice": ("@example.org",)}
     limits = context.limits
     assert limits is context.sender.limits and limits.limiter is limiter and limits.count is count
-    assert (limits.listener, limits.messageRateLimit, limits.active) == ("tcp:25", 9, 3)
-    assert limits.exceptions == settings.limitExceptions
+    assert (limits.listener, limits.active) == ("tcp:25", 3)
+    assert limits.settings is settings  # the limits are the listener's settings, not a copy
     assert context.sender.hasFreeSpace == context.intake.hasFreeSpace
     context = build(dataclasses.replace(settings, auth=False), auth=auth).context
     assert context.auth is None and context.limits is None and context.session.authMechanisms == ()
@@ -143,7 +143,8 @@ def test_harness_settings_are_the_listener_settings() -> None:
         "test",
         1000,
     )
-    assert h.limits is not None and h.limits.timeout == 2 and h.context.session.rejectPregreet
+    assert h.limits is not None and h.limits.settings.limiterTimeout == 2
+    assert h.limits.settings.limitExceptions == () and h.context.session.rejectPregreet
     assert ServerHarness().limits is None
 
 
