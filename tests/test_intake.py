@@ -320,6 +320,32 @@ def test_submit_stamps_as_local_mail_and_queues() -> None:
     assert stamper.contexts[0].client is None
 
 
+def test_submit_without_notify_leaves_the_scheduling_to_the_caller() -> None:
+    """The queue manager commits a notification and enqueues its id itself: the intake
+    tells nobody, and logs the message's one line, with no client (the DSN envelope's
+    stand-in client is not a client that sent it)."""
+    intake, spool, queued = makeIntake()
+    dsn = Envelope(
+        sender="",
+        recipients=[Recipient("a@example.com")],
+        client=ClientInfo("127.0.0.1", helo="relay.test"),
+        arrival=12.0,
+        messageSize=3,
+        isBounce=True,
+    )
+    with capturedLogs() as events:
+        queueID = received(intake.submit(dsn, MESSAGE, notify=False))
+    assert queued == [] and queueID == dsn.queueID
+    stored, data = spool.committed[queueID]
+    assert stored.arrival == intake.clock.seconds() and stored.messageSize == len(data)
+    assert stored.client == dsn.client and stored.isBounce
+    lines = [formatEvent(e) for e in events]
+    assert lines == [
+        f"{queueID}: from=<> nrcpt=1 size={len(data)} result=250 2.0.0 Ok: queued as {queueID}"
+    ]
+    assert events[0]["client"] is None
+
+
 def test_submit_fails_with_the_reply_when_refused() -> None:
     intake, spool, queued = makeIntake()
     spool.failCommits = True
