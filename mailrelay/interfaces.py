@@ -266,7 +266,15 @@ class IIncomingMessage(Interface):
 class IIntake(Interface):
     """The one way into the spool: a message received by SMTP and one the relay makes itself
     (a delivery status notification) go the same way: a queue id, header processing and
-    the header stampers, the hop check, the filters, the commit, and the queue told."""
+    the header stampers, the hop check, the filters, the commit, and the queue told.
+
+    Every message gets one log line, as Postfix's cleanup and qmgr lines in one, written by
+    the intake once the message is spooled or refused (C{client=} and C{sasl_username=}
+    only for a message received from a client)::
+
+        QID: from=<a@example.com> nrcpt=2 size=1234 client=192.0.2.7 result=250 2.0.0 Ok: ...
+        QID: from=<> nrcpt=1 size=3456 result=250 2.0.0 Ok: queued as QID
+    """
 
     def hasFreeSpace(needed: int) -> bool:
         """Whether the spool can take a message of C{needed} octets now."""
@@ -275,12 +283,34 @@ class IIntake(Interface):
         """Start a message from C{client} (C{None}: made here): an L{IIncomingMessage}, or
         the L{Reply} refusing it (the spool cannot take it now)."""
 
-    def submit(envelope: Envelope, message: bytes) -> Any:
-        """Spool a message the relay made itself, given whole (CRLF lines); it is stamped
-        as mail with no client.
+    def submit(envelope: Envelope, message: bytes, *, notify: bool = True) -> Any:
+        """Spool a message the relay made itself (a delivery status notification), given
+        whole: CRLF lines, the header section first, not dot-stuffed.
 
-        @return: a Deferred firing with its queue id once it is durable (and the queue told),
-            or failing with L{MessageRefused}.
+        It is stamped as mail with no client (L{StampContext.client} is C{None}, the
+        listener options empty: the built-in stamper adds C{Received:}, and C{Message-Id:}
+        and C{Date:} when the message has none, so its maker need not write them), then
+        checked for hops and filtered like any other message.
+
+        The envelope is the maker's, but for three fields the intake sets, as for every
+        message: C{queueID}, allocated by the spool (L{ISpool.openMessage}), set as soon as
+        the message is opened; C{arrival}, the time of the commit on the intake's clock;
+        C{messageSize}, the octets stored (stamped fields included).  The rest (sender,
+        recipients, C{isBounce}, C{client}, C{body}, C{smtputf8}, ...) is stored as given.
+
+        The intake logs the message's one line (see L{IIntake}); its maker logs no other
+        C{from=} line for it, only its own event under its own id (the queue:
+        C{ORIGINAL: sender non-delivery notification: QID}, as Postfix's bounce daemon).
+
+        @param notify: tell the queue of the message once it is durable, as for a message
+            received (the intake's C{notify}); C{False} when the caller schedules it
+            itself (the queue manager, committing the notifications of an attempt before
+            recording the attempt, enqueues their ids once all are committed).
+        @return: a Deferred firing with its queue id once it is durable (and, with
+            C{notify}, the queue told), or failing with L{MessageRefused} carrying the
+            reply an SMTP client would have had: 451 4.3.0 when the spool cannot take it
+            or a stamper or filter fails, 554 5.4.6 for too many hops, a filter's refusal.
+            Nothing is left in the spool then.
         """
 
 

@@ -17,8 +17,6 @@ from mailrelay.config import checks
 from mailrelay.config.schema import MISSING, At, Computed, Key, Override, Table
 from mailrelay.config.types import (
     BARE_NEWLINE_CHOICES,
-    LISTENER_MODES,
-    LISTENER_TLS_MODES,
     TLS_MIN_VERSIONS,
     AuthConfig,
     BackendSpec,
@@ -62,6 +60,7 @@ from mailrelay.errors import describeValue
 from mailrelay.interfaces import TLS_POLICIES
 from mailrelay.receive.auth import DEFAULT_CHECKER_TIMEOUT
 from mailrelay.receive.limits import LIMITER_TIMEOUT
+from mailrelay.receive.listener import LISTENER_MODES, LISTENER_TLS_MODES
 from mailrelay.smtp.clientsettings import ClientTimeouts
 
 __all__ = [

@@ -16,12 +16,6 @@ from pathlib import Path
 from mailrelay.config.values import IPNetwork, Smarthost
 from mailrelay.smtp.clientsettings import ClientTimeouts
 
-#: A listener's role (C{mode}): C{"relay"} (MX or relay for the relay networks and accepted
-#: domains), C{"submission"} (RFC 6409, port 587: AUTH required before MAIL) and
-#: C{"submissions"} (RFC 8314, port 465: the same over implicit TLS).
-LISTENER_MODES = ("relay", "submission", "submissions")
-#: A listener's TLS (C{tls_mode}): none, STARTTLS (RFC 3207), or TLS from the first byte.
-LISTENER_TLS_MODES = ("none", "starttls", "implicit")
 #: The values of a listener's C{tls_min_version}.
 TLS_MIN_VERSIONS = ("TLSv1.2", "TLSv1.3")
 #: What a listener does with a bare line feed (C{bare_newline}) or a NUL (C{nul_bytes}).
@@ -58,8 +52,8 @@ class ListenerConfig:
         message, or C{"normalize"} it to CRLF.
     @ivar add_message_id: add a C{Message-Id:} field to messages that lack one.
     @ivar add_date: add a C{Date:} field to messages that lack one.
-    @ivar mode: one of L{LISTENER_MODES}.
-    @ivar tls_mode: one of L{LISTENER_TLS_MODES}.
+    @ivar mode: one of L{mailrelay.receive.listener.LISTENER_MODES}.
+    @ivar tls_mode: one of L{mailrelay.receive.listener.LISTENER_TLS_MODES}.
     @ivar tls_certificate: the absolute path of the PEM certificate chain, or C{None}.
     @ivar tls_key: the absolute path of the PEM private key (the certificate's file when it
         holds both), or C{None}.
