@@ -296,3 +296,49 @@ def test_theQueueDeliversDefersAndBounces(tmp_path: Path) -> None:
     assert "router r0 failed" in results[0][3].result.diagnostic
     assert lmtp.calls == [(["lmtp@example.org"], LMTP)]
     assert smtp.calls == [(["other@example.org"], Route("smtp", "example.org"))]
+
+
+# ---------------------------------------------------------------------------------------------
+# [[routers]] in the configuration
+
+
+def loadRouters(tmp_path: Path, text: str) -> Any:
+    from mailrelay.config import loadConfig
+
+    path = tmp_path / "relay.toml"
+    path.write_text('hostname = "relay.test"\n' + text, encoding="utf-8")
+    return loadConfig(str(path))
+
+
+def test_configRouters(tmp_path: Path) -> None:
+    from mailrelay.config import PluginSpec
+
+    assert loadRouters(tmp_path, "").routers == ()
+    config = loadRouters(
+        tmp_path,
+        '[[routers]]\nplugin = "lmtp-domains"\nfile = "domains"\ntimeout = 2\n'
+        '[[routers]]\nplugin = "acme"\n',
+    )
+    assert config.routers == (
+        PluginSpec("lmtp-domains", {"file": "domains"}, 2.0, "routers[0]"),
+        PluginSpec("acme", {}, 30.0, "routers[1]"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "[[routers]]\nfile = 'x'\n",
+            "routers[0].plugin: is required in each [[routers]] table: the name of the plugin",
+        ),
+        ("[[routers]]\nplugin = 'x'\ntimeout = 0\n", "routers[0].timeout: "),
+        ("[routers]\nplugin = 'x'\n", "routers: must be an array of tables ([[routers]])"),
+    ],
+)
+def test_configRoutersRefused(tmp_path: Path, text: str, message: str) -> None:
+    from mailrelay.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        loadRouters(tmp_path, text)
+    assert f"relay.toml: {message}" in str(e.value)
