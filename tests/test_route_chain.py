@@ -342,3 +342,54 @@ def test_configRoutersRefused(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as e:
         loadRouters(tmp_path, text)
     assert f"relay.toml: {message}" in str(e.value)
+
+
+def test_theRelayBuildsTheChain(tmp_path: Path) -> None:
+    """makeDelivery gives the queue the routers, built as IRouter plugins, before the table;
+    without routers, the table itself."""
+    from mailrelay.app.delivery import makeDelivery
+    from mailrelay.delivery.discard import DiscardBackend
+
+    built: list[tuple[str, Any]] = []
+    routers: list[Answers] = []
+
+    def build(spec: Any, interface: Any) -> Any:
+        built.append((spec.key, interface))
+        if interface is IRouter:
+            routers.append(Answers(None))
+            return routers[-1]
+        return DiscardBackend()
+
+    config = loadRouters(
+        tmp_path,
+        '[dns]\nnameservers = ["127.0.0.1"]\n'
+        '[[routers]]\nplugin = "a"\ntimeout = 2\n[[routers]]\nplugin = "b"\n',
+    )
+    clock = Clock()
+    _, queue = makeDelivery(config, clock, None, build)
+    chain = queue.deliverer.router
+    assert isinstance(chain, RouterChain) and isinstance(chain.table, RoutingTable)
+    assert chain.routers == (
+        ConfiguredRouter("a", routers[0], 2.0),
+        ConfiguredRouter("b", routers[1], 30.0),
+    )
+    assert chain.clock is clock
+    assert [key for key, interface in built if interface is IRouter] == ["routers[0]", "routers[1]"]
+
+    _, queue = makeDelivery(loadRouters(tmp_path, ""), clock, None, build)
+    assert isinstance(queue.deliverer.router, RoutingTable)
+
+
+def test_anUnknownRouterStopsStartUp(tmp_path: Path) -> None:
+    from mailrelay.app.delivery import makeDelivery
+    from mailrelay.app.plugins import availablePlugins, pluginBuilder
+    from mailrelay.errors import ConfigError
+
+    config = loadRouters(tmp_path, '[[routers]]\nplugin = "accepted-domains"\n')
+    build = pluginBuilder(config, Clock(), availablePlugins())
+    with pytest.raises(ConfigError) as e:
+        makeDelivery(config, Clock(), None, build)
+    assert str(e.value) == (
+        f"{tmp_path / 'relay.toml'}: routers[0].plugin: plugin 'accepted-domains' provides "
+        "IRecipientValidator, not IRouter"
+    )
