@@ -385,7 +385,11 @@ def test_anUnknownRouterStopsStartUp(tmp_path: Path) -> None:
     from mailrelay.app.plugins import availablePlugins, pluginBuilder
     from mailrelay.errors import ConfigError
 
-    config = loadRouters(tmp_path, '[[routers]]\nplugin = "accepted-domains"\n')
+    config = loadRouters(
+        tmp_path,
+        # (Name servers of its own: the system's resolver would use the global reactor.)
+        '[dns]\nnameservers = ["127.0.0.1"]\n[[routers]]\nplugin = "accepted-domains"\n',
+    )
     build = pluginBuilder(config, Clock(), availablePlugins())
     with pytest.raises(ConfigError) as e:
         makeDelivery(config, Clock(), None, build)
