@@ -489,13 +489,43 @@ class Route:
 
 
 class IRouter(Interface):
-    """Maps each recipient to a delivery backend and next hop."""
+    """Maps each recipient to a delivery backend and next hop.
+
+    The queue manager routes every pending recipient at each delivery attempt.  The site's
+    routers, plugins named by C{[[routers]]} tables, are asked first, in the order the
+    configuration lists them (L{mailrelay.route.chain.RouterChain}); when each has fallen
+    through, the routing table decides (C{[[routes]]}, then the smarthost, then the
+    recipient domain's MX hosts: L{mailrelay.route.table.RoutingTable}).
+
+    A router answers with one of:
+
+      - a L{Route}: the recipient goes there; later routers and the table are not asked.
+        C{route.backend} names a built-in or C{[[backends]]} backend (an unknown name defers
+        the recipient), C{route.nexthop} is in that backend's notation.
+      - C{None} or L{CONTINUE}: no opinion; the next router (at the end, the table) decides.
+      - a L{TransientFailure <mailrelay.errors.TransientFailure>} (raised, or failing the
+        Deferred): the recipient is deferred and routed again at its next attempt.
+      - a L{PermanentFailure <mailrelay.errors.PermanentFailure>}: the recipient bounces,
+        with the failure's status and diagnostic (no route will ever exist).
+
+    Routing fails closed: a router that fails in any other way, answers anything else, or
+    does not answer within its C{timeout} (its Deferred is then cancelled; default 30 s)
+    defers the recipient, logged with the router's name; the mail is never routed by the
+    next router or the table instead.  Routers are asked on the reactor thread, for each
+    recipient of each attempt: one that needs I/O returns a Deferred, and should answer
+    from memory when it can.
+    """
 
     def route(envelope: Envelope, recipient: Recipient) -> Any:
-        """Return a L{Route}, or a Deferred firing with one.  A
-        L{PermanentFailure <mailrelay.errors.PermanentFailure>} bounces the recipient at once
-        (no route will ever exist); any other failure makes the recipient's delivery a
-        transient failure (retried later)."""
+        """Route C{recipient} of the message C{envelope} (whose C{queueID} is set).
+
+        @param recipient: the recipient; C{recipient.address} is canonical (domain
+            lower-cased, IDNA A-labels) and C{recipient.domain} is its domain (C{""} for
+            C{<postmaster>}).
+        @return: a L{Route}, C{None} or L{CONTINUE}, or a Deferred firing with one.
+        @raise mailrelay.errors.TransientFailure: defer the recipient.
+        @raise mailrelay.errors.PermanentFailure: bounce the recipient.
+        """
 
 
 # -- delivery (delivery/)

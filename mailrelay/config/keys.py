@@ -116,7 +116,8 @@ def pluginTable(
 
 
 def _plugins(table: str) -> Table:
-    """An array of plugin tables (C{[[recipient_validators]]}, C{[[header_stampers]]})."""
+    """An array of plugin tables (C{[[recipient_validators]]}, C{[[header_stampers]]},
+    C{[[routers]]})."""
     missing = f"is required in each [[{table}]] table: the name of the plugin"
     return pluginTable(missing, array=True)
 
@@ -627,6 +628,12 @@ TOP = Table(
             field="headerStampers",
         ),
         Key("routes", ROUTES, "Where mail for some domains goes.", default=[]),
+        Key(
+            "routers",
+            _plugins("routers"),
+            "Plugins routing recipients, in order, before the routes.",
+            default=[],
+        ),
         Key("backends", BACKENDS, "Site delivery backends (plugins).", default=[]),
         Key("auth", AUTH, "SMTP AUTH for the listeners that offer it."),
         Key(
@@ -658,6 +665,7 @@ TOP = Table(
         "smarthost",
         "backends",
         "routes",
+        "routers",
         "auth",
         "listeners",
         "recipient_validators",

@@ -151,7 +151,8 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class PluginSpec:
-    """One entry of a plugin list (C{[[recipient_validators]]}, C{[[header_stampers]]}).
+    """One entry of a plugin list (C{[[recipient_validators]]}, C{[[header_stampers]]},
+    C{[[routers]]}).
 
     @ivar plugin: the plugin's name.
     @ivar options: the other keys of the table, passed to the plugin's C{build}.
@@ -329,6 +330,8 @@ class Config:
         system's (C{/etc/resolv.conf}); C{()} for the system's.
     @ivar routes: the per-domain routes, in the file's order.
     @ivar backends: the site delivery backends.
+    @ivar routers: the router plugins (providing L{mailrelay.interfaces.IRouter}) asked, in
+        order, before C{routes}.
     @ivar auth: SMTP AUTH settings, or C{None} without an C{[auth]} table.
     @ivar rateLimiter: the plugin (providing L{mailrelay.interfaces.IRateLimiter}) keeping the
         listeners' limit counters, shared by several relays, or C{None} for the in-memory
@@ -361,6 +364,7 @@ class Config:
     nameservers: tuple[tuple[str, int], ...] = ()
     routes: tuple[RouteConfig, ...] = ()
     backends: tuple[BackendSpec, ...] = ()
+    routers: tuple[PluginSpec, ...] = ()
     spoolSync: str = "syncfs"
     auth: AuthConfig | None = None
     rateLimiter: PluginSpec | None = None
