@@ -266,7 +266,15 @@ class IIncomingMessage(Interface):
 class IIntake(Interface):
     """The one way into the spool: a message received by SMTP and one the relay makes itself
     (a delivery status notification) go the same way: a queue id, header processing and
-    the header stampers, the hop check, the filters, the commit, and the queue told."""
+    the header stampers, the hop check, the filters, the commit, and the queue told.
+
+    Every message gets one log line, as Postfix's cleanup and qmgr lines in one, written by
+    the intake once the message is spooled or refused (C{client=} and C{sasl_username=}
+    only for a message received from a client)::
+
+        QID: from=<a@example.com> nrcpt=2 size=1234 client=192.0.2.7 result=250 2.0.0 Ok: ...
+        QID: from=<> nrcpt=1 size=3456 result=250 2.0.0 Ok: queued as QID
+    """
 
     def hasFreeSpace(needed: int) -> bool:
         """Whether the spool can take a message of C{needed} octets now."""
@@ -275,12 +283,34 @@ class IIntake(Interface):
         """Start a message from C{client} (C{None}: made here): an L{IIncomingMessage}, or
         the L{Reply} refusing it (the spool cannot take it now)."""
 
-    def submit(envelope: Envelope, message: bytes) -> Any:
-        """Spool a message the relay made itself, given whole (CRLF lines); it is stamped
-        as mail with no client.
+    def submit(envelope: Envelope, message: bytes, *, notify: bool = True) -> Any:
+        """Spool a message the relay made itself (a delivery status notification), given
+        whole: CRLF lines, the header section first, not dot-stuffed.
 
-        @return: a Deferred firing with its queue id once it is durable (and the queue told),
-            or failing with L{MessageRefused}.
+        It is stamped as mail with no client (L{StampContext.client} is C{None}, the
+        listener options empty: the built-in stamper adds C{Received:}, and C{Message-Id:}
+        and C{Date:} when the message has none, so its maker need not write them), then
+        checked for hops and filtered like any other message.
+
+        The envelope is the maker's, but for three fields the intake sets, as for every
+        message: C{queueID}, allocated by the spool (L{ISpool.openMessage}), set as soon as
+        the message is opened; C{arrival}, the time of the commit on the intake's clock;
+        C{messageSize}, the octets stored (stamped fields included).  The rest (sender,
+        recipients, C{isBounce}, C{client}, C{body}, C{smtputf8}, ...) is stored as given.
+
+        The intake logs the message's one line (see L{IIntake}); its maker logs no other
+        C{from=} line for it, only its own event under its own id (the queue:
+        C{ORIGINAL: sender non-delivery notification: QID}, as Postfix's bounce daemon).
+
+        @param notify: tell the queue of the message once it is durable, as for a message
+            received (the intake's C{notify}); C{False} when the caller schedules it
+            itself (the queue manager, committing the notifications of an attempt before
+            recording the attempt, enqueues their ids once all are committed).
+        @return: a Deferred firing with its queue id once it is durable (and, with
+            C{notify}, the queue told), or failing with L{MessageRefused} carrying the
+            reply an SMTP client would have had: 451 4.3.0 when the spool cannot take it
+            or a stamper or filter fails, 554 5.4.6 for too many hops, a filter's refusal.
+            Nothing is left in the spool then.
         """
 
 
@@ -459,13 +489,43 @@ class Route:
 
 
 class IRouter(Interface):
-    """Maps each recipient to a delivery backend and next hop."""
+    """Maps each recipient to a delivery backend and next hop.
+
+    The queue manager routes every pending recipient at each delivery attempt.  The site's
+    routers, plugins named by C{[[routers]]} tables, are asked first, in the order the
+    configuration lists them (L{mailrelay.route.chain.RouterChain}); when each has fallen
+    through, the routing table decides (C{[[routes]]}, then the smarthost, then the
+    recipient domain's MX hosts: L{mailrelay.route.table.RoutingTable}).
+
+    A router answers with one of:
+
+      - a L{Route}: the recipient goes there; later routers and the table are not asked.
+        C{route.backend} names a built-in or C{[[backends]]} backend (an unknown name defers
+        the recipient), C{route.nexthop} is in that backend's notation.
+      - C{None} or L{CONTINUE}: no opinion; the next router (at the end, the table) decides.
+      - a L{TransientFailure <mailrelay.errors.TransientFailure>} (raised, or failing the
+        Deferred): the recipient is deferred and routed again at its next attempt.
+      - a L{PermanentFailure <mailrelay.errors.PermanentFailure>}: the recipient bounces,
+        with the failure's status and diagnostic (no route will ever exist).
+
+    Routing fails closed: a router that fails in any other way, answers anything else, or
+    does not answer within its C{timeout} (its Deferred is then cancelled; default 30 s)
+    defers the recipient, logged with the router's name; the mail is never routed by the
+    next router or the table instead.  Routers are asked on the reactor thread, for each
+    recipient of each attempt: one that needs I/O returns a Deferred, and should answer
+    from memory when it can.
+    """
 
     def route(envelope: Envelope, recipient: Recipient) -> Any:
-        """Return a L{Route}, or a Deferred firing with one.  A
-        L{PermanentFailure <mailrelay.errors.PermanentFailure>} bounces the recipient at once
-        (no route will ever exist); any other failure makes the recipient's delivery a
-        transient failure (retried later)."""
+        """Route C{recipient} of the message C{envelope} (whose C{queueID} is set).
+
+        @param recipient: the recipient; C{recipient.address} is canonical (domain
+            lower-cased, IDNA A-labels) and C{recipient.domain} is its domain (C{""} for
+            C{<postmaster>}).
+        @return: a L{Route}, C{None} or L{CONTINUE}, or a Deferred firing with one.
+        @raise mailrelay.errors.TransientFailure: defer the recipient.
+        @raise mailrelay.errors.PermanentFailure: bounce the recipient.
+        """
 
 
 # -- delivery (delivery/)

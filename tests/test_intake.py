@@ -15,6 +15,7 @@ from zope.interface.verify import verifyObject
 from mailrelay.cleanup.intake import FILTER_FAILED, IncomingMessage, Intake
 from mailrelay.cleanup.stamping import STAMPING_FAILED, ConfiguredStamper, DefaultStamper
 from mailrelay.envelope import ClientInfo, Envelope, Recipient
+from mailrelay.errors import SpoolError
 from mailrelay.interfaces import (
     IHeaderStamper,
     IIncomingMessage,
@@ -24,7 +25,6 @@ from mailrelay.interfaces import (
 )
 from mailrelay.smtp import replies as R
 from mailrelay.smtp.replies import Reply
-from mailrelay.spool import SpoolError
 from mailrelay.testing import MemorySpool
 
 MESSAGE = b"Subject: hi\r\n\r\nbody\r\n"
@@ -176,13 +176,29 @@ def test_a_commit_failure_is_451_and_logged() -> None:
 def test_the_spool_refusing_a_new_message_is_451() -> None:
     intake, spool, _ = makeIntake()
 
-    def refuse(queueID: str) -> Any:
+    def refuse(queueID: str | None = None) -> Any:
         raise SpoolError("creating tmp/x.eml failed: No space left on device")
 
     spool.openMessage = refuse  # type: ignore[method-assign]
     with capturedLogs() as events:
         assert intake.open(envelope(), None, {}) == R.LOCAL_ERROR
     assert "cannot create queue file: creating tmp/x.eml failed" in formatEvent(events[0])
+
+
+def test_the_spool_allocates_the_queue_id() -> None:
+    intake, spool, _ = makeIntake()
+    asked: list[str | None] = []
+    openMessage = spool.openMessage
+
+    def recording(queueID: str | None = None) -> Any:
+        asked.append(queueID)
+        return openMessage(queueID)
+
+    spool.openMessage = recording  # type: ignore[method-assign]
+    env = envelope()
+    message = intake.open(env, env.client, {})
+    assert asked == [None]
+    assert env.queueID == message.queueID and list(spool.open) == [env.queueID]
 
 
 def test_refused_at_its_end_logs_the_size_received() -> None:
@@ -302,6 +318,32 @@ def test_submit_stamps_as_local_mail_and_queues() -> None:
     )
     assert b"\r\nDate: " + date + b"\r\nX-Stamped: 1\r\n\r\nsorry\r\n" in data
     assert stamper.contexts[0].client is None
+
+
+def test_submit_without_notify_leaves_the_scheduling_to_the_caller() -> None:
+    """The queue manager commits a notification and enqueues its id itself: the intake
+    tells nobody, and logs the message's one line, with no client (the DSN envelope's
+    stand-in client is not a client that sent it)."""
+    intake, spool, queued = makeIntake()
+    dsn = Envelope(
+        sender="",
+        recipients=[Recipient("a@example.com")],
+        client=ClientInfo("127.0.0.1", helo="relay.test"),
+        arrival=12.0,
+        messageSize=3,
+        isBounce=True,
+    )
+    with capturedLogs() as events:
+        queueID = received(intake.submit(dsn, MESSAGE, notify=False))
+    assert queued == [] and queueID == dsn.queueID
+    stored, data = spool.committed[queueID]
+    assert stored.arrival == intake.clock.seconds() and stored.messageSize == len(data)
+    assert stored.client == dsn.client and stored.isBounce
+    lines = [formatEvent(e) for e in events]
+    assert lines == [
+        f"{queueID}: from=<> nrcpt=1 size={len(data)} result=250 2.0.0 Ok: queued as {queueID}"
+    ]
+    assert events[0]["client"] is None
 
 
 def test_submit_fails_with_the_reply_when_refused() -> None:

@@ -63,9 +63,6 @@ DROPIN = "twisted.plugins.mailrelay_plugin"
 #: The violations left after the move (issue 8, step 1).  Strike an entry out when its cause
 #: is gone; never add one.
 KNOWN = {
-    # The intake allocates queue ids (newQueueID) and knows SpoolError until it opens
-    # entries through ISpool.openMessage() (which allocates the id).
-    "mailrelay.cleanup.intake -> mailrelay.spool",
     # DSNs will enter the spool through the intake.
     "mailrelay.queue.dsn -> mailrelay.cleanup.stamping",
 }

@@ -3,6 +3,7 @@ session, and the protocol on a C{StringTransport} with a C{Clock}."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 
 import pytest
@@ -15,6 +16,8 @@ from zope.interface.verify import verifyObject
 from mailrelay.envelope import ClientInfo
 from mailrelay.interfaces import IRateLimiter
 from mailrelay.limits import LIMITER_TIMEOUT, ListenerLimits, MemoryRateLimiter
+from mailrelay.receive.limits import LimitSettings
+from mailrelay.receive.listener import ListenerSettings
 from mailrelay.smtp.replies import Reply
 from mailrelay.smtp.server import SYNC_ERROR, Close, ServerSession, SessionSettings, SyncError
 from mailrelay.testing import ServerHarness
@@ -454,9 +457,14 @@ def test_minDataRateOffIsTheDataTimeoutOnly() -> None:
 
 
 def test_limitsDataclassDefaults() -> None:
-    limits = ListenerLimits("h", "l", MemoryRateLimiter(Clock()), Clock())
+    limits = ListenerLimits("h", "l", MemoryRateLimiter(Clock()), Clock()).settings
     assert (limits.maxConnections, limits.maxConnectionsPerClient, limits.rateWindow) == (100, 50, 60.0)
     assert (limits.connectionRateLimit, limits.messageRateLimit, limits.userMessageRateLimit) == (0, 0, 0)
+    assert (limits.ipv6PrefixLength, limits.limitExceptions, limits.limiterTimeout) == (84, (), LIMITER_TIMEOUT)
+    # The listener's settings carry the same defaults: they are the same fields.
+    assert LimitSettings() == LimitSettings(**{
+        f.name: getattr(ListenerSettings("h"), f.name) for f in dataclasses.fields(LimitSettings)
+    })
 
 
 # Wiring: the service builds each listener's limits ------------------------------------------------
@@ -489,16 +497,16 @@ def test_serviceWiresLimitsProxyAndALimiterPlugin(tmp_path, monkeypatch) -> None
     listeners = [s for s in top if isinstance(s, ListenerService)]
     first, second = (s.factory for s in listeners)
     ctx = first.context
-    assert ctx.limits.limiter is shared and ctx.limits.timeout == 2.0
-    assert ctx.limits.messageRateLimit == 7 and ctx.sender.limits is ctx.limits
-    assert ctx.limits.exceptions == config.relayNetworks
+    assert ctx.limits.limiter is shared and ctx.limits.settings.limiterTimeout == 2.0
+    assert ctx.limits.settings.messageRateLimit == 7 and ctx.sender.limits is ctx.limits
+    assert ctx.limits.settings.limitExceptions == config.relayNetworks
     settings = ctx.settings
     assert (settings.greetPause, settings.maxSessionTime, settings.minDataRate) == (1.0, 99.0, 10)
     assert ctx.session.rejectUnauthPipelining and ctx.session.rejectPregreet
     assert isinstance(second, ProxyProtocolFactory)
     assert second.networks == (ipaddress.ip_network("10.0.0.0/8"),)
     inner = second.wrappedFactory.context
-    assert inner.limits.limiter is shared and inner.limits.exceptions == ()
+    assert inner.limits.limiter is shared and inner.limits.settings.limitExceptions == ()
     assert not inner.session.rejectUnauthPipelining and not inner.session.rejectPregreet
     assert "PROXY from 10.0.0.0/8" in listeners[1].role
     # Both listeners share one intake, one recipient policy and the relay's sessions.
@@ -534,5 +542,5 @@ def test_ipv6ClientsAreCountedByPrefix() -> None:
     over.loseConnection()
     assert h.limiter.sessions("test conn 2001:db8::/84") == 2
     assert h.limits.clientKey("conn", "::ffff:192.0.2.1") == "test conn 192.0.2.1"
-    h.limits.ipv6PrefixLength = 128
+    h.limits.settings = dataclasses.replace(h.limits.settings, ipv6PrefixLength=128)
     assert h.limits.clientKey("mail", "2001:db8::1") == "test mail 2001:db8::1"

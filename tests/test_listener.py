@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 from pathlib import Path
+from typing import Any
 
 import pytest
 from twisted.internet.ssl import CertificateOptions
@@ -107,8 +108,8 @@ def test_limits_only_with_a_limiter_and_auth_only_where_offered() -> None:
     assert context.sender.senders == {"alice": ("@example.org",)}
     limits = context.limits
     assert limits is context.sender.limits and limits.limiter is limiter and limits.count is count
-    assert (limits.listener, limits.messageRateLimit, limits.active) == ("tcp:25", 9, 3)
-    assert limits.exceptions == settings.limitExceptions
+    assert (limits.listener, limits.active) == ("tcp:25", 3)
+    assert limits.settings is settings  # the limits are the listener's settings, not a copy
     assert context.sender.hasFreeSpace == context.intake.hasFreeSpace
     context = build(dataclasses.replace(settings, auth=False), auth=auth).context
     assert context.auth is None and context.limits is None and context.session.authMechanisms == ()
@@ -143,7 +144,8 @@ def test_harness_settings_are_the_listener_settings() -> None:
         "test",
         1000,
     )
-    assert h.limits is not None and h.limits.timeout == 2 and h.context.session.rejectPregreet
+    assert h.limits is not None and h.limits.settings.limiterTimeout == 2
+    assert h.limits.settings.limitExceptions == () and h.context.session.rejectPregreet
     assert ServerHarness().limits is None
 
 
@@ -164,17 +166,23 @@ def test_harness_names_the_setting_to_use(kw: dict[str, object], hint: str) -> N
     assert str(e.value).endswith(hint), str(e.value)
 
 
-def test_the_relay_maps_its_configuration(tmp_path: Path) -> None:
+def relayConfig(tmp_path: Path, text: str) -> Any:
+    """The relay's L{Config} of C{text}, its spool under C{tmp_path}."""
     from mailrelay.config import loadConfig
 
     path = tmp_path / "relay.toml"
-    path.write_text(
+    path.write_text(text)
+    return loadConfig(str(path), {"spool": str(tmp_path / "spool")})
+
+
+def test_the_relay_maps_its_configuration(tmp_path: Path) -> None:
+    config = relayConfig(
+        tmp_path,
         'hostname = "mx.example.org"\n[relay]\nnetworks = ["192.0.2.0/24"]\n'
         '[[listeners]]\nendpoint = "tcp:2525"\ngreet_pause = 3\nreject_unauth_pipelining = false\n'
         'add_date = false\nnul_bytes = "normalize"\nmax_connections_per_client = 7\n'
-        '[rate_limiter]\nplugin = "shared-limits"\ntimeout = 4\n'
+        '[rate_limiter]\nplugin = "shared-limits"\ntimeout = 4\n',
     )
-    config = loadConfig(str(path), {"spool": str(tmp_path / "spool")})
     (listener,) = config.listeners
     settings = listener.settings
     assert (settings.hostname, settings.name, settings.mode) == (
@@ -190,3 +198,35 @@ def test_the_relay_maps_its_configuration(tmp_path: Path) -> None:
         config.idleTimeout,
         config.maxMessageSize,
     )
+
+
+def test_the_relay_builds_one_intake_per_caller(tmp_path: Path) -> None:
+    """C{makeIntake}: the intake of a configuration, for the listeners (telling the queue) or
+    for a maker of notifications (telling nobody)."""
+    from mailrelay.app.listeners import makeIntake
+
+    config = relayConfig(
+        tmp_path,
+        'hostname = "mx.example.org"\n[limits]\nhops = 7\n'
+        '[[header_stampers]]\nplugin = "default"\ntimeout = 3\n'
+        '[[header_stampers]]\nplugin = "other"\n',
+    )
+    built: list[tuple[str, object]] = []
+
+    def build(spec: object, interface: object) -> object:
+        stamper = object()
+        built.append((spec.plugin, interface))  # type: ignore[attr-defined]
+        return stamper
+
+    spool, clock, queued = MemorySpool(), Clock(), []
+    intake = makeIntake(config, clock, build, spool, queued.append)
+    assert (intake.spool, intake.clock, intake.hostname, intake.maxHops) == (
+        spool,
+        clock,
+        "mx.example.org",
+        7,
+    )
+    assert [(s.name, s.timeout) for s in intake.stampers] == [("default", 3.0), ("other", 30.0)]
+    assert [name for name, _ in built] == ["default", "other"]
+    assert intake.notify == queued.append
+    assert makeIntake(config, clock, build, spool).notify is None

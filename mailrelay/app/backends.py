@@ -1,8 +1,9 @@
-"""The delivery backends of a L{Config}: the built-in ones and the site's, all built as plugins.
+"""The delivery backends of a L{Config}: the built-in ones and the site's, all built as plugins;
+and its router: the C{[[routers]]} plugins before the routing table.
 
 The built-in backends are the dropin's C{smtp}, C{lmtp}, C{maildir} and C{discard} plugins,
 given options made of C{[delivery]} and C{[dns]}; the site backends are C{[[backends]]}
-tables.  Both go through the same plugin builder.
+tables.  Both go through the same plugin builder, as the routers do.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 from mailrelay.config import BackendSpec, Config
 from mailrelay.errors import ConfigError
-from mailrelay.interfaces import IDeliveryBackend
+from mailrelay.interfaces import IDeliveryBackend, IRouter
 
 
 def builtinBackendSpecs(config: Config) -> list[BackendSpec]:
@@ -51,3 +52,18 @@ def makeBackends(config: Config, reactor: Any, build: Any) -> dict[str, Any]:
                 key=f"{spec.key}.plugin",
             )
     return {spec.name: build(spec, IDeliveryBackend) for spec in [*builtins, *config.backends]}
+
+
+def makeRouter(config: Config, reactor: Any, build: Any, table: Any) -> Any:
+    """The queue's router: the C{[[routers]]} plugins in order, then C{table} (the routing
+    table of C{config}); C{table} itself when there are none.
+
+    @param build: C{build(spec, interface)} (L{mailrelay.app.plugins.pluginBuilder}).
+    @raise ConfigError: a router plugin is refused.
+    """
+    from mailrelay.route.chain import ConfiguredRouter, chainRouters
+
+    routers = [
+        ConfiguredRouter(spec.plugin, build(spec, IRouter), spec.timeout) for spec in config.routers
+    ]
+    return chainRouters(routers, table, reactor)

@@ -8,7 +8,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
 
-from mailrelay.app.backends import makeBackends
+from mailrelay.app.backends import makeBackends, makeRouter
 from mailrelay.app.services import BackendsService, OrderedMultiService, SpoolService
 from mailrelay.config import Config
 from mailrelay.errors import ConfigError
@@ -46,6 +46,7 @@ def makeDelivery(
     except ValueError as e:
         raise ConfigError(str(e), file=config.source or "(embedded default)", key="routes") from e
     backends = makeBackends(config, reactor, build)
+    router = makeRouter(config, reactor, build, router)
     queue = QueueManager(
         spool,
         router,

@@ -4,6 +4,7 @@ end of the sessions."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +18,7 @@ from mailrelay.cleanup.intake import Intake
 from mailrelay.cleanup.stamping import ConfiguredStamper
 from mailrelay.config import Config, ListenerConfig
 from mailrelay.errors import ConfigError
-from mailrelay.interfaces import IHeaderStamper, IRateLimiter, IRecipientValidator
+from mailrelay.interfaces import IHeaderStamper, IRateLimiter, IRecipientValidator, ISpool
 from mailrelay.policy.chain import ConfiguredValidator, RecipientPolicy, RelayControl
 from mailrelay.receive.limits import ConnectionCount, MemoryRateLimiter
 from mailrelay.receive.listener import (
@@ -155,7 +156,7 @@ def makeListeners(
     reactor: Any,
     build: Any,
     carried: _Carried,
-    spool: Any,
+    spool: ISpool,
     sessions: Sessions,
     onQueued: Any,
 ) -> list[tuple[str, Any, str]]:
@@ -167,11 +168,7 @@ def makeListeners(
     @param onQueued: called with the queue id of each message once it is durable.
     @raise ConfigError: a plugin is unknown or refuses its options.
     """
-    stampers = [
-        ConfiguredStamper(spec.plugin, build(spec, IHeaderStamper), spec.timeout)
-        for spec in config.headerStampers
-    ]
-    intake = Intake(spool, stampers, reactor, config.hostname, config.maxHops, onQueued)
+    intake = makeIntake(config, reactor, build, spool, onQueued)
     policy = makeRecipientPolicy(config, reactor, build)
     resolver = _reverseResolver(config, reactor, carried)
     authPolicy = makeAuthPolicy(config, reactor, build, carried)
@@ -194,6 +191,27 @@ def makeListeners(
         factory = wrapListenerFactory(settings, factory, reactor)
         result.append((settings.name, factory, _role(listener)))
     return result
+
+
+def makeIntake(
+    config: Config,
+    reactor: Any,
+    build: Any,
+    spool: ISpool,
+    notify: Callable[[str], object] | None = None,
+) -> Intake:
+    """The intake of C{config} over C{spool}: its header stampers built, its host name and
+    hop limit.  The listeners share one; the queue manager may have its own for the
+    notifications it makes (L{mailrelay.interfaces.IIntake.submit}).
+
+    @param notify: called with the queue id of each message once it is durable, or C{None}.
+    @raise ConfigError: a stamper plugin is unknown or refuses its options.
+    """
+    stampers = [
+        ConfiguredStamper(spec.plugin, build(spec, IHeaderStamper), spec.timeout)
+        for spec in config.headerStampers
+    ]
+    return Intake(spool, stampers, reactor, config.hostname, config.maxHops, notify)
 
 
 def makeRecipientPolicy(config: Config, reactor: Any, build: Any) -> RecipientPolicy:

@@ -6,6 +6,6 @@ L{intake.Intake}: open, header processing, stampers, hop check, filters, commit,
 queue.
 
 May import the values (L{mailrelay.interfaces}, L{mailrelay.envelope}, L{mailrelay.errors},
-L{mailrelay.address}) and L{mailrelay.smtp}; L{intake} imports L{mailrelay.spool} until the
-spool is behind C{ISpool}.  This file imports nothing.
+L{mailrelay.address}) and L{mailrelay.smtp}: the spool is reached through
+L{mailrelay.interfaces.ISpool} only.  This file imports nothing.
 """

@@ -5,14 +5,16 @@ arrives (L{Intake.open}, then L{IncomingMessage.write} and L{IncomingMessage.fin
 the relay made itself and gives whole, such as a delivery status notification
 (L{Intake.submit}).  Each goes the same way:
 
-  1. a queue id and a spool writer;
+  1. a spool writer, under a queue id the spool allocates (L{ISpool.openMessage});
   2. header processing (L{HeaderProcessor}): the header section is held back until complete;
   3. the header stampers (L{runStampers}) add their fields; the body streams on to the spool;
   4. the hop check: more than C{maxHops} C{Received:} fields is a mail loop (554 5.4.6);
   5. the filters, in order (the slot for message filters), which may refuse the message;
   6. the commit: the message is durable before its 250;
-  7. the queue is told of the new queue id (C{notify});
-  8. one log line, as Postfix's: C{from=<...> nrcpt=N size=N client=... result=...}.
+  7. the queue is told of the new queue id (C{notify}; not for a message submitted with
+     C{notify=False}: its maker schedules it);
+  8. one log line, as Postfix's: C{from=<...> nrcpt=N size=N client=... result=...} (no
+     C{client=} for a message made here).
 
 The hop check comes before the filters, as in Postfix's cleanup: a looping message is refused
 before a filter spends any work on it.  Stampers that answer at once cost no Deferred round
@@ -26,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -38,16 +41,18 @@ from mailrelay.cleanup.stamping import (
     runStampers,
 )
 from mailrelay.envelope import ClientInfo, Envelope
+from mailrelay.errors import SpoolError
 from mailrelay.interfaces import (
     IIncomingMessage,
     IIntake,
+    IMessageWriter,
+    ISpool,
     MessageRefused,
     Reply,
     StampContext,
     StampResult,
 )
 from mailrelay.smtp import replies as R
-from mailrelay.spool import SpoolError, newQueueID
 
 log = Logger()
 
@@ -66,8 +71,7 @@ FILTER_FAILED = STAMPING_FAILED
 class Intake:
     """The intake of one relay: its spool, stampers, filters and hop limit.
 
-    @ivar spool: the spool (C{openMessage(queueID)} returns a writer with C{write},
-        C{commit(envelope)}, C{abort} and C{size}; C{hasFreeSpace(needed)}).
+    @ivar spool: the L{ISpool} messages are written into (it allocates their queue ids).
     @ivar stampers: the L{ConfiguredStamper}s, in order.
     @ivar clock: an C{IReactorTime}: time stamps, the stampers' timeouts.
     @ivar hostname: this relay's host name, for the stampers.
@@ -79,9 +83,9 @@ class Intake:
 
     def __init__(
         self,
-        spool: Any,
+        spool: ISpool,
         stampers: Sequence[ConfiguredStamper],
-        clock: Any,
+        clock: IReactorTime,
         hostname: str,
         maxHops: int = 50,
         notify: Callable[[str], object] | None = None,
@@ -105,18 +109,11 @@ class Intake:
         listenerOptions: dict[str, Any] | None = None,
     ) -> IncomingMessage | Reply:
         """Start a message (see L{IIntake.open}); sets C{envelope.queueID}."""
-        queueID = newQueueID()
-        try:
-            writer = self.spool.openMessage(queueID)
-        except SpoolError as e:
-            log.error("cannot create queue file: {error}", error=str(e))
-            return R.LOCAL_ERROR
-        envelope.queueID = queueID
-        return IncomingMessage(self, envelope, client, writer, listenerOptions or {})
+        return self._open(envelope, client, listenerOptions or {}, self.notify)
 
-    def submit(self, envelope: Envelope, message: bytes) -> Deferred[str]:
+    def submit(self, envelope: Envelope, message: bytes, *, notify: bool = True) -> Deferred[str]:
         """Spool a whole message made here (see L{IIntake.submit})."""
-        opened = self.open(envelope, None)
+        opened = self._open(envelope, None, {}, self.notify if notify else None)
         if isinstance(opened, Reply):
             return fail(MessageRefused(opened))
         opened.write(message)
@@ -127,6 +124,21 @@ class Intake:
             return opened.queueID
 
         return opened.finish().addCallback(queued)
+
+    def _open(
+        self,
+        envelope: Envelope,
+        client: ClientInfo | None,
+        listenerOptions: dict[str, Any],
+        notify: Callable[[str], object] | None,
+    ) -> IncomingMessage | Reply:
+        try:
+            writer = self.spool.openMessage()
+        except SpoolError as e:
+            log.error("cannot create queue file: {error}", error=str(e))
+            return R.LOCAL_ERROR
+        envelope.queueID = writer.queueID
+        return IncomingMessage(self, envelope, client, writer, listenerOptions, notify)
 
 
 @implementer(IIncomingMessage)
@@ -142,14 +154,19 @@ class IncomingMessage:
         intake: Intake,
         envelope: Envelope,
         client: ClientInfo | None,
-        writer: Any,
+        writer: IMessageWriter,
         listenerOptions: dict[str, Any],
+        notify: Callable[[str], object] | None = None,
     ) -> None:
+        """
+        @param notify: called with the queue id once the message is durable, or C{None}.
+        """
         self.intake = intake
         self.envelope = envelope
         self.client = client
         self._writer = writer
         self._listenerOptions = listenerOptions
+        self._notify = notify
         self._now = intake.clock.seconds()
         #: Set by the write that called stampers answering later, for that write to return.
         self._started: Deferred[None] | None = None
@@ -275,7 +292,7 @@ class IncomingMessage:
         queueID = self.queueID
         reply = Reply(250, "2.0.0", f"Ok: queued as {queueID}")
         self._logResult(reply, self._writer.size)
-        notify = self.intake.notify
+        notify = self._notify
         if notify is not None:
             try:
                 notify(queueID)
@@ -293,17 +310,19 @@ class IncomingMessage:
         return R.LOCAL_ERROR
 
     def _logResult(self, reply: Reply, size: int) -> None:
+        """The message's one line (Postfix's cleanup and qmgr lines in one): where it came
+        from (nothing for a message made here), and what became of it."""
         envelope = self.envelope
-        client = envelope.client
+        client = self.client
         user = client.authUser if client else None
         log.info(
-            "{queueID}: from=<{sender}> nrcpt={nrcpt} size={size} client={client}{sasl}"
-            " result={result}",
+            "{queueID}: from=<{sender}> nrcpt={nrcpt} size={size}{origin}{sasl} result={result}",
             queueID=envelope.queueID,
             sender=envelope.sender,
             nrcpt=len(envelope.recipients),
             size=size,
-            client=client.address if client else "",
+            client=client.address if client else None,
+            origin=f" client={client.address}" if client else "",
             sasl=f" sasl_username={user}" if user else "",
             sasl_username=user,
             tls=client.tls if client else None,

@@ -59,7 +59,7 @@ from mailrelay.interfaces import TLS_POLICIES, RouteOptions
 from mailrelay.queue.policy import QueuePolicy
 from mailrelay.receive.auth import DEFAULT_CHECKER_TIMEOUT, AuthSettings
 from mailrelay.receive.limits import LIMITER_TIMEOUT
-from mailrelay.receive.listener import LISTENER_MODES, TLS_MODES, ListenerSettings
+from mailrelay.receive.listener import LISTENER_MODES, LISTENER_TLS_MODES, ListenerSettings
 from mailrelay.receive.tls import DEFAULT_TLS_MIN_VERSION, TLS_VERSIONS
 from mailrelay.route.nexthop import parseRouteDomain
 from mailrelay.route.table import RouteRule
@@ -117,7 +117,8 @@ def pluginTable(
 
 
 def _plugins(table: str) -> Table:
-    """An array of plugin tables (C{[[recipient_validators]]}, C{[[header_stampers]]})."""
+    """An array of plugin tables (C{[[recipient_validators]]}, C{[[header_stampers]]},
+    C{[[routers]]})."""
     missing = f"is required in each [[{table}]] table: the name of the plugin"
     return pluginTable(missing, array=True)
 
@@ -400,7 +401,7 @@ LISTENERS = Table(
         Key("mode", choice(*LISTENER_MODES), "The listener's role."),
         Key(
             "tls_mode",
-            choice(*TLS_MODES),
+            choice(*LISTENER_TLS_MODES),
             "TLS: none, STARTTLS or from the first byte (default: from mode and certificate).",
         ),
         Key("tls_certificate", fileName, "The server's PEM certificate chain."),
@@ -624,6 +625,12 @@ TOP = Table(
             default=[{"plugin": "default"}],
         ),
         Key("routes", ROUTES, "Where mail for some domains goes.", default=[]),
+        Key(
+            "routers",
+            _plugins("routers"),
+            "Plugins routing recipients, in order, before the routes.",
+            default=[],
+        ),
         Key("backends", BACKENDS, "Site delivery backends (plugins).", default=[]),
         Key("auth", AUTH, "SMTP AUTH for the listeners that offer it."),
         Key(
@@ -655,6 +662,7 @@ TOP = Table(
         "smarthost",
         "backends",
         "routes",
+        "routers",
         "auth",
         "rate_limiter",
         "listeners",

@@ -65,7 +65,8 @@ class ListenerConfig:
 
 @dataclass(frozen=True)
 class PluginSpec:
-    """One entry of a plugin list (C{[[recipient_validators]]}, C{[[header_stampers]]}).
+    """One entry of a plugin list (C{[[recipient_validators]]}, C{[[header_stampers]]},
+    C{[[routers]]}).
 
     @ivar plugin: the plugin's name.
     @ivar options: the other keys of the table, passed to the plugin's C{build}.
@@ -148,6 +149,8 @@ class Config:
         options (the C{tls} and C{ca_file} an C{smtp} route does not give are
         C{[delivery]}'s).
     @ivar backends: the site delivery backends.
+    @ivar routers: the router plugins (providing L{mailrelay.interfaces.IRouter}) asked, in
+        order, before C{routes}.
     @ivar auth: SMTP AUTH settings (C{[auth]}: the password file read, or the site
         checker's L{PluginSpec}), or C{None} without an C{[auth]} table.
     @ivar rateLimiter: the plugin (providing L{mailrelay.interfaces.IRateLimiter}) keeping the
@@ -185,6 +188,7 @@ class Config:
     nameservers: tuple[tuple[str, int], ...] = ()
     routes: tuple[RouteRule, ...] = ()
     backends: tuple[BackendSpec, ...] = ()
+    routers: tuple[PluginSpec, ...] = ()
     spoolSync: str = "syncfs"
     auth: AuthSettings | None = None
     rateLimiter: PluginSpec | None = None

@@ -20,11 +20,12 @@ their store.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -138,17 +139,12 @@ class ConnectionCount:
     value: int = 0
 
 
-@dataclass
-class ListenerLimits:
-    """The limits of one listener, shared by its sessions.
+@dataclass(frozen=True, kw_only=True)
+class LimitSettings:
+    """The abuse limits of one listener, as configured: the one place their defaults are
+    written (L{mailrelay.receive.listener.ListenerSettings} is one).  A limit of C{0} is no
+    limit.
 
-    A limit of C{0} is no limit.
-
-    @ivar hostname: this relay's name, for the 421 replies.
-    @ivar listener: the listener's name (its endpoint), part of every limiter key: counts are
-        per listener, as Postfix's anvil counts per service.
-    @ivar limiter: the L{IRateLimiter}.
-    @ivar clock: an C{IReactorTime} (for the limiter's time-out).
     @ivar maxConnections: connections open at once on this listener, from anyone.
     @ivar maxConnectionsPerClient: connections open at once from one client address.
     @ivar connectionRateLimit: connections from one address per C{rateWindow}.
@@ -156,26 +152,41 @@ class ListenerLimits:
     @ivar userMessageRateLimit: MAIL commands from one authenticated user per C{rateWindow}
         (whatever its address: exceptions do not apply).
     @ivar rateWindow: seconds.
-    @ivar exceptions: client networks exempt from the per-address limits.
     @ivar ipv6PrefixLength: IPv6 clients are counted together by network of this length
         (128: each address alone); IPv4 clients by address.
-    @ivar timeout: seconds a limiter answer may take before the limit is skipped.
-    @ivar count: the L{ConnectionCount} of this listener (L{active}).
+    @ivar limitExceptions: client networks exempt from the per-address limits.
+    @ivar limiterTimeout: seconds a limiter answer may take before the limit is skipped.
     """
 
-    hostname: str
-    listener: str
-    limiter: Any
-    clock: Any
     maxConnections: int = DEFAULT_MAX_CONNECTIONS
     maxConnectionsPerClient: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
     connectionRateLimit: int = 0
     messageRateLimit: int = 0
     userMessageRateLimit: int = 0
     rateWindow: float = DEFAULT_RATE_WINDOW
-    exceptions: Sequence[Any] = ()
     ipv6PrefixLength: int = DEFAULT_IPV6_PREFIX_LENGTH
-    timeout: float = LIMITER_TIMEOUT
+    limitExceptions: tuple[Any, ...] = ()
+    limiterTimeout: float = LIMITER_TIMEOUT
+
+
+@dataclass
+class ListenerLimits:
+    """The limits of one listener at work, shared by its sessions.
+
+    @ivar hostname: this relay's name, for the 421 replies.
+    @ivar listener: the listener's name (its endpoint), part of every limiter key: counts are
+        per listener, as Postfix's anvil counts per service.
+    @ivar limiter: the L{IRateLimiter}.
+    @ivar clock: an C{IReactorTime} (for the limiter's time-out).
+    @ivar settings: the limits (L{LimitSettings}).
+    @ivar count: the L{ConnectionCount} of this listener (L{active}).
+    """
+
+    hostname: str
+    listener: str
+    limiter: IRateLimiter
+    clock: IReactorTime
+    settings: LimitSettings = field(default_factory=LimitSettings)
     count: ConnectionCount = field(default_factory=ConnectionCount)
 
     @property
@@ -193,7 +204,8 @@ class ListenerLimits:
         addr = _parseAddress(address)
         if addr is None:
             return True
-        return any(addr.version == net.version and addr in net for net in self.exceptions)
+        networks = self.settings.limitExceptions
+        return any(addr.version == net.version and addr in net for net in networks)
 
     def key(self, kind: str, value: str) -> str:
         """The limiter key of C{value} (an address, a user) for one kind of count."""
@@ -201,7 +213,7 @@ class ListenerLimits:
 
     def clientKey(self, kind: str, address: str) -> str:
         """The limiter key of a client address (see L{clientNetwork})."""
-        return self.key(kind, clientNetwork(address, self.ipv6PrefixLength))
+        return self.key(kind, clientNetwork(address, self.settings.ipv6PrefixLength))
 
     def admit(self, address: str) -> Admission:
         """The bookkeeping of one new connection from C{address}: call
@@ -218,23 +230,23 @@ class ListenerLimits:
             exceeded, else C{None}.
         """
         d: Deferred = succeed(None)
-        if self.messageRateLimit and not self.isExempt(address):
+        if self.settings.messageRateLimit and not self.isExempt(address):
             d.addCallback(
                 lambda _: self._rate(
                     self.clientKey("mail", address),
-                    self.messageRateLimit,
+                    self.settings.messageRateLimit,
                     Reply(450, "4.7.1", f"Error: too much mail from {address}"),
                     "message rate",
                 )
             )
-        if user is not None and self.userMessageRateLimit:
+        if user is not None and self.settings.userMessageRateLimit:
 
             def userRate(refusal: Refusal | None) -> Any:
                 if refusal is not None:
                     return refusal
                 return self._rate(
                     self.key("mail-user", user),
-                    self.userMessageRateLimit,
+                    self.settings.userMessageRateLimit,
                     Reply(450, "4.7.1", f"Error: too much mail from user {user}"),
                     f"message rate of user {user}",
                 )
@@ -243,21 +255,21 @@ class ListenerLimits:
         return d
 
     def _rate(self, key: str, limit: int, reply: Reply, what: str) -> Deferred:
+        window = self.settings.rateWindow
+
         def judge(count: int | None) -> Refusal | None:
             if count is None or count <= limit:
                 return None
-            return Refusal(
-                reply, f"{what} {count} in {self.rateWindow:g}s is over the limit of {limit}"
-            )
+            return Refusal(reply, f"{what} {count} in {window:g}s is over the limit of {limit}")
 
-        return self.ask("hit", self.limiter.hit, key, self.rateWindow).addCallback(judge)
+        return self.ask("hit", self.limiter.hit, key, window).addCallback(judge)
 
     def ask(self, what: str, call: Callable[..., Any], *args: Any) -> Deferred:
         """Call the limiter; a Deferred firing with its answer, or with C{None} (logged) when
         it fails or does not answer within C{timeout} seconds."""
         d = maybeDeferred(call, *args)
         if not d.called:
-            d.addTimeout(self.timeout, self.clock)
+            d.addTimeout(self.settings.limiterTimeout, self.clock)
 
         def failed(failure: Failure) -> None:
             log.error(
@@ -288,37 +300,38 @@ class Admission:
         @return: a Deferred firing with a L{Refusal} when it is over a limit, else C{None}.
         """
         limits = self.limits
+        settings = limits.settings
         limits.active += 1
         self._counted = True
-        if limits.maxConnections and limits.active > limits.maxConnections:
+        if settings.maxConnections and limits.active > settings.maxConnections:
             return succeed(
                 Refusal(
                     Reply(421, "4.7.0", f"{limits.hostname} Error: too many connections"),
                     f"{limits.active} connections on the listener is over the limit of "
-                    f"{limits.maxConnections}",
+                    f"{settings.maxConnections}",
                 )
             )
         if limits.isExempt(self.address):
             return succeed(None)
         key = limits.clientKey("conn", self.address)
         d: Deferred = succeed(None)
-        if limits.maxConnectionsPerClient:
+        if settings.maxConnectionsPerClient:
             d = limits.ask("acquire", limits.limiter.acquire, key).addCallback(self._gotCount)
 
         def rate(count: int | None) -> Any:
-            if count is not None and count > limits.maxConnectionsPerClient:
+            if count is not None and count > settings.maxConnectionsPerClient:
                 # Counted like any other connection, refused or not (as anvil does).
-                if limits.connectionRateLimit:
-                    limits.ask("hit", limits.limiter.hit, key, limits.rateWindow)
+                if settings.connectionRateLimit:
+                    limits.ask("hit", limits.limiter.hit, key, settings.rateWindow)
                 return Refusal(
                     limits.tooManyConnections(self.address),
                     f"{count} connections at once is over the limit of "
-                    f"{limits.maxConnectionsPerClient}",
+                    f"{settings.maxConnectionsPerClient}",
                 )
-            if not limits.connectionRateLimit:
+            if not settings.connectionRateLimit:
                 return None
             return limits._rate(
-                key, limits.connectionRateLimit, limits.tooManyConnections(self.address),
+                key, settings.connectionRateLimit, limits.tooManyConnections(self.address),
                 "connection rate",
             )
 

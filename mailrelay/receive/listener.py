@@ -11,31 +11,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from twisted.internet.interfaces import IReactorTime
+
+from mailrelay.interfaces import IIntake, IRateLimiter
 from mailrelay.policy.chain import RecipientPolicy
 from mailrelay.policy.sender import SenderPolicy
-from mailrelay.receive.limits import (
-    DEFAULT_IPV6_PREFIX_LENGTH,
-    DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
-    DEFAULT_RATE_WINDOW,
-    LIMITER_TIMEOUT,
-    ConnectionCount,
-    ListenerLimits,
-)
-from mailrelay.receive.protocol import ListenerContext, SMTPServerFactory
+from mailrelay.receive.limits import ConnectionCount, LimitSettings, ListenerLimits
+from mailrelay.receive.protocol import ListenerContext, Sessions, SMTPServerFactory
 from mailrelay.smtp.server import BARE_NEWLINE_REJECT, SessionSettings
 
-#: A listener's C{mode}: C{relay} (port 25: AUTH optional) or a submission port (AUTH
-#: required before MAIL), with STARTTLS or implicit TLS.
+if TYPE_CHECKING:  # pragma: no cover
+    from mailrelay.receive.auth import AuthPolicy
+
+#: A listener's role (C{mode}; the configuration's C{mode} key takes these values):
+#: C{"relay"} (MX or relay for the relay networks and accepted domains, AUTH optional),
+#: C{"submission"} (RFC 6409, port 587: AUTH required before MAIL) and C{"submissions"}
+#: (RFC 8314, port 465: the same over implicit TLS).
 LISTENER_MODES = ("relay", "submission", "submissions")
-#: A listener's C{tlsMode}.
-TLS_MODES = ("none", "starttls", "implicit")
+#: A listener's TLS (C{tlsMode}; the configuration's C{tls_mode}): none, STARTTLS
+#: (RFC 3207), or TLS from the first byte.
+LISTENER_TLS_MODES = ("none", "starttls", "implicit")
 
 
 @dataclass(frozen=True)
-class ListenerSettings:
+class ListenerSettings(LimitSettings):
     """Everything that makes one listener's sessions what they are (the shared parts aside).
 
     Identity and mode:
@@ -51,10 +52,10 @@ class ListenerSettings:
       C{greetPause} (before the greeting), C{maxSessionTime} (0: none),
       C{reverseLookupTimeout}; C{minDataRate}: bytes per second a client must keep up in
       DATA (0: only C{dataTimeout}).
-    TLS: C{tlsMode}, one of L{TLS_MODES}; C{tlsOptions}: the server TLS options (an
+    TLS: C{tlsMode}, one of L{LISTENER_TLS_MODES}; C{tlsOptions}: the server TLS options (an
       C{IOpenSSLServerConnectionCreator}), needed unless C{tlsMode} is C{none}.
-    Limits (see L{ListenerLimits}; applied when the listener has a rate limiter):
-      C{maxConnections}, C{maxConnectionsPerClient}, C{connectionRateLimit},
+    Limits (the fields of L{LimitSettings}, keyword only; applied when the listener has a rate
+      limiter): C{maxConnections}, C{maxConnectionsPerClient}, C{connectionRateLimit},
       C{messageRateLimit}, C{userMessageRateLimit}, C{rateWindow}, C{ipv6PrefixLength},
       C{limitExceptions} (networks), C{limiterTimeout}.
     PROXY: C{proxyProtocol}: connections start with a PROXY header, from C{proxyNetworks}
@@ -85,23 +86,16 @@ class ListenerSettings:
     reverseLookupTimeout: float = 10.0
     tlsMode: str = "none"
     tlsOptions: Any = None
-    maxConnections: int = DEFAULT_MAX_CONNECTIONS
-    maxConnectionsPerClient: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
-    connectionRateLimit: int = 0
-    messageRateLimit: int = 0
-    userMessageRateLimit: int = 0
-    rateWindow: float = DEFAULT_RATE_WINDOW
-    ipv6PrefixLength: int = DEFAULT_IPV6_PREFIX_LENGTH
-    limitExceptions: tuple[Any, ...] = ()
-    limiterTimeout: float = LIMITER_TIMEOUT
     proxyProtocol: bool = False
     proxyNetworks: tuple[Any, ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in LISTENER_MODES:
             raise ValueError(f"mode must be one of {', '.join(LISTENER_MODES)}, not {self.mode!r}")
-        if self.tlsMode not in TLS_MODES:
-            raise ValueError(f"tlsMode must be one of {', '.join(TLS_MODES)}, not {self.tlsMode!r}")
+        if self.tlsMode not in LISTENER_TLS_MODES:
+            raise ValueError(
+                f"tlsMode must be one of {', '.join(LISTENER_TLS_MODES)}, not {self.tlsMode!r}"
+            )
         if self.tlsMode != "none" and self.tlsOptions is None:
             raise ValueError(f"tlsMode {self.tlsMode!r} needs tlsOptions (a certificate)")
 
@@ -136,22 +130,17 @@ class ListenerSettings:
             rejectPregreet=rejectPregreet,
         )
 
-    def limits(self, limiter: Any, clock: Any, count: ConnectionCount | None) -> ListenerLimits:
-        """The L{ListenerLimits} of this listener, counting through C{limiter}."""
+    def limits(
+        self, limiter: IRateLimiter, clock: IReactorTime, count: ConnectionCount | None
+    ) -> ListenerLimits:
+        """The L{ListenerLimits} of this listener (these settings), counting through
+        C{limiter}."""
         return ListenerLimits(
             hostname=self.hostname,
             listener=self.name,
             limiter=limiter,
             clock=clock,
-            timeout=self.limiterTimeout,
-            maxConnections=self.maxConnections,
-            maxConnectionsPerClient=self.maxConnectionsPerClient,
-            connectionRateLimit=self.connectionRateLimit,
-            messageRateLimit=self.messageRateLimit,
-            userMessageRateLimit=self.userMessageRateLimit,
-            rateWindow=self.rateWindow,
-            ipv6PrefixLength=self.ipv6PrefixLength,
-            exceptions=self.limitExceptions,
+            settings=self,
             count=count if count is not None else ConnectionCount(),
         )
 
@@ -160,12 +149,12 @@ def buildListenerFactory(
     settings: ListenerSettings,
     *,
     policy: RecipientPolicy,
-    intake: Any,
-    clock: Any,
-    auth: Any = None,
-    limiter: Any = None,
+    intake: IIntake,
+    clock: IReactorTime,
+    auth: AuthPolicy | None = None,
+    limiter: IRateLimiter | None = None,
     resolver: Any = None,
-    sessions: Any = None,
+    sessions: Sessions | None = None,
     connectionCount: ConnectionCount | None = None,
 ) -> SMTPServerFactory:
     """The factory of one listener's SMTP sessions (below it, L{wrapListenerFactory}'s

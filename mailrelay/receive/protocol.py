@@ -33,14 +33,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IAddress, IHandshakeListener, IPushProducer
+from twisted.internet.interfaces import IAddress, IHandshakeListener, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.envelope import ClientInfo, Envelope
-from mailrelay.interfaces import Verdict, VerdictKind
+from mailrelay.interfaces import IIntake, Verdict, VerdictKind
 from mailrelay.policy.chain import RecipientPolicy
 from mailrelay.policy.sender import SenderPolicy
 from mailrelay.receive.tls import describeTLS
@@ -64,6 +64,8 @@ from mailrelay.smtp.server import (
 from mailrelay.smtp.wire import setNoDelay
 
 if TYPE_CHECKING:  # pragma: no cover
+    from mailrelay.receive.auth import AuthPolicy
+    from mailrelay.receive.limits import ListenerLimits
     from mailrelay.receive.listener import ListenerSettings
 
 log = Logger()
@@ -97,12 +99,12 @@ class ListenerContext:
     session: SessionSettings
     policy: RecipientPolicy
     sender: SenderPolicy
-    intake: Any
-    clock: Any
-    auth: Any = None
-    limits: Any = None
+    intake: IIntake
+    clock: IReactorTime
+    auth: AuthPolicy | None = None
+    limits: ListenerLimits | None = None
     resolver: Any = None
-    sessions: Any = None
+    sessions: Sessions | None = None
 
 
 def shuttingDown(hostname: str) -> Reply:

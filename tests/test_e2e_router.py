@@ -1,0 +1,99 @@
+"""End-to-end: the real C{twistd -n mailrelay} with a site router, the example
+C{examples/lmtp-domains} dropped in through C{PYTHONPATH}, in front of the routing table.
+
+Next hops are aiosmtpd: an LMTP server on a UNIX socket for the router's domains, an SMTP
+server for what the routes say (see tests/test_e2e_outbound.py, whose fixtures these are).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from tests.test_e2e_outbound import (  # noqa: F401 (fixtures)
+    bounceID,
+    config,
+    dns,
+    message,
+    nexthop,
+    parseReport,
+    relay,
+    smtpRoute,
+    submit,
+    waitEmpty,
+    waitRemoved,
+    waitResult,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "lmtp-domains"
+
+
+def test_example_router_routes_before_the_table(
+    relay, nexthop, dns, tmp_path: Path  # noqa: F811 (the fixtures imported above)
+) -> None:
+    """The router's domains go to LMTP, its REJECT bounces, its DEFER stays queued, the rest
+    goes where the routes say; a reload re-reads the router's file."""
+    lmtp, socket = nexthop(lmtp=True)
+    smtp, port = nexthop()
+    domains = tmp_path / "lmtp-domains"
+    domains.write_text(
+        f"lmtp.test      unix:{socket}\n"
+        f".lmtp.test     unix:{socket}   # and its subdomains\n"
+        "gone.test      REJECT moved away\n"
+        "later.test     DEFER\n",
+        encoding="utf-8",
+    )
+    routes = [smtpRoute("other.test", port), smtpRoute("sender.test", port)]
+    # Retries every second, so that fred@later.test is retried soon after the reload.
+    queue = {"min_backoff": 1, "max_backoff": 1}
+    text = config(dns, queue=queue, routes=routes)
+    text += f'[[routers]]\nplugin = "lmtp-domains"\nfile = "{domains}"\n'
+    env = {"PYTHONPATH": os.pathsep.join([str(EXAMPLE), os.environ.get("PYTHONPATH", "")])}
+    r = relay(text, env=env)
+
+    rcpts = ["bob@lmtp.test", "carol@sub.lmtp.test", "dave@other.test", "erin@gone.test",
+             "fred@later.test"]
+    qid = submit(r, "alice@sender.test", rcpts, message("routed"))
+
+    # The router's domains: one LMTP transaction for both.
+    for rcpt in ("bob@lmtp.test", "carol@sub.lmtp.test"):
+        m = waitResult(r, qid, rcpt)
+        assert (m["status"], m["diagnostic"]) == ("sent", "smtp; 250 2.0.0 delivered"), m[0]
+    (delivered,) = lmtp.waitTo("bob@lmtp.test")
+    assert delivered.rcptTos == ["bob@lmtp.test", "carol@sub.lmtp.test"]
+    assert b"Subject: routed\r\n" in delivered.content
+    # Not the router's: the routing table's SMTP route.
+    m = waitResult(r, qid, "dave@other.test")
+    assert m["status"] == "sent", m[0]
+    assert [m.rcptTos for m in smtp.waitTo("dave@other.test")] == [["dave@other.test"]]
+    # REJECT: bounced at once with the router's status and text, the DSN says so.
+    m = waitResult(r, qid, "erin@gone.test")
+    assert (m["status"], m["diagnostic"]) == ("bounced", "X-mailrelay; moved away"), m[0]
+    r.waitForLog(
+        rf"{qid}: router lmtp-domains answered for <erin@gone\.test>: 5\.1\.2 X-mailrelay; "
+        "moved away"
+    )
+    dsnID = bounceID(r, qid)
+    waitRemoved(r, dsnID)
+    (bounce,) = smtp.waitTo("alice@sender.test")
+    _, _, (block,), _ = parseReport(bounce.content)
+    assert (block["Final-Recipient"], block["Action"], block["Status"]) == (
+        "rfc822; erin@gone.test", "failed", "5.1.2")
+    # DEFER: deferred, still queued, never delivered anywhere.
+    m = waitResult(r, qid, "fred@later.test")
+    assert m["status"] == "deferred", m[0]
+    assert "4.3.2 X-mailrelay; domain later.test is not accepting mail now" in m["diagnostic"]
+    assert r.queued() == [qid]
+    assert not lmtp.to("fred@later.test") and not smtp.to("fred@later.test")
+
+    # A reload re-reads the file: later.test now goes to LMTP, at the next retry.
+    domains.write_text(f"later.test unix:{socket}\n", encoding="utf-8")
+    assert r.process is not None
+    r.process.send_signal(signal.SIGHUP)
+    r.waitForLog("configuration reloaded from")
+    m = waitResult(r, qid, "fred@later.test", "sent", timeout=30)
+    assert m["diagnostic"] == "smtp; 250 2.0.0 delivered", m[0]
+    assert [m.rcptTos for m in lmtp.waitTo("fred@later.test")] == [["fred@later.test"]]
+    waitEmpty(r)
