@@ -1134,8 +1134,8 @@ def test_policyValidation() -> None:
 def test_permanentRoutingFailureBounces(
     spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
 ) -> None:
-    """A router's permanent failure (route.DeliveryFailure) bounces at once; a transient one
-    is retried."""
+    """A router's PermanentFailure bounces at once; a TransientFailure is retried, with its
+    own code and diagnostic."""
     from mailrelay.route import DeliveryFailure
 
     router.routes["gone.example"] = DeliveryFailure(
@@ -1154,7 +1154,8 @@ def test_permanentRoutingFailureBounces(
     a, b = stored(spool, queueID)["recipients"]
     assert (a["state"], a["status"]) == (BOUNCED, "5.1.2")
     assert a["lastResult"] == "X-mailrelay; no route to gone.example"
-    assert (b["state"], b["status"]) == (PENDING, "4.3.0")
+    assert (b["state"], b["status"]) == (PENDING, "4.4.3")
+    assert b["lastResult"] == "X-mailrelay; dns trouble"
     [call] = bounces.calls
     assert [blk["Final-Recipient"] for blk in recipientBlocks(call.message)] == ["rfc822; a@gone.example"]
     bounces.release()
