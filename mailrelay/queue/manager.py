@@ -29,6 +29,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -59,7 +60,7 @@ class QueueManager(Service):
         spool: ISpool,
         router: Any,
         backends: Mapping[str, IDeliveryBackend],
-        clock: Any,
+        clock: IReactorTime,
         *,
         hostname: str,
         policy: QueuePolicy = _DEFAULT_POLICY,
