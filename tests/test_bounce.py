@@ -19,7 +19,6 @@ from mailrelay.queue.dsn import (
     buildDSN,
     dsnEnvelope,
     isPostmasterNotice,
-    utf8AddrXtext,
 )
 
 HOST = "relay.test"
@@ -271,12 +270,6 @@ def test_utf8Sender(original: Path) -> None:
     dsn = build(original, envelope=makeEnvelope(sender="rené@example.org", smtputf8=True))
     assertWellFormed(dsn)
     assert "To: <rené@example.org>\r\n".encode() in dsn  # RFC 6532 UTF-8 header
-
-
-def test_utf8AddrXtext() -> None:
-    assert utf8AddrXtext("plain@example.com") == "plain@example.com"
-    assert utf8AddrXtext("a+b=c\\d@x") == "a\\x{2B}b\\x{3D}c\\x{5C}d@x"
-    assert utf8AddrXtext("日本@x") == "\\x{65E5}\\x{672C}@x"
 
 
 def test_longDiagnosticFolded(original: Path) -> None:

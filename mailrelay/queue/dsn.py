@@ -31,6 +31,7 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
+from mailrelay.address import utf8AddrXtext, xtextEncode
 from mailrelay.cleanup.stamping import formatDate
 from mailrelay.envelope import ClientInfo, Envelope, Recipient
 from mailrelay.queue.outcome import POSTMASTER_SOURCE, isPostmasterNotice
@@ -44,7 +45,6 @@ __all__ = [
     "buildDSN",
     "dsnEnvelope",
     "isPostmasterNotice",
-    "utf8AddrXtext",
 ]
 
 #: The RFC 3464 actions L{buildDSN} reports.
@@ -70,31 +70,7 @@ _UNSAFE_FIELD_TEXT = re.compile(r"[\x00-\x1f\x7f]+")
 
 
 # ---------------------------------------------------------------------------------------------
-# Encodings
-
-
-def utf8AddrXtext(address: str) -> str:
-    """Encode C{address} in RFC 6533's C{utf-8-addr-xtext} form: ASCII only, each non-ASCII
-    character (and C{+}, C{=}, C{\\}, controls, space) as C{\\x{HEX}} of its code point."""
-    out = []
-    for char in address:
-        code = ord(char)
-        if 0x21 <= code <= 0x7E and char not in "+=\\":
-            out.append(char)
-        else:
-            out.append(f"\\x{{{code:02X}}}")
-    return "".join(out)
-
-
-def _xtext(text: str) -> str:
-    """RFC 3461 xtext of C{text} (C{+HH} for each octet outside C{!}..C{~}, and C{+}, C{=})."""
-    out = []
-    for char in text:
-        if 33 <= ord(char) <= 126 and char not in "+=":
-            out.append(char)
-        else:
-            out.extend(f"+{octet:02X}" for octet in char.encode("utf-8"))
-    return "".join(out)
+# Encodings (xtext and utf-8-addr-xtext: L{mailrelay.address})
 
 
 def _typedAddress(address: str) -> str:
@@ -349,7 +325,7 @@ def _deliveryStatus(
     if envelope.sender:
         perMessage.append(_fold("X-Mailrelay-Sender", _typedAddress(envelope.sender)))
     if envelope.envid:
-        perMessage.append(_fold("Original-Envelope-Id", _xtext(envelope.envid)))
+        perMessage.append(_fold("Original-Envelope-Id", xtextEncode(envelope.envid)))
     arrival = envelope.arrival if envelope.arrival is not None else now
     perMessage.append(f"Arrival-Date: {formatDate(arrival)}\r\n")
     blocks = ["".join(perMessage)]
