@@ -123,8 +123,8 @@ def test_headerFields(original: Path) -> None:
     assert f"From: MAILER-DAEMON@{HOST} (Mail Delivery System)\r\n".encode() in dsn
     assert b"To: <sender@example.org>\r\n" in dsn
     assert report["Subject"] == "Undelivered Mail Returned to Sender"
-    assert report["Date"].datetime.timestamp() == NOW
-    assert re.fullmatch(rf"<[^<>@\s]+@{re.escape(HOST)}>", report["Message-Id"])
+    # The intake's stampers add these, as to any message (tests/test_queue.py).
+    assert "Date" not in report and "Message-Id" not in report and "Received" not in report
     assert report["Auto-Submitted"] == "auto-replied"
     assert report["MIME-Version"] == "1.0"
     assert report.get_content_type() == "multipart/report"
@@ -150,10 +150,6 @@ def test_subjects(original: Path, action: str, subject: str) -> None:
     assert parse(dsn)["Subject"] == subject
     _, [block] = deliveryStatus(dsn)
     assert block["Action"] == action
-
-
-def test_messageIDsDiffer(original: Path) -> None:
-    assert parse(build(original))["Message-Id"] != parse(build(original))["Message-Id"]
 
 
 def test_badArguments(original: Path) -> None:

@@ -1,5 +1,6 @@
-"""The delivery side of a L{Config}: the spool, and the queue manager with its backends
-(in the relay's process, or in the delivery process)."""
+"""The delivery side of a L{Config}: the spool, and the queue manager with its backends and
+the intake its notifications enter the spool through (in the relay's process, or in the
+delivery process)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from mailrelay.app.backends import makeBackends
 from mailrelay.app.services import BackendsService, OrderedMultiService, SpoolService
 from mailrelay.config import Config
 from mailrelay.errors import ConfigError
-from mailrelay.interfaces import ISpool
+from mailrelay.interfaces import IHeaderStamper, ISpool
 from mailrelay.spool import Spool
 
 
@@ -35,8 +36,14 @@ def makeDelivery(
     """The delivery side over C{spool}: the backends' service and the queue manager (to be
     started in that order), and the queue manager.
 
-    @raise ConfigError: a route or a backend plugin is refused.
+    The queue manager's notifications enter C{spool} through an intake of their own, with
+    the configured header stampers (so site stampers see them too); it tells the queue
+    manager of each one committed.
+
+    @raise ConfigError: a route, a backend plugin or a header stamper plugin is refused.
     """
+    from mailrelay.cleanup.intake import Intake
+    from mailrelay.cleanup.stamping import ConfiguredStamper
     from mailrelay.queue import QueueManager, QueuePolicy
     from mailrelay.queue.lock import QueueLock
     from mailrelay.route.table import RoutingTable
@@ -46,6 +53,14 @@ def makeDelivery(
     except ValueError as e:
         raise ConfigError(str(e), file=config.source or "(embedded default)", key="routes") from e
     backends = makeBackends(config, reactor, build)
+    stampers = [
+        ConfiguredStamper(spec.plugin, build(spec, IHeaderStamper), spec.timeout)
+        for spec in config.headerStampers
+    ]
+
+    def makeIntake(enqueue: Any) -> Intake:
+        return Intake(spool, stampers, reactor, config.hostname, config.maxHops, enqueue)
+
     q = config.queue
     queue = QueueManager(
         spool,
@@ -53,6 +68,7 @@ def makeDelivery(
         backends,
         reactor,
         hostname=config.hostname,
+        makeIntake=makeIntake,
         policy=QueuePolicy(
             minBackoff=q.minBackoff,
             maxBackoff=q.maxBackoff,
