@@ -4,6 +4,7 @@ delivery process)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -58,7 +59,7 @@ def makeDelivery(
         for spec in config.headerStampers
     ]
 
-    def makeIntake(enqueue: Any) -> Intake:
+    def makeIntake(enqueue: Callable[[str], None]) -> Intake:
         return Intake(spool, stampers, reactor, config.hostname, config.maxHops, enqueue)
 
     q = config.queue
