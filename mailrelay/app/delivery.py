@@ -1,8 +1,10 @@
-"""The delivery side of a L{Config}: the spool, and the queue manager with its backends
-(in the relay's process, or in the delivery process)."""
+"""The delivery side of a L{Config}: the spool, and the queue manager with its backends and
+the intake its notifications enter the spool through (in the relay's process, or in the
+delivery process)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -35,8 +37,14 @@ def makeDelivery(
     """The delivery side over C{spool}: the backends' service and the queue manager (to be
     started in that order), and the queue manager.
 
-    @raise ConfigError: a route or a backend plugin is refused.
+    The queue manager's notifications enter C{spool} through an intake of their own, with
+    the configured header stampers (so site stampers see them too); it tells the queue
+    manager of each one committed.
+
+    @raise ConfigError: a route, a backend plugin or a header stamper plugin is refused.
     """
+    from mailrelay.app.listeners import makeStampers
+    from mailrelay.cleanup.intake import Intake
     from mailrelay.queue import QueueManager, QueuePolicy
     from mailrelay.queue.lock import QueueLock
     from mailrelay.route.table import RoutingTable
@@ -47,6 +55,11 @@ def makeDelivery(
         raise ConfigError(str(e), file=config.source or "(embedded default)", key="routes") from e
     backends = makeBackends(config, reactor, build)
     router = makeRouter(config, reactor, build, router)
+    stampers = makeStampers(config, build)
+
+    def makeIntake(enqueue: Callable[[str], None]) -> Intake:
+        return Intake(spool, stampers, reactor, config.hostname, config.maxHops, enqueue)
+
     q = config.queue
     queue = QueueManager(
         spool,
@@ -54,6 +67,7 @@ def makeDelivery(
         backends,
         reactor,
         hostname=config.hostname,
+        makeIntake=makeIntake,
         policy=QueuePolicy(
             minBackoff=q.minBackoff,
             maxBackoff=q.maxBackoff,
