@@ -37,6 +37,7 @@ __all__ = [
     "parseForwardPath",
     "parseReversePath",
     "splitArgument",
+    "utf8AddrXtext",
     "xtextDecode",
     "xtextEncode",
 ]
@@ -542,6 +543,24 @@ def xtextEncode(s: str) -> str:
             out.append(char)
         else:
             out.extend(f"+{octet:02X}" for octet in char.encode("utf-8"))
+    return "".join(out)
+
+
+def utf8AddrXtext(address: str) -> str:
+    """Encode C{address} in RFC 6533's C{utf-8-addr-xtext} form (section 3): ASCII only,
+    each non-ASCII character (and C{+}, C{=}, C{\\}, controls, space) as C{\\x{HEX}} of its
+    code point, at least two hex digits (C{\\x{2B}}, C{\\x{E9}}, C{\\x{65E5}}).
+
+    For an address of type C{utf-8} where only ASCII may go: an ORCPT parameter relayed
+    without SMTPUTF8, a C{message/delivery-status} field.
+    """
+    out = []
+    for char in address:
+        code = ord(char)
+        if 0x21 <= code <= 0x7E and char not in "+=\\":
+            out.append(char)
+        else:
+            out.append(f"\\x{{{code:02X}}}")
     return "".join(out)
 
 

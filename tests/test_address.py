@@ -15,6 +15,7 @@ from mailrelay.address import (
     parseForwardPath,
     parseReversePath,
     splitArgument,
+    utf8AddrXtext,
     xtextDecode,
     xtextEncode,
 )
@@ -729,6 +730,24 @@ def test_xtextDecode(encoded: str, decoded: str) -> None:
 def test_xtextEncode(decoded: str, encoded: str) -> None:
     """xtext encoding escapes +, = and characters outside ! .. ~ in upper-case hex."""
     assert xtextEncode(decoded) == encoded
+
+
+@pytest.mark.parametrize(
+    "address,encoded",
+    [
+        ("plain@example.com", "plain@example.com"),
+        ("a+b=c\\d@x", "a\\x{2B}b\\x{3D}c\\x{5C}d@x"),
+        ("日本@x", "\\x{65E5}\\x{672C}@x"),
+        ("rené@x", "ren\\x{E9}@x"),
+        ("a b\x01@x", "a\\x{20}b\\x{01}@x"),  # HEXPOINT: never fewer than two digits
+        ("\U0001F600@x", "\\x{1F600}@x"),
+    ],
+)
+def test_utf8AddrXtext(address: str, encoded: str) -> None:
+    """RFC 6533 utf-8-addr-xtext: ASCII only; +, =, \\, space, controls and every non-ASCII
+    character as \\x{HEX} of the code point, no leading zeros beyond two digits."""
+    assert utf8AddrXtext(address) == encoded
+    assert encoded.isascii()
 
 
 @pytest.mark.parametrize(

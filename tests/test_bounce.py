@@ -19,7 +19,6 @@ from mailrelay.queue.dsn import (
     buildDSN,
     dsnEnvelope,
     isPostmasterNotice,
-    utf8AddrXtext,
 )
 
 HOST = "relay.test"
@@ -124,8 +123,8 @@ def test_headerFields(original: Path) -> None:
     assert f"From: MAILER-DAEMON@{HOST} (Mail Delivery System)\r\n".encode() in dsn
     assert b"To: <sender@example.org>\r\n" in dsn
     assert report["Subject"] == "Undelivered Mail Returned to Sender"
-    assert report["Date"].datetime.timestamp() == NOW
-    assert re.fullmatch(rf"<[^<>@\s]+@{re.escape(HOST)}>", report["Message-Id"])
+    # The intake's stampers add these, as to any message (tests/test_queue.py).
+    assert "Date" not in report and "Message-Id" not in report and "Received" not in report
     assert report["Auto-Submitted"] == "auto-replied"
     assert report["MIME-Version"] == "1.0"
     assert report.get_content_type() == "multipart/report"
@@ -151,10 +150,6 @@ def test_subjects(original: Path, action: str, subject: str) -> None:
     assert parse(dsn)["Subject"] == subject
     _, [block] = deliveryStatus(dsn)
     assert block["Action"] == action
-
-
-def test_messageIDsDiffer(original: Path) -> None:
-    assert parse(build(original))["Message-Id"] != parse(build(original))["Message-Id"]
 
 
 def test_badArguments(original: Path) -> None:
@@ -271,12 +266,6 @@ def test_utf8Sender(original: Path) -> None:
     dsn = build(original, envelope=makeEnvelope(sender="rené@example.org", smtputf8=True))
     assertWellFormed(dsn)
     assert "To: <rené@example.org>\r\n".encode() in dsn  # RFC 6532 UTF-8 header
-
-
-def test_utf8AddrXtext() -> None:
-    assert utf8AddrXtext("plain@example.com") == "plain@example.com"
-    assert utf8AddrXtext("a+b=c\\d@x") == "a\\x{2B}b\\x{3D}c\\x{5C}d@x"
-    assert utf8AddrXtext("日本@x") == "\\x{65E5}\\x{672C}@x"
 
 
 def test_longDiagnosticFolded(original: Path) -> None:

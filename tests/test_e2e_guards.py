@@ -6,7 +6,8 @@ a hostile or broken outside (issue 7, points 5 to 7).
 - Damaged queue files are quarantined in C{corrupt/} with one log line, never retried nor
   relayed truncated; good entries beside them are delivered.
 - A header stamper that fails or is too slow makes the message C{451 4.3.0}; refused commands
-  are logged Postfix style (C{NOQUEUE: reject: ...}).
+  are logged Postfix style (C{NOQUEUE: reject: ...}).  Bounces go through the same stampers
+  as mail received by SMTP.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import signal
 import smtplib
 import time
 from pathlib import Path
+
+import pytest
 
 from tests.harness import LineClient, RelayProcess
 from tests.test_e2e_outbound import nexthop  # noqa: F401 - a fixture
@@ -343,6 +346,45 @@ def test_stamper_answering_with_a_deferred(tmp_path: Path) -> None:
     assert head.endswith(f"\r\nX-Slow-Stamp: {queueID}".encode())
     assert body == b"body\r\n" * 1000
 
+
+
+@pytest.mark.parametrize("process", ["separate", "inline"])
+def test_bounce_is_stamped_like_mail_received_by_smtp(tmp_path: Path, nexthop, process: str) -> None:
+    """A bounce enters the spool through the intake, as mail received by SMTP does: the
+    site's header stampers see it (here test-slow-stamper's X-Slow-Stamp), and the default
+    stamper gives it a Message-Id of the same form, whichever process the queue manager
+    runs in."""
+    hop, port = nexthop()
+    hop.rcptReply = lambda a: "550 5.1.1 no such user" if a == "gone@good.test" else None
+    route = 'backend = "smtp"\nnexthop = "[127.0.0.1]:%d"\n' % port
+    r = siteRelay(
+        tmp_path,
+        f'[queue]\nprocess = "{process}"\n'
+        '[[header_stampers]]\nplugin = "default"\n'
+        '[[header_stampers]]\nplugin = "test-slow-stamper"\ndelay = 0\ntimeout = 10\n'
+        f'[[routes]]\ndomain = "good.test"\n{route}[[routes]]\ndomain = "example.com"\n{route}',
+        hold=False,
+    )
+    try:
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=15) as s:
+            s.sendmail("a@example.com", ["gone@good.test", "here@good.test"],
+                       b"Subject: half of it bounces\r\n\r\nhi\r\n")
+        queueID = r.waitForLog(r"result=250 2\.0\.0 Ok: queued as (\w+)").group(1)
+        dsnID = r.waitForLog(rf"{queueID}: sender non-delivery notification: (\w+)").group(1)
+        (mail,) = hop.waitTo("here@good.test")
+        (bounce,) = hop.waitTo("a@example.com")
+        text = r.waitForLog(rf"{dsnID}: removed").string
+    finally:
+        r.stop()
+    assert bounce.mailFrom == "<>" and mail.mailFrom == "a@example.com"
+    assert bounce.content.startswith(f"Received: by relay.test (mailrelay) id {dsnID}; ".encode())
+    for content, qid in ((mail.content, queueID), (bounce.content, dsnID)):
+        head = content.split(b"\r\n\r\n", 1)[0]
+        # The default stamper's fields, then the site stamper's, after the message's own.
+        assert re.search(rb"\r\nMessage-Id: <\d{14}\." + qid.encode() + rb"@relay\.test>\r\n"
+                         rb"Date: [^\r\n]+\r\nX-Slow-Stamp: " + qid.encode() + rb"\Z", head), head
+        assert head.count(b"\r\nMessage-Id: ") == 1 and head.count(b"\r\nDate: ") == 1
+    assert f"{dsnID}: from=<> nrcpt=1 size=" in text  # the intake's line, as for any message
 
 
 def test_site_backend_timeout_is_honoured(tmp_path: Path) -> None:

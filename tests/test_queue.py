@@ -9,6 +9,7 @@ from __future__ import annotations
 import email
 import email.policy
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -16,12 +17,23 @@ from typing import Any, Callable
 import pytest
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import capturedLogs, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from mailrelay.cleanup.intake import Intake
+from mailrelay.cleanup.stamping import ConfiguredStamper, DefaultStamper
 from mailrelay.envelope import BOUNCED, DELIVERED, PENDING, ClientInfo, Envelope, Recipient
 from mailrelay.errors import CorruptEntry, SpoolError
-from mailrelay.interfaces import DeliveryStatus, RecipientResult, Route, RouteOptions
+from mailrelay.interfaces import (
+    DeliveryStatus,
+    IHeaderStamper,
+    RecipientResult,
+    Route,
+    RouteOptions,
+    StampContext,
+    StampResult,
+)
 from mailrelay.queue import QueueManager, QueuePolicy, backoff
 from mailrelay.queue import scheduler as schedulerModule
 from mailrelay.queue.attempt import Calls
@@ -239,11 +251,22 @@ def makeManager(
     backends: dict[str, Any],
     clock: Clock,
     timeouts: dict[str, float] | None = None,
+    stampers: list[Any] | None = None,
     **policy: Any,
 ) -> QueueManager:
+    """A queue manager whose notifications go through an intake with the default stamper
+    (or C{stampers})."""
+
+    def makeIntake(enqueue: Callable[[str], None]) -> Intake:
+        configured = [
+            ConfiguredStamper(type(s).__name__, s, 30.0)
+            for s in ([DefaultStamper()] if stampers is None else stampers)
+        ]
+        return Intake(spool, configured, clock, HOST, notify=enqueue)
+
     return QueueManager(
-        spool, router, backends, clock, hostname=HOST, policy=QueuePolicy(**policy),
-        timeouts=timeouts,
+        spool, router, backends, clock, hostname=HOST, makeIntake=makeIntake,
+        policy=QueuePolicy(**policy), timeouts=timeouts,
     )
 
 
@@ -363,6 +386,90 @@ def test_permanentFailureBouncesBeforeUpdate(
     assert block["Diagnostic-Code"] == "smtp; 550 5.1.1 user unknown"
     assert block["Remote-MTA"] == "dns; mx.example.com"
     bounceBackend.release()
+    assert spool.queueIDs() == []
+    resultOf(qm.stopService())
+
+
+@implementer(IHeaderStamper)
+class SiteStamper:
+    def __init__(self) -> None:
+        self.contexts: list[StampContext] = []
+
+    def stamp(self, context: StampContext) -> StampResult:
+        self.contexts.append(context)
+        return StampResult(append=[f"X-Site: {context.envelope.queueID}\r\n".encode()])
+
+
+def test_notificationsEnterThroughTheIntake(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any
+) -> None:
+    """A bounce is stamped like any message: the default stamper's Received:, Message-Id:
+    and Date: (the forms of mail received by SMTP), then the site's stampers; the intake
+    logs its from=<> line and hands it to the queue manager."""
+    from mailrelay.cleanup.stamping import formatDate
+
+    site = SiteStamper()
+    backend.script["a@example.com"] = ["5"]
+    qm = makeManager(spool, router, {"smtp": backend}, clock, stampers=[DefaultStamper(), site])
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["a@example.com"])
+    with capturedLogs() as intakeEvents:
+        qm.enqueue(queueID)
+    original, bounce = backend.calls
+    dsnID = bounce.queueID
+    assert bounce.isBounce and dsnID != queueID and spool.queueIDs() == []
+    [context] = site.contexts
+    assert context.client is None and context.envelope.isBounce
+    assert context.envelope.queueID == dsnID
+    stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(clock.seconds()))
+    assert bounce.message.startswith(
+        f"Received: by {HOST} (mailrelay) id {dsnID}; {formatDate(clock.seconds())}\r\n"
+        f"From: MAILER-DAEMON@{HOST} (Mail Delivery System)\r\n".encode()
+    )
+    head = bounce.message.split(b"\r\n\r\n", 1)[0]
+    assert head.endswith(
+        f"\r\nMessage-Id: <{stamp}.{dsnID}@{HOST}>\r\nDate: {formatDate(clock.seconds())}"
+        f"\r\nX-Site: {dsnID}".encode()
+    )
+    assert head.count(b"\r\nMessage-Id:") == 1 and head.count(b"\r\nDate:") == 1
+    lines = [formatEvent(e) for e in intakeEvents]
+    # No client=: the relay made it, no client sent it.
+    assert f"{dsnID}: from=<> nrcpt=1 size={len(bounce.message)} " \
+        f"result=250 2.0.0 Ok: queued as {dsnID}" in lines
+    assert f"{queueID}: sender non-delivery notification: {dsnID}" in texts(events)
+    resultOf(qm.stopService())
+
+
+def test_notificationRefusedByAStamperIsOwedAgain(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any
+) -> None:
+    """A stamper that fails refuses the bounce as it would any message: the recipient stays
+    queued and the bounce is owed again at the next attempt."""
+
+    @implementer(IHeaderStamper)
+    class Flaky:
+        failures = 1
+
+        def stamp(self, context: StampContext) -> StampResult:
+            if self.failures:
+                self.failures -= 1
+                raise RuntimeError("the stamper's database is gone")
+            return StampResult()
+
+    backend.script["a@example.com"] = ["5"]
+    qm = makeManager(spool, router, {"smtp": backend}, clock, stampers=[Flaky()])
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["a@example.com"])
+    with capturedLogs():
+        qm.enqueue(queueID)
+    assert spool.queueIDs() == [queueID] and backend.bounces() == []
+    assert stored(spool, queueID)["recipients"][0]["state"] == PENDING
+    assert any(
+        "queueing the failed notification to <sender@example.org> failed: 451 4.3.0" in t
+        for t in texts(events, queueID)
+    )
+    clock.advance(300)
+    [bounce] = backend.bounces()
     assert spool.queueIDs() == []
     resultOf(qm.stopService())
 
@@ -1134,8 +1241,8 @@ def test_policyValidation() -> None:
 def test_permanentRoutingFailureBounces(
     spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
 ) -> None:
-    """A router's permanent failure (route.DeliveryFailure) bounces at once; a transient one
-    is retried."""
+    """A router's PermanentFailure bounces at once; a TransientFailure is retried, with its
+    own code and diagnostic."""
     from mailrelay.route import DeliveryFailure
 
     router.routes["gone.example"] = DeliveryFailure(
@@ -1154,7 +1261,8 @@ def test_permanentRoutingFailureBounces(
     a, b = stored(spool, queueID)["recipients"]
     assert (a["state"], a["status"]) == (BOUNCED, "5.1.2")
     assert a["lastResult"] == "X-mailrelay; no route to gone.example"
-    assert (b["state"], b["status"]) == (PENDING, "4.3.0")
+    assert (b["state"], b["status"]) == (PENDING, "4.4.3")
+    assert b["lastResult"] == "X-mailrelay; dns trouble"
     [call] = bounces.calls
     assert [blk["Final-Recipient"] for blk in recipientBlocks(call.message)] == ["rfc822; a@gone.example"]
     bounces.release()

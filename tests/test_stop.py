@@ -147,6 +147,7 @@ def test_queue_lock_wait_can_be_cancelled(tmp_path: Path) -> None:
 
 
 def test_queue_manager_delivers_nothing_before_it_has_the_lock(tmp_path: Path) -> None:
+    from mailrelay.cleanup.intake import Intake
     from mailrelay.queue import QueueManager
 
     clock = Clock()
@@ -162,6 +163,7 @@ def test_queue_manager_delivers_nothing_before_it_has_the_lock(tmp_path: Path) -
 
     spool = Spool()
     queue = QueueManager(spool, None, {}, clock, hostname="relay.test",
+                         makeIntake=lambda enqueue: Intake(spool, [], clock, "relay.test"),
                          lock=QueueLock(tmp_path, clock))
     queue.startService()
     queue.enqueue("01K1H5WXVST20000479F")

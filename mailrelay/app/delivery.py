@@ -1,8 +1,10 @@
-"""The delivery side of a L{Config}: the spool, and the queue manager with its backends
-(in the relay's process, or in the delivery process)."""
+"""The delivery side of a L{Config}: the spool, and the queue manager with its backends and
+the intake its notifications enter the spool through (in the relay's process, or in the
+delivery process)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -35,8 +37,14 @@ def makeDelivery(
     """The delivery side over C{spool}: the backends' service and the queue manager (to be
     started in that order), and the queue manager.
 
-    @raise ConfigError: a route or a backend plugin is refused.
+    The queue manager's notifications enter C{spool} through an intake of their own, with
+    the configured header stampers (so site stampers see them too); it tells the queue
+    manager of each one committed.
+
+    @raise ConfigError: a route, a backend plugin or a header stamper plugin is refused.
     """
+    from mailrelay.app.listeners import makeStampers
+    from mailrelay.cleanup.intake import Intake
     from mailrelay.queue import QueueManager
     from mailrelay.queue.lock import QueueLock
     from mailrelay.route.table import RoutingTable
@@ -47,12 +55,18 @@ def makeDelivery(
         raise ConfigError(str(e), file=config.source or "(embedded default)", key="routes") from e
     backends = makeBackends(config, reactor, build)
     router = makeRouter(config, reactor, build, router)
+    stampers = makeStampers(config, build)
+
+    def makeIntake(enqueue: Callable[[str], None]) -> Intake:
+        return Intake(spool, stampers, reactor, config.hostname, config.maxHops, enqueue)
+
     queue = QueueManager(
         spool,
         router,
         backends,
         reactor,
         hostname=config.hostname,
+        makeIntake=makeIntake,
         policy=config.queue,
         # A site backend's [[backends]] timeout; the built-in ones keep the policy's bound.
         timeouts={spec.name: spec.timeout for spec in config.backends},

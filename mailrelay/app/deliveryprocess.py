@@ -30,11 +30,13 @@ __all__ = ["makeDeliveryServices"]
 
 
 def makeDeliveryServices(config: Any, reactor: Any) -> tuple[Any, Any]:
-    """The spool, the delivery backends and the queue manager of C{config}, as one service
+    """The spool, the delivery backends and the queue manager of C{config} (with the intake
+    its notifications enter the spool through: L{makeDelivery}), as one service
     (started in that order, stopped in the reverse order, each after the one before has
     finished), and the queue manager.
 
-    @raise mailrelay.errors.ConfigError: a route or backend plugin is refused.
+    @raise mailrelay.errors.ConfigError: a route, a backend or a header stamper plugin is
+        refused.
     """
     from mailrelay.app.delivery import makeDelivery, makeSpool
     from mailrelay.app.plugins import availablePlugins, pluginBuilder

@@ -207,11 +207,19 @@ def makeIntake(
     @param notify: called with the queue id of each message once it is durable, or C{None}.
     @raise ConfigError: a stamper plugin is unknown or refuses its options.
     """
-    stampers = [
+    stampers = makeStampers(config, build)
+    return Intake(spool, stampers, reactor, config.hostname, config.maxHops, notify)
+
+
+def makeStampers(config: Config, build: Any) -> list[ConfiguredStamper]:
+    """The configured header stampers, built, each with its timeout.
+
+    @raise ConfigError: a stamper plugin is unknown or refuses its options.
+    """
+    return [
         ConfiguredStamper(spec.plugin, build(spec, IHeaderStamper), spec.timeout)
         for spec in config.headerStampers
     ]
-    return Intake(spool, stampers, reactor, config.hostname, config.maxHops, notify)
 
 
 def makeRecipientPolicy(config: Config, reactor: Any, build: Any) -> RecipientPolicy:

@@ -2,9 +2,11 @@
 
 Every C{PENDING} recipient is routed (L{IRouter.route}); recipients with the same L{Route}
 (backend, next hop and options) form one group, and every group is handed with its route to
-its backend at once (L{IDeliveryBackend.deliver}).  A routing failure, an unknown backend, a
-failed delivery Deferred, a delivery that outlasts the backend's timeout, a call cut short by
-the stop, or a malformed answer is a transient failure, never a delivery.  The result is one
+its backend at once (L{IDeliveryBackend.deliver}).  A router's L{PermanentFailure} bounces
+the recipient; any other routing failure (a L{TransientFailure} with its own code and
+diagnostic), an unknown backend, a failed delivery Deferred, a delivery that outlasts the
+backend's timeout, a call cut short by the stop, or a malformed answer is a transient
+failure, never a delivery.  The result is one
 L{Outcome} per recipient; what becomes of the recipients is L{mailrelay.queue.outcome}'s to
 decide.
 """
@@ -15,10 +17,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailrelay.envelope import Envelope, Recipient
+from mailrelay.errors import PermanentFailure, TransientFailure
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, ISpool, RecipientResult, Route
 from mailrelay.queue.outcome import Outcome
 
@@ -67,7 +71,7 @@ class Calls:
     @ivar interrupted: L{interrupt} was called (until L{reset}).
     """
 
-    def __init__(self, clock: Any) -> None:
+    def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
         self._calls: set[Deferred[Any]] = set()
         self.interrupted = False
@@ -187,15 +191,14 @@ class Deliverer:
                 rcpt=recipient.address,
                 error=repr(e),
             )
-            permanent = getattr(e, "permanent", None)
-            code = getattr(e, "code", None)
-            diagnostic = getattr(e, "diagnostic", None)
-            if permanent is True and isinstance(code, str) and code.startswith("5.") and diagnostic:
-                # A router's permanent verdict (route.DeliveryFailure): no route will ever
-                # exist for this recipient; bounce it rather than retry for days.
+            if isinstance(e, PermanentFailure) and e.diagnostic:
+                # A router's permanent verdict: no route will ever exist for this recipient;
+                # bounce it rather than retry for days.
                 return RecipientResult(
-                    recipient.address, DeliveryStatus.PERMANENT, code, _oneLine(diagnostic)
+                    recipient.address, DeliveryStatus.PERMANENT, e.code, _oneLine(e.diagnostic)
                 )
+            if isinstance(e, TransientFailure) and e.diagnostic:
+                return _transient(recipient, e.code, e.diagnostic)
             return _transient(recipient, "4.3.0", f"X-mailrelay; routing failed: {e}")
         if not isinstance(route, Route):
             log.error(

@@ -4,7 +4,11 @@ queue manager sends.
 L{buildDSN} makes the whole notification message: a C{multipart/report} (RFC 6522) with a
 human-readable explanation, a C{message/delivery-status} part, and the returned original (its
 header section, or the whole message when the sender asked with C{RET=FULL}).
-L{dsnEnvelope} makes the envelope to queue it under: null sender, one recipient.
+L{dsnEnvelope} makes the envelope to queue it under: null sender, one recipient.  The
+notification enters the spool through the intake like any message
+(L{mailrelay.interfaces.IIntake.submit}): the header stampers add its C{Received:},
+C{Message-Id:} and C{Date:} (the same forms as on mail received by SMTP) and whatever fields
+the site's stampers add.
 
 Everything produced has CRLF line ends and no line longer than 998 octets, and parses with the
 standard library's C{email} package (the delivery-status part splits into its per-message and
@@ -25,12 +29,12 @@ import os
 import re
 import secrets
 import textwrap
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from twisted.logger import Logger
 
+from mailrelay.address import utf8AddrXtext, xtextEncode
 from mailrelay.cleanup.stamping import formatDate
 from mailrelay.envelope import ClientInfo, Envelope, Recipient
 from mailrelay.queue.outcome import POSTMASTER_SOURCE, isPostmasterNotice
@@ -44,7 +48,6 @@ __all__ = [
     "buildDSN",
     "dsnEnvelope",
     "isPostmasterNotice",
-    "utf8AddrXtext",
 ]
 
 #: The RFC 3464 actions L{buildDSN} reports.
@@ -70,31 +73,7 @@ _UNSAFE_FIELD_TEXT = re.compile(r"[\x00-\x1f\x7f]+")
 
 
 # ---------------------------------------------------------------------------------------------
-# Encodings
-
-
-def utf8AddrXtext(address: str) -> str:
-    """Encode C{address} in RFC 6533's C{utf-8-addr-xtext} form: ASCII only, each non-ASCII
-    character (and C{+}, C{=}, C{\\}, controls, space) as C{\\x{HEX}} of its code point."""
-    out = []
-    for char in address:
-        code = ord(char)
-        if 0x21 <= code <= 0x7E and char not in "+=\\":
-            out.append(char)
-        else:
-            out.append(f"\\x{{{code:02X}}}")
-    return "".join(out)
-
-
-def _xtext(text: str) -> str:
-    """RFC 3461 xtext of C{text} (C{+HH} for each octet outside C{!}..C{~}, and C{+}, C{=})."""
-    out = []
-    for char in text:
-        if 33 <= ord(char) <= 126 and char not in "+=":
-            out.append(char)
-        else:
-            out.extend(f"+{octet:02X}" for octet in char.encode("utf-8"))
-    return "".join(out)
+# Encodings (xtext and utf-8-addr-xtext: L{mailrelay.address})
 
 
 def _typedAddress(address: str) -> str:
@@ -349,7 +328,7 @@ def _deliveryStatus(
     if envelope.sender:
         perMessage.append(_fold("X-Mailrelay-Sender", _typedAddress(envelope.sender)))
     if envelope.envid:
-        perMessage.append(_fold("Original-Envelope-Id", _xtext(envelope.envid)))
+        perMessage.append(_fold("Original-Envelope-Id", xtextEncode(envelope.envid)))
     arrival = envelope.arrival if envelope.arrival is not None else now
     perMessage.append(f"Arrival-Date: {formatDate(arrival)}\r\n")
     blocks = ["".join(perMessage)]
@@ -492,7 +471,7 @@ def buildDSN(
     @param recipients: the recipients to report on, with their C{status}, C{lastResult},
         C{remoteMTA}, C{orcpt} and C{finalTime} (the Last-Attempt-Date; C{now} when C{None}).
     @param action: C{"failed"}, C{"delayed"} or C{"relayed"}.
-    @param hostname: this relay's host name (Reporting-MTA, From, Message-Id).
+    @param hostname: this relay's host name (Reporting-MTA, From).
     @param messagePath: the original message (CRLF lines); its header section ends at the first
         empty line.  If it cannot be read, the report says so and has no third part.
     @param now: the time of the report.
@@ -503,7 +482,8 @@ def buildDSN(
         line boundary.
     @param willRetryUntil: for C{delayed}: when the relay gives up (Will-Retry-Until).
     @param to: the notification's recipient; the original sender by default.
-    @return: the whole message: CRLF lines, none longer than 998 octets.
+    @return: the whole message: CRLF lines, none longer than 998 octets; no C{Message-Id:}
+        nor C{Date:} (the intake's stampers add them).
     @raise ValueError: an unknown C{action}, or no recipients.
     """
     if action not in ACTIONS:
@@ -519,7 +499,7 @@ def buildDSN(
     contents = [textBytes, status, original.content]
     boundary = _boundary(queueID, contents)
     eightBit = not all(content.isascii() for content in contents)
-    headers = _headers(hostname, to, action, now, queueID, boundary, eightBit)
+    headers = _headers(hostname, to, action, boundary, eightBit)
     delimiter = f"\r\n--{boundary}\r\n".encode("ascii")
     body = [b"This is a MIME-encapsulated message.\r\n"]
     for part in _parts(textBytes, status, original, action):
@@ -571,17 +551,13 @@ def _parts(textBytes: bytes, status: bytes, original: _Original, action: str) ->
     return parts
 
 
-def _headers(
-    hostname: str, to: str, action: str, now: float, queueID: str, boundary: str, eightBit: bool
-) -> list[str]:
-    """The report's header section, one field per item."""
-    stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
+def _headers(hostname: str, to: str, action: str, boundary: str, eightBit: bool) -> list[str]:
+    """The report's header section, one field per item (C{Message-Id:} and C{Date:} are the
+    stampers')."""
     headers = [
         f"From: MAILER-DAEMON@{hostname} (Mail Delivery System)\r\n",
         _fold("To", f"<{to}>"),
         f"Subject: {_SUBJECTS[action]}\r\n",
-        f"Date: {formatDate(now)}\r\n",
-        f"Message-Id: <{stamp}.{queueID}.{secrets.token_hex(4)}@{hostname}>\r\n",
         "Auto-Submitted: auto-replied\r\n",
         "MIME-Version: 1.0\r\n",
         "Content-Type: multipart/report; report-type=delivery-status;\r\n"
@@ -596,8 +572,8 @@ def dsnEnvelope(
     original: Envelope,
     *,
     to: str,
-    queueID: str,
     now: float,
+    queueID: str | None = None,
     hostname: str = "localhost",
     message: bytes | None = None,
     postmasterNotice: bool = False,
@@ -605,8 +581,9 @@ def dsnEnvelope(
     """The envelope to queue a notification about C{original} under.
 
     @param to: the notification's recipient (the original sender, or the postmaster).
-    @param queueID: the notification's own queue id.
     @param now: its arrival time.
+    @param queueID: the notification's own queue id, if it has one yet (the intake gives it
+        one).
     @param hostname: this relay's host name (the HELO of the local "client").
     @param message: the notification (from L{buildDSN}), to set C{messageSize} and C{BODY}/
         C{SMTPUTF8}: C{8BITMIME} when it has 8-bit octets, SMTPUTF8 when the recipient is

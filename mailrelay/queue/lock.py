@@ -17,9 +17,9 @@ from __future__ import annotations
 import fcntl
 import os
 from pathlib import Path
-from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 log = Logger(namespace="mailrelay.queue")
@@ -37,13 +37,13 @@ class QueueLock:
     @ivar held: whether this process holds it now.
     """
 
-    def __init__(self, spoolDirectory: Path, clock: Any, interval: float = 0.2) -> None:
+    def __init__(self, spoolDirectory: Path, clock: IReactorTime, interval: float = 0.2) -> None:
         self.path = Path(spoolDirectory) / LOCK_NAME
         self.clock = clock
         self.interval = interval
         self._fd: int | None = None
         self._waiting: Deferred[None] | None = None
-        self._timer: Any = None
+        self._timer: IDelayedCall | None = None
         self._loggedAt: float | None = None
 
     @property

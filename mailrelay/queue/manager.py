@@ -7,7 +7,8 @@ records what they decide:
     C{activeLimit} entries are I{active} (envelope loaded, deliveries running) at once;
   - L{mailrelay.queue.attempt}: one delivery attempt (route, group, deliver with timeouts);
   - L{mailrelay.queue.outcome}: what the attempt means (a pure decision);
-  - L{mailrelay.queue.notify}: the notifications it calls for, committed to the spool.
+  - L{mailrelay.queue.notify}: the notifications it calls for, submitted to the intake
+    (L{IIntake}), which tells the manager of each one committed (L{QueueManager.enqueue}).
 
 The order is what makes it crash-safe: notifications are B{committed to the spool first},
 then the envelope is durably updated, then the entry is removed when nothing is pending.  A
@@ -24,17 +25,18 @@ grepping one id shows the message's whole life (Postfix style).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailrelay.envelope import PENDING, Envelope
 from mailrelay.errors import CorruptEntry, EntryGone, SpoolError
-from mailrelay.interfaces import IDeliveryBackend, ISpool
+from mailrelay.interfaces import IDeliveryBackend, IIntake, ISpool
 from mailrelay.queue.attempt import Calls, Deliverer, DeliveryTimedOut
 from mailrelay.queue.notify import Notifier
 from mailrelay.queue.outcome import Decision, apply, decide
@@ -43,15 +45,20 @@ from mailrelay.queue.scheduler import Scheduler
 
 log = Logger(namespace="mailrelay.queue")
 
-__all__ = ["DeliveryTimedOut", "QueueManager"]
+__all__ = ["DeliveryTimedOut", "IntakeFactory", "QueueManager"]
 
 _DEFAULT_POLICY = QueuePolicy()
+
+#: Makes the intake a queue manager's notifications enter the spool through, given the
+#: manager's L{QueueManager.enqueue} for the intake to call with each queue id committed.
+IntakeFactory = Callable[[Callable[[str], None]], IIntake]
 
 
 class QueueManager(Service):
     """Schedules and delivers every entry of a spool.
 
     @ivar policy: the L{QueuePolicy}.
+    @ivar intake: the L{IIntake} its notifications enter the spool through.
     """
 
     def __init__(
@@ -59,9 +66,10 @@ class QueueManager(Service):
         spool: ISpool,
         router: Any,
         backends: Mapping[str, IDeliveryBackend],
-        clock: Any,
+        clock: IReactorTime,
         *,
         hostname: str,
+        makeIntake: IntakeFactory,
         policy: QueuePolicy = _DEFAULT_POLICY,
         timeouts: Mapping[str, float] | None = None,
         lock: Any = None,
@@ -72,6 +80,9 @@ class QueueManager(Service):
         @param backends: the delivery backends by name (L{Route.backend}).
         @param clock: provides C{seconds()} and C{callLater()} (the reactor).
         @param hostname: this relay's host name, for notifications.
+        @param makeIntake: called once, with L{enqueue}: the L{IIntake} over C{spool} that
+            notifications enter the spool through (stamped like any message), which calls
+            that C{enqueue} with the queue id of each message it commits.
         @param timeouts: seconds one delivery by the named backend may take (a site backend's
             C{[[backends]] timeout}); a backend not named gets C{policy.deliveryTimeout}.
         @param lock: a L{mailrelay.queue.lock.QueueLock} of the spool, or C{None}: nothing is
@@ -91,7 +102,8 @@ class QueueManager(Service):
             deliveryTimeout=policy.deliveryTimeout,
             timeouts=timeouts,
         )
-        self.notifier = Notifier(spool, policy, hostname=hostname, enqueue=self.enqueue)
+        self.intake = makeIntake(self.enqueue)
+        self.notifier = Notifier(spool, policy, hostname=hostname, intake=self.intake)
         self.clock = clock
         self.hostname = hostname
         self.policy = policy

@@ -1,21 +1,26 @@
 """Committing the notifications an attempt owes (L{mailrelay.queue.outcome.Notice}), before
 the envelope they report on is recorded.
 
+Each notification enters the spool through the intake (L{IIntake.submit}), as mail with no
+client: the header stampers see it (and add its C{Received:}, C{Message-Id:} and C{Date:}),
+the intake commits it, logs its C{from=<>} line and tells the queue manager, which delivers
+it like any new entry.
+
 A notice that cannot be committed is undone in the envelope, so that it is owed again at the
 next attempt: its bounced recipients go back to pending, a delay warning is not marked as
 sent.  (A success report that cannot be committed is only logged: delivering again would be
-worse.)  A committed notice is handed to the queue manager to deliver, like any new entry.
+worse.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from mailrelay.envelope import PENDING, Envelope
-from mailrelay.interfaces import ISpool
+from mailrelay.interfaces import IIntake, ISpool
 from mailrelay.queue.dsn import buildDSN, dsnEnvelope
 from mailrelay.queue.outcome import Discarded, Notice
 from mailrelay.queue.policy import QueuePolicy
@@ -32,7 +37,7 @@ _KINDS = {
 
 
 class Notifier:
-    """Builds, writes and commits notifications into the spool."""
+    """Builds notifications and submits them to the intake."""
 
     def __init__(
         self,
@@ -40,16 +45,18 @@ class Notifier:
         policy: QueuePolicy,
         *,
         hostname: str,
-        enqueue: Callable[[str], None],
+        intake: IIntake,
     ) -> None:
         """
+        @param spool: the spool of the messages reported on (their returned content).
         @param hostname: this relay's host name, for the notifications.
-        @param enqueue: called with the queue id of every notification committed.
+        @param intake: the L{IIntake} notifications enter the spool through; it tells the
+            queue manager of each one committed.
         """
         self.spool = spool
         self.policy = policy
         self.hostname = hostname
-        self.enqueue = enqueue
+        self.intake = intake
 
     async def notify(
         self,
@@ -73,10 +80,7 @@ class Notifier:
             for notice in notices
         ]
         for notice, d in zip(notices, commits, strict=True):
-            dsnID = await d
-            if dsnID is not None:
-                self.enqueue(dsnID)
-            else:
+            if await d is None:
                 self._undo(queueID, envelope, notice)
 
     @staticmethod
@@ -97,11 +101,10 @@ class Notifier:
     async def _commit(
         self, queueID: str, envelope: Envelope, notice: Notice, now: float
     ) -> str | None:
-        """Build, write and commit one notification; its queue id, or C{None} on failure."""
+        """Build one notification and submit it; its queue id, or C{None} on failure."""
         policy = self.policy
         lifetime = policy.bounceLifetime if envelope.isBounce else policy.maxLifetime
         arrival = envelope.arrival if envelope.arrival is not None else now
-        writer = None
         try:
             message = buildDSN(
                 envelope,
@@ -115,22 +118,16 @@ class Notifier:
                 willRetryUntil=arrival + lifetime,
                 to=notice.to,
             )
-            writer = self.spool.openMessage()
-            dsnID = writer.queueID
             dsn = dsnEnvelope(
                 envelope,
                 to=notice.to,
-                queueID=dsnID,
                 now=now,
                 hostname=self.hostname,
                 message=message,
                 postmasterNotice=notice.postmaster,
             )
-            writer.write(message)
-            await writer.commit(dsn)
-        except Exception as e:
-            if writer is not None:
-                writer.abort()
+            dsnID = str(await self.intake.submit(dsn, message))
+        except Exception as e:  # MessageRefused (logged by the intake), or a bug
             log.error(
                 "{queueID}: queueing the {action} notification to <{to}> failed: {error}",
                 queueID=queueID,
@@ -143,13 +140,5 @@ class Notifier:
         who = "postmaster" if notice.postmaster else "sender"
         log.info(
             "{queueID}: {who} {kind}: {dsnID}", queueID=queueID, who=who, kind=kind, dsnID=dsnID
-        )
-        log.info(
-            "{queueID}: from=<>, to=<{to}>, size={size}: {kind} about {original}",
-            queueID=dsnID,
-            to=notice.to,
-            size=len(message),
-            kind=kind,
-            original=queueID,
         )
         return dsnID

@@ -13,9 +13,9 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Callable
-from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 __all__ = ["Scheduler"]
 
@@ -32,7 +32,7 @@ class Scheduler:
     """
 
     def __init__(
-        self, clock: Any, activeLimit: int, activate: Callable[[str, float], bool]
+        self, clock: IReactorTime, activeLimit: int, activate: Callable[[str, float], bool]
     ) -> None:
         """
         @param clock: provides C{seconds()} and C{callLater()} (the reactor).
@@ -51,7 +51,7 @@ class Scheduler:
         #: queue id -> Deferred fired when its attempt is over.
         self._active: dict[str, Deferred[None]] = {}
         self._sequence = itertools.count()
-        self._timer: Any = None
+        self._timer: IDelayedCall | None = None
         self._timerDue: float | None = None
         self._pumping = False
         self._pumpAgain = False

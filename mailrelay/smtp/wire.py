@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from mailrelay.address import xtextEncode
+from mailrelay.address import utf8AddrXtext, xtextEncode
 from mailrelay.envelope import Recipient
 from mailrelay.interfaces import DeliveryStatus
 from mailrelay.smtp.errors import BareNewlineError, ProtocolError
@@ -175,12 +175,6 @@ def statusOf(reply: Reply) -> tuple[DeliveryStatus, str]:
     return status, code
 
 
-def _utf8AddrXtext(text: str) -> str:
-    """RFC 6533 utf-8-addr-xtext: ASCII only, other characters as C{\\x{HEX}}."""
-    return "".join(c if 0x21 <= ord(c) <= 0x7E and c not in "+=\\" else f"\\x{{{ord(c):X}}}"
-                   for c in text)
-
-
 def orcptValue(recipient: Recipient, utf8: bool) -> str:
     """The ORCPT parameter value to relay for C{recipient} (RFC 3461 4.2, RFC 6533)."""
     if recipient.orcpt:
@@ -189,9 +183,9 @@ def orcptValue(recipient: Recipient, utf8: bool) -> str:
         kind, value = "rfc822", recipient.address
     if kind.lower() == "utf-8":
         # Kept as received (utf-8-addr-xtext or, with SMTPUTF8, utf-8-addr-unitext).
-        return f"utf-8;{value}" if value.isascii() or utf8 else f"utf-8;{_utf8AddrXtext(value)}"
+        return f"utf-8;{value}" if value.isascii() or utf8 else f"utf-8;{utf8AddrXtext(value)}"
     if kind.lower() == "rfc822" and not value.isascii():
-        return f"utf-8;{_utf8AddrXtext(value)}"
+        return f"utf-8;{utf8AddrXtext(value)}"
     return f"{kind};{xtextEncode(value)}"
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -355,7 +356,7 @@ class GroupCommitter:
         self,
         directory: Path,
         queueDir: Path,
-        reactor: Any,
+        reactor: IReactorFromThreads,
         *,
         syncMethod: str,
         deferToThread: Callable[..., Deferred[Any]] | None = None,
@@ -363,6 +364,8 @@ class GroupCommitter:
         """
         @param directory: the spool directory (its file system is the one synced).
         @param queueDir: the directory fsynced after every batch.
+        @param reactor: what the thread pool's results are handed back through (unused when
+            C{deferToThread} is given).
         @param syncMethod: one of L{SYNC_METHODS}.
         @param deferToThread: C{callable(f, *args)} returning a L{Deferred} of C{f(*args)} run
             off the reactor thread and fired on it; C{None}: a thread pool of its own.

@@ -27,9 +27,10 @@ import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -71,7 +72,7 @@ class Spool:
         self,
         directory: Path,
         *,
-        reactor: Any,
+        reactor: IReactorTime,
         minFreeSpace: int = 0,
         deferToThread: Callable[..., Deferred[Any]] | None = None,
         syncMethod: str = "syncfs",
@@ -105,7 +106,8 @@ class Spool:
         self._committer = GroupCommitter(
             self.directory,
             self._queueDir,
-            reactor,
+            # Only used when there is no deferToThread: then it is the reactor, which is both.
+            cast(IReactorFromThreads, reactor),
             syncMethod=syncMethod,
             deferToThread=deferToThread,
         )

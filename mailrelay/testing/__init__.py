@@ -1,6 +1,8 @@
-"""The public test kit, for mailrelay's tests and for site plugin authors (L{harness}).
+"""The public test kit, for mailrelay's tests and for site plugin authors: an SMTP
+listener (L{harness}) and a queue manager with its delivery backends (L{queueharness}), in
+memory.
 
-    from mailrelay.testing import MemorySpool, ServerHarness
+    from mailrelay.testing import MemorySpool, QueueHarness, ServerHarness
 
 May import every package but L{mailrelay.app}.
 """
@@ -12,11 +14,13 @@ from mailrelay.testing.harness import (
     ServerHarness,
     TLSStringTransport,
 )
+from mailrelay.testing.queueharness import QueueHarness
 
 __all__ = [
     "FakeTLSConnection",
     "MemoryChecker",
     "MemorySpool",
+    "QueueHarness",
     "ServerHarness",
     "TLSStringTransport",
 ]
