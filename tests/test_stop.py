@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from mailrelay.app.services import OrderedMultiService
@@ -172,3 +172,32 @@ def test_queue_manager_delivers_nothing_before_it_has_the_lock(tmp_path: Path) -
     stopped = queue.stopService()
     assert stopped.called and not clock.getDelayedCalls()
     holder.release()
+
+
+def test_greeting_waits_for_the_reverse_lookup() -> None:
+    """The client's name is looked up before the greeting (as Postfix's smtpd does), so that
+    Received: and the policy always see it, however fast the client is."""
+    from twisted.names import dns
+
+    class SlowResolver:
+        def __init__(self) -> None:
+            self.pending: list[Deferred[Any]] = []
+
+        def lookupPointer(self, name: str) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            self.pending.append(d)
+            return d
+
+        def lookupAddress(self, name: str) -> Deferred[Any]:
+            answer = dns.RRHeader(name, dns.A, payload=dns.Record_A("192.0.2.8"))
+            return succeed(([answer], [], []))
+
+    resolver = SlowResolver()
+    h = ServerHarness(peer="192.0.2.8", connect=False)
+    h.context.resolver = resolver
+    h.protocol.makeConnection(h.transport)
+    assert h.replies() == [] and len(resolver.pending) == 1
+    ptr = dns.RRHeader("8.2.0.192.in-addr.arpa", dns.PTR, payload=dns.Record_PTR("good.test"))
+    resolver.pending[0].callback(([ptr], [], []))
+    assert h.replies() == [b"220 relay.test ESMTP mailrelay"]
+    assert h.protocol.session is not None and h.protocol.session.client.rdns == "good.test"

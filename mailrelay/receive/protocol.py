@@ -347,10 +347,15 @@ class SMTPServerProtocol(Protocol):
         else:
             self._greet()
 
-    def _greet(self) -> None:
+    def _greet(self, _: object = None) -> None:
         self._greetTimer = None
         session = self.session
         if session is None or session.closed:
+            return
+        if self._lookup is not None:
+            # The client's name first (as Postfix's smtpd): Received: and the policy see it,
+            # however fast the client is.  The lookup has a timeout of its own.
+            self._lookup.addBoth(self._greet)
             return
         self._resume()  # input kept until the greeting (without rejectPregreet)
         self._handle(session.greeting())
