@@ -174,9 +174,9 @@ def test_queue_manager_delivers_nothing_before_it_has_the_lock(tmp_path: Path) -
     holder.release()
 
 
-def test_greeting_waits_for_the_reverse_lookup() -> None:
-    """The client's name is looked up before the greeting (as Postfix's smtpd does), so that
-    Received: and the policy always see it, however fast the client is."""
+def test_message_waits_for_the_reverse_lookup() -> None:
+    """A client faster than the DNS gets its 354 once its name is known (the greeting does not
+    wait), so that Received: always has it."""
     from twisted.names import dns
 
     class SlowResolver:
@@ -193,11 +193,15 @@ def test_greeting_waits_for_the_reverse_lookup() -> None:
             return succeed(([answer], [], []))
 
     resolver = SlowResolver()
-    h = ServerHarness(peer="192.0.2.8", connect=False)
+    h = ServerHarness(peer="192.0.2.8", connect=False, relay={"networks": ["192.0.2.0/24"]})
     h.context.resolver = resolver
     h.protocol.makeConnection(h.transport)
-    assert h.replies() == [] and len(resolver.pending) == 1
+    assert h.replies() == [b"220 relay.test ESMTP mailrelay"] and len(resolver.pending) == 1
+    _inData(h)
+    assert h.replies() == []  # no 354 yet
     ptr = dns.RRHeader("8.2.0.192.in-addr.arpa", dns.PTR, payload=dns.Record_PTR("good.test"))
     resolver.pending[0].callback(([ptr], [], []))
-    assert h.replies() == [b"220 relay.test ESMTP mailrelay"]
-    assert h.protocol.session is not None and h.protocol.session.client.rdns == "good.test"
+    assert h.replies()[-1].startswith(b"354 ")
+    reply = h.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")[-1]
+    (message,) = h.spool.messages()
+    assert reply.startswith(b"250 ") and message.startswith(b"Received: from x.test (good.test")

@@ -347,15 +347,10 @@ class SMTPServerProtocol(Protocol):
         else:
             self._greet()
 
-    def _greet(self, _: object = None) -> None:
+    def _greet(self) -> None:
         self._greetTimer = None
         session = self.session
         if session is None or session.closed:
-            return
-        if self._lookup is not None:
-            # The client's name first (as Postfix's smtpd): Received: and the policy see it,
-            # however fast the client is.  The lookup has a timeout of its own.
-            self._lookup.addBoth(self._greet)
             return
         self._resume()  # input kept until the greeting (without rejectPregreet)
         self._handle(session.greeting())
@@ -588,7 +583,7 @@ class SMTPServerProtocol(Protocol):
                 self.session.client, question.envelope, question.recipient, question.mailbox
             )
         elif isinstance(question, StartData):
-            d = succeed(self._startData(question.envelope))
+            d = self._afterLookup(self._startData, question.envelope)
         elif isinstance(question, EndOfData):
             d = self._endOfData(question)
         elif isinstance(question, Authenticate):
@@ -668,6 +663,18 @@ class SMTPServerProtocol(Protocol):
             log.failure("cannot start TLS with {client}", client=session.client.address)
             self._timer.stop()
             self.transport.abortConnection()
+
+    def _afterLookup(self, f: Any, *args: Any) -> Deferred[Any]:
+        """C{f(*args)} once the client's reverse lookup has answered (it has a timeout of its
+        own), so that a client faster than the DNS still gets its name in C{Received:}."""
+        if self._lookup is None:
+            return succeed(f(*args))
+
+        def then(_: object) -> Any:
+            session = self.session
+            return None if session is None or session.closed else f(*args)
+
+        return self._lookup.addCallback(then)
 
     def _startData(self, envelope: Envelope) -> Reply | None:
         ctx = self.context
