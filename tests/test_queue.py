@@ -406,7 +406,7 @@ def test_notificationsEnterThroughTheIntake(
     """A bounce is stamped like any message: the default stamper's Received:, Message-Id:
     and Date: (the forms of mail received by SMTP), then the site's stampers; the intake
     logs its from=<> line and hands it to the queue manager."""
-    from mailrelay.cleanup.stamping import formatDate
+    from mailrelay.smtp.wire import formatDate
 
     site = SiteStamper()
     backend.script["a@example.com"] = ["5"]

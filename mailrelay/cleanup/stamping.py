@@ -17,8 +17,6 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from email.utils import format_datetime
 from ipaddress import ip_address
 from typing import Any
 
@@ -38,6 +36,7 @@ from mailrelay.address import AddressError, hostnameProblem, normaliseDomain
 from mailrelay.envelope import ClientInfo
 from mailrelay.interfaces import IHeaderStamper, PluginContext, StampContext, StampResult
 from mailrelay.smtp.replies import Reply
+from mailrelay.smtp.wire import formatDate
 
 log = Logger()
 
@@ -233,10 +232,6 @@ def protocolName(context: StampContext) -> str:
     if context.envelope.smtputf8 and name.startswith("ESMTP"):
         name = "UTF8SMTP" + name[5:]
     return name
-
-
-def formatDate(when: float) -> str:
-    return format_datetime(datetime.fromtimestamp(when).astimezone())
 
 
 def _receivedFrom(context: StampContext, client: ClientInfo) -> str:

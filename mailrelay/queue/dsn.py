@@ -35,9 +35,9 @@ from pathlib import Path
 from twisted.logger import Logger
 
 from mailrelay.address import utf8AddrXtext, xtextEncode
-from mailrelay.cleanup.stamping import formatDate
 from mailrelay.envelope import ClientInfo, Envelope, Recipient
 from mailrelay.queue.outcome import POSTMASTER_SOURCE, isPostmasterNotice
+from mailrelay.smtp.wire import formatDate
 
 log = Logger(namespace="mailrelay.queue")
 

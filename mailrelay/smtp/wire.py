@@ -2,11 +2,14 @@
 (L{DotStuffer}), diagnostics (L{replyDiagnostic}, L{statusOf}), EHLO keywords
 (L{parseExtensions}, L{asciiName}), the DSN ORCPT parameter (L{orcptValue}), and
 L{setNoDelay}, which the Twisted adapters of both sides call on their transport (it only
-looks for a C{setTcpNoDelay} method, so it needs no I/O library here)."""
+looks for a C{setTcpNoDelay} method, so it needs no I/O library here), and L{formatDate}, the
+RFC 5322 date of C{Date:}, C{Received:} and the DSN fields."""
 
 from __future__ import annotations
 
 import re
+from datetime import datetime
+from email.utils import format_datetime
 from typing import Any
 
 from mailrelay.address import utf8AddrXtext, xtextEncode
@@ -14,6 +17,12 @@ from mailrelay.envelope import Recipient
 from mailrelay.interfaces import DeliveryStatus
 from mailrelay.smtp.errors import BareNewlineError, ProtocolError
 from mailrelay.smtp.replies import Reply
+
+
+def formatDate(when: float) -> str:
+    """C{when} (seconds since the epoch) as an RFC 5322 date in the local time zone."""
+    return format_datetime(datetime.fromtimestamp(when).astimezone())
+
 
 #: A reply line longer than this (no CRLF within it) is a protocol error.
 MAX_REPLY_LINE = 65536
