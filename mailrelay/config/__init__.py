@@ -23,7 +23,8 @@ derived from those declarations.  The package's modules:
     are the stages' own types, which the keys fill directly);
   - L{mailrelay.config.checks}: the checks across the keys of a table;
   - L{mailrelay.config.keys}: the relay's keys;
-  - L{mailrelay.config.loader}: L{loadConfig}.
+  - L{mailrelay.config.loader}: L{loadConfig}, and L{loadLocalView}, the few settings a local
+    command (C{mailrelay-sendmail}) reads to reach the relay.
 
 The package may import the values (L{mailrelay.interfaces}, L{mailrelay.envelope},
 L{mailrelay.errors}, L{mailrelay.address}), L{mailrelay.smtp} and the stages, to check their
@@ -31,11 +32,13 @@ values; never L{mailrelay.app}.  This module only re-exports.
 """
 
 from mailrelay.config.keys import OVERRIDE_OPTIONS
-from mailrelay.config.loader import loadConfig, readConfigFile
+from mailrelay.config.loader import loadConfig, loadLocalView, readConfigFile
 from mailrelay.config.types import (
     BackendSpec,
     Config,
     ListenerConfig,
+    ListenerView,
+    LocalView,
     PluginSpec,
     SNICertificate,
 )
@@ -48,11 +51,14 @@ __all__ = [
     "Config",
     "ConfigError",
     "ListenerConfig",
+    "ListenerView",
+    "LocalView",
     "PluginSpec",
     "SNICertificate",
     "checkEndpoint",
     "describeValue",
     "loadConfig",
+    "loadLocalView",
     "parseNetwork",
     "readConfigFile",
     "spoolDirectoryProblem",

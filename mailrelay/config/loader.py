@@ -16,12 +16,12 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from mailrelay.config.keys import OVERRIDE_OPTIONS, TOP
-from mailrelay.config.schema import At, Source, Table
-from mailrelay.config.types import Config
+from mailrelay.config.keys import LIMITS, LISTENERS, OVERRIDE_OPTIONS, TOP
+from mailrelay.config.schema import MISSING, At, Key, Source, Table, tableOf
+from mailrelay.config.types import Config, ListenerView, LocalView
 from mailrelay.errors import ConfigError, describeValue
 
-__all__ = ["loadConfig", "readConfigFile"]
+__all__ = ["loadConfig", "loadLocalView", "readConfigFile"]
 
 
 def readConfigFile(path: str | os.PathLike[str]) -> bytes:
@@ -101,3 +101,65 @@ def loadConfig(
     _checkShapes(data, at)
     config: Config = TOP.read(data, at)
     return config
+
+
+def _keyValue(table: Table, name: str, data: dict[str, Any], at: At) -> Any:
+    """Key C{name} of C{table} as the loader reads it: the file's value, else its default."""
+    key: Key = table.key(name)
+    if name in data:
+        return key.parse(data[name], at.child(name))
+    value = table.default(key, at.child(name))
+    return None if value is MISSING else value
+
+
+def loadLocalView(path: str | os.PathLike[str] | None) -> LocalView:
+    """The settings a local command needs to reach the relay running on C{path}.
+
+    The host name, the message size limit and each listener's endpoint, mode, TLS mode and
+    PROXY setting are read with the keys' own parsers and defaults, and the file's shape is
+    checked as the relay checks it (an unknown key is refused); nothing else is read: not the
+    certificates, password files or spool the other keys name, which the command's user may
+    not be allowed to read or write.
+
+    @param path: the relay's TOML file, or C{None} for the embedded default.
+    @raise ConfigError: naming the file, the key and the value.
+    """
+    cwd = Path(os.path.abspath(os.getcwd()))
+    data: dict[str, Any] = {}
+    file = None
+    directory = cwd
+    if path is not None:
+        file = os.fspath(path)
+        directory = Path(os.path.abspath(os.path.dirname(file) or "."))
+        data = _readFile(file)
+    at = At(Source(file, directory, cwd))
+    _checkShapes(data, at)
+    hostname = _keyValue(TOP, "hostname", data, at)
+    limits = tableOf(data.get("limits", {}), at.child("limits"))
+    maxMessageSize = _keyValue(LIMITS, "message_size", limits, at.child("limits"))
+    listenersAt = at.child("listeners")
+    tables = data.get("listeners", TOP.key("listeners").default)
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise listenersAt.error(
+            f"must be an array of tables ([[listeners]]), not {describeValue(tables)}"
+        )
+    if not tables and LISTENERS.empty is not None:
+        raise listenersAt.error(LISTENERS.empty)
+    listeners: list[ListenerView] = []
+    for index, table in enumerate(tables):
+        where = listenersAt.item(index)
+        LISTENERS.checkShape(table, where)
+        endpointKey = LISTENERS.key("endpoint")
+        if "endpoint" not in table:
+            raise where.child("endpoint").error(endpointKey.required or "is required")
+        listeners.append(
+            ListenerView(
+                endpoint=_keyValue(LISTENERS, "endpoint", table, where),
+                mode=_keyValue(LISTENERS, "mode", table, where),
+                tlsMode=_keyValue(LISTENERS, "tls_mode", table, where)
+                if "tls_mode" in table
+                else None,
+                proxyProtocol=bool(_keyValue(LISTENERS, "proxy_protocol", table, where)),
+            )
+        )
+    return LocalView(file, hostname, maxMessageSize, tuple(listeners))

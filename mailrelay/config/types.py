@@ -194,3 +194,36 @@ class Config:
     rateLimiter: PluginSpec | None = None
     drainTime: float = 30.0
 
+
+@dataclass(frozen=True)
+class ListenerView:
+    """What a local client needs to know of one listener (see L{LocalView}).
+
+    @ivar endpoint: its Twisted server endpoint description (C{tcp:25}).
+    @ivar mode: its role, one of L{mailrelay.receive.listener.LISTENER_MODES}.
+    @ivar tlsMode: its C{tls_mode} when the file gives one, else C{None} (the relay then
+        derives it from the mode and the certificate: implicit for C{submissions} only).
+    @ivar proxyProtocol: its connections must start with a PROXY header.
+    """
+
+    endpoint: str
+    mode: str = "relay"
+    tlsMode: str | None = None
+    proxyProtocol: bool = False
+
+
+@dataclass(frozen=True)
+class LocalView:
+    """The few settings a local command (C{mailrelay-sendmail}) needs to reach the relay and
+    speak for it, read as the relay reads them (see L{mailrelay.config.loadLocalView}).
+
+    @ivar source: the configuration file as given, or C{None} for the embedded default.
+    @ivar hostname: the relay's host name (the domain of local senders).
+    @ivar maxMessageSize: the largest message the relay accepts, in bytes.
+    @ivar listeners: its listeners, in the file's order.
+    """
+
+    source: str | None
+    hostname: str
+    maxMessageSize: int
+    listeners: tuple[ListenerView, ...]

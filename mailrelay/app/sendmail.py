@@ -1,0 +1,855 @@
+"""C{mailrelay-sendmail}: the Sendmail command line that mail(1), cron, PHP and git use.
+
+    mailrelay-sendmail [-t] [-i] [-f sender] [-F name] [-v] [-C config] [--] [recipient ...]
+    mailrelay-sendmail -bs         # SMTP on standard input and output
+    mailrelay-sendmail -bp         # the queue (also as mailq)
+    mailrelay-sendmail -q          # deliver the queue now (-qRdomain: mail for a domain)
+
+(or C{python -m mailrelay.app.sendmail ...}).  The message on standard input is submitted
+through the same intake as mail received by SMTP: the command connects to the relay's
+first listener of mode C{relay} that it can reach locally (from the same configuration
+file as the relay's: C{-C FILE}, C{--config FILE}, C{$MAILRELAY_CONFIG}, else the embedded
+default) and speaks SMTP with it, so policy, stamping, spooling and group commit are the
+relay's.  Exit 0 means the relay has the message on disk for every recipient; otherwise the
+status is a C{sysexits.h} code and standard error says why: C{EX_TEMPFAIL} (75) when the
+relay is not running or answers 4xx (nothing was accepted: the caller keeps the message
+and tries again), C{EX_NOUSER}, C{EX_NOHOST}, C{EX_NOPERM}, C{EX_DATAERR} ... for a
+refusal, C{EX_USAGE} for a bad command line, C{EX_CONFIG} for a bad configuration.
+
+The message is made as Postfix's sendmail and cleanup make local mail (see
+L{mailrelay.app.localmail}).  Options as Postfix's sendmail takes them; those that do not
+apply (C{-oXXX} but C{-oi}, C{-h}, C{-n}, C{-U}, C{-G}, C{-L}, C{-X}, C{-qINTERVAL}, ...)
+are accepted and ignored.  C{-v} writes the SMTP dialogue to standard error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pwd
+import select
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, TextIO
+
+from mailrelay.address import xtextEncode
+from mailrelay.app.localmail import (
+    Submission,
+    SubmitError,
+    commandLineRecipients,
+    prepareMessage,
+    readInput,
+    senderAddress,
+)
+from mailrelay.config import ConfigError, ListenerView, LocalView, loadLocalView
+from mailrelay.interfaces import Reply
+from mailrelay.smtp.errors import ProtocolError
+from mailrelay.smtp.wire import DotStuffer, ReplyParser, asciiName, parseExtensions
+
+PROG = "mailrelay-sendmail"
+
+USAGE = f"""\
+usage: {PROG} [-t] [-i|-oi] [-f sender] [-F full_name] [-v] [-C config]
+                          [-N dsn] [-R ret] [-V envid] [-B 7BIT|8BITMIME] [--] [recipient ...]
+       {PROG} -bs [-C config]      SMTP on standard input and output
+       {PROG} -bp [-C config]      list the queue (as mailq)
+       {PROG} -q[Rdomain] [-C config]  deliver the queue (a domain's mail) now
+The configuration: -C FILE, --config FILE, $MAILRELAY_CONFIG, else the relay's embedded default.
+"""
+
+#: The environment variable naming the relay's configuration file (as Postfix's MAIL_CONFIG).
+CONFIG_VARIABLE = "MAILRELAY_CONFIG"
+
+#: The module of the C{mailrelay} command, whose C{main(argv)} serves C{-bp} (C{mailrelay
+#: queue list}) and C{-q} (C{mailrelay queue flush}).
+MAILRELAY_COMMAND = "mailrelay.app.cli"
+
+#: Seconds to wait for the connection, for each reply, and for the reply to the message.
+CONNECT_TIMEOUT = 30.0
+REPLY_TIMEOUT = 300.0
+DATA_TIMEOUT = 600.0
+
+#: Options without a value, with a value (attached, or the next argument), and with an
+#: optional value (attached only).
+_FLAGS = frozenset("GIUimntv")
+_WITH_VALUE = frozenset("ABCDFLNORVXbefhopr")
+_OPTIONAL_VALUE = frozenset("dq")
+#: The -b modes of Sendmail this command does not have.
+_OTHER_MODES = "aDdHhlPtv"
+
+
+class UsageError(Exception):
+    """A bad command line (exit status C{EX_USAGE})."""
+
+
+@dataclass
+class Options:
+    """The command line, read.
+
+    @ivar action: C{"send"} (the default, C{-bm}), C{"smtp"} (C{-bs}), C{"list"} (C{-bp},
+        C{mailq}), C{"flush"} (C{-q}, C{-qR}/C{-qS}/C{-qI}), C{"nothing"} (C{-qINTERVAL}),
+        C{"newaliases"} (C{-bi}, C{-I}), C{"help"}.
+    @ivar flush: with C{"flush"}: the arguments of C{mailrelay queue flush} (C{[]}, C{["--domain",
+        D]}, C{[ID]}).
+    @ivar dotEnds: a line holding a single dot ends the message (no C{-i}, C{-oi}).
+    @ivar notify: C{-N}: the DSN NOTIFY value (C{"NEVER"}, C{"SUCCESS,FAILURE"}).
+    @ivar ret: C{-R}: C{"FULL"} or C{"HDRS"}.
+    @ivar envid: C{-V}: the DSN envelope id, as xtext.
+    @ivar body: C{-B}: C{"7BIT"} or C{"8BITMIME"}.
+    """
+
+    action: str = "send"
+    flush: list[str] = field(default_factory=list)
+    extract: bool = False
+    dotEnds: bool = True
+    sender: str | None = None
+    fullName: str | None = None
+    verbose: bool = False
+    config: str | None = None
+    notify: str | None = None
+    ret: str | None = None
+    envid: str | None = None
+    body: str | None = None
+    recipients: list[str] = field(default_factory=list)
+
+
+def parseArguments(argv: Sequence[str], name: str = PROG) -> Options:
+    """Read the command line as Postfix's sendmail does (POSIX getopt: options end at the
+    first argument that is not one, or at C{--}).
+
+    @param name: the name the command was run as: C{mailq} means C{-bp}, C{newaliases}
+        C{-bi}.
+    @raise UsageError: an unknown option, a missing or bad value.
+    """
+    options = Options()
+    base = os.path.basename(name)
+    if base == "mailq":
+        options.action = "list"
+    elif base == "newaliases":
+        options.action = "newaliases"
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg == "--":
+            index += 1
+            break
+        if arg == "--help":
+            options.action = "help"
+        elif arg == "--config" or arg.startswith("--config="):
+            if arg == "--config":
+                index += 1
+                if index >= len(argv):
+                    raise UsageError("option --config needs a file name")
+                options.config = argv[index]
+            else:
+                options.config = arg.partition("=")[2]
+        elif arg.startswith("--"):
+            raise UsageError(f"unknown option {arg}")
+        elif not arg.startswith("-") or arg == "-":
+            break
+        else:
+            position = 1
+            while position < len(arg):
+                letter = arg[position]
+                if letter in _FLAGS:
+                    _flag(options, letter)
+                    position += 1
+                    continue
+                value = arg[position + 1 :]
+                if letter in _OPTIONAL_VALUE:
+                    _option(options, letter, value)
+                elif letter in _WITH_VALUE:
+                    if not value:
+                        index += 1
+                        if index >= len(argv):
+                            raise UsageError(f"option -{letter} needs a value")
+                        value = argv[index]
+                    _option(options, letter, value)
+                else:
+                    raise UsageError(f"unknown option -{letter}")
+                break
+        index += 1
+    options.recipients = list(argv[index:])
+    return options
+
+
+def _flag(options: Options, letter: str) -> None:
+    if letter == "t":
+        options.extract = True
+    elif letter == "i":
+        options.dotEnds = False
+    elif letter == "v":
+        options.verbose = True
+    elif letter == "I":
+        options.action = "newaliases"
+    # -G (gateway), -U (initial submission), -m (me too), -n (no aliases): nothing to do.
+
+
+def _option(options: Options, letter: str, value: str) -> None:
+    if letter == "b":
+        _mode(options, value)
+    elif letter in "fr":
+        options.sender = value
+    elif letter == "F":
+        options.fullName = value
+    elif letter == "C":
+        options.config = value
+    elif letter == "o":
+        if value[:1] == "i":  # -oi (Postfix reads only the letter)
+            options.dotEnds = False
+    elif letter == "O":
+        key, _, setting = value.partition("=")
+        if key.strip().lower() == "ignoredots":
+            options.dotEnds = setting.strip().lower() not in ("", "true", "t", "yes", "y", "1")
+    elif letter == "q":
+        _queueRun(options, value)
+    elif letter == "N":
+        options.notify = _notify(value)
+    elif letter == "R":
+        if value.lower() not in ("full", "hdrs"):
+            raise UsageError(f"-R takes full or hdrs, not {value!r}")
+        options.ret = value.upper()
+    elif letter == "V":
+        if not value.isascii() or not value.isprintable() or len(value) > 100:
+            raise UsageError(f"-V: bad envelope id {value!r} (printable ASCII, 100 at most)")
+        options.envid = xtextEncode(value)
+    elif letter == "B":
+        if value.upper() not in ("7BIT", "8BITMIME"):
+            raise UsageError(f"-B takes 7BIT or 8BITMIME, not {value!r}")
+        options.body = value.upper()
+    # -A, -D, -L, -X, -d, -e, -h, -p: nothing to do.
+
+
+def _mode(options: Options, value: str) -> None:
+    if value == "m":
+        options.action = "send"
+    elif value == "s":
+        options.action = "smtp"
+    elif value == "p":
+        options.action = "list"
+    elif value == "i":
+        options.action = "newaliases"
+    elif value[:1] in _OTHER_MODES:
+        raise UsageError(f"-b{value} is not supported (only -bm, -bs, -bp and -bi)")
+    else:
+        raise UsageError(f"unknown mode -b{value}")
+
+
+def _queueRun(options: Options, value: str) -> None:
+    """C{-q}: flush the queue; C{-qRsite}, C{-qSsite}: the mail for a domain; C{-qIid}: one
+    message; C{-qINTERVAL}: ignored (Postfix ignores it: the relay retries on its own)."""
+    if value == "":
+        options.action, options.flush = "flush", []
+    elif value[0] in "RS":
+        site = value[1:].strip().lstrip("@")
+        if not site:
+            raise UsageError(f"-q{value[0]} needs a domain")
+        options.action, options.flush = "flush", ["--domain", site]
+    elif value[0] == "I":
+        if not value[1:]:
+            raise UsageError("-qI needs a queue id")
+        options.action, options.flush = "flush", [value[1:]]
+    elif value[0].isdigit():
+        options.action = "nothing"
+    else:
+        raise UsageError(f"unknown queue option -q{value}")
+
+
+def _notify(value: str) -> str:
+    items = [item.strip().upper() for item in value.split(",")]
+    if items == ["NEVER"]:
+        return "NEVER"
+    if not items or any(item not in ("SUCCESS", "FAILURE", "DELAY") for item in items):
+        raise UsageError(f"-N takes never, or success, failure and delay separated by commas, "
+                         f"not {value!r}")
+    return ",".join(dict.fromkeys(items))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reaching the relay
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where a listener is reached from this host: C{family} and C{address} for
+    C{socket.connect}, and how to say it (C{"127.0.0.1:2525"})."""
+
+    family: int
+    address: Any
+    text: str
+
+
+def listenerAddress(endpoint: str) -> Address | None:
+    """How a listener on server endpoint C{endpoint} is reached from this host: its UNIX
+    socket, or its TCP port on the address it is bound to (loopback for a wildcard); C{None}
+    for a port chosen at start-up (0) and for endpoints of other kinds."""
+    from twisted.internet.endpoints import (
+        TCP4ServerEndpoint,
+        TCP6ServerEndpoint,
+        UNIXServerEndpoint,
+        serverFromString,
+    )
+
+    try:
+        server = serverFromString(None, endpoint)
+    except (ValueError, TypeError, KeyError, IndexError, OSError):
+        return None
+    if isinstance(server, UNIXServerEndpoint):
+        path = server._address  # Twisted keeps the parsed path there
+        return Address(socket.AF_UNIX, path, path)
+    if isinstance(server, TCP4ServerEndpoint | TCP6ServerEndpoint):
+        port, interface = server._port, server._interface
+        if not port:
+            return None
+        six = isinstance(server, TCP6ServerEndpoint) or ":" in interface
+        if interface in ("", "0.0.0.0", "::"):
+            interface = "::1" if six else "127.0.0.1"
+        text = f"[{interface}]:{port}" if ":" in interface else f"{interface}:{port}"
+        return Address(socket.AF_INET6 if six else socket.AF_INET, (interface, port), text)
+    return None
+
+
+def chooseListener(view: LocalView) -> tuple[ListenerView, Address]:
+    """The first listener of C{view} the command can submit to: mode C{relay}, no PROXY
+    header, no implicit TLS, reachable from this host.
+
+    @raise SubmitError: C{EX_CONFIG} when there is none.
+    """
+    for listener in view.listeners:
+        if listener.mode != "relay" or listener.proxyProtocol or listener.tlsMode == "implicit":
+            continue
+        address = listenerAddress(listener.endpoint)
+        if address is not None:
+            return listener, address
+    where = view.source or "the embedded default configuration"
+    raise SubmitError(
+        f"{where}: no listener to submit to: {PROG} needs a [[listeners]] table with "
+        'mode = "relay" (the default), no proxy_protocol, no implicit TLS, and a fixed TCP '
+        "port or a UNIX socket",
+        os.EX_CONFIG,
+    )
+
+
+def connect(view: LocalView, timeout: float = CONNECT_TIMEOUT) -> tuple[socket.socket, str]:
+    """A connection to the relay's listener (see L{chooseListener}), and how to name it.
+
+    @raise SubmitError: C{EX_TEMPFAIL} when the relay cannot be reached.
+    """
+    listener, address = chooseListener(view)
+    where = f"{address.text} (listener {listener.endpoint})"
+    sock = socket.socket(address.family, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(address.address)
+    except OSError as e:
+        sock.close()
+        reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise SubmitError(
+            f"cannot connect to the relay at {where}: {reason}; is mailrelay running? "
+            "Nothing was sent; try again later",
+            os.EX_TEMPFAIL,
+        ) from None
+    return sock, where
+
+
+def showReply(reply: Reply) -> str:
+    """A reply on one line: C{"550 5.1.1 unknown user"}."""
+    text = " / ".join(line.strip() for line in reply.text.split("\n") if line.strip())
+    head = f"{reply.code} {reply.enhanced}" if reply.enhanced else str(reply.code)
+    return f"{head} {text}".rstrip()
+
+
+def exitStatus(reply: Reply, stage: str) -> int:
+    """The C{sysexits.h} status for a refusal C{reply} to C{stage} (C{"greeting"},
+    C{"EHLO"}, C{"MAIL"}, C{"RCPT"}, C{"DATA"}): C{EX_TEMPFAIL} for 4xx; by the enhanced
+    code's subject for 5xx: address (X.1.x) C{EX_NOUSER} for a recipient (C{EX_NOHOST} for a
+    bad domain, X.1.2) and C{EX_DATAERR} for the sender; policy (X.7.x) C{EX_NOPERM};
+    content and size (X.6.x, X.3.4) C{EX_DATAERR}; protocol (X.5.x) C{EX_PROTOCOL}; else
+    C{EX_UNAVAILABLE}."""
+    if reply.code < 500:
+        return os.EX_TEMPFAIL
+    _, subject, detail = ((reply.enhanced or "5.0.0").split(".") + ["0", "0"])[:3]
+    if subject == "1":
+        if stage == "RCPT":
+            return os.EX_NOHOST if detail == "2" else os.EX_NOUSER
+        return os.EX_DATAERR
+    if subject == "7":
+        return os.EX_NOPERM
+    if subject == "6" or (subject == "3" and detail == "4"):
+        return os.EX_DATAERR
+    if subject == "5":
+        return os.EX_PROTOCOL
+    return os.EX_UNAVAILABLE
+
+
+class RelayClient:
+    """A blocking SMTP client for one connection to the relay.
+
+    @ivar transcript: where the dialogue is written (C{-v}), or C{None}.
+    """
+
+    def __init__(self, sock: socket.socket, where: str, transcript: TextIO | None) -> None:
+        self.sock = sock
+        self.where = where
+        self.transcript = transcript
+        self._parser = ReplyParser()
+
+    def say(self, text: str) -> None:
+        """Write C{text} to the transcript, if there is one."""
+        if self.transcript is not None:
+            print(text, file=self.transcript, flush=True)
+
+    def read(self, timeout: float = REPLY_TIMEOUT) -> Reply:
+        """The next reply.  @raise SubmitError: the connection broke or timed out
+        (C{EX_TEMPFAIL}), the relay broke the protocol (C{EX_PROTOCOL})."""
+        self.sock.settimeout(timeout)
+        while True:
+            try:
+                reply = self._parser.next()
+            except ProtocolError as e:
+                raise SubmitError(f"the relay at {self.where} broke the protocol: {e}",
+                                  os.EX_PROTOCOL) from None
+            if reply is not None:
+                if self.transcript is not None:
+                    lines = reply.text.split("\n")
+                    enhanced = f"{reply.enhanced} " if reply.enhanced else ""
+                    for n, line in enumerate(lines):
+                        separator = "-" if n < len(lines) - 1 else " "
+                        self.say(f"{reply.code}{separator}{enhanced}{line}")
+                return reply
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                raise SubmitError(f"the relay at {self.where} did not answer in "
+                                  f"{timeout:g} seconds; nothing was sent", os.EX_TEMPFAIL
+                                  ) from None
+            except OSError as e:
+                raise self._lost(e.strerror or str(e)) from None
+            if not data:
+                raise self._lost("the relay closed the connection")
+            self._parser.feed(data)
+
+    def _lost(self, reason: str) -> SubmitError:
+        return SubmitError(f"connection to the relay at {self.where} lost: {reason}; "
+                           "nothing was sent", os.EX_TEMPFAIL)
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError as e:
+            raise self._lost(e.strerror or str(e)) from None
+
+    def command(self, line: str, timeout: float = REPLY_TIMEOUT) -> Reply:
+        """Send command C{line}, return the reply."""
+        self.say(f">>> {line}")
+        self.send(line.encode("utf-8") + b"\r\n")
+        return self.read(timeout)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """The envelope of one submission: the sender (C{""}: null) and the DSN and body
+    parameters of the command line."""
+
+    sender: str
+    notify: str | None = None
+    ret: str | None = None
+    envid: str | None = None
+    body: str | None = None
+
+
+def submit(
+    view: LocalView,
+    envelope: Envelope,
+    submission: Submission,
+    transcript: TextIO | None = None,
+    connector: Callable[[LocalView], tuple[socket.socket, str]] = connect,
+) -> str:
+    """Hand C{submission} to the relay; return its last reply (C{"250 2.0.0 Ok: queued as
+    ID"}).
+
+    All or nothing for each transaction: a recipient refused makes the command give up
+    (RSET) before the message is sent.  When the relay takes fewer recipients at once than
+    there are (452 4.5.3), the message goes in several transactions, as an SMTP client
+    sends it.
+
+    @raise SubmitError: why it was not accepted, with the status L{exitStatus} gives.
+    """
+    sock, where = connector(view)
+    client = RelayClient(sock, where, transcript)
+    try:
+        return _transactions(client, view, envelope, submission)
+    finally:
+        client.close()
+
+
+def _refused(reply: Reply, stage: str, what: str, sent: Sequence[str]) -> SubmitError:
+    message = f"{what}: {showReply(reply)}"
+    if sent:
+        message += f"\nthe message was sent to {', '.join(sent)} only"
+    else:
+        message += "\nnothing was sent"
+    return SubmitError(message, exitStatus(reply, stage))
+
+
+def _transactions(
+    client: RelayClient, view: LocalView, envelope: Envelope, submission: Submission
+) -> str:
+    greeting = client.read()
+    if greeting.code != 220:
+        raise _refused(greeting, "greeting", f"the relay at {client.where} refused the "
+                       "connection", ())
+    reply = client.command("EHLO " + asciiName(view.hostname).decode("ascii"))
+    if reply.code != 250:
+        raise _refused(reply, "EHLO", "the relay refused EHLO", ())
+    extensions = parseExtensions(reply)
+    content = submission.content
+    params = []
+    if "SIZE" in extensions:
+        params.append(f"SIZE={len(content)}")
+    body = envelope.body or ("8BITMIME" if not content.isascii() else None)
+    if body and "8BITMIME" in extensions:
+        params.append(f"BODY={body}")
+    utf8 = not envelope.sender.isascii() or not all(r.isascii() for r in submission.recipients)
+    if utf8:
+        params.append("SMTPUTF8")
+    if envelope.ret:
+        params.append(f"RET={envelope.ret}")
+    if envelope.envid:
+        params.append(f"ENVID={envelope.envid}")
+    rcptParams = f" NOTIFY={envelope.notify}" if envelope.notify else ""
+    mailFrom = " ".join([f"MAIL FROM:<{envelope.sender}>", *params])
+    pending = list(submission.recipients)
+    sent: list[str] = []
+    last = ""
+    while pending:
+        reply = client.command(mailFrom)
+        if not reply.isPositive:
+            raise _refused(reply, "MAIL", f"sender <{envelope.sender}> refused", sent)
+        accepted: list[str] = []
+        rest: list[str] = []
+        for index, recipient in enumerate(pending):
+            reply = client.command(f"RCPT TO:<{recipient}>{rcptParams}")
+            if reply.isPositive:
+                accepted.append(recipient)
+            elif reply.enhanced == "4.5.3" and accepted:  # too many recipients: another time
+                rest = pending[index:]
+                break
+            else:
+                client.command("RSET")
+                raise _refused(reply, "RCPT", f"<{recipient}> refused", sent)
+        reply = client.command("DATA")
+        if reply.code != 354:
+            raise _refused(reply, "DATA", "the relay refused DATA", sent)
+        stuffer = DotStuffer()
+        client.say(f">>> (the message: {len(content)} octets)")
+        client.send(stuffer.feed(content) + stuffer.finish())
+        client.say(">>> .")
+        reply = client.read(DATA_TIMEOUT)
+        if not reply.isPositive:
+            raise _refused(reply, "DATA", "the message was refused", sent)
+        sent += accepted
+        last = showReply(reply)
+        for recipient in accepted:
+            client.say(f"<{recipient}>... Sent ({last})")
+        pending = rest
+    try:
+        client.command("QUIT")
+    except SubmitError:
+        pass  # the message is accepted; a lost 221 changes nothing
+    return last
+
+
+# ---------------------------------------------------------------------------------------------
+# -bs: SMTP on standard input and output
+
+
+class _RelayClosed(Exception):
+    """The relay closed the connection."""
+
+
+def _crlf(line: bytes) -> bytes:
+    """C{line} (with its LF, or the input's last line without one) ended by CRLF."""
+    if line.endswith(b"\r\n") or not line.endswith(b"\n"):
+        return line
+    return line[:-1] + b"\r\n"
+
+
+class SMTPPipe:
+    """C{-bs}: the relay's SMTP session, passed on between standard input and output.
+
+    The client's commands go to the relay one at a time, each after the reply to the one
+    before, and nothing before the greeting: a client that writes its whole session at once
+    (a script, C{sendmail -bs < file}) is neither an early talker nor an unauthorised
+    pipeliner to the relay, and gets every reply in order.  Line ends are made CRLF (local
+    clients often send LF alone, which Postfix's sendmail -bs accepts).  After C{DATA} and
+    its 354 the message goes as it comes, up to the line holding a single dot; after
+    C{STARTTLS} and its 220 the bytes pass unchanged both ways.
+    """
+
+    def __init__(self, sock: socket.socket, stdin: int, stdout: int) -> None:
+        self.sock = sock
+        self.stdin = stdin
+        self.stdout = stdout
+        self._input = bytearray()
+        self._inputOpen = True
+        self._replies = bytearray()
+
+    def run(self) -> None:
+        """Serve the session until the relay closes the connection."""
+        try:
+            self._reply()
+            while True:
+                line = self._line()
+                if line is None:
+                    self.sock.shutdown(socket.SHUT_WR)
+                    while True:
+                        self._fromRelay()
+                self.sock.sendall(_crlf(line))
+                verb = line.split(maxsplit=1)[0].upper() if line.strip() else b""
+                code = self._reply()
+                if verb == b"DATA" and code == b"354":
+                    self._data()
+                    self._reply()
+                elif verb == b"STARTTLS" and code == b"220":
+                    self._transparent()
+                    return
+        except _RelayClosed:
+            return
+
+    def _output(self, data: bytes | bytearray) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.stdout, view) :]
+
+    def _fromRelay(self) -> None:
+        """Read what the relay sent into the reply buffer.  @raise _RelayClosed: at its end
+        (what came before it has been written out)."""
+        try:
+            data = self.sock.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            self._output(self._replies)
+            raise _RelayClosed()
+        self._replies += data
+
+    def _reply(self) -> bytes:
+        """Wait for the relay's next complete reply, write it out, return its code."""
+        while True:
+            start = 0
+            while (end := self._replies.find(b"\r\n", start)) >= 0:
+                line = bytes(self._replies[start:end])
+                start = end + 2
+                if line[3:4] != b"-":
+                    self._output(self._replies[:start])
+                    del self._replies[:start]
+                    return line[:3]
+            self._fromRelay()
+
+    def _wait(self) -> None:
+        """Wait for input from the client (into the input buffer); what the relay says
+        meanwhile (a 421 as it times out) is written out at once."""
+        readers: list[Any] = [self.sock] + ([self.stdin] if self._inputOpen else [])
+        readable, _, _ = select.select(readers, [], [])
+        if self.sock in readable:
+            self._fromRelay()
+            self._output(self._replies)
+            self._replies.clear()
+        if self.stdin in readable:
+            data = os.read(self.stdin, 65536)
+            if data:
+                self._input += data
+            else:
+                self._inputOpen = False
+
+    def _line(self) -> bytes | None:
+        """The client's next line (with its line end), or C{None} at the end of the
+        input."""
+        while True:
+            end = self._input.find(b"\n")
+            if end >= 0:
+                line = bytes(self._input[: end + 1])
+                del self._input[: end + 1]
+                return line
+            if not self._inputOpen:
+                if self._input:
+                    line = bytes(self._input)
+                    self._input.clear()
+                    return line
+                return None
+            self._wait()
+
+    def _data(self) -> None:
+        """Pass the message on, up to and with its end (a line holding a single dot)."""
+        while True:
+            out = bytearray()
+            while (end := self._input.find(b"\n")) >= 0:
+                line = bytes(self._input[: end + 1])
+                del self._input[: end + 1]
+                out += _crlf(line)
+                if line.rstrip(b"\r\n") == b".":
+                    self.sock.sendall(out)
+                    return
+            if out:
+                self.sock.sendall(out)
+            if not self._inputOpen:
+                if self._input:
+                    self.sock.sendall(bytes(self._input))
+                    self._input.clear()
+                return
+            self._wait()
+
+    def _transparent(self) -> None:
+        """Pass bytes unchanged both ways until the relay closes."""
+        shut = False
+        while True:
+            if self._input:
+                self.sock.sendall(bytes(self._input))
+                self._input.clear()
+            if not self._inputOpen and not shut:
+                self.sock.shutdown(socket.SHUT_WR)
+                shut = True
+            self._wait()
+
+
+def serveSMTP(view: LocalView, stdin: int, stdout: int) -> None:
+    """C{-bs}: the relay's SMTP session on standard input and output.
+
+    @raise SubmitError: C{EX_TEMPFAIL} when the relay cannot be reached; the client has been
+        told with a C{421} greeting.
+    """
+    try:
+        sock, _ = connect(view)
+    except SubmitError as e:
+        if e.status == os.EX_TEMPFAIL:
+            greeting = f"421 4.3.2 {view.hostname} {PROG}: the relay is not running\r\n"
+            os.write(stdout, greeting.encode("ascii", "replace"))
+        raise
+    try:
+        SMTPPipe(sock, stdin, stdout).run()
+    finally:
+        sock.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# -bp and -q
+
+
+def runQueueCommand(arguments: Sequence[str], config: str | None) -> int:
+    """Run C{mailrelay queue ARGUMENTS} (C{["list"]}, C{["flush", "--domain", "example.org"]})
+    in this process, with the configuration file C{config}; return its exit status.
+
+    @raise SubmitError: C{EX_UNAVAILABLE} when this installation has no C{mailrelay} command
+        (L{MAILRELAY_COMMAND}).
+    """
+    try:
+        module = importlib.import_module(MAILRELAY_COMMAND)
+    except ModuleNotFoundError as e:
+        if e.name != MAILRELAY_COMMAND:
+            raise
+        raise SubmitError(
+            f"the queue commands (-bp, mailq, -q) run `mailrelay queue {' '.join(arguments)}`, "
+            f"but this installation has no mailrelay command (module {MAILRELAY_COMMAND}); "
+            "nothing was done",
+            os.EX_UNAVAILABLE,
+        ) from None
+    argv = [*(["--config", config] if config else []), "queue", *arguments]
+    status = module.main(argv)
+    return int(status or 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def loginName(uid: int) -> str:
+    """The login name of user C{uid}.  @raise SubmitError: none (C{EX_USAGE}: use C{-f})."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        raise SubmitError(
+            f"no login name found for user ID {uid}; give the sender with -f", os.EX_USAGE
+        ) from None
+
+
+def run(
+    options: Options,
+    stdin: BinaryIO,
+    stderr: TextIO,
+    environ: dict[str, str] | os._Environ[str],
+    stdinFD: int = 0,
+    stdoutFD: int = 1,
+) -> int:
+    """Carry out C{options}; return the exit status.  @raise SubmitError: what failed."""
+    config = options.config or environ.get(CONFIG_VARIABLE) or None
+    if options.action == "help":
+        sys.stdout.write(USAGE)
+        return os.EX_OK
+    if options.action == "newaliases":
+        print(f"{PROG}: mailrelay has no aliases database; nothing to do", file=stderr)
+        return os.EX_OK
+    if options.action == "nothing":
+        return os.EX_OK
+    if options.action == "list":
+        return runQueueCommand(["list"], config)
+    if options.action == "flush":
+        return runQueueCommand(["flush", *options.flush], config)
+    try:
+        view = loadLocalView(config)
+    except ConfigError as e:
+        raise SubmitError(f"configuration error: {e}", os.EX_CONFIG) from None
+    if options.action == "smtp":
+        serveSMTP(view, stdinFD, stdoutFD)
+        return os.EX_OK
+    uid = os.getuid()
+    given = options.sender
+    sender = senderAddress(given if given is not None else loginName(uid), view.hostname)
+    recipients = commandLineRecipients(options.recipients, view.hostname)
+    if not recipients and not options.extract:
+        raise SubmitError(
+            "recipient addresses must be given on the command line or with -t", os.EX_USAGE
+        )
+    lines = readInput(stdin, dotEnds=options.dotEnds, limit=view.maxMessageSize)
+    submission = prepareMessage(
+        lines,
+        recipients=recipients,
+        extract=options.extract,
+        sender=sender,
+        fullName=options.fullName or environ.get("NAME") or None,
+        hostname=view.hostname,
+        uid=uid,
+        now=time.time(),
+    )
+    envelope = Envelope(sender, options.notify, options.ret, options.envid, options.body)
+    submit(view, envelope, submission, stderr if options.verbose else None)
+    return os.EX_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console script's entry point."""
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    try:
+        options = parseArguments(arguments, sys.argv[0] if argv is None else PROG)
+    except UsageError as e:
+        sys.stderr.write(f"{PROG}: {e}\n{USAGE}")
+        return os.EX_USAGE
+    try:
+        return run(options, sys.stdin.buffer, sys.stderr, os.environ)
+    except SubmitError as e:
+        for line in e.message.split("\n"):
+            print(f"{PROG}: {line}", file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing was sent", file=sys.stderr)
+        return os.EX_TEMPFAIL
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

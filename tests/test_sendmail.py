@@ -1,0 +1,578 @@
+"""C{mailrelay-sendmail}, unit by unit: the command line, the input, the header processing of
+local mail, the configuration it reads, the SMTP client against a scripted relay, the C{-bs}
+pipe.  The end-to-end tests (real relay, real mail(1)) are in test_e2e_sendmail.py."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import sys
+import threading
+import types
+from pathlib import Path
+
+import pytest
+
+from mailrelay.app import sendmail
+from mailrelay.app.localmail import (
+    SubmitError,
+    commandLineRecipients,
+    parseMessage,
+    prepareMessage,
+    readInput,
+    senderAddress,
+)
+from mailrelay.app.sendmail import (
+    Envelope,
+    LocalView,
+    Options,
+    SMTPPipe,
+    UsageError,
+    chooseListener,
+    exitStatus,
+    listenerAddress,
+    parseArguments,
+    runQueueCommand,
+    submit,
+)
+from mailrelay.config import ConfigError, ListenerView, loadLocalView
+from mailrelay.interfaces import Reply
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+def test_common_invocations() -> None:
+    # mail(1) (bsd-mailx): -i -t; s-nail: -i -- rcpt...; cron: -FCronDaemon -i -B8BITMIME -oem
+    o = parseArguments(["-i", "-t"])
+    assert (o.action, o.extract, o.dotEnds, o.recipients) == ("send", True, False, [])
+    o = parseArguments(["-i", "--", "a@example.org", "-b@example.org"])
+    assert o.recipients == ["a@example.org", "-b@example.org"] and not o.dotEnds
+    o = parseArguments(["-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root"])
+    assert (o.fullName, o.body, o.dotEnds, o.recipients) == ("CronDaemon", "8BITMIME", False,
+                                                             ["root"])
+    # PHP's default sendmail_path: "sendmail -t -i"; git send-email: -i -f addr rcpts
+    o = parseArguments(["-i", "-f", "me@example.org", "you@example.org"])
+    assert (o.sender, o.recipients) == ("me@example.org", ["you@example.org"])
+
+
+def test_clusters_and_attached_values() -> None:
+    o = parseArguments(["-tvfme@example.org", "-Fa b", "x@example.org"])
+    assert o.extract and o.verbose and o.sender == "me@example.org" and o.fullName == "a b"
+    o = parseArguments(["-ti", "-r", "r@example.org"])
+    assert o.extract and not o.dotEnds and o.sender == "r@example.org"
+    assert parseArguments(["-f", ""]).sender == ""
+    assert parseArguments(["-oi"]).dotEnds is False
+    assert parseArguments(["-o", "i"]).dotEnds is False
+    assert parseArguments(["-OIgnoreDots=true"]).dotEnds is False
+    assert parseArguments(["-OIgnoreDots=false"]).dotEnds is True
+
+
+def test_options_end_at_the_first_recipient() -> None:
+    # POSIX getopt, as Postfix calls it: "-f" after a recipient is a recipient.
+    o = parseArguments(["a@example.org", "-f", "x"])
+    assert o.recipients == ["a@example.org", "-f", "x"] and o.sender is None
+
+
+def test_ignored_options() -> None:
+    o = parseArguments(["-oem", "-odb", "-oQ/var/spool", "-h", "20", "-n", "-U", "-G", "-m",
+                        "-L", "tag", "-X", "/tmp/log", "-Am", "-d0.1", "-e", "m", "-p", "smtp",
+                        "a@example.org"])
+    assert o == Options(recipients=["a@example.org"])
+
+
+def test_modes_and_queue_options() -> None:
+    assert parseArguments(["-bs"]).action == "smtp"
+    assert parseArguments(["-bm", "x"]).action == "send"
+    assert parseArguments(["-bp"]).action == "list"
+    assert parseArguments([], "/usr/bin/mailq").action == "list"
+    assert parseArguments([], "newaliases").action == "newaliases"
+    assert parseArguments(["-bi"]).action == "newaliases"
+    assert parseArguments(["-I"]).action == "newaliases"
+    o = parseArguments(["-q"])
+    assert (o.action, o.flush) == ("flush", [])
+    o = parseArguments(["-qRexample.org"])
+    assert (o.action, o.flush) == ("flush", ["--domain", "example.org"])
+    o = parseArguments(["-qS@example.org"])
+    assert o.flush == ["--domain", "example.org"]
+    o = parseArguments(["-qI01K1ABC"])
+    assert o.flush == ["01K1ABC"]
+    assert parseArguments(["-q30m"]).action == "nothing"
+    assert parseArguments(["--config=/etc/r.toml"]).config == "/etc/r.toml"
+    assert parseArguments(["--config", "/etc/r.toml"]).config == "/etc/r.toml"
+    assert parseArguments(["-C/etc/r.toml"]).config == "/etc/r.toml"
+    assert parseArguments(["--help"]).action == "help"
+
+
+def test_dsn_options() -> None:
+    o = parseArguments(["-N", "success,delay", "-R", "hdrs", "-V", "id 1+", "x"])
+    assert (o.notify, o.ret, o.envid) == ("SUCCESS,DELAY", "HDRS", "id+201+2B")
+    assert parseArguments(["-Nnever"]).notify == "NEVER"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-k"], "unknown option -k"),
+    (["-f"], "option -f needs a value"),
+    (["--frobnicate"], "unknown option --frobnicate"),
+    (["-bv", "x"], "-bv is not supported"),
+    (["-bz"], "unknown mode -bz"),
+    (["-Nnever,success"], "-N takes never"),
+    (["-Rall"], "-R takes full or hdrs"),
+    (["-B", "BINARYMIME"], "-B takes 7BIT or 8BITMIME"),
+    (["-qR"], "-qR needs a domain"),
+    (["-qX"], "unknown queue option -qX"),
+    (["-V", "\x01"], "bad envelope id"),
+    (["--config"], "--config needs a file name"),
+])
+def test_bad_command_lines(argv: list[str], message: str) -> None:
+    with pytest.raises(UsageError, match=message.replace("+", r"\+")):
+        parseArguments(argv)
+
+
+def test_main_reports_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert sendmail.main(["-k"]) == os.EX_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("mailrelay-sendmail: unknown option -k\nusage: mailrelay-sendmail")
+
+
+# ---------------------------------------------------------------------------------------------
+# The input
+
+
+def read(data: bytes, dotEnds: bool = True, limit: int = 10**6) -> list[bytes]:
+    return readInput(io.BytesIO(data), dotEnds=dotEnds, limit=limit)
+
+
+def test_a_single_dot_ends_the_input_unless_i() -> None:
+    data = b"Subject: x\n\nbody\n..two\n.\nafter\n"
+    assert read(data) == [b"Subject: x", b"", b"body", b"..two"]
+    assert read(data, dotEnds=False) == [b"Subject: x", b"", b"body", b"..two", b".", b"after"]
+    assert read(b"a\r\n.\r\nb\r\n") == [b"a"]
+    assert read(b"a\n.") == [b"a"]
+
+
+def test_the_dot_ends_the_input_without_waiting_for_its_end() -> None:
+    # An interactive user types "." and sendmail goes on: nothing after it is read.
+    stream = io.BytesIO(b"hello\n.\n")
+
+    class Endless(io.RawIOBase):
+        def readline(self, size: int = -1) -> bytes:
+            line = stream.readline(size)
+            if not line:
+                raise AssertionError("read past the dot")
+            return line
+
+    assert readInput(Endless(), dotEnds=True, limit=100) == [b"hello"]  # type: ignore[arg-type]
+
+
+def test_line_ends() -> None:
+    # CRLF and LF end lines; a CR alone too (a progress meter in cron output).
+    assert read(b"a\r\nb\nc\rd\n", dotEnds=False) == [b"a", b"b", b"c", b"d"]
+    assert read(b"no end", dotEnds=False) == [b"no end"]
+    assert read(b"", dotEnds=False) == []
+    long = b"x" * 200_000 + b"\n.\n"
+    assert read(long) == [b"x" * 200_000]
+
+
+def test_input_over_the_size_limit_is_refused() -> None:
+    with pytest.raises(SubmitError) as e:
+        read(b"x" * 101, dotEnds=False, limit=100)
+    assert e.value.status == os.EX_DATAERR and "at most 100 octets" in e.value.message
+    assert read(b"x" * 100, dotEnds=False, limit=100) == [b"x" * 100]
+
+
+# ---------------------------------------------------------------------------------------------
+# The message
+
+
+def test_parse_message() -> None:
+    m = parseMessage([b"From alice Mon Jan 1 00:00:00 2024", b"Subject: a", b" folded",
+                      b"To : b@example.org", b"", b"body", b""])
+    assert [(h.name, h.lines) for h in m.headers] == [
+        ("Subject", [b"Subject: a", b" folded"]), ("To", [b"To : b@example.org"])]
+    assert m.headers[0].value == "a folded" and m.separated and m.body == [b"body", b""]
+    m = parseMessage([b"hello world", b"Subject: not a header"])
+    assert m.headers == [] and m.body == [b"hello world", b"Subject: not a header"]
+    m = parseMessage([b"Subject: x", b"no colon here"])
+    assert len(m.headers) == 1 and not m.separated and m.body == [b"no colon here"]
+
+
+def prepare(text: str, recipients: tuple[str, ...] = (), extract: bool = True,
+            sender: str = "alice@relay.test", fullName: str | None = None) -> tuple[list[str], str]:
+    lines = read(text.encode("utf-8"), dotEnds=False)
+    result = prepareMessage(lines, recipients=list(recipients), extract=extract, sender=sender,
+                            fullName=fullName, hostname="relay.test", uid=1000, now=0.0)
+    content = result.content.decode("utf-8")
+    assert "\n" not in content.replace("\r\n", "")
+    return list(result.recipients), content.replace("\r\n", "\n")
+
+
+def headerSection(content: str) -> list[str]:
+    return content.split("\n\n", 1)[0].split("\n")
+
+
+def test_t_takes_to_cc_bcc_and_removes_bcc() -> None:
+    rcpts, content = prepare(
+        "To: Bob <bob@example.org>, carol@example.org\nCc: dave@example.net\n"
+        "Bcc: eve@example.com,\n  Frank <frank@example.com>\nSubject: hi\n\nBcc: body line\n")
+    assert rcpts == ["bob@example.org", "carol@example.org", "dave@example.net",
+                     "eve@example.com", "frank@example.com"]
+    head = headerSection(content)
+    assert head[0] == "Received: by relay.test (mailrelay-sendmail, from userid 1000);"
+    assert head[1].startswith("\t") and head[2:] == [
+        "To: Bob <bob@example.org>, carol@example.org", "Cc: dave@example.net", "Subject: hi",
+        "From: alice@relay.test"]
+    assert content.endswith("\n\nBcc: body line\n")
+    assert "eve" not in content and "frank" not in content.lower()
+
+
+def test_t_adds_to_the_command_line_recipients_once() -> None:
+    rcpts, _ = prepare("To: a@example.org, b@example.org\n\nx\n",
+                       recipients=("b@example.org", "c@example.org"))
+    assert rcpts == ["b@example.org", "c@example.org", "a@example.org"]
+
+
+def test_without_t_the_header_gives_no_recipients_and_bcc_still_goes() -> None:
+    rcpts, content = prepare("To: a@example.org\nBcc: hidden@example.org\n\nx\n",
+                             recipients=("c@example.org",), extract=False)
+    assert rcpts == ["c@example.org"] and "hidden" not in content
+
+
+def test_resent_fields_are_used_when_present() -> None:
+    rcpts, content = prepare(
+        "From: orig@example.org\nTo: old@example.org\nResent-To: new@example.org\n"
+        "Resent-Bcc: secret@example.org\n\nx\n")
+    assert rcpts == ["new@example.org", "secret@example.org"]
+    head = headerSection(content)
+    assert "Resent-From: alice@relay.test" in head and "From: orig@example.org" in head
+    assert not any("secret" in line for line in head)
+
+
+def test_from_added_with_the_full_name_only_when_missing() -> None:
+    _, content = prepare("Subject: x\n\nbody\n", recipients=("a@example.org",),
+                         fullName="Alice Q. Liddell")
+    assert 'From: "Alice Q. Liddell" <alice@relay.test>' in headerSection(content)
+    _, content = prepare("Subject: x\n\nbody\n", recipients=("a@example.org",),
+                         fullName="Jörg")
+    assert "From: =?utf-8?b?SsO2cmc=?= <alice@relay.test>" in headerSection(content)
+    _, content = prepare("From: Me <me@example.org>\n\nbody\n", recipients=("a@example.org",),
+                         fullName="Ignored")
+    assert [h for h in headerSection(content) if h.startswith("From")] == [
+        "From: Me <me@example.org>"]
+    _, content = prepare("Subject: x\n\n", recipients=("a@example.org",), sender="")
+    assert "From: MAILER-DAEMON@relay.test" in headerSection(content)
+
+
+def test_addresses_without_domain_get_the_relays_hostname() -> None:
+    # cron: "To: root" and "From: root (Cron Daemon)"; Postfix's myorigin.
+    rcpts, content = prepare("From: root (Cron Daemon)\nTo: root\nSubject: cron\n\nout\n")
+    assert rcpts == ["root@relay.test"]
+    head = headerSection(content)
+    assert "From: Cron Daemon <root@relay.test>" in head and "To: root@relay.test" in head
+    assert commandLineRecipients(["bob", "x@example.org, Y <y@example.org>"], "relay.test") == [
+        "bob@relay.test", "x@example.org", "y@example.org"]
+
+
+def test_a_message_without_header_gets_one() -> None:
+    rcpts, content = prepare("just text\nmore\n", recipients=("a@example.org",))
+    head, body = content.split("\n\n", 1)
+    assert head.split("\n")[-1] == "From: alice@relay.test" and body == "just text\nmore\n"
+    # a header running into the body gets its empty line
+    _, content = prepare("Subject: s\nnot a field\n", recipients=("a@example.org",))
+    assert content.endswith("Subject: s\nFrom: alice@relay.test\n\nnot a field\n")
+
+
+def test_long_lines_are_broken() -> None:
+    _, content = prepare("Subject: x\n\n" + "y" * 2500 + "\n", recipients=("a@example.org",))
+    body = content.split("\n\n", 1)[1].split("\n")
+    assert [len(line) for line in body] == [998, 998, 506, 0]
+    assert body[1].startswith(" y") and "".join(body).replace(" ", "") == "y" * 2500
+
+
+def test_no_recipients() -> None:
+    with pytest.raises(SubmitError, match="no recipient addresses found") as e:
+        prepare("To: undisclosed-recipients:;\n\nx\n")
+    assert e.value.status == os.EX_USAGE
+
+
+def test_bad_addresses() -> None:
+    with pytest.raises(SubmitError, match="bad recipient address .* in the To: field") as e:
+        prepare("To: a@b@c\n\nx\n")
+    assert e.value.status == os.EX_DATAERR
+    with pytest.raises(SubmitError, match="bad recipient address") as e:
+        commandLineRecipients(["a@"], "relay.test")
+    assert senderAddress("<>", "relay.test") == "" and senderAddress("", "relay.test") == ""
+    assert senderAddress("bob", "relay.test") == "bob@relay.test"
+    assert senderAddress("Bob <bob@Example.ORG>", "relay.test") == "bob@example.org"
+    with pytest.raises(SubmitError, match="bad sender address") as e:
+        senderAddress("a b c@", "relay.test")
+    assert e.value.status == os.EX_USAGE
+
+
+# ---------------------------------------------------------------------------------------------
+# The configuration it reads, and the listener it picks
+
+
+def test_local_view_defaults() -> None:
+    view = loadLocalView(None)
+    assert view.source is None and view.maxMessageSize == 10240000
+    assert view.listeners == (ListenerView("tcp:2525:interface=127.0.0.1"),)
+
+
+def test_local_view_reads_nothing_else(tmp_path: Path) -> None:
+    # The certificate, the password file and the spool named here are not read (the user
+    # running sendmail may not read them): only the keys the command needs are.
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        'hostname = "Relay.Example.ORG"\n[limits]\nmessage_size = 5000\n'
+        '[spool]\ndirectory = "/nonexistent/unwritable"\n[auth]\npassword_file = "nope"\n'
+        '[[listeners]]\nendpoint = "tcp:465"\nmode = "submissions"\ntls_certificate = "x.pem"\n'
+        '[[listeners]]\nendpoint = "tcp:25"\nproxy_protocol = true\n'
+        '[[listeners]]\nendpoint = "tcp:2526"\ntls_mode = "starttls"\ntls_certificate = "x"\n')
+    view = loadLocalView(path)
+    assert (view.hostname, view.maxMessageSize) == ("relay.example.org", 5000)
+    assert view.listeners == (ListenerView("tcp:465", "submissions", None, False),
+                              ListenerView("tcp:25", "relay", None, True),
+                              ListenerView("tcp:2526", "relay", "starttls", False))
+    listener, address = chooseListener(view)
+    assert listener.endpoint == "tcp:2526" and address.text == "127.0.0.1:2526"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('hostnme = "x"\n', 'unknown key "hostnme" (did you mean "hostname"?)'),
+    ("[[listeners]]\nmode = \"relay\"\n", "listeners[0].endpoint: is required"),
+    ("[[listeners]]\nendpoint = \"tcp:25\"\nmode = \"mx\"\n", "listeners[0].mode: must be"),
+    ("listeners = []\n", "at least one listener is needed"),
+    ("[limits]\nmessage_size = \"big\"\n", "limits.message_size"),
+])
+def test_local_view_errors(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        loadLocalView(path)
+    assert message in str(e.value) and str(path) in str(e.value)
+
+
+def test_listener_addresses() -> None:
+    assert listenerAddress("tcp:25").text == "127.0.0.1:25"
+    assert listenerAddress("tcp:25:interface=0.0.0.0").address == ("127.0.0.1", 25)
+    assert listenerAddress("tcp:2525:interface=192.0.2.7").text == "192.0.2.7:2525"
+    six = listenerAddress(r"tcp6:25:interface=\:\:")
+    assert six.family == socket.AF_INET6 and six.text == "[::1]:25"
+    unix = listenerAddress("unix:/run/mailrelay/smtp.sock")
+    assert unix.family == socket.AF_UNIX and unix.address == "/run/mailrelay/smtp.sock"
+    assert listenerAddress("tcp:0:interface=127.0.0.1") is None
+
+
+def test_no_usable_listener() -> None:
+    view = LocalView("/etc/r.toml", "relay.test", 1000,
+                     (ListenerView("tcp:587", "submission"), ListenerView("tcp:0")))
+    with pytest.raises(SubmitError) as e:
+        chooseListener(view)
+    assert e.value.status == os.EX_CONFIG and e.value.message.startswith(
+        "/etc/r.toml: no listener to submit to")
+
+
+# ---------------------------------------------------------------------------------------------
+# Exit statuses
+
+
+@pytest.mark.parametrize("code, enhanced, stage, status", [
+    (421, "4.3.2", "greeting", os.EX_TEMPFAIL),
+    (451, "4.3.0", "DATA", os.EX_TEMPFAIL),
+    (554, "", "greeting", os.EX_UNAVAILABLE),
+    (550, "5.1.1", "RCPT", os.EX_NOUSER),
+    (550, "5.1.2", "RCPT", os.EX_NOHOST),
+    (553, "5.1.7", "MAIL", os.EX_DATAERR),
+    (554, "5.7.1", "RCPT", os.EX_NOPERM),
+    (552, "5.3.4", "DATA", os.EX_DATAERR),
+    (550, "5.6.0", "DATA", os.EX_DATAERR),
+    (500, "5.5.2", "MAIL", os.EX_PROTOCOL),
+    (554, "5.4.6", "DATA", os.EX_UNAVAILABLE),
+])
+def test_exit_statuses(code: int, enhanced: str, stage: str, status: int) -> None:
+    assert exitStatus(Reply(code, enhanced, "x"), stage) == status
+
+
+# ---------------------------------------------------------------------------------------------
+# The SMTP client, against a scripted relay
+
+
+class ScriptedRelay:
+    """The relay's side of a socket pair, in a thread: answers each command by the first
+    entry of C{answers} whose prefix it starts with, records what it got."""
+
+    def __init__(self, answers: dict[str, list[str]], greeting: str = "220 relay.test ESMTP"):
+        self.ours, self.theirs = socket.socketpair()
+        self.answers = answers
+        self.greeting = greeting
+        self.commands: list[str] = []
+        self.messages: list[bytes] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def connector(self, view: LocalView) -> tuple[socket.socket, str]:
+        return self.theirs, "the scripted relay"
+
+    def _serve(self) -> None:
+        f = self.ours.makefile("rb")
+        send = lambda text: self.ours.sendall(text.encode() + b"\r\n")  # noqa: E731
+        send(self.greeting)
+        while line := f.readline():
+            command = line.decode().rstrip("\r\n")
+            self.commands.append(command)
+            if command == "DATA":
+                send("354 go ahead")
+                data = b""
+                while (line := f.readline()) != b".\r\n":
+                    data += line
+                self.messages.append(data)
+                command = "."
+                self.commands.append(command)
+            for prefix, replies in self.answers.items():
+                if command.startswith(prefix):
+                    send(replies.pop(0) if len(replies) > 1 else replies[0])
+                    break
+            else:
+                send("250 2.0.0 Ok")
+            if command == "QUIT":
+                break
+        self.ours.close()
+
+
+VIEW = LocalView(None, "relay.test", 1000, (ListenerView("tcp:2525"),))
+
+
+def submission(recipients: list[str], content: bytes = b"Subject: x\r\n\r\n.dot\r\n"):
+    from mailrelay.app.localmail import Submission
+    return Submission(tuple(recipients), content)
+
+
+def test_submit_dialogue() -> None:
+    relay = ScriptedRelay({"EHLO": ["250-relay.test\r\n250-SIZE 1000\r\n250 8BITMIME"],
+                           ".": ["250 2.0.0 Ok: queued as ABC"]})
+    transcript = io.StringIO()
+    last = submit(VIEW, Envelope("a@relay.test", notify="NEVER", ret="HDRS", envid="e1"),
+                  submission(["b@example.org"], "Subject: é\r\n\r\n.dot\r\n".encode()),
+                  transcript, relay.connector)
+    relay.thread.join(5)
+    assert last == "250 2.0.0 Ok: queued as ABC"
+    assert relay.commands == [
+        "EHLO relay.test", "MAIL FROM:<a@relay.test> SIZE=21 BODY=8BITMIME RET=HDRS ENVID=e1",
+        "RCPT TO:<b@example.org> NOTIFY=NEVER", "DATA", ".", "QUIT"]
+    assert relay.messages == ["Subject: é\r\n\r\n..dot\r\n".encode()]
+    assert ">>> MAIL FROM:<a@relay.test>" in transcript.getvalue()
+    assert "250-SIZE 1000\n" in transcript.getvalue()
+
+
+def test_a_refused_recipient_sends_nothing() -> None:
+    relay = ScriptedRelay({"RCPT TO:<bad": ["550 5.1.1 no such user"]})
+    with pytest.raises(SubmitError) as e:
+        submit(VIEW, Envelope("a@relay.test"),
+               submission(["good@example.org", "bad@example.org"]), None, relay.connector)
+    relay.thread.join(1)
+    assert e.value.status == os.EX_NOUSER
+    assert e.value.message == ("<bad@example.org> refused: 550 5.1.1 no such user\n"
+                               "nothing was sent")
+    assert "DATA" not in relay.commands and relay.commands[-1] == "RSET"
+
+
+def test_too_many_recipients_go_in_several_transactions() -> None:
+    relay = ScriptedRelay({"RCPT TO:<r3": ["452 4.5.3 Error: too many recipients", "250 Ok"],
+                           ".": ["250 2.0.0 Ok: queued as A", "250 2.0.0 Ok: queued as B"]})
+    last = submit(VIEW, Envelope(""), submission([f"r{n}@example.org" for n in range(1, 5)]),
+                  None, relay.connector)
+    relay.thread.join(5)
+    assert last == "250 2.0.0 Ok: queued as B" and len(relay.messages) == 2
+    rcpts = [c for c in relay.commands if c.startswith(("RCPT", "MAIL", "."))]
+    assert rcpts == ["MAIL FROM:<>", "RCPT TO:<r1@example.org>", "RCPT TO:<r2@example.org>",
+                     "RCPT TO:<r3@example.org>", ".", "MAIL FROM:<>", "RCPT TO:<r3@example.org>",
+                     "RCPT TO:<r4@example.org>", "."]
+
+
+@pytest.mark.parametrize("answers, greeting, status, message", [
+    ({}, "421 4.3.2 relay.test Service shutting down", os.EX_TEMPFAIL, "refused the connection"),
+    ({"MAIL": ["451 4.3.0 try later"]}, "220 x", os.EX_TEMPFAIL, "sender <a@relay.test> refused"),
+    ({".": ["552 5.3.4 too big"]}, "220 x", os.EX_DATAERR, "the message was refused: 552"),
+])
+def test_refusals(answers: dict, greeting: str, status: int, message: str) -> None:
+    relay = ScriptedRelay(answers, greeting)
+    with pytest.raises(SubmitError) as e:
+        submit(VIEW, Envelope("a@relay.test"), submission(["b@example.org"]), None,
+               relay.connector)
+    assert e.value.status == status and message in e.value.message
+
+
+def test_relay_closing_midway_is_a_temporary_failure() -> None:
+    ours, theirs = socket.socketpair()
+    ours.sendall(b"220 x\r\n")
+    ours.close()
+    with pytest.raises(SubmitError) as e:
+        submit(VIEW, Envelope("a@relay.test"), submission(["b@example.org"]), None,
+               lambda view: (theirs, "here"))
+    assert e.value.status == os.EX_TEMPFAIL and "lost" in e.value.message
+
+
+def test_relay_down_is_a_temporary_failure(tmp_path: Path) -> None:
+    path = tmp_path / "gone.sock"
+    view = LocalView(None, "relay.test", 1000, (ListenerView(f"unix:{path}"),))
+    with pytest.raises(SubmitError) as e:
+        sendmail.connect(view)
+    assert e.value.status == os.EX_TEMPFAIL
+    assert f"cannot connect to the relay at {path}" in e.value.message
+    assert "Nothing was sent" in e.value.message
+
+
+# ---------------------------------------------------------------------------------------------
+# -bs
+
+
+def test_bs_pipe_passes_one_command_at_a_time() -> None:
+    # The client writes its whole session at once, with LF line ends; the relay must get each
+    # command after its previous reply (else it would see pipelining without PIPELINING).
+    relay = ScriptedRelay({".": ["250 2.0.0 Ok: queued as Q"],
+                           "QUIT": ["221 2.0.0 Bye"]})
+    inRead, inWrite = os.pipe()
+    outRead, outWrite = os.pipe()
+    os.write(inWrite, b"EHLO me\nMAIL FROM:<a@b>\nRCPT TO:<c@d>\nDATA\nSubject: s\n\n..x\n.\n"
+                      b"QUIT\n")
+    os.close(inWrite)
+    SMTPPipe(relay.theirs, inRead, outWrite).run()
+    os.close(outWrite)
+    out = b""
+    while chunk := os.read(outRead, 65536):
+        out += chunk
+    os.close(inRead)
+    os.close(outRead)
+    relay.thread.join(5)
+    assert relay.commands == ["EHLO me", "MAIL FROM:<a@b>", "RCPT TO:<c@d>", "DATA", ".",
+                              "QUIT"]
+    assert relay.messages == [b"Subject: s\r\n\r\n..x\r\n"]
+    assert out.split(b"\r\n") == [b"220 relay.test ESMTP", b"250 2.0.0 Ok", b"250 2.0.0 Ok",
+                                  b"250 2.0.0 Ok", b"354 go ahead", b"250 2.0.0 Ok: queued as Q",
+                                  b"221 2.0.0 Bye", b""]
+
+
+# ---------------------------------------------------------------------------------------------
+# -bp and -q
+
+
+def test_queue_commands_without_the_mailrelay_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sendmail, "MAILRELAY_COMMAND", "mailrelay.app.no_such_module")
+    with pytest.raises(SubmitError) as e:
+        runQueueCommand(["list"], None)
+    assert e.value.status == os.EX_UNAVAILABLE
+    assert "run `mailrelay queue list`" in e.value.message and "nothing was done" in e.value.message
+
+
+def test_queue_commands_call_the_mailrelay_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[list[str]] = []
+    fake = types.ModuleType("fake_mailrelay_cli")
+    fake.main = lambda argv: calls.append(argv) or 3  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fake_mailrelay_cli", fake)
+    monkeypatch.setattr(sendmail, "MAILRELAY_COMMAND", "fake_mailrelay_cli")
+    assert sendmail.main(["-bp", "-C", "/etc/r.toml"]) == 3
+    assert sendmail.main(["-qRexample.org"]) == 3
+    assert calls == [["--config", "/etc/r.toml", "queue", "list"],
+                     ["queue", "flush", "--domain", "example.org"]]
