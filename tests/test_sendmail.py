@@ -505,13 +505,46 @@ def test_refusals(answers: dict, greeting: str, status: int, message: str) -> No
 
 
 def test_relay_closing_midway_is_a_temporary_failure() -> None:
-    ours, theirs = socket.socketpair()
-    ours.sendall(b"220 x\r\n")
-    ours.close()
+    opened = []
+
+    def connector(view: LocalView) -> tuple[socket.socket, str]:
+        ours, theirs = socket.socketpair()
+        ours.sendall(b"220 x\r\n")
+        ours.close()
+        opened.append(theirs)
+        return theirs, "here"
+
     with pytest.raises(SubmitError) as e:
-        submit(VIEW, Envelope("a@relay.test"), submission(["b@example.org"]), None,
-               lambda view: (theirs, "here"))
+        submit(VIEW, Envelope("a@relay.test"), submission(["b@example.org"]), None, connector)
     assert e.value.status == os.EX_TEMPFAIL and "lost" in e.value.message
+    assert len(opened) == 2  # opened again once
+
+
+def test_a_connection_gone_while_the_input_came_is_opened_again() -> None:
+    # The session is opened before the input is read; the relay may time it out meanwhile.
+    first = ScriptedRelay({"EHLO": ["421 4.4.2 relay.test Error: timeout exceeded"]})
+    second = ScriptedRelay({".": ["250 2.0.0 Ok: queued as B"]})
+    relays = [first, second]
+    session = sendmail.RelaySession(VIEW, None, lambda view: relays.pop(0).connector(view))
+    session.open()
+    assert session.submit(Envelope("a@relay.test"), submission(["b@example.org"])) == (
+        "250 2.0.0 Ok: queued as B")
+    session.close()
+    second.thread.join(5)
+    assert len(second.messages) == 1 and first.commands == ["EHLO relay.test"]
+
+
+def test_dead_letter(tmp_path: Path) -> None:
+    said = sendmail.saveDeadLetter([b"Subject: x", b"", b"From here", b">From there"],
+                                   "a@relay.test", {"HOME": str(tmp_path)}, os.getuid())
+    path = tmp_path / "dead.letter"
+    assert said == f"the message was saved in {path}"
+    text = path.read_bytes()
+    assert text.startswith(b"From a@relay.test ") and text.endswith(
+        b"\nSubject: x\n\n>From here\n>>From there\n\n")
+    assert path.stat().st_mode & 0o777 == 0o600
+    said = sendmail.saveDeadLetter([b"x"], "", {"HOME": str(tmp_path / "none")}, os.getuid())
+    assert said.startswith("the message could not be saved in ") and "No such file" in said
 
 
 def test_relay_down_is_a_temporary_failure(tmp_path: Path) -> None:

@@ -16,6 +16,11 @@ relay is not running or answers 4xx (nothing was accepted: the caller keeps the 
 and tries again), C{EX_NOUSER}, C{EX_NOHOST}, C{EX_NOPERM}, C{EX_DATAERR} ... for a
 refusal, C{EX_USAGE} for a bad command line, C{EX_CONFIG} for a bad configuration.
 
+The connection is opened before the message is read: when the relay is down the command
+exits without consuming its input, which the caller still has (mail(1) saves it in
+C{~/dead.letter}).  A message read and then not accepted is appended to C{~/dead.letter},
+as Sendmail does with mail it can neither deliver nor return.
+
 The message is made as Postfix's sendmail and cleanup make local mail (see
 L{mailrelay.app.localmail}).  Options as Postfix's sendmail takes them; those that do not
 apply (C{-oXXX} but C{-oi}, C{-h}, C{-n}, C{-U}, C{-G}, C{-L}, C{-X}, C{-qINTERVAL}, ...)
@@ -464,6 +469,75 @@ class Envelope:
     body: str | None = None
 
 
+class _Stale(Exception):
+    """The connection opened before the message was read is gone (the relay timed it out
+    while the input came, or stopped): open another."""
+
+
+class RelaySession:
+    """The connection to the relay, opened before the message is read, so that a relay that
+    is down is known before the input is consumed: the caller (mail(1), cron) still has the
+    message when the command exits with C{EX_TEMPFAIL}.
+
+    @ivar client: the connection, greeted, or C{None} before L{open}.
+    """
+
+    def __init__(
+        self,
+        view: LocalView,
+        transcript: TextIO | None = None,
+        connector: Callable[[LocalView], tuple[socket.socket, str]] = connect,
+    ) -> None:
+        self.view = view
+        self.transcript = transcript
+        self.connector = connector
+        self.client: RelayClient | None = None
+
+    def open(self) -> None:
+        """Connect and read the greeting.  @raise SubmitError: the relay cannot be reached
+        (C{EX_TEMPFAIL}) or refuses the connection."""
+        sock, where = self.connector(self.view)
+        client = RelayClient(sock, where, self.transcript)
+        try:
+            greeting = client.read()
+        except SubmitError:
+            client.close()
+            raise
+        if greeting.code != 220:
+            client.close()
+            raise _refused(greeting, "greeting", f"the relay at {where} refused the connection",
+                           ())
+        self.client = client
+
+    def submit(self, envelope: Envelope, submission: Submission) -> str:
+        """Hand C{submission} to the relay; return its last reply (C{"250 2.0.0 Ok: queued
+        as ID"}).  A connection that died while the message was read is opened again, once.
+
+        All or nothing for each transaction: a recipient refused makes the command give up
+        (RSET) before the message is sent.  When the relay takes fewer recipients at once
+        than there are (452 4.5.3), the message goes in several transactions, as an SMTP
+        client sends it.
+
+        @raise SubmitError: why it was not accepted, with the status L{exitStatus} gives.
+        """
+        for attempt in (1, 2):
+            if self.client is None:
+                self.open()
+            assert self.client is not None
+            try:
+                return _transactions(self.client, self.view, envelope, submission)
+            except _Stale as e:
+                self.close()
+                if attempt == 2:
+                    raise e.args[0] from None
+        raise AssertionError("not reached")  # pragma: no cover
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+
 def submit(
     view: LocalView,
     envelope: Envelope,
@@ -471,22 +545,14 @@ def submit(
     transcript: TextIO | None = None,
     connector: Callable[[LocalView], tuple[socket.socket, str]] = connect,
 ) -> str:
-    """Hand C{submission} to the relay; return its last reply (C{"250 2.0.0 Ok: queued as
-    ID"}).
-
-    All or nothing for each transaction: a recipient refused makes the command give up
-    (RSET) before the message is sent.  When the relay takes fewer recipients at once than
-    there are (452 4.5.3), the message goes in several transactions, as an SMTP client
-    sends it.
-
-    @raise SubmitError: why it was not accepted, with the status L{exitStatus} gives.
-    """
-    sock, where = connector(view)
-    client = RelayClient(sock, where, transcript)
+    """Open a L{RelaySession} and submit C{submission} through it (see
+    L{RelaySession.submit})."""
+    session = RelaySession(view, transcript, connector)
+    session.open()
     try:
-        return _transactions(client, view, envelope, submission)
+        return session.submit(envelope, submission)
     finally:
-        client.close()
+        session.close()
 
 
 def _refused(reply: Reply, stage: str, what: str, sent: Sequence[str]) -> SubmitError:
@@ -501,11 +567,12 @@ def _refused(reply: Reply, stage: str, what: str, sent: Sequence[str]) -> Submit
 def _transactions(
     client: RelayClient, view: LocalView, envelope: Envelope, submission: Submission
 ) -> str:
-    greeting = client.read()
-    if greeting.code != 220:
-        raise _refused(greeting, "greeting", f"the relay at {client.where} refused the "
-                       "connection", ())
-    reply = client.command("EHLO " + asciiName(view.hostname).decode("ascii"))
+    try:
+        reply = client.command("EHLO " + asciiName(view.hostname).decode("ascii"))
+    except SubmitError as e:
+        raise _Stale(e) from None
+    if reply.code == 421:
+        raise _Stale(_refused(reply, "EHLO", "the relay closed the connection", ()))
     if reply.code != 250:
         raise _refused(reply, "EHLO", "the relay refused EHLO", ())
     extensions = parseExtensions(reply)
@@ -816,20 +883,54 @@ def run(
         raise SubmitError(
             "recipient addresses must be given on the command line or with -t", os.EX_USAGE
         )
-    lines = readInput(stdin, dotEnds=options.dotEnds, limit=view.maxMessageSize)
-    submission = prepareMessage(
-        lines,
-        recipients=recipients,
-        extract=options.extract,
-        sender=sender,
-        fullName=options.fullName or environ.get("NAME") or None,
-        hostname=view.hostname,
-        uid=uid,
-        now=time.time(),
-    )
-    envelope = Envelope(sender, options.notify, options.ret, options.envid, options.body)
-    submit(view, envelope, submission, stderr if options.verbose else None)
+    session = RelaySession(view, stderr if options.verbose else None)
+    session.open()  # a relay that is down is known before the input is read
+    lines: list[bytes] | None = None
+    try:
+        lines = readInput(stdin, dotEnds=options.dotEnds, limit=view.maxMessageSize)
+        submission = prepareMessage(
+            lines,
+            recipients=recipients,
+            extract=options.extract,
+            sender=sender,
+            fullName=options.fullName or environ.get("NAME") or None,
+            hostname=view.hostname,
+            uid=uid,
+            now=time.time(),
+        )
+        envelope = Envelope(sender, options.notify, options.ret, options.envid, options.body)
+        session.submit(envelope, submission)
+    except SubmitError as e:
+        if lines is not None:
+            e.message += "\n" + saveDeadLetter(lines, sender, environ, uid)
+        raise
+    finally:
+        session.close()
     return os.EX_OK
+
+
+def saveDeadLetter(
+    lines: Sequence[bytes], sender: str, environ: dict[str, str] | os._Environ[str], uid: int
+) -> str:
+    """Append the message read (C{lines}) to C{~/dead.letter} in mbox form, as Sendmail
+    saves a message it cannot deliver nor return; say where it went (or why it could not)."""
+    home = environ.get("HOME") or ""
+    if not home:
+        try:
+            home = pwd.getpwuid(uid).pw_dir
+        except KeyError:
+            return "the message could not be saved: no home directory"
+    path = os.path.join(home, "dead.letter")
+    envelope = f"From {sender or 'MAILER-DAEMON'} {time.asctime()}\n".encode()
+    body = b"".join((b">" + line if line.lstrip(b">").startswith(b"From ") else line) + b"\n"
+                    for line in lines)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "ab") as f:
+            f.write(envelope + body + b"\n")
+    except OSError as e:
+        return f"the message could not be saved in {path}: {e.strerror or e}"
+    return f"the message was saved in {path}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
