@@ -24,15 +24,18 @@ REPO = Path(__file__).resolve().parent.parent
 _LISTENING = re.compile(r"listening on (\S+):(\d+) \(")
 
 
-def requireTool(name: str) -> str:
-    """The path of a system tool; skips the test (visibly) when missing, fails under CI."""
+def requireTool(name: str, package: str | None = None) -> str:
+    """The path of a system tool; skips the test (visibly) when missing, fails under CI.
+
+    @param package: the Debian package that has it (default: swaks or postfix)."""
     path = shutil.which(name) or next(
         (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None
     )
     if path is None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"{name} is not installed; .ci/run must install it")
-        pytest.skip(f"{name} is not installed (apt-get install {'swaks' if name == 'swaks' else 'postfix'})")
+        package = package or ("swaks" if name == "swaks" else "postfix")
+        pytest.skip(f"{name} is not installed (apt-get install {package})")
     return path
 
 

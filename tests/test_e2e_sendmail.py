@@ -1,0 +1,215 @@
+"""End-to-end: C{mailrelay-sendmail}, and the real mail(1) commands pointed at it, submitting
+to the real C{twistd -n mailrelay}, which relays to an aiosmtpd next hop (its smarthost).
+
+The relay listens on a fixed port written in its configuration file (the command finds the
+listener there, as it would in /etc/mailrelay.toml), found free a moment before.  The
+command gets the file through C{$MAILRELAY_CONFIG}; C{HOME} is the test's directory (for
+dead.letter).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import RelayProcess, freePort, requireTool
+from tests.test_e2e_outbound import Recorder, nexthop  # noqa: F401 (a fixture)
+
+SENDMAIL = str(Path(sys.executable).with_name("mailrelay-sendmail"))
+LOGIN = pwd.getpwuid(os.getuid()).pw_name
+
+
+class Site:
+    """A relay with its next hop, and how to run commands against it."""
+
+    def __init__(self, relay: RelayProcess, hop: Recorder, home: Path) -> None:
+        self.relay = relay
+        self.hop = hop
+        self.home = home
+        self.config = relay.directory / "mailrelay.toml"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("NAME", "MAILRC")}
+        env.update(MAILRELAY_CONFIG=str(self.config), HOME=str(self.home), **extra)
+        return env
+
+    def run(self, argv: list[str], data: bytes | None = None, **extra: str
+            ) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(argv, input=data, capture_output=True, timeout=60,
+                              env=self.env(**extra))
+
+
+def startSite(relays: Any, nexthop: Any, tmp_path: Path, relayKeys: str = "") -> Site:  # noqa: F811
+    hop, hopPort = nexthop()
+    for attempt in range(5):  # the free port may be taken before the relay binds it
+        port = freePort()
+        config = (f'hostname = "relay.test"\n[relay]\nsmarthost = "[127.0.0.1]:{hopPort}"\n'
+                  f'{relayKeys}\n[spool]\ndirectory = "spool"\n'
+                  f'[[listeners]]\nendpoint = "tcp:{port}:interface=127.0.0.1"\n')
+        relay = relays(config, name=f"relay{attempt}", defaults=False)
+        try:
+            relay.start()
+        except AssertionError:
+            if "Address already in use" in relay.log():
+                continue
+            raise
+        home = tmp_path / "home"
+        home.mkdir(exist_ok=True)
+        return Site(relay, hop, home)
+    raise AssertionError("no free port for the relay")
+
+
+@pytest.fixture
+def site(relays: Any, nexthop: Any, tmp_path: Path) -> Site:  # noqa: F811
+    return startSite(relays, nexthop, tmp_path)
+
+
+def headerOf(content: bytes) -> str:
+    return content.split(b"\r\n\r\n", 1)[0].decode("utf-8")
+
+
+def fields(content: bytes, name: str) -> list[str]:
+    """The values of header field C{name}, unfolded."""
+    head = re.sub(r"\r\n[ \t]+", " ", headerOf(content))
+    return [line.split(":", 1)[1].strip() for line in head.split("\r\n")
+            if line.lower().startswith(name.lower() + ":")]
+
+
+def test_mail_command_bsd_mailx(site: Site, tmp_path: Path) -> None:
+    # bsd-mailx runs "sendmail -i -t" with To:, Cc: and Bcc: in the header; -v adds -v.
+    mail = requireTool("bsd-mailx", "bsd-mailx")
+    rc = tmp_path / "mailrc"
+    rc.write_text(f"set sendmail={SENDMAIL}\n")
+    result = site.run([mail, "-v", "-s", "hello from mail", "-c", "cc@example.net",
+                       "-b", "hidden@example.com", "user@example.org"],
+                      b"Hi.\n.\nThe line above is a single dot.\n", MAILRC=str(rc))
+    assert result.returncode == 0, result.stderr
+    err = result.stderr.decode()
+    assert f">>> MAIL FROM:<{LOGIN}@relay.test>" in err  # the SMTP dialogue, as sendmail -v
+    queueID = re.search(r"250 2\.0\.0 Ok: queued as (\w+)", err).group(1)
+    (got,) = site.hop.waitFor(lambda acc: len(acc) >= 1, what="the message")
+    assert sorted(got.rcptTos) == ["cc@example.net", "hidden@example.com", "user@example.org"]
+    assert got.mailFrom == f"{LOGIN}@relay.test"
+    assert fields(got.content, "Subject") == ["hello from mail"]
+    assert fields(got.content, "From") == [f"{LOGIN}@relay.test"]
+    assert fields(got.content, "Bcc") == [] and b"hidden" not in got.content
+    received = fields(got.content, "Received")
+    assert received[0].startswith("from relay.test (localhost [127.0.0.1]) by relay.test "
+                                  f"(mailrelay) with ESMTP id {queueID};")
+    assert received[1].startswith(f"by relay.test (mailrelay-sendmail, from userid {os.getuid()});")
+    assert len(fields(got.content, "Message-Id")) == 1 and len(fields(got.content, "Date")) == 1
+    assert got.content.endswith(b"\r\n\r\nHi.\r\n.\r\nThe line above is a single dot.\r\n")
+    site.relay.waitForLog(rf"{queueID}: from=<{LOGIN}@relay\.test> nrcpt=3 ")
+
+
+def test_mail_command_s_nail(site: Site) -> None:
+    # s-nail runs "sendmail -i -- recipients...".
+    snail = requireTool("s-nail", "s-nail")
+    result = site.run([snail, "-n", "-S", f"mta={SENDMAIL}", "-s", "from s-nail",
+                       "user@example.org"], b"Hello.\n", MAILRC="/dev/null")
+    assert result.returncode == 0, result.stderr
+    (got,) = site.hop.waitFor(lambda acc: len(acc) >= 1, what="the message")
+    assert got.rcptTos == ["user@example.org"]
+    assert fields(got.content, "Subject") == ["from s-nail"]
+    assert fields(got.content, "From") == [f"{LOGIN}@relay.test"]
+    assert got.content.endswith(b"\r\n\r\nHello.\r\n")
+
+
+def test_t_with_bcc_and_a_full_name(site: Site) -> None:
+    message = (b"To: Bob <bob@example.org>\nCc: carol@example.org\nBcc: dave@example.net,\n"
+               b" eve@example.net\nSubject: -t\n\nbody\n.\nnot sent\n")
+    result = site.run([SENDMAIL, "-t", "-F", "Alice Liddell", "-f", "alice"], message)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"" and result.stderr == b""
+    (got,) = site.hop.waitFor(lambda acc: len(acc) >= 1, what="the message")
+    assert sorted(got.rcptTos) == ["bob@example.org", "carol@example.org", "dave@example.net",
+                                   "eve@example.net"]
+    assert got.mailFrom == "alice@relay.test"
+    assert fields(got.content, "From") == ['Alice Liddell <alice@relay.test>']
+    assert fields(got.content, "Bcc") == [] and b"dave" not in got.content
+    assert b"eve" not in got.content
+    assert got.content.endswith(b"\r\n\r\nbody\r\n")  # the single dot ended it (no -i)
+
+
+def test_cron(site: Site) -> None:
+    # Debian's cron: "sendmail -FCronDaemon -i -B8BITMIME -oem root", with its own header.
+    message = ("From: root (Cron Daemon)\nTo: root\nSubject: Cron <root@host> job\n"
+               "Content-Type: text/plain; charset=UTF-8\n\nrésumé\r\nprogress 10%\r50%\n"
+               + "x" * 1500 + "\n").encode("utf-8")
+    result = site.run([SENDMAIL, "-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root"], message)
+    assert result.returncode == 0, result.stderr
+    (got,) = site.hop.waitFor(lambda acc: len(acc) >= 1, what="the message")
+    assert got.rcptTos == ["root@relay.test"] and "BODY=8BITMIME" in got.mailOptions
+    assert fields(got.content, "To") == ["root@relay.test"]
+    assert fields(got.content, "From") == ["Cron Daemon <root@relay.test>"]
+    body = got.content.split(b"\r\n\r\n", 1)[1]
+    assert body.startswith("résumé\r\nprogress 10%\r\n50%\r\n".encode())
+    assert body.endswith(b"x" * 998 + b"\r\n " + b"x" * 502 + b"\r\n")
+
+
+def test_bs_session(site: Site) -> None:
+    # A whole session written at once, LF line ends: the relay sees one command at a time.
+    session = (b"EHLO client.example\nMAIL FROM:<a@example.org>\nRCPT TO:<b@example.org>\n"
+               b"DATA\nSubject: -bs\n\n..dotted\n.\nQUIT\n")
+    result = site.run([SENDMAIL, "-bs"], session)
+    assert result.returncode == 0, result.stderr
+    replies = result.stdout.decode().split("\r\n")
+    assert replies[0] == "220 relay.test ESMTP mailrelay"
+    assert "354 End data with <CR><LF>.<CR><LF>" in replies
+    assert re.fullmatch(r"250 2\.0\.0 Ok: queued as \w+", replies[-3]), replies
+    assert replies[-2:] == ["221 2.0.0 Bye", ""]
+    (got,) = site.hop.waitFor(lambda acc: len(acc) >= 1, what="the message")
+    assert (got.mailFrom, got.rcptTos) == ("a@example.org", ["b@example.org"])
+    assert got.content.endswith(b"\r\n\r\n.dotted\r\n")
+    assert "SMTP protocol synchronization" not in site.relay.log()
+
+
+def test_relay_down(site: Site, tmp_path: Path) -> None:
+    site.relay.stop()
+    body = tmp_path / "message"
+    body.write_bytes(b"Subject: x\n\nnot lost\n")
+    with open(body, "rb") as stdin:
+        result = subprocess.run([SENDMAIL, "-i", "user@example.org"], stdin=stdin,
+                                capture_output=True, timeout=60, env=site.env())
+        offset = os.lseek(stdin.fileno(), 0, os.SEEK_CUR)
+    assert result.returncode == 75  # EX_TEMPFAIL
+    err = result.stderr.decode()
+    assert err.startswith("mailrelay-sendmail: cannot connect to the relay at 127.0.0.1:")
+    assert "is mailrelay running? Nothing was sent; try again later" in err
+    assert offset == 0  # the input was not read: the caller still has it
+    assert not (site.home / "dead.letter").exists()
+    result = site.run([SENDMAIL, "-bs"], b"EHLO x\nQUIT\n")
+    assert result.returncode == 75
+    assert result.stdout == (b"421 4.3.2 relay.test mailrelay-sendmail: the relay is not "
+                             b"running\r\n")
+
+
+def test_refused_message_goes_to_dead_letter(site: Site) -> None:
+    # 60 Received: fields: the relay refuses the message as a loop (554 5.4.6).
+    message = b"".join(b"Received: from hop%d\n" % n for n in range(60)) + b"\nloop\n"
+    result = site.run([SENDMAIL, "-i", "user@example.org"], message)
+    assert result.returncode == os.EX_UNAVAILABLE, result.stderr
+    err = result.stderr.decode().splitlines()
+    assert err[0].startswith("mailrelay-sendmail: the message was refused: 554 5.4.6 ")
+    assert err[1:] == ["mailrelay-sendmail: nothing was sent",
+                       f"mailrelay-sendmail: the message was saved in {site.home}/dead.letter"]
+    saved = (site.home / "dead.letter").read_bytes()
+    assert saved.startswith(f"From {LOGIN}@relay.test ".encode()) and b"\nloop\n" in saved
+
+
+def test_refused_recipient(relays: Any, nexthop: Any, tmp_path: Path) -> None:  # noqa: F811
+    # The relay network does not include loopback: only the accepted domain may be mailed.
+    site = startSite(relays, nexthop, tmp_path,
+                     'networks = ["192.0.2.0/24"]\naccept_domains = ["ok.example"]')
+    result = site.run([SENDMAIL, "-i", "a@ok.example", "b@elsewhere.example"], b"x\n")
+    assert result.returncode == os.EX_NOPERM, result.stderr
+    assert result.stderr.decode().startswith(
+        "mailrelay-sendmail: <b@elsewhere.example> refused: 554 5.7.1 ")
+    assert site.hop.accepted == []
