@@ -41,6 +41,9 @@ def test_wheel_contents(wheel: Path) -> None:
     assert "twisted/plugins/__init__.py" not in names and "twisted/__init__.py" not in names
     assert not any(n.startswith("tests/") for n in names)
     assert not any(n.endswith("dropin.cache") for n in names)
+    (entryPoints,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    scripts = zipfile.ZipFile(wheel).read(entryPoints).decode()
+    assert "mailrelay-sendmail = mailrelay.app.sendmail:main" in scripts
 
 
 def test_installed_wheel_is_found_by_twistd(wheel: Path, tmp_path: Path) -> None:
