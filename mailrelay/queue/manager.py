@@ -661,7 +661,7 @@ class QueueManager(Service):
         self._forced.add(queueID)
         self.scheduler.schedule(queueID, self.clock.seconds())
         self.scheduler.pump()
-        return Done(True, "delivery attempt started" if self.isActive(queueID) else "scheduled now")
+        return Done(True, "scheduled for delivery now")
 
     def flushAll(self) -> int:
         """Attempt every entry not on hold now (as C{postqueue -f}); the number of entries
