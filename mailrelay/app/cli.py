@@ -25,7 +25,7 @@ from typing import Any, TextIO
 __all__ = ["main"]
 
 #: Entries asked for per page of C{queue list}.
-PAGE = 500
+PAGE = 2000
 
 
 class CommandFailed(Exception):
@@ -456,6 +456,7 @@ def check(options: Any, out: TextIO, err: TextIO) -> int:
     password files, routes, backends); with C{-n}, print the effective configuration."""
     from twisted.internet import reactor
 
+    from mailrelay.app.control import checkSocketPath, controlSocketPath
     from mailrelay.app.relay import RelayService
     from mailrelay.config import loadConfig, readConfigFile
     from mailrelay.config.effective import effectiveConfiguration
@@ -470,6 +471,10 @@ def check(options: Any, out: TextIO, err: TextIO) -> int:
         relay = RelayService(reactor, path, overrides)
         relay.spool = Spool(config.spoolDirectory, reactor=reactor)  # never started
         relay.plan(config, text)
+        try:
+            checkSocketPath(controlSocketPath(config.spoolDirectory))
+        except OSError as e:
+            raise ConfigError(str(e), file=config.source, key="spool.directory") from None
     except ConfigError as e:
         if options.json:
             _dump({"ok": False, "error": str(e)}, out)
@@ -619,7 +624,9 @@ def main(
     if getattr(options, "local", None) is not None:
         return int(options.local(options, out, err))
     try:
-        sock = connect(spoolDirectory(options.config, options.spool) / "control.sock")
+        from mailrelay.app.control import controlSocketPath
+
+        sock = connect(controlSocketPath(spoolDirectory(options.config, options.spool)))
     except CommandFailed as e:
         print(f"mailrelay: {e}", file=err)
         return 1

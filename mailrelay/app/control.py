@@ -37,6 +37,7 @@ log = Logger()
 __all__ = [
     "CONTROL_SOCKET",
     "ControlService",
+    "checkSocketPath",
     "Reload",
     "Status",
     "Stop",
@@ -78,6 +79,16 @@ def queueControl(
     return QueueControl(
         spool, queue, reactor, deferToThread=deferToThread, unavailable=unavailable
     )
+
+
+def checkSocketPath(path: Path) -> None:
+    """@raise OSError: C{path} is too long for a UNIX socket (the message says so)."""
+    length = len(os.fsencode(path))
+    if length > _MAX_SOCKET_PATH:
+        raise OSError(
+            f"the control socket {path} would be {length} octets long, more than the "
+            f"{_MAX_SOCKET_PATH} a UNIX socket's path may be: use a shorter spool directory"
+        )
 
 
 class RelayLocator(QueueLocator):
@@ -198,13 +209,8 @@ class ControlService(Service):
         @raise OSError: it cannot be listened on, or another relay answers on it (the
             message says which).
         """
+        checkSocketPath(self.path)
         path = str(self.path)
-        if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
-            raise OSError(
-                f"the control socket {path} would be {len(os.fsencode(path))} octets long, "
-                f"more than the {_MAX_SOCKET_PATH} a UNIX socket's path may be: use a "
-                "shorter spool directory"
-            )
         self._removeStale(path)
         reactor = self.relay.reactor
         try:

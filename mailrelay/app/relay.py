@@ -140,6 +140,7 @@ class RelayService(OrderedMultiService):
         """Re-read the configuration file and run on it, or log why not and keep running on
         the one in use.  Returns whether the new configuration is in use."""
         if not self.running:
+            self.reloadError = "the relay is stopping"
             return False
         source = self.configPath or "(embedded default)"
         try:
