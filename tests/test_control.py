@@ -686,11 +686,11 @@ def test_entry_gone_meanwhile_is_left_out(tmp_path: Path) -> None:
     assert [e["queue_id"] for e in result(c.entries())["entries"]] == [queueID]
 
 
-def test_check_refuses_a_spool_too_long_for_the_socket(tmp_path: Path) -> None:
-    from mailrelay.app.cli import main
 
-    out, err = io.StringIO(), io.StringIO()
-    assert main(["check", "--spool", str(tmp_path / ("d" * 120))], out, err) == 1
-    assert "a UNIX socket's path may be: use a shorter spool directory" in err.getvalue()
-    assert main(["check", "--json", "--spool", str(tmp_path / "s")], out, err) == 0
-    assert out.getvalue().endswith('{"ok": true, "config": "(embedded default)"}\n')
+def test_check_socket_path() -> None:
+    """What mailrelay check (run as a command in test_e2e_control) and the start-up refuse."""
+    from mailrelay.app.control import checkSocketPath, controlSocketPath
+
+    checkSocketPath(controlSocketPath("/var/spool/mailrelay"))
+    with pytest.raises(OSError, match="would be 120 octets long, more than the 107"):
+        checkSocketPath(controlSocketPath("/" + "d" * 106))

@@ -334,3 +334,9 @@ def test_check(tmp_path: Path) -> None:
                        text=True, timeout=60)
     assert p.returncode == 1
     assert "recipient_validators[0]" in p.stderr and "unknown plugin 'no-such-plugin'" in p.stderr
+
+    p = subprocess.run([MAILRELAY, "check", "--json", "--spool", str(tmp_path / ("d" * 120))],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1
+    assert "a UNIX socket's path may be: use a shorter spool directory" in json.loads(
+        p.stdout)["error"]
