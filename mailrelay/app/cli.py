@@ -22,6 +22,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from twisted.internet.defer import Deferred
+
+from mailrelay.queue.commands import QuietAMP
+
 __all__ = ["main"]
 
 #: Entries asked for per page of C{queue list}.
@@ -89,33 +93,32 @@ def connect(path: Path) -> socket.socket:
     return sock
 
 
-def _errorText(failure: Any) -> str:
-    from twisted.protocols.amp import UnknownRemoteError
+class _Client(QuietAMP):
+    """Our end of the control connection: C{closed} fires when the relay closes it."""
 
-    if failure.check(UnknownRemoteError):
-        return "the relay failed to answer (see its log)"
-    return failure.getErrorMessage()
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed: Deferred[None] = Deferred()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        super().connectionLost(reason)
+        if not self.closed.called:
+            self.closed.callback(None)
 
 
 class Session:
-    """A conversation with the relay over its control socket, in a reactor run for the
-    command (L{twisted.internet.task.react})."""
+    """A conversation with the relay over its control socket, in the reactor run for the
+    command.
+
+    @ivar closed: fires when the relay has closed the connection.
+    """
 
     def __init__(self, reactor: Any, sock: socket.socket) -> None:
-        from twisted.internet.defer import Deferred
         from twisted.internet.protocol import Factory
 
-        from mailrelay.queue.commands import QuietAMP
-
-        class _Client(QuietAMP):
-            def connectionLost(inner, reason: Any = None) -> None:  # noqa: N805
-                super().connectionLost(reason)
-                if not self.closed.called:
-                    self.closed.callback(None)
-
         self.reactor = reactor
-        self.closed: Deferred[None] = Deferred()
         self.protocol = _Client()
+        self.closed = self.protocol.closed
         sock.setblocking(False)
         reactor.adoptStreamConnection(
             sock.fileno(), socket.AF_UNIX, Factory.forProtocol(lambda: self.protocol)
@@ -126,15 +129,16 @@ class Session:
         """The C{result} of C{command}.  @raise CommandFailed: it failed (the message is the
         relay's)."""
         from twisted.internet import error as ierror
+        from twisted.protocols.amp import UnknownRemoteError
 
         try:
             response = await self.protocol.callRemote(command, **arguments)
         except (ierror.ConnectionDone, ierror.ConnectionLost):
             raise CommandFailed("the relay closed the connection before it answered") from None
+        except UnknownRemoteError:
+            raise CommandFailed("the relay failed to answer (see its log)") from None
         except Exception as e:
-            from twisted.python.failure import Failure
-
-            raise CommandFailed(_errorText(Failure(e))) from None
+            raise CommandFailed(str(e)) from None
         return response["result"]
 
     def close(self) -> None:
@@ -643,7 +647,6 @@ def _quietStdout() -> None:
 
 def _converse(sock: socket.socket, options: Any, out: TextIO, err: TextIO) -> int:
     from twisted.internet import reactor
-    from twisted.internet.defer import Deferred
 
     exitCode = [1]
 
