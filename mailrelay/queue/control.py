@@ -25,7 +25,7 @@ import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredLock, DeferredSemaphore, succeed
+from twisted.internet.defer import Deferred, DeferredLock, DeferredSemaphore, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -122,15 +122,6 @@ def _corruptInfo(queueID: str, error: Exception) -> dict[str, Any]:
     return {"queue_name": "corrupt", "queue_id": queueID, "error": str(error)}
 
 
-def _syncCall(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-    try:
-        return succeed(f(*args))
-    except BaseException:
-        from twisted.internet.defer import fail
-
-        return fail()
-
-
 def _readPart(path: Any, body: bool) -> dict[str, Any]:
     """The header section of the message file C{path} (and its body, with C{body}), each at
     most L{SHOW_LIMIT} octets, decoded as UTF-8 (bad octets replaced)."""
@@ -178,7 +169,7 @@ class QueueControl:
         self.spool = spool
         self.manager = manager
         self.clock = clock
-        self._deferToThread = deferToThread or _syncCall
+        self._deferToThread = deferToThread or maybeDeferred
         self.unavailable = unavailable
         #: Commands that change the queue run one at a time.
         self._lock = DeferredLock()
