@@ -97,6 +97,13 @@ def test_queue_commands_on_real_mail(relays, nexthop, process: str) -> None:  # 
     ids = [held, gone, returned, kept, two]
     deferred(r, ids)
 
+    status = ok(r, "status")
+    if process == "inline":
+        assert "delivery: in the relay's process, queue manager running" in status, status
+    else:
+        assert re.search(r"delivery: delivery process running \(pid \d+", status), status
+    assert "queue: 5 messages, 6 recipients pending (5 deferred)" in status, status
+
     # queue list: postqueue -p's layout; --json: postqueue -j's fields
     text = ok(r, "queue", "list")
     assert text.startswith("-Queue ID-") and "-- 2 Kbytes in 5 Requests." in text, text

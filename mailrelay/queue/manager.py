@@ -464,6 +464,7 @@ class QueueManager(Service):
                 )
                 removalFailed = True
             else:
+                self._forget(queueID)
                 log.info("{queueID}: removed", queueID=queueID)
                 return None
         if stillPending:
@@ -496,8 +497,14 @@ class QueueManager(Service):
                 error=str(e),
             )
             return self.clock.seconds() + self.policy.minBackoff
+        self._forget(queueID)
         log.info("{queueID}: removed", queueID=queueID)
         return None
+
+    def _forget(self, queueID: str) -> None:
+        """C{queueID} left the spool: forget what the operator said of it."""
+        self._held.discard(queueID)
+        self._forced.discard(queueID)
 
     def timeoutFor(self, backend: str) -> float:
         """Seconds one delivery by C{backend} may take (0: no limit)."""
@@ -707,8 +714,7 @@ class QueueManager(Service):
 
     async def _deleteNow(self, queueID: str) -> None:
         await self.spool.remove(queueID)
-        self._held.discard(queueID)
-        self._forced.discard(queueID)
+        self._forget(queueID)
         log.info("{queueID}: removed by the operator", queueID=queueID)
 
     async def bounce(self, queueID: str) -> Done:
