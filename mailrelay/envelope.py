@@ -115,6 +115,9 @@ class Envelope:
         C{None} for "as soon as possible".
     @ivar delayWarned: a delay warning (DSN action "delayed") was sent.
     @ivar isBounce: this message is a delivery status notification we generated.
+    @ivar held: the operator put the message on hold (C{mailrelay queue hold}): it stays
+        queued, and is not delivered, until released.  Stored only when true, so that the
+        envelopes of mail not on hold keep the form earlier versions read.
     """
 
     sender: str = ""
@@ -132,6 +135,7 @@ class Envelope:
     nextAttempt: float | None = None
     delayWarned: bool = False
     isBounce: bool = False
+    held: bool = False
 
     @property
     def pendingRecipients(self) -> list[Recipient]:
@@ -142,6 +146,8 @@ class Envelope:
         # rest of the serialisation (profiled: it is written for every message).
         d = {f: getattr(self, f) for f in _ENVELOPE_FIELDS}
         d["version"] = ENVELOPE_VERSION
+        if not self.held:
+            del d["held"]
         client = self.client
         if client is not None:
             c = {f: getattr(client, f) for f in _CLIENT_FIELDS}
@@ -229,6 +235,7 @@ _ENVELOPE_KINDS = {
     "sender": "str", "queueID": "str?", "size": "count?", "body": "str?", "smtputf8": "bool",
     "ret": "str?", "envid": "str?", "arrival": "time?", "messageSize": "count",
     "attempts": "count", "nextAttempt": "time?", "delayWarned": "bool", "isBounce": "bool",
+    "held": "bool",
 }  # fmt: skip
 _CLIENT_KINDS = {
     "address": "str", "port": "count", "rdns": "str?", "helo": "str?", "esmtp": "bool",

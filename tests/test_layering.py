@@ -3,7 +3,8 @@
 Layers, lowest first: the values (C{interfaces}, C{envelope}, C{errors}, C{address}, and
 C{config.schema}/C{config.values} once they exist); C{smtp/}, the sans-IO protocol engines;
 the stages (C{receive}, C{policy}, C{cleanup}, C{spool}, C{queue}, C{route}, C{delivery});
-C{config/}; C{testing/}; C{app/}, the composition roots.  A module may import its own
+C{config/}; C{testing/}; C{app/}, the composition roots (and C{mailrelay.__main__}, which
+runs one).  A module may import its own
 package, the values, and:
 
   - C{smtp/}: nothing else, and no C{twisted} or C{OpenSSL};
@@ -59,6 +60,8 @@ SHIMS = {
 #: mailrelay.validators also serves the validators' plugin objects, which are the dropin's.
 REEXPORTS = {"mailrelay.validators"}
 DROPIN = "twisted.plugins.mailrelay_plugin"
+#: C{python -m mailrelay}: a composition root, like the modules of C{app/}.
+MAIN = "mailrelay.__main__"
 
 #: The violations left after the move (issue 8, step 1).  Strike an entry out when its cause
 #: is gone; never add one.
@@ -120,6 +123,8 @@ def unitOf(name: str) -> str:
         return "values"
     if name == DROPIN:
         return "dropin"
+    if name == MAIN:
+        return "app"
     parts = name.split(".")
     if parts[0] != "mailrelay" or len(parts) < 2:
         return "other"

@@ -79,6 +79,11 @@ def test_installed_wheel_is_found_by_twistd(wheel: Path, tmp_path: Path) -> None
     out = subprocess.run([str(python), "-c", check], cwd=elsewhere, env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+    # The mailrelay command is installed, and python -m mailrelay runs it too.
+    for command in ([str(env_dir / "bin" / "mailrelay")], [str(python), "-m", "mailrelay"]):
+        out = subprocess.run([*command, "queue", "--help"], cwd=elsewhere, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "hold" in out.stdout and "summary" in out.stdout, out
 
 
 def test_dropin_cache_is_not_committed() -> None:

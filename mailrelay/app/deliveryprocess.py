@@ -1,7 +1,8 @@
 """The delivery process's composition root (C{python -m mailrelay.app.deliveryprocess}): the
 spool, the backends and the queue manager of the relay's configuration, fed with queue ids on
-standard input, logging to standard output.  The relay's side, and the whole process model,
-are in L{mailrelay.queue.process}.
+standard input, logging to standard output, answering the queue commands the relay forwards
+(L{mailrelay.queue.commands}) on the control connection it is given (C{--control-fd}).  The
+relay's side, and the whole process model, are in L{mailrelay.queue.process}.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def _parseArguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--config-fd", type=int)
     parser.add_argument("--overrides", default="{}")
     parser.add_argument("--parent-pid", type=int)
+    parser.add_argument("--control-fd", type=int)
     return parser.parse_args(argv)
 
 
@@ -142,9 +144,40 @@ class _Feed(LineReceiver):
         self.readConnectionLost()
 
 
-def _run(reactor: Any, services: Any, queue: Any) -> int:
+def queueControl(queue: Any, reactor: Any) -> Any:
+    """The L{QueueControl} of the queue manager C{queue}, reading envelopes in the reactor's
+    thread pool."""
+    from twisted.internet.threads import deferToThreadPool
+
+    from mailrelay.queue.control import QueueControl
+
+    def deferToThread(f: Any, *args: Any) -> Any:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+    return QueueControl(queue.spool, queue, reactor, deferToThread=deferToThread)
+
+
+def answerControl(reactor: Any, fd: int, control: Any) -> None:
+    """Answer the queue commands the relay sends on the connected socket C{fd} (one end of
+    a socket pair; closed here once the reactor has its own copy)."""
+    import socket
+
+    from twisted.internet.protocol import Factory
+
+    from mailrelay.queue.commands import ControlLocator, QuietAMP
+
+    os.set_blocking(fd, False)
+    os.set_inheritable(fd, False)
+    try:
+        factory = Factory.forProtocol(lambda: QuietAMP(locator=ControlLocator(control)))
+        reactor.adoptStreamConnection(fd, socket.AF_UNIX, factory)
+    finally:
+        os.close(fd)
+
+
+def _run(reactor: Any, services: Any, queue: Any, controlFD: int | None = None) -> int:
     """Run the reactor with C{services} started, until our input ends (or SIGTERM); the exit
-    status."""
+    status.  With C{controlFD}, answer the relay's queue commands on it."""
     from twisted.internet import stdio
 
     exitCode = [0]
@@ -159,6 +192,8 @@ def _run(reactor: Any, services: Any, queue: Any) -> int:
         # deliveries and record them, then for the backends and the spool to close.
         reactor.addSystemEventTrigger("before", "shutdown", services.stopService)
         try:
+            if controlFD is not None:
+                answerControl(reactor, controlFD, queueControl(queue, reactor))
             services.startService()
         except Exception:
             log.failure("delivery process: start-up failed; exiting (the relay restarts it)")
@@ -192,7 +227,7 @@ def _childMain(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"mailrelay delivery process: configuration error: {e}", file=sys.stderr)
         return 1
-    return _run(reactor, services, queue)
+    return _run(reactor, services, queue, options.control_fd)
 
 
 if __name__ == "__main__":  # pragma: no cover - run as the child process

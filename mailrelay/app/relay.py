@@ -1,11 +1,13 @@
-"""The relay process: from a L{Config} to the running services (spool, delivery, sessions,
-listeners), and a reload on SIGHUP."""
+"""The relay process: from a L{Config} to the running services (spool, control socket,
+delivery, sessions, listeners), and a reload on SIGHUP (or the control socket's C{reload})."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from mailrelay.app.delivery import InlineDelivery, makeDelivery, makeSpool
@@ -73,6 +75,10 @@ class RelayService(OrderedMultiService):
         self.delivery: Any = None
         self.listeners: dict[str, ListenerService] = {}
         self._sessionsService: SessionsService | None = None
+        self.control: Any = None
+        #: Why the last reload did not take (C{None} after one that did).
+        self.reloadError: str | None = None
+        self._queueControl: Any = None
 
     def privilegedStartService(self) -> None:
         # If start-up fails, what already started (the spool's threads) is stopped, so that
@@ -134,6 +140,7 @@ class RelayService(OrderedMultiService):
         """Re-read the configuration file and run on it, or log why not and keep running on
         the one in use.  Returns whether the new configuration is in use."""
         if not self.running:
+            self.reloadError = "the relay is stopping"
             return False
         source = self.configPath or "(embedded default)"
         try:
@@ -143,14 +150,17 @@ class RelayService(OrderedMultiService):
             plan = self.plan(config, text)
             added = self._listenNew(plan)
         except (ConfigError, ListenError) as e:
+            self.reloadError = str(e)
             log.error(
                 "configuration not reloaded (still running on the previous one): {error}",
                 error=str(e),
             )
             return False
-        except Exception:
+        except Exception as e:
+            self.reloadError = f"unexpected error: {e!r} (see the log)"
             log.failure("configuration not reloaded (still running on the previous one)")
             return False
+        self.reloadError = None
         self._swap(plan, added)
         log.info("configuration reloaded from {source}", source=source)
         return True
@@ -218,6 +228,85 @@ class RelayService(OrderedMultiService):
             )
 
 
+    # -- the control socket -------------------------------------------------------------------
+
+    def queueCommand(self, command: Any, arguments: dict[str, Any]) -> Deferred[Any]:
+        """Have the queue manager answer the queue command C{command} (L{mailrelay.queue.
+        commands}); when none can, the commands that only read the queue are answered from
+        the spool here, the others fail with L{QueueUnavailable} saying why."""
+        from mailrelay.app.control import queueControl
+        from mailrelay.queue.commands import READ_ONLY, callControl
+        from mailrelay.queue.control import QueueUnavailable
+
+        delivery = self.delivery
+        if isinstance(delivery, InlineDelivery) and not delivery.hold:
+            control = self._queueControl
+            if control is None or control.manager is not delivery.queue:
+                control = self._queueControl = queueControl(
+                    self.spool, delivery.queue, self.reactor
+                )
+            return callControl(control, command, arguments)
+        if isinstance(delivery, InlineDelivery):
+            d: Deferred[Any] = Deferred()
+            d.errback(QueueUnavailable("no queue manager runs: [queue] hold = true"))
+        else:
+            d = delivery.queueCommand(command, arguments)
+        if command in READ_ONLY:
+
+            def fromSpool(failure: Any) -> Deferred[Any]:
+                failure.trap(QueueUnavailable)
+                offline = queueControl(self.spool, None, self.reactor, str(failure.value))
+                return callControl(offline, command, arguments)
+
+            d.addErrback(fromSpool)
+        return d
+
+    def status(self) -> Deferred[dict[str, Any]]:
+        """What C{mailrelay status} shows: the process, its configuration, listeners and
+        sessions, the delivery side and the queue (L{QueueStatus}; C{{"error": ...}} when
+        it cannot be had)."""
+        from mailrelay import __version__
+        from mailrelay.queue.commands import QueueStatus
+
+        config = self.config
+        assert config is not None
+        listeners = []
+        for endpoint, listener in self.listeners.items():
+            address = None
+            if listener.port is not None:
+                host = listener.port.getHost()
+                address = f"{getattr(host, 'host', host)}:{getattr(host, 'port', '')}"
+            listeners.append({"endpoint": endpoint, "role": listener.role, "address": address})
+        delivery = self.delivery
+        if isinstance(delivery, InlineDelivery):
+            manager = "off" if delivery.hold else delivery.queue.state()
+            deliveryInfo: dict[str, Any] = {"mode": "inline", "state": manager}
+        else:
+            deliveryInfo = {"mode": "separate", **delivery.describe()}
+        result: dict[str, Any] = {
+            "pid": os.getpid(),
+            "version": __version__,
+            "running": bool(self.running),
+            "started": self.control.startedAt if self.control is not None else None,
+            "config": config.source or "(embedded default)",
+            "hostname": config.hostname,
+            "spool": str(config.spoolDirectory),
+            "hold": config.hold,
+            "listeners": listeners,
+            "sessions": len(self.sessions.live),
+            "delivery": deliveryInfo,
+        }
+
+        def queue(answer: Any) -> dict[str, Any]:
+            result["queue"] = answer
+            return result
+
+        def failed(failure: Any) -> dict[str, Any]:
+            return queue({"error": failure.getErrorMessage()})
+
+        return self.queueCommand(QueueStatus, {}).addCallbacks(queue, failed)
+
+
 def makeRelayService(
     config: Config,
     reactor: Any,
@@ -232,7 +321,11 @@ def makeRelayService(
         delivery process gets them rather than reading the file, which may have changed).
     @raise ConfigError: a plugin is unknown or refuses its options.
     """
+    from mailrelay.app.control import ControlService
+
     top = RelayService(reactor, config.source, overrides)
     top.spool = makeSpool(config, reactor, top)
+    top.control = ControlService(top, config.spoolDirectory)
+    top.control.setServiceParent(top)
     top.build(top.plan(config, configText))
     return top

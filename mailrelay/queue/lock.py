@@ -94,7 +94,7 @@ class QueueLock:
                 "manager on this spool: a previous delivery process finishing its deliveries, "
                 "or a second relay using the same spool)",
                 path=str(self.path),
-                holder=self._holder(),
+                holder=self.holder(),
             )
         self._timer = self.clock.callLater(self.interval, self._try)
 
@@ -116,7 +116,8 @@ class QueueLock:
         self._fd = fd
         return True
 
-    def _holder(self) -> str:
+    def holder(self) -> str:
+        """The process id written in the lock file by its holder, or C{"(unknown)"}."""
         try:
             text = self.path.read_text("ascii", "replace").strip()
         except OSError:

@@ -21,11 +21,20 @@ section for notifications.  A damaged entry (L{mailrelay.errors.CorruptEntry}) i
 
 Every log event about a message carries C{queueID}, and its text starts with it, so that
 grepping one id shows the message's whole life (Postfix style).
+
+The operator's commands (L{mailrelay.queue.control}) act through the manager, never on the
+files behind its back: L{QueueManager.hold}, L{QueueManager.release}, L{QueueManager.flush},
+L{QueueManager.delete} and L{QueueManager.bounce}.  Each treats its entry as active while it
+works (so that no attempt starts meanwhile); an entry whose attempt is in progress is held at
+once (the attempt records the hold with its results), and deleted or bounced when the attempt
+ends.  An entry on hold (L{Envelope.held}, stored in its envelope: it survives a restart) is
+not delivered, nor scheduled, until it is released.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
@@ -36,22 +45,53 @@ from twisted.python.failure import Failure
 
 from mailrelay.envelope import PENDING, Envelope
 from mailrelay.errors import CorruptEntry, EntryGone, SpoolError
-from mailrelay.interfaces import IDeliveryBackend, IIntake, ISpool
+from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, IIntake, ISpool, RecipientResult
 from mailrelay.queue.attempt import Calls, Deliverer, DeliveryTimedOut
 from mailrelay.queue.notify import Notifier
-from mailrelay.queue.outcome import Decision, apply, decide
+from mailrelay.queue.outcome import Decision, Outcome, apply, decide
 from mailrelay.queue.policy import QueuePolicy
 from mailrelay.queue.scheduler import Scheduler
 
 log = Logger(namespace="mailrelay.queue")
 
-__all__ = ["DeliveryTimedOut", "IntakeFactory", "QueueManager"]
+__all__ = [
+    "RETURNED_DIAGNOSTIC",
+    "RETURNED_STATUS",
+    "DeliveryTimedOut",
+    "Done",
+    "IntakeFactory",
+    "QueueManager",
+    "QueueUnavailable",
+]
 
 _DEFAULT_POLICY = QueuePolicy()
 
 #: Makes the intake a queue manager's notifications enter the spool through, given the
 #: manager's L{QueueManager.enqueue} for the intake to call with each queue id committed.
 IntakeFactory = Callable[[Callable[[str], None]], IIntake]
+
+#: The status and diagnostic recorded for the recipients of a message the operator returned
+#: to its sender (L{QueueManager.bounce}), as in their notification.
+RETURNED_STATUS = "5.0.0"
+RETURNED_DIAGNOSTIC = "X-mailrelay; returned to the sender by the mail system's operator"
+
+
+@dataclass(frozen=True)
+class Done:
+    """What one of the operator's commands did to one entry.
+
+    @ivar changed: whether it changed anything (not: "already on hold").
+    @ivar text: what it did, for the operator.
+    """
+
+    changed: bool
+    text: str
+
+
+class QueueUnavailable(Exception):
+    """The queue manager cannot act on the queue now: it is not started, waits for the
+    queue lock (another queue manager still delivers from the spool), or is stopping.  The
+    message says which."""
 
 
 class QueueManager(Service):
@@ -112,6 +152,16 @@ class QueueManager(Service):
         self._stopped = False
         self.lock = lock
         self._locking: Deferred[None] | None = None
+        #: Entries on hold, as far as the manager has seen them (loaded, or held by the
+        #: operator): never activated.
+        self._held: set[str] = set()
+        #: Entries the operator flushed: their next activation ignores C{nextAttempt}.
+        self._forced: set[str] = set()
+        #: The envelopes of the entries whose attempt is in progress.
+        self._envelopes: dict[str, Envelope] = {}
+        #: What the operator asked for an entry while its attempt was in progress, done when
+        #: the attempt ends: C{"delete"} or C{"bounce"}.
+        self._afterAttempt: dict[str, str] = {}
 
     # -- introspection ------------------------------------------------------------------------
 
@@ -133,6 +183,20 @@ class QueueManager(Service):
             "active": self.scheduler.activeIDs(),
             "scheduled": self.scheduler.scheduled(),
         }
+
+    def isActive(self, queueID: str) -> bool:
+        """Whether C{queueID}'s delivery attempt (or an operator's command on it) is in
+        progress."""
+        return self.scheduler.isActive(queueID)
+
+    def state(self) -> str:
+        """What the manager is doing: C{"running"} (it delivers), C{"waiting for the queue
+        lock"}, C{"stopped"} or C{"not started"}."""
+        if self.scheduler.enabled:
+            return "running"
+        if self._locking is not None:
+            return "waiting for the queue lock"
+        return "stopped" if self._stopped else "not started"
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -244,6 +308,10 @@ class QueueManager(Service):
     def _activate(self, queueID: str, now: float) -> bool:
         """Load C{queueID} and start its attempt if it is due.  Return C{True} if an attempt
         started."""
+        if queueID in self._held:
+            return False  # released by the operator only
+        forced = queueID in self._forced
+        self._forced.discard(queueID)
         try:
             envelope = self.spool.loadEnvelope(queueID)
         except ValueError as e:  # not a queue id (SpoolError is no ValueError)
@@ -269,7 +337,10 @@ class QueueManager(Service):
             self.scheduler.schedule(queueID, now + self.policy.maxBackoff)
             return False
         envelope.queueID = queueID
-        if envelope.nextAttempt is not None and envelope.nextAttempt > now:
+        if envelope.held:
+            self._held.add(queueID)
+            return False
+        if not forced and envelope.nextAttempt is not None and envelope.nextAttempt > now:
             self.scheduler.schedule(queueID, envelope.nextAttempt)
             return False
         log.info(
@@ -280,10 +351,40 @@ class QueueManager(Service):
             nrcpt=len(envelope.pendingRecipients),
         )
         self.scheduler.begin(queueID)
+        self._envelopes[queueID] = envelope
         attempt = Deferred.fromCoroutine(self._attempt(queueID, envelope))
         attempt.addErrback(self._attemptFailed, queueID)
-        attempt.addCallback(lambda due: self.scheduler.finish(queueID, due))
+        attempt.addCallback(
+            lambda due: Deferred.fromCoroutine(self._afterwards(queueID, envelope, due))
+        )
+        attempt.addCallback(lambda due: self._finish(queueID, due))
         return True
+
+    def _finish(self, queueID: str, due: float | None) -> None:
+        """The attempt (or command) on C{queueID} is over: schedule it at C{due} (C{None}:
+        not at all), unless it is on hold."""
+        self._envelopes.pop(queueID, None)
+        self.scheduler.finish(queueID, None if queueID in self._held else due)
+
+    async def _afterwards(self, queueID: str, envelope: Envelope, due: float | None) -> Any:
+        """Do what the operator asked for while the attempt was in progress (delete, or
+        return to the sender); return when to schedule the entry next."""
+        action = self._afterAttempt.pop(queueID, None)
+        if action is None or due is None:
+            return due
+        try:
+            if action == "delete":
+                await self._deleteNow(queueID)
+                return None
+            return await self._returnToSender(queueID, envelope)
+        except Exception as e:
+            log.error(
+                "{queueID}: the operator's {action} after the delivery attempt failed: {error}",
+                queueID=queueID,
+                action=action,
+                error=str(e) or repr(e),
+            )
+            return due
 
     def _quarantine(self, queueID: str, problem: str) -> None:
         """Move a damaged entry to the spool's C{corrupt/} (it logs that); if even that
@@ -326,6 +427,13 @@ class QueueManager(Service):
             # Finished before a crash, or by another process: only the removal is left.
             return await self._remove(queueID)
         outcomes = await self.deliverer.deliver(queueID, envelope, pending)
+        return await self._conclude(queueID, envelope, outcomes)
+
+    async def _conclude(
+        self, queueID: str, envelope: Envelope, outcomes: list[Outcome]
+    ) -> float | None:
+        """Decide what C{outcomes} mean, notify, log and record them; return when to
+        schedule the entry next, or C{None} when it is gone."""
         now = self.clock.seconds()
         decision = decide(envelope, outcomes, self.policy, now)
         apply(envelope, decision)
@@ -356,6 +464,7 @@ class QueueManager(Service):
                 )
                 removalFailed = True
             else:
+                self._forget(queueID)
                 log.info("{queueID}: removed", queueID=queueID)
                 return None
         if stillPending:
@@ -388,12 +497,274 @@ class QueueManager(Service):
                 error=str(e),
             )
             return self.clock.seconds() + self.policy.minBackoff
+        self._forget(queueID)
         log.info("{queueID}: removed", queueID=queueID)
         return None
+
+    def _forget(self, queueID: str) -> None:
+        """C{queueID} left the spool: forget what the operator said of it."""
+        self._held.discard(queueID)
+        self._forced.discard(queueID)
 
     def timeoutFor(self, backend: str) -> float:
         """Seconds one delivery by C{backend} may take (0: no limit)."""
         return self.deliverer.timeoutFor(backend)
+
+    # -- the operator's commands --------------------------------------------------------------
+
+    def checkReady(self) -> None:
+        """@raise QueueUnavailable: the manager does not deliver now (see L{state}), so it
+        may not change the queue either (another queue manager may be delivering from the
+        spool)."""
+        if self.scheduler.enabled and not self._stopped:
+            return
+        state = self.state()
+        if state == "waiting for the queue lock":
+            holder = self.lock.holder() if self.lock is not None else "(unknown)"
+            raise QueueUnavailable(
+                f"the queue manager is waiting for the queue lock, held by process {holder} "
+                "(a previous delivery process finishing its deliveries); try again shortly"
+            )
+        raise QueueUnavailable(f"the queue manager is {state}")
+
+    def _load(self, queueID: str) -> Envelope:
+        """The envelope of C{queueID}, as stored.
+
+        @raise EntryGone: there is no such entry.
+        @raise ValueError: C{queueID} is not a queue id.
+        @raise SpoolError: it cannot be read (L{CorruptEntry}: it is damaged).
+        """
+        envelope = self.spool.loadEnvelope(queueID)
+        envelope.queueID = queueID
+        return envelope
+
+    async def _command(
+        self, queueID: str, work: Callable[[], Any], due: Callable[[], float | None]
+    ) -> Any:
+        """Run C{work} (a coroutine function) with C{queueID} active, so that no attempt
+        starts meanwhile; then schedule the entry at what C{due()} says (C{None}: not at
+        all; nor when it is on hold)."""
+        self.scheduler.unschedule(queueID)
+        self.scheduler.begin(queueID)
+        try:
+            return await work()
+        finally:
+            self._finish(queueID, due())
+
+    async def hold(self, queueID: str) -> Done:
+        """Put C{queueID} on hold: it stays queued, and is not delivered until released.  The
+        hold is stored in its envelope (it survives a restart) before this returns.  An entry
+        whose attempt is in progress is held from its end on: the attempt records its results
+        with the hold.  Returns what was done (L{Done}).
+
+        @raise EntryGone: there is no such entry.
+        @raise QueueUnavailable: see L{checkReady}.
+        """
+        return await self._setHeld(queueID, True)
+
+    async def release(self, queueID: str) -> Done:
+        """Release C{queueID} from hold: it is delivered again, at its next attempt's time
+        (at once if that has passed: a message held for longer than the queue lifetime is
+        tried once more, then bounced if that fails).  Returns what was done.
+
+        @raise EntryGone: there is no such entry.
+        @raise QueueUnavailable: see L{checkReady}.
+        """
+        return await self._setHeld(queueID, False)
+
+    async def _setHeld(self, queueID: str, held: bool) -> Done:
+        self.checkReady()
+        done = "placed on hold" if held else "released"
+        unchanged = Done(False, "already on hold" if held else "not on hold")
+        envelope = self._envelopes.get(queueID)
+        if envelope is not None:
+            # Its attempt in progress records the change with its results.
+            if envelope.held == held:
+                return unchanged
+            await self._storeHeld(envelope, held)
+            log.info(
+                "{queueID}: {done} by the operator (during its delivery attempt)",
+                queueID=queueID,
+                done=done,
+            )
+            return Done(True, done + (" (its delivery attempt in progress ends first)" * held))
+        self._checkIdle(queueID)
+        envelope = self._load(queueID)
+        if envelope.held == held:
+            if held:
+                self.scheduler.unschedule(queueID)
+                self._held.add(queueID)
+            return unchanged
+
+        def due() -> float | None:
+            if queueID in self._held:
+                return None
+            return max(self.clock.seconds(), envelope.nextAttempt or 0.0)
+
+        await self._command(queueID, lambda: self._storeHeld(envelope, held), due)
+        log.info("{queueID}: {done} by the operator", queueID=queueID, done=done)
+        return Done(True, done)
+
+    async def _storeHeld(self, envelope: Envelope, held: bool) -> None:
+        """Record in C{envelope}, in memory and in the spool, whether it is on hold (as it
+        was, if the spool fails)."""
+        queueID = envelope.queueID
+        assert queueID is not None
+        before = envelope.held
+        envelope.held = held
+        if held:
+            self._held.add(queueID)
+            self._forced.discard(queueID)
+        else:
+            self._held.discard(queueID)
+        try:
+            await self.spool.updateEnvelope(envelope)
+        except Exception:
+            envelope.held = before
+            (self._held.add if before else self._held.discard)(queueID)
+            raise
+
+    def _checkIdle(self, queueID: str) -> None:
+        """@raise QueueUnavailable: another command on C{queueID} is in progress."""
+        if self.isActive(queueID):
+            raise QueueUnavailable(f"another command on {queueID} is in progress; try again")
+
+    def _afterItsAttempt(self, queueID: str, action: str, done: str) -> Done | None:
+        """When C{queueID}'s attempt is in progress, have C{action} (C{"delete"},
+        C{"bounce"}) done when it ends and say so; C{None} when there is no attempt.
+
+        @raise QueueUnavailable: another command on C{queueID} is in progress.
+        """
+        if queueID not in self._envelopes:
+            self._checkIdle(queueID)
+            return None
+        self._afterAttempt[queueID] = action
+        log.info(
+            "{queueID}: to be {done} by the operator once its delivery attempt in progress ends",
+            queueID=queueID,
+            done=done,
+        )
+        return Done(True, f"{done} when its delivery attempt in progress ends")
+
+    def flush(self, queueID: str, *, check: bool = True) -> Done:
+        """Attempt C{queueID} now, whatever its next attempt's time (as C{postqueue -i}).
+        Returns what was done: an entry on hold or being delivered is left alone.
+
+        @param check: read the entry first (to refuse an unknown id, and to see a hold the
+            manager has not seen yet); without, an id that is gone is only logged when its
+            turn comes.
+        @raise EntryGone: there is no such entry (with C{check}).
+        @raise QueueUnavailable: see L{checkReady}.
+        """
+        self.checkReady()
+        if self.isActive(queueID):
+            return Done(False, "being delivered now")
+        if queueID not in self._held and check:
+            if self._load(queueID).held:
+                self._held.add(queueID)
+                self.scheduler.unschedule(queueID)
+        if queueID in self._held:
+            return Done(False, "on hold (release it first)")
+        self._forced.add(queueID)
+        self.scheduler.schedule(queueID, self.clock.seconds())
+        self.scheduler.pump()
+        return Done(True, "scheduled for delivery now")
+
+    def flushAll(self) -> int:
+        """Attempt every entry not on hold now (as C{postqueue -f}); the number of entries
+        scheduled (those being delivered are not counted).
+
+        @raise QueueUnavailable: see L{checkReady}.
+        """
+        self.checkReady()
+        count = 0
+        for queueID in self.spool.queueIDs():
+            if queueID in self._held or self.isActive(queueID):
+                continue
+            self._forced.add(queueID)
+            self.scheduler.schedule(queueID, self.clock.seconds())
+            count += 1
+        self.scheduler.pump()
+        return count
+
+    async def delete(self, queueID: str) -> Done:
+        """Remove C{queueID} from the queue, undelivered and unreported (as C{postsuper
+        -d}); an entry whose attempt is in progress is removed when the attempt ends.
+        Returns what was done.
+
+        @raise EntryGone: there is no such entry.
+        @raise QueueUnavailable: see L{checkReady}.
+        """
+        self.checkReady()
+        later = self._afterItsAttempt(queueID, "delete", "deleted")
+        if later is not None:
+            return later
+        try:
+            self._load(queueID)
+        except CorruptEntry:
+            pass  # removing it is what the operator wants
+        removed: list[bool] = []
+
+        async def work() -> None:
+            await self._deleteNow(queueID)
+            removed.append(True)
+
+        await self._command(queueID, work, lambda: None if removed else self.clock.seconds())
+        return Done(True, "deleted")
+
+    async def _deleteNow(self, queueID: str) -> None:
+        await self.spool.remove(queueID)
+        self._forget(queueID)
+        log.info("{queueID}: removed by the operator", queueID=queueID)
+
+    async def bounce(self, queueID: str) -> Done:
+        """Return C{queueID} to its sender now: every recipient still pending is bounced
+        (status L{RETURNED_STATUS}), with a notification as for any failure (RFC 3461's
+        NOTIFY is obeyed; a message from the null sender goes to C{[queue] postmaster}, or
+        nowhere), and the entry is removed.  An entry on hold is returned too; one whose
+        attempt is in progress is returned when the attempt ends.  Returns what was done.
+
+        @raise EntryGone: there is no such entry.
+        @raise QueueUnavailable: see L{checkReady}.
+        @raise SpoolError: the notification could not be queued (the entry stays queued).
+        """
+        self.checkReady()
+        later = self._afterItsAttempt(queueID, "bounce", "returned to the sender")
+        if later is not None:
+            return later
+        envelope = self._load(queueID)
+        due: list[float | None] = [max(self.clock.seconds(), envelope.nextAttempt or 0.0)]
+
+        async def work() -> None:
+            due[0] = await self._returnToSender(queueID, envelope)
+
+        await self._command(queueID, work, lambda: due[0])
+        if envelope.pendingRecipients:
+            raise SpoolError(
+                f"{queueID} was not returned: its notification could not be queued (see the "
+                "log); it stays queued",
+                queueID=queueID,
+            )
+        return Done(True, "returned to the sender")
+
+    async def _returnToSender(self, queueID: str, envelope: Envelope) -> float | None:
+        """Bounce every pending recipient of C{envelope} now; when to schedule it next."""
+        if envelope.arrival is None:
+            envelope.arrival = self.clock.seconds()
+        log.info("{queueID}: returned to the sender by the operator", queueID=queueID)
+        outcomes = [
+            Outcome(
+                r,
+                RecipientResult(
+                    r.address, DeliveryStatus.PERMANENT, RETURNED_STATUS, RETURNED_DIAGNOSTIC
+                ),
+                "none",
+            )
+            for r in envelope.pendingRecipients
+        ]
+        if not outcomes:
+            return await self._remove(queueID)
+        return await self._conclude(queueID, envelope, outcomes)
 
 
 def _logTransitions(queueID: str, decision: Decision) -> None:

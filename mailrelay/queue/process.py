@@ -10,6 +10,11 @@ formatted, one line each, on its standard output (L{encodeLogEvent}); the main p
 publishes them to its own log observers, so they go wherever the relay logs (stdout with
 C{-n}, C{twistd.log} when daemonised), as if logged there.
 
+The queue commands of the operator (L{mailrelay.queue.commands}), which the relay receives on
+its control socket, are forwarded to the child over a connection of their own: one end of a
+socket pair, the child's file descriptor 4 (C{--control-fd}), speaking AMP
+(L{DeliveryProcessService.queueCommand}); the child answers them with its queue manager.
+
 When the child exits unexpectedly it is started again (after a pause that doubles, up to a
 minute).  When the relay stops or reloads, the child's standard input is closed; the child
 stops its queue manager -- deliveries in flight run to their end (at most the drain time) and
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from typing import Any
 
@@ -30,8 +36,12 @@ from twisted.application.service import Service
 from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IProcessTransport
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
+from twisted.protocols import amp
+
+from mailrelay.queue.commands import QuietAMP
+from mailrelay.queue.control import QueueUnavailable
 
 log = Logger(namespace="mailrelay.queue")
 
@@ -42,6 +52,18 @@ _KILL_MARGIN = 15.0
 _RESTART_MIN = 1.0
 _RESTART_MAX = 60.0
 
+
+#: The child's file descriptor of its end of the control connection.
+CONTROL_FD = 4
+
+#: Seconds the child may take to answer a queue command.
+COMMAND_TIMEOUT = 300.0
+
+#: Why there is no delivery process to answer a queue command, by its state.
+_UNAVAILABLE = {
+    "off": "no delivery process runs: [queue] hold = true",
+    "restarting": "the delivery process exited and is being restarted; try again shortly",
+}
 
 #: A log record longer than this is dropped (with a note) rather than buffered without bound.
 _MAX_RECORD = 1024 * 1024
@@ -80,6 +102,20 @@ def decodeLogEvent(line: str) -> dict[str, Any]:
     }
 
 
+class _Control(QuietAMP):
+    """The relay's end of a child's control connection."""
+
+    connected = False
+
+    def connectionMade(self) -> None:
+        self.connected = True
+        super().connectionMade()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.connected = False
+        super().connectionLost(reason)
+
+
 class _ChildProtocol(ProcessProtocol):
     def __init__(self, service: DeliveryProcessService) -> None:
         self.service = service
@@ -87,6 +123,10 @@ class _ChildProtocol(ProcessProtocol):
         self._buffer = b""
         #: The process id (kept after the process has ended, for the log).
         self.pid: int | None = None
+        #: The AMP connection its queue commands go over, once connected.
+        self.control: _Control | None = None
+        #: When it was started (the reactor's time).
+        self.started: float | None = None
 
     @property
     def process(self) -> IProcessTransport:
@@ -160,6 +200,8 @@ class DeliveryProcessService(Service):
         self._restartDelay = _RESTART_MIN
         self._restartCall: Any = None
         self._stopping = False
+        #: How many times the child exited unexpectedly (and was restarted).
+        self.restarts = 0
 
     def command(self) -> list[str]:
         args = [
@@ -170,6 +212,8 @@ class DeliveryProcessService(Service):
             json.dumps(self.overrides),
             "--parent-pid",
             str(os.getpid()),
+            "--control-fd",
+            str(CONTROL_FD),
         ]
         if self.configPath is not None:
             args += ["--config", os.path.abspath(self.configPath)]
@@ -190,7 +234,24 @@ class DeliveryProcessService(Service):
         childFDs: dict[int, Any] = {0: "w", 1: "r", 2: 2}
         if self.configText is not None:
             childFDs[3] = "w"
-        self.reactor.spawnProcess(child, args[0], args, env=dict(os.environ), childFDs=childFDs)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        childFDs[CONTROL_FD] = theirs.fileno()
+        try:
+            self.reactor.spawnProcess(
+                child, args[0], args, env=dict(os.environ), childFDs=childFDs
+            )
+        finally:
+            theirs.close()
+        try:
+            ours.setblocking(False)
+            control = _Control()
+            self.reactor.adoptStreamConnection(
+                ours.fileno(), socket.AF_UNIX, Factory.forProtocol(lambda: control)
+            )
+            child.control = control
+        finally:
+            ours.close()
+        child.started = self.reactor.seconds()
         if self.configText is not None:
             child.process.writeToChild(3, self.configText)
             child.process.closeChildFD(3)
@@ -212,6 +273,57 @@ class DeliveryProcessService(Service):
             self._backlog.append(line)
             return
         child.process.write(line)
+
+    def queueCommand(self, command: type[amp.Command], arguments: dict[str, Any]) -> Deferred[Any]:
+        """Have the delivery process answer the queue command C{command} (with C{arguments},
+        as AMP decodes them); the C{result} it answers.
+
+        @raise QueueUnavailable: (through the Deferred) there is no delivery process now, it
+            ended before answering, or did not answer within L{COMMAND_TIMEOUT} seconds.
+        """
+        from twisted.internet.defer import fail
+
+        child = self._child
+        control = child.control if child is not None else None
+        if control is None or not control.connected:
+            why = _UNAVAILABLE.get(self._state(), "the delivery process is not running")
+            return fail(QueueUnavailable(why))
+
+        def failed(failure: Any) -> Any:
+            if failure.check(ierror.ConnectionDone, ierror.ConnectionLost):
+                raise QueueUnavailable("the delivery process ended before it answered")
+            if failure.check(ierror.TimeoutError):
+                raise QueueUnavailable(
+                    f"the delivery process did not answer within {COMMAND_TIMEOUT:g}s"
+                )
+            return failure
+
+        d = control.callRemote(command, **arguments)
+        d.addTimeout(COMMAND_TIMEOUT, self.reactor)
+        return d.addCallbacks(lambda response: response["result"], failed)
+
+    def _state(self) -> str:
+        if self._child is not None:
+            return "running"
+        if self.hold:
+            return "off"
+        if self._restartCall is not None and self._restartCall.active():
+            return "restarting"
+        return "stopped"
+
+    def describe(self) -> dict[str, Any]:
+        """The delivery process as C{mailrelay status} shows it: C{state} (C{running},
+        C{restarting}, C{stopped}, C{off}: C{[queue] hold}), C{pid}, C{since} (when it
+        started, seconds since the epoch), C{restarts} (unexpected exits so far) and
+        C{retiring} (the process ids of previous ones finishing their deliveries)."""
+        child = self._child
+        return {
+            "state": self._state(),
+            "pid": child.pid if child is not None else None,
+            "since": child.started if child is not None else None,
+            "restarts": self.restarts,
+            "retiring": sorted(c.pid for c in self._retiring if c.pid is not None),
+        }
 
     def reload(
         self, configText: bytes | None, overrides: dict[str, Any], drainTime: float, hold: bool
@@ -267,6 +379,7 @@ class DeliveryProcessService(Service):
             reason=reason.getErrorMessage() if code is None else f"status {code}",
             delay=self._restartDelay,
         )
+        self.restarts += 1
         self._restartCall = self.reactor.callLater(self._restartDelay, self._spawn)
         self._restartDelay = min(_RESTART_MAX, self._restartDelay * 2)
 

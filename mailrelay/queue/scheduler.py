@@ -99,6 +99,15 @@ class Scheduler:
         self._scheduled[queueID] = seq
         heapq.heappush(self._heap, (due, seq, queueID))
 
+    def isScheduled(self, queueID: str) -> bool:
+        """Whether C{queueID} waits in the heap (scheduled, not active)."""
+        return queueID in self._scheduled
+
+    def unschedule(self, queueID: str) -> None:
+        """Forget the scheduled C{queueID} (its heap pair becomes stale); nothing if it is
+        not scheduled."""
+        self._scheduled.pop(queueID, None)
+
     def begin(self, queueID: str) -> None:
         """C{queueID} is active from now on (called by C{activate})."""
         self._active[queueID] = Deferred()

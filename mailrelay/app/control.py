@@ -1,0 +1,260 @@
+"""The relay's control socket: C{<spool>/control.sock}, a UNIX socket (mode 0600: its owner
+only) speaking Twisted's AMP, which the C{mailrelay} command (L{mailrelay.app.cli}) talks to.
+
+The relay answers L{Status}, L{Reload} and L{Stop} itself, and the queue commands
+(L{mailrelay.queue.commands}) with the queue manager: its own (C{[queue] process =
+"inline"}), or the delivery process's, to which it forwards them.  When no queue manager can
+answer (C{[queue] hold = true}, or the delivery process is being restarted), the commands
+that only read the queue are answered from the spool by the relay itself, and the others
+refused with the reason.
+
+Only the socket's owner (the user the relay runs as) and root may connect: the file's mode
+says so, and the relay checks the peer's credentials too (Linux's C{SO_PEERCRED}).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import error as ierror
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols import amp
+
+from mailrelay.queue.commands import QueueLocator, QuietAMP, makeCommand
+from mailrelay.queue.control import QueueControl
+
+log = Logger()
+
+__all__ = [
+    "CONTROL_SOCKET",
+    "ControlService",
+    "checkSocketPath",
+    "Reload",
+    "Status",
+    "Stop",
+    "controlSocketPath",
+    "queueControl",
+]
+
+#: The control socket's name in the spool directory.
+CONTROL_SOCKET = "control.sock"
+
+#: The longest path a UNIX socket can have (C{sun_path} less its NUL).
+_MAX_SOCKET_PATH = 107
+
+
+def controlSocketPath(spoolDirectory: str | os.PathLike[str]) -> Path:
+    """The control socket of the relay whose spool is C{spoolDirectory}."""
+    return Path(os.path.abspath(spoolDirectory)) / CONTROL_SOCKET
+
+
+#: The relay's state (see L{RelayService.status}).
+Status = makeCommand(b"status", "The relay's state.", errors={})
+#: Reload the configuration, as SIGHUP does; answers whether it took.
+Reload = makeCommand(b"reload", "Reload the configuration.", errors={})
+#: Stop the relay, as SIGTERM does; answers at once (the relay closes the connection when it
+#: has stopped).
+Stop = makeCommand(b"stop", "Stop the relay.", errors={})
+
+
+def queueControl(
+    spool: Any, queue: Any, reactor: Any, unavailable: str = "no queue manager runs"
+) -> QueueControl:
+    """A L{QueueControl} of C{spool} and the queue manager C{queue} (or C{None}), reading
+    envelopes in C{reactor}'s thread pool."""
+    from twisted.internet.threads import deferToThreadPool
+
+    def deferToThread(f: Any, *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+    return QueueControl(
+        spool, queue, reactor, deferToThread=deferToThread, unavailable=unavailable
+    )
+
+
+def checkSocketPath(path: Path) -> None:
+    """@raise OSError: C{path} is too long for a UNIX socket (the message says so)."""
+    length = len(os.fsencode(path))
+    if length > _MAX_SOCKET_PATH:
+        raise OSError(
+            f"the control socket {path} would be {length} octets long, more than the "
+            f"{_MAX_SOCKET_PATH} a UNIX socket's path may be: use a shorter spool directory"
+        )
+
+
+class RelayLocator(QueueLocator):
+    """The commands of the control socket, answered by the relay (L{RelayService})."""
+
+    def __init__(self, relay: Any) -> None:
+        self.relay = relay
+
+    def queueCommand(self, command: type[amp.Command], arguments: dict[str, Any]) -> Any:
+        return self.relay.queueCommand(command, arguments)
+
+    @Status.responder
+    def status(self) -> Deferred[dict[str, Any]]:
+        return self.relay.status().addCallback(lambda result: {"result": result})
+
+    @Reload.responder
+    def reload(self) -> dict[str, Any]:
+        reloaded = self.relay.reload()
+        return {
+            "result": {
+                "reloaded": reloaded,
+                "error": None if reloaded else self.relay.reloadError,
+                "source": self.relay.configPath or "(embedded default)",
+            }
+        }
+
+    @Stop.responder
+    def stop(self) -> dict[str, Any]:
+        reactor = self.relay.reactor
+        log.info("stopping: asked to on the control socket")
+        reactor.callLater(0, _stopReactor, reactor)
+        return {"result": {"pid": os.getpid()}}
+
+
+def _stopReactor(reactor: Any) -> None:
+    try:
+        reactor.stop()
+    except ierror.ReactorNotRunning:
+        pass
+
+
+def peerCredentials(transport: Any) -> tuple[int, int, int] | None:
+    """The C{(pid, uid, gid)} of the peer of the UNIX socket C{transport}, or C{None} where
+    the system does not say (not Linux)."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None or not sys.platform.startswith("linux"):
+        return None
+    handle = transport.getHandle()
+    data = handle.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", data)
+    return pid, uid, gid
+
+
+class ControlProtocol(QuietAMP):
+    """One connection to the control socket: refused unless its peer runs as root, as the
+    relay's user or as the socket's owner."""
+
+    def __init__(self, service: ControlService) -> None:
+        super().__init__(locator=RelayLocator(service.relay))
+        self.service = service
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        credentials = peerCredentials(self.transport)
+        if credentials is not None and credentials[1] not in self.service.allowedUsers():
+            pid, uid, _ = credentials
+            log.warn(
+                "control socket: connection from process {pid} of user {uid} refused",
+                pid=pid,
+                uid=uid,
+            )
+            assert self.transport is not None
+            self.transport.loseConnection()
+            return
+        self.service.connections.add(self)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.service.connections.discard(self)
+        super().connectionLost(reason)
+
+
+class ControlService(Service):
+    """Listens on the control socket from start-up (before privileges are dropped: the socket
+    is then given to the spool's owner) until the relay has stopped.
+
+    @ivar path: the socket's path.
+    @ivar startedAt: when the relay started (seconds since the epoch).
+    """
+
+    name = "control"  # type: ignore[assignment]  # (Service declares None)
+
+    def __init__(self, relay: Any, spoolDirectory: str | os.PathLike[str]) -> None:
+        self.relay = relay
+        self.path = controlSocketPath(spoolDirectory)
+        self.port: Any = None
+        self.connections: set[ControlProtocol] = set()
+        self.startedAt: float | None = None
+
+    def allowedUsers(self) -> set[int]:
+        """The users that may use the socket: root, the relay's and the socket's owner."""
+        allowed = {0, os.geteuid()}
+        try:
+            allowed.add(os.stat(self.path).st_uid)
+        except OSError:
+            pass
+        return allowed
+
+    def privilegedStartService(self) -> None:
+        try:
+            self.listen()
+        except OSError as e:
+            raise SystemExit(f"mailrelay: error: {e}") from None
+        super().privilegedStartService()
+
+    def listen(self) -> None:
+        """Listen on the socket (removing one left by a relay that is gone).
+
+        @raise OSError: it cannot be listened on, or another relay answers on it (the
+            message says which).
+        """
+        checkSocketPath(self.path)
+        path = str(self.path)
+        self._removeStale(path)
+        reactor = self.relay.reactor
+        try:
+            factory = Factory.forProtocol(lambda: ControlProtocol(self))
+            factory.noisy = False
+            self.port = reactor.listenUNIX(path, factory, mode=0o600)
+        except ierror.CannotListenError as e:
+            raise OSError(f"cannot listen on the control socket {path}: {e.socketError}") from e
+        if os.geteuid() == 0:
+            # Give it to the spool's owner, who the relay may run as (twistd --uid).
+            owner = os.stat(self.path.parent)
+            os.chown(path, owner.st_uid, owner.st_gid)
+        self.startedAt = reactor.seconds()
+        log.info("control socket {path}", path=path)
+
+    @staticmethod
+    def _removeStale(path: str) -> None:
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(mode):
+            raise OSError(f"{path} exists and is not a socket; remove it or choose another spool")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(2)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # left by a relay that is gone
+            return
+        except OSError as e:
+            raise OSError(f"cannot check the control socket {path}: {e.strerror or e}") from e
+        finally:
+            probe.close()
+        raise OSError(
+            f"another relay is running on this spool (it answers on {path}); stop it first"
+        )
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.loseConnection()
+        port, self.port = self.port, None
+        if port is None:
+            return succeed(None)
+        return port.stopListening()

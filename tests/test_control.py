@@ -1,0 +1,696 @@
+"""Unit tests of the operator's queue commands: the queue manager's hold, release, flush,
+delete and bounce (L{mailrelay.queue.manager}), L{QueueControl}'s views, the AMP commands
+over iosim (L{mailrelay.queue.commands}), the control socket's guards
+(L{mailrelay.app.control}), the C{mailrelay} command's output and how it finds the socket
+(L{mailrelay.app.cli}), and C{check -n}'s effective configuration."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.testing import StringTransport
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+from twisted.test import iosim
+from zope.interface import implementer
+
+from mailrelay.envelope import Envelope
+from mailrelay.errors import EntryGone
+from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, RecipientResult, Route
+from mailrelay.queue.commands import (
+    JSON,
+    ControlLocator,
+    QueueBounce,
+    QueueHold,
+    QueueList,
+    QueueShow,
+    QueueStatus,
+    QuietAMP,
+    makeCommand,
+)
+from mailrelay.queue.control import (
+    BadRequest,
+    QueueControl,
+    QueueUnavailable,
+    UnknownEntry,
+)
+from mailrelay.queue.manager import RETURNED_STATUS
+from mailrelay.route.table import RouteRule
+from mailrelay.testing import QueueHarness
+from tests.test_queue import resultOf
+
+# -- a queue with a backend the test drives -----------------------------------------------------
+
+
+@implementer(IDeliveryBackend)
+class Hop:
+    """Answers each delivery with C{answer} (4xx by default: the next hop is down), or holds
+    it in C{pending} while C{hold} is set."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.answer = DeliveryStatus.TRANSIENT
+        self.hold = False
+        self.pending: list[tuple[Deferred[list[RecipientResult]], list[str]]] = []
+
+    def results(self, addresses: list[str]) -> list[RecipientResult]:
+        code = {DeliveryStatus.DELIVERED: "2.0.0", DeliveryStatus.TRANSIENT: "4.4.1"}
+        return [
+            RecipientResult(a, self.answer, code.get(self.answer, "5.1.1"), "X-hop; answer")
+            for a in addresses
+        ]
+
+    def deliver(self, envelope: Envelope, recipients: Any, route: Route, path: Path) -> Any:
+        addresses = [r.address for r in recipients]
+        self.calls.append(addresses)
+        if self.hold:
+            d: Deferred[list[RecipientResult]] = Deferred()
+            self.pending.append((d, addresses))
+            return d
+        return succeed(self.results(addresses))
+
+    def finish(self) -> None:
+        pending, self.pending = self.pending, []
+        for d, addresses in pending:
+            d.callback(self.results(addresses))
+
+
+def harness(tmp_path: Path, hop: Hop, **options: Any) -> QueueHarness:
+    routes = [RouteRule("example.org", "hop"), RouteRule("example.net", "hop")]
+    return QueueHarness(tmp_path / "spool", {"hop": hop}, routes=routes, **options)
+
+
+def control(h: QueueHarness) -> QueueControl:
+    return QueueControl(h.spool, h.queue, h.clock)
+
+
+def result(d: Any) -> Any:
+    """What the Deferred (or coroutine) C{d} fired with; raise its failure."""
+    return resultOf(d if isinstance(d, Deferred) else Deferred.fromCoroutine(d))
+
+
+def one(h: QueueHarness, command: Any) -> dict[str, Any]:
+    """The single result of a command on one entry."""
+    [item] = result(command)["results"]
+    return item
+
+
+# -- hold and release ---------------------------------------------------------------------------
+
+
+def test_hold_is_stored_survives_restart_and_release_delivers(tmp_path: Path) -> None:
+    hop = Hop()
+    h = harness(tmp_path, hop, minBackoff=60, maxBackoff=60)
+    queueID = h.submit("alice@example.com", ["bob@example.org"])
+    assert len(hop.calls) == 1  # refused: deferred
+    c = control(h)
+    item = one(h, c.hold([queueID]))
+    assert item == {"queue_id": queueID, "ok": True, "changed": True, "result": "placed on hold"}
+    assert h.envelope(queueID).held is True
+    assert one(h, c.hold([queueID]))["result"] == "already on hold"
+    h.clock.advance(600)
+    assert len(hop.calls) == 1  # held: never attempted
+
+    # A new queue manager on what the spool holds (a restart) leaves it alone too.
+    h.stop()
+    restarted = harness(tmp_path, hop, start=False, minBackoff=60, maxBackoff=60)
+    restarted.spool.committed.update(h.spool.committed)
+    restarted.queue.startService()
+    restarted.clock.advance(600)
+    assert len(hop.calls) == 1
+    c = control(restarted)
+    listed = result(c.entries())["entries"]
+    assert [e["queue_name"] for e in listed] == ["hold"]
+
+    hop.answer = DeliveryStatus.DELIVERED
+    hop.hold = True
+    assert one(restarted, c.release([queueID]))["result"] == "released"
+    assert "held" not in restarted.spool.loadEnvelope(queueID).toDict()
+    # Its next attempt's time has long passed: attempted at once.
+    assert len(hop.calls) == 2
+    hop.finish()
+    assert restarted.queued() == []
+
+
+def test_release_waits_for_the_next_attempt_time(tmp_path: Path) -> None:
+    hop = Hop()
+    h = harness(tmp_path, hop, minBackoff=600, maxBackoff=600)
+    queueID = h.submit("alice@example.com", ["bob@example.org"])
+    c = control(h)
+    one(h, c.hold([queueID]))
+    assert one(h, c.release([queueID]))["result"] == "released"
+    assert one(h, c.release([queueID]))["result"] == "not on hold"
+    h.clock.advance(599)
+    assert len(hop.calls) == 1
+    h.clock.advance(1)
+    assert len(hop.calls) == 2
+
+
+def test_hold_during_an_attempt_is_recorded_with_it(tmp_path: Path) -> None:
+    hop = Hop()
+    hop.hold = True
+    h = harness(tmp_path, hop, minBackoff=60, maxBackoff=60)
+    queueID = h.submit("alice@example.com", ["bob@example.org"])
+    c = control(h)
+    assert [e["queue_name"] for e in result(c.entries())["entries"]] == ["active"]
+    item = one(h, c.hold([queueID]))
+    assert item["result"] == "placed on hold (its delivery attempt in progress ends first)"
+    assert h.envelope(queueID).held is True  # stored at once
+    hop.finish()  # 4xx: recorded, still held
+    envelope = h.envelope(queueID)
+    assert envelope.held and envelope.attempts == 1
+    h.clock.advance(3600)
+    assert len(hop.calls) == 1
+
+
+def test_commands_on_many_entries(tmp_path: Path) -> None:
+    hop = Hop()
+    h = harness(tmp_path, hop, minBackoff=600, maxBackoff=600)
+    ids = [h.submit("alice@example.com", [f"u{i}@example.org"]) for i in range(3)]
+    c = control(h)
+    done = result(c.hold([], all_entries=True))
+    assert done["count"] == 3 and [r["queue_id"] for r in done["results"]] == ids
+    with pytest.raises(BadRequest, match="give queue ids or --all, not both"):
+        result(c.hold(ids, all_entries=True))
+    with pytest.raises(BadRequest, match="give one or more queue ids, or --all"):
+        result(c.release())
+    done = result(c.release(all_entries=True))
+    assert done["count"] == 3
+    unknown = result(c.hold([ids[0], "01K1HDPTVQRF0000ZZZZ", "nonsense"]))
+    assert [(r["ok"], r["result"]) for r in unknown["results"]] == [
+        (True, "placed on hold"),
+        (False, "no such queue entry"),
+        (False, "not a queue id: 'nonsense'"),
+    ]
+    assert unknown["count"] == 1
+
+
+# -- flush ------------------------------------------------------------------------------------
+
+
+def test_flush_ignores_the_next_attempt_time_but_not_a_hold(tmp_path: Path) -> None:
+    hop = Hop()
+    h = harness(tmp_path, hop, minBackoff=3600, maxBackoff=3600)
+    org = h.submit("alice@example.com", ["bob@example.org"])
+    net = h.submit("alice@example.com", ["carol@example.net"])
+    held = h.submit("alice@example.com", ["dave@example.org"])
+    c = control(h)
+    one(h, c.hold([held]))
+    assert len(hop.calls) == 3
+    done = result(c.flush(domain="Example.NET"))
+    assert [(r["queue_id"], r["result"]) for r in done["results"]] == [
+        (net, "scheduled for delivery now")
+    ]
+    assert hop.calls[-1] == ["carol@example.net"]
+    assert one(h, c.flush([held]))["result"] == "on hold (release it first)"
+    done = result(c.flush())
+    assert done == {"results": [], "count": 2}  # org and net, not the one on hold
+    assert sorted(map(tuple, hop.calls[-2:])) == [("bob@example.org",), ("carol@example.net",)]
+    assert h.envelope(org).attempts == 2 and h.envelope(held).attempts == 1
+    with pytest.raises(BadRequest):
+        result(c.flush([org], domain="example.org"))
+
+
+def test_flush_of_an_entry_being_delivered(tmp_path: Path) -> None:
+    hop = Hop()
+    hop.hold = True
+    h = harness(tmp_path, hop)
+    queueID = h.submit("alice@example.com", ["bob@example.org"])
+    assert one(h, control(h).flush([queueID]))["result"] == "being delivered now"
+
+
+# -- delete -----------------------------------------------------------------------------------
+
+
+def test_delete_now_and_after_an_attempt(tmp_path: Path) -> None:
+    hop = Hop()
+    h = harness(tmp_path, hop, minBackoff=60, maxBackoff=60)
+    idle = h.submit("alice@example.com", ["bob@example.org"])
+    c = control(h)
+    assert one(h, c.delete([idle]))["result"] == "deleted"
+    assert h.queued() == []
+    h.clock.advance(600)
+    assert len(hop.calls) == 1 and h.notifications() == []
+
+    hop.hold = True
+    busy = h.submit("alice@example.com", ["carol@example.org"])
+    item = one(h, c.delete([busy]))
+    assert item["result"] == "deleted when its delivery attempt in progress ends"
+    assert h.queued() == [busy]
+    hop.finish()
+    assert h.queued() == []
+
+
+def test_delete_all_deferred(tmp_path: Path) -> None:
+    hop = Hop()
+    h = harness(tmp_path, hop, minBackoff=60, maxBackoff=60)
+    deferred = h.submit("alice@example.com", ["bob@example.org"])
+    held = h.submit("alice@example.com", ["carol@example.org"])
+    c = control(h)
+    one(h, c.hold([held]))
+    done = result(c.delete(all_deferred=True))
+    assert [r["queue_id"] for r in done["results"]] == [deferred]
+    assert h.queued() == [held]
+
+
+# -- bounce -----------------------------------------------------------------------------------
+
+
+def test_bounce_returns_the_message_with_a_dsn(tmp_path: Path) -> None:
+    hop = Hop()
+    h = harness(tmp_path, hop, minBackoff=60, maxBackoff=60)
+    queueID = h.submit("alice@example.com", ["bob@example.org", "carol@example.org"])
+    c = control(h)
+    one(h, c.hold([queueID]))  # a message on hold can be returned too
+    assert one(h, c.bounce([queueID]))["result"] == "returned to the sender"
+    assert h.queued() == [n.queueID for n, _ in h.notifications()]
+    [(dsn, message)] = h.notifications()
+    assert [r.address for r in dsn.recipients] == ["alice@example.com"]
+    assert b"Action: failed" in message and f"Status: {RETURNED_STATUS}".encode() in message
+    assert b"returned to the sender by the mail system's operator" in message
+
+
+def test_bounce_after_an_attempt_in_progress(tmp_path: Path) -> None:
+    hop = Hop()
+    hop.hold = True
+    h = harness(tmp_path, hop, minBackoff=60, maxBackoff=60)
+    queueID = h.submit("alice@example.com", ["bob@example.org"])
+    item = one(h, control(h).bounce([queueID]))
+    assert item["result"] == "returned to the sender when its delivery attempt in progress ends"
+    assert h.notifications() == []
+    hop.finish()  # 4xx; then returned
+    assert len(h.notifications()) == 1 and queueID not in h.queued()
+
+
+def test_bounce_of_a_bounce_is_discarded_without_postmaster(tmp_path: Path) -> None:
+    hop = Hop()
+    h = harness(tmp_path, hop)
+    queueID = h.submit("", ["alice@example.org"])
+    assert one(h, control(h).bounce([queueID]))["result"] == "returned to the sender"
+    assert h.queued() == [] and h.notifications() == []
+
+
+# -- when the queue manager cannot act ------------------------------------------------------
+
+
+def test_commands_refused_while_the_manager_does_not_deliver(tmp_path: Path) -> None:
+    hop = Hop()
+    h = harness(tmp_path, hop, start=False)
+    c = control(h)
+    with pytest.raises(QueueUnavailable, match="the queue manager is not started"):
+        result(c.hold(["01K1HDPTVQRF0000ZZZZ"]))
+
+    class Lock:
+        path = tmp_path / "qmgr.lock"
+
+        def acquire(self) -> Deferred[None]:
+            return Deferred()
+
+        def holder(self) -> str:
+            return "4242"
+
+        def release(self) -> None:
+            pass
+
+    h.queue.lock = Lock()
+    h.queue.startService()
+    with pytest.raises(QueueUnavailable, match="waiting for the queue lock, held by process 4242"):
+        result(c.delete(["01K1HDPTVQRF0000ZZZZ"]))
+    assert result(c.status())["manager"] == "waiting for the queue lock"
+
+    offline = QueueControl(h.spool, None, h.clock, unavailable="no queue manager runs: hold")
+    with pytest.raises(QueueUnavailable, match="no queue manager runs: hold"):
+        result(offline.flush())
+    assert result(offline.entries()) == {"entries": [], "next": None}
+
+
+# -- the views --------------------------------------------------------------------------------
+
+
+def test_entries_pages_and_states(tmp_path: Path) -> None:
+    hop = Hop()
+    h = harness(tmp_path, hop, minBackoff=600, maxBackoff=600)
+    deferred = h.submit("alice@example.com", ["bob@example.org"])
+    held = h.submit("alice@example.com", ["carol@example.org"])
+    hop.hold = True
+    active = h.submit("", ["dave@example.org"])
+    hop.hold = False
+    c = control(h)
+    one(h, c.hold([held]))
+    first = result(c.entries(limit=2))
+    assert [e["queue_id"] for e in first["entries"]] == [deferred, held]
+    assert first["next"] == held
+    second = result(c.entries(cursor=first["next"], limit=2))
+    assert [e["queue_id"] for e in second["entries"]] == [active] and second["next"] is None
+    names = {e["queue_id"]: e["queue_name"] for e in first["entries"] + second["entries"]}
+    assert names == {deferred: "deferred", held: "hold", active: "active"}
+    entry = first["entries"][0]
+    envelope = h.envelope(deferred)
+    assert entry == {
+        "queue_name": "deferred",
+        "queue_id": deferred,
+        "arrival_time": int(envelope.arrival),
+        "message_size": envelope.messageSize,
+        "sender": "alice@example.com",
+        "attempts": 1,
+        "next_attempt": int(envelope.nextAttempt),
+        "recipients": [{"address": "bob@example.org", "state": "pending", "status": "4.4.1",
+                        "attempts": 1, "delay_reason": "X-hop; answer"}],
+    }
+    with pytest.raises(BadRequest):
+        result(c.entries(limit=0))
+    status = result(c.status())
+    assert status["messages"] == 3 and status["recipients"] == 3
+    assert status["queues"] == {"active": 1, "incoming": 0, "deferred": 1, "hold": 1,
+                                "corrupt": 0}
+
+
+def test_show(tmp_path: Path) -> None:
+    hop = Hop()
+    h = harness(tmp_path, hop)
+    queueID = h.submit("alice@example.com", ["bob@example.org"],
+                       b"Subject: hi\r\nX-Long: " + b"y" * 100 + b"\r\n\r\nthe body\r\n")
+    c = control(h)
+    shown = result(c.show(queueID))
+    assert shown["entry"]["queue_id"] == queueID and shown["envelope"]["sender"] == "alice@example.com"
+    assert shown["headers"].startswith("Received: ") and shown["headers"].endswith("\r\n")
+    assert "Subject: hi\r\n" in shown["headers"] and "body" not in shown
+    assert result(c.show(queueID, body=True))["body"] == "the body\r\n"
+    with pytest.raises(UnknownEntry, match="no queue entry 01K1HDPTVQRF0000ZZZZ"):
+        result(c.show("01K1HDPTVQRF0000ZZZZ"))
+    with pytest.raises(UnknownEntry, match="not a queue id"):
+        result(c.show("../etc/passwd"))
+
+
+def test_summary_by_domain_and_age(tmp_path: Path) -> None:
+    hop = Hop()
+    h = harness(tmp_path, hop, minBackoff=86400, maxBackoff=86400)
+    h.submit("alice@example.com", ["a@example.org", "b@example.org", "c@example.net"])
+    h.clock.advance(7 * 60)  # 7 minutes later
+    h.submit("bob@example.com", ["d@example.org"])
+    h.clock.advance(2000 * 60)
+    h.submit("", ["e@example.net"])
+    c = control(h)
+    summary = result(c.summary())
+    assert summary["labels"] == ["T", "5", "10", "20", "40", "80", "160", "320", "640", "1280",
+                                 "1280+"]
+    # now: the messages are 2007, 2000 and 0 minutes old
+    assert summary["total"] == [3, 1, 0, 0, 0, 0, 0, 0, 0, 0, 2]
+    assert summary["rows"] == [
+        ["example.net", 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+        ["example.org", 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+    ]
+    senders = result(c.summary(senders=True))
+    assert [row[0] for row in senders["rows"]] == ["example.com", "MAILER-DAEMON"]
+    assert result(c.summary(states=["hold"]))["total"][0] == 0
+    with pytest.raises(BadRequest, match="unknown queue 'bogus'"):
+        result(c.summary(states=["bogus"]))
+
+
+# -- the AMP commands, over iosim ---------------------------------------------------------------
+
+
+def connected(locator: Any) -> tuple[amp.AMP, iosim.IOPump]:
+    """An AMP client connected (in memory) to a server answering with C{locator}."""
+    client, _, pump = iosim.connectedServerAndClient(
+        lambda: QuietAMP(locator=locator), QuietAMP
+    )
+    return client, pump
+
+
+def call(client: amp.AMP, pump: iosim.IOPump, command: Any, **arguments: Any) -> Any:
+    """C{command}'s answer (its callbacks are added before the answer comes, as AMP
+    wants: an error nobody handles by then drops the connection)."""
+    answers: list[Any] = []
+    client.callRemote(command, **arguments).addBoth(answers.append)
+    pump.flush()
+    [answer] = answers
+    if isinstance(answer, Failure):
+        answer.raiseException()
+    return answer
+
+
+def test_queue_commands_over_amp(tmp_path: Path) -> None:
+    hop = Hop()
+    h = harness(tmp_path, hop, minBackoff=600, maxBackoff=600)
+    ids = [h.submit("alice@example.com", [f"user{i}-{'x' * 200}@example.org"]) for i in range(400)]
+    client, pump = connected(ControlLocator(control(h)))
+    page = call(client, pump, QueueList, cursor=None, limit=1000)["result"]
+    assert [e["queue_id"] for e in page["entries"]] == ids  # far more than 64 KiB
+    done = call(client, pump, QueueHold, ids=ids[:2], all_entries=False)["result"]
+    assert done["count"] == 2
+    status = call(client, pump, QueueStatus)["result"]
+    assert status["queues"]["hold"] == 2 and status["pid"] == os.getpid()
+    with pytest.raises(UnknownEntry, match="no queue entry 01K1HDPTVQRF0000ZZZZ"):
+        call(client, pump, QueueShow, queueID="01K1HDPTVQRF0000ZZZZ", body=False)
+    with pytest.raises(BadRequest, match="give one or more queue ids"):
+        call(client, pump, QueueBounce, ids=[])
+    h.stop()
+    with pytest.raises(QueueUnavailable, match="the queue manager is stopped"):
+        call(client, pump, QueueHold, ids=ids[:1], all_entries=False)
+
+
+def test_json_argument_round_trip() -> None:
+    """A value of any size, split over AMP values of at most 64 KiB."""
+    Echo = makeCommand(b"echo", "Echo.", (b"value", JSON()), errors={})
+
+    class Locator(amp.CommandLocator):
+        @Echo.responder
+        def echo(self, value: Any) -> dict[str, Any]:
+            return {"result": value}
+
+    client, pump = connected(Locator())
+    for value in (None, "", {"a": [1, 2.5, True]}, "é" * 100_000, ["x" * 70_000, "y"]):
+        assert call(client, pump, Echo, value=value)["result"] == value
+    box: dict[bytes, bytes] = {}
+    JSON().toBox(b"v", box, {"v": "z" * 130_000}, None)
+    assert sorted(box) == [b"v", b"v.1", b"v.2"] and all(len(p) <= 65535 for p in box.values())
+
+
+# -- the control socket's guards -----------------------------------------------------------------
+
+
+def test_stale_socket_is_removed_live_one_refused(tmp_path: Path) -> None:
+    from mailrelay.app.control import ControlService
+
+    path = tmp_path / "control.sock"
+    listening = socket.socket(socket.AF_UNIX)
+    listening.bind(str(path))
+    listening.listen()
+    try:
+        with pytest.raises(OSError, match="another relay is running on this spool"):
+            ControlService._removeStale(str(path))
+    finally:
+        listening.close()
+    assert path.exists()  # closed, the file stays: a relay that died
+    ControlService._removeStale(str(path))
+    assert not path.exists()
+    path.write_text("not a socket")
+    with pytest.raises(OSError, match="exists and is not a socket"):
+        ControlService._removeStale(str(path))
+
+
+def test_socket_path_too_long(tmp_path: Path) -> None:
+    from mailrelay.app.control import ControlService
+
+    service = ControlService(relay=None, spoolDirectory=tmp_path / ("d" * 120))
+    with pytest.raises(OSError, match="more than the 107 a UNIX socket's path may be"):
+        service.listen()
+
+
+def test_peer_credentials_and_refusal(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from mailrelay.app import control as controlModule
+
+    a, b = socket.socketpair()
+
+    class Handle:
+        def getHandle(self) -> socket.socket:
+            return a
+
+    try:
+        assert controlModule.peerCredentials(Handle()) == (os.getpid(), os.getuid(), os.getgid())
+    finally:
+        a.close()
+        b.close()
+
+    service = controlModule.ControlService(relay=None, spoolDirectory=tmp_path)
+    monkeypatch.setattr(controlModule, "peerCredentials", lambda transport: (99, 4242, 4242))
+    protocol = controlModule.ControlProtocol(service)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    assert transport.disconnecting and protocol not in service.connections
+    monkeypatch.setattr(controlModule, "peerCredentials", lambda t: (99, os.geteuid(), 0))
+    allowed = controlModule.ControlProtocol(service)
+    transport = StringTransport()
+    allowed.makeConnection(transport)
+    assert not transport.disconnecting and allowed in service.connections
+
+
+def test_delivery_process_unavailable_reasons() -> None:
+    from twisted.internet.task import Clock
+
+    from mailrelay.queue.process import DeliveryProcessService
+
+    service = DeliveryProcessService(Clock(), None, {}, hold=True)
+    with pytest.raises(QueueUnavailable, match=r"no delivery process runs: \[queue\] hold"):
+        result(service.queueCommand(QueueStatus, {}))
+    assert service.describe()["state"] == "off"
+    service.hold = False
+    with pytest.raises(QueueUnavailable, match="the delivery process is not running"):
+        result(service.queueCommand(QueueStatus, {}))
+
+
+# -- the mailrelay command ----------------------------------------------------------------------
+
+
+def test_spool_directory_found_like_the_relay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                              ) -> None:
+    from mailrelay.app.cli import CommandFailed, spoolDirectory
+
+    monkeypatch.chdir(tmp_path)
+    assert spoolDirectory(None, None) == tmp_path / "mailrelay-spool"
+    assert spoolDirectory(None, "s") == tmp_path / "s"
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "relay.toml").write_text('[spool]\ndirectory = "queue"\n[limits]\nrecipients = "x"\n')
+    # relative to the file; an error elsewhere in it does not matter here
+    assert spoolDirectory(str(etc / "relay.toml"), None) == etc / "queue"
+    (etc / "bad.toml").write_text("[spool]\ndirectory = 3\n")
+    with pytest.raises(CommandFailed, match="spool.directory"):
+        spoolDirectory(str(etc / "bad.toml"), None)
+
+
+def test_queue_list_output() -> None:
+    from mailrelay.app.cli import printEntries
+
+    out = io.StringIO()
+    printEntries([], out)
+    assert out.getvalue() == "Mail queue is empty\n"
+    entries = [
+        {"queue_name": "active", "queue_id": "01K1HDPTVQRF0000AWNA", "arrival_time": 0,
+         "message_size": 1500, "sender": "", "attempts": 0, "next_attempt": None,
+         "recipients": [{"address": "a@example.org", "state": "pending", "status": None,
+                         "attempts": 0}]},
+        {"queue_name": "hold", "queue_id": "01K1HDPTVQRF0001AWNA", "arrival_time": 0,
+         "message_size": 600, "sender": "bob@example.com", "attempts": 1, "next_attempt": 60,
+         "recipients": [
+             {"address": "c@example.org", "state": "pending", "status": "4.4.1", "attempts": 1,
+              "delay_reason": "X-mailrelay; connection refused"},
+             {"address": "d@example.org", "state": "delivered", "status": "2.0.0",
+              "attempts": 1, "delay_reason": "smtp; 250 ok"}]},
+        {"queue_name": "corrupt", "queue_id": "01K1HDPTVQRF0002AWNA", "error": "empty"},
+    ]
+    out = io.StringIO()
+    printEntries(entries, out)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("-Queue ID-")
+    assert lines[1].startswith("01K1HDPTVQRF0000AWNA*     1500 ") and lines[1].endswith(
+        "  MAILER-DAEMON")
+    assert lines[2].strip() == "a@example.org"
+    assert lines[4].startswith("01K1HDPTVQRF0001AWNA!      600 ")
+    assert lines[5].strip() == "(X-mailrelay; connection refused)"
+    assert lines[6].strip() == "c@example.org"
+    assert lines[7].strip() == "d@example.org (delivered, 2.0.0)"
+    assert lines[9].startswith("01K1HDPTVQRF0002AWNA?") and "(unreadable: empty)" in lines[9]
+    assert lines[-1] == "-- 3 Kbytes in 3 Requests."
+
+
+def test_summary_output() -> None:
+    from mailrelay.app.cli import printSummary
+
+    out = io.StringIO()
+    printSummary({"labels": ["T", "5", "1280+"], "total": [12, 2, 10],
+                  "rows": [["example.org", 12, 2, 10]]}, out)
+    assert out.getvalue().splitlines() == [
+        "                T    5 1280+",
+        "       TOTAL   12    2    10",
+        " example.org   12    2    10",
+    ]
+
+
+# -- check -n ---------------------------------------------------------------------------------
+
+
+def test_effective_configuration_loads_to_the_same(tmp_path: Path) -> None:
+    from mailrelay.config import loadConfig
+    from mailrelay.config.effective import effectiveConfiguration
+
+    (tmp_path / "pw").write_text("s3cret\n")
+    original = tmp_path / "relay.toml"
+    original.write_text(
+        'hostname = "relay.test"\n'
+        "[spool]\ndirectory = \"spool\"\n"
+        "[relay]\nnetworks = [\"10.0.0.0/8\"]\n"
+        "[queue]\nmin_backoff = 60\npostmaster = \"postmaster@relay.test\"\n"
+        "[delivery.timeouts]\nconnect = 5\n"
+        "[smarthost]\nusername = \"u\"\npassword = \"hunter2\"\n"
+        "[[listeners]]\nendpoint = \"tcp:2525\"\nbare_newline = \"normalize\"\n"
+        "[[listeners]]\nendpoint = \"tcp:2526\"\n"
+        "[[routes]]\ndomain = \"example.org\"\nbackend = \"smtp\"\nnexthop = \"[mx.test]:25\"\n"
+        "tls = \"required\"\n"
+        "[[recipient_validators]]\nplugin = \"regex\"\ntimeout = 5\n"
+        "rules = [{pattern = \"^x\", action = \"reject\"}]\n"
+    )
+    text = effectiveConfiguration(original, {"smarthost": "[hub.test]:587"})
+    assert "hunter2" not in text and "# password = (set in the file; not shown)" in text
+    assert 'smarthost = "[hub.test]:587"  # --smarthost' in text
+    assert "# min_free_space = 104857600  (default)" in text
+    assert "# tls_mode: not set (default: from mode and certificate)" in text
+    data = tomllib.loads(text)
+    assert data["listeners"][0]["endpoint"] == "tcp:2525" and len(data["listeners"]) == 2
+    assert data["delivery"]["timeouts"] == {"connect": 5}
+    assert data["recipient_validators"][0]["rules"] == [{"pattern": "^x", "action": "reject"}]
+    copy = tmp_path / "effective.toml"
+    copy.write_text(text.replace("# password = (set in the file; not shown)",
+                                 'password = "hunter2"'))
+    before = loadConfig(original, {"smarthost": "[hub.test]:587"})
+    after = loadConfig(copy)
+    assert after.__class__(**{**vars(after), "source": before.source}) == before
+
+
+def test_effective_configuration_of_the_default(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from mailrelay.config import loadConfig
+    from mailrelay.config.effective import effectiveConfiguration
+
+    monkeypatch.chdir(tmp_path)
+    text = effectiveConfiguration(None, {"listen": ["tcp:2600"], "spool": "q"})
+    assert '[[listeners]]  # --listen\nendpoint = "tcp:2600"' in text
+    assert f'directory = "{tmp_path / "q"}"  # --spool' in text
+    path = tmp_path / "eff.toml"
+    path.write_text(text)
+    assert loadConfig(path).spoolDirectory == tmp_path / "q"
+    assert [listener.settings.name for listener in loadConfig(path).listeners] == ["tcp:2600"]
+
+
+def test_entry_gone_meanwhile_is_left_out(tmp_path: Path) -> None:
+    hop = Hop()
+    h = harness(tmp_path, hop, minBackoff=600, maxBackoff=600)
+    queueID = h.submit("alice@example.com", ["bob@example.org"])
+    c = control(h)
+    real = h.spool.loadEnvelope
+
+    def gone(q: str) -> Envelope:
+        raise EntryGone(f"no queue entry {q}")
+
+    h.spool.loadEnvelope = gone  # type: ignore[method-assign]
+    assert result(c.entries())["entries"] == []
+    h.spool.loadEnvelope = real  # type: ignore[method-assign]
+    assert [e["queue_id"] for e in result(c.entries())["entries"]] == [queueID]
+
+
+
+def test_check_socket_path() -> None:
+    """What mailrelay check (run as a command in test_e2e_control) and the start-up refuse."""
+    from mailrelay.app.control import checkSocketPath, controlSocketPath
+
+    checkSocketPath(controlSocketPath("/var/spool/mailrelay"))
+    with pytest.raises(OSError, match="would be 120 octets long, more than the 107"):
+        checkSocketPath(controlSocketPath("/" + "d" * 106))

@@ -1,0 +1,349 @@
+"""End-to-end: the `mailrelay` command against the real `twistd -n mailrelay`, over its
+control socket: the queue commands on real queued mail (a next hop down, then up), in both
+queue modes; status, reload and stop; the errors an operator meets; `mailrelay check`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import smtplib
+import stat
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import RelayProcess, freePort
+from tests.test_e2e_outbound import nexthop  # noqa: F401 - the aiosmtpd next-hop fixture
+
+MAILRELAY = str(Path(sys.executable).with_name("mailrelay"))
+
+
+def cli(r: RelayProcess | Path, *args: str, prefix: tuple[str, ...] = (),
+        timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run `mailrelay --spool <r's spool> ARGS` (after the command C{prefix})."""
+    spool = r.spool if isinstance(r, RelayProcess) else r
+    return subprocess.run(
+        [*prefix, MAILRELAY, "--spool", str(spool), *args], capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+def ok(r: RelayProcess | Path, *args: str) -> str:
+    p = cli(r, *args)
+    assert p.returncode == 0, (args, p.stdout, p.stderr)
+    return p.stdout
+
+
+def listing(r: RelayProcess) -> dict[str, dict[str, Any]]:
+    """`mailrelay queue list --json`, by queue id."""
+    entries = [json.loads(line) for line in ok(r, "queue", "list", "--json").splitlines()]
+    return {e["queue_id"]: e for e in entries}
+
+
+def send(r: RelayProcess, subject: str, sender: str = "alice@example.com",
+         to: tuple[str, ...] = ("bob@example.org",)) -> str:
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
+        s.ehlo("client.test")
+        s.mail(sender)
+        for address in to:
+            s.rcpt(address)
+        code, reply = s.data(f"Subject: {subject}\r\n\r\nbody of {subject}\r\n".encode())
+    assert code == 250, reply
+    return re.search(rb"queued as (\S+)", reply).group(1).decode()
+
+
+def waitFor(predicate: Any, what: str, timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not seen in {timeout}s")
+
+
+def stored(r: RelayProcess, queueID: str) -> dict[str, Any]:
+    return json.loads((r.spool / "queue" / f"{queueID}.json").read_text())
+
+
+def relayConfig(port: int, extra: str = "") -> str:
+    # A first retry an hour away: nothing is retried unless the test flushes it.
+    return (f'[relay]\nsmarthost = "[127.0.0.1]:{port}"\n[dns]\nreverse_lookups = false\n'
+            f"[queue]\nmin_backoff = 3600\nmax_backoff = 7200\n{extra}")
+
+
+def deferred(r: RelayProcess, ids: list[str]) -> None:
+    """Wait until each of C{ids} had its first attempt refused."""
+    waitFor(lambda: all(listing(r).get(i, {}).get("queue_name") == "deferred" for i in ids),
+            f"{ids} deferred")
+
+
+@pytest.mark.parametrize("process", ["separate", "inline"])
+def test_queue_commands_on_real_mail(relays, nexthop, process: str) -> None:  # noqa: F811
+    """list, show, summary, hold, delete, bounce with the next hop down; then, with it up,
+    flush delivers what is not held, a hold survives a restart, release and flush deliver
+    the held message."""
+    port = freePort()  # nothing listens there yet: every attempt is refused
+    r = relays(relayConfig(port, f'process = "{process}"\n')).start()
+    held, gone, returned, kept = (send(r, s) for s in ("held", "gone", "returned", "kept"))
+    two = send(r, "two", to=("carol@example.net", "dave@example.org"))
+    ids = [held, gone, returned, kept, two]
+    deferred(r, ids)
+
+    status = ok(r, "status")
+    if process == "inline":
+        assert "delivery: in the relay's process, queue manager running" in status, status
+    else:
+        assert re.search(r"delivery: delivery process running \(pid \d+", status), status
+    assert "queue: 5 messages, 6 recipients pending (5 deferred)" in status, status
+
+    # queue list: postqueue -p's layout; --json: postqueue -j's fields
+    text = ok(r, "queue", "list")
+    assert text.startswith("-Queue ID-") and "-- 2 Kbytes in 5 Requests." in text, text
+    assert re.search(rf"^{kept} +\d+ \w{{3}} \w{{3}} .* alice@example\.com$", text, re.M), text
+    assert "(X-mailrelay; connection refused by 127.0.0.1)" in text
+    entries = listing(r)
+    assert sorted(entries) == sorted(ids)
+    entry = entries[two]
+    assert entry["sender"] == "alice@example.com" and entry["attempts"] == 1
+    assert [x["address"] for x in entry["recipients"]] == ["carol@example.net",
+                                                           "dave@example.org"]
+    assert all(x["state"] == "pending" and "refused" in x["delay_reason"]
+               for x in entry["recipients"])
+    assert entry["message_size"] == (r.spool / "queue" / f"{two}.eml").stat().st_size
+
+    # queue show: envelope and header section (postcat -q)
+    shown = ok(r, "queue", "show", kept)
+    assert f"*** ENVELOPE RECORDS deferred/{kept} ***" in shown
+    assert "sender: alice@example.com" in shown and "helo: client.test" in shown
+    assert "Subject: kept" in shown and "body of kept" not in shown
+    assert "body of kept" in ok(r, "queue", "show", "--body", kept)
+
+    # queue summary (qshape): messages by destination domain and age
+    summary = json.loads(ok(r, "queue", "summary", "--json"))
+    rows = {row[0]: row[1:] for row in summary["rows"]}
+    assert summary["labels"][:2] == ["T", "5"] and summary["total"][:2] == [5, 5]
+    assert rows["example.org"][:2] == [5, 5] and rows["example.net"][:2] == [1, 1]
+    assert "example.org" in ok(r, "queue", "summary")
+
+    # hold: stored in the envelope, shown with "!"
+    assert f"{held}: placed on hold" in ok(r, "queue", "hold", held)
+    assert stored(r, held)["held"] is True
+    assert listing(r)[held]["queue_name"] == "hold"
+    assert re.search(rf"^{held}!", ok(r, "queue", "list"), re.M)
+    again = cli(r, "queue", "hold", held)
+    assert again.returncode == 0 and "already on hold" in again.stdout
+
+    # delete: gone, unreported
+    assert f"{gone}: deleted" in ok(r, "queue", "delete", gone)
+    assert gone not in r.queued()
+    r.waitForLog(rf"{gone}: removed by the operator")
+
+    # bounce: returned to the sender now, with a DSN queued in its place
+    assert f"{returned}: returned to the sender" in ok(r, "queue", "bounce", returned)
+    assert returned not in r.queued()
+    r.waitForLog(rf"{returned}: to=<bob@example.org>, relay=none, .*status=bounced")
+    dsn = waitFor(lambda: [e for e in listing(r).values() if e["sender"] == ""], "the DSN")[0]
+    assert [x["address"] for x in dsn["recipients"]] == ["alice@example.com"]
+
+    # unknown ids: a clear error, exit status 1
+    unknown = cli(r, "queue", "hold", "01K1HDPTVQRF0000ZZZZ")
+    assert unknown.returncode == 1
+    assert "01K1HDPTVQRF0000ZZZZ: no such queue entry" in unknown.stderr
+    p = cli(r, "queue", "show", "01K1HDPTVQRF0000ZZZZ")
+    assert p.returncode == 1 and "no queue entry 01K1HDPTVQRF0000ZZZZ" in p.stderr
+    p = cli(r, "queue", "delete", "not-an-id")
+    assert p.returncode == 1 and "not a queue id" in p.stderr
+
+    # The next hop comes up: flush delivers everything not on hold, the DSN included.
+    hop, _ = nexthop(port=port)
+    out = ok(r, "queue", "flush")
+    assert "scheduled for delivery now: 3 messages" in out, out  # not the one on hold
+    hop.waitTo("alice@example.com")
+    for address in ("bob@example.org", "carol@example.net", "dave@example.org"):
+        hop.waitTo(address)
+    waitFor(lambda: r.queued() == [held], "only the held message left")
+    subjects = [re.search(rb"Subject: (\w+)", m.content).group(1) for m in hop.accepted]
+    assert b"held" not in subjects and b"gone" not in subjects and b"returned" not in subjects
+
+    # A hold survives a restart: the held message is not delivered.
+    r.stop()
+    r.start()
+    assert listing(r)[held]["queue_name"] == "hold"
+    p = cli(r, "queue", "flush", held)
+    assert p.returncode == 0 and "on hold (release it first)" in p.stdout
+    time.sleep(1)
+    assert r.queued() == [held]
+
+    # release (its next attempt is an hour away), then flush: delivered.
+    assert f"{held}: released" in ok(r, "queue", "release", "--all")
+    assert "held" not in stored(r, held)
+    assert listing(r)[held]["queue_name"] == "deferred"
+    assert len(hop.to("bob@example.org")) == 1  # kept's
+    ok(r, "queue", "flush", held)
+    hop.waitTo("bob@example.org", count=2)
+    waitFor(lambda: r.queued() == [], "the queue empty")
+    assert "Mail queue is empty" in ok(r, "queue", "list")
+    assert "Traceback" not in r.log()
+
+
+def test_flush_domain_and_delete_all_deferred(relays, nexthop) -> None:  # noqa: F811
+    """flush --domain attempts only the messages with a recipient in that domain (postqueue
+    -s); delete --all-deferred removes every deferred message but those on hold."""
+    port = freePort()
+    r = relays(relayConfig(port)).start()
+    org = send(r, "org", to=("bob@example.org",))
+    net = send(r, "net", to=("carol@example.net",))
+    kept = send(r, "kept", to=("dave@example.org",))
+    deferred(r, [org, net, kept])
+    ok(r, "queue", "hold", kept)
+    hop, _ = nexthop(port=port)
+    out = ok(r, "queue", "flush", "--domain", "EXAMPLE.NET")
+    assert f"{net}: " in out and org not in out, out
+    hop.waitTo("carol@example.net")
+    waitFor(lambda: net not in r.queued(), "the example.net message delivered")
+    assert not hop.to("bob@example.org")
+
+    out = ok(r, "queue", "delete", "--all-deferred")
+    assert f"{org}: deleted" in out and kept not in out
+    assert r.queued() == [kept]
+
+
+def test_hold_all_and_hold_mode(relays) -> None:
+    """hold --all, release --all; with [queue] hold = true (no queue manager runs) the queue
+    can still be listed, and the commands that would change it say why they cannot."""
+    r = relays(relayConfig(freePort())).start()
+    ids = [send(r, f"m{i}") for i in range(3)]
+    deferred(r, ids)
+    out = ok(r, "queue", "hold", "--all")
+    assert "placed on hold: 3 messages" in out
+    assert {e["queue_name"] for e in listing(r).values()} == {"hold"}
+    assert "released from hold: 3 messages" in ok(r, "queue", "release", "--all")
+    p = cli(r, "queue", "hold")
+    assert p.returncode == 1
+    assert p.stderr == "mailrelay: give one or more queue ids, or --all\n"
+    r.stop()
+
+    held = relays(relayConfig(freePort(), "hold = true\n"), name="relay").start()
+    assert sorted(listing(held)) == sorted(ids)
+    p = cli(held, "queue", "hold", ids[0])
+    assert p.returncode == 1
+    assert "no delivery process runs: [queue] hold = true" in p.stderr, p.stderr
+    status = json.loads(ok(held, "status", "--json"))
+    assert status["delivery"]["state"] == "off"
+    assert status["queue"]["messages"] == 3
+
+
+def test_status_reload_stop(relays) -> None:
+    r = relays(relayConfig(freePort())).start()
+    child = int(r.waitForLog(r"delivery process started \(pid (\d+)\)").group(1))
+    text = ok(r, "status")
+    assert f"mailrelay is running (pid {r.process.pid}," in text, text
+    assert re.search(rf"listeners: tcp:0:interface=127\.0\.0\.1 \(relay\) on "
+                     rf"127\.0\.0\.1:{r.port}", text), text
+    assert f"delivery process running (pid {child}," in text
+    assert "queue manager: running" in text and "queue: 0 messages" in text
+    status = json.loads(ok(r, "status", "--json"))
+    assert status["pid"] == r.process.pid and status["delivery"]["pid"] == child
+    assert status["queue"]["queues"]["deferred"] == 0
+
+    # reload: a bad configuration is refused (exit 1, why), the relay runs on
+    path = r.directory / "mailrelay.toml"
+    good = path.read_text()
+    path.write_text(good + "[limits]\nrecipients = \"ten\"\n")
+    p = cli(r, "reload")
+    assert p.returncode == 1
+    assert "configuration not reloaded (still running on the previous one)" in p.stderr
+    assert "limits.recipients" in p.stderr
+    path.write_text(good.replace("min_backoff = 3600", "min_backoff = 1800"))
+    assert f"configuration reloaded from {path}" in ok(r, "reload")
+    r.waitForLog("configuration reloaded from")
+
+    # stop: waits until the relay has stopped
+    socketPath = r.spool / "control.sock"
+    assert stat.S_IMODE(socketPath.stat().st_mode) == 0o600
+    out = ok(r, "stop")
+    assert f"stopping (pid {r.process.pid})" in out and "mailrelay: stopped" in out
+    assert r.process.wait(10) == 0
+    assert not socketPath.exists()
+    p = cli(r, "status")
+    assert p.returncode == 1 and "the relay is not running" in p.stderr
+
+
+def test_operator_errors(relays, tmp_path: Path) -> None:
+    """Not running; a socket the user may not use; a second relay on the same spool."""
+    p = cli(tmp_path / "nospool", "queue", "list")
+    assert p.returncode == 1
+    assert p.stderr.startswith("mailrelay: the relay is not running (no control socket")
+
+    r = relays(relayConfig(freePort())).start()
+    sock = r.spool / "control.sock"
+    if os.geteuid() == 0:
+        # Root may use any file: the socket is given to nobody (still 0600), and the command
+        # runs without the capabilities that bypass file permissions.
+        os.chown(sock, 65534, 65534)
+        drop = "-dac_override,-dac_read_search"
+        p = cli(r, "queue", "list",
+                prefix=("setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}"))
+        os.chown(sock, 0, 0)
+    else:
+        sock.chmod(0)
+        p = cli(r, "queue", "list")
+        sock.chmod(0o600)
+    assert p.returncode == 1, p
+    assert p.stderr == (f"mailrelay: permission denied on the control socket {sock}: run this "
+                        "as the user the relay runs as, or as root\n")
+
+    second = RelayProcess(r.directory, r.configText)
+    try:
+        with pytest.raises(AssertionError, match="another relay is running on this spool"):
+            second.start()
+    finally:
+        second.stop(signal.SIGKILL)
+    assert "mailrelay is running" in ok(r, "status")
+
+
+def test_python_m_mailrelay(relays) -> None:
+    r = relays(relayConfig(freePort())).start()
+    p = subprocess.run([sys.executable, "-m", "mailrelay", "--spool", str(r.spool), "status"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "mailrelay is running" in p.stdout
+
+
+def test_check(tmp_path: Path) -> None:
+    """mailrelay check builds everything (plugins, certificates...): exit 0 or 1 with the
+    error; -n prints the effective configuration, which loads to the same one."""
+    config = tmp_path / "relay.toml"
+    config.write_text('hostname = "relay.test"\n[spool]\ndirectory = "spool"\n'
+                      '[queue]\nmax_lifetime = 3600\n[[recipient_validators]]\n'
+                      'plugin = "regex"\nrules = [{pattern = "^x", action = "reject"}]\n')
+    p = subprocess.run([MAILRELAY, "check", "--config", str(config)], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0 and "ok" in p.stdout, p
+    p = subprocess.run([MAILRELAY, "check", "-n", "--config", str(config)], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p
+    effective = tomllib.loads(p.stdout)
+    assert effective["hostname"] == "relay.test" and effective["queue"]["max_lifetime"] == 3600
+    assert effective["recipient_validators"] == [
+        {"plugin": "regex", "rules": [{"pattern": "^x", "action": "reject"}]}]
+    assert "# min_backoff = 300.0  (default)" in p.stdout
+
+    config.write_text('[[recipient_validators]]\nplugin = "no-such-plugin"\n')
+    p = subprocess.run([MAILRELAY, "check", "--config", str(config)], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 1
+    assert "recipient_validators[0]" in p.stderr and "unknown plugin 'no-such-plugin'" in p.stderr
+
+    p = subprocess.run([MAILRELAY, "check", "--json", "--spool", str(tmp_path / ("d" * 120))],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1
+    assert "a UNIX socket's path may be: use a shorter spool directory" in json.loads(
+        p.stdout)["error"]
