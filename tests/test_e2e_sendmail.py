@@ -14,6 +14,7 @@ import pwd
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +214,28 @@ def test_refused_recipient(relays: Any, nexthop: Any, tmp_path: Path) -> None:  
     assert result.stderr.decode().startswith(
         "mailrelay-sendmail: <b@elsewhere.example> refused: 554 5.7.1 ")
     assert site.hop.accepted == []
+
+
+def test_bp_and_q(relays: Any, tmp_path: Path) -> None:
+    """-bp lists the queue and -q flushes it, through the mailrelay command and the relay's
+    control socket (the next hop is down: the message waits, deferred)."""
+    down = freePort()  # nothing listens there: every attempt is refused
+    keys = "[queue]\nmin_backoff = 3600\nmax_backoff = 7200\n"
+    site = startSite(relays, lambda: (None, down), tmp_path, relayKeys=keys)
+    result = site.run([SENDMAIL, "-i", "bob@example.org"], b"Subject: waits\n\nbody\n")
+    assert result.returncode == 0, result.stderr
+
+    def listing() -> str:
+        result = site.run([SENDMAIL, "-bp"])
+        assert result.returncode == 0, result.stderr
+        return result.stdout.decode()
+
+    deadline = time.monotonic() + 20
+    while "connection refused by 127.0.0.1" not in (text := listing()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "connection refused by 127.0.0.1" in text, text
+    assert text.startswith("-Queue ID-") and "-- 1 Kbytes in 1 Request." in text, text
+    assert f"{LOGIN}@relay.test" in text and "bob@example.org" in text, text
+    result = site.run([SENDMAIL, "-q"])
+    assert result.returncode == 0, result.stderr
+    assert "scheduled for delivery now: 1 message" in result.stdout.decode(), result.stdout
