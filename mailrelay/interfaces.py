@@ -136,6 +136,54 @@ CONTINUE = Verdict(VerdictKind.CONTINUE)
 ACCEPT = Verdict(VerdictKind.ACCEPT)
 
 
+#: The verdict kinds that end a chain refusing, and the reply codes each allows.
+_REFUSING_CODES = {
+    VerdictKind.REJECT: range(500, 600),
+    VerdictKind.DEFER: range(400, 500),
+    VerdictKind.DISCONNECT: range(421, 422),
+}
+
+
+@dataclass(frozen=True)
+class ConfiguredPlugin:
+    """One plugin serving one hook, as configured: what the chains
+    (L{mailrelay.policy.runner.PolicyChain}) and the observers run.
+
+    @ivar name: the plugin's name, for the log (a built-in check's own name).
+    @ivar plugin: the object serving the hook (it provides the hook's interface).
+    @ivar timeout: seconds one answer may take; C{None}: no bound of the chain's (a built-in
+        check bounded by its own).
+    @ivar builtin: one of the relay's own checks, which touch no notes.
+    """
+
+    name: str
+    plugin: Any
+    timeout: float | None = 30.0
+    builtin: bool = False
+
+
+class BadAnswer(Exception):
+    """A plugin answered something its hook does not take; the message says what."""
+
+
+def checkVerdict(answer: Any) -> Verdict:
+    """C{answer}, which must be a well-formed L{Verdict}: a reject with a 5xx reply, a
+    deferral with a 4xx one, a disconnection with a 421 (or none: the default).
+
+    @raise BadAnswer: it is not.
+    """
+    if not isinstance(answer, Verdict):
+        raise BadAnswer(f"answered {answer!r}, not a Verdict")
+    codes = _REFUSING_CODES.get(answer.kind)
+    if codes is not None:
+        reply = answer.reply
+        if reply is None and answer.kind is not VerdictKind.DISCONNECT:
+            raise BadAnswer(f"answered {answer.kind.value} without a reply")
+        if reply is not None and reply.code not in codes:
+            raise BadAnswer(f"answered {answer.kind.value} with the reply {reply}")
+    return answer
+
+
 class IRecipientValidator(Interface):
     """Decides whether one recipient (one RCPT command) is accepted.
 
@@ -932,9 +980,9 @@ class IRateLimiter(Interface):
 # -- plugins (app/plugins.py finds and builds them)
 
 
-def _inThePool(reactor: Any) -> Callable[..., Any]:
-    """C{deferToThread} in C{reactor}'s thread pool; a reactor without one (a C{task.Clock}
-    in a test) runs the function at once, as C{maybeDeferred} does."""
+def threadHandOff(reactor: Any) -> Callable[..., Any]:
+    """C{deferToThread(f, *args, **kwargs)} in C{reactor}'s thread pool; a reactor without one
+    (a C{task.Clock} in a test) runs the function at once, as C{maybeDeferred} does."""
     from twisted.internet.defer import maybeDeferred
 
     if not callable(getattr(reactor, "getThreadPool", None)):
@@ -983,7 +1031,7 @@ class PluginContext:
 
     def __post_init__(self) -> None:
         if self.deferToThread is None:
-            self.deferToThread = _inThePool(self.reactor)
+            self.deferToThread = threadHandOff(self.reactor)
 
     def keep(self, key: str, make: Callable[[], Any]) -> Any:
         """The object kept under C{key} in this relay process, made by C{make()} the first

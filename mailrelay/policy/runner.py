@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
@@ -34,58 +33,18 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailrelay.envelope import ClientInfo, Envelope
-from mailrelay.interfaces import CONTINUE, Verdict, VerdictKind
+from mailrelay.interfaces import (
+    CONTINUE,
+    BadAnswer,
+    ConfiguredPlugin,
+    Verdict,
+    VerdictKind,
+    checkVerdict,
+)
 
 log = Logger()
 
-__all__ = ["BadAnswer", "ConfiguredPlugin", "PolicyChain", "checkVerdict"]
-
-#: The verdict kinds that end a chain refusing, and the reply codes each allows.
-_REFUSING_CODES = {
-    VerdictKind.REJECT: range(500, 600),
-    VerdictKind.DEFER: range(400, 500),
-    VerdictKind.DISCONNECT: range(421, 422),
-}
-
-
-@dataclass(frozen=True)
-class ConfiguredPlugin:
-    """One plugin of a chain.
-
-    @ivar name: the plugin's name, for the log (a built-in check's own name).
-    @ivar plugin: the object serving the hook (it provides the hook's interface).
-    @ivar timeout: seconds one answer may take; C{None}: no bound of the chain's (a built-in
-        check bounded by its own).
-    @ivar builtin: one of the relay's own checks, which touch no notes.
-    """
-
-    name: str
-    plugin: Any
-    timeout: float | None = 30.0
-    builtin: bool = False
-
-
-class BadAnswer(Exception):
-    """A plugin answered something its hook does not take; the message says what."""
-
-
-def checkVerdict(answer: Any) -> Verdict:
-    """C{answer}, which must be a well-formed L{Verdict}: a reject with a 5xx reply, a
-    deferral with a 4xx one, a disconnection with a 421 (or none: the default).
-
-    @raise BadAnswer: it is not.
-    """
-    if not isinstance(answer, Verdict):
-        raise BadAnswer(f"answered {answer!r}, not a Verdict")
-    codes = _REFUSING_CODES.get(answer.kind)
-    if codes is not None:
-        reply = answer.reply
-        if reply is None and answer.kind is not VerdictKind.DISCONNECT:
-            raise BadAnswer(f"answered {answer.kind.value} without a reply")
-        if reply is not None and reply.code not in codes:
-            raise BadAnswer(f"answered {answer.kind.value} with the reply {reply}")
-    return answer
-
+__all__ = ["BadAnswer", "ConfiguredPlugin", "PolicyChain", "checkVerdict"]  # (three are values)
 
 def _notesProblem(args: Sequence[Any]) -> str | None:
     """Why the notes of the client or envelope among C{args} cannot be stored, or C{None}."""

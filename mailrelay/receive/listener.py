@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from mailrelay.interfaces import IIntake, IRateLimiter
 from mailrelay.policy.chain import RecipientPolicy
+from mailrelay.policy.hooks import SessionHooks
 from mailrelay.policy.sender import SenderPolicy
 from mailrelay.receive.limits import ConnectionCount, LimitSettings, ListenerLimits
 from mailrelay.receive.protocol import ListenerContext, Sessions, SMTPServerFactory
@@ -110,8 +111,11 @@ class ListenerSettings(LimitSettings):
             "tls_mode": self.tlsMode,
         }
 
-    def sessionSettings(self, authMechanisms: tuple[str, ...]) -> SessionSettings:
-        """The settings of the sans-IO session, offering C{authMechanisms} (C{()}: no AUTH)."""
+    def sessionSettings(
+        self, authMechanisms: tuple[str, ...], hooks: SessionHooks | None = None
+    ) -> SessionSettings:
+        """The settings of the sans-IO session, offering C{authMechanisms} (C{()}: no AUTH)
+        and the ESMTP extensions of C{hooks} (asking at HELO when it has a helo hook)."""
         rejectPregreet = self.rejectPregreet
         if rejectPregreet is None:
             rejectPregreet = self.rejectUnauthPipelining or self.greetPause > 0
@@ -128,6 +132,8 @@ class ListenerSettings(LimitSettings):
             requireAuth=self.mode != "relay",
             rejectUnauthPipelining=self.rejectUnauthPipelining,
             rejectPregreet=rejectPregreet,
+            checkHelo=hooks is not None and hooks.helo is not None,
+            extensions=hooks.extensions if hooks is not None else (),
         )
 
     def limits(
@@ -156,6 +162,7 @@ def buildListenerFactory(
     resolver: Any = None,
     sessions: Sessions | None = None,
     connectionCount: ConnectionCount | None = None,
+    hooks: SessionHooks | None = None,
 ) -> SMTPServerFactory:
     """The factory of one listener's SMTP sessions (below it, L{wrapListenerFactory}'s
     layers).
@@ -170,17 +177,24 @@ def buildListenerFactory(
     @param resolver: an C{IResolver} for reverse lookups, or C{None} to skip them.
     @param sessions: the relay's L{mailrelay.receive.protocol.Sessions}, for a graceful stop.
     @param connectionCount: the listener's count of open connections, kept across a reload.
+    @param hooks: the site's plugins of the connect, HELO, MAIL and DATA hooks and the ESMTP
+        extensions (L{SessionHooks}), shared by the relay's listeners; C{None}: none.
     """
+    hooks = hooks if hooks is not None else SessionHooks()
     listenerAuth = auth if settings.auth else None
     limits = None if limiter is None else settings.limits(limiter, clock, connectionCount)
     context = ListenerContext(
         settings=settings,
-        session=settings.sessionSettings(listenerAuth.settings.mechanisms if listenerAuth else ()),
+        session=settings.sessionSettings(
+            listenerAuth.settings.mechanisms if listenerAuth else (), hooks
+        ),
         policy=policy,
         sender=SenderPolicy(
             senders=listenerAuth.settings.senders if listenerAuth is not None else {},
             limits=limits,
             hasFreeSpace=intake.hasFreeSpace,
+            validators=hooks.senders,
+            clock=clock,
         ),
         intake=intake,
         clock=clock,
@@ -188,6 +202,7 @@ def buildListenerFactory(
         limits=limits,
         resolver=resolver,
         sessions=sessions,
+        hooks=hooks,
     )
     return SMTPServerFactory(context)
 
