@@ -617,6 +617,14 @@ class IMessageWriter(Interface):
         """Drop the message.  Idempotent; does nothing once L{commit} has been called and has
         not failed."""
 
+    def read() -> bytes:
+        """Everything written so far, from the start (for the message filters, once every
+        write is done and before the commit).  May block (a message big enough to be in a
+        file is read from it): call it off the reactor thread.
+
+        @raise OSError: the temporary file cannot be read.
+        """
+
 
 class ISpool(Interface):
     """The durable store of queued messages: one entry per message, an envelope beside it.
@@ -1168,7 +1176,10 @@ HOOKS: tuple[Hook, ...] = (
     Hook("mail", ISenderValidator, "validateSender", "at MAIL, after the built-in checks"),
     Hook("rcpt", IRecipientValidator, "validateRecipient", "at RCPT, after relay control"),
     Hook("data", IDataPolicy, "checkData", "at DATA, every recipient known"),
-    Hook("message", IMessageFilter, "filterMessage", "at the end of data, before the commit"),
+    Hook(
+        "message", IMessageFilter, "filterMessage", "at the end of data, before the commit",
+        "both",
+    ),
     Hook("queue", IQueueObserver, "messageQueued", "once a message is queued", "both"),
     Hook(
         "delivery", IDeliveryObserver, "deliveryAttempted", "after each delivery attempt",

@@ -9,12 +9,13 @@ filters the intake's (L{mailrelay.cleanup.intake}), both chains of the same runn
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from mailrelay.interfaces import Verdict
 from mailrelay.policy.runner import ConfiguredPlugin, PolicyChain
+from mailrelay.policy.sender import SenderPolicy
 
 __all__ = [
     "CONNECT_CHECK_FAILED",
@@ -50,6 +51,9 @@ class SessionHooks:
         ones).
     @ivar extensions: the ESMTP extensions, as the sessions call them (see
         L{mailrelay.receive.extensions.ExtensionAdapter}), in order.
+    @ivar sender: one listener's MAIL stage (its built-in sender validators, then
+        C{senders}: L{mailrelay.policy.sender.SenderPolicy}), set by the listener's builder
+        (L{forListener}); C{None} in the relay's shared hooks.
     """
 
     connect: PolicyChain | None = None
@@ -57,6 +61,15 @@ class SessionHooks:
     data: PolicyChain | None = None
     senders: tuple[ConfiguredPlugin, ...] = ()
     extensions: tuple[Any, ...] = ()
+    sender: SenderPolicy | None = None
+
+    def forListener(
+        self, senders: Mapping[str, Sequence[str]], limits: Any, hasFreeSpace: Any, clock: Any
+    ) -> SessionHooks:
+        """These hooks for one listener: with its MAIL stage (see L{SenderPolicy}: the users'
+        sender bindings, its limits, the spool's free space, then the site's validators)."""
+        sender = SenderPolicy(senders, limits, hasFreeSpace, self.senders, clock)
+        return replace(self, sender=sender)
 
 
 def makeSessionHooks(

@@ -18,7 +18,6 @@ from twisted.internet.interfaces import IReactorTime
 from mailrelay.interfaces import IIntake, IRateLimiter
 from mailrelay.policy.chain import RecipientPolicy
 from mailrelay.policy.hooks import SessionHooks
-from mailrelay.policy.sender import SenderPolicy
 from mailrelay.receive.limits import ConnectionCount, LimitSettings, ListenerLimits
 from mailrelay.receive.protocol import ListenerContext, Sessions, SMTPServerFactory
 from mailrelay.smtp.server import BARE_NEWLINE_REJECT, SessionSettings
@@ -189,20 +188,18 @@ def buildListenerFactory(
             listenerAuth.settings.mechanisms if listenerAuth else (), hooks
         ),
         policy=policy,
-        sender=SenderPolicy(
-            senders=listenerAuth.settings.senders if listenerAuth is not None else {},
-            limits=limits,
-            hasFreeSpace=intake.hasFreeSpace,
-            validators=hooks.senders,
-            clock=clock,
-        ),
         intake=intake,
         clock=clock,
         auth=listenerAuth,
         limits=limits,
         resolver=resolver,
         sessions=sessions,
-        hooks=hooks,
+        hooks=hooks.forListener(
+            listenerAuth.settings.senders if listenerAuth is not None else {},
+            limits,
+            intake.hasFreeSpace,
+            clock,
+        ),
     )
     return SMTPServerFactory(context)
 

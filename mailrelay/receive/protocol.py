@@ -1,10 +1,11 @@
 """The Twisted side of the ESMTP server: a thin Protocol driving L{ServerSession}.
 
 The protocol moves bytes, runs the timers, and answers the session's questions with the
-policies (L{mailrelay.policy.sender.SenderPolicy} at MAIL, relay control and recipient
-validators at RCPT), the intake (L{mailrelay.interfaces.IIntake}: the message's way into the
-spool) and, for AUTH, the L{mailrelay.receive.auth.AuthPolicy}.  It pauses reading while a
-question is pending, so a client pipelining ahead cannot make us buffer without bound.
+policies (the site's chains at connect, HELO and DATA, L{mailrelay.policy.sender.SenderPolicy}
+at MAIL, relay control and recipient validators at RCPT), the intake
+(L{mailrelay.interfaces.IIntake}: the message's way into the spool) and, for AUTH, the
+L{mailrelay.receive.auth.AuthPolicy}.  It pauses reading while a question is pending, so a
+client pipelining ahead cannot make us buffer without bound.
 
 TLS: on L{StartTLS} the protocol writes the 220 reply in plaintext and calls
 C{transport.startTLS}; on an implicit TLS listener the factory is wrapped in a
@@ -43,7 +44,6 @@ from mailrelay.envelope import ClientInfo, Envelope
 from mailrelay.interfaces import IIntake, Verdict, VerdictKind
 from mailrelay.policy.chain import RecipientPolicy
 from mailrelay.policy.hooks import SessionHooks
-from mailrelay.policy.sender import SenderPolicy
 from mailrelay.receive.tls import describeTLS
 from mailrelay.smtp import replies as R
 from mailrelay.smtp.replies import Reply
@@ -89,21 +89,20 @@ class ListenerContext:
         TLS, its name).
     @ivar session: the L{SessionSettings} of its sans-IO sessions.
     @ivar policy: the L{RecipientPolicy} (relay control, recipient validators).
-    @ivar sender: the L{SenderPolicy}: the checks of the MAIL stage.
     @ivar intake: the L{mailrelay.interfaces.IIntake} messages go into the spool through.
     @ivar clock: an C{IReactorTime}.
     @ivar auth: the L{mailrelay.receive.auth.AuthPolicy} checking AUTH, or C{None} (no AUTH).
     @ivar limits: the listener's L{mailrelay.receive.limits.ListenerLimits}, or C{None}.
     @ivar resolver: an C{IResolver} for reverse lookups, or C{None} to skip them.
     @ivar sessions: the relay's L{Sessions}, for a graceful stop, or C{None}.
-    @ivar hooks: the site's plugins of the connect, HELO and DATA hooks and the ESMTP
-        extensions (L{SessionHooks}; the sender validators are in C{sender}).
+    @ivar hooks: the listener's L{SessionHooks}: the chains of the connect, HELO and DATA
+        hooks, and its MAIL stage (C{hooks.sender}, a L{mailrelay.policy.sender.SenderPolicy}:
+        the built-in sender validators, then the site's).
     """
 
     settings: ListenerSettings
     session: SessionSettings
     policy: RecipientPolicy
-    sender: SenderPolicy
     intake: IIntake
     clock: IReactorTime
     auth: AuthPolicy | None = None
@@ -131,12 +130,27 @@ class Sessions:
         self.live: set[SMTPServerProtocol] = set()
         self.shuttingDown = False
         self._whenEmpty: list[Deferred[None]] = []
+        self._whenGone: list[tuple[set[SMTPServerProtocol], Deferred[None]]] = []
 
     def add(self, protocol: SMTPServerProtocol) -> None:
         self.live.add(protocol)
 
+    def whenGone(self) -> Deferred[None]:
+        """A Deferred firing once every session open now has ended (those of a previous
+        configuration, at a reload)."""
+        if not self.live:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._whenGone.append((set(self.live), d))
+        return d
+
     def discard(self, protocol: SMTPServerProtocol) -> None:
         self.live.discard(protocol)
+        for watched, gone in list(self._whenGone):
+            watched.discard(protocol)
+            if not watched:
+                self._whenGone.remove((watched, gone))
+                gone.callback(None)
         if not self.live:
             waiting, self._whenEmpty = self._whenEmpty, []
             for d in waiting:
@@ -613,7 +627,9 @@ class SMTPServerProtocol(Protocol):
         if isinstance(question, CheckMail):
             envelope = question.envelope
             client = envelope.client or self.session.client  # type: ignore[union-attr]
-            d = self.context.sender.check(client, envelope)
+            sender = self.context.hooks.sender
+            assert sender is not None  # (set for every listener: SessionHooks.forListener)
+            d = sender.check(client, envelope)
         elif isinstance(question, CheckRecipient):
             assert self.session is not None
             d = self.context.policy.check(
