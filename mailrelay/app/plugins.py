@@ -81,7 +81,7 @@ def _chains(available: dict[str, IMailRelayPlugin], config: Config) -> list[tupl
             hooks = tuple(h for h in (spec.hooks or provided) if h in provided)
         for name in hooks:
             served[name].append(label)
-    mail = ["[sender binding]", "[message rates]", "[free space]"]
+    mail = ["[built in: sender binding, message rates, free space]"]
     rcpt = ["[relay control]"] + [_entry(s) for s in config.recipientValidators]
     chains: list[tuple[str, list[str]]] = []
     for hook in HOOKS:
@@ -95,7 +95,7 @@ def _chains(available: dict[str, IMailRelayPlugin], config: Config) -> list[tupl
     backends = ["smtp", "lmtp", "maildir", "discard"] + [
         f"{s.name} = {_entry(s)}" for s in config.backends
     ]
-    chains.append(("backends", backends))
+    chains.append(("backends (by name, as routes choose)", [", ".join(backends)]))
     if config.auth is not None and config.auth.checker is not None:
         chains.append(("auth checker", [_entry(config.auth.checker)]))
     if config.rateLimiter is not None:
