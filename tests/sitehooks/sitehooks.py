@@ -13,7 +13,7 @@ from twisted.application.service import Service
 from zope.interface import implementer
 
 from mailrelay.config.schema import Key, pluginOptions
-from mailrelay.config.values import fileName, nonEmpty, stringList
+from mailrelay.config.values import fileName, nonEmpty, strings
 from mailrelay.interfaces import (
     CONTINUE,
     FilterResult,
@@ -27,10 +27,6 @@ from mailrelay.interfaces import (
     Reply,
     Verdict,
 )
-
-
-def _strings(value: Any, at: Any) -> tuple[str, ...]:
-    return tuple(text for _, text in stringList(value, at))
 
 
 class Log:
@@ -67,8 +63,8 @@ class Gate:
 
 def buildGate(options: dict[str, Any], context: Any) -> Gate:
     schema = pluginOptions(
-        Key("reject", _strings, "Client addresses refused at connect."),
-        Key("bad_helo", _strings, "HELO names refused."),
+        Key("reject", strings, "Client addresses refused at connect."),
+        Key("bad_helo", strings, "HELO names refused."),
     )
     return Gate(context.readOptions(schema, options))
 
@@ -86,7 +82,7 @@ class Senders:
 
 
 def buildSenders(options: dict[str, Any], context: Any) -> Senders:
-    schema = pluginOptions(Key("reject", _strings, "Senders refused.", default=[]))
+    schema = pluginOptions(Key("reject", strings, "Senders refused.", default=[]))
     return Senders(context.readOptions(schema, options).reject)
 
 
