@@ -35,6 +35,10 @@ class ClientInfo:
     @ivar relayAllowed: C{True} when the client may relay to any domain (it is in a relay
         network, or authenticated).
     @ivar listener: the name of the listener (its endpoint description) the client came in on.
+    @ivar notes: the session's notes: what plugins note about the client for later stages
+        (Haraka's connection notes), by key (prefix keys with the plugin's name).  They must
+        be JSON values (str, int, float, bool, None, lists and string-keyed dicts of them):
+        they are stored in the envelope of each message of the session.
     """
 
     address: str
@@ -46,6 +50,7 @@ class ClientInfo:
     authUser: str | None = None
     relayAllowed: bool = False
     listener: str = ""
+    notes: dict[str, Any] = field(default_factory=dict)
 
     @property
     def protocol(self) -> str:
@@ -76,6 +81,8 @@ class Recipient:
     @ivar status: the RFC 3463 status of the last attempt or final outcome (C{"5.1.1"}).
     @ivar remoteMTA: the RFC 3464 Remote-MTA of the last attempt (C{"dns; mx.example.org"}).
     @ivar finalTime: when the recipient was delivered or bounced (seconds since the epoch).
+    @ivar parameters: the RCPT parameters owned by ESMTP extensions, as they parsed them, by
+        parameter name (see L{mailrelay.interfaces.IESMTPExtension}).
     """
 
     address: str
@@ -88,6 +95,7 @@ class Recipient:
     status: str | None = None
     remoteMTA: str | None = None
     finalTime: float | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
 
     @property
     def domain(self) -> str:
@@ -118,6 +126,11 @@ class Envelope:
     @ivar held: the operator put the message on hold (C{mailrelay queue hold}): it stays
         queued, and is not delivered, until released.  Stored only when true, so that the
         envelopes of mail not on hold keep the form earlier versions read.
+    @ivar parameters: the MAIL parameters owned by ESMTP extensions, as they parsed them, by
+        parameter name (see L{mailrelay.interfaces.IESMTPExtension}).
+    @ivar notes: the transaction's notes: what plugins note about the message for later
+        stages, the delivery side included (Haraka's transaction notes), by key (prefix keys
+        with the plugin's name); JSON values only, stored with the envelope.
     """
 
     sender: str = ""
@@ -136,6 +149,8 @@ class Envelope:
     delayWarned: bool = False
     isBounce: bool = False
     held: bool = False
+    parameters: dict[str, Any] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
 
     @property
     def pendingRecipients(self) -> list[Recipient]:
@@ -230,22 +245,24 @@ _KINDS: dict[str, tuple[str, Any]] = {
         lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
     ),
     "state": (f"one of {', '.join(RECIPIENT_STATES)}", lambda v: v in RECIPIENT_STATES),
+    "object": ("a JSON object", lambda v: isinstance(v, dict)),
 }
 _ENVELOPE_KINDS = {
     "sender": "str", "queueID": "str?", "size": "count?", "body": "str?", "smtputf8": "bool",
     "ret": "str?", "envid": "str?", "arrival": "time?", "messageSize": "count",
     "attempts": "count", "nextAttempt": "time?", "delayWarned": "bool", "isBounce": "bool",
     "held": "bool",
+    "parameters": "object", "notes": "object",
 }  # fmt: skip
 _CLIENT_KINDS = {
     "address": "str", "port": "count", "rdns": "str?", "helo": "str?", "esmtp": "bool",
     "tls": "str?", "authUser": "str?", "relayAllowed": "bool", "listener": "str",
-    "protocol": "str",
+    "protocol": "str", "notes": "object",
 }  # fmt: skip
 _RECIPIENT_KINDS = {
     "address": "str", "original": "str", "notify": "strings?", "orcpt": "str?", "state": "state",
     "attempts": "count", "lastResult": "str?", "status": "str?", "remoteMTA": "str?",
-    "finalTime": "time?",
+    "finalTime": "time?", "parameters": "object",
 }  # fmt: skip
 
 

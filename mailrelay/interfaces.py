@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 from twisted.plugin import IPlugin
 from zope.interface import Attribute, Interface, implementer
 
+from mailrelay.envelope import BOUNCED as BOUNCED  # re-exported: DeliveryEvent.outcome
+from mailrelay.envelope import DELIVERED as DELIVERED
 from mailrelay.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -134,6 +136,54 @@ CONTINUE = Verdict(VerdictKind.CONTINUE)
 ACCEPT = Verdict(VerdictKind.ACCEPT)
 
 
+#: The verdict kinds that end a chain refusing, and the reply codes each allows.
+_REFUSING_CODES = {
+    VerdictKind.REJECT: range(500, 600),
+    VerdictKind.DEFER: range(400, 500),
+    VerdictKind.DISCONNECT: range(421, 422),
+}
+
+
+@dataclass(frozen=True)
+class ConfiguredPlugin:
+    """One plugin serving one hook, as configured: what the chains
+    (L{mailrelay.policy.runner.PolicyChain}) and the observers run.
+
+    @ivar name: the plugin's name, for the log (a built-in check's own name).
+    @ivar plugin: the object serving the hook (it provides the hook's interface).
+    @ivar timeout: seconds one answer may take; C{None}: no bound of the chain's (a built-in
+        check bounded by its own).
+    @ivar builtin: one of the relay's own checks, which touch no notes.
+    """
+
+    name: str
+    plugin: Any
+    timeout: float | None = 30.0
+    builtin: bool = False
+
+
+class BadAnswer(Exception):
+    """A plugin answered something its hook does not take; the message says what."""
+
+
+def checkVerdict(answer: Any) -> Verdict:
+    """C{answer}, which must be a well-formed L{Verdict}: a reject with a 5xx reply, a
+    deferral with a 4xx one, a disconnection with a 421 (or none: the default).
+
+    @raise BadAnswer: it is not.
+    """
+    if not isinstance(answer, Verdict):
+        raise BadAnswer(f"answered {answer!r}, not a Verdict")
+    codes = _REFUSING_CODES.get(answer.kind)
+    if codes is not None:
+        reply = answer.reply
+        if reply is None and answer.kind is not VerdictKind.DISCONNECT:
+            raise BadAnswer(f"answered {answer.kind.value} without a reply")
+        if reply is not None and reply.code not in codes:
+            raise BadAnswer(f"answered {answer.kind.value} with the reply {reply}")
+    return answer
+
+
 class IRecipientValidator(Interface):
     """Decides whether one recipient (one RCPT command) is accepted.
 
@@ -142,6 +192,20 @@ class IRecipientValidator(Interface):
     C{CONTINUE} decides; when every validator continues, the recipient is accepted.
     A validator that raises, fails its Deferred, or does not answer within its timeout makes
     the recipient deferred (451 4.3.0): a failing plugin never accepts.
+
+    The rules every verdict hook follows (connect, HELO, MAIL, RCPT, DATA; the message
+    filters at the end of data likewise): the plugins serving a hook run in the order of the
+    configuration, one at a time, each asked only when those before it answered
+    C{CONTINUE}.  The first other verdict decides: C{ACCEPT} passes the stage at once (later
+    plugins of that hook are not asked; the other hooks still are), C{REJECT} and C{DEFER}
+    refuse with their reply, C{DISCONNECT} answers 421 and closes the connection.  When every
+    plugin continues, the stage passes.  A plugin that raises, whose Deferred fails, that
+    answers anything but a well-formed L{Verdict} (a reject with a 5xx reply, a defer with a
+    4xx one), or that does not answer within its C{timeout} (default 30 seconds; its Deferred
+    is then cancelled) makes the stage deferred with C{451 4.3.0} (C{421} at connect), logged
+    once with the plugin's name.  A plugin that prefers to fail open (a DNS list that does not
+    answer) answers C{CONTINUE} itself, before its timeout.  Plugins run on the reactor
+    thread: one that needs I/O returns a Deferred (see L{PluginContext.deferToThread}).
     """
 
     def validateRecipient(client: ClientInfo, envelope: Envelope, recipient: Recipient) -> Any:
@@ -152,6 +216,137 @@ class IRecipientValidator(Interface):
         @param recipient: the recipient being judged; C{recipient.address} is canonical
             (domain lower-cased, without trailing dot, IDNA A-labels).
         @return: a L{Verdict} or a C{Deferred} firing with one.
+        """
+
+
+
+class IConnectionPolicy(Interface):
+    """Judges a client when it connects, and the name it greets with (HELO/EHLO).
+
+    C{checkConnect} runs once per connection, after the PROXY header (the client is the real
+    one) and the reverse lookup (C{client.rdns} is set, or C{None} when the client has no
+    forward-confirmed name), before the greeting; the greeting waits for it.  Its verdict:
+    C{REJECT} sends the reject's reply instead of the greeting, as C{554} (or C{521}, RFC
+    7504), and then answers every command but QUIT with C{503 5.5.1} (RFC 5321 3.1);
+    C{DEFER} and C{DISCONNECT} send C{421} instead of the greeting and close.
+
+    C{checkHelo} runs for each HELO or EHLO command: C{REJECT} or C{DEFER} refuses the
+    command with its reply (the client is not greeted: MAIL needs another HELO), C{DISCONNECT}
+    closes.  C{client.helo} is still the previous name (or C{None}) while it runs.
+
+    Both are verdict hooks: see L{IRecipientValidator} for the rules every verdict hook
+    follows (order, timeouts, failures).  A plugin serving only one of them answers
+    C{CONTINUE} from the other, or is configured with C{hooks = ["connect"]}.
+    """
+
+    def checkConnect(client: ClientInfo) -> Any:
+        """Judge the client that just connected.
+
+        @param client: address, port, C{rdns}, C{listener}, C{relayAllowed} (in a relay
+            network); C{client.notes} is empty and the plugin's to fill.
+        @return: a L{Verdict} or a Deferred firing with one.
+        """
+
+    def checkHelo(client: ClientInfo, name: str) -> Any:
+        """Judge the name the client gives in HELO or EHLO.
+
+        @param name: the argument as sent (one word, printable; not checked further).
+        @return: a L{Verdict} or a Deferred firing with one.
+        """
+
+
+class ISenderValidator(Interface):
+    """Judges the sender of a transaction (one MAIL command).
+
+    Run after the relay's own MAIL checks, which are sender validators too (built in, and
+    always first): the sender binding of C{[auth.senders]} (553 5.7.1), the listener's
+    message rates (450 4.7.1) and the spool's free space for the SIZE announced (452 4.3.1).
+    A verdict hook (see L{IRecipientValidator}); the transaction starts when it passes.
+    """
+
+    def validateSender(client: ClientInfo, envelope: Envelope) -> Any:
+        """Judge C{envelope.sender} (C{""}: the null sender, for bounces).
+
+        @param envelope: the transaction being started: C{sender} (canonical), the MAIL
+            parameters (C{size}, C{body}, C{smtputf8}, C{ret}, C{envid}, and the ESMTP
+            extensions' in C{parameters}); C{envelope.notes} is empty and the plugin's to
+            fill, C{envelope.client} is C{client}.
+        @return: a L{Verdict} or a Deferred firing with one.
+        """
+
+
+class IDataPolicy(Interface):
+    """Judges a transaction at its DATA command, when every recipient is known (the place for
+    greylisting: the sender, the recipients and the client are all there).
+
+    A verdict hook (see L{IRecipientValidator}); C{REJECT} and C{DEFER} answer the DATA
+    command (the transaction ends, as after RSET), C{DISCONNECT} closes.  It runs before the
+    message gets its queue id.
+    """
+
+    def checkData(client: ClientInfo, envelope: Envelope) -> Any:
+        """Judge the transaction C{envelope} (sender and the recipients accepted).
+
+        @return: a L{Verdict} or a Deferred firing with one.
+        """
+
+
+class IESMTPExtension(Interface):
+    """An SMTP service extension (RFC 5321 2.2): an EHLO keyword, the MAIL and RCPT
+    parameters it owns and, optionally, commands of its own.
+
+    The relay asks C{ehloLine} at each EHLO; an extension that gives a line for the client is
+    offered to it, and only then are its parameters and commands accepted from that client
+    (else C{555 5.5.4} for a parameter, C{500 5.5.2} for a command, as for any unknown one).
+    A parameter's value is parsed by the extension; what it answers is kept in
+    C{envelope.parameters} (MAIL) or C{recipient.parameters} (RCPT) under the parameter's
+    name, stored with the message (the delivery side and the queue see it) and given to the
+    sender and recipient validators.  Its keyword, parameters and commands must not be the
+    relay's own (SIZE, BODY, AUTH, DSN's RET/ENVID/NOTIFY/ORCPT, SMTPUTF8; EHLO, MAIL, ...)
+    nor another extension's: the relay refuses such a configuration at start-up.
+
+    C{ehloLine}, C{mailParameter} and C{rcptParameter} answer at once, on the reactor thread
+    (no Deferreds: they are part of parsing a command); C{command} may answer later.  An
+    exception from C{ehloLine} leaves the extension out of that EHLO reply; from a parameter
+    parser it refuses the command with C{501 5.5.4}; from C{command}, C{451 4.3.0}.  Each is
+    logged with the plugin's name.
+    """
+
+    keyword = Attribute("The EHLO keyword, upper case (C{'MT-PRIORITY'}, C{'XACME'}).")
+    mailParameters = Attribute(
+        "The MAIL parameters it owns, upper case (a tuple, possibly empty): C{('MT-PRIORITY',)}."
+    )
+    rcptParameters = Attribute("The RCPT parameters it owns, upper case (a tuple).")
+    verbs = Attribute(
+        "The commands it implements, upper case (a tuple, usually empty): C{('XACME',)}."
+    )
+
+    def ehloLine(client: ClientInfo) -> Any:
+        """The EHLO line offering the extension to C{client} (its keyword, then any
+        parameters: C{"MT-PRIORITY MIXER"}), or C{None} not to offer it to this client."""
+
+    def mailParameter(client: ClientInfo, envelope: Envelope, name: str, value: str | None) -> Any:
+        """Parse the MAIL parameter C{name} (one of C{mailParameters}).
+
+        @param value: its value as sent (xtext not decoded), or C{None} for C{NAME} alone.
+        @return: what to keep in C{envelope.parameters[name]}: any JSON value (C{None} is kept
+            too), or a L{Reply} (4xx or 5xx) refusing the MAIL command.
+        @raise ValueError: the value is bad (C{501 5.5.4}, the message as its text).
+        """
+
+    def rcptParameter(
+        client: ClientInfo, envelope: Envelope, recipient: Recipient, name: str, value: str | None
+    ) -> Any:
+        """Parse the RCPT parameter C{name} (one of C{rcptParameters}) of C{recipient} (whose
+        address is set); as L{mailParameter}, kept in C{recipient.parameters[name]}."""
+
+    def command(client: ClientInfo, envelope: Envelope | None, verb: str, argument: str) -> Any:
+        """Carry out the command C{verb} (one of C{verbs}) with C{argument} (the rest of the
+        line, C{""} when none).
+
+        @param envelope: the transaction in progress, or C{None}.
+        @return: the L{Reply} to send, or a Deferred firing with one.  A C{421} reply closes
+            the connection after it is sent.
         """
 
 
@@ -221,6 +416,82 @@ class IHeaderStamper(Interface):
     def stamp(context: StampContext) -> Any:
         """Return the fields to add to the message described by C{context}: a
         L{StampResult}, or a Deferred firing with one."""
+
+
+@dataclass(frozen=True)
+class FilterResult:
+    """What a message filter answers: a verdict, and header fields to add.
+
+    @ivar verdict: C{CONTINUE} (the next filter is asked), C{ACCEPT} (later filters are not
+        asked), C{REJECT} or C{DEFER} (the message is refused with its reply: nothing is
+        spooled), C{DISCONNECT} (refused with 421, and the connection closed).
+    @ivar prepend: whole header fields (each ending in CRLF, no bare CR or LF) put above the
+        message's first field (C{DKIM-Signature:}, C{Authentication-Results:}); those of a
+        later filter go above an earlier one's, as trace fields do.
+    @ivar append: whole header fields put after the message's last header field.
+    """
+
+    verdict: Verdict = CONTINUE
+    prepend: tuple[bytes, ...] = ()
+    append: tuple[bytes, ...] = ()
+
+
+class IFilterContext(Interface):
+    """What a message filter is given: the message, complete and stamped but not yet spooled,
+    and where it comes from.  Made by the intake (L{mailrelay.cleanup.filters.FilterContext});
+    L{mailrelay.testing.makeFilterContext} makes one for tests."""
+
+    hostname = Attribute("This relay's host name.")
+    client = Attribute(
+        "The L{ClientInfo} the message came from (its C{notes} included), or C{None} for a "
+        "message the relay made itself (a delivery status notification)."
+    )
+    envelope = Attribute(
+        "The L{Envelope}: C{queueID} is set, the recipients are known; C{envelope.notes} are "
+        "stored with the message."
+    )
+    listenerOptions = Attribute("The options of the listener it came in on (as stampers see).")
+    size = Attribute("Octets of the message as it stands (earlier filters' fields included).")
+    deferToThread = Attribute(
+        "C{deferToThread(f, *args, **kwargs)}: C{f} run in the relay's thread pool, as a "
+        "Deferred (see L{PluginContext.deferToThread})."
+    )
+
+    def read() -> Any:
+        """The whole message as it will be spooled: CRLF lines, not dot-stuffed, the header
+        stampers' fields and the fields of the filters before this one included.
+
+        Read off the reactor thread (from the spool's temporary file, or its memory for a
+        small message) the first time a filter asks, and then kept for the message's other
+        filters: a Deferred firing with C{bytes}.
+        """
+
+
+class IMessageFilter(Interface):
+    """Sees each message whole at its end of data, before it is committed to the spool: it
+    may add header fields (a DKIM signature, C{Authentication-Results:}) or refuse the message
+    (a virus, a failed DMARC policy).
+
+    Filters run in the order of the configuration once the header stampers have added their
+    fields and the hop count is checked; the message is spooled (and the client gets its
+    C{250}) only when every filter has answered, so a C{250} means filtered and durable.  A
+    verdict hook (see L{IRecipientValidator}): the first verdict other than C{CONTINUE}
+    decides for the verdict, while the fields of every filter that answered C{CONTINUE} or
+    C{ACCEPT} are added.  A filter that fails, is too slow or adds a malformed field makes the
+    message refused with C{451 4.3.0}, logged with its name.  Filters also see the messages
+    the relay makes (delivery status notifications, C{client} C{None}); refusing one makes it
+    owed again at the next delivery attempt.
+
+    A filter never blocks the reactor: L{IFilterContext.read} reads off it, and CPU-heavy or
+    blocking work goes to L{IFilterContext.deferToThread}.  Its C{timeout} bounds all of it.
+    """
+
+    def filterMessage(context: IFilterContext) -> Any:
+        """Judge the message C{context} describes.
+
+        @return: a L{FilterResult}, a L{Verdict} (no fields), C{None} (as C{CONTINUE}), or a
+            Deferred firing with one of them.
+        """
 
 
 class MessageRefused(Exception):
@@ -345,6 +616,14 @@ class IMessageWriter(Interface):
     def abort() -> None:
         """Drop the message.  Idempotent; does nothing once L{commit} has been called and has
         not failed."""
+
+    def read() -> bytes:
+        """Everything written so far, from the start (for the message filters, once every
+        write is done and before the commit).  May block (a message big enough to be in a
+        file is read from it): call it off the reactor thread.
+
+        @raise OSError: the temporary file cannot be read.
+        """
 
 
 class ISpool(Interface):
@@ -597,6 +876,75 @@ class IDeliveryBackend(Interface):
         """
 
 
+# -- observers (cleanup/ and queue/)
+
+
+class IQueueObserver(Interface):
+    """Told of each message once it is durably queued: it never delays mail.
+
+    Called on the reactor thread after the commit, with the client's C{250} on its way (and
+    for each delivery status notification the relay queues, in the process that makes it).
+    The answer is ignored; a Deferred is awaited only to log its failure or its not
+    answering within the plugin's C{timeout}, never by the mail.  An exception is logged
+    with the plugin's name.  (A webhook per message, a counter, an archive index.)
+    """
+
+    def messageQueued(envelope: Envelope) -> Any:
+        """The message C{envelope} (C{queueID}, C{arrival}, C{messageSize}, C{client},
+        C{notes} set) is queued.  Do not change the envelope: it is a copy nobody reads back.
+
+        @return: anything, or a Deferred (its result is dropped).
+        """
+
+
+#: L{DeliveryEvent.outcome}: delivered, deferred (it stays queued and is retried) or bounced
+#: (C{DELIVERED} and C{BOUNCED} are the recipient states of L{mailrelay.envelope} too).
+DEFERRED = "deferred"
+
+
+@dataclass(frozen=True)
+class DeliveryEvent:
+    """What one delivery attempt made of one recipient.
+
+    @ivar envelope: the message's envelope as recorded after the attempt (C{queueID},
+        C{sender}, C{client}, C{notes}, every recipient's state).
+    @ivar recipient: the recipient (in C{envelope.recipients}).
+    @ivar outcome: L{DELIVERED}, L{DEFERRED} or L{BOUNCED}.
+    @ivar result: the L{RecipientResult} of the attempt (status code, diagnostic, remote MTA).
+        For a recipient bounced because the message outlived the queue lifetime it is the
+        last attempt's (a 4xx); C{recipient.status} is then C{4.4.7}.
+    @ivar relay: where it went (C{"dns; mx.example.org"}-like, as logged C{relay=}).
+    @ivar attempts: the recipient's attempts so far, this one included.
+    @ivar nextAttempt: for L{DEFERRED}, when the message is tried again (seconds since the
+        epoch); else C{None}.
+    """
+
+    envelope: Envelope
+    recipient: Recipient
+    outcome: str
+    result: RecipientResult
+    relay: str
+    attempts: int
+    nextAttempt: float | None = None
+
+
+class IDeliveryObserver(Interface):
+    """Told what each delivery attempt made of each recipient: delivered, deferred, bounced.
+    It never delays mail (a webhook on delivery, statistics, auto-whitelisting).
+
+    Called by the queue manager (in the delivery process, unless C{[queue] process =
+    "inline"}) once the attempt's outcome is recorded in the spool, one call per recipient
+    tried, on the reactor thread.  As for L{IQueueObserver}, the answer is ignored and a
+    failure (or no answer within the plugin's C{timeout}) is only logged.
+    """
+
+    def deliveryAttempted(event: DeliveryEvent) -> Any:
+        """One recipient was tried (see L{DeliveryEvent}).
+
+        @return: anything, or a Deferred (its result is dropped).
+        """
+
+
 # -- abuse limits (receive/)
 
 
@@ -640,19 +988,85 @@ class IRateLimiter(Interface):
 # -- plugins (app/plugins.py finds and builds them)
 
 
+def threadHandOff(reactor: Any) -> Callable[..., Any]:
+    """C{deferToThread(f, *args, **kwargs)} in C{reactor}'s thread pool; a reactor without one
+    (a C{task.Clock} in a test) runs the function at once, as C{maybeDeferred} does."""
+    from twisted.internet.defer import maybeDeferred
+
+    if not callable(getattr(reactor, "getThreadPool", None)):
+        return maybeDeferred
+
+    def deferToThread(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        from twisted.internet.threads import deferToThreadPool
+
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args, **kwargs)
+
+    return deferToThread
+
+
 @dataclass
 class PluginContext:
-    """What a plugin's C{build} may use.
+    """What a plugin's C{build} may use, and keep for later.
+
+    The relay makes one per configuration it loads (at start-up and at each reload), shared
+    by every plugin it builds; L{mailrelay.testing.makePluginContext} makes one for tests.
 
     @ivar hostname: this relay's host name.
     @ivar configDir: the directory of the configuration file, to resolve relative paths
         (the current directory when running on the embedded default).
-    @ivar reactor: the reactor (for timers and I/O), or C{None} when only checking.
+    @ivar reactor: the reactor: timers (C{callLater}), network I/O, the thread pool.  The
+        relay always sets it (a test's context may hold a C{task.Clock}).
+    @ivar resolver: a C{twisted.names} C{IResolver} asking the name servers of C{[dns]
+        nameservers} (or the system's), the one the relay's own lookups use: C{lookupAddress},
+        C{lookupMailExchange}, C{lookupText}, C{lookupPointer}, ... never block.  C{None} only
+        in a context made by hand without one.
+    @ivar deferToThread: C{deferToThread(f, *args, **kwargs)}: C{f} called in the reactor's
+        thread pool, as a Deferred of its result (for blocking libraries: SQLite, a DNS
+        library of its own, CPU-heavy work).  Without a reactor that has a thread pool, C{f}
+        runs at once (C{maybeDeferred}): what a test with a C{task.Clock} wants.
+    @ivar source: the configuration file the plugin's options come from, for messages
+        (C{None}: the embedded default).
+    @ivar kept: the objects L{keep} keeps, shared by the contexts of one relay process.
     """
 
     hostname: str
     configDir: Path
     reactor: Any = None
+    resolver: Any = None
+    deferToThread: Callable[..., Any] = None  # type: ignore[assignment]  # set after init
+    source: str | None = None
+    kept: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.deferToThread is None:
+            self.deferToThread = threadHandOff(self.reactor)
+
+    def keep(self, key: str, make: Callable[[], Any]) -> Any:
+        """The object kept under C{key} in this relay process, made by C{make()} the first
+        time: a plugin's state that must outlive a reload (which builds every plugin anew),
+        such as an in-memory greylisting table or a connection pool.  Prefix C{key} with the
+        plugin's name; the object must not hold on to a previous build's options."""
+        try:
+            return self.kept[key]
+        except KeyError:
+            value = self.kept[key] = make()
+            return value
+
+    def readOptions(self, schema: Any, options: dict[str, Any]) -> Any:
+        """Read a plugin's C{options} with the configuration's own machinery: the keys of
+        C{schema} (a L{mailrelay.config.schema.Table}, e.g. from
+        L{mailrelay.config.schema.pluginOptions}) are parsed and checked, the absent ones take
+        their defaults, relative file names are made absolute against L{configDir}, and an
+        unknown key is refused with a did-you-mean.
+
+        @return: what the table builds (its C{target} dataclass, or the namespace of
+            L{pluginOptions <mailrelay.config.schema.pluginOptions>}).
+        @raise ConfigError: naming the option and its value (the relay adds the file and the
+            table).
+        """
+        from mailrelay.config.schema import readPluginOptions
+
+        return readPluginOptions(schema, options, self.configDir, self.source)
 
 
 class IMailRelayPlugin(IPlugin):
@@ -665,7 +1079,9 @@ class IMailRelayPlugin(IPlugin):
 
     name = Attribute("Unique name the configuration uses, e.g. C{'recipient-map'}.")
     provides = Attribute(
-        "The interface the objects C{build} returns provide, e.g. L{IRecipientValidator}."
+        "The interface the objects C{build} returns provide (e.g. L{IRecipientValidator}), or "
+        "a tuple of them for an object serving several hooks (C{(IDataPolicy, "
+        "IDeliveryObserver)}); each is checked with C{verifyObject}."
     )
     description = Attribute("One line saying what the plugin does.")
 
@@ -676,7 +1092,9 @@ class IMailRelayPlugin(IPlugin):
             the loader itself uses, such as C{timeout}).
         @raise mailrelay.errors.ConfigError: an option is missing, unknown or wrong; the
             message names the key and value.
-        @return: an object providing C{self.provides}.
+        @return: an object providing C{self.provides} (each of them, for a tuple); it may
+            also provide C{twisted.application.service.IService}: it is then started with
+            the relay (before the listeners) and stopped after the sessions have ended.
         """
 
 
@@ -700,7 +1118,7 @@ class MailRelayPlugin:
     """
 
     name: str
-    provides: Any  # an InterfaceClass such as IRecipientValidator
+    provides: Any  # an InterfaceClass such as IRecipientValidator, or a tuple of them
     description: str
     factory: str | Callable[[dict[str, Any], PluginContext], Any] = field(repr=False)
 
@@ -719,3 +1137,55 @@ class MailRelayPlugin:
                     f"plugin {self.name!r}: cannot load its factory {factory!r}: {e}"
                 ) from e
         return factory(options, context)
+
+
+def providedBy(plugin: Any) -> tuple[Any, ...]:
+    """The interfaces an L{IMailRelayPlugin} declares (its C{provides}, as a tuple)."""
+    provides = plugin.provides
+    return tuple(provides) if isinstance(provides, (tuple, list)) else (provides,)
+
+
+# -- the hooks of [[plugins]] (app/ builds them into chains; config/ checks their names)
+
+
+@dataclass(frozen=True)
+class Hook:
+    """One hook a C{[[plugins]]} entry may serve (its C{hooks} key names them).
+
+    @ivar name: the hook's name in the configuration (C{"connect"}).
+    @ivar interface: the interface whose providers serve it.
+    @ivar method: the method called (C{None}: the interface is used as a whole).
+    @ivar stage: when it runs, in a few words (for C{--list-plugins} and messages).
+    @ivar process: where it runs: C{"relay"} (the SMTP side), C{"delivery"} (the queue
+        manager's process, the relay's own with C{[queue] process = "inline"}) or C{"both"}.
+    """
+
+    name: str
+    interface: Any
+    method: str | None
+    stage: str
+    process: str = "relay"
+
+
+#: Every hook of C{[[plugins]]}, in the order of a message's life.  (Header stampers, routers,
+#: delivery backends, credential checkers and rate limiters have tables of their own.)
+HOOKS: tuple[Hook, ...] = (
+    Hook("connect", IConnectionPolicy, "checkConnect", "at connect, before the greeting"),
+    Hook("helo", IConnectionPolicy, "checkHelo", "at each HELO/EHLO"),
+    Hook("esmtp", IESMTPExtension, None, "EHLO keywords, MAIL/RCPT parameters, commands"),
+    Hook("mail", ISenderValidator, "validateSender", "at MAIL, after the built-in checks"),
+    Hook("rcpt", IRecipientValidator, "validateRecipient", "at RCPT, after relay control"),
+    Hook("data", IDataPolicy, "checkData", "at DATA, every recipient known"),
+    Hook(
+        "message", IMessageFilter, "filterMessage", "at the end of data, before the commit",
+        "both",
+    ),
+    Hook("queue", IQueueObserver, "messageQueued", "once a message is queued", "both"),
+    Hook(
+        "delivery", IDeliveryObserver, "deliveryAttempted", "after each delivery attempt",
+        "delivery",
+    ),
+)
+
+#: L{HOOKS} by name.
+HOOKS_BY_NAME: dict[str, Hook] = {hook.name: hook for hook in HOOKS}

@@ -3,6 +3,7 @@ and a C{Clock}, without the SMTP side."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -14,14 +15,18 @@ from zope.interface.verify import verifyObject
 
 from mailrelay.cleanup.intake import FILTER_FAILED, IncomingMessage, Intake
 from mailrelay.cleanup.stamping import STAMPING_FAILED, ConfiguredStamper, DefaultStamper
+from mailrelay.config.plugins import HookPlugins, PluginEntry
 from mailrelay.envelope import ClientInfo, Envelope, Recipient
 from mailrelay.errors import SpoolError
 from mailrelay.interfaces import (
+    FilterResult,
     IHeaderStamper,
     IIncomingMessage,
     IIntake,
+    IMessageFilter,
     MessageRefused,
     StampResult,
+    Verdict,
 )
 from mailrelay.smtp import replies as R
 from mailrelay.smtp.replies import Reply
@@ -49,13 +54,20 @@ class Stamper:
         return d
 
 
-def makeIntake(*stampers: Any, **kw: Any) -> tuple[Intake, MemorySpool, list[str]]:
+def makeIntake(
+    *stampers: Any, filters: Sequence[Any] = (), **kw: Any
+) -> tuple[Intake, MemorySpool, list[str]]:
+    """An intake on a MemorySpool; C{filters}: IMessageFilter providers, run as the relay
+    runs them (one chain of the policy runner), each within 10 seconds."""
     spool = MemorySpool()
     clock = Clock()
     clock.advance(1_800_000_000)
     queued: list[str] = []
     configured = [ConfiguredStamper(f"s{i}", s, 10.0) for i, s in enumerate(stampers)]
-    return Intake(spool, configured, clock, "relay.test", notify=queued.append, **kw), spool, queued
+    entries = tuple(PluginEntry(f"f{i}", f, 10.0, ("message",)) for i, f in enumerate(filters))
+    chain = HookPlugins(entries).filterChain(clock)
+    intake = Intake(spool, configured, clock, "relay.test", notify=queued.append, filters=chain, **kw)
+    return intake, spool, queued
 
 
 def envelope(recipients: int = 1) -> Envelope:
@@ -145,7 +157,7 @@ def test_a_failing_stamper_is_451_and_nothing_is_queued() -> None:
 
 def test_too_many_hops_is_554_before_any_filter() -> None:
     seen: list[Any] = []
-    intake, spool, queued = makeIntake(DefaultStamper(), maxHops=2, filters=[seen.append])
+    intake, spool, queued = makeIntake(DefaultStamper(), maxHops=2, filters=[Filter(seen.append)])
     env = envelope()
     message = intake.open(env, env.client, {})
     message.write(b"Received: a\r\nReceived: b\r\nReceived: c\r\n" + MESSAGE)
@@ -229,29 +241,41 @@ def test_abort_drops_the_message_and_cancels_the_stamping() -> None:
     assert received(message.finish()) == R.LOCAL_ERROR
 
 
+@implementer(IMessageFilter)
+class Filter:
+    """A message filter answering C{judge(context)}."""
+
+    def __init__(self, judge: Any) -> None:
+        self.judge = judge
+
+    def filterMessage(self, context: Any) -> Any:
+        return self.judge(context)
+
+
 def test_filters_run_in_order_and_may_refuse() -> None:
     calls: list[str] = []
 
-    def passes(message: IncomingMessage) -> None:
-        calls.append(f"pass {message.queueID} {message.headers[0][0]}")
+    def passes(context: Any) -> None:
+        calls.append(f"pass {context.envelope.queueID} {context.size}")
 
-    later: Deferred[Reply | None] = Deferred()
+    later: Deferred[Any] = Deferred()
 
-    def slow(message: IncomingMessage) -> Deferred[Reply | None]:
+    def slow(context: Any) -> Deferred[Any]:
         calls.append("slow")
         return later
 
-    refusal = Reply(550, "5.7.1", "Error: spam")
-    intake, spool, queued = makeIntake(filters=[passes, slow, lambda m: succeed(refusal)])
+    refusal = Verdict.reject("Error: spam", 554, "5.7.1")
+    refuses = Filter(lambda context: succeed(refusal))
+    intake, spool, queued = makeIntake(filters=[Filter(passes), Filter(slow), refuses])
     env = envelope()
     message = intake.open(env, env.client, {})
     message.write(MESSAGE)
     done = message.finish()
     box: list[Any] = []
     done.addBoth(box.append)
-    assert calls == [f"pass {env.queueID} Subject", "slow"] and box == []
+    assert calls == [f"pass {env.queueID} {len(MESSAGE)}", "slow"] and box == []
     later.callback(None)
-    assert box == [refusal] and spool.committed == {} and queued == []
+    assert box == [refusal.reply] and spool.committed == {} and queued == []
 
 
 @pytest.mark.parametrize(
@@ -261,27 +285,85 @@ def test_filters_run_in_order_and_may_refuse() -> None:
         lambda: 1 / 0,
         lambda: "yes",
         lambda: Reply(250, "2.0.0", "ok"),
+        lambda: FilterResult(prepend=(b"X-Bad: no line end",)),
+        lambda: FilterResult(append=("X-Text: not bytes\r\n",)),
     ],
 )
 def test_a_failing_or_wrong_filter_never_lets_the_message_through(answer: Any) -> None:
-    def filter(message: IncomingMessage) -> Any:
-        return answer()
-
-    intake, spool, queued = makeIntake(filters=[filter])
+    intake, spool, queued = makeIntake(filters=[Filter(lambda context: answer())])
     message = intake.open(envelope(), None, {})
     message.write(MESSAGE)
     with capturedLogs() as events:
-        assert received(message.finish()) == FILTER_FAILED
+        assert received(message.finish()) == FILTER_FAILED.reply
     assert spool.committed == {} and queued == []
-    assert any("message filter" in formatEvent(e) for e in events)
+    assert any("message plugin f0" in formatEvent(e) for e in events)
 
 
 def test_filters_pass_and_the_message_is_committed() -> None:
-    intake, spool, queued = makeIntake(filters=[lambda m: None, lambda m: succeed(None)])
+    intake, spool, queued = makeIntake(
+        filters=[Filter(lambda c: None), Filter(lambda c: succeed(Verdict.continue_()))]
+    )
     env = envelope()
     message = intake.open(env, env.client, {})
     message.write(MESSAGE)
     assert received(message.finish()).code == 250 and queued == [env.queueID]
+    assert spool.messages() == [MESSAGE]
+
+
+def test_filters_read_the_message_and_add_fields_before_the_commit() -> None:
+    """Each filter reads the message as it stands (stamped, with the fields of the filters
+    before it); the message is spooled with every field, its size counts them."""
+    seen: list[bytes] = []
+
+    def first(context: Any) -> Deferred[FilterResult]:
+        def got(message: bytes) -> FilterResult:
+            seen.append(message)
+            return FilterResult(prepend=(b"X-First: 1\r\n",), append=(b"X-Tail: 1\r\n",))
+
+        return context.read().addCallback(got)
+
+    def second(context: Any) -> Deferred[FilterResult]:
+        def got(message: bytes) -> FilterResult:
+            seen.append(message)
+            return FilterResult(prepend=(b"X-Second: 2\r\n",))
+
+        return context.read().addCallback(got)
+
+    intake, spool, queued = makeIntake(Stamper(), filters=[Filter(first), Filter(second)])
+    env = envelope()
+    message = intake.open(env, env.client, {})
+    message.write(MESSAGE)
+    assert received(message.finish()).code == 250
+    stamped = b"Subject: hi\r\nX-Stamped: 1\r\n\r\nbody\r\n"
+    assert seen == [stamped, b"X-First: 1\r\nSubject: hi\r\nX-Stamped: 1\r\nX-Tail: 1\r\n\r\nbody\r\n"]
+    final = b"X-Second: 2\r\n" + seen[1]
+    assert spool.messages() == [final]
+    assert spool.committed[env.queueID][0].messageSize == len(final)
+
+
+def test_fields_of_a_refusing_filter_are_not_added() -> None:
+    refused = FilterResult(Verdict.defer("Error: later"), prepend=(b"X-No: 1\r\n",))
+    intake, spool, _ = makeIntake(filters=[Filter(lambda c: refused)])
+    message = intake.open(envelope(), None, {})
+    message.write(MESSAGE)
+    assert str(received(message.finish())) == "451 4.3.0 Error: later"
+    assert spool.committed == {}
+
+
+def test_a_filter_disconnecting_answers_421() -> None:
+    intake, spool, _ = makeIntake(filters=[Filter(lambda c: Verdict.disconnect("Error: bye"))])
+    message = intake.open(envelope(), None, {})
+    message.write(MESSAGE)
+    assert str(received(message.finish())) == "421 4.7.0 Error: bye"
+
+
+def test_filters_see_the_messages_the_relay_makes() -> None:
+    clients: list[Any] = []
+    intake, spool, _ = makeIntake(
+        DefaultStamper(), filters=[Filter(lambda c: clients.append(c.client))]
+    )
+    queueID = received(intake.submit(Envelope(sender="", recipients=[Recipient("a@x.test")]), MESSAGE))
+    assert clients == [None] and queueID in spool.committed
 
 
 def test_notify_failing_is_logged_and_the_message_stays_accepted() -> None:

@@ -498,7 +498,7 @@ def test_serviceWiresLimitsProxyAndALimiterPlugin(tmp_path, monkeypatch) -> None
     first, second = (s.factory for s in listeners)
     ctx = first.context
     assert ctx.limits.limiter is shared and ctx.limits.settings.limiterTimeout == 2.0
-    assert ctx.limits.settings.messageRateLimit == 7 and ctx.sender.limits is ctx.limits
+    assert ctx.limits.settings.messageRateLimit == 7 and ctx.hooks.sender.limits is ctx.limits
     assert ctx.limits.settings.limitExceptions == config.relayNetworks
     settings = ctx.settings
     assert (settings.greetPause, settings.maxSessionTime, settings.minDataRate) == (1.0, 99.0, 10)

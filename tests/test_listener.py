@@ -105,15 +105,15 @@ def test_limits_only_with_a_limiter_and_auth_only_where_offered() -> None:
     )
     context = build(settings, auth=auth, limiter=limiter, connectionCount=count).context
     assert context.auth is auth and context.session.authMechanisms == auth.settings.mechanisms
-    assert context.sender.senders == {"alice": ("@example.org",)}
+    assert context.hooks.sender.senders == {"alice": ("@example.org",)}
     limits = context.limits
-    assert limits is context.sender.limits and limits.limiter is limiter and limits.count is count
+    assert limits is context.hooks.sender.limits and limits.limiter is limiter and limits.count is count
     assert (limits.listener, limits.active) == ("tcp:25", 3)
     assert limits.settings is settings  # the limits are the listener's settings, not a copy
-    assert context.sender.hasFreeSpace == context.intake.hasFreeSpace
+    assert context.hooks.sender.hasFreeSpace == context.intake.hasFreeSpace
     context = build(dataclasses.replace(settings, auth=False), auth=auth).context
     assert context.auth is None and context.limits is None and context.session.authMechanisms == ()
-    assert context.sender.senders == {}
+    assert context.hooks.sender.senders == {}
 
 
 def test_layers_below_smtp() -> None:

@@ -1128,3 +1128,23 @@ def test_memorySpoolWithoutDirectoryHasNoPaths() -> None:
     with pytest.raises(SpoolError, match="no directory"):
         spool.messagePath(writer.queueID)
     assert spool.messages() == [b""]
+
+
+# -- reading back what a writer holds (the message filters), and writing it again
+
+
+@pytest.mark.parametrize("size", [100, 300 * 1024])
+def test_a_writer_reads_back_what_it_holds(spool: Spool, spoolDir: Path, size: int) -> None:
+    """In memory (small) or from its temporary file (big): the filters read the message
+    before the commit; writing it again under the same id works once the first is dropped."""
+    data = b"Subject: x\r\n\r\n" + b"y" * size + b"\r\n"
+    writer = spool.openMessage()
+    writer.write(data[:50])
+    writer.write(data[50:])
+    assert writer.read() == data
+    queueID = writer.queueID
+    writer.abort()
+    again = spool.openMessage(queueID)
+    again.write(b"X-Added: 1\r\n" + data)
+    resultOf(again.commit(makeEnvelope(queueID)))
+    assert (spoolDir / "queue" / f"{queueID}.eml").read_bytes() == b"X-Added: 1\r\n" + data

@@ -13,8 +13,9 @@ from twisted.internet.defer import Deferred, DeferredList
 from mailrelay.app.backends import makeBackends, makeRouter
 from mailrelay.app.services import BackendsService, OrderedMultiService, SpoolService
 from mailrelay.config import Config
+from mailrelay.config.plugins import HookPlugins
 from mailrelay.errors import ConfigError
-from mailrelay.interfaces import ISpool
+from mailrelay.interfaces import IIntake, ISpool
 from mailrelay.spool import Spool
 
 
@@ -32,19 +33,20 @@ def makeSpool(config: Config, reactor: Any, parent: Any, recover: bool = True) -
 
 
 def makeDelivery(
-    config: Config, reactor: Any, spool: ISpool, build: Any
+    config: Config, reactor: Any, spool: ISpool, build: Any, hooks: HookPlugins | None = None
 ) -> tuple[list[Any], Any]:
     """The delivery side over C{spool}: the backends' service and the queue manager (to be
     started in that order), and the queue manager.
 
     The queue manager's notifications enter C{spool} through an intake of their own, with
-    the configured header stampers (so site stampers see them too); it tells the queue
-    manager of each one committed.
+    the configured header stampers and message filters (so site plugins see them too), which
+    tells the queue manager (and the queue observers) of each one committed.
 
+    @param hooks: the plugins of the delivery side's hooks (message filters, queue and
+        delivery observers), built (L{mailrelay.config.plugins.buildHooks}).
     @raise ConfigError: a route, a backend plugin or a header stamper plugin is refused.
     """
-    from mailrelay.app.listeners import makeStampers
-    from mailrelay.cleanup.intake import Intake
+    from mailrelay.app.listeners import makeIntake as makeListenerIntake
     from mailrelay.queue import QueueManager
     from mailrelay.queue.lock import QueueLock
     from mailrelay.route.table import RoutingTable
@@ -55,10 +57,12 @@ def makeDelivery(
         raise ConfigError(str(e), file=config.source or "(embedded default)", key="routes") from e
     backends = makeBackends(config, reactor, build)
     router = makeRouter(config, reactor, build, router)
-    stampers = makeStampers(config, build)
+    hooks = hooks or HookPlugins()
+    intake = makeListenerIntake(config, reactor, build, spool, None, hooks)
 
-    def makeIntake(enqueue: Callable[[str], None]) -> Intake:
-        return Intake(spool, stampers, reactor, config.hostname, config.maxHops, enqueue)
+    def makeIntake(enqueue: Callable[[str], None]) -> IIntake:
+        intake.notify = enqueue
+        return intake
 
     queue = QueueManager(
         spool,
@@ -71,6 +75,7 @@ def makeDelivery(
         # A site backend's [[backends]] timeout; the built-in ones keep the policy's bound.
         timeouts={spec.name: spec.timeout for spec in config.backends},
         lock=QueueLock(config.spoolDirectory, reactor),
+        observers=hooks.observers(reactor),
     )
     return [BackendsService(backends), queue], queue
 

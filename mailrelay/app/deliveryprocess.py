@@ -31,24 +31,26 @@ __all__ = ["makeDeliveryServices"]
 
 
 def makeDeliveryServices(config: Any, reactor: Any) -> tuple[Any, Any]:
-    """The spool, the delivery backends and the queue manager of C{config} (with the intake
-    its notifications enter the spool through: L{makeDelivery}), as one service
-    (started in that order, stopped in the reverse order, each after the one before has
-    finished), and the queue manager.
+    """The spool, the plugins of the delivery side's hooks that are services, the delivery
+    backends and the queue manager of C{config} (with the intake its notifications enter the
+    spool through: L{makeDelivery}), as one service (started in that order, stopped in the
+    reverse order, each after the one before has finished), and the queue manager.
 
     @raise mailrelay.errors.ConfigError: a route, a backend or a header stamper plugin is
         refused.
     """
     from mailrelay.app.delivery import makeDelivery, makeSpool
     from mailrelay.app.plugins import availablePlugins, pluginBuilder
-    from mailrelay.app.services import OrderedMultiService
+    from mailrelay.app.services import OrderedMultiService, PluginServices
+    from mailrelay.config.plugins import buildHooks
 
     top = OrderedMultiService()
     # The relay's process recovered the spool before starting us.
     spool = makeSpool(config, reactor, top, recover=False)
-    services, queue = makeDelivery(
-        config, reactor, spool, pluginBuilder(config, reactor, availablePlugins())
-    )
+    build = pluginBuilder(config, reactor, availablePlugins())
+    hooks = buildHooks(config, build, "delivery")
+    PluginServices(hooks.services).setServiceParent(top)
+    services, queue = makeDelivery(config, reactor, spool, build, hooks)
     for service in services:
         service.setServiceParent(top)
     return top, queue

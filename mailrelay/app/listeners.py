@@ -17,9 +17,10 @@ from twisted.logger import Logger
 from mailrelay.cleanup.intake import Intake
 from mailrelay.cleanup.stamping import ConfiguredStamper
 from mailrelay.config import Config, ListenerConfig
+from mailrelay.config.plugins import HookPlugins
 from mailrelay.errors import ConfigError
-from mailrelay.interfaces import IHeaderStamper, IRateLimiter, IRecipientValidator, ISpool
-from mailrelay.policy.chain import ConfiguredValidator, RecipientPolicy, RelayControl
+from mailrelay.interfaces import IHeaderStamper, IRateLimiter, ISpool
+from mailrelay.policy.chain import RecipientPolicy, RelayControl
 from mailrelay.receive.limits import ConnectionCount, MemoryRateLimiter
 from mailrelay.receive.listener import (
     buildListenerFactory,
@@ -159,6 +160,7 @@ def makeListeners(
     spool: ISpool,
     sessions: Sessions,
     onQueued: Any,
+    hooks: HookPlugins,
 ) -> list[tuple[str, Any, str]]:
     """The C{(endpoint, factory, role)} of every listener of C{config}, their plugins built
     (their certificates are those the configuration loaded: logged here).  Counters in
@@ -166,10 +168,16 @@ def makeListeners(
     reload does not reset them.
 
     @param onQueued: called with the queue id of each message once it is durable.
-    @raise ConfigError: a plugin is unknown or refuses its options.
+    @param hooks: the plugins of the relay's hooks, built (L{buildHooks}).
+    @raise ConfigError: a plugin is unknown or refuses its options, or ESMTP extensions
+        clash.
     """
-    intake = makeIntake(config, reactor, build, spool, onQueued)
-    policy = makeRecipientPolicy(config, reactor, build)
+    intake = makeIntake(config, reactor, build, spool, onQueued, hooks)
+    policy = makeRecipientPolicy(config, reactor, hooks)
+    try:
+        sessionHooks = hooks.sessionHooks(reactor)
+    except ValueError as e:
+        raise ConfigError(str(e), file=config.source or "(embedded default)", key="plugins") from e
     resolver = _reverseResolver(config, reactor, carried)
     authPolicy = makeAuthPolicy(config, reactor, build, carried)
     limiter = _rateLimiter(config, reactor, build, carried)
@@ -187,6 +195,7 @@ def makeListeners(
             resolver=resolver,
             sessions=sessions,
             connectionCount=carried.counts.setdefault(settings.name, ConnectionCount()),
+            hooks=sessionHooks,
         )
         factory = wrapListenerFactory(settings, factory, reactor)
         result.append((settings.name, factory, _role(listener)))
@@ -199,16 +208,30 @@ def makeIntake(
     build: Any,
     spool: ISpool,
     notify: Callable[[str], object] | None = None,
+    hooks: HookPlugins | None = None,
 ) -> Intake:
     """The intake of C{config} over C{spool}: its header stampers built, its host name and
-    hop limit.  The listeners share one; the queue manager may have its own for the
-    notifications it makes (L{mailrelay.interfaces.IIntake.submit}).
+    hop limit, the message filters and queue observers of C{hooks}.  The listeners share
+    one; the queue manager has its own for the notifications it makes
+    (L{mailrelay.interfaces.IIntake.submit}).
 
     @param notify: called with the queue id of each message once it is durable, or C{None}.
     @raise ConfigError: a stamper plugin is unknown or refuses its options.
     """
     stampers = makeStampers(config, build)
-    return Intake(spool, stampers, reactor, config.hostname, config.maxHops, notify)
+    hooks = hooks or HookPlugins()
+    observers = hooks.observers(reactor)
+    return Intake(
+        spool,
+        stampers,
+        reactor,
+        config.hostname,
+        config.maxHops,
+        notify,
+        filters=hooks.filterChain(reactor),
+        observe=observers.messageQueued if observers.queued else None,
+        deferToThread=build.context.deferToThread if hasattr(build, "context") else None,
+    )
 
 
 def makeStampers(config: Config, build: Any) -> list[ConfiguredStamper]:
@@ -222,14 +245,11 @@ def makeStampers(config: Config, build: Any) -> list[ConfiguredStamper]:
     ]
 
 
-def makeRecipientPolicy(config: Config, reactor: Any, build: Any) -> RecipientPolicy:
-    """Relay control and the configured recipient validators, shared by all listeners."""
-    validators = [
-        ConfiguredValidator(spec.plugin, build(spec, IRecipientValidator), spec.timeout)
-        for spec in config.recipientValidators
-    ]
+def makeRecipientPolicy(config: Config, reactor: Any, hooks: HookPlugins) -> RecipientPolicy:
+    """Relay control and the recipient validators (those of C{[[recipient_validators]]},
+    then the C{[[plugins]]} serving C{rcpt}), shared by all listeners."""
     relay = RelayControl(config.relayNetworks, config.acceptDomains, config.hostname)
-    return RecipientPolicy(relay, validators, reactor)
+    return RecipientPolicy(relay, hooks.serving("rcpt"), reactor)
 
 
 def _reverseResolver(config: Config, reactor: Any, carried: _Carried) -> Any:

@@ -1,8 +1,10 @@
-"""Plugin discovery and construction.
+"""Plugin discovery and construction, and what C{twistd mailrelay --list-plugins} prints.
 
 Plugins are objects providing L{IMailRelayPlugin}, found with C{twisted.plugin.getPlugins} in
-every C{twisted/plugins/} directory on C{sys.path}.  The configuration names them; this module
-finds each by name, builds it with its options and checks the result with C{verifyObject}.
+every C{twisted/plugins/} directory on C{sys.path}.  The configuration names them; the
+configuration layer finds each by name, builds it with its options and checks the result with
+C{verifyObject} (L{mailrelay.config.plugins}, re-exported here, the path plugin authors
+know: C{mailrelay.plugins} is this module).
 
 This module must stay cheap to import: site dropins import L{MailRelayPlugin} from it (as
 C{mailrelay.plugins}) while Twisted scans plugins, so it never imports the reactor or reads
@@ -13,93 +15,89 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from twisted.plugin import getPlugins
-from zope.interface import Interface
-from zope.interface.exceptions import Invalid
-from zope.interface.verify import verifyObject
+from mailrelay.config.plugins import (
+    availablePlugins,
+    buildPlugin,
+    hookNames,
+    pluginBuilder,
+)
+from mailrelay.interfaces import HOOKS, IMailRelayPlugin, MailRelayPlugin, providedBy
 
-from mailrelay.errors import ConfigError
-from mailrelay.interfaces import IMailRelayPlugin, MailRelayPlugin, PluginContext
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # pragma: no cover
     from mailrelay.config import Config
 
-__all__ = ["MailRelayPlugin", "availablePlugins", "buildPlugin", "pluginBuilder"]
+__all__ = [
+    "MailRelayPlugin",
+    "availablePlugins",
+    "buildPlugin",
+    "describePlugins",
+    "pluginBuilder",
+]
 
 
-def availablePlugins() -> dict[str, IMailRelayPlugin]:
-    """Every installed plugin by name.
-
-    @raise ConfigError: two plugins share a name (the message names both).
-    """
-    import twisted.plugins
-
-    found: dict[str, IMailRelayPlugin] = {}
-    for plugin in getPlugins(IMailRelayPlugin, twisted.plugins):
-        name = plugin.name
-        if name in found and found[name] is not plugin:
-            raise ConfigError(
-                f"two installed plugins are named {name!r}: {found[name]!r} and {plugin!r}"
-            )
-        found[name] = plugin
-    return found
+def _interfaces(plugin: IMailRelayPlugin) -> str:
+    return ", ".join(i.__name__ for i in providedBy(plugin))
 
 
-def buildPlugin(
-    available: dict[str, IMailRelayPlugin],
-    name: Any,
-    interface: type[Interface],
-    options: dict[str, Any],
-    context: PluginContext,
-) -> Any:
-    """Build the plugin called C{name}, which must provide C{interface}.
-
-    @raise ConfigError: unknown name, a plugin of another kind, options refused by the plugin,
-        or a built object that does not provide the interface.
-    """
-    if not isinstance(name, str):
-        raise ConfigError(f"must be a plugin name (a string), not {name!r}", key="plugin")
-    plugin = available.get(name)
-    if plugin is None:
-        candidates = sorted(n for n, p in available.items() if p.provides is interface)
-        raise ConfigError(
-            f"unknown plugin {name!r}; installed {interface.__name__} plugins: "
-            + (", ".join(candidates) or "none"),
-            key="plugin",
-        )
-    if plugin.provides is not interface and not interface.isEqualOrExtendedBy(plugin.provides):
-        raise ConfigError(
-            f"plugin {name!r} provides {plugin.provides.__name__}, not {interface.__name__}",
-            key="plugin",
-        )
-    try:
-        obj = plugin.build(dict(options), context)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError, OSError) as e:
-        raise ConfigError(f"plugin {name!r}: {e}") from e
-    try:
-        verifyObject(interface, obj)
-    except Invalid as e:
-        raise ConfigError(
-            f"plugin {name!r} built {obj!r}, which does not provide {interface.__name__}: {e}",
-            key="plugin",
-        ) from e
-    return obj
+def describePlugins(available: dict[str, IMailRelayPlugin], config: Config | None) -> str:
+    """What C{--list-plugins} prints: every installed plugin (its name, what it provides and
+    the hooks of C{[[plugins]]} it may serve, its description), then, for C{config}, the
+    chain of each hook in the order the plugins run, and the other plugin tables."""
+    lines = ["Installed plugins:"]
+    width = max((len(name) for name in available), default=0)
+    for name in sorted(available):
+        plugin = available[name]
+        hooks = hookNames(providedBy(plugin))
+        served = f" [hooks: {', '.join(hooks)}]" if hooks else ""
+        lines.append(f"  {name:<{width}}  {_interfaces(plugin)}{served}")
+        lines.append(f"  {'':<{width}}  {plugin.description}")
+    if config is None:
+        return "\n".join(lines) + "\n"
+    source = config.source or "the embedded default"
+    lines += ["", f"Effective chains of {source} (in the order they run):"]
+    chains = _chains(available, config)
+    width = max(len(label) for label, _ in chains)
+    for label, members in chains:
+        lines.append(f"  {label:<{width}}  {' -> '.join(members) if members else '(none)'}")
+    return "\n".join(lines) + "\n"
 
 
-def pluginBuilder(config: Config, reactor: Any, available: dict[str, IMailRelayPlugin]) -> Any:
-    """C{build(spec, interface)}: builds the plugin a configuration entry names; a
-    L{ConfigError} names the file and the entry's key.
+def _entry(spec: Any) -> str:
+    return f"{spec.plugin} ({spec.key}, timeout {spec.timeout:g}s)"
 
-    @param available: the installed plugins by name (L{availablePlugins}).
-    """
-    context = PluginContext(hostname=config.hostname, configDir=config.configDir, reactor=reactor)
 
-    def build(spec: Any, interface: Any) -> Any:
-        try:
-            return buildPlugin(available, spec.plugin, interface, spec.options, context)
-        except ConfigError as e:
-            raise e.within(file=config.source or "(embedded default)", key=spec.key) from e
-
-    return build
+def _chains(available: dict[str, IMailRelayPlugin], config: Config) -> list[tuple[str, list[str]]]:
+    """Each hook's members, as labels; an entry whose plugin is not installed is shown as
+    such (the relay would refuse to start)."""
+    served: dict[str, list[str]] = {hook.name: [] for hook in HOOKS}
+    for spec in config.plugins:
+        plugin = available.get(spec.plugin)
+        if plugin is None:
+            label = f"{spec.plugin} ({spec.key}: NOT INSTALLED)"
+            hooks = spec.hooks or tuple(served)
+        else:
+            label = _entry(spec)
+            provided = hookNames(providedBy(plugin))
+            hooks = tuple(h for h in (spec.hooks or provided) if h in provided)
+        for name in hooks:
+            served[name].append(label)
+    mail = ["[built in: sender binding, message rates, free space]"]
+    rcpt = ["[relay control]"] + [_entry(s) for s in config.recipientValidators]
+    chains: list[tuple[str, list[str]]] = []
+    for hook in HOOKS:
+        builtin = mail if hook.name == "mail" else rcpt if hook.name == "rcpt" else []
+        chains.append((f"{hook.name} ({hook.stage})", builtin + served[hook.name]))
+        if hook.name == "data":
+            stamps = [_entry(s) for s in config.headerStampers]
+            chains.append(("stamp (header stampers, at the end of the header section)", stamps))
+    routes = [_entry(s) for s in config.routers] + ["[routes, smarthost, MX]"]
+    chains.append(("route (routers, then the routing table)", routes))
+    backends = ["smtp", "lmtp", "maildir", "discard"] + [
+        f"{s.name} = {_entry(s)}" for s in config.backends
+    ]
+    chains.append(("backends (by name, as routes choose)", [", ".join(backends)]))
+    if config.auth is not None and config.auth.checker is not None:
+        chains.append(("auth checker", [_entry(config.auth.checker)]))
+    if config.rateLimiter is not None:
+        chains.append(("rate limiter", [_entry(config.rateLimiter)]))
+    return chains

@@ -19,8 +19,9 @@ from mailrelay.app.listeners import (
     makeListeners,
 )
 from mailrelay.app.plugins import availablePlugins, pluginBuilder
-from mailrelay.app.services import OrderedMultiService
+from mailrelay.app.services import OrderedMultiService, PluginServices
 from mailrelay.config import Config, loadConfig, readConfigFile
+from mailrelay.config.plugins import buildHooks, makeContext
 from mailrelay.errors import ConfigError
 from mailrelay.receive.protocol import Sessions
 from mailrelay.spool import Spool
@@ -48,11 +49,14 @@ class _Plan:
     #: The delivery side's services and queue manager (built in every mode: this checks the
     #: routes and backends).
     delivery: tuple[list[Any], Any]
+    #: The plugin objects that are services, with their names, in order.
+    services: tuple[tuple[str, Any], ...] = ()
 
 
 class RelayService(OrderedMultiService):
-    """The whole relay: the spool, the delivery side, the sessions and the listeners, started
-    in that order and stopped in the reverse one (see L{OrderedMultiService}).
+    """The whole relay: the spool, the plugins that are services, the delivery side, the
+    sessions and the listeners, started in that order and stopped in the reverse one (see
+    L{OrderedMultiService}).
 
     L{reload} (on SIGHUP) re-reads the configuration file, builds and checks everything,
     and only then replaces what runs; if anything is wrong the relay keeps running as it was.
@@ -79,6 +83,9 @@ class RelayService(OrderedMultiService):
         #: Why the last reload did not take (C{None} after one that did).
         self.reloadError: str | None = None
         self._queueControl: Any = None
+        self.plugins = PluginServices()
+        #: What plugins keep across reloads (L{mailrelay.interfaces.PluginContext.keep}).
+        self.kept: dict[str, Any] = {}
 
     def privilegedStartService(self) -> None:
         # If start-up fails, what already started (the spool's threads) is stopped, so that
@@ -101,12 +108,39 @@ class RelayService(OrderedMultiService):
         @raise ConfigError: a plugin, certificate, password file, route or backend is refused.
         """
         assert self.spool is not None
-        build = pluginBuilder(config, self.reactor, availablePlugins())
-        delivery = makeDelivery(config, self.reactor, self.spool, build)
-        listeners = makeListeners(
-            config, self.reactor, build, self.carried, self.spool, self.sessions, self.enqueue
+        context = makeContext(
+            config, self.reactor, resolver=self._resolver(config), kept=self.kept
         )
-        return _Plan(config, configText, listeners, delivery)
+        build = pluginBuilder(config, self.reactor, availablePlugins(), context)
+        inline = config.queueProcess == "inline"
+        hooks = buildHooks(config, build, "inline" if inline else "relay")
+        # (In a delivery process of its own, the delivery side's plugins are built here only
+        # to check them: the delivery process builds and runs its own.)
+        deliveryHooks = hooks if inline else buildHooks(config, build, "delivery")
+        delivery = makeDelivery(config, self.reactor, self.spool, build, deliveryHooks)
+        listeners = makeListeners(
+            config,
+            self.reactor,
+            build,
+            self.carried,
+            self.spool,
+            self.sessions,
+            self.enqueue,
+            hooks,
+        )
+        return _Plan(config, configText, listeners, delivery, hooks.services)
+
+    def _resolver(self, config: Config) -> Any:
+        """The resolver of C{config}'s name servers, kept across reloads (shared with the
+        reverse lookups)."""
+        from mailrelay.route import makeResolver
+
+        resolvers = self.carried.resolvers
+        if config.nameservers not in resolvers:
+            resolvers[config.nameservers] = makeResolver(
+                list(config.nameservers) or None, reactor=self.reactor
+            )
+        return resolvers[config.nameservers]
 
     def build(self, plan: _Plan) -> None:
         """Add the services of the first configuration."""
@@ -114,6 +148,8 @@ class RelayService(OrderedMultiService):
         assert self.spool is not None
         if config.hold:
             log.warn("queue.hold is set: mail is accepted and spooled, nothing is delivered")
+        self.plugins.current = list(plan.services)
+        self.plugins.setServiceParent(self)
         services, queue = plan.delivery
         if config.queueProcess == "inline":
             self.delivery = InlineDelivery(services, queue, config.hold)
@@ -219,6 +255,7 @@ class RelayService(OrderedMultiService):
             self.listeners[listener.description] = listener
         assert self._sessionsService is not None
         self._sessionsService.drainTime = config.drainTime
+        self.plugins.swap(plan.services, self.sessions.whenGone(), self.reactor, config.drainTime)
         services, queue = plan.delivery
         if config.queueProcess == "inline":
             self.delivery.reload(services, queue, config.hold)

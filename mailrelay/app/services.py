@@ -3,10 +3,11 @@ delivery backends' lifetimes."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -88,3 +89,97 @@ class BackendsService(Service):
             if callable(getattr(backend, "close", None))
         ]
         return DeferredList(closing, consumeErrors=True)
+
+
+class PluginServices(Service):
+    """The plugin objects that are Twisted services (C{IService}), started with the relay and
+    stopped in the reverse order once the sessions (and, inline, the deliveries) are over: it
+    is added before them.
+
+    A reload (L{swap}) starts the new configuration's services at once; the old ones (but
+    those the new configuration still uses: a plugin keeping its object with
+    L{PluginContext.keep <mailrelay.interfaces.PluginContext.keep>}) are stopped when the
+    sessions begun before the reload have ended, or after the drain time.
+    """
+
+    name = "plugins"  # type: ignore[assignment]  # (Service declares None)
+
+    def __init__(self, services: Sequence[tuple[str, Any]] = ()) -> None:
+        self.current = list(services)
+        self._retiring: list[Deferred[None]] = []
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        for name, service in self.current:
+            _callService(name, service, "privilegedStartService")
+
+    def startService(self) -> None:
+        super().startService()
+        for name, service in self.current:
+            _callService(name, service, "startService")
+
+    def swap(
+        self,
+        services: Sequence[tuple[str, Any]],
+        when: Deferred[None],
+        clock: Any,
+        drainTime: float,
+    ) -> None:
+        """Run C{services} from now on; stop the old ones not among them after C{when} (the
+        old sessions' end) or C{drainTime} seconds."""
+        old, self.current = self.current, list(services)
+        kept = {id(service) for _, service in self.current}
+        for name, service in self.current:
+            if self.running and not service.running:
+                _callService(name, service, "privilegedStartService")
+                _callService(name, service, "startService")
+        retired = [(n, s) for n, s in old if id(s) not in kept]
+        if not retired:
+            return
+        stopping: Deferred[None] = Deferred()
+        self._retiring.append(stopping)
+
+        def stop(_: object = None) -> None:
+            if timer.active():
+                timer.cancel()
+            if stopping in self._retiring:
+                self._retiring.remove(stopping)
+                _stopInOrder(retired).chainDeferred(stopping)
+
+        timer = clock.callLater(drainTime, stop)
+        when.addBoth(stop)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        waiting = [*self._retiring, _stopInOrder(self.current)]
+        return DeferredList(waiting, consumeErrors=True).addCallback(lambda _: None)
+
+
+def _callService(name: str, service: Any, method: str) -> None:
+    """C{service.method()}; a plugin's failure to start stops the relay's start-up with one
+    line naming it."""
+    try:
+        getattr(service, method)()
+    except Exception as e:
+        log.failure("plugin {plugin}: {method} failed", plugin=name, method=method)
+        raise SystemExit(f"mailrelay: error: plugin {name!r} failed to start: {e!r}") from e
+
+
+def _stopInOrder(services: Sequence[tuple[str, Any]]) -> Deferred[None]:
+    """Stop C{services} in the reverse order, each once the one before has stopped; a
+    failure is logged, and the next one stopped all the same."""
+    d: Deferred[Any] = succeed(None)
+    for name, service in reversed(services):
+        d.addCallback(_stopPlugin, name, service)
+    return d
+
+
+def _stopPlugin(_: object, name: str, service: Any) -> Deferred[None]:
+    if not service.running:
+        return succeed(None)
+    d: Deferred[Any] = maybeDeferred(service.stopService)
+
+    def failed(failure: Failure) -> None:
+        log.failure("plugin {plugin}: stopping failed", failure, plugin=name)
+
+    return d.addCallbacks(lambda _: None, failed)

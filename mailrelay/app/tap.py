@@ -20,6 +20,14 @@ class Options(usage.Options):
         "./mailrelay-spool and relays only for 127.0.0.0/8 and ::1.  A list option given on "
         "the command line replaces that whole list."
     )
+    optFlags = [
+        [
+            "list-plugins",
+            None,
+            "Print the installed plugins, what they provide, and the chain of each hook for "
+            "the configuration (--config), then exit.",
+        ],
+    ]
     optParameters = [
         ["config", "c", None, "TOML configuration file (see etc/mailrelay.toml)."],
         ["hostname", None, None, "This relay's fully qualified host name."],
@@ -50,6 +58,10 @@ class Options(usage.Options):
         print(f"mailrelay {__version__}")
         raise SystemExit(0)
 
+    def postOptions(self) -> None:
+        if self["list-plugins"]:
+            raise SystemExit(listPlugins(self["config"], self.overrides()))
+
     def overrides(self) -> dict[str, Any]:
         """The options given, in the form L{mailrelay.config.loadConfig} takes."""
         result: dict[str, Any] = {}
@@ -60,6 +72,26 @@ class Options(usage.Options):
             if self[key] is not None:
                 result[key] = self[key]
         return result
+
+
+def listPlugins(path: str | None, overrides: dict[str, Any]) -> int:
+    """Print what C{--list-plugins} prints (L{mailrelay.app.plugins.describePlugins}) for the
+    configuration C{path} (C{None}: the embedded default); the exit status (1 for a
+    configuration error, printed to stderr)."""
+    import sys
+
+    from mailrelay.app.plugins import availablePlugins, describePlugins
+    from mailrelay.config import loadConfig
+    from mailrelay.errors import ConfigError
+
+    try:
+        available = availablePlugins()
+        config = loadConfig(path, overrides)
+    except ConfigError as e:
+        print(f"mailrelay: configuration error: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.write(describePlugins(available, config))
+    return 0
 
 
 def makeService(options: Options) -> Any:

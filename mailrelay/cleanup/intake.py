@@ -9,10 +9,13 @@ the relay made itself and gives whole, such as a delivery status notification
   2. header processing (L{HeaderProcessor}): the header section is held back until complete;
   3. the header stampers (L{runStampers}) add their fields; the body streams on to the spool;
   4. the hop check: more than C{maxHops} C{Received:} fields is a mail loop (554 5.4.6);
-  5. the filters, in order (the slot for message filters), which may refuse the message;
+  5. the message filters (L{mailrelay.interfaces.IMessageFilter}), in order, which see the
+     whole message (L{mailrelay.cleanup.filters}) and may add header fields or refuse it;
+     with fields added, the message is written again with them;
   6. the commit: the message is durable before its 250;
   7. the queue is told of the new queue id (C{notify}; not for a message submitted with
-     C{notify=False}: its maker schedules it);
+     C{notify=False}: its maker schedules it), and the queue observers of the message
+     (C{observe}; they never delay it);
   8. one log line, as Postfix's: C{from=<...> nrcpt=N size=N client=... result=...} (no
      C{client=} for a message made here).
 
@@ -27,12 +30,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailrelay.cleanup.filters import FILTER_FAILED_TEXT, FilterContext
 from mailrelay.cleanup.stamping import (
     STAMPING_FAILED,
     ConfiguredStamper,
@@ -51,20 +55,18 @@ from mailrelay.interfaces import (
     Reply,
     StampContext,
     StampResult,
+    Verdict,
+    VerdictKind,
+    threadHandOff,
 )
 from mailrelay.smtp import replies as R
 
 log = Logger()
 
-#: A message filter, run once the message is stamped and its hop count checked, before the
-#: commit: called with the L{IncomingMessage} (all its data written, not yet durable), it
-#: answers C{None} to pass the message on or a 4xx/5xx L{Reply} refusing it, or a Deferred
-#: firing with either.  A filter that raises or fails refuses the message with 451 4.3.0:
-#: a failing filter never lets a message through.
-MessageFilter = Callable[["IncomingMessage"], Any]
-
-#: The reply to a message whose filter raised or failed.
-FILTER_FAILED = STAMPING_FAILED
+#: The message filters' verdict when one fails (a chain's C{failed}; see L{Intake}).
+FILTER_FAILED = Verdict.defer(FILTER_FAILED_TEXT)
+#: The reply of a filter's C{DISCONNECT} without one of its own.
+_DISCONNECT = Reply(421, "4.7.0", "Error: closing connection")
 
 
 @implementer(IIntake)
@@ -78,7 +80,13 @@ class Intake:
     @ivar maxHops: C{Received:} fields beyond this many make the message refused as a loop.
     @ivar notify: called with the queue id of each message once it is durable (the queue
         manager picks it up without rescanning the spool), or C{None}.
-    @ivar filters: the L{MessageFilter}s, in order.
+    @ivar filters: the message filters, as one chain of the policy runner
+        (L{mailrelay.policy.runner.PolicyChain} of C{filterMessage}, interpreting answers
+        with L{mailrelay.cleanup.filters.filterVerdict}, failing with L{FILTER_FAILED}), or
+        C{None}: C{filters.run(context, subject=queueID)} answers a Deferred L{Verdict}.
+    @ivar observe: called with the envelope of each message once it is durable (the queue
+        observers: L{mailrelay.queue.observers.Observers.messageQueued}), or C{None}.
+    @ivar deferToThread: runs blocking work (reading a message for the filters) in a thread.
     """
 
     def __init__(
@@ -89,7 +97,9 @@ class Intake:
         hostname: str,
         maxHops: int = 50,
         notify: Callable[[str], object] | None = None,
-        filters: Sequence[MessageFilter] = (),
+        filters: Any = None,
+        observe: Callable[[Envelope], object] | None = None,
+        deferToThread: Callable[..., Deferred[Any]] | None = None,
     ) -> None:
         self.spool = spool
         self.stampers = tuple(stampers)
@@ -97,7 +107,9 @@ class Intake:
         self.hostname = hostname
         self.maxHops = maxHops
         self.notify = notify
-        self.filters = tuple(filters)
+        self.filters = filters if filters else None
+        self.observe = observe
+        self.deferToThread = deferToThread or threadHandOff(clock)
 
     def hasFreeSpace(self, needed: int) -> bool:
         return bool(self.spool.hasFreeSpace(needed))
@@ -238,41 +250,53 @@ class IncomingMessage:
     def _stamped(self, _: object) -> Reply | Deferred[Reply]:
         if self._processor.count("Received") > self.intake.maxHops:
             return self._refuse(R.TOO_MANY_HOPS)
-        if not self.intake.filters:
+        if self.intake.filters is None:
             return self._commit()
-        return self._filter(0)
+        return self._filter()
 
-    def _filter(self, index: int) -> Reply | Deferred[Reply]:
-        """Run the filters from C{index} on, then commit (or refuse)."""
-        filters = self.intake.filters
-        if index >= len(filters):
-            return self._commit()
-        d = maybeDeferred(filters[index], self)
+    def _filter(self) -> Deferred[Reply]:
+        """Run the message filters, then commit (the message written again when they added
+        fields), or refuse."""
+        intake, writer = self.intake, self._writer
+        context = FilterContext(
+            intake.hostname,
+            self.client,
+            self.envelope,
+            self._listenerOptions,
+            writer.size,
+            writer.read,
+            intake.deferToThread,
+        )
+        assert intake.filters is not None
+        d: Deferred[Verdict] = intake.filters.run(context, subject=self.queueID)
 
-        def judged(verdict: object) -> Reply | Deferred[Reply]:
-            if verdict is None:
-                return self._filter(index + 1)
-            if isinstance(verdict, Reply) and not verdict.isPositive:
-                return self._refuse(verdict)
+        def judged(verdict: Verdict) -> Reply | Deferred[Reply]:
+            if verdict.kind not in (VerdictKind.CONTINUE, VerdictKind.ACCEPT):
+                return self._refuse(verdict.reply or _DISCONNECT)
+            if not context.changed:
+                return self._commit()
+            return context.message().addCallbacks(self._rewritten, self._notRewritten)
+
+        return d.addCallback(judged)
+
+    def _rewritten(self, message: bytes) -> Reply | Deferred[Reply]:
+        """Write the message again, with the filters' fields, under its queue id."""
+        self._writer.abort()
+        try:
+            self._writer = self.intake.spool.openMessage(self.queueID)
+        except SpoolError as e:
             log.error(
-                "{queueID}: message filter {filter!r} returned {verdict!r}, not None or a "
-                "4xx/5xx reply; the message is refused with 451",
-                queueID=self.queueID,
-                filter=filters[index],
-                verdict=verdict,
+                "{queueID}: cannot create queue file: {error}", queueID=self.queueID, error=str(e)
             )
-            return self._refuse(FILTER_FAILED)
+            return self._refuse(R.LOCAL_ERROR, len(message))
+        self._writer.write(message)
+        return self._commit()
 
-        def failed(failure: Failure) -> Reply:
-            log.failure(
-                "{queueID}: message filter {filter!r} failed; the message is refused with 451",
-                failure,
-                queueID=self.queueID,
-                filter=filters[index],
-            )
-            return self._refuse(FILTER_FAILED)
-
-        return d.addCallbacks(judged, failed)
+    def _notRewritten(self, failure: Failure) -> Reply:
+        log.failure(
+            "{queueID}: reading the message for its filters failed", failure, queueID=self.queueID
+        )
+        return self._refuse(R.LOCAL_ERROR)
 
     def _refuse(self, reply: Reply, size: int | None = None) -> Reply:
         """Drop the message; C{reply} answers its end."""
@@ -298,6 +322,12 @@ class IncomingMessage:
                 notify(queueID)
             except Exception:
                 log.failure("{queueID}: queue manager refused the new entry", queueID=queueID)
+        observe = self.intake.observe
+        if observe is not None:
+            try:
+                observe(self.envelope)
+            except Exception:
+                log.failure("{queueID}: telling the queue observers failed", queueID=queueID)
         return reply
 
     def _notCommitted(self, failure: Failure) -> Reply:

@@ -50,7 +50,7 @@ HEADER_SECTION_LIMIT = 102400
 
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
 #: A field: name, colon, value; continuation lines start with white space; CRLF only.
-_WELL_FORMED_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+:[^\r\n]*(?:\r\n[ \t][^\r\n]*)*\r\n")
+WELL_FORMED_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+:[^\r\n]*(?:\r\n[ \t][^\r\n]*)*\r\n")
 _HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 
 
@@ -406,6 +406,6 @@ def _resultProblem(result: object) -> str | None:
     if not isinstance(result, StampResult):
         return f"{result!r}, not a StampResult"
     for fieldBytes in result.prepend + result.append:
-        if not isinstance(fieldBytes, bytes) or not _WELL_FORMED_FIELD.fullmatch(fieldBytes):
+        if not isinstance(fieldBytes, bytes) or not WELL_FORMED_FIELD.fullmatch(fieldBytes):
             return f"a malformed header field: {fieldBytes!r}"
     return None

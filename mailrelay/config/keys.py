@@ -15,6 +15,7 @@ Part of the config layer: it may import the values, L{mailrelay.smtp} and the st
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from mailrelay.config import checks
@@ -55,7 +56,7 @@ from mailrelay.config.values import (
     userName,
 )
 from mailrelay.errors import describeValue
-from mailrelay.interfaces import TLS_POLICIES, RouteOptions
+from mailrelay.interfaces import HOOKS_BY_NAME, TLS_POLICIES, RouteOptions
 from mailrelay.queue.policy import QueuePolicy
 from mailrelay.receive.auth import DEFAULT_CHECKER_TIMEOUT, AuthSettings
 from mailrelay.receive.limits import LIMITER_TIMEOUT
@@ -75,6 +76,7 @@ __all__ = [
     "LIMITS",
     "LISTENERS",
     "OVERRIDE_OPTIONS",
+    "PLUGINS",
     "QUEUE",
     "RELAY",
     "ROUTES",
@@ -114,6 +116,52 @@ def pluginTable(
         where="key",
         array=array,
     )
+
+
+def hookList(value: Any, at: At) -> tuple[str, ...]:
+    """The C{hooks} of a C{[[plugins]]} entry: names of L{HOOKS}, each once, at least one."""
+    result: list[str] = []
+    for where, name in stringList(value, at):
+        if name not in HOOKS_BY_NAME:
+            close = difflib.get_close_matches(name, HOOKS_BY_NAME, n=1)
+            hint = f" (did you mean {describeValue(close[0])}?)" if close else ""
+            raise where.error(
+                f"unknown hook {describeValue(name)}{hint}; the hooks are: "
+                + ", ".join(HOOKS_BY_NAME)
+            )
+        if name in result:
+            raise where.error(f"{describeValue(name)} is given twice")
+        result.append(name)
+    if not result:
+        raise at.error(
+            "must name at least one hook, not [] (leave the key out for every hook the "
+            "plugin provides)"
+        )
+    return tuple(result)
+
+
+#: C{[[plugins]]}: plugins serving the hooks of L{HOOKS}, in order; a plugin's own options
+#: beside C{plugin}, C{hooks} and C{timeout}.
+PLUGINS = Table(
+    (
+        Key(
+            "plugin",
+            nonEmpty("a plugin name"),
+            "The plugin's name.",
+            required="is required in each [[plugins]] table: the name of the plugin",
+        ),
+        Key(
+            "hooks",
+            hookList,
+            "The hooks it serves (default: every hook the plugin provides).",
+        ),
+        Key("timeout", seconds, "Seconds each call of the plugin may take."),
+    ),
+    target=PluginSpec,
+    options="options",
+    where="key",
+    array=True,
+)
 
 
 def _plugins(table: str) -> Table:
@@ -619,6 +667,12 @@ TOP = Table(
             default=[],
         ),
         Key(
+            "plugins",
+            PLUGINS,
+            "Plugins serving the hooks from connect to delivery, in order.",
+            default=[],
+        ),
+        Key(
             "header_stampers",
             _plugins("header_stampers"),
             "Plugins adding header fields to each message accepted, in order.",
@@ -667,6 +721,7 @@ TOP = Table(
         "rate_limiter",
         "listeners",
         "recipient_validators",
+        "plugins",
         "header_stampers",
     ),
 )

@@ -26,6 +26,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from mailrelay.errors import ConfigError, describeValue, joinKey
@@ -42,6 +43,8 @@ __all__ = [
     "Source",
     "Table",
     "given",
+    "pluginOptions",
+    "readPluginOptions",
     "tableOf",
 ]
 
@@ -286,6 +289,8 @@ class Table:
     @ivar shape: what an array of tables looks like, for the message refusing another
         value; C{None} for C{"an array of tables ([[name]])"}.
     @ivar empty: the message refusing an empty array, when one will not do.
+    @ivar place: how messages name the table when it has no key of its own (a plugin's
+        options: C{"in the plugin's options"}); C{None}: C{"at the top level"}.
     """
 
     keys: tuple[Key, ...]
@@ -302,6 +307,7 @@ class Table:
     order: tuple[str, ...] = ()
     shape: str | None = None
     empty: str | None = None
+    place: str | None = None
 
     def __post_init__(self) -> None:
         if self.order and sorted(self.order) != sorted(key.name for key in self.keys):
@@ -363,7 +369,7 @@ class Table:
                 if name not in allowed:
                     close = difflib.get_close_matches(name, allowed, n=1)
                     hint = f" (did you mean {describeValue(close[0])}?)" if close else ""
-                    where = f"in [{at.key}]" if at.key else "at the top level"
+                    where = f"in [{at.key}]" if at.key else (self.place or "at the top level")
                     raise at.child(name).error(
                         f"unknown key {describeValue(name)}{hint}; "
                         f"the keys allowed {where} are: {', '.join(allowed)}"
@@ -461,3 +467,40 @@ class Table:
         if defaults is not None and key.target in defaults:
             return defaults[key.target]
         return self.default(key, here)
+
+
+class PluginOptionValues(SimpleNamespace):
+    """A plugin's options as L{pluginOptions} reads them: one attribute per key, named as the
+    key in camelCase (C{answer_codes} is C{answerCodes})."""
+
+
+def pluginOptions(*keys: Key, check: Callable[[Reading], None] | None = None) -> Table:
+    """The schema of a plugin's options, for L{mailrelay.interfaces.PluginContext.readOptions}:
+    C{keys} (each with its parser, doc and C{default} or C{required} message), read into a
+    L{PluginOptionValues}.  A key without a default and without C{required} is C{None} when
+    absent.  For options that fill a dataclass of the plugin's, make a L{Table} with
+    C{target=} that class instead (its fields' defaults are then the keys' defaults).
+
+    @param check: C{check(reading)}, for checks involving several keys (see L{Reading}).
+    """
+
+    def build(fields: dict[str, Any], at: At) -> PluginOptionValues:
+        values = {key.target: None for key in keys}
+        values.update(fields)
+        return PluginOptionValues(**values)
+
+    return Table(keys, build=build, check=check, place="in the plugin's options")
+
+
+def readPluginOptions(
+    schema: Table, options: Mapping[str, Any], directory: Path, file: str | None = None
+) -> Any:
+    """Read a plugin's C{options} with C{schema} (see
+    L{mailrelay.interfaces.PluginContext.readOptions}): relative paths against C{directory};
+    an error names the option (and C{file}, when given)."""
+    if not isinstance(schema, Table):
+        raise TypeError(f"a plugin's option schema is a Table (pluginOptions), not {schema!r}")
+    if schema.place is None:
+        schema = replace(schema, place="in the plugin's options")
+    cwd = Path(os.path.abspath(os.getcwd()))
+    return schema.read(dict(options), At(Source(file, Path(directory), cwd)))

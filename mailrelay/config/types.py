@@ -65,8 +65,8 @@ class ListenerConfig:
 
 @dataclass(frozen=True)
 class PluginSpec:
-    """One entry of a plugin list (C{[[recipient_validators]]}, C{[[header_stampers]]},
-    C{[[routers]]}).
+    """One entry of a plugin list (C{[[plugins]]}, C{[[recipient_validators]]},
+    C{[[header_stampers]]}, C{[[routers]]}).
 
     @ivar plugin: the plugin's name.
     @ivar options: the other keys of the table, passed to the plugin's C{build}.
@@ -74,12 +74,15 @@ class PluginSpec:
         loader, never passed to the plugin).
     @ivar key: where the entry came from, e.g. C{"recipient_validators[1]"}, for messages:
         C{error.within(file=config.source, key=spec.key)}.
+    @ivar hooks: for a C{[[plugins]]} entry, the hooks it serves (names of
+        L{mailrelay.interfaces.HOOKS}); C{()}: every hook its plugin provides.
     """
 
     plugin: str
     options: dict = field(default_factory=dict, hash=False)
     timeout: float = 30.0
     key: str = ""
+    hooks: tuple[str, ...] = ()
 
 
 
@@ -125,7 +128,10 @@ class Config:
     @ivar maxHops: the most C{Received:} fields a message may carry (mail loops).
     @ivar reverseDNS: look up the client's name (forward-confirmed) for C{Received:}.
     @ivar listeners: where to accept SMTP connections, and how.
-    @ivar recipientValidators: the recipient validator plugins, in order.
+    @ivar recipientValidators: the recipient validator plugins, in order (before the
+        C{[[plugins]]} serving C{rcpt}).
+    @ivar plugins: the C{[[plugins]]} entries: plugins serving the hooks of
+        L{mailrelay.interfaces.HOOKS} (connect to delivery), in order.
     @ivar headerStampers: the header stamper plugins, in order.
     @ivar queue: how the queue manager retries, expires and notifies (C{[queue]}); its
         C{stopTimeout} is C{drainTime}.
@@ -189,6 +195,7 @@ class Config:
     routes: tuple[RouteRule, ...] = ()
     backends: tuple[BackendSpec, ...] = ()
     routers: tuple[PluginSpec, ...] = ()
+    plugins: tuple[PluginSpec, ...] = ()
     spoolSync: str = "syncfs"
     auth: AuthSettings | None = None
     rateLimiter: PluginSpec | None = None

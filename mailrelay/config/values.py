@@ -263,6 +263,11 @@ def stringList(value: Any, at: At) -> list[tuple[At, str]]:
     return [(at.item(index), string(item, at.item(index))) for index, item in enumerate(value)]
 
 
+def strings(value: Any, at: At) -> tuple[str, ...]:
+    """An array of strings (for a plugin's options: C{["a", "b"]})."""
+    return tuple(text for _, text in stringList(value, at))
+
+
 def fileName(value: Any, at: At) -> str:
     """A file's name, as an absolute path."""
     return at.path(nonEmpty("a file name")(value, at))

@@ -426,7 +426,8 @@ def build(options: dict[str, Any], context: PluginContext) -> SMTPBackend:
     @param options: C{settings}, the default L{ClientSettings} (of C{[delivery]});
         C{nameservers}, the C{[dns]} name servers (none: the system's resolver);
         C{destination_concurrency} and C{connection_cache_time} (see L{SMTPBackend}).
-    @param context: its C{reactor} connects, times and resolves.
+    @param context: its C{reactor} connects and times, its C{resolver} (when it has one;
+        else one of C{nameservers}) looks up the MX hosts.
     """
     options = builtinOptions(
         "smtp",
@@ -434,7 +435,9 @@ def build(options: dict[str, Any], context: PluginContext) -> SMTPBackend:
         ("settings", "nameservers", "destination_concurrency", "connection_cache_time"),
     )
     reactor = context.reactor
-    resolver = makeResolver(list(options.get("nameservers", ())) or None, reactor=reactor)
+    resolver = context.resolver  # the relay's: [dns] nameservers, or the system's
+    if resolver is None:
+        resolver = makeResolver(list(options.get("nameservers", ())) or None, reactor=reactor)
     return SMTPBackend(
         reactor,
         MXResolver(resolver, reactor),

@@ -4,23 +4,24 @@ Relay control is not a plugin: it runs first and cannot be configured away, so a
 plugin list never opens the relay.  A recipient passes it when the client may relay (it is in a
 relay network), or when the recipient's domain is an accepted (local) domain and the address
 carries no sender-specified routing (Postfix's C{allow_untrusted_routing = no}).  The validators
-then run in order; the first verdict other than CONTINUE decides, and a validator that fails or
-is too slow defers the recipient (451 4.3.0): a failing plugin never accepts.
+then run in order (a L{mailrelay.policy.runner.PolicyChain}); the first verdict other than
+CONTINUE decides, and a validator that fails or is too slow defers the recipient (451 4.3.0): a
+failing plugin never accepts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import Any
 
-from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from mailrelay.address import Mailbox
 from mailrelay.envelope import ClientInfo, Envelope, Recipient
 from mailrelay.interfaces import CONTINUE, IRecipientValidator, Verdict, VerdictKind
+from mailrelay.policy.runner import ConfiguredPlugin, PolicyChain
 from mailrelay.smtp import replies as R
 
 log = Logger()
@@ -73,24 +74,27 @@ class RelayControl:
         return RELAY_DENIED
 
 
-@dataclass(frozen=True)
-class ConfiguredValidator:
-    name: str
-    validator: Any  # provides IRecipientValidator
-    timeout: float
+#: One recipient validator of the chain (a L{ConfiguredPlugin}: name, validator, timeout).
+ConfiguredValidator = ConfiguredPlugin
 
 
 class RecipientPolicy:
-    """Relay control, then the validator chain, for one RCPT."""
+    """Relay control, then the validator chain (a L{PolicyChain} of the C{rcpt} hook), for
+    one RCPT."""
 
     def __init__(
-        self, relay: RelayControl, validators: Sequence[ConfiguredValidator], clock: Any
+        self, relay: RelayControl, validators: Sequence[ConfiguredPlugin], clock: Any
     ) -> None:
+        """
+        @raise TypeError: a validator does not provide L{IRecipientValidator}.
+        """
         for v in validators:
-            if not IRecipientValidator.providedBy(v.validator):
+            if not IRecipientValidator.providedBy(v.plugin):
                 raise TypeError(f"{v.name} does not provide IRecipientValidator")
         self.relay = relay
-        self.validators = tuple(validators)
+        self.validators = PolicyChain(
+            "rcpt", "validateRecipient", validators, clock, VALIDATOR_FAILED
+        )
         self.clock = clock
 
     def check(
@@ -99,46 +103,4 @@ class RecipientPolicy:
         verdict = self.relay.check(client, mailbox)
         if verdict.kind is not VerdictKind.CONTINUE or not self.validators:
             return succeed(verdict)
-        return self._next(0, client, envelope, recipient)
-
-    def _next(
-        self, index: int, client: ClientInfo, envelope: Envelope, recipient: Recipient
-    ) -> Deferred[Verdict]:
-        if index >= len(self.validators):
-            return succeed(CONTINUE)
-        configured = self.validators[index]
-        d = maybeDeferred(configured.validator.validateRecipient, client, envelope, recipient)
-        d.addTimeout(configured.timeout, self.clock)
-
-        def decided(verdict: object) -> Verdict | Deferred[Verdict]:
-            if not isinstance(verdict, Verdict):
-                log.error(
-                    "recipient validator {validator} returned {result!r}, not a Verdict; deferring",
-                    validator=configured.name,
-                    result=verdict,
-                )
-                return VALIDATOR_FAILED
-            if verdict.kind is VerdictKind.CONTINUE:
-                return self._next(index + 1, client, envelope, recipient)
-            return verdict
-
-        def failed(failure: Any) -> Verdict:
-            if failure.check(TimeoutError):
-                log.warn(
-                    "recipient validator {validator} timed out after {timeout}s for {recipient};"
-                    " deferring",
-                    validator=configured.name,
-                    timeout=configured.timeout,
-                    recipient=recipient.address,
-                )
-            else:
-                log.failure(
-                    "recipient validator {validator} failed for {recipient}; deferring",
-                    failure,
-                    validator=configured.name,
-                    recipient=recipient.address,
-                )
-            return VALIDATOR_FAILED
-
-        d.addCallbacks(decided, failed)
-        return d
+        return self.validators.run(client, envelope, recipient, subject=recipient.address)

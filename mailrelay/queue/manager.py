@@ -43,11 +43,20 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailrelay.envelope import PENDING, Envelope
+from mailrelay.envelope import BOUNCED, DELIVERED, PENDING, Envelope
 from mailrelay.errors import CorruptEntry, EntryGone, SpoolError
-from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, IIntake, ISpool, RecipientResult
+from mailrelay.interfaces import (
+    DEFERRED,
+    DeliveryEvent,
+    DeliveryStatus,
+    IDeliveryBackend,
+    IIntake,
+    ISpool,
+    RecipientResult,
+)
 from mailrelay.queue.attempt import Calls, Deliverer, DeliveryTimedOut
 from mailrelay.queue.notify import Notifier
+from mailrelay.queue.observers import Observers
 from mailrelay.queue.outcome import Decision, Outcome, apply, decide
 from mailrelay.queue.policy import QueuePolicy
 from mailrelay.queue.scheduler import Scheduler
@@ -113,6 +122,7 @@ class QueueManager(Service):
         policy: QueuePolicy = _DEFAULT_POLICY,
         timeouts: Mapping[str, float] | None = None,
         lock: Any = None,
+        observers: Observers | None = None,
     ) -> None:
         """
         @param spool: an L{ISpool}, started by the time L{startService} runs.
@@ -128,6 +138,8 @@ class QueueManager(Service):
         @param lock: a L{mailrelay.queue.lock.QueueLock} of the spool, or C{None}: nothing is
             delivered before it is held, and it is released when the manager has stopped,
             so that two queue managers never deliver from one spool at once.
+        @param observers: the delivery observers, told what each attempt made of each
+            recipient once it is recorded (L{Observers.deliveryAttempted}).
         @raise ValueError: a timeout that is not a number greater than zero.
         """
         self.setName("queue")
@@ -162,6 +174,7 @@ class QueueManager(Service):
         #: What the operator asked for an entry while its attempt was in progress, done when
         #: the attempt ends: C{"delete"} or C{"bounce"}.
         self._afterAttempt: dict[str, str] = {}
+        self.observers = observers or Observers(clock)
 
     # -- introspection ------------------------------------------------------------------------
 
@@ -439,7 +452,10 @@ class QueueManager(Service):
         apply(envelope, decision)
         await self.notifier.notify(queueID, envelope, decision.notices, decision.discarded, now)
         _logTransitions(queueID, decision)
-        return await self._record(queueID, envelope, decision, now)
+        due = await self._record(queueID, envelope, decision, now)
+        if self.observers.delivered:
+            self.observers.deliveryAttempted(_events(envelope, outcomes, decision))
+        return due
 
     async def _record(
         self, queueID: str, envelope: Envelope, decision: Decision, now: float
@@ -765,6 +781,29 @@ class QueueManager(Service):
         if not outcomes:
             return await self._remove(queueID)
         return await self._conclude(queueID, envelope, outcomes)
+
+
+def _events(
+    envelope: Envelope, outcomes: list[Outcome], decision: Decision
+) -> list[DeliveryEvent]:
+    """What the attempt made of each recipient, for the delivery observers (after L{apply}:
+    a recipient whose bounce could not be queued is pending, so deferred)."""
+    events = []
+    for outcome, t in zip(outcomes, decision.transitions, strict=True):
+        state = t.recipient.state
+        kind = state if state in (DELIVERED, BOUNCED) else DEFERRED
+        events.append(
+            DeliveryEvent(
+                envelope,
+                t.recipient,
+                kind,
+                outcome.result,
+                t.relay,
+                t.attempts,
+                decision.nextAttempt if kind == DEFERRED else None,
+            )
+        )
+    return events
 
 
 def _logTransitions(queueID: str, decision: Decision) -> None:

@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from mailrelay.interfaces import IIntake, IRateLimiter
 from mailrelay.policy.chain import RecipientPolicy
-from mailrelay.policy.sender import SenderPolicy
+from mailrelay.policy.hooks import SessionHooks
 from mailrelay.receive.limits import ConnectionCount, LimitSettings, ListenerLimits
 from mailrelay.receive.protocol import ListenerContext, Sessions, SMTPServerFactory
 from mailrelay.smtp.server import BARE_NEWLINE_REJECT, SessionSettings
@@ -110,8 +110,11 @@ class ListenerSettings(LimitSettings):
             "tls_mode": self.tlsMode,
         }
 
-    def sessionSettings(self, authMechanisms: tuple[str, ...]) -> SessionSettings:
-        """The settings of the sans-IO session, offering C{authMechanisms} (C{()}: no AUTH)."""
+    def sessionSettings(
+        self, authMechanisms: tuple[str, ...], hooks: SessionHooks | None = None
+    ) -> SessionSettings:
+        """The settings of the sans-IO session, offering C{authMechanisms} (C{()}: no AUTH)
+        and the ESMTP extensions of C{hooks} (asking at HELO when it has a helo hook)."""
         rejectPregreet = self.rejectPregreet
         if rejectPregreet is None:
             rejectPregreet = self.rejectUnauthPipelining or self.greetPause > 0
@@ -128,6 +131,8 @@ class ListenerSettings(LimitSettings):
             requireAuth=self.mode != "relay",
             rejectUnauthPipelining=self.rejectUnauthPipelining,
             rejectPregreet=rejectPregreet,
+            checkHelo=hooks is not None and hooks.helo is not None,
+            extensions=hooks.extensions if hooks is not None else (),
         )
 
     def limits(
@@ -156,6 +161,7 @@ def buildListenerFactory(
     resolver: Any = None,
     sessions: Sessions | None = None,
     connectionCount: ConnectionCount | None = None,
+    hooks: SessionHooks | None = None,
 ) -> SMTPServerFactory:
     """The factory of one listener's SMTP sessions (below it, L{wrapListenerFactory}'s
     layers).
@@ -170,24 +176,30 @@ def buildListenerFactory(
     @param resolver: an C{IResolver} for reverse lookups, or C{None} to skip them.
     @param sessions: the relay's L{mailrelay.receive.protocol.Sessions}, for a graceful stop.
     @param connectionCount: the listener's count of open connections, kept across a reload.
+    @param hooks: the site's plugins of the connect, HELO, MAIL and DATA hooks and the ESMTP
+        extensions (L{SessionHooks}), shared by the relay's listeners; C{None}: none.
     """
+    hooks = hooks if hooks is not None else SessionHooks()
     listenerAuth = auth if settings.auth else None
     limits = None if limiter is None else settings.limits(limiter, clock, connectionCount)
     context = ListenerContext(
         settings=settings,
-        session=settings.sessionSettings(listenerAuth.settings.mechanisms if listenerAuth else ()),
-        policy=policy,
-        sender=SenderPolicy(
-            senders=listenerAuth.settings.senders if listenerAuth is not None else {},
-            limits=limits,
-            hasFreeSpace=intake.hasFreeSpace,
+        session=settings.sessionSettings(
+            listenerAuth.settings.mechanisms if listenerAuth else (), hooks
         ),
+        policy=policy,
         intake=intake,
         clock=clock,
         auth=listenerAuth,
         limits=limits,
         resolver=resolver,
         sessions=sessions,
+        hooks=hooks.forListener(
+            listenerAuth.settings.senders if listenerAuth is not None else {},
+            limits,
+            intake.hasFreeSpace,
+            clock,
+        ),
     )
     return SMTPServerFactory(context)
 

@@ -1,10 +1,11 @@
 """The Twisted side of the ESMTP server: a thin Protocol driving L{ServerSession}.
 
 The protocol moves bytes, runs the timers, and answers the session's questions with the
-policies (L{mailrelay.policy.sender.SenderPolicy} at MAIL, relay control and recipient
-validators at RCPT), the intake (L{mailrelay.interfaces.IIntake}: the message's way into the
-spool) and, for AUTH, the L{mailrelay.receive.auth.AuthPolicy}.  It pauses reading while a
-question is pending, so a client pipelining ahead cannot make us buffer without bound.
+policies (the site's chains at connect, HELO and DATA, L{mailrelay.policy.sender.SenderPolicy}
+at MAIL, relay control and recipient validators at RCPT), the intake
+(L{mailrelay.interfaces.IIntake}: the message's way into the spool) and, for AUTH, the
+L{mailrelay.receive.auth.AuthPolicy}.  It pauses reading while a question is pending, so a
+client pipelining ahead cannot make us buffer without bound.
 
 TLS: on L{StartTLS} the protocol writes the 220 reply in plaintext and calls
 C{transport.startTLS}; on an implicit TLS listener the factory is wrapped in a
@@ -29,10 +30,10 @@ C{smtpd_min_data_rate}).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IAddress, IHandshakeListener, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -42,7 +43,7 @@ from zope.interface import implementer
 from mailrelay.envelope import ClientInfo, Envelope
 from mailrelay.interfaces import IIntake, Verdict, VerdictKind
 from mailrelay.policy.chain import RecipientPolicy
-from mailrelay.policy.sender import SenderPolicy
+from mailrelay.policy.hooks import SessionHooks
 from mailrelay.receive.tls import describeTLS
 from mailrelay.smtp import replies as R
 from mailrelay.smtp.replies import Reply
@@ -50,10 +51,12 @@ from mailrelay.smtp.server import (
     AbortData,
     Authenticate,
     BodyData,
+    CheckHelo,
     CheckMail,
     CheckRecipient,
     Close,
     EndOfData,
+    ExtensionCommand,
     Refused,
     ServerSession,
     SessionSettings,
@@ -86,25 +89,27 @@ class ListenerContext:
         TLS, its name).
     @ivar session: the L{SessionSettings} of its sans-IO sessions.
     @ivar policy: the L{RecipientPolicy} (relay control, recipient validators).
-    @ivar sender: the L{SenderPolicy}: the checks of the MAIL stage.
     @ivar intake: the L{mailrelay.interfaces.IIntake} messages go into the spool through.
     @ivar clock: an C{IReactorTime}.
     @ivar auth: the L{mailrelay.receive.auth.AuthPolicy} checking AUTH, or C{None} (no AUTH).
     @ivar limits: the listener's L{mailrelay.receive.limits.ListenerLimits}, or C{None}.
     @ivar resolver: an C{IResolver} for reverse lookups, or C{None} to skip them.
     @ivar sessions: the relay's L{Sessions}, for a graceful stop, or C{None}.
+    @ivar hooks: the listener's L{SessionHooks}: the chains of the connect, HELO and DATA
+        hooks, and its MAIL stage (C{hooks.sender}, a L{mailrelay.policy.sender.SenderPolicy}:
+        the built-in sender validators, then the site's).
     """
 
     settings: ListenerSettings
     session: SessionSettings
     policy: RecipientPolicy
-    sender: SenderPolicy
     intake: IIntake
     clock: IReactorTime
     auth: AuthPolicy | None = None
     limits: ListenerLimits | None = None
     resolver: Any = None
     sessions: Sessions | None = None
+    hooks: SessionHooks = field(default_factory=SessionHooks)
 
 
 def shuttingDown(hostname: str) -> Reply:
@@ -125,12 +130,27 @@ class Sessions:
         self.live: set[SMTPServerProtocol] = set()
         self.shuttingDown = False
         self._whenEmpty: list[Deferred[None]] = []
+        self._whenGone: list[tuple[set[SMTPServerProtocol], Deferred[None]]] = []
 
     def add(self, protocol: SMTPServerProtocol) -> None:
         self.live.add(protocol)
 
+    def whenGone(self) -> Deferred[None]:
+        """A Deferred firing once every session open now has ended (those of a previous
+        configuration, at a reload)."""
+        if not self.live:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._whenGone.append((set(self.live), d))
+        return d
+
     def discard(self, protocol: SMTPServerProtocol) -> None:
         self.live.discard(protocol)
+        for watched, gone in list(self._whenGone):
+            watched.discard(protocol)
+            if not watched:
+                self._whenGone.remove((watched, gone))
+                gone.callback(None)
         if not self.live:
             waiting, self._whenEmpty = self._whenEmpty, []
             for d in waiting:
@@ -286,6 +306,8 @@ class SMTPServerProtocol(Protocol):
         self._quitTimer: Any = None
         #: When the header stampers were called, while they have not answered.
         self._stampingSince: float | None = None
+        #: The connect hook's chain at work (before the greeting).
+        self._connectCheck: Deferred[Any] | None = None
 
     # Connection life cycle ------------------------------------------------------------------
 
@@ -341,19 +363,46 @@ class SMTPServerProtocol(Protocol):
             )
             self._handle(session.closeWith(refusal.reply))
             return
-        if self.context.settings.greetPause > 0:
+        if self.context.hooks.connect is not None:
+            self._checkConnect()
+        elif self.context.settings.greetPause > 0:
             pause = self.context.settings.greetPause
             self._greetTimer = self.context.clock.callLater(pause, self._greet)
         else:
             self._greet()
 
-    def _greet(self) -> None:
+    def _checkConnect(self) -> None:
+        """Run the connect hook (once the reverse lookup has answered) and wait C{greetPause}
+        meanwhile; greet (or refuse) when both are done."""
+        chain = self.context.hooks.connect
+        assert chain is not None and self.session is not None
+        client = self.session.client
+        waits = [self._afterLookup(lambda: chain.run(client, subject=client.address))]
+        if self.context.settings.greetPause > 0:
+            paused: Deferred[None] = Deferred()
+            self._greetTimer = self.context.clock.callLater(
+                self.context.settings.greetPause, paused.callback, None
+            )
+            waits.append(paused)
+        check: Deferred[Any] = gatherResults(waits, consumeErrors=True)
+        self._connectCheck = check
+        check.addCallback(lambda results: self._greet(results[0]))
+
+        def failed(failure: Failure) -> None:
+            if not failure.check(CancelledError):  # (cancelled: the client left)
+                log.failure("checking the client {client}", failure, client=client.address)
+
+        check.addErrback(failed)
+
+    def _greet(self, verdict: Verdict | None = None) -> None:
         self._greetTimer = None
+        self._connectCheck = None
         session = self.session
         if session is None or session.closed:
             return
         self._resume()  # input kept until the greeting (without rejectPregreet)
-        self._handle(session.greeting())
+        refusal = None if verdict is None else _greetingRefusal(verdict, session.settings.hostname)
+        self._handle(session.greeting(refusal))
         self._resetTimer()
 
     def _sessionExpired(self) -> None:
@@ -463,6 +512,8 @@ class SMTPServerProtocol(Protocol):
         for timer in (self._greetTimer, self._deadline, self._quitTimer):
             _cancel(timer)
         self._greetTimer = self._deadline = None
+        if self._connectCheck is not None:
+            self._connectCheck.cancel()
         if self._admission is not None:
             self._admission.release()
         if self._lookup is not None:
@@ -576,7 +627,9 @@ class SMTPServerProtocol(Protocol):
         if isinstance(question, CheckMail):
             envelope = question.envelope
             client = envelope.client or self.session.client  # type: ignore[union-attr]
-            d = self.context.sender.check(client, envelope)
+            sender = self.context.hooks.sender
+            assert sender is not None  # (set for every listener: SessionHooks.forListener)
+            d = sender.check(client, envelope)
         elif isinstance(question, CheckRecipient):
             assert self.session is not None
             d = self.context.policy.check(
@@ -584,6 +637,15 @@ class SMTPServerProtocol(Protocol):
             )
         elif isinstance(question, StartData):
             d = self._afterLookup(self._startData, question.envelope)
+        elif isinstance(question, CheckHelo):
+            assert self.session is not None and self.context.hooks.helo is not None
+            client = self.session.client
+            d = self.context.hooks.helo.run(client, question.name, subject=client.address)
+        elif isinstance(question, ExtensionCommand):
+            assert self.session is not None
+            d = question.extension.command(
+                self.session.client, question.envelope, question.verb, question.argument
+            )
         elif isinstance(question, EndOfData):
             d = self._endOfData(question)
         elif isinstance(question, Authenticate):
@@ -599,7 +661,7 @@ class SMTPServerProtocol(Protocol):
 
     def _questionFailed(self, failure: Failure, question: object) -> Reply | Verdict:
         log.failure("error handling {question}", failure, question=type(question).__name__)
-        if isinstance(question, (CheckMail, CheckRecipient)):
+        if isinstance(question, (CheckMail, CheckRecipient, CheckHelo)):
             return QUESTION_FAILED
         return R.LOCAL_ERROR
 
@@ -668,7 +730,8 @@ class SMTPServerProtocol(Protocol):
         """C{f(*args)} once the client's reverse lookup has answered (it has a timeout of its
         own), so that a client faster than the DNS still gets its name in C{Received:}."""
         if self._lookup is None:
-            return succeed(f(*args))
+            result = f(*args)
+            return result if isinstance(result, Deferred) else succeed(result)
 
         def then(_: object) -> Any:
             session = self.session
@@ -676,9 +739,25 @@ class SMTPServerProtocol(Protocol):
 
         return self._lookup.addCallback(then)
 
-    def _startData(self, envelope: Envelope) -> Reply | None:
+    def _startData(self, envelope: Envelope) -> Reply | None | Deferred[Reply | None]:
         ctx = self.context
         client = envelope.client or self.session.client  # type: ignore[union-attr]
+        if ctx.hooks.data is None:
+            return self._openMessage(envelope, client)
+        d = ctx.hooks.data.run(client, envelope, subject=f"<{envelope.sender}>")
+
+        def judged(verdict: Verdict) -> Reply | None:
+            session = self.session
+            if session is None or session.closed:
+                return None
+            if verdict.kind in (VerdictKind.CONTINUE, VerdictKind.ACCEPT):
+                return self._openMessage(envelope, client)
+            return verdict.reply or Reply(421, "4.7.0", "Error: closing connection")
+
+        return d.addCallback(judged)
+
+    def _openMessage(self, envelope: Envelope, client: ClientInfo) -> Reply | None:
+        ctx = self.context
         opened = ctx.intake.open(envelope, client, ctx.settings.listenerOptions)
         if isinstance(opened, Reply):
             return opened
@@ -715,6 +794,19 @@ class SMTPServerProtocol(Protocol):
         if message is None:  # pragma: no cover - the session asks only after StartData
             return succeed(question.error or R.LOCAL_ERROR)
         return message.finish(question.error, question.size)
+
+
+def _greetingRefusal(verdict: Verdict, hostname: str) -> Reply | None:
+    """The reply replacing the greeting for a connect hook's C{verdict}, or C{None} to greet:
+    a rejection is a 554 (or the plugin's 521, RFC 7504), anything else refusing a 421."""
+    if verdict.kind in (VerdictKind.CONTINUE, VerdictKind.ACCEPT):
+        return None
+    reply = verdict.reply
+    text = reply.text if reply is not None else "Error: closing connection"
+    enhanced = reply.enhanced if reply is not None else "4.7.0"
+    if verdict.kind is VerdictKind.REJECT:
+        return Reply(521 if reply is not None and reply.code == 521 else 554, enhanced, text)
+    return Reply(421, enhanced if enhanced.startswith("4.") else "4.7.0", f"{hostname} {text}")
 
 
 def _cancel(call: Any) -> None:

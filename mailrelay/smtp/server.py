@@ -39,6 +39,7 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from mailrelay import address
 from mailrelay.address import AddressError
@@ -84,6 +85,15 @@ class SessionSettings:
     rejectUnauthPipelining: bool = False
     #: Refuse input received before the greeting (554 5.5.0 and close).
     rejectPregreet: bool = False
+    #: Ask the driver about each HELO/EHLO name (L{CheckHelo}) before greeting the client.
+    checkHelo: bool = False
+    #: The ESMTP extensions offered (see L{ExtensionCommand}): objects with C{keyword},
+    #: C{mailParameters}, C{rcptParameters}, C{verbs} and, never raising,
+    #: C{ehloLine(client)} (a line, or C{None} not to offer it to this client),
+    #: C{mailParameter(client, envelope, name, value)} and
+    #: C{rcptParameter(client, envelope, recipient, name, value)} (the value to keep, or a
+    #: L{Reply} refusing the command).
+    extensions: tuple[Any, ...] = ()
 
 
 # Events -------------------------------------------------------------------------------------
@@ -120,6 +130,30 @@ class CheckRecipient:
     envelope: Envelope
     recipient: Recipient
     mailbox: address.Mailbox
+
+
+@dataclass(frozen=True, slots=True)
+class CheckHelo:
+    """Question (with C{SessionSettings.checkHelo}): may the client greet as C{name}?  Answer
+    with a L{Verdict}; C{client.helo} is still the previous name meanwhile."""
+
+    name: str
+    esmtp: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ExtensionCommand:
+    """Question: carry out the command C{verb} of the ESMTP extension C{extension} (one of
+    C{SessionSettings.extensions}, offered to this client).  Answer with the L{Reply} to send
+    (a 421 closes the session).
+
+    @ivar envelope: the transaction in progress, or C{None}.
+    """
+
+    extension: Any
+    verb: str
+    argument: str
+    envelope: Envelope | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +302,11 @@ class ServerSession:
         self._refusable: tuple[str, str | None, str | None] | None = None
         #: The message's content reader, in DATA mode.
         self._data: DataReader | None = None
+        #: The client was refused at the greeting (554): every command but QUIT gets 503.
+        self._refusedAtGreeting = False
+        #: What the extensions offered in the last EHLO own: MAIL and RCPT parameters and
+        #: commands, by name.
+        self._owners: tuple[dict[str, Any], dict[str, Any], dict[str, Any]] = ({}, {}, {})
 
     # Driver API -----------------------------------------------------------------------------
 
@@ -295,13 +334,26 @@ class ServerSession:
         """C{True} while a question is unanswered (the driver should stop reading)."""
         return self._waiting is not None
 
-    def greeting(self) -> list[object]:
+    def greeting(self, refusal: Reply | None = None) -> list[object]:
         """The 220 greeting, then what input kept until now (without C{rejectPregreet})
-        makes the session do."""
+        makes the session do.
+
+        @param refusal: the reply refusing the client instead (RFC 5321 3.1): a C{554} (the
+            session then answers every command but QUIT with C{503 5.5.1}, and QUIT with 221),
+            or a C{421} or C{521} (RFC 7504), after which it closes.
+        """
         if self.mode == _CLOSED:
             return []
         self._awaitingGreeting = False
-        out: list[object] = [Reply(220, "", f"{self.settings.hostname} ESMTP mailrelay")]
+        if refusal is not None and refusal.code != 554:
+            return [Refused("CONNECT", refusal), *self.closeWith(refusal)]
+        if refusal is not None:
+            self._refusedAtGreeting = True
+        out: list[object] = (
+            [Reply(220, "", f"{self.settings.hostname} ESMTP mailrelay")]
+            if refusal is None
+            else [Refused("CONNECT", refusal), refusal]
+        )
         if self._buf:
             out += self._run()
         return out
@@ -357,6 +409,10 @@ class ServerSession:
             self._dataEndAnswered(result)  # type: ignore[arg-type]
         elif kind is Authenticate:
             self._authAnswered(question, result)  # type: ignore[arg-type]
+        elif kind is CheckHelo:
+            self._heloAnswered(question, result)  # type: ignore[arg-type]
+        elif kind is ExtensionCommand:
+            self._extensionAnswered(result)  # type: ignore[arg-type]
         return out + self._run()
 
     def tlsStarted(self, description: str | None) -> list[object]:
@@ -376,6 +432,7 @@ class ServerSession:
         self.client.relayAllowed = self._addressRelay
         self.transaction = None
         self._sasl = None
+        self._owners = ({}, {}, {})
         if self.mode in (_TLS, _SASL):
             self.mode = _COMMAND
         if self._awaitingGreeting:  # implicit TLS: the greeting has not been sent yet
@@ -480,6 +537,12 @@ class ServerSession:
             return True
         verb, _, arg = line.partition(" ")
         handler = getattr(self, "_cmd_" + verb.upper(), None) if verb.isalpha() else None
+        if self._refusedAtGreeting and verb.upper() != "QUIT":
+            self._reply(Reply(503, "5.5.1", "Error: no SMTP service here, send QUIT"))
+            return True
+        if handler is None and verb.upper() in self._owners[2]:
+            handler = self._extensionCommand
+            arg = f"{verb.upper()} {arg}"
         if handler is None:
             if not verb:
                 self._reply(R.SYNTAX_ERROR)
@@ -512,6 +575,17 @@ class ServerSession:
         if not name or " " in name or not name.isprintable():
             self._reply(Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
             return
+        if self.settings.checkHelo:
+            self._ask(CheckHelo(name, esmtp))
+            return
+        self._greeted(name, esmtp)
+
+    def _heloAnswered(self, question: CheckHelo, verdict: Verdict) -> None:
+        if not self._verdictRefuses(verdict):
+            self._greeted(question.name, question.esmtp)
+
+    def _greeted(self, name: str, esmtp: bool) -> None:
+        """Accept the HELO or EHLO name C{name}: reply with the extensions offered."""
         self._resetTransaction()
         self.client.helo = name
         self.client.esmtp = esmtp
@@ -522,9 +596,44 @@ class ServerSession:
                 lines.append("STARTTLS")
             if self._authOffered:
                 lines.append("AUTH " + " ".join(self.settings.authMechanisms))
+            if self.settings.extensions:
+                lines += self._offerExtensions()
             self._reply(Reply(250, "", "\n".join(lines)))
         else:
+            self._owners = ({}, {}, {})
             self._reply(Reply(250, "", self.settings.hostname))
+
+    def _offerExtensions(self) -> list[str]:
+        """The EHLO lines of the extensions offered to the client; what they own is then
+        accepted from it."""
+        lines: list[str] = []
+        owners: tuple[dict[str, Any], dict[str, Any], dict[str, Any]] = ({}, {}, {})
+        for extension in self.settings.extensions:
+            line = extension.ehloLine(self.client)
+            if line is None:
+                continue
+            lines.append(line)
+            for owned, names in zip(
+                owners,
+                (extension.mailParameters, extension.rcptParameters, extension.verbs),
+                strict=True,
+            ):
+                owned.update(dict.fromkeys(names, extension))
+        self._owners = owners
+        return lines
+
+    def _extensionCommand(self, arg: str) -> None:
+        verb, _, argument = arg.partition(" ")
+        t = self.transaction
+        self._ask(
+            ExtensionCommand(self._owners[2][verb], verb, argument, t.envelope if t else None)
+        )
+
+    def _extensionAnswered(self, reply: Reply) -> None:
+        if reply.code == 421:
+            self._close(reply)
+        else:
+            self._reply(reply)
 
     def _cmd_MAIL(self, arg: str) -> None:
         self._refusable = ("MAIL", _givenPath(arg, "FROM:"), None)
@@ -594,6 +703,11 @@ class ServerSession:
                 # our own client's authentication instead, so it is checked and ignored.
                 if not value:
                     raise _ParamError(Reply(501, "5.5.4", "Error: bad AUTH parameter"))
+            elif key in self._owners[0]:
+                kept = self._owners[0][key].mailParameter(self.client, envelope, key, value)
+                if isinstance(kept, Reply):
+                    raise _ParamError(kept)
+                envelope.parameters[key] = kept
             else:
                 raise _ParamError(Reply(555, "5.5.4", f"Error: unsupported MAIL parameter {key}"))
         for _key, value in params:
@@ -638,11 +752,12 @@ class ServerSession:
             mailbox = address.parseForwardPath(
                 path, utf8=t.envelope.smtputf8, postmasterDomain=self.settings.hostname
             )
+            rcpt.address = str(mailbox)
+            rcpt.original = path[1:-1]
+            self._extensionRcptParams(t.envelope, rcpt, params)
         except (AddressError, _ParamError) as e:
             self._reply(e.reply)
             return
-        rcpt.address = str(mailbox)
-        rcpt.original = path[1:-1]
         if rcpt.address in t.seen:
             # A duplicate is accepted once: the message is delivered to it once.
             self._reply(Reply(250, "2.1.5", "Ok"))
@@ -673,9 +788,21 @@ class ServerSession:
                 if not decoded.isprintable() or len(decoded) > 500:
                     raise _ParamError(Reply(501, "5.5.4", "Error: bad ORCPT parameter"))
                 rcpt.orcpt = f"{kind};{decoded}"
-            else:
+            elif key not in self._owners[1]:
                 raise _ParamError(Reply(555, "5.5.4", f"Error: unsupported RCPT parameter {key}"))
         return rcpt
+
+    def _extensionRcptParams(
+        self, envelope: Envelope, rcpt: Recipient, params: list[tuple[str, str | None]]
+    ) -> None:
+        """Parse the RCPT parameters the extensions own, once the address is known."""
+        owners = self._owners[1]
+        for key, value in params:
+            if key in owners:
+                kept = owners[key].rcptParameter(self.client, envelope, rcpt, key, value)
+                if isinstance(kept, Reply):
+                    raise _ParamError(kept)
+                rcpt.parameters[key] = kept
 
     def _rcptAnswered(self, question: CheckRecipient, verdict: Verdict) -> None:
         if self._verdictRefuses(verdict):
@@ -702,6 +829,10 @@ class ServerSession:
         self._ask(StartData(t.envelope))
 
     def _dataStartAnswered(self, refusal: Reply | None) -> None:
+        if refusal is not None and refusal.code == 421:
+            self._noteRefusal(refusal)
+            self._close(refusal)
+            return
         if refusal is not None:
             self._resetTransaction()
             self._reply(refusal)
@@ -910,6 +1041,9 @@ class ServerSession:
         if reply.isPositive:
             self.messages += 1
             self.errors = 0
+        if reply.code == 421:  # a message filter's disconnection
+            self._close(reply)
+            return
         self._reply(reply)
 
 
@@ -933,6 +1067,8 @@ def _refusable(question: object) -> tuple[str, str | None, str | None] | None:
         return ("RCPT", question.envelope.sender, question.recipient.original)
     if isinstance(question, StartData):
         return ("DATA", question.envelope.sender, None)
+    if isinstance(question, CheckHelo):
+        return ("EHLO" if question.esmtp else "HELO", None, None)
     return None
 
 

@@ -44,6 +44,9 @@ class _MemoryWriter:
         self.aborted = True
         self.spool.open.pop(self.queueID, None)
 
+    def read(self) -> bytes:
+        return b"".join(self.chunks)
+
     def commit(self, envelope: Envelope) -> Deferred[None]:
         self.spool.open.pop(self.queueID, None)
         if self.done or self.aborted:

@@ -68,6 +68,14 @@ class _SpillFile:
             self._materialise()
         return int(self._file.fileno())
 
+    def read(self) -> bytes:
+        """Everything written so far (blocking, for a file: see L{MessageWriter.read})."""
+        if self._file is None:
+            return b"".join(self._chunks)
+        self._file.flush()
+        with open(self.path, "rb") as f:
+            return f.read()
+
     def close(self) -> None:
         self.closed = True
         self._chunks = []
@@ -132,6 +140,17 @@ class MessageWriter:
             )
             return
         self.size += len(data)
+
+    def read(self) -> bytes:
+        """What was written so far (see L{IMessageWriter.read}): from memory, or from the
+        temporary file (blocking).
+
+        @raise OSError: the file cannot be read, or a write had failed.
+        """
+        if self._error is not None:
+            raise self._error
+        data: bytes = self._file.read()
+        return data
 
     def _finished(self, error: SpoolError | None) -> None:
         """The commit is over (on the reactor thread): it failed with C{error}, or not."""

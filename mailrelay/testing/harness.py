@@ -48,6 +48,7 @@ from mailrelay.receive.limits import MemoryRateLimiter
 from mailrelay.receive.listener import ListenerSettings, buildListenerFactory
 from mailrelay.receive.protocol import SMTPServerProtocol
 from mailrelay.spool.memory import MemorySpool
+from mailrelay.testing.plugins import hookPlugins
 
 
 class FakeTLSConnection:
@@ -189,9 +190,16 @@ class ServerHarness:
         else C{None}.
     @ivar limiter: the L{IRateLimiter} behind them.
     @ivar context: the listener's L{mailrelay.receive.protocol.ListenerContext}.
+    @ivar hooks: the L{mailrelay.config.plugins.HookPlugins} of C{plugins} (and
+        C{validators}).
 
     @param validators: L{IRecipientValidator} providers (each may answer within 30 seconds of
         the clock) or L{ConfiguredValidator}s.
+    @param plugins: plugins of the hooks of C{[[plugins]]} (connect, helo, esmtp, mail,
+        rcpt, data, message, queue): objects, each serving every hook it provides and
+        answering within 30 seconds, or C{PluginEntry.serving(name, plugin, timeout, hooks)}
+        (L{mailrelay.config.plugins.PluginEntry}), in configuration order; the recipient
+        validators among them run after C{validators}.
     @param users: user name to password: the listener offers AUTH, checked by a
         L{MemoryChecker}.
     @param auth: more AUTH settings: L{AuthSettings} fields (C{senders}, C{throttleAfter},
@@ -206,6 +214,8 @@ class ServerHarness:
     @param limits: the listener's limits (keyword arguments of
         L{mailrelay.receive.limits.ListenerLimits}); without, no limits are applied.
     @param sessions: a L{mailrelay.receive.protocol.Sessions}, to test a graceful stop.
+    @param resolver: an C{IResolver} (a L{mailrelay.testing.FakeResolver}) for the client's
+        reverse lookup (C{client.rdns}), which the connect hook waits for; by default none.
     @param peer: the client's address.
     @param connect: make the connection now (else call C{protocol.makeConnection}).
     @param settings: the listener's settings: L{ListenerSettings} field names, e.g.
@@ -217,6 +227,7 @@ class ServerHarness:
         self,
         *,
         validators: Sequence[Any] = (),
+        plugins: Sequence[Any] = (),
         users: dict[str, str] | None = None,
         auth: dict[str, Any] | None = None,
         relay: dict[str, Any] | None = None,
@@ -225,6 +236,7 @@ class ServerHarness:
         limiter: Any = None,
         limits: dict[str, Any] | None = None,
         sessions: Any = None,
+        resolver: Any = None,
         peer: str = "127.0.0.1",
         connect: bool = True,
         **settings: Any,
@@ -239,16 +251,28 @@ class ServerHarness:
             s if isinstance(s, ConfiguredStamper) else ConfiguredStamper(type(s).__name__, s, 30.0)
             for s in ([DefaultStamper()] if stampers is None else stampers)
         ]
-        self.intake = Intake(self.spool, configured, self.clock, listener.hostname)
+        control, checks = self._policy(validators, dict(relay or {}), listener.hostname)
+        self.hooks = hookPlugins(plugins, checks)
+        observers = self.hooks.observers(self.clock)
+        self.intake = Intake(
+            self.spool,
+            configured,
+            self.clock,
+            listener.hostname,
+            filters=self.hooks.filterChain(self.clock),
+            observe=observers.messageQueued if observers.queued else None,
+        )
         self.limiter = limiter or MemoryRateLimiter(self.clock)
         self.factory = buildListenerFactory(
             listener,
-            policy=self._policy(validators, dict(relay or {}), listener.hostname),
+            policy=RecipientPolicy(control, self.hooks.serving("rcpt"), self.clock),
+            hooks=self.hooks.sessionHooks(self.clock),
             intake=self.intake,
             clock=self.clock,
             auth=authPolicy,
             limiter=self.limiter if limits is not None else None,
             sessions=sessions,
+            resolver=resolver,
         )
         self.context = self.factory.context
         self.limits = self.context.limits
@@ -264,7 +288,9 @@ class ServerHarness:
         portal = makePortal([self.checker])
         return AuthPolicy(portal, self.throttle, AuthSettings(**options), **timeout)
 
-    def _policy(self, validators: Sequence[Any], relay: dict[str, Any], hostname: str) -> Any:
+    def _policy(
+        self, validators: Sequence[Any], relay: dict[str, Any], hostname: str
+    ) -> tuple[RelayControl, list[ConfiguredValidator]]:
         networks = relay.pop("networks", ("127.0.0.0/8", "::1/128"))
         control = RelayControl(
             [ip_network(n) for n in networks], relay.pop("acceptDomains", ()), hostname, **relay
@@ -273,7 +299,7 @@ class ServerHarness:
             v if isinstance(v, ConfiguredValidator) else ConfiguredValidator(f"validator{i}", v, 30)
             for i, v in enumerate(validators)
         ]
-        return RecipientPolicy(control, configured, self.clock)
+        return control, configured
 
     def _open(self, peer: str, connect: bool) -> None:
         address = IPv4Address("TCP", peer, 40000) if ":" not in peer else None

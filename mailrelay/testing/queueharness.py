@@ -38,6 +38,7 @@ from mailrelay.interfaces import IDeliveryBackend, IRouter
 from mailrelay.queue import QueueManager, QueuePolicy
 from mailrelay.route.table import RouteRule, RoutingTable
 from mailrelay.spool.memory import MemorySpool
+from mailrelay.testing.plugins import hookPlugins
 
 __all__ = ["QueueHarness"]
 
@@ -69,6 +70,12 @@ class QueueHarness:
     @param timeouts: seconds one delivery by the named backend may take (a site backend's
         C{[[backends]] timeout}); others get C{policy.deliveryTimeout}.
     @param start: start the queue manager now.
+    @param plugins: plugins of the delivery side's hooks: delivery and queue observers
+        (L{mailrelay.testing.RecordingObserver} records what they are told), message filters
+        (the notifications pass them); objects, or
+        L{PluginEntry <mailrelay.config.plugins.PluginEntry>}s, as for L{ServerHarness}.
+    @param clock: the clock (a C{MemoryReactorClock}: C{FakeNexthop.reactor}, for a backend
+        talking to a L{mailrelay.testing.FakeNexthop}); by default a new C{Clock}.
     @param policy: the queue's settings: L{QueuePolicy} field names, e.g. C{minBackoff=60},
         C{maxLifetime=3600}, C{delayWarning=600}, C{postmaster="postmaster@relay.test"}.
     """
@@ -84,10 +91,16 @@ class QueueHarness:
         hostname: str = "relay.test",
         timeouts: Mapping[str, float] | None = None,
         start: bool = True,
+        plugins: Sequence[Any] = (),
+        clock: Any = None,
         **policy: Any,
     ) -> None:
-        self.clock = Clock()
-        self.clock.advance(1_800_000_000)
+        if clock is None:
+            clock = Clock()
+            clock.advance(1_800_000_000)
+        self.clock = clock
+        self.hooks = hookPlugins(plugins)
+        observers = self.hooks.observers(clock)
         self.spool = MemorySpool(directory)
         self.spooled: list[tuple[Envelope, bytes]] = []
         configured = [
@@ -100,7 +113,15 @@ class QueueHarness:
                 self.spooled.append(self.spool.committed[queueID])
                 enqueue(queueID)
 
-            return Intake(self.spool, configured, self.clock, hostname, notify=committed)
+            return Intake(
+                self.spool,
+                configured,
+                self.clock,
+                hostname,
+                notify=committed,
+                filters=self.hooks.filterChain(self.clock),
+                observe=observers.messageQueued if observers.queued else None,
+            )
 
         self.queue = QueueManager(
             self.spool,
@@ -111,6 +132,7 @@ class QueueHarness:
             makeIntake=makeIntake,
             policy=QueuePolicy(**policy),
             timeouts=timeouts,
+            observers=observers,
         )
         self.intake = self.queue.intake
         if start:

@@ -1,0 +1,162 @@
+"""The message filters' side of the intake: what a filter sees (L{FilterContext}), what its
+answer means (L{filterVerdict}), and the message with the fields the filters added.
+
+The intake runs the filters (L{mailrelay.interfaces.IMessageFilter}) once a message is
+complete, stamped and checked for hops, before the commit, as one chain of the policy runner
+(given to the intake ready-made: a stage does not import another).  Each filter gets the same
+L{FilterContext}: C{read()} reads the message from the spool writer (its temporary file, or
+its memory for a small message) in the thread pool once, and gives every filter the message
+as it stands, the fields of the filters before it included.  When the filters added fields,
+the message is written again with them before it is committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailrelay.cleanup.stamping import HEADER_SECTION_LIMIT, WELL_FORMED_FIELD, parseHeaderSection
+from mailrelay.envelope import ClientInfo, Envelope
+from mailrelay.interfaces import (
+    CONTINUE,
+    BadAnswer,
+    FilterResult,
+    IFilterContext,
+    Verdict,
+    VerdictKind,
+    checkVerdict,
+)
+
+__all__ = ["FILTER_FAILED_TEXT", "FilterContext", "filterVerdict", "withFields"]
+
+#: The text of the 451 refusing a message whose filter failed.
+FILTER_FAILED_TEXT = "Error: temporary failure filtering the message, try again later"
+
+
+def withFields(message: bytes, prepend: Sequence[bytes], append: Sequence[bytes]) -> bytes:
+    """C{message} with the header fields C{prepend} above its first field and C{append} after
+    its last one (where the stampers insert theirs)."""
+    if not prepend and not append:
+        return message
+    _, end = parseHeaderSection(message, HEADER_SECTION_LIMIT)
+    added = b"".join(append)
+    if added and message[end : end + 1] in (b" ", b"\t"):
+        added += b"\r\n"  # (no header section: an empty line keeps the body the body)
+    return b"".join(prepend) + message[:end] + added + message[end:]
+
+
+@implementer(IFilterContext)
+class FilterContext:
+    """What the message filters of one message see (see L{IFilterContext}).
+
+    @ivar prepend: the fields the filters added above the header section so far (a later
+        filter's above an earlier one's).
+    @ivar append: the fields they added after it, in order.
+    """
+
+    def __init__(
+        self,
+        hostname: str,
+        client: ClientInfo | None,
+        envelope: Envelope,
+        listenerOptions: dict[str, Any],
+        size: int,
+        readMessage: Callable[[], bytes],
+        deferToThread: Callable[..., Deferred[Any]],
+    ) -> None:
+        """
+        @param size: the octets of the message as stamped.
+        @param readMessage: reads the stamped message (blocking: called in the thread pool).
+        """
+        self.hostname = hostname
+        self.client = client
+        self.envelope = envelope
+        self.listenerOptions = listenerOptions
+        self.deferToThread = deferToThread
+        self._size = size
+        self._readMessage = readMessage
+        self._message: bytes | None = None
+        self._failure: Failure | None = None
+        self._waiting: list[Deferred[bytes]] = []
+        self.prepend: list[bytes] = []
+        self.append: list[bytes] = []
+
+    @property
+    def size(self) -> int:
+        return self._size + sum(map(len, self.prepend)) + sum(map(len, self.append))
+
+    @property
+    def changed(self) -> bool:
+        """Whether the filters added fields."""
+        return bool(self.prepend or self.append)
+
+    def read(self) -> Deferred[bytes]:
+        """The message as it stands (see L{IFilterContext.read})."""
+        if self._message is not None:
+            return succeed(self._current(self._message))
+        if self._failure is not None:
+            return fail(self._failure)
+        d: Deferred[bytes] = Deferred()
+        self._waiting.append(d)
+        if len(self._waiting) == 1:
+            reading = self.deferToThread(self._readMessage)
+            reading.addCallbacks(self._read, self._notRead)
+        return d
+
+    def _read(self, message: bytes) -> None:
+        self._message = message
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            if not d.called:  # (a filter that timed out has cancelled its read)
+                d.callback(self._current(message))
+
+    def _notRead(self, failure: Failure) -> None:
+        self._failure = failure
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            if not d.called:
+                d.errback(failure)
+
+    def _current(self, message: bytes) -> bytes:
+        return withFields(message, self.prepend, self.append)
+
+    def addFields(self, prepend: Sequence[bytes], append: Sequence[bytes]) -> None:
+        """Add a filter's fields.
+
+        @raise BadAnswer: one is not a whole, well-formed header field.
+        """
+        for field in (*prepend, *append):
+            if not isinstance(field, bytes) or not WELL_FORMED_FIELD.fullmatch(field):
+                raise BadAnswer(f"added a malformed header field: {field!r}")
+        self.prepend[:0] = prepend
+        self.append.extend(append)
+
+    def message(self) -> Deferred[bytes]:
+        """The message to commit: as read, with every field added (read now if no filter
+        read it)."""
+        return self.read()
+
+
+def filterVerdict(answer: Any, args: Sequence[Any]) -> Verdict:
+    """What a message filter's C{answer} means (the C{interpret} of its chain): the verdict,
+    once the fields of a passing L{FilterResult} are added to the L{FilterContext} (the
+    first of C{args}).
+
+    @raise BadAnswer: the answer is none of C{FilterResult}, C{Verdict}, C{None}, or carries
+        malformed fields.
+    """
+    if answer is None:
+        return CONTINUE
+    if isinstance(answer, Verdict):
+        return checkVerdict(answer)
+    if not isinstance(answer, FilterResult):
+        raise BadAnswer(f"answered {answer!r}, not a FilterResult, a Verdict or None")
+    verdict = checkVerdict(answer.verdict)
+    if verdict.kind in (VerdictKind.CONTINUE, VerdictKind.ACCEPT):
+        context: FilterContext = args[0]
+        context.addFields(tuple(answer.prepend), tuple(answer.append))
+    return verdict

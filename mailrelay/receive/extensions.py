@@ -1,0 +1,257 @@
+"""ESMTP extensions as the sans-IO session calls them (L{SessionSettings.extensions
+<mailrelay.smtp.server.SessionSettings>}): a site's L{IESMTPExtension} plugin behind an
+L{ExtensionAdapter}, which checks what the plugin answers and turns its failures into replies,
+logged with its name (the session itself never logs and must never see an exception).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
+from twisted.logger import Logger
+
+from mailrelay.envelope import ClientInfo, Envelope, Recipient
+from mailrelay.interfaces import Reply
+from mailrelay.smtp.server import ServerSession
+
+log = Logger()
+
+__all__ = [
+    "BUILTIN_KEYWORDS",
+    "BUILTIN_MAIL",
+    "BUILTIN_RCPT",
+    "ExtensionAdapter",
+    "checkExtensions",
+]
+
+#: The EHLO keywords the relay offers itself, or will (DSN, CHUNKING, BINARYMIME, REQUIRETLS).
+BUILTIN_KEYWORDS = frozenset({
+    "PIPELINING", "SIZE", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "STARTTLS", "AUTH",
+    "DSN", "CHUNKING", "BINARYMIME", "REQUIRETLS",
+})  # fmt: skip
+#: The MAIL parameters the relay reads itself.
+BUILTIN_MAIL = frozenset({"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH", "REQUIRETLS"})
+#: The RCPT parameters the relay reads itself.
+BUILTIN_RCPT = frozenset({"NOTIFY", "ORCPT"})
+#: An EHLO keyword or a parameter name (RFC 5321 4.1.1.1 ehlo-keyword, esmtp-keyword).
+_KEYWORD = re.compile(r"[A-Z0-9][A-Z0-9-]*\Z")
+#: The commands the session knows (a command of an extension must be none of these).
+_SESSION_COMMANDS = frozenset(
+    {name[5:] for name in dir(ServerSession) if name.startswith("_cmd_")} | {"LHLO", "BDAT"}
+)
+
+#: The reply to an extension command whose plugin failed.
+COMMAND_FAILED = Reply(451, "4.3.0", "Error: temporary failure, try again later")
+
+
+def _names(value: Any, what: str, name: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, (tuple, list, frozenset, set)):
+        raise ValueError(
+            f"ESMTP extension {name!r}: {what} must be a tuple of names, not {value!r}"
+        )
+    for item in value:
+        if not isinstance(item, str) or not _KEYWORD.match(item):
+            raise ValueError(
+                f"ESMTP extension {name!r}: {item!r} in {what} is not an upper-case keyword"
+            )
+    return tuple(value)
+
+
+class ExtensionAdapter:
+    """One ESMTP extension plugin, for the sessions (see L{SessionSettings.extensions
+    <mailrelay.smtp.server.SessionSettings>}).
+
+    @ivar name: the plugin's name, for the log.
+    @ivar plugin: the L{IESMTPExtension} provider.
+    @ivar timeout: seconds one of its commands may take.
+    """
+
+    def __init__(self, name: str, plugin: Any, timeout: float, clock: Any) -> None:
+        """
+        @raise ValueError: its keyword, parameters or commands are not upper-case keywords.
+        """
+        self.name = name
+        self.plugin = plugin
+        self.timeout = timeout
+        self.clock = clock
+        keyword = plugin.keyword
+        if not isinstance(keyword, str) or not _KEYWORD.match(keyword):
+            raise ValueError(
+                f"ESMTP extension {name!r}: keyword {keyword!r} is not an upper-case keyword"
+            )
+        self.keyword = keyword
+        self.mailParameters = _names(plugin.mailParameters, "mailParameters", name)
+        self.rcptParameters = _names(plugin.rcptParameters, "rcptParameters", name)
+        self.verbs = _names(plugin.verbs, "verbs", name)
+
+    def __repr__(self) -> str:
+        return f"<ExtensionAdapter {self.name}: {self.keyword}>"
+
+    def ehloLine(self, client: ClientInfo) -> str | None:
+        """The plugin's EHLO line for C{client}, or C{None}: not offered (also when the
+        plugin fails or gives a line that is not its keyword and printable ASCII)."""
+        try:
+            line = self.plugin.ehloLine(client)
+        except Exception:
+            log.failure(
+                "ESMTP extension {plugin} failed giving its EHLO line to {client}; not offered",
+                plugin=self.name,
+                client=client.address,
+            )
+            return None
+        if line is None:
+            return None
+        if (
+            not isinstance(line, str)
+            or line.split(" ", 1)[0].upper() != self.keyword
+            or len(line) > 500
+            or not line.isascii()
+            or not line.isprintable()
+        ):
+            log.error(
+                "ESMTP extension {plugin} gave the EHLO line {line!r}, not its keyword "
+                "{keyword} (and parameters) in printable ASCII; not offered",
+                plugin=self.name,
+                line=line,
+                keyword=self.keyword,
+            )
+            return None
+        return line
+
+    def mailParameter(
+        self, client: ClientInfo, envelope: Envelope, name: str, value: str | None
+    ) -> Any:
+        """What to keep of the MAIL parameter C{name}, or the L{Reply} refusing MAIL."""
+        return self._parameter("MAIL", self.plugin.mailParameter, client, envelope, name, value)
+
+    def rcptParameter(
+        self,
+        client: ClientInfo,
+        envelope: Envelope,
+        recipient: Recipient,
+        name: str,
+        value: str | None,
+    ) -> Any:
+        """What to keep of the RCPT parameter C{name}, or the L{Reply} refusing RCPT."""
+        return self._parameter(
+            "RCPT", self.plugin.rcptParameter, client, envelope, recipient, name, value
+        )
+
+    def _parameter(self, command: str, parse: Any, *args: Any) -> Any:
+        name = args[-2]
+        client = args[0]
+        try:
+            kept = parse(*args)
+        except ValueError as e:
+            return Reply(501, "5.5.4", f"Error: bad {name} parameter: {_oneLine(str(e))}")
+        except Exception:
+            log.failure(
+                "ESMTP extension {plugin} failed parsing the {command} parameter {name} of "
+                "{client}",
+                plugin=self.name,
+                command=command,
+                name=name,
+                client=client.address,
+            )
+            return COMMAND_FAILED
+        if isinstance(kept, Reply):
+            if kept.isPositive:
+                log.error(
+                    "ESMTP extension {plugin} refused the {command} parameter {name} with the "
+                    "positive reply {reply}",
+                    plugin=self.name,
+                    command=command,
+                    name=name,
+                    reply=str(kept),
+                )
+                return COMMAND_FAILED
+            return kept
+        try:
+            json.dumps(kept, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            log.error(
+                "ESMTP extension {plugin} parsed the {command} parameter {name} into "
+                "{kept!r}, which is not JSON ({error}); refusing",
+                plugin=self.name,
+                command=command,
+                name=name,
+                kept=kept,
+                error=str(e),
+            )
+            return COMMAND_FAILED
+        return kept
+
+    def command(
+        self, client: ClientInfo, envelope: Envelope | None, verb: str, argument: str
+    ) -> Deferred[Reply]:
+        """The reply to the extension's command C{verb}: the plugin's, or C{451 4.3.0} when it
+        fails, answers something else or does not answer within the timeout."""
+        about: dict[str, Any] = {"plugin": self.name, "verb": verb, "client": client.address}
+        d: Deferred[Any] = maybeDeferred(self.plugin.command, client, envelope, verb, argument)
+        d.addTimeout(self.timeout, self.clock)
+
+        def answered(reply: Any) -> Reply:
+            if isinstance(reply, Reply):
+                return reply
+            log.error(
+                "ESMTP extension {plugin} answered {reply!r} to {verb} from {client}, not a "
+                "Reply",
+                reply=reply,
+                **about,
+            )
+            return COMMAND_FAILED
+
+        def failed(failure: Any) -> Reply:
+            if failure.check(TimeoutError):
+                log.warn(
+                    "ESMTP extension {plugin} did not answer {verb} from {client} within "
+                    "{timeout:g}s",
+                    timeout=self.timeout,
+                    **about,
+                )
+            else:
+                log.failure(
+                    "ESMTP extension {plugin} failed answering {verb} from {client}",
+                    failure,
+                    **about,
+                )
+            return COMMAND_FAILED
+
+        return d.addCallbacks(answered, failed)
+
+
+def _oneLine(text: str) -> str:
+    return "".join(c if c.isprintable() else " " for c in text)[:200]
+
+
+def checkExtensions(adapters: Sequence[ExtensionAdapter]) -> None:
+    """Refuse extensions whose keyword, parameters or commands are the relay's own or
+    another's.
+
+    @raise ValueError: naming the extension and what it takes.
+    """
+    taken: dict[str, dict[str, str]] = {
+        "keyword": dict.fromkeys(BUILTIN_KEYWORDS, "the relay"),
+        "MAIL parameter": dict.fromkeys(BUILTIN_MAIL, "the relay"),
+        "RCPT parameter": dict.fromkeys(BUILTIN_RCPT, "the relay"),
+        "command": dict.fromkeys(_SESSION_COMMANDS, "the relay"),
+    }
+    for adapter in adapters:
+        for what, names in (
+            ("keyword", (adapter.keyword,)),
+            ("MAIL parameter", adapter.mailParameters),
+            ("RCPT parameter", adapter.rcptParameters),
+            ("command", adapter.verbs),
+        ):
+            for name in names:
+                owner = taken[what].get(name)
+                if owner is not None:
+                    raise ValueError(
+                        f"ESMTP extension {adapter.name!r}: the {what} {name} is already "
+                        f"{owner}'s"
+                    )
+                taken[what][name] = f"ESMTP extension {adapter.name!r}"

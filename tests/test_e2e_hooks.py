@@ -1,0 +1,231 @@
+"""End-to-end: the hooks of [[plugins]] in the real C{twistd -n mailrelay}, with a site's
+plugins (tests/sitehooks) found on PYTHONPATH as docs/plugins.md says: connect, HELO, MAIL,
+DATA (greylisting), the message filter, the ESMTP extension, the queue and delivery
+observers (in the delivery process), a plugin that is a service (started, reloaded,
+stopped in order), a plugin whose build fails, and C{--list-plugins}."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import smtplib
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import TWISTD, RelayProcess
+from tests.test_e2e_reload import _reload
+
+SITE = Path(__file__).resolve().parent / "sitehooks"
+ENV = {"PYTHONPATH": os.pathsep.join([str(SITE), os.environ.get("PYTHONPATH", "")])}
+MESSAGE = "Subject: hooks\r\n\r\nHello from the tests.\r\n"
+#: Everything is delivered to the discard backend, soon.
+BASE = ('[dns]\nreverse_lookups = false\n'
+        '[[routes]]\ndomain = "*"\nbackend = "discard"\n')
+
+
+def events(path: Path, hook: str | None = None) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    found = [json.loads(line) for line in path.read_text().splitlines()]
+    return [e for e in found if hook is None or e["hook"] == hook]
+
+
+def waitEvents(r: RelayProcess, path: Path, hook: str, count: int) -> list[dict[str, Any]]:
+    import time
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        found = events(path, hook)
+        if len(found) >= count:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"{count} {hook} events not logged: {events(path)}\n{r.log()}")
+
+
+def plugins(log: Path) -> str:
+    return (
+        '[[plugins]]\nplugin = "site-gate"\nbad_helo = ["evil.test"]\n'
+        '[[plugins]]\nplugin = "site-senders"\nreject = ["spam@example.com"]\n'
+        f'[[plugins]]\nplugin = "site-grey"\nlog = "{log}"\n'
+        '[[plugins]]\nplugin = "site-filter"\nreject_word = "VIRUS"\n'
+        '[[plugins]]\nplugin = "site-ext"\n'
+        f'[[plugins]]\nplugin = "site-observer"\nlog = "{log}"\n'
+    )
+
+
+def test_every_hook_in_the_real_relay(relays, tmp_path: Path) -> None:
+    log = tmp_path / "events.jsonl"
+    r = relays(BASE + plugins(log), env=ENV).start()
+    service = waitEvents(r, log, "service", 1)
+    assert service[0]["event"] == "start"
+
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
+        # HELO: a refused name, then a good one; the extension is offered.
+        assert s.ehlo("evil.test") == (550, b"5.7.1 Error: HELO evil.test refused")
+        code, text = s.ehlo("client.test")
+        assert code == 250 and b"XSITE TAG" in text
+        # The extension's command sees the connect hook's notes.
+        assert s.docmd("XSITE") == (250, b"2.0.0 site says hello to 127.0.0.1")
+        # MAIL: the site's sender validator.
+        assert s.mail("spam@example.com") == (550, b"5.7.1 Error: sender refused by site policy")
+        # DATA: greylisted the first time.
+        assert s.mail("alice@example.com", ["XSITE-TAG=Blue"])[0] == 250
+        assert s.rcpt("bob@example.org")[0] == 250
+        assert s.docmd("DATA") == (451, b"4.7.1 Greylisted, try again later")
+        # The second time: the content filter refuses, then passes and tags.
+        s.mail("alice@example.com", ["XSITE-TAG=Blue"])
+        s.rcpt("bob@example.org")
+        assert s.data("Subject: x\r\n\r\nA VIRUS.\r\n") == (
+            554, b"5.7.1 Error: message refused by content filter")
+        s.mail("alice@example.com", ["XSITE-TAG=Blue"])
+        s.rcpt("bob@example.org")
+        code, text = s.data(MESSAGE)
+    assert code == 250
+    queueID = text.decode().rsplit(" ", 1)[1]
+
+    # The queue observer (in the relay) saw the notes of every stage; the delivery observers
+    # (in the delivery process) saw the delivery.
+    (queued,) = waitEvents(r, log, "queue", 1)
+    assert queued["queueID"] == queueID and queued["bounce"] is False
+    assert queued["notes"]["senders"] == "checked"
+    assert queued["notes"]["filter"]["size"] > len(MESSAGE)
+    assert queued["client"] == {"gate": {"connected": "127.0.0.1"}}
+    delivered = waitEvents(r, log, "delivery", 2)
+    assert {(e["rcpt"], e["outcome"]) for e in delivered} == {("bob@example.org", "delivered")}
+    assert all(e["pid"] != queued["pid"] for e in delivered)  # the delivery process
+    assert any(e.get("notes", {}).get("filter") for e in delivered)  # the envelope's notes
+    r.waitForLog(rf"{queueID}: removed")
+    assert r.log().count("NOQUEUE: reject: EHLO from unknown[127.0.0.1]: 550 5.7.1") == 1
+    assert "NOQUEUE: reject: MAIL from unknown[127.0.0.1]: 550 5.7.1" in r.log()
+
+
+def test_the_filter_field_and_notes_are_spooled(relays, tmp_path: Path) -> None:
+    log = tmp_path / "events.jsonl"
+    r = relays(BASE + "[queue]\nhold = true\n" + plugins(log), env=ENV).start()
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
+        s.ehlo("client.test")
+        s.mail("carol@example.com", ["XSITE-TAG=Red"])
+        s.rcpt("bob@example.org")
+        with pytest.raises(smtplib.SMTPDataError):  # greylisted once
+            s.data(MESSAGE)
+        s.mail("carol@example.com", ["XSITE-TAG=Red"])
+        s.rcpt("bob@example.org")
+        code, text = s.data(MESSAGE)
+    assert code == 250
+    queueID = text.decode().rsplit(" ", 1)[1]
+    eml = (r.spool / "queue" / f"{queueID}.eml").read_bytes()
+    assert eml.startswith(b"X-Site-Filter: checked ")
+    assert b"\r\nReceived: from client.test" in eml
+    envelope = json.loads((r.spool / "queue" / f"{queueID}.json").read_text())
+    assert envelope["parameters"] == {"XSITE-TAG": "red"}
+    assert envelope["notes"]["senders"] == "checked"
+    assert envelope["client"]["notes"] == {"gate": {"connected": "127.0.0.1"}}
+    assert envelope["messageSize"] == len(eml)
+
+
+def test_a_client_refused_at_connect(relays, tmp_path: Path) -> None:
+    config = BASE + '[[plugins]]\nplugin = "site-gate"\nreject = ["127.0.0.1"]\n'
+    r = relays(config, env=ENV).start()
+    c = r.connect()
+    assert c.readReply() == [b"554 5.7.1 Error: 127.0.0.1 is listed"]
+    c.send(b"EHLO x\r\n")
+    assert c.readReply() == [b"503 5.5.1 Error: no SMTP service here, send QUIT"]
+    c.send(b"QUIT\r\n")
+    assert c.readReply() == [b"221 2.0.0 Bye"]
+    c.expectClosed()
+    r.waitForLog(r"NOQUEUE: reject: CONNECT from unknown\[127\.0\.0\.1\]: 554 5\.7\.1 Error: "
+                 r"127\.0\.0\.1 is listed; proto=SMTP")
+
+
+def test_a_service_plugin_starts_reloads_and_stops_after_the_sessions(relays, tmp_path) -> None:
+    """site-grey is a service serving data (in the relay) and delivery (in the delivery
+    process): each process starts and stops its own object."""
+    log = tmp_path / "events.jsonl"
+    grey = f'[[plugins]]\nplugin = "site-grey"\nlog = "{log}"\nname = "%s"\n'
+    r = relays(BASE + grey % "first", env=ENV).start()
+    assert r.process is not None
+    relayPID = r.process.pid
+
+    def relayServices() -> list[tuple[str, str]]:
+        return [(e["event"], e["name"]) for e in events(log, "service") if e["pid"] == relayPID]
+
+    waitEvents(r, log, "service", 1)
+    open_ = r.connect()
+    assert open_.readReply()[0].startswith(b"220 ")
+
+    # A reload: the new object starts now, the old one stops once the sessions begun
+    # before the reload have ended.
+    line = _reload(r, BASE + grey % "second")
+    assert "configuration reloaded" in line
+    assert relayServices() == [("start", "first"), ("start", "second")]
+    open_.send(b"QUIT\r\n")
+    open_.readReply()
+    waitEvents(r, log, "service", 3)
+    assert relayServices()[2] == ("stop", "first")
+
+    # SIGTERM: stopped after the sessions; every delivery process stopped its own too.
+    assert r.stop() in (0, -signal.SIGTERM)
+    assert relayServices() == [
+        ("start", "first"), ("start", "second"), ("stop", "first"), ("stop", "second"),
+    ]
+    others: dict[int, list[str]] = {}
+    for e in events(log, "service"):
+        if e["pid"] != relayPID:
+            others.setdefault(e["pid"], []).append(e["event"])
+    assert sorted(others.values()) == [["start", "stop"], ["start", "stop"]]
+
+
+def test_a_plugin_that_fails_to_build_is_one_configuration_error(tmp_path: Path) -> None:
+    r = RelayProcess(tmp_path / "relay", BASE + '[[plugins]]\nplugin = "site-broken"\n',
+                     env=ENV)
+    env = dict(os.environ, **ENV)
+    done = subprocess.run(r.command(), cwd=r.directory, env=env, capture_output=True,
+                          timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 1
+    lines = done.stderr.decode().strip().splitlines()
+    assert lines == [
+        f"mailrelay: configuration error: {r.directory / 'mailrelay.toml'}: plugins[0]: "
+        "plugin 'site-broken' failed to build: RuntimeError: cannot reach the policy server "
+        "at 192.0.2.99"
+    ], done.stderr.decode()
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ('plugin = "site-gate"\nhooks = ["data"]',
+         'plugins[0].hooks: "data": the plugin does not provide IDataPolicy'),
+        ('plugin = "site-gate"\nhooks = ["conect"]',
+         'plugins[0].hooks[0]: unknown hook "conect" (did you mean "connect"?)'),
+        ('plugin = "site-grey"\nlog = "x"\nlogg = 1',
+         "plugins[0].logg: unknown key \"logg\" (did you mean \"log\"?)"),
+        ('plugin = "no-such"', "plugins[0].plugin: unknown plugin 'no-such'"),
+    ],
+)
+def test_bad_plugin_entries_name_file_table_and_key(tmp_path: Path, entry: str, message: str) -> None:
+    r = RelayProcess(tmp_path / "relay", BASE + f"[[plugins]]\n{entry}\n", env=ENV)
+    env = dict(os.environ, **ENV)
+    done = subprocess.run(r.command(), cwd=r.directory, env=env, capture_output=True,
+                          timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 1
+    assert f"{r.directory / 'mailrelay.toml'}: {message}" in done.stderr.decode()
+
+
+def test_list_plugins_shows_the_site_plugins_and_the_chains(tmp_path: Path) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text(BASE + plugins(tmp_path / "events.jsonl"))
+    env = dict(os.environ, **ENV)
+    done = subprocess.run([TWISTD, "mailrelay", "--config", str(config), "--list-plugins"],
+                          cwd=tmp_path, env=env, capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()
+    out = done.stdout.decode()
+    assert "site-grey" in out and "IDataPolicy, IDeliveryObserver [hooks: data, delivery]" in out
+    lines = {line.split("(")[0].strip(): line for line in out.splitlines() if " (" in line}
+    assert "site-gate (plugins[0], timeout 30s)" in lines["connect"]
+    assert lines["mail"].endswith("-> site-senders (plugins[1], timeout 30s)")
+    assert "site-grey (plugins[2]" in lines["data"] and "site-grey (plugins[2]" in lines["delivery"]
+    assert "site-filter" in lines["message"] and "site-ext" in lines["esmtp"]

@@ -1,0 +1,153 @@
+"""The values of the hook framework: notes and extension parameters stored with the envelope,
+the plugin context (options read with the configuration's machinery, objects kept across
+reloads, the thread hand-off), the hook table."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from twisted.internet.task import Clock
+
+from mailrelay.config.schema import Key, Table, pluginOptions
+from mailrelay.config.values import choice, fileName, integer, stringList
+from mailrelay.envelope import ClientInfo, Envelope, Recipient
+from mailrelay.errors import ConfigError
+from mailrelay.interfaces import (
+    HOOKS,
+    HOOKS_BY_NAME,
+    IDataPolicy,
+    IDeliveryObserver,
+    MailRelayPlugin,
+    PluginContext,
+    providedBy,
+)
+
+
+def test_notes_and_parameters_are_stored_with_the_envelope() -> None:
+    client = ClientInfo("192.0.2.7", notes={"dnsbl": {"listed": False, "zones": ["a.test"]}})
+    envelope = Envelope(
+        sender="a@example.com",
+        recipients=[Recipient("b@example.org", parameters={"X-PRIO": 3})],
+        client=client,
+        parameters={"MT-PRIORITY": 2},
+        notes={"spf": "pass", "score": 1.5, "none": None},
+    )
+    back = Envelope.fromJSON(envelope.toJSON())
+    assert back.client is not None
+    assert back.client.notes == {"dnsbl": {"listed": False, "zones": ["a.test"]}}
+    assert back.notes == {"spf": "pass", "score": 1.5, "none": None}
+    assert back.parameters == {"MT-PRIORITY": 2}
+    assert back.recipients[0].parameters == {"X-PRIO": 3}
+
+
+def test_an_envelope_without_notes_still_loads() -> None:
+    data = json.loads(Envelope(sender="a@example.com", client=ClientInfo("192.0.2.1")).toJSON())
+    for d in (data, data["client"]):
+        del d["notes"]
+    del data["parameters"]
+    back = Envelope.fromDict(data)
+    assert back.notes == {} and back.parameters == {}
+    assert back.client is not None and back.client.notes == {}
+
+
+def test_damaged_notes_are_refused_when_loaded() -> None:
+    data = json.loads(Envelope(client=ClientInfo("192.0.2.1")).toJSON())
+    data["client"]["notes"] = ["not", "an", "object"]
+    with pytest.raises(ValueError, match=r"client\.notes: .* is not a JSON object"):
+        Envelope.fromDict(data)
+
+
+def test_notes_that_are_not_json_fail_serialisation() -> None:
+    with pytest.raises(TypeError):
+        Envelope(notes={"when": object()}).toJSON()
+
+
+def test_the_hook_table_names_each_hook_once() -> None:
+    assert [h.name for h in HOOKS] == [
+        "connect", "helo", "esmtp", "mail", "rcpt", "data", "message", "queue", "delivery",
+    ]
+    assert HOOKS_BY_NAME["data"].interface is IDataPolicy
+    assert HOOKS_BY_NAME["delivery"].process == "delivery"
+    for hook in HOOKS:
+        if hook.method is not None:
+            assert hook.method in hook.interface.names(), hook
+
+
+def test_a_plugin_may_declare_several_interfaces() -> None:
+    one = MailRelayPlugin("a", IDataPolicy, "", factory=lambda o, c: None)
+    two = MailRelayPlugin("b", (IDataPolicy, IDeliveryObserver), "", factory=lambda o, c: None)
+    assert providedBy(one) == (IDataPolicy,)
+    assert providedBy(two) == (IDataPolicy, IDeliveryObserver)
+
+
+def context(tmp_path: Path, **kwargs: object) -> PluginContext:
+    return PluginContext(hostname="relay.test", configDir=tmp_path, **kwargs)  # type: ignore[arg-type]
+
+
+def test_keep_returns_the_same_object_across_contexts_sharing_kept(tmp_path: Path) -> None:
+    kept: dict[str, object] = {}
+    first = context(tmp_path, kept=kept).keep("grey:table", dict)
+    first["x"] = 1
+    assert context(tmp_path, kept=kept).keep("grey:table", dict) is first
+    assert context(tmp_path).keep("grey:table", dict) == {}
+
+
+def test_defer_to_thread_runs_at_once_without_a_thread_pool(tmp_path: Path) -> None:
+    ctx = context(tmp_path, reactor=Clock())
+    got: list[object] = []
+    ctx.deferToThread(lambda a, b=0: a + b, 2, b=3).addCallback(got.append)
+    assert got == [5]
+
+
+OPTIONS = pluginOptions(
+    Key("zones", stringList, "The lists.", required="is required: the DNS lists to ask"),
+    Key("action", choice("reject", "tag"), "What a listing does.", default="reject"),
+    Key("max_age", integer(1, 100), "Days."),
+    Key("whitelist", fileName, "A file."),
+)
+
+
+def test_read_options_with_the_configuration_machinery(tmp_path: Path) -> None:
+    got = context(tmp_path).readOptions(OPTIONS, {"zones": ["a.test"], "whitelist": "w.txt"})
+    assert [text for _, text in got.zones] == ["a.test"]
+    assert got.action == "reject"
+    assert got.maxAge is None
+    assert got.whitelist == str(tmp_path / "w.txt")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({}, "zones: is required: the DNS lists to ask"),
+        (
+            {"zones": [], "actoin": "tag"},
+            "actoin: unknown key \"actoin\" (did you mean \"action\"?); the keys allowed in "
+            "the plugin's options are: zones, action, max_age, whitelist",
+        ),
+        ({"zones": [], "max_age": 0}, "max_age: must be a positive integer, not 0"),
+        ({"zones": [], "action": "drop"}, 'action: must be "reject" or "tag", not "drop"'),
+    ],
+)
+def test_read_options_refuses_with_the_key(
+    tmp_path: Path, options: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError) as e:
+        context(tmp_path, source="relay.toml").readOptions(OPTIONS, options)
+    assert str(e.value) == f"relay.toml: {message}"
+
+
+@dataclass(frozen=True)
+class GreyOptions:
+    delay: int = 300
+    expire: int = 86400
+
+
+def test_read_options_into_a_dataclass(tmp_path: Path) -> None:
+    schema = Table(
+        (Key("delay", integer(0, 3600), "Seconds."), Key("expire", integer(1, 10**7), "S.")),
+        target=GreyOptions,
+    )
+    assert context(tmp_path).readOptions(schema, {"delay": 60}) == GreyOptions(60, 86400)

@@ -1,0 +1,190 @@
+"""The one policy chain runner (L{mailrelay.policy.runner.PolicyChain}) of every verdict hook:
+order, the first decision, timeouts and failures that defer, never accept."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
+
+from mailrelay.envelope import ClientInfo, Envelope
+from mailrelay.interfaces import ACCEPT, CONTINUE, Reply, Verdict, VerdictKind
+from mailrelay.policy.runner import ConfiguredPlugin, PolicyChain
+from mailrelay.policy.sender import SenderPolicy
+
+FAILED = Verdict.defer("Error: temporary failure, try again later")
+
+
+class Plugin:
+    """Answers C{answer} (a value, or a callable of the arguments), recording each call."""
+
+    def __init__(self, name: str, answer: Any = CONTINUE) -> None:
+        self.name = name
+        self.answer = answer
+        self.calls: list[tuple[Any, ...]] = []
+
+    def judge(self, *args: Any) -> Any:
+        self.calls.append(args)
+        return self.answer(*args) if callable(self.answer) else self.answer
+
+
+def chain(*plugins: Plugin, timeout: float | None = 5, clock: Clock | None = None) -> PolicyChain:
+    configured = [ConfiguredPlugin(p.name, p, timeout) for p in plugins]
+    return PolicyChain("test", "judge", configured, clock or Clock(), FAILED)
+
+
+def result(d: Deferred[Verdict]) -> Any:
+    box: list[Any] = []
+    d.addBoth(box.append)
+    assert box, "the chain has not answered"
+    return box[0]
+
+
+def test_an_empty_chain_continues_at_once() -> None:
+    assert result(chain().run("x")) is CONTINUE
+
+
+def test_plugins_run_in_order_and_the_first_decision_wins() -> None:
+    a, b, c = Plugin("a"), Plugin("b", Verdict.reject("no")), Plugin("c", ACCEPT)
+    verdict = result(chain(a, b, c).run("x", 1))
+    assert verdict.kind is VerdictKind.REJECT
+    assert str(verdict.reply) == "550 5.7.1 no"
+    assert a.calls == [("x", 1)] and b.calls == [("x", 1)] and c.calls == []
+
+
+def test_accept_ends_the_chain() -> None:
+    a, b = Plugin("a", ACCEPT), Plugin("b", Verdict.reject())
+    assert result(chain(a, b).run()) is ACCEPT and b.calls == []
+
+
+def test_answers_given_at_once_set_no_timer() -> None:
+    clock = Clock()
+    result(chain(Plugin("a"), Plugin("b"), clock=clock).run())
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_later_answer_goes_on_with_the_next_plugin() -> None:
+    clock = Clock()
+    waiting: Deferred[Verdict] = Deferred()
+    a, b = Plugin("a", waiting), Plugin("b", Verdict.defer("later"))
+    d = chain(a, b, clock=clock).run("x")
+    assert not d.called and b.calls == [] and len(clock.getDelayedCalls()) == 1
+    waiting.callback(CONTINUE)
+    assert result(d).kind is VerdictKind.DEFER and b.calls == [("x",)]
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_slow_plugin_defers_after_its_timeout_and_is_cancelled() -> None:
+    clock = Clock()
+    cancelled: list[bool] = []
+    slow = Plugin("slow", Deferred(lambda d: cancelled.append(True)))
+    after = Plugin("after", ACCEPT)
+    with capturedLogs() as events:
+        d = chain(slow, after, timeout=3, clock=clock).run(subject="bob@example.org")
+        clock.advance(2.9)
+        assert not d.called
+        clock.advance(0.2)
+    assert result(d) is FAILED and cancelled == [True] and after.calls == []
+    assert [formatEvent(e) for e in events] == [
+        "test plugin slow did not answer within 3s for bob@example.org; deferring"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("answer", "problem"),
+    [
+        (lambda: 1 / 0, None),
+        (lambda: fail(RuntimeError("down")), None),
+        ("yes", "answered 'yes', not a Verdict"),
+        (None, "answered None, not a Verdict"),
+        (Verdict(VerdictKind.REJECT, Reply(451, "4.3.0", "x")), "answered reject with the reply"),
+        (Verdict(VerdictKind.DEFER, Reply(250, "2.0.0", "ok")), "answered defer with the reply"),
+        (Verdict(VerdictKind.REJECT), "answered reject without a reply"),
+        (Verdict(VerdictKind.DISCONNECT, Reply(554, "5.0.0", "x")), "answered disconnect"),
+    ],
+)
+def test_a_failing_or_misbehaving_plugin_defers_never_accepts(answer: Any, problem: str) -> None:
+    bad, after = Plugin("bad", answer), Plugin("after", ACCEPT)
+    with capturedLogs() as events:
+        assert result(chain(bad, after).run(subject="s")) is FAILED
+    assert after.calls == []
+    (event,) = events
+    text = formatEvent(event)
+    if problem is None:
+        assert text == "test plugin bad failed for s; deferring" and event.get("log_failure")
+    else:
+        assert text.startswith(f"test plugin bad {problem}") and text.endswith("for s; deferring")
+
+
+def test_a_disconnect_without_a_reply_is_well_formed() -> None:
+    verdict = Verdict(VerdictKind.DISCONNECT)
+    assert result(chain(Plugin("a", verdict)).run()) is verdict
+
+
+def test_notes_that_are_not_json_defer_naming_the_plugin() -> None:
+    client = ClientInfo("192.0.2.1")
+
+    def note(client: ClientInfo, envelope: Envelope) -> Verdict:
+        envelope.notes["when"] = object()
+        return CONTINUE
+
+    with capturedLogs() as events:
+        verdict = result(chain(Plugin("noter", note)).run(client, Envelope(), subject="c"))
+    assert verdict is FAILED
+    assert "test plugin noter left Envelope notes that are not JSON" in formatEvent(events[0])
+    client.notes["ok"] = {"n": 1}
+    assert result(chain(Plugin("fine")).run(client, Envelope())) is CONTINUE
+
+
+def test_a_plugin_without_the_method_or_with_a_bad_timeout_is_refused() -> None:
+    with pytest.raises(TypeError, match="test plugin 'x' has no method judge"):
+        PolicyChain("test", "judge", [ConfiguredPlugin("x", object())], Clock(), FAILED)
+    with pytest.raises(ValueError, match="the timeout of test plugin 'a' must be > 0, not 0"):
+        chain(Plugin("a"), timeout=0)
+
+
+def test_cancelling_the_chain_cancels_the_plugin_and_answers_failed() -> None:
+    cancelled: list[bool] = []
+    d = chain(Plugin("a", Deferred(lambda d: cancelled.append(True)))).run()
+    d.cancel()
+    assert cancelled == [True] and result(d) is FAILED
+
+
+# The MAIL stage: the built-in sender validators, then the site's, by the same runner.
+
+
+class Site:
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+        self.seen: list[str] = []
+
+    def validateSender(self, client: ClientInfo, envelope: Envelope) -> Any:
+        self.seen.append(envelope.sender)
+        return self.answer
+
+
+def mail(policy: SenderPolicy, sender: str, size: int | None = None) -> Any:
+    client = ClientInfo("192.0.2.9")
+    return result(policy.check(client, Envelope(sender=sender, client=client, size=size)))
+
+
+def test_site_sender_validators_run_after_the_built_in_checks() -> None:
+    site = Site(Verdict.reject("Error: no such sender", 550, "5.1.8"))
+    policy = SenderPolicy(
+        hasFreeSpace=lambda n: n < 100,
+        validators=[ConfiguredPlugin("site", site, 5)],
+        clock=Clock(),
+    )
+    assert [c.name for c in policy.chain.plugins] == ["free-space", "site"]
+    assert mail(policy, "a@example.com", size=1000).reply.code == 452 and site.seen == []
+    assert str(mail(policy, "a@example.com").reply) == "550 5.1.8 Error: no such sender"
+    assert site.seen == ["a@example.com"]
+
+
+def test_a_failing_site_sender_validator_defers_the_mail_command() -> None:
+    policy = SenderPolicy(validators=[ConfiguredPlugin("site", Site(succeed("ok")), 5)], clock=Clock())
+    verdict = mail(policy, "a@example.com")
+    assert str(verdict.reply) == "451 4.3.0 Error: temporary failure checking sender, try again later"
