@@ -11,7 +11,8 @@ package, the values, and:
   - a stage: C{smtp/}, and C{receive} also C{policy}, C{delivery} also C{route};
   - C{config/}: C{smtp/} and the stages;
   - C{testing/}: everything but C{app/}; C{app/}: everything but C{testing/};
-  - the dropin (C{twisted/plugins/mailrelay_plugin.py}): the values only.
+  - the dropin (C{twisted/plugins/mailrelay_plugin.py}) and C{builtin/} (the built-in
+    plugins, written on the public API as a site's would be): the values only.
 
 Nobody imports C{app/} or C{testing/} from outside, nor an old module path kept as an alias
 (a shim).  A package's C{__init__.py} holds only a docstring, imports and C{__all__}.
@@ -116,7 +117,7 @@ def importsOf(source: Source, modules: set[str]) -> set[str]:
 
 def unitOf(name: str) -> str:
     """The layer unit of a module: C{values}, C{smtp}, a stage, C{config}, C{testing},
-    C{app}, C{dropin}, C{shim}, or C{other} (outside mailrelay)."""
+    C{app}, C{builtin}, C{dropin}, C{shim}, or C{other} (outside mailrelay)."""
     if name in SHIMS:
         return "shim"
     if name in VALUES:
@@ -128,7 +129,7 @@ def unitOf(name: str) -> str:
     parts = name.split(".")
     if parts[0] != "mailrelay" or len(parts) < 2:
         return "other"
-    if parts[1] in STAGES or parts[1] in {"smtp", "config", "testing", "app"}:
+    if parts[1] in STAGES or parts[1] in {"smtp", "config", "testing", "app", "builtin"}:
         return parts[1]
     return "other"
 
