@@ -41,6 +41,9 @@ def test_wheel_contents(wheel: Path) -> None:
     assert "twisted/plugins/__init__.py" not in names and "twisted/__init__.py" not in names
     assert not any(n.startswith("tests/") for n in names)
     assert not any(n.endswith("dropin.cache") for n in names)
+    # The sample configuration --help points to, a copy of etc/mailrelay.toml (not a link).
+    sample = zipfile.ZipFile(wheel).read("mailrelay/config/sample.toml")
+    assert sample == (REPO / "etc" / "mailrelay.toml").read_bytes()
 
 
 def test_installed_wheel_is_found_by_twistd(wheel: Path, tmp_path: Path) -> None:
@@ -70,6 +73,11 @@ def test_installed_wheel_is_found_by_twistd(wheel: Path, tmp_path: Path) -> None
                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "--relay-network" in out.stdout and "--smarthost" in out.stdout
+    # The sample configuration is installed with the package, and printed by its command.
+    out = subprocess.run([str(python), "-m", "mailrelay.config.sample"], cwd=elsewhere, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == (REPO / "etc" / "mailrelay.toml").read_text()
     # The old path mailrelay.validators serves the installed dropin's plugin objects.
     check = ("import mailrelay.validators as old, twisted.plugins.mailrelay_plugin as dropin; "
              "assert old.regexPlugin is dropin.regexPlugin, old.regexPlugin")

@@ -21,7 +21,13 @@ class Options(usage.Options):
         "the command line replaces that whole list."
     )
     optParameters = [
-        ["config", "c", None, "TOML configuration file (see etc/mailrelay.toml)."],
+        [
+            "config",
+            "c",
+            None,
+            "TOML configuration file (python -m mailrelay.config.sample prints a commented "
+            "sample of every key).",
+        ],
         ["hostname", None, None, "This relay's fully qualified host name."],
         ["spool", None, None, "Spool directory."],
         ["smarthost", None, None, "Default next hop: HOST[:PORT], [HOST]:PORT for no MX lookup."],
