@@ -19,6 +19,7 @@ from twisted.logger import ILogObserver, Logger, formatEventAsClassicLogText, gl
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
+from mailrelay.app.logs import LevelFilter, filtered
 from mailrelay.queue.process import encodeLogEvent
 
 log = Logger()
@@ -94,10 +95,11 @@ def _parseArguments(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _logToRelay() -> None:
-    """Send every log event to the relay's process, one line each on our standard output
-    (L{encodeLogEvent}), each flushed as it is written (a pipe would otherwise hold them in a
-    block buffer); once the relay is gone, to our standard error."""
+def _logToRelay(levels: LevelFilter) -> None:
+    """Send every log event at C{levels} or above to the relay's process, one line each on
+    our standard output (L{encodeLogEvent}: the events below are never formatted), each
+    flushed as it is written (a pipe would otherwise hold them in a block buffer); once the
+    relay is gone, to our standard error."""
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     relayGone: list[bool] = []
 
@@ -111,7 +113,9 @@ def _logToRelay() -> None:
         sys.stderr.write(formatEventAsClassicLogText(event) or "")
         sys.stderr.flush()
 
-    globalLogBeginner.beginLoggingTo([cast(ILogObserver, toRelay)], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo(
+        [filtered(cast(ILogObserver, toRelay), levels)], redirectStandardIO=False
+    )
 
 
 @implementer(IHalfCloseableProtocol)
@@ -184,9 +188,11 @@ def _childMain(argv: list[str]) -> int:
     # deliveries short.  SIGTERM (also sent when the relay dies) stops us cleanly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configText = _readConfigText(options.config_fd) if options.config_fd is not None else None
-    _logToRelay()
+    levels = LevelFilter()
+    _logToRelay(levels)
     try:
         config = loadConfig(options.config, json.loads(options.overrides), text=configText)
+        levels.setLevel(config.logLevel)
         services, queue = makeDeliveryServices(config, reactor)
         services.privilegedStartService()
     except ConfigError as e:

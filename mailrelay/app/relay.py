@@ -16,6 +16,7 @@ from mailrelay.app.listeners import (
     _Carried,
     makeListeners,
 )
+from mailrelay.app.logs import LevelFilter, installTwistdObserver
 from mailrelay.app.plugins import availablePlugins, pluginBuilder
 from mailrelay.app.services import OrderedMultiService
 from mailrelay.config import Config, loadConfig, readConfigFile
@@ -73,6 +74,17 @@ class RelayService(OrderedMultiService):
         self.delivery: Any = None
         self.listeners: dict[str, ListenerService] = {}
         self._sessionsService: SessionsService | None = None
+        #: The log level filter (C{[log] level}), changed by a reload.
+        self.logLevels = LevelFilter()
+        #: twistd's options (C{ServerOptions}), when twistd runs us: see L{setServiceParent}.
+        self.twistdOptions: Any = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        """Under twistd, C{parent} is the application, whose logging has not begun: give it
+        twistd's own observer behind L{logLevels} (see L{installTwistdObserver})."""
+        if self.twistdOptions is not None:
+            installTwistdObserver(parent, self.twistdOptions, self.logLevels)
+        super().setServiceParent(parent)
 
     def privilegedStartService(self) -> None:
         # If start-up fails, what already started (the spool's threads) is stopped, so that
@@ -106,6 +118,7 @@ class RelayService(OrderedMultiService):
         """Add the services of the first configuration."""
         config = self.config = plan.config
         assert self.spool is not None
+        self.logLevels.setLevel(config.logLevel)
         if config.hold:
             log.warn("queue.hold is set: mail is accepted and spooled, nothing is delivered")
         services, queue = plan.delivery
@@ -195,6 +208,7 @@ class RelayService(OrderedMultiService):
         config = plan.config
         assert self.spool is not None
         self.config = config
+        self.logLevels.setLevel(config.logLevel)
         self.spool.minFreeSpace = config.minFreeSpace
         wanted = {endpoint: (factory, role) for endpoint, factory, role in plan.listeners}
         for endpoint, listener in list(self.listeners.items()):

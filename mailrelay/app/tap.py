@@ -87,6 +87,7 @@ def makeService(options: Options) -> Any:
         relay = makeRelayService(config, reactor, options.overrides(), configText=text)
     except ConfigError as e:
         raise SystemExit(f"mailrelay: configuration error: {e}") from None
+    relay.twistdOptions = getattr(options, "parent", None)  # twistd's ServerOptions
     reactor.callWhenRunning(installReloadSignal, reactor, relay)
     return relay
 
