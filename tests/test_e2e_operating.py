@@ -3,10 +3,16 @@ metrics and the health check, the run user (C{--uid}/C{--gid})."""
 
 from __future__ import annotations
 
+import json
 import signal
+import smtplib
 import socket
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import RelayProcess, freePort
 from tests.test_e2e_outbound import (  # noqa: F401 - fixtures
@@ -16,6 +22,7 @@ from tests.test_e2e_outbound import (  # noqa: F401 - fixtures
     message,
     nexthop,
     relay,
+    smtpRoute,
     submit,
     waitRemoved,
     waitResult,
@@ -80,3 +87,152 @@ def test_logLevelWarnAndReload(tmp_path: Path) -> None:
         r.waitForLog(r"connect from 127\.0\.0\.1")
     finally:
         r.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics and the health check
+
+_METRICS = '''
+[metrics]
+listen = "tcp:0:interface=127.0.0.1"
+
+[[recipient_validators]]
+plugin = "regex"
+rules = [{ pattern = '^nobody@', action = "reject" }]
+'''
+
+
+def metricsPort(r: RelayProcess) -> int:
+    m = r.waitForLog(r"listening on 127\.0\.0\.1:(\d+) \(tcp:0:interface=127\.0\.0\.1; metrics\)")
+    return int(m.group(1))
+
+
+def get(port: int, path: str) -> tuple[int, str, str]:
+    """C{(status, content type, body)} of C{GET path} with a real HTTP client."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read().decode()
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample served at /metrics, parsed by prometheus_client's parser: C{(sample
+    name, sorted labels) -> value}."""
+    status, contentType, text = get(port, "/metrics")
+    assert status == 200 and contentType.startswith("text/plain"), (status, contentType)
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def waitSamples(port: int, predicate, what: str, timeout: float = 20.0) -> dict:
+    """Scrape until C{predicate(samples)} holds (the delivery process reports every
+    second)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(port)
+        if predicate(samples):
+            return samples
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not scraped in {timeout}s: {samples}")
+        time.sleep(0.2)
+
+
+def sendSMTP(r: RelayProcess, sender: str, recipients: list[str], body: bytes) -> str | None:
+    """Send through the relay with smtplib; the queue id, or C{None} if every RCPT failed."""
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=15) as s:
+        s.ehlo("client.test")
+        s.mail(sender)
+        accepted = [rcpt for rcpt in recipients if s.rcpt(rcpt)[0] == 250]
+        if not accepted:
+            return None
+        code, reply = s.data(body)
+        assert code == 250, reply
+    return reply.decode().rsplit(" ", 1)[1]
+
+
+def test_metricsScrapedWhileMailFlows(relay, nexthop, dns) -> None:
+    """With mail flowing through the real relay (the delivery in its own process), /metrics
+    serves Prometheus's text format that prometheus_client's parser reads, with the relay's
+    and the delivery process's counts; they survive a reload that replaces the delivery
+    process; /healthz says 200 with the delivery process's pid."""
+    hop, port = nexthop()
+    notices, noticePort = nexthop()
+    hop.rcptReply = lambda address: "550 5.1.1 no such user" if address.startswith("gone@") else None
+    routes = [smtpRoute("example.org", port), smtpRoute("sender.test", noticePort)]
+    r = relay(config(dns, routes=routes) + _METRICS)
+    mport = metricsPort(r)
+    body = message("metrics")
+    ids = [sendSMTP(r, "alice@sender.test", ["bob@example.org", "carol@example.org"], body),
+           sendSMTP(r, "alice@sender.test", ["nobody@example.org", "gone@example.org"], body)]
+    assert all(ids)
+    sizes = [int(r.waitForLog(rf"{qid}: from=<alice@sender\.test> nrcpt=\d size=(\d+) ").group(1))
+             for qid in ids]
+    notices.waitTo("alice@sender.test")  # the bounce of gone@
+    samples = waitSamples(
+        mport,
+        lambda s: value(s, "mailrelay_deliveries_total", backend="smtp", status="sent") == 3
+        and value(s, "mailrelay_dsns_total", action="failed") == 1
+        and value(s, "mailrelay_queue_messages", state="active") == 0,
+        "3 deliveries and a DSN",
+    )
+    listener = "tcp:0:interface=127.0.0.1"
+    assert value(samples, "mailrelay_connections_total", listener=listener) == 2
+    assert value(samples, "mailrelay_sessions_total", outcome="quit") == 2
+    assert value(samples, "mailrelay_messages_total", reply="2xx", origin="smtp") == 2
+    assert value(samples, "mailrelay_messages_total", reply="2xx", origin="local") == 1  # the DSN
+    assert value(samples, "mailrelay_message_bytes_total", origin="smtp") == sum(sizes)
+    assert value(samples, "mailrelay_refusals_total", command="RCPT", reply="5xx") == 1
+    assert value(samples, "mailrelay_deliveries_total", backend="smtp", status="bounced") == 1
+    assert value(samples, "mailrelay_delivery_seconds_count", backend="smtp") == 3
+    assert value(samples, "mailrelay_delivery_seconds_bucket", backend="smtp", le="+Inf") == 3
+    assert value(samples, "mailrelay_delivery_delay_seconds_count", backend="smtp") == 3
+    rcptChecks = value(samples, "mailrelay_plugin_seconds_count",
+                       hook="recipient_validator", plugin="regex")
+    assert rcptChecks == 4
+    stamps = value(samples, "mailrelay_plugin_seconds_count", hook="header_stamper",
+                   plugin="default")
+    assert stamps == 3  # two messages and the DSN
+    assert value(samples, "mailrelay_spool_sync_batch_size_count") >= 3
+    assert value(samples, "mailrelay_queue_messages", state="scheduled") == 0
+    assert not any(name.endswith("_created") for name, _ in samples)
+
+    status, contentType, text = get(mport, "/healthz")
+    report = json.loads(text)
+    assert (status, contentType) == (200, "application/json"), text
+    assert report["status"] == "ok" and report["spool"] == "up" and report["delivery"] == "up"
+    assert report["listeners"] == {listener: "up"}
+    pid = report["delivery_pid"]
+
+    # A reload replaces the delivery process: its counts are kept.
+    assert r.process is not None
+    r.process.send_signal(signal.SIGHUP)
+    r.waitForLog(rf"previous delivery process \(pid {pid}\) exited")
+    assert sendSMTP(r, "alice@sender.test", ["dave@example.org"], body)
+    samples = waitSamples(
+        mport,
+        lambda s: value(s, "mailrelay_deliveries_total", backend="smtp", status="sent") == 4,
+        "the delivery after the reload",
+    )
+    assert value(samples, "mailrelay_dsns_total", action="failed") == 1
+    assert value(samples, "mailrelay_delivery_seconds_count", backend="smtp") == 4
+    assert json.loads(get(mport, "/healthz")[2])["delivery_pid"] != pid
+
+
+def test_healthUnhealthy(relays) -> None:
+    """/healthz says 503 when a part is not up: here the spool, below its minimum free
+    space (the relay answers 452 to mail meanwhile)."""
+    r = relays(_METRICS + "[spool]\nmin_free_space = 1000000000000000000\n", hold=True)
+    r.start()
+    status, _, text = get(metricsPort(r), "/healthz")
+    report = json.loads(text)
+    assert status == 503, text
+    assert report["status"] == "unhealthy" and report["spool"] == "full"
+    assert report["delivery"] == "held"  # hold: on purpose, not a fault

@@ -102,6 +102,12 @@ class InlineDelivery(Service):
         if not self.hold:
             self.queue.enqueue(queueID)
 
+    def state(self) -> str:
+        """C{"up"} (the queue manager runs), C{"held"} (C{[queue] hold}) or C{"down"}."""
+        if self.hold:
+            return "held"
+        return "up" if self.running and self.queue.running else "down"
+
     def reload(self, services: list[Any], queue: Any, hold: bool) -> None:
         """Deliver with C{services} from now on: the new queue manager starts at once and
         begins delivering when the old one, stopping meanwhile, has recorded its deliveries

@@ -20,7 +20,7 @@ from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
 from mailrelay.app.logs import LevelFilter, filtered
-from mailrelay.queue.process import encodeLogEvent
+from mailrelay.queue.process import METRICS_RECORD, encodeLogEvent
 
 log = Logger()
 
@@ -118,6 +118,43 @@ def _logToRelay(levels: LevelFilter) -> None:
     )
 
 
+#: Seconds between two snapshots of our metrics sent to the relay (when something changed).
+METRICS_INTERVAL = 1.0
+
+
+class _MetricsReporter:
+    """Sends a snapshot of our metrics (L{mailrelay.metrics.snapshot}) to the relay's process
+    every L{METRICS_INTERVAL} seconds when something changed, on our standard output beside
+    the log lines (L{METRICS_RECORD}), and a last one when we stop."""
+
+    def __init__(self, reactor: Any) -> None:
+        from twisted.internet.task import LoopingCall
+
+        self._last = ""
+        self._loop = LoopingCall(self.send)
+        self._loop.clock = reactor
+
+    def start(self) -> None:
+        self._loop.start(METRICS_INTERVAL, now=True)
+
+    def send(self) -> None:
+        from mailrelay.metrics import snapshot
+
+        text = snapshot()
+        if text == self._last:
+            return
+        try:
+            sys.stdout.write(METRICS_RECORD + text + "\n")
+        except OSError:  # the relay is gone: nobody to report to
+            self.stop()
+            return
+        self._last = text
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+
 @implementer(IHalfCloseableProtocol)
 class _Feed(LineReceiver):
     """Our standard input: the queue ids the relay committed, one per line; its end tells
@@ -146,12 +183,13 @@ class _Feed(LineReceiver):
         self.readConnectionLost()
 
 
-def _run(reactor: Any, services: Any, queue: Any) -> int:
+def _run(reactor: Any, services: Any, queue: Any, reportMetrics: bool = False) -> int:
     """Run the reactor with C{services} started, until our input ends (or SIGTERM); the exit
-    status."""
+    status.  With C{reportMetrics}, our metrics go to the relay (L{_MetricsReporter})."""
     from twisted.internet import stdio
 
     exitCode = [0]
+    reporter = _MetricsReporter(reactor) if reportMetrics else None
 
     def start() -> None:
         # Our standard output carries the log records; StandardIO gets /dev/null to write to.
@@ -168,9 +206,15 @@ def _run(reactor: Any, services: Any, queue: Any) -> int:
             log.failure("delivery process: start-up failed; exiting (the relay restarts it)")
             exitCode[0] = 1
             _stopReactor(reactor)
+            return
+        if reporter is not None:
+            reporter.start()
 
     reactor.callWhenRunning(start)
     reactor.run()
+    if reporter is not None:
+        reporter.stop()
+        reporter.send()  # the counts of the deliveries finished while stopping
     return exitCode[0]
 
 
@@ -198,7 +242,7 @@ def _childMain(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"mailrelay delivery process: configuration error: {e}", file=sys.stderr)
         return 1
-    return _run(reactor, services, queue)
+    return _run(reactor, services, queue, reportMetrics=config.metricsListen is not None)
 
 
 if __name__ == "__main__":  # pragma: no cover - run as the child process

@@ -33,6 +33,7 @@ log = Logger()
 _RESTART_ONLY = (
     ("spoolDirectory", "spool.directory"),
     ("spoolSync", "spool.sync"),
+    ("metricsListen", "metrics.listen"),
 )
 
 
@@ -142,6 +143,11 @@ class RelayService(OrderedMultiService):
             listener = ListenerService(self.reactor, endpoint, factory, role)
             listener.setServiceParent(self)
             self.listeners[endpoint] = listener
+        if config.metricsListen is not None:
+            # Last: it listens after the SMTP listeners and stops before them.
+            from mailrelay.app.metrics import MetricsService
+
+            MetricsService(self.reactor, config.metricsListen, self).setServiceParent(self)
 
     def reload(self) -> bool:
         """Re-read the configuration file and run on it, or log why not and keep running on

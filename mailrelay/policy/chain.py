@@ -10,6 +10,7 @@ is too slow defers the recipient (451 4.3.0): a failing plugin never accepts.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_address
@@ -21,6 +22,7 @@ from twisted.logger import Logger
 from mailrelay.address import Mailbox
 from mailrelay.envelope import ClientInfo, Envelope, Recipient
 from mailrelay.interfaces import CONTINUE, IRecipientValidator, Verdict, VerdictKind
+from mailrelay.metrics import timePlugin
 from mailrelay.smtp import replies as R
 
 log = Logger()
@@ -107,7 +109,9 @@ class RecipientPolicy:
         if index >= len(self.validators):
             return succeed(CONTINUE)
         configured = self.validators[index]
+        started = time.perf_counter()
         d = maybeDeferred(configured.validator.validateRecipient, client, envelope, recipient)
+        timePlugin("recipient_validator", configured.name, d, started)
         d.addTimeout(configured.timeout, self.clock)
 
         def decided(verdict: object) -> Verdict | Deferred[Verdict]:

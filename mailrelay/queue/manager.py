@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 from mailrelay.envelope import PENDING, Envelope
 from mailrelay.errors import CorruptEntry, EntryGone, SpoolError
 from mailrelay.interfaces import IDeliveryBackend, IIntake, ISpool
+from mailrelay.metrics import DELIVERIES, DELIVERY_DELAY, QUEUE_STATES
 from mailrelay.queue.attempt import Calls, Deliverer, DeliveryTimedOut
 from mailrelay.queue.notify import Notifier
 from mailrelay.queue.outcome import Decision, apply, decide
@@ -125,6 +126,11 @@ class QueueManager(Service):
         """Messages waiting for their due time (or for room in the active window)."""
         return self.scheduler.scheduledCount
 
+    def queueStates(self) -> dict[str, int]:
+        """The number of messages in each state, for the metrics: C{active} (being
+        delivered), C{scheduled} (waiting for their time, or for room among the active)."""
+        return {"active": self.scheduler.activeCount, "scheduled": self.scheduler.scheduledCount}
+
     def snapshot(self) -> dict[str, Any]:
         """The queue's state: C{running}, C{active} (sorted queue ids) and C{scheduled}
         (C{(due time, queue id)} pairs, earliest first)."""
@@ -146,6 +152,7 @@ class QueueManager(Service):
         super().startService()
         self._stopped = False
         self.calls.reset()
+        QUEUE_STATES.add(self)
         if self.lock is None:
             self._begin()
             return
@@ -190,6 +197,7 @@ class QueueManager(Service):
         super().stopService()
         self._stopped = True
         self.scheduler.stop()
+        QUEUE_STATES.discard(self)
         if self._locking is not None:
             self._locking.cancel()
         done: Deferred[None] = Deferred()
@@ -404,6 +412,9 @@ def _logTransitions(queueID: str, decision: Decision) -> None:
         if status == "bounced" and t.recipient.state == PENDING:
             status = "deferred"
             diagnostic += "; the bounce could not be queued, will retry"
+        DELIVERIES.labels(t.backend, status).inc()
+        if status == "sent":
+            DELIVERY_DELAY.labels(t.backend).observe(decision.delay)
         log.info(
             "{queueID}: to=<{rcpt}>, relay={relay}, delay={delay:.1f}, attempts={attempts}, "
             "status={status} ({diagnostic})",

@@ -8,7 +8,9 @@ input -- the child never rescans the spool, and a lost notification costs nothin
 is in the spool is delivered when the child (re)starts.  The child sends its log events,
 formatted, one line each, on its standard output (L{encodeLogEvent}); the main process
 publishes them to its own log observers, so they go wherever the relay logs (stdout with
-C{-n}, C{twistd.log} when daemonised), as if logged there.
+C{-n}, C{twistd.log} when daemonised), as if logged there.  When metrics are served, the child
+also sends a snapshot of its metrics every second on that channel (L{METRICS_RECORD}), which
+the main process keeps for its exposition (L{DeliveryProcessService.metrics}).
 
 When the child exits unexpectedly it is started again (after a pause that doubles, up to a
 minute).  When the relay stops or reloads, the child's standard input is closed; the child
@@ -33,9 +35,11 @@ from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 
+from mailrelay.metrics import ProcessMetrics
+
 log = Logger(namespace="mailrelay.queue")
 
-__all__ = ["DeliveryProcessService", "decodeLogEvent", "encodeLogEvent"]
+__all__ = ["METRICS_RECORD", "DeliveryProcessService", "decodeLogEvent", "encodeLogEvent"]
 
 #: Seconds after its drain time when a delivery process told to stop is killed.
 _KILL_MARGIN = 15.0
@@ -45,6 +49,11 @@ _RESTART_MAX = 60.0
 
 #: A log record longer than this is dropped (with a note) rather than buffered without bound.
 _MAX_RECORD = 1024 * 1024
+
+#: How a line of the child's standard output carrying a snapshot of its metrics starts
+#: (then the snapshot, L{mailrelay.metrics.snapshot}); every other line is a log event.
+METRICS_RECORD = "metrics\t"
+_METRICS_RECORD = METRICS_RECORD.encode("ascii")
 
 
 def encodeLogEvent(event: dict[str, Any]) -> str:
@@ -108,6 +117,9 @@ class _ChildProtocol(ProcessProtocol):
         for record in records:
             if not record:
                 continue
+            if record.startswith(_METRICS_RECORD):
+                self._metrics(record[len(_METRICS_RECORD) :])
+                continue
             try:
                 event = decodeLogEvent(record.decode("utf-8", "replace"))
             except (ValueError, KeyError):
@@ -115,7 +127,14 @@ class _ChildProtocol(ProcessProtocol):
                 continue
             globalLogPublisher(event)
 
+    def _metrics(self, record: bytes) -> None:
+        try:
+            self.service.metrics.update(self, record.decode("utf-8"))
+        except ValueError as e:  # (UnicodeDecodeError and JSON's errors are ValueErrors)
+            log.error("delivery process: bad metrics record dropped: {error}", error=str(e))
+
     def processEnded(self, reason: Any) -> None:
+        self.service.metrics.retire(self)
         self.service._childEnded(self, reason)
         self.ended.callback(None)
 
@@ -132,6 +151,7 @@ class DeliveryProcessService(Service):
     @ivar drainTime: seconds the child may take to finish its deliveries when told to stop;
         it is killed if it has not exited some seconds after that.
     @ivar hold: start no child (C{[queue] hold}); mail stays in the spool.
+    @ivar metrics: the children's metrics, as their last snapshots said.
     """
 
     #: The module run as the child (C{python -m}): the delivery process's composition root.
@@ -160,6 +180,7 @@ class DeliveryProcessService(Service):
         self._restartDelay = _RESTART_MIN
         self._restartCall: Any = None
         self._stopping = False
+        self.metrics = ProcessMetrics()
 
     def command(self) -> list[str]:
         args = [
@@ -199,6 +220,19 @@ class DeliveryProcessService(Service):
         backlog, self._backlog = self._backlog, []
         for line in backlog:
             child.process.write(line)
+
+    @property
+    def pid(self) -> int | None:
+        """The process id of the delivery process running now, or C{None}."""
+        return None if self._child is None else self._child.pid
+
+    def state(self) -> str:
+        """C{"up"} (the delivery process runs), C{"held"} (C{[queue] hold}: none runs, on
+        purpose) or C{"down"} (none runs: before the start, after the stop, or while it is
+        being restarted)."""
+        if self.hold:
+            return "held"
+        return "up" if self.running and self._child is not None else "down"
 
     def enqueue(self, queueID: str) -> None:
         """Tell the delivery process of a newly committed entry."""

@@ -41,6 +41,7 @@ from zope.interface import implementer
 
 from mailrelay.envelope import ClientInfo, Envelope
 from mailrelay.interfaces import IIntake, Verdict, VerdictKind
+from mailrelay.metrics import CONNECTIONS, REFUSALS, SESSIONS, replyClass
 from mailrelay.policy.chain import RecipientPolicy
 from mailrelay.policy.sender import SenderPolicy
 from mailrelay.receive.tls import describeTLS
@@ -286,6 +287,8 @@ class SMTPServerProtocol(Protocol):
         self._quitTimer: Any = None
         #: When the header stampers were called, while they have not answered.
         self._stampingSince: float | None = None
+        #: The last reply sent (when the relay closes the session, how it ended: L{_outcome}).
+        self._lastReply: Reply | None = None
 
     # Connection life cycle ------------------------------------------------------------------
 
@@ -303,6 +306,7 @@ class SMTPServerProtocol(Protocol):
         )
         self.session = ServerSession(ctx.session, client, awaitingGreeting=True)
         self._timer.lastReceived = ctx.clock.seconds()
+        CONNECTIONS.labels(client.listener).inc()
         if ctx.sessions is not None:
             ctx.sessions.add(self)
             if ctx.sessions.shuttingDown:  # accepted (or PROXY header read) as the stop began
@@ -479,6 +483,7 @@ class SMTPServerProtocol(Protocol):
             )
         self._handle(session.connectionLost())
         _logDisconnect(session, wasOpen)
+        SESSIONS.labels(_outcome(self._lastReply, wasOpen)).inc()
 
     # Timers ---------------------------------------------------------------------------------
 
@@ -522,6 +527,7 @@ class SMTPServerProtocol(Protocol):
                             self._stampingStarted(started)
                 elif isinstance(event, Reply):
                     out.append(event.toBytes())
+                    self._lastReply = event
                 elif isinstance(event, Close):
                     self._flush(out)
                     self._timer.stop()
@@ -723,6 +729,20 @@ def _cancel(call: Any) -> None:
         call.cancel()
 
 
+def _outcome(lastReply: Reply | None, clientLeft: bool) -> str:
+    """How a session ended, for L{SESSIONS}: from the last reply sent when the relay closed
+    it, else C{"disconnected"}."""
+    if clientLeft or lastReply is None:
+        return "disconnected"
+    if lastReply.code == 221:
+        return "quit"
+    if lastReply.code == 421 and lastReply.enhanced == "4.4.2":
+        return "timeout"
+    if lastReply.code == 421 and lastReply.enhanced == "4.3.2":
+        return "shutdown"
+    return "refused"
+
+
 def _logConnect(client: ClientInfo) -> None:
     log.info(
         "connect from {client}:{port} on {listener} relay={relay}",
@@ -763,6 +783,7 @@ def _logSyncError(client: ClientInfo, event: SyncError) -> None:
 def _logRefusal(client: ClientInfo, event: Refused) -> None:
     """Postfix's line: C{NOQUEUE: reject: RCPT from host[addr]: 554 5.7.1 ...;
     from=<s> to=<r> proto=ESMTP helo=<h>}."""
+    REFUSALS.labels(event.command, replyClass(event.reply.code)).inc()
     log.info(
         "NOQUEUE: reject: {command} from {host}[{client}]: {reply};{sender}{recipient} "
         "proto={proto}{helo}",

@@ -118,6 +118,11 @@ class Spool:
 
     # -- life cycle ---------------------------------------------------------------------------
 
+    @property
+    def running(self) -> bool:
+        """Started and not stopped: it takes work."""
+        return self._running
+
     def start(self) -> list[str]:
         """Create the spool if needed, recover from a crash, and get ready to write.
 
