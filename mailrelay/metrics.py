@@ -8,7 +8,8 @@ message's delay (L{DELIVERY_SECONDS}, L{DELIVERY_DELAY}), a notification queued 
 a plugin's answer (L{PLUGIN_SECONDS}, through L{timePlugin}, which every hook's chain runner
 uses), a spool batch made durable (L{SPOOL_SYNC_BATCH}, L{SPOOL_SYNC_SECONDS}).  The queue's
 size by state is read when collected, from the running queue managers (L{QUEUE_STATES}).
-Each count costs a dictionary look-up and an addition under a lock: about a microsecond.
+Each count costs a dictionary look-up (L{child}) and an addition under a lock: a fraction of
+a microsecond (a histogram's, a microsecond); about 10 microseconds a message in all (measured: 9).
 
 The delivery process counts in its own L{REGISTRY}.  When metrics are served, it writes a
 L{snapshot} of it to the relay's process every second (only when something changed), over
@@ -49,6 +50,7 @@ __all__ = [
     "SPOOL_SYNC_BATCH",
     "SPOOL_SYNC_SECONDS",
     "ProcessMetrics",
+    "child",
     "exposition",
     "replyClass",
     "snapshot",
@@ -142,6 +144,20 @@ SPOOL_SYNC_SECONDS = Histogram(
 )
 
 
+#: The labelled children made so far, by metric and label values (a few dozen at most).
+_children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+
+def child(metric: Any, *labels: str) -> Any:
+    """C{metric.labels(*labels)}, made once: the count then costs a dictionary look-up
+    instead of C{labels}' checks (a quarter of a microsecond instead of one and a half)."""
+    key = (metric, labels)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*labels)
+    return found
+
+
 def replyClass(code: int) -> str:
     """C{"2xx"}, C{"4xx"} or C{"5xx"}: a reply code's class, as the labels say it."""
     return f"{code // 100}xx"
@@ -157,7 +173,7 @@ def timePlugin(hook: str, plugin: str, result: Any, started: float) -> Any:
         started = time.perf_counter()
         result = timePlugin("recipient_validator", name, plugin.validateRecipient(...), started)
     """
-    observe = PLUGIN_SECONDS.labels(hook, plugin).observe
+    observe = child(PLUGIN_SECONDS, hook, plugin).observe
     if not isinstance(result, Deferred):
         observe(time.perf_counter() - started)
         return result

@@ -52,7 +52,7 @@ from mailrelay.interfaces import (
     StampContext,
     StampResult,
 )
-from mailrelay.metrics import MESSAGE_BYTES, MESSAGES, replyClass
+from mailrelay.metrics import MESSAGE_BYTES, MESSAGES, child, replyClass
 from mailrelay.smtp import replies as R
 
 log = Logger()
@@ -317,9 +317,9 @@ class IncomingMessage:
         client = self.client
         user = client.authUser if client else None
         origin = "local" if client is None else "smtp"
-        MESSAGES.labels(replyClass(reply.code), origin).inc()
+        child(MESSAGES, replyClass(reply.code), origin).inc()
         if reply.isPositive:
-            MESSAGE_BYTES.labels(origin).inc(size)
+            child(MESSAGE_BYTES, origin).inc(size)
         log.info(
             "{queueID}: from=<{sender}> nrcpt={nrcpt} size={size}{origin}{sasl} result={result}",
             queueID=envelope.queueID,

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from mailrelay.envelope import Envelope, Recipient
 from mailrelay.errors import PermanentFailure, TransientFailure
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, ISpool, RecipientResult, Route
-from mailrelay.metrics import DELIVERY_SECONDS
+from mailrelay.metrics import DELIVERY_SECONDS, child
 from mailrelay.queue.outcome import Outcome
 
 log = Logger(namespace="mailrelay.queue")
@@ -243,7 +243,7 @@ class Deliverer:
         except Exception as e:
             return self._failedGroup(queueID, route, recipients, timeout, e)
         finally:
-            DELIVERY_SECONDS.labels(route.backend).observe(time.perf_counter() - started)
+            child(DELIVERY_SECONDS, route.backend).observe(time.perf_counter() - started)
         problem = self._checkResults(results, recipients)
         if problem is not None:
             return _deferGroup(

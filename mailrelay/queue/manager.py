@@ -37,7 +37,7 @@ from twisted.python.failure import Failure
 from mailrelay.envelope import PENDING, Envelope
 from mailrelay.errors import CorruptEntry, EntryGone, SpoolError
 from mailrelay.interfaces import IDeliveryBackend, IIntake, ISpool
-from mailrelay.metrics import DELIVERIES, DELIVERY_DELAY, QUEUE_STATES
+from mailrelay.metrics import DELIVERIES, DELIVERY_DELAY, QUEUE_STATES, child
 from mailrelay.queue.attempt import Calls, Deliverer, DeliveryTimedOut
 from mailrelay.queue.notify import Notifier
 from mailrelay.queue.outcome import Decision, apply, decide
@@ -412,9 +412,9 @@ def _logTransitions(queueID: str, decision: Decision) -> None:
         if status == "bounced" and t.recipient.state == PENDING:
             status = "deferred"
             diagnostic += "; the bounce could not be queued, will retry"
-        DELIVERIES.labels(t.backend, status).inc()
+        child(DELIVERIES, t.backend, status).inc()
         if status == "sent":
-            DELIVERY_DELAY.labels(t.backend).observe(decision.delay)
+            child(DELIVERY_DELAY, t.backend).observe(decision.delay)
         log.info(
             "{queueID}: to=<{rcpt}>, relay={relay}, delay={delay:.1f}, attempts={attempts}, "
             "status={status} ({diagnostic})",

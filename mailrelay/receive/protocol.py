@@ -41,7 +41,7 @@ from zope.interface import implementer
 
 from mailrelay.envelope import ClientInfo, Envelope
 from mailrelay.interfaces import IIntake, Verdict, VerdictKind
-from mailrelay.metrics import CONNECTIONS, REFUSALS, SESSIONS, replyClass
+from mailrelay.metrics import CONNECTIONS, REFUSALS, SESSIONS, child, replyClass
 from mailrelay.policy.chain import RecipientPolicy
 from mailrelay.policy.sender import SenderPolicy
 from mailrelay.receive.tls import describeTLS
@@ -306,7 +306,7 @@ class SMTPServerProtocol(Protocol):
         )
         self.session = ServerSession(ctx.session, client, awaitingGreeting=True)
         self._timer.lastReceived = ctx.clock.seconds()
-        CONNECTIONS.labels(client.listener).inc()
+        child(CONNECTIONS, client.listener).inc()
         if ctx.sessions is not None:
             ctx.sessions.add(self)
             if ctx.sessions.shuttingDown:  # accepted (or PROXY header read) as the stop began
@@ -483,7 +483,7 @@ class SMTPServerProtocol(Protocol):
             )
         self._handle(session.connectionLost())
         _logDisconnect(session, wasOpen)
-        SESSIONS.labels(_outcome(self._lastReply, wasOpen)).inc()
+        child(SESSIONS, _outcome(self._lastReply, wasOpen)).inc()
 
     # Timers ---------------------------------------------------------------------------------
 
@@ -783,7 +783,7 @@ def _logSyncError(client: ClientInfo, event: SyncError) -> None:
 def _logRefusal(client: ClientInfo, event: Refused) -> None:
     """Postfix's line: C{NOQUEUE: reject: RCPT from host[addr]: 554 5.7.1 ...;
     from=<s> to=<r> proto=ESMTP helo=<h>}."""
-    REFUSALS.labels(event.command, replyClass(event.reply.code)).inc()
+    child(REFUSALS, event.command, replyClass(event.reply.code)).inc()
     log.info(
         "NOQUEUE: reject: {command} from {host}[{client}]: {reply};{sender}{recipient} "
         "proto={proto}{helo}",
