@@ -3,18 +3,28 @@ metrics and the health check, the run user (C{--uid}/C{--gid})."""
 
 from __future__ import annotations
 
+import grp
 import json
+import os
+import pwd
+import re
+import shutil
 import signal
 import smtplib
+import site
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import RelayProcess, freePort
+from tests.harness import REPO, RelayProcess, freePort
 from tests.test_e2e_outbound import (  # noqa: F401 - fixtures
     _mxRoutes,
     config,
@@ -236,3 +246,191 @@ def test_healthUnhealthy(relays) -> None:
     assert status == 503, text
     assert report["status"] == "unhealthy" and report["spool"] == "full"
     assert report["delivery"] == "held"  # hold: on purpose, not a fault
+
+
+# ---------------------------------------------------------------------------------------------
+# Running as another user: twistd's --uid/--gid
+
+
+def _needed(reason: str) -> None:
+    """Skip (visibly) outside CI, fail under CI: the run-user tests must run there."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def nobodyRuntime():
+    """C{(python, directory)}: an interpreter the user C{nobody} can run, seeing this
+    checkout and the test environment's packages (this one's interpreter may live where
+    nobody can read, such as /root), and a directory nobody can reach (pytest's are
+    root's only)."""
+    if os.geteuid() != 0:
+        _needed("the run-user tests start twistd as root")
+    try:
+        pwd.getpwnam("nobody")
+        grp.getgrnam("nogroup")
+    except KeyError:
+        _needed("no user nobody or group nogroup")
+    directory = Path(tempfile.mkdtemp(prefix="mailrelay-runas-"))
+    directory.chmod(0o755)
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    candidates = [Path(sys.executable).resolve(), Path("/usr/bin") / version,
+                  Path("/usr/local/bin") / version]
+    paths = [p for p in site.getsitepackages() if Path(p).is_dir()] + [str(REPO)]
+    try:
+        for interpreter in candidates:
+            if not interpreter.exists():
+                continue
+            venvDir = directory / f"venv-{len(list(directory.iterdir()))}"
+            subprocess.run([str(interpreter), "-m", "venv", "--without-pip", str(venvDir)],
+                           check=True, timeout=120)
+            python = venvDir / "bin" / "python"
+            purelib = subprocess.check_output(
+                [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                text=True).strip()
+            (Path(purelib) / "_mailrelay_tests.pth").write_text("\n".join(paths) + "\n")
+            try:
+                check = subprocess.run(
+                    [str(python), "-c", "import twisted, mailrelay, prometheus_client, OpenSSL"],
+                    user="nobody", group="nogroup", capture_output=True, timeout=120,
+                )
+            except PermissionError:  # nobody cannot run it at all
+                continue
+            if check.returncode == 0:
+                yield python, directory
+                return
+        _needed(f"no {version} that nobody can run with this checkout and its packages")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def privilegedPort() -> int:
+    """A port below 1024 free on 127.0.0.1."""
+    for port in range(1023, 600, -1):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port below 1024")
+
+
+def startAs(python: Path, directory: Path, *args: str) -> subprocess.Popen[bytes]:
+    """C{twistd -n --uid nobody --gid nogroup ... mailrelay ARGS} (started as root)."""
+    log = open(directory / "relay.log", "ab")
+    try:
+        return subprocess.Popen(
+            [str(python), "-c", "import sys; from twisted.scripts.twistd import run; "
+             "sys.argv[0] = 'twistd'; run()", "-n", "--pidfile=", "--uid", "nobody",
+             "--gid", "nogroup", "mailrelay", "--hostname", "relay.test", *args],
+            cwd=directory, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+    finally:
+        log.close()
+
+
+def owner(pid: int) -> tuple[int, int]:
+    """The real uid and gid of process C{pid}."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    uid = int(re.search(r"^Uid:\s+(\d+)", status, re.M).group(1))
+    gid = int(re.search(r"^Gid:\s+(\d+)", status, re.M).group(1))
+    return uid, gid
+
+
+def childrenOf(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def test_runAsNobody(nobodyRuntime, nexthop) -> None:
+    """Started as root with --uid nobody --gid nogroup: the listener on a port below 1024 is
+    bound before the drop, the spool is created and owned by nobody, the relay and its
+    delivery process run as nobody, and mail goes through."""
+    python, top = nobodyRuntime
+    directory = Path(tempfile.mkdtemp(dir=top))
+    directory.chmod(0o755)
+    hop, hopPort = nexthop()
+    (directory / "mailrelay.toml").write_text(
+        f'[[routes]]\ndomain = "example.org"\nbackend = "smtp"\nnexthop = "[127.0.0.1]:{hopPort}"\n')
+    port = privilegedPort()
+    spool = directory / "spool"
+    process = startAs(python, directory, "--config", str(directory / "mailrelay.toml"),
+                      "--listen", f"tcp:{port}:interface=127.0.0.1", "--spool", str(spool))
+    nobody = (pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid)
+    try:
+        waitListening(port)
+        with smtplib.SMTP("127.0.0.1", port, timeout=15) as s:
+            s.sendmail("alice@sender.test", ["bob@example.org"], message("as nobody"))
+        (got,) = hop.waitTo("bob@example.org")
+        assert b"Subject: as nobody" in got.content
+        assert owner(process.pid) == nobody
+        (child,) = childrenOf(process.pid)
+        assert owner(child) == nobody
+        for path in [spool, *spool.rglob("*")]:
+            st = path.lstat()
+            assert (st.st_uid, st.st_gid) == nobody, path
+        assert (spool / "qmgr.lock").exists()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(30)
+    log = (directory / "relay.log").read_text()
+    assert code in (0, -signal.SIGTERM), log  # (twistd ends by the signal that stopped it)
+    assert "set uid/gid" in log and "status=sent" in log
+
+
+def processesMentioning(text: str) -> list[int]:
+    """The processes whose command line holds C{text}."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_runAsFailedStartLeavesNoProcess(nobodyRuntime) -> None:
+    """A start that fails after the drop (here: nobody cannot run the interpreter the relay
+    was started with, so no delivery process can start) exits at once with one line saying
+    why, and leaves no process behind; so does one that fails before (the port is taken)."""
+    python, top = nobodyRuntime
+    directory = Path(tempfile.mkdtemp(dir=top))
+    directory.chmod(0o755)
+    private = directory / "private"
+    shutil.copytree(python.parent.parent, private / "venv", symlinks=True)
+    private.chmod(0o700)  # root's only
+    process = startAs(private / "venv" / "bin" / "python", directory,
+                      "--listen", f"tcp:{privilegedPort()}:interface=127.0.0.1",
+                      "--spool", str(directory / "spool"))
+    try:
+        assert process.wait(30) == 1
+    finally:
+        if process.poll() is None:  # hung: the test fails, the process goes
+            process.kill()
+            process.wait(10)
+    log = (directory / "relay.log").read_text()
+    assert "mailrelay: error: cannot start the delivery process" in log, log
+    assert "Permission denied" in log and "Traceback" not in log, log
+    assert processesMentioning(str(directory)) == []
+
+    port = privilegedPort()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        process = startAs(python, directory, "--listen", f"tcp:{port}:interface=127.0.0.1",
+                          "--spool", str(directory / "spool"))
+        assert process.wait(30) == 1
+    log = (directory / "relay.log").read_text()
+    assert f"mailrelay: error: cannot listen on tcp:{port}:interface=127.0.0.1" in log, log
+    assert "Traceback" not in log

@@ -18,8 +18,15 @@ from mailrelay.interfaces import ISpool
 from mailrelay.spool import Spool
 
 
-def makeSpool(config: Config, reactor: Any, parent: Any, recover: bool = True) -> Spool:
-    """The spool of C{config}, started (and stopped) by a L{SpoolService} under C{parent}."""
+def makeSpool(
+    config: Config,
+    reactor: Any,
+    parent: Any,
+    recover: bool = True,
+    owner: tuple[int, int] | None = None,
+) -> Spool:
+    """The spool of C{config}, started (and stopped) by a L{SpoolService} under C{parent};
+    with C{owner}, given to that user and started as that user (L{SpoolService})."""
     spool = Spool(
         config.spoolDirectory,
         reactor=reactor,
@@ -27,7 +34,7 @@ def makeSpool(config: Config, reactor: Any, parent: Any, recover: bool = True) -
         syncMethod=config.spoolSync,
         recover=recover,
     )
-    SpoolService(spool).setServiceParent(parent)
+    SpoolService(spool, owner).setServiceParent(parent)
     return spool
 
 

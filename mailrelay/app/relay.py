@@ -88,13 +88,22 @@ class RelayService(OrderedMultiService):
         super().setServiceParent(parent)
 
     def privilegedStartService(self) -> None:
-        # If start-up fails, what already started (the spool's threads) is stopped, so that
-        # the process can exit instead of hanging on live threads.
+        self._start(super().privilegedStartService)
+
+    def startService(self) -> None:
+        self._start(super().startService)
+
+    def _start(self, start: Any) -> None:
+        """Run C{start}; if it fails, stop what it began before failing: the spool's threads
+        (which would keep the process alive) and the delivery process (which would run on
+        without us), so that a failed start leaves no process behind."""
         try:
-            super().privilegedStartService()
+            start()
         except BaseException:
             if self.spool is not None:
                 self.spool.stop()
+            if self.delivery is not None and self.delivery.running:
+                self.delivery.stopService()
             raise
 
     def enqueue(self, queueID: str) -> None:
@@ -243,6 +252,7 @@ def makeRelayService(
     reactor: Any,
     overrides: dict[str, Any] | None = None,
     configText: bytes | None = None,
+    runAs: tuple[int, int] | None = None,
 ) -> RelayService:
     """Build the whole relay from a checked configuration.
 
@@ -250,9 +260,12 @@ def makeRelayService(
         delivery process loads the same configuration with them, and so does a reload.
     @param configText: the bytes of the configuration file C{config} was loaded from (the
         delivery process gets them rather than reading the file, which may have changed).
+    @param runAs: C{(uid, gid)} of the user twistd runs the relay as once it has dropped
+        its privileges (C{--uid}/C{--gid}), or C{None}: the spool is given to that user and
+        started as that user.
     @raise ConfigError: a plugin is unknown or refuses its options.
     """
     top = RelayService(reactor, config.source, overrides)
-    top.spool = makeSpool(config, reactor, top)
+    top.spool = makeSpool(config, reactor, top, owner=runAs)
     top.build(top.plan(config, configText))
     return top

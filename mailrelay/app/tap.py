@@ -81,15 +81,35 @@ def makeService(options: Options) -> Any:
     from mailrelay.errors import ConfigError
 
     path = options["config"]
+    serverOptions = getattr(options, "parent", None)  # twistd's, when it runs us
     try:
         text = readConfigFile(path) if path is not None else None
         config = loadConfig(path, options.overrides(), text=text)
-        relay = makeRelayService(config, reactor, options.overrides(), configText=text)
+        relay = makeRelayService(
+            config, reactor, options.overrides(), configText=text, runAs=runAs(serverOptions)
+        )
     except ConfigError as e:
         raise SystemExit(f"mailrelay: configuration error: {e}") from None
-    relay.twistdOptions = getattr(options, "parent", None)  # twistd's ServerOptions
+    relay.twistdOptions = serverOptions
     reactor.callWhenRunning(installReloadSignal, reactor, relay)
     return relay
+
+
+def runAs(serverOptions: Any) -> tuple[int, int] | None:
+    """C{(uid, gid)} of the user twistd will run us as (its C{--uid} and C{--gid}, the group
+    being the user's own when only C{--uid} is given, as twistd does), when it starts as
+    root and drops privileges; else C{None}."""
+    import os
+    import pwd
+
+    if serverOptions is None or os.geteuid() != 0:
+        return None
+    uid, gid = serverOptions.get("uid"), serverOptions.get("gid")
+    if uid is None and gid is None:
+        return None
+    if uid is not None and gid is None:
+        gid = pwd.getpwuid(uid).pw_gid
+    return (-1 if uid is None else uid, -1 if gid is None else gid)
 
 
 def installReloadSignal(reactor: Any, relay: Any) -> None:

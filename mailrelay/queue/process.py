@@ -202,16 +202,28 @@ class DeliveryProcessService(Service):
         super().startService()
         self._stopping = False
         if not self.hold:
-            self._spawn()
+            try:
+                self._spawn()
+            except OSError as e:
+                raise SystemExit(f"mailrelay: error: {e.strerror}") from None
 
     def _spawn(self) -> None:
+        """Start a child.  @raise OSError: it cannot be started (the message names the
+        program)."""
         self._restartCall = None
         child = _ChildProtocol(self)
         args = self.command()
         childFDs: dict[int, Any] = {0: "w", 1: "r", 2: 2}
         if self.configText is not None:
             childFDs[3] = "w"
-        self.reactor.spawnProcess(child, args[0], args, env=dict(os.environ), childFDs=childFDs)
+        try:
+            self.reactor.spawnProcess(
+                child, args[0], args, env=dict(os.environ), childFDs=childFDs
+            )
+        except OSError as e:
+            raise OSError(
+                e.errno, f"cannot start the delivery process {args[0]}: {e.strerror or e}"
+            ) from None
         if self.configText is not None:
             child.process.writeToChild(3, self.configText)
             child.process.closeChildFD(3)
@@ -301,8 +313,17 @@ class DeliveryProcessService(Service):
             reason=reason.getErrorMessage() if code is None else f"status {code}",
             delay=self._restartDelay,
         )
-        self._restartCall = self.reactor.callLater(self._restartDelay, self._spawn)
+        self._restartCall = self.reactor.callLater(self._restartDelay, self._restart)
         self._restartDelay = min(_RESTART_MAX, self._restartDelay * 2)
+
+    def _restart(self) -> None:
+        try:
+            self._spawn()
+        except OSError as e:
+            delay = self._restartDelay
+            log.error("{error}; trying again in {delay:.0f}s", error=e.strerror, delay=delay)
+            self._restartCall = self.reactor.callLater(self._restartDelay, self._restart)
+            self._restartDelay = min(_RESTART_MAX, self._restartDelay * 2)
 
     def beginShutdown(self) -> None:
         """The relay is stopping: a child exiting from now on is not restarted (it may have
