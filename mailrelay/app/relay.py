@@ -79,6 +79,9 @@ class RelayService(OrderedMultiService):
         self.logLevels = LevelFilter()
         #: twistd's options (C{ServerOptions}), when twistd runs us: see L{setServiceParent}.
         self.twistdOptions: Any = None
+        #: The notifications to systemd (L{mailrelay.app.systemd.Notifier}), when twistd
+        #: runs us.
+        self.systemd: Any = None
 
     def setServiceParent(self, parent: Any) -> None:
         """Under twistd, C{parent} is the application, whose logging has not begun: give it
@@ -160,9 +163,24 @@ class RelayService(OrderedMultiService):
 
     def reload(self) -> bool:
         """Re-read the configuration file and run on it, or log why not and keep running on
-        the one in use.  Returns whether the new configuration is in use."""
+        the one in use.  Returns whether the new configuration is in use.  systemd, when it
+        runs us, is told (L{systemd}: C{RELOADING=1}, then C{READY=1})."""
         if not self.running:
             return False
+        if self.systemd is not None:
+            self.systemd.reloading()
+        try:
+            return self._reload()
+        finally:
+            if self.systemd is not None:
+                self.systemd.ready(self.status())
+
+    def status(self) -> str:
+        """What runs, in a few words (for C{systemctl status})."""
+        delivery = self.delivery.state() if self.delivery is not None else "down"
+        return f"{len(self.listeners)} listener(s), delivery {delivery}"
+
+    def _reload(self) -> bool:
         source = self.configPath or "(embedded default)"
         try:
             text = readConfigFile(self.configPath) if self.configPath is not None else None

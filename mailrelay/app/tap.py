@@ -92,7 +92,19 @@ def makeService(options: Options) -> Any:
         raise SystemExit(f"mailrelay: configuration error: {e}") from None
     relay.twistdOptions = serverOptions
     reactor.callWhenRunning(installReloadSignal, reactor, relay)
+    notifySystemd(reactor, relay)
     return relay
+
+
+def notifySystemd(reactor: Any, relay: Any) -> None:
+    """Tell systemd (C{Type=notify}) when C{relay} runs (once started), reloads (see
+    L{RelayService.reload}) and begins to stop."""
+    from mailrelay.app.systemd import Notifier
+
+    relay.systemd = Notifier(reactor)
+    reactor.callWhenRunning(lambda: relay.systemd.ready(relay.status()))
+    # Added before twistd's own trigger that stops the relay: it runs first.
+    reactor.addSystemEventTrigger("before", "shutdown", relay.systemd.stopping)
 
 
 def runAs(serverOptions: Any) -> tuple[int, int] | None:
