@@ -261,7 +261,7 @@ class Deliverer:
         outcomes = []
         for r, result in zip(recipients, results, strict=True):
             remote = result.remoteMTA.partition(";")[2].strip() if result.remoteMTA else ""
-            outcomes.append(Outcome(r, result, remote or relay, route.backend))
+            outcomes.append(Outcome(r, result, result.relay or remote or relay, route.backend))
         return outcomes
 
     def _failedGroup(

@@ -417,7 +417,7 @@ def _logTransitions(queueID: str, decision: Decision) -> None:
             child(DELIVERY_DELAY, t.backend).observe(decision.delay)
         log.info(
             "{queueID}: to=<{rcpt}>, relay={relay}, delay={delay:.1f}, attempts={attempts}, "
-            "status={status} ({diagnostic})",
+            "status={status} ({diagnostic}){tlsText}",
             queueID=queueID,
             rcpt=t.recipient.address,
             relay=t.relay,
@@ -425,4 +425,6 @@ def _logTransitions(queueID: str, decision: Decision) -> None:
             attempts=t.attempts,
             status=status,
             diagnostic=diagnostic,
+            tls=t.tls,
+            tlsText=f", tls={t.tls}" if t.tls else "",
         )

@@ -72,6 +72,7 @@ class Transition:
     @ivar logStatus: C{sent}, C{bounced} or C{deferred}, for the log.
     @ivar logDiagnostic: the log's explanation.
     @ivar backend: the backend of the attempt (the outcome's), for the metrics.
+    @ivar tls: the TLS of the connection that answered (the result's), for the log.
     """
 
     recipient: Recipient
@@ -85,6 +86,7 @@ class Transition:
     logStatus: str
     logDiagnostic: str
     backend: str = "none"
+    tls: str | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,7 @@ def _transition(outcome: Outcome, now: float, delay: float, expired: bool) -> Tr
         logStatus=logStatus,
         logDiagnostic=diagnostic,
         backend=outcome.backend,
+        tls=result.tls,
     )
 
 
