@@ -434,3 +434,23 @@ def test_runAsFailedStartLeavesNoProcess(nobodyRuntime) -> None:
     log = (directory / "relay.log").read_text()
     assert f"mailrelay: error: cannot listen on tcp:{port}:interface=127.0.0.1" in log, log
     assert "Traceback" not in log
+
+
+def test_metricsInline(relay, nexthop, dns) -> None:
+    """With the queue in the relay's own process (queue.process = "inline"), the same
+    metrics come from it directly."""
+    hop, port = nexthop()
+    r = relay(config(dns, queue={"process": "inline"}, routes=[smtpRoute("example.org", port)])
+              + _METRICS)
+    mport = metricsPort(r)
+    assert sendSMTP(r, "alice@sender.test", ["bob@example.org"], message("inline"))
+    hop.waitTo("bob@example.org")
+    samples = waitSamples(
+        mport,
+        lambda s: value(s, "mailrelay_deliveries_total", backend="smtp", status="sent") == 1,
+        "the delivery",
+    )
+    assert value(samples, "mailrelay_messages_total", reply="2xx", origin="smtp") == 1
+    status, _, text = get(mport, "/healthz")
+    report = json.loads(text)
+    assert status == 200 and report["delivery"] == "up" and "delivery_pid" not in report
