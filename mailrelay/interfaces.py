@@ -831,6 +831,11 @@ class RecipientResult:
     @ivar remoteMTA: RFC 3464 Remote-MTA form (C{"dns; mx.example.org"}), or C{None}.
     @ivar dsnRelayed: the next hop took the recipient's DSN request (it offered DSN and was
         given NOTIFY): from here on, success notices are its job, not ours (RFC 3461 5.2).
+    @ivar relay: for the log, the server that answered, as Postfix's C{relay=} says it:
+        C{"mx.example.org[192.0.2.1]:25"}; C{None}: the route's next hop is logged instead.
+    @ivar tls: for the log, the TLS of the connection that answered:
+        C{"TLSv1.3 TLS_AES_256_GCM_SHA384 verified"} (or C{unverified}: encrypted, the
+        certificate not checked), C{None} without TLS.
     """
 
     address: str
@@ -839,6 +844,8 @@ class RecipientResult:
     diagnostic: str
     remoteMTA: str | None = None
     dsnRelayed: bool = False
+    relay: str | None = None
+    tls: str | None = None
 
     def __post_init__(self) -> None:
         expected = {

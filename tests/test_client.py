@@ -450,6 +450,35 @@ def test_mayTLSDoesNotVerify():
     assert type(peer.transport.tlsOptions).__name__ == "_UnverifiedClientTLS"
 
 
+class FakeTLSHandle:
+    def get_protocol_version_name(self) -> str:
+        return "TLSv1.3"
+
+    def get_cipher_name(self) -> str:
+        return "TLS_AES_256_GCM_SHA384"
+
+
+@pytest.mark.parametrize("tls, trust", [("may", "Untrusted"), ("required", "Verified")])
+def test_tlsForTheLog(tls: str, trust: str):
+    """The connection says for the log which server it reached (Postfix's relay=
+    host[address]:port) and over what TLS; one line says the TLS when it is established."""
+    from twisted.logger import capturedLogs, formatEvent
+
+    peer = Peer(ClientSettings("client.test", tls=tls))
+    peer.say(b"220 hi\r\n" + ehloReply(["STARTTLS"]) + b"220 go\r\n")
+    peer.transport.getHandle = FakeTLSHandle  # the TLS connection, once started
+    with capturedLogs() as events:
+        peer.protocol.handshakeCompleted()
+        peer.say(ehloReply(["PIPELINING"]))
+        conn = resultOf(peer.ready)
+    assert conn.relay == f"{HOST}[{PEER.host}]:{PEER.port}"
+    verified = "verified" if tls == "required" else "unverified"
+    assert conn.tlsDescription == f"TLSv1.3 TLS_AES_256_GCM_SHA384 {verified}"
+    texts = [formatEvent(e) for e in events]
+    assert (f"{trust} TLS connection established to {HOST}[{PEER.host}]:{PEER.port}: "
+            "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384") in texts, texts
+
+
 def test_tlsHandshakeFailure():
     from OpenSSL import SSL
 

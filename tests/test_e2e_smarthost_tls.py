@@ -72,7 +72,13 @@ def test_verified_smarthost_delivers(tmp_path: Path, dns, smarthost) -> None:
         _send(r, "bob@example.org")
         (message,) = recorder.waitTo("bob@example.org")
         assert b"secret" in message.content
-        r.waitForLog(r"status=sent")
+        # Postfix's lines: the TLS connection, and the delivery with relay=host[ip]:port,
+        # here with the TLS it went over.
+        relay = rf"smarthost\.tls\.test\[127\.0\.0\.1\]:{port}"
+        r.waitForLog(rf"Verified TLS connection established to {relay}: TLSv1\.[23] with "
+                     r"cipher \S+\n")
+        r.waitForLog(rf"to=<bob@example\.org>, relay={relay}, delay=[\d.]+, attempts=1, "
+                     r"status=sent \(smtp; 250 [^)]*\), tls=TLSv1\.[23] \S+ verified\n")
     finally:
         r.stop()
 

@@ -44,6 +44,9 @@ def test_wheel_contents(wheel: Path) -> None:
     (entryPoints,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     scripts = zipfile.ZipFile(wheel).read(entryPoints).decode()
     assert "mailrelay-sendmail = mailrelay.app.sendmail:main" in scripts
+    # The sample configuration --help points to, a copy of etc/mailrelay.toml (not a link).
+    sample = zipfile.ZipFile(wheel).read("mailrelay/config/sample.toml")
+    assert sample == (REPO / "etc" / "mailrelay.toml").read_bytes()
 
 
 def test_installed_wheel_is_found_by_twistd(wheel: Path, tmp_path: Path) -> None:
@@ -73,6 +76,11 @@ def test_installed_wheel_is_found_by_twistd(wheel: Path, tmp_path: Path) -> None
                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "--relay-network" in out.stdout and "--smarthost" in out.stdout
+    # The sample configuration is installed with the package, and printed by its command.
+    out = subprocess.run([str(python), "-m", "mailrelay.config.sample"], cwd=elsewhere, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == (REPO / "etc" / "mailrelay.toml").read_text()
     # The old path mailrelay.validators serves the installed dropin's plugin objects.
     check = ("import mailrelay.validators as old, twisted.plugins.mailrelay_plugin as dropin; "
              "assert old.regexPlugin is dropin.regexPlugin, old.regexPlugin")

@@ -19,8 +19,15 @@ from mailrelay.interfaces import IIntake, ISpool
 from mailrelay.spool import Spool
 
 
-def makeSpool(config: Config, reactor: Any, parent: Any, recover: bool = True) -> Spool:
-    """The spool of C{config}, started (and stopped) by a L{SpoolService} under C{parent}."""
+def makeSpool(
+    config: Config,
+    reactor: Any,
+    parent: Any,
+    recover: bool = True,
+    owner: tuple[int, int] | None = None,
+) -> Spool:
+    """The spool of C{config}, started (and stopped) by a L{SpoolService} under C{parent};
+    with C{owner}, given to that user and started as that user (L{SpoolService})."""
     spool = Spool(
         config.spoolDirectory,
         reactor=reactor,
@@ -28,7 +35,7 @@ def makeSpool(config: Config, reactor: Any, parent: Any, recover: bool = True) -
         syncMethod=config.spoolSync,
         recover=recover,
     )
-    SpoolService(spool).setServiceParent(parent)
+    SpoolService(spool, owner).setServiceParent(parent)
     return spool
 
 
@@ -106,6 +113,12 @@ class InlineDelivery(Service):
     def enqueue(self, queueID: str) -> None:
         if not self.hold:
             self.queue.enqueue(queueID)
+
+    def state(self) -> str:
+        """C{"up"} (the queue manager runs), C{"held"} (C{[queue] hold}) or C{"down"}."""
+        if self.hold:
+            return "held"
+        return "up" if self.running and self.queue.running else "down"
 
     def reload(self, services: list[Any], queue: Any, hold: bool) -> None:
         """Deliver with C{services} from now on: the new queue manager starts at once and

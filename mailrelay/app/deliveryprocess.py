@@ -20,7 +20,8 @@ from twisted.logger import ILogObserver, Logger, formatEventAsClassicLogText, gl
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
-from mailrelay.queue.process import encodeLogEvent
+from mailrelay.app.logs import LevelFilter, filtered
+from mailrelay.queue.process import METRICS_RECORD, encodeLogEvent
 
 log = Logger()
 
@@ -98,10 +99,11 @@ def _parseArguments(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _logToRelay() -> None:
-    """Send every log event to the relay's process, one line each on our standard output
-    (L{encodeLogEvent}), each flushed as it is written (a pipe would otherwise hold them in a
-    block buffer); once the relay is gone, to our standard error."""
+def _logToRelay(levels: LevelFilter) -> None:
+    """Send every log event at C{levels} or above to the relay's process, one line each on
+    our standard output (L{encodeLogEvent}: the events below are never formatted), each
+    flushed as it is written (a pipe would otherwise hold them in a block buffer); once the
+    relay is gone, to our standard error."""
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     relayGone: list[bool] = []
 
@@ -115,7 +117,46 @@ def _logToRelay() -> None:
         sys.stderr.write(formatEventAsClassicLogText(event) or "")
         sys.stderr.flush()
 
-    globalLogBeginner.beginLoggingTo([cast(ILogObserver, toRelay)], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo(
+        [filtered(cast(ILogObserver, toRelay), levels)], redirectStandardIO=False
+    )
+
+
+#: Seconds between two snapshots of our metrics sent to the relay (when something changed).
+METRICS_INTERVAL = 1.0
+
+
+class _MetricsReporter:
+    """Sends a snapshot of our metrics (L{mailrelay.metrics.snapshot}) to the relay's process
+    every L{METRICS_INTERVAL} seconds when something changed, on our standard output beside
+    the log lines (L{METRICS_RECORD}), and a last one when we stop."""
+
+    def __init__(self, reactor: Any) -> None:
+        from twisted.internet.task import LoopingCall
+
+        self._last = ""
+        self._loop = LoopingCall(self.send)
+        self._loop.clock = reactor
+
+    def start(self) -> None:
+        self._loop.start(METRICS_INTERVAL, now=True)
+
+    def send(self) -> None:
+        from mailrelay.metrics import snapshot
+
+        text = snapshot()
+        if text == self._last:
+            return
+        try:
+            sys.stdout.write(METRICS_RECORD + text + "\n")
+        except OSError:  # the relay is gone: nobody to report to
+            self.stop()
+            return
+        self._last = text
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
 
 
 @implementer(IHalfCloseableProtocol)
@@ -177,12 +218,17 @@ def answerControl(reactor: Any, fd: int, control: Any) -> None:
         os.close(fd)
 
 
-def _run(reactor: Any, services: Any, queue: Any, controlFD: int | None = None) -> int:
+def _run(
+    reactor: Any, services: Any, queue: Any, controlFD: int | None = None,
+    reportMetrics: bool = False,
+) -> int:
     """Run the reactor with C{services} started, until our input ends (or SIGTERM); the exit
-    status.  With C{controlFD}, answer the relay's queue commands on it."""
+    status.  With C{controlFD}, answer the relay's queue commands on it; with
+    C{reportMetrics}, our metrics go to the relay (L{_MetricsReporter})."""
     from twisted.internet import stdio
 
     exitCode = [0]
+    reporter = _MetricsReporter(reactor) if reportMetrics else None
 
     def start() -> None:
         # Our standard output carries the log records; StandardIO gets /dev/null to write to.
@@ -201,9 +247,15 @@ def _run(reactor: Any, services: Any, queue: Any, controlFD: int | None = None) 
             log.failure("delivery process: start-up failed; exiting (the relay restarts it)")
             exitCode[0] = 1
             _stopReactor(reactor)
+            return
+        if reporter is not None:
+            reporter.start()
 
     reactor.callWhenRunning(start)
     reactor.run()
+    if reporter is not None:
+        reporter.stop()
+        reporter.send()  # the counts of the deliveries finished while stopping
     return exitCode[0]
 
 
@@ -221,15 +273,20 @@ def _childMain(argv: list[str]) -> int:
     # deliveries short.  SIGTERM (also sent when the relay dies) stops us cleanly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configText = _readConfigText(options.config_fd) if options.config_fd is not None else None
-    _logToRelay()
+    levels = LevelFilter()
+    _logToRelay(levels)
     try:
         config = loadConfig(options.config, json.loads(options.overrides), text=configText)
+        levels.setLevel(config.logLevel)
         services, queue = makeDeliveryServices(config, reactor)
         services.privilegedStartService()
     except ConfigError as e:
         print(f"mailrelay delivery process: configuration error: {e}", file=sys.stderr)
         return 1
-    return _run(reactor, services, queue, options.control_fd)
+    return _run(
+        reactor, services, queue, options.control_fd,
+        reportMetrics=config.metricsListen is not None,
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover - run as the child process

@@ -18,6 +18,7 @@ from mailrelay.app.listeners import (
     _Carried,
     makeListeners,
 )
+from mailrelay.app.logs import LevelFilter, installTwistdObserver
 from mailrelay.app.plugins import availablePlugins, pluginBuilder
 from mailrelay.app.services import OrderedMultiService, PluginServices
 from mailrelay.config import Config, loadConfig, readConfigFile
@@ -35,6 +36,7 @@ log = Logger()
 _RESTART_ONLY = (
     ("spoolDirectory", "spool.directory"),
     ("spoolSync", "spool.sync"),
+    ("metricsListen", "metrics.listen"),
 )
 
 
@@ -86,15 +88,38 @@ class RelayService(OrderedMultiService):
         self.plugins = PluginServices()
         #: What plugins keep across reloads (L{mailrelay.interfaces.PluginContext.keep}).
         self.kept: dict[str, Any] = {}
+        #: The log level filter (C{[log] level}), changed by a reload.
+        self.logLevels = LevelFilter()
+        #: twistd's options (C{ServerOptions}), when twistd runs us: see L{setServiceParent}.
+        self.twistdOptions: Any = None
+        #: The notifications to systemd (L{mailrelay.app.systemd.Notifier}), when twistd
+        #: runs us.
+        self.systemd: Any = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        """Under twistd, C{parent} is the application, whose logging has not begun: give it
+        twistd's own observer behind L{logLevels} (see L{installTwistdObserver})."""
+        if self.twistdOptions is not None:
+            installTwistdObserver(parent, self.twistdOptions, self.logLevels)
+        super().setServiceParent(parent)
 
     def privilegedStartService(self) -> None:
-        # If start-up fails, what already started (the spool's threads) is stopped, so that
-        # the process can exit instead of hanging on live threads.
+        self._start(super().privilegedStartService)
+
+    def startService(self) -> None:
+        self._start(super().startService)
+
+    def _start(self, start: Any) -> None:
+        """Run C{start}; if it fails, stop what it began before failing: the spool's threads
+        (which would keep the process alive) and the delivery process (which would run on
+        without us), so that a failed start leaves no process behind."""
         try:
-            super().privilegedStartService()
+            start()
         except BaseException:
             if self.spool is not None:
                 self.spool.stop()
+            if self.delivery is not None and self.delivery.running:
+                self.delivery.stopService()
             raise
 
     def enqueue(self, queueID: str) -> None:
@@ -146,6 +171,7 @@ class RelayService(OrderedMultiService):
         """Add the services of the first configuration."""
         config = self.config = plan.config
         assert self.spool is not None
+        self.logLevels.setLevel(config.logLevel)
         if config.hold:
             log.warn("queue.hold is set: mail is accepted and spooled, nothing is delivered")
         self.plugins.current = list(plan.services)
@@ -171,13 +197,33 @@ class RelayService(OrderedMultiService):
             listener = ListenerService(self.reactor, endpoint, factory, role)
             listener.setServiceParent(self)
             self.listeners[endpoint] = listener
+        if config.metricsListen is not None:
+            # Last: it listens after the SMTP listeners and stops before them.
+            from mailrelay.app.metrics import MetricsService
+
+            MetricsService(self.reactor, config.metricsListen, self).setServiceParent(self)
 
     def reload(self) -> bool:
         """Re-read the configuration file and run on it, or log why not and keep running on
-        the one in use.  Returns whether the new configuration is in use."""
+        the one in use.  Returns whether the new configuration is in use.  systemd, when it
+        runs us, is told (L{systemd}: C{RELOADING=1}, then C{READY=1})."""
         if not self.running:
             self.reloadError = "the relay is stopping"
             return False
+        if self.systemd is not None:
+            self.systemd.reloading()
+        try:
+            return self._reload()
+        finally:
+            if self.systemd is not None:
+                self.systemd.ready(self.summary())
+
+    def summary(self) -> str:
+        """What runs, in a few words (for C{systemctl status})."""
+        delivery = self.delivery.state() if self.delivery is not None else "down"
+        return f"{len(self.listeners)} listener(s), delivery {delivery}"
+
+    def _reload(self) -> bool:
         source = self.configPath or "(embedded default)"
         try:
             text = readConfigFile(self.configPath) if self.configPath is not None else None
@@ -241,6 +287,7 @@ class RelayService(OrderedMultiService):
         config = plan.config
         assert self.spool is not None
         self.config = config
+        self.logLevels.setLevel(config.logLevel)
         self.spool.minFreeSpace = config.minFreeSpace
         wanted = {endpoint: (factory, role) for endpoint, factory, role in plan.listeners}
         for endpoint, listener in list(self.listeners.items()):
@@ -349,6 +396,7 @@ def makeRelayService(
     reactor: Any,
     overrides: dict[str, Any] | None = None,
     configText: bytes | None = None,
+    runAs: tuple[int, int] | None = None,
 ) -> RelayService:
     """Build the whole relay from a checked configuration.
 
@@ -356,12 +404,15 @@ def makeRelayService(
         delivery process loads the same configuration with them, and so does a reload.
     @param configText: the bytes of the configuration file C{config} was loaded from (the
         delivery process gets them rather than reading the file, which may have changed).
+    @param runAs: C{(uid, gid)} of the user twistd runs the relay as once it has dropped
+        its privileges (C{--uid}/C{--gid}), or C{None}: the spool is given to that user and
+        started as that user.
     @raise ConfigError: a plugin is unknown or refuses its options.
     """
     from mailrelay.app.control import ControlService
 
     top = RelayService(reactor, config.source, overrides)
-    top.spool = makeSpool(config, reactor, top)
+    top.spool = makeSpool(config, reactor, top, owner=runAs)
     top.control = ControlService(top, config.spoolDirectory)
     top.control.setServiceParent(top)
     top.build(top.plan(config, configText))

@@ -49,14 +49,37 @@ def _stopFailed(failure: Failure, child: Any) -> None:
 
 
 class SpoolService(Service):
-    """Starts the spool (crash recovery, thread pool) before the listeners, stops it after."""
+    """Starts the spool (crash recovery, thread pool) before the listeners, stops it after.
+
+    With an C{owner} (twistd's C{--uid}/C{--gid}), the spool is given to that user while the
+    relay is still root (L{Spool.prepareFor}), and started after twistd has dropped
+    privileges, as that user, so that nothing in it belongs to root.
+
+    @ivar owner: C{(uid, gid)} of the user the relay runs as, or C{None}.
+    """
 
     name = "spool"  # type: ignore[assignment]  # (Service declares None)
 
-    def __init__(self, spool: Spool) -> None:
+    def __init__(self, spool: Spool, owner: tuple[int, int] | None = None) -> None:
         self.spool = spool
+        self.owner = owner
 
     def privilegedStartService(self) -> None:
+        if self.owner is None:
+            self._start()
+        else:
+            try:
+                self.spool.prepareFor(*self.owner)
+            except SpoolError as e:
+                raise SystemExit(f"mailrelay: error: {e}") from e
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        if self.owner is not None:
+            self._start()
+        super().startService()
+
+    def _start(self) -> None:
         try:
             ids = self.spool.start()
         except SpoolError as e:
@@ -64,7 +87,6 @@ class SpoolService(Service):
         log.info(
             "spool {path}: {count} queued entries", path=str(self.spool.directory), count=len(ids)
         )
-        super().privilegedStartService()
 
     def stopService(self) -> Any:
         super().stopService()

@@ -29,7 +29,13 @@ class Options(usage.Options):
         ],
     ]
     optParameters = [
-        ["config", "c", None, "TOML configuration file (see etc/mailrelay.toml)."],
+        [
+            "config",
+            "c",
+            None,
+            "TOML configuration file (python -m mailrelay.config.sample prints a commented "
+            "sample of every key).",
+        ],
         ["hostname", None, None, "This relay's fully qualified host name."],
         ["spool", None, None, "Spool directory."],
         ["smarthost", None, None, "Default next hop: HOST[:PORT], [HOST]:PORT for no MX lookup."],
@@ -107,14 +113,47 @@ def makeService(options: Options) -> Any:
     from mailrelay.errors import ConfigError
 
     path = options["config"]
+    serverOptions = getattr(options, "parent", None)  # twistd's, when it runs us
     try:
         text = readConfigFile(path) if path is not None else None
         config = loadConfig(path, options.overrides(), text=text)
-        relay = makeRelayService(config, reactor, options.overrides(), configText=text)
+        relay = makeRelayService(
+            config, reactor, options.overrides(), configText=text, runAs=runAs(serverOptions)
+        )
     except ConfigError as e:
         raise SystemExit(f"mailrelay: configuration error: {e}") from None
+    relay.twistdOptions = serverOptions
     reactor.callWhenRunning(installReloadSignal, reactor, relay)
+    notifySystemd(reactor, relay)
     return relay
+
+
+def notifySystemd(reactor: Any, relay: Any) -> None:
+    """Tell systemd (C{Type=notify}) when C{relay} runs (once started), reloads (see
+    L{RelayService.reload}) and begins to stop."""
+    from mailrelay.app.systemd import Notifier
+
+    relay.systemd = Notifier(reactor)
+    reactor.callWhenRunning(lambda: relay.systemd.ready(relay.summary()))
+    # Added before twistd's own trigger that stops the relay: it runs first.
+    reactor.addSystemEventTrigger("before", "shutdown", relay.systemd.stopping)
+
+
+def runAs(serverOptions: Any) -> tuple[int, int] | None:
+    """C{(uid, gid)} of the user twistd will run us as (its C{--uid} and C{--gid}, the group
+    being the user's own when only C{--uid} is given, as twistd does), when it starts as
+    root and drops privileges; else C{None}."""
+    import os
+    import pwd
+
+    if serverOptions is None or os.geteuid() != 0:
+        return None
+    uid, gid = serverOptions.get("uid"), serverOptions.get("gid")
+    if uid is None and gid is None:
+        return None
+    if uid is not None and gid is None:
+        gid = pwd.getpwuid(uid).pw_gid
+    return (-1 if uid is None else uid, -1 if gid is None else gid)
 
 
 def installReloadSignal(reactor: Any, relay: Any) -> None:

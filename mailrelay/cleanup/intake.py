@@ -59,6 +59,7 @@ from mailrelay.interfaces import (
     VerdictKind,
     threadHandOff,
 )
+from mailrelay.metrics import MESSAGE_BYTES, MESSAGES, child, replyClass
 from mailrelay.smtp import replies as R
 
 log = Logger()
@@ -345,6 +346,10 @@ class IncomingMessage:
         envelope = self.envelope
         client = self.client
         user = client.authUser if client else None
+        origin = "local" if client is None else "smtp"
+        child(MESSAGES, replyClass(reply.code), origin).inc()
+        if reply.isPositive:
+            child(MESSAGE_BYTES, origin).inc(size)
         log.info(
             "{queueID}: from=<{sender}> nrcpt={nrcpt} size={size}{origin}{sasl} result={result}",
             queueID=envelope.queueID,

@@ -35,6 +35,7 @@ from zope.interface import implementer
 from mailrelay.address import AddressError, hostnameProblem, normaliseDomain
 from mailrelay.envelope import ClientInfo
 from mailrelay.interfaces import IHeaderStamper, PluginContext, StampContext, StampResult
+from mailrelay.metrics import timePlugin
 from mailrelay.smtp.replies import Reply
 from mailrelay.smtp.wire import formatDate
 
@@ -47,6 +48,9 @@ STAMPING_FAILED = Reply(
 
 #: Like Postfix's header_size_limit: past this much, the rest is treated as body.
 HEADER_SECTION_LIMIT = 102400
+
+#: The stampers' hook, as the plugin time metric names it.
+_HOOK = "header_stamper"
 
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
 #: A field: name, colon, value; continuation lines start with white space; CRLF only.
@@ -380,15 +384,20 @@ def runStampers(
         return Failure(StampingFailed(f"header stamper {configured.name} {what}"))
 
     def runNext(_: object, configured: ConfiguredStamper) -> Deferred[None]:
-        return run(maybeDeferred(configured.stamper.stamp, context), configured)
+        started = time.perf_counter()
+        d = maybeDeferred(configured.stamper.stamp, context)
+        return run(timePlugin(_HOOK, configured.name, d, started), configured)
 
     # Stampers answering at once (the usual case) run in a plain loop; from the first one
     # answering with a Deferred on, the rest wait in its callback chain.
     for index, configured in enumerate(stampers):
+        started = time.perf_counter()
         try:
             result = configured.stamper.stamp(context)
         except Exception:
+            timePlugin(_HOOK, configured.name, None, started)
             return fail(failed(Failure(), configured))
+        timePlugin(_HOOK, configured.name, result, started)
         if isinstance(result, Deferred):
             d = run(result, configured)
             for later in stampers[index + 1 :]:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
+from twisted.logger import LogLevel
+
 from mailrelay.config import checks
 from mailrelay.config.schema import MISSING, At, Computed, Key, Override, Part, Table
 from mailrelay.config.types import (
@@ -75,6 +77,9 @@ __all__ = [
     "DNS",
     "LIMITS",
     "LISTENERS",
+    "LOG",
+    "LOG_LEVELS",
+    "METRICS",
     "OVERRIDE_OPTIONS",
     "PLUGINS",
     "QUEUE",
@@ -284,6 +289,36 @@ DNS = Table(
             field="reverseDNS",
         ),
         Key("nameservers", checks.nameservers, "The DNS resolvers to ask instead of the system's."),
+    ),
+    target=Config,
+    merge=True,
+)
+
+#: The levels C{[log] level} may name, lowest first (Twisted's).
+LOG_LEVELS = tuple(level.name for level in LogLevel.iterconstants())
+
+LOG = Table(
+    (
+        Key(
+            "level",
+            choice(*LOG_LEVELS),
+            "The lowest level logged; events below it are dropped before they are formatted.",
+            default="info",
+            field="logLevel",
+        ),
+    ),
+    target=Config,
+    merge=True,
+)
+
+METRICS = Table(
+    (
+        Key(
+            "listen",
+            endpoint,
+            "Where to serve Prometheus metrics (/metrics) and the health check (/healthz).",
+            field="metricsListen",
+        ),
     ),
     target=Config,
     merge=True,
@@ -644,6 +679,8 @@ TOP = Table(
         Key("relay", RELAY, "Who may relay, and where to.", default={}),
         Key("limits", LIMITS, "Limits of each SMTP session.", default={}),
         Key("dns", DNS, "DNS lookups.", default={}),
+        Key("log", LOG, "What is logged.", default={}),
+        Key("metrics", METRICS, "Prometheus metrics and the health check.", default={}),
         Key("queue", QUEUE, "Retries and lifetimes.", default={}),
         Key("delivery", DELIVERY, "How outgoing mail is delivered.", default={}),
         Key(
@@ -711,6 +748,8 @@ TOP = Table(
         "relay",
         "limits",
         "dns",
+        "log",
+        "metrics",
         "queue",
         "delivery",
         "smarthost",

@@ -164,6 +164,10 @@ class Config:
         default; its C{timeout} is how long one answer may take.
     @ivar drainTime: seconds a stopping relay lets sessions in DATA finish their message,
         and then deliveries in flight finish and be recorded.
+    @ivar logLevel: the lowest level logged (C{"debug"}, C{"info"}, C{"warn"}, C{"error"},
+        C{"critical"}).
+    @ivar metricsListen: the endpoint serving Prometheus metrics and the health check, or
+        C{None} for none.
     """
 
     source: str | None
@@ -200,6 +204,8 @@ class Config:
     auth: AuthSettings | None = None
     rateLimiter: PluginSpec | None = None
     drainTime: float = 30.0
+    logLevel: str = "info"
+    metricsListen: str | None = None
 
 
 @dataclass(frozen=True)

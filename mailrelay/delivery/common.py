@@ -250,7 +250,8 @@ class ClientBackend:
 
     @inlineCallbacks
     def _send(self, connection: Any, envelope: Any, recipients: list, messagePath: Any) -> Any:
-        """C{connection.send}, turning an (unexpected) failure into transient results."""
+        """C{connection.send}, turning an (unexpected) failure into transient results; each
+        result says, for the log, which server answered and over what TLS."""
         try:
             results = yield connection.send(envelope, recipients, messagePath)
         except defer.CancelledError:
@@ -270,7 +271,9 @@ class ClientBackend:
                 f"X-mailrelay; internal error: {e}",
                 getattr(connection, "remoteMTA", None),
             )
-        return list(results)
+        relay = getattr(connection, "relay", None)
+        tls = getattr(connection, "tlsDescription", None)
+        return [dataclasses.replace(r, relay=relay, tls=tls) for r in results]
 
     def _quit(self, connection: Any) -> None:
         """Send QUIT (or abort a connection that cannot be used any more), in the background."""

@@ -56,6 +56,17 @@ class SMTPConnection:
         return self._protocol.host
 
     @property
+    def relay(self) -> str:
+        """The server as the log's C{relay=} says it (C{"mx.example.org[192.0.2.1]:25"})."""
+        return self._protocol.relay
+
+    @property
+    def tlsDescription(self) -> str | None:
+        """The connection's TLS for the log (C{"TLSv1.3 TLS_AES_256_GCM_SHA384 verified"},
+        or C{unverified}), C{None} without TLS."""
+        return self._protocol.tlsDescription
+
+    @property
     def usable(self) -> bool:
         """Open, idle and without error: it may carry another transaction."""
         return self._protocol.session.idle and not self._protocol.lost

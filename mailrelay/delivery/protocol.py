@@ -44,7 +44,7 @@ from mailrelay.smtp.client import (
 )
 from mailrelay.smtp.clientsettings import ClientSettings
 from mailrelay.smtp.errors import BareNewlineError
-from mailrelay.smtp.wire import DotStuffer, setNoDelay
+from mailrelay.smtp.wire import DotStuffer, describeTLS, setNoDelay
 
 if TYPE_CHECKING:
     from mailrelay.delivery.connection import SMTPConnection
@@ -138,6 +138,10 @@ class SMTPClientProtocol(Protocol):
         self.session = ClientSession(settings, remoteMTA)
         self.ready = ready
         self.host = tlsHostname
+        #: The server as the log's C{relay=} says it: C{host[address]:port}.
+        self.relay = tlsHostname
+        #: The TLS of the connection, for the log (L{SMTPConnection.tlsDescription}).
+        self.tlsDescription: str | None = None
         self.lost = False
         self._timer: Any = None
         self._delay: float | None = None
@@ -151,8 +155,11 @@ class SMTPClientProtocol(Protocol):
 
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
-        address = getattr(self.transport.getPeer(), "host", None)
+        peer = self.transport.getPeer()
+        address = getattr(peer, "host", None)
         self.host = f"{self.tlsHostname}[{address}]" if address else self.tlsHostname
+        port = getattr(peer, "port", None)
+        self.relay = f"{self.host}:{port}" if address and port else self.host
         self._handle(self.session.connectionMade(self.host))
 
     def dataReceived(self, data: bytes) -> None:
@@ -197,8 +204,10 @@ class SMTPClientProtocol(Protocol):
                 if d is not None:
                     fire.append((d, event.results))
             elif isinstance(event, Ready):
+                if self.session.tls:
+                    self._logTLS()
                 log.info("connected to {host}: tls={tls} auth={auth} extensions={extensions}",
-                         host=self.host, tls=self.session.tls,
+                         host=self.relay, tls=self.session.tls,
                          auth=self.session.authenticated,
                          extensions=" ".join(sorted(self.session.extensions)), queueID=None)
                 if self.ready is not None and not self.ready.called:
@@ -222,6 +231,24 @@ class SMTPClientProtocol(Protocol):
                 d.errback(result)
             else:
                 d.callback(result)
+
+    def _logTLS(self) -> None:
+        """Postfix's line: C{Verified TLS connection established to mx.example.org[192.0.2.1]:25:
+        TLSv1.3 with cipher TLS_AES_256_GCM_SHA384} (C{Untrusted} when the certificate is not
+        checked: C{tls = "may"})."""
+        getHandle = getattr(self.transport, "getHandle", None)
+        described = (describeTLS(getHandle()) if getHandle is not None else None) or "TLS"
+        verified = self.settings.tls in ("required", "implicit")
+        self.tlsDescription = f"{described} {'verified' if verified else 'unverified'}"
+        version, _, cipher = described.partition(" ")
+        log.info(
+            "{trust} TLS connection established to {relay}: {version}{cipher}",
+            trust="Verified" if verified else "Untrusted",
+            relay=self.relay,
+            version=version,
+            cipher=f" with cipher {cipher}" if cipher else "",
+            queueID=None,
+        )
 
     def _setTimer(self, seconds: float | None) -> None:
         self._cancelTimer()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from time import perf_counter
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
@@ -41,6 +42,7 @@ from mailrelay.interfaces import (
     VerdictKind,
     checkVerdict,
 )
+from mailrelay.metrics import timePlugin
 
 log = Logger()
 
@@ -129,10 +131,14 @@ class PolicyChain:
         answers later."""
         calls = self._calls
         while index < len(calls):
+            configured = self.plugins[index]
+            started = perf_counter()
             try:
                 answer = calls[index](*args)
             except Exception:
                 return self._failed(Failure(), index, subject)
+            if not configured.builtin:
+                answer = timePlugin(self.hook, configured.name, answer, started)
             if isinstance(answer, Deferred):
                 return self._later(index, answer, args, subject)
             verdict = self._judge(index, answer, args, subject)

@@ -13,6 +13,7 @@ decide.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ from twisted.python.failure import Failure
 from mailrelay.envelope import Envelope, Recipient
 from mailrelay.errors import PermanentFailure, TransientFailure
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, ISpool, RecipientResult, Route
+from mailrelay.metrics import DELIVERY_SECONDS, child
 from mailrelay.queue.outcome import Outcome
 
 log = Logger(namespace="mailrelay.queue")
@@ -225,8 +227,12 @@ class Deliverer:
                 known=", ".join(sorted(self.backends)) or "none",
             )
             diagnostic = f"X-mailrelay; unknown delivery backend {route.backend!r}"
-            return [Outcome(r, _transient(r, "4.3.5", diagnostic), relay) for r in recipients]
+            return [
+                Outcome(r, _transient(r, "4.3.5", diagnostic), relay, route.backend)
+                for r in recipients
+            ]
         timeout = self.timeoutFor(route.backend)
+        started = time.perf_counter()
         try:
             path = self.spool.messagePath(queueID)
             results = await self.calls.bound(
@@ -236,11 +242,13 @@ class Deliverer:
             )
         except Exception as e:
             return self._failedGroup(queueID, route, recipients, timeout, e)
+        finally:
+            child(DELIVERY_SECONDS, route.backend).observe(time.perf_counter() - started)
         problem = self._checkResults(results, recipients)
         if problem is not None:
             return _deferGroup(
                 recipients,
-                relay,
+                route,
                 "4.3.0",
                 f"X-mailrelay; delivery via {relay} gave no usable result ({problem})",
                 "{queueID}: delivery backend {backend!r} answered badly ({problem}); "
@@ -253,7 +261,7 @@ class Deliverer:
         outcomes = []
         for r, result in zip(recipients, results, strict=True):
             remote = result.remoteMTA.partition(";")[2].strip() if result.remoteMTA else ""
-            outcomes.append(Outcome(r, result, remote or relay))
+            outcomes.append(Outcome(r, result, result.relay or remote or relay, route.backend))
         return outcomes
 
     def _failedGroup(
@@ -270,7 +278,7 @@ class Deliverer:
         if isinstance(error, DeliveryTimedOut):
             return _deferGroup(
                 recipients,
-                relay,
+                route,
                 "4.4.2",
                 f"X-mailrelay; delivery via {relay} timed out after {timeout:g}s",
                 "{queueID}: delivery backend {backend!r} did not answer within its timeout of "
@@ -283,7 +291,7 @@ class Deliverer:
         if self.calls.interrupted:
             return _deferGroup(
                 recipients,
-                relay,
+                route,
                 "4.3.0",
                 f"X-mailrelay; delivery via {relay} interrupted: the relay was stopping (the "
                 "next hop may have received the message)",
@@ -293,7 +301,7 @@ class Deliverer:
             )
         return _deferGroup(
             recipients,
-            relay,
+            route,
             "4.3.0",
             f"X-mailrelay; delivery via {relay} failed: {error!r}",
             "{queueID}: delivery via {relay} failed: {error}",
@@ -321,14 +329,15 @@ class Deliverer:
 
 def _deferGroup(
     recipients: list[Recipient],
-    relay: str,
+    route: Route,
     code: str,
     diagnostic: str,
     logFormat: str,
     /,
     **logFields: Any,
 ) -> list[Outcome]:
-    """Log C{logFormat} as an error and count every recipient of a group as deferred with
-    C{code} and C{diagnostic}."""
+    """Log C{logFormat} as an error and count every recipient of a group delivered along
+    C{route} as deferred with C{code} and C{diagnostic}."""
     log.error(logFormat, **logFields)
-    return [Outcome(r, _transient(r, code, diagnostic), relay) for r in recipients]
+    relay = f"{route.backend}:{route.nexthop}"
+    return [Outcome(r, _transient(r, code, diagnostic), relay, route.backend) for r in recipients]

@@ -54,6 +54,7 @@ from mailrelay.interfaces import (
     ISpool,
     RecipientResult,
 )
+from mailrelay.metrics import DELIVERIES, DELIVERY_DELAY, QUEUE_STATES, child
 from mailrelay.queue.attempt import Calls, Deliverer, DeliveryTimedOut
 from mailrelay.queue.notify import Notifier
 from mailrelay.queue.observers import Observers
@@ -188,6 +189,11 @@ class QueueManager(Service):
         """Messages waiting for their due time (or for room in the active window)."""
         return self.scheduler.scheduledCount
 
+    def queueStates(self) -> dict[str, int]:
+        """The number of messages in each state, for the metrics: C{active} (being
+        delivered), C{scheduled} (waiting for their time, or for room among the active)."""
+        return {"active": self.scheduler.activeCount, "scheduled": self.scheduler.scheduledCount}
+
     def snapshot(self) -> dict[str, Any]:
         """The queue's state: C{running}, C{active} (sorted queue ids) and C{scheduled}
         (C{(due time, queue id)} pairs, earliest first)."""
@@ -223,6 +229,7 @@ class QueueManager(Service):
         super().startService()
         self._stopped = False
         self.calls.reset()
+        QUEUE_STATES.add(self)
         if self.lock is None:
             self._begin()
             return
@@ -267,6 +274,7 @@ class QueueManager(Service):
         super().stopService()
         self._stopped = True
         self.scheduler.stop()
+        QUEUE_STATES.discard(self)
         if self._locking is not None:
             self._locking.cancel()
         done: Deferred[None] = Deferred()
@@ -814,9 +822,12 @@ def _logTransitions(queueID: str, decision: Decision) -> None:
         if status == "bounced" and t.recipient.state == PENDING:
             status = "deferred"
             diagnostic += "; the bounce could not be queued, will retry"
+        child(DELIVERIES, t.backend, status).inc()
+        if status == "sent":
+            child(DELIVERY_DELAY, t.backend).observe(decision.delay)
         log.info(
             "{queueID}: to=<{rcpt}>, relay={relay}, delay={delay:.1f}, attempts={attempts}, "
-            "status={status} ({diagnostic})",
+            "status={status} ({diagnostic}){tlsText}",
             queueID=queueID,
             rcpt=t.recipient.address,
             relay=t.relay,
@@ -824,4 +835,6 @@ def _logTransitions(queueID: str, decision: Decision) -> None:
             attempts=t.attempts,
             status=status,
             diagnostic=diagnostic,
+            tls=t.tls,
+            tlsText=f", tls={t.tls}" if t.tls else "",
         )

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 
 from mailrelay.envelope import PENDING, Envelope
 from mailrelay.interfaces import IIntake, ISpool
+from mailrelay.metrics import DSNS, child
 from mailrelay.queue.dsn import buildDSN, dsnEnvelope
 from mailrelay.queue.outcome import Discarded, Notice
 from mailrelay.queue.policy import QueuePolicy
@@ -136,6 +137,7 @@ class Notifier:
                 error=str(e) or repr(e),
             )
             return None
+        child(DSNS, notice.action).inc()
         kind = _KINDS[notice.action]
         who = "postmaster" if notice.postmaster else "sender"
         log.info(

@@ -48,11 +48,13 @@ class Outcome:
     @ivar recipient: the envelope's recipient.
     @ivar result: what the backend (or the attempt, for a failure of its own) said.
     @ivar relay: the next hop, as logged (C{relay=}).
+    @ivar backend: the backend that delivered (or not), C{"none"} when routing failed.
     """
 
     recipient: Recipient
     result: RecipientResult
     relay: str
+    backend: str = "none"
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ class Transition:
     @ivar relay: where it went, for the log.
     @ivar logStatus: C{sent}, C{bounced} or C{deferred}, for the log.
     @ivar logDiagnostic: the log's explanation.
+    @ivar backend: the backend of the attempt (the outcome's), for the metrics.
+    @ivar tls: the TLS of the connection that answered (the result's), for the log.
     """
 
     recipient: Recipient
@@ -81,6 +85,8 @@ class Transition:
     relay: str
     logStatus: str
     logDiagnostic: str
+    backend: str = "none"
+    tls: str | None = None
 
 
 @dataclass(frozen=True)
@@ -174,6 +180,8 @@ def _transition(outcome: Outcome, now: float, delay: float, expired: bool) -> Tr
         relay=outcome.relay,
         logStatus=logStatus,
         logDiagnostic=diagnostic,
+        backend=outcome.backend,
+        tls=result.tls,
     )
 
 

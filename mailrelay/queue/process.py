@@ -8,7 +8,9 @@ input -- the child never rescans the spool, and a lost notification costs nothin
 is in the spool is delivered when the child (re)starts.  The child sends its log events,
 formatted, one line each, on its standard output (L{encodeLogEvent}); the main process
 publishes them to its own log observers, so they go wherever the relay logs (stdout with
-C{-n}, C{twistd.log} when daemonised), as if logged there.
+C{-n}, C{twistd.log} when daemonised), as if logged there.  When metrics are served, the child
+also sends a snapshot of its metrics every second on that channel (L{METRICS_RECORD}), which
+the main process keeps for its exposition (L{DeliveryProcessService.metrics}).
 
 The queue commands of the operator (L{mailrelay.queue.commands}), which the relay receives on
 its control socket, are forwarded to the child over a connection of their own: one end of a
@@ -40,12 +42,13 @@ from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.protocols import amp
 
+from mailrelay.metrics import ProcessMetrics
 from mailrelay.queue.commands import QuietAMP
 from mailrelay.queue.control import QueueUnavailable
 
 log = Logger(namespace="mailrelay.queue")
 
-__all__ = ["DeliveryProcessService", "decodeLogEvent", "encodeLogEvent"]
+__all__ = ["METRICS_RECORD", "DeliveryProcessService", "decodeLogEvent", "encodeLogEvent"]
 
 #: Seconds after its drain time when a delivery process told to stop is killed.
 _KILL_MARGIN = 15.0
@@ -67,6 +70,11 @@ _UNAVAILABLE = {
 
 #: A log record longer than this is dropped (with a note) rather than buffered without bound.
 _MAX_RECORD = 1024 * 1024
+
+#: How a line of the child's standard output carrying a snapshot of its metrics starts
+#: (then the snapshot, L{mailrelay.metrics.snapshot}); every other line is a log event.
+METRICS_RECORD = "metrics\t"
+_METRICS_RECORD = METRICS_RECORD.encode("ascii")
 
 
 def encodeLogEvent(event: dict[str, Any]) -> str:
@@ -148,6 +156,9 @@ class _ChildProtocol(ProcessProtocol):
         for record in records:
             if not record:
                 continue
+            if record.startswith(_METRICS_RECORD):
+                self._metrics(record[len(_METRICS_RECORD) :])
+                continue
             try:
                 event = decodeLogEvent(record.decode("utf-8", "replace"))
             except (ValueError, KeyError):
@@ -155,7 +166,14 @@ class _ChildProtocol(ProcessProtocol):
                 continue
             globalLogPublisher(event)
 
+    def _metrics(self, record: bytes) -> None:
+        try:
+            self.service.metrics.update(self, record.decode("utf-8"))
+        except ValueError as e:  # (UnicodeDecodeError and JSON's errors are ValueErrors)
+            log.error("delivery process: bad metrics record dropped: {error}", error=str(e))
+
     def processEnded(self, reason: Any) -> None:
+        self.service.metrics.retire(self)
         self.service._childEnded(self, reason)
         self.ended.callback(None)
 
@@ -172,6 +190,7 @@ class DeliveryProcessService(Service):
     @ivar drainTime: seconds the child may take to finish its deliveries when told to stop;
         it is killed if it has not exited some seconds after that.
     @ivar hold: start no child (C{[queue] hold}); mail stays in the spool.
+    @ivar metrics: the children's metrics, as their last snapshots said.
     """
 
     #: The module run as the child (C{python -m}): the delivery process's composition root.
@@ -202,6 +221,7 @@ class DeliveryProcessService(Service):
         self._stopping = False
         #: How many times the child exited unexpectedly (and was restarted).
         self.restarts = 0
+        self.metrics = ProcessMetrics()
 
     def command(self) -> list[str]:
         args = [
@@ -225,9 +245,14 @@ class DeliveryProcessService(Service):
         super().startService()
         self._stopping = False
         if not self.hold:
-            self._spawn()
+            try:
+                self._spawn()
+            except OSError as e:
+                raise SystemExit(f"mailrelay: error: {e.strerror}") from None
 
     def _spawn(self) -> None:
+        """Start a child.  @raise OSError: it cannot be started (the message names the
+        program)."""
         self._restartCall = None
         child = _ChildProtocol(self)
         args = self.command()
@@ -240,8 +265,13 @@ class DeliveryProcessService(Service):
             self.reactor.spawnProcess(
                 child, args[0], args, env=dict(os.environ), childFDs=childFDs
             )
-        finally:
+        except OSError as e:
             theirs.close()
+            ours.close()
+            raise OSError(
+                e.errno, f"cannot start the delivery process {args[0]}: {e.strerror or e}"
+            ) from None
+        theirs.close()
         try:
             ours.setblocking(False)
             control = _Control()
@@ -260,6 +290,19 @@ class DeliveryProcessService(Service):
         backlog, self._backlog = self._backlog, []
         for line in backlog:
             child.process.write(line)
+
+    @property
+    def pid(self) -> int | None:
+        """The process id of the delivery process running now, or C{None}."""
+        return None if self._child is None else self._child.pid
+
+    def state(self) -> str:
+        """C{"up"} (the delivery process runs), C{"held"} (C{[queue] hold}: none runs, on
+        purpose) or C{"down"} (none runs: before the start, after the stop, or while it is
+        being restarted)."""
+        if self.hold:
+            return "held"
+        return "up" if self.running and self._child is not None else "down"
 
     def enqueue(self, queueID: str) -> None:
         """Tell the delivery process of a newly committed entry."""
@@ -380,8 +423,17 @@ class DeliveryProcessService(Service):
             delay=self._restartDelay,
         )
         self.restarts += 1
-        self._restartCall = self.reactor.callLater(self._restartDelay, self._spawn)
+        self._restartCall = self.reactor.callLater(self._restartDelay, self._restart)
         self._restartDelay = min(_RESTART_MAX, self._restartDelay * 2)
+
+    def _restart(self) -> None:
+        try:
+            self._spawn()
+        except OSError as e:
+            delay = self._restartDelay
+            log.error("{error}; trying again in {delay:.0f}s", error=e.strerror, delay=delay)
+            self._restartCall = self.reactor.callLater(self._restartDelay, self._restart)
+            self._restartDelay = min(_RESTART_MAX, self._restartDelay * 2)
 
     def beginShutdown(self) -> None:
         """The relay is stopping: a child exiting from now on is not restarted (it may have

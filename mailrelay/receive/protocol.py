@@ -42,6 +42,7 @@ from zope.interface import implementer
 
 from mailrelay.envelope import ClientInfo, Envelope
 from mailrelay.interfaces import IIntake, Verdict, VerdictKind
+from mailrelay.metrics import CONNECTIONS, REFUSALS, SESSIONS, child, replyClass
 from mailrelay.policy.chain import RecipientPolicy
 from mailrelay.policy.hooks import SessionHooks
 from mailrelay.receive.tls import describeTLS
@@ -308,6 +309,8 @@ class SMTPServerProtocol(Protocol):
         self._stampingSince: float | None = None
         #: The connect hook's chain at work (before the greeting).
         self._connectCheck: Deferred[Any] | None = None
+        #: The last reply sent (when the relay closes the session, how it ended: L{_outcome}).
+        self._lastReply: Reply | None = None
 
     # Connection life cycle ------------------------------------------------------------------
 
@@ -325,6 +328,7 @@ class SMTPServerProtocol(Protocol):
         )
         self.session = ServerSession(ctx.session, client, awaitingGreeting=True)
         self._timer.lastReceived = ctx.clock.seconds()
+        child(CONNECTIONS, client.listener).inc()
         if ctx.sessions is not None:
             ctx.sessions.add(self)
             if ctx.sessions.shuttingDown:  # accepted (or PROXY header read) as the stop began
@@ -530,6 +534,7 @@ class SMTPServerProtocol(Protocol):
             )
         self._handle(session.connectionLost())
         _logDisconnect(session, wasOpen)
+        child(SESSIONS, _outcome(self._lastReply, wasOpen)).inc()
 
     # Timers ---------------------------------------------------------------------------------
 
@@ -573,6 +578,7 @@ class SMTPServerProtocol(Protocol):
                             self._stampingStarted(started)
                 elif isinstance(event, Reply):
                     out.append(event.toBytes())
+                    self._lastReply = event
                 elif isinstance(event, Close):
                     self._flush(out)
                     self._timer.stop()
@@ -815,6 +821,20 @@ def _cancel(call: Any) -> None:
         call.cancel()
 
 
+def _outcome(lastReply: Reply | None, clientLeft: bool) -> str:
+    """How a session ended, for L{SESSIONS}: from the last reply sent when the relay closed
+    it, else C{"disconnected"}."""
+    if clientLeft or lastReply is None:
+        return "disconnected"
+    if lastReply.code == 221:
+        return "quit"
+    if lastReply.code == 421 and lastReply.enhanced == "4.4.2":
+        return "timeout"
+    if lastReply.code == 421 and lastReply.enhanced == "4.3.2":
+        return "shutdown"
+    return "refused"
+
+
 def _logConnect(client: ClientInfo) -> None:
     log.info(
         "connect from {client}:{port} on {listener} relay={relay}",
@@ -855,6 +875,7 @@ def _logSyncError(client: ClientInfo, event: SyncError) -> None:
 def _logRefusal(client: ClientInfo, event: Refused) -> None:
     """Postfix's line: C{NOQUEUE: reject: RCPT from host[addr]: 554 5.7.1 ...;
     from=<s> to=<r> proto=ESMTP helo=<h>}."""
+    child(REFUSALS, event.command, replyClass(event.reply.code)).inc()
     log.info(
         "NOQUEUE: reject: {command} from {host}[{client}]: {reply};{sender}{recipient} "
         "proto={proto}{helo}",

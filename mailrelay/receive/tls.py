@@ -26,6 +26,9 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
 from zope.interface import implementer
 
+# (Its home is smtp.wire, which the delivery client shares; named here for its users.)
+from mailrelay.smtp.wire import describeTLS as describeTLS
+
 #: The values of C{tls_min_version}, lowest first.
 TLS_VERSIONS: dict[str, Any] = {"TLSv1.2": TLSVersion.TLSv1_2, "TLSv1.3": TLSVersion.TLSv1_3}
 DEFAULT_TLS_MIN_VERSION = "TLSv1.2"
@@ -178,19 +181,6 @@ def _validityWarnings(
             f"{leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
         ]
     return []
-
-
-def describeTLS(connection: Any) -> str | None:
-    """The TLS version and cipher of an established C{OpenSSL.SSL.Connection}, as
-    C{"TLSv1.3 TLS_AES_256_GCM_SHA384"}, or C{None} when C{connection} is not one."""
-    try:
-        version = connection.get_protocol_version_name()
-        cipher = connection.get_cipher_name()
-    except (AttributeError, SSL.Error):
-        return None
-    if not version or not cipher:
-        return None
-    return f"{version} {cipher}"
 
 
 def matchServerName(name: str, candidates: Mapping[str, Any]) -> Any:

@@ -2,8 +2,9 @@
 (L{DotStuffer}), diagnostics (L{replyDiagnostic}, L{statusOf}), EHLO keywords
 (L{parseExtensions}, L{asciiName}), the DSN ORCPT parameter (L{orcptValue}), and
 L{setNoDelay}, which the Twisted adapters of both sides call on their transport (it only
-looks for a C{setTcpNoDelay} method, so it needs no I/O library here), and L{formatDate}, the
-RFC 5322 date of C{Date:}, C{Received:} and the DSN fields."""
+looks for a C{setTcpNoDelay} method, so it needs no I/O library here), L{describeTLS}, their
+words for a TLS connection (asked of its object, so it needs no TLS library either), and
+L{formatDate}, the RFC 5322 date of C{Date:}, C{Received:} and the DSN fields."""
 
 from __future__ import annotations
 
@@ -146,6 +147,19 @@ class DotStuffer:
         if self._carry:
             raise BareNewlineError()
         return b".\r\n" if self._atLineStart else b"\r\n.\r\n"
+
+
+def describeTLS(connection: Any) -> str | None:
+    """The TLS version and cipher of an established C{OpenSSL.SSL.Connection}, as
+    C{"TLSv1.3 TLS_AES_256_GCM_SHA384"}, or C{None} when C{connection} is not one."""
+    try:
+        version = connection.get_protocol_version_name()
+        cipher = connection.get_cipher_name()
+    except Exception:  # not a connection (AttributeError), or OpenSSL's error
+        return None
+    if not version or not cipher:
+        return None
+    return f"{version} {cipher}"
 
 
 def setNoDelay(transport: Any) -> None:

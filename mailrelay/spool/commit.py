@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from mailrelay.errors import SpoolError
+from mailrelay.metrics import SPOOL_SYNC_BATCH, SPOOL_SYNC_SECONDS
 
 if TYPE_CHECKING:  # pragma: no cover
     from mailrelay.spool.store import Spool
@@ -457,6 +459,7 @@ class GroupCommitter:
         every entry renames or unlinks, and one fsync of C{queue/} makes that durable.  No
         entry becomes visible in C{queue/} before its data is on disk.
         """
+        started = time.perf_counter()
         results: list[SpoolError | None] = [None] * len(batch)
 
         def failed(index: int, e: BaseException) -> None:
@@ -511,6 +514,8 @@ class GroupCommitter:
                         operation.directorySyncFailed()
                     except Exception as e2:  # pragma: no cover
                         operation.problems.append(f"rollback failed: {e2!r}")
+        SPOOL_SYNC_BATCH.observe(len(batch))
+        SPOOL_SYNC_SECONDS.observe(time.perf_counter() - started)
         return results
 
     def _syncFilesystem(self) -> None:

@@ -118,6 +118,30 @@ class Spool:
 
     # -- life cycle ---------------------------------------------------------------------------
 
+    @property
+    def running(self) -> bool:
+        """Started and not stopped: it takes work."""
+        return self._running
+
+    def prepareFor(self, uid: int, gid: int) -> None:
+        """Make the spool the user C{uid}'s (group C{gid}): create its directory and C{tmp/}
+        and C{queue/} if missing (mode 0700), and give it, with everything in it, to that
+        user (symbolic links are not followed).  For a relay started as root that drops its
+        privileges (twistd's C{--uid}/C{--gid}): called as root, before the drop; L{start}
+        comes after it, as that user.  (C{-1} leaves the owner or the group as it is.)
+
+        @raise SpoolError: a directory cannot be created, or something cannot be given.
+        """
+        _makeDirectories([self.directory, self._tmpDir, self._queueDir])
+        paths = [self.directory]
+        for root, dirs, files in os.walk(self.directory):
+            paths += [Path(root, name) for name in dirs + files]
+        for path in paths:
+            try:
+                os.chown(path, uid, gid, follow_symlinks=False)
+            except OSError as e:
+                raise _osError(f"giving to user {uid} (group {gid})", path, e, None) from None
+
     def start(self) -> list[str]:
         """Create the spool if needed, recover from a crash, and get ready to write.
 

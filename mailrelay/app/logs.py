@@ -1,0 +1,108 @@
+"""The log level (C{[log] level}): events below it are dropped before any observer formats
+them, in the relay's process (wrapping the observer twistd would use) and in the delivery
+process (before its events are formatted for the relay).
+
+Twisted's own chatter about each DNS query's UDP port (C{Starting protocol
+<...DNSDatagramProtocol ...>}, C{DNSDatagramProtocol starting on N}, C{(UDP Port N Closed)},
+C{Stopping protocol ...}: four lines a lookup) counts as debug, whatever level it was logged
+at.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogFilterPredicate,
+    ILogObserver,
+    LegacyLogObserverWrapper,
+    LogLevel,
+    PredicateResult,
+)
+from zope.interface import implementer
+
+__all__ = ["LOG_LEVELS", "LevelFilter", "filtered", "installTwistdObserver"]
+
+#: The levels C{[log] level} may name, lowest first (Twisted's).
+LOG_LEVELS = tuple(level.name for level in LogLevel.iterconstants())
+
+#: The text of legacy events that are debug whatever their level: the UDP port of each DNS
+#: query opening and closing.
+_DEBUG_TEXT = re.compile(
+    r"(?:DNSDatagramProtocol starting on \d+"
+    r"|(?:Starting|Stopping) protocol <twisted\.names\.dns\.DNSDatagramProtocol "
+    r"|\(UDP Port \d+ Closed\))"
+)
+
+
+def _isDebugNoise(event: dict[str, Any]) -> bool:
+    """Whether C{event} is Twisted's chatter about a DNS query's UDP port (read from the
+    legacy event's message as given, never formatted)."""
+    message = event.get("message")
+    if not message or event.get("log_namespace") != "log_legacy":
+        return False
+    first = message[0]
+    return isinstance(first, str) and _DEBUG_TEXT.match(first) is not None
+
+
+@implementer(ILogFilterPredicate)
+class LevelFilter:
+    """Lets through the events at L{level} or above (C{PredicateResult.maybe}); the others
+    are refused (C{no}) before anything formats them.  The level can be changed at any time
+    (a reload).
+
+    @ivar level: the lowest level logged, a L{LogLevel}.
+    """
+
+    def __init__(self, level: LogLevel = LogLevel.info) -> None:
+        self._allowed: frozenset[Any] = frozenset()
+        self.level = level
+
+    @property
+    def level(self) -> LogLevel:
+        return self._level
+
+    @level.setter
+    def level(self, level: LogLevel) -> None:
+        self._level = level
+        ordered = list(LogLevel.iterconstants())  # lowest first
+        self._allowed = frozenset(ordered[ordered.index(level) :])
+
+    def setLevel(self, name: str) -> None:
+        """Log from the level named C{name} (one of L{LOG_LEVELS}) on."""
+        self.level = LogLevel.levelWithName(name)
+
+    def __call__(self, event: dict[str, Any]) -> PredicateResult:
+        if event.get("log_level") not in self._allowed:
+            return PredicateResult.no
+        if self._level is not LogLevel.debug and _isDebugNoise(event):
+            return PredicateResult.no
+        return PredicateResult.maybe
+
+
+def filtered(observer: Any, levels: LevelFilter) -> ILogObserver:
+    """C{observer} (an C{ILogObserver}, or a legacy C{twisted.python.log} observer) behind
+    C{levels}."""
+    if not ILogObserver.providedBy(observer):
+        observer = LegacyLogObserverWrapper(observer)
+    return FilteringLogObserver(observer, [levels])
+
+
+def installTwistdObserver(application: Any, serverOptions: Any, levels: LevelFilter) -> bool:
+    """Make twistd log through C{levels}: give C{application} (before twistd starts logging)
+    the observer twistd would make from its options (stdout with C{-n}, C{--logfile} with
+    SIGUSR1 rotation, C{--syslog}), behind the filter.  Returns whether it was installed: not
+    when twistd was given a C{--logger} of its own, or C{application} already has an
+    observer (then events are filtered by that observer only)."""
+    getComponent = getattr(application, "getComponent", None)
+    if getComponent is None or serverOptions is None or serverOptions.get("logger"):
+        return False
+    if getComponent(ILogObserver, None) is not None:
+        return False
+    from twisted.scripts.twistd import _SomeApplicationRunner
+
+    observer = _SomeApplicationRunner.loggerFactory(serverOptions)._getLogObserver()
+    application.setComponent(ILogObserver, filtered(observer, levels))
+    return True

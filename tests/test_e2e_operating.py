@@ -1,0 +1,456 @@
+"""End-to-end tests of operating the relay (the real C{twistd -n mailrelay}): the log level,
+metrics and the health check, the run user (C{--uid}/C{--gid})."""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import smtplib
+import site
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.harness import REPO, RelayProcess, freePort
+from tests.test_e2e_outbound import (  # noqa: F401 - fixtures
+    _mxRoutes,
+    config,
+    dns,
+    message,
+    nexthop,
+    relay,
+    smtpRoute,
+    submit,
+    waitRemoved,
+    waitResult,
+)
+
+_DNS_CHATTER = ("Starting protocol <twisted.names.dns.DNSDatagramProtocol", "(UDP Port ")
+
+
+def waitListening(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listens on port {port} after {timeout}s")
+
+
+# ---------------------------------------------------------------------------------------------
+# The log level
+
+
+def test_logLevelInfoHidesDNSChatter(relay, nexthop, dns) -> None:
+    """At the default level a delivery by MX lookup logs its result, not Twisted's lines
+    about each DNS query's UDP port; at debug those lines are there."""
+    hop, port = nexthop()
+    notices, noticePort = nexthop()
+    r = relay(config(dns, routes=_mxRoutes(port, noticePort)))
+    qid = submit(r, "alice@sender.test", ["user@mx.test"], message("info"))
+    assert waitResult(r, qid, "user@mx.test")["status"] == "sent"
+    waitRemoved(r, qid)
+    assert ("mx.test", "MX") in dns.queries()
+    assert not any(chatter in r.log() for chatter in _DNS_CHATTER), r.log()
+
+    r = relay(config(dns, routes=_mxRoutes(port, noticePort)) + '[log]\nlevel = "debug"\n')
+    qid = submit(r, "alice@sender.test", ["user@mx.test"], message("debug"))
+    assert waitResult(r, qid, "user@mx.test")["status"] == "sent"
+    assert all(chatter in r.log() for chatter in _DNS_CHATTER), r.log()
+
+
+def test_logLevelWarnAndReload(tmp_path: Path) -> None:
+    """At "warn" the relay logs its warnings only (not even where it listens); a reload
+    back to "info" brings the connection lines back."""
+    port = freePort()
+    r = RelayProcess(tmp_path / "relay", '[log]\nlevel = "warn"\n',
+                     args=("--listen", f"tcp:{port}:interface=127.0.0.1"), listeners=0, hold=True)
+    r.start()
+    r.ports = [port]
+    try:
+        waitListening(port)
+        r.connect().close()
+        r.waitForLog(r"queue\.hold is set")  # a warning
+        time.sleep(0.5)
+        assert "listening on" not in r.log() and "connect from" not in r.log(), r.log()
+        r.configText = "[queue]\nhold = true\n[log]\nlevel = \"info\"\n"
+        (r.directory / "mailrelay.toml").write_text(r.configText)
+        assert r.process is not None
+        r.process.send_signal(signal.SIGHUP)
+        r.waitForLog(r"configuration reloaded")
+        r.connect().close()
+        r.waitForLog(r"connect from 127\.0\.0\.1")
+    finally:
+        r.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics and the health check
+
+_METRICS = '''
+[metrics]
+listen = "tcp:0:interface=127.0.0.1"
+
+[[recipient_validators]]
+plugin = "regex"
+rules = [{ pattern = '^nobody@', action = "reject" }]
+'''
+
+
+def metricsPort(r: RelayProcess) -> int:
+    m = r.waitForLog(r"listening on 127\.0\.0\.1:(\d+) \(tcp:0:interface=127\.0\.0\.1; metrics\)")
+    return int(m.group(1))
+
+
+def get(port: int, path: str) -> tuple[int, str, str]:
+    """C{(status, content type, body)} of C{GET path} with a real HTTP client."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read().decode()
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample served at /metrics, parsed by prometheus_client's parser: C{(sample
+    name, sorted labels) -> value}."""
+    status, contentType, text = get(port, "/metrics")
+    assert status == 200 and contentType.startswith("text/plain"), (status, contentType)
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def waitSamples(port: int, predicate, what: str, timeout: float = 20.0) -> dict:
+    """Scrape until C{predicate(samples)} holds (the delivery process reports every
+    second)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(port)
+        if predicate(samples):
+            return samples
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not scraped in {timeout}s: {samples}")
+        time.sleep(0.2)
+
+
+def sendSMTP(r: RelayProcess, sender: str, recipients: list[str], body: bytes) -> str | None:
+    """Send through the relay with smtplib; the queue id, or C{None} if every RCPT failed."""
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=15) as s:
+        s.ehlo("client.test")
+        s.mail(sender)
+        accepted = [rcpt for rcpt in recipients if s.rcpt(rcpt)[0] == 250]
+        if not accepted:
+            return None
+        code, reply = s.data(body)
+        assert code == 250, reply
+    return reply.decode().rsplit(" ", 1)[1]
+
+
+def test_metricsScrapedWhileMailFlows(relay, nexthop, dns) -> None:
+    """With mail flowing through the real relay (the delivery in its own process), /metrics
+    serves Prometheus's text format that prometheus_client's parser reads, with the relay's
+    and the delivery process's counts; they survive a reload that replaces the delivery
+    process; /healthz says 200 with the delivery process's pid."""
+    hop, port = nexthop()
+    notices, noticePort = nexthop()
+    hop.rcptReply = lambda address: "550 5.1.1 no such user" if address.startswith("gone@") else None
+    routes = [smtpRoute("example.org", port), smtpRoute("sender.test", noticePort)]
+    r = relay(config(dns, routes=routes) + _METRICS)
+    mport = metricsPort(r)
+    body = message("metrics")
+    ids = [sendSMTP(r, "alice@sender.test", ["bob@example.org", "carol@example.org"], body),
+           sendSMTP(r, "alice@sender.test", ["nobody@example.org", "gone@example.org"], body)]
+    assert all(ids)
+    sizes = [int(r.waitForLog(rf"{qid}: from=<alice@sender\.test> nrcpt=\d size=(\d+) ").group(1))
+             for qid in ids]
+    notices.waitTo("alice@sender.test")  # the bounce of gone@
+    samples = waitSamples(
+        mport,
+        lambda s: value(s, "mailrelay_deliveries_total", backend="smtp", status="sent") == 3
+        and value(s, "mailrelay_dsns_total", action="failed") == 1
+        and value(s, "mailrelay_queue_messages", state="active") == 0,
+        "3 deliveries and a DSN",
+    )
+    listener = "tcp:0:interface=127.0.0.1"
+    assert value(samples, "mailrelay_connections_total", listener=listener) == 2
+    assert value(samples, "mailrelay_sessions_total", outcome="quit") == 2
+    assert value(samples, "mailrelay_messages_total", reply="2xx", origin="smtp") == 2
+    assert value(samples, "mailrelay_messages_total", reply="2xx", origin="local") == 1  # the DSN
+    assert value(samples, "mailrelay_message_bytes_total", origin="smtp") == sum(sizes)
+    assert value(samples, "mailrelay_refusals_total", command="RCPT", reply="5xx") == 1
+    assert value(samples, "mailrelay_deliveries_total", backend="smtp", status="bounced") == 1
+    assert value(samples, "mailrelay_delivery_seconds_count", backend="smtp") == 3
+    assert value(samples, "mailrelay_delivery_seconds_bucket", backend="smtp", le="+Inf") == 3
+    assert value(samples, "mailrelay_delivery_delay_seconds_count", backend="smtp") == 3
+    rcptChecks = value(samples, "mailrelay_plugin_seconds_count",
+                       hook="rcpt", plugin="regex")
+    assert rcptChecks == 4
+    stamps = value(samples, "mailrelay_plugin_seconds_count", hook="header_stamper",
+                   plugin="default")
+    assert stamps == 3  # two messages and the DSN
+    assert value(samples, "mailrelay_spool_sync_batch_size_count") >= 3
+    assert value(samples, "mailrelay_queue_messages", state="scheduled") == 0
+    assert not any(name.endswith("_created") for name, _ in samples)
+
+    status, contentType, text = get(mport, "/healthz")
+    report = json.loads(text)
+    assert (status, contentType) == (200, "application/json"), text
+    assert report["status"] == "ok" and report["spool"] == "up" and report["delivery"] == "up"
+    assert report["listeners"] == {listener: "up"}
+    pid = report["delivery_pid"]
+
+    # A reload replaces the delivery process: its counts are kept.
+    assert r.process is not None
+    r.process.send_signal(signal.SIGHUP)
+    r.waitForLog(rf"previous delivery process \(pid {pid}\) exited")
+    assert sendSMTP(r, "alice@sender.test", ["dave@example.org"], body)
+    samples = waitSamples(
+        mport,
+        lambda s: value(s, "mailrelay_deliveries_total", backend="smtp", status="sent") == 4,
+        "the delivery after the reload",
+    )
+    assert value(samples, "mailrelay_dsns_total", action="failed") == 1
+    assert value(samples, "mailrelay_delivery_seconds_count", backend="smtp") == 4
+    assert json.loads(get(mport, "/healthz")[2])["delivery_pid"] != pid
+
+
+def test_healthUnhealthy(relays) -> None:
+    """/healthz says 503 when a part is not up: here the spool, below its minimum free
+    space (the relay answers 452 to mail meanwhile)."""
+    r = relays(_METRICS + "[spool]\nmin_free_space = 1000000000000000000\n", hold=True)
+    r.start()
+    status, _, text = get(metricsPort(r), "/healthz")
+    report = json.loads(text)
+    assert status == 503, text
+    assert report["status"] == "unhealthy" and report["spool"] == "full"
+    assert report["delivery"] == "held"  # hold: on purpose, not a fault
+
+
+# ---------------------------------------------------------------------------------------------
+# Running as another user: twistd's --uid/--gid
+
+
+def _needed(reason: str) -> None:
+    """Skip (visibly) outside CI, fail under CI: the run-user tests must run there."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def nobodyRuntime():
+    """C{(python, directory)}: an interpreter the user C{nobody} can run, seeing this
+    checkout and the test environment's packages (this one's interpreter may live where
+    nobody can read, such as /root), and a directory nobody can reach (pytest's are
+    root's only)."""
+    if os.geteuid() != 0:
+        _needed("the run-user tests start twistd as root")
+    try:
+        pwd.getpwnam("nobody")
+        grp.getgrnam("nogroup")
+    except KeyError:
+        _needed("no user nobody or group nogroup")
+    directory = Path(tempfile.mkdtemp(prefix="mailrelay-runas-"))
+    directory.chmod(0o755)
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    candidates = [Path(sys.executable).resolve(), Path("/usr/bin") / version,
+                  Path("/usr/local/bin") / version]
+    paths = [p for p in site.getsitepackages() if Path(p).is_dir()] + [str(REPO)]
+    try:
+        for interpreter in candidates:
+            if not interpreter.exists():
+                continue
+            venvDir = directory / f"venv-{len(list(directory.iterdir()))}"
+            subprocess.run([str(interpreter), "-m", "venv", "--without-pip", str(venvDir)],
+                           check=True, timeout=120)
+            python = venvDir / "bin" / "python"
+            purelib = subprocess.check_output(
+                [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                text=True).strip()
+            (Path(purelib) / "_mailrelay_tests.pth").write_text("\n".join(paths) + "\n")
+            try:
+                check = subprocess.run(
+                    [str(python), "-c", "import twisted, mailrelay, prometheus_client, OpenSSL"],
+                    user="nobody", group="nogroup", capture_output=True, timeout=120,
+                )
+            except PermissionError:  # nobody cannot run it at all
+                continue
+            if check.returncode == 0:
+                yield python, directory
+                return
+        _needed(f"no {version} that nobody can run with this checkout and its packages")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def privilegedPort() -> int:
+    """A port below 1024 free on 127.0.0.1."""
+    for port in range(1023, 600, -1):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port below 1024")
+
+
+def startAs(python: Path, directory: Path, *args: str) -> subprocess.Popen[bytes]:
+    """C{twistd -n --uid nobody --gid nogroup ... mailrelay ARGS} (started as root)."""
+    log = open(directory / "relay.log", "ab")
+    try:
+        return subprocess.Popen(
+            [str(python), "-c", "import sys; from twisted.scripts.twistd import run; "
+             "sys.argv[0] = 'twistd'; run()", "-n", "--pidfile=", "--uid", "nobody",
+             "--gid", "nogroup", "mailrelay", "--hostname", "relay.test", *args],
+            cwd=directory, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+    finally:
+        log.close()
+
+
+def owner(pid: int) -> tuple[int, int]:
+    """The real uid and gid of process C{pid}."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    uid = int(re.search(r"^Uid:\s+(\d+)", status, re.M).group(1))
+    gid = int(re.search(r"^Gid:\s+(\d+)", status, re.M).group(1))
+    return uid, gid
+
+
+def childrenOf(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def test_runAsNobody(nobodyRuntime, nexthop) -> None:
+    """Started as root with --uid nobody --gid nogroup: the listener on a port below 1024 is
+    bound before the drop, the spool is created and owned by nobody, the relay and its
+    delivery process run as nobody, and mail goes through."""
+    python, top = nobodyRuntime
+    directory = Path(tempfile.mkdtemp(dir=top))
+    directory.chmod(0o755)
+    hop, hopPort = nexthop()
+    (directory / "mailrelay.toml").write_text(
+        f'[[routes]]\ndomain = "example.org"\nbackend = "smtp"\nnexthop = "[127.0.0.1]:{hopPort}"\n')
+    port = privilegedPort()
+    spool = directory / "spool"
+    process = startAs(python, directory, "--config", str(directory / "mailrelay.toml"),
+                      "--listen", f"tcp:{port}:interface=127.0.0.1", "--spool", str(spool))
+    nobody = (pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid)
+    try:
+        waitListening(port)
+        with smtplib.SMTP("127.0.0.1", port, timeout=15) as s:
+            s.sendmail("alice@sender.test", ["bob@example.org"], message("as nobody"))
+        (got,) = hop.waitTo("bob@example.org")
+        assert b"Subject: as nobody" in got.content
+        assert owner(process.pid) == nobody
+        (child,) = childrenOf(process.pid)
+        assert owner(child) == nobody
+        for path in [spool, *spool.rglob("*")]:
+            st = path.lstat()
+            assert (st.st_uid, st.st_gid) == nobody, path
+        assert (spool / "qmgr.lock").exists()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(30)
+    log = (directory / "relay.log").read_text()
+    assert code in (0, -signal.SIGTERM), log  # (twistd ends by the signal that stopped it)
+    assert "set uid/gid" in log and "status=sent" in log
+
+
+def processesMentioning(text: str) -> list[int]:
+    """The processes whose command line holds C{text}."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_runAsFailedStartLeavesNoProcess(nobodyRuntime) -> None:
+    """A start that fails after the drop (here: nobody cannot run the interpreter the relay
+    was started with, so no delivery process can start) exits at once with one line saying
+    why, and leaves no process behind; so does one that fails before (the port is taken)."""
+    python, top = nobodyRuntime
+    directory = Path(tempfile.mkdtemp(dir=top))
+    directory.chmod(0o755)
+    private = directory / "private"
+    shutil.copytree(python.parent.parent, private / "venv", symlinks=True)
+    private.chmod(0o700)  # root's only
+    process = startAs(private / "venv" / "bin" / "python", directory,
+                      "--listen", f"tcp:{privilegedPort()}:interface=127.0.0.1",
+                      "--spool", str(directory / "spool"))
+    try:
+        assert process.wait(30) == 1
+    finally:
+        if process.poll() is None:  # hung: the test fails, the process goes
+            process.kill()
+            process.wait(10)
+    log = (directory / "relay.log").read_text()
+    assert "mailrelay: error: cannot start the delivery process" in log, log
+    assert "Permission denied" in log and "Traceback" not in log, log
+    assert processesMentioning(str(directory)) == []
+
+    port = privilegedPort()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        process = startAs(python, directory, "--listen", f"tcp:{port}:interface=127.0.0.1",
+                          "--spool", str(directory / "spool"))
+        assert process.wait(30) == 1
+    log = (directory / "relay.log").read_text()
+    assert f"mailrelay: error: cannot listen on tcp:{port}:interface=127.0.0.1" in log, log
+    assert "Traceback" not in log
+
+
+def test_metricsInline(relay, nexthop, dns) -> None:
+    """With the queue in the relay's own process (queue.process = "inline"), the same
+    metrics come from it directly."""
+    hop, port = nexthop()
+    r = relay(config(dns, queue={"process": "inline"}, routes=[smtpRoute("example.org", port)])
+              + _METRICS)
+    mport = metricsPort(r)
+    assert sendSMTP(r, "alice@sender.test", ["bob@example.org"], message("inline"))
+    hop.waitTo("bob@example.org")
+    samples = waitSamples(
+        mport,
+        lambda s: value(s, "mailrelay_deliveries_total", backend="smtp", status="sent") == 1,
+        "the delivery",
+    )
+    assert value(samples, "mailrelay_messages_total", reply="2xx", origin="smtp") == 1
+    status, _, text = get(mport, "/healthz")
+    report = json.loads(text)
+    assert status == 200 and report["delivery"] == "up" and "delivery_pid" not in report

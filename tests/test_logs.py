@@ -1,0 +1,109 @@
+"""Unit tests of the log level (L{mailrelay.app.logs}): events below it are dropped before
+any formatting, Twisted's DNS port chatter counts as debug, and twistd's own observer gets
+the filter."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from twisted.application.service import Application
+from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher, textFileLogObserver
+from twisted.python import log as legacy
+
+from mailrelay.app.logs import LevelFilter, filtered, installTwistdObserver
+from mailrelay.config.keys import LOG_LEVELS
+
+
+class Costly:
+    """A value that counts how often it is formatted."""
+
+    def __init__(self) -> None:
+        self.formatted = 0
+
+    def __format__(self, spec: str) -> str:
+        self.formatted += 1
+        return "costly"
+
+
+def publisherTo(levels: LevelFilter) -> tuple[Logger, io.StringIO]:
+    out = io.StringIO()
+    publisher = LogPublisher(filtered(textFileLogObserver(out), levels))
+    return Logger(namespace="test", observer=publisher), out
+
+
+def test_levelsAreTwisted() -> None:
+    assert LOG_LEVELS == ("debug", "info", "warn", "error", "critical")
+
+
+def test_belowTheLevelNotFormatted() -> None:
+    levels = LevelFilter()
+    log, out = publisherTo(levels)
+    value = Costly()
+    log.debug("debug {value}", value=value)
+    assert value.formatted == 0 and out.getvalue() == ""
+    log.info("info {value}", value=value)
+    assert value.formatted == 1 and "info costly" in out.getvalue()
+
+
+def test_levelChanges() -> None:
+    levels = LevelFilter()
+    log, out = publisherTo(levels)
+    levels.setLevel("warn")
+    log.info("not this")
+    log.warn("but this")
+    levels.setLevel("debug")
+    log.debug("and this")
+    text = out.getvalue()
+    assert "not this" not in text and "but this" in text and "and this" in text
+    assert levels.level is LogLevel.debug
+
+
+def legacyEvent(text: str) -> dict[str, Any]:
+    """An event as twisted.python.log.msg(text) publishes it to new-style observers."""
+    events: list[dict[str, Any]] = []
+    publisher = legacy.LogPublisher()
+    publisher.addObserver(lambda e: events.append(e))
+    publisher.msg(text)
+    (event,) = events
+    event.setdefault("log_namespace", "log_legacy")
+    event.setdefault("log_level", LogLevel.info)
+    return event
+
+
+def test_dnsPortChatterIsDebug() -> None:
+    """The four lines Twisted logs about each DNS query's UDP port pass only at debug; the
+    TCP listener's lines are kept."""
+    noise = [
+        "DNSDatagramProtocol starting on 14431",
+        "Starting protocol <twisted.names.dns.DNSDatagramProtocol object at 0x7f2150ff7290>",
+        "(UDP Port 14431 Closed)",
+        "Stopping protocol <twisted.names.dns.DNSDatagramProtocol object at 0x7f2150ff7290>",
+    ]
+    kept = ["SMTPServerFactory starting on 2525", "(TCP Port 2525 Closed)"]
+    levels = LevelFilter()
+    passed = [text for text in noise + kept if levels(legacyEvent(text)).name == "maybe"]
+    assert passed == kept
+    levels.setLevel("debug")
+    assert all(levels(legacyEvent(text)).name == "maybe" for text in noise)
+
+
+def test_installTwistdObserver(tmp_path) -> None:
+    """The application gets twistd's observer (here its log file) behind the filter; not
+    when twistd has a --logger, or the application has an observer already."""
+    from twisted.scripts.twistd import ServerOptions
+
+    options = ServerOptions()
+    options.parseOptions(["--logfile", str(tmp_path / "twistd.log"), "--pidfile=", "mailrelay"])
+    application = Application("test")
+    levels = LevelFilter(LogLevel.warn)
+    assert installTwistdObserver(application, options, levels)
+    observer = application.getComponent(ILogObserver)
+    log = Logger(namespace="test", observer=observer)
+    log.info("quiet")
+    log.error("loud")
+    text = (tmp_path / "twistd.log").read_text()
+    assert "loud" in text and "quiet" not in text
+    assert not installTwistdObserver(application, options, levels)  # already has one
+    options["logger"] = "some.factory"
+    assert not installTwistdObserver(Application("other"), options, levels)

@@ -1,0 +1,164 @@
+"""Unit tests of the metrics (L{mailrelay.metrics}): what a snapshot carries, how the relay
+adds up its delivery processes' counts, the plugin timer, the sessions' outcomes, and the
+health check (L{mailrelay.app.metrics.health})."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.defer import Deferred
+
+from mailrelay import metrics
+from mailrelay.app.metrics import health
+from mailrelay.interfaces import Reply
+from mailrelay.metrics import PLUGIN_SECONDS, ProcessMetrics, snapshot, timePlugin
+from mailrelay.receive.protocol import _outcome
+
+
+def childRegistry(sent: float, queued: float, seconds: list[float]) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    Counter("m_sent", "Sent.", ["backend"], registry=registry).labels("smtp").inc(sent)
+    Gauge("m_queued", "Queued.", registry=registry).set(queued)
+    h = Histogram("m_seconds", "Seconds.", buckets=(1, 10), registry=registry)
+    for s in seconds:
+        h.observe(s)
+    return registry
+
+
+def samplesOf(families: Any) -> dict[tuple[str, tuple], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in families for s in f.samples}
+
+
+def test_snapshotHasNoCreatedSamples() -> None:
+    families = json.loads(snapshot(childRegistry(1, 2, [0.5])))
+    names = [sample[0] for family in families for sample in family[3]]
+    assert "m_sent_total" in names and "m_queued" in names and "m_seconds_bucket" in names
+    assert not [n for n in names if n.endswith("_created")]
+
+
+def test_childrenAddedUpAndRetired() -> None:
+    """Counters and histograms of ended children are kept, their gauges dropped; those of
+    the children running are added as they are."""
+    children = ProcessMetrics()
+    old, new = object(), object()
+    children.update(old, snapshot(childRegistry(3, 5, [0.5, 20])))
+    children.update(new, snapshot(childRegistry(1, 1, [2])))
+    merged = samplesOf(children.merged([]))
+    assert merged[("m_sent_total", (("backend", "smtp"),))] == 4
+    assert merged[("m_queued", ())] == 6
+    children.retire(old)
+    children.update(new, snapshot(childRegistry(2, 1, [2, 3])))
+    merged = samplesOf(children.merged([]))
+    assert merged[("m_sent_total", (("backend", "smtp"),))] == 5  # 3 kept + 2 now
+    assert merged[("m_queued", ())] == 1  # the old one's gauge is gone
+    assert merged[("m_seconds_count", ())] == 4
+    assert merged[("m_seconds_bucket", (("le", "1.0"),))] == 1
+    assert merged[("m_seconds_bucket", (("le", "10.0"),))] == 3
+
+
+def test_mergedExpositionParses() -> None:
+    """This process's families with the children's, in the text format, parsed back; the
+    buckets of a histogram stay in their order."""
+    own = childRegistry(1, 0, [0.5])
+    children = ProcessMetrics()
+    children.update(object(), snapshot(childRegistry(1, 2, [5])))
+
+    class Collector:
+        def collect(self) -> Any:
+            return children.merged(metrics._families(own))
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector())
+    text = generate_latest(registry).decode()
+    parsed = samplesOf(text_string_to_metric_families(text))
+    assert parsed[("m_sent_total", (("backend", "smtp"),))] == 2
+    assert parsed[("m_queued", ())] == 2
+    buckets = [line.split("{")[1].split("}")[0] for line in text.splitlines()
+               if line.startswith("m_seconds_bucket")]
+    assert buckets == ['le="1.0"', 'le="10.0"', 'le="+Inf"']
+
+
+def test_badSnapshotRefused() -> None:
+    children = ProcessMetrics()
+    for bad in ("not json", "{}", "[[1, 2]]"):
+        try:
+            children.update(object(), bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"{bad!r} accepted")
+
+
+def observed(hook: str, plugin: str) -> float:
+    return sum(b.get() for b in PLUGIN_SECONDS.labels(hook, plugin)._buckets)
+
+
+def test_timePlugin() -> None:
+    """An answer at once is timed at once; a Deferred when it fires, however it fires."""
+    before = observed("test_hook", "p")
+    assert timePlugin("test_hook", "p", "verdict", 0.0) == "verdict"
+    assert observed("test_hook", "p") == before + 1
+    d: Deferred[str] = Deferred()
+    assert timePlugin("test_hook", "p", d, 0.0) is d
+    assert observed("test_hook", "p") == before + 1
+    d.errback(RuntimeError("boom"))
+    assert observed("test_hook", "p") == before + 2
+    d.addErrback(lambda f: None)
+
+
+def test_sessionOutcomes() -> None:
+    assert _outcome(Reply(221, "2.0.0", "Bye"), False) == "quit"
+    assert _outcome(Reply(421, "4.4.2", "timeout exceeded"), False) == "timeout"
+    assert _outcome(Reply(421, "4.3.2", "shutting down"), False) == "shutdown"
+    assert _outcome(Reply(421, "4.7.0", "too many errors"), False) == "refused"
+    assert _outcome(Reply(554, "5.5.0", "synchronization"), False) == "refused"
+    assert _outcome(Reply(250, "2.0.0", "Ok"), True) == "disconnected"
+    assert _outcome(None, False) == "disconnected"
+
+
+class FakeSpool:
+    def __init__(self, directory: Any, running: bool = True, free: bool = True) -> None:
+        self.directory = directory
+        self.running = running
+        self.free = free
+
+    def hasFreeSpace(self, needed: int = 0) -> bool:
+        return self.free
+
+
+class FakeDelivery:
+    def __init__(self, state: str, pid: int | None = None) -> None:
+        self._state = state
+        self.pid = pid
+
+    def state(self) -> str:
+        return self._state
+
+
+def relay(tmp_path: Any, *, port: Any = "port", spool: Any = None, delivery: Any = None) -> Any:
+    return SimpleNamespace(
+        listeners={"tcp:25": SimpleNamespace(port=port)},
+        spool=spool if spool is not None else FakeSpool(tmp_path),
+        delivery=delivery if delivery is not None else FakeDelivery("up", 42),
+    )
+
+
+def test_health(tmp_path) -> None:
+    assert health(relay(tmp_path)) == (True, {
+        "listeners": {"tcp:25": "up"}, "spool": "up", "delivery": "up", "delivery_pid": 42,
+    })
+    assert health(relay(tmp_path, delivery=FakeDelivery("held")))[0]
+    for broken, part, state in [
+        (relay(tmp_path, port=None), "listeners", {"tcp:25": "down"}),
+        (relay(tmp_path, spool=FakeSpool(tmp_path, running=False)), "spool", "down"),
+        (relay(tmp_path, spool=FakeSpool(tmp_path / "gone")), "spool", "down"),
+        (relay(tmp_path, spool=FakeSpool(tmp_path, free=False)), "spool", "full"),
+        (relay(tmp_path, delivery=FakeDelivery("down")), "delivery", "down"),
+    ]:
+        healthy, parts = health(broken)
+        assert not healthy and parts[part] == state, parts

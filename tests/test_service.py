@@ -1,0 +1,159 @@
+"""Running as a service: the systemd unit (etc/mailrelay.service, checked with
+C{systemd-analyze}), the notifications to systemd (L{mailrelay.app.systemd}) from the real
+twistd, and the run user twistd drops to (L{mailrelay.app.tap.runAs})."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from twisted.internet.task import Clock
+
+from mailrelay.app.systemd import Notifier, notify
+from mailrelay.app.tap import runAs
+from tests.harness import REPO, TWISTD, RelayProcess
+
+UNIT = REPO / "etc" / "mailrelay.service"
+
+
+def systemdAnalyze() -> str:
+    path = shutil.which("systemd-analyze")
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("systemd-analyze is not installed; .ci/run must install systemd")
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
+    return path
+
+
+def settings(text: str) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line and not line.startswith(("#", "[")) and "=" in line:
+            key, value = line.split("=", 1)
+            found.setdefault(key, []).append(value)
+    return found
+
+
+def test_unitSettings() -> None:
+    """Type=notify with twistd in the foreground, reload by SIGHUP, SIGTERM to twistd alone
+    (KillMode=mixed), long enough a stop for both drains, and never root."""
+    unit = settings(UNIT.read_text())
+    assert unit["Type"] == ["notify"] and unit["KillMode"] == ["mixed"]
+    (start,) = unit["ExecStart"]
+    assert "--nodaemon" in start.split() and "--pidfile=" in start.split()
+    assert start.split()[start.split().index("--pidfile=") + 1] == "mailrelay"
+    assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert int(unit["TimeoutStopSec"][0]) > 2 * 30
+    assert unit["User"] == ["mailrelay"] and unit["NoNewPrivileges"] == ["yes"]
+
+
+def test_unitVerifies(tmp_path: Path) -> None:
+    """systemd-analyze verify finds nothing to say (ExecStart pointed at this twistd), and
+    its security review rates the unit's exposure low."""
+    analyze = systemdAnalyze()
+    unit = tmp_path / "mailrelay.service"
+    unit.write_text(UNIT.read_text().replace("/opt/mailrelay/bin/twistd", TWISTD))
+    result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True,
+                            timeout=120)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    result = subprocess.run([analyze, "security", "--offline=yes", str(unit)],
+                            capture_output=True, text=True, timeout=120)
+    m = re.search(r"Overall exposure level for mailrelay\.service: ([\d.]+)", result.stdout)
+    assert m, result.stdout + result.stderr
+    assert float(m.group(1)) < 2.5, result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# sd_notify
+
+
+def listen(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(path)
+    s.settimeout(30)
+    return s
+
+
+def test_notifyAbstractAndPath(tmp_path: Path) -> None:
+    name = f"\0mailrelay-test-{os.getpid()}"
+    with listen(name) as s:
+        assert notify("READY=1", {"NOTIFY_SOCKET": "@" + name[1:]})
+        assert s.recv(1024) == b"READY=1"
+    with listen(str(tmp_path / "notify")) as s:
+        assert notify("STOPPING=1", {"NOTIFY_SOCKET": str(tmp_path / "notify")})
+        assert s.recv(1024) == b"STOPPING=1"
+    assert not notify("READY=1", {})
+    assert not notify("READY=1", {"NOTIFY_SOCKET": str(tmp_path / "nobody-there")})
+
+
+def test_watchdog(tmp_path: Path) -> None:
+    """With WatchdogSec= (WATCHDOG_USEC for our pid), pings at half the period, until the
+    stop."""
+    clock = Clock()
+    path = str(tmp_path / "notify")
+    with listen(path) as s:
+        s.settimeout(0.5)
+        environ = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "10000000",
+                   "WATCHDOG_PID": str(os.getpid())}
+        notifier = Notifier(clock, environ)
+        notifier.ready("running")
+        assert s.recv(1024).startswith(b"READY=1\nSTATUS=running\n")
+        assert s.recv(1024) == b"WATCHDOG=1"
+        clock.advance(5)
+        assert s.recv(1024) == b"WATCHDOG=1"
+        notifier.stopping()
+        assert s.recv(1024) == b"STOPPING=1"
+        clock.advance(5)
+        with pytest.raises(TimeoutError):
+            s.recv(1024)
+        other = Notifier(clock, {**environ, "WATCHDOG_PID": "1"})  # not ours
+        other.ready("running")
+        assert s.recv(1024).startswith(b"READY=1")
+        with pytest.raises(TimeoutError):
+            s.recv(1024)
+
+
+def test_notificationsFromTwistd(tmp_path: Path) -> None:
+    """The real twistd says READY=1 once it listens, RELOADING=1 then READY=1 around a
+    reload (SIGHUP), and STOPPING=1 when it stops."""
+    path = str(tmp_path / "notify")
+    with listen(path) as s:
+        r = RelayProcess(tmp_path / "relay", "", env={"NOTIFY_SOCKET": path}, hold=True)
+        r.start()
+        try:
+            ready = s.recv(4096).decode()
+            assert ready.startswith("READY=1\nSTATUS=1 listener(s), delivery held\n"), ready
+            assert r.process is not None and f"MAINPID={r.process.pid}" in ready
+            r.process.send_signal(signal.SIGHUP)
+            assert s.recv(4096).decode().startswith("RELOADING=1\nMONOTONIC_USEC=")
+            assert s.recv(4096).decode().startswith("READY=1")
+            r.waitForLog("configuration reloaded")
+        finally:
+            r.stop()
+        assert s.recv(4096) == b"STOPPING=1"
+
+
+# ---------------------------------------------------------------------------------------------
+# The run user
+
+
+def test_runAs(monkeypatch) -> None:
+    """twistd's --uid/--gid as the spool's owner: the user's own group when only --uid is
+    given; nothing when not root or neither is given."""
+    import pwd
+
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    nobody = pwd.getpwnam("nobody")
+    assert runAs({"uid": nobody.pw_uid, "gid": None}) == (nobody.pw_uid, nobody.pw_gid)
+    assert runAs({"uid": nobody.pw_uid, "gid": 5}) == (nobody.pw_uid, 5)
+    assert runAs({"uid": None, "gid": 5}) == (-1, 5)
+    assert runAs({"uid": None, "gid": None}) is None
+    assert runAs(None) is None
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert runAs({"uid": nobody.pw_uid, "gid": None}) is None
