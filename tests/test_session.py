@@ -32,6 +32,7 @@ def test_greeting_and_ehlo() -> None:
         b"250-SIZE 10240000",
         b"250-8BITMIME",
         b"250-ENHANCEDSTATUSCODES",
+        b"250-DSN",
         b"250 SMTPUTF8",
     ]
 
@@ -104,8 +105,8 @@ def test_enhanced_codes_on_every_reply_but_greeting_ehlo_and_354() -> None:
     lines = h.send(
         b"EHLO x\r\nNOOP\r\nFOO\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\nhi\r\n.\r\nVRFY x\r\nQUIT\r\n"
     )
-    assert lines[5] == b"250 SMTPUTF8"  # EHLO reply: no enhanced codes (RFC 2034)
-    for line in lines[6:]:
+    assert lines[6] == b"250 SMTPUTF8"  # EHLO reply: no enhanced codes (RFC 2034)
+    for line in lines[7:]:
         if line.startswith(b"354 "):
             continue
         assert re.match(rb"\d{3} [245]\.\d{1,3}\.\d{1,3} ", line), line
@@ -438,6 +439,32 @@ def test_dsn_parameters_kept_on_envelope() -> None:
     assert (envelope.ret, envelope.envid, envelope.body, envelope.size) == ("HDRS", "abc+def", "8BITMIME", 100)
     assert envelope.recipients[0].notify == ("SUCCESS", "FAILURE")
     assert envelope.recipients[0].orcpt == "rfc822;c@d.example"
+
+
+@pytest.mark.parametrize("verb", [b"EHLO", b"HELO"])
+def test_helo_with_spaces_accepted_and_logged(verb: bytes) -> None:
+    """As Postfix: the words are taken together (runs of blanks made one space), logged; the
+    name is no host name, so Received: says unknown."""
+    from twisted.logger import capturedLogs
+
+    h = ServerHarness()
+    h.replies()
+    with capturedLogs() as events:
+        assert h.codes(h.send(verb + b"  My \tComputer \r\n")) == [250]
+    (event,) = [e for e in events if "argument with spaces" in e["log_format"]]
+    assert (event["verb"], event["helo"]) == (verb.decode(), "My Computer")
+    h.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\nSubject: s\r\n\r\n.\r\n")
+    ((envelope, message),) = h.spool.committed.values()
+    assert envelope.client.helo == "My Computer"
+    assert message.startswith(b"Received: from unknown (unknown [127.0.0.1])\r\n")
+
+
+@pytest.mark.parametrize("line", [b"EHLO  \r\n", b"EHLO \t\r\n", b"HELO a\x01b\r\n", b"EHLO a \x0bb\r\n"])
+def test_helo_without_a_name_or_with_controls_refused(line: bytes) -> None:
+    h = ServerHarness()
+    h.replies()
+    assert h.codes(h.send(line)) == [501]
+    assert h.codes(h.send(b"MAIL FROM:<a@b.example>\r\n")) == [503]
 
 
 def test_received_header_sanitises_helo() -> None:

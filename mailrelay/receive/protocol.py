@@ -54,6 +54,7 @@ from mailrelay.smtp.server import (
     CheckRecipient,
     Close,
     EndOfData,
+    HeloWithSpaces,
     Refused,
     ServerSession,
     SessionSettings,
@@ -545,6 +546,13 @@ class SMTPServerProtocol(Protocol):
                     _logSyncError(session.client, event)  # type: ignore[union-attr]
                 elif isinstance(event, Refused):
                     _logRefusal(session.client, event)  # type: ignore[union-attr]
+                elif isinstance(event, HeloWithSpaces):
+                    log.info(
+                        "{client}: {verb} argument with spaces accepted: {helo!r}",
+                        client=session.client.address,  # type: ignore[union-attr]
+                        verb=event.verb,
+                        helo=event.name,
+                    )
                 else:
                     question = event
             self._flush(out)

@@ -166,6 +166,19 @@ class SyncError:
 
 
 @dataclass(frozen=True, slots=True)
+class HeloWithSpaces:
+    """The client's HELO or EHLO argument has spaces in it: accepted (as Postfix does), for
+    the log.
+
+    @ivar verb: C{"HELO"} or C{"EHLO"}.
+    @ivar name: the argument, runs of spaces and tabs made one space.
+    """
+
+    verb: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class Refused:
     """A MAIL, RCPT or DATA command is refused (4xx or 5xx), for the log (Postfix's
     C{NOQUEUE: reject:} line); the reply itself follows as its own event.
@@ -230,6 +243,8 @@ AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too lo
 READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 SYNC_ERROR = Reply(554, "5.5.0", "Error: SMTP protocol synchronization")
 #: RFC 2920 3.1: commands that can only be the last of a pipelined group.
+#: What separates the words of a HELO/EHLO argument (as Postfix's command tokenizer).
+_HELO_SPACE = re.compile(r"[ \t]+")
 _LAST_IN_GROUP = frozenset({"EHLO", "HELO", "DATA", "NOOP", "VRFY", "EXPN", "TURN"})
 _PLAIN_CHALLENGE = Reply(334, "", "")
 _LOGIN_USERNAME = Reply(334, "", "VXNlcm5hbWU6")  # "Username:"
@@ -507,17 +522,22 @@ class ServerSession:
         self._helo(arg, esmtp=False)
 
     def _helo(self, arg: str, esmtp: bool) -> None:
-        name = arg.strip()
         verb = "EHLO" if esmtp else "HELO"
-        if not name or " " in name or not name.isprintable():
+        words = _HELO_SPACE.split(arg.strip(" \t"))
+        name = " ".join(words)
+        if not name or not name.isprintable():
             self._reply(Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
             return
+        if len(words) > 1:
+            # RFC 5321 4.1.1.1 wants one domain or address literal; Postfix takes the words
+            # together (broken clients send "EHLO My Computer"), and so do we, but say so.
+            self._out.append(HeloWithSpaces(verb, name))
         self._resetTransaction()
         self.client.helo = name
         self.client.esmtp = esmtp
         if esmtp:
             lines = [self.settings.hostname, "PIPELINING", f"SIZE {self.settings.maxMessageSize}",
-                     "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"]
+                     "8BITMIME", "ENHANCEDSTATUSCODES", "DSN", "SMTPUTF8"]
             if self.settings.starttls and not self.client.tls:
                 lines.append("STARTTLS")
             if self._authOffered:
