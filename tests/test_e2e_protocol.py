@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import re
 import smtplib
+import socket
 import subprocess
+import time
 
 import pytest
 
@@ -126,3 +128,169 @@ def test_swaks_helo_with_spaces(relay) -> None:
     assert " -> EHLO WIN 10 PC" in out.stdout
     ((envelope, _),) = queued(r)
     assert envelope["client"]["helo"] == "WIN 10 PC"
+
+
+# CHUNKING: BDAT (RFC 3030) ----------------------------------------------------------------------
+
+START = b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.org>\r\n"
+
+
+def bdat(content: bytes, last: bool = False) -> bytes:
+    return b"BDAT %d%s\r\n" % (len(content), b" LAST" if last else b"") + content
+
+
+def replies(c: LineClient, n: int) -> list[bytes]:
+    return [b"\n".join(c.readReply()) for _ in range(n)]
+
+
+def listener(keys: str = "", limits: str = "") -> tuple[str, ...]:
+    """A relay whose listener has C{keys} (and C{[limits]} C{limits})."""
+    return (f"{limits}[[listeners]]\nendpoint = \"tcp:0:interface=127.0.0.1\"\n{keys}",
+            "--spool", "spool", "--hostname", "relay.test")
+
+
+def test_bdat_chunks_pipelined_in_one_packet(relay) -> None:
+    """The real relay, with its default reject_unauth_pipelining: MAIL, RCPT, three chunks
+    (the second holding what would be commands and an end of data) and QUIT in one packet."""
+    r = relay()
+    c, ehlo = session(r)
+    assert b"250-CHUNKING" in ehlo and b"250-DSN" in ehlo
+    inside = b"\r\n.\r\nRSET\r\nMAIL FROM:<evil@example.net>\r\nRCPT TO:<v@example.net>\r\nDATA\r\n"
+    c.send(START + bdat(b"Subject: chunks\r\n\r\n") + bdat(inside) + bdat(b"end\r\n", True) +
+           b"QUIT\r\n")
+    got = replies(c, 6)
+    assert got[:4] == [b"250 2.1.0 Ok", b"250 2.1.5 Ok", b"250 2.0.0 Ok: 19 octets received",
+                       b"250 2.0.0 Ok: %d octets received" % len(inside)]
+    m = re.fullmatch(rb"250 2\.0\.0 Ok: queued as (\w+)", got[4])
+    assert m and got[5] == b"221 2.0.0 Bye"
+    c.expectClosed()
+    ((envelope, message),) = queued(r)
+    assert envelope["queueID"] == m.group(1).decode()
+    assert message.startswith(b"Received: from client.example (localhost [127.0.0.1])\r\n"
+                              b"\tby relay.test (mailrelay) with ESMTP id " + m.group(1))
+    assert message.endswith(b"\r\n\r\n" + inside + b"end\r\n")
+    assert re.search(rf"{m.group(1).decode()}: from=<alice@example\.com> nrcpt=1 size="
+                     rf"{len(message)} client=127\.0\.0\.1 result=250 2\.0\.0", r.log())
+
+
+def test_bdat_split_across_packets(relay) -> None:
+    """Chunks and command lines cut anywhere by the network: in the command, in the chunk,
+    between a CR and its LF, one octet at a time."""
+    r = relay()
+    c, _ = session(r)
+    c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    content = b"Subject: split\r\n\r\n" + b"".join(b"line %d\r\n" % i for i in range(50))
+    wire = START + bdat(content[:17]) + bdat(content[17:], True)
+    for piece in [wire[:3], wire[3:60], wire[60:61], *(wire[i:i + 1] for i in range(61, 80)),
+                  wire[80:]]:
+        c.send(piece)
+        time.sleep(0.005)
+    got = replies(c, 4)
+    assert got[2] == b"250 2.0.0 Ok: 17 octets received"
+    assert got[3].startswith(b"250 2.0.0 Ok: queued as ")
+    c.close()
+    ((_, message),) = queued(r)
+    assert b"\r\nSubject: split\r\n" in message.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+    assert message.split(b"\r\n\r\n", 1)[1] == content.split(b"\r\n\r\n", 1)[1]
+
+
+def test_bdat_0_last_and_bdat_after_data(relay) -> None:
+    r = relay()
+    c, _ = session(r)
+    c.send(START + bdat(b"Subject: zero\r\n\r\nbody\r\n") + b"BDAT 0 LAST\r\n")
+    got = replies(c, 4)
+    assert got[2] == b"250 2.0.0 Ok: 23 octets received" and got[3].startswith(b"250 2.0.0 Ok: q")
+    # A message by DATA, then BDAT: no transaction any more; then DATA refused, then BDAT.
+    c.send(START + b"DATA\r\n")
+    assert replies(c, 3)[2].startswith(b"354 ")
+    c.send(b"Subject: data\r\n\r\n.\r\n" + bdat(b"MAIL FROM:<x@example.net>\r\n", True))
+    got = replies(c, 2)
+    assert got[0].startswith(b"250 2.0.0 Ok: queued as ")
+    assert got[1] == b"503 5.5.1 Error: need MAIL command"
+    c.send(b"MAIL FROM:<a@example.com>\r\nDATA\r\n")  # DATA ends a group (RFC 2920)
+    assert replies(c, 2) == [b"250 2.1.0 Ok", b"503 5.5.1 Error: need RCPT command"]
+    c.send(bdat(b"x", True) + b"RSET\r\n" + START + bdat(b"Subject: b\r\n") + b"DATA\r\n")
+    assert replies(c, 6) == [
+        b"503 5.5.1 Error: need RCPT command", b"250 2.0.0 Ok", b"250 2.1.0 Ok", b"250 2.1.5 Ok",
+        b"250 2.0.0 Ok: 12 octets received", b"503 5.5.1 Error: DATA after BDAT"]
+    c.send(bdat(b"\r\n", True))
+    assert c.readReply()[0].startswith(b"250 2.0.0 Ok: queued as ")
+    c.close()
+    subjects = sorted(re.search(rb"\r\nSubject: (\w+)\r\n", m).group(1) for _, m in queued(r))
+    assert subjects == [b"b", b"data", b"zero"]
+
+
+def test_bdat_over_the_size_limit_consumed_and_refused(relay) -> None:
+    r = relay(*listener(limits="[limits]\nmessage_size = 1000\n"), defaults=False)
+    c, ehlo = session(r)
+    assert b"250-SIZE 1000" in ehlo
+    c.send(START + bdat(b"Subject: big\r\n\r\n" + b"x" * 600 + b"\r\n") +
+           bdat(b"y" * 600 + b"\r\n") + bdat(b"z\r\n", True) + b"NOOP\r\n")
+    got = replies(c, 6)
+    assert got[2:] == [b"250 2.0.0 Ok: 618 octets received",
+                       b"552 5.3.4 Error: message size exceeds fixed limit",
+                       b"552 5.3.4 Error: 3 octets discarded after an earlier error",
+                       b"250 2.0.0 Ok"]
+    # Far beyond: not read (552 and close), as Postfix's smtpd.
+    c.send(START + b"BDAT 2000000 LAST\r\n" + b"x" * 1000)
+    assert replies(c, 3)[2] == b"552 5.3.4 Error: message size exceeds fixed limit"
+    c.expectClosed()
+    assert queued(r) == []
+    assert re.search(r"\w+: from=<alice@example\.com> nrcpt=1 size=\d+ client=127\.0\.0\.1 "
+                     r"result=552 5\.3\.4", r.log())
+
+
+def test_bdat_rset_mid_chunking_and_malformed_bdat(relay) -> None:
+    r = relay()
+    c, _ = session(r)
+    c.send(START + bdat(b"Subject: dropped\r\n") + b"RSET\r\n" + bdat(b"x", True))
+    assert replies(c, 5)[2:] == [b"250 2.0.0 Ok: 18 octets received", b"250 2.0.0 Ok",
+                                 b"503 5.5.1 Error: need MAIL command"]
+    r.waitForLog(r"\w+: message not completed, dropped")
+    c.send(b"BDAT ten\r\nQUIT\r\n")
+    assert c.readReply() == [b"521 5.5.4 Syntax: BDAT count [LAST]"]
+    c.expectClosed()
+    assert queued(r) == []
+    assert list((r.spool / "tmp").iterdir()) == []
+
+
+def test_bdat_bare_newline_refused_and_normalized(relay) -> None:
+    r = relay()
+    c, _ = session(r)
+    c.send(START + bdat(b"Subject: lf\n\nbody\n", True))
+    assert replies(c, 3)[2] == (b"550 5.6.0 Error: message contains a bare CR or LF; use CRLF "
+                                b"line endings")
+    c.close()
+    assert queued(r) == []
+    r2 = relay(*listener('bare_newline = "normalize"\n'), defaults=False)
+    c, _ = session(r2)
+    c.send(START + bdat(b"Subject: lf\n\nbody\n", True))
+    assert replies(c, 3)[2].startswith(b"250 2.0.0 Ok: queued as ")
+    c.close()
+    ((_, message),) = queued(r2)
+    assert b"\r\nSubject: lf\r\n" in message and message.endswith(b"\r\n\r\nbody\r\n")
+    assert message.count(b"\n") == message.count(b"\r\n")
+
+
+def test_binarymime_on_a_listener_that_offers_it(relay) -> None:
+    r = relay(*listener("binarymime = true\n"), defaults=False)
+    c, ehlo = session(r)
+    assert b"250-BINARYMIME" in ehlo
+    binary = (b"Subject: binary\r\nMIME-Version: 1.0\r\nContent-Type: application/octet-stream\r\n"
+              b"Content-Transfer-Encoding: binary\r\n\r\n" + bytes(range(256)) * 8)
+    c.send(b"MAIL FROM:<alice@example.com> BODY=BINARYMIME\r\nRCPT TO:<bob@example.org>\r\n"
+           b"DATA\r\n")
+    got = replies(c, 3)
+    c.send(bdat(binary[:1000]) + bdat(binary[1000:], True))
+    got += replies(c, 2)
+    assert got[2] == b"503 5.5.1 Error: BODY=BINARYMIME needs BDAT, not DATA"
+    assert got[3] == b"250 2.0.0 Ok: 1000 octets received" and got[4].startswith(b"250 2.0.0 Ok: q")
+    c.close()
+    ((envelope, message),) = queued(r)
+    assert envelope["body"] == "BINARYMIME"
+    assert message.endswith(b"\r\n\r\n" + bytes(range(256)) * 8)
+    r2 = relay()
+    c, ehlo = session(r2)
+    assert not any(b"BINARYMIME" in line for line in ehlo)
+    c.send(b"MAIL FROM:<alice@example.com> BODY=BINARYMIME\r\n")
+    assert c.readReply() == [b"501 5.5.4 Error: unsupported BODY value 'BINARYMIME'"]
