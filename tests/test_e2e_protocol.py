@@ -10,6 +10,7 @@ import smtplib
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -294,3 +295,42 @@ def test_binarymime_on_a_listener_that_offers_it(relay) -> None:
     assert not any(b"BINARYMIME" in line for line in ehlo)
     c.send(b"MAIL FROM:<alice@example.com> BODY=BINARYMIME\r\n")
     assert c.readReply() == [b"501 5.5.4 Error: unsupported BODY value 'BINARYMIME'"]
+
+
+# REQUIRETLS (RFC 8689) ------------------------------------------------------------------------
+
+
+def test_requiretls_over_starttls_only(tmp_path: Path) -> None:
+    import ssl
+
+    from tests.test_e2e_tls_auth import Site
+
+    site = Site(tmp_path / "site")
+    config = ('[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\n'
+              'tls_certificate = "relay.pem"\ntls_key = "relay.key"\n')
+    r = RelayProcess(site.directory, config, ("--spool", str(site.directory / "spool"),
+                     "--hostname", "relay.test"), defaults=False, hold=True).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=15) as s:
+            s.ehlo("client.example")
+            assert s.has_extn("starttls") and not s.has_extn("requiretls")
+            assert s.mail("a@example.com", ["REQUIRETLS"]) == (
+                530, b"5.7.0 Must issue a STARTTLS command first")
+            s.rset()
+            s.sendmail("a@example.com", ["b@example.org"],
+                       b"Subject: plain\r\nTLS-Required: No\r\n\r\nbody\r\n")
+            s.starttls(context=site.context(check_hostname=False, verify_mode=ssl.CERT_NONE))
+            s.ehlo("client.example")
+            assert s.has_extn("requiretls")
+            s.sendmail("a@example.com", ["b@example.org"],
+                       b"Subject: secret\r\nTLS-Required: No\r\n\r\nbody\r\n",
+                       mail_options=["REQUIRETLS"])
+        r.waitForLog(r"requiretls result=250 ")
+        bySubject = {re.search(rb"Subject: (\w+)", m).group(1): e for e, m in queued(r)}
+        assert (bySubject[b"plain"]["requireTLS"], bySubject[b"plain"]["tlsRequiredNo"]) == (
+            False, True)
+        assert (bySubject[b"secret"]["requireTLS"], bySubject[b"secret"]["tlsRequiredNo"]) == (
+            True, False)
+        assert re.search(r"tls_required=no result=250 ", r.log())
+    finally:
+        r.stop()

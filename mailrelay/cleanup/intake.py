@@ -10,6 +10,7 @@ the relay made itself and gives whole, such as a delivery status notification
   3. the header stampers (L{runStampers}) add their fields; the body streams on to the spool;
   4. the hop check: more than C{maxHops} C{Received:} fields is a mail loop (554 5.4.6);
   5. the filters, in order (the slot for message filters), which may refuse the message;
+     (a C{TLS-Required: No} field, RFC 8689, is noted on the envelope: C{tlsRequiredNo});
   6. the commit: the message is durable before its 250;
   7. the queue is told of the new queue id (C{notify}; not for a message submitted with
      C{notify=False}: its maker schedules it);
@@ -238,6 +239,10 @@ class IncomingMessage:
     def _stamped(self, _: object) -> Reply | Deferred[Reply]:
         if self._processor.count("Received") > self.intake.maxHops:
             return self._refuse(R.TOO_MANY_HOPS)
+        envelope = self.envelope
+        # RFC 8689 4.1: the field is ignored when MAIL carried REQUIRETLS.
+        if not envelope.requireTLS and tlsRequiredNo(self.headers):
+            envelope.tlsRequiredNo = True
         if not self.intake.filters:
             return self._commit()
         return self._filter(0)
@@ -316,7 +321,8 @@ class IncomingMessage:
         client = self.client
         user = client.authUser if client else None
         log.info(
-            "{queueID}: from=<{sender}> nrcpt={nrcpt} size={size}{origin}{sasl} result={result}",
+            "{queueID}: from=<{sender}> nrcpt={nrcpt} size={size}{origin}{sasl}{tlsPolicy} "
+            "result={result}",
             queueID=envelope.queueID,
             sender=envelope.sender,
             nrcpt=len(envelope.recipients),
@@ -325,7 +331,20 @@ class IncomingMessage:
             origin=f" client={client.address}" if client else "",
             sasl=f" sasl_username={user}" if user else "",
             sasl_username=user,
+            tlsPolicy=" requiretls" if envelope.requireTLS else (
+                " tls_required=no" if envelope.tlsRequiredNo else ""),
             tls=client.tls if client else None,
             result=str(reply),
             accepted=reply.isPositive,
         )
+
+
+def tlsRequiredNo(headers: list[tuple[str, bytes]]) -> bool:
+    """Whether the header fields (C{(name, raw)} pairs) hold C{TLS-Required: No} (RFC 8689
+    3; the value is case-insensitive and may be folded)."""
+    for name, raw in headers:
+        if name.lower() == "tls-required":
+            value = raw.partition(b":")[2]
+            if b"".join(value.split()).lower() == b"no":
+                return True
+    return False

@@ -618,6 +618,8 @@ class ServerSession:
                 lines.append("CHUNKING")
                 if settings.binaryMIME:
                     lines.append("BINARYMIME")
+            if self.client.tls:
+                lines.append("REQUIRETLS")  # RFC 8689 2: only in a session over TLS
             lines.append("SMTPUTF8")
             if self.settings.starttls and not self.client.tls:
                 lines.append("STARTTLS")
@@ -693,6 +695,14 @@ class ServerSession:
                 if len(decoded) > _XTEXT_MAX or not decoded.isprintable():
                     raise _ParamError(Reply(501, "5.5.4", "Error: bad ENVID parameter"))
                 envelope.envid = decoded
+            elif key == "REQUIRETLS" and (self.client.tls or self.settings.starttls):
+                if value is not None:
+                    raise _ParamError(Reply(501, "5.5.4", "Error: REQUIRETLS takes no value"))
+                if not self.client.tls:
+                    # RFC 8689 2: only in a session using TLS; as RFC 3207 says for a command
+                    # that needs TLS first.
+                    raise _ParamError(Reply(530, "5.7.0", "Must issue a STARTTLS command first"))
+                envelope.requireTLS = True
             elif key == "AUTH" and self.settings.authMechanisms:
                 # RFC 4954 section 5: the submitter's identity, for trusted relays; we record
                 # our own client's authentication instead, so it is checked and ignored.
