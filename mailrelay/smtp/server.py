@@ -13,6 +13,16 @@ Message data is read by L{mailrelay.smtp.data.DataReader}, in bulk (C{bytes.find
 never one Python call per line).  The end of data is only C{<CRLF>.<CRLF>}: a bare CR or LF
 never ends or splits a message.
 
+CHUNKING (RFC 3030): C{BDAT n [LAST]} is followed at once by C{n} octets of the message, read
+by L{mailrelay.smtp.data.ChunkReader} (no dot-stuffing, no end marker; a text message gets
+the checks of DATA).  Once a BDAT line's syntax is good its octets are read whatever the
+reply, so nothing in a chunk is ever taken as a command; a malformed BDAT closes the
+session (521), since where the next command starts is then unknown.  The first chunk of a
+message asks L{StartData} (C{command="BDAT"}), the last L{EndOfData}; the chunks between get
+C{250 2.0.0 Ok: n octets received} at once.  A refused chunk is read, then refused, and the
+chunks pipelined after it are read and refused until BDAT LAST or RSET (RFC 3030 2), as
+Postfix's smtpd does.
+
 STARTTLS (RFC 3207): after C{220 2.0.0 Ready to start TLS} the session emits L{StartTLS} and
 B{discards} every byte already received after the STARTTLS line (a client, or a man in the
 middle, pipelining plaintext commands behind it: the "STARTTLS command injection" of
