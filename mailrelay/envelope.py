@@ -115,6 +115,11 @@ class Envelope:
     @ivar smtputf8: C{True} when MAIL carried SMTPUTF8.
     @ivar ret: the DSN RET parameter (C{"FULL"}, C{"HDRS"}) or C{None}.
     @ivar envid: the DSN ENVID parameter (xtext decoded) or C{None}.
+    @ivar requireTLS: MAIL carried C{REQUIRETLS} (RFC 8689; taken over TLS only): the
+        message may only be relayed over verified TLS to next hops offering REQUIRETLS.
+    @ivar tlsRequiredNo: the message has a C{TLS-Required: No} header field and MAIL had no
+        C{REQUIRETLS} (RFC 8689 4.1): its sender asks that TLS policies (MTA-STS, DANE, a
+        route's verified TLS) not stop its delivery.
     @ivar client: the client the message came from.
     @ivar arrival: arrival time, seconds since the epoch (end of DATA).
     @ivar messageSize: size in octets of the stored message (headers we added included).
@@ -141,6 +146,8 @@ class Envelope:
     smtputf8: bool = False
     ret: str | None = None
     envid: str | None = None
+    requireTLS: bool = False
+    tlsRequiredNo: bool = False
     client: ClientInfo | None = None
     arrival: float | None = None
     messageSize: int = 0
@@ -249,7 +256,8 @@ _KINDS: dict[str, tuple[str, Any]] = {
 }
 _ENVELOPE_KINDS = {
     "sender": "str", "queueID": "str?", "size": "count?", "body": "str?", "smtputf8": "bool",
-    "ret": "str?", "envid": "str?", "arrival": "time?", "messageSize": "count",
+    "ret": "str?", "envid": "str?", "requireTLS": "bool", "tlsRequiredNo": "bool",
+    "arrival": "time?", "messageSize": "count",
     "attempts": "count", "nextAttempt": "time?", "delayWarned": "bool", "isBounce": "bool",
     "held": "bool",
     "parameters": "object", "notes": "object",

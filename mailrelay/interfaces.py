@@ -566,8 +566,10 @@ class IIntake(Interface):
         The envelope is the maker's, but for three fields the intake sets, as for every
         message: C{queueID}, allocated by the spool (L{ISpool.openMessage}), set as soon as
         the message is opened; C{arrival}, the time of the commit on the intake's clock;
-        C{messageSize}, the octets stored (stamped fields included).  The rest (sender,
-        recipients, C{isBounce}, C{client}, C{body}, C{smtputf8}, ...) is stored as given.
+        C{messageSize}, the octets stored (stamped fields included).  And
+        C{tlsRequiredNo} is set when the message has a C{TLS-Required: No} field and the
+        envelope no C{requireTLS} (RFC 8689 4.1).  The rest (sender, recipients,
+        C{isBounce}, C{client}, C{body}, C{smtputf8}, ...) is stored as given.
 
         The intake logs the message's one line (see L{IIntake}); its maker logs no other
         C{from=} line for it, only its own event under its own id (the queue:

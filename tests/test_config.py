@@ -361,6 +361,21 @@ def test_overrideListenReplacesAll(tmp_path: Path) -> None:
     assert [listener.settings.name for listener in c.listeners] == ["tcp:2600", "tcp:2601"]
 
 
+def test_listenerChunkingKeys(tmp_path: Path) -> None:
+    """CHUNKING is on and BINARYMIME off unless a listener says otherwise."""
+    path = writeConfig(
+        tmp_path,
+        '[[listeners]]\nendpoint = "tcp:25"\n'
+        '[[listeners]]\nendpoint = "tcp:26"\nbinarymime = true\n'
+        '[[listeners]]\nendpoint = "tcp:27"\nchunking = false\n',
+    )
+    settings = [listener.settings for listener in loadConfig(path, {}).listeners]
+    assert [(s.chunking, s.binaryMIME) for s in settings] == [
+        (True, False), (True, True), (False, False)]
+    session = settings[1].sessionSettings(())
+    assert (session.chunking, session.binaryMIME) == (True, True)
+
+
 def test_overrideRelayNetworkReplacesLoopback() -> None:
     """C{--relay-network} replaces the default loopback networks."""
     c = loadConfig(None, {"relay_network": ["10.0.0.0/8"]})
@@ -513,6 +528,10 @@ ERROR_CASES = [
     ('[[listeners]]\nendpoint = "tcp:25"\nbare_newline = "fix"', "listeners[0].bare_newline",
      'must be "reject" or "normalize", not "fix"'),
     ('[[listeners]]\nendpoint = "tcp:25"\nadd_date = "yes"', "listeners[0].add_date",
+     'true or false, not "yes"'),
+    ('[[listeners]]\nendpoint = "tcp:25"\nchunking = false\nbinarymime = true',
+     "listeners[0].binarymime", "= true needs chunking = true"),
+    ('[[listeners]]\nendpoint = "tcp:25"\nbinarymime = "yes"', "listeners[0].binarymime",
      'true or false, not "yes"'),
     ('[[listeners]]\nendpoint = "tcp:25"\nport = 25', "listeners[0].port",
      "allowed in [listeners[0]] are: endpoint, bare_newline"),

@@ -32,6 +32,8 @@ def test_greeting_and_ehlo() -> None:
         b"250-SIZE 10240000",
         b"250-8BITMIME",
         b"250-ENHANCEDSTATUSCODES",
+        b"250-DSN",
+        b"250-CHUNKING",
         b"250 SMTPUTF8",
     ]
 
@@ -85,7 +87,7 @@ def test_seed_session() -> None:
         (b"EHLO x\r\nMAIL FROM:<a\xc3\xa9@b.example>\r\n", [250, 553]),
         (b"EHLO x\r\nMAIL FROM:<a\xc3\xa9@b.example> SMTPUTF8\r\n", [250, 250]),
         (b"NOOP\r\nRSET\r\nVRFY someone\r\nVRFY\r\nHELP\r\n", [250, 250, 252, 501, 214]),
-        (b"EXPN list\r\nSTARTTLS\r\nBDAT 10\r\n", [502, 502, 502]),
+        (b"EXPN list\r\nSTARTTLS\r\nBDAT 10\r\nRSET\r\nQUIT", [502, 502, 503]),  # 10 octets, not commands
         (b"FOO\r\n\r\nMAIL\r\n", [500, 500, 503]),
         (b"RSET x\r\nDATA x\r\n", [501, 501]),
         (b"\xff\xfe\r\n", [500]),
@@ -104,8 +106,8 @@ def test_enhanced_codes_on_every_reply_but_greeting_ehlo_and_354() -> None:
     lines = h.send(
         b"EHLO x\r\nNOOP\r\nFOO\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\nhi\r\n.\r\nVRFY x\r\nQUIT\r\n"
     )
-    assert lines[5] == b"250 SMTPUTF8"  # EHLO reply: no enhanced codes (RFC 2034)
-    for line in lines[6:]:
+    assert lines[7] == b"250 SMTPUTF8"  # EHLO reply: no enhanced codes (RFC 2034)
+    for line in lines[8:]:
         if line.startswith(b"354 "):
             continue
         assert re.match(rb"\d{3} [245]\.\d{1,3}\.\d{1,3} ", line), line
@@ -415,12 +417,17 @@ def test_low_disk_space_refuses_mail() -> None:
     assert h.send(b"MAIL FROM:<a@b.example>\r\n") == [b"452 4.3.1 Error: insufficient system storage"]
 
 
-def test_commit_answered_asynchronously_keeps_pipelined_order() -> None:
+@pytest.mark.parametrize("content,codes", [
+    (b"DATA\r\nSubject: hi\r\n\r\nhello\r\n.\r\n", [250, 250, 354]),
+    (b"BDAT 15\r\nSubject: hi\r\n\r\nBDAT 7 LAST\r\nhello\r\n", [250, 250, 250]),  # RFC 3030
+])
+def test_commit_answered_asynchronously_keeps_pipelined_order(content: bytes, codes: list[int]) -> None:
     h = ServerHarness()
     h.spool.holdCommits = True
     h.replies()
-    lines = transaction(h)
-    assert h.codes(lines) == [250, 250, 354]
+    h.send(b"EHLO client.example\r\n")
+    lines = h.send(b"MAIL FROM:<sender@example.com>\r\nRCPT TO:<rcpt@example.org>\r\n" + content)
+    assert h.codes(lines) == codes
     assert h.send(b"NOOP\r\n") == []
     h.spool.release()
     lines = h.replies()
@@ -438,6 +445,32 @@ def test_dsn_parameters_kept_on_envelope() -> None:
     assert (envelope.ret, envelope.envid, envelope.body, envelope.size) == ("HDRS", "abc+def", "8BITMIME", 100)
     assert envelope.recipients[0].notify == ("SUCCESS", "FAILURE")
     assert envelope.recipients[0].orcpt == "rfc822;c@d.example"
+
+
+@pytest.mark.parametrize("verb", [b"EHLO", b"HELO"])
+def test_helo_with_spaces_accepted_and_logged(verb: bytes) -> None:
+    """As Postfix: the words are taken together (runs of blanks made one space), logged; the
+    name is no host name, so Received: says unknown."""
+    from twisted.logger import capturedLogs
+
+    h = ServerHarness()
+    h.replies()
+    with capturedLogs() as events:
+        assert h.codes(h.send(verb + b"  My \tComputer \r\n")) == [250]
+    (event,) = [e for e in events if "argument with spaces" in e["log_format"]]
+    assert (event["verb"], event["helo"]) == (verb.decode(), "My Computer")
+    h.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\nSubject: s\r\n\r\n.\r\n")
+    ((envelope, message),) = h.spool.committed.values()
+    assert envelope.client.helo == "My Computer"
+    assert message.startswith(b"Received: from unknown (unknown [127.0.0.1])\r\n")
+
+
+@pytest.mark.parametrize("line", [b"EHLO  \r\n", b"EHLO \t\r\n", b"HELO a\x01b\r\n", b"EHLO a \x0bb\r\n"])
+def test_helo_without_a_name_or_with_controls_refused(line: bytes) -> None:
+    h = ServerHarness()
+    h.replies()
+    assert h.codes(h.send(line)) == [501]
+    assert h.codes(h.send(b"MAIL FROM:<a@b.example>\r\n")) == [503]
 
 
 def test_received_header_sanitises_helo() -> None:
@@ -470,28 +503,12 @@ def test_listener_can_turn_off_message_id_and_date() -> None:
 # Sans-IO framing, property-based ------------------------------------------------------------
 
 def _runData(wire: bytes, cuts: list[int]) -> tuple[bytes, list[object]]:
-    s = ServerSession(SessionSettings(hostname="h", maxMessageSize=10**9), ClientInfo(address="127.0.0.1", relayAllowed=True))
-    events: list[object] = []
+    """The content stored and the events of a DATA transaction whose message part is
+    C{wire}, cut at C{cuts} (see L{tests.test_bdat.run})."""
+    from tests.test_bdat import run
 
-    def drive(evs: list[object]) -> None:
-        for e in evs:
-            events.append(e)
-            if isinstance(e, StartData):
-                drive(s.answer(None))
-            elif isinstance(e, EndOfData):
-                from mailrelay.smtp.replies import Reply
-
-                drive(s.answer(e.error or Reply(250, "2.0.0", "Ok")))
-            elif type(e).__name__ in ("CheckMail", "CheckRecipient"):
-                drive(s.answer(Verdict.accept()))
-
-    drive(s.dataReceived(b"EHLO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n"))
-    prev = 0
-    for cut in sorted(set(cuts)) + [len(wire)]:
-        drive(s.dataReceived(wire[prev:cut]))
-        prev = cut
-    body = b"".join(e.data for e in events if isinstance(e, BodyData))
-    return body, events
+    start = b"EHLO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n"
+    return run(start + wire, [0, len(start)] + [len(start) + c for c in cuts], maxMessageSize=10**9)
 
 
 def dotStuff(content: bytes) -> bytes:

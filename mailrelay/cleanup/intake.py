@@ -12,6 +12,8 @@ the relay made itself and gives whole, such as a delivery status notification
   5. the message filters (L{mailrelay.interfaces.IMessageFilter}), in order, which see the
      whole message (L{mailrelay.cleanup.filters}) and may add header fields or refuse it;
      with fields added, the message is written again with them;
+     (a C{TLS-Required: No} field, RFC 8689, is noted on the envelope before them:
+     C{tlsRequiredNo});
   6. the commit: the message is durable before its 250;
   7. the queue is told of the new queue id (C{notify}; not for a message submitted with
      C{notify=False}: its maker schedules it), and the queue observers of the message
@@ -251,6 +253,10 @@ class IncomingMessage:
     def _stamped(self, _: object) -> Reply | Deferred[Reply]:
         if self._processor.count("Received") > self.intake.maxHops:
             return self._refuse(R.TOO_MANY_HOPS)
+        envelope = self.envelope
+        # RFC 8689 4.1: the field is ignored when MAIL carried REQUIRETLS.
+        if not envelope.requireTLS and tlsRequiredNo(self.headers):
+            envelope.tlsRequiredNo = True
         if self.intake.filters is None:
             return self._commit()
         return self._filter()
@@ -351,7 +357,8 @@ class IncomingMessage:
         if reply.isPositive:
             child(MESSAGE_BYTES, origin).inc(size)
         log.info(
-            "{queueID}: from=<{sender}> nrcpt={nrcpt} size={size}{origin}{sasl} result={result}",
+            "{queueID}: from=<{sender}> nrcpt={nrcpt} size={size}{origin}{sasl}{tlsPolicy} "
+            "result={result}",
             queueID=envelope.queueID,
             sender=envelope.sender,
             nrcpt=len(envelope.recipients),
@@ -360,7 +367,20 @@ class IncomingMessage:
             origin=f" client={client.address}" if client else "",
             sasl=f" sasl_username={user}" if user else "",
             sasl_username=user,
+            tlsPolicy=" requiretls" if envelope.requireTLS else (
+                " tls_required=no" if envelope.tlsRequiredNo else ""),
             tls=client.tls if client else None,
             result=str(reply),
             accepted=reply.isPositive,
         )
+
+
+def tlsRequiredNo(headers: list[tuple[str, bytes]]) -> bool:
+    """Whether the header fields (C{(name, raw)} pairs) hold C{TLS-Required: No} (RFC 8689
+    3; the value is case-insensitive and may be folded)."""
+    for name, raw in headers:
+        if name.lower() == "tls-required":
+            value = raw.partition(b":")[2]
+            if b"".join(value.split()).lower() == b"no":
+                return True
+    return False

@@ -154,6 +154,12 @@ def checkListener(r: Reading) -> None:
             'allowed to send PROXY headers (e.g. ["10.0.0.0/8"]); a PROXY header from '
             "anyone else could claim any client address",
         )
+    if r.fields["binaryMIME"] and not r.fields["chunking"]:
+        raise r.error(
+            "binarymime",
+            "= true needs chunking = true: a BINARYMIME message can only come by BDAT "
+            "(RFC 3030)",
+        )
     _relaySettings(r)
 
 

@@ -474,6 +474,13 @@ LISTENERS = Table(
         ),
         Key("bare_newline", choice(*NEWLINE_CHOICES), "What to do with a bare LF."),
         Key("nul_bytes", choice(*NEWLINE_CHOICES), "What to do with a NUL byte."),
+        Key("chunking", boolean, "Offer CHUNKING: messages sent by BDAT (RFC 3030)."),
+        Key(
+            "binarymime",
+            boolean,
+            "Offer BINARYMIME: binary messages, by BDAT (RFC 3030).",
+            field="binaryMIME",
+        ),
         Key(
             "add_message_id",
             boolean,

@@ -44,7 +44,8 @@ class ListenerSettings(LimitSettings):
         (its endpoint), in the log and the limit counters' keys; C{mode}: one of
         L{LISTENER_MODES} (not C{relay}: MAIL needs AUTH first).
     The session (see L{SessionSettings}): C{maxMessageSize}, C{maxRecipients}, C{maxErrors},
-      C{bareNewline}, C{nulBytes}; C{auth}: AUTH is offered (when the relay has AUTH at all);
+      C{bareNewline}, C{nulBytes}, C{chunking}, C{binaryMIME}; C{auth}: AUTH is offered
+      (when the relay has AUTH at all);
       C{authWithoutTLS}; C{rejectUnauthPipelining}; C{rejectPregreet} (C{None}: when
       C{greetPause} is set or C{rejectUnauthPipelining}).
     Stamping: C{addMessageID}, C{addDate}: the built-in stamper may add those fields.
@@ -72,6 +73,8 @@ class ListenerSettings(LimitSettings):
     maxErrors: int = 20
     bareNewline: str = BARE_NEWLINE_REJECT
     nulBytes: str = BARE_NEWLINE_REJECT
+    chunking: bool = True
+    binaryMIME: bool = False
     auth: bool = False
     authWithoutTLS: bool = False
     rejectUnauthPipelining: bool = False
@@ -133,6 +136,8 @@ class ListenerSettings(LimitSettings):
             rejectPregreet=rejectPregreet,
             checkHelo=hooks is not None and hooks.helo is not None,
             extensions=hooks.extensions if hooks is not None else (),
+            chunking=self.chunking,
+            binaryMIME=self.binaryMIME,
         )
 
     def limits(

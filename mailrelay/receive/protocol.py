@@ -21,10 +21,10 @@ Reading is paused for that and for a pending question independently.
 Abuse limits (L{mailrelay.receive.limits.ListenerLimits}): a new connection is counted first;
 one over a limit gets a 421 instead of the greeting.  The greeting waits C{greetPause} seconds
 when set (input before it is early talk: 554, see L{mailrelay.smtp.server}).  The session ends
-with 421 after C{maxSessionTime} seconds whatever the client does, and in DATA a client must
-keep up C{minDataRate} bytes per second on average: each chunk received extends its deadline by
-C{len(chunk) / minDataRate} seconds, never beyond C{dataTimeout} from now (Postfix's
-C{smtpd_min_data_rate}).
+with 421 after C{maxSessionTime} seconds whatever the client does, and in DATA (or a BDAT
+chunk) a client must keep up C{minDataRate} bytes per second on average: each chunk received
+extends its deadline by C{len(chunk) / minDataRate} seconds, never beyond C{dataTimeout} from
+now (Postfix's C{smtpd_min_data_rate}).
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ from mailrelay.smtp.server import (
     Close,
     EndOfData,
     ExtensionCommand,
+    HeloWithSpaces,
     Refused,
     ServerSession,
     SessionSettings,
@@ -602,6 +603,13 @@ class SMTPServerProtocol(Protocol):
                     _logSyncError(session.client, event)  # type: ignore[union-attr]
                 elif isinstance(event, Refused):
                     _logRefusal(session.client, event)  # type: ignore[union-attr]
+                elif isinstance(event, HeloWithSpaces):
+                    log.info(
+                        "{client}: {verb} argument with spaces accepted: {helo!r}",
+                        client=session.client.address,  # type: ignore[union-attr]
+                        verb=event.verb,
+                        helo=event.name,
+                    )
                 else:
                     question = event
             self._flush(out)

@@ -1,4 +1,5 @@
-"""Reading a message's content in DATA (RFC 5321 4.5.2 and 4.5.3.1.6), sans-IO and in bulk.
+"""Reading a message's content, sans-IO and in bulk: in DATA (RFC 5321 4.5.2 and 4.5.3.1.6)
+and in BDAT chunks (RFC 3030).
 
 L{DataReader} takes what the client sends after the 354 reply, as it comes, and finds the end
 of data: only C{<CRLF>.<CRLF>}, so a bare CR or LF never ends or splits a message.  It removes
@@ -7,6 +8,17 @@ every line (counted after un-stuffing), bare CR or LF, and the size limit.  The 
 message fails is its refusal (L{DataReader.error}); the rest of it is then read to the end
 marker and dropped.  The work is done with C{bytes} methods over whole chunks (C{find},
 C{replace}, C{count}), never one Python call per line.
+
+L{ChunkReader} takes the octets of a message's BDAT chunks, which the chunk sizes frame: no
+end marker, no dot-stuffing, cut anywhere (even between a CR and its LF).  A text message
+(C{BODY=7BIT} or C{8BITMIME}) gets the same checks as in DATA: RFC 3030 wants text sent by
+BDAT in canonical form (CRLF line ends), RFC 5322 and RFC 2045 allow no NUL, no bare CR or
+LF and no line over 998 octets in it, whatever the command that carried it; and a message
+taken by BDAT may leave by DATA to a next hop without CHUNKING, where a bare LF or a NUL
+could end it early for a lax receiver (SMTP smuggling).  So the listener's C{bare_newline}
+and C{nul_bytes} choices apply to BDAT as to DATA.  (Postfix's smtpd also applies its
+bare-newline policy to BDAT content.)  A C{BODY=BINARYMIME} message is any octets: only its
+size is checked.
 """
 
 from __future__ import annotations
@@ -40,8 +52,8 @@ def _hasLongLine(chunk: bytes) -> bool:
     return max(map(len, _ANY_NEWLINE.split(chunk))) > MAX_DATA_LINE
 
 
-class DataReader:
-    """The content of one message in DATA.
+class _Checks:
+    """The checks of a text message's content (see the module docstring), chunk by chunk.
 
     @ivar size: the octets of content passed on so far (un-stuffed, normalised).
     @ivar error: the reply refusing the message (552 too big, 500 line too long, 550 bare
@@ -61,8 +73,56 @@ class DataReader:
         self.nulBytes = nulBytes
         self.size = 0
         self.error: Reply | None = None
-        self._atLineStart = True
         self._lineLen = 0
+
+    def _check(self, chunk: bytes, atLineStart: bool) -> bytes | None:
+        """Check one chunk of content (un-stuffed): what to store of it, or C{None} (nothing
+        once the message is refused).  C{atLineStart}: the chunk starts a line (else it
+        continues the partial line the previous one ended with)."""
+        # NUL: "\r\n\0.\r\n" is an end of data to a receiver that strips NULs.
+        if b"\0" in chunk:
+            if self.nulBytes != BARE_NEWLINE_NORMALIZE:
+                self.error = R.NUL_IN_DATA
+                return None
+            chunk = chunk.replace(b"\0", b"")
+        # Line length, of the text un-stuffed (RFC 5321 4.5.3.1.6: the line "." + 997 octets
+        # is 999 octets on the wire): the first line continues the partial line carried over.
+        first = chunk.find(b"\r\n")
+        firstLen = (first if first >= 0 else len(chunk)) + (0 if atLineStart else self._lineLen)
+        if firstLen > MAX_DATA_LINE or (len(chunk) > MAX_DATA_LINE and _hasLongLine(chunk)):
+            self.error = R.DATA_LINE_TOO_LONG
+            return None
+        lastEnd = chunk.rfind(b"\r\n")
+        self._lineLen = len(chunk) - lastEnd - 2 if lastEnd >= 0 else firstLen
+        # Bare CR / LF.
+        if chunk.count(b"\n") != chunk.count(b"\r"):
+            bad = True
+        else:
+            bad = chunk.count(b"\r\n") != chunk.count(b"\n")
+        if bad:
+            if self.bareNewline == BARE_NEWLINE_NORMALIZE:
+                chunk = _BARE.sub(b"\r\n", chunk)
+            else:
+                self.error = R.BARE_NEWLINE
+                return None
+        return self._count(chunk)
+
+    def _count(self, chunk: bytes) -> bytes | None:
+        """C{chunk}, counted against the size limit (C{None} past it)."""
+        self.size += len(chunk)
+        if self.size > self.maxSize:
+            self.error = R.SIZE_EXCEEDED
+            return None
+        return chunk
+
+
+class DataReader(_Checks):
+    """The content of one message in DATA (see L{_Checks} for C{size} and C{error})."""
+
+    def __init__(self, maxSize: int, bareNewline: str = BARE_NEWLINE_REJECT,
+                 nulBytes: str = BARE_NEWLINE_REJECT) -> None:
+        super().__init__(maxSize, bareNewline, nulBytes)
+        self._atLineStart = True
 
     def read(self, buf: bytes, pos: int) -> tuple[int, bytes | None, bool] | None:
         """Read the content in C{buf} from C{pos} on, as far as it can be read now.
@@ -99,7 +159,7 @@ class DataReader:
         return cut, content, False
 
     def _content(self, chunk: bytes, atLineStart: bool) -> bytes | None:
-        """Check and un-stuff one chunk of content (not the terminating line): what to store
+        """Un-stuff and check one chunk of content (not the terminating line): what to store
         of it, or C{None} (nothing once the message is refused)."""
         if not chunk:
             return None
@@ -110,34 +170,54 @@ class DataReader:
             chunk = chunk[1:]
         if b"\r\n." in chunk:
             chunk = chunk.replace(b"\r\n.", b"\r\n")
-        # NUL: "\r\n\0.\r\n" is an end of data to a receiver that strips NULs.
-        if b"\0" in chunk:
-            if self.nulBytes != BARE_NEWLINE_NORMALIZE:
-                self.error = R.NUL_IN_DATA
-                return None
-            chunk = chunk.replace(b"\0", b"")
-        # Line length, of the text un-stuffed (RFC 5321 4.5.3.1.6: the line "." + 997 octets
-        # is 999 octets on the wire): the first line continues the partial line carried over.
-        first = chunk.find(b"\r\n")
-        firstLen = (first if first >= 0 else len(chunk)) + (0 if atLineStart else self._lineLen)
-        if firstLen > MAX_DATA_LINE or (len(chunk) > MAX_DATA_LINE and _hasLongLine(chunk)):
-            self.error = R.DATA_LINE_TOO_LONG
+        return self._check(chunk, atLineStart)
+
+
+class ChunkReader(_Checks):
+    """The content of one message in BDAT chunks (RFC 3030), fed as it comes, cut anywhere
+    (see L{_Checks} for C{size} and C{error}; the module docstring says what is checked).
+
+    A text message that does not end with a line end gets CRLF added at its end (as Postfix
+    does): it may leave by DATA, whose end marker needs one.
+    """
+
+    def __init__(self, maxSize: int, bareNewline: str = BARE_NEWLINE_REJECT,
+                 nulBytes: str = BARE_NEWLINE_REJECT, binary: bool = False) -> None:
+        """
+        @param binary: the message is C{BODY=BINARYMIME}: any octets, only the size is
+            checked, nothing is added.
+        """
+        super().__init__(maxSize, bareNewline, nulBytes)
+        self.binary = binary
+        self._atLineStart = True
+        #: The content passed on so far ended with a CR held back: is it followed by LF?
+        self._heldCR = False
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Take the next octets of the message: what to store of them now, or C{None}."""
+        if self.error is not None or not data:
             return None
-        lastEnd = chunk.rfind(b"\r\n")
-        self._lineLen = len(chunk) - lastEnd - 2 if lastEnd >= 0 else firstLen
-        # Bare CR / LF.
-        if chunk.count(b"\n") != chunk.count(b"\r"):
-            bad = True
-        else:
-            bad = chunk.count(b"\r\n") != chunk.count(b"\n")
-        if bad:
-            if self.bareNewline == BARE_NEWLINE_NORMALIZE:
-                chunk = _BARE.sub(b"\r\n", chunk)
-            else:
-                self.error = R.BARE_NEWLINE
+        if self.binary:
+            return self._count(data)
+        if self._heldCR:
+            data = b"\r" + data
+            self._heldCR = False
+        if data.endswith(b"\r"):
+            data = data[:-1]
+            self._heldCR = True
+            if not data:
                 return None
-        self.size += len(chunk)
-        if self.size > self.maxSize:
-            self.error = R.SIZE_EXCEEDED
+        atLineStart = self._atLineStart
+        self._atLineStart = data.endswith(b"\n")
+        return self._check(data, atLineStart)
+
+    def end(self) -> bytes | None:
+        """The last chunk ended: what is left to store (a CR held back, which is then bare,
+        and the CRLF a text message without a final line end gets), or C{None}."""
+        if self.error is not None or self.binary:
             return None
-        return chunk
+        tail = b"\r" if self._heldCR else b""
+        self._heldCR = False
+        if not tail and (self._atLineStart or self.size == 0):
+            return None
+        return self._check(tail + (b"" if tail else b"\r\n"), self._atLineStart)

@@ -13,6 +13,16 @@ Message data is read by L{mailrelay.smtp.data.DataReader}, in bulk (C{bytes.find
 never one Python call per line).  The end of data is only C{<CRLF>.<CRLF>}: a bare CR or LF
 never ends or splits a message.
 
+CHUNKING (RFC 3030): C{BDAT n [LAST]} is followed at once by C{n} octets of the message, read
+by L{mailrelay.smtp.data.ChunkReader} (no dot-stuffing, no end marker; a text message gets
+the checks of DATA).  Once a BDAT line's syntax is good its octets are read whatever the
+reply, so nothing in a chunk is ever taken as a command; a malformed BDAT closes the
+session (521), since where the next command starts is then unknown.  The first chunk of a
+message asks L{StartData} (C{command="BDAT"}), the last L{EndOfData}; the chunks between get
+C{250 2.0.0 Ok: n octets received} at once.  A refused chunk is read, then refused, and the
+chunks pipelined after it are read and refused until BDAT LAST or RSET (RFC 3030 2), as
+Postfix's smtpd does.
+
 STARTTLS (RFC 3207): after C{220 2.0.0 Ready to start TLS} the session emits L{StartTLS} and
 B{discards} every byte already received after the STARTTLS line (a client, or a man in the
 middle, pipelining plaintext commands behind it: the "STARTTLS command injection" of
@@ -46,7 +56,7 @@ from mailrelay.address import AddressError
 from mailrelay.envelope import ClientInfo, Envelope, Recipient
 from mailrelay.interfaces import Verdict, VerdictKind
 from mailrelay.smtp import replies as R
-from mailrelay.smtp.data import BARE_NEWLINE_REJECT, DataReader
+from mailrelay.smtp.data import BARE_NEWLINE_REJECT, ChunkReader, DataReader
 from mailrelay.smtp.replies import Reply
 
 #: RFC 5321 4.5.3.1.4: a command line is at most 512 octets including CRLF.
@@ -94,6 +104,10 @@ class SessionSettings:
     #: C{rcptParameter(client, envelope, recipient, name, value)} (the value to keep, or a
     #: L{Reply} refusing the command).
     extensions: tuple[Any, ...] = ()
+    #: CHUNKING (RFC 3030): BDAT is offered and taken.
+    chunking: bool = True
+    #: BINARYMIME (RFC 3030): C{BODY=BINARYMIME} is offered and taken (with CHUNKING only).
+    binaryMIME: bool = False
 
 
 # Events -------------------------------------------------------------------------------------
@@ -159,9 +173,13 @@ class ExtensionCommand:
 @dataclass(frozen=True, slots=True)
 class StartData:
     """Question: a message is about to be received.  Prepare to store it (assign
-    C{envelope.queueID}) and answer C{None}, or answer a L{Reply} (4xx/5xx) to refuse DATA."""
+    C{envelope.queueID}) and answer C{None}, or answer a L{Reply} (4xx/5xx) to refuse DATA.
+
+    @ivar command: C{"DATA"}, or C{"BDAT"} for the first chunk of a message sent by BDAT.
+    """
 
     envelope: Envelope
+    command: str = "DATA"
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,11 +218,24 @@ class SyncError:
 
 
 @dataclass(frozen=True, slots=True)
+class HeloWithSpaces:
+    """The client's HELO or EHLO argument has spaces in it: accepted (as Postfix does), for
+    the log.
+
+    @ivar verb: C{"HELO"} or C{"EHLO"}.
+    @ivar name: the argument, runs of spaces and tabs made one space.
+    """
+
+    verb: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class Refused:
-    """A MAIL, RCPT or DATA command is refused (4xx or 5xx), for the log (Postfix's
+    """A MAIL, RCPT, DATA or BDAT command is refused (4xx or 5xx), for the log (Postfix's
     C{NOQUEUE: reject:} line); the reply itself follows as its own event.
 
-    @ivar command: C{"MAIL"}, C{"RCPT"} or C{"DATA"}.
+    @ivar command: C{"MAIL"}, C{"RCPT"}, C{"DATA"} or C{"BDAT"}.
     @ivar reply: the refusal.
     @ivar sender: the transaction's sender (C{""}: the null sender), or the one the refused
         MAIL gave, or C{None} when there is none.
@@ -243,6 +274,41 @@ class _Sasl:
 
 
 @dataclass
+class _Chunk:
+    """The BDAT chunk being read: C{left} octets to go; C{refusal}: the reply it gets once
+    read, or C{None} when its octets are the message's."""
+
+    size: int
+    last: bool
+    left: int
+    refusal: Reply | None = None
+    #: The refusal is counted in the error limit and logged (not a chunk discarded after an
+    #: earlier error).
+    counted: bool = True
+
+
+@dataclass
+class _Chunking:
+    """The state of a message sent by BDAT (RFC 3030), from its first BDAT to its BDAT LAST or
+    RSET: meanwhile MAIL, RCPT and DATA are out of sequence (503).
+
+    @ivar reader: the content reader, once the message is open (the driver took
+        L{StartData}).
+    @ivar open: the driver holds the message (to abort it if the session ends).
+    @ivar received: octets received in its chunks, as the client counted them.
+    @ivar error: the transaction failed with this reply: chunks are read and discarded
+        until BDAT LAST.
+    @ivar ending: the L{EndOfData} question asked was for BDAT LAST.
+    """
+
+    reader: ChunkReader | None = None
+    open: bool = False
+    received: int = 0
+    error: Reply | None = None
+    ending: bool = False
+
+
+@dataclass
 class _Transaction:
     envelope: Envelope
     rcptAttempted: int = 0
@@ -250,6 +316,8 @@ class _Transaction:
 
 
 _COMMAND, _DATA, _CLOSED = "command", "data", "closed"
+#: Reading the octets of a BDAT chunk.
+_BDAT = "bdat"
 #: Waiting for the TLS handshake after STARTTLS; waiting for a SASL response line.
 _TLS, _SASL = "tls", "sasl"
 
@@ -264,6 +332,10 @@ AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too lo
 READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 SYNC_ERROR = Reply(554, "5.5.0", "Error: SMTP protocol synchronization")
 #: RFC 2920 3.1: commands that can only be the last of a pipelined group.
+#: The argument of BDAT (RFC 3030): the chunk size, then LAST for the last one.
+_BDAT_ARGUMENT = re.compile(r"[ \t]*([0-9]{1,20})(?:[ \t]+(LAST))?[ \t]*", re.IGNORECASE)
+#: What separates the words of a HELO/EHLO argument (as Postfix's command tokenizer).
+_HELO_SPACE = re.compile(r"[ \t]+")
 _LAST_IN_GROUP = frozenset({"EHLO", "HELO", "DATA", "NOOP", "VRFY", "EXPN", "TURN"})
 _PLAIN_CHALLENGE = Reply(334, "", "")
 _LOGIN_USERNAME = Reply(334, "", "VXNlcm5hbWU6")  # "Username:"
@@ -307,6 +379,10 @@ class ServerSession:
         #: What the extensions offered in the last EHLO own: MAIL and RCPT parameters and
         #: commands, by name.
         self._owners: tuple[dict[str, Any], dict[str, Any], dict[str, Any]] = ({}, {}, {})
+        #: From the first BDAT to BDAT LAST or RSET (RFC 3030); the chunk being read, and the
+        #: one waiting for the answer to L{StartData}.
+        self._chunking: _Chunking | None = None
+        self._chunk: _Chunk | None = None
 
     # Driver API -----------------------------------------------------------------------------
 
@@ -316,13 +392,21 @@ class ServerSession:
 
     @property
     def inData(self) -> bool:
-        return self.mode == _DATA
+        """C{True} while message data is read: after the 354 reply to DATA, or in the octets
+        of a BDAT chunk (the DATA time limits apply)."""
+        return self.mode in (_DATA, _BDAT)
 
     @property
     def inMessage(self) -> bool:
-        """C{True} from the 354 reply to DATA until the reply to the end of the message is
-        known: the client has a message in hand (a stopping relay lets it finish)."""
-        return self.mode == _DATA or self._waiting is EndOfData
+        """C{True} from the 354 reply to DATA, or from the first BDAT chunk taken, until the
+        reply to the end of the message is known: the client has a message in hand (a
+        stopping relay lets it finish)."""
+        return self.mode == _DATA or self._waiting is EndOfData or self._messageOpen
+
+    @property
+    def _messageOpen(self) -> bool:
+        """The driver holds a message being received (L{AbortData} drops it)."""
+        return self.mode == _DATA or (self._chunking is not None and self._chunking.open)
 
     @property
     def awaitingGreeting(self) -> bool:
@@ -381,11 +465,12 @@ class ServerSession:
         if self.mode == _CLOSED:
             return []
         out: list[object] = []
-        if self.mode == _DATA:
+        if self._messageOpen:
             out.append(AbortData())
         out += [reply, Close()]
         self.mode = _CLOSED
         self.transaction = None
+        self._chunking = None
         self._sasl = None
         return out
 
@@ -403,6 +488,8 @@ class ServerSession:
             self._mailAnswered(question, result)  # type: ignore[arg-type]
         elif kind is CheckRecipient:
             self._rcptAnswered(question, result)  # type: ignore[arg-type]
+        elif kind is StartData and self._chunk is not None:
+            self._bdatStartAnswered(result)  # type: ignore[arg-type]
         elif kind is StartData:
             self._dataStartAnswered(result)  # type: ignore[arg-type]
         elif kind is EndOfData:
@@ -431,6 +518,7 @@ class ServerSession:
         self.client.authUser = None
         self.client.relayAllowed = self._addressRelay
         self.transaction = None
+        self._chunking = None
         self._sasl = None
         self._owners = ({}, {}, {})
         if self.mode in (_TLS, _SASL):
@@ -447,10 +535,11 @@ class ServerSession:
     def connectionLost(self) -> list[object]:
         """The client went away: an unfinished transaction is dropped, as by RSET."""
         out: list[object] = []
-        if self.mode == _DATA:
+        if self._messageOpen:
             out.append(AbortData())
         self.mode = _CLOSED
         self.transaction = None
+        self._chunking = None
         return out
 
     # Internals ------------------------------------------------------------------------------
@@ -469,10 +558,13 @@ class ServerSession:
             self._out.append(Refused(command, reply, sender, recipient))
 
     def _close(self, reply: Reply) -> None:
+        if self._messageOpen:
+            self._out.append(AbortData())
         self._out.append(reply)
         self._out.append(Close())
         self.mode = _CLOSED
         self.transaction = None
+        self._chunking = None
 
     def _ask(self, question: object) -> None:
         self._waiting = type(question)
@@ -485,6 +577,9 @@ class ServerSession:
         while self._waiting is None and self.mode != _CLOSED:
             if self.mode == _DATA:
                 if not self._processData():
+                    break
+            elif self.mode == _BDAT:
+                if not self._processChunk():
                     break
             elif self.mode == _TLS:
                 break
@@ -561,6 +656,11 @@ class ServerSession:
         return True
 
     def _resetTransaction(self) -> None:
+        """End the transaction (RSET, HELO/EHLO, the end of a message): a message sent by
+        BDAT and not finished is dropped."""
+        if self._chunking is not None and self._chunking.open:
+            self._out.append(AbortData())
+        self._chunking = None
         self.transaction = None
 
     def _cmd_EHLO(self, arg: str) -> None:
@@ -570,11 +670,16 @@ class ServerSession:
         self._helo(arg, esmtp=False)
 
     def _helo(self, arg: str, esmtp: bool) -> None:
-        name = arg.strip()
         verb = "EHLO" if esmtp else "HELO"
-        if not name or " " in name or not name.isprintable():
+        words = _HELO_SPACE.split(arg.strip(" \t"))
+        name = " ".join(words)
+        if not name or not name.isprintable():
             self._reply(Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
             return
+        if len(words) > 1:
+            # RFC 5321 4.1.1.1 wants one domain or address literal; Postfix takes the words
+            # together (broken clients send "EHLO My Computer"), and so do we, but say so.
+            self._out.append(HeloWithSpaces(verb, name))
         if self.settings.checkHelo:
             self._ask(CheckHelo(name, esmtp))
             return
@@ -590,8 +695,16 @@ class ServerSession:
         self.client.helo = name
         self.client.esmtp = esmtp
         if esmtp:
-            lines = [self.settings.hostname, "PIPELINING", f"SIZE {self.settings.maxMessageSize}",
-                     "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"]
+            settings = self.settings
+            lines = [settings.hostname, "PIPELINING", f"SIZE {settings.maxMessageSize}",
+                     "8BITMIME", "ENHANCEDSTATUSCODES", "DSN"]
+            if settings.chunking:
+                lines.append("CHUNKING")
+                if settings.binaryMIME:
+                    lines.append("BINARYMIME")
+            if self.client.tls:
+                lines.append("REQUIRETLS")  # RFC 8689 2: only in a session over TLS
+            lines.append("SMTPUTF8")
             if self.settings.starttls and not self.client.tls:
                 lines.append("STARTTLS")
             if self._authOffered:
@@ -643,6 +756,9 @@ class ServerSession:
         if self.settings.requireAuth and self.client.authUser is None:
             self._reply(AUTH_REQUIRED)
             return
+        if self._chunking is not None:
+            self._reply(Reply(503, "5.5.1", "Error: MAIL after BDAT"))
+            return
         if self.transaction is not None:
             self._reply(R.NESTED_MAIL)
             return
@@ -677,7 +793,7 @@ class ServerSession:
                     raise _ParamError(R.SIZE_EXCEEDED)
             elif key == "BODY":
                 body = (value or "").upper()
-                if body not in ("7BIT", "8BITMIME"):
+                if body not in self._bodyTypes:
                     raise _ParamError(
                         Reply(501, "5.5.4", f"Error: unsupported BODY value {value!r}"))
                 envelope.body = body
@@ -698,6 +814,14 @@ class ServerSession:
                 if len(decoded) > _XTEXT_MAX or not decoded.isprintable():
                     raise _ParamError(Reply(501, "5.5.4", "Error: bad ENVID parameter"))
                 envelope.envid = decoded
+            elif key == "REQUIRETLS" and (self.client.tls or self.settings.starttls):
+                if value is not None:
+                    raise _ParamError(Reply(501, "5.5.4", "Error: REQUIRETLS takes no value"))
+                if not self.client.tls:
+                    # RFC 8689 2: only in a session using TLS; as RFC 3207 says for a command
+                    # that needs TLS first.
+                    raise _ParamError(Reply(530, "5.7.0", "Must issue a STARTTLS command first"))
+                envelope.requireTLS = True
             elif key == "AUTH" and self.settings.authMechanisms:
                 # RFC 4954 section 5: the submitter's identity, for trusted relays; we record
                 # our own client's authentication instead, so it is checked and ignored.
@@ -713,6 +837,13 @@ class ServerSession:
         for _key, value in params:
             if value is not None and not value.isascii() and not envelope.smtputf8:
                 raise _ParamError(_NON_ASCII_PARAMETER)
+
+    @property
+    def _bodyTypes(self) -> tuple[str, ...]:
+        """The C{BODY=} values taken (RFC 6152, RFC 3030)."""
+        if self.settings.chunking and self.settings.binaryMIME:
+            return ("7BIT", "8BITMIME", "BINARYMIME")
+        return ("7BIT", "8BITMIME")
 
     def _mailAnswered(self, question: CheckMail, verdict: Verdict) -> None:
         if self._verdictRefuses(verdict):
@@ -736,6 +867,9 @@ class ServerSession:
         t = self.transaction
         sender = t.envelope.sender if t is not None else None
         self._refusable = ("RCPT", sender, _givenPath(arg, "TO:"))
+        if self._chunking is not None:
+            self._reply(Reply(503, "5.5.1", "Error: RCPT after BDAT"))
+            return
         if t is None:
             self._reply(R.NEED_MAIL)
             return
@@ -820,8 +954,15 @@ class ServerSession:
             return
         t = self.transaction
         self._refusable = ("DATA", t.envelope.sender if t is not None else None, None)
+        if self._chunking is not None:
+            # RFC 3030 2: DATA and BDAT cannot be used in one transaction.
+            self._reply(Reply(503, "5.5.1", "Error: DATA after BDAT"))
+            return
         if t is None:
             self._reply(R.NEED_MAIL)
+            return
+        if t.envelope.body == "BINARYMIME":
+            self._reply(Reply(503, "5.5.1", "Error: BODY=BINARYMIME needs BDAT, not DATA"))
             return
         if not t.envelope.recipients:
             self._reply(R.NO_VALID_RCPT if t.rcptAttempted else R.NEED_RCPT)
@@ -841,6 +982,124 @@ class ServerSession:
         settings = self.settings
         self._data = DataReader(settings.maxMessageSize, settings.bareNewline, settings.nulBytes)
         self._out.append(R.START_DATA)
+
+    # CHUNKING: BDAT (RFC 3030) ---------------------------------------------------------------
+
+    def _cmd_BDAT(self, arg: str) -> None:
+        """C{BDAT size [LAST]}: C{size} octets of the message follow the command line at once.
+
+        Once the syntax is known to be good, the chunk's octets are read whatever the reply
+        (they are never taken as commands), as Postfix does: a refused chunk is read, then
+        refused; after a refused chunk the others are read and refused until BDAT LAST, which
+        ends the transaction (RFC 3030 2: chunks already pipelined behind a failed one).
+        """
+        m = _BDAT_ARGUMENT.fullmatch(arg)
+        if m is None:
+            # Where the next command starts is unknown: the rest would be taken as commands.
+            self._close(Reply(521, "5.5.4", "Syntax: BDAT count [LAST]"))
+            return
+        size, last = int(m.group(1)), m.group(2) is not None
+        t = self.transaction
+        self._refusable = ("BDAT", t.envelope.sender if t is not None else None, None)
+        settings = self.settings
+        ch = self._chunking
+        if ch is None:
+            ch = self._chunking = _Chunking()
+        total = ch.received + size
+        if total > settings.maxMessageSize * 1.5:
+            # Staying in step with a client sending that much costs more than it is worth
+            # (Postfix's smtpd stops reading at 1.5 times its message_size_limit too).
+            self._close(R.SIZE_EXCEEDED)
+            return
+        ch.received = total
+        refusal: Reply | None = None
+        if ch.error is not None:
+            self._readChunk(_Chunk(size, last, size, Reply(
+                ch.error.code, ch.error.enhanced,
+                f"Error: {size} octets discarded after an earlier error"), counted=False))
+            return
+        if not settings.chunking:
+            refusal = R.NOT_IMPLEMENTED
+        elif t is None:
+            refusal = R.NEED_MAIL
+        elif not t.envelope.recipients:
+            refusal = R.NO_VALID_RCPT if t.rcptAttempted else R.NEED_RCPT
+        elif size == 0 and not last:
+            refusal = Reply(501, "5.5.4", "Error: empty BDAT chunk without LAST")
+        elif total > settings.maxMessageSize:
+            refusal = R.SIZE_EXCEEDED
+        chunk = _Chunk(size, last, size, refusal)
+        if refusal is not None or ch.reader is not None:
+            self._readChunk(chunk)
+            return
+        assert t is not None
+        self._chunk = chunk
+        self._ask(StartData(t.envelope, "BDAT"))
+
+    def _bdatStartAnswered(self, refusal: Reply | None) -> None:
+        chunk, ch, t = self._chunk, self._chunking, self.transaction
+        assert chunk is not None and ch is not None and t is not None
+        if refusal is None:
+            settings = self.settings
+            ch.reader = ChunkReader(settings.maxMessageSize, settings.bareNewline,
+                                    settings.nulBytes, binary=t.envelope.body == "BINARYMIME")
+            ch.open = True
+        else:
+            chunk.refusal = refusal
+        self._readChunk(chunk)
+
+    def _readChunk(self, chunk: _Chunk) -> None:
+        self._chunk = chunk
+        self.mode = _BDAT
+
+    def _processChunk(self) -> bool:
+        """Read what there is of the chunk.  Returns C{True} if it made progress."""
+        chunk, ch = self._chunk, self._chunking
+        assert chunk is not None and ch is not None
+        take = min(chunk.left, len(self._buf) - self._pos)
+        if take == 0 and chunk.left:
+            return False
+        if take:
+            start = self._pos
+            self._pos += take
+            chunk.left -= take
+            if chunk.refusal is None and ch.reader is not None:
+                content = ch.reader.feed(self._buf[start : self._pos])
+                if content is not None:
+                    self._out.append(BodyData(content))
+        if chunk.left == 0:
+            self.mode = _COMMAND
+            self._chunk = None
+            self._chunkRead(chunk, ch)
+        return True
+
+    def _chunkRead(self, chunk: _Chunk, ch: _Chunking) -> None:
+        """Answer a chunk read to its end."""
+        t = self.transaction
+        reader = ch.reader
+        error = chunk.refusal or (reader.error if reader is not None else None)
+        if chunk.last and error is None and reader is not None:
+            tail = reader.end()
+            if tail is not None:
+                self._out.append(BodyData(tail))
+            error = reader.error
+        if ch.open and (chunk.last or error is not None):
+            # The message ends here, taken or refused: the driver's answer is the reply.
+            assert t is not None and reader is not None
+            ch.open = False
+            ch.ending = chunk.last
+            self._ask(EndOfData(t.envelope, error, reader.size))
+            return
+        if error is None:
+            self._reply(Reply(250, "2.0.0", f"Ok: {chunk.size} octets received"))
+            return
+        if not chunk.counted:
+            self._refusable = None
+        self._reply(error, countError=chunk.counted)
+        if chunk.last:
+            self._resetTransaction()
+        elif ch.error is None:
+            ch.error = error
 
     def _cmd_RSET(self, arg: str) -> None:
         if arg.strip():
@@ -1037,7 +1296,12 @@ class ServerSession:
         return True
 
     def _dataEndAnswered(self, reply: Reply) -> None:
+        ch = self._chunking
         self._resetTransaction()
+        if ch is not None and not ch.ending:
+            # A chunk before the last was refused: the others are discarded until BDAT LAST.
+            ch.error = reply if not reply.isPositive else R.LOCAL_ERROR
+            self._chunking = ch
         if reply.isPositive:
             self.messages += 1
             self.errors = 0
@@ -1066,7 +1330,7 @@ def _refusable(question: object) -> tuple[str, str | None, str | None] | None:
     if isinstance(question, CheckRecipient):
         return ("RCPT", question.envelope.sender, question.recipient.original)
     if isinstance(question, StartData):
-        return ("DATA", question.envelope.sender, None)
+        return (question.command, question.envelope.sender, None)
     if isinstance(question, CheckHelo):
         return ("EHLO" if question.esmtp else "HELO", None, None)
     return None
@@ -1078,4 +1342,4 @@ class _ParamError(Exception):
         self.reply = reply
 
 
-_UNIMPLEMENTED = frozenset({"EXPN", "BDAT", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML"})
+_UNIMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML"})

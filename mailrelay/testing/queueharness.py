@@ -150,7 +150,8 @@ class QueueHarness:
 
         @param recipients: addresses, or L{Recipient}s (for C{notify}, C{orcpt}).
         @param message: the message, CRLF lines.
-        @param envelope: other L{Envelope} fields (C{ret}, C{envid}, C{smtputf8}, C{body}).
+        @param envelope: other L{Envelope} fields (C{ret}, C{envid}, C{smtputf8}, C{body},
+            C{requireTLS}, ...).
         @return: its queue id.
         @raise mailrelay.interfaces.MessageRefused: the intake refused it (a stamper failed).
         @raise RuntimeError: the intake has not answered yet (a stamper or the spool is
