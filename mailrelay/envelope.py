@@ -107,6 +107,8 @@ class Envelope:
     @ivar smtputf8: C{True} when MAIL carried SMTPUTF8.
     @ivar ret: the DSN RET parameter (C{"FULL"}, C{"HDRS"}) or C{None}.
     @ivar envid: the DSN ENVID parameter (xtext decoded) or C{None}.
+    @ivar requireTLS: MAIL carried REQUIRETLS (RFC 8689): relay only over verified TLS to
+        next hops that offer REQUIRETLS, else return the message.
     @ivar client: the client the message came from.
     @ivar arrival: arrival time, seconds since the epoch (end of DATA).
     @ivar messageSize: size in octets of the stored message (headers we added included).
@@ -125,6 +127,7 @@ class Envelope:
     smtputf8: bool = False
     ret: str | None = None
     envid: str | None = None
+    requireTLS: bool = False
     client: ClientInfo | None = None
     arrival: float | None = None
     messageSize: int = 0
@@ -227,8 +230,9 @@ _KINDS: dict[str, tuple[str, Any]] = {
 }
 _ENVELOPE_KINDS = {
     "sender": "str", "queueID": "str?", "size": "count?", "body": "str?", "smtputf8": "bool",
-    "ret": "str?", "envid": "str?", "arrival": "time?", "messageSize": "count",
-    "attempts": "count", "nextAttempt": "time?", "delayWarned": "bool", "isBounce": "bool",
+    "ret": "str?", "envid": "str?", "requireTLS": "bool", "arrival": "time?",
+    "messageSize": "count", "attempts": "count", "nextAttempt": "time?", "delayWarned": "bool",
+    "isBounce": "bool",
 }  # fmt: skip
 _CLIENT_KINDS = {
     "address": "str", "port": "count", "rdns": "str?", "helo": "str?", "esmtp": "bool",
