@@ -552,6 +552,9 @@ class RecipientResult:
     @ivar remoteMTA: RFC 3464 Remote-MTA form (C{"dns; mx.example.org"}), or C{None}.
     @ivar dsnRelayed: the next hop took the recipient's DSN request (it offered DSN and was
         given NOTIFY): from here on, success notices are its job, not ours (RFC 3461 5.2).
+    @ivar final: a delivery, not a relay: the message reached the recipient's mailbox (a
+        maildir, an LMTP store, a pipe command), so a success notice says C{delivered}; else
+        it says C{relayed} (RFC 3464 section 2.3.3).
     """
 
     address: str
@@ -560,6 +563,7 @@ class RecipientResult:
     diagnostic: str
     remoteMTA: str | None = None
     dsnRelayed: bool = False
+    final: bool = False
 
     def __post_init__(self) -> None:
         expected = {

@@ -276,8 +276,9 @@ def test_maildir_delivers(tmp_path: Path, messagePath: Path) -> None:
     results = result(backend.deliver(env, env.recipients, toMaildir(template), messagePath))
     assert [r.status for r in results] == [DELIVERED, DELIVERED]
     assert results[0] == RecipientResult(
-        "Bob@example.org", DELIVERED, "2.0.0", "X-mailrelay; delivered to maildir"
-    )
+        "Bob@example.org", DELIVERED, "2.0.0", "X-mailrelay; delivered to maildir", final=True
+    )  # final: a success notice says "delivered", not "relayed"
+
     box = tmp_path / "mail" / "example.org" / "bob" / "Maildir"
     for sub in ("tmp", "new", "cur"):
         assert (box / sub).is_dir()

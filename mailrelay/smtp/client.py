@@ -373,11 +373,13 @@ class ClientSession:
     def _result(self, recipient: Recipient, status: DeliveryStatus, code: str,
                 diagnostic: str) -> RecipientResult:
         # NOTIFY went with the RCPT when the peer offers DSN: a success notice is then the
-        # peer's to send (RFC 3461 5.2.2), not ours.
-        relayed = (status is DeliveryStatus.DELIVERED and recipient.notify is not None
-                   and "DSN" in self.extensions)
+        # peer's to send (RFC 3461 5.2.2), not ours.  An LMTP server is the mailbox: what it
+        # accepts is delivered, not relayed.
+        delivered = status is DeliveryStatus.DELIVERED
+        relayed = delivered and recipient.notify is not None and "DSN" in self.extensions
         return RecipientResult(recipient.address, status, code, diagnostic[:MAX_DIAGNOSTIC],
-                               self.remoteMTA, dsnRelayed=relayed)
+                               self.remoteMTA, dsnRelayed=relayed,
+                               final=delivered and self.settings.lmtp)
 
     def _fromReply(self, recipient: Recipient, reply: Reply) -> RecipientResult:
         status, code = statusOf(reply)
