@@ -9,7 +9,13 @@ own C{delivered} notice back through the relay)."""
 from __future__ import annotations
 
 import email
+import time
 from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.postfixpeer import DOMAIN, HOSTNAME, PostfixPeer
 
 from tests.test_e2e_outbound import (
     bounceID,
@@ -62,3 +68,57 @@ def test_success_to_a_mailbox_is_reported_delivered(relay, dns, tmp_path: Path) 
     # The original's header section comes back (RET=HDRS is the default for successes).
     assert parts[2].get_content_type() == "text/rfc822-headers"
     assert email.message_from_string(parts[2].get_payload())["Subject"] == "success wanted"
+
+
+@pytest.fixture
+def postfix():
+    peers: list[PostfixPeer] = []
+
+    def make(**kw: Any) -> PostfixPeer:
+        peer = PostfixPeer(**kw)
+        peers.append(peer)
+        return peer
+
+    yield make
+    for peer in peers:
+        peer.cleanup()
+
+
+def test_postfix_next_hop_sends_its_own_delivered_notice(relay, dns, postfix,
+                                                         tmp_path: Path) -> None:
+    """Relay -> Postfix (which offers DSN) with NOTIFY=SUCCESS,DELAY: the request is passed
+    on, so the success notice the sender gets is Postfix's own (Reporting-MTA its name,
+    action delivered), relayed back through mailrelay; mailrelay sends none of its own."""
+    peer = postfix()
+    routes = [{"domain": DOMAIN, "backend": "smtp", "nexthop": f"[127.0.0.1]:{peer.port}"},
+              _maildir(tmp_path, "sender.test")]
+    r = relay(config(dns, routes=routes))
+    peer.postconf(f"relayhost=[127.0.0.1]:{r.port}")
+    peer.start()
+    qid = submit(r, "alice@sender.test", [f"bob@{DOMAIN}"], message("via postfix"),
+                 mailOptions=("RET=HDRS", "ENVID=env-pf"),
+                 rcptOptions=("NOTIFY=SUCCESS,DELAY",))
+    m = waitResult(r, qid, f"bob@{DOMAIN}")
+    assert m["status"] == "sent", m[0]
+    waitRemoved(r, qid)
+    # Postfix got the DSN parameters and delivered to bob's mailbox ...
+    peer.waitForLog(rf"to=<bob@{DOMAIN}>.*status=sent")
+    (delivered,) = peer.waitMailbox("bob")
+    assert b"Subject: via postfix" in delivered
+    # ... and its notice came back through the relay to alice's maildir.
+    deadline = time.monotonic() + 30
+    while not _delivered(tmp_path, "sender.test", "alice") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (report,) = _delivered(tmp_path, "sender.test", "alice")
+    content = report.split(b"\n", 2)[2].replace(b"\n", b"\r\n")
+    msg, perMessage, perRecipient, _ = parseReport(content)
+    assert msg["From"] == f"Mail Delivery System <MAILER-DAEMON@{HOSTNAME}>"
+    assert perMessage["Reporting-MTA"] == f"dns; {HOSTNAME}"
+    assert perMessage["Original-Envelope-Id"] == "env-pf"
+    [block] = perRecipient
+    assert (block["Final-Recipient"], block["Action"]) == (f"rfc822; bob@{DOMAIN}",
+                                                           "delivered")
+    assert block["Original-Recipient"] == f"rfc822;bob@{DOMAIN}"
+    # mailrelay itself sent no notice about the message.
+    assert f"{qid}: sender delivery status notification" not in r.log()
+    waitEmpty(r)
