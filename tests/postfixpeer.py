@@ -18,6 +18,9 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from tests.harness import freePort, requireTool
 
@@ -38,8 +41,6 @@ class PostfixPeer:
                  settings: tuple[str, ...] = ()) -> None:
         self.postfix = requireTool("postfix")
         if os.geteuid() != 0:  # pragma: no cover - CI and these machines run as root
-            import pytest
-
             pytest.skip("a Postfix instance of its own needs root")
         self.directory = Path(tempfile.mkdtemp(prefix="mailrelay-postfix-"))
         self.directory.chmod(0o755)  # Postfix's users must reach their directories
@@ -148,3 +149,19 @@ class PostfixPeer:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@pytest.fixture
+def postfix():
+    """C{postfix(*settings, start=True, **kw)}: a L{PostfixPeer} with these C{main.cf}
+    settings (started unless told not to), cleaned up in teardown."""
+    peers: list[PostfixPeer] = []
+
+    def make(*settings: str, start: bool = True, **kw: Any) -> PostfixPeer:
+        peer = PostfixPeer(settings=settings, **kw)
+        peers.append(peer)
+        return peer.start() if start else peer
+
+    yield make
+    for peer in peers:
+        peer.cleanup()

@@ -405,7 +405,7 @@ class FakeConnection:
         self.net = net
         self.address = address
         self.remoteMTA = remoteMTA
-        self.extensions: dict[str, Any] = {}
+        self.extensions: dict[str, Any] = {"8BITMIME": ""}  # takes messages as they are
         self.usable = True
         self.sent: list[tuple[str, list[str]]] = []
         self.quitted = False

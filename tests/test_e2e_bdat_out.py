@@ -9,10 +9,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
-
 from mailrelay.delivery.protocol import CHUNK_SIZE
-from tests.postfixpeer import DOMAIN, PostfixPeer
+from tests.postfixpeer import DOMAIN, PostfixPeer, postfix  # noqa: F401 - fixture
 from tests.test_e2e_outbound import (
     config,
     dns,  # noqa: F401 - the module's DNS server fixture
@@ -24,20 +22,6 @@ from tests.test_e2e_outbound import (
     waitRemoved,
     waitResult,
 )
-
-
-@pytest.fixture
-def postfix():
-    peers: list[PostfixPeer] = []
-
-    def make(*settings: str) -> PostfixPeer:
-        peer = PostfixPeer(settings=settings)
-        peers.append(peer)
-        return peer.start()
-
-    yield make
-    for peer in peers:
-        peer.cleanup()
 
 
 def _body(size: int) -> bytes:

@@ -11,12 +11,8 @@ from __future__ import annotations
 import email
 import time
 from pathlib import Path
-from typing import Any
 
-import pytest
-
-from tests.postfixpeer import DOMAIN, HOSTNAME, PostfixPeer
-
+from tests.postfixpeer import DOMAIN, HOSTNAME, postfix  # noqa: F401 - fixture
 from tests.test_e2e_outbound import (
     bounceID,
     config,
@@ -70,18 +66,6 @@ def test_success_to_a_mailbox_is_reported_delivered(relay, dns, tmp_path: Path) 
     assert email.message_from_string(parts[2].get_payload())["Subject"] == "success wanted"
 
 
-@pytest.fixture
-def postfix():
-    peers: list[PostfixPeer] = []
-
-    def make(**kw: Any) -> PostfixPeer:
-        peer = PostfixPeer(**kw)
-        peers.append(peer)
-        return peer
-
-    yield make
-    for peer in peers:
-        peer.cleanup()
 
 
 def test_postfix_next_hop_sends_its_own_delivered_notice(relay, dns, postfix,
@@ -89,7 +73,7 @@ def test_postfix_next_hop_sends_its_own_delivered_notice(relay, dns, postfix,
     """Relay -> Postfix (which offers DSN) with NOTIFY=SUCCESS,DELAY: the request is passed
     on, so the success notice the sender gets is Postfix's own (Reporting-MTA its name,
     action delivered), relayed back through mailrelay; mailrelay sends none of its own."""
-    peer = postfix()
+    peer = postfix(start=False)
     routes = [{"domain": DOMAIN, "backend": "smtp", "nexthop": f"[127.0.0.1]:{peer.port}"},
               _maildir(tmp_path, "sender.test")]
     r = relay(config(dns, routes=routes))

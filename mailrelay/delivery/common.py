@@ -6,14 +6,17 @@ options the relay builds the built-in backends' plugins with (L{builtinOptions})
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredSemaphore, inlineCallbacks
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailrelay.delivery import mime
 from mailrelay.interfaces import PLATFORM_TRUST_STORE, DeliveryStatus, RecipientResult, Route
 from mailrelay.smtp.clientsettings import ClientSettings
 
@@ -250,8 +253,16 @@ class ClientBackend:
 
     @inlineCallbacks
     def _send(self, connection: Any, envelope: Any, recipients: list, messagePath: Any) -> Any:
-        """C{connection.send}, turning an (unexpected) failure into transient results."""
+        """C{connection.send}, turning an (unexpected) failure into transient results; a
+        message the next hop cannot take as it is (8-bit content without 8BITMIME, binary
+        without BINARYMIME) is converted first (L{mailrelay.delivery.mime}), or bounced with
+        5.6.3 when it cannot be."""
+        converted: str | None = None
         try:
+            prepared = yield self._prepare(connection, envelope, recipients, messagePath)
+            if isinstance(prepared, list):
+                return prepared
+            envelope, messagePath, converted = prepared
             results = yield connection.send(envelope, recipients, messagePath)
         except defer.CancelledError:
             connection.abort()
@@ -270,7 +281,78 @@ class ClientBackend:
                 f"X-mailrelay; internal error: {e}",
                 getattr(connection, "remoteMTA", None),
             )
+        finally:
+            if converted is not None:
+                _remove(converted)
         return list(results)
+
+    @inlineCallbacks
+    def _prepare(self, connection: Any, envelope: Any, recipients: list, messagePath: Any) -> Any:
+        """What to send over C{connection}: C{(envelope, path, converted file or None)}, or the
+        results of a message that cannot be converted for it."""
+        extensions = connection.extensions
+        binary = envelope.body == "BINARYMIME"
+        if binary and "BINARYMIME" in extensions and "CHUNKING" in extensions:
+            return envelope, messagePath, None
+        if not binary and "8BITMIME" in extensions:
+            return envelope, messagePath, None
+        lacking = "BINARYMIME" if binary else "8BITMIME"
+        remoteMTA = connection.remoteMTA or ""
+        host = getattr(connection, "host", None) or remoteMTA.partition("; ")[2] or remoteMTA
+        try:
+            converted = yield self._inThread(mime.convertFile, str(messagePath), binary)
+        except OSError as e:
+            log.error(
+                "{queueID}: cannot convert the message to 7 bits for {host}: {error}",
+                queueID=envelope.queueID,
+                host=host,
+                error=str(e),
+            )
+            return resultsForAll(
+                recipients,
+                DeliveryStatus.TRANSIENT,
+                "4.3.0",
+                f"X-mailrelay; cannot convert the message to 7 bits for {host}: "
+                f"{e.strerror or e}",
+                connection.remoteMTA,
+            )
+        except mime.ConversionImpossible as e:
+            log.warn(
+                "{queueID}: cannot convert the message to 7 bits for {host}, which does not "
+                "offer {lacking}: {reason}",
+                queueID=envelope.queueID,
+                host=host,
+                lacking=lacking,
+                reason=str(e),
+            )
+            return resultsForAll(
+                recipients,
+                DeliveryStatus.PERMANENT,
+                "5.6.3",
+                f"X-mailrelay; {host} does not support {lacking}, and the message cannot be "
+                f"converted to 7 bits: {e}",
+                connection.remoteMTA,
+            )
+        if converted is None:  # 7-bit already
+            return envelope, messagePath, None
+        path, parts = converted
+        log.info(
+            "{queueID}: conversion=7bit for {host} (no {lacking}): {parts} body part(s) "
+            "encoded",
+            queueID=envelope.queueID,
+            host=host,
+            lacking=lacking,
+            parts=parts,
+        )
+        return dataclasses.replace(envelope, body=None), path, path
+
+    def _inThread(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        """C{f(*args)} in the reactor's thread pool (at once with a reactor that has none, as
+        a test's clock)."""
+        reactor = getattr(self, "reactor", None)
+        if reactor is None or not hasattr(reactor, "getThreadPool"):
+            return defer.maybeDeferred(f, *args)
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
     def _quit(self, connection: Any) -> None:
         """Send QUIT (or abort a connection that cannot be used any more), in the background."""
@@ -283,3 +365,10 @@ class ClientBackend:
     @property
     def _semaphores(self) -> dict[str, Any]:
         return self._perDestination.semaphores
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError as e:  # pragma: no cover - a temporary file of ours
+        log.warn("cannot remove {path}: {error}", path=path, error=str(e))
