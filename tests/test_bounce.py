@@ -413,6 +413,17 @@ def test_unreadableOriginal(tmp_path: Path) -> None:
     assert "could not be read" in parts(dsn)[0].get_content()
 
 
+def test_nothingReturnedOfARequireTLSMessage(original: Path) -> None:
+    """A report about a message sent with REQUIRETLS (RFC 8689) travels without that
+    protection: none of the message is returned, not even with RET=FULL."""
+    dsn = build(original, envelope=makeEnvelope(requireTLS=True, ret="FULL"))
+    assertWellFormed(dsn)
+    assert len(parts(dsn)) == 2
+    assert b"Subject:" not in dsn.split(b"\r\n\r\n", 1)[1]
+    assert "sent with REQUIRETLS, so none of it is returned" in " ".join(
+        parts(dsn)[0].get_content().split())
+
+
 def test_boundaryNotInContent(original: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     original.write_bytes(HEADERS + b"\r\n--" + QID.encode() + b".aaaaaaaaaaaaaaaa=_\r\nmore\r\n")
     tokens = iter(["aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb", "cafe"])

@@ -234,6 +234,10 @@ class ClientBackend:
                     f"X-mailrelay; unusable options for the route to {route.nexthop}: {e}",
                 )
             )
+        decided = self._tlsPolicy(envelope, recipients, route.nexthop, settings, messagePath)
+        if isinstance(decided, list):
+            return defer.succeed(decided)
+        envelope, settings = decided
         return self._perDestination.run(
             route.nexthop,
             envelope,
@@ -250,6 +254,65 @@ class ClientBackend:
         self, envelope: Any, recipients: list[Any], nexthop: str, settings: Any, messagePath: Any
     ) -> Deferred:
         raise NotImplementedError()
+
+    def _tlsPolicy(
+        self, envelope: Any, recipients: list, nexthop: str, settings: Any, messagePath: Any
+    ) -> Any:
+        """What the message asks of TLS (RFC 8689), over the route's settings: C{(envelope,
+        settings)} to deliver with, or the results of a message that cannot go this way.
+
+          - REQUIRETLS (C{envelope.requireTLS}): the next hop must be found securely
+            (L{_insecureLookup}) and the TLS policy verify the server (C{"none"} and
+            C{"may"} become C{"required"}); else the message is returned with 5.7.30.  A
+            local next hop (L{_localNexthop}) delivers to the mailbox: no TLS needed.
+          - C{TLS-Required: No} (without REQUIRETLS): the sender asks that a TLS policy not
+            stop the delivery, so C{"required"} becomes C{"may"} (STARTTLS when offered,
+            unverified) -- except on routes that log in (AUTH), whose credentials never go
+            over TLS that is not verified.
+        """
+        if envelope.requireTLS:
+            if self._localNexthop(nexthop):
+                return dataclasses.replace(envelope, requireTLS=False), settings
+            why = self._insecureLookup(nexthop)
+            if why is not None:
+                log.warn(
+                    "{queueID}: REQUIRETLS message not relayed to {nexthop}: {why}",
+                    queueID=envelope.queueID,
+                    nexthop=nexthop,
+                    why=why,
+                )
+                return resultsForAll(
+                    recipients,
+                    DeliveryStatus.PERMANENT,
+                    "5.7.30",
+                    f"X-mailrelay; REQUIRETLS support required: {why}",
+                )
+            if settings.tls not in ("required", "implicit"):
+                settings = dataclasses.replace(settings, tls="required")
+            return envelope, settings
+        if settings.tls != "required" or settings.username is not None:
+            return envelope, settings
+        try:
+            relax = mime.tlsRequiredNo(str(messagePath))
+        except OSError:
+            relax = False  # the delivery will say why the file cannot be read
+        if relax:
+            log.info(
+                "{queueID}: TLS-Required: No: delivering to {nexthop} with TLS if offered, "
+                "unverified, instead of required",
+                queueID=envelope.queueID,
+                nexthop=nexthop,
+            )
+            settings = dataclasses.replace(settings, tls="may")
+        return envelope, settings
+
+    def _localNexthop(self, nexthop: str) -> bool:
+        """Whether C{nexthop} is on this host (REQUIRETLS does not apply to it)."""
+        return False
+
+    def _insecureLookup(self, nexthop: str) -> str | None:
+        """Why C{nexthop} cannot be found securely enough for REQUIRETLS, or C{None}."""
+        return None
 
     @inlineCallbacks
     def _send(self, connection: Any, envelope: Any, recipients: list, messagePath: Any) -> Any:

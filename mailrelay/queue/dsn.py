@@ -480,10 +480,11 @@ def buildDSN(
         empty line.  If it cannot be read, the report says so and has no third part.
     @param now: the time of the report.
     @param queueID: the original message's queue id (the X-Mailrelay-Queue-ID field).
-    @param maxOriginal: the most octets of the original returned.  With C{RET=FULL} (honoured
-        for C{failed} reports only, as Postfix does) a larger message is returned as its header
-        section only, with a note saying so; a header section larger than this is cut at a
-        line boundary.
+    @param maxOriginal: the most octets of the original returned (nothing of a message sent
+        with REQUIRETLS, RFC 8689: the report does not travel under its protection).  With
+        C{RET=FULL} (honoured for C{failed} reports only, as Postfix does) a larger message is
+        returned as its header section only, with a note saying so; a header section larger
+        than this is cut at a line boundary.
     @param willRetryUntil: for C{delayed}: when the relay gives up (Will-Retry-Until).
     @param to: the notification's recipient; the original sender by default.
     @return: the whole message: CRLF lines, none longer than 998 octets; no C{Message-Id:}
@@ -496,7 +497,13 @@ def buildDSN(
         raise ValueError("a delivery status notification needs at least one recipient")
     to = envelope.sender if to is None else to
     wantFull = action == "failed" and (envelope.ret or "").upper() == "FULL"
-    original = _readOriginal(Path(messagePath), wantFull, maxOriginal, queueID)
+    if envelope.requireTLS:
+        # The sender wanted the message to travel only over verified TLS; the report may
+        # not (it goes to the sender's domain as any mail): nothing of it is returned.
+        original = _Original(None, b"", "The message was sent with REQUIRETLS, so none of it "
+                                         "is returned in this report.")
+    else:
+        original = _readOriginal(Path(messagePath), wantFull, maxOriginal, queueID)
     text = _humanText(envelope, recipients, action, hostname, now, willRetryUntil, original)
     textBytes = text.encode("utf-8")
     status = _deliveryStatus(envelope, recipients, action, hostname, queueID, now, willRetryUntil)

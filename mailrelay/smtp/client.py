@@ -35,6 +35,10 @@ Choices worth knowing (see also L{mailrelay.delivery.connection.SMTPConnection.s
     (L{SMTPConnectError} 4.7.5, transient) and is not retried in plaintext here.
   - Credentials are never sent on a connection without TLS unless
     L{ClientSettings.authWithoutTLS} is set.
+  - REQUIRETLS (RFC 8689): a message whose envelope says C{requireTLS} goes only over TLS
+    with a verified certificate to a server offering REQUIRETLS (MAIL then carries the
+    REQUIRETLS parameter); otherwise it is refused at once, permanently, with 5.7.30 (the
+    caller chooses the verified TLS policy and the next hops: L{mailrelay.delivery}).
 """
 
 from __future__ import annotations
@@ -211,6 +215,12 @@ class ClientSession:
         return self.state == _CLOSED
 
     @property
+    def verifiedTLS(self) -> bool:
+        """The connection is TLS with the server's certificate verified (C{tls="required"}
+        or C{"implicit"}): what REQUIRETLS (RFC 8689) needs."""
+        return self.tls and self.settings.tls in ("required", "implicit")
+
+    @property
     def step(self) -> str:
         """What the session is doing or waiting for (a key of the step table)."""
         if self.state == _TRANSACTION and self._expect:
@@ -293,6 +303,13 @@ class ClientSession:
         elif envelope.body == "BINARYMIME" and not self._binaryOK():
             refusal = ("5.6.3", f"X-mailrelay; the message is binary (BINARYMIME), which "
                                 f"{self.host} does not support")
+        elif envelope.requireTLS and not self.verifiedTLS:
+            refusal = ("5.7.30", f"X-mailrelay; the message requires TLS (REQUIRETLS), but the "
+                                 f"connection to {self.host} is not TLS with a verified "
+                                 "certificate")
+        elif envelope.requireTLS and "REQUIRETLS" not in self.extensions:
+            refusal = ("5.7.30", f"X-mailrelay; REQUIRETLS support required, but {self.host} "
+                                 "does not offer REQUIRETLS")
         if refusal is not None:
             self._out.append(TransactionDone(
                 [self._result(r, DeliveryStatus.PERMANENT, *refusal) for r in recipients]))
@@ -611,6 +628,8 @@ class ClientSession:
             params.append("BODY=8BITMIME")
         elif envelope.body == "BINARYMIME" and self._binaryOK():
             params.append("BODY=BINARYMIME")
+        if envelope.requireTLS:
+            params.append("REQUIRETLS")
         if envelope.smtputf8:
             params.append("SMTPUTF8")
         if "DSN" in ext:
