@@ -838,6 +838,9 @@ class RecipientResult:
     @ivar tls: for the log, the TLS of the connection that answered:
         C{"TLSv1.3 TLS_AES_256_GCM_SHA384 verified"} (or C{unverified}: encrypted, the
         certificate not checked), C{None} without TLS.
+    @ivar final: a delivery, not a relay: the message reached the recipient's mailbox (a
+        maildir, an LMTP store, a pipe command), so a success notice says C{delivered}; else
+        it says C{relayed} (RFC 3464 section 2.3.3).
     """
 
     address: str
@@ -848,6 +851,7 @@ class RecipientResult:
     dsnRelayed: bool = False
     relay: str | None = None
     tls: str | None = None
+    final: bool = False
 
     def __post_init__(self) -> None:
         expected = {

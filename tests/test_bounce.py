@@ -141,6 +141,7 @@ def test_headerFields(original: Path) -> None:
     [
         ("failed", "Undelivered Mail Returned to Sender"),
         ("delayed", "Delayed Mail (still being retried)"),
+        ("delivered", "Successful Mail Delivery Report"),
         ("relayed", "Successful Mail Delivery Report"),
     ],
 )
@@ -184,6 +185,19 @@ def test_textPartDelayed(original: Path) -> None:
     assert "THIS IS A WARNING ONLY" in text
     assert "could not be delivered for 1 hour" in text
     assert "retried until" in text and "5 days after it arrived" in text
+
+
+@pytest.mark.parametrize("action", ["delivered", "relayed"])
+def test_successSaysDeliveredOrRelayed(original: Path, action: str) -> None:
+    """A success report says whether the message reached the mailbox or a next hop that
+    will not report further (RFC 3464 2.3.3), in its Action field and its text."""
+    recipient = Recipient("a@example.com", status="2.0.0", lastResult="smtp; 250 2.0.0 Ok",
+                          remoteMTA="dns; store.example.com")
+    dsn = build(original, recipients=[recipient], action=action)
+    _, [block] = deliveryStatus(dsn)
+    assert (block["Action"], block["Status"]) == (action, "2.0.0")
+    text = " ".join(parts(dsn)[0].get_content().split())
+    assert f"<a@example.com>: {action} via store.example.com: 250 2.0.0 Ok" in text
 
 
 def test_textWrapped(original: Path) -> None:
@@ -234,7 +248,8 @@ def test_perRecipientFields(original: Path) -> None:
 
 
 def test_statusDefaults(original: Path) -> None:
-    for action, expected in (("failed", "5.0.0"), ("delayed", "4.0.0"), ("relayed", "2.0.0")):
+    for action, expected in (("failed", "5.0.0"), ("delayed", "4.0.0"), ("delivered", "2.0.0"),
+                             ("relayed", "2.0.0")):
         dsn = build(original, recipients=[Recipient("a@example.com")], action=action)
         _, [block] = deliveryStatus(dsn)
         assert block["Status"] == expected
@@ -396,6 +411,17 @@ def test_unreadableOriginal(tmp_path: Path) -> None:
     assertWellFormed(dsn)
     assert len(parts(dsn)) == 2
     assert "could not be read" in parts(dsn)[0].get_content()
+
+
+def test_nothingReturnedOfARequireTLSMessage(original: Path) -> None:
+    """A report about a message sent with REQUIRETLS (RFC 8689) travels without that
+    protection: none of the message is returned, not even with RET=FULL."""
+    dsn = build(original, envelope=makeEnvelope(requireTLS=True, ret="FULL"))
+    assertWellFormed(dsn)
+    assert len(parts(dsn)) == 2
+    assert b"Subject:" not in dsn.split(b"\r\n\r\n", 1)[1]
+    assert "sent with REQUIRETLS, so none of it is returned" in " ".join(
+        parts(dsn)[0].get_content().split())
 
 
 def test_boundaryNotInContent(original: Path, monkeypatch: pytest.MonkeyPatch) -> None:

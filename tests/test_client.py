@@ -723,6 +723,8 @@ def test_lmtpRepliesPerRecipient(message):
     assert (a.status, a.diagnostic) == (DELIVERED, "smtp; 250 2.0.0 delivered to a")
     assert (b.status, b.code) == (PERMANENT, "5.1.1")
     assert (c.status, c.code) == (TRANSIENT, "4.2.2")
+    # An LMTP server is the mailbox: a success notice says "delivered", not "relayed".
+    assert (a.final, b.final, c.final) == (True, False, False)
 
 
 def test_sizeLimitRefusesWithoutMail(message):

@@ -1044,6 +1044,13 @@ def test_sampleEveryKeyUncommentedLoads(tmp_path: Path) -> None:
             "webhook", "acme-webhook", {"url": "https://hooks.example.com/mail"}, 600.0,
             "backends[0]",
         ),
+        BackendSpec(
+            "procmail", "pipe",
+            {"command": ["/usr/bin/procmail", "-a", "{domain}", "-d", "{recipient}"],
+             "user": "mail", "per": "recipient", "time_limit": 300, "concurrency": 10,
+             "null_sender": "MAILER-DAEMON"},
+            600.0, "backends[1]",
+        ),
     )
     # Nothing secret shows.
     for secret in ("smarthost secret", "org secret", "correct horse"):

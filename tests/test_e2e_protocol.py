@@ -28,13 +28,13 @@ def postfix():
     made: list[PostfixPeer] = []
 
     def start(relayhost: str, **settings: str) -> PostfixPeer:
-        peer = PostfixPeer(relayhost, settings)
+        peer = PostfixPeer(relayhost, settings=tuple(f"{k}={v}" for k, v in settings.items()))
         made.append(peer)
         return peer.start()
 
     yield start
     for peer in made:
-        peer.stop()
+        peer.cleanup()
 
 
 def queued(r: RelayProcess) -> list[tuple[dict, bytes]]:

@@ -101,6 +101,7 @@ def scenarios(draw: Any) -> tuple[Envelope, list[Outcome], QueuePolicy, float]:
             f"smtp; {CODES[status]} said",
             draw(st.sampled_from([None, "dns; mx.example.org"])),
             dsnRelayed=status is DeliveryStatus.DELIVERED and draw(st.booleans()),
+            final=status is DeliveryStatus.DELIVERED and draw(st.booleans()),
         )
         outcomes.append(Outcome(r, result, "smtp:example.org"))
     return envelope, outcomes, policy, now
@@ -176,18 +177,22 @@ def test_noticesFollowNotifyAndTheNullSenderRules(scenario: Any) -> None:
         expected = {
             "failed": [r for r in bounced if wants(r, "FAILURE")],
             "delayed": [r for r in pendingAfter if wants(r, "DELAY")] if warnNow else [],
-            "relayed": [
-                o.recipient for o in outcomes
-                if o.result.status is DeliveryStatus.DELIVERED and not o.result.dsnRelayed
-                and wants(o.recipient, "SUCCESS")
-            ],
+            # Delivered to the mailbox (final) or relayed where no notice will come from.
+            **{
+                action: [
+                    o.recipient for o in outcomes
+                    if o.result.status is DeliveryStatus.DELIVERED and not o.result.dsnRelayed
+                    and wants(o.recipient, "SUCCESS") and o.result.final == (action == "delivered")
+                ]
+                for action in ("delivered", "relayed")
+            },
         }
         for action, recipients in expected.items():
             got = list(byAction[action].recipients) if action in byAction else []
             assert [r.address for r in got] == [r.address for r in recipients]
             assert all(any(g is r for r in recipients) for g in got)
         assert [n.action for n in decision.notices] == [
-            a for a in ("failed", "delayed", "relayed") if expected[a]]
+            a for a in ("failed", "delayed", "delivered", "relayed") if expected[a]]
         return
     # The null sender: nobody but the postmaster is ever told, and only of failures; a
     # failed notice to the postmaster is told to nobody.

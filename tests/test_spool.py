@@ -679,6 +679,7 @@ def test_loadEnvelopeErrors(spool: Spool, spoolDir: Path) -> None:
         (lambda e: e.update(nextAttempt="soon"), "nextAttempt: 'soon' is not a finite number"),
         (lambda e: e.update(arrival=None, attempts=-1), "attempts: -1 is not an integer >= 0"),
         (lambda e: e.update(isBounce=1), "isBounce: 1 is not true or false"),
+        (lambda e: e.update(requireTLS="yes"), "requireTLS: 'yes' is not true or false"),
         (lambda e: e.update(sender=None), "sender: None is not a string"),
         (lambda e: e.update(extra=1), "extra: unknown field"),
         (lambda e: e.update(recipients={}), "recipients: {} is not a list"),
@@ -1148,3 +1149,14 @@ def test_a_writer_reads_back_what_it_holds(spool: Spool, spoolDir: Path, size: i
     again.write(b"X-Added: 1\r\n" + data)
     resultOf(again.commit(makeEnvelope(queueID)))
     assert (spoolDir / "queue" / f"{queueID}.eml").read_bytes() == b"X-Added: 1\r\n" + data
+
+
+def test_requireTLSIsKeptAndDefaultsToFalse() -> None:
+    """RFC 8689's REQUIRETLS is stored on the envelope; envelopes written before the field
+    existed read back without it."""
+    envelope = Envelope(sender="a@example.org", recipients=[Recipient("b@example.org")],
+                        requireTLS=True)
+    assert Envelope.fromJSON(envelope.toJSON()).requireTLS is True
+    old = json.loads(envelope.toJSON())
+    del old["requireTLS"]
+    assert Envelope.fromDict(old).requireTLS is False

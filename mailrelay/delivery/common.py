@@ -6,14 +6,17 @@ options the relay builds the built-in backends' plugins with (L{builtinOptions})
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredSemaphore, inlineCallbacks
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailrelay.delivery import mime
 from mailrelay.interfaces import PLATFORM_TRUST_STORE, DeliveryStatus, RecipientResult, Route
 from mailrelay.smtp.clientsettings import ClientSettings
 
@@ -231,6 +234,10 @@ class ClientBackend:
                     f"X-mailrelay; unusable options for the route to {route.nexthop}: {e}",
                 )
             )
+        decided = self._tlsPolicy(envelope, recipients, route.nexthop, settings, messagePath)
+        if isinstance(decided, list):
+            return defer.succeed(decided)
+        envelope, settings = decided
         return self._perDestination.run(
             route.nexthop,
             envelope,
@@ -248,11 +255,78 @@ class ClientBackend:
     ) -> Deferred:
         raise NotImplementedError()
 
+    def _tlsPolicy(
+        self, envelope: Any, recipients: list, nexthop: str, settings: Any, messagePath: Any
+    ) -> Any:
+        """What the message asks of TLS (RFC 8689), over the route's settings: C{(envelope,
+        settings)} to deliver with, or the results of a message that cannot go this way.
+
+          - REQUIRETLS (C{envelope.requireTLS}): the next hop must be found securely
+            (L{_insecureLookup}) and the TLS policy verify the server (C{"none"} and
+            C{"may"} become C{"required"}); else the message is returned with 5.7.30.  A
+            local next hop (L{_localNexthop}) delivers to the mailbox: no TLS needed.
+          - C{TLS-Required: No} (without REQUIRETLS): the sender asks that a TLS policy not
+            stop the delivery, so C{"required"} becomes C{"may"} (STARTTLS when offered,
+            unverified) -- except on routes that log in (AUTH), whose credentials never go
+            over TLS that is not verified.
+        """
+        if envelope.requireTLS:
+            if self._localNexthop(nexthop):
+                return dataclasses.replace(envelope, requireTLS=False), settings
+            why = self._insecureLookup(nexthop)
+            if why is not None:
+                log.warn(
+                    "{queueID}: REQUIRETLS message not relayed to {nexthop}: {why}",
+                    queueID=envelope.queueID,
+                    nexthop=nexthop,
+                    why=why,
+                )
+                return resultsForAll(
+                    recipients,
+                    DeliveryStatus.PERMANENT,
+                    "5.7.30",
+                    f"X-mailrelay; REQUIRETLS support required: {why}",
+                )
+            if settings.tls not in ("required", "implicit"):
+                settings = dataclasses.replace(settings, tls="required")
+            return envelope, settings
+        if settings.tls != "required" or settings.username is not None:
+            return envelope, settings
+        try:
+            relax = mime.tlsRequiredNo(str(messagePath))
+        except OSError:
+            relax = False  # the delivery will say why the file cannot be read
+        if relax:
+            log.info(
+                "{queueID}: TLS-Required: No: delivering to {nexthop} with TLS if offered, "
+                "unverified, instead of required",
+                queueID=envelope.queueID,
+                nexthop=nexthop,
+            )
+            settings = dataclasses.replace(settings, tls="may")
+        return envelope, settings
+
+    def _localNexthop(self, nexthop: str) -> bool:
+        """Whether C{nexthop} is on this host (REQUIRETLS does not apply to it)."""
+        return False
+
+    def _insecureLookup(self, nexthop: str) -> str | None:
+        """Why C{nexthop} cannot be found securely enough for REQUIRETLS, or C{None}."""
+        return None
+
     @inlineCallbacks
     def _send(self, connection: Any, envelope: Any, recipients: list, messagePath: Any) -> Any:
         """C{connection.send}, turning an (unexpected) failure into transient results; each
-        result says, for the log, which server answered and over what TLS."""
+        result says, for the log, which server answered and over what TLS.  A message the
+        next hop cannot take as it is (8-bit content without 8BITMIME, binary without
+        BINARYMIME) is converted first (L{mailrelay.delivery.mime}), or bounced with 5.6.3
+        when it cannot be."""
+        converted: str | None = None
         try:
+            prepared = yield self._prepare(connection, envelope, recipients, messagePath)
+            if isinstance(prepared, list):
+                return prepared
+            envelope, messagePath, converted = prepared
             results = yield connection.send(envelope, recipients, messagePath)
         except defer.CancelledError:
             connection.abort()
@@ -271,9 +345,80 @@ class ClientBackend:
                 f"X-mailrelay; internal error: {e}",
                 getattr(connection, "remoteMTA", None),
             )
+        finally:
+            if converted is not None:
+                _remove(converted)
         relay = getattr(connection, "relay", None)
         tls = getattr(connection, "tlsDescription", None)
         return [dataclasses.replace(r, relay=relay, tls=tls) for r in results]
+
+    @inlineCallbacks
+    def _prepare(self, connection: Any, envelope: Any, recipients: list, messagePath: Any) -> Any:
+        """What to send over C{connection}: C{(envelope, path, converted file or None)}, or the
+        results of a message that cannot be converted for it."""
+        extensions = connection.extensions
+        binary = envelope.body == "BINARYMIME"
+        if binary and "BINARYMIME" in extensions and "CHUNKING" in extensions:
+            return envelope, messagePath, None
+        if not binary and "8BITMIME" in extensions:
+            return envelope, messagePath, None
+        lacking = "BINARYMIME" if binary else "8BITMIME"
+        remoteMTA = connection.remoteMTA or ""
+        host = getattr(connection, "host", None) or remoteMTA.partition("; ")[2] or remoteMTA
+        try:
+            converted = yield self._inThread(mime.convertFile, str(messagePath), binary)
+        except OSError as e:
+            log.error(
+                "{queueID}: cannot convert the message to 7 bits for {host}: {error}",
+                queueID=envelope.queueID,
+                host=host,
+                error=str(e),
+            )
+            return resultsForAll(
+                recipients,
+                DeliveryStatus.TRANSIENT,
+                "4.3.0",
+                f"X-mailrelay; cannot convert the message to 7 bits for {host}: "
+                f"{e.strerror or e}",
+                connection.remoteMTA,
+            )
+        except mime.ConversionImpossible as e:
+            log.warn(
+                "{queueID}: cannot convert the message to 7 bits for {host}, which does not "
+                "offer {lacking}: {reason}",
+                queueID=envelope.queueID,
+                host=host,
+                lacking=lacking,
+                reason=str(e),
+            )
+            return resultsForAll(
+                recipients,
+                DeliveryStatus.PERMANENT,
+                "5.6.3",
+                f"X-mailrelay; {host} does not support {lacking}, and the message cannot be "
+                f"converted to 7 bits: {e}",
+                connection.remoteMTA,
+            )
+        if converted is None:  # 7-bit already
+            return envelope, messagePath, None
+        path, parts = converted
+        log.info(
+            "{queueID}: conversion=7bit for {host} (no {lacking}): {parts} body part(s) "
+            "encoded",
+            queueID=envelope.queueID,
+            host=host,
+            lacking=lacking,
+            parts=parts,
+        )
+        return dataclasses.replace(envelope, body=None), path, path
+
+    def _inThread(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        """C{f(*args)} in the reactor's thread pool (at once with a reactor that has none, as
+        a test's clock)."""
+        reactor = getattr(self, "reactor", None)
+        if reactor is None or not hasattr(reactor, "getThreadPool"):
+            return defer.maybeDeferred(f, *args)
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
     def _quit(self, connection: Any) -> None:
         """Send QUIT (or abort a connection that cannot be used any more), in the background."""
@@ -286,3 +431,10 @@ class ClientBackend:
     @property
     def _semaphores(self) -> dict[str, Any]:
         return self._perDestination.semaphores
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError as e:  # pragma: no cover - a temporary file of ours
+        log.warn("cannot remove {path}: {error}", path=path, error=str(e))

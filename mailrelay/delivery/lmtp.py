@@ -81,6 +81,14 @@ class LMTPBackend(ClientBackend):
         settings = super().settingsFor(route)
         return settings if settings.lmtp else dataclasses.replace(settings, lmtp=True)
 
+    def _localNexthop(self, nexthop: str) -> bool:
+        """A UNIX socket is on this host: REQUIRETLS does not apply to it (as to a maildir,
+        the message reaches the mailbox without crossing a network)."""
+        try:
+            return parseLMTPNexthop(nexthop).path is not None
+        except ValueError:
+            return False
+
     def _endpoint(self, nexthop: str, settings: ClientSettings) -> tuple[Any, str, str]:
         """The endpoint, TLS host name and Remote-MTA for C{nexthop}."""
         parsed = parseLMTPNexthop(nexthop)
@@ -137,6 +145,14 @@ class LMTPBackend(ClientBackend):
                 code=e.code,
                 diagnostic=e.diagnostic,
             )
+            if envelope.requireTLS and e.code == "4.7.5":
+                return resultsForAll(
+                    recipients,
+                    DeliveryStatus.PERMANENT,
+                    "5.7.30",
+                    f"{e.diagnostic} (REQUIRETLS support required)",
+                    e.remoteMTA or remoteMTA,
+                )
             return resultsForAll(
                 recipients,
                 DeliveryStatus.TRANSIENT,

@@ -224,7 +224,9 @@ class MaildirBackend:
                 code,
                 f"X-mailrelay; cannot deliver to maildir: {e}",
             )
-        return RecipientResult(job.address, DeliveryStatus.DELIVERED, "2.0.0", DELIVERED_DIAGNOSTIC)
+        return RecipientResult(
+            job.address, DeliveryStatus.DELIVERED, "2.0.0", DELIVERED_DIAGNOSTIC, final=True
+        )
 
     def _uniqueName(self) -> str:
         now = time.time()

@@ -5,7 +5,8 @@ body); L{mailrelay.delivery.connection.connectSMTP} builds it.
 Message bodies are streamed from the spool file in L{CHUNK_SIZE} pieces through a pull
 producer (L{_BodySender}), so memory stays bounded whatever the message size.  Dot-stuffing
 (L{mailrelay.smtp.wire.DotStuffer}) is exact across chunk boundaries; a file holding a bare CR
-or LF is not sent (see L{mailrelay.smtp.client}).
+or LF is not sent (see L{mailrelay.smtp.client}).  To a server offering CHUNKING, each piece
+read is one BDAT chunk (L{mailrelay.smtp.wire.BDATFramer}), sent as it is.
 """
 
 from __future__ import annotations
@@ -39,12 +40,13 @@ from mailrelay.smtp.client import (
     SendBody,
     SetTimer,
     StartTLS,
+    StopBody,
     TransactionDone,
     Write,
 )
 from mailrelay.smtp.clientsettings import ClientSettings
-from mailrelay.smtp.errors import BareNewlineError
-from mailrelay.smtp.wire import DotStuffer, describeTLS, setNoDelay
+from mailrelay.smtp.errors import BareNewlineError, SizeMismatchError
+from mailrelay.smtp.wire import BDATFramer, DotStuffer, describeTLS, setNoDelay
 
 if TYPE_CHECKING:
     from mailrelay.delivery.connection import SMTPConnection
@@ -62,13 +64,16 @@ class IClientTransport(ITLSTransport, IConsumer):
 
 @implementer(IPullProducer)
 class _BodySender:
-    """Streams the message file through a L{DotStuffer}, one chunk per C{resumeProducing}."""
+    """Streams the message file through a L{DotStuffer} (DATA), or a L{BDATFramer} when
+    C{framer} is given (BDAT), one chunk per C{resumeProducing}."""
 
-    def __init__(self, protocol: SMTPClientProtocol, file: BinaryIO, chunkSize: int) -> None:
+    def __init__(self, protocol: SMTPClientProtocol, file: BinaryIO, chunkSize: int,
+                 framer: BDATFramer | None = None) -> None:
         self.protocol = protocol
         self.file = file
         self.chunkSize = chunkSize
         self.stuffer = DotStuffer()
+        self.framer = framer
         self.done = False
         self.registered = False
 
@@ -80,9 +85,14 @@ class _BodySender:
         if self.done:
             return
         protocol = self.protocol
+        framer = self.framer
+        chunks: list[bool] = []
         try:
             chunk = self.file.read(self.chunkSize)
-            data = self.stuffer.feed(chunk) if chunk else self.stuffer.finish()
+            if framer is not None:
+                data, chunks = framer.feed(chunk) if chunk else framer.finish()
+            else:
+                data = self.stuffer.feed(chunk) if chunk else self.stuffer.finish()
         except OSError as e:
             self.stop()
             protocol._bodyFailed("4.3.0", f"X-mailrelay; cannot read the message file: "
@@ -93,12 +103,22 @@ class _BodySender:
             protocol._bodyFailed("4.3.0", "X-mailrelay; the message file contains a bare CR "
                                           "or LF (corrupt queue file); message not sent")
             return
+        except SizeMismatchError as e:
+            self.stop()
+            protocol._bodyFailed("4.3.0", f"X-mailrelay; the message file changed while it was "
+                                          f"sent ({e}); message not sent")
+            return
         if data:
             protocol.transport.write(data)
         protocol._touchTimer()
-        if not chunk:
+        for last in chunks:
+            if self.done:  # the session stopped the body
+                return
+            protocol._chunkSent(last)
+        if not chunk and not self.done:
             self.stop()
-            protocol._bodySent()
+            if framer is None:
+                protocol._bodySent()
 
     def pauseProducing(self) -> None:  # pragma: no cover - pull producer
         pass
@@ -196,7 +216,9 @@ class SMTPClientProtocol(Protocol):
             elif isinstance(event, StartTLS):
                 queue.extend(self._startTLS())
             elif isinstance(event, SendBody):
-                self._startBody()
+                self._startBody(event)
+            elif isinstance(event, StopBody):
+                self._stopBody()
             elif isinstance(event, TransactionDone):
                 self._stopBody()
                 self._closeFile()
@@ -283,9 +305,14 @@ class SMTPClientProtocol(Protocol):
 
     # Body -------------------------------------------------------------------------------------
 
-    def _startBody(self) -> None:
+    def _startBody(self, event: SendBody) -> None:
         assert self._file is not None
-        self._body = _BodySender(self, self._file, CHUNK_SIZE)
+        framer = None
+        if event.bdat:
+            size = os.fstat(self._file.fileno()).st_size
+            framer = BDATFramer(size, pipelined=event.pipelined,
+                                checkLineEnds=event.checkLineEnds)
+        self._body = _BodySender(self, self._file, CHUNK_SIZE, framer)
         self._file = None
         self._body.start()
 
@@ -302,6 +329,13 @@ class SMTPClientProtocol(Protocol):
     def _bodySent(self) -> None:
         self._body = None
         self._handle(self.session.bodySent())
+
+    def _chunkSent(self, last: bool) -> None:
+        if last:
+            body, self._body = self._body, None
+            if body is not None:
+                body.stop(unregister=not self.lost)
+        self._handle(self.session.chunkSent(last))
 
     def _bodyFailed(self, code: str, diagnostic: str) -> None:
         self._body = None

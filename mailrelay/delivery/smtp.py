@@ -382,6 +382,22 @@ class SMTPBackend(ClientBackend):
             )
         withReply = [c for c in tried.connectErrors if c[1].startswith("smtp;")]
         code, diagnostic, remoteMTA = (withReply or tried.connectErrors)[-1]
+        if envelope.requireTLS and all(c[0] == "4.7.5" for c in tried.connectErrors):
+            # No host gave verified TLS: a REQUIRETLS message is returned, not retried.
+            log.warn(
+                "{queueID}: REQUIRETLS message not relayed: no host of {nexthop} gave "
+                "verified TLS: {diagnostic}",
+                queueID=envelope.queueID,
+                nexthop=nexthop,
+                diagnostic=diagnostic,
+            )
+            return resultsForAll(
+                recipients,
+                DeliveryStatus.PERMANENT,
+                "5.7.30",
+                f"{diagnostic} (REQUIRETLS support required)",
+                remoteMTA,
+            )
         log.warn(
             "{queueID}: no host of {nexthop} accepted the delivery: {code} {diagnostic}",
             queueID=envelope.queueID,
@@ -392,6 +408,19 @@ class SMTPBackend(ClientBackend):
         return resultsForAll(
             recipients, DeliveryStatus.TRANSIENT, _transientCode(code), diagnostic, remoteMTA
         )
+
+    def _insecureLookup(self, nexthop: str) -> str | None:
+        """REQUIRETLS (RFC 8689 section 4.2.1) wants the MX hosts looked up securely (DNSSEC,
+        or an MTA-STS policy); this resolver validates neither, so only a next hop named
+        without MX lookup (a smarthost, a bracketed route) will do."""
+        try:
+            parsed = parseSMTPNexthop(nexthop, strict=False)
+        except ValueError:
+            return None  # the delivery will say what is wrong with it
+        if parsed.mxLookup:
+            return (f"the MX hosts of {parsed.host} cannot be looked up securely here (no "
+                    "DNSSEC validation)")
+        return None
 
     @staticmethod
     def _isRecipientDomain(nexthop: str, recipients: list) -> bool:

@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 #: The RFC 3464 actions L{buildDSN} reports.
-ACTIONS = ("failed", "delayed", "relayed")
+ACTIONS = ("failed", "delayed", "delivered", "relayed")
 
 #: The C{ClientInfo.listener} of notifications we generate (they come from no listener).
 DSN_SOURCE = "local:dsn"
@@ -59,6 +59,7 @@ DSN_SOURCE = "local:dsn"
 _SUBJECTS = {
     "failed": "Undelivered Mail Returned to Sender",
     "delayed": "Delayed Mail (still being retried)",
+    "delivered": "Successful Mail Delivery Report",
     "relayed": "Successful Mail Delivery Report",
 }
 
@@ -290,7 +291,9 @@ def _readOriginal(path: Path, wantFull: bool, limit: int, queueID: str) -> _Orig
 def _perRecipientFields(
     recipient: Recipient, action: str, now: float, willRetryUntil: float | None
 ) -> str:
-    default = {"failed": "5.0.0", "delayed": "4.0.0", "relayed": "2.0.0"}[action]
+    default = {"failed": "5.0.0", "delayed": "4.0.0", "delivered": "2.0.0", "relayed": "2.0.0"}[
+        action
+    ]
     status = recipient.status or default
     if not re.fullmatch(r"[245]\.\d{1,3}\.\d{1,3}", status):
         status = default
@@ -421,9 +424,9 @@ def _recipientText(r: Recipient, action: str, delay: float) -> str:
     """What the report says of one recipient."""
     reason = _diagnosticText(r.lastResult) if r.lastResult else ""
     remote = _remoteName(r.remoteMTA)
-    if action == "relayed":
-        text = f"<{r.address}>: " + (f"delivered via {remote}: " if remote else "")
-        return text + (reason or "delivered")
+    if action in ("delivered", "relayed"):
+        text = f"<{r.address}>: " + (f"{action} via {remote}: " if remote else "")
+        return text + (reason or action)
     if r.status == "4.4.7" and action == "failed":
         text = f"<{r.address}>: message expired after {_duration(delay)} in the queue"
         return text + (f"; the last attempt said: {reason}" if reason else "")
@@ -470,16 +473,18 @@ def buildDSN(
     @param envelope: the original message's envelope (sender, RET, ENVID, arrival).
     @param recipients: the recipients to report on, with their C{status}, C{lastResult},
         C{remoteMTA}, C{orcpt} and C{finalTime} (the Last-Attempt-Date; C{now} when C{None}).
-    @param action: C{"failed"}, C{"delayed"} or C{"relayed"}.
+    @param action: C{"failed"}, C{"delayed"}, C{"delivered"} (to the mailbox) or C{"relayed"}
+        (to a next hop that does not send notifications itself).
     @param hostname: this relay's host name (Reporting-MTA, From).
     @param messagePath: the original message (CRLF lines); its header section ends at the first
         empty line.  If it cannot be read, the report says so and has no third part.
     @param now: the time of the report.
     @param queueID: the original message's queue id (the X-Mailrelay-Queue-ID field).
-    @param maxOriginal: the most octets of the original returned.  With C{RET=FULL} (honoured
-        for C{failed} reports only, as Postfix does) a larger message is returned as its header
-        section only, with a note saying so; a header section larger than this is cut at a
-        line boundary.
+    @param maxOriginal: the most octets of the original returned (nothing of a message sent
+        with REQUIRETLS, RFC 8689: the report does not travel under its protection).  With
+        C{RET=FULL} (honoured for C{failed} reports only, as Postfix does) a larger message is
+        returned as its header section only, with a note saying so; a header section larger
+        than this is cut at a line boundary.
     @param willRetryUntil: for C{delayed}: when the relay gives up (Will-Retry-Until).
     @param to: the notification's recipient; the original sender by default.
     @return: the whole message: CRLF lines, none longer than 998 octets; no C{Message-Id:}
@@ -492,7 +497,13 @@ def buildDSN(
         raise ValueError("a delivery status notification needs at least one recipient")
     to = envelope.sender if to is None else to
     wantFull = action == "failed" and (envelope.ret or "").upper() == "FULL"
-    original = _readOriginal(Path(messagePath), wantFull, maxOriginal, queueID)
+    if envelope.requireTLS:
+        # The sender wanted the message to travel only over verified TLS; the report may
+        # not (it goes to the sender's domain as any mail): nothing of it is returned.
+        original = _Original(None, b"", "The message was sent with REQUIRETLS, so none of it "
+                                         "is returned in this report.")
+    else:
+        original = _readOriginal(Path(messagePath), wantFull, maxOriginal, queueID)
     text = _humanText(envelope, recipients, action, hostname, now, willRetryUntil, original)
     textBytes = text.encode("utf-8")
     status = _deliveryStatus(envelope, recipients, action, hostname, queueID, now, willRetryUntil)

@@ -33,6 +33,7 @@ __all__ = ["Notifier"]
 _KINDS = {
     "failed": "non-delivery notification",
     "delayed": "delay notification",
+    "delivered": "delivery status notification",
     "relayed": "delivery status notification",
 }
 

@@ -93,7 +93,7 @@ class Transition:
 class Notice:
     """A notification owed, to be committed before the envelope is recorded.
 
-    @ivar action: C{failed}, C{delayed} or C{relayed} (RFC 3464).
+    @ivar action: C{failed}, C{delayed}, C{delivered} or C{relayed} (RFC 3464).
     @ivar recipients: the recipients it reports on.
     @ivar to: whom it goes to.
     @ivar postmaster: a notice to the postmaster about a failed bounce.
@@ -224,16 +224,19 @@ def decide(
     )
     discarded = None
     if envelope.sender:
-        delivered = [
-            o.recipient
+        succeeded = [
+            o
             for o in outcomes
             # A next hop that took the DSN request sends the success notice, not us.
-            if o.result.status is DeliveryStatus.DELIVERED and not o.result.dsnRelayed
+            if o.result.status is DeliveryStatus.DELIVERED
+            and not o.result.dsnRelayed
+            and wants(o.recipient, "SUCCESS")
         ]
         owed = (
             ("failed", [r for r in failed if wants(r, "FAILURE")]),
             ("delayed", [r for r in pending if wants(r, "DELAY")] if warnNow else []),
-            ("relayed", [r for r in delivered if wants(r, "SUCCESS")]),
+            ("delivered", [o.recipient for o in succeeded if o.result.final]),
+            ("relayed", [o.recipient for o in succeeded if not o.result.final]),
         )
         notices = tuple(
             Notice(action, tuple(recipients), envelope.sender)

@@ -3,7 +3,7 @@
 L{ClientSession} is a state machine.  It takes the bytes the server sent and the driver's
 notices (connection made, TLS handshake done, body sent, timer expired, connection lost) and
 returns a list of events: bytes to write (L{Write}), timer changes (L{SetTimer}), requests
-(L{StartTLS}, L{SendBody}, L{Close}) and outcomes (L{Ready}, L{ConnectFailed},
+(L{StartTLS}, L{SendBody}, L{StopBody}, L{Close}) and outcomes (L{Ready}, L{ConnectFailed},
 L{TransactionDone}).  It never touches a socket, a clock or the disk.  Its pure helpers
 (strict reply parsing, chunk-wise dot-stuffing) are in L{mailrelay.smtp.wire}, its settings in
 L{mailrelay.smtp.clientsettings}, its errors in L{mailrelay.smtp.errors}.
@@ -20,6 +20,14 @@ Choices worth knowing (see also L{mailrelay.delivery.connection.SMTPConnection.s
   - With PIPELINING, MAIL, every RCPT and DATA go out in one write (RFC 2920).  If DATA is
     answered 354 although no recipient was accepted, the client does not send the RFC 2920
     "empty message" (a lone "."): it aborts the connection, which cannot deliver anything.
+  - CHUNKING (RFC 3030): when the server offers it, the message goes in BDAT chunks instead
+    of DATA (no dot-stuffing), once the RCPT replies show a recipient accepted (MAIL and the
+    RCPTs still go in one write with PIPELINING).  With PIPELINING the chunks follow each
+    other without waiting for their replies; without, the whole message is one chunk.  A
+    chunk refused (4xx/5xx) ends the transaction with that reply: no further chunk is sent,
+    the replies still due are read, and the next transaction starts with RSET.  BINARYMIME
+    content (C{BODY=BINARYMIME}) goes only to a server offering CHUNKING and BINARYMIME
+    (converting it for others is the caller's: L{mailrelay.delivery.mime}).
   - STARTTLS: bytes the server sends after its 220 reply, before the handshake, abort the
     connection (response injection, CVE-2011-0411).  After the handshake the earlier EHLO
     extensions are forgotten and EHLO is sent again.  With C{tls="may"} a server that does not
@@ -27,6 +35,10 @@ Choices worth knowing (see also L{mailrelay.delivery.connection.SMTPConnection.s
     (L{SMTPConnectError} 4.7.5, transient) and is not retried in plaintext here.
   - Credentials are never sent on a connection without TLS unless
     L{ClientSettings.authWithoutTLS} is set.
+  - REQUIRETLS (RFC 8689): a message whose envelope says C{requireTLS} goes only over TLS
+    with a verified certificate to a server offering REQUIRETLS (MAIL then carries the
+    REQUIRETLS parameter); otherwise it is refused at once, permanently, with 5.7.30 (the
+    caller chooses the verified TLS policy and the next hops: L{mailrelay.delivery}).
 """
 
 from __future__ import annotations
@@ -92,7 +104,21 @@ class ConnectFailed:
 class SendBody:
     """DATA was accepted: stream the message body (L{DotStuffer}), write the terminator, then
     call L{ClientSession.bodySent} (or L{ClientSession.bodyFailed}).  Restart the timer with
-    the same delay after each write."""
+    the same delay after each write.
+
+    With C{bdat}: the recipients are accepted and the server offers CHUNKING: stream the body
+    in BDAT chunks (L{BDATFramer <mailrelay.smtp.wire.BDATFramer>} with C{pipelined} and
+    C{checkLineEnds}) and call L{ClientSession.chunkSent} for each chunk written whole
+    (instead of C{bodySent}), until the last or a L{StopBody}."""
+
+    bdat: bool = False
+    pipelined: bool = False
+    checkLineEnds: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class StopBody:
+    """Stop sending the body (a BDAT chunk was refused); the transaction's end follows."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +143,7 @@ _IDLE, _RSET, _TRANSACTION, _BODY, _QUIT, _CLOSED = (
     "idle", "rset", "transaction", "body", "quit", "closed")
 _CONNECTING = frozenset({_GREETING, _EHLO, _HELO, _STARTTLS, _HANDSHAKE, _AUTH, _AUTH_USER,
                          _AUTH_PASS})
-_MAIL, _RCPT, _DATA, _DOT = "mail", "rcpt", "data", "dot"
+_MAIL, _RCPT, _DATA, _DOT, _BDAT = "mail", "rcpt", "data", "dot", "bdat"
 
 #: step -> (ClientTimeouts field, "while ..." text)
 _STEPS = {
@@ -136,6 +162,7 @@ _STEPS = {
     _DATA: ("dataInit", "sending DATA"),
     _BODY: ("dataBlock", "sending the message body"),
     _DOT: ("dataDone", "sending end of data -- message may be sent more than once"),
+    _BDAT: ("dataBlock", "sending BDAT"),
     _QUIT: ("quit", "sending QUIT"),
     _CLOSED: ("quit", "closed"),
 }
@@ -150,6 +177,8 @@ class _Transaction:
     accepted: list[int] = field(default_factory=list)
     pipelined: bool = False
     mailOK: bool = False
+    chunking: bool = False
+    chunkRefused: bool = False
 
 
 class ClientSession:
@@ -184,6 +213,12 @@ class ClientSession:
     @property
     def closed(self) -> bool:
         return self.state == _CLOSED
+
+    @property
+    def verifiedTLS(self) -> bool:
+        """The connection is TLS with the server's certificate verified (C{tls="required"}
+        or C{"implicit"}): what REQUIRETLS (RFC 8689) needs."""
+        return self.tls and self.settings.tls in ("required", "implicit")
 
     @property
     def step(self) -> str:
@@ -265,6 +300,16 @@ class ClientSession:
         elif envelope.smtputf8 and "SMTPUTF8" not in self.extensions:
             refusal = ("5.6.7", f"X-mailrelay; the message needs SMTPUTF8, which {self.host} "
                                 "does not support")
+        elif envelope.body == "BINARYMIME" and not self._binaryOK():
+            refusal = ("5.6.3", f"X-mailrelay; the message is binary (BINARYMIME), which "
+                                f"{self.host} does not support")
+        elif envelope.requireTLS and not self.verifiedTLS:
+            refusal = ("5.7.30", f"X-mailrelay; the message requires TLS (REQUIRETLS), but the "
+                                 f"connection to {self.host} is not TLS with a verified "
+                                 "certificate")
+        elif envelope.requireTLS and "REQUIRETLS" not in self.extensions:
+            refusal = ("5.7.30", f"X-mailrelay; REQUIRETLS support required, but {self.host} "
+                                 "does not offer REQUIRETLS")
         if refusal is not None:
             self._out.append(TransactionDone(
                 [self._result(r, DeliveryStatus.PERMANENT, *refusal) for r in recipients]))
@@ -281,13 +326,29 @@ class ClientSession:
         """The whole body and the terminating line have been written."""
         self._out = []
         t = self._transaction
-        if self.state != _BODY or t is None:
-            return self._out
+        if self.state == _BODY and t is not None and not t.chunking:
+            self._awaitEnd(t)
+        return self._out
+
+    def chunkSent(self, last: bool) -> list[object]:
+        """One whole BDAT chunk (command and data) has been written; C{last}: it was the
+        C{LAST} one."""
+        self._out = []
+        t = self._transaction
+        if self.state == _BODY and t is not None and t.chunking:
+            if last:
+                self._awaitEnd(t)
+            else:
+                self._expect.append((_BDAT, 0))
+        return self._out
+
+    def _awaitEnd(self, t: _Transaction) -> None:
+        """The whole message is sent: wait for the reply to its end (LMTP: one per recipient
+        accepted)."""
         self.state = _TRANSACTION
         count = len(t.accepted) if self.settings.lmtp else 1
         self._expect.extend((_DOT, k) for k in range(count))
         self._armTimer()
-        return self._out
 
     def bodyFailed(self, code: str, diagnostic: str) -> list[object]:
         """The body could not be sent (unreadable or corrupt file): abort the transaction."""
@@ -373,11 +434,13 @@ class ClientSession:
     def _result(self, recipient: Recipient, status: DeliveryStatus, code: str,
                 diagnostic: str) -> RecipientResult:
         # NOTIFY went with the RCPT when the peer offers DSN: a success notice is then the
-        # peer's to send (RFC 3461 5.2.2), not ours.
-        relayed = (status is DeliveryStatus.DELIVERED and recipient.notify is not None
-                   and "DSN" in self.extensions)
+        # peer's to send (RFC 3461 5.2.2), not ours.  An LMTP server is the mailbox: what it
+        # accepts is delivered, not relayed.
+        delivered = status is DeliveryStatus.DELIVERED
+        relayed = delivered and recipient.notify is not None and "DSN" in self.extensions
         return RecipientResult(recipient.address, status, code, diagnostic[:MAX_DIAGNOSTIC],
-                               self.remoteMTA, dsnRelayed=relayed)
+                               self.remoteMTA, dsnRelayed=relayed,
+                               final=delivered and self.settings.lmtp)
 
     def _fromReply(self, recipient: Recipient, reply: Reply) -> RecipientResult:
         status, code = statusOf(reply)
@@ -563,6 +626,10 @@ class ClientSession:
             params.append(f"SIZE={t.size}")
         if envelope.body == "8BITMIME" and "8BITMIME" in ext:
             params.append("BODY=8BITMIME")
+        elif envelope.body == "BINARYMIME" and self._binaryOK():
+            params.append("BODY=BINARYMIME")
+        if envelope.requireTLS:
+            params.append("REQUIRETLS")
         if envelope.smtputf8:
             params.append("SMTPUTF8")
         if "DSN" in ext:
@@ -586,15 +653,18 @@ class ClientSession:
         t = self._transaction
         assert t is not None
         t.pipelined = "PIPELINING" in self.extensions
+        t.chunking = "CHUNKING" in self.extensions
         self.state = _TRANSACTION
         if t.pipelined:
             commands = [self._mailCommand(t)]
             commands += [self._rcptCommand(t, r) for r in t.recipients]
-            commands.append(b"DATA\r\n")
+            if not t.chunking:
+                commands.append(b"DATA\r\n")
             self._write(b"".join(commands))
             self._expect.append((_MAIL, 0))
             self._expect.extend((_RCPT, i) for i in range(len(t.recipients)))
-            self._expect.append((_DATA, 0))
+            if not t.chunking:
+                self._expect.append((_DATA, 0))
         else:
             self._write(self._mailCommand(t))
             self._expect.append((_MAIL, 0))
@@ -654,16 +724,22 @@ class ClientSession:
                 t.accepted.append(index)
             else:
                 t.results[index] = self._fromReply(t.recipients[index], reply)
-        if t.pipelined:
-            return
+        if t.pipelined and not t.chunking:
+            return  # DATA's reply decides
         if index + 1 < len(t.recipients):
-            self._write(self._rcptCommand(t, t.recipients[index + 1]))
-            self._expect.append((_RCPT, index + 1))
+            if not t.pipelined:
+                self._write(self._rcptCommand(t, t.recipients[index + 1]))
+                self._expect.append((_RCPT, index + 1))
+        elif t.accepted and t.chunking:
+            self.state = _BODY
+            self._armTimer()
+            self._out.append(SendBody(bdat=True, pipelined=t.pipelined,
+                                      checkLineEnds=t.envelope.body != "BINARYMIME"))
         elif t.accepted:
             self._write(b"DATA\r\n")
             self._expect.append((_DATA, 0))
         else:
-            self._needRset = True
+            self._needRset = t.mailOK
             self._finish()
 
     def _on_data(self, t: _Transaction, reply: Reply, _index: int) -> None:
@@ -686,9 +762,12 @@ class ClientSession:
             self._unexpected("DATA", reply)
 
     def _reply_body(self, reply: Reply) -> None:
-        # The server answered before the end of the message: it refuses it.
         t = self._transaction
         assert t is not None
+        if t.chunking:  # the reply to a BDAT chunk sent
+            self._reply_transaction(reply)
+            return
+        # The server answered before the end of the message: it refuses it.
         if reply.code // 100 in (4, 5):
             for i in t.accepted:
                 t.results[i] = self._fromReply(t.recipients[i], reply)
@@ -696,9 +775,35 @@ class ClientSession:
         else:
             self._unexpected("the message body", reply)
 
+    def _on_bdat(self, t: _Transaction, reply: Reply, _index: int) -> None:
+        """The reply to a BDAT chunk other than the last."""
+        cls = reply.code // 100
+        if cls not in (2, 4, 5):
+            self._unexpected("BDAT", reply)
+            return
+        if cls != 2 and not t.chunkRefused:
+            # The first refusal is the transaction's answer (RFC 3030 section 4.2): no more
+            # chunks; the replies still due are read, then RSET starts the next one.
+            t.chunkRefused = True
+            for i in t.accepted:
+                t.results[i] = self._fromReply(t.recipients[i], reply)
+            if self.state == _BODY:
+                self.state = _TRANSACTION
+                self._out.append(StopBody())
+        self._chunksDone(t)
+
+    def _chunksDone(self, t: _Transaction) -> None:
+        """After a chunk was refused: end the transaction once no reply is due."""
+        if t.chunkRefused and not self._expect and self.state == _TRANSACTION:
+            self._needRset = True
+            self._finish()
+
     def _on_dot(self, t: _Transaction, reply: Reply, index: int) -> None:
         if reply.code // 100 not in (2, 4, 5):
             self._unexpected("end of data", reply)
+            return
+        if t.chunkRefused:  # an earlier chunk was refused: its reply stands
+            self._chunksDone(t)
             return
         targets = [t.accepted[index]] if self.settings.lmtp else t.accepted
         for i in targets:
@@ -706,6 +811,10 @@ class ClientSession:
         if not self._expect:
             self._needRset = False
             self._finish()
+
+    def _binaryOK(self) -> bool:
+        """Whether BINARYMIME content may go to this server (RFC 3030: with BDAT only)."""
+        return "BINARYMIME" in self.extensions and "CHUNKING" in self.extensions
 
     def _failPending(self, code: str, diagnostic: str) -> None:
         t = self._transaction

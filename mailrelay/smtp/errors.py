@@ -1,6 +1,7 @@
 """The errors of the SMTP engines: L{SMTPConnectError} (setting a client connection up
-failed), L{ProtocolError} (the server broke the protocol) and L{BareNewlineError} (message
-content that cannot be sent as it is)."""
+failed), L{ProtocolError} (the server broke the protocol), L{BareNewlineError} (message
+content that cannot be sent as it is) and L{SizeMismatchError} (a message file of another size
+than announced in BDAT)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,8 @@ class ProtocolError(Exception):
 
 class BareNewlineError(Exception):
     """The message content holds a CR not followed by LF, or an LF not preceded by CR."""
+
+
+class SizeMismatchError(Exception):
+    """The message content is not as long as announced (a BDAT chunk size, RFC 3030): the
+    message file changed while it was sent."""

@@ -1,10 +1,11 @@
 """The SMTP wire format, pure: reply parsing (L{ReplyParser}), dot-stuffing
-(L{DotStuffer}), diagnostics (L{replyDiagnostic}, L{statusOf}), EHLO keywords
-(L{parseExtensions}, L{asciiName}), the DSN ORCPT parameter (L{orcptValue}), and
-L{setNoDelay}, which the Twisted adapters of both sides call on their transport (it only
-looks for a C{setTcpNoDelay} method, so it needs no I/O library here), L{describeTLS}, their
-words for a TLS connection (asked of its object, so it needs no TLS library either), and
-L{formatDate}, the RFC 5322 date of C{Date:}, C{Received:} and the DSN fields."""
+(L{DotStuffer}), BDAT chunks (L{BDATFramer}, L{LineEndChecker}), diagnostics
+(L{replyDiagnostic}, L{statusOf}), EHLO keywords (L{parseExtensions}, L{asciiName}), the
+DSN ORCPT parameter (L{orcptValue}), and L{setNoDelay}, which the Twisted adapters of both
+sides call on their transport (it only looks for a C{setTcpNoDelay} method, so it needs no
+I/O library here), L{describeTLS}, their words for a TLS connection (asked of its object, so
+it needs no TLS library either), and L{formatDate}, the RFC 5322 date of C{Date:},
+C{Received:} and the DSN fields."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 from mailrelay.address import utf8AddrXtext, xtextEncode
 from mailrelay.envelope import Recipient
 from mailrelay.interfaces import DeliveryStatus
-from mailrelay.smtp.errors import BareNewlineError, ProtocolError
+from mailrelay.smtp.errors import BareNewlineError, ProtocolError, SizeMismatchError
 from mailrelay.smtp.replies import Reply
 
 
@@ -160,6 +161,90 @@ def describeTLS(connection: Any) -> str | None:
     if not version or not cipher:
         return None
     return f"{version} {cipher}"
+
+
+class LineEndChecker:
+    """Checks message content, fed in chunks of any size, for a bare CR or LF (what
+    L{DotStuffer} refuses), without changing it: for BDAT, which sends content as it is."""
+
+    def __init__(self) -> None:
+        self._cr = False
+
+    def feed(self, chunk: bytes) -> None:
+        """Check one chunk.  @raise BareNewlineError: a bare CR or LF."""
+        if not chunk:
+            return
+        if self._cr:
+            if not chunk.startswith(b"\n"):
+                raise BareNewlineError()
+            chunk = chunk[1:]
+        self._cr = chunk.endswith(b"\r")
+        if self._cr:
+            chunk = chunk[:-1]
+        lf = chunk.count(b"\n")
+        if chunk.count(b"\r") != lf or chunk.count(b"\r\n") != lf:
+            raise BareNewlineError()
+
+    def finish(self) -> None:
+        """The content ended.  @raise BareNewlineError: it ended in a bare CR."""
+        if self._cr:
+            raise BareNewlineError()
+
+
+class BDATFramer:
+    """Turns message content of a known C{size}, fed in chunks, into BDAT commands and their
+    data (RFC 3030): no dot-stuffing, no terminator; the last chunk's command says C{LAST}.
+
+    With C{pipelined} (the server offers PIPELINING), each chunk fed becomes one command,
+    C{BDAT <length>}, written with its data at once, and the commands follow each other
+    without waiting for replies.  Without, the whole content is one chunk, C{BDAT <size>
+    LAST}, its command written before the first data: one reply, after all of it.
+
+    C{feed} and C{finish} return the bytes to write and, for each chunk those bytes complete,
+    whether it was the last (the server answers each chunk once it has it all).  Content of
+    no octets is C{BDAT 0 LAST}.  With C{checkLineEnds} (all but BINARYMIME content), a bare
+    CR or LF raises L{BareNewlineError}, as L{DotStuffer} does.
+    """
+
+    def __init__(self, size: int, *, pipelined: bool, checkLineEnds: bool = True) -> None:
+        if size < 0:
+            raise ValueError(f"bad size {size}")
+        self.size = size
+        self.pipelined = pipelined
+        self.sent = 0
+        self._checker = LineEndChecker() if checkLineEnds else None
+        self._started = False
+
+    def feed(self, chunk: bytes) -> tuple[bytes, list[bool]]:
+        """Frame one chunk.  @raise SizeMismatchError: more content than C{size}.
+        @raise BareNewlineError: see the class docstring."""
+        if not chunk:
+            return b"", []
+        if self.sent + len(chunk) > self.size:
+            raise SizeMismatchError(f"more than the {self.size} octets announced")
+        if self._checker is not None:
+            self._checker.feed(chunk)
+        self.sent += len(chunk)
+        last = self.sent == self.size
+        if self.pipelined:
+            head = f"BDAT {len(chunk)}{' LAST' if last else ''}\r\n".encode("ascii")
+            return head + chunk, [last]
+        head = b"" if self._started else f"BDAT {self.size} LAST\r\n".encode("ascii")
+        self._started = True
+        return head + chunk, [True] if last else []
+
+    def finish(self) -> tuple[bytes, list[bool]]:
+        """The content ended: what is left to write (C{BDAT 0 LAST} for no content).
+        @raise SizeMismatchError: less content than C{size}.
+        @raise BareNewlineError: it ended in a bare CR."""
+        if self._checker is not None:
+            self._checker.finish()
+        if self.sent != self.size:
+            raise SizeMismatchError(f"{self.sent} octets instead of the {self.size} announced")
+        if self.size == 0 and not self._started:
+            self._started = True
+            return b"BDAT 0 LAST\r\n", [True]
+        return b"", []
 
 
 def setNoDelay(transport: Any) -> None:

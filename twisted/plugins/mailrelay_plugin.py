@@ -66,6 +66,8 @@ smtpBackend = _builtinBackend("smtp", "delivers over SMTP to a domain's MX hosts
 lmtpBackend = _builtinBackend("lmtp", "hands messages to a mail store over LMTP (TCP or UNIX)")
 maildirBackend = _builtinBackend("maildir", "writes each recipient's copy into a Maildir")
 discardBackend = _builtinBackend("discard", "counts every recipient as delivered, sends nothing")
+# Not built from [delivery]: a [[backends]] table names it, with the command to run.
+pipeBackend = _builtinBackend("pipe", "runs a command with the message on its standard input")
 
 __all__ = [
     "mailrelay",
@@ -77,4 +79,5 @@ __all__ = [
     "lmtpBackend",
     "maildirBackend",
     "discardBackend",
+    "pipeBackend",
 ]

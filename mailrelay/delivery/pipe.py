@@ -1,0 +1,460 @@
+"""The C{pipe} backend: hands each message to a command on its standard input, as Postfix's
+pipe(8) does (procmail, a mailing-list manager, a script of the site's).
+
+It is a C{[[backends]]} table with C{plugin = "pipe"}; routes name the table's C{name}::
+
+    [[backends]]
+    name = "procmail"
+    plugin = "pipe"
+    command = ["/usr/bin/procmail", "-a", "{domain}", "-d", "{recipient}"]
+    user = "mail"                  # required when the relay runs as root; never root
+    per = "recipient"              # one run per recipient (default), or "message"
+    time_limit = 300               # seconds a run may take, then it is killed (deferred)
+
+  - The command is an argument vector, never a shell line: its first item is an absolute
+    path, and each later item may hold C{{sender}}, C{{recipient}}, C{{domain}} (the
+    recipient's), C{{queue_id}} and C{{nexthop}} (the route's), each expanded into that one
+    item whatever it holds (C{{{}} and C{}}} are literal braces).  With C{per = "message"},
+    one run takes every recipient of the delivery: an item holding C{{recipient}} or
+    C{{domain}} is repeated once per recipient.  The null sender is C{null_sender}
+    (C{"MAILER-DAEMON"}, as Postfix).  An address starting with C{-} (an option to most
+    commands) is refused (5.1.3), as Postfix does by default.
+  - The message goes to the command's standard input with LF line ends (as Postfix writes
+    it), exactly as spooled otherwise.  Its standard output and error are read together;
+    the first L{OUTPUT_LIMIT} characters (made printable, on one line) go into the
+    diagnostic of a failure, and so into the bounce and the log.
+  - The exit status says what happened, by sysexits(3), as Postfix maps it: 0 delivered;
+    C{EX_TEMPFAIL} (75) and C{EX_OSERR} (71) deferred (4.3.0); the others returned (5.x.x:
+    C{EX_NOUSER} 5.1.1, C{EX_NOHOST} 5.1.2, C{EX_DATAERR} 5.6.0, C{EX_NOPERM} 5.7.0,
+    C{EX_CONFIG} 5.3.5, ...; any other status 5.3.0).  A command killed by a signal, or by
+    the time limit, is deferred; one that cannot be started is deferred with 4.3.5 (the
+    system's configuration: fix it, and the mail goes at the next attempt).
+  - The command runs as C{user} (its uid, gid and groups; C{HOME}, C{USER}, C{LOGNAME} and a
+    plain C{PATH} in its environment, nothing else of the relay's), in C{/}, at most
+    C{concurrency} runs at once.  A delivery the queue gives up on (the table's C{timeout},
+    or the relay stopping) kills its runs.
+
+A success is a delivery, not a relay: a notice the sender asked for says C{delivered}.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.protocols.basic import FileSender
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailrelay.config.schema import At, Key, Source, Table
+from mailrelay.config.values import choice, integer, seconds, string
+from mailrelay.delivery.common import resultsForAll
+from mailrelay.errors import ConfigError, describeValue
+from mailrelay.interfaces import (
+    DeliveryStatus,
+    IDeliveryBackend,
+    PluginContext,
+    RecipientResult,
+    Route,
+)
+
+log = Logger()
+
+__all__ = ["OUTPUT_LIMIT", "SYSEXITS", "PipeBackend", "PipeSettings", "build"]
+
+#: Characters of the command's output kept for the diagnostic.
+OUTPUT_LIMIT = 500
+#: Octets of output read at most (the rest is read and dropped).
+_READ_LIMIT = 8192
+
+#: sysexits(3) -> (status, meaning), as Postfix's sys_exits table.
+SYSEXITS: dict[int, tuple[str, str]] = {
+    64: ("5.3.0", "command line usage error"),
+    65: ("5.6.0", "data format error"),
+    66: ("5.3.0", "cannot open input"),
+    67: ("5.1.1", "user unknown"),
+    68: ("5.1.2", "host name unknown"),
+    69: ("5.3.0", "service unavailable"),
+    70: ("5.3.0", "internal software error"),
+    71: ("4.3.0", "system resource problem"),
+    72: ("5.3.0", "critical OS file missing"),
+    73: ("5.2.0", "can't create user output file"),
+    74: ("5.3.0", "input/output error"),
+    75: ("4.3.0", "temporary failure"),
+    76: ("5.5.0", "remote error in protocol"),
+    77: ("5.7.0", "permission denied"),
+    78: ("5.3.5", "local configuration error"),
+}
+
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([a-z_]*)\}|[{}]")
+_PER_MESSAGE = ("sender", "queue_id", "nexthop")
+_PER_RECIPIENT = ("recipient", "domain")
+_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+@dataclass(frozen=True)
+class PipeSettings:
+    """The C{pipe} plugin's options, checked (see the module docstring).
+
+    @ivar command: the argument vector, with its placeholders.
+    @ivar per: C{"recipient"} or C{"message"}.
+    @ivar user: the user to run as, or C{None} (the relay's own, when it is not root).
+    @ivar timeLimit: seconds a run may take.
+    @ivar concurrency: the most runs at once.
+    @ivar nullSender: what C{{sender}} is for the null sender.
+    """
+
+    command: tuple[str, ...]
+    per: str = "recipient"
+    user: str | None = None
+    timeLimit: float = 300.0
+    concurrency: int = 10
+    nullSender: str = "MAILER-DAEMON"
+
+
+def _command(value: Any, at: At) -> tuple[str, ...]:
+    """An argument vector: a non-empty list of strings, the first an absolute path to an
+    executable file, the others with known placeholders only."""
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise at.error(
+            "must be a non-empty list of strings (the command and its arguments), not "
+            + describeValue(value)
+        )
+    if any("\0" in v for v in value):
+        raise at.error("must not hold a NUL character")
+    program = value[0]
+    if not os.path.isabs(program) or "{" in program or "}" in program:
+        raise at.error(
+            f"the command must be an absolute path, without placeholders: {describeValue(program)}"
+        )
+    if not _executable(program):
+        raise at.error(f"{describeValue(program)} is not an executable file")
+    for item in value[1:]:
+        for m in _PLACEHOLDER.finditer(item):
+            name = m.group(1)
+            if m.group(0) in ("{{", "}}"):
+                continue
+            if name is None or name not in _PER_MESSAGE + _PER_RECIPIENT:
+                raise at.error(
+                    f"unknown placeholder {describeValue(m.group(0))} in {describeValue(item)}; "
+                    "the placeholders are "
+                    + ", ".join("{" + n + "}" for n in ("sender", "recipient", "domain",
+                                                        "queue_id", "nexthop"))
+                    + " (write {{ and }} for literal braces)"
+                )
+    return tuple(value)
+
+
+def _executable(path: str) -> bool:
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+def _user(value: Any, at: At) -> str:
+    return string(value, at)
+
+
+OPTIONS = Table(
+    (
+        Key("command", _command, "The command and its arguments, with placeholders.",
+            required="is required: the command to run, as a list of its arguments"),
+        Key("per", choice("recipient", "message"), "One run per recipient, or per message."),
+        Key("user", _user, "The user the command runs as."),
+        Key("time_limit", seconds, "Seconds a run may take before it is killed."),
+        Key("concurrency", integer(1, 1000), "The most runs at once."),
+        Key("null_sender", string, "What {sender} is for the null sender."),
+    ),
+    target=PipeSettings,
+)
+
+
+@dataclass(frozen=True)
+class _Account:
+    uid: int | None
+    gid: int | None
+    name: str
+    home: str
+
+
+def _account(user: str | None) -> _Account:
+    """Whom the command runs as.
+
+    @raise ConfigError: no such user; root; no user while the relay runs as root; another
+        user while it does not (it could not switch).
+    """
+    root = os.geteuid() == 0
+    if user is None:
+        if root:
+            raise ConfigError(
+                "is required when the relay runs as root: the user the command runs as "
+                "(never root)", key="user")
+        entry = pwd.getpwuid(os.geteuid())
+        return _Account(None, None, entry.pw_name, entry.pw_dir)
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except (KeyError, OverflowError):
+        raise ConfigError(f"no such user {describeValue(user)}", key="user") from None
+    if entry.pw_uid == 0:
+        raise ConfigError(f"{describeValue(user)} is root; commands never run as root",
+                          key="user")
+    if not root and entry.pw_uid != os.geteuid():
+        raise ConfigError(
+            f"{describeValue(user)}: the relay does not run as root, so commands run as its own "
+            f"user ({pwd.getpwuid(os.geteuid()).pw_name}) only", key="user")
+    return _Account(entry.pw_uid if root else None, entry.pw_gid if root else None,
+                    entry.pw_name, entry.pw_dir)
+
+
+def _expand(command: Sequence[str], values: dict[str, str],
+            recipients: Sequence[dict[str, str]]) -> list[str]:
+    """The argument vector for one run: C{values} fill the per-message placeholders, and an
+    item holding a per-recipient one is repeated for each of C{recipients}."""
+    def fill(item: str, table: dict[str, str]) -> str:
+        def one(m: re.Match[str]) -> str:
+            text = m.group(0)
+            if text in ("{{", "}}"):
+                return text[0]
+            return table[m.group(1)]
+
+        return _PLACEHOLDER.sub(one, item)
+
+    argv = [command[0]]
+    for item in command[1:]:
+        names = {m.group(1) for m in _PLACEHOLDER.finditer(item)}
+        if names & set(_PER_RECIPIENT):
+            argv.extend(fill(item, {**values, **r}) for r in recipients)
+        else:
+            argv.append(fill(item, values))
+    return argv
+
+
+def _printable(data: bytes) -> str:
+    text = data.decode("utf-8", "replace")
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    text = text.encode("ascii", "replace").decode("ascii")
+    return text if len(text) <= OUTPUT_LIMIT else text[: OUTPUT_LIMIT - 3] + "..."
+
+
+class _LineEnds:
+    """CRLF to LF, across chunks (a chunk may end between CR and LF)."""
+
+    def __init__(self) -> None:
+        self.carry = b""
+
+    def __call__(self, chunk: bytes) -> bytes:
+        chunk = self.carry + chunk
+        self.carry = b""
+        if chunk.endswith(b"\r"):
+            chunk, self.carry = chunk[:-1], b"\r"
+        return chunk.replace(b"\r\n", b"\n")
+
+
+class _Run(ProcessProtocol):
+    """One run of the command: feeds it the message, reads its output, waits for its end."""
+
+    def __init__(self, reactor: Any, file: BinaryIO, timeLimit: float,
+                 onExit: Any = None) -> None:
+        self.reactor = reactor
+        self.onExit = onExit
+        self.file = file
+        self.timeLimit = timeLimit
+        self.output = bytearray()
+        self.done: Deferred = Deferred(self._cancel)
+        self.timedOut = False
+        self.timer: Any = None
+        self.lineEnds = _LineEnds()
+
+    def connectionMade(self) -> None:
+        self.timer = self.reactor.callLater(self.timeLimit, self._timeUp)
+        sending = FileSender().beginFileTransfer(self.file, self.transport, self.lineEnds)
+
+        def sent(_: Any) -> None:
+            transport = self.transport
+            assert transport is not None
+            if self.lineEnds.carry:  # pragma: no cover - the spool has CRLF lines only
+                transport.write(self.lineEnds.carry)
+            transport.closeStdin()
+
+        def stopped(_: Failure) -> None:
+            pass  # the command closed its input early: its exit status decides
+
+        sending.addCallbacks(sent, stopped)
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        room = _READ_LIMIT - len(self.output)
+        if room > 0:
+            self.output += data[:room]
+
+    def processEnded(self, reason: Failure) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.file.close()
+        if self.onExit is not None:
+            self.onExit(self)
+        if not self.done.called:
+            self.done.callback(reason.value)
+
+    def _kill(self) -> None:
+        if self.transport is None:  # pragma: no cover - not started
+            return
+        try:
+            self.transport.signalProcess("KILL")
+        except (ProcessExitedAlready, OSError):
+            pass
+
+    def _timeUp(self) -> None:
+        self.timedOut = True
+        self._kill()
+
+    def _cancel(self, _: Deferred) -> None:
+        self._kill()
+
+
+@implementer(IDeliveryBackend)
+class PipeBackend:
+    """Delivers by running a command (see the module docstring)."""
+
+    def __init__(self, reactor: Any, settings: PipeSettings, account: _Account) -> None:
+        self.reactor = reactor
+        self.settings = settings
+        self.account = account
+        self._semaphore = DeferredSemaphore(settings.concurrency)
+        self._runs: set[Deferred] = set()
+        #: the commands running now (until their process ends, also when cancelled)
+        self.running: set[_Run] = set()
+
+    def deliver(self, envelope: Any, recipients: Any, route: Route,
+                messagePath: Path) -> Deferred:
+        """Run the command for C{recipients} (once each, or once for all); the Deferred never
+        fails, and cancelling it kills the runs."""
+        recipients = list(recipients)
+        results: list[RecipientResult | None] = [None] * len(recipients)
+        good: list[int] = []
+        for index, r in enumerate(recipients):
+            bad = next((a for a in (envelope.sender, r.address) if a.startswith("-")), None)
+            if bad is not None:
+                results[index] = RecipientResult(
+                    r.address, DeliveryStatus.PERMANENT, "5.1.3",
+                    f"X-mailrelay; the address <{bad}> starts with '-', which commands "
+                    "would take for an option")
+            else:
+                good.append(index)
+        groups = [[i] for i in good] if self.settings.per == "recipient" else [good] if good \
+            else []
+        runs = [self._semaphore.run(self._run, envelope, [recipients[i] for i in group], route,
+                                    messagePath) for group in groups]
+        for d in runs:
+            self._runs.add(d)
+            d.addBoth(self._forget, d)
+        everything = defer.gatherResults(runs, consumeErrors=True)
+        everything.addErrback(lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
+
+        def collect(perGroup: list[list[RecipientResult]]) -> list[RecipientResult]:
+            for group, groupResults in zip(groups, perGroup, strict=True):
+                for index, result in zip(group, groupResults, strict=True):
+                    results[index] = result
+            return results  # type: ignore[return-value]
+
+        def cancel(_: Deferred) -> None:
+            for d in runs:
+                d.cancel()
+
+        outer: Deferred = Deferred(cancel)
+        everything.addCallback(collect)
+        everything.chainDeferred(outer)
+        return outer
+
+    def _forget(self, result: Any, d: Deferred) -> Any:
+        self._runs.discard(d)
+        return result
+
+    @defer.inlineCallbacks
+    def _run(self, envelope: Any, recipients: list, route: Route, messagePath: Path) -> Any:
+        settings, account = self.settings, self.account
+        values = {
+            "sender": envelope.sender or settings.nullSender,
+            "queue_id": envelope.queueID or "",
+            "nexthop": route.nexthop,
+        }
+        argv = _expand(settings.command, values,
+                       [{"recipient": r.address, "domain": r.domain} for r in recipients])
+        name = route.backend
+        try:
+            file = open(messagePath, "rb")
+        except OSError as e:
+            return resultsForAll(recipients, DeliveryStatus.TRANSIENT, "4.3.0",
+                                 f"X-mailrelay; cannot open the message file: {e.strerror or e}")
+        if not _executable(argv[0]):
+            file.close()
+            log.error("{queueID}: the {backend} backend cannot run {command}: not an executable "
+                      "file", queueID=envelope.queueID, backend=name, command=argv[0])
+            return resultsForAll(recipients, DeliveryStatus.TRANSIENT, "4.3.5",
+                                 f"X-mailrelay; cannot run {argv[0]}: not an executable file")
+        run = _Run(self.reactor, file, settings.timeLimit, self.running.discard)
+        env = {"PATH": _PATH, "HOME": account.home, "USER": account.name,
+               "LOGNAME": account.name, "LANG": "C"}
+        try:
+            self.reactor.spawnProcess(run, argv[0], argv, env=env, path="/", uid=account.uid,
+                                      gid=account.gid, usePTY=False,
+                                      childFDs={0: "w", 1: "r", 2: "r"})
+        except Exception as e:
+            file.close()
+            log.error("{queueID}: cannot run {command} for the {backend} backend: {error}",
+                      queueID=envelope.queueID, command=argv[0], backend=name, error=str(e))
+            return resultsForAll(recipients, DeliveryStatus.TRANSIENT, "4.3.5",
+                                 f"X-mailrelay; cannot run {argv[0]}: {e}")
+        self.running.add(run)
+        ended = yield run.done
+        return self._results(envelope, recipients, name, argv[0], run, ended)
+
+    def _results(self, envelope: Any, recipients: list, name: str, program: str, run: _Run,
+                 ended: Any) -> list[RecipientResult]:
+        output = _printable(bytes(run.output))
+        addresses = ", ".join(f"<{r.address}>" for r in recipients)
+        if isinstance(ended, ProcessDone):
+            log.info("{queueID}: {backend}: {command} took the message for {addresses}",
+                     queueID=envelope.queueID, backend=name, command=program,
+                     addresses=addresses)
+            return [RecipientResult(r.address, DeliveryStatus.DELIVERED, "2.0.0",
+                                    f"X-mailrelay; delivered via {name} service", final=True)
+                    for r in recipients]
+        status: int | None = getattr(ended, "exitCode", None)
+        signal: int | None = getattr(ended, "signal", None)
+        if run.timedOut:
+            code, why = "4.3.0", f"{program} killed: time limit of {run.timeLimit:g}s exceeded"
+        elif isinstance(ended, ProcessTerminated) and status is None:
+            code, why = "4.3.0", f"{program} died with signal {signal}"
+        else:
+            code, meaning = SYSEXITS.get(status or 0, ("5.3.0", "unknown status"))
+            why = f"{program} exited with status {status} ({meaning})"
+        diagnostic = f"x-unix; {why}" + (f": {output}" if output else "")
+        log.warn("{queueID}: {backend}: {why} for {addresses}{output}", queueID=envelope.queueID,
+                 backend=name, why=why, addresses=addresses,
+                 output=f": {output}" if output else "")
+        kind = DeliveryStatus.TRANSIENT if code.startswith("4.") else DeliveryStatus.PERMANENT
+        return resultsForAll(recipients, kind, code, diagnostic)
+
+    def close(self) -> Deferred:
+        """Nothing stays open between deliveries; runs still going are the queue's to cancel
+        (it does, when the relay stops)."""
+        return defer.succeed(None)
+
+
+def build(options: dict[str, Any], context: PluginContext) -> PipeBackend:
+    """The C{pipe} plugin's factory (a C{[[backends]]} table's options).
+
+    @raise ConfigError: a missing or bad option (named), an unknown user, root.
+    """
+    directory = Path(context.configDir)
+    at = At(Source(None, directory, directory))
+    settings = OPTIONS.read(options, at)
+    return PipeBackend(context.reactor, settings, _account(settings.user))

@@ -1,0 +1,108 @@
+"""End-to-end, delivery status notifications on the way out (RFC 3461/3464): the real
+C{twistd -n mailrelay} tells the sender of a success as asked (NOTIFY=SUCCESS), with the
+action that says where the message went: C{delivered} when it reached the mailbox (a maildir
+here), C{relayed} when the next hop does not offer DSN (see
+L{tests.test_e2e_outbound.test_relay_byte_exact_without_dsn}); and, when the next hop offers
+DSN, passes the request on and leaves the notice to it (Postfix as the next hop, which sends its
+own C{delivered} notice back through the relay)."""
+
+from __future__ import annotations
+
+import email
+import time
+from pathlib import Path
+
+from tests.postfixpeer import DOMAIN, HOSTNAME, postfix  # noqa: F401 - fixture
+from tests.test_e2e_outbound import (
+    bounceID,
+    config,
+    dns,  # noqa: F401 - the module's DNS server fixture
+    message,
+    parseReport,
+    relay,  # noqa: F401 - the relay fixture
+    submit,
+    waitEmpty,
+    waitRemoved,
+    waitResult,
+)
+
+
+def _maildir(tmp_path: Path, domain: str) -> dict:
+    template = str(tmp_path / "mail" / "{domain}" / "{local}" / "Maildir")
+    return {"domain": domain, "backend": "maildir", "nexthop": template}
+
+
+def _delivered(tmp_path: Path, domain: str, local: str) -> list[bytes]:
+    box = tmp_path / "mail" / domain / local / "Maildir" / "new"
+    return [p.read_bytes() for p in sorted(box.iterdir())] if box.exists() else []
+
+
+def test_success_to_a_mailbox_is_reported_delivered(relay, dns, tmp_path: Path) -> None:
+    routes = [_maildir(tmp_path, "maildir.test"), _maildir(tmp_path, "sender.test")]
+    r = relay(config(dns, routes=routes))
+    qid = submit(r, "alice@sender.test", ["bob@maildir.test", "carol@maildir.test"],
+                 message("success wanted"), mailOptions=("ENVID=env-9",),
+                 rcptOptions=("NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;Bob@Maildir.test"))
+    for rcpt in ("bob@maildir.test", "carol@maildir.test"):
+        assert waitResult(r, qid, rcpt)["status"] == "sent"
+    dsnID = bounceID(r, qid, "delivery status notification")
+    waitRemoved(r, dsnID)
+    waitEmpty(r)
+    (report,) = _delivered(tmp_path, "sender.test", "alice")
+    content = report.split(b"\n", 2)[2].replace(b"\n", b"\r\n")  # after Return-Path/Delivered-To
+    msg, perMessage, perRecipient, parts = parseReport(content)
+    assert msg["Subject"] == "Successful Mail Delivery Report"
+    assert perMessage["Original-Envelope-Id"] == "env-9"
+    assert [(b["Original-Recipient"], b["Final-Recipient"], b["Action"], b["Status"])
+            for b in perRecipient] == [
+        ("rfc822; Bob@Maildir.test", "rfc822; bob@maildir.test", "delivered", "2.0.0"),
+        ("rfc822; Bob@Maildir.test", "rfc822; carol@maildir.test", "delivered", "2.0.0"),
+    ]
+    text = " ".join(parts[0].get_payload().split())
+    assert "<bob@maildir.test>: X-mailrelay; delivered to maildir" not in text
+    assert "<bob@maildir.test>: delivered to maildir" in text
+    # The original's header section comes back (RET=HDRS is the default for successes).
+    assert parts[2].get_content_type() == "text/rfc822-headers"
+    assert email.message_from_string(parts[2].get_payload())["Subject"] == "success wanted"
+
+
+
+
+def test_postfix_next_hop_sends_its_own_delivered_notice(relay, dns, postfix,
+                                                         tmp_path: Path) -> None:
+    """Relay -> Postfix (which offers DSN) with NOTIFY=SUCCESS,DELAY: the request is passed
+    on, so the success notice the sender gets is Postfix's own (Reporting-MTA its name,
+    action delivered), relayed back through mailrelay; mailrelay sends none of its own."""
+    peer = postfix(start=False)
+    routes = [{"domain": DOMAIN, "backend": "smtp", "nexthop": f"[127.0.0.1]:{peer.port}"},
+              _maildir(tmp_path, "sender.test")]
+    r = relay(config(dns, routes=routes))
+    peer.postconf(f"relayhost=[127.0.0.1]:{r.port}")
+    peer.start()
+    qid = submit(r, "alice@sender.test", [f"bob@{DOMAIN}"], message("via postfix"),
+                 mailOptions=("RET=HDRS", "ENVID=env-pf"),
+                 rcptOptions=("NOTIFY=SUCCESS,DELAY",))
+    m = waitResult(r, qid, f"bob@{DOMAIN}")
+    assert m["status"] == "sent", m[0]
+    waitRemoved(r, qid)
+    # Postfix got the DSN parameters and delivered to bob's mailbox ...
+    peer.waitForLog(rf"to=<bob@{DOMAIN}>.*status=sent")
+    (delivered,) = peer.waitMailbox("bob")
+    assert b"Subject: via postfix" in delivered
+    # ... and its notice came back through the relay to alice's maildir.
+    deadline = time.monotonic() + 30
+    while not _delivered(tmp_path, "sender.test", "alice") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (report,) = _delivered(tmp_path, "sender.test", "alice")
+    content = report.split(b"\n", 2)[2].replace(b"\n", b"\r\n")
+    msg, perMessage, perRecipient, _ = parseReport(content)
+    assert msg["From"] == f"Mail Delivery System <MAILER-DAEMON@{HOSTNAME}>"
+    assert perMessage["Reporting-MTA"] == f"dns; {HOSTNAME}"
+    assert perMessage["Original-Envelope-Id"] == "env-pf"
+    [block] = perRecipient
+    assert (block["Final-Recipient"], block["Action"]) == (f"rfc822; bob@{DOMAIN}",
+                                                           "delivered")
+    assert block["Original-Recipient"] == f"rfc822;bob@{DOMAIN}"
+    # mailrelay itself sent no notice about the message.
+    assert f"{qid}: sender delivery status notification" not in r.log()
+    waitEmpty(r)

@@ -1,0 +1,214 @@
+"""Tests for the C{pipe} backend (L{mailrelay.delivery.pipe}): real commands (small shell
+scripts) run by the real reactor (trial test cases), and its options checked at build."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+from zope.interface.verify import verifyObject
+
+from mailrelay.delivery.pipe import OUTPUT_LIMIT, build
+from mailrelay.envelope import Envelope, Recipient
+from mailrelay.errors import ConfigError
+from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, PluginContext, Route
+
+MESSAGE = b"Subject: piped\r\n\r\n.dot line\r\nlast\r\n"
+ROOT = os.geteuid() == 0
+USER = "nobody" if ROOT else pwd.getpwuid(os.geteuid()).pw_name
+
+
+def workdir() -> Path:
+    """A directory the command's user can use (pytest's are private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="mailrelay-pipe-"))
+    path.chmod(0o777)
+    return path
+
+
+def script(directory: Path, body: str, name: str = "cmd") -> str:
+    """An executable shell script recording its arguments, user and input in C{directory}
+    (one file set per run, numbered), then running C{body}."""
+    path = directory / name
+    path.write_text(
+        "#!/bin/sh\n"
+        f"d={directory}; n=$(mktemp -p $d run.XXXXXX)\n"
+        'for a in "$@"; do printf "%s\\n" "$a"; done > "$n.args"\n'
+        'id -u > "$n.uid"\n'
+        'printf "%s" "$HOME:$USER:$PATH:$LANG:${SECRET-unset}" > "$n.env"\n'
+        'cat > "$n.stdin"\n'
+        f"{body}\n"
+    )
+    path.chmod(0o755)
+    return str(path)
+
+
+def runs(directory: Path) -> list[dict[str, Any]]:
+    found = []
+    for marker in sorted(directory.glob("run.??????")):
+        stem = str(marker)
+        found.append({
+            "args": Path(stem + ".args").read_text().splitlines(),
+            "uid": int(Path(stem + ".uid").read_text()),
+            "env": Path(stem + ".env").read_text(),
+            "stdin": Path(stem + ".stdin").read_bytes(),
+        })
+    return found
+
+
+def backend(command: list[str], **options: Any) -> Any:
+    options.setdefault("user", USER)
+    return build({"command": command, **options},
+                 PluginContext("relay.test", Path("/"), reactor))
+
+
+def envelope(*addresses: str, sender: str = "alice@example.org") -> Envelope:
+    return Envelope(sender=sender, recipients=[Recipient(a) for a in addresses],
+                    queueID="01K1AP4J8VGG0000VZ3M7Q")
+
+
+class PipeTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.dir = workdir()
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.message = self.dir / "message.eml"
+        self.message.write_bytes(MESSAGE)
+
+    def deliver(self, b: Any, env: Envelope, nexthop: str = "procmail") -> defer.Deferred:
+        return b.deliver(env, env.recipients, Route("procmail", nexthop), self.message)
+
+    @defer.inlineCallbacks
+    def test_perRecipientArgumentsNeverGoThroughAShell(self) -> Any:
+        b = backend([script(self.dir, "exit 0"), "-f", "{sender}", "--to={recipient}",
+                     "{domain}", "{queue_id}", "{nexthop}", "{{literal}}"])
+        verifyObject(IDeliveryBackend, b)
+        odd = '"$(touch x) ;|`id`"@example.net'
+        results = yield self.deliver(b, envelope("bob@example.org", odd))
+        assert [r.status for r in results] == [DeliveryStatus.DELIVERED] * 2
+        assert results[0].diagnostic == "X-mailrelay; delivered via procmail service"
+        assert all(r.final for r in results)  # a success notice says "delivered"
+        done = sorted(runs(self.dir), key=lambda run: run["args"][2])
+        assert [run["args"] for run in done] == [
+            ["-f", "alice@example.org", f"--to={odd}", "example.net", "01K1AP4J8VGG0000VZ3M7Q",
+             "procmail", "{literal}"],
+            ["-f", "alice@example.org", "--to=bob@example.org", "example.org",
+             "01K1AP4J8VGG0000VZ3M7Q", "procmail", "{literal}"],
+        ]
+        assert not (Path("/") / "x").exists() and not (self.dir / "x").exists()
+        # The message with LF line ends, as Postfix's pipe writes it.
+        assert done[0]["stdin"] == MESSAGE.replace(b"\r\n", b"\n")
+        home = pwd.getpwnam(USER).pw_dir
+        assert done[0]["env"] == f"{home}:{USER}:/usr/local/bin:/usr/bin:/bin:C:unset"
+        assert done[0]["uid"] == pwd.getpwnam(USER).pw_uid
+
+    @defer.inlineCallbacks
+    def test_perMessageRepeatsRecipientItems(self) -> Any:
+        b = backend([script(self.dir, "exit 0"), "{sender}", "-d", "{recipient}"],
+                    per="message")
+        results = yield self.deliver(b, envelope("a@example.org", "b@example.net", sender=""))
+        assert [r.status for r in results] == [DeliveryStatus.DELIVERED] * 2
+        [run] = runs(self.dir)
+        assert run["args"] == ["MAILER-DAEMON", "-d", "a@example.org", "b@example.net"]
+
+    @defer.inlineCallbacks
+    def test_exitStatusesBySysexits(self) -> Any:
+        expected = {0: (DeliveryStatus.DELIVERED, "2.0.0"), 75: (DeliveryStatus.TRANSIENT, "4.3.0"),
+                    71: (DeliveryStatus.TRANSIENT, "4.3.0"), 67: (DeliveryStatus.PERMANENT, "5.1.1"),
+                    77: (DeliveryStatus.PERMANENT, "5.7.0"), 1: (DeliveryStatus.PERMANENT, "5.3.0")}
+        for status, (kind, code) in expected.items():
+            b = backend([script(self.dir, f"echo 'said: no such user' >&2; exit {status}",
+                                name=f"cmd{status}")])
+            (r,) = yield self.deliver(b, envelope("bob@example.org"))
+            assert (r.status, r.code) == (kind, code), (status, r)
+            if status:
+                assert r.diagnostic.startswith(f"x-unix; {self.dir}/cmd{status} exited with "
+                                               f"status {status} (")
+                assert r.diagnostic.endswith("): said: no such user")
+
+    @defer.inlineCallbacks
+    def test_outputIsBoundedAndMadePrintable(self) -> Any:
+        b = backend([script(self.dir, "printf 'bad\\001\\n\\tline '; seq -s ' ' 2000; exit 65")])
+        (r,) = yield self.deliver(b, envelope("bob@example.org"))
+        assert (r.status, r.code) == (DeliveryStatus.PERMANENT, "5.6.0")
+        output = r.diagnostic.split("(data format error): ", 1)[1]
+        assert output.startswith("bad line 1 2 3") and len(output) == OUTPUT_LIMIT
+        assert output.isprintable() and output.isascii()
+
+    @defer.inlineCallbacks
+    def test_timeLimitKillsAndDefers(self) -> Any:
+        b = backend([script(self.dir, "exec sleep 30")], time_limit=0.5)
+        (r,) = yield self.deliver(b, envelope("bob@example.org"))
+        assert (r.status, r.code) == (DeliveryStatus.TRANSIENT, "4.3.0")
+        assert "time limit of 0.5s exceeded" in r.diagnostic
+
+    @defer.inlineCallbacks
+    def test_cancelKillsTheRun(self) -> Any:
+        b = backend([script(self.dir, "exec sleep 30")])
+        d = self.deliver(b, envelope("bob@example.org"))
+        for _ in range(200):  # the run has started when its input file exists
+            if list(self.dir.glob("run.*.stdin")):
+                break
+            yield deferLater(0.05)
+        d.cancel()
+        with pytest.raises(defer.CancelledError):
+            yield d
+        for _ in range(200):  # killed: it ends
+            if not b.running:
+                break
+            yield deferLater(0.05)
+        assert not b.running
+
+    @defer.inlineCallbacks
+    def test_optionLikeAddressesRefused(self) -> Any:
+        b = backend([script(self.dir, "exit 0"), "{recipient}"])
+        results = yield self.deliver(b, envelope("-oQ/tmp@example.org", "ok@example.org"))
+        assert (results[0].status, results[0].code) == (DeliveryStatus.PERMANENT, "5.1.3")
+        assert results[1].status is DeliveryStatus.DELIVERED
+        assert [run["args"] for run in runs(self.dir)] == [["ok@example.org"]]
+
+    @defer.inlineCallbacks
+    def test_commandThatCannotStartDefers(self) -> Any:
+        path = script(self.dir, "exit 0")
+        b = backend([path])
+        os.unlink(path)
+        (r,) = yield self.deliver(b, envelope("bob@example.org"))
+        assert r.status is DeliveryStatus.TRANSIENT
+
+
+def deferLater(seconds: float) -> defer.Deferred:
+    from twisted.internet import task
+
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+@pytest.mark.parametrize("options, problem", [
+    ({}, "command: is required"),
+    ({"command": "/bin/true {recipient}"}, "must be a non-empty list of strings"),
+    ({"command": ["true"]}, "must be an absolute path"),
+    ({"command": ["/nonexistent/cmd"]}, "is not an executable file"),
+    ({"command": ["/bin/true", "{rcpt}"]}, 'unknown placeholder "{rcpt}"'),
+    ({"command": ["/bin/true", "{recipient"]}, 'unknown placeholder "{"'),
+    ({"command": ["/bin/true"], "per": "domain"}, "per"),
+    ({"command": ["/bin/true"], "user": "no-such-user-here"}, "no such user"),
+    ({"command": ["/bin/true"], "user": "root"}, "never run as root"),
+    ({"command": ["/bin/true"], "colour": "blue"}, 'unknown key "colour"'),
+])
+def test_badOptions(options: dict[str, Any], problem: str) -> None:
+    options = dict(options)
+    if "user" not in options and "command" in options:
+        options["user"] = USER
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        build(options, PluginContext("relay.test", Path("/"), None))
+
+
+@pytest.mark.skipif(not ROOT, reason="only root must name the user")
+def test_rootMustNameTheUser() -> None:
+    with pytest.raises(ConfigError, match="required when the relay runs as root"):
+        build({"command": ["/bin/true"]}, PluginContext("relay.test", Path("/"), None))

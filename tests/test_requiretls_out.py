@@ -1,0 +1,191 @@
+"""Tests for REQUIRETLS (RFC 8689) and C{TLS-Required: No} on the delivery side: the client
+session (L{mailrelay.smtp.client}) over a C{StringTransport}, and the backends' TLS policy
+per message (L{mailrelay.delivery.common.ClientBackend}), with the fakes of
+L{tests.test_delivery}."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailrelay.envelope import Envelope, Recipient
+from mailrelay.interfaces import Route, RouteOptions
+from mailrelay.route.mx import MXHost
+from mailrelay.smtp.clientsettings import ClientSettings
+from mailrelay.smtp.errors import SMTPConnectError
+from tests.test_client import PERMANENT, Peer, ehloReply, resultOf
+from tests.test_delivery import HOSTS, result, smtpBackend
+
+MESSAGE = b"Subject: secret\r\n\r\nbody\r\n"
+
+
+@pytest.fixture
+def message(tmp_path: Path) -> Path:
+    path = tmp_path / "message"
+    path.write_bytes(MESSAGE)
+    return path
+
+
+def envelope(requireTLS: bool = True) -> Envelope:
+    return Envelope(sender="a@example.com", recipients=[Recipient("b@example.net")],
+                    queueID="Q" * 20, requireTLS=requireTLS)
+
+
+def tlsConnection(extensions: list[str], tls: str = "required") -> tuple[Peer, Any]:
+    """A connection set up over STARTTLS (the test completes the handshake) with the
+    server then offering C{extensions}."""
+    peer = Peer(ClientSettings("client.test", tls=tls))
+    peer.say(b"220 hi\r\n" + ehloReply(["STARTTLS"]) + b"220 go\r\n")
+    peer.protocol.handshakeCompleted()
+    peer.say(ehloReply(extensions))
+    peer.heard()
+    return peer, resultOf(peer.ready)
+
+
+# The session ----------------------------------------------------------------------------------
+
+
+def test_requireTLSOverVerifiedTLSToAServerOfferingIt(message: Path) -> None:
+    peer, conn = tlsConnection(["PIPELINING", "REQUIRETLS"])
+    conn.send(envelope(), envelope().recipients, message)
+    assert peer.heard().startswith(b"MAIL FROM:<a@example.com> REQUIRETLS\r\n")
+
+
+@pytest.mark.parametrize("extensions, tls, why", [
+    (["PIPELINING"], "required", "REQUIRETLS support required, but mx.test[192.0.2.25] does "
+                                 "not offer REQUIRETLS"),
+    (["PIPELINING", "REQUIRETLS"], "may", "the connection to mx.test[192.0.2.25] is not TLS "
+                                          "with a verified certificate"),
+])
+def test_requireTLSRefusedAtOnce(message: Path, extensions: list[str], tls: str,
+                                 why: str) -> None:
+    peer, conn = tlsConnection(extensions, tls)
+    (r,) = resultOf(conn.send(envelope(), envelope().recipients, message))
+    assert (r.status, r.code) == (PERMANENT, "5.7.30") and why in r.diagnostic
+    assert peer.heard() == b""  # not even MAIL
+
+
+def test_noRequireTLSParameterOtherwise(message: Path) -> None:
+    peer, conn = tlsConnection(["PIPELINING", "REQUIRETLS"])
+    conn.send(envelope(False), envelope(False).recipients, message)
+    assert b"REQUIRETLS" not in peer.heard()
+
+
+# The backends' policy per message -------------------------------------------------------------
+
+
+def deliver(backend: Any, env: Envelope, nexthop: str, path: Path,
+            options: RouteOptions = RouteOptions(), name: str = "smtp") -> list[Any]:
+    return result(backend.deliver(env, env.recipients, Route(name, nexthop, options), path))
+
+
+def test_requireTLSUpgradesTheRoutesTLSPolicy(message: Path) -> None:
+    backend, net, _, _ = smtpBackend(settings=ClientSettings("relay.test", tls="may"))
+    deliver(backend, envelope(), "[relay.example]:587", message)
+    ((_, _, _, settings, _),) = net.attempts
+    assert settings.tls == "required"  # verified, whatever the route said
+    backend, net, _, _ = smtpBackend()
+    deliver(backend, envelope(), "[relay.example]:587", message, RouteOptions(tls="none"))
+    assert net.attempts[0][3].tls == "required"
+    backend, net, _, _ = smtpBackend()
+    deliver(backend, envelope(), "[relay.example]:587", message, RouteOptions(tls="implicit"))
+    assert net.attempts[0][3].tls == "implicit"
+    backend, net, _, _ = smtpBackend()
+    deliver(backend, envelope(False), "[relay.example]:587", message)
+    assert net.attempts[0][3].tls == "may"  # the relay's default, for other mail
+
+
+def test_requireTLSNotByMXLookup(message: Path) -> None:
+    """The MX hosts of a domain are not looked up securely here (no DNSSEC): a REQUIRETLS
+    message is returned rather than sent to hosts an attacker could have named."""
+    backend, net, _, _ = smtpBackend()
+    (r,) = deliver(backend, envelope(), "example.net", message)
+    assert (r.status, r.code) == (PERMANENT, "5.7.30")
+    assert r.diagnostic == ("X-mailrelay; REQUIRETLS support required: the MX hosts of "
+                            "example.net cannot be looked up securely here (no DNSSEC "
+                            "validation)")
+    assert net.attempts == []
+
+
+def test_requireTLSReturnedWhenNoHostGivesVerifiedTLS(message: Path) -> None:
+    backend, net, _, mx = smtpBackend()
+    mx.answers = dict(HOSTS, **{"[pair.example]": [MXHost("a.example", "192.0.2.50", 25),
+                                                   MXHost("b.example", "192.0.2.51", 25)]})
+    for address in ("192.0.2.50", "192.0.2.51"):
+        net.connectBehaviour[address] = SMTPConnectError(
+            "4.7.5", "X-mailrelay; TLS is required, but b.example does not offer STARTTLS")
+    (r,) = deliver(backend, envelope(), "[pair.example]", message)
+    assert (r.status, r.code) == (PERMANENT, "5.7.30")
+    assert r.diagnostic.endswith("does not offer STARTTLS (REQUIRETLS support required)")
+    # Other mail is only deferred by the same failures; and a host that could not be reached
+    # at all leaves a REQUIRETLS message deferred too (it may work later).
+    (r,) = deliver(backend, envelope(False), "[pair.example]", message)
+    assert r.code == "4.7.5"
+    net.connectBehaviour["192.0.2.50"] = SMTPConnectError(
+        "4.4.1", "X-mailrelay; connection refused by a.example")
+    (r,) = deliver(backend, envelope(), "[pair.example]", message)
+    assert r.code.startswith("4.")
+
+
+def test_requireTLSToALocalLMTPStore(message: Path) -> None:
+    from mailrelay.delivery.lmtp import LMTPBackend
+    from tests.test_delivery import FakeNet
+
+    net = FakeNet()
+    sent: list[Envelope] = []
+    newConnection = net.newConnection
+
+    def recording(address: str, remoteMTA: str) -> Any:
+        connection = newConnection(address, remoteMTA)
+        send = connection.send
+
+        def keep(env: Envelope, recipients: Any, path: Any) -> Any:
+            sent.append(env)
+            return send(env, recipients, path)
+
+        connection.send = keep
+        return connection
+
+    net.newConnection = recording  # type: ignore[method-assign]
+    net.connect = _unixToo(net.connect)  # type: ignore[method-assign]
+    backend = LMTPBackend(None, ClientSettings("relay.test", tls="none", lmtp=True),
+                          connect=net.connect)
+    (r,) = deliver(backend, envelope(), "unix:/run/lmtp", message, name="lmtp")
+    assert r.status.value == "delivered"
+    assert sent[0].requireTLS is False  # the store is the mailbox: no network crossed
+    assert net.attempts[0][3].tls == "none"
+
+
+def _unixToo(connect: Any) -> Any:
+    """FakeNet's connect, which reads the host of TCP endpoints, taking UNIX ones too."""
+
+    def wrapped(reactor: Any, endpoint: Any, settings: Any, **kw: Any) -> Any:
+        if hasattr(endpoint, "_path"):
+            endpoint._host, endpoint._port = endpoint._path, 0
+        return connect(reactor, endpoint, settings, **kw)
+
+    return wrapped
+
+
+def test_tlsRequiredNoRelaxesARequiredPolicy(tmp_path: Path) -> None:
+    path = tmp_path / "m"
+    path.write_bytes(b"Subject: x\r\nTLS-Required: No\r\n\r\nbody\r\n")
+    required = RouteOptions(tls="required")
+    backend, net, _, _ = smtpBackend()
+    deliver(backend, envelope(False), "[relay.example]:587", path, required)
+    assert net.attempts[0][3].tls == "may"
+    # ... but not for a REQUIRETLS message (the header is then ignored), nor on a route that
+    # logs in (its password never goes over unverified TLS), nor without the field.
+    backend, net, _, _ = smtpBackend()
+    deliver(backend, envelope(True), "[relay.example]:587", path, required)
+    assert net.attempts[0][3].tls == "required"
+    backend, net, _, _ = smtpBackend()
+    deliver(backend, envelope(False), "[relay.example]:587", path,
+            RouteOptions(tls="required", username="relay", password="secret"))
+    assert net.attempts[0][3].tls == "required"
+    path.write_bytes(b"Subject: x\r\nTLS-Required: Yes\r\n\r\nbody\r\n")
+    backend, net, _, _ = smtpBackend()
+    deliver(backend, envelope(False), "[relay.example]:587", path, required)
+    assert net.attempts[0][3].tls == "required"
