@@ -694,3 +694,17 @@ def test_check_socket_path() -> None:
     checkSocketPath(controlSocketPath("/var/spool/mailrelay"))
     with pytest.raises(OSError, match="would be 120 octets long, more than the 107"):
         checkSocketPath(controlSocketPath("/" + "d" * 106))
+
+
+def test_check_sample_prints_the_sample_configuration() -> None:
+    """mailrelay check --sample prints the sample shipped with the package (README: the
+    start of /etc/mailrelay.toml), and checks nothing."""
+    import io
+    from pathlib import Path
+
+    from mailrelay.app.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["check", "--sample"], out, err) == 0
+    sample = (Path(__file__).resolve().parent.parent / "etc" / "mailrelay.toml").read_text()
+    assert out.getvalue() == sample and err.getvalue() == ""

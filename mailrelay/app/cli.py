@@ -457,7 +457,13 @@ async def stop(session: Session, options: Any, out: TextIO, err: TextIO) -> int:
 
 def check(options: Any, out: TextIO, err: TextIO) -> int:
     """Load and build the whole configuration, as the relay would (plugins, certificates,
-    password files, routes, backends); with C{-n}, print the effective configuration."""
+    password files, routes, backends); with C{-n}, print the effective configuration; with
+    C{--sample}, print the sample configuration instead (a start for /etc/mailrelay.toml)."""
+    if getattr(options, "sample", False):
+        from mailrelay.config.sample import sampleConfig
+
+        out.write(sampleConfig())
+        return 0
     from twisted.internet import reactor
 
     from mailrelay.app.control import checkSocketPath, controlSocketPath
@@ -599,6 +605,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "-n", action="store_true", help="print the effective configuration (postconf -n)"
+    )
+    p.add_argument(
+        "--sample", action="store_true",
+        help="print the commented sample configuration, every key documented (check nothing)",
     )
     p.set_defaults(local=check)
     p = commands.add_parser("status", parents=[common], help="is it running, and how")

@@ -33,7 +33,7 @@ class Options(usage.Options):
             "config",
             "c",
             None,
-            "TOML configuration file (python -m mailrelay.config.sample prints a commented "
+            "TOML configuration file (mailrelay check --sample prints a commented "
             "sample of every key).",
         ],
         ["hostname", None, None, "This relay's fully qualified host name."],

@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""CPU time per accepted message of the real relay: what the hooks of issue 9 cost when no
+plugin is configured (every chain empty), against a build from before them.
+
+Starts ``twistd -n mailrelay`` from the virtualenv of the Python running this script (so
+``/path/to/old/.venv/bin/python bench/hookcost.py`` measures an older build), holding its
+mail (``[queue] hold = true``: spooled, nothing delivered), without reverse lookups.  Sends
+``--messages`` messages of ``--size`` octets over ``--sessions`` connections in turn, several
+messages per connection, and reads the relay's user+system CPU time from ``/proc/<pid>/stat``
+before and after: CPU time, not wall time, so a busy machine disturbs it less.  Repeats
+``--repeat`` times with a fresh relay and spool and prints the median, as JSON.
+
+    .venv/bin/python bench/hookcost.py --messages 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import smtplib
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def freePort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpuSeconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+
+
+def waitForPort(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the relay exited with status {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("the relay did not listen in time")
+
+
+def run(messages: int, sessions: int, size: int) -> float:
+    """CPU milliseconds per message, for one fresh relay."""
+    directory = Path(tempfile.mkdtemp(prefix="mailrelay-hookcost-"))
+    port = freePort()
+    config = directory / "relay.toml"
+    config.write_text(
+        'hostname = "relay.test"\n[queue]\nhold = true\n[dns]\nreverse_lookups = false\n'
+        f'[spool]\ndirectory = "{directory / "spool"}"\n'
+        f'[[listeners]]\nendpoint = "tcp:{port}:interface=127.0.0.1"\n'
+    )
+    twistd = str(Path(sys.executable).with_name("twistd"))
+    process = subprocess.Popen(
+        [twistd, "-n", "--pidfile=", "mailrelay", "--config", str(config)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=directory,
+    )
+    try:
+        waitForPort(port, process)
+        body = b"Subject: hook cost\r\n\r\n" + b"x" * 70 + b"\r\n"
+        body = body + (b"y" * 76 + b"\r\n") * max(0, (size - len(body)) // 78)
+        perSession = messages // sessions
+        before = cpuSeconds(process.pid)
+        for _ in range(sessions):
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                client.ehlo("client.test")
+                for _ in range(perSession):
+                    client.sendmail("alice@example.com", ["bob@example.org"], body)
+        time.sleep(0.2)  # the last commits' group fsync
+        after = cpuSeconds(process.pid)
+        return (after - before) * 1000 / (perSession * sessions)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--repeat", type=int, default=3)
+    options = parser.parse_args()
+    runs = [run(options.messages, options.sessions, options.size)
+            for _ in range(options.repeat)]
+    print(json.dumps({
+        "python": sys.executable,
+        "messages": options.messages,
+        "cpu_ms_per_message": [round(r, 3) for r in runs],
+        "median": round(statistics.median(runs), 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()
