@@ -978,8 +978,11 @@ def _answer(question):
 
 def deliverThroughSession(content: bytes, chunkSize: int) -> tuple[bytes, bytes, list]:
     """Send C{content} with the client to L{ServerSession}; return the body wire bytes, the
-    content the session stored, and the results."""
-    session = ServerSession(SessionSettings(hostname=HOST), ClientInfo(address="127.0.0.1"))
+    content the session stored, and the results.  The session offers no CHUNKING, so that
+    the client sends DATA (its BDAT is tested with BDATFramer and against Postfix)."""
+    session = ServerSession(
+        SessionSettings(hostname=HOST, chunking=False), ClientInfo(address="127.0.0.1")
+    )
     stored: list[bytes] = []
 
     def toClient(events):

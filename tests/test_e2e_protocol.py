@@ -28,6 +28,8 @@ def postfix():
     made: list[PostfixPeer] = []
 
     def start(relayhost: str, **settings: str) -> PostfixPeer:
+        # The peer's SMTP client logs its dialogue with the relay (debug_peer_list).
+        settings = {"debug_peer_list": "127.0.0.1", **settings}
         peer = PostfixPeer(relayhost, settings=tuple(f"{k}={v}" for k, v in settings.items()))
         made.append(peer)
         return peer.start()
