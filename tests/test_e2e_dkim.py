@@ -60,7 +60,7 @@ def keyFile(path: Path, key: object) -> str:
 
 def test_relayed_mail_is_signed_and_verifies_at_the_next_hop(relays, nexthop, tmp_path) -> None:  # noqa: F811
     hop, port = nexthop()
-    hop.rcptReply = lambda address: "550 5.1.1 no such user" if address.startswith("gone@") else None
+    hop.rcptReply = lambda rcpt: "550 5.1.1 no such user" if rcpt.startswith("gone@") else None
     dns = FakeDNS()
     orgRSA = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     orgEd = ed25519.Ed25519PrivateKey.generate()
