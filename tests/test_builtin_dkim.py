@@ -311,3 +311,23 @@ def test_relative_key_file_and_verdicts(tmp_path: Path, keys: Keys) -> None:
     assert signer.keys["example.org"][0].keyFile == str(tmp_path / "rel.pem")
     answer, spooled = run(signer, envelope=RELAYED)
     assert answer.verdict.kind is VerdictKind.CONTINUE and keys.verify(spooled)
+
+
+def test_the_documented_example_builds(tmp_path: Path, keys: Keys) -> None:
+    """docs/plugin-dkim-sign.md's [[plugins]] table, its key files made here."""
+    import tomllib
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "plugin-dkim-sign.md").read_text()
+    table = tomllib.loads(doc.split("```toml\n", 1)[1].split("```", 1)[0])["plugins"][0]
+    assert table.pop("plugin") == "dkim-sign"
+    for entry in table["keys"]:
+        name = Path(entry["key_file"]).name
+        entry["key_file"] = (
+            write(tmp_path / name, pem(ed25519.Ed25519PrivateKey.generate()))
+            if "ed25519" in name else keys.rsa(name)
+        )
+    signer = build(tmp_path, keys, **table)
+    assert [(k.selector, k.algorithm) for k in signer.keys["example.org"]] == [
+        ("s2027", "rsa-sha256"), ("ed2027", "ed25519-sha256")]
+    answer, spooled = run(signer, envelope=RELAYED)
+    assert len(answer.prepend) == 2 and keys.verify(spooled, 0) and keys.verify(spooled, 1)
