@@ -11,6 +11,7 @@ from twisted.application.service import ServiceMaker
 from mailrelay.interfaces import (
     IDeliveryBackend,
     IHeaderStamper,
+    IMessageFilter,
     IRecipientValidator,
     MailRelayPlugin,
 )
@@ -51,6 +52,13 @@ regexPlugin = MailRelayPlugin(
     factory="mailrelay.policy.validators:buildRegex",
 )
 
+dkimSignPlugin = MailRelayPlugin(
+    name="dkim-sign",
+    provides=IMessageFilter,
+    description="DKIM-sign our mail (dkimpy): per-domain selectors and keys, RSA or Ed25519",
+    factory="mailrelay.builtin.dkim:build",
+)
+
 
 def _builtinBackend(name: str, description: str) -> MailRelayPlugin:
     """The plugin of the built-in backend C{name}, made by C{mailrelay.delivery.<name>.build}."""
@@ -75,6 +83,7 @@ __all__ = [
     "acceptedDomainsPlugin",
     "recipientMapPlugin",
     "regexPlugin",
+    "dkimSignPlugin",
     "smtpBackend",
     "lmtpBackend",
     "maildirBackend",

@@ -1,0 +1,151 @@
+"""End-to-end: the built-in C{dkim-sign} filter in the real C{twistd -n mailrelay}.
+
+Messages sent with smtplib from 127.0.0.1 (a relay client) are relayed to an aiosmtpd next
+hop; what arrives there is checked with dkimpy's verifier against the public keys, served by
+a fake resolver (a C{dnsfunc}) holding the TXT records a site would publish.  A message whose
+From: domain has no key passes unsigned; the bounce the relay makes (in its delivery process)
+is signed with the key of its own domain; a bad key file stops the relay at start with one
+line naming the file and the table.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import smtplib
+import subprocess
+from pathlib import Path
+
+import dkim
+from cryptography.hazmat.primitives import serialization as s
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from tests.harness import RelayProcess
+from tests.test_e2e_outbound import nexthop  # noqa: F401 - the aiosmtpd next-hop fixture
+
+
+class FakeDNS:
+    """The DKIM key records, as a resolver would serve them to dkimpy (its C{dnsfunc})."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, bytes] = {}
+        self.asked: list[str] = []
+
+    def publish(self, selector: str, domain: str, key: object) -> None:
+        public = key.public_key()  # type: ignore[attr-defined]
+        if isinstance(key, rsa.RSAPrivateKey):
+            der = public.public_bytes(s.Encoding.DER, s.PublicFormat.SubjectPublicKeyInfo)
+            record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(der)
+        else:
+            raw = public.public_bytes(s.Encoding.Raw, s.PublicFormat.Raw)
+            record = b"v=DKIM1; k=ed25519; p=" + base64.b64encode(raw)
+        self.records[f"{selector}._domainkey.{domain}"] = record
+
+    def txt(self, name: bytes, timeout: float = 5) -> bytes | None:
+        self.asked.append(name.decode().rstrip("."))
+        return self.records.get(name.decode().rstrip("."))
+
+    def verify(self, message: bytes, index: int) -> bool:
+        try:
+            return bool(dkim.DKIM(message).verify(idx=index, dnsfunc=self.txt))
+        except dkim.DKIMException:
+            return False
+
+
+def keyFile(path: Path, key: object) -> str:
+    path.write_bytes(key.private_bytes(  # type: ignore[attr-defined]
+        s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption()))
+    return str(path)
+
+
+def test_relayed_mail_is_signed_and_verifies_at_the_next_hop(relays, nexthop, tmp_path) -> None:  # noqa: F811
+    hop, port = nexthop()
+    hop.rcptReply = lambda rcpt: "550 5.1.1 no such user" if rcpt.startswith("gone@") else None
+    dns = FakeDNS()
+    orgRSA = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    orgEd = ed25519.Ed25519PrivateKey.generate()
+    relayRSA = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    dns.publish("s1", "example.org", orgRSA)
+    dns.publish("ed1", "example.org", orgEd)
+    dns.publish("mx", "relay.test", relayRSA)
+    r = relays(
+        '[dns]\nreverse_lookups = false\n'
+        f'[relay]\nsmarthost = "[127.0.0.1]:{port}"\n'
+        '[[plugins]]\nplugin = "dkim-sign"\nkeys = [\n'
+        f'  {{domain = "example.org", selector = "s1", key_file = '
+        f'"{keyFile(tmp_path / "org.pem", orgRSA)}"}},\n'
+        f'  {{domain = "example.org", selector = "ed1", key_file = '
+        f'"{keyFile(tmp_path / "org-ed.pem", orgEd)}"}},\n'
+        f'  {{domain = "relay.test", selector = "mx", key_file = '
+        f'"{keyFile(tmp_path / "relay.pem", relayRSA)}"}},\n'
+        ']\n'
+    ).start()
+
+    signed = ("From: Alice <alice@example.org>\r\nTo: bob@example.net\r\nSubject: signed\r\n"
+              "Date: Mon, 1 Nov 2027 00:00:00 +0000\r\nMessage-Id: <e2e-1@example.org>\r\n"
+              "\r\nGrüße,   Bob  \r\n.. a dot line\r\n\r\n").encode()
+    unsigned = signed.replace(b"alice@example.org", b"carol@other.example").replace(
+        b"Subject: signed", b"Subject: unsigned")
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as smtp:
+        smtp.sendmail("alice@example.org", ["bob@example.net", "gone@example.net"], signed,
+                      mail_options=["BODY=8BITMIME"])
+        smtp.sendmail("carol@other.example", ["bob@example.net"], unsigned,
+                      mail_options=["BODY=8BITMIME"])
+    got = {m.content.split(b"Subject: ")[1].split(b"\r\n")[0]: m.content
+           for m in hop.waitTo("bob@example.net", 2)}
+
+    # Signed twice (RSA and Ed25519, RFC 8463), above the relay's Received:, which is not
+    # signed; both verify against the published keys; the rest arrived as sent.
+    message = got[b"signed"]
+    assert message.startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; "
+                               b"d=example.org;"), message
+    headers, _ = dkim.rfc822_parse(message)
+    assert [name for name, _ in headers][:4] == [
+        b"DKIM-Signature", b"DKIM-Signature", b"Received", b"From"]
+    tags = [dkim.util.parse_tag_value(value) for _, value in headers[:2]]
+    assert [t[b"a"] for t in tags] == [b"rsa-sha256", b"ed25519-sha256"]
+    for t in tags:
+        assert b"".join(t[b"h"].split()).split(b":") == [
+            b"from", b"from", b"subject", b"date", b"message-id", b"to"]
+    assert message.endswith(b"\r\n" + signed)
+    assert dns.verify(message, 0) and dns.verify(message, 1)
+    assert {"s1._domainkey.example.org", "ed1._domainkey.example.org"} <= set(dns.asked)
+    # The verifier is not fooled: the same message with its body changed fails.
+    assert not dns.verify(message.replace("Grüße".encode(), b"Hello"), 0)
+
+    # No key for other.example: relayed unsigned.
+    assert b"DKIM-Signature" not in got[b"unsigned"]
+    assert got[b"unsigned"].endswith(b"\r\n" + unsigned)
+
+    # The relay's own bounce for gone@ (made in the delivery process, client None) is signed
+    # with the key of its domain (From: MAILER-DAEMON@relay.test).
+    (bounce,) = hop.waitTo("alice@example.org")
+    assert bounce.mailFrom == "<>"
+    assert b"\r\nFrom: MAILER-DAEMON@relay.test" in bounce.content
+    assert bounce.content.startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; "
+                                     b"d=relay.test;")
+    assert dns.verify(bounce.content, 0)
+    log = r.log()
+    assert "dkim-sign: signed d=example.org s=s1,ed1" in log
+    assert "dkim-sign: signed d=relay.test s=mx" in log
+
+
+def test_a_bad_key_file_stops_the_relay_with_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pem"
+    bad.write_text("-----BEGIN RSA PRIVATE KEY-----\nnot base64 at all\n"
+                   "-----END RSA PRIVATE KEY-----\n")
+    r = RelayProcess(
+        tmp_path / "relay",
+        '[dns]\nreverse_lookups = false\n[[plugins]]\nplugin = "dkim-sign"\n'
+        f'keys = [{{domain = "example.org", selector = "s1", key_file = "{bad}"}}]\n',
+    )
+    done = subprocess.run(r.command(), cwd=r.directory, env=dict(os.environ),
+                          capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 1
+    lines = done.stderr.decode().strip().splitlines()
+    assert len(lines) == 1, done.stderr.decode()
+    assert lines[0].startswith(
+        f"mailrelay: configuration error: {r.directory / 'mailrelay.toml'}: "
+        f'plugins[0].keys[0].key_file: the DKIM private key "{bad}" holds no private key '
+        "that can be read"
+    ), lines[0]
