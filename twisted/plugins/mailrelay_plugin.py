@@ -11,6 +11,7 @@ from twisted.application.service import ServiceMaker
 from mailrelay.interfaces import (
     IDeliveryBackend,
     IHeaderStamper,
+    IMessageFilter,
     IRecipientValidator,
     MailRelayPlugin,
 )
@@ -51,6 +52,13 @@ regexPlugin = MailRelayPlugin(
     factory="mailrelay.policy.validators:buildRegex",
 )
 
+authresPlugin = MailRelayPlugin(
+    name="authres",
+    provides=IMessageFilter,
+    description="SPF, DKIM and DMARC of mail from outside, as Authentication-Results:",
+    factory="mailrelay.builtin.authres:build",
+)
+
 
 def _builtinBackend(name: str, description: str) -> MailRelayPlugin:
     """The plugin of the built-in backend C{name}, made by C{mailrelay.delivery.<name>.build}."""
@@ -73,6 +81,7 @@ __all__ = [
     "acceptedDomainsPlugin",
     "recipientMapPlugin",
     "regexPlugin",
+    "authresPlugin",
     "smtpBackend",
     "lmtpBackend",
     "maildirBackend",
