@@ -14,6 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.task import Clock
 
 import mailrelay.builtin.authres as module
 from mailrelay.errors import ConfigError
@@ -373,3 +374,21 @@ def test_parse_policy(text: bytes, policy: Any) -> None:
 )
 def test_authserv_id_of_a_field(value: bytes, expected: str) -> None:
     assert module.authservID(value) == expected
+
+
+def test_a_name_server_that_does_not_answer_is_temperror_after_dns_timeout(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    resolver = FakeResolver(records(), clock=clock, delay=60)
+    plugin = buildPlugin("authres", {"dns_timeout": 5, "dmarc_reject": True}, tmp_path,
+                         resolver=resolver, reactor=clock)
+    envelope = makeEnvelope("alice@example.com", client=makeClient("203.0.113.9", helo="x"))
+    box: list[Any] = []
+    plugin.filterMessage(makeFilterContext(signed(), envelope=envelope)).addBoth(box.append)
+    clock.advance(4.9)
+    assert box == []
+    clock.advance(0.1)  # the SPF record, the key, the policy: all at once
+    text = field(box[0])
+    assert "\tspf=temperror (" in text and "\tdkim=temperror (key lookup failed)" in text
+    assert "\tdmarc=temperror (policy lookup failed) header.from=example.com" in text

@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.config.schema import Key, pluginOptions
-from mailrelay.config.values import boolean, choice, integer, optionalHostname
+from mailrelay.config.values import boolean, choice, integer, optionalHostname, seconds
 from mailrelay.interfaces import CONTINUE, FilterResult, IMessageFilter, Verdict
 
 try:
@@ -85,6 +85,13 @@ SCHEMA = pluginOptions(
         boolean,
         "Check mail from clients in relay.networks too (authenticated clients never).",
         default=False,
+    ),
+    Key(
+        "dns_timeout",
+        seconds,
+        "Seconds one DNS query may take before its result is temperror (keep it below the"
+        " plugin's timeout, so that a dead name server tags instead of deferring).",
+        default=10,
     ),
     Key(
         "min_key_bits",
@@ -153,7 +160,16 @@ class _TempError(Exception):
     """A DNS query failed for now (timeout, SERVFAIL, ...)."""
 
 
-def _records(resolver: Any, name: str, qtype: int) -> Deferred[list[Any]]:
+@dataclass(frozen=True)
+class DNS:
+    """The resolver to ask, and how long one query may take on the reactor's clock."""
+
+    resolver: Any
+    reactor: Any
+    timeout: float
+
+
+def _records(dnsc: DNS, name: str, qtype: int) -> Deferred[list[Any]]:
     """The records of C{qtype} (and the CNAMEs) at C{name}: C{[]} for NXDOMAIN or NODATA;
     fails with L{_TempError} for any other failure (a timeout, SERVFAIL, REFUSED, ...: the
     other subclasses of C{DomainError})."""
@@ -167,7 +183,9 @@ def _records(resolver: Any, name: str, qtype: int) -> Deferred[list[Any]]:
         query = dns.Query(name, qtype)
     except (ValueError, UnicodeError):  # a name that cannot be asked: no such name
         return succeed([])
-    return resolver.query(query).addCallbacks(lambda result: list(result[0]), failed)
+    d = dnsc.resolver.query(query)
+    d.addTimeout(dnsc.timeout, dnsc.reactor)  # (a twisted TimeoutError: temperror)
+    return d.addCallbacks(lambda result: list(result[0]), failed)
 
 
 def _texts(rrs: list[Any]) -> list[bytes]:
@@ -209,11 +227,11 @@ class _SPFRound:
             raise spf.TempError(f"DNS {found}")
         return found
 
-    def fetch(self, resolver: Any) -> Deferred[Any]:
+    def fetch(self, dnsc: DNS) -> Deferred[Any]:
         missing, self.missing = list(dict.fromkeys(self.missing)), []
-        return gatherResults([self._fetch(resolver, key) for key in missing], consumeErrors=True)
+        return gatherResults([self._fetch(dnsc, key) for key in missing], consumeErrors=True)
 
-    def _fetch(self, resolver: Any, key: tuple[str, str]) -> Deferred[None]:
+    def _fetch(self, dnsc: DNS, key: tuple[str, str]) -> Deferred[None]:
         name, qtype = key
 
         def got(rrs: list[Any]) -> None:
@@ -224,7 +242,7 @@ class _SPFRound:
             failure.trap(_TempError)
             self.answers[key] = failure.value
 
-        return _records(resolver, name, _TYPES[qtype]).addCallbacks(got, failed)
+        return _records(dnsc, name, _TYPES[qtype]).addCallbacks(got, failed)
 
 
 def _spfAnswer(name: str, qtype: str, rr: Any) -> tuple[tuple[str, str], Any]:
@@ -259,7 +277,7 @@ spf.DNSLookup = _lookup
 
 
 def checkSPF(
-    resolver: Any, address: str, sender: str, helo: str, receiver: str
+    dnsc: DNS, address: str, sender: str, helo: str, receiver: str
 ) -> Deferred[tuple[str, str]]:
     """The SPF result of C{sender} (or of C{helo} for the null sender) sending from
     C{address}: C{(result, explanation)}, C{result} one of RFC 8601's (C{pass}, C{fail},
@@ -283,7 +301,7 @@ def checkSPF(
         finally:
             _ROUND.reset(token)
         if answers.missing:
-            return answers.fetch(resolver).addCallback(evaluate)
+            return answers.fetch(dnsc).addCallback(evaluate)
         return (result, explanation)
 
     return succeed(None).addCallback(evaluate)
@@ -395,7 +413,7 @@ def _verify(parsed: _Parsed, keys: dict[str, bytes | None | _TempError]) -> None
                 signature.reason = "signature did not verify"
 
 
-def _fetchKey(resolver: Any, name: str) -> Deferred[bytes | None | _TempError]:
+def _fetchKey(dnsc: DNS, name: str) -> Deferred[bytes | None | _TempError]:
     def got(rrs: list[Any]) -> bytes | None:
         texts = _texts(rrs)
         keys = [t for t in texts if t.lstrip().startswith(b"v=DKIM1")] or texts
@@ -405,7 +423,7 @@ def _fetchKey(resolver: Any, name: str) -> Deferred[bytes | None | _TempError]:
         failure.trap(_TempError)
         return failure.value  # type: ignore[return-value]
 
-    return _records(resolver, name, dns.TXT).addCallbacks(got, failed)
+    return _records(dnsc, name, dns.TXT).addCallbacks(got, failed)
 
 
 # -- DMARC
@@ -452,7 +470,7 @@ def parsePolicy(domain: str, text: bytes) -> Policy | None:
     return Policy(domain, p, sp, adkim, aspf, pct)
 
 
-def _fetchPolicy(resolver: Any, domain: str) -> Deferred[Policy | None]:
+def _fetchPolicy(dnsc: DNS, domain: str) -> Deferred[Policy | None]:
     """The DMARC record at C{_dmarc.<domain>}: a L{Policy}, or C{None} when there is none (or
     several, RFC 7489 6.6.3); fails with L{_TempError}."""
 
@@ -460,10 +478,10 @@ def _fetchPolicy(resolver: Any, domain: str) -> Deferred[Policy | None]:
         texts = [t for t in _texts(rrs) if re.match(rb"v\s*=\s*DMARC1\s*(;|$)", t)]
         return parsePolicy(domain, texts[0]) if len(texts) == 1 else None
 
-    return _records(resolver, f"_dmarc.{domain}", dns.TXT).addCallback(got)
+    return _records(dnsc, f"_dmarc.{domain}", dns.TXT).addCallback(got)
 
 
-def findPolicy(resolver: Any, psl: Any, domain: str) -> Deferred[tuple[Policy | None, bool]]:
+def findPolicy(dnsc: DNS, psl: Any, domain: str) -> Deferred[tuple[Policy | None, bool]]:
     """The policy for mail from C{domain}: its own record, else its organizational domain's;
     C{(policy, isSubdomain)} (whether C{sp=} applies).  Fails with L{_TempError}."""
     org = orgDomain(psl, domain)
@@ -471,9 +489,9 @@ def findPolicy(resolver: Any, psl: Any, domain: str) -> Deferred[tuple[Policy | 
     def own(policy: Policy | None) -> Any:
         if policy is not None or org == domain:
             return (policy, False)
-        return _fetchPolicy(resolver, org).addCallback(lambda p: (p, p is not None))
+        return _fetchPolicy(dnsc, org).addCallback(lambda p: (p, p is not None))
 
-    return _fetchPolicy(resolver, domain).addCallback(own)
+    return _fetchPolicy(dnsc, domain).addCallback(own)
 
 
 # -- the filter
@@ -515,10 +533,10 @@ class AuthResults:
     @ivar random: C{random()} in [0, 1), to sample C{pct=} (replaceable in tests).
     """
 
-    def __init__(self, options: Any, authserv: str, resolver: Any, psl: Any) -> None:
+    def __init__(self, options: Any, authserv: str, dnsc: DNS, psl: Any) -> None:
         self.options = options
         self.authserv = authserv
-        self.resolver = resolver
+        self.dns = dnsc
         self.psl = psl
         self.random: Callable[[], float] = random.random
 
@@ -551,9 +569,9 @@ class AuthResults:
             keys[name] = key
 
         work = [
-            checkSPF(self.resolver, client.address, envelope.sender, helo, self.authserv)
+            checkSPF(self.dns, client.address, envelope.sender, helo, self.authserv)
             .addCallback(gotSPF),
-            *[_fetchKey(self.resolver, n).addCallback(gotKey, n) for n in names],
+            *[_fetchKey(self.dns, n).addCallback(gotKey, n) for n in names],
         ]
         policy: list[Any] = []
         if not parsed.fromProblem and len(parsed.fromDomains) == 1:
@@ -564,7 +582,7 @@ class AuthResults:
                 policy.append(failure.value)
 
             work.append(
-                findPolicy(self.resolver, self.psl, results.headerFrom)
+                findPolicy(self.dns, self.psl, results.headerFrom)
                 .addCallbacks(policy.append, notFound)
             )
         d = gatherResults(work, consumeErrors=True)
@@ -688,4 +706,5 @@ def build(options: dict[str, Any], context: Any) -> AuthResults:
     read = context.readOptions(SCHEMA, options)
     authserv = (read.authservId or context.hostname).lower()
     psl = context.keep("authres:psl", PublicSuffixList)
-    return AuthResults(read, authserv, context.resolver, psl)
+    dnsc = DNS(context.resolver, context.reactor, read.dnsTimeout)
+    return AuthResults(read, authserv, dnsc, psl)
