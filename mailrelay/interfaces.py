@@ -429,11 +429,17 @@ class FilterResult:
         message's first field (C{DKIM-Signature:}, C{Authentication-Results:}); those of a
         later filter go above an earlier one's, as trace fields do.
     @ivar append: whole header fields put after the message's last header field.
+    @ivar remove: header fields of the message to delete, each byte for byte as
+        L{IFilterContext.read} gave it (name, continuation lines and CRLF): an
+        C{Authentication-Results:} forged with this relay's authserv-id (RFC 8601 section 5).
+        Every field of the header section equal to one is deleted; a filter must have read
+        the message, and may only remove fields that are there (not the fields filters add).
     """
 
     verdict: Verdict = CONTINUE
     prepend: tuple[bytes, ...] = ()
     append: tuple[bytes, ...] = ()
+    remove: tuple[bytes, ...] = ()
 
 
 class IFilterContext(Interface):

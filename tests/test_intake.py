@@ -341,6 +341,49 @@ def test_filters_read_the_message_and_add_fields_before_the_commit() -> None:
     assert spool.committed[env.queueID][0].messageSize == len(final)
 
 
+def test_filters_remove_fields_they_read() -> None:
+    """A filter removes fields of the message (RFC 8601 section 5: forged
+    Authentication-Results), byte for byte as read; later filters and the spool see the
+    message without them, its size counts it."""
+    forged = b"Authentication-Results: relay.test;\r\n spf=pass\r\n"
+    original = b"Subject: hi\r\n" + forged + b"To: a@example.org\r\n" + forged + b"\r\nbody\r\n"
+    seen: list[bytes] = []
+
+    def strips(context: Any) -> Deferred[FilterResult]:
+        return context.read().addCallback(
+            lambda m: FilterResult(prepend=(b"X-A: 1\r\n",), remove=(forged,))
+        )
+
+    def later(context: Any) -> Deferred[None]:
+        return context.read().addCallback(seen.append)
+
+    intake, spool, queued = makeIntake(filters=[Filter(strips), Filter(later)])
+    env = envelope()
+    message = intake.open(env, env.client, {})
+    message.write(original)
+    assert received(message.finish()).code == 250
+    final = b"X-A: 1\r\nSubject: hi\r\nTo: a@example.org\r\n\r\nbody\r\n"
+    assert seen == [final] and spool.messages() == [final]
+    assert spool.committed[env.queueID][0].messageSize == len(final)
+
+
+@pytest.mark.parametrize(
+    "judge",
+    [
+        lambda c: FilterResult(remove=(b"Subject: hi\r\n",)),  # not read
+        lambda c: c.read().addCallback(lambda m: FilterResult(remove=(b"X-None: 1\r\n",))),
+        lambda c: c.read().addCallback(lambda m: FilterResult(remove=(b"body\r\n",))),
+    ],
+)
+def test_a_filter_removing_fields_not_read_or_not_there_fails(judge: Any) -> None:
+    intake, spool, queued = makeIntake(filters=[Filter(judge)])
+    message = intake.open(envelope(), None, {})
+    message.write(MESSAGE)
+    with capturedLogs():
+        assert received(message.finish()) == FILTER_FAILED.reply
+    assert spool.committed == {}
+
+
 def test_fields_of_a_refusing_filter_are_not_added() -> None:
     refused = FilterResult(Verdict.defer("Error: later"), prepend=(b"X-No: 1\r\n",))
     intake, spool, _ = makeIntake(filters=[Filter(lambda c: refused)])

@@ -6,13 +6,14 @@ complete, stamped and checked for hops, before the commit, as one chain of the p
 (given to the intake ready-made: a stage does not import another).  Each filter gets the same
 L{FilterContext}: C{read()} reads the message from the spool writer (its temporary file, or
 its memory for a small message) in the thread pool once, and gives every filter the message
-as it stands, the fields of the filters before it included.  When the filters added fields,
-the message is written again with them before it is committed.
+as it stands, the fields of the filters before it included (and without the fields they
+removed).  When the filters added or removed fields, the message is written again so before
+it is committed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -37,16 +38,25 @@ __all__ = ["FILTER_FAILED_TEXT", "FilterContext", "filterVerdict", "withFields"]
 FILTER_FAILED_TEXT = "Error: temporary failure filtering the message, try again later"
 
 
-def withFields(message: bytes, prepend: Sequence[bytes], append: Sequence[bytes]) -> bytes:
+def withFields(
+    message: bytes,
+    prepend: Sequence[bytes],
+    append: Sequence[bytes],
+    remove: Collection[bytes] = (),
+) -> bytes:
     """C{message} with the header fields C{prepend} above its first field and C{append} after
-    its last one (where the stampers insert theirs)."""
-    if not prepend and not append:
+    its last one (where the stampers insert theirs), and without the fields of its header
+    section equal to one of C{remove}."""
+    if not prepend and not append and not remove:
         return message
-    _, end = parseHeaderSection(message, HEADER_SECTION_LIMIT)
+    fields, end = parseHeaderSection(message, HEADER_SECTION_LIMIT)
+    head = message[:end]
+    if remove:
+        head = b"".join(raw for _, raw in fields if raw not in remove)
     added = b"".join(append)
     if added and message[end : end + 1] in (b" ", b"\t"):
         added += b"\r\n"  # (no header section: an empty line keeps the body the body)
-    return b"".join(prepend) + message[:end] + added + message[end:]
+    return b"".join(prepend) + head + added + message[end:]
 
 
 @implementer(IFilterContext)
@@ -56,6 +66,7 @@ class FilterContext:
     @ivar prepend: the fields the filters added above the header section so far (a later
         filter's above an earlier one's).
     @ivar append: the fields they added after it, in order.
+    @ivar remove: the fields of the message they removed.
     """
 
     def __init__(
@@ -84,15 +95,18 @@ class FilterContext:
         self._waiting: list[Deferred[bytes]] = []
         self.prepend: list[bytes] = []
         self.append: list[bytes] = []
+        self.remove: set[bytes] = set()
+        self._removedSize = 0
 
     @property
     def size(self) -> int:
-        return self._size + sum(map(len, self.prepend)) + sum(map(len, self.append))
+        added = sum(map(len, self.prepend)) + sum(map(len, self.append))
+        return self._size + added - self._removedSize
 
     @property
     def changed(self) -> bool:
-        """Whether the filters added fields."""
-        return bool(self.prepend or self.append)
+        """Whether the filters added or removed fields."""
+        return bool(self.prepend or self.append or self.remove)
 
     def read(self) -> Deferred[bytes]:
         """The message as it stands (see L{IFilterContext.read})."""
@@ -122,16 +136,28 @@ class FilterContext:
                 d.errback(failure)
 
     def _current(self, message: bytes) -> bytes:
-        return withFields(message, self.prepend, self.append)
+        return withFields(message, self.prepend, self.append, self.remove)
 
-    def addFields(self, prepend: Sequence[bytes], append: Sequence[bytes]) -> None:
-        """Add a filter's fields.
+    def addFields(
+        self, prepend: Sequence[bytes], append: Sequence[bytes], remove: Sequence[bytes] = ()
+    ) -> None:
+        """Add a filter's fields, and remove those it removes.
 
-        @raise BadAnswer: one is not a whole, well-formed header field.
+        @raise BadAnswer: one is not a whole, well-formed header field, or one to remove is
+            not in the message's header section (or the message was not read).
         """
         for field in (*prepend, *append):
             if not isinstance(field, bytes) or not WELL_FORMED_FIELD.fullmatch(field):
                 raise BadAnswer(f"added a malformed header field: {field!r}")
+        if remove:
+            if self._message is None:
+                raise BadAnswer("removed header fields without reading the message")
+            fields = [raw for _, raw in parseHeaderSection(self._message, HEADER_SECTION_LIMIT)[0]]
+            for field in remove:
+                if not isinstance(field, bytes) or field not in fields:
+                    raise BadAnswer(f"removed a header field the message does not have: {field!r}")
+            self.remove.update(remove)
+            self._removedSize = sum(len(raw) for raw in fields if raw in self.remove)
         self.prepend[:0] = prepend
         self.append.extend(append)
 
@@ -158,5 +184,5 @@ def filterVerdict(answer: Any, args: Sequence[Any]) -> Verdict:
     verdict = checkVerdict(answer.verdict)
     if verdict.kind in (VerdictKind.CONTINUE, VerdictKind.ACCEPT):
         context: FilterContext = args[0]
-        context.addFields(tuple(answer.prepend), tuple(answer.append))
+        context.addFields(tuple(answer.prepend), tuple(answer.append), tuple(answer.remove))
     return verdict

@@ -59,6 +59,13 @@ dkimSignPlugin = MailRelayPlugin(
     factory="mailrelay.builtin.dkim:build",
 )
 
+authresPlugin = MailRelayPlugin(
+    name="authres",
+    provides=IMessageFilter,
+    description="SPF, DKIM and DMARC of mail from outside, as Authentication-Results:",
+    factory="mailrelay.builtin.authres:build",
+)
+
 
 def _builtinBackend(name: str, description: str) -> MailRelayPlugin:
     """The plugin of the built-in backend C{name}, made by C{mailrelay.delivery.<name>.build}."""
@@ -84,6 +91,7 @@ __all__ = [
     "recipientMapPlugin",
     "regexPlugin",
     "dkimSignPlugin",
+    "authresPlugin",
     "smtpBackend",
     "lmtpBackend",
     "maildirBackend",

@@ -1,0 +1,394 @@
+"""The C{authres} message filter (mailrelay.builtin.authres): SPF, DKIM and DMARC results
+in C{Authentication-Results:} and the envelope's notes, DMARC enforcement, the skipped
+clients, forged fields removed, DNS only through the context's resolver (a FakeResolver)."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import authres as authreslib
+import dkim
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.task import Clock
+
+import mailrelay.builtin.authres as module
+from mailrelay.errors import ConfigError
+from mailrelay.interfaces import CONTINUE, FilterResult, IMessageFilter, VerdictKind
+from mailrelay.testing import (
+    SERVFAIL,
+    FakeResolver,
+    buildPlugin,
+    makeClient,
+    makeEnvelope,
+    makeFilterContext,
+)
+
+PRIVATE = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+PRIVATE_PEM = PRIVATE.private_bytes(
+    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+)
+PUBLIC = base64.b64encode(
+    PRIVATE.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+).decode("ascii")
+
+
+def keyRecord(public: str = PUBLIC) -> tuple[str, ...]:
+    """The DKIM key record, in character-strings of at most 255 octets."""
+    text = f"v=DKIM1; k=rsa; p={public}"
+    return tuple(text[i : i + 200] for i in range(0, len(text), 200))
+
+
+MESSAGE = (
+    b"From: Alice <alice@example.com>\r\n"
+    b"To: bob@example.org\r\n"
+    b"Subject: hello\r\n"
+    b"Message-Id: <1@example.com>\r\n"
+    b"\r\n"
+    b"Hello Bob.\r\n"
+)
+
+
+def signed(message: bytes = MESSAGE, domain: bytes = b"example.com", selector: bytes = b"sel",
+           key: bytes = PRIVATE_PEM) -> bytes:
+    return dkim.sign(message, selector, domain, key, linesep=b"\r\n") + message
+
+
+def records(**extra: Any) -> dict[str, dict[str, list[Any]]]:
+    found: dict[str, dict[str, list[Any]]] = {
+        "example.com": {"TXT": ["v=spf1 ip4:192.0.2.1 -all"], "MX": [(10, "mx.example.com")]},
+        "sel._domainkey.example.com": {"TXT": [keyRecord()]},
+        "_dmarc.example.com": {"TXT": ["v=DMARC1; p=reject; rua=mailto:d@example.com"]},
+    }
+    found.update(extra)
+    return found
+
+
+def build(tmp_path: Path, resolver: FakeResolver, **options: Any) -> Any:
+    return buildPlugin("authres", options, tmp_path, interface=IMessageFilter, resolver=resolver)
+
+
+def run(plugin: Any, message: bytes, *, sender: str = "alice@example.com",
+        address: str = "192.0.2.1", helo: str = "mail.example.com", **client: Any) -> Any:
+    envelope = makeEnvelope(sender, client=makeClient(address, helo=helo, **client))
+    context = makeFilterContext(message, envelope=envelope)
+    answer = plugin.filterMessage(context)
+    if isinstance(answer, Deferred):
+        box: list[Any] = []
+        answer.addBoth(box.append)
+        assert box, "the filter did not answer"
+        answer = box[0]
+    return answer, envelope
+
+
+def field(answer: FilterResult) -> str:
+    assert answer.verdict is CONTINUE
+    [header] = answer.prepend
+    return header.decode("ascii")
+
+
+def parsed(text: str) -> Any:
+    """The field as the authres library reads it (RFC 8601 syntax)."""
+    return authreslib.AuthenticationResultsHeader.parse(text.replace("\r\n", ""))
+
+
+def test_a_message_from_a_permitted_host_with_a_good_signature_passes(tmp_path: Path) -> None:
+    resolver = FakeResolver(records())
+    plugin = build(tmp_path, resolver)
+    message = signed()
+    answer, envelope = run(plugin, message)
+    b = dkim.util.parse_tag_value(message.split(b"\r\n\r\n")[0].split(b":", 1)[1])[b"b"][:8]
+    assert field(answer) == (
+        "Authentication-Results: relay.test;\r\n"
+        "\tspf=pass smtp.mailfrom=alice@example.com;\r\n"
+        f"\tdkim=pass header.d=example.com header.s=sel header.b={b.decode()};\r\n"
+        "\tdmarc=pass (p=reject dis=none) header.from=example.com\r\n"
+    )
+    header = parsed(field(answer))
+    assert header.authserv_id == "relay.test"
+    assert [(r.method, r.result) for r in header.results] == [
+        ("spf", "pass"), ("dkim", "pass"), ("dmarc", "pass")
+    ]
+    assert envelope.notes["authres"] == {
+        "spf": "pass", "spf_domain": "example.com",
+        "dkim": [{"result": "pass", "domain": "example.com", "selector": "sel"}],
+        "dmarc": "pass", "header_from": "example.com", "dmarc_policy": "reject",
+        "dmarc_disposition": "none",
+    }
+    assert answer.remove == ()
+    # Every lookup went to the context's resolver.
+    assert set(resolver.queries) == {
+        ("example.com", "TXT"), ("sel._domainkey.example.com", "TXT"),
+        ("_dmarc.example.com", "TXT"),
+    }
+
+
+def test_the_libraries_never_do_dns_of_their_own(tmp_path: Path, monkeypatch: Any) -> None:
+    def blocked(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"blocking DNS: {args}")
+
+    monkeypatch.setattr(module, "_libraryLookup", blocked)
+    monkeypatch.setattr(dkim, "get_txt", blocked)
+    plugin = build(tmp_path, FakeResolver(records()))
+    answer, _ = run(plugin, signed())
+    assert "dkim=pass" in field(answer) and "spf=pass" in field(answer)
+
+
+def test_a_forged_message_fails_and_is_only_tagged_by_default(tmp_path: Path) -> None:
+    plugin = build(tmp_path, FakeResolver(records()))
+    forged = signed().replace(b"Hello Bob.", b"Send money.")
+    answer, envelope = run(plugin, forged, address="203.0.113.9")
+    text = field(answer)
+    assert "\tspf=fail smtp.mailfrom=alice@example.com;" in text
+    assert "\tdkim=fail (body hash mismatch" in text
+    assert "\tdmarc=fail (p=reject dis=reject) header.from=example.com" in text
+    assert [r.result for r in parsed(text).results] == ["fail", "fail", "fail"]
+    assert envelope.notes["authres"]["dmarc"] == "fail"
+
+
+def test_dmarc_reject_refuses_a_failing_message_550(tmp_path: Path) -> None:
+    plugin = build(tmp_path, FakeResolver(records()), dmarc_reject=True)
+    answer, _ = run(plugin, MESSAGE, address="203.0.113.9")
+    assert answer.verdict.kind is VerdictKind.REJECT
+    assert str(answer.verdict.reply) == "550 5.7.1 Error: rejected by DMARC policy for example.com"
+    assert answer.prepend == ()
+    # A passing message is not refused.
+    answer, _ = run(plugin, signed(), address="203.0.113.9")
+    assert "dmarc=pass" in field(answer)
+
+
+@pytest.mark.parametrize(("quarantine", "kind"), [("tag", None), ("defer", VerdictKind.DEFER)])
+def test_quarantine_tags_or_defers(tmp_path: Path, quarantine: str, kind: Any) -> None:
+    resolver = FakeResolver(records(**{"_dmarc.example.com": {"TXT": ["v=DMARC1; p=quarantine"]}}))
+    plugin = build(tmp_path, resolver, dmarc_reject=True, quarantine=quarantine)
+    answer, _ = run(plugin, MESSAGE, address="203.0.113.9")
+    if kind is None:
+        assert "dmarc=fail (p=quarantine dis=quarantine)" in field(answer)
+    else:
+        assert str(answer.verdict.reply) == (
+            "451 4.7.1 Error: deferred by DMARC quarantine policy for example.com"
+        )
+
+
+def test_pct_samples_the_policy(tmp_path: Path) -> None:
+    resolver = FakeResolver(records(**{"_dmarc.example.com": {"TXT": ["v=DMARC1; p=reject; pct=20"]}}))
+    plugin = build(tmp_path, resolver, dmarc_reject=True)
+    plugin.random = lambda: 0.5  # not in the 20 %: the next policy down
+    answer, _ = run(plugin, MESSAGE, address="203.0.113.9")
+    assert "dmarc=fail (p=reject dis=quarantine)" in field(answer)
+    plugin.random = lambda: 0.1
+    answer, _ = run(plugin, MESSAGE, address="203.0.113.9")
+    assert answer.verdict.kind is VerdictKind.REJECT
+
+
+def test_relaxed_and_strict_spf_alignment(tmp_path: Path) -> None:
+    extra = {"bounce.example.com": {"TXT": ["v=spf1 ip4:192.0.2.1 -all"]}}
+    plugin = build(tmp_path, FakeResolver(records(**extra)))
+    answer, _ = run(plugin, MESSAGE, sender="b@bounce.example.com")
+    assert "\tspf=pass smtp.mailfrom=b@bounce.example.com;" in field(answer)
+    assert "dmarc=pass" in field(answer)
+    extra["_dmarc.example.com"] = {"TXT": ["v=DMARC1; p=reject; aspf=s"]}
+    plugin = build(tmp_path, FakeResolver(records(**extra)))
+    answer, _ = run(plugin, MESSAGE, sender="b@bounce.example.com")
+    assert "dmarc=fail (p=reject dis=reject)" in field(answer)
+
+
+def test_strict_dkim_alignment_and_a_signature_of_another_domain(tmp_path: Path) -> None:
+    extra = {"sel._domainkey.mail.example.com": {"TXT": [keyRecord()]},
+             "_dmarc.example.com": {"TXT": ["v=DMARC1; p=reject; adkim=s"]}}
+    plugin = build(tmp_path, FakeResolver(records(**extra)))
+    answer, _ = run(plugin, signed(domain=b"mail.example.com"), address="203.0.113.9")
+    text = field(answer)
+    assert "dkim=pass header.d=mail.example.com header.s=sel" in text
+    assert "dmarc=fail (p=reject dis=reject)" in text
+
+
+def test_subdomain_policy_from_the_organizational_domain(tmp_path: Path) -> None:
+    resolver = FakeResolver(records(**{
+        "_dmarc.example.com": {"TXT": ["v=DMARC1; p=reject; sp=none"]},
+    }))
+    plugin = build(tmp_path, resolver, dmarc_reject=True)
+    message = MESSAGE.replace(b"alice@example.com", b"alice@news.example.com")
+    answer, envelope = run(plugin, message, address="203.0.113.9")
+    assert "dmarc=fail (p=none dis=none) header.from=news.example.com" in field(answer)
+    assert ("_dmarc.news.example.com", "TXT") in resolver.queries
+    assert envelope.notes["authres"]["dmarc_policy"] == "none"
+
+
+def test_no_records_at_all(tmp_path: Path) -> None:
+    plugin = build(tmp_path, FakeResolver({"example.com": {"A": ["192.0.2.1"]}}))
+    answer, _ = run(plugin, MESSAGE)
+    assert field(answer).split(";\r\n\t")[1:] == ["spf=none smtp.mailfrom=alice@example.com",
+                                                 "dkim=none", "dmarc=none header.from=example.com\r\n"]
+
+
+def test_spf_follows_include_a_and_mx_through_the_resolver(tmp_path: Path) -> None:
+    resolver = FakeResolver(records(**{
+        "example.com": {"TXT": ["v=spf1 mx include:_spf.example.net -all"],
+                        "MX": [(10, "mx.example.com")]},
+        "mx.example.com": {"A": ["192.0.2.50"]},
+        "_spf.example.net": {"TXT": ["v=spf1 a:out.example.net -all"]},
+        "out.example.net": {"A": ["192.0.2.1"], "AAAA": ["2001:db8::1"]},
+    }))
+    plugin = build(tmp_path, resolver)
+    assert "spf=pass" in field(run(plugin, MESSAGE)[0])
+    assert "spf=pass" in field(run(plugin, MESSAGE, address="192.0.2.50")[0])
+    assert "spf=pass" in field(run(plugin, MESSAGE, address="2001:db8::1")[0])
+    assert "spf=fail" in field(run(plugin, MESSAGE, address="192.0.2.99")[0])
+
+
+def test_null_sender_is_checked_by_its_helo(tmp_path: Path) -> None:
+    resolver = FakeResolver(records(**{"mail.example.com": {"TXT": ["v=spf1 ip4:192.0.2.1 -all"]}}))
+    answer, envelope = run(build(tmp_path, resolver), signed(), sender="")
+    assert "\tspf=pass smtp.helo=mail.example.com;" in field(answer)
+    assert envelope.notes["authres"]["spf_domain"] == "mail.example.com"
+
+
+@pytest.mark.parametrize("error", [TimeoutError("slow"), SERVFAIL("servfail")])
+def test_temporary_dns_errors_are_temperror_never_a_reject(tmp_path: Path, error: Any) -> None:
+    resolver = FakeResolver(records())
+    resolver.fail("example.com", "TXT", error)
+    resolver.fail("sel._domainkey.example.com", "TXT", error)
+    plugin = build(tmp_path, resolver, dmarc_reject=True)
+    answer, envelope = run(plugin, signed(), address="203.0.113.9")
+    text = field(answer)
+    assert "\tspf=temperror (" in text and "\tdkim=temperror (key lookup failed)" in text
+    assert "\tdmarc=temperror (SPF or DKIM lookup failed) header.from=example.com" in text
+    resolver = FakeResolver(records())
+    resolver.fail("_dmarc.example.com", "TXT", error)
+    answer, envelope = run(build(tmp_path, resolver, dmarc_reject=True), MESSAGE,
+                           address="203.0.113.9")
+    assert "\tdmarc=temperror (policy lookup failed) header.from=example.com" in field(answer)
+    assert envelope.notes["authres"]["dmarc"] == "temperror"
+
+
+def test_a_missing_key_is_permerror(tmp_path: Path) -> None:
+    plugin = build(tmp_path, FakeResolver(records()))
+    answer, _ = run(plugin, signed(selector=b"gone"))
+    assert "\tdkim=permerror (no key) header.d=example.com header.s=gone" in field(answer)
+    assert "dmarc=pass" in field(answer)  # by SPF
+
+
+def test_forged_results_claiming_our_authserv_id_are_removed(tmp_path: Path) -> None:
+    ours = b"Authentication-Results: (forged) Relay.Test;\r\n\tdmarc=pass\r\n"
+    theirs = b"Authentication-Results: mx.example.org; dmarc=pass\r\n"
+    plugin = build(tmp_path, FakeResolver(records()))
+    answer, _ = run(plugin, ours + theirs + MESSAGE)
+    assert answer.remove == (ours,)
+    context = makeFilterContext(ours + theirs + MESSAGE)
+    context.read()
+    context.addFields(answer.prepend, (), answer.remove)
+    box: list[bytes] = []
+    context.message().addCallback(box.append)
+    assert box == [answer.prepend[0] + theirs + MESSAGE]
+
+
+def test_authserv_id_option(tmp_path: Path) -> None:
+    plugin = build(tmp_path, FakeResolver(records()), authserv_id="MX.Example.Org")
+    answer, _ = run(plugin, b"Authentication-Results: mx.example.org; spf=pass\r\n" + MESSAGE)
+    assert field(answer).startswith("Authentication-Results: mx.example.org;\r\n")
+    assert len(answer.remove) == 1
+
+
+def test_several_from_fields_are_a_dmarc_permerror(tmp_path: Path) -> None:
+    plugin = build(tmp_path, FakeResolver(records()), dmarc_reject=True)
+    answer, _ = run(plugin, b"From: mallory@evil.example\r\n" + MESSAGE, address="203.0.113.9")
+    assert "\tdmarc=permerror (several From fields)\r\n" in field(answer)
+
+
+@pytest.mark.parametrize(
+    ("client", "options", "checked"),
+    [
+        ({"authUser": "alice", "relayAllowed": True}, {}, False),
+        ({"authUser": "alice", "relayAllowed": True}, {"check_relay_networks": True}, False),
+        ({"relayAllowed": True}, {}, False),
+        ({"relayAllowed": True}, {"check_relay_networks": True}, True),
+        ({}, {}, True),
+    ],
+)
+def test_which_clients_are_checked(tmp_path: Path, client: dict[str, Any],
+                                   options: dict[str, Any], checked: bool) -> None:
+    plugin = build(tmp_path, FakeResolver(records()), **options)
+    answer, envelope = run(plugin, MESSAGE, **client)
+    assert ("authres" in envelope.notes) is checked
+    assert (answer is CONTINUE) is not checked
+
+
+def test_messages_the_relay_makes_are_not_checked(tmp_path: Path) -> None:
+    plugin = build(tmp_path, FakeResolver(records()))
+    assert plugin.filterMessage(makeFilterContext(MESSAGE, client=None)) is CONTINUE
+
+
+@pytest.mark.parametrize(
+    ("options", "key", "text"),
+    [
+        ({"quarantine": "drop"}, "quarantine", 'must be "tag" or "defer", not "drop"'),
+        ({"dmarc_reject": "yes"}, "dmarc_reject", "true or false"),
+        ({"min_key_bits": 256}, "min_key_bits", "512"),
+        ({"dmarc_rejct": True}, "dmarc_rejct", "dmarc_reject"),
+    ],
+)
+def test_bad_options_name_the_key(tmp_path: Path, options: dict[str, Any], key: str,
+                                  text: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        build(tmp_path, FakeResolver(), **options)
+    assert key in str(e.value) and text in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "policy"),
+    [
+        (b"v=DMARC1; p=reject", ("reject", "reject", "r", "r", 100)),
+        (b"v=DMARC1;p=quarantine;sp=none;adkim=s;aspf=s;pct=50",
+         ("quarantine", "none", "s", "s", 50)),
+        (b"v=DMARC1; p=bogus; rua=mailto:x@example.com", ("none", "none", "r", "r", 100)),
+        (b"v=DMARC1; p=bogus", None),
+        (b"p=reject; v=DMARC1", None),
+        (b"v=DMARC2; p=reject", None),
+    ],
+)
+def test_parse_policy(text: bytes, policy: Any) -> None:
+    found = module.parsePolicy("example.com", text)
+    if policy is None:
+        assert found is None
+    else:
+        assert found is not None
+        assert (found.p, found.sp, found.adkim, found.aspf, found.pct) == policy
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (b" relay.test; spf=pass", "relay.test"),
+        (b" (comment) RELAY.TEST. 1;\r\n\tspf=pass", "relay.test"),
+        (b' "relay.test"; none', "relay.test"),
+        (b" relay.test", "relay.test"),
+        (b" ;", ""),
+    ],
+)
+def test_authserv_id_of_a_field(value: bytes, expected: str) -> None:
+    assert module.authservID(value) == expected
+
+
+def test_a_name_server_that_does_not_answer_is_temperror_after_dns_timeout(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    resolver = FakeResolver(records(), clock=clock, delay=60)
+    plugin = buildPlugin("authres", {"dns_timeout": 5, "dmarc_reject": True}, tmp_path,
+                         resolver=resolver, reactor=clock)
+    envelope = makeEnvelope("alice@example.com", client=makeClient("203.0.113.9", helo="x"))
+    box: list[Any] = []
+    plugin.filterMessage(makeFilterContext(signed(), envelope=envelope)).addBoth(box.append)
+    clock.advance(4.9)
+    assert box == []
+    clock.advance(0.1)  # the SPF record, the key, the policy: all at once
+    text = field(box[0])
+    assert "\tspf=temperror (" in text and "\tdkim=temperror (key lookup failed)" in text
+    assert "\tdmarc=temperror (policy lookup failed) header.from=example.com" in text

@@ -1,0 +1,126 @@
+"""End-to-end: the built-in C{authres} filter in the real C{twistd -n mailrelay}, its DNS
+through C{[dns] nameservers} (tests/harness.py's DNSServer): a message from an SPF-permitted
+127.0.0.1 with a good DKIM signature (signed here with a key made here) reaches the aiosmtpd
+next hop with C{Authentication-Results: relay.test; spf=pass ...; dkim=pass ...; dmarc=pass};
+a forged one with fail results; with C{dmarc_reject} a p=reject failure is refused 550."""
+
+from __future__ import annotations
+
+import smtplib
+from pathlib import Path
+from typing import Any
+
+import dkim
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from tests.harness import DNSServer
+from tests.test_e2e_outbound import nexthop  # noqa: F401  (the fixture)
+
+
+def _key() -> tuple[bytes, list[str]]:
+    """A new RSA key: its PEM, and its DKIM key record in character-strings."""
+    import base64
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    der = key.public_key().public_bytes(serialization.Encoding.DER,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    text = "v=DKIM1; k=rsa; p=" + base64.b64encode(der).decode("ascii")
+    return pem, [text[i : i + 200] for i in range(0, len(text), 200)]
+
+
+GOOD_KEY, GOOD_RECORD = _key()
+OTHER_KEY, _ = _key()
+
+ZONE = [
+    ["example.test", "TXT", "v=spf1 ip4:127.0.0.1 -all"],
+    ["sel._domainkey.example.test", "TXT", *GOOD_RECORD],
+    ["_dmarc.example.test", "TXT", "v=DMARC1; p=reject"],
+    ["bank.test", "TXT", "v=spf1 ip4:192.0.2.1 -all"],
+    ["sel._domainkey.bank.test", "TXT", *GOOD_RECORD],
+    ["_dmarc.bank.test", "TXT", "v=DMARC1; p=reject"],
+]
+
+
+@pytest.fixture(scope="module")
+def dnsServer(tmp_path_factory: pytest.TempPathFactory):
+    server = DNSServer(tmp_path_factory.mktemp("dns"), "test", ZONE)
+    yield server
+    server.stop()
+
+
+def config(dnsPort: int, hopPort: int, options: str = "") -> str:
+    # 127.0.0.1 is not in a relay network: a client from outside, as at an MX.
+    return (
+        '[relay]\nnetworks = []\naccept_domains = ["example.org"]\n'
+        f'[dns]\nreverse_lookups = false\nnameservers = ["127.0.0.1:{dnsPort}"]\n'
+        f'[[routes]]\ndomain = "example.org"\nbackend = "smtp"\nnexthop = "[127.0.0.1]:{hopPort}"\n'
+        f'[[plugins]]\nplugin = "authres"\n{options}'
+    )
+
+
+def message(sender: str, subject: str, key: bytes, domain: str) -> bytes:
+    body = (f"From: <{sender}>\r\nTo: <bob@example.org>\r\nSubject: {subject}\r\n"
+            f"Message-Id: <{subject}@{domain}>\r\n\r\nHello Bob.\r\n").encode()
+    return dkim.sign(body, b"sel", domain.encode(), key, linesep=b"\r\n") + body
+
+
+def send(port: int, sender: str, data: bytes) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=15) as s:
+        assert s.ehlo("client.example.test")[0] == 250
+        assert s.mail(sender)[0] == 250
+        assert s.rcpt("bob@example.org")[0] == 250
+        return s.data(data)
+
+
+def results(received: Any) -> list[str]:
+    """The Authentication-Results fields of a message the next hop received, unfolded."""
+    head = received.content.split(b"\r\n\r\n", 1)[0].decode()
+    fields = head.replace("\r\n\t", " ").replace("\r\n ", " ").split("\r\n")
+    return [f for f in fields if f.lower().startswith("authentication-results:")]
+
+
+def test_pass_and_fail_reach_the_next_hop(relays, dnsServer, nexthop) -> None:  # noqa: F811
+    hop, hopPort = nexthop()
+    r = relays(config(dnsServer.port, hopPort)).start()
+    # A client's own Authentication-Results claiming the relay's name is removed (RFC 8601 5).
+    good = b"Authentication-Results: relay.test; dmarc=pass\r\n" + message(
+        "alice@example.test", "good", GOOD_KEY, "example.test")
+    assert send(r.port, "alice@example.test", good)[0] == 250
+    # Forged: bank.test permits only 192.0.2.1, and the signature is not made with its key.
+    forged = message("ceo@bank.test", "forged", OTHER_KEY, "bank.test")
+    assert send(r.port, "ceo@bank.test", forged)[0] == 250
+    accepted = hop.waitFor(lambda acc: len(acc) >= 2, 15, "two messages")
+    bySubject = {b"good" if b"Subject: good" in m.content else b"forged": m for m in accepted}
+    [field] = results(bySubject[b"good"])
+    assert field.startswith("Authentication-Results: relay.test; spf=pass "
+                            "smtp.mailfrom=alice@example.test; dkim=pass header.d=example.test "
+                            "header.s=sel header.b=")
+    assert field.endswith("; dmarc=pass (p=reject dis=none) header.from=example.test")
+    [field] = results(bySubject[b"forged"])
+    assert "spf=fail smtp.mailfrom=ceo@bank.test;" in field
+    assert "dkim=fail (" in field and "header.d=bank.test header.s=sel" in field
+    assert field.endswith("dmarc=fail (p=reject dis=reject) header.from=bank.test")
+    # Every lookup went to the configured name server.
+    asked = set(dnsServer.queries())
+    assert {("example.test", "TXT"), ("sel._domainkey.example.test", "TXT"),
+            ("_dmarc.example.test", "TXT"), ("_dmarc.bank.test", "TXT")} <= asked
+    assert "authres: spf=fail dkim=fail:bank.test dmarc=fail from=bank.test" in r.log()
+
+
+def test_dmarc_reject_refuses_550(relays, dnsServer, nexthop) -> None:  # noqa: F811
+    hop, hopPort = nexthop()
+    r = relays(config(dnsServer.port, hopPort, "dmarc_reject = true\n")).start()
+    forged = message("ceo@bank.test", "forged", OTHER_KEY, "bank.test")
+    assert send(r.port, "ceo@bank.test", forged) == (
+        550, b"5.7.1 Error: rejected by DMARC policy for bank.test")
+    good = message("alice@example.test", "good", GOOD_KEY, "example.test")
+    assert send(r.port, "alice@example.test", good)[0] == 250
+    [received] = hop.waitFor(lambda acc: len(acc) >= 1, 15, "the good message")
+    assert b"Subject: good" in received.content
+    # The refused message was never queued: the intake's line says so.
+    r.waitForLog(r"from=<ceo@bank\.test> .*result=550 5\.7\.1 Error: rejected by DMARC")
+    assert len(hop.accepted) == 1
