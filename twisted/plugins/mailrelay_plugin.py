@@ -9,9 +9,13 @@ a site's: the relay builds them from C{[delivery]} and C{[dns]} (L{mailrelay.app
 from twisted.application.service import ServiceMaker
 
 from mailrelay.interfaces import (
+    IConnectionPolicy,
+    IDataPolicy,
     IDeliveryBackend,
     IHeaderStamper,
+    IMessageFilter,
     IRecipientValidator,
+    ISenderValidator,
     MailRelayPlugin,
 )
 
@@ -51,6 +55,20 @@ regexPlugin = MailRelayPlugin(
     factory="mailrelay.policy.validators:buildRegex",
 )
 
+dnsblPlugin = MailRelayPlugin(
+    name="dnsbl",
+    provides=(IConnectionPolicy, ISenderValidator, IMessageFilter),
+    description="Refuse or tag clients listed in DNS blocklists (at connect, or at MAIL)",
+    factory="mailrelay.builtin.dnsbl:build",
+)
+
+greylistPlugin = MailRelayPlugin(
+    name="greylist",
+    provides=IDataPolicy,
+    description="Greylisting at DATA (client network, sender, recipient); memory or Redis",
+    factory="mailrelay.builtin.greylist:build",
+)
+
 
 def _builtinBackend(name: str, description: str) -> MailRelayPlugin:
     """The plugin of the built-in backend C{name}, made by C{mailrelay.delivery.<name>.build}."""
@@ -73,6 +91,8 @@ __all__ = [
     "acceptedDomainsPlugin",
     "recipientMapPlugin",
     "regexPlugin",
+    "dnsblPlugin",
+    "greylistPlugin",
     "smtpBackend",
     "lmtpBackend",
     "maildirBackend",
