@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 
@@ -23,18 +22,12 @@ from mailrelay.testing import (
     makeEnvelope,
     makeFilterContext,
 )
+from tests.harness import fired
 
 LISTED = "192.0.2.7"
 NAME = "7.2.0.192.bl.test"
 
 
-def result(d: Any) -> Any:
-    if not isinstance(d, Deferred):
-        return d
-    box: list[Any] = []
-    d.addBoth(box.append)
-    assert box, "not fired"
-    return box[0]
 
 
 def plugin(tmp_path: Path, resolver: FakeResolver, clock: Any = None, **options: Any) -> Any:
@@ -92,7 +85,7 @@ def test_bad_options_name_the_key(tmp_path: Path, options: dict, key: str, messa
 def test_a_listed_client_is_refused_naming_the_zone_and_its_reason(tmp_path: Path) -> None:
     resolver = FakeResolver({NAME: {"A": ["127.0.0.2"], "TXT": ["https://bl.test/q/192.0.2.7"]}})
     client = makeClient(LISTED)
-    verdict = result(plugin(tmp_path, resolver).checkConnect(client))
+    verdict = fired(plugin(tmp_path, resolver).checkConnect(client))
     assert verdict == Verdict.reject(
         "Service unavailable; Client host [192.0.2.7] blocked using bl.test; "
         "https://bl.test/q/192.0.2.7", 554, "5.7.1")
@@ -102,21 +95,21 @@ def test_a_listed_client_is_refused_naming_the_zone_and_its_reason(tmp_path: Pat
 
 def test_without_a_reason_the_reply_is_postfix_s(tmp_path: Path) -> None:
     resolver = FakeResolver({NAME: {"A": ["127.0.0.2"]}})
-    verdict = result(plugin(tmp_path, resolver).checkConnect(makeClient(LISTED)))
+    verdict = fired(plugin(tmp_path, resolver).checkConnect(makeClient(LISTED)))
     assert str(verdict.reply) == (
         "554 5.7.1 Service unavailable; Client host [192.0.2.7] blocked using bl.test")
 
 
 def test_an_unlisted_client_passes_without_notes(tmp_path: Path) -> None:
     client = makeClient("192.0.2.8")
-    assert result(plugin(tmp_path, FakeResolver()).checkConnect(client)) is CONTINUE
+    assert fired(plugin(tmp_path, FakeResolver()).checkConnect(client)) is CONTINUE
     assert client.notes == {}
 
 
 def test_answers_the_filter_refuses_are_no_listing(tmp_path: Path) -> None:
     resolver = FakeResolver({NAME: {"A": ["127.255.255.254"]}})
     p = plugin(tmp_path, resolver, zones=["bl.test=127.0.0.[2..11]"])
-    assert result(p.checkConnect(makeClient(LISTED))) is CONTINUE
+    assert fired(p.checkConnect(makeClient(LISTED))) is CONTINUE
 
 
 @pytest.mark.parametrize("error", [SERVFAIL, None])
@@ -124,7 +117,7 @@ def test_a_failing_lookup_fails_open_and_is_logged(tmp_path: Path, error: Any) -
     resolver = FakeResolver({NAME: {"A": ["127.0.0.2"]}})
     resolver.fail(NAME, "A", error(NAME) if error else None)
     with capturedLogs() as events:
-        verdict = result(plugin(tmp_path, resolver).checkConnect(makeClient(LISTED)))
+        verdict = fired(plugin(tmp_path, resolver).checkConnect(makeClient(LISTED)))
     assert verdict is CONTINUE
     assert any(f"lookup of {NAME} failed, taken as not listed" in formatEvent(e)
                for e in events)
@@ -141,7 +134,7 @@ def test_zones_are_asked_in_parallel_within_the_timeout(tmp_path: Path) -> None:
     assert [q for q in resolver.queries] == [
         (NAME, "A"), ("7.2.0.192.slow.test", "A"), ("7.2.0.192.none.test", "A")]
     clock.advance(3)
-    assert result(d) is CONTINUE
+    assert fired(d) is CONTINUE
     assert [e["zone"] for e in client.notes["dnsbl"]["listed"]] == ["bl.test", "slow.test"]
 
 
@@ -152,18 +145,18 @@ def test_a_lookup_slower_than_the_timeout_is_not_a_listing(tmp_path: Path) -> No
     d = p.checkConnect(makeClient(LISTED))
     assert not d.called
     clock.advance(2)
-    assert result(d) is CONTINUE
+    assert fired(d) is CONTINUE
     assert not clock.getDelayedCalls()  # the slow answer's timer was cancelled
 
 
 def test_an_ipv6_client_is_looked_up_by_nibbles(tmp_path: Path) -> None:
     name = queryName(ipaddress.ip_address("2001:db8::1"), "bl.test")
     resolver = FakeResolver({name: {"A": ["127.0.0.2"]}})
-    verdict = result(plugin(tmp_path, resolver).checkConnect(makeClient("2001:db8::1")))
+    verdict = fired(plugin(tmp_path, resolver).checkConnect(makeClient("2001:db8::1")))
     assert "Client host [2001:db8::1] blocked using bl.test" in verdict.reply.text
     mapped = makeClient("::ffff:192.0.2.7")
     resolver.add(NAME, "A", "127.0.0.2")
-    assert result(plugin(tmp_path, resolver).checkConnect(mapped)).kind is VerdictKind.REJECT
+    assert fired(plugin(tmp_path, resolver).checkConnect(mapped)).kind is VerdictKind.REJECT
 
 
 def test_weights_and_threshold(tmp_path: Path) -> None:
@@ -173,10 +166,10 @@ def test_weights_and_threshold(tmp_path: Path) -> None:
     p = plugin(tmp_path, resolver, zones=["bl.test", "two.test*2", "allow.test*-2", "z.test"],
                threshold=3)
     client = makeClient(LISTED)
-    assert result(p.checkConnect(client)) is CONTINUE  # 1 + 2 - 2 = 1
+    assert fired(p.checkConnect(client)) is CONTINUE  # 1 + 2 - 2 = 1
     assert client.notes["dnsbl"]["score"] == 1
     resolver.remove("7.2.0.192.allow.test")
-    verdict = result(p.checkConnect(makeClient(LISTED)))  # 1 + 2 = 3
+    verdict = fired(p.checkConnect(makeClient(LISTED)))  # 1 + 2 = 3
     assert verdict.reply.text.endswith("blocked using bl.test")
 
 
@@ -184,7 +177,7 @@ def test_tag_notes_the_client_and_adds_the_header(tmp_path: Path) -> None:
     resolver = FakeResolver({NAME: {"A": ["127.0.0.2", "127.0.0.4"]}})
     p = plugin(tmp_path, resolver, action="tag", header="X-DNSBL")
     client = makeClient(LISTED)
-    assert result(p.checkConnect(client)) is CONTINUE
+    assert fired(p.checkConnect(client)) is CONTINUE
     assert client.notes["dnsbl"]["listed"] == [
         {"zone": "bl.test", "answers": ["127.0.0.2", "127.0.0.4"]}]
     context = makeFilterContext(b"Subject: x\r\n\r\nx\r\n", envelope=makeEnvelope(client=client))
@@ -198,11 +191,11 @@ def test_tag_notes_the_client_and_adds_the_header(tmp_path: Path) -> None:
 def test_relay_clients_and_exempt_networks_are_not_looked_up(tmp_path: Path) -> None:
     resolver = FakeResolver({NAME: {"A": ["127.0.0.2"]}})
     p = plugin(tmp_path, resolver, exempt_networks=["192.0.2.0/28"])
-    assert result(p.checkConnect(makeClient(LISTED, relayAllowed=True))) is CONTINUE
-    assert result(p.checkConnect(makeClient(LISTED))) is CONTINUE
+    assert fired(p.checkConnect(makeClient(LISTED, relayAllowed=True))) is CONTINUE
+    assert fired(p.checkConnect(makeClient(LISTED))) is CONTINUE
     assert resolver.queries == []
     strict = plugin(tmp_path, resolver, exempt_relay_clients=False)
-    verdict = result(strict.checkConnect(makeClient(LISTED, relayAllowed=True)))
+    verdict = fired(strict.checkConnect(makeClient(LISTED, relayAllowed=True)))
     assert verdict.kind is VerdictKind.REJECT
 
 
@@ -210,12 +203,12 @@ def test_reject_at_mail_spares_authenticated_clients(tmp_path: Path) -> None:
     resolver = FakeResolver({NAME: {"A": ["127.0.0.2"]}})
     p = plugin(tmp_path, resolver, reject_at="mail")
     client = makeClient(LISTED)
-    assert result(p.checkConnect(client)) is CONTINUE
-    verdict = result(p.validateSender(client, makeEnvelope(client=client)))
+    assert fired(p.checkConnect(client)) is CONTINUE
+    verdict = fired(p.validateSender(client, makeEnvelope(client=client)))
     assert str(verdict.reply) == (
         "554 5.7.1 Service unavailable; Client host [192.0.2.7] blocked using bl.test")
     client.authUser, client.relayAllowed = "alice", True
-    assert result(p.validateSender(client, makeEnvelope(client=client))) is CONTINUE
+    assert fired(p.validateSender(client, makeEnvelope(client=client))) is CONTINUE
 
 
 # -- in a session
