@@ -5,6 +5,7 @@ relays would."""
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial import unittest
 
 from mailrelay.builtin.greylist import GREYLISTED, STORE_FAILED, RedisStore
@@ -91,7 +93,13 @@ class RedisStoreTests(unittest.TestCase):
         (self.directory / "wrong.pw").write_text("wrong\n")
         wrong = self.plugin(redis_password_file="wrong.pw", store_timeout=1)
         nobody = self.plugin(redis=f"tcp:127.0.0.1:{freePort()}", store_timeout=1)
-        for plugin in (wrong, nobody):
-            envelope = makeEnvelope(client=makeClient("192.0.2.7"))
-            self.assertEqual((yield plugin.checkData(envelope.client, envelope)), STORE_FAILED)
-        self.flushLoggedErrors()
+        with capturedLogs() as events:
+            for plugin in (wrong, nobody, wrong):  # wrong again: a new connection, refused
+                envelope = makeEnvelope(client=makeClient("192.0.2.7"))
+                self.assertEqual((yield plugin.checkData(envelope.client, envelope)),
+                                 STORE_FAILED)
+        refused = [formatEvent(e) for e in events if "refused the connection" in formatEvent(e)]
+        self.assertEqual(len(refused), 2, refused)
+        self.assertIn("WRONGPASS", refused[0])
+        gc.collect()  # no Deferred of txredisapi's was left failing unhandled
+        self.assertEqual(self.flushLoggedErrors(), [])

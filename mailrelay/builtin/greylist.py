@@ -146,7 +146,8 @@ class RedisStore:
         self.description = f"redis {address[0]}:{where} db {db}"
 
     def start(self) -> None:
-        """Connect (in the background: commands wait for the connection)."""
+        """Connect (in the background: commands wait for the connection, which is made
+        again whenever it breaks)."""
         if self.connection is not None:
             return
         import txredisapi  # type: ignore[import-untyped]  # no type hints of its own
@@ -159,6 +160,25 @@ class RedisStore:
         else:
             self.connection = txredisapi.lazyConnection(self.address[1], self.address[2],
                                                         **common)
+        # txredisapi fails this Deferred (and stops reconnecting) when AUTH or SELECT is
+        # refused; nobody else waits for it.
+        connected = getattr(getattr(self.connection, "_factory", None), "deferred", None)
+        if connected is not None:
+            connected.addErrback(self._refused)
+
+    def _refused(self, failure: Any) -> None:
+        log.error("greylist: {store} refused the connection: {error}",
+                  store=self.description, error=failure.getErrorMessage())
+
+    def _redis(self) -> Any:
+        """The connection: made now when there is none, or made anew when txredisapi gave
+        up on the last one (a refused AUTH or SELECT: the server may have been fixed)."""
+        factory = getattr(self.connection, "_factory", None)
+        if factory is not None and factory.stopped and not factory.size:
+            self.connection = None
+            factory.disconnect()
+        self.start()
+        return self.connection
 
     def stop(self) -> Any:
         """Disconnect; a Deferred firing once disconnected."""
@@ -166,10 +186,6 @@ class RedisStore:
         if connection is None:
             return succeed(None)
         return connection.disconnect()
-
-    def _redis(self) -> Any:
-        self.start()
-        return self.connection
 
     def get(self, key: str) -> Deferred[str | None]:
         return self._redis().get(key)
