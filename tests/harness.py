@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -192,6 +193,29 @@ class LineClient:
         self.sock.close()
 
 
+def stopProcess(p: subprocess.Popen[bytes] | None) -> None:
+    """Stop C{p} (when running): SIGTERM, then SIGKILL after 10 seconds."""
+    if p is not None and p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
+def fired(d: Any) -> Any:
+    """The result of C{d}, a Deferred that has fired (or C{d} itself, when no Deferred)."""
+    from twisted.internet.defer import Deferred
+
+    if not isinstance(d, Deferred):
+        return d
+    box: list[Any] = []
+    d.addBoth(box.append)
+    assert box, "not fired"
+    return box[0]
+
+
 def freePort(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago (for servers that cannot report the port they
     got); callers should retry when the server then fails to bind it."""
@@ -278,10 +302,45 @@ class DNSServer:
 
     def stop(self) -> None:
         p, self.process = self.process, None
-        if p is not None and p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        stopProcess(p)
+
+
+class RedisServer:
+    """A C{redis-server} of its own on a free 127.0.0.1 port, with its own directory, no
+    persistence, and a password when given; skipped (visibly) when the Debian package
+    redis-server is not installed, a failure under CI (.ci/run installs it).
+
+    @ivar port: the TCP port it listens on.
+    """
+
+    def __init__(self, directory: Path, password: str | None = None) -> None:
+        server = requireTool("redis-server", "redis-server")
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.password = password
+        self.logPath = directory / "redis.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        for _ in range(5):  # another process may take the free port first
+            self.port = freePort()
+            command = [server, "--port", str(self.port), "--bind", "127.0.0.1",
+                       "--dir", str(directory), "--save", "", "--appendonly", "no",
+                       "--daemonize", "no", "--logfile", str(self.logPath)]
+            if password is not None:
+                command += ["--requirepass", password]
+            self.logPath.unlink(missing_ok=True)
+            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and self.process.poll() is None:
+                if "Ready to accept connections" in self.log():
+                    return
+                time.sleep(0.05)
+            self.stop()
+        raise AssertionError(f"redis-server did not start:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.logPath.read_text(errors="replace") if self.logPath.exists() else ""
+
+    def stop(self) -> None:
+        p, self.process = self.process, None
+        stopProcess(p)

@@ -40,7 +40,7 @@ from aiosmtpd.controller import Controller, UnixSocketController
 from aiosmtpd.lmtp import LMTP
 
 from mailrelay.delivery.protocol import CHUNK_SIZE
-from tests.harness import DNSServer, RelayProcess, freePort, requireTool
+from tests.harness import DNSServer, RelayProcess, freePort, requireTool, stopProcess
 
 # ---------------------------------------------------------------------------------------------
 # Next hops
@@ -214,13 +214,7 @@ class Sink:
 
     def stop(self) -> None:
         p, self.process = self.process, None
-        if p is not None and p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        stopProcess(p)
 
     def cleanup(self) -> None:
         self.stop()

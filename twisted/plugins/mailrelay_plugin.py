@@ -9,10 +9,13 @@ a site's: the relay builds them from C{[delivery]} and C{[dns]} (L{mailrelay.app
 from twisted.application.service import ServiceMaker
 
 from mailrelay.interfaces import (
+    IConnectionPolicy,
+    IDataPolicy,
     IDeliveryBackend,
     IHeaderStamper,
     IMessageFilter,
     IRecipientValidator,
+    ISenderValidator,
     MailRelayPlugin,
 )
 
@@ -66,6 +69,20 @@ authresPlugin = MailRelayPlugin(
     factory="mailrelay.builtin.authres:build",
 )
 
+dnsblPlugin = MailRelayPlugin(
+    name="dnsbl",
+    provides=(IConnectionPolicy, ISenderValidator, IMessageFilter),
+    description="Refuse or tag clients listed in DNS blocklists (at connect, or at MAIL)",
+    factory="mailrelay.builtin.dnsbl:build",
+)
+
+greylistPlugin = MailRelayPlugin(
+    name="greylist",
+    provides=IDataPolicy,
+    description="Greylisting at DATA (client network, sender, recipient); memory or Redis",
+    factory="mailrelay.builtin.greylist:build",
+)
+
 
 def _builtinBackend(name: str, description: str) -> MailRelayPlugin:
     """The plugin of the built-in backend C{name}, made by C{mailrelay.delivery.<name>.build}."""
@@ -92,6 +109,8 @@ __all__ = [
     "regexPlugin",
     "dkimSignPlugin",
     "authresPlugin",
+    "dnsblPlugin",
+    "greylistPlugin",
     "smtpBackend",
     "lmtpBackend",
     "maildirBackend",
