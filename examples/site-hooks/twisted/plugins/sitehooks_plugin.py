@@ -1,4 +1,4 @@
-# The test site's dropin: names only (cheap to scan).  NO __init__.py beside it.
+# The site's dropin: names only (cheap to scan).  NO __init__.py beside it.
 from mailrelay.interfaces import (
     IConnectionPolicy,
     IDataPolicy,
