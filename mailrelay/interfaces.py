@@ -276,8 +276,9 @@ class ISenderValidator(Interface):
 
 
 class IDataPolicy(Interface):
-    """Judges a transaction at its DATA command, when every recipient is known (the place for
-    greylisting: the sender, the recipients and the client are all there).
+    """Judges a transaction at its DATA command (or its first BDAT chunk), when every
+    recipient is known (the place for greylisting: the sender, the recipients and the client
+    are all there).
 
     A verdict hook (see L{IRecipientValidator}); C{REJECT} and C{DEFER} answer the DATA
     command (the transaction ends, as after RSET), C{DISCONNECT} closes.  It runs before the
@@ -331,7 +332,8 @@ class IESMTPExtension(Interface):
         @param value: its value as sent (xtext not decoded), or C{None} for C{NAME} alone.
         @return: what to keep in C{envelope.parameters[name]}: any JSON value (C{None} is kept
             too), or a L{Reply} (4xx or 5xx) refusing the MAIL command.
-        @raise ValueError: the value is bad (C{501 5.5.4}, the message as its text).
+        @raise ValueError: the value is bad: C{501 5.5.4 Error: bad NAME parameter:} and
+            the exception's message.
         """
 
     def rcptParameter(

@@ -1,6 +1,6 @@
 """End-to-end: the hooks of [[plugins]] in the real C{twistd -n mailrelay}, with a site's
-plugins (tests/sitehooks) found on PYTHONPATH as docs/plugins.md says: connect, HELO, MAIL,
-DATA (greylisting), the message filter, the ESMTP extension, the queue and delivery
+plugins (examples/site-hooks) found on PYTHONPATH as docs/plugins.md says: connect, HELO,
+MAIL, DATA (greylisting), the message filter, the ESMTP extension, the queue and delivery
 observers (in the delivery process), a plugin that is a service (started, reloaded,
 stopped in order), a plugin whose build fails, and C{--list-plugins}."""
 
@@ -19,7 +19,7 @@ import pytest
 from tests.harness import TWISTD, RelayProcess
 from tests.test_e2e_reload import _reload
 
-SITE = Path(__file__).resolve().parent / "sitehooks"
+SITE = Path(__file__).resolve().parent.parent / "examples" / "site-hooks"
 ENV = {"PYTHONPATH": os.pathsep.join([str(SITE), os.environ.get("PYTHONPATH", "")])}
 MESSAGE = "Subject: hooks\r\n\r\nHello from the tests.\r\n"
 #: Everything is delivered to the discard backend, soon.

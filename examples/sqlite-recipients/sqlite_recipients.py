@@ -93,7 +93,7 @@ class SQLiteRecipients:
         Tests replace this attribute with a synchronous stand-in.
         """
         reactor = self._reactor
-        if reactor is None:  # built while only checking the configuration
+        if reactor is None:  # made by hand, without a context's reactor
             from twisted.internet import reactor
         return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 

@@ -1,7 +1,13 @@
-"""A site's plugins for the end-to-end tests of the hooks (tests/test_e2e_hooks.py): one of
-each kind, written as docs/plugins.md says, found by twistd on PYTHONPATH.  What they see is
-written to the file of their C{log} option, one JSON object per line, so that the tests can
-read what happened inside the relay's (and the delivery process's) plugins."""
+"""A site's plugins, one for each hook, as docs/plugins.md shows them (it quotes this file;
+tests/test_docs_plugins.py checks that the quotes stay verbatim).  They run in the real
+C{twistd -n mailrelay} in tests/test_e2e_hooks.py, found on PYTHONPATH through the dropin
+C{twisted/plugins/sitehooks_plugin.py}, and without sockets in
+tests/test_example_sitehooks.py.
+
+What the observers see is written to the file of their C{log} option, one JSON object per
+line, so that the tests can read what happened inside the relay's (and the delivery
+process's) plugins.  See README.md beside this file.
+"""
 
 from __future__ import annotations
 
@@ -21,10 +27,12 @@ from mailrelay.interfaces import (
     IDataPolicy,
     IDeliveryObserver,
     IESMTPExtension,
+    IHeaderStamper,
     IMessageFilter,
     IQueueObserver,
     ISenderValidator,
     Reply,
+    StampResult,
     Verdict,
 )
 
@@ -45,6 +53,8 @@ LOG = Key("log", fileName, "The file events are written to.", required="is requi
 
 @implementer(IConnectionPolicy)
 class Gate:
+    """Refuses listed clients at connect and bad names at HELO; notes who connected."""
+
     def __init__(self, options: Any) -> None:
         self.reject = options.reject or ()
         self.badHelo = options.badHelo or ()
@@ -71,6 +81,8 @@ def buildGate(options: dict[str, Any], context: Any) -> Gate:
 
 @implementer(ISenderValidator)
 class Senders:
+    """Refuses some senders at MAIL; notes that the sender was checked."""
+
     def __init__(self, refused: tuple[str, ...]) -> None:
         self.refused = refused
 
@@ -124,6 +136,8 @@ def buildGrey(options: dict[str, Any], context: Any) -> Grey:
 
 @implementer(IMessageFilter)
 class Filter:
+    """Reads the whole message: refuses it when it contains a word, else adds a field."""
+
     def __init__(self, word: str) -> None:
         self.word = word.encode()
 
@@ -145,6 +159,8 @@ def buildFilter(options: dict[str, Any], context: Any) -> Filter:
 
 @implementer(IQueueObserver, IDeliveryObserver)
 class Observer:
+    """Logs each message queued and each delivery attempt (it never delays mail)."""
+
     def __init__(self, log: Log) -> None:
         self.log = log
 
@@ -163,6 +179,8 @@ def buildObserver(options: dict[str, Any], context: Any) -> Observer:
 
 @implementer(IESMTPExtension)
 class Extension:
+    """The XSITE extension: the MAIL parameter XSITE-TAG and the command XSITE."""
+
     keyword = "XSITE"
     mailParameters = ("XSITE-TAG",)
     rcptParameters = ()
@@ -187,6 +205,24 @@ class Extension:
 def buildExtension(options: dict[str, Any], context: Any) -> Extension:
     context.readOptions(pluginOptions(), options)
     return Extension()
+
+
+@implementer(IHeaderStamper)
+class Stamp:
+    """Adds the client's address and name to each message received (none to the relay's
+    own messages, which have no client)."""
+
+    def stamp(self, context: Any) -> StampResult:
+        client = context.client
+        if client is None:
+            return StampResult()
+        name = client.rdns or "unknown"
+        return StampResult(append=[f"X-Site-Client: {name} [{client.address}]\r\n".encode()])
+
+
+def buildStamp(options: dict[str, Any], context: Any) -> Stamp:
+    context.readOptions(pluginOptions(), options)  # no options: any key is refused
+    return Stamp()
 
 
 def buildBroken(options: dict[str, Any], context: Any) -> Any:

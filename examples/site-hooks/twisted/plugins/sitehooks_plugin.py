@@ -1,9 +1,10 @@
-# The test site's dropin: names only (cheap to scan).  NO __init__.py beside it.
+# The site's dropin: names only (cheap to scan).  NO __init__.py beside it.
 from mailrelay.interfaces import (
     IConnectionPolicy,
     IDataPolicy,
     IDeliveryObserver,
     IESMTPExtension,
+    IHeaderStamper,
     IMessageFilter,
     IQueueObserver,
     ISenderValidator,
@@ -22,5 +23,7 @@ siteObserver = MailRelayPlugin("site-observer", (IQueueObserver, IDeliveryObserv
                                "Logs what is queued and delivered", "sitehooks:buildObserver")
 siteExtension = MailRelayPlugin("site-ext", IESMTPExtension, "The XSITE extension",
                                 "sitehooks:buildExtension")
+siteStamp = MailRelayPlugin("site-stamp", IHeaderStamper, "The client in X-Site-Client:",
+                            "sitehooks:buildStamp")
 siteBroken = MailRelayPlugin("site-broken", IDataPolicy, "Fails to build",
                              "sitehooks:buildBroken")
