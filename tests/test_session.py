@@ -15,6 +15,7 @@ from mailrelay.policy import ConfiguredValidator
 from mailrelay.smtp.server import ServerSession, SessionSettings, BodyData, EndOfData, StartData
 from mailrelay.envelope import ClientInfo
 from mailrelay.testing import ServerHarness
+from tests.test_bdat import run as runCut  # (imported here: an import inside a @given test is a nested @given)
 
 
 def transaction(h: ServerHarness, body: bytes = b"Subject: hi\r\n\r\nhello\r\n", rcpt: bytes = b"<rcpt@example.org>") -> list[bytes]:
@@ -505,10 +506,8 @@ def test_listener_can_turn_off_message_id_and_date() -> None:
 def _runData(wire: bytes, cuts: list[int]) -> tuple[bytes, list[object]]:
     """The content stored and the events of a DATA transaction whose message part is
     C{wire}, cut at C{cuts} (see L{tests.test_bdat.run})."""
-    from tests.test_bdat import run
-
     start = b"EHLO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n"
-    return run(start + wire, [0, len(start)] + [len(start) + c for c in cuts], maxMessageSize=10**9)
+    return runCut(start + wire, [0, len(start)] + [len(start) + c for c in cuts], maxMessageSize=10**9)
 
 
 def dotStuff(content: bytes) -> bytes:
