@@ -458,7 +458,7 @@ def test_minDataRateOffIsTheDataTimeoutOnly() -> None:
 
 def test_limitsDataclassDefaults() -> None:
     limits = ListenerLimits("h", "l", MemoryRateLimiter(Clock()), Clock()).settings
-    assert (limits.maxConnections, limits.maxConnectionsPerClient, limits.rateWindow) == (100, 50, 60.0)
+    assert (limits.maxConnections, limits.maxConnectionsPerClient, limits.rateWindow) == (1000, 50, 60.0)
     assert (limits.connectionRateLimit, limits.messageRateLimit, limits.userMessageRateLimit) == (0, 0, 0)
     assert (limits.ipv6PrefixLength, limits.limitExceptions, limits.limiterTimeout) == (84, (), LIMITER_TIMEOUT)
     # The listener's settings carry the same defaults: they are the same fields.

@@ -38,7 +38,10 @@ log = Logger()
 #: Seconds an L{IRateLimiter} answer may take before the limit is skipped for that event.
 LIMITER_TIMEOUT = 5.0
 
-DEFAULT_MAX_CONNECTIONS = 100
+#: Postfix's C{smtpd} process limit is 100, but its 101st client waits in the listen queue,
+#: not refused; a session here costs a few KiB, not a process: 1000 holds a burst of several
+#: hundred clients at once (one file descriptor each: see C{LimitNOFILE}).
+DEFAULT_MAX_CONNECTIONS = 1000
 DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 50
 DEFAULT_RATE_WINDOW = 60.0
 #: IPv6 clients are counted by network of this prefix length (Postfix >= 3.8's
