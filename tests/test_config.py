@@ -1771,10 +1771,11 @@ def test_expiredCertificateLoadsWithAWarning(tlsDir: Path) -> None:
 
 
 def test_listenerLimitDefaults(tlsDir: Path) -> None:
-    """Postfix's defaults; exceptions default to the relay networks."""
+    """Postfix's defaults, but max_connections (1000: a session is not a process);
+    exceptions default to the relay networks."""
     _, c = listenerConfig(tlsDir, "")
     listener = c.listeners[0].settings
-    assert (listener.maxConnections, listener.maxConnectionsPerClient) == (100, 50)
+    assert (listener.maxConnections, listener.maxConnectionsPerClient) == (1000, 50)
     limits = (listener.connectionRateLimit, listener.messageRateLimit, listener.userMessageRateLimit)
     assert limits == (0, 0, 0)
     assert (listener.rateWindow, listener.limitExceptions, listener.greetPause) == (

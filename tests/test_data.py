@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -70,3 +72,72 @@ def test_normalize() -> None:
     reader = DataReader(100, bareNewline=BARE_NEWLINE_NORMALIZE, nulBytes=BARE_NEWLINE_NORMALIZE)
     stored, _ = readAll(reader, [b"a\nb\rc\0d\r\n.\r\n"])
     assert (stored, reader.error) == (b"a\r\nb\r\ncd\r\n", None)
+
+
+# The reader against a simple reference, on random content and chunkings ----------------------
+
+_PIECES = [b"", b".", b"..", b".x", b"text", b"a.b", b". ", b"x" * 997, b"x" * 998, b"x" * 999,
+           b"." + b"x" * 998, b"a\rb", b"a\nb", b"\r", b"\n", b"\r\r", b"a\0b", b"\0."]
+
+
+def referenceRead(wire: bytes, maxSize: int, bareNewline: str, nulBytes: str) -> tuple:
+    """The content of the message at the start of C{wire}, the rest, and the errors it could
+    be refused with, the obvious way: whole message, line by line."""
+    if wire.startswith(b".\r\n"):
+        raw, rest = b"", wire[3:]
+    else:
+        end = wire.index(b"\r\n.\r\n")
+        raw, rest = wire[: end + 2], wire[end + 5 :]
+    lines = raw.split(b"\r\n")
+    content = b"\r\n".join(line[1:] if line.startswith(b".") else line for line in lines)
+    errors = set()
+    if b"\0" in content:
+        if nulBytes != BARE_NEWLINE_NORMALIZE:
+            errors.add(R.NUL_IN_DATA)
+        content = content.replace(b"\0", b"")
+    if any(len(line) > MAX_DATA_LINE for line in re.split(rb"\r\n|\r|\n", content)):
+        errors.add(R.DATA_LINE_TOO_LONG)
+    if re.search(rb"\r(?!\n)|(?<!\r)\n", content):
+        if bareNewline != BARE_NEWLINE_NORMALIZE:
+            errors.add(R.BARE_NEWLINE)
+        content = re.sub(rb"\r(?!\n)|(?<!\r)\n", b"\r\n", content)
+    if len(content) > maxSize:
+        errors.add(R.SIZE_EXCEEDED)
+    return content, rest, errors
+
+
+@given(
+    st.lists(st.lists(st.sampled_from(_PIECES), max_size=3).map(b"".join), max_size=12),
+    st.lists(st.integers(min_value=0), max_size=10),
+    st.sampled_from(["reject", BARE_NEWLINE_NORMALIZE]),
+    st.sampled_from(["reject", BARE_NEWLINE_NORMALIZE]),
+    st.integers(min_value=0, max_value=5000),
+)
+def test_the_reader_agrees_with_a_reference(
+    lines: list[bytes], cuts: list[int], bareNewline: str, nulBytes: str, maxSize: int
+) -> None:
+    """Content with dot-lines, NULs, bare CR and LF, lines about 998 octets long, cut
+    anywhere (the end marker too): the reader stores what the reference reads (when it
+    refuses the message, with one of the reference's reasons: the first a chunk fails) and
+    leaves what follows the end marker."""
+    content = b"".join(line + b"\r\n" for line in lines)
+    stuffed = (b"." if content.startswith(b".") else b"") + content.replace(b"\r\n.", b"\r\n..")
+    wire = stuffed + b".\r\nQUIT\r\n"
+    expected, rest, errors = referenceRead(wire, maxSize, bareNewline, nulBytes)
+    reader = DataReader(maxSize, bareNewline, nulBytes)
+    stored, left = readAll(reader, split(wire, cuts))
+    assert left == rest == b"QUIT\r\n"
+    if errors:
+        assert reader.error in errors
+    else:
+        assert (stored, reader.size, reader.error) == (expected, len(expected), None)
+
+
+def test_a_bare_newline_ends_a_line_when_normalised() -> None:
+    """With "normalize", a line of 997 octets and a bare CR, then more text, is two lines once
+    normalised, neither over 998 octets: not refused as too long (it was, measured to the
+    CRLF)."""
+    reader = DataReader(5000, bareNewline=BARE_NEWLINE_NORMALIZE)
+    line = b"x" * 997 + b"a\rb"
+    stored, _ = readAll(reader, [line + b"\r\n.\r\n"])
+    assert (stored, reader.error) == (b"x" * 997 + b"a\r\nb\r\n", None)

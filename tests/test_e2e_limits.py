@@ -51,6 +51,33 @@ def queued(r: RelayProcess) -> list[dict]:
 # Connection and message limits -------------------------------------------------------------------
 
 
+def listenBacklog(port: int) -> int:
+    """The backlog of the socket listening on 127.0.0.1:C{port}: C{ss -ltn}'s Send-Q."""
+    ss = requireTool("ss", "iproute2")
+    out = subprocess.run([ss, "-ltnH", f"sport = :{port}"], capture_output=True, text=True,
+                         check=True, timeout=10).stdout.split()
+    assert out and out[0] == "LISTEN", out
+    return int(out[2])
+
+
+def test_listen_backlog_holds_a_burst_by_default(tmp_path: Path) -> None:
+    """A listener whose endpoint sets no backlog listens with 1024 (Twisted's 50 made clients
+    of a burst wait for SYN retransmits); one that sets it has its own."""
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    r = RelayProcess(
+        tmp_path / "relay",
+        '[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\n'
+        '[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1:backlog=16"\n',
+        ("--spool", "spool", "--hostname", "relay.test"), defaults=False, listeners=2, hold=True,
+    ).start()
+    try:
+        shipped, explicit = r.ports
+        assert listenBacklog(shipped) == min(1024, somaxconn)
+        assert listenBacklog(explicit) == 16
+    finally:
+        r.stop()
+
+
 def test_per_address_connection_limit(relay) -> None:
     r = relay("max_connections_per_client = 2\nlimit_exceptions = []\n")
     first, second = greeted(r), greeted(r)

@@ -458,7 +458,7 @@ def test_minDataRateOffIsTheDataTimeoutOnly() -> None:
 
 def test_limitsDataclassDefaults() -> None:
     limits = ListenerLimits("h", "l", MemoryRateLimiter(Clock()), Clock()).settings
-    assert (limits.maxConnections, limits.maxConnectionsPerClient, limits.rateWindow) == (100, 50, 60.0)
+    assert (limits.maxConnections, limits.maxConnectionsPerClient, limits.rateWindow) == (1000, 50, 60.0)
     assert (limits.connectionRateLimit, limits.messageRateLimit, limits.userMessageRateLimit) == (0, 0, 0)
     assert (limits.ipv6PrefixLength, limits.limitExceptions, limits.limiterTimeout) == (84, (), LIMITER_TIMEOUT)
     # The listener's settings carry the same defaults: they are the same fields.
@@ -544,3 +544,33 @@ def test_ipv6ClientsAreCountedByPrefix() -> None:
     assert h.limits.clientKey("conn", "::ffff:192.0.2.1") == "test conn 192.0.2.1"
     h.limits.settings = dataclasses.replace(h.limits.settings, ipv6PrefixLength=128)
     assert h.limits.clientKey("mail", "2001:db8::1") == "test mail 2001:db8::1"
+
+
+def test_client_address_decisions_are_made_once_per_address(monkeypatch) -> None:
+    """Relay client? Exempt from the limits?  Each address is parsed and decided once for the
+    life of a configuration, not at every connection."""
+    import ipaddress as ipaddressModule
+
+    from mailrelay.policy import chain
+    from mailrelay.policy.chain import RelayControl
+    from mailrelay.receive import limits as limitsModule
+
+    parsed: list[str] = []
+    parse = ipaddressModule.ip_address
+
+    def counting(text: str):
+        parsed.append(text)
+        return parse(text)
+
+    monkeypatch.setattr(chain, "ip_address", counting)
+    monkeypatch.setattr(limitsModule.ipaddress, "ip_address", counting)
+    relay = RelayControl([ipaddressModule.ip_network("192.0.2.0/24")], [], "mx.test")
+    assert [relay.isRelayClient(a) for a in ("192.0.2.7", "198.51.100.1") * 3] == [True, False] * 3
+    assert parsed == ["192.0.2.7", "198.51.100.1"]
+    parsed.clear()
+    settings = LimitSettings(limitExceptions=(ipaddressModule.ip_network("198.51.100.0/24"),))
+    limits = ListenerLimits("h", "l", MemoryRateLimiter(Clock()), Clock(), settings)
+    assert [limits.isExempt(a) for a in ("192.0.2.7", "198.51.100.1") * 3] == [False, True] * 3
+    assert parsed == ["192.0.2.7", "198.51.100.1"]
+    # A new configuration decides afresh.
+    assert not RelayControl([], [], "mx.test").isRelayClient("192.0.2.7")

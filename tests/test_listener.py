@@ -230,3 +230,50 @@ def test_the_relay_builds_one_intake_per_caller(tmp_path: Path) -> None:
     assert [name for name, _ in built] == ["default", "other"]
     assert intake.notify == queued.append
     assert makeIntake(config, clock, build, spool).notify is None
+
+
+# The listen backlog ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("description", "backlog"),
+    [
+        ("tcp:2525:interface=127.0.0.1", 1024),  # none set: the relay's default
+        ("tcp6:2525:interface=\\:\\:1", 1024),
+        ("tcp:2525:backlog=7:interface=127.0.0.1", 7),  # set: kept
+        ("tcp:backlog=3000:2525", 3000),
+    ],
+)
+def test_a_listener_listens_with_a_backlog_that_holds_bursts(description: str, backlog: int) -> None:
+    """Twisted's default backlog (50) drops SYNs when a few hundred clients connect at once;
+    a listener whose endpoint sets no C{backlog=} asks for 1024 (the kernel caps it at
+    somaxconn); one that sets it gets what it set."""
+    from twisted.internet.testing import MemoryReactor
+
+    from mailrelay.app.listeners import ListenerService
+
+    reactor = MemoryReactor()
+    ListenerService(reactor, description, build(ListenerSettings(hostname="mx.test"))).listen()
+    [(port, _, listened, interface)] = reactor.tcpServers
+    assert (port, listened) == (2525, backlog)
+    assert interface == ("::1" if description.startswith("tcp6") else "127.0.0.1" if "interface" in description else "")
+
+
+def test_a_unix_listener_gets_the_default_backlog_too(tmp_path: Path) -> None:
+    from twisted.internet.testing import MemoryReactor
+
+    from mailrelay.app.listeners import ListenerService
+
+    reactor = MemoryReactor()
+    path = tmp_path / "smtp.sock"
+    ListenerService(reactor, f"unix:{path}:mode=600", build(ListenerSettings(hostname="mx.test"))).listen()
+    [(address, _, listened, mode, _)] = reactor.unixServers
+    assert (address, listened, mode) == (str(path), 1024, 0o600)
+
+
+def test_other_endpoint_types_are_left_alone() -> None:
+    from mailrelay.app.listeners import withDefaultBacklog
+
+    assert withDefaultBacklog("systemd:domain=INET:index=0") == "systemd:domain=INET:index=0"
+    assert withDefaultBacklog("tcp:25:interface=192.0.2.1") == "tcp:backlog=1024:25:interface=192.0.2.1"
+    assert withDefaultBacklog("tcp:25:backlog=5") == "tcp:25:backlog=5"

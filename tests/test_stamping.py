@@ -173,6 +173,29 @@ def test_reverse_lookup_forward_confirmed() -> None:
     assert results == [None, None, "v6.example"]
 
 
+def test_reverse_lookup_answers_are_remembered_for_a_while() -> None:
+    """A client's name (or its lack) is looked up once per REVERSE_CACHE_TIME, per resolver;
+    a failure is asked again at the next connection."""
+    from mailrelay.receive.rdns import REVERSE_CACHE_TIME
+
+    clock = Clock()
+    r = FakeResolver(ptr="mail.example", a=["192.0.2.1"])
+    results: list = []
+    for _ in range(3):
+        reverseLookup(r, "192.0.2.1", 10, clock).addCallback(results.append)
+    assert results == ["mail.example"] * 3 and len(r.queries) == 1
+    reverseLookup(FakeResolver(ptr="other.example", a=["192.0.2.1"]), "192.0.2.1", 10, clock).addCallback(results.append)
+    assert results[-1] == "other.example"  # another resolver, another cache
+    clock.advance(REVERSE_CACHE_TIME)
+    r.ptr = "renamed.example"
+    reverseLookup(r, "192.0.2.1", 10, clock).addCallback(results.append)
+    assert results[-1] == "renamed.example" and len(r.queries) == 2  # asked again
+    failing = FakeResolver(fail=True)
+    for _ in range(2):
+        reverseLookup(failing, "192.0.2.1", 10, clock).addCallback(results.append)
+    assert results[-2:] == [None, None] and len(failing.queries) == 2
+
+
 def test_reverse_lookup_times_out_to_unknown() -> None:
     clock = Clock()
     results: list = []

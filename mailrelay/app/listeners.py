@@ -4,6 +4,7 @@ end of the sessions."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,30 @@ from mailrelay.receive.listener import (
 from mailrelay.receive.protocol import Sessions
 
 log = Logger()
+
+#: The listen backlog of a listener whose endpoint sets none (C{backlog=}): Twisted's own
+#: default of 50 overflows when a few hundred clients connect at once, and each dropped SYN
+#: costs its client a retransmission (a second or more).  The kernel caps it at
+#: C{net.core.somaxconn} (4096 since Linux 5.4), as it does Postfix's (which asks for its
+#: process limit, 100 by default, with 100 C{smtpd} processes accepting beside it).
+DEFAULT_BACKLOG = 1024
+#: The endpoint types whose listeners take a C{backlog=} (Twisted's C{tcp}, C{tcp6}, C{ssl},
+#: C{unix}).
+_BACKLOG_TYPES = frozenset({"tcp", "tcp6", "ssl", "unix"})
+_EXPLICIT_BACKLOG = re.compile(r"(?:^|(?<!\\):)backlog=")
+
+
+def withDefaultBacklog(description: str, backlog: int = DEFAULT_BACKLOG) -> str:
+    """The endpoint C{description} with C{backlog=} set to C{backlog} when it sets none and
+    its type takes one; any other description unchanged.
+
+    >>> withDefaultBacklog("tcp:25:interface=192.0.2.1")
+    'tcp:backlog=1024:25:interface=192.0.2.1'
+    """
+    kind, colon, rest = description.partition(":")
+    if not colon or kind not in _BACKLOG_TYPES or _EXPLICIT_BACKLOG.search(description):
+        return description
+    return f"{kind}:backlog={backlog}:{rest}"
 
 
 @dataclass
@@ -117,7 +142,7 @@ class ListenerService(Service):
 
     def listen(self) -> None:
         """Start listening.  @raise ListenError: naming the endpoint and the reason."""
-        endpoint = endpoints.serverFromString(self.reactor, self.description)
+        endpoint = endpoints.serverFromString(self.reactor, withDefaultBacklog(self.description))
         d = endpoint.listen(self._switch)
         result: list[Any] = []
         d.addBoth(result.append)

@@ -17,6 +17,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from ipaddress import ip_address
 from typing import Any
 
@@ -206,6 +207,7 @@ def _discard(data: bytes) -> None:
     """The sink of a message whose stamping failed: it will be refused."""
 
 
+@lru_cache(maxsize=1024)
 def _heloDomain(helo: str) -> str:
     """The HELO name as the C{From-domain} of C{Received:}: a host name or an address literal
     of valid syntax, else C{"unknown"} (never free text: no comment can be spoofed)."""
@@ -217,6 +219,7 @@ def _heloDomain(helo: str) -> str:
     return helo if hostnameProblem(helo) is None else "unknown"
 
 
+@lru_cache(maxsize=1024)
 def _addressLiteral(ip: str) -> str:
     try:
         parsed = ip_address(ip.split("%", 1)[0])  # without an IPv6 zone id

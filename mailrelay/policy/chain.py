@@ -12,6 +12,7 @@ failing plugin never accepts.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import Any
 
@@ -25,6 +26,9 @@ from mailrelay.policy.runner import ConfiguredPlugin, PolicyChain
 from mailrelay.smtp import replies as R
 
 log = Logger()
+
+#: The client addresses whose decisions (relay client, limit exception) are remembered.
+ADDRESS_CACHE_SIZE = 4096
 
 RELAY_DENIED = Verdict(VerdictKind.REJECT, R.RELAY_DENIED)
 VALIDATOR_FAILED = Verdict(VerdictKind.DEFER, R.VALIDATOR_FAILED)
@@ -48,9 +52,17 @@ class RelayControl:
         self.networks = tuple(networks)
         self.acceptDomains = frozenset(acceptDomains)
         self.hostname = hostname.lower().rstrip(".")
+        # Decided once per address for the life of this configuration (a reload builds a
+        # new RelayControl), not parsed again at every connection.
+        self.isRelayClient = lru_cache(maxsize=ADDRESS_CACHE_SIZE)(  # type: ignore[method-assign]
+            self._isRelayClient
+        )
 
     def isRelayClient(self, host: str) -> bool:
         """Is the client at C{host} (an IP address as text) in a relay network?"""
+        return self._isRelayClient(host)
+
+    def _isRelayClient(self, host: str) -> bool:
         try:
             addr = ip_address(host.split("%", 1)[0])
         except ValueError:

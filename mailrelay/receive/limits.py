@@ -22,6 +22,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -31,6 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.interfaces import IRateLimiter
+from mailrelay.policy.chain import ADDRESS_CACHE_SIZE
 from mailrelay.smtp.replies import Reply
 
 log = Logger()
@@ -38,7 +40,10 @@ log = Logger()
 #: Seconds an L{IRateLimiter} answer may take before the limit is skipped for that event.
 LIMITER_TIMEOUT = 5.0
 
-DEFAULT_MAX_CONNECTIONS = 100
+#: Postfix's C{smtpd} process limit is 100, but its 101st client waits in the listen queue,
+#: not refused; a session here costs a few KiB, not a process: 1000 holds a burst of several
+#: hundred clients at once (one file descriptor each: see C{LimitNOFILE}).
+DEFAULT_MAX_CONNECTIONS = 1000
 DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 50
 DEFAULT_RATE_WINDOW = 60.0
 #: IPv6 clients are counted by network of this prefix length (Postfix >= 3.8's
@@ -198,9 +203,18 @@ class ListenerLimits:
     def active(self, value: int) -> None:
         self.count.value = value
 
+    def __post_init__(self) -> None:
+        # Decided once per address for the life of these settings (a reload makes new ones).
+        self.isExempt = lru_cache(maxsize=ADDRESS_CACHE_SIZE)(  # type: ignore[method-assign]
+            self._isExempt
+        )
+
     def isExempt(self, address: str) -> bool:
         """Is C{address} in an exception network (or not an IP address at all: a UNIX
         socket's peer)?"""
+        return self._isExempt(address)
+
+    def _isExempt(self, address: str) -> bool:
         addr = _parseAddress(address)
         if addr is None:
             return True

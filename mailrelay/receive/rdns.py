@@ -4,6 +4,10 @@ The name is only used when one of its addresses is the client's address (as Post
 and it is a host name of valid syntax (it goes into C{Received:} and the logs: a PTR record
 may hold any octets, parentheses that would end the comment of C{Received:} included);
 otherwise, or on any error or time-out, the client is "unknown".
+
+An answer (a name or none) is remembered for L{REVERSE_CACHE_TIME} seconds per resolver, so
+that a client opening many connections is looked up once, not at each of them; a failure or
+time-out is not remembered.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import os
 from ipaddress import ip_address
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.logger import Logger
@@ -19,6 +24,12 @@ from twisted.names import dns
 from mailrelay.address import hostnameProblem
 
 log = Logger()
+
+#: Seconds a client's reverse name (or its lack of one) is remembered.
+REVERSE_CACHE_TIME = 60.0
+#: Addresses remembered at most (per resolver); the oldest are forgotten first.
+REVERSE_CACHE_SIZE = 4096
+_caches: WeakKeyDictionary[Any, dict[str, tuple[float, str | None]]] = WeakKeyDictionary()
 
 
 def _validName(name: str) -> bool:
@@ -92,13 +103,30 @@ def reverseLookup(resolver: Any, host: str, timeout: float, clock: Any) -> Defer
     @return: a Deferred firing with the name (lower case, no trailing dot) or C{None}; it never
         fails.
     """
+    now = clock.seconds()
+    try:
+        cache = _caches.setdefault(resolver, {})
+    except TypeError:  # (a resolver that cannot be weakly referenced: no cache)
+        cache = {}
+    cached = cache.get(host)
+    if cached is not None and cached[0] > now:
+        return succeed(cached[1])
+
+    def remember(name: str | None) -> str | None:
+        cache.pop(host, None)
+        cache[host] = (now + REVERSE_CACHE_TIME, name)
+        while len(cache) > REVERSE_CACHE_SIZE:
+            del cache[next(iter(cache))]
+        return name
+
     try:
         if ip_address(host.split("%", 1)[0]).is_loopback:
-            return succeed(hostsFileName(host))
+            return succeed(remember(hostsFileName(host)))
     except ValueError:
         return succeed(None)
     d = _lookup(resolver, host)
     d.addTimeout(timeout, clock)
+    d.addCallback(remember)
 
     def failed(failure: Any) -> None:
         log.debug(

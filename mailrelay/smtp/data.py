@@ -6,8 +6,11 @@ of data: only C{<CRLF>.<CRLF>}, so a bare CR or LF never ends or splits a messag
 the dot-stuffing and checks the content it passes on, in this order: NUL bytes, the length of
 every line (counted after un-stuffing), bare CR or LF, and the size limit.  The first check a
 message fails is its refusal (L{DataReader.error}); the rest of it is then read to the end
-marker and dropped.  The work is done with C{bytes} methods over whole chunks (C{find},
-C{replace}, C{count}), never one Python call per line.
+marker and dropped.  The work is done with C{bytes} methods over whole chunks, never one
+Python call per line and no list of lines: one C{find} for the end marker and the lines to
+un-stuff together (C{"\r\n."}), C{memchr} for NUL, two C{translate}s compared for bare CR or
+LF, and for long lines a C{rfind} of the last line end in each window of 1000 octets (about
+one call per kilobyte).
 
 L{ChunkReader} takes the octets of a message's BDAT chunks, which the chunk sizes frame: no
 end marker, no dot-stuffing, cut anywhere (even between a CR and its LF).  A text message
@@ -39,6 +42,34 @@ BARE_NEWLINE_NORMALIZE = "normalize"
 
 _ANY_NEWLINE = re.compile(rb"\r\n|\r|\n")
 _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+#: C{translate} tables marking the CRs and the LFs of a chunk (1) among other octets (0).
+_CR_MARKS = bytes(int(octet == 13) for octet in range(256))
+_LF_MARKS = bytes(int(octet == 10) for octet in range(256))
+
+
+def _hasBareNewline(chunk: bytes) -> bool:
+    """Does C{chunk} hold a CR not followed by LF, or a LF not preceded by CR?  (Its first
+    octet has nothing before it, its last nothing after it.)
+
+    Every CR is followed by a LF and every LF preceded by a CR when the chunk's CRs, moved on
+    by one octet, are exactly its LFs: two C{translate}s and a compare, in C.
+    """
+    if chunk[:1] == b"\n" or chunk[-1:] == b"\r":
+        return True
+    return chunk.translate(_CR_MARKS)[:-1] != chunk.translate(_LF_MARKS)[1:]
+
+
+def _hasLongCRLFLine(chunk: bytes) -> bool:
+    """L{_hasLongLine} for a chunk whose line ends are all CRLF: each step looks for the last
+    LF among the next 1000 octets (a line of at most 998 octets and its CRLF must end
+    there), so it takes about one C{rfind} per kilobyte and copies nothing."""
+    start, size, rfind = 0, len(chunk), chunk.rfind
+    while size - start > MAX_DATA_LINE:
+        end = rfind(b"\n", start, start + MAX_DATA_LINE + 2)
+        if end < 0:
+            return True
+        start = end + 1
+    return False
 
 
 def _hasLongLine(chunk: bytes) -> bool:
@@ -87,19 +118,25 @@ class _Checks:
             chunk = chunk.replace(b"\0", b"")
         # Line length, of the text un-stuffed (RFC 5321 4.5.3.1.6: the line "." + 997 octets
         # is 999 octets on the wire): the first line continues the partial line carried over.
-        first = chunk.find(b"\r\n")
+        # A bare CR or LF ends a line too (as it will once normalised).
+        bare = _hasBareNewline(chunk)
+        first = chunk.find(b"\n")
+        if bare:
+            cr = chunk.find(b"\r")
+            first = cr if 0 <= cr < first or first < 0 else first
+        elif first > 0:
+            first -= 1  # (its CR)
         firstLen = (first if first >= 0 else len(chunk)) + (0 if atLineStart else self._lineLen)
-        if firstLen > MAX_DATA_LINE or (len(chunk) > MAX_DATA_LINE and _hasLongLine(chunk)):
+        if firstLen > MAX_DATA_LINE or (
+            len(chunk) > MAX_DATA_LINE
+            and (_hasLongLine(chunk) if bare else _hasLongCRLFLine(chunk))
+        ):
             self.error = R.DATA_LINE_TOO_LONG
             return None
-        lastEnd = chunk.rfind(b"\r\n")
-        self._lineLen = len(chunk) - lastEnd - 2 if lastEnd >= 0 else firstLen
+        lastEnd = max(chunk.rfind(b"\n"), chunk.rfind(b"\r"))
+        self._lineLen = len(chunk) - lastEnd - 1 if lastEnd >= 0 else firstLen
         # Bare CR / LF.
-        if chunk.count(b"\n") != chunk.count(b"\r"):
-            bad = True
-        else:
-            bad = chunk.count(b"\r\n") != chunk.count(b"\n")
-        if bad:
+        if bare:
             if self.bareNewline == BARE_NEWLINE_NORMALIZE:
                 chunk = _BARE.sub(b"\r\n", chunk)
             else:
@@ -140,9 +177,17 @@ class DataReader(_Checks):
                 return pos + 3, None, True
             if len(buf) - pos < 3 and b".\r\n".startswith(buf[pos:]):
                 return None  # ".", ".\r": wait for more
-        marker = buf.find(b"\r\n.\r\n", pos)
-        if marker >= 0:
-            return marker + 5, self._content(buf[pos : marker + 2], self._atLineStart), True
+        # One scan finds the end marker and the dot-lines before it: each "\r\n." either
+        # starts the marker or a line to un-stuff.
+        dotLine = -1  # where the first line to un-stuff starts (its "\r\n"), if any
+        found = buf.find(b"\r\n.", pos)
+        while found >= 0:
+            if buf.startswith(b"\r\n", found + 3):
+                content = self._content(buf[pos : found + 2], self._atLineStart, dotLine >= 0)
+                return found + 5, content, True
+            if dotLine < 0:
+                dotLine = found
+            found = buf.find(b"\r\n.", found + 3)
         # No end marker yet: process up to the last complete line, keeping a possible start of
         # the marker ("\r\n.\r" at most) in the buffer.
         last = buf.rfind(b"\r\n", pos)
@@ -154,13 +199,14 @@ class DataReader(_Checks):
             return None
         if cut <= pos:
             return None
-        content = self._content(buf[pos:cut], self._atLineStart)
+        content = self._content(buf[pos:cut], self._atLineStart, 0 <= dotLine < cut - 2)
         self._atLineStart = last >= 0
         return cut, content, False
 
-    def _content(self, chunk: bytes, atLineStart: bool) -> bytes | None:
+    def _content(self, chunk: bytes, atLineStart: bool, dotLines: bool) -> bytes | None:
         """Un-stuff and check one chunk of content (not the terminating line): what to store
-        of it, or C{None} (nothing once the message is refused)."""
+        of it, or C{None} (nothing once the message is refused).  C{dotLines}: a line after
+        the first starts with a dot."""
         if not chunk:
             return None
         if self.error is not None:
@@ -168,7 +214,7 @@ class DataReader(_Checks):
         # Dot-unstuffing, exact: a leading "." of every line is removed.
         if atLineStart and chunk.startswith(b"."):
             chunk = chunk[1:]
-        if b"\r\n." in chunk:
+        if dotLines:
             chunk = chunk.replace(b"\r\n.", b"\r\n")
         return self._check(chunk, atLineStart)
 
