@@ -24,14 +24,17 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import tcp, unix
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
 
 from mailrelay.app.acceptors import QUEUED_RECORD
-from mailrelay.app.deliveryprocess import StopAtEnd, runChild, startChild
+from mailrelay.app.deliveryprocess import StopAtEnd, _stopReactor, runChild, startChild
+from mailrelay.app.services import OrderedMultiService
 
 log = Logger()
 
-__all__ = ["AdoptedListener", "makeAcceptorServices"]
+__all__ = ["RETIRE", "AcceptorServices", "AdoptedListener", "makeAcceptorServices"]
 
 #: The address families a listening socket passed to an acceptor may have, by name.
 FAMILIES = {"inet": socket.AF_INET, "inet6": socket.AF_INET6, "unix": socket.AF_UNIX}
@@ -78,7 +81,11 @@ class AdoptedListener(Service):
             self.port = adoptPort(self.reactor, self.fd, self.family, self.factory)
         finally:
             os.close(self.fd)
-        log.debug("accepting on {endpoint}", endpoint=self.description)
+        log.info(
+            "acceptor process {pid}: accepting on {endpoint}",
+            pid=os.getpid(),
+            endpoint=self.description,
+        )
 
     def stopService(self) -> Any:
         super().stopService()
@@ -86,9 +93,40 @@ class AdoptedListener(Service):
         return None if port is None else port.stopListening()
 
 
+class AcceptorServices(OrderedMultiService):
+    """An acceptor's services (L{makeAcceptorServices}).
+
+    @ivar sessions: its SMTP sessions.
+    @ivar adopted: its listeners.
+    """
+
+    def __init__(self, sessions: Any) -> None:
+        super().__init__()
+        self.sessions = sessions
+        self.adopted: list[AdoptedListener] = []
+
+    def retire(self, clock: Any, drainTime: float) -> Deferred[None]:
+        """A reload replaced us: accept no more connections, let the sessions open go on
+        (with their configuration, as the relay's own do) and fire once they have ended,
+        or after C{drainTime} seconds (the stop then ends them as a stop does)."""
+        for listener in self.adopted:
+            if listener.running:
+                listener.stopService()
+        done: Deferred[None] = Deferred()
+        timer = clock.callLater(drainTime, done.callback, None)
+
+        def gone(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+                done.callback(None)
+
+        self.sessions.whenGone().addCallback(gone)
+        return done
+
+
 def makeAcceptorServices(
     config: Any, reactor: Any, sockets: list[tuple[str, int, int]], notify: Any
-) -> Any:
+) -> AcceptorServices:
     """The receiving side of C{config} as one service: the spool (joined, not recovered: the
     relay did that), the plugins that are services, the sessions and a listener on each of
     C{sockets} (C{(endpoint, fd, family)}) of the configuration's listeners, started in that
@@ -100,16 +138,16 @@ def makeAcceptorServices(
     from mailrelay.app.delivery import makeSpool
     from mailrelay.app.listeners import SessionsService, _Carried, makeListeners
     from mailrelay.app.plugins import availablePlugins, pluginBuilder
-    from mailrelay.app.services import OrderedMultiService, PluginServices
+    from mailrelay.app.services import PluginServices
     from mailrelay.config.plugins import buildHooks, makeContext
     from mailrelay.receive.protocol import Sessions
 
-    top = OrderedMultiService()
+    sessions = Sessions()
+    top = AcceptorServices(sessions)
     spool = makeSpool(config, reactor, top, recover=False)
     build = pluginBuilder(config, reactor, availablePlugins(), makeContext(config, reactor))
     hooks = buildHooks(config, build, "relay")
     PluginServices(hooks.services).setServiceParent(top)
-    sessions = Sessions()
     SessionsService(sessions, reactor, config.drainTime).setServiceParent(top)
     factories = {
         name: factory
@@ -119,9 +157,9 @@ def makeAcceptorServices(
     }
     for endpoint, fd, family in sockets:
         if endpoint in factories:
-            AdoptedListener(reactor, endpoint, fd, family, factories[endpoint]).setServiceParent(
-                top
-            )
+            listener = AdoptedListener(reactor, endpoint, fd, family, factories[endpoint])
+            listener.setServiceParent(top)
+            top.adopted.append(listener)
         else:  # (the relay passes the sockets of this configuration's listeners only)
             os.close(fd)
     return top
@@ -135,6 +173,32 @@ def notifyRelay(queueID: str) -> None:
     except OSError:
         log.warn("{queueID}: the relay is gone; queued, delivered after its restart",
                  queueID=queueID)
+
+
+#: What the relay writes on our standard input when a reload replaced us.
+RETIRE = b"retire"
+
+
+class _FromRelay(LineReceiver, StopAtEnd):
+    """Our standard input: L{RETIRE} when a reload replaced us; its end tells us to stop."""
+
+    delimiter = b"\n"
+
+    def __init__(self, reactor: Any, services: AcceptorServices, drainTime: float) -> None:
+        super().__init__(reactor)
+        self.services = services
+        self.drainTime = drainTime
+
+    def lineReceived(self, line: bytes) -> None:
+        if line.strip() == RETIRE:
+            log.info(
+                "acceptor process {pid}: replaced by a reload; ending once its {count} "
+                "session(s) have",
+                pid=os.getpid(),
+                count=len(self.services.sessions.live),
+            )
+            d = self.services.retire(self.reactor, self.drainTime)
+            d.addCallback(lambda _: _stopReactor(self.reactor))
 
 
 def _parseArguments(argv: list[str]) -> argparse.Namespace:
@@ -169,7 +233,7 @@ def _childMain(argv: list[str]) -> int:
     return runChild(
         reactor,
         services,
-        StopAtEnd(reactor),
+        _FromRelay(reactor, services, config.drainTime),
         reportMetrics=config.metricsListen is not None,
         what="acceptor process",
     )

@@ -41,7 +41,13 @@ from twisted.internet.defer import DeferredList, succeed
 from twisted.logger import Logger
 
 from mailrelay.metrics import ProcessMetrics
-from mailrelay.queue.process import _RESTART_MAX, _RESTART_MIN, ChildSupervisor, _ChildProtocol
+from mailrelay.queue.process import (
+    _KILL_MARGIN,
+    _RESTART_MAX,
+    _RESTART_MIN,
+    ChildSupervisor,
+    _ChildProtocol,
+)
 from mailrelay.spool.ids import isQueueID
 
 log = Logger()
@@ -178,7 +184,7 @@ class AcceptorPool(ChildSupervisor, Service):
         self._restartDelay = _RESTART_MIN
         old, self._children = self._children, []
         for child in old:
-            self._retire(child)
+            self._replace(child)
         if self.running:
             try:
                 self._fill()
@@ -189,6 +195,17 @@ class AcceptorPool(ChildSupervisor, Service):
         if self._restartCall is not None and self._restartCall.active():
             self._restartCall.cancel()
         self._restartCall = None
+
+    def _replace(self, child: _AcceptorProtocol) -> None:
+        """A reload replaced C{child}: it stops accepting and ends once its sessions have
+        (or after the drain time, as a stop ends them); it is killed if it has not some
+        time after that."""
+        from mailrelay.app.acceptorprocess import RETIRE
+
+        self._retiring.add(child)
+        child.process.write(RETIRE + b"\n")
+        kill = self.reactor.callLater(2 * self.drainTime + _KILL_MARGIN, self._kill, child)
+        child.ended.addCallback(lambda _: kill.cancel() if kill.active() else None)
 
     def _childEnded(self, child: _AcceptorProtocol, reason: Any) -> None:
         code = getattr(reason.value, "exitCode", None)
@@ -240,6 +257,8 @@ class AcceptorPool(ChildSupervisor, Service):
         old, self._children = self._children, []
         for child in old:
             self._retire(child)
+        for child in self._retiring:  # (replaced by a reload: stop them now)
+            child.process.closeStdin()
 
     def stopService(self) -> Any:
         """Wait for the children to have ended their sessions and exited."""
