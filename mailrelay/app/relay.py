@@ -271,7 +271,8 @@ class RelayService(OrderedMultiService):
                 self._unshared.add(endpoint)
                 log.warn(
                     "listener {endpoint}: served by the relay's process only (acceptor "
-                    "processes share tcp:, tcp6: and unix: listeners)",
+                    "processes cannot share a listener whose endpoint wraps its connections, "
+                    "as ssl: does; a tcp: one with tls_mode = \"implicit\" they can)",
                     endpoint=endpoint,
                 )
         return result
