@@ -9,6 +9,8 @@ mail (``[queue] hold = true``: spooled, nothing delivered), without reverse look
 messages per connection, and reads the relay's user+system CPU time from ``/proc/<pid>/stat``
 before and after: CPU time, not wall time, so a busy machine disturbs it less.  Repeats
 ``--repeat`` times with a fresh relay and spool and prints the median, as JSON.
+``--processes N`` sets ``[relay] processes`` (acceptor processes): the CPU time is then the
+sum over the relay and its child processes.
 
     .venv/bin/python bench/hookcost.py --messages 2000
 """
@@ -42,6 +44,12 @@ def cpuSeconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
 
 
+def treeCPUSeconds(pid: int) -> float:
+    """The CPU time of C{pid} and of its children (the acceptor processes)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return cpuSeconds(pid) + sum(cpuSeconds(int(child)) for child in children)
+
+
 def waitForPort(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -55,7 +63,7 @@ def waitForPort(port: int, process: subprocess.Popen[bytes], timeout: float = 30
     raise SystemExit("the relay did not listen in time")
 
 
-def run(messages: int, sessions: int, size: int) -> float:
+def run(messages: int, sessions: int, size: int, processes: int = 1) -> float:
     """CPU milliseconds per message, for one fresh relay."""
     directory = Path(tempfile.mkdtemp(prefix="mailrelay-hookcost-"))
     port = freePort()
@@ -64,6 +72,7 @@ def run(messages: int, sessions: int, size: int) -> float:
         'hostname = "relay.test"\n[queue]\nhold = true\n[dns]\nreverse_lookups = false\n'
         f'[spool]\ndirectory = "{directory / "spool"}"\n'
         f'[[listeners]]\nendpoint = "tcp:{port}:interface=127.0.0.1"\n'
+        + (f"[relay]\nprocesses = {processes}\n" if processes != 1 else "")
     )
     twistd = str(Path(sys.executable).with_name("twistd"))
     process = subprocess.Popen(
@@ -72,17 +81,19 @@ def run(messages: int, sessions: int, size: int) -> float:
     )
     try:
         waitForPort(port, process)
+        if processes != 1:
+            time.sleep(5)  # the acceptor processes start
         body = b"Subject: hook cost\r\n\r\n" + b"x" * 70 + b"\r\n"
         body = body + (b"y" * 76 + b"\r\n") * max(0, (size - len(body)) // 78)
         perSession = messages // sessions
-        before = cpuSeconds(process.pid)
+        before = treeCPUSeconds(process.pid)
         for _ in range(sessions):
             with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
                 client.ehlo("client.test")
                 for _ in range(perSession):
                     client.sendmail("alice@example.com", ["bob@example.org"], body)
         time.sleep(0.2)  # the last commits' group fsync
-        after = cpuSeconds(process.pid)
+        after = treeCPUSeconds(process.pid)
         return (after - before) * 1000 / (perSession * sessions)
     finally:
         process.send_signal(signal.SIGTERM)
@@ -100,12 +111,14 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--processes", type=int, default=1, help="[relay] processes")
     options = parser.parse_args()
-    runs = [run(options.messages, options.sessions, options.size)
+    runs = [run(options.messages, options.sessions, options.size, options.processes)
             for _ in range(options.repeat)]
     print(json.dumps({
         "python": sys.executable,
         "messages": options.messages,
+        "processes": options.processes,
         "cpu_ms_per_message": [round(r, 3) for r in runs],
         "median": round(statistics.median(runs), 3),
     }))

@@ -384,6 +384,12 @@ class Mailrelay:
             "--hostname", RELAY_NAME,
             "--smarthost", f"[127.0.0.1]:{self.sink_port}",
         ]
+        processes = self.args.mailrelay_processes
+        if processes != "1":
+            config = self.dir / "mailrelay.toml"
+            value = processes if processes.isdigit() else f'"{processes}"'
+            config.write_text(f"[relay]\nprocesses = {value}\n")
+            cmd[4:4] = ["--config", str(config)]
         self._log = open(self.logpath, "wb")
         self.proc = subprocess.Popen(
             cmd, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=self._log,
@@ -394,6 +400,10 @@ class Mailrelay:
         except BenchError as e:
             self.__exit__(None, None, None)
             raise BenchError(f"mailrelay did not start: {e}\n{tail(self.logpath)}") from None
+        if processes != "1":  # the acceptor processes accept once they have started
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and b": accepting on" not in self.logpath.read_bytes():
+                time.sleep(0.1)
         return self
 
     def rss_groups(self) -> dict[str, list[tuple[int, str, int]]]:
@@ -864,6 +874,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "sink before reporting 'delivery not available' (default: 30, --quick: 10)")
     p.add_argument("--rss-interval", type=float, default=0.1,
                    help="RSS sampling interval in seconds (default: 0.1)")
+    p.add_argument("--mailrelay-processes", default="1", metavar="N|auto",
+                   help="mailrelay's [relay] processes (acceptor processes; default 1)")
     p.add_argument("--keep", action="store_true",
                    help="keep the work directory (spools, Postfix config, logs) for debugging")
     args = p.parse_args(argv)

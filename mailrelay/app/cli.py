@@ -319,6 +319,19 @@ def printStatus(status: dict[str, Any], out: TextIO) -> None:
     if status.get("hold"):
         text += "; [queue] hold = true: nothing is delivered"
     print(f"delivery: {text}", file=out)
+    acceptors = status.get("acceptors") or {}
+    if acceptors.get("count") or acceptors.get("retiring"):
+        running = acceptors["running"]
+        text = f"{len(running)} of {acceptors['count']} running"
+        if running:
+            text += " (" + ", ".join(
+                f"pid {a['pid']} since {_fullTime(a['since'])}" for a in running
+            ) + ")"
+        if acceptors.get("restarts"):
+            text += f", restarted {acceptors['restarts']} times"
+        if acceptors.get("retiring"):
+            text += ", previous ones finishing: " + ", ".join(map(str, acceptors["retiring"]))
+        print(f"acceptor processes: {text}", file=out)
     queue = status.get("queue", {})
     if "error" in queue:
         print(f"queue: unknown ({queue['error']})", file=out)

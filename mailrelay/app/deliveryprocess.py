@@ -16,6 +16,7 @@ from typing import Any, cast
 
 from twisted.internet import error as ierror
 from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import ILogObserver, Logger, formatEventAsClassicLogText, globalLogBeginner
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
@@ -160,7 +161,24 @@ class _MetricsReporter:
 
 
 @implementer(IHalfCloseableProtocol)
-class _Feed(LineReceiver):
+class StopAtEnd(Protocol):
+    """A child's standard input from the relay: its end tells us to stop (the relay is
+    stopping, reloading, or gone); the shutdown trigger stops the services in order."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+
+    def readConnectionLost(self) -> None:
+        _stopReactor(self.reactor)
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.readConnectionLost()
+
+
+class _Feed(LineReceiver, StopAtEnd):
     """Our standard input: the queue ids the relay committed, one per line; its end tells
     us to stop."""
 
@@ -174,17 +192,6 @@ class _Feed(LineReceiver):
         queueID = line.strip().decode("ascii", "replace")
         if queueID:
             self.queue.enqueue(queueID)
-
-    def readConnectionLost(self) -> None:
-        # The relay closed our input: it is stopping, reloading, or gone.  Stop cleanly (the
-        # shutdown trigger stops the services in order).
-        _stopReactor(self.reactor)
-
-    def writeConnectionLost(self) -> None:
-        pass
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.readConnectionLost()
 
 
 def queueControl(queue: Any, reactor: Any) -> Any:
@@ -225,6 +232,31 @@ def _run(
     """Run the reactor with C{services} started, until our input ends (or SIGTERM); the exit
     status.  With C{controlFD}, answer the relay's queue commands on it; with
     C{reportMetrics}, our metrics go to the relay (L{_MetricsReporter})."""
+
+    def setUp() -> None:
+        if controlFD is not None:
+            answerControl(reactor, controlFD, queueControl(queue, reactor))
+
+    return runChild(
+        reactor, services, _Feed(queue, reactor), setUp=setUp, reportMetrics=reportMetrics,
+        what="delivery process",
+    )
+
+
+def runChild(
+    reactor: Any,
+    services: Any,
+    feed: Any,
+    *,
+    setUp: Any = None,
+    reportMetrics: bool = False,
+    what: str,
+) -> int:
+    """Run the reactor of a child of the relay (the delivery process, an acceptor process)
+    with C{services} started, until its input ends (or SIGTERM); the exit status.  C{feed}
+    reads our standard input (and stops the reactor at its end); C{setUp} runs before the
+    services start; with C{reportMetrics}, our metrics go to the relay
+    (L{_MetricsReporter})."""
     from twisted.internet import stdio
 
     exitCode = [0]
@@ -235,16 +267,16 @@ def _run(
         # It comes first, so that the end of our input stops us whatever happens next.
         devnull = os.open(os.devnull, os.O_WRONLY)
         # (typed from the Windows module, which has no stdin/stdout arguments)
-        stdio.StandardIO(_Feed(queue, reactor), stdin=0, stdout=devnull)  # type: ignore[call-arg]
-        # reactor.stop (end of input, SIGTERM) waits for the queue manager to finish its
-        # deliveries and record them, then for the backends and the spool to close.
+        stdio.StandardIO(feed, stdin=0, stdout=devnull)  # type: ignore[call-arg]
+        # reactor.stop (end of input, SIGTERM) waits for the services to stop in order (the
+        # queue manager's deliveries, the sessions), then for the spool to close.
         reactor.addSystemEventTrigger("before", "shutdown", services.stopService)
         try:
-            if controlFD is not None:
-                answerControl(reactor, controlFD, queueControl(queue, reactor))
+            if setUp is not None:
+                setUp()
             services.startService()
         except Exception:
-            log.failure("delivery process: start-up failed; exiting (the relay restarts it)")
+            log.failure("{what}: start-up failed; exiting (the relay restarts it)", what=what)
             exitCode[0] = 1
             _stopReactor(reactor)
             return
@@ -255,22 +287,27 @@ def _run(
     reactor.run()
     if reporter is not None:
         reporter.stop()
-        reporter.send()  # the counts of the deliveries finished while stopping
+        reporter.send()  # the counts of what finished while stopping
     return exitCode[0]
 
 
-def _childMain(argv: list[str]) -> int:
-    from twisted.internet import reactor
+def startChild(options: argparse.Namespace, what: str, build: Any) -> Any:
+    """What a child of the relay does first: die with the relay, ignore SIGINT (the relay
+    stops us: a Ctrl-C meant for it must not cut our work short; SIGTERM, also sent when the
+    relay dies, stops us cleanly), read the configuration the relay passed, send our log to
+    the relay at its level, and C{build(config)}, the services to run, privileged start
+    done.  Returns C{(config, build's result)}, or the exit status when we must not run (the
+    relay is gone, the configuration is refused: said on standard error).
 
+    @param options: the child's options: C{config}, C{config_fd}, C{overrides},
+        C{parent_pid}.
+    """
     from mailrelay.config import loadConfig
     from mailrelay.errors import ConfigError
 
-    options = _parseArguments(argv)
     if options.parent_pid is not None and not dieWithParent(options.parent_pid):
-        print("mailrelay delivery process: the relay is gone; not starting", file=sys.stderr)
+        print(f"mailrelay {what}: the relay is gone; not starting", file=sys.stderr)
         return 1
-    # The relay stops us (by closing our input); a Ctrl-C meant for it must not cut our
-    # deliveries short.  SIGTERM (also sent when the relay dies) stops us cleanly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configText = _readConfigText(options.config_fd) if options.config_fd is not None else None
     levels = LevelFilter()
@@ -278,11 +315,26 @@ def _childMain(argv: list[str]) -> int:
     try:
         config = loadConfig(options.config, json.loads(options.overrides), text=configText)
         levels.setLevel(config.logLevel)
+        built = build(config)
+    except ConfigError as e:
+        print(f"mailrelay {what}: configuration error: {e}", file=sys.stderr)
+        return 1
+    return config, built
+
+
+def _childMain(argv: list[str]) -> int:
+    from twisted.internet import reactor
+
+    def build(config: Any) -> Any:
         services, queue = makeDeliveryServices(config, reactor)
         services.privilegedStartService()
-    except ConfigError as e:
-        print(f"mailrelay delivery process: configuration error: {e}", file=sys.stderr)
-        return 1
+        return services, queue
+
+    options = _parseArguments(argv)
+    started = startChild(options, "delivery process", build)
+    if isinstance(started, int):
+        return started
+    config, (services, queue) = started
     return _run(
         reactor, services, queue, options.control_fd,
         reportMetrics=config.metricsListen is not None,

@@ -77,7 +77,7 @@ class _Metrics(Resource):
 
 
 def _childMetrics(relay: Any) -> ProcessMetrics | None:
-    return getattr(relay.delivery, "metrics", None)
+    return getattr(relay, "childMetrics", None)
 
 
 class _Health(Resource):

@@ -23,7 +23,9 @@ from mailrelay.app.plugins import availablePlugins, pluginBuilder
 from mailrelay.app.services import OrderedMultiService, PluginServices
 from mailrelay.config import Config, loadConfig, readConfigFile
 from mailrelay.config.plugins import buildHooks, makeContext
+from mailrelay.config.values import resolveProcessCount
 from mailrelay.errors import ConfigError
+from mailrelay.metrics import ProcessMetrics
 from mailrelay.receive.protocol import Sessions
 from mailrelay.spool import Spool
 
@@ -79,11 +81,17 @@ class RelayService(OrderedMultiService):
         self.config: Config | None = None
         self.spool: Spool | None = None
         self.delivery: Any = None
+        #: The acceptor processes (L{mailrelay.app.acceptors.AcceptorPool}).
+        self.acceptors: Any = None
+        #: The metrics of the child processes (delivery and acceptors), as they report them.
+        self.childMetrics = ProcessMetrics()
         self.listeners: dict[str, ListenerService] = {}
         self._sessionsService: SessionsService | None = None
         self.control: Any = None
         #: Why the last reload did not take (C{None} after one that did).
         self.reloadError: str | None = None
+        #: The listeners the acceptor processes cannot share (logged once).
+        self._unshared: set[str] = set()
         self._queueControl: Any = None
         self.plugins = PluginServices()
         #: What plugins keep across reloads (L{mailrelay.interfaces.PluginContext.keep}).
@@ -118,8 +126,9 @@ class RelayService(OrderedMultiService):
         except BaseException:
             if self.spool is not None:
                 self.spool.stop()
-            if self.delivery is not None and self.delivery.running:
-                self.delivery.stopService()
+            for child in (self.acceptors, self.delivery):
+                if child is not None and child.running:
+                    child.stopService()
             raise
 
     def enqueue(self, queueID: str) -> None:
@@ -189,8 +198,26 @@ class RelayService(OrderedMultiService):
                 configText=plan.configText,
                 drainTime=config.drainTime,
                 hold=config.hold,
+                metrics=self.childMetrics,
             )
         self.delivery.setServiceParent(self)
+        # After the delivery side, before the sessions: the acceptors are told to stop when
+        # the relay begins to (L{AcceptorPool.beginShutdown}), and the delivery side stops
+        # once they have ended, with the messages they queued.
+        from mailrelay.app.acceptors import AcceptorPool
+
+        self.acceptors = AcceptorPool(
+            self.reactor,
+            config.source,
+            self.overrides,
+            plan.configText,
+            self._acceptorCount(config),
+            config.drainTime,
+            self.sharedSockets,
+            self.enqueue,
+            self.childMetrics,
+        )
+        self.acceptors.setServiceParent(self)
         self._sessionsService = SessionsService(self.sessions, self.reactor, config.drainTime)
         self._sessionsService.setServiceParent(self)
         for endpoint, factory, role in plan.listeners:
@@ -221,7 +248,34 @@ class RelayService(OrderedMultiService):
     def summary(self) -> str:
         """What runs, in a few words (for C{systemctl status})."""
         delivery = self.delivery.state() if self.delivery is not None else "down"
-        return f"{len(self.listeners)} listener(s), delivery {delivery}"
+        acceptors = len(self.acceptors.describe()["running"]) if self.acceptors else 0
+        extra = f", {acceptors} acceptor process(es)" if acceptors else ""
+        return f"{len(self.listeners)} listener(s){extra}, delivery {delivery}"
+
+    def _acceptorCount(self, config: Config) -> int:
+        """How many acceptor processes C{config} asks for (C{[relay] processes} less ours)."""
+        return resolveProcessCount(config.processes) - 1
+
+    def sharedSockets(self) -> list[tuple[str, int, str]]:
+        """C{(endpoint, fd, family)} of the listening sockets the acceptor processes share
+        (L{mailrelay.app.acceptors.sharedSocket}): every SMTP listener's but those whose
+        endpoint wraps its connections (C{ssl:}), which this process serves alone."""
+        from mailrelay.app.acceptors import sharedSocket
+
+        result = []
+        for endpoint, listener in self.listeners.items():
+            shared = sharedSocket(listener.port, listener._switch)
+            if shared is not None:
+                result.append((endpoint, *shared))
+            elif listener.port is not None and endpoint not in self._unshared:
+                self._unshared.add(endpoint)
+                log.warn(
+                    "listener {endpoint}: served by the relay's process only (acceptor "
+                    "processes cannot share a listener whose endpoint wraps its connections, "
+                    "as ssl: does; a tcp: one with tls_mode = \"implicit\" they can)",
+                    endpoint=endpoint,
+                )
+        return result
 
     def _reload(self) -> bool:
         source = self.configPath or "(embedded default)"
@@ -310,6 +364,10 @@ class RelayService(OrderedMultiService):
             self.delivery.reload(
                 plan.configText, self.overrides, config.drainTime, config.hold
             )
+        assert self.acceptors is not None
+        self.acceptors.reload(
+            plan.configText, self.overrides, self._acceptorCount(config), config.drainTime
+        )
 
 
     # -- the control socket -------------------------------------------------------------------
@@ -379,6 +437,7 @@ class RelayService(OrderedMultiService):
             "listeners": listeners,
             "sessions": len(self.sessions.live),
             "delivery": deliveryInfo,
+            "acceptors": self.acceptors.describe() if self.acceptors is not None else None,
         }
 
         def queue(answer: Any) -> dict[str, Any]:

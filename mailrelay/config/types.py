@@ -168,6 +168,9 @@ class Config:
         C{"critical"}).
     @ivar metricsListen: the endpoint serving Prometheus metrics and the health check, or
         C{None} for none.
+    @ivar processes: how many processes accept SMTP connections on the listeners (the
+        relay's own and C{processes - 1} acceptor processes sharing its listening sockets),
+        or C{"auto"}: one per core (L{mailrelay.config.values.resolveProcessCount}).
     """
 
     source: str | None
@@ -206,6 +209,7 @@ class Config:
     drainTime: float = 30.0
     logLevel: str = "info"
     metricsListen: str | None = None
+    processes: int | str = 1
 
 
 @dataclass(frozen=True)

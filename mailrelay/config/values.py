@@ -239,6 +239,35 @@ def nonNegativeSeconds(value: Any, at: At) -> float:
     return _seconds(value, at, "a number of seconds >= 0", zero=True)
 
 
+#: The most acceptor processes C{[relay] processes} may ask for.
+MAX_PROCESSES = 256
+
+
+def processCount(value: Any, at: At) -> int | str:
+    """C{[relay] processes}: a number of processes (1 to L{MAX_PROCESSES}) or C{"auto"}
+    (as many as the relay may use cores: L{resolveProcessCount})."""
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PROCESSES:
+        raise at.error(
+            f'must be an integer from 1 to {MAX_PROCESSES} or "auto", not {describeValue(value)}'
+        )
+    return value
+
+
+def resolveProcessCount(value: int | str) -> int:
+    """The number of processes C{[relay] processes} asks for: C{"auto"} is the number of
+    cores this process may run on (its CPU affinity, which C{taskset} and cgroups' cpusets
+    narrow), at most L{MAX_PROCESSES}."""
+    if value != "auto":
+        return int(value)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_PROCESSES, cores))
+
+
 def choice(*choices: str) -> Parser:
     """One of C{choices}."""
     listed = ", ".join(describeValue(c) for c in choices[:-1])

@@ -48,7 +48,13 @@ from mailrelay.queue.control import QueueUnavailable
 
 log = Logger(namespace="mailrelay.queue")
 
-__all__ = ["METRICS_RECORD", "DeliveryProcessService", "decodeLogEvent", "encodeLogEvent"]
+__all__ = [
+    "METRICS_RECORD",
+    "ChildSupervisor",
+    "DeliveryProcessService",
+    "decodeLogEvent",
+    "encodeLogEvent",
+]
 
 #: Seconds after its drain time when a delivery process told to stop is killed.
 _KILL_MARGIN = 15.0
@@ -125,7 +131,15 @@ class _Control(QuietAMP):
 
 
 class _ChildProtocol(ProcessProtocol):
-    def __init__(self, service: DeliveryProcessService) -> None:
+    """The relay's end of a child process that logs (and reports its metrics) on its standard
+    output: L{recordReceived} takes each line.
+
+    @ivar what: what the log calls the child (C{"delivery process"}).
+    """
+
+    what = "delivery process"
+
+    def __init__(self, service: Any) -> None:
         self.service = service
         self.ended: Deferred[None] = Deferred()
         self._buffer = b""
@@ -151,26 +165,34 @@ class _ChildProtocol(ProcessProtocol):
         self._buffer += data
         *records, self._buffer = self._buffer.split(b"\n")
         if len(self._buffer) > _MAX_RECORD:
-            log.error("delivery process: log record over {limit} bytes dropped", limit=_MAX_RECORD)
+            log.error(
+                "{what}: log record over {limit} bytes dropped", what=self.what, limit=_MAX_RECORD
+            )
             self._buffer = b""
         for record in records:
-            if not record:
-                continue
-            if record.startswith(_METRICS_RECORD):
-                self._metrics(record[len(_METRICS_RECORD) :])
-                continue
-            try:
-                event = decodeLogEvent(record.decode("utf-8", "replace"))
-            except (ValueError, KeyError):
-                log.warn("delivery process: {line}", line=record.decode("utf-8", "replace"))
-                continue
-            globalLogPublisher(event)
+            if record:
+                self.recordReceived(record)
+
+    def recordReceived(self, record: bytes) -> None:
+        """One line of the child's standard output: a snapshot of its metrics, or a log
+        event (published to our own observers)."""
+        if record.startswith(_METRICS_RECORD):
+            self._metrics(record[len(_METRICS_RECORD) :])
+            return
+        try:
+            event = decodeLogEvent(record.decode("utf-8", "replace"))
+        except (ValueError, KeyError):
+            log.warn("{what}: {line}", what=self.what, line=record.decode("utf-8", "replace"))
+            return
+        globalLogPublisher(event)
 
     def _metrics(self, record: bytes) -> None:
         try:
             self.service.metrics.update(self, record.decode("utf-8"))
         except ValueError as e:  # (UnicodeDecodeError and JSON's errors are ValueErrors)
-            log.error("delivery process: bad metrics record dropped: {error}", error=str(e))
+            log.error(
+                "{what}: bad metrics record dropped: {error}", what=self.what, error=str(e)
+            )
 
     def processEnded(self, reason: Any) -> None:
         self.service.metrics.retire(self)
@@ -178,7 +200,93 @@ class _ChildProtocol(ProcessProtocol):
         self.ended.callback(None)
 
 
-class DeliveryProcessService(Service):
+class ChildSupervisor:
+    """What the relay's services running child processes (the delivery process, the
+    acceptor processes) share: their command line, telling one to stop, killing one that
+    does not.
+
+    @ivar what: what the log calls a child.
+    @ivar childModule: the module run as a child (C{python -m}): its composition root.
+    """
+
+    what = "child process"
+    childModule = ""
+    reactor: Any
+    configPath: str | None
+    configText: bytes | None
+    overrides: dict[str, Any]
+    drainTime: float
+    #: Children told to stop that have not exited yet.
+    _retiring: set[Any]
+
+    def baseCommand(self) -> list[str]:
+        """The command line of a child: the configuration (its bytes come on file
+        descriptor 3), the command-line overrides and our process id."""
+        args = [
+            sys.executable,
+            "-m",
+            self.childModule,
+            "--overrides",
+            json.dumps(self.overrides),
+            "--parent-pid",
+            str(os.getpid()),
+        ]
+        if self.configPath is not None:
+            args += ["--config", os.path.abspath(self.configPath)]
+        if self.configText is not None:
+            args += ["--config-fd", "3"]
+        return args
+
+    def _spawnChild(
+        self, child: _ChildProtocol, childFDs: dict[int, Any], extra: list[str]
+    ) -> None:
+        """Start C{child} with L{baseCommand} and C{extra} arguments, and give it the bytes
+        of its configuration (file descriptor 3, added to C{childFDs}).
+
+        @raise OSError: it cannot be started (the message names the program)."""
+        args = self.baseCommand() + extra
+        if self.configText is not None:
+            childFDs[3] = "w"
+        try:
+            self.reactor.spawnProcess(
+                child, args[0], args, env=dict(os.environ), childFDs=childFDs
+            )
+        except OSError as e:
+            raise OSError(
+                e.errno, f"cannot start the {self.what} {args[0]}: {e.strerror or e}"
+            ) from None
+        child.started = self.reactor.seconds()
+        if self.configText is not None:
+            child.process.writeToChild(3, self.configText)
+            child.process.closeChildFD(3)
+
+    def _retire(self, child: _ChildProtocol) -> None:
+        """Tell C{child} to stop (it finishes its work and exits); kill it if it has not
+        some time after the drain time."""
+        self._retiring.add(child)
+        child.process.closeStdin()
+        kill = self.reactor.callLater(self.drainTime + _KILL_MARGIN, self._kill, child)
+
+        def ended(_: object) -> None:
+            if kill.active():
+                kill.cancel()
+
+        child.ended.addCallback(ended)
+
+    def _kill(self, child: _ChildProtocol) -> None:
+        log.error(
+            "{what} (pid {pid}) did not stop {timeout:g}s after it was told to; killing it",
+            what=self.what,
+            pid=child.pid,
+            timeout=self.drainTime + _KILL_MARGIN,
+        )
+        try:
+            child.process.signalProcess("KILL")
+        except ierror.ProcessExitedAlready:
+            pass
+
+
+class DeliveryProcessService(ChildSupervisor, Service):
     """Runs and feeds the delivery process.
 
     The child gets the configuration the relay runs on: the bytes of its file (on file
@@ -204,7 +312,12 @@ class DeliveryProcessService(Service):
         configText: bytes | None = None,
         drainTime: float = 30.0,
         hold: bool = False,
+        metrics: ProcessMetrics | None = None,
     ) -> None:
+        """
+        @param metrics: where the children's metrics are kept (shared with the acceptor
+            processes'), or C{None} for a collection of our own.
+        """
         self.setName("delivery-process")
         self.reactor = reactor
         self.configPath = configPath
@@ -221,25 +334,9 @@ class DeliveryProcessService(Service):
         self._stopping = False
         #: How many times the child exited unexpectedly (and was restarted).
         self.restarts = 0
-        self.metrics = ProcessMetrics()
+        self.metrics = ProcessMetrics() if metrics is None else metrics
 
-    def command(self) -> list[str]:
-        args = [
-            sys.executable,
-            "-m",
-            self.childModule,
-            "--overrides",
-            json.dumps(self.overrides),
-            "--parent-pid",
-            str(os.getpid()),
-            "--control-fd",
-            str(CONTROL_FD),
-        ]
-        if self.configPath is not None:
-            args += ["--config", os.path.abspath(self.configPath)]
-        if self.configText is not None:
-            args += ["--config-fd", "3"]
-        return args
+    what = "delivery process"
 
     def startService(self) -> None:
         super().startService()
@@ -255,23 +352,18 @@ class DeliveryProcessService(Service):
         program)."""
         self._restartCall = None
         child = _ChildProtocol(self)
-        args = self.command()
-        childFDs: dict[int, Any] = {0: "w", 1: "r", 2: 2}
-        if self.configText is not None:
-            childFDs[3] = "w"
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        childFDs[CONTROL_FD] = theirs.fileno()
         try:
-            self.reactor.spawnProcess(
-                child, args[0], args, env=dict(os.environ), childFDs=childFDs
+            self._spawnChild(
+                child,
+                {0: "w", 1: "r", 2: 2, CONTROL_FD: theirs.fileno()},
+                ["--control-fd", str(CONTROL_FD)],
             )
-        except OSError as e:
-            theirs.close()
+        except OSError:
             ours.close()
-            raise OSError(
-                e.errno, f"cannot start the delivery process {args[0]}: {e.strerror or e}"
-            ) from None
-        theirs.close()
+            raise
+        finally:
+            theirs.close()
         try:
             ours.setblocking(False)
             control = _Control()
@@ -281,10 +373,6 @@ class DeliveryProcessService(Service):
             child.control = control
         finally:
             ours.close()
-        child.started = self.reactor.seconds()
-        if self.configText is not None:
-            child.process.writeToChild(3, self.configText)
-            child.process.closeChildFD(3)
         self._child = child
         log.info("delivery process started (pid {pid})", pid=child.pid)
         backlog, self._backlog = self._backlog, []
@@ -391,17 +479,6 @@ class DeliveryProcessService(Service):
             self._backlog.clear()
             log.warn("queue.hold is set: the delivery process is stopped, nothing is delivered")
 
-    def _retire(self, child: _ChildProtocol) -> None:
-        self._retiring.add(child)
-        child.process.closeStdin()  # the child stops its queue manager and exits
-        kill = self.reactor.callLater(self.drainTime + _KILL_MARGIN, self._kill, child)
-
-        def ended(_: object) -> None:
-            if kill.active():
-                kill.cancel()
-
-        child.ended.addCallback(ended)
-
     def _childEnded(self, child: _ChildProtocol, reason: Any) -> None:
         code = getattr(reason.value, "exitCode", None)
         if child in self._retiring:
@@ -456,15 +533,3 @@ class DeliveryProcessService(Service):
             drain=self.drainTime,
         )
         return DeferredList(ended, consumeErrors=True).addCallback(lambda _: None)
-
-    def _kill(self, child: _ChildProtocol) -> None:
-        log.error(
-            "delivery process (pid {pid}) did not stop {timeout:g}s after it was told to; "
-            "killing it",
-            pid=child.pid,
-            timeout=self.drainTime + _KILL_MARGIN,
-        )
-        try:
-            child.process.signalProcess("KILL")
-        except ierror.ProcessExitedAlready:
-            pass

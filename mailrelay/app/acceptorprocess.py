@@ -1,0 +1,243 @@
+"""An acceptor process's composition root (C{python -m mailrelay.app.acceptorprocess}): the
+receiving side of the relay's configuration -- the spool, the plugins, the sessions and the
+listeners -- accepting on listening sockets the relay opened and passed down
+(C{--listeners}), telling the relay of each message it queued on its standard output.  The
+relay's side, and why, are in L{mailrelay.app.acceptors}.
+
+Standard output carries, one line each: C{queued<TAB>ID} for each message made durable
+(written before its C{250} is, so that a message the client was told is queued is known to
+the relay even if we are killed right after), the log events (L{encodeLogEvent}) and, when
+metrics are served, snapshots of our metrics.  The end of standard input (or SIGTERM, which
+Linux sends when the relay dies: C{PR_SET_PDEATHSIG}) stops us as the relay stops: the
+listeners close, idle sessions get C{421}, a message being received is finished, the spool
+closes last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import tcp, unix
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+
+from mailrelay.app.acceptors import QUEUED_RECORD
+from mailrelay.app.deliveryprocess import StopAtEnd, _stopReactor, runChild, startChild
+from mailrelay.app.services import OrderedMultiService
+
+log = Logger()
+
+__all__ = ["RETIRE", "AcceptorServices", "AdoptedListener", "makeAcceptorServices"]
+
+#: The address families a listening socket passed to an acceptor may have, by name.
+FAMILIES = {"inet": socket.AF_INET, "inet6": socket.AF_INET6, "unix": socket.AF_UNIX}
+
+
+class _AdoptedUNIXPort(unix.Port):
+    """A UNIX listening socket adopted from the relay: closing ours leaves the socket's file
+    in place (the relay, which made it, removes it)."""
+
+    def connectionLost(self, reason: Any) -> None:
+        tcp.Port.connectionLost(self, reason)
+
+
+def adoptPort(reactor: Any, fd: int, family: int, factory: Any) -> Any:
+    """Listen with C{factory} on the listening socket C{fd} (our own copy of it is made:
+    C{fd} may be closed then)."""
+    os.set_blocking(fd, False)
+    if family == socket.AF_UNIX:
+        port = _AdoptedUNIXPort._fromListeningDescriptor(reactor, fd, factory)
+        port.startListening()
+        return port
+    return reactor.adoptStreamPort(fd, family, factory)
+
+
+class AdoptedListener(Service):
+    """Accepts on a listening socket the relay passed down, from the start until the stop.
+
+    @ivar description: the listener's endpoint, as the configuration gives it.
+    """
+
+    def __init__(
+        self, reactor: Any, description: str, fd: int, family: int, factory: Any
+    ) -> None:
+        self.reactor = reactor
+        self.description = description
+        self.fd = fd
+        self.family = family
+        self.factory = factory
+        self.port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            self.port = adoptPort(self.reactor, self.fd, self.family, self.factory)
+        finally:
+            os.close(self.fd)
+        log.info(
+            "acceptor process {pid}: accepting on {endpoint}",
+            pid=os.getpid(),
+            endpoint=self.description,
+        )
+
+    def stopService(self) -> Any:
+        super().stopService()
+        port, self.port = self.port, None
+        return None if port is None else port.stopListening()
+
+
+class AcceptorServices(OrderedMultiService):
+    """An acceptor's services (L{makeAcceptorServices}).
+
+    @ivar sessions: its SMTP sessions.
+    @ivar adopted: its listeners.
+    """
+
+    def __init__(self, sessions: Any) -> None:
+        super().__init__()
+        self.sessions = sessions
+        self.adopted: list[AdoptedListener] = []
+
+    def retire(self, clock: Any, drainTime: float) -> Deferred[None]:
+        """A reload replaced us: accept no more connections, let the sessions open go on
+        (with their configuration, as the relay's own do) and fire once they have ended,
+        or after C{drainTime} seconds (the stop then ends them as a stop does)."""
+        for listener in self.adopted:
+            if listener.running:
+                listener.stopService()
+        done: Deferred[None] = Deferred()
+        timer = clock.callLater(drainTime, done.callback, None)
+
+        def gone(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+                done.callback(None)
+
+        self.sessions.whenGone().addCallback(gone)
+        return done
+
+
+def makeAcceptorServices(
+    config: Any, reactor: Any, sockets: list[tuple[str, int, int]], notify: Any
+) -> AcceptorServices:
+    """The receiving side of C{config} as one service: the spool (joined, not recovered: the
+    relay did that), the plugins that are services, the sessions and a listener on each of
+    C{sockets} (C{(endpoint, fd, family)}) of the configuration's listeners, started in that
+    order and stopped in the reverse one.
+
+    @param notify: called with the queue id of each message once it is durable.
+    @raise mailrelay.errors.ConfigError: a plugin, certificate or password file is refused.
+    """
+    from mailrelay.app.delivery import makeSpool
+    from mailrelay.app.listeners import SessionsService, _Carried, makeListeners
+    from mailrelay.app.plugins import availablePlugins, pluginBuilder
+    from mailrelay.app.services import PluginServices
+    from mailrelay.config.plugins import buildHooks, makeContext
+    from mailrelay.receive.protocol import Sessions
+
+    sessions = Sessions()
+    top = AcceptorServices(sessions)
+    spool = makeSpool(config, reactor, top, recover=False)
+    build = pluginBuilder(config, reactor, availablePlugins(), makeContext(config, reactor))
+    hooks = buildHooks(config, build, "relay")
+    PluginServices(hooks.services).setServiceParent(top)
+    SessionsService(sessions, reactor, config.drainTime).setServiceParent(top)
+    factories = {
+        name: factory
+        for name, factory, _ in makeListeners(
+            config, reactor, build, _Carried(), spool, sessions, notify, hooks
+        )
+    }
+    for endpoint, fd, family in sockets:
+        if endpoint in factories:
+            listener = AdoptedListener(reactor, endpoint, fd, family, factories[endpoint])
+            listener.setServiceParent(top)
+            top.adopted.append(listener)
+        else:  # (the relay passes the sockets of this configuration's listeners only)
+            os.close(fd)
+    return top
+
+
+def notifyRelay(queueID: str) -> None:
+    """Tell the relay of a message made durable, at once (before its C{250} is sent); once
+    the relay is gone, the spool keeps it for the next delivery process."""
+    try:
+        sys.stdout.write(QUEUED_RECORD + queueID + "\n")
+    except OSError:
+        log.warn("{queueID}: the relay is gone; queued, delivered after its restart",
+                 queueID=queueID)
+
+
+#: What the relay writes on our standard input when a reload replaced us.
+RETIRE = b"retire"
+
+
+class _FromRelay(LineReceiver, StopAtEnd):
+    """Our standard input: L{RETIRE} when a reload replaced us; its end tells us to stop."""
+
+    delimiter = b"\n"
+
+    def __init__(self, reactor: Any, services: AcceptorServices, drainTime: float) -> None:
+        super().__init__(reactor)
+        self.services = services
+        self.drainTime = drainTime
+
+    def lineReceived(self, line: bytes) -> None:
+        if line.strip() == RETIRE:
+            log.info(
+                "acceptor process {pid}: replaced by a reload; ending once its {count} "
+                "session(s) have",
+                pid=os.getpid(),
+                count=len(self.services.sessions.live),
+            )
+            d = self.services.retire(self.reactor, self.drainTime)
+            d.addCallback(lambda _: _stopReactor(self.reactor))
+
+
+def _parseArguments(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mailrelay.app.acceptorprocess")
+    parser.add_argument("--config")
+    parser.add_argument("--config-fd", type=int)
+    parser.add_argument("--overrides", default="{}")
+    parser.add_argument("--parent-pid", type=int)
+    parser.add_argument(
+        "--listeners",
+        default="[]",
+        help='JSON: [[endpoint, fd, family], ...], family one of "inet", "inet6", "unix"',
+    )
+    return parser.parse_args(argv)
+
+
+def _childMain(argv: list[str]) -> int:
+    from twisted.internet import reactor
+
+    options = _parseArguments(argv)
+    sockets = [(str(e), int(fd), int(FAMILIES[f])) for e, fd, f in json.loads(options.listeners)]
+
+    def build(config: Any) -> Any:
+        services = makeAcceptorServices(config, reactor, sockets, notifyRelay)
+        services.privilegedStartService()
+        return services
+
+    started = startChild(options, "acceptor process", build)
+    if isinstance(started, int):
+        return started
+    config, services = started
+    return runChild(
+        reactor,
+        services,
+        _FromRelay(reactor, services, config.drainTime),
+        reportMetrics=config.metricsListen is not None,
+        what="acceptor process",
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover - run as the child process
+    sys.exit(_childMain(sys.argv[1:]))

@@ -1,0 +1,286 @@
+"""Acceptor processes: more processes accepting SMTP connections on the relay's listening
+sockets, so that acceptance uses every core (C{[relay] processes}).
+
+The relay's process binds every listener (privileged ports too, before twistd's C{--uid}
+drops root) and accepts on them itself; it also starts C{processes - 1} children (C{python -m
+mailrelay.app.acceptorprocess}) and passes them its listening sockets (inherited file
+descriptors, adopted with C{adoptStreamPort}).  All of them accept from the same sockets'
+queues: the kernel hands each new connection to one of them.  Each child runs the whole
+receiving side -- sessions, policy, plugins, the intake and a spool writer with its own group
+commit (several processes may write to one spool: each holds its shared lock, and only the
+relay's own process recovers it) -- and writes the queue id of each message it made durable
+on its standard output, before that message's C{250}; the relay hands the ids to the one
+queue manager (L{RelayService.enqueue}), as it does its own.  The children's log lines and
+metrics come on the same channel, as the delivery process's do (L{mailrelay.queue.process}).
+
+Passing the sockets rather than each child binding its own with C{SO_REUSEPORT}: the
+children never need root (nor C{CAP_NET_BIND_SERVICE}) for port 25, and a reload loses no
+connection: with C{SO_REUSEPORT} each socket has its own queue, and the connections waiting
+in the queue of a child's socket are reset when that child closes it; here the queue is the
+relay's, which keeps it open across reloads.  (The price: one queue for all, so the kernel
+does not spread the connections evenly; the idle process is the quickest to accept.)
+
+A reload starts new children on the new configuration and tells the old ones to stop, as the
+relay's stop does: they close their copies of the sockets at once, finish their sessions
+(C{421} to idle ones, a message being received is finished) and exit.  A child that exits
+unexpectedly is started again after a pause that doubles up to a minute (reset once one has
+run for a minute), like the delivery process; children get SIGTERM when the relay dies
+(C{PR_SET_PDEATHSIG}).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import tcp, unix
+from twisted.internet.defer import DeferredList, succeed
+from twisted.logger import Logger
+
+from mailrelay.metrics import ProcessMetrics
+from mailrelay.queue.process import (
+    _KILL_MARGIN,
+    _RESTART_MAX,
+    _RESTART_MIN,
+    ChildSupervisor,
+    _ChildProtocol,
+)
+from mailrelay.spool.ids import isQueueID
+
+log = Logger()
+
+__all__ = ["QUEUED_RECORD", "AcceptorPool", "sharedSocket"]
+
+#: How a line of an acceptor's standard output telling of a queued message starts (then its
+#: queue id).
+QUEUED_RECORD = "queued\t"
+_QUEUED = QUEUED_RECORD.encode("ascii")
+
+#: The child's first file descriptor of the listening sockets passed to it.
+FIRST_SOCKET_FD = 4
+
+_FAMILY_NAMES = {socket.AF_INET: "inet", socket.AF_INET6: "inet6", socket.AF_UNIX: "unix"}
+
+
+def sharedSocket(port: Any, factory: Any) -> tuple[int, str] | None:
+    """C{(fd, family)} of the listening socket of C{port} (a listener's port, listening with
+    C{factory}), for acceptor processes to adopt; C{None} when it cannot be shared: not a
+    TCP or UNIX port, or one that wraps the factory (an C{ssl:} endpoint)."""
+    if not isinstance(port, (tcp.Port, unix.Port)) or getattr(port, "factory", None) is not factory:
+        return None
+    family = _FAMILY_NAMES.get(getattr(port, "addressFamily", None))  # type: ignore[arg-type]
+    if family is None or getattr(port, "socket", None) is None:
+        return None
+    return port.fileno(), family
+
+
+class _AcceptorProtocol(_ChildProtocol):
+    """The relay's end of an acceptor process: its queued messages, log lines and metrics."""
+
+    what = "acceptor process"
+
+    def recordReceived(self, record: bytes) -> None:
+        if record.startswith(_QUEUED):
+            queueID = record[len(_QUEUED) :].decode("ascii", "replace")
+            if isQueueID(queueID):
+                self.service.enqueue(queueID)
+            else:
+                log.error("acceptor process (pid {pid}): bad queue id {queueID!r} ignored",
+                          pid=self.pid, queueID=queueID)
+            return
+        super().recordReceived(record)
+
+
+class AcceptorPool(ChildSupervisor, Service):
+    """Runs C{count} acceptor processes (none: the relay's process accepts alone).
+
+    @ivar count: how many children should run.
+    @ivar restarts: how many times a child exited unexpectedly (and was restarted).
+    @ivar metrics: the children's metrics, as their last snapshots said (shared with the
+        delivery process's).
+    """
+
+    what = "acceptor process"
+    childModule = "mailrelay.app.acceptorprocess"
+
+    def __init__(
+        self,
+        reactor: Any,
+        configPath: str | None,
+        overrides: dict[str, Any],
+        configText: bytes | None,
+        count: int,
+        drainTime: float,
+        sockets: Callable[[], list[tuple[str, int, str]]],
+        enqueue: Callable[[str], None],
+        metrics: ProcessMetrics | None = None,
+    ) -> None:
+        """
+        @param sockets: the C{(endpoint, fd, family)} of the listening sockets to pass to a
+            child started now.
+        @param enqueue: called with the queue id of each message a child queued.
+        """
+        self.setName("acceptors")
+        self.reactor = reactor
+        self.configPath = configPath
+        self.overrides = overrides
+        self.configText = configText
+        self.count = count
+        self.drainTime = drainTime
+        self.sockets = sockets
+        self.enqueue = enqueue
+        self.metrics = ProcessMetrics() if metrics is None else metrics
+        self._children: list[_AcceptorProtocol] = []
+        self._retiring: set[_AcceptorProtocol] = set()
+        self._restartDelay = _RESTART_MIN
+        self._restartCall: Any = None
+        self._stopping = False
+        self.restarts = 0
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        try:
+            self._fill()
+        except OSError as e:
+            raise SystemExit(f"mailrelay: error: {e.strerror}") from None
+
+    def _fill(self) -> None:
+        """Start children until C{count} run.  @raise OSError: one cannot be started."""
+        self._restartCall = None
+        while len(self._children) < self.count:
+            self._spawn()
+
+    def _spawn(self) -> None:
+        child = _AcceptorProtocol(self)
+        childFDs: dict[int, Any] = {0: "w", 1: "r", 2: 2}
+        passed = []
+        for n, (endpoint, fd, family) in enumerate(self.sockets()):
+            childFDs[FIRST_SOCKET_FD + n] = fd
+            passed.append((endpoint, FIRST_SOCKET_FD + n, family))
+        self._spawnChild(child, childFDs, ["--listeners", json.dumps(passed)])
+        self._children.append(child)
+        log.info(
+            "acceptor process started (pid {pid}), accepting on {endpoints}",
+            pid=child.pid,
+            endpoints=", ".join(endpoint for endpoint, _, _ in passed) or "nothing",
+        )
+
+    def reload(
+        self,
+        configText: bytes | None,
+        overrides: dict[str, Any],
+        count: int,
+        drainTime: float,
+    ) -> None:
+        """Run C{count} new children on a new configuration; the running ones are told to
+        stop (they finish their sessions)."""
+        self.configText, self.overrides = configText, overrides
+        self.count, self.drainTime = count, drainTime
+        self._cancelRestart()
+        self._restartDelay = _RESTART_MIN
+        old, self._children = self._children, []
+        for child in old:
+            self._replace(child)
+        if self.running:
+            try:
+                self._fill()
+            except OSError as e:
+                self._failedRestart(e)
+
+    def _cancelRestart(self) -> None:
+        if self._restartCall is not None and self._restartCall.active():
+            self._restartCall.cancel()
+        self._restartCall = None
+
+    def _replace(self, child: _AcceptorProtocol) -> None:
+        """A reload replaced C{child}: it stops accepting and ends once its sessions have
+        (or after the drain time, as a stop ends them); it is killed if it has not some
+        time after that."""
+        from mailrelay.app.acceptorprocess import RETIRE
+
+        self._retiring.add(child)
+        child.process.write(RETIRE + b"\n")
+        kill = self.reactor.callLater(2 * self.drainTime + _KILL_MARGIN, self._kill, child)
+        child.ended.addCallback(lambda _: kill.cancel() if kill.active() else None)
+
+    def _childEnded(self, child: _AcceptorProtocol, reason: Any) -> None:
+        code = getattr(reason.value, "exitCode", None)
+        why = reason.getErrorMessage() if code is None else f"status {code}"
+        if child in self._retiring:
+            self._retiring.discard(child)
+            if not self._stopping:
+                log.info("previous acceptor process (pid {pid}) exited ({reason})",
+                         pid=child.pid, reason=why)
+            return
+        if child in self._children:
+            self._children.remove(child)
+        if self._stopping:
+            return
+        if child.started is not None and self.reactor.seconds() - child.started >= _RESTART_MAX:
+            self._restartDelay = _RESTART_MIN  # it ran well for a while: no crash loop
+        self.restarts += 1
+        log.error(
+            "acceptor process (pid {pid}) exited unexpectedly ({reason}); restarting in "
+            "{delay:.0f}s",
+            pid=child.pid,
+            reason=why,
+            delay=self._restartDelay,
+        )
+        if self._restartCall is None or not self._restartCall.active():
+            self._scheduleRestart()
+
+    def _scheduleRestart(self) -> None:
+        self._restartCall = self.reactor.callLater(self._restartDelay, self._restart)
+        self._restartDelay = min(_RESTART_MAX, self._restartDelay * 2)
+
+    def _restart(self) -> None:
+        try:
+            self._fill()
+        except OSError as e:
+            self._failedRestart(e)
+
+    def _failedRestart(self, e: OSError) -> None:
+        log.error("{error}; trying again in {delay:.0f}s", error=e.strerror,
+                  delay=self._restartDelay)
+        self._scheduleRestart()
+
+    def beginShutdown(self) -> None:
+        """The relay is stopping: the children are told to stop now (they close their
+        listening sockets at once and end their sessions meanwhile, as the relay's own do),
+        and none is restarted."""
+        self._stopping = True
+        self._cancelRestart()
+        old, self._children = self._children, []
+        for child in old:
+            self._retire(child)
+        for child in self._retiring:  # (replaced by a reload: stop them now)
+            child.process.closeStdin()
+
+    def stopService(self) -> Any:
+        """Wait for the children to have ended their sessions and exited."""
+        super().stopService()
+        self.beginShutdown()
+        ended = [child.ended for child in self._retiring]
+        if not ended:
+            return succeed(None)
+        log.info(
+            "waiting for {count} acceptor process(es) to end their sessions (at most {drain:g}s)",
+            count=len(ended),
+            drain=self.drainTime,
+        )
+        return DeferredList(ended, consumeErrors=True).addCallback(lambda _: None)
+
+    def describe(self) -> dict[str, Any]:
+        """The acceptor processes as C{mailrelay status} shows them: C{count} (how many
+        should run), C{running} (C{pid} and C{since} of each), C{restarts} and C{retiring}
+        (the process ids of previous ones ending their sessions)."""
+        return {
+            "count": self.count,
+            "running": [{"pid": c.pid, "since": c.started} for c in self._children],
+            "restarts": self.restarts,
+            "retiring": sorted(c.pid for c in self._retiring if c.pid is not None),
+        }

@@ -1,0 +1,326 @@
+"""Unit tests of the acceptor processes (`[relay] processes`): the key, the relay's side
+(AcceptorPool: spawning with the listening sockets, queued ids, restarts, reload, stop), the
+sockets shared, the child's adopted listeners and its notifications, `mailrelay status`."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import tcp
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+
+from mailrelay.app.acceptorprocess import RETIRE, AcceptorServices, adoptPort, notifyRelay
+from mailrelay.app.acceptors import AcceptorPool, sharedSocket
+from mailrelay.app.cli import printStatus
+from mailrelay.config import loadConfig
+from mailrelay.config.values import MAX_PROCESSES, resolveProcessCount
+from mailrelay.errors import ConfigError
+from mailrelay.queue.process import METRICS_RECORD, encodeLogEvent
+
+QUEUE_ID = "0123456789ABCDEFGHJK"
+
+
+# -- the key ------------------------------------------------------------------------------------
+
+
+def _load(tmp_path: Path, text: str) -> Any:
+    path = tmp_path / "mailrelay.toml"
+    path.write_text(f'[spool]\ndirectory = "{tmp_path / "spool"}"\n' + text)
+    return loadConfig(str(path))
+
+
+def test_processes_default_is_one(tmp_path: Path) -> None:
+    assert _load(tmp_path, "").processes == 1
+
+
+@pytest.mark.parametrize("value", ["1", "4", '"auto"', str(MAX_PROCESSES)])
+def test_processes_accepted(tmp_path: Path, value: str) -> None:
+    assert _load(tmp_path, f"[relay]\nprocesses = {value}\n").processes == json.loads(value)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", '"two"', "true", "1.5", str(MAX_PROCESSES + 1)])
+def test_processes_refused(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        _load(tmp_path, f"[relay]\nprocesses = {value}\n")
+    assert "relay.processes" in str(e.value) and '"auto"' in str(e.value)
+
+
+def test_auto_is_the_cores_we_may_use() -> None:
+    assert resolveProcessCount("auto") == len(os.sched_getaffinity(0))
+    assert resolveProcessCount(3) == 3
+
+
+# -- the relay's side ---------------------------------------------------------------------------
+
+
+class FakeProcess:
+    def __init__(self, protocol: Any, pid: int) -> None:
+        self.protocol = protocol
+        self.pid = pid
+        self.written: list[bytes] = []
+        self.toChild: dict[int, bytes] = {}
+        self.closed: list[int] = []
+        self.stdinClosed = False
+        self.signals: list[str] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def writeToChild(self, fd: int, data: bytes) -> None:
+        self.toChild[fd] = data
+
+    def closeChildFD(self, fd: int) -> None:
+        self.closed.append(fd)
+
+    def closeStdin(self) -> None:
+        self.stdinClosed = True
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+    def end(self, status: int = 0) -> None:
+        reason = ProcessDone(0) if status == 0 else ProcessTerminated(status)
+        self.protocol.processEnded(Failure(reason))
+
+
+class ProcessReactor(Clock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[FakeProcess, list[str], dict[int, Any]]] = []
+
+    def spawnProcess(self, protocol: Any, executable: str, args: list[str], env: Any = None,
+                     childFDs: Any = None) -> FakeProcess:
+        process = FakeProcess(protocol, 1000 + len(self.spawned))
+        protocol.makeConnection(process)
+        self.spawned.append((process, args, childFDs))
+        return process
+
+
+def _pool(count: int = 2, sockets: Any = None) -> tuple[AcceptorPool, ProcessReactor, list[str]]:
+    reactor = ProcessReactor()
+    queued: list[str] = []
+    pool = AcceptorPool(
+        reactor, "/etc/mailrelay.toml", {"hostname": "relay.test"}, b"[relay]\n", count, 30.0,
+        sockets or (lambda: [("tcp:25", 7, "inet"), ("unix:/run/s", 9, "unix")]), queued.append,
+    )
+    return pool, reactor, queued
+
+
+def _argument(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+def test_pool_spawns_children_with_the_listening_sockets_and_the_configuration() -> None:
+    pool, reactor, _ = _pool(2)
+    pool.startService()
+    assert len(reactor.spawned) == 2
+    process, args, childFDs = reactor.spawned[0]
+    assert args[1:3] == ["-m", "mailrelay.app.acceptorprocess"]
+    assert childFDs == {0: "w", 1: "r", 2: 2, 3: "w", 4: 7, 5: 9}
+    assert json.loads(_argument(args, "--listeners")) == [
+        ["tcp:25", 4, "inet"], ["unix:/run/s", 5, "unix"],
+    ]
+    assert _argument(args, "--config-fd") == "3" and _argument(args, "--parent-pid") == str(
+        os.getpid()
+    )
+    assert json.loads(_argument(args, "--overrides")) == {"hostname": "relay.test"}
+    assert process.toChild == {3: b"[relay]\n"} and process.closed == [3]
+
+
+def test_pool_of_none_spawns_nothing() -> None:
+    pool, reactor, _ = _pool(0)
+    pool.startService()
+    assert reactor.spawned == []
+    assert pool.stopService().called
+
+
+def test_queued_ids_reach_the_queue_manager_logs_and_metrics_the_relay() -> None:
+    pool, reactor, queued = _pool(1)
+    pool.startService()
+    process = reactor.spawned[0][0]
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        log = encodeLogEvent({"log_format": "hello {x}", "x": 1, "log_namespace": "n",
+                              "log_time": 5.0})
+        metrics = METRICS_RECORD + json.dumps([["mailrelay_x", "counter", "d", []]]) + "\n"
+        data = (f"queued\t{QUEUE_ID}\n" + log + metrics + "queued\tnot-an-id\n").encode()
+        process.protocol.outReceived(data[:10])  # (records may come in pieces)
+        process.protocol.outReceived(data[10:])
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert queued == [QUEUE_ID]
+    assert any(e.get("log_text") == "hello 1" for e in events)
+    assert any("bad queue id" in e.get("log_format", "") for e in events)
+    assert process.protocol in pool.metrics._live
+
+
+def test_a_child_that_dies_is_restarted_with_backoff() -> None:
+    pool, reactor, _ = _pool(2)
+    pool.startService()
+    reactor.spawned[0][0].end(9)
+    assert len(reactor.spawned) == 2 and pool.restarts == 1
+    reactor.advance(1)
+    assert len(reactor.spawned) == 3
+    reactor.spawned[2][0].end(9)
+    reactor.advance(1)
+    assert len(reactor.spawned) == 3  # the pause doubled
+    reactor.advance(1)
+    assert len(reactor.spawned) == 4
+    assert [c["pid"] for c in pool.describe()["running"]] == [1001, 1003]
+    assert pool.describe()["restarts"] == 2
+
+
+def test_reload_retires_the_children_and_starts_new_ones() -> None:
+    pool, reactor, _ = _pool(1)
+    pool.startService()
+    old = reactor.spawned[0][0]
+    pool.reload(b"[relay]\nprocesses = 3\n", {}, 2, 10.0)
+    assert old.written == [RETIRE + b"\n"] and not old.stdinClosed  # ends with its sessions
+    assert len(reactor.spawned) == 3
+    assert reactor.spawned[1][0].toChild == {3: b"[relay]\nprocesses = 3\n"}
+    assert pool.describe()["retiring"] == [old.pid]
+    old.end(0)  # an old one exiting is not restarted
+    reactor.advance(60)
+    assert len(reactor.spawned) == 3 and pool.restarts == 0
+    assert pool.describe()["retiring"] == []
+
+
+def test_a_retired_child_that_does_not_end_is_killed() -> None:
+    pool, reactor, _ = _pool(1)
+    pool.startService()
+    old = reactor.spawned[0][0]
+    pool.reload(None, {}, 1, 10.0)
+    reactor.advance(2 * 10.0 + 14)
+    assert old.signals == []
+    reactor.advance(2)
+    assert old.signals == ["KILL"]
+
+
+def test_stop_tells_every_child_and_waits_for_them() -> None:
+    pool, reactor, _ = _pool(2)
+    pool.startService()
+    first, second = reactor.spawned[0][0], reactor.spawned[1][0]
+    pool.reload(None, {}, 1, 30.0)  # first and second retiring, a third running
+    third = reactor.spawned[2][0]
+    d = pool.stopService()
+    assert first.stdinClosed and second.stdinClosed and third.stdinClosed
+    for process in (first, second):
+        process.end(0)
+    assert not d.called
+    third.end(9)  # (signalled with the relay: not restarted)
+    assert d.called
+    reactor.advance(120)
+    assert len(reactor.spawned) == 3
+
+
+# -- the sockets shared ---------------------------------------------------------------------------
+
+
+def test_shared_socket_of_tcp_and_unix_ports_only(tmp_path: Path) -> None:
+    reactor = MemoryReactor()
+    factory = Factory.forProtocol(Protocol)
+    port = tcp.Port(0, factory, interface="127.0.0.1", reactor=reactor)
+    port.startListening()
+    try:
+        assert sharedSocket(port, factory) == (port.fileno(), "inet")
+        assert sharedSocket(port, Factory.forProtocol(Protocol)) is None  # wrapped (ssl:)
+        assert sharedSocket(object(), factory) is None
+        assert sharedSocket(None, factory) is None
+    finally:
+        port.socket.close()
+
+
+# -- the child's side ---------------------------------------------------------------------------
+
+
+def test_adopted_unix_listener_leaves_the_relays_socket_file(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.sock")
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening.bind(path)
+    listening.listen(5)
+    reactor = MemoryReactor()
+    port = adoptPort(reactor, os.dup(listening.fileno()), socket.AF_UNIX,
+                     Factory.forProtocol(Protocol))
+    assert port.getHost().name == path.encode() or port.getHost().name == path
+    port.connectionLost(None)
+    assert os.path.exists(path), "closing the acceptor's copy removed the relay's socket"
+    listening.close()
+
+
+def test_notify_relay_writes_the_queue_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    notifyRelay(QUEUE_ID)
+    assert out.getvalue() == f"queued\t{QUEUE_ID}\n"
+
+
+class FakeSessions:
+    def __init__(self) -> None:
+        from twisted.internet.defer import Deferred
+
+        self.live = {object()}
+        self.gone: Deferred[None] = Deferred()
+
+    def whenGone(self) -> Any:
+        return self.gone
+
+
+class FakeListener:
+    running = True
+
+    def stopService(self) -> None:
+        self.running = False
+
+
+def test_retired_acceptor_stops_accepting_and_ends_with_its_sessions() -> None:
+    sessions, clock = FakeSessions(), Clock()
+    services = AcceptorServices(sessions)
+    services.adopted = [FakeListener()]  # type: ignore[list-item]
+    d = services.retire(clock, 30.0)
+    assert not services.adopted[0].running and not d.called
+    sessions.gone.callback(None)
+    assert d.called
+
+
+def test_retired_acceptor_ends_after_the_drain_time_at_most() -> None:
+    sessions, clock = FakeSessions(), Clock()
+    services = AcceptorServices(sessions)
+    d = services.retire(clock, 30.0)
+    clock.advance(30)
+    assert d.called
+    sessions.gone.callback(None)  # (later: nothing more happens)
+
+
+# -- mailrelay status -----------------------------------------------------------------------------
+
+
+def test_status_lists_the_acceptors() -> None:
+    status = {
+        "pid": 1, "version": "x", "started": 0.0, "config": "c", "hostname": "h", "spool": "s",
+        "listeners": [], "sessions": 0, "delivery": {"mode": "inline", "state": "up"},
+        "acceptors": {"count": 2, "running": [{"pid": 7, "since": 0.0}], "restarts": 3,
+                      "retiring": [5]},
+        "queue": {"error": "x"},
+    }
+    out = io.StringIO()
+    printStatus(status, out)
+    line = [t for t in out.getvalue().splitlines() if t.startswith("acceptor processes:")]
+    assert len(line) == 1
+    assert "1 of 2 running (pid 7 since" in line[0]
+    assert "restarted 3 times" in line[0] and "previous ones finishing: 5" in line[0]
+    status["acceptors"] = {"count": 0, "running": [], "restarts": 0, "retiring": []}
+    out = io.StringIO()
+    printStatus(status, out)
+    assert "acceptor processes" not in out.getvalue()
