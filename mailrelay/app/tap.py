@@ -122,6 +122,9 @@ def makeService(options: Options) -> Any:
         )
     except ConfigError as e:
         raise SystemExit(f"mailrelay: configuration error: {e}") from None
+    from mailrelay.app.files import raiseFileLimit
+
+    raiseFileLimit(listener.settings.maxConnections for listener in config.listeners)
     relay.twistdOptions = serverOptions
     reactor.callWhenRunning(installReloadSignal, reactor, relay)
     notifySystemd(reactor, relay)
