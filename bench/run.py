@@ -156,6 +156,20 @@ def proc_stat(pid: int) -> tuple[str, int, int] | None:
         return None
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat utime + stime); 0.0 when
+    it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
 def proc_pss(pid: int) -> int | None:
     """Proportional set size of a process in bytes (shared pages divided among sharers)."""
     try:
