@@ -95,6 +95,15 @@ class Relay:
     def queued(self) -> int:
         return len(list((self.dir / "spool" / "queue").glob("*.json")))
 
+    def drain(self, deadline: float) -> float:
+        """Wait until the spool is empty; return the seconds it took."""
+        start = time.monotonic()
+        while self.queued():
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.queued()} left\n{tail(self.logpath)}")
+            time.sleep(0.01)
+        return time.monotonic() - start
+
     def stop(self) -> None:
         if self.proc is not None:
             stop_process(self.proc, "mailrelay")
@@ -110,25 +119,9 @@ def one(args: argparse.Namespace, workdir: Path, mode: str, run: int) -> dict:
     with Postfix(ns, workdir, 0, f"{mode}{run}") as postfix:
         relay = Relay(args.twistd, workdir / f"relay-{mode}{run}", postfix.port)
         try:
-            relay.start(hold=True)
-            with ThreadPoolExecutor(8) as pool:
-                list(pool.map(lambda i: submit(relay.port, message(args.size, i)),
-                              range(args.messages)))
-            relay.stop()
-            if relay.queued() != args.messages:
-                raise BenchError(f"{relay.queued()} of {args.messages} messages spooled")
-            relay.start(hold=False)
             deadline = time.monotonic() + args.timeout
-            while "queue manager started" not in relay.log():
-                if time.monotonic() > deadline:
-                    raise BenchError(f"no queue manager\n{tail(relay.logpath)}")
-                time.sleep(0.01)
-            start = time.monotonic()
-            while relay.queued():
-                if time.monotonic() > deadline:
-                    raise BenchError(f"{relay.queued()} left\n{tail(relay.logpath)}")
-                time.sleep(0.01)
-            seconds = time.monotonic() - start
+            spoolThenDeliver(relay, args.size, args.messages, deadline)
+            seconds = relay.drain(deadline)
         finally:
             relay.stop()
             if not args.keep:
@@ -142,13 +135,31 @@ def one(args: argparse.Namespace, workdir: Path, mode: str, run: int) -> dict:
     return {"mode": mode, "seconds": seconds, "rate": rate, "smtpd": carried}
 
 
+def spoolThenDeliver(relay: Relay, size: int, messages: int, deadline: float) -> None:
+    """Spool C{messages} messages of C{size} with the queue held, then restart C{relay} with
+    delivery on, and return when its queue manager has started."""
+    relay.start(hold=True)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: submit(relay.port, message(size, i)), range(messages)))
+    relay.stop()
+    if relay.queued() != messages:
+        raise BenchError(f"{relay.queued()} of {messages} messages spooled")
+    relay.start(hold=False)
+    while "queue manager started" not in relay.log():
+        if time.monotonic() > deadline:
+            raise BenchError(f"no queue manager\n{tail(relay.logpath)}")
+        time.sleep(0.005)
+
+
 def submit(port: int, data: bytes) -> None:
     with smtplib.SMTP("127.0.0.1", port, timeout=60) as s:
         s.sendmail("bench@source.test", ["sink@sink.test"], data)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(doc: str | None) -> argparse.ArgumentParser:
+    """The options of a benchmark spooling then delivering (this one's and
+    bench/delivercost.py's)."""
+    p = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
     p.add_argument("--size", type=parse_size, default=parse_size("1m"))
     p.add_argument("--messages", type=int, default=100)
     p.add_argument("--repeat", type=int, default=3)
@@ -156,7 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="/var/tmp")
     p.add_argument("--keep", action="store_true")
     p.add_argument("--twistd", default=str(Path(sys.executable).with_name("twistd")))
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments(__doc__).parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="mailrelay-chunking-", dir=args.workdir))
     workdir.chmod(0o755)  # Postfix's users must reach their directories
     results = []

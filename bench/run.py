@@ -1,24 +1,32 @@
 #!/usr/bin/env python3
-"""Benchmark mailrelay against Postfix, side by side, on this machine.
+"""Benchmark mailrelay against Postfix, side by side, on this machine: the one benchmark of
+issue 11.
 
-Two measurements, for each message size:
+The matrix, for each size (4k, 100k, 1m) x parallel sessions (10, 100) x messages per
+connection (1, or 100 with smtp-source -d):
 
-  e2e     smtp-source -> relay -> smtp-sink, one message per connection, timed from the
-          start of smtp-source until the sink has received every message;
-  accept  smtp-source -> relay with several messages per connection (smtp-source -d),
-          timed until smtp-source has had every "250 queued" reply (the relay still
-          delivers to a running smtp-sink in the background, as it would in service).
+  e2e      smtp-source -> relay -> smtp-sink, timed from the start of smtp-source until the
+           sink has received every message;
+  accept   accept-only: the relay holds what it takes (mailrelay [queue] hold, Postfix's
+           hold queue), timed until smtp-source has had every "250 queued" reply;
 
-Relays: mailrelay (twistd, --smarthost [127.0.0.1]:SINK) and a private Postfix instance
-(its own config, queue and data directories, relayhost=[127.0.0.1]:SINK), each started
-fresh for every run and stopped after it.  Runs alternate (mailrelay, postfix, mailrelay,
-postfix, ...) and the median of --repeat runs is reported, with the ratio
-mailrelay/postfix, and the peak resident memory of the relay's processes.
+and two more kinds of rows:
+
+  latency  one client, one connection, messages one after the other: the time from the
+           end-of-data dot to the 250 reply, p50 and p99 (the relay delivering meanwhile);
+  burst    100 and 500 concurrent one-message connections (4k, e2e) on the shipped defaults.
+
+Relays: mailrelay (twistd, shipped defaults, --smarthost [127.0.0.1]:SINK) and a private
+Postfix instance (its own config, queue and data directories, relayhost=[127.0.0.1]:SINK),
+each started fresh for every run and stopped after it.  Runs alternate (mailrelay, postfix,
+mailrelay, postfix, ...) --repeat times; each cell reports the median of each relay, the ratio
+of each repeat's pair (median and min-max), the CPU milliseconds per message of all each
+relay's processes (/proc/PID/stat, their reaped children included), and peak memory.
 
 Run as root (Postfix needs it):
 
-    /work/venv/bin/python bench/run.py [--sizes 4k,100k,1m] [--messages N]
-                                       [--sessions 10] [--repeat 2] [--quick]
+    /work/venv/bin/python bench/run.py [--quick] [--sizes 4k,100k,1m] [--sessions 10,100]
+                                       [--per-conn 1,100] [--repeat 3] [--phases ...]
 
 See bench/README.md.  Results also go to bench/results-<timestamp>.json.
 """
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -63,12 +72,16 @@ RELAY_NAME = "bench.test"
 #: Postfix processes counted in the headline RSS figure (the brief's list).
 POSTFIX_RSS_NAMES = frozenset({"smtpd", "cleanup", "qmgr", "smtp"})
 
-#: Messages per run by size when --messages is not given: (normal, --quick).
+#: Messages per run of one message per connection, by size, when --messages is not given:
+#: (normal, --quick).
 DEFAULT_MESSAGES = [
-    (8 * 1024, 2000, 300),
-    (256 * 1024, 1000, 150),
+    (8 * 1024, 2000, 100),
+    (256 * 1024, 1000, 50),
     (None, 200, 20),
 ]
+
+#: The measurements (see the module's docstring).
+PHASES = ("e2e", "accept", "latency", "burst")
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -154,6 +167,40 @@ def proc_stat(pid: int) -> tuple[str, int, int] | None:
         return comm, int(rest[1]), int(rest[21]) * PAGE
     except (IndexError, ValueError):
         return None
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat utime + stime); 0.0 when
+    it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def proc_tree_cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds of processes and of their children reaped so far: each process's own time
+    from /proc/PID/schedstat (nanoseconds: precise even for the many short-lived daemons of
+    Postfix, where stat's clock ticks would round each one down), plus its reaped children's
+    user + system time (/proc/PID/stat cutime, cstime).  Summed over a relay's live processes,
+    a process that exits between two readings is still counted, in its parent's children's
+    time once reaped."""
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/schedstat", "rb") as f:
+                own = int(f.read().split()[0]) / 1e9
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            total += own + (int(fields[13]) + int(fields[14])) / CLOCK_TICKS
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
 
 
 def proc_pss(pid: int) -> int | None:
@@ -367,11 +414,13 @@ class RssSampler:
 class Mailrelay:
     name = "mailrelay"
 
-    def __init__(self, args: argparse.Namespace, workdir: Path, sink_port: int, run_id: str):
+    def __init__(self, args: argparse.Namespace, workdir: Path, sink_port: int, run_id: str,
+                 hold: bool = False):
         self.args = args
         self.port = free_port()
         self.dir = workdir / f"mailrelay-{run_id}"
         self.sink_port = sink_port
+        self.hold = hold
         self.proc: subprocess.Popen[bytes] | None = None
         self.logpath = self.dir / "mailrelay.log"
 
@@ -384,11 +433,16 @@ class Mailrelay:
             "--hostname", RELAY_NAME,
             "--smarthost", f"[127.0.0.1]:{self.sink_port}",
         ]
+        lines = []
         processes = self.args.mailrelay_processes
         if processes != "1":
-            config = self.dir / "mailrelay.toml"
             value = processes if processes.isdigit() else f'"{processes}"'
-            config.write_text(f"[relay]\nprocesses = {value}\n")
+            lines.append(f"[relay]\nprocesses = {value}\n")
+        if self.hold:  # accept-only: spooled with fsync, nothing delivered
+            lines.append("[queue]\nhold = true\n")
+        if lines:
+            config = self.dir / "mailrelay.toml"
+            config.write_text("".join(lines))
             cmd[4:4] = ["--config", str(config)]
         self._log = open(self.logpath, "wb")
         self.proc = subprocess.Popen(
@@ -396,7 +450,13 @@ class Mailrelay:
             stderr=subprocess.STDOUT, start_new_session=True,
         )
         try:
-            wait_smtp_ready(self.port, time.monotonic() + 60, lambda: self.proc.poll() is None)
+            deadline = time.monotonic() + 60
+            wait_smtp_ready(self.port, deadline, lambda: self.proc.poll() is None)
+            # The delivery process's start-up is not per-message work: wait for it.
+            while not self.hold and b"queue manager started" not in self.logpath.read_bytes():
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise BenchError("its delivery process did not start")
+                time.sleep(0.05)
         except BenchError as e:
             self.__exit__(None, None, None)
             raise BenchError(f"mailrelay did not start: {e}\n{tail(self.logpath)}") from None
@@ -418,6 +478,10 @@ class Mailrelay:
                 if child is not None and child[1] == root:
                     procs.append((pid, child[0], child[2]))
         return {"relay": procs, "all": procs}
+
+    def cpu_seconds(self) -> float:
+        """CPU time of twistd and its delivery process (with any reaped children)."""
+        return proc_tree_cpu_seconds([p for p, _, _ in self.rss_groups()["all"]])
 
     def extra(self) -> dict[str, Any]:
         """Figures read just before stopping."""
@@ -442,8 +506,10 @@ class Postfix:
 
     name = "postfix"
 
-    def __init__(self, args: argparse.Namespace, workdir: Path, sink_port: int, run_id: str):
+    def __init__(self, args: argparse.Namespace, workdir: Path, sink_port: int, run_id: str,
+                 hold: bool = False):
         self.args = args
+        self.hold = hold
         self.port = free_port()
         self.dir = workdir / f"postfix-{run_id}"
         self.conf = self.dir / "conf"
@@ -496,6 +562,8 @@ class Postfix:
             "relayhost": f"[127.0.0.1]:{self.sink_port}",
             "smtpd_relay_restrictions": "permit_mynetworks,reject_unauth_destination",
         }
+        if self.hold:  # accept-only: every message to the hold queue, nothing delivered
+            params["smtpd_sender_restrictions"] = "check_sender_access static:HOLD"
         for item in self.args.postfix_param:
             key, _, value = item.partition("=")
             params[key.strip()] = value.strip()
@@ -574,6 +642,10 @@ class Postfix:
             "all": everything,
         }
 
+    def cpu_seconds(self) -> float:
+        """CPU time of the instance: master and every daemon (with those reaped)."""
+        return proc_tree_cpu_seconds([p for p, _, _ in self.rss_groups().get("all", [])])
+
     def extra(self) -> dict[str, Any]:
         return {}
 
@@ -625,62 +697,168 @@ class Postfix:
 
 
 # --------------------------------------------------------------------------------------------
+# the matrix
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One measurement of the table: a phase, a size, parallel sessions, messages per
+    connection (1, or several with smtp-source -d) and the messages of a run."""
+
+    phase: str
+    size: int
+    sessions: int
+    per_conn: int
+    messages: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.phase} {size_label(self.size)} s{self.sessions} m{self.per_conn}"
+
+
+#: Targets against Postfix (issue 11): throughput ratios, latency as Postfix p50 / ours.
+def target_ratio(phase: str, size: int) -> float:
+    if phase == "e2e":
+        return 1.5 if size < 100 * 1024 else 1.2
+    return {"accept": 2.0, "latency": 1.0, "burst": 1.0}[phase]
+
+
+def messages_for(size: int, args: argparse.Namespace) -> int:
+    """Messages of a run of one message per connection."""
+    if args.messages:
+        return args.messages
+    for limit, normal, quick in DEFAULT_MESSAGES:
+        if limit is None or size <= limit:
+            return quick if args.quick else normal
+    raise AssertionError
+
+
+def cells(args: argparse.Namespace) -> list[Cell]:
+    """The matrix: e2e and accept for every size x sessions x messages per connection; the
+    latency of one client per size; the burst rows (4k, one message per connection, on the
+    shipped defaults) at each of --burst sessions."""
+    found: list[Cell] = []
+    for phase in args.phase_list:
+        if phase == "latency":
+            for size in args.size_list:
+                found.append(Cell(phase, size, 1, args.latency_messages, args.latency_messages))
+            continue
+        if phase == "burst":
+            for sessions in args.burst_list:
+                n = max(messages_for(4096, args), sessions)
+                found.append(Cell(phase, 4096, sessions, 1, n))
+            continue
+        for size in args.size_list:
+            for sessions in args.session_list:
+                for per_conn in args.per_conn_list:
+                    base = messages_for(size, args)
+                    if per_conn == 1:
+                        n = max(base, sessions)
+                    else:  # as many as asked, within 5 runs' worth of one message each
+                        n = max(min(sessions * per_conn, 5 * base), 2 * sessions)
+                        n -= n % sessions
+                    found.append(Cell(phase, size, sessions, n // sessions if per_conn > 1
+                                      else 1, n))
+    return found
+
+
+# --------------------------------------------------------------------------------------------
 # one run
 
 
-def run_once(args: argparse.Namespace, workdir: Path, relay_cls: type, phase: str, size: int,
-             messages: int, deadline: float, run_id: str) -> dict[str, Any]:
-    """One measurement: fresh sink, fresh relay, smtp-source, stop everything."""
+def message_bytes(size: int) -> bytes:
+    """A text message of about C{size} octets (CRLF lines of 78), for the latency client."""
+    head = (f"From: <{SENDER}>\r\nTo: <{RECIPIENT}>\r\nSubject: latency\r\n\r\n").encode()
+    line = b"x" * 76 + b"\r\n"
+    return head + line * max(1, (size - len(head)) // len(line))
+
+
+def latency_client(port: int, count: int, size: int, deadline: float) -> list[float]:
+    """One connection, C{count} messages in turn; for each, the seconds from the write of
+    the end-of-data dot to the C{250} reply."""
+    data = message_bytes(size) + b".\r\n"
+    samples: list[float] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        # The dot goes in a write of its own: without this, it would wait for the ACK of
+        # the body's last segment (a delayed ACK, up to 40 ms), and that is what we'd measure.
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        f = s.makefile("rb")
+
+        def reply() -> bytes:
+            while True:
+                line = f.readline()
+                if not line:
+                    raise BenchError("the relay closed the connection")
+                if line[3:4] != b"-":
+                    return line
+
+        def command(text: bytes, want: bytes) -> None:
+            s.sendall(text)
+            answer = reply()
+            if not answer.startswith(want):
+                raise BenchError(f"{text.strip()!r} answered {answer.strip()!r}")
+
+        if not reply().startswith(b"220"):
+            raise BenchError("no greeting")
+        command(f"EHLO {CLIENT_NAME}\r\n".encode(), b"250")
+        body, dot = data[:-3], data[-3:]
+        for _ in range(count):
+            if time.monotonic() > deadline:
+                raise BenchError("latency run out of time")
+            command(f"MAIL FROM:<{SENDER}>\r\n".encode(), b"250")
+            command(f"RCPT TO:<{RECIPIENT}>\r\n".encode(), b"250")
+            command(b"DATA\r\n", b"354")
+            s.sendall(body)
+            start = time.perf_counter()
+            s.sendall(dot)
+            answer = reply()
+            samples.append(time.perf_counter() - start)
+            if not answer.startswith(b"250"):
+                raise BenchError(f"end of data answered {answer.strip()!r}")
+        with contextlib.suppress(OSError):
+            s.sendall(b"QUIT\r\n")
+    return samples
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def run_once(args: argparse.Namespace, workdir: Path, relay_cls: type, cell: Cell,
+             deadline: float, run_id: str) -> dict[str, Any]:
+    """One measurement: fresh sink, fresh relay, the load, stop everything."""
+    messages = cell.messages
     result: dict[str, Any] = {
-        "relay": relay_cls.name, "phase": phase, "size": size, "messages": messages,
-        "sessions": args.sessions, "ok": False,
+        "relay": relay_cls.name, "phase": cell.phase, "size": cell.size, "messages": messages,
+        "sessions": cell.sessions, "per_conn": cell.per_conn, "cell": cell.key, "ok": False,
     }
-    with Sink(workdir) as sink, relay_cls(args, workdir, sink.port, run_id) as relay:
-        cmd = [SMTP_SOURCE, "-s", str(args.sessions), "-m", str(messages), "-l", str(size),
-               "-f", SENDER, "-t", RECIPIENT, "-M", CLIENT_NAME]
-        if phase == "accept":
+    hold = cell.phase == "accept"
+    with Sink(workdir) as sink, relay_cls(args, workdir, sink.port, run_id, hold) as relay:
+        cmd = [SMTP_SOURCE, "-s", str(cell.sessions), "-m", str(messages), "-l",
+               str(cell.size), "-f", SENDER, "-t", RECIPIENT, "-M", CLIENT_NAME]
+        if cell.per_conn > 1:
             cmd.append("-d")  # keep each connection open for the next message
         cmd.append(f"127.0.0.1:{relay.port}")
-        result["command"] = " ".join(cmd)
         sink.expect(messages)
         with RssSampler(relay.rss_groups, args.rss_interval) as sampler:
+            cpu_before = relay.cpu_seconds()
             start = time.monotonic()
-            src = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                out, _ = src.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                stop_process(src, "smtp-source", grace=2)
-                out = src.communicate()[0]
-                result["error"] = "smtp-source timed out"
-            finally:
-                stop_process(src, "smtp-source", grace=2)  # interrupted: do not leave it
-            source_done = time.monotonic()
-            result["source_seconds"] = round(source_done - start, 4)
-            result["source_rc"] = src.returncode
-            result["source_output"] = out.decode("utf-8", "replace")[-2000:]
-            result["delivered_when_source_done"] = sink.count
-            if "error" not in result and src.returncode != 0:
-                result["error"] = f"smtp-source exited {src.returncode}: " + \
-                    out.decode("utf-8", "replace").strip()[-300:]
-            if "error" not in result:
-                if phase == "accept":
-                    result["seconds"] = result["source_seconds"]
-                    result["ok"] = True
+            if cell.phase == "latency":
+                result["command"] = f"latency client: {messages} x {size_label(cell.size)}"
+                try:
+                    samples = latency_client(relay.port, messages, cell.size, deadline)
+                except (BenchError, OSError) as e:
+                    result["error"] = f"latency client: {e}"
                 else:
-                    first = args.delivery_probe if relay_cls is Mailrelay else None
-                    state = sink.wait(deadline, args.stall_timeout, first)
-                    result["sink_count"] = sink.count
-                    if state == "done":
-                        assert sink.target_time is not None
-                        result["seconds"] = round(sink.target_time - start, 4)
-                        result["ok"] = True
-                    elif state == "stalled" and sink.count == 0:
-                        result["error"] = "no message reached the sink"
-                        result["delivery_unavailable"] = True
-                    else:
-                        result["error"] = (f"sink {state} at {sink.count}/{messages} messages "
-                                           f"after {time.monotonic() - start:.1f}s")
+                    result["seconds"] = round(time.monotonic() - start, 4)
+                    result["latency_p50_ms"] = round(percentile(samples, 50) * 1000, 3)
+                    result["latency_p99_ms"] = round(percentile(samples, 99) * 1000, 3)
+                    result["ok"] = True
+            else:
+                result["command"] = " ".join(cmd)
+                run_source(args, relay_cls, cell, cmd, sink, deadline, start, result)
+            result["cpu_seconds"] = round(relay.cpu_seconds() - cpu_before, 4)
         result["sink_count"] = sink.count
         result["rss_peak_bytes"] = sampler.peaks.get("relay")
         result["rss_peak_all_bytes"] = sampler.peaks.get("all")
@@ -692,59 +870,124 @@ def run_once(args: argparse.Namespace, workdir: Path, relay_cls: type, phase: st
             result["relay_log_tail"] = relay.log_tail()
     if result["ok"]:
         result["msgs_per_s"] = round(messages / result["seconds"], 2)
+        result["cpu_ms_per_msg"] = round(result["cpu_seconds"] * 1000 / messages, 3)
     return result
+
+
+def run_source(args: argparse.Namespace, relay_cls: type, cell: Cell, cmd: list[str],
+               sink: Sink, deadline: float, start: float, result: dict[str, Any]) -> None:
+    """smtp-source's part of a run: accept phases end with smtp-source, the others when the
+    sink has every message."""
+    src = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out, _ = src.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        stop_process(src, "smtp-source", grace=2)
+        out = src.communicate()[0]
+        result["error"] = "smtp-source timed out"
+    finally:
+        stop_process(src, "smtp-source", grace=2)  # interrupted: do not leave it
+    result["source_seconds"] = round(time.monotonic() - start, 4)
+    result["source_rc"] = src.returncode
+    result["source_output"] = out.decode("utf-8", "replace")[-2000:]
+    result["delivered_when_source_done"] = sink.count
+    if "error" not in result and src.returncode != 0:
+        result["error"] = f"smtp-source exited {src.returncode}: " + \
+            out.decode("utf-8", "replace").strip()[-300:]
+    if "error" in result:
+        return
+    if cell.phase == "accept":
+        result["seconds"] = result["source_seconds"]
+        result["ok"] = True
+        return
+    first = args.delivery_probe if relay_cls is Mailrelay else None
+    state = sink.wait(deadline, args.stall_timeout, first)
+    if state == "done":
+        assert sink.target_time is not None
+        result["seconds"] = round(sink.target_time - start, 4)
+        result["ok"] = True
+    elif state == "stalled" and sink.count == 0:
+        result["error"] = "no message reached the sink"
+        result["delivery_unavailable"] = True
+    else:
+        result["error"] = (f"sink {state} at {sink.count}/{cell.messages} messages "
+                           f"after {time.monotonic() - start:.1f}s")
 
 
 # --------------------------------------------------------------------------------------------
 # reporting
 
 
-def target_ratio(size: int) -> float:
-    return 1.5 if size < 100 * 1024 else 1.0
+def median_or_none(values: list[float]) -> float | None:
+    return round(statistics.median(values), 3) if values else None
 
 
-def summarize(runs: list[dict[str, Any]], relays: list[str], sizes: list[int],
-              phases: list[str], notes: dict[str, str]) -> list[dict[str, Any]]:
+def summarize(runs: list[dict[str, Any]], relays: list[str], all_cells: list[Cell],
+              notes: dict[str, str]) -> list[dict[str, Any]]:
     rows = []
-    for phase in phases:
-        for size in sizes:
-            row: dict[str, Any] = {"phase": phase, "size": size, "size_label": size_label(size),
-                                   "target_ratio": target_ratio(size)}
-            for relay in relays:
-                mine = [r for r in runs if r["relay"] == relay and r["phase"] == phase
-                        and r["size"] == size]
-                good = [r for r in mine if r["ok"]]
-                # memory of completed runs only: a failed run did not do the same work
-                rss = [r["rss_peak_bytes"] for r in good if r.get("rss_peak_bytes")]
-                rss_all = [r["rss_peak_all_bytes"] for r in good if r.get("rss_peak_all_bytes")]
-                pss = [r["pss_peak_bytes"] for r in good if r.get("pss_peak_bytes")]
-                row[relay] = {
-                    "runs": len(mine),
-                    "ok_runs": len(good),
-                    "msgs_per_s_all": [r["msgs_per_s"] for r in good],
-                    "msgs_per_s": (round(statistics.median(r["msgs_per_s"] for r in good), 2)
-                                   if good else None),
-                    "rss_peak_bytes": max(rss) if rss else None,
-                    "rss_peak_all_bytes": max(rss_all) if rss_all else None,
-                    "pss_peak_bytes": max(pss) if pss else None,
-                    "messages": mine[0]["messages"] if mine else None,
-                    "errors": sorted({r["error"] for r in mine if r.get("error")}),
-                }
-                note = notes.get(f"{relay}:{phase}")
-                if note:
-                    row[relay]["note"] = note
-            if "mailrelay" in row and "postfix" in row:
-                a, b = row["mailrelay"], row["postfix"]
-                row["ratio"] = (round(a["msgs_per_s"] / b["msgs_per_s"], 3)
-                                if a["msgs_per_s"] and b["msgs_per_s"] else None)
-                row["rss_ratio"] = (round(a["rss_peak_bytes"] / b["rss_peak_bytes"], 3)
-                                    if a["rss_peak_bytes"] and b["rss_peak_bytes"] else None)
-                row["pss_ratio"] = (round(a["pss_peak_bytes"] / b["pss_peak_bytes"], 3)
-                                    if a["pss_peak_bytes"] and b["pss_peak_bytes"] else None)
-                row["target_met"] = (row["ratio"] >= row["target_ratio"]
-                                     if row["ratio"] is not None else None)
-            rows.append(row)
+    for cell in all_cells:
+        row: dict[str, Any] = {"cell": cell.key, "phase": cell.phase, "size": cell.size,
+                               "size_label": size_label(cell.size), "sessions": cell.sessions,
+                               "per_conn": cell.per_conn, "messages": cell.messages,
+                               "target_ratio": target_ratio(cell.phase, cell.size)}
+        for relay in relays:
+            mine = [r for r in runs if r["relay"] == relay and r["cell"] == cell.key]
+            good = [r for r in mine if r["ok"]]
+            # memory of completed runs only: a failed run did not do the same work
+            rss = [r["rss_peak_bytes"] for r in good if r.get("rss_peak_bytes")]
+            pss = [r["pss_peak_bytes"] for r in good if r.get("pss_peak_bytes")]
+            rates = [r["msgs_per_s"] for r in good]
+            row[relay] = {
+                "runs": len(mine),
+                "ok_runs": len(good),
+                "msgs_per_s_all": rates,
+                "msgs_per_s": median_or_none(rates),
+                "spread": (round((max(rates) - min(rates)) / statistics.median(rates), 3)
+                           if len(rates) > 1 else None),
+                "cpu_ms_per_msg": median_or_none([r["cpu_ms_per_msg"] for r in good]),
+                "latency_p50_ms": median_or_none([r["latency_p50_ms"] for r in good
+                                                  if "latency_p50_ms" in r]),
+                "latency_p99_ms": median_or_none([r["latency_p99_ms"] for r in good
+                                                  if "latency_p99_ms" in r]),
+                "rss_peak_bytes": max(rss) if rss else None,
+                "pss_peak_bytes": max(pss) if pss else None,
+                "errors": sorted({r["error"] for r in mine if r.get("error")}),
+            }
+            note = notes.get(f"{relay}:{cell.phase}")
+            if note:
+                row[relay]["note"] = note
+        if "mailrelay" in row and "postfix" in row:
+            ratios = paired_ratios(runs, cell)
+            row["ratios"] = ratios
+            row["ratio"] = median_or_none(ratios)
+            row["ratio_min"] = min(ratios) if ratios else None
+            row["ratio_max"] = max(ratios) if ratios else None
+            a, b = row["mailrelay"], row["postfix"]
+            row["pss_ratio"] = (round(a["pss_peak_bytes"] / b["pss_peak_bytes"], 3)
+                                if a["pss_peak_bytes"] and b["pss_peak_bytes"] else None)
+            row["target_met"] = (row["ratio"] >= row["target_ratio"]
+                                 if row["ratio"] is not None else None)
+        rows.append(row)
     return rows
+
+
+def paired_ratios(runs: list[dict[str, Any]], cell: Cell) -> list[float]:
+    """mailrelay against Postfix for each repeat both completed: throughput mailrelay /
+    Postfix; for latency, Postfix's p50 / mailrelay's (above 1: mailrelay answers sooner)."""
+    by_repeat: dict[int, dict[str, dict[str, Any]]] = {}
+    for r in runs:
+        if r["cell"] == cell.key and r["ok"]:
+            by_repeat.setdefault(r["repeat"], {})[r["relay"]] = r
+    ratios = []
+    for pair in by_repeat.values():
+        if "mailrelay" in pair and "postfix" in pair:
+            mr, pf = pair["mailrelay"], pair["postfix"]
+            if cell.phase == "latency":
+                ratios.append(round(pf["latency_p50_ms"] / mr["latency_p50_ms"], 3))
+            else:
+                ratios.append(round(mr["msgs_per_s"] / pf["msgs_per_s"], 3))
+    return ratios
 
 
 def fmt_rate(cell: dict[str, Any] | None) -> str:
@@ -753,41 +996,56 @@ def fmt_rate(cell: dict[str, Any] | None) -> str:
     if cell["msgs_per_s"] is None:
         return "no delivery" if cell.get("note") else ("failed" if cell["runs"] else "n/a")
     s = f"{cell['msgs_per_s']:.1f}"
+    if cell["spread"] is not None:
+        s += f" ±{cell['spread'] * 50:.0f}%"  # half the max-min range, of the median
     if cell["ok_runs"] < cell["runs"]:
         s += f" ({cell['ok_runs']}/{cell['runs']} ok)"
     return s
+
+
+def fmt_num(n: float | None, digits: int = 2) -> str:
+    return "-" if n is None else f"{n:.{digits}f}"
 
 
 def fmt_mib(n: int | None) -> str:
     return f"{n / (1024 * 1024):.1f}" if n else "-"
 
 
+def fmt_latency(cell: dict[str, Any] | None) -> str:
+    if not cell or cell.get("latency_p50_ms") is None:
+        return "-"
+    return f"{cell['latency_p50_ms']:.2f}/{cell['latency_p99_ms']:.2f}"
+
+
+#: The table's columns, in order.
+COLUMNS = ["phase", "size", "sess", "msg/conn", "msgs", "mailrelay msg/s", "postfix msg/s",
+           "ratio", "ratio min-max", "target", "mr CPU ms/msg", "pf CPU ms/msg",
+           "mr p50/p99 ms", "pf p50/p99 ms", "mr RSS MiB", "pf RSS MiB", "PSS ratio"]
+
+
 def print_table(rows: list[dict[str, Any]], relays: list[str]) -> None:
     both = "mailrelay" in relays and "postfix" in relays
-    head = ["phase", "size", "msgs", "mailrelay msg/s", "postfix msg/s", "ratio", "target",
-            "mr RSS MiB", "pf RSS MiB", "RSS ratio", "PSS ratio"]
-    table = [head]
+    table = [COLUMNS]
     for row in rows:
         mr, pf = row.get("mailrelay"), row.get("postfix")
-        msgs = next((c["messages"] for c in (mr, pf) if c and c.get("messages")), None)
         ratio = row.get("ratio")
         if ratio is not None:
-            ratio_s = f"{ratio:.2f}"
             target_s = f">={row['target_ratio']:g} " + ("met" if row["target_met"] else "MISSED")
+            spread = f"{row['ratio_min']:.2f}-{row['ratio_max']:.2f}"
         else:
-            ratio_s, target_s = "-", f">={row['target_ratio']:g} ?" if both else "-"
-        rr, pr = row.get("rss_ratio"), row.get("pss_ratio")
+            target_s, spread = (f">={row['target_ratio']:g} ?" if both else "-"), "-"
         table.append([
-            row["phase"], row["size_label"], str(msgs or "-"), fmt_rate(mr), fmt_rate(pf),
-            ratio_s, target_s, fmt_mib(mr and mr["rss_peak_bytes"]),
-            fmt_mib(pf and pf["rss_peak_bytes"]), f"{rr:.2f}" if rr is not None else "-",
-            f"{pr:.2f}" if pr is not None else "-",
+            row["phase"], row["size_label"], str(row["sessions"]), str(row["per_conn"]),
+            str(row["messages"]), fmt_rate(mr), fmt_rate(pf), fmt_num(ratio), spread, target_s,
+            fmt_num(mr and mr["cpu_ms_per_msg"], 3), fmt_num(pf and pf["cpu_ms_per_msg"], 3),
+            fmt_latency(mr), fmt_latency(pf), fmt_mib(mr and mr["rss_peak_bytes"]),
+            fmt_mib(pf and pf["rss_peak_bytes"]), fmt_num(row.get("pss_ratio")),
         ])
-    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
     print()
     for i, r in enumerate(table):
         print("  ".join(c.rjust(w) if j >= 2 else c.ljust(w)
-                        for j, (c, w) in enumerate(zip(r, widths))))
+                        for j, (c, w) in enumerate(zip(r, widths, strict=True))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
     print()
@@ -797,23 +1055,14 @@ def print_table(rows: list[dict[str, Any]], relays: list[str]) -> None:
             if not cell:
                 continue
             if cell.get("note"):
-                print(f"{relay} {row['phase']} {row['size_label']}: {cell['note']}")
+                print(f"{relay} {row['cell']}: {cell['note']}")
             elif cell["errors"]:
-                print(f"{relay} {row['phase']} {row['size_label']}: "
+                print(f"{relay} {row['cell']}: "
                       + "; ".join(e.splitlines()[0][:200] for e in cell["errors"]))
 
 
 # --------------------------------------------------------------------------------------------
 # main
-
-
-def messages_for(size: int, args: argparse.Namespace) -> int:
-    if args.messages:
-        return args.messages
-    for limit, normal, quick in DEFAULT_MESSAGES:
-        if limit is None or size <= limit:
-            return quick if args.quick else normal
-    raise AssertionError
 
 
 def versions(args: argparse.Namespace) -> dict[str, Any]:
@@ -838,21 +1087,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Benchmark mailrelay against Postfix (run as root: Postfix needs it).",
     )
-    p.add_argument("--sizes", default="4k,100k,1m",
-                   help="message payload sizes, comma-separated (default: 4k,100k,1m)")
+    p.add_argument("--sizes", default=None,
+                   help="message payload sizes, comma-separated (default: 4k,100k,1m; "
+                   "--quick: 4k,1m)")
     p.add_argument("--messages", type=int, default=None,
-                   help="messages per run, for every size (default: 2000 for sizes up to 8k, "
-                   "1000 up to 256k, 200 above; --quick: 300/150/20)")
-    p.add_argument("--sessions", type=int, default=10,
-                   help="parallel SMTP sessions of smtp-source (default: 10)")
-    p.add_argument("--repeat", type=int, default=2,
-                   help="runs per relay, size and phase, alternated; median reported (default: 2)")
+                   help="messages per run of one message per connection, for every size "
+                   "(default: 2000 for sizes up to 8k, 1000 up to 256k, 200 above; --quick: "
+                   "100/50/20); at least one per session")
+    p.add_argument("--sessions", default="10,100",
+                   help="parallel SMTP sessions of smtp-source, comma-separated (default: 10,100)")
+    p.add_argument("--per-conn", default="1,100",
+                   help="messages per connection, comma-separated: 1, or N (smtp-source -d, "
+                   "at most 5 runs' worth of messages in all) (default: 1,100)")
+    p.add_argument("--burst", default="100,500",
+                   help="the burst rows: concurrent one-message connections of 4k on the "
+                   "shipped defaults, comma-separated (default: 100,500)")
+    p.add_argument("--latency-messages", type=int, default=None,
+                   help="messages of the latency client, one after the other on one "
+                   "connection (default: 200, --quick: 30)")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="runs per relay and cell, alternated; median reported (default: 3, "
+                   "--quick: 1)")
     p.add_argument("--quick", action="store_true",
-                   help="fewer messages and shorter waits: a whole run in under 2 minutes")
+                   help="4k and 1m, fewer messages, one repeat, shorter waits: a few minutes")
     p.add_argument("--relays", default="mailrelay,postfix",
                    help="which relays (default: mailrelay,postfix)")
-    p.add_argument("--phases", default="e2e,accept",
-                   help="which measurements (default: e2e,accept)")
+    p.add_argument("--phases", default="e2e,accept,latency,burst",
+                   help="which measurements (default: e2e,accept,latency,burst)")
     p.add_argument("--workdir", default="/var/tmp",
                    help="where the spools and Postfix's instance go, in a fresh directory removed "
                    "at exit; keep it on a disk file system, not tmpfs, so fsync costs what it "
@@ -879,18 +1140,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true",
                    help="keep the work directory (spools, Postfix config, logs) for debugging")
     args = p.parse_args(argv)
+    if args.sizes is None:
+        args.sizes = "4k,1m" if args.quick else "4k,100k,1m"
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 3
+    if args.latency_messages is None:
+        args.latency_messages = 30 if args.quick else 200
     try:
         args.size_list = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
-    except argparse.ArgumentTypeError as e:
+        args.session_list = [int(x) for x in args.sessions.split(",") if x.strip()]
+        args.per_conn_list = [int(x) for x in args.per_conn.split(",") if x.strip()]
+        args.burst_list = [int(x) for x in args.burst.split(",") if x.strip()]
+    except (argparse.ArgumentTypeError, ValueError) as e:
         p.error(str(e))
+    if min(args.session_list + args.per_conn_list + args.burst_list + [1]) < 1:
+        p.error("--sessions, --per-conn and --burst take numbers >= 1")
     args.relay_list = [r.strip() for r in args.relays.split(",") if r.strip()]
     args.phase_list = [x.strip() for x in args.phases.split(",") if x.strip()]
     if not args.size_list or set(args.relay_list) - {"mailrelay", "postfix"} or not args.relay_list:
         p.error("--relays takes mailrelay and/or postfix; --sizes at least one size")
-    if set(args.phase_list) - {"e2e", "accept"} or not args.phase_list:
-        p.error("--phases takes e2e and/or accept")
-    if args.repeat < 1 or args.sessions < 1 or (args.messages is not None and args.messages < 1):
-        p.error("--repeat, --sessions and --messages must be >= 1")
+    if set(args.phase_list) - set(PHASES) or not args.phase_list:
+        p.error(f"--phases takes some of {', '.join(PHASES)}")
+    if args.repeat < 1 or args.latency_messages < 1 or (args.messages is not None
+                                                         and args.messages < 1):
+        p.error("--repeat, --latency-messages and --messages must be >= 1")
     if args.stall_timeout is None:
         args.stall_timeout = 20.0 if args.quick else 60.0
     if args.delivery_probe is None:
@@ -943,49 +1216,50 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="mailrelay-bench-", dir=args.workdir))
     os.chmod(workdir, 0o755)  # Postfix's daemons (user postfix) must reach their queue
     log(f"work directory {workdir}; results to {output}")
+    all_cells = cells(args)
     try:
         n = 0
-        for phase in args.phase_list:
-            for size in args.size_list:
-                messages = messages_for(size, args)
-                spent = {r: 0.0 for r in relays}  # each relay's own time on this size
-                for rep in range(args.repeat):
-                    for relay in relays:
-                        key = f"{relay}:{phase}"
-                        if key in notes:
-                            continue
-                        remaining = args.config_budget - spent[relay]
-                        if remaining < 5:
-                            log(f"{relay} {phase} {size_label(size)}: time budget used up, "
-                                "skipping the remaining repeats")
-                            continue
-                        n += 1
-                        run_id = f"{n:03d}"
-                        log(f"run {run_id}: {relay} {phase} {size_label(size)} x{messages} "
-                            f"({args.sessions} sessions) repeat {rep + 1}/{args.repeat}")
-                        t0 = time.monotonic()
-                        try:
-                            res = run_once(args, workdir, classes[relay], phase, size,
-                                           messages, t0 + remaining, run_id)
-                        except BenchError as e:
-                            res = {"relay": relay, "phase": phase, "size": size,
-                                   "messages": messages, "ok": False, "error": str(e)}
-                        res["repeat"] = rep + 1
-                        res["wall_seconds"] = round(time.monotonic() - t0, 2)
-                        spent[relay] += time.monotonic() - t0
-                        runs.append(res)
-                        if res["ok"]:
-                            log(f"  {res['msgs_per_s']} msg/s ({res['seconds']:.2f}s), peak RSS "
-                                f"{fmt_mib(res.get('rss_peak_bytes'))} MiB")
-                        else:
-                            log(f"  FAILED: {res['error'].splitlines()[0][:300]}")
-                            if res.get("delivery_unavailable"):
-                                notes[key] = ("mailrelay: delivery not available (no message "
-                                              f"reached smtp-sink within {args.delivery_probe:g}s "
-                                              "of the last 250); e2e skipped")
-                                log("  " + notes[key])
-                            elif "did not start" in res["error"]:
-                                log("  " + res["error"].replace("\n", "\n  ")[:3000])
+        for cell in all_cells:
+            phase, messages = cell.phase, cell.messages
+            spent = {r: 0.0 for r in relays}  # each relay's own time on this cell
+            for rep in range(args.repeat):
+                for relay in relays:
+                    key = f"{relay}:{phase}"
+                    if key in notes:
+                        continue
+                    remaining = args.config_budget - spent[relay]
+                    if remaining < 5:
+                        log(f"{relay} {cell.key}: time budget used up, "
+                            "skipping the remaining repeats")
+                        continue
+                    n += 1
+                    run_id = f"{n:03d}"
+                    log(f"run {run_id}: {relay} {cell.key} x{messages} "
+                        f"repeat {rep + 1}/{args.repeat}")
+                    t0 = time.monotonic()
+                    try:
+                        res = run_once(args, workdir, classes[relay], cell, t0 + remaining,
+                                       run_id)
+                    except BenchError as e:
+                        res = {"relay": relay, "phase": phase, "size": cell.size,
+                               "cell": cell.key, "messages": messages, "ok": False,
+                               "error": str(e)}
+                    res["repeat"] = rep + 1
+                    res["wall_seconds"] = round(time.monotonic() - t0, 2)
+                    spent[relay] += time.monotonic() - t0
+                    runs.append(res)
+                    if res["ok"]:
+                        log(f"  {res['msgs_per_s']} msg/s ({res['seconds']:.2f}s), peak RSS "
+                            f"{fmt_mib(res.get('rss_peak_bytes'))} MiB")
+                    else:
+                        log(f"  FAILED: {res['error'].splitlines()[0][:300]}")
+                        if res.get("delivery_unavailable"):
+                            notes[key] = ("mailrelay: delivery not available (no message "
+                                          f"reached smtp-sink within {args.delivery_probe:g}s "
+                                          "of the last 250); e2e skipped")
+                            log("  " + notes[key])
+                        elif "did not start" in res["error"]:
+                            log("  " + res["error"].replace("\n", "\n  ")[:3000])
     except (KeyboardInterrupt, SystemExit) as e:
         interrupted = f"interrupted (exit code {getattr(e, 'code', 130)})"
         log(interrupted + ": cleaning up")
@@ -995,7 +1269,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    rows = summarize(runs, relays, args.size_list, args.phase_list, notes)
+    rows = summarize(runs, relays, all_cells, notes)
     report = {
         "timestamp": stamp,
         "argv": sys.argv,
@@ -1010,8 +1284,13 @@ def main(argv: list[str] | None = None) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print_table(rows, relays)
-    print(f"RSS: peak of the summed resident set, sampled every {args.rss_interval:g}s; mailrelay "
-          "= the twistd process and its delivery process, postfix = its smtpd+cleanup+qmgr+smtp processes "
+    print("msg/s: median of the repeats, ± half their range; ratio: mailrelay/Postfix of each "
+          "repeat's pair (latency: Postfix p50 / mailrelay p50), median and min-max; CPU: "
+          "user+system ms per message of all the relay's processes (and their reaped "
+          "children) from /proc; p50/p99: end-of-data -> 250 of one client, ms.")
+    print(f"RSS: peak of the summed resident set, sampled every {args.rss_interval:g}s; "
+          "mailrelay = the twistd process and its delivery process, postfix = its "
+          "smtpd+cleanup+qmgr+smtp processes "
           "(shared pages counted once per process, so Postfix's sum overstates it); "
           "PSS ratio: the same with proportional set sizes (shared pages divided among "
           "their sharers).")

@@ -215,23 +215,31 @@ def test_replyParserRejectsMalformed(data):
             pass
 
 
-def stuffAll(content: bytes, size: int) -> bytes:
-    stuffer = DotStuffer()
+def stuffAll(content: bytes, size: int, check: bool = True) -> bytes:
+    stuffer = DotStuffer(checkLineEnds=check)
     out = [stuffer.feed(content[i : i + size]) for i in range(0, len(content), size)]
     return b"".join(out) + stuffer.finish()
+
+
+def stuffUnchecked(content: bytes, size: int) -> bytes:
+    return stuffAll(content, size, check=False)
 
 
 @pytest.mark.parametrize("content,wire", [
     (b"", b".\r\n"),
     (b"a\r\n", b"a\r\n.\r\n"),
     (b"a", b"a\r\n.\r\n"),
+    (b".", b"..\r\n.\r\n"),
     (b".\r\n", b"..\r\n.\r\n"),
     (b"..\r\n.x\r\nx.\r\n.", b"...\r\n..x\r\nx.\r\n..\r\n.\r\n"),
     (b"a\r\n.\r\n.\r\n", b"a\r\n..\r\n..\r\n.\r\n"),
 ])
 def test_dotStufferEdgeCases(content, wire):
+    """Checking or not (the spool's files), the same wire format for CRLF content, whatever
+    the chunk sizes (a line starting at a boundary, a boundary between CR and LF)."""
     for size in (1, 2, 3, 64):
         assert stuffAll(content, size) == wire
+        assert stuffUnchecked(content, size) == wire
 
 
 @pytest.mark.parametrize("content", [b"a\nb\r\n", b"a\rb\r\n", b"a\r", b"a\r\r\n", b"\n"])
@@ -239,6 +247,19 @@ def test_dotStufferRefusesBareNewlines(content):
     for size in (1, 2, 64):
         with pytest.raises(BareNewlineError):
             stuffAll(content, size)
+
+
+@pytest.mark.parametrize("content,wire", [
+    (b"a\nb\r\n", b"a\nb\r\n.\r\n"),
+    (b"a\n.\n", b"a\n..\n\r\n.\r\n"),  # the dot after a bare LF is doubled too
+    (b"a\n", b"a\n\r\n.\r\n"),  # ends in a bare LF: not a line end for the terminator
+    (b"a\r", b"a\r\r\n.\r\n"),
+])
+def test_dotStufferWithoutChecksSendsBareNewlinesStuffed(content, wire):
+    """A damaged file (bare LF) is sent as it is, but no line after any LF starts with a
+    lone dot: no next hop can see the end of the data inside it."""
+    for size in (1, 2, 64):
+        assert stuffUnchecked(content, size) == wire
 
 
 def test_settingsValidation():
@@ -860,6 +881,31 @@ def test_bareNewlineInFileIsNotSent(tmp_path):
     assert peer.heard() == b"" and peer.aborted  # no terminating dot: the server drops it
 
 
+@pytest.mark.parametrize("bdat", [False, True])
+def test_lineEndsCheckedFileIsStreamedWithoutChecks(tmp_path, bdat):
+    """With lineEndsChecked (the spool's text messages) the file is not checked again: DATA
+    dot-stuffs it only, BDAT sends it as it is."""
+    path = tmp_path / "spooled"
+    content = b"Subject: x\r\n\r\n.dot\r\nbad\nline\r\n"
+    path.write_bytes(content)
+    extensions = ("PIPELINING", "8BITMIME") + (("CHUNKING",) if bdat else ())
+    peer, conn = connected(extensions)
+    env = envelope("a@example.org")
+    d = conn.send(env, env.recipients, path, lineEndsChecked=True)
+    peer.heard()
+    peer.say(b"250 ok\r\n250 ok\r\n" + (b"" if bdat else b"354 go\r\n"))
+    if not bdat:
+        peer.heard()
+    peer.pump()
+    if bdat:
+        assert peer.heard() == b"BDAT %d LAST\r\n" % len(content) + content
+    else:
+        assert peer.heard() == b"Subject: x\r\n\r\n..dot\r\nbad\nline\r\n.\r\n"
+    peer.say(b"250 ok\r\n")
+    (a,) = resultOf(d)
+    assert a.status == DELIVERED
+
+
 def test_fileWithoutFinalCRLF(tmp_path):
     path = tmp_path / "m"
     path.write_bytes(b"Subject: x\r\n\r\nno end")
@@ -1044,6 +1090,8 @@ def test_dotStuffingRoundTrip(lines, chunkSize, finalCRLF):
     assert wire.endswith(b".\r\n")
     assert (b"\r\n" + wire).find(b"\r\n.\r\n") == len(wire) - 3
     assert stuffAll(content, chunkSize) == wire
+    # Without checks (the spool's files), the same bytes.
+    assert stuffUnchecked(content, chunkSize) == wire
 
 
 def test_againstServerHarness(message):

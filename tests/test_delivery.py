@@ -412,7 +412,12 @@ class FakeConnection:
         self.aborted = False
 
     def send(
-        self, envelope: Envelope, recipients: list[Recipient], messagePath: Path
+        self,
+        envelope: Envelope,
+        recipients: list[Recipient],
+        messagePath: Path,
+        *,
+        lineEndsChecked: bool = False,
     ) -> defer.Deferred:
         self.sent.append((envelope.queueID, [r.address for r in recipients]))
         behaviour = self.net.sendBehaviour.get(self.address, "ok")
@@ -780,8 +785,8 @@ def test_smtp_stale_reused_connection_retried_afresh() -> None:
     # The reused connection loses the connection; a fresh one delivers.
     original = first.send
 
-    def sendThenRecover(*a: Any) -> defer.Deferred:
-        d = original(*a)
+    def sendThenRecover(*a: Any, **kw: Any) -> defer.Deferred:
+        d = original(*a, **kw)
         recover()
         return d
 

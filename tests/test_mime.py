@@ -223,22 +223,23 @@ def test_digestPartsDefaultToMessages() -> None:
 # The SMTP backend converts for a next hop without 8BITMIME -----------------------------------
 
 
-def _backendTo(extensions: dict[str, str]) -> tuple[Any, list[tuple[Any, bytes, str]]]:
+def _backendTo(extensions: dict[str, str]) -> tuple[Any, list[tuple[Any, bytes, str, bool]]]:
     """The SMTP backend of L{tests.test_delivery}, its next hops offering C{extensions}; what
-    each connection was given to send: C{(envelope body, content, path)}."""
+    each connection was given to send: C{(envelope body, content, path, lineEndsChecked)}."""
     from tests.test_delivery import FakeConnection, smtpBackend
 
     backend, net, _, _ = smtpBackend()
-    given: list[tuple[Any, bytes, str]] = []
+    given: list[tuple[Any, bytes, str, bool]] = []
 
     def newConnection(address: str, remoteMTA: str) -> FakeConnection:
         connection = FakeConnection(net, address, remoteMTA)
         connection.extensions = dict(extensions)
         send = connection.send
 
-        def recording(envelope: Any, recipients: Any, path: Any) -> Any:
-            given.append((envelope.body, Path(path).read_bytes(), str(path)))
-            return send(envelope, recipients, path)
+        def recording(envelope: Any, recipients: Any, path: Any, **kw: Any) -> Any:
+            checked = kw.get("lineEndsChecked", False)
+            given.append((envelope.body, Path(path).read_bytes(), str(path), checked))
+            return send(envelope, recipients, path, **kw)
 
         connection.send = recording  # type: ignore[method-assign]
         net.connections.append(connection)
@@ -267,8 +268,9 @@ def test_backendConvertsForANextHopWithout8BITMIME(tmp_path: Path) -> None:
     backend, given = _backendTo({"PIPELINING": ""})
     (r,) = _deliver(backend, path)
     assert r.status.value == "delivered"
-    [(body, content, sent)] = given
+    [(body, content, sent, checked)] = given
     assert body is None  # no BODY=8BITMIME for a 7-bit message
+    assert not checked  # a converted file is checked as it is sent
     assert content == downgrade(EIGHT_BIT)[0] and not needsEncoding(content)
     assert sent != str(path) and not Path(sent).exists()  # the converted copy is gone
     assert path.read_bytes() == EIGHT_BIT  # the spool file is never changed
@@ -283,7 +285,8 @@ def test_backendSendsAsIsWith8BITMIME(tmp_path: Path) -> None:
     path.write_bytes(EIGHT_BIT)
     backend, given = _backendTo({"8BITMIME": ""})
     _deliver(backend, path)
-    assert given == [("8BITMIME", EIGHT_BIT, str(path))]
+    # The spooled file, whose line ends the intake checked: streamed without checks.
+    assert given == [("8BITMIME", EIGHT_BIT, str(path), True)]
 
 
 def test_backendBouncesWhatCannotBeConverted(tmp_path: Path) -> None:
@@ -306,9 +309,9 @@ def test_backendConvertsBinaryForANextHopWithoutBINARYMIME(tmp_path: Path) -> No
     path.write_bytes(binary)
     backend, given = _backendTo({"8BITMIME": "", "CHUNKING": ""})
     _deliver(backend, path, body="BINARYMIME")
-    [(body, content, _)] = given
-    assert body is None and not needsEncoding(content, binary=True)
+    [(body, content, _, checked)] = given
+    assert body is None and not needsEncoding(content, binary=True) and not checked
     assert b"Content-Transfer-Encoding: base64\r\n\r\nAAoN/w==" in content
     backend, given = _backendTo({"BINARYMIME": "", "CHUNKING": ""})
     _deliver(backend, path, body="BINARYMIME")
-    assert given == [("BINARYMIME", binary, str(path))]
+    assert given == [("BINARYMIME", binary, str(path), False)]  # binary: no CRLF guarantee

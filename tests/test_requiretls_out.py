@@ -141,9 +141,9 @@ def test_requireTLSToALocalLMTPStore(message: Path) -> None:
         connection = newConnection(address, remoteMTA)
         send = connection.send
 
-        def keep(env: Envelope, recipients: Any, path: Any) -> Any:
+        def keep(env: Envelope, recipients: Any, path: Any, **kw: Any) -> Any:
             sent.append(env)
-            return send(env, recipients, path)
+            return send(env, recipients, path, **kw)
 
         connection.send = keep
         return connection

@@ -613,6 +613,157 @@ def test_removeDirectoryFsyncFailure(spool: Spool) -> None:
     failureOf(spool.remove(qid), SpoolError)
 
 
+# --- removals synced lazily (removalSyncDelay) ---------------------------------------------------
+
+
+@pytest.fixture
+def lazySpool(spoolDir: Path, clock: Clock) -> Any:
+    s = Spool(spoolDir, reactor=clock, deferToThread=syncDeferToThread, syncMethod="fsync",
+              removalSyncDelay=1.0)
+    s.start()
+    yield s
+    s.stop()
+
+
+def test_lazyRemovalIsDoneOnceUnlinkedAndSyncedOnceLater(
+    lazySpool: Spool, spoolDir: Path, clock: Clock
+) -> None:
+    """A removal fires once its files are unlinked (gone for every process); one fsync of
+    queue/ covers every removal of the next removalSyncDelay seconds."""
+    ids = [committed(lazySpool)[0] for _ in range(3)]
+    syncs = countingDirectorySync(lazySpool)
+    for qid in ids:
+        assert resultOf(lazySpool.remove(qid)) is None
+        assert not (spoolDir / "queue" / f"{qid}.json").exists()
+        assert not (spoolDir / "queue" / f"{qid}.eml").exists()
+    assert syncs == [] and lazySpool.queueIDs() == []
+    clock.advance(0.999)
+    assert syncs == []
+    clock.advance(0.001)
+    assert syncs == [spoolDir / "queue"]
+    clock.advance(10)
+    assert syncs == [spoolDir / "queue"]  # nothing more to sync
+    # The next removal starts the delay again.
+    qid, _ = committed(lazySpool)
+    del syncs[:]
+    resultOf(lazySpool.remove(qid))
+    clock.advance(1)
+    assert syncs == [spoolDir / "queue"]
+
+
+def test_lazyRemovalsRideOnTheNextSyncingBatch(
+    lazySpool: Spool, spoolDir: Path, clock: Clock
+) -> None:
+    """A batch that fsyncs queue/ anyway (a commit, an envelope update) makes the earlier
+    unlinks durable: the deferred sync is not needed any more."""
+    qid, _ = committed(lazySpool)
+    syncs = countingDirectorySync(lazySpool)
+    resultOf(lazySpool.remove(qid))
+    assert syncs == []
+    other, envelope = committed(lazySpool)
+    assert syncs == [spoolDir / "queue"]
+    clock.advance(5)
+    assert syncs == [spoolDir / "queue"]
+    resultOf(lazySpool.remove(other))
+    resultOf(lazySpool.updateEnvelope(makeEnvelope(committed(lazySpool)[0])))
+    clock.advance(5)
+    assert len(syncs) == 3  # the commit's and the update's, none of the timer's
+
+
+def test_lazyRemovalsAreSyncedWhenTheSpoolStops(spoolDir: Path, clock: Clock) -> None:
+    s = Spool(spoolDir, reactor=clock, deferToThread=syncDeferToThread, syncMethod="fsync",
+              removalSyncDelay=1.0)
+    s.start()
+    qid, _ = committed(s)
+    syncs = countingDirectorySync(s)
+    resultOf(s.remove(qid))
+    s.stop()
+    assert syncs == [spoolDir / "queue"]
+    assert clock.getDelayedCalls() == []
+
+
+def test_lazyRemovalsAreSyncedWhenTheOwnedPoolStops(spoolDir: Path) -> None:
+    """With its own thread pool: the batch in flight at stop is finished, then its removals
+    are synced before the spool is idle."""
+    from twisted.internet import reactor
+
+    s = Spool(spoolDir, reactor=reactor, syncMethod="fsync", removalSyncDelay=1.0)
+    s.start()
+    writer = writeMessage(s)
+    s._committer._unsynced = True  # as after a batch of removals
+    syncs = countingDirectorySync(s)
+    writer.commit(makeEnvelope(writer.queueID))
+    s.stop()
+    assert syncs and not s._committer._unsynced
+
+
+def test_lazyRemovalSyncFailureIsRetried(
+    lazySpool: Spool, spoolDir: Path, clock: Clock, events: list[dict[str, Any]]
+) -> None:
+    """A removal is done once unlinked: a failing fsync of queue/ does not undo it; it is
+    logged, and tried again after the same delay."""
+    qid, _ = committed(lazySpool)
+    failing = [True]
+    syncs = countingDirectorySync(lazySpool)
+    counting = lazySpool._committer.fsyncDirectory
+
+    def fsyncDirectory(path: Path) -> None:
+        if failing[0]:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        counting(path)
+
+    lazySpool._committer.fsyncDirectory = fsyncDirectory  # type: ignore[method-assign]
+    assert resultOf(lazySpool.remove(qid)) is None
+    clock.advance(1)
+    assert any("EIO" in str(e.get("error")) for e in events)
+    assert syncs == []
+    failing[0] = False
+    clock.advance(1)
+    assert syncs == [spoolDir / "queue"]
+    clock.advance(5)
+    assert syncs == [spoolDir / "queue"]
+
+
+def test_lazyRemovalInABatchWhoseSyncFails(lazySpool: Spool, spoolDir: Path, clock: Clock) -> None:
+    """In a batch with a commit whose directory fsync fails, the commit fails (its entry is
+    rolled back) but the removal, unlinked, stays done and is synced later."""
+    qid, _ = committed(lazySpool)
+    threads = ManualThreads()
+    lazySpool._committer._injectedDeferToThread = threads
+    removal = lazySpool.remove(qid)  # starts a batch of its own, held by the test
+    writer = writeMessage(lazySpool)
+    commit = writer.commit(makeEnvelope(writer.queueID))
+    removal2 = lazySpool.remove(qid)  # the same entry again: gone already, fine
+    syncs = countingDirectorySync(lazySpool)
+    counting = lazySpool._committer.fsyncDirectory
+    failing = [True]
+
+    def fsyncDirectory(path: Path) -> None:
+        if failing[0]:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        counting(path)
+
+    lazySpool._committer.fsyncDirectory = fsyncDirectory  # type: ignore[method-assign]
+    threads.runAll()
+    assert resultOf(removal) is None and resultOf(removal2) is None
+    failureOf(commit, SpoolError)
+    assert lazySpool.queueIDs() == []  # the removal stands, the commit is rolled back
+    failing[0] = False
+    clock.advance(1)
+    threads.runAll()
+    assert syncs == [spoolDir / "queue"]
+
+
+def test_removalSyncDelayNeedsAClock(spoolDir: Path) -> None:
+    from mailrelay.spool.commit import GroupCommitter
+
+    with pytest.raises(ValueError):
+        GroupCommitter(spoolDir, spoolDir, None, syncMethod="fsync",  # type: ignore[arg-type]
+                       removalSyncDelay=1.0)
+    with pytest.raises(ValueError):
+        Spool(spoolDir, reactor=Clock(), removalSyncDelay=-1)
+
+
 def test_updateEnvelope(spool: Spool, spoolDir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     qid, envelope = committed(spool)
     envelope.recipients[0].state = DELIVERED

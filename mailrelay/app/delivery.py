@@ -16,7 +16,7 @@ from mailrelay.config import Config
 from mailrelay.config.plugins import HookPlugins
 from mailrelay.errors import ConfigError
 from mailrelay.interfaces import IIntake, ISpool
-from mailrelay.spool import Spool
+from mailrelay.spool import REMOVAL_SYNC_DELAY, Spool
 
 
 def makeSpool(
@@ -34,6 +34,7 @@ def makeSpool(
         minFreeSpace=config.minFreeSpace,
         syncMethod=config.spoolSync,
         recover=recover,
+        removalSyncDelay=REMOVAL_SYNC_DELAY,
     )
     SpoolService(spool, owner).setServiceParent(parent)
     return spool

@@ -327,7 +327,12 @@ class ClientBackend:
             if isinstance(prepared, list):
                 return prepared
             envelope, messagePath, converted = prepared
-            results = yield connection.send(envelope, recipients, messagePath)
+            # The spooled file of a text message has CRLF line ends only (the intake made sure):
+            # streamed with dot-stuffing only; a converted file is checked as it goes.
+            checked = converted is None and envelope.body != "BINARYMIME"
+            results = yield connection.send(
+                envelope, recipients, messagePath, lineEndsChecked=checked
+            )
         except defer.CancelledError:
             connection.abort()
             raise

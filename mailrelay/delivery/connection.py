@@ -72,7 +72,7 @@ class SMTPConnection:
         return self._protocol.session.idle and not self._protocol.lost
 
     def send(self, envelope: Envelope, recipients: Sequence[Recipient],
-             messagePath: Path) -> Deferred:
+             messagePath: Path, *, lineEndsChecked: bool = False) -> Deferred:
         """Deliver the message at C{messagePath} to C{recipients} in one transaction.
 
         Fires with one L{RecipientResult} per recipient, in order; never fails.  Refusals,
@@ -81,8 +81,16 @@ class SMTPConnection:
         at a time.  The file is read with L{CHUNK_SIZE
         <mailrelay.delivery.protocol.CHUNK_SIZE>} reads as the connection takes data.
         After a transaction that left state on the server, the next one starts with RSET.
+
+        A file holding a bare CR or LF is not sent (4.3.0, a corrupt file), unless
+        C{lineEndsChecked}: the caller vouches that it holds CRLF line ends only, as the
+        spool's text messages do (the intake refuses or normalises bare CR and LF in text
+        content, and has since the first version), and it is streamed with dot-stuffing only
+        (L{DotStuffer <mailrelay.smtp.wire.DotStuffer>} without checks), not checked again:
+        the built-in backends pass it for the spooled file of a message that is not
+        BINARYMIME, never for a file converted to 7 bits or one from elsewhere.
         """
-        return self._protocol._send(envelope, recipients, messagePath)
+        return self._protocol._send(envelope, recipients, messagePath, lineEndsChecked)
 
     def quit(self) -> Deferred:
         """Send QUIT, wait for the reply (C{quit} timeout), close.  Fires with C{None} once the

@@ -5,7 +5,9 @@ body); L{mailrelay.delivery.connection.connectSMTP} builds it.
 Message bodies are streamed from the spool file in L{CHUNK_SIZE} pieces through a pull
 producer (L{_BodySender}), so memory stays bounded whatever the message size.  Dot-stuffing
 (L{mailrelay.smtp.wire.DotStuffer}) is exact across chunk boundaries; a file holding a bare CR
-or LF is not sent (see L{mailrelay.smtp.client}).  To a server offering CHUNKING, each piece
+or LF is not sent (see L{mailrelay.smtp.client}), unless its line ends were checked when it was
+spooled (see L{mailrelay.delivery.connection.SMTPConnection.send}): then it is streamed with
+dot-stuffing only.  To a server offering CHUNKING, each piece
 read is one BDAT chunk (L{mailrelay.smtp.wire.BDATFramer}), sent as it is.
 """
 
@@ -68,11 +70,11 @@ class _BodySender:
     C{framer} is given (BDAT), one chunk per C{resumeProducing}."""
 
     def __init__(self, protocol: SMTPClientProtocol, file: BinaryIO, chunkSize: int,
-                 framer: BDATFramer | None = None) -> None:
+                 framer: BDATFramer | None = None, checkLineEnds: bool = True) -> None:
         self.protocol = protocol
         self.file = file
         self.chunkSize = chunkSize
-        self.stuffer = DotStuffer()
+        self.stuffer = DotStuffer(checkLineEnds=checkLineEnds)
         self.framer = framer
         self.done = False
         self.registered = False
@@ -169,6 +171,7 @@ class SMTPClientProtocol(Protocol):
         self._file: BinaryIO | None = None
         self._body: _BodySender | None = None
         self._queueID: str | None = None
+        self._lineEndsChecked = False
         self._quitWaiters: list[Deferred] = []
 
     # Protocol ---------------------------------------------------------------------------------
@@ -308,11 +311,12 @@ class SMTPClientProtocol(Protocol):
     def _startBody(self, event: SendBody) -> None:
         assert self._file is not None
         framer = None
+        check = not self._lineEndsChecked
         if event.bdat:
             size = os.fstat(self._file.fileno()).st_size
             framer = BDATFramer(size, pipelined=event.pipelined,
-                                checkLineEnds=event.checkLineEnds)
-        self._body = _BodySender(self, self._file, CHUNK_SIZE, framer)
+                                checkLineEnds=event.checkLineEnds and check)
+        self._body = _BodySender(self, self._file, CHUNK_SIZE, framer, checkLineEnds=check)
         self._file = None
         self._body.start()
 
@@ -345,7 +349,7 @@ class SMTPClientProtocol(Protocol):
     # Transactions -----------------------------------------------------------------------------
 
     def _send(self, envelope: Envelope, recipients: Sequence[Recipient],
-              messagePath: Path) -> Deferred:
+              messagePath: Path, lineEndsChecked: bool = False) -> Deferred:
         recipients = list(recipients)
         if self._sending is not None:
             log.error("{queueID}: send() called while a transaction is in progress",
@@ -370,5 +374,6 @@ class SMTPClientProtocol(Protocol):
         d: Deferred = Deferred()
         self._sending = d
         self._queueID = envelope.queueID
+        self._lineEndsChecked = lineEndsChecked
         self._handle(self.session.send(envelope, recipients, size))
         return d

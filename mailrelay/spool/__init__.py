@@ -17,10 +17,11 @@ L{mailrelay.address}) and L{mailrelay.smtp}.
 
 from mailrelay.errors import CorruptEntry, EntryGone, SpoolError
 from mailrelay.spool.ids import isQueueID, newQueueID
-from mailrelay.spool.store import Spool
+from mailrelay.spool.store import REMOVAL_SYNC_DELAY, Spool
 from mailrelay.spool.writer import MessageWriter
 
 __all__ = [
+    "REMOVAL_SYNC_DELAY",
     "CorruptEntry",
     "EntryGone",
     "MessageWriter",

@@ -3,6 +3,19 @@ batches off the reactor thread: each one writes its data, the data is made durab
 syncfs(2) for the whole batch, or an fsync per file), then each one renames or unlinks, and one
 fsync of C{queue/} makes that durable.  No entry becomes visible in C{queue/} before its data
 is on disk.
+
+Removals may instead be made durable lazily (C{removalSyncDelay}, which the relay's processes
+use): a removal is done once its files are unlinked, and the fsync of C{queue/} that makes the
+unlinks durable is shared -- the next batch that syncs C{queue/} anyway covers them, or else
+one sync at most C{removalSyncDelay} seconds later (and one when the spool stops).  What that
+changes for exactly-once delivery: once unlinked, an entry is gone for every process, so a
+crash of the relay (C{kill -9}, the delivery process dying) after the unlink can never bring it
+back -- as before; the window in which a crash repeats a delivery (the next hop's 250, then the
+unlink) is no longer, since removals no longer wait behind a directory fsync.  Only a crash of
+the machine (power loss, kernel panic) may undo unlinks not yet synced, and so repeat the
+deliveries of at most the last C{removalSyncDelay} seconds -- where before it was those whose
+removal's fsync had not finished (and Postfix never syncs a removal at all).  Nothing accepted
+can be lost by it: only removals are deferred, never a commit or an envelope update.
 """
 
 from __future__ import annotations
@@ -15,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -134,6 +147,8 @@ class _Operation:
 
     #: Does L{prepare} write data that must be made durable before L{publish}?
     hasData = True
+    #: May the fsync of C{queue/} after L{publish} be deferred (see C{removalSyncDelay})?
+    lazySync = False
 
     def run(self) -> None:
         """Do the work, short of the directory fsync; raise L{SpoolError} on failure."""
@@ -308,6 +323,7 @@ class _Update(_Operation):
 
 class _Remove(_Operation):
     kind = "removal"
+    lazySync = True
 
     def __init__(self, spool: Spool, queueID: str) -> None:
         super().__init__(spool, queueID)
@@ -327,6 +343,18 @@ class _Remove(_Operation):
                 pass
             except OSError as e:
                 raise _osError("removing", path, e, self.queueID) from None
+
+
+class _DirectorySync(_Operation):
+    """Nothing but the batch's fsync of C{queue/}: for removals whose sync was deferred."""
+
+    kind = "directory sync"
+    hasData = False
+
+    def __init__(self) -> None:
+        self.queueID = ""
+        self.deferred = Deferred()
+        self.problems = []
 
 
 class _Quarantine(_Operation):
@@ -362,6 +390,8 @@ class GroupCommitter:
         *,
         syncMethod: str,
         deferToThread: Callable[..., Deferred[Any]] | None = None,
+        clock: IReactorTime | None = None,
+        removalSyncDelay: float = 0.0,
     ) -> None:
         """
         @param directory: the spool directory (its file system is the one synced).
@@ -371,7 +401,20 @@ class GroupCommitter:
         @param syncMethod: one of L{SYNC_METHODS}.
         @param deferToThread: C{callable(f, *args)} returning a L{Deferred} of C{f(*args)} run
             off the reactor thread and fired on it; C{None}: a thread pool of its own.
+        @param clock: what schedules the deferred sync of removals (needed when
+            C{removalSyncDelay} is positive).
+        @param removalSyncDelay: 0: a removal is done once C{queue/} is fsynced after its
+            unlinks, in its batch; else once unlinked, the fsync shared with later batches and
+            done at most this many seconds later (see the module's docstring).
         """
+        if removalSyncDelay < 0 or (removalSyncDelay and clock is None):
+            raise ValueError("removalSyncDelay must be >= 0, and needs a clock")
+        self._clock = clock
+        self.removalSyncDelay = removalSyncDelay
+        #: Removals unlinked whose directory fsync is still to come (set in the thread).
+        self._unsynced = False
+        self._syncCall: IDelayedCall | None = None
+        self._running = False
         self.directory = directory
         self.queueDir = queueDir
         self._reactor = reactor
@@ -390,6 +433,7 @@ class GroupCommitter:
     def start(self) -> None:
         """Start the thread pool (unless C{deferToThread} was given)."""
         self._whenIdle = None
+        self._running = True
         if self._injectedDeferToThread is None:
             self.threadPool = ThreadPool(minthreads=1, maxthreads=4, name="mailrelay-spool")
             self.threadPool.start()
@@ -403,13 +447,22 @@ class GroupCommitter:
         C{deferToThread}, queued operations keep going through it.
         """
         pool, self.threadPool = self.threadPool, None
+        self._running = False
+        if self._syncCall is not None and self._syncCall.active():
+            self._syncCall.cancel()
+        self._syncCall = None
         if pool is not None:
             pool.stop()
+            if self._unsynced:
+                self._pending.append(_DirectorySync())
             if self._pending:
                 batch, self._pending = self._pending, []
                 self._batchFinished(self._runBatch(batch), batch, fromStop=True)
             whenIdle()
-        elif self.busy:
+            return
+        if self._unsynced:
+            self.submit(_DirectorySync())
+        if self.busy:
             self._whenIdle = whenIdle
         else:
             whenIdle()
@@ -501,12 +554,21 @@ class GroupCommitter:
             except Exception as e:
                 failed(index, e)
         succeeded = alive()
+        lazy = self.removalSyncDelay > 0
+        if lazy and all(batch[i].lazySync for i in succeeded):
+            # Removals only: done once unlinked; their fsync is shared with a later batch.
+            self._unsynced = self._unsynced or bool(succeeded)
+            succeeded = []
         if succeeded:
             try:
                 self.fsyncDirectory(self.queueDir)
+                self._unsynced = False  # the unlinks of earlier batches are durable too
             except Exception as e:
                 for index in succeeded:
                     operation = batch[index]
+                    if lazy and operation.lazySync:
+                        self._unsynced = True  # unlinked all the same: synced later
+                        continue
                     results[index] = _osError(
                         "fsync of directory", self.queueDir, e, operation.queueID
                     )
@@ -517,6 +579,30 @@ class GroupCommitter:
         SPOOL_SYNC_BATCH.observe(len(batch))
         SPOOL_SYNC_SECONDS.observe(time.perf_counter() - started)
         return results
+
+    def _scheduleRemovalSync(self, justTried: bool) -> None:
+        """Removals are unlinked but not synced: sync C{queue/} in C{removalSyncDelay}
+        seconds; or, once stopped, before going idle (or here, once the owned pool is gone)."""
+        if self._running:
+            if self._syncCall is None:
+                assert self._clock is not None
+                self._syncCall = self._clock.callLater(self.removalSyncDelay, self._syncRemovals)
+        elif self._injectedDeferToThread is not None:
+            if not justTried:
+                self._pending.append(_DirectorySync())
+        else:
+            try:
+                self.fsyncDirectoryOrRaise(self.queueDir)
+                self._unsynced = False
+            except SpoolError as e:
+                log.error("spool: syncing the removals at stop failed: {error}", error=str(e))
+
+    def _syncRemovals(self) -> None:
+        """The deferred fsync of C{queue/} after removals, unless a batch did it meanwhile;
+        a failure (logged by L{_batchFinished}) is retried after the same delay."""
+        self._syncCall = None
+        if self._unsynced:
+            self.submit(_DirectorySync()).addErrback(lambda _: None)
 
     def _syncFilesystem(self) -> None:
         """syncfs(2) of the spool's file system; raises C{OSError}.  In the committer's
@@ -573,6 +659,8 @@ class GroupCommitter:
                     )
                     operation.deferred.errback(error)
         finally:
+            if self._unsynced and not fromStop:
+                self._scheduleRemovalSync(any(isinstance(o, _DirectorySync) for o in batch))
             if not fromStop:
                 self._inFlight = False
                 self._maybeStartBatch()

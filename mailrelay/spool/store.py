@@ -53,9 +53,13 @@ from mailrelay.spool.writer import MessageWriter, _SpillFile
 
 log = Logger(namespace="mailrelay.spool")
 
-__all__ = ["Spool"]
+__all__ = ["REMOVAL_SYNC_DELAY", "Spool"]
 
 _DIR_MODE = 0o700
+
+#: Seconds within which the relay's spools make a removal durable (the fsync of C{queue/}
+#: after its unlinks, shared by every removal meanwhile; see L{mailrelay.spool.commit}).
+REMOVAL_SYNC_DELAY = 1.0
 _FREE_SPACE_CACHE_SECONDS = 1.0
 
 
@@ -77,6 +81,7 @@ class Spool:
         deferToThread: Callable[..., Deferred[Any]] | None = None,
         syncMethod: str = "syncfs",
         recover: bool = True,
+        removalSyncDelay: float = 0.0,
     ) -> None:
         """
         @param directory: the spool directory; created by L{start} if missing.
@@ -92,6 +97,10 @@ class Spool:
         @param deferToThread: C{callable(f, *args)} returning a L{Deferred} of C{f(*args)} run
             off the reactor thread and fired on it.  When C{None}, the spool runs its own
             thread pool between L{start} and L{stop}.
+        @param removalSyncDelay: 0: a removal is done once the fsync of C{queue/} after its
+            unlinks is; else once unlinked, that fsync shared with later batches and done at
+            most this many seconds later (L{mailrelay.spool.commit}; the relay uses
+            L{REMOVAL_SYNC_DELAY}).
         """
         self.directory = Path(directory)
         self.minFreeSpace = minFreeSpace
@@ -110,6 +119,8 @@ class Spool:
             cast(IReactorFromThreads, reactor),
             syncMethod=syncMethod,
             deferToThread=deferToThread,
+            clock=reactor,
+            removalSyncDelay=removalSyncDelay,
         )
         self._running = False
         self._updateSerial = 0
@@ -509,7 +520,9 @@ class Spool:
 
     def remove(self, queueID: str) -> Deferred[None]:
         """Remove the entry C{queueID}: its C{.json} first, then its C{.eml}, then fsync
-        C{queue/}, in the next batch.  Removing an entry that does not exist succeeds.
+        C{queue/}, in the next batch (with C{removalSyncDelay}, done once unlinked, and the
+        fsync shared, see L{mailrelay.spool.commit}).  Removing an entry that does not exist
+        succeeds.
 
         @return: a L{Deferred} firing with C{None}, or failing with L{SpoolError}.
         """
