@@ -462,7 +462,9 @@ class Mailrelay:
             raise BenchError(f"mailrelay did not start: {e}\n{tail(self.logpath)}") from None
         if processes != "1":  # the acceptor processes accept once they have started
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and b": accepting on" not in self.logpath.read_bytes():
+            while time.monotonic() < deadline:
+                if b": accepting on" in self.logpath.read_bytes():
+                    break
                 time.sleep(0.1)
         return self
 
