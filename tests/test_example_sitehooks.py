@@ -175,3 +175,15 @@ def test_option_errors_name_the_key(tmp_path: Path, name: str, options: dict[str
     with pytest.raises(ConfigError) as raised:
         buildPlugin(name, options, tmp_path)
     assert message in str(raised.value)
+
+
+def test_queued_is_told_before_delivered(tmp_path: Path) -> None:
+    """An observer hears that a message is queued before it hears of its delivery, even when
+    the backend answers at once (the intake tells the observers before the queue)."""
+    observer = buildPlugin("site-observer", {"log": "events.jsonl"}, tmp_path)
+    h = QueueHarness(tmp_path, {"discard": DiscardBackend()},
+                     routes=[RouteRule("*", "discard")], plugins=[observer])
+    h.submit("alice@example.com", ["bob@example.org"])
+    h.stop()
+    lines = (tmp_path / "events.jsonl").read_text().splitlines()
+    assert [json.loads(line)["hook"] for line in lines] == ["queue", "delivery"]

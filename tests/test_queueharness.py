@@ -218,8 +218,9 @@ def test_submit_refused_and_not_started(tmp_path: Path) -> None:
     h2.stop()
 
 
-def test_the_example_of_the_plugin_guide(tmp_path: Path) -> None:
-    """docs/plugins.md, "Delivery backends"."""
+def test_a_bounce_routed_to_another_backend(tmp_path: Path) -> None:
+    """A recipient refused for good by one backend is bounced; the notification goes to the
+    sender through the route of its own domain (another backend)."""
     from mailrelay.delivery.discard import DiscardBackend
 
     hook = Webhook()

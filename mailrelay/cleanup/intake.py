@@ -15,9 +15,9 @@ the relay made itself and gives whole, such as a delivery status notification
      (a C{TLS-Required: No} field, RFC 8689, is noted on the envelope before them:
      C{tlsRequiredNo});
   6. the commit: the message is durable before its 250;
-  7. the queue is told of the new queue id (C{notify}; not for a message submitted with
-     C{notify=False}: its maker schedules it), and the queue observers of the message
-     (C{observe}; they never delay it);
+  7. the queue observers of the message are told (C{observe}; they never delay it), then
+     the queue of the new queue id (C{notify}; not for a message submitted with
+     C{notify=False}: its maker schedules it);
   8. one log line, as Postfix's: C{from=<...> nrcpt=N size=N client=... result=...} (no
      C{client=} for a message made here).
 
@@ -323,18 +323,20 @@ class IncomingMessage:
         queueID = self.queueID
         reply = Reply(250, "2.0.0", f"Ok: queued as {queueID}")
         self._logResult(reply, self._writer.size)
-        notify = self._notify
-        if notify is not None:
-            try:
-                notify(queueID)
-            except Exception:
-                log.failure("{queueID}: queue manager refused the new entry", queueID=queueID)
+        # The observers first: a queue manager may deliver at once (a backend answering
+        # without I/O), and an observer must hear of a message before of its delivery.
         observe = self.intake.observe
         if observe is not None:
             try:
                 observe(self.envelope)
             except Exception:
                 log.failure("{queueID}: telling the queue observers failed", queueID=queueID)
+        notify = self._notify
+        if notify is not None:
+            try:
+                notify(queueID)
+            except Exception:
+                log.failure("{queueID}: queue manager refused the new entry", queueID=queueID)
         return reply
 
     def _notCommitted(self, failure: Failure) -> Reply:
