@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import smtplib
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,42 +29,21 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpuSeconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+from bench.run import free_port, proc_cpu_seconds, wait_smtp_ready  # noqa: E402 (the path)
 
 
 def treeCPUSeconds(pid: int) -> float:
     """The CPU time of C{pid} and of its children (the acceptor processes)."""
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return cpuSeconds(pid) + sum(cpuSeconds(int(child)) for child in children)
-
-
-def waitForPort(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the relay exited with status {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("the relay did not listen in time")
+    return proc_cpu_seconds(pid) + sum(proc_cpu_seconds(int(child)) for child in children)
 
 
 def run(messages: int, sessions: int, size: int, processes: int = 1) -> float:
     """CPU milliseconds per message, for one fresh relay."""
     directory = Path(tempfile.mkdtemp(prefix="mailrelay-hookcost-"))
-    port = freePort()
+    port = free_port()
     config = directory / "relay.toml"
     config.write_text(
         'hostname = "relay.test"\n[queue]\nhold = true\n[dns]\nreverse_lookups = false\n'
@@ -80,7 +57,7 @@ def run(messages: int, sessions: int, size: int, processes: int = 1) -> float:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=directory,
     )
     try:
-        waitForPort(port, process)
+        wait_smtp_ready(port, time.monotonic() + 30, lambda: process.poll() is None)
         if processes != 1:
             time.sleep(5)  # the acceptor processes start
         body = b"Subject: hook cost\r\n\r\n" + b"x" * 70 + b"\r\n"
