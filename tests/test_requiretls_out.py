@@ -28,9 +28,9 @@ def message(tmp_path: Path) -> Path:
     return path
 
 
-def envelope(requireTLS: bool = True) -> Envelope:
+def envelope(requireTLS: bool = True, tlsRequiredNo: bool = False) -> Envelope:
     return Envelope(sender="a@example.com", recipients=[Recipient("b@example.net")],
-                    queueID="Q" * 20, requireTLS=requireTLS)
+                    queueID="Q" * 20, requireTLS=requireTLS, tlsRequiredNo=tlsRequiredNo)
 
 
 def tlsConnection(extensions: list[str], tls: str = "required") -> tuple[Peer, Any]:
@@ -170,19 +170,21 @@ def _unixToo(connect: Any) -> Any:
 
 
 def test_tlsRequiredNoRelaxesARequiredPolicy(tmp_path: Path) -> None:
+    """The intake notes a TLS-Required: No field on the envelope (tlsRequiredNo; not for a
+    REQUIRETLS message); the delivery side honours the note."""
     path = tmp_path / "m"
     path.write_bytes(b"Subject: x\r\nTLS-Required: No\r\n\r\nbody\r\n")
     required = RouteOptions(tls="required")
     backend, net, _, _ = smtpBackend()
-    deliver(backend, envelope(False), "[relay.example]:587", path, required)
+    deliver(backend, envelope(False, tlsRequiredNo=True), "[relay.example]:587", path, required)
     assert net.attempts[0][3].tls == "may"
     # ... but not for a REQUIRETLS message (the header is then ignored), nor on a route that
     # logs in (its password never goes over unverified TLS), nor without the field.
     backend, net, _, _ = smtpBackend()
-    deliver(backend, envelope(True), "[relay.example]:587", path, required)
+    deliver(backend, envelope(True, tlsRequiredNo=True), "[relay.example]:587", path, required)
     assert net.attempts[0][3].tls == "required"
     backend, net, _, _ = smtpBackend()
-    deliver(backend, envelope(False), "[relay.example]:587", path,
+    deliver(backend, envelope(False, tlsRequiredNo=True), "[relay.example]:587", path,
             RouteOptions(tls="required", username="relay", password="secret"))
     assert net.attempts[0][3].tls == "required"
     path.write_bytes(b"Subject: x\r\nTLS-Required: Yes\r\n\r\nbody\r\n")

@@ -234,7 +234,7 @@ class ClientBackend:
                     f"X-mailrelay; unusable options for the route to {route.nexthop}: {e}",
                 )
             )
-        decided = self._tlsPolicy(envelope, recipients, route.nexthop, settings, messagePath)
+        decided = self._tlsPolicy(envelope, recipients, route.nexthop, settings)
         if isinstance(decided, list):
             return defer.succeed(decided)
         envelope, settings = decided
@@ -255,9 +255,7 @@ class ClientBackend:
     ) -> Deferred:
         raise NotImplementedError()
 
-    def _tlsPolicy(
-        self, envelope: Any, recipients: list, nexthop: str, settings: Any, messagePath: Any
-    ) -> Any:
+    def _tlsPolicy(self, envelope: Any, recipients: list, nexthop: str, settings: Any) -> Any:
         """What the message asks of TLS (RFC 8689), over the route's settings: C{(envelope,
         settings)} to deliver with, or the results of a message that cannot go this way.
 
@@ -265,8 +263,9 @@ class ClientBackend:
             (L{_insecureLookup}) and the TLS policy verify the server (C{"none"} and
             C{"may"} become C{"required"}); else the message is returned with 5.7.30.  A
             local next hop (L{_localNexthop}) delivers to the mailbox: no TLS needed.
-          - C{TLS-Required: No} (without REQUIRETLS): the sender asks that a TLS policy not
-            stop the delivery, so C{"required"} becomes C{"may"} (STARTTLS when offered,
+          - C{TLS-Required: No} (C{envelope.tlsRequiredNo}, noted by the intake; never with
+            REQUIRETLS): the sender asks that a TLS policy not stop the delivery, so
+            C{"required"} becomes C{"may"} (STARTTLS when offered,
             unverified) -- except on routes that log in (AUTH), whose credentials never go
             over TLS that is not verified.
         """
@@ -292,11 +291,7 @@ class ClientBackend:
             return envelope, settings
         if settings.tls != "required" or settings.username is not None:
             return envelope, settings
-        try:
-            relax = mime.tlsRequiredNo(str(messagePath))
-        except OSError:
-            relax = False  # the delivery will say why the file cannot be read
-        if relax:
+        if envelope.tlsRequiredNo:  # noted by the intake from the message's header
             log.info(
                 "{queueID}: TLS-Required: No: delivering to {nexthop} with TLS if offered, "
                 "unverified, instead of required",

@@ -48,7 +48,6 @@ __all__ = [
     "downgrade",
     "isEightBit",
     "needsEncoding",
-    "tlsRequiredNo",
 ]
 
 #: The deepest nesting of multiparts and messages converted.
@@ -135,22 +134,6 @@ def convertFile(path: str, binary: bool = False) -> tuple[str, int] | None:
         os.unlink(name)
         raise
     return name, count
-
-
-def tlsRequiredNo(path: str, limit: int = 65536) -> bool:
-    """Whether the message at C{path} has a C{TLS-Required: No} header field (RFC 8689
-    section 5: its sender asks that TLS policies not stop its delivery).  Only the first
-    C{limit} octets are read: a header section longer than that counts as not having it.
-
-    @raise OSError: the file cannot be read.
-    """
-    with open(path, "rb") as f:
-        head = f.read(limit)
-    if len(head) == limit and _HEADER_END.search(head) is None:
-        return False  # a header section cut short
-    header, _ = _split(head)
-    values = _parse(header).get_all("TLS-Required") or []
-    return any(str(v).strip().lower() == "no" for v in values)
 
 
 # -- the walk -------------------------------------------------------------------------------------
