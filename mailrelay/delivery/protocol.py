@@ -48,7 +48,7 @@ from mailrelay.smtp.client import (
 )
 from mailrelay.smtp.clientsettings import ClientSettings
 from mailrelay.smtp.errors import BareNewlineError, SizeMismatchError
-from mailrelay.smtp.wire import BDATFramer, DotStuffer, describeTLS, setNoDelay
+from mailrelay.smtp.wire import BDATFramer, DotStuffer, describeTLS, setNoDelay, writeNow
 
 if TYPE_CHECKING:
     from mailrelay.delivery.connection import SMTPConnection
@@ -213,7 +213,7 @@ class SMTPClientProtocol(Protocol):
             event = queue.popleft()
             if isinstance(event, Write):
                 if not self.lost:
-                    self.transport.write(event.data)
+                    writeNow(self.transport, event.data)
             elif isinstance(event, SetTimer):
                 self._setTimer(event.seconds)
             elif isinstance(event, StartTLS):

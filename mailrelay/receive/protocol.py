@@ -66,7 +66,7 @@ from mailrelay.smtp.server import (
     StartTLS,
     SyncError,
 )
-from mailrelay.smtp.wire import setNoDelay
+from mailrelay.smtp.wire import setNoDelay, writeNow
 
 if TYPE_CHECKING:  # pragma: no cover
     from mailrelay.receive.auth import AuthPolicy
@@ -633,7 +633,7 @@ class SMTPServerProtocol(Protocol):
 
     def _flush(self, out: list[bytes]) -> None:
         if out:
-            self.transport.write(b"".join(out))
+            writeNow(self.transport, b"".join(out))
             out.clear()
 
     def _ask(self, question: object) -> Deferred:

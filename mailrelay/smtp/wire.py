@@ -291,6 +291,43 @@ def setNoDelay(transport: Any) -> None:
             pass
 
 
+def _plainTCPTypes() -> tuple[type, ...]:
+    from twisted.internet import tcp
+
+    return (tcp.Server, tcp.Client)
+
+
+_PLAIN_TCP: tuple[type, ...] | None = None
+
+
+def writeNow(transport: Any, data: bytes) -> None:
+    """C{transport.write(data)}, but on a plain TCP connection (Twisted's own, not TLS) with
+    nothing waiting in its buffer, C{send} it at once instead of registering write interest
+    and sending from the next reactor iteration: saves two C{epoll_ctl} calls and a pass of
+    the reactor per reply or command.  What the socket does not take at once (or an error)
+    goes to C{transport.write}, which sends it when writable (or reports the error as
+    Twisted does)."""
+    global _PLAIN_TCP
+    if _PLAIN_TCP is None:
+        _PLAIN_TCP = _plainTCPTypes()
+    if (
+        type(transport) in _PLAIN_TCP
+        and transport.TLS is False
+        and transport.connected
+        and not transport.disconnecting
+        and not transport.dataBuffer
+        and not transport._tempDataBuffer
+    ):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:  # EAGAIN, or an error transport.write's doWrite will report
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
+
+
 def printable(text: str) -> str:
     """C{text} with every character outside printable ASCII replaced by C{"?"}."""
     return "".join(c if " " <= c <= "~" else "?" for c in text)
