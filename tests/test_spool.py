@@ -275,7 +275,7 @@ def test_renameFailure(
 ) -> None:
     """A failed rename of either file leaves nothing, not even the already-renamed .eml."""
     writer = writeMessage(spool)
-    realRename = os.rename
+    realRename = commitModule._renameNoReplace
     renamed: list[str] = []
 
     def rename(src: Any, dst: Any) -> None:
@@ -284,12 +284,32 @@ def test_renameFailure(
         renamed.append(str(dst))
         realRename(src, dst)
 
-    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(commitModule, "_renameNoReplace", rename)
     f = failureOf(writer.commit(makeEnvelope(writer.queueID)), SpoolError)
     assert "renaming" in str(f.value)
     if failOn == ".json":
         assert renamed == [str(spoolDir / "queue" / f"{writer.queueID}.eml")]
     assertNothingLeft(spoolDir)
+
+
+@pytest.mark.parametrize("withRenameat2", [True, False])
+def test_renameNoReplaceNeverReplaces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, withRenameat2: bool
+) -> None:
+    """The committer's rename refuses an existing destination, with renameat2 or without."""
+    if not withRenameat2:
+        monkeypatch.setattr(commitModule, "_renameat2", None)
+    elif commitModule._renameat2 is None:  # pragma: no cover - not Linux/glibc
+        pytest.skip("no renameat2 in this C library")
+    source, destination = tmp_path / "new", tmp_path / "old"
+    source.write_bytes(b"new")
+    destination.write_bytes(b"committed")
+    with pytest.raises(FileExistsError):
+        commitModule._renameNoReplace(source, destination)
+    assert destination.read_bytes() == b"committed" and source.read_bytes() == b"new"
+    destination.unlink()
+    commitModule._renameNoReplace(source, destination)
+    assert destination.read_bytes() == b"new" and not source.exists()
 
 
 def test_directoryFsyncFailure(spool: Spool, spoolDir: Path) -> None:
@@ -365,6 +385,30 @@ def test_flushErrorAtCommit(spool: Spool, spoolDir: Path) -> None:
 
 def test_envelopeWriteError(spool: Spool, spoolDir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     writer = writeMessage(spool)
+    realWrite = os.write
+    calls = 0
+
+    def write(fd: int, data: Any) -> int:
+        # The message's own write (one, at commit time) succeeds; the envelope's fails.
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return realWrite(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    f = failureOf(writer.commit(makeEnvelope(writer.queueID)), SpoolError)
+    monkeypatch.undo()
+    assert f"{writer.queueID}.json" in str(f.value)
+    assertNothingLeft(spoolDir)
+
+
+def test_messageWriteErrorAtCommit(
+    spool: Spool, spoolDir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message held in memory is written at commit time; ENOSPC then refuses the commit,
+    naming the message's file, and leaves nothing behind."""
+    writer = writeMessage(spool)
 
     def write(fd: int, data: Any) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -372,7 +416,7 @@ def test_envelopeWriteError(spool: Spool, spoolDir: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(os, "write", write)
     f = failureOf(writer.commit(makeEnvelope(writer.queueID)), SpoolError)
     monkeypatch.undo()
-    assert f"{writer.queueID}.json" in str(f.value)
+    assert f"{writer.queueID}.eml failed: No space left on device (ENOSPC)" in str(f.value)
     assertNothingLeft(spoolDir)
 
 
@@ -529,14 +573,14 @@ def test_groupCommitFailureIsPerEntry(
     threads.runNext()
     resultOf(busyD)
     bad = writers[1].queueID
-    realRename = os.rename
+    realRename = commitModule._renameNoReplace
 
     def rename(src: Any, dst: Any) -> None:
         if str(dst).endswith(f"{bad}.json"):
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         realRename(src, dst)
 
-    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(commitModule, "_renameNoReplace", rename)
     threads.runNext()
     resultOf(ds[0])
     failureOf(ds[1], SpoolError)

@@ -76,6 +76,51 @@ def _loadSyncfs() -> Callable[[int], None] | None:
 _syncfs = _loadSyncfs()
 
 
+def _loadRenameNoReplace() -> Callable[[str, str], None] | None:
+    """C{renameat2(..., RENAME_NOREPLACE)} from the C library: a rename that fails with
+    C{EEXIST} instead of replacing an existing entry, in one system call; C{None} where
+    there is none (then L{_renameNoReplace} checks with C{lstat} first)."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        function = libc.renameat2
+    except (OSError, AttributeError, ImportError):  # pragma: no cover - not Linux/glibc
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    atFDCWD, noReplace = -100, 1
+
+    def renameNoReplace(source: str, destination: str) -> None:
+        if function(atFDCWD, os.fsencode(source), atFDCWD, os.fsencode(destination), noReplace):
+            errno = ctypes.get_errno()
+            raise OSError(errno, os.strerror(errno), source, None, destination)
+
+    return renameNoReplace
+
+
+_renameat2 = _loadRenameNoReplace()
+
+
+def _renameNoReplace(source: Path, destination: Path) -> None:
+    """Rename C{source} to C{destination} unless C{destination} exists (C{FileExistsError}).
+    With C{renameat2} one system call; where the kernel or file system lacks it (C{ENOSYS},
+    C{EINVAL}), an C{lstat} first -- safe here as the committer's thread is the only one
+    renaming into C{queue/}."""
+    global _renameat2
+    if _renameat2 is not None:
+        try:
+            _renameat2(str(source), str(destination))
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOSYS, errno.EINVAL):
+                raise
+            _renameat2 = None
+    if os.path.lexists(destination):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(destination))
+    os.rename(source, destination)
+
+
 def _osError(what: str, path: Path | str, exc: BaseException, queueID: str | None) -> SpoolError:
     """Make a L{SpoolError} for C{exc} raised while doing C{what} to C{path}."""
     if isinstance(exc, OSError):
@@ -234,27 +279,31 @@ class _Commit(_Operation):
             self.writer._file.close()
         except OSError as e:  # pragma: no cover - nothing left to flush
             raise _osError("closing", self.tmpMessage, e, queueID) from None
-        for existing in (self.envelope, self.message):
-            # Never replace a committed entry (two writers given one id).  Commits run one
-            # at a time in this thread, so nothing can slip in between check and rename.
-            if os.path.lexists(existing):
-                raise SpoolError(
-                    f"committing message {queueID} failed: {existing} already exists",
-                    path=existing,
-                    queueID=queueID,
-                )
+        # Never replace a committed entry (two writers given one id): each rename fails if
+        # its destination exists (and the rollback then removes only what we renamed).
         try:
-            os.rename(self.tmpMessage, self.message)
+            _renameNoReplace(self.tmpMessage, self.message)
+        except FileExistsError:
+            self._exists(self.message)
         except OSError as e:
             where = f"{self.tmpMessage} to {self.message}"
             raise _osError("renaming", where, e, queueID) from None
         self.messageRenamed = True
         try:
-            os.rename(self.tmpEnvelope, self.envelope)
+            _renameNoReplace(self.tmpEnvelope, self.envelope)
+        except FileExistsError:
+            self._exists(self.envelope)
         except OSError as e:
             where = f"{self.tmpEnvelope} to {self.envelope}"
             raise _osError("renaming", where, e, queueID) from None
         self.envelopeRenamed = True
+
+    def _exists(self, existing: Path) -> None:
+        raise SpoolError(
+            f"committing message {self.queueID} failed: {existing} already exists",
+            path=existing,
+            queueID=self.queueID,
+        )
 
     def rollback(self) -> None:
         """Close the body; remove the temporary files and anything renamed into queue/."""

@@ -13,7 +13,7 @@ from zope.interface import implementer
 from mailrelay.envelope import Envelope
 from mailrelay.errors import SpoolError
 from mailrelay.interfaces import IMessageWriter
-from mailrelay.spool.commit import _FILE_MODE, _O_CLOEXEC, _Commit
+from mailrelay.spool.commit import _FILE_MODE, _O_CLOEXEC, _Commit, _writeAll
 
 if TYPE_CHECKING:  # pragma: no cover
     from mailrelay.spool.store import Spool
@@ -32,53 +32,79 @@ _MEMORY_LIMIT = 256 * 1024
 
 class _SpillFile:
     """A message's temporary file, held in memory until it grows past C{limit} bytes or its
-    file is needed (L{flush}, L{fileno}: at commit time, in the committer's thread)."""
+    file is needed (L{flush}, L{fileno}: at commit time, in the committer's thread).
+
+    A message still in memory at commit time is written with one C{write} on a plain
+    descriptor (no buffered file object: its C{fstat} and C{lseek} were two more system calls,
+    each a hand-over of the GIL between the committer's thread and the reactor's)."""
 
     def __init__(self, path: Path, limit: int = _MEMORY_LIMIT) -> None:
         self.path = path
         self._limit = limit
         self._chunks: list[bytes] = []
         self._size = 0
+        #: The buffered file, once the message outgrew memory.
         self._file: Any = None
+        #: The plain descriptor, once a message held in memory was written at commit time.
+        self._fd: int | None = None
         self.closed = False
 
+    def _create(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, _FILE_MODE)
+
     def _materialise(self) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, _FILE_MODE)
-        self._file = os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
+        self._file = os.fdopen(self._create(), "wb", buffering=_WRITE_BUFFER)
         chunks, self._chunks = self._chunks, []
         self._file.write(b"".join(chunks))
 
     def write(self, data: bytes) -> int:
-        if self._file is None:
+        if self._file is not None:
+            self._file.write(data)
+        elif self._fd is not None:
+            _writeAll(self._fd, data)
+        else:
             self._chunks.append(data)
             self._size += len(data)
             if self._size > self._limit:
                 self._materialise()
-        else:
-            self._file.write(data)
         return len(data)
 
     def flush(self) -> None:
-        if self._file is None:
-            self._materialise()
-        self._file.flush()
+        if self._file is not None:
+            self._file.flush()
+        elif self._fd is None:
+            fd = self._create()
+            try:
+                _writeAll(fd, b"".join(self._chunks))
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
+            self._chunks = []
 
     def fileno(self) -> int:
-        if self._file is None:
-            self._materialise()
-        return int(self._file.fileno())
+        if self._file is not None:
+            return int(self._file.fileno())
+        if self._fd is None:
+            self.flush()
+        assert self._fd is not None
+        return self._fd
 
     def read(self) -> bytes:
         """Everything written so far (blocking, for a file: see L{MessageWriter.read})."""
-        if self._file is None:
+        if self._file is None and self._fd is None:
             return b"".join(self._chunks)
-        self._file.flush()
+        if self._file is not None:
+            self._file.flush()
         with open(self.path, "rb") as f:
             return f.read()
 
     def close(self) -> None:
         self.closed = True
         self._chunks = []
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
         if self._file is not None:
             self._file.close()
 
