@@ -88,7 +88,9 @@ def _loadRenameNoReplace() -> Callable[[str, str], None] | None:
         function = libc.renameat2
     except (OSError, AttributeError, ImportError):  # pragma: no cover - not Linux/glibc
         return None
-    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.argtypes = [
+        ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint
+    ]
     atFDCWD, noReplace = -100, 1
 
     def renameNoReplace(source: str, destination: str) -> None:
