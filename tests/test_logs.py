@@ -107,3 +107,42 @@ def test_installTwistdObserver(tmp_path) -> None:
     assert not installTwistdObserver(application, options, levels)  # already has one
     options["logger"] = "some.factory"
     assert not installTwistdObserver(Application("other"), options, levels)
+
+
+class BrokenPipe(io.StringIO):
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_deliveryProcessSendsEventsAsTheyAre() -> None:
+    """The delivery process's observer is a modern one: the filter hands it each event as it
+    was logged (no conversion to Twisted's legacy form on the way), and it sends one line the
+    relay decodes to the same text."""
+    from mailrelay.app.deliveryprocess import relayObserver
+    from mailrelay.queue.process import decodeLogEvent
+
+    out, err = io.StringIO(), io.StringIO()
+    observer = relayObserver(out, err)
+    assert ILogObserver.providedBy(observer)
+    levels = LevelFilter()
+    chain = filtered(observer, levels)
+    assert chain._observer is observer  # type: ignore[attr-defined]
+    log = Logger(namespace="mailrelay.queue", observer=LogPublisher(chain))
+    log.info("{queueID}: status=sent", queueID="01ABC")
+    line = out.getvalue()
+    assert line.endswith("\n") and line.count("\n") == 1
+    event = decodeLogEvent(line[:-1])
+    assert event["log_text"] == "01ABC: status=sent"
+    assert event["log_namespace"] == "mailrelay.queue" and event["log_level"] is LogLevel.info
+    assert err.getvalue() == ""
+
+
+def test_deliveryProcessLogsToStderrOnceTheRelayIsGone() -> None:
+    from mailrelay.app.deliveryprocess import relayObserver
+
+    err = io.StringIO()
+    log = Logger(namespace="mailrelay.queue", observer=relayObserver(BrokenPipe(), err))
+    log.info("one")
+    log.info("two")
+    assert err.getvalue().count("\n") == 2
+    assert "one" in err.getvalue() and "two" in err.getvalue()

@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import ILogObserver, Logger, formatEventAsClassicLogText, globalLogBeginner
 from twisted.protocols.basic import LineReceiver
-from zope.interface import implementer
+from zope.interface import implementer, provider
 
 from mailrelay.app.logs import LevelFilter, filtered
 from mailrelay.queue.process import METRICS_RECORD, encodeLogEvent
@@ -100,26 +100,38 @@ def _parseArguments(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _logToRelay(levels: LevelFilter) -> None:
-    """Send every log event at C{levels} or above to the relay's process, one line each on
-    our standard output (L{encodeLogEvent}: the events below are never formatted), each
-    flushed as it is written (a pipe would otherwise hold them in a block buffer); once the
-    relay is gone, to our standard error."""
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+def relayObserver(out: Any, err: Any) -> ILogObserver:
+    """The observer sending each event to the relay's process as one line on C{out}
+    (L{encodeLogEvent}); once C{out} fails (the relay is gone: killed), to C{err} as text.
+
+    It provides C{ILogObserver} itself: L{filtered} would otherwise wrap it as a legacy
+    observer, which converted every event to Twisted's legacy form first (a copy of the
+    event and a handful of keys added, every event: about 2% of the delivery process's
+    samples in a py-spy profile)."""
     relayGone: list[bool] = []
 
+    @provider(ILogObserver)
     def toRelay(event: dict[str, Any]) -> None:
         if not relayGone:
             try:
-                sys.stdout.write(encodeLogEvent(event))
+                out.write(encodeLogEvent(event))
                 return
             except OSError:  # the relay is gone (killed): finish logging to our stderr
                 relayGone.append(True)
-        sys.stderr.write(formatEventAsClassicLogText(event) or "")
-        sys.stderr.flush()
+        err.write(formatEventAsClassicLogText(event) or "")
+        err.flush()
 
+    return cast(ILogObserver, toRelay)
+
+
+def _logToRelay(levels: LevelFilter) -> None:
+    """Send every log event at C{levels} or above to the relay's process, one line each on
+    our standard output (L{relayObserver}: the events below are never formatted), each
+    flushed as it is written (a pipe would otherwise hold them in a block buffer); once the
+    relay is gone, to our standard error."""
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     globalLogBeginner.beginLoggingTo(
-        [filtered(cast(ILogObserver, toRelay), levels)], redirectStandardIO=False
+        [filtered(relayObserver(sys.stdout, sys.stderr), levels)], redirectStandardIO=False
     )
 
 
