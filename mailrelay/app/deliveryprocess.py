@@ -315,6 +315,10 @@ def startChild(options: argparse.Namespace, what: str, build: Any) -> Any:
     try:
         config = loadConfig(options.config, json.loads(options.overrides), text=configText)
         levels.setLevel(config.logLevel)
+        if config.metricsListen is not None:  # we count, and report to the relay
+            from mailrelay.metrics import enable
+
+            enable()
         built = build(config)
     except ConfigError as e:
         print(f"mailrelay {what}: configuration error: {e}", file=sys.stderr)

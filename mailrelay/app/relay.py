@@ -181,6 +181,10 @@ class RelayService(OrderedMultiService):
         config = self.config = plan.config
         assert self.spool is not None
         self.logLevels.setLevel(config.logLevel)
+        if config.metricsListen is not None:  # (a restart changes it, not a reload)
+            from mailrelay.metrics import enable
+
+            enable()
         if config.hold:
             log.warn("queue.hold is set: mail is accepted and spooled, nothing is delivered")
         self.plugins.current = list(plan.services)
