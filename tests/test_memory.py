@@ -16,6 +16,8 @@ from pathlib import Path
 #: The libraries of the metrics endpoint ([metrics] listen): the Prometheus client, and
 #: Twisted's web server that serves it.
 METRICS_LIBRARIES = ("prometheus_client", "twisted.web")
+#: The password hashing library of AUTH ([auth]).
+AUTH_LIBRARIES = ("argon2",)
 
 _CHILD = """
 import atexit, json, os, runpy, sys
@@ -43,10 +45,12 @@ def loaded(modules: list[str], prefixes: tuple[str, ...]) -> set[str]:
     return {p for p in prefixes for m in modules if m == p or m.startswith(p + ".")}
 
 
-def configFile(tmp_path: Path, text: str) -> Path:
+def configFile(tmp_path: Path, text: str, listener: str = "") -> Path:
+    """A configuration: a listener (with the options C{listener}), the spool in
+    C{tmp_path}, and C{text}."""
     path = tmp_path / "mailrelay.toml"
     path.write_text(
-        '[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\n'
+        f'[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\n{listener}'
         f'[spool]\ndirectory = "{tmp_path / "spool"}"\n' + text
     )
     return path
@@ -79,10 +83,20 @@ def relayModules(tmp_path: Path, config: Path) -> list[str]:
     return json.loads(result.stdout.splitlines()[-1])
 
 
+def authConfig(tmp_path: Path) -> Path:
+    """A listener offering AUTH, and an [auth] table with a password file of one user."""
+    from argon2 import PasswordHasher
+
+    users = tmp_path / "users"
+    users.write_text(f"alice:{PasswordHasher().hash('secret')}\n")
+    return configFile(tmp_path, f'[auth]\npassword_file = "{users}"\n',
+                      listener="auth = true\nauth_without_tls = true\n")
+
+
 def test_deliveryProcessWithoutMetricsLoadsNoExporter(tmp_path: Path) -> None:
     (tmp_path / "spool").mkdir()
     modules = deliveryProcessModules(tmp_path, configFile(tmp_path, ""))
-    assert loaded(modules, METRICS_LIBRARIES) == set()
+    assert loaded(modules, METRICS_LIBRARIES + AUTH_LIBRARIES) == set()
 
 
 def test_deliveryProcessWithMetricsLoadsTheClient(tmp_path: Path) -> None:
@@ -96,7 +110,12 @@ def test_deliveryProcessWithMetricsLoadsTheClient(tmp_path: Path) -> None:
 
 def test_relayWithoutMetricsLoadsNoExporter(tmp_path: Path) -> None:
     modules = relayModules(tmp_path, configFile(tmp_path, ""))
-    assert loaded(modules, METRICS_LIBRARIES) == set()
+    assert loaded(modules, METRICS_LIBRARIES + AUTH_LIBRARIES) == set()
+
+
+def test_relayWithAuthLoadsArgon2(tmp_path: Path) -> None:
+    modules = relayModules(tmp_path, authConfig(tmp_path))
+    assert loaded(modules, METRICS_LIBRARIES + AUTH_LIBRARIES) == set(AUTH_LIBRARIES)
 
 
 def test_relayWithMetricsLoadsTheExporter(tmp_path: Path) -> None:
