@@ -230,6 +230,22 @@ def all_pids() -> list[int]:
         return []
 
 
+def descendants(root: int) -> list[tuple[int, str, int]]:
+    """(pid, comm, rss_bytes) of the children of C{root}, their children, and so on."""
+    others = {pid: info for pid in all_pids() if pid != root
+              and (info := proc_stat(pid)) is not None}
+    found: list[tuple[int, str, int]] = []
+    parents = {root}
+    while True:
+        step = [(pid, info) for pid, info in others.items() if info[1] in parents]
+        if not step:
+            return found
+        for pid, info in step:
+            del others[pid]
+            parents.add(pid)
+            found.append((pid, info[0], info[2]))
+
+
 def proc_status_kb(pid: int, key: str) -> int | None:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -484,20 +500,16 @@ class Mailrelay:
         return self
 
     def rss_groups(self) -> dict[str, list[tuple[int, str, int]]]:
-        """The twistd process and its children (the delivery process)."""
+        """The twistd process and all its descendants: the delivery process (and any
+        acceptor process), and the fork server that forks them, whose children they are."""
         assert self.proc is not None
         root = self.proc.pid
         st = proc_stat(root)
-        procs = [(root, st[0], st[2])] if st else []
-        for pid in all_pids():
-            if pid != root:
-                child = proc_stat(pid)
-                if child is not None and child[1] == root:
-                    procs.append((pid, child[0], child[2]))
+        procs = ([(root, st[0], st[2])] if st else []) + descendants(root)
         return {"relay": procs, "all": procs}
 
     def cpu_seconds(self) -> float:
-        """CPU time of twistd and its delivery process (with any reaped children)."""
+        """CPU time of twistd and its descendants (with any reaped children)."""
         return proc_tree_cpu_seconds([p for p, _, _ in self.rss_groups()["all"]])
 
     def extra(self) -> dict[str, Any]:
@@ -1617,7 +1629,8 @@ def main(argv: list[str] | None = None) -> int:
               "CPU: user+system ms per message of all the relay's processes (and their reaped "
               "children) from /proc; p50/p99: end-of-data -> 250 of one client, ms.")
         print(f"RSS: peak of the summed resident set, sampled every {args.rss_interval:g}s; "
-              "mailrelay = the twistd process and its delivery process, postfix = its "
+              "mailrelay = the twistd process and its descendants (fork server, delivery "
+              "process), postfix = its "
               "smtpd+cleanup+qmgr+smtp processes "
               "(shared pages counted once per process, so Postfix's sum overstates it); "
               "PSS ratio: the same with proportional set sizes (shared pages divided among "

@@ -100,11 +100,12 @@ def _parseArguments(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _logToRelay(levels: LevelFilter) -> None:
+def _logToRelay(levels: LevelFilter, forked: bool = False) -> None:
     """Send every log event at C{levels} or above to the relay's process, one line each on
     our standard output (L{encodeLogEvent}: the events below are never formatted), each
     flushed as it is written (a pipe would otherwise hold them in a block buffer); once the
-    relay is gone, to our standard error."""
+    relay is gone, to our standard error.  C{forked} (by the fork server): the events logged
+    before are the relay's own, from before it forked the server: not ours to replay."""
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     relayGone: list[bool] = []
 
@@ -119,7 +120,8 @@ def _logToRelay(levels: LevelFilter) -> None:
         sys.stderr.flush()
 
     globalLogBeginner.beginLoggingTo(
-        [filtered(cast(ILogObserver, toRelay), levels)], redirectStandardIO=False
+        [filtered(cast(ILogObserver, toRelay), levels)], discardBuffer=forked,
+        redirectStandardIO=False,
     )
 
 
@@ -291,7 +293,7 @@ def runChild(
     return exitCode[0]
 
 
-def startChild(options: argparse.Namespace, what: str, build: Any) -> Any:
+def startChild(options: argparse.Namespace, what: str, build: Any, forked: bool = False) -> Any:
     """What a child of the relay does first: die with the relay, ignore SIGINT (the relay
     stops us: a Ctrl-C meant for it must not cut our work short; SIGTERM, also sent when the
     relay dies, stops us cleanly), read the configuration the relay passed, send our log to
@@ -301,6 +303,8 @@ def startChild(options: argparse.Namespace, what: str, build: Any) -> Any:
 
     @param options: the child's options: C{config}, C{config_fd}, C{overrides},
         C{parent_pid}.
+    @param forked: we were forked by the fork server (L{mailrelay.app.forkserver}), not
+        started afresh.
     """
     from mailrelay.config import loadConfig
     from mailrelay.errors import ConfigError
@@ -311,7 +315,7 @@ def startChild(options: argparse.Namespace, what: str, build: Any) -> Any:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configText = _readConfigText(options.config_fd) if options.config_fd is not None else None
     levels = LevelFilter()
-    _logToRelay(levels)
+    _logToRelay(levels, forked)
     try:
         config = loadConfig(options.config, json.loads(options.overrides), text=configText)
         levels.setLevel(config.logLevel)
@@ -326,7 +330,37 @@ def startChild(options: argparse.Namespace, what: str, build: Any) -> Any:
     return config, built
 
 
-def _childMain(argv: list[str]) -> int:
+def preload() -> None:
+    """Import what the delivery process imports as it starts and runs (without installing
+    a reactor): done by the relay before it forks the fork server
+    (L{mailrelay.app.forkserver}), so that the delivery process shares it."""
+    import ctypes.util  # noqa: F401 - dieWithParent's
+    import importlib
+
+    # (default: imports the default reactor's module; the reactor is installed by the child)
+    from twisted.internet import default, protocol, stdio, task, threads  # noqa: F401
+
+    import mailrelay.app.delivery
+    import mailrelay.app.plugins
+    import mailrelay.app.services
+    import mailrelay.config
+    import mailrelay.config.plugins
+    import mailrelay.queue.commands
+    import mailrelay.queue.control  # noqa: F401
+    from mailrelay.delivery import BUILTIN_BACKENDS
+
+    for name in BUILTIN_BACKENDS:
+        importlib.import_module(f"mailrelay.delivery.{name}")
+    mailrelay.app.plugins.availablePlugins()  # imports the dropins
+
+
+def forkedMain(argv: list[str]) -> int:
+    """The delivery process forked by the fork server (L{mailrelay.app.forkserver}): as
+    C{python -m mailrelay.app.deliveryprocess ARGV}."""
+    return _childMain(argv, forked=True)
+
+
+def _childMain(argv: list[str], forked: bool = False) -> int:
     from twisted.internet import reactor
 
     def build(config: Any) -> Any:
@@ -335,7 +369,7 @@ def _childMain(argv: list[str]) -> int:
         return services, queue
 
     options = _parseArguments(argv)
-    started = startChild(options, "delivery process", build)
+    started = startChild(options, "delivery process", build, forked)
     if isinstance(started, int):
         return started
     config, (services, queue) = started
