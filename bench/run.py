@@ -1110,13 +1110,29 @@ def wait_quiet(relay: Any, deadline: float, quiet: float = 0.02, interval: float
     return False
 
 
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """The fields of /proc/PID/smaps_rollup, in bytes (empty when it is gone)."""
+    found = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 3 and parts[2] == b"kB":
+                    found[parts[0].rstrip(b":").decode()] = int(parts[1]) * 1024
+    except (OSError, ValueError):
+        return {}
+    return found
+
+
 def pss_by_process(relay: Any) -> list[dict[str, Any]]:
-    """pid, name and PSS (and RSS) of each of the relay's processes."""
+    """pid, name, PSS (all of it, and of its anonymous memory) and RSS of each of the
+    relay's processes."""
     found = []
     for pid, name, rss in relay.rss_groups().get("all", []):
-        pss = proc_pss(pid)
-        if pss is not None:
-            found.append({"pid": pid, "name": name, "pss_bytes": pss, "rss_bytes": rss})
+        rollup = smaps_rollup(pid)
+        if "Pss" in rollup:
+            found.append({"pid": pid, "name": name, "pss_bytes": rollup["Pss"],
+                          "pss_anon_bytes": rollup.get("Pss_Anon", 0), "rss_bytes": rss})
     return found
 
 
@@ -1150,6 +1166,7 @@ def run_memory(args: argparse.Namespace, workdir: Path, relay_cls: type, cell: C
             base = [p for p in base if p["name"] != "smtpd"]
         result["base_processes"] = base
         result["base_pss_bytes"] = sum(p["pss_bytes"] for p in base)
+        result["base_pss_anon_bytes"] = sum(p["pss_anon_bytes"] for p in base)
         try:
             with IdleSessions(relay.port, sessions, deadline) as idle:
                 result["sessions_seconds"] = round(idle.seconds or 0.0, 2)
@@ -1240,12 +1257,14 @@ def summarize_memory(runs: list[dict[str, Any]], relays: list[str],
         mine = [r for r in runs if r["relay"] == relay and r["cell"] == cell.key]
         good = [r for r in mine if r["ok"]]
         base = median_or_none([r["base_pss_bytes"] for r in good])
+        anon = median_or_none([r["base_pss_anon_bytes"] for r in good])
         per = median_or_none([r["per_session_bytes"] for r in good])
         row[relay] = {
             "runs": len(mine),
             "ok_runs": len(good),
             "sessions": max((r["sessions"] for r in good), default=None),
             "base_pss_bytes": round(base) if base is not None else None,
+            "base_pss_anon_bytes": round(anon) if anon is not None else None,
             "per_session_bytes": round(per) if per is not None else None,
             "base_pss_all": [r["base_pss_bytes"] for r in good],
             "per_session_all": [r["per_session_bytes"] for r in good],
@@ -1344,6 +1363,8 @@ def print_memory_table(row: dict[str, Any], relays: list[str]) -> None:
              ["base PSS MiB, no session", *[figure(r, "base_pss_bytes", 1024 * 1024, "")
                                             for r in relays],
               target("base_target_met", f"{TARGET_BASE_PSS // (1024 * 1024)} MiB")],
+             ["  of it anonymous", *[figure(r, "base_pss_anon_bytes", 1024 * 1024, "")
+                                     for r in relays], ""],
              ["PSS KiB per idle session", *[figure(r, "per_session_bytes", 1024,
                                                    session_unit[r]) for r in relays],
               target("per_session_target_met", f"{TARGET_SESSION_PSS // 1024} KiB")]]
@@ -1638,10 +1659,14 @@ def main(argv: list[str] | None = None) -> int:
     if any(row["phase"] == "memory" for row in rows):
         print("memory: summed PSS (smaps_rollup) of all the relay's processes once idle, "
               "medians of the repeats; base: just started, no session (mailrelay: twistd and "
-              "its delivery process; Postfix: master, qmgr, pickup, ... without smtpd); per "
+              "its descendants, the fork server and delivery process; Postfix: master, "
+              "qmgr, pickup, ... without smtpd); per "
               "idle session: (PSS with the sessions - base) / sessions, each session having "
               "had its greeting and EHLO reply; Postfix serves at most its smtpd process "
-              "limit (default_process_limit) at once, one smtpd each, so it gets that many.")
+              "limit (default_process_limit) at once, one smtpd each, so it gets that many. "
+              "Anonymous: the processes' own memory; the rest is their share of mapped files "
+              "(libpython, OpenSSL, ...), divided among every process of the machine mapping "
+              "them, so it varies with what else runs.")
     if interrupted:
         print(f"{interrupted}: the table has the runs completed before")
     print(f"total {report['total_seconds']}s; results written to {output}")

@@ -346,7 +346,8 @@ def preload() -> None:
     import mailrelay.config
     import mailrelay.config.plugins
     import mailrelay.queue.commands
-    import mailrelay.queue.control  # noqa: F401
+    import mailrelay.queue.control
+    import mailrelay.queue.lock  # noqa: F401
     from mailrelay.delivery import BUILTIN_BACKENDS
 
     for name in BUILTIN_BACKENDS:
