@@ -31,8 +31,9 @@ the end of those it had forked is seen by their process ids (C{pidfd}).
 The server is used only when it can run as the children would: under C{twistd --nodaemon}
 (a daemon's children are the daemon's, forked after this), without C{--chroot} or
 C{--euid}, on Linux; it drops to C{--uid}/C{--gid} and takes C{--umask} and C{--rundir}
-itself, as twistd does for the relay after C{makeService}.  Otherwise (and for a child
-module it does not know) the relay starts its children as before.
+itself, as twistd does for the relay after C{makeService}.  Otherwise, with C{[relay]
+fork_children = false}, and for a child module it does not know, the relay starts its
+children as new processes.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def preload(modules: Iterable[str]) -> None:
     """Import what the children run, so that the fork server (and each child) shares it with
     the relay: the child modules, their lazy imports, the default reactor's module (not
     installed), the built-in backends, and C{modules} (the factories of the configured
-    plugins)."""
+    built-in plugins)."""
     from mailrelay.app import acceptorprocess, deliveryprocess
 
     deliveryprocess.preload()
@@ -172,14 +173,15 @@ def forRelay(config: Any, twistdOptions: Any, runAs: tuple[int, int] | None) -> 
 
 
 def _factoryModules(names: Iterable[str]) -> list[str]:
-    """The modules of the factories of the installed plugins named C{names}."""
+    """The modules of the factories of the built-in plugins named C{names} (a site's are
+    left to each process: what its module does when imported is its own)."""
     from mailrelay.app.plugins import availablePlugins
 
     available = availablePlugins()
     modules = []
     for name in names:
         factory = getattr(available.get(name), "factory", None)
-        if isinstance(factory, str) and ":" in factory:
+        if isinstance(factory, str) and factory.startswith("mailrelay."):
             modules.append(factory.partition(":")[0])
     return modules
 
