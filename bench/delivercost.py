@@ -34,16 +34,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.chunking import Relay, arguments, spoolThenDeliver  # noqa: E402 - after the path is set
-from bench.run import BenchError, Sink, log, proc_cpu_seconds  # noqa: E402
+from bench.run import BenchError, Sink, descendants, log, proc_cpu_seconds  # noqa: E402
 
 
 def childOf(pid: int) -> int | None:
-    """The (first) child process of C{pid}: the delivery process of a twistd."""
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return None
-    return int(children[0]) if children else None
+    """The delivery process of the twistd C{pid}: the descendant its fork server named
+    C{mr-delivery}, or its (first) child when it started it as a new process."""
+    found = descendants(pid)
+    named = [child for child, comm, _ in found if comm == "mr-delivery"]
+    return named[0] if named else (found[0][0] if found else None)
 
 
 def one(args: argparse.Namespace, workdir: Path, run: int) -> dict[str, float]:

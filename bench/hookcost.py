@@ -31,13 +31,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.run import free_port, proc_cpu_seconds, wait_smtp_ready  # noqa: E402 (the path)
+from bench.run import (  # noqa: E402 (the path)
+    descendants,
+    free_port,
+    proc_cpu_seconds,
+    wait_smtp_ready,
+)
 
 
 def treeCPUSeconds(pid: int) -> float:
-    """The CPU time of C{pid} and of its children (the acceptor processes)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return proc_cpu_seconds(pid) + sum(proc_cpu_seconds(int(child)) for child in children)
+    """The CPU time of C{pid} and of its descendants (the fork server, the acceptor
+    processes it forks)."""
+    return proc_cpu_seconds(pid) + sum(proc_cpu_seconds(c) for c, _, _ in descendants(pid))
 
 
 def run(messages: int, sessions: int, size: int, processes: int = 1) -> float:

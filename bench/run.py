@@ -14,7 +14,10 @@ and two more kinds of rows:
 
   latency  one client, one connection, messages one after the other: the time from the
            end-of-data dot to the 250 reply, p50 and p99 (the relay delivering meanwhile);
-  burst    100 and 500 concurrent one-message connections (4k, e2e) on the shipped defaults.
+  burst    100 and 500 concurrent one-message connections (4k, e2e) on the shipped defaults;
+  memory   the base memory (summed PSS of all the relay's processes, no sessions) and the
+           memory of each idle session (N connections that greeted and sent EHLO; Postfix:
+           its default_process_limit of sessions, one smtpd each).
 
 Relays: mailrelay (twistd, shipped defaults, --smarthost [127.0.0.1]:SINK) and a private
 Postfix instance (its own config, queue and data directories, relayhost=[127.0.0.1]:SINK),
@@ -81,7 +84,12 @@ DEFAULT_MESSAGES = [
 ]
 
 #: The measurements (see the module's docstring).
-PHASES = ("e2e", "accept", "latency", "burst")
+PHASES = ("e2e", "accept", "latency", "burst", "memory")
+
+#: The memory targets of issue 11 (not tests): the base of all the relay's processes without
+#: sessions, and the memory of each idle session, both as PSS.
+TARGET_BASE_PSS = 60 * 1024 * 1024
+TARGET_SESSION_PSS = 30 * 1024
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -220,6 +228,22 @@ def all_pids() -> list[int]:
         return [int(p) for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
         return []
+
+
+def descendants(root: int) -> list[tuple[int, str, int]]:
+    """(pid, comm, rss_bytes) of the children of C{root}, their children, and so on."""
+    others = {pid: info for pid in all_pids() if pid != root
+              and (info := proc_stat(pid)) is not None}
+    found: list[tuple[int, str, int]] = []
+    parents = {root}
+    while True:
+        step = [(pid, info) for pid, info in others.items() if info[1] in parents]
+        if not step:
+            return found
+        for pid, info in step:
+            del others[pid]
+            parents.add(pid)
+            found.append((pid, info[0], info[2]))
 
 
 def proc_status_kb(pid: int, key: str) -> int | None:
@@ -415,25 +439,32 @@ class Mailrelay:
     name = "mailrelay"
 
     def __init__(self, args: argparse.Namespace, workdir: Path, sink_port: int, run_id: str,
-                 hold: bool = False):
+                 hold: bool = False, max_connections: int | None = None):
         self.args = args
         self.port = free_port()
         self.dir = workdir / f"mailrelay-{run_id}"
         self.sink_port = sink_port
         self.hold = hold
+        #: The listener's max_connections, when the run needs more than the shipped default.
+        self.max_connections = max_connections
         self.proc: subprocess.Popen[bytes] | None = None
         self.logpath = self.dir / "mailrelay.log"
 
     def __enter__(self) -> Self:
         self.dir.mkdir(parents=True)
+        endpoint = f"tcp:{self.port}:interface=127.0.0.1"
         cmd = [
             self.args.twistd, "-n", "--pidfile=", "mailrelay",
-            "--listen", f"tcp:{self.port}:interface=127.0.0.1",
+            "--listen", endpoint,
             "--spool", str(self.dir / "spool"),
             "--hostname", RELAY_NAME,
             "--smarthost", f"[127.0.0.1]:{self.sink_port}",
         ]
         lines = []
+        if self.max_connections is not None:  # the listener is in the file, not --listen
+            del cmd[4:6]
+            lines.append(f'[[listeners]]\nendpoint = "{endpoint}"\n'
+                         f"max_connections = {self.max_connections}\n")
         processes = self.args.mailrelay_processes
         if processes != "1":
             value = processes if processes.isdigit() else f'"{processes}"'
@@ -469,20 +500,16 @@ class Mailrelay:
         return self
 
     def rss_groups(self) -> dict[str, list[tuple[int, str, int]]]:
-        """The twistd process and its children (the delivery process)."""
+        """The twistd process and all its descendants: the delivery process (and any
+        acceptor process), and the fork server that forks them, whose children they are."""
         assert self.proc is not None
         root = self.proc.pid
         st = proc_stat(root)
-        procs = [(root, st[0], st[2])] if st else []
-        for pid in all_pids():
-            if pid != root:
-                child = proc_stat(pid)
-                if child is not None and child[1] == root:
-                    procs.append((pid, child[0], child[2]))
+        procs = ([(root, st[0], st[2])] if st else []) + descendants(root)
         return {"relay": procs, "all": procs}
 
     def cpu_seconds(self) -> float:
-        """CPU time of twistd and its delivery process (with any reaped children)."""
+        """CPU time of twistd and its descendants (with any reaped children)."""
         return proc_tree_cpu_seconds([p for p, _, _ in self.rss_groups()["all"]])
 
     def extra(self) -> dict[str, Any]:
@@ -509,7 +536,8 @@ class Postfix:
     name = "postfix"
 
     def __init__(self, args: argparse.Namespace, workdir: Path, sink_port: int, run_id: str,
-                 hold: bool = False):
+                 hold: bool = False, max_connections: int | None = None):
+        # (max_connections: Postfix keeps its own limit, default_process_limit smtpd)
         self.args = args
         self.hold = hold
         self.port = free_port()
@@ -644,6 +672,24 @@ class Postfix:
             "all": everything,
         }
 
+    def session_limit(self) -> int:
+        """How many SMTP sessions the instance serves at once: its smtp service's process
+        limit (master.cf's maxproc, or default_process_limit), one smtpd each; 0 for no
+        limit."""
+        for line in (self.conf / "master.cf").read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 8 and fields[0] == str(self.port) and fields[6] != "-":
+                return int(fields[6])
+        r = subprocess.run(
+            [POSTCONF, "-c", str(self.conf), "-h", "default_process_limit"], check=False,
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        )
+        try:
+            return int(r.stdout.strip())
+        except ValueError:
+            raise BenchError(f"postconf -h default_process_limit said {r.stdout.strip()!r} "
+                             f"{r.stderr.strip()}") from None
+
     def cpu_seconds(self) -> float:
         """CPU time of the instance: master and every daemon (with those reaped)."""
         return proc_tree_cpu_seconds([p for p, _, _ in self.rss_groups().get("all", [])])
@@ -715,6 +761,8 @@ class Cell:
 
     @property
     def key(self) -> str:
+        if self.phase == "memory":
+            return f"memory s{self.sessions}"
         return f"{self.phase} {size_label(self.size)} s{self.sessions} m{self.per_conn}"
 
 
@@ -738,9 +786,12 @@ def messages_for(size: int, args: argparse.Namespace) -> int:
 def cells(args: argparse.Namespace) -> list[Cell]:
     """The matrix: e2e and accept for every size x sessions x messages per connection; the
     latency of one client per size; the burst rows (4k, one message per connection, on the
-    shipped defaults) at each of --burst sessions."""
+    shipped defaults) at each of --burst sessions; the memory row (--idle-sessions)."""
     found: list[Cell] = []
     for phase in args.phase_list:
+        if phase == "memory":
+            found.append(Cell(phase, 0, args.idle_sessions, 0, 0))
+            continue
         if phase == "latency":
             for size in args.size_list:
                 found.append(Cell(phase, size, 1, args.latency_messages, args.latency_messages))
@@ -918,6 +969,222 @@ def run_source(args: argparse.Namespace, relay_cls: type, cell: Cell, cmd: list[
 
 
 # --------------------------------------------------------------------------------------------
+# memory: the base, and idle sessions
+
+
+@contextlib.contextmanager
+def open_files_limit(need: int) -> Any:
+    """Raise this process's RLIMIT_NOFILE to at least C{need} (the hard limit too, as root,
+    up to fs.nr_open) for the time of the block: our client sockets need it, and the relays
+    started inside inherit it (mailrelay raises its soft limit to its hard one as its
+    listeners need).  Raises BenchError when it cannot be had."""
+    import resource
+
+    before = resource.getrlimit(resource.RLIMIT_NOFILE)
+    soft, hard = before
+    infinite = resource.RLIM_INFINITY
+    if soft != infinite and soft < need:
+        if hard != infinite and hard < need:
+            try:
+                nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+            except (OSError, ValueError):
+                nr_open = need
+            if need > nr_open:
+                raise BenchError(f"{need} open files wanted, above fs.nr_open ({nr_open})")
+            hard = need
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+        except (ValueError, OSError) as e:
+            raise BenchError(
+                f"cannot raise the open file limit from {before} to {need}: {e} (run as root, "
+                "or raise ulimit -Hn, or give fewer --idle-sessions)") from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, before)
+
+
+def smtp_reply_done(buf: bytes) -> bytes | None:
+    """The last line of a complete SMTP reply at the start of C{buf}, else None."""
+    for line in buf.split(b"\r\n")[:-1]:
+        if len(line) < 4 or line[3:4] != b"-":
+            return line
+    return None
+
+
+class IdleSessions:
+    """C{count} SMTP sessions with the relay on 127.0.0.1:C{port}, each of which reads the
+    greeting, sends EHLO, reads its reply and then stays idle until the block ends (QUIT and
+    close).  At most C{concurrency} sessions are being opened at once, so that the listen
+    queue never overflows.  Raises BenchError when a session is refused, closed or not ready
+    by C{deadline}."""
+
+    def __init__(self, port: int, count: int, deadline: float, concurrency: int = 100) -> None:
+        self.port = port
+        self.count = count
+        self.deadline = deadline
+        self.concurrency = concurrency
+        self.sockets: list[socket.socket] = []
+        #: Seconds it took to have every session idle after its EHLO.
+        self.seconds: float | None = None
+
+    def __enter__(self) -> Self:
+        import selectors
+
+        start = time.monotonic()
+        sel = selectors.DefaultSelector()
+        state: dict[socket.socket, list[Any]] = {}  # socket -> [stage, received]
+        ready = 0
+        try:
+            while ready < self.count:
+                while len(self.sockets) < self.count and len(state) < self.concurrency:
+                    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    self.sockets.append(s)
+                    s.setblocking(False)
+                    s.connect_ex(("127.0.0.1", self.port))
+                    sel.register(s, selectors.EVENT_READ)
+                    state[s] = ["greeting", b""]
+                if time.monotonic() > self.deadline:
+                    raise BenchError(f"{ready} of {self.count} sessions ready before the "
+                                     "deadline")
+                for key, _ in sel.select(timeout=1.0):
+                    s = key.fileobj
+                    assert isinstance(s, socket.socket)
+                    try:
+                        data = s.recv(4096)
+                    except OSError as e:
+                        raise BenchError(f"{ready} of {self.count} sessions ready, then: "
+                                         f"{e}") from None
+                    stage, received = state[s]
+                    received += data
+                    if not data:
+                        raise BenchError(f"{ready} of {self.count} sessions ready, then the "
+                                         f"relay closed one at its {stage}: "
+                                         f"{received[-200:]!r}")
+                    last = smtp_reply_done(received)
+                    state[s][1] = received
+                    if last is None:
+                        continue
+                    if stage == "greeting":
+                        if not last.startswith(b"220"):
+                            raise BenchError(f"{ready} of {self.count} sessions ready, then "
+                                             f"one was greeted with {last[:200]!r}")
+                        s.send(f"EHLO {CLIENT_NAME}\r\n".encode())
+                        state[s] = ["EHLO reply", b""]
+                    else:
+                        if not last.startswith(b"250"):
+                            raise BenchError(f"{ready} of {self.count} sessions ready, then "
+                                             f"one's EHLO was answered {last[:200]!r}")
+                        sel.unregister(s)
+                        del state[s]
+                        ready += 1
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        finally:
+            sel.close()
+        self.seconds = time.monotonic() - start
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s in self.sockets:
+            with contextlib.suppress(OSError):
+                s.send(b"QUIT\r\n")
+            s.close()
+        self.sockets = []
+
+
+def wait_quiet(relay: Any, deadline: float, quiet: float = 0.02, interval: float = 0.5) -> bool:
+    """Wait until the relay's processes have used less than C{quiet} CPU seconds in each of
+    two C{interval}s in a row (they are idle), or C{deadline}: whether they were."""
+    calm = 0
+    before = relay.cpu_seconds()
+    while time.monotonic() < deadline:
+        time.sleep(interval)
+        now = relay.cpu_seconds()
+        calm = calm + 1 if now - before < quiet else 0
+        before = now
+        if calm >= 2:
+            return True
+    return False
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """The fields of /proc/PID/smaps_rollup, in bytes (empty when it is gone)."""
+    found = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 3 and parts[2] == b"kB":
+                    found[parts[0].rstrip(b":").decode()] = int(parts[1]) * 1024
+    except (OSError, ValueError):
+        return {}
+    return found
+
+
+def pss_by_process(relay: Any) -> list[dict[str, Any]]:
+    """pid, name, PSS (all of it, and of its anonymous memory) and RSS of each of the
+    relay's processes."""
+    found = []
+    for pid, name, rss in relay.rss_groups().get("all", []):
+        rollup = smaps_rollup(pid)
+        if "Pss" in rollup:
+            found.append({"pid": pid, "name": name, "pss_bytes": rollup["Pss"],
+                          "pss_anon_bytes": rollup.get("Pss_Anon", 0), "rss_bytes": rss})
+    return found
+
+
+def run_memory(args: argparse.Namespace, workdir: Path, relay_cls: type, cell: Cell,
+               deadline: float, run_id: str) -> dict[str, Any]:
+    """The memory row of one relay: start it (mailrelay on its shipped defaults but for a
+    listener allowing the sessions), wait until it is up and idle, read the summed PSS of
+    its processes (the base), open the idle sessions, wait until idle again and read it
+    again: the cost of each session is the difference over the sessions.
+
+    For Postfix, the base is its daemons without an smtpd (the one the start-up probe
+    spawned, idle, is left out), and it holds as many sessions as its smtpd process limit
+    (default_process_limit: 100), never more: that many are opened."""
+    wanted = cell.sessions
+    result: dict[str, Any] = {
+        "relay": relay_cls.name, "phase": cell.phase, "size": cell.size, "messages": 0,
+        "sessions_asked": wanted, "cell": cell.key, "ok": False,
+    }
+    with open_files_limit(wanted + 1024), relay_cls(
+        args, workdir, free_port(), run_id, max_connections=wanted + 100
+    ) as relay:
+        sessions = wanted
+        if relay_cls is Postfix:
+            limit = relay.session_limit()
+            sessions = min(wanted, limit) if limit else wanted
+            result["session_limit"] = limit
+        result["sessions"] = sessions
+        result["base_idle"] = wait_quiet(relay, min(deadline, time.monotonic() + 30))
+        base = pss_by_process(relay)
+        if relay_cls is Postfix:  # the probe's smtpd is a session's, not the base's
+            base = [p for p in base if p["name"] != "smtpd"]
+        result["base_processes"] = base
+        result["base_pss_bytes"] = sum(p["pss_bytes"] for p in base)
+        result["base_pss_anon_bytes"] = sum(p["pss_anon_bytes"] for p in base)
+        try:
+            with IdleSessions(relay.port, sessions, deadline) as idle:
+                result["sessions_seconds"] = round(idle.seconds or 0.0, 2)
+                result["loaded_idle"] = wait_quiet(relay, min(deadline, time.monotonic() + 30))
+                loaded = pss_by_process(relay)
+        except BenchError as e:
+            result["error"] = f"idle sessions: {e}"
+            result["relay_log_tail"] = relay.log_tail()
+            return result
+        result["loaded_processes"] = [{k: p[k] for k in ("name", "pss_bytes")} for p in loaded]
+        result["loaded_pss_bytes"] = sum(p["pss_bytes"] for p in loaded)
+        result["per_session_bytes"] = round(
+            (result["loaded_pss_bytes"] - result["base_pss_bytes"]) / sessions)
+        result["ok"] = True
+    return result
+
+
+# --------------------------------------------------------------------------------------------
 # reporting
 
 
@@ -929,6 +1196,9 @@ def summarize(runs: list[dict[str, Any]], relays: list[str], all_cells: list[Cel
               notes: dict[str, str]) -> list[dict[str, Any]]:
     rows = []
     for cell in all_cells:
+        if cell.phase == "memory":
+            rows.append(summarize_memory(runs, relays, cell))
+            continue
         row: dict[str, Any] = {"cell": cell.key, "phase": cell.phase, "size": cell.size,
                                "size_label": size_label(cell.size), "sessions": cell.sessions,
                                "per_conn": cell.per_conn, "messages": cell.messages,
@@ -972,6 +1242,39 @@ def summarize(runs: list[dict[str, Any]], relays: list[str], all_cells: list[Cel
                                  if row["ratio"] is not None else None)
         rows.append(row)
     return rows
+
+
+def summarize_memory(runs: list[dict[str, Any]], relays: list[str],
+                     cell: Cell) -> dict[str, Any]:
+    """The memory row: each relay's median base PSS and PSS per idle session over its
+    repeats, and mailrelay's against the targets."""
+    row: dict[str, Any] = {
+        "cell": cell.key, "phase": "memory", "sessions": cell.sessions,
+        "target_base_pss_bytes": TARGET_BASE_PSS,
+        "target_per_session_bytes": TARGET_SESSION_PSS,
+    }
+    for relay in relays:
+        mine = [r for r in runs if r["relay"] == relay and r["cell"] == cell.key]
+        good = [r for r in mine if r["ok"]]
+        base = median_or_none([r["base_pss_bytes"] for r in good])
+        anon = median_or_none([r["base_pss_anon_bytes"] for r in good])
+        per = median_or_none([r["per_session_bytes"] for r in good])
+        row[relay] = {
+            "runs": len(mine),
+            "ok_runs": len(good),
+            "sessions": max((r["sessions"] for r in good), default=None),
+            "base_pss_bytes": round(base) if base is not None else None,
+            "base_pss_anon_bytes": round(anon) if anon is not None else None,
+            "per_session_bytes": round(per) if per is not None else None,
+            "base_pss_all": [r["base_pss_bytes"] for r in good],
+            "per_session_all": [r["per_session_bytes"] for r in good],
+            "errors": sorted({r["error"] for r in mine if r.get("error")}),
+        }
+    mr = row.get("mailrelay")
+    if mr and mr["base_pss_bytes"] is not None:
+        row["base_target_met"] = mr["base_pss_bytes"] <= TARGET_BASE_PSS
+        row["per_session_target_met"] = mr["per_session_bytes"] <= TARGET_SESSION_PSS
+    return row
 
 
 def paired_ratios(runs: list[dict[str, Any]], cell: Cell) -> list[float]:
@@ -1025,10 +1328,55 @@ COLUMNS = ["phase", "size", "sess", "msg/conn", "msgs", "mailrelay msg/s", "post
            "mr p50/p99 ms", "pf p50/p99 ms", "mr RSS MiB", "pf RSS MiB", "PSS ratio"]
 
 
+def print_aligned(table: list[list[str]], right_from: int) -> None:
+    """Rows of cells in columns, the header underlined; columns from C{right_from} on are
+    right-aligned."""
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    print()
+    for i, r in enumerate(table):
+        print("  ".join(c.rjust(w) if j >= right_from else c.ljust(w)
+                        for j, (c, w) in enumerate(zip(r, widths, strict=True))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def print_memory_table(row: dict[str, Any], relays: list[str]) -> None:
+    """The memory row as two lines, base and per session, each relay's figure and
+    mailrelay's target."""
+    def figure(relay: str, key: str, scale: int, unit: str) -> str:
+        cell = row.get(relay)
+        if not cell:
+            return "-"
+        if cell[key] is None:
+            return "failed" if cell["runs"] else "n/a"
+        text = f"{cell[key] / scale:.1f}"
+        if key == "per_session_bytes":
+            text += f" ({cell['sessions']} {unit})"
+        return text
+
+    def target(met_key: str, limit: str) -> str:
+        met = row.get(met_key)
+        return f"<={limit} " + ("?" if met is None else "met" if met else "MISSED")
+
+    session_unit = {"mailrelay": "sessions", "postfix": "smtpd, its process limit"}
+    table = [["memory", *relays, "target (mailrelay)"],
+             ["base PSS MiB, no session", *[figure(r, "base_pss_bytes", 1024 * 1024, "")
+                                            for r in relays],
+              target("base_target_met", f"{TARGET_BASE_PSS // (1024 * 1024)} MiB")],
+             ["  of it anonymous", *[figure(r, "base_pss_anon_bytes", 1024 * 1024, "")
+                                     for r in relays], ""],
+             ["PSS KiB per idle session", *[figure(r, "per_session_bytes", 1024,
+                                                   session_unit[r]) for r in relays],
+              target("per_session_target_met", f"{TARGET_SESSION_PSS // 1024} KiB")]]
+    print_aligned(table, 1)
+
+
 def print_table(rows: list[dict[str, Any]], relays: list[str]) -> None:
     both = "mailrelay" in relays and "postfix" in relays
     table = [COLUMNS]
     for row in rows:
+        if row["phase"] == "memory":
+            continue
         mr, pf = row.get("mailrelay"), row.get("postfix")
         ratio = row.get("ratio")
         if ratio is not None:
@@ -1043,13 +1391,11 @@ def print_table(rows: list[dict[str, Any]], relays: list[str]) -> None:
             fmt_latency(mr), fmt_latency(pf), fmt_mib(mr and mr["rss_peak_bytes"]),
             fmt_mib(pf and pf["rss_peak_bytes"]), fmt_num(row.get("pss_ratio")),
         ])
-    widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
-    print()
-    for i, r in enumerate(table):
-        print("  ".join(c.rjust(w) if j >= 2 else c.ljust(w)
-                        for j, (c, w) in enumerate(zip(r, widths, strict=True))))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    if len(table) > 1:
+        print_aligned(table, 2)
+    for row in rows:
+        if row["phase"] == "memory":
+            print_memory_table(row, relays)
     print()
     for row in rows:
         for relay in relays:
@@ -1104,6 +1450,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--burst", default="100,500",
                    help="the burst rows: concurrent one-message connections of 4k on the "
                    "shipped defaults, comma-separated (default: 100,500)")
+    p.add_argument("--idle-sessions", type=int, default=None,
+                   help="the memory row's idle sessions (greeting and EHLO, then nothing) held "
+                   "by mailrelay at once; Postfix holds as many as its smtpd process limit "
+                   "(default: 5000, --quick: 1000)")
     p.add_argument("--latency-messages", type=int, default=None,
                    help="messages of the latency client, one after the other on one "
                    "connection (default: 200, --quick: 30)")
@@ -1114,8 +1464,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="4k and 1m, fewer messages, one repeat, shorter waits: a few minutes")
     p.add_argument("--relays", default="mailrelay,postfix",
                    help="which relays (default: mailrelay,postfix)")
-    p.add_argument("--phases", default="e2e,accept,latency,burst",
-                   help="which measurements (default: e2e,accept,latency,burst)")
+    p.add_argument("--phases", default="e2e,accept,latency,burst,memory",
+                   help="which measurements (default: e2e,accept,latency,burst,memory)")
     p.add_argument("--workdir", default="/var/tmp",
                    help="where the spools and Postfix's instance go, in a fresh directory removed "
                    "at exit; keep it on a disk file system, not tmpfs, so fsync costs what it "
@@ -1148,6 +1498,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.repeat = 1 if args.quick else 3
     if args.latency_messages is None:
         args.latency_messages = 30 if args.quick else 200
+    if args.idle_sessions is None:
+        args.idle_sessions = 1000 if args.quick else 5000
     try:
         args.size_list = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
         args.session_list = [int(x) for x in args.sessions.split(",") if x.strip()]
@@ -1163,9 +1515,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--relays takes mailrelay and/or postfix; --sizes at least one size")
     if set(args.phase_list) - set(PHASES) or not args.phase_list:
         p.error(f"--phases takes some of {', '.join(PHASES)}")
-    if args.repeat < 1 or args.latency_messages < 1 or (args.messages is not None
-                                                         and args.messages < 1):
-        p.error("--repeat, --latency-messages and --messages must be >= 1")
+    if args.repeat < 1 or args.latency_messages < 1 or args.idle_sessions < 1 or (
+            args.messages is not None and args.messages < 1):
+        p.error("--repeat, --latency-messages, --idle-sessions and --messages must be >= 1")
     if args.stall_timeout is None:
         args.stall_timeout = 20.0 if args.quick else 60.0
     if args.delivery_probe is None:
@@ -1236,12 +1588,14 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     n += 1
                     run_id = f"{n:03d}"
-                    log(f"run {run_id}: {relay} {cell.key} x{messages} "
+                    load = "" if phase == "memory" else f" x{messages}"
+                    log(f"run {run_id}: {relay} {cell.key}{load} "
                         f"repeat {rep + 1}/{args.repeat}")
                     t0 = time.monotonic()
+                    runner = run_memory if phase == "memory" else run_once
                     try:
-                        res = run_once(args, workdir, classes[relay], cell, t0 + remaining,
-                                       run_id)
+                        res = runner(args, workdir, classes[relay], cell, t0 + remaining,
+                                     run_id)
                     except BenchError as e:
                         res = {"relay": relay, "phase": phase, "size": cell.size,
                                "cell": cell.key, "messages": messages, "ok": False,
@@ -1250,7 +1604,11 @@ def main(argv: list[str] | None = None) -> int:
                     res["wall_seconds"] = round(time.monotonic() - t0, 2)
                     spent[relay] += time.monotonic() - t0
                     runs.append(res)
-                    if res["ok"]:
+                    if res["ok"] and phase == "memory":
+                        log(f"  base {fmt_mib(res['base_pss_bytes'])} MiB PSS, "
+                            f"{res['per_session_bytes'] / 1024:.1f} KiB PSS per session "
+                            f"({res['sessions']} sessions)")
+                    elif res["ok"]:
                         log(f"  {res['msgs_per_s']} msg/s ({res['seconds']:.2f}s), peak RSS "
                             f"{fmt_mib(res.get('rss_peak_bytes'))} MiB")
                     else:
@@ -1286,16 +1644,29 @@ def main(argv: list[str] | None = None) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print_table(rows, relays)
-    print("msg/s: median of the repeats, ± half their range; ratio: mailrelay/Postfix of each "
-          "repeat's pair (latency: Postfix p50 / mailrelay p50), median and min-max; CPU: "
-          "user+system ms per message of all the relay's processes (and their reaped "
-          "children) from /proc; p50/p99: end-of-data -> 250 of one client, ms.")
-    print(f"RSS: peak of the summed resident set, sampled every {args.rss_interval:g}s; "
-          "mailrelay = the twistd process and its delivery process, postfix = its "
-          "smtpd+cleanup+qmgr+smtp processes "
-          "(shared pages counted once per process, so Postfix's sum overstates it); "
-          "PSS ratio: the same with proportional set sizes (shared pages divided among "
-          "their sharers).")
+    if any(row["phase"] != "memory" for row in rows):
+        print("msg/s: median of the repeats, ± half their range; ratio: mailrelay/Postfix of "
+              "each repeat's pair (latency: Postfix p50 / mailrelay p50), median and min-max; "
+              "CPU: user+system ms per message of all the relay's processes (and their reaped "
+              "children) from /proc; p50/p99: end-of-data -> 250 of one client, ms.")
+        print(f"RSS: peak of the summed resident set, sampled every {args.rss_interval:g}s; "
+              "mailrelay = the twistd process and its descendants (fork server, delivery "
+              "process), postfix = its "
+              "smtpd+cleanup+qmgr+smtp processes "
+              "(shared pages counted once per process, so Postfix's sum overstates it); "
+              "PSS ratio: the same with proportional set sizes (shared pages divided among "
+              "their sharers).")
+    if any(row["phase"] == "memory" for row in rows):
+        print("memory: summed PSS (smaps_rollup) of all the relay's processes once idle, "
+              "medians of the repeats; base: just started, no session (mailrelay: twistd and "
+              "its descendants, the fork server and delivery process; Postfix: master, "
+              "qmgr, pickup, ... without smtpd); per "
+              "idle session: (PSS with the sessions - base) / sessions, each session having "
+              "had its greeting and EHLO reply; Postfix serves at most its smtpd process "
+              "limit (default_process_limit) at once, one smtpd each, so it gets that many. "
+              "Anonymous: the processes' own memory; the rest is their share of mapped files "
+              "(libpython, OpenSSL, ...), divided among every process of the machine mapping "
+              "them, so it varies with what else runs.")
     if interrupted:
         print(f"{interrupted}: the table has the runs completed before")
     print(f"total {report['total_seconds']}s; results written to {output}")

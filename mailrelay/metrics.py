@@ -20,6 +20,13 @@ gauges are dropped.  (Prometheus's multiprocess mode was the other way: it needs
 environment variable before the first import, a directory of memory-mapped files per process
 that someone must clean, and makes every count a write to such a file.)
 
+Counts are kept only in a process whose metrics are served (C{[metrics] listen}, which
+only a restart changes): it calls L{enable} at start-up, before anything counts, and only
+then is C{prometheus_client} imported and are the metrics made, in L{REGISTRY}.  Until then
+each metric here is a declaration whose counts go nowhere, at the cost of an attribute test:
+a relay without metrics neither loads the Prometheus client (a megabyte in each process)
+nor counts what nobody can read.
+
 A value module: it imports nothing of mailrelay's, so that every stage may count.
 """
 
@@ -28,11 +35,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from twisted.internet.defer import Deferred
+
+if TYPE_CHECKING:  # pragma: no cover
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 __all__ = [
     "CONNECTIONS",
@@ -51,96 +60,168 @@ __all__ = [
     "SPOOL_SYNC_SECONDS",
     "ProcessMetrics",
     "child",
+    "enable",
     "exposition",
     "replyClass",
     "snapshot",
     "timePlugin",
 ]
 
-#: The registry of every metric of this process.
-REGISTRY = CollectorRegistry(auto_describe=True)
+#: The registry of every metric of this process, once L{enable}d (C{None} before).
+REGISTRY: CollectorRegistry | None = None
+
+
+class _Nowhere:
+    """What a metric's counts go to before L{enable}: nothing."""
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def observe(self, amount: float) -> None:
+        pass
+
+
+_NOWHERE = _Nowhere()
+
+
+class _Declared:
+    """A metric as declared here (a C{prometheus_client} C{Counter} or C{Histogram}), made
+    by L{enable}: its counts (C{inc}, C{observe}, C{labels(...)}'s) go to the metric once it
+    is made, nowhere before."""
+
+    def __init__(
+        self, kind: str, name: str, documentation: str, labelnames: Iterable[str] = (),
+        **options: Any,
+    ) -> None:
+        self.kind = kind
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.options = options
+        #: The C{prometheus_client} metric, once made.
+        self.real: Any = None
+        _DECLARED.append(self)
+
+    def make(self, registry: CollectorRegistry) -> None:
+        """Make the metric, in C{registry}."""
+        from prometheus_client import Counter, Histogram
+
+        kind = {"counter": Counter, "histogram": Histogram}[self.kind]
+        self.real = kind(
+            self.name, self.documentation, self.labelnames, registry=registry, **self.options
+        )
+
+    def labels(self, *values: str) -> Any:
+        return _NOWHERE if self.real is None else self.real.labels(*values)
+
+    def inc(self, amount: float = 1) -> None:
+        if self.real is not None:
+            self.real.inc(amount)
+
+    def observe(self, amount: float) -> None:
+        if self.real is not None:
+            self.real.observe(amount)
+
+
+#: Every metric declared, in order.
+_DECLARED: list[_Declared] = []
+
+
+def _counter(name: str, documentation: str, labelnames: Iterable[str] = ()) -> _Declared:
+    return _Declared("counter", name, documentation, labelnames)
+
+
+def _histogram(
+    name: str, documentation: str, labelnames: Iterable[str] = (), **options: Any
+) -> _Declared:
+    return _Declared("histogram", name, documentation, labelnames, **options)
+
+
+def enable() -> None:
+    """Keep the counts of this process from now on: import C{prometheus_client}, make every
+    metric in L{REGISTRY}.  Called at start-up, before anything counts, by each process whose
+    metrics are served (C{[metrics] listen}); once is enough (later calls do nothing)."""
+    global REGISTRY
+    if REGISTRY is not None:
+        return
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry(auto_describe=True)
+    for metric in _DECLARED:
+        metric.make(registry)
+    registry.register(QUEUE_STATES)
+    REGISTRY = registry
+
 
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
-CONNECTIONS = Counter(
+CONNECTIONS = _counter(
     "mailrelay_connections",
     "SMTP connections accepted, by listener.",
     ["listener"],
-    registry=REGISTRY,
 )
-SESSIONS = Counter(
+SESSIONS = _counter(
     "mailrelay_sessions",
     "SMTP sessions ended, by outcome: quit (the client said QUIT), disconnected (it went "
     "away without), timeout, shutdown (the relay was stopping), refused (closed by the relay "
     "with a 4xx or 5xx: a limit, too many errors, a protocol violation).",
     ["outcome"],
-    registry=REGISTRY,
 )
-MESSAGES = Counter(
+MESSAGES = _counter(
     "mailrelay_messages",
     "Messages at the end of their data, by the class of the reply (2xx: accepted and "
     "queued, 4xx, 5xx) and origin (smtp, or local: the relay's own notifications).",
     ["reply", "origin"],
-    registry=REGISTRY,
 )
-MESSAGE_BYTES = Counter(
+MESSAGE_BYTES = _counter(
     "mailrelay_message_bytes",
     "Bytes of the messages accepted and queued, by origin.",
     ["origin"],
-    registry=REGISTRY,
 )
-REFUSALS = Counter(
+REFUSALS = _counter(
     "mailrelay_refusals",
     "MAIL, RCPT and DATA commands refused, by command and reply class (4xx, 5xx).",
     ["command", "reply"],
-    registry=REGISTRY,
 )
-DELIVERIES = Counter(
+DELIVERIES = _counter(
     "mailrelay_deliveries",
     "Recipients' delivery attempts, by backend and status (sent, deferred, bounced).",
     ["backend", "status"],
-    registry=REGISTRY,
 )
-DELIVERY_SECONDS = Histogram(
+DELIVERY_SECONDS = _histogram(
     "mailrelay_delivery_seconds",
     "Time one delivery took (a backend's answer for one message's recipients along one "
     "route), by backend.",
     ["backend"],
     buckets=_SECONDS,
-    registry=REGISTRY,
 )
-DELIVERY_DELAY = Histogram(
+DELIVERY_DELAY = _histogram(
     "mailrelay_delivery_delay_seconds",
     "Time from a message's arrival to a recipient's delivery (Postfix's delay=), by backend.",
     ["backend"],
     buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400, 5 * 86400),
-    registry=REGISTRY,
 )
-DSNS = Counter(
+DSNS = _counter(
     "mailrelay_dsns",
     "Delivery status notifications queued, by action (failed, delayed, relayed, delivered).",
     ["action"],
-    registry=REGISTRY,
 )
-PLUGIN_SECONDS = Histogram(
+PLUGIN_SECONDS = _histogram(
     "mailrelay_plugin_seconds",
     "Time plugins took to answer, by hook (recipient_validator, header_stamper, ...) and "
     "plugin.",
     ["hook", "plugin"],
     buckets=_SECONDS,
-    registry=REGISTRY,
 )
-SPOOL_SYNC_BATCH = Histogram(
+SPOOL_SYNC_BATCH = _histogram(
     "mailrelay_spool_sync_batch_size",
     "Spool operations made durable together by one sync (group commit).",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
-    registry=REGISTRY,
 )
-SPOOL_SYNC_SECONDS = Histogram(
+SPOOL_SYNC_SECONDS = _histogram(
     "mailrelay_spool_sync_seconds",
     "Time one spool batch took, its syncs included.",
     buckets=_SECONDS,
-    registry=REGISTRY,
 )
 
 
@@ -150,10 +231,13 @@ _children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
 def child(metric: Any, *labels: str) -> Any:
     """C{metric.labels(*labels)}, made once: the count then costs a dictionary look-up
-    instead of C{labels}' checks (a quarter of a microsecond instead of one and a half)."""
+    instead of C{labels}' checks (a quarter of a microsecond instead of one and a half);
+    before L{enable}, what counts nowhere."""
     key = (metric, labels)
     found = _children.get(key)
     if found is None:
+        if metric.real is None:
+            return _NOWHERE
         found = _children[key] = metric.labels(*labels)
     return found
 
@@ -173,6 +257,8 @@ def timePlugin(hook: str, plugin: str, result: Any, started: float) -> Any:
         started = time.perf_counter()
         result = timePlugin("recipient_validator", name, plugin.validateRecipient(...), started)
     """
+    if PLUGIN_SECONDS.real is None:  # not counting
+        return result
     observe = child(PLUGIN_SECONDS, hook, plugin).observe
     if not isinstance(result, Deferred):
         observe(time.perf_counter() - started)
@@ -211,6 +297,8 @@ class _QueueStates:
         return [self._family()]
 
     def _family(self) -> GaugeMetricFamily:
+        from prometheus_client.metrics_core import GaugeMetricFamily
+
         return GaugeMetricFamily(
             "mailrelay_queue_messages",
             "Messages in the queue, by state: active (being delivered), scheduled (waiting "
@@ -229,9 +317,9 @@ class _QueueStates:
         return [family]
 
 
-#: The running queue managers of this process, for C{mailrelay_queue_messages}.
+#: The running queue managers of this process, for C{mailrelay_queue_messages} (in
+#: L{REGISTRY} once L{enable}d).
 QUEUE_STATES = _QueueStates()
-REGISTRY.register(QUEUE_STATES)
 
 
 # -- from the delivery process to the relay's ------------------------------------------------
@@ -249,8 +337,12 @@ def _families(registry: CollectorRegistry) -> Iterator[Metric]:
         yield family
 
 
-def snapshot(registry: CollectorRegistry = REGISTRY) -> str:
-    """Every sample of C{registry}, as one line of JSON (for L{ProcessMetrics.update})."""
+def snapshot(registry: CollectorRegistry | None = None) -> str:
+    """Every sample of C{registry} (default: L{REGISTRY}, which must be L{enable}d), as one
+    line of JSON (for L{ProcessMetrics.update})."""
+    if registry is None:
+        assert REGISTRY is not None, "metrics.enable() first"
+        registry = REGISTRY
     return json.dumps(
         [
             [f.name, f.type, f.documentation, [[s.name, s.labels, s.value] for s in f.samples]]
@@ -304,6 +396,8 @@ class ProcessMetrics:
 
     def merged(self, own: Iterable[Metric]) -> list[Metric]:
         """The families C{own} (this process's) with the children's samples added."""
+        from prometheus_client.metrics_core import Metric
+
         totals: dict[str, tuple[str, str, _Values]] = {}
         for family in own:
             _addSamples(
@@ -334,6 +428,7 @@ class _Exposition:
         self.children = children
 
     def collect(self) -> Iterable[Metric]:
+        assert REGISTRY is not None, "metrics.enable() first"
         own = _families(REGISTRY)
         children = self.children()
         return list(own) if children is None else children.merged(own)
@@ -342,6 +437,8 @@ class _Exposition:
 def exposition(children: Callable[[], ProcessMetrics | None]) -> CollectorRegistry:
     """The registry to serve: this process's metrics, with those of the delivery processes
     that C{children()} holds (C{None}: there are none) added."""
+    from prometheus_client import CollectorRegistry
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Exposition(children))
     return registry

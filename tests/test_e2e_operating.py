@@ -374,8 +374,11 @@ def test_runAsNobody(nobodyRuntime, nexthop) -> None:
         (got,) = hop.waitTo("bob@example.org")
         assert b"Subject: as nobody" in got.content
         assert owner(process.pid) == nobody
-        (child,) = childrenOf(process.pid)
-        assert owner(child) == nobody
+        # The delivery process, and the fork server that forked it (relay.fork_children).
+        children = descendantsOf(process.pid)
+        assert len(children) == 2 and [owner(child) for child in children] == [nobody] * 2
+        assert "mr-delivery" in [Path(f"/proc/{child}/comm").read_text().strip()
+                                 for child in children]
         for path in [spool, *spool.rglob("*")]:
             st = path.lstat()
             assert (st.st_uid, st.st_gid) == nobody, path
@@ -386,6 +389,14 @@ def test_runAsNobody(nobodyRuntime, nexthop) -> None:
     log = (directory / "relay.log").read_text()
     assert code in (0, -signal.SIGTERM), log  # (twistd ends by the signal that stopped it)
     assert "set uid/gid" in log and "status=sent" in log
+
+
+def descendantsOf(pid: int) -> list[int]:
+    """The children of C{pid}, their children, and so on."""
+    found = childrenOf(pid)
+    for child in list(found):
+        found += descendantsOf(child)
+    return found
 
 
 def processesMentioning(text: str) -> list[int]:
@@ -410,7 +421,11 @@ def test_runAsFailedStartLeavesNoProcess(nobodyRuntime) -> None:
     private = directory / "private"
     shutil.copytree(python.parent.parent, private / "venv", symlinks=True)
     private.chmod(0o700)  # root's only
-    process = startAs(private / "venv" / "bin" / "python", directory,
+    # (Children started as new processes: forked from the relay, they need no interpreter.)
+    exec_ = directory / "exec.toml"
+    exec_.write_text("[relay]\nfork_children = false\n")
+    exec_.chmod(0o644)
+    process = startAs(private / "venv" / "bin" / "python", directory, "--config", str(exec_),
                       "--listen", f"tcp:{privilegedPort()}:interface=127.0.0.1",
                       "--spool", str(directory / "spool"))
     try:

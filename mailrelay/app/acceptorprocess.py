@@ -215,7 +215,21 @@ def _parseArguments(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _childMain(argv: list[str]) -> int:
+def preload() -> None:
+    """Import what an acceptor process imports as it starts (see
+    L{mailrelay.app.deliveryprocess.preload})."""
+    import mailrelay.app.listeners
+    import mailrelay.config.plugins
+    import mailrelay.receive.protocol  # noqa: F401
+
+
+def forkedMain(argv: list[str]) -> int:
+    """An acceptor process forked by the fork server (L{mailrelay.app.forkserver}): as
+    C{python -m mailrelay.app.acceptorprocess ARGV}."""
+    return _childMain(argv, forked=True)
+
+
+def _childMain(argv: list[str], forked: bool = False) -> int:
     from twisted.internet import reactor
 
     options = _parseArguments(argv)
@@ -226,7 +240,7 @@ def _childMain(argv: list[str]) -> int:
         services.privilegedStartService()
         return services
 
-    started = startChild(options, "acceptor process", build)
+    started = startChild(options, "acceptor process", build, forked)
     if isinstance(started, int):
         return started
     config, services = started

@@ -124,14 +124,16 @@ def relayObserver(out: Any, err: Any) -> ILogObserver:
     return cast(ILogObserver, toRelay)
 
 
-def _logToRelay(levels: LevelFilter) -> None:
+def _logToRelay(levels: LevelFilter, forked: bool = False) -> None:
     """Send every log event at C{levels} or above to the relay's process, one line each on
     our standard output (L{relayObserver}: the events below are never formatted), each
     flushed as it is written (a pipe would otherwise hold them in a block buffer); once the
-    relay is gone, to our standard error."""
+    relay is gone, to our standard error.  C{forked} (by the fork server): the events logged
+    before are the relay's own, from before it forked the server: not ours to replay."""
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     globalLogBeginner.beginLoggingTo(
-        [filtered(relayObserver(sys.stdout, sys.stderr), levels)], redirectStandardIO=False
+        [filtered(relayObserver(sys.stdout, sys.stderr), levels)], discardBuffer=forked,
+        redirectStandardIO=False,
     )
 
 
@@ -303,7 +305,7 @@ def runChild(
     return exitCode[0]
 
 
-def startChild(options: argparse.Namespace, what: str, build: Any) -> Any:
+def startChild(options: argparse.Namespace, what: str, build: Any, forked: bool = False) -> Any:
     """What a child of the relay does first: die with the relay, ignore SIGINT (the relay
     stops us: a Ctrl-C meant for it must not cut our work short; SIGTERM, also sent when the
     relay dies, stops us cleanly), read the configuration the relay passed, send our log to
@@ -313,6 +315,8 @@ def startChild(options: argparse.Namespace, what: str, build: Any) -> Any:
 
     @param options: the child's options: C{config}, C{config_fd}, C{overrides},
         C{parent_pid}.
+    @param forked: we were forked by the fork server (L{mailrelay.app.forkserver}), not
+        started afresh.
     """
     from mailrelay.config import loadConfig
     from mailrelay.errors import ConfigError
@@ -323,10 +327,14 @@ def startChild(options: argparse.Namespace, what: str, build: Any) -> Any:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configText = _readConfigText(options.config_fd) if options.config_fd is not None else None
     levels = LevelFilter()
-    _logToRelay(levels)
+    _logToRelay(levels, forked)
     try:
         config = loadConfig(options.config, json.loads(options.overrides), text=configText)
         levels.setLevel(config.logLevel)
+        if config.metricsListen is not None:  # we count, and report to the relay
+            from mailrelay.metrics import enable
+
+            enable()
         built = build(config)
     except ConfigError as e:
         print(f"mailrelay {what}: configuration error: {e}", file=sys.stderr)
@@ -334,7 +342,38 @@ def startChild(options: argparse.Namespace, what: str, build: Any) -> Any:
     return config, built
 
 
-def _childMain(argv: list[str]) -> int:
+def preload() -> None:
+    """Import what the delivery process imports as it starts and runs (without installing
+    a reactor): done by the relay before it forks the fork server
+    (L{mailrelay.app.forkserver}), so that the delivery process shares it."""
+    import ctypes.util  # noqa: F401 - dieWithParent's
+    import importlib
+
+    # (default: imports the default reactor's module; the reactor is installed by the child)
+    from twisted.internet import default, protocol, stdio, task, threads  # noqa: F401
+
+    import mailrelay.app.delivery
+    import mailrelay.app.plugins
+    import mailrelay.app.services
+    import mailrelay.config
+    import mailrelay.config.plugins
+    import mailrelay.queue.commands
+    import mailrelay.queue.control
+    import mailrelay.queue.lock  # noqa: F401
+    from mailrelay.delivery import BUILTIN_BACKENDS
+
+    for name in BUILTIN_BACKENDS:
+        importlib.import_module(f"mailrelay.delivery.{name}")
+    mailrelay.app.plugins.availablePlugins()  # imports the dropins
+
+
+def forkedMain(argv: list[str]) -> int:
+    """The delivery process forked by the fork server (L{mailrelay.app.forkserver}): as
+    C{python -m mailrelay.app.deliveryprocess ARGV}."""
+    return _childMain(argv, forked=True)
+
+
+def _childMain(argv: list[str], forked: bool = False) -> int:
     from twisted.internet import reactor
 
     def build(config: Any) -> Any:
@@ -343,7 +382,7 @@ def _childMain(argv: list[str]) -> int:
         return services, queue
 
     options = _parseArguments(argv)
-    started = startChild(options, "delivery process", build)
+    started = startChild(options, "delivery process", build, forked)
     if isinstance(started, int):
         return started
     config, (services, queue) = started

@@ -39,6 +39,7 @@ _RESTART_ONLY = (
     ("spoolDirectory", "spool.directory"),
     ("spoolSync", "spool.sync"),
     ("metricsListen", "metrics.listen"),
+    ("forkChildren", "relay.fork_children"),
 )
 
 
@@ -103,6 +104,9 @@ class RelayService(OrderedMultiService):
         #: The notifications to systemd (L{mailrelay.app.systemd.Notifier}), when twistd
         #: runs us.
         self.systemd: Any = None
+        #: What starts the child processes (L{mailrelay.app.forkserver.ForkServer}), or
+        #: C{None}: the reactor (C{spawnProcess}).
+        self.spawner: Any = None
 
     def setServiceParent(self, parent: Any) -> None:
         """Under twistd, C{parent} is the application, whose logging has not begun: give it
@@ -181,6 +185,10 @@ class RelayService(OrderedMultiService):
         config = self.config = plan.config
         assert self.spool is not None
         self.logLevels.setLevel(config.logLevel)
+        if config.metricsListen is not None:  # (a restart changes it, not a reload)
+            from mailrelay.metrics import enable
+
+            enable()
         if config.hold:
             log.warn("queue.hold is set: mail is accepted and spooled, nothing is delivered")
         self.plugins.current = list(plan.services)
@@ -200,6 +208,7 @@ class RelayService(OrderedMultiService):
                 hold=config.hold,
                 metrics=self.childMetrics,
             )
+            self.delivery.spawner = self.spawner
         self.delivery.setServiceParent(self)
         # After the delivery side, before the sessions: the acceptors are told to stop when
         # the relay begins to (L{AcceptorPool.beginShutdown}), and the delivery side stops
@@ -217,6 +226,7 @@ class RelayService(OrderedMultiService):
             self.enqueue,
             self.childMetrics,
         )
+        self.acceptors.spawner = self.spawner
         self.acceptors.setServiceParent(self)
         self._sessionsService = SessionsService(self.sessions, self.reactor, config.drainTime)
         self._sessionsService.setServiceParent(self)
@@ -456,6 +466,7 @@ def makeRelayService(
     overrides: dict[str, Any] | None = None,
     configText: bytes | None = None,
     runAs: tuple[int, int] | None = None,
+    spawner: Any = None,
 ) -> RelayService:
     """Build the whole relay from a checked configuration.
 
@@ -466,11 +477,13 @@ def makeRelayService(
     @param runAs: C{(uid, gid)} of the user twistd runs the relay as once it has dropped
         its privileges (C{--uid}/C{--gid}), or C{None}: the spool is given to that user and
         started as that user.
+    @param spawner: what starts the child processes (L{RelayService.spawner}).
     @raise ConfigError: a plugin is unknown or refuses its options.
     """
     from mailrelay.app.control import ControlService
 
     top = RelayService(reactor, config.source, overrides)
+    top.spawner = spawner
     top.spool = makeSpool(config, reactor, top, owner=runAs)
     top.control = ControlService(top, config.spoolDirectory)
     top.control.setServiceParent(top)

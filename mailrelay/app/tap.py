@@ -106,9 +106,7 @@ def makeService(options: Options) -> Any:
     A configuration error stops start-up: its message (file, key, value) goes to stderr and
     twistd exits with status 1.
     """
-    from twisted.internet import reactor
-
-    from mailrelay.app.relay import makeRelayService
+    from mailrelay.app.forkserver import forRelay
     from mailrelay.config import loadConfig, readConfigFile
     from mailrelay.errors import ConfigError
 
@@ -117,8 +115,22 @@ def makeService(options: Options) -> Any:
     try:
         text = readConfigFile(path) if path is not None else None
         config = loadConfig(path, options.overrides(), text=text)
+    except ConfigError as e:
+        raise SystemExit(f"mailrelay: configuration error: {e}") from None
+    # Before the reactor exists: the fork server must not have one (see its module).
+    forkServer = forRelay(config, serverOptions, runAs(serverOptions))
+
+    from twisted.internet import reactor
+
+    from mailrelay.app.relay import makeRelayService
+
+    if forkServer is not None:
+        forkServer.attach(reactor)
+        reactor.addSystemEventTrigger("after", "shutdown", forkServer.close)
+    try:
         relay = makeRelayService(
-            config, reactor, options.overrides(), configText=text, runAs=runAs(serverOptions)
+            config, reactor, options.overrides(), configText=text, runAs=runAs(serverOptions),
+            spawner=forkServer,
         )
     except ConfigError as e:
         raise SystemExit(f"mailrelay: configuration error: {e}") from None

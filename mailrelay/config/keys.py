@@ -234,6 +234,14 @@ RELAY = Table(
             "Processes accepting SMTP connections on the listeners (\"auto\": one per core).",
             default=1,
         ),
+        Key(
+            "fork_children",
+            boolean,
+            "Fork the child processes from a copy of the relay made at start-up (they share "
+            "its memory) instead of starting them as new processes.",
+            default=True,
+            field="forkChildren",
+        ),
     ),
     target=Config,
     merge=True,

@@ -171,6 +171,9 @@ class Config:
     @ivar processes: how many processes accept SMTP connections on the listeners (the
         relay's own and C{processes - 1} acceptor processes sharing its listening sockets),
         or C{"auto"}: one per core (L{mailrelay.config.values.resolveProcessCount}).
+    @ivar forkChildren: whether the child processes (delivery, acceptors) are forked from
+        a copy of the relay made at start-up (L{mailrelay.app.forkserver}), sharing its
+        memory, rather than started as new processes.
     """
 
     source: str | None
@@ -210,6 +213,7 @@ class Config:
     logLevel: str = "info"
     metricsListen: str | None = None
     processes: int | str = 1
+    forkChildren: bool = True
 
 
 @dataclass(frozen=True)

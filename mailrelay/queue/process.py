@@ -218,6 +218,9 @@ class ChildSupervisor:
     drainTime: float
     #: Children told to stop that have not exited yet.
     _retiring: set[Any]
+    #: What starts a child, as C{reactor.spawnProcess} does (the relay's fork server), or
+    #: C{None}: the reactor.
+    spawner: Any = None
 
     def baseCommand(self) -> list[str]:
         """The command line of a child: the configuration (its bytes come on file
@@ -247,10 +250,9 @@ class ChildSupervisor:
         args = self.baseCommand() + extra
         if self.configText is not None:
             childFDs[3] = "w"
+        spawner = self.spawner if self.spawner is not None else self.reactor
         try:
-            self.reactor.spawnProcess(
-                child, args[0], args, env=dict(os.environ), childFDs=childFDs
-            )
+            spawner.spawnProcess(child, args[0], args, env=dict(os.environ), childFDs=childFDs)
         except OSError as e:
             raise OSError(
                 e.errno, f"cannot start the {self.what} {args[0]}: {e.strerror or e}"

@@ -28,8 +28,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from argon2 import PasswordHasher, extract_parameters
-from argon2.exceptions import InvalidHashError, VerificationError
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
@@ -100,6 +98,10 @@ def hashProblem(text: str) -> str | None:
         )
     if not text.startswith(HASH_PREFIXES):
         return 'the hash must be an argon2 hash ("$argon2id$..."), made by mailrelay-passwd'
+    # (argon2 is loaded only by a relay that has passwords to check)
+    from argon2 import extract_parameters
+    from argon2.exceptions import InvalidHashError
+
     try:
         extract_parameters(text)
     except (InvalidHashError, ValueError):
@@ -189,6 +191,8 @@ class PasswordFileChecker:
         except OSError:
             self._stamp = None
         self._deferToThread = deferToThread or _defaultDeferToThread
+        from argon2 import PasswordHasher
+
         self._hasher = PasswordHasher()
         self._dummy: str | None = None
 
@@ -222,6 +226,8 @@ class PasswordFileChecker:
     # In the thread pool -------------------------------------------------------------------------
 
     def _verify(self, username: str, password: str | bytes) -> tuple[bool, str | None]:
+        from argon2.exceptions import InvalidHashError, VerificationError
+
         problem = self._reloadIfChanged()
         with self._lock:
             hashed = self._users.get(username)

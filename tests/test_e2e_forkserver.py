@@ -1,0 +1,196 @@
+"""End-to-end: the relay's children forked by the fork server (L{mailrelay.app.forkserver},
+C{[relay] fork_children}, on by default under C{twistd -n}): the process tree, the memory it
+saves, mail going through, a reload, the relay's death, the server's death (children are
+then started as new processes); and the unit details."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+from mailrelay.app import forkserver
+from tests.harness import RelayProcess
+from tests.test_e2e_delivery_process import _alive as alive
+from tests.test_e2e_delivery_process import _send as send
+from tests.test_e2e_delivery_process import relay  # noqa: F401 - the relay fixture
+from tests.test_e2e_operating import childrenOf as children
+from tests.test_e2e_operating import descendantsOf
+from tests.test_e2e_outbound import nexthop  # noqa: F401 - the aiosmtpd next-hop fixture
+
+
+def tree(pid: int) -> list[int]:
+    """C{pid} and its descendants."""
+    return [pid, *descendantsOf(pid)]
+
+
+def name(pid: int, expected: str | None = None, timeout: float = 10.0) -> str:
+    """The name of C{pid} (C{comm}), once it is C{expected} if given (a forked child names
+    itself just after the fork), or when the C{timeout} is over."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = Path(f"/proc/{pid}/comm").read_text().strip()
+        if expected is None or found == expected or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def waitGone(pids: list[int], timeout: float = 15.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and [p for p in pids if alive(p)]:
+        time.sleep(0.1)
+    return [p for p in pids if alive(p)]
+
+
+def anonymousPss(pids: list[int]) -> int:
+    """The summed PSS of the anonymous memory of C{pids}, in KiB (the memory of the
+    processes themselves: the libraries' files are shared with every Python)."""
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss_Anon:"):
+                total += int(line.split()[1])
+    return total
+
+
+def base(port: int, extra: str = "") -> str:
+    return (f'[relay]\nsmarthost = "[127.0.0.1]:{port}"\n{extra}'
+            "[dns]\nreverse_lookups = false\n")
+
+
+def deliveryPid(r: RelayProcess, nth: int = 0, timeout: float = 15.0) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = re.findall(r"delivery process started \(pid (\d+)\)", r.log())
+        if len(pids) > nth:
+            return int(pids[nth])
+        assert time.monotonic() < deadline, r.log()
+        time.sleep(0.05)
+
+
+def test_delivery_process_forked_by_the_fork_server(relay, nexthop) -> None:  # noqa: F811
+    """twistd -> fork server -> delivery process, all named so; mail goes through; the
+    relay's stop ends them all."""
+    recorder, port = nexthop()
+    r = relay(base(port))
+    server = int(r.waitForLog(r"fork server started \(pid (\d+)\)").group(1))
+    child = deliveryPid(r)
+    assert r.process is not None
+    assert children(r.process.pid) == [server] and children(server) == [child]
+    assert (name(server), name(child, "mr-delivery")) == ("mr-forkserver", "mr-delivery")
+    r.waitForLog("queue manager started")
+    send(r.port, "one@example.org")
+    recorder.waitTo("one@example.org")
+    assert r.stop() in (0, -signal.SIGTERM)
+    assert waitGone([server, child]) == []
+    log = r.log()
+    assert "Traceback" not in log and "exited unexpectedly" not in log, log
+
+
+def test_forked_children_use_less_memory(relay, nexthop) -> None:  # noqa: F811
+    """The point: forked, the relay's processes hold less memory in all than with the
+    delivery process started as a new Python (issue 11: 12 MiB less; at least 6 here)."""
+    _, port = nexthop()
+    sums = {}
+    for fork in ("true", "false"):
+        r = relay(base(port, f"fork_children = {fork}\n"))
+        r.waitForLog("queue manager started")
+        assert r.process is not None
+        pids = tree(r.process.pid)
+        assert len(pids) == (3 if fork == "true" else 2)
+        time.sleep(1)  # (the processes settle: nothing runs)
+        sums[fork] = anonymousPss(tree(r.process.pid))
+        r.stop()
+    assert sums["true"] < sums["false"] - 6 * 1024, sums
+
+
+def test_children_new_processes_when_off(relay, nexthop) -> None:  # noqa: F811
+    recorder, port = nexthop()
+    r = relay(base(port, "fork_children = false\n"))
+    child = deliveryPid(r)
+    assert r.process is not None
+    assert children(r.process.pid) == [child] and name(child) != "mr-delivery"
+    assert "relay.fork_children = false" in r.log()
+    send(r.port, "off@example.org")
+    recorder.waitTo("off@example.org")
+
+
+def test_reload_forks_a_new_delivery_process(relay, nexthop) -> None:  # noqa: F811
+    recorder, port = nexthop()
+    r = relay(base(port))
+    server = int(r.waitForLog(r"fork server started \(pid (\d+)\)").group(1))
+    first = deliveryPid(r)
+    assert r.process is not None
+    r.process.send_signal(signal.SIGHUP)
+    r.waitForLog("configuration reloaded")
+    second = deliveryPid(r, 1)
+    assert second != first and children(server) in ([second], [first, second], [second, first])
+    assert waitGone([first]) == []
+    send(r.port, "reloaded@example.org")
+    recorder.waitTo("reloaded@example.org")
+
+
+def test_acceptor_processes_forked(relay, nexthop) -> None:  # noqa: F811
+    recorder, port = nexthop()
+    r = relay(base(port, "processes = 2\n"))
+    server = int(r.waitForLog(r"fork server started \(pid (\d+)\)").group(1))
+    acceptor = int(r.waitForLog(r"acceptor process started \(pid (\d+)\)").group(1))
+    assert name(acceptor, "mr-acceptor") == "mr-acceptor" and acceptor in children(server)
+    for i in range(4):  # some, at least, through the acceptor
+        send(r.port, f"a{i}@example.org")
+    for i in range(4):
+        recorder.waitTo(f"a{i}@example.org")
+
+
+def test_relay_killed_takes_them_along(relay, nexthop) -> None:  # noqa: F811
+    _, port = nexthop()
+    r = relay(base(port))
+    server = int(r.waitForLog(r"fork server started \(pid (\d+)\)").group(1))
+    child = deliveryPid(r)
+    r.waitForLog("queue manager started")
+    r.kill9()
+    assert waitGone([server, child]) == []
+
+
+def test_fork_server_killed_children_started_anew(relay, nexthop) -> None:  # noqa: F811
+    """The server killed: its delivery process ends (it dies with its parent), the relay
+    says so and starts the next one as a new process; mail still goes through."""
+    recorder, port = nexthop()
+    r = relay(base(port))
+    server = int(r.waitForLog(r"fork server started \(pid (\d+)\)").group(1))
+    first = deliveryPid(r)
+    r.waitForLog("queue manager started")
+    os.kill(server, signal.SIGKILL)
+    r.waitForLog(rf"the fork server \(pid {server}\) is gone")
+    assert waitGone([first]) == []
+    r.waitForLog("delivery process exited unexpectedly")
+    second = deliveryPid(r, 1, timeout=20)
+    assert r.process is not None
+    assert second in children(r.process.pid) and name(second) != "mr-delivery"
+    send(r.port, "after@example.org")
+    recorder.waitTo("after@example.org", timeout=20)
+    assert r.stop() in (0, -signal.SIGTERM)
+    assert waitGone([second]) == []
+
+
+# -- units --------------------------------------------------------------------------------------
+
+
+def test_usable_only_under_twistd_nodaemon() -> None:
+    good = {"nodaemon": True, "chroot": None, "euid": False}
+    # (This process, pytest's, may have threads or a reactor: only the options are judged.)
+    for options, why in [
+        (None, "not run by twistd"),
+        ({**good, "nodaemon": False}, "twistd daemonizes (no --nodaemon)"),
+        ({**good, "chroot": "/srv"}, "twistd --chroot"),
+        ({**good, "euid": True}, "twistd --euid"),
+    ]:
+        assert forkserver.usable(options) == why
+
+
+def test_parent_pid_left_out() -> None:
+    assert forkserver._withoutParentPid(
+        ["--overrides", "{}", "--parent-pid", "12", "--config", "x", "--parent-pid=3"]
+    ) == ["--overrides", "{}", "--config", "x"]
