@@ -291,13 +291,9 @@ def setNoDelay(transport: Any) -> None:
             pass
 
 
-def _plainTCPTypes() -> tuple[type, ...]:
-    from twisted.internet import tcp
-
-    return (tcp.Server, tcp.Client)
-
-
-_PLAIN_TCP: tuple[type, ...] | None = None
+#: Twisted's own TCP transports (C{twisted.internet.tcp.Server} and C{Client}), named rather
+#: than imported: this layer is sans-IO and imports nothing of Twisted.
+_PLAIN_TCP = frozenset({("twisted.internet.tcp", "Server"), ("twisted.internet.tcp", "Client")})
 
 
 def writeNow(transport: Any, data: bytes) -> None:
@@ -307,11 +303,9 @@ def writeNow(transport: Any, data: bytes) -> None:
     the reactor per reply or command.  What the socket does not take at once (or an error)
     goes to C{transport.write}, which sends it when writable (or reports the error as
     Twisted does)."""
-    global _PLAIN_TCP
-    if _PLAIN_TCP is None:
-        _PLAIN_TCP = _plainTCPTypes()
+    kind = type(transport)
     if (
-        type(transport) in _PLAIN_TCP
+        (kind.__module__, kind.__qualname__) in _PLAIN_TCP
         and transport.TLS is False
         and transport.connected
         and not transport.disconnecting
