@@ -146,3 +146,76 @@ def test_deliveryProcessLogsToStderrOnceTheRelayIsGone() -> None:
     log.info("two")
     assert err.getvalue().count("\n") == 2
     assert "one" in err.getvalue() and "two" in err.getvalue()
+
+
+class Unprintable:
+    def __format__(self, spec: str) -> str:
+        raise ValueError("no")
+
+    def __repr__(self) -> str:
+        raise ValueError("no")
+
+
+def classicEvents() -> list[dict[str, Any]]:
+    """Events as the relay logs them, and the awkward ones."""
+    from twisted.python.failure import Failure
+
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        failure = Failure()
+    when = 1764576000.25
+    base = {"log_time": when, "log_namespace": "mailrelay.cleanup.intake",
+            "log_level": LogLevel.info}
+    return [
+        {**base, "log_format": "{queueID}: from=<{sender}> nrcpt={n} size={size}",
+         "queueID": "01K1", "sender": "a@example.com", "n": 1, "size": 5050},
+        {**base, "log_format": "value {v!r} spec {x:>6.2f} item {d[k]} attr {e.real}",
+         "v": "é\u2603", "x": 3.14159, "d": {"k": "K"}, "e": 2},
+        {**base, "log_format": "two\nlines\r\nhere"},
+        {**base, "log_format": "called {f()}", "f": lambda: "yes"},
+        {**base, "log_format": "missing {nothere}"},
+        {**base, "log_format": "bad {u}", "u": Unprintable()},
+        {**base, "log_format": "with a failure", "log_failure": failure},
+        {**base, "log_format": ""},
+        {**base, "log_format": None},
+        {**base, "log_format": b"bytes {x}", "x": 1},
+        {**base, "log_format": "{log_text}", "log_text": "from the delivery process"},
+        {"log_format": "no time, namespace or level"},
+        {**base, "log_format": "system {x}", "x": 1, "log_system": "child#3"},
+        {**base, "log_format": "level none", "log_level": None},
+        {"log_time": when + 0.5, "log_format": "same second", "log_level": LogLevel.warn,
+         "log_namespace": "n"},
+        {"log_time": when + 1, "log_format": "next second", "log_level": LogLevel.error,
+         "log_namespace": "n"},
+    ]
+
+
+def test_classicLogTextWritesWhatTwistedWrites() -> None:
+    """The relay's formatter gives, event for event, the text of Twisted's own
+    textFileLogObserver (the fast path and the fall-backs alike)."""
+    from twisted.logger import formatEventAsClassicLogText, formatTime
+
+    from mailrelay.app.logs import classicLogText
+
+    ours = classicLogText()
+    for event in classicEvents():
+        theirs = formatEventAsClassicLogText(event, formatTime=lambda e: formatTime(e))
+        assert ours(dict(event)) == theirs, event
+
+
+def test_twistdsObserverGetsTheFasterFormatter(tmp_path) -> None:
+    from twisted.logger import FileLogObserver
+    from twisted.scripts.twistd import ServerOptions
+
+    options = ServerOptions()
+    options.parseOptions(["--logfile", str(tmp_path / "twistd.log"), "--pidfile=", "mailrelay"])
+    application = Application("test")
+    assert installTwistdObserver(application, options, LevelFilter())
+    chain = application.getComponent(ILogObserver)
+    observer = chain._observer  # type: ignore[attr-defined]
+    assert type(observer) is FileLogObserver
+    assert observer.formatEvent.__qualname__ == "classicLogText.<locals>.formatEvent"
+    Logger(namespace="mailrelay.test", observer=chain).info("hello {who}", who="world")
+    line = (tmp_path / "twistd.log").read_text().splitlines()[-1]
+    assert line.endswith(" [mailrelay.test#info] hello world"), line

