@@ -219,3 +219,13 @@ def test_twistdsObserverGetsTheFasterFormatter(tmp_path) -> None:
     Logger(namespace="mailrelay.test", observer=chain).info("hello {who}", who="world")
     line = (tmp_path / "twistd.log").read_text().splitlines()[-1]
     assert line.endswith(" [mailrelay.test#info] hello world"), line
+
+
+def test_eventTextIsTwistedsFormatEvent() -> None:
+    """The delivery process's records carry the text Twisted's formatEvent gives."""
+    from twisted.logger import formatEvent
+
+    from mailrelay.queue.process import eventText
+
+    for event in classicEvents():
+        assert eventText(dict(event)) == formatEvent(event), event
