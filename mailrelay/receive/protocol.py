@@ -320,7 +320,7 @@ class SMTPServerProtocol(Protocol):
         self.transport.registerProducer(self, True)
         ctx = self.context
         peer = self.transport.getPeer()
-        host = getattr(peer, "host", str(peer))
+        host = peer.host if hasattr(peer, "host") else str(peer)  # (no repr of every peer)
         client = ClientInfo(
             address=host,
             port=getattr(peer, "port", 0),

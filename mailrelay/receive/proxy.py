@@ -203,7 +203,7 @@ class ProxyProtocolWrapper(ProtocolWrapper):
         factory: ProxyProtocolFactory = self.factory  # type: ignore[assignment]
         factory.registerProtocol(self)
         peer = self.transport.getPeer()
-        host = getattr(peer, "host", str(peer))
+        host = peer.host if hasattr(peer, "host") else str(peer)  # (no repr of every peer)
         if not isTrusted(host, factory.networks):
             log.warn(
                 "connection from {peer} on {listener} refused: not a trusted proxy "

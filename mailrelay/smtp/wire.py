@@ -21,9 +21,21 @@ from mailrelay.smtp.errors import BareNewlineError, ProtocolError, SizeMismatchE
 from mailrelay.smtp.replies import Reply
 
 
+#: The last second formatted by L{formatDate}, and its text.
+_lastDate: tuple[int, str] = (-1, "")
+
+
 def formatDate(when: float) -> str:
-    """C{when} (seconds since the epoch) as an RFC 5322 date in the local time zone."""
-    return format_datetime(datetime.fromtimestamp(when).astimezone())
+    """C{when} (seconds since the epoch) as an RFC 5322 date in the local time zone.  The
+    date has no part finer than a second: the text of the last second is kept (every
+    message's C{Date:} and C{Received:} in the same second share it)."""
+    global _lastDate
+    second = int(when // 1)
+    last, text = _lastDate
+    if second != last:
+        text = format_datetime(datetime.fromtimestamp(second).astimezone())
+        _lastDate = (second, text)
+    return text
 
 
 #: A reply line longer than this (no CRLF within it) is a protocol error.
