@@ -4,7 +4,8 @@
 DSN ORCPT parameter (L{orcptValue}), and L{setNoDelay}, which the Twisted adapters of both
 sides call on their transport (it only looks for a C{setTcpNoDelay} method, so it needs no
 I/O library here), L{describeTLS}, their words for a TLS connection (asked of its object, so
-it needs no TLS library either), and L{formatDate}, the RFC 5322 date of C{Date:},
+it needs no TLS library either), L{writeNow}, how both write a reply or command (Twisted's
+TCP transports named, not imported), and L{formatDate}, the RFC 5322 date of C{Date:},
 C{Received:} and the DSN fields."""
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from mailrelay.envelope import Recipient
 from mailrelay.interfaces import DeliveryStatus
 from mailrelay.smtp.errors import BareNewlineError, ProtocolError, SizeMismatchError
 from mailrelay.smtp.replies import Reply
-
 
 #: The last second formatted by L{formatDate}, and its text.
 _lastDate: tuple[int, str] = (-1, "")
