@@ -474,11 +474,15 @@ class Spool:
         @raise SpoolError: the file cannot be created (or the entry already exists).
         @raise ValueError: C{queueID} is not a queue id.
         """
+        given = queueID is not None
         if queueID is None:
             queueID = newQueueID()
         self._checkID(queueID)
         self._checkRunning(f"cannot open message {queueID}")
-        for suffix in (".json", ".eml"):
+        # A given id may be taken: say so now.  A new one cannot be (and should it ever be,
+        # the commit refuses to replace an entry all the same): no lstat on the reactor's
+        # thread for each message.
+        for suffix in (".json", ".eml") if given else ():
             existing = self._queueDir / f"{queueID}{suffix}"
             if os.path.lexists(existing):
                 raise SpoolError(
