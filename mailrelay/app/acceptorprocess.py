@@ -29,7 +29,13 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 
 from mailrelay.app.acceptors import QUEUED_RECORD
-from mailrelay.app.deliveryprocess import StopAtEnd, _stopReactor, runChild, startChild
+from mailrelay.app.deliveryprocess import (
+    StopAtEnd,
+    _stopReactor,
+    childArguments,
+    runChild,
+    startChild,
+)
 from mailrelay.app.services import OrderedMultiService
 
 log = Logger()
@@ -202,11 +208,7 @@ class _FromRelay(LineReceiver, StopAtEnd):
 
 
 def _parseArguments(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m mailrelay.app.acceptorprocess")
-    parser.add_argument("--config")
-    parser.add_argument("--config-fd", type=int)
-    parser.add_argument("--overrides", default="{}")
-    parser.add_argument("--parent-pid", type=int)
+    parser = childArguments("mailrelay.app.acceptorprocess")
     parser.add_argument(
         "--listeners",
         default="[]",

@@ -90,12 +90,19 @@ def _readConfigText(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _parseArguments(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m mailrelay.app.deliveryprocess")
+def childArguments(module: str) -> argparse.ArgumentParser:
+    """The command line every child of the relay takes (what L{startChild} reads: the
+    configuration, the overrides, the parent's process id); C{module} is the child's."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}")
     parser.add_argument("--config")
     parser.add_argument("--config-fd", type=int)
     parser.add_argument("--overrides", default="{}")
     parser.add_argument("--parent-pid", type=int)
+    return parser
+
+
+def _parseArguments(argv: list[str]) -> argparse.Namespace:
+    parser = childArguments("mailrelay.app.deliveryprocess")
     parser.add_argument("--control-fd", type=int)
     return parser.parse_args(argv)
 

@@ -244,7 +244,7 @@ class _Commit(_Operation):
         # Plain strings, joined once: four Path objects a message were 4% of the reactor's
         # time under load.
         tmp, queue, queueID = f"{spool._tmpDir}/", f"{spool._queueDir}/", self.queueID
-        self.tmpMessage = tmp + queueID + ".eml"
+        self.tmpMessage = writer.path  # (the file the writer made)
         self.tmpEnvelope = tmp + queueID + ".json"
         self.message = queue + queueID + ".eml"
         self.envelope = queue + queueID + ".json"
