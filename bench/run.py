@@ -37,6 +37,7 @@ See bench/README.md.  Results also go to bench/results-<timestamp>.json.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -225,6 +226,37 @@ def proc_tree_cpu_seconds(pids: list[int]) -> float:
         except (OSError, IndexError, ValueError):
             continue
     return total
+
+
+def proc_own_cpu_seconds(pids: list[tuple[int, str]]) -> dict[int, tuple[str, float]]:
+    """C{{pid: (name, CPU seconds of its own threads)}} of the processes still there (no
+    children's time): what L{busiest_process} compares."""
+    found = {}
+    for pid, name in pids:
+        try:
+            threads = threads_cpu_seconds(pid)
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            found[pid] = (name, max(threads, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def busiest_process(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+                    seconds: float) -> tuple[str, float] | None:
+    """The process that used the most CPU between two L{proc_own_cpu_seconds} readings, and
+    its share of one core over C{seconds} (1.0: a core busy all the time).  A single-threaded
+    process -- or one bound by Python's GIL -- cannot pass 1.0: near it, that process is what
+    limits the throughput, however many cores are idle."""
+    if seconds <= 0:
+        return None
+    best: tuple[str, float] | None = None
+    for pid, (name, now) in after.items():
+        used = now - before.get(pid, (name, 0.0))[1]
+        if best is None or used > best[1]:
+            best = (name, used)
+    return None if best is None else (best[0], round(best[1] / seconds, 3))
 
 
 def proc_pss(pid: int) -> int | None:
@@ -911,6 +943,10 @@ def run_once(args: argparse.Namespace, workdir: Path, relay_cls: type, cell: Cel
         cmd.append(f"127.0.0.1:{relay.port}")
         sink.expect(messages)
         with RssSampler(relay.rss_groups, args.rss_interval) as sampler:
+            def own() -> dict[int, tuple[str, float]]:
+                return proc_own_cpu_seconds(
+                    [(p, name) for p, name, _ in relay.rss_groups().get("all", [])])
+            own_before = own()
             cpu_before = relay.cpu_seconds()
             start = time.monotonic()
             if cell.phase == "latency":
@@ -928,6 +964,9 @@ def run_once(args: argparse.Namespace, workdir: Path, relay_cls: type, cell: Cel
                 result["command"] = " ".join(cmd)
                 run_source(args, relay_cls, cell, cmd, sink, deadline, start, result)
             result["cpu_seconds"] = round(relay.cpu_seconds() - cpu_before, 4)
+            busiest = busiest_process(own_before, own(), time.monotonic() - start)
+            if busiest is not None:
+                result["busiest_process"], result["busiest_core_share"] = busiest
         result["sink_count"] = sink.count
         result["rss_peak_bytes"] = sampler.peaks.get("relay")
         result["rss_peak_all_bytes"] = sampler.peaks.get("all")
@@ -1208,6 +1247,10 @@ def median_or_none(values: list[float]) -> float | None:
     return round(statistics.median(values), 3) if values else None
 
 
+def most_common(values: list[str]) -> str | None:
+    return collections.Counter(values).most_common(1)[0][0] if values else None
+
+
 def summarize(runs: list[dict[str, Any]], relays: list[str], all_cells: list[Cell],
               notes: dict[str, str]) -> list[dict[str, Any]]:
     rows = []
@@ -1234,6 +1277,10 @@ def summarize(runs: list[dict[str, Any]], relays: list[str], all_cells: list[Cel
                 "spread": (round((max(rates) - min(rates)) / statistics.median(rates), 3)
                            if len(rates) > 1 else None),
                 "cpu_ms_per_msg": median_or_none([r["cpu_ms_per_msg"] for r in good]),
+                "busiest_core_share": median_or_none([r["busiest_core_share"] for r in good
+                                                      if "busiest_core_share" in r]),
+                "busiest_process": most_common([r["busiest_process"] for r in good
+                                                if "busiest_process" in r]),
                 "latency_p50_ms": median_or_none([r["latency_p50_ms"] for r in good
                                                   if "latency_p50_ms" in r]),
                 "latency_p99_ms": median_or_none([r["latency_p99_ms"] for r in good
@@ -1338,10 +1385,17 @@ def fmt_latency(cell: dict[str, Any] | None) -> str:
     return f"{cell['latency_p50_ms']:.2f}/{cell['latency_p99_ms']:.2f}"
 
 
+def fmt_busiest(cell: dict[str, Any] | None) -> str:
+    """The busiest process's share of one core, and its name: C{"97% twistd"}."""
+    if not cell or cell.get("busiest_core_share") is None:
+        return "-"
+    return f"{cell['busiest_core_share'] * 100:.0f}% {cell['busiest_process']}"
+
+
 #: The table's columns, in order.
 COLUMNS = ["phase", "size", "sess", "msg/conn", "msgs", "mailrelay msg/s", "postfix msg/s",
            "ratio", "ratio min-max", "target", "mr CPU ms/msg", "pf CPU ms/msg",
-           "mr p50/p99 ms", "pf p50/p99 ms", "mr RSS MiB", "pf RSS MiB", "PSS ratio"]
+           "mr busiest", "mr p50/p99 ms", "pf p50/p99 ms", "mr RSS MiB", "pf RSS MiB", "PSS ratio"]
 
 
 def print_aligned(table: list[list[str]], right_from: int) -> None:
@@ -1404,7 +1458,7 @@ def print_table(rows: list[dict[str, Any]], relays: list[str]) -> None:
             row["phase"], row["size_label"], str(row["sessions"]), str(row["per_conn"]),
             str(row["messages"]), fmt_rate(mr), fmt_rate(pf), fmt_num(ratio), spread, target_s,
             fmt_num(mr and mr["cpu_ms_per_msg"], 3), fmt_num(pf and pf["cpu_ms_per_msg"], 3),
-            fmt_latency(mr), fmt_latency(pf), fmt_mib(mr and mr["rss_peak_bytes"]),
+            fmt_busiest(mr), fmt_latency(mr), fmt_latency(pf), fmt_mib(mr and mr["rss_peak_bytes"]),
             fmt_mib(pf and pf["rss_peak_bytes"]), fmt_num(row.get("pss_ratio")),
         ])
     if len(table) > 1:
@@ -1663,8 +1717,11 @@ def main(argv: list[str] | None = None) -> int:
     if any(row["phase"] != "memory" for row in rows):
         print("msg/s: median of the repeats, ± half their range; ratio: mailrelay/Postfix of "
               "each repeat's pair (latency: Postfix p50 / mailrelay p50), median and min-max; "
-              "CPU: user+system ms per message of all the relay's processes (and their reaped "
-              "children) from /proc; p50/p99: end-of-data -> 250 of one client, ms.")
+              "CPU: user+system ms per message of all the relay's processes, every thread (and "
+              "their reaped children) from /proc; mr busiest: the mailrelay process that used "
+              "the most CPU, as a share of one core over the run (near 100%: that process, one "
+              "core's worth under Python's GIL, is what bounds the rate); p50/p99: "
+              "end-of-data -> 250 of one client, ms.")
         print(f"RSS: peak of the summed resident set, sampled every {args.rss_interval:g}s; "
               "mailrelay = the twistd process and its descendants (fork server, delivery "
               "process), postfix = its "
