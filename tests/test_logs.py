@@ -229,3 +229,33 @@ def test_eventTextIsTwistedsFormatEvent() -> None:
 
     for event in classicEvents():
         assert eventText(dict(event)) == formatEvent(event), event
+
+
+def test_childsLegacyEventsKeepTheirSystem() -> None:
+    """An event a child logs through twisted.python.log (Twisted's resolver re-reading
+    resolv.conf, say) has a system ("-"); the relay's line for it shows that system, as
+    the relay's own line for the same event does, not the "log_legacy#info" made up from
+    the namespace when there is none."""
+    from twisted.logger import globalLogPublisher
+
+    from mailrelay.app.deliveryprocess import relayObserver
+    from mailrelay.app.logs import classicLogText
+    from mailrelay.queue.process import decodeLogEvent
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        legacy.msg("b'/etc/resolv.conf' changed, reparsing")
+        legacy.msg("a request", system="HTTPChannel,0,127.0.0.1")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    form = classicLogText()
+    lines = []
+    for event in events[-2:]:
+        out = io.StringIO()
+        relayObserver(out, io.StringIO())(event)
+        line = form(decodeLogEvent(out.getvalue()[:-1]))
+        assert line == form(dict(event))
+        lines.append(line)
+    assert " [-] b'/etc/resolv.conf' changed, reparsing\n" in lines[0]
+    assert " [HTTPChannel,0,127.0.0.1] a request\n" in lines[1]

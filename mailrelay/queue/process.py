@@ -96,37 +96,57 @@ def eventText(event: dict[str, Any]) -> str:
     return formatEvent(event)
 
 
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+
+
 def encodeLogEvent(event: dict[str, Any]) -> str:
-    """One line for the relay's process: time, namespace, level and the formatted text
-    (with its traceback, if any), tab-separated, backslashes and newlines escaped.  The child
-    formats its events itself: the relay only copies them into its log, cheaply."""
+    """One line for the relay's process: time, namespace, level, system and the formatted
+    text (with its traceback, if any), tab-separated, backslashes and newlines escaped.  The
+    child formats its events itself: the relay only copies them into its log, cheaply.
+
+    The system is empty for an event without one (the relay's log then shows
+    C{namespace#level}, as for its own); events logged through C{twisted.python.log} have
+    one (C{"-"}, or what the caller gave), shown as the relay shows its own."""
     text = eventText(event)
     failure = event.get("log_failure")
     if failure is not None:
         text += "\n" + failure.getTraceback()
     text = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
     level = event.get("log_level")
-    return "{}\t{}\t{}\t{}\n".format(
+    system = event.get("log_system")
+    return "{}\t{}\t{}\t{}\t{}\n".format(
         event.get("log_time", 0.0),
         event.get("log_namespace", "-"),
         getattr(level, "name", "info"),
+        "" if system is None else _escape(str(system)),
         text,
+    )
+
+
+def _unescape(text: str) -> str:
+    return (
+        text.replace("\\\\", "\x00")
+        .replace("\\n", "\n")
+        .replace("\\r", "\r")
+        .replace("\\t", "\t")
+        .replace("\x00", "\\")
     )
 
 
 def decodeLogEvent(line: str) -> dict[str, Any]:
     """The event L{encodeLogEvent} wrote.  @raise ValueError: not such a line."""
-    when, namespace, level, text = line.split("\t", 3)
-    text = (
-        text.replace("\\\\", "\x00").replace("\\n", "\n").replace("\\r", "\r").replace("\x00", "\\")
-    )
-    return {
+    when, namespace, level, system, text = line.split("\t", 4)
+    event = {
         "log_time": float(when),
         "log_namespace": namespace,
         "log_level": LogLevel.levelWithName(level),
         "log_format": "{log_text}",
-        "log_text": text,
+        "log_text": _unescape(text),
     }
+    if system:
+        event["log_system"] = _unescape(system)
+    return event
 
 
 class _Control(QuietAMP):
