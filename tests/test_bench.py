@@ -1,0 +1,79 @@
+"""bench/run.py's CPU accounting: every thread of a process counts, and the busiest process
+is named with its share of a core."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux /proc")
+
+
+def _bench() -> ModuleType:
+    path = Path(__file__).resolve().parent.parent / "bench" / "run.py"
+    spec = importlib.util.spec_from_file_location("mailrelay_bench_run", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (dataclasses look their module up)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module
+
+
+def _spin(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_threadsCpuSecondsCountsEveryThread() -> None:
+    """CPU spent by a thread other than the main one is counted: /proc/PID/schedstat alone
+    (the main thread's) left out mailrelay's spool committer."""
+    bench = _bench()
+    pid = os.getpid()
+    before = bench.threads_cpu_seconds(pid)
+    worker = threading.Thread(target=_spin, args=(0.3,))
+    worker.start()
+    worker.join()
+    # The thread has ended: its time is in stat's utime + stime, which the tree sum takes
+    # when it is more.
+    assert bench.proc_tree_cpu_seconds([pid]) - before >= 0.25
+    ready, stop = threading.Event(), threading.Event()
+
+    def spinThenWait() -> None:
+        _spin(0.3)
+        ready.set()
+        stop.wait(10)
+
+    live = threading.Thread(target=spinThenWait)
+    live.start()
+    try:
+        assert ready.wait(10)
+        with open(f"/proc/{pid}/schedstat", "rb") as f:
+            mainOnly = int(f.read().split()[0]) / 1e9
+        assert bench.threads_cpu_seconds(pid) - mainOnly >= 0.25
+    finally:
+        stop.set()
+        live.join()
+
+
+def test_busiestProcess() -> None:
+    bench = _bench()
+    before = {1: ("twistd", 10.0), 2: ("mr-delivery", 3.0)}
+    after = {1: ("twistd", 11.5), 2: ("mr-delivery", 5.0), 3: ("mr-acceptor", 0.2)}
+    assert bench.busiest_process(before, after, 2.0) == ("mr-delivery", 1.0)
+    after[1] = ("twistd", 13.0)
+    assert bench.busiest_process(before, after, 2.0) == ("twistd", 1.5)
+    assert bench.busiest_process(before, {}, 2.0) is None
+    assert bench.busiest_process(before, after, 0.0) is None
+    own = bench.proc_own_cpu_seconds([(os.getpid(), "pytest"), (2**22 + 12345, "gone")])
+    assert list(own) == [os.getpid()] and own[os.getpid()][1] > 0
