@@ -102,8 +102,9 @@ def _escape(text: str) -> str:
 
 def encodeLogEvent(event: dict[str, Any]) -> str:
     """One line for the relay's process: time, namespace, level, system and the formatted
-    text (with its traceback, if any), tab-separated, backslashes and newlines escaped.  The
-    child formats its events itself: the relay only copies them into its log, cheaply.
+    text (with its traceback, if any), tab-separated, backslashes, newlines and tabs escaped
+    (L{_escape}).  The child formats its events itself: the relay only copies them into its
+    log, cheaply.
 
     The system is empty for an event without one (the relay's log then shows
     C{namespace#level}, as for its own); events logged through C{twisted.python.log} have
@@ -112,7 +113,6 @@ def encodeLogEvent(event: dict[str, Any]) -> str:
     failure = event.get("log_failure")
     if failure is not None:
         text += "\n" + failure.getTraceback()
-    text = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
     level = event.get("log_level")
     system = event.get("log_system")
     return "{}\t{}\t{}\t{}\t{}\n".format(
@@ -120,7 +120,7 @@ def encodeLogEvent(event: dict[str, Any]) -> str:
         event.get("log_namespace", "-"),
         getattr(level, "name", "info"),
         "" if system is None else _escape(str(system)),
-        text,
+        _escape(text),
     )
 
 
