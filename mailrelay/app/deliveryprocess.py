@@ -69,14 +69,11 @@ def dieWithParent(parentPID: int) -> bool:
     """Ask the kernel to send us SIGTERM when our parent dies (Linux's C{PR_SET_PDEATHSIG}),
     so that a delivery process never runs on after its relay was killed.  Returns C{False}
     when the parent is already gone."""
-    import ctypes
-    import ctypes.util
+    from mailrelay.app.forkserver import deathSignal
 
     if sys.platform.startswith("linux"):
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            PR_SET_PDEATHSIG = 1
-            libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+            deathSignal(signal.SIGTERM)
         except (OSError, AttributeError):
             pass  # the end of our standard input still tells us
     return os.getppid() == parentPID
@@ -353,7 +350,7 @@ def preload() -> None:
     """Import what the delivery process imports as it starts and runs (without installing
     a reactor): done by the relay before it forks the fork server
     (L{mailrelay.app.forkserver}), so that the delivery process shares it."""
-    import ctypes.util  # noqa: F401 - dieWithParent's
+    import ctypes.util  # noqa: F401 - dieWithParent's (forkserver.deathSignal)
     import importlib
 
     # (default: imports the default reactor's module; the reactor is installed by the child)

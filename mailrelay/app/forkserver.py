@@ -94,8 +94,9 @@ def _prctl(option: int, argument: Any) -> None:
         raise OSError(ctypes.get_errno(), f"prctl({option})")
 
 
-def _deathSignal(sig: int) -> None:
-    """Have the kernel send us C{sig} when our parent dies (Linux's C{PR_SET_PDEATHSIG})."""
+def deathSignal(sig: int) -> None:
+    """Have the kernel send us C{sig} when our parent dies (Linux's C{PR_SET_PDEATHSIG});
+    raises C{OSError} (C{AttributeError} where the C library has no C{prctl})."""
     _prctl(_PR_SET_PDEATHSIG, int(sig))
 
 
@@ -565,7 +566,7 @@ class _Server:  # pragma: no cover - runs in the fork server, tested from outsid
 
             switchUID(*self.runAs)
         # (After the switch, which clears it.)  Die with the relay; it may be gone already.
-        _deathSignal(signal.SIGKILL)
+        deathSignal(signal.SIGKILL)
         if os.getppid() != self.relay:
             return 1
         _name("")
@@ -649,7 +650,7 @@ def _runChild(
     signals, run the module's C{forkedMain}, exit.  Never returns."""
     code: Any = 1
     try:
-        _deathSignal(signal.SIGTERM)
+        deathSignal(signal.SIGTERM)
         if os.getppid() != server.pid:  # the server is gone already
             raise SystemExit(1)
         _name(request["module"])
