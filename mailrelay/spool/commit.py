@@ -53,22 +53,40 @@ _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 SYNC_METHODS = ("syncfs", "fsync")
 
 
-def _loadSyncfs() -> Callable[[int], None] | None:
-    """C{syncfs(fd)} from the C library, raising C{OSError}; C{None} where there is none."""
+def _libcFunction(name: str, *argtypes: Any) -> Any:
+    """The C library's function C{name} (C{errno} kept for L{_raiseErrno}), taking
+    C{argtypes}; C{None} where there is none."""
     try:
         import ctypes
         import ctypes.util
 
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        function = libc.syncfs
-    except (OSError, AttributeError, ImportError):  # pragma: no cover - not Linux
+        function = getattr(libc, name)
+    except (OSError, AttributeError, ImportError):  # pragma: no cover - not Linux/glibc
         return None
-    function.argtypes = [ctypes.c_int]
+    function.argtypes = list(argtypes)
+    return function
+
+
+def _raiseErrno(*filenames: Any) -> None:
+    """Raise C{OSError} for the C{errno} a L{_libcFunction} call left."""
+    import ctypes
+
+    number = ctypes.get_errno()
+    raise OSError(number, os.strerror(number), *filenames)
+
+
+def _loadSyncfs() -> Callable[[int], None] | None:
+    """C{syncfs(fd)} from the C library, raising C{OSError}; C{None} where there is none."""
+    import ctypes
+
+    function = _libcFunction("syncfs", ctypes.c_int)
+    if function is None:  # pragma: no cover - not Linux
+        return None
 
     def syncfs(fd: int) -> None:
         if function(fd) != 0:
-            errno = ctypes.get_errno()
-            raise OSError(errno, os.strerror(errno))
+            _raiseErrno()
 
     return syncfs
 
@@ -80,23 +98,18 @@ def _loadRenameNoReplace() -> Callable[[str, str], None] | None:
     """C{renameat2(..., RENAME_NOREPLACE)} from the C library: a rename that fails with
     C{EEXIST} instead of replacing an existing entry, in one system call; C{None} where
     there is none (then L{_renameNoReplace} checks with C{lstat} first)."""
-    try:
-        import ctypes
-        import ctypes.util
+    import ctypes
 
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        function = libc.renameat2
-    except (OSError, AttributeError, ImportError):  # pragma: no cover - not Linux/glibc
+    function = _libcFunction(
+        "renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint
+    )
+    if function is None:  # pragma: no cover - not Linux/glibc
         return None
-    function.argtypes = [
-        ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint
-    ]
     atFDCWD, noReplace = -100, 1
 
     def renameNoReplace(source: str, destination: str) -> None:
         if function(atFDCWD, os.fsencode(source), atFDCWD, os.fsencode(destination), noReplace):
-            errno = ctypes.get_errno()
-            raise OSError(errno, os.strerror(errno), source, None, destination)
+            _raiseErrno(source, None, destination)
 
     return renameNoReplace
 
