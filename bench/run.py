@@ -181,15 +181,26 @@ def proc_stat(pid: int) -> tuple[str, int, int] | None:
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def _stat_fields(pid: int) -> list[bytes]:
+    """The fields of /proc/PID/stat after the command name (utime at 11, stime, then the
+    reaped children's cutime, cstime).  Raises OSError when the process is gone."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return f.read().rsplit(b")", 1)[1].split()
+
+
+def _ticks(fields: list[bytes], first: int) -> float:
+    """Two consecutive clock-tick fields of L{_stat_fields} summed, in seconds: 11 (utime +
+    stime: the process, every thread that ever ran) or 13 (its reaped children's)."""
+    return (int(fields[first]) + int(fields[first + 1])) / CLOCK_TICKS
+
+
 def proc_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process so far (/proc/PID/stat utime + stime); 0.0 when
     it is gone."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
+        return _ticks(_stat_fields(pid), 11)
     except (OSError, IndexError):
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def threads_cpu_seconds(pid: int) -> float:
@@ -207,25 +218,24 @@ def threads_cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
+def _own_and_reaped(pid: int) -> tuple[float, float] | None:
+    """A process's own CPU seconds (its threads' schedstat in nanoseconds: precise even for
+    the many short-lived daemons of Postfix, where stat's clock ticks would round each one
+    down; or stat's utime + stime, which also holds threads that have ended, when that is
+    more) and its reaped children's (cutime + cstime); C{None} when it is gone."""
+    try:
+        threads = threads_cpu_seconds(pid)
+        fields = _stat_fields(pid)
+        return max(threads, _ticks(fields, 11)), _ticks(fields, 13)
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def proc_tree_cpu_seconds(pids: list[int]) -> float:
-    """CPU seconds of processes and of their children reaped so far: each process's own time
-    (its threads' schedstat in nanoseconds: precise even for the many short-lived daemons of
-    Postfix, where stat's clock ticks would round each one down; or stat's utime + stime, which
-    also holds threads that have ended, when that is more), plus its reaped children's user +
-    system time (/proc/PID/stat cutime, cstime).  Summed over a relay's live processes, a
-    process that exits between two readings is still counted, in its parent's children's time
-    once reaped."""
-    total = 0.0
-    for pid in pids:
-        try:
-            threads = threads_cpu_seconds(pid)
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-            ticks = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-            total += max(threads, ticks) + (int(fields[13]) + int(fields[14])) / CLOCK_TICKS
-        except (OSError, IndexError, ValueError):
-            continue
-    return total
+    """CPU seconds of processes and of their children reaped so far (L{_own_and_reaped}).
+    Summed over a relay's live processes, a process that exits between two readings is
+    still counted, in its parent's children's time once reaped."""
+    return sum(sum(times) for times in map(_own_and_reaped, pids) if times is not None)
 
 
 def proc_own_cpu_seconds(pids: list[tuple[int, str]]) -> dict[int, tuple[str, float]]:
@@ -233,13 +243,9 @@ def proc_own_cpu_seconds(pids: list[tuple[int, str]]) -> dict[int, tuple[str, fl
     children's time): what L{busiest_process} compares."""
     found = {}
     for pid, name in pids:
-        try:
-            threads = threads_cpu_seconds(pid)
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-            found[pid] = (name, max(threads, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS))
-        except (OSError, IndexError, ValueError):
-            continue
+        times = _own_and_reaped(pid)
+        if times is not None:
+            found[pid] = (name, times[0])
     return found
 
 
