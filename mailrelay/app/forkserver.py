@@ -255,9 +255,6 @@ class ForkServer:
             def doRead(self) -> None:
                 server._readReports()
 
-            def connectionLost(self, reason: Any) -> None:
-                abstract.FileDescriptor.connectionLost(self, reason)
-
         self._reactor = reactor
         self._sock.setblocking(False)
         self._reader = Reader(reactor)
@@ -458,11 +455,8 @@ def _watchEnd(reactor: Any, child: ForkedProcess) -> None:
 def _pollEnd(reactor: Any, child: ForkedProcess, pid: int) -> None:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        child.processEnded(UNKNOWN_STATUS)
-        return
-    except PermissionError:  # (alive, as another user: cannot be ours; gone)
-        child.processEnded(UNKNOWN_STATUS)
+    except (ProcessLookupError, PermissionError):  # (PermissionError: alive, as another
+        child.processEnded(UNKNOWN_STATUS)  # user: the id was reused, ours is gone)
         return
     reactor.callLater(0.5, _pollEnd, reactor, child, pid)
 
