@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.run import (  # noqa: E402 (the path)
     descendants,
     free_port,
-    proc_cpu_seconds,
+    proc_tree_cpu_seconds,
     wait_smtp_ready,
 )
 
@@ -42,7 +42,7 @@ from bench.run import (  # noqa: E402 (the path)
 def treeCPUSeconds(pid: int) -> float:
     """The CPU time of C{pid} and of its descendants (the fork server, the acceptor
     processes it forks)."""
-    return proc_cpu_seconds(pid) + sum(proc_cpu_seconds(c) for c, _, _ in descendants(pid))
+    return proc_tree_cpu_seconds([pid, *(child for child, _, _ in descendants(pid))])
 
 
 def run(messages: int, sessions: int, size: int, processes: int = 1) -> float:
