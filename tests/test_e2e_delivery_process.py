@@ -129,6 +129,22 @@ def test_delivery_process_logs_where_the_relay_logs(tmp_path: Path) -> None:
     assert b"queue manager" not in out  # nothing escaped to the terminal
 
 
+def test_delivery_process_legacy_lines_keep_their_system(relay) -> None:
+    """Twisted's own lines, logged through twisted.python.log (its resolver reading
+    resolv.conf), read "[-]" when the delivery process logs them as when the relay does,
+    never "[log_legacy#info]"."""
+    resolvConf = Path("/etc/resolv.conf")
+    assert resolvConf.exists()  # (what makes both processes log the line)
+    r = relay('[relay]\nsmarthost = "[127.0.0.1]:9"\n[dns]\nreverse_lookups = false\n')
+    r.waitForLog(r"queue manager started")
+    line = "[-] b'/etc/resolv.conf' changed, reparsing"
+    deadline = time.monotonic() + 10
+    while r.log().count(line) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert r.log().count(line) == 2, r.log()  # the relay's, then the delivery process's
+    assert "[log_legacy#" not in r.log()
+
+
 def test_log_lines_round_trip() -> None:
     """What the delivery process writes is what the relay logs: level, namespace, time and
     text, newlines and backslashes included, and a failure's traceback."""
