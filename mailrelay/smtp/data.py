@@ -7,10 +7,10 @@ the dot-stuffing and checks the content it passes on, in this order: NUL bytes, 
 every line (counted after un-stuffing), bare CR or LF, and the size limit.  The first check a
 message fails is its refusal (L{DataReader.error}); the rest of it is then read to the end
 marker and dropped.  The work is done with C{bytes} methods over whole chunks, never one
-Python call per line and no list of lines: one C{find} for the end marker and the lines to
-un-stuff together (C{"\r\n."}), C{memchr} for NUL, two C{translate}s compared for bare CR or
-LF, and for long lines a C{rfind} of the last line end in each window of 1000 octets (about
-one call per kilobyte).
+Python call per line and no list of lines: one search (L{_DOT_LINE}) for the end marker and
+the lines to un-stuff together (C{"\r\n."}), C{memchr} for NUL, two C{translate}s compared
+for bare CR or LF, and for long lines a C{rfind} of the last line end in each window of 1000
+octets (about one call per kilobyte).
 
 L{ChunkReader} takes the octets of a message's BDAT chunks, which the chunk sizes frame: no
 end marker, no dot-stuffing, cut anywhere (even between a CR and its LF).  A text message
@@ -45,6 +45,11 @@ _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 #: C{translate} tables marking the CRs and the LFs of a chunk (1) among other octets (0).
 _CR_MARKS = bytes(int(octet == 13) for octet in range(256))
 _LF_MARKS = bytes(int(octet == 10) for octet in range(256))
+#: A line starting with a dot (its preceding CRLF): the end marker or a line to un-stuff.
+#: Searched with C{re}, which finds the CR by C{memchr} and checks what follows: two to four
+#: times faster than C{bytes.find} for a needle this short (24 against 37 us per 64 KiB of
+#: 80-octet lines, 36 against 139 of empty lines), most of the reading of a large message.
+_DOT_LINE = re.compile(rb"\r\n\.")
 
 
 def _hasBareNewline(chunk: bytes) -> bool:
@@ -180,14 +185,16 @@ class DataReader(_Checks):
         # One scan finds the end marker and the dot-lines before it: each "\r\n." either
         # starts the marker or a line to un-stuff.
         dotLine = -1  # where the first line to un-stuff starts (its "\r\n"), if any
-        found = buf.find(b"\r\n.", pos)
-        while found >= 0:
+        search = _DOT_LINE.search
+        match = search(buf, pos)
+        while match is not None:
+            found = match.start()
             if buf.startswith(b"\r\n", found + 3):
                 content = self._content(buf[pos : found + 2], self._atLineStart, dotLine >= 0)
                 return found + 5, content, True
             if dotLine < 0:
                 dotLine = found
-            found = buf.find(b"\r\n.", found + 3)
+            match = search(buf, found + 3)
         # No end marker yet: process up to the last complete line, keeping a possible start of
         # the marker ("\r\n.\r" at most) in the buffer.
         last = buf.rfind(b"\r\n", pos)
