@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.names import authority, dns, error, server
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -704,6 +705,70 @@ def test_mx_hosts_without_address_are_skipped() -> None:
     assert (f.permanent, f.code) == (False, "4.4.4")
     f = failureOf(resolver, "flaky.example")
     assert (f.permanent, f.code) == (False, "4.4.3")
+
+
+#: MX records whose exchange is not a host name (RFC 1035 2.3.1, with "_" as Postfix allows):
+#: what a broken or hostile DNS server can answer, each with an address should it be asked.
+MALFORMED_MX_NAMES = [
+    b"mx\r\nX-Injected: 1.example",  # would end a DSN's Remote-MTA field
+    b"bad name.example",
+    "mx\u00e9.example".encode(),  # not ASCII (an IDN is sent as xn--...)
+    b"empty..label.example",
+    b"-hyphen.example",
+    b"hyphen-.example",
+    b"a" * 64 + b".example",  # a label over 63 octets
+    (b"a" * 60 + b".") * 5 + b"example",  # a name over 253 octets
+    b"mx@example.org",
+]
+
+
+def _malformedZone() -> dict[str, Any]:
+    zone = dict(ZONE)
+    zone["mixed.example"] = [dns.Record_MX(5, n) for n in MALFORMED_MX_NAMES] + [
+        MX(50, "mx2.example.org")
+    ]
+    zone["onlybad.example"] = [dns.Record_MX(10, n) for n in MALFORMED_MX_NAMES]
+    for n in MALFORMED_MX_NAMES:
+        zone[n.decode("utf-8", "replace").lower()] = [A("192.0.2.66")]
+    return zone
+
+
+def test_malformed_mx_names_are_skipped() -> None:
+    """As Postfix does ("malformed domain name in resource data of MX record for ..."): an
+    MX record whose exchange is not a host name is skipped with a warning showing the name
+    quoted, its control characters escaped, and what is wrong with it; its name is never
+    looked up, used for TLS or written into a DSN."""
+    resolver, fake, _ = makeMX(_malformedZone())
+    with capturedLogs() as events:
+        hosts = resolveNow(resolver, "mixed.example")
+    assert hosts == [MXHost("mx2.example.org", "192.0.2.2", 25, 50)]
+    assert [q for q in fake.queries if q[0] != "MX"] == [
+        ("A", "mx2.example.org"),
+        ("AAAA", "mx2.example.org"),
+    ]
+    warnings = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+    assert len(warnings) == len(MALFORMED_MX_NAMES)
+    assert all(
+        w.startswith("malformed domain name in resource data of MX record for mixed.example: ")
+        for w in warnings
+    )
+    assert ': "mx\\r\\nX-Injected: 1.example" (label ' in warnings[0]
+    assert ': "mx\u00e9.example" (not ASCII: ' in warnings[2]
+    assert ': "bad name.example" (label "bad name" may hold only letters' in warnings[1]
+    assert not any("\r" in w or "\n" in w for w in warnings)
+
+
+def test_only_malformed_mx_names() -> None:
+    """Every MX record malformed: a permanent failure (Postfix: 5.4.4), not an exception
+    (a name not in ASCII raised UnicodeDecodeError) nor an address lookup of the domain."""
+    resolver, fake, _ = makeMX(_malformedZone())
+    f = failureOf(resolver, "onlybad.example")
+    assert isinstance(f, PermanentFailure)
+    assert (f.permanent, f.code) == (True, "5.4.4")
+    assert f.diagnostic == (
+        "X-mailrelay; malformed domain name in resource data of MX record for onlybad.example"
+    )
+    assert [q for q in fake.queries if q[0] != "MX"] == []
 
 
 def test_mx_exchange_written_as_ip() -> None:

@@ -32,7 +32,8 @@ from twisted.logger import Logger
 from twisted.names import client, dns
 from twisted.names import error as dnsError
 
-from mailrelay.errors import DeliveryFailure, PermanentFailure, TransientFailure
+from mailrelay.address import hostnameProblem
+from mailrelay.errors import DeliveryFailure, PermanentFailure, TransientFailure, describeValue
 from mailrelay.route.nexthop import parseNameserver, parseSMTPNexthop
 
 log = Logger()
@@ -75,6 +76,19 @@ def _records(result: Any, rtype: int) -> list[Any]:
     """The payloads of type C{rtype} in a lookup result."""
     answers = result[0] if isinstance(result, tuple) else result
     return [rr.payload for rr in answers if rr.type == rtype]
+
+
+def _exchangeProblem(name: bytes) -> str | None:
+    """Why the exchange C{name} of an MX record (as DNS gives it) is not a host name
+    (L{hostnameProblem}: an internationalized name is in its ASCII form, C{xn--}), or
+    C{None}.  An IP address written as the exchange is taken (as the domain's host)."""
+    try:
+        text = name.decode("ascii")
+    except UnicodeDecodeError:
+        return "not ASCII: an internationalized name is given in its xn-- form"
+    if _isIP(text.rstrip(".")):
+        return None
+    return hostnameProblem(text)
 
 
 _NXDOMAIN = "nxdomain"
@@ -187,6 +201,32 @@ class MXResolver:
             return [], errors[0]
         return [], _NODATA
 
+    @staticmethod
+    def _hostNamesOnly(domain: str, records: list[Any]) -> list[Any]:
+        """The MX C{records} of C{domain} whose exchange is a host name (L{_exchangeProblem});
+        each other is skipped with a warning, as Postfix does.  None left: a permanent
+        failure (Postfix's 5.4.4), the domain's own address is not tried."""
+        valid = []
+        for record in records:
+            problem = _exchangeProblem(record.name.name)
+            if problem is None:
+                valid.append(record)
+            else:
+                log.warn(
+                    "malformed domain name in resource data of MX record for {domain}: "
+                    "{name} ({problem})",
+                    domain=domain,
+                    name=describeValue(record.name.name.decode("utf-8", "backslashreplace")),
+                    problem=problem,
+                )
+        if not valid:
+            raise PermanentFailure(
+                code="5.4.4",
+                diagnostic="X-mailrelay; malformed domain name in resource data of MX record "
+                f"for {domain}",
+            )
+        return valid
+
     def _orderMX(self, records: list[Any]) -> list[tuple[int, str]]:
         byPreference: dict[int, list[str]] = {}
         for record in records:
@@ -247,12 +287,14 @@ class MXResolver:
                 ) from None
             result = ([], [], [])
         records = _records(result, dns.MX)
-        real = [r for r in records if str(r.name).rstrip(".") != ""]
+        real = [r for r in records if r.name.name.rstrip(b".") != b""]
         if records and not real:
             raise PermanentFailure(
                 code="5.1.10",
                 diagnostic=f"X-mailrelay; domain {host} does not accept mail (null MX)",
             )
+        if real:
+            real = self._hostNamesOnly(host, real)
         if not real:
             # RFC 5321 section 5.1: no MX, the domain is its own mail exchanger.
             addresses, problem = yield self._addresses(host)
