@@ -17,12 +17,13 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
-from twisted.logger import globalLogPublisher
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 
 from mailrelay.app.acceptorprocess import RETIRE, AcceptorServices, adoptPort, notifyRelay
 from mailrelay.app.acceptors import AcceptorPool, sharedSocket
 from mailrelay.app.cli import printStatus
+from mailrelay.app.logs import classicLogText
 from mailrelay.config import loadConfig
 from mailrelay.config.values import MAX_PROCESSES, resolveProcessCount
 from mailrelay.errors import ConfigError
@@ -145,25 +146,56 @@ def test_pool_of_none_spawns_nothing() -> None:
     assert pool.stopService().called
 
 
+def _published(process: Any, *pieces: bytes) -> list[dict[str, Any]]:
+    """The log events published while the relay's end of the acceptor C{process} reads
+    C{pieces} of its standard output."""
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for piece in pieces:
+            process.protocol.outReceived(piece)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    return events
+
+
 def test_queued_ids_reach_the_queue_manager_logs_and_metrics_the_relay() -> None:
     pool, reactor, queued = _pool(1)
     pool.startService()
     process = reactor.spawned[0][0]
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
-        log = encodeLogEvent({"log_format": "hello {x}", "x": 1, "log_namespace": "n",
-                              "log_time": 5.0})
-        metrics = METRICS_RECORD + json.dumps([["mailrelay_x", "counter", "d", []]]) + "\n"
-        data = (f"queued\t{QUEUE_ID}\n" + log + metrics + "queued\tnot-an-id\n").encode()
-        process.protocol.outReceived(data[:10])  # (records may come in pieces)
-        process.protocol.outReceived(data[10:])
-    finally:
-        globalLogPublisher.removeObserver(events.append)
+    log = encodeLogEvent({"log_format": "hello {x}", "x": 1, "log_namespace": "n",
+                          "log_time": 5.0})
+    metrics = METRICS_RECORD + json.dumps([["mailrelay_x", "counter", "d", []]]) + "\n"
+    data = (f"queued\t{QUEUE_ID}\n" + log + metrics + "queued\tnot-an-id\n").encode()
+    events = _published(process, data[:10], data[10:])  # (records may come in pieces)
     assert queued == [QUEUE_ID]
     assert any(e.get("log_text") == "hello 1" for e in events)
     assert any("bad queue id" in e.get("log_format", "") for e in events)
     assert process.protocol in pool.metrics._live
+
+
+def test_an_acceptors_log_lines_name_it_in_their_system() -> None:
+    """As Postfix's lines name the smtpd (C{postfix/smtpd[PID]}): an acceptor's lines carry
+    C{,acceptor=PID} after their system, so that the log tells which process said what
+    (the relay's own lines have none)."""
+    pool, reactor, _ = _pool(1)
+    pool.startService()
+    process = reactor.spawned[0][0]
+    lines = [
+        encodeLogEvent({"log_format": "new", "log_namespace": "mailrelay.receive.protocol",
+                        "log_level": LogLevel.info, "log_time": 5.0}),
+        encodeLogEvent({"log_format": "legacy", "log_namespace": "log_legacy",
+                        "log_level": LogLevel.info, "log_system": "-", "log_time": 5.0}),
+    ]
+    events = _published(process, "".join(lines).encode())
+    systems = {e["log_text"]: e["log_system"] for e in events if "log_text" in e}
+    assert systems == {
+        "new": f"mailrelay.receive.protocol#info,acceptor={process.pid}",
+        "legacy": f"-,acceptor={process.pid}",
+    }
+    line = classicLogText()(next(e for e in events if e.get("log_text") == "new"))
+    assert line is not None
+    assert f" [mailrelay.receive.protocol#info,acceptor={process.pid}] new\n" in line
 
 
 def test_a_child_that_dies_is_restarted_with_backoff() -> None:

@@ -9,6 +9,7 @@ To make sure a connection lands on the acceptor, the relay's own process is stop
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import re
 import signal
@@ -22,6 +23,7 @@ import pytest
 
 from tests.harness import RelayProcess
 from tests.test_e2e_delivery_process import _alive
+from tests.test_e2e_operating import get, metricsPort
 from tests.test_e2e_outbound import nexthop  # noqa: F401 - the aiosmtpd next-hop fixture
 
 _STARTED = r"acceptor process started \(pid (\d+)\)"
@@ -110,6 +112,16 @@ def test_both_processes_accept_and_each_message_is_delivered_once(relay) -> None
     expected = {f"many{n}@example.org" for n in range(40)} | {"acceptor@example.org"}
     assert set(delivered) == expected and set(delivered.values()) == {1}, delivered
     assert _alive(acceptor)
+    # Each intake line names the acceptor that wrote it ([...,acceptor=PID]); the relay's
+    # own lines name none.
+    log = r.log()
+    for queueID in ids:
+        line = re.search(rf"\[([^\]]*)\] {queueID}: from=<alice@example.com> ", log)
+        assert line is not None, queueID
+        if queueID[-4:] == ids[-1][-4:]:
+            assert line.group(1) == f"mailrelay.cleanup.intake#info,acceptor={acceptor}"
+        else:
+            assert line.group(1) == "mailrelay.cleanup.intake#info"
 
     status = _status(r)
     assert f"acceptor processes: 1 of 1 running (pid {acceptor} since" in status, status
@@ -182,9 +194,18 @@ def test_sighup_replaces_the_acceptor_which_finishes_its_sessions(relay) -> None
     assert _alive(new)
 
 
+def _health(r: RelayProcess) -> tuple[int, dict]:
+    status, _, text = get(metricsPort(r), "/healthz")
+    return status, json.loads(text)
+
+
 def test_kill9_of_the_acceptor_loses_nothing_it_acknowledged(relay) -> None:
-    r, recorder, acceptor = relay()
+    """...and /healthz says which acceptor runs, before and after."""
+    r, recorder, acceptor = relay('[metrics]\nlisten = "tcp:0:interface=127.0.0.1"\n')
     assert r.process is not None
+    status, health = _health(r)
+    assert status == 200, health
+    assert (health["acceptors"], health["acceptor_pids"]) == ("up", [acceptor]), health
     with _relayStopped(r):
         # The relay reads nothing meanwhile: the acceptor's queued ids wait in its pipe.
         for n in range(3):
@@ -200,3 +221,6 @@ def test_kill9_of_the_acceptor_loses_nothing_it_acknowledged(relay) -> None:
         _send(r.port, "after@example.org")
     recorder.waitTo("after@example.org")
     assert len(recorder.accepted) == 4
+    status, health = _health(r)
+    assert status == 200, health
+    assert (health["acceptors"], health["acceptor_pids"]) == ("up", [restarted]), health

@@ -181,3 +181,28 @@ def test_health(tmp_path) -> None:
     ]:
         healthy, parts = health(broken)
         assert not healthy and parts[part] == state, parts
+
+
+class FakeAcceptors:
+    def __init__(self, count: int, pids: list[int]) -> None:
+        self.count, self.pids = count, pids
+
+    def describe(self) -> dict[str, Any]:
+        running = [{"pid": pid, "since": 1.0} for pid in self.pids]
+        return {"count": self.count, "running": running, "restarts": 0, "retiring": []}
+
+
+def test_health_of_the_acceptor_processes(tmp_path) -> None:
+    """With [relay] processes > 1, /healthz says whether every acceptor process runs (their
+    pids); one that is down (being restarted) makes the relay unhealthy, as the delivery
+    process does.  None configured: nothing said of them."""
+    withAcceptors = relay(tmp_path)
+    withAcceptors.acceptors = FakeAcceptors(2, [7, 8])
+    healthy, parts = health(withAcceptors)
+    assert healthy and parts["acceptors"] == "up" and parts["acceptor_pids"] == [7, 8], parts
+    withAcceptors.acceptors = FakeAcceptors(2, [7])
+    healthy, parts = health(withAcceptors)
+    assert not healthy and parts["acceptors"] == "down" and parts["acceptor_pids"] == [7]
+    withAcceptors.acceptors = FakeAcceptors(0, [])
+    healthy, parts = health(withAcceptors)
+    assert healthy and "acceptors" not in parts and "acceptor_pids" not in parts

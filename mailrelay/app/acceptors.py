@@ -40,6 +40,7 @@ from twisted.internet import tcp, unix
 from twisted.internet.defer import DeferredList, succeed
 from twisted.logger import Logger
 
+from mailrelay.app.logs import eventSystem
 from mailrelay.metrics import ProcessMetrics
 from mailrelay.queue.process import (
     _KILL_MARGIN,
@@ -92,6 +93,12 @@ class _AcceptorProtocol(_ChildProtocol):
                           pid=self.pid, queueID=queueID)
             return
         super().recordReceived(record)
+
+    def received(self, event: dict[str, Any]) -> dict[str, Any]:
+        """C{event} with C{,acceptor=PID} after its system (as Postfix's lines name the
+        C{smtpd[PID]}): the log tells which process said what."""
+        event["log_system"] = f"{eventSystem(event)},acceptor={self.pid}"
+        return event
 
 
 class AcceptorPool(ChildSupervisor, Service):

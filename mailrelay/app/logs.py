@@ -96,7 +96,7 @@ def filtered(observer: Any, levels: LevelFilter) -> ILogObserver:
     return FilteringLogObserver(observer, [levels])
 
 
-def _system(event: dict[str, Any]) -> str:
+def eventSystem(event: dict[str, Any]) -> str:
     """The C{[system]} of a classic log line, as Twisted writes it: C{log_system}, else
     C{namespace#level}."""
     system = event.get("log_system")
@@ -136,7 +136,7 @@ def classicLogText(timeFormat: str | None = timeFormatRFC3339) -> Any:
         text = eventText(event)
         if not text:
             return None
-        line = f"{stamp(event.get('log_time'))} [{_system(event)}] {text}"
+        line = f"{stamp(event.get('log_time'))} [{eventSystem(event)}] {text}"
         return line.replace("\n", "\n\t") + "\n"
 
     return formatEvent

@@ -29,7 +29,9 @@ def health(relay: Any) -> tuple[bool, dict[str, Any]]:
     says: C{listeners} (each listening: C{"up"}), C{spool} (C{"up"}: started, writable and
     with its minimum free space; C{"full"}, C{"down"}), C{delivery} (C{"up"}, C{"held"}:
     C{[queue] hold}, deliberately delivering nothing; C{"down"}: its process is not running,
-    it is being restarted)."""
+    it is being restarted) and, with acceptor processes (C{[relay] processes} over 1),
+    C{acceptors} (C{"up"}: as many running as configured; C{"down"}: one is being
+    restarted) with C{acceptor_pids}."""
     listeners = {
         endpoint: "up" if listener.port is not None else "down"
         for endpoint, listener in relay.listeners.items()
@@ -51,11 +53,20 @@ def health(relay: Any) -> tuple[bool, dict[str, Any]]:
     pid = getattr(delivery, "pid", None)
     if pid is not None:
         parts["delivery_pid"] = pid
+    acceptorState = "up"
+    acceptors = getattr(relay, "acceptors", None)
+    described = acceptors.describe() if acceptors is not None else None
+    if described and described["count"]:
+        pids = [child["pid"] for child in described["running"] if child["pid"] is not None]
+        acceptorState = "up" if len(pids) >= described["count"] else "down"
+        parts["acceptors"] = acceptorState
+        parts["acceptor_pids"] = pids
     healthy = (
         bool(listeners)
         and all(state == "up" for state in listeners.values())
         and spoolState == "up"
         and deliveryState in ("up", "held")
+        and acceptorState == "up"
     )
     return healthy, parts
 

@@ -217,7 +217,11 @@ class _ChildProtocol(ProcessProtocol):
         except (ValueError, KeyError):
             log.warn("{what}: {line}", what=self.what, line=record.decode("utf-8", "replace"))
             return
-        globalLogPublisher(event)
+        globalLogPublisher(self.received(event))
+
+    def received(self, event: dict[str, Any]) -> dict[str, Any]:
+        """C{event} from the child as our observers are to see it: as it is."""
+        return event
 
     def _metrics(self, record: bytes) -> None:
         try:
