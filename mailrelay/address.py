@@ -57,6 +57,7 @@ _IPV6_CHARS = re.compile(r"[0-9A-Fa-f:.]+", re.ASCII)
 # General-address-literal = Standardized-tag ":" 1*dcontent; dcontent = %d33-90 / %d94-126
 _GENERAL_LITERAL = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+", re.ASCII)
 _HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
+_HOST_LABEL_UNDERSCORE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*", re.ASCII)
 _HEX = frozenset("0123456789ABCDEFabcdef")
 _ROUTING = frozenset("%!@")
@@ -567,26 +568,32 @@ def utf8AddrXtext(address: str) -> str:
 # -- host names (HELO, the relay's own name, certificates, reverse DNS)
 
 
-def hostnameProblem(text: str) -> str | None:
+def hostnameProblem(text: str, underscore: bool = False) -> str | None:
     """Why C{text} is not a syntactically valid host name, or C{None} when it is.
 
     A host name is dot-separated labels of ASCII letters, digits and hyphens, each 1 to 63
     characters long, not starting or ending with a hyphen; one trailing dot is allowed; the whole
-    is at most 253 characters.  An IP address is not a host name.
+    is at most 253 characters.  An IP address is not a host name.  With C{underscore}, labels
+    may hold underscores too (as Postfix's C{valid_hostname} takes the names it finds in the
+    DNS).
     """
+    pattern = _HOST_LABEL_UNDERSCORE if underscore else _HOST_LABEL
+    allowed = "letters, digits, underscores and hyphens" if underscore else (
+        "letters, digits and hyphens"
+    )
     if not text:
         return "a host name cannot be empty"
     name = text[:-1] if text.endswith(".") else text
     if len(name) > 253:
         return "a host name is at most 253 characters long"
-    for label in name.split("."):
-        if not label:
+    for part in name.split("."):
+        if not part:
             return "a host name cannot have an empty label (two dots in a row, or a leading dot)"
-        if len(label) > 63:
-            return f"label {describeValue(label, 30)} is longer than 63 characters"
-        if not _HOST_LABEL.match(label):
+        if len(part) > 63:
+            return f"label {describeValue(part, 30)} is longer than 63 characters"
+        if not pattern.match(part):
             return (
-                f"label {describeValue(label)} may hold only letters, digits and hyphens, "
+                f"label {describeValue(part)} may hold only {allowed}, "
                 "and cannot start or end with a hyphen"
             )
     try:

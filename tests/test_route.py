@@ -712,6 +712,10 @@ def test_mx_hosts_without_address_are_skipped() -> None:
 MALFORMED_MX_NAMES = [
     b"mx\r\nX-Injected: 1.example",  # would end a DSN's Remote-MTA field
     b"bad name.example",
+    b"fe80::1%\r\nX-Injected: 1",  # an IPv6 address with a "zone" (any octets), then CR LF
+    b"fe80::1%eth0",  # a zone: a link of the relay's own host
+    b"192.0.2.9...",  # an address with dots after it
+    b"..",
     "mx\u00e9.example".encode(),  # not ASCII (an IDN is sent as xn--...)
     b"empty..label.example",
     b"-hyphen.example",
@@ -753,8 +757,9 @@ def test_malformed_mx_names_are_skipped() -> None:
         for w in warnings
     )
     assert ': "mx\\r\\nX-Injected: 1.example" (label ' in warnings[0]
-    assert ': "mx\u00e9.example" (not ASCII: ' in warnings[2]
+    assert ': "mx\u00e9.example" (not ASCII: ' in warnings[6]
     assert ': "bad name.example" (label "bad name" may hold only letters' in warnings[1]
+    assert ': "fe80::1%\\r\\nX-Injected: 1" (' in warnings[2]
     assert not any("\r" in w or "\n" in w for w in warnings)
 
 
@@ -769,6 +774,16 @@ def test_only_malformed_mx_names() -> None:
         "X-mailrelay; malformed domain name in resource data of MX record for onlybad.example"
     )
     assert [q for q in fake.queries if q[0] != "MX"] == []
+
+
+def test_mx_exchange_with_underscore() -> None:
+    """An underscore in an exchange's name is taken, as Postfix's valid_hostname does."""
+    zone = dict(ZONE)
+    zone["under.example"] = [MX(10, "mx_1.under.example.")]
+    zone["mx_1.under.example"] = [A("192.0.2.44")]
+    resolver, _, _ = makeMX(zone)
+    hosts = resolveNow(resolver, "under.example")
+    assert hosts == [MXHost("mx_1.under.example", "192.0.2.44", 25, 10)]
 
 
 def test_mx_exchange_written_as_ip() -> None:

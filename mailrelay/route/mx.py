@@ -79,16 +79,20 @@ def _records(result: Any, rtype: int) -> list[Any]:
 
 
 def _exchangeProblem(name: bytes) -> str | None:
-    """Why the exchange C{name} of an MX record (as DNS gives it) is not a host name
-    (L{hostnameProblem}: an internationalized name is in its ASCII form, C{xn--}), or
-    C{None}.  An IP address written as the exchange is taken (as the domain's host)."""
+    """Why the exchange C{name} of an MX record (as DNS gives it, one final dot allowed) is
+    not a host name, or C{None}: L{hostnameProblem} with underscores allowed, as Postfix's
+    C{valid_hostname} takes them; an internationalized name is in its ASCII form
+    (C{xn--}).  An IP address written as the exchange is taken (as the domain's host), but
+    not one with a zone (C{%...}: any octets, naming a link of this host)."""
     try:
         text = name.decode("ascii")
     except UnicodeDecodeError:
         return "not ASCII: an internationalized name is given in its xn-- form"
-    if _isIP(text.rstrip(".")):
+    if "%" in text:
+        return 'an address with a zone ("%") is not a mail exchanger'
+    if _isIP(text[:-1] if text.endswith(".") else text):
         return None
-    return hostnameProblem(text)
+    return hostnameProblem(text, underscore=True)
 
 
 _NXDOMAIN = "nxdomain"
@@ -287,7 +291,7 @@ class MXResolver:
                 ) from None
             result = ([], [], [])
         records = _records(result, dns.MX)
-        real = [r for r in records if r.name.name.rstrip(b".") != b""]
+        real = [r for r in records if r.name.name not in (b"", b".")]  # not "." (RFC 7505)
         if records and not real:
             raise PermanentFailure(
                 code="5.1.10",
