@@ -184,7 +184,7 @@ def test_health(tmp_path) -> None:
 
 
 class FakeAcceptors:
-    def __init__(self, count: int, pids: list[int]) -> None:
+    def __init__(self, count: int, pids: list[int | None]) -> None:
         self.count, self.pids = count, pids
 
     def describe(self) -> dict[str, Any]:
@@ -203,6 +203,9 @@ def test_health_of_the_acceptor_processes(tmp_path) -> None:
     withAcceptors.acceptors = FakeAcceptors(2, [7])
     healthy, parts = health(withAcceptors)
     assert not healthy and parts["acceptors"] == "down" and parts["acceptor_pids"] == [7]
+    withAcceptors.acceptors = FakeAcceptors(1, [None])  # (no pid: not running)
+    healthy, parts = health(withAcceptors)
+    assert not healthy and parts["acceptors"] == "down" and parts["acceptor_pids"] == []
     withAcceptors.acceptors = FakeAcceptors(0, [])
     healthy, parts = health(withAcceptors)
     assert healthy and "acceptors" not in parts and "acceptor_pids" not in parts

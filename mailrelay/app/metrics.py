@@ -30,8 +30,8 @@ def health(relay: Any) -> tuple[bool, dict[str, Any]]:
     with its minimum free space; C{"full"}, C{"down"}), C{delivery} (C{"up"}, C{"held"}:
     C{[queue] hold}, deliberately delivering nothing; C{"down"}: its process is not running,
     it is being restarted) and, with acceptor processes (C{[relay] processes} over 1),
-    C{acceptors} (C{"up"}: as many running as configured; C{"down"}: one is being
-    restarted) with C{acceptor_pids}."""
+    C{acceptors} (C{"up"}: as many running as configured; C{"down"}: fewer, one being
+    restarted or the relay stopping) with C{acceptor_pids}."""
     listeners = {
         endpoint: "up" if listener.port is not None else "down"
         for endpoint, listener in relay.listeners.items()

@@ -9,9 +9,9 @@ the session parses nothing more until L{ServerSession.answer} is called, so pipe
 answered strictly in order, across the DATA boundary too.  It never touches a socket, a clock or
 the disk: L{mailrelay.receive.protocol} drives it with Twisted.
 
-Message data is read by L{mailrelay.smtp.data.DataReader}, in bulk (C{bytes.find}/C{replace},
-never one Python call per line).  The end of data is only C{<CRLF>.<CRLF>}: a bare CR or LF
-never ends or splits a message.
+Message data is read by L{mailrelay.smtp.data.DataReader}, in bulk (C{re} searches and
+C{bytes} methods over whole chunks, never one Python call per line).  The end of data is only
+C{<CRLF>.<CRLF>}: a bare CR or LF never ends or splits a message.
 
 CHUNKING (RFC 3030): C{BDAT n [LAST]} is followed at once by C{n} octets of the message, read
 by L{mailrelay.smtp.data.ChunkReader} (no dot-stuffing, no end marker; a text message gets
