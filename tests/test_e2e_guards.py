@@ -313,7 +313,7 @@ def refusedByStamper(tmp_path: Path, stampers: str, logged: str) -> tuple[str, f
         assert bye == b"221 2.0.0 Bye"
         assert r.queued() == []
         r.waitForLog(logged)
-        return r.waitForLog(r"disconnect from 127\.0\.0\.1 .*").string, took
+        return r.waitForLog(r"disconnect from 127\.0\.0\.1:\d+ .*").string, took
     finally:
         r.stop()
 

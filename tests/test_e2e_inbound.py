@@ -214,8 +214,12 @@ def test_premature_close_queues_nothing(relay) -> None:
         c.readReply()
     c.send(b"Subject: unfinished\r\n\r\n" + b"x" * 100000)
     time.sleep(0.3)
+    port = c.sock.getsockname()[1]
     c.close()
-    r.waitForLog(r"disconnect from 127\.0\.0\.1 .*client closed the connection")
+    # The disconnect line names the session as the connect line does (address and port):
+    # sessions from one address at once can be told apart.
+    r.waitForLog(rf"connect from 127\.0\.0\.1:{port} on ")
+    r.waitForLog(rf"disconnect from 127\.0\.0\.1:{port} .*client closed the connection")
     assert r.queued() == []
     assert list((r.spool / "tmp").iterdir()) == []
 

@@ -854,9 +854,12 @@ def _logConnect(client: ClientInfo) -> None:
 
 
 def _logDisconnect(session: ServerSession, wasOpen: bool) -> None:
+    # Address and port, as the connect line has them: what pairs the two lines of a
+    # session when one address has several at once (Postfix's pair by the smtpd's pid).
     log.info(
-        "disconnect from {client} messages={messages} errors={errors}{how}",
+        "disconnect from {client}:{port} messages={messages} errors={errors}{how}",
         client=session.client.address,
+        port=session.client.port,
         messages=session.messages,
         errors=session.errors,
         how=" (client closed the connection)" if wasOpen else "",
