@@ -150,7 +150,9 @@ class FakeResolver:
             return fail(DNSNameError(name))
         if self.ptr is None:
             return Deferred()
-        return succeed(([dns.RRHeader(name, dns.PTR, payload=dns.Record_PTR(self.ptr))], [], []))
+        ptrs = self.ptr if isinstance(self.ptr, list) else [self.ptr]
+        return succeed(([dns.RRHeader(name, dns.PTR, payload=dns.Record_PTR(p)) for p in ptrs],
+                        [], []))
 
     def lookupAddress(self, name):
         return succeed(([dns.RRHeader(name, dns.A, payload=dns.Record_A(a)) for a in self.a], [], []))
@@ -171,6 +173,17 @@ def test_reverse_lookup_forward_confirmed() -> None:
     reverseLookup(FakeResolver(fail=True), "192.0.2.1", 10, clock).addCallback(results.append)
     reverseLookup(FakeResolver(ptr="v6.example", aaaa=["2001:db8::1"]), "2001:db8::1", 10, clock).addCallback(results.append)
     assert results == [None, None, "v6.example"]
+
+
+def test_reverse_lookup_skips_a_name_not_in_ascii() -> None:
+    """A PTR record whose name is not ASCII (what a hostile DNS server can answer) is
+    skipped, as a name of bad syntax is: the client's other PTR names are still tried (it
+    made the whole lookup fail: str() of the name raised UnicodeDecodeError)."""
+    r = FakeResolver(ptr=["mx\u00e9.example".encode(), b"dots.example..", "Mail.Example."],
+                     a=["192.0.2.1"])
+    results: list = []
+    reverseLookup(r, "192.0.2.1", 10, Clock()).addCallback(results.append)
+    assert results == ["mail.example"]
 
 
 def test_reverse_lookup_answers_are_remembered_for_a_while() -> None:

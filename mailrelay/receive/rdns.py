@@ -36,6 +36,17 @@ def _validName(name: str) -> bool:
     return hostnameProblem(name) is None
 
 
+def _asciiName(name: bytes) -> str | None:
+    """A name from the DNS, lower case, without its final dot; C{None} if it is not ASCII
+    or ends with more than one dot (not a host name: skipped as one of bad syntax is)."""
+    try:
+        text = name.decode("ascii").lower()
+    except UnicodeDecodeError:
+        return None
+    text = text[:-1] if text.endswith(".") else text
+    return None if text.endswith(".") else text
+
+
 def _answers(result: Any, rtype: int) -> list[Any]:
     answers = result[0] if isinstance(result, tuple) else result
     return [rr.payload for rr in answers if rr.type == rtype]
@@ -47,8 +58,8 @@ def _lookup(resolver: Any, host: str) -> Any:
     if addr.version == 6 and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
     ptr = yield resolver.lookupPointer(addr.reverse_pointer)
-    names = [str(p.name).rstrip(".").lower() for p in _answers(ptr, dns.PTR)]
-    names = [name for name in names if _validName(name)]
+    names = [_asciiName(p.name.name) for p in _answers(ptr, dns.PTR)]
+    names = [name for name in names if name is not None and _validName(name)]
     for name in names[:3]:
         if addr.version == 4:
             fwd = yield resolver.lookupAddress(name)
