@@ -243,6 +243,21 @@ def test_spf_follows_include_a_and_mx_through_the_resolver(tmp_path: Path) -> No
     assert "spf=fail" in field(run(plugin, MESSAGE, address="192.0.2.99")[0])
 
 
+def test_spf_skips_names_from_the_dns_that_are_not_ascii(tmp_path: Path) -> None:
+    """An MX, CNAME or PTR name that is not ASCII (what a domain's own DNS server can
+    answer) is skipped, as a malformed MX is when delivering: the check goes on, here to a
+    pass by the good MX; it made the filter fail (UnicodeDecodeError)."""
+    resolver = FakeResolver(records(**{
+        "example.com": {"TXT": ["v=spf1 mx a:alias.example.com -all"],
+                        "MX": [(10, "mx\u00e9.example".encode()), (20, "mx.example.com")]},
+        "mx.example.com": {"A": ["192.0.2.50"]},
+        "alias.example.com": {"CNAME": ["t\u00e9.example".encode()]},
+    }))
+    plugin = build(tmp_path, resolver)
+    assert "spf=pass" in field(run(plugin, MESSAGE, address="192.0.2.50")[0])
+    assert "spf=fail" in field(run(plugin, MESSAGE, address="192.0.2.99")[0])
+
+
 def test_null_sender_is_checked_by_its_helo(tmp_path: Path) -> None:
     resolver = FakeResolver(records(**{"mail.example.com": {"TXT": ["v=spf1 ip4:192.0.2.1 -all"]}}))
     answer, envelope = run(build(tmp_path, resolver), signed(), sender="")

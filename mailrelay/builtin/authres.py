@@ -235,8 +235,9 @@ class _SPFRound:
         name, qtype = key
 
         def got(rrs: list[Any]) -> None:
-            self.answers[key] = [_spfAnswer(name, qtype, rr) for rr in rrs if rr.type in
-                                 (_TYPES[qtype], dns.CNAME)]
+            answers = [_spfAnswer(name, qtype, rr) for rr in rrs if rr.type in
+                       (_TYPES[qtype], dns.CNAME)]
+            self.answers[key] = [answer for answer in answers if answer is not None]
 
         def failed(failure: Failure) -> None:
             failure.trap(_TempError)
@@ -245,20 +246,25 @@ class _SPFRound:
         return _records(dnsc, name, _TYPES[qtype]).addCallbacks(got, failed)
 
 
-def _spfAnswer(name: str, qtype: str, rr: Any) -> tuple[tuple[str, str], Any]:
-    """One answer as pyspf's C{DNSLookup} gives it: C{((name, type), value)}."""
-    owner = str(rr.name).lower().rstrip(".")
-    p = rr.payload
-    if rr.type == dns.CNAME:
-        return (owner, "CNAME"), str(p.name)
-    if rr.type == dns.A:
-        return (owner, "A"), p.dottedQuad()
-    if rr.type == dns.AAAA:
-        return (owner, "AAAA"), socket.inet_ntop(socket.AF_INET6, p.address)
-    if rr.type == dns.MX:
-        return (owner, "MX"), (p.preference, str(p.name))
-    if rr.type == dns.PTR:
-        return (owner, "PTR"), str(p.name)
+def _spfAnswer(name: str, qtype: str, rr: Any) -> tuple[tuple[str, str], Any] | None:
+    """One answer as pyspf's C{DNSLookup} gives it: C{((name, type), value)}; C{None} for
+    one with a name that is not ASCII (what a domain's own server can answer: skipped, as
+    a malformed MX is when delivering)."""
+    try:
+        owner = rr.name.name.decode("ascii").lower().rstrip(".")
+        p = rr.payload
+        if rr.type == dns.CNAME:
+            return (owner, "CNAME"), p.name.name.decode("ascii")
+        if rr.type == dns.A:
+            return (owner, "A"), p.dottedQuad()
+        if rr.type == dns.AAAA:
+            return (owner, "AAAA"), socket.inet_ntop(socket.AF_INET6, p.address)
+        if rr.type == dns.MX:
+            return (owner, "MX"), (p.preference, p.name.name.decode("ascii"))
+        if rr.type == dns.PTR:
+            return (owner, "PTR"), p.name.name.decode("ascii")
+    except UnicodeDecodeError:
+        return None
     return (owner, "TXT"), list(p.data)
 
 

@@ -49,7 +49,11 @@ def _strings(value: str | Sequence[str]) -> list[bytes]:
     return [p.encode("utf-8") for p in ((value,) if isinstance(value, str) else value)]
 
 
-def _name(text: str) -> bytes:
+def _name(text: str | bytes) -> bytes:
+    """A name in a record: a string, IDNA-encoded; bytes as they are (a name no encoding
+    makes, as a broken or hostile server can answer)."""
+    if isinstance(text, bytes):
+        return text
     return text.lower().rstrip(".").encode("idna")
 
 
@@ -82,7 +86,7 @@ class FakeResolver(ResolverBase):
         @param records: name (or IP address, for its C{PTR}) to record type to values: C{A},
             C{AAAA} addresses; C{MX} C{(preference, exchange)}; C{TXT} a string or a tuple of
             strings (one record of several character-strings); C{PTR}, C{NS}, C{CNAME}
-            names.
+            names (a name given as bytes is answered as it is, not encoded).
         @param clock: with C{delay}, answers come C{delay} seconds later on this clock.
         """
         super().__init__()
