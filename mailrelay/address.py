@@ -607,6 +607,12 @@ def hostnameProblem(text: str, underscore: bool = False) -> str | None:
     return None
 
 
+def hostPort(host: str, port: int | str) -> str:
+    """C{host} and C{port} as logs and status show them: C{host:port}, an IPv6 address in
+    brackets (C{[2001:db8::7]:1234}) so that its colons are not taken for the port's."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def normaliseHostname(text: str) -> str:
     """Check a host name (see L{hostnameProblem}) and return it lower-cased, without a
     trailing dot.

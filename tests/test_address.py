@@ -918,3 +918,14 @@ def test_fuzzOthers(text: str) -> None:
                 path, params = result
                 assert path.startswith("<") and path.endswith(">")
                 assert all(k == k.upper() and " " not in k for k, _ in params)
+
+
+def test_hostPort() -> None:
+    """A host and port as logs and status show them: an IPv6 address in brackets, so that
+    its colons cannot be taken for the port's."""
+    from mailrelay.address import hostPort
+
+    assert hostPort("192.0.2.1", 25) == "192.0.2.1:25"
+    assert hostPort("2001:db8::7", 1234) == "[2001:db8::7]:1234"
+    assert hostPort("::1", 2525) == "[::1]:2525"
+    assert hostPort("mx.example.org", 587) == "mx.example.org:587"

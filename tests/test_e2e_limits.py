@@ -296,7 +296,10 @@ def test_proxy_v1_and_v2_from_a_trusted_proxy(relay) -> None:
     c.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n")
     assert [c.readReply() for _ in range(2)] == [[b"250 2.1.0 Ok"], [b"554 5.7.1 Relay access denied"]]
     c.close()
-    r.waitForLog(r"connect from 2001:db8::7:1234")
+    # An IPv6 address and its port, told apart as in a URL: [address]:port.
+    r.waitForLog(r"PROXY v2 from 127\.0\.0\.1: client \[2001:db8::7\]:1234")
+    r.waitForLog(r"connect from \[2001:db8::7\]:1234 on ")
+    r.waitForLog(r"disconnect from \[2001:db8::7\]:1234 messages=0")
 
 
 def test_proxy_local_health_check(relay) -> None:

@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from mailrelay.address import hostPort
 from mailrelay.cleanup.intake import Intake
 from mailrelay.cleanup.stamping import ConfiguredStamper
 from mailrelay.config import Config, ListenerConfig
@@ -154,7 +155,8 @@ class ListenerService(Service):
         self.port = outcome
         host = self.port.getHost()
         log.info(
-            "listening on {host}:{port} ({endpoint}{role})",
+            "listening on {address} ({endpoint}{role})",
+            address=hostPort(str(getattr(host, "host", host)), getattr(host, "port", "")),
             host=getattr(host, "host", host),
             port=getattr(host, "port", ""),
             endpoint=self.description,

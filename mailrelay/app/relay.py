@@ -10,6 +10,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from mailrelay.address import hostPort
 from mailrelay.app.delivery import InlineDelivery, makeDelivery, makeSpool
 from mailrelay.app.listeners import (
     ListenError,
@@ -427,7 +428,7 @@ class RelayService(OrderedMultiService):
             address = None
             if listener.port is not None:
                 host = listener.port.getHost()
-                address = f"{getattr(host, 'host', host)}:{getattr(host, 'port', '')}"
+                address = hostPort(str(getattr(host, "host", host)), getattr(host, "port", ""))
             listeners.append({"endpoint": endpoint, "role": listener.role, "address": address})
         delivery = self.delivery
         if isinstance(delivery, InlineDelivery):

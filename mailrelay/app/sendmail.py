@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TextIO
 
-from mailrelay.address import xtextEncode
+from mailrelay.address import hostPort, xtextEncode
 from mailrelay.app.localmail import (
     Submission,
     SubmitError,
@@ -312,7 +312,7 @@ def listenerAddress(endpoint: str) -> Address | None:
         six = isinstance(server, TCP6ServerEndpoint) or ":" in interface
         if interface in ("", "0.0.0.0", "::"):
             interface = "::1" if six else "127.0.0.1"
-        text = f"[{interface}]:{port}" if ":" in interface else f"{interface}:{port}"
+        text = hostPort(interface, port)
         return Address(socket.AF_INET6 if six else socket.AF_INET, (interface, port), text)
     return None
 

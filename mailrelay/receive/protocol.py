@@ -40,6 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailrelay.address import hostPort
 from mailrelay.envelope import ClientInfo, Envelope
 from mailrelay.interfaces import IIntake, Verdict, VerdictKind
 from mailrelay.metrics import CONNECTIONS, REFUSALS, SESSIONS, child, replyClass
@@ -845,7 +846,8 @@ def _outcome(lastReply: Reply | None, clientLeft: bool) -> str:
 
 def _logConnect(client: ClientInfo) -> None:
     log.info(
-        "connect from {client}:{port} on {listener} relay={relay}",
+        "connect from {peer} on {listener} relay={relay}",
+        peer=hostPort(client.address, client.port),
         client=client.address,
         port=client.port,
         listener=client.listener,
@@ -857,7 +859,8 @@ def _logDisconnect(session: ServerSession, wasOpen: bool) -> None:
     # Address and port, as the connect line has them: what pairs the two lines of a
     # session when one address has several at once (Postfix's pair by the smtpd's pid).
     log.info(
-        "disconnect from {client}:{port} messages={messages} errors={errors}{how}",
+        "disconnect from {peer} messages={messages} errors={errors}{how}",
+        peer=hostPort(session.client.address, session.client.port),
         client=session.client.address,
         port=session.client.port,
         messages=session.messages,

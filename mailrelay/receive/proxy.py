@@ -35,6 +35,8 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
+from mailrelay.address import hostPort
+
 log = Logger()
 
 #: The first 12 bytes of a version 2 header.
@@ -263,9 +265,10 @@ class ProxyProtocolWrapper(ProtocolWrapper):
                      version=header.version, proxy=proxy)
         else:
             log.info(
-                "PROXY v{version} from {proxy}: client {client}:{port}",
+                "PROXY v{version} from {proxy}: client {peer}",
                 version=header.version,
                 proxy=proxy,
+                peer=hostPort(*header.source),
                 client=header.source[0],
                 port=header.source[1],
             )
