@@ -77,7 +77,8 @@ def test_normalize() -> None:
 # The reader against a simple reference, on random content and chunkings ----------------------
 
 _PIECES = [b"", b".", b"..", b".x", b"text", b"a.b", b". ", b"x" * 997, b"x" * 998, b"x" * 999,
-           b"." + b"x" * 998, b"a\rb", b"a\nb", b"\r", b"\n", b"\r\r", b"a\0b", b"\0."]
+           b"." + b"x" * 998, b"a\rb", b"a\nb", b"\r", b"\n", b"\r\r", b"a\0b", b"\0.",
+           b"\n.", b"\r..", b"\n..x"]
 
 
 def referenceRead(wire: bytes, maxSize: int, bareNewline: str, nulBytes: str) -> tuple:
@@ -88,8 +89,16 @@ def referenceRead(wire: bytes, maxSize: int, bareNewline: str, nulBytes: str) ->
     else:
         end = wire.index(b"\r\n.\r\n")
         raw, rest = wire[: end + 2], wire[end + 5 :]
-    lines = raw.split(b"\r\n")
-    content = b"\r\n".join(line[1:] if line.startswith(b".") else line for line in lines)
+    if bareNewline == BARE_NEWLINE_NORMALIZE:
+        # A bare CR or LF ends a line too (it becomes CRLF): the line after it is un-stuffed.
+        pieces = re.split(rb"(\r\n|\r|\n)", raw)
+        content = b"".join(
+            piece[1:] if n % 2 == 0 and piece.startswith(b".") else piece
+            for n, piece in enumerate(pieces)
+        )
+    else:
+        lines = raw.split(b"\r\n")
+        content = b"\r\n".join(line[1:] if line.startswith(b".") else line for line in lines)
     errors = set()
     if b"\0" in content:
         if nulBytes != BARE_NEWLINE_NORMALIZE:
@@ -131,6 +140,25 @@ def test_the_reader_agrees_with_a_reference(
         assert reader.error in errors
     else:
         assert (stored, reader.size, reader.error) == (expected, len(expected), None)
+
+
+def test_lines_after_a_bare_newline_are_unstuffed_when_normalised() -> None:
+    """With "normalize", a bare LF (or CR) ends a line as CRLF does, so the line after it
+    loses its stuffed dot, as Postfix's smtpd reads a client that ends lines with LF alone:
+    "..dotline" is ".dotline" (it was stored with both dots, and delivered so).  Only
+    CRLF.CRLF ends the data, whatever the mode."""
+    reader = DataReader(5000, bareNewline=BARE_NEWLINE_NORMALIZE)
+    wire = b"Subject: x\n\nline1\n..dotline\n...two\r..cr\n.\nend\r\n.\r\nQUIT\r\n"
+    stored, rest = readAll(reader, [wire])
+    assert (stored, rest, reader.error) == (
+        b"Subject: x\r\n\r\nline1\r\n.dotline\r\n..two\r\n.cr\r\n\r\nend\r\n", b"QUIT\r\n", None
+    )
+    # Cut anywhere, the same; and a CRLF line still loses exactly one dot.
+    for cut in range(1, len(wire)):
+        reader = DataReader(5000, bareNewline=BARE_NEWLINE_NORMALIZE)
+        assert readAll(reader, [wire[:cut], wire[cut:]])[0] == stored
+    reader = DataReader(5000, bareNewline=BARE_NEWLINE_NORMALIZE)
+    assert readAll(reader, [b"a\r\n..b\nc\r\n.\r\n"])[0] == b"a\r\n.b\r\nc\r\n"
 
 
 def test_a_bare_newline_ends_a_line_when_normalised() -> None:

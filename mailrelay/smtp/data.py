@@ -51,6 +51,8 @@ _LF_MARKS = bytes(int(octet == 10) for octet in range(256))
 #: (24 against 37 us per 64 KiB of 80-octet lines, 36 against 139 of empty lines), most of
 #: the reading of a large message.
 _DOT_LINE = re.compile(rb"\r\n\.")
+#: A dot starting a line after a bare CR or a bare LF (the CR or LF kept as group 1).
+_DOT_AFTER_BARE = re.compile(rb"(\r|(?<!\r)\n)\.")
 
 
 def _hasBareNewline(chunk: bytes) -> bool:
@@ -208,7 +210,10 @@ class DataReader(_Checks):
         if cut <= pos:
             return None
         content = self._content(buf[pos:cut], self._atLineStart, 0 <= dotLine < cut - 2)
-        self._atLineStart = last >= 0
+        # (Cut after a bare LF, when normalising: that ends a line too.)
+        self._atLineStart = last >= 0 or (
+            self.bareNewline == BARE_NEWLINE_NORMALIZE and buf.endswith(b"\n", pos, cut)
+        )
         return cut, content, False
 
     def _content(self, chunk: bytes, atLineStart: bool, dotLines: bool) -> bytes | None:
@@ -224,6 +229,11 @@ class DataReader(_Checks):
             chunk = chunk[1:]
         if dotLines:
             chunk = chunk.replace(b"\r\n.", b"\r\n")
+        if self.bareNewline == BARE_NEWLINE_NORMALIZE:
+            # A bare CR or LF ends a line too once normalised (as Postfix's smtpd reads a
+            # client that ends lines with LF alone): the line after it is un-stuffed.  (Those
+            # after a CRLF were, just above: the look-behind spares them.)
+            chunk = _DOT_AFTER_BARE.sub(rb"\1", chunk)
         return self._check(chunk, atLineStart)
 
 
