@@ -269,6 +269,19 @@ def test_command_line_limits() -> None:
     assert h.closed
 
 
+def test_command_names_are_ascii() -> None:
+    """A command name is ASCII letters: "maıl" (a dotless i) or "rſet" (a long s), which
+    str.upper() makes "MAIL" and "RSET", are not commands (they were taken for them), as
+    Postfix answers them."""
+    h = ServerHarness()
+    h.replies()
+    assert h.send(b"EHLO client.test\r\n")[-1].startswith(b"250 ")
+    for line in ("ma\u0131l FROM:<a@example.com>", "r\u017fet", "qu\u0131t", "NOOP\u0130"):
+        assert h.send(f"{line}\r\n".encode()) == [b"500 5.5.2 Error: command not recognized"]
+    assert not h.closed
+    assert h.send(b"MAIL FROM:<a@example.com>\r\n") == [b"250 2.1.0 Ok"]
+
+
 def test_error_limit_disconnects() -> None:
     h = ServerHarness(maxErrors=3)
     h.replies()

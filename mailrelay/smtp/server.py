@@ -631,23 +631,24 @@ class ServerSession:
             self._reply(R.SYNTAX_ERROR)
             return True
         verb, _, arg = line.partition(" ")
-        handler = getattr(self, "_cmd_" + verb.upper(), None) if verb.isalpha() else None
-        if self._refusedAtGreeting and verb.upper() != "QUIT":
+        # A command name is ASCII: str.upper() would make "MAIL" of "maıl" (a dotless i).
+        name = verb.upper() if verb.isascii() else "\x00"
+        handler = getattr(self, "_cmd_" + name, None) if name.isalpha() else None
+        if self._refusedAtGreeting and name != "QUIT":
             self._reply(Reply(503, "5.5.1", "Error: no SMTP service here, send QUIT"))
             return True
-        if handler is None and verb.upper() in self._owners[2]:
+        if handler is None and name in self._owners[2]:
             handler = self._extensionCommand
-            arg = f"{verb.upper()} {arg}"
+            arg = f"{name} {arg}"
         if handler is None:
             if not verb:
                 self._reply(R.SYNTAX_ERROR)
-            elif verb.upper() in _UNIMPLEMENTED:
+            elif name in _UNIMPLEMENTED:
                 self._reply(R.NOT_IMPLEMENTED)
             else:
                 self._reply(R.UNRECOGNIZED)
             return True
         if self.settings.rejectUnauthPipelining and self._pos < len(self._buf):
-            name = verb.upper()
             if name != "QUIT" and (not self.client.esmtp or name in _LAST_IN_GROUP):
                 self._out.append(SyncError(name, self._buf[self._pos : self._pos + 100]))
                 self._close(SYNC_ERROR)
