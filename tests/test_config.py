@@ -84,9 +84,15 @@ def writeConfig(directory: Path, text: str, name: str = "mailrelay.toml") -> str
     return str(path)
 
 
-PEM = (
-    "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUY29uZmlnLXRlc3Q=\n-----END CERTIFICATE-----\n"
-)
+def _caPEM() -> str:
+    """A real CA certificate (made with trustme): a CA file's certificates are loaded when
+    the configuration is checked, as delivery loads them."""
+    import trustme
+
+    return str(trustme.CA().cert_pem.bytes().decode("ascii"))
+
+
+PEM = _caPEM()
 
 
 def writeCertificate(directory: Path, certName: str = "cert.pem", keyName: str = "key.pem",
@@ -728,6 +734,14 @@ ERROR_CASES = [
      "not 0"),
     ('[[backends]]\nname = "x"\nplugin = "p"\ntimeout = true', "backends[0].timeout",
      "not true"),
+    # A key file OpenSSL cannot read in an ssl: endpoint (it raised OpenSSL's own error).
+    ('[[listeners]]\nendpoint = "ssl:2525:privateKey=/etc/passwd"', "listeners[0].endpoint",
+     '"ssl:2525:privateKey=/etc/passwd" is not a valid server endpoint'),
+    # A NUL character, in any value (file names raised ValueError: embedded null byte).
+    ('[spool]\ndirectory = "a\\u0000b"', "spool.directory", "NUL character"),
+    ('[delivery]\nca_file = "a\\u0000b"', "delivery.ca_file", "NUL character"),
+    ('[[listeners]]\nendpoint = "tcp:25"\ntls_certificate = "c\\u0000"',
+     "listeners[0].tls_certificate", '"c\\u0000" holds a NUL character'),
 ]
 
 
@@ -1184,6 +1198,16 @@ def test_caFileRelativeToConfigDir(tmp_path: Path) -> None:
     assert loadConfig(path).delivery.caFile == str(etc / "ca.pem")
 
 
+def test_aConfigurationFileOfAMebibyteOrMoreIsRefused(tmp_path: Path) -> None:
+    """A file that cannot be a configuration (/dev/zero, a log given by mistake) is refused
+    once a mebibyte is read, not read until memory runs out."""
+    path = tmp_path / "huge.toml"
+    path.write_bytes(b"# " + b"x" * (1 << 20) + b"\n")
+    with pytest.raises(ConfigError) as e:
+        loadConfig(str(path))
+    assert str(e.value) == f"{path}: not a configuration file: larger than 1 MiB"
+
+
 def test_caFileAbsolute(tmp_path: Path) -> None:
     """An absolute ca_file is taken as it is; a trusted-certificate bundle will do."""
     ca = tmp_path / "bundle.crt"
@@ -1198,6 +1222,10 @@ def test_caFileAbsolute(tmp_path: Path) -> None:
         (lambda d: (d / "ca.pem").write_text("not a certificate\n"), "holds no PEM certificate"),
         (lambda d: (d / "ca.pem").mkdir(), "Is a directory"),
         (lambda d: None, "No such file or directory"),
+        # A certificate cut short: every delivery over TLS failed with a traceback.
+        (lambda d: (d / "ca.pem").write_text(
+            "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIU\n-----END CERTIFICATE-----\n"),
+         "certificate 1 of 1 cannot be read"),
     ],
 )
 def test_badCaFile(tmp_path: Path, setup: Any, fragment: str) -> None:

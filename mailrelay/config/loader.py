@@ -23,6 +23,9 @@ from mailrelay.errors import ConfigError, describeValue
 
 __all__ = ["loadConfig", "loadLocalView", "readConfigFile"]
 
+#: A configuration file is at most this big, less one octet (the sample is ~40 KiB).
+_MAX_CONFIG_SIZE = 1 << 20
+
 
 def readConfigFile(path: str | os.PathLike[str]) -> bytes:
     """The bytes of the configuration file C{path}.
@@ -31,11 +34,14 @@ def readConfigFile(path: str | os.PathLike[str]) -> bytes:
     """
     try:
         with open(path, "rb") as f:
-            return f.read()
+            data = f.read(_MAX_CONFIG_SIZE)
     except OSError as e:
         raise ConfigError(
             f"cannot read the configuration file: {e.strerror or e}", file=os.fspath(path)
         ) from None
+    if len(data) == _MAX_CONFIG_SIZE:  # (/dev/zero, a log given by mistake: not read on)
+        raise ConfigError("not a configuration file: larger than 1 MiB", file=os.fspath(path))
+    return data
 
 
 def _readFile(path: str, text: bytes | None = None) -> dict[str, Any]:
@@ -46,11 +52,29 @@ def _readFile(path: str, text: bytes | None = None) -> dict[str, Any]:
     if text is None:
         text = readConfigFile(path)
     try:
-        return tomllib.loads(text.decode("utf-8"))
+        data = tomllib.loads(text.decode("utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"TOML syntax error: {e}", file=path) from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"not UTF-8 text: {e}", file=path) from None
+    _refuseNUL(data, path, "")
+    return data
+
+
+def _refuseNUL(value: Any, path: str, key: str) -> None:
+    """Refuse a string holding a NUL character anywhere in C{value} (the file's table): no
+    file name, address or other value can hold one."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ConfigError(
+                f"{describeValue(value)} holds a NUL character (\\u0000)", file=path, key=key
+            )
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _refuseNUL(item, path, f"{key}.{name}" if key else name)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _refuseNUL(item, path, f"{key}[{index}]")
 
 
 def _checkShapes(data: dict[str, Any], at: At) -> None:

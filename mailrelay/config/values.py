@@ -84,6 +84,7 @@ def checkEndpoint(text: str) -> None:
 
     @raise ValueError: the message names the value and gives Twisted's complaint.
     """
+    from OpenSSL import SSL, crypto
     from twisted.internet.endpoints import serverFromString
 
     if not isinstance(text, str):
@@ -91,7 +92,8 @@ def checkEndpoint(text: str) -> None:
     hint = '(e.g. "tcp:2525:interface=127.0.0.1", "tcp6:25:interface=\\:\\:1", "unix:/run/x.sock")'
     try:
         endpoint = serverFromString(None, text)
-    except (ValueError, TypeError, KeyError, IndexError, OSError) as e:
+    except (ValueError, TypeError, KeyError, IndexError, OSError, crypto.Error, SSL.Error) as e:
+        # (OpenSSL's errors: an ssl: endpoint's certificate or key file it cannot read.)
         raise ValueError(
             f"{describeValue(text)} is not a valid server endpoint {hint}: {e}"
         ) from None
@@ -381,6 +383,8 @@ def caFile(value: Any, at: At) -> str | None:
     text = string(value, at)
     if text == "":
         return None
+    from mailrelay.delivery.tls import pemCertificates
+
     path = at.path(text)
     data = _readBytes(path, "the CA file", at)
     if not _PEM_CERTIFICATE.search(data):
@@ -388,6 +392,10 @@ def caFile(value: Any, at: At) -> str | None:
             f"the CA file {describeValue(path)} holds no PEM certificate "
             '(no "-----BEGIN CERTIFICATE-----" line)'
         )
+    try:
+        pemCertificates(data)  # each as delivery will load it
+    except ValueError as e:
+        raise at.error(f"the CA file {describeValue(path)}: {e}") from None
     return path
 
 

@@ -23,15 +23,35 @@ from zope.interface import implementer
 from mailrelay.smtp.clientsettings import ClientSettings
 
 
+def pemCertificates(data: bytes) -> list[Certificate]:
+    """The certificates of the PEM blocks (C{-----BEGIN CERTIFICATE-----}) in C{data}, as
+    the delivery's TLS trusts them (the configuration's check of a CA file loads them so
+    too).
+
+    @raise ValueError: one cannot be read (which, and OpenSSL's complaint).
+    """
+    from OpenSSL import crypto
+
+    marker = b"-----END CERTIFICATE-----"
+    blocks = [b + marker for b in data.split(marker) if b"-----BEGIN CERTIFICATE-----" in b]
+    certificates = []
+    for number, block in enumerate(blocks, 1):
+        try:
+            certificates.append(Certificate.loadPEM(block))
+        except (crypto.Error, ValueError) as e:
+            raise ValueError(
+                f"certificate {number} of {len(blocks)} cannot be read: {e}"
+            ) from None
+    return certificates
+
+
 def _loadTrustRoot(caFile: str | None) -> Any:
     if caFile is None:
         return platformTrust()
-    data = Path(caFile).read_bytes()
-    marker = b"-----END CERTIFICATE-----"
-    blocks = [b + marker for b in data.split(marker) if b"-----BEGIN CERTIFICATE-----" in b]
-    if not blocks:
+    certificates = pemCertificates(Path(caFile).read_bytes())
+    if not certificates:
         raise ValueError(f"no certificate in {caFile}")
-    return trustRootFromCertificates([Certificate.loadPEM(b) for b in blocks])
+    return trustRootFromCertificates(certificates)
 
 
 @implementer(IOpenSSLClientConnectionCreator)
