@@ -655,6 +655,45 @@ def test_effective_configuration_loads_to_the_same(tmp_path: Path) -> None:
     assert after.__class__(**{**vars(after), "source": before.source}) == before
 
 
+def test_effective_configuration_with_tables_in_listeners_loads_back(tmp_path: Path) -> None:
+    """A listener's tls_certificates (an array of tables in an array of tables) is written
+    under [[listeners.tls_certificates]], after its listener, as TOML wants it (it was
+    [[listeners[1].tls_certificates]], which no TOML parser reads)."""
+    from mailrelay.config import loadConfig
+    from mailrelay.config.effective import effectiveConfiguration
+    from tests.test_config import writeCertificate
+
+    writeCertificate(tmp_path, "a.pem", "a.key", "relay.example.com")
+    writeCertificate(tmp_path, "b.pem", "b.key", "mail.example.org")
+    original = tmp_path / "relay.toml"
+    original.write_text(
+        '[spool]\ndirectory = "spool"\n'
+        '[[listeners]]\nendpoint = "tcp:2525"\n'
+        '[[listeners]]\nendpoint = "tcp:2587"\ntls_certificate = "a.pem"\ntls_key = "a.key"\n'
+        'tls_certificates = [{server_name = "mail.example.org", certificate = "b.pem", '
+        'key = "b.key"}]\n'
+    )
+    text = effectiveConfiguration(original)
+    data = tomllib.loads(text)
+    assert "tls_certificates" not in data["listeners"][0]
+    assert [c["server_name"] for c in data["listeners"][1]["tls_certificates"]] == [
+        "mail.example.org"
+    ]
+    copy = tmp_path / "effective.toml"
+    copy.write_text(text)
+    before, after = loadConfig(original), loadConfig(copy)
+
+    def certificates(config: Any) -> list[Any]:  # (TLS options compare by identity)
+        return [
+            (listener.settings.name, listener.certificate is not None,
+             [(name, tls.subject) for name, tls in listener.sniCertificates])
+            for listener in config.listeners
+        ]
+
+    assert certificates(after) == certificates(before)
+    assert certificates(after)[1][2][0][0] == "mail.example.org"
+
+
 def test_effective_configuration_of_the_default(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from mailrelay.config import loadConfig

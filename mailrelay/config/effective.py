@@ -33,6 +33,8 @@ _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
 
 #: A key's doc saying how its default is worked out: "(default: the certificate's file)".
 _DERIVED = re.compile(r"\(default: ([^)]*)\)")
+#: An index in a key's path (C{listeners[1]}), which a TOML table header does not write.
+_INDEX = re.compile(r"\[\d+\]")
 
 
 def _simple(value: Any) -> bool:
@@ -152,7 +154,9 @@ class _Writer:
     def nested(
         self, table: Table, key: Key, inner: Table, raw: Mapping[str, Any], at: At
     ) -> None:
-        path = key.name if not at.key else f"{at.key}.{key.name}"
+        # A table header names no index: within an array of tables ([[listeners]]) it is
+        # the last element's, which is the one being written ([[listeners.tls_certificates]]).
+        path = key.name if not at.key else _INDEX.sub("", f"{at.key}.{key.name}")
         overrides = self.source.overrides
         if key.cli is not None and given(overrides, key.cli.name):
             # --listen: one table per endpoint, with its defaults.
