@@ -1198,6 +1198,32 @@ def test_caFileRelativeToConfigDir(tmp_path: Path) -> None:
     assert loadConfig(path).delivery.caFile == str(etc / "ca.pem")
 
 
+def test_systemdEndpointIsCheckedOutsideSocketActivation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sample's "systemd:domain=INET:index=0" is checked for its syntax where systemd
+    passed no socket (mailrelay check, mailrelay-sendmail): it was refused there with
+    "list index out of range"; a mistake in it is still refused, saying what is wrong."""
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        monkeypatch.delenv(name, raising=False)
+    path = writeConfig(tmp_path, '[[listeners]]\nendpoint = "systemd:domain=INET:index=0"\n'
+                       '[[listeners]]\nendpoint = "systemd:domain=UNIX:name=submission"\n')
+    assert [listener.settings.name for listener in loadConfig(path).listeners] == [
+        "systemd:domain=INET:index=0", "systemd:domain=UNIX:name=submission"]
+    for bad, fragment in [
+        ("systemd:domain=IPX:index=0", 'domain "IPX" is not one of INET, INET6, UNIX'),
+        ("systemd:index=0", "needs domain="),
+        ("systemd:domain=INET", "needs index= or name="),
+        ("systemd:domain=INET:index=x", 'index "x" is not an integer >= 0'),
+        ("systemd:domain=INET:index=0:name=a", "index= or name=, not both"),
+        ("systemd:domain=INET:index=0:colour=blue", 'unknown argument "colour"'),
+    ]:
+        path = writeConfig(tmp_path, f'[[listeners]]\nendpoint = "{bad}"\n')
+        with pytest.raises(ConfigError) as e:
+            loadConfig(path)
+        assert e.value.key == "listeners[0].endpoint" and fragment in str(e.value), str(e.value)
+
+
 def test_aConfigurationFileOfAMebibyteOrMoreIsRefused(tmp_path: Path) -> None:
     """A file that cannot be a configuration (/dev/zero, a log given by mistake) is refused
     once a mebibyte is read, not read until memory runs out."""

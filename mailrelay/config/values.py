@@ -89,6 +89,13 @@ def checkEndpoint(text: str) -> None:
 
     if not isinstance(text, str):
         raise ValueError(f"must be an endpoint string, not {describeValue(text)}")
+    if text.startswith("systemd:") and "LISTEN_FDS" not in os.environ:
+        # Not run by systemd (mailrelay check, mailrelay-sendmail): no socket was passed to
+        # build the endpoint of, so its syntax alone is checked.
+        problem = _systemdEndpointProblem(text[len("systemd:") :])
+        if problem is not None:
+            raise ValueError(f"{describeValue(text)} is not a valid systemd endpoint: {problem}")
+        return
     hint = '(e.g. "tcp:2525:interface=127.0.0.1", "tcp6:25:interface=\\:\\:1", "unix:/run/x.sock")'
     try:
         endpoint = serverFromString(None, text)
@@ -103,6 +110,33 @@ def checkEndpoint(text: str) -> None:
             f"{describeValue(text)} is not a valid server endpoint: "
             f"port {port} is not from 0 to 65535"
         )
+
+
+def _systemdEndpointProblem(arguments: str) -> str | None:
+    """What is wrong with the arguments of a C{systemd:} endpoint (as Twisted's parser takes
+    them: C{domain}, then C{index} or C{name}, by name or in that order), or C{None}."""
+    given: dict[str, str] = {}
+    for position, part in enumerate(arguments.split(":") if arguments else []):
+        key, equals, value = part.partition("=")
+        if not equals:
+            key, value = ("domain", "index")[position] if position < 2 else "", part
+        if key not in ("domain", "index", "name"):
+            return f"unknown argument {describeValue(key or part)} (domain=, index= or name=)"
+        given[key] = value
+    domain = given.get("domain")
+    if domain is None:
+        return "it needs domain= (INET, INET6 or UNIX)"
+    if domain not in ("INET", "INET6", "UNIX"):
+        return f"domain {describeValue(domain)} is not one of INET, INET6, UNIX"
+    if "index" in given and "name" in given:
+        return "it takes index= or name=, not both"
+    if "index" in given:
+        index = given["index"]
+        if not (index.isascii() and index.isdigit()):
+            return f"index {describeValue(index)} is not an integer >= 0"
+    elif not given.get("name"):
+        return "it needs index= or name= (which socket systemd passes)"
+    return None
 
 
 def spoolDirectoryProblem(path: Path) -> str | None:
