@@ -411,14 +411,35 @@ def _readBytes(path: str, what: str, at: At) -> bytes:
         raise at.error(f"cannot read {what} {describeValue(path)}: {e.strerror or e}") from None
 
 
+def pemCertificates(data: bytes) -> list[Any]:
+    """The certificates (Twisted's C{Certificate}) of the PEM blocks (C{-----BEGIN
+    CERTIFICATE-----}) in C{data}: what the delivery's TLS trusts of a CA file, and so what
+    the configuration's check of one loads.
+
+    @raise ValueError: one cannot be read (which, and OpenSSL's complaint).
+    """
+    from OpenSSL import crypto
+    from twisted.internet.ssl import Certificate
+
+    marker = b"-----END CERTIFICATE-----"
+    blocks = [b + marker for b in data.split(marker) if b"-----BEGIN CERTIFICATE-----" in b]
+    certificates = []
+    for number, block in enumerate(blocks, 1):
+        try:
+            certificates.append(Certificate.loadPEM(block))
+        except (crypto.Error, ValueError) as e:
+            raise ValueError(
+                f"certificate {number} of {len(blocks)} cannot be read: {e}"
+            ) from None
+    return certificates
+
+
 def caFile(value: Any, at: At) -> str | None:
     """A PEM CA bundle: C{None} for C{""}, else the absolute path of a readable file holding
     at least one PEM certificate."""
     text = string(value, at)
     if text == "":
         return None
-    from mailrelay.delivery.tls import pemCertificates
-
     path = at.path(text)
     data = _readBytes(path, "the CA file", at)
     if not _PEM_CERTIFICATE.search(data):

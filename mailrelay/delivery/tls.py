@@ -11,7 +11,6 @@ from twisted.internet import error as ierror
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import (
-    Certificate,
     CertificateOptions,
     optionsForClientTLS,
     platformTrust,
@@ -20,29 +19,8 @@ from twisted.internet.ssl import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailrelay.config.values import pemCertificates
 from mailrelay.smtp.clientsettings import ClientSettings
-
-
-def pemCertificates(data: bytes) -> list[Certificate]:
-    """The certificates of the PEM blocks (C{-----BEGIN CERTIFICATE-----}) in C{data}, as
-    the delivery's TLS trusts them (the configuration's check of a CA file loads them so
-    too).
-
-    @raise ValueError: one cannot be read (which, and OpenSSL's complaint).
-    """
-    from OpenSSL import crypto
-
-    marker = b"-----END CERTIFICATE-----"
-    blocks = [b + marker for b in data.split(marker) if b"-----BEGIN CERTIFICATE-----" in b]
-    certificates = []
-    for number, block in enumerate(blocks, 1):
-        try:
-            certificates.append(Certificate.loadPEM(block))
-        except (crypto.Error, ValueError) as e:
-            raise ValueError(
-                f"certificate {number} of {len(blocks)} cannot be read: {e}"
-            ) from None
-    return certificates
 
 
 def _loadTrustRoot(caFile: str | None) -> Any:
