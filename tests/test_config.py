@@ -1235,9 +1235,9 @@ def test_aConfigurationFileOfAMebibyteOrMoreIsRefused(tmp_path: Path) -> None:
 
 
 def test_caFileAbsolute(tmp_path: Path) -> None:
-    """An absolute ca_file is taken as it is; a trusted-certificate bundle will do."""
+    """An absolute ca_file is taken as it is."""
     ca = tmp_path / "bundle.crt"
-    ca.write_text("-----BEGIN TRUSTED CERTIFICATE-----\nAAAA\n-----END TRUSTED CERTIFICATE-----\n")
+    ca.write_text(PEM)
     path = writeConfig(tmp_path, f'[smarthost]\nca_file = "{ca}"\n')
     assert loadConfig(path).smarthostOptions.caFile == str(ca)
 
@@ -1248,6 +1248,10 @@ def test_caFileAbsolute(tmp_path: Path) -> None:
         (lambda d: (d / "ca.pem").write_text("not a certificate\n"), "holds no PEM certificate"),
         (lambda d: (d / "ca.pem").mkdir(), "Is a directory"),
         (lambda d: None, "No such file or directory"),
+        # OpenSSL's "TRUSTED CERTIFICATE" form only, which delivery does not read (it said
+        # "no certificate in ..." at every delivery over TLS).
+        (lambda d: (d / "ca.pem").write_text(PEM.replace("CERTIFICATE", "TRUSTED CERTIFICATE")),
+         'holds no PEM certificate (no "-----BEGIN CERTIFICATE-----" block'),
         # A certificate cut short: every delivery over TLS failed with a traceback.
         (lambda d: (d / "ca.pem").write_text(
             "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIU\n-----END CERTIFICATE-----\n"),

@@ -21,7 +21,6 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
-import re
 import socket
 from collections.abc import Callable
 from dataclasses import replace
@@ -46,7 +45,6 @@ T = TypeVar("T")
 #: ahead (a message's arrival plus queue.max_lifetime) is still a date.
 SECONDS_MAXIMUM = 10**9
 
-_PEM_CERTIFICATE = re.compile(rb"-----BEGIN (?:TRUSTED )?CERTIFICATE-----")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,15 +440,16 @@ def caFile(value: Any, at: At) -> str | None:
         return None
     path = at.path(text)
     data = _readBytes(path, "the CA file", at)
-    if not _PEM_CERTIFICATE.search(data):
-        raise at.error(
-            f"the CA file {describeValue(path)} holds no PEM certificate "
-            '(no "-----BEGIN CERTIFICATE-----" line)'
-        )
     try:
-        pemCertificates(data)  # each as delivery will load it
+        certificates = pemCertificates(data)  # each as delivery will load it
     except ValueError as e:
         raise at.error(f"the CA file {describeValue(path)}: {e}") from None
+    if not certificates:
+        raise at.error(
+            f"the CA file {describeValue(path)} holds no PEM certificate "
+            '(no "-----BEGIN CERTIFICATE-----" block; OpenSSL\'s "TRUSTED CERTIFICATE" '
+            "form is not read: openssl x509 -in FILE -out NEW writes the plain one)"
+        )
     return path
 
 
