@@ -76,6 +76,36 @@ def test_delivery_process_restarted_and_stopped_with_the_relay(relay, nexthop) -
     assert not _alive(pids[1]), "the delivery process outlived the relay"
 
 
+def test_a_second_sigterm_while_stopping_is_no_error(relay) -> None:
+    """A delivery process told to stop twice (the whole process group signalled, or SIGTERM
+    and then its relay's stop) while a delivery holds it: the second is no error.  It
+    logged 'ReactorNotRunning' as critical, with a traceback (Twisted's handler stops the
+    reactor again)."""
+    import socket
+
+    silent = socket.socket()  # a next hop that takes the connection and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(5)
+    try:
+        port = silent.getsockname()[1]
+        r = relay(f'drain_time = 2\n[relay]\nsmarthost = "[127.0.0.1]:{port}"\n'
+                  "[dns]\nreverse_lookups = false\n")
+        pid = int(r.waitForLog(r"delivery process started \(pid (\d+)\)").group(1))
+        _send(r.port, "held@example.org")
+        r.waitForLog(r"held@example\.org|queue active")
+        time.sleep(0.5)  # (connected, waiting for the greeting)
+        os.kill(pid, signal.SIGTERM)
+        r.waitForLog(r"Received SIGTERM, shutting down")
+        time.sleep(0.3)
+        if _alive(pid):  # still finishing its delivery: the case
+            os.kill(pid, signal.SIGTERM)
+        r.waitForLog(r"delivery process exited", timeout=60)
+        log = r.log()
+        assert "ReactorNotRunning" not in log and "Traceback" not in log, log
+    finally:
+        silent.close()
+
+
 def test_messages_accepted_while_delivery_process_is_down_are_delivered(relay, nexthop) -> None:  # noqa: F811
     recorder, port = nexthop()
     r = relay(f'[relay]\nsmarthost = "[127.0.0.1]:{port}"\n[dns]\nreverse_lookups = false\n')

@@ -301,6 +301,14 @@ def runChild(
         if reporter is not None:
             reporter.start()
 
+    def sigTerm(number: int, frame: Any = None) -> None:
+        # Twisted's own handler (which reactor.run installs) stops the reactor again on a
+        # second SIGTERM -- the whole process group signalled, or SIGTERM and then the
+        # relay's stop -- and logs the ReactorNotRunning it gets as critical.
+        log.info("Received SIGTERM, shutting down.")
+        reactor.callFromThread(_stopReactor, reactor)
+
+    reactor.sigTerm = sigTerm
     reactor.callWhenRunning(start)
     reactor.run()
     if reporter is not None:
