@@ -1224,6 +1224,45 @@ def test_systemdEndpointIsCheckedOutsideSocketActivation(
         assert e.value.key == "listeners[0].endpoint" and fragment in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("text", "key", "fragment"),
+    [
+        ('[[listeners]]\nendpoint = "tcp:2525:interface=127.0.0.1"\n'
+         '[[listeners]]\nendpoint = "tcp:port=2525:interface=127.0.0.1"',
+         "listeners[1].endpoint",
+         'listens on the same port (2525) and address as listeners[0].endpoint '
+         '("tcp:2525:interface=127.0.0.1")'),
+        ('[[listeners]]\nendpoint = "tcp:2525"\n'
+         '[[listeners]]\nendpoint = "tcp:2525:interface=127.0.0.1"',
+         "listeners[1].endpoint", "same port (2525) and address as listeners[0].endpoint"),
+        ('[metrics]\nlisten = "tcp:2525:interface=127.0.0.1"\n'
+         '[[listeners]]\nendpoint = "tcp:2525:interface=127.0.0.1"',
+         "metrics.listen", "same port (2525) and address as listeners[0].endpoint"),
+        ('[[listeners]]\nendpoint = "unix:/run/relay.sock"\n'
+         '[[listeners]]\nendpoint = "unix:address=/run/relay.sock"',
+         "listeners[1].endpoint", 'the same socket file as listeners[0].endpoint'),
+    ],
+)
+def test_twoListenersOnOneSocketAreRefused(tmp_path: Path, text: str, key: str,
+                                           fragment: str) -> None:
+    """Two endpoints on one socket, however spelled (or the metrics server's on a
+    listener's), are refused by the check, naming both; they passed it and twistd could not
+    start ("Address already in use", naming neither key nor file)."""
+    path = writeConfig(tmp_path, text + "\n")
+    with pytest.raises(ConfigError) as e:
+        loadConfig(path)
+    assert e.value.key == key and fragment in str(e.value), str(e.value)
+
+
+def test_listenersOnOnePortButDistinctAddressesAreTaken(tmp_path: Path) -> None:
+    path = writeConfig(tmp_path, '[[listeners]]\nendpoint = "tcp:2525:interface=127.0.0.1"\n'
+                       '[[listeners]]\nendpoint = "tcp:2525:interface=127.0.0.2"\n'
+                       '[[listeners]]\nendpoint = "tcp6:2525:interface=\\\\:\\\\:1"\n'
+                       '[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\n'
+                       '[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1:backlog=5"\n')
+    assert len(loadConfig(path).listeners) == 5
+
+
 def test_aConfigurationFileOfAMebibyteOrMoreIsRefused(tmp_path: Path) -> None:
     """A file that cannot be a configuration (/dev/zero, a log given by mistake) is refused
     once a mebibyte is read, not read until memory runs out."""

@@ -11,11 +11,12 @@ Part of the config layer: it may import the values, L{mailrelay.smtp} and the st
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from typing import Any
 
 from mailrelay.address import domainProblem, normaliseDomain, parseReversePath
-from mailrelay.config.schema import At, Reading, tableOf
+from mailrelay.config.schema import At, Reading, given, tableOf
 from mailrelay.config.types import SNICertificate
 from mailrelay.config.values import (
     checked,
@@ -487,3 +488,65 @@ def _routeNexthop(r: Reading, backend: str) -> str | None:
             f"{describeValue(r.raw['nexthop'])} is not allowed: {what} takes no nexthop"
         )
     return None
+
+
+def checkSockets(r: Reading) -> None:
+    """No two listeners, nor the metrics server and a listener, on one socket, however their
+    endpoints are spelled (C{tcp:25} and C{tcp:port=25}; a port on every address and on one
+    of them): twistd could not start, and would say so naming neither key nor file."""
+    listeners = r.fields.get("listeners") or ()
+    fromCommandLine = given(r.at.source.overrides, "listen")
+    places: list[tuple[At, str]] = []
+    for index, listener in enumerate(listeners):
+        at = (r.at.option("--listen") if fromCommandLine
+              else r.at.child("listeners").item(index).child("endpoint"))
+        places.append((at, listener.settings.name))
+    metrics = r.fields.get("metricsListen")
+    if metrics:
+        places.append((r.at.child("metrics").child("listen"), metrics))
+    seen: list[tuple[At, str, tuple[Any, ...]]] = []
+    for at, endpoint in places:
+        socket = _socketOf(endpoint)
+        if socket is None:
+            continue
+        for firstAt, firstEndpoint, first in seen:
+            if _sameSocket(first, socket):
+                what = (f"the same port ({socket[1]}) and address" if socket[0] != "unix"
+                        else "the same socket file")
+                raise at.error(
+                    f"{describeValue(endpoint)} listens on {what} as {firstAt.key} "
+                    f"({describeValue(firstEndpoint)})"
+                )
+        seen.append((at, endpoint, socket))
+
+
+def _socketOf(endpoint: str) -> tuple[Any, ...] | None:
+    """C{(family, port, interface)} of a TCP endpoint with a fixed port, C{("unix", path)}
+    of a UNIX one, else C{None} (a port chosen at start, a systemd socket, ...)."""
+    from twisted.internet import endpoints
+
+    try:
+        server = endpoints.serverFromString(None, endpoint)
+    except Exception:  # (checked where the endpoint is read)
+        return None
+    if isinstance(server, endpoints.UNIXServerEndpoint):
+        return ("unix", os.path.abspath(server._address))
+    port = getattr(server, "_port", None)
+    if not isinstance(port, int) or port == 0:
+        return None
+    if isinstance(server, endpoints.TCP6ServerEndpoint):
+        return ("tcp6", port, server._interface or "::")
+    if isinstance(server, endpoints.TCP4ServerEndpoint | endpoints.SSL4ServerEndpoint):
+        return ("tcp", port, server._interface or "0.0.0.0")
+    return None
+
+
+def _sameSocket(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Whether two sockets of L{_socketOf} cannot both be bound: equal, or one port of one
+    family on every address and on one of them."""
+    if a[0] != b[0]:
+        return False
+    if a[0] == "unix":
+        return bool(a[1] == b[1])
+    wildcard = "::" if a[0] == "tcp6" else "0.0.0.0"
+    return bool(a[1] == b[1] and (a[2] == b[2] or wildcard in (a[2], b[2])))
