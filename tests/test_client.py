@@ -719,6 +719,40 @@ def test_dataRefused(message):
     assert peer.heard() == b"RSET\r\n"
 
 
+@pytest.mark.parametrize(
+    ("extensions", "script", "waiting"),
+    [
+        # Unpipelined: each reply is the last one expected, where the session named its step
+        # by a key its table did not have (KeyError: 'transaction' out of the reply's
+        # handler and again out of connectionLost: the delivery never ended).
+        ([], [b"250 ok\r\n", b"250 ok\r\n", b"250 ok\r\n"], "sending DATA"),
+        ([], [b"354 huh\r\n"], "sending MAIL FROM"),
+        ([], [b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n", b"354 again\r\n"],
+         "sending end of data"),
+        # Pipelined, the last reply of the group unexpected.
+        (["PIPELINING"], [b"250 ok\r\n250 ok\r\n250 ok\r\n"], "sending DATA"),
+        # The last BDAT chunk (here the only one) answered 354.
+        (["CHUNKING"], [b"250 ok\r\n", b"250 ok\r\n", b"354 what\r\n"],
+         "sending end of data"),
+    ],
+)
+def test_unexpectedReplyIsAProtocolError(message, extensions, script, waiting):
+    """A reply of the wrong kind at any step (250 to DATA, 354 to MAIL or to the end of
+    data) fails the attempt at once with a transient protocol error naming the step, and the
+    connection is closed: no exception, nothing left waiting."""
+    peer, conn = connected(extensions=extensions)
+    d = send(conn, envelope("a@example.org"), message)
+    for reply in script:
+        peer.say(reply)
+        peer.pump()
+    (a,) = resultOf(d)
+    assert (a.status, a.code) == (TRANSIENT, "4.4.2"), a
+    assert "protocol error: unexpected reply to " in a.diagnostic, a.diagnostic
+    assert f"while {waiting}" in a.diagnostic, a.diagnostic
+    assert peer.aborted and not conn.usable
+    peer.lose()  # the connection's end: nothing more to fail
+
+
 def test_finalDotTransientFailure(message):
     peer, conn = connected()
     d = send(conn, envelope("a@example.org"), message)

@@ -202,6 +202,9 @@ class ClientSession:
         self._out: list[object] = []
         self._transaction: _Transaction | None = None
         self._expect: deque[tuple[str, int]] = deque()
+        #: In a transaction, the step whose reply is being handled (or was handled last):
+        #: the step when no reply is expected any more.
+        self._answered = _MAIL
         self._needRset = False
 
     # Driver API -------------------------------------------------------------------------------
@@ -223,8 +226,8 @@ class ClientSession:
     @property
     def step(self) -> str:
         """What the session is doing or waiting for (a key of the step table)."""
-        if self.state == _TRANSACTION and self._expect:
-            return self._expect[0][0]
+        if self.state == _TRANSACTION:
+            return self._expect[0][0] if self._expect else self._answered
         return self.state
 
     def waitingFor(self) -> str:
@@ -693,6 +696,7 @@ class ClientSession:
         if not self._expect:  # pragma: no cover - defensive
             raise ProtocolError(f"unexpected reply {replyDiagnostic(reply)[6:]}")
         kind, index = self._expect.popleft()
+        self._answered = kind
         getattr(self, "_on_" + kind)(t, reply, index)
         if self.state == _TRANSACTION and self._expect:
             self._armTimer()
