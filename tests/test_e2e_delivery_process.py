@@ -3,12 +3,14 @@ stopped with the relay; and the inline mode (`[queue] process = "inline"`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import smtplib
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -104,6 +106,68 @@ def test_a_second_sigterm_while_stopping_is_no_error(relay) -> None:
         assert "ReactorNotRunning" not in log and "Traceback" not in log, log
     finally:
         silent.close()
+
+
+def _scriptedNextHop(sessions: list[dict[bytes, bytes]], received: list[bytes]) -> Any:
+    """A next hop on a loopback port playing one script per connection: a reply to each
+    command (by its first word), the message's bytes kept in C{received}; in a thread,
+    stopped by closing the socket it returns."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(5)
+    server.settimeout(30)
+
+    def serve() -> None:
+        for replies in sessions:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn, contextlib.suppress(OSError):  # (the relay may reset it)
+                conn.settimeout(30)
+                reader = conn.makefile("rb")
+                conn.sendall(b"220 hop.test ESMTP\r\n")
+                for line in reader:
+                    verb = line.split(b" ", 1)[0].strip().upper().rstrip(b":")
+                    if verb == b"DATA" and replies[b"DATA"].startswith(b"354"):
+                        conn.sendall(replies[b"DATA"])
+                        body = b"".join(iter(reader.readline, b".\r\n"))
+                        received.append(body)
+                        conn.sendall(replies[b"."])
+                        continue
+                    conn.sendall(replies.get(verb, b"250 ok\r\n"))
+                    if verb == b"QUIT":
+                        break
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server
+
+
+def test_a_next_hop_answering_data_with_250_is_a_protocol_error_and_retried(relay) -> None:
+    """A next hop that answers DATA with 250 (not 354): the attempt fails at once, deferred
+    as a protocol error, and the message goes at the next attempt.  It raised KeyError in
+    the delivery process, twice, and the attempt never ended (the message stayed active for
+    the one-hour delivery limit)."""
+    received: list[bytes] = []
+    good = {b"DATA": b"354 go\r\n", b".": b"250 2.0.0 queued\r\n", b"QUIT": b"221 bye\r\n"}
+    server = _scriptedNextHop([{b"DATA": b"250 what\r\n", b"QUIT": b"221 bye\r\n"}, good],
+                              received)
+    try:
+        port = server.getsockname()[1]
+        r = relay(f'[relay]\nsmarthost = "[127.0.0.1]:{port}"\n[dns]\nreverse_lookups = false\n'
+                  "[queue]\nmin_backoff = 1\n")
+        _send(r.port, "bob@example.org")
+        r.waitForLog(r"to=<bob@example\.org>.*status=deferred \(X-mailrelay; protocol error: "
+                     r"unexpected reply to DATA 250 what .*while sending DATA", timeout=30)
+        r.waitForLog(r"to=<bob@example\.org>.*status=sent", timeout=30)
+        assert len(received) == 1 and b"Subject: p" in received[0]
+        log = r.log()
+        assert "Traceback" not in log and "Unhandled" not in log, log
+    finally:
+        server.close()
 
 
 def test_messages_accepted_while_delivery_process_is_down_are_delivered(relay, nexthop) -> None:  # noqa: F811
