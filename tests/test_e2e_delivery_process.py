@@ -139,6 +139,12 @@ def _scriptedNextHop(sessions: list[dict[bytes, bytes]], received: list[bytes]) 
                         conn.sendall(replies[b"."])
                         continue
                     conn.sendall(replies.get(verb, b"250 ok\r\n"))
+                    if verb == b"STARTTLS" and b"STARTTLS" in replies:
+                        # No TLS here: what comes once the client starts its handshake
+                        # (not with the reply, which would be a response injection).
+                        time.sleep(0.3)
+                        conn.sendall(b"this is not TLS\r\n")
+                        break
                     if verb == b"QUIT":
                         break
 
@@ -166,6 +172,31 @@ def test_a_next_hop_answering_data_with_250_is_a_protocol_error_and_retried(rela
         assert len(received) == 1 and b"Subject: p" in received[0]
         log = r.log()
         assert "Traceback" not in log and "Unhandled" not in log, log
+    finally:
+        server.close()
+
+
+def test_a_failed_opportunistic_tls_handshake_is_retried_in_plaintext(relay) -> None:
+    """tls = "may" (the default) and a next hop whose STARTTLS handshake fails: the same
+    address is tried again at once without TLS, as Postfix does at its "may" level
+    (RETRY_AS_PLAINTEXT), and the message goes.  It was deferred at every attempt, the
+    mail bounced after max_lifetime."""
+    received: list[bytes] = []
+    ehlo = b"250-hop.test\r\n250 STARTTLS\r\n"
+    broken = {b"EHLO": ehlo, b"STARTTLS": b"220 go ahead\r\n"}
+    good = {b"EHLO": ehlo, b"DATA": b"354 go\r\n", b".": b"250 2.0.0 queued\r\n",
+            b"QUIT": b"221 bye\r\n"}
+    server = _scriptedNextHop([broken, good], received)
+    try:
+        port = server.getsockname()[1]
+        r = relay(f'[relay]\nsmarthost = "[127.0.0.1]:{port}"\n[dns]\nreverse_lookups = false\n')
+        _send(r.port, "carol@example.org")
+        r.waitForLog(r"to=<carol@example\.org>.*attempts=1, status=sent", timeout=30)
+        assert len(received) == 1 and b"Subject: p" in received[0]
+        log = r.log()
+        assert re.search(r"TLS handshake with 127\.0\.0\.1\[127\.0\.0\.1\] failed.*trying "
+                         r"127\.0\.0\.1\[127\.0\.0\.1\]:\d+ again without TLS", log), log
+        assert "status=deferred" not in log and "Traceback" not in log
     finally:
         server.close()
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -331,8 +331,26 @@ class SMTPBackend(ClientBackend):
 
         @return: a Deferred firing with the connection, or C{None} when it failed.
         """
+        settings = key[1]
         try:
-            return (yield self._connectTo(host, key[1]))
+            try:
+                return (yield self._connectTo(host, settings))
+            except SMTPConnectError as e:
+                if not _plaintextAfter(e, settings):
+                    raise
+                # Opportunistic TLS whose handshake failed: the same address again at once,
+                # without TLS, as Postfix does at its "may" level (RETRY_AS_PLAINTEXT) --
+                # never with credentials to send, which would then go in the clear.
+                log.info(
+                    "{queueID}: {diagnostic}; trying {mx}[{address}]:{port} again without "
+                    'TLS (tls = "may")',
+                    queueID=envelope.queueID,
+                    diagnostic=e.diagnostic.removeprefix("X-mailrelay; "),
+                    mx=host.name,
+                    address=host.address,
+                    port=host.port,
+                )
+                return (yield self._connectTo(host, replace(settings, tls="none")))
         except SMTPConnectError as e:
             log.info(
                 "{queueID}: cannot use {mx}[{address}]:{port} for {nexthop}: "
@@ -474,3 +492,10 @@ def build(options: dict[str, Any], context: PluginContext) -> SMTPBackend:
         destinationConcurrency=options.get("destination_concurrency", 20),
         connectionCacheTime=options.get("connection_cache_time", 2.0),
     )
+
+
+def _plaintextAfter(error: SMTPConnectError, settings: ClientSettings) -> bool:
+    """Whether a connection that failed with C{error} under C{settings} is tried again
+    without TLS: its STARTTLS handshake failed (4.7.5: under C{tls = "may"} nothing is
+    verified, so that is the only TLS failure there) and there are no credentials to send."""
+    return error.code == "4.7.5" and settings.tls == "may" and settings.username is None
