@@ -50,6 +50,7 @@ from mailrelay.app.localmail import (
     senderAddress,
 )
 from mailrelay.config import ConfigError, ListenerView, LocalView, loadLocalView
+from mailrelay.config.values import listeningSocket
 from mailrelay.interfaces import Reply
 from mailrelay.smtp.errors import ProtocolError
 from mailrelay.smtp.wire import DotStuffer, ReplyParser, asciiName, parseExtensions
@@ -291,30 +292,16 @@ def listenerAddress(endpoint: str) -> Address | None:
     """How a listener on server endpoint C{endpoint} is reached from this host: its UNIX
     socket, or its TCP port on the address it is bound to (loopback for a wildcard); C{None}
     for a port chosen at start-up (0) and for endpoints of other kinds."""
-    from twisted.internet.endpoints import (
-        TCP4ServerEndpoint,
-        TCP6ServerEndpoint,
-        UNIXServerEndpoint,
-        serverFromString,
-    )
-
-    try:
-        server = serverFromString(None, endpoint)
-    except (ValueError, TypeError, KeyError, IndexError, OSError):
+    bound = listeningSocket(endpoint)
+    if bound is None or bound.tls:
         return None
-    if isinstance(server, UNIXServerEndpoint):
-        path = server._address  # Twisted keeps the parsed path there
-        return Address(socket.AF_UNIX, path, path)
-    if isinstance(server, TCP4ServerEndpoint | TCP6ServerEndpoint):
-        port, interface = server._port, server._interface
-        if not port:
-            return None
-        six = isinstance(server, TCP6ServerEndpoint) or ":" in interface
-        if interface in ("", "0.0.0.0", "::"):
-            interface = "::1" if six else "127.0.0.1"
-        text = hostPort(interface, port)
-        return Address(socket.AF_INET6 if six else socket.AF_INET, (interface, port), text)
-    return None
+    if bound.family == socket.AF_UNIX:
+        return Address(socket.AF_UNIX, bound.address, bound.address)
+    if not bound.port:
+        return None
+    six = bound.family == socket.AF_INET6
+    interface = ("::1" if six else "127.0.0.1") if bound.everyAddress else bound.address
+    return Address(bound.family, (interface, bound.port), hostPort(interface, bound.port))
 
 
 def chooseListener(view: LocalView) -> tuple[ListenerView, Address]:

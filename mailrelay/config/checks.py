@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import os
 from functools import partial
+from socket import AF_UNIX
 from typing import Any
 
 from mailrelay.address import domainProblem, normaliseDomain, parseReversePath
 from mailrelay.config.schema import At, Reading, given, tableOf
 from mailrelay.config.types import SNICertificate
 from mailrelay.config.values import (
+    ListeningSocket,
     checked,
     fileName,
+    listeningSocket,
     nonEmpty,
     readSecret,
     string,
@@ -504,49 +507,28 @@ def checkSockets(r: Reading) -> None:
     metrics = r.fields.get("metricsListen")
     if metrics:
         places.append((r.at.child("metrics").child("listen"), metrics))
-    seen: list[tuple[At, str, tuple[Any, ...]]] = []
+    seen: list[tuple[At, str, ListeningSocket]] = []
     for at, endpoint in places:
-        socket = _socketOf(endpoint)
-        if socket is None:
-            continue
+        bound = listeningSocket(endpoint)
+        if bound is None or (bound.family != AF_UNIX and bound.port == 0):
+            continue  # (not a socket of its own, or a port chosen at start)
         for firstAt, firstEndpoint, first in seen:
-            if _sameSocket(first, socket):
-                what = (f"the same port ({socket[1]}) and address" if socket[0] != "unix"
+            if _clash(first, bound):
+                what = (f"the same port ({bound.port}) and address" if bound.family != AF_UNIX
                         else "the same socket file")
                 raise at.error(
                     f"{describeValue(endpoint)} listens on {what} as {firstAt.key} "
                     f"({describeValue(firstEndpoint)})"
                 )
-        seen.append((at, endpoint, socket))
+        seen.append((at, endpoint, bound))
 
 
-def _socketOf(endpoint: str) -> tuple[Any, ...] | None:
-    """C{(family, port, interface)} of a TCP endpoint with a fixed port, C{("unix", path)}
-    of a UNIX one, else C{None} (a port chosen at start, a systemd socket, ...)."""
-    from twisted.internet import endpoints
-
-    try:
-        server = endpoints.serverFromString(None, endpoint)
-    except Exception:  # (checked where the endpoint is read)
-        return None
-    if isinstance(server, endpoints.UNIXServerEndpoint):
-        return ("unix", os.path.abspath(server._address))
-    port = getattr(server, "_port", None)
-    if not isinstance(port, int) or port == 0:
-        return None
-    if isinstance(server, endpoints.TCP6ServerEndpoint):
-        return ("tcp6", port, server._interface or "::")
-    if isinstance(server, endpoints.TCP4ServerEndpoint | endpoints.SSL4ServerEndpoint):
-        return ("tcp", port, server._interface or "0.0.0.0")
-    return None
-
-
-def _sameSocket(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
-    """Whether two sockets of L{_socketOf} cannot both be bound: equal, or one port of one
-    family on every address and on one of them."""
-    if a[0] != b[0]:
+def _clash(a: ListeningSocket, b: ListeningSocket) -> bool:
+    """Whether C{a} and C{b} cannot both be bound: one socket file, or one port of one
+    family on one address or on every address.  (IPv4 against IPv6 is the system's
+    bindv6only to decide: not compared.)"""
+    if a.family != b.family:
         return False
-    if a[0] == "unix":
-        return bool(a[1] == b[1])
-    wildcard = "::" if a[0] == "tcp6" else "0.0.0.0"
-    return bool(a[1] == b[1] and (a[2] == b[2] or wildcard in (a[2], b[2])))
+    if a.family == AF_UNIX:
+        return os.path.abspath(a.address) == os.path.abspath(b.address)
+    return a.port == b.port and (a.address == b.address or a.everyAddress or b.everyAddress)

@@ -23,7 +23,7 @@ import math
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -108,6 +108,50 @@ def checkEndpoint(text: str) -> None:
             f"{describeValue(text)} is not a valid server endpoint: "
             f"port {port} is not from 0 to 65535"
         )
+
+
+@dataclass(frozen=True)
+class ListeningSocket:
+    """The socket a server endpoint listens on, as far as its description says.
+
+    @ivar family: C{socket.AF_UNIX}, C{AF_INET} or C{AF_INET6} (an IPv6 interface on a
+        C{tcp:} endpoint too).
+    @ivar address: the UNIX socket's path, or the interface (C{""}: every address).
+    @ivar port: the TCP port (0: chosen at start); 0 for a UNIX socket.
+    @ivar tls: TLS from the first byte (an C{ssl:} endpoint).
+    """
+
+    family: int
+    address: str
+    port: int = 0
+    tls: bool = False
+
+    @property
+    def everyAddress(self) -> bool:
+        """A TCP port on every address of its family."""
+        return self.family != socket.AF_UNIX and self.address in ("", "0.0.0.0", "::")
+
+
+def listeningSocket(endpoint: str) -> ListeningSocket | None:
+    """The socket the server endpoint C{endpoint} listens on: a UNIX or TCP one (plain or
+    C{ssl:}); C{None} for any other kind (a systemd socket, ...) and for a description
+    that does not parse."""
+    from twisted.internet import endpoints
+
+    try:
+        server = endpoints.serverFromString(None, endpoint)
+    except Exception:  # (refused, with the reason, by checkEndpoint)
+        return None
+    if isinstance(server, endpoints.UNIXServerEndpoint):
+        return ListeningSocket(socket.AF_UNIX, server._address)
+    tcp = (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint,
+           endpoints.SSL4ServerEndpoint)
+    if not isinstance(server, tcp):
+        return None
+    interface = server._interface
+    six = isinstance(server, endpoints.TCP6ServerEndpoint) or ":" in interface
+    return ListeningSocket(socket.AF_INET6 if six else socket.AF_INET, interface,
+                           server._port, isinstance(server, endpoints.SSL4ServerEndpoint))
 
 
 def _systemdEndpointProblem(arguments: str) -> str | None:
