@@ -520,6 +520,79 @@ def test_tlsHandshakeTimeout():
     assert error.code == "4.4.2" and "TLS handshake" in error.diagnostic
 
 
+def test_tlsFailuresAreMarked():
+    """The errors of a failed handshake (refused, timed out, TLS not startable) and of a TLS
+    session that broke before the connection was ready say C{tlsFailure}, which lets the
+    backend try again without TLS under C{tls = "may"}, as Postfix; a plaintext connection's
+    loss, a server's refusal and a response injection do not."""
+    from OpenSSL import SSL
+
+    peer = Peer(ClientSettings("client.test", tls="may"))
+    peer.say(b"220 hi\r\n" + ehloReply(["STARTTLS"]) + b"220 go\r\n")
+    peer.protocol.connectionLost(Failure(SSL.Error([("SSL routines", "", "bad record")])))
+    assert failureOf(peer.ready).tlsFailure
+
+    peer = Peer(ClientSettings("client.test", tls="may", timeouts=ClientTimeouts(starttls=7)))
+    peer.say(b"220 hi\r\n" + ehloReply(["STARTTLS"]) + b"220 go\r\n")
+    peer.clock.advance(7)
+    assert failureOf(peer.ready).tlsFailure
+
+    peer = Peer(ClientSettings("client.test", tls="may", timeouts=ClientTimeouts(ehlo=5)))
+    peer.say(b"220 hi\r\n" + ehloReply(["STARTTLS"]) + b"220 go\r\n")
+    peer.protocol.handshakeCompleted()
+    peer.lose()  # while waiting for the EHLO reply over TLS
+    error = failureOf(peer.ready)
+    assert (error.code, error.tlsFailure) == ("4.4.2", True), error.diagnostic
+    assert "lost connection" in error.diagnostic
+
+    peer = Peer(ClientSettings("client.test", tls="may", timeouts=ClientTimeouts(ehlo=5)))
+    peer.say(b"220 hi\r\n" + ehloReply(["STARTTLS"]) + b"220 go\r\n")
+    peer.protocol.handshakeCompleted()
+    peer.clock.advance(5)
+    error = failureOf(peer.ready)
+    assert (error.code, error.tlsFailure) == ("4.4.2", True), error.diagnostic
+
+    peer = Peer()
+    peer.say(b"220 hi\r\n")
+    peer.lose()
+    assert not failureOf(peer.ready).tlsFailure
+
+    peer = Peer(ClientSettings("client.test", tls="may"))
+    peer.say(b"220 hi\r\n" + ehloReply(["STARTTLS"]) + b"220 go\r\nX")  # injection
+    error = failureOf(peer.ready)
+    assert (error.code, error.tlsFailure) == ("4.7.0", False)
+
+    peer = tlsPeer(["AUTH PLAIN"], username="user", password="pass")
+    peer.say(b"535 5.7.8 no\r\n")
+    assert not failureOf(peer.ready).tlsFailure
+
+
+@pytest.mark.parametrize("how", ["lost", "timeout"])
+def test_tlsSessionFailureInATransaction(message, how):
+    """A TLS connection lost or timed out in a transaction: its recipients are deferred
+    (4.4.2) and the connection says C{tlsSessionFailed}; a plaintext one does not."""
+    for tls in (True, False):
+        if tls:
+            peer = Peer(ClientSettings("client.test", tls="may"))
+            peer.say(b"220 hi\r\n" + ehloReply(["STARTTLS"]) + b"220 go\r\n")
+            peer.protocol.handshakeCompleted()
+            peer.say(ehloReply(["PIPELINING"]))
+            conn = resultOf(peer.ready)
+        else:
+            peer, conn = connected()
+        assert conn.tls is tls and not conn.tlsSessionFailed
+        d = send(conn, envelope("a@example.org"), message)
+        peer.say(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        peer.pump()
+        if how == "lost":
+            peer.lose()
+        else:
+            peer.clock.advance(ClientTimeouts().dataDone)
+        (a,) = resultOf(d)
+        assert (a.status, a.code) == (TRANSIENT, "4.4.2"), a
+        assert conn.tlsSessionFailed is tls
+
+
 # AUTH -----------------------------------------------------------------------------------------
 
 

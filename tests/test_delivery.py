@@ -410,6 +410,7 @@ class FakeConnection:
         self.sent: list[tuple[str, list[str]]] = []
         self.quitted = False
         self.aborted = False
+        self.tlsSessionFailed = False
 
     def send(
         self,
@@ -494,6 +495,17 @@ class FakeNet:
             return [
                 RecipientResult(
                     r.address, TRANSIENT, "4.4.2", "X-mailrelay; connection lost", conn.remoteMTA
+                )
+                for r in recipients
+            ]
+        if behaviour == "tlslost-once":  # the TLS session breaks in this transaction
+            self.sendBehaviour[conn.address] = "ok"
+            conn.usable = False
+            conn.tlsSessionFailed = True
+            return [
+                RecipientResult(
+                    r.address, TRANSIENT, "4.4.2", "X-mailrelay; lost connection with mx",
+                    conn.remoteMTA,
                 )
                 for r in recipients
             ]
@@ -645,6 +657,113 @@ def test_smtp_failover_order() -> None:
     assert net.attempts[0][4]._timeout == SETTINGS.timeouts.connect
     assert net.connections[0].remoteMTA == "dns; mx2.example.org"
     assert net.connections[0].sent == [("Q" * 20, ["a@example.org", "b@example.org"])]
+
+
+MAY = ClientSettings(heloName="relay.test", tls="may")
+
+
+def _mayBackend(
+    tlsError: SMTPConnectError | None = None, settings: ClientSettings = MAY
+) -> tuple[Any, FakeNet, Clock]:
+    """An SMTP backend (C{plaintextFallbackAge} 300) whose connections with TLS (not C{tls =
+    "none"}) fail with C{tlsError}, if given; its clock well past 0."""
+    from mailrelay.delivery.smtp import SMTPBackend
+
+    net = FakeNet()
+
+    def connect(reactor: Any, endpoint: Any, settings: ClientSettings, **kw: Any) -> Any:
+        if tlsError is not None and settings.tls != "none":
+            inner = getattr(endpoint, "_wrappedEndpoint", endpoint)
+            net.attempts.append((inner._host, inner._port, kw["tlsHostname"], settings, endpoint))
+            return defer.fail(tlsError)
+        return net.connect(reactor, endpoint, settings, **kw)
+
+    clock = Clock()
+    clock.advance(100_000)
+    backend = SMTPBackend(
+        clock, FakeMX(HOSTS), settings, connect=connect, plaintextFallbackAge=300
+    )
+    return backend, net, clock
+
+
+def _deliverAged(backend: Any, clock: Clock, age: float, settings: ClientSettings = MAY) -> Any:
+    """Deliver a message that arrived C{age} seconds ago, to [relay.example]:587."""
+    env = envelope("a@example.org", "b@example.org")
+    env.arrival = clock.seconds() - age
+    route = Route("smtp", "[relay.example]:587", RouteOptions())
+    return backend.deliver(env, env.recipients, route, Path("/nonexistent"))
+
+
+HANDSHAKE_FAILED = SMTPConnectError(
+    "4.7.5", "X-mailrelay; TLS handshake with relay.example[192.0.2.40] failed: bad record",
+    tlsFailure=True,
+)
+SESSION_LOST = SMTPConnectError(
+    "4.4.2", "X-mailrelay; lost connection with relay.example[192.0.2.40] while sending EHLO",
+    tlsFailure=True,
+)
+
+
+@pytest.mark.parametrize("error", [HANDSHAKE_FAILED, SESSION_LOST], ids=["handshake", "session"])
+def test_smtp_may_tls_failure_of_a_new_message_is_deferred(error: SMTPConnectError) -> None:
+    """tls = "may" and a TLS handshake or session that fails: a message younger than the
+    fallback age (the queue's min_backoff) is deferred, not sent in plaintext at once --
+    as Postfix, which falls back only for mail queued at least $minimal_backoff_time, so a
+    passing TLS trouble does not send the mail in the clear."""
+    backend, net, clock = _mayBackend(error)
+    results = result(_deliverAged(backend, clock, 299))
+    assert [(r.status, r.code) for r in results] == [(TRANSIENT, error.code)] * 2
+    assert [a[3].tls for a in net.attempts] == ["may"]
+    assert net.connections == []
+
+
+@pytest.mark.parametrize("error", [HANDSHAKE_FAILED, SESSION_LOST], ids=["handshake", "session"])
+def test_smtp_may_tls_failure_of_an_older_message_goes_in_plaintext(
+    error: SMTPConnectError,
+) -> None:
+    """... and one queued for at least that long is sent to the same address at once
+    without TLS (Postfix's RETRY_AS_PLAINTEXT), with a line saying so."""
+    from twisted.logger import capturedLogs, formatEvent
+
+    backend, net, clock = _mayBackend(error)
+    with capturedLogs() as events:
+        results = result(_deliverAged(backend, clock, 300))
+    assert [r.status for r in results] == [DELIVERED, DELIVERED]
+    assert [(a[0], a[3].tls) for a in net.attempts] == [("192.0.2.40", "may"),
+                                                         ("192.0.2.40", "none")]
+    assert net.connections[0].sent == [("Q" * 20, ["a@example.org", "b@example.org"])]
+    texts = [formatEvent(e) for e in events]
+    assert any("trying relay.example[192.0.2.40]:587 again without TLS" in t
+               for t in texts), texts
+
+
+def test_smtp_may_tls_failure_never_goes_in_plaintext_with_credentials() -> None:
+    """With a user name to log in with, never: the password would go in the clear."""
+    settings = ClientSettings(heloName="relay.test", tls="may", username="u", password="p",
+                              authWithoutTLS=True)
+    backend, net, clock = _mayBackend(HANDSHAKE_FAILED, settings)
+    results = result(_deliverAged(backend, clock, 10_000, settings))
+    assert [r.status for r in results] == [TRANSIENT, TRANSIENT]
+    assert [a[3].tls for a in net.attempts] == ["may"]
+
+
+@pytest.mark.parametrize("age, plaintext", [(299, False), (300, True)])
+def test_smtp_may_tls_session_broken_in_a_transaction(age: float, plaintext: bool) -> None:
+    """A TLS session that breaks in the transaction (lost, timed out) under tls = "may": the
+    recipients left are sent again at once over a plaintext connection to the same address
+    when the message is old enough (Postfix's PLAINTEXT_FALLBACK_OK_AFTER_TLS_SESSION_FAILURE);
+    else deferred."""
+    backend, net, clock = _mayBackend()
+    net.sendBehaviour["192.0.2.40"] = "tlslost-once"
+    results = result(_deliverAged(backend, clock, age))
+    if plaintext:
+        assert [r.status for r in results] == [DELIVERED, DELIVERED]
+        assert [a[3].tls for a in net.attempts] == ["may", "none"]
+        assert [c.sent for c in net.connections] == [[("Q" * 20, ["a@example.org",
+                                                                   "b@example.org"])]] * 2
+    else:
+        assert [(r.status, r.code) for r in results] == [(TRANSIENT, "4.4.2")] * 2
+        assert [a[3].tls for a in net.attempts] == ["may"]
 
 
 def test_smtp_all_hosts_fail() -> None:

@@ -108,10 +108,15 @@ def test_a_second_sigterm_while_stopping_is_no_error(relay) -> None:
         silent.close()
 
 
-def _scriptedNextHop(sessions: list[dict[bytes, bytes]], received: list[bytes]) -> Any:
+def _scriptedNextHop(sessions: list[dict[bytes, Any]], received: list[bytes]) -> Any:
     """A next hop on a loopback port playing one script per connection: a reply to each
     command (by its first word), the message's bytes kept in C{received}; in a thread,
-    stopped by closing the socket it returns."""
+    stopped by closing the socket it returns.
+
+    A script's C{b"STARTTLS"} reply is followed by what the client takes for its TLS: with
+    C{b"TLS"} (an C{ssl.SSLContext}) a real handshake, then the script goes on over TLS
+    (and C{b"DROP"}, a command's first word, closes the connection when it comes); without
+    it, a line that is not TLS."""
     import socket
     import threading
 
@@ -119,6 +124,35 @@ def _scriptedNextHop(sessions: list[dict[bytes, bytes]], received: list[bytes]) 
     server.bind(("127.0.0.1", 0))
     server.listen(5)
     server.settimeout(30)
+
+    def play(conn: Any, replies: dict[bytes, Any]) -> None:
+        reader = conn.makefile("rb")
+        conn.sendall(b"220 hop.test ESMTP\r\n")
+        for line in reader:
+            verb = line.split(b" ", 1)[0].strip().upper().rstrip(b":")
+            if verb == replies.get(b"DROP"):
+                return
+            if verb == b"DATA" and replies[b"DATA"].startswith(b"354"):
+                conn.sendall(replies[b"DATA"])
+                body = b"".join(iter(reader.readline, b".\r\n"))
+                received.append(body)
+                conn.sendall(replies[b"."])
+                continue
+            conn.sendall(replies.get(verb, b"250 ok\r\n"))
+            if verb == b"STARTTLS" and b"STARTTLS" in replies:
+                if b"TLS" in replies:
+                    tls = replies[b"TLS"].wrap_socket(conn, server_side=True)
+                    play(_Resumed(tls), {k: v for k, v in replies.items()
+                                         if k not in (b"STARTTLS", b"TLS")} |
+                         {b"EHLO": b"250-hop.test\r\n250 PIPELINING\r\n"})
+                    return
+                # No TLS here: what comes once the client starts its handshake (not with
+                # the reply, which would be a response injection).
+                time.sleep(0.3)
+                conn.sendall(b"this is not TLS\r\n")
+                return
+            if verb == b"QUIT":
+                return
 
     def serve() -> None:
         for replies in sessions:
@@ -128,28 +162,28 @@ def _scriptedNextHop(sessions: list[dict[bytes, bytes]], received: list[bytes]) 
                 return
             with conn, contextlib.suppress(OSError):  # (the relay may reset it)
                 conn.settimeout(30)
-                reader = conn.makefile("rb")
-                conn.sendall(b"220 hop.test ESMTP\r\n")
-                for line in reader:
-                    verb = line.split(b" ", 1)[0].strip().upper().rstrip(b":")
-                    if verb == b"DATA" and replies[b"DATA"].startswith(b"354"):
-                        conn.sendall(replies[b"DATA"])
-                        body = b"".join(iter(reader.readline, b".\r\n"))
-                        received.append(body)
-                        conn.sendall(replies[b"."])
-                        continue
-                    conn.sendall(replies.get(verb, b"250 ok\r\n"))
-                    if verb == b"STARTTLS" and b"STARTTLS" in replies:
-                        # No TLS here: what comes once the client starts its handshake
-                        # (not with the reply, which would be a response injection).
-                        time.sleep(0.3)
-                        conn.sendall(b"this is not TLS\r\n")
-                        break
-                    if verb == b"QUIT":
-                        break
+                play(conn, replies)
 
     threading.Thread(target=serve, daemon=True).start()
     return server
+
+
+class _Resumed:
+    """A TLS socket whose session starts with its own greeting skipped: after STARTTLS the
+    server says nothing until the client's EHLO (L{_scriptedNextHop}'s C{play} greets)."""
+
+    def __init__(self, tls: Any) -> None:
+        self._tls = tls
+        self._greeted = False
+
+    def makefile(self, mode: str) -> Any:
+        return self._tls.makefile(mode)
+
+    def sendall(self, data: bytes) -> None:
+        if not self._greeted:  # play's greeting: not after STARTTLS
+            self._greeted = True
+            return
+        self._tls.sendall(data)
 
 
 def test_a_next_hop_answering_data_with_250_is_a_protocol_error_and_retried(relay) -> None:
@@ -177,26 +211,68 @@ def test_a_next_hop_answering_data_with_250_is_a_protocol_error_and_retried(rela
 
 
 def test_a_failed_opportunistic_tls_handshake_is_retried_in_plaintext(relay) -> None:
-    """tls = "may" (the default) and a next hop whose STARTTLS handshake fails: the same
-    address is tried again at once without TLS, as Postfix does at its "may" level
-    (RETRY_AS_PLAINTEXT), and the message goes.  It was deferred at every attempt, the
-    mail bounced after max_lifetime."""
+    """tls = "may" (the default) and a next hop whose STARTTLS handshake fails: a new
+    message is deferred; once it has been queued for [queue] min_backoff, the same address
+    is tried again at once without TLS, and it goes -- as Postfix at its "may" level
+    (RETRY_AS_PLAINTEXT after $minimal_backoff_time).  Before, it was sent in plaintext at
+    the first failure (and, before that, deferred at every attempt until max_lifetime)."""
     received: list[bytes] = []
     ehlo = b"250-hop.test\r\n250 STARTTLS\r\n"
     broken = {b"EHLO": ehlo, b"STARTTLS": b"220 go ahead\r\n"}
     good = {b"EHLO": ehlo, b"DATA": b"354 go\r\n", b".": b"250 2.0.0 queued\r\n",
             b"QUIT": b"221 bye\r\n"}
-    server = _scriptedNextHop([broken, good], received)
+    server = _scriptedNextHop([broken, broken, good], received)
     try:
         port = server.getsockname()[1]
-        r = relay(f'[relay]\nsmarthost = "[127.0.0.1]:{port}"\n[dns]\nreverse_lookups = false\n')
+        r = relay(f'[relay]\nsmarthost = "[127.0.0.1]:{port}"\n[dns]\nreverse_lookups = false\n'
+                  "[queue]\nmin_backoff = 2\n")
         _send(r.port, "carol@example.org")
-        r.waitForLog(r"to=<carol@example\.org>.*attempts=1, status=sent", timeout=30)
+        r.waitForLog(r"to=<carol@example\.org>.*attempts=1, status=deferred \(X-mailrelay; "
+                     r"TLS handshake with 127\.0\.0\.1\[127\.0\.0\.1\] failed", timeout=30)
+        assert received == [] and "without TLS" not in r.log()
+        r.waitForLog(r"to=<carol@example\.org>.*attempts=2, status=sent", timeout=30)
         assert len(received) == 1 and b"Subject: p" in received[0]
         log = r.log()
         assert re.search(r"TLS handshake with 127\.0\.0\.1\[127\.0\.0\.1\] failed.*trying "
                          r"127\.0\.0\.1\[127\.0\.0\.1\]:\d+ again without TLS", log), log
-        assert "status=deferred" not in log and "Traceback" not in log
+        assert "Traceback" not in log
+    finally:
+        server.close()
+
+
+def test_a_tls_session_lost_mid_transaction_is_retried_in_plaintext(relay, tmp_path) -> None:
+    """tls = "may" and a next hop that completes the TLS handshake but drops the connection
+    in the transaction (Postfix's "TLS session failure"): deferred while the message is new,
+    then, queued for min_backoff, sent again at once over a plaintext connection."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    received: list[bytes] = []
+    ehlo = b"250-hop.test\r\n250 STARTTLS\r\n"
+    dropping = {b"EHLO": ehlo, b"STARTTLS": b"220 go ahead\r\n", b"TLS": context,
+                b"DROP": b"RCPT", b"DATA": b"354 go\r\n", b".": b"250 2.0.0 queued\r\n"}
+    good = {b"EHLO": ehlo.replace(b"STARTTLS", b"8BITMIME"), b"DATA": b"354 go\r\n",
+            b".": b"250 2.0.0 queued\r\n", b"QUIT": b"221 bye\r\n"}
+    server = _scriptedNextHop([dropping, dropping, good], received)
+    try:
+        port = server.getsockname()[1]
+        r = relay(f'[relay]\nsmarthost = "[127.0.0.1]:{port}"\n[dns]\nreverse_lookups = false\n'
+                  "[queue]\nmin_backoff = 2\n")
+        _send(r.port, "dave@example.org")
+        r.waitForLog(r"to=<dave@example\.org>.*attempts=1, status=deferred \(X-mailrelay; "
+                     r"lost connection with 127\.0\.0\.1\[127\.0\.0\.1\] while", timeout=30)
+        assert received == []
+        r.waitForLog(r"to=<dave@example\.org>.*attempts=2, status=sent", timeout=30)
+        assert len(received) == 1 and b"Subject: p" in received[0]
+        log = r.log()
+        assert re.search(r"lost connection with 127\.0\.0\.1\[127\.0\.0\.1\] while sending "
+                         r"RCPT TO; trying 127\.0\.0\.1\[127\.0\.0\.1\]:\d+ again without "
+                         r"TLS", log), log
+        assert "Traceback" not in log
     finally:
         server.close()
 

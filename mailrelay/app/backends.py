@@ -25,6 +25,8 @@ def builtinBackendSpecs(config: Config) -> list[BackendSpec]:
             "nameservers": config.nameservers,
             "destination_concurrency": config.destinationConcurrency,
             "connection_cache_time": config.connectionCacheTime,
+            # Postfix's $minimal_backoff_time (see mailrelay.delivery.smtp).
+            "plaintext_fallback_age": config.queue.minBackoff,
         },
         "lmtp": {"settings": config.delivery, "concurrency": config.destinationConcurrency},
     }

@@ -48,6 +48,12 @@ class SMTPConnection:
         return self._protocol.session.tls
 
     @property
+    def tlsSessionFailed(self) -> bool:
+        """The connection was lost or timed out in a step while TLS was up (see
+        L{ClientSession.tlsSessionFailed <mailrelay.smtp.client.ClientSession>})."""
+        return self._protocol.session.tlsSessionFailed
+
+    @property
     def authenticated(self) -> bool:
         return self._protocol.session.authenticated
 

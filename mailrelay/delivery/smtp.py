@@ -26,6 +26,17 @@ route the router chose, so that two routes to the same next hop (a C{[[routes]]}
 the smarthost) keep their own settings.  A TLS requirement that cannot be met defers the
 recipients (4.7.5, with the reason); there is never a fallback to weaker settings.
 
+Under C{tls = "may"} (opportunistic: nothing is verified) a TLS failure -- a STARTTLS
+handshake that fails or times out, or a TLS session lost or timed out before the
+transaction ended -- is followed at once by the same address without TLS, for the recipients
+left, when the message has been queued for at least C{plaintextFallbackAge} seconds (the
+queue's C{min_backoff}); a younger message is deferred, so that a passing TLS trouble does
+not put new mail in the clear, and its retry falls back.  Never with a user name to log in
+with (the password would go in the clear).  That is Postfix's C{may} level
+(C{PLAINTEXT_FALLBACK_OK_AFTER_STARTTLS_FAILURE} and C{..._AFTER_TLS_SESSION_FAILURE}, which
+also wait for C{$minimal_backoff_time}).  The plaintext connection is cached under
+C{tls = "none"}, never reused for a delivery that asks for TLS.
+
 Connections that are still usable after a delivery stay open for C{connectionCacheTime}
 seconds and carry the next delivery to the same next hop I{with the same settings} (several
 messages share one connection); then they are sent QUIT.  L{SMTPBackend.close} quits them
@@ -178,6 +189,7 @@ class SMTPBackend(ClientBackend):
         *,
         destinationConcurrency: int = 20,
         connectionCacheTime: float = 2.0,
+        plaintextFallbackAge: float = 300.0,
         connect: Callable[..., Deferred] | None = None,
     ) -> None:
         """
@@ -187,6 +199,9 @@ class SMTPBackend(ClientBackend):
         @param destinationConcurrency: the most simultaneous connections to one next hop.
         @param connectionCacheTime: seconds an idle connection is kept for reuse; 0 to quit
             after each delivery.
+        @param plaintextFallbackAge: seconds a message must have been queued before a TLS
+            failure under C{tls = "may"} is followed by the same address without TLS (the
+            queue's C{min_backoff}, as Postfix's C{$minimal_backoff_time}).
         @param connect: the connecting function, C{connectSMTP} by default (for tests).
         """
         if destinationConcurrency < 1:
@@ -196,6 +211,7 @@ class SMTPBackend(ClientBackend):
         self.settings = settings
         self.destinationConcurrency = destinationConcurrency
         self.connectionCacheTime = connectionCacheTime
+        self.plaintextFallbackAge = plaintextFallbackAge
         self._connect = connect
         self._perDestination = PerDestination(destinationConcurrency, "SMTP")
         self._quitter = Quitter(reactor)
@@ -307,11 +323,16 @@ class SMTPBackend(ClientBackend):
             none did (C{tried} then says what went wrong).
         """
         for index, host in enumerate(hosts):
-            connection = yield self._connectNoting(host, key, envelope, tried)
-            if connection is None:
+            connected = yield self._connectNoting(host, key, envelope, tried)
+            if connected is None:
                 continue
+            connection, connectedKey = connected
             results = yield self._send(connection, envelope, recipients, messagePath)
-            self._cache.release(key, connection)
+            self._cache.release(connectedKey, connection)
+            if connection.tlsSessionFailed and self._plaintextOK(connectedKey[1], envelope):
+                results = yield self._sendPlaintext(
+                    host, connectedKey, envelope, recipients, messagePath, results
+                )
             if _allTransient(results) and index + 1 < len(hosts):
                 log.info(
                     "{queueID}: every recipient deferred by {remoteMTA}; trying the next host",
@@ -327,30 +348,20 @@ class SMTPBackend(ClientBackend):
     def _connectNoting(
         self, host: MXHost, key: tuple[str, ClientSettings], envelope: Any, tried: _Tried
     ) -> Any:
-        """Connect to C{host}; a failure is logged and noted in C{tried}.
+        """Connect to C{host}; a failure is logged and noted in C{tried}.  A TLS failure under
+        C{tls = "may"} is followed by the same address without TLS when L{_plaintextOK}.
 
-        @return: a Deferred firing with the connection, or C{None} when it failed.
+        @return: a Deferred firing with the connection and the key it is cached under (the
+            settings it was made with), or C{None} when it failed.
         """
-        settings = key[1]
         try:
             try:
-                return (yield self._connectTo(host, settings))
+                return ((yield self._connectTo(host, key[1])), key)
             except SMTPConnectError as e:
-                if not _plaintextAfter(e, settings):
+                if not (e.tlsFailure and self._plaintextOK(key[1], envelope)):
                     raise
-                # Opportunistic TLS whose handshake failed: the same address again at once,
-                # without TLS, as Postfix does at its "may" level (RETRY_AS_PLAINTEXT) --
-                # never with credentials to send, which would then go in the clear.
-                log.info(
-                    "{queueID}: {diagnostic}; trying {mx}[{address}]:{port} again without "
-                    'TLS (tls = "may")',
-                    queueID=envelope.queueID,
-                    diagnostic=e.diagnostic.removeprefix("X-mailrelay; "),
-                    mx=host.name,
-                    address=host.address,
-                    port=host.port,
-                )
-                return (yield self._connectTo(host, replace(settings, tls="none")))
+                plainKey = self._plaintextKey(key, envelope, host, e.diagnostic)
+                return ((yield self._connectTo(host, plainKey[1])), plainKey)
         except SMTPConnectError as e:
             log.info(
                 "{queueID}: cannot use {mx}[{address}]:{port} for {nexthop}: "
@@ -440,6 +451,77 @@ class SMTPBackend(ClientBackend):
                     "DNSSEC validation)")
         return None
 
+    def _plaintextOK(self, settings: ClientSettings, envelope: Any) -> bool:
+        """Whether a TLS failure under C{settings} may be followed by the same address
+        without TLS: C{tls = "may"} (nothing verified; REQUIRETLS makes it C{"required"}), no
+        credentials to send, and the message queued for at least L{plaintextFallbackAge}
+        seconds (see the module's docstring)."""
+        if settings.tls != "may" or settings.username is not None:
+            return False
+        arrival = envelope.arrival
+        return arrival is not None and self.reactor.seconds() - arrival >= (
+            self.plaintextFallbackAge
+        )
+
+    def _plaintextKey(
+        self, key: tuple[str, ClientSettings], envelope: Any, host: MXHost, diagnostic: str
+    ) -> tuple[str, ClientSettings]:
+        """Log that C{host} is tried again without TLS after C{diagnostic}; the key of that
+        connection (C{tls = "none"})."""
+        log.info(
+            "{queueID}: {diagnostic}; trying {mx}[{address}]:{port} again without TLS "
+            '(tls = "may")',
+            queueID=envelope.queueID,
+            diagnostic=diagnostic.removeprefix("X-mailrelay; "),
+            mx=host.name,
+            address=host.address,
+            port=host.port,
+        )
+        return (key[0], replace(key[1], tls="none"))
+
+    @inlineCallbacks
+    def _sendPlaintext(
+        self,
+        host: MXHost,
+        key: tuple[str, ClientSettings],
+        envelope: Any,
+        recipients: list,
+        messagePath: Path,
+        results: list[RecipientResult],
+    ) -> Any:
+        """The TLS session with C{host} broke in the transaction that gave C{results}: send
+        the recipients it deferred again, over a new connection to C{host} without TLS.
+
+        @return: a Deferred firing with C{results}, those of the recipients sent again
+            replaced by the new ones (unchanged when that connection fails).
+        """
+        deferred = [i for i, r in enumerate(results) if r.status is DeliveryStatus.TRANSIENT]
+        if not deferred:
+            return results
+        diagnostic = next(r.diagnostic for r in results if r.status is DeliveryStatus.TRANSIENT)
+        plainKey = self._plaintextKey(key, envelope, host, diagnostic)
+        try:
+            connection = yield self._connectTo(host, plainKey[1])
+        except SMTPConnectError as e:
+            log.info(
+                "{queueID}: cannot use {mx}[{address}]:{port} without TLS either: "
+                "{code} {diagnostic}",
+                queueID=envelope.queueID,
+                mx=host.name,
+                address=host.address,
+                port=host.port,
+                code=e.code,
+                diagnostic=e.diagnostic,
+            )
+            return results
+        again = yield self._send(connection, envelope, [recipients[i] for i in deferred],
+                                 messagePath)
+        self._cache.release(plainKey, connection)
+        merged = list(results)
+        for i, result in zip(deferred, again, strict=True):
+            merged[i] = result
+        return merged
+
     @staticmethod
     def _isRecipientDomain(nexthop: str, recipients: list) -> bool:
         """Whether C{nexthop} is an MX lookup of the recipients' own domain."""
@@ -472,14 +554,21 @@ def build(options: dict[str, Any], context: PluginContext) -> SMTPBackend:
 
     @param options: C{settings}, the default L{ClientSettings} (of C{[delivery]});
         C{nameservers}, the C{[dns]} name servers (none: the system's resolver);
-        C{destination_concurrency} and C{connection_cache_time} (see L{SMTPBackend}).
+        C{destination_concurrency}, C{connection_cache_time} and C{plaintext_fallback_age}
+        (the queue's C{min_backoff}; see L{SMTPBackend}).
     @param context: its C{reactor} connects and times, its C{resolver} (when it has one;
         else one of C{nameservers}) looks up the MX hosts.
     """
     options = builtinOptions(
         "smtp",
         options,
-        ("settings", "nameservers", "destination_concurrency", "connection_cache_time"),
+        (
+            "settings",
+            "nameservers",
+            "destination_concurrency",
+            "connection_cache_time",
+            "plaintext_fallback_age",
+        ),
     )
     reactor = context.reactor
     resolver = context.resolver  # the relay's: [dns] nameservers, or the system's
@@ -491,11 +580,6 @@ def build(options: dict[str, Any], context: PluginContext) -> SMTPBackend:
         options["settings"],
         destinationConcurrency=options.get("destination_concurrency", 20),
         connectionCacheTime=options.get("connection_cache_time", 2.0),
+        plaintextFallbackAge=options.get("plaintext_fallback_age", 300.0),
     )
 
-
-def _plaintextAfter(error: SMTPConnectError, settings: ClientSettings) -> bool:
-    """Whether a connection that failed with C{error} under C{settings} is tried again
-    without TLS: its STARTTLS handshake failed (4.7.5: under C{tls = "may"} nothing is
-    verified, so that is the only TLS failure there) and there are no credentials to send."""
-    return error.code == "4.7.5" and settings.tls == "may" and settings.username is None

@@ -186,6 +186,9 @@ class ClientSession:
 
     @ivar extensions: the EHLO keywords (upper case) and their parameters.
     @ivar tls: the connection is encrypted.
+    @ivar tlsSessionFailed: the connection was lost or timed out while TLS was up and a
+        step was under way (Postfix's "TLS session failure"): the transaction's recipients
+        were deferred for it, and C{tls = "may"} may send them again without TLS.
     @ivar authenticated: AUTH succeeded.
     @ivar state: the current step (C{"idle"} when a transaction may start).
     """
@@ -196,6 +199,7 @@ class ClientSession:
         self.host = "the server"
         self.extensions: dict[str, str] = {}
         self.tls = False
+        self.tlsSessionFailed = False
         self.authenticated = False
         self.state = _GREETING
         self._parser = ReplyParser()
@@ -275,6 +279,7 @@ class ClientSession:
         """TLS could not be started at all (bad CA file ...)."""
         self._out = []
         if self.state in _CONNECTING:
+            self.tlsSessionFailed = True
             self._connectFailed("4.7.5", f"X-mailrelay; cannot start TLS with {self.host}: {why}")
         return self._out
 
@@ -367,6 +372,7 @@ class ClientSession:
         if self.state == _QUIT:
             self._close(abort=True)
         elif self.state not in (_CLOSED, _IDLE):
+            self._noteTLSFailure()
             self._fail("4.4.2", f"X-mailrelay; conversation with {self.host} timed out while "
                                 f"{self.waitingFor()}")
         return self._out
@@ -397,6 +403,8 @@ class ClientSession:
         state = self.state
         if state == _CLOSED:
             return self._out
+        if state not in (_IDLE, _QUIT):
+            self._noteTLSFailure()
         if state == _HANDSHAKE or (state == _GREETING and self.settings.tls == "implicit"
                                    and not self.tls):
             self._connectFailed("4.7.5", f"X-mailrelay; TLS handshake with {self.host} failed: "
@@ -423,6 +431,11 @@ class ClientSession:
     def _armTimer(self) -> None:
         name = _STEPS[self.step][0]
         self._out.append(SetTimer(getattr(self.settings.timeouts, name)))
+
+    def _noteTLSFailure(self) -> None:
+        """The connection is lost or timed out in a step: a TLS failure if TLS was up or
+        being set up (see L{tlsSessionFailed})."""
+        self.tlsSessionFailed = self.tls or self.state == _HANDSHAKE
 
     def _setClosed(self) -> None:
         if self.state != _CLOSED:
@@ -475,7 +488,7 @@ class ClientSession:
     def _connectFailed(self, code: str, diagnostic: str, permanent: bool = False,
                        quit: bool = False, close: bool = True) -> None:
         error = SMTPConnectError(code, printable(diagnostic)[:MAX_DIAGNOSTIC], permanent,
-                                 self.remoteMTA)
+                                 self.remoteMTA, tlsFailure=self.tlsSessionFailed)
         self._out.append(ConnectFailed(error))
         if close:
             if quit:

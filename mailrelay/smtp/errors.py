@@ -23,10 +23,14 @@ class SMTPConnectError(Exception):
         C{"X-mailrelay; connection refused by mx.example.org"} otherwise.
     @ivar permanent: C{True} for a 5xx greeting, EHLO and HELO, or AUTH reply.
     @ivar remoteMTA: RFC 3464 Remote-MTA form (C{"dns; mx.example.org"}).
+    @ivar tlsFailure: TLS failed, not the server's SMTP: the handshake failed or timed out
+        (or TLS could not be started), or the connection was lost or timed out once TLS was
+        up (Postfix's failed handshake and "TLS session failure"): what C{tls = "may"} may
+        try again without TLS.  A response injection after STARTTLS is not one.
     """
 
     def __init__(self, code: str, diagnostic: str, permanent: bool = False,
-                 remoteMTA: str | None = None) -> None:
+                 remoteMTA: str | None = None, *, tlsFailure: bool = False) -> None:
         super().__init__(diagnostic)
         if permanent != code.startswith("5."):
             raise ValueError(f"permanent={permanent} does not match status {code}")
@@ -34,6 +38,7 @@ class SMTPConnectError(Exception):
         self.diagnostic = diagnostic
         self.permanent = permanent
         self.remoteMTA = remoteMTA
+        self.tlsFailure = tlsFailure
 
     def resultsFor(self, recipients: Sequence[Recipient]) -> list[RecipientResult]:
         """One L{RecipientResult} per recipient saying this error happened."""
