@@ -663,19 +663,23 @@ MAY = ClientSettings(heloName="relay.test", tls="may")
 
 
 def _mayBackend(
-    tlsError: SMTPConnectError | None = None, settings: ClientSettings = MAY
+    tlsError: SMTPConnectError | None = None,
+    settings: ClientSettings = MAY,
+    plainError: SMTPConnectError | None = None,
 ) -> tuple[Any, FakeNet, Clock]:
     """An SMTP backend (C{plaintextFallbackAge} 300) whose connections with TLS (not C{tls =
-    "none"}) fail with C{tlsError}, if given; its clock well past 0."""
+    "none"}) fail with C{tlsError}, and those without with C{plainError}, if given; its
+    clock well past 0."""
     from mailrelay.delivery.smtp import SMTPBackend
 
     net = FakeNet()
 
     def connect(reactor: Any, endpoint: Any, settings: ClientSettings, **kw: Any) -> Any:
-        if tlsError is not None and settings.tls != "none":
+        error = tlsError if settings.tls != "none" else plainError
+        if error is not None:
             inner = getattr(endpoint, "_wrappedEndpoint", endpoint)
             net.attempts.append((inner._host, inner._port, kw["tlsHostname"], settings, endpoint))
-            return defer.fail(tlsError)
+            return defer.fail(error)
         return net.connect(reactor, endpoint, settings, **kw)
 
     clock = Clock()
@@ -1270,3 +1274,14 @@ class RealServerTests(unittest.TestCase):
         self.assertEqual(backend.idleConnections(nexthop), 1)
         yield backend.close()
         self.assertEqual(backend.idleConnections(), 0)
+
+
+def test_smtp_may_tls_session_broken_then_plaintext_refused_keeps_the_first_results() -> None:
+    """The plaintext connection after a broken TLS session fails too: the recipients keep
+    the deferral of the TLS session (logged, no exception)."""
+    refused = SMTPConnectError("4.4.1", "X-mailrelay; connection refused by 192.0.2.40")
+    backend, net, clock = _mayBackend(plainError=refused)
+    net.sendBehaviour["192.0.2.40"] = "tlslost-once"
+    results = result(_deliverAged(backend, clock, 300))
+    assert [(r.status, r.code) for r in results] == [(TRANSIENT, "4.4.2")] * 2
+    assert [a[3].tls for a in net.attempts] == ["may", "none"]

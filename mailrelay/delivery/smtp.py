@@ -500,20 +500,10 @@ class SMTPBackend(ClientBackend):
             return results
         diagnostic = next(r.diagnostic for r in results if r.status is DeliveryStatus.TRANSIENT)
         plainKey = self._plaintextKey(key, envelope, host, diagnostic)
-        try:
-            connection = yield self._connectTo(host, plainKey[1])
-        except SMTPConnectError as e:
-            log.info(
-                "{queueID}: cannot use {mx}[{address}]:{port} without TLS either: "
-                "{code} {diagnostic}",
-                queueID=envelope.queueID,
-                mx=host.name,
-                address=host.address,
-                port=host.port,
-                code=e.code,
-                diagnostic=e.diagnostic,
-            )
+        connected = yield self._connectNoting(host, plainKey, envelope, _Tried())
+        if connected is None:  # (logged)
             return results
+        connection = connected[0]
         again = yield self._send(connection, envelope, [recipients[i] for i in deferred],
                                  messagePath)
         self._cache.release(plainKey, connection)
