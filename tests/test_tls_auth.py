@@ -393,6 +393,26 @@ def test_failed_attempts_are_throttled_then_421() -> None:
     assert h3.send(b"AUTH PLAIN " + plain("alice", "secret") + b"\r\n") == [b"235 2.7.0 Authentication successful"]
 
 
+def test_the_idle_timeout_does_not_run_while_the_relay_delays_its_answer() -> None:
+    """idle_timeout is the client's time to send a command: it does not run while the relay
+    itself holds an answer back (the AUTH failure delay, a slow check), and starts again
+    once the answer is written.  With failure_delay above idle_timeout the throttled
+    client got "421 timeout exceeded" while it waited for its 535."""
+    h = tlsHarness(throttleAfter=1, failureDelay=5.0, maxFailures=6, idleTimeout=4.0)
+    afterTLS(h)
+    bad = b"AUTH PLAIN " + plain("alice", "guess") + b"\r\n"
+    assert h.send(bad) == [b"535 5.7.8 Authentication credentials invalid"]
+    assert h.send(bad) == []
+    h.clock.advance(4.5)
+    assert h.replies() == [] and not h.closed
+    h.clock.advance(0.5)
+    assert h.replies() == [b"535 5.7.8 Authentication credentials invalid"]
+    h.clock.advance(3.9)
+    assert not h.closed
+    h.clock.advance(0.1)
+    assert h.replies() == [b"421 4.4.2 relay.test Error: timeout exceeded"] and h.closed
+
+
 def test_memory_throttle_window_and_bound() -> None:
     from twisted.internet.task import Clock
 

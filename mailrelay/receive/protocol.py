@@ -547,6 +547,12 @@ class SMTPServerProtocol(Protocol):
         if session.inData and self._stampingSince is not None:
             self._timer.stop()  # reading is paused; the stampers' timeout bounds the wait
             return
+        if session.waiting:
+            # The client waits for our answer (a check, the AUTH failure delay, the commit),
+            # not we for its command: each question has its own time limit, and the answer
+            # starts the client's time again (_answer).
+            self._timer.stop()
+            return
         self._timer.start(session.inData)
 
     def _timedOut(self) -> None:
