@@ -293,6 +293,47 @@ def test_unauthorisedPipeliningIsRefused(data: bytes, after: str) -> None:
     assert "refused with 554" in text
 
 
+@pytest.mark.parametrize(
+    "data, logged",
+    [
+        # The initial response of a pipelined AUTH is the user's password (base64).
+        (b"EHLO x\r\nAUTH PLAIN AGFsaWNlAHNlY3JldDE=\r\n", b"AUTH PLAIN [...]"),
+        (b"EHLO x\r\nauth login YWxpY2U=\r\nc2VjcmV0MQ==\r\n", b"auth login [...]"),
+        # After HELO every command is the last of its group: what follows AUTH LOGIN is the
+        # user name and the password.
+        (b"HELO x\r\nAUTH LOGIN\r\nYWxpY2U=\r\nc2VjcmV0MQ==\r\n", b"AUTH LOGIN [...]"),
+    ],
+)
+def test_pipelinedCredentialsAreNotLogged(data: bytes, logged: bytes) -> None:
+    """The pending input a 554 for pipelining logs stops at an AUTH command's mechanism:
+    its initial response and the lines after it are credentials."""
+    h = strict()
+    with capturedLogs() as logs:
+        h.send(data)
+    assert h.closed
+    text = messages(logs)
+    assert repr(logged)[2:-1] in text, text
+    assert "c2VjcmV0MQ" not in text and "AGFsaWNlAHNlY3JldDE" not in text, text
+
+
+def test_credentialsPipelinedAfterAuthAreNotLogged() -> None:
+    """After HELO, AUTH is the last of its group too: the lines pipelined after it (the
+    user name and password of AUTH LOGIN) are not logged at all."""
+    s = ServerSession(SessionSettings("h", rejectUnauthPipelining=True), ClientInfo("192.0.2.1"))
+    s.dataReceived(b"HELO x\r\n")
+    events = s.dataReceived(b"AUTH LOGIN\r\nYWxpY2U=\r\nc2VjcmV0MQ==\r\n")
+    assert SyncError("AUTH", b"[...]") in events, events
+
+
+def test_credentialsOfAnEarlyTalkerAreNotLogged() -> None:
+    h = ServerHarness(greetPause=2.0)
+    h.clock.advance(1)
+    with capturedLogs() as logs:
+        assert h.send(b"EHLO x\r\nAUTH PLAIN AGFsaWNlAHNlY3JldDE=\r\n") == [SYNC]
+    text = messages(logs)
+    assert "talked before the greeting: b'EHLO x\\r\\nAUTH PLAIN [...]'" in text, text
+
+
 def test_pipelinedAfterHeloIsRefused() -> None:
     h = strict()
     assert h.send(b"HELO x\r\n") == [b"250 relay.test"]

@@ -210,7 +210,8 @@ class SyncError:
 
     @ivar after: the command after which input was pending (C{"EHLO"}), or C{""} for input
         before the greeting.
-    @ivar pending: the start of the input that was pending (at most 100 bytes), for the log.
+    @ivar pending: the start of the input that was pending (at most 100 bytes), for the log,
+        cut at an AUTH command's mechanism (credentials are not logged).
     """
 
     after: str
@@ -336,6 +337,23 @@ SYNC_ERROR = Reply(554, "5.5.0", "Error: SMTP protocol synchronization")
 _BDAT_ARGUMENT = re.compile(r"[ \t]*([0-9]{1,20})(?:[ \t]+(LAST))?[ \t]*", re.IGNORECASE)
 #: What separates the words of a HELO/EHLO argument (as Postfix's command tokenizer).
 _HELO_SPACE = re.compile(r"[ \t]+")
+#: An AUTH command at the start of a line, up to its mechanism's name.
+_AUTH_COMMAND = re.compile(rb"(?:^|\n)[ \t]*AUTH(?:[ \t]+[^ \t\r\n]*)?", re.IGNORECASE)
+_NOT_LOGGED = b"[...]"
+
+
+def _loggable(after: str, pending: bytes) -> bytes:
+    """C{pending} input for the log (L{SyncError}), without credentials: nothing after an
+    AUTH command's mechanism (its initial response and the lines after it are the user name
+    and password), nothing at all after the command AUTH itself."""
+    if after == "AUTH":
+        return _NOT_LOGGED
+    match = _AUTH_COMMAND.search(pending)
+    if match is None:
+        return pending
+    return pending[: match.end()] + b" " + _NOT_LOGGED
+
+
 _LAST_IN_GROUP = frozenset({"EHLO", "HELO", "DATA", "NOOP", "VRFY", "EXPN", "TURN"})
 _PLAIN_CHALLENGE = Reply(334, "", "")
 _LOGIN_USERNAME = Reply(334, "", "VXNlcm5hbWU6")  # "Username:"
@@ -452,7 +470,7 @@ class ServerSession:
             self._buf += data
         if self._awaitingGreeting:
             if self.settings.rejectPregreet:
-                out: list[object] = [SyncError("", self._buf[:100])]
+                out: list[object] = [SyncError("", _loggable("", self._buf[:100]))]
                 self._out = out
                 self._close(SYNC_ERROR)
                 return out
@@ -650,7 +668,8 @@ class ServerSession:
             return True
         if self.settings.rejectUnauthPipelining and self._pos < len(self._buf):
             if name != "QUIT" and (not self.client.esmtp or name in _LAST_IN_GROUP):
-                self._out.append(SyncError(name, self._buf[self._pos : self._pos + 100]))
+                pending = self._buf[self._pos : self._pos + 100]
+                self._out.append(SyncError(name, _loggable(name, pending)))
                 self._close(SYNC_ERROR)
                 return True
         handler(arg)
