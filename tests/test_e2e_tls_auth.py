@@ -5,6 +5,7 @@ users made with the real C{mailrelay-passwd} (C{python -m mailrelay.passwd})."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
 import smtplib
@@ -13,6 +14,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import time
 import time
 from pathlib import Path
 
@@ -301,6 +303,56 @@ def test_implicit_tls_with_smtp_ssl(relay, site) -> None:
     assert RECEIVED_TLS.search(message.decode()).group(3) == "alice"
     assert envelope["client"]["tls"].startswith("TLSv1.3 ")
     assert re.search(r"listening on 127\.0\.0\.1:\d+ \(tcp:interface=127\.0\.0\.1:port=0; submissions, implicit TLS, AUTH\)", r.log())
+
+
+def test_implicit_tls_refusal_at_connect_and_close_after_quit(relay, site) -> None:
+    """On port 465 a client over max_connections reads its 421 over TLS (it saw its
+    handshake reset: the reply was thrown away with the connection); and a TLS session ended
+    by the relay (221) is closed at once, not held until idle_timeout waiting for the
+    client's close_notify."""
+    import socket
+
+    config = AUTH + LISTENERS.replace(
+        'mode = "submissions"', 'mode = "submissions"\nmax_connections = 1'
+    )
+    r = relay(config)
+    first = site.context().wrap_socket(
+        socket.create_connection(("127.0.0.1", r.ports[2]), timeout=10), server_hostname="relay.test"
+    )
+    try:
+        assert first.recv(100).startswith(b"220 ")
+        with socket.create_connection(("127.0.0.1", r.ports[2]), timeout=10) as raw:
+            second = site.context().wrap_socket(raw, server_hostname="relay.test")
+            assert second.recv(100) == b"421 4.7.0 relay.test Error: too many connections\r\n"
+        first.sendall(b"QUIT\r\n")
+        assert first.recv(100).startswith(b"221 ")
+        # The client sends nothing more (no close_notify): the relay closes the socket.
+        first.settimeout(15)
+        started = time.monotonic()
+        with contextlib.suppress(ssl.SSLError, OSError):
+            while first.recv(100):
+                pass
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and _established(r.ports[2]):
+            time.sleep(0.2)
+        assert not _established(r.ports[2]), "the relay still holds the connection"
+        assert time.monotonic() - started < 10
+    finally:
+        first.close()
+    log = r.log()
+    assert "TLS handshake" not in log and "Traceback" not in log, log
+
+
+def _established(port: int) -> bool:
+    """Whether a TCP connection on local port C{port} (the relay's side) is established
+    (/proc/net/tcp: state 01)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                    return True
+    return False
 
 
 def test_swaks_implicit_tls(relay, site) -> None:

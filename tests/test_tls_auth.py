@@ -173,9 +173,13 @@ def test_starttls_twice_is_503() -> None:
 
 
 def test_timeout_during_the_handshake_aborts() -> None:
+    """A client stuck in the handshake: closed at idle_timeout, cut off a few seconds later
+    (a TLS layer waits for the handshake to end before it closes)."""
     h = tlsHarness()
     h.send(b"STARTTLS\r\n")
     h.clock.advance(301)
+    assert h.closed
+    h.clock.advance(5)
     assert h.transport.aborted
 
 
@@ -202,6 +206,42 @@ def test_implicit_tls_listener() -> None:
 def test_implicit_tls_timeout_before_handshake_aborts() -> None:
     h = ServerHarness(tlsMode="implicit")
     h.clock.advance(301)
+    assert h.closed
+    h.clock.advance(5)
+    assert h.transport.aborted
+
+
+def test_implicit_tls_refusal_at_connect_goes_over_tls() -> None:
+    """A client refused at connect on an implicit-TLS listener (here over max_connections)
+    gets its 421 over TLS (RFC 8314: everything is inside TLS): the connection is closed,
+    not aborted, so that the TLS layer finishes the handshake and sends the reply; a client
+    that never finishes it is cut off after a few seconds.  It was aborted at once: the
+    client saw its handshake reset, and the log blamed the handshake."""
+    h = ServerHarness(tlsMode="implicit", limits={"maxConnections": 1, "maxConnectionsPerClient": 0})
+    over = h.another("192.0.2.2")
+    assert over.replies() == [b"421 4.7.0 relay.test Error: too many connections"]
+    assert over.closed and not over.transport.aborted
+    over.clock.advance(4.9)
+    assert not over.transport.aborted
+    over.clock.advance(0.1)
+    assert over.transport.aborted
+
+
+@pytest.mark.parametrize("how", ["QUIT", "throttled"])
+def test_a_tls_session_the_relay_ends_is_closed_soon(how: str) -> None:
+    """After the 221 to QUIT (or the 421 of the AUTH throttle) on a TLS connection, the
+    connection is gone within seconds, not when idle_timeout passes: Twisted's TLS waits for
+    the client's close_notify, which a client that says nothing more never sends -- holding
+    a connection slot, for a throttled client five minutes (Postfix closes at once after its
+    one-way TLS shutdown; RFC 5321 3.8, 4.1.1.10)."""
+    h = tlsHarness(maxFailures=1, throttleAfter=1, failureDelay=0.0)
+    afterTLS(h)
+    if how == "QUIT":
+        assert h.send(b"QUIT\r\n") == [b"221 2.0.0 Bye"]
+    else:
+        assert h.send(b"AUTH PLAIN " + plain("alice", "guess") + b"\r\n")[0].startswith(b"421")
+    assert h.closed and not h.transport.aborted
+    h.clock.advance(5)
     assert h.transport.aborted
 
 

@@ -203,6 +203,12 @@ class Sessions:
 _LATER = object()
 #: Seconds after the drain time when connections still open are aborted.
 _ABORT_AFTER = 5.0
+#: Seconds a TLS connection the relay closes has before it is cut off: for an implicit-TLS
+#: client refused at connect, to finish its handshake and get the 421 over TLS (RFC 8314);
+#: then for our close_notify to go out.  Twisted's TLS waits for the client's close_notify
+#: before it closes, which a client that says nothing more never sends: it held the
+#: connection (and its slot) until idle_timeout.  Postfix closes after a one-way shutdown.
+_TLS_CLOSE_GRACE = 5.0
 #: Seconds a client whose message was answered while the relay stops has to say QUIT.
 _QUIT_GRACE = 1.0
 
@@ -590,17 +596,15 @@ class SMTPServerProtocol(Protocol):
                 elif isinstance(event, Close):
                     self._flush(out)
                     self._timer.stop()
-                    if self._handshaking:
-                        # A TLS layer waits for the handshake to end before it closes: a
-                        # client that never finishes it would hold the connection.
-                        self.transport.abortConnection()
-                    else:
-                        self.transport.unregisterProducer()
-                        self.transport.loseConnection()
-                        # A client that reads nothing would hold it with our unsent replies.
-                        self._timer.after(
-                            self.context.settings.idleTimeout, self.transport.abortConnection
-                        )
+                    self.transport.unregisterProducer()
+                    self.transport.loseConnection()
+                    # A client that reads nothing would hold it with our unsent replies; over
+                    # TLS, one that never finishes the handshake or never answers our
+                    # close_notify (see _TLS_CLOSE_GRACE).
+                    grace = self.context.settings.idleTimeout
+                    if self._handshaking or (session is not None and session.client.tls):
+                        grace = min(grace, _TLS_CLOSE_GRACE)
+                    self._timer.after(grace, self.transport.abortConnection)
                 elif isinstance(event, StartTLS):
                     self._flush(out)
                     self._startTLS(event)
