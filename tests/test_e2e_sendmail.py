@@ -205,6 +205,25 @@ def test_refused_message_goes_to_dead_letter(site: Site) -> None:
     assert saved.startswith(f"From {LOGIN}@relay.test ".encode()) and b"\nloop\n" in saved
 
 
+def test_message_over_the_size_limit_goes_to_dead_letter(site: Site) -> None:
+    """A message over [limits] message_size is refused without sending anything, and
+    saved whole in ~/dead.letter, as every message read and not accepted is (it was
+    dropped: cron's output gone)."""
+    body = b"".join(b"line %d of the cron job's output\n" % n for n in range(5000))
+    config = site.config.parent / "small.toml"
+    config.write_text(site.config.read_text() + "\n[limits]\nmessage_size = 4096\n")
+    result = site.run([SENDMAIL, "-C", str(config), "-i", "user@example.org"],
+                      b"Subject: big\n\n" + body)
+    assert result.returncode == os.EX_DATAERR, result.stderr
+    err = result.stderr.decode().splitlines()
+    assert err[0] == ("mailrelay-sendmail: message too large: the relay accepts at most 4096 "
+                      "octets ([limits] message_size); nothing was sent"), err
+    assert err[1] == f"mailrelay-sendmail: the message was saved in {site.home}/dead.letter"
+    saved = (site.home / "dead.letter").read_bytes()
+    assert saved.startswith(f"From {LOGIN}@relay.test ".encode())
+    assert saved.endswith(b"\nSubject: big\n\n" + body + b"\n")
+
+
 def test_refused_recipient(relays: Any, nexthop: Any, tmp_path: Path) -> None:  # noqa: F811
     # The relay network does not include loopback: only the accepted domain may be mailed.
     site = startSite(relays, nexthop, tmp_path,

@@ -20,6 +20,7 @@ from mailrelay.app.localmail import (
     commandLineRecipients,
     parseMessage,
     prepareMessage,
+    MessageTooLarge,
     readInput,
     senderAddress,
 )
@@ -180,6 +181,20 @@ def test_input_over_the_size_limit_is_refused() -> None:
         read(b"x" * 101, dotEnds=False, limit=100)
     assert e.value.status == os.EX_DATAERR and "at most 100 octets" in e.value.message
     assert read(b"x" * 100, dotEnds=False, limit=100) == [b"x" * 100]
+
+
+@pytest.mark.parametrize("dotEnds", [False, True])
+def test_input_over_the_size_limit_can_still_be_saved(dotEnds: bool) -> None:
+    """The refusal carries the whole message, read on only when it is saved: the lines read
+    until the limit, then the rest of the input (to its end, or to the lone dot) line by
+    line, CRLF cut across reads kept one line end."""
+    data = b"Subject: big\r\n\r\n" + b"".join(b"line %d\r\n" % n for n in range(3000))
+    with pytest.raises(MessageTooLarge) as e:
+        read(data + b".\r\nafter\r\n", dotEnds=dotEnds, limit=1000)
+    assert e.value.status == os.EX_DATAERR
+    whole = [*e.value.lines, *e.value.rest]
+    expected = [b"Subject: big", b""] + [b"line %d" % n for n in range(3000)]
+    assert whole == (expected if dotEnds else expected + [b".", b"after"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from email.utils import formataddr, getaddresses, parseaddr
 from typing import BinaryIO
@@ -55,6 +55,38 @@ class SubmitError(Exception):
         self.status = status
 
 
+class MessageTooLarge(SubmitError):
+    """The input is over the size limit.  The message is C{lines} (read until the limit),
+    then C{rest}: an iterator reading the remaining lines from the input only as it is
+    consumed (to save the message in C{dead.letter} without holding it in memory)."""
+
+    def __init__(self, message: str, status: int, lines: list[bytes], rest: Iterator[bytes]
+                 ) -> None:
+        super().__init__(message, status)
+        self.lines = lines
+        self.rest = rest
+
+
+def _restOfInput(stream: BinaryIO, head: bytes, dotEnds: bool) -> Iterator[bytes]:
+    """The lines of C{head} and of the rest of C{stream}, as L{readInput} cuts them (to the
+    lone dot with C{dotEnds})."""
+    data = head
+    while True:
+        chunk = stream.read(65536)
+        data += chunk
+        # Complete lines only; a CR at the very end may be the start of a CRLF.
+        end = max(data.rfind(b"\n"), data.rfind(b"\r", 0, len(data) - 1)) + 1
+        if not chunk:
+            end = len(data)
+        for line in _split(data[:end]):
+            if dotEnds and line == b".":
+                return
+            yield line
+        data = data[end:]
+        if not chunk:
+            return
+
+
 def readInput(stream: BinaryIO, *, dotEnds: bool, limit: int) -> list[bytes]:
     """The lines of the message on C{stream}, without their line ends.
 
@@ -62,8 +94,8 @@ def readInput(stream: BinaryIO, *, dotEnds: bool, limit: int) -> list[bytes]:
         and C{-oi} turn it off), and is not part of it.
     @param limit: the most octets the relay accepts; more input is refused at once, without
         reading the rest.
-    @raise SubmitError: C{EX_DATAERR} for a message over C{limit}, C{EX_IOERR} when the input
-        cannot be read.
+    @raise MessageTooLarge: (C{EX_DATAERR}) for a message over C{limit}.
+    @raise SubmitError: C{EX_IOERR} when the input cannot be read.
     """
     lines: list[bytes] = []
     size = 0
@@ -75,10 +107,12 @@ def readInput(stream: BinaryIO, *, dotEnds: bool, limit: int) -> list[bytes]:
                 break
             size += len(chunk)
             if size > limit:
-                raise SubmitError(
+                raise MessageTooLarge(
                     f"message too large: the relay accepts at most {limit} octets "
                     "([limits] message_size); nothing was sent",
                     os.EX_DATAERR,
+                    lines,
+                    _restOfInput(stream, pending + chunk, dotEnds),
                 )
             pending += chunk
             if dotEnds:

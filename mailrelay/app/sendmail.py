@@ -36,12 +36,14 @@ import select
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from itertools import chain
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TextIO
 
 from mailrelay.address import hostPort, xtextEncode
 from mailrelay.app.localmail import (
+    MessageTooLarge,
     Submission,
     SubmitError,
     commandLineRecipients,
@@ -887,6 +889,10 @@ def run(
         )
         envelope = Envelope(sender, options.notify, options.ret, options.envid, options.body)
         session.submit(envelope, submission)
+    except MessageTooLarge as e:
+        # Read on to the end of the message, straight into dead.letter.
+        e.message += "\n" + saveDeadLetter(chain(e.lines, e.rest), sender, environ, uid)
+        raise
     except SubmitError as e:
         if lines is not None:
             e.message += "\n" + saveDeadLetter(lines, sender, environ, uid)
@@ -897,10 +903,11 @@ def run(
 
 
 def saveDeadLetter(
-    lines: Sequence[bytes], sender: str, environ: dict[str, str] | os._Environ[str], uid: int
+    lines: Iterable[bytes], sender: str, environ: dict[str, str] | os._Environ[str], uid: int
 ) -> str:
-    """Append the message read (C{lines}) to C{~/dead.letter} in mbox form, as Sendmail
-    saves a message it cannot deliver nor return; say where it went (or why it could not)."""
+    """Append the message read (C{lines}, written as they come) to C{~/dead.letter} in mbox
+    form, as Sendmail saves a message it cannot deliver nor return; say where it went (or
+    why it could not)."""
     home = environ.get("HOME") or ""
     if not home:
         try:
@@ -909,12 +916,13 @@ def saveDeadLetter(
             return "the message could not be saved: no home directory"
     path = os.path.join(home, "dead.letter")
     envelope = f"From {sender or 'MAILER-DAEMON'} {time.asctime()}\n".encode()
-    body = b"".join((b">" + line if line.lstrip(b">").startswith(b"From ") else line) + b"\n"
-                    for line in lines)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         with os.fdopen(fd, "ab") as f:
-            f.write(envelope + body + b"\n")
+            f.write(envelope)
+            for line in lines:
+                f.write((b">" + line if line.lstrip(b">").startswith(b"From ") else line) + b"\n")
+            f.write(b"\n")
     except OSError as e:
         return f"the message could not be saved in {path}: {e.strerror or e}"
     return f"the message was saved in {path}"
