@@ -36,9 +36,9 @@ import select
 import socket
 import sys
 import time
-from itertools import chain
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, BinaryIO, TextIO
 
 from mailrelay.address import hostPort, xtextEncode
