@@ -31,12 +31,11 @@ from twisted.protocols.basic import LineReceiver
 from mailrelay.app.acceptors import QUEUED_RECORD
 from mailrelay.app.deliveryprocess import (
     StopAtEnd,
-    _stopReactor,
     childArguments,
     runChild,
     startChild,
 )
-from mailrelay.app.services import OrderedMultiService
+from mailrelay.app.services import OrderedMultiService, stopReactor
 
 log = Logger()
 
@@ -204,7 +203,7 @@ class _FromRelay(LineReceiver, StopAtEnd):
                 count=len(self.services.sessions.live),
             )
             d = self.services.retire(self.reactor, self.drainTime)
-            d.addCallback(lambda _: _stopReactor(self.reactor))
+            d.addCallback(lambda _: stopReactor(self.reactor))
 
 
 def _parseArguments(argv: list[str]) -> argparse.Namespace:

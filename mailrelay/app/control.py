@@ -29,6 +29,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
 
+from mailrelay.app.services import stopReactor
 from mailrelay.queue.commands import QueueLocator, QuietAMP, makeCommand
 from mailrelay.queue.control import QueueControl
 
@@ -119,15 +120,8 @@ class RelayLocator(QueueLocator):
     def stop(self) -> dict[str, Any]:
         reactor = self.relay.reactor
         log.info("stopping: asked to on the control socket")
-        reactor.callLater(0, _stopReactor, reactor)
+        reactor.callLater(0, stopReactor, reactor)
         return {"result": {"pid": os.getpid()}}
-
-
-def _stopReactor(reactor: Any) -> None:
-    try:
-        reactor.stop()
-    except ierror.ReactorNotRunning:
-        pass
 
 
 def peerCredentials(transport: Any) -> tuple[int, int, int] | None:

@@ -14,7 +14,6 @@ import signal
 import sys
 from typing import Any, cast
 
-from twisted.internet import error as ierror
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import ILogObserver, Logger, formatEventAsClassicLogText, globalLogBeginner
@@ -22,6 +21,7 @@ from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer, provider
 
 from mailrelay.app.logs import LevelFilter, filtered
+from mailrelay.app.services import stopReactor
 from mailrelay.queue.process import METRICS_RECORD, encodeLogEvent
 
 log = Logger()
@@ -56,13 +56,6 @@ def makeDeliveryServices(config: Any, reactor: Any) -> tuple[Any, Any]:
     for service in services:
         service.setServiceParent(top)
     return top, queue
-
-
-def _stopReactor(reactor: Any) -> None:
-    try:
-        reactor.stop()
-    except ierror.ReactorNotRunning:  # already stopping (a signal got there first)
-        pass
 
 
 def dieWithParent(parentPID: int) -> bool:
@@ -187,7 +180,7 @@ class StopAtEnd(Protocol):
         self.reactor = reactor
 
     def readConnectionLost(self) -> None:
-        _stopReactor(self.reactor)
+        stopReactor(self.reactor)
 
     def writeConnectionLost(self) -> None:
         pass
@@ -296,7 +289,7 @@ def runChild(
         except Exception:
             log.failure("{what}: start-up failed; exiting (the relay restarts it)", what=what)
             exitCode[0] = 1
-            _stopReactor(reactor)
+            stopReactor(reactor)
             return
         if reporter is not None:
             reporter.start()
@@ -306,7 +299,7 @@ def runChild(
         # second SIGTERM -- the whole process group signalled, or SIGTERM and then the
         # relay's stop -- and logs the ReactorNotRunning it gets as critical.
         log.info("Received SIGTERM, shutting down.")
-        reactor.callFromThread(_stopReactor, reactor)
+        reactor.callFromThread(stopReactor, reactor)
 
     reactor.sigTerm = sigTerm
     reactor.callWhenRunning(start)

@@ -8,12 +8,22 @@ from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailrelay.spool import Spool, SpoolError
 
 log = Logger()
+
+
+def stopReactor(reactor: Any) -> None:
+    """C{reactor.stop()}, unless it is stopping already (a signal or the control socket
+    got there first)."""
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass
 
 
 class OrderedMultiService(MultiService):
