@@ -88,6 +88,28 @@ def test_drain_time_bounds_a_delivery_that_does_not_end(relays, hop) -> None:
     r.waitForLog(r"queue manager started: 1 queued entries")
 
 
+def test_a_second_sigterm_to_the_relay_while_it_drains_is_no_error(relays, hop) -> None:
+    """SIGTERM twice to the relay while a delivery drains (systemd's stop and a kill, a
+    process group signalled): it stops once, saying so, and the second signal is no error.
+    Twisted's handler stopped the reactor again and logged ReactorNotRunning as critical,
+    with a traceback."""
+    stuck, port = hop(3600)
+    r = relays(_config(port).replace("drain_time = 10", "drain_time = 3")).start()
+    r.waitForLog(r"queue manager started")
+    _send(r.port, "stuck")
+    stuck.waitFor(lambda: stuck.started >= 1, 20, "the delivery")
+    assert r.process is not None
+    r.process.send_signal(signal.SIGTERM)
+    r.waitForLog(r"Received SIGTERM, shutting down")
+    time.sleep(0.5)
+    assert r.process.poll() is None  # still draining: the case
+    assert r.stop(signal.SIGTERM, timeout=30) in (0, -signal.SIGTERM)
+    log = r.log()
+    assert "ReactorNotRunning" not in log and "Traceback" not in log, log
+    assert "Received SIGTERM again while stopping" in log, log
+    assert len(r.queued()) == 1  # the delivery deferred, still queued
+
+
 def test_sigterm_during_inbound_data_finishes_the_message(relays) -> None:
     """SIGTERM while a client sends a message: it may finish it and gets its 250 (the
     message is queued), then 221 to its QUIT; an idle client gets 421 4.3.2 at once."""

@@ -21,7 +21,7 @@ from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer, provider
 
 from mailrelay.app.logs import LevelFilter, filtered
-from mailrelay.app.services import stopReactor
+from mailrelay.app.services import stopOnSignals, stopReactor
 from mailrelay.queue.process import METRICS_RECORD, encodeLogEvent
 
 log = Logger()
@@ -294,14 +294,7 @@ def runChild(
         if reporter is not None:
             reporter.start()
 
-    def sigTerm(number: int, frame: Any = None) -> None:
-        # Twisted's own handler (which reactor.run installs) stops the reactor again on a
-        # second SIGTERM -- the whole process group signalled, or SIGTERM and then the
-        # relay's stop -- and logs the ReactorNotRunning it gets as critical.
-        log.info("Received SIGTERM, shutting down.")
-        reactor.callFromThread(stopReactor, reactor)
-
-    reactor.sigTerm = sigTerm
+    stopOnSignals(reactor)
     reactor.callWhenRunning(start)
     reactor.run()
     if reporter is not None:

@@ -26,6 +26,32 @@ def stopReactor(reactor: Any) -> None:
         pass
 
 
+def stopOnSignals(reactor: Any) -> None:
+    """Make SIGTERM and SIGINT stop C{reactor} once (before C{reactor.run}, which installs
+    the handlers).  Twisted's own handlers stop it again at a second signal -- systemd's
+    stop and a kill, a whole process group signalled, a stop asked twice while a delivery
+    drains -- and log the C{ReactorNotRunning} they get as critical, with a traceback.  The
+    second is logged as what it is; as Twisted's, the handler records the signal for
+    twistd's exit status."""
+
+    def handler(name: str) -> Any:
+        def handle(number: int, frame: Any = None) -> None:
+            reactor._exitSignal = number  # (what Twisted's handler records)
+            if stopping:
+                log.info("Received {signal} again while stopping; already stopping",
+                         signal=name)
+                return
+            stopping.append(name)
+            log.info("Received {signal}, shutting down.", signal=name)
+            reactor.callFromThread(stopReactor, reactor)
+
+        return handle
+
+    stopping: list[str] = []
+    reactor.sigTerm = handler("SIGTERM")
+    reactor.sigInt = handler("SIGINT")
+
+
 class OrderedMultiService(MultiService):
     """A L{MultiService} that stops its children one at a time, the last added first, each
     once the one before has finished stopping (Twisted's own stops them all at once): the

@@ -139,6 +139,9 @@ def makeService(options: Options) -> Any:
     raiseFileLimit(listener.settings.maxConnections for listener in config.listeners)
     relay.twistdOptions = serverOptions
     reactor.callWhenRunning(installReloadSignal, reactor, relay)
+    from mailrelay.app.services import stopOnSignals
+
+    stopOnSignals(reactor)
     notifySystemd(reactor, relay)
     return relay
 
