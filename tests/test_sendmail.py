@@ -284,9 +284,31 @@ def test_addresses_without_domain_get_the_relays_hostname() -> None:
     rcpts, content = prepare("From: root (Cron Daemon)\nTo: root\nSubject: cron\n\nout\n")
     assert rcpts == ["root@relay.test"]
     head = headerSection(content)
-    assert "From: Cron Daemon <root@relay.test>" in head and "To: root@relay.test" in head
+    assert "From: root@relay.test (Cron Daemon)" in head and "To: root@relay.test" in head
     assert commandLineRecipients(["bob", "x@example.org, Y <y@example.org>"], "relay.test") == [
         "bob@relay.test", "x@example.org", "y@example.org"]
+
+
+@pytest.mark.parametrize(
+    "field, written",
+    [
+        # Only the address tokens change, as Postfix's cleanup rewrites them: groups,
+        # comments, display names, quoting and spacing stay as written.
+        ("Cc: Friends: c@example.org, dave;", "Cc: Friends: c@example.org, dave@relay.test;"),
+        ("To: x@example.org, Group: a, b@example.org;",
+         "To: x@example.org, Group: a@relay.test, b@example.org;"),
+        ("Cc: alice (the boss)", "Cc: alice@relay.test (the boss)"),
+        ('To: "J. Doe, Jr." <jdoe>, <root> (ops)',
+         'To: "J. Doe, Jr." <jdoe@relay.test>, <root@relay.test> (ops)'),
+        ('Reply-To: "quoted local", undisclosed:;',
+         'Reply-To: "quoted local"@relay.test, undisclosed:;'),
+        ("To: a,\n b (folded\n  comment)", "To: a@relay.test,\n b@relay.test (folded\n  comment)"),
+        ("To: a (x, y: z;), b@example.org", "To: a@relay.test (x, y: z;), b@example.org"),
+    ],
+)
+def test_addresses_are_qualified_where_they_stand(field: str, written: str) -> None:
+    _, content = prepare(f"Bcc: z@example.org\n{field}\nSubject: s\n\nbody\n")
+    assert f"\n{written}\n" in content, content
 
 
 def test_a_message_without_header_gets_one() -> None:

@@ -346,13 +346,92 @@ def prepareMessage(
 
 def _qualified(header: HeaderField, hostname: str) -> list[bytes]:
     """The lines of C{header}, rewritten when it is an address field with an address lacking
-    a domain (C{To: root} becomes C{To: root@relay.example}, as Postfix writes it)."""
+    a domain: C{@hostname} is inserted after each such address where it stands, the rest
+    of the field kept as written (groups, comments, display names, folding), as Postfix's
+    cleanup rewrites address tokens (C{To: root} becomes C{To: root@relay.example},
+    C{From: root (Cron Daemon)} C{From: root@relay.example (Cron Daemon)}).  A field the
+    scanner cannot follow (unbalanced quotes, comments or brackets) is written anew from the
+    addresses it gives."""
     if header.key not in ADDRESS_FIELDS:
         return header.lines
     pairs = fieldAddresses(header)
     if all(qualify(address, hostname) == address for _, address in pairs):
         return header.lines
-    return _field(header.name, [(name, qualify(addr, hostname)) for name, addr in pairs])
+    raw = b"\n".join(header.lines).decode("utf-8", "surrogateescape")
+    start = raw.index(":") + 1
+    body = _qualifyInPlace(raw[start:], hostname)
+    if body is None:
+        return _field(header.name, [(name, qualify(addr, hostname)) for name, addr in pairs])
+    text = raw[:start] + body
+    return [line.encode("utf-8", "surrogateescape") for line in text.split("\n")]
+
+
+def _qualifyInPlace(value: str, hostname: str) -> str | None:
+    """C{value}, an address list (RFC 5322 3.4: mailboxes and groups), with C{@hostname}
+    inserted after each address without a domain, nothing else changed; C{None} when its
+    quotes, comments or angle brackets do not balance."""
+    inserts: list[int] = []
+    quoted = False
+    depth = 0  # of comments
+    escaped = False
+    angle: int | None = None  # where the open "<" is
+    core: list[str] = []  # the mailbox's characters outside comments and angle brackets
+    last = -1  # the last of them that is not white space
+    angled: str | None = None  # the angle-addr's content, once closed
+
+    def mailboxEnds() -> None:
+        nonlocal core, last, angled
+        address = angled if angled is not None else "".join(core).strip()
+        if address and "@" not in address.rsplit('"', 1)[-1]:
+            inserts.append(angleEnd if angled is not None else last + 1)
+        core, last, angled = [], -1, None
+
+    angleEnd = -1
+    for index, char in enumerate(value):
+        if escaped:
+            escaped = False
+            if angle is None and not depth:
+                core.append(char)
+                last = index
+            continue
+        if char == "\\" and (quoted or depth):
+            escaped = True
+            if angle is None and not depth:
+                core.append(char)
+            continue
+        if depth:
+            depth += {"(": 1, ")": -1}.get(char, 0)
+            continue
+        if quoted:
+            quoted = char != '"'
+        elif char == '"':
+            quoted = True
+        elif char == "(":
+            depth = 1
+            continue
+        elif angle is not None:
+            if char == ">":
+                angled, angleEnd, angle = value[angle + 1 : index], index, None
+            continue
+        elif char == "<":
+            angle = index
+            continue
+        elif char in ",;":
+            mailboxEnds()
+            continue
+        elif char == ":":  # a group's name ends (a route's ":" is within <...>)
+            core, last, angled = [], -1, None
+            continue
+        if angle is None:
+            core.append(char)
+            if not char.isspace():
+                last = index
+    if quoted or depth or angle is not None:
+        return None
+    mailboxEnds()
+    for position in reversed(inserts):
+        value = value[:position] + "@" + hostname + value[position:]
+    return value
 
 
 def _field(name: str, pairs: list[tuple[str, str]]) -> list[bytes]:
