@@ -565,6 +565,21 @@ def utf8AddrXtext(address: str) -> str:
     return "".join(out)
 
 
+_UTF8_ADDR_ESCAPE = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
+
+
+def utf8AddrDecode(text: str) -> str:
+    """The address in C{text}, RFC 6533's C{utf-8-addr-xtext} or C{utf-8-addr-unitext} form
+    (an ORCPT of type C{utf-8} as a client sent it): each C{\\x{HEX}} becomes its code point;
+    anything else (raw UTF-8, a backslash that starts no escape) stays as it is."""
+
+    def character(match: re.Match[str]) -> str:
+        code = int(match.group(1), 16)
+        return chr(code) if code <= 0x10FFFF else match.group(0)
+
+    return _UTF8_ADDR_ESCAPE.sub(character, text)
+
+
 # -- host names (HELO, the relay's own name, certificates, reverse DNS)
 
 

@@ -15,6 +15,7 @@ from mailrelay.address import (
     parseForwardPath,
     parseReversePath,
     splitArgument,
+    utf8AddrDecode,
     utf8AddrXtext,
     xtextDecode,
     xtextEncode,
@@ -748,6 +749,25 @@ def test_utf8AddrXtext(address: str, encoded: str) -> None:
     character as \\x{HEX} of the code point, no leading zeros beyond two digits."""
     assert utf8AddrXtext(address) == encoded
     assert encoded.isascii()
+
+
+@pytest.mark.parametrize(
+    "text,decoded",
+    [
+        ("rej\\x{FC}@dest.test", "rejü@dest.test"),
+        ("rejü@dest.test", "rejü@dest.test"),  # unitext: raw UTF-8 stays
+        ("a\\x{2B}b\\x{5C}c@x", "a+b\\c@x"),
+        ("\\x{1F600}@x", "\U0001F600@x"),
+        ("odd\\x{}\\x{ZZ}\\y@x", "odd\\x{}\\x{ZZ}\\y@x"),  # not escapes: kept
+        ("\\x{110000}@x", "\\x{110000}@x"),  # beyond Unicode: kept
+    ],
+)
+def test_utf8AddrDecode(text: str, decoded: str) -> None:
+    """RFC 6533's utf-8-addr-xtext and -unitext decoded: each \\x{HEX} is its code point;
+    and encoding what is decoded gives the xtext form."""
+    assert utf8AddrDecode(text) == decoded
+    assert utf8AddrDecode(utf8AddrXtext(decoded)) == decoded
+
 
 
 @pytest.mark.parametrize(

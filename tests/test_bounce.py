@@ -277,6 +277,24 @@ def test_utf8Recipient(original: Path) -> None:
     assert parse(dsn)["Content-Transfer-Encoding"] == "8bit"
 
 
+@pytest.mark.parametrize(
+    "orcpt",
+    [
+        "utf-8;rej\\x{FC}@dest.test",  # utf-8-addr-xtext, as a client without SMTPUTF8 sends it
+        "utf-8;rejü@dest.test",  # utf-8-addr-unitext (SMTPUTF8)
+        "utf-8;rej\\x{FC}@dest.test".replace("rej", "r\u00e9j").replace("\u00e9", "\\x{E9}"),
+    ],
+)
+def test_utf8OriginalRecipientIsEncodedOnce(original: Path, orcpt: str) -> None:
+    """A utf-8 ORCPT is kept as the client wrote it, \\x{HEX} escapes and all (RFC 6533):
+    the report's Original-Recipient carries the address once encoded, not its escapes
+    escaped again (it read 'rej\\x{5C}x{FC}@dest.test')."""
+    recipient = failedRecipient("rejü@dest.test", orcpt=orcpt)
+    _, [block] = deliveryStatus(build(original, recipients=[recipient]))
+    expected = "r\\x{E9}j\\x{FC}@dest.test" if "x{E9}" in orcpt else "rej\\x{FC}@dest.test"
+    assert block["Original-Recipient"] == f"utf-8; {expected}"
+
+
 def test_utf8Sender(original: Path) -> None:
     dsn = build(original, envelope=makeEnvelope(sender="rené@example.org", smtputf8=True))
     assertWellFormed(dsn)

@@ -593,6 +593,22 @@ def test_tlsSessionFailureInATransaction(message, how):
         assert conn.tlsSessionFailed is tls
 
 
+@pytest.mark.parametrize(
+    "orcpt, utf8, relayed",
+    [
+        ("utf-8;rej\\x{FC}@x", False, "utf-8;rej\\x{FC}@x"),  # as received
+        ("utf-8;rejü@x", True, "utf-8;rejü@x"),
+        ("utf-8;rejü@x", False, "utf-8;rej\\x{FC}@x"),
+        # unitext mixing raw UTF-8 and escapes, to a next hop without SMTPUTF8: encoded
+        # once (the escape's backslash was escaped again: r\\x{5C}x{E9}j...).
+        ("utf-8;r\\x{E9}jü@x", False, "utf-8;r\\x{E9}j\\x{FC}@x"),
+        ("rfc822;Jörg@x", False, "utf-8;J\\x{F6}rg@x"),
+    ],
+)
+def test_orcptRelayed(orcpt: str, utf8: bool, relayed: str) -> None:
+    assert wire.orcptValue(Recipient(address="a@x", orcpt=orcpt), utf8) == relayed
+
+
 # AUTH -----------------------------------------------------------------------------------------
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
-from mailrelay.address import utf8AddrXtext, xtextEncode
+from mailrelay.address import utf8AddrDecode, utf8AddrXtext, xtextEncode
 from mailrelay.envelope import ClientInfo, Envelope, Recipient
 from mailrelay.queue.outcome import POSTMASTER_SOURCE, isPostmasterNotice
 from mailrelay.smtp.wire import formatDate
@@ -95,7 +95,10 @@ def _originalRecipient(orcpt: str) -> str:
     if not address.isascii() or kind.lower() == "utf-8":
         # RFC 6533: only the utf-8 type may carry a non-ASCII address, and in
         # message/delivery-status it must be in its xtext form.
-        return f"utf-8; {utf8AddrXtext(address)}"
+        # (A utf-8 ORCPT is stored as the client wrote it, escapes and all: decoded first,
+        # so that its escapes are not escaped again.)
+        decoded = utf8AddrDecode(address) if kind.lower() == "utf-8" else address
+        return f"utf-8; {utf8AddrXtext(decoded)}"
     return f"{_fieldText(kind)}; {_fieldText(address)}"
 
 

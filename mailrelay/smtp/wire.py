@@ -15,7 +15,7 @@ from datetime import datetime
 from email.utils import format_datetime
 from typing import Any
 
-from mailrelay.address import utf8AddrXtext, xtextEncode
+from mailrelay.address import utf8AddrDecode, utf8AddrXtext, xtextEncode
 from mailrelay.envelope import Recipient
 from mailrelay.interfaces import DeliveryStatus
 from mailrelay.smtp.errors import BareNewlineError, ProtocolError, SizeMismatchError
@@ -373,7 +373,9 @@ def orcptValue(recipient: Recipient, utf8: bool) -> str:
         kind, value = "rfc822", recipient.address
     if kind.lower() == "utf-8":
         # Kept as received (utf-8-addr-xtext or, with SMTPUTF8, utf-8-addr-unitext).
-        return f"utf-8;{value}" if value.isascii() or utf8 else f"utf-8;{utf8AddrXtext(value)}"
+        if value.isascii() or utf8:
+            return f"utf-8;{value}"
+        return f"utf-8;{utf8AddrXtext(utf8AddrDecode(value))}"  # (its escapes not escaped)
     if kind.lower() == "rfc822" and not value.isascii():
         return f"utf-8;{utf8AddrXtext(value)}"
     return f"{kind};{xtextEncode(value)}"
