@@ -310,6 +310,42 @@ def test_operator_errors(relays, tmp_path: Path) -> None:
     assert "mailrelay is running" in ok(r, "status")
 
 
+def test_a_relay_that_does_not_answer_and_bad_timeouts(tmp_path: Path) -> None:
+    """A control socket that takes the connection and never answers: the command says so
+    after --timeout (it printed 'mailrelay: ' and nothing more); a timeout that is not a
+    positive number is a usage error (a negative one printed a traceback and hung)."""
+    import socket
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.bind(str(spool / "control.sock"))
+    silent.listen(5)
+    try:
+        for command in ("status", "stop"):
+            p = cli(spool, "--timeout", "1", command, timeout=30)
+            assert (p.returncode, p.stderr) == (
+                1, "mailrelay: the relay did not answer within 1s\n"), p
+        for bad in ("-5", "0", "nan", "inf"):
+            p = cli(spool, "--timeout", bad, "status", timeout=30)
+            assert p.returncode == 2 and "--timeout" in p.stderr, p
+            assert "Traceback" not in p.stderr, p
+    finally:
+        silent.close()
+
+
+def test_many_queue_ids_in_one_command(relays) -> None:
+    """Thousands of ids at once (xargs, a script): each gets its result.  Over ~2,900 the
+    request did not fit one control message and the command printed 'mailrelay: '."""
+    r = relays(relayConfig(freePort())).start()
+    ids = [f"01K1JC8ZEH9K{n:08d}" for n in range(5000)]
+    p = cli(r, "--json", "queue", "hold", *ids, timeout=120)
+    assert p.returncode == 1, p.stderr  # (none of them is queued)
+    results = json.loads(p.stdout)["results"]
+    assert [item["queue_id"] for item in results] == ids
+    assert not any(item["ok"] for item in results)
+
+
 def test_python_m_mailrelay(relays) -> None:
     r = relays(relayConfig(freePort())).start()
     p = subprocess.run([sys.executable, "-m", "mailrelay", "--spool", str(r.spool), "status"],

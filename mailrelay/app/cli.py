@@ -32,6 +32,17 @@ __all__ = ["main"]
 PAGE = 2000
 
 
+def _seconds(text: str) -> float:
+    """A number of seconds greater than 0 (C{--timeout})."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
+    return value
+
+
 class CommandFailed(Exception):
     """The command failed; the message says why (printed after C{mailrelay: })."""
 
@@ -129,16 +140,19 @@ class Session:
         """The C{result} of C{command}.  @raise CommandFailed: it failed (the message is the
         relay's)."""
         from twisted.internet import error as ierror
+        from twisted.internet.defer import CancelledError
         from twisted.protocols.amp import UnknownRemoteError
 
         try:
             response = await self.protocol.callRemote(command, **arguments)
+        except CancelledError:
+            raise  # --timeout: the caller says so
         except (ierror.ConnectionDone, ierror.ConnectionLost):
             raise CommandFailed("the relay closed the connection before it answered") from None
         except UnknownRemoteError:
             raise CommandFailed("the relay failed to answer (see its log)") from None
         except Exception as e:
-            raise CommandFailed(str(e)) from None
+            raise CommandFailed(str(e) or f"the command failed ({type(e).__name__})") from None
         return response["result"]
 
     def close(self) -> None:
@@ -395,12 +409,23 @@ async def queueSummary(session: Session, options: Any, out: TextIO, err: TextIO)
     return _output(summary, options, out, printSummary)
 
 
+#: Queue ids sent in one control message (AMP: 64 KiB a value; an id takes 22 octets).
+_IDS_AT_ONCE = 1000
+
+
 def _changing(command: Any, done: str, **fixed: Any) -> Callable[..., Any]:
     """A queue command changing entries: call it with the options, print the results."""
 
     async def run(session: Session, options: Any, out: TextIO, err: TextIO) -> int:
         arguments = {name: getattr(options, attribute) for name, attribute in fixed.items()}
-        result = await session.call(command, ids=options.ids, **arguments)
+        ids = options.ids
+        # One control message holds at most 64 KiB a value: ids go _IDS_AT_ONCE at a time.
+        result = await session.call(command, ids=ids[:_IDS_AT_ONCE], **arguments)
+        for start in range(_IDS_AT_ONCE, len(ids), _IDS_AT_ONCE):
+            more = await session.call(command, ids=ids[start : start + _IDS_AT_ONCE],
+                                      **arguments)
+            result["results"].extend(more["results"])
+            result["count"] += more["count"]
         if options.json:
             _dump(result, out)
             return 0 if all(item["ok"] for item in result["results"]) else 1
@@ -535,7 +560,7 @@ def _parser() -> argparse.ArgumentParser:
         help="print JSON for scripts (one object per message for queue list)",
     )
     common.add_argument(
-        "--timeout", type=float, default=argparse.SUPPRESS, metavar="SECONDS",
+        "--timeout", type=_seconds, default=argparse.SUPPRESS, metavar="SECONDS",
         help="how long to wait for the relay (default: 600; stop: 120)",
     )
     parser = argparse.ArgumentParser(
