@@ -192,6 +192,38 @@ def test_commands_on_many_entries(tmp_path: Path) -> None:
     assert unknown["count"] == 1
 
 
+@pytest.mark.parametrize("command", ["hold", "release", "flush", "bounce"])
+def test_commands_on_a_damaged_entry_move_it_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """An entry whose envelope is damaged (queue list shows it as corrupt): a command on it
+    says so in one line and moves it to the spool's corrupt/, as its next attempt would;
+    it logged a critical traceback ('the operator's command failed') and left it there."""
+    from twisted.logger import LogLevel, capturedLogs
+
+    from mailrelay.errors import CorruptEntry
+
+    hop = Hop()
+    h = harness(tmp_path, hop, minBackoff=600, maxBackoff=600)
+    queueID = h.submit("alice@example.com", ["bob@example.org"])  # deferred
+    load = h.spool.loadEnvelope
+
+    def damaged(wanted: str) -> Envelope:
+        if wanted == queueID:
+            raise CorruptEntry(f"envelope {wanted}.json is not a valid envelope: bad JSON",
+                               queueID=wanted)
+        return load(wanted)
+
+    monkeypatch.setattr(h.spool, "loadEnvelope", damaged)
+    with capturedLogs() as events:
+        item = one(h, getattr(control(h), command)([queueID]))
+    assert not item["ok"] and not item["changed"], item
+    assert item["result"].startswith(f"damaged: envelope {queueID}.json is not a valid envelope")
+    assert "moved to the spool's corrupt/" in item["result"], item
+    assert not any(e["log_level"] >= LogLevel.critical for e in events), events
+    assert queueID in h.spool.quarantined and queueID not in h.spool.committed
+
+
 # -- flush ------------------------------------------------------------------------------------
 
 

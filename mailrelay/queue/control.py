@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailrelay.envelope import PENDING, Envelope
-from mailrelay.errors import EntryGone, SpoolError
+from mailrelay.errors import CorruptEntry, EntryGone, SpoolError
 from mailrelay.interfaces import ISpool
 from mailrelay.queue.manager import QueueManager, QueueUnavailable
 
@@ -340,6 +340,8 @@ class QueueControl:
                 done = await Deferred.fromCoroutine(_awaited(command(queueID)))
             except EntryGone:
                 return _failed(queueID, "no such queue entry")
+            except CorruptEntry as e:  # (moved aside by the queue manager)
+                return _failed(queueID, f"damaged: {e}; moved to the spool's corrupt/")
             except ValueError as e:
                 return _failed(queueID, str(e))
             except QueueUnavailable:

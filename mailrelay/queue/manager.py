@@ -551,14 +551,22 @@ class QueueManager(Service):
             )
         raise QueueUnavailable(f"the queue manager is {state}")
 
-    def _load(self, queueID: str) -> Envelope:
-        """The envelope of C{queueID}, as stored.
+    def _load(self, queueID: str, quarantine: bool = True) -> Envelope:
+        """The envelope of C{queueID}, as stored (for an operator's command).
 
+        @param quarantine: a damaged entry is moved to the spool's C{corrupt/}, as its next
+            attempt would move it.
         @raise EntryGone: there is no such entry.
         @raise ValueError: C{queueID} is not a queue id.
         @raise SpoolError: it cannot be read (L{CorruptEntry}: it is damaged).
         """
-        envelope = self.spool.loadEnvelope(queueID)
+        try:
+            envelope = self.spool.loadEnvelope(queueID)
+        except CorruptEntry as e:
+            if quarantine:
+                self.scheduler.unschedule(queueID)
+                self._quarantine(queueID, str(e))
+            raise
         envelope.queueID = queueID
         return envelope
 
@@ -724,7 +732,7 @@ class QueueManager(Service):
         if later is not None:
             return later
         try:
-            self._load(queueID)
+            self._load(queueID, quarantine=False)
         except CorruptEntry:
             pass  # removing it is what the operator wants
         removed: list[bool] = []
