@@ -227,7 +227,7 @@ def test_hold_all_and_hold_mode(relays) -> None:
     assert {e["queue_name"] for e in listing(r).values()} == {"hold"}
     assert "released from hold: 3 messages" in ok(r, "queue", "release", "--all")
     p = cli(r, "queue", "hold")
-    assert p.returncode == 1
+    assert p.returncode == 2  # a usage error
     assert p.stderr == "mailrelay: give one or more queue ids, or --all\n"
     r.stop()
 
@@ -332,6 +332,21 @@ def test_a_relay_that_does_not_answer_and_bad_timeouts(tmp_path: Path) -> None:
             assert "Traceback" not in p.stderr, p
     finally:
         silent.close()
+
+
+def test_requests_the_relay_refuses_are_usage_errors(relays) -> None:
+    """A command the relay refuses as asked wrong (no ids, ids and --all, an unknown queue
+    name) exits 2, a usage error, as the README says (it exited 1, as a failure)."""
+    r = relays(relayConfig(freePort())).start()
+    for args, said in [
+        (("queue", "hold"), "give one or more queue ids, or --all"),
+        (("queue", "delete"), "give one or more queue ids"),
+        (("queue", "hold", "--all", "01K1JC8ZEH9K00000001"), "not both"),
+        (("queue", "summary", "--state", "bogus"), "bogus"),
+    ]:
+        p = cli(r, *args)
+        assert p.returncode == 2 and said in p.stderr, (args, p)
+        assert p.stderr.startswith("mailrelay: ") and p.stderr.count("\n") == 1, p
 
 
 def test_many_queue_ids_in_one_command(relays) -> None:

@@ -44,7 +44,15 @@ def _seconds(text: str) -> float:
 
 
 class CommandFailed(Exception):
-    """The command failed; the message says why (printed after C{mailrelay: })."""
+    """The command failed; the message says why (printed after C{mailrelay: }).
+
+    @ivar status: the exit status: 1, or 2 for a request the relay refused as asked wrong
+        (a usage error).
+    """
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 # -- finding and talking to the relay ---------------------------------------------------------
@@ -143,6 +151,8 @@ class Session:
         from twisted.internet.defer import CancelledError
         from twisted.protocols.amp import UnknownRemoteError
 
+        from mailrelay.queue.control import BadRequest
+
         try:
             response = await self.protocol.callRemote(command, **arguments)
         except CancelledError:
@@ -151,6 +161,8 @@ class Session:
             raise CommandFailed("the relay closed the connection before it answered") from None
         except UnknownRemoteError:
             raise CommandFailed("the relay failed to answer (see its log)") from None
+        except BadRequest as e:
+            raise CommandFailed(str(e), status=2) from None  # asked wrong: a usage error
         except Exception as e:
             raise CommandFailed(str(e) or f"the command failed ({type(e).__name__})") from None
         return response["result"]
@@ -704,6 +716,7 @@ def _converse(sock: socket.socket, options: Any, out: TextIO, err: TextIO) -> in
             exitCode[0] = await options.run(session, options, out, err)
         except CommandFailed as e:
             print(f"mailrelay: {e}", file=err)
+            exitCode[0] = e.status
         finally:
             session.close()
 
