@@ -119,6 +119,39 @@ def test_policy_and_listeners_change_open_sessions_keep_theirs(relays) -> None:
     assert r.stop() in (0, -signal.SIGTERM)
 
 
+def test_a_listener_spelled_anew_on_its_socket_is_kept(relays, tmp_path: Path) -> None:
+    """A listener's endpoint written another way for the same socket (a backlog added, the
+    port by name): the reload keeps the listening socket, with the new spelling's backlog,
+    and mail goes on.  It was refused: the new spelling was listened on beside the old one,
+    'Address already in use'.  An ssl: endpoint's options live in its socket: changed, the
+    reload says a restart is needed."""
+    from tests.harness import freePort
+
+    port = freePort()
+    first = f'[[listeners]]\nendpoint = "tcp:{port}:interface=127.0.0.1"\n'
+    r = relays(BASE + first, defaults=False)
+    r.args = ("--spool", str(r.spool), "--hostname", "relay.test")
+    r.start()
+    again = f'[[listeners]]\nendpoint = "tcp:port={port}:interface=127.0.0.1:backlog=128"\n'
+    line = _reload(r, BASE + again)
+    assert "configuration reloaded from" in line, r.log()
+    assert f"listener tcp:{port}:interface=127.0.0.1 is now tcp:port={port}:" in r.log()
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        s.sendmail("a@example.com", ["b@example.org"], b"Subject: kept\r\n\r\nhi\r\n")
+    assert len(r.queued()) == 1
+
+    import trustme
+
+    leaf = trustme.CA().issue_cert("relay.test")
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "both.pem"))
+    ssl1 = f'[[listeners]]\nendpoint = "ssl:{port}:interface=127.0.0.1:privateKey={tmp_path}/both.pem"\n'
+    line = _reload(r, BASE + ssl1)
+    assert "configuration not reloaded" in line
+    assert f"listens on the socket of the listener tcp:port={port}:" in line, line
+    assert "a restart" in line, line
+    assert r.stop() in (0, -signal.SIGTERM)
+
+
 def test_new_certificate_is_served_after_a_reload(relays) -> None:
     import trustme
 

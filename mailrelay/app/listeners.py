@@ -4,6 +4,7 @@ end of the sessions."""
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -162,6 +163,19 @@ class ListenerService(Service):
             endpoint=self.description,
             role=f"; {self.role}" if self.role else "",
         )
+
+    def respell(self, description: str) -> None:
+        """Serve the socket listened on under C{description}, another spelling of it (a
+        reload): with the listen backlog it says (C{listen(2)} again on the socket), and a
+        UNIX socket's file mode."""
+        endpoint = endpoints.serverFromString(self.reactor, withDefaultBacklog(description))
+        self.description = description
+        sock = getattr(self.port, "socket", None)
+        backlog = getattr(endpoint, "_backlog", None)
+        if sock is not None and backlog:
+            sock.listen(backlog)
+        if isinstance(endpoint, endpoints.UNIXServerEndpoint):
+            os.chmod(endpoint._address, endpoint._mode)
 
     def privilegedStartService(self) -> None:
         try:

@@ -4,6 +4,7 @@ delivery, sessions, listeners), and a reload on SIGHUP (or the control socket's 
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,7 @@ from mailrelay.app.plugins import availablePlugins, pluginBuilder
 from mailrelay.app.services import OrderedMultiService, PluginServices
 from mailrelay.config import Config, loadConfig, readConfigFile
 from mailrelay.config.plugins import buildHooks, makeContext
-from mailrelay.config.values import resolveProcessCount
+from mailrelay.config.values import listeningSocket, resolveProcessCount
 from mailrelay.errors import ConfigError
 from mailrelay.metrics import ProcessMetrics
 from mailrelay.receive.protocol import Sessions
@@ -295,7 +296,7 @@ class RelayService(OrderedMultiService):
             config = loadConfig(self.configPath, self.overrides, text=text)
             self._checkReloadable(config)
             plan = self.plan(config, text)
-            added = self._listenNew(plan)
+            added, respelled = self._listenNew(plan)
         except (ConfigError, ListenError) as e:
             self.reloadError = str(e)
             log.error(
@@ -308,7 +309,7 @@ class RelayService(OrderedMultiService):
             log.failure("configuration not reloaded (still running on the previous one)")
             return False
         self.reloadError = None
-        self._swap(plan, added)
+        self._swap(plan, added, respelled)
         log.info("configuration reloaded from {source}", source=source)
         return True
 
@@ -331,33 +332,73 @@ class RelayService(OrderedMultiService):
                 key="queue.process",
             )
 
-    def _listenNew(self, plan: _Plan) -> list[ListenerService]:
+    def _listenNew(self, plan: _Plan) -> tuple[list[ListenerService], dict[str, str]]:
         """Listen on the endpoints the new configuration adds; if one cannot be listened
-        on, close those just opened and raise L{ListenError}."""
+        on, close those just opened and raise L{ListenError}.
+
+        @return: the new listeners, and the endpoints that are another spelling of the
+            socket of a listener whose spelling is gone (C{tcp:port=25:backlog=128} for
+            C{tcp:25}): new spelling to old; that listener keeps its socket (L{_swap}).
+        """
         added: list[ListenerService] = []
+        respelled: dict[str, str] = {}
+        wanted = {endpoint for endpoint, _, _ in plan.listeners}
+        bySocket = {
+            key: description
+            for description in self.listeners
+            if description not in wanted and (key := _socketKey(description)) is not None
+        }
+
+        def refuse(error: ListenError) -> None:
+            for opened in added:
+                opened.stopService()
+            raise error
+
         for endpoint, factory, role in plan.listeners:
             if endpoint in self.listeners:
+                continue
+            key = _socketKey(endpoint)
+            old = bySocket.pop(key, None) if key is not None else None
+            if old is not None:
+                if any(sock is not None and sock.tls
+                       for sock in (listeningSocket(endpoint), listeningSocket(old))):
+                    # The TLS context is an ssl: endpoint's own.
+                    refuse(ListenError(
+                        f"{endpoint} listens on the socket of the listener {old}: an ssl: "
+                        "endpoint's options belong to its socket, so changing them takes a "
+                        "restart (a tcp: endpoint with tls_certificate reloads its "
+                        "certificate)"))
+                respelled[endpoint] = old
                 continue
             listener = ListenerService(self.reactor, endpoint, factory, role)
             try:
                 listener.listen()
-            except ListenError:
-                for opened in added:
-                    opened.stopService()
-                raise
+            except ListenError as e:
+                refuse(e)
             added.append(listener)
-        return added
+        return added, respelled
 
-    def _swap(self, plan: _Plan, added: list[ListenerService]) -> None:
+    def _swap(
+        self, plan: _Plan, added: list[ListenerService], respelled: dict[str, str]
+    ) -> None:
         config = plan.config
         assert self.spool is not None
         self.config = config
         self.logLevels.setLevel(config.logLevel)
         self.spool.minFreeSpace = config.minFreeSpace
         wanted = {endpoint: (factory, role) for endpoint, factory, role in plan.listeners}
+        renamed = {old: new for new, old in respelled.items()}
         for endpoint, listener in list(self.listeners.items()):
             if endpoint in wanted:
                 listener.switch(*wanted[endpoint])
+            elif endpoint in renamed:
+                new = renamed[endpoint]
+                del self.listeners[endpoint]
+                listener.respell(new)
+                listener.switch(*wanted[new])
+                self.listeners[new] = listener
+                log.info("listener {old} is now {new} (the same socket, kept)", old=endpoint,
+                         new=new)
             else:
                 del self.listeners[endpoint]
                 listener.disownServiceParent()  # stops listening; its sessions carry on
@@ -490,3 +531,13 @@ def makeRelayService(
     top.control.setServiceParent(top)
     top.build(top.plan(config, configText))
     return top
+
+
+def _socketKey(endpoint: str) -> tuple[int, str, int] | None:
+    """What identifies the socket C{endpoint} listens on (family, address or path, port),
+    whatever its spelling and whether it is C{ssl:}; C{None} when it is not known or not
+    fixed (a port chosen at start, a systemd socket)."""
+    sock = listeningSocket(endpoint)
+    if sock is None or (sock.port == 0 and sock.family != socket.AF_UNIX):
+        return None
+    return (sock.family, "" if sock.everyAddress else sock.address, sock.port)
