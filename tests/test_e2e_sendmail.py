@@ -172,6 +172,22 @@ def test_bs_session(site: Site) -> None:
     assert "SMTP protocol synchronization" not in site.relay.log()
 
 
+def test_bs_input_ending_in_data(site: Site) -> None:
+    """-bs whose input ends in the middle of the message: the session ends at once, nothing
+    is queued, and the command says so (exit 65).  It waited 30 s for the relay, then
+    exited 0."""
+    session = (b"EHLO me\nMAIL FROM:<a@example.com>\nRCPT TO:<b@example.org>\nDATA\n"
+               b"Subject: x\n\nhello\n")
+    started = time.monotonic()
+    result = site.run([SENDMAIL, "-bs"], session)
+    assert time.monotonic() - started < 10
+    assert result.returncode == os.EX_DATAERR, result
+    assert result.stderr.decode() == ("mailrelay-sendmail: the input ended in the middle of "
+                                      "the message (after DATA); nothing was sent\n")
+    assert b"354 " in result.stdout and b"queued as" not in result.stdout
+    site.relay.waitForLog(r"message not completed, dropped")
+
+
 def test_relay_down(site: Site, tmp_path: Path) -> None:
     site.relay.stop()
     body = tmp_path / "message"

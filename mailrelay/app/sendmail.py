@@ -29,6 +29,7 @@ are accepted and ignored.  C{-v} writes the SMTP dialogue to standard error.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import pwd
@@ -671,7 +672,8 @@ class SMTPPipe:
                 verb = line.split(maxsplit=1)[0].upper() if line.strip() else b""
                 code = self._reply()
                 if verb == b"DATA" and code == b"354":
-                    self._data()
+                    if not self._data():
+                        self._endSession()
                     self._reply()
                 elif verb == b"STARTTLS" and code == b"220":
                     self._transparent()
@@ -742,8 +744,20 @@ class SMTPPipe:
                 return None
             self._wait()
 
-    def _data(self) -> None:
-        """Pass the message on, up to and with its end (a line holding a single dot)."""
+    def _endSession(self) -> None:
+        """The input ended in the middle of the message: end the session at once (the relay,
+        seeing the connection's end, drops the message); what it says meanwhile is written
+        out.  @raise SubmitError: C{EX_DATAERR}."""
+        self.sock.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(_RelayClosed):
+            while True:
+                self._fromRelay()
+        raise SubmitError("the input ended in the middle of the message (after DATA); "
+                          "nothing was sent", os.EX_DATAERR)
+
+    def _data(self) -> bool:
+        """Pass the message on, up to and with its end (a line holding a single dot); return
+        whether it came (C{False}: the input ended before)."""
         while True:
             out = bytearray()
             while (end := self._input.find(b"\n")) >= 0:
@@ -752,14 +766,15 @@ class SMTPPipe:
                 out += _crlf(line)
                 if line.rstrip(b"\r\n") == b".":
                     self.sock.sendall(out)
-                    return
+                    return True
             if out:
                 self.sock.sendall(out)
             if not self._inputOpen:
-                if self._input:
-                    self.sock.sendall(bytes(self._input))
+                if self._input == b".":  # the dot line, without its line end
+                    self.sock.sendall(b".\r\n")
                     self._input.clear()
-                return
+                    return True
+                return False
             self._wait()
 
     def _transparent(self) -> None:
