@@ -10,6 +10,7 @@ twistd's log file.
 
 from __future__ import annotations
 
+import re
 import signal
 import smtplib
 import socket
@@ -150,6 +151,25 @@ def test_a_listener_spelled_anew_on_its_socket_is_kept(relays, tmp_path: Path) -
     assert f"listens on the socket of the listener tcp:port={port}:" in line, line
     assert "a restart" in line, line
     assert r.stop() in (0, -signal.SIGTERM)
+
+
+def test_file_settings_replaced_by_command_line_options_are_named(relays) -> None:
+    """A setting the file gives and a command-line option replaces (here --smarthost, and
+    the harness's --listen): the start and every reload say that the file's value is not
+    used.  The reload said only 'configuration reloaded' while mail went on to the
+    command line's smarthost."""
+    r = relays(BASE + '[relay]\nsmarthost = "[127.0.0.1]:3313"\n')
+    r.args = ("--smarthost", "[127.0.0.1]:3302")
+    r.start()
+    assert re.search(r"relay\.smarthost in \S+mailrelay\.toml is not used: --smarthost on "
+                     r"the command line replaces it", r.log()), r.log()
+    before = r.log().count("is not used:")
+    line = _reload(r, BASE + '[relay]\nsmarthost = "[127.0.0.1]:3314"\n'
+                   '[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\n')
+    assert "configuration reloaded from" in line
+    text = r.log()
+    assert text.count("is not used:") == before + 2, text
+    assert "listeners in " in text and "--listen on the command line replaces it" in text
 
 
 def test_new_certificate_is_served_after_a_reload(relays) -> None:

@@ -23,7 +23,7 @@ from mailrelay.app.listeners import (
 from mailrelay.app.logs import LevelFilter, installTwistdObserver
 from mailrelay.app.plugins import availablePlugins, pluginBuilder
 from mailrelay.app.services import OrderedMultiService, PluginServices
-from mailrelay.config import Config, loadConfig, readConfigFile
+from mailrelay.config import Config, loadConfig, overriddenKeys, readConfigFile
 from mailrelay.config.plugins import buildHooks, makeContext
 from mailrelay.config.values import listeningSocket, resolveProcessCount
 from mailrelay.errors import ConfigError
@@ -193,6 +193,7 @@ class RelayService(OrderedMultiService):
             enable()
         if config.hold:
             log.warn("queue.hold is set: mail is accepted and spooled, nothing is delivered")
+        self._sayOverridden(config, plan.configText)
         self.plugins.current = list(plan.services)
         self.plugins.setServiceParent(self)
         services, queue = plan.delivery
@@ -311,6 +312,7 @@ class RelayService(OrderedMultiService):
         self.reloadError = None
         self._swap(plan, added, respelled)
         log.info("configuration reloaded from {source}", source=source)
+        self._sayOverridden(config, text)
         return True
 
     def _checkReloadable(self, config: Config) -> None:
@@ -331,6 +333,13 @@ class RelayService(OrderedMultiService):
                 file=config.source or "(embedded default)",
                 key="queue.process",
             )
+
+    def _sayOverridden(self, config: Config, text: bytes | None) -> None:
+        """Say which settings of the file the command line's options replace: a change of
+        them in the file does nothing (a reload says it again)."""
+        for key, option in overriddenKeys(text, self.overrides):
+            log.warn("{key} in {source} is not used: {option} on the command line replaces it",
+                     key=key, source=config.source, option=option)
 
     def _listenNew(self, plan: _Plan) -> tuple[list[ListenerService], dict[str, str]]:
         """Listen on the endpoints the new configuration adds; if one cannot be listened

@@ -32,7 +32,12 @@ values; never L{mailrelay.app}.  This module only re-exports.
 """
 
 from mailrelay.config.keys import OVERRIDE_OPTIONS
-from mailrelay.config.loader import loadConfig, loadLocalView, readConfigFile
+from mailrelay.config.loader import (
+    loadConfig,
+    loadLocalView,
+    overriddenKeys,
+    readConfigFile,
+)
 from mailrelay.config.types import (
     BackendSpec,
     Config,
@@ -59,6 +64,7 @@ __all__ = [
     "describeValue",
     "loadConfig",
     "loadLocalView",
+    "overriddenKeys",
     "parseNetwork",
     "readConfigFile",
     "spoolDirectoryProblem",

@@ -127,6 +127,26 @@ def loadConfig(
     return config
 
 
+def overriddenKeys(text: bytes | None, overrides: dict | None) -> list[tuple[str, str]]:
+    """The keys the configuration file (its bytes, C{text}, already loaded by
+    L{loadConfig}) sets and a command-line option of C{overrides} replaces: C{(dotted key,
+    option)} pairs (C{("relay.smarthost", "--smarthost")}), for the relay to say that the
+    file's value is not used."""
+    if not text or not overrides:
+        return []
+    data = tomllib.loads(text.decode("utf-8"))
+    found = []
+    for path, key, _ in TOP.walk():
+        if key.cli is None or overrides.get(key.cli.name) in (None, []):
+            continue
+        table: Any = data
+        for part in path.split("."):
+            table = table.get(part) if isinstance(table, dict) else None
+        if table is not None:
+            found.append((path, key.cli.option))
+    return found
+
+
 def _keyValue(table: Table, name: str, data: dict[str, Any], at: At) -> Any:
     """Key C{name} of C{table} as the loader reads it: the file's value, else its default."""
     key: Key = table.key(name)
