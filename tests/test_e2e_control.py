@@ -262,6 +262,14 @@ def test_status_reload_stop(relays) -> None:
     assert p.returncode == 1
     assert "configuration not reloaded (still running on the previous one)" in p.stderr
     assert "limits.recipients" in p.stderr
+    # A file the command cannot read either (it finds the spool in it): it says that the
+    # running relay keeps its configuration (it said only 'configuration error').
+    path.write_text("this is not TOML [")
+    p = subprocess.run([MAILRELAY, "--config", str(path), "reload"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 1 and "TOML syntax error" in p.stderr, p
+    assert p.stderr.rstrip().endswith("nothing was reloaded: a running relay goes on with the "
+                                      "configuration it has"), p.stderr
     path.write_text(good.replace("min_backoff = 3600", "min_backoff = 1800"))
     assert f"configuration reloaded from {path}" in ok(r, "reload")
     r.waitForLog("configuration reloaded from")

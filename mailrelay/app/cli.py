@@ -690,7 +690,15 @@ def main(
     try:
         from mailrelay.app.control import controlSocketPath
 
-        sock = connect(controlSocketPath(spoolDirectory(options.config, options.spool)))
+        spool = spoolDirectory(options.config, options.spool)
+    except CommandFailed as e:
+        # (The file cannot be read for its spool directory: the relay was not reached.)
+        more = ("; nothing was reloaded: a running relay goes on with the configuration it "
+                "has" if options.command == "reload" else "")
+        print(f"mailrelay: {e}{more}", file=err)
+        return 1
+    try:
+        sock = connect(controlSocketPath(spool))
     except CommandFailed as e:
         print(f"mailrelay: {e}", file=err)
         return 1
