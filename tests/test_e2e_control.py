@@ -285,6 +285,24 @@ def test_status_reload_stop(relays) -> None:
     assert p.returncode == 1 and "the relay is not running" in p.stderr
 
 
+def test_queue_list_when_the_relay_is_down(relays) -> None:
+    """queue list (and mailq) with the relay stopped reads the spool itself and says so,
+    as Postfix's postqueue ('Mail system is down -- accessing queue directly'); it refused
+    with 'the relay is not running'."""
+    r = relays(relayConfig(freePort(), "hold = true\n")).start()
+    queued = [send(r, f"s{i}") for i in range(3)]
+    assert r.stop() in (0, -signal.SIGTERM)
+    p = cli(r, "queue", "list")
+    assert p.returncode == 0, p
+    assert p.stderr == (f"mailrelay: the relay is not running (no control socket answers at "
+                        f"{r.spool}/control.sock); reading the queue in {r.spool} directly\n")
+    for queueID in queued:
+        assert queueID in p.stdout, p.stdout
+    p = cli(r, "--json", "queue", "list")
+    assert sorted(json.loads(line)["queue_id"] for line in p.stdout.splitlines()) == sorted(queued)
+    assert cli(r, "queue", "hold", queued[0]).returncode == 1  # changes need the relay
+
+
 def test_operator_errors(relays, tmp_path: Path) -> None:
     """Not running; a socket the user may not use; a second relay on the same spool."""
     p = cli(tmp_path / "nospool", "queue", "list")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from mailrelay.queue.commands import QuietAMP
 
@@ -53,6 +54,10 @@ class CommandFailed(Exception):
     def __init__(self, message: str, status: int = 1) -> None:
         super().__init__(message)
         self.status = status
+
+
+class RelayDown(CommandFailed):
+    """No relay answers on the control socket."""
 
 
 # -- finding and talking to the relay ---------------------------------------------------------
@@ -97,9 +102,8 @@ def connect(path: Path) -> socket.socket:
         sock.connect(str(path))
     except (FileNotFoundError, ConnectionRefusedError):
         sock.close()
-        raise CommandFailed(
-            f"the relay is not running (no control socket answers at {path})"
-        ) from None
+        raise RelayDown(f"the relay is not running (no control socket answers at {path})"
+                        ) from None
     except PermissionError:
         sock.close()
         raise CommandFailed(
@@ -699,10 +703,56 @@ def main(
         return 1
     try:
         sock = connect(controlSocketPath(spool))
+    except RelayDown as e:
+        if options.run is not queueList:
+            print(f"mailrelay: {e}", file=err)
+            return 1
+        # As Postfix's postqueue: "Mail system is down -- accessing queue directly".
+        print(f"mailrelay: {e}; reading the queue in {spool} directly", file=err)
+        return _direct(spool, options, out, err)
     except CommandFailed as e:
         print(f"mailrelay: {e}", file=err)
         return 1
     return _converse(sock, options, out, err)
+
+
+class _DirectSession:
+    """What L{queueList} asks of a L{Session}, answered from the spool's files (the relay
+    is down): its entries as the relay lists them, the queue manager's view (active) aside."""
+
+    def __init__(self, spool: Path) -> None:
+        from twisted.internet.task import Clock
+
+        from mailrelay.queue.control import QueueControl
+        from mailrelay.spool import Spool
+
+        clock = Clock()
+        clock.advance(time.time())
+        self.control = QueueControl(Spool(spool, reactor=clock), None, clock)
+
+    async def call(self, command: Any, **arguments: Any) -> Any:
+        from mailrelay.queue.commands import QueueList
+        from mailrelay.spool import SpoolError
+
+        assert command is QueueList
+        try:
+            return await self.control.entries(**arguments)
+        except SpoolError as e:
+            raise CommandFailed(str(e)) from None
+
+
+def _direct(spool: Path, options: Any, out: TextIO, err: TextIO) -> int:
+    """Run the command (L{queueList}) on the spool's files."""
+    try:
+        result = Deferred.fromCoroutine(options.run(_DirectSession(spool), options, out, err))
+        box: list[Any] = []
+        result.addBoth(box.append)
+        if isinstance(box[0], Failure):
+            box[0].raiseException()
+        return int(box[0])
+    except CommandFailed as e:
+        print(f"mailrelay: {e}", file=err)
+        return 1
 
 
 def _quietStdout() -> None:
