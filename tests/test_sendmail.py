@@ -347,6 +347,37 @@ def test_bad_addresses() -> None:
     assert e.value.status == os.EX_USAGE
 
 
+@pytest.mark.parametrize(
+    "text, quoted",
+    [
+        # Python's getaddresses made these other addresses: '<a@@b>' became 'b' (then
+        # b@relay.test: mail to somebody else), 'a b c' became 'a', 'a@@b' became '@b'.
+        ("<a@@b>", "a@@b"),
+        ("a b c", "a b c"),
+        ("a@@b", "a@@b"),
+        ("ok@example.org, <x@@y>", "x@@y"),
+        ('"unbalanced <a@b>', '"unbalanced <a@b>'),
+    ],
+)
+def test_bad_addresses_are_refused_as_written(text: str, quoted: str) -> None:
+    """An address that does not parse is refused, quoted as written, never read as another
+    address (on the command line and in the header with -t)."""
+    with pytest.raises(SubmitError) as e:
+        commandLineRecipients([text], "relay.test")
+    assert f"{quoted!r}" in e.value.message, e.value.message
+    with pytest.raises(SubmitError) as e:
+        prepare(f"To: {text}\n\nx\n")
+    assert f"{quoted!r}" in e.value.message and "To:" in e.value.message, e.value.message
+
+
+def test_address_lists() -> None:
+    assert commandLineRecipients(
+        ['a@example.org, Bob <b@example.org>, "x, y" <c@example.org>, d (comment), '
+         "team: e@example.org, f;, undisclosed-recipients:;"], "relay.test") == [
+        "a@example.org", "b@example.org", "c@example.org", "d@relay.test", "e@example.org",
+        "f@relay.test"]
+
+
 # ---------------------------------------------------------------------------------------------
 # The configuration it reads, and the listener it picks
 

@@ -22,7 +22,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from email.utils import formataddr, getaddresses, parseaddr
+from email.utils import formataddr, parseaddr
 from typing import BinaryIO
 
 from mailrelay.address import AddressError, parseForwardPath, parseReversePath
@@ -212,10 +212,23 @@ def qualify(address: str, domain: str) -> str:
     return address
 
 
-def fieldAddresses(header: HeaderField) -> list[tuple[str, str]]:
-    """The C{(display name, address)} pairs of an address field, empty ones (an empty group
-    such as C{undisclosed-recipients:;}) left out."""
-    return [(name, addr) for name, addr in getaddresses([header.value]) if addr]
+def addressList(text: str, where: str) -> list[str]:
+    """The addresses of C{text}, an address list (RFC 5322 3.4: mailboxes, groups) as
+    written: an angle address's content, else the mailbox without its comments; an empty
+    group (C{undisclosed-recipients:;}) gives none.
+
+    @param where: where C{text} comes from, for the message (C{"the To: field"}).
+    @raise SubmitError: C{EX_DATAERR} when its quotes, comments or angle brackets do not
+        balance.
+    """
+    found = _scanAddresses(text)
+    if found is None:
+        raise SubmitError(
+            f"bad address list {text.strip()!r} in {where}: its quotes, comments or angle "
+            "brackets do not balance",
+            os.EX_DATAERR,
+        )
+    return [address for address, _ in found]
 
 
 def recipientAddress(text: str, hostname: str, where: str) -> str:
@@ -267,12 +280,12 @@ def commandLineRecipients(arguments: Iterable[str], hostname: str) -> list[str]:
     (C{"a@example.org, Bob <b@example.org>"}), as Sendmail allows."""
     result: list[str] = []
     for argument in arguments:
-        pairs = [(n, a) for n, a in getaddresses([argument]) if a]
-        if not pairs:
+        addresses = addressList(argument, "the command line")
+        if not addresses:
             raise SubmitError(
                 f"bad recipient address {argument!r} on the command line", os.EX_USAGE
             )
-        for _, address in pairs:
+        for address in addresses:
             result.append(recipientAddress(address, hostname, "the command line"))
     return result
 
@@ -314,7 +327,7 @@ def prepareMessage(
     found = list(recipients)
     if extract:
         for header in message.fields(*(prefix + name for name in _RECIPIENT_FIELDS)):
-            for _, address in fieldAddresses(header):
+            for address in addressList(header.value, f"the {header.name}: field"):
                 found.append(recipientAddress(address, hostname, f"the {header.name}: field"))
     unique = tuple(dict.fromkeys(found))
     if not unique:
@@ -349,44 +362,44 @@ def _qualified(header: HeaderField, hostname: str) -> list[bytes]:
     a domain: C{@hostname} is inserted after each such address where it stands, the rest
     of the field kept as written (groups, comments, display names, folding), as Postfix's
     cleanup rewrites address tokens (C{To: root} becomes C{To: root@relay.example},
-    C{From: root (Cron Daemon)} C{From: root@relay.example (Cron Daemon)}).  A field the
-    scanner cannot follow (unbalanced quotes, comments or brackets) is written anew from the
-    addresses it gives."""
+    C{From: root (Cron Daemon)} C{From: root@relay.example (Cron Daemon)}).  A field whose
+    quotes, comments or brackets do not balance is left as it is."""
     if header.key not in ADDRESS_FIELDS:
-        return header.lines
-    pairs = fieldAddresses(header)
-    if all(qualify(address, hostname) == address for _, address in pairs):
         return header.lines
     raw = b"\n".join(header.lines).decode("utf-8", "surrogateescape")
     start = raw.index(":") + 1
-    body = _qualifyInPlace(raw[start:], hostname)
-    if body is None:
-        return _field(header.name, [(name, qualify(addr, hostname)) for name, addr in pairs])
-    text = raw[:start] + body
+    found = _scanAddresses(raw[start:])
+    missing = [end for address, end in found or () if qualify(address, hostname) != address]
+    if not missing:  # (or a field that cannot be read: left as it is)
+        return header.lines
+    text = raw
+    for end in reversed(missing):
+        text = text[: start + end] + "@" + hostname + text[start + end :]
     return [line.encode("utf-8", "surrogateescape") for line in text.split("\n")]
 
 
-def _qualifyInPlace(value: str, hostname: str) -> str | None:
-    """C{value}, an address list (RFC 5322 3.4: mailboxes and groups), with C{@hostname}
-    inserted after each address without a domain, nothing else changed; C{None} when its
-    quotes, comments or angle brackets do not balance."""
-    inserts: list[int] = []
+def _scanAddresses(value: str) -> list[tuple[str, int]] | None:
+    """The mailboxes of C{value}, an address list (RFC 5322 3.4): for each, its address (an
+    angle address's content, else the mailbox's text without comments, stripped) and where
+    it ends in C{value} (where C{@domain} would go); C{None} when its quotes, comments or
+    angle brackets do not balance.  Group names and their C{;} are no mailboxes."""
+    found: list[tuple[str, int]] = []
     quoted = False
     depth = 0  # of comments
     escaped = False
     angle: int | None = None  # where the open "<" is
     core: list[str] = []  # the mailbox's characters outside comments and angle brackets
     last = -1  # the last of them that is not white space
-    angled: str | None = None  # the angle-addr's content, once closed
+    angled: tuple[str, int] | None = None  # the angle address and where it ends, once closed
 
     def mailboxEnds() -> None:
         nonlocal core, last, angled
-        address = angled if angled is not None else "".join(core).strip()
-        if address and "@" not in address.rsplit('"', 1)[-1]:
-            inserts.append(angleEnd if angled is not None else last + 1)
+        if angled is not None:
+            found.append(angled)
+        elif "".join(core).strip():
+            found.append(("".join(core).strip(), last + 1))
         core, last, angled = [], -1, None
 
-    angleEnd = -1
     for index, char in enumerate(value):
         if escaped:
             escaped = False
@@ -402,16 +415,20 @@ def _qualifyInPlace(value: str, hostname: str) -> str | None:
         if depth:
             depth += {"(": 1, ")": -1}.get(char, 0)
             continue
+        if angle is not None:
+            if quoted:
+                quoted = char != '"'
+            elif char == '"':
+                quoted = True
+            elif char == ">":
+                angled, angle = (value[angle + 1 : index].strip(), index), None
+            continue
         if quoted:
             quoted = char != '"'
         elif char == '"':
             quoted = True
         elif char == "(":
             depth = 1
-            continue
-        elif angle is not None:
-            if char == ">":
-                angled, angleEnd, angle = value[angle + 1 : index], index, None
             continue
         elif char == "<":
             angle = index
@@ -422,16 +439,13 @@ def _qualifyInPlace(value: str, hostname: str) -> str | None:
         elif char == ":":  # a group's name ends (a route's ":" is within <...>)
             core, last, angled = [], -1, None
             continue
-        if angle is None:
-            core.append(char)
-            if not char.isspace():
-                last = index
+        core.append(char)
+        if not char.isspace():
+            last = index
     if quoted or depth or angle is not None:
         return None
     mailboxEnds()
-    for position in reversed(inserts):
-        value = value[:position] + "@" + hostname + value[position:]
-    return value
+    return found
 
 
 def _field(name: str, pairs: list[tuple[str, str]]) -> list[bytes]:
