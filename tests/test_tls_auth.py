@@ -453,6 +453,23 @@ def test_the_idle_timeout_does_not_run_while_the_relay_delays_its_answer() -> No
     assert h.replies() == [b"421 4.4.2 relay.test Error: timeout exceeded"] and h.closed
 
 
+def test_overlong_authentication_lines() -> None:
+    """An AUTH command whose initial response is over the limit, or a response line over
+    it, gets RFC 4954 4's '500 5.5.6 Authentication Exchange line is too long' (the command
+    got '500 5.5.2 Error: line too long'); neither counts as a failed password."""
+    from mailrelay.smtp.server import MAX_SASL_LINE
+
+    h = tlsHarness()
+    afterTLS(h)
+    long = b"A" * (MAX_SASL_LINE + 600)
+    assert h.send(b"AUTH PLAIN " + long + b"\r\n") == [
+        b"500 5.5.6 Authentication exchange line is too long"]
+    assert h.send(b"AUTH LOGIN\r\n") == [b"334 VXNlcm5hbWU6"]
+    assert h.send(long + b"\r\n") == [b"500 5.5.6 Authentication exchange line is too long"]
+    assert h.send(b"AUTH PLAIN " + plain("alice", "secret") + b"\r\n") == [
+        b"235 2.7.0 Authentication successful"]
+
+
 def test_memory_throttle_window_and_bound() -> None:
     from twisted.internet.task import Clock
 

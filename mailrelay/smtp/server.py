@@ -635,10 +635,12 @@ class ServerSession:
         if raw is None:
             return False
         limit = MAX_COMMAND_LINE
-        if raw[:5].upper() == b"AUTH " and self.settings.authMechanisms:
+        auth = raw[:5].upper() == b"AUTH " and bool(self.settings.authMechanisms)
+        if auth:
             limit += MAX_SASL_LINE
         if len(raw) + 2 > limit:
-            self._reply(R.LINE_TOO_LONG)
+            # RFC 4954 4: an initial response too long is the exchange's line too long.
+            self._reply(AUTH_LINE_TOO_LONG if auth else R.LINE_TOO_LONG)
             return True
         try:
             line = raw.decode("utf-8")
