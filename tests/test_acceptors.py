@@ -356,3 +356,20 @@ def test_status_lists_the_acceptors() -> None:
     out = io.StringIO()
     printStatus(status, out)
     assert "acceptor processes" not in out.getvalue()
+
+
+def test_status_counts_in_words() -> None:
+    """One message is 'message' (it read '1 messages, 1 recipients pending')."""
+    status = {
+        "pid": 1, "version": "x", "started": 0.0, "config": "c", "hostname": "h", "spool": "s",
+        "listeners": [], "sessions": 0, "delivery": {"mode": "inline", "state": "up"},
+        "queue": {"manager": "running", "messages": 1, "recipients": 1,
+                  "queues": {"deferred": 1}},
+    }
+    out = io.StringIO()
+    printStatus(status, out)
+    assert "queue: 1 message, 1 recipient pending (1 deferred)\n" in out.getvalue()
+    status["queue"] = {"manager": "running", "messages": 2, "recipients": 0, "queues": {}}
+    out = io.StringIO()
+    printStatus(status, out)
+    assert "queue: 2 messages, 0 recipients pending\n" in out.getvalue()

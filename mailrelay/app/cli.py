@@ -56,6 +56,11 @@ class CommandFailed(Exception):
         self.status = status
 
 
+def _count(number: int, noun: str) -> str:
+    """C{"1 message"}, C{"2 messages"}."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 class RelayDown(CommandFailed):
     """No relay answers on the control socket."""
 
@@ -316,7 +321,7 @@ def printResults(result: dict[str, Any], done: str, out: TextIO, err: TextIO) ->
             print(f"mailrelay: {line}", file=err)
             ok = False
     count = result["count"]
-    print(f"mailrelay: {done}: {count} message{'s' if count != 1 else ''}", file=out)
+    print(f"mailrelay: {done}: {_count(count, 'message')}", file=out)
     return ok
 
 
@@ -369,7 +374,8 @@ def printStatus(status: dict[str, Any], out: TextIO) -> None:
     print(f"queue manager: {queue['manager']}", file=out)
     parts = ", ".join(f"{n} {name}" for name, n in queue["queues"].items() if n)
     print(
-        f"queue: {queue['messages']} messages, {queue['recipients']} recipients pending"
+        f"queue: {_count(queue['messages'], 'message')}, "
+        f"{_count(queue['recipients'], 'recipient')} pending"
         + (f" ({parts})" if parts else ""),
         file=out,
     )
@@ -447,7 +453,7 @@ def _changing(command: Any, done: str, **fixed: Any) -> Callable[..., Any]:
             return 0 if all(item["ok"] for item in result["results"]) else 1
         if not result["results"] and not options.ids:
             count = result["count"]
-            print(f"mailrelay: {done}: {count} message{'s' if count != 1 else ''}", file=out)
+            print(f"mailrelay: {done}: {_count(count, 'message')}", file=out)
             return 0
         return 0 if printResults(result, done, out, err) else 1
 
