@@ -245,6 +245,33 @@ def test_a_tls_session_the_relay_ends_is_closed_soon(how: str) -> None:
     assert h.transport.aborted
 
 
+def test_handshake_log_lines_say_what_happened() -> None:
+    """A handshake the client broke: 'TLS handshake ... failed' and a disconnect line that
+    says so (it said '(client closed the connection)'); one the relay timed out: 'timeout
+    in the TLS handshake', and no 'handshake failed' for the relay's own close (it said
+    'timeout waiting for a command', then blamed the handshake)."""
+    from twisted.logger import capturedLogs, formatEvent
+
+    h = tlsHarness()
+    h.send(b"STARTTLS\r\n")
+    with capturedLogs() as events:
+        h.protocol.connectionLost(Failure(Exception("wrong version number")))
+    texts = [formatEvent(e) for e in events]
+    assert "TLS handshake with 127.0.0.1 failed: wrong version number" in texts, texts
+    assert any(t.startswith("disconnect from 127.0.0.1:") and t.endswith(
+        " (TLS handshake failed)") for t in texts), texts
+
+    h = ServerHarness(tlsMode="implicit")
+    with capturedLogs() as events:
+        h.clock.advance(301)
+        h.clock.advance(5)
+        h.protocol.connectionLost(Failure(Exception("Connection lost")))
+    texts = [formatEvent(e) for e in events]
+    assert "timeout in the TLS handshake with 127.0.0.1" in texts, texts
+    assert not any("handshake with 127.0.0.1 failed" in t for t in texts), texts
+    assert not any("client closed" in t for t in texts), texts
+
+
 def test_sans_io_starttls_event() -> None:
     session = ServerSession(SessionSettings("relay.test", starttls=True), ClientInfo("192.0.2.1"))
     events = session.dataReceived(b"STARTTLS\r\nRSET\r\n")

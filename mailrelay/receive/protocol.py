@@ -534,14 +534,17 @@ class SMTPServerProtocol(Protocol):
         if session is None:
             return
         wasOpen = not session.closed
-        if self._handshaking and reason is not None:
+        how = " (client closed the connection)" if wasOpen else ""
+        if self._handshaking and reason is not None and wasOpen:
+            # (Not when the relay closed it: a refusal, its own timeout.)
             log.info(
                 "TLS handshake with {client} failed: {error}",
                 client=session.client.address,
                 error=reason.getErrorMessage(),
             )
+            how = " (TLS handshake failed)"
         self._handle(session.connectionLost())
-        _logDisconnect(session, wasOpen)
+        _logDisconnect(session, how)
         child(SESSIONS, _outcome(self._lastReply, wasOpen)).inc()
 
     # Timers ---------------------------------------------------------------------------------
@@ -571,8 +574,13 @@ class SMTPServerProtocol(Protocol):
             )
             self.transport.abortConnection()
             return
-        what = self._timer.waitingFor(self.session.inData)
-        log.info("timeout {what} from {client}", what=what, client=self.session.client.address)
+        if self._handshaking:
+            log.info("timeout in the TLS handshake with {client}",
+                     client=self.session.client.address)
+        else:
+            what = self._timer.waitingFor(self.session.inData)
+            log.info("timeout {what} from {client}", what=what,
+                     client=self.session.client.address)
         self._handle(self.session.timedOut())
 
     # Events ---------------------------------------------------------------------------------
@@ -865,7 +873,7 @@ def _logConnect(client: ClientInfo) -> None:
     )
 
 
-def _logDisconnect(session: ServerSession, wasOpen: bool) -> None:
+def _logDisconnect(session: ServerSession, how: str) -> None:
     # Address and port, as the connect line has them: what pairs the two lines of a
     # session when one address has several at once (Postfix's pair by the smtpd's pid).
     log.info(
@@ -875,7 +883,7 @@ def _logDisconnect(session: ServerSession, wasOpen: bool) -> None:
         port=session.client.port,
         messages=session.messages,
         errors=session.errors,
-        how=" (client closed the connection)" if wasOpen else "",
+        how=how,
     )
 
 
