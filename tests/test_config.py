@@ -1285,7 +1285,7 @@ def test_caFileAbsolute(tmp_path: Path) -> None:
     ("setup", "fragment"),
     [
         (lambda d: (d / "ca.pem").write_text("not a certificate\n"), "holds no PEM certificate"),
-        (lambda d: (d / "ca.pem").mkdir(), "Is a directory"),
+        (lambda d: (d / "ca.pem").mkdir(), "not a regular file (a directory)"),
         (lambda d: None, "No such file or directory"),
         # OpenSSL's "TRUSTED CERTIFICATE" form only, which delivery does not read (it said
         # "no certificate in ..." at every delivery over TLS).
@@ -1380,14 +1380,14 @@ def test_passwordFileUnreadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     """An unreadable password file gives the OS's reason."""
     (tmp_path / "pw").write_text("x\n")
     path = writeConfig(tmp_path, '[smarthost]\nusername = "u"\npassword_file = "pw"\n')
-    realOpen = open
+    realOpen = os.open
 
     def refuse(file: Any, *args: Any, **kwargs: Any) -> Any:
         if str(file) == str(tmp_path / "pw"):
             raise PermissionError(13, "Permission denied", str(file))
         return realOpen(file, *args, **kwargs)
 
-    monkeypatch.setattr("builtins.open", refuse)
+    monkeypatch.setattr(os, "open", refuse)
     with pytest.raises(ConfigError) as e:
         loadConfig(path)
     assert str(e.value) == (
@@ -2023,3 +2023,36 @@ def test_rateLimiterPlugin(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as e:
             loadConfig(path)
         assert (e.value.key, fragment in str(e.value)) == (key, True), str(e.value)
+
+
+@pytest.mark.parametrize(
+    "config, key",
+    [
+        ('[delivery]\nca_file = "{fifo}"\n', "delivery.ca_file"),
+        ('[smarthost]\nusername = "u"\npassword_file = "{fifo}"\n', "smarthost.password_file"),
+        ('[[listeners]]\nendpoint = "tcp:2525"\ntls_certificate = "{fifo}"\n'
+         'tls_key = "{key}"\n', "listeners[0].tls_certificate"),
+        ('[[listeners]]\nendpoint = "tcp:2525"\ntls_certificate = "{cert}"\n'
+         'tls_key = "{fifo}"\n', "listeners[0].tls_key"),
+        ('[auth]\npassword_file = "{fifo}"\n', "auth.password_file"),
+    ],
+)
+def test_files_named_must_be_regular_files(tmp_path: Path, config: str, key: str) -> None:
+    """A FIFO (or a device) named where a certificate, key, CA file or password file goes
+    is refused at once, naming the key: it was opened and read, and the check (and twistd,
+    and a reload) waited forever for a writer."""
+    import signal
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    cert, keyFile = writeCertificate(tmp_path)
+    path = writeConfig(tmp_path, config.format(fifo=fifo, cert=cert, key=keyFile))
+    signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("hung")))
+    signal.alarm(10)
+    try:
+        with pytest.raises(ConfigError) as e:
+            loadConfig(path)
+    finally:
+        signal.alarm(0)
+    assert e.value.key == key, str(e.value)
+    assert "not a regular file" in str(e.value), str(e.value)

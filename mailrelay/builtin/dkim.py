@@ -38,6 +38,7 @@ from mailrelay.config.schema import At, Key, Reading, Table, pluginOptions
 from mailrelay.config.values import choice, fileName, strings
 from mailrelay.errors import ConfigError, describeValue
 from mailrelay.interfaces import CONTINUE, FilterResult, IMessageFilter
+from mailrelay.namedfile import readNamedFile
 
 __all__ = ["DEFAULT_HEADERS", "DKIMSigner", "SigningKey", "build", "loadKey"]
 
@@ -223,8 +224,7 @@ def _readKey(fields: dict[str, Any], at: At) -> SigningKey:
     key = SigningKey(fields["domain"], fields["selector"], fields["keyFile"], "")
     where = at.child("key_file")
     try:
-        with open(key.keyFile, "rb") as f:
-            data = f.read()
+        data = readNamedFile(key.keyFile)
     except OSError as e:
         raise where.error(
             f"cannot read the DKIM private key {describeValue(key.keyFile)}: {e.strerror or e}"

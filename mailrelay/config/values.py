@@ -37,6 +37,7 @@ from mailrelay.address import (
 from mailrelay.config.schema import At, Parser
 from mailrelay.errors import describeValue
 from mailrelay.interfaces import PLATFORM_TRUST_STORE
+from mailrelay.namedfile import readNamedFile
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 T = TypeVar("T")
@@ -447,8 +448,7 @@ def _readBytes(path: str, what: str, at: At) -> bytes:
     """The bytes of the file C{path}, which holds C{what} (for the message when it cannot be
     read)."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return readNamedFile(path)
     except OSError as e:
         raise at.error(f"cannot read {what} {describeValue(path)}: {e.strerror or e}") from None
 

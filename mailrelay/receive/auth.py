@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from mailrelay.interfaces import Reply
+from mailrelay.namedfile import readNamedFile
 from mailrelay.receive.limits import DEFAULT_IPV6_PREFIX_LENGTH, clientNetwork
 from mailrelay.smtp.server import AUTH_INVALID, Authenticate
 
@@ -137,8 +138,7 @@ def readPasswordFile(path: str) -> dict[str, str]:
     @raise PasswordFileError: unreadable, not UTF-8, or a bad line (naming it).
     """
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = readNamedFile(path)
     except OSError as e:
         raise PasswordFileError(
             path, None, f"cannot read the password file: {e.strerror or e}"

@@ -27,6 +27,7 @@ from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersi
 from zope.interface import implementer
 
 # (Its home is smtp.wire, which the delivery client shares; named here for its users.)
+from mailrelay.namedfile import readNamedFile
 from mailrelay.smtp.wire import describeTLS as describeTLS
 
 #: The values of C{tls_min_version}, lowest first.
@@ -66,8 +67,7 @@ class ServerTLS:
 
 def _read(path: str, what: str) -> bytes:
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return readNamedFile(path)
     except OSError as e:
         raise TLSConfigError(
             f"cannot read the {what} file {path!r}: {e.strerror or e}", what
