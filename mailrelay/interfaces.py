@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import importlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 # -- SMTP replies (smtp/ sends them; every stage may make one)
+
+
+#: An RFC 3463 enhanced status code (C{class "." subject "." detail}).
+_ENHANCED_STATUS = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +55,10 @@ class Reply:
             raise ValueError(f"bad SMTP reply code {self.code}")
         if "\r" in self.text:
             raise ValueError("reply text must not contain CR")
+        if self.enhanced and not _ENHANCED_STATUS.fullmatch(self.enhanced):
+            # (A CR LF in it would put a reply of its own on the wire.)
+            raise ValueError(f"bad enhanced status code {self.enhanced!r} (RFC 3463: "
+                             "class.subject.detail, as 5.7.1)")
 
     @property
     def isPositive(self) -> bool:

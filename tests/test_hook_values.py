@@ -151,3 +151,23 @@ def test_read_options_into_a_dataclass(tmp_path: Path) -> None:
         target=GreyOptions,
     )
     assert context(tmp_path).readOptions(schema, {"delay": 60}) == GreyOptions(60, 86400)
+
+
+@pytest.mark.parametrize(
+    "enhanced",
+    ["5.7.1\r\n250 2.0.0 ok", "5.7.1\n250 ok", "5.7.1 x", "5.7", "5.a.1", "5.1234.1", " 5.7.1"],
+)
+def test_a_reply_refuses_a_malformed_enhanced_status(enhanced: str) -> None:
+    """A plugin's reply (through Verdict.reject, defer or its own Reply) cannot carry a
+    second reply line in its enhanced status code: 'Verdict.reject("x", 550, "5.7.1\\r\\n250
+    2.0.0 ok")' put '550 5.7.1' and '250 2.0.0 ok x' on the wire for one command (SMTP reply
+    injection).  An RFC 3463 code or nothing is taken; the plugin's error is then refused
+    as any bad answer is (451, logged naming it)."""
+    from mailrelay.interfaces import Reply, Verdict
+
+    with pytest.raises(ValueError, match="enhanced status"):
+        Reply(550, enhanced, "x")
+    with pytest.raises(ValueError):
+        Verdict.reject("x", 550, enhanced)
+    assert Reply(550, "5.7.1", "x").toBytes() == b"550 5.7.1 x\r\n"
+    assert Reply(220, "", "hi").toBytes() == b"220 hi\r\n"
