@@ -988,9 +988,9 @@ class IRateLimiter(Interface):
     (C{acquire}/C{release} as C{INCR}/C{DECR}, C{hit} as C{INCR} plus C{EXPIRE} on the first
     event).
 
-    Every method may return a Deferred.  An answer that fails, or does not come within
-    L{mailrelay.receive.limits.LIMITER_TIMEOUT} seconds, is logged and the limit is not applied
-    for that event: the limits never stop mail because their store is down, and acknowledging a
+    Every method may return a Deferred.  An answer that fails, does not come within
+    L{mailrelay.receive.limits.LIMITER_TIMEOUT} seconds, or (of C{acquire} and C{hit}) is not
+    a count (an C{int} >= 0), is logged and the limit is not applied for that event: the limits never stop mail because their store is down, and acknowledging a
     message never depends on it.
     """
 

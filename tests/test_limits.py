@@ -3,6 +3,8 @@ session, and the protocol on a C{StringTransport} with a C{Clock}."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import dataclasses
 import ipaddress
 
@@ -254,6 +256,36 @@ def test_failingOrSlowLimiterDoesNotStopMail() -> None:
     assert h.replies()[0].startswith(b"220 ")
     h.loseConnection()
     assert ("release", "test conn 192.0.2.1") not in slow.calls  # never counted
+
+
+@pytest.mark.parametrize("answer", ["OK", None, -1, True, 2.5])
+def test_a_limiter_answering_no_count_is_not_applied(answer: Any) -> None:
+    """A rate limiter whose acquire or hit answers something that is not a count ('OK',
+    None, a negative number, a bool, a float): logged naming the call and the answer, that
+    limit not applied, the session goes on.  'OK' raised TypeError out of the limit check
+    (critical) and the client was never greeted nor closed; None was taken silently."""
+    limiter = SlowLimiter()
+    with capturedLogs() as logs:
+        h = ServerHarness(peer="192.0.2.1", limiter=limiter,
+                          limits={"maxConnectionsPerClient": 5, "connectionRateLimit": 10})
+        limiter.pending.pop().callback(answer)  # acquire
+        if limiter.pending:
+            limiter.pending.pop().callback(answer)  # hit
+        assert h.replies()[0] == b"220 relay.test ESMTP mailrelay"
+    text = messages(logs)
+    assert (f"rate limiter acquire(test conn 192.0.2.1) answered {answer!r}, not a count: "
+            "limit not applied") in text, text
+    assert "critical" not in text.lower() and "Traceback" not in text
+
+
+def test_a_limiter_that_does_not_answer_is_said_so() -> None:
+    slow = SlowLimiter()
+    with capturedLogs() as logs:
+        h = ServerHarness(peer="192.0.2.1", limiter=slow, limits={})
+        h.clock.advance(LIMITER_TIMEOUT)
+    assert (f"rate limiter acquire(test conn 192.0.2.1) did not answer within "
+            f"{LIMITER_TIMEOUT:g}s, limit not applied") in messages(logs)
+    h.loseConnection()
 
 
 # Protocol synchronization --------------------------------------------------------------------------

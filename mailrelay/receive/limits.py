@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -282,10 +282,20 @@ class ListenerLimits:
         """Call the limiter; a Deferred firing with its answer, or with C{None} (logged) when
         it fails or does not answer within C{timeout} seconds."""
         d = maybeDeferred(call, *args)
+        timeout = self.settings.limiterTimeout
         if not d.called:
-            d.addTimeout(self.settings.limiterTimeout, self.clock)
+            d.addTimeout(timeout, self.clock)
 
         def failed(failure: Failure) -> None:
+            if failure.check(TimeoutError):
+                log.error(
+                    "rate limiter {what}({key}) did not answer within {timeout:g}s, limit "
+                    "not applied",
+                    what=what,
+                    key=args[0],
+                    timeout=timeout,
+                )
+                return None
             log.error(
                 "rate limiter {what}({key}) failed, limit not applied: {error}",
                 what=what,
@@ -294,7 +304,22 @@ class ListenerLimits:
             )
             return None
 
-        return d.addErrback(failed)
+        def counted(answer: Any) -> Any:
+            # acquire and hit answer a count (IRateLimiter); anything else is no answer.
+            if what != "release" and not (
+                type(answer) is int and answer >= 0  # (a bool is no count)
+            ):
+                log.error(
+                    "rate limiter {what}({key}) answered {answer!r}, not a count: limit not "
+                    "applied",
+                    what=what,
+                    key=args[0],
+                    answer=answer,
+                )
+                return None
+            return answer
+
+        return d.addCallbacks(counted, failed)
 
 
 class Admission:

@@ -359,7 +359,14 @@ class SMTPServerProtocol(Protocol):
         self._admission = ctx.limits.admit(client.address)
         d = self._admission.check()
         d.addCallback(self._admitted)
-        d.addErrback(lambda f: log.failure("checking the limits of {client}", f, client=host))
+
+        def failed(failure: Failure) -> None:
+            # (A bug: the limiter's own failures are logged and not applied already.)  The
+            # session goes on, as when a limit cannot be checked; it must not hang ungreeted.
+            log.failure("checking the limits of {client}", failure, client=host)
+            self._admitted(None)
+
+        d.addErrback(failed)
 
     def _admitted(self, refusal: Any) -> None:
         """The limits answered: greet (now or after C{greetPause}), or refuse with 421."""
