@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from twisted.python.failure import Failure
+
 from ipaddress import ip_network
 
 import pytest
@@ -94,6 +96,36 @@ def test_malformed_stamper_output_is_refused() -> None:
     (failure,) = failures
     assert failure.check(StampingFailed)
     assert "header stamper bad returned a malformed header field" in str(failure.value)
+
+
+@pytest.mark.parametrize(
+    "result, problem",
+    [
+        # A tuple raised TypeError out of the check (list + tuple): the client got no reply.
+        (StampResult(append=(b"X-S: ok\r\n",)), None),  # taken: a sequence of fields
+        (StampResult(append=b"X-S: ok\r\n"), "not a list of header fields"),  # type: ignore[arg-type]
+        (StampResult(prepend=None), "not a list of header fields"),  # type: ignore[arg-type]
+        # A NUL went into the message (the relay refuses NUL from clients by default).
+        (StampResult(append=[b"X-S: a\x00b\r\n"]), "a malformed header field"),
+    ],
+)
+def test_stamper_answers_of_the_wrong_shape(result: StampResult, problem: str | None) -> None:
+    class Odd:
+        def stamp(self, ctx):
+            return result
+
+    outcomes: list = []
+    answer = runStampers([ConfiguredStamper("odd", Odd(), 30)], context(), Clock())
+    if isinstance(answer, StampResult):  # (answered at once)
+        outcomes.append(answer)
+    else:
+        answer.addBoth(outcomes.append)
+    (outcome,) = outcomes
+    if problem is None:
+        assert isinstance(outcome, StampResult) and list(outcome.append) == [b"X-S: ok\r\n"]
+    else:
+        assert isinstance(outcome, Failure) and outcome.check(StampingFailed), outcome
+        assert f"header stamper odd returned {problem}" in str(outcome.value), outcome
 
 
 def test_later_stampers_prepend_on_top() -> None:

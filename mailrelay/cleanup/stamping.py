@@ -55,7 +55,9 @@ _HOOK = "header_stamper"
 
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
 #: A field: name, colon, value; continuation lines start with white space; CRLF only.
-WELL_FORMED_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+:[^\r\n]*(?:\r\n[ \t][^\r\n]*)*\r\n")
+WELL_FORMED_FIELD = re.compile(
+    rb"[\x21-\x39\x3b-\x7e]+:[^\r\n\x00]*(?:\r\n[ \t][^\r\n\x00]*)*\r\n"
+)
 _HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 
 
@@ -417,7 +419,10 @@ def _resultProblem(result: object) -> str | None:
     """What is wrong with a stamper's answer, or C{None}."""
     if not isinstance(result, StampResult):
         return f"{result!r}, not a StampResult"
-    for fieldBytes in result.prepend + result.append:
-        if not isinstance(fieldBytes, bytes) or not WELL_FORMED_FIELD.fullmatch(fieldBytes):
-            return f"a malformed header field: {fieldBytes!r}"
+    for fields in (result.prepend, result.append):
+        if not isinstance(fields, (list, tuple)):
+            return f"not a list of header fields: {fields!r}"
+        for fieldBytes in fields:
+            if not isinstance(fieldBytes, bytes) or not WELL_FORMED_FIELD.fullmatch(fieldBytes):
+                return f"a malformed header field: {fieldBytes!r}"
     return None
