@@ -10,7 +10,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 
-from mailrelay.envelope import ClientInfo, Envelope
+from mailrelay.envelope import ClientInfo, Envelope, Recipient
 from mailrelay.interfaces import ACCEPT, CONTINUE, Reply, Verdict, VerdictKind
 from mailrelay.policy.runner import ConfiguredPlugin, PolicyChain
 from mailrelay.policy.sender import SenderPolicy
@@ -137,6 +137,64 @@ def test_notes_that_are_not_json_defer_naming_the_plugin() -> None:
     assert "test plugin noter left Envelope notes that are not JSON" in formatEvent(events[0])
     client.notes["ok"] = {"n": 1}
     assert result(chain(Plugin("fine")).run(client, Envelope())) is CONTINUE
+
+
+def _clear(client: ClientInfo, envelope: Envelope, recipient: Recipient) -> Verdict:
+    envelope.recipients.clear()
+    return CONTINUE
+
+
+def _hijack(client: ClientInfo, envelope: Envelope, recipient: Recipient) -> Verdict:
+    recipient.address = "hijack@evil.test"
+    return CONTINUE
+
+
+def _openRelay(client: ClientInfo, envelope: Envelope, recipient: Recipient) -> Verdict:
+    client.relayAllowed = True
+    return CONTINUE
+
+
+def _sender(client: ClientInfo, envelope: Envelope, recipient: Recipient) -> Any:
+    envelope.sender = "ceo@example.com"
+    d: Deferred = Deferred()
+    clock.callLater(1, d.callback, CONTINUE)
+    return d
+
+
+clock = Clock()
+
+
+@pytest.mark.parametrize(
+    "plugin, what",
+    [
+        (_clear, "the Envelope's recipients"),
+        (_hijack, "the Recipient's address"),
+        (_openRelay, "the ClientInfo's relayAllowed"),
+        (_sender, "the Envelope's sender"),  # (answering later)
+    ],
+)
+def test_a_plugin_changing_the_envelope_defers_and_the_change_is_undone(plugin: Any,
+                                                                        what: str) -> None:
+    """A site plugin may change notes only: one that changes the sender, the recipients, a
+    recipient's address or the client's relay permission defers the stage (logged naming
+    it) and its change is undone.  Clearing the recipients at DATA got the message queued
+    with none and dropped after its 250; changing a recipient's address after the relay
+    check delivered it elsewhere; setting relayAllowed made an open relay."""
+    client = ClientInfo("192.0.2.1")
+    first = Recipient("bob@example.net")
+    envelope = Envelope(sender="alice@example.org", recipients=[first])
+    recipient = Recipient("carol@example.net")
+    with capturedLogs() as events:
+        d = chain(Plugin("meddler", plugin), clock=clock).run(client, envelope, recipient,
+                                                              subject="r")
+        clock.advance(1)
+        verdict = result(d)
+    assert verdict is FAILED
+    text = formatEvent(events[0])
+    assert f"test plugin meddler changed {what} (only notes may change)" in text, text
+    assert envelope.sender == "alice@example.org" and envelope.recipients == [first]
+    assert first.address == "bob@example.net" and recipient.address == "carol@example.net"
+    assert client.relayAllowed is False
 
 
 def test_a_plugin_without_the_method_or_with_a_bad_timeout_is_refused() -> None:

@@ -281,3 +281,30 @@ def test_relay_control(client: str, rcpt: str, allowed: bool) -> None:
     info = ClientInfo(address=client, relayAllowed=relay.isRelayClient(client))
     verdict = relay.check(info, parseForwardPath(f"<{rcpt}>", postmasterDomain="relay.test"))
     assert (verdict.kind is VerdictKind.CONTINUE) is allowed
+
+
+def test_a_stamper_changing_the_envelope_gets_451_and_nothing_is_queued() -> None:
+    """A header stamper that clears the recipients (or changes one) got the message queued
+    with none after a 250, then dropped, silently.  The intake checks the sender and
+    recipients it was given against what it commits: changed, the message is refused (451,
+    logged), the change undone, and nothing is queued."""
+    from twisted.logger import capturedLogs, formatEvent
+
+    from mailrelay.testing import ServerHarness
+
+    class Clearing:
+        def stamp(self, context):
+            context.envelope.recipients.clear()
+            return StampResult()
+
+    h = ServerHarness(stampers=[DefaultStamper(), Clearing()])
+    h.send(b"EHLO client.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n")
+    h.send(b"DATA\r\n")
+    with capturedLogs() as events:
+        reply = h.send(b"Subject: hi\r\n\r\nHello.\r\n.\r\n")
+    assert reply == [b"451 4.3.0 Error: temporary failure processing the message, try again "
+                     b"later"], reply
+    assert h.spool.committed == {}
+    texts = [formatEvent(e) for e in events]
+    assert any("changed the message's sender or recipients after they were accepted" in t
+               for t in texts), texts

@@ -178,6 +178,8 @@ class IncomingMessage:
         """
         self.intake = intake
         self.envelope = envelope
+        #: The sender and recipients accepted, checked again at commit (L{_changed}).
+        self._accepted = (envelope.sender, [(r, r.address) for r in envelope.recipients])
         self.client = client
         self._writer = writer
         self._listenerOptions = listenerOptions
@@ -311,8 +313,32 @@ class IncomingMessage:
         self._logResult(reply, self._writer.size if size is None else size)
         return reply
 
-    def _commit(self) -> Deferred[Reply]:
+    def _changed(self) -> bool:
+        """Whether the sender or the recipients accepted were changed since (a header
+        stamper, which may only add fields); if so, undo it."""
         envelope = self.envelope
+        sender, recipients = self._accepted
+        if envelope.sender == sender and [(r, r.address) for r in envelope.recipients] == (
+            recipients
+        ):
+            return False
+        envelope.sender = sender
+        envelope.recipients[:] = [r for r, _ in recipients]
+        for recipient, address in recipients:
+            recipient.address = address
+        return True
+
+    def _commit(self) -> Deferred[Reply] | Reply:
+        envelope = self.envelope
+        if self._changed():
+            # Committed, the message would be queued for other recipients than those the
+            # client was told were accepted -- or for none, and dropped after its 250.
+            log.error(
+                "{queueID}: a plugin changed the message's sender or recipients after they "
+                "were accepted; refused, not queued",
+                queueID=self.queueID,
+            )
+            return self._refuse(STAMPING_FAILED)
         writer = self._writer
         envelope.arrival = self.intake.clock.seconds()
         envelope.messageSize = writer.size

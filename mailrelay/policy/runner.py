@@ -8,7 +8,9 @@ hook:
   - in the configured order, one at a time, each asked only when those before it continued;
   - the first verdict other than C{CONTINUE} decides (C{ACCEPT} ends the chain passing);
   - a plugin that raises, whose Deferred fails, that answers something that is not a
-    well-formed verdict, that leaves notes which are not JSON, or that does not answer within
+    well-formed verdict, that leaves notes which are not JSON, that changes what it may only
+    read (the sender, the recipients, a recipient's address, the client's relay permission:
+    undone), or that does not answer within
     its timeout (its Deferred is then cancelled) makes the chain answer its C{failed}
     verdict (a deferral): a failing plugin never accepts.  Each such failure is logged once,
     naming the hook and the plugin.
@@ -33,7 +35,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailrelay.envelope import ClientInfo, Envelope
+from mailrelay.envelope import ClientInfo, Envelope, Recipient
 from mailrelay.interfaces import (
     CONTINUE,
     BadAnswer,
@@ -47,6 +49,51 @@ from mailrelay.metrics import timePlugin
 log = Logger()
 
 __all__ = ["BadAnswer", "ConfiguredPlugin", "PolicyChain", "checkVerdict"]  # (three are values)
+
+#: What a site plugin must leave as it found it (it may change notes): the client's relay
+#: permission and login, the envelope's sender and recipients, each recipient's address and
+#: DSN parameters.  (Not the client's reverse name: the relay sets it while a connect
+#: plugin may be waiting.)
+_KEPT = {
+    ClientInfo: ("relayAllowed", "authUser"),
+    Envelope: ("sender", "recipients"),
+    Recipient: ("address", "notify", "orcpt"),
+}
+
+_Saved = list[tuple[Any, str, Any]]
+
+
+def _saved(args: Sequence[Any]) -> _Saved:
+    """The fields of L{_KEPT} of the client, envelope and recipients among C{args} (lists
+    copied), to check and restore after a site plugin."""
+    objects: list[Any] = []
+    for arg in args:
+        if type(arg) in _KEPT:
+            objects.append(arg)
+            if isinstance(arg, Envelope):
+                objects.extend(arg.recipients)
+    saved: _Saved = []
+    for obj in objects:
+        for name in _KEPT[type(obj)]:
+            value = getattr(obj, name)
+            saved.append((obj, name, list(value) if isinstance(value, list) else value))
+    return saved
+
+
+def _changeProblem(saved: _Saved) -> str | None:
+    """What a site plugin changed of C{saved}, undoing it; or C{None}."""
+    problem = None
+    for obj, name, value in saved:
+        current = getattr(obj, name)
+        if current != value:
+            problem = problem or (f"changed the {type(obj).__name__}'s {name} (only notes may "
+                                  "change)")
+            if isinstance(value, list) and isinstance(current, list):
+                current[:] = value
+            else:
+                setattr(obj, name, value)
+    return problem
+
 
 def _notesProblem(args: Sequence[Any]) -> str | None:
     """Why the notes of the client or envelope among C{args} cannot be stored, or C{None}."""
@@ -132,29 +179,37 @@ class PolicyChain:
         calls = self._calls
         while index < len(calls):
             configured = self.plugins[index]
+            saved = None if configured.builtin else _saved(args)
             started = perf_counter()
             try:
                 answer = calls[index](*args)
             except Exception:
+                if saved:
+                    _changeProblem(saved)
                 return self._failed(Failure(), index, subject)
             if not configured.builtin:
                 answer = timePlugin(self.hook, configured.name, answer, started)
             if isinstance(answer, Deferred):
-                return self._later(index, answer, args, subject)
-            verdict = self._judge(index, answer, args, subject)
+                return self._later(index, answer, args, subject, saved)
+            verdict = self._judge(index, answer, args, subject, saved)
             if verdict.kind is not VerdictKind.CONTINUE:
                 return verdict
             index += 1
         return CONTINUE
 
-    def _judge(self, index: int, answer: Any, args: tuple[Any, ...], subject: str) -> Verdict:
-        """The verdict C{answer} of plugin C{index} means, or C{failed} (logged)."""
+    def _judge(
+        self, index: int, answer: Any, args: tuple[Any, ...], subject: str,
+        saved: _Saved | None = None,
+    ) -> Verdict:
+        """The verdict C{answer} of plugin C{index} means, or C{failed} (logged).  C{saved}:
+        what a site plugin must not have changed (L{_saved})."""
         configured = self.plugins[index]
+        changed = _changeProblem(saved) if saved else None
         try:
             verdict = self._interpret(answer, args)
-            problem = None if configured.builtin else _notesProblem(args)
+            problem = changed or (None if configured.builtin else _notesProblem(args))
         except BadAnswer as e:
-            problem = str(e)
+            problem = changed or str(e)
         if problem is not None:
             log.error(
                 "{hook} plugin {plugin} {problem} for {subject}; deferring",
@@ -167,19 +222,25 @@ class PolicyChain:
         return verdict
 
     def _later(
-        self, index: int, d: Deferred[Any], args: tuple[Any, ...], subject: str
+        self, index: int, d: Deferred[Any], args: tuple[Any, ...], subject: str,
+        saved: _Saved | None = None,
     ) -> Deferred[Verdict]:
         timeout = self.plugins[index].timeout
         if timeout is not None:
             d.addTimeout(timeout, self.clock)
 
         def answered(answer: Any) -> Verdict | Deferred[Verdict]:
-            verdict = self._judge(index, answer, args, subject)
+            verdict = self._judge(index, answer, args, subject, saved)
             if verdict.kind is not VerdictKind.CONTINUE:
                 return verdict
             return self._from(index + 1, args, subject)
 
-        return d.addCallbacks(answered, self._failed, errbackArgs=(index, subject))
+        def failed(failure: Failure) -> Verdict:
+            if saved:
+                _changeProblem(saved)
+            return self._failed(failure, index, subject)
+
+        return d.addCallbacks(answered, failed)
 
     def _failed(self, failure: Failure, index: int, subject: str) -> Verdict:
         configured = self.plugins[index]
