@@ -8,6 +8,7 @@ import pwd
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from mailrelay.delivery.pipe import OUTPUT_LIMIT, build
 from mailrelay.envelope import Envelope, Recipient
 from mailrelay.errors import ConfigError
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, PluginContext, Route
+from tests.test_e2e_stop import _alive
 
 MESSAGE = b"Subject: piped\r\n\r\n.dot line\r\nlast\r\n"
 ROOT = os.geteuid() == 0
@@ -182,6 +184,58 @@ class PipeTests(unittest.TestCase):
         assert r.status is DeliveryStatus.TRANSIENT
 
 
+    @defer.inlineCallbacks
+    def test_timeLimitKillsTheCommandsOffspringToo(self) -> Any:
+        """A command whose child keeps its output open (a shell waiting on sleep, a
+        background job): the time limit kills them all and the run ends at the limit.  Only
+        the command was killed: the run lasted as long as the child held the pipe (the
+        backend's 600 s timeout, the destination's slot held), and each retry left one more
+        orphan behind, even after the relay stopped."""
+        b = backend([script(self.dir, "sleep 30 & echo $! > $d/child.pid; wait")],
+                    time_limit=1)
+        started = time.monotonic()
+        (r,) = yield self.deliver(b, envelope("bob@example.org"))
+        assert time.monotonic() - started < 10
+        assert (r.status, r.code) == (DeliveryStatus.TRANSIENT, "4.3.0")
+        child = int((self.dir / "child.pid").read_text())
+        for _ in range(100):
+            if not _alive(child):
+                break
+            yield deferLater(0.05)
+        assert not _alive(child), "the command's child survived"
+
+    @defer.inlineCallbacks
+    def test_aCommandThatCannotBeExecutedDefers(self) -> Any:
+        """A command that passes the executable check but cannot be run (its interpreter is
+        missing; as root the check sees files the user cannot): deferred with 4.3.5 and one
+        line saying why.  It bounced (5.3.0: exit status 1) with Twisted's traceback, the
+        install paths and the whole command line in the bounce."""
+        path = self.dir / "noint"
+        path.write_text("#!/nonexistent/interpreter\n")
+        path.chmod(0o755)
+        b = backend([str(path), "{recipient}"])
+        (r,) = yield self.deliver(b, envelope("bob@example.org"))
+        assert (r.status, r.code) == (DeliveryStatus.TRANSIENT, "4.3.5"), r
+        assert r.diagnostic == f"X-mailrelay; cannot run {path}: No such file or directory", r
+        assert "Traceback" not in r.diagnostic
+
+    @defer.inlineCallbacks
+    def test_anEnhancedStatusTheCommandPrintsDecides(self) -> Any:
+        """A command that fails printing 'D.S.N text' first: that status, deferred for 4.x.x
+        and bounced for 5.x.x, as Postfix's pipe (pipe_command.c: dsn_valid); before, exit 1
+        bounced 5.3.0 whatever it said ('4.2.2 Mailbox over quota' too)."""
+        for said, status, kind, code in [
+            ("4.2.2 Mailbox over quota, try later", 1, DeliveryStatus.TRANSIENT, "4.2.2"),
+            ("5.1.1 no such user", 1, DeliveryStatus.PERMANENT, "5.1.1"),
+            ("4.2.2 over quota", 67, DeliveryStatus.TRANSIENT, "4.2.2"),  # the output first
+            ("no status here", 75, DeliveryStatus.TRANSIENT, "4.3.0"),
+        ]:
+            b = backend([script(self.dir, f"echo '{said}'; exit {status}", name=f"d{status}")])
+            (r,) = yield self.deliver(b, envelope("bob@example.org"))
+            assert (r.status, r.code) == (kind, code), (said, r)
+            assert said in r.diagnostic
+
+
 def deferLater(seconds: float) -> defer.Deferred:
     from twisted.internet import task
 
@@ -195,6 +249,10 @@ def deferLater(seconds: float) -> defer.Deferred:
     ({"command": ["/nonexistent/cmd"]}, "is not an executable file"),
     ({"command": ["/bin/true", "{rcpt}"]}, 'unknown placeholder "{rcpt}"'),
     ({"command": ["/bin/true", "{recipient"]}, 'unknown placeholder "{"'),
+    # Postfix's spelling: it would give "$bob@example.org" (found by a bug hunt).
+    ({"command": ["/bin/true", "${recipient}"]}, 'is written {recipient} here, not "${recipient}"'),
+    ({"command": ["/bin/true", "-f$sender"]}, "Postfix's $sender is written {sender} here"),
+    ({"command": ["/bin/true", "$extension"]}, "Postfix's $extension has no equivalent here"),
     ({"command": ["/bin/true"], "per": "domain"}, "per"),
     ({"command": ["/bin/true"], "user": "no-such-user-here"}, "no such user"),
     ({"command": ["/bin/true"], "user": "root"}, "never run as root"),

@@ -23,12 +23,19 @@ It is a C{[[backends]]} table with C{plugin = "pipe"}; routes name the table's C
     it), exactly as spooled otherwise.  Its standard output and error are read together;
     the first L{OUTPUT_LIMIT} characters (made printable, on one line) go into the
     diagnostic of a failure, and so into the bounce and the log.
-  - The exit status says what happened, by sysexits(3), as Postfix maps it: 0 delivered;
+  - A failing command may say what happened by starting its output with an RFC 3463 status
+    (C{4.2.2 Mailbox full}): 4.x.x defers, 5.x.x returns, with that status (as Postfix's
+    C{D.S.N text}).  Else the exit status says it, by sysexits(3), as Postfix maps it: 0
+    delivered;
     C{EX_TEMPFAIL} (75) and C{EX_OSERR} (71) deferred (4.3.0); the others returned (5.x.x:
     C{EX_NOUSER} 5.1.1, C{EX_NOHOST} 5.1.2, C{EX_DATAERR} 5.6.0, C{EX_NOPERM} 5.7.0,
     C{EX_CONFIG} 5.3.5, ...; any other status 5.3.0).  A command killed by a signal, or by
-    the time limit, is deferred; one that cannot be started is deferred with 4.3.5 (the
-    system's configuration: fix it, and the mail goes at the next attempt).
+    the time limit, is deferred; one that cannot be started (not found, not executable by
+    C{user}, its interpreter missing) is deferred with 4.3.5 and why (the system's
+    configuration: fix it, and the mail goes at the next attempt).
+  - The command runs in a session of its own (C{setsid}, as Postfix's pipe does): the time
+    limit, or the queue giving up, kills it with everything it started, which could
+    otherwise hold its output open (and the delivery with it) and outlive the relay.
   - The command runs as C{user} (its uid, gid and groups; C{HOME}, C{USER}, C{LOGNAME} and a
     plain C{PATH} in its environment, nothing else of the relay's), in C{/}, at most
     C{concurrency} runs at once.  A delivery the queue gives up on (the table's C{timeout},
@@ -45,6 +52,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from signal import SIGKILL
 from typing import Any, BinaryIO
 
 from twisted.internet import defer
@@ -97,9 +105,25 @@ SYSEXITS: dict[int, tuple[str, str]] = {
 }
 
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([a-z_]*)\}|[{}]")
+#: Postfix pipe(8)'s macros, ${name} or $name: here they would expand to "$bob@example.org".
+_POSTFIX_MACRO = re.compile(
+    r"\$(?:\{([a-z_]+)\}|(sender|recipient|user|extension|domain|mailbox|nexthop|size"
+    r"|original_recipient|queue_id|client_[a-z_]+|sasl_[a-z_]+))"
+)
 _PER_MESSAGE = ("sender", "queue_id", "nexthop")
 _PER_RECIPIENT = ("recipient", "domain")
 _PATH = "/usr/local/bin:/usr/bin:/bin"
+#: util-linux's setsid(1): runs the command as the leader of a new session and process
+#: group (without forking: the child of the relay's fork is no group leader), so that the
+#: group can be killed whole.  Without it (not Linux), the command alone is killed.
+_SETSID = next((p for p in ("/usr/bin/setsid", "/bin/setsid") if os.access(p, os.X_OK)), None)
+#: What setsid(1) writes when it cannot execute the command (exit status 126 or 127), and
+#: what Twisted's child writes when its exec fails (exit status 1).
+_CANNOT_EXECUTE = re.compile(
+    r"^setsid: failed to execute \S+: (?P<why>.+)$|^Upon execvpe .*?(?P<error>\w+Error: .+)$"
+)
+#: An RFC 3463 status starting a command's output (Postfix's dsn_valid).
+_OUTPUT_STATUS = re.compile(r"^([45])\.([0-9]{1,3})\.([0-9]{1,3})(?= |$)")
 
 
 @dataclass(frozen=True)
@@ -140,6 +164,16 @@ def _command(value: Any, at: At) -> tuple[str, ...]:
     if not _executable(program):
         raise at.error(f"{describeValue(program)} is not an executable file")
     for item in value[1:]:
+        postfix = _POSTFIX_MACRO.search(item)
+        if postfix is not None:
+            name = postfix.group(1) or postfix.group(2)
+            if name in _PER_MESSAGE + _PER_RECIPIENT:
+                written = f'"${{{name}}}"' if postfix.group(1) else f"${name}"
+                raise at.error(f"{describeValue(item)}: Postfix's {written} is written "
+                               f"{{{name}}} here, not {written}")
+            raise at.error(f"{describeValue(item)}: Postfix's ${name} has no equivalent here; "
+                           "the placeholders are {sender}, {recipient}, {domain}, {queue_id} "
+                           "and {nexthop}")
         for m in _PLACEHOLDER.finditer(item):
             name = m.group(1)
             if m.group(0) in ("{{", "}}"):
@@ -262,7 +296,12 @@ class _Run(ProcessProtocol):
     """One run of the command: feeds it the message, reads its output, waits for its end."""
 
     def __init__(self, reactor: Any, file: BinaryIO, timeLimit: float,
-                 onExit: Any = None) -> None:
+                 onExit: Any = None, group: bool = False) -> None:
+        """
+        @param group: the command leads a process group of its own (L{_SETSID}), killed
+            whole.
+        """
+        self.group = group
         self.reactor = reactor
         self.onExit = onExit
         self.file = file
@@ -304,10 +343,20 @@ class _Run(ProcessProtocol):
             self.done.callback(reason.value)
 
     def _kill(self) -> None:
-        if self.transport is None:  # pragma: no cover - not started
+        transport = self.transport
+        if transport is None:  # pragma: no cover - not started
+            return
+        pid = getattr(transport, "pid", None)
+        if self.group and pid is not None:
+            # The command's session: it and everything it started (which may hold its
+            # output open after it ended).
+            try:
+                os.killpg(pid, SIGKILL)
+            except OSError:
+                pass
             return
         try:
-            self.transport.signalProcess("KILL")
+            transport.signalProcess("KILL")
         except (ProcessExitedAlready, OSError):
             pass
 
@@ -399,12 +448,14 @@ class PipeBackend:
                       "file", queueID=envelope.queueID, backend=name, command=argv[0])
             return resultsForAll(recipients, DeliveryStatus.TRANSIENT, "4.3.5",
                                  f"X-mailrelay; cannot run {argv[0]}: not an executable file")
-        run = _Run(self.reactor, file, settings.timeLimit, self.running.discard)
+        run = _Run(self.reactor, file, settings.timeLimit, self.running.discard,
+                   group=_SETSID is not None)
         env = {"PATH": _PATH, "HOME": account.home, "USER": account.name,
                "LOGNAME": account.name, "LANG": "C"}
+        executable, args = (argv[0], argv) if _SETSID is None else (_SETSID, [_SETSID, *argv])
         try:
-            self.reactor.spawnProcess(run, argv[0], argv, env=env, path="/", uid=account.uid,
-                                      gid=account.gid, usePTY=False,
+            self.reactor.spawnProcess(run, executable, args, env=env, path="/",
+                                      uid=account.uid, gid=account.gid, usePTY=False,
                                       childFDs={0: "w", 1: "r", 2: "r"})
         except Exception as e:
             file.close()
@@ -429,10 +480,20 @@ class PipeBackend:
                     for r in recipients]
         status: int | None = getattr(ended, "exitCode", None)
         signal: int | None = getattr(ended, "signal", None)
+        cannot = _CANNOT_EXECUTE.match(output) if status in (1, 126, 127) else None
+        said = _OUTPUT_STATUS.match(output) if status else None
+        if cannot is not None and not run.timedOut:
+            reason = cannot.group("why") or cannot.group("error")
+            log.error("{queueID}: the {backend} backend cannot run {command}: {why}",
+                      queueID=envelope.queueID, backend=name, command=program, why=reason)
+            return resultsForAll(recipients, DeliveryStatus.TRANSIENT, "4.3.5",
+                                 f"X-mailrelay; cannot run {program}: {reason}")
         if run.timedOut:
             code, why = "4.3.0", f"{program} killed: time limit of {run.timeLimit:g}s exceeded"
         elif isinstance(ended, ProcessTerminated) and status is None:
             code, why = "4.3.0", f"{program} died with signal {signal}"
+        elif said is not None:  # the command's own status (Postfix's "D.S.N text")
+            code, why = said.group(0), f"{program} exited with status {status}"
         else:
             code, meaning = SYSEXITS.get(status or 0, ("5.3.0", "unknown status"))
             why = f"{program} exited with status {status} ({meaning})"
