@@ -899,6 +899,45 @@ def test_updateFailureKeepsEntryAndRetries(
     resultOf(qm.stopService())
 
 
+def test_aRecipientDeliveredIsNotSentAgainWhileTheStateCannotBeSaved(
+    spool: Spool,
+    router: FakeRouter,
+    backend: FakeBackend,
+    clock: Clock,
+    monkeypatch: Any,
+    events: Any,
+) -> None:
+    """One recipient delivered, one deferred, and the spool cannot save that (its disk is
+    full): the next attempts send the deferred one only, as long as the relay runs; the
+    state is saved once the spool takes it.  Every attempt sent both again (eight copies to
+    the delivered recipient in 24 s with min_backoff = 3)."""
+    realUpdate = spool.updateEnvelope
+    full = [True]
+
+    def updateEnvelope(envelope: Envelope) -> Deferred[None]:
+        if full[0]:
+            return fail(SpoolError("writing ... failed: No space left on device"))
+        return realUpdate(envelope)
+
+    monkeypatch.setattr(spool, "updateEnvelope", updateEnvelope)
+    backend.script["ok@example.com"] = ["2"]
+    backend.script["later@example.com"] = ["4", "4", "2"]
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["ok@example.com", "later@example.com"])
+    qm.enqueue(queueID)
+    assert sorted(backend.calls[0].addresses) == ["later@example.com", "ok@example.com"]
+    assert any("saving the delivery state failed" in t and "kept in memory" in t
+               for t in texts(events, queueID)), texts(events, queueID)
+    clock.advance(300)
+    assert backend.calls[-1].addresses == ["later@example.com"]  # not ok@ again
+    full[0] = False
+    clock.advance(600)
+    assert backend.calls[-1].addresses == ["later@example.com"]
+    assert spool.queueIDs() == [] and len(backend.calls) == 3
+    resultOf(qm.stopService())
+
+
 def test_removeFailureRetried(
     spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, monkeypatch: Any
 ) -> None:

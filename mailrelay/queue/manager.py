@@ -172,6 +172,10 @@ class QueueManager(Service):
         self._forced: set[str] = set()
         #: The envelopes of the entries whose attempt is in progress.
         self._envelopes: dict[str, Envelope] = {}
+        #: The state of entries the spool could not save (its disk full...), as serialised
+        #: envelopes: their next attempts start from it, not from the spool's older one, so
+        #: that a recipient delivered is not sent again while this process runs.
+        self._unsaved: dict[str, bytes] = {}
         #: What the operator asked for an entry while its attempt was in progress, done when
         #: the attempt ends: C{"delete"} or C{"bounce"}.
         self._afterAttempt: dict[str, str] = {}
@@ -357,6 +361,9 @@ class QueueManager(Service):
             log.failure("{queueID}: cannot load envelope; retrying later", queueID=queueID)
             self.scheduler.schedule(queueID, now + self.policy.maxBackoff)
             return False
+        unsaved = self._unsaved.get(queueID)
+        if unsaved is not None:  # (the spool's entry exists: it was loaded)
+            envelope = Envelope.fromJSON(unsaved)
         envelope.queueID = queueID
         if envelope.held:
             self._held.add(queueID)
@@ -497,14 +504,19 @@ class QueueManager(Service):
             await self.spool.updateEnvelope(envelope)
         except Exception as e:
             retry = decision.nextAttempt if stillPending else now + policy.minBackoff
+            assert retry is not None
+            # Kept for the next attempts of this process: the recipients done are not sent
+            # again (a restart before the state is saved may send them once more).
+            self._unsaved[queueID] = envelope.toJSON()
             log.error(
-                "{queueID}: saving the delivery state failed: {error}; the attempt will be "
-                "repeated at {retry:.0f}",
+                "{queueID}: saving the delivery state failed: {error}; the state is kept in "
+                "memory and saved at the next attempt, in {delay:.0f}s",
                 queueID=queueID,
                 error=str(e),
-                retry=retry,
+                delay=max(0.0, retry - now),
             )
             return retry
+        self._unsaved.pop(queueID, None)
         if stillPending:
             return decision.nextAttempt
         if removalFailed:
@@ -529,6 +541,7 @@ class QueueManager(Service):
         """C{queueID} left the spool: forget what the operator said of it."""
         self._held.discard(queueID)
         self._forced.discard(queueID)
+        self._unsaved.pop(queueID, None)
 
     def timeoutFor(self, backend: str) -> float:
         """Seconds one delivery by C{backend} may take (0: no limit)."""
@@ -567,6 +580,9 @@ class QueueManager(Service):
                 self.scheduler.unschedule(queueID)
                 self._quarantine(queueID, str(e))
             raise
+        unsaved = self._unsaved.get(queueID)
+        if unsaved is not None:  # newer than the spool's (see _unsaved)
+            envelope = Envelope.fromJSON(unsaved)
         envelope.queueID = queueID
         return envelope
 
