@@ -866,6 +866,19 @@ def test_boundCallFiresWhateverTheCallDoes() -> None:
 # --- failures ----------------------------------------------------------------------------------
 
 
+def failingUpdates(spool: Spool, monkeypatch: Any, failures: list[Exception]) -> None:
+    """C{spool}'s envelope updates fail with the errors in C{failures} (taken in turn),
+    then work."""
+    realUpdate = spool.updateEnvelope
+
+    def updateEnvelope(envelope: Envelope) -> Deferred[None]:
+        if failures:
+            return fail(failures.pop())
+        return realUpdate(envelope)
+
+    monkeypatch.setattr(spool, "updateEnvelope", updateEnvelope)
+
+
 def test_updateFailureKeepsEntryAndRetries(
     spool: Spool,
     router: FakeRouter,
@@ -874,15 +887,7 @@ def test_updateFailureKeepsEntryAndRetries(
     monkeypatch: Any,
     events: Any,
 ) -> None:
-    realUpdate = spool.updateEnvelope
-    failures = [SpoolError("disk on fire")]
-
-    def updateEnvelope(envelope: Envelope) -> Deferred[None]:
-        if failures:
-            return fail(failures.pop())
-        return realUpdate(envelope)
-
-    monkeypatch.setattr(spool, "updateEnvelope", updateEnvelope)
+    failingUpdates(spool, monkeypatch, [SpoolError("disk on fire")])
     backend.script["a@example.com"] = ["4", "2"]
     qm = makeManager(spool, router, {"smtp": backend}, clock)
     qm.startService()
@@ -911,15 +916,8 @@ def test_aRecipientDeliveredIsNotSentAgainWhileTheStateCannotBeSaved(
     full): the next attempts send the deferred one only, as long as the relay runs; the
     state is saved once the spool takes it.  Every attempt sent both again (eight copies to
     the delivered recipient in 24 s with min_backoff = 3)."""
-    realUpdate = spool.updateEnvelope
-    full = [True]
-
-    def updateEnvelope(envelope: Envelope) -> Deferred[None]:
-        if full[0]:
-            return fail(SpoolError("writing ... failed: No space left on device"))
-        return realUpdate(envelope)
-
-    monkeypatch.setattr(spool, "updateEnvelope", updateEnvelope)
+    full = [SpoolError("writing ... failed: No space left on device") for _ in range(2)]
+    failingUpdates(spool, monkeypatch, full)
     backend.script["ok@example.com"] = ["2"]
     backend.script["later@example.com"] = ["4", "4", "2"]
     qm = makeManager(spool, router, {"smtp": backend}, clock)
@@ -931,7 +929,7 @@ def test_aRecipientDeliveredIsNotSentAgainWhileTheStateCannotBeSaved(
                for t in texts(events, queueID)), texts(events, queueID)
     clock.advance(300)
     assert backend.calls[-1].addresses == ["later@example.com"]  # not ok@ again
-    full[0] = False
+    assert not full  # (both attempts' saves failed; the next works)
     clock.advance(600)
     assert backend.calls[-1].addresses == ["later@example.com"]
     assert spool.queueIDs() == [] and len(backend.calls) == 3
