@@ -61,6 +61,9 @@ _DIR_MODE = 0o700
 #: after its unlinks, shared by every removal meanwhile; see L{mailrelay.spool.commit}).
 REMOVAL_SYNC_DELAY = 1.0
 _FREE_SPACE_CACHE_SECONDS = 1.0
+#: Within this many octets above C{minFreeSpace}, the free space is read at every check: a
+#: burst of messages within the second of a cached answer could go past the minimum.
+_FREE_SPACE_MARGIN = 256 << 20
 
 
 @implementer(ISpool)
@@ -439,12 +442,17 @@ class Spool:
     def hasFreeSpace(self, needed: int = 0) -> bool:
         """Whether C{needed} more octets leave at least C{minFreeSpace} free.
 
-        The C{statvfs} result (or its failure) is reused for a second of C{reactor.seconds()}.
-        A C{statvfs} failure is logged and answers C{False}.
+        The C{statvfs} result (or its failure) is reused for a second of C{reactor.seconds()},
+        unless it was within L{_FREE_SPACE_MARGIN} of the minimum: then every check reads it
+        again, as Postfix's smtpd does at each MAIL.  A C{statvfs} failure is logged and
+        answers C{False}.
         """
         now = self._reactor.seconds()
         checkedAt = self._freeSpaceCheckedAt
-        if checkedAt is None or not (checkedAt <= now < checkedAt + _FREE_SPACE_CACHE_SECONDS):
+        known = self._freeSpace
+        near = known is not None and known - needed - self.minFreeSpace < _FREE_SPACE_MARGIN
+        if (checkedAt is None or near
+                or not checkedAt <= now < checkedAt + _FREE_SPACE_CACHE_SECONDS):
             self._freeSpaceCheckedAt = now
             try:
                 st = os.statvfs(self.directory)
