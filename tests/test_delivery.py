@@ -812,10 +812,17 @@ def test_smtp_unexpected_connect_exception_is_transient() -> None:
 
 
 def test_smtp_all_transient_tries_next_host() -> None:
+    from twisted.logger import capturedLogs, formatEvent
+
     backend, net, clock, mx = smtpBackend(connectionCacheTime=0)
     net.sendBehaviour["192.0.2.1"] = "451"
     net.sendBehaviour["2001:db8::1"] = "lost"
-    results = result(send(backend, "example.org", "a@example.org"))
+    with capturedLogs() as events:
+        results = result(send(backend, "example.org", "a@example.org"))
+    # The server as the log names servers, not its Remote-MTA field ("dns; mx1...").
+    texts = [formatEvent(e) for e in events]
+    assert any(t.endswith("every recipient deferred by mx1.example.org; trying the next host")
+               for t in texts), texts
     assert results[0].status is DELIVERED
     assert [c.address for c in net.connections] == ["192.0.2.1", "2001:db8::1", "192.0.2.2"]
     # Every host deferring: the last transaction's results.

@@ -280,9 +280,10 @@ class SMTPBackend(ClientBackend):
         self._cache.release(key, cached)
         if _allTransient(results):
             log.info(
-                "{queueID}: every recipient deferred on the reused connection to {remoteMTA}; "
+                "{queueID}: every recipient deferred on the reused connection to {relay}; "
                 "trying afresh",
                 queueID=envelope.queueID,
+                relay=_relayName(cached),
                 remoteMTA=cached.remoteMTA,
             )
         return results
@@ -335,8 +336,9 @@ class SMTPBackend(ClientBackend):
                 )
             if _allTransient(results) and index + 1 < len(hosts):
                 log.info(
-                    "{queueID}: every recipient deferred by {remoteMTA}; trying the next host",
+                    "{queueID}: every recipient deferred by {relay}; trying the next host",
                     queueID=envelope.queueID,
+                    relay=_relayName(connection),
                     remoteMTA=connection.remoteMTA,
                 )
                 tried.deferred = results
@@ -573,3 +575,9 @@ def build(options: dict[str, Any], context: PluginContext) -> SMTPBackend:
         plaintextFallbackAge=options.get("plaintext_fallback_age", 300.0),
     )
 
+
+def _relayName(connection: Any) -> str:
+    """The server of C{connection} for the log, as its lines name it
+    (C{mx.example.org[192.0.2.1]:25}), or its Remote-MTA's name."""
+    relay = getattr(connection, "relay", None)
+    return str(relay) if relay else str(connection.remoteMTA).partition("; ")[2]
