@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
@@ -171,3 +172,20 @@ def test_a_reply_refuses_a_malformed_enhanced_status(enhanced: str) -> None:
         Verdict.reject("x", 550, enhanced)
     assert Reply(550, "5.7.1", "x").toBytes() == b"550 5.7.1 x\r\n"
     assert Reply(220, "", "hi").toBytes() == b"220 hi\r\n"
+
+
+def test_a_plugin_exiting_in_build_is_a_configuration_error(tmp_path: Path) -> None:
+    """A plugin whose build calls sys.exit (SystemExit) is refused naming it, as any other
+    exception from build: 'mailrelay check' exited with its status and printed nothing."""
+    from mailrelay.config.plugins import buildPlugin
+    from mailrelay.interfaces import IRecipientValidator, MailRelayPlugin
+    from mailrelay.testing import makePluginContext
+
+    def build(options: Any, context: Any) -> Any:
+        raise SystemExit(3)
+
+    plugin = MailRelayPlugin("exits", IRecipientValidator, "exits in build", build)
+    with pytest.raises(ConfigError) as e:
+        buildPlugin({"exits": plugin}, "exits", IRecipientValidator, {},
+                    makePluginContext(tmp_path))
+    assert "plugin 'exits' failed to build: SystemExit: 3" in str(e.value), str(e.value)

@@ -129,7 +129,7 @@ def buildPlugin(
         raise
     except (ValueError, TypeError, OSError) as e:  # (an option refused without ConfigError)
         raise ConfigError(f"plugin {name!r}: {e}") from e
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # (sys.exit in a factory: no silent exit)
         raise ConfigError(f"plugin {name!r} failed to build: {type(e).__name__}: {e}") from e
     for provided in {*providedBy(plugin), *wanted}:
         try:
