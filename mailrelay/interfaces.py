@@ -32,6 +32,8 @@ if TYPE_CHECKING:  # pragma: no cover
 # -- SMTP replies (smtp/ sends them; every stage may make one)
 
 
+#: The longest reply line, without its CRLF (RFC 5321 4.5.3.1.5: 512 octets with it).
+_MAX_REPLY_LINE = 510
 #: An RFC 3463 enhanced status code (C{class "." subject "." detail}).
 _ENHANCED_STATUS = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
 
@@ -73,13 +75,16 @@ class Reply:
         return self.code >= 500
 
     def toBytes(self) -> bytes:
+        """The reply on the wire: ASCII (any other character is C{?}: text from a plugin or
+        a DNS list may hold some, and a client without SMTPUTF8 takes none), each line cut
+        to 512 octets with its CRLF (RFC 5321 4.5.3.1.5)."""
         lines = self.text.split("\n") or [""]
         out = []
         prefix = f"{self.enhanced} " if self.enhanced else ""
         for i, line in enumerate(lines):
             sep = " " if i == len(lines) - 1 else "-"
-            out.append(f"{self.code}{sep}{prefix}{line}\r\n")
-        return "".join(out).encode("utf-8")
+            out.append(f"{self.code}{sep}{prefix}{line}"[:_MAX_REPLY_LINE] + "\r\n")
+        return "".join(out).encode("ascii", "replace")
 
     def __str__(self) -> str:
         return self.toBytes().decode("utf-8").rstrip("\r\n").replace("\r\n", " / ")

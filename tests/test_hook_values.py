@@ -189,3 +189,16 @@ def test_a_plugin_exiting_in_build_is_a_configuration_error(tmp_path: Path) -> N
         buildPlugin({"exits": plugin}, "exits", IRecipientValidator, {},
                     makePluginContext(tmp_path))
     assert "plugin 'exits' failed to build: SystemExit: 3" in str(e.value), str(e.value)
+
+
+def test_reply_lines_are_ascii_and_at_most_512_octets() -> None:
+    """A reply's text from a plugin or a DNS list (a TXT record) went out as given: raw
+    UTF-8 before any SMTPUTF8, and one 100,000-octet line (RFC 5321 4.5.3.1.5: 512 octets a
+    reply line, CRLF included).  Non-ASCII becomes '?', and a long line is cut."""
+    from mailrelay.interfaces import Reply
+
+    assert Reply(554, "5.7.1", "réjeté ☃").toBytes() == b"554 5.7.1 r?jet? ?\r\n"
+    wire = Reply(554, "5.7.1", "x" * 100_000 + "\nsecond").toBytes()
+    lines = wire.split(b"\r\n")[:-1]
+    assert [len(line) + 2 for line in lines] == [512, len(b"554 5.7.1 second") + 2]
+    assert lines[0].startswith(b"554-5.7.1 xxx") and lines[1] == b"554 5.7.1 second"
