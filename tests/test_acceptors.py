@@ -373,3 +373,24 @@ def test_status_counts_in_words() -> None:
     out = io.StringIO()
     printStatus(status, out)
     assert "queue: 2 messages, 0 recipients pending\n" in out.getvalue()
+
+
+def test_the_end_of_a_child_whose_status_is_unknown_says_so() -> None:
+    """A child forked by a fork server that was then killed ends without a status the relay
+    can read: the log said 'exited (status 255)', as if it had exited so, even when it was
+    killed with SIGKILL."""
+    from twisted.internet.error import ProcessDone, ProcessTerminated
+    from twisted.python.failure import Failure
+
+    from mailrelay.queue.process import endReason
+
+    class Transport:
+        statusUnknown = False
+
+    transport = Transport()
+    assert endReason(transport, Failure(ProcessTerminated(exitCode=3))) == "status 3"
+    assert "signal 9" in endReason(transport, Failure(ProcessTerminated(signal=9)))
+    transport.statusUnknown = True
+    assert endReason(transport, Failure(ProcessTerminated(exitCode=255))) == (
+        "its status unknown: the fork server that started it is gone")
+    assert endReason(None, Failure(ProcessDone(0))) == "status 0"

@@ -48,6 +48,7 @@ from mailrelay.queue.process import (
     _RESTART_MIN,
     ChildSupervisor,
     _ChildProtocol,
+    endReason,
 )
 from mailrelay.spool.ids import isQueueID
 
@@ -215,8 +216,7 @@ class AcceptorPool(ChildSupervisor, Service):
         child.ended.addCallback(lambda _: kill.cancel() if kill.active() else None)
 
     def _childEnded(self, child: _AcceptorProtocol, reason: Any) -> None:
-        code = getattr(reason.value, "exitCode", None)
-        why = reason.getErrorMessage() if code is None else f"status {code}"
+        why = endReason(child.process, reason)
         if child in self._retiring:
             self._retiring.discard(child)
             if not self._stopping:

@@ -430,6 +430,7 @@ def _watchEnd(reactor: Any, child: ForkedProcess) -> None:
     pid = child.pid
     if pid is None:
         return
+    child.statusUnknown = True  # (for the log: mailrelay.queue.process.endReason)
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -480,6 +481,8 @@ class ForkedProcess(Process):
         childFDs: dict[int, Any],
     ) -> None:
         self._reactor = reactor
+        #: Its end is seen without its status (the server that forked it is gone).
+        self.statusUnknown = False
         _BaseProcess.__init__(self, proto)
         self.pipes: dict[int, Any] = {}
         helpers: dict[int, int] = {}  # child's number -> our end of its pipe

@@ -149,6 +149,16 @@ def decodeLogEvent(line: str) -> dict[str, Any]:
     return event
 
 
+
+def endReason(transport: Any, reason: Any) -> str:
+    """How a child process ended, for the log: its exit status or signal, or that it is
+    unknown -- a child forked by a fork server that is gone is not the relay's to wait for
+    (its transport says C{statusUnknown}: L{mailrelay.app.forkserver})."""
+    if getattr(transport, "statusUnknown", False):
+        return "its status unknown: the fork server that started it is gone"
+    code = getattr(reason.value, "exitCode", None)
+    return reason.getErrorMessage() if code is None else f"status {code}"
+
 class _Control(QuietAMP):
     """The relay's end of a child's control connection."""
 
@@ -519,14 +529,14 @@ class DeliveryProcessService(ChildSupervisor, Service):
             log.warn("queue.hold is set: the delivery process is stopped, nothing is delivered")
 
     def _childEnded(self, child: _ChildProtocol, reason: Any) -> None:
-        code = getattr(reason.value, "exitCode", None)
+        how = endReason(child.transport, reason)
         if child in self._retiring:
             self._retiring.discard(child)
             if not self._stopping:
                 log.info(
                     "previous delivery process (pid {pid}) exited ({reason})",
                     pid=child.pid,
-                    reason=reason.getErrorMessage() if code is None else f"status {code}",
+                    reason=how,
                 )
             return
         if child is self._child:
@@ -535,7 +545,7 @@ class DeliveryProcessService(ChildSupervisor, Service):
             return
         log.error(
             "delivery process exited unexpectedly ({reason}); restarting in {delay:.0f}s",
-            reason=reason.getErrorMessage() if code is None else f"status {code}",
+            reason=how,
             delay=self._restartDelay,
         )
         self.restarts += 1
