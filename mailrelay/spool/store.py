@@ -269,7 +269,8 @@ class Spool:
             removed += 1
             changed = True
             log.info(
-                "spool recovery: removed message {path} without envelope (never acknowledged)",
+                "spool recovery: removed message {path} without envelope (a commit or a removal "
+                "cut short: never acknowledged, or done with)",
                 path=str(path),
                 queueID=queueID,
             )
