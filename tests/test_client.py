@@ -399,6 +399,39 @@ def test_connectionLostDuringEhlo():
         "X-mailrelay; lost connection with mx.test[192.0.2.25] while sending EHLO")
 
 
+def test_an_lmtp_socket_is_named_by_its_path():
+    """A UNIX socket next hop is named by its path in diagnostics and as the relay the log
+    names ('cannot connect to localhost', 'relay=localhost' before), as Postfix writes
+    'relay=host[/path]'."""
+    from twisted.internet.endpoints import UNIXClientEndpoint
+    from twisted.internet.error import ConnectError
+
+    class Missing(UNIXClientEndpoint):
+        def connect(self, factory):
+            return fail(ConnectError(string="2: No such file or directory"))
+
+    clock = Clock()
+    settings = ClientSettings("client.test", tls="none", lmtp=True)
+    d = connectSMTP(clock, Missing(clock, "/run/dovecot/lmtp"), settings, tlsHostname="localhost")
+    error = failureOf(d)
+    assert "cannot connect to /run/dovecot/lmtp: " in error.diagnostic, error.diagnostic
+
+    from twisted.internet.address import UNIXAddress
+
+    class Socket(FakeEndpoint):
+        def connect(self, factory):
+            self.protocol = factory.buildProtocol(None)
+            self.transport = TLSStringTransport(peerAddress=UNIXAddress("/run/dovecot/lmtp"))
+            self.protocol.makeConnection(self.transport)
+            return succeed(self.protocol)
+
+    peer = Peer(settings, endpoint=Socket())
+    peer.say(b"220 hi\r\n")
+    peer.say(ehloReply(["PIPELINING"]))
+    conn = resultOf(peer.ready)
+    assert conn.relay == f"{HOST}[/run/dovecot/lmtp]"
+
+
 # STARTTLS -------------------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -160,6 +161,9 @@ def connectSMTP(reactor: Any, endpoint: Any, settings: ClientSettings, *, tlsHos
         C{timeouts.greeting}.
     """
     remoteMTA = remoteMTA or f"dns; {tlsHostname}"
+    # What the diagnostics name: a UNIX socket by its path (LMTP to a local server).
+    where = (str(endpoint._path) if isinstance(endpoint, UNIXClientEndpoint)
+             else tlsHostname)
     state: dict[str, Any] = {"connecting": None, "timedOut": False, "cancelled": False}
 
     def cancel(d: Deferred) -> None:
@@ -194,15 +198,15 @@ def connectSMTP(reactor: Any, endpoint: Any, settings: ClientSettings, *, tlsHos
         if state["cancelled"] or ready.called:
             return  # cancelled by our caller
         if state["timedOut"]:
-            why = f"connection to {tlsHostname} timed out"
+            why = f"connection to {where} timed out"
         elif isinstance(value, ierror.ConnectionRefusedError):
-            why = f"connection refused by {tlsHostname}"
+            why = f"connection refused by {where}"
         elif isinstance(value, ierror.DNSLookupError):
-            why = f"host {tlsHostname} not found"
+            why = f"host {where} not found"
         elif isinstance(value, (CancelledError, ierror.ConnectingCancelledError)):
-            why = f"connecting to {tlsHostname} was cancelled"
+            why = f"connecting to {where} was cancelled"
         else:
-            why = f"cannot connect to {tlsHostname}: {value}"
+            why = f"cannot connect to {where}: {value}"
         log.info("{why}", why=why, host=tlsHostname, queueID=None)
         ready.errback(SMTPConnectError("4.4.1", f"X-mailrelay; {why}", remoteMTA=remoteMTA))
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IConsumer,
@@ -180,6 +181,10 @@ class SMTPClientProtocol(Protocol):
         setNoDelay(self.transport)
         peer = self.transport.getPeer()
         address = getattr(peer, "host", None)
+        if address is None and isinstance(peer, UNIXAddress) and peer.name:
+            # An LMTP server's socket: named by its path, as Postfix's relay=host[/path].
+            name = peer.name
+            address = name.decode("utf-8", "replace") if isinstance(name, bytes) else name
         self.host = f"{self.tlsHostname}[{address}]" if address else self.tlsHostname
         port = getattr(peer, "port", None)
         self.relay = f"{self.host}:{port}" if address and port else self.host
