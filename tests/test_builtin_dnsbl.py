@@ -144,9 +144,14 @@ def test_a_lookup_slower_than_the_timeout_is_not_a_listing(tmp_path: Path) -> No
     p = plugin(tmp_path, resolver, clock, query_timeout=2)
     d = p.checkConnect(makeClient(LISTED))
     assert not d.called
-    clock.advance(2)
+    with capturedLogs() as events:
+        clock.advance(2)
     assert fired(d) is CONTINUE
     assert not clock.getDelayedCalls()  # the slow answer's timer was cancelled
+    # Said as such (it read "(2.0, 'Deferred')").
+    texts = [formatEvent(e) for e in events]
+    assert f"dnsbl: lookup of {NAME} failed, taken as not listed: no answer within 2s" in (
+        texts), texts
 
 
 def test_an_ipv6_client_is_looked_up_by_nibbles(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, gatherResults
 from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names.error import (
@@ -248,9 +248,15 @@ class DNSBL:
         def failed(failure: Any) -> list[str]:
             if _isNXDOMAIN(failure):  # not listed
                 return []
+            if failure.check(CancelledError):  # (the client left: nothing to say)
+                return []
+            if failure.check(TimeoutError):
+                error = f"no answer within {self.timeout:g}s"
+            else:
+                error = failure.getErrorMessage() or failure.type.__name__
             log.warn(
                 "dnsbl: lookup of {name} failed, taken as not listed: {error}",
-                name=name, zone=zone.name, error=failure.getErrorMessage() or failure.type,
+                name=name, zone=zone.name, error=error,
             )
             return []
 
