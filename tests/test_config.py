@@ -2056,3 +2056,19 @@ def test_files_named_must_be_regular_files(tmp_path: Path, config: str, key: str
         signal.alarm(0)
     assert e.value.key == key, str(e.value)
     assert "not a regular file" in str(e.value), str(e.value)
+
+
+def test_a_process_serving_no_listener_does_not_read_their_certificates(tmp_path: Path) -> None:
+    """The delivery process loads the configuration without the listeners' certificates and
+    keys (loadConfig(..., listenerTLS=False)): started as root with --uid, it runs as a user
+    that cannot read a root-only key, and it looped on 'cannot read the certificate file'
+    while the relay took mail it never delivered."""
+    cert, key = writeCertificate(tmp_path)
+    path = writeConfig(tmp_path, f'[[listeners]]\nendpoint = "tcp:2525"\n'
+                                 f'tls_certificate = "{cert}"\ntls_key = "{key}"\n')
+    key.write_text("not a key")  # (as unreadable for the test as a root-only one)
+    with pytest.raises(ConfigError, match="tls_key"):
+        loadConfig(path)
+    config = loadConfig(path, listenerTLS=False)
+    assert config.listeners[0].certificate is None
+    assert config.listeners[0].settings.tlsMode == "starttls"

@@ -469,3 +469,40 @@ def test_metricsInline(relay, nexthop, dns) -> None:
     status, _, text = get(mport, "/healthz")
     report = json.loads(text)
     assert status == 200 and report["delivery"] == "up" and "delivery_pid" not in report
+
+
+def test_runAsNobodyWithARootOnlyKey(nobodyRuntime, nexthop) -> None:
+    """Started as root with --uid nobody and a TLS listener whose key only root may read
+    (the usual case): the relay reads it before the drop, and its delivery process, which
+    serves no listener, does not read it at all -- it did, failed 'Permission denied' and
+    was restarted for ever, while the relay took mail it never delivered."""
+    import trustme
+
+    python, top = nobodyRuntime
+    directory = Path(tempfile.mkdtemp(dir=top))
+    directory.chmod(0o755)
+    leaf = trustme.CA().issue_cert("relay.test")
+    cert, key = directory / "relay.pem", directory / "relay.key"
+    cert.write_bytes(b"".join(p.bytes() for p in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(key))
+    for path in (cert, key):
+        path.chmod(0o600)  # root's only
+    hop, hopPort = nexthop()
+    port = privilegedPort()
+    (directory / "mailrelay.toml").write_text(
+        f'[[routes]]\ndomain = "example.org"\nbackend = "smtp"\nnexthop = "[127.0.0.1]:{hopPort}"\n'
+        f'[[listeners]]\nendpoint = "tcp:{port}:interface=127.0.0.1"\n'
+        f'tls_certificate = "{cert}"\ntls_key = "{key}"\n')
+    process = startAs(python, directory, "--config", str(directory / "mailrelay.toml"),
+                      "--spool", str(directory / "spool"))
+    try:
+        waitListening(port)
+        with smtplib.SMTP("127.0.0.1", port, timeout=15) as s:
+            s.sendmail("alice@sender.test", ["bob@example.org"], message("root-only key"))
+        (got,) = hop.waitTo("bob@example.org")
+        assert b"Subject: root-only key" in got.content
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+    log = (directory / "relay.log").read_text()
+    assert "Permission denied" not in log and "exited unexpectedly" not in log, log

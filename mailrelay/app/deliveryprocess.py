@@ -303,7 +303,10 @@ def runChild(
     return exitCode[0]
 
 
-def startChild(options: argparse.Namespace, what: str, build: Any, forked: bool = False) -> Any:
+def startChild(
+    options: argparse.Namespace, what: str, build: Any, forked: bool = False,
+    listenerTLS: bool = True,
+) -> Any:
     """What a child of the relay does first: die with the relay, ignore SIGINT (the relay
     stops us: a Ctrl-C meant for it must not cut our work short; SIGTERM, also sent when the
     relay dies, stops us cleanly), read the configuration the relay passed, send our log to
@@ -327,7 +330,8 @@ def startChild(options: argparse.Namespace, what: str, build: Any, forked: bool 
     levels = LevelFilter()
     _logToRelay(levels, forked)
     try:
-        config = loadConfig(options.config, json.loads(options.overrides), text=configText)
+        config = loadConfig(options.config, json.loads(options.overrides), text=configText,
+                            listenerTLS=listenerTLS)
         levels.setLevel(config.logLevel)
         if config.metricsListen is not None:  # we count, and report to the relay
             from mailrelay.metrics import enable
@@ -380,7 +384,9 @@ def _childMain(argv: list[str], forked: bool = False) -> int:
         return services, queue
 
     options = _parseArguments(argv)
-    started = startChild(options, "delivery process", build, forked)
+    # It serves no listener: their keys (perhaps readable by root only, the relay having
+    # read them before dropping its privileges) are not read.
+    started = startChild(options, "delivery process", build, forked, listenerTLS=False)
     if isinstance(started, int):
         return started
     config, (services, queue) = started

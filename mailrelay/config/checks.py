@@ -242,6 +242,17 @@ _TLS_SETTING_KEYS = {
 }
 
 
+class _NotLoaded:
+    """The TLS options of a listener whose certificates a process did not load
+    (C{loadConfig(..., listenerTLS=False)}): any use of them is a bug, said so."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError("the listeners' certificates are not loaded in this process")
+
+
+_NOT_LOADED = _NotLoaded()
+
+
 def _loadListenerCertificates(r: Reading) -> None:
     """Load the certificate and the SNI certificates now, each with its key, once: the
     listener keeps them (L{ListenerConfig}) and its TLS options are made of them."""
@@ -252,6 +263,10 @@ def _loadListenerCertificates(r: Reading) -> None:
         "minVersion": fields.pop("tlsMinVersion"),
         "ciphers": fields.pop("tlsCiphers", None),
     }
+    if not r.at.source.listenerTLS:  # (a process that serves no listener)
+        if certificate is not None:
+            fields["tlsOptions"] = _NOT_LOADED
+        return
     if certificate is not None:
         try:
             tls = loadServerTLS(certificate, key, **options)

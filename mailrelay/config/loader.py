@@ -89,7 +89,11 @@ def _checkShapes(data: dict[str, Any], at: At) -> None:
 
 
 def loadConfig(
-    path: str | os.PathLike[str] | None, overrides: dict | None = None, text: bytes | None = None
+    path: str | os.PathLike[str] | None,
+    overrides: dict | None = None,
+    text: bytes | None = None,
+    *,
+    listenerTLS: bool = True,
 ) -> Config:
     """Read, override and check the configuration.
 
@@ -102,6 +106,8 @@ def loadConfig(
         (or default) value entirely, list and all; its listeners get default options; a
         relative C{spool} is relative to the current directory.  C{None} or an empty list
         means the option was not given.  The file's value of an overridden setting is ignored.
+    @param listenerTLS: C{False}: the listeners' certificates and keys are not read (their
+        C{certificate} is C{None}): for a process that serves no listener.
     @raise ConfigError: naming the file (or the option), the key and the value.
     """
     overrides = dict(overrides or {})
@@ -114,12 +120,12 @@ def loadConfig(
             )
     cwd = Path(os.path.abspath(os.getcwd()))
     if path is None:
-        source = Source(None, cwd, cwd, overrides)
+        source = Source(None, cwd, cwd, overrides, listenerTLS)
         data: dict[str, Any] = {}
     else:
         file = os.fspath(path)
         directory = Path(os.path.abspath(os.path.dirname(file) or "."))
-        source = Source(file, directory, cwd, overrides)
+        source = Source(file, directory, cwd, overrides, listenerTLS)
         data = _readFile(file, text)
     at = At(source)
     _checkShapes(data, at)

@@ -72,12 +72,15 @@ class Source:
         against which the file's relative paths are resolved.
     @ivar cwd: the current directory, against which the command line's paths are resolved.
     @ivar overrides: the command-line options, by L{Override.name}.
+    @ivar listenerTLS: load the listeners' certificates and keys; C{False} in a process
+        that serves no listener (the delivery process), which then does not read them.
     """
 
     file: str | None
     directory: Path
     cwd: Path
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    listenerTLS: bool = True
 
 
 @dataclass(frozen=True)
