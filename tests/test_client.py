@@ -432,6 +432,30 @@ def test_an_lmtp_socket_is_named_by_its_path():
     assert conn.relay == f"{HOST}[/run/dovecot/lmtp]"
 
 
+def test_a_server_answering_ehlo_with_our_own_name_is_a_loop():
+    """A server that replies to EHLO (or HELO) with the name the relay gives is the relay
+    itself (it is its own MX, or a smarthost pointing back): the connection fails 5.4.6
+    'loops back to myself', as Postfix's smtp does (smtp_proto.c); the backend makes it
+    transient unless the host is the best MX.  Not for LMTP (a local server shares the
+    host's name)."""
+    for reply, loops in [(b"250-client.test\r\n250 PIPELINING\r\n", True),
+                         (b"250 CLIENT.TEST.\r\n", True),
+                         (b"250-mx.test\r\n250 PIPELINING\r\n", False)]:
+        peer = Peer()
+        peer.say(b"220 hi\r\n")
+        peer.say(reply)
+        if loops:
+            error = failureOf(peer.ready)
+            assert (error.code, error.permanent) == ("5.4.6", True), error
+            assert error.loop and "replied to EHLO with my own hostname client.test" in (
+                error.diagnostic), error.diagnostic
+        else:
+            assert resultOf(peer.ready).usable
+    peer = Peer(ClientSettings("client.test", tls="none", lmtp=True))
+    peer.say(b"220 hi\r\n250 client.test\r\n")
+    assert resultOf(peer.ready).usable
+
+
 # STARTTLS -------------------------------------------------------------------------------------
 
 

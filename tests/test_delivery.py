@@ -770,6 +770,59 @@ def test_smtp_may_tls_session_broken_in_a_transaction(age: float, plaintext: boo
         assert [a[3].tls for a in net.attempts] == ["may"]
 
 
+LOOPY = {
+    "self.example": [MXHost("relay.test", "192.0.2.9", 25, 10),
+                     MXHost("mx2.self.example", "192.0.2.10", 25, 20)],
+    "backup.example": [MXHost("mx1.backup.example", "192.0.2.11", 25, 10),
+                       MXHost("relay.test.", "192.0.2.9", 25, 20),
+                       MXHost("mx3.backup.example", "192.0.2.12", 25, 30)],
+    "backuponly.example": [MXHost("mx1.backuponly.example", "192.0.2.11", 25, 10),
+                           MXHost("Relay.Test", "192.0.2.9", 25, 20)],
+}
+
+
+def test_smtp_the_relay_in_the_mx_list() -> None:
+    """RFC 5321 5.1: the relay itself among a domain's MX hosts (by its host name) is
+    dropped with every less preferred host; itself the best, the mail 'loops back to
+    myself' (5.4.6, bounced), as Postfix's smtp_find_self.  It relayed to a lower MX, or to
+    itself fifty times until the hop count stopped it."""
+    from mailrelay.delivery.smtp import SMTPBackend
+
+    net = FakeNet()
+    backend = SMTPBackend(Clock(), FakeMX({**HOSTS, **LOOPY}), SETTINGS, connect=net.connect,
+                          selfName="relay.test")
+    (r,) = result(send(backend, "self.example", "a@self.example"))
+    assert (r.status, r.code) == (PERMANENT, "5.4.6"), r
+    assert r.diagnostic == "X-mailrelay; mail for self.example loops back to myself"
+    assert net.attempts == []
+    net.connectBehaviour["192.0.2.11"] = connectError("4.4.1", "X-mailrelay; refused")
+    (r,) = result(send(backend, "backup.example", "a@backup.example"))
+    assert r.status is TRANSIENT and [a[0] for a in net.attempts] == ["192.0.2.11"]
+    net.attempts.clear()
+    net.connectBehaviour.clear()
+    (r,) = result(send(backend, "backuponly.example", "a@backuponly.example"))
+    assert r.status is DELIVERED and [a[0] for a in net.attempts] == ["192.0.2.11"]
+
+
+def test_smtp_a_loop_found_at_ehlo() -> None:
+    """A host that answers EHLO with the relay's own name (SMTPConnectError.loop): 5.4.6
+    bounced when it is the best MX, else a transient 4.4.6 (Postfix)."""
+    loop = SMTPConnectError("5.4.6", "X-mailrelay; mx1.example.org[192.0.2.1] replied to EHLO "
+                            "with my own hostname relay.test", permanent=True, loop=True)
+    backend, net, clock, mx = smtpBackend()
+    net.connectBehaviour["192.0.2.1"] = loop
+    net.connectBehaviour["2001:db8::1"] = loop
+    (r,) = result(send(backend, "example.org", "a@example.org"))
+    assert (r.status, r.code) == (PERMANENT, "5.4.6"), r
+    assert r.diagnostic == "X-mailrelay; mail for example.org loops back to myself"
+    net.connectBehaviour.clear()
+    net.connectBehaviour["192.0.2.1"] = connectError("4.4.1", "X-mailrelay; refused")
+    net.connectBehaviour["2001:db8::1"] = connectError("4.4.1", "X-mailrelay; refused")
+    net.connectBehaviour["192.0.2.2"] = loop
+    (r,) = result(send(backend, "example.org", "a@example.org"))
+    assert (r.status, r.code) == (TRANSIENT, "4.4.6"), r
+
+
 def test_smtp_all_hosts_fail() -> None:
     backend, net, clock, mx = smtpBackend()
     net.connectBehaviour["192.0.2.1"] = connectError(

@@ -105,6 +105,8 @@ class _Tried:
 
     deferred: list[RecipientResult] | None = None
     connectErrors: list[tuple[str, str, str | None]] = field(default_factory=list)
+    #: The best MX answered EHLO with our own name: the diagnostic of that loop.
+    loop: str | None = None
 
 
 class _Idle:
@@ -190,6 +192,7 @@ class SMTPBackend(ClientBackend):
         destinationConcurrency: int = 20,
         connectionCacheTime: float = 2.0,
         plaintextFallbackAge: float = 300.0,
+        selfName: str | None = None,
         connect: Callable[..., Deferred] | None = None,
     ) -> None:
         """
@@ -202,6 +205,8 @@ class SMTPBackend(ClientBackend):
         @param plaintextFallbackAge: seconds a message must have been queued before a TLS
             failure under C{tls = "may"} is followed by the same address without TLS (the
             queue's C{min_backoff}, as Postfix's C{$minimal_backoff_time}).
+        @param selfName: the relay's host name: an MX host of that name is the relay itself
+            (RFC 5321 5.1: it and every less preferred host are dropped; the best, a loop).
         @param connect: the connecting function, C{connectSMTP} by default (for tests).
         """
         if destinationConcurrency < 1:
@@ -212,6 +217,7 @@ class SMTPBackend(ClientBackend):
         self.destinationConcurrency = destinationConcurrency
         self.connectionCacheTime = connectionCacheTime
         self.plaintextFallbackAge = plaintextFallbackAge
+        self.selfName = selfName.lower().rstrip(".") if selfName else None
         self._connect = connect
         self._perDestination = PerDestination(destinationConcurrency, "SMTP")
         self._quitter = Quitter(reactor)
@@ -259,6 +265,11 @@ class SMTPBackend(ClientBackend):
             hosts = yield self.resolver.resolve(nexthop)
         except DeliveryFailure as e:
             return self._unresolved(e, envelope, recipients, nexthop)
+        hosts, loop = self._withoutSelf(hosts, nexthop)
+        if loop is not None:
+            log.warn("{queueID}: {diagnostic}", queueID=envelope.queueID,
+                     diagnostic=loop[2].removeprefix("X-mailrelay; "))
+            return resultsForAll(recipients, *loop)
         tried = _Tried()
         results = yield self._tryHosts(hosts, key, envelope, recipients, messagePath, tried)
         if results is not None:
@@ -324,7 +335,11 @@ class SMTPBackend(ClientBackend):
             none did (C{tried} then says what went wrong).
         """
         for index, host in enumerate(hosts):
-            connected = yield self._connectNoting(host, key, envelope, tried)
+            best = host.preference == hosts[0].preference
+            connected = yield self._connectNoting(host, key, envelope, tried, best)
+            if tried.loop is not None:  # (the best MX is the relay itself)
+                return resultsForAll(recipients, DeliveryStatus.PERMANENT, "5.4.6",
+                                     tried.loop)
             if connected is None:
                 continue
             connection, connectedKey = connected
@@ -348,7 +363,8 @@ class SMTPBackend(ClientBackend):
 
     @inlineCallbacks
     def _connectNoting(
-        self, host: MXHost, key: tuple[str, ClientSettings], envelope: Any, tried: _Tried
+        self, host: MXHost, key: tuple[str, ClientSettings], envelope: Any, tried: _Tried,
+        best: bool = True,
     ) -> Any:
         """Connect to C{host}; a failure is logged and noted in C{tried}.  A TLS failure under
         C{tls = "may"} is followed by the same address without TLS when L{_plaintextOK}.
@@ -376,6 +392,13 @@ class SMTPBackend(ClientBackend):
                 code=e.code,
                 diagnostic=e.diagnostic,
             )
+            if e.loop:  # (Postfix: final at the best MX, else transient)
+                diagnostic = f"X-mailrelay; mail for {key[0]} loops back to myself"
+                if best:
+                    tried.loop = diagnostic
+                else:
+                    tried.connectErrors.append(("4.4.6", diagnostic, e.remoteMTA))
+                return None
             tried.connectErrors.append((e.code, e.diagnostic, e.remoteMTA))
         except defer.CancelledError:
             raise
@@ -452,6 +475,26 @@ class SMTPBackend(ClientBackend):
             return (f"the MX hosts of {parsed.host} cannot be looked up securely here (no "
                     "DNSSEC validation)")
         return None
+
+    def _withoutSelf(
+        self, hosts: list[MXHost], nexthop: str
+    ) -> tuple[list[MXHost], tuple[DeliveryStatus, str, str] | None]:
+        """C{hosts} without the relay itself and every host less preferred (RFC 5321 5.1,
+        Postfix's smtp_find_self); when none is left, why: the relay is the best MX (a
+        loop, 5.4.6) or only a backup (4.4.4, the primary unreachable)."""
+        if self.selfName is None:
+            return hosts, None
+        for index, host in enumerate(hosts):
+            if host.name.lower().rstrip(".") == self.selfName:
+                kept = [h for h in hosts[:index] if h.preference != host.preference]
+                if kept:
+                    return kept, None
+                if host.preference == hosts[0].preference:
+                    return [], (DeliveryStatus.PERMANENT, "5.4.6",
+                                f"X-mailrelay; mail for {nexthop} loops back to myself")
+                return [], (DeliveryStatus.TRANSIENT, "4.4.4",
+                            f"X-mailrelay; unable to find primary relay for {nexthop}")
+        return hosts, None
 
     def _plaintextOK(self, settings: ClientSettings, envelope: Any) -> bool:
         """Whether a TLS failure under C{settings} may be followed by the same address
@@ -573,6 +616,7 @@ def build(options: dict[str, Any], context: PluginContext) -> SMTPBackend:
         destinationConcurrency=options.get("destination_concurrency", 20),
         connectionCacheTime=options.get("connection_cache_time", 2.0),
         plaintextFallbackAge=options.get("plaintext_fallback_age", 300.0),
+        selfName=context.hostname,
     )
 
 

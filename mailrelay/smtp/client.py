@@ -486,9 +486,9 @@ class ClientSession:
     # Connection set-up ------------------------------------------------------------------------
 
     def _connectFailed(self, code: str, diagnostic: str, permanent: bool = False,
-                       quit: bool = False, close: bool = True) -> None:
+                       quit: bool = False, close: bool = True, loop: bool = False) -> None:
         error = SMTPConnectError(code, printable(diagnostic)[:MAX_DIAGNOSTIC], permanent,
-                                 self.remoteMTA, tlsFailure=self.tlsSessionFailed)
+                                 self.remoteMTA, tlsFailure=self.tlsSessionFailed, loop=loop)
         self._out.append(ConnectFailed(error))
         if close:
             if quit:
@@ -522,6 +522,8 @@ class ClientSession:
 
     def _reply_ehlo(self, reply: Reply) -> None:
         if reply.code // 100 == 2:
+            if self._isSelf(reply, "EHLO"):
+                return
             self.extensions = parseExtensions(reply)
             self._afterHello()
         elif reply.code // 100 == 5 and not self.settings.lmtp:
@@ -532,10 +534,27 @@ class ClientSession:
 
     def _reply_helo(self, reply: Reply) -> None:
         if reply.code // 100 == 2:
+            if self._isSelf(reply, "HELO"):
+                return
             self.extensions = {}
             self._afterHello()
         else:
             self._connectFailedReply(reply)
+
+    def _isSelf(self, reply: Reply, verb: str) -> bool:
+        """Whether the server answered C{verb} with our own name: it is the relay itself, a
+        mail loop (Postfix's smtp: 'replied to HELO/EHLO with my own hostname').  Not for
+        LMTP, whose server is commonly on this host and named as it is."""
+        if self.settings.lmtp:
+            return False
+        words = reply.text.split("\n", 1)[0].split()
+        ours = self.settings.heloName.lower().rstrip(".")
+        if not words or words[0].lower().rstrip(".") != ours:
+            return False
+        self._connectFailed("5.4.6", f"X-mailrelay; {self.host} replied to {verb} with my own "
+                                     f"hostname {self.settings.heloName}",
+                            permanent=True, quit=True, loop=True)
+        return True
 
     def _afterHello(self) -> None:
         if not self.tls and self.settings.tls in ("may", "required"):

@@ -27,10 +27,13 @@ class SMTPConnectError(Exception):
         (or TLS could not be started), or the connection was lost or timed out once TLS was
         up (Postfix's failed handshake and "TLS session failure"): what C{tls = "may"} may
         try again without TLS.  A response injection after STARTTLS is not one.
+    @ivar loop: the server answered EHLO with the relay's own name: it is the relay itself
+        (5.4.6; the backend decides whether that is final).
     """
 
     def __init__(self, code: str, diagnostic: str, permanent: bool = False,
-                 remoteMTA: str | None = None, *, tlsFailure: bool = False) -> None:
+                 remoteMTA: str | None = None, *, tlsFailure: bool = False,
+                 loop: bool = False) -> None:
         super().__init__(diagnostic)
         if permanent != code.startswith("5."):
             raise ValueError(f"permanent={permanent} does not match status {code}")
@@ -39,6 +42,7 @@ class SMTPConnectError(Exception):
         self.permanent = permanent
         self.remoteMTA = remoteMTA
         self.tlsFailure = tlsFailure
+        self.loop = loop
 
     def resultsFor(self, recipients: Sequence[Recipient]) -> list[RecipientResult]:
         """One L{RecipientResult} per recipient saying this error happened."""
