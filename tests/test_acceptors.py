@@ -200,9 +200,13 @@ def test_an_acceptors_log_lines_name_it_in_their_system() -> None:
 
 def test_a_child_that_dies_is_restarted_with_backoff() -> None:
     pool, reactor, _ = _pool(2)
+    rescans: list[None] = []
+    pool.rescan = lambda: rescans.append(None)
     pool.startService()
     reactor.spawned[0][0].end(9)
     assert len(reactor.spawned) == 2 and pool.restarts == 1
+    # What it committed and did not report is looked for (it waited for a restart).
+    assert len(rescans) == 1
     reactor.advance(1)
     assert len(reactor.spawned) == 3
     reactor.spawned[2][0].end(9)
@@ -394,3 +398,26 @@ def test_the_end_of_a_child_whose_status_is_unknown_says_so() -> None:
     assert endReason(transport, Failure(ProcessTerminated(exitCode=255))) == (
         "its status unknown: the fork server that started it is gone")
     assert endReason(None, Failure(ProcessDone(0))) == "status 0"
+
+
+def test_the_delivery_process_feed_takes_ids_and_a_rescan() -> None:
+    """The delivery process's standard input: a queue id per line, or the rescan request
+    the relay sends when an acceptor process ended unexpectedly."""
+    from mailrelay.app.deliveryprocess import _Feed
+    from mailrelay.queue.process import RESCAN
+
+    class Queue:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, ...]] = []
+
+        def enqueue(self, queueID: str) -> None:
+            self.calls.append(("enqueue", queueID))
+
+        def rescan(self) -> int:
+            self.calls.append(("rescan",))
+            return 0
+
+    queue = Queue()
+    feed = _Feed(queue, None)
+    feed.dataReceived(b"01K1AP4J8VGG0000VZ3M7Q\n" + RESCAN.encode() + b"\n\n")
+    assert queue.calls == [("enqueue", "01K1AP4J8VGG0000VZ3M7Q"), ("rescan",)]

@@ -936,6 +936,28 @@ def test_aRecipientDeliveredIsNotSentAgainWhileTheStateCannotBeSaved(
     resultOf(qm.stopService())
 
 
+def test_rescanFindsEntriesNobodyAnnounced(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any
+) -> None:
+    """An acceptor process killed after its commit, before telling the relay: the entry is
+    in the spool, and nobody enqueues it -- it waited for a restart or a flush (days, and
+    the client, which got no 250, sent it again meanwhile).  rescan() schedules the entries
+    the queue manager does not know, and only those."""
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    known = queueMessage(spool, clock, ["known@example.com"])
+    backend.script["known@example.com"] = ["4"]
+    qm.enqueue(known)  # deferred: scheduled for later
+    stranded = queueMessage(spool, clock, ["stranded@example.com"])  # never enqueued
+    assert [c.addresses for c in backend.calls] == [["known@example.com"]]
+    assert qm.rescan() == 1
+    assert [c.addresses for c in backend.calls] == [["known@example.com"],
+                                                    ["stranded@example.com"]]
+    assert spool.queueIDs() == [known] and stranded not in spool.queueIDs()
+    assert any("not known" in t for t in texts(events))
+    resultOf(qm.stopService())
+
+
 def test_removeFailureRetried(
     spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, monkeypatch: Any
 ) -> None:

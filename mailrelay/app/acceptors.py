@@ -140,6 +140,8 @@ class AcceptorPool(ChildSupervisor, Service):
         self.drainTime = drainTime
         self.sockets = sockets
         self.enqueue = enqueue
+        #: Called when a child ended unexpectedly: the delivery side rescans the spool.
+        self.rescan: Callable[[], object] | None = None
         self.metrics = ProcessMetrics() if metrics is None else metrics
         self._children: list[_AcceptorProtocol] = []
         self._retiring: set[_AcceptorProtocol] = set()
@@ -237,6 +239,9 @@ class AcceptorPool(ChildSupervisor, Service):
             reason=why,
             delay=self._restartDelay,
         )
+        # It may have committed messages it did not report before it ended.
+        if self.rescan is not None:
+            self.rescan()
         if self._restartCall is None or not self._restartCall.active():
             self._scheduleRestart()
 

@@ -115,6 +115,11 @@ class InlineDelivery(Service):
         if not self.hold:
             self.queue.enqueue(queueID)
 
+    def rescan(self) -> None:
+        """Schedule the spool's entries nobody told the queue manager of."""
+        if not self.hold:
+            self.queue.rescan()
+
     def state(self) -> str:
         """C{"up"} (the queue manager runs), C{"held"} (C{[queue] hold}) or C{"down"}."""
         if self.hold:

@@ -22,7 +22,7 @@ from zope.interface import implementer, provider
 
 from mailrelay.app.logs import LevelFilter, filtered
 from mailrelay.app.services import stopOnSignals, stopReactor
-from mailrelay.queue.process import METRICS_RECORD, encodeLogEvent
+from mailrelay.queue.process import METRICS_RECORD, RESCAN, encodeLogEvent
 
 log = Logger()
 
@@ -201,7 +201,9 @@ class _Feed(LineReceiver, StopAtEnd):
 
     def lineReceived(self, line: bytes) -> None:
         queueID = line.strip().decode("ascii", "replace")
-        if queueID:
+        if queueID == RESCAN:
+            self.queue.rescan()
+        elif queueID:
             self.queue.enqueue(queueID)
 
 

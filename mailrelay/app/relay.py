@@ -142,6 +142,12 @@ class RelayService(OrderedMultiService):
         if self.delivery is not None:
             self.delivery.enqueue(queueID)
 
+    def _rescan(self) -> None:
+        """An acceptor process ended unexpectedly: the delivery side looks for what it may
+        have committed without telling."""
+        if self.delivery is not None:
+            self.delivery.rescan()
+
     def plan(self, config: Config, configText: bytes | None) -> _Plan:
         """Build everything C{config} describes, without touching what runs.
 
@@ -230,6 +236,7 @@ class RelayService(OrderedMultiService):
             self.childMetrics,
         )
         self.acceptors.spawner = self.spawner
+        self.acceptors.rescan = self._rescan
         self.acceptors.setServiceParent(self)
         self._sessionsService = SessionsService(self.sessions, self.reactor, config.drainTime)
         self._sessionsService.setServiceParent(self)

@@ -314,6 +314,28 @@ class QueueManager(Service):
         log.info("queue manager stopped")
         done.callback(None)
 
+    def rescan(self) -> int:
+        """Schedule, due now, the spool's entries this manager does not know: committed by
+        a process that ended before telling (an acceptor process killed between its commit
+        and its report).  Returns how many.  Entries known (scheduled, active, held) are
+        left as they are."""
+        if self._stopped or not self.scheduler.enabled:
+            return 0  # (the start scans the spool anyway)
+        try:
+            queueIDs = self.spool.queueIDs()
+        except SpoolError as e:
+            log.error("queue: cannot list the spool: {error}", error=str(e))
+            return 0
+        now = self.clock.seconds()
+        found = [q for q in queueIDs if not self.scheduler.isKnown(q) and q not in self._held]
+        for queueID in found:
+            self.scheduler.schedule(queueID, now)
+        if found:
+            log.info("queue: {count} entries in the spool were not known (committed by a "
+                     "process that ended before telling); scheduled now", count=len(found))
+            self.scheduler.pump()
+        return len(found)
+
     def enqueue(self, queueID: str) -> None:
         """A new entry was committed: schedule it, due now.
 

@@ -150,6 +150,9 @@ def decodeLogEvent(line: str) -> dict[str, Any]:
 
 
 
+#: The line that asks the delivery process to rescan the spool (never a queue id).
+RESCAN = "rescan"
+
 def endReason(transport: Any, reason: Any) -> str:
     """How a child process ended, for the log: its exit status or signal, or that it is
     unknown -- a child forked by a fork server that is gone is not the relay's to wait for
@@ -440,6 +443,14 @@ class DeliveryProcessService(ChildSupervisor, Service):
         if self.hold:
             return "held"
         return "up" if self.running and self._child is not None else "down"
+
+    def rescan(self) -> None:
+        """Have the delivery process look in the spool for entries nobody told it of (an
+        acceptor process ended between a commit and its report); a delivery process not
+        running now scans the spool as it starts."""
+        child = self._child
+        if not self.hold and child is not None:
+            child.process.write(RESCAN.encode("ascii") + b"\n")
 
     def enqueue(self, queueID: str) -> None:
         """Tell the delivery process of a newly committed entry."""
