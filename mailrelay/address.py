@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from dataclasses import dataclass
 
 import idna
@@ -117,10 +118,15 @@ def _octets(text: str) -> int:
 def _isUTF8Char(char: str) -> bool:
     """Whether C{char} is a non-ASCII character allowed in SMTPUTF8 local parts.
 
-    C1 controls and surrogates (which cannot be sent as UTF-8) are refused.
+    C1 controls and surrogates (which cannot be sent as UTF-8) are refused, and so are line
+    and paragraph separators and format characters (Unicode Zl, Zp, Cf: bidi overrides,
+    zero-width characters): none is part of an address, and in a log line a separator
+    starts a forged line for a Unicode-aware reader, an override reverses the text.
     """
     code = ord(char)
-    return code >= 0xA0 and not 0xD800 <= code <= 0xDFFF
+    if code < 0xA0 or 0xD800 <= code <= 0xDFFF:
+        return False
+    return unicodedata.category(char) not in ("Zl", "Zp", "Cf")
 
 
 def _isDotString(text: str) -> bool:

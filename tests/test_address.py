@@ -949,3 +949,16 @@ def test_hostPort() -> None:
     assert hostPort("2001:db8::7", 1234) == "[2001:db8::7]:1234"
     assert hostPort("::1", 2525) == "[::1]:2525"
     assert hostPort("mx.example.org", 587) == "mx.example.org:587"
+
+
+@pytest.mark.parametrize("char", ["\u2028", "\u2029", "\u202e", "\u200b", "\ufeff", "\u00ad"])
+def test_line_separators_and_format_characters_are_refused_in_addresses(char: str) -> None:
+    """A line or paragraph separator, a bidi override, a zero-width or other format
+    character (Unicode Zl, Zp, Cf) in an SMTPUTF8 address: refused, as controls are.  They
+    were accepted, and reached the log raw, where a line separator starts a forged line for
+    any Unicode-aware reader and an override reverses what a terminal shows."""
+    for text in (f"<a{char}b@example.org>", f'<"a{char}b"@example.org>'):
+        with pytest.raises(AddressError):
+            parseForwardPath(text, utf8=True, postmasterDomain="example.org")
+    assert str(parseForwardPath("<jörg@example.org>", utf8=True,
+                                postmasterDomain="example.org")) == "jörg@example.org"
