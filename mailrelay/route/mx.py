@@ -110,8 +110,10 @@ class MXResolver:
     written as an IP address is used as is.
 
     Failures raise L{DeliveryFailure}: NXDOMAIN of the domain is permanent (5.1.2), a null
-    MX permanent (5.1.10), a DNS error or time-out transient (4.4.3), and no address for any
-    host transient (4.4.4).
+    MX permanent (5.1.10), a DNS error or time-out transient (4.4.3); no address for any
+    host of a domain looked up (final answers: NXDOMAIN or no record) permanent (5.4.4, as
+    Postfix), for a host named as the next hop (C{[host]}) transient (4.4.4: the operator's
+    to fix).
     """
 
     def __init__(
@@ -308,7 +310,7 @@ class MXResolver:
                         code="5.1.2",
                         diagnostic=f"X-mailrelay; domain {host} does not exist",
                     )
-                raise self._noAddress(host, problem, [host])
+                raise self._noAddress(host, problem, [host], final=True)
             return self._limit([MXHost(host, a, port) for a in addresses])
 
         ordered = self._orderMX(real)
@@ -330,19 +332,25 @@ class MXResolver:
                 hosts.append(MXHost(name, a, port, preference))
         if not hosts:
             problem = next((p for p in problems if p not in (_NXDOMAIN, _NODATA)), _NODATA)
-            raise self._noAddress(host, problem, [n for _, n in ordered])
+            raise self._noAddress(host, problem, [n for _, n in ordered], final=True)
         return self._limit(hosts)
 
     def _limit(self, hosts: list[MXHost]) -> list[MXHost]:
         return hosts[: self.maxAddresses] if self.maxAddresses > 0 else hosts
 
     @staticmethod
-    def _noAddress(domain: str, problem: str | None, names: list[str]) -> DeliveryFailure:
+    def _noAddress(
+        domain: str, problem: str | None, names: list[str], final: bool = False
+    ) -> DeliveryFailure:
+        """No address for C{names}: permanent (5.4.4) when C{final} (the domain's own
+        lookup) and every answer was final (NXDOMAIN, no record), else transient."""
         if problem in (None, _NXDOMAIN, _NODATA):
             if names == [domain]:
                 text = f"host {domain} has no address"
             else:
                 text = f"no MX host of {domain} has an address ({', '.join(names)})"
+            if final and problem is not None:
+                return PermanentFailure(code="5.4.4", diagnostic=f"X-mailrelay; {text}")
             return TransientFailure(code="4.4.4", diagnostic=f"X-mailrelay; {text}")
         return TransientFailure(
             code="4.4.3",
