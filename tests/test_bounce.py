@@ -174,6 +174,19 @@ def test_textPartExplains(original: Path) -> None:
     )
 
 
+def test_textPartSaysWhoSaidIt(original: Path) -> None:
+    """A reason the relay found itself (an X-mailrelay diagnostic: a SIZE limit, a missing
+    extension) is not presented as what the remote host said (it read 'host [127.0.0.51]
+    said: message size 3196 exceeds ...'); a server's reply still is."""
+    ours = Recipient("a@example.com", status="5.3.4", remoteMTA="dns; mx.example.com",
+                     lastResult="X-mailrelay; message size 3196 exceeds the size limit 500 "
+                                "of mx.example.com")
+    text = " ".join(parts(build(original, recipients=[ours]))[0].get_content().split())
+    assert ("<a@example.com>: message size 3196 exceeds the size limit 500 of mx.example.com"
+            in text), text
+    assert "said" not in text
+
+
 def test_textPartDelayed(original: Path) -> None:
     dsn = build(
         original,

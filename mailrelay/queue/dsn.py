@@ -433,7 +433,8 @@ def _recipientText(r: Recipient, action: str, delay: float) -> str:
     if r.status == "4.4.7" and action == "failed":
         text = f"<{r.address}>: message expired after {_duration(delay)} in the queue"
         return text + (f"; the last attempt said: {reason}" if reason else "")
-    if remote and reason:
+    if remote and reason and (r.lastResult or "").lower().startswith("smtp;"):
+        # (Only a server's own reply is what it said: an X-mailrelay reason is ours.)
         return f"<{r.address}>: host {remote} said: {reason}"
     return f"<{r.address}>: {reason or 'delivery failed'}"
 
