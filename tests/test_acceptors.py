@@ -356,6 +356,10 @@ def test_status_lists_the_acceptors() -> None:
     assert len(line) == 1
     assert "1 of 2 running (pid 7 since" in line[0]
     assert "restarted 3 times" in line[0] and "previous ones finishing: 5" in line[0]
+    status["acceptors"] = {"count": 2, "running": [], "restarts": 1, "retiring": []}
+    out = io.StringIO()
+    printStatus(status, out)
+    assert "restarted 1 time" in out.getvalue() and "1 times" not in out.getvalue()
     status["acceptors"] = {"count": 0, "running": [], "restarts": 0, "retiring": []}
     out = io.StringIO()
     printStatus(status, out)

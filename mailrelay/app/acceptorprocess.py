@@ -198,7 +198,7 @@ class _FromRelay(LineReceiver, StopAtEnd):
         if line.strip() == RETIRE:
             log.info(
                 "acceptor process {pid}: replaced by a reload; ending once its {count} "
-                "session(s) have",
+                "session(s) have ended",
                 pid=os.getpid(),
                 count=len(self.services.sessions.live),
             )

@@ -348,7 +348,7 @@ def printStatus(status: dict[str, Any], out: TextIO) -> None:
         if delivery.get("pid"):
             text += f" (pid {delivery['pid']}, since {_fullTime(delivery['since'])})"
         if delivery.get("restarts"):
-            text += f", restarted {delivery['restarts']} times"
+            text += f", restarted {_count(delivery['restarts'], 'time')}"
         if delivery.get("retiring"):
             text += ", previous ones finishing: " + ", ".join(map(str, delivery["retiring"]))
     if status.get("hold"):
@@ -363,7 +363,7 @@ def printStatus(status: dict[str, Any], out: TextIO) -> None:
                 f"pid {a['pid']} since {_fullTime(a['since'])}" for a in running
             ) + ")"
         if acceptors.get("restarts"):
-            text += f", restarted {acceptors['restarts']} times"
+            text += f", restarted {_count(acceptors['restarts'], 'time')}"
         if acceptors.get("retiring"):
             text += ", previous ones finishing: " + ", ".join(map(str, acceptors["retiring"]))
         print(f"acceptor processes: {text}", file=out)
