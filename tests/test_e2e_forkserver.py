@@ -194,3 +194,25 @@ def test_parent_pid_left_out() -> None:
     assert forkserver._withoutParentPid(
         ["--overrides", "{}", "--parent-pid", "12", "--config", "x", "--parent-pid=3"]
     ) == ["--overrides", "{}", "--config", "x"]
+
+
+def test_the_metrics_library_is_preloaded_when_children_count(monkeypatch) -> None:
+    """With [metrics], the fork server imports prometheus_client before it forks (and before
+    twistd drops privileges): each child imports it at start, and as the run user it could
+    not read an installation under /root ('No module named gzip', for ever)."""
+    from mailrelay.app import forkserver
+    from mailrelay.config import loadConfig
+
+    asked: list[list[str]] = []
+
+    def noFork(*args: object) -> None:
+        raise OSError("not forked in this test")
+
+    monkeypatch.setattr(forkserver, "preload", lambda modules: asked.append(list(modules)))
+    monkeypatch.setattr(forkserver, "usable", lambda options: None)
+    monkeypatch.setattr(forkserver.ForkServer, "start", noFork)
+    for text, expected in [(b"", False), (b'[metrics]\nlisten = "tcp:9125"\n', True)]:
+        config = loadConfig("mailrelay.toml", {"hostname": "relay.test"}, text=text)
+        asked.clear()
+        assert forkserver.forRelay(config, {"nodaemon": True}, None) is None
+        assert asked and ("prometheus_client" in asked[0]) is expected, asked

@@ -155,8 +155,13 @@ def forRelay(config: Any, twistdOptions: Any, runAs: tuple[int, int] | None) -> 
         specs = (*config.plugins, *config.headerStampers, *config.recipientValidators,
                  *config.routers, *config.backends)
         plugins = [spec.plugin for spec in specs]
+        modules = _factoryModules(plugins)
+        if config.metricsListen is not None:
+            # The children count too (each imports it at start): imported here, as root
+            # if the relay starts so -- as its run user it may not read the installation.
+            modules.append("prometheus_client")
         try:
-            preload(_factoryModules(plugins))
+            preload(modules)
             why = usable(twistdOptions)  # (a site's dropin may have installed a reactor)
         except Exception as e:
             why = f"preloading failed: {e!r}"
