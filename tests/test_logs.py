@@ -259,3 +259,29 @@ def test_childsLegacyEventsKeepTheirSystem() -> None:
         lines.append(line)
     assert " [-] b'/etc/resolv.conf' changed, reparsing\n" in lines[0]
     assert " [HTTPChannel,0,127.0.0.1] a request\n" in lines[1]
+
+
+def test_the_log_file_is_given_to_the_run_user(tmp_path: Path) -> None:
+    """twistd --logfile with --uid: root creates the file before the drop, and Twisted's
+    rotation (at 1 MB, on SIGUSR1) then did nothing, silently.  The relay gives it to the
+    run user, and says when its directory will not let that user rotate it."""
+    import os
+
+    from twisted.logger import capturedLogs, formatEvent
+
+    from mailrelay.app.logs import giveLogFile
+
+    if os.geteuid() != 0:
+        pytest.skip("changing a file's owner needs root")
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o755)
+    path = logs / "twistd.log"
+    path.write_text("")
+    with capturedLogs() as events:
+        giveLogFile(str(path), 65534, 65534)
+    assert (path.stat().st_uid, path.stat().st_gid) == (65534, 65534)
+    assert any("is not writable by the relay's user" in formatEvent(e) for e in events)
+    os.chown(logs, 65534, 65534)
+    with capturedLogs() as events:
+        giveLogFile(str(path), 65534, 65534)
+    assert not events

@@ -10,6 +10,7 @@ at.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -19,6 +20,7 @@ from twisted.logger import (
     ILogFilterPredicate,
     ILogObserver,
     LegacyLogObserverWrapper,
+    Logger,
     LogLevel,
     PredicateResult,
     formatEventAsClassicLogText,
@@ -160,3 +162,28 @@ def installTwistdObserver(application: Any, serverOptions: Any, levels: LevelFil
         observer.formatEvent = classicLogText()
     application.setComponent(ILogObserver, filtered(observer, levels))
     return True
+
+
+_log = Logger()
+
+
+def giveLogFile(path: str, uid: int, gid: int) -> None:
+    """twistd's C{--logfile} C{path}, created by root before it drops to C{uid}/C{gid}: give
+    it to that user, so that its rotation (at 1 MB, and on SIGUSR1) works -- Twisted's
+    LogFile gives up without a word when it cannot write it -- and say so when its
+    directory does not let that user rename it (rotation then does not happen)."""
+    path = os.path.abspath(path)
+    try:
+        os.chown(path, uid, gid)
+    except OSError as e:
+        _log.warn("the log file {path} cannot be given to the relay's user: {error}; it will "
+                 "not be rotated", path=path, error=e.strerror or str(e))
+        return
+    directory = os.path.dirname(path)
+    st = os.stat(directory)
+    writable = ((st.st_uid == uid and st.st_mode & 0o200) or (st.st_gid == gid and st.st_mode
+                & 0o020) or st.st_mode & 0o002)
+    if not writable:
+        _log.warn("the log file's directory {directory} is not writable by the relay's user: "
+                 "the log will not be rotated (give the directory to that user)",
+                 directory=directory)

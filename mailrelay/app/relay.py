@@ -86,6 +86,8 @@ class RelayService(OrderedMultiService):
         self.delivery: Any = None
         #: The acceptor processes (L{mailrelay.app.acceptors.AcceptorPool}).
         self.acceptors: Any = None
+        #: C{(uid, gid)} twistd runs the relay as after its privileged start, or C{None}.
+        self.runAs: tuple[int, int] | None = None
         #: The metrics of the child processes (delivery and acceptors), as they report them.
         self.childMetrics = ProcessMetrics()
         self.listeners: dict[str, ListenerService] = {}
@@ -118,6 +120,12 @@ class RelayService(OrderedMultiService):
         super().setServiceParent(parent)
 
     def privilegedStartService(self) -> None:
+        options = getattr(self, "twistdOptions", None) or {}
+        logfile = options.get("logfile")
+        if self.runAs is not None and logfile and logfile != "-" and not options.get("syslog"):
+            from mailrelay.app.logs import giveLogFile
+
+            giveLogFile(logfile, *self.runAs)
         self._start(super().privilegedStartService)
 
     def startService(self) -> None:
@@ -543,6 +551,7 @@ def makeRelayService(
     top = RelayService(reactor, config.source, overrides)
     top.spawner = spawner
     top.spool = makeSpool(config, reactor, top, owner=runAs)
+    top.runAs = runAs
     top.control = ControlService(top, config.spoolDirectory)
     top.control.setServiceParent(top)
     top.build(top.plan(config, configText))
