@@ -117,6 +117,9 @@ class Envelope:
     @ivar envid: the DSN ENVID parameter (xtext decoded) or C{None}.
     @ivar requireTLS: MAIL carried C{REQUIRETLS} (RFC 8689; taken over TLS only): the
         message may only be relayed over verified TLS to next hops offering REQUIRETLS.
+    @ivar utf8Header: for an SMTPUTF8 message, whether a header field of it holds UTF-8
+        (noted by the intake): one whose addresses and header are ASCII goes without
+        SMTPUTF8 to a server that does not offer it; C{None}: not known (not stored).
     @ivar tlsRequiredNo: the message has a C{TLS-Required: No} header field and MAIL had no
         C{REQUIRETLS} (RFC 8689 4.1): its sender asks that TLS policies (MTA-STS, DANE, a
         route's verified TLS) not stop its delivery.
@@ -148,6 +151,7 @@ class Envelope:
     envid: str | None = None
     requireTLS: bool = False
     tlsRequiredNo: bool = False
+    utf8Header: bool | None = None
     client: ClientInfo | None = None
     arrival: float | None = None
     messageSize: int = 0
@@ -170,6 +174,8 @@ class Envelope:
         d["version"] = ENVELOPE_VERSION
         if not self.held:
             del d["held"]
+        if self.utf8Header is None:
+            del d["utf8Header"]
         client = self.client
         if client is not None:
             c = {f: getattr(client, f) for f in _CLIENT_FIELDS}
@@ -257,6 +263,7 @@ _KINDS: dict[str, tuple[str, Any]] = {
 _ENVELOPE_KINDS = {
     "sender": "str", "queueID": "str?", "size": "count?", "body": "str?", "smtputf8": "bool",
     "ret": "str?", "envid": "str?", "requireTLS": "bool", "tlsRequiredNo": "bool",
+    "utf8Header": "bool?",
     "arrival": "time?", "messageSize": "count",
     "attempts": "count", "nextAttempt": "time?", "delayWarned": "bool", "isBounce": "bool",
     "held": "bool",

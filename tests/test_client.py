@@ -939,9 +939,25 @@ def test_sizeLimitRefusesWithoutMail(message):
 
 def test_smtputf8(message):
     peer, conn = connected()
-    env = envelope("a@example.org", smtputf8=True)
+    env = envelope("a@example.org", smtputf8=True)  # (its header section not known)
     (a,) = resultOf(send(conn, env, message))
     assert (a.status, a.code) == (PERMANENT, "5.6.7") and peer.heard() == b""
+    # SMTPUTF8 asked, but nothing of the message is UTF-8 (addresses ASCII, the intake saw
+    # no UTF-8 header field): sent without it, as Postfix does (DELIVERY_REQUIRES_SMTPUTF8);
+    # it was bounced 5.6.7 (found by a bug hunt).
+    peer, conn = connected()
+    env = envelope("a@example.org", smtputf8=True, utf8Header=False)
+    send(conn, env, message)
+    wire = peer.heard()
+    assert wire.startswith(b"MAIL FROM:<sender@example.org> SIZE=") and b"SMTPUTF8" not in wire
+    for env in (envelope("a@example.org", smtputf8=True, utf8Header=True),
+                Envelope(sender="jøran@example.org", recipients=[Recipient("a@example.org")],
+                         smtputf8=True, utf8Header=False),
+                Envelope(sender="a@example.org", recipients=[Recipient("dørte@example.org")],
+                         smtputf8=True, utf8Header=False)):
+        peer, conn = connected()
+        (a,) = resultOf(send(conn, env, message))
+        assert (a.status, a.code) == (PERMANENT, "5.6.7"), env
     peer, conn = connected(extensions=["SMTPUTF8"])
     env = Envelope(sender="jøran@example.org", recipients=[Recipient("dørte@example.org")],
                    smtputf8=True)

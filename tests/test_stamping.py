@@ -308,3 +308,23 @@ def test_a_stamper_changing_the_envelope_gets_451_and_nothing_is_queued() -> Non
     texts = [formatEvent(e) for e in events]
     assert any("changed the message's sender or recipients after they were accepted" in t
                for t in texts), texts
+
+
+def test_the_intake_notes_whether_an_smtputf8_message_has_a_utf8_header() -> None:
+    """An SMTPUTF8 message's envelope says whether a header field holds UTF-8: without one
+    (and with ASCII addresses) it goes to a next hop without SMTPUTF8 as it is."""
+    from mailrelay.envelope import Envelope
+    from mailrelay.testing import ServerHarness
+
+    for subject, expected in [(b"plain", False), ("caf\u00e9".encode(), True)]:
+        h = ServerHarness()
+        h.send(b"EHLO client.test\r\nMAIL FROM:<a@example.com> SMTPUTF8\r\n"
+               b"RCPT TO:<b@example.org>\r\nDATA\r\n")
+        assert h.send(b"Subject: " + subject + b"\r\n\r\nHello.\r\n.\r\n")[0].startswith(b"250")
+        [(envelope, _)] = h.spool.committed.values()
+        assert isinstance(envelope, Envelope) and envelope.utf8Header is expected
+    h = ServerHarness()  # (not SMTPUTF8: not noted, not stored)
+    h.send(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
+    h.send(b"Subject: x\r\n\r\nHi.\r\n.\r\n")
+    [(envelope, _)] = h.spool.committed.values()
+    assert envelope.utf8Header is None and "utf8Header" not in envelope.toDict()

@@ -259,6 +259,8 @@ class IncomingMessage:
         # RFC 8689 4.1: the field is ignored when MAIL carried REQUIRETLS.
         if not envelope.requireTLS and tlsRequiredNo(self.headers):
             envelope.tlsRequiredNo = True
+        if envelope.smtputf8:  # (whether it needs SMTPUTF8 on the way out: see Envelope)
+            envelope.utf8Header = any(not raw.isascii() for _, raw in self.headers)
         if self.intake.filters is None:
             return self._commit()
         return self._filter()

@@ -181,6 +181,14 @@ class _Transaction:
     chunkRefused: bool = False
 
 
+
+def _needsSMTPUTF8(envelope: Envelope, recipients: Sequence[Recipient]) -> bool:
+    """Whether an SMTPUTF8 message must go with SMTPUTF8: a UTF-8 sender or recipient, or a
+    UTF-8 header field (or one not known: L{Envelope.utf8Header}).  Else a server without
+    SMTPUTF8 takes it without, as Postfix sends it (DELIVERY_REQUIRES_SMTPUTF8)."""
+    return (not envelope.sender.isascii() or envelope.utf8Header is not False
+            or not all(r.address.isascii() for r in recipients))
+
 class ClientSession:
     """One SMTP/LMTP client connection (sans-IO).
 
@@ -305,7 +313,8 @@ class ClientSession:
         if limit and size > limit:
             refusal = ("5.3.4", f"X-mailrelay; message size {size} exceeds the size limit "
                                 f"{limit} of {self.host}")
-        elif envelope.smtputf8 and "SMTPUTF8" not in self.extensions:
+        elif (envelope.smtputf8 and "SMTPUTF8" not in self.extensions
+              and _needsSMTPUTF8(envelope, recipients)):
             refusal = ("5.6.7", f"X-mailrelay; the message needs SMTPUTF8, which {self.host} "
                                 "does not support")
         elif envelope.body == "BINARYMIME" and not self._binaryOK():
@@ -665,7 +674,7 @@ class ClientSession:
             params.append("BODY=BINARYMIME")
         if envelope.requireTLS:
             params.append("REQUIRETLS")
-        if envelope.smtputf8:
+        if envelope.smtputf8 and "SMTPUTF8" in ext:
             params.append("SMTPUTF8")
         if "DSN" in ext:
             if envelope.ret:
