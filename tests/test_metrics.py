@@ -209,3 +209,19 @@ def test_health_of_the_acceptor_processes(tmp_path) -> None:
     withAcceptors.acceptors = FakeAcceptors(0, [])
     healthy, parts = health(withAcceptors)
     assert healthy and "acceptors" not in parts and "acceptor_pids" not in parts
+
+
+def test_idle_connections_to_the_metrics_server_are_timed_out_quietly() -> None:
+    """A scanner's idle connections to the metrics port: each timed out without a log line
+    (Twisted's HTTP channel logged 'Timing out client' for every one)."""
+    from twisted.internet.testing import StringTransport
+    from twisted.logger import capturedLogs
+
+    from mailrelay.app.metrics import makeSite
+
+    site = makeSite(None)
+    channel = site.buildProtocol(None)
+    channel.makeConnection(StringTransport())
+    with capturedLogs() as events:
+        channel.timeoutConnection()
+    assert not [e for e in events if "Timing out" in e.get("log_format", "")], events

@@ -14,9 +14,11 @@ import os
 from typing import Any
 
 from prometheus_client.exposition import choose_encoder
+from twisted.logger import ILogObserver, Logger
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
+from zope.interface import provider
 
 from mailrelay.app.listeners import ListenerService
 from mailrelay.metrics import ProcessMetrics, exposition
@@ -108,10 +110,23 @@ class _Health(Resource):
         return json.dumps(body, sort_keys=True).encode("utf-8") + b"\n"
 
 
+@provider(ILogObserver)
+def _discard(event: dict[str, Any]) -> None:
+    """A log observer that keeps nothing."""
+
+
+class _QuietChannel(http.HTTPChannel):
+    """Twisted's HTTP channel without its line per idle connection timed out ('Timing out
+    client'): a scanner's connections would fill the relay's log."""
+
+    _log = Logger(observer=_discard)
+
+
 class _QuietSite(Site):
-    """A site that does not log its requests, nor its start."""
+    """A site that does not log its requests, nor its start, nor its idle time-outs."""
 
     noisy = False
+    protocol = _QuietChannel  # type: ignore[assignment]  # (Twisted types it as a factory)
 
     def log(self, request: http.Request) -> None:
         pass
