@@ -219,8 +219,11 @@ def test_idle_connections_to_the_metrics_server_are_timed_out_quietly() -> None:
 
     from mailrelay.app.metrics import makeSite
 
+    from twisted.internet.task import Clock
+
     site = makeSite(None)
     channel = site.buildProtocol(None)
+    channel.callLater = Clock().callLater  # (its timers on a clock, not the global reactor)
     channel.makeConnection(StringTransport())
     with capturedLogs() as events:
         channel.timeoutConnection()
