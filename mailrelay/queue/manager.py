@@ -383,10 +383,7 @@ class QueueManager(Service):
             log.failure("{queueID}: cannot load envelope; retrying later", queueID=queueID)
             self.scheduler.schedule(queueID, now + self.policy.maxBackoff)
             return False
-        unsaved = self._unsaved.get(queueID)
-        if unsaved is not None:  # (the spool's entry exists: it was loaded)
-            envelope = Envelope.fromJSON(unsaved)
-        envelope.queueID = queueID
+        envelope = self._newest(queueID, envelope)
         if envelope.held:
             self._held.add(queueID)
             return False
@@ -602,9 +599,13 @@ class QueueManager(Service):
                 self.scheduler.unschedule(queueID)
                 self._quarantine(queueID, str(e))
             raise
+        return self._newest(queueID, envelope)
+
+    def _newest(self, queueID: str, loaded: Envelope) -> Envelope:
+        """C{loaded} (the spool's envelope of C{queueID}), or the newer state the spool
+        could not take (see C{_unsaved}), carrying its queue id."""
         unsaved = self._unsaved.get(queueID)
-        if unsaved is not None:  # newer than the spool's (see _unsaved)
-            envelope = Envelope.fromJSON(unsaved)
+        envelope = loaded if unsaved is None else Envelope.fromJSON(unsaved)
         envelope.queueID = queueID
         return envelope
 
