@@ -405,6 +405,7 @@ class FakeConnection:
         self.net = net
         self.address = address
         self.remoteMTA = remoteMTA
+        self.relay = remoteMTA.partition("; ")[2]  # (what the log's relay= names)
         self.extensions: dict[str, Any] = {"8BITMIME": ""}  # takes messages as they are
         self.usable = True
         self.sent: list[tuple[str, list[str]]] = []

@@ -294,7 +294,7 @@ class SMTPBackend(ClientBackend):
                 "{queueID}: every recipient deferred on the reused connection to {relay}; "
                 "trying afresh",
                 queueID=envelope.queueID,
-                relay=_relayName(cached),
+                relay=cached.relay,
                 remoteMTA=cached.remoteMTA,
             )
         return results
@@ -353,7 +353,7 @@ class SMTPBackend(ClientBackend):
                 log.info(
                     "{queueID}: every recipient deferred by {relay}; trying the next host",
                     queueID=envelope.queueID,
-                    relay=_relayName(connection),
+                    relay=connection.relay,
                     remoteMTA=connection.remoteMTA,
                 )
                 tried.deferred = results
@@ -619,9 +619,3 @@ def build(options: dict[str, Any], context: PluginContext) -> SMTPBackend:
         selfName=context.hostname,
     )
 
-
-def _relayName(connection: Any) -> str:
-    """The server of C{connection} for the log, as its lines name it
-    (C{mx.example.org[192.0.2.1]:25}), or its Remote-MTA's name."""
-    relay = getattr(connection, "relay", None)
-    return str(relay) if relay else str(connection.remoteMTA).partition("; ")[2]
