@@ -78,6 +78,12 @@ log = Logger()
 __all__ = ["SMTPBackend", "build"]
 
 
+def _loopDiagnostic(nexthop: str) -> str:
+    """The Diagnostic-Code of mail for C{nexthop} that would come back to the relay itself
+    (as Postfix: "mail for example.org loops back to myself")."""
+    return f"X-mailrelay; mail for {nexthop} loops back to myself"
+
+
 def _remoteMTA(name: str) -> str:
     """The RFC 3464 Remote-MTA of a host name or address (C{"dns; [192.0.2.1]"})."""
     try:
@@ -393,7 +399,7 @@ class SMTPBackend(ClientBackend):
                 diagnostic=e.diagnostic,
             )
             if e.loop:  # (Postfix: final at the best MX, else transient)
-                diagnostic = f"X-mailrelay; mail for {key[0]} loops back to myself"
+                diagnostic = _loopDiagnostic(key[0])
                 if best:
                     tried.loop = diagnostic
                 else:
@@ -490,8 +496,7 @@ class SMTPBackend(ClientBackend):
                 if kept:
                     return kept, None
                 if host.preference == hosts[0].preference:
-                    return [], (DeliveryStatus.PERMANENT, "5.4.6",
-                                f"X-mailrelay; mail for {nexthop} loops back to myself")
+                    return [], (DeliveryStatus.PERMANENT, "5.4.6", _loopDiagnostic(nexthop))
                 return [], (DeliveryStatus.TRANSIENT, "4.4.4",
                             f"X-mailrelay; unable to find primary relay for {nexthop}")
         return hosts, None
