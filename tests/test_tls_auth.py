@@ -1177,3 +1177,32 @@ def test_service_builds_the_site_checker(tmp_path: Path) -> None:
         makeSiteCheckerPolicy(tmp_path, KeysOnly())
     assert e.value.key == "auth.checker.plugin"
     assert "does not check user names and passwords" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("response", "shown", "why"),
+    [
+        (b"AUTH PLAIN " + base64.b64encode(b"\0al\nice\0secret") + b"\r\n", "al\\nice", "unprintable"),
+        (b"AUTH PLAIN " + base64.b64encode(b"\0\xffbob\0secret") + b"\r\n", "\\xffbob", "UTF-8"),
+        (b"AUTH LOGIN " + base64.b64encode(b"\xe2\x80\xa8x") + b"\r\n" + base64.b64encode(b"pw") + b"\r\n",
+         "\\xe2\\x80\\xa8x", "unprintable"),
+    ],
+)
+def test_a_user_name_that_cannot_be_checked_is_a_logged_and_counted_failure(
+    response: bytes, shown: str, why: str
+) -> None:
+    """An AUTH whose user name is not valid UTF-8 or holds an unprintable character is
+    refused like a wrong password: 535, one log line naming the client and the user name
+    (escaped), counted against the client's failures -- it was answered without a word in
+    the log (invisible to fail2ban) and never counted.  Nothing is checked."""
+    h = tlsHarness(throttleAfter=10, maxFailures=2)
+    afterTLS(h)
+    with capturedLogs() as events:
+        lines = h.send(response)
+    assert lines[-1] == b"535 5.7.8 Authentication credentials invalid"
+    (failed,) = [e for e in events if e.get("failures") is not None]
+    assert failed["sasl_username"] == shown and failed["failures"] == 1
+    assert why in formatEvent(failed) and "\n" not in formatEvent(failed)
+    assert h.checker.checked == []
+    # Counted: the second failure reaches max_failures.
+    assert h.send(b"AUTH PLAIN " + plain("alice", "guess") + b"\r\n")[0].startswith(b"421")

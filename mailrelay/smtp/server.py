@@ -260,18 +260,29 @@ class Authenticate:
     @ivar username: the authentication identity (UTF-8 decoded).
     @ivar password: the password, as sent (bytes).
     @ivar authzid: the PLAIN authorization identity (C{""} when none was given).
+    @ivar malformed: C{""}, or why the user name cannot be checked (C{"not valid UTF-8"},
+        C{"empty"}, C{"unprintable"}): then C{username} shows the octets sent, escaped
+        (L{_shownName}), and the attempt is to be refused as failed without a check.
     """
 
     mechanism: str
     username: str
     password: bytes = field(repr=False)
     authzid: str = ""
+    malformed: str = ""
 
 
 @dataclass
 class _Sasl:
     mechanism: str
-    username: str | None = None
+    #: LOGIN's user name, as sent (decoded by L{ServerSession._authenticate}).
+    username: bytes | None = None
+
+
+def _shownName(raw: bytes) -> str:
+    """A user name that cannot be checked, for the log: its octets with everything but
+    printable ASCII escaped as Python writes bytes (C{al\\nice}, C{\\xffbob})."""
+    return repr(raw)[2:-1]
 
 
 @dataclass
@@ -1263,29 +1274,31 @@ class ServerSession:
             authzid, username, password = parts
             self._authenticate(username, password, authzid)
         elif sasl.username is None:
-            try:
-                sasl.username = response.decode("utf-8")
-            except UnicodeDecodeError:
-                self._saslDone(Reply(501, "5.5.2", "Error: user name is not valid UTF-8"))
-                return
+            sasl.username = response
             self.mode = _SASL
             self._out.append(_LOGIN_PASSWORD)
         else:
-            self._authenticate(sasl.username.encode("utf-8"), response, b"")
+            self._authenticate(sasl.username, response, b"")
 
     def _authenticate(self, username: bytes, password: bytes, authzid: bytes) -> None:
         mechanism = self._sasl.mechanism if self._sasl else ""
         self._saslDone()
+        # A user name no checker can be asked about is still a failed attempt: the policy
+        # logs it and counts it against the client (as a wrong password), never checking it.
+        malformed = ""
         try:
             user = username.decode("utf-8")
             authz = authzid.decode("utf-8")
         except UnicodeDecodeError:
-            self._reply(Reply(501, "5.5.2", "Error: user name is not valid UTF-8"))
-            return
-        if not user or "\0" in user or not user.isprintable():
-            self._reply(AUTH_INVALID)
-            return
-        self._ask(Authenticate(mechanism, user, password, authz))
+            malformed, authz = "not valid UTF-8", ""
+        else:
+            if not user:
+                malformed = "empty"
+            elif not user.isprintable():  # (NUL, controls, line separators, bidi overrides)
+                malformed = "unprintable"
+        if malformed:
+            user = _shownName(username)
+        self._ask(Authenticate(mechanism, user, password, authz, malformed))
 
     def _authAnswered(self, question: Authenticate, result: str | Reply) -> None:
         if isinstance(result, str):
