@@ -478,3 +478,32 @@ def test_submit_fails_with_the_reply_when_refused() -> None:
         failure = received(intake.submit(envelope(), MESSAGE))
     assert failure.check(MessageRefused) and failure.value.reply == R.LOCAL_ERROR
     assert str(failure.value) == str(R.LOCAL_ERROR) and queued == []
+
+
+@pytest.mark.parametrize("smtputf8", [False, True])
+def test_a_plugin_may_add_utf8_fields_only_to_an_smtputf8_message(smtputf8: bool) -> None:
+    """RFC 6532: UTF-8 in a header field needs SMTPUTF8.  A filter or a stamper adding one to
+    a message that is not SMTPUTF8 made the relay send 8-bit header octets to next hops that
+    never agreed to them: now the plugin's answer is refused (451, logged naming it), as for
+    any malformed field.  An SMTPUTF8 message may get them."""
+    field = "X-Note: café\r\n".encode()
+
+    class Stamper:
+        def stamp(self, context: Any) -> StampResult:
+            return StampResult(append=[field])
+
+    for plugins in ({"filters": [Filter(lambda context: FilterResult(prepend=(field,)))]},
+                    {"stampers": [Stamper()]}):
+        intake, spool, queued = makeIntake(*plugins.get("stampers", ()), filters=plugins.get("filters", ()))
+        env = envelope()
+        env.smtputf8 = smtputf8
+        with capturedLogs() as events:
+            message = intake.open(env, env.client, {})
+            message.write(MESSAGE)
+            answer = received(message.finish())
+        if smtputf8:
+            assert answer.code == 250 and spool.messages()[0].count(field) == 1
+        else:
+            assert answer.code == 451 and spool.committed == {} and queued == []
+            text = " ".join(formatEvent(e) for e in events)
+            assert "not SMTPUTF8" in text and ("f0" in text or "s0" in text), text

@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay.cleanup.stamping import HEADER_SECTION_LIMIT, WELL_FORMED_FIELD, parseHeaderSection
+from mailrelay.cleanup.stamping import HEADER_SECTION_LIMIT, fieldProblem, parseHeaderSection
 from mailrelay.envelope import ClientInfo, Envelope
 from mailrelay.interfaces import (
     CONTINUE,
@@ -147,8 +147,9 @@ class FilterContext:
             not in the message's header section (or the message was not read).
         """
         for field in (*prepend, *append):
-            if not isinstance(field, bytes) or not WELL_FORMED_FIELD.fullmatch(field):
-                raise BadAnswer(f"added a malformed header field: {field!r}")
+            problem = fieldProblem(field, self.envelope.smtputf8)
+            if problem is not None:
+                raise BadAnswer(f"added {problem}")
         if remove:
             if self._message is None:
                 raise BadAnswer("removed header fields without reading the message")

@@ -352,7 +352,7 @@ def runStampers(
         return d.addCallbacks(add, failed, callbackArgs=(configured,), errbackArgs=(configured,))
 
     def add(result: object, configured: ConfiguredStamper) -> None:
-        problem = _resultProblem(result)
+        problem = _resultProblem(result, context.envelope.smtputf8)
         if problem is not None:
             log.error(
                 "{queueID}: header stamper {stamper} returned {problem}; the message is "
@@ -415,7 +415,21 @@ def runStampers(
     return total
 
 
-def _resultProblem(result: object) -> str | None:
+def fieldProblem(field: object, smtputf8: bool) -> str | None:
+    """What is wrong with a header field a plugin adds, or C{None}: it must be C{bytes}, one
+    whole well-formed field, and ASCII unless the message is SMTPUTF8 (RFC 6532: UTF-8 in
+    the header needs it; else RFC 2047 encoded words)."""
+    if not isinstance(field, bytes) or not WELL_FORMED_FIELD.fullmatch(field):
+        return f"a malformed header field: {field!r}"
+    if not smtputf8 and not field.isascii():
+        return (
+            f"a header field with 8-bit octets in a message that is not SMTPUTF8 (encode "
+            f"them as RFC 2047 says): {field!r}"
+        )
+    return None
+
+
+def _resultProblem(result: object, smtputf8: bool) -> str | None:
     """What is wrong with a stamper's answer, or C{None}."""
     if not isinstance(result, StampResult):
         return f"{result!r}, not a StampResult"
@@ -423,6 +437,7 @@ def _resultProblem(result: object) -> str | None:
         if not isinstance(fields, (list, tuple)):
             return f"not a list of header fields: {fields!r}"
         for fieldBytes in fields:
-            if not isinstance(fieldBytes, bytes) or not WELL_FORMED_FIELD.fullmatch(fieldBytes):
-                return f"a malformed header field: {fieldBytes!r}"
+            problem = fieldProblem(fieldBytes, smtputf8)
+            if problem is not None:
+                return problem
     return None
