@@ -927,6 +927,56 @@ def latency_client(port: int, count: int, size: int, deadline: float) -> list[fl
     return samples
 
 
+#: The machine-phase probe's fixed Python work (iterations) and its fsyncs of 4 KiB.
+PROBE_LOOPS = 200_000
+PROBE_FSYNCS = 20
+
+
+def machine_phase(directory: Path) -> dict[str, float]:
+    """How fast this machine is right now, measured just before a run: the same relay code
+    runs 10-20 % slower in a VM's slow phases (the host's other guests), which moves both
+    relays' rates between runs of one table and between tables.  C{cpu_ms}: the fastest of
+    three passes of a fixed pure-Python loop (one core, as a relay's busiest process);
+    C{fsync_ms}: the median of C{PROBE_FSYNCS} writes of 4 KiB each followed by C{fsync}
+    in C{directory} (the spools' disk).  Read beside a run, a change of rate that the probe
+    moved with too is the machine's, not the code's."""
+    def work() -> float:
+        start = time.perf_counter()
+        table: dict[int, str] = {}
+        for i in range(PROBE_LOOPS):
+            table[i & 1023] = f"{i:x}"
+        return time.perf_counter() - start
+
+    cpu = min(work() for _ in range(3))
+    fd, path = tempfile.mkstemp(prefix="probe-", dir=directory)
+    syncs = []
+    try:
+        block = b"x" * 4096
+        for _ in range(PROBE_FSYNCS):
+            start = time.perf_counter()
+            os.write(fd, block)
+            os.fsync(fd)
+            syncs.append(time.perf_counter() - start)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return {"cpu_ms": round(cpu * 1000, 3), "fsync_ms": round(statistics.median(syncs) * 1000, 3)}
+
+
+def phase_summary(runs: list[dict[str, Any]]) -> str | None:
+    """One line on the machine-phase probes of C{runs} (median and range), or C{None}."""
+    probes = [r["machine_phase"] for r in runs if r.get("machine_phase")]
+    if not probes:
+        return None
+    parts = []
+    for key, what in (("cpu_ms", "CPU probe"), ("fsync_ms", "fsync probe")):
+        values = sorted(p[key] for p in probes)
+        parts.append(f"{what} {statistics.median(values):.2f} ms "
+                     f"({values[0]:.2f}-{values[-1]:.2f})")
+    return (f"machine phase before each of {len(probes)} runs: " + ", ".join(parts)
+            + "; a spread of more than ~10% says the VM changed speed during the table")
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
@@ -1667,6 +1717,7 @@ def main(argv: list[str] | None = None) -> int:
                     load = "" if phase == "memory" else f" x{messages}"
                     log(f"run {run_id}: {relay} {cell.key}{load} "
                         f"repeat {rep + 1}/{args.repeat}")
+                    probe = machine_phase(workdir)
                     t0 = time.monotonic()
                     runner = run_memory if phase == "memory" else run_once
                     try:
@@ -1677,6 +1728,7 @@ def main(argv: list[str] | None = None) -> int:
                                "cell": cell.key, "messages": messages, "ok": False,
                                "error": str(e)}
                     res["repeat"] = rep + 1
+                    res["machine_phase"] = probe
                     res["wall_seconds"] = round(time.monotonic() - t0, 2)
                     spent[relay] += time.monotonic() - t0
                     runs.append(res)
@@ -1746,6 +1798,9 @@ def main(argv: list[str] | None = None) -> int:
               "Anonymous: the processes' own memory; the rest is their share of mapped files "
               "(libpython, OpenSSL, ...), divided among every process of the machine mapping "
               "them, so it varies with what else runs.")
+    phases = phase_summary(runs)
+    if phases:
+        print(phases)
     if interrupted:
         print(f"{interrupted}: the table has the runs completed before")
     print(f"total {report['total_seconds']}s; results written to {output}")

@@ -77,3 +77,18 @@ def test_busiestProcess() -> None:
     assert bench.busiest_process(before, after, 0.0) is None
     own = bench.proc_own_cpu_seconds([(os.getpid(), "pytest"), (2**22 + 12345, "gone")])
     assert list(own) == [os.getpid()] and own[os.getpid()][1] > 0
+
+
+def test_machine_phase_probe(tmp_path: Path) -> None:
+    """The probe taken before each run measures CPU and fsync, leaves nothing behind, and
+    its summary gives median and range."""
+    bench = _bench()
+    probe = bench.machine_phase(tmp_path)
+    assert probe["cpu_ms"] > 0 and probe["fsync_ms"] > 0
+    assert list(tmp_path.iterdir()) == []
+    line = bench.phase_summary([{"machine_phase": {"cpu_ms": 30.0, "fsync_ms": 1.0}},
+                                {"machine_phase": {"cpu_ms": 36.0, "fsync_ms": 2.0}},
+                                {"machine_phase": {"cpu_ms": 33.0, "fsync_ms": 1.5}}, {}])
+    assert line.startswith("machine phase before each of 3 runs: CPU probe 33.00 ms (30.00-36.00)")
+    assert "fsync probe 1.50 ms (1.00-2.00)" in line
+    assert bench.phase_summary([{}]) is None
