@@ -863,6 +863,11 @@ class RecipientResult:
     @ivar final: a delivery, not a relay: the message reached the recipient's mailbox (a
         maildir, an LMTP store, a pipe command), so a success notice says C{delivered}; else
         it says C{relayed} (RFC 3464 section 2.3.3).
+    @ivar command: for the log, the command whose reply C{diagnostic} is, as Postfix names
+        it (C{"MAIL FROM"}, C{"RCPT TO"}, C{"DATA"}, C{"end of DATA"}, C{"BDAT"}): the line
+        of a deferral or a bounce says C{(in reply to RCPT TO command)}; C{None} when the
+        result is no server's reply.
+        Not compared: two results are equal whatever command they answered.
     """
 
     address: str
@@ -874,6 +879,7 @@ class RecipientResult:
     relay: str | None = None
     tls: str | None = None
     final: bool = False
+    command: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         expected = {

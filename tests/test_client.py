@@ -1548,3 +1548,30 @@ class EndToEndTests(trial.TestCase):
                 self.fail("bad credentials accepted")
 
         return Deferred.fromCoroutine(run())
+
+
+def test_each_result_names_the_command_its_reply_answered(message):
+    """As Postfix's "(in reply to RCPT TO command)": the log says which command a refusal
+    answered (operators read it first).  MAIL, RCPT, DATA and the end of data."""
+    peer, conn = connected()
+    d = send(conn, envelope("a@example.org", "b@example.org", "c@example.org"), message)
+    peer.heard()
+    peer.say(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 no such user\r\n250 ok\r\n354 go\r\n")
+    peer.pump()
+    peer.say(b"452 4.3.1 full\r\n")
+    a, b, c = resultOf(d)
+    assert (a.command, b.command, c.command) == ("end of DATA", "RCPT TO", "end of DATA")
+    d = send(conn, envelope("d@example.org"), message)
+    peer.heard()
+    peer.say(b"553 5.7.1 sender refused\r\n550 5.1.1 no\r\n503 no\r\n")
+    (r,) = resultOf(d)
+    assert (r.code, r.command) == ("5.7.1", "MAIL FROM")
+    peer, conn = connected(extensions=[])
+    d = send(conn, envelope("a@example.org"), message)
+    peer.say(b"250 ok\r\n")
+    peer.heard()
+    peer.say(b"250 ok\r\n")
+    assert peer.heard() == b"DATA\r\n"
+    peer.say(b"451 4.3.0 not now\r\n")
+    (r,) = resultOf(d)
+    assert r.command == "DATA"

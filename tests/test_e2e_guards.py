@@ -489,5 +489,5 @@ def test_recipient_whose_bounce_cannot_be_queued_is_logged_deferred(tmp_path: Pa
         r.stop()
         shutil.rmtree(tmp.with_name("tmp.away"), ignore_errors=True)
     assert "status=bounced" not in text, text
-    assert "status=deferred (smtp; 550 5.1.1 <gone@good.test>: no such user; the bounce could not be queued" in line, line
+    assert "status=deferred (smtp; 550 5.1.1 <gone@good.test>: no such user (in reply to RCPT TO command); the bounce could not be queued" in line, line
     assert len(recorder.accepted) == 0

@@ -533,8 +533,10 @@ def test_temporary_failure_then_delivered(relay, nexthop, dns, stage: str) -> No
     qid = submit(r, "alice@sender.test", ["bob@example.org"], message("retry"))
     waitResult(r, qid, "bob@example.org", "sent")
     waitRemoved(r, qid)
+    # The log says which command the refusal answered, as Postfix's; not of a success.
+    command = "RCPT TO" if stage == "RCPT" else "end of DATA"
     assert results(r, qid, "bob@example.org") == [
-        ("1", "deferred", "smtp; 451 4.3.0 try later"),
+        ("1", "deferred", f"smtp; 451 4.3.0 try later (in reply to {command} command)"),
         ("2", "sent", "smtp; 250 2.0.0 OK"),
     ]
     if stage == "DATA":
@@ -557,7 +559,7 @@ def test_permanent_failure_bounces_to_sender(relay, nexthop, dns) -> None:
     qid = submit(r, "alice@sender.test", ["bob@example.org", "carol@example.org"],
                  message("will bounce"), mailOptions=("ENVID=env-4",))
     m = waitResult(r, qid, "bob@example.org")
-    assert (m["status"], m["diagnostic"]) == ("bounced", "smtp; 550 5.1.1 no such user"), m[0]
+    assert (m["status"], m["diagnostic"]) == ("bounced", "smtp; 550 5.1.1 no such user (in reply to RCPT TO command)"), m[0]
     assert waitResult(r, qid, "carol@example.org")["status"] == "sent"
     dsnID = bounceID(r, qid)
     waitRemoved(r, qid)
@@ -718,7 +720,7 @@ def test_lmtp_per_recipient_results(relay, nexthop, dns) -> None:
     carol = waitResult(r, qid, "carol@lmtp.test")
     assert (bob["status"], bob["diagnostic"]) == ("sent", "smtp; 250 2.0.0 delivered"), bob[0]
     assert (carol["status"], carol["diagnostic"]) == (
-        "bounced", "smtp; 550 5.1.1 no such mailbox"), carol[0]
+        "bounced", "smtp; 550 5.1.1 no such mailbox (in reply to end of DATA command)"), carol[0]
     (attempt,) = store.attempts  # one LMTP transaction for both
     assert attempt.rcptTos == ["bob@lmtp.test", "carol@lmtp.test"]
     assert b"Subject: lmtp\r\n" in attempt.content

@@ -285,3 +285,26 @@ def test_decideDoesNoIO() -> None:
         imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
                      for a in node.names}
         assert imported <= allowed, imported - allowed
+
+
+def test_the_log_says_which_command_a_reply_answered() -> None:
+    """Postfix's "(in reply to RCPT TO command)" after a server's refusal in the log line
+    (not after a success, as Postfix); the recorded result (the DSN's Diagnostic-Code) stays
+    the reply alone."""
+    r = Recipient("a@example.org", "a@example.org")
+    envelope = Envelope("s@example.org", [r], arrival=1000.0)
+    result = RecipientResult("a@example.org", DeliveryStatus.PERMANENT, "5.1.1",
+                             "smtp; 550 5.1.1 no such user", command="RCPT TO")
+    policy = QueuePolicy(maxLifetime=3600, minBackoff=300, maxBackoff=4000)
+    (t,) = decide(envelope, [Outcome(r, result, "mx.example.org")], policy, 1100.0).transitions
+    assert t.logDiagnostic == "smtp; 550 5.1.1 no such user (in reply to RCPT TO command)"
+    assert t.lastResult == "smtp; 550 5.1.1 no such user"
+    late = RecipientResult("a@example.org", DeliveryStatus.TRANSIENT, "4.2.0", "smtp; 451 busy",
+                           command="end of DATA")
+    (t,) = decide(envelope, [Outcome(r, late, "mx")], policy, 1000.0 + 3601).transitions
+    assert t.logDiagnostic == ("message expired after 3601s in the queue; last error: "
+                               "smtp; 451 busy (in reply to end of DATA command)")
+    sent = RecipientResult("a@example.org", DeliveryStatus.DELIVERED, "2.0.0", "smtp; 250 ok",
+                           command="end of DATA")
+    (t,) = decide(envelope, [Outcome(r, sent, "mx")], policy, 1100.0).transitions
+    assert t.logDiagnostic == "smtp; 250 ok"

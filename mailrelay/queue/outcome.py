@@ -160,6 +160,9 @@ def _transition(outcome: Outcome, now: float, delay: float, expired: bool) -> Tr
     r, result = outcome.recipient, outcome.result
     state, status, finalTime = PENDING, result.code, r.finalTime
     diagnostic, logStatus = result.diagnostic, "deferred"
+    if result.command and result.status is not DeliveryStatus.DELIVERED:
+        # As Postfix says of a refusal: which command the server's reply answered.
+        diagnostic += f" (in reply to {result.command} command)"
     if result.status is DeliveryStatus.DELIVERED:
         state, finalTime, logStatus = DELIVERED, now, "sent"
     elif result.status is DeliveryStatus.PERMANENT:
@@ -167,7 +170,7 @@ def _transition(outcome: Outcome, now: float, delay: float, expired: bool) -> Tr
     elif expired:
         state, finalTime, logStatus, status = BOUNCED, now, "bounced", EXPIRED
         diagnostic = (
-            f"message expired after {delay:.0f}s in the queue; last error: {result.diagnostic}"
+            f"message expired after {delay:.0f}s in the queue; last error: {diagnostic}"
         )
     return Transition(
         recipient=r,

@@ -144,6 +144,10 @@ _IDLE, _RSET, _TRANSACTION, _BODY, _QUIT, _CLOSED = (
 _CONNECTING = frozenset({_GREETING, _EHLO, _HELO, _STARTTLS, _HANDSHAKE, _AUTH, _AUTH_USER,
                          _AUTH_PASS})
 _MAIL, _RCPT, _DATA, _DOT, _BDAT = "mail", "rcpt", "data", "dot", "bdat"
+#: How the log names the command a reply answered, as Postfix does (C{(in reply to RCPT TO
+#: command)}); the last BDAT chunk's reply is the end of data's.
+_COMMAND_NAMES = {_MAIL: "MAIL FROM", _RCPT: "RCPT TO", _DATA: "DATA", _DOT: "end of DATA",
+                  _BDAT: "BDAT"}
 
 #: step -> (ClientTimeouts field, "while ..." text)
 _STEPS = {
@@ -457,7 +461,7 @@ class ClientSession:
         self._out.append(Close(abort))
 
     def _result(self, recipient: Recipient, status: DeliveryStatus, code: str,
-                diagnostic: str) -> RecipientResult:
+                diagnostic: str, command: str | None = None) -> RecipientResult:
         # NOTIFY went with the RCPT when the peer offers DSN: a success notice is then the
         # peer's to send (RFC 3461 5.2.2), not ours.  An LMTP server is the mailbox: what it
         # accepts is delivered, not relayed.
@@ -465,11 +469,12 @@ class ClientSession:
         relayed = delivered and recipient.notify is not None and "DSN" in self.extensions
         return RecipientResult(recipient.address, status, code, diagnostic[:MAX_DIAGNOSTIC],
                                self.remoteMTA, dsnRelayed=relayed,
-                               final=delivered and self.settings.lmtp)
+                               final=delivered and self.settings.lmtp, command=command)
 
-    def _fromReply(self, recipient: Recipient, reply: Reply) -> RecipientResult:
+    def _fromReply(self, recipient: Recipient, reply: Reply, kind: str) -> RecipientResult:
+        """The result of C{recipient} that C{reply}, to the command of C{kind}, gives."""
         status, code = statusOf(reply)
-        return self._result(recipient, status, code, replyDiagnostic(reply))
+        return self._result(recipient, status, code, replyDiagnostic(reply), _COMMAND_NAMES[kind])
 
     def _fail(self, code: str, diagnostic: str) -> None:
         """Give up on the connection: report, then abort it."""
@@ -729,9 +734,10 @@ class ClientSession:
         assert t is not None
         if reply.code == 421:
             # The server is going away: this reply answers everything still outstanding.
+            kind = self._expect[0][0] if self._expect else _DOT
             for i, r in enumerate(t.recipients):
                 if t.results[i] is None:
-                    t.results[i] = self._fromReply(r, reply)
+                    t.results[i] = self._fromReply(r, reply, kind)
             self._finish(close="close")
             return
         if not self._expect:  # pragma: no cover - defensive
@@ -753,7 +759,7 @@ class ClientSession:
                 self._write(self._rcptCommand(t, t.recipients[0]))
                 self._expect.append((_RCPT, 0))
         elif cls in (4, 5):
-            t.results = [self._fromReply(r, reply) for r in t.recipients]
+            t.results = [self._fromReply(r, reply, _MAIL) for r in t.recipients]
             if not t.pipelined:
                 self._finish()
         else:
@@ -768,7 +774,7 @@ class ClientSession:
             if cls == 2:
                 t.accepted.append(index)
             else:
-                t.results[index] = self._fromReply(t.recipients[index], reply)
+                t.results[index] = self._fromReply(t.recipients[index], reply, _RCPT)
         if t.pipelined and not t.chunking:
             return  # DATA's reply decides
         if index + 1 < len(t.recipients):
@@ -800,7 +806,7 @@ class ClientSession:
                 self._finish(close="abort")
         elif cls in (4, 5):
             for i in t.accepted:
-                t.results[i] = self._fromReply(t.recipients[i], reply)
+                t.results[i] = self._fromReply(t.recipients[i], reply, _DATA)
             self._needRset = t.mailOK
             self._finish()
         else:
@@ -815,7 +821,7 @@ class ClientSession:
         # The server answered before the end of the message: it refuses it.
         if reply.code // 100 in (4, 5):
             for i in t.accepted:
-                t.results[i] = self._fromReply(t.recipients[i], reply)
+                t.results[i] = self._fromReply(t.recipients[i], reply, _DOT)
             self._finish(close="abort")
         else:
             self._unexpected("the message body", reply)
@@ -831,7 +837,7 @@ class ClientSession:
             # chunks; the replies still due are read, then RSET starts the next one.
             t.chunkRefused = True
             for i in t.accepted:
-                t.results[i] = self._fromReply(t.recipients[i], reply)
+                t.results[i] = self._fromReply(t.recipients[i], reply, _BDAT)
             if self.state == _BODY:
                 self.state = _TRANSACTION
                 self._out.append(StopBody())
@@ -852,7 +858,7 @@ class ClientSession:
             return
         targets = [t.accepted[index]] if self.settings.lmtp else t.accepted
         for i in targets:
-            t.results[i] = self._fromReply(t.recipients[i], reply)
+            t.results[i] = self._fromReply(t.recipients[i], reply, _DOT)
         if not self._expect:
             self._needRset = False
             self._finish()
