@@ -199,6 +199,11 @@ class ClientBackend:
     settings: Any
     _perDestination: PerDestination
     _quitter: Quitter
+    reactor: Any
+    #: Seconds a message must have been queued before a TLS failure under C{tls = "may"} is
+    #: followed by the same server without TLS (the queue's C{min_backoff}, Postfix's
+    #: C{$minimal_backoff_time}).
+    plaintextFallbackAge: float = 300.0
 
     def settingsFor(self, route: Route) -> Any:
         """The client settings of a delivery along C{route}: the backend's default
@@ -210,6 +215,18 @@ class ClientBackend:
         if changes.get("caFile") == PLATFORM_TRUST_STORE:
             changes["caFile"] = None  # what ClientSettings calls the platform's trust store
         return dataclasses.replace(self.settings, **changes) if changes else self.settings
+
+    def _plaintextOK(self, settings: Any, envelope: Any) -> bool:
+        """Whether a TLS failure under C{settings} may be followed by the same address
+        without TLS: C{tls = "may"} (nothing verified; REQUIRETLS makes it C{"required"}), no
+        credentials to send, and the message queued for at least L{plaintextFallbackAge}
+        seconds (see L{mailrelay.delivery.smtp}'s docstring)."""
+        if settings.tls != "may" or settings.username is not None:
+            return False
+        arrival = envelope.arrival
+        return arrival is not None and self.reactor.seconds() - arrival >= (
+            self.plaintextFallbackAge
+        )
 
     def deliver(self, envelope: Any, recipients: Any, route: Route, messagePath: Any) -> Deferred:
         """Deliver to C{recipients} along C{route}; the Deferred never fails (but may be

@@ -501,18 +501,6 @@ class SMTPBackend(ClientBackend):
                             f"X-mailrelay; unable to find primary relay for {nexthop}")
         return hosts, None
 
-    def _plaintextOK(self, settings: ClientSettings, envelope: Any) -> bool:
-        """Whether a TLS failure under C{settings} may be followed by the same address
-        without TLS: C{tls = "may"} (nothing verified; REQUIRETLS makes it C{"required"}), no
-        credentials to send, and the message queued for at least L{plaintextFallbackAge}
-        seconds (see the module's docstring)."""
-        if settings.tls != "may" or settings.username is not None:
-            return False
-        arrival = envelope.arrival
-        return arrival is not None and self.reactor.seconds() - arrival >= (
-            self.plaintextFallbackAge
-        )
-
     def _plaintextKey(
         self, key: tuple[str, ClientSettings], envelope: Any, host: MXHost, diagnostic: str
     ) -> tuple[str, ClientSettings]:
