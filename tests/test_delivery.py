@@ -1346,3 +1346,67 @@ def test_smtp_may_tls_session_broken_then_plaintext_refused_keeps_the_first_resu
     results = result(_deliverAged(backend, clock, 300))
     assert [(r.status, r.code) for r in results] == [(TRANSIENT, "4.4.2")] * 2
     assert [a[3].tls for a in net.attempts] == ["may", "none"]
+
+
+def _mayLMTP(tlsError: SMTPConnectError | None = None) -> tuple[Any, FakeNet, Clock]:
+    """An LMTP backend (C{tls = "may"}, C{plaintextFallbackAge} 300) whose connections with
+    TLS fail with C{tlsError}, if given; its clock well past 0."""
+    from mailrelay.delivery.lmtp import LMTPBackend
+
+    net = FakeNet()
+
+    def connect(reactor: Any, endpoint: Any, settings: ClientSettings, **kw: Any) -> Any:
+        if tlsError is not None and settings.tls != "none":
+            net.attempts.append((endpoint._host, endpoint._port, kw["tlsHostname"], settings,
+                                 endpoint))
+            return defer.fail(tlsError)
+        return net.connect(reactor, endpoint, settings, **kw)
+
+    clock = Clock()
+    clock.advance(100_000)
+    settings = ClientSettings(heloName="relay.test", tls="may", lmtp=True)
+    return LMTPBackend(clock, settings, connect=connect, plaintextFallbackAge=300), net, clock
+
+
+def _deliverLMTPAged(backend: Any, clock: Clock, age: float) -> Any:
+    env = envelope("a@example.org", "b@example.org")
+    env.arrival = clock.seconds() - age
+    return backend.deliver(env, env.recipients, Route("lmtp", "192.0.2.40:24", RouteOptions()),
+                           Path("/nonexistent"))
+
+
+@pytest.mark.parametrize("age, plaintext", [(299, False), (300, True)])
+@pytest.mark.parametrize("error", [HANDSHAKE_FAILED, SESSION_LOST], ids=["handshake", "session"])
+def test_lmtp_may_tls_failure_falls_back_as_smtp_does(
+    error: SMTPConnectError, age: float, plaintext: bool
+) -> None:
+    """An LMTP route with tls = "may" whose STARTTLS handshake fails: a message queued for
+    at least the fallback age (the queue's min_backoff) goes to the same server at once
+    without TLS, as over SMTP; a younger one is deferred.  It was deferred every time, until
+    it expired and bounced."""
+    backend, net, clock = _mayLMTP(error)
+    results = result(_deliverLMTPAged(backend, clock, age))
+    if plaintext:
+        assert [r.status for r in results] == [DELIVERED, DELIVERED]
+        assert [a[3].tls for a in net.attempts] == ["may", "none"]
+        assert net.connections[0].sent == [("Q" * 20, ["a@example.org", "b@example.org"])]
+    else:
+        assert [(r.status, r.code) for r in results] == [(TRANSIENT, error.code)] * 2
+        assert [a[3].tls for a in net.attempts] == ["may"]
+
+
+@pytest.mark.parametrize("age, plaintext", [(299, False), (300, True)])
+def test_lmtp_may_tls_session_broken_in_a_transaction(age: float, plaintext: bool) -> None:
+    """... and a TLS session that breaks in the transaction: the recipients left are sent
+    again over a plaintext connection when the message is old enough."""
+    backend, net, clock = _mayLMTP()
+    net.sendBehaviour["192.0.2.40"] = "tlslost-once"
+    results = result(_deliverLMTPAged(backend, clock, age))
+    if plaintext:
+        assert [r.status for r in results] == [DELIVERED, DELIVERED]
+        assert [a[3].tls for a in net.attempts] == ["may", "none"]
+        assert [c.sent for c in net.connections] == [[("Q" * 20, ["a@example.org",
+                                                                   "b@example.org"])]] * 2
+    else:
+        assert [(r.status, r.code) for r in results] == [(TRANSIENT, "4.4.2")] * 2
+        assert [a[3].tls for a in net.attempts] == ["may"]

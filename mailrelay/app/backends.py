@@ -28,7 +28,11 @@ def builtinBackendSpecs(config: Config) -> list[BackendSpec]:
             # Postfix's $minimal_backoff_time (see mailrelay.delivery.smtp).
             "plaintext_fallback_age": config.queue.minBackoff,
         },
-        "lmtp": {"settings": config.delivery, "concurrency": config.destinationConcurrency},
+        "lmtp": {
+            "settings": config.delivery,
+            "concurrency": config.destinationConcurrency,
+            "plaintext_fallback_age": config.queue.minBackoff,
+        },
     }
     return [
         BackendSpec(name=name, plugin=name, options=options.get(name, {}), key="delivery")

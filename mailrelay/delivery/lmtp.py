@@ -10,6 +10,11 @@ replies LMTP gives after DATA, and quits.
 A connection failure defers every recipient (transient; a 5xx greeting too: a store that
 refuses connections is a problem to fix, not a reason to bounce).  A bad next hop defers
 every recipient with 4.3.5 (system incorrectly configured).
+
+A route with C{tls = "may"} falls back to plaintext as the C{smtp} backend does (see
+L{mailrelay.delivery.smtp}): after a TLS failure (the handshake, or the session lost in the
+transaction), a message queued for at least C{plaintextFallbackAge} seconds goes to the same
+server at once without TLS; a younger one is deferred; never with credentials.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class LMTPBackend(ClientBackend):
         *,
         concurrency: int = 20,
         connect: Callable[..., Deferred] | None = None,
+        plaintextFallbackAge: float = 300.0,
     ) -> None:
         """
         @param reactor: provides C{IReactorTCP}, C{IReactorUNIX} and C{IReactorTime}.
@@ -68,8 +74,12 @@ class LMTPBackend(ClientBackend):
             (C{lmtp} is forced on; C{tls="none"} is usual for a local store).
         @param concurrency: the most simultaneous connections to one next hop.
         @param connect: the connecting function, C{connectSMTP} by default (for tests).
+        @param plaintextFallbackAge: seconds a message must have been queued before a TLS
+            failure under C{tls = "may"} is followed by plaintext (the queue's
+            C{min_backoff}; see the module's docstring).
         """
         self.reactor = reactor
+        self.plaintextFallbackAge = plaintextFallbackAge
         self.settings = settings
         self.concurrency = concurrency
         self._connect = connect
@@ -132,11 +142,14 @@ class LMTPBackend(ClientBackend):
         except ValueError as e:
             log.error("{queueID}: bad LMTP next hop: {error}", queueID=queueID, error=str(e))
             return resultsForAll(recipients, DeliveryStatus.TRANSIENT, "4.3.5", f"X-mailrelay; {e}")
-        connect = self._connect if self._connect is not None else connectSMTP
         try:
-            connection = yield connect(
-                self.reactor, endpoint, settings, tlsHostname=tlsHostname, remoteMTA=remoteMTA
-            )
+            try:
+                connection = yield self._connectTo(endpoint, settings, tlsHostname, remoteMTA)
+            except SMTPConnectError as e:
+                if not (e.tlsFailure and self._plaintextOK(settings, envelope)):
+                    raise
+                settings = self._withoutTLS(envelope, nexthop, settings, e.diagnostic)
+                connection = yield self._connectTo(endpoint, settings, tlsHostname, remoteMTA)
         except SMTPConnectError as e:
             log.warn(
                 "{queueID}: cannot connect to LMTP server {nexthop}: {code} {diagnostic}",
@@ -162,7 +175,70 @@ class LMTPBackend(ClientBackend):
             )
         results = yield self._send(connection, envelope, recipients, messagePath)
         self._quit(connection)
+        if connection.tlsSessionFailed and self._plaintextOK(settings, envelope):
+            results = yield self._sendPlaintext(
+                envelope, recipients, nexthop, settings, messagePath, results
+            )
         return results
+
+    def _connectTo(
+        self, endpoint: Any, settings: ClientSettings, tlsHostname: str, remoteMTA: str
+    ) -> Deferred:
+        connect = self._connect if self._connect is not None else connectSMTP
+        return connect(
+            self.reactor, endpoint, settings, tlsHostname=tlsHostname, remoteMTA=remoteMTA
+        )
+
+    def _withoutTLS(
+        self, envelope: Any, nexthop: str, settings: ClientSettings, diagnostic: str
+    ) -> ClientSettings:
+        """Log that C{nexthop} is tried again without TLS after C{diagnostic}; the settings
+        to do it with."""
+        log.info(
+            '{queueID}: {diagnostic}; trying LMTP server {nexthop} again without TLS (tls = "may")',
+            queueID=envelope.queueID,
+            diagnostic=diagnostic.removeprefix("X-mailrelay; "),
+            nexthop=nexthop,
+        )
+        return dataclasses.replace(settings, tls="none")
+
+    @inlineCallbacks
+    def _sendPlaintext(
+        self,
+        envelope: Any,
+        recipients: list,
+        nexthop: str,
+        settings: ClientSettings,
+        messagePath: Path,
+        results: list,
+    ) -> Any:
+        """The TLS session broke in the transaction that gave C{results}: send the recipients
+        it deferred again over a new connection without TLS; C{results} with theirs replaced
+        (unchanged when that connection fails)."""
+        deferred = [i for i, r in enumerate(results) if r.status is DeliveryStatus.TRANSIENT]
+        if not deferred:
+            return results
+        diagnostic = results[deferred[0]].diagnostic
+        plain = self._withoutTLS(envelope, nexthop, settings, diagnostic)
+        endpoint, tlsHostname, remoteMTA = self._endpoint(nexthop, plain)
+        try:
+            connection = yield self._connectTo(endpoint, plain, tlsHostname, remoteMTA)
+        except SMTPConnectError as e:
+            log.warn(
+                "{queueID}: cannot connect to LMTP server {nexthop}: {code} {diagnostic}",
+                queueID=envelope.queueID,
+                nexthop=nexthop,
+                code=e.code,
+                diagnostic=e.diagnostic,
+            )
+            return results
+        again = yield self._send(connection, envelope, [recipients[i] for i in deferred],
+                                 messagePath)
+        self._quit(connection)
+        merged = list(results)
+        for i, result in zip(deferred, again, strict=True):
+            merged[i] = result
+        return merged
 
 
 def build(options: dict[str, Any], context: PluginContext) -> LMTPBackend:
@@ -170,9 +246,15 @@ def build(options: dict[str, Any], context: PluginContext) -> LMTPBackend:
 
     @param options: C{settings}, the relay's default L{ClientSettings} (of C{[delivery]}),
         which LMTP uses without TLS and with the platform's trust store unless a route says
-        otherwise (a local store); C{concurrency} (see L{LMTPBackend}).
+        otherwise (a local store); C{concurrency} and C{plaintext_fallback_age} (see
+        L{LMTPBackend}).
     @param context: its C{reactor} connects and times.
     """
-    options = builtinOptions("lmtp", options, ("settings", "concurrency"))
+    options = builtinOptions("lmtp", options, ("settings", "concurrency", "plaintext_fallback_age"))
     settings = dataclasses.replace(options["settings"], lmtp=True, tls="none", caFile=None)
-    return LMTPBackend(context.reactor, settings, concurrency=options.get("concurrency", 20))
+    return LMTPBackend(
+        context.reactor,
+        settings,
+        concurrency=options.get("concurrency", 20),
+        plaintextFallbackAge=options.get("plaintext_fallback_age", 300.0),
+    )
