@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
 if TYPE_CHECKING:  # pragma: no cover
     from prometheus_client import CollectorRegistry
@@ -64,6 +65,7 @@ __all__ = [
     "exposition",
     "replyClass",
     "snapshot",
+    "noteBlocking",
     "timePlugin",
 ]
 
@@ -247,16 +249,57 @@ def replyClass(code: int) -> str:
     return f"{code // 100}xx"
 
 
+_log = Logger(namespace="mailrelay.plugins")
+
+#: A plugin's call that takes longer than this before it returns (its answer, or the
+#: Deferred of one) held the reactor -- every session of the process waited: logged.
+BLOCKING_WARN_SECONDS = 0.25
+#: Seconds between two such lines about one plugin (the calls in between are counted).
+BLOCKING_WARN_INTERVAL = 60.0
+#: (hook, plugin) -> when its last line was written, and the calls that held the reactor
+#: since.
+_lastBlockingWarning: dict[tuple[str, str], list[float]] = {}
+
+
+def noteBlocking(hook: str, plugin: str, started: float) -> None:
+    """Log, naming the plugin, when its call since C{started} (C{time.perf_counter()}) held
+    the reactor for more than L{BLOCKING_WARN_SECONDS}: a plugin must not block (a lookup
+    without a Deferred, a sleep, a file read of a network mount); at most one line per
+    L{BLOCKING_WARN_INTERVAL} seconds per plugin, with the count of the calls since."""
+    held = time.perf_counter() - started
+    if held <= BLOCKING_WARN_SECONDS:
+        return
+    now = time.monotonic()
+    key = (hook, plugin)
+    last = _lastBlockingWarning.get(key)
+    if last is not None and now - last[0] < BLOCKING_WARN_INTERVAL:
+        last[1] += 1
+        return
+    since = "" if last is None else f" ({last[1]:g} more since the last line)"
+    _lastBlockingWarning[key] = [now, 0]
+    _log.warn(
+        "{hook} plugin {plugin} held the reactor for {held:.2f}s: every connection of this "
+        "process waited{since}; a plugin must not block (do such work with "
+        "context.deferToThread or return a Deferred)",
+        hook=hook,
+        plugin=plugin,
+        held=held,
+        since=since,
+    )
+
+
 def timePlugin(hook: str, plugin: str, result: Any, started: float) -> Any:
     """Count the time a plugin took to answer, in L{PLUGIN_SECONDS}: C{result} is what its
     call returned, at once (counted now) or as a Deferred (counted when it fires, however
     it fires); C{started} is C{time.perf_counter()} before the call.  Returns C{result}.
+    A call that held the reactor too long is logged (L{noteBlocking}).
 
     The chain runner of each hook calls it around each plugin::
 
         started = time.perf_counter()
         result = timePlugin("recipient_validator", name, plugin.validateRecipient(...), started)
     """
+    noteBlocking(hook, plugin, started)
     if PLUGIN_SECONDS.real is None:  # not counting
         return result
     observe = child(PLUGIN_SECONDS, hook, plugin).observe

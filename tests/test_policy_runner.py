@@ -246,3 +246,30 @@ def test_a_failing_site_sender_validator_defers_the_mail_command() -> None:
     policy = SenderPolicy(validators=[ConfiguredPlugin("site", Site(succeed("ok")), 5)], clock=Clock())
     verdict = mail(policy, "a@example.com")
     assert str(verdict.reply) == "451 4.3.0 Error: temporary failure checking sender, try again later"
+
+
+def test_a_plugin_that_blocks_the_reactor_is_named_in_the_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A site plugin that does blocking work in its call (a lookup without a Deferred, a
+    sleep) holds every session of the relay meanwhile; nothing said so.  The log now names
+    it, with how long it held the reactor -- once a minute at most per plugin, with how many
+    times since."""
+    import time
+
+    from mailrelay import metrics
+
+    monkeypatch.setattr(metrics, "BLOCKING_WARN_SECONDS", 0.01)
+    monkeypatch.setattr(metrics, "_lastBlockingWarning", {})
+
+    def slow(*args: Any) -> Verdict:
+        time.sleep(0.02)
+        return CONTINUE
+
+    c = chain(Plugin("fast"), Plugin("slow", slow))
+    with capturedLogs() as events:
+        for _ in range(3):
+            assert result(c.run("x", subject="192.0.2.1")) == CONTINUE
+    texts = [formatEvent(e) for e in events]
+    (line,) = [t for t in texts if "reactor" in t]
+    assert "test plugin slow held the reactor for" in line and "deferToThread" in line
+    assert not any("fast" in t for t in texts)
+

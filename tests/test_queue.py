@@ -1326,3 +1326,35 @@ def test_permanentRoutingFailureBounces(
     assert [blk["Final-Recipient"] for blk in recipientBlocks(call.message)] == ["rfc822; a@gone.example"]
     bounces.release()
     resultOf(qm.stopService())
+
+
+def test_a_backend_that_blocks_the_reactor_is_named_in_the_log(
+    spool: Spool, router: FakeRouter, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A site backend whose deliver() blocks before it returns holds every delivery of the
+    process: the log names it (once a minute at most, then with the count since)."""
+    import time
+
+    from twisted.logger import capturedLogs, formatEvent
+
+    from mailrelay import metrics
+
+    monkeypatch.setattr(metrics, "BLOCKING_WARN_SECONDS", 0.01)
+    monkeypatch.setattr(metrics, "_lastBlockingWarning", {})
+
+    def slow(rs: list[Recipient]) -> Any:
+        time.sleep(0.02)
+        return succeed([result(r.address, "2") for r in rs])
+
+    qm = makeManager(spool, router, {"smtp": BrokenBackend(slow)}, clock)
+    qm.startService()
+    with capturedLogs() as events:
+        for _ in range(2):
+            qm.enqueue(queueMessage(spool, clock, ["a@example.com"]))
+    lines = [formatEvent(e) for e in events if "reactor" in formatEvent(e)]
+    assert len(lines) == 1 and lines[0].startswith("backend plugin smtp held the reactor for")
+    metrics._lastBlockingWarning[("backend", "smtp")][0] -= 61
+    with capturedLogs() as events:
+        qm.enqueue(queueMessage(spool, clock, ["a@example.com"]))
+    assert any("(1 more since the last line)" in formatEvent(e) for e in events)
+    resultOf(qm.stopService())

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from mailrelay.envelope import Envelope, Recipient
 from mailrelay.errors import PermanentFailure, TransientFailure
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, ISpool, RecipientResult, Route
-from mailrelay.metrics import DELIVERY_SECONDS, child
+from mailrelay.metrics import DELIVERY_SECONDS, child, noteBlocking
 from mailrelay.queue.outcome import Outcome
 
 log = Logger(namespace="mailrelay.queue")
@@ -235,11 +235,9 @@ class Deliverer:
         started = time.perf_counter()
         try:
             path = self.spool.messagePath(queueID)
-            results = await self.calls.bound(
-                maybeDeferred(backend.deliver, envelope, list(recipients), route, path),
-                timeout,
-                _timedOut,
-            )
+            answer = maybeDeferred(backend.deliver, envelope, list(recipients), route, path)
+            noteBlocking("backend", route.backend, started)
+            results = await self.calls.bound(answer, timeout, _timedOut)
         except Exception as e:
             return self._failedGroup(queueID, route, recipients, timeout, e)
         finally:
