@@ -604,6 +604,7 @@ ERROR_CASES = [
      'not "2s"'),
     ("[delivery]\nconnection_cache_time = false", "delivery.connection_cache_time",
      "not false"),
+    ('[delivery]\ncreate_mailboxes = "yes"', "delivery.create_mailboxes", 'not "yes"'),
     ("[delivery]\nconcurrency = 5", "delivery.concurrency",
      'did you mean "destination_concurrency"'),
     ("[delivery]\ntimeouts = 30", "delivery.timeouts",
@@ -1097,6 +1098,7 @@ tls = "required"
 ca_file = "ca.pem"
 destination_concurrency = 1
 connection_cache_time = 0
+create_mailboxes = true
 [delivery.timeouts]
 connect = 5
 greeting = 1.5
@@ -1129,6 +1131,7 @@ nameservers = ["127.0.0.1:5353", "[2001:DB8::53]", "2001:db8::54", "[192.0.2.1]:
     assert all(isinstance(getattr(c.delivery.timeouts, name), float)
                for name in ("connect", "greeting", "dataInit", "dataBlock", "dataDone", "quit"))
     assert (c.destinationConcurrency, c.connectionCacheTime) == (1, 0.0)
+    assert c.createMailboxes is True
     assert isinstance(c.connectionCacheTime, float)
     assert c.smarthostOptions == transport("implicit", ca, "bob", "s3cret", True)
     assert c.nameservers == (

@@ -14,6 +14,7 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
@@ -175,7 +176,7 @@ def test_builtin_backends_build_from_their_options() -> None:
         ("smtp", {}, "the built-in smtp backend needs its client settings (option 'settings'"),
         ("lmtp", {"settings": "x"}, "a ClientSettings), not 'x'"),
         ("lmtp", {"settings": ClientSettings(heloName="r.test"), "tls": "none"}, "no option 'tls'"),
-        ("maildir", {"directory": "/m"}, "has no option 'directory' (its options: none)"),
+        ("maildir", {"directory": "/m"}, "has no option 'directory' (its options: create_mailboxes)"),
         ("discard", {"x": 1}, "the built-in discard backend has no option 'x'"),
     ],
 )
@@ -264,8 +265,52 @@ def syncThread(f: Any, *args: Any) -> defer.Deferred:
     return defer.maybeDeferred(f, *args)
 
 
-def maildir() -> MaildirBackend:
-    return MaildirBackend(Clock(), deferToThread=syncThread, hostname="host/with:odd")
+def maildir(createMailboxes: bool = True) -> MaildirBackend:
+    return MaildirBackend(Clock(), deferToThread=syncThread, hostname="host/with:odd",
+                          createMailboxes=createMailboxes)
+
+
+@pytest.mark.parametrize(
+    "template, userDir",
+    [
+        ("{root}/mail/{{domain}}/{{local}}/Maildir", "{root}/mail/example.org/bob"),
+        ("{root}/{{local}}", "{root}/bob"),
+        ("{root}/{{address}}/Maildir", "{root}/bob@example.org"),
+    ],
+)
+def test_maildir_delivers_only_into_a_mailbox_that_exists(
+    tmp_path: Path, messagePath: Path, template: str, userDir: str
+) -> None:
+    """By default ([delivery] create_mailboxes = false) a maildir route delivers only into
+    a user's directory that exists -- the template up to its {local} or {address} part --
+    as Postfix's virtual and local agents deliver only to users they know: any local part
+    of a routed domain created a directory (remote senders could create them by the
+    thousand, and mail to a mistyped name was kept where nobody reads it).  An unknown user
+    bounces 5.1.1 and nothing is created."""
+    template = template.format(root=tmp_path)
+    userDir = userDir.format(root=tmp_path)
+    env = envelope("Bob@example.org")
+    with capturedLogs() as events:
+        (r,) = result(maildir(False).deliver(env, env.recipients, toMaildir(template), messagePath))
+    assert (r.status, r.code) == (PERMANENT, "5.1.1")
+    assert r.diagnostic == "X-mailrelay; unknown user: no mailbox for Bob@example.org"
+    assert not any(p.is_dir() for p in tmp_path.rglob("*"))  # nothing created
+    assert any(userDir in formatEvent(e) for e in events)
+    os.makedirs(userDir)
+    (r,) = result(maildir(False).deliver(env, env.recipients, toMaildir(template), messagePath))
+    assert r.status is DELIVERED
+    (stored,) = list(Path(mailboxPath(template, "Bob@example.org"), "new").iterdir())
+    assert b"Delivered-To: Bob@example.org" in stored.read_bytes()
+
+
+def test_maildir_one_mailbox_for_a_domain_is_created(tmp_path: Path, messagePath: Path) -> None:
+    """A template without {local} or {address} is one mailbox for all the domain's mail:
+    created when missing, as before."""
+    env = envelope("bob@example.org")
+    template = str(tmp_path / "{domain}" / "Maildir")
+    (r,) = result(maildir(False).deliver(env, env.recipients, toMaildir(template), messagePath))
+    assert r.status is DELIVERED
+    assert (tmp_path / "example.org" / "Maildir" / "new").is_dir()
 
 
 def test_maildir_delivers(tmp_path: Path, messagePath: Path) -> None:

@@ -82,6 +82,7 @@ def test_refused_chunk_bounces(relay, dns, postfix, tmp_path: Path) -> None:
     that the relay cannot know before): the recipient bounces with Postfix's reply."""
     peer = postfix("message_size_limit=100000", "smtpd_discard_ehlo_keywords=size")
     template = str(tmp_path / "mail" / "{domain}" / "{local}" / "Maildir")
+    (tmp_path / "mail" / "sender.test" / "alice").mkdir(parents=True)  # (a maildir route delivers only to users whose directory exists)
     routes = [{"domain": DOMAIN, "backend": "smtp", "nexthop": f"[127.0.0.1]:{peer.port}"},
               {"domain": "sender.test", "backend": "maildir", "nexthop": template}]
     r = relay(config(dns, routes=routes))

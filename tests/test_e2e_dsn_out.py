@@ -29,6 +29,8 @@ from tests.test_e2e_outbound import (
 
 def _maildir(tmp_path: Path, domain: str) -> dict:
     template = str(tmp_path / "mail" / "{domain}" / "{local}" / "Maildir")
+    for local in ("alice", "bob", "carol"):  # the users (a maildir route delivers only to
+        (tmp_path / "mail" / domain / local).mkdir(parents=True, exist_ok=True)  # those)
     return {"domain": domain, "backend": "maildir", "nexthop": template}
 
 

@@ -42,6 +42,7 @@ MESSAGE = (
 
 def _routes(peer: PostfixPeer, tmp_path: Path) -> list[dict]:
     template = str(tmp_path / "mail" / "{domain}" / "{local}" / "Maildir")
+    (tmp_path / "mail" / "sender.test" / "alice").mkdir(parents=True, exist_ok=True)  # (a maildir route delivers only to users whose directory exists)
     return [{"domain": DOMAIN, "backend": "smtp", "nexthop": f"[127.0.0.1]:{peer.port}"},
             {"domain": "sender.test", "backend": "maildir", "nexthop": template}]
 

@@ -745,16 +745,33 @@ def test_lmtp_per_recipient_results(relay, nexthop, dns) -> None:
 
 
 def test_maildir(relay, dns, tmp_path: Path) -> None:
+    """Copies land in the users' Maildirs (created in their directories); a user without a
+    directory bounces 5.1.1 and nothing is made for it ([delivery] create_mailboxes =
+    false, the default: remote senders do not create directories)."""
     template = str(tmp_path / "mail" / "{domain}" / "{local}" / "Maildir")
-    routes = [{"domain": "maildir.test", "backend": "maildir", "nexthop": template}]
+    for user in ("maildir.test/bob", "maildir.test/carol", "sender.test/alice"):
+        (tmp_path / "mail" / user).mkdir(parents=True)
+    routes = [{"domain": "maildir.test", "backend": "maildir", "nexthop": template},
+              {"domain": "sender.test", "backend": "maildir", "nexthop": template}]
     r = relay(config(dns, hold=True, routes=routes))
-    qid = submit(r, "alice@sender.test", ["Bob@maildir.test", "carol@maildir.test"],
+    qid = submit(r, "alice@sender.test", ["Bob@maildir.test", "carol@maildir.test",
+                                           "dave@maildir.test"],
                  message("to a maildir", "Line\r\n.dot\r\n"))
     original = spooled(r, qid)
     release(r, config(dns, routes=routes))
     for rcpt in ("Bob@maildir.test", "carol@maildir.test"):
         assert waitResult(r, qid, rcpt)["status"] == "sent"
+    dave = waitResult(r, qid, "dave@maildir.test")
+    assert (dave["status"], dave["diagnostic"]) == (
+        "bounced", "X-mailrelay; unknown user: no mailbox for dave@maildir.test"), dave[0]
+    assert not (tmp_path / "mail" / "maildir.test" / "dave").exists()
     waitRemoved(r, qid)
+    bounces = tmp_path / "mail" / "sender.test" / "alice" / "Maildir" / "new"
+    deadline = time.monotonic() + 30
+    while not (bounces.is_dir() and any(bounces.iterdir())) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (bounce,) = list(bounces.iterdir())
+    assert b"dave@maildir.test" in bounce.read_bytes()
     for local, address in (("bob", "Bob@maildir.test"), ("carol", "carol@maildir.test")):
         box = tmp_path / "mail" / "maildir.test" / local / "Maildir"
         (copy,) = list((box / "new").iterdir())

@@ -39,6 +39,7 @@ def work():
 
 def _config(dns, tmp_path: Path, command: list[str], **options: object) -> str:
     template = str(tmp_path / "mail" / "{domain}" / "{local}" / "Maildir")
+    (tmp_path / "mail" / "sender.test" / "alice").mkdir(parents=True, exist_ok=True)  # (a maildir route delivers only to users whose directory exists)
     text = config(dns, queue={"min_backoff": 1, "max_backoff": 2},
                   routes=[{"domain": "pipe.test", "backend": "procmail"},
                           {"domain": "sender.test", "backend": "maildir", "nexthop": template}])

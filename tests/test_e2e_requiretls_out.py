@@ -93,6 +93,7 @@ def smarthost(tmp_path: Path):
 def _config(dns: DNSServer, port: int, caFile: Path, tmp_path: Path, tls: str,
             hold: bool) -> str:
     template = tmp_path / "mail" / "{domain}" / "{local}" / "Maildir"
+    (tmp_path / "mail" / "sender.test" / "alice").mkdir(parents=True, exist_ok=True)  # (a maildir route delivers only to users whose directory exists)
     return (
         f'[relay]\nsmarthost = "[smarthost.tls.test]:{port}"\n'
         f'[smarthost]\ntls = "{tls}"\nca_file = "{caFile}"\n'

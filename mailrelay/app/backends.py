@@ -33,6 +33,7 @@ def builtinBackendSpecs(config: Config) -> list[BackendSpec]:
             "concurrency": config.destinationConcurrency,
             "plaintext_fallback_age": config.queue.minBackoff,
         },
+        "maildir": {"create_mailboxes": config.createMailboxes},
     }
     return [
         BackendSpec(name=name, plugin=name, options=options.get(name, {}), key="delivery")

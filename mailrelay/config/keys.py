@@ -408,6 +408,11 @@ DELIVERY = Table(
             nonNegativeSeconds,
             "Seconds an idle connection is kept for the next message.",
         ),
+        Key(
+            "create_mailboxes",
+            boolean,
+            "Maildir routes deliver to any user, creating its directory.",
+        ),
         Key("timeouts", TIMEOUTS, "The SMTP client's time-outs.", default={}),
     ),
     target=Config,

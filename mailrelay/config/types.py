@@ -145,6 +145,8 @@ class Config:
         hosts and the default of C{smtp} routes, the time-outs.
     @ivar destinationConcurrency: the most connections to one destination at once.
     @ivar connectionCacheTime: seconds an idle connection is kept for reuse (C{0.0}: never).
+    @ivar createMailboxes: maildir routes deliver to any user, creating its directory; else
+        only to users whose directory exists (L{mailrelay.delivery.maildir}).
     @ivar smarthostOptions: how to talk to the smarthost (C{[smarthost]}): every option
         set (C{tls} C{"may"}, the platform's trust store, no AUTH unless given).
     @ivar nameservers: C{(address, port)} of the DNS resolvers to use instead of the
@@ -201,6 +203,7 @@ class Config:
     queueProcess: str = "separate"
     destinationConcurrency: int = 20
     connectionCacheTime: float = 2.0
+    createMailboxes: bool = False
     nameservers: tuple[tuple[str, int], ...] = ()
     routes: tuple[RouteRule, ...] = ()
     backends: tuple[BackendSpec, ...] = ()

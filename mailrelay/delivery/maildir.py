@@ -16,6 +16,14 @@ with LF line ends (the Unix Maildir convention: the spool's CRLF become LF; a lo
 The copy is written to C{tmp/}, fsynced, linked (or, where the file system cannot link,
 renamed) into C{new/}, and C{new/} is fsynced, as the Maildir specification asks.  Missing
 Maildirs (C{tmp}, C{new}, C{cur}) are created with mode 0700.
+
+Only for users that exist, unless C{[delivery] create_mailboxes} is set: a user's directory
+is the template up to and including its first part holding C{{local}} or C{{address}}
+(C{/var/mail/example.org/bob} for C{/var/mail/{domain}/{local}/Maildir}); when it does not
+exist the recipient bounces with 5.1.1 (unknown user) and nothing is created, as Postfix's
+delivery agents deliver only to the users they know.  (Otherwise any local part of a routed
+domain would create a directory.)  A template without either placeholder is one mailbox,
+created when missing.
 """
 
 from __future__ import annotations
@@ -99,6 +107,20 @@ def mailboxPath(template: str, address: str) -> str:
     )
 
 
+def userDirectory(template: str, address: str) -> str | None:
+    """The directory that must exist for C{address} to have a mailbox under C{template}:
+    the template up to and including its first part holding C{{local}} or C{{address}}
+    (see the module docstring); C{None} for a template without them.
+
+    @raise UnsafeAddress: as L{mailboxPath}.
+    """
+    parts = template.split("/")
+    for index, part in enumerate(parts):
+        if "{local}" in part or "{address}" in part:
+            return mailboxPath("/".join(parts[: index + 1]), address)
+    return None
+
+
 def _hostnameForName() -> str:
     """This host's name as a Maildir file name part ('/' and ':' escaped as the spec says)."""
     return socket.gethostname().replace("/", "\\057").replace(":", "\\072") or "localhost"
@@ -108,6 +130,8 @@ def _hostnameForName() -> str:
 class _Job:
     address: str
     directory: str
+    #: The user's directory that must exist (L{userDirectory}), or C{None}: none need.
+    userDirectory: str | None = None
 
 
 @implementer(IDeliveryBackend)
@@ -120,6 +144,7 @@ class MaildirBackend:
         *,
         deferToThread: Callable[..., Deferred] | None = None,
         hostname: str | None = None,
+        createMailboxes: bool = False,
     ) -> None:
         """
         @param reactor: the reactor; its thread pool runs the file operations unless
@@ -127,8 +152,11 @@ class MaildirBackend:
         @param deferToThread: C{callable(f, *args)} returning a Deferred of C{f(*args)}
             (tests pass one running C{f} at once).
         @param hostname: the host name in unique file names (default: C{socket.gethostname()}).
+        @param createMailboxes: deliver to any user, creating its directory; else only to
+            those whose directory exists (see the module docstring).
         """
         self.reactor = reactor
+        self.createMailboxes = createMailboxes
         self._deferToThread = deferToThread
         self.hostname = (
             hostname.replace("/", "\\057").replace(":", "\\072") if hostname else _hostnameForName()
@@ -148,6 +176,8 @@ class MaildirBackend:
         for index, recipient in enumerate(recipients):
             try:
                 directory = mailboxPath(route.nexthop, recipient.address)
+                user = (None if self.createMailboxes
+                        else userDirectory(route.nexthop, recipient.address))
             except UnsafeAddress as e:
                 log.warn(
                     "{queueID}: refusing maildir delivery to {address}: {problem}",
@@ -162,7 +192,7 @@ class MaildirBackend:
                     f"X-mailrelay; cannot deliver to maildir: {e}",
                 )
             else:
-                jobs.append((index, _Job(recipient.address, directory)))
+                jobs.append((index, _Job(recipient.address, directory, user)))
         if not jobs:
             return succeed(results)
 
@@ -182,9 +212,12 @@ class MaildirBackend:
                     )
                 else:
                     log.warn(
-                        "{queueID}: maildir delivery to {address} failed: {diagnostic}",
+                        "{queueID}: maildir delivery to {address} in {directory} failed: "
+                        "{diagnostic}",
                         queueID=envelope.queueID,
                         address=job.address,
+                        directory=job.userDirectory
+                        if result.code == "5.1.1" else job.directory,
                         diagnostic=result.diagnostic,
                     )
             return results  # type: ignore[return-value]
@@ -209,6 +242,13 @@ class MaildirBackend:
         return [self._deliverOne(header, job, messagePath) for job in jobs]
 
     def _deliverOne(self, header: str, job: _Job, messagePath: str) -> RecipientResult:
+        if job.userDirectory is not None and not os.path.isdir(job.userDirectory):
+            return RecipientResult(
+                job.address,
+                DeliveryStatus.PERMANENT,
+                "5.1.1",
+                f"X-mailrelay; unknown user: no mailbox for {job.address}",
+            )
         try:
             self._write(header + f"Delivered-To: {job.address}\n", job.directory, messagePath)
         except OSError as e:
@@ -294,7 +334,12 @@ class MaildirBackend:
 
 
 def build(options: dict[str, Any], context: PluginContext) -> MaildirBackend:
-    """The C{maildir} plugin's factory: no options; the relay's host name (C{context}) goes
-    into the unique file names, the reactor's thread pool writes."""
-    builtinOptions("maildir", options, ())
-    return MaildirBackend(context.reactor, hostname=context.hostname)
+    """The C{maildir} plugin's factory: C{create_mailboxes} (C{[delivery]}'s, default
+    C{False}); the relay's host name (C{context}) goes into the unique file names, the
+    reactor's thread pool writes."""
+    options = builtinOptions("maildir", options, ("create_mailboxes",))
+    return MaildirBackend(
+        context.reactor,
+        hostname=context.hostname,
+        createMailboxes=options.get("create_mailboxes", False),
+    )
