@@ -60,6 +60,11 @@ def builtinOptions(
     return options
 
 
+def firstDeferred(results: Iterable[Any]) -> Any:
+    """The first of C{results} that is a deferral (C{TRANSIENT}), or C{None}."""
+    return next((r for r in results if r.status is DeliveryStatus.TRANSIENT), None)
+
+
 def resultsForAll(
     recipients: Iterable[Any],
     status: DeliveryStatus,
@@ -227,6 +232,21 @@ class ClientBackend:
         return arrival is not None and self.reactor.seconds() - arrival >= (
             self.plaintextFallbackAge
         )
+
+    @inlineCallbacks
+    def _sendDeferredAgain(
+        self, connection: Any, envelope: Any, recipients: list, messagePath: Any, results: list
+    ) -> Any:
+        """Send the recipients that C{results} (of C{recipients}) deferred again over
+        C{connection}: a Deferred firing with C{results}, theirs replaced by the new ones.
+        (After a TLS session broke under C{tls = "may"}: see L{firstDeferred}.)"""
+        deferred = [i for i, r in enumerate(results) if r.status is DeliveryStatus.TRANSIENT]
+        again = yield self._send(connection, envelope, [recipients[i] for i in deferred],
+                                 messagePath)
+        merged = list(results)
+        for i, result in zip(deferred, again, strict=True):
+            merged[i] = result
+        return merged
 
     def deliver(self, envelope: Any, recipients: Any, route: Route, messagePath: Any) -> Deferred:
         """Deliver to C{recipients} along C{route}; the Deferred never fails (but may be

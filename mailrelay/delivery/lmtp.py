@@ -41,6 +41,7 @@ from mailrelay.delivery.common import (
     PerDestination,
     Quitter,
     builtinOptions,
+    firstDeferred,
     resultsForAll,
 )
 from mailrelay.delivery.connection import connectSMTP
@@ -151,13 +152,7 @@ class LMTPBackend(ClientBackend):
                 settings = self._withoutTLS(envelope, nexthop, settings, e.diagnostic)
                 connection = yield self._connectTo(endpoint, settings, tlsHostname, remoteMTA)
         except SMTPConnectError as e:
-            log.warn(
-                "{queueID}: cannot connect to LMTP server {nexthop}: {code} {diagnostic}",
-                queueID=queueID,
-                nexthop=nexthop,
-                code=e.code,
-                diagnostic=e.diagnostic,
-            )
+            _logConnectFailure(queueID, nexthop, e)
             if envelope.requireTLS and e.code == "4.7.5":
                 return resultsForAll(
                     recipients,
@@ -215,30 +210,30 @@ class LMTPBackend(ClientBackend):
         """The TLS session broke in the transaction that gave C{results}: send the recipients
         it deferred again over a new connection without TLS; C{results} with theirs replaced
         (unchanged when that connection fails)."""
-        deferred = [i for i, r in enumerate(results) if r.status is DeliveryStatus.TRANSIENT]
-        if not deferred:
+        first = firstDeferred(results)
+        if first is None:
             return results
-        diagnostic = results[deferred[0]].diagnostic
-        plain = self._withoutTLS(envelope, nexthop, settings, diagnostic)
+        plain = self._withoutTLS(envelope, nexthop, settings, first.diagnostic)
         endpoint, tlsHostname, remoteMTA = self._endpoint(nexthop, plain)
         try:
             connection = yield self._connectTo(endpoint, plain, tlsHostname, remoteMTA)
         except SMTPConnectError as e:
-            log.warn(
-                "{queueID}: cannot connect to LMTP server {nexthop}: {code} {diagnostic}",
-                queueID=envelope.queueID,
-                nexthop=nexthop,
-                code=e.code,
-                diagnostic=e.diagnostic,
-            )
+            _logConnectFailure(envelope.queueID, nexthop, e)
             return results
-        again = yield self._send(connection, envelope, [recipients[i] for i in deferred],
-                                 messagePath)
+        merged = yield self._sendDeferredAgain(connection, envelope, recipients, messagePath,
+                                               results)
         self._quit(connection)
-        merged = list(results)
-        for i, result in zip(deferred, again, strict=True):
-            merged[i] = result
         return merged
+
+
+def _logConnectFailure(queueID: str, nexthop: str, error: SMTPConnectError) -> None:
+    log.warn(
+        "{queueID}: cannot connect to LMTP server {nexthop}: {code} {diagnostic}",
+        queueID=queueID,
+        nexthop=nexthop,
+        code=error.code,
+        diagnostic=error.diagnostic,
+    )
 
 
 def build(options: dict[str, Any], context: PluginContext) -> LMTPBackend:

@@ -62,6 +62,7 @@ from mailrelay.delivery.common import (
     PerDestination,
     Quitter,
     builtinOptions,
+    firstDeferred,
     resultsForAll,
 )
 from mailrelay.delivery.connection import connectSMTP
@@ -533,21 +534,17 @@ class SMTPBackend(ClientBackend):
         @return: a Deferred firing with C{results}, those of the recipients sent again
             replaced by the new ones (unchanged when that connection fails).
         """
-        deferred = [i for i, r in enumerate(results) if r.status is DeliveryStatus.TRANSIENT]
-        if not deferred:
+        first = firstDeferred(results)
+        if first is None:
             return results
-        diagnostic = next(r.diagnostic for r in results if r.status is DeliveryStatus.TRANSIENT)
-        plainKey = self._plaintextKey(key, envelope, host, diagnostic)
+        plainKey = self._plaintextKey(key, envelope, host, first.diagnostic)
         connected = yield self._connectNoting(host, plainKey, envelope, _Tried())
         if connected is None:  # (logged)
             return results
         connection = connected[0]
-        again = yield self._send(connection, envelope, [recipients[i] for i in deferred],
-                                 messagePath)
+        merged = yield self._sendDeferredAgain(connection, envelope, recipients, messagePath,
+                                               results)
         self._cache.release(plainKey, connection)
-        merged = list(results)
-        for i, result in zip(deferred, again, strict=True):
-            merged[i] = result
         return merged
 
     @staticmethod
