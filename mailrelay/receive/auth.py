@@ -490,8 +490,6 @@ class _Attempt:
         self.clock = clock
         self.abandoned = abandoned
         self.started = clock.seconds()
-        #: Why the attempt failed, for the log line of a failure.
-        self.why = "wrong user name or password"
 
     def start(self) -> Deferred[Reply | str]:
         """Reserve a place in the client's budget, then check."""
@@ -511,8 +509,7 @@ class _Attempt:
         if count > policy.settings.maxFailures:
             return self._settle(False).addCallbacks(self._overBudget, self._throttleFailed)
         if attempt.malformed:
-            self.why = f"user name {attempt.malformed}, not checked"
-            return self._failed(Failure(UnauthorizedLogin(self.why)))
+            return self._failed(Failure(UnauthorizedLogin(self._why())))
         if attempt.authzid and attempt.authzid != attempt.username:
             return self._failed(Failure(UnauthorizedLogin("authorization identity differs")))
         # The user name is text: checkers get it as the documented str.
@@ -593,8 +590,14 @@ class _Attempt:
         if count > policy.settings.throttleAfter and policy.settings.failureDelay > 0:
             self._logFailure(count, f"answer delayed {policy.settings.failureDelay:g}s")
             return deferLater(self.clock, policy.settings.failureDelay, lambda: AUTH_INVALID)
-        self._logFailure(count, self.why)
+        self._logFailure(count, self._why())
         return AUTH_INVALID
+
+    def _why(self) -> str:
+        """Why the attempt failed, for the log line of a failure."""
+        if self.attempt.malformed:
+            return f"user name {self.attempt.malformed}, not checked"
+        return "wrong user name or password"
 
     def _logFailure(self, count: int, why: str) -> None:
         log.warn(
