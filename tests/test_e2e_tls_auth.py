@@ -252,6 +252,21 @@ def test_wrong_password_is_throttled_then_421(relay, site) -> None:
         assert attempt(s, PASSWORDS["alice"])[0] == 421
 
 
+def test_an_unprintable_user_name_is_a_logged_failure(relay, site) -> None:
+    """AUTH PLAIN with a user name holding a line feed, against the real relay: 535, one log
+    line naming the client and the name escaped, and it counts toward the throttle."""
+    import base64
+
+    r = relay()
+    with smtplib.SMTP("127.0.0.1", r.ports[1], timeout=10) as s:
+        s.starttls(context=site.context())
+        s.ehlo("laptop.example")
+        code, _ = s.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0al\nice\0pw").decode())
+        assert code == 535
+    r.waitForLog(r"authentication failed from 127\.0\.0\.1: sasl_method=PLAIN "
+                 r"sasl_username=al\\nice failures=1 \(user name unprintable, not checked\)")
+
+
 # STARTTLS injection ------------------------------------------------------------------------------
 
 
