@@ -303,6 +303,20 @@ def test_maildir_delivers_only_into_a_mailbox_that_exists(
     assert b"Delivered-To: Bob@example.org" in stored.read_bytes()
 
 
+def test_maildir_user_lookup_failure_defers(tmp_path: Path, messagePath: Path) -> None:
+    """A user's directory that cannot be looked up (here a symbolic link loop: the same
+    for a directory the relay may not search, or an I/O error) is not an unknown user:
+    the recipient is deferred (4.3.0, the error named), never bounced 5.1.1 -- a
+    permission mistake on /var/mail must not bounce every local user's mail."""
+    template = str(tmp_path / "{local}" / "Maildir")
+    os.symlink(tmp_path / "bob", tmp_path / "bob")
+    env = envelope("bob@example.org")
+    (r,) = result(maildir(False).deliver(env, env.recipients, toMaildir(template), messagePath))
+    assert (r.status, r.code) == (TRANSIENT, "4.3.0")
+    assert "Too many levels of symbolic links" in r.diagnostic
+    assert str(tmp_path / "bob") in r.diagnostic
+
+
 def test_maildir_one_mailbox_for_a_domain_is_created(tmp_path: Path, messagePath: Path) -> None:
     """A template without {local} or {address} is one mailbox for all the domain's mail:
     created when missing, as before."""

@@ -21,9 +21,10 @@ Only for users that exist, unless C{[delivery] create_mailboxes} is set: a user'
 is the template up to and including its first part holding C{{local}} or C{{address}}
 (C{/var/mail/example.org/bob} for C{/var/mail/{domain}/{local}/Maildir}); when it does not
 exist the recipient bounces with 5.1.1 (unknown user) and nothing is created, as Postfix's
-delivery agents deliver only to the users they know.  (Otherwise any local part of a routed
-domain would create a directory.)  A template without either placeholder is one mailbox,
-created when missing.
+delivery agents deliver only to the users they know; when it cannot be looked up (a
+directory the relay may not search, an I/O error) the recipient is deferred.  (Otherwise
+any local part of a routed domain would create a directory.)  A template without either
+placeholder is one mailbox, created when missing.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import errno
 import itertools
 import os
 import socket
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,6 +121,18 @@ def userDirectory(template: str, address: str) -> str | None:
         if "{local}" in part or "{address}" in part:
             return mailboxPath("/".join(parts[: index + 1]), address)
     return None
+
+
+def isUser(directory: str) -> bool:
+    """Whether C{directory} (a L{userDirectory}) exists as a directory: the user is known.
+
+    @raise OSError: it could not be looked up (a directory on the way that the relay may not
+        search, a symbolic link loop, an I/O error): not an unknown user, a lookup failure.
+    """
+    try:
+        return stat.S_ISDIR(os.stat(directory).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
 
 
 def _hostnameForName() -> str:
@@ -242,14 +256,14 @@ class MaildirBackend:
         return [self._deliverOne(header, job, messagePath) for job in jobs]
 
     def _deliverOne(self, header: str, job: _Job, messagePath: str) -> RecipientResult:
-        if job.userDirectory is not None and not os.path.isdir(job.userDirectory):
-            return RecipientResult(
-                job.address,
-                DeliveryStatus.PERMANENT,
-                "5.1.1",
-                f"X-mailrelay; unknown user: no mailbox for {job.address}",
-            )
         try:
+            if job.userDirectory is not None and not isUser(job.userDirectory):
+                return RecipientResult(
+                    job.address,
+                    DeliveryStatus.PERMANENT,
+                    "5.1.1",
+                    f"X-mailrelay; unknown user: no mailbox for {job.address}",
+                )
             self._write(header + f"Delivered-To: {job.address}\n", job.directory, messagePath)
         except OSError as e:
             if e.errno == errno.EDQUOT:
