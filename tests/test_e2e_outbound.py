@@ -745,18 +745,32 @@ def test_lmtp_per_recipient_results(relay, nexthop, dns) -> None:
 
 
 def test_maildir(relay, dns, tmp_path: Path) -> None:
-    """Copies land in the users' Maildirs (created in their directories); a user without a
-    directory bounces 5.1.1 and nothing is made for it ([delivery] create_mailboxes =
-    false, the default: remote senders do not create directories)."""
+    """Copies land in the users' Maildirs (created in their directories).  A user without a
+    directory is refused at RCPT (550 5.1.1, as Postfix's smtpd_reject_unlisted_recipient:
+    no bounce to a forged sender); one whose directory went away after the 250 bounces 5.1.1
+    and nothing is made for it ([delivery] create_mailboxes = false, the default: remote
+    senders do not create directories)."""
     template = str(tmp_path / "mail" / "{domain}" / "{local}" / "Maildir")
-    for user in ("maildir.test/bob", "maildir.test/carol", "sender.test/alice"):
+    for user in ("maildir.test/bob", "maildir.test/carol", "maildir.test/dave",
+                 "sender.test/alice"):
         (tmp_path / "mail" / user).mkdir(parents=True)
     routes = [{"domain": "maildir.test", "backend": "maildir", "nexthop": template},
               {"domain": "sender.test", "backend": "maildir", "nexthop": template}]
     r = relay(config(dns, hold=True, routes=routes))
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=15) as s:
+        s.ehlo("client.test")
+        s.mail("alice@sender.test")
+        assert s.rcpt("erin@maildir.test") == (550, b"5.1.1 Error: user unknown (no mailbox here)")
+        code, text = s.rcpt('"../erin"@maildir.test')
+        assert (code, text[:6]) == (550, b"5.1.3 "), text
+        assert s.rcpt("bob@maildir.test") == (250, b"2.1.5 Ok")
+    r.waitForLog(r"NOQUEUE: reject: RCPT from \S+: 550 5\.1\.1 Error: user unknown \(no mailbox "
+                 r"here\); from=<alice@sender\.test> to=<erin@maildir\.test>")
+    assert not (tmp_path / "mail" / "maildir.test" / "erin").exists()
     qid = submit(r, "alice@sender.test", ["Bob@maildir.test", "carol@maildir.test",
                                            "dave@maildir.test"],
                  message("to a maildir", "Line\r\n.dot\r\n"))
+    (tmp_path / "mail" / "maildir.test" / "dave").rmdir()  # dave leaves after the 250
     original = spooled(r, qid)
     release(r, config(dns, routes=routes))
     for rcpt in ("Bob@maildir.test", "carol@maildir.test"):

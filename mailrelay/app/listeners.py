@@ -21,6 +21,7 @@ from mailrelay.cleanup.intake import Intake
 from mailrelay.cleanup.stamping import ConfiguredStamper
 from mailrelay.config import Config, ListenerConfig
 from mailrelay.config.plugins import HookPlugins
+from mailrelay.delivery.maildir import MaildirUsers, needsUsers
 from mailrelay.errors import ConfigError
 from mailrelay.interfaces import IHeaderStamper, IRateLimiter, ISpool
 from mailrelay.policy.chain import RecipientPolicy, RelayControl
@@ -30,6 +31,7 @@ from mailrelay.receive.listener import (
     wrapListenerFactory,
 )
 from mailrelay.receive.protocol import Sessions
+from mailrelay.route import RoutingTable
 
 log = Logger()
 
@@ -290,7 +292,24 @@ def makeRecipientPolicy(config: Config, reactor: Any, hooks: HookPlugins) -> Rec
     """Relay control and the recipient validators (those of C{[[recipient_validators]]},
     then the C{[[plugins]]} serving C{rcpt}), shared by all listeners."""
     relay = RelayControl(config.relayNetworks, config.acceptDomains, config.hostname)
-    return RecipientPolicy(relay, hooks.serving("rcpt"), reactor)
+    return RecipientPolicy(
+        relay, hooks.serving("rcpt"), reactor, mailboxes=_maildirUsers(config, reactor)
+    )
+
+
+def _maildirUsers(config: Config, reactor: Any) -> MaildirUsers | None:
+    """The RCPT-time check of the maildir routes' users, when a route needs one and the
+    routing table alone decides (with C{[[routers]]}, a router may send any recipient
+    elsewhere: its maildir users are then only checked at delivery, logged)."""
+    if not needsUsers(config.routes, config.createMailboxes):
+        return None
+    if config.routers:
+        log.info(
+            "maildir users are checked at delivery only, not at RCPT: [[routers]] may route "
+            "their recipients elsewhere (a recipient validator can refuse unknown users)"
+        )
+        return None
+    return MaildirUsers(RoutingTable.fromConfig(config), reactor)
 
 
 def _reverseResolver(config: Config, reactor: Any, carried: _Carried) -> Any:

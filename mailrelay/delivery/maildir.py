@@ -23,7 +23,9 @@ is the template up to and including its first part holding C{{local}} or C{{addr
 exist the recipient bounces with 5.1.1 (unknown user) and nothing is created, as Postfix's
 delivery agents deliver only to the users they know; when it cannot be looked up (a
 directory the relay may not search, an I/O error) the recipient is deferred.  (Otherwise
-any local part of a routed domain would create a directory.)  A template without either
+any local part of a routed domain would create a directory.)  The relay refuses those
+recipients at RCPT already (L{MaildirUsers}); delivery bounces a user whose directory went
+away since.  A template without either
 placeholder is one mailbox, created when missing.
 """
 
@@ -35,24 +37,31 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.delivery.common import builtinOptions
+from mailrelay.errors import DeliveryFailure
 from mailrelay.interfaces import (
+    CONTINUE,
     DeliveryStatus,
     IDeliveryBackend,
     PluginContext,
     RecipientResult,
     Route,
+    Verdict,
+    VerdictKind,
 )
+from mailrelay.smtp.replies import VALIDATOR_FAILED
 
 log = Logger()
 
@@ -138,6 +147,100 @@ def isUser(directory: str) -> bool:
 def _hostnameForName() -> str:
     """This host's name as a Maildir file name part ('/' and ':' escaped as the spec says)."""
     return socket.gethostname().replace("/", "\\057").replace(":", "\\072") or "localhost"
+
+
+#: Seconds the RCPT-time lookup of a user's directory may take before the recipient is
+#: deferred (a hung network file system).
+USER_LOOKUP_TIMEOUT = 30.0
+
+UNKNOWN_USER = Verdict.reject("Error: user unknown (no mailbox here)", 550, "5.1.1")
+LOOKUP_FAILED = Verdict(VerdictKind.DEFER, VALIDATOR_FAILED)
+
+
+def needsUsers(rules: Iterable[Any], createMailboxes: bool) -> bool:
+    """Whether any of the routing C{rules} is a maildir route delivering only to its users
+    (a template with C{{local}} or C{{address}}, C{createMailboxes} off)."""
+    return not createMailboxes and any(
+        rule.backend == "maildir"
+        and rule.nexthop
+        and ("{local}" in rule.nexthop or "{address}" in rule.nexthop)
+        for rule in rules
+    )
+
+
+class MaildirUsers:
+    """Refuses at RCPT the recipients a maildir route would bounce as unknown users, as
+    Postfix's C{smtpd_reject_unlisted_recipient} does: accepting them would make the relay
+    send a bounce to a sender that is often forged (backscatter).
+
+    A recipient routed (by the routing table) to a maildir route whose template names users
+    is refused 550 5.1.1 when its user's directory (L{userDirectory}) does not exist, and
+    550 5.1.3 when its address cannot name a directory; a lookup that fails (L{isUser}
+    raises) or takes longer than C{timeout} defers it (451 4.3.0, logged).  Recipients
+    routed elsewhere are not looked at.  The lookups run in a thread: a directory on a
+    network file system must not stall the reactor.
+    """
+
+    def __init__(
+        self,
+        table: Any,
+        clock: Any,
+        deferToThread: Callable[..., Deferred] | None = None,
+        timeout: float = USER_LOOKUP_TIMEOUT,
+    ) -> None:
+        """
+        @param table: the routing table (L{mailrelay.route.RoutingTable}).
+        @param clock: the reactor: its thread pool runs the lookups unless C{deferToThread}
+            is given, and it times them out.
+        @param deferToThread: C{callable(f, *args)} returning a Deferred of C{f(*args)}.
+        """
+        self.table = table
+        self.clock = clock
+        self.timeout = timeout
+        if deferToThread is None:
+
+            def deferToThread(f: Callable[..., Any], *args: Any) -> Deferred:
+                return deferToThreadPool(clock, clock.getThreadPool(), f, *args)
+
+        self._deferToThread = deferToThread
+
+    def check(self, recipient: Any) -> Deferred[Verdict] | None:
+        """C{None} when C{recipient} (an L{mailrelay.envelope.Recipient}) does not go to a
+        maildir route with users, else a Deferred firing with L{CONTINUE} (a known user) or
+        the refusal."""
+        try:
+            route = self.table.route(None, recipient)
+        except DeliveryFailure:
+            return None  # no route: delivery says so
+        if route.backend != "maildir":
+            return None
+        address = recipient.address
+        try:
+            directory = userDirectory(route.nexthop, address)
+        except UnsafeAddress as e:
+            return succeed(Verdict.reject(f"Error: {e}", 550, "5.1.3"))
+        if directory is None:
+            return None
+        d = self._deferToThread(isUser, directory)
+        d.addTimeout(self.timeout, self.clock)
+        return d.addCallbacks(
+            lambda known: CONTINUE if known else UNKNOWN_USER,
+            self._failed,
+            errbackArgs=(address, directory),
+        )
+
+    def _failed(self, failure: Failure, address: str, directory: str) -> Verdict:
+        if failure.check(defer.TimeoutError):
+            problem = f"no answer within {self.timeout:g}s"
+        else:
+            problem = failure.getErrorMessage()
+        log.warn(
+            "cannot look up the mailbox of {address} ({directory}): {problem}; deferring",
+            address=address,
+            directory=directory,
+            problem=problem,
+        )
+        return LOOKUP_FAILED
 
 
 @dataclass

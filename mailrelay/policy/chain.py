@@ -95,9 +95,17 @@ class RecipientPolicy:
     one RCPT."""
 
     def __init__(
-        self, relay: RelayControl, validators: Sequence[ConfiguredPlugin], clock: Any
+        self,
+        relay: RelayControl,
+        validators: Sequence[ConfiguredPlugin],
+        clock: Any,
+        mailboxes: Any = None,
     ) -> None:
         """
+        @param mailboxes: asked last, about each recipient the validators did not refuse:
+            C{mailboxes.check(recipient)} returns C{None} (not its business) or a Deferred
+            firing with L{CONTINUE} or the refusal (the maildir routes' users:
+            L{mailrelay.delivery.maildir.MaildirUsers}); or C{None}.
         @raise TypeError: a validator does not provide L{IRecipientValidator}.
         """
         for v in validators:
@@ -108,11 +116,27 @@ class RecipientPolicy:
             "rcpt", "validateRecipient", validators, clock, VALIDATOR_FAILED
         )
         self.clock = clock
+        self.mailboxes = mailboxes
 
     def check(
         self, client: ClientInfo, envelope: Envelope, recipient: Recipient, mailbox: Mailbox
     ) -> Deferred[Verdict]:
         verdict = self.relay.check(client, mailbox)
-        if verdict.kind is not VerdictKind.CONTINUE or not self.validators:
+        if verdict.kind is not VerdictKind.CONTINUE:
             return succeed(verdict)
-        return self.validators.run(client, envelope, recipient, subject=recipient.address)
+        if self.validators:
+            d = self.validators.run(client, envelope, recipient, subject=recipient.address)
+        else:
+            d = succeed(verdict)
+        if self.mailboxes is None:
+            return d
+        return d.addCallback(self._checkMailbox, recipient)
+
+    def _checkMailbox(self, verdict: Verdict, recipient: Recipient) -> Any:
+        """After the validators: the recipient's mailbox, unless they refused it."""
+        if verdict.kind not in (VerdictKind.CONTINUE, VerdictKind.ACCEPT):
+            return verdict
+        d = self.mailboxes.check(recipient)
+        if d is None:
+            return verdict
+        return d.addCallback(lambda known: verdict if known.kind is VerdictKind.CONTINUE else known)
