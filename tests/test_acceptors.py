@@ -12,15 +12,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet import tcp
+from twisted.internet import defer, tcp
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
 
-from mailrelay.app.acceptorprocess import RETIRE, AcceptorServices, adoptPort, notifyRelay
+from mailrelay.app.acceptorprocess import (
+    RETIRE,
+    AcceptorServices,
+    RelayAuthThrottle,
+    ThrottleUnavailable,
+    _FromRelay,
+    adoptPort,
+    notifyRelay,
+)
 from mailrelay.app.acceptors import AcceptorPool, sharedSocket
 from mailrelay.app.cli import printStatus
 from mailrelay.app.logs import classicLogText
@@ -28,6 +37,7 @@ from mailrelay.config import loadConfig
 from mailrelay.config.values import MAX_PROCESSES, resolveProcessCount
 from mailrelay.errors import ConfigError
 from mailrelay.queue.process import METRICS_RECORD, encodeLogEvent
+from mailrelay.receive.auth import IAuthThrottle, MemoryAuthThrottle
 
 QUEUE_ID = "0123456789ABCDEFGHJK"
 
@@ -196,6 +206,134 @@ def test_an_acceptors_log_lines_name_it_in_their_system() -> None:
     line = classicLogText()(next(e for e in events if e.get("log_text") == "new"))
     assert line is not None
     assert f" [mailrelay.receive.protocol#info,acceptor={process.pid}] new\n" in line
+
+
+# -- the AUTH throttle, shared ------------------------------------------------------------------
+
+
+def _throttlePool() -> tuple[Any, FakeProcess, MemoryAuthThrottle, list[Any]]:
+    pool, reactor, _ = _pool(1)
+    throttle = MemoryAuthThrottle(reactor, window=60)
+    current: list[Any] = [throttle]
+    pool.throttle = lambda: current[0]
+    pool.startService()
+    return pool, reactor.spawned[0][0], throttle, current
+
+
+def test_the_relay_counts_its_acceptors_auth_attempts() -> None:
+    """An acceptor's AUTH attempts are reserved and settled in the relay's throttle, which
+    answers with the counts (so every process sees the client's failures)."""
+    _, process, throttle, _ = _throttlePool()
+    throttle.settle("192.0.2.7", True)  # a failure made on the relay's own connections
+    process.protocol.outReceived(b"auth\treserve\t1\t192.0.2.7\n")
+    assert process.written == [b"auth\t1\t2\n"]  # one failure + this attempt
+    assert throttle.inFlight("192.0.2.7") == 1
+    process.protocol.outReceived(b"auth\tsettle\t2\t192.0.2.7\t1\n")
+    assert process.written[-1] == b"auth\t2\t2\n"
+    assert (throttle.failures("192.0.2.7"), throttle.inFlight("192.0.2.7")) == (2, 0)
+    process.protocol.outReceived(b"auth\treserve\t3\t192.0.2.7\nauth\tsettle\t4\t192.0.2.7\t0\n")
+    assert process.written[-2:] == [b"auth\t3\t3\n", b"auth\t4\t2\n"]
+    assert (throttle.failures("192.0.2.7"), throttle.inFlight("192.0.2.7")) == (2, 0)
+
+
+def test_an_acceptor_that_ends_releases_its_attempts_in_flight() -> None:
+    """Its attempts in flight are settled (not failed) when it ends: the client is not held
+    by attempts nobody will settle."""
+    _, process, throttle, _ = _throttlePool()
+    process.protocol.outReceived(b"auth\treserve\t1\t192.0.2.7\nauth\treserve\t2\t2001:db8::/64\n")
+    assert throttle.inFlight("192.0.2.7") == throttle.inFlight("2001:db8::/64") == 1
+    process.end(9 << 8)
+    assert throttle.inFlight("192.0.2.7") == throttle.inFlight("2001:db8::/64") == 0
+    assert throttle.failures("192.0.2.7") == 0
+
+
+def test_an_attempt_is_settled_on_the_throttle_it_was_reserved_on() -> None:
+    """A reload that changes the failure window makes a new throttle: an attempt reserved
+    before is settled on the old one (its failure recorded there), as the relay's own
+    attempts in flight are, never leaving the old one's count in flight."""
+    _, process, old, current = _throttlePool()
+    process.protocol.outReceived(b"auth\treserve\t1\t192.0.2.7\n")
+    current[0] = MemoryAuthThrottle(Clock(), window=120)
+    process.protocol.outReceived(b"auth\tsettle\t2\t192.0.2.7\t1\n")
+    assert old.inFlight("192.0.2.7") == 0 and old.failures("192.0.2.7") == 1
+
+
+def test_bad_auth_records_and_no_throttle() -> None:
+    _, process, throttle, current = _throttlePool()
+    events = _published(process, b"auth\treserve\tx\t192.0.2.7\n", b"auth\tguess\t1\ta\n",
+                        b"auth\tsettle\t1\t192.0.2.7\n")
+    assert process.written == [] and throttle.inFlight("192.0.2.7") == 0
+    assert sum("bad AUTH throttle record" in e.get("log_format", "") for e in events) == 3
+    current[0] = None  # the relay's configuration has no [auth] (any more)
+    process.protocol.outReceived(b"auth\treserve\t5\t192.0.2.7\n")
+    assert process.written == [b"auth\t5\t-\n"]
+
+
+class FailingThrottle:
+    def reserve(self, client: str) -> Any:
+        raise RuntimeError("store down")
+
+
+def test_a_throttle_that_fails_is_answered_as_such() -> None:
+    _, process, _, current = _throttlePool()
+    current[0] = FailingThrottle()
+    events = _published(process, b"auth\treserve\t7\t192.0.2.7\n")
+    assert process.written == [b"auth\t7\t-\n"]
+    assert any(e.get("log_failure") is not None for e in events)
+
+
+def _answered(d: Any) -> Any:
+    box: list[Any] = []
+    d.addBoth(box.append)
+    return box[0] if box else None
+
+
+def test_the_acceptor_asks_the_relay_and_takes_its_answers() -> None:
+    clock, lines = Clock(), []
+    throttle = RelayAuthThrottle(clock, lines.append)
+    verifyObject(IAuthThrottle, throttle)
+    reserve = throttle.reserve("192.0.2.7")
+    settle = throttle.settle("192.0.2.7", True)
+    assert lines == ["auth\treserve\t1\t192.0.2.7\n", "auth\tsettle\t2\t192.0.2.7\t1\n"]
+    assert not reserve.called
+    throttle.answer(2, "3")
+    throttle.answer(1, "4")
+    assert (_answered(reserve), _answered(settle)) == (4, 3)
+    throttle.answer(1, "5")  # (a second answer: ignored)
+    refused = throttle.reserve("192.0.2.8")
+    throttle.answer(3, "-")
+    assert _answered(refused).check(ThrottleUnavailable)
+
+
+def test_an_unanswered_reservation_fails_and_is_released() -> None:
+    """No answer within the timeout: the attempt fails (454, never checked uncounted), and
+    its reservation is settled at once so that the relay does not keep it in flight; the
+    late answer is ignored."""
+    clock, lines = Clock(), []
+    throttle = RelayAuthThrottle(clock, lines.append, timeout=10)
+    d = throttle.reserve("192.0.2.7")
+    clock.advance(10)
+    assert _answered(d).check(defer.TimeoutError)
+    assert lines[-1] == "auth\tsettle\t2\t192.0.2.7\t0\n"
+    throttle.answer(1, "1")  # late
+
+
+def test_no_relay_no_count() -> None:
+    def gone(line: str) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    failure = _answered(RelayAuthThrottle(Clock(), gone).reserve("192.0.2.7"))
+    assert failure.check(ThrottleUnavailable)
+    assert str(failure.value) == "the relay is gone: Broken pipe"
+
+
+def test_the_acceptor_reads_the_relays_answers_on_its_input() -> None:
+    services = AcceptorServices(FakeSessions())
+    services.throttle = RelayAuthThrottle(Clock(), lambda line: None)
+    d = services.throttle.reserve("192.0.2.7")
+    feed = _FromRelay(Clock(), services, 30.0)
+    feed.dataReceived(b"auth\t1\t2\n")
+    assert _answered(d) == 2
 
 
 def test_a_child_that_dies_is_restarted_with_backoff() -> None:

@@ -224,3 +224,63 @@ def test_kill9_of_the_acceptor_loses_nothing_it_acknowledged(relay) -> None:
     status, health = _health(r)
     assert status == 200, health
     assert (health["acceptors"], health["acceptor_pids"]) == ("up", [restarted]), health
+
+
+def test_auth_failures_count_across_processes(tmp_path: Path) -> None:
+    """`max_failures` holds per client whichever process takes its connections: failures
+    made on the acceptor's connections lock the client out of the relay's own process too
+    (the acceptor counts them in the relay's throttle), as with one process."""
+    from tests.test_e2e_tls_auth import PASSWORDS, Site
+
+    site = Site(tmp_path / "relay")
+    r = RelayProcess(
+        site.directory,
+        "[relay]\nprocesses = 2\n[dns]\nreverse_lookups = false\n"
+        '[auth]\npassword_file = "users"\nthrottle_after = 10\nmax_failures = 3\n'
+        '[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\nauth = true\n'
+        "auth_without_tls = true\n",
+        ("--spool", str(site.directory / "spool"), "--hostname", "relay.test"),
+        defaults=False, hold=True,
+    )
+    try:
+        r.start()
+        acceptor = int(r.waitForLog(_STARTED).group(1))
+        r.waitForLog(rf"acceptor process {acceptor}: accepting on", timeout=20)
+        for n in range(2):
+            s = _connectOnAcceptor(r)
+            code, _ = s.docmd("AUTH", "PLAIN " + _plain("alice", f"wrong {n}"))
+            assert code == 535
+            s.close()
+        r.waitForLog(rf"acceptor={acceptor}\] authentication failed from 127\.0\.0\.1: "
+                     r"sasl_method=PLAIN sasl_username=alice failures=2 ")
+        # The next connection on the relay's own process (the acceptor stopped meanwhile).
+        os.kill(acceptor, signal.SIGSTOP)
+        try:
+            s = smtplib.SMTP("127.0.0.1", r.port, timeout=20)
+            s.ehlo()
+        finally:
+            os.kill(acceptor, signal.SIGCONT)
+        code, _ = s.docmd("AUTH", "PLAIN " + _plain("alice", "wrong 2"))
+        assert code == 421  # the third failure of max_failures = 3 (one process: failures=1)
+        s.close()
+        r.waitForLog(r"\[mailrelay\.receive\.auth#warn\] authentication failed from "
+                     r"127\.0\.0\.1: sasl_method=PLAIN sasl_username=alice failures=3 \(too many "
+                     r"failures, closing\)")
+        # Locked out on the acceptor too, even with the right password.
+        s = _connectOnAcceptor(r)
+        code, _ = s.docmd("AUTH", "PLAIN " + _plain("alice", PASSWORDS["alice"]))
+        assert code == 421
+        s.close()
+        r.waitForLog(rf"acceptor={acceptor}\] authentication failed from 127\.0\.0\.1: "
+                     r"sasl_method=PLAIN sasl_username=alice failures=3 \(too many failures, "
+                     r"refused with 421 without checking\)")
+    finally:
+        if r.process is not None and r.process.poll() is None:
+            os.kill(r.process.pid, signal.SIGCONT)
+        r.stop()
+
+
+def _plain(user: str, password: str) -> str:
+    import base64
+
+    return base64.b64encode(f"\0{user}\0{password}".encode()).decode()

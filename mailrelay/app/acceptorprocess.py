@@ -16,19 +16,23 @@ closes last.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet import tcp, unix
-from twisted.internet.defer import Deferred
+from twisted.internet import defer, tcp, unix
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from mailrelay.app.acceptors import QUEUED_RECORD
+from mailrelay.app.acceptors import AUTH_RECORD, QUEUED_RECORD
 from mailrelay.app.deliveryprocess import (
     StopAtEnd,
     childArguments,
@@ -36,10 +40,19 @@ from mailrelay.app.deliveryprocess import (
     startChild,
 )
 from mailrelay.app.services import OrderedMultiService, stopReactor
+from mailrelay.receive.auth import IAuthThrottle
 
 log = Logger()
 
-__all__ = ["RETIRE", "AcceptorServices", "AdoptedListener", "makeAcceptorServices"]
+_AUTH = AUTH_RECORD.encode("ascii")
+
+__all__ = [
+    "RETIRE",
+    "AcceptorServices",
+    "AdoptedListener",
+    "RelayAuthThrottle",
+    "makeAcceptorServices",
+]
 
 #: The address families a listening socket passed to an acceptor may have, by name.
 FAMILIES = {"inet": socket.AF_INET, "inet6": socket.AF_INET6, "unix": socket.AF_UNIX}
@@ -98,17 +111,78 @@ class AdoptedListener(Service):
         return None if port is None else port.stopListening()
 
 
+@implementer(IAuthThrottle)
+class RelayAuthThrottle:
+    """The relay's AUTH throttle, asked over our standard output and answered on our
+    standard input (L{mailrelay.app.acceptors.AUTH_RECORD}): a client's attempts and failures
+    are counted in one place whichever process takes its connections, so that
+    C{max_failures} holds as with one process.
+
+    A question not answered within C{timeout} seconds fails (the attempt is answered 454,
+    never checked uncounted); a reservation that timed out is settled at once, so that the
+    relay does not keep it in flight.
+    """
+
+    def __init__(
+        self, clock: Any, write: Callable[[str], object] | None = None, timeout: float = 10.0
+    ) -> None:
+        self.clock = clock
+        self.timeout = timeout
+        self._write = write if write is not None else sys.stdout.write
+        self._serials = itertools.count(1)
+        self._waiting: dict[int, Deferred[int]] = {}
+
+    def reserve(self, client: str) -> Deferred[int]:
+        return self._ask("reserve", client)
+
+    def settle(self, client: str, failed: bool) -> Deferred[int]:
+        return self._ask("settle", client, "1" if failed else "0")
+
+    def _ask(self, op: str, client: str, *rest: str) -> Deferred[int]:
+        serial = next(self._serials)
+        try:
+            self._write("\t".join((AUTH_RECORD + op, str(serial), client, *rest)) + "\n")
+        except OSError as e:
+            return fail(ThrottleUnavailable(f"the relay is gone: {e.strerror}"))
+        d: Deferred[int] = Deferred()
+        self._waiting[serial] = d
+        d.addTimeout(self.timeout, self.clock)
+        return d.addErrback(self._unanswered, serial, op, client)
+
+    def _unanswered(self, failure: Failure, serial: int, op: str, client: str) -> Failure:
+        self._waiting.pop(serial, None)
+        if op == "reserve" and failure.check(defer.TimeoutError):
+            self.settle(client, False).addErrback(lambda _: None)
+        return failure
+
+    def answer(self, serial: int, count: str) -> None:
+        """The relay's answer to question C{serial}: the count, or C{-} (it could not)."""
+        d = self._waiting.pop(serial, None)
+        if d is None:
+            return  # timed out already
+        if count.isdigit():
+            d.callback(int(count))
+        else:
+            d.errback(ThrottleUnavailable("the relay could not count the attempt"))
+
+
+class ThrottleUnavailable(Exception):
+    """The relay's AUTH throttle gave no count."""
+
+
 class AcceptorServices(OrderedMultiService):
     """An acceptor's services (L{makeAcceptorServices}).
 
     @ivar sessions: its SMTP sessions.
     @ivar adopted: its listeners.
+    @ivar throttle: the L{RelayAuthThrottle} its AUTH attempts are counted in, or C{None}.
     """
 
     def __init__(self, sessions: Any) -> None:
         super().__init__()
         self.sessions = sessions
         self.adopted: list[AdoptedListener] = []
+        self.throttle: RelayAuthThrottle | None = None
 
     def retire(self, clock: Any, drainTime: float) -> Deferred[None]:
         """A reload replaced us: accept no more connections, let the sessions open go on
@@ -149,6 +223,10 @@ def makeAcceptorServices(
 
     sessions = Sessions()
     top = AcceptorServices(sessions)
+    carried = _Carried()
+    if config.auth is not None:
+        top.throttle = RelayAuthThrottle(reactor)
+        carried.throttle, carried.throttleWindow = top.throttle, config.auth.failureWindow
     spool = makeSpool(config, reactor, top, recover=False)
     build = pluginBuilder(config, reactor, availablePlugins(), makeContext(config, reactor))
     hooks = buildHooks(config, build, "relay")
@@ -157,7 +235,7 @@ def makeAcceptorServices(
     factories = {
         name: factory
         for name, factory, _ in makeListeners(
-            config, reactor, build, _Carried(), spool, sessions, notify, hooks
+            config, reactor, build, carried, spool, sessions, notify, hooks
         )
     }
     for endpoint, fd, family in sockets:
@@ -185,7 +263,8 @@ RETIRE = b"retire"
 
 
 class _FromRelay(LineReceiver, StopAtEnd):
-    """Our standard input: L{RETIRE} when a reload replaced us; its end tells us to stop."""
+    """Our standard input: the answers of the relay's AUTH throttle, L{RETIRE} when a reload
+    replaced us; its end tells us to stop."""
 
     delimiter = b"\n"
 
@@ -195,6 +274,11 @@ class _FromRelay(LineReceiver, StopAtEnd):
         self.drainTime = drainTime
 
     def lineReceived(self, line: bytes) -> None:
+        if line.startswith(_AUTH):
+            serial, _, count = line[len(_AUTH) :].decode("ascii", "replace").partition("\t")
+            if self.services.throttle is not None and serial.isdigit():
+                self.services.throttle.answer(int(serial), count.strip())
+            return
         if line.strip() == RETIRE:
             log.info(
                 "acceptor process {pid}: replaced by a reload; ending once its {count} "

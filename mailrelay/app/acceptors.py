@@ -12,6 +12,9 @@ relay's own process recovers it) -- and writes the queue id of each message it m
 on its standard output, before that message's C{250}; the relay hands the ids to the one
 queue manager (L{RelayService.enqueue}), as it does its own.  The children's log lines and
 metrics come on the same channel, as the delivery process's do (L{mailrelay.queue.process}).
+So do their AUTH attempts: a child reserves and settles each in the relay's throttle
+(L{AUTH_RECORD}; the answer comes on its standard input), so that a client's failures count
+in one place whichever process takes its connections.
 
 Passing the sockets rather than each child binding its own with C{SO_REUSEPORT}: the
 children never need root (nor C{CAP_NET_BIND_SERVICE}) for port 25, and a reload loses no
@@ -37,8 +40,9 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import tcp, unix
-from twisted.internet.defer import DeferredList, succeed
+from twisted.internet.defer import DeferredList, maybeDeferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailrelay.app.logs import eventSystem
 from mailrelay.metrics import ProcessMetrics
@@ -54,12 +58,19 @@ from mailrelay.spool.ids import isQueueID
 
 log = Logger()
 
-__all__ = ["QUEUED_RECORD", "AcceptorPool", "sharedSocket"]
+__all__ = ["AUTH_RECORD", "QUEUED_RECORD", "AcceptorPool", "sharedSocket"]
 
 #: How a line of an acceptor's standard output telling of a queued message starts (then its
 #: queue id).
 QUEUED_RECORD = "queued\t"
 _QUEUED = QUEUED_RECORD.encode("ascii")
+
+#: How a line of an acceptor's standard output asking the relay's AUTH throttle starts, then
+#: C{reserve<TAB>SERIAL<TAB>CLIENT} or C{settle<TAB>SERIAL<TAB>CLIENT<TAB>0|1} (1: failed);
+#: the relay answers on the acceptor's standard input with the same prefix, the serial and
+#: the count (C{-} when it could not count).  See L{RelayAuthThrottle}.
+AUTH_RECORD = "auth\t"
+_AUTH = AUTH_RECORD.encode("ascii")
 
 #: The child's first file descriptor of the listening sockets passed to it.
 FIRST_SOCKET_FD = 4
@@ -80,11 +91,20 @@ def sharedSocket(port: Any, factory: Any) -> tuple[int, str] | None:
 
 
 class _AcceptorProtocol(_ChildProtocol):
-    """The relay's end of an acceptor process: its queued messages, log lines and metrics."""
+    """The relay's end of an acceptor process: its queued messages, log lines, metrics and
+    questions to the relay's AUTH throttle."""
 
     what = "acceptor process"
 
+    def __init__(self, service: Any) -> None:
+        super().__init__(service)
+        #: The AUTH attempts it reserved and has not settled: C{(throttle, client)}.
+        self.reserved: list[tuple[Any, str]] = []
+
     def recordReceived(self, record: bytes) -> None:
+        if record.startswith(_AUTH):
+            self._throttle(record[len(_AUTH) :])
+            return
         if record.startswith(_QUEUED):
             queueID = record[len(_QUEUED) :].decode("ascii", "replace")
             if isQueueID(queueID):
@@ -95,11 +115,64 @@ class _AcceptorProtocol(_ChildProtocol):
             return
         super().recordReceived(record)
 
+    def _throttle(self, record: bytes) -> None:
+        """Ask the relay's AUTH throttle what the child asks (see L{AUTH_RECORD}), and
+        answer: every process counts a client's attempts and failures in one place."""
+        fields = record.decode("ascii", "replace").split("\t")
+        op, serial = fields[0], fields[1] if len(fields) > 1 else ""
+        if not serial.isdigit() or (op, len(fields)) not in (("reserve", 3), ("settle", 4)):
+            log.error("acceptor process (pid {pid}): bad AUTH throttle record {record!r}",
+                      pid=self.pid, record=record)
+            return
+        client, throttle = fields[2], self.service.throttle()
+        if throttle is None:
+            log.error("acceptor process (pid {pid}) asked about AUTH, which the relay does not "
+                      "offer (its configuration changed?): attempt refused", pid=self.pid)
+            self._answerThrottle(serial, "-")
+            return
+        if op == "reserve":
+            d = maybeDeferred(throttle.reserve, client)
+            d.addCallback(self._reservedBy, throttle, client)
+        else:
+            # The throttle the attempt was reserved on (a reload may have made another).
+            for index, (reservedOn, reservedFor) in enumerate(self.reserved):
+                if reservedFor == client:
+                    throttle = reservedOn
+                    del self.reserved[index]
+                    break
+            d = maybeDeferred(throttle.settle, client, fields[3] == "1")
+        d.addCallback(lambda count: self._answerThrottle(serial, str(int(count))))
+        d.addErrback(self._throttleFailed, serial, client)
+
+    def _reservedBy(self, count: int, throttle: Any, client: str) -> int:
+        self.reserved.append((throttle, client))
+        return count
+
+    def _throttleFailed(self, failure: Failure, serial: str, client: str) -> None:
+        log.failure("AUTH throttle: answering acceptor process (pid {pid}) for {client}",
+                    failure, pid=self.pid, client=client)
+        self._answerThrottle(serial, "-")
+
+    def _answerThrottle(self, serial: str, answer: str) -> None:
+        if self.transport is not None and not self.ended.called:
+            self.process.write(f"{AUTH_RECORD}{serial}\t{answer}\n".encode("ascii"))
+
+    def processEnded(self, reason: Any) -> None:
+        # Its attempts in flight are over: their clients must not keep them forever.
+        reserved, self.reserved = self.reserved, []
+        for throttle, client in reserved:
+            maybeDeferred(throttle.settle, client, False).addErrback(_settleFailed, client)
+        super().processEnded(reason)
+
     def received(self, event: dict[str, Any]) -> dict[str, Any]:
         """C{event} with C{,acceptor=PID} after its system (as Postfix's lines name the
         C{smtpd[PID]}): the log tells which process said what."""
         event["log_system"] = f"{eventSystem(event)},acceptor={self.pid}"
         return event
+
+
+def _settleFailed(failure: Failure, client: str) -> None:
+    log.failure("AUTH throttle: settling for {client}", failure, client=client)
 
 
 class AcceptorPool(ChildSupervisor, Service):
@@ -125,11 +198,14 @@ class AcceptorPool(ChildSupervisor, Service):
         sockets: Callable[[], list[tuple[str, int, str]]],
         enqueue: Callable[[str], None],
         metrics: ProcessMetrics | None = None,
+        throttle: Callable[[], Any] = lambda: None,
     ) -> None:
         """
         @param sockets: the C{(endpoint, fd, family)} of the listening sockets to pass to a
             child started now.
         @param enqueue: called with the queue id of each message a child queued.
+        @param throttle: the relay's current AUTH throttle (an L{IAuthThrottle}), which the
+            children's AUTH attempts are counted in, or C{None} (no AUTH).
         """
         self.setName("acceptors")
         self.reactor = reactor
@@ -140,6 +216,7 @@ class AcceptorPool(ChildSupervisor, Service):
         self.drainTime = drainTime
         self.sockets = sockets
         self.enqueue = enqueue
+        self.throttle = throttle
         #: Called when a child ended unexpectedly: the delivery side rescans the spool.
         self.rescan: Callable[[], object] | None = None
         self.metrics = ProcessMetrics() if metrics is None else metrics

@@ -242,6 +242,7 @@ class RelayService(OrderedMultiService):
             self.sharedSockets,
             self.enqueue,
             self.childMetrics,
+            throttle=lambda: self.carried.throttle,
         )
         self.acceptors.spawner = self.spawner
         self.acceptors.rescan = self._rescan
