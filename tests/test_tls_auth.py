@@ -891,6 +891,38 @@ def test_load_server_tls_errors(certs, tmp_path: Path) -> None:
         loadServerTLS(str(chain), str(key), minVersion="TLSv1.1")
 
 
+def test_a_key_the_relays_user_may_not_read_says_what_to_do(
+    certs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After twistd --uid has dropped root, a reload (or an acceptor process) reads the
+    certificates as the relay's user: a key only root may read (certbot's privkey.pem) made
+    the reload fail with a bare "Permission denied".  The message says which user and what
+    to do.  (Root is not refused a file: the refusal is simulated.)"""
+    import pwd
+
+    from mailrelay.receive import tls
+
+    ca, chain, key = certs
+
+    def refused(path: str) -> bytes:
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(tls, "readNamedFile", refused)
+    monkeypatch.setattr(tls.os, "geteuid", lambda: 65534)
+    user = pwd.getpwuid(65534).pw_name
+    with pytest.raises(TLSConfigError) as e:
+        loadServerTLS(str(chain), str(key))
+    assert str(e.value) == (
+        f"cannot read the certificate file {str(chain)!r}: Permission denied (this process "
+        f"runs as user {user}: the relay reads its certificates and keys as that user after "
+        "start-up -- at a reload, in acceptor processes -- so let it read them, e.g. group "
+        "ssl-cert and mode 0640)")
+    monkeypatch.setattr(tls.os, "geteuid", lambda: 0)
+    with pytest.raises(TLSConfigError) as e:
+        loadServerTLS(str(chain), str(key))
+    assert str(e.value) == f"cannot read the certificate file {str(chain)!r}: Permission denied"
+
+
 def test_expired_certificate_is_a_warning(tmp_path: Path) -> None:
     import trustme
 
