@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import errno
 import os
+import pwd
 import stat
 
-__all__ = ["MAX_NAMED_FILE", "readNamedFile"]
+__all__ = ["MAX_NAMED_FILE", "readError", "readNamedFile"]
 
 #: The most octets such a file may hold: a large CA bundle is well under 1 MiB, a table of
 #: a hundred thousand users and hashes about 10 MiB.
@@ -45,3 +46,26 @@ def readNamedFile(path: str) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def readError(e: OSError) -> str:
+    """Why a file could not be read, for a message: C{e}'s C{strerror}, and for a refused
+    permission in a process that is not root, which user it runs as and what to do.
+
+    twistd's C{--uid} drops root once the relay has started: a reload, a file re-read when it
+    changes and the acceptor processes read as the relay's user, so a file only root may
+    read (certbot's C{privkey.pem}, a 0600 password file) works at start and then fails.
+    """
+    text = e.strerror or str(e)
+    uid = os.geteuid()
+    if not isinstance(e, PermissionError) or uid == 0:
+        return text
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    return (
+        f"{text} (this process runs as user {user}: after start-up -- at a reload, when a "
+        "file changes, in acceptor processes -- the relay reads its files as that user, so "
+        "let it read this one, e.g. by its group and mode 0640)"
+    )

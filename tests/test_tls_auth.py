@@ -900,6 +900,7 @@ def test_a_key_the_relays_user_may_not_read_says_what_to_do(
     to do.  (Root is not refused a file: the refusal is simulated.)"""
     import pwd
 
+    from mailrelay import namedfile
     from mailrelay.receive import tls
 
     ca, chain, key = certs
@@ -908,16 +909,16 @@ def test_a_key_the_relays_user_may_not_read_says_what_to_do(
         raise PermissionError(13, "Permission denied", path)
 
     monkeypatch.setattr(tls, "readNamedFile", refused)
-    monkeypatch.setattr(tls.os, "geteuid", lambda: 65534)
+    monkeypatch.setattr(namedfile.os, "geteuid", lambda: 65534)
     user = pwd.getpwuid(65534).pw_name
     with pytest.raises(TLSConfigError) as e:
         loadServerTLS(str(chain), str(key))
     assert str(e.value) == (
         f"cannot read the certificate file {str(chain)!r}: Permission denied (this process "
-        f"runs as user {user}: the relay reads its certificates and keys as that user after "
-        "start-up -- at a reload, in acceptor processes -- so let it read them, e.g. group "
-        "ssl-cert and mode 0640)")
-    monkeypatch.setattr(tls.os, "geteuid", lambda: 0)
+        f"runs as user {user}: after start-up -- at a reload, when a file changes, in "
+        "acceptor processes -- the relay reads its files as that user, so let it read this "
+        "one, e.g. by its group and mode 0640)")
+    monkeypatch.setattr(namedfile.os, "geteuid", lambda: 0)
     with pytest.raises(TLSConfigError) as e:
         loadServerTLS(str(chain), str(key))
     assert str(e.value) == f"cannot read the certificate file {str(chain)!r}: Permission denied"

@@ -38,7 +38,7 @@ from mailrelay.config.schema import At, Key, Reading, Table, pluginOptions
 from mailrelay.config.values import choice, fileName, strings
 from mailrelay.errors import ConfigError, describeValue
 from mailrelay.interfaces import CONTINUE, FilterResult, IMessageFilter
-from mailrelay.namedfile import readNamedFile
+from mailrelay.namedfile import readError, readNamedFile
 
 __all__ = ["DEFAULT_HEADERS", "DKIMSigner", "SigningKey", "build", "loadKey"]
 
@@ -227,7 +227,7 @@ def _readKey(fields: dict[str, Any], at: At) -> SigningKey:
         data = readNamedFile(key.keyFile)
     except OSError as e:
         raise where.error(
-            f"cannot read the DKIM private key {describeValue(key.keyFile)}: {e.strerror or e}"
+            f"cannot read the DKIM private key {describeValue(key.keyFile)}: {readError(e)}"
         ) from None
     try:
         algorithm, privateKey, record, bits = loadKey(data)

@@ -20,6 +20,7 @@ from mailrelay.config.keys import LIMITS, LISTENERS, OVERRIDE_OPTIONS, TOP
 from mailrelay.config.schema import MISSING, At, Key, Source, Table, tableOf
 from mailrelay.config.types import Config, ListenerView, LocalView
 from mailrelay.errors import ConfigError, describeValue
+from mailrelay.namedfile import readError
 
 __all__ = ["loadConfig", "loadLocalView", "readConfigFile"]
 
@@ -37,7 +38,7 @@ def readConfigFile(path: str | os.PathLike[str]) -> bytes:
             data = f.read(_MAX_CONFIG_SIZE)
     except OSError as e:
         raise ConfigError(
-            f"cannot read the configuration file: {e.strerror or e}", file=os.fspath(path)
+            f"cannot read the configuration file: {readError(e)}", file=os.fspath(path)
         ) from None
     if len(data) == _MAX_CONFIG_SIZE:  # (/dev/zero, a log given by mistake: not read on)
         raise ConfigError("not a configuration file: larger than 1 MiB", file=os.fspath(path))

@@ -37,7 +37,7 @@ from mailrelay.address import (
 from mailrelay.config.schema import At, Parser
 from mailrelay.errors import describeValue
 from mailrelay.interfaces import PLATFORM_TRUST_STORE
-from mailrelay.namedfile import readNamedFile
+from mailrelay.namedfile import readError, readNamedFile
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 T = TypeVar("T")
@@ -450,7 +450,7 @@ def _readBytes(path: str, what: str, at: At) -> bytes:
     try:
         return readNamedFile(path)
     except OSError as e:
-        raise at.error(f"cannot read {what} {describeValue(path)}: {e.strerror or e}") from None
+        raise at.error(f"cannot read {what} {describeValue(path)}: {readError(e)}") from None
 
 
 def pemCertificates(data: bytes) -> list[Any]:

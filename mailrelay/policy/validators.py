@@ -29,6 +29,7 @@ from mailrelay.interfaces import (
     PluginContext,
     Verdict,
 )
+from mailrelay.namedfile import readError
 
 if TYPE_CHECKING:  # pragma: no cover
     from mailrelay.envelope import ClientInfo, Envelope, Recipient
@@ -452,7 +453,7 @@ def buildRecipientMap(options: dict[str, Any], context: PluginContext) -> Recipi
         data = path.read_bytes()
     except OSError as e:
         raise ConfigError(
-            f"cannot read recipient map {str(path)!r}: {e.strerror or e}", key="file"
+            f"cannot read recipient map {str(path)!r}: {readError(e)}", key="file"
         ) from e
 
     lines = []

@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from mailrelay.interfaces import Reply
-from mailrelay.namedfile import readNamedFile
+from mailrelay.namedfile import readError, readNamedFile
 from mailrelay.receive.limits import DEFAULT_IPV6_PREFIX_LENGTH, clientNetwork
 from mailrelay.smtp.server import AUTH_INVALID, Authenticate
 
@@ -141,7 +141,7 @@ def readPasswordFile(path: str) -> dict[str, str]:
         data = readNamedFile(path)
     except OSError as e:
         raise PasswordFileError(
-            path, None, f"cannot read the password file: {e.strerror or e}"
+            path, None, f"cannot read the password file: {readError(e)}"
         ) from None
     try:
         text = data.decode("utf-8")

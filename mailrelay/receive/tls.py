@@ -15,8 +15,6 @@ L{ServerTLS.warnings}, which the service logs at start-up.
 from __future__ import annotations
 
 import datetime
-import os
-import pwd
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +27,7 @@ from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersi
 from zope.interface import implementer
 
 # (Its home is smtp.wire, which the delivery client shares; named here for its users.)
-from mailrelay.namedfile import readNamedFile
+from mailrelay.namedfile import readError, readNamedFile
 from mailrelay.smtp.wire import describeTLS as describeTLS
 
 #: The values of C{tls_min_version}, lowest first.
@@ -71,23 +69,8 @@ def _read(path: str, what: str) -> bytes:
     try:
         return readNamedFile(path)
     except OSError as e:
-        hint = ""
-        if isinstance(e, PermissionError) and os.geteuid() != 0:
-            hint = (
-                f" (this process runs as user {_userName(os.geteuid())}: the relay reads its "
-                "certificates and keys as that user after start-up -- at a reload, in "
-                "acceptor processes -- so let it read them, e.g. group ssl-cert and mode 0640)"
-            )
-        raise TLSConfigError(
-            f"cannot read the {what} file {path!r}: {e.strerror or e}{hint}", what
-        ) from None
-
-
-def _userName(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
+        message = f"cannot read the {what} file {path!r}: {readError(e)}"
+        raise TLSConfigError(message, what) from None
 
 
 def loadServerTLS(
