@@ -123,6 +123,56 @@ def test_a_lookup_that_hangs_defers(tmp_path: Path) -> None:
     assert "no answer within 5s; deferring" in formatEvent(events[0])
 
 
+def test_lookups_in_flight_are_bounded(tmp_path: Path) -> None:
+    """A hung file system holds a thread per lookup, timed out or not: beyond the bound the
+    recipient is deferred at once (the thread pool also checks passwords), until a lookup
+    comes back."""
+    clock = Clock()
+    hung: list[defer.Deferred] = []
+
+    def hang(f: Any, *args: Any) -> defer.Deferred:
+        hung.append(defer.Deferred())
+        return hung[-1]
+
+    checker = MaildirUsers(RoutingTable([boxes(tmp_path)]), clock, hang, timeout=5, inFlight=2)
+    first = checker.check(Recipient("a@maildir.test"))
+    checker.check(Recipient("b@maildir.test"))
+    with capturedLogs() as events:
+        third = answer(checker.check(Recipient("c@maildir.test")))
+    assert third.kind is VerdictKind.DEFER and len(hung) == 2
+    assert "2 lookups are still running (a hung file system?); deferring" in formatEvent(events[0])
+    clock.advance(5)
+    assert answer(first).kind is VerdictKind.DEFER  # timed out ...
+    assert checker.inFlight == 2  # ... but its thread still hangs
+    assert answer(checker.check(Recipient("d@maildir.test"))).kind is VerdictKind.DEFER
+    hung[0].callback(True)  # (too late for a@: its answer was given)
+    assert checker.inFlight == 1
+    checker.check(Recipient("e@maildir.test"))
+    assert len(hung) == 3
+
+
+def test_postmaster_is_always_accepted(tmp_path: Path) -> None:
+    """RFC 5321 4.5.1: postmaster is accepted even where it has no mailbox (delivery then
+    bounces it to the sender, as before)."""
+    check = users(tmp_path, boxes(tmp_path), RouteRule("*", "maildir", str(tmp_path / "{local}"))).check
+    for address in ("postmaster@maildir.test", "PostMaster@maildir.test", "postmaster"):
+        assert check(Recipient(address)) is None, address
+    assert answer(check(Recipient("postmistress@maildir.test"))).reply.enhanced == "5.1.1"
+
+
+def test_a_name_too_long_for_the_file_system_is_unknown(tmp_path: Path) -> None:
+    """No user can have a directory whose name the file system cannot hold (ENAMETOOLONG):
+    unknown (5.1.1), not a lookup failure deferred forever."""
+    check = users(tmp_path, RouteRule("maildir.test", "maildir", str(tmp_path / "{address}"))).check
+    address = "l" * 64 + "@maildir.test"
+    assert len(address.encode()) <= 255  # (fits; the one below does not)
+    long = "l" * 64 + "@" + ".".join(["d" * 63] * 3) + ".maildir.test"
+    table = RoutingTable([RouteRule(".maildir.test", "maildir", str(tmp_path / "{address}"))])
+    refused = answer(MaildirUsers(table, Clock(), syncThread).check(Recipient(long)))
+    assert (refused.kind, refused.reply.enhanced) == (VerdictKind.REJECT, "5.1.1")
+    assert answer(check(Recipient(address))).reply.enhanced == "5.1.1"
+
+
 def test_lookups_run_in_the_reactors_thread_pool(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

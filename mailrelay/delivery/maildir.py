@@ -46,7 +46,6 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.delivery.common import builtinOptions
@@ -142,6 +141,10 @@ def isUser(directory: str) -> bool:
         return stat.S_ISDIR(os.stat(directory).st_mode)
     except (FileNotFoundError, NotADirectoryError):
         return False
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            return False  # no user can have a name the file system cannot hold
+        raise
 
 
 def _hostnameForName() -> str:
@@ -152,6 +155,11 @@ def _hostnameForName() -> str:
 #: Seconds the RCPT-time lookup of a user's directory may take before the recipient is
 #: deferred (a hung network file system).
 USER_LOOKUP_TIMEOUT = 30.0
+
+#: The RCPT-time lookups that may be in the thread pool at once: a hung file system holds a
+#: thread per lookup, and the pool also checks passwords and runs plugins.  Beyond, a
+#: recipient is deferred at once.
+USER_LOOKUPS_IN_FLIGHT = 4
 
 UNKNOWN_USER = Verdict.reject("Error: user unknown (no mailbox here)", 550, "5.1.1")
 LOOKUP_FAILED = Verdict(VerdictKind.DEFER, VALIDATOR_FAILED)
@@ -176,9 +184,11 @@ class MaildirUsers:
     A recipient routed (by the routing table) to a maildir route whose template names users
     is refused 550 5.1.1 when its user's directory (L{userDirectory}) does not exist, and
     550 5.1.3 when its address cannot name a directory; a lookup that fails (L{isUser}
-    raises) or takes longer than C{timeout} defers it (451 4.3.0, logged).  Recipients
-    routed elsewhere are not looked at.  The lookups run in a thread: a directory on a
-    network file system must not stall the reactor.
+    raises), takes longer than C{timeout}, or finds L{USER_LOOKUPS_IN_FLIGHT} lookups still
+    running defers it (451 4.3.0, logged).  Recipients routed elsewhere are not looked at,
+    nor C{postmaster} (RFC 5321 4.5.1: always accepted; delivery bounces it to the sender
+    when it has no mailbox).  The lookups run in a thread: a directory on a network file
+    system must not stall the reactor.
     """
 
     def __init__(
@@ -187,16 +197,21 @@ class MaildirUsers:
         clock: Any,
         deferToThread: Callable[..., Deferred] | None = None,
         timeout: float = USER_LOOKUP_TIMEOUT,
+        inFlight: int = USER_LOOKUPS_IN_FLIGHT,
     ) -> None:
         """
         @param table: the routing table (L{mailrelay.route.RoutingTable}).
         @param clock: the reactor: its thread pool runs the lookups unless C{deferToThread}
             is given, and it times them out.
         @param deferToThread: C{callable(f, *args)} returning a Deferred of C{f(*args)}.
+        @param inFlight: how many lookups may be running at once.
         """
         self.table = table
         self.clock = clock
         self.timeout = timeout
+        self.maxInFlight = inFlight
+        #: The lookups running (timed out or not: until their thread is done).
+        self.inFlight = 0
         if deferToThread is None:
 
             def deferToThread(f: Callable[..., Any], *args: Any) -> Deferred:
@@ -208,32 +223,45 @@ class MaildirUsers:
         """C{None} when C{recipient} (an L{mailrelay.envelope.Recipient}) does not go to a
         maildir route with users, else a Deferred firing with L{CONTINUE} (a known user) or
         the refusal."""
+        address = recipient.address
+        local = address.rpartition("@")[0] if "@" in address else address
+        if local.lower() == "postmaster":
+            return None
         try:
             route = self.table.route(None, recipient)
         except DeliveryFailure:
             return None  # no route: delivery says so
         if route.backend != "maildir":
             return None
-        address = recipient.address
         try:
             directory = userDirectory(route.nexthop, address)
         except UnsafeAddress as e:
             return succeed(Verdict.reject(f"Error: {e}", 550, "5.1.3"))
         if directory is None:
             return None
-        d = self._deferToThread(isUser, directory)
-        d.addTimeout(self.timeout, self.clock)
-        return d.addCallbacks(
+        if self.inFlight >= self.maxInFlight:
+            problem = f"{self.inFlight} lookups are still running (a hung file system?)"
+            return succeed(self._failed(problem, address, directory))
+        self.inFlight += 1
+        answer: Deferred[Any] = Deferred()
+        timer = self.clock.callLater(self.timeout, self._timedOut, answer)
+
+        def done(result: Any) -> None:
+            self.inFlight -= 1
+            if timer.active():
+                timer.cancel()
+                answer.callback(result)
+
+        self._deferToThread(isUser, directory).addBoth(done)
+        return answer.addCallbacks(
             lambda known: CONTINUE if known else UNKNOWN_USER,
-            self._failed,
-            errbackArgs=(address, directory),
+            lambda failure: self._failed(failure.getErrorMessage(), address, directory),
         )
 
-    def _failed(self, failure: Failure, address: str, directory: str) -> Verdict:
-        if failure.check(defer.TimeoutError):
-            problem = f"no answer within {self.timeout:g}s"
-        else:
-            problem = failure.getErrorMessage()
+    def _timedOut(self, answer: Deferred[Any]) -> None:
+        answer.errback(defer.TimeoutError(f"no answer within {self.timeout:g}s"))
+
+    def _failed(self, problem: str, address: str, directory: str) -> Verdict:
         log.warn(
             "cannot look up the mailbox of {address} ({directory}): {problem}; deferring",
             address=address,
