@@ -253,9 +253,41 @@ def test_an_attempt_is_settled_on_the_throttle_it_was_reserved_on() -> None:
     attempts in flight are, never leaving the old one's count in flight."""
     _, process, old, current = _throttlePool()
     process.protocol.outReceived(b"auth\treserve\t1\t192.0.2.7\n")
-    current[0] = MemoryAuthThrottle(Clock(), window=120)
+    new = current[0] = MemoryAuthThrottle(Clock(), window=120)
     process.protocol.outReceived(b"auth\tsettle\t2\t192.0.2.7\t1\n")
     assert old.inFlight("192.0.2.7") == 0 and old.failures("192.0.2.7") == 1
+    assert new.inFlight("192.0.2.7") == new.failures("192.0.2.7") == 0
+
+
+def test_a_settle_without_its_reservation_touches_nothing() -> None:
+    """A settle the relay has no reservation for (its reservation failed) is answered "-"
+    and counts nothing: it must not settle another process's attempt in flight."""
+    _, process, throttle, _ = _throttlePool()
+    throttle.reserve("192.0.2.7")  # the relay's own attempt, in flight
+    process.protocol.outReceived(b"auth\tsettle\t4\t192.0.2.7\t1\n")
+    assert process.written == [b"auth\t4\t-\n"]
+    assert (throttle.inFlight("192.0.2.7"), throttle.failures("192.0.2.7")) == (1, 0)
+
+
+class SlowThrottle(MemoryAuthThrottle):
+    def __init__(self) -> None:
+        super().__init__(Clock())
+        self.pending: list[defer.Deferred] = []
+
+    def reserve(self, client: str) -> Any:
+        count = super().reserve(client)
+        self.pending.append(defer.Deferred())
+        return self.pending[-1].addCallback(lambda _: count)
+
+
+def test_a_reservation_answered_after_the_child_ended_is_released() -> None:
+    """(A throttle that answers later, as a shared store would.)"""
+    _, process, _, current = _throttlePool()
+    slow = current[0] = SlowThrottle()
+    process.protocol.outReceived(b"auth\treserve\t1\t192.0.2.7\n")
+    process.end(9 << 8)
+    slow.pending[0].callback(None)
+    assert slow.inFlight("192.0.2.7") == 0 and process.written == []
 
 
 def test_bad_auth_records_and_no_throttle() -> None:
@@ -315,7 +347,26 @@ def test_an_unanswered_reservation_fails_and_is_released() -> None:
     clock.advance(10)
     assert _answered(d).check(defer.TimeoutError)
     assert lines[-1] == "auth\tsettle\t2\t192.0.2.7\t0\n"
-    throttle.answer(1, "1")  # late
+    throttle.answer(1, "1")  # late: ignored
+    throttle.answer(2, "0")  # (the release's answer: nobody waits for it)
+    assert len(lines) == 2
+
+
+def test_when_the_relay_stops_answering_questions_fail_at_once() -> None:
+    """Our standard input ended (the relay stops, or is gone): a session still draining
+    gets its 454 now, not after the timeout."""
+    clock, lines = Clock(), []
+    throttle = RelayAuthThrottle(clock, lines.append, timeout=10)
+    services = AcceptorServices(FakeSessions())
+    services.throttle = throttle
+    waiting = throttle.reserve("192.0.2.7")
+    reactor = MemoryReactor()
+    reactor.running = True
+    _FromRelay(reactor, services, 30.0).readConnectionLost()
+    assert reactor.hasStopped  # (and it stops us, as before)
+    assert _answered(waiting).check(ThrottleUnavailable)
+    assert _answered(throttle.settle("192.0.2.7", True)).check(ThrottleUnavailable)
+    assert len(lines) == 1
 
 
 def test_no_relay_no_count() -> None:
@@ -563,3 +614,35 @@ def test_the_delivery_process_feed_takes_ids_and_a_rescan() -> None:
     feed = _Feed(queue, None)
     feed.dataReceived(b"01K1AP4J8VGG0000VZ3M7Q\n" + RESCAN.encode() + b"\n\n")
     assert queue.calls == [("enqueue", "01K1AP4J8VGG0000VZ3M7Q"), ("rescan",)]
+
+
+def test_the_acceptors_count_in_the_throttle_of_the_running_configuration(
+    tmp_path: Path,
+) -> None:
+    """A reload that changes [auth] failure_window builds a new throttle while it plans;
+    the acceptors switch to it only when the new configuration runs (a reload that fails
+    after planning leaves the relay's own listeners on the old one: so do the acceptors)."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mailrelay.app.relay import makeRelayService
+    from tests.test_config import HASH
+
+    (tmp_path / "users").write_text(f"alice:{HASH}\n")
+
+    def configured(window: int) -> Any:
+        path = tmp_path / "mailrelay.toml"
+        path.write_text(
+            f'[spool]\ndirectory = "{tmp_path / "spool"}"\n[dns]\nreverse_lookups = false\n'
+            'nameservers = ["127.0.0.1:5353"]\n'
+            f'[auth]\npassword_file = "users"\nfailure_window = {window}\n'
+            '[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\nauth = true\n'
+            "auth_without_tls = true\n"
+        )
+        return loadConfig(str(path))
+
+    top = makeRelayService(configured(60), MemoryReactorClock())
+    running = top.throttle
+    assert isinstance(running, MemoryAuthThrottle) and top.acceptors.throttle() is running
+    plan = top.plan(configured(120), None)  # (and then, say, a listener cannot be opened)
+    assert top.carried.throttle is not running and plan.throttle is top.carried.throttle
+    assert top.acceptors.throttle() is running

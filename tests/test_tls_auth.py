@@ -910,7 +910,9 @@ def test_a_key_the_relays_user_may_not_read_says_what_to_do(
 
     monkeypatch.setattr(tls, "readNamedFile", refused)
     monkeypatch.setattr(namedfile.os, "geteuid", lambda: 65534)
-    user = pwd.getpwuid(65534).pw_name
+    monkeypatch.setattr(namedfile.pwd, "getpwuid", lambda uid: pwd.struct_passwd(
+        ("mailrelay", "x", uid, uid, "", "/", "/bin/false")))
+    user = "mailrelay"
     with pytest.raises(TLSConfigError) as e:
         loadServerTLS(str(chain), str(key))
     assert str(e.value) == (
@@ -918,6 +920,12 @@ def test_a_key_the_relays_user_may_not_read_says_what_to_do(
         f"runs as user {user}: after start-up -- at a reload, when a file changes, in "
         "acceptor processes -- the relay reads its files as that user, so let it read this "
         "one, e.g. by its group and mode 0640)")
+    def noSuchUser(uid: int) -> Any:
+        raise KeyError(uid)
+
+    monkeypatch.setattr(namedfile.pwd, "getpwuid", noSuchUser)
+    with pytest.raises(TLSConfigError, match=r"runs as user 65534: after start-up"):
+        loadServerTLS(str(chain), str(key))
     monkeypatch.setattr(namedfile.os, "geteuid", lambda: 0)
     with pytest.raises(TLSConfigError) as e:
         loadServerTLS(str(chain), str(key))

@@ -131,6 +131,7 @@ class RelayAuthThrottle:
         self._write = write if write is not None else sys.stdout.write
         self._serials = itertools.count(1)
         self._waiting: dict[int, Deferred[int]] = {}
+        self._closed = False
 
     def reserve(self, client: str) -> Deferred[int]:
         return self._ask("reserve", client)
@@ -140,6 +141,8 @@ class RelayAuthThrottle:
 
     def _ask(self, op: str, client: str, *rest: str) -> Deferred[int]:
         serial = next(self._serials)
+        if self._closed:
+            return fail(ThrottleUnavailable("the relay is stopping"))
         try:
             self._write("\t".join((AUTH_RECORD + op, str(serial), client, *rest)) + "\n")
         except OSError as e:
@@ -154,6 +157,15 @@ class RelayAuthThrottle:
         if op == "reserve" and failure.check(defer.TimeoutError):
             self.settle(client, False).addErrback(lambda _: None)
         return failure
+
+    def close(self) -> None:
+        """The relay will answer no more (our standard input ended: it stops, or is gone):
+        the questions waiting fail now, and so will any asked later, rather than after the
+        timeout."""
+        self._closed = True
+        waiting, self._waiting = self._waiting, {}
+        for d in waiting.values():
+            d.errback(ThrottleUnavailable("the relay is stopping"))
 
     def answer(self, serial: int, count: str) -> None:
         """The relay's answer to question C{serial}: the count, or C{-} (it could not)."""
@@ -289,6 +301,11 @@ class _FromRelay(LineReceiver, StopAtEnd):
             d = self.services.retire(self.reactor, self.drainTime)
             d.addCallback(lambda _: stopReactor(self.reactor))
 
+
+    def readConnectionLost(self) -> None:
+        if self.services.throttle is not None:
+            self.services.throttle.close()
+        super().readConnectionLost()
 
 def _parseArguments(argv: list[str]) -> argparse.Namespace:
     parser = childArguments("mailrelay.app.acceptorprocess")

@@ -134,18 +134,22 @@ class _AcceptorProtocol(_ChildProtocol):
             d = maybeDeferred(throttle.reserve, client)
             d.addCallback(self._reservedBy, throttle, client)
         else:
-            # The throttle the attempt was reserved on (a reload may have made another).
-            for index, (reservedOn, reservedFor) in enumerate(self.reserved):
-                if reservedFor == client:
-                    throttle = reservedOn
-                    del self.reserved[index]
-                    break
-            d = maybeDeferred(throttle.settle, client, fields[3] == "1")
+            # On the throttle the attempt was reserved on (a reload may have made another);
+            # one never reserved here (the reservation failed) has nothing to settle.
+            index = next((i for i, (_, c) in enumerate(self.reserved) if c == client), None)
+            if index is None:
+                self._answerThrottle(serial, "-")
+                return
+            reservedOn, _ = self.reserved.pop(index)
+            d = maybeDeferred(reservedOn.settle, client, fields[3] == "1")
         d.addCallback(lambda count: self._answerThrottle(serial, str(int(count))))
         d.addErrback(self._throttleFailed, serial, client)
 
     def _reservedBy(self, count: int, throttle: Any, client: str) -> int:
-        self.reserved.append((throttle, client))
+        if self.ended.called:  # (answered after the child ended: nobody will settle it)
+            maybeDeferred(throttle.settle, client, False).addErrback(_settleFailed, client)
+        else:
+            self.reserved.append((throttle, client))
         return count
 
     def _throttleFailed(self, failure: Failure, serial: str, client: str) -> None:

@@ -58,6 +58,8 @@ class _Plan:
     delivery: tuple[list[Any], Any]
     #: The plugin objects that are services, with their names, in order.
     services: tuple[tuple[str, Any], ...] = ()
+    #: The AUTH throttle its listeners count in (the acceptor processes' too), or C{None}.
+    throttle: Any = None
 
 
 class RelayService(OrderedMultiService):
@@ -82,6 +84,8 @@ class RelayService(OrderedMultiService):
         self.sessions = Sessions()
         self.carried = _Carried()
         self.config: Config | None = None
+        #: The AUTH throttle of the running configuration (L{_Plan.throttle}).
+        self.throttle: Any = None
         self.spool: Spool | None = None
         self.delivery: Any = None
         #: The acceptor processes (L{mailrelay.app.acceptors.AcceptorPool}).
@@ -182,7 +186,8 @@ class RelayService(OrderedMultiService):
             self.enqueue,
             hooks,
         )
-        return _Plan(config, configText, listeners, delivery, hooks.services)
+        throttle = self.carried.throttle if config.auth is not None else None
+        return _Plan(config, configText, listeners, delivery, hooks.services, throttle)
 
     def _resolver(self, config: Config) -> Any:
         """The resolver of C{config}'s name servers, kept across reloads (shared with the
@@ -201,6 +206,7 @@ class RelayService(OrderedMultiService):
         config = self.config = plan.config
         assert self.spool is not None
         self.logLevels.setLevel(config.logLevel)
+        self.throttle = plan.throttle
         if config.metricsListen is not None:  # (a restart changes it, not a reload)
             from mailrelay.metrics import enable
 
@@ -242,7 +248,7 @@ class RelayService(OrderedMultiService):
             self.sharedSockets,
             self.enqueue,
             self.childMetrics,
-            throttle=lambda: self.carried.throttle,
+            throttle=lambda: self.throttle,
         )
         self.acceptors.spawner = self.spawner
         self.acceptors.rescan = self._rescan
@@ -410,6 +416,7 @@ class RelayService(OrderedMultiService):
         assert self.spool is not None
         self.config = config
         self.logLevels.setLevel(config.logLevel)
+        self.throttle = plan.throttle  # (not before: a reload that fails keeps the running one)
         self.spool.minFreeSpace = config.minFreeSpace
         wanted = {endpoint: (factory, role) for endpoint, factory, role in plan.listeners}
         renamed = {old: new for new, old in respelled.items()}
