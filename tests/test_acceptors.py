@@ -24,8 +24,8 @@ from zope.interface.verify import verifyObject
 from mailrelay.app.acceptorprocess import (
     RETIRE,
     AcceptorServices,
-    RelayAuthThrottle,
-    ThrottleUnavailable,
+    RelayCounters,
+    RelayUnavailable,
     _FromRelay,
     adoptPort,
     notifyRelay,
@@ -36,8 +36,10 @@ from mailrelay.app.logs import classicLogText
 from mailrelay.config import loadConfig
 from mailrelay.config.values import MAX_PROCESSES, resolveProcessCount
 from mailrelay.errors import ConfigError
+from mailrelay.interfaces import IRateLimiter
 from mailrelay.queue.process import METRICS_RECORD, encodeLogEvent
 from mailrelay.receive.auth import IAuthThrottle, MemoryAuthThrottle
+from mailrelay.receive.limits import MemoryRateLimiter
 
 QUEUE_ID = "0123456789ABCDEFGHJK"
 
@@ -225,14 +227,14 @@ def test_the_relay_counts_its_acceptors_auth_attempts() -> None:
     answers with the counts (so every process sees the client's failures)."""
     _, process, throttle, _ = _throttlePool()
     throttle.settle("192.0.2.7", True)  # a failure made on the relay's own connections
-    process.protocol.outReceived(b"auth\treserve\t1\t192.0.2.7\n")
-    assert process.written == [b"auth\t1\t2\n"]  # one failure + this attempt
+    process.protocol.outReceived(b"ask\t1\treserve\t192.0.2.7\n")
+    assert process.written == [b"answer\t1\t2\n"]  # one failure + this attempt
     assert throttle.inFlight("192.0.2.7") == 1
-    process.protocol.outReceived(b"auth\tsettle\t2\t192.0.2.7\t1\n")
-    assert process.written[-1] == b"auth\t2\t2\n"
+    process.protocol.outReceived(b"ask\t2\tsettle\t192.0.2.7\t1\n")
+    assert process.written[-1] == b"answer\t2\t2\n"
     assert (throttle.failures("192.0.2.7"), throttle.inFlight("192.0.2.7")) == (2, 0)
-    process.protocol.outReceived(b"auth\treserve\t3\t192.0.2.7\nauth\tsettle\t4\t192.0.2.7\t0\n")
-    assert process.written[-2:] == [b"auth\t3\t3\n", b"auth\t4\t2\n"]
+    process.protocol.outReceived(b"ask\t3\treserve\t192.0.2.7\nask\t4\tsettle\t192.0.2.7\t0\n")
+    assert process.written[-2:] == [b"answer\t3\t3\n", b"answer\t4\t2\n"]
     assert (throttle.failures("192.0.2.7"), throttle.inFlight("192.0.2.7")) == (2, 0)
 
 
@@ -240,7 +242,7 @@ def test_an_acceptor_that_ends_releases_its_attempts_in_flight() -> None:
     """Its attempts in flight are settled (not failed) when it ends: the client is not held
     by attempts nobody will settle."""
     _, process, throttle, _ = _throttlePool()
-    process.protocol.outReceived(b"auth\treserve\t1\t192.0.2.7\nauth\treserve\t2\t2001:db8::/64\n")
+    process.protocol.outReceived(b"ask\t1\treserve\t192.0.2.7\nask\t2\treserve\t2001:db8::/64\n")
     assert throttle.inFlight("192.0.2.7") == throttle.inFlight("2001:db8::/64") == 1
     process.end(9 << 8)
     assert throttle.inFlight("192.0.2.7") == throttle.inFlight("2001:db8::/64") == 0
@@ -252,9 +254,9 @@ def test_an_attempt_is_settled_on_the_throttle_it_was_reserved_on() -> None:
     before is settled on the old one (its failure recorded there), as the relay's own
     attempts in flight are, never leaving the old one's count in flight."""
     _, process, old, current = _throttlePool()
-    process.protocol.outReceived(b"auth\treserve\t1\t192.0.2.7\n")
+    process.protocol.outReceived(b"ask\t1\treserve\t192.0.2.7\n")
     new = current[0] = MemoryAuthThrottle(Clock(), window=120)
-    process.protocol.outReceived(b"auth\tsettle\t2\t192.0.2.7\t1\n")
+    process.protocol.outReceived(b"ask\t2\tsettle\t192.0.2.7\t1\n")
     assert old.inFlight("192.0.2.7") == 0 and old.failures("192.0.2.7") == 1
     assert new.inFlight("192.0.2.7") == new.failures("192.0.2.7") == 0
 
@@ -264,8 +266,8 @@ def test_a_settle_without_its_reservation_touches_nothing() -> None:
     and counts nothing: it must not settle another process's attempt in flight."""
     _, process, throttle, _ = _throttlePool()
     throttle.reserve("192.0.2.7")  # the relay's own attempt, in flight
-    process.protocol.outReceived(b"auth\tsettle\t4\t192.0.2.7\t1\n")
-    assert process.written == [b"auth\t4\t-\n"]
+    process.protocol.outReceived(b"ask\t4\tsettle\t192.0.2.7\t1\n")
+    assert process.written == [b"answer\t4\t-\n"]
     assert (throttle.inFlight("192.0.2.7"), throttle.failures("192.0.2.7")) == (1, 0)
 
 
@@ -284,7 +286,7 @@ def test_a_reservation_answered_after_the_child_ended_is_released() -> None:
     """(A throttle that answers later, as a shared store would.)"""
     _, process, _, current = _throttlePool()
     slow = current[0] = SlowThrottle()
-    process.protocol.outReceived(b"auth\treserve\t1\t192.0.2.7\n")
+    process.protocol.outReceived(b"ask\t1\treserve\t192.0.2.7\n")
     process.end(9 << 8)
     slow.pending[0].callback(None)
     assert slow.inFlight("192.0.2.7") == 0 and process.written == []
@@ -292,13 +294,13 @@ def test_a_reservation_answered_after_the_child_ended_is_released() -> None:
 
 def test_bad_auth_records_and_no_throttle() -> None:
     _, process, throttle, current = _throttlePool()
-    events = _published(process, b"auth\treserve\tx\t192.0.2.7\n", b"auth\tguess\t1\ta\n",
-                        b"auth\tsettle\t1\t192.0.2.7\n")
+    events = _published(process, b"ask\tx\treserve\t192.0.2.7\n", b"ask\t1\tguess\ta\n",
+                        b"ask\t1\tsettle\t192.0.2.7\n")
     assert process.written == [] and throttle.inFlight("192.0.2.7") == 0
-    assert sum("bad AUTH throttle record" in e.get("log_format", "") for e in events) == 3
+    assert sum("bad question record" in e.get("log_format", "") for e in events) == 3
     current[0] = None  # the relay's configuration has no [auth] (any more)
-    process.protocol.outReceived(b"auth\treserve\t5\t192.0.2.7\n")
-    assert process.written == [b"auth\t5\t-\n"]
+    process.protocol.outReceived(b"ask\t5\treserve\t192.0.2.7\n")
+    assert process.written == [b"answer\t5\t-\n"]
 
 
 class FailingThrottle:
@@ -309,8 +311,8 @@ class FailingThrottle:
 def test_a_throttle_that_fails_is_answered_as_such() -> None:
     _, process, _, current = _throttlePool()
     current[0] = FailingThrottle()
-    events = _published(process, b"auth\treserve\t7\t192.0.2.7\n")
-    assert process.written == [b"auth\t7\t-\n"]
+    events = _published(process, b"ask\t7\treserve\t192.0.2.7\n")
+    assert process.written == [b"answer\t7\t-\n"]
     assert any(e.get("log_failure") is not None for e in events)
 
 
@@ -322,19 +324,19 @@ def _answered(d: Any) -> Any:
 
 def test_the_acceptor_asks_the_relay_and_takes_its_answers() -> None:
     clock, lines = Clock(), []
-    throttle = RelayAuthThrottle(clock, lines.append)
+    throttle = RelayCounters(clock, lines.append).throttle
     verifyObject(IAuthThrottle, throttle)
     reserve = throttle.reserve("192.0.2.7")
     settle = throttle.settle("192.0.2.7", True)
-    assert lines == ["auth\treserve\t1\t192.0.2.7\n", "auth\tsettle\t2\t192.0.2.7\t1\n"]
+    assert lines == ["ask\t1\treserve\t192.0.2.7\n", "ask\t2\tsettle\t192.0.2.7\t1\n"]
     assert not reserve.called
-    throttle.answer(2, "3")
-    throttle.answer(1, "4")
+    throttle.counters.answer(2, "3")
+    throttle.counters.answer(1, "4")
     assert (_answered(reserve), _answered(settle)) == (4, 3)
-    throttle.answer(1, "5")  # (a second answer: ignored)
+    throttle.counters.answer(1, "5")  # (a second answer: ignored)
     refused = throttle.reserve("192.0.2.8")
-    throttle.answer(3, "-")
-    assert _answered(refused).check(ThrottleUnavailable)
+    throttle.counters.answer(3, "-")
+    assert _answered(refused).check(RelayUnavailable)
 
 
 def test_an_unanswered_reservation_fails_and_is_released() -> None:
@@ -342,13 +344,14 @@ def test_an_unanswered_reservation_fails_and_is_released() -> None:
     its reservation is settled at once so that the relay does not keep it in flight; the
     late answer is ignored."""
     clock, lines = Clock(), []
-    throttle = RelayAuthThrottle(clock, lines.append, timeout=10)
+    counters = RelayCounters(clock, lines.append, timeout=10)
+    throttle = counters.throttle
     d = throttle.reserve("192.0.2.7")
     clock.advance(10)
     assert _answered(d).check(defer.TimeoutError)
-    assert lines[-1] == "auth\tsettle\t2\t192.0.2.7\t0\n"
-    throttle.answer(1, "1")  # late: ignored
-    throttle.answer(2, "0")  # (the release's answer: nobody waits for it)
+    assert lines[-1] == "ask\t2\tsettle\t192.0.2.7\t0\n"
+    throttle.counters.answer(1, "1")  # late: ignored
+    throttle.counters.answer(2, "0")  # (the release's answer: nobody waits for it)
     assert len(lines) == 2
 
 
@@ -356,16 +359,17 @@ def test_when_the_relay_stops_answering_questions_fail_at_once() -> None:
     """Our standard input ended (the relay stops, or is gone): a session still draining
     gets its 454 now, not after the timeout."""
     clock, lines = Clock(), []
-    throttle = RelayAuthThrottle(clock, lines.append, timeout=10)
+    counters = RelayCounters(clock, lines.append, timeout=10)
+    throttle = counters.throttle
     services = AcceptorServices(FakeSessions())
-    services.throttle = throttle
+    services.counters = counters
     waiting = throttle.reserve("192.0.2.7")
     reactor = MemoryReactor()
     reactor.running = True
     _FromRelay(reactor, services, 30.0).readConnectionLost()
     assert reactor.hasStopped  # (and it stops us, as before)
-    assert _answered(waiting).check(ThrottleUnavailable)
-    assert _answered(throttle.settle("192.0.2.7", True)).check(ThrottleUnavailable)
+    assert _answered(waiting).check(RelayUnavailable)
+    assert _answered(throttle.settle("192.0.2.7", True)).check(RelayUnavailable)
     assert len(lines) == 1
 
 
@@ -373,17 +377,108 @@ def test_no_relay_no_count() -> None:
     def gone(line: str) -> None:
         raise BrokenPipeError(32, "Broken pipe")
 
-    failure = _answered(RelayAuthThrottle(Clock(), gone).reserve("192.0.2.7"))
-    assert failure.check(ThrottleUnavailable)
+    failure = _answered(RelayCounters(Clock(), gone).throttle.reserve("192.0.2.7"))
+    assert failure.check(RelayUnavailable)
     assert str(failure.value) == "the relay is gone: Broken pipe"
+
+
+def _limiterPool() -> tuple[FakeProcess, MemoryRateLimiter, list[Any]]:
+    pool, reactor, _ = _pool(1)
+    limiter = MemoryRateLimiter(reactor)
+    current: list[Any] = [limiter]
+    pool.limiter = lambda: current[0]
+    pool.startService()
+    return reactor.spawned[0][0], limiter, current
+
+
+def test_the_relay_counts_its_acceptors_sessions_and_rates() -> None:
+    """max_connections_per_client and the rate limits count in the relay's limiter: a
+    client's connections on every process add up."""
+    process, limiter, _ = _limiterPool()
+    key = "tcp:25 conn 192.0.2.7"
+    limiter.acquire(key)  # a session of the relay's own
+    process.protocol.outReceived(f"ask\t1\tacquire\t{key}\n".encode())
+    assert process.written == [b"answer\t1\t2\n"] and limiter.sessions(key) == 2
+    process.protocol.outReceived(f"ask\t2\thit\ttcp:25 mail 192.0.2.7\t60.0\n".encode() * 2)
+    assert process.written[-2:] == [b"answer\t2\t1\n", b"answer\t2\t2\n"]
+    process.protocol.outReceived(f"ask\t3\trelease\t{key}\n".encode())
+    assert process.written[-1] == b"answer\t3\t0\n" and limiter.sessions(key) == 1
+    # A release it never acquired (its acquire failed): nothing given back.
+    process.protocol.outReceived(f"ask\t4\trelease\t{key}\n".encode())
+    assert process.written[-1] == b"answer\t4\t-\n" and limiter.sessions(key) == 1
+    events = _published(process, f"ask\t5\thit\t{key}\tnan\n".encode(),
+                        f"ask\t6\thit\t{key}\t-1\n".encode())
+    assert sum("bad question record" in e.get("log_format", "") for e in events) == 2
+
+
+def test_an_acceptor_that_ends_gives_back_its_sessions() -> None:
+    process, limiter, current = _limiterPool()
+    key = "tcp:25 conn 192.0.2.7"
+    process.protocol.outReceived(f"ask\t1\tacquire\t{key}\n".encode() * 2)
+    current[0] = MemoryRateLimiter(Clock())  # (a reload: released on the one counted on)
+    process.protocol.outReceived(f"ask\t2\trelease\t{key}\n".encode())
+    assert limiter.sessions(key) == 1
+    process.end(9 << 8)
+    assert limiter.sessions(key) == 0
+
+
+def test_with_a_rate_limiter_plugin_the_acceptor_asks_the_relay_nothing() -> None:
+    """A [rate_limiter] plugin is a shared store: each process has its own instance (the
+    relay's limiter getter says None, and a question gets '-')."""
+    process, _, current = _limiterPool()
+    current[0] = None
+    process.protocol.outReceived(b"ask\t1\tacquire\ttcp:25 conn 192.0.2.7\n")
+    assert process.written == [b"answer\t1\t-\n"]
+
+
+def test_the_acceptors_limiter_asks_the_relay() -> None:
+    clock, lines = Clock(), []
+    counters = RelayCounters(clock, lines.append, timeout=10)
+    limiter = counters.limiter
+    verifyObject(IRateLimiter, limiter)
+    acquired = limiter.acquire("tcp:25 conn 192.0.2.7")
+    hit = limiter.hit("tcp:25 mail 192.0.2.7", 60)
+    released = limiter.release("tcp:25 conn 192.0.2.7")
+    assert lines == ["ask\t1\tacquire\ttcp:25 conn 192.0.2.7\n",
+                     "ask\t2\thit\ttcp:25 mail 192.0.2.7\t60.0\n",
+                     "ask\t3\trelease\ttcp:25 conn 192.0.2.7\n"]
+    for serial, count in ((1, "3"), (2, "7"), (3, "0")):
+        counters.answer(serial, count)
+    assert (_answered(acquired), _answered(hit), _answered(released)) == (3, 7, 0)
+    # A key that cannot be sent on one line fails (the limit is then not applied).
+    assert _answered(limiter.hit("tcp:25\tx", 60)).check(RelayUnavailable)
+    assert len(lines) == 3
+
+
+def test_an_acquire_given_up_is_released() -> None:
+    """The limits give up on an answer after their own timeout (they cancel the question):
+    what the relay may have counted is released."""
+    clock, lines = Clock(), []
+    counters = RelayCounters(clock, lines.append, timeout=10)
+    d = counters.limiter.acquire("k")
+    d.cancel()
+    assert _answered(d).check(defer.CancelledError)
+    assert lines[-1] == "ask\t2\trelease\tk\n"
+    failed = counters.limiter.acquire("k")
+    counters.answer(3, "-")  # not counted: nothing to release
+    assert _answered(failed).check(RelayUnavailable) and len(lines) == 3
+
+
+def test_sessions_ending_after_the_relay_stopped_answering_release_quietly() -> None:
+    """At a stop our input ends; the sessions still draining then end without a question
+    (nor an error in the log): the relay gives back all we held when we end."""
+    lines: list[str] = []
+    counters = RelayCounters(Clock(), lines.append)
+    counters.close()
+    assert _answered(counters.limiter.release("k")) == 0 and lines == []
 
 
 def test_the_acceptor_reads_the_relays_answers_on_its_input() -> None:
     services = AcceptorServices(FakeSessions())
-    services.throttle = RelayAuthThrottle(Clock(), lambda line: None)
-    d = services.throttle.reserve("192.0.2.7")
+    services.counters = RelayCounters(Clock(), lambda line: None)
+    d = services.counters.throttle.reserve("192.0.2.7")
     feed = _FromRelay(Clock(), services, 30.0)
-    feed.dataReceived(b"auth\t1\t2\n")
+    feed.dataReceived(b"answer\t1\t2\n")
     assert _answered(d) == 2
 
 

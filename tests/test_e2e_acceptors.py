@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import smtplib
+import socket
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -226,61 +227,134 @@ def test_kill9_of_the_acceptor_loses_nothing_it_acknowledged(relay) -> None:
     assert (health["acceptors"], health["acceptor_pids"]) == ("up", [restarted]), health
 
 
-def test_auth_failures_count_across_processes(tmp_path: Path) -> None:
-    """`max_failures` holds per client whichever process takes its connections: failures
-    made on the acceptor's connections lock the client out of the relay's own process too
-    (the acceptor counts them in the relay's throttle), as with one process."""
-    from tests.test_e2e_tls_auth import PASSWORDS, Site
-
-    site = Site(tmp_path / "relay")
+@contextmanager
+def _relayWithListener(directory: Path, listener: str, extra: str = ""):
+    """A relay of two processes (held) whose one listener has the keys C{listener}; yields
+    it and its acceptor's pid."""
     r = RelayProcess(
-        site.directory,
-        "[relay]\nprocesses = 2\n[dns]\nreverse_lookups = false\n"
-        '[auth]\npassword_file = "users"\nthrottle_after = 10\nmax_failures = 3\n'
-        '[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\nauth = true\n'
-        "auth_without_tls = true\n",
-        ("--spool", str(site.directory / "spool"), "--hostname", "relay.test"),
+        directory,
+        f"[relay]\nprocesses = 2\n[dns]\nreverse_lookups = false\n{extra}"
+        f'[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\n{listener}',
+        ("--spool", str(directory / "spool"), "--hostname", "relay.test"),
         defaults=False, hold=True,
     )
     try:
         r.start()
         acceptor = int(r.waitForLog(_STARTED).group(1))
         r.waitForLog(rf"acceptor process {acceptor}: accepting on", timeout=20)
-        for n in range(2):
-            s = _connectOnAcceptor(r)
-            code, _ = s.docmd("AUTH", "PLAIN " + _plain("alice", f"wrong {n}"))
-            assert code == 535
-            s.close()
-        r.waitForLog(rf"acceptor={acceptor}\] authentication failed from 127\.0\.0\.1: "
-                     r"sasl_method=PLAIN sasl_username=alice failures=2 ")
-        # The next connection on the relay's own process (the acceptor stopped meanwhile).
-        os.kill(acceptor, signal.SIGSTOP)
-        try:
-            s = smtplib.SMTP("127.0.0.1", r.port, timeout=20)
-            s.ehlo()
-        finally:
-            os.kill(acceptor, signal.SIGCONT)
-        code, _ = s.docmd("AUTH", "PLAIN " + _plain("alice", "wrong 2"))
-        assert code == 421  # the third failure of max_failures = 3 (one process: failures=1)
-        s.close()
-        r.waitForLog(r"\[mailrelay\.receive\.auth#warn\] authentication failed from "
-                     r"127\.0\.0\.1: sasl_method=PLAIN sasl_username=alice failures=3 \(too many "
-                     r"failures, closing\)")
-        # Locked out on the acceptor too, even with the right password.
-        s = _connectOnAcceptor(r)
-        code, _ = s.docmd("AUTH", "PLAIN " + _plain("alice", PASSWORDS["alice"]))
-        assert code == 421
-        s.close()
-        r.waitForLog(rf"acceptor={acceptor}\] authentication failed from 127\.0\.0\.1: "
-                     r"sasl_method=PLAIN sasl_username=alice failures=3 \(too many failures, "
-                     r"refused with 421 without checking\)")
+        yield r, acceptor
     finally:
         if r.process is not None and r.process.poll() is None:
             os.kill(r.process.pid, signal.SIGCONT)
         r.stop()
 
 
+def test_auth_failures_count_across_processes(tmp_path: Path) -> None:
+    """`max_failures` holds per client whichever process takes its connections: failures
+    made on the acceptor's connections lock the client out of the relay's own process too
+    (the acceptor counts them in the relay's throttle), as with one process."""
+    from tests.test_e2e_tls_auth import Site
+
+    site = Site(tmp_path / "relay")
+    with _relayWithListener(
+        site.directory, "auth = true\nauth_without_tls = true\n",
+        '[auth]\npassword_file = "users"\nthrottle_after = 10\nmax_failures = 3\n',
+    ) as (r, acceptor):
+        _authFailures(r, acceptor)
+
+
+def _authFailures(r: RelayProcess, acceptor: int) -> None:
+    from tests.test_e2e_tls_auth import PASSWORDS
+
+    for n in range(2):
+        s = _connectOnAcceptor(r)
+        code, _ = s.docmd("AUTH", "PLAIN " + _plain("alice", f"wrong {n}"))
+        assert code == 535
+        s.close()
+    r.waitForLog(rf"acceptor={acceptor}\] authentication failed from 127\.0\.0\.1: "
+                 r"sasl_method=PLAIN sasl_username=alice failures=2 ")
+    # The next connection on the relay's own process (the acceptor stopped meanwhile).
+    os.kill(acceptor, signal.SIGSTOP)
+    try:
+        s = smtplib.SMTP("127.0.0.1", r.port, timeout=20)
+        s.ehlo()
+    finally:
+        os.kill(acceptor, signal.SIGCONT)
+    code, _ = s.docmd("AUTH", "PLAIN " + _plain("alice", "wrong 2"))
+    assert code == 421  # the third failure of max_failures = 3 (one process: failures=1)
+    s.close()
+    r.waitForLog(r"\[mailrelay\.receive\.auth#warn\] authentication failed from "
+                 r"127\.0\.0\.1: sasl_method=PLAIN sasl_username=alice failures=3 \(too many "
+                 r"failures, closing\)")
+    # Locked out on the acceptor too, even with the right password.
+    s = _connectOnAcceptor(r)
+    code, _ = s.docmd("AUTH", "PLAIN " + _plain("alice", PASSWORDS["alice"]))
+    assert code == 421
+    s.close()
+    r.waitForLog(rf"acceptor={acceptor}\] authentication failed from 127\.0\.0\.1: "
+                 r"sasl_method=PLAIN sasl_username=alice failures=3 \(too many failures, "
+                 r"refused with 421 without checking\)")
+
+
 def _plain(user: str, password: str) -> str:
     import base64
 
     return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+def _openWhileStopped(r: RelayProcess, stopped: int) -> socket.socket:
+    """A connection taken by the process that is not C{stopped} (a pid): only the other one
+    can accept it meanwhile.  Its greeting is left to read."""
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        sock = socket.create_connection(("127.0.0.1", r.port), timeout=20)
+        time.sleep(0.5)  # (the running process accepts it meanwhile)
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    return sock
+
+
+def _greeting(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\r\n"):
+        chunk = sock.recv(1024)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_connections_per_client_count_across_processes(tmp_path: Path) -> None:
+    """`max_connections_per_client` holds per client whichever process takes its
+    connections: the acceptor counts its sessions in the relay's limiter."""
+    with _relayWithListener(tmp_path, "max_connections_per_client = 2\nlimit_exceptions = []\n"
+                            ) as (r, acceptor):
+        _perClient(r, acceptor)
+
+
+def _perClient(r: RelayProcess, acceptor: int) -> None:
+    assert r.process is not None
+    first = _openWhileStopped(r, r.process.pid)  # on the acceptor
+    second = _openWhileStopped(r, acceptor)  # on the relay
+    third = _openWhileStopped(r, r.process.pid)  # on the acceptor: its second, the third
+    try:
+        assert _greeting(first).startswith(b"220 ")
+        assert _greeting(second).startswith(b"220 ")
+        assert _greeting(third) == (
+            b"421 4.7.0 relay.test Error: too many connections from 127.0.0.1\r\n")
+        r.waitForLog(rf"acceptor={acceptor}\] connection from 127\.0\.0\.1 on \S+ refused: 3 "
+                     r"connections at once is over the limit of 2")
+    finally:
+        for sock in (first, second, third):
+            sock.close()
+    # Once they have ended, the client may connect again (each process gave its back).
+    deadline = time.monotonic() + 10
+    while True:
+        sock = _openWhileStopped(r, r.process.pid)
+        try:
+            greeting = _greeting(sock)
+        finally:
+            sock.close()
+        if greeting.startswith(b"220 ") or time.monotonic() > deadline:
+            break
+    assert greeting.startswith(b"220 "), greeting

@@ -25,14 +25,14 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet import defer, tcp, unix
-from twisted.internet.defer import Deferred, fail
+from twisted.internet import tcp, unix
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay.app.acceptors import AUTH_RECORD, QUEUED_RECORD
+from mailrelay.app.acceptors import ANSWER_RECORD, ASK_RECORD, QUEUED_RECORD
 from mailrelay.app.deliveryprocess import (
     StopAtEnd,
     childArguments,
@@ -40,17 +40,20 @@ from mailrelay.app.deliveryprocess import (
     startChild,
 )
 from mailrelay.app.services import OrderedMultiService, stopReactor
+from mailrelay.interfaces import IRateLimiter
 from mailrelay.receive.auth import IAuthThrottle
 
 log = Logger()
 
-_AUTH = AUTH_RECORD.encode("ascii")
+_ANSWER = ANSWER_RECORD.encode("ascii")
 
 __all__ = [
     "RETIRE",
     "AcceptorServices",
     "AdoptedListener",
     "RelayAuthThrottle",
+    "RelayCounters",
+    "RelayRateLimiter",
     "makeAcceptorServices",
 ]
 
@@ -111,16 +114,20 @@ class AdoptedListener(Service):
         return None if port is None else port.stopListening()
 
 
-@implementer(IAuthThrottle)
-class RelayAuthThrottle:
-    """The relay's AUTH throttle, asked over our standard output and answered on our
-    standard input (L{mailrelay.app.acceptors.AUTH_RECORD}): a client's attempts and failures
-    are counted in one place whichever process takes its connections, so that
-    C{max_failures} holds as with one process.
+class RelayCounters:
+    """The relay's AUTH throttle and abuse limits' counters, asked over our standard output
+    and answered on our standard input (L{mailrelay.app.acceptors.ASK_RECORD}): a client's
+    AUTH failures, connections and rates are counted in one place whichever process takes
+    its connections, so that C{max_failures}, C{max_connections_per_client} and the rate
+    limits hold as with one process.
 
-    A question not answered within C{timeout} seconds fails (the attempt is answered 454,
-    never checked uncounted); a reservation that timed out is settled at once, so that the
-    relay does not keep it in flight.
+    A question not answered within C{timeout} seconds fails: an AUTH attempt is then
+    answered 454 (never checked uncounted), a limit is not applied (as when a shared
+    store is down).  What such a question may have counted at the relay (a reservation, a
+    session) is given back at once, so that the relay does not keep it.
+
+    @ivar throttle: the L{RelayAuthThrottle} (an C{IAuthThrottle}).
+    @ivar limiter: the L{RelayRateLimiter} (an C{IRateLimiter}).
     """
 
     def __init__(
@@ -131,41 +138,42 @@ class RelayAuthThrottle:
         self._write = write if write is not None else sys.stdout.write
         self._serials = itertools.count(1)
         self._waiting: dict[int, Deferred[int]] = {}
-        self._closed = False
+        #: Whether the relay answers no more (L{close}).
+        self.closed = False
+        self.throttle = RelayAuthThrottle(self)
+        self.limiter = RelayRateLimiter(self)
 
-    def reserve(self, client: str) -> Deferred[int]:
-        return self._ask("reserve", client)
-
-    def settle(self, client: str, failed: bool) -> Deferred[int]:
-        return self._ask("settle", client, "1" if failed else "0")
-
-    def _ask(self, op: str, client: str, *rest: str) -> Deferred[int]:
+    def ask(self, op: str, *args: str, undo: tuple[str, ...] = ()) -> Deferred[int]:
+        """Ask the relay C{op} with C{args}; C{undo}: the question that gives back what
+        C{op} counted, asked when C{op} gets no answer (a timeout, a cancellation)."""
         serial = next(self._serials)
-        if self._closed:
-            return fail(ThrottleUnavailable("the relay is stopping"))
+        if self.closed:
+            return fail(RelayUnavailable("the relay is stopping"))
+        if any("\t" in a or "\n" in a for a in args):
+            return fail(RelayUnavailable(f"a value of {op} cannot be sent: {args!r}"))
         try:
-            self._write("\t".join((AUTH_RECORD + op, str(serial), client, *rest)) + "\n")
+            self._write("\t".join((ASK_RECORD + str(serial), op, *args)) + "\n")
         except OSError as e:
-            return fail(ThrottleUnavailable(f"the relay is gone: {e.strerror}"))
+            return fail(RelayUnavailable(f"the relay is gone: {e.strerror}"))
         d: Deferred[int] = Deferred()
         self._waiting[serial] = d
         d.addTimeout(self.timeout, self.clock)
-        return d.addErrback(self._unanswered, serial, op, client)
+        return d.addErrback(self._unanswered, serial, undo)
 
-    def _unanswered(self, failure: Failure, serial: int, op: str, client: str) -> Failure:
+    def _unanswered(self, failure: Failure, serial: int, undo: tuple[str, ...]) -> Failure:
         self._waiting.pop(serial, None)
-        if op == "reserve" and failure.check(defer.TimeoutError):
-            self.settle(client, False).addErrback(lambda _: None)
+        if undo and not failure.check(RelayUnavailable):  # (else: nothing was counted)
+            self.ask(*undo).addErrback(lambda _: None)
         return failure
 
     def close(self) -> None:
         """The relay will answer no more (our standard input ended: it stops, or is gone):
         the questions waiting fail now, and so will any asked later, rather than after the
         timeout."""
-        self._closed = True
+        self.closed = True
         waiting, self._waiting = self._waiting, {}
         for d in waiting.values():
-            d.errback(ThrottleUnavailable("the relay is stopping"))
+            d.errback(RelayUnavailable("the relay is stopping"))
 
     def answer(self, serial: int, count: str) -> None:
         """The relay's answer to question C{serial}: the count, or C{-} (it could not)."""
@@ -175,11 +183,44 @@ class RelayAuthThrottle:
         if count.isdigit():
             d.callback(int(count))
         else:
-            d.errback(ThrottleUnavailable("the relay could not count the attempt"))
+            d.errback(RelayUnavailable("the relay could not count it"))
 
 
-class ThrottleUnavailable(Exception):
-    """The relay's AUTH throttle gave no count."""
+class RelayUnavailable(Exception):
+    """The relay gave no count."""
+
+
+@implementer(IAuthThrottle)
+class RelayAuthThrottle:
+    """The relay's AUTH throttle, through L{RelayCounters}."""
+
+    def __init__(self, counters: RelayCounters) -> None:
+        self.counters = counters
+
+    def reserve(self, client: str) -> Deferred[int]:
+        return self.counters.ask("reserve", client, undo=("settle", client, "0"))
+
+    def settle(self, client: str, failed: bool) -> Deferred[int]:
+        return self.counters.ask("settle", client, "1" if failed else "0")
+
+
+@implementer(IRateLimiter)
+class RelayRateLimiter:
+    """The relay's counters of the abuse limits, through L{RelayCounters}."""
+
+    def __init__(self, counters: RelayCounters) -> None:
+        self.counters = counters
+
+    def acquire(self, key: str) -> Deferred[int]:
+        return self.counters.ask("acquire", key, undo=("release", key))
+
+    def release(self, key: str) -> Deferred[int]:
+        if self.counters.closed:
+            return succeed(0)  # (the relay gives back all we held when we end)
+        return self.counters.ask("release", key)
+
+    def hit(self, key: str, window: float) -> Deferred[int]:
+        return self.counters.ask("hit", key, repr(float(window)))
 
 
 class AcceptorServices(OrderedMultiService):
@@ -187,14 +228,14 @@ class AcceptorServices(OrderedMultiService):
 
     @ivar sessions: its SMTP sessions.
     @ivar adopted: its listeners.
-    @ivar throttle: the L{RelayAuthThrottle} its AUTH attempts are counted in, or C{None}.
+    @ivar counters: the L{RelayCounters} its AUTH attempts and limits are counted in.
     """
 
     def __init__(self, sessions: Any) -> None:
         super().__init__()
         self.sessions = sessions
         self.adopted: list[AdoptedListener] = []
-        self.throttle: RelayAuthThrottle | None = None
+        self.counters: RelayCounters | None = None
 
     def retire(self, clock: Any, drainTime: float) -> Deferred[None]:
         """A reload replaced us: accept no more connections, let the sessions open go on
@@ -235,10 +276,12 @@ def makeAcceptorServices(
 
     sessions = Sessions()
     top = AcceptorServices(sessions)
-    carried = _Carried()
+    # The relay's counters, but a [rate_limiter] plugin's: every process uses its own
+    # instance of that (a shared store).
+    counters = top.counters = RelayCounters(reactor)
+    carried = _Carried(limiter=None if config.rateLimiter is not None else counters.limiter)
     if config.auth is not None:
-        top.throttle = RelayAuthThrottle(reactor)
-        carried.throttle, carried.throttleWindow = top.throttle, config.auth.failureWindow
+        carried.throttle, carried.throttleWindow = counters.throttle, config.auth.failureWindow
     spool = makeSpool(config, reactor, top, recover=False)
     build = pluginBuilder(config, reactor, availablePlugins(), makeContext(config, reactor))
     hooks = buildHooks(config, build, "relay")
@@ -275,8 +318,8 @@ RETIRE = b"retire"
 
 
 class _FromRelay(LineReceiver, StopAtEnd):
-    """Our standard input: the answers of the relay's AUTH throttle, L{RETIRE} when a reload
-    replaced us; its end tells us to stop."""
+    """Our standard input: the answers of the relay's counters (L{RelayCounters}), L{RETIRE}
+    when a reload replaced us; its end tells us to stop."""
 
     delimiter = b"\n"
 
@@ -286,10 +329,10 @@ class _FromRelay(LineReceiver, StopAtEnd):
         self.drainTime = drainTime
 
     def lineReceived(self, line: bytes) -> None:
-        if line.startswith(_AUTH):
-            serial, _, count = line[len(_AUTH) :].decode("ascii", "replace").partition("\t")
-            if self.services.throttle is not None and serial.isdigit():
-                self.services.throttle.answer(int(serial), count.strip())
+        if line.startswith(_ANSWER):
+            serial, _, count = line[len(_ANSWER) :].decode("ascii", "replace").partition("\t")
+            if self.services.counters is not None and serial.isdigit():
+                self.services.counters.answer(int(serial), count.strip())
             return
         if line.strip() == RETIRE:
             log.info(
@@ -303,8 +346,8 @@ class _FromRelay(LineReceiver, StopAtEnd):
 
 
     def readConnectionLost(self) -> None:
-        if self.services.throttle is not None:
-            self.services.throttle.close()
+        if self.services.counters is not None:
+            self.services.counters.close()
         super().readConnectionLost()
 
 def _parseArguments(argv: list[str]) -> argparse.Namespace:

@@ -12,9 +12,10 @@ relay's own process recovers it) -- and writes the queue id of each message it m
 on its standard output, before that message's C{250}; the relay hands the ids to the one
 queue manager (L{RelayService.enqueue}), as it does its own.  The children's log lines and
 metrics come on the same channel, as the delivery process's do (L{mailrelay.queue.process}).
-So do their AUTH attempts: a child reserves and settles each in the relay's throttle
-(L{AUTH_RECORD}; the answer comes on its standard input), so that a client's failures count
-in one place whichever process takes its connections.
+So do their questions to the relay's counters: a child reserves and settles each AUTH
+attempt in the relay's throttle, and counts its sessions and rates per client in the
+relay's limiter (L{ASK_RECORD}; the answer comes on its standard input), so that a client's
+failures, connections and rates count in one place whichever process takes them.
 
 Passing the sockets rather than each child binding its own with C{SO_REUSEPORT}: the
 children never need root (nor C{CAP_NET_BIND_SERVICE}) for port 25, and a reload loses no
@@ -58,19 +59,32 @@ from mailrelay.spool.ids import isQueueID
 
 log = Logger()
 
-__all__ = ["AUTH_RECORD", "QUEUED_RECORD", "AcceptorPool", "sharedSocket"]
+__all__ = ["ANSWER_RECORD", "ASK_RECORD", "QUEUED_RECORD", "AcceptorPool", "sharedSocket"]
 
 #: How a line of an acceptor's standard output telling of a queued message starts (then its
 #: queue id).
 QUEUED_RECORD = "queued\t"
 _QUEUED = QUEUED_RECORD.encode("ascii")
 
-#: How a line of an acceptor's standard output asking the relay's AUTH throttle starts, then
-#: C{reserve<TAB>SERIAL<TAB>CLIENT} or C{settle<TAB>SERIAL<TAB>CLIENT<TAB>0|1} (1: failed);
-#: the relay answers on the acceptor's standard input with the same prefix, the serial and
-#: the count (C{-} when it could not count).  See L{RelayAuthThrottle}.
-AUTH_RECORD = "auth\t"
-_AUTH = AUTH_RECORD.encode("ascii")
+#: How a line of an acceptor's standard output asking the relay's counters starts (its AUTH
+#: throttle's, its abuse limits'), then C{SERIAL<TAB>OP<TAB>ARGUMENTS...}: C{reserve CLIENT},
+#: C{settle CLIENT 0|1} (1: failed), C{acquire KEY}, C{release KEY}, C{hit KEY WINDOW}.  The
+#: relay answers each on the acceptor's standard input: L{ANSWER_RECORD}, the serial and the
+#: count (C{-} when it could not count).  See L{mailrelay.app.acceptorprocess.RelayCounters}.
+ASK_RECORD = "ask\t"
+_ASK = ASK_RECORD.encode("ascii")
+ANSWER_RECORD = "answer\t"
+
+#: Each question: the counter asked (C{"throttle"} or C{"limiter"}) and how many arguments.
+_QUESTIONS = {
+    "reserve": ("throttle", 1),
+    "settle": ("throttle", 2),
+    "acquire": ("limiter", 1),
+    "release": ("limiter", 1),
+    "hit": ("limiter", 2),
+}
+#: What a question that counts is undone by, when its child ends without asking that.
+_UNDONE_BY = {"reserve": "settle", "acquire": "release"}
 
 #: The child's first file descriptor of the listening sockets passed to it.
 FIRST_SOCKET_FD = 4
@@ -92,18 +106,19 @@ def sharedSocket(port: Any, factory: Any) -> tuple[int, str] | None:
 
 class _AcceptorProtocol(_ChildProtocol):
     """The relay's end of an acceptor process: its queued messages, log lines, metrics and
-    questions to the relay's AUTH throttle."""
+    questions to the relay's counters."""
 
     what = "acceptor process"
 
     def __init__(self, service: Any) -> None:
         super().__init__(service)
-        #: The AUTH attempts it reserved and has not settled: C{(throttle, client)}.
-        self.reserved: list[tuple[Any, str]] = []
+        #: What it counted and has not given back: C{(question, counter, key)}: an AUTH
+        #: attempt reserved and not settled, a session acquired and not released.
+        self.held: list[tuple[str, Any, str]] = []
 
     def recordReceived(self, record: bytes) -> None:
-        if record.startswith(_AUTH):
-            self._throttle(record[len(_AUTH) :])
+        if record.startswith(_ASK):
+            self._asked(record[len(_ASK) :])
             return
         if record.startswith(_QUEUED):
             queueID = record[len(_QUEUED) :].decode("ascii", "replace")
@@ -115,57 +130,68 @@ class _AcceptorProtocol(_ChildProtocol):
             return
         super().recordReceived(record)
 
-    def _throttle(self, record: bytes) -> None:
-        """Ask the relay's AUTH throttle what the child asks (see L{AUTH_RECORD}), and
-        answer: every process counts a client's attempts and failures in one place."""
-        fields = record.decode("ascii", "replace").split("\t")
-        op, serial = fields[0], fields[1] if len(fields) > 1 else ""
-        if not serial.isdigit() or (op, len(fields)) not in (("reserve", 3), ("settle", 4)):
-            log.error("acceptor process (pid {pid}): bad AUTH throttle record {record!r}",
+    def _asked(self, record: bytes) -> None:
+        """Ask the relay's counter what the child asks (see L{ASK_RECORD}), and answer:
+        every process counts a client's AUTH failures, sessions and rates in one place."""
+        fields = record.decode("utf-8", "replace").split("\t")
+        serial, op, args = fields[0], fields[1] if len(fields) > 1 else "", fields[2:]
+        counterName, arity = _QUESTIONS.get(op, ("", -1))
+        if not serial.isdigit() or len(args) != arity or not _valid(op, args):
+            log.error("acceptor process (pid {pid}): bad question record {record!r}",
                       pid=self.pid, record=record)
             return
-        client, throttle = fields[2], self.service.throttle()
-        if throttle is None:
-            log.error("acceptor process (pid {pid}) asked about AUTH, which the relay does not "
-                      "offer (its configuration changed?): attempt refused", pid=self.pid)
-            self._answerThrottle(serial, "-")
-            return
-        if op == "reserve":
-            d = maybeDeferred(throttle.reserve, client)
-            d.addCallback(self._reservedBy, throttle, client)
-        else:
-            # On the throttle the attempt was reserved on (a reload may have made another);
-            # one never reserved here (the reservation failed) has nothing to settle.
-            index = next((i for i, (_, c) in enumerate(self.reserved) if c == client), None)
+        key = args[0]
+        counter = getattr(self.service, counterName)()
+        if op in ("settle", "release"):
+            # On the counter it was counted on (a reload may have made another); what was
+            # never counted here (the count failed) has nothing to give back.
+            index = next(
+                (i for i, (q, _, k) in enumerate(self.held) if _UNDONE_BY[q] == op and k == key),
+                None,
+            )
             if index is None:
-                self._answerThrottle(serial, "-")
+                self._answer(serial, "-")
                 return
-            reservedOn, _ = self.reserved.pop(index)
-            d = maybeDeferred(reservedOn.settle, client, fields[3] == "1")
-        d.addCallback(lambda count: self._answerThrottle(serial, str(int(count))))
-        d.addErrback(self._throttleFailed, serial, client)
-
-    def _reservedBy(self, count: int, throttle: Any, client: str) -> int:
-        if self.ended.called:  # (answered after the child ended: nobody will settle it)
-            maybeDeferred(throttle.settle, client, False).addErrback(_settleFailed, client)
+            _, counter, _ = self.held.pop(index)
+        if counter is None:
+            self._answer(serial, "-")
+            return
+        if op == "settle":
+            d = maybeDeferred(counter.settle, key, args[1] == "1")
+        elif op == "hit":
+            d = maybeDeferred(counter.hit, key, float(args[1]))
         else:
-            self.reserved.append((throttle, client))
+            d = maybeDeferred(getattr(counter, op), key)
+        if op in _UNDONE_BY:
+            d.addCallback(self._counted, op, counter, key)
+        d.addCallbacks(
+            lambda count: self._answer(serial, str(int(count or 0))),
+            self._failed,
+            errbackArgs=(serial, op, key),
+        )
+
+    def _counted(self, count: int, op: str, counter: Any, key: str) -> int:
+        if self.ended.called:  # (answered after the child ended: nobody will give it back)
+            _undo(op, counter, key)
+        else:
+            self.held.append((op, counter, key))
         return count
 
-    def _throttleFailed(self, failure: Failure, serial: str, client: str) -> None:
-        log.failure("AUTH throttle: answering acceptor process (pid {pid}) for {client}",
-                    failure, pid=self.pid, client=client)
-        self._answerThrottle(serial, "-")
+    def _failed(self, failure: Failure, serial: str, op: str, key: str) -> None:
+        log.failure("answering {op} {key} of acceptor process (pid {pid})", failure,
+                    op=op, key=key, pid=self.pid)
+        self._answer(serial, "-")
 
-    def _answerThrottle(self, serial: str, answer: str) -> None:
+    def _answer(self, serial: str, answer: str) -> None:
         if self.transport is not None and not self.ended.called:
-            self.process.write(f"{AUTH_RECORD}{serial}\t{answer}\n".encode("ascii"))
+            self.process.write(f"{ANSWER_RECORD}{serial}\t{answer}\n".encode("ascii"))
 
     def processEnded(self, reason: Any) -> None:
-        # Its attempts in flight are over: their clients must not keep them forever.
-        reserved, self.reserved = self.reserved, []
-        for throttle, client in reserved:
-            maybeDeferred(throttle.settle, client, False).addErrback(_settleFailed, client)
+        # Its AUTH attempts in flight and its sessions are over: their clients must not
+        # keep them forever.
+        held, self.held = self.held, []
+        for op, counter, key in held:
+            _undo(op, counter, key)
         super().processEnded(reason)
 
     def received(self, event: dict[str, Any]) -> dict[str, Any]:
@@ -175,8 +201,25 @@ class _AcceptorProtocol(_ChildProtocol):
         return event
 
 
-def _settleFailed(failure: Failure, client: str) -> None:
-    log.failure("AUTH throttle: settling for {client}", failure, client=client)
+def _valid(op: str, args: list[str]) -> bool:
+    """Whether the arguments of a question are what it takes."""
+    if op == "settle":
+        return args[1] in ("0", "1")
+    if op == "hit":
+        try:
+            return 0 < float(args[1]) < float("inf")
+        except ValueError:
+            return False
+    return True
+
+
+def _undo(op: str, counter: Any, key: str) -> None:
+    """Give back what C{op} counted for an acceptor that can no longer do it."""
+    if op == "reserve":
+        d = maybeDeferred(counter.settle, key, False)
+    else:
+        d = maybeDeferred(counter.release, key)
+    d.addErrback(lambda f: log.failure("giving back {op} {key}", f, op=op, key=key))
 
 
 class AcceptorPool(ChildSupervisor, Service):
@@ -203,6 +246,7 @@ class AcceptorPool(ChildSupervisor, Service):
         enqueue: Callable[[str], None],
         metrics: ProcessMetrics | None = None,
         throttle: Callable[[], Any] = lambda: None,
+        limiter: Callable[[], Any] = lambda: None,
     ) -> None:
         """
         @param sockets: the C{(endpoint, fd, family)} of the listening sockets to pass to a
@@ -210,6 +254,9 @@ class AcceptorPool(ChildSupervisor, Service):
         @param enqueue: called with the queue id of each message a child queued.
         @param throttle: the relay's current AUTH throttle (an L{IAuthThrottle}), which the
             children's AUTH attempts are counted in, or C{None} (no AUTH).
+        @param limiter: the relay's current counter of the abuse limits (an
+            L{IRateLimiter}), which the children's are counted in, or C{None} (with a
+            C{[rate_limiter]} plugin the children count in their own).
         """
         self.setName("acceptors")
         self.reactor = reactor
@@ -221,6 +268,7 @@ class AcceptorPool(ChildSupervisor, Service):
         self.sockets = sockets
         self.enqueue = enqueue
         self.throttle = throttle
+        self.limiter = limiter
         #: Called when a child ended unexpectedly: the delivery side rescans the spool.
         self.rescan: Callable[[], object] | None = None
         self.metrics = ProcessMetrics() if metrics is None else metrics

@@ -336,8 +336,9 @@ def _rateLimiter(config: Config, reactor: Any, build: Any, carried: _Carried) ->
             limiter = build(config.rateLimiter, IRateLimiter)
             log.info("limits: counters kept by plugin {plugin}", plugin=config.rateLimiter.plugin)
     else:
+        # In memory (or, in an acceptor process, the relay's: RelayCounters).
         limiter = carried.limiter if carried.limiterSpec is None else None
-        if not isinstance(limiter, MemoryRateLimiter):
+        if limiter is None:
             limiter = MemoryRateLimiter(reactor)
     carried.limiter, carried.limiterSpec = limiter, config.rateLimiter
     return limiter

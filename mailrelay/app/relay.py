@@ -60,6 +60,9 @@ class _Plan:
     services: tuple[tuple[str, Any], ...] = ()
     #: The AUTH throttle its listeners count in (the acceptor processes' too), or C{None}.
     throttle: Any = None
+    #: The limiter its listeners count in, the acceptor processes' too (C{None} with a
+    #: C{[rate_limiter]} plugin: each process has its own instance).
+    limiter: Any = None
 
 
 class RelayService(OrderedMultiService):
@@ -84,8 +87,9 @@ class RelayService(OrderedMultiService):
         self.sessions = Sessions()
         self.carried = _Carried()
         self.config: Config | None = None
-        #: The AUTH throttle of the running configuration (L{_Plan.throttle}).
+        #: The AUTH throttle and limiter of the running configuration (L{_Plan}).
         self.throttle: Any = None
+        self.limiter: Any = None
         self.spool: Spool | None = None
         self.delivery: Any = None
         #: The acceptor processes (L{mailrelay.app.acceptors.AcceptorPool}).
@@ -187,7 +191,8 @@ class RelayService(OrderedMultiService):
             hooks,
         )
         throttle = self.carried.throttle if config.auth is not None else None
-        return _Plan(config, configText, listeners, delivery, hooks.services, throttle)
+        limiter = self.carried.limiter if config.rateLimiter is None else None
+        return _Plan(config, configText, listeners, delivery, hooks.services, throttle, limiter)
 
     def _resolver(self, config: Config) -> Any:
         """The resolver of C{config}'s name servers, kept across reloads (shared with the
@@ -206,7 +211,7 @@ class RelayService(OrderedMultiService):
         config = self.config = plan.config
         assert self.spool is not None
         self.logLevels.setLevel(config.logLevel)
-        self.throttle = plan.throttle
+        self.throttle, self.limiter = plan.throttle, plan.limiter
         if config.metricsListen is not None:  # (a restart changes it, not a reload)
             from mailrelay.metrics import enable
 
@@ -249,6 +254,7 @@ class RelayService(OrderedMultiService):
             self.enqueue,
             self.childMetrics,
             throttle=lambda: self.throttle,
+            limiter=lambda: self.limiter,
         )
         self.acceptors.spawner = self.spawner
         self.acceptors.rescan = self._rescan
@@ -416,7 +422,8 @@ class RelayService(OrderedMultiService):
         assert self.spool is not None
         self.config = config
         self.logLevels.setLevel(config.logLevel)
-        self.throttle = plan.throttle  # (not before: a reload that fails keeps the running one)
+        # (Not before: a reload that fails keeps the running ones.)
+        self.throttle, self.limiter = plan.throttle, plan.limiter
         self.spool.minFreeSpace = config.minFreeSpace
         wanted = {endpoint: (factory, role) for endpoint, factory, role in plan.listeners}
         renamed = {old: new for new, old in respelled.items()}
