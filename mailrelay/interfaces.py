@@ -1069,6 +1069,10 @@ class PluginContext:
     @ivar source: the configuration file the plugin's options come from, for messages
         (C{None}: the embedded default).
     @ivar kept: the objects L{keep} keeps, shared by the contexts of one relay process.
+    @ivar timeout: the seconds one call of the plugin being built may take (its entry's
+        C{timeout}: the relay cuts a call there and fails it), or C{None}; see
+        L{checkTimeout}.
+    @ivar entry: where the plugin being built is configured (C{"plugins[2]"}), or C{None}.
     """
 
     hostname: str
@@ -1078,6 +1082,8 @@ class PluginContext:
     deferToThread: Callable[..., Any] = None  # type: ignore[assignment]  # set after init
     source: str | None = None
     kept: dict[str, Any] = field(default_factory=dict, repr=False)
+    timeout: float | None = None
+    entry: str | None = None
 
     def __post_init__(self) -> None:
         if self.deferToThread is None:
@@ -1093,6 +1099,29 @@ class PluginContext:
         except KeyError:
             value = self.kept[key] = make()
             return value
+
+    def checkTimeout(self, option: str, seconds: float) -> bool:
+        """Say (a warning in the log) when the plugin's own time limit C{option}, of
+        C{seconds}, is not below its entry's L{timeout}: the relay would cut every slow call
+        first and fail it (a 4xx), so the plugin's own way with a slow answer (fail open,
+        tag, a temporary error of its own) would never act.  Returns whether it is below.
+        """
+        if self.timeout is None or seconds < self.timeout:
+            return True
+        from twisted.logger import Logger
+
+        where = ".".join(p for p in (self.entry, option) if p)
+        Logger().warn(
+            "{source}: {where} = {seconds:g}s is not below the plugin's timeout of "
+            "{timeout:g}s: the relay cuts a slow call at {timeout:g}s and fails it (4xx), so "
+            "the plugin's own handling of a slow answer never acts; make {option} shorter",
+            source=self.source or "(embedded default)",
+            where=where,
+            seconds=seconds,
+            timeout=self.timeout,
+            option=option,
+        )
+        return False
 
     def readOptions(self, schema: Any, options: dict[str, Any]) -> Any:
         """Read a plugin's C{options} with the configuration's own machinery: the keys of

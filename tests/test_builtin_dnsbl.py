@@ -227,3 +227,41 @@ def test_the_greeting_is_the_refusal(tmp_path: Path) -> None:
     assert h.send(b"EHLO x\r\n")[1:] == [b"503 5.5.1 Error: no SMTP service here, send QUIT"]
     clean = ServerHarness(plugins=[plugin(tmp_path, resolver)], peer="192.0.2.8")
     assert clean.transport.value().startswith(b"220 ")
+
+
+@pytest.mark.parametrize(
+    "entry, warned",
+    [
+        ('timeout = 5\n', "query_timeout = 10s is not below the plugin's timeout of 5s"),
+        ('timeout = 5\nquery_timeout = 5\n', "query_timeout = 5s is not below"),
+        ('timeout = 5\nquery_timeout = 4\n', None),
+        ('', None),  # the defaults: 10 s within 30 s
+    ],
+)
+def test_a_query_timeout_the_relay_would_cut_is_warned_of(
+    tmp_path: Path, entry: str, warned: str | None
+) -> None:
+    """docs/plugin-dnsbl.md says to keep query_timeout below the entry's timeout: the relay
+    cuts a slower call and defers, so dnsbl's failing open would never act.  The relay's
+    start (and `mailrelay check`, a reload) says so, naming the file and the key."""
+    from twisted.logger import capturedLogs, formatEvent
+
+    from mailrelay.app.plugins import availablePlugins, pluginBuilder
+    from mailrelay.config import loadConfig
+    from mailrelay.config.plugins import buildHooks
+
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        '[dns]\nnameservers = ["127.0.0.1"]\n'
+        '[[plugins]]\nplugin = "dnsbl"\nzones = ["zen.example"]\n' + entry
+    )
+    config = loadConfig(str(path))
+    with capturedLogs() as events:
+        buildHooks(config, pluginBuilder(config, Clock(), availablePlugins()), "relay")
+    lines = [formatEvent(e) for e in events if "is not below" in formatEvent(e)]
+    if warned is None:
+        assert lines == []
+    else:
+        (line,) = lines
+        assert line.startswith(f"{path}: plugins[0].{warned}")
+        assert line.endswith("never acts; make query_timeout shorter")

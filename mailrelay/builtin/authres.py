@@ -710,6 +710,7 @@ class AuthResults:
 def build(options: dict[str, Any], context: Any) -> AuthResults:
     """Build the C{authres} filter from its C{[[plugins]]} table (see L{SCHEMA})."""
     read = context.readOptions(SCHEMA, options)
+    context.checkTimeout("dns_timeout", read.dnsTimeout)
     authserv = (read.authservId or context.hostname).lower()
     psl = context.keep("authres:psl", PublicSuffixList)
     dnsc = DNS(context.resolver, context.reactor, read.dnsTimeout)

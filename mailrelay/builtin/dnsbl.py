@@ -339,6 +339,7 @@ class DNSBL:
 def build(options: dict[str, Any], context: Any) -> DNSBL:
     """The C{dnsbl} plugin from its options (see C{docs/plugin-dnsbl.md})."""
     read = context.readOptions(SCHEMA, options)
+    context.checkTimeout("query_timeout", read.queryTimeout)
     if context.resolver is None:
         raise ConfigError("dnsbl needs the relay's DNS resolver (the context has none)")
     return DNSBL(read, context.resolver, context.reactor)

@@ -392,6 +392,8 @@ class Greylist(Service):
 def build(options: dict[str, Any], context: Any) -> Greylist:
     """The C{greylist} plugin from its options (see C{docs/plugin-greylist.md})."""
     read = context.readOptions(SCHEMA, options)
+    if read.store == "redis":
+        context.checkTimeout("store_timeout", read.storeTimeout)
     store: Any
     if read.store == "redis":
         store = RedisStore(read.redis, read.redisDb, read.redisPasswordFile, read.storeTimeout)

@@ -18,6 +18,7 @@ This module never imports the reactor at import time.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -182,8 +183,12 @@ def pluginBuilder(
     context = context if context is not None else makeContext(config, reactor)
 
     def build(spec: Any, interface: Any) -> Any:
+        # The context of this entry: its timeout and key (PluginContext.checkTimeout).
+        entry = dataclasses.replace(
+            context, timeout=getattr(spec, "timeout", None), entry=getattr(spec, "key", None)
+        )
         try:
-            return buildPlugin(available, spec.plugin, interface, spec.options, context)
+            return buildPlugin(available, spec.plugin, interface, spec.options, entry)
         except ConfigError as e:
             raise e.within(file=config.source or "(embedded default)", key=spec.key) from e
 
