@@ -1084,6 +1084,8 @@ class PluginContext:
     kept: dict[str, Any] = field(default_factory=dict, repr=False)
     timeout: float | None = None
     entry: str | None = None
+    #: The warnings L{checkTimeout} gave for this configuration (each is given once).
+    warned: set[str] = field(default_factory=set, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.deferToThread is None:
@@ -1111,6 +1113,9 @@ class PluginContext:
         from twisted.logger import Logger
 
         where = ".".join(p for p in (self.entry, option) if p)
+        if where in self.warned:  # (the relay builds a plugin once per process side)
+            return False
+        self.warned.add(where)
         Logger().warn(
             "{source}: {where} = {seconds:g}s is not below the plugin's timeout of "
             "{timeout:g}s: the relay cuts a slow call at {timeout:g}s and fails it (4xx), so "

@@ -779,3 +779,30 @@ def test_check_sample_prints_the_sample_configuration() -> None:
     assert main(["check", "--sample"], out, err) == 0
     sample = (Path(__file__).resolve().parent.parent / "etc" / "mailrelay.toml").read_text()
     assert out.getvalue() == sample and err.getvalue() == ""
+
+
+def test_check_says_the_warnings_of_the_build(tmp_path) -> None:
+    """As postfix check: what the relay would log as a warning while building the
+    configuration (here a plugin time limit its timeout cuts) is printed, once, and in
+    the JSON."""
+    import io
+    import json
+
+    from mailrelay.app.cli import main
+
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'[spool]\ndirectory = "{tmp_path / "spool"}"\n[dns]\nnameservers = ["127.0.0.1"]\n'
+        '[[plugins]]\nplugin = "dnsbl"\nzones = ["zen.example"]\ntimeout = 5\n'
+    )
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["check", "--config", str(config)], out, err) == 0
+    assert out.getvalue() == f"mailrelay: configuration {config}: ok\n"
+    assert err.getvalue() == (
+        f"mailrelay: warning: {config}: plugins[0].query_timeout = 10s is not below the "
+        "plugin's timeout of 5s: the relay cuts a slow call at 5s and fails it (4xx), so the "
+        "plugin's own handling of a slow answer never acts; make query_timeout shorter\n")
+    out = io.StringIO()
+    assert main(["check", "--json", "--config", str(config)], out, io.StringIO()) == 0
+    answer = json.loads(out.getvalue())
+    assert answer["ok"] and len(answer["warnings"]) == 1

@@ -525,6 +525,8 @@ def check(options: Any, out: TextIO, err: TextIO) -> int:
         out.write(sampleConfig())
         return 0
     from twisted.internet import reactor
+    from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
+    from zope.interface import implementer
 
     from mailrelay.app.control import checkSocketPath, controlSocketPath
     from mailrelay.app.relay import RelayService
@@ -535,6 +537,16 @@ def check(options: Any, out: TextIO, err: TextIO) -> int:
 
     path = options.config
     overrides = {"spool": options.spool} if options.spool is not None else {}
+    # What the relay would log as warnings while building (an expired certificate, a
+    # plugin's time limit its timeout cuts...): said here too, as postfix check does.
+    warnings: list[str] = []
+
+    @implementer(ILogObserver)
+    def warned(event: dict[str, Any]) -> None:
+        if event.get("log_level", LogLevel.info) >= LogLevel.warn:
+            warnings.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(warned)
     try:
         text = readConfigFile(path) if path is not None else None
         config = loadConfig(path, overrides, text=text)
@@ -547,13 +559,18 @@ def check(options: Any, out: TextIO, err: TextIO) -> int:
             raise ConfigError(str(e), file=config.source, key="spool.directory") from None
     except ConfigError as e:
         if options.json:
-            _dump({"ok": False, "error": str(e)}, out)
+            _dump({"ok": False, "error": str(e), "warnings": warnings}, out)
         else:
             print(f"mailrelay: configuration error: {e}", file=err)
         return 1
+    finally:
+        globalLogPublisher.removeObserver(warned)
+    if not options.json:
+        for warning in warnings:
+            print(f"mailrelay: warning: {warning}", file=err)
     source = path or "(embedded default)"
     if options.json:
-        result: dict[str, Any] = {"ok": True, "config": source}
+        result: dict[str, Any] = {"ok": True, "config": source, "warnings": warnings}
         if options.n:
             result["effective"] = effectiveConfiguration(path, overrides, text)
         _dump(result, out)
