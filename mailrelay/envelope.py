@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
@@ -233,6 +234,55 @@ class Envelope:
         except RecursionError:
             raise ValueError("JSON nested too deeply") from None
         return cls.fromDict(d)
+
+
+# -- what plugins may not change --------------------------------------------------------------
+
+
+#: What a site plugin must leave as it found it (it may change notes): the client's relay
+#: permission and login, the envelope's sender and recipients, each recipient's address and
+#: DSN parameters.  (Not the client's reverse name: the relay sets it while a connect
+#: plugin may be waiting.)
+PLUGIN_KEPT = {
+    ClientInfo: ("relayAllowed", "authUser"),
+    Envelope: ("sender", "recipients"),
+    Recipient: ("address", "notify", "orcpt"),
+}
+
+#: What L{savePluginKept} saved: C{(object, field, value)}.
+SavedFields = list[tuple[Any, str, Any]]
+
+
+def savePluginKept(args: Sequence[Any]) -> SavedFields:
+    """The fields of L{PLUGIN_KEPT} of the client, envelope and recipients among C{args} (lists
+    copied), to check and restore after a site plugin."""
+    objects: list[Any] = []
+    for arg in args:
+        if type(arg) in PLUGIN_KEPT:
+            objects.append(arg)
+            if isinstance(arg, Envelope):
+                objects.extend(arg.recipients)
+    saved: SavedFields = []
+    for obj in objects:
+        for name in PLUGIN_KEPT[type(obj)]:
+            value = getattr(obj, name)
+            saved.append((obj, name, list(value) if isinstance(value, list) else value))
+    return saved
+
+
+def undoPluginChanges(saved: SavedFields) -> str | None:
+    """What a site plugin changed of C{saved}, undoing it; or C{None}."""
+    problem = None
+    for obj, name, value in saved:
+        current = getattr(obj, name)
+        if current != value:
+            problem = problem or (f"changed the {type(obj).__name__}'s {name} (only notes may "
+                                  "change)")
+            if isinstance(value, list) and isinstance(current, list):
+                current[:] = value
+            else:
+                setattr(obj, name, value)
+    return problem
 
 
 def _shown(value: Any) -> str:

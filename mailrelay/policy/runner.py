@@ -35,7 +35,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailrelay.envelope import ClientInfo, Envelope, Recipient
+from mailrelay.envelope import (
+    ClientInfo,
+    Envelope,
+    SavedFields,
+    savePluginKept,
+    undoPluginChanges,
+)
 from mailrelay.interfaces import (
     CONTINUE,
     BadAnswer,
@@ -49,51 +55,6 @@ from mailrelay.metrics import timePlugin
 log = Logger()
 
 __all__ = ["BadAnswer", "ConfiguredPlugin", "PolicyChain", "checkVerdict"]  # (three are values)
-
-#: What a site plugin must leave as it found it (it may change notes): the client's relay
-#: permission and login, the envelope's sender and recipients, each recipient's address and
-#: DSN parameters.  (Not the client's reverse name: the relay sets it while a connect
-#: plugin may be waiting.)
-_KEPT = {
-    ClientInfo: ("relayAllowed", "authUser"),
-    Envelope: ("sender", "recipients"),
-    Recipient: ("address", "notify", "orcpt"),
-}
-
-_Saved = list[tuple[Any, str, Any]]
-
-
-def _saved(args: Sequence[Any]) -> _Saved:
-    """The fields of L{_KEPT} of the client, envelope and recipients among C{args} (lists
-    copied), to check and restore after a site plugin."""
-    objects: list[Any] = []
-    for arg in args:
-        if type(arg) in _KEPT:
-            objects.append(arg)
-            if isinstance(arg, Envelope):
-                objects.extend(arg.recipients)
-    saved: _Saved = []
-    for obj in objects:
-        for name in _KEPT[type(obj)]:
-            value = getattr(obj, name)
-            saved.append((obj, name, list(value) if isinstance(value, list) else value))
-    return saved
-
-
-def _changeProblem(saved: _Saved) -> str | None:
-    """What a site plugin changed of C{saved}, undoing it; or C{None}."""
-    problem = None
-    for obj, name, value in saved:
-        current = getattr(obj, name)
-        if current != value:
-            problem = problem or (f"changed the {type(obj).__name__}'s {name} (only notes may "
-                                  "change)")
-            if isinstance(value, list) and isinstance(current, list):
-                current[:] = value
-            else:
-                setattr(obj, name, value)
-    return problem
-
 
 def _notesProblem(args: Sequence[Any]) -> str | None:
     """Why the notes of the client or envelope among C{args} cannot be stored, or C{None}."""
@@ -179,13 +140,13 @@ class PolicyChain:
         calls = self._calls
         while index < len(calls):
             configured = self.plugins[index]
-            saved = None if configured.builtin else _saved(args)
+            saved = None if configured.builtin else savePluginKept(args)
             started = perf_counter()
             try:
                 answer = calls[index](*args)
             except Exception:
                 if saved:
-                    _changeProblem(saved)
+                    undoPluginChanges(saved)
                 return self._failed(Failure(), index, subject)
             if not configured.builtin:
                 answer = timePlugin(self.hook, configured.name, answer, started)
@@ -199,12 +160,12 @@ class PolicyChain:
 
     def _judge(
         self, index: int, answer: Any, args: tuple[Any, ...], subject: str,
-        saved: _Saved | None = None,
+        saved: SavedFields | None = None,
     ) -> Verdict:
         """The verdict C{answer} of plugin C{index} means, or C{failed} (logged).  C{saved}:
-        what a site plugin must not have changed (L{_saved})."""
+        what a site plugin must not have changed (L{savePluginKept})."""
         configured = self.plugins[index]
-        changed = _changeProblem(saved) if saved else None
+        changed = undoPluginChanges(saved) if saved else None
         try:
             verdict = self._interpret(answer, args)
             problem = changed or (None if configured.builtin else _notesProblem(args))
@@ -223,7 +184,7 @@ class PolicyChain:
 
     def _later(
         self, index: int, d: Deferred[Any], args: tuple[Any, ...], subject: str,
-        saved: _Saved | None = None,
+        saved: SavedFields | None = None,
     ) -> Deferred[Verdict]:
         timeout = self.plugins[index].timeout
         if timeout is not None:
@@ -237,7 +198,7 @@ class PolicyChain:
 
         def failed(failure: Failure) -> Verdict:
             if saved:
-                _changeProblem(saved)
+                undoPluginChanges(saved)
             return self._failed(failure, index, subject)
 
         return d.addCallbacks(answered, failed)
