@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from twisted.python.failure import Failure
-
 from ipaddress import ip_network
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -13,11 +12,18 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.names import dns
 from twisted.names.error import DNSNameError
+from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from mailrelay.address import parseForwardPath
 from mailrelay.envelope import ClientInfo, Envelope, Recipient
-from mailrelay.interfaces import IHeaderStamper, PluginContext, StampContext, StampResult, VerdictKind
+from mailrelay.interfaces import (
+    IHeaderStamper,
+    PluginContext,
+    StampContext,
+    StampResult,
+    VerdictKind,
+)
 from mailrelay.policy import RelayControl
 from mailrelay.receive.rdns import hostsFileName, reverseLookup
 from mailrelay.stamping import (
@@ -306,8 +312,39 @@ def test_a_stamper_changing_the_envelope_gets_451_and_nothing_is_queued() -> Non
                      b"later"], reply
     assert h.spool.committed == {}
     texts = [formatEvent(e) for e in events]
-    assert any("changed the message's sender or recipients after they were accepted" in t
+    assert any("a plugin changed the Envelope's recipients (only notes may change) after the "
+               "sender and recipients were accepted; refused, not queued" in t
                for t in texts), texts
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda c: setattr(c.envelope.recipients[0], "notify", ("NEVER",)),
+        lambda c: setattr(c.envelope.recipients[0], "orcpt", "rfc822;x@elsewhere.example"),
+        lambda c: setattr(c.client, "authUser", "mallory"),
+        lambda c: setattr(c.client, "relayAllowed", False),
+    ],
+    ids=["notify", "orcpt", "login", "relay"],
+)
+def test_a_stamper_changing_what_the_policy_keeps_gets_451(change: Any) -> None:
+    """docs/plugins.md: a header stamper that changes a recipient's DSN parameters or the
+    client's relay permission or login gets the message refused (451) -- the intake checked
+    only the sender and the recipients' addresses, so a NOTIFY=NEVER set by a stamper was
+    queued (no bounce ever sent) as the client never asked."""
+    from mailrelay.testing import ServerHarness
+
+    class Changing:
+        def stamp(self, context):
+            change(context)
+            return StampResult()
+
+    h = ServerHarness(stampers=[DefaultStamper(), Changing()])
+    h.send(b"EHLO client.test\r\nMAIL FROM:<a@example.com>\r\n"
+           b"RCPT TO:<b@example.org> NOTIFY=FAILURE\r\nDATA\r\n")
+    reply = h.send(b"Subject: hi\r\n\r\nHello.\r\n.\r\n")
+    assert reply[0].startswith(b"451 4.3.0 "), reply
+    assert h.spool.committed == {}
 
 
 def test_the_intake_notes_whether_an_smtputf8_message_has_a_utf8_header() -> None:

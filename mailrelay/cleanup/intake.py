@@ -46,7 +46,7 @@ from mailrelay.cleanup.stamping import (
     StampingFailed,
     runStampers,
 )
-from mailrelay.envelope import ClientInfo, Envelope
+from mailrelay.envelope import ClientInfo, Envelope, savePluginKept, undoPluginChanges
 from mailrelay.errors import SpoolError
 from mailrelay.interfaces import (
     IIncomingMessage,
@@ -178,8 +178,10 @@ class IncomingMessage:
         """
         self.intake = intake
         self.envelope = envelope
-        #: The sender and recipients accepted, checked again at commit (L{_changed}).
-        self._accepted = (envelope.sender, [(r, r.address) for r in envelope.recipients])
+        #: What the policy accepted (sender, recipients, their DSN parameters, the client's
+        #: relay permission and login), checked again at commit: the stampers may only add
+        #: header fields.
+        self._accepted = savePluginKept([client, envelope])
         self.client = client
         self._writer = writer
         self._listenerOptions = listenerOptions
@@ -315,30 +317,18 @@ class IncomingMessage:
         self._logResult(reply, self._writer.size if size is None else size)
         return reply
 
-    def _changed(self) -> bool:
-        """Whether the sender or the recipients accepted were changed since (a header
-        stamper, which may only add fields); if so, undo it."""
-        envelope = self.envelope
-        sender, recipients = self._accepted
-        if envelope.sender == sender and [(r, r.address) for r in envelope.recipients] == (
-            recipients
-        ):
-            return False
-        envelope.sender = sender
-        envelope.recipients[:] = [r for r, _ in recipients]
-        for recipient, address in recipients:
-            recipient.address = address
-        return True
-
     def _commit(self) -> Deferred[Reply] | Reply:
         envelope = self.envelope
-        if self._changed():
-            # Committed, the message would be queued for other recipients than those the
-            # client was told were accepted -- or for none, and dropped after its 250.
+        changed = undoPluginChanges(self._accepted)
+        if changed is not None:
+            # Committed, the message would be queued for other recipients (or DSN requests)
+            # than those the client was told were accepted -- or for none, and dropped after
+            # its 250.
             log.error(
-                "{queueID}: a plugin changed the message's sender or recipients after they "
-                "were accepted; refused, not queued",
+                "{queueID}: a plugin {changed} after the sender and recipients were accepted; "
+                "refused, not queued",
                 queueID=self.queueID,
+                changed=changed,
             )
             return self._refuse(STAMPING_FAILED)
         writer = self._writer
