@@ -1378,3 +1378,54 @@ def test_requireTLSIsKeptAndDefaultsToFalse() -> None:
     old = json.loads(envelope.toJSON())
     del old["requireTLS"]
     assert Envelope.fromDict(old).requireTLS is False
+
+
+def test_stale_partial_files_are_swept(spool: Spool, spoolDir: Path, events) -> None:
+    """A process that ends while it writes (an acceptor process or sendmail killed, the
+    delivery process killed in an envelope update) leaves its file in tmp/; only a start
+    of the relay that finds the spool free removed them, so a relay that runs for weeks
+    kept every one.  sweepTemporary removes the files nobody has written to for the given
+    time, never one being written."""
+    tmp = spoolDir / "tmp"
+    old = time.time() - 2 * 86400
+    for name in ("01AAAAAAAAAAAAAAAAAA.eml", "01AAAAAAAAAAAAAAAAAA.json",
+                 "01BBBBBBBBBBBBBBBBBB.update-3.json"):
+        (tmp / name).write_bytes(b"partial")
+        os.utime(tmp / name, (old, old))
+    writing = writeMessage(spool, b"x" * 300 * 1024)  # being written (spilled): stays
+    (tmp / "a-directory").mkdir()
+    os.utime(tmp / "a-directory", (old, old))
+    removed = spool.sweepTemporary(86400)
+    assert sorted(removed) == ["01AAAAAAAAAAAAAAAAAA.eml", "01AAAAAAAAAAAAAAAAAA.json",
+                               "01BBBBBBBBBBBBBBBBBB.update-3.json"]
+    assert sorted(listing(tmp)) == sorted([f"{writing.queueID}.eml", "a-directory"])
+    texts = [e["log_format"] for e in events]
+    assert sum("removed stale partial file" in t for t in texts) == 3
+    assert spool.sweepTemporary(86400) == []
+
+
+def test_the_relays_spool_is_swept_every_hour(spoolDir: Path, clock: Clock) -> None:
+    """The relay's own spool service sweeps tmp/ hourly (files unwritten for a day); the
+    delivery and acceptor processes' (which do not recover the spool) do not."""
+    from mailrelay.app.services import STALE_TEMPORARY, SWEEP_INTERVAL, SpoolService
+
+    swept: list[float] = []
+    s = Spool(spoolDir, reactor=clock, deferToThread=syncDeferToThread)
+    s.sweepTemporary = swept.append  # type: ignore[method-assign]
+    service = SpoolService(s, sweep=clock)
+    service.privilegedStartService()
+    service.startService()
+    clock.advance(SWEEP_INTERVAL - 1)
+    assert swept == []
+    clock.advance(1)
+    clock.advance(SWEEP_INTERVAL)
+    assert swept == [STALE_TEMPORARY, STALE_TEMPORARY]
+    service.stopService()
+    clock.advance(SWEEP_INTERVAL)
+    assert len(swept) == 2 and clock.getDelayedCalls() == []
+    joined = SpoolService(Spool(spoolDir, reactor=clock, deferToThread=syncDeferToThread,
+                                recover=False))
+    joined.privilegedStartService()
+    joined.startService()
+    assert clock.getDelayedCalls() == []
+    joined.stopService()

@@ -36,7 +36,7 @@ def makeSpool(
         recover=recover,
         removalSyncDelay=REMOVAL_SYNC_DELAY,
     )
-    SpoolService(spool, owner).setServiceParent(parent)
+    SpoolService(spool, owner, sweep=reactor if recover else None).setServiceParent(parent)
     return spool
 
 

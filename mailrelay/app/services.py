@@ -9,6 +9,7 @@ from typing import Any
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.error import ReactorNotRunning
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -84,6 +85,12 @@ def _stopFailed(failure: Failure, child: Any) -> None:
     log.failure("stopping {service} failed", failure, service=child.name or repr(child))
 
 
+#: Seconds between two sweeps of the spool's C{tmp/} (L{SpoolService}).
+SWEEP_INTERVAL = 3600.0
+#: Seconds a file of C{tmp/} has not been written to before a sweep removes it.
+STALE_TEMPORARY = 86400.0
+
+
 class SpoolService(Service):
     """Starts the spool (crash recovery, thread pool) before the listeners, stops it after.
 
@@ -91,14 +98,33 @@ class SpoolService(Service):
     relay is still root (L{Spool.prepareFor}), and started after twistd has dropped
     privileges, as that user, so that nothing in it belongs to root.
 
+    With C{sweep} (the relay's own spool, which it recovers), the files that processes
+    which ended left in C{tmp/} are removed every L{SWEEP_INTERVAL} seconds, once nobody has
+    written to them for L{STALE_TEMPORARY} seconds (L{Spool.sweepTemporary}).
+
     @ivar owner: C{(uid, gid)} of the user the relay runs as, or C{None}.
     """
 
     name = "spool"  # type: ignore[assignment]  # (Service declares None)
 
-    def __init__(self, spool: Spool, owner: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        owner: tuple[int, int] | None = None,
+        sweep: Any = None,
+    ) -> None:
+        """
+        @param sweep: the clock of the sweeps of C{tmp/} (the reactor), or C{None}: none.
+        """
         self.spool = spool
         self.owner = owner
+        self._sweeps = None if sweep is None else LoopingCall(self._sweep)
+        if self._sweeps is not None:
+            self._sweeps.clock = sweep
+
+    def _sweep(self) -> None:
+        if self.spool.running:
+            self.spool.sweepTemporary(STALE_TEMPORARY)
 
     def privilegedStartService(self) -> None:
         if self.owner is None:
@@ -114,6 +140,8 @@ class SpoolService(Service):
         if self.owner is not None:
             self._start()
         super().startService()
+        if self._sweeps is not None:
+            self._sweeps.start(SWEEP_INTERVAL, now=False)
 
     def _start(self) -> None:
         try:
@@ -126,6 +154,8 @@ class SpoolService(Service):
 
     def stopService(self) -> Any:
         super().stopService()
+        if self._sweeps is not None and self._sweeps.running:
+            self._sweeps.stop()
         self.spool.stop()
 
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
+import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -291,6 +293,46 @@ class Spool:
             quarantined=quarantined,
         )
         return committed
+
+    def sweepTemporary(self, olderThan: float) -> list[str]:
+        """Remove the files of C{tmp/} nobody has written to for C{olderThan} seconds: what
+        a process that ended while it wrote left there (an acceptor process or C{sendmail}
+        killed during a message, the delivery process during an envelope update).  Never
+        acknowledged, and in no process's hands any more: a file being written is written
+        to as the data arrives, and renamed within milliseconds once complete.  (Were a
+        client to trickle a message for longer -- no C{max_session_time}, no
+        C{min_data_rate} --, its commit would fail and the message be refused with a 4xx:
+        never lost.)  (A start that finds the spool free removes them all; a relay that
+        runs for weeks does this every hour, L{mailrelay.app.services.SpoolService}.)
+
+        @return: the names removed.
+        """
+        now = time.time()
+        removed = []
+        try:
+            entries = list(os.scandir(self._tmpDir))
+        except OSError as e:
+            log.warn("spool: cannot list {path}: {error}", path=str(self._tmpDir),
+                     error=e.strerror or str(e))
+            return []
+        for entry in entries:
+            try:
+                info = entry.stat(follow_symlinks=False)
+                if not stat.S_ISREG(info.st_mode) or now - info.st_mtime < olderThan:
+                    continue
+                os.unlink(entry.path)
+            except OSError:
+                continue  # (gone meanwhile, or not ours to remove: left as it is)
+            removed.append(entry.name)
+            queueID = entry.name.split(".", 1)[0]
+            log.warn(
+                "spool: removed stale partial file {path} (not written to for {hours:.0f} "
+                "hours: left by a process that ended while writing it, never acknowledged)",
+                path=entry.path,
+                hours=(now - info.st_mtime) / 3600,
+                queueID=queueID if isQueueID(queueID) else None,
+            )
+        return removed
 
     def _quarantine(self, queueID: str) -> None:
         source = self._queueDir / f"{queueID}.json"
