@@ -85,6 +85,7 @@ _QUESTIONS = {
 }
 #: What a question that counts is undone by, when its child ends without asking that.
 _UNDONE_BY = {"reserve": "settle", "acquire": "release"}
+_UNDOES = {undo: op for op, undo in _UNDONE_BY.items()}
 
 #: The child's first file descriptor of the listening sockets passed to it.
 FIRST_SOCKET_FD = 4
@@ -112,9 +113,10 @@ class _AcceptorProtocol(_ChildProtocol):
 
     def __init__(self, service: Any) -> None:
         super().__init__(service)
-        #: What it counted and has not given back: C{(question, counter, key)}: an AUTH
-        #: attempt reserved and not settled, a session acquired and not released.
-        self.held: list[tuple[str, Any, str]] = []
+        #: What it counted and has not given back, by C{(question, key)}: the counters of
+        #: the AUTH attempts reserved and not settled, of the sessions acquired and not
+        #: released (a client with several has its key several times).
+        self.held: dict[tuple[str, str], list[Any]] = {}
 
     def recordReceived(self, record: bytes) -> None:
         if record.startswith(_ASK):
@@ -145,14 +147,13 @@ class _AcceptorProtocol(_ChildProtocol):
         if op in ("settle", "release"):
             # On the counter it was counted on (a reload may have made another); what was
             # never counted here (the count failed) has nothing to give back.
-            index = next(
-                (i for i, (q, _, k) in enumerate(self.held) if _UNDONE_BY[q] == op and k == key),
-                None,
-            )
-            if index is None:
+            counted = self.held.get((_UNDOES[op], key))
+            if not counted:
                 self._answer(serial, "-")
                 return
-            _, counter, _ = self.held.pop(index)
+            counter = counted.pop()
+            if not counted:
+                del self.held[(_UNDOES[op], key)]
         if counter is None:
             self._answer(serial, "-")
             return
@@ -174,7 +175,7 @@ class _AcceptorProtocol(_ChildProtocol):
         if self.ended.called:  # (answered after the child ended: nobody will give it back)
             _undo(op, counter, key)
         else:
-            self.held.append((op, counter, key))
+            self.held.setdefault((op, key), []).append(counter)
         return count
 
     def _failed(self, failure: Failure, serial: str, op: str, key: str) -> None:
@@ -189,9 +190,10 @@ class _AcceptorProtocol(_ChildProtocol):
     def processEnded(self, reason: Any) -> None:
         # Its AUTH attempts in flight and its sessions are over: their clients must not
         # keep them forever.
-        held, self.held = self.held, []
-        for op, counter, key in held:
-            _undo(op, counter, key)
+        held, self.held = self.held, {}
+        for (op, key), counters in held.items():
+            for counter in counters:
+                _undo(op, counter, key)
         super().processEnded(reason)
 
     def received(self, event: dict[str, Any]) -> dict[str, Any]:
