@@ -2075,3 +2075,25 @@ def test_a_process_serving_no_listener_does_not_read_their_certificates(tmp_path
     config = loadConfig(path, listenerTLS=False)
     assert config.listeners[0].certificate is None
     assert config.listeners[0].settings.tlsMode == "starttls"
+
+
+@pytest.mark.parametrize(
+    "value, error",
+    [
+        ('"+"', None),
+        ('"+-"', None),
+        ('""', None),
+        ('"a"', 'must be characters out of "+-_=#~&%!$" (such as "+"), not "a"'),
+        ('"@"', 'not "@"'),
+        ('"/"', 'not "/"'),
+        ("1", "must be a string, not 1"),
+    ],
+)
+def test_recipient_delimiter(tmp_path: Path, value: str, error: str | None) -> None:
+    path = writeConfig(tmp_path, f"[delivery]\nrecipient_delimiter = {value}\n")
+    if error is None:
+        assert loadConfig(path).recipientDelimiter == value.strip('"')
+        return
+    with pytest.raises(ConfigError) as e:
+        loadConfig(path)
+    assert "delivery.recipient_delimiter" in str(e.value) and error in str(e.value)

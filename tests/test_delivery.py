@@ -176,7 +176,8 @@ def test_builtin_backends_build_from_their_options() -> None:
         ("smtp", {}, "the built-in smtp backend needs its client settings (option 'settings'"),
         ("lmtp", {"settings": "x"}, "a ClientSettings), not 'x'"),
         ("lmtp", {"settings": ClientSettings(heloName="r.test"), "tls": "none"}, "no option 'tls'"),
-        ("maildir", {"directory": "/m"}, "has no option 'directory' (its options: create_mailboxes)"),
+        ("maildir", {"directory": "/m"},
+         "has no option 'directory' (its options: create_mailboxes, recipient_delimiter)"),
         ("discard", {"x": 1}, "the built-in discard backend has no option 'x'"),
     ],
 )
@@ -315,6 +316,38 @@ def test_maildir_user_lookup_failure_defers(tmp_path: Path, messagePath: Path) -
     assert (r.status, r.code) == (TRANSIENT, "4.3.0")
     assert "Too many levels of symbolic links" in r.diagnostic
     assert str(tmp_path / "bob") in r.diagnostic
+
+
+@pytest.mark.parametrize(
+    "local, delimiters, user",
+    [
+        ("bob+lists", "+", "bob"),
+        ("bob-lists+x", "+-", "bob"),
+        ("bob+", "+", "bob"),
+        ("+bob", "+", "+bob"),  # (a delimiter first is part of the name, as Postfix's)
+        ("bob+lists", "", "bob+lists"),
+        ("bob+lists", "-", "bob+lists"),
+    ],
+)
+def test_userPart(local: str, delimiters: str, user: str) -> None:
+    from mailrelay.delivery.maildir import userPart
+
+    assert userPart(local, delimiters) == user
+
+
+def test_maildir_delivers_an_extension_to_its_user(tmp_path: Path, messagePath: Path) -> None:
+    """[delivery] recipient_delimiter = "+" (Postfix's recipient_delimiter): bob+lists@ is
+    bob's, in bob's Maildir; its Delivered-To: keeps the whole address."""
+    template = str(tmp_path / "{domain}" / "{local}" / "Maildir")
+    (tmp_path / "example.org" / "bob").mkdir(parents=True)
+    env = envelope("Bob+Lists@example.org")
+    backend = MaildirBackend(Clock(), deferToThread=syncThread, hostname="h",
+                             recipientDelimiter="+")
+    (r,) = result(backend.deliver(env, env.recipients, toMaildir(template), messagePath))
+    assert r.status is DELIVERED, r
+    (stored,) = list((tmp_path / "example.org" / "bob" / "Maildir" / "new").iterdir())
+    assert b"Delivered-To: Bob+Lists@example.org\n" in stored.read_bytes()
+    assert sorted(p.name for p in (tmp_path / "example.org").iterdir()) == ["bob"]
 
 
 def test_maildir_one_mailbox_for_a_domain_is_created(tmp_path: Path, messagePath: Path) -> None:

@@ -749,14 +749,16 @@ def test_maildir(relay, dns, tmp_path: Path) -> None:
     directory is refused at RCPT (550 5.1.1, as Postfix's smtpd_reject_unlisted_recipient:
     no bounce to a forged sender); one whose directory went away after the 250 bounces 5.1.1
     and nothing is made for it ([delivery] create_mailboxes = false, the default: remote
-    senders do not create directories)."""
+    senders do not create directories).  With recipient_delimiter = "+", carol+news@ is
+    carol's."""
     template = str(tmp_path / "mail" / "{domain}" / "{local}" / "Maildir")
     for user in ("maildir.test/bob", "maildir.test/carol", "maildir.test/dave",
                  "sender.test/alice"):
         (tmp_path / "mail" / user).mkdir(parents=True)
     routes = [{"domain": "maildir.test", "backend": "maildir", "nexthop": template},
               {"domain": "sender.test", "backend": "maildir", "nexthop": template}]
-    r = relay(config(dns, hold=True, routes=routes))
+    delivery = {"recipient_delimiter": "+"}
+    r = relay(config(dns, hold=True, routes=routes, delivery=delivery))
     with smtplib.SMTP("127.0.0.1", r.port, timeout=15) as s:
         s.ehlo("client.test")
         s.mail("alice@sender.test")
@@ -764,16 +766,18 @@ def test_maildir(relay, dns, tmp_path: Path) -> None:
         code, text = s.rcpt('"../erin"@maildir.test')
         assert (code, text[:6]) == (550, b"5.1.3 "), text
         assert s.rcpt("bob@maildir.test") == (250, b"2.1.5 Ok")
+        assert s.rcpt("bob+lists@maildir.test") == (250, b"2.1.5 Ok")
+        assert s.rcpt("erin+lists@maildir.test")[0] == 550
     r.waitForLog(r"NOQUEUE: reject: RCPT from \S+: 550 5\.1\.1 Error: user unknown \(no mailbox "
                  r"here\); from=<alice@sender\.test> to=<erin@maildir\.test>")
     assert not (tmp_path / "mail" / "maildir.test" / "erin").exists()
-    qid = submit(r, "alice@sender.test", ["Bob@maildir.test", "carol@maildir.test",
+    qid = submit(r, "alice@sender.test", ["Bob@maildir.test", "carol+news@maildir.test",
                                            "dave@maildir.test"],
                  message("to a maildir", "Line\r\n.dot\r\n"))
     (tmp_path / "mail" / "maildir.test" / "dave").rmdir()  # dave leaves after the 250
     original = spooled(r, qid)
-    release(r, config(dns, routes=routes))
-    for rcpt in ("Bob@maildir.test", "carol@maildir.test"):
+    release(r, config(dns, routes=routes, delivery=delivery))
+    for rcpt in ("Bob@maildir.test", "carol+news@maildir.test"):
         assert waitResult(r, qid, rcpt)["status"] == "sent"
     dave = waitResult(r, qid, "dave@maildir.test")
     assert (dave["status"], dave["diagnostic"]) == (
@@ -786,7 +790,7 @@ def test_maildir(relay, dns, tmp_path: Path) -> None:
         time.sleep(0.05)
     (bounce,) = list(bounces.iterdir())
     assert b"dave@maildir.test" in bounce.read_bytes()
-    for local, address in (("bob", "Bob@maildir.test"), ("carol", "carol@maildir.test")):
+    for local, address in (("bob", "Bob@maildir.test"), ("carol", "carol+news@maildir.test")):
         box = tmp_path / "mail" / "maildir.test" / local / "Maildir"
         (copy,) = list((box / "new").iterdir())
         assert list((box / "tmp").iterdir()) == [] and list((box / "cur").iterdir()) == []

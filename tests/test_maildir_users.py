@@ -65,6 +65,17 @@ def test_known_and_unknown_users(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["bob", "maildir.test"]
 
 
+def test_an_extension_is_its_users(tmp_path: Path) -> None:
+    """With recipient delimiters, bob+lists is known when bob is (and checked as bob)."""
+    (tmp_path / "maildir.test" / "bob").mkdir(parents=True)
+    check = users(tmp_path, boxes(tmp_path), delimiters="+-").check
+    assert answer(check(Recipient("bob+lists@maildir.test"))) is CONTINUE
+    assert answer(check(Recipient("bob-x@maildir.test"))) is CONTINUE
+    assert answer(check(Recipient("carol+lists@maildir.test"))).reply.enhanced == "5.1.1"
+    plain = users(tmp_path, boxes(tmp_path)).check
+    assert answer(plain(Recipient("bob+lists@maildir.test"))).reply.enhanced == "5.1.1"
+
+
 def test_a_file_is_not_a_user(tmp_path: Path) -> None:
     """As at delivery: a user is a directory."""
     (tmp_path / "maildir.test").mkdir()
@@ -295,6 +306,8 @@ def policyOf(tmp_path: Path, extra: str = "") -> RecipientPolicy:
 
 def test_the_relay_checks_its_maildir_users(tmp_path: Path) -> None:
     assert isinstance(policyOf(tmp_path).mailboxes, MaildirUsers)
+    policy = policyOf(tmp_path, '[delivery]\nrecipient_delimiter = "+"\n')
+    assert policy.mailboxes.delimiters == "+"
 
 
 def test_not_with_create_mailboxes(tmp_path: Path) -> None:

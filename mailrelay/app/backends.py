@@ -33,7 +33,10 @@ def builtinBackendSpecs(config: Config) -> list[BackendSpec]:
             "concurrency": config.destinationConcurrency,
             "plaintext_fallback_age": config.queue.minBackoff,
         },
-        "maildir": {"create_mailboxes": config.createMailboxes},
+        "maildir": {
+            "create_mailboxes": config.createMailboxes,
+            "recipient_delimiter": config.recipientDelimiter,
+        },
     }
     return [
         BackendSpec(name=name, plugin=name, options=options.get(name, {}), key="delivery")

@@ -309,7 +309,9 @@ def _maildirUsers(config: Config, reactor: Any) -> MaildirUsers | None:
             "their recipients elsewhere (a recipient validator can refuse unknown users)"
         )
         return None
-    return MaildirUsers(RoutingTable.fromConfig(config), reactor)
+    return MaildirUsers(
+        RoutingTable.fromConfig(config), reactor, delimiters=config.recipientDelimiter
+    )
 
 
 def _reverseResolver(config: Config, reactor: Any, carried: _Carried) -> Any:

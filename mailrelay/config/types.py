@@ -147,6 +147,8 @@ class Config:
     @ivar connectionCacheTime: seconds an idle connection is kept for reuse (C{0.0}: never).
     @ivar createMailboxes: maildir routes deliver to any user, creating its directory; else
         only to users whose directory exists (L{mailrelay.delivery.maildir}).
+    @ivar recipientDelimiter: the characters separating a maildir route's user from an
+        address extension (C{"+"}: C{bob+lists@} goes to C{bob}'s mailbox), or C{""}.
     @ivar smarthostOptions: how to talk to the smarthost (C{[smarthost]}): every option
         set (C{tls} C{"may"}, the platform's trust store, no AUTH unless given).
     @ivar nameservers: C{(address, port)} of the DNS resolvers to use instead of the
@@ -204,6 +206,7 @@ class Config:
     destinationConcurrency: int = 20
     connectionCacheTime: float = 2.0
     createMailboxes: bool = False
+    recipientDelimiter: str = ""
     nameservers: tuple[tuple[str, int], ...] = ()
     routes: tuple[RouteRule, ...] = ()
     backends: tuple[BackendSpec, ...] = ()

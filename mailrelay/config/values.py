@@ -256,6 +256,23 @@ def nonEmpty(what: str, hint: str = "") -> Parser:
     return parse
 
 
+#: The characters a C{recipient_delimiter} may hold (Postfix's usual ones).
+DELIMITER_CHARACTERS = "+-_=#~&%!$"
+
+
+def recipientDelimiter(value: Any, at: At) -> str:
+    """The characters that separate a local part from its extension (C{"+"}: C{bob+lists} is
+    C{bob}'s), each one of L{DELIMITER_CHARACTERS}; C{""}: none."""
+    text = string(value, at)
+    bad = sorted({c for c in text if c not in DELIMITER_CHARACTERS})
+    if bad or len(text) > len(DELIMITER_CHARACTERS):
+        raise at.error(
+            f"must be characters out of {describeValue(DELIMITER_CHARACTERS)} (such as "
+            f'"+"), not {describeValue(text)}'
+        )
+    return text
+
+
 def boolean(value: Any, at: At) -> bool:
     """C{true} or C{false}."""
     if not isinstance(value, bool):

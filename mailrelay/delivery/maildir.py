@@ -6,7 +6,9 @@ Only those three are replaced (this is not C{str.format}: other braces stay as t
 A relative template is relative to the process's working directory; the configuration should
 make it absolute.
 
-For the path the local part is unquoted (C{"john doe"} becomes C{john doe}) and lower-cased;
+For the path the local part is unquoted (C{"john doe"} becomes C{john doe}), lower-cased,
+and, with C{[delivery] recipient_delimiter} (C{"+"}), cut before its address extension
+(C{bob+lists} is C{bob}'s: L{userPart}; its C{Delivered-To:} keeps the whole address);
 a local part or domain that is empty, starts with C{"."}, or contains C{"/"}, a NUL or another
 control character is refused (permanent 5.1.3), so that no recipient can write outside its
 directory.
@@ -99,15 +101,29 @@ def _checkComponent(text: str, what: str) -> str:
     return text
 
 
-def mailboxPath(template: str, address: str) -> str:
-    """The Maildir of C{address} (canonical, C{local@domain}) according to C{template}.
+def userPart(local: str, delimiters: str) -> str:
+    """C{local} without its address extension: up to the first of C{delimiters} that is not
+    its first character (C{"bob"} for C{"bob+lists"} with C{"+"}), as Postfix's
+    C{recipient_delimiter}; C{local} itself without C{delimiters}."""
+    for index, c in enumerate(local):
+        if index and c in delimiters:
+            return local[:index]
+    return local
+
+
+def mailboxPath(template: str, address: str, delimiters: str = "") -> str:
+    """The Maildir of C{address} (canonical, C{local@domain}) according to C{template}; with
+    C{delimiters}, of its user (L{userPart}: C{bob+lists@} is C{bob}'s).
 
     @raise UnsafeAddress: the local part or domain cannot safely be part of a path.
     """
     local, at, domain = address.rpartition("@")
     if not at:
         local, domain = address, ""
-    local = _checkComponent(unquoteLocalPart(local).lower(), "local part")
+    local = unquoteLocalPart(local).lower()
+    if delimiters:
+        local = userPart(local, delimiters)
+    local = _checkComponent(local, "local part")
     if "{domain}" in template or "{address}" in template:
         domain = _checkComponent(domain, "domain")
     return (
@@ -117,7 +133,7 @@ def mailboxPath(template: str, address: str) -> str:
     )
 
 
-def userDirectory(template: str, address: str) -> str | None:
+def userDirectory(template: str, address: str, delimiters: str = "") -> str | None:
     """The directory that must exist for C{address} to have a mailbox under C{template}:
     the template up to and including its first part holding C{{local}} or C{{address}}
     (see the module docstring); C{None} for a template without them.
@@ -127,7 +143,7 @@ def userDirectory(template: str, address: str) -> str | None:
     parts = template.split("/")
     for index, part in enumerate(parts):
         if "{local}" in part or "{address}" in part:
-            return mailboxPath("/".join(parts[: index + 1]), address)
+            return mailboxPath("/".join(parts[: index + 1]), address, delimiters)
     return None
 
 
@@ -198,8 +214,10 @@ class MaildirUsers:
         deferToThread: Callable[..., Deferred] | None = None,
         timeout: float = USER_LOOKUP_TIMEOUT,
         inFlight: int = USER_LOOKUPS_IN_FLIGHT,
+        delimiters: str = "",
     ) -> None:
         """
+        @param delimiters: the recipient delimiters (L{userPart}): C{bob+lists} is C{bob}.
         @param table: the routing table (L{mailrelay.route.RoutingTable}).
         @param clock: the reactor: its thread pool runs the lookups unless C{deferToThread}
             is given, and it times them out.
@@ -210,6 +228,7 @@ class MaildirUsers:
         self.clock = clock
         self.timeout = timeout
         self.maxInFlight = inFlight
+        self.delimiters = delimiters
         #: The lookups running (timed out or not: until their thread is done).
         self.inFlight = 0
         if deferToThread is None:
@@ -234,7 +253,7 @@ class MaildirUsers:
         if route.backend != "maildir":
             return None
         try:
-            directory = userDirectory(route.nexthop, address)
+            directory = userDirectory(route.nexthop, address, self.delimiters)
         except UnsafeAddress as e:
             return succeed(Verdict.reject(f"Error: {e}", 550, "5.1.3"))
         if directory is None:
@@ -290,6 +309,7 @@ class MaildirBackend:
         deferToThread: Callable[..., Deferred] | None = None,
         hostname: str | None = None,
         createMailboxes: bool = False,
+        recipientDelimiter: str = "",
     ) -> None:
         """
         @param reactor: the reactor; its thread pool runs the file operations unless
@@ -299,9 +319,12 @@ class MaildirBackend:
         @param hostname: the host name in unique file names (default: C{socket.gethostname()}).
         @param createMailboxes: deliver to any user, creating its directory; else only to
             those whose directory exists (see the module docstring).
+        @param recipientDelimiter: the characters separating a user from an address
+            extension (L{userPart}): C{bob+lists@} goes to C{bob}'s mailbox.
         """
         self.reactor = reactor
         self.createMailboxes = createMailboxes
+        self.recipientDelimiter = recipientDelimiter
         self._deferToThread = deferToThread
         self.hostname = (
             hostname.replace("/", "\\057").replace(":", "\\072") if hostname else _hostnameForName()
@@ -320,9 +343,10 @@ class MaildirBackend:
         jobs: list[tuple[int, _Job]] = []
         for index, recipient in enumerate(recipients):
             try:
-                directory = mailboxPath(route.nexthop, recipient.address)
+                delimiters = self.recipientDelimiter
+                directory = mailboxPath(route.nexthop, recipient.address, delimiters)
                 user = (None if self.createMailboxes
-                        else userDirectory(route.nexthop, recipient.address))
+                        else userDirectory(route.nexthop, recipient.address, delimiters))
             except UnsafeAddress as e:
                 log.warn(
                     "{queueID}: refusing maildir delivery to {address}: {problem}",
@@ -482,9 +506,10 @@ def build(options: dict[str, Any], context: PluginContext) -> MaildirBackend:
     """The C{maildir} plugin's factory: C{create_mailboxes} (C{[delivery]}'s, default
     C{False}); the relay's host name (C{context}) goes into the unique file names, the
     reactor's thread pool writes."""
-    options = builtinOptions("maildir", options, ("create_mailboxes",))
+    options = builtinOptions("maildir", options, ("create_mailboxes", "recipient_delimiter"))
     return MaildirBackend(
         context.reactor,
         hostname=context.hostname,
         createMailboxes=options.get("create_mailboxes", False),
+        recipientDelimiter=options.get("recipient_delimiter", ""),
     )
