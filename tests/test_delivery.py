@@ -1493,3 +1493,67 @@ def test_lmtp_may_tls_failure_falls_back_as_smtp_does(
     else:
         assert [(r.status, r.code) for r in results] == [(TRANSIENT, error.code)] * 2
         assert [a[3].tls for a in net.attempts] == ["may"]
+
+
+# ---------------------------------------------------------------------------------------------
+# MTA-STS (RFC 8461) on deliveries by MX lookup
+
+
+class FakeSTS:
+    def __init__(self, policies: dict[str, Any]) -> None:
+        self.policies = policies
+        self.asked: list[str] = []
+
+    def policy(self, domain: str) -> defer.Deferred:
+        self.asked.append(domain)
+        return defer.succeed(self.policies.get(domain))
+
+
+def stsPolicy(mode: str, *mx: str) -> Any:
+    from mailrelay.route.mtasts import STSPolicy
+
+    return STSPolicy("example.org", "1", mode, mx, 86400, 0.0)
+
+
+def test_mta_sts_enforce_sends_only_to_matching_mx_over_verified_tls() -> None:
+    sts = FakeSTS({"example.org": stsPolicy("enforce", "mx2.example.org")})
+    backend, net, _, _ = smtpBackend(mtaSTS=sts)
+    results = result(send(backend, "example.org", "bob@example.org"))
+    assert [r.status for r in results] == [DELIVERED]
+    ((address, port, tlsHostname, settings, _),) = net.attempts
+    assert (address, tlsHostname, settings.tls) == ("192.0.2.2", "mx2.example.org", "required")
+    assert sts.asked == ["example.org"]
+
+
+def test_mta_sts_enforce_without_a_matching_mx_defers() -> None:
+    sts = FakeSTS({"example.org": stsPolicy("enforce", "*.example.net")})
+    backend, net, _, _ = smtpBackend(mtaSTS=sts)
+    with capturedLogs() as events:
+        (r,) = result(send(backend, "example.org", "bob@example.org"))
+    assert (r.status, r.code) == (TRANSIENT, "4.7.5")
+    assert r.diagnostic == ("X-mailrelay; no MX host of example.org matches its MTA-STS policy "
+                            "(mx: *.example.net)")
+    assert net.attempts == []
+    assert any("deferred" in formatEvent(e) for e in events)
+
+
+def test_mta_sts_testing_logs_and_delivers_as_before() -> None:
+    sts = FakeSTS({"example.org": stsPolicy("testing", "mx2.example.org")})
+    backend, net, _, _ = smtpBackend(mtaSTS=sts)
+    with capturedLogs() as events:
+        results = result(send(backend, "example.org", "bob@example.org"))
+    assert [r.status for r in results] == [DELIVERED]
+    assert net.attempts[0][0] == "192.0.2.1" and net.attempts[0][3].tls == "may"
+    assert any("MX host mx1.example.org matches no pattern" in formatEvent(e) for e in events)
+
+
+def test_mta_sts_is_not_looked_up_for_bracketed_next_hops_or_tls_required_no() -> None:
+    sts = FakeSTS({"example.org": stsPolicy("enforce", "nothing.example")})
+    backend, net, _, _ = smtpBackend(mtaSTS=sts)
+    assert result(send(backend, "[relay.example]:587", "bob@example.org"))[0].status is DELIVERED
+    env = envelope("bob@example.org")
+    env.tlsRequiredNo = True  # RFC 8689: the sender asks that TLS policies be ignored
+    (r,) = result(backend.deliver(env, env.recipients, Route("smtp", "example.org"),
+                                  Path("/nonexistent")))
+    assert r.status is DELIVERED
+    assert sts.asked == []

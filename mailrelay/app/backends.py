@@ -27,6 +27,8 @@ def builtinBackendSpecs(config: Config) -> list[BackendSpec]:
             "connection_cache_time": config.connectionCacheTime,
             # Postfix's $minimal_backoff_time (see mailrelay.delivery.smtp).
             "plaintext_fallback_age": config.queue.minBackoff,
+            "mta_sts": config.mtaSts,
+            "mta_sts_cache": str(config.spoolDirectory / "mta-sts.json"),
         },
         "lmtp": {
             "settings": config.delivery,

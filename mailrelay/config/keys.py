@@ -415,6 +415,11 @@ DELIVERY = Table(
             "Maildir routes deliver to any user, creating its directory.",
         ),
         Key(
+            "mta_sts",
+            boolean,
+            "Follow the MTA-STS policies (RFC 8461) of the domains mail goes to by MX lookup.",
+        ),
+        Key(
             "recipient_delimiter",
             recipientDelimiter,
             "The characters separating a user from an address extension (bob+lists@).",

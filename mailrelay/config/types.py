@@ -147,6 +147,8 @@ class Config:
     @ivar connectionCacheTime: seconds an idle connection is kept for reuse (C{0.0}: never).
     @ivar createMailboxes: maildir routes deliver to any user, creating its directory; else
         only to users whose directory exists (L{mailrelay.delivery.maildir}).
+    @ivar mtaSts: deliveries by MX lookup follow the recipient domain's MTA-STS policy
+        (L{mailrelay.route.mtasts}), kept in the spool's C{mta-sts.json}.
     @ivar recipientDelimiter: the characters separating a maildir route's user from an
         address extension (C{"+"}: C{bob+lists@} goes to C{bob}'s mailbox), or C{""}.
     @ivar smarthostOptions: how to talk to the smarthost (C{[smarthost]}): every option
@@ -207,6 +209,7 @@ class Config:
     connectionCacheTime: float = 2.0
     createMailboxes: bool = False
     recipientDelimiter: str = ""
+    mtaSts: bool = False
     nameservers: tuple[tuple[str, int], ...] = ()
     routes: tuple[RouteRule, ...] = ()
     backends: tuple[BackendSpec, ...] = ()

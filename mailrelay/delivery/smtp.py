@@ -45,6 +45,7 @@ all (call it when the service stops).
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -69,6 +70,7 @@ from mailrelay.delivery.connection import connectSMTP
 from mailrelay.delivery.tls import clientTLSOptions
 from mailrelay.errors import DeliveryFailure, PermanentFailure
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, PluginContext, RecipientResult
+from mailrelay.route.mtasts import MTASTS
 from mailrelay.route.mx import MXHost, MXResolver, makeResolver
 from mailrelay.route.nexthop import parseSMTPNexthop
 from mailrelay.smtp.clientsettings import ClientSettings
@@ -201,6 +203,7 @@ class SMTPBackend(ClientBackend):
         plaintextFallbackAge: float = 300.0,
         selfName: str | None = None,
         connect: Callable[..., Deferred] | None = None,
+        mtaSTS: MTASTS | None = None,
     ) -> None:
         """
         @param reactor: provides C{IReactorTCP} and C{IReactorTime}.
@@ -215,6 +218,8 @@ class SMTPBackend(ClientBackend):
         @param selfName: the relay's host name: an MX host of that name is the relay itself
             (RFC 5321 5.1: it and every less preferred host are dropped; the best, a loop).
         @param connect: the connecting function, C{connectSMTP} by default (for tests).
+        @param mtaSTS: the MTA-STS policies (L{MTASTS}) deliveries by MX lookup follow, or
+            C{None}: none are looked for.
         """
         if destinationConcurrency < 1:
             raise ValueError("destinationConcurrency must be at least 1")
@@ -226,6 +231,7 @@ class SMTPBackend(ClientBackend):
         self.plaintextFallbackAge = plaintextFallbackAge
         self.selfName = selfName.lower().rstrip(".") if selfName else None
         self._connect = connect
+        self.mtaSTS = mtaSTS
         self._perDestination = PerDestination(destinationConcurrency, "SMTP")
         self._quitter = Quitter(reactor)
         self._cache = _ConnectionCache(reactor, connectionCacheTime, self._quit)
@@ -264,6 +270,9 @@ class SMTPBackend(ClientBackend):
         settings: ClientSettings,
         messagePath: Path,
     ) -> Any:
+        policy = yield self._stsPolicy(envelope, nexthop)
+        if policy is not None and policy.mode == "enforce" and settings.tls != "implicit":
+            settings = dataclasses.replace(settings, tls="required")
         key = (nexthop, settings)
         reusedResults = yield self._sendOnIdle(key, envelope, recipients, messagePath)
         if reusedResults is not None and not _allTransient(reusedResults):
@@ -277,11 +286,51 @@ class SMTPBackend(ClientBackend):
             log.warn("{queueID}: {diagnostic}", queueID=envelope.queueID,
                      diagnostic=loop[2].removeprefix("X-mailrelay; "))
             return resultsForAll(recipients, *loop)
+        if policy is not None:
+            hosts = self._stsHosts(policy, hosts, envelope)
+            if not hosts:
+                diagnostic = (f"X-mailrelay; no MX host of {policy.domain} matches its MTA-STS "
+                              f"policy (mx: {' '.join(policy.mx)})")
+                log.warn("{queueID}: {diagnostic}; deferred", queueID=envelope.queueID,
+                         diagnostic=diagnostic.removeprefix("X-mailrelay; "))
+                return resultsForAll(recipients, DeliveryStatus.TRANSIENT, "4.7.5", diagnostic)
         tried = _Tried()
         results = yield self._tryHosts(hosts, key, envelope, recipients, messagePath, tried)
         if results is not None:
             return results
         return self._noHostAccepted(tried, reusedResults, envelope, recipients, nexthop)
+
+    def _stsPolicy(self, envelope: Any, nexthop: str) -> Deferred[Any]:
+        """The MTA-STS policy of C{nexthop}'s domain when it is looked up by MX (not a
+        smarthost, not a bracketed host) and the message does not say C{TLS-Required: No}
+        (RFC 8689: the sender asks that recipients' TLS policies be ignored); else C{None}.
+        """
+        if self.mtaSTS is None or envelope.tlsRequiredNo:
+            return defer.succeed(None)
+        try:
+            parsed = parseSMTPNexthop(nexthop, strict=False)
+        except ValueError:
+            return defer.succeed(None)  # (the resolution says what is wrong with it)
+        if not parsed.mxLookup:
+            return defer.succeed(None)
+        return self.mtaSTS.policy(parsed.host).addCallback(
+            lambda policy: None if policy is None or policy.mode == "none" else policy
+        )
+
+    def _stsHosts(self, policy: Any, hosts: list[MXHost], envelope: Any) -> list[MXHost]:
+        """The MX hosts C{policy} allows: in C{enforce} mode those its patterns match; in
+        C{testing} mode all, those it would refuse logged."""
+        allowed = [h for h in hosts if policy.matches(h.name)]
+        if policy.mode == "enforce":
+            return allowed
+        for name in sorted({h.name for h in hosts} - {h.name for h in allowed}):
+            log.info(
+                "{queueID}: MTA-STS policy of {domain} (testing): MX host {host} matches no "
+                "pattern of it (mx: {mx}); enforced, it would not be used",
+                queueID=envelope.queueID, domain=policy.domain, host=name,
+                mx=" ".join(policy.mx),
+            )
+        return hosts
 
     @inlineCallbacks
     def _sendOnIdle(
@@ -593,12 +642,18 @@ def build(options: dict[str, Any], context: PluginContext) -> SMTPBackend:
             "destination_concurrency",
             "connection_cache_time",
             "plaintext_fallback_age",
+            "mta_sts",
+            "mta_sts_cache",
         ),
     )
     reactor = context.reactor
     resolver = context.resolver  # the relay's: [dns] nameservers, or the system's
     if resolver is None:
         resolver = makeResolver(list(options.get("nameservers", ())) or None, reactor=reactor)
+    sts = None
+    if options.get("mta_sts", False):
+        sts = MTASTS(resolver, reactor, options.get("mta_sts_cache"),
+                     deferToThread=context.deferToThread)
     return SMTPBackend(
         reactor,
         MXResolver(resolver, reactor),
@@ -607,5 +662,6 @@ def build(options: dict[str, Any], context: PluginContext) -> SMTPBackend:
         connectionCacheTime=options.get("connection_cache_time", 2.0),
         plaintextFallbackAge=options.get("plaintext_fallback_age", 300.0),
         selfName=context.hostname,
+        mtaSTS=sts,
     )
 

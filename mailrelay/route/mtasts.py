@@ -1,0 +1,449 @@
+"""MTA-STS (RFC 8461): the TLS policy a recipient domain publishes for mail to it.
+
+A domain with a policy publishes a TXT record C{_mta-sts.<domain>} (C{v=STSv1; id=...}) and
+the policy itself at C{https://mta-sts.<domain>/.well-known/mta-sts.txt}, fetched over HTTPS
+with its certificate verified (so the policy cannot be forged by whoever forges DNS)::
+
+    version: STSv1
+    mode: enforce
+    mx: mail.example.org
+    mx: *.example.net
+    max_age: 604800
+
+In C{enforce} mode mail goes only to MX hosts the C{mx} patterns match, over TLS whose
+certificate is verified for the MX host's name; else it is deferred (never sent in
+plaintext, never to another host).  C{testing} only logs what C{enforce} would refuse;
+C{none} is no policy.
+
+L{MTASTS} finds the policy of a domain: it asks for the TXT record (at most every
+L{RECHECK} seconds per domain), fetches the policy when its C{id} is new, and keeps each
+policy for its C{max_age} -- in memory and in a JSON file in the spool, so that a restart
+does not forget them (a policy is only useful if it outlives an attacker's DNS).  A domain
+whose TXT record or policy cannot be had keeps the policy it had until that expires (RFC
+8461 section 5.1); a domain that never had one has none.  Lookups never block the reactor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.protocol import Protocol
+from twisted.internet.ssl import optionsForClientTLS, platformTrust
+from twisted.logger import Logger
+from twisted.names import dns
+from twisted.names import error as dnsError
+from twisted.python.failure import Failure
+
+log = Logger()
+
+__all__ = ["MTASTS", "STSPolicy", "fetchPolicy", "parsePolicy", "parseRecord"]
+
+#: Seconds between two lookups of a domain's TXT record (its policy is kept meanwhile).
+RECHECK = 300.0
+#: The longest C{max_age} honoured (RFC 8461: about a year).
+MAX_AGE = 31557600
+#: The largest policy file read (RFC 8461 section 3.3: 64 KiB).
+MAX_POLICY = 64 * 1024
+#: Seconds the fetch of a policy may take.
+FETCH_TIMEOUT = 60.0
+#: Seconds a TXT lookup may take.
+LOOKUP_TIMEOUT = 30.0
+
+_ID = re.compile(r"[A-Za-z0-9]{1,32}")
+_MODES = ("enforce", "testing", "none")
+
+
+class PolicyError(ValueError):
+    """A TXT record or policy that is not one (the message says why)."""
+
+
+@dataclass(frozen=True)
+class STSPolicy:
+    """A domain's MTA-STS policy.
+
+    @ivar domain: the policy domain (the recipients' domain), lower case.
+    @ivar id: the C{id} of the TXT record it was fetched for.
+    @ivar mode: C{"enforce"}, C{"testing"} or C{"none"}.
+    @ivar mx: the MX patterns (C{"mail.example.org"}, C{"*.example.net"}), lower case.
+    @ivar maxAge: seconds it may be kept after C{fetched}.
+    @ivar fetched: when it was fetched (seconds since the epoch).
+    """
+
+    domain: str
+    id: str
+    mode: str
+    mx: tuple[str, ...]
+    maxAge: int
+    fetched: float
+
+    def expired(self, now: float) -> bool:
+        return now >= self.fetched + self.maxAge
+
+    def matches(self, host: str) -> bool:
+        """Whether the MX host C{host} is one the policy names (RFC 8461 section 4.1: a
+        C{*.} pattern stands for exactly one label)."""
+        host = host.lower().rstrip(".")
+        for pattern in self.mx:
+            if pattern.startswith("*."):
+                first, dot, rest = host.partition(".")
+                if dot and first and rest == pattern[2:]:
+                    return True
+            elif host == pattern:
+                return True
+        return False
+
+
+def parseRecord(records: list[str]) -> str | None:
+    """The C{id} of the MTA-STS TXT records C{records} (each the strings of one record,
+    joined); C{None} when none is an MTA-STS record.
+
+    @raise PolicyError: more than one is, or the one is malformed (RFC 8461 section 3.1:
+        then the domain has no policy record).
+    """
+    ours = [r for r in records if r.startswith("v=STSv1")]
+    if not ours:
+        return None
+    if len(ours) > 1:
+        raise PolicyError(f"{len(ours)} MTA-STS TXT records")
+    fields = [f.strip() for f in ours[0].split(";") if f.strip()]
+    if fields[0] != "v=STSv1":
+        raise PolicyError(f"bad version field {fields[0]!r}")
+    for field in fields[1:]:
+        name, eq, value = field.partition("=")
+        if name == "id":
+            if not eq or not _ID.fullmatch(value):
+                raise PolicyError(f"bad id {value!r} (1 to 32 letters and digits)")
+            return value
+    raise PolicyError("no id field")
+
+
+def parsePolicy(text: str) -> tuple[str, tuple[str, ...], int]:
+    """C{(mode, mx patterns, max_age)} of the policy file C{text}.
+
+    @raise PolicyError: not an STSv1 policy (the message says what is wrong).
+    """
+    fields: dict[str, str] = {}
+    mx: list[str] = []
+    for line in text.replace("\r\n", "\n").split("\n"):
+        if not line.strip():
+            continue
+        name, colon, value = line.partition(":")
+        if not colon:
+            raise PolicyError(f"bad line {line[:80]!r}")
+        name, value = name.strip(), value.strip()
+        if name == "mx":
+            mx.append(value.lower().rstrip("."))
+        elif name not in fields:
+            fields[name] = value
+    if fields.get("version") != "STSv1":
+        raise PolicyError(f"version is {fields.get('version')!r}, not 'STSv1'")
+    mode = fields.get("mode")
+    if mode not in _MODES:
+        raise PolicyError(f"mode is {mode!r}, not one of {', '.join(_MODES)}")
+    age = fields.get("max_age", "")
+    if not age.isdigit() or len(age) > 10:
+        raise PolicyError(f"max_age is {age!r}, not a number of seconds")
+    if mode != "none" and not mx:
+        raise PolicyError(f"no mx pattern in a policy of mode {mode!r}")
+    for pattern in mx:
+        name = pattern[2:] if pattern.startswith("*.") else pattern
+        if not name or "*" in name or " " in name or "." not in name:
+            raise PolicyError(f"bad mx pattern {pattern!r}")
+    return mode, tuple(mx), min(int(age), MAX_AGE)
+
+
+class _Body(Protocol):
+    """Reads a response body of at most L{MAX_POLICY} octets."""
+
+    def __init__(self, done: Deferred[bytes]) -> None:
+        self.done = done
+        self.data: list[bytes] = []
+        self.size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > MAX_POLICY:
+            self.transport.stopProducing()  # type: ignore[union-attr]
+            if not self.done.called:
+                self.done.errback(PolicyError(f"policy larger than {MAX_POLICY} octets"))
+            return
+        self.data.append(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.done.called:
+            return
+        from twisted.web.client import ResponseDone
+
+        if reason.check(ResponseDone):
+            self.done.callback(b"".join(self.data))
+        else:
+            self.done.errback(reason)
+
+
+class _Endpoints:
+    """The endpoints of the policy fetches: the host's address looked up through the relay's
+    own resolver (its C{[dns] nameservers}), TLS verified for the host's name against the
+    platform's trust store."""
+
+    def __init__(self, reactor: Any, resolver: Any, port: int | None = None) -> None:
+        self.reactor = reactor
+        self.resolver = resolver
+        self.port = port
+
+    def endpointForURI(self, uri: Any) -> Any:
+        return _ResolvingEndpoint(
+            self.reactor, self.resolver, uri.host.decode("ascii"), self.port or uri.port
+        )
+
+
+class _ResolvingEndpoint:
+    def __init__(self, reactor: Any, resolver: Any, host: str, port: int) -> None:
+        self.reactor = reactor
+        self.resolver = resolver
+        self.host = host
+        self.port = port
+
+    @inlineCallbacks
+    def connect(self, factory: Any) -> Any:
+        address = yield self.resolver.getHostByName(self.host, timeout=(LOOKUP_TIMEOUT,))
+        kind = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
+        tcp = kind(self.reactor, address, self.port, timeout=FETCH_TIMEOUT)
+        tls = optionsForClientTLS(self.host, trustRoot=platformTrust())
+        protocol = yield wrapClientTLS(tls, tcp).connect(factory)
+        return protocol
+
+
+def fetchPolicy(reactor: Any, resolver: Any, domain: str, port: int | None = None) -> Deferred:
+    """The text of C{domain}'s policy file, fetched over HTTPS (no redirect followed, at most
+    L{MAX_POLICY} octets, L{FETCH_TIMEOUT} seconds).
+
+    @param port: the HTTPS port (443, the only one RFC 8461 allows; tests use another).
+    @return: a Deferred firing with the text, or failing (L{PolicyError} for an answer
+        that is not a policy, the network's or TLS's errors otherwise).
+    """
+    from twisted.web.client import Agent
+    from twisted.web.http_headers import Headers
+
+    agent = Agent.usingEndpointFactory(reactor, _Endpoints(reactor, resolver, port))
+    url = f"https://mta-sts.{domain}/.well-known/mta-sts.txt".encode("ascii")
+    d = agent.request(b"GET", url, Headers({b"User-Agent": [b"mailrelay"]}))
+
+    def got(response: Any) -> Deferred[bytes]:
+        if response.code != 200:
+            response.deliverBody(Protocol())  # (read and dropped)
+            raise PolicyError(f"HTTP status {response.code} (not 200)")
+        types = response.headers.getRawHeaders(b"content-type") or [b""]
+        if not types[0].lower().startswith(b"text/plain"):
+            response.deliverBody(Protocol())
+            raise PolicyError(f"content type {types[0].decode('latin-1')!r}, not text/plain")
+        body: Deferred[bytes] = Deferred()
+        response.deliverBody(_Body(body))
+        return body
+
+    d.addCallback(got)
+    d.addTimeout(FETCH_TIMEOUT, reactor)
+    return d
+
+
+@dataclass
+class _Known:
+    """What is known of a domain: its policy (or C{None}) and when its TXT record was
+    last looked at (seconds since the epoch)."""
+
+    policy: STSPolicy | None
+    checked: float
+
+
+class MTASTS:
+    """The MTA-STS policies of recipient domains (see the module docstring).
+
+    @param resolver: a C{twisted.names} C{IResolver} (TXT and address lookups).
+    @param clock: the reactor (time-outs).
+    @param cacheFile: the JSON file the policies are kept in across restarts, or C{None}.
+    @param fetch: C{fetch(domain)}: a Deferred of the policy text (L{fetchPolicy}; tests
+        give their own).
+    @param deferToThread: runs the writes of C{cacheFile} off the reactor thread.
+    @param now: the wall clock (seconds since the epoch), for the policies' ages.
+    """
+
+    def __init__(
+        self,
+        resolver: Any,
+        clock: Any,
+        cacheFile: str | None = None,
+        fetch: Callable[[str], Deferred] | None = None,
+        deferToThread: Callable[..., Deferred] | None = None,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self.resolver = resolver
+        self.clock = clock
+        self.cacheFile = cacheFile
+        self._fetch = fetch if fetch is not None else (
+            lambda domain: fetchPolicy(clock, resolver, domain)
+        )
+        self._deferToThread = deferToThread if deferToThread is not None else defer.maybeDeferred
+        self._now = now
+        self._known: dict[str, _Known] = {}
+        self._inFlight: dict[str, list[Deferred[STSPolicy | None]]] = {}
+        self._saving = False
+        self._saveAgain = False
+        for policy in self._load():
+            self._known[policy.domain] = _Known(policy, 0.0)
+
+    def policy(self, domain: str) -> Deferred[STSPolicy | None]:
+        """The policy of C{domain} to deliver with now, or C{None}; never fails."""
+        domain = domain.lower().rstrip(".")
+        known = self._known.get(domain)
+        now = self._now()
+        if known is not None and now - known.checked < RECHECK:
+            policy = known.policy
+            return defer.succeed(None if policy is None or policy.expired(now) else policy)
+        if domain in self._inFlight:  # (one lookup per domain at a time; others wait)
+            waiting: Deferred[STSPolicy | None] = Deferred()
+            self._inFlight[domain].append(waiting)
+            return waiting
+        waiters: list[Deferred[STSPolicy | None]] = []
+        self._inFlight[domain] = waiters
+
+        def failed(failure: Any) -> None:
+            log.failure("MTA-STS: looking up the policy of {domain}", failure, domain=domain)
+            return None
+
+        def done(policy: STSPolicy | None) -> STSPolicy | None:
+            del self._inFlight[domain]
+            for waiting in waiters:
+                waiting.callback(policy)
+            return policy
+
+        d = self._refresh(domain, known.policy if known is not None else None)
+        return d.addErrback(failed).addCallback(done)
+
+    @inlineCallbacks
+    def _refresh(self, domain: str, cached: STSPolicy | None) -> Any:
+        now = self._now()
+        usable = None if cached is None or cached.expired(now) else cached
+        try:
+            recordID = yield self._lookup(domain)
+        except Exception as e:
+            if usable is not None or not isinstance(e, _NoRecord):
+                log.info("MTA-STS: no TXT record of {domain} to be had ({error}); {keeping}",
+                         domain=domain, error=str(e),
+                         keeping="keeping its cached policy" if usable else "no policy")
+            self._known[domain] = _Known(usable, now)
+            return usable
+        if recordID is None:
+            self._known[domain] = _Known(usable, now)
+            return usable
+        if usable is not None and usable.id == recordID:
+            self._known[domain] = _Known(usable, now)
+            return usable
+        try:
+            text = yield self._fetch(domain)
+            if isinstance(text, bytes):
+                text = text.decode("utf-8")
+            mode, mx, maxAge = parsePolicy(text)
+        except Exception as e:
+            log.warn(
+                "MTA-STS: cannot fetch the policy of {domain} (id {id}): {error}; {keeping}",
+                domain=domain,
+                id=recordID,
+                error=str(e) or type(e).__name__,
+                keeping="keeping its cached policy" if usable else "no policy",
+            )
+            self._known[domain] = _Known(usable, now)
+            return usable
+        policy = STSPolicy(domain, recordID, mode, mx, maxAge, self._now())
+        log.info(
+            "MTA-STS: policy of {domain} (id {id}): mode {mode}, mx {mx}, max_age {maxAge}",
+            domain=domain, id=recordID, mode=mode, mx=" ".join(mx), maxAge=maxAge,
+        )
+        self._known[domain] = _Known(policy, now)
+        self._save()
+        return policy
+
+    @inlineCallbacks
+    def _lookup(self, domain: str) -> Any:
+        """The id of C{domain}'s MTA-STS TXT record, or C{None} (none, or a malformed one)."""
+        name = f"_mta-sts.{domain}"
+        try:
+            answers, _, _ = yield self.resolver.lookupText(name, timeout=(LOOKUP_TIMEOUT,))
+        except (dnsError.DomainError, dnsError.AuthoritativeDomainError):
+            raise _NoRecord("no such name") from None
+        texts = [
+            b"".join(a.payload.data).decode("utf-8", "replace")
+            for a in answers
+            if a.type == dns.TXT and a.name.name.decode("ascii", "replace").lower() == name
+        ]
+        try:
+            return parseRecord(texts)
+        except PolicyError as e:
+            log.warn("MTA-STS: TXT record of {domain} ignored: {error}", domain=domain,
+                     error=str(e))
+            return None
+
+    # -- the cache file -------------------------------------------------------------------
+
+    def _load(self) -> list[STSPolicy]:
+        if self.cacheFile is None:
+            return []
+        try:
+            with open(self.cacheFile, encoding="utf-8") as f:
+                data = json.load(f)
+            policies = [
+                STSPolicy(p["domain"], p["id"], p["mode"], tuple(p["mx"]), int(p["maxAge"]),
+                          float(p["fetched"]))
+                for p in data["policies"]
+            ]
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warn("MTA-STS: cache {path} not read ({error}); starting without it",
+                     path=self.cacheFile, error=str(e))
+            return []
+        now = self._now()
+        return [p for p in policies if not p.expired(now)]
+
+    def _save(self) -> None:
+        """Write the policies to the cache file (one write at a time; a change meanwhile
+        writes again after)."""
+        if self.cacheFile is None:
+            return
+        if self._saving:
+            self._saveAgain = True
+            return
+        self._saving = True
+        policies = [asdict(k.policy) for k in self._known.values() if k.policy is not None]
+        d = self._deferToThread(_writeCache, self.cacheFile, policies)
+
+        def written(result: Any) -> None:
+            self._saving = False
+            if isinstance(result, Failure):
+                log.warn("MTA-STS: cannot write the cache {path}: {error}",
+                         path=self.cacheFile, error=result.getErrorMessage())
+            if self._saveAgain:
+                self._saveAgain = False
+                self._save()
+
+        d.addBoth(written)
+
+
+class _NoRecord(Exception):
+    """The domain has no TXT record of that name."""
+
+
+def _writeCache(path: str, policies: list[dict[str, Any]]) -> None:
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", encoding="utf-8") as f:
+        json.dump({"policies": policies}, f, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)

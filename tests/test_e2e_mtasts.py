@@ -1,0 +1,150 @@
+"""End-to-end: `[delivery] mta_sts = true` (RFC 8461) with the real relay.
+
+A DNS server publishes `_mta-sts` TXT records and MX hosts; an HTTPS server on 127.0.0.1:443
+(the only port RFC 8461 allows: this needs root, which CI has) serves the policies, with a
+trustme certificate the relay trusts through `SSL_CERT_FILE`; the MX host is an aiosmtpd
+offering STARTTLS.  Mail to a domain whose `enforce` policy names its MX host arrives over
+TLS; mail to one whose policy names another host is deferred, never sent; the policy is kept
+in the spool's `mta-sts.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from tests.harness import DNSServer, RelayProcess
+from tests.test_e2e_outbound import _TCPController
+from tests.test_e2e_route_tls import TLSRecorder, _send
+
+POLICIES = {
+    "mta-sts.sts.test": "version: STSv1\nmode: enforce\nmx: mx.sts.test\nmax_age: 86400\n",
+    "mta-sts.other.test": "version: STSv1\nmode: enforce\nmx: *.elsewhere.test\nmax_age: 600\n",
+}
+
+
+def _port443Free() -> str | None:
+    """Why 127.0.0.1:443 cannot be had here, or None."""
+    if os.geteuid() != 0:
+        return "binds 127.0.0.1:443 (RFC 8461's port for policies): needs root, as in CI"
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", 443))
+        except OSError as e:
+            return f"127.0.0.1:443 is taken here ({e.strerror})"
+    return None
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> Any:
+    authority = trustme.CA()
+    authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    return authority
+
+
+@pytest.fixture
+def policyServer(ca: Any):
+    why = _port443Free()
+    if why is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*POLICIES).configure_cert(context)
+    asked: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            host = (self.headers.get("Host") or "").split(":")[0]
+            asked.append(f"{host}{self.path}")
+            body = POLICIES.get(host, "").encode()
+            if self.path != "/.well-known/mta-sts.txt" or not body:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    ThreadingHTTPServer.allow_reuse_address = True
+    server = ThreadingHTTPServer(("127.0.0.1", 443), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield asked
+    server.shutdown()
+    server.server_close()
+    thread.join(10)
+
+
+@pytest.fixture
+def mx(ca: Any):
+    """The MX host of both domains: STARTTLS offered, a certificate for mx.sts.test."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("mx.sts.test", "mx.other.test").configure_cert(context)
+    recorder = TLSRecorder()
+    controller = _TCPController(recorder, hostname="127.0.0.1", port=0, ready_timeout=10,
+                                tls_context=context, require_starttls=False)
+    controller.start()
+    yield recorder, controller.port
+    controller.stop()
+
+
+def test_mail_follows_the_domains_mta_sts_policy(
+    tmp_path: Path, ca: Any, policyServer: list[str], mx: Any
+) -> None:
+    recorder, port = mx
+    dns = DNSServer(tmp_path / "dns", "test", [
+        ["sts.test", "MX", 10, "mx.sts.test"],
+        ["mx.sts.test", "A", "127.0.0.1"],
+        ["mta-sts.sts.test", "A", "127.0.0.1"],
+        ["_mta-sts.sts.test", "TXT", "v=STSv1; id=20261201"],
+        ["other.test", "MX", 10, "mx.other.test"],
+        ["mx.other.test", "A", "127.0.0.1"],
+        ["mta-sts.other.test", "A", "127.0.0.1"],
+        ["_mta-sts.other.test", "TXT", "v=STSv1; id=1"],
+    ])
+    caFile = tmp_path / "ca.pem"
+    config = (
+        f'[delivery]\nmta_sts = true\nca_file = "{caFile}"\n'
+        f'[dns]\nreverse_lookups = false\nnameservers = ["127.0.0.1:{dns.port}"]\n'
+        "[queue]\nmin_backoff = 600\n"
+        # MX lookups, to the test MX's port.
+        f'[[routes]]\ndomain = "sts.test"\nbackend = "smtp"\nnexthop = "sts.test:{port}"\n'
+        f'[[routes]]\ndomain = "other.test"\nbackend = "smtp"\nnexthop = "other.test:{port}"\n'
+    )
+    r = RelayProcess(tmp_path / "relay", config, env={"SSL_CERT_FILE": str(caFile)})
+    try:
+        r.start()
+        _send(r, "bob@sts.test")
+        recorder.waitTo("bob@sts.test")
+        assert recorder.sessions["bob@sts.test"][1], "sent without TLS under an enforce policy"
+        r.waitForLog(r"MTA-STS: policy of sts\.test \(id 20261201\): mode enforce, mx "
+                     r"mx\.sts\.test, max_age 86400")
+        r.waitForLog(r"to=<bob@sts\.test>.*status=sent")
+        assert "mta-sts.sts.test/.well-known/mta-sts.txt" in policyServer
+
+        _send(r, "carol@other.test")
+        r.waitForLog(r"to=<carol@other\.test>.*status=deferred \(X-mailrelay; no MX host of "
+                     r"other\.test matches its MTA-STS policy \(mx: \*\.elsewhere\.test\)\)")
+        assert "carol@other.test" not in recorder.sessions
+
+        cached = json.loads((r.spool.parent / "spool" / "mta-sts.json").read_text())
+        assert sorted(p["domain"] for p in cached["policies"]) == ["other.test", "sts.test"]
+    finally:
+        r.stop()
+        dns.stop()

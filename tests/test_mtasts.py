@@ -1,0 +1,272 @@
+"""MTA-STS (RFC 8461): the TXT record, the policy file, MX matching, and the cache of
+policies (L{mailrelay.route.mtasts}), without a network: a fake resolver and fetch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
+from twisted.names import dns
+from twisted.names import error as dnsError
+
+from mailrelay.route.mtasts import (
+    MAX_AGE,
+    MTASTS,
+    RECHECK,
+    PolicyError,
+    STSPolicy,
+    parsePolicy,
+    parseRecord,
+)
+
+POLICY = ("version: STSv1\r\nmode: enforce\r\nmx: mail.example.org\r\nmx: *.example.net\r\n"
+          "max_age: 86400\r\n")
+
+
+@pytest.mark.parametrize(
+    "records, wanted",
+    [
+        (["v=STSv1; id=20160831085700Z;"], "20160831085700Z"),
+        (["v=STSv1;id=abc"], "abc"),
+        (["v=spf1 -all", "v=STSv1; id=x1; ext=y"], "x1"),
+        (["v=spf1 -all"], None),
+        ([], None),
+    ],
+)
+def test_parseRecord(records: list[str], wanted: str | None) -> None:
+    assert parseRecord(records) == wanted
+
+
+@pytest.mark.parametrize(
+    "records, problem",
+    [
+        (["v=STSv1; id=a", "v=STSv1; id=b"], "2 MTA-STS TXT records"),
+        (["v=STSv1;"], "no id field"),
+        (["v=STSv1; id=" + "a" * 33], "bad id"),
+        (["v=STSv1; id=a-b"], "bad id"),
+        (["v=STSv10; id=a"], "bad version field"),
+    ],
+)
+def test_parseRecord_refuses(records: list[str], problem: str) -> None:
+    with pytest.raises(PolicyError, match=problem):
+        parseRecord(records)
+
+
+def test_parsePolicy() -> None:
+    assert parsePolicy(POLICY) == ("enforce", ("mail.example.org", "*.example.net"), 86400)
+    assert parsePolicy("version: STSv1\nmode: none\nmax_age: 5\n") == ("none", (), 5)
+    assert parsePolicy("version: STSv1\nmode: testing\nmx: MX.Example.ORG.\nmax_age: "
+                       "9999999999\nextension: x\n")[1:] == (("mx.example.org",), MAX_AGE)
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("version: STSv2\nmode: enforce\nmx: a.b\nmax_age: 1\n", "version"),
+        ("version: STSv1\nmode: strict\nmx: a.b\nmax_age: 1\n", "mode is 'strict'"),
+        ("version: STSv1\nmode: enforce\nmax_age: 1\n", "no mx pattern"),
+        ("version: STSv1\nmode: enforce\nmx: a.b\nmax_age: soon\n", "max_age"),
+        ("version: STSv1\nmode: enforce\nmx: a.b\n", "max_age"),
+        ("version: STSv1\nmode: enforce\nmx: a.b\nmax_age: 99999999999\n", "max_age"),
+        ("version: STSv1\nmode: enforce\nmx: *.*.b\nmax_age: 1\n", "bad mx pattern"),
+        ("version: STSv1\nmode: enforce\nmx: localhost\nmax_age: 1\n", "bad mx pattern"),
+        ("<html>hello</html>", "bad line"),
+    ],
+)
+def test_parsePolicy_refuses(text: str, problem: str) -> None:
+    with pytest.raises(PolicyError, match=problem):
+        parsePolicy(text)
+
+
+@pytest.mark.parametrize(
+    "host, matches",
+    [
+        ("mail.example.org", True),
+        ("MAIL.example.org.", True),
+        ("mx1.example.net", True),
+        ("a.mx1.example.net", False),  # (one label only)
+        ("example.net", False),
+        ("other.example.org", False),
+    ],
+)
+def test_matches(host: str, matches: bool) -> None:
+    policy = STSPolicy("example.org", "1", "enforce", ("mail.example.org", "*.example.net"),
+                       86400, 0.0)
+    assert policy.matches(host) is matches
+
+
+# -- the cache of policies ----------------------------------------------------------------------
+
+
+class FakeResolver:
+    def __init__(self) -> None:
+        self.records: dict[str, list[str]] = {}
+        self.failing: dict[str, Exception] = {}
+        self.asked: list[str] = []
+
+    def lookupText(self, name: str, timeout: Any = None) -> defer.Deferred:
+        self.asked.append(name)
+        if name in self.failing:
+            return defer.fail(self.failing[name])
+        if name not in self.records:
+            return defer.fail(dnsError.DNSNameError(name))
+        answers = [
+            dns.RRHeader(name, dns.TXT, payload=dns.Record_TXT(text.encode()))
+            for text in self.records[name]
+        ]
+        return defer.succeed((answers, [], []))
+
+
+class Fetches:
+    def __init__(self) -> None:
+        self.texts: dict[str, Any] = {}
+        self.asked: list[str] = []
+
+    def __call__(self, domain: str) -> defer.Deferred:
+        self.asked.append(domain)
+        answer = self.texts[domain]
+        if isinstance(answer, Exception):
+            return defer.fail(answer)
+        if isinstance(answer, defer.Deferred):
+            return answer
+        return defer.succeed(answer)
+
+
+class Now:
+    def __init__(self) -> None:
+        self.t = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def result(d: defer.Deferred) -> Any:
+    box: list[Any] = []
+    d.addBoth(box.append)
+    assert box, "no result yet"
+    return box[0]
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Any:
+    class World:
+        resolver = FakeResolver()
+        fetches = Fetches()
+        now = Now()
+        cache = str(tmp_path / "mta-sts.json")
+
+        def sts(self) -> MTASTS:
+            return MTASTS(self.resolver, Clock(), self.cache, self.fetches, now=self.now)
+
+    w = World()
+    w.resolver.records["_mta-sts.example.org"] = ["v=STSv1; id=one"]
+    w.fetches.texts["example.org"] = POLICY.encode()
+    return w
+
+
+def test_a_policy_is_fetched_once_and_kept(world: Any) -> None:
+    sts = world.sts()
+    policy = result(sts.policy("Example.ORG"))
+    assert (policy.mode, policy.mx, policy.maxAge, policy.id) == (
+        "enforce", ("mail.example.org", "*.example.net"), 86400, "one")
+    assert result(sts.policy("example.org")) is policy  # within RECHECK: no lookup
+    assert world.resolver.asked == ["_mta-sts.example.org"] and world.fetches.asked == [
+        "example.org"]
+    world.now.t += RECHECK
+    assert result(sts.policy("example.org")) is policy  # same id: no fetch
+    assert len(world.resolver.asked) == 2 and len(world.fetches.asked) == 1
+    world.resolver.records["_mta-sts.example.org"] = ["v=STSv1; id=two"]
+    world.fetches.texts["example.org"] = POLICY.replace("enforce", "testing").encode()
+    world.now.t += RECHECK
+    assert result(sts.policy("example.org")).mode == "testing"  # a new id: fetched again
+
+
+def test_policies_outlive_a_restart(world: Any) -> None:
+    result(world.sts().policy("example.org"))
+    saved = json.loads(Path(world.cache).read_text())
+    assert [p["domain"] for p in saved["policies"]] == ["example.org"]
+    del world.resolver.records["_mta-sts.example.org"]  # DNS forged or gone
+    restarted = world.sts()
+    assert result(restarted.policy("example.org")).mode == "enforce"
+    assert world.fetches.asked == ["example.org"]
+    world.now.t += 86400  # max_age over: gone
+    assert result(world.sts().policy("example.org")) is None
+
+
+def test_without_a_record_there_is_no_policy(world: Any) -> None:
+    assert result(world.sts().policy("other.example")) is None
+    assert world.fetches.asked == []
+
+
+@pytest.mark.parametrize(
+    "problem",
+    [
+        dnsError.DNSServerError("SERVFAIL"),
+        defer.TimeoutError("no answer"),
+    ],
+)
+def test_a_failed_lookup_keeps_the_cached_policy(world: Any, problem: Exception) -> None:
+    sts = world.sts()
+    first = result(sts.policy("example.org"))
+    world.resolver.failing["_mta-sts.example.org"] = problem
+    world.now.t += RECHECK
+    assert result(sts.policy("example.org")) is first
+    world.now.t += 86400
+    assert result(sts.policy("example.org")) is None  # (expired meanwhile)
+
+
+@pytest.mark.parametrize(
+    "fetched, logged",
+    [
+        (ConnectionRefusedError("refused"), "refused"),
+        (b"version: STSv1\nmode: bogus\nmx: a.b\nmax_age: 1\n", "mode is 'bogus'"),
+        (PolicyError("HTTP status 404 (not 200)"), "HTTP status 404"),
+    ],
+)
+def test_a_failed_fetch_keeps_the_cached_policy_or_none(
+    world: Any, fetched: Any, logged: str
+) -> None:
+    sts = world.sts()
+    first = result(sts.policy("example.org"))
+    world.resolver.records["_mta-sts.example.org"] = ["v=STSv1; id=two"]
+    world.fetches.texts["example.org"] = fetched
+    world.now.t += RECHECK
+    with capturedLogs() as events:
+        assert result(sts.policy("example.org")) is first
+    assert any(logged in formatEvent(e) and "keeping its cached policy" in formatEvent(e)
+               for e in events)
+    fresh = MTASTS(world.resolver, Clock(), None, world.fetches, now=world.now)
+    assert result(fresh.policy("example.org")) is None
+
+
+def test_a_malformed_record_is_no_policy(world: Any) -> None:
+    world.resolver.records["_mta-sts.example.org"] = ["v=STSv1; id=a", "v=STSv1; id=b"]
+    with capturedLogs() as events:
+        assert result(world.sts().policy("example.org")) is None
+    assert any("2 MTA-STS TXT records" in formatEvent(e) for e in events)
+
+
+def test_one_lookup_at_a_time_per_domain(world: Any) -> None:
+    slow: defer.Deferred = defer.Deferred()
+    world.fetches.texts["example.org"] = slow
+    sts = world.sts()
+    first, second = sts.policy("example.org"), sts.policy("example.org")
+    assert not first.called and not second.called
+    slow.callback(POLICY.encode())
+    policy = result(first)
+    assert result(second) is policy and policy.mode == "enforce"
+    assert world.fetches.asked == ["example.org"]
+
+
+def test_an_unreadable_cache_is_said_and_ignored(world: Any) -> None:
+    Path(world.cache).write_text("{not json")
+    with capturedLogs() as events:
+        sts = world.sts()
+    assert any("not read" in formatEvent(e) for e in events)
+    assert result(sts.policy("example.org")).mode == "enforce"
+    assert json.loads(Path(world.cache).read_text())["policies"][0]["domain"] == "example.org"
