@@ -134,10 +134,31 @@ def test_a_lookup_that_hangs_defers(tmp_path: Path) -> None:
     assert "no answer within 5s; deferring" in formatEvent(events[0])
 
 
-def test_lookups_in_flight_are_bounded(tmp_path: Path) -> None:
-    """A hung file system holds a thread per lookup, timed out or not: beyond the bound the
-    recipient is deferred at once (the thread pool also checks passwords), until a lookup
-    comes back."""
+def test_a_burst_of_lookups_is_not_a_hung_file_system(tmp_path: Path) -> None:
+    """Ten sessions' RCPTs read in one reactor turn queue ten lookups before a thread runs
+    one: that is load, not a hang -- none of them may be deferred for it (the bug hunt saw
+    smtp-source -s 10 get 451 for a user that exists)."""
+    clock = Clock()
+    queued: list[defer.Deferred] = []
+
+    def pool(f: Any, *args: Any) -> defer.Deferred:
+        queued.append(defer.Deferred())
+        return queued[-1]
+
+    checker = MaildirUsers(RoutingTable([boxes(tmp_path)]), clock, pool, timeout=5, inFlight=2)
+    answers = [checker.check(Recipient(f"u{n}@maildir.test")) for n in range(10)]
+    assert len(queued) == 10
+    for d in queued:
+        d.callback(True)
+    assert [answer(d) for d in answers] == [CONTINUE] * 10
+
+
+def test_lookups_hanging_are_bounded(tmp_path: Path) -> None:
+    """A hung file system holds a thread per lookup, timed out or not: once the bound of
+    lookups has been running for a while (HUNG_AFTER), further recipients are deferred at
+    once (the thread pool also checks passwords), until a lookup comes back."""
+    from mailrelay.delivery.maildir import HUNG_AFTER
+
     clock = Clock()
     hung: list[defer.Deferred] = []
 
@@ -145,21 +166,25 @@ def test_lookups_in_flight_are_bounded(tmp_path: Path) -> None:
         hung.append(defer.Deferred())
         return hung[-1]
 
-    checker = MaildirUsers(RoutingTable([boxes(tmp_path)]), clock, hang, timeout=5, inFlight=2)
+    checker = MaildirUsers(RoutingTable([boxes(tmp_path)]), clock, hang, timeout=30, inFlight=2)
     first = checker.check(Recipient("a@maildir.test"))
     checker.check(Recipient("b@maildir.test"))
+    checker.check(Recipient("c@maildir.test"))  # (young: not hung yet, asked too)
+    assert len(hung) == 3
+    clock.advance(HUNG_AFTER)
     with capturedLogs() as events:
-        third = answer(checker.check(Recipient("c@maildir.test")))
-    assert third.kind is VerdictKind.DEFER and len(hung) == 2
-    assert "2 lookups are still running (a hung file system?); deferring" in formatEvent(events[0])
-    clock.advance(5)
+        refused = answer(checker.check(Recipient("d@maildir.test")))
+    assert refused.kind is VerdictKind.DEFER and len(hung) == 3
+    assert ("3 lookups have been running for 5s or more (a hung file system?); deferring"
+            in formatEvent(events[0]))
+    clock.advance(30)
     assert answer(first).kind is VerdictKind.DEFER  # timed out ...
-    assert checker.inFlight == 2  # ... but its thread still hangs
-    assert answer(checker.check(Recipient("d@maildir.test"))).kind is VerdictKind.DEFER
-    hung[0].callback(True)  # (too late for a@: its answer was given)
+    assert checker.inFlight == 3  # ... but its thread still hangs
+    for d in hung[:2]:
+        d.callback(True)  # (too late for a@ and b@: their answers were given)
     assert checker.inFlight == 1
     checker.check(Recipient("e@maildir.test"))
-    assert len(hung) == 3
+    assert len(hung) == 4
 
 
 def test_postmaster_is_always_accepted(tmp_path: Path) -> None:

@@ -172,10 +172,13 @@ def _hostnameForName() -> str:
 #: deferred (a hung network file system).
 USER_LOOKUP_TIMEOUT = 30.0
 
-#: The RCPT-time lookups that may be in the thread pool at once: a hung file system holds a
-#: thread per lookup, and the pool also checks passwords and runs plugins.  Beyond, a
-#: recipient is deferred at once.
+#: The RCPT-time lookups that may hang at once (running for L{HUNG_AFTER} seconds or more):
+#: a hung file system holds a thread per lookup, and the pool also checks passwords and
+#: runs plugins.  Beyond, a recipient is deferred at once.  (Lookups queued in a burst are
+#: load, not a hang: they are never counted before L{HUNG_AFTER}.)
 USER_LOOKUPS_IN_FLIGHT = 4
+#: Seconds after which a lookup that has not come back counts as hanging.
+HUNG_AFTER = 5.0
 
 UNKNOWN_USER = Verdict.reject("Error: user unknown (no mailbox here)", 550, "5.1.1")
 LOOKUP_FAILED = Verdict(VerdictKind.DEFER, VALIDATOR_FAILED)
@@ -200,8 +203,8 @@ class MaildirUsers:
     A recipient routed (by the routing table) to a maildir route whose template names users
     is refused 550 5.1.1 when its user's directory (L{userDirectory}) does not exist, and
     550 5.1.3 when its address cannot name a directory; a lookup that fails (L{isUser}
-    raises), takes longer than C{timeout}, or finds L{USER_LOOKUPS_IN_FLIGHT} lookups still
-    running defers it (451 4.3.0, logged).  Recipients routed elsewhere are not looked at,
+    raises), takes longer than C{timeout}, or finds L{USER_LOOKUPS_IN_FLIGHT} lookups
+    hanging defers it (451 4.3.0, logged).  Recipients routed elsewhere are not looked at,
     nor C{postmaster} (RFC 5321 4.5.1: always accepted; delivery bounces it to the sender
     when it has no mailbox).  The lookups run in a thread: a directory on a network file
     system must not stall the reactor.
@@ -222,15 +225,16 @@ class MaildirUsers:
         @param clock: the reactor: its thread pool runs the lookups unless C{deferToThread}
             is given, and it times them out.
         @param deferToThread: C{callable(f, *args)} returning a Deferred of C{f(*args)}.
-        @param inFlight: how many lookups may be running at once.
+        @param inFlight: how many lookups may be hanging at once (L{HUNG_AFTER}).
         """
         self.table = table
         self.clock = clock
         self.timeout = timeout
         self.maxInFlight = inFlight
         self.delimiters = delimiters
-        #: The lookups running (timed out or not: until their thread is done).
-        self.inFlight = 0
+        #: When each lookup running began (timed out or not: until its thread is done).
+        self._running: dict[int, float] = {}
+        self._serials = itertools.count()
         if deferToThread is None:
 
             def deferToThread(f: Callable[..., Any], *args: Any) -> Deferred:
@@ -258,15 +262,19 @@ class MaildirUsers:
             return succeed(Verdict.reject(f"Error: {e}", 550, "5.1.3"))
         if directory is None:
             return None
-        if self.inFlight >= self.maxInFlight:
-            problem = f"{self.inFlight} lookups are still running (a hung file system?)"
+        now = self.clock.seconds()
+        hanging = sum(1 for began in self._running.values() if now - began >= HUNG_AFTER)
+        if hanging >= self.maxInFlight:
+            problem = (f"{hanging} lookups have been running for {HUNG_AFTER:g}s or more (a "
+                       "hung file system?)")
             return succeed(self._failed(problem, address, directory))
-        self.inFlight += 1
+        serial = next(self._serials)
+        self._running[serial] = now
         answer: Deferred[Any] = Deferred()
         timer = self.clock.callLater(self.timeout, self._timedOut, answer)
 
         def done(result: Any) -> None:
-            self.inFlight -= 1
+            del self._running[serial]
             if timer.active():
                 timer.cancel()
                 answer.callback(result)
@@ -276,6 +284,11 @@ class MaildirUsers:
             lambda known: CONTINUE if known else UNKNOWN_USER,
             lambda failure: self._failed(failure.getErrorMessage(), address, directory),
         )
+
+    @property
+    def inFlight(self) -> int:
+        """The lookups running (timed out or not: until their thread is done)."""
+        return len(self._running)
 
     def _timedOut(self, answer: Deferred[Any]) -> None:
         answer.errback(defer.TimeoutError(f"no answer within {self.timeout:g}s"))
