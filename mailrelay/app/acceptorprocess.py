@@ -137,7 +137,8 @@ class RelayCounters:
         self.timeout = timeout
         self._write = write if write is not None else sys.stdout.write
         self._serials = itertools.count(1)
-        self._waiting: dict[int, Deferred[int]] = {}
+        #: The questions waiting for their answer: C{serial: (op, Deferred)}.
+        self._waiting: dict[int, tuple[str, Deferred[int]]] = {}
         #: Whether the relay answers no more (L{close}).
         self.closed = False
         self.throttle = RelayAuthThrottle(self)
@@ -156,7 +157,7 @@ class RelayCounters:
         except OSError as e:
             return fail(RelayUnavailable(f"the relay is gone: {e.strerror}"))
         d: Deferred[int] = Deferred()
-        self._waiting[serial] = d
+        self._waiting[serial] = (op, d)
         d.addTimeout(self.timeout, self.clock)
         return d.addErrback(self._unanswered, serial, undo)
 
@@ -172,12 +173,15 @@ class RelayCounters:
         timeout."""
         self.closed = True
         waiting, self._waiting = self._waiting, {}
-        for d in waiting.values():
-            d.errback(RelayUnavailable("the relay is stopping"))
+        for op, d in waiting.values():
+            if op == "release":
+                d.callback(0)  # (the relay gives back all we held when we end)
+            else:
+                d.errback(RelayUnavailable("the relay is stopping"))
 
     def answer(self, serial: int, count: str) -> None:
         """The relay's answer to question C{serial}: the count, or C{-} (it could not)."""
-        d = self._waiting.pop(serial, None)
+        op, d = self._waiting.pop(serial, ("", None))
         if d is None:
             return  # timed out already
         if count.isdigit():
