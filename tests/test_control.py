@@ -806,3 +806,10 @@ def test_check_says_the_warnings_of_the_build(tmp_path) -> None:
     assert main(["check", "--json", "--config", str(config)], out, io.StringIO()) == 0
     answer = json.loads(out.getvalue())
     assert answer["ok"] and len(answer["warnings"]) == 1
+    # With an error too: the warnings first, then the error.
+    config.write_text(config.read_text() + '[[plugins]]\nplugin = "no-such-plugin"\n')
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["check", "--config", str(config)], out, err) == 1
+    lines = err.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("mailrelay: warning: ")
+    assert lines[1].startswith("mailrelay: configuration error: ") and "no-such-plugin" in lines[1]

@@ -561,13 +561,13 @@ def check(options: Any, out: TextIO, err: TextIO) -> int:
         if options.json:
             _dump({"ok": False, "error": str(e), "warnings": warnings}, out)
         else:
+            _printWarnings(warnings, err)
             print(f"mailrelay: configuration error: {e}", file=err)
         return 1
     finally:
         globalLogPublisher.removeObserver(warned)
     if not options.json:
-        for warning in warnings:
-            print(f"mailrelay: warning: {warning}", file=err)
+        _printWarnings(warnings, err)
     source = path or "(embedded default)"
     if options.json:
         result: dict[str, Any] = {"ok": True, "config": source, "warnings": warnings}
@@ -579,6 +579,11 @@ def check(options: Any, out: TextIO, err: TextIO) -> int:
     else:
         print(f"mailrelay: configuration {source}: ok", file=out)
     return 0
+
+
+def _printWarnings(warnings: list[str], err: TextIO) -> None:
+    for warning in warnings:
+        print(f"mailrelay: warning: {warning}", file=err)
 
 
 # -- the command line --------------------------------------------------------------------------
