@@ -1086,6 +1086,9 @@ class PluginContext:
     entry: str | None = None
     #: The warnings L{checkTimeout} gave for this configuration (each is given once).
     warned: set[str] = field(default_factory=set, repr=False, compare=False)
+    #: In the relay's child processes: what the relay said of the configuration (the
+    #: warnings of L{checkTimeout}) is not said again.
+    quiet: bool = False
 
     def __post_init__(self) -> None:
         if self.deferToThread is None:
@@ -1110,6 +1113,8 @@ class PluginContext:
         """
         if self.timeout is None or seconds < self.timeout:
             return True
+        if self.quiet:
+            return False
         from twisted.logger import Logger
 
         where = ".".join(p for p in (self.entry, option) if p)

@@ -747,3 +747,26 @@ def test_the_acceptors_count_in_the_throttle_of_the_running_configuration(
     plan = top.plan(configured(120), None)  # (and then, say, a listener cannot be opened)
     assert top.carried.throttle is not running and plan.throttle is top.carried.throttle
     assert top.acceptors.throttle() is running
+
+
+def test_the_relays_children_do_not_say_again_what_the_relay_said(tmp_path: Path) -> None:
+    """Found by a bug hunt: a plugin time limit its timeout cuts was warned of by the relay,
+    by the delivery process and by every acceptor process, at start and at every reload.
+    The children build their plugins quietly (the relay has said it)."""
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.logger import capturedLogs, formatEvent
+
+    from mailrelay.app.acceptorprocess import makeAcceptorServices
+    from mailrelay.app.deliveryprocess import makeDeliveryServices
+
+    path = tmp_path / "mailrelay.toml"
+    path.write_text(
+        f'[spool]\ndirectory = "{tmp_path / "spool"}"\n'
+        '[dns]\nreverse_lookups = false\nnameservers = ["127.0.0.1:5353"]\n'
+        '[[plugins]]\nplugin = "dnsbl"\nzones = ["zen.example"]\ntimeout = 5\n'
+    )
+    config = loadConfig(str(path))
+    with capturedLogs() as events:
+        makeAcceptorServices(config, MemoryReactorClock(), [], lambda queueID: None)
+        makeDeliveryServices(config, MemoryReactorClock())
+    assert not [formatEvent(e) for e in events if "is not below" in formatEvent(e)]

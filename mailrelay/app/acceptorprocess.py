@@ -287,14 +287,16 @@ def makeAcceptorServices(
     if config.auth is not None:
         carried.throttle, carried.throttleWindow = counters.throttle, config.auth.failureWindow
     spool = makeSpool(config, reactor, top, recover=False)
-    build = pluginBuilder(config, reactor, availablePlugins(), makeContext(config, reactor))
+    # (Quiet: the relay has said what it had to say of this configuration.)
+    context = makeContext(config, reactor, quiet=True)
+    build = pluginBuilder(config, reactor, availablePlugins(), context)
     hooks = buildHooks(config, build, "relay")
     PluginServices(hooks.services).setServiceParent(top)
     SessionsService(sessions, reactor, config.drainTime).setServiceParent(top)
     factories = {
         name: factory
         for name, factory, _ in makeListeners(
-            config, reactor, build, carried, spool, sessions, notify, hooks
+            config, reactor, build, carried, spool, sessions, notify, hooks, quiet=True
         )
     }
     for endpoint, fd, family in sockets:

@@ -44,12 +44,15 @@ def makeDeliveryServices(config: Any, reactor: Any) -> tuple[Any, Any]:
     from mailrelay.app.delivery import makeDelivery, makeSpool
     from mailrelay.app.plugins import availablePlugins, pluginBuilder
     from mailrelay.app.services import OrderedMultiService, PluginServices
-    from mailrelay.config.plugins import buildHooks
+    from mailrelay.config.plugins import buildHooks, makeContext
 
     top = OrderedMultiService()
     # The relay's process recovered the spool before starting us.
     spool = makeSpool(config, reactor, top, recover=False)
-    build = pluginBuilder(config, reactor, availablePlugins())
+    # (Quiet: the relay has said what it had to say of this configuration.)
+    build = pluginBuilder(
+        config, reactor, availablePlugins(), makeContext(config, reactor, quiet=True)
+    )
     hooks = buildHooks(config, build, "delivery")
     PluginServices(hooks.services).setServiceParent(top)
     services, queue = makeDelivery(config, reactor, spool, build, hooks)

@@ -204,9 +204,11 @@ def makeListeners(
     sessions: Sessions,
     onQueued: Any,
     hooks: HookPlugins,
+    quiet: bool = False,
 ) -> list[tuple[str, Any, str]]:
     """The C{(endpoint, factory, role)} of every listener of C{config}, their plugins built
-    (their certificates are those the configuration loaded: logged here).  Counters in
+    (their certificates are those the configuration loaded: logged here, unless C{quiet}:
+    in an acceptor process, the relay has logged them).  Counters in
     C{carried} (rate limits, AUTH failures, connections per listener) are reused, so that a
     reload does not reset them.
 
@@ -227,7 +229,8 @@ def makeListeners(
     result = []
     for listener in config.listeners:
         settings = listener.settings
-        logCertificates(listener)
+        if not quiet:
+            logCertificates(listener)
         factory = buildListenerFactory(
             settings,
             policy=policy,

@@ -145,13 +145,14 @@ def buildPlugin(
 
 
 def makeContext(
-    config: Config, reactor: Any, *, resolver: Any = None, kept: Any = None
+    config: Config, reactor: Any, *, resolver: Any = None, kept: Any = None, quiet: bool = False
 ) -> PluginContext:
     """The L{PluginContext} of C{config}'s plugins.
 
     @param resolver: the resolver asking C{[dns] nameservers} (or the system's); made here
         when not given (and there is a reactor).
     @param kept: what L{PluginContext.keep} keeps, shared across reloads.
+    @param quiet: in a child process of the relay (L{PluginContext.quiet}).
     """
     if resolver is None and reactor is not None:
         from mailrelay.route import makeResolver
@@ -164,6 +165,7 @@ def makeContext(
         resolver=resolver,
         source=config.source,
         kept=kept if kept is not None else {},
+        quiet=quiet,
     )
 
 
