@@ -14,7 +14,7 @@ import os
 import pwd
 import stat
 
-__all__ = ["MAX_NAMED_FILE", "readError", "readNamedFile"]
+__all__ = ["MAX_NAMED_FILE", "explainPermissions", "readError", "readNamedFile"]
 
 #: The most octets such a file may hold: a large CA bundle is well under 1 MiB, a table of
 #: a hundred thousand users and hashes about 10 MiB.
@@ -48,9 +48,22 @@ def readNamedFile(path: str) -> bytes:
         os.close(fd)
 
 
+#: Whether this process is the relay (or one of its children): see L{explainPermissions}.
+_relay = False
+
+
+def explainPermissions(relay: bool = True) -> None:
+    """Say (L{readError}) which user a refused read ran as, and what to do: for the relay's
+    processes, which run as the relay's user; not for the commands (C{sendmail},
+    C{mailrelay}), which any user may run."""
+    global _relay
+    _relay = relay
+
+
 def readError(e: OSError) -> str:
-    """Why a file could not be read, for a message: C{e}'s C{strerror}, and for a refused
-    permission in a process that is not root, which user it runs as and what to do.
+    """Why a file could not be read, for a message: C{e}'s C{strerror}, and in the relay's
+    processes (L{explainPermissions}) for a refused permission when not root, which user
+    it runs as and what to do.
 
     twistd's C{--uid} drops root once the relay has started: a reload, a file re-read when it
     changes and the acceptor processes read as the relay's user, so a file only root may
@@ -58,7 +71,7 @@ def readError(e: OSError) -> str:
     """
     text = e.strerror or str(e)
     uid = os.geteuid()
-    if not isinstance(e, PermissionError) or uid == 0:
+    if not _relay or not isinstance(e, PermissionError) or uid == 0:
         return text
     try:
         user = pwd.getpwuid(uid).pw_name

@@ -910,6 +910,12 @@ def test_a_key_the_relays_user_may_not_read_says_what_to_do(
 
     monkeypatch.setattr(tls, "readNamedFile", refused)
     monkeypatch.setattr(namedfile.os, "geteuid", lambda: 65534)
+    # Not in a command (sendmail, mailrelay): any user may run those (found by a bug hunt).
+    monkeypatch.setattr(namedfile, "_relay", False)
+    with pytest.raises(TLSConfigError) as e:
+        loadServerTLS(str(chain), str(key))
+    assert str(e.value) == f"cannot read the certificate file {str(chain)!r}: Permission denied"
+    monkeypatch.setattr(namedfile, "_relay", True)  # (what the relay's processes set)
     monkeypatch.setattr(namedfile.pwd, "getpwuid", lambda uid: pwd.struct_passwd(
         ("mailrelay", "x", uid, uid, "", "/", "/bin/false")))
     user = "mailrelay"

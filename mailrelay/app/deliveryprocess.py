@@ -326,7 +326,9 @@ def startChild(
     """
     from mailrelay.config import loadConfig
     from mailrelay.errors import ConfigError
+    from mailrelay.namedfile import explainPermissions
 
+    explainPermissions()  # (one of the relay's processes: see readError)
     if options.parent_pid is not None and not dieWithParent(options.parent_pid):
         print(f"mailrelay {what}: the relay is gone; not starting", file=sys.stderr)
         return 1

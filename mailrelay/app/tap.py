@@ -109,6 +109,9 @@ def makeService(options: Options) -> Any:
     from mailrelay.app.forkserver import forRelay
     from mailrelay.config import loadConfig, readConfigFile
     from mailrelay.errors import ConfigError
+    from mailrelay.namedfile import explainPermissions
+
+    explainPermissions()  # (the relay: its unreadable files' messages name its user)
 
     path = options["config"]
     serverOptions = getattr(options, "parent", None)  # twistd's, when it runs us
