@@ -254,14 +254,18 @@ SavedFields = list[tuple[Any, str, Any]]
 
 
 def savePluginKept(args: Sequence[Any]) -> SavedFields:
-    """The fields of L{PLUGIN_KEPT} of the client, envelope and recipients among C{args} (lists
-    copied), to check and restore after a site plugin."""
+    """The fields of L{PLUGIN_KEPT} of the client, envelope and recipients among C{args}, or
+    held by them (a message filter's context: its C{client} and C{envelope}), lists copied,
+    to check and restore after a site plugin."""
     objects: list[Any] = []
     for arg in args:
-        if type(arg) in PLUGIN_KEPT:
-            objects.append(arg)
-            if isinstance(arg, Envelope):
-                objects.extend(arg.recipients)
+        held = () if type(arg) in PLUGIN_KEPT else (
+            getattr(arg, "client", None), getattr(arg, "envelope", None))
+        for obj in (arg, *held):
+            if type(obj) in PLUGIN_KEPT and not any(obj is o for o in objects):
+                objects.append(obj)
+                if isinstance(obj, Envelope):
+                    objects.extend(obj.recipients)
     saved: SavedFields = []
     for obj in objects:
         for name in PLUGIN_KEPT[type(obj)]:

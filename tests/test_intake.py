@@ -278,6 +278,26 @@ def test_filters_run_in_order_and_may_refuse() -> None:
     assert box == [refusal.reply] and spool.committed == {} and queued == []
 
 
+def test_a_filter_changing_the_envelope_is_named() -> None:
+    """Found by a bug hunt: a site message filter that sets a recipient's NOTIFY got the
+    message refused (the intake's check at commit) with a log line naming no plugin; the
+    policy runner checks a filter as it checks every hook's plugin (docs/plugins.md):
+    undone, the stage deferred, the plugin named."""
+
+    def silences(context: Any) -> None:
+        context.envelope.recipients[0].notify = ("NEVER",)
+
+    intake, spool, queued = makeIntake(filters=[Filter(silences)])
+    env = envelope()
+    message = intake.open(env, env.client, {})
+    message.write(MESSAGE)
+    with capturedLogs() as events:
+        assert received(message.finish()) == FILTER_FAILED.reply
+    assert spool.committed == {} and env.recipients[0].notify is None
+    assert any("message plugin f0 changed the Recipient's notify" in formatEvent(e)
+               for e in events), [formatEvent(e) for e in events]
+
+
 @pytest.mark.parametrize(
     "answer",
     [
