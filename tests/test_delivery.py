@@ -350,6 +350,22 @@ def test_maildir_delivers_an_extension_to_its_user(tmp_path: Path, messagePath: 
     assert sorted(p.name for p in (tmp_path / "example.org").iterdir()) == ["bob"]
 
 
+def test_maildir_one_copy_per_mailbox(tmp_path: Path, messagePath: Path) -> None:
+    """Found by a bug hunt: Bob@, bob@ and BOB@ in one message were three copies in one
+    Maildir (so were bob+a@ and bob+b@ with a delimiter); as Postfix's local(8), a mailbox
+    gets one copy, every recipient of it delivered."""
+    template = str(tmp_path / "{local}" / "Maildir")
+    env = envelope("Bob@example.org", "bob@example.org", "bob+x@example.org", "carol@example.org")
+    backend = MaildirBackend(Clock(), deferToThread=syncThread, hostname="h",
+                             createMailboxes=True, recipientDelimiter="+")
+    results = result(backend.deliver(env, env.recipients, toMaildir(template), messagePath))
+    assert [(r.address, r.status) for r in results] == [
+        ("Bob@example.org", DELIVERED), ("bob@example.org", DELIVERED),
+        ("bob+x@example.org", DELIVERED), ("carol@example.org", DELIVERED)]
+    assert len(list((tmp_path / "bob" / "Maildir" / "new").iterdir())) == 1
+    assert len(list((tmp_path / "carol" / "Maildir" / "new").iterdir())) == 1
+
+
 def test_maildir_one_mailbox_for_a_domain_is_created(tmp_path: Path, messagePath: Path) -> None:
     """A template without {local} or {address} is one mailbox for all the domain's mail:
     created when missing, as before."""

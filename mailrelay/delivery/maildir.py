@@ -33,6 +33,7 @@ placeholder is one mailbox, created when missing.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import itertools
 import os
@@ -421,7 +422,20 @@ class MaildirBackend:
     # -- in the thread ------------------------------------------------------------------------
 
     def _deliverAll(self, header: str, jobs: list[_Job], messagePath: str) -> list[RecipientResult]:
-        return [self._deliverOne(header, job, messagePath) for job in jobs]
+        """Each job's result; recipients of one mailbox (C{Bob@} and C{bob@}, C{bob+a@} and
+        C{bob+b@}) get one copy, as Postfix's local(8) delivers once per mailbox."""
+        delivered: dict[str, RecipientResult] = {}
+        results = []
+        for job in jobs:
+            first = delivered.get(job.directory)
+            if first is not None:
+                results.append(dataclasses.replace(first, address=job.address))
+                continue
+            result = self._deliverOne(header, job, messagePath)
+            if result.status is DeliveryStatus.DELIVERED:
+                delivered[job.directory] = result
+            results.append(result)
+        return results
 
     def _deliverOne(self, header: str, job: _Job, messagePath: str) -> RecipientResult:
         try:
