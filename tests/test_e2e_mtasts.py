@@ -1,7 +1,8 @@
 """End-to-end: `[delivery] mta_sts = true` (RFC 8461) with the real relay.
 
-A DNS server publishes `_mta-sts` TXT records and MX hosts; an HTTPS server on 127.0.0.1:443
-(the only port RFC 8461 allows: this needs root, which CI has) serves the policies, with a
+A DNS server publishes `_mta-sts` TXT records and MX hosts; an HTTPS server on port 443 of a
+loopback address of its own (the only port RFC 8461 allows: this needs root, which CI has)
+serves the policies, with a
 trustme certificate the relay trusts through `SSL_CERT_FILE`; the MX host is an aiosmtpd
 offering STARTTLS.  Mail to a domain whose `enforce` policy names its MX host arrives over
 TLS; mail to one whose policy names another host is deferred, never sent; the policy is kept
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import ssl
 import threading
@@ -32,16 +34,21 @@ POLICIES = {
 }
 
 
+#: The policy server's address: port 443 (RFC 8461's only one) of a loopback address of
+#: its own, so that nothing else on 127.0.0.1:443 (another test run) is in the way.
+POLICY_ADDRESS = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(1, 254)}"
+
+
 def _port443Free() -> str | None:
-    """Why 127.0.0.1:443 cannot be had here, or None."""
+    """Why POLICY_ADDRESS:443 cannot be had here, or None."""
     if os.geteuid() != 0:
-        return "binds 127.0.0.1:443 (RFC 8461's port for policies): needs root, as in CI"
+        return "binds port 443 (RFC 8461's port for policies): needs root, as in CI"
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("127.0.0.1", 443))
+            s.bind((POLICY_ADDRESS, 443))
         except OSError as e:
-            return f"127.0.0.1:443 is taken here ({e.strerror})"
+            return f"{POLICY_ADDRESS}:443 is taken here ({e.strerror})"
     return None
 
 
@@ -81,7 +88,7 @@ def policyServer(ca: Any):
             pass
 
     ThreadingHTTPServer.allow_reuse_address = True
-    server = ThreadingHTTPServer(("127.0.0.1", 443), Handler)
+    server = ThreadingHTTPServer((POLICY_ADDRESS, 443), Handler)
     server.socket = context.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -111,11 +118,11 @@ def test_mail_follows_the_domains_mta_sts_policy(
     dns = DNSServer(tmp_path / "dns", "test", [
         ["sts.test", "MX", 10, "mx.sts.test"],
         ["mx.sts.test", "A", "127.0.0.1"],
-        ["mta-sts.sts.test", "A", "127.0.0.1"],
+        ["mta-sts.sts.test", "A", POLICY_ADDRESS],
         ["_mta-sts.sts.test", "TXT", "v=STSv1; id=20261201"],
         ["other.test", "MX", 10, "mx.other.test"],
         ["mx.other.test", "A", "127.0.0.1"],
-        ["mta-sts.other.test", "A", "127.0.0.1"],
+        ["mta-sts.other.test", "A", POLICY_ADDRESS],
         ["_mta-sts.other.test", "TXT", "v=STSv1; id=1"],
     ])
     caFile = tmp_path / "ca.pem"
