@@ -107,6 +107,7 @@ class FakeResolver:
     def __init__(self) -> None:
         self.records: dict[str, list[str]] = {}
         self.failing: dict[str, Exception] = {}
+        self.cnames: dict[str, str] = {}
         self.asked: list[str] = []
 
     def lookupText(self, name: str, timeout: Any = None) -> defer.Deferred:
@@ -115,8 +116,11 @@ class FakeResolver:
             return defer.fail(self.failing[name])
         if name not in self.records:
             return defer.fail(dnsError.DNSNameError(name))
-        answers = [
-            dns.RRHeader(name, dns.TXT, payload=dns.Record_TXT(text.encode()))
+        target = self.cnames.get(name, name)
+        answers = [dns.RRHeader(name, dns.CNAME, payload=dns.Record_CNAME(target.encode()))
+                   ] if target != name else []
+        answers += [
+            dns.RRHeader(target, dns.TXT, payload=dns.Record_TXT(text.encode()))
             for text in self.records[name]
         ]
         return defer.succeed((answers, [], []))
@@ -184,6 +188,12 @@ def test_a_policy_is_fetched_once_and_kept(world: Any) -> None:
     world.fetches.texts["example.org"] = POLICY.replace("enforce", "testing").encode()
     world.now.t += RECHECK
     assert result(sts.policy("example.org")).mode == "testing"  # a new id: fetched again
+
+
+def test_the_record_may_be_a_cname(world: Any) -> None:
+    """RFC 8461 section 3.1: _mta-sts.<domain> may be a CNAME (a hosted policy)."""
+    world.resolver.cnames["_mta-sts.example.org"] = "_mta-sts.hosting.example"
+    assert result(world.sts().policy("example.org")).id == "one"
 
 
 def test_policies_outlive_a_restart(world: Any) -> None:

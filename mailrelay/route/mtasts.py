@@ -181,9 +181,10 @@ class _Body(Protocol):
     def connectionLost(self, reason: Any = None) -> None:
         if self.done.called:
             return
-        from twisted.web.client import ResponseDone
+        from twisted.web.client import PotentialDataLoss, ResponseDone
 
-        if reason.check(ResponseDone):
+        # (PotentialDataLoss: a server that ends the body by closing, without a length.)
+        if reason.check(ResponseDone, PotentialDataLoss):
             self.done.callback(b"".join(self.data))
         else:
             self.done.errback(reason)
@@ -378,10 +379,11 @@ class MTASTS:
             answers, _, _ = yield self.resolver.lookupText(name, timeout=(LOOKUP_TIMEOUT,))
         except (dnsError.DomainError, dnsError.AuthoritativeDomainError):
             raise _NoRecord("no such name") from None
+        # (Every TXT record of the answer: the name may be a CNAME, RFC 8461 section 3.1.)
         texts = [
             b"".join(a.payload.data).decode("utf-8", "replace")
             for a in answers
-            if a.type == dns.TXT and a.name.name.decode("ascii", "replace").lower() == name
+            if a.type == dns.TXT
         ]
         try:
             return parseRecord(texts)
