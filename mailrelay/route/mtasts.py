@@ -246,8 +246,15 @@ def fetchPolicy(reactor: Any, resolver: Any, domain: str, port: int | None = Non
         if not types[0].lower().startswith(b"text/plain"):
             response.deliverBody(Protocol())
             raise PolicyError(f"content type {types[0].decode('latin-1')!r}, not text/plain")
-        body: Deferred[bytes] = Deferred()
-        response.deliverBody(_Body(body))
+        reader: list[_Body] = []
+
+        def cancel(_: Deferred[bytes]) -> None:  # (the time-out): drop the connection
+            if reader and reader[0].transport is not None:
+                reader[0].transport.stopProducing()  # type: ignore[attr-defined]
+
+        body: Deferred[bytes] = Deferred(cancel)
+        reader.append(_Body(body))
+        response.deliverBody(reader[0])
         return body
 
     d.addCallback(got)
