@@ -319,20 +319,46 @@ def test_maildir_user_lookup_failure_defers(tmp_path: Path, messagePath: Path) -
 
 
 @pytest.mark.parametrize(
-    "local, delimiters, user",
+    "local, delimiters, parts",
     [
-        ("bob+lists", "+", "bob"),
-        ("bob-lists+x", "+-", "bob"),
-        ("bob+", "+", "bob"),
-        ("+bob", "+", "+bob"),  # (a delimiter first is part of the name, as Postfix's)
-        ("bob+lists", "", "bob+lists"),
-        ("bob+lists", "-", "bob+lists"),
+        ("bob+lists", "+", ["bob+lists", "bob"]),
+        ("bob-lists+x", "+-", ["bob-lists+x", "bob"]),
+        ("bob+", "+", ["bob+", "bob"]),
+        ("+bob", "+", ["+bob"]),  # (a delimiter first is part of the name, as Postfix's)
+        ("bob+lists", "", ["bob+lists"]),
+        ("bob+lists", "-", ["bob+lists"]),
+        # Postfix's split_addr: never owner-x or x-request when "-" is a delimiter, nor
+        # postmaster and MAILER-DAEMON.
+        ("owner-list", "-", ["owner-list"]),
+        ("list-request", "-+", ["list-request"]),
+        ("owner+x", "+", ["owner+x", "owner"]),
     ],
 )
-def test_userPart(local: str, delimiters: str, user: str) -> None:
-    from mailrelay.delivery.maildir import userPart
+def test_userParts(local: str, delimiters: str, parts: list[str]) -> None:
+    """The local parts a user is looked for under, in order: the whole, then without its
+    extension (Postfix's table search order)."""
+    from mailrelay.delivery.maildir import userParts
 
-    assert userPart(local, delimiters) == user
+    assert userParts(local, delimiters) == parts
+
+
+def test_maildir_a_user_with_a_delimiter_in_its_name_is_its_own(
+    tmp_path: Path, messagePath: Path
+) -> None:
+    """Found by a bug hunt: with recipient_delimiter = "-+", mary-ann@ was written into
+    mary's Maildir although mary-ann has one.  The whole local part is looked for first,
+    then the user without the extension, as Postfix's virtual(8) searches its tables."""
+    template = str(tmp_path / "{local}" / "Maildir")
+    for user in ("mary", "mary-ann", "owner-list"):
+        (tmp_path / user).mkdir()
+    env = envelope("mary-ann@example.org", "mary-jo@example.org", "owner-list@example.org")
+    backend = MaildirBackend(Clock(), deferToThread=syncThread, hostname="h",
+                             recipientDelimiter="-+")
+    results = result(backend.deliver(env, env.recipients, toMaildir(template), messagePath))
+    assert [r.status for r in results] == [DELIVERED, DELIVERED, DELIVERED]
+    assert len(list((tmp_path / "mary-ann" / "Maildir" / "new").iterdir())) == 1
+    assert len(list((tmp_path / "mary" / "Maildir" / "new").iterdir())) == 1  # mary-jo's
+    assert len(list((tmp_path / "owner-list" / "Maildir" / "new").iterdir())) == 1
 
 
 def test_maildir_delivers_an_extension_to_its_user(tmp_path: Path, messagePath: Path) -> None:

@@ -8,7 +8,8 @@ make it absolute.
 
 For the path the local part is unquoted (C{"john doe"} becomes C{john doe}), lower-cased,
 and, with C{[delivery] recipient_delimiter} (C{"+"}), cut before its address extension
-(C{bob+lists} is C{bob}'s: L{userPart}; its C{Delivered-To:} keeps the whole address);
+(C{bob+lists} is C{bob}'s unless a user C{bob+lists} exists: L{userParts}; its
+C{Delivered-To:} keeps the whole address);
 a local part or domain that is empty, starts with C{"."}, or contains C{"/"}, a NUL or another
 control character is refused (permanent 5.1.3), so that no recipient can write outside its
 directory.
@@ -102,29 +103,38 @@ def _checkComponent(text: str, what: str) -> str:
     return text
 
 
-def userPart(local: str, delimiters: str) -> str:
-    """C{local} without its address extension: up to the first of C{delimiters} that is not
-    its first character (C{"bob"} for C{"bob+lists"} with C{"+"}), as Postfix's
-    C{recipient_delimiter}; C{local} itself without C{delimiters}."""
+#: Local parts never split at a delimiter (Postfix's split_addr).
+_UNSPLIT = ("postmaster", "mailer-daemon")
+
+
+def userParts(local: str, delimiters: str) -> list[str]:
+    """The local parts the user of C{local} is looked for under, in order, as Postfix's
+    C{recipient_delimiter} and table search order: C{local} itself, then without its
+    address extension -- up to the first of C{delimiters} that is not its first character
+    (C{["bob+lists", "bob"]} with C{"+"}).  Never split, as Postfix's C{split_addr}:
+    C{postmaster}, C{MAILER-DAEMON}, and with C{"-"} among the delimiters C{owner-*} and
+    C{*-request}."""
+    lowered = local.lower()
+    if not delimiters or lowered in _UNSPLIT:
+        return [local]
+    if "-" in delimiters and (lowered.startswith("owner-") or lowered.endswith("-request")):
+        return [local]
     for index, c in enumerate(local):
         if index and c in delimiters:
-            return local[:index]
-    return local
+            return [local, local[:index]]
+    return [local]
 
 
-def mailboxPath(template: str, address: str, delimiters: str = "") -> str:
-    """The Maildir of C{address} (canonical, C{local@domain}) according to C{template}; with
-    C{delimiters}, of its user (L{userPart}: C{bob+lists@} is C{bob}'s).
-
-    @raise UnsafeAddress: the local part or domain cannot safely be part of a path.
-    """
+def _split(address: str) -> tuple[str, str]:
+    """The local part (unquoted) and the domain of C{address}."""
     local, at, domain = address.rpartition("@")
     if not at:
         local, domain = address, ""
-    local = unquoteLocalPart(local).lower()
-    if delimiters:
-        local = userPart(local, delimiters)
-    local = _checkComponent(local, "local part")
+    return unquoteLocalPart(local), domain
+
+
+def _path(template: str, local: str, domain: str) -> str:
+    local = _checkComponent(local.lower(), "local part")
     if "{domain}" in template or "{address}" in template:
         domain = _checkComponent(domain, "domain")
     return (
@@ -134,18 +144,45 @@ def mailboxPath(template: str, address: str, delimiters: str = "") -> str:
     )
 
 
-def userDirectory(template: str, address: str, delimiters: str = "") -> str | None:
+def _userPath(template: str, local: str, domain: str) -> str | None:
+    parts = template.split("/")
+    for index, part in enumerate(parts):
+        if "{local}" in part or "{address}" in part:
+            return _path("/".join(parts[: index + 1]), local, domain)
+    return None
+
+
+def mailboxPath(template: str, address: str) -> str:
+    """The Maildir of C{address} (canonical, C{local@domain}) according to C{template}.
+
+    @raise UnsafeAddress: the local part or domain cannot safely be part of a path.
+    """
+    return _path(template, *_split(address))
+
+
+def userDirectory(template: str, address: str) -> str | None:
     """The directory that must exist for C{address} to have a mailbox under C{template}:
     the template up to and including its first part holding C{{local}} or C{{address}}
     (see the module docstring); C{None} for a template without them.
 
     @raise UnsafeAddress: as L{mailboxPath}.
     """
-    parts = template.split("/")
-    for index, part in enumerate(parts):
-        if "{local}" in part or "{address}" in part:
-            return mailboxPath("/".join(parts[: index + 1]), address, delimiters)
-    return None
+    return _userPath(template, *_split(address))
+
+
+def mailboxes(template: str, address: str, delimiters: str = "") -> list[tuple[str, str | None]]:
+    """C{(mailbox, user directory)} of each user C{address} may be (L{userParts}), in the
+    order they are looked for: the first whose user directory exists is it.
+
+    @raise UnsafeAddress: as L{mailboxPath}.
+    """
+    local, domain = _split(address)
+    found: list[tuple[str, str | None]] = []
+    for part in userParts(local, delimiters):
+        entry = (_path(template, part, domain), _userPath(template, part, domain))
+        if entry not in found:
+            found.append(entry)
+    return found
 
 
 def isUser(directory: str) -> bool:
@@ -162,6 +199,24 @@ def isUser(directory: str) -> bool:
         if e.errno == errno.ENAMETOOLONG:
             return False  # no user can have a name the file system cannot hold
         raise
+
+
+def _writeFailed(address: str, e: OSError) -> RecipientResult:
+    """The deferral of C{address} whose mailbox could not be looked up or written."""
+    if e.errno == errno.EDQUOT:
+        code = "4.2.2"
+    elif e.errno == errno.ENOSPC:
+        code = "4.3.1"
+    else:
+        code = "4.3.0"
+    return RecipientResult(
+        address, DeliveryStatus.TRANSIENT, code, f"X-mailrelay; cannot deliver to maildir: {e}"
+    )
+
+
+def _anyUser(directories: list[str]) -> bool:
+    """Whether any of C{directories} is a user's (L{isUser})."""
+    return any(isUser(d) for d in directories)
 
 
 def _hostnameForName() -> str:
@@ -221,7 +276,8 @@ class MaildirUsers:
         delimiters: str = "",
     ) -> None:
         """
-        @param delimiters: the recipient delimiters (L{userPart}): C{bob+lists} is C{bob}.
+        @param delimiters: the recipient delimiters (L{userParts}): C{bob+lists} is C{bob}'s
+            unless a user C{bob+lists} exists.
         @param table: the routing table (L{mailrelay.route.RoutingTable}).
         @param clock: the reactor: its thread pool runs the lookups unless C{deferToThread}
             is given, and it times them out.
@@ -258,11 +314,12 @@ class MaildirUsers:
         if route.backend != "maildir":
             return None
         try:
-            directory = userDirectory(route.nexthop, address, self.delimiters)
+            users = [u for _, u in mailboxes(route.nexthop, address, self.delimiters)]
         except UnsafeAddress as e:
             return succeed(Verdict.reject(f"Error: {e}", 550, "5.1.3"))
-        if directory is None:
-            return None
+        if None in users:
+            return None  # (a template naming no user)
+        directory = str(users[0])
         now = self.clock.seconds()
         hanging = sum(1 for began in self._running.values() if now - began >= HUNG_AFTER)
         if hanging >= self.maxInFlight:
@@ -280,7 +337,7 @@ class MaildirUsers:
                 timer.cancel()
                 answer.callback(result)
 
-        self._deferToThread(isUser, directory).addBoth(done)
+        self._deferToThread(_anyUser, users).addBoth(done)
         return answer.addCallbacks(
             lambda known: CONTINUE if known else UNKNOWN_USER,
             lambda failure: self._failed(failure.getErrorMessage(), address, directory),
@@ -307,8 +364,11 @@ class MaildirUsers:
 @dataclass
 class _Job:
     address: str
-    directory: str
-    #: The user's directory that must exist (L{userDirectory}), or C{None}: none need.
+    #: C{(mailbox, user directory)} of each user the address may be (L{mailboxes}); the
+    #: user directory C{None}: none need exist.
+    candidates: list[tuple[str, str | None]]
+    #: The mailbox written to, and the user's directory (chosen in the thread).
+    directory: str = ""
     userDirectory: str | None = None
 
 
@@ -334,7 +394,8 @@ class MaildirBackend:
         @param createMailboxes: deliver to any user, creating its directory; else only to
             those whose directory exists (see the module docstring).
         @param recipientDelimiter: the characters separating a user from an address
-            extension (L{userPart}): C{bob+lists@} goes to C{bob}'s mailbox.
+            extension (L{userParts}): C{bob+lists@} goes to C{bob}'s mailbox unless a user
+            C{bob+lists} exists.
         """
         self.reactor = reactor
         self.createMailboxes = createMailboxes
@@ -357,10 +418,7 @@ class MaildirBackend:
         jobs: list[tuple[int, _Job]] = []
         for index, recipient in enumerate(recipients):
             try:
-                delimiters = self.recipientDelimiter
-                directory = mailboxPath(route.nexthop, recipient.address, delimiters)
-                user = (None if self.createMailboxes
-                        else userDirectory(route.nexthop, recipient.address, delimiters))
+                candidates = mailboxes(route.nexthop, recipient.address, self.recipientDelimiter)
             except UnsafeAddress as e:
                 log.warn(
                     "{queueID}: refusing maildir delivery to {address}: {problem}",
@@ -375,7 +433,7 @@ class MaildirBackend:
                     f"X-mailrelay; cannot deliver to maildir: {e}",
                 )
             else:
-                jobs.append((index, _Job(recipient.address, directory, user)))
+                jobs.append((index, _Job(recipient.address, candidates)))
         if not jobs:
             return succeed(results)
 
@@ -427,6 +485,12 @@ class MaildirBackend:
         delivered: dict[str, RecipientResult] = {}
         results = []
         for job in jobs:
+            try:
+                self._choose(job)
+            except OSError as e:
+                job.directory = str(job.candidates[0][1])  # (for the log)
+                results.append(_writeFailed(job.address, e))
+                continue
             first = delivered.get(job.directory)
             if first is not None:
                 results.append(dataclasses.replace(first, address=job.address))
@@ -436,6 +500,20 @@ class MaildirBackend:
                 delivered[job.directory] = result
             results.append(result)
         return results
+
+    def _choose(self, job: _Job) -> None:
+        """Set C{job}'s mailbox: the first candidate whose user exists; with
+        C{createMailboxes} and none, the last (the user without extension); without, the
+        first, whose missing user makes it unknown.
+
+        @raise OSError: a user directory could not be looked up (L{isUser}).
+        """
+        for directory, user in job.candidates:
+            if user is None or isUser(user):
+                job.directory, job.userDirectory = directory, user
+                return
+        directory, user = job.candidates[-1 if self.createMailboxes else 0]
+        job.directory, job.userDirectory = directory, None if self.createMailboxes else user
 
     def _deliverOne(self, header: str, job: _Job, messagePath: str) -> RecipientResult:
         try:
@@ -448,18 +526,7 @@ class MaildirBackend:
                 )
             self._write(header + f"Delivered-To: {job.address}\n", job.directory, messagePath)
         except OSError as e:
-            if e.errno == errno.EDQUOT:
-                code = "4.2.2"
-            elif e.errno == errno.ENOSPC:
-                code = "4.3.1"
-            else:
-                code = "4.3.0"
-            return RecipientResult(
-                job.address,
-                DeliveryStatus.TRANSIENT,
-                code,
-                f"X-mailrelay; cannot deliver to maildir: {e}",
-            )
+            return _writeFailed(job.address, e)
         return RecipientResult(
             job.address, DeliveryStatus.DELIVERED, "2.0.0", DELIVERED_DIAGNOSTIC, final=True
         )
