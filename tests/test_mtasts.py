@@ -276,7 +276,87 @@ def test_one_lookup_at_a_time_per_domain(world: Any) -> None:
 def test_an_unreadable_cache_is_said_and_ignored(world: Any) -> None:
     Path(world.cache).write_text("{not json")
     with capturedLogs() as events:
-        sts = world.sts()
+        assert result(world.sts().policy("example.org")).mode == "enforce"
     assert any("not read" in formatEvent(e) for e in events)
-    assert result(sts.policy("example.org")).mode == "enforce"
     assert json.loads(Path(world.cache).read_text())["policies"][0]["domain"] == "example.org"
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        {"maxAge": "Infinity"},
+        {"mx": "mx.example.org"},  # (a string: was split into characters)
+        {"fetched": "NaN"},  # (was a policy that never expires)
+        {"mode": "strict"},
+        {"id": 7},
+    ],
+)
+def test_a_corrupt_cache_entry_is_said_and_ignored(world: Any, policy: dict) -> None:
+    """Found by a bug hunt: "maxAge": Infinity stopped the relay from starting (OverflowError
+    out of the smtp backend's build), "mx" as a string was split into characters, and
+    "fetched": NaN never expired.  Such a cache is ignored, logged, as unreadable JSON is."""
+    entry = {"domain": "example.org", "id": "one", "mode": "enforce",
+             "mx": ["mx.example.org"], "maxAge": 86400, "fetched": world.now.t}
+    entry.update({k: (float(v) if v in ("Infinity", "NaN") else v) for k, v in policy.items()})
+    Path(world.cache).write_text(json.dumps({"policies": [entry]}))
+    del world.resolver.records["_mta-sts.example.org"]
+    with capturedLogs() as events:
+        assert result(world.sts().policy("example.org")) is None
+    assert any("not read" in formatEvent(e) for e in events)
+
+
+def test_a_deeply_nested_cache_is_ignored(world: Any) -> None:
+    Path(world.cache).write_text("[" * 100000 + "]" * 100000)
+    with capturedLogs() as events:
+        assert result(world.sts().policy("example.org")).mode == "enforce"
+    assert any("not read" in formatEvent(e) for e in events)
+
+
+def test_the_cache_is_read_when_first_needed(world: Any) -> None:
+    """The relay's own process builds the smtp backend to check the configuration, and the
+    delivery process builds it to deliver: only the one that looks up a policy reads the
+    cache (and says once what is wrong with it)."""
+    Path(world.cache).write_text("{not json")
+    with capturedLogs() as events:
+        sts = world.sts()
+    assert events == []
+    with capturedLogs() as events:
+        result(sts.policy("example.org"))
+    assert sum("not read" in formatEvent(e) for e in events) == 1
+
+
+@pytest.mark.parametrize(
+    "error, said",
+    [
+        (defer.TimeoutError(60.0, "Deferred"), "no answer within 60s"),
+        (defer.CancelledError(), "no answer within 60s"),
+    ],
+)
+def test_fetch_failures_are_said_in_words(world: Any, error: Exception, said: str) -> None:
+    """Found by a bug hunt: "(60.0, 'Deferred')" and "[<twisted.python.failure.Failure ...>]"
+    were the reasons in the log."""
+    world.fetches.texts["example.org"] = error
+    with capturedLogs() as events:
+        assert result(world.sts().policy("example.org")) is None
+    (line,) = [formatEvent(e) for e in events if "cannot fetch" in formatEvent(e)]
+    assert line == f"MTA-STS: cannot fetch the policy of example.org (id one): {said}; no policy"
+
+
+def test_a_refused_connection_of_the_agent_is_said_in_words(world: Any) -> None:
+    from twisted.python.failure import Failure
+    from twisted.web.client import ResponseNeverReceived
+
+    from mailrelay.route.mtasts import describeFetchError
+
+    error = ResponseNeverReceived([Failure(ConnectionRefusedError("Connection refused"))])
+    assert describeFetchError(error) == "Connection refused"
+    assert describeFetchError(PolicyError("HTTP status 404 (not 200)")) == (
+        "HTTP status 404 (not 200)")
+
+
+def test_a_policy_of_mode_none_is_logged_without_mx(world: Any) -> None:
+    world.fetches.texts["example.org"] = b"version: STSv1\nmode: none\nmax_age: 86400\n"
+    with capturedLogs() as events:
+        result(world.sts().policy("example.org"))
+    (line,) = [formatEvent(e) for e in events]
+    assert line == "MTA-STS: policy of example.org (id one): mode none, max_age 86400"

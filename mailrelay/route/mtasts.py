@@ -26,6 +26,7 @@ whose TXT record or policy cannot be had keeps the policy it had until that expi
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -45,7 +46,14 @@ from twisted.python.failure import Failure
 
 log = Logger()
 
-__all__ = ["MTASTS", "STSPolicy", "fetchPolicy", "parsePolicy", "parseRecord"]
+__all__ = [
+    "MTASTS",
+    "STSPolicy",
+    "describeFetchError",
+    "fetchPolicy",
+    "parsePolicy",
+    "parseRecord",
+]
 
 #: Seconds between two lookups of a domain's TXT record (its policy is kept meanwhile).
 RECHECK = 300.0
@@ -304,12 +312,15 @@ class MTASTS:
         self._inFlight: dict[str, list[Deferred[STSPolicy | None]]] = {}
         self._saving = False
         self._saveAgain = False
-        for policy in self._load():
-            self._known[policy.domain] = _Known(policy, 0.0)
+        self._loaded = False
 
     def policy(self, domain: str) -> Deferred[STSPolicy | None]:
         """The policy of C{domain} to deliver with now, or C{None}; never fails."""
         domain = domain.lower().rstrip(".")
+        if not self._loaded:  # (when first needed: a process that only checks never reads it)
+            self._loaded = True
+            for loaded in self._load():
+                self._known.setdefault(loaded.domain, _Known(loaded, 0.0))
         known = self._known.get(domain)
         now = self._now()
         if known is not None and now - known.checked < RECHECK:
@@ -364,15 +375,16 @@ class MTASTS:
                 "MTA-STS: cannot fetch the policy of {domain} (id {id}): {error}; {keeping}",
                 domain=domain,
                 id=recordID,
-                error=str(e) or type(e).__name__,
+                error=describeFetchError(e),
                 keeping="keeping its cached policy" if usable else "no policy",
             )
             self._known[domain] = _Known(usable, now)
             return usable
         policy = STSPolicy(domain, recordID, mode, mx, maxAge, self._now())
         log.info(
-            "MTA-STS: policy of {domain} (id {id}): mode {mode}, mx {mx}, max_age {maxAge}",
-            domain=domain, id=recordID, mode=mode, mx=" ".join(mx), maxAge=maxAge,
+            "MTA-STS: policy of {domain} (id {id}): mode {mode}, {mx}max_age {maxAge}",
+            domain=domain, id=recordID, mode=mode, maxAge=maxAge,
+            mx=f"mx {' '.join(mx)}, " if mx else "",
         )
         self._known[domain] = _Known(policy, now)
         self._save()
@@ -407,16 +419,12 @@ class MTASTS:
         try:
             with open(self.cacheFile, encoding="utf-8") as f:
                 data = json.load(f)
-            policies = [
-                STSPolicy(p["domain"], p["id"], p["mode"], tuple(p["mx"]), int(p["maxAge"]),
-                          float(p["fetched"]))
-                for p in data["policies"]
-            ]
+            policies = [_cached(p) for p in data["policies"]]
         except FileNotFoundError:
             return []
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
             log.warn("MTA-STS: cache {path} not read ({error}); starting without it",
-                     path=self.cacheFile, error=str(e))
+                     path=self.cacheFile, error=str(e) or type(e).__name__)
             return []
         now = self._now()
         return [p for p in policies if not p.expired(now)]
@@ -443,6 +451,41 @@ class MTASTS:
                 self._save()
 
         d.addBoth(written)
+
+
+def _cached(entry: Any) -> STSPolicy:
+    """The policy of an entry of the cache file.
+
+    @raise ValueError: not one that file's writer writes (the file is then not used).
+    """
+    if not isinstance(entry, dict):
+        raise ValueError(f"an entry is {type(entry).__name__}, not an object")
+    domain, id, mode, mx = entry["domain"], entry["id"], entry["mode"], entry["mx"]
+    maxAge, fetched = entry["maxAge"], entry["fetched"]
+    if not (isinstance(domain, str) and isinstance(id, str) and _ID.fullmatch(id)):
+        raise ValueError(f"bad domain or id in {entry!r:.100}")
+    if mode not in _MODES or not isinstance(mx, list) or not all(isinstance(m, str) for m in mx):
+        raise ValueError(f"bad mode or mx in {entry!r:.100}")
+    if type(maxAge) is not int or not 0 <= maxAge <= MAX_AGE:
+        raise ValueError(f"bad maxAge {maxAge!r:.30}")
+    if type(fetched) not in (int, float) or not math.isfinite(fetched):
+        raise ValueError(f"bad fetched {fetched!r:.30}")
+    return STSPolicy(domain, id, mode, tuple(mx), maxAge, float(fetched))
+
+
+def describeFetchError(error: BaseException, timeout: float = FETCH_TIMEOUT) -> str:
+    """Why a policy fetch failed, in words for the log."""
+    from twisted.web.client import ResponseFailed
+
+    if isinstance(error, (defer.TimeoutError, defer.CancelledError)):
+        return f"no answer within {timeout:g}s"
+    if isinstance(error, ResponseFailed):  # (and ResponseNeverReceived): failures within
+        reasons = [describeFetchError(f.value, timeout) for f in error.reasons]
+        return "; ".join(r for r in reasons if r) or type(error).__name__
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error)
+    return text if text and not text.startswith("[<") else type(error).__name__
 
 
 class _NoRecord(Exception):
