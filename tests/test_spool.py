@@ -1393,6 +1393,9 @@ def test_stale_partial_files_are_swept(spool: Spool, spoolDir: Path, events) -> 
         (tmp / name).write_bytes(b"partial")
         os.utime(tmp / name, (old, old))
     writing = writeMessage(spool, b"x" * 300 * 1024)  # being written (spilled): stays
+    # ... even when its client has trickled for a day into the writer's buffer (the file
+    # unchanged meanwhile: found by a bug hunt): its writer holds a lock on it.
+    os.utime(tmp / f"{writing.queueID}.eml", (old, old))
     (tmp / "a-directory").mkdir()
     os.utime(tmp / "a-directory", (old, old))
     removed = spool.sweepTemporary(86400)

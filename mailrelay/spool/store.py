@@ -299,10 +299,9 @@ class Spool:
         a process that ended while it wrote left there (an acceptor process or C{sendmail}
         killed during a message, the delivery process during an envelope update).  Never
         acknowledged, and in no process's hands any more: a file being written is written
-        to as the data arrives, and renamed within milliseconds once complete.  (Were a
-        client to trickle a message for longer -- no C{max_session_time}, no
-        C{min_data_rate} --, its commit would fail and the message be refused with a 4xx:
-        never lost.)  (A start that finds the spool free removes them all; a relay that
+        to as the data arrives (and locked by its writer meanwhile, should a client trickle
+        into the writer's buffer for long), and renamed within milliseconds once
+        complete.  (A start that finds the spool free removes them all; a relay that
         runs for weeks does this every hour, L{mailrelay.app.services.SpoolService}.)
 
         @return: the names removed.
@@ -320,7 +319,8 @@ class Spool:
                 info = entry.stat(follow_symlinks=False)
                 if not stat.S_ISREG(info.st_mode) or now - info.st_mtime < olderThan:
                     continue
-                os.unlink(entry.path)
+                if not _unlinkUnlocked(entry.path):
+                    continue  # (its writer holds it: a message still being received)
             except OSError:
                 continue  # (gone meanwhile, or not ours to remove: left as it is)
             removed.append(entry.name)
@@ -602,6 +602,21 @@ class Spool:
 
 
 # -- start-up helpers
+
+
+def _unlinkUnlocked(path: str) -> bool:
+    """Remove C{path} unless a process holds a lock on it (a message writer does while it
+    writes: L{mailrelay.spool.writer}); whether it was removed."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        os.unlink(path)
+        return True
+    finally:
+        os.close(fd)
 
 
 def _makeDirectories(paths: list[Path]) -> list[Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,7 +54,11 @@ class _SpillFile:
         return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, _FILE_MODE)
 
     def _materialise(self) -> None:
-        self._file = os.fdopen(self._create(), "wb", buffering=_WRITE_BUFFER)
+        fd = self._create()
+        # Held while it is written (a client may trickle into the buffer for long): the
+        # sweep of stale files (Spool.sweepTemporary) leaves a locked file alone.
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        self._file = os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
         chunks, self._chunks = self._chunks, []
         self._file.write(b"".join(chunks))
 
