@@ -144,6 +144,11 @@ def test_mail_follows_the_domains_mta_sts_policy(
                      r"mx\.sts\.test, max_age 86400")
         r.waitForLog(r"to=<bob@sts\.test>.*status=sent")
         assert "mta-sts.sts.test/.well-known/mta-sts.txt" in policyServer
+        # Its address asked as an MX host's are (A), not with an ANY query many resolvers
+        # refuse (RFC 8482; found by the final review).
+        queries = dns.queries()
+        assert ("mta-sts.sts.test", "A") in queries
+        assert not [q for q in queries if q[1] in ("ALL_RECORDS", "ANY", "255")], queries
 
         _send(r, "carol@other.test")
         r.waitForLog(r"to=<carol@other\.test>.*status=deferred \(X-mailrelay; no MX host of "

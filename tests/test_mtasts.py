@@ -360,3 +360,30 @@ def test_a_policy_of_mode_none_is_logged_without_mx(world: Any) -> None:
         result(world.sts().policy("example.org"))
     (line,) = [formatEvent(e) for e in events]
     assert line == "MTA-STS: policy of example.org (id one): mode none, max_age 86400"
+
+
+def test_domains_without_a_policy_are_forgotten(world: Any, monkeypatch: Any) -> None:
+    """What is known of domains without a policy is kept for RECHECK, not for ever (a relay
+    sending to many domains; found by the final review); a policy to keep stays."""
+    from mailrelay.route import mtasts
+
+    monkeypatch.setattr(mtasts, "MAX_KNOWN", 5)
+    sts = world.sts()
+    result(sts.policy("example.org"))
+    for n in range(10):
+        result(sts.policy(f"d{n}.example"))
+    assert len(sts._known) == 11
+    world.now.t += RECHECK
+    result(sts.policy("another.example"))
+    assert sorted(sts._known) == ["another.example", "example.org"]
+
+
+def test_expired_policies_are_not_written_again(world: Any) -> None:
+    sts = world.sts()
+    result(sts.policy("example.org"))
+    world.now.t += 86400  # example.org's has expired
+    world.resolver.records["_mta-sts.other.example"] = ["v=STSv1; id=x"]
+    world.fetches.texts["other.example"] = POLICY.encode()
+    result(sts.policy("other.example"))
+    saved = json.loads(Path(world.cache).read_text())["policies"]
+    assert [p["domain"] for p in saved] == ["other.example"]

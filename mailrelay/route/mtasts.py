@@ -20,7 +20,8 @@ L{RECHECK} seconds per domain), fetches the policy when its C{id} is new, and ke
 policy for its C{max_age} -- in memory and in a JSON file in the spool, so that a restart
 does not forget them (a policy is only useful if it outlives an attacker's DNS).  A domain
 whose TXT record or policy cannot be had keeps the policy it had until that expires (RFC
-8461 section 5.1); a domain that never had one has none.  Lookups never block the reactor.
+8461 section 5.1); a domain that never had one has none.  DNS and HTTPS never block the
+reactor (the small cache file is read once, when first needed, and written in a thread).
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ from twisted.names import dns
 from twisted.names import error as dnsError
 from twisted.python.failure import Failure
 
+from mailrelay.interfaces import threadHandOff
+from mailrelay.route.mx import MXResolver
+
 log = Logger()
 
 __all__ = [
@@ -65,6 +69,8 @@ MAX_POLICY = 64 * 1024
 FETCH_TIMEOUT = 60.0
 #: Seconds a TXT lookup may take.
 LOOKUP_TIMEOUT = 30.0
+#: Domains known (policy or none) beyond which those without one to keep are forgotten.
+MAX_KNOWN = 10000
 
 _ID = re.compile(r"[A-Za-z0-9]{1,32}")
 _MODES = ("enforce", "testing", "none")
@@ -200,30 +206,35 @@ class _Body(Protocol):
 
 class _Endpoints:
     """The endpoints of the policy fetches: the host's address looked up through the relay's
-    own resolver (its C{[dns] nameservers}), TLS verified for the host's name against the
-    platform's trust store."""
+    own resolver (its C{[dns] nameservers}: A and AAAA, as for MX hosts), TLS verified for
+    the host's name against the platform's trust store."""
 
-    def __init__(self, reactor: Any, resolver: Any, port: int | None = None) -> None:
+    def __init__(self, reactor: Any, addresses: Callable[[str], Deferred], port: int | None = None
+                 ) -> None:
         self.reactor = reactor
-        self.resolver = resolver
+        self.addresses = addresses
         self.port = port
 
     def endpointForURI(self, uri: Any) -> Any:
         return _ResolvingEndpoint(
-            self.reactor, self.resolver, uri.host.decode("ascii"), self.port or uri.port
+            self.reactor, self.addresses, uri.host.decode("ascii"), self.port or uri.port
         )
 
 
 class _ResolvingEndpoint:
-    def __init__(self, reactor: Any, resolver: Any, host: str, port: int) -> None:
+    def __init__(self, reactor: Any, addresses: Callable[[str], Deferred], host: str, port: int
+                 ) -> None:
         self.reactor = reactor
-        self.resolver = resolver
+        self.addresses = addresses
         self.host = host
         self.port = port
 
     @inlineCallbacks
     def connect(self, factory: Any) -> Any:
-        address = yield self.resolver.getHostByName(self.host, timeout=(LOOKUP_TIMEOUT,))
+        found = yield self.addresses(self.host)
+        if not found:
+            raise PolicyError(f"no address for mta-sts host {self.host}")
+        address = found[0]
         kind = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
         tcp = kind(self.reactor, address, self.port, timeout=FETCH_TIMEOUT)
         tls = optionsForClientTLS(self.host, trustRoot=platformTrust())
@@ -231,9 +242,20 @@ class _ResolvingEndpoint:
         return protocol
 
 
-def fetchPolicy(reactor: Any, resolver: Any, domain: str, port: int | None = None) -> Deferred:
+class _Discard(Protocol):
+    """Reads no body: the connection is dropped at once."""
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()  # type: ignore[union-attr]
+
+
+def fetchPolicy(
+    reactor: Any, addresses: Callable[[str], Deferred], domain: str, port: int | None = None
+) -> Deferred:
     """The text of C{domain}'s policy file, fetched over HTTPS (no redirect followed, at most
     L{MAX_POLICY} octets, L{FETCH_TIMEOUT} seconds).
+
+    @param addresses: C{addresses(host)}: a Deferred firing with the addresses of C{host}.
 
     @param port: the HTTPS port (443, the only one RFC 8461 allows; tests use another).
     @return: a Deferred firing with the text, or failing (L{PolicyError} for an answer
@@ -242,17 +264,17 @@ def fetchPolicy(reactor: Any, resolver: Any, domain: str, port: int | None = Non
     from twisted.web.client import Agent
     from twisted.web.http_headers import Headers
 
-    agent = Agent.usingEndpointFactory(reactor, _Endpoints(reactor, resolver, port))
+    agent = Agent.usingEndpointFactory(reactor, _Endpoints(reactor, addresses, port))
     url = f"https://mta-sts.{domain}/.well-known/mta-sts.txt".encode("ascii")
     d = agent.request(b"GET", url, Headers({b"User-Agent": [b"mailrelay"]}))
 
     def got(response: Any) -> Deferred[bytes]:
         if response.code != 200:
-            response.deliverBody(Protocol())  # (read and dropped)
+            response.deliverBody(_Discard())
             raise PolicyError(f"HTTP status {response.code} (not 200)")
         types = response.headers.getRawHeaders(b"content-type") or [b""]
         if not types[0].lower().startswith(b"text/plain"):
-            response.deliverBody(Protocol())
+            response.deliverBody(_Discard())
             raise PolicyError(f"content type {types[0].decode('latin-1')!r}, not text/plain")
         reader: list[_Body] = []
 
@@ -303,10 +325,18 @@ class MTASTS:
         self.resolver = resolver
         self.clock = clock
         self.cacheFile = cacheFile
-        self._fetch = fetch if fetch is not None else (
-            lambda domain: fetchPolicy(clock, resolver, domain)
+        if fetch is None:
+            hosts = MXResolver(resolver, clock)
+
+            def addresses(host: str) -> Deferred:
+                found = hosts.resolve(f"[{host}]:443")
+                return found.addCallback(lambda mx: [h.address for h in mx])
+
+            fetch = lambda domain: fetchPolicy(clock, addresses, domain)  # noqa: E731
+        self._fetch = fetch
+        self._deferToThread = (
+            deferToThread if deferToThread is not None else threadHandOff(clock)
         )
-        self._deferToThread = deferToThread if deferToThread is not None else defer.maybeDeferred
         self._now = now
         self._known: dict[str, _Known] = {}
         self._inFlight: dict[str, list[Deferred[STSPolicy | None]]] = {}
@@ -321,8 +351,10 @@ class MTASTS:
             self._loaded = True
             for loaded in self._load():
                 self._known.setdefault(loaded.domain, _Known(loaded, 0.0))
-        known = self._known.get(domain)
         now = self._now()
+        if len(self._known) > MAX_KNOWN:
+            self._forget(now)
+        known = self._known.get(domain)
         if known is not None and now - known.checked < RECHECK:
             policy = known.policy
             return defer.succeed(None if policy is None or policy.expired(now) else policy)
@@ -345,6 +377,14 @@ class MTASTS:
 
         d = self._refresh(domain, known.policy if known is not None else None)
         return d.addErrback(failed).addCallback(done)
+
+    def _forget(self, now: float) -> None:
+        """Drop what is known of domains without a policy to keep, once not checked for
+        L{RECHECK}: a relay sending to many domains keeps them for minutes, not for ever."""
+        for domain, known in list(self._known.items()):
+            policy = known.policy
+            if now - known.checked >= RECHECK and (policy is None or policy.expired(now)):
+                del self._known[domain]
 
     @inlineCallbacks
     def _refresh(self, domain: str, cached: STSPolicy | None) -> Any:
@@ -438,7 +478,12 @@ class MTASTS:
             self._saveAgain = True
             return
         self._saving = True
-        policies = [asdict(k.policy) for k in self._known.values() if k.policy is not None]
+        now = self._now()
+        policies = [
+            asdict(k.policy)
+            for k in self._known.values()
+            if k.policy is not None and not k.policy.expired(now)
+        ]
         d = self._deferToThread(_writeCache, self.cacheFile, policies)
 
         def written(result: Any) -> None:
@@ -493,7 +538,9 @@ class _NoRecord(Exception):
 
 
 def _writeCache(path: str, policies: list[dict[str, Any]]) -> None:
-    temporary = f"{path}.tmp"
+    # (A name of this process's: during a reload the old and new delivery processes may
+    # both write; each renames a whole file of its own.)
+    temporary = f"{path}.{os.getpid()}.tmp"
     with open(temporary, "w", encoding="utf-8") as f:
         json.dump({"policies": policies}, f, sort_keys=True)
         f.flush()
