@@ -19,7 +19,6 @@ from mailrelay.address import Mailbox
 from mailrelay.app.listeners import makeRecipientPolicy
 from mailrelay.config import loadConfig
 from mailrelay.config.plugins import HookPlugins
-from mailrelay.delivery import maildir
 from mailrelay.delivery.maildir import MaildirUsers, needsUsers
 from mailrelay.envelope import ClientInfo, Envelope, Recipient
 from mailrelay.interfaces import CONTINUE, IRecipientValidator, Verdict, VerdictKind
@@ -230,7 +229,9 @@ def test_lookups_run_in_the_reactors_thread_pool(
         ran.append((r, p, f.__name__, args))
         return defer.succeed(True)
 
-    monkeypatch.setattr(maildir, "deferToThreadPool", fake)
+    from twisted.internet import threads
+
+    monkeypatch.setattr(threads, "deferToThreadPool", fake)
     reactor = Reactor()
     checker = MaildirUsers(RoutingTable([boxes(tmp_path)]), reactor)
     assert answer(checker.check(Recipient("bob@maildir.test"))) is CONTINUE

@@ -27,7 +27,8 @@ exist the recipient bounces with 5.1.1 (unknown user) and nothing is created, as
 delivery agents deliver only to the users they know; when it cannot be looked up (a
 directory the relay may not search, an I/O error) the recipient is deferred.  (Otherwise
 any local part of a routed domain would create a directory.)  The relay refuses those
-recipients at RCPT already (L{MaildirUsers}); delivery bounces a user whose directory went
+recipients at RCPT already (L{MaildirUsers}), unless C{[[routers]]} are configured (a
+router may send any recipient elsewhere); delivery bounces a user whose directory went
 away since.  A template without either
 placeholder is one mailbox, created when missing.
 """
@@ -63,6 +64,7 @@ from mailrelay.interfaces import (
     Route,
     Verdict,
     VerdictKind,
+    threadHandOff,
 )
 from mailrelay.smtp.replies import VALIDATOR_FAILED
 
@@ -292,12 +294,7 @@ class MaildirUsers:
         #: When each lookup running began (timed out or not: until its thread is done).
         self._running: dict[int, float] = {}
         self._serials = itertools.count()
-        if deferToThread is None:
-
-            def deferToThread(f: Callable[..., Any], *args: Any) -> Deferred:
-                return deferToThreadPool(clock, clock.getThreadPool(), f, *args)
-
-        self._deferToThread = deferToThread
+        self._deferToThread = deferToThread or threadHandOff(clock)
 
     def check(self, recipient: Any) -> Deferred[Verdict] | None:
         """C{None} when C{recipient} (an L{mailrelay.envelope.Recipient}) does not go to a
@@ -367,9 +364,9 @@ class _Job:
     #: C{(mailbox, user directory)} of each user the address may be (L{mailboxes}); the
     #: user directory C{None}: none need exist.
     candidates: list[tuple[str, str | None]]
-    #: The mailbox written to, and the user's directory (chosen in the thread).
+    #: The mailbox written to (chosen in the thread), and whether its user is known.
     directory: str = ""
-    userDirectory: str | None = None
+    known: bool = False
 
 
 @implementer(IDeliveryBackend)
@@ -457,7 +454,7 @@ class MaildirBackend:
                         "{diagnostic}",
                         queueID=envelope.queueID,
                         address=job.address,
-                        directory=job.userDirectory
+                        directory=job.candidates[0][1]
                         if result.code == "5.1.1" else job.directory,
                         diagnostic=result.diagnostic,
                     )
@@ -510,14 +507,14 @@ class MaildirBackend:
         """
         for directory, user in job.candidates:
             if user is None or isUser(user):
-                job.directory, job.userDirectory = directory, user
+                job.directory, job.known = directory, True
                 return
-        directory, user = job.candidates[-1 if self.createMailboxes else 0]
-        job.directory, job.userDirectory = directory, None if self.createMailboxes else user
+        job.directory = job.candidates[-1 if self.createMailboxes else 0][0]
+        job.known = self.createMailboxes
 
     def _deliverOne(self, header: str, job: _Job, messagePath: str) -> RecipientResult:
         try:
-            if job.userDirectory is not None and not isUser(job.userDirectory):
+            if not job.known:
                 return RecipientResult(
                     job.address,
                     DeliveryStatus.PERMANENT,
