@@ -350,6 +350,15 @@ def test_a_refused_connection_of_the_agent_is_said_in_words(world: Any) -> None:
 
     error = ResponseNeverReceived([Failure(ConnectionRefusedError("Connection refused"))])
     assert describeFetchError(error) == "Connection refused"
+    # With the SMTP client's words for TLS (what the relay gives it):
+    from OpenSSL import SSL
+
+    from mailrelay.delivery.tls import describeTLSFailure
+
+    untrusted = ResponseNeverReceived([Failure(SSL.Error([("SSL routines", "",
+                                                            "certificate verify failed")]))])
+    assert describeFetchError(untrusted, describeTLS=describeTLSFailure) == (
+        "certificate not trusted (certificate verify failed)")
     assert describeFetchError(PolicyError("HTTP status 404 (not 200)")) == (
         "HTTP status 404 (not 200)")
 

@@ -67,7 +67,7 @@ from mailrelay.delivery.common import (
     resultsForAll,
 )
 from mailrelay.delivery.connection import connectSMTP
-from mailrelay.delivery.tls import clientTLSOptions
+from mailrelay.delivery.tls import clientTLSOptions, describeTLSFailure
 from mailrelay.errors import DeliveryFailure, PermanentFailure
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, PluginContext, RecipientResult
 from mailrelay.route.mtasts import MTASTS
@@ -653,7 +653,7 @@ def build(options: dict[str, Any], context: PluginContext) -> SMTPBackend:
     sts = None
     if options.get("mta_sts", False):
         sts = MTASTS(resolver, reactor, options.get("mta_sts_cache"),
-                     deferToThread=context.deferToThread)
+                     deferToThread=context.deferToThread, describeTLS=describeTLSFailure)
     return SMTPBackend(
         reactor,
         MXResolver(resolver, reactor),

@@ -311,6 +311,7 @@ class MTASTS:
         give their own).
     @param deferToThread: runs the writes of C{cacheFile} off the reactor thread.
     @param now: the wall clock (seconds since the epoch), for the policies' ages.
+    @param describeTLS: says why a connection failed (L{describeFetchError}).
     """
 
     def __init__(
@@ -321,10 +322,12 @@ class MTASTS:
         fetch: Callable[[str], Deferred] | None = None,
         deferToThread: Callable[..., Deferred] | None = None,
         now: Callable[[], float] = time.time,
+        describeTLS: Callable[[Failure], str] | None = None,
     ) -> None:
         self.resolver = resolver
         self.clock = clock
         self.cacheFile = cacheFile
+        self.describeTLS = describeTLS
         if fetch is None:
             hosts = MXResolver(resolver, clock)
 
@@ -415,7 +418,7 @@ class MTASTS:
                 "MTA-STS: cannot fetch the policy of {domain} (id {id}): {error}; {keeping}",
                 domain=domain,
                 id=recordID,
-                error=describeFetchError(e),
+                error=describeFetchError(e, describeTLS=self.describeTLS),
                 keeping="keeping its cached policy" if usable else "no policy",
             )
             self._known[domain] = _Known(usable, now)
@@ -518,14 +521,25 @@ def _cached(entry: Any) -> STSPolicy:
     return STSPolicy(domain, id, mode, tuple(mx), maxAge, float(fetched))
 
 
-def describeFetchError(error: BaseException, timeout: float = FETCH_TIMEOUT) -> str:
-    """Why a policy fetch failed, in words for the log."""
+def describeFetchError(
+    error: BaseException,
+    timeout: float = FETCH_TIMEOUT,
+    describeTLS: Callable[[Failure], str] | None = None,
+) -> str:
+    """Why a policy fetch failed, in words for the log.
+
+    @param describeTLS: says why a connection failed (the SMTP client's words for TLS:
+        L{mailrelay.delivery.tls.describeTLSFailure}), or C{None}.
+    """
     from twisted.web.client import ResponseFailed
 
     if isinstance(error, (defer.TimeoutError, defer.CancelledError)):
         return f"no answer within {timeout:g}s"
     if isinstance(error, ResponseFailed):  # (and ResponseNeverReceived): failures within
-        reasons = [describeFetchError(f.value, timeout) for f in error.reasons]
+        reasons = [
+            describeTLS(f) if describeTLS is not None else describeFetchError(f.value, timeout)
+            for f in error.reasons
+        ]
         return "; ".join(r for r in reasons if r) or type(error).__name__
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
