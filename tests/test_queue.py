@@ -71,10 +71,13 @@ def resultOf(d: Deferred[Any]) -> Any:
 
 
 def result(address: str, kind: str) -> RecipientResult:
+    """What an SMTP server (mx.<domain>) answered for C{address}: as the SMTP backend's, with
+    the Remote-MTA and the C{relay=} of the server that answered."""
     domain = address.rpartition("@")[2]
+    remote, relay = f"dns; mx.{domain}", f"mx.{domain}[192.0.2.1]:25"
     if kind == "2":
         return RecipientResult(
-            address, DeliveryStatus.DELIVERED, "2.0.0", "smtp; 250 2.0.0 Ok", f"dns; mx.{domain}"
+            address, DeliveryStatus.DELIVERED, "2.0.0", "smtp; 250 2.0.0 Ok", remote, relay=relay
         )
     if kind == "4":
         return RecipientResult(
@@ -82,14 +85,16 @@ def result(address: str, kind: str) -> RecipientResult:
             DeliveryStatus.TRANSIENT,
             "4.2.0",
             "smtp; 451 4.2.0 try later",
-            f"dns; mx.{domain}",
+            remote,
+            relay=relay,
         )
     return RecipientResult(
         address,
         DeliveryStatus.PERMANENT,
         "5.1.1",
         "smtp; 550 5.1.1 user unknown",
-        f"dns; mx.{domain}",
+        remote,
+        relay=relay,
     )
 
 
@@ -302,7 +307,8 @@ def test_deliveredEntryRemoved(
     assert qm.activeCount == 0 and qm.scheduledCount == 0
     lines = texts(events, queueID)
     assert any(
-        "to=<a@example.com>, relay=mx.example.com" in t and "status=sent" in t for t in lines
+        "to=<a@example.com>, relay=mx.example.com[192.0.2.1]:25" in t and "status=sent" in t
+        for t in lines
     )
     assert lines[-1] == f"{queueID}: removed"
     resultOf(qm.stopService())

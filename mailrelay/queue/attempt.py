@@ -228,7 +228,7 @@ class Deliverer:
             )
             diagnostic = f"X-mailrelay; unknown delivery backend {route.backend!r}"
             return [
-                Outcome(r, _transient(r, "4.3.5", diagnostic), relay, route.backend)
+                Outcome(r, _transient(r, "4.3.5", diagnostic), _logRelay(route), route.backend)
                 for r in recipients
             ]
         timeout = self.timeoutFor(route.backend)
@@ -256,11 +256,10 @@ class Deliverer:
                 problem=problem,
                 count=len(recipients),
             )
-        outcomes = []
-        for r, result in zip(recipients, results, strict=True):
-            remote = result.remoteMTA.partition(";")[2].strip() if result.remoteMTA else ""
-            outcomes.append(Outcome(r, result, result.relay or remote or relay, route.backend))
-        return outcomes
+        return [
+            Outcome(r, result, _logRelay(route, result), route.backend)
+            for r, result in zip(recipients, results, strict=True)
+        ]
 
     def _failedGroup(
         self,
@@ -337,5 +336,22 @@ def _deferGroup(
     """Log C{logFormat} as an error and count every recipient of a group delivered along
     C{route} as deferred with C{code} and C{diagnostic}."""
     log.error(logFormat, **logFields)
-    relay = f"{route.backend}:{route.nexthop}"
-    return [Outcome(r, _transient(r, code, diagnostic), relay, route.backend) for r in recipients]
+    return [
+        Outcome(r, _transient(r, code, diagnostic), _logRelay(route), route.backend)
+        for r in recipients
+    ]
+
+
+def _logRelay(route: Route, result: RecipientResult | None = None) -> str:
+    """What the log's C{relay=} says of a delivery along C{route}: the server that answered
+    (C{host[address]:port}, C{result.relay}); else, as Postfix's, C{none} for SMTP and LMTP
+    (no server answered: the host tried is in the diagnostic), and for the others
+    (maildir, discard, a pipe or site backend) their Remote-MTA, or the backend's name
+    (Postfix's C{local}, C{virtual}, a pipe transport's name)."""
+    if result is not None and result.relay:
+        return result.relay
+    if route.backend in ("smtp", "lmtp"):
+        return "none"
+    if result is not None and result.remoteMTA:
+        return result.remoteMTA.partition(";")[2].strip() or route.backend
+    return route.backend
