@@ -201,7 +201,7 @@ def test_the_real_relay_posts_to_a_real_hook(relays) -> None:
                        "Subject: to the hook\r\n\r\nHello, hook.\r\n")
             s.sendmail("alice@example.org", ["status404@hooks.test"],
                        "Subject: to nobody\r\n\r\nHello?\r\n")
-        r.waitForLog(r"to=<status200@hooks\.test>, relay=webhook:webhook, .*status=sent "
+        r.waitForLog(r"to=<status200@hooks\.test>, relay=webhook, .*status=sent "
                      r"\(http; 200 Answer\)")
         r.waitForLog(r"to=<status404@hooks\.test>, .*status=bounced \(http; 404 Answer\)")
         delivered = next(m for m in Hook.received if m["recipients"] == ["status200@hooks.test"])
