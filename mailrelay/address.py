@@ -38,6 +38,7 @@ __all__ = [
     "parseForwardPath",
     "parseReversePath",
     "splitArgument",
+    "userParts",
     "utf8AddrXtext",
     "xtextDecode",
     "xtextEncode",
@@ -646,3 +647,25 @@ def normaliseHostname(text: str) -> str:
     if problem:
         raise ValueError(f"{describeValue(text)} is not a valid host name: {problem}")
     return text.rstrip(".").lower() if text.endswith(".") else text.lower()
+
+
+#: Local parts never split at a delimiter (Postfix's split_addr).
+_UNSPLIT = ("postmaster", "mailer-daemon")
+
+
+def userParts(local: str, delimiters: str) -> list[str]:
+    """The local parts the user of C{local} is looked for under, in order, as Postfix's
+    C{recipient_delimiter} and table search order: C{local} itself, then without its
+    address extension -- up to the first of C{delimiters} that is not its first character
+    (C{["bob+lists", "bob"]} with C{"+"}).  Never split, as Postfix's C{split_addr}:
+    C{postmaster}, C{MAILER-DAEMON}, and with C{"-"} among the delimiters C{owner-*} and
+    C{*-request}."""
+    lowered = local.lower()
+    if not delimiters or lowered in _UNSPLIT:
+        return [local]
+    if "-" in delimiters and (lowered.startswith("owner-") or lowered.endswith("-request")):
+        return [local]
+    for index, c in enumerate(local):
+        if index and c in delimiters:
+            return [local, local[:index]]
+    return [local]

@@ -337,7 +337,7 @@ def test_maildir_user_lookup_failure_defers(tmp_path: Path, messagePath: Path) -
 def test_userParts(local: str, delimiters: str, parts: list[str]) -> None:
     """The local parts a user is looked for under, in order: the whole, then without its
     extension (Postfix's table search order)."""
-    from mailrelay.delivery.maildir import userParts
+    from mailrelay.address import userParts
 
     assert userParts(local, delimiters) == parts
 

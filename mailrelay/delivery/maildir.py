@@ -53,6 +53,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailrelay.address import userParts
 from mailrelay.delivery.common import builtinOptions
 from mailrelay.errors import DeliveryFailure
 from mailrelay.interfaces import (
@@ -103,28 +104,6 @@ def _checkComponent(text: str, what: str) -> str:
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
         raise UnsafeAddress(f"{what} {text!r} contains a control character")
     return text
-
-
-#: Local parts never split at a delimiter (Postfix's split_addr).
-_UNSPLIT = ("postmaster", "mailer-daemon")
-
-
-def userParts(local: str, delimiters: str) -> list[str]:
-    """The local parts the user of C{local} is looked for under, in order, as Postfix's
-    C{recipient_delimiter} and table search order: C{local} itself, then without its
-    address extension -- up to the first of C{delimiters} that is not its first character
-    (C{["bob+lists", "bob"]} with C{"+"}).  Never split, as Postfix's C{split_addr}:
-    C{postmaster}, C{MAILER-DAEMON}, and with C{"-"} among the delimiters C{owner-*} and
-    C{*-request}."""
-    lowered = local.lower()
-    if not delimiters or lowered in _UNSPLIT:
-        return [local]
-    if "-" in delimiters and (lowered.startswith("owner-") or lowered.endswith("-request")):
-        return [local]
-    for index, c in enumerate(local):
-        if index and c in delimiters:
-            return [local, local[:index]]
-    return [local]
 
 
 def _split(address: str) -> tuple[str, str]:
