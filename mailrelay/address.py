@@ -29,6 +29,7 @@ from mailrelay.errors import describeValue
 from mailrelay.interfaces import Reply
 
 __all__ = [
+    "DELIMITER_CHARACTERS",
     "AddressError",
     "Mailbox",
     "domainProblem",
@@ -648,6 +649,9 @@ def normaliseHostname(text: str) -> str:
         raise ValueError(f"{describeValue(text)} is not a valid host name: {problem}")
     return text.rstrip(".").lower() if text.endswith(".") else text.lower()
 
+
+#: The characters a recipient delimiter may be (Postfix's usual ones).
+DELIMITER_CHARACTERS = "+-_=#~&%!$"
 
 #: Local parts never split at a delimiter (Postfix's split_addr).
 _UNSPLIT = ("postmaster", "mailer-daemon")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mailrelay.address import (
+    DELIMITER_CHARACTERS,
     domainProblem,
     hostnameProblem,
     normaliseDomain,
@@ -254,10 +255,6 @@ def nonEmpty(what: str, hint: str = "") -> Parser:
         return text
 
     return parse
-
-
-#: The characters a C{recipient_delimiter} may hold (Postfix's usual ones).
-DELIMITER_CHARACTERS = "+-_=#~&%!$"
 
 
 def recipientDelimiter(value: Any, at: At) -> str:
