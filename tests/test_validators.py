@@ -292,6 +292,36 @@ def test_recipientMapCaseSensitive(address: str, kind: str, context: PluginConte
     assert judge(validator, address).kind.value == kind
 
 
+@pytest.mark.parametrize(
+    "address, kind",
+    [
+        ("alice+news@example.com", "accept"),  # alice's
+        ("alice-x+y@example.com", "accept"),
+        ("dave+x@example.com", "reject"),  # dave's own refusal
+        ("carol+x@example.com", "reject"),  # unknown, as carol
+        ("abuse+x@example.com", "reject"),  # the abuse@ local-part key, as abuse
+        ("owner-list@example.com", "reject"),  # never split at a "-": unknown
+        ("anyone+x@catchall.example", "accept"),
+    ],
+)
+def test_recipientMapDelimiter(address: str, kind: str, context: PluginContext) -> None:
+    """recipient_delimiter (Postfix's, for lookup tables): a key for the whole address (or
+    local part) first, then the user without its extension."""
+    (context.configDir / "recipients").write_text(
+        MAP + "alice-x+y@example.com OK\nowner@example.com OK\n", encoding="utf-8"
+    )
+    validator = validators.buildRecipientMap(
+        {"file": "recipients", "recipient_delimiter": "+-"}, context
+    )
+    assert judge(validator, address).kind.value == kind
+
+
+def test_recipientMapDelimiterRefused(context: PluginContext) -> None:
+    (context.configDir / "recipients").write_text(MAP, encoding="utf-8")
+    with pytest.raises(ConfigError, match="recipient_delimiter"):
+        validators.buildRecipientMap({"file": "recipients", "recipient_delimiter": "@"}, context)
+
+
 def test_recipientMapPaths(tmp_path: Path, context: PluginContext) -> None:
     """A relative C{file} is relative to the configuration directory; an absolute one is not."""
     (tmp_path / "sub").mkdir()

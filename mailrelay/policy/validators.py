@@ -20,7 +20,12 @@ from typing import TYPE_CHECKING, Any
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailrelay.address import normaliseDomain, parseForwardPath
+from mailrelay.address import (
+    DELIMITER_CHARACTERS,
+    normaliseDomain,
+    parseForwardPath,
+    userParts,
+)
 from mailrelay.errors import ConfigError
 from mailrelay.interfaces import (
     ACCEPT,
@@ -277,6 +282,9 @@ class RecipientMap:
 
     Look-up order: the full address, then the local part alone (C{user@} keys) when the
     recipient's domain is one the table mentions, then the domain's catch-all (C{@domain}).
+    With C{delimiters} (Postfix's C{recipient_delimiter}), the address and the local part
+    are each looked for whole, then without their extension (L{userParts}: C{bob+news@} is
+    C{bob@}'s unless the table has C{bob+news@}).
     A recipient in a mentioned domain that matches nothing is rejected (550 5.1.1); one in a
     domain the table does not mention continues the chain.
 
@@ -298,7 +306,9 @@ class RecipientMap:
         catchAlls: dict[str, Verdict],
         caseSensitive: bool = False,
         source: str = "",
+        delimiters: str = "",
     ) -> None:
+        self.delimiters = delimiters
         self.addresses = addresses
         self.localParts = localParts
         self.catchAlls = catchAlls
@@ -322,14 +332,16 @@ class RecipientMap:
             return CONTINUE
         if not self.caseSensitive:
             local = local.lower()
-        verdict = self.addresses.get(f"{local}@{domain}")
-        if verdict is None:
-            verdict = self.localParts.get(local)
-        if verdict is None:
-            verdict = self.catchAlls.get(domain)
-        if verdict is None:
-            return self._unknown
-        return verdict
+        parts = userParts(local, self.delimiters)
+        for part in parts:
+            verdict = self.addresses.get(f"{part}@{domain}")
+            if verdict is not None:
+                return verdict
+        for part in parts:
+            verdict = self.localParts.get(part)
+            if verdict is not None:
+                return verdict
+        return self.catchAlls.get(domain, self._unknown)
 
 
 def _mapVerdict(action: str, text: str | None) -> Verdict | str:
@@ -437,15 +449,23 @@ def parseRecipientMap(
 def buildRecipientMap(options: dict[str, Any], context: PluginContext) -> RecipientMap:
     """Build a L{RecipientMap} from its options, reading the file now.
 
-    Options: C{file} (required; relative to the configuration file's directory) and
-    C{case_sensitive} (default C{false}: local parts compare case-insensitively).
+    Options: C{file} (required; relative to the configuration file's directory),
+    C{case_sensitive} (default C{false}: local parts compare case-insensitively) and
+    C{recipient_delimiter} (default C{""}; see L{RecipientMap}).
 
     @raise ConfigError: an option is missing, unknown or wrong, the file cannot be read, or
         one of its lines is wrong.
     """
-    _checkOptions(options, ("file", "case_sensitive"), required=("file",))
+    _checkOptions(options, ("file", "case_sensitive", "recipient_delimiter"), required=("file",))
     name = _getString(options, "file")
     caseSensitive = _getBool(options, "case_sensitive", False)
+    delimiters = options.get("recipient_delimiter", "")
+    if not isinstance(delimiters, str) or any(c not in DELIMITER_CHARACTERS for c in delimiters):
+        raise ConfigError(
+            f"must be characters out of {DELIMITER_CHARACTERS!r} (such as '+'), not "
+            f"{delimiters!r}",
+            key="recipient_delimiter",
+        )
     path = Path(name).expanduser()
     if not path.is_absolute():
         path = Path(context.configDir) / path
@@ -466,6 +486,7 @@ def buildRecipientMap(options: dict[str, Any], context: PluginContext) -> Recipi
                 key="file",
             ) from e
     table = parseRecipientMap(lines, str(path), caseSensitive)
+    table.delimiters = delimiters
     log.info("Loaded {table!r}", table=table)
     return table
 
