@@ -49,7 +49,6 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -141,19 +140,11 @@ def mailboxPath(template: str, address: str) -> str:
     return _path(template, *_split(address))
 
 
-def userDirectory(template: str, address: str) -> str | None:
-    """The directory that must exist for C{address} to have a mailbox under C{template}:
-    the template up to and including its first part holding C{{local}} or C{{address}}
-    (see the module docstring); C{None} for a template without them.
-
-    @raise UnsafeAddress: as L{mailboxPath}.
-    """
-    return _userPath(template, *_split(address))
-
-
 def mailboxes(template: str, address: str, delimiters: str = "") -> list[tuple[str, str | None]]:
     """C{(mailbox, user directory)} of each user C{address} may be (L{userParts}), in the
-    order they are looked for: the first whose user directory exists is it.
+    order they are looked for: the first whose user directory exists is it.  A user's
+    directory is the template up to and including its first part holding C{{local}} or
+    C{{address}} (see the module docstring), C{None} for a template without them.
 
     @raise UnsafeAddress: as L{mailboxPath}.
     """
@@ -167,7 +158,7 @@ def mailboxes(template: str, address: str, delimiters: str = "") -> list[tuple[s
 
 
 def isUser(directory: str) -> bool:
-    """Whether C{directory} (a L{userDirectory}) exists as a directory: the user is known.
+    """Whether C{directory} (a user's, L{mailboxes}) exists as a directory: the user is known.
 
     @raise OSError: it could not be looked up (a directory on the way that the relay may not
         search, a symbolic link loop, an I/O error): not an unknown user, a lookup failure.
@@ -238,7 +229,7 @@ class MaildirUsers:
     send a bounce to a sender that is often forged (backscatter).
 
     A recipient routed (by the routing table) to a maildir route whose template names users
-    is refused 550 5.1.1 when its user's directory (L{userDirectory}) does not exist, and
+    is refused 550 5.1.1 when its user's directory (L{mailboxes}) does not exist, and
     550 5.1.3 when its address cannot name a directory; a lookup that fails (L{isUser}
     raises), takes longer than C{timeout}, or finds L{USER_LOOKUPS_IN_FLIGHT} lookups
     hanging defers it (451 4.3.0, logged).  Recipients routed elsewhere are not looked at,
@@ -376,15 +367,10 @@ class MaildirBackend:
         self.reactor = reactor
         self.createMailboxes = createMailboxes
         self.recipientDelimiter = recipientDelimiter
-        self._deferToThread = deferToThread
+        self._deferToThread = deferToThread or threadHandOff(reactor)
         self.hostname = (
             hostname.replace("/", "\\057").replace(":", "\\072") if hostname else _hostnameForName()
         )
-
-    def _inThread(self, f: Callable[..., Any], *args: Any) -> Deferred:
-        if self._deferToThread is not None:
-            return self._deferToThread(f, *args)
-        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
 
     def deliver(self, envelope: Any, recipients: Any, route: Route, messagePath: Path) -> Deferred:
         """Write each recipient's copy into the Maildir C{route.nexthop} names (a template,
@@ -415,7 +401,7 @@ class MaildirBackend:
 
         header = f"Return-Path: <{envelope.sender}>\n"
 
-        d = self._inThread(self._deliverAll, header, [j for _, j in jobs], str(messagePath))
+        d = self._deferToThread(self._deliverAll, header, [j for _, j in jobs], str(messagePath))
 
         def done(outcomes: list[RecipientResult]) -> list[RecipientResult]:
             for (index, job), result in zip(jobs, outcomes, strict=True):
