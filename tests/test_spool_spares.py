@@ -126,6 +126,20 @@ def test_fill_stops_quietly_where_files_cannot_be_made(tmp_path: Path) -> None:
     assert len(spares) == 0 and spares.take(tmp_path / "missing" / "x") is None
 
 
+def test_a_spare_that_cannot_be_locked_is_not_kept(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unlocked, the hourly sweep could remove it under its owner after a quiet day: it is
+    removed at once, and filling stops there (the thread must not die of it)."""
+    from mailrelay.spool import spares as sparesModule
+
+    def flock(fd: int, operation: int) -> None:
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(sparesModule.fcntl, "flock", flock)
+    spares = SpareFiles(tmp, 2)
+    spares.fill()
+    assert len(spares) == 0 and listing(tmp) == []
+
+
 def test_close_removes_the_spares_and_makes_no_more(tmp: Path) -> None:
     spares = SpareFiles(tmp, 4)
     spares.fill()

@@ -123,7 +123,13 @@ class SpareFiles:
                     fd = os.open(path, flags, _FILE_MODE)
                 except OSError:
                     return
-                fcntl.flock(fd, fcntl.LOCK_SH)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH)
+                except OSError:
+                    # (Unlocked, the hourly sweep could take it from under us.)
+                    os.close(fd)
+                    _removeQuietly(path)
+                    return
                 self._files.append((fd, path))
 
     def _run(self) -> None:
@@ -147,7 +153,11 @@ class SpareFiles:
                 break
         for fd, path in files:
             os.close(fd)
-            try:
-                os.unlink(path)
-            except OSError:
-                pass  # (recovery or the sweep removes it)
+            _removeQuietly(path)
+
+
+def _removeQuietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass  # (recovery or the sweep removes it)
