@@ -80,7 +80,8 @@ class SpareFiles:
 
     def take(self, path: str | Path) -> int | None:
         """Rename a spare file to C{path} and return its descriptor (open for writing, at
-        offset 0, empty); C{None} when none is ready.  Any thread may call it.
+        offset 0, empty); C{None} when none is ready or the rename is refused (the caller
+        then creates its file itself, and meets the error).  Any thread may call it.
 
         @raise FileExistsError: C{path} exists (as C{os.open} with C{O_EXCL} would); the
             spare stays in the pool.
@@ -95,10 +96,15 @@ class SpareFiles:
             except FileExistsError:
                 self._files.appendleft((fd, spare))
                 raise
-            except OSError:
-                # Gone (removed by hand?) or no longer renameable: drop it, try the next.
+            except FileNotFoundError:
+                # Gone (removed by hand?): drop it, try the next.
                 os.close(fd)
                 continue
+            except OSError:
+                # Refused (ENOSPC: tmp/ must grow on a full file system; EIO...): kept for
+                # later; the caller creates its file itself and meets the error there.
+                self._files.appendleft((fd, spare))
+                return None
             return fd
 
     def refill(self) -> None:
