@@ -151,7 +151,7 @@ class RelayProcess:
 
     def partialFiles(self) -> list[str]:
         """The names in the spool's C{tmp/} but the accepting processes' spare files
-        (C{spare-PID-N}, L{mailrelay.spool.spares}): messages being written, or left."""
+        (C{spare-PID-...}, L{mailrelay.spool.spares}): messages being written, or left."""
         tmp = self.spool / "tmp"
         return sorted(n for n in os.listdir(tmp) if not n.startswith("spare-")) if tmp.exists() else []
 

@@ -120,6 +120,18 @@ def test_a_spare_removed_meanwhile_is_skipped(tmp: Path) -> None:
     assert spares.take(tmp / "b.eml") is None and len(spares) == 0
 
 
+def test_leftovers_of_a_process_of_the_same_pid_are_no_obstacle(tmp: Path) -> None:
+    """A process id comes again (after a restart of a container, or in another PID
+    namespace sharing the spool): the leftovers of the last one must not stop this one
+    making its spares (each refused by O_EXCL, until its serials passed theirs)."""
+    for serial in range(8):
+        (tmp / f"spare-{os.getpid()}-{serial}").write_bytes(b"")
+    spares = SpareFiles(tmp, 4)
+    spares.fill()
+    assert len(spares) == 4 and len(listing(tmp)) == 12
+    spares.close()
+
+
 def test_a_refused_rename_keeps_the_spare(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A rename refused for another reason than the spare being gone (ENOSPC: tmp/ must
     grow on a full file system) keeps the spare in the pool: given up on, it would stay in

@@ -16,10 +16,10 @@ which renames it to the name it wanted (never over an existing file) and gives b
 open descriptor.  None ready (a burst used them all, or the file system refuses them): the
 caller creates its file itself, as it would without spares.
 
-Each spare is C{tmp/spare-<pid>-<serial>}, open and locked (a shared C{flock}, as a message's
-file being written is) by the process that made it, which removes its spares when it stops.
-What a process that ended without stopping left is removed with the rest of C{tmp/} by
-recovery at start, or by the hourly sweep of files nobody holds
+Each spare is C{tmp/spare-<pid>-<random>-<serial>}, open and locked (a shared C{flock},
+as a message's file being written is) by the process that made it, which removes its
+spares when it stops.  What a process that ended without stopping left is removed with the
+rest of C{tmp/} by recovery at start, or by the hourly sweep of files nobody holds
 (L{mailrelay.spool.store.Spool.sweepTemporary}).
 """
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 import fcntl
 import itertools
 import os
+import secrets
 import threading
 from collections import deque
 from pathlib import Path
@@ -58,6 +59,10 @@ class SpareFiles:
         self.count = count
         self._files: deque[tuple[int, str]] = deque()
         self._serial = itertools.count()
+        # The process id says whose they are; the random part keeps them apart from the
+        # leftovers of an earlier process of the same id (a container restarted, another
+        # PID namespace on the same spool), which O_EXCL would refuse one by one.
+        self._prefix = f"{self.directory}/{SPARE_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-"
         #: Set when the pool is low: the thread refills it.
         self._wanted = threading.Event()
         #: Held while a spare is being made, and by L{close}: none is made after it.
@@ -123,7 +128,7 @@ class SpareFiles:
             with self._lock:
                 if self._closed:
                     return
-                path = f"{self.directory}/{SPARE_PREFIX}{os.getpid()}-{next(self._serial)}"
+                path = f"{self._prefix}{next(self._serial)}"
                 try:
                     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC
                     fd = os.open(path, flags, _FILE_MODE)
@@ -158,8 +163,8 @@ class SpareFiles:
             except IndexError:
                 break
         for fd, path in files:
+            _removeQuietly(path)  # (then closed: never on disk unlocked)
             os.close(fd)
-            _removeQuietly(path)
 
 
 def _removeQuietly(path: str) -> None:
