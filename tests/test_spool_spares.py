@@ -173,6 +173,17 @@ def test_a_spare_that_cannot_be_locked_is_not_kept(tmp: Path, monkeypatch: pytes
     assert len(spares) == 0 and listing(tmp) == []
 
 
+def test_pause_stops_the_filling_until_the_next_refill(tmp: Path) -> None:
+    spares = SpareFiles(tmp, 4)
+    spares.pause()
+    spares.fill()
+    assert len(spares) == 0
+    spares.refill()  # (not started: the thread would call fill)
+    spares.fill()
+    assert len(spares) == 4
+    spares.close()
+
+
 def test_close_removes_the_spares_and_makes_no_more(tmp: Path) -> None:
     spares = SpareFiles(tmp, 4)
     spares.fill()
@@ -256,18 +267,22 @@ def test_without_spares_a_commit_creates_its_files(sparingSpool: Spool, tmp_path
     assert (spoolDir / "queue" / f"{writer.queueID}.eml").read_bytes() == MESSAGE
 
 
-def test_spares_are_asked_for_when_the_committer_goes_idle(tmp_path: Path) -> None:
+def test_spares_are_made_only_while_the_committer_is_idle(tmp_path: Path) -> None:
     """Made again once a batch leaves the committer idle, not while batches follow each
-    other (then the thread's work costs more than it saves)."""
+    other (then the thread's work costs more than it saves), and paused when a batch
+    starts (a spare being made would hold up its renames and syncs)."""
 
     class Spares:
-        asked = 0
+        asked = paused = 0
 
         def take(self, path: Any) -> None:
             return None
 
         def refill(self) -> None:
             self.asked += 1
+
+        def pause(self) -> None:
+            self.paused += 1
 
         def close(self) -> None:
             pass
@@ -280,8 +295,10 @@ def test_spares_are_asked_for_when_the_committer_goes_idle(tmp_path: Path) -> No
     d1 = first.commit(makeEnvelope(first.queueID))
     second = writeMessage(s)
     d2 = second.commit(makeEnvelope(second.queueID))  # waits for the next batch
+    assert spares.paused == 1  # (the first batch started)
     threads.runNext()
     assert resultOf(d1) is None and not d2.called and spares.asked == 0
+    assert spares.paused == 2  # the second
     threads.runNext()
     assert resultOf(d2) is None and spares.asked == 1
     s.stop()

@@ -583,6 +583,8 @@ class GroupCommitter:
             return
         batch, self._pending = self._pending, []
         self._inFlight = True
+        if self.spares is not None:
+            self.spares.pause()
         try:
             d = self._deferToThread(self._runBatch, batch)
         except Exception:
@@ -751,9 +753,10 @@ class GroupCommitter:
                 self._inFlight = False
                 self._maybeStartBatch()
                 if self.spares is not None and not self.busy:
-                    # Idle: the spares used are made again while the reactor answers.  (Not
-                    # while batches follow each other: then the files are made in the batch,
-                    # as the thread's work cost more than it saved, measured.)
+                    # Idle: the spares used are made again while the reactor answers, until
+                    # the next batch starts.  (Not while batches follow each other: then the
+                    # files are made in the batch, as the thread's work cost more than it
+                    # saved, and held up the batches: measured.)
                     self.spares.refill()
                 if self._whenIdle is not None and not self.busy:
                     whenIdle, self._whenIdle = self._whenIdle, None

@@ -68,6 +68,8 @@ class SpareFiles:
         #: Held while a spare is being made, and by L{close}: none is made after it.
         self._lock = threading.Lock()
         self._closed = False
+        #: Set by L{pause}: make no more until L{refill}.
+        self._paused = False
         self._thread: threading.Thread | None = None
 
     def __len__(self) -> int:
@@ -113,18 +115,24 @@ class SpareFiles:
             return fd
 
     def refill(self) -> None:
-        """Have the pool's thread make what is missing, if half or more are gone (the
-        committer asks when a batch leaves it idle, so that the files are made while the
-        reactor answers, not while a batch waits for them; several at a time, so that the
-        thread is woken once for several messages)."""
+        """Have the pool's thread make what is missing, if half or more are gone, until
+        L{pause} (the committer asks when a batch leaves it idle, so that the files are made
+        while the reactor answers, not while a batch waits for them; several at a time, so
+        that the thread is woken once for several messages)."""
+        self._paused = False
         if len(self._files) <= self.count // 2:
             self._wanted.set()
+
+    def pause(self) -> None:
+        """Make no more spares until L{refill}: the committer starts a batch, whose renames
+        and syncs a spare being made would hold up (the one under way is finished)."""
+        self._paused = True
 
     def fill(self) -> None:
         """Make spares until there are L{count} (in the caller's thread; the pool's own thread
         calls it).  Stops quietly at the first file the file system refuses: the caller of
         L{take} then creates its file itself, and meets the error there."""
-        while len(self._files) < self.count:
+        while len(self._files) < self.count and not self._paused:
             with self._lock:
                 if self._closed:
                     return
