@@ -149,12 +149,6 @@ class RelayProcess:
         q = self.spool / "queue"
         return sorted(p.stem for p in q.glob("*.json")) if q.exists() else []
 
-    def partialFiles(self) -> list[str]:
-        """The names in the spool's C{tmp/} but the accepting processes' spare files
-        (C{spare-PID-...}, L{mailrelay.spool.spares}): messages being written, or left."""
-        tmp = self.spool / "tmp"
-        return sorted(n for n in os.listdir(tmp) if not n.startswith("spare-")) if tmp.exists() else []
-
     def connect(self) -> "LineClient":
         return LineClient(self.port)
 

@@ -254,7 +254,7 @@ def test_bdat_rset_mid_chunking_and_malformed_bdat(relay) -> None:
     assert c.readReply() == [b"521 5.5.4 Syntax: BDAT count [LAST]"]
     c.expectClosed()
     assert queued(r) == []
-    assert r.partialFiles() == []
+    assert list((r.spool / "tmp").iterdir()) == []
 
 
 def test_bdat_bare_newline_refused_and_normalized(relay) -> None:

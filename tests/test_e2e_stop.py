@@ -58,7 +58,6 @@ def test_sigterm_lets_deliveries_in_flight_finish_and_records_them(relays, hop) 
     assert slow.subjects == Counter({f"m{i}": 1 for i in range(5)}), log
     assert "not started" not in log and "may be sent more than once" not in log, log
     assert len(re.findall(r"status=sent", log)) == 5, log
-    assert os.listdir(r.spool / "tmp") == []  # (the spare files removed too)
     assert r.queued() == [], "delivered entries must be removed before the spool closes"
 
     r.start()

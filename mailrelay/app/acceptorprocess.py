@@ -277,7 +277,6 @@ def makeAcceptorServices(
     from mailrelay.app.services import PluginServices
     from mailrelay.config.plugins import buildHooks, makeContext
     from mailrelay.receive.protocol import Sessions
-    from mailrelay.spool import SPARE_FILES
 
     sessions = Sessions()
     top = AcceptorServices(sessions)
@@ -287,7 +286,7 @@ def makeAcceptorServices(
     carried = _Carried(limiter=None if config.rateLimiter is not None else counters.limiter)
     if config.auth is not None:
         carried.throttle, carried.throttleWindow = counters.throttle, config.auth.failureWindow
-    spool = makeSpool(config, reactor, top, recover=False, spares=SPARE_FILES)
+    spool = makeSpool(config, reactor, top, recover=False)
     # (Quiet: the relay has said what it had to say of this configuration.)
     context = makeContext(config, reactor, quiet=True)
     build = pluginBuilder(config, reactor, availablePlugins(), context)

@@ -25,13 +25,9 @@ def makeSpool(
     parent: Any,
     recover: bool = True,
     owner: tuple[int, int] | None = None,
-    spares: int = 0,
 ) -> Spool:
     """The spool of C{config}, started (and stopped) by a L{SpoolService} under C{parent};
-    with C{owner}, given to that user and started as that user (L{SpoolService}).
-
-    @param spares: the empty files to keep ready (L{Spool}'s C{spares}): the accepting
-        processes keep L{mailrelay.spool.SPARE_FILES}."""
+    with C{owner}, given to that user and started as that user (L{SpoolService})."""
     spool = Spool(
         config.spoolDirectory,
         reactor=reactor,
@@ -39,7 +35,6 @@ def makeSpool(
         syncMethod=config.spoolSync,
         recover=recover,
         removalSyncDelay=REMOVAL_SYNC_DELAY,
-        spares=spares,
     )
     SpoolService(spool, owner, sweep=reactor if recover else None).setServiceParent(parent)
     return spool

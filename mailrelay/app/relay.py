@@ -29,7 +29,7 @@ from mailrelay.config.values import listeningSocket, resolveProcessCount
 from mailrelay.errors import ConfigError
 from mailrelay.metrics import ProcessMetrics
 from mailrelay.receive.protocol import Sessions
-from mailrelay.spool import SPARE_FILES, Spool
+from mailrelay.spool import Spool
 
 __all__ = ["RelayService", "makeRelayService"]
 
@@ -565,7 +565,7 @@ def makeRelayService(
 
     top = RelayService(reactor, config.source, overrides)
     top.spawner = spawner
-    top.spool = makeSpool(config, reactor, top, owner=runAs, spares=SPARE_FILES)
+    top.spool = makeSpool(config, reactor, top, owner=runAs)
     top.runAs = runAs
     top.control = ControlService(top, config.spoolDirectory)
     top.control.setServiceParent(top)

@@ -6,7 +6,6 @@ Modules:
   - L{store}: L{Spool}, the spool directory (layout, recovery, reading, the group committer);
   - L{writer}: L{MessageWriter}, one message being written;
   - L{commit}: the durable operations and how a batch of them is made durable;
-  - L{spares}: empty files made ahead of need, for the commits to rename;
   - L{ids}: queue ids;
   - L{memory}: L{MemorySpool <mailrelay.spool.memory.MemorySpool>}, a spool in memory for
     tests.
@@ -18,12 +17,11 @@ L{mailrelay.address}) and L{mailrelay.smtp}.
 
 from mailrelay.errors import CorruptEntry, EntryGone, SpoolError
 from mailrelay.spool.ids import isQueueID, newQueueID
-from mailrelay.spool.store import REMOVAL_SYNC_DELAY, SPARE_FILES, Spool
+from mailrelay.spool.store import REMOVAL_SYNC_DELAY, Spool
 from mailrelay.spool.writer import MessageWriter
 
 __all__ = [
     "REMOVAL_SYNC_DELAY",
-    "SPARE_FILES",
     "CorruptEntry",
     "EntryGone",
     "MessageWriter",

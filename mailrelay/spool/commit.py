@@ -38,7 +38,6 @@ from mailrelay.errors import SpoolError
 from mailrelay.metrics import SPOOL_SYNC_BATCH, SPOOL_SYNC_SECONDS
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mailrelay.spool.spares import SpareFiles
     from mailrelay.spool.store import Spool
     from mailrelay.spool.writer import MessageWriter
 
@@ -173,22 +172,11 @@ def _writeAll(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _createFile(path: Path | str, spares: SpareFiles | None) -> int:
-    """Create C{path}, which must not exist, for writing: from one of C{spares} if one is
-    ready; return its descriptor.  Raises C{OSError}."""
-    fd = spares.take(path) if spares is not None else None
-    if fd is None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, _FILE_MODE)
-    return fd
-
-
-def _createAndWrite(
-    path: Path | str, data: bytes, queueID: str | None, spares: SpareFiles | None
-) -> int:
-    """Create C{path} (which must not exist; see L{_createFile}) and write C{data}; return
-    the open descriptor (to fsync, then close).  Raises L{SpoolError}, leaving nothing open."""
+def _createAndWrite(path: Path | str, data: bytes, queueID: str | None) -> int:
+    """Create C{path} (which must not exist) and write C{data}; return the open descriptor
+    (to fsync, then close).  Raises L{SpoolError}, leaving nothing open."""
     try:
-        fd = _createFile(path, spares)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, _FILE_MODE)
     except OSError as e:
         raise _osError("creating", path, e, queueID) from None
     try:
@@ -286,9 +274,7 @@ class _Commit(_Operation):
             f.flush()
         except OSError as e:
             raise _osError("writing", self.tmpMessage, e, queueID) from None
-        self.envelopeFD = _createAndWrite(
-            self.tmpEnvelope, self.envelopeData, queueID, self.spool._spares
-        )
+        self.envelopeFD = _createAndWrite(self.tmpEnvelope, self.envelopeData, queueID)
 
     def syncData(self) -> None:
         queueID = self.queueID
@@ -379,9 +365,7 @@ class _Update(_Operation):
                 path=self.envelope,
                 queueID=self.queueID,
             )
-        self.envelopeFD = _createAndWrite(
-            self.tmpEnvelope, self.envelopeData, self.queueID, self.spool._spares
-        )
+        self.envelopeFD = _createAndWrite(self.tmpEnvelope, self.envelopeData, self.queueID)
 
     def syncData(self) -> None:
         try:
@@ -504,9 +488,6 @@ class GroupCommitter:
         self._syncMethod = syncMethod
         self._injectedDeferToThread = deferToThread
         self.threadPool: ThreadPool | None = None
-        #: The spool's spare files, refilled once a batch leaves it idle (L{Spool.start} sets
-        #: them).
-        self.spares: SpareFiles | None = None
         self._pending: list[_Operation] = []
         self._inFlight = False
         self._whenIdle: Callable[[], None] | None = None
@@ -583,8 +564,6 @@ class GroupCommitter:
             return
         batch, self._pending = self._pending, []
         self._inFlight = True
-        if self.spares is not None:
-            self.spares.pause()
         try:
             d = self._deferToThread(self._runBatch, batch)
         except Exception:
@@ -752,12 +731,6 @@ class GroupCommitter:
             if not fromStop:
                 self._inFlight = False
                 self._maybeStartBatch()
-                if self.spares is not None and not self.busy:
-                    # Idle: the spares used are made again while the reactor answers, until
-                    # the next batch starts.  (Not while batches follow each other: then the
-                    # files are made in the batch, as the thread's work cost more than it
-                    # saved, and held up the batches: measured.)
-                    self.spares.refill()
                 if self._whenIdle is not None and not self.busy:
                     whenIdle, self._whenIdle = self._whenIdle, None
                     whenIdle()

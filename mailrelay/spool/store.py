@@ -51,7 +51,6 @@ from mailrelay.spool.commit import (
     _Update,
 )
 from mailrelay.spool.ids import isQueueID, newQueueID
-from mailrelay.spool.spares import SpareFiles, isSpareName
 from mailrelay.spool.writer import MessageWriter, _SpillFile
 
 log = Logger(namespace="mailrelay.spool")
@@ -63,9 +62,6 @@ _DIR_MODE = 0o700
 #: Seconds within which the relay's spools make a removal durable (the fsync of C{queue/}
 #: after its unlinks, shared by every removal meanwhile; see L{mailrelay.spool.commit}).
 REMOVAL_SYNC_DELAY = 1.0
-#: Empty files the accepting processes keep ready in C{tmp/} (L{mailrelay.spool.spares}):
-#: a small message takes two at its commit; they are made again once half are gone.
-SPARE_FILES = 16
 _FREE_SPACE_CACHE_SECONDS = 1.0
 #: Within this many octets above C{minFreeSpace}, the free space is read at every check: a
 #: burst of messages within the second of a cached answer could go past the minimum.
@@ -91,7 +87,6 @@ class Spool:
         syncMethod: str = "syncfs",
         recover: bool = True,
         removalSyncDelay: float = 0.0,
-        spares: int = 0,
     ) -> None:
         """
         @param directory: the spool directory; created by L{start} if missing.
@@ -111,9 +106,6 @@ class Spool:
             unlinks is; else once unlinked, that fsync shared with later batches and done at
             most this many seconds later (L{mailrelay.spool.commit}; the relay uses
             L{REMOVAL_SYNC_DELAY}).
-        @param spares: keep this many empty files ready in C{tmp/} while started (a thread
-            of their own makes them), so that a commit renames them instead of creating its
-            files (L{mailrelay.spool.spares}); 0: none.
         """
         self.directory = Path(directory)
         self.minFreeSpace = minFreeSpace
@@ -135,9 +127,6 @@ class Spool:
             clock=reactor,
             removalSyncDelay=removalSyncDelay,
         )
-        self._spareCount = spares
-        #: The spare files while started (with C{spares}), else C{None}.
-        self._spares: SpareFiles | None = None
         self._running = False
         self._updateSerial = 0
         self._freeSpaceCheckedAt: float | None = None
@@ -212,9 +201,6 @@ class Spool:
             self._lock.release()
             raise
         self._committer.start()
-        if self._spareCount:
-            self._spares = self._committer.spares = SpareFiles(self._tmpDir, self._spareCount)
-            self._spares.start()
         self._running = True
         return queueIDs
 
@@ -229,15 +215,7 @@ class Spool:
         if not self._running:
             return
         self._running = False
-        self._committer.stop(whenIdle=self._stopped)
-
-    def _stopped(self) -> None:
-        """No operation is left: remove the spare files and let go of the spool."""
-        spares, self._spares = self._spares, None
-        self._committer.spares = None
-        if spares is not None:
-            spares.close()
-        self._lock.release()
+        self._committer.stop(whenIdle=self._lock.release)
 
     def _recover(self) -> list[str]:
         removed = 0
@@ -260,8 +238,6 @@ class Spool:
                 continue
             except OSError as e:
                 raise _osError("removing partial file", path, e, None) from None
-            if isSpareName(name):
-                continue  # (an empty file made ahead of need: nothing was in it)
             removed += 1
             log.info(
                 "spool recovery: removed partial file {path} (never acknowledged)",
@@ -348,12 +324,6 @@ class Spool:
             except OSError:
                 continue  # (gone meanwhile, or not ours to remove: left as it is)
             removed.append(entry.name)
-            if isSpareName(entry.name):
-                log.info(
-                    "spool: removed spare file {path}, left by a process that ended",
-                    path=entry.path,
-                )
-                continue
             queueID = entry.name.split(".", 1)[0]
             log.warn(
                 "spool: removed stale partial file {path} (not written to for {hours:.0f} "
@@ -572,7 +542,7 @@ class Spool:
                     queueID=queueID,
                 )
         path = self._tmpDir / f"{queueID}.eml"
-        return MessageWriter(self, queueID, path, _SpillFile(path, spares=self._spares))
+        return MessageWriter(self, queueID, path, _SpillFile(path))
 
     def updateEnvelope(self, envelope: Envelope) -> Deferred[None]:
         """Durably replace the envelope of the committed entry C{envelope.queueID}.

@@ -14,10 +14,9 @@ from zope.interface import implementer
 from mailrelay.envelope import Envelope
 from mailrelay.errors import SpoolError
 from mailrelay.interfaces import IMessageWriter
-from mailrelay.spool.commit import _Commit, _createFile, _writeAll
+from mailrelay.spool.commit import _FILE_MODE, _O_CLOEXEC, _Commit, _writeAll
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mailrelay.spool.spares import SpareFiles
     from mailrelay.spool.store import Spool
 
 log = Logger(namespace="mailrelay.spool")
@@ -40,12 +39,9 @@ class _SpillFile:
     descriptor (no buffered file object: its C{fstat} and C{lseek} were two more system calls,
     each a hand-over of the GIL between the committer's thread and the reactor's)."""
 
-    def __init__(
-        self, path: Path, limit: int = _MEMORY_LIMIT, spares: SpareFiles | None = None
-    ) -> None:
+    def __init__(self, path: Path, limit: int = _MEMORY_LIMIT) -> None:
         self.path = path
         self._limit = limit
-        self._spares = spares
         self._chunks: list[bytes] = []
         self._size = 0
         #: The buffered file, once the message outgrew memory.
@@ -55,7 +51,7 @@ class _SpillFile:
         self.closed = False
 
     def _create(self) -> int:
-        return _createFile(self.path, self._spares)
+        return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, _FILE_MODE)
 
     def _materialise(self) -> None:
         fd = self._create()
