@@ -383,6 +383,10 @@ class StampContext:
     @ivar listenerOptions: the options of the listener the message came in on
         (C{add_message_id}, C{add_date}, ...).
     @ivar now: the time stamp to use, seconds since the epoch.
+    @ivar complete: whether C{headers} is the whole header section: C{False} when it is
+        longer than the relay holds before it stamps (100 KiB, as Postfix's
+        C{header_size_limit}), and fields past that are not in C{headers} (a field's
+        absence then says nothing).
     """
 
     hostname: str
@@ -391,6 +395,7 @@ class StampContext:
     headers: list[tuple[str, bytes]]
     listenerOptions: dict[str, Any] = field(default_factory=dict)
     now: float = 0.0
+    complete: bool = True
 
     def hasHeader(self, name: str) -> bool:
         lname = name.lower()

@@ -122,6 +122,52 @@ def test_message_is_stamped_committed_queued_and_logged() -> None:
     )
 
 
+def stampedWith(message: bytes, *stampers: Any) -> bytes:
+    """What the intake stores of C{message} with C{stampers} (the default one if none)."""
+    intake, spool, _ = makeIntake(*(stampers or (DefaultStamper(),)))
+    env = envelope()
+    opened = intake.open(env, env.client, {})
+    assert isinstance(opened, IncomingMessage)
+    for i in range(0, len(message), 65536):
+        opened.write(message[i : i + 65536])
+    assert received(opened.finish()).code == 250
+    return spool.committed[env.queueID][1]
+
+
+def test_a_header_section_longer_than_the_relay_holds_gets_no_second_message_id_or_date() -> None:
+    """Past 100 KiB (HEADER_SECTION_LIMIT, as Postfix's header_size_limit) the rest of a
+    header section is streamed unparsed: a Message-Id: or Date: there was not seen, and the
+    default stamper added a second of each, in the middle of the section, to a message it
+    then acknowledged (RFC 5322 3.6: at most one of each; found by a bug hunt).  Stampers are
+    told the section is incomplete (StampContext.complete); the default one adds neither."""
+    stamper = Stamper()
+    pad = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 90) for i in range(1100))
+    tail = b"Message-Id: <orig@x>\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n\r\nbody\r\n"
+    data = stampedWith(pad + tail, DefaultStamper(), stamper)
+    assert data.count(b"\r\nMessage-Id:") == 1 and data.count(b"\r\nDate:") == 1
+    assert data.startswith(b"Received: ") and data.endswith(pad[-200:] + tail)
+    assert stamper.contexts[0].complete is False
+    # A whole section (under the limit, or a message that ends within it) is complete.
+    stampedWith(MESSAGE, stamper)
+    stampedWith(b"Subject: no body\r\n", stamper)
+    assert [c.complete for c in stamper.contexts[1:]] == [True, True]
+
+
+def test_fields_added_to_a_message_without_header_section_are_followed_by_an_empty_line() -> None:
+    """A message whose first line is no header field (and no empty line) has no header
+    section: the fields added on top would make its first line part of theirs (found by a
+    bug hunt); an empty line after them keeps it the body it was, as for a message starting
+    with white space."""
+    data = stampedWith(b"hello world\r\nsecond line\r\n")
+    head, sep, body = data.partition(b"\r\n\r\n")
+    assert sep and body == b"hello world\r\nsecond line\r\n"
+    assert [line.split(b":")[0] for line in head.split(b"\r\n") if line[:1] not in (b" ", b"\t")] == [
+        b"Received", b"Message-Id", b"Date"]
+    # With header fields before such a line, the message is left as the client made it.
+    data = stampedWith(b"Subject: x\r\nnot a field\r\n")
+    assert b"\r\n\r\n" not in data and data.endswith(b"\r\nnot a field\r\n")
+
+
 def test_stamper_answering_later_holds_the_data_and_says_so() -> None:
     stamper = Stamper(later=True)
     intake, spool, queued = makeIntake(stamper)

@@ -217,6 +217,7 @@ class IncomingMessage:
             headers=headers,
             listenerOptions=self._listenerOptions,
             now=self._now,
+            complete=self._processor.complete,
         )
         result = runStampers(self.intake.stampers, context, self.intake.clock)
         if isinstance(result, Deferred) and not result.called:

@@ -120,6 +120,9 @@ class HeaderProcessor:
         #: The start of the message held back until its header section is complete.
         self._pending: bytearray | None = bytearray()
         self.headers: list[tuple[str, bytes]] = []
+        #: Whether L{headers} is the whole header section: not when it went on past
+        #: C{limit} (the rest is streamed unparsed).  Set before the stamp callable is called.
+        self.complete = True
         #: The stamping, from the end of the header section on (see L{finish}).
         self._stamping: Deferred[Any] | None = None
         #: Data written while the stamping is in progress, in order.
@@ -180,6 +183,8 @@ class HeaderProcessor:
         data = bytes(self._pending or b"")
         self._pending = None
         self.headers, end = parseHeaderSection(data, self._limit)
+        # Cut at the limit, the section may go on with fields never parsed.
+        self.complete = len(data) <= self._limit or _FIELD_NAME.match(data, end) is None
         result = self._stamp(self.headers)
         if not isinstance(result, Deferred):
             self._stamped(result, data[:end], data[end:])
@@ -193,9 +198,16 @@ class HeaderProcessor:
     def _stamped(self, result: StampResult, head: bytes, rest: bytes) -> None:
         held, self._held = self._held or [], None
         added = b"".join(result.append)
-        if rest[:1] in (b" ", b"\t") and (result.prepend or added):
-            # A message starting with white space (no header section): the line would continue
-            # the last field added; an empty line makes it the start of the body it is.
+        if (
+            not head
+            and rest
+            and not rest.startswith(b"\r\n")
+            and _FIELD_NAME.match(rest) is None
+            and (result.prepend or added)
+        ):
+            # A message without header section (its first line no field, nor empty): the
+            # line would become part of the fields added (or continue the last, if it starts
+            # with white space); an empty line makes it the start of the body it is.
             added += b"\r\n"
         self._sink(b"".join(result.prepend) + head + added + rest + b"".join(held))
 
@@ -287,13 +299,16 @@ class DefaultStamper:
         received += f"; {date}\r\n"
         result = StampResult(prepend=[received.encode("utf-8")])
         options = context.listenerOptions
+        # (A header section longer than the relay holds may have either past that.)
         addMessageID = self.addMessageID and options.get("add_message_id", True)
+        addMessageID = addMessageID and context.complete
         if addMessageID and not context.hasHeader("Message-Id"):
             stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(context.now))
             result.append.append(
                 f"Message-Id: <{stamp}.{envelope.queueID}@{context.hostname}>\r\n".encode("ascii")
             )
-        if self.addDate and options.get("add_date", True) and not context.hasHeader("Date"):
+        addDate = self.addDate and options.get("add_date", True) and context.complete
+        if addDate and not context.hasHeader("Date"):
             result.append.append(f"Date: {date}\r\n".encode("ascii"))
         return result
 

@@ -189,8 +189,10 @@ def makeStampContext(
     hostname: str = "relay.test",
     listenerOptions: dict[str, Any] | None = None,
     now: float = START,
+    complete: bool = True,
 ) -> StampContext:
-    """The L{StampContext} a header stamper is given (C{headers}: C{(name, raw field)})."""
+    """The L{StampContext} a header stamper is given (C{headers}: C{(name, raw field)};
+    C{complete=False}: a header section longer than the relay holds)."""
     envelope, who = _envelopeAndClient(envelope, client)
     return StampContext(
         hostname,
@@ -199,6 +201,7 @@ def makeStampContext(
         list(headers),
         dict(listenerOptions or {"add_message_id": True, "add_date": True}),
         now,
+        complete,
     )
 
 
