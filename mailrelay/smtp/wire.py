@@ -52,8 +52,11 @@ _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]?)(.*)", re.DOTALL)
 class ReplyParser:
     """Parses server replies strictly.
 
-    Every line is C{code SP text CRLF} or C{code "-" text CRLF} (text may be empty); all the
-    lines of one reply carry the same code; the last has no C{"-"}.  A bare CR or LF, a line
+    Every line is C{code SP text CRLF} or C{code "-" text CRLF} (text may be empty); the last
+    has no C{"-"}.  All the lines of one reply should carry the same code (RFC 5321 4.2.1);
+    where they do not, the last line's is the reply's, as in Postfix's C{smtp_chat_resp} (a
+    protocol error would make a server's C{250-}/C{251} answer to the end of data a deferral,
+    and the message be sent again).  A bare CR or LF, a line
     longer than L{MAX_REPLY_LINE} or a reply longer than L{MAX_REPLY_LINES} raises
     L{ProtocolError}.  Replies are returned as L{Reply}: the enhanced status code (RFC 2034),
     when the first line starts with one of the reply's class, is taken out of every line.
@@ -92,10 +95,7 @@ class ReplyParser:
             code, sep, text = match.groups()
             if b"\r" in text or b"\n" in text:
                 raise ProtocolError(f"bare CR or LF in reply line {_show(line)}")
-            if self._lines and code != self._code:
-                raise ProtocolError(
-                    f"reply code changed from {self._code.decode()} to {code.decode()} "
-                    "within a multi-line reply")
+            # (A reply whose lines carry different codes is answered by its last line.)
             self._code = code
             self._lines.append(text)
             if len(self._lines) > MAX_REPLY_LINES:
