@@ -172,6 +172,26 @@ def test_onlyTheEightBitPartChanges() -> None:
         b"--X--\r\n")
 
 
+@pytest.mark.parametrize("ctype", [
+    "message/global", "message/global-headers", "message/global-delivery-status",
+    "message/global-disposition-notification"])
+def test_internationalizedMessageTypesAreEncodedLikeText(ctype: str) -> None:
+    """Unlike message/rfc822 (RFC 2046: 7-bit only), the message/global types of RFC 6532
+    and RFC 6533 may be sent quoted-printable or base64 over a 7-bit path.  Refused, the
+    relay's own bounce of an SMTPUTF8 message (its message/global-headers part) could not
+    go to a next hop without 8BITMIME and was discarded: the sender never told (found by a
+    bug hunt)."""
+    utf8 = b"From: <j\xc3\xb6rg@example.org>\r\nSubject: gr\xc3\xbc\xc3\x9fe\r\n"
+    message = (b"MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status;"
+               b" boundary=R\r\n\r\n--R\r\nContent-Type: text/plain\r\n\r\nfailed\r\n"
+               b"--R\r\nContent-Type: " + ctype.encode() + b"\r\n"
+               b"Content-Transfer-Encoding: 8bit\r\n\r\n" + utf8 + b"--R--\r\n")
+    converted, count = downgrade(message)
+    assert count == 1 and not needsEncoding(converted, binary=False)
+    assert converted == message.replace(b"8bit", b"quoted-printable").replace(
+        utf8, b"From: <j=C3=B6rg@example.org>\r\nSubject: gr=C3=BC=C3=9Fe\r\n")
+
+
 def test_messageWithoutMIME() -> None:
     converted, count = downgrade(b"Subject: hi\r\n\r\nK\xc3\xa4se\r\n")
     assert count == 1

@@ -25,7 +25,8 @@ Conversion is refused (L{ConversionImpossible}, a bounce with status 5.6.3) when
     epilogue), which have no encoding of their own;
   - a part declared C{quoted-printable} or C{base64} holds 8-bit octets (its content is not
     what it claims), or a C{message/*} type other than C{message/rfc822} does (RFC 2046: those
-    are 7-bit only).
+    are 7-bit only) -- but for the C{message/global} types of RFC 6532 and 6533, which may be
+    encoded and are (C{quoted-printable}, as text).
 
 The walk is over bytes, with the C{email} package's header parser reading each header section
 (content type, boundary, encoding); nesting deeper than L{MAX_DEPTH} is refused.
@@ -56,6 +57,15 @@ MAX_DEPTH = 50
 _CRLF = b"\r\n"
 _HEADER_END = re.compile(rb"\r\n\r\n")
 _BASE64_LINE = 76
+#: The C{message/*} types that may be encoded (RFC 6532 3.5, the RFC 6533 registrations:
+#: quoted-printable or base64 over a 7-bit path), unlike the others (RFC 2046 5.2): UTF-8 text, so
+#: quoted-printable, as a leaf (a message/global is not walked into).
+_ENCODABLE_MESSAGES = frozenset({
+    "message/global",
+    "message/global-headers",
+    "message/global-delivery-status",
+    "message/global-disposition-notification",
+})
 
 
 class ConversionImpossible(Exception):
@@ -162,7 +172,7 @@ class _Walker:
             innerHeader, innerBody = self.entity(inner, innerBody, _parse(inner), "text/plain",
                                                  depth + 1)
             body = innerHeader + _CRLF + innerBody
-        elif fields.get_content_maintype() == "message":
+        elif fields.get_content_maintype() == "message" and ctype not in _ENCODABLE_MESSAGES:
             raise ConversionImpossible(f"a {ctype} part has 8-bit content")
         else:
             return self.encodeLeaf(header, body, fields, ctype)
@@ -203,7 +213,7 @@ class _Walker:
             raise ConversionImpossible(
                 f"a {ctype} part declared {encoding} has 8-bit octets"
             )
-        if ctype.startswith("text/"):
+        if ctype.startswith("text/") or ctype in _ENCODABLE_MESSAGES:
             body, name = _quotedPrintable(body), b"quoted-printable"
         else:
             body, name = _base64(body), b"base64"
