@@ -56,16 +56,15 @@ class ReplyParser:
     has no C{"-"}.  All the lines of one reply should carry the same code (RFC 5321 4.2.1);
     where they do not, the last line's is the reply's, as in Postfix's C{smtp_chat_resp} (a
     protocol error would make a server's C{250-}/C{251} answer to the end of data a deferral,
-    and the message be sent again).  A bare CR or LF, a line
-    longer than L{MAX_REPLY_LINE} or a reply longer than L{MAX_REPLY_LINES} raises
-    L{ProtocolError}.  Replies are returned as L{Reply}: the enhanced status code (RFC 2034),
-    when the first line starts with one of the reply's class, is taken out of every line.
+    and the message be sent again).  A bare CR or LF, a line longer than L{MAX_REPLY_LINE}
+    or a reply longer than L{MAX_REPLY_LINES} raises L{ProtocolError}.  Replies are returned
+    as L{Reply}: the enhanced status code (RFC 2034), when the first line starts with one of
+    the reply's class, is taken out of every line.
     """
 
     def __init__(self) -> None:
         self._buf = b""
         self._lines: list[bytes] = []
-        self._code = b""
 
     @property
     def hasData(self) -> bool:
@@ -95,14 +94,13 @@ class ReplyParser:
             code, sep, text = match.groups()
             if b"\r" in text or b"\n" in text:
                 raise ProtocolError(f"bare CR or LF in reply line {_show(line)}")
-            # (A reply whose lines carry different codes is answered by its last line.)
-            self._code = code
             self._lines.append(text)
             if len(self._lines) > MAX_REPLY_LINES:
                 raise ProtocolError(f"reply longer than {MAX_REPLY_LINES} lines")
             if sep == b"-":
                 continue
             lines, self._lines = self._lines, []
+            # (Its last line's code, whatever the others said: see the class's docstring.)
             return _makeReply(int(code), [t.decode("utf-8", "replace") for t in lines])
 
 
