@@ -101,6 +101,19 @@ def test_huge_header_section_is_stored_as_sent_with_its_received(relay, firstLin
         assert trace is not None and trace.group(1) == fields + body
 
 
+def test_a_message_without_header_section_keeps_its_first_line_in_the_body(relay) -> None:
+    """Its first line no field: the fields the relay adds on top are followed by an empty
+    line, or that line would become part of them."""
+    r = relay(hold=True)
+    qid = submit(r, "alice@sender.test", ["bob@example.org"], b"hello world\r\nsecond line\r\n")
+    stored = spooled(r, qid)
+    wellFormed(stored)
+    head, _, body = stored.partition(b"\r\n\r\n")
+    assert body == b"hello world\r\nsecond line\r\n"
+    names = [line.split(b":")[0] for line in head.split(b"\r\n") if line[:1] not in (b" ", b"\t")]
+    assert names == [b"Received", b"Message-Id", b"Date"]
+
+
 # ---------------------------------------------------------------------------------------------
 # NUL in message data: "\r\n\0.\r\n" is an end of data to a receiver that strips NULs
 

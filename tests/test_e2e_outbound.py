@@ -548,6 +548,22 @@ def test_temporary_failure_then_delivered(relay, nexthop, dns, stage: str) -> No
     waitEmpty(r)
 
 
+def test_a_reply_whose_lines_disagree_is_taken_by_its_last_line(relay, nexthop, dns) -> None:
+    """A next hop answering the end of data 250-/251 has the message: delivered once, as
+    Postfix acts on the last line's code, not deferred as a protocol error and sent again."""
+    hop, port = nexthop()
+    hop.dataReply = lambda received, n: "250-2.0.0 ok\r\n251 2.0.0 queued as 1"
+    r = relay(config(dns, queue={"min_backoff": 1, "max_backoff": 2},
+                     routes=[smtpRoute("example.org", port)]))
+    qid = submit(r, "alice@sender.test", ["bob@example.org"], message("mixed codes"))
+    waitResult(r, qid, "bob@example.org", "sent")
+    waitRemoved(r, qid)
+    time.sleep(2.5)  # (a retry would come within max_backoff)
+    assert len(hop.attempts) == 1
+    assert results(r, qid, "bob@example.org") == [
+        ("1", "sent", "smtp; 251 2.0.0 ok queued as 1")]
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. 5xx at RCPT: a bounce, delivered, from <>
 
