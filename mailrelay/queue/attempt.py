@@ -215,7 +215,6 @@ class Deliverer:
     async def _deliverGroup(
         self, queueID: str, envelope: Envelope, route: Route, recipients: list[Recipient]
     ) -> list[Outcome]:
-        relay = f"{route.backend}:{route.nexthop}"
         backend = self.backends.get(route.backend)
         if backend is None:
             log.error(
@@ -248,7 +247,8 @@ class Deliverer:
                 recipients,
                 route,
                 "4.3.0",
-                f"X-mailrelay; delivery via {relay} gave no usable result ({problem})",
+                f"X-mailrelay; delivery via {route.backend}:{route.nexthop} gave no usable "
+                f"result ({problem})",
                 "{queueID}: delivery backend {backend!r} answered badly ({problem}); "
                 "counting {count} recipient(s) as not delivered",
                 queueID=queueID,
