@@ -115,3 +115,31 @@ def test_dkim_signed_eight_bit_is_returned(relay, dns, postfix, tmp_path: Path) 
     assert (block["Action"], block["Status"]) == ("failed", "5.6.3")
     assert peer.mailbox("bob") == []
     waitEmpty(r)
+
+
+def test_the_bounce_of_an_smtputf8_message_is_converted_for_a_hop_without_8bitmime(
+        relay, dns, postfix) -> None:
+    """Neither 8BITMIME nor SMTPUTF8 at the next hop: the SMTPUTF8 message is returned
+    (5.6.7), and its bounce, which carries the original's header section as a
+    message/global-headers part, goes out through the same hop converted (RFC 6533 lets
+    that type be quoted-printable).  It was refused as an 8-bit message/* part and the
+    bounce discarded: the sender never told (found by a bug hunt)."""
+    peer = postfix("smtpd_discard_ehlo_keywords=8bitmime,smtputf8", mailboxes=("alice",))
+    routes = [{"domain": DOMAIN, "backend": "smtp", "nexthop": f"[127.0.0.1]:{peer.port}"}]
+    r = relay(config(dns, routes=routes))
+    utf8 = ("From: <alice@postfix.test>\r\nTo: <j\u00f6rg@postfix.test>\r\n"
+            "Subject: gr\u00fc\u00dfe\r\n\r\nhallo\r\n").encode()
+    qid = submit(r, f"alice@{DOMAIN}", [f"j\u00f6rg@{DOMAIN}"], utf8,
+                 mailOptions=("SMTPUTF8", "BODY=8BITMIME"))
+    m = waitResult(r, qid, f"j\u00f6rg@{DOMAIN}")
+    assert m["status"] == "bounced", m[0]
+    dsnID = bounceID(r, qid)
+    assert waitResult(r, dsnID, f"alice@{DOMAIN}")["status"] == "sent", r.log()
+    (report,) = peer.waitMailbox("alice")
+    report = report.replace(b"\n", b"\r\n")
+    assert report.isascii()
+    parts = _parts(report)
+    headers = [p for p in parts if p[0] in ("message/global-headers", "message/global")]
+    assert headers and headers[0][1] == "quoted-printable", parts
+    assert b"Subject: gr=C3=BC=C3=9Fe\r\n" in report.split(b"message/global-headers", 1)[1]
+    waitEmpty(r)
