@@ -999,6 +999,61 @@ def test_smtp_all_hosts_fail() -> None:
     ]
 
 
+def _refusedHello(host: str) -> SMTPConnectError:
+    return SMTPConnectError("5.7.1", "smtp; 550 5.7.1 not you", permanent=True,
+                            remoteMTA=f"dns; {host}", refusedHello=True)
+
+
+def test_smtp_hello_refused_by_the_last_host_bounces() -> None:
+    """A 5xx to HELO from the last host to try returns the recipients, as Postfix's
+    smtp_site_fail at the final server (it was deferred for the queue's lifetime, 5 days);
+    from an earlier host it only moves on to the next.  A 5xx greeting or AUTH reply stays
+    a deferral (Postfix's smtp_skip_5xx_greeting, smtp_sasl_auth_soft_bounce)."""
+    backend, net, clock, mx = smtpBackend(connectionCacheTime=0)
+    net.connectBehaviour["192.0.2.1"] = connectError("4.4.1", "X-mailrelay; refused")
+    net.connectBehaviour["2001:db8::1"] = _refusedHello("mx1.example.org")
+    net.connectBehaviour["192.0.2.2"] = _refusedHello("mx2.example.org")
+    assert result(send(backend, "example.org", "a@example.org", "b@example.org")) == [
+        RecipientResult(a, PERMANENT, "5.7.1", "smtp; 550 5.7.1 not you", "dns; mx2.example.org")
+        for a in ("a@example.org", "b@example.org")
+    ]
+    assert [a[0] for a in net.attempts] == ["192.0.2.1", "2001:db8::1", "192.0.2.2"]
+    # The last host unreachable: deferred, with the refusal as the most telling diagnostic.
+    net.connectBehaviour["192.0.2.2"] = connectError("4.4.1", "X-mailrelay; refused")
+    (r,) = result(send(backend, "example.org", "a@example.org"))
+    assert (r.status, r.code, r.diagnostic) == (TRANSIENT, "4.7.1", "smtp; 550 5.7.1 not you")
+    # Earlier hosts deferring every recipient do not save the mail from the last one's refusal.
+    net.connectBehaviour.clear()
+    net.sendBehaviour["192.0.2.1"] = "451"
+    net.sendBehaviour["2001:db8::1"] = "451"
+    net.connectBehaviour["192.0.2.2"] = _refusedHello("mx2.example.org")
+    (r,) = result(send(backend, "example.org", "a@example.org"))
+    assert (r.status, r.code) == (PERMANENT, "5.7.1"), r
+    # A 5xx greeting (or AUTH reply) from the last host: deferred.
+    net.sendBehaviour.clear()
+    net.connectBehaviour["192.0.2.1"] = connectError("4.4.1", "X-mailrelay; refused")
+    net.connectBehaviour["2001:db8::1"] = connectError("4.4.1", "X-mailrelay; refused")
+    net.connectBehaviour["192.0.2.2"] = connectError(
+        "5.7.1", "smtp; 554 5.7.1 not you", permanent=True, remoteMTA="dns; mx2.example.org")
+    (r,) = result(send(backend, "example.org", "a@example.org"))
+    assert (r.status, r.code, r.diagnostic) == (TRANSIENT, "4.7.1", "smtp; 554 5.7.1 not you")
+
+
+def test_lmtp_hello_refused_bounces() -> None:
+    """The LMTP server (the only one to try) refusing LHLO with a 5xx returns the
+    recipients, as Postfix's lmtp; a 5xx greeting is deferred."""
+    from mailrelay.delivery.lmtp import LMTPBackend
+
+    errors = [_refusedHello("[::1]"), connectError("5.7.1", "smtp; 554 5.7.1 not you",
+                                                    permanent=True, remoteMTA="dns; [::1]")]
+    backend = LMTPBackend(Clock(), SETTINGS, connect=lambda *a, **kw: defer.fail(errors.pop(0)))
+    (r,) = result(send(backend, "[::1]:2424", "a@example.org"))
+    assert r == RecipientResult("a@example.org", PERMANENT, "5.7.1", "smtp; 550 5.7.1 not you",
+                                "dns; [::1]")
+    (r,) = result(send(backend, "[::1]:2424", "a@example.org"))
+    assert (r.status, r.code) == (TRANSIENT, "4.7.1")
+
+
 def test_smtp_unexpected_connect_exception_is_transient() -> None:
     backend, net, clock, mx = smtpBackend()
     net.connectBehaviour["192.0.2.30"] = RuntimeError("boom")

@@ -603,6 +603,46 @@ def test_permanent_failure_bounces_to_sender(relay, nexthop, dns) -> None:
     waitEmpty(r)
 
 
+class _RefusesHello(Recorder):
+    """A next hop whose EHLO and HELO get a 5xx."""
+
+    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        return ["550 5.7.1 EHLO refused"]
+
+    async def handle_HELO(self, server: Any, session: Any, envelope: Any,
+                          hostname: str) -> str:
+        return "550 5.7.1 your HELO name is not welcome here"
+
+
+def test_hello_refused_by_the_next_hop_bounces(relay, nexthop, dns) -> None:
+    """A 5xx to HELO from the last (here the only) host returns the mail at once, as
+    Postfix does; the relay used to defer it for the queue's lifetime (5 days)."""
+    notices, noticePort = nexthop()
+    refuser = _TCPController(_RefusesHello(), hostname="127.0.0.1", port=0, ready_timeout=10)
+    refuser.start()
+    try:
+        r = relay(config(dns, queue={"min_backoff": 300, "max_backoff": 600},
+                         routes=[smtpRoute("example.org", refuser.port),
+                                 smtpRoute("sender.test", noticePort)]))
+        qid = submit(r, "alice@sender.test", ["bob@example.org"], message("helo refused"))
+        m = waitResult(r, qid, "bob@example.org")
+        assert m["status"] == "bounced", m[0]
+        assert m["diagnostic"].startswith(
+            "smtp; 550 5.7.1 your HELO name is not welcome here"), m[0]
+        dsnID = bounceID(r, qid)
+        waitRemoved(r, qid)
+        waitResult(r, dsnID, "alice@sender.test", "sent")
+        (bounce,) = notices.waitTo("alice@sender.test")
+        _, _, (block,), _ = parseReport(bounce.content)
+        assert (block["Action"], block["Status"]) == ("failed", "5.7.1")
+        assert "HELO name is not welcome" in unfold(block["Diagnostic-Code"])
+        assert refuser.handler.attempts == []  # no transaction was ever begun
+        waitEmpty(r)
+    finally:
+        refuser.stop()
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. The next hop drops the connection after the message, without a reply
 

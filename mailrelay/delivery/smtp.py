@@ -109,11 +109,12 @@ class _Tried:
     """What the hosts of one delivery said when none took the message.
 
     @ivar deferred: the results of the last host that deferred every recipient, if any.
-    @ivar connectErrors: C{(code, diagnostic, remoteMTA)} of each failed connection.
+    @ivar connectErrors: the error of each failed connection, in order: the last is the
+        last host's when no host took the message.
     """
 
     deferred: list[RecipientResult] | None = None
-    connectErrors: list[tuple[str, str, str | None]] = field(default_factory=list)
+    connectErrors: list[SMTPConnectError] = field(default_factory=list)
     #: The best MX answered EHLO with our own name: the diagnostic of that loop.
     loop: str | None = None
 
@@ -453,9 +454,10 @@ class SMTPBackend(ClientBackend):
                 if best:
                     tried.loop = diagnostic
                 else:
-                    tried.connectErrors.append(("4.4.6", diagnostic, e.remoteMTA))
+                    tried.connectErrors.append(
+                        SMTPConnectError("4.4.6", diagnostic, remoteMTA=e.remoteMTA))
                 return None
-            tried.connectErrors.append((e.code, e.diagnostic, e.remoteMTA))
+            tried.connectErrors.append(e)
         except defer.CancelledError:
             raise
         except Exception as e:
@@ -467,7 +469,8 @@ class SMTPBackend(ClientBackend):
                 port=host.port,
             )
             diagnostic = f"X-mailrelay; cannot connect to {host.name}: {e}"
-            tried.connectErrors.append(("4.4.0", diagnostic, _remoteMTA(host.name)))
+            tried.connectErrors.append(
+                SMTPConnectError("4.4.0", diagnostic, remoteMTA=_remoteMTA(host.name)))
         return None
 
     def _noHostAccepted(
@@ -478,8 +481,11 @@ class SMTPBackend(ClientBackend):
         recipients: list,
         nexthop: str,
     ) -> list[RecipientResult]:
-        """The results when no host took the message: what the last server that answered
-        said, else the most relevant connection error, as a transient failure."""
+        """The results when no host took the message: returned when the last host refused
+        HELO with a 5xx (L{SMTPConnectError.refusedHello}); else what the last server that
+        answered said, or the most relevant connection error, as a transient failure."""
+        if tried.connectErrors and tried.connectErrors[-1].refusedHello:
+            return tried.connectErrors[-1].resultsFor(recipients)  # (logged by _connectNoting)
         if tried.deferred is not None:
             # A server answered (every recipient deferred): that says more than a refusal.
             return tried.deferred
@@ -490,9 +496,10 @@ class SMTPBackend(ClientBackend):
                 "4.4.4",
                 f"X-mailrelay; no host to deliver to for {nexthop}",
             )
-        withReply = [c for c in tried.connectErrors if c[1].startswith("smtp;")]
-        code, diagnostic, remoteMTA = (withReply or tried.connectErrors)[-1]
-        if envelope.requireTLS and all(c[0] == "4.7.5" for c in tried.connectErrors):
+        withReply = [c for c in tried.connectErrors if c.diagnostic.startswith("smtp;")]
+        decisive = (withReply or tried.connectErrors)[-1]
+        code, diagnostic, remoteMTA = decisive.code, decisive.diagnostic, decisive.remoteMTA
+        if envelope.requireTLS and all(c.code == "4.7.5" for c in tried.connectErrors):
             # No host gave verified TLS: a REQUIRETLS message is returned, not retried.
             log.warn(
                 "{queueID}: REQUIRETLS message not relayed: no host of {nexthop} gave "

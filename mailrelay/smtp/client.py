@@ -502,7 +502,8 @@ class ClientSession:
     def _connectFailed(self, code: str, diagnostic: str, permanent: bool = False,
                        quit: bool = False, close: bool = True, loop: bool = False) -> None:
         error = SMTPConnectError(code, printable(diagnostic)[:MAX_DIAGNOSTIC], permanent,
-                                 self.remoteMTA, tlsFailure=self.tlsSessionFailed, loop=loop)
+                                 self.remoteMTA, tlsFailure=self.tlsSessionFailed, loop=loop,
+                                 refusedHello=self.state in (_EHLO, _HELO) and not loop)
         self._out.append(ConnectFailed(error))
         if close:
             if quit:

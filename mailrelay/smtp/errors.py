@@ -29,11 +29,15 @@ class SMTPConnectError(Exception):
         try again without TLS.  A response injection after STARTTLS is not one.
     @ivar loop: the server answered EHLO with the relay's own name: it is the relay itself
         (5.4.6; the backend decides whether that is final).
+    @ivar refusedHello: the server refused HELO (after EHLO) or LHLO with a 5xx: the
+        recipients are returned when it is the last server to try, as Postfix's
+        C{smtp_site_fail} at the final server does.  A 5xx greeting or AUTH reply is not
+        one: Postfix defers those (C{smtp_skip_5xx_greeting}, C{smtp_sasl_auth_soft_bounce}).
     """
 
     def __init__(self, code: str, diagnostic: str, permanent: bool = False,
                  remoteMTA: str | None = None, *, tlsFailure: bool = False,
-                 loop: bool = False) -> None:
+                 loop: bool = False, refusedHello: bool = False) -> None:
         super().__init__(diagnostic)
         if permanent != code.startswith("5."):
             raise ValueError(f"permanent={permanent} does not match status {code}")
@@ -43,6 +47,7 @@ class SMTPConnectError(Exception):
         self.remoteMTA = remoteMTA
         self.tlsFailure = tlsFailure
         self.loop = loop
+        self.refusedHello = refusedHello and permanent
 
     def resultsFor(self, recipients: Sequence[Recipient]) -> list[RecipientResult]:
         """One L{RecipientResult} per recipient saying this error happened."""
