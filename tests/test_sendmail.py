@@ -16,11 +16,11 @@ import pytest
 
 from mailrelay.app import sendmail
 from mailrelay.app.localmail import (
+    MessageTooLarge,
     SubmitError,
     commandLineRecipients,
     parseMessage,
     prepareMessage,
-    MessageTooLarge,
     readInput,
     senderAddress,
 )
@@ -168,8 +168,13 @@ def test_the_dot_ends_the_input_without_waiting_for_its_end() -> None:
 
 
 def test_line_ends() -> None:
-    # CRLF and LF end lines; a CR alone too (a progress meter in cron output).
-    assert read(b"a\r\nb\nc\rd\n", dotEnds=False) == [b"a", b"b", b"c", b"d"]
+    # LF ends a line, with every CR before it dropped (Postfix's sendmail_fix_line_endings);
+    # a CR alone stays in its line (the body cuts it there: see prepareMessage).
+    assert read(b"a\r\nb\nc\rd\n", dotEnds=False) == [b"a", b"b", b"c\rd"]
+    assert read(b"a\r\r\nb\r\r\r\n\r\r\n", dotEnds=False) == [b"a", b"b", b""]
+    assert read(b"a\r\r\n.\r\r\nafter\n") == [b"a"]
+    assert read(b"a\r\n.\r\r") == [b"a"]
+    assert read(b"ends in a CR\r", dotEnds=False) == [b"ends in a CR"]
     assert read(b"no end", dotEnds=False) == [b"no end"]
     assert read(b"", dotEnds=False) == []
     long = b"x" * 200_000 + b"\n.\n"
@@ -195,6 +200,10 @@ def test_input_over_the_size_limit_can_still_be_saved(dotEnds: bool) -> None:
     whole = [*e.value.lines, *e.value.rest]
     expected = [b"Subject: big", b""] + [b"line %d" % n for n in range(3000)]
     assert whole == (expected if dotEnds else expected + [b".", b"after"])
+    # CR CR LF line ends, cut across reads anywhere, are one line end each.
+    with pytest.raises(MessageTooLarge) as e:
+        read(data.replace(b"\r\n", b"\r\r\n"), dotEnds=dotEnds, limit=1000)
+    assert [*e.value.lines, *e.value.rest] == expected
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,6 +251,23 @@ def test_t_takes_to_cc_bcc_and_removes_bcc() -> None:
     assert "eve" not in content and "frank" not in content.lower()
 
 
+def test_stray_carriage_returns_do_not_end_the_header_section() -> None:
+    """Lines ended by CR CR LF, or a CR alone within a field, left the rest of the header
+    section in the body: its Bcc: shown to every recipient and its address not one of
+    them.  Postfix's sendmail drops every CR before the LF and keeps a lone one in its
+    line; a lone CR within a field becomes a space here, and in the body still ends a
+    line (cron's progress meters)."""
+    lines = read(b"To: a@example.org\r\r\nSubject: 50%\rdone\r\r\n"
+                 b"Bcc: secret@example.org\r\r\n\r\r\nbody 10%\r20%\r\r\n", dotEnds=False)
+    result = prepareMessage(lines, recipients=[], extract=True, sender="alice@relay.test",
+                            fullName=None, hostname="relay.test", uid=1000, now=0.0)
+    assert result.recipients == ("a@example.org", "secret@example.org")
+    head, body = result.content.split(b"\r\n\r\n", 1)
+    assert b"secret" not in result.content and b"\r" not in head.replace(b"\r\n", b"")
+    assert b"\r\nSubject: 50% done\r\n" in head
+    assert body == b"body 10%\r\n20%\r\n"
+
+
 def test_t_adds_to_the_command_line_recipients_once() -> None:
     rcpts, _ = prepare("To: a@example.org, b@example.org\n\nx\n",
                        recipients=("b@example.org", "c@example.org"))
@@ -264,6 +290,20 @@ def test_resent_fields_are_used_when_present() -> None:
     assert not any("secret" in line for line in head)
 
 
+def test_resent_recipients_only_when_there_are_resent_recipient_fields() -> None:
+    """Postfix's sendmail takes the Resent- recipients only when there is a Resent-To:,
+    -Cc: or -Bcc:; other Resent- fields (a redirect whose Resent-Bcc: is gone) leave the
+    To:, Cc: and Bcc: recipients, where the message was refused for having none."""
+    rcpts, content = prepare(
+        "From: orig@example.org\nTo: carol@example.org\nResent-From: bob@example.org\n"
+        "Resent-Date: Mon, 1 Jan 2024 00:00:00 +0000\nResent-Message-Id: <r@example.org>\n"
+        "\nx\n")
+    assert rcpts == ["carol@example.org"]
+    head = headerSection(content)
+    assert "Resent-From: bob@example.org" in head and "From: orig@example.org" in head
+    assert not any(line.startswith("From: alice") for line in head)
+
+
 def test_from_added_with_the_full_name_only_when_missing() -> None:
     _, content = prepare("Subject: x\n\nbody\n", recipients=("a@example.org",),
                          fullName="Alice Q. Liddell")
@@ -277,6 +317,10 @@ def test_from_added_with_the_full_name_only_when_missing() -> None:
         "From: Me <me@example.org>"]
     _, content = prepare("Subject: x\n\n", recipients=("a@example.org",), sender="")
     assert "From: MAILER-DAEMON@relay.test" in headerSection(content)
+    # An SMTPUTF8 sender (-f) is written as it is (RFC 6532), which formataddr refused.
+    _, content = prepare("Subject: x\n\n", recipients=("a@example.org",),
+                         sender="sénder@example.org", fullName="Jörg")
+    assert "From: =?utf-8?b?SsO2cmc=?= <sénder@example.org>" in headerSection(content)
 
 
 def test_addresses_without_domain_get_the_relays_hostname() -> None:

@@ -1,17 +1,21 @@
 """The message C{mailrelay-sendmail} submits, made as Postfix's sendmail and cleanup make
 mail submitted on the command line.
 
-  - L{readInput}: standard input as Sendmail reads it: lines ended by LF (a CR before it is
-    dropped; a CR alone also ends a line), to the end of the input or, without C{-i}, to a
-    line holding a single dot; bounded by the relay's message size limit.
+  - L{readInput}: standard input as Postfix's sendmail reads it: lines ended by LF (every CR
+    before it dropped: C{sendmail_fix_line_endings}; a CR alone stays in its line), to the
+    end of the input or, without C{-i}, to a line holding a single dot; bounded by the
+    relay's message size limit.
   - L{parseMessage}: the header section and the body, a leading mbox C{From } line skipped.
   - L{prepareMessage}: the envelope recipients (those given, and with C{-t} those of the
-    C{To:}, C{Cc:} and C{Bcc:} fields, or of the C{Resent-} ones when there are any), the
-    C{Bcc:} fields removed, C{From:} (or C{Resent-From:}) added when missing, addresses
+    C{To:}, C{Cc:} and C{Bcc:} fields, or of the C{Resent-} ones when there is a
+    C{Resent-To:}, C{-Cc:} or C{-Bcc:}), the C{Bcc:} fields removed, C{From:} (or
+    C{Resent-From:} when there is any C{Resent-} field) added when missing, addresses
     without a domain qualified with the relay's host name (Postfix's C{myorigin}), a
-    C{Received:} field naming the user id on top, and every line ended by CRLF and at most
-    998 octets long (a longer line is broken by inserting CRLF and a space, as Postfix's SMTP
-    client does).  C{Date:} and C{Message-Id:} are added by the relay's stamper.
+    C{Received:} field naming the user id on top, a CR alone made a space in the header
+    section and a line end in the body (the progress meters of cron output), and every line
+    ended by CRLF and at most 998 octets long (a longer line is broken by inserting CRLF and
+    a space, as Postfix's SMTP client does).  C{Date:} and C{Message-Id:} are added by the
+    relay's stamper.
 
 No I/O but the stream L{readInput} is given; the command is L{mailrelay.app.sendmail}.
 """
@@ -39,6 +43,7 @@ ADDRESS_FIELDS = frozenset(
     for name in (base, "resent-" + base)
 )
 _RECIPIENT_FIELDS = ("to", "cc", "bcc")
+_RESENT_RECIPIENT_FIELDS = frozenset("resent-" + name for name in _RECIPIENT_FIELDS)
 _RESENT = frozenset(
     "resent-" + name for name in ("date", "from", "sender", "to", "cc", "bcc", "message-id")
 )
@@ -74,8 +79,7 @@ def _restOfInput(stream: BinaryIO, head: bytes, dotEnds: bool) -> Iterator[bytes
     while True:
         chunk = stream.read(65536)
         data += chunk
-        # Complete lines only; a CR at the very end may be the start of a CRLF.
-        end = max(data.rfind(b"\n"), data.rfind(b"\r", 0, len(data) - 1)) + 1
+        end = data.rfind(b"\n") + 1  # (complete lines only)
         if not chunk:
             end = len(data)
         for line in _split(data[:end]):
@@ -118,7 +122,7 @@ def readInput(stream: BinaryIO, *, dotEnds: bool, limit: int) -> list[bytes]:
             if dotEnds:
                 if not pending.endswith(b"\n"):
                     continue  # a line longer than the chunk
-                line = pending.rstrip(b"\n").removesuffix(b"\r")
+                line = pending[:-1].rstrip(b"\r")
                 if line == b".":
                     pending = b""
                     break
@@ -126,16 +130,23 @@ def readInput(stream: BinaryIO, *, dotEnds: bool, limit: int) -> list[bytes]:
                 pending = b""
     except OSError as e:
         raise SubmitError(f"cannot read the message: {e.strerror or e}", os.EX_IOERR) from None
-    if pending and not (dotEnds and pending.removesuffix(b"\r") == b"."):
+    if pending and not (dotEnds and pending.rstrip(b"\r") == b"."):
         lines.extend(_split(pending))
     return lines
 
 
+_LINE_END = re.compile(rb"\r*\n")
+
+
 def _split(data: bytes) -> list[bytes]:
-    """C{data} cut into lines at CRLF, LF or a CR alone; a final line end adds no line."""
-    lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+    """C{data} cut into lines at each LF, every CR before it dropped (Postfix's
+    C{sendmail_fix_line_endings}: CR CR LF is one line end); a final line end adds no line,
+    and a last line without one (the end of the input) loses its final CRs too."""
+    lines = _LINE_END.split(data)
     if lines[-1] == b"":
         lines.pop()
+    else:
+        lines[-1] = lines[-1].rstrip(b"\r")
     return lines
 
 
@@ -187,7 +198,7 @@ def parseMessage(lines: Sequence[bytes]) -> ParsedMessage:
     start = 1 if lines and lines[0].startswith(b"From ") else 0
     index = start
     while index < len(lines):
-        line = lines[index]
+        line = lines[index].replace(b"\r", b" ")  # (in a field, a CR alone has no meaning)
         if line == b"":
             message.separated = True
             index += 1
@@ -323,7 +334,8 @@ def prepareMessage(
     """
     message = parseMessage(lines)
     resent = any(h.key in _RESENT for h in message.headers)
-    prefix = "resent-" if resent else ""
+    # The Resent- recipients when there is a Resent-To:, -Cc: or -Bcc: (Postfix's sendmail).
+    prefix = "resent-" if message.fields(*_RESENT_RECIPIENT_FIELDS) else ""
     found = list(recipients)
     if extract:
         for header in message.fields(*(prefix + name for name in _RECIPIENT_FIELDS)):
@@ -352,7 +364,7 @@ def prepareMessage(
     )
     out = [*received, *(line for h in headers for line in h), b""]
     if message.body or message.separated:
-        out.extend(message.body)
+        out.extend(piece for line in message.body for piece in line.split(b"\r"))
     content = b"".join(piece + b"\r\n" for line in out for piece in _fold(line))
     return Submission(unique, content)
 
@@ -450,7 +462,7 @@ def _scanAddresses(value: str) -> list[tuple[str, int]] | None:
 
 def _field(name: str, pairs: list[tuple[str, str]]) -> list[bytes]:
     """An address field C{name} listing C{pairs}, folded after commas when long."""
-    items = [formataddr(pair) for pair in pairs]
+    items = [_mailbox(name, address) for name, address in pairs]
     lines = [f"{name}: "]
     for index, item in enumerate(items):
         text = item + ("," if index < len(items) - 1 else "")
@@ -459,6 +471,16 @@ def _field(name: str, pairs: list[tuple[str, str]]) -> list[bytes]:
         else:
             lines[-1] += ("" if lines[-1].endswith(": ") else " ") + text
     return [line.encode("utf-8", "surrogateescape") for line in lines]
+
+
+def _mailbox(name: str, address: str) -> str:
+    """C{address} with display name C{name} (quoted or encoded as C{formataddr} does); an
+    SMTPUTF8 address as it is (RFC 6532 3.2), which C{formataddr} refuses."""
+    if address.isascii():
+        return formataddr((name, address))
+    if not name:
+        return address
+    return formataddr((name, "x@x")).removesuffix("<x@x>") + f"<{address}>"
 
 
 def _fold(line: bytes) -> list[bytes]:
