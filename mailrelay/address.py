@@ -386,6 +386,9 @@ def _parsePath(
         if postmasterDomain is not None and inner.lower() == "postmaster":
             return Mailbox("postmaster", _domain(postmasterDomain))
         mailbox = _mailbox(inner)
+        if _unquote(mailbox.localPart).startswith("-"):
+            # (Postfix's allow_min_user = no: a command could take it for an option.)
+            raise _Bad("local part starts with '-'")
         if max(_octets(path), _octets(str(mailbox)) + 2) > MAX_PATH:
             raise _Bad(f"path longer than {MAX_PATH} octets", _PLAIN)
     except _Bad as e:

@@ -102,6 +102,24 @@ def test_postfix_passes_dsn_requests_on_to_the_relay(relay, postfix) -> None:
 # HELO/EHLO ----------------------------------------------------------------------------------
 
 
+def test_addresses_starting_with_a_dash_refused(relay) -> None:
+    """As Postfix (allow_min_user = no): a command down the line, a pipe backend or a site's
+    script, could take such an address for an option."""
+    r = relay()
+    c, _ = session(r)
+    c.send(b"MAIL FROM:<-f@example.com>\r\nMAIL FROM:<a@example.com>\r\n"
+           b"RCPT TO:<-oi@example.org>\r\nRCPT TO:<\"-x\"@example.org>\r\n"
+           b"RCPT TO:<b-c@example.org>\r\n")
+    assert [c.readReply() for _ in range(5)] == [
+        [b"501 5.1.7 Error: bad sender address syntax: local part starts with '-'"],
+        [b"250 2.1.0 Ok"],
+        [b"501 5.1.3 Error: bad recipient address syntax: local part starts with '-'"],
+        [b"501 5.1.3 Error: bad recipient address syntax: local part starts with '-'"],
+        [b"250 2.1.5 Ok"],
+    ]
+    c.close()
+
+
 def test_ehlo_with_spaces_accepted_and_logged(relay) -> None:
     r = relay()
     c, ehlo = session(r, b"EHLO My Computer")
