@@ -41,9 +41,9 @@ class Site:
         env.update(MAILRELAY_CONFIG=str(self.config), HOME=str(self.home), **extra)
         return env
 
-    def run(self, argv: list[str], data: bytes | None = None, **extra: str
-            ) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(argv, input=data, capture_output=True, timeout=60,
+    def run(self, argv: list[str], data: bytes | None = None, timeout: float = 60,
+            **extra: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(argv, input=data, capture_output=True, timeout=timeout,
                               env=self.env(**extra))
 
 
@@ -172,6 +172,23 @@ def test_bs_session(site: Site) -> None:
     assert "SMTP protocol synchronization" not in site.relay.log()
 
 
+def test_bs_bdat_and_a_last_line_without_its_end(site: Site) -> None:
+    """-bs passes BDAT's chunk on as it is (CHUNKING is offered through the pipe), and a
+    last command without a line end is ended (Postfix's smtpd takes it at the end of the
+    input).  Both hung until the relay's idle timeout."""
+    chunk = b"Subject: bdat\r\n\r\nCRLF\r\n"
+    session = (b"EHLO client.example\nMAIL FROM:<a@example.org>\nRCPT TO:<b@example.org>\n"
+               b"BDAT %d LAST\n" % len(chunk) + chunk + b"QUIT")
+    result = site.run([SENDMAIL, "-bs"], session, timeout=20)
+    assert result.returncode == 0, result.stderr
+    replies = result.stdout.decode().split("\r\n")
+    assert re.fullmatch(r"250 2\.0\.0 Ok: queued as \w+", replies[-3]), replies
+    assert replies[-2:] == ["221 2.0.0 Bye", ""]
+    (got,) = site.hop.waitFor(lambda acc: len(acc) >= 1, what="the message")
+    assert b"\r\nSubject: bdat\r\n" in got.content
+    assert got.content.endswith(b"\r\n\r\nCRLF\r\n")
+
+
 def test_bs_input_ending_in_data(site: Site) -> None:
     """-bs whose input ends in the middle of the message: the session ends at once, nothing
     is queued, and the command says so (exit 65).  It waited 30 s for the relay, then
@@ -206,6 +223,15 @@ def test_relay_down(site: Site, tmp_path: Path) -> None:
     assert result.returncode == 75
     assert result.stdout == (b"421 4.3.2 relay.test mailrelay-sendmail: the relay is not "
                              b"running\r\n")
+
+
+def test_closed_standard_input_is_an_empty_message(site: Site) -> None:
+    """As Postfix's sendmail, which opens /dev/null on a closed descriptor 0, 1 or 2: it
+    was a traceback (sys.stdin is None)."""
+    result = site.run(["sh", "-c", f"exec {SENDMAIL} -i user@example.org <&- 2>&1"])
+    assert (result.returncode, result.stdout) == (0, b"")
+    (got,) = site.hop.waitFor(lambda acc: len(acc) >= 1, what="the message")
+    assert got.rcptTos == ["user@example.org"] and got.content.endswith(b"\r\n\r\n")
 
 
 def test_refused_message_goes_to_dead_letter(site: Site) -> None:

@@ -659,6 +659,36 @@ def test_dead_letter(tmp_path: Path) -> None:
     assert said.startswith("the message could not be saved in ") and "No such file" in said
 
 
+def test_an_unexpected_error_after_reading_keeps_the_message(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever goes wrong once the message is read, it is saved in dead.letter (a crash
+    lost it) and the command exits with EX_SOFTWARE, saying what happened."""
+
+    class Session:
+        def __init__(self, view: LocalView, verbose: object) -> None:
+            pass
+
+        def open(self) -> None:
+            pass
+
+        def submit(self, envelope: Envelope, submission: object) -> str:
+            raise RuntimeError("a bug")
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(sendmail, "loadLocalView", lambda config: VIEW)
+    monkeypatch.setattr(sendmail, "RelaySession", Session)
+    with pytest.raises(SubmitError) as e:
+        sendmail.run(Options(recipients=["b@example.org"]), io.BytesIO(b"Subject: x\n\nkept\n"),
+                     io.StringIO(), {"HOME": str(tmp_path)})
+    assert e.value.status == os.EX_SOFTWARE
+    assert e.value.message.split("\n") == [
+        "internal error: RuntimeError('a bug')",
+        f"the message was saved in {tmp_path}/dead.letter"]
+    assert (tmp_path / "dead.letter").read_bytes().endswith(b"\nSubject: x\n\nkept\n\n")
+
+
 def test_relay_down_is_a_temporary_failure(tmp_path: Path) -> None:
     path = tmp_path / "gone.sock"
     view = LocalView(None, "relay.test", 1000, (ListenerView(f"unix:{path}"),))

@@ -632,10 +632,19 @@ class _RelayClosed(Exception):
 
 
 def _crlf(line: bytes) -> bytes:
-    """C{line} (with its LF, or the input's last line without one) ended by CRLF."""
-    if line.endswith(b"\r\n") or not line.endswith(b"\n"):
-        return line
-    return line[:-1] + b"\r\n"
+    """C{line} (with its LF, or the input's last line without one) ended by CRLF, the CRs
+    before its LF dropped."""
+    return line.removesuffix(b"\n").rstrip(b"\r") + b"\r\n"
+
+
+def _bdatSize(line: bytes) -> int | None:
+    """The chunk size of C{line} when it is a well-formed C{BDAT} command (RFC 3030: the
+    relay then reads that many octets whatever it answers), else C{None}."""
+    words = line.split()
+    if len(words) in (2, 3) and words[0].upper() == b"BDAT" and words[1].isdigit() and (
+            len(words) == 2 or words[2].upper() == b"LAST"):
+        return int(words[1])
+    return None
 
 
 class SMTPPipe:
@@ -645,9 +654,10 @@ class SMTPPipe:
     before, and nothing before the greeting: a client that writes its whole session at once
     (a script, C{sendmail -bs < file}) is neither an early talker nor an unauthorised
     pipeliner to the relay, and gets every reply in order.  Line ends are made CRLF (local
-    clients often send LF alone, which Postfix's sendmail -bs accepts).  After C{DATA} and
-    its 354 the message goes as it comes, up to the line holding a single dot; after
-    C{STARTTLS} and its 220 the bytes pass unchanged both ways.
+    clients often send LF alone, which Postfix's sendmail -bs accepts), and the input's last
+    line gets one when it has none.  After C{DATA} and its 354 the message goes as it
+    comes, up to the line holding a single dot; a C{BDAT} command's chunk goes unchanged
+    right behind it; after C{STARTTLS} and its 220 the bytes pass unchanged both ways.
     """
 
     def __init__(self, sock: socket.socket, stdin: int, stdout: int) -> None:
@@ -670,6 +680,9 @@ class SMTPPipe:
                         self._fromRelay()
                 self.sock.sendall(_crlf(line))
                 verb = line.split(maxsplit=1)[0].upper() if line.strip() else b""
+                size = _bdatSize(line) if verb == b"BDAT" else None
+                if size is not None and not self._chunk(size):
+                    self._endSession("a BDAT chunk")
                 code = self._reply()
                 if verb == b"DATA" and code == b"354":
                     if not self._data():
@@ -744,16 +757,16 @@ class SMTPPipe:
                 return None
             self._wait()
 
-    def _endSession(self) -> None:
-        """The input ended in the middle of the message: end the session at once (the relay,
-        seeing the connection's end, drops the message); what it says meanwhile is written
-        out.  @raise SubmitError: C{EX_DATAERR}."""
+    def _endSession(self, where: str = "the message (after DATA)") -> None:
+        """The input ended in the middle of the message (C{where}): end the session at once
+        (the relay, seeing the connection's end, drops the message); what it says meanwhile
+        is written out.  @raise SubmitError: C{EX_DATAERR}."""
         self.sock.shutdown(socket.SHUT_WR)
         with contextlib.suppress(_RelayClosed):
             while True:
                 self._fromRelay()
-        raise SubmitError("the input ended in the middle of the message (after DATA); "
-                          "nothing was sent", os.EX_DATAERR)
+        raise SubmitError(f"the input ended in the middle of {where}; nothing was sent",
+                          os.EX_DATAERR)
 
     def _data(self) -> bool:
         """Pass the message on, up to and with its end (a line holding a single dot); return
@@ -776,6 +789,21 @@ class SMTPPipe:
                     return True
                 return False
             self._wait()
+
+    def _chunk(self, size: int) -> bool:
+        """Pass C{size} octets of the input on as they are (a BDAT chunk); return whether
+        they came (C{False}: the input ended before)."""
+        while size:
+            if self._input:
+                piece = bytes(self._input[:size])
+                del self._input[: len(piece)]
+                self.sock.sendall(piece)
+                size -= len(piece)
+            elif not self._inputOpen:
+                return False
+            else:
+                self._wait()
+        return True
 
     def _transparent(self) -> None:
         """Pass bytes unchanged both ways until the relay closes."""
@@ -912,6 +940,11 @@ def run(
         if lines is not None:
             e.message += "\n" + saveDeadLetter(lines, sender, environ, uid)
         raise
+    except Exception as e:  # a bug: the message read is still not lost
+        if lines is None:
+            raise
+        saved = saveDeadLetter(lines, sender, environ, uid)
+        raise SubmitError(f"internal error: {e!r}\n{saved}", os.EX_SOFTWARE) from e
     finally:
         session.close()
     return os.EX_OK
@@ -943,6 +976,17 @@ def saveDeadLetter(
     return f"the message was saved in {path}"
 
 
+def _openClosedStandardDescriptors() -> None:
+    """Open C{/dev/null} on each of descriptors 0, 1 and 2 that is closed, as Postfix's
+    sendmail does: a closed standard input is an empty message, and no socket or file this
+    command opens can take the place of one of them."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # (the lowest free descriptor: this one)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The console script's entry point."""
     arguments = sys.argv[1:] if argv is None else list(argv)
@@ -951,8 +995,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         sys.stderr.write(f"{PROG}: {e}\n{USAGE}")
         return os.EX_USAGE
+    _openClosedStandardDescriptors()
+    stdin = sys.stdin.buffer if sys.stdin is not None else open(0, "rb", closefd=False)  # noqa: SIM115
     try:
-        return run(options, sys.stdin.buffer, sys.stderr, os.environ)
+        return run(options, stdin, sys.stderr, os.environ)
     except SubmitError as e:
         for line in e.message.split("\n"):
             print(f"{PROG}: {line}", file=sys.stderr)
