@@ -502,6 +502,63 @@ def test_maildir_errors(tmp_path: Path, messagePath: Path, monkeypatch: pytest.M
     assert list((tmp_path / "box" / "new").iterdir()) == []
 
 
+#: A BODY=BINARYMIME message whose binary part holds CRLF, a bare LF and CR, and NULs (the
+#: start of a PNG file): taking its CRLF for line ends breaks it.
+PAYLOAD = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\r\n\x00\xff"
+BINARY_MESSAGE = (
+    b"Subject: binary\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n"
+    b"\r\n--B\r\nContent-Type: text/plain\r\n\r\nsee the image\r\n--B\r\n"
+    b"Content-Type: image/png\r\nContent-Transfer-Encoding: binary\r\n\r\n" + PAYLOAD
+    + b"\r\n--B--\r\n"
+)
+
+
+def binaryPart(stored: bytes) -> bytes:
+    """The decoded content of the image/png part of C{stored} (a message with LF lines)."""
+    import email
+    import email.policy
+
+    msg = email.message_from_bytes(stored, policy=email.policy.compat32)
+    (part,) = [p for p in msg.walk() if p.get_content_type() == "image/png"]
+    payload = part.get_payload(decode=True)
+    assert isinstance(payload, bytes)
+    return payload
+
+
+def test_maildir_converts_binarymime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a bug hunt: a BODY=BINARYMIME message had the CRLF of its binary part made
+    LF with the message's line ends, and the image stored broken.  Its binary part is made
+    base64 first, as for a next hop without BINARYMIME (L{mailrelay.delivery.mime}); one
+    that cannot be converted (DKIM-signed) is returned with 5.6.3, nothing stored."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # (the converted copy's place)
+    path = tmp_path / "m.eml"
+    path.write_bytes(BINARY_MESSAGE)
+    env = dataclasses.replace(envelope("bob@example.org"), body="BINARYMIME")
+    route = toMaildir(str(tmp_path / "box"))
+    (r,) = result(maildir().deliver(env, env.recipients, route, path))
+    assert r.status is DELIVERED
+    (stored,) = list((tmp_path / "box" / "new").iterdir())
+    content = stored.read_bytes()
+    assert binaryPart(content) == PAYLOAD
+    assert b"Content-Transfer-Encoding: base64\n" in content and content.isascii()
+    assert b"\r" not in content and b"\nsee the image\n" in content
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["box", "m.eml"]  # (copy removed)
+    assert path.read_bytes() == BINARY_MESSAGE
+
+    path.write_bytes(b"DKIM-Signature: v=1; d=example.com\r\n" + BINARY_MESSAGE)
+    with capturedLogs() as events:
+        (r,) = result(maildir().deliver(env, env.recipients, toMaildir(str(tmp_path / "x")), path))
+    assert (r.status, r.code) == (PERMANENT, "5.6.3")
+    assert r.diagnostic == (
+        "X-mailrelay; maildir does not support BINARYMIME, and the message cannot be "
+        "converted to 7 bits: the message is DKIM-signed, and converting it would break the "
+        "signature")
+    assert not (tmp_path / "x").exists()
+    assert any("cannot convert" in formatEvent(e) for e in events)
+
+
 class MaildirThreadTests(unittest.TestCase):
     """Without an injected deferToThread the reactor's thread pool is used."""
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
+from tests.test_delivery import BINARY_MESSAGE, PAYLOAD, binaryPart
 from tests.test_e2e_outbound import (
     bounceID,
     config,
@@ -27,6 +29,7 @@ from tests.test_e2e_outbound import (
     waitRemoved,
     waitResult,
 )
+from tests.test_e2e_protocol import bdat, replies, session
 from tests.test_pipe import USER, runs, script, workdir
 
 
@@ -108,3 +111,36 @@ def test_pipe_per_message(relay, dns, tmp_path: Path, work: Path) -> None:
     qid = submit(r, "alice@sender.test", ["a@pipe.test", "b@pipe.test"], message("once"))
     waitRemoved(r, qid)
     assert [run["args"] for run in runs(work)] == [["a@pipe.test", "b@pipe.test"]]
+
+
+def test_binarymime_reaches_the_command_and_the_maildir_intact(relay, dns, tmp_path: Path,
+                                                                work: Path) -> None:
+    """Found by a bug hunt: a message taken with BODY=BINARYMIME (by BDAT, on a listener
+    with binarymime = true) reached the command and the Maildir with the CRLF of its binary
+    part made LF, the image broken, and the log said sent.  Its binary part arrives base64,
+    the relay logging conversion=7bit, as for a next hop without BINARYMIME."""
+    text = _config(dns, tmp_path, [script(work, "exit 0"), "{recipient}"])
+    text += '[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\nbinarymime = true\n'
+    r = relay(text, "--spool", "spool", "--hostname", "relay.test", defaults=False)
+    c, ehlo = session(r, b"EHLO client.test")
+    assert b"250-BINARYMIME" in ehlo
+    c.send(b"MAIL FROM:<alice@sender.test> BODY=BINARYMIME\r\nRCPT TO:<bob@pipe.test>\r\n"
+           b"RCPT TO:<alice@sender.test>\r\n" + bdat(BINARY_MESSAGE, True))
+    got = replies(c, 4)
+    c.close()
+    m = re.fullmatch(rb"250 2\.0\.0 Ok: queued as ([0-9A-Z]{20})", got[3])
+    assert m, got
+    qid = m.group(1).decode()
+    for rcpt in ("bob@pipe.test", "alice@sender.test"):
+        assert waitResult(r, qid, rcpt)["status"] == "sent"
+    waitRemoved(r, qid)
+    (run,) = runs(work)
+    box = tmp_path / "mail" / "sender.test" / "alice" / "Maildir" / "new"
+    (stored,) = [p.read_bytes() for p in box.iterdir()]
+    for content in (run["stdin"], stored):
+        assert binaryPart(content) == PAYLOAD
+        assert content.isascii() and b"\r" not in content
+    for backend in ("procmail", "maildir"):
+        assert re.search(rf"{qid}: conversion=7bit for {backend} \(no BINARYMIME\): 1 body "
+                         r"part\(s\) encoded", r.log()), r.log()
+    waitEmpty(r)

@@ -3,6 +3,7 @@ scripts) run by the real reactor (trial test cases), and its options checked at 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pwd
 import re
@@ -234,6 +235,44 @@ class PipeTests(unittest.TestCase):
             (r,) = yield self.deliver(b, envelope("bob@example.org"))
             assert (r.status, r.code) == (kind, code), (said, r)
             assert said in r.diagnostic
+
+    @defer.inlineCallbacks
+    def test_binaryMIMEIsConverted(self) -> Any:
+        """Found by a bug hunt: a BODY=BINARYMIME message went with the CRLF of its binary
+        part made LF, the image broken.  Its binary part goes base64, as to a next hop
+        without BINARYMIME, once for all the runs; one that cannot be converted (DKIM-signed)
+        is returned with 5.6.3, the command not run."""
+        from mailrelay.delivery import mime
+        from tests.test_delivery import BINARY_MESSAGE, PAYLOAD, binaryPart
+
+        conversions = []
+        convertFile = mime.convertFile
+
+        def counting(*args: Any) -> Any:
+            conversions.append(args)
+            return convertFile(*args)
+
+        self.patch(mime, "convertFile", counting)
+        self.message.write_bytes(BINARY_MESSAGE)
+        b = backend([script(self.dir, "exit 0"), "{recipient}"])
+        env = dataclasses.replace(envelope("bob@example.org", "carol@example.org"),
+                                  body="BINARYMIME")
+        results = yield self.deliver(b, env)
+        assert [r.status for r in results] == [DeliveryStatus.DELIVERED] * 2
+        done = runs(self.dir)
+        assert len(done) == 2 and len(conversions) == 1
+        for run in done:
+            assert binaryPart(run["stdin"]) == PAYLOAD
+            assert run["stdin"].isascii() and b"\r" not in run["stdin"]
+        for run in Path(self.dir).glob("run.*"):
+            run.unlink()
+        self.message.write_bytes(b"DKIM-Signature: v=1; d=example.com\r\n" + BINARY_MESSAGE)
+        results = yield self.deliver(b, env)
+        assert [(r.status, r.code) for r in results] == [(DeliveryStatus.PERMANENT, "5.6.3")] * 2
+        assert results[0].diagnostic.startswith(
+            "X-mailrelay; procmail does not support BINARYMIME, and the message cannot be "
+            "converted to 7 bits: the message is DKIM-signed")
+        assert runs(self.dir) == []
 
 
 def deferLater(seconds: float) -> defer.Deferred:

@@ -1,7 +1,9 @@
 """What the delivery backends share: results for a whole group (L{resultsForAll}), the
 per-next-hop concurrency limit (L{PerDestination}), quitting connections in the background
-(L{Quitter}), the base of the SMTP and LMTP backends (L{ClientBackend}), and the checks of the
-options the relay builds the built-in backends' plugins with (L{builtinOptions})."""
+(L{Quitter}), the base of the SMTP and LMTP backends (L{ClientBackend}), the conversion of a
+message to 7 bits for a next hop or backend that cannot take it as it is (L{convertTo7Bit}),
+and the checks of the options the relay builds the built-in backends' plugins with
+(L{builtinOptions})."""
 
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ __all__ = [
     "Quitter",
     "ClientBackend",
     "builtinOptions",
+    "convertTo7Bit",
+    "removeWhenFired",
 ]
 
 log = Logger()
@@ -384,7 +388,7 @@ class ClientBackend:
             )
         finally:
             if converted is not None:
-                _remove(converted)
+                removeFile(converted)
         relay = getattr(connection, "relay", None)
         tls = getattr(connection, "tlsDescription", None)
         return [dataclasses.replace(r, relay=relay, tls=tls) for r in results]
@@ -402,52 +406,9 @@ class ClientBackend:
         lacking = "BINARYMIME" if binary else "8BITMIME"
         remoteMTA = connection.remoteMTA or ""
         host = getattr(connection, "host", None) or remoteMTA.partition("; ")[2] or remoteMTA
-        try:
-            converted = yield self._inThread(mime.convertFile, str(messagePath), binary)
-        except OSError as e:
-            log.error(
-                "{queueID}: cannot convert the message to 7 bits for {host}: {error}",
-                queueID=envelope.queueID,
-                host=host,
-                error=str(e),
-            )
-            return resultsForAll(
-                recipients,
-                DeliveryStatus.TRANSIENT,
-                "4.3.0",
-                f"X-mailrelay; cannot convert the message to 7 bits for {host}: "
-                f"{e.strerror or e}",
-                connection.remoteMTA,
-            )
-        except mime.ConversionImpossible as e:
-            log.warn(
-                "{queueID}: cannot convert the message to 7 bits for {host}, which does not "
-                "offer {lacking}: {reason}",
-                queueID=envelope.queueID,
-                host=host,
-                lacking=lacking,
-                reason=str(e),
-            )
-            return resultsForAll(
-                recipients,
-                DeliveryStatus.PERMANENT,
-                "5.6.3",
-                f"X-mailrelay; {host} does not support {lacking}, and the message cannot be "
-                f"converted to 7 bits: {e}",
-                connection.remoteMTA,
-            )
-        if converted is None:  # 7-bit already
-            return envelope, messagePath, None
-        path, parts = converted
-        log.info(
-            "{queueID}: conversion=7bit for {host} (no {lacking}): {parts} body part(s) "
-            "encoded",
-            queueID=envelope.queueID,
-            host=host,
-            lacking=lacking,
-            parts=parts,
-        )
-        return dataclasses.replace(envelope, body=None), path, path
+        prepared = yield convertTo7Bit(self._inThread, envelope, recipients, messagePath, host,
+                                       lacking, connection.remoteMTA)
+        return prepared
 
     def _inThread(self, f: Callable[..., Any], *args: Any) -> Deferred:
         """C{f(*args)} in the reactor's thread pool (at once with a reactor that has none, as
@@ -470,7 +431,85 @@ class ClientBackend:
         return self._perDestination.semaphores
 
 
-def _remove(path: str) -> None:
+@inlineCallbacks
+def convertTo7Bit(
+    inThread: Callable[..., Deferred],
+    envelope: Any,
+    recipients: list,
+    messagePath: Any,
+    target: str,
+    lacking: str,
+    remoteMTA: str | None = None,
+) -> Any:
+    """The message at C{messagePath} made 7-bit (L{mime.convertFile}, run by C{inThread},
+    C{callable(f, *args)} returning a Deferred) for C{target} (a next hop, a backend's
+    name), which lacks C{lacking} (C{"8BITMIME"} or C{"BINARYMIME"}): a Deferred firing
+    with C{(envelope, path, converted file or None)} -- the caller removes the converted
+    file (L{removeWhenFired}) -- or with the results of C{recipients} when it cannot be: 5.6.3
+    (L{mime.ConversionImpossible}), or 4.3.0 when a file cannot be read or written."""
+    binary = envelope.body == "BINARYMIME"
+    try:
+        converted = yield inThread(mime.convertFile, str(messagePath), binary)
+    except OSError as e:
+        log.error(
+            "{queueID}: cannot convert the message to 7 bits for {host}: {error}",
+            queueID=envelope.queueID,
+            host=target,
+            error=str(e),
+        )
+        return resultsForAll(
+            recipients,
+            DeliveryStatus.TRANSIENT,
+            "4.3.0",
+            f"X-mailrelay; cannot convert the message to 7 bits for {target}: "
+            f"{e.strerror or e}",
+            remoteMTA,
+        )
+    except mime.ConversionImpossible as e:
+        log.warn(
+            "{queueID}: cannot convert the message to 7 bits for {host}, which does not "
+            "offer {lacking}: {reason}",
+            queueID=envelope.queueID,
+            host=target,
+            lacking=lacking,
+            reason=str(e),
+        )
+        return resultsForAll(
+            recipients,
+            DeliveryStatus.PERMANENT,
+            "5.6.3",
+            f"X-mailrelay; {target} does not support {lacking}, and the message cannot be "
+            f"converted to 7 bits: {e}",
+            remoteMTA,
+        )
+    if converted is None:  # 7-bit already
+        return envelope, messagePath, None
+    path, parts = converted
+    log.info(
+        "{queueID}: conversion=7bit for {host} (no {lacking}): {parts} body part(s) "
+        "encoded",
+        queueID=envelope.queueID,
+        host=target,
+        lacking=lacking,
+        parts=parts,
+    )
+    return dataclasses.replace(envelope, body=None), path, path
+
+
+def removeWhenFired(d: Deferred, path: str | None) -> Deferred:
+    """C{d}, which removes the file at C{path} (a converted copy, L{convertTo7Bit}; none
+    when C{None}) when it fires."""
+    if path is not None:
+
+        def remove(outcome: Any) -> Any:
+            removeFile(path)
+            return outcome
+
+        d.addBoth(remove)
+    return d
+
+
+def removeFile(path: str) -> None:
     try:
         os.unlink(path)
     except OSError as e:  # pragma: no cover - a temporary file of ours

@@ -16,6 +16,9 @@ directory.
 
 Each copy starts with C{Return-Path: <sender>} and C{Delivered-To: <address>} and is stored
 with LF line ends (the Unix Maildir convention: the spool's CRLF become LF; a lone CR stays).
+A C{BODY=BINARYMIME} message, whose CRLF need not be line ends, is first made 7-bit as for a
+next hop without BINARYMIME (its binary parts base64: L{convertTo7Bit}), or returned with 5.6.3
+when it cannot be (DKIM-signed, 8-bit header fields).
 The copy is written to C{tmp/}, fsynced, linked (or, where the file system cannot link,
 renamed) into C{new/}, and C{new/} is fsynced, as the Maildir specification asks.  Missing
 Maildirs (C{tmp}, C{new}, C{cur}) are created with mode 0700.
@@ -53,7 +56,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailrelay.address import userParts
-from mailrelay.delivery.common import builtinOptions
+from mailrelay.delivery.common import builtinOptions, convertTo7Bit, removeWhenFired
 from mailrelay.errors import DeliveryFailure
 from mailrelay.interfaces import (
     CONTINUE,
@@ -401,7 +404,15 @@ class MaildirBackend:
 
         header = f"Return-Path: <{envelope.sender}>\n"
 
-        d = self._deferToThread(self._deliverAll, header, [j for _, j in jobs], str(messagePath))
+        def write(prepared: Any) -> Any:
+            if isinstance(prepared, list):  # a binary message that cannot be converted
+                for (index, _), outcome in zip(jobs, prepared, strict=True):
+                    results[index] = outcome
+                return results
+            _, path, converted = prepared
+            d = self._deferToThread(self._deliverAll, header, [j for _, j in jobs], str(path))
+            d.addCallbacks(done, failed)
+            return removeWhenFired(d, converted)
 
         def done(outcomes: list[RecipientResult]) -> list[RecipientResult]:
             for (index, job), result in zip(jobs, outcomes, strict=True):
@@ -436,8 +447,14 @@ class MaildirBackend:
                 )
             return results  # type: ignore[return-value]
 
-        d.addCallbacks(done, failed)
-        return d
+        if envelope.body == "BINARYMIME":
+            # Its CRLF need not be line ends: made 7-bit first (the binary parts base64).
+            binary = [recipients[index] for index, _ in jobs]
+            prepared = convertTo7Bit(self._deferToThread, envelope, binary, messagePath,
+                                     route.backend, "BINARYMIME")
+        else:
+            prepared = succeed((envelope, messagePath, None))
+        return prepared.addCallbacks(write, failed)
 
     # -- in the thread ------------------------------------------------------------------------
 

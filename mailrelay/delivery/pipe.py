@@ -20,9 +20,12 @@ It is a C{[[backends]]} table with C{plugin = "pipe"}; routes name the table's C
     (C{"MAILER-DAEMON"}, as Postfix).  An address starting with C{-} (an option to most
     commands) is refused (5.1.3), as Postfix does by default.
   - The message goes to the command's standard input with LF line ends (as Postfix writes
-    it), exactly as spooled otherwise.  Its standard output and error are read together;
-    the first L{OUTPUT_LIMIT} characters (made printable, on one line) go into the
-    diagnostic of a failure, and so into the bounce and the log.
+    it), exactly as spooled otherwise; a C{BODY=BINARYMIME} message, whose CRLF need not be
+    line ends, is first made 7-bit as for a next hop without BINARYMIME (its binary parts
+    base64: L{convertTo7Bit}), or returned with 5.6.3 when it cannot be.  Its standard
+    output and error are read together; the first L{OUTPUT_LIMIT} characters (made
+    printable, on one line) go into the diagnostic of a failure, and so into the bounce and
+    the log.
   - A failing command may say what happened by starting its output with an RFC 3463 status
     (C{4.2.2 Mailbox full}): 4.x.x defers, 5.x.x returns, with that status (as Postfix's
     C{D.S.N text}).  Else the exit status says it, by sysexits(3), as Postfix maps it: 0
@@ -66,7 +69,7 @@ from zope.interface import implementer
 
 from mailrelay.config.schema import At, Key, Source, Table
 from mailrelay.config.values import choice, integer, seconds, string
-from mailrelay.delivery.common import resultsForAll
+from mailrelay.delivery.common import convertTo7Bit, removeWhenFired, resultsForAll
 from mailrelay.errors import ConfigError, describeValue
 from mailrelay.interfaces import (
     DeliveryStatus,
@@ -74,6 +77,7 @@ from mailrelay.interfaces import (
     PluginContext,
     RecipientResult,
     Route,
+    threadHandOff,
 )
 
 log = Logger()
@@ -399,13 +403,24 @@ class PipeBackend:
                 good.append(index)
         groups = [[i] for i in good] if self.settings.per == "recipient" else [good] if good \
             else []
-        runs = [self._semaphore.run(self._run, envelope, [recipients[i] for i in group], route,
-                                    messagePath) for group in groups]
-        for d in runs:
-            self._runs.add(d)
-            d.addBoth(self._forget, d)
-        everything = defer.gatherResults(runs, consumeErrors=True)
-        everything.addErrback(lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
+        runs: list[Deferred] = []
+
+        def start(prepared: Any) -> Any:
+            if isinstance(prepared, list):  # a binary message that cannot be converted
+                for index, result in zip(good, prepared, strict=True):
+                    results[index] = result
+                return results
+            _, path, converted = prepared
+            runs.extend(self._semaphore.run(self._run, envelope, [recipients[i] for i in group],
+                                            route, path) for group in groups)
+            for d in runs:
+                self._runs.add(d)
+                d.addBoth(self._forget, d)
+            everything = defer.gatherResults(runs, consumeErrors=True)
+            everything.addErrback(
+                lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
+            everything.addCallback(collect)
+            return removeWhenFired(everything, converted)
 
         def collect(perGroup: list[list[RecipientResult]]) -> list[RecipientResult]:
             for group, groupResults in zip(groups, perGroup, strict=True):
@@ -413,13 +428,23 @@ class PipeBackend:
                     results[index] = result
             return results  # type: ignore[return-value]
 
+        if envelope.body == "BINARYMIME" and good:
+            # Its CRLF need not be line ends: made 7-bit first (the binary parts base64).
+            prepared = convertTo7Bit(threadHandOff(self.reactor), envelope,
+                                     [recipients[i] for i in good], messagePath, route.backend,
+                                     "BINARYMIME")
+        else:
+            prepared = defer.succeed((envelope, messagePath, None))
+
         def cancel(_: Deferred) -> None:
             for d in runs:
                 d.cancel()
+            if not runs:  # still converting
+                prepared.cancel()
 
         outer: Deferred = Deferred(cancel)
-        everything.addCallback(collect)
-        everything.chainDeferred(outer)
+        prepared.addCallback(start)
+        prepared.chainDeferred(outer)
         return outer
 
     def _forget(self, result: Any, d: Deferred) -> Any:
