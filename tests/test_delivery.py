@@ -445,6 +445,25 @@ def test_maildir_null_sender_and_address_placeholder(tmp_path: Path, messagePath
     )
 
 
+def test_maildir_placeholders_in_an_address_are_not_expanded(
+    tmp_path: Path, messagePath: Path
+) -> None:
+    """Found by a bug hunt: the placeholders were replaced one after the other, so that a
+    local part holding one had it replaced too: {domain}@example.org was written into the
+    mailbox of a user example.org.  Each is replaced once, in one pass."""
+    assert mailboxPath("/m/{domain}/{local}/Maildir", "{domain}@example.org") == (
+        "/m/example.org/{domain}/Maildir")
+    assert mailboxPath("/m/{local}/{domain}", "{domain}@example.org") == "/m/{domain}/example.org"
+    assert mailboxPath("/v/{address}/{domain}", '"{local}"@example.org') == (
+        "/v/{local}@example.org/example.org")
+    (tmp_path / "example.org" / "example.org").mkdir(parents=True)  # (a user example.org)
+    env = envelope("{domain}@example.org")
+    template = str(tmp_path / "{domain}" / "{local}" / "Maildir")
+    (r,) = result(maildir(False).deliver(env, env.recipients, toMaildir(template), messagePath))
+    assert (r.status, r.code) == (PERMANENT, "5.1.1")
+    assert list((tmp_path / "example.org" / "example.org").iterdir()) == []
+
+
 def test_maildir_crlf_split_across_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mailrelay.delivery import maildir as module
 

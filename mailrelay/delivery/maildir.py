@@ -2,7 +2,9 @@
 
 The route's next hop is a path template with the placeholders C{{local}}, C{{domain}} and
 C{{address}} (C{{local}@{domain}}), for example C{"/var/mail/{domain}/{local}/Maildir"}.
-Only those three are replaced (this is not C{str.format}: other braces stay as they are).
+Only those three are replaced, in one pass (what one is replaced with is never read for
+another: C{{domain}@example.org} is user C{{domain}}), and this is not C{str.format}: other
+braces stay as they are.
 A relative template is relative to the process's working directory; the configuration should
 make it absolute.
 
@@ -42,6 +44,7 @@ import dataclasses
 import errno
 import itertools
 import os
+import re
 import socket
 import stat
 import time
@@ -77,6 +80,8 @@ CHUNK = 65536
 DELIVERED_DIAGNOSTIC = "X-mailrelay; delivered to maildir"
 
 _counter = itertools.count(1)
+#: The placeholders of a template (any other brace is text).
+_PLACEHOLDERS = re.compile(r"\{(local|domain|address)\}")
 
 
 class UnsafeAddress(ValueError):
@@ -120,11 +125,9 @@ def _path(template: str, local: str, domain: str) -> str:
     local = _checkComponent(local.lower(), "local part")
     if "{domain}" in template or "{address}" in template:
         domain = _checkComponent(domain, "domain")
-    return (
-        template.replace("{address}", f"{local}@{domain}")
-        .replace("{local}", local)
-        .replace("{domain}", domain)
-    )
+    values = {"address": f"{local}@{domain}", "local": local, "domain": domain}
+    # In one pass: what a placeholder is replaced with is never read for another.
+    return _PLACEHOLDERS.sub(lambda m: values[m.group(1)], template)
 
 
 def _userPath(template: str, local: str, domain: str) -> str | None:
