@@ -512,11 +512,18 @@ def test_maildir_errors(tmp_path: Path, messagePath: Path, monkeypatch: pytest.M
     def full(*args: Any, **kw: Any) -> None:
         raise OSError(wanted, os.strerror(wanted))
 
+    # A full file system is deferred; a mailbox over its quota or a file over its size
+    # limit is returned at once, as Postfix's mbox_dsn (global/mbox_open.c) has them: they
+    # were deferred (4.2.2, 4.3.0), the sender told nothing for the queue's 5 days.
     monkeypatch.setattr(os, "fsync", full)
-    for wanted, code in [(errno.ENOSPC, "4.3.1"), (errno.EDQUOT, "4.2.2")]:
+    for wanted, status, code in [(errno.ENOSPC, TRANSIENT, "4.3.1"),
+                                 (errno.EDQUOT, PERMANENT, "5.2.2"),
+                                 (errno.EFBIG, PERMANENT, "5.2.2")]:
         route = toMaildir(str(tmp_path / "box"))
         (r,) = result(backend.deliver(env, env.recipients, route, messagePath))
-        assert (r.status, r.code) == (TRANSIENT, code)
+        assert (r.status, r.code) == (status, code), wanted
+        problem = OSError(wanted, os.strerror(wanted))
+        assert r.diagnostic == f"X-mailrelay; cannot deliver to maildir: {problem}"
     assert list((tmp_path / "box" / "tmp").iterdir()) == []
     assert list((tmp_path / "box" / "new").iterdir()) == []
 

@@ -180,16 +180,18 @@ def isUser(directory: str) -> bool:
 
 
 def _writeFailed(address: str, e: OSError) -> RecipientResult:
-    """The deferral of C{address} whose mailbox could not be looked up or written."""
-    if e.errno == errno.EDQUOT:
-        code = "4.2.2"
+    """The result of C{address} whose mailbox could not be looked up or written: returned
+    with 5.2.2 when the mailbox is over its quota or the file over its size limit (EDQUOT,
+    EFBIG: as Postfix's C{mbox_dsn}, global/mbox_open.c), else deferred (4.3.1 for a full
+    file system, 4.3.0 otherwise)."""
+    status = DeliveryStatus.TRANSIENT
+    if e.errno in (errno.EDQUOT, errno.EFBIG):
+        status, code = DeliveryStatus.PERMANENT, "5.2.2"
     elif e.errno == errno.ENOSPC:
         code = "4.3.1"
     else:
         code = "4.3.0"
-    return RecipientResult(
-        address, DeliveryStatus.TRANSIENT, code, f"X-mailrelay; cannot deliver to maildir: {e}"
-    )
+    return RecipientResult(address, status, code, f"X-mailrelay; cannot deliver to maildir: {e}")
 
 
 def _anyUser(directories: list[str]) -> bool:
