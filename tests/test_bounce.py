@@ -314,6 +314,42 @@ def test_utf8Sender(original: Path) -> None:
     assert "To: <rené@example.org>\r\n".encode() in dsn  # RFC 6532 UTF-8 header
 
 
+def test_quotedAddressesKeptExactly(original: Path) -> None:
+    """A quoted local part keeps its runs of spaces in every field that names it (RFC 3464
+    2.3.1-2.3.2: the address as given), and a field is never folded inside a quoted string:
+    folding made '"x  y"@example.com' read '"x y"@example.com'."""
+    sender = '"x  y"@example.com'
+    long = '"' + "w " * 30 + ' z"@example.org'  # a field of more than 78 characters
+    recipients = [
+        failedRecipient('"a  b"@example.org', orcpt='rfc822;"a  b"@example.org'),
+        failedRecipient(long, orcpt=f"rfc822;{long}"),
+    ]
+    dsn = build(original, envelope=makeEnvelope(sender=sender), recipients=recipients)
+    assertWellFormed(dsn)
+    assert b'\r\nTo: <"x  y"@example.com>\r\n' in dsn
+    assert b'\r\nX-Mailrelay-Sender: rfc822; "x  y"@example.com\r\n' in dsn
+    unfolded = re.sub(rb"\r\n(?=[ \t])", b"", dsn)  # RFC 5322 2.2.3
+    for address in ('"a  b"@example.org', long):
+        assert dsn.count(f" {address}\r\n".encode()) == 2  # on one line, not folded
+        for name in ("Original-Recipient", "Final-Recipient"):
+            assert f"\r\n{name}: rfc822; {address}\r\n".encode() in unfolded
+    perMessage, [a, b] = deliveryStatus(dsn)
+    assert perMessage["X-Mailrelay-Sender"] == f"rfc822; {sender}"
+    assert a["Final-Recipient"] == 'rfc822; "a  b"@example.org'
+    assert b["Original-Recipient"] == f"rfc822; {long}"
+
+
+def test_foldingKeepsTheValue(original: Path) -> None:
+    """A folded field unfolds to its value exactly (RFC 5322 2.2.3): folded only before a
+    space, which stays, and runs of spaces are kept."""
+    diagnostic = "smtp; 550 5.7.1  two  spaces" + " word" * 40 + "   three"
+    dsn = build(original, recipients=[failedRecipient(lastResult=diagnostic)])
+    assertWellFormed(dsn)
+    field = re.search(rb"\r\nDiagnostic-Code: (.*?)\r\n(?![ \t])", dsn, re.S)
+    assert field and b"\r\n " in field.group(1)  # folded
+    assert field.group(1).replace(b"\r\n", b"").decode() == diagnostic
+
+
 def test_longDiagnosticFolded(original: Path) -> None:
     diagnostic = "smtp; 550 5.7.1 " + "x" * 2500 + " and " + "y " * 300
     dsn = build(original, recipients=[failedRecipient(lastResult=diagnostic)])

@@ -18,8 +18,10 @@ from tests.test_e2e_outbound import (
     config,
     dns,  # noqa: F401 - the module's DNS server fixture
     message,
+    nexthop,  # noqa: F401 - the next hop fixture
     parseReport,
     relay,  # noqa: F401 - the relay fixture
+    smtpRoute,
     submit,
     waitEmpty,
     waitRemoved,
@@ -68,6 +70,34 @@ def test_success_to_a_mailbox_is_reported_delivered(relay, dns, tmp_path: Path) 
     assert email.message_from_string(parts[2].get_payload())["Subject"] == "success wanted"
 
 
+
+
+def test_bounce_names_quoted_addresses_exactly(relay, nexthop, dns) -> None:  # noqa: F811
+    """A sender and a recipient with runs of spaces in quoted local parts, the recipient
+    refused by the next hop: the bounce names both exactly (RFC 3464 2.3.1-2.3.2), in To:
+    and in the delivery-status fields, as on its envelope.  It used to read '"x y"'."""
+    hop, port = nexthop()
+    sender, rcpt = '"x  y"@sender.test', '"a  b"@example.org'
+    hop.rcptReply = lambda a: "550 5.1.1 no such user" if a == rcpt else None
+    r = relay(config(dns, routes=[smtpRoute("example.org", port),
+                                  smtpRoute("sender.test", port)]))
+    qid = submit(r, sender, [rcpt], message("quoted"),
+                 rcptOptions=('ORCPT=rfc822;"a+20+20b"@example.org',))
+    assert waitResult(r, qid, rcpt)["status"] == "bounced"
+    dsnID = bounceID(r, qid)
+    waitResult(r, dsnID, sender, "sent")
+    (bounce,) = hop.waitTo(sender)
+    assert (bounce.mailFrom, bounce.rcptTos) == ("<>", [sender])
+    content = bounce.content
+    assert b'\r\nTo: <"x  y"@sender.test>\r\n' in content
+    assert b'\r\nX-Mailrelay-Sender: rfc822; "x  y"@sender.test\r\n' in content
+    assert b'\r\nOriginal-Recipient: rfc822; "a  b"@example.org\r\n' in content
+    assert b'\r\nFinal-Recipient: rfc822; "a  b"@example.org\r\n' in content
+    msg, perMessage, (block,), _ = parseReport(content)
+    assert msg["To"] == f"<{sender}>"
+    assert perMessage["X-Mailrelay-Sender"] == f"rfc822; {sender}"
+    assert block["Final-Recipient"] == f"rfc822; {rcpt}"
+    waitEmpty(r)
 
 
 def test_postfix_next_hop_sends_its_own_delivered_notice(relay, dns, postfix,

@@ -71,6 +71,9 @@ _TEXT_WIDTH = 76
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _UNSAFE_FIELD_TEXT = re.compile(r"[\x00-\x1f\x7f]+")
+#: A word of a field value with the spaces before it (L{_fold} folds only before one): a
+#: quoted string, spaces and all, is part of a word.
+_FIELD_WORD = re.compile(r' *(?:"(?:[^"\\]|\\.)*"|[^ ])+| +$')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,21 +112,21 @@ def _fieldText(text: str) -> str:
 
 
 def _fold(name: str, value: str) -> str:
-    """One header field C{name: value}, folded at spaces near 78 characters, ending in CRLF.
+    """One header field C{name: value}, folded near 78 characters, ending in CRLF.
 
-    No line is longer than 998 octets: a word too long for that is split across lines (the
-    only change made to the value; runs of spaces become one space).
+    Unfolding gives the value back exactly (RFC 5322 section 2.2.3): a line is folded only
+    before a space outside a quoted string (a quoted local part, C{"a  b"@example.org}, stays
+    on one line, its spaces as they are).  No line is longer than 998 octets: a word too long
+    for that is split across lines (the only change ever made to the value: a space added).
     """
     first = f"{name}:"
     lines: list[str] = []
     line = first
-    for word in value.split(" "):
-        if not word:
-            continue
-        candidate = f"{line} {word}"
-        if line != first and len(candidate.encode("utf-8")) > _FOLD_AT:
+    for word in _FIELD_WORD.findall(f" {value}"):
+        candidate = line + word
+        if line != first and word.strip() and len(candidate.encode("utf-8")) > _FOLD_AT:
             lines.append(line)
-            candidate = f" {word}"
+            candidate = word
         line = candidate
         while len(line.encode("utf-8")) > _MAX_LINE:
             head, rest = _splitOctets(line, _MAX_LINE)
