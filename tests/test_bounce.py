@@ -473,6 +473,45 @@ def test_eightBitBodyFull(original: Path) -> None:
     assert b"\xe9t\xe9\r\n" in dsn
 
 
+BINARY_HEADERS = (
+    b"Subject: bin\r\nMIME-Version: 1.0\r\nContent-Type: application/octet-stream\r\n"
+    b"Content-Transfer-Encoding: binary\r\n"
+)
+
+
+@pytest.mark.parametrize("ret", ["FULL", "HDRS"])
+def test_binaryMessageReturnsItsHeaderSection(original: Path, ret: str) -> None:
+    """A BODY=BINARYMIME message (RFC 3030) is any octets, which no part of a report sent as
+    text may carry (RFC 6152: no NUL, CRLF lines): with RET=FULL too, only its header section
+    is returned, as it is, and the text says why.  The whole message used to come back with
+    its bare CRs and LFs made CRLF and its NULs in a message/rfc822 part labelled 8bit."""
+    original.write_bytes(BINARY_HEADERS + b"\r\n" + bytes(range(256)) + b"\nX\rY\r\n")
+    dsn = build(original, envelope=makeEnvelope(ret=ret, body="BINARYMIME"))
+    assertWellFormed(dsn)
+    assert b"\0" not in dsn and dsn.isascii()
+    third = parts(dsn)[2]
+    assert third.get_content_type() == "text/rfc822-headers"
+    assert third["Content-Transfer-Encoding"] == "7bit"
+    assert third.get_payload(decode=True) == BINARY_HEADERS
+    text = " ".join(parts(dsn)[0].get_content().split())
+    assert "Its header section is attached below." in text
+    assert ("The original message is binary (BODY=BINARYMIME)" in text) == (ret == "FULL")
+    envelope = dsnEnvelope(makeEnvelope(), to="sender@example.org", now=NOW, message=dsn)
+    assert envelope.body is None  # 7-bit
+
+
+def test_binaryHeaderSectionWithNulNotReturned(original: Path) -> None:
+    """A binary message whose header section has a NUL (or that has none, its first line
+    binary): nothing of it is returned, as no text part may hold a NUL."""
+    for content in (b"Subject: a\0b\r\n\r\nbody\r\n", b"\0\x01\x02\r\nmore\r\n"):
+        original.write_bytes(content)
+        dsn = build(original, envelope=makeEnvelope(ret="FULL", body="BINARYMIME"))
+        assertWellFormed(dsn)
+        assert b"\0" not in dsn
+        assert len(parts(dsn)) == 2
+        assert "not text" in " ".join(parts(dsn)[0].get_content().split())
+
+
 def test_unreadableOriginal(tmp_path: Path) -> None:
     dsn = build(tmp_path / "missing.eml")
     assertWellFormed(dsn)

@@ -9,6 +9,7 @@ own C{delivered} notice back through the relay)."""
 from __future__ import annotations
 
 import email
+import re
 import time
 from pathlib import Path
 
@@ -97,6 +98,54 @@ def test_bounce_names_quoted_addresses_exactly(relay, nexthop, dns) -> None:  # 
     assert msg["To"] == f"<{sender}>"
     assert perMessage["X-Mailrelay-Sender"] == f"rfc822; {sender}"
     assert block["Final-Recipient"] == f"rfc822; {rcpt}"
+    waitEmpty(r)
+
+
+def test_bounce_of_a_binary_message_returns_its_header_section(relay, nexthop, dns) -> None:  # noqa: F811
+    """A BODY=BINARYMIME message (RFC 3030, by BDAT to a listener with binarymime = true)
+    refused by the next hop, RET=FULL: the bounce returns its header section as it is, says
+    why not the whole message, and is 7-bit.  It used to return the whole message with its
+    bare CRs and LFs made CRLF and its NULs in a message/rfc822 part labelled 8bit, sent
+    with BODY=8BITMIME."""
+    hop, port = nexthop()
+    hop.rcptReply = lambda a: "550 5.1.1 no such user" if a == "bob@example.org" else None
+    routes = [smtpRoute("example.org", port), smtpRoute("sender.test", port)]
+    r = relay(config(dns, routes=routes)
+              + '[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\nbinarymime = true\n',
+              "--spool", "spool", "--hostname", "relay.test", defaults=False)
+    headers = (b"From: alice@sender.test\r\nDate: Mon, 1 Dec 2025 10:00:00 +0000\r\n"
+               b"Message-Id: <binary@sender.test>\r\nSubject: binary\r\nMIME-Version: 1.0\r\n"
+               b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: binary\r\n")
+    content = headers + b"\r\n" + bytes(range(256)) + b"\nX\rY\r\n"
+    c = r.connect()
+    try:
+        assert c.readReply()[0].startswith(b"220 ")
+        c.send(b"EHLO client.test\r\n")
+        assert b"250-BINARYMIME" in c.readReply()
+        c.send(b"MAIL FROM:<alice@sender.test> BODY=BINARYMIME RET=FULL\r\n"
+               b"RCPT TO:<bob@example.org>\r\nBDAT %d LAST\r\n" % len(content) + content)
+        got = [c.readReply()[-1] for _ in range(3)]
+        c.send(b"QUIT\r\n")
+    finally:
+        c.close()
+    assert got[:2] == [b"250 2.1.0 Ok", b"250 2.1.5 Ok"]
+    m = re.fullmatch(rb"250 2\.0\.0 Ok: queued as (\w+)", got[2])
+    assert m, got
+    qid = m.group(1).decode()
+    assert waitResult(r, qid, "bob@example.org")["status"] == "bounced"
+    dsnID = bounceID(r, qid)
+    waitResult(r, dsnID, "alice@sender.test", "sent")
+    (bounce,) = hop.waitTo("alice@sender.test")
+    assert bounce.mailFrom == "<>"
+    assert not any(o.upper().startswith("BODY=") for o in bounce.mailOptions), bounce.mailOptions
+    assert b"\0" not in bounce.content and bounce.content.isascii()
+    assert headers + b"\r\n--" in bounce.content  # as it was (after the relay's Received:)
+    _, _, (block,), parts = parseReport(bounce.content)
+    assert parts[2].get_content_type() == "text/rfc822-headers"
+    assert parts[2]["Content-Transfer-Encoding"] == "7bit"
+    assert (block["Action"], block["Status"]) == ("failed", "5.1.1")
+    text = " ".join(parts[0].get_payload().split())
+    assert "The original message is binary (BODY=BINARYMIME)" in text
     waitEmpty(r)
 
 

@@ -3,7 +3,8 @@ queue manager sends.
 
 L{buildDSN} makes the whole notification message: a C{multipart/report} (RFC 6522) with a
 human-readable explanation, a C{message/delivery-status} part, and the returned original (its
-header section, or the whole message when the sender asked with C{RET=FULL}).
+header section, or the whole message when the sender asked with C{RET=FULL}, unless it is
+binary: C{BODY=BINARYMIME}).
 L{dsnEnvelope} makes the envelope to queue it under: null sender, one recipient.  The
 notification enters the spool through the intake like any message
 (L{mailrelay.interfaces.IIntake.submit}): the header stampers add its C{Received:},
@@ -240,14 +241,21 @@ class _Original:
         return self.contentType in ("message/rfc822", "message/global")
 
 
-def _readOriginal(path: Path, wantFull: bool, limit: int, queueID: str) -> _Original:
+def _readOriginal(
+    path: Path, wantFull: bool, limit: int, queueID: str, binary: bool = False
+) -> _Original:
     """Read what is to be returned of the message at C{path}: the whole message if
     C{wantFull} and it is at most C{limit} octets, else its header section (cut at a line
-    boundary to C{limit} octets)."""
+    boundary to C{limit} octets).
+
+    A C{binary} message (C{BODY=BINARYMIME}, RFC 3030) is any octets, which no part of the
+    report may carry (it goes as text, RFC 6152): only its header section is returned, and
+    nothing if that holds a NUL (it is not text either).
+    """
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            full = wantFull and size <= limit
+            full = wantFull and not binary and size <= limit
             data = f.read(size if full else limit + 1)
             atEnd = not f.read(1)
     except OSError as e:
@@ -271,6 +279,11 @@ def _readOriginal(path: Path, wantFull: bool, limit: int, queueID: str) -> _Orig
             "The original message has lines too long to be returned; only its header section "
             "is returned."
         )
+    elif wantFull and binary:
+        note = (
+            "The original message is binary (BODY=BINARYMIME), which this report cannot "
+            "carry unchanged; only its header section is returned."
+        )
     elif wantFull:
         note = (
             f"The original message ({size} octets) is larger than the limit of {limit} octets "
@@ -285,6 +298,11 @@ def _readOriginal(path: Path, wantFull: bool, limit: int, queueID: str) -> _Orig
         headers = _cutAtLine(headers, limit)
         truncated = f"The header section was truncated to {len(headers)} octets."
         note = f"{note} {truncated}" if note else truncated
+    if b"\0" in headers:
+        return _Original(
+            None, b"", "The original message is binary and its header section is not text; "
+            "none of it is returned."
+        )
     headers = _splitLongHeaderLines(headers)
     kind = "text/rfc822-headers" if headers.isascii() else "message/global-headers"
     return _Original(kind, headers, note)
@@ -490,8 +508,9 @@ def buildDSN(
     @param maxOriginal: the most octets of the original returned (nothing of a message sent
         with REQUIRETLS, RFC 8689: the report does not travel under its protection).  With
         C{RET=FULL} (honoured for C{failed} reports only, as Postfix does) a larger message is
-        returned as its header section only, with a note saying so; a header section larger
-        than this is cut at a line boundary.
+        returned as its header section only, with a note saying so, and so is a binary one
+        (C{BODY=BINARYMIME}) of any size; a header section larger than this is cut at a line
+        boundary.
     @param willRetryUntil: for C{delayed}: when the relay gives up (Will-Retry-Until).
     @param to: the notification's recipient; the original sender by default.
     @return: the whole message: CRLF lines, none longer than 998 octets; no C{Message-Id:}
@@ -510,7 +529,9 @@ def buildDSN(
         original = _Original(None, b"", "The message was sent with REQUIRETLS, so none of it "
                                          "is returned in this report.")
     else:
-        original = _readOriginal(Path(messagePath), wantFull, maxOriginal, queueID)
+        original = _readOriginal(
+            Path(messagePath), wantFull, maxOriginal, queueID, envelope.body == "BINARYMIME"
+        )
     text = _humanText(envelope, recipients, action, hostname, now, willRetryUntil, original)
     textBytes = text.encode("utf-8")
     status = _deliveryStatus(envelope, recipients, action, hostname, queueID, now, willRetryUntil)
