@@ -30,24 +30,25 @@ from tests.test_e2e_outbound import (
     waitResult,
 )
 from tests.test_e2e_protocol import bdat, replies, session
-from tests.test_pipe import USER, runs, script, workdir
+from tests.test_pipe import DETACHED, USER, killLeftovers, runs, script, workdir
 
 
 @pytest.fixture
 def work():
     directory = workdir()
     yield directory
+    killLeftovers(directory)
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def _config(dns, tmp_path: Path, command: list[str], **options: object) -> str:
+def _config(dns, tmp_path: Path, command: list[str], timeout: int = 60, **options: object) -> str:
     template = str(tmp_path / "mail" / "{domain}" / "{local}" / "Maildir")
     (tmp_path / "mail" / "sender.test" / "alice").mkdir(parents=True, exist_ok=True)  # (a maildir route delivers only to users whose directory exists)
     text = config(dns, queue={"min_backoff": 1, "max_backoff": 2},
                   routes=[{"domain": "pipe.test", "backend": "procmail"},
                           {"domain": "sender.test", "backend": "maildir", "nexthop": template}])
     text += "[[backends]]\nname = \"procmail\"\nplugin = \"pipe\"\n"
-    text += f"command = {json.dumps(command)}\nuser = {json.dumps(USER)}\ntimeout = 60\n"
+    text += f"command = {json.dumps(command)}\nuser = {json.dumps(USER)}\ntimeout = {timeout}\n"
     for key, value in options.items():
         text += f"{key} = {json.dumps(value)}\n"
     return text
@@ -143,4 +144,19 @@ def test_binarymime_reaches_the_command_and_the_maildir_intact(relay, dns, tmp_p
     for backend in ("procmail", "maildir"):
         assert re.search(rf"{qid}: conversion=7bit for {backend} \(no BINARYMIME\): 1 body "
                          r"part\(s\) encoded", r.log()), r.log()
+    waitEmpty(r)
+
+
+def test_pipe_command_leaving_a_daemon(relay, dns, tmp_path: Path, work: Path) -> None:
+    """A command that exits 0 leaving a daemon (in a session of its own) with its output
+    open: delivered once, the command's exit status deciding.  The run waited for the
+    output's end: the backend's timeout deferred it, and each retry delivered it again."""
+    command = [script(work, f"{DETACHED}; echo started; exit 0"), "{recipient}"]
+    r = relay(_config(dns, tmp_path, command, timeout=8))
+    qid = submit(r, "alice@sender.test", ["bob@pipe.test"], message("daemon"))
+    m = waitResult(r, qid, "bob@pipe.test")
+    assert (m["status"], m["relay"]) == ("sent", "procmail"), m[0]
+    waitRemoved(r, qid)
+    assert [run["args"] for run in runs(work)] == [["bob@pipe.test"]]
+    assert [s for _, s, _ in results(r, qid, "bob@pipe.test")] == ["sent"]
     waitEmpty(r)

@@ -4,10 +4,12 @@ scripts) run by the real reactor (trial test cases), and its options checked at 
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import pwd
 import re
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -15,10 +17,13 @@ from typing import Any
 
 import pytest
 from twisted.internet import defer, reactor
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from mailrelay.delivery.pipe import OUTPUT_LIMIT, build
+from mailrelay.delivery.pipe import OUTPUT_LIMIT, _Run, build
 from mailrelay.envelope import Envelope, Recipient
 from mailrelay.errors import ConfigError
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, PluginContext, Route
@@ -66,6 +71,23 @@ def runs(directory: Path) -> list[dict[str, Any]]:
     return found
 
 
+def killLeftovers(directory: Path) -> None:
+    """Kill the processes the commands of a test left running (in sessions of their own, so
+    that nothing else kills them), by the ids they wrote to C{leftovers}."""
+    path = directory / "leftovers"
+    if path.exists():
+        for pid in path.read_text().split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+#: A shell command line starting a process in a session of its own (a daemon), which keeps
+#: the command's standard input, output and error open for 20 s after the command exits.
+DETACHED = "setsid sleep 20 & echo $! >> $d/leftovers"
+
+
 def backend(command: list[str], **options: Any) -> Any:
     options.setdefault("user", USER)
     return build({"command": command, **options},
@@ -81,6 +103,7 @@ class PipeTests(unittest.TestCase):
     def setUp(self) -> None:
         self.dir = workdir()
         self.addCleanup(shutil.rmtree, self.dir, True)
+        self.addCleanup(killLeftovers, self.dir)
         self.message = self.dir / "message.eml"
         self.message.write_bytes(MESSAGE)
 
@@ -206,6 +229,48 @@ class PipeTests(unittest.TestCase):
         assert not _alive(child), "the command's child survived"
 
     @defer.inlineCallbacks
+    def test_aProcessTheCommandLeftHoldingItsOutputDoesNotHoldTheDelivery(self) -> Any:
+        """A command that exits 0 leaving a daemon (a session of its own, which the time limit
+        cannot kill) with its output open: delivered once it has exited, its output read
+        for a moment more.  The run waited for the output's end: until the daemon ended, or
+        forever, the queue's timeout deferring it and each retry delivering it again."""
+        b = backend([script(self.dir, f"{DETACHED}; echo started; exit 0")], time_limit=60)
+        started = time.monotonic()
+        (r,) = yield self.deliver(b, envelope("bob@example.org"))
+        assert time.monotonic() - started < 10
+        assert r.status is DeliveryStatus.DELIVERED, r
+        assert len(runs(self.dir)) == 1
+        assert not b.running
+
+    @defer.inlineCallbacks
+    def test_aProcessTheCommandLeftHoldingItsUnreadInputDoesNotHoldTheDelivery(self) -> Any:
+        """The same, the command exiting without reading the message, which its daemon holds
+        open unread: the input not written yet is dropped (the exit status decides, as when
+        the command closes its input early)."""
+        self.message.write_bytes(MESSAGE + b"x" * 998 + b"\r\n" * 1000)  # (over a pipe's buffer)
+        path = self.dir / "noread"
+        path.write_text(f"#!/bin/sh\nd={self.dir}\n{DETACHED}\nexit 0\n")
+        path.chmod(0o755)
+        b = backend([str(path)], time_limit=60)
+        started = time.monotonic()
+        (r,) = yield self.deliver(b, envelope("bob@example.org"))
+        assert time.monotonic() - started < 10
+        assert r.status is DeliveryStatus.DELIVERED, r
+        assert not b.running
+
+    @defer.inlineCallbacks
+    def test_theTimeLimitEndsARunWhoseOutputADetachedProcessHolds(self) -> Any:
+        """At the time limit the command is killed and its pipes closed: a daemon it started
+        (out of reach of the kill) held them, and the run, until it ended."""
+        b = backend([script(self.dir, f"{DETACHED}; exec sleep 30")], time_limit=1)
+        started = time.monotonic()
+        (r,) = yield self.deliver(b, envelope("bob@example.org"))
+        assert time.monotonic() - started < 10
+        assert (r.status, r.code) == (DeliveryStatus.TRANSIENT, "4.3.0"), r
+        assert "time limit of 1s exceeded" in r.diagnostic
+        assert not b.running
+
+    @defer.inlineCallbacks
     def test_aCommandThatCannotBeExecutedDefers(self) -> Any:
         """A command that passes the executable check but cannot be run (its interpreter is
         missing; as root the check sees files the user cannot): deferred with 4.3.5 and one
@@ -273,6 +338,111 @@ class PipeTests(unittest.TestCase):
             "X-mailrelay; procmail does not support BINARYMIME, and the message cannot be "
             "converted to 7 bits: the message is DKIM-signed")
         assert runs(self.dir) == []
+
+
+class FakeProcess:
+    """A run's process transport, as Twisted's: the protocol learns that the command exited
+    (C{processExited}), then that the run ended (C{processEnded}) once every pipe is closed.
+    Nothing is written to the command (its input is never asked for)."""
+
+    pid: int | None = 4242
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+        self.open = {0, 1, 2}
+        self.reason: Exception | None = None
+        self.signals: list[str] = []
+        self.ended = 0
+        run.makeConnection(self)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        pass
+
+    def closeChildFD(self, childFD: int) -> None:
+        self.open.discard(childFD)
+        self._maybeEnded()
+
+    def closeStdin(self) -> None:
+        self.closeChildFD(0)
+
+    def closeStdout(self) -> None:
+        self.closeChildFD(1)
+
+    def closeStderr(self) -> None:
+        self.closeChildFD(2)
+
+    def loseConnection(self) -> None:
+        for childFD in (0, 1, 2):
+            self.closeChildFD(childFD)
+
+    def signalProcess(self, name: str) -> None:
+        if self.reason is not None:
+            raise ProcessExitedAlready()
+        self.signals.append(name)
+
+    def exit(self, reason: Exception) -> None:
+        """The command exits; whatever it left running holds the pipes still open."""
+        self.reason, self.pid = reason, None
+        self.run.processExited(Failure(reason))
+        self._maybeEnded()
+
+    def _maybeEnded(self) -> None:
+        if self.reason is not None and not self.open and not self.ended:
+            self.ended += 1
+            self.run.processEnded(Failure(self.reason))
+
+
+def fakeRun(timeLimit: float = 300) -> tuple[Clock, _Run, FakeProcess, list[_Run]]:
+    clock, ended = Clock(), []
+    run = _Run(clock, io.BytesIO(MESSAGE), timeLimit, ended.append)
+    return clock, run, FakeProcess(run), ended
+
+
+@pytest.mark.parametrize("reason", [ProcessDone(0), ProcessTerminated(75)])
+def test_theExitStatusDecidesOnceTheCommandHasExited(reason: Exception) -> None:
+    """A command exits, a process it left running holding its output: the output is read a
+    moment more, then closed, and the run ends with the command's exit status, once.
+    Twisted ends a run only once its pipes are closed: it never ended."""
+    clock, run, process, ended = fakeRun()
+    run.childDataReceived(1, b"queued\n")
+    process.exit(reason)
+    clock.advance(0.5)
+    assert not run.done.called  # still reading what comes
+    run.childDataReceived(2, b"late\n")
+    clock.advance(4.5)
+    assert process.open == set() and process.ended == 1
+    assert run.done.called and run.done.result is reason
+    assert bytes(run.output) == b"queued\nlate\n"
+    assert ended == [run]
+    clock.advance(600)  # no time limit once the command has exited
+    assert process.signals == [] and clock.getDelayedCalls() == []
+    assert not run.timedOut
+
+
+def test_theTimeLimitClosesThePipesItsKillLeavesOpen() -> None:
+    """At the time limit the command is killed and its pipes are closed, so that the run
+    ends once it is dead, whatever holds them.  It was only killed."""
+    clock, run, process, ended = fakeRun(timeLimit=10)
+    clock.advance(10)
+    assert process.signals == ["KILL"] and process.open == set()
+    killed = ProcessTerminated(signal=9)
+    process.exit(killed)
+    assert run.done.called and run.done.result is killed and run.timedOut
+    assert ended == [run] and clock.getDelayedCalls() == []
+
+
+def test_aRunCancelledAfterTheCommandExitedEnds() -> None:
+    """The queue gives up on a run whose command has exited (the pipes held): it ends, once.
+    It never did: cancelling only killed what was already dead."""
+    clock, run, process, ended = fakeRun()
+    process.exit(ProcessDone(0))
+    run.done.cancel()
+    failures: list[Failure] = []
+    run.done.addErrback(failures.append)
+    assert failures[0].check(defer.CancelledError)
+    clock.advance(5)
+    assert process.open == set() and process.ended == 1 and ended == [run]
+    assert clock.getDelayedCalls() == []
 
 
 def deferLater(seconds: float) -> defer.Deferred:

@@ -39,6 +39,10 @@ It is a C{[[backends]]} table with C{plugin = "pipe"}; routes name the table's C
   - The command runs in a session of its own (C{setsid}, as Postfix's pipe does): the time
     limit, or the queue giving up, kills it with everything it started, which could
     otherwise hold its output open (and the delivery with it) and outlive the relay.
+  - Once the command has exited, its exit status decides: output still open then, held by
+    a process it left running (a daemon, in a session of its own that no kill reaches), is
+    read for L{_OUTPUT_WAIT} seconds more, then closed.  The time limit and the queue giving
+    up close the command's input and output too: a run always ends.
   - The command runs as C{user} (its uid, gid and groups; C{HOME}, C{USER}, C{LOGNAME} and a
     plain C{PATH} in its environment, nothing else of the relay's), in C{/}, at most
     C{concurrency} runs at once.  A delivery the queue gives up on (the table's C{timeout},
@@ -60,7 +64,12 @@ from typing import Any, BinaryIO
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredSemaphore
-from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.error import (
+    ConnectionDone,
+    ProcessDone,
+    ProcessExitedAlready,
+    ProcessTerminated,
+)
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
@@ -88,6 +97,9 @@ __all__ = ["OUTPUT_LIMIT", "SYSEXITS", "PipeBackend", "PipeSettings", "build"]
 OUTPUT_LIMIT = 500
 #: Octets of output read at most (the rest is read and dropped).
 _READ_LIMIT = 8192
+#: Seconds the output of a command that has exited is still read, when a process it left
+#: running holds it open; then it is closed and the exit status decides.
+_OUTPUT_WAIT = 2.0
 
 #: sysexits(3) -> (status, meaning), as Postfix's sys_exits table.
 SYSEXITS: dict[int, tuple[str, str]] = {
@@ -297,7 +309,12 @@ class _LineEnds:
 
 
 class _Run(ProcessProtocol):
-    """One run of the command: feeds it the message, reads its output, waits for its end."""
+    """One run of the command: feeds it the message, reads its output, waits for its end.
+
+    Twisted ends a run (L{processEnded}, which fires L{done}) once the command has exited
+    and its pipes are closed; they are closed L{_OUTPUT_WAIT} seconds after it exited, at
+    the time limit, or when the run is cancelled, whatever holds them open.
+    """
 
     def __init__(self, reactor: Any, file: BinaryIO, timeLimit: float,
                  onExit: Any = None, group: bool = False) -> None:
@@ -314,6 +331,8 @@ class _Run(ProcessProtocol):
         self.done: Deferred = Deferred(self._cancel)
         self.timedOut = False
         self.timer: Any = None
+        #: closes the pipes a while after the command exited
+        self.closer: Any = None
         self.lineEnds = _LineEnds()
 
     def connectionMade(self) -> None:
@@ -337,9 +356,17 @@ class _Run(ProcessProtocol):
         if room > 0:
             self.output += data[:room]
 
-    def processEnded(self, reason: Failure) -> None:
+    def processExited(self, reason: Failure) -> None:
+        """The command has exited: the time limit no longer applies, and its output, if a
+        process it left running holds it open, is read for L{_OUTPUT_WAIT} seconds more."""
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
+        self.closer = self.reactor.callLater(_OUTPUT_WAIT, self._closePipes)
+
+    def processEnded(self, reason: Failure) -> None:
+        for timer in (self.timer, self.closer):
+            if timer is not None and timer.active():
+                timer.cancel()
         self.file.close()
         if self.onExit is not None:
             self.onExit(self)
@@ -364,12 +391,32 @@ class _Run(ProcessProtocol):
         except (ProcessExitedAlready, OSError):
             pass
 
+    def _closePipes(self) -> None:
+        """Close the command's input and output now, read or not, so that the run ends once
+        the command is dead, whatever else holds them."""
+        transport = self.transport
+        if transport is None:  # pragma: no cover - not started
+            return
+        # Twisted closes an input pipe once what it holds is written, which a process that
+        # holds it open without reading never lets happen: the rest of the message is
+        # dropped (the command has exited or is being killed).
+        writer = getattr(transport, "pipes", {}).get(0)
+        if writer is not None:
+            writer.connectionLost(Failure(ConnectionDone()))
+        transport.loseConnection()
+
     def _timeUp(self) -> None:
         self.timedOut = True
         self._kill()
+        self._closePipes()
 
-    def _cancel(self, _: Deferred) -> None:
+    def _cancel(self, done: Deferred) -> None:
+        """The run is given up: it is cancelled first (closing the pipes may end it at once,
+        with the killed command's status), then the command is killed and its pipes closed,
+        so that the run ends."""
+        done.errback(defer.CancelledError())
         self._kill()
+        self._closePipes()
 
 
 @implementer(IDeliveryBackend)
