@@ -55,7 +55,8 @@ def _config(dns, tmp_path: Path, command: list[str], timeout: int = 60, **option
 
 
 def test_pipe_delivers(relay, dns, tmp_path: Path, work: Path) -> None:
-    command = [script(work, "exit 0"), "-f", "{sender}", "-d", "{recipient}", "{queue_id}"]
+    command = [script(work, "exit 0"), "-f", "{sender}", "-d", "{recipient}", "{queue_id}",
+               "{nexthop}"]
     r = relay(_config(dns, tmp_path, command))
     msg = message("to a command", "Line\r\n.dot\r\n")
     qid = submit(r, "alice@sender.test", ["bob@pipe.test", "carol@pipe.test"], msg)
@@ -66,8 +67,8 @@ def test_pipe_delivers(relay, dns, tmp_path: Path, work: Path) -> None:
     waitRemoved(r, qid)
     done = sorted(runs(work), key=lambda run: run["args"][3])
     assert [run["args"] for run in done] == [
-        ["-f", "alice@sender.test", "-d", "bob@pipe.test", qid],
-        ["-f", "alice@sender.test", "-d", "carol@pipe.test", qid],
+        ["-f", "alice@sender.test", "-d", "bob@pipe.test", qid, "pipe.test"],
+        ["-f", "alice@sender.test", "-d", "carol@pipe.test", qid, "pipe.test"],
     ]
     assert {run["uid"] for run in done} == {pwd.getpwnam(USER).pw_uid}
     stdin = done[0]["stdin"]

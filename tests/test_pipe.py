@@ -123,9 +123,9 @@ class PipeTests(unittest.TestCase):
         done = sorted(runs(self.dir), key=lambda run: run["args"][2])
         assert [run["args"] for run in done] == [
             ["-f", "alice@example.org", f"--to={odd}", "example.net", "01K1AP4J8VGG0000VZ3M7Q",
-             "procmail", "{literal}"],
+             "example.net", "{literal}"],
             ["-f", "alice@example.org", "--to=bob@example.org", "example.org",
-             "01K1AP4J8VGG0000VZ3M7Q", "procmail", "{literal}"],
+             "01K1AP4J8VGG0000VZ3M7Q", "example.org", "{literal}"],
         ]
         assert not (Path("/") / "x").exists() and not (self.dir / "x").exists()
         # The message with LF line ends, as Postfix's pipe writes it.
@@ -142,6 +142,26 @@ class PipeTests(unittest.TestCase):
         assert [r.status for r in results] == [DeliveryStatus.DELIVERED] * 2
         [run] = runs(self.dir)
         assert run["args"] == ["MAILER-DAEMON", "-d", "a@example.org", "b@example.net"]
+
+    @defer.inlineCallbacks
+    def test_nexthopIsTheRecipientDomainWhenTheRouteGivesNone(self) -> Any:
+        """{nexthop} of a route without a next hop of its own (the routing table gives a site
+        backend's routes the backend's name) is the recipient's domain, as Postfix's
+        ${nexthop} for a transport entry "example.org  procmail:"; one run per message
+        takes the recipients of one domain, as Postfix's deliveries are per next hop.  A
+        route's own next hop is kept.  It was the backend's name."""
+        env = envelope("a@example.org", "b@example.net", "c@example.org")
+        b = backend([script(self.dir, "exit 0"), "{nexthop}", "{recipient}"], per="message")
+        results = yield self.deliver(b, env)
+        assert [r.status for r in results] == [DeliveryStatus.DELIVERED] * 3
+        assert sorted(run["args"] for run in runs(self.dir)) == [
+            ["example.net", "b@example.net"], ["example.org", "a@example.org", "c@example.org"]]
+        own = workdir()
+        self.addCleanup(shutil.rmtree, own, True)
+        b = backend([script(own, "exit 0"), "{nexthop}", "{recipient}"], per="message")
+        yield self.deliver(b, env, nexthop="lists.example.org")
+        assert [run["args"] for run in runs(own)] == [
+            ["lists.example.org", "a@example.org", "b@example.net", "c@example.org"]]
 
     @defer.inlineCallbacks
     def test_exitStatusesBySysexits(self) -> Any:

@@ -13,10 +13,14 @@ It is a C{[[backends]]} table with C{plugin = "pipe"}; routes name the table's C
 
   - The command is an argument vector, never a shell line: its first item is an absolute
     path, and each later item may hold C{{sender}}, C{{recipient}}, C{{domain}} (the
-    recipient's), C{{queue_id}} and C{{nexthop}} (the route's), each expanded into that one
-    item whatever it holds (C{{{}} and C{}}} are literal braces).  With C{per = "message"},
-    one run takes every recipient of the delivery: an item holding C{{recipient}} or
-    C{{domain}} is repeated once per recipient.  The null sender is C{null_sender}
+    recipient's), C{{queue_id}} and C{{nexthop}}, each expanded into that one item whatever
+    it holds (C{{{}} and C{}}} are literal braces).  C{{nexthop}} is the route's next hop,
+    or, as routes to a site backend have none (the routing table gives them the backend's
+    name), the recipient's domain, as Postfix's C{${nexthop}} for a transport entry
+    without one (C{example.org  procmail:}).  With C{per = "message"}, one run takes every
+    recipient of the delivery (of one next hop, when the command has C{{nexthop}}, as
+    Postfix delivers per next hop): an item holding C{{recipient}} or C{{domain}} is
+    repeated once per recipient.  The null sender is C{null_sender}
     (C{"MAILER-DAEMON"}, as Postfix).  An address starting with C{-} (an option to most
     commands) is refused (5.1.3), as Postfix does by default.
   - The message goes to the command's standard input with LF line ends (as Postfix writes
@@ -287,6 +291,14 @@ def _expand(command: Sequence[str], values: dict[str, str],
     return argv
 
 
+def _nexthop(route: Route, recipient: Any) -> str:
+    """What C{{nexthop}} is for C{recipient}: the route's next hop, or the recipient's
+    domain when the route has none of its own (the routing table's is the backend's name)."""
+    if route.nexthop and route.nexthop != route.backend:
+        return route.nexthop
+    return recipient.domain
+
+
 def _printable(data: bytes) -> str:
     text = data.decode("utf-8", "replace")
     text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
@@ -428,6 +440,9 @@ class PipeBackend:
         self.settings = settings
         self.account = account
         self._semaphore = DeferredSemaphore(settings.concurrency)
+        #: the command has C{{nexthop}}: a run is for one next hop
+        self._perNexthop = any(m.group(1) == "nexthop" for item in settings.command[1:]
+                               for m in _PLACEHOLDER.finditer(item))
         self._runs: set[Deferred] = set()
         #: the commands running now (until their process ends, also when cancelled)
         self.running: set[_Run] = set()
@@ -448,8 +463,14 @@ class PipeBackend:
                     "would take for an option")
             else:
                 good.append(index)
-        groups = [[i] for i in good] if self.settings.per == "recipient" else [good] if good \
-            else []
+        if self.settings.per == "recipient":
+            groups = [[i] for i in good]
+        else:
+            byNexthop: dict[str, list[int]] = {}
+            for i in good:
+                hop = _nexthop(route, recipients[i]) if self._perNexthop else ""
+                byNexthop.setdefault(hop, []).append(i)
+            groups = list(byNexthop.values())
         runs: list[Deferred] = []
 
         def start(prepared: Any) -> Any:
@@ -504,7 +525,7 @@ class PipeBackend:
         values = {
             "sender": envelope.sender or settings.nullSender,
             "queue_id": envelope.queueID or "",
-            "nexthop": route.nexthop,
+            "nexthop": _nexthop(route, recipients[0]),
         }
         argv = _expand(settings.command, values,
                        [{"recipient": r.address, "domain": r.domain} for r in recipients])
