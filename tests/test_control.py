@@ -329,6 +329,96 @@ def test_bounce_of_a_bounce_is_discarded_without_postmaster(tmp_path: Path) -> N
     assert h.queued() == [] and h.notifications() == []
 
 
+# -- an entry whose removal is under way ------------------------------------------------------
+
+
+class SpoolThreads:
+    """The spool's C{deferToThread}: its batches run when the test says (L{runAll})."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = []
+
+    def __call__(self, f: Any, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.calls.append((f, args, d))
+        return d
+
+    def runAll(self) -> None:
+        while self.calls:
+            f, args, d = self.calls.pop(0)
+            d.callback(f(*args))
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "busy"])
+@pytest.mark.parametrize("command", ["hold", "release", "delete", "bounce", "flush"])
+def test_a_command_while_the_attempt_removes_the_entry_finds_it_gone(
+    tmp_path: Path, command: str, busy: bool
+) -> None:
+    """Its last recipient delivered, the attempt has asked the spool to remove the entry; a
+    command on it before the attempt ends finds it gone.  A hold (or release) stored its
+    envelope after the removal: the update failed (a critical traceback for the operator's
+    command) or, when the spool's batch in flight made both wait for the next one, brought the
+    .json back without its .eml (a delivered message back as a damaged entry); a delete or
+    bounce said it would be done when the attempt ends, a flush that it was being delivered."""
+    from twisted.internet.task import Clock
+    from twisted.logger import LogLevel, capturedLogs
+
+    from mailrelay.envelope import Recipient
+    from mailrelay.spool import Spool
+    from tests.test_queue import MESSAGE, START, FakeBackend, FakeRouter, makeManager
+
+    clock = Clock()
+    clock.advance(START)
+    threads = SpoolThreads()
+    spool = Spool(tmp_path / "spool", reactor=clock, deferToThread=threads, syncMethod="fsync")
+    spool.start()
+    backend = FakeBackend()
+    backend.hold = True
+    backend.script["later@example.net"] = ["4"]
+    manager = makeManager(spool, FakeRouter(), {"smtp": backend}, clock)
+    manager.startService()
+
+    def queue(address: str) -> str:
+        writer = spool.openMessage()
+        writer.write(MESSAGE)
+        envelope = Envelope(sender="alice@example.com", recipients=[Recipient(address, address)],
+                            queueID=writer.queueID, arrival=clock.seconds())
+        d = writer.commit(envelope)
+        threads.runAll()
+        resultOf(d)
+        manager.enqueue(writer.queueID)
+        return writer.queueID
+
+    other = queue("later@example.net") if busy else None
+    queueID = queue("bob@example.org")
+    c = QueueControl(spool, manager, clock)
+    if command == "release":
+        d = Deferred.fromCoroutine(c.hold([queueID]))
+        threads.runAll()
+        assert resultOf(d)["results"][0]["result"].startswith("placed on hold")
+    if busy:
+        backend.release(1)  # deferred: its envelope update is the spool's batch in flight
+    backend.release()  # delivered: the removal is submitted
+    assert spool.queueIDs() == sorted(filter(None, [queueID, other]))  # not done yet
+    with capturedLogs() as events:
+        d = Deferred.fromCoroutine(getattr(c, command)([queueID]))
+        threads.runAll()
+        [item] = resultOf(d)["results"]
+    assert item == {
+        "queue_id": queueID, "ok": False, "changed": False, "result": "no such queue entry"
+    }
+    assert not any(e["log_level"] >= LogLevel.critical for e in events), events
+    clock.advance(86400)
+    threads.runAll()
+    assert queueID not in spool.queueIDs()
+    assert not list((tmp_path / "spool" / "queue").glob(f"{queueID}.*"))
+    assert [call.addresses for call in backend.calls if call.queueID == queueID] == [
+        ["bob@example.org"]
+    ]
+    assert backend.bounces() == []
+    spool.stop()
+
+
 # -- when the queue manager cannot act ------------------------------------------------------
 
 

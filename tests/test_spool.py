@@ -853,6 +853,36 @@ def test_updateEnvelopeOfMissingEntry(spool: Spool, spoolDir: Path) -> None:
     assertNothingLeft(spoolDir)
 
 
+@pytest.mark.parametrize("removal", ["remove", "quarantine"])
+def test_updateAfterARemovalInTheSameBatchFails(
+    manualSpool: Spool, spoolDir: Path, threads: ManualThreads, removal: str
+) -> None:
+    """An envelope update that follows a removal (or quarantine) of its entry in one batch
+    fails as for an entry gone: its check that the entry exists ran before the removal's
+    unlinks, and its rename then brought the .json back without its .eml (a delivered message
+    back as a damaged entry).  An update before the removal is simply overtaken by it."""
+    writer = writeMessage(manualSpool)
+    qid, envelope = writer.queueID, makeEnvelope(writer.queueID)
+    done = writer.commit(envelope)
+    threads.runAll()
+    resultOf(done)
+    busy = writeMessage(manualSpool)
+    busyD = busy.commit(makeEnvelope(busy.queueID))  # occupies the committer
+    before = manualSpool.updateEnvelope(envelope)
+    gone = getattr(manualSpool, removal)(qid, *(["damaged"] if removal == "quarantine" else []))
+    envelope.held = True
+    after = manualSpool.updateEnvelope(envelope)
+    threads.runAll()
+    resultOf(busyD)
+    resultOf(before)
+    resultOf(gone)
+    f = failureOf(after, SpoolError)
+    assert "no such queue entry" in str(f.value)
+    assert manualSpool.queueIDs() == [busy.queueID]
+    assert not any(name.startswith(qid) for name in listing(spoolDir / "queue"))
+    assert listing(spoolDir / "tmp") == []
+
+
 def test_loadEnvelopeErrors(spool: Spool, spoolDir: Path) -> None:
     with pytest.raises(EntryGone):
         spool.loadEnvelope(newQueueID())

@@ -27,8 +27,9 @@ files behind its back: L{QueueManager.hold}, L{QueueManager.release}, L{QueueMan
 L{QueueManager.delete} and L{QueueManager.bounce}.  Each treats its entry as active while it
 works (so that no attempt starts meanwhile); an entry whose attempt is in progress is held at
 once (the attempt records the hold with its results), and deleted or bounced when the attempt
-ends.  An entry on hold (L{Envelope.held}, stored in its envelope: it survives a restart) is
-not delivered, nor scheduled, until it is released.
+ends; one whose removal is under way is gone for them.  An entry on hold (L{Envelope.held},
+stored in its envelope: it survives a restart) is not delivered, nor scheduled, until it is
+released.
 """
 
 from __future__ import annotations
@@ -172,6 +173,9 @@ class QueueManager(Service):
         self._forced: set[str] = set()
         #: The envelopes of the entries whose attempt is in progress.
         self._envelopes: dict[str, Envelope] = {}
+        #: The entries whose removal the spool was asked for, until their attempt (or
+        #: command) ends: the operator's commands find them gone (L{_checkPresent}).
+        self._removing: set[str] = set()
         #: The state of entries the spool could not save (its disk full...), as serialised
         #: envelopes: their next attempts start from it, not from the spool's older one, so
         #: that a recipient delivered is not sent again while this process runs.
@@ -411,6 +415,7 @@ class QueueManager(Service):
         """The attempt (or command) on C{queueID} is over: schedule it at C{due} (C{None}:
         not at all), unless it is on hold."""
         self._envelopes.pop(queueID, None)
+        self._removing.discard(queueID)
         self.scheduler.finish(queueID, None if queueID in self._held else due)
 
     async def _afterwards(self, queueID: str, envelope: Envelope, due: float | None) -> Any:
@@ -505,7 +510,7 @@ class QueueManager(Service):
             # if removal fails is the state saved, so that the retry repeats the removal,
             # not the deliveries.
             try:
-                await self.spool.remove(queueID)
+                await self._removeEntry(queueID)
             except Exception as e:
                 log.error(
                     "{queueID}: removing the queue entry failed: {error}; saving its state",
@@ -514,7 +519,6 @@ class QueueManager(Service):
                 )
                 removalFailed = True
             else:
-                self._forget(queueID)
                 log.info("{queueID}: removed", queueID=queueID)
                 return None
         if stillPending:
@@ -544,7 +548,7 @@ class QueueManager(Service):
 
     async def _remove(self, queueID: str) -> float | None:
         try:
-            await self.spool.remove(queueID)
+            await self._removeEntry(queueID)
         except Exception as e:
             log.error(
                 "{queueID}: removing the queue entry failed: {error}; will try again",
@@ -552,9 +556,21 @@ class QueueManager(Service):
                 error=str(e),
             )
             return self.clock.seconds() + self.policy.minBackoff
-        self._forget(queueID)
         log.info("{queueID}: removed", queueID=queueID)
         return None
+
+    async def _removeEntry(self, queueID: str) -> None:
+        """Have the spool remove C{queueID} (its attempt or command in progress).  From now
+        on the operator's commands find it gone: what they would store in its envelope could
+        reach the spool only after the removal (and bring the envelope back without its
+        message).  If the removal fails, they find it again."""
+        self._removing.add(queueID)
+        try:
+            await self.spool.remove(queueID)
+        except BaseException:
+            self._removing.discard(queueID)
+            raise
+        self._forget(queueID)
 
     def _forget(self, queueID: str) -> None:
         """C{queueID} left the spool: forget what the operator said of it."""
@@ -582,6 +598,12 @@ class QueueManager(Service):
                 "(a previous delivery process finishing its deliveries); try again shortly"
             )
         raise QueueUnavailable(f"the queue manager is {state}")
+
+    def _checkPresent(self, queueID: str) -> None:
+        """@raise EntryGone: C{queueID}'s removal is under way (its last recipient done, or
+        the operator's delete or bounce), as if it were gone already."""
+        if queueID in self._removing:
+            raise EntryGone(f"no queue entry {queueID}", queueID=queueID)
 
     def _load(self, queueID: str, quarantine: bool = True) -> Envelope:
         """The envelope of C{queueID}, as stored (for an operator's command).
@@ -645,6 +667,7 @@ class QueueManager(Service):
 
     async def _setHeld(self, queueID: str, held: bool) -> Done:
         self.checkReady()
+        self._checkPresent(queueID)
         done = "placed on hold" if held else "released"
         unchanged = Done(False, "already on hold" if held else "not on hold")
         envelope = self._envelopes.get(queueID)
@@ -704,8 +727,10 @@ class QueueManager(Service):
         """When C{queueID}'s attempt is in progress, have C{action} (C{"delete"},
         C{"bounce"}) done when it ends and say so; C{None} when there is no attempt.
 
+        @raise EntryGone: its removal is under way.
         @raise QueueUnavailable: another command on C{queueID} is in progress.
         """
+        self._checkPresent(queueID)
         if queueID not in self._envelopes:
             self._checkIdle(queueID)
             return None
@@ -724,10 +749,11 @@ class QueueManager(Service):
         @param check: read the entry first (to refuse an unknown id, and to see a hold the
             manager has not seen yet); without, an id that is gone is only logged when its
             turn comes.
-        @raise EntryGone: there is no such entry (with C{check}).
+        @raise EntryGone: there is no such entry (with C{check}), or its removal is under way.
         @raise QueueUnavailable: see L{checkReady}.
         """
         self.checkReady()
+        self._checkPresent(queueID)
         if self.isActive(queueID):
             return Done(False, "being delivered now")
         if queueID not in self._held and check:
@@ -784,8 +810,7 @@ class QueueManager(Service):
         return Done(True, "deleted")
 
     async def _deleteNow(self, queueID: str) -> None:
-        await self.spool.remove(queueID)
-        self._forget(queueID)
+        await self._removeEntry(queueID)
         log.info("{queueID}: removed by the operator", queueID=queueID)
 
     async def bounce(self, queueID: str) -> Done:

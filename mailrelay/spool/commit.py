@@ -209,6 +209,9 @@ class _Operation:
     hasData = True
     #: May the fsync of C{queue/} after L{publish} be deferred (see C{removalSyncDelay})?
     lazySync = False
+    #: Does L{publish} take the entry out of C{queue/}?  An envelope update of it later in
+    #: the same batch then fails (see L{GroupCommitter._runBatch}).
+    removesEntry = False
 
     def run(self) -> None:
         """Do the work, short of the directory fsync; raise L{SpoolError} on failure."""
@@ -360,12 +363,16 @@ class _Update(_Operation):
     def prepare(self) -> None:
         """Write the new envelope in tmp/."""
         if not os.path.exists(self.envelope):
-            raise SpoolError(
-                f"updating envelope {self.envelope} failed: no such queue entry",
-                path=self.envelope,
-                queueID=self.queueID,
-            )
+            raise self.noSuchEntry()
         self.envelopeFD = _createAndWrite(self.tmpEnvelope, self.envelopeData, self.queueID)
+
+    def noSuchEntry(self) -> SpoolError:
+        """The error of an update of an entry that is not (or no longer) in C{queue/}."""
+        return SpoolError(
+            f"updating envelope {self.envelope} failed: no such queue entry",
+            path=self.envelope,
+            queueID=self.queueID,
+        )
 
     def syncData(self) -> None:
         try:
@@ -391,6 +398,7 @@ class _Update(_Operation):
 class _Remove(_Operation):
     kind = "removal"
     lazySync = True
+    removesEntry = True
 
     def __init__(self, spool: Spool, queueID: str) -> None:
         super().__init__(spool, queueID)
@@ -426,6 +434,7 @@ class _DirectorySync(_Operation):
 
 class _Quarantine(_Operation):
     kind = "quarantine"
+    removesEntry = True
 
     def __init__(self, spool: Spool, queueID: str) -> None:
         super().__init__(spool, queueID)
@@ -578,6 +587,10 @@ class GroupCommitter:
         with one C{syncfs} of the file system for the whole batch (or an fsync per file); then
         every entry renames or unlinks, and one fsync of C{queue/} makes that durable.  No
         entry becomes visible in C{queue/} before its data is on disk.
+
+        The entries publish in the order they were submitted, after all have prepared: an
+        envelope update that follows a removal (or quarantine) of its entry fails as for an
+        entry gone, since its rename would bring the C{.json} back without its message.
         """
         started = time.perf_counter()
         results: list[SpoolError | None] = [None] * len(batch)
@@ -595,11 +608,16 @@ class GroupCommitter:
         def alive() -> list[int]:
             return [i for i, r in enumerate(results) if r is None]
 
+        removed: set[str] = set()
         for index, operation in enumerate(batch):
             try:
+                if isinstance(operation, _Update) and operation.queueID in removed:
+                    raise operation.noSuchEntry()
                 operation.prepare()
             except Exception as e:
                 failed(index, e)
+            if operation.removesEntry:
+                removed.add(operation.queueID)
         withData = [i for i in alive() if batch[i].hasData]
         if withData:
             if self._syncMethod == "syncfs" and _syncfs is not None:

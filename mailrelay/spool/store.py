@@ -552,7 +552,7 @@ class Spool:
         The envelope is serialised now.
 
         @return: a L{Deferred} firing with C{None}, or failing with L{SpoolError} (also when
-            the entry does not exist).
+            the entry does not exist, or a removal or quarantine of it comes before in its batch).
         """
         queueID = envelope.queueID
         self._checkID(queueID)  # type: ignore[arg-type]
