@@ -329,7 +329,7 @@ def test_bounce_of_a_bounce_is_discarded_without_postmaster(tmp_path: Path) -> N
     assert h.queued() == [] and h.notifications() == []
 
 
-# -- an entry whose removal is under way ------------------------------------------------------
+# -- on a real spool whose batches wait --------------------------------------------------------
 
 
 class SpoolThreads:
@@ -349,6 +349,55 @@ class SpoolThreads:
             d.callback(f(*args))
 
 
+class SpoolQueue:
+    """A queue manager over a real L{Spool} on a C{Clock}, whose batches run when the test
+    says (C{threads}), delivering through a L{FakeBackend} (C{backend}); C{control} its
+    L{QueueControl}."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        from twisted.internet.task import Clock
+
+        from mailrelay.spool import Spool
+        from tests.test_queue import START, FakeBackend, FakeRouter, makeManager
+
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.threads = SpoolThreads()
+        self.directory = tmp_path / "spool"
+        self.spool = Spool(self.directory, reactor=self.clock, deferToThread=self.threads,
+                           syncMethod="fsync")
+        self.spool.start()
+        self.backend = FakeBackend()
+        self.manager = makeManager(self.spool, FakeRouter(), {"smtp": self.backend}, self.clock)
+        self.manager.startService()
+        self.control = QueueControl(self.spool, self.manager, self.clock)
+
+    def queue(self, address: str) -> str:
+        """Commit a message to C{address} and hand it to the queue manager."""
+        from mailrelay.envelope import Recipient
+        from tests.test_queue import MESSAGE
+
+        writer = self.spool.openMessage()
+        writer.write(MESSAGE)
+        envelope = Envelope(sender="alice@example.com", recipients=[Recipient(address, address)],
+                            queueID=writer.queueID, arrival=self.clock.seconds())
+        d = writer.commit(envelope)
+        self.threads.runAll()
+        resultOf(d)
+        self.manager.enqueue(writer.queueID)
+        self.threads.runAll()
+        return writer.queueID
+
+    def run(self, command: str, ids: list[str]) -> dict[str, Any]:
+        """The answer of the control's C{command} on C{ids}, the spool's batches run."""
+        d = Deferred.fromCoroutine(getattr(self.control, command)(ids))
+        self.threads.runAll()
+        return resultOf(d)
+
+
+# -- an entry whose removal is under way ------------------------------------------------------
+
+
 @pytest.mark.parametrize("busy", [False, True], ids=["idle", "busy"])
 @pytest.mark.parametrize("command", ["hold", "release", "delete", "bounce", "flush"])
 def test_a_command_while_the_attempt_removes_the_entry_finds_it_gone(
@@ -360,63 +409,62 @@ def test_a_command_while_the_attempt_removes_the_entry_finds_it_gone(
     command) or, when the spool's batch in flight made both wait for the next one, brought the
     .json back without its .eml (a delivered message back as a damaged entry); a delete or
     bounce said it would be done when the attempt ends, a flush that it was being delivered."""
-    from twisted.internet.task import Clock
     from twisted.logger import LogLevel, capturedLogs
 
-    from mailrelay.envelope import Recipient
-    from mailrelay.spool import Spool
-    from tests.test_queue import MESSAGE, START, FakeBackend, FakeRouter, makeManager
-
-    clock = Clock()
-    clock.advance(START)
-    threads = SpoolThreads()
-    spool = Spool(tmp_path / "spool", reactor=clock, deferToThread=threads, syncMethod="fsync")
-    spool.start()
-    backend = FakeBackend()
-    backend.hold = True
-    backend.script["later@example.net"] = ["4"]
-    manager = makeManager(spool, FakeRouter(), {"smtp": backend}, clock)
-    manager.startService()
-
-    def queue(address: str) -> str:
-        writer = spool.openMessage()
-        writer.write(MESSAGE)
-        envelope = Envelope(sender="alice@example.com", recipients=[Recipient(address, address)],
-                            queueID=writer.queueID, arrival=clock.seconds())
-        d = writer.commit(envelope)
-        threads.runAll()
-        resultOf(d)
-        manager.enqueue(writer.queueID)
-        return writer.queueID
-
-    other = queue("later@example.net") if busy else None
-    queueID = queue("bob@example.org")
-    c = QueueControl(spool, manager, clock)
+    q = SpoolQueue(tmp_path)
+    q.backend.hold = True
+    q.backend.script["later@example.net"] = ["4"]
+    other = q.queue("later@example.net") if busy else None
+    queueID = q.queue("bob@example.org")
     if command == "release":
-        d = Deferred.fromCoroutine(c.hold([queueID]))
-        threads.runAll()
-        assert resultOf(d)["results"][0]["result"].startswith("placed on hold")
+        assert q.run("hold", [queueID])["results"][0]["result"].startswith("placed on hold")
     if busy:
-        backend.release(1)  # deferred: its envelope update is the spool's batch in flight
-    backend.release()  # delivered: the removal is submitted
-    assert spool.queueIDs() == sorted(filter(None, [queueID, other]))  # not done yet
+        q.backend.release(1)  # deferred: its envelope update is the spool's batch in flight
+    q.backend.release()  # delivered: the removal is submitted
+    assert q.spool.queueIDs() == sorted(filter(None, [queueID, other]))  # not done yet
     with capturedLogs() as events:
-        d = Deferred.fromCoroutine(getattr(c, command)([queueID]))
-        threads.runAll()
-        [item] = resultOf(d)["results"]
+        [item] = q.run(command, [queueID])["results"]
     assert item == {
         "queue_id": queueID, "ok": False, "changed": False, "result": "no such queue entry"
     }
     assert not any(e["log_level"] >= LogLevel.critical for e in events), events
-    clock.advance(86400)
-    threads.runAll()
-    assert queueID not in spool.queueIDs()
-    assert not list((tmp_path / "spool" / "queue").glob(f"{queueID}.*"))
-    assert [call.addresses for call in backend.calls if call.queueID == queueID] == [
+    q.clock.advance(86400)
+    q.threads.runAll()
+    assert queueID not in q.spool.queueIDs()
+    assert not list((q.directory / "queue").glob(f"{queueID}.*"))
+    assert [call.addresses for call in q.backend.calls if call.queueID == queueID] == [
         ["bob@example.org"]
     ]
-    assert backend.bounces() == []
-    spool.stop()
+    assert q.backend.bounces() == []
+    q.spool.stop()
+
+
+# -- an id given more than once ----------------------------------------------------------------
+
+
+def test_an_id_given_twice_is_taken_once(tmp_path: Path) -> None:
+    """As postsuper -d X -d X ("Deleted: 1 message"): an id given again is not a second
+    command on it.  The second ran while the first waited for the spool and found "another
+    command on X is in progress": the whole command failed after its work was done, with no
+    result for any id."""
+    q = SpoolQueue(tmp_path)
+    for address in ("bob@example.org", "carol@example.org", "dave@example.org"):
+        q.backend.script[address] = ["4"]
+    a, b, c = (q.queue(address) for address in ("bob@example.org", "carol@example.org",
+                                                 "dave@example.org"))
+
+    def results(answer: dict[str, Any]) -> tuple[list[tuple[str, str]], int]:
+        return [(r["queue_id"], r["result"]) for r in answer["results"]], answer["count"]
+
+    held = [(a, "placed on hold"), (b, "placed on hold")]
+    assert results(q.run("hold", [a, a, b])) == (held, 2)
+    assert results(q.run("release", [b, a, b])) == ([(b, "released"), (a, "released")], 2)
+    assert results(q.run("bounce", [c, c])) == ([(c, "returned to the sender")], 1)
+    assert results(q.run("delete", [a, b, a])) == ([(a, "deleted"), (b, "deleted")], 2)
+    assert [call.queueID for call in q.backend.calls if not call.isBounce] == [a, b, c]
+    assert [call.addresses for call in q.backend.bounces()] == [["alice@example.com"]]
+    assert q.spool.queueIDs() == []
+    q.spool.stop()
 
 
 # -- when the queue manager cannot act ------------------------------------------------------

@@ -387,6 +387,26 @@ def test_many_queue_ids_in_one_command(relays) -> None:
     assert not any(item["ok"] for item in results)
 
 
+def test_an_id_given_twice_is_taken_once(relays) -> None:
+    """As postsuper -d X -d X ("Deleted: 1 message"): the same id twice in one command, or
+    in two of the control messages a long list of ids is sent in, is taken once.  The command
+    exited 1 ("another command on X is in progress") after doing the work, with no results."""
+    r = relays(relayConfig(freePort())).start()
+    a, b, c = (send(r, s) for s in ("a", "b", "c"))
+    deferred(r, [a, b, c])
+    p = cli(r, "queue", "hold", a, a, b)
+    assert (p.returncode, p.stderr) == (0, ""), p
+    assert p.stdout == (f"{a}: placed on hold\n{b}: placed on hold\n"
+                        "mailrelay: placed on hold: 2 messages\n")
+    p = cli(r, "queue", "delete", a, b, a)
+    assert (p.returncode, p.stderr) == (0, ""), p
+    assert p.stdout == f"{a}: deleted\n{b}: deleted\nmailrelay: deleted: 2 messages\n"
+    p = cli(r, "queue", "delete", *[c] * 1001)
+    assert (p.returncode, p.stderr, p.stdout) == (0, "", f"{c}: deleted\n"
+                                                  "mailrelay: deleted: 1 message\n"), p
+    assert r.queued() == []
+
+
 def test_python_m_mailrelay(relays) -> None:
     r = relays(relayConfig(freePort())).start()
     p = subprocess.run([sys.executable, "-m", "mailrelay", "--spool", str(r.spool), "status"],

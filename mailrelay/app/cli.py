@@ -440,7 +440,7 @@ def _changing(command: Any, done: str, **fixed: Any) -> Callable[..., Any]:
 
     async def run(session: Session, options: Any, out: TextIO, err: TextIO) -> int:
         arguments = {name: getattr(options, attribute) for name, attribute in fixed.items()}
-        ids = options.ids
+        ids = list(dict.fromkeys(options.ids))  # (an id given twice is taken once)
         # One control message holds at most 64 KiB a value: ids go _IDS_AT_ONCE at a time.
         result = await session.call(command, ids=ids[:_IDS_AT_ONCE], **arguments)
         for start in range(_IDS_AT_ONCE, len(ids), _IDS_AT_ONCE):

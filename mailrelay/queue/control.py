@@ -330,8 +330,11 @@ class QueueControl:
     ) -> dict[str, Any]:
         """Run C{command(queueID)} (a L{Done}, or a Deferred or coroutine of one) for each
         id, a few at once; C{{"results": [{"queue_id", "ok", "changed", "result"}, ...],
-        "count": the number changed}}.  An unknown id, or a failure, is a result that is not
-        ok; the queue manager becoming unavailable stops everything."""
+        "count": the number changed}}.  An id given more than once is taken once (as
+        C{postsuper}: not a second command on it while the first runs).  An unknown id, or a
+        failure, is a result that is not ok; the queue manager becoming unavailable stops
+        everything."""
+        queueIDs = list(dict.fromkeys(queueIDs))
         semaphore = DeferredSemaphore(_CONCURRENCY)
 
         async def one(queueID: str) -> dict[str, Any]:
