@@ -1854,6 +1854,15 @@ def test_implicitTLSOnAnSSLEndpointIsRefused(tlsDir: Path) -> None:
         loadConfig(path)
 
 
+
+def test_authOnAnSSLEndpointNeedsNoTLSMode(tlsDir: Path) -> None:
+    """An ssl: endpoint is TLS from the first byte (the endpoint's): AUTH is allowed on it
+    without tls_certificate (it was refused: "no client could ever log in")."""
+    endpoint = f"ssl:465:privateKey={tlsDir / 'key.pem'}:certKey={tlsDir / 'cert.pem'}"
+    path = writeConfig(tlsDir, AUTH_TABLE + f'[[listeners]]\nendpoint = "{endpoint}"\nauth = true\n')
+    settings = loadConfig(path).listeners[0].settings
+    assert (settings.tlsMode, settings.auth, settings.authWithoutTLS) == ("none", True, False)
+
 def test_expiredCertificateLoadsWithAWarning(tlsDir: Path) -> None:
     """An expired certificate does not stop start-up (the service logs a warning)."""
     import datetime

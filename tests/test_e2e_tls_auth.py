@@ -15,7 +15,6 @@ import stat
 import subprocess
 import sys
 import time
-import time
 from pathlib import Path
 
 import pytest
@@ -318,6 +317,36 @@ def test_implicit_tls_with_smtp_ssl(relay, site) -> None:
     assert RECEIVED_TLS.search(message.decode()).group(3) == "alice"
     assert envelope["client"]["tls"].startswith("TLSv1.3 ")
     assert re.search(r"listening on 127\.0\.0\.1:\d+ \(tcp:interface=127\.0\.0\.1:port=0; submissions, implicit TLS, AUTH\)", r.log())
+
+
+def test_an_ssl_endpoint_listener_is_implicit_tls(relay, site) -> None:
+    """A listener on Twisted's ssl: endpoint (TLS from the first byte, done by the
+    endpoint): the handshake completes, and the session is over TLS from the start (no
+    STARTTLS, AUTH offered, ESMTPSA in Received:).  Every client hung without a greeting:
+    the greeting, written before the handshake, made the TLS layer pause the session's
+    transport, and the client's handshake was never read."""
+    config = AUTH + """
+[[listeners]]
+endpoint = "ssl:0:interface=127.0.0.1:privateKey=relay.key:certKey=relay.pem"
+auth = true
+"""
+    r = relay(config, listeners=1)
+    raw = socket.create_connection(("127.0.0.1", r.ports[0]), timeout=10)
+    with site.context().wrap_socket(raw, server_hostname="relay.test") as tls:
+        assert tls.recv(100) == b"220 relay.test ESMTP mailrelay\r\n"
+    with smtplib.SMTP_SSL("127.0.0.1", r.ports[0], timeout=10, context=site.context()) as s:
+        s.ehlo("laptop.example")
+        assert not s.has_extn("starttls")
+        assert s.esmtp_features["auth"].split() == ["PLAIN", "LOGIN"]
+        assert s.docmd("STARTTLS") == (503, b"5.5.1 Error: TLS already active")
+        s.login("alice", PASSWORDS["alice"])
+        s.sendmail("alice@example.com", ["carol@example.org"], b"Subject: ssl\r\n\r\nhi\r\n")
+    ((envelope, message),) = queued(r)
+    found = RECEIVED_TLS.search(message.decode())
+    assert found is not None, received(message)
+    assert found.group(3) == "alice"
+    assert envelope["client"]["tls"] == f"{found.group(1)} {found.group(2)}"
+    assert "Traceback" not in r.log()
 
 
 def test_implicit_tls_refusal_at_connect_and_close_after_quit(relay, site) -> None:

@@ -957,6 +957,88 @@ def test_describeTLS() -> None:
     assert describeTLS(object()) is None
 
 
+# A TLS endpoint (ssl:): Twisted's TLS layer is the session's transport ----------------------------
+
+from twisted.internet.address import IPv4Address  # noqa: E402
+from twisted.internet.protocol import Factory, Protocol  # noqa: E402
+from twisted.internet.ssl import Certificate, optionsForClientTLS  # noqa: E402
+from twisted.internet.testing import StringTransport  # noqa: E402
+from twisted.protocols.tls import TLSMemoryBIOFactory  # noqa: E402
+
+
+class _Reader(Protocol):
+    """A client that keeps what it reads."""
+
+    def connectionMade(self) -> None:
+        self.data = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+
+@pytest.mark.parametrize("tlsMode", ["none", "starttls"])
+def test_a_tls_endpoint_session_is_over_tls_from_the_start(certs, tlsMode: str) -> None:
+    """A listener on an ssl: endpoint: its factory is under Twisted's TLS layer, whatever
+    the listener's tls_mode.  The greeting is written before the handshake; the TLS layer
+    holds it and pauses the session as a producer, which paused reading: the client's
+    handshake was never read, and every client hung without a greeting.  Here a real TLS
+    client and server in memory, the server reading only while not paused (as the reactor
+    reads a socket): the session is over TLS from the start (no STARTTLS, AUTH offered,
+    ESMTPSA in Received:)."""
+    ca, chain, key = certs
+    h = ServerHarness(users={"alice": "secret"}, tlsMode=tlsMode, connect=False)
+    peer = IPv4Address("TCP", "127.0.0.1", 40000)
+    server = TLSMemoryBIOFactory(
+        loadServerTLS(str(chain), str(key)).options, False, h.factory, h.clock
+    ).buildProtocol(peer)
+    trust = Certificate.loadPEM(ca.cert_pem.bytes())
+    client = TLSMemoryBIOFactory(
+        optionsForClientTLS("relay.test", trust), True, Factory.forProtocol(_Reader), h.clock
+    ).buildProtocol(peer)
+    serverWire, clientWire = StringTransport(peerAddress=peer), StringTransport()
+    server.makeConnection(serverWire)
+    client.makeConnection(clientWire)
+    reader = client.wrappedProtocol
+
+    def talk(data: bytes = b"") -> list[bytes]:
+        """Send C{data}; move bytes both ways until neither side has more; return the
+        reply lines read."""
+        reader.data = b""
+        if data:
+            client.write(data)
+        while True:
+            h.clock.advance(0)  # (the TLS layer sends small writes at the next iteration)
+            toServer = clientWire.value() if serverWire.producerState != "paused" else b""
+            toClient = serverWire.value()
+            if not toServer and not toClient:
+                return reader.data.split(b"\r\n")[:-1]
+            if toServer:
+                clientWire.clear()
+                server.dataReceived(toServer)
+            if toClient:
+                serverWire.clear()
+                client.dataReceived(toClient)
+
+    greeting = talk()
+    assert greeting == [b"220 relay.test ESMTP mailrelay"]
+    ehlo = talk(b"EHLO client.example\r\n")
+    assert not any(b"STARTTLS" in line for line in ehlo), ehlo
+    assert ehlo[-1] == b"250 AUTH PLAIN LOGIN"
+    assert talk(b"STARTTLS\r\n") == [b"503 5.5.1 Error: TLS already active"]
+    assert talk(b"AUTH PLAIN " + plain("alice", "secret") + b"\r\n") == [
+        b"235 2.7.0 Authentication successful"
+    ]
+    lines = talk(
+        b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n"
+        b"Subject: hi\r\n\r\nhello\r\n.\r\n"
+    )
+    assert lines[-1].startswith(b"250 2.0.0 Ok: queued as "), lines
+    ((envelope, stored),) = h.spool.committed.values()
+    assert (envelope.client.protocol, envelope.client.authUser) == ("ESMTPSA", "alice")
+    assert b" with ESMTPSA id " in stored
+    assert f"(using {envelope.client.tls})".encode() in stored
+
+
 # Real handshakes: our client against our server on loopback -------------------------------------
 
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS  # noqa: E402

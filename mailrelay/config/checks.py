@@ -301,8 +301,8 @@ def _loadListenerCertificates(r: Reading) -> None:
 
 
 def _listenerAuth(r: Reading) -> None:
-    """AUTH (on by default on submission listeners) needs C{[auth]}, and TLS unless
-    C{auth_without_tls}."""
+    """AUTH (on by default on submission listeners) needs C{[auth]}, and TLS (C{tls_mode},
+    or an C{ssl:} endpoint) unless C{auth_without_tls}."""
     fields = r.fields
     mode = fields["mode"]
     if not r.given("auth"):
@@ -314,7 +314,8 @@ def _listenerAuth(r: Reading) -> None:
                 ("a submission listener needs AUTH: " if mode != "relay" else "")
                 + "AUTH needs an [auth] table with a password_file",
             )
-        if fields["tlsMode"] == "none" and not fields["authWithoutTLS"]:
+        tlsEndpoint = fields["name"].startswith("ssl:")  # TLS from the first byte, its own
+        if fields["tlsMode"] == "none" and not tlsEndpoint and not fields["authWithoutTLS"]:
             raise r.error(
                 "auth",
                 "no client could ever log in: the listener has no TLS and AUTH is only "

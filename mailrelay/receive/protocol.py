@@ -9,8 +9,10 @@ client pipelining ahead cannot make us buffer without bound.
 
 TLS: on L{StartTLS} the protocol writes the 220 reply in plaintext and calls
 C{transport.startTLS}; on an implicit TLS listener the factory is wrapped in a
-C{TLSMemoryBIOFactory}.  Either way the transport calls L{SMTPServerProtocol.handshakeCompleted}
-(C{IHandshakeListener}), which records the TLS version and cipher in C{client.tls}.
+C{TLSMemoryBIOFactory}, and so it is by Twisted's C{ssl:} endpoint (whatever the listener's
+C{tls_mode}): a session on such a transport is on implicit TLS from the first byte.  Either
+way the transport calls L{SMTPServerProtocol.handshakeCompleted} (C{IHandshakeListener}),
+which records the TLS version and cipher in C{client.tls}.
 
 Backpressure: the protocol is the streaming producer of its own transport, so a client that
 pipelines commands and does not read the replies makes the transport's write buffer full,
@@ -37,6 +39,7 @@ from twisted.internet.defer import CancelledError, Deferred, gatherResults, succ
 from twisted.internet.interfaces import IAddress, IHandshakeListener, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -302,6 +305,7 @@ class SMTPServerProtocol(Protocol):
         self._pausedFor: set[str] = set()
         self._lookup: Deferred | None = None
         #: A TLS handshake is under way (implicit TLS, or after STARTTLS) and not finished.
+        #: (Set at L{connectionMade} too on a transport that is TLS, as an C{ssl:} endpoint's.)
         self._handshaking = context.settings.tlsMode == "implicit"
         #: The limits' bookkeeping of this connection (L{mailrelay.receive.limits.Admission}).
         self._admission: Any = None
@@ -323,6 +327,11 @@ class SMTPServerProtocol(Protocol):
     # Connection life cycle ------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        if isinstance(self.transport, TLSMemoryBIOProtocol):
+            # TLS from the first byte: an implicit TLS listener, or one on an ssl: endpoint,
+            # whose TLS is the endpoint's.  The greeting waits for the handshake, which must
+            # be read meanwhile (see pauseProducing).
+            self._handshaking = True
         setNoDelay(self.transport)  # replies go out at once, not after the client's delayed ACK
         self.transport.registerProducer(self, True)
         ctx = self.context
