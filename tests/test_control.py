@@ -737,6 +737,40 @@ def test_spool_directory_found_like_the_relay(tmp_path: Path, monkeypatch: pytes
         spoolDirectory(str(etc / "bad.toml"), None)
 
 
+def test_no_relay_on_the_spool_of_the_file_says_how_to_reach_one_on_another(
+    tmp_path: Path,
+) -> None:
+    """mailrelay --config FILE when no relay answers on the file's spool directory: a relay
+    started before its spool.directory was changed runs on the old one until restarted.  The
+    command says so, naming the file and key, and how to reach it (--spool); it said only
+    'the relay is not running', and the operator could not stop it to restart it."""
+    from mailrelay.app.cli import main
+
+    config = tmp_path / "relay.toml"
+    config.write_text('[spool]\ndirectory = "spool-new"\n')
+    spool = tmp_path / "spool-new"
+    reach = (f"a relay started before spool.directory in {config} was changed runs on its old "
+             "spool until it is restarted: name that one with --spool (mailrelay --spool "
+             "OLD-SPOOL stop)\n")
+
+    def run(command: str) -> str:
+        err = io.StringIO()
+        assert main(["--config", str(config), command], io.StringIO(), err) == 1
+        return err.getvalue()
+
+    for command in ("status", "reload", "stop"):
+        assert run(command) == f"mailrelay: no relay runs on {spool}: it does not exist; {reach}"
+    spool.mkdir()
+    assert run("status") == (
+        f"mailrelay: no relay runs on {spool}: it holds no spool (no relay has run on it); {reach}"
+    )
+    (spool / "queue").mkdir()  # a spool a relay has run on, and stopped
+    assert run("status") == (
+        f"mailrelay: the relay is not running (no control socket answers at "
+        f"{spool}/control.sock); {reach}"
+    )
+
+
 def test_queue_list_output() -> None:
     from mailrelay.app.cli import printEntries
 

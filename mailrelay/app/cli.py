@@ -5,9 +5,10 @@ C{postqueue}, C{postsuper}, C{postcat}, C{qshape} and C{postfix check|status|rel
 
 It talks to the running relay over its control socket (L{mailrelay.app.control}), found in
 the spool directory of the configuration (C{--config}, or C{--spool}; by default the
-relay's own default, C{./mailrelay-spool}).  Output is for people, or with C{--json} for
-scripts.  Exit status: 0 done, 1 failed (the relay is not running, an unknown queue id, a
-configuration error...), 2 a usage error.
+relay's own default, C{./mailrelay-spool}); when none answers on the file's, the command says
+that a relay started before its C{spool.directory} was changed is reached with C{--spool}.
+Output is for people, or with C{--json} for scripts.  Exit status: 0 done, 1 failed (the
+relay is not running, an unknown queue id, a configuration error...), 2 a usage error.
 """
 
 from __future__ import annotations
@@ -63,6 +64,24 @@ def _count(number: int, noun: str) -> str:
 
 class RelayDown(CommandFailed):
     """No relay answers on the control socket."""
+
+
+def _relayDownWithConfig(config: str, spool: Path, error: RelayDown) -> str:
+    """What to say when no relay answers on C{spool}, the spool directory the configuration
+    file C{config} names now: a relay started before its C{spool.directory} was changed
+    runs on the old one until it is restarted (a reload cannot move it), and the file no
+    longer leads there.  A directory no relay has run on is said so: not "not running"."""
+    if not os.path.isdir(spool):
+        first = f"no relay runs on {spool}: it does not exist"
+    elif not os.path.isdir(spool / "queue"):
+        first = f"no relay runs on {spool}: it holds no spool (no relay has run on it)"
+    else:
+        first = str(error)
+    return (
+        f"{first}; a relay started before spool.directory in {config} was changed runs on "
+        "its old spool until it is restarted: name that one with --spool (mailrelay --spool "
+        "OLD-SPOOL stop)"
+    )
 
 
 # -- finding and talking to the relay ---------------------------------------------------------
@@ -732,11 +751,14 @@ def main(
     try:
         sock = connect(controlSocketPath(spool))
     except RelayDown as e:
+        down = str(e)
+        if options.spool is None and options.config is not None:
+            down = _relayDownWithConfig(options.config, spool, e)
         if options.run is not queueList:
-            print(f"mailrelay: {e}", file=err)
+            print(f"mailrelay: {down}", file=err)
             return 1
         # As Postfix's postqueue: "Mail system is down -- accessing queue directly".
-        print(f"mailrelay: {e}; reading the queue in {spool} directly", file=err)
+        print(f"mailrelay: {down}; reading the queue in {spool} directly", file=err)
         return _direct(spool, options, out, err)
     except CommandFailed as e:
         print(f"mailrelay: {e}", file=err)
