@@ -120,6 +120,88 @@ def test_policy_and_listeners_change_open_sessions_keep_theirs(relays) -> None:
     assert r.stop() in (0, -signal.SIGTERM)
 
 
+SERVICE_MODULE = '''
+"""A site plugin for the tests: a service that fails to start with tag = "fail"."""
+from twisted.application.service import Service
+from zope.interface import implementer
+
+from mailrelay.interfaces import CONTINUE, IDataPolicy
+
+
+@implementer(IDataPolicy)
+class Starting(Service):
+    def __init__(self, tag):
+        self.tag = tag
+
+    def checkData(self, client, envelope):
+        return CONTINUE
+
+    def startService(self):
+        super().startService()
+        if self.tag == "fail":
+            raise RuntimeError("its database is gone")
+
+
+def build(options, context):
+    return Starting(options["tag"])
+'''
+
+SERVICE_DROPIN = '''
+from mailrelay.interfaces import IDataPolicy
+from mailrelay.plugins import MailRelayPlugin
+
+starting = MailRelayPlugin(name="test-starting", provides=IDataPolicy,
+                           description="fails to start with tag = fail (tests only)",
+                           factory="site_starting:build")
+'''
+
+
+def test_a_plugin_that_fails_to_start_refuses_the_reload(relays, tmp_path: Path) -> None:
+    """A plugin service of the new configuration fails to start: the reload is refused,
+    saying which and why (to `mailrelay reload` too), the old listeners, limits and delivery
+    stay, and the next reload works.  It was half done: the new listener and limits were
+    used, the delivery side never reloaded (no delivery process for hold = false), the CLI
+    heard "the relay failed to answer", and every later reload failed the same way."""
+    import os
+
+    from tests.test_e2e_control import cli
+
+    site = tmp_path / "site"
+    (site / "twisted" / "plugins").mkdir(parents=True)
+    (site / "site_starting.py").write_text(SERVICE_MODULE)
+    (site / "twisted" / "plugins" / "site_starting_plugin.py").write_text(SERVICE_DROPIN)
+    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    plugin = '[[plugins]]\nplugin = "test-starting"\ntag = "{}"\n'
+    r = relays(BASE + LISTENER + plugin.format("ok"), defaults=False, env=env)
+    r.args = ("--spool", str(r.spool), "--hostname", "relay.test")
+    r.start()
+    new = (BASE.replace("hold = true", "hold = false") + "[limits]\nrecipients = 1\n" + LISTENER
+           + '[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.2"\n')
+    (r.directory / "mailrelay.toml").write_text(new + plugin.format("fail"))
+    p = cli(r, "reload")
+    assert p.returncode == 1, p
+    assert "configuration not reloaded (still running on the previous one): " in p.stderr, p
+    assert ("mailrelay.toml: plugin 'test-starting' failed to start: "
+            "RuntimeError('its database is gone')") in p.stderr, p
+    r.waitForLog("configuration not reloaded")
+    assert "delivery process" not in r.log()
+    # The new listener (opened before the plugins start, as a listener that cannot be is
+    # found first) is closed again.
+    port2 = r.waitForLog(r"listening on 127\.0\.0\.2:(\d+) ").group(1)
+    r.waitForLog(rf"TCP Port {port2} Closed")
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.2", int(port2)), timeout=5).close()
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
+        s.ehlo("client.test")
+        s.mail("a@example.com")
+        assert s.rcpt("b@example.org")[0] == s.rcpt("c@example.org")[0] == 250
+    line = _reload(r, new + plugin.format("ok"))
+    assert "configuration reloaded from" in line, r.log()
+    r.waitForLog(r"listening on 127\.0\.0\.2:")
+    r.waitForLog(r"delivery process started")
+    assert r.stop() in (0, -signal.SIGTERM)
+
+
 def test_a_listener_spelled_anew_on_its_socket_is_kept(relays, tmp_path: Path) -> None:
     """A listener's endpoint written another way for the same socket (a backlog added, the
     port by name): the reload keeps the listening socket, with the new spelling's backlog,

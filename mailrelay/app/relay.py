@@ -22,7 +22,7 @@ from mailrelay.app.listeners import (
 )
 from mailrelay.app.logs import LevelFilter, installTwistdObserver
 from mailrelay.app.plugins import availablePlugins, pluginBuilder
-from mailrelay.app.services import OrderedMultiService, PluginServices
+from mailrelay.app.services import OrderedMultiService, PluginServices, PluginStartError
 from mailrelay.config import Config, loadConfig, overriddenKeys, readConfigFile
 from mailrelay.config.plugins import buildHooks, makeContext
 from mailrelay.config.values import listeningSocket, resolveProcessCount
@@ -326,6 +326,7 @@ class RelayService(OrderedMultiService):
             self._checkReloadable(config)
             plan = self.plan(config, text)
             added, respelled = self._listenNew(plan)
+            self._startPlugins(plan, added)
         except (ConfigError, ListenError) as e:
             self.reloadError = str(e)
             log.error(
@@ -414,6 +415,17 @@ class RelayService(OrderedMultiService):
                 refuse(e)
             added.append(listener)
         return added, respelled
+
+    def _startPlugins(self, plan: _Plan, added: list[ListenerService]) -> None:
+        """Start the plugin services C{plan} adds, before anything is swapped; if one fails
+        to start, close the listeners just opened (C{added}) and raise L{ConfigError} naming
+        it (the services started for C{plan} are stopped again: L{PluginServices.startNew})."""
+        try:
+            self.plugins.startNew(plan.services)
+        except PluginStartError as e:
+            for listener in added:
+                listener.stopService()
+            raise ConfigError(str(e), file=plan.config.source or "(embedded default)") from None
 
     def _swap(
         self, plan: _Plan, added: list[ListenerService], respelled: dict[str, str]

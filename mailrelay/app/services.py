@@ -184,8 +184,9 @@ class PluginServices(Service):
     stopped in the reverse order once the sessions (and, inline, the deliveries) are over: it
     is added before them.
 
-    A reload (L{swap}) starts the new configuration's services at once; the old ones (but
-    those the new configuration still uses: a plugin keeping its object with
+    A reload starts the new configuration's services (L{startNew}) before it changes
+    anything else, and is refused if one fails to start; then L{swap} runs them, and the old
+    ones (but those the new configuration still uses: a plugin keeping its object with
     L{PluginContext.keep <mailrelay.interfaces.PluginContext.keep>}) are stopped when the
     sessions begun before the reload have ended, or after the drain time.
     """
@@ -198,13 +199,30 @@ class PluginServices(Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        for name, service in self.current:
-            _callService(name, service, "privilegedStartService")
+        _startAll(self.current, "privilegedStartService")
 
     def startService(self) -> None:
         super().startService()
-        for name, service in self.current:
-            _callService(name, service, "startService")
+        _startAll(self.current, "startService")
+
+    def startNew(self, services: Sequence[tuple[str, Any]]) -> None:
+        """Start those of C{services} that do not run yet, in order: a reload's, before
+        anything is swapped (L{swap} then runs them).
+
+        @raise PluginStartError: one failed to start; those started here are stopped again
+            (it too), and the services that ran go on alone.
+        """
+        started: list[tuple[str, Any]] = []
+        for name, service in services:
+            if service.running:
+                continue
+            started.append((name, service))
+            try:
+                _callService(name, service, "privilegedStartService")
+                _callService(name, service, "startService")
+            except PluginStartError:
+                _stopInOrder(started)
+                raise
 
     def swap(
         self,
@@ -213,14 +231,10 @@ class PluginServices(Service):
         clock: Any,
         drainTime: float,
     ) -> None:
-        """Run C{services} from now on; stop the old ones not among them after C{when} (the
-        old sessions' end) or C{drainTime} seconds."""
+        """Run C{services} (started: L{startNew}) from now on; stop the old ones not among
+        them after C{when} (the old sessions' end) or C{drainTime} seconds."""
         old, self.current = self.current, list(services)
         kept = {id(service) for _, service in self.current}
-        for name, service in self.current:
-            if self.running and not service.running:
-                _callService(name, service, "privilegedStartService")
-                _callService(name, service, "startService")
         retired = [(n, s) for n, s in old if id(s) not in kept]
         if not retired:
             return
@@ -243,14 +257,28 @@ class PluginServices(Service):
         return DeferredList(waiting, consumeErrors=True).addCallback(lambda _: None)
 
 
+class PluginStartError(Exception):
+    """A plugin service failed to start; the message names the plugin and says why."""
+
+
+def _startAll(services: Sequence[tuple[str, Any]], method: str) -> None:
+    """C{service.method()} of each of C{services}, in order; a plugin's failure to start
+    stops the relay's start-up with one line naming it."""
+    try:
+        for name, service in services:
+            _callService(name, service, method)
+    except PluginStartError as e:
+        raise SystemExit(f"mailrelay: error: {e}") from e
+
+
 def _callService(name: str, service: Any, method: str) -> None:
-    """C{service.method()}; a plugin's failure to start stops the relay's start-up with one
-    line naming it."""
+    """C{service.method()}.  @raise PluginStartError: it failed (logged, with its
+    traceback)."""
     try:
         getattr(service, method)()
     except Exception as e:
         log.failure("plugin {plugin}: {method} failed", plugin=name, method=method)
-        raise SystemExit(f"mailrelay: error: plugin {name!r} failed to start: {e!r}") from e
+        raise PluginStartError(f"plugin {name!r} failed to start: {e!r}") from e
 
 
 def _stopInOrder(services: Sequence[tuple[str, Any]]) -> Deferred[None]:

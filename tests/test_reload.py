@@ -1,0 +1,115 @@
+"""The relay's reload (L{mailrelay.app.relay.RelayService.reload}) in this process, on a
+memory reactor: a reload refused leaves everything as it was, and the next one works."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.application.service import Service
+from twisted.internet.testing import MemoryReactorClock
+from zope.interface import implementer
+
+from mailrelay.interfaces import CONTINUE, IDataPolicy
+from tests.harness import fired
+
+BASE = ('[queue]\nhold = true\nprocess = "inline"\n[dns]\nreverse_lookups = false\n'
+        '[[listeners]]\nendpoint = "tcp:2525"\n')
+
+
+@implementer(IDataPolicy)
+class Starting(Service):
+    """A plugin that is a service, and fails to start when its tag is C{"fail"}."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+
+    def checkData(self, client: Any, envelope: Any) -> Any:
+        return CONTINUE
+
+    def startService(self) -> None:
+        super().startService()
+        if self.tag == "fail":
+            raise RuntimeError("its database is gone")
+
+
+@pytest.fixture
+def built(monkeypatch) -> list[Starting]:
+    """The C{test-starting} plugins built, in order."""
+    from mailrelay.app import relay
+    from mailrelay.plugins import MailRelayPlugin
+
+    made: list[Starting] = []
+
+    def build(options: dict[str, Any], context: Any) -> Starting:
+        made.append(Starting(options["tag"]))
+        return made[-1]
+
+    plugin = MailRelayPlugin("test-starting", IDataPolicy, "tests", build)
+    installed = relay.availablePlugins()
+    monkeypatch.setattr(relay, "availablePlugins", lambda: {**installed, "test-starting": plugin})
+    return made
+
+
+def plugins(*tags: str) -> str:
+    return "".join(f'[[plugins]]\nplugin = "test-starting"\ntag = "{tag}"\n' for tag in tags)
+
+
+class Relay:
+    """The relay of a configuration file under C{directory}, started (without its control
+    socket) on a memory reactor."""
+
+    def __init__(self, directory: Path, text: str) -> None:
+        from mailrelay.app.relay import makeRelayService
+        from mailrelay.config import loadConfig
+
+        self.path = directory / "relay.toml"
+        self.path.write_text(text)
+        overrides = {"spool": str(directory / "spool")}
+        self.reactor = MemoryReactorClock()
+        config = loadConfig(str(self.path), overrides)
+        self.top = makeRelayService(config, self.reactor, overrides, self.path.read_bytes())
+        self.top.control.disownServiceParent()
+        self.top.control = None
+        self.top.privilegedStartService()
+        self.top.startService()
+
+    def reload(self, text: str) -> bool:
+        self.path.write_text(text)
+        return self.top.reload()
+
+    def stop(self) -> None:
+        fired(self.top.stopService())
+
+
+def test_a_plugin_that_fails_to_start_refuses_the_whole_reload(tmp_path: Path, built) -> None:
+    """A plugin service of the new configuration that fails to start: the reload is refused,
+    naming it and why; what started for it is stopped again; the listeners, limits, delivery
+    and plugins of the running configuration stay.  It was half done: the new listener and
+    limits were in use, the delivery side was never reloaded, and the error was a SystemExit
+    out of the reload (the CLI was told "the relay failed to answer")."""
+    r = Relay(tmp_path, BASE + plugins("old"))
+    top = r.top
+    config, factory, [(_, old)] = top.config, top.listeners["tcp:2525"].factory, top.plugins.current
+    assert old.running
+    new = (BASE.replace("hold = true", "hold = false")
+           + '[[listeners]]\nendpoint = "tcp:2526"\n[limits]\nrecipients = 1\n')
+    assert not r.reload(new + plugins("new", "fail"))
+    assert top.reloadError == (
+        f"{r.path}: plugin 'test-starting' failed to start: "
+        "RuntimeError('its database is gone')")
+    _, started, failed = built
+    assert not started.running and not failed.running  # stopped again
+    assert old.running and top.plugins.current == [("test-starting", old)]
+    assert top.config is config and list(top.listeners) == ["tcp:2525"]
+    assert top.listeners["tcp:2525"].factory is factory
+    assert top.delivery.hold
+
+    assert r.reload(new.replace("hold = false", "hold = true") + plugins("new"))
+    assert top.reloadError is None and list(top.listeners) == ["tcp:2525", "tcp:2526"]
+    assert built[-1].running and top.plugins.current == [("test-starting", built[-1])]
+    r.reactor.advance(top.config.drainTime)
+    assert not old.running  # retired once the old sessions have ended
+    r.stop()
+    assert not built[-1].running
