@@ -202,6 +202,41 @@ def test_a_plugin_that_fails_to_start_refuses_the_reload(relays, tmp_path: Path)
     assert r.stop() in (0, -signal.SIGTERM)
 
 
+def test_a_refused_reload_does_not_forgive_auth_failures(relays, tmp_path: Path) -> None:
+    """A client locked out by its AUTH failures stays locked out across a reload refused
+    (a port in use) that changed the failure window, and the next reload, back to the
+    configuration that runs.  The refused reload had replaced the throttle reloads carry
+    over, so the next one forgot every failure: a reload let a brute force go on."""
+    import base64
+
+    from tests.test_reload import passwordFile
+
+    auth = (f'[auth]\npassword_file = "{passwordFile(tmp_path)}"\nthrottle_after = 100\n'
+            "max_failures = 2\nfailure_window = {}\n")
+    listener = LISTENER + "auth = true\nauth_without_tls = true\n"
+    running = BASE + auth.format(900) + listener
+    r = _fileListeners(relays, running).start()
+
+    def login(password: bytes) -> int:
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
+            s.ehlo("client.test")
+            token = base64.b64encode(b"\0alice\0" + password).decode()
+            return s.docmd("AUTH", "PLAIN " + token)[0]
+
+    assert login(b"wrong") == 535
+    assert login(b"wrong") == login(b"pw") == 421
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = f'[[listeners]]\nendpoint = "tcp:{busy.getsockname()[1]}:interface=127.0.0.1"\n'
+        line = _reload(r, BASE + auth.format(901) + listener + taken)
+    assert "configuration not reloaded" in line and "Address already in use" in line, line
+    assert login(b"pw") == 421
+    assert "configuration reloaded from" in _reload(r, running)
+    assert login(b"pw") == 421
+    assert r.stop() in (0, -signal.SIGTERM)
+
+
 def test_a_listener_spelled_anew_on_its_socket_is_kept(relays, tmp_path: Path) -> None:
     """A listener's endpoint written another way for the same socket (a backlog added, the
     port by name): the reload keeps the listening socket, with the new spelling's backlog,

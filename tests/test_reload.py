@@ -11,7 +11,8 @@ from twisted.application.service import Service
 from twisted.internet.testing import MemoryReactorClock
 from zope.interface import implementer
 
-from mailrelay.interfaces import CONTINUE, IDataPolicy
+from mailrelay.interfaces import CONTINUE, IDataPolicy, IRateLimiter
+from mailrelay.limits import MemoryRateLimiter
 from tests.harness import fired
 
 BASE = ('[queue]\nhold = true\nprocess = "inline"\n[dns]\nreverse_lookups = false\n'
@@ -47,8 +48,11 @@ def built(monkeypatch) -> list[Starting]:
         return made[-1]
 
     plugin = MailRelayPlugin("test-starting", IDataPolicy, "tests", build)
+    limits = MailRelayPlugin("test-limits", IRateLimiter, "tests",
+                             lambda options, context: MemoryRateLimiter(context.reactor))
     installed = relay.availablePlugins()
-    monkeypatch.setattr(relay, "availablePlugins", lambda: {**installed, "test-starting": plugin})
+    monkeypatch.setattr(relay, "availablePlugins",
+                        lambda: {**installed, "test-starting": plugin, "test-limits": limits})
     return made
 
 
@@ -113,3 +117,38 @@ def test_a_plugin_that_fails_to_start_refuses_the_whole_reload(tmp_path: Path, b
     assert not old.running  # retired once the old sessions have ended
     r.stop()
     assert not built[-1].running
+
+
+def passwordFile(directory: Path) -> Path:
+    """A password file under C{directory}: user C{alice}, password C{pw}."""
+    from tests.test_config import HASH
+
+    users = directory / "users"
+    users.write_text(f"alice:{HASH}\n")
+    return users
+
+
+def test_a_refused_reload_keeps_the_auth_failures_and_the_rate_counters(
+    tmp_path: Path, built
+) -> None:
+    """A reload refused once its listeners were built (a plugin fails to start), which
+    changed the AUTH failure window and took a [rate_limiter] plugin: the next reload, back
+    to the configuration that runs, keeps its AUTH throttle with the failures counted and
+    its rate limiter.  The refused reload had replaced them in what reloads carry over, and
+    the next one forgot every AUTH failure (a brute force let off by two reloads) and every
+    rate counter."""
+    auth = f'[auth]\npassword_file = "{passwordFile(tmp_path)}"\nfailure_window = {{}}\n'
+    running = BASE + auth.format(900)
+    r = Relay(tmp_path, running)
+    throttle, limiter = r.top.throttle, r.top.limiter
+    for _ in range(2):
+        throttle.reserve("192.0.2.7")
+        throttle.settle("192.0.2.7", True)
+    refused = (BASE + auth.format(901) + '[rate_limiter]\nplugin = "test-limits"\n'
+               + plugins("fail"))
+    assert not r.reload(refused)
+    assert r.top.throttle is throttle and r.top.limiter is limiter
+    assert r.reload(running)
+    assert r.top.throttle is throttle and r.top.limiter is limiter
+    assert throttle.failures("192.0.2.7") == 2
+    r.stop()

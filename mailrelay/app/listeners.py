@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.application.service import Service
@@ -70,6 +70,12 @@ class _Carried:
     throttleWindow: float | None = None
     counts: dict[str, Any] = field(default_factory=dict)
     resolvers: dict[Any, Any] = field(default_factory=dict)
+
+    def copy(self) -> _Carried:
+        """A copy, the same counters in it, for a configuration to be built on
+        (L{makeListeners} changes it): the relay's is replaced by it only once that
+        configuration runs, so that a reload refused forgets nothing."""
+        return replace(self, counts=dict(self.counts), resolvers=dict(self.resolvers))
 
 
 class SessionsService(Service):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -63,6 +63,8 @@ class _Plan:
     #: The limiter its listeners count in, the acceptor processes' too (C{None} with a
     #: C{[rate_limiter]} plugin: each process has its own instance).
     limiter: Any = None
+    #: What the next reload carries over once this configuration runs (L{_Carried.copy}).
+    carried: _Carried = field(default_factory=_Carried)
 
 
 class RelayService(OrderedMultiService):
@@ -170,8 +172,9 @@ class RelayService(OrderedMultiService):
         @raise ConfigError: a plugin, certificate, password file, route or backend is refused.
         """
         assert self.spool is not None
+        carried = self.carried.copy()  # (the relay's, only once the plan runs)
         context = makeContext(
-            config, self.reactor, resolver=self._resolver(config), kept=self.kept
+            config, self.reactor, resolver=self._resolver(config, carried), kept=self.kept
         )
         build = pluginBuilder(config, self.reactor, availablePlugins(), context)
         inline = config.queueProcess == "inline"
@@ -184,22 +187,24 @@ class RelayService(OrderedMultiService):
             config,
             self.reactor,
             build,
-            self.carried,
+            carried,
             self.spool,
             self.sessions,
             self.enqueue,
             hooks,
         )
-        throttle = self.carried.throttle if config.auth is not None else None
-        limiter = self.carried.limiter if config.rateLimiter is None else None
-        return _Plan(config, configText, listeners, delivery, hooks.services, throttle, limiter)
+        throttle = carried.throttle if config.auth is not None else None
+        limiter = carried.limiter if config.rateLimiter is None else None
+        return _Plan(
+            config, configText, listeners, delivery, hooks.services, throttle, limiter, carried
+        )
 
-    def _resolver(self, config: Config) -> Any:
-        """The resolver of C{config}'s name servers, kept across reloads (shared with the
-        reverse lookups)."""
+    def _resolver(self, config: Config, carried: _Carried) -> Any:
+        """The resolver of C{config}'s name servers, kept across reloads in C{carried}
+        (shared with the reverse lookups)."""
         from mailrelay.route import makeResolver
 
-        resolvers = self.carried.resolvers
+        resolvers = carried.resolvers
         if config.nameservers not in resolvers:
             resolvers[config.nameservers] = makeResolver(
                 list(config.nameservers) or None, reactor=self.reactor
@@ -211,7 +216,7 @@ class RelayService(OrderedMultiService):
         config = self.config = plan.config
         assert self.spool is not None
         self.logLevels.setLevel(config.logLevel)
-        self.throttle, self.limiter = plan.throttle, plan.limiter
+        self.throttle, self.limiter, self.carried = plan.throttle, plan.limiter, plan.carried
         if config.metricsListen is not None:  # (a restart changes it, not a reload)
             from mailrelay.metrics import enable
 
@@ -435,7 +440,7 @@ class RelayService(OrderedMultiService):
         self.config = config
         self.logLevels.setLevel(config.logLevel)
         # (Not before: a reload that fails keeps the running ones.)
-        self.throttle, self.limiter = plan.throttle, plan.limiter
+        self.throttle, self.limiter, self.carried = plan.throttle, plan.limiter, plan.carried
         self.spool.minFreeSpace = config.minFreeSpace
         wanted = {endpoint: (factory, role) for endpoint, factory, role in plan.listeners}
         renamed = {old: new for new, old in respelled.items()}
