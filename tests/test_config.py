@@ -1227,6 +1227,33 @@ def test_systemdEndpointIsCheckedOutsideSocketActivation(
         assert e.value.key == "listeners[0].endpoint" and fragment in str(e.value), str(e.value)
 
 
+def test_systemdEndpointUnderSocketActivationNeedsItsSocket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where systemd passed this process sockets (the relay started by a socket unit), an
+    endpoint whose index or name is not among them is refused, saying which it passed: it
+    was "list index out of range", or a bare KeyError."""
+    from twisted.internet.endpoints import _SystemdParser
+    from twisted.python.systemd import ListenFDs
+
+    # (As Twisted's parser read them from LISTEN_FDS=1 and LISTEN_FDNAMES=smtp.)
+    monkeypatch.setattr(_SystemdParser, "_sddaemon", ListenFDs([3], ["smtp"]))
+    path = writeConfig(tmp_path, '[[listeners]]\nendpoint = "systemd:domain=INET:index=0"\n'
+                       '[[listeners]]\nendpoint = "systemd:domain=INET6:name=smtp"\n')
+    assert len(loadConfig(path).listeners) == 2
+    for bad, message in [
+        ("systemd:domain=INET:index=1",
+         "systemd passed this process 1 socket (LISTEN_FDS): there is no index 1 (from 0)"),
+        ("systemd:domain=INET:name=submission",
+         'systemd passed this process no socket named "submission" (its FileDescriptorName=; '
+         "LISTEN_FDNAMES: smtp)"),
+    ]:
+        path = writeConfig(tmp_path, f'[[listeners]]\nendpoint = "{bad}"\n')
+        with pytest.raises(ConfigError) as e:
+            loadConfig(path)
+        assert str(e.value) == f'{path}: listeners[0].endpoint: "{bad}": {message}'
+
+
 @pytest.mark.parametrize(
     ("text", "key", "fragment"),
     [

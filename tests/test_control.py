@@ -953,6 +953,38 @@ def test_check_sample_prints_the_sample_configuration() -> None:
     assert out.getvalue() == sample and err.getvalue() == ""
 
 
+def checkedOk(config: Path) -> str:
+    """What C{mailrelay check --config CONFIG} prints on stderr; it must say ok."""
+    from mailrelay.app.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["check", "--config", str(config)], out, err) == 0
+    assert out.getvalue() == f"mailrelay: configuration {config}: ok\n"
+    return err.getvalue()
+
+
+def test_check_says_a_systemd_listener_is_checked_for_its_syntax_only(
+    tmp_path, monkeypatch
+) -> None:
+    """Outside socket activation (as mailrelay check runs), whether systemd will pass a
+    systemd: endpoint's socket cannot be known: check says so, naming the file and key,
+    rather than a bare "ok" before a start that fails."""
+    from twisted.internet.endpoints import _SystemdParser
+    from twisted.python.systemd import ListenFDs
+
+    monkeypatch.setattr(_SystemdParser, "_sddaemon", ListenFDs([], ()))  # (none passed)
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'[spool]\ndirectory = "{tmp_path / "spool"}"\n[dns]\nnameservers = ["127.0.0.1"]\n'
+        '[[listeners]]\nendpoint = "tcp:2525"\n'
+        '[[listeners]]\nendpoint = "systemd:domain=INET:index=0"\n'
+    )
+    assert checkedOk(config) == (
+        f"mailrelay: warning: {config}: listeners[1].endpoint: systemd:domain=INET:index=0: "
+        "only its syntax is checked (systemd passed this process no socket): the relay can "
+        "listen on it only when a systemd socket unit passes it the socket\n")
+
+
 def test_check_says_the_warnings_of_the_build(tmp_path) -> None:
     """As postfix check: what the relay would log as a warning while building the
     configuration (here a plugin time limit its timeout cuts) is printed, once, and in
@@ -967,10 +999,7 @@ def test_check_says_the_warnings_of_the_build(tmp_path) -> None:
         f'[spool]\ndirectory = "{tmp_path / "spool"}"\n[dns]\nnameservers = ["127.0.0.1"]\n'
         '[[plugins]]\nplugin = "dnsbl"\nzones = ["zen.example"]\ntimeout = 5\n'
     )
-    out, err = io.StringIO(), io.StringIO()
-    assert main(["check", "--config", str(config)], out, err) == 0
-    assert out.getvalue() == f"mailrelay: configuration {config}: ok\n"
-    assert err.getvalue() == (
+    assert checkedOk(config) == (
         f"mailrelay: warning: {config}: plugins[0].query_timeout = 10s is not below the "
         "plugin's timeout of 5s: the relay cuts a slow call at 5s and fails it (4xx), so the "
         "plugin's own handling of a slow answer never acts; make query_timeout shorter\n")

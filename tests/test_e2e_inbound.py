@@ -295,7 +295,7 @@ def test_listen_failure_stops_startup(relay, tmp_path: Path) -> None:
                           "--spool", str(tmp_path / "other")],
                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert out.returncode != 0
-    assert f"cannot listen on tcp:{r.port}:interface=127.0.0.1" in out.stdout + out.stderr
+    assert f"--listen: cannot listen on tcp:{r.port}:interface=127.0.0.1" in out.stdout + out.stderr
 
 
 def test_recipient_map_plugin_end_to_end(relay, tmp_path: Path) -> None:

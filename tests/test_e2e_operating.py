@@ -447,7 +447,7 @@ def test_runAsFailedStartLeavesNoProcess(nobodyRuntime) -> None:
                           "--spool", str(directory / "spool"))
         assert process.wait(30) == 1
     log = (directory / "relay.log").read_text()
-    assert f"mailrelay: error: cannot listen on tcp:{port}:interface=127.0.0.1" in log, log
+    assert f"mailrelay: error: --listen: cannot listen on tcp:{port}:interface=127.0.0.1" in log, log
     assert "Traceback" not in log
 
 

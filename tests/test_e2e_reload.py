@@ -231,6 +231,7 @@ def test_a_refused_reload_does_not_forgive_auth_failures(relays, tmp_path: Path)
         taken = f'[[listeners]]\nendpoint = "tcp:{busy.getsockname()[1]}:interface=127.0.0.1"\n'
         line = _reload(r, BASE + auth.format(901) + listener + taken)
     assert "configuration not reloaded" in line and "Address already in use" in line, line
+    assert "mailrelay.toml: listeners[1].endpoint: cannot listen on tcp:" in line, line
     assert login(b"pw") == 421
     assert "configuration reloaded from" in _reload(r, running)
     assert login(b"pw") == 421

@@ -277,3 +277,56 @@ def test_other_endpoint_types_are_left_alone() -> None:
     assert withDefaultBacklog("systemd:domain=INET:index=0") == "systemd:domain=INET:index=0"
     assert withDefaultBacklog("tcp:25:interface=192.0.2.1") == "tcp:backlog=1024:25:interface=192.0.2.1"
     assert withDefaultBacklog("tcp:25:backlog=5") == "tcp:25:backlog=5"
+
+
+# A listener that cannot listen -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "description", ["systemd:domain=INET:index=0", "systemd:domain=UNIX:name=smtp"]
+)
+def test_a_systemd_listener_without_its_socket_says_where_and_why(
+    description: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A systemd: endpoint whose socket systemd did not pass (the relay not started by a
+    socket unit): the error names where the endpoint is set, the endpoint and why.  It was
+    an IndexError or a KeyError out of Twisted's parser: a traceback at start-up,
+    "unexpected error: IndexError('list index out of range')" at a reload."""
+    from twisted.internet.endpoints import _SystemdParser
+    from twisted.internet.testing import MemoryReactor
+    from twisted.python.systemd import ListenFDs
+
+    from mailrelay.app.listeners import ListenError, ListenerService
+
+    monkeypatch.setattr(_SystemdParser, "_sddaemon", ListenFDs([], ()))  # (none passed)
+    listener = ListenerService(MemoryReactor(), description,
+                               build(ListenerSettings(hostname="mx.test")),
+                               where="relay.toml: listeners[1].endpoint")
+    with pytest.raises(ListenError) as e:
+        listener.listen()
+    assert str(e.value) == (
+        f"relay.toml: listeners[1].endpoint: cannot listen on {description}: systemd passed "
+        "this process no socket (LISTEN_FDS): a systemd: endpoint needs the relay started by "
+        "a systemd socket unit")
+
+
+def test_a_listener_on_a_port_in_use_says_where_it_is_set() -> None:
+    import socket
+
+    from twisted.internet import reactor
+
+    from mailrelay.app.listeners import ListenError, ListenerService
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        description = f"tcp:{busy.getsockname()[1]}:interface=127.0.0.1"
+        listener = ListenerService(reactor, description,
+                                   build(ListenerSettings(hostname="mx.test")),
+                                   where="relay.toml: listeners[1].endpoint")
+        with pytest.raises(ListenError) as e:
+            listener.listen()
+    message = str(e.value)
+    assert message.startswith(
+        f"relay.toml: listeners[1].endpoint: cannot listen on {description}: "), message
+    assert "Address already in use" in message

@@ -68,6 +68,7 @@ class Relay:
         from mailrelay.app.relay import makeRelayService
         from mailrelay.config import loadConfig
 
+        directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / "relay.toml"
         self.path.write_text(text)
         overrides = {"spool": str(directory / "spool")}
@@ -152,3 +153,33 @@ def test_a_refused_reload_keeps_the_auth_failures_and_the_rate_counters(
     assert r.top.throttle is throttle and r.top.limiter is limiter
     assert throttle.failures("192.0.2.7") == 2
     r.stop()
+
+
+def test_a_listener_that_cannot_listen_is_named_at_start_and_refuses_a_reload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listener whose endpoint cannot be built when it listens (a systemd: one, the relay
+    not started by systemd): start-up stops with one line naming the file, the key and the
+    endpoint; a reload is refused so, the relay running on as it was.  It was a traceback
+    at start-up and "unexpected error: IndexError(...)" at a reload."""
+    from twisted.internet.endpoints import _SystemdParser
+    from twisted.python.systemd import ListenFDs
+
+    from mailrelay.app.relay import RelayService
+
+    monkeypatch.setattr(_SystemdParser, "_sddaemon", ListenFDs([], ()))  # (none passed)
+    systemd = '[[listeners]]\nendpoint = "systemd:domain=INET:index=0"\n'
+    why = ("cannot listen on systemd:domain=INET:index=0: systemd passed this process no "
+           "socket (LISTEN_FDS): a systemd: endpoint needs the relay started by a systemd "
+           "socket unit")
+    with pytest.raises(SystemExit) as e:
+        Relay(tmp_path / "start", BASE + systemd)
+    path = tmp_path / "start" / "relay.toml"
+    assert str(e.value) == f"mailrelay: error: {path}: listeners[1].endpoint: {why}"
+    r = Relay(tmp_path, BASE)
+    assert not r.reload(BASE + systemd)
+    assert r.top.reloadError == f"{r.path}: listeners[1].endpoint: {why}"
+    assert list(r.top.listeners) == ["tcp:2525"]
+    r.stop()
+    assert RelayService(None, None, {"listen": ["tcp:25"]}).listenerWhere(r.top.config, 0) == (
+        "--listen")

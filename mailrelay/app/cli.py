@@ -572,6 +572,7 @@ def check(options: Any, out: TextIO, err: TextIO) -> int:
         relay = RelayService(reactor, path, overrides)
         relay.spool = Spool(config.spoolDirectory, reactor=reactor)  # never started
         relay.plan(config, text)
+        warnings += _unknownSockets(relay, config)
         try:
             checkSocketPath(controlSocketPath(config.spoolDirectory))
         except OSError as e:
@@ -598,6 +599,23 @@ def check(options: Any, out: TextIO, err: TextIO) -> int:
     else:
         print(f"mailrelay: configuration {source}: ok", file=out)
     return 0
+
+
+def _unknownSockets(relay: Any, config: Any) -> list[str]:
+    """What C{check} cannot know of the listeners of C{config}: outside socket activation,
+    whether systemd will pass a C{systemd:} endpoint its socket (only its syntax is checked;
+    under socket activation, the configuration refuses it if not)."""
+    from mailrelay.config.values import passedSockets
+
+    if passedSockets().inheritedDescriptors():
+        return []
+    return [
+        f"{relay.listenerWhere(config, index)}: {listener.settings.name}: only its syntax is "
+        "checked (systemd passed this process no socket): the relay can listen on it only "
+        "when a systemd socket unit passes it the socket"
+        for index, listener in enumerate(config.listeners)
+        if listener.settings.name.startswith("systemd:")
+    ]
 
 
 def _printWarnings(warnings: list[str], err: TextIO) -> None:

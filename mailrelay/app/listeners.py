@@ -21,6 +21,7 @@ from mailrelay.cleanup.intake import Intake
 from mailrelay.cleanup.stamping import ConfiguredStamper
 from mailrelay.config import Config, ListenerConfig
 from mailrelay.config.plugins import HookPlugins
+from mailrelay.config.values import systemdSocketProblem
 from mailrelay.delivery.maildir import MaildirUsers, needsUsers
 from mailrelay.errors import ConfigError
 from mailrelay.interfaces import IHeaderStamper, IRateLimiter, ISpool
@@ -132,13 +133,18 @@ class ListenerService(Service):
     """Listens on one endpoint; a failure to listen stops start-up with a clear message.
 
     @ivar factory: the factory (chain) that builds the connections accepted now.
+    @ivar where: where the endpoint is set, for the messages (C{/etc/mailrelay.toml:
+        listeners[0].endpoint}, C{--listen}), or C{""}.
     """
 
-    def __init__(self, reactor: Any, description: str, factory: Any, role: str = "") -> None:
+    def __init__(
+        self, reactor: Any, description: str, factory: Any, role: str = "", where: str = ""
+    ) -> None:
         self.reactor = reactor
         self.description = description
         self._switch = _SwitchFactory(factory)
         self.role = role
+        self.where = where
         self.port: Any = None
 
     @property
@@ -151,16 +157,25 @@ class ListenerService(Service):
         self.role = role
 
     def listen(self) -> None:
-        """Start listening.  @raise ListenError: naming the endpoint and the reason."""
-        endpoint = endpoints.serverFromString(self.reactor, withDefaultBacklog(self.description))
-        d = endpoint.listen(self._switch)
+        """Start listening.  @raise ListenError: naming where the endpoint is set, the
+        endpoint and the reason."""
+        try:
+            endpoint = endpoints.serverFromString(
+                self.reactor, withDefaultBacklog(self.description)
+            )
+            d = endpoint.listen(self._switch)
+        except Exception as e:  # (what the parser raises: a systemd: socket not passed...)
+            reason = None
+            if self.description.startswith("systemd:"):
+                reason = systemdSocketProblem(self.description)
+            raise self._cannot(reason or f"{e.__class__.__name__}: {e}") from e
         result: list[Any] = []
         d.addBoth(result.append)
         if not result:  # pragma: no cover - every stream endpoint we know listens at once
             raise ListenError(f"listener {self.description} did not start")
         outcome = result[0]
         if hasattr(outcome, "getErrorMessage"):
-            raise ListenError(f"cannot listen on {self.description}: {outcome.getErrorMessage()}")
+            raise self._cannot(outcome.getErrorMessage())
         self.port = outcome
         host = self.port.getHost()
         log.info(
@@ -171,6 +186,10 @@ class ListenerService(Service):
             endpoint=self.description,
             role=f"; {self.role}" if self.role else "",
         )
+
+    def _cannot(self, reason: str) -> ListenError:
+        where = f"{self.where}: " if self.where else ""
+        return ListenError(f"{where}cannot listen on {self.description}: {reason}")
 
     def respell(self, description: str) -> None:
         """Serve the socket listened on under C{description}, another spelling of it (a

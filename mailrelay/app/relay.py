@@ -25,6 +25,7 @@ from mailrelay.app.plugins import availablePlugins, pluginBuilder
 from mailrelay.app.services import OrderedMultiService, PluginServices, PluginStartError
 from mailrelay.config import Config, loadConfig, overriddenKeys, readConfigFile
 from mailrelay.config.plugins import buildHooks, makeContext
+from mailrelay.config.schema import given
 from mailrelay.config.values import listeningSocket, resolveProcessCount
 from mailrelay.errors import ConfigError
 from mailrelay.metrics import ProcessMetrics
@@ -266,8 +267,9 @@ class RelayService(OrderedMultiService):
         self.acceptors.setServiceParent(self)
         self._sessionsService = SessionsService(self.sessions, self.reactor, config.drainTime)
         self._sessionsService.setServiceParent(self)
-        for endpoint, factory, role in plan.listeners:
-            listener = ListenerService(self.reactor, endpoint, factory, role)
+        for index, (endpoint, factory, role) in enumerate(plan.listeners):
+            where = self.listenerWhere(config, index)
+            listener = ListenerService(self.reactor, endpoint, factory, role, where)
             listener.setServiceParent(self)
             self.listeners[endpoint] = listener
         if config.metricsListen is not None:
@@ -349,6 +351,13 @@ class RelayService(OrderedMultiService):
         self._sayOverridden(config, text)
         return True
 
+    def listenerWhere(self, config: Config, index: int) -> str:
+        """Where the endpoint of listener C{index} of C{config} is set, for messages: the
+        file and key, or the command line's option."""
+        if given(self.overrides, "listen"):
+            return "--listen"
+        return f"{config.source or '(embedded default)'}: listeners[{index}].endpoint"
+
     def _checkReloadable(self, config: Config) -> None:
         old = self.config
         assert old is not None
@@ -397,9 +406,10 @@ class RelayService(OrderedMultiService):
                 opened.stopService()
             raise error
 
-        for endpoint, factory, role in plan.listeners:
+        for index, (endpoint, factory, role) in enumerate(plan.listeners):
             if endpoint in self.listeners:
                 continue
+            where = self.listenerWhere(plan.config, index)
             key = _socketKey(endpoint)
             old = bySocket.pop(key, None) if key is not None else None
             if old is not None:
@@ -407,13 +417,13 @@ class RelayService(OrderedMultiService):
                        for sock in (listeningSocket(endpoint), listeningSocket(old))):
                     # The TLS context is an ssl: endpoint's own.
                     refuse(ListenError(
-                        f"{endpoint} listens on the socket of the listener {old}: an ssl: "
+                        f"{where}: {endpoint} listens on the socket of the listener {old}: an ssl: "
                         "endpoint's options belong to its socket, so changing them takes a "
                         "restart (a tcp: endpoint with tls_certificate reloads its "
                         "certificate)"))
                 respelled[endpoint] = old
                 continue
-            listener = ListenerService(self.reactor, endpoint, factory, role)
+            listener = ListenerService(self.reactor, endpoint, factory, role, where)
             try:
                 listener.listen()
             except ListenError as e:

@@ -89,12 +89,16 @@ def checkEndpoint(text: str) -> None:
 
     if not isinstance(text, str):
         raise ValueError(f"must be an endpoint string, not {describeValue(text)}")
-    if text.startswith("systemd:") and "LISTEN_FDS" not in os.environ:
-        # Not run by systemd (mailrelay check, mailrelay-sendmail): no socket was passed to
-        # build the endpoint of, so its syntax alone is checked.
+    if text.startswith("systemd:"):
         problem = _systemdEndpointProblem(text[len("systemd:") :])
         if problem is not None:
             raise ValueError(f"{describeValue(text)} is not a valid systemd endpoint: {problem}")
+        # Where systemd passed this process sockets (the relay, socket-activated), the
+        # endpoint's must be among them; elsewhere (mailrelay check, mailrelay-sendmail, the
+        # relay's child processes) nothing more can be known before the relay listens.
+        problem = systemdSocketProblem(text) if passedSockets().inheritedDescriptors() else None
+        if problem is not None:
+            raise ValueError(f"{describeValue(text)}: {problem}")
         return
     hint = '(e.g. "tcp:2525:interface=127.0.0.1", "tcp6:25:interface=\\:\\:1", "unix:/run/x.sock")'
     try:
@@ -156,17 +160,65 @@ def listeningSocket(endpoint: str) -> ListeningSocket | None:
                            server._port, isinstance(server, endpoints.SSL4ServerEndpoint))
 
 
-def _systemdEndpointProblem(arguments: str) -> str | None:
-    """What is wrong with the arguments of a C{systemd:} endpoint (as Twisted's parser takes
-    them: C{domain}, then C{index} or C{name}, by name or in that order), or C{None}."""
+def _systemdArguments(arguments: str) -> dict[str, str]:
+    """The arguments of a C{systemd:} endpoint by name, as Twisted's parser takes them:
+    C{domain}, then C{index} or C{name}, by name or in that order.
+
+    @raise ValueError: an argument it does not take.
+    """
     given: dict[str, str] = {}
     for position, part in enumerate(arguments.split(":") if arguments else []):
         key, equals, value = part.partition("=")
         if not equals:
             key, value = ("domain", "index")[position] if position < 2 else "", part
         if key not in ("domain", "index", "name"):
-            return f"unknown argument {describeValue(key or part)} (domain=, index= or name=)"
+            raise ValueError(
+                f"unknown argument {describeValue(key or part)} (domain=, index= or name=)"
+            )
         given[key] = value
+    return given
+
+
+def passedSockets() -> Any:
+    """The sockets systemd passed this process (a L{twisted.python.systemd.ListenFDs}), as
+    the parser of C{systemd:} endpoints holds them: it reads them when it is imported, and
+    removes C{LISTEN_PID} and C{LISTEN_FDS} from the environment."""
+    from twisted.internet.endpoints import _SystemdParser
+
+    return _SystemdParser._sddaemon
+
+
+def systemdSocketProblem(text: str) -> str | None:
+    """Why the sockets systemd passed this process (L{passedSockets}) hold none for the
+    C{systemd:} endpoint C{text} (its syntax right: L{checkEndpoint}), or C{None}: they hold
+    its own."""
+    passed = passedSockets()
+    given = _systemdArguments(text[len("systemd:") :])
+    count = len(passed.inheritedDescriptors())
+    if not count:
+        return ("systemd passed this process no socket (LISTEN_FDS): a systemd: endpoint "
+                "needs the relay started by a systemd socket unit")
+    if "index" in given:
+        index = int(given["index"])
+        if index < count:
+            return None
+        sockets = "socket" if count == 1 else "sockets"
+        return (f"systemd passed this process {count} {sockets} (LISTEN_FDS): there is no "
+                f"index {index} (from 0)")
+    names = passed.inheritedNamedDescriptors()
+    if given["name"] in names:
+        return None
+    return (f"systemd passed this process no socket named {describeValue(given['name'])} "
+            f"(its FileDescriptorName=; LISTEN_FDNAMES: {', '.join(names)})")
+
+
+def _systemdEndpointProblem(arguments: str) -> str | None:
+    """What is wrong with the arguments of a C{systemd:} endpoint (as Twisted's parser takes
+    them: C{domain}, then C{index} or C{name}, by name or in that order), or C{None}."""
+    try:
+        given = _systemdArguments(arguments)
+    except ValueError as e:
+        return str(e)
     domain = given.get("domain")
     if domain is None:
         return "it needs domain= (INET, INET6 or UNIX)"
