@@ -232,7 +232,7 @@ def freePort(host: str = "127.0.0.1") -> int:
 # query it answers.
 _DNS_SERVER_SCRIPT = r"""
 import json, sys
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.names import authority, dns, server
 
 spec = json.loads(sys.argv[1])
@@ -244,7 +244,11 @@ class Zone(authority.FileAuthority):
                              refresh=60, retry=60, expire=60, minimum=60)
         self.soa = (origin, soa)
         self.records = {origin: [soa]}
+        self.servfail = set()
         for name, rtype, *args in spec["records"]:
+            if rtype == "SERVFAIL":  # (a name whose queries fail: the server's failure)
+                self.servfail.add(name.lower().encode("ascii"))
+                continue
             args = [a.encode("ascii") if isinstance(a, str) and rtype != "A" and rtype != "AAAA"
                     else a for a in args]
             record = getattr(dns, "Record_" + rtype)(*args)
@@ -253,6 +257,8 @@ class Zone(authority.FileAuthority):
     def _lookup(self, name, cls, type, timeout=None):
         print("query", name.decode("ascii", "replace").lower(), dns.QUERY_TYPES.get(type, type),
               flush=True)
+        if name.lower() in self.servfail:
+            return defer.fail(RuntimeError("SERVFAIL"))
         return super()._lookup(name, cls, type, timeout)
 
 factory = server.DNSServerFactory(authorities=[Zone(None)])
@@ -263,7 +269,9 @@ reactor.run()
 
 
 class DNSServer:
-    """L{_DNS_SERVER_SCRIPT} on 127.0.0.1 (UDP), in a subprocess.
+    """L{_DNS_SERVER_SCRIPT} on 127.0.0.1 (UDP), in a subprocess.  C{records} are
+    C{[name, type, *arguments]} (C{Record_<type>}'s); C{[name, "SERVFAIL"]} makes every query
+    of C{name} answer SERVFAIL.
 
     @ivar port: the UDP port it answers on.
     """

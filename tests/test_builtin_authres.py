@@ -407,3 +407,51 @@ def test_a_name_server_that_does_not_answer_is_temperror_after_dns_timeout(
     text = field(box[0])
     assert "\tspf=temperror (" in text and "\tdkim=temperror (key lookup failed)" in text
     assert "\tdmarc=temperror (policy lookup failed) header.from=example.com" in text
+
+
+def test_a_temperror_of_an_identity_not_aligned_with_from_is_no_temperror(
+    tmp_path: Path,
+) -> None:
+    """RFC 7489 4.2, 6.6.2: only an identifier aligned with the From: domain counts for
+    DMARC; a temporary failure of another one changes nothing: a spoofed p=reject From: is
+    still refused.  A signature of an unrelated domain whose key lookup fails, or a MAIL FROM
+    domain whose SPF lookup fails, made the result temperror: the message was accepted."""
+    resolver = FakeResolver(records(**{
+        "sel._domainkey.evil.example": {"TXT": [keyRecord()]},
+        "evil.example": {"TXT": ["v=spf1 ip4:203.0.113.9 -all"]},
+    }))
+    resolver.fail("sel._domainkey.evil.example", "TXT", SERVFAIL("servfail"))
+    resolver.fail("evil.example", "TXT", SERVFAIL("servfail"))
+    plugin = build(tmp_path, resolver, dmarc_reject=True)
+    for message, sender in [(signed(domain=b"evil.example"), "alice@example.com"),
+                            (MESSAGE, "x@evil.example")]:
+        answer, envelope = run(plugin, message, sender=sender, address="203.0.113.9")
+        assert answer.verdict.kind is VerdictKind.REJECT, answer
+        assert envelope.notes["authres"]["dmarc"] == "fail"
+    # Aligned (relaxed: the same organizational domain), the temperror still counts ...
+    resolver.add("sel._domainkey.mail.example.com", "TXT", keyRecord())
+    resolver.fail("sel._domainkey.mail.example.com", "TXT", SERVFAIL("servfail"))
+    answer, _ = run(plugin, signed(domain=b"mail.example.com"), address="203.0.113.9")
+    assert "\tdmarc=temperror (SPF or DKIM lookup failed)" in field(answer)
+    # ... but not under strict alignment (adkim=s), where mail.example.com is not aligned.
+    resolver.remove("_dmarc.example.com")
+    resolver.add("_dmarc.example.com", "TXT", "v=DMARC1; p=reject; adkim=s")
+    answer, _ = run(plugin, signed(domain=b"mail.example.com"), address="203.0.113.9")
+    assert answer.verdict.kind is VerdictKind.REJECT
+
+
+def test_a_key_name_that_is_no_dns_name_is_permerror_and_never_asked(tmp_path: Path) -> None:
+    """RFC 6376 6.1.2: a selector making the key name longer than 255 octets (or a label
+    longer than 63) is a permanent error; the name went to the resolver, whose failure to
+    send it was a temperror (and a DMARC temperror)."""
+    selector = b".".join([b"a" * 60] * 5)
+    resolver = FakeResolver(records())
+    plugin = build(tmp_path, resolver, dmarc_reject=True)
+    for bad in (selector, b"a" * 64, b"a..b"):
+        message = (b"DKIM-Signature: v=1; a=rsa-sha256; d=example.com; c=relaxed/relaxed;\r\n"
+                   b" s=" + bad + b"; h=from; bh=AAAA; b=AAAA\r\n" + MESSAGE)
+        answer, _ = run(plugin, message, address="192.0.2.1")
+        text = field(answer)
+        assert "\tdkim=permerror (no key) header.d=example.com" in text, text
+        assert "dmarc=pass" in text  # (by SPF)
+        assert not [q for q in resolver.queries if q[0].startswith("a")], resolver.queries

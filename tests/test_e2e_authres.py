@@ -7,7 +7,6 @@ a forged one with fail results; with C{dmarc_reject} a p=reject failure is refus
 from __future__ import annotations
 
 import smtplib
-from pathlib import Path
 from typing import Any
 
 import dkim
@@ -42,6 +41,9 @@ ZONE = [
     ["bank.test", "TXT", "v=spf1 ip4:192.0.2.1 -all"],
     ["sel._domainkey.bank.test", "TXT", *GOOD_RECORD],
     ["_dmarc.bank.test", "TXT", "v=DMARC1; p=reject"],
+    ["tempspf.test", "TXT", "v=spf1 include:sf.test -all"],
+    ["sf.test", "SERVFAIL"],
+    ["s1._domainkey.evil.test", "SERVFAIL"],
 ]
 
 
@@ -62,10 +64,10 @@ def config(dnsPort: int, hopPort: int, options: str = "") -> str:
     )
 
 
-def message(sender: str, subject: str, key: bytes, domain: str) -> bytes:
+def message(sender: str, subject: str, key: bytes, domain: str, selector: bytes = b"sel") -> bytes:
     body = (f"From: <{sender}>\r\nTo: <bob@example.org>\r\nSubject: {subject}\r\n"
             f"Message-Id: <{subject}@{domain}>\r\n\r\nHello Bob.\r\n").encode()
-    return dkim.sign(body, b"sel", domain.encode(), key, linesep=b"\r\n") + body
+    return dkim.sign(body, selector, domain.encode(), key, linesep=b"\r\n") + body
 
 
 def send(port: int, sender: str, data: bytes) -> tuple[int, bytes]:
@@ -124,3 +126,32 @@ def test_dmarc_reject_refuses_550(relays, dnsServer, nexthop) -> None:  # noqa: 
     # The refused message was never queued: the intake's line says so.
     r.waitForLog(r"from=<ceo@bank\.test> .*result=550 5\.7\.1 Error: rejected by DMARC")
     assert len(hop.accepted) == 1
+
+
+def test_a_dns_failure_of_an_unaligned_identity_does_not_save_a_spoof(
+    relays, dnsServer, nexthop,  # noqa: F811
+) -> None:
+    """A From: ceo@bank.test (p=reject) from a host bank.test does not permit is refused even
+    when the lookup of another domain's DKIM key or SPF record fails, or a selector makes
+    the key name longer than 255 octets: only an identifier aligned with the From: domain can
+    make DMARC temperror (RFC 7489 4.2).  Each was dmarc=temperror, accepted 250."""
+    hop, hopPort = nexthop()
+    r = relays(config(dnsServer.port, hopPort, "dmarc_reject = true\n")).start()
+    refused = (550, b"5.7.1 Error: rejected by DMARC policy for bank.test")
+    # A DKIM signature of evil.test, whose key lookup fails (SERVFAIL).
+    spoof = message("ceo@bank.test", "evilkey", OTHER_KEY, "bank.test")
+    signed = dkim.sign(spoof, b"s1", b"evil.test", OTHER_KEY, linesep=b"\r\n") + spoof
+    assert send(r.port, "ceo@bank.test", signed) == refused
+    # MAIL FROM a domain whose SPF record includes one that fails.
+    assert send(r.port, "x@tempspf.test", spoof) == refused
+    # A selector of 15 labels of 60 octets: the key name is no DNS name (a permerror).
+    long = b".".join([b"a" * 60] * 15)
+    forged = (b"DKIM-Signature: v=1; a=rsa-sha256; d=evil.test; c=relaxed/relaxed;\r\n s="
+              + long + b";\r\n h=from; bh=AAAA; b=AAAA\r\n" + spoof)
+    assert send(r.port, "ceo@bank.test", forged) == refused
+    r.waitForLog(r"dkim=temperror:evil\.test fail:bank\.test dmarc=fail from=bank\.test")
+    r.waitForLog(r"spf=temperror dkim=fail:bank\.test dmarc=fail from=bank\.test")
+    r.waitForLog(r"dkim=permerror:evil\.test fail:bank\.test dmarc=fail from=bank\.test")
+    assert ("s1._domainkey.evil.test", "TXT") in dnsServer.queries()
+    assert not [q for q in dnsServer.queries() if q[0].startswith("aaa")]
+    assert hop.accepted == []

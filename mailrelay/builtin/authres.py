@@ -169,10 +169,18 @@ class DNS:
     timeout: float
 
 
+def _isDNSName(name: bytes) -> bool:
+    """Whether C{name} can be asked: labels of 1 to 63 octets, 255 octets in all on the wire
+    (RFC 1035 2.3.4)."""
+    name = name.rstrip(b".")
+    return len(name) <= 253 and all(0 < len(label) <= 63 for label in name.split(b"."))
+
+
 def _records(dnsc: DNS, name: str, qtype: int) -> Deferred[list[Any]]:
-    """The records of C{qtype} (and the CNAMEs) at C{name}: C{[]} for NXDOMAIN or NODATA;
-    fails with L{_TempError} for any other failure (a timeout, SERVFAIL, REFUSED, ...: the
-    other subclasses of C{DomainError})."""
+    """The records of C{qtype} (and the CNAMEs) at C{name}: C{[]} for NXDOMAIN or NODATA,
+    and for a name that is not a valid DNS name (a permanent error, RFC 6376 6.1.2: never
+    asked); fails with L{_TempError} for any other failure (a timeout, SERVFAIL, REFUSED,
+    ...: the other subclasses of C{DomainError})."""
 
     def failed(failure: Failure) -> list[Any]:
         if type(failure.value) in _NO_SUCH_NAME:
@@ -182,6 +190,8 @@ def _records(dnsc: DNS, name: str, qtype: int) -> Deferred[list[Any]]:
     try:
         query = dns.Query(name, qtype)
     except (ValueError, UnicodeError):  # a name that cannot be asked: no such name
+        return succeed([])
+    if not _isDNSName(query.name.name):  # (never sent: its failure would be temperror)
         return succeed([])
     d = dnsc.resolver.query(query)
     d.addTimeout(dnsc.timeout, dnsc.reactor)  # (a twisted TimeoutError: temperror)
@@ -624,8 +634,11 @@ class AuthResults:
         if spfAligned or dkimAligned:
             results.dmarc = "pass"
             return
-        temporary = results.spf == "temperror" or any(
-            s.result == "temperror" for s in results.signatures
+        # Only an identifier aligned with the From: domain could have passed (RFC 7489 4.2):
+        # a temporary failure of another one (anyone's d= or MAIL FROM) changes nothing.
+        spfTemporary = results.spf == "temperror" and aligned(results.spfDomain, policy.aspf)
+        temporary = spfTemporary or any(
+            s.result == "temperror" and aligned(s.domain, policy.adkim) for s in results.signatures
         )
         if temporary:  # it might have passed: never a failure for a DNS problem
             results.dmarc, results.dmarcReason = "temperror", "SPF or DKIM lookup failed"
