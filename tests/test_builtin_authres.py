@@ -304,6 +304,15 @@ def test_forged_results_claiming_our_authserv_id_are_removed(tmp_path: Path) -> 
     assert box == [answer.prepend[0] + theirs + MESSAGE]
 
 
+@pytest.mark.parametrize("comment", [b"(forged (nested) comment)", b"(a \\) b)"])
+def test_forged_results_after_a_nested_or_quoting_comment_are_removed(
+    tmp_path: Path, comment: bytes,
+) -> None:
+    ours = b"Authentication-Results: " + comment + b" relay.test;\r\n\tdmarc=pass\r\n"
+    answer, _ = run(build(tmp_path, FakeResolver(records())), ours + MESSAGE)
+    assert answer.remove == (ours,)
+
+
 def test_authserv_id_option(tmp_path: Path) -> None:
     plugin = build(tmp_path, FakeResolver(records()), authserv_id="MX.Example.Org")
     answer, _ = run(plugin, b"Authentication-Results: mx.example.org; spf=pass\r\n" + MESSAGE)
@@ -385,6 +394,10 @@ def test_parse_policy(text: bytes, policy: Any) -> None:
         (b' "relay.test"; none', "relay.test"),
         (b" relay.test", "relay.test"),
         (b" ;", ""),
+        # RFC 5322 3.2.2: comments nest and hold quoted-pairs (the first ")" ended it).
+        (b" (forged (nested) comment) relay.test;\r\n\tdkim=pass", "relay.test"),
+        (b" (a \\) b) (c (d (e)) \\() relay.test; spf=pass", "relay.test"),
+        (b" (unclosed relay.test; spf=pass", ""),
     ],
 )
 def test_authserv_id_of_a_field(value: bytes, expected: str) -> None:

@@ -114,16 +114,29 @@ def orgDomain(psl: Any, domain: str) -> str:
 def authservID(value: bytes) -> str:
     """The authserv-id an C{Authentication-Results:} field's C{value} (what follows the colon)
     claims, lower case (C{""}: none): its first word, comments and folding skipped."""
-    text = value.decode("ascii", "replace")
-    text = re.sub(r"\s+", " ", text)
-    while True:  # skip leading comments (non-nested is enough to find the first word)
-        text = text.lstrip()
-        if not text.startswith("("):
-            break
-        end = text.find(")")
-        text = text[end + 1 :] if end >= 0 else ""
+    text = _skipCFWS(value.decode("ascii", "replace"))
     m = re.match(r'"([^"]*)"|([^\s;()]+)', text)
     return "" if m is None else (m.group(1) or m.group(2) or "").lower().rstrip(".")
+
+
+def _skipCFWS(text: str) -> str:
+    """C{text} after its leading CFWS (RFC 5322 3.2.2): white space and comments, which nest
+    and hold quoted-pairs (C{"(a (b) \\) c)"} is one comment); C{""} when a comment is not
+    closed."""
+    depth = 0
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char == "(":
+            depth += 1
+        elif depth and char == ")":
+            depth -= 1
+        elif depth and char == "\\":
+            i += 1  # (a quoted-pair: the next character is taken as it is)
+        elif not depth and not char.isspace():
+            return text[i:]
+        i += 1
+    return ""
 
 
 _TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+\-./=?^_`{|}~@]+")
