@@ -468,3 +468,29 @@ def test_a_key_name_that_is_no_dns_name_is_permerror_and_never_asked(tmp_path: P
         assert "\tdkim=permerror (no key) header.d=example.com" in text, text
         assert "dmarc=pass" in text  # (by SPF)
         assert not [q for q in resolver.queries if q[0].startswith("a")], resolver.queries
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [b"Subject : hello", b"Subject: hello\r\nthis is not a header field"],
+    ids=["obsolete-space-before-colon", "a-line-that-is-no-field"],
+)
+def test_a_header_section_dkimpy_cannot_parse_is_tagged_never_deferred(
+    tmp_path: Path, odd: bytes,
+) -> None:
+    """dkimpy refuses a field name followed by white space (RFC 5322 4.5's obsolete syntax)
+    and a line that is no field: the filter failed (451, forever, for a permanent condition).
+    The message is tagged: its signatures neutral, DMARC judged on SPF; a forged field of
+    our authserv-id written the obsolete way is removed too."""
+    forged = b"Authentication-Results : relay.test; dmarc=pass\r\n"
+    message = forged + signed().replace(b"Subject: hello", odd)
+    plugin = build(tmp_path, FakeResolver(records()), dmarc_reject=True)
+    answer, envelope = run(plugin, message)
+    text = field(answer)
+    assert "\tdkim=neutral (the header section cannot be parsed) header.d=example.com" in text
+    assert "\tdmarc=pass (p=reject dis=none) header.from=example.com" in text
+    assert answer.remove == (forged,)
+    assert envelope.notes["authres"]["dkim"][0]["result"] == "neutral"
+    # From a host SPF does not permit, DMARC fails: refused as any failure.
+    answer, _ = run(plugin, message, address="203.0.113.9")
+    assert answer.verdict.kind is VerdictKind.REJECT

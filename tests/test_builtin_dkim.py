@@ -331,3 +331,33 @@ def test_the_documented_example_builds(tmp_path: Path, keys: Keys) -> None:
         ("s2027", "rsa-sha256"), ("ed2027", "ed25519-sha256")]
     answer, spooled = run(signer, envelope=RELAYED)
     assert len(answer.prepend) == 2 and keys.verify(spooled, 0) and keys.verify(spooled, 1)
+
+
+def test_a_header_section_dkimpy_cannot_parse_passes_unsigned(tmp_path: Path, keys: Keys) -> None:
+    """A field name followed by white space (RFC 5322 4.5's obsolete syntax) or a line that
+    is no field: dkimpy cannot parse the message, a permanent condition; it passes unsigned
+    (it was refused 451, forever)."""
+    signer = build(tmp_path, keys)
+    for odd in (b"Subject : hello", b"Subject: hello\r\nthis is not a header field"):
+        message = MESSAGE.replace(b"Subject: hello", odd)
+        assert run(signer, message, envelope=RELAYED) == (CONTINUE, message)
+
+
+def test_a_message_of_a_domain_without_a_key_is_not_parsed_by_dkimpy(
+    tmp_path: Path, keys: Keys, monkeypatch: Any,
+) -> None:
+    """dkimpy parsed every message of ours before the key was looked up: one it could not
+    parse failed the filter even when its domain had no key."""
+    signer = build(tmp_path, keys)
+    parsed: list[bytes] = []
+
+    class Counting(dkim.DKIM):  # type: ignore[misc]
+        def __init__(self, message: bytes, **kw: Any) -> None:
+            parsed.append(message)
+            super().__init__(message, **kw)
+
+    monkeypatch.setattr(dkim, "DKIM", Counting)
+    other = MESSAGE.replace(b"alice@Example.ORG", b"carol@example.com")
+    assert run(signer, other, envelope=RELAYED) == (CONTINUE, other)
+    assert parsed == []
+    assert run(signer, envelope=RELAYED)[0].prepend and parsed  # (what counts is seen)

@@ -149,3 +149,34 @@ def test_a_bad_key_file_stops_the_relay_with_one_line(tmp_path: Path) -> None:
         f'plugins[0].keys[0].key_file: the DKIM private key "{bad}" holds no private key '
         "that can be read"
     ), lines[0]
+
+
+def test_a_header_section_dkimpy_cannot_parse_passes_unsigned(relays, nexthop, tmp_path) -> None:  # noqa: F811
+    """A field name followed by white space (RFC 5322 4.5's obsolete syntax) or a line that is
+    no field: dkimpy cannot parse the message.  It was refused 451 4.3.0 at every retry, even
+    for a domain without a key; it is relayed unsigned, the reason logged."""
+    hop, port = nexthop()
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    r = relays(
+        '[dns]\nreverse_lookups = false\n'
+        f'[relay]\nsmarthost = "[127.0.0.1]:{port}"\n'
+        '[[plugins]]\nplugin = "dkim-sign"\nkeys = [\n'
+        f'  {{domain = "example.org", selector = "s1", key_file = '
+        f'"{keyFile(tmp_path / "org.pem", key)}"}},\n]\n'
+    ).start()
+    messages = [
+        b"From: alice@example.org\r\nSubject : spaced colon\r\nTo: bob@example.net\r\n\r\nx\r\n",
+        b"From: alice@example.org\r\nTo: bob@example.net\r\nnot a field\r\n\r\nx\r\n",
+        b"From: carol@nokey.example\r\nSubject : no key\r\nTo: bob@example.net\r\n\r\nx\r\n",
+    ]
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as smtp:
+        for data in messages:
+            sender = "carol@nokey.example" if b"carol" in data else "alice@example.org"
+            smtp.sendmail(sender, ["bob@example.net"], data)  # (raises on a refusal)
+    got = hop.waitTo("bob@example.net", 3)
+    for data in messages:  # (each line as sent; the relay adds Received:, Message-Id:, Date:)
+        lines = data.split(b"\r\n\r\n")[0].split(b"\r\n")
+        assert [m for m in got if all(b"\r\n" + line + b"\r\n" in m.content for line in lines)]
+    assert not [m for m in got if b"DKIM-Signature" in m.content]
+    r.waitForLog(r"dkim-sign: not signed: dkimpy cannot parse the header section: "
+                 r"Unexpected characters in RFC822 header: b'Subject : spaced colon'")

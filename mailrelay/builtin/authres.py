@@ -37,6 +37,7 @@ from twisted.names.error import AuthoritativeDomainError, DNSNameError, DomainEr
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailrelay.builtin.headers import headerFields
 from mailrelay.config.schema import Key, pluginOptions
 from mailrelay.config.values import boolean, choice, integer, optionalHostname, seconds
 from mailrelay.interfaces import CONTINUE, FilterResult, IMessageFilter, Verdict
@@ -364,18 +365,26 @@ class _Parsed:
     forged: list[bytes]
     fromDomains: list[str]
     fromProblem: str = ""
+    #: Why dkimpy could not parse the header section (C{signer} is then C{None}), or C{""}.
+    unparsed: str = ""
 
 
 def _parse(message: bytes, authserv: str, minKeyBits: int) -> _Parsed:
     """Parse C{message} (in a thread): its DKIM signatures, the forged Authentication-Results
-    fields (claiming C{authserv}) and the domains of its C{From:}."""
-    headers, _ = dkim.rfc822_parse(message)
+    fields (claiming C{authserv}) and the domains of its C{From:}.  A header section dkimpy
+    cannot parse (RFC 5322 4.5's obsolete syntax, a line that is no field: a permanent
+    condition) is read as the relay reads it, each signature C{neutral}."""
+    try:
+        headers = [(name, name + b":" + value) for name, value in dkim.rfc822_parse(message)[0]]
+        signer, unparsed = dkim.DKIM(message, minkey=minKeyBits), ""
+    except dkim.MessageFormatError as e:
+        headers, signer, unparsed = headerFields(message), None, str(e)
     forged = [
-        name + b":" + value
-        for name, value in headers
-        if name.lower() == b"authentication-results" and authservID(value) == authserv
+        raw
+        for name, raw in headers
+        if name.lower() == b"authentication-results" and authservID(_fieldValue(raw)) == authserv
     ]
-    froms = [value for name, value in headers if name.lower() == b"from"]
+    froms = [_fieldValue(raw) for name, raw in headers if name.lower() == b"from"]
     fromDomains: list[str] = []
     problem = ""
     if len(froms) != 1:
@@ -386,10 +395,9 @@ def _parse(message: bytes, authserv: str, minKeyBits: int) -> _Parsed:
         fromDomains = sorted({_domainOf(a) for a in addresses if "@" in a})
         if not fromDomains:
             problem = "no address in From"
-    signer = dkim.DKIM(message, minkey=minKeyBits)
     signatures = []
     count = 0
-    for name, value in headers:
+    for name, raw in headers:
         if name.lower() != b"dkim-signature":
             continue
         count += 1
@@ -397,7 +405,7 @@ def _parse(message: bytes, authserv: str, minKeyBits: int) -> _Parsed:
             break
         signature = Signature(count - 1)
         try:
-            tags = parse_tag_value(value)
+            tags = parse_tag_value(_fieldValue(raw))
         except Exception as e:
             signature.result, signature.reason = "neutral", f"bad signature: {e}"
         else:
@@ -406,8 +414,15 @@ def _parse(message: bytes, authserv: str, minKeyBits: int) -> _Parsed:
             signature.b = re.sub(r"\s+", "", tags.get(b"b", b"").decode("ascii", "replace"))[:8]
             if not signature.domain or not signature.selector:
                 signature.result, signature.reason = "neutral", "no d= or s= tag"
+        if unparsed and not signature.result:
+            signature.result, signature.reason = "neutral", "the header section cannot be parsed"
         signatures.append(signature)
-    return _Parsed(signer, signatures, forged, fromDomains, problem)
+    return _Parsed(signer, signatures, forged, fromDomains, problem, unparsed)
+
+
+def _fieldValue(raw: bytes) -> bytes:
+    """What follows the colon of the header field C{raw}."""
+    return raw.partition(b":")[2]
 
 
 def _verify(parsed: _Parsed, keys: dict[str, bytes | None | _TempError]) -> None:
@@ -680,6 +695,11 @@ class AuthResults:
             policy=results.policy or "-",
             disposition=results.disposition,
         )
+        if parsed.unparsed:
+            log.info(
+                "{queueID}: authres: DKIM not verified: dkimpy cannot parse the header section:"
+                " {error}", queueID=envelope.queueID, error=parsed.unparsed,
+            )  # fmt: skip
         verdict = CONTINUE
         if results.dmarc == "fail" and self.options.dmarcReject:
             domain = results.headerFrom

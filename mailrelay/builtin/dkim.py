@@ -34,6 +34,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailrelay.address import normaliseDomain
+from mailrelay.builtin.headers import headerFields
 from mailrelay.config.schema import At, Key, Reading, Table, pluginOptions
 from mailrelay.config.values import choice, fileName, strings
 from mailrelay.errors import ConfigError, describeValue
@@ -294,7 +295,7 @@ SCHEMA = pluginOptions(
 
 
 def fromDomain(headers: Sequence[tuple[bytes, bytes]]) -> tuple[str | None, str]:
-    """The domain of the C{From:} field of C{headers} (dkimpy's parse: C{(name, value)}),
+    """The domain of the C{From:} field of C{headers} (C{(name, value)} pairs),
     and C{""}; or C{None} and why there is none to sign for: no or several C{From:} fields,
     no address, addresses in several domains, a bad domain."""
     values = [value for name, value in headers if name.lower() == b"from"]
@@ -322,6 +323,8 @@ class Signed:
     fields: tuple[bytes, ...] = ()
     domain: str | None = None
     why: str = ""
+    #: Not signed for want of a parse, though its domain has a key (logged as a warning).
+    unparsed: bool = False
 
 
 @implementer(IMessageFilter)
@@ -372,7 +375,8 @@ class DKIMSigner:
 
     def _signed(self, signed: Signed, queueID: str) -> Any:
         if not signed.fields:
-            log.debug("{queueID}: dkim-sign: not signed: {why}", queueID=queueID, why=signed.why)
+            emit = log.warn if signed.unparsed else log.debug
+            emit("{queueID}: dkim-sign: not signed: {why}", queueID=queueID, why=signed.why)
             return CONTINUE
         log.info(
             "{queueID}: dkim-sign: signed d={domain} s={selectors}",
@@ -394,11 +398,15 @@ class DKIMSigner:
     def sign(self, message: bytes, senderDomain: str) -> Signed:
         """The C{DKIM-Signature:} fields of C{message} (blocking: run in the thread pool).
 
+        A message whose domain has no key is not parsed by dkimpy; one it cannot parse (RFC
+        5322 4.5's obsolete syntax, a line that is no field: nothing a retry changes) is not
+        signed, C{unparsed} saying why.
+
         @raise dkim.DKIMException: dkimpy cannot sign it (the filter then fails: 451).
         """
         dkim = _dkim()
-        signer = dkim.DKIM(message, linesep=b"\r\n")
-        domain, why = fromDomain(signer.headers)
+        headers = [(name, raw.partition(b":")[2]) for name, raw in headerFields(message)]
+        domain, why = fromDomain(headers)
         if domain is None:
             return Signed(why=why)  # (RFC 6376: the From: field must be signed)
         if self.signBy == "sender":
@@ -406,6 +414,10 @@ class DKIMSigner:
         keys = self.keys.get(domain)
         if not keys:
             return Signed(why=f"no key for {domain}")
+        try:
+            signer = dkim.DKIM(message, linesep=b"\r\n")
+        except dkim.MessageFormatError as e:
+            return Signed(why=f"dkimpy cannot parse the header section: {e}", unparsed=True)
         include = self.includeHeaders(signer.headers)
         fields = tuple(
             signer.sign(
