@@ -494,3 +494,25 @@ def test_a_header_section_dkimpy_cannot_parse_is_tagged_never_deferred(
     # From a host SPF does not permit, DMARC fails: refused as any failure.
     answer, _ = run(plugin, message, address="203.0.113.9")
     assert answer.verdict.kind is VerdictKind.REJECT
+
+
+def test_the_field_is_folded_within_998_octets_a_line(tmp_path: Path) -> None:
+    """RFC 5322 2.1.1: no line over 998 octets, and 78 where it can be.  A selector of 15
+    labels of 60 octets was copied whole (header.s=): the line was over 900 octets, and over
+    998 with a long reason and smtp.mailfrom; the next hop refused it and the message
+    bounced."""
+    long = b".".join([b"a" * 60] * 15)
+    message = (b"DKIM-Signature: v=1; a=rsa-sha256; d=" + b"b" * 63 + b".example.com;"
+               b" c=relaxed/relaxed;\r\n s=" + long + b"; h=from; bh=AAAA; b=AAAA\r\n" + MESSAGE)
+    sender = "a" * 64 + "@" + ".".join(["c" * 60] * 2) + ".example.com"
+    answer, _ = run(build(tmp_path, FakeResolver(records())), message, sender=sender)
+    text = field(answer)
+    lines = text.split("\r\n")[:-1]
+    assert max(len(line) for line in lines) <= 998, [len(line) for line in lines]
+    assert [line for line in lines if len(line) > 78] == [  # (one word each: not foldable)
+        " smtp.mailfrom=" + sender + ";", " header.d=" + "b" * 63 + ".example.com"]
+    assert all(line[:1] in (" ", "\t") for line in lines[1:])
+    assert "header.s=" not in text  # (longer than any DNS name: not shown)
+    header = parsed(text)
+    assert [(r.method, r.result) for r in header.results] == [
+        ("spf", "none"), ("dkim", "permerror"), ("dmarc", "fail")]

@@ -145,7 +145,10 @@ _TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+\-./=?^_`{|}~@]+")
 
 def _value(text: str) -> str | None:
     """C{text} as an RFC 8601 property value (a token, or a quoted-string), or C{None} when
-    it cannot be written in ASCII."""
+    it cannot be written in ASCII, or is longer than any address or name can be (RFC 5321
+    4.5.3.1: a path of 256 octets), which no line of the field could hold."""
+    if len(text) > 256:
+        return None
     if _TOKEN.fullmatch(text):
         return text
     if not text.isascii() or not text.isprintable():
@@ -749,8 +752,27 @@ class AuthResults:
         if results.headerFrom and _value(results.headerFrom):
             dmarc += f" header.from={results.headerFrom}"
         parts.append(dmarc)
-        text = ";\r\n\t".join([f"Authentication-Results: {self.authserv}", *parts])
+        text = ";\r\n\t".join(
+            _fold(part) for part in [f"Authentication-Results: {self.authserv}", *parts]
+        )
         return f"{text}\r\n".encode("ascii")
+
+
+def _fold(text: str, width: int = 78) -> str:
+    """C{text} (one method's result) folded before its spaces (RFC 5322 2.1.1, 2.2.3) so that
+    its lines, after the tab it is written after and the C{;} that ends it, keep within
+    C{width} octets where they can; a longer word is left whole (no value is over 256 octets:
+    L{_value})."""
+    lines = []
+    line = ""
+    for word in text.split(" "):
+        if line and len(line) + 1 + len(word) + 2 > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    lines.append(line)
+    return "\r\n ".join(lines)
 
 
 def build(options: dict[str, Any], context: Any) -> AuthResults:

@@ -432,10 +432,14 @@ def runStampers(
 
 def fieldProblem(field: object, smtputf8: bool) -> str | None:
     """What is wrong with a header field a plugin adds, or C{None}: it must be C{bytes}, one
-    whole well-formed field, and ASCII unless the message is SMTPUTF8 (RFC 6532: UTF-8 in
-    the header needs it; else RFC 2047 encoded words)."""
+    whole well-formed field, with no line over 998 octets (RFC 5322 2.1.1: the next hop
+    may refuse it, and the message would bounce after our 250), and ASCII unless the
+    message is SMTPUTF8 (RFC 6532: UTF-8 in the header needs it; else RFC 2047 encoded
+    words)."""
     if not isinstance(field, bytes) or not WELL_FORMED_FIELD.fullmatch(field):
         return f"a malformed header field: {field!r}"
+    if max(len(line) for line in field.split(b"\r\n")) > 998:
+        return f"a header field with a line over 998 octets (fold it, RFC 5322 2.1.1): {field!r}"
     if not smtputf8 and not field.isascii():
         return (
             f"a header field with 8-bit octets in a message that is not SMTPUTF8 (encode "
