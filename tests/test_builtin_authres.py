@@ -187,6 +187,12 @@ def test_pct_samples_the_policy(tmp_path: Path) -> None:
     assert answer.verdict.kind is VerdictKind.REJECT
 
 
+def test_a_policy_record_in_capitals_applies(tmp_path: Path) -> None:
+    resolver = FakeResolver(records(**{"_dmarc.example.com": {"TXT": ["V=DMARC1; P=REJECT"]}}))
+    answer, _ = run(build(tmp_path, resolver, dmarc_reject=True), MESSAGE, address="203.0.113.9")
+    assert answer.verdict.kind is VerdictKind.REJECT  # (it was dmarc=none: accepted)
+
+
 def test_relaxed_and_strict_spf_alignment(tmp_path: Path) -> None:
     extra = {"bounce.example.com": {"TXT": ["v=spf1 ip4:192.0.2.1 -all"]}}
     plugin = build(tmp_path, FakeResolver(records(**extra)))
@@ -375,6 +381,10 @@ def test_bad_options_name_the_key(tmp_path: Path, options: dict[str, Any], key: 
         (b"v=DMARC1; p=bogus", None),
         (b"p=reject; v=DMARC1", None),
         (b"v=DMARC2; p=reject", None),
+        # RFC 7489 6.4: the tags' names and p= are case-insensitive ABNF strings, "DMARC1"
+        # is not (%x44 %x4d ...).  "V=" was not read.
+        (b"V = DMARC1;\tP=REJECT; SP=None; ADKIM=S; PCT=50", ("reject", "none", "s", "r", 50)),
+        (b"v=dmarc1; p=reject", None),
     ],
 )
 def test_parse_policy(text: bytes, policy: Any) -> None:

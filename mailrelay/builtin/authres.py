@@ -488,6 +488,11 @@ class Policy:
     pct: int = 100
 
 
+#: The version tag a DMARC record starts with (RFC 7489 6.4: C{"v"} is a case-insensitive
+#: ABNF string, C{DMARC1} is not; white space around the C{=}).
+_DMARC_VERSION = re.compile(rb"[vV][ \t]*=[ \t]*DMARC1[ \t]*(;|$)")
+
+
 def parsePolicy(domain: str, text: bytes) -> Policy | None:
     """The policy record C{text} found at C{_dmarc.<domain>}, or C{None} when it is not a
     valid DMARC record (no C{v=DMARC1} first, or no valid C{p=} and no C{rua=})."""
@@ -498,7 +503,7 @@ def parsePolicy(domain: str, text: bytes) -> Policy | None:
             tags.setdefault(name.strip().lower(), value.strip())
         elif part.strip():
             return None
-    if not text.decode("ascii", "replace").split(";")[0].replace(" ", "") == "v=DMARC1":
+    if not _DMARC_VERSION.match(text):
         return None
     p = tags.get("p", "").lower()
     if p not in ("none", "quarantine", "reject"):
@@ -522,7 +527,7 @@ def _fetchPolicy(dnsc: DNS, domain: str) -> Deferred[Policy | None]:
     several, RFC 7489 6.6.3); fails with L{_TempError}."""
 
     def got(rrs: list[Any]) -> Policy | None:
-        texts = [t for t in _texts(rrs) if re.match(rb"v\s*=\s*DMARC1\s*(;|$)", t)]
+        texts = [t for t in _texts(rrs) if _DMARC_VERSION.match(t)]
         return parsePolicy(domain, texts[0]) if len(texts) == 1 else None
 
     return _records(dnsc, f"_dmarc.{domain}", dns.TXT).addCallback(got)
