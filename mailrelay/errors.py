@@ -180,3 +180,32 @@ class PermanentFailure(DeliveryFailure):
     """A delivery failure no retry will mend (C{5.x.x}): the recipients bounce."""
 
     permanent = True
+
+
+
+def describeFailure(failure: Any, timeout: float | None = None) -> str:
+    """A short text for why a query (a C{twisted.names} lookup, a store operation) failed: a
+    name server's answer code in words (C{"server failure (SERVFAIL)"}; twisted.names gives
+    the whole answer as the message, C{"<Message id=... rCode=2 ...>"}), a time-out with its
+    limit (C{"timed out after 3 s"}; L{Deferred.addTimeout}'s reads C{"(3.0, 'Deferred')"}),
+    else the exception's message, or its type's name when it has none.
+
+    @param failure: a L{twisted.python.failure.Failure}.
+    @param timeout: the seconds the query was given, if known.
+    """
+    from twisted.internet.defer import TimeoutError
+    from twisted.names import error
+
+    if failure.check(TimeoutError, error.DNSQueryTimeoutError):
+        return "timed out" if timeout is None else f"timed out after {timeout:g} s"
+    for kind, text in (
+        (error.DNSServerError, "server failure (SERVFAIL)"),
+        (error.DNSQueryRefusedError, "refused (REFUSED)"),
+        (error.DNSFormatError, "format error (FORMERR)"),
+        (error.DNSNotImplementedError, "not implemented (NOTIMP)"),
+        (error.DNSNameError, "no such name (NXDOMAIN)"),
+        (error.DNSUnknownError, "an unknown answer code"),
+    ):
+        if failure.check(kind):
+            return text
+    return failure.getErrorMessage() or failure.type.__name__

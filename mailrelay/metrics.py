@@ -182,7 +182,8 @@ MESSAGE_BYTES = _counter(
 )
 REFUSALS = _counter(
     "mailrelay_refusals",
-    "MAIL, RCPT and DATA commands refused, by command and reply class (4xx, 5xx).",
+    "Connections and commands (EHLO, HELO, MAIL, RCPT, DATA, BDAT) refused, by command"
+    " (CONNECT for a connection) and reply class (4xx, 5xx).",
     ["command", "reply"],
 )
 DELIVERIES = _counter(

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.task import Clock
+from twisted.names import dns
 
 import mailrelay.builtin.authres as module
 from mailrelay.errors import ConfigError
@@ -287,6 +288,21 @@ def test_temporary_dns_errors_are_temperror_never_a_reject(tmp_path: Path, error
                            address="203.0.113.9")
     assert "\tdmarc=temperror (policy lookup failed) header.from=example.com" in field(answer)
     assert envelope.notes["authres"]["dmarc"] == "temperror"
+
+
+@pytest.mark.parametrize(
+    ("error", "text"),
+    [(SERVFAIL(dns.Message(id=32883, rCode=2, answer=1)), "server failure SERVFAIL"),
+     (TimeoutError(3.0, Deferred()), "timed out after 10 s")],
+)
+def test_a_temperror_says_what_failed_in_words(tmp_path: Path, error: Any, text: str) -> None:
+    """It read "DNS example.com: <Message id=32883 rCode=2 maxSize=0 flags=answ>" or
+    "DNS example.com: 3.0, 'Deferred'"."""
+    resolver = FakeResolver(records())
+    resolver.fail("example.com", "TXT", error)
+    answer, _ = run(build(tmp_path, resolver), MESSAGE)
+    unfolded = field(answer).replace("\r\n", "")  # (a comment holds no parentheses)
+    assert f"\tspf=temperror (SPF Temporary Error: DNS example.com: {text})" in unfolded
 
 
 def test_a_missing_key_is_permerror(tmp_path: Path) -> None:

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
+from twisted.names import dns
+from twisted.names.error import DNSQueryRefusedError as REFUSED
 
 from mailrelay.builtin.dnsbl import parseZone, queryName
 from mailrelay.errors import ConfigError
@@ -121,6 +123,21 @@ def test_a_failing_lookup_fails_open_and_is_logged(tmp_path: Path, error: Any) -
     assert verdict is CONTINUE
     assert any(f"lookup of {NAME} failed, taken as not listed" in formatEvent(e)
                for e in events)
+
+
+@pytest.mark.parametrize(
+    ("error", "text"),
+    [(SERVFAIL, "server failure (SERVFAIL)"), (REFUSED, "refused (REFUSED)")],
+)
+def test_a_failing_lookup_is_said_in_words(tmp_path: Path, error: Any, text: str) -> None:
+    """twisted.names fails with the server's answer as the argument: the log read
+    "<Message id=32883 rCode=2 maxSize=0 flags=answ>"."""
+    resolver = FakeResolver({NAME: {"A": ["127.0.0.2"]}})
+    resolver.fail(NAME, "A", error(dns.Message(id=32883, rCode=2, answer=1)))
+    with capturedLogs() as events:
+        fired(plugin(tmp_path, resolver).checkConnect(makeClient(LISTED)))
+    assert f"lookup of {NAME} failed, taken as not listed: {text}" in [
+        formatEvent(e) for e in events][0]
 
 
 def test_zones_are_asked_in_parallel_within_the_timeout(tmp_path: Path) -> None:

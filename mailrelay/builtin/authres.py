@@ -40,6 +40,7 @@ from zope.interface import implementer
 from mailrelay.builtin.headers import headerFields
 from mailrelay.config.schema import Key, pluginOptions
 from mailrelay.config.values import boolean, choice, integer, optionalHostname, seconds
+from mailrelay.errors import describeFailure
 from mailrelay.interfaces import CONTINUE, FilterResult, IMessageFilter, Verdict
 
 try:
@@ -202,7 +203,7 @@ def _records(dnsc: DNS, name: str, qtype: int) -> Deferred[list[Any]]:
     def failed(failure: Failure) -> list[Any]:
         if type(failure.value) in _NO_SUCH_NAME:
             return []
-        raise _TempError(f"{name}: {failure.getErrorMessage() or failure.type.__name__}")
+        raise _TempError(f"{name}: {describeFailure(failure, dnsc.timeout)}")
 
     try:
         query = dns.Query(name, qtype)

@@ -38,7 +38,7 @@ from zope.interface import implementer
 from mailrelay.builtin.clients import EXEMPT_NETWORKS, EXEMPT_RELAY_CLIENTS, clientIP, isExempt
 from mailrelay.config.schema import At, Key, Reading, pluginOptions
 from mailrelay.config.values import choice, integer, seconds, string, stringList
-from mailrelay.errors import ConfigError, describeValue
+from mailrelay.errors import ConfigError, describeFailure, describeValue
 from mailrelay.interfaces import (
     CONTINUE,
     FilterResult,
@@ -253,7 +253,7 @@ class DNSBL:
             if failure.check(TimeoutError):
                 error = f"no answer within {self.timeout:g}s"
             else:
-                error = failure.getErrorMessage() or failure.type.__name__
+                error = describeFailure(failure)
             log.warn(
                 "dnsbl: lookup of {name} failed, taken as not listed: {error}",
                 name=name, zone=zone.name, error=error,

@@ -39,7 +39,7 @@ from mailrelay.config.values import (
     seconds,
     string,
 )
-from mailrelay.errors import describeValue
+from mailrelay.errors import describeFailure, describeValue
 from mailrelay.interfaces import CONTINUE, IDataPolicy, Verdict
 
 __all__ = [
@@ -379,7 +379,8 @@ class Greylist(Service):
         passing = self.options.storeFailure == "continue"
         log.error(
             "greylist: the store ({store}) failed, {what}: {error}",
-            store=self.store.description, error=failure.getErrorMessage() or failure.type,
+            store=self.store.description,
+            error=describeFailure(failure, self.options.storeTimeout),
             what="passing the transaction" if passing else "deferring the transaction",
             client=client.address,
         )

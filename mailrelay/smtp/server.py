@@ -233,10 +233,12 @@ class HeloWithSpaces:
 
 @dataclass(frozen=True, slots=True)
 class Refused:
-    """A MAIL, RCPT, DATA or BDAT command is refused (4xx or 5xx), for the log (Postfix's
-    C{NOQUEUE: reject:} line); the reply itself follows as its own event.
+    """A connection (at the greeting) or an EHLO, HELO, MAIL, RCPT, DATA or BDAT command is
+    refused (4xx or 5xx), for the log (Postfix's C{NOQUEUE: reject:} line); the reply itself
+    follows as its own event.
 
-    @ivar command: C{"MAIL"}, C{"RCPT"}, C{"DATA"} or C{"BDAT"}.
+    @ivar command: C{"CONNECT"}, C{"EHLO"}, C{"HELO"}, C{"MAIL"}, C{"RCPT"}, C{"DATA"} or
+        C{"BDAT"}.
     @ivar reply: the refusal.
     @ivar sender: the transaction's sender (C{""}: the null sender), or the one the refused
         MAIL gave, or C{None} when there is none.
