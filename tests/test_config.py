@@ -1284,6 +1284,29 @@ def test_twoListenersOnOneSocketAreRefused(tmp_path: Path, text: str, key: str,
     assert e.value.key == key and fragment in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("dualStack", [True, False])
+def test_anIPv6ListenerOnEveryAddressTakesTheIPv4PortToo(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dualStack: bool) -> None:
+    """On Linux's default (net.ipv6.bindv6only = 0) a socket on every IPv6 address takes
+    the port on every IPv4 address too: with an IPv4 listener on that port, the check said
+    ok and twistd could not start ("Address already in use")."""
+    from mailrelay.config import checks
+
+    monkeypatch.setattr(checks, "ipv6DualStack", lambda: dualStack)
+    text = ('[[listeners]]\nendpoint = "tcp:2525:interface=127.0.0.1"\n'
+            '[[listeners]]\nendpoint = "tcp6:2525:interface=\\\\:\\\\:"\n')
+    path = writeConfig(tmp_path, text)
+    if not dualStack:
+        assert len(loadConfig(path).listeners) == 2
+        return
+    with pytest.raises(ConfigError) as e:
+        loadConfig(path)
+    assert e.value.key == "listeners[1].endpoint"
+    assert ("listens on the same port (2525) as listeners[0].endpoint "
+            '("tcp:2525:interface=127.0.0.1"): on every IPv6 address, it takes every IPv4 '
+            "address too (net.ipv6.bindv6only = 0)") in str(e.value), str(e.value)
+
+
 def test_listenersOnOnePortButDistinctAddressesAreTaken(tmp_path: Path) -> None:
     path = writeConfig(tmp_path, '[[listeners]]\nendpoint = "tcp:2525:interface=127.0.0.1"\n'
                        '[[listeners]]\nendpoint = "tcp:2525:interface=127.0.0.2"\n'

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from functools import partial
-from socket import AF_UNIX
+from socket import AF_INET6, AF_UNIX
 from typing import Any
 
 from mailrelay.address import domainProblem, normaliseDomain, parseReversePath
@@ -530,21 +530,40 @@ def checkSockets(r: Reading) -> None:
             continue  # (not a socket of its own, or a port chosen at start)
         for firstAt, firstEndpoint, first in seen:
             if _clash(first, bound):
-                what = (f"the same port ({bound.port}) and address" if bound.family != AF_UNIX
-                        else "the same socket file")
+                if bound.family == AF_UNIX:
+                    what, why = "the same socket file", ""
+                elif bound.family == first.family:
+                    what, why = f"the same port ({bound.port}) and address", ""
+                else:
+                    what = f"the same port ({bound.port})"
+                    why = (": on every IPv6 address, it takes every IPv4 address too "
+                           "(net.ipv6.bindv6only = 0)")
                 raise at.error(
                     f"{describeValue(endpoint)} listens on {what} as {firstAt.key} "
-                    f"({describeValue(firstEndpoint)})"
+                    f"({describeValue(firstEndpoint)}){why}"
                 )
         seen.append((at, endpoint, bound))
 
 
+def ipv6DualStack() -> bool:
+    """Whether a socket on every IPv6 address takes the port on every IPv4 address too:
+    Linux's C{net.ipv6.bindv6only = 0}, its default (Twisted does not set C{IPV6_V6ONLY})."""
+    try:
+        with open("/proc/sys/net/ipv6/bindv6only") as f:
+            return f.read().strip() == "0"
+    except OSError:
+        return False  # (not Linux, or no IPv6: not known, not refused)
+
+
 def _clash(a: ListeningSocket, b: ListeningSocket) -> bool:
     """Whether C{a} and C{b} cannot both be bound: one socket file, or one port of one
-    family on one address or on every address.  (IPv4 against IPv6 is the system's
-    bindv6only to decide: not compared.)"""
-    if a.family != b.family:
+    family on one address or on every address, or of both families when the IPv6 one is on
+    every address and the system makes that dual-stack (L{ipv6DualStack})."""
+    if AF_UNIX in (a.family, b.family):
+        return a.family == b.family and os.path.abspath(a.address) == os.path.abspath(b.address)
+    if a.port != b.port:
         return False
-    if a.family == AF_UNIX:
-        return os.path.abspath(a.address) == os.path.abspath(b.address)
-    return a.port == b.port and (a.address == b.address or a.everyAddress or b.everyAddress)
+    if a.family == b.family:
+        return a.address == b.address or a.everyAddress or b.everyAddress
+    six = a if a.family == AF_INET6 else b
+    return six.everyAddress and ipv6DualStack()
