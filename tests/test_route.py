@@ -503,6 +503,24 @@ def test_make_resolver() -> None:
     assert r.servers == [("127.0.0.1", 5353), ("::1", 53), ("10.0.0.1", 53), ("192.0.2.53", 5300)]
 
 
+def test_the_system_resolver_runs_on_the_reactor_it_is_given() -> None:
+    """The system's resolver (no name servers configured) re-reads resolv.conf every minute
+    and caches: on the relay's reactor, not the global one.  Relays built in a test process
+    on a memory reactor left those timers on the global reactor, for ever, and a trial test
+    running when one fired failed with an unclean reactor."""
+    from twisted.internet import reactor as globalReactor
+    from twisted.internet.task import Clock
+
+    before = set(globalReactor.getDelayedCalls())
+    clock = Clock()
+    r = makeResolver(None, reactor=clock)
+    assert set(globalReactor.getDelayedCalls()) == before
+    assert [c.func.__name__ for c in clock.getDelayedCalls()] == ["maybeParseConfig"]
+    hostsResolver, cacheResolver, dnsResolver = r.resolvers
+    assert (cacheResolver._reactor, dnsResolver._reactor) == (clock, clock)
+    assert (hostsResolver.file, dnsResolver.resolv) == (b"/etc/hosts", b"/etc/resolv.conf")
+
+
 # ---------------------------------------------------------------------------------------------
 # MXResolver with a fake IResolver
 

@@ -29,8 +29,9 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
-from twisted.names import client, dns
+from twisted.names import cache, client, dns, resolve
 from twisted.names import error as dnsError
+from twisted.names import hosts as hostsModule
 
 from mailrelay.address import hostnameProblem
 from mailrelay.errors import DeliveryFailure, PermanentFailure, TransientFailure, describeValue
@@ -393,7 +394,15 @@ def makeResolver(nameservers: Sequence[Any] | None = None, *, reactor: Any = Non
     @raise ValueError: a bad name server (the message names it).
     """
     if not nameservers:
-        return client.createResolver()
+        if reactor is None:
+            return client.createResolver()
+        # client.createResolver(), which takes no reactor: its resolver re-reads resolv.conf
+        # every minute, and its cache expires entries, on the relay's reactor.
+        return resolve.ResolverChain([
+            hostsModule.Resolver(b"/etc/hosts"),
+            cache.CacheResolver(reactor=reactor),
+            client.Resolver(b"/etc/resolv.conf", reactor=reactor),
+        ])
     servers = [
         (str(ns[0]), int(ns[1])) if isinstance(ns, tuple) else parseNameserver(ns)
         for ns in nameservers
