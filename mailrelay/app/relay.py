@@ -4,7 +4,6 @@ delivery, sessions, listeners), and a reload on SIGHUP (or the control socket's 
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +25,7 @@ from mailrelay.app.services import OrderedMultiService, PluginServices, PluginSt
 from mailrelay.config import Config, loadConfig, overriddenKeys, readConfigFile
 from mailrelay.config.plugins import buildHooks, makeContext
 from mailrelay.config.schema import given
-from mailrelay.config.values import listeningSocket, resolveProcessCount
+from mailrelay.config.values import listeningSocket, resolveProcessCount, socketKey
 from mailrelay.errors import ConfigError
 from mailrelay.metrics import ProcessMetrics
 from mailrelay.receive.protocol import Sessions
@@ -398,7 +397,7 @@ class RelayService(OrderedMultiService):
         bySocket = {
             key: description
             for description in self.listeners
-            if description not in wanted and (key := _socketKey(description)) is not None
+            if description not in wanted and (key := socketKey(description)) is not None
         }
 
         def refuse(error: ListenError) -> None:
@@ -410,7 +409,7 @@ class RelayService(OrderedMultiService):
             if endpoint in self.listeners:
                 continue
             where = self.listenerWhere(plan.config, index)
-            key = _socketKey(endpoint)
+            key = socketKey(endpoint)
             old = bySocket.pop(key, None) if key is not None else None
             if old is not None:
                 if any(sock is not None and sock.tls
@@ -600,11 +599,3 @@ def makeRelayService(
     return top
 
 
-def _socketKey(endpoint: str) -> tuple[int, str, int] | None:
-    """What identifies the socket C{endpoint} listens on (family, address or path, port),
-    whatever its spelling and whether it is C{ssl:}; C{None} when it is not known or not
-    fixed (a port chosen at start, a systemd socket)."""
-    sock = listeningSocket(endpoint)
-    if sock is None or (sock.port == 0 and sock.family != socket.AF_UNIX):
-        return None
-    return (sock.family, "" if sock.everyAddress else sock.address, sock.port)

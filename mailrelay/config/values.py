@@ -160,6 +160,16 @@ def listeningSocket(endpoint: str) -> ListeningSocket | None:
                            server._port, isinstance(server, endpoints.SSL4ServerEndpoint))
 
 
+def socketKey(endpoint: str) -> tuple[int, str, int] | None:
+    """What identifies the socket C{endpoint} listens on (family, address or path, port),
+    whatever its spelling and whether it is C{ssl:}; C{None} when it is not known or not
+    fixed (a port chosen at start, a systemd socket)."""
+    sock = listeningSocket(endpoint)
+    if sock is None or (sock.port == 0 and sock.family != socket.AF_UNIX):
+        return None
+    return (sock.family, "" if sock.everyAddress else sock.address, sock.port)
+
+
 def _systemdArguments(arguments: str) -> dict[str, str]:
     """The arguments of a C{systemd:} endpoint by name, as Twisted's parser takes them:
     C{domain}, then C{index} or C{name}, by name or in that order.
