@@ -183,3 +183,16 @@ def test_a_listener_that_cannot_listen_is_named_at_start_and_refuses_a_reload(
     r.stop()
     assert RelayService(None, None, {"listen": ["tcp:25"]}).listenerWhere(r.top.config, 0) == (
         "--listen")
+
+
+def test_a_listener_spelled_anew_keeps_its_count_of_open_connections(tmp_path: Path) -> None:
+    """A reload that spells a listener's endpoint anew (C{tcp:2525:backlog=64} for
+    C{tcp:2525}) keeps its socket, and must keep its count of the connections open on it:
+    with a fresh count, max_connections let as many again in."""
+    r = Relay(tmp_path, BASE)
+    (count,) = r.top.carried.counts.values()
+    count.value = 2  # two sessions open
+    assert r.reload(BASE.replace('"tcp:2525"', '"tcp:2525:backlog=64"'))
+    assert list(r.top.listeners) == ["tcp:2525:backlog=64"]
+    assert list(r.top.carried.counts.values()) == [count] and count.value == 2
+    r.stop()

@@ -21,7 +21,7 @@ from mailrelay.cleanup.intake import Intake
 from mailrelay.cleanup.stamping import ConfiguredStamper
 from mailrelay.config import Config, ListenerConfig
 from mailrelay.config.plugins import HookPlugins
-from mailrelay.config.values import systemdSocketProblem
+from mailrelay.config.values import socketKey, systemdSocketProblem
 from mailrelay.delivery.maildir import MaildirUsers, needsUsers
 from mailrelay.errors import ConfigError
 from mailrelay.interfaces import IHeaderStamper, IRateLimiter, ISpool
@@ -69,7 +69,8 @@ class _Carried:
     limiterSpec: Any = None
     throttle: Any = None
     throttleWindow: float | None = None
-    counts: dict[str, Any] = field(default_factory=dict)
+    #: by socket (L{socketKey}), else by endpoint
+    counts: dict[Any, Any] = field(default_factory=dict)
     resolvers: dict[Any, Any] = field(default_factory=dict)
 
     def copy(self) -> _Carried:
@@ -265,7 +266,9 @@ def makeListeners(
             limiter=limiter,
             resolver=resolver,
             sessions=sessions,
-            connectionCount=carried.counts.setdefault(settings.name, ConnectionCount()),
+            # (By socket: a reload spelling the endpoint anew keeps the socket and its count.)
+            connectionCount=carried.counts.setdefault(
+                socketKey(settings.name) or settings.name, ConnectionCount()),
             hooks=sessionHooks,
         )
         factory = wrapListenerFactory(settings, factory, reactor)
