@@ -268,6 +268,12 @@ def test_a_listener_spelled_anew_on_its_socket_is_kept(relays, tmp_path: Path) -
     assert "configuration not reloaded" in line
     assert f"listens on the socket of the listener tcp:port={port}:" in line, line
     assert "a restart" in line, line
+    # The port moved from loopback to every address: the socket to be closed holds it.
+    line = _reload(r, BASE + f'[[listeners]]\nendpoint = "tcp:{port}"\n')
+    assert "configuration not reloaded" in line and "Address already in use" in line, line
+    assert (f"port {port} is held by the listener tcp:port={port}:interface=127.0.0.1:"
+            "backlog=128, which this reload closes: moving a port between addresses takes a "
+            "restart") in line, line
     assert r.stop() in (0, -signal.SIGTERM)
 
 

@@ -426,6 +426,13 @@ class RelayService(OrderedMultiService):
             try:
                 listener.listen()
             except ListenError as e:
+                # A listener this reload closes may hold the port on other addresses.
+                held = key and next((d for k, d in bySocket.items()
+                                     if (k[0], k[2]) == (key[0], key[2])), None)
+                if key and held:
+                    e = ListenError(
+                        f"{e} (port {key[2]} is held by the listener {held}, which this "
+                        "reload closes: moving a port between addresses takes a restart)")
                 refuse(e)
             added.append(listener)
         return added, respelled
