@@ -1913,6 +1913,23 @@ def test_authOnAnSSLEndpointNeedsNoTLSMode(tlsDir: Path) -> None:
     settings = loadConfig(path).listeners[0].settings
     assert (settings.tlsMode, settings.auth, settings.authWithoutTLS) == ("none", True, False)
 
+
+def test_proxyProtocolOnAnSSLEndpointIsRefused(tlsDir: Path) -> None:
+    """The PROXY header comes before TLS, but an ssl: endpoint starts TLS on the first byte:
+    every connection through the load balancer failed its handshake.  A tcp: endpoint with
+    tls_mode = "implicit" reads the header, then starts TLS."""
+    endpoint = f"ssl:465:privateKey={tlsDir / 'key.pem'}:certKey={tlsDir / 'cert.pem'}"
+    path = writeConfig(tlsDir, f'[[listeners]]\nendpoint = "{endpoint}"\nproxy_protocol = true\n'
+                       'proxy_networks = ["10.0.0.0/8"]\n')
+    with pytest.raises(ConfigError) as e:
+        loadConfig(path)
+    assert e.value.key == "listeners[0].proxy_protocol"
+    assert 'proxy_protocol: = true with the TLS endpoint "ssl:465:' in str(e.value)
+    assert str(e.value).endswith(
+        ': the PROXY header comes before TLS, which that endpoint starts at the first byte; '
+        'use a "tcp:" endpoint with tls_mode = "implicit"'), str(e.value)
+
+
 def test_expiredCertificateLoadsWithAWarning(tlsDir: Path) -> None:
     """An expired certificate does not stop start-up (the service logs a warning)."""
     import datetime

@@ -151,6 +151,13 @@ def checkListener(r: Reading) -> None:
             f"{describeValue(r.raw['proxy_networks'])} has no effect without "
             "proxy_protocol = true",
         )
+    if proxy and r.fields["name"].startswith("ssl:"):
+        raise r.error(
+            "proxy_protocol",
+            f"= true with the TLS endpoint {describeValue(r.fields['name'])}: the PROXY "
+            "header comes before TLS, which that endpoint starts at the first byte; use a "
+            '"tcp:" endpoint with tls_mode = "implicit"',
+        )
     if proxy and not r.fields["proxyNetworks"]:
         raise r.error(
             "proxy_networks",
