@@ -569,6 +569,9 @@ ERROR_CASES = [
     ("[queue]\ndelay_warning = true", "queue.delay_warning", "not true"),
     ("[queue]\ndelay_warning = inf", "queue.delay_warning", "not inf"),
     ("[queue]\nactive_limit = 0", "queue.active_limit", "positive integer, not 0"),
+    ("[queue]\nrescan_interval = 0", "queue.rescan_interval",
+     "must be a positive number of seconds, not 0"),
+    ('[queue]\nrescan_interval = "5m"', "queue.rescan_interval", 'not "5m"'),
     ("[queue]\nactive_limit = 10.0", "queue.active_limit", "not 10.0"),
     ("[queue]\nactive_limit = true", "queue.active_limit", "not true"),
     ("[queue]\npostmaster = 5", "queue.postmaster", "must be a string, not 5"),
@@ -1092,6 +1095,7 @@ bounce_lifetime = 3600
 delay_warning = 14400
 active_limit = 1
 postmaster = "Hostmaster@Example.COM"
+rescan_interval = 30
 [delivery]
 helo_name = "Out.Example.COM."
 tls = "required"
@@ -1118,10 +1122,12 @@ nameservers = ["127.0.0.1:5353", "[2001:DB8::53]", "2001:db8::54", "[192.0.2.1]:
     )
     c = loadConfig(path)
     ca = str(tmp_path / "ca.pem")
-    assert c.queue == QueuePolicy(60.0, 60.0, 86400.5, 3600.0, 14400.0, 1, "Hostmaster@example.com")
+    assert c.queue == QueuePolicy(60.0, 60.0, 86400.5, 3600.0, 14400.0, 1, "Hostmaster@example.com",
+                                  rescanInterval=30.0)
     assert all(
         isinstance(getattr(c.queue, name), float)
-        for name in ("minBackoff", "maxBackoff", "maxLifetime", "bounceLifetime", "delayWarning")
+        for name in ("minBackoff", "maxBackoff", "maxLifetime", "bounceLifetime", "delayWarning",
+                     "rescanInterval")
     )
     timeouts = ClientTimeouts(
         connect=5.0, greeting=1.5, dataInit=7.0, dataBlock=8.0, dataDone=9.0, quit=10.0

@@ -92,7 +92,7 @@ def test_message_size_limit_is_the_20_digits_of_rfc_1870(tmp_path: Path) -> None
 SECONDS = [
     ("limits", "idle_timeout"), ("limits", "data_timeout"),
     ("queue", "min_backoff"), ("queue", "max_backoff"), ("queue", "max_lifetime"),
-    ("queue", "bounce_lifetime"), ("queue", "delay_warning"),
+    ("queue", "bounce_lifetime"), ("queue", "delay_warning"), ("queue", "rescan_interval"),
     ("delivery", "connection_cache_time"), ("delivery.timeouts", "connect"),
     ("delivery.timeouts", "data_done"),
     ("auth", "failure_delay"), ("auth", "failure_window"),

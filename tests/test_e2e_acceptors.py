@@ -195,6 +195,40 @@ def test_sighup_replaces_the_acceptor_which_finishes_its_sessions(relay) -> None
     assert _alive(new)
 
 
+def test_what_an_acceptor_of_a_killed_relay_queues_after_the_restart_is_delivered(
+    relay,
+) -> None:
+    """kill -9 of the relay, restarted at once: its acceptor process, told by the end of its
+    input, finishes its session in DATA -- after the new relay's delivery process scanned the
+    spool -- and cannot tell anyone of the message it acknowledged.  The queue manager's
+    periodic look into the spool ([queue] rescan_interval, short here) delivers it, once."""
+    r, recorder, acceptor = relay("[queue]\nrescan_interval = 1\n")
+    session = _connectOnAcceptor(r)
+    try:
+        session.mail("alice@example.com")
+        session.rcpt("orphan@example.org")
+        assert session.docmd("DATA")[0] == 354
+        session.send(b"Subject: orphan\r\n\r\nfirst part\r\n")
+        r.kill9()
+        r.start()
+        r.waitForLog(r"queue manager started: 0 queued entries", timeout=30)
+        assert _alive(acceptor), "the old acceptor did not wait for its session"
+        session.send(b"last part\r\n.\r\n")
+        code, reply = session.getreply()
+        assert code == 250, reply
+        session.docmd("QUIT")
+    finally:
+        session.close()
+    queueID = reply.decode().split()[-1]
+    r.waitForLog(rf"{queueID}: the relay is gone; queued, delivered after its restart")
+    recorder.waitTo("orphan@example.org", timeout=20)
+    r.waitForLog(rf"{queueID}: removed")
+    assert re.search(rf"{queueID}: in the spool but not known", r.log()), r.log()
+    time.sleep(1.5)  # (a duplicate would come with the next looks)
+    assert [m.rcptTos for m in recorder.accepted] == [["orphan@example.org"]]
+    assert r.queued() == []
+
+
 def _health(r: RelayProcess) -> tuple[int, dict]:
     status, _, text = get(metricsPort(r), "/healthz")
     return status, json.loads(text)

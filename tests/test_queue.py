@@ -275,6 +275,11 @@ def makeManager(
     )
 
 
+def schedulerTimers(clock: Clock) -> list[Any]:
+    """The timers of C{clock} but the queue manager's periodic look into the spool."""
+    return [c for c in clock.getDelayedCalls() if c.func.__name__ != "_lookAgain"]
+
+
 def parse(message: bytes) -> email.message.EmailMessage:
     return email.message_from_bytes(  # type: ignore[return-value]
         message, policy=email.policy.default
@@ -344,7 +349,7 @@ def test_transientRetriedOnBackoffSchedule(
         assert len(backend.calls) == n, f"attempt {n} not made after {interval}s"
     assert spool.queueIDs() == []
     assert backend.bounces() == []
-    assert clock.getDelayedCalls() == []
+    assert schedulerTimers(clock) == []
     resultOf(qm.stopService())
 
 
@@ -774,7 +779,7 @@ def test_startupLoadsInBatches(
     qm = makeManager(spool, router, {"smtp": backend}, clock)
     qm.startService()
     assert loads == ids[:4]  # the rest in later reactor turns
-    assert [c.getTime() for c in clock.getDelayedCalls()] == [START]
+    assert [c.getTime() for c in schedulerTimers(clock)] == [START]
     clock.advance(0)  # (a Clock runs the turns it schedules at once)
     assert loads == ids
     assert backend.calls == []
@@ -961,6 +966,67 @@ def test_rescanFindsEntriesNobodyAnnounced(
                                                     ["stranded@example.com"]]
     assert spool.queueIDs() == [known] and stranded not in spool.queueIDs()
     assert any("not known" in t for t in texts(events))
+    resultOf(qm.stopService())
+
+
+def test_periodicRescanTakesEntriesNobodyAnnounced(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any
+) -> None:
+    """A notification lost with no event to trigger a rescan (an acceptor process of a
+    relay killed with C{kill -9} commits after the new relay's delivery process scanned the
+    spool, and nobody can tell it): the queue manager looks into the spool every
+    C{rescanInterval} seconds (300 by default, as Postfix's qmgr wakes up), and takes an
+    entry still unknown at a second look a few seconds later -- never one whose commit is in
+    flight (its client may be told to retry) or whose notification is on its way."""
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    known = queueMessage(spool, clock, ["known@example.com"])
+    backend.script["known@example.com"] = ["4"] * 10
+    qm.enqueue(known)  # deferred: scheduled for later
+
+    def others() -> list[list[str]]:
+        return [c.addresses for c in backend.calls if c.addresses != ["known@example.com"]]
+
+    stranded = queueMessage(spool, clock, ["stranded@example.com"])  # never enqueued
+    clock.advance(299)
+    assert others() == []
+    late = queueMessage(spool, clock, ["late@example.com"])  # its notification is on its way
+    clock.advance(1)  # the first look: both unknown
+    assert others() == []
+    qm.enqueue(late)  # arrives between the two looks
+    assert others() == [["late@example.com"]]
+    later = queueMessage(spool, clock, ["later@example.com"])  # never enqueued either
+    clock.advance(5)  # the second look: only the stranded one is still unknown
+    assert others() == [["late@example.com"], ["stranded@example.com"]]
+    assert spool.queueIDs() == [known, later]
+    assert any("not known" in t for t in texts(events, stranded))
+    clock.advance(299)  # what the second look saw first waits for the next regular look
+    assert others() == [["late@example.com"], ["stranded@example.com"]]
+    clock.advance(1)
+    assert others() == [["late@example.com"], ["stranded@example.com"], ["later@example.com"]]
+    clock.advance(900)  # more looks take nothing twice (the known one is only retried)
+    assert others() == [["late@example.com"], ["stranded@example.com"], ["later@example.com"]]
+    assert spool.queueIDs() == [known]
+    resultOf(qm.stopService())
+    assert clock.getDelayedCalls() == []
+
+
+def test_periodicRescanLeavesHeldAndVanishedEntries(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    """An entry on hold stays held; one seen once and gone at the second look (a commit
+    undone after its directory fsync failed) is not scheduled."""
+    held = queueMessage(spool, clock, ["held@example.com"], held=True)
+    qm = makeManager(spool, router, {"smtp": backend}, clock, rescanInterval=60.0)
+    qm.startService()
+    assert backend.calls == [] and qm.scheduledCount == 0
+    undone = queueMessage(spool, clock, ["undone@example.com"])
+    clock.advance(60)
+    resultOf(spool.remove(undone))
+    clock.advance(5)
+    assert backend.calls == [] and qm.scheduledCount == 0 and spool.queueIDs() == [held]
+    clock.advance(120)
+    assert backend.calls == []
     resultOf(qm.stopService())
 
 

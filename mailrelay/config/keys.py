@@ -352,6 +352,11 @@ QUEUE = Table(
             "Seconds after which the sender is told of a delay (0: never).",
         ),
         Key("active_limit", integer(1, 1_000_000), "The most messages in delivery at once."),
+        Key(
+            "rescan_interval",
+            seconds,
+            "Seconds between two looks into the spool for messages nobody announced.",
+        ),
         Key("postmaster", postmaster, "Where bounces that cannot be returned go."),
         Key("hold", boolean, "Accept and queue mail but deliver none."),
         Key(

@@ -77,6 +77,11 @@ __all__ = [
 
 _DEFAULT_POLICY = QueuePolicy()
 
+#: Seconds (never more than the rescan interval) between a periodic look into the spool that
+#: found entries nobody told the queue manager of and the second look that takes those still
+#: unknown (L{QueueManager._lookAgain}).
+RESCAN_CONFIRM = 5.0
+
 #: Makes the intake a queue manager's notifications enter the spool through, given the
 #: manager's L{QueueManager.enqueue} for the intake to call with each queue id committed.
 IntakeFactory = Callable[[Callable[[str], None]], IIntake]
@@ -184,6 +189,10 @@ class QueueManager(Service):
         #: the attempt ends: C{"delete"} or C{"bounce"}.
         self._afterAttempt: dict[str, str] = {}
         self.observers = observers or Observers(clock)
+        #: The periodic look into the spool (L{_lookAgain}), while the manager runs.
+        self._rescanCall: Any = None
+        #: The entries the last periodic look found in the spool and did not know.
+        self._unknown: set[str] = set()
 
     # -- introspection ------------------------------------------------------------------------
 
@@ -271,6 +280,7 @@ class QueueManager(Service):
             count=self.scheduler.scheduledCount,
             limit=self.policy.activeLimit,
         )
+        self._rescanCall = self.clock.callLater(self.policy.rescanInterval, self._lookAgain)
         self.scheduler.pump()
 
     def stopService(self) -> Deferred[None]:
@@ -282,6 +292,10 @@ class QueueManager(Service):
         super().stopService()
         self._stopped = True
         self.scheduler.stop()
+        if self._rescanCall is not None and self._rescanCall.active():
+            self._rescanCall.cancel()
+        self._rescanCall = None
+        self._unknown = set()
         QUEUE_STATES.discard(self)
         if self._locking is not None:
             self._locking.cancel()
@@ -325,25 +339,58 @@ class QueueManager(Service):
         left as they are."""
         if self._stopped or not self.scheduler.enabled:
             return 0  # (the start scans the spool anyway)
+        unknown = self._unknownEntries()
+        self._take(unknown)
+        return len(unknown)
+
+    def _lookAgain(self, confirming: bool = False) -> None:
+        """The periodic look into the spool, a safety net for any notification lost (as
+        Postfix's qmgr, woken up every 300 s, scans its incoming queue): an entry unknown at
+        two looks in a row is scheduled, due now.  One unknown at one look only may be a
+        commit in flight (its directory fsync not done: it may be undone, its client told to
+        retry) or one whose notification is on its way.  When a regular look finds such
+        entries, a second one (C{confirming}) follows after L{RESCAN_CONFIRM} seconds; what
+        that one finds for the first time waits for the next regular look, so that a busy
+        spool is looked into twice an interval at most."""
+        self._rescanCall = None
+        unknown = self._unknownEntries()
+        stranded = [queueID for queueID in unknown if queueID in self._unknown]
+        self._unknown = set(unknown).difference(stranded)
+        self._take(stranded)
+        confirm = bool(self._unknown) and not confirming
+        interval = self.policy.rescanInterval
+        delay = min(RESCAN_CONFIRM, interval) if confirm else interval
+        self._rescanCall = self.clock.callLater(delay, self._lookAgain, confirm)
+
+    def _unknownEntries(self) -> list[str]:
+        """The spool's entries this manager does not know (neither scheduled, active nor
+        held), sorted."""
         try:
             queueIDs = self.spool.queueIDs()
         except SpoolError as e:
             log.error("queue: cannot list the spool: {error}", error=str(e))
-            return 0
+            return []
+        isKnown, held = self.scheduler.isKnown, self._held
+        return [q for q in queueIDs if not isKnown(q) and q not in held]
+
+    def _take(self, queueIDs: list[str]) -> None:
+        """Schedule C{queueIDs}, entries nobody told the manager of, due now."""
         now = self.clock.seconds()
-        found = [q for q in queueIDs if not self.scheduler.isKnown(q) and q not in self._held]
-        for queueID in found:
+        for queueID in queueIDs:
+            log.info(
+                "{queueID}: in the spool but not known (committed by a process that did not "
+                "tell: it ended first, or its relay did); scheduled now",
+                queueID=queueID,
+            )
             self.scheduler.schedule(queueID, now)
-        if found:
-            log.info("queue: {count} entries in the spool were not known (committed by a "
-                     "process that ended before telling); scheduled now", count=len(found))
+        if queueIDs:
             self.scheduler.pump()
-        return len(found)
 
     def enqueue(self, queueID: str) -> None:
         """A new entry was committed: schedule it, due now.
 
-        Call after each successful commit; the spool directory is not rescanned.  An id
+        Call after each successful commit: the spool directory is only looked into at the
+        start, on L{rescan} and every C{policy.rescanInterval} seconds (L{_lookAgain}).  An id
         already scheduled is looked at now (but an envelope whose C{nextAttempt} is in the
         future is only rescheduled); an id being delivered is left alone.  Before
         L{startService} the id is remembered; after L{stopService} it is ignored (the next

@@ -31,6 +31,8 @@ class QueuePolicy:
     @ivar stopTimeout: seconds L{QueueManager.stopService} waits for deliveries in flight.
     @ivar bounceSizeLimit: the most octets of an original message returned in a notification
         (C{bounce_size_limit}).
+    @ivar rescanInterval: seconds between two looks into the spool for entries nobody told
+        the queue manager of (as qmgr's wakeup time in Postfix's C{master.cf}).
     """
 
     minBackoff: float = 300.0
@@ -43,6 +45,7 @@ class QueuePolicy:
     deliveryTimeout: float = 3600.0
     stopTimeout: float = 30.0
     bounceSizeLimit: int = 102400
+    rescanInterval: float = 300.0
 
     def __post_init__(self) -> None:
         if not 0 < self.minBackoff <= self.maxBackoff:
@@ -51,6 +54,8 @@ class QueuePolicy:
             raise ValueError("lifetimes and delayWarning must not be negative")
         if self.activeLimit < 1:
             raise ValueError("activeLimit must be at least 1")
+        if not self.rescanInterval > 0:
+            raise ValueError("rescanInterval must be greater than 0")
         if self.deliveryTimeout < 0 or self.stopTimeout < 0 or self.bounceSizeLimit < 0:
             raise ValueError(
                 "deliveryTimeout, stopTimeout and bounceSizeLimit must not be negative"

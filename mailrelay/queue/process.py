@@ -4,9 +4,11 @@ Like Postfix's qmgr beside its smtpd processes: the relay's main process accepts
 commits it to the spool; a child process (C{python -m mailrelay.app.deliveryprocess}) runs
 the queue manager and the delivery backends over the same spool.  The main process tells the
 child of each committed entry by writing its queue id, one per line, to the child's standard
-input -- the child never rescans the spool, and a lost notification costs nothing: whatever
-is in the spool is delivered when the child (re)starts.  The child sends its log events,
-formatted, one line each, on its standard output (L{encodeLogEvent}); the main process
+input; a notification lost costs a delay, not a message: whatever is in the spool is
+delivered when the child (re)starts, and the queue manager looks into the spool for entries
+nobody announced every C{[queue] rescan_interval} seconds
+(L{mailrelay.queue.manager.QueueManager}).  The child sends its log events, formatted, one
+line each, on its standard output (L{encodeLogEvent}); the main process
 publishes them to its own log observers, so they go wherever the relay logs (stdout with
 C{-n}, C{twistd.log} when daemonised), as if logged there.  When metrics are served, the child
 also sends a snapshot of its metrics every second on that channel (L{METRICS_RECORD}), which
