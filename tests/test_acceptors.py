@@ -186,6 +186,40 @@ def test_queued_ids_reach_the_queue_manager_logs_and_metrics_the_relay() -> None
     assert process.protocol in pool.metrics._live
 
 
+def test_the_relay_knows_how_many_sessions_each_acceptor_has_open() -> None:
+    """mailrelay status counted the relay's own sessions only: with [relay] processes = 2
+    it said 4 open of 8.  Each acceptor says its count when it changes; a retiring one's
+    still count; one that ended has none."""
+    pool, reactor, _ = _pool(2)
+    pool.startService()
+    first, second = (spawned[0] for spawned in reactor.spawned)
+    assert pool.describe()["sessions"] == 0
+    first.protocol.outReceived(b"sessions\t3\n")
+    second.protocol.outReceived(b"sessions\t2\nsessions\t")
+    second.protocol.outReceived(b"4\nsessions\tmany\n")  # (a bad record changes nothing)
+    assert pool.describe()["sessions"] == 7
+    pool.reload(b"[relay]\n", {"hostname": "relay.test"}, 2, 30.0)  # both retire, draining
+    assert pool.describe()["sessions"] == 7
+    first.end()
+    assert pool.describe()["sessions"] == 4
+
+
+def test_an_acceptor_says_its_sessions_when_their_number_changes() -> None:
+    from mailrelay.app.acceptorprocess import reportSessions
+
+    clock, written, live = Clock(), [], set()
+    sessions = type("S", (), {"live": live})()
+    report = reportSessions(sessions, clock, written.append)
+    clock.advance(1)
+    live.update({1, 2})
+    clock.advance(1)
+    clock.advance(1)
+    live.discard(1)
+    clock.advance(1)
+    assert written == ["sessions\t2\n", "sessions\t1\n"]
+    report.stop()
+
+
 def test_an_acceptors_log_lines_name_it_in_their_system() -> None:
     """As Postfix's lines name the smtpd (C{postfix/smtpd[PID]}): an acceptor's lines carry
     C{,acceptor=PID} after their system, so that the log tells which process said what

@@ -128,6 +128,20 @@ def test_both_processes_accept_and_each_message_is_delivered_once(relay) -> None
     assert f"acceptor processes: 1 of 1 running (pid {acceptor} since" in status, status
 
 
+def test_status_counts_the_acceptors_sessions(relay) -> None:
+    """mailrelay status counted the relay's own sessions only (4 open of 8, said a bug
+    hunt): the acceptor's are counted too, as it last said (within a second)."""
+    r, _, _ = relay()
+    onAcceptor = [_connectOnAcceptor(r) for _ in range(2)]
+    onRelay = smtplib.SMTP("127.0.0.1", r.port, timeout=20)  # (either process)
+    deadline = time.monotonic() + 10
+    while "sessions: 3 open" not in (status := _status(r)):
+        assert time.monotonic() < deadline, status
+        time.sleep(0.2)
+    for s in [*onAcceptor, onRelay]:
+        s.quit()
+
+
 def _status(r: RelayProcess) -> str:
     import subprocess
 

@@ -27,12 +27,13 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import tcp, unix
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay.app.acceptors import ANSWER_RECORD, ASK_RECORD, QUEUED_RECORD
+from mailrelay.app.acceptors import ANSWER_RECORD, ASK_RECORD, QUEUED_RECORD, SESSIONS_RECORD
 from mailrelay.app.deliveryprocess import (
     StopAtEnd,
     childArguments,
@@ -309,6 +310,27 @@ def makeAcceptorServices(
     return top
 
 
+def reportSessions(sessions: Any, clock: Any, write: Any) -> LoopingCall:
+    """Say how many sessions we have open (L{SESSIONS_RECORD}, through C{write}) each
+    second it changed, for the relay's C{mailrelay status}; the running L{LoopingCall}."""
+    said = 0
+
+    def report() -> None:
+        nonlocal said
+        count = len(sessions.live)
+        if count != said:
+            try:
+                write(f"{SESSIONS_RECORD}{count}\n")
+            except OSError:
+                return  # (the relay is gone)
+            said = count
+
+    loop = LoopingCall(report)
+    loop.clock = clock
+    loop.start(1.0, now=False)
+    return loop
+
+
 def notifyRelay(queueID: str) -> None:
     """Tell the relay of a message made durable, at once (before its C{250} is sent); once
     the relay is gone, the spool keeps it for the next delivery process."""
@@ -395,6 +417,7 @@ def _childMain(argv: list[str], forked: bool = False) -> int:
     if isinstance(started, int):
         return started
     config, services = started
+    reportSessions(services.sessions, reactor, sys.stdout.write)
     return runChild(
         reactor,
         services,

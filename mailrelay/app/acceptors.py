@@ -59,7 +59,8 @@ from mailrelay.spool.ids import isQueueID
 
 log = Logger()
 
-__all__ = ["ANSWER_RECORD", "ASK_RECORD", "QUEUED_RECORD", "AcceptorPool", "sharedSocket"]
+__all__ = ["ANSWER_RECORD", "ASK_RECORD", "QUEUED_RECORD", "SESSIONS_RECORD", "AcceptorPool",
+           "sharedSocket"]
 
 #: How a line of an acceptor's standard output telling of a queued message starts (then its
 #: queue id).
@@ -73,6 +74,10 @@ _QUEUED = QUEUED_RECORD.encode("ascii")
 #: count (C{-} when it could not count).  See L{mailrelay.app.acceptorprocess.RelayCounters}.
 ASK_RECORD = "ask\t"
 _ASK = ASK_RECORD.encode("ascii")
+#: How a line of an acceptor's standard output saying how many sessions it has open starts
+#: (then the number), sent when the number changed (at most once a second).
+SESSIONS_RECORD = "sessions\t"
+_SESSIONS = SESSIONS_RECORD.encode("ascii")
 ANSWER_RECORD = "answer\t"
 
 #: Each question: the counter asked (C{"throttle"} or C{"limiter"}) and how many arguments.
@@ -117,10 +122,17 @@ class _AcceptorProtocol(_ChildProtocol):
         #: the AUTH attempts reserved and not settled, of the sessions acquired and not
         #: released (a client with several has its key several times).
         self.held: dict[tuple[str, str], list[Any]] = {}
+        #: the sessions it has open, as it last said (L{SESSIONS_RECORD})
+        self.sessions = 0
 
     def recordReceived(self, record: bytes) -> None:
         if record.startswith(_ASK):
             self._asked(record[len(_ASK) :])
+            return
+        if record.startswith(_SESSIONS):
+            count = record[len(_SESSIONS) :]
+            if count.isdigit():
+                self.sessions = int(count)
             return
         if record.startswith(_QUEUED):
             queueID = record[len(_QUEUED) :].decode("ascii", "replace")
@@ -426,4 +438,6 @@ class AcceptorPool(ChildSupervisor, Service):
             "running": [{"pid": c.pid, "since": c.started} for c in self._children],
             "restarts": self.restarts,
             "retiring": sorted(c.pid for c in self._retiring if c.pid is not None),
+            "sessions": sum(c.sessions for c in (*self._children, *self._retiring)
+                            if not c.ended.called),
         }

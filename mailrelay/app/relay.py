@@ -563,6 +563,8 @@ class RelayService(OrderedMultiService):
             "delivery": deliveryInfo,
             "acceptors": self.acceptors.describe() if self.acceptors is not None else None,
         }
+        if result["acceptors"] is not None:  # (and theirs, as they last said)
+            result["sessions"] += result["acceptors"]["sessions"]
 
         def queue(answer: Any) -> dict[str, Any]:
             result["queue"] = answer
