@@ -551,6 +551,24 @@ def binaryPart(stored: bytes) -> bytes:
     return payload
 
 
+def test_a_conversion_given_up_removes_its_file_once_it_ends(tmp_path: Path) -> None:
+    """A delivery cancelled (its time-out, the relay's stop) while its message was being
+    converted to 7 bits in a thread: the thread's converted copy, made after nobody
+    waited for it any more, was left in the temporary directory."""
+    from mailrelay.delivery.common import convertTo7Bit
+
+    work: defer.Deferred = defer.Deferred()
+    d = convertTo7Bit(lambda f, *args: work, envelope("a@example.org"), [], tmp_path / "m",
+                      "maildir", "BINARYMIME")
+    d.cancel()
+    with pytest.raises(defer.CancelledError):
+        result(d)
+    copy = tmp_path / "converted.eml"
+    copy.write_bytes(b"x")
+    work.callback((str(copy), 1))
+    assert not copy.exists()
+
+
 def test_maildir_converts_binarymime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Found by a bug hunt: a BODY=BINARYMIME message had the CRLF of its binary part made
     LF with the message's line ends, and the image stored broken.  Its binary part is made

@@ -449,7 +449,7 @@ def convertTo7Bit(
     (L{mime.ConversionImpossible}), or 4.3.0 when a file cannot be read or written."""
     binary = envelope.body == "BINARYMIME"
     try:
-        converted = yield inThread(mime.convertFile, str(messagePath), binary)
+        converted = yield _givenUpRemoved(inThread(mime.convertFile, str(messagePath), binary))
     except OSError as e:
         log.error(
             "{queueID}: cannot convert the message to 7 bits for {host}: {error}",
@@ -494,6 +494,21 @@ def convertTo7Bit(
         parts=parts,
     )
     return dataclasses.replace(envelope, body=None), path, path
+
+
+def _givenUpRemoved(conversion: Deferred) -> Deferred:
+    """C{conversion} (of L{mime.convertFile}, in a thread, which cannot be stopped) as a
+    Deferred that may be cancelled: the copy the thread makes after that is removed."""
+    waited: Deferred = Deferred()
+
+    def landed(outcome: Any) -> None:
+        if not waited.called:
+            waited.callback(outcome)  # (a Failure goes to the errbacks)
+        elif isinstance(outcome, tuple):  # cancelled meanwhile: nobody will remove it
+            removeFile(outcome[0])
+
+    conversion.addBoth(landed)
+    return waited
 
 
 def removeWhenFired(d: Deferred, path: str | None) -> Deferred:
