@@ -35,6 +35,7 @@ from zope.interface import implementer
 
 from mailrelay.address import AddressError, hostnameProblem, normaliseDomain
 from mailrelay.envelope import ClientInfo
+from mailrelay.headers import FIELD_NAME, HEADER_SECTION_LIMIT, parseHeaderSection
 from mailrelay.interfaces import IHeaderStamper, PluginContext, StampContext, StampResult
 from mailrelay.metrics import timePlugin
 from mailrelay.smtp.replies import Reply
@@ -47,56 +48,15 @@ STAMPING_FAILED = Reply(
     451, "4.3.0", "Error: temporary failure processing the message, try again later"
 )
 
-#: Like Postfix's header_size_limit: past this much, the rest is treated as body.
-HEADER_SECTION_LIMIT = 102400
 
 #: The stampers' hook, as the plugin time metric names it.
 _HOOK = "header_stamper"
 
-_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
 #: A field: name, colon, value; continuation lines start with white space; CRLF only.
 WELL_FORMED_FIELD = re.compile(
     rb"[\x21-\x39\x3b-\x7e]+:[^\r\n\x00]*(?:\r\n[ \t][^\r\n\x00]*)*\r\n"
 )
 _HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
-
-
-def parseHeaderSection(
-    data: bytes, limit: int | None = None
-) -> tuple[list[tuple[str, bytes]], int]:
-    """Split the header fields off the start of a message.
-
-    Only complete lines (ending in CRLF) and complete fields are taken: where the section is
-    cut short (at C{limit}, or by an unfinished line at the end of C{data}), a field whose next
-    line is a continuation, or may be one, is left out.  So the offset returned is always the
-    start of a line that does not continue a field: the place where fields may be inserted.
-
-    @param data: the start of a message (CRLF line ends).
-    @param limit: when C{data} is longer, only lines ending within its first C{limit} octets
-        are parsed (what follows tells whether the last of them is continued).
-    @return: the fields as C{(name, raw)} pairs (raw includes continuation lines and CRLF), and
-        the offset where the header section ends (at the empty line, at the first line that
-        is neither a field nor a continuation, at the end of C{data} or at the end of the last
-        complete field within C{limit}).
-    """
-    starts: list[tuple[str, int]] = []
-    pos = 0
-    n = len(data) if limit is None else min(len(data), limit)
-    while pos < n:
-        eol = data.find(b"\r\n", pos, n)
-        if eol < 0:
-            break  # a line not complete within what may be parsed
-        if data[pos : pos + 1] not in (b" ", b"\t") or not starts:
-            m = _FIELD_NAME.match(data, pos, eol)
-            if m is None:
-                break
-            starts.append((m.group(0)[:-1].rstrip(b" \t").decode("ascii"), pos))
-        pos = eol + 2
-    if starts and data[pos : pos + 1] in (b" ", b"\t"):
-        # The last field goes on beyond what was parsed: it is not complete.
-        pos = starts.pop()[1]
-    ends = [start for _, start in starts[1:]] + [pos]
-    return [(name, data[start:end]) for (name, start), end in zip(starts, ends, strict=False)], pos
 
 
 class HeaderProcessor:
@@ -184,7 +144,7 @@ class HeaderProcessor:
         self._pending = None
         self.headers, end = parseHeaderSection(data, self._limit)
         # Cut at the limit, the section may go on with fields never parsed.
-        self.complete = len(data) <= self._limit or _FIELD_NAME.match(data, end) is None
+        self.complete = len(data) <= self._limit or FIELD_NAME.match(data, end) is None
         result = self._stamp(self.headers)
         if not isinstance(result, Deferred):
             self._stamped(result, data[:end], data[end:])
@@ -202,7 +162,7 @@ class HeaderProcessor:
             not head
             and rest
             and not rest.startswith(b"\r\n")
-            and _FIELD_NAME.match(rest) is None
+            and FIELD_NAME.match(rest) is None
             and (result.prepend or added)
         ):
             # A message without header section (its first line no field, nor empty): the
