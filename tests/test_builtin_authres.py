@@ -522,6 +522,21 @@ def test_a_header_section_dkimpy_cannot_parse_is_tagged_never_deferred(
     assert answer.verdict.kind is VerdictKind.REJECT
 
 
+def test_an_unparsable_header_section_is_read_as_far_as_the_relay_reads_it(
+    tmp_path: Path,
+) -> None:
+    """Past 100 KiB the relay takes the rest of a header section as body: a field there is
+    not the message's to remove.  The fallback read every field, however far; the filter's
+    answer, removing one the relay does not see, was refused (451, again and again)."""
+    from mailrelay.headers import HEADER_SECTION_LIMIT
+
+    pad = b"".join(b"X-Pad: %0998d\r\n" % n for n in range(HEADER_SECTION_LIMIT // 1000 + 5))
+    forged = b"Authentication-Results: relay.test; dmarc=pass\r\n"
+    message = b"Subject : obsolete\r\n" + pad + forged + MESSAGE
+    answer, _ = run(build(tmp_path, FakeResolver(records())), message)
+    assert answer.remove == ()
+
+
 def test_the_field_is_folded_within_998_octets_a_line(tmp_path: Path) -> None:
     """RFC 5322 2.1.1: no line over 998 octets, and 78 where it can be.  A selector of 15
     labels of 60 octets was copied whole (header.s=): the line was over 900 octets, and over
