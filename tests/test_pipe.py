@@ -263,6 +263,26 @@ class PipeTests(unittest.TestCase):
         assert not b.running
 
     @defer.inlineCallbacks
+    def test_aDeliveryCancelledAfterTheCommandExitedKeepsItsStatus(self) -> Any:
+        """The relay stops while the output of a command that exited 0 is still read (a
+        daemon it left holds it): the delivery is cancelled, and answers delivered at once.
+        It answered cancelled: the message was deferred and the command run again."""
+        b = backend([script(self.dir, f"{DETACHED}; echo started; exit 0")], time_limit=60)
+        d = self.deliver(b, envelope("bob@example.org"))
+        deadline = time.monotonic() + 10
+        while not runs(self.dir):
+            assert time.monotonic() < deadline
+            yield deferLater(0.05)
+        yield deferLater(0.5)  # (it has exited; its output is read for 2 s more)
+        assert not d.called
+        d.cancel()
+        outcomes: list[Any] = []
+        d.addBoth(outcomes.append)
+        ((r,),) = outcomes
+        assert r.status is DeliveryStatus.DELIVERED, r
+        assert len(runs(self.dir)) == 1
+
+    @defer.inlineCallbacks
     def test_aProcessTheCommandLeftHoldingItsUnreadInputDoesNotHoldTheDelivery(self) -> Any:
         """The same, the command exiting without reading the message, which its daemon holds
         open unread: the input not written yet is dropped (the exit status decides, as when
@@ -451,15 +471,17 @@ def test_theTimeLimitClosesThePipesItsKillLeavesOpen() -> None:
     assert ended == [run] and clock.getDelayedCalls() == []
 
 
-def test_aRunCancelledAfterTheCommandExitedEnds() -> None:
-    """The queue gives up on a run whose command has exited (the pipes held): it ends, once.
-    It never did: cancelling only killed what was already dead."""
+@pytest.mark.parametrize("status", [ProcessDone(0), ProcessTerminated(75)])
+def test_aRunCancelledAfterTheCommandExitedEndsWithItsStatus(status: Failure) -> None:
+    """The queue gives up on a run whose command has exited (the pipes held, the output
+    read a while more): it ends at once, and the command's exit status decides.  It ended
+    cancelled: a command that had delivered (exit 0) was deferred and run again."""
     clock, run, process, ended = fakeRun()
-    process.exit(ProcessDone(0))
+    process.exit(status)
     run.done.cancel()
-    failures: list[Failure] = []
-    run.done.addErrback(failures.append)
-    assert failures[0].check(defer.CancelledError)
+    outcomes: list[object] = []
+    run.done.addBoth(outcomes.append)
+    assert outcomes == [status]
     clock.advance(5)
     assert process.open == set() and process.ended == 1 and ended == [run]
     assert clock.getDelayedCalls() == []

@@ -345,6 +345,8 @@ class _Run(ProcessProtocol):
         self.timer: Any = None
         #: closes the pipes a while after the command exited
         self.closer: Any = None
+        #: how the command exited (C{None} while it runs)
+        self.exited: Failure | None = None
         self.lineEnds = _LineEnds()
 
     def connectionMade(self) -> None:
@@ -371,6 +373,7 @@ class _Run(ProcessProtocol):
     def processExited(self, reason: Failure) -> None:
         """The command has exited: the time limit no longer applies, and its output, if a
         process it left running holds it open, is read for L{_OUTPUT_WAIT} seconds more."""
+        self.exited = reason
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.closer = self.reactor.callLater(_OUTPUT_WAIT, self._closePipes)
@@ -423,11 +426,16 @@ class _Run(ProcessProtocol):
         self._closePipes()
 
     def _cancel(self, done: Deferred) -> None:
-        """The run is given up: it is cancelled first (closing the pipes may end it at once,
-        with the killed command's status), then the command is killed and its pipes closed,
-        so that the run ends."""
-        done.errback(defer.CancelledError())
-        self._kill()
+        """The run is given up.  A command that has exited is not run again: its exit status
+        decides at once (with the output read so far), and its pipes are closed.  Else the
+        run is cancelled first (closing the pipes may end it at once, with the killed
+        command's status), then the command is killed and its pipes closed, so that the run
+        ends."""
+        if self.exited is not None:
+            done.callback(self.exited.value)
+        else:
+            done.errback(defer.CancelledError())
+            self._kill()
         self._closePipes()
 
 
