@@ -148,6 +148,39 @@ def test_connectionRateLimit() -> None:
     assert h.another("192.0.2.1").replies()[0].startswith(b"220 ")
 
 
+@implementer(IRateLimiter)
+class OneCounterPerKey:
+    """A store-backed limiter as docs/plugins.md describes it for Redis: acquire INCR,
+    release DECR, hit INCR (its window's expiry aside): one counter per key."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def acquire(self, key: str) -> int:
+        self.counts[key] = self.counts.get(key, 0) + 1
+        return self.counts[key]
+
+    def release(self, key: str) -> None:
+        self.counts[key] -= 1
+
+    def hit(self, key: str, window: float) -> int:
+        return self.acquire(key)
+
+
+def test_the_connection_rate_and_the_sessions_open_are_counted_under_two_keys() -> None:
+    """Both counted under one key ("conn"), a limiter keeping one counter per key (Redis,
+    as the docs tell) added each connection's hit to the sessions open: ten connections one
+    after the other, with at most five at once allowed, and the sixth was refused."""
+    h = ServerHarness(peer="192.0.2.1", limiter=OneCounterPerKey(),
+                      limits={"maxConnectionsPerClient": 5, "connectionRateLimit": 100})
+    h.loseConnection()
+    for _ in range(9):
+        c = h.another("192.0.2.1")
+        assert c.replies()[0].startswith(b"220 ")
+        c.loseConnection()
+    assert h.limiter.counts == {"test conn 192.0.2.1": 0, "test conn-rate 192.0.2.1": 10}
+
+
 def test_messageRateLimitPerClient() -> None:
     h = harness(messageRateLimit=2)
     h.replies()

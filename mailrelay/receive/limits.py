@@ -353,6 +353,8 @@ class Admission:
         if limits.isExempt(self.address):
             return succeed(None)
         key = limits.clientKey("conn", self.address)
+        # (Its own key: a limiter may keep one counter per key, as a store does.)
+        rateKey = limits.clientKey("conn-rate", self.address)
         d: Deferred = succeed(None)
         if settings.maxConnectionsPerClient:
             d = limits.ask("acquire", limits.limiter.acquire, key).addCallback(self._gotCount)
@@ -361,7 +363,7 @@ class Admission:
             if count is not None and count > settings.maxConnectionsPerClient:
                 # Counted like any other connection, refused or not (as anvil does).
                 if settings.connectionRateLimit:
-                    limits.ask("hit", limits.limiter.hit, key, settings.rateWindow)
+                    limits.ask("hit", limits.limiter.hit, rateKey, settings.rateWindow)
                 return Refusal(
                     limits.tooManyConnections(self.address),
                     f"{count} connections at once is over the limit of "
@@ -370,7 +372,7 @@ class Admission:
             if not settings.connectionRateLimit:
                 return None
             return limits._rate(
-                key, settings.connectionRateLimit, limits.tooManyConnections(self.address),
+                rateKey, settings.connectionRateLimit, limits.tooManyConnections(self.address),
                 "connection rate",
             )
 
