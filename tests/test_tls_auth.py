@@ -765,6 +765,17 @@ def test_password_file_errors_name_path_and_line(line: str, problem: str) -> Non
     assert e.value.lineno == 2
 
 
+def test_a_user_name_cannot_start_with_a_hash_sign() -> None:
+    """The password file reads such a line as a comment: mailrelay-passwd added the user
+    (twice, if asked twice), who never could log in."""
+    from mailrelay.receive.auth import userNameProblem
+
+    assert userNameProblem("#hash") == (
+        "a user name cannot start with '#' (the password file would read its line as a "
+        "comment)")
+    assert userNameProblem("a#b") is None
+
+
 def test_password_file_duplicate_unreadable_not_utf8(tmp_path: Path) -> None:
     h = FAST.hash("pw")
     with pytest.raises(PasswordFileError, match=r"users:3: user 'a' is listed twice"):
@@ -1315,6 +1326,12 @@ def test_service_builds_the_site_checker(tmp_path: Path) -> None:
         (b"AUTH PLAIN " + base64.b64encode(b"\0\xffbob\0secret") + b"\r\n", "\\xffbob", "UTF-8"),
         (b"AUTH LOGIN " + base64.b64encode(b"\xe2\x80\xa8x") + b"\r\n" + base64.b64encode(b"pw") + b"\r\n",
          "\\xe2\\x80\\xa8x", "unprintable"),
+        # RFC 4616: passwd = 1*SAFE.  An empty password reached the checker, and one that
+        # binds to LDAP let it through (an anonymous bind): relay rights for any user name.
+        (b"AUTH PLAIN " + base64.b64encode(b"\0alice\0") + b"\r\n", "alice", "password empty"),
+        (b"AUTH LOGIN " + base64.b64encode(b"alice") + b"\r\n\r\n", "alice", "password empty"),
+        (b"AUTH PLAIN " + base64.b64encode(b"bob\0alice\0secret") + b"\r\n", "alice",
+         "authorization identity differs"),
     ],
 )
 def test_a_user_name_that_cannot_be_checked_is_a_logged_and_counted_failure(

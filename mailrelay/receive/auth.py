@@ -85,6 +85,9 @@ def userNameProblem(name: str) -> str | None:
         return "the user name is empty"
     if ":" in name:
         return "a user name cannot contain ':'"
+    if name.startswith("#"):
+        return ("a user name cannot start with '#' (the password file would read its line as "
+                "a comment)")
     if any(c.isspace() or not c.isprintable() for c in name):
         return "a user name cannot contain white space or control characters"
     return None
@@ -490,6 +493,8 @@ class _Attempt:
         self.clock = clock
         self.abandoned = abandoned
         self.started = clock.seconds()
+        #: why it was refused before any check, when not malformed
+        self.refused = ""
 
     def start(self) -> Deferred[Reply | str]:
         """Reserve a place in the client's budget, then check."""
@@ -511,7 +516,8 @@ class _Attempt:
         if attempt.malformed:
             return self._failed(Failure(UnauthorizedLogin(self._why())))
         if attempt.authzid and attempt.authzid != attempt.username:
-            return self._failed(Failure(UnauthorizedLogin("authorization identity differs")))
+            self.refused = "authorization identity differs"
+            return self._failed(Failure(UnauthorizedLogin(self.refused)))
         # The user name is text: checkers get it as the documented str.
         credentials = UsernamePassword(attempt.username, attempt.password)  # type: ignore[arg-type]
         d = policy.portal.login(credentials, None, IAuthenticatedUser)
@@ -596,8 +602,8 @@ class _Attempt:
     def _why(self) -> str:
         """Why the attempt failed, for the log line of a failure."""
         if self.attempt.malformed:
-            return f"user name {self.attempt.malformed}, not checked"
-        return "wrong user name or password"
+            return f"{self.attempt.malformed}, not checked"
+        return self.refused or "wrong user name or password"
 
     def _logFailure(self, count: int, why: str) -> None:
         log.warn(

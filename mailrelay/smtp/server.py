@@ -262,9 +262,10 @@ class Authenticate:
     @ivar username: the authentication identity (UTF-8 decoded).
     @ivar password: the password, as sent (bytes).
     @ivar authzid: the PLAIN authorization identity (C{""} when none was given).
-    @ivar malformed: C{""}, or why the user name cannot be checked (C{"not valid UTF-8"},
-        C{"empty"}, C{"unprintable"}): then C{username} shows the octets sent, escaped
-        (L{_shownName}), and the attempt is to be refused as failed without a check.
+    @ivar malformed: C{""}, or why the credentials cannot be checked: the user name
+        (C{"user name not valid UTF-8"}, C{"user name empty"}, C{"user name unprintable"}:
+        then C{username} shows the octets sent, escaped, L{_shownName}) or C{"password
+        empty"}; the attempt is to be refused as failed without a check.
     """
 
     mechanism: str
@@ -1299,7 +1300,9 @@ class ServerSession:
             elif not user.isprintable():  # (NUL, controls, line separators, bidi overrides)
                 malformed = "unprintable"
         if malformed:
-            user = _shownName(username)
+            user, malformed = _shownName(username), f"user name {malformed}"
+        elif not password:  # (RFC 4616: passwd = 1*SAFE; a checker may take it as anonymous)
+            malformed = "password empty"
         self._ask(Authenticate(mechanism, user, password, authz, malformed))
 
     def _authAnswered(self, question: Authenticate, result: str | Reply) -> None:
