@@ -2159,6 +2159,21 @@ def test_a_process_serving_no_listener_does_not_read_their_certificates(tmp_path
     assert config.listeners[0].settings.tlsMode == "starttls"
 
 
+def test_a_process_serving_no_listener_does_not_read_the_password_file(tmp_path: Path) -> None:
+    """Nor the password file, which only the listeners' AUTH uses: a line gone bad in it,
+    which the running relay tolerates (keeping the users it read), made the delivery process
+    restarted meanwhile exit at start, again and again -- no mail delivered."""
+    users = tmp_path / "users"
+    users.write_text(f"alice:{HASH}\n")
+    path = writeConfig(tmp_path, f'[auth]\npassword_file = "{users}"\n'
+                                 '[auth.senders]\nalice = ["alice@example.org"]\n')
+    assert loadConfig(path).auth.passwordFile == str(users)
+    users.write_text(f"alice:{HASH}\nthis line is no user\n")
+    with pytest.raises(ConfigError, match="password_file"):
+        loadConfig(path)
+    assert loadConfig(path, listenerTLS=False).auth.passwordFile == str(users)
+
+
 @pytest.mark.parametrize(
     "value, error",
     [

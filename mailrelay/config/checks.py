@@ -419,7 +419,7 @@ def checkAuth(r: Reading) -> None:
             'is required in [auth]: the file of "user:hash" lines (see mailrelay-passwd), '
             "unless a site checker is configured in [auth.checker]",
         )
-    else:
+    elif r.at.source.listenerTLS:  # (a process serving no listener has no use for it)
         try:
             users = readPasswordFile(r.fields["passwordFile"])
         except PasswordFileError as e:

@@ -108,7 +108,8 @@ def loadConfig(
         relative C{spool} is relative to the current directory.  C{None} or an empty list
         means the option was not given.  The file's value of an overridden setting is ignored.
     @param listenerTLS: C{False}: the listeners' certificates and keys are not read (their
-        C{certificate} is C{None}): for a process that serves no listener.
+        C{certificate} is C{None}), nor the password file of their AUTH: for a process that
+        serves no listener.
     @raise ConfigError: naming the file (or the option), the key and the value.
     """
     overrides = dict(overrides or {})

@@ -72,8 +72,9 @@ class Source:
         against which the file's relative paths are resolved.
     @ivar cwd: the current directory, against which the command line's paths are resolved.
     @ivar overrides: the command-line options, by L{Override.name}.
-    @ivar listenerTLS: load the listeners' certificates and keys; C{False} in a process
-        that serves no listener (the delivery process), which then does not read them.
+    @ivar listenerTLS: load the listeners' certificates and keys, and the password file of
+        their AUTH; C{False} in a process that serves no listener (the delivery process),
+        which then reads none of them.
     """
 
     file: str | None
