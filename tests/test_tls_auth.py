@@ -690,6 +690,16 @@ def test_submission_requires_auth_before_mail() -> None:
     assert h.send(b"MAIL FROM:<alice@example.com>\r\n") == [b"250 2.1.0 Ok"]
 
 
+def test_submission_before_starttls_says_to_start_tls() -> None:
+    """Before STARTTLS no AUTH is offered, so 'Authentication required' asked for what the
+    client could not do; RFC 3207 (and Postfix) answer 'Must issue a STARTTLS command
+    first'."""
+    h = tlsHarness(mode="submission")
+    h.send(b"EHLO laptop.example\r\n")
+    assert h.send(b"MAIL FROM:<alice@example.com>\r\n") == [
+        b"530 5.7.0 Must issue a STARTTLS command first"]
+
+
 def test_submission_requires_auth_even_from_relay_networks() -> None:
     h = ServerHarness(mode="submission", users={"alice": "secret"}, peer="127.0.0.1")
     h.send(b"EHLO x\r\n")

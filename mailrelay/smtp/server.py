@@ -340,6 +340,7 @@ AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 AUTH_INVALID = Reply(535, "5.7.8", "Authentication credentials invalid")
 AUTH_NEED_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+STARTTLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 AUTH_ABORTED = Reply(501, "5.0.0", "Authentication aborted")
 AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode response")
 AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication mechanism")
@@ -790,7 +791,9 @@ class ServerSession:
             self._reply(R.NEED_HELO)
             return
         if self.settings.requireAuth and self.client.authUser is None:
-            self._reply(AUTH_REQUIRED)
+            # (Before STARTTLS AUTH is not offered yet: TLS first, as RFC 3207 answers.)
+            tlsFirst = not self._authOffered and self.settings.starttls and not self.client.tls
+            self._reply(STARTTLS_REQUIRED if tlsFirst else AUTH_REQUIRED)
             return
         if self._chunking is not None:
             self._reply(Reply(503, "5.5.1", "Error: MAIL after BDAT"))
@@ -856,7 +859,7 @@ class ServerSession:
                 if not self.client.tls:
                     # RFC 8689 2: only in a session using TLS; as RFC 3207 says for a command
                     # that needs TLS first.
-                    raise _ParamError(Reply(530, "5.7.0", "Must issue a STARTTLS command first"))
+                    raise _ParamError(STARTTLS_REQUIRED)
                 envelope.requireTLS = True
             elif key == "AUTH" and self.settings.authMechanisms:
                 # RFC 4954 section 5: the submitter's identity, for trusted relays; we record
