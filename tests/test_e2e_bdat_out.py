@@ -12,6 +12,7 @@ from pathlib import Path
 from mailrelay.delivery.protocol import CHUNK_SIZE
 from tests.postfixpeer import DOMAIN, PostfixPeer, postfix  # noqa: F401 - fixture
 from tests.test_e2e_outbound import (
+    bounceID,
     config,
     dns,  # noqa: F401 - the module's DNS server fixture
     relay,  # noqa: F401 - the relay fixture
@@ -93,6 +94,8 @@ def test_refused_chunk_bounces(relay, dns, postfix, tmp_path: Path) -> None:
     assert m["diagnostic"].startswith("smtp; 552 5.3.4 "), m[0]
     waitRemoved(r, qid)
     assert peer.mailbox("bob") == []
+    # The bounce is a queue entry of its own, delivered after the original is removed.
+    waitResult(r, bounceID(r, qid), "alice@sender.test", "sent")
     bounce = tmp_path / "mail" / "sender.test" / "alice" / "Maildir" / "new"
     assert len(list(bounce.iterdir())) == 1
     waitEmpty(r)
