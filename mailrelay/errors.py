@@ -198,14 +198,28 @@ def describeFailure(failure: Any, timeout: float | None = None) -> str:
 
     if failure.check(TimeoutError, error.DNSQueryTimeoutError):
         return "timed out" if timeout is None else f"timed out after {timeout:g} s"
-    for kind, text in (
-        (error.DNSServerError, "server failure (SERVFAIL)"),
-        (error.DNSQueryRefusedError, "refused (REFUSED)"),
-        (error.DNSFormatError, "format error (FORMERR)"),
-        (error.DNSNotImplementedError, "not implemented (NOTIMP)"),
-        (error.DNSNameError, "no such name (NXDOMAIN)"),
-        (error.DNSUnknownError, "an unknown answer code"),
+    answer = dnsAnswerCode(failure)
+    if answer is not None:
+        code, words = answer
+        return f"{words} ({code})" if code else words
+    return failure.getErrorMessage() or failure.type.__name__
+
+
+def dnsAnswerCode(failure: Any) -> tuple[str, str] | None:
+    """The answer code of the name server's error C{failure} (a
+    L{twisted.python.failure.Failure} of C{twisted.names}) and its meaning:
+    C{("SERVFAIL", "server failure")}; C{("", "an unknown answer code")} for one
+    C{twisted.names} does not name; C{None} when it is no name server's answer."""
+    from twisted.names import error
+
+    for kind, code, words in (
+        (error.DNSServerError, "SERVFAIL", "server failure"),
+        (error.DNSQueryRefusedError, "REFUSED", "refused"),
+        (error.DNSFormatError, "FORMERR", "format error"),
+        (error.DNSNotImplementedError, "NOTIMP", "not implemented"),
+        (error.DNSNameError, "NXDOMAIN", "no such name"),
+        (error.DNSUnknownError, "", "an unknown answer code"),
     ):
         if failure.check(kind):
-            return text
-    return failure.getErrorMessage() or failure.type.__name__
+            return code, words
+    return None

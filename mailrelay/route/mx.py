@@ -34,7 +34,13 @@ from twisted.names import error as dnsError
 from twisted.names import hosts as hostsModule
 
 from mailrelay.address import hostnameProblem
-from mailrelay.errors import DeliveryFailure, PermanentFailure, TransientFailure, describeValue
+from mailrelay.errors import (
+    DeliveryFailure,
+    PermanentFailure,
+    TransientFailure,
+    describeValue,
+    dnsAnswerCode,
+)
 from mailrelay.route.nexthop import parseNameserver, parseSMTPNexthop
 
 log = Logger()
@@ -369,16 +375,9 @@ def _describe(failure: Any) -> str:
     """A short text for a DNS failure."""
     if failure.check(defer.TimeoutError, dnsError.DNSQueryTimeoutError, defer.CancelledError):
         return "DNS time-out"
-    names = {
-        dnsError.DNSServerError: "SERVFAIL",
-        dnsError.DNSQueryRefusedError: "REFUSED",
-        dnsError.DNSFormatError: "FORMERR",
-        dnsError.DNSNotImplementedError: "NOTIMP",
-        dnsError.DNSUnknownError: "unknown DNS error",
-    }
-    for kind, text in names.items():
-        if failure.check(kind):
-            return text
+    answer = dnsAnswerCode(failure)
+    if answer is not None:
+        return answer[0] or "unknown DNS error"
     return f"{failure.type.__name__}: {failure.getErrorMessage()}"
 
 
