@@ -27,7 +27,6 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import tcp, unix
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
@@ -35,6 +34,7 @@ from zope.interface import implementer
 
 from mailrelay.app.acceptors import ANSWER_RECORD, ASK_RECORD, QUEUED_RECORD, SESSIONS_RECORD
 from mailrelay.app.deliveryprocess import (
+    RecordReporter,
     StopAtEnd,
     childArguments,
     runChild,
@@ -310,25 +310,13 @@ def makeAcceptorServices(
     return top
 
 
-def reportSessions(sessions: Any, clock: Any, write: Any) -> LoopingCall:
+def reportSessions(sessions: Any, clock: Any, write: Any) -> RecordReporter:
     """Say how many sessions we have open (L{SESSIONS_RECORD}, through C{write}) each
-    second it changed, for the relay's C{mailrelay status}; the running L{LoopingCall}."""
-    said = 0
-
-    def report() -> None:
-        nonlocal said
-        count = len(sessions.live)
-        if count != said:
-            try:
-                write(f"{SESSIONS_RECORD}{count}\n")
-            except OSError:
-                return  # (the relay is gone)
-            said = count
-
-    loop = LoopingCall(report)
-    loop.clock = clock
-    loop.start(1.0, now=False)
-    return loop
+    second it changed, for the relay's C{mailrelay status}; the running reporter."""
+    reporter = RecordReporter(clock, SESSIONS_RECORD, lambda: str(len(sessions.live)), write,
+                              last="0")
+    reporter.start(now=False)
+    return reporter
 
 
 def notifyRelay(queueID: str) -> None:

@@ -141,29 +141,30 @@ def _logToRelay(levels: LevelFilter, forked: bool = False) -> None:
 METRICS_INTERVAL = 1.0
 
 
-class _MetricsReporter:
-    """Sends a snapshot of our metrics (L{mailrelay.metrics.snapshot}) to the relay's process
-    every L{METRICS_INTERVAL} seconds when something changed, on our standard output beside
-    the log lines (L{METRICS_RECORD}), and a last one when we stop."""
+class RecordReporter:
+    """Sends C{prefix + current()} to the relay's process, as a record on our standard output
+    beside the log lines (through C{write}, C{sys.stdout.write} by default), every
+    L{METRICS_INTERVAL} seconds when it changed since the last one sent (C{last} at first);
+    stops once the relay is gone.  Our metrics (L{METRICS_RECORD}), an acceptor's sessions."""
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, clock: Any, prefix: str, current: Any, write: Any = None,
+                 last: str = "") -> None:
         from twisted.internet.task import LoopingCall
 
-        self._last = ""
+        self._prefix, self._current, self._write = prefix, current, write
+        self._last = last
         self._loop = LoopingCall(self.send)
-        self._loop.clock = reactor
+        self._loop.clock = clock
 
-    def start(self) -> None:
-        self._loop.start(METRICS_INTERVAL, now=True)
+    def start(self, now: bool = True) -> None:
+        self._loop.start(METRICS_INTERVAL, now=now)
 
     def send(self) -> None:
-        from mailrelay.metrics import snapshot
-
-        text = snapshot()
+        text = self._current()
         if text == self._last:
             return
         try:
-            sys.stdout.write(METRICS_RECORD + text + "\n")
+            (self._write or sys.stdout.write)(self._prefix + text + "\n")
         except OSError:  # the relay is gone: nobody to report to
             self.stop()
             return
@@ -247,7 +248,7 @@ def _run(
 ) -> int:
     """Run the reactor with C{services} started, until our input ends (or SIGTERM); the exit
     status.  With C{controlFD}, answer the relay's queue commands on it; with
-    C{reportMetrics}, our metrics go to the relay (L{_MetricsReporter})."""
+    C{reportMetrics}, our metrics go to the relay (L{RecordReporter})."""
 
     def setUp() -> None:
         if controlFD is not None:
@@ -272,11 +273,15 @@ def runChild(
     with C{services} started, until its input ends (or SIGTERM); the exit status.  C{feed}
     reads our standard input (and stops the reactor at its end); C{setUp} runs before the
     services start; with C{reportMetrics}, our metrics go to the relay
-    (L{_MetricsReporter})."""
+    (L{RecordReporter})."""
     from twisted.internet import stdio
 
     exitCode = [0]
-    reporter = _MetricsReporter(reactor) if reportMetrics else None
+    reporter = None
+    if reportMetrics:
+        from mailrelay.metrics import snapshot
+
+        reporter = RecordReporter(reactor, METRICS_RECORD, snapshot)
 
     def start() -> None:
         # Our standard output carries the log records; StandardIO gets /dev/null to write to.
