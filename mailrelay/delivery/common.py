@@ -31,6 +31,7 @@ __all__ = [
     "builtinOptions",
     "convertTo7Bit",
     "removeWhenFired",
+    "withTextLineEnds",
 ]
 
 log = Logger()
@@ -494,6 +495,19 @@ def convertTo7Bit(
         parts=parts,
     )
     return dataclasses.replace(envelope, body=None), path, path
+
+
+def withTextLineEnds(
+    inThread: Callable[..., Deferred], envelope: Any, recipients: list, messagePath: Any,
+    backend: str,
+) -> Deferred:
+    """The message for a backend that makes its CRLF line ends LF (a Maildir, a command): a
+    C{BODY=BINARYMIME} one, whose CRLF need not be line ends, made 7-bit first
+    (L{convertTo7Bit}, for C{recipients}: its binary parts base64); any other as it is,
+    C{(envelope, messagePath, None)}."""
+    if envelope.body == "BINARYMIME" and recipients:
+        return convertTo7Bit(inThread, envelope, recipients, messagePath, backend, "BINARYMIME")
+    return defer.succeed((envelope, messagePath, None))
 
 
 def _givenUpRemoved(conversion: Deferred) -> Deferred:

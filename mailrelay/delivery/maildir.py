@@ -19,7 +19,7 @@ directory.
 Each copy starts with C{Return-Path: <sender>} and C{Delivered-To: <address>} and is stored
 with LF line ends (the Unix Maildir convention: the spool's CRLF become LF; a lone CR stays).
 A C{BODY=BINARYMIME} message, whose CRLF need not be line ends, is first made 7-bit as for a
-next hop without BINARYMIME (its binary parts base64: L{convertTo7Bit}), or returned with 5.6.3
+next hop without BINARYMIME (its binary parts base64: L{withTextLineEnds}), or returned with 5.6.3
 when it cannot be (DKIM-signed, 8-bit header fields).
 The copy is written to C{tmp/}, fsynced, linked (or, where the file system cannot link,
 renamed) into C{new/}, and C{new/} is fsynced, as the Maildir specification asks.  Missing
@@ -59,7 +59,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailrelay.address import userParts
-from mailrelay.delivery.common import builtinOptions, convertTo7Bit, removeWhenFired
+from mailrelay.delivery.common import builtinOptions, removeWhenFired, withTextLineEnds
 from mailrelay.errors import DeliveryFailure
 from mailrelay.interfaces import (
     CONTINUE,
@@ -452,13 +452,9 @@ class MaildirBackend:
                 )
             return results  # type: ignore[return-value]
 
-        if envelope.body == "BINARYMIME":
-            # Its CRLF need not be line ends: made 7-bit first (the binary parts base64).
-            binary = [recipients[index] for index, _ in jobs]
-            prepared = convertTo7Bit(self._deferToThread, envelope, binary, messagePath,
-                                     route.backend, "BINARYMIME")
-        else:
-            prepared = succeed((envelope, messagePath, None))
+        prepared = withTextLineEnds(self._deferToThread, envelope,
+                                    [recipients[index] for index, _ in jobs], messagePath,
+                                    route.backend)
         return prepared.addCallbacks(write, failed)
 
     # -- in the thread ------------------------------------------------------------------------

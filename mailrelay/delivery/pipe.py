@@ -26,7 +26,7 @@ It is a C{[[backends]]} table with C{plugin = "pipe"}; routes name the table's C
   - The message goes to the command's standard input with LF line ends (as Postfix writes
     it), exactly as spooled otherwise; a C{BODY=BINARYMIME} message, whose CRLF need not be
     line ends, is first made 7-bit as for a next hop without BINARYMIME (its binary parts
-    base64: L{convertTo7Bit}), or returned with 5.6.3 when it cannot be.  Its standard
+    base64: L{withTextLineEnds}), or returned with 5.6.3 when it cannot be.  Its standard
     output and error are read together; the first L{OUTPUT_LIMIT} characters (made
     printable, on one line) go into the diagnostic of a failure, and so into the bounce and
     the log.
@@ -82,7 +82,7 @@ from zope.interface import implementer
 
 from mailrelay.config.schema import At, Key, Source, Table
 from mailrelay.config.values import choice, integer, seconds, string
-from mailrelay.delivery.common import convertTo7Bit, removeWhenFired, resultsForAll
+from mailrelay.delivery.common import removeWhenFired, resultsForAll, withTextLineEnds
 from mailrelay.errors import ConfigError, describeValue
 from mailrelay.interfaces import (
     DeliveryStatus,
@@ -504,13 +504,8 @@ class PipeBackend:
                     results[index] = result
             return results  # type: ignore[return-value]
 
-        if envelope.body == "BINARYMIME" and good:
-            # Its CRLF need not be line ends: made 7-bit first (the binary parts base64).
-            prepared = convertTo7Bit(threadHandOff(self.reactor), envelope,
-                                     [recipients[i] for i in good], messagePath, route.backend,
-                                     "BINARYMIME")
-        else:
-            prepared = defer.succeed((envelope, messagePath, None))
+        prepared = withTextLineEnds(threadHandOff(self.reactor), envelope,
+                                    [recipients[i] for i in good], messagePath, route.backend)
 
         def cancel(_: Deferred) -> None:
             for d in runs:
