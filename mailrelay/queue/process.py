@@ -556,8 +556,13 @@ class DeliveryProcessService(ChildSupervisor, Service):
             self._child = None
         if self._stopping:
             return
+        # What it was delivering is tried again by the next one: a message whose next hop
+        # had answered its end of data, but whose removal the process did not live to make,
+        # goes twice.  Nothing durable says which (a record per attempt would cost a sync).
         log.error(
-            "delivery process exited unexpectedly ({reason}); restarting in {delay:.0f}s",
+            "delivery process exited unexpectedly ({reason}); restarting in {delay:.0f}s; "
+            "messages it was delivering will be tried again, and any a next hop had already "
+            "accepted will be delivered twice",
             reason=how,
             delay=self._restartDelay,
         )
