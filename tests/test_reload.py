@@ -196,3 +196,23 @@ def test_a_listener_spelled_anew_keeps_its_count_of_open_connections(tmp_path: P
     assert list(r.top.listeners) == ["tcp:2525:backlog=64"]
     assert list(r.top.carried.counts.values()) == [count] and count.value == 2
     r.stop()
+
+
+def test_refused_reloads_leave_no_resolver_timers_behind(tmp_path: Path, built) -> None:
+    """Reloads refused (a plugin fails to start) whose C{[dns] nameservers} differ from the
+    running ones: each built a resolver of its own (the system's re-reads resolv.conf every
+    minute, on a timer of the relay's reactor), and each was left behind with its timer, one
+    more per refused reload."""
+    running = BASE + '[dns]\nnameservers = ["127.0.0.1:5353"]\n'
+    r = Relay(tmp_path, running.replace("[dns]\nreverse_lookups = false\n", ""))
+
+    def timers() -> int:
+        return sum(getattr(call.func, "__name__", "") == "maybeParseConfig"
+                   for call in r.reactor.getDelayedCalls())
+
+    for _ in range(3):
+        assert not r.reload(BASE + plugins("fail"))  # the system's resolver
+    assert timers() <= 1
+    assert r.reload(BASE)
+    assert timers() == 1
+    r.stop()

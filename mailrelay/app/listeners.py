@@ -76,8 +76,12 @@ class _Carried:
     def copy(self) -> _Carried:
         """A copy, the same counters in it, for a configuration to be built on
         (L{makeListeners} changes it): the relay's is replaced by it only once that
-        configuration runs, so that a reload refused forgets nothing."""
-        return replace(self, counts=dict(self.counts), resolvers=dict(self.resolvers))
+        configuration runs, so that a reload refused forgets nothing.
+
+        The resolvers are shared, not copied: they are a cache by name servers, and one made
+        for a reload refused is kept for the next (the system's has a timer on the reactor;
+        one left behind by each refused reload would add up)."""
+        return replace(self, counts=dict(self.counts))
 
 
 class SessionsService(Service):
