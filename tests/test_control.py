@@ -737,25 +737,40 @@ def test_spool_directory_found_like_the_relay(tmp_path: Path, monkeypatch: pytes
         spoolDirectory(str(etc / "bad.toml"), None)
 
 
-def test_no_relay_on_the_spool_of_the_file_says_how_to_reach_one_on_another(
-    tmp_path: Path,
-) -> None:
-    """mailrelay --config FILE when no relay answers on the file's spool directory: a relay
-    started before its spool.directory was changed runs on the old one until restarted.  The
-    command says so, naming the file and key, and how to reach it (--spool); it said only
-    'the relay is not running', and the operator could not stop it to restart it."""
-    from mailrelay.app.cli import main
+def fakeProcess(proc: Path, pid: int, cwd: Path, *argv: str) -> None:
+    """A process C{pid} in the fake C{/proc} directory C{proc}: its command line and its
+    working directory."""
+    (proc / str(pid)).mkdir(parents=True)
+    (proc / str(pid) / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+    (proc / str(pid) / "cwd").symlink_to(cwd)
 
+
+def test_no_relay_on_the_spool_of_the_file_says_how_to_reach_one_on_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mailrelay --config FILE when no relay answers on the file's spool directory, while a
+    relay started with that file runs: started before its spool.directory was changed, it
+    runs on the old one until restarted.  The command says so, naming the file and key, the
+    process and how to reach it (--spool); it said only 'the relay is not running', and the
+    operator could not stop it to restart it."""
+    from mailrelay.app import cli
+
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    monkeypatch.setattr(cli, "PROC", proc)
     config = tmp_path / "relay.toml"
     config.write_text('[spool]\ndirectory = "spool-new"\n')
     spool = tmp_path / "spool-new"
-    reach = (f"a relay started before spool.directory in {config} was changed runs on its old "
-             "spool until it is restarted: name that one with --spool (mailrelay --spool "
-             "OLD-SPOOL stop)\n")
+    # twistd, started with a relative path in the file's directory
+    fakeProcess(proc, 4321, tmp_path, "/usr/bin/python3", "/v/bin/twistd", "-n", "mailrelay",
+                "--config", "relay.toml")
+    reach = (f"a relay started with {config} runs (process 4321): started before "
+             f"spool.directory in {config} was changed, it runs on its old spool until it is "
+             "restarted: name that one with --spool (mailrelay --spool OLD-SPOOL stop)\n")
 
     def run(command: str) -> str:
         err = io.StringIO()
-        assert main(["--config", str(config), command], io.StringIO(), err) == 1
+        assert cli.main(["--config", str(config), command], io.StringIO(), err) == 1
         return err.getvalue()
 
     for command in ("status", "reload", "stop"):
@@ -769,6 +784,42 @@ def test_no_relay_on_the_spool_of_the_file_says_how_to_reach_one_on_another(
         f"mailrelay: the relay is not running (no control socket answers at "
         f"{spool}/control.sock); {reach}"
     )
+
+
+def test_a_relay_simply_stopped_gets_no_hint_of_another_spool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mailrelay --config FILE status when no process was started with that file (the relay
+    is simply stopped; other relays and other programs run): it says the relay is not
+    running, and nothing of a relay on an old spool, which sent the operator looking for
+    one that was not there."""
+    from mailrelay.app import cli
+
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    monkeypatch.setattr(cli, "PROC", proc)
+    config = tmp_path / "relay.toml"
+    config.write_text('[spool]\ndirectory = "spool"\n')
+    (tmp_path / "spool" / "queue").mkdir(parents=True)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "relay.toml").write_text("")
+    fakeProcess(proc, 10, other, "/v/bin/twistd", "-n", "mailrelay", "--config=relay.toml")
+    fakeProcess(proc, 11, tmp_path, "vi", "relay.toml")  # not a relay
+    fakeProcess(proc, 12, tmp_path, "/v/bin/python", "-m", "mailrelay", "--config",
+                str(config), "status")  # a command, as this one
+    (proc / "self").mkdir()  # (not a process id)
+    err = io.StringIO()
+    assert cli.main(["--config", str(config), "status"], io.StringIO(), err) == 1
+    assert err.getvalue() == (
+        f"mailrelay: the relay is not running (no control socket answers at "
+        f"{tmp_path}/spool/control.sock)\n")
+    # The delivery process of one started with it (the relay's own is gone): a relay.
+    fakeProcess(proc, 13, other, "/v/bin/python", "-m", "mailrelay.app.deliveryprocess",
+                "--overrides", "{}", "--config", str(config), "--config-fd", "3")
+    err = io.StringIO()
+    assert cli.main(["--config", str(config), "status"], io.StringIO(), err) == 1
+    assert "(process 13)" in err.getvalue()
 
 
 def test_queue_list_output() -> None:

@@ -340,7 +340,8 @@ def test_spool_directory_changed_in_the_file_while_the_relay_runs(relays) -> Non
     """The file's spool.directory edited while the relay runs (a change takes a restart):
     mailrelay --config FILE reload, status and stop find no relay on the new spool.  They
     said only 'the relay is not running' while it ran; they now say that a relay started
-    before the change is on its old spool and how to reach it, which stops it."""
+    with the file before the change (its process named) is on its old spool and how to
+    reach it, which stops it; once it is stopped, only that no relay runs."""
     args = ("--listen", "tcp:0:interface=127.0.0.1", "--hostname", "relay.test")
     r = relays(relayConfig(freePort(), '[spool]\ndirectory = "spool"\n'), args=args,
                defaults=False).start()
@@ -352,12 +353,17 @@ def test_spool_directory_changed_in_the_file_while_the_relay_runs(relays) -> Non
         assert p.returncode == 1, p
         assert p.stderr == (
             f"mailrelay: no relay runs on {r.directory}/spool-new: it does not exist; a relay "
-            f"started before spool.directory in {path} was changed runs on its old spool until "
-            "it is restarted: name that one with --spool (mailrelay --spool OLD-SPOOL stop)\n"
+            f"started with {path} runs (process {r.process.pid}): started before "
+            f"spool.directory in {path} was changed, it runs on its old spool until it is "
+            "restarted: name that one with --spool (mailrelay --spool OLD-SPOOL stop)\n"
         ), p.stderr
     assert r.process.poll() is None
     assert "mailrelay: stopped" in ok(r, "stop")
     assert r.process.wait(10) == 0
+    p = subprocess.run([MAILRELAY, "--config", str(path), "status"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 1 and p.stderr == (
+        f"mailrelay: no relay runs on {r.directory}/spool-new: it does not exist\n"), p.stderr
 
 
 def test_a_relay_that_does_not_answer_and_bad_timeouts(tmp_path: Path) -> None:

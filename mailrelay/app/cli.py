@@ -66,22 +66,79 @@ class RelayDown(CommandFailed):
     """No relay answers on the control socket."""
 
 
+#: Where the processes of the machine are listed (Linux's proc file system).
+PROC = Path("/proc")
+
+
+def _isRelay(argv: list[str]) -> bool:
+    """Whether C{argv} is the command line of a relay's process: C{twistd ... mailrelay}, or
+    one of its children (C{python -m mailrelay.app.deliveryprocess}, the acceptors'); not
+    the C{mailrelay} command's."""
+    if "mailrelay" in argv and any(os.path.basename(a).startswith("twistd") for a in argv):
+        return True
+    return any(
+        a == "-m" and module.startswith("mailrelay.app.") and module.endswith("process")
+        for a, module in zip(argv, argv[1:], strict=False)
+    )
+
+
+def relaysStartedWith(config: str) -> list[int] | None:
+    """The process ids of the relays' processes started with the configuration file
+    C{config} (its path resolved in each one's working directory), in order; C{None} when
+    the processes cannot be listed (no C{/proc})."""
+    wanted = os.path.realpath(config)
+    try:
+        entries = [entry for entry in os.listdir(PROC) if entry.isdigit()]
+    except OSError:
+        return None
+    found = []
+    for entry in entries:
+        try:
+            argv = [a.decode("utf-8", "replace")
+                    for a in (PROC / entry / "cmdline").read_bytes().split(b"\0")[:-1]]
+        except OSError:  # (gone meanwhile)
+            continue
+        if not _isRelay(argv):
+            continue
+        for arg, value in zip(argv, [*argv[1:], ""], strict=True):
+            if arg.startswith("--config="):
+                path = arg[len("--config="):]
+            elif arg == "--config":
+                path = value
+            else:
+                continue
+            if not os.path.isabs(path):
+                try:
+                    path = os.path.join(os.readlink(PROC / entry / "cwd"), path)
+                except OSError:  # (another user's: where it runs is not ours to see)
+                    path = os.path.join("/nonexistent", path)
+            if os.path.realpath(path) == wanted:
+                found.append(int(entry))
+    return sorted(found)
+
+
 def _relayDownWithConfig(config: str, spool: Path, error: RelayDown) -> str:
     """What to say when no relay answers on C{spool}, the spool directory the configuration
-    file C{config} names now: a relay started before its C{spool.directory} was changed
+    file C{config} names now.  A relay started before its C{spool.directory} was changed
     runs on the old one until it is restarted (a reload cannot move it), and the file no
-    longer leads there.  A directory no relay has run on is said so: not "not running"."""
+    longer leads there: when a relay's process started with that file runs (or the
+    processes cannot be listed), say so and how to reach it.  A directory no relay has run
+    on is said so: not "not running"."""
     if not os.path.isdir(spool):
         first = f"no relay runs on {spool}: it does not exist"
     elif not os.path.isdir(spool / "queue"):
         first = f"no relay runs on {spool}: it holds no spool (no relay has run on it)"
     else:
         first = str(error)
-    return (
-        f"{first}; a relay started before spool.directory in {config} was changed runs on "
-        "its old spool until it is restarted: name that one with --spool (mailrelay --spool "
-        "OLD-SPOOL stop)"
-    )
+    running = relaysStartedWith(config)
+    if running == []:
+        return first
+    reach = ("runs on its old spool until it is restarted: name that one with --spool "
+             "(mailrelay --spool OLD-SPOOL stop)")
+    if running is None:
+        return f"{first}; a relay started before spool.directory in {config} was changed {reach}"
+    return (f"{first}; a relay started with {config} runs (process {running[0]}): started "
+            f"before spool.directory in {config} was changed, it {reach}")
 
 
 # -- finding and talking to the relay ---------------------------------------------------------
