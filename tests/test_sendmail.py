@@ -11,6 +11,7 @@ import sys
 import threading
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -544,7 +545,11 @@ class ScriptedRelay:
                 self.commands.append(command)
             for prefix, replies in self.answers.items():
                 if command.startswith(prefix):
-                    send(replies.pop(0) if len(replies) > 1 else replies[0])
+                    reply = replies.pop(0) if len(replies) > 1 else replies[0]
+                    if reply == "CLOSE":  # the connection lost, no answer
+                        self.ours.close()
+                        return
+                    send(reply)
                     break
             else:
                 send("250 2.0.0 Ok")
@@ -601,6 +606,56 @@ def test_too_many_recipients_go_in_several_transactions() -> None:
     assert rcpts == ["MAIL FROM:<>", "RCPT TO:<r1@example.org>", "RCPT TO:<r2@example.org>",
                      "RCPT TO:<r3@example.org>", ".", "MAIL FROM:<>", "RCPT TO:<r3@example.org>",
                      "RCPT TO:<r4@example.org>", "."]
+
+
+@pytest.mark.parametrize("lost, said", [
+    ("MAIL", "the message was sent to r1@example.org, r2@example.org only"),
+    (".", "the message was sent to r1@example.org, r2@example.org; the relay may also have "
+          "accepted it for r3@example.org, r4@example.org (the connection ended before its "
+          "answer)"),
+])
+def test_a_connection_lost_after_some_recipients_says_which_were_sent(
+    lost: str, said: str
+) -> None:
+    """The relay takes two recipients of four (452 4.5.3), the message goes to them, and the
+    connection is lost in the second transaction: the error says which recipients the
+    message went to (and, lost after the end of data, which it may have gone to), as a
+    refusal there does.  It said only that the connection was lost: the user, sending the
+    whole message again, sent it twice to those."""
+    relay = ScriptedRelay({"RCPT TO:<r3": ["452 4.5.3 Error: too many recipients", "250 Ok"],
+                           lost: ["250 2.0.0 Ok: queued as A", "CLOSE"]})
+    with pytest.raises(SubmitError) as e:
+        sendmail.RelaySession(VIEW, None, relay.connector).submit(
+            Envelope(""), submission([f"r{n}@example.org" for n in range(1, 5)]))
+    relay.thread.join(5)
+    assert e.value.status == os.EX_TEMPFAIL
+    assert e.value.message == (
+        "connection to the relay at the scripted relay lost: the relay closed the connection\n"
+        + said)
+
+
+def test_an_interruption_after_some_recipients_says_which_were_sent(monkeypatch) -> None:
+    """Ctrl-C (or a bug) in the second transaction, after the message went to the first
+    recipients: the error says to which (it printed "interrupted; nothing was sent")."""
+    relay = ScriptedRelay({"RCPT TO:<r3": ["452 4.5.3 Error: too many recipients", "250 Ok"]})
+    command = sendmail.RelayClient.command
+    mails = []
+
+    def interrupted(self: Any, line: str, timeout: float = 1.0) -> Any:
+        if line.startswith("MAIL"):
+            mails.append(line)
+            if len(mails) == 2:
+                raise KeyboardInterrupt
+        return command(self, line)
+
+    monkeypatch.setattr(sendmail.RelayClient, "command", interrupted)
+    session = sendmail.RelaySession(VIEW, None, relay.connector)
+    with pytest.raises(SubmitError) as e:
+        session.submit(Envelope(""), submission([f"r{n}@example.org" for n in range(1, 5)]))
+    session.close()
+    assert e.value.status == os.EX_TEMPFAIL
+    assert e.value.message == (
+        "interrupted\nthe message was sent to r1@example.org, r2@example.org only")
 
 
 @pytest.mark.parametrize("answers, greeting, status, message", [

@@ -419,8 +419,7 @@ class RelayClient:
                 data = self.sock.recv(65536)
             except TimeoutError:
                 raise SubmitError(f"the relay at {self.where} did not answer in "
-                                  f"{timeout:g} seconds; nothing was sent", os.EX_TEMPFAIL
-                                  ) from None
+                                  f"{timeout:g} seconds", os.EX_TEMPFAIL) from None
             except OSError as e:
                 raise self._lost(e.strerror or str(e)) from None
             if not data:
@@ -428,8 +427,8 @@ class RelayClient:
             self._parser.feed(data)
 
     def _lost(self, reason: str) -> SubmitError:
-        return SubmitError(f"connection to the relay at {self.where} lost: {reason}; "
-                           "nothing was sent", os.EX_TEMPFAIL)
+        return SubmitError(f"connection to the relay at {self.where} lost: {reason}",
+                           os.EX_TEMPFAIL)
 
     def send(self, data: bytes) -> None:
         try:
@@ -490,13 +489,15 @@ class RelaySession:
         client = RelayClient(sock, where, self.transcript)
         try:
             greeting = client.read()
-        except SubmitError:
+        except SubmitError as e:
             client.close()
+            e.message += "\n" + _Progress().said()
             raise
         if greeting.code != 220:
             client.close()
-            raise _refused(greeting, "greeting", f"the relay at {where} refused the connection",
-                           ())
+            error = _refused(greeting, "greeting", f"the relay at {where} refused the connection")
+            error.message += "\n" + _Progress().said()
+            raise error
         self.client = client
 
     def submit(self, envelope: Envelope, submission: Submission) -> str:
@@ -545,26 +546,69 @@ def submit(
         session.close()
 
 
-def _refused(reply: Reply, stage: str, what: str, sent: Sequence[str]) -> SubmitError:
-    message = f"{what}: {showReply(reply)}"
-    if sent:
-        message += f"\nthe message was sent to {', '.join(sent)} only"
-    else:
-        message += "\nnothing was sent"
-    return SubmitError(message, exitStatus(reply, stage))
+def _refused(reply: Reply, stage: str, what: str) -> SubmitError:
+    return SubmitError(f"{what}: {showReply(reply)}", exitStatus(reply, stage))
+
+
+@dataclass
+class _Progress:
+    """How far a submission got: the recipients the relay took the message for (its 250
+    after the end of data), and those of a transaction whose end of data got no answer."""
+
+    sent: list[str] = field(default_factory=list)
+    inDoubt: list[str] = field(default_factory=list)
+
+    def said(self) -> str:
+        """What to tell the user, who would otherwise send the whole message again."""
+        if not self.sent and not self.inDoubt:
+            return "nothing was sent"
+        doubt = (f"accepted it for {', '.join(self.inDoubt)} (the connection ended before "
+                 "its answer)")
+        if not self.inDoubt:
+            return f"the message was sent to {', '.join(self.sent)} only"
+        if not self.sent:
+            return f"the relay may have {doubt}"
+        return f"the message was sent to {', '.join(self.sent)}; the relay may also have {doubt}"
 
 
 def _transactions(
     client: RelayClient, view: LocalView, envelope: Envelope, submission: Submission
+) -> str:
+    """The submission's transactions on C{client}; every error raised says how far it got
+    (L{_Progress}): a lost connection or an interruption after the relay took the message
+    for some recipients must not read as if nothing had been sent."""
+    progress = _Progress()
+    try:
+        return _transact(client, view, envelope, submission, progress)
+    except _Stale as e:
+        e.args[0].message += "\n" + progress.said()
+        raise
+    except SubmitError as e:
+        e.message += "\n" + progress.said()
+        raise
+    except (Exception, KeyboardInterrupt) as e:
+        if not progress.sent and not progress.inDoubt:
+            raise
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"internal error: {e!r}"
+        status = os.EX_TEMPFAIL if isinstance(e, KeyboardInterrupt) else os.EX_SOFTWARE
+        raise SubmitError(f"{what}\n{progress.said()}", status) from e
+
+
+def _transact(
+    client: RelayClient,
+    view: LocalView,
+    envelope: Envelope,
+    submission: Submission,
+    progress: _Progress,
 ) -> str:
     try:
         reply = client.command("EHLO " + asciiName(view.hostname).decode("ascii"))
     except SubmitError as e:
         raise _Stale(e) from None
     if reply.code == 421:
-        raise _Stale(_refused(reply, "EHLO", "the relay closed the connection", ()))
+        raise _Stale(_refused(reply, "EHLO", "the relay closed the connection"))
     if reply.code != 250:
-        raise _refused(reply, "EHLO", "the relay refused EHLO", ())
+        raise _refused(reply, "EHLO", "the relay refused EHLO")
     extensions = parseExtensions(reply)
     content = submission.content
     params = []
@@ -583,12 +627,11 @@ def _transactions(
     rcptParams = f" NOTIFY={envelope.notify}" if envelope.notify else ""
     mailFrom = " ".join([f"MAIL FROM:<{envelope.sender}>", *params])
     pending = list(submission.recipients)
-    sent: list[str] = []
     last = ""
     while pending:
         reply = client.command(mailFrom)
         if not reply.isPositive:
-            raise _refused(reply, "MAIL", f"sender <{envelope.sender}> refused", sent)
+            raise _refused(reply, "MAIL", f"sender <{envelope.sender}> refused")
         accepted: list[str] = []
         rest: list[str] = []
         for index, recipient in enumerate(pending):
@@ -600,18 +643,20 @@ def _transactions(
                 break
             else:
                 client.command("RSET")
-                raise _refused(reply, "RCPT", f"<{recipient}> refused", sent)
+                raise _refused(reply, "RCPT", f"<{recipient}> refused")
         reply = client.command("DATA")
         if reply.code != 354:
-            raise _refused(reply, "DATA", "the relay refused DATA", sent)
+            raise _refused(reply, "DATA", "the relay refused DATA")
         stuffer = DotStuffer()
         client.say(f">>> (the message: {len(content)} octets)")
         client.send(stuffer.feed(content) + stuffer.finish())
         client.say(">>> .")
+        progress.inDoubt = accepted
         reply = client.read(DATA_TIMEOUT)
+        progress.inDoubt = []
         if not reply.isPositive:
-            raise _refused(reply, "DATA", "the message was refused", sent)
-        sent += accepted
+            raise _refused(reply, "DATA", "the message was refused")
+        progress.sent += accepted
         last = showReply(reply)
         for recipient in accepted:
             client.say(f"<{recipient}>... Sent ({last})")
