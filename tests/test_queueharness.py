@@ -176,6 +176,32 @@ def test_backend_timeout(tmp_path: Path) -> None:
     h.stop()
 
 
+def test_a_backend_that_answers_its_timeouts_cancel_is_believed(tmp_path: Path) -> None:
+    """A backend whose delivery was done when its timeout cancelled it, and which answers
+    the cancel with that outcome (the pipe backend does: the command had exited 0, its
+    output was still being read): the outcome is recorded.  It was recorded as a timeout,
+    whatever the backend answered, and the message delivered again at the next attempt."""
+    hook = Webhook()
+    h = QueueHarness(tmp_path, {"webhook": hook}, routes=[RouteRule("*", "webhook")],
+                     timeouts={"webhook": 5})
+
+    def done(d: Deferred[Any]) -> None:
+        d.callback(resultsForAll([Recipient("bob@hooks.example")], DeliveryStatus.DELIVERED,
+                                 "2.0.0", "X-webhook; done"))
+
+    def deliver(envelope: Envelope, recipients: Any, route: Route, path: Path) -> Any:
+        hook.calls.append((envelope, [r.address for r in recipients], route, b""))
+        return Deferred(done)
+
+    hook.deliver = deliver  # type: ignore[method-assign]
+    queueID = h.submit("alice@example.org", ["bob@hooks.example"])
+    h.clock.advance(5)
+    assert h.envelope(queueID) is None  # delivered, removed
+    h.clock.advance(3600)
+    assert len(hook.calls) == 1
+    h.stop()
+
+
 def test_stop_waits_for_deliveries_in_flight(tmp_path: Path) -> None:
     hook = Webhook()
     hook.hold = True

@@ -60,10 +60,15 @@ class DeliveryTimedOut(Exception):
         self.timeout = timeout
 
 
-def _timedOut(result: Any, timeout: float) -> None:
-    """C{onTimeoutCancel} of a delivery: it failed with L{DeliveryTimedOut}, whatever the
-    cancelled backend answered."""
-    raise DeliveryTimedOut(timeout)
+def _timedOut(result: Any, timeout: float) -> Any:
+    """C{onTimeoutCancel} of a delivery: a failure (the cancellation, or whatever error
+    the cancelled backend answered it with) is L{DeliveryTimedOut}; results are kept.  A
+    backend may answer its cancellation with the outcome of a delivery already done (the
+    pipe backend, its command having exited): taken for a timeout, that delivery would be
+    made again at the next attempt."""
+    if isinstance(result, Failure):
+        raise DeliveryTimedOut(timeout)
+    return result
 
 
 class Calls:
