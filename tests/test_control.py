@@ -737,6 +737,24 @@ def test_spool_directory_found_like_the_relay(tmp_path: Path, monkeypatch: pytes
         spoolDirectory(str(etc / "bad.toml"), None)
 
 
+def test_the_spool_directory_of_a_user_who_may_not_write_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mailrelay (mailq) run by a user who may not write in the spool directory: the command
+    finds the directory all the same (the control socket then says who may use it).  It
+    said "configuration error: ... spool.directory: unusable spool directory: ... is not
+    writable", as if the file were wrong."""
+    from mailrelay.app.cli import spoolDirectory
+
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.W_OK and access(path, mode))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "relay.toml").write_text('[spool]\ndirectory = "spool"\n')
+    assert spoolDirectory(str(tmp_path / "relay.toml"), None) == tmp_path / "spool"
+    assert spoolDirectory(None, None) == tmp_path / "mailrelay-spool"  # (the default)
+
+
 def fakeProcess(proc: Path, pid: int, cwd: Path, *argv: str) -> None:
     """A process C{pid} in the fake C{/proc} directory C{proc}: its command line and its
     working directory."""

@@ -148,26 +148,37 @@ def spoolDirectory(config: str | None, spool: str | None) -> Path:
     """The spool directory of the relay the options name: C{spool} as given, or the
     configuration file's C{[spool] directory} (only that table is read, so that an error
     elsewhere in the file does not keep the operator from a running relay), or the
-    default.
+    default; whether this user may write there is not asked.
 
     @raise CommandFailed: the file cannot be read, or its spool directory is wrong.
     """
-    from mailrelay.config.keys import SPOOL
+    from dataclasses import replace
+
+    from mailrelay.config.keys import DEFAULT_SPOOL, SPOOL
     from mailrelay.config.loader import _readFile
-    from mailrelay.config.schema import At, Source
+    from mailrelay.config.schema import At, Computed, Source
+    from mailrelay.config.values import defaultSpoolDirectory, spoolPath
     from mailrelay.errors import ConfigError
 
+    # The directory's path only: whether we may write there is the relay's business (its
+    # control socket says who may use it).
+    table = replace(SPOOL, keys=tuple(
+        replace(key, parse=spoolPath, default=Computed(defaultSpoolDirectory(DEFAULT_SPOOL,
+                                                                             spoolPath)))
+        if key.target == "spoolDirectory" else key
+        for key in SPOOL.keys
+    ))
     cwd = Path(os.path.abspath(os.getcwd()))
     try:
         if spool is not None:
             return Path(os.path.abspath(spool))
         if config is None:
-            fields = SPOOL.read({}, At(Source(None, cwd, cwd)).child("spool"))
+            fields = table.read({}, At(Source(None, cwd, cwd)).child("spool"))
         else:
             data = _readFile(config)
             directory = Path(os.path.abspath(os.path.dirname(config) or "."))
             at = At(Source(config, directory, cwd)).child("spool")
-            fields = SPOOL.read(data.get("spool", {}), at)
+            fields = table.read(data.get("spool", {}), at)
     except ConfigError as e:
         raise CommandFailed(f"configuration error: {e}") from None
     return Path(fields["spoolDirectory"])

@@ -178,13 +178,16 @@ def _plugins(table: str) -> Table:
     return pluginTable(missing, array=True)
 
 
+#: The spool directory when the file names none (relative to the current directory).
+DEFAULT_SPOOL = "./mailrelay-spool"
+
 SPOOL = Table(
     (
         Key(
             "directory",
             spoolDirectory,
             "Where accepted messages are stored until they are delivered.",
-            default=Computed(defaultSpoolDirectory("./mailrelay-spool")),
+            default=Computed(defaultSpoolDirectory(DEFAULT_SPOOL)),
             field="spoolDirectory",
             cli=Override("spool", "--spool"),
         ),

@@ -505,19 +505,27 @@ def endpoint(value: Any, at: At) -> str:
     return text
 
 
+def spoolPath(value: Any, at: At) -> Path:
+    """The spool directory's path, whether or not it is usable: where the C{mailrelay}
+    command finds the relay (a user who may not write there may still ask it)."""
+    return Path(at.path(nonEmpty("a directory path")(value, at)))
+
+
 def spoolDirectory(value: Any, at: At) -> Path:
     """The spool directory, which must be usable (see L{spoolDirectoryProblem})."""
-    text = nonEmpty("a directory path")(value, at)
-    path = Path(at.path(text))
+    path = spoolPath(value, at)
     problem = spoolDirectoryProblem(path)
     if problem:
         raise at.error(f"unusable spool directory: {problem}")
     return path
 
 
-def defaultSpoolDirectory(text: str) -> Callable[[At], Path]:
-    """The default of the spool directory: C{text}, relative to the current directory."""
-    return lambda at: spoolDirectory(text, replace(at, base=at.source.cwd))
+def defaultSpoolDirectory(
+    text: str, parse: Callable[[Any, At], Path] = spoolDirectory
+) -> Callable[[At], Path]:
+    """The default of the spool directory: C{text}, relative to the current directory, read
+    by C{parse}."""
+    return lambda at: parse(text, replace(at, base=at.source.cwd))
 
 
 def _readBytes(path: str, what: str, at: At) -> bytes:
