@@ -312,6 +312,41 @@ def test_proxy_local_health_check(relay) -> None:
     r.waitForLog(r"PROXY v2 from 127\.0\.0\.1: no client address \(LOCAL\)")
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"PROXY UNKNOWN\r\n",
+        b"\r\n\r\n\x00\r\nQUIT\n\x21\x31\x00\xd8" + b"\0" * 216,  # v2 PROXY, AF_UNIX
+        b"\r\n\r\n\x00\r\nQUIT\n\x21\x00\x00\x00",  # v2 PROXY, AF_UNSPEC
+    ],
+    ids=["v1-unknown", "v2-unix", "v2-unspec"],
+)
+def test_proxied_client_without_an_address_never_relays(relay, header) -> None:
+    # The proxy (127.0.0.1) is in the default relay networks, but the client it forwards is
+    # not the proxy: a header naming no client must not give it the proxy's right to relay
+    # (Postfix refuses such headers: they "would sidestep address-based access control").
+    r = relay(PROXIED, '[relay]\naccept_domains = ["example.org"]\n')
+    c = r.connect()
+    c.sock.sendall(header + b"EHLO x\r\n")
+    assert c.readReply()[0].startswith(b"220 ")
+    c.readReply()
+    c.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nRCPT TO:<b@example.org>\r\n")
+    assert [c.readReply() for _ in range(3)] == [
+        [b"250 2.1.0 Ok"], [b"554 5.7.1 Relay access denied"], [b"250 2.1.5 Ok"]]
+    c.send(b"QUIT\r\n")
+    c.readReply()
+    r.waitForLog(r"PROXY v\d from 127\.0\.0\.1: no client address \((UNKNOWN|family 0x[03][01])\), "
+                 r"using the proxy's, without its relay permission")
+    # The proxy's own connection (a v2 LOCAL health check) is the proxy's, as in Postfix.
+    c = r.connect()
+    c.sock.sendall(b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00EHLO x\r\n")
+    assert c.readReply()[0].startswith(b"220 ")
+    c.readReply()
+    c.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n")
+    assert [c.readReply() for _ in range(2)] == [[b"250 2.1.0 Ok"], [b"250 2.1.5 Ok"]]
+    c.close()
+
+
 def test_proxy_header_from_an_untrusted_peer_is_refused(relay) -> None:
     r = relay('proxy_protocol = true\nproxy_networks = ["10.0.0.0/8"]\n')
     c = r.connect()

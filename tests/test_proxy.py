@@ -23,6 +23,7 @@ from mailrelay.receive.proxy import (
     ProxyHeaderError,
     ProxyProtocolFactory,
     isTrusted,
+    isUnattributed,
     parseProxyHeader,
 )
 from mailrelay.testing import ServerHarness
@@ -50,7 +51,7 @@ def test_v1() -> None:
     assert data[used:] == b"EHLO x\r\n"
     header, _ = parseProxyHeader(b"PROXY TCP6 2001:DB8::0:1 2001:db8::2 1 65535\r\n")
     assert header.source == ("2001:db8::1", 1)  # canonical text
-    assert parseProxyHeader(b"PROXY UNKNOWN\r\n") == (ProxyHeader(1, None, None), 15)
+    assert parseProxyHeader(b"PROXY UNKNOWN\r\n") == (ProxyHeader(1, None, None, "UNKNOWN"), 15)
     assert parseProxyHeader(b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\nx")[1] == 35
 
 
@@ -62,8 +63,9 @@ def test_v2() -> None:
     header, _ = parseProxyHeader(v2tcp("2001:db8::1", 5, "::ffff:192.0.2.9", 6, extra=b"\x04\x00\x01x"))
     assert header.source == ("2001:db8::1", 5) and header.destination == ("::ffff:c000:209", 6)
     # LOCAL (health checks), UNSPEC, UNIX and UDP: no client address.
-    for data in (v2(0, 0x00), v2(0, 0x11, b"\0" * 12), v2(1, 0x00), v2(1, 0x31, b"\0" * 216), v2(1, 0x12, b"\0" * 12)):
-        assert parseProxyHeader(data) == (ProxyHeader(2, None, None), len(data))
+    for data, why in ((v2(0, 0x00), "LOCAL"), (v2(0, 0x11, b"\0" * 12), "LOCAL"), (v2(1, 0x00), "family 0x00"),
+                      (v2(1, 0x31, b"\0" * 216), "family 0x31"), (v2(1, 0x12, b"\0" * 12), "family 0x12")):
+        assert parseProxyHeader(data) == (ProxyHeader(2, None, None, why), len(data))
 
 
 @pytest.mark.parametrize(
@@ -212,6 +214,22 @@ def test_v2LocalUsesTheProxysAddress() -> None:
     protocol.dataReceived(v2(0, 0x00))
     assert inner.peer == IPv6Address("TCP", "2001:db8:1::9", 1234)
     assert inner.host == IPv4Address("TCP", "10.0.0.99", 25)
+    assert not isUnattributed(inner.peer)
+
+
+@pytest.mark.parametrize("header", [b"PROXY UNKNOWN\r\n", v2(1, 0x31, b"\0" * 216), v2(1, 0x00)])
+def test_clientWithoutAnAddressIsUnattributed(header: bytes) -> None:
+    """The proxy's address stands for the client, marked: it is not the proxy's connection."""
+    _, protocol, inner, _, _ = wrapped("2001:db8:1::9")
+    with capturedLogs() as logs:
+        protocol.dataReceived(header)
+    assert (inner.peer.type, inner.peer.host, inner.peer.port) == ("TCP", "2001:db8:1::9", 1234)
+    assert isinstance(inner.peer, IPv6Address) and isUnattributed(inner.peer)
+    assert "using the proxy's, without its relay permission" in formatEvent(logs[0])
+    _, protocol, inner, _, _ = wrapped("10.0.0.1")
+    protocol.dataReceived(header)
+    assert isinstance(inner.peer, IPv4Address) and inner.peer.host == "10.0.0.1"
+    assert isUnattributed(inner.peer)
 
 
 def test_untrustedPeerIsClosed() -> None:

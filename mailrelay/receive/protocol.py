@@ -49,6 +49,7 @@ from mailrelay.interfaces import IIntake, Verdict, VerdictKind
 from mailrelay.metrics import CONNECTIONS, REFUSALS, SESSIONS, child, replyClass
 from mailrelay.policy.chain import RecipientPolicy
 from mailrelay.policy.hooks import SessionHooks
+from mailrelay.receive.proxy import isUnattributed
 from mailrelay.receive.tls import describeTLS
 from mailrelay.smtp import replies as R
 from mailrelay.smtp.replies import Reply
@@ -340,7 +341,8 @@ class SMTPServerProtocol(Protocol):
         client = ClientInfo(
             address=host,
             port=getattr(peer, "port", 0),
-            relayAllowed=ctx.policy.relay.isRelayClient(host),
+            # (A client a load balancer forwarded without naming it is not the balancer.)
+            relayAllowed=ctx.policy.relay.isRelayClient(host) and not isUnattributed(peer),
             listener=ctx.settings.name,
         )
         self.session = ServerSession(ctx.session, client, awaitingGreeting=True)

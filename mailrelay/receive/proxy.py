@@ -14,8 +14,13 @@ and a wrapper that:
   - closes, with a log line and without a word to the peer, a connection whose peer is not in
     the trusted networks (C{proxy_networks}): anyone else could claim any client address;
   - closes a connection whose header is invalid, or not complete within C{timeout} seconds;
-  - uses the connection's own addresses for v2 C{LOCAL} and v1 C{UNKNOWN} headers (the load
-    balancer's health checks), and for address families other than TCP over IPv4/IPv6;
+  - uses the connection's own addresses for v2 C{LOCAL} headers (the load balancer's own
+    connection: a health check), and for v1 C{UNKNOWN} headers and address families other
+    than TCP over IPv4/IPv6 (a health check, or a client the load balancer cannot name):
+    these are accepted, as the PROXY protocol says, but as a client whose address is not
+    known (L{isUnattributed}): relay control never lets it relay for being the load
+    balancer (Postfix refuses such headers, which "would sidestep address-based access
+    control");
   - passes C{handshakeCompleted} on (C{IHandshakeListener}), so STARTTLS works behind it.
 """
 
@@ -64,11 +69,14 @@ class ProxyHeader:
         C{None} when the header gives none (v2 C{LOCAL}, v1 C{UNKNOWN}, other families): the
         connection's own peer is then used.
     @ivar destination: the address the client connected to, or C{None}.
+    @ivar noSource: when C{source} is C{None}, why, for the log: C{"LOCAL"} (the proxy's own
+        connection), C{"UNKNOWN"} (v1) or C{"family 0x31"} (v2, another address family).
     """
 
     version: int
     source: tuple[str, int] | None
     destination: tuple[str, int] | None
+    noSource: str = ""
 
 
 def _port(text: bytes) -> int:
@@ -124,7 +132,7 @@ def _parseV1(data: bytes) -> tuple[ProxyHeader, int] | None:
     if len(parts) < 2 or parts[0] != b"PROXY":
         raise ProxyHeaderError(f"bad version 1 header {line!r}")
     if parts[1] == b"UNKNOWN":
-        return ProxyHeader(1, None, None), end + 2
+        return ProxyHeader(1, None, None, "UNKNOWN"), end + 2
     if parts[1] not in (b"TCP4", b"TCP6") or len(parts) != 6:
         raise ProxyHeaderError(f"bad version 1 header {line!r}")
     version = 4 if parts[1] == b"TCP4" else 6
@@ -150,10 +158,10 @@ def _parseV2(data: bytes) -> tuple[ProxyHeader, int] | None:
     if len(data) < total:
         return None
     if command == 0:  # LOCAL: the proxy's own connection (a health check)
-        return ProxyHeader(2, None, None), total
+        return ProxyHeader(2, None, None, "LOCAL"), total
     tcp = _V2_TCP.get(family)
-    if tcp is None:  # UNSPEC, UDP, UNIX: use the connection's own addresses
-        return ProxyHeader(2, None, None), total
+    if tcp is None:  # UNSPEC, UDP, UNIX: a client with no address to give
+        return ProxyHeader(2, None, None, f"family 0x{family:02x}"), total
     size, _ = tcp
     if length < 2 * size + 4:
         raise ProxyHeaderError(f"version 2 address block of {length} bytes is too short")
@@ -167,6 +175,21 @@ def _parseV2(data: bytes) -> tuple[ProxyHeader, int] | None:
 def _address(host: str, port: int) -> Any:
     cls = IPv6Address if ":" in host else IPv4Address
     return cls("TCP", host, port)
+
+
+class _UnattributedIPv4Address(IPv4Address):
+    """The load balancer's address, standing for a client it forwarded without naming it."""
+
+
+class _UnattributedIPv6Address(IPv6Address):
+    """The load balancer's address, standing for a client it forwarded without naming it."""
+
+
+def isUnattributed(peer: Any) -> bool:
+    """Whether C{peer} (a transport's C{getPeer()}) is the address of a load balancer that
+    forwarded a client without naming it (v1 C{UNKNOWN}, a v2 address family other than
+    TCP): the client is not the load balancer and must not have its permissions."""
+    return isinstance(peer, (_UnattributedIPv4Address, _UnattributedIPv6Address))
 
 
 def isTrusted(host: Any, networks: Sequence[Any]) -> bool:
@@ -261,8 +284,16 @@ class ProxyProtocolWrapper(ProtocolWrapper):
         self._header = header
         proxy = getattr(self.transport.getPeer(), "host", "?")
         if header.source is None:
-            log.info("PROXY v{version} from {proxy}: no client address (LOCAL), using the proxy's",
-                     version=header.version, proxy=proxy)
+            log.info(
+                "PROXY v{version} from {proxy}: no client address ({why}), using the proxy's"
+                "{restriction}",
+                version=header.version,
+                proxy=proxy,
+                why=header.noSource,
+                restriction="" if header.noSource == "LOCAL" else (
+                    ", without its relay permission"
+                ),
+            )
         else:
             log.info(
                 "PROXY v{version} from {proxy}: client {peer}",
@@ -279,9 +310,17 @@ class ProxyProtocolWrapper(ProtocolWrapper):
             self.wrappedProtocol.dataReceived(rest)
 
     def getPeer(self) -> Any:
-        if self._header is not None and self._header.source is not None:
-            return _address(*self._header.source)
-        return self.transport.getPeer()
+        header = self._header
+        if header is not None and header.source is not None:
+            return _address(*header.source)
+        peer = self.transport.getPeer()
+        if header is not None and header.noSource != "LOCAL" and hasattr(peer, "host"):
+            unattributed = (
+                _UnattributedIPv6Address if isinstance(peer, IPv6Address)
+                else _UnattributedIPv4Address
+            )
+            return unattributed(peer.type, peer.host, peer.port)
+        return peer
 
     def getHost(self) -> Any:
         if self._header is not None and self._header.destination is not None:
