@@ -4,6 +4,7 @@ object serving several hooks; notes carried to the envelope."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -460,3 +461,60 @@ def test_extensions_may_not_take_what_is_the_relays_or_anothers() -> None:
         checkExtensions([ExtensionAdapter("m", Mailer(), 30, None)])
     with pytest.raises(ValueError, match="is not an upper-case keyword"):
         ExtensionAdapter("lower", type("L", (Priority,), {"keyword": "mt prio"})(), 30, None)
+
+
+
+def test_an_extension_may_not_open_the_relay_or_rewrite_a_recipient() -> None:
+    """Notes are all a plugin may change (docs/plugins.md): an ESMTP extension that grants the
+    client the relay permission or a login, or rewrites the recipient relay control has just
+    judged, has its change undone and the command deferred, as at every other hook.  (It
+    relayed: relay control judges the address parsed from RCPT, the envelope kept the
+    recipient the extension rewrote, and the client kept the permission.)"""
+
+    class Opener(Priority):
+        def ehloLine(self, client: Any) -> str | None:
+            client.authUser = "mallory"
+            return "MT-PRIORITY"
+
+        def mailParameter(self, client: Any, envelope: Any, name: str, value: str | None) -> Any:
+            client.relayAllowed = True
+            return 1
+
+        def rcptParameter(
+            self, client: Any, envelope: Any, recipient: Any, name: str, value: str | None
+        ) -> Any:
+            recipient.address = "victim@elsewhere.example"
+            return value
+
+        def command(self, client: Any, envelope: Any, verb: str, argument: str) -> Any:
+            client.relayAllowed = True
+            return succeed(Reply(250, "2.0.0", "Ok"))
+
+    class Offered(Opener):
+        def ehloLine(self, client: Any) -> str | None:
+            return "MT-PRIORITY"
+
+    relay = {"acceptDomains": ["example.org"]}
+    with capturedLogs() as events:
+        h = ServerHarness(plugins=[Opener()], peer="192.0.2.7", relay=relay)
+        assert h.send(b"EHLO client.example\r\n")[-1] == b"250 SMTPUTF8"  # not offered
+        assert h.protocol.session.client.authUser is None
+        h = ServerHarness(plugins=[Offered()], peer="192.0.2.7", relay=relay)
+        assert h.send(b"EHLO client.example\r\n")[-1] == b"250 MT-PRIORITY"
+        assert h.send(b"MAIL FROM:<a@example.com> MT-PRIORITY=1\r\n")[0].startswith(b"451 4.3.0")
+        assert h.send(b"XPRIO\r\n")[0].startswith(b"451 4.3.0")
+        assert h.send(b"MAIL FROM:<a@example.com>\r\n") == [b"250 2.1.0 Ok"]
+        assert h.send(b"RCPT TO:<b@example.net>\r\n") == [b"554 5.7.1 Relay access denied"]
+        assert h.send(b"RCPT TO:<bob@example.org> X-FLAVOUR=mint\r\n")[0].startswith(b"451 4.3.0")
+        assert h.send(b"RCPT TO:<bob@example.org>\r\n") == [b"250 2.1.5 Ok"]
+        h.send(b"DATA\r\n")
+        assert h.send(MESSAGE)[0].startswith(b"250 ")
+    [(envelope, _)] = h.spool.committed.values()
+    assert [r.address for r in envelope.recipients] == ["bob@example.org"]
+    assert envelope.client.relayAllowed is False and envelope.client.authUser is None
+    logged = "\n".join(formatEvent(e) for e in events)
+    for plugin, what in (("Opener", "giving its EHLO line to"), ("Offered", "parsing MAIL parameter MT-PRIORITY of"),
+                         ("Offered", "answering XPRIO from"), ("Offered", "parsing RCPT parameter X-FLAVOUR of")):
+        assert re.search(f"ESMTP extension {plugin} changed the ClientInfo's \\w+ .only notes may change. "
+                         f"{what} 192.0.2.7|ESMTP extension {plugin} changed the Recipient's address "
+                         f".only notes may change. {what} 192.0.2.7", logged), (plugin, what)

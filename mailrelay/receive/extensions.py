@@ -14,7 +14,14 @@ from typing import Any
 from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
 from twisted.logger import Logger
 
-from mailrelay.envelope import ClientInfo, Envelope, Recipient
+from mailrelay.envelope import (
+    ClientInfo,
+    Envelope,
+    Recipient,
+    SavedFields,
+    savePluginKept,
+    undoPluginChanges,
+)
 from mailrelay.interfaces import Reply
 from mailrelay.smtp.server import ServerSession
 
@@ -94,14 +101,18 @@ class ExtensionAdapter:
     def ehloLine(self, client: ClientInfo) -> str | None:
         """The plugin's EHLO line for C{client}, or C{None}: not offered (also when the
         plugin fails or gives a line that is not its keyword and printable ASCII)."""
+        saved = savePluginKept((client,))
         try:
             line = self.plugin.ehloLine(client)
         except Exception:
+            undoPluginChanges(saved)
             log.failure(
                 "ESMTP extension {plugin} failed giving its EHLO line to {client}; not offered",
                 plugin=self.name,
                 client=client.address,
             )
+            return None
+        if self._changed(saved, "giving its EHLO line to", client):
             return None
         if line is None:
             return None
@@ -141,14 +152,35 @@ class ExtensionAdapter:
             "RCPT", self.plugin.rcptParameter, client, envelope, recipient, name, value
         )
 
+    def _changed(self, saved: SavedFields, doing: str, client: ClientInfo) -> bool:
+        """Whether the plugin changed what only the relay may (L{savePluginKept}: the
+        client's relay permission and login, the sender, the recipients and their addresses),
+        undoing it and logging it (C{doing}: what it was asked, as C{"answering XPRIO
+        from"}): relay control has judged the recipient and the client, and a plugin must
+        not change its verdict (docs/plugins.md, "Notes")."""
+        problem = undoPluginChanges(saved)
+        if problem is None:
+            return False
+        log.error(
+            "ESMTP extension {plugin} {problem} {doing} {client}; refusing",
+            plugin=self.name,
+            problem=problem,
+            doing=doing,
+            client=client.address,
+        )
+        return True
+
     def _parameter(self, command: str, parse: Any, *args: Any) -> Any:
         name = args[-2]
         client = args[0]
+        saved = savePluginKept(args)
         try:
             kept = parse(*args)
         except ValueError as e:
+            undoPluginChanges(saved)
             return Reply(501, "5.5.4", f"Error: bad {name} parameter: {_oneLine(str(e))}")
         except Exception:
+            undoPluginChanges(saved)
             log.failure(
                 "ESMTP extension {plugin} failed parsing the {command} parameter {name} of "
                 "{client}",
@@ -157,6 +189,8 @@ class ExtensionAdapter:
                 name=name,
                 client=client.address,
             )
+            return COMMAND_FAILED
+        if self._changed(saved, f"parsing {command} parameter {name} of", client):
             return COMMAND_FAILED
         if isinstance(kept, Reply):
             if kept.isPositive:
@@ -191,10 +225,13 @@ class ExtensionAdapter:
         """The reply to the extension's command C{verb}: the plugin's, or C{451 4.3.0} when it
         fails, answers something else or does not answer within the timeout."""
         about: dict[str, Any] = {"plugin": self.name, "verb": verb, "client": client.address}
+        saved = savePluginKept((client, envelope))
         d: Deferred[Any] = maybeDeferred(self.plugin.command, client, envelope, verb, argument)
         d.addTimeout(self.timeout, self.clock)
 
         def answered(reply: Any) -> Reply:
+            if self._changed(saved, f"answering {verb} from", client):
+                return COMMAND_FAILED
             if isinstance(reply, Reply):
                 return reply
             log.error(
@@ -206,6 +243,7 @@ class ExtensionAdapter:
             return COMMAND_FAILED
 
         def failed(failure: Any) -> Reply:
+            undoPluginChanges(saved)
             if failure.check(TimeoutError):
                 log.warn(
                     "ESMTP extension {plugin} did not answer {verb} from {client} within "
