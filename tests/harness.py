@@ -228,14 +228,18 @@ def freePort(host: str = "127.0.0.1") -> int:
 # (a reactor in a thread of pytest is fragile).  argv[1] is JSON: {"origin": "test",
 # "records": [[name, TYPE, *args of dns.Record_TYPE]]}; a null MX is ["x.test", "MX", 0, ""].
 # Names of the origin's zone without records are NXDOMAIN; names with records but none of the
-# type asked are NODATA.  It prints "port N" when listening, then "query NAME TYPE" for each
-# query it answers.
+# type asked are NODATA; [name, "SERVFAIL"] or [name, "REFUSED"] answers that code for the
+# name, for every name when it is "*".  It prints "port N" when listening, then "query NAME
+# TYPE" for each query it answers.
 _DNS_SERVER_SCRIPT = r"""
 import json, sys
 from twisted.internet import defer, reactor
 from twisted.names import authority, dns, server
 
 spec = json.loads(sys.argv[1])
+
+class Refused(Exception):
+    pass
 
 class Zone(authority.FileAuthority):
     def loadFile(self, filename):
@@ -244,10 +248,10 @@ class Zone(authority.FileAuthority):
                              refresh=60, retry=60, expire=60, minimum=60)
         self.soa = (origin, soa)
         self.records = {origin: [soa]}
-        self.servfail = set()
+        self.failing = {}
         for name, rtype, *args in spec["records"]:
-            if rtype == "SERVFAIL":  # (a name whose queries fail: the server's failure)
-                self.servfail.add(name.lower().encode("ascii"))
+            if rtype in ("SERVFAIL", "REFUSED"):  # (a name whose queries fail)
+                self.failing[name.lower().encode("ascii")] = rtype
                 continue
             args = [a.encode("ascii") if isinstance(a, str) and rtype != "A" and rtype != "AAAA"
                     else a for a in args]
@@ -257,11 +261,21 @@ class Zone(authority.FileAuthority):
     def _lookup(self, name, cls, type, timeout=None):
         print("query", name.decode("ascii", "replace").lower(), dns.QUERY_TYPES.get(type, type),
               flush=True)
-        if name.lower() in self.servfail:
+        failing = self.failing.get(name.lower(), self.failing.get(b"*"))
+        if failing == "REFUSED":
+            return defer.fail(Refused())
+        if failing == "SERVFAIL":
             return defer.fail(RuntimeError("SERVFAIL"))
         return super()._lookup(name, cls, type, timeout)
 
-factory = server.DNSServerFactory(authorities=[Zone(None)])
+class Factory(server.DNSServerFactory):
+    def gotResolverError(self, failure, protocol, message, address):
+        if not failure.check(Refused):
+            return super().gotResolverError(failure, protocol, message, address)
+        response = self._responseFromMessage(message=message, rCode=dns.EREFUSED)
+        self.sendReply(protocol, response, address)
+
+factory = Factory(authorities=[Zone(None)])
 port = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
 print("port", port.getHost().port, flush=True)
 reactor.run()
@@ -270,8 +284,8 @@ reactor.run()
 
 class DNSServer:
     """L{_DNS_SERVER_SCRIPT} on 127.0.0.1 (UDP), in a subprocess.  C{records} are
-    C{[name, type, *arguments]} (C{Record_<type>}'s); C{[name, "SERVFAIL"]} makes every query
-    of C{name} answer SERVFAIL.
+    C{[name, type, *arguments]} (C{Record_<type>}'s); C{[name, "SERVFAIL"]} (or
+    C{"REFUSED"}) makes every query of C{name} (of every name for C{"*"}) answer that code.
 
     @ivar port: the UDP port it answers on.
     """

@@ -284,13 +284,15 @@ def _toml(value: Any) -> str:
 
 def config(dns: DNSServer, *, hold: bool = False, queue: dict | None = None,
            delivery: dict | None = None, timeouts: dict | None = None,
-           routes: list[dict] = ()) -> str:
-    """A relay configuration: DNS only through C{dns}, no reverse lookups, C{hold} as given."""
+           routes: list[dict] = (), before: tuple[DNSServer, ...] = ()) -> str:
+    """A relay configuration: DNS only through C{dns} (after the name servers C{before}), no
+    reverse lookups, C{hold} as given."""
     lines = ["[queue]", f"hold = {_toml(hold)}"]
     lines += [f"{k} = {_toml(v)}" for k, v in (queue or {}).items()]
     lines += ["[delivery]"] + [f"{k} = {_toml(v)}" for k, v in (delivery or {}).items()]
     lines += ["[delivery.timeouts]"] + [f"{k} = {_toml(v)}" for k, v in (timeouts or {}).items()]
-    lines += ["[dns]", "reverse_lookups = false", f'nameservers = ["127.0.0.1:{dns.port}"]']
+    servers = ", ".join(f'"127.0.0.1:{d.port}"' for d in (*before, dns))
+    lines += ["[dns]", "reverse_lookups = false", f"nameservers = [{servers}]"]
     for route in routes:
         lines += ["[[routes]]"] + [f"{k} = {_toml(v)}" for k, v in route.items()]
     return "\n".join(lines) + "\n"
@@ -753,6 +755,28 @@ def test_mx_delivery(relay, nexthop, dns, domain: str, outcome: str,
             f"rfc822; {rcpt}", "failed", outcome)
         assert unfold(block["Diagnostic-Code"]) == f"X-mailrelay; domain {domain} {expected}"
     waitEmpty(r)
+
+
+@pytest.mark.parametrize("answer", ["REFUSED", "SERVFAIL"])
+def test_mx_lookup_asks_the_next_name_server(relay, nexthop, dns, tmp_path: Path,
+                                             answer: str) -> None:
+    """A name server that answers REFUSED or SERVFAIL says nothing about the name: the next
+    one of [dns] nameservers is asked, as the C library's resolver (res_send) does for
+    Postfix; the mail is not deferred while a working server is listed."""
+    hop, port = nexthop()
+    notices, noticePort = nexthop()
+    failing = DNSServer(tmp_path / "failing-dns", "test", [["*", answer]])
+    try:
+        r = relay(config(dns, routes=_mxRoutes(port, noticePort), before=(failing,)))
+        qid = submit(r, "alice@sender.test", ["user@mx.test"], message("next server"))
+        m = waitResult(r, qid, "user@mx.test")
+        assert m["status"] == "sent", m[0]
+        assert m["relay"] == f"mail.mx.test[127.0.0.1]:{port}", m[0]
+        assert ("mx.test", "MX") in failing.queries()  # (asked first, in the listed order)
+        hop.waitTo("user@mx.test")
+        waitEmpty(r)
+    finally:
+        failing.stop()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from mailrelay.route.nexthop import (
     parseLMTPNexthop,
     parseRouteDomain,
 )
+from tests.harness import fired
 
 
 def rcpt(address: str) -> Recipient:
@@ -519,6 +520,53 @@ def test_the_system_resolver_runs_on_the_reactor_it_is_given() -> None:
     hostsResolver, cacheResolver, dnsResolver = r.resolvers
     assert (cacheResolver._reactor, dnsResolver._reactor) == (clock, clock)
     assert (hostsResolver.file, dnsResolver.resolv) == (b"/etc/hosts", b"/etc/resolv.conf")
+
+
+class AnsweringResolver:
+    """makeResolver's resolver whose name servers answer from C{answers}: server -> a list of
+    answer codes (C{None}: no answer, a time-out), one per query it is sent, in turn."""
+
+    def __new__(cls, answers: dict[tuple[str, int], list[int | None]]) -> Any:
+        resolver = makeResolver(list(answers), reactor=Clock())
+        asked: list[tuple[tuple[str, int], float]] = []
+
+        def query(server: tuple[str, int], queries: Any, timeout: float) -> defer.Deferred:
+            asked.append((server, timeout))
+            code = answers[server].pop(0)
+            if code is None:
+                return defer.fail(error.DNSQueryTimeoutError(0))
+            return defer.succeed(dns.Message(rCode=code, answer=1))
+
+        resolver._query = query
+        resolver.asked = asked
+        return resolver
+
+
+def test_resolver_asks_the_next_name_server_after_a_failing_answer() -> None:
+    """SERVFAIL, NOTIMP and REFUSED send the query to the next name server, as the C
+    library's res_send does; an answer (NXDOMAIN too) ends it; time-outs go round the servers
+    with each time-out in turn; when every server failed, the last failing answer stands."""
+    one, two, three = ("192.0.2.1", 53), ("192.0.2.2", 53), ("192.0.2.3", 5353)
+
+    def ask(answers: dict[tuple[str, int], list[int | None]]) -> tuple[Any, list]:
+        resolver = AnsweringResolver(answers)
+        result = fired(resolver.queryUDP([dns.Query(b"example.org", dns.MX)], (1, 3)))
+        return result, resolver.asked
+
+    for code in (dns.ESERVER, dns.ENOTIMP, dns.EREFUSED):
+        result, asked = ask({one: [code], two: [dns.OK], three: []})
+        assert (result.rCode, asked) == (dns.OK, [(one, 1), (two, 1)])
+    result, asked = ask({one: [dns.ENAME], two: [], three: []})
+    assert (result.rCode, asked) == (dns.ENAME, [(one, 1)])
+    result, asked = ask({one: [None, dns.OK], two: [dns.EREFUSED], three: [None]})
+    assert (result.rCode, asked) == (dns.OK, [(one, 1), (two, 1), (three, 1), (one, 3)])
+    result, asked = ask({one: [dns.ESERVER], two: [dns.EREFUSED], three: [dns.ENOTIMP]})
+    assert (result.rCode, asked) == (dns.ENOTIMP, [(one, 1), (two, 1), (three, 1)])
+    result, asked = ask({one: [dns.ESERVER], two: [None, None], three: [None, None]})
+    assert (result.rCode, [server for server, _ in asked]) == (
+        dns.ESERVER, [one, two, three, two, three])
+    failure = fired(AnsweringResolver({one: [None, None]}).queryUDP([], (1, 3)))
+    assert isinstance(failure, Failure) and failure.check(defer.TimeoutError), failure
 
 
 # ---------------------------------------------------------------------------------------------

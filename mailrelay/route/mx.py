@@ -381,6 +381,48 @@ def _describe(failure: Any) -> str:
     return f"{failure.type.__name__}: {failure.getErrorMessage()}"
 
 
+#: The answer codes after which the C library's resolver (C{res_send}) asks the next name
+#: server: a server that fails, or will not answer, says nothing about the name.
+_ASK_NEXT = frozenset((dns.ESERVER, dns.ENOTIMP, dns.EREFUSED))
+
+
+class _Resolver(client.Resolver):
+    """C{client.Resolver} asking its name servers as the C library does for Postfix: in the
+    order listed, the next one also when one answers SERVFAIL, NOTIMP or REFUSED (Twisted's
+    asks the next only after a time-out, so one broken server deferred every lookup).
+    Time-outs go round the servers as Twisted's do, each round with the next of the
+    time-outs; when every server answered such a code, the last answer stands.
+    """
+
+    def queryUDP(self, queries: Any, timeout: Any = None) -> Deferred:
+        timeouts: Sequence[float] = (self.timeout or ()) if timeout is None else timeout
+        return Deferred.fromCoroutine(self._queryInTurn(queries, timeouts))
+
+    async def _queryInTurn(self, queries: Any, timeouts: Sequence[float]) -> Any:
+        servers: list[Any] = list(self.servers or ()) + list(self.dynServers or ())
+        if not servers:
+            raise OSError("No domain name servers available")
+        failed: Any = None
+        answeredFailure: list[Any] = []
+        for timeout in timeouts:
+            for server in servers:
+                if server in answeredFailure:
+                    continue
+                try:
+                    message = await self._query(server, queries, timeout)
+                except dnsError.DNSQueryTimeoutError:
+                    continue
+                if message.rCode not in _ASK_NEXT:
+                    return message
+                failed = message
+                answeredFailure.append(server)
+            if failed is not None and len(answeredFailure) == len(servers):
+                break
+        if failed is not None:
+            return failed
+        raise defer.TimeoutError(queries)
+
+
 def makeResolver(nameservers: Sequence[Any] | None = None, *, reactor: Any = None) -> Any:
     """A DNS resolver: the system's, or one asking only C{nameservers}.
 
@@ -388,22 +430,20 @@ def makeResolver(nameservers: Sequence[Any] | None = None, *, reactor: Any = Non
         (C{twisted.names.client.createResolver()}: C{/etc/hosts}, a cache and the servers of
         C{/etc/resolv.conf}); otherwise name servers as C{"10.0.0.1"}, C{"127.0.0.1:5353"},
         C{"::1"} or C{"[::1]:53"} (or C{(address, port)} pairs, as
-        L{mailrelay.config.Config.nameservers} holds them), asked in turn, without cache and
-        without the hosts file.
+        L{mailrelay.config.Config.nameservers} holds them), asked in turn (L{_Resolver}),
+        without cache and without the hosts file.
     @raise ValueError: a bad name server (the message names it).
     """
     if not nameservers:
-        if reactor is None:
-            return client.createResolver()
         # client.createResolver(), which takes no reactor: its resolver re-reads resolv.conf
         # every minute, and its cache expires entries, on the relay's reactor.
         return resolve.ResolverChain([
             hostsModule.Resolver(b"/etc/hosts"),
             cache.CacheResolver(reactor=reactor),
-            client.Resolver(b"/etc/resolv.conf", reactor=reactor),
+            _Resolver(b"/etc/resolv.conf", reactor=reactor),
         ])
     servers = [
         (str(ns[0]), int(ns[1])) if isinstance(ns, tuple) else parseNameserver(ns)
         for ns in nameservers
     ]
-    return client.Resolver(servers=servers, reactor=reactor)
+    return _Resolver(servers=servers, reactor=reactor)
