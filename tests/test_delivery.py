@@ -1065,6 +1065,19 @@ def test_smtp_a_loop_found_at_ehlo() -> None:
     net.connectBehaviour["192.0.2.2"] = loop
     (r,) = result(send(backend, "example.org", "a@example.org"))
     assert (r.status, r.code) == (TRANSIENT, "4.4.6"), r
+    # Found at a backup MX of another name (NAT, a second name): RFC 5321 5.1, the less
+    # preferred hosts are not tried either.
+    backend, net, clock, mx = smtpBackend()
+    mx.answers = {"backup.example": [
+        MXHost("mx1.backup.example", "192.0.2.11", 25, 10),
+        MXHost("other-name.backup.example", "192.0.2.9", 25, 20),
+        MXHost("mx3.backup.example", "192.0.2.12", 25, 30),
+    ]}
+    net.connectBehaviour["192.0.2.11"] = connectError("4.4.1", "X-mailrelay; refused")
+    net.connectBehaviour["192.0.2.9"] = loop
+    (r,) = result(send(backend, "backup.example", "a@backup.example"))
+    assert (r.status, r.code) == (TRANSIENT, "4.4.6"), r
+    assert [a[0] for a in net.attempts] == ["192.0.2.11", "192.0.2.9"]
 
 
 def test_smtp_all_hosts_fail() -> None:

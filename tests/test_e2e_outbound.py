@@ -779,6 +779,37 @@ def test_mx_lookup_asks_the_next_name_server(relay, nexthop, dns, tmp_path: Path
         failing.stop()
 
 
+def test_mx_hosts_less_preferred_than_the_relay_itself_are_not_tried(relay, tmp_path: Path) -> None:
+    """An MX host whose name is not the relay's, but which turns out to be the relay (it
+    answers EHLO with the relay's own name), ends the list: RFC 5321 section 5.1 -- the
+    client discards itself and every less preferred host, which may well send the mail
+    back to it.  The mail waits for the better host (deferred), the backup gets nothing."""
+    port = freePort()
+    backup = Recorder()
+    controller = _TCPController(backup, hostname="127.0.0.2", port=port, ready_timeout=10)
+    controller.start()
+    zone = DNSServer(tmp_path / "loop-dns", "test", [
+        ["loop.test", "MX", 10, "down.loop.test"], ["down.loop.test", "A", "127.0.0.3"],
+        ["loop.test", "MX", 20, "me.loop.test"], ["me.loop.test", "A", "127.0.0.1"],
+        ["loop.test", "MX", 30, "backup.loop.test"], ["backup.loop.test", "A", "127.0.0.2"],
+    ])
+    try:
+        r = relay(config(zone, routes=[{"domain": "loop.test", "backend": "smtp",
+                                        "nexthop": f"loop.test:{port}"}]),
+                  "--listen", f"tcp:{port}:interface=127.0.0.1")
+        qid = submit(r, "alice@sender.test", ["user@loop.test"], message("backup"))
+        m = waitResult(r, qid, "user@loop.test")
+        assert "replied to EHLO with my own hostname relay.test" in r.log()
+        assert m["status"] == "deferred", m[0]
+        assert m["diagnostic"] == f"X-mailrelay; mail for loop.test:{port} loops back to myself"
+        assert "backup.loop.test" not in r.log()
+        assert backup.attempts == [] and backup.accepted == []
+        assert r.queued() == [qid]
+    finally:
+        zone.stop()
+        controller.stop()
+
+
 # ---------------------------------------------------------------------------------------------
 # 8. LMTP over a UNIX socket, one reply per recipient
 

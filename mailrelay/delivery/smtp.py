@@ -10,7 +10,9 @@ For each delivery the backend
      connection failure (refused, time-out, 4xx or 5xx greeting, TLS or AUTH trouble: an
      C{SMTPConnectError}) moves on to the next host, as does a transaction in which I{every}
      recipient got a transient result (4xx to MAIL, DATA or every RCPT, 421, connection lost):
-     Postfix's "try the next MX on connection failure or 4xx".
+     Postfix's "try the next MX on connection failure or 4xx".  A host that answers EHLO
+     with the relay's own name is the relay itself: the best MX, a loop (5.4.6); a backup,
+     the end of the list (RFC 5321 section 5.1: no less preferred host is tried).
 
 When no host accepts, every recipient gets the most relevant error as a transient failure:
 the last transaction's results if there was one, else the last connection error that carried
@@ -117,6 +119,8 @@ class _Tried:
     connectErrors: list[SMTPConnectError] = field(default_factory=list)
     #: The best MX answered EHLO with our own name: the diagnostic of that loop.
     loop: str | None = None
+    #: A less preferred MX answered EHLO with our own name: no host after it is tried.
+    foundSelf: bool = False
 
 
 class _Idle:
@@ -397,6 +401,16 @@ class SMTPBackend(ClientBackend):
             if tried.loop is not None:  # (the best MX is the relay itself)
                 return resultsForAll(recipients, DeliveryStatus.PERMANENT, "5.4.6",
                                      tried.loop)
+            if tried.foundSelf:
+                # RFC 5321 section 5.1: the relay discards itself and every less preferred
+                # host (which may well send the mail back here).
+                log.info(
+                    "{queueID}: {mx}[{address}]:{port} is this relay (MX preference "
+                    "{preference} of {nexthop}): less preferred hosts are not tried",
+                    queueID=envelope.queueID, mx=host.name, address=host.address,
+                    port=host.port, preference=host.preference, nexthop=key[0],
+                )
+                return None
             if connected is None:
                 continue
             connection, connectedKey = connected
@@ -454,6 +468,7 @@ class SMTPBackend(ClientBackend):
                 if best:
                     tried.loop = diagnostic
                 else:
+                    tried.foundSelf = True
                     tried.connectErrors.append(
                         SMTPConnectError("4.4.6", diagnostic, remoteMTA=e.remoteMTA))
                 return None
