@@ -779,6 +779,33 @@ def test_mx_lookup_asks_the_next_name_server(relay, nexthop, dns, tmp_path: Path
         failing.stop()
 
 
+def test_the_addresses_of_many_mx_hosts_are_looked_up_as_far_as_needed(
+        relay, nexthop, tmp_path: Path) -> None:
+    """A domain with 120 MX records: their addresses are asked ten hosts at a time, in
+    preference order, until enough are known -- not 240 queries (a UDP socket each) at
+    once, which hundreds of MX records, any domain's to publish, turned into descriptors
+    running out."""
+    hop, port = nexthop()
+    records: list[list] = []
+    for n in range(120):
+        records.append(["many.test", "MX", n, f"h{n}.many.test"])
+        # The first 15 hosts have no address (a TXT record only: no data).
+        records.append([f"h{n}.many.test", *(["TXT", "none"] if n < 15 else ["A", "127.0.0.1"])])
+    zone = DNSServer(tmp_path / "many-dns", "test", records)
+    try:
+        r = relay(config(zone, routes=[{"domain": "many.test", "backend": "smtp",
+                                        "nexthop": f"many.test:{port}"}]))
+        qid = submit(r, "alice@sender.test", ["user@many.test"], message("many"))
+        m = waitResult(r, qid, "user@many.test")
+        assert (m["status"], m["relay"]) == ("sent", f"h15.many.test[127.0.0.1]:{port}"), m[0]
+        asked = {name for name, kind in zone.queries() if kind in ("A", "AAAA")}
+        # Ten addresses are wanted: three rounds (h0-h9, h10-h19: five, h20-h29).
+        assert asked == {f"h{n}.many.test" for n in range(30)}, sorted(asked)
+        hop.waitTo("user@many.test")
+    finally:
+        zone.stop()
+
+
 def test_mx_hosts_less_preferred_than_the_relay_itself_are_not_tried(relay, tmp_path: Path) -> None:
     """An MX host whose name is not the relay's, but which turns out to be the relay (it
     answers EHLO with the relay's own name), ends the list: RFC 5321 section 5.1 -- the

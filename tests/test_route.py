@@ -886,6 +886,29 @@ def test_max_addresses() -> None:
     assert len(resolveNow(resolver, "example.org")) == 2
 
 
+def test_mx_hosts_are_looked_up_only_as_far_as_needed() -> None:
+    """A domain of hundreds of MX records (what anyone's DNS may answer, to a message any
+    client may send) does not make the relay ask for all their addresses at once -- a UDP
+    socket each, 800 descriptors for 400 MX hosts: the hosts are looked up ten at a time,
+    in preference order, until maxAddresses addresses are known, and at most the first 100
+    hosts (Postfix's dns_rr_list_limit)."""
+    zone: dict[str, Any] = {"many.example": [MX(n, f"mx{n}.many.example") for n in range(400)],
+                            "dead.example": [MX(n, f"gone{n}.example") for n in range(400)]}
+    for n in range(400):
+        zone[f"mx{n}.many.example"] = [A(f"192.0.2.{n % 250 + 1}")] if n % 2 else []
+    resolver, fake, _ = makeMX(zone, maxAddresses=10)
+    hosts = resolveNow(resolver, "many.example")
+    assert [h.name for h in hosts] == [f"mx{n}.many.example" for n in range(1, 20, 2)]
+    asked = {name for kind, name in fake.queries if kind != "MX"}
+    assert asked == {f"mx{n}.many.example" for n in range(20)}
+    fake.queries.clear()
+    f = failureOf(resolver, "dead.example")
+    assert (f.permanent, f.code) == (True, "5.4.4")
+    asked = [name for kind, name in fake.queries if kind == "A"]
+    assert asked == [f"gone{n}.example" for n in range(100)]
+    assert "gone99.example" in f.diagnostic and "gone100.example" not in f.diagnostic
+
+
 def test_transient_copy() -> None:
     f = DeliveryFailure(permanent=True, code="5.1.2", diagnostic="x")
     t = f.transient()

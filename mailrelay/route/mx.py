@@ -102,6 +102,13 @@ def _exchangeProblem(name: bytes) -> str | None:
     return hostnameProblem(text, underscore=True)
 
 
+#: At most this many MX hosts of a domain are used, the most preferred (Postfix's
+#: C{dns_rr_list_limit}): a DNS answer may hold hundreds.
+_MX_HOSTS_LIMIT = 100
+#: The addresses of this many MX hosts are looked up at a time, in preference order, until
+#: enough are known: not a query (and a UDP socket) for each of hundreds of hosts at once.
+_LOOKUP_BATCH = 10
+
 _NXDOMAIN = "nxdomain"
 _NODATA = "nodata"
 _ERROR = "error"
@@ -111,10 +118,11 @@ class MXResolver:
     """Resolves SMTP next hops to addresses, through a Twisted C{IResolver} (never blocking).
 
     MX records are ordered by preference, shuffled among equal preferences (RFC 5321 section
-    5.1); each MX host's addresses are looked up (A and AAAA, concurrently), hosts without an
-    address are skipped.  A domain without MX records is its own mail exchanger.  A domain
-    whose only MX records have the exchange C{"."} has a null MX (RFC 7505).  An MX exchange
-    written as an IP address is used as is.
+    5.1); each MX host's addresses are looked up (A and AAAA, concurrently; ten hosts at a
+    time, in order, until C{maxAddresses} addresses are known; at most the first 100 hosts),
+    hosts without an address are skipped.  A domain without MX records is its own mail
+    exchanger.  A domain whose only MX records have the exchange C{"."} has a null MX (RFC
+    7505).  An MX exchange written as an IP address is used as is.
 
     Failures raise L{DeliveryFailure}: NXDOMAIN of the domain is permanent (5.1.2), a null
     MX permanent (5.1.10), a DNS error or time-out transient (4.4.3); no address for any
@@ -320,23 +328,27 @@ class MXResolver:
                 raise self._noAddress(host, problem, [host], final=True)
             return self._limit([MXHost(host, a, port) for a in addresses])
 
-        ordered = self._orderMX(real)
-        lookups = yield defer.gatherResults(
-            [self._addresses(name) for _, name in ordered], consumeErrors=True
-        )
+        ordered = self._orderMX(real)[:_MX_HOSTS_LIMIT]
         hosts: list[MXHost] = []
         problems = []
-        for (preference, name), (addresses, problem) in zip(ordered, lookups, strict=True):
-            if not addresses:
-                log.info(
-                    "MX host {mx} of {domain} has no address: {problem}",
-                    mx=name,
-                    domain=host,
-                    problem=problem,
-                )
-                problems.append(problem)
-            for a in addresses:
-                hosts.append(MXHost(name, a, port, preference))
+        looked = 0
+        while looked < len(ordered) and not 0 < self.maxAddresses <= len(hosts):
+            batch = ordered[looked : looked + _LOOKUP_BATCH]
+            looked += len(batch)
+            lookups = yield defer.gatherResults(
+                [self._addresses(name) for _, name in batch], consumeErrors=True
+            )
+            for (preference, name), (addresses, problem) in zip(batch, lookups, strict=True):
+                if not addresses:
+                    log.info(
+                        "MX host {mx} of {domain} has no address: {problem}",
+                        mx=name,
+                        domain=host,
+                        problem=problem,
+                    )
+                    problems.append(problem)
+                for a in addresses:
+                    hosts.append(MXHost(name, a, port, preference))
         if not hosts:
             problem = next((p for p in problems if p not in (_NXDOMAIN, _NODATA)), _NODATA)
             raise self._noAddress(host, problem, [n for _, n in ordered], final=True)
