@@ -229,8 +229,9 @@ def freePort(host: str = "127.0.0.1") -> int:
 # "records": [[name, TYPE, *args of dns.Record_TYPE]]}; a null MX is ["x.test", "MX", 0, ""].
 # Names of the origin's zone without records are NXDOMAIN; names with records but none of the
 # type asked are NODATA; [name, "SERVFAIL"] or [name, "REFUSED"] answers that code for the
-# name, for every name when it is "*".  It prints "port N" when listening, then "query NAME
-# TYPE" for each query it answers.
+# name, for every name when it is "*"; [name, "TRUNCATE"] answers the name's queries over UDP
+# truncated (TC, no records), over TCP (the same port) whole.  It prints "port N" when
+# listening, then "query NAME TYPE" for each query it answers ("tcp" first over TCP).
 _DNS_SERVER_SCRIPT = r"""
 import json, sys
 from twisted.internet import defer, reactor
@@ -250,7 +251,7 @@ class Zone(authority.FileAuthority):
         self.records = {origin: [soa]}
         self.failing = {}
         for name, rtype, *args in spec["records"]:
-            if rtype in ("SERVFAIL", "REFUSED"):  # (a name whose queries fail)
+            if rtype in ("SERVFAIL", "REFUSED", "TRUNCATE"):  # (a name whose queries fail)
                 self.failing[name.lower().encode("ascii")] = rtype
                 continue
             args = [a.encode("ascii") if isinstance(a, str) and rtype != "A" and rtype != "AAAA"
@@ -269,23 +270,43 @@ class Zone(authority.FileAuthority):
         return super()._lookup(name, cls, type, timeout)
 
 class Factory(server.DNSServerFactory):
+    def handleQuery(self, message, protocol, address):
+        if address is None:
+            print("tcp", flush=True)
+        return super().handleQuery(message, protocol, address)
+
+    def sendReply(self, protocol, message, address):
+        name = message.queries[0].name.name.lower() if message.queries else b""
+        if address is not None and zone.failing.get(name) == "TRUNCATE":
+            message.trunc = 1
+            message.answers, message.authority, message.additional = [], [], []
+        return super().sendReply(protocol, message, address)
+
     def gotResolverError(self, failure, protocol, message, address):
         if not failure.check(Refused):
             return super().gotResolverError(failure, protocol, message, address)
         response = self._responseFromMessage(message=message, rCode=dns.EREFUSED)
         self.sendReply(protocol, response, address)
 
-factory = Factory(authorities=[Zone(None)])
-port = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
+zone = Zone(None)
+factory = Factory(authorities=[zone])
+for attempt in range(20):  # (a UDP port whose TCP twin is free)
+    port = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
+    try:
+        reactor.listenTCP(port.getHost().port, factory, interface="127.0.0.1")
+        break
+    except Exception:
+        port.stopListening()
 print("port", port.getHost().port, flush=True)
 reactor.run()
 """
 
 
 class DNSServer:
-    """L{_DNS_SERVER_SCRIPT} on 127.0.0.1 (UDP), in a subprocess.  C{records} are
+    """L{_DNS_SERVER_SCRIPT} on 127.0.0.1 (UDP and TCP), in a subprocess.  C{records} are
     C{[name, type, *arguments]} (C{Record_<type>}'s); C{[name, "SERVFAIL"]} (or
-    C{"REFUSED"}) makes every query of C{name} (of every name for C{"*"}) answer that code.
+    C{"REFUSED"}) makes every query of C{name} (of every name for C{"*"}) answer that code;
+    C{[name, "TRUNCATE"]} truncates its answers over UDP (TC: ask again over TCP).
 
     @ivar port: the UDP port it answers on.
     """

@@ -284,14 +284,15 @@ def _toml(value: Any) -> str:
 
 def config(dns: DNSServer, *, hold: bool = False, queue: dict | None = None,
            delivery: dict | None = None, timeouts: dict | None = None,
-           routes: list[dict] = (), before: tuple[DNSServer, ...] = ()) -> str:
-    """A relay configuration: DNS only through C{dns} (after the name servers C{before}), no
-    reverse lookups, C{hold} as given."""
+           routes: list[dict] = (), before: tuple[DNSServer, ...] = (),
+           after: tuple[DNSServer, ...] = ()) -> str:
+    """A relay configuration: DNS only through C{dns} (between the name servers C{before}
+    and C{after}), no reverse lookups, C{hold} as given."""
     lines = ["[queue]", f"hold = {_toml(hold)}"]
     lines += [f"{k} = {_toml(v)}" for k, v in (queue or {}).items()]
     lines += ["[delivery]"] + [f"{k} = {_toml(v)}" for k, v in (delivery or {}).items()]
     lines += ["[delivery.timeouts]"] + [f"{k} = {_toml(v)}" for k, v in (timeouts or {}).items()]
-    servers = ", ".join(f'"127.0.0.1:{d.port}"' for d in (*before, dns))
+    servers = ", ".join(f'"127.0.0.1:{d.port}"' for d in (*before, dns, *after))
     lines += ["[dns]", "reverse_lookups = false", f"nameservers = [{servers}]"]
     for route in routes:
         lines += ["[[routes]]"] + [f"{k} = {_toml(v)}" for k, v in route.items()]
@@ -777,6 +778,31 @@ def test_mx_lookup_asks_the_next_name_server(relay, nexthop, dns, tmp_path: Path
         waitEmpty(r)
     finally:
         failing.stop()
+
+
+def test_a_truncated_answer_is_asked_again_over_tcp_of_the_same_server(
+        relay, nexthop, tmp_path: Path) -> None:
+    """A truncated answer (TC) is asked again over TCP of the name server that gave it, as
+    the C library's resolver does; Twisted's asked the next server of [dns] nameservers in
+    its round, and when that one was down (listed as a spare), the lookup failed and the mail
+    was deferred."""
+    hop, port = nexthop()
+    zone = DNSServer(tmp_path / "tc-dns", "test", [
+        ["big.test", "TRUNCATE"], ["big.test", "MX", 10, "mx.big.test"],
+        ["mx.big.test", "A", "127.0.0.1"],
+    ])
+    down = DNSServer(tmp_path / "down-dns", "test", [])
+    down.stop()  # (its port: nothing answers there now, over UDP or TCP)
+    try:
+        r = relay(config(zone, routes=[{"domain": "big.test", "backend": "smtp",
+                                        "nexthop": f"big.test:{port}"}], after=(down,)))
+        qid = submit(r, "alice@sender.test", ["user@big.test"], message("truncated"))
+        m = waitResult(r, qid, "user@big.test")
+        assert (m["status"], m["relay"]) == ("sent", f"mx.big.test[127.0.0.1]:{port}"), m[0]
+        assert "tcp\nquery big.test MX" in zone.log()
+        hop.waitTo("user@big.test")
+    finally:
+        zone.stop()
 
 
 def test_the_addresses_of_many_mx_hosts_are_looked_up_as_far_as_needed(

@@ -524,20 +524,32 @@ def test_the_system_resolver_runs_on_the_reactor_it_is_given() -> None:
 
 class AnsweringResolver:
     """makeResolver's resolver whose name servers answer from C{answers}: server -> a list of
-    answer codes (C{None}: no answer, a time-out), one per query it is sent, in turn."""
+    answer codes (C{None}: no answer, a time-out; C{"TC"}: a truncated answer), one per query
+    it is sent, in turn; over TCP, the servers of C{tcp} answer theirs, the others refuse
+    the connection."""
 
-    def __new__(cls, answers: dict[tuple[str, int], list[int | None]]) -> Any:
+    def __new__(cls, answers: dict[tuple[str, int], list[Any]],
+                tcp: dict[tuple[str, int], int] | None = None) -> Any:
         resolver = makeResolver(list(answers), reactor=Clock())
-        asked: list[tuple[tuple[str, int], float]] = []
+        asked: list[tuple[Any, ...]] = []
 
         def query(server: tuple[str, int], queries: Any, timeout: float) -> defer.Deferred:
             asked.append((server, timeout))
             code = answers[server].pop(0)
             if code is None:
                 return defer.fail(error.DNSQueryTimeoutError(0))
+            if code == "TC":
+                return defer.succeed(dns.Message(rCode=dns.OK, answer=1, trunc=1))
             return defer.succeed(dns.Message(rCode=code, answer=1))
 
+        async def queryOverTCP(server: tuple[str, int], queries: Any) -> dns.Message:
+            asked.append((server, "tcp"))
+            if server not in (tcp or {}):
+                raise ConnectionRefusedError("refused")
+            return dns.Message(rCode=(tcp or {})[server], answer=1)
+
         resolver._query = query
+        resolver._queryOverTCP = queryOverTCP
         resolver.asked = asked
         return resolver
 
@@ -567,6 +579,24 @@ def test_resolver_asks_the_next_name_server_after_a_failing_answer() -> None:
         dns.ESERVER, [one, two, three, two, three])
     failure = fired(AnsweringResolver({one: [None, None]}).queryUDP([], (1, 3)))
     assert isinstance(failure, Failure) and failure.check(defer.TimeoutError), failure
+
+
+def test_resolver_asks_a_truncated_answer_again_over_tcp_of_the_same_server() -> None:
+    """TC: the same server over TCP (as res_send; Twisted asked the next server of its
+    round); when that fails, the next server is asked."""
+    one, two = ("192.0.2.1", 53), ("192.0.2.2", 53)
+    resolver = AnsweringResolver({one: ["TC"], two: []}, tcp={one: dns.OK, two: dns.OK})
+    result = fired(resolver.queryUDP([dns.Query(b"example.org", dns.MX)], (1, 3)))
+    assert (result.rCode, result.trunc, resolver.asked) == (
+        dns.OK, 0, [(one, 1), (one, "tcp")])
+    resolver = AnsweringResolver({one: ["TC"], two: [dns.OK]})
+    result = fired(resolver.queryUDP([dns.Query(b"example.org", dns.MX)], (1, 3)))
+    assert (result.rCode, resolver.asked) == (dns.OK, [(one, 1), (one, "tcp"), (two, 1)])
+    resolver = AnsweringResolver({one: ["TC"], two: ["TC"]}, tcp={two: dns.ENAME})
+    result = fired(resolver.queryUDP([dns.Query(b"example.org", dns.MX)], (1, 3)))
+    assert result.rCode == dns.ENAME
+    failure = fired(AnsweringResolver({one: ["TC"], two: [None, None]}).queryUDP([], (1, 3)))
+    assert isinstance(failure, Failure) and failure.check(ConnectionRefusedError), failure
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
 from twisted.logger import Logger
 from twisted.names import cache, client, dns, resolve
 from twisted.names import error as dnsError
@@ -398,12 +399,32 @@ def _describe(failure: Any) -> str:
 _ASK_NEXT = frozenset((dns.ESERVER, dns.ENOTIMP, dns.EREFUSED))
 
 
+#: Seconds a query over TCP (after a truncated answer) may take, as Twisted's C{queryTCP}.
+_TCP_TIMEOUT = 10
+
+
+class _OneQuery:
+    """The controller of a C{dns.DNSProtocol} that carries one query (L{_Resolver}): the
+    protocol's own Deferred has the answer, there is nothing to be told."""
+
+    def connectionMade(self, protocol: Any) -> None:
+        pass
+
+    def connectionLost(self, protocol: Any) -> None:
+        pass
+
+    def messageReceived(self, message: Any, protocol: Any, address: Any = None) -> None:
+        pass
+
+
 class _Resolver(client.Resolver):
     """C{client.Resolver} asking its name servers as the C library does for Postfix: in the
     order listed, the next one also when one answers SERVFAIL, NOTIMP or REFUSED (Twisted's
     asks the next only after a time-out, so one broken server deferred every lookup).
     Time-outs go round the servers as Twisted's do, each round with the next of the
-    time-outs; when every server answered such a code, the last answer stands.
+    time-outs; when every server answered such a code, the last answer stands.  A truncated
+    answer (TC) is asked again over TCP of the same server (Twisted's asked the next server
+    of its round, which may be down); when that fails, the next server is asked.
     """
 
     def queryUDP(self, queries: Any, timeout: Any = None) -> Deferred:
@@ -415,6 +436,7 @@ class _Resolver(client.Resolver):
         if not servers:
             raise OSError("No domain name servers available")
         failed: Any = None
+        tcpError: Exception | None = None
         answeredFailure: list[Any] = []
         for timeout in timeouts:
             for server in servers:
@@ -424,15 +446,37 @@ class _Resolver(client.Resolver):
                     message = await self._query(server, queries, timeout)
                 except dnsError.DNSQueryTimeoutError:
                     continue
+                if message.trunc:
+                    try:
+                        message = await self._queryOverTCP(server, queries)
+                    except defer.CancelledError:
+                        raise
+                    except Exception as e:
+                        tcpError = e
+                        answeredFailure.append(server)
+                        continue
                 if message.rCode not in _ASK_NEXT:
                     return message
                 failed = message
                 answeredFailure.append(server)
-            if failed is not None and len(answeredFailure) == len(servers):
+            if len(answeredFailure) == len(servers):
                 break
         if failed is not None:
             return failed
+        if tcpError is not None:
+            raise tcpError
         raise defer.TimeoutError(queries)
+
+    async def _queryOverTCP(self, server: tuple[str, int], queries: Any) -> Any:
+        """The answer of C{server} to C{queries} over a TCP connection of their own."""
+        host, port = server
+        endpointType = TCP6ClientEndpoint if _isIP(host) == 6 else TCP4ClientEndpoint
+        endpoint = endpointType(self._reactor, host, port, timeout=_TCP_TIMEOUT)
+        protocol = await connectProtocol(endpoint, dns.DNSProtocol(_OneQuery(), self._reactor))
+        try:
+            return await protocol.query(queries, _TCP_TIMEOUT)
+        finally:
+            protocol.transport.loseConnection()
 
 
 def makeResolver(nameservers: Sequence[Any] | None = None, *, reactor: Any = None) -> Any:
