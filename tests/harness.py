@@ -297,6 +297,8 @@ for attempt in range(20):  # (a UDP port whose TCP twin is free)
         break
     except Exception:
         port.stopListening()
+else:
+    sys.exit("no UDP port with its TCP twin free")
 print("port", port.getHost().port, flush=True)
 reactor.run()
 """
