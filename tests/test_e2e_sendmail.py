@@ -300,3 +300,30 @@ def test_bp_and_q(relays: Any, tmp_path: Path) -> None:
     result = site.run([SENDMAIL, "-q"])
     assert result.returncode == 0, result.stderr
     assert "scheduled for delivery now: 1 message" in result.stdout.decode(), result.stdout
+
+
+def test_submission_through_a_unix_socket_listener(relays: Any, nexthop: Any,
+                                                   tmp_path: Path) -> None:  # noqa: F811
+    """A client on a UNIX-domain socket is local, as Postfix's smtpd takes it (localhost,
+    127.0.0.1): it may relay when the relay networks hold 127.0.0.1, and its Received: field
+    says so.  It was known as "UNIXAddress(None)": never in the relay networks, so
+    mailrelay-sendmail on such a listener could send to no other domain (554 5.7.1), and the
+    field said "(unknown [UNIXAddress?None?])"."""
+    hop, hopPort = nexthop()
+    socketPath = tmp_path / "smtp.sock"
+    config = (f'hostname = "relay.test"\n[relay]\nsmarthost = "[127.0.0.1]:{hopPort}"\n'
+              f'[dns]\nreverse_lookups = false\n[spool]\ndirectory = "spool"\n'
+              f'[[listeners]]\nendpoint = "unix:{socketPath}"\n')
+    relay = relays(config, defaults=False, listeners=0)
+    relay.start()
+    relay.waitForLog(r"listening on UNIXAddress")
+    home = tmp_path / "home"
+    home.mkdir()
+    site = Site(relay, hop, home)
+    result = site.run([SENDMAIL, "-i", "bob@example.org"], b"Subject: local\n\nbody\n")
+    assert result.returncode == 0, result.stderr
+    (got,) = site.hop.waitFor(lambda acc: len(acc) >= 1, what="the message")
+    assert got.rcptTos == ["bob@example.org"]
+    received = fields(got.content, "Received")
+    assert received[0].startswith("from relay.test (localhost [127.0.0.1]) by relay.test "), received
+    relay.waitForLog(r"connect from 127\.0\.0\.1:0 on unix:\S+ relay=True")

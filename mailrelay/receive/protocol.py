@@ -84,6 +84,8 @@ log = Logger()
 QUESTION_FAILED = Verdict(
     VerdictKind.DEFER, Reply(451, "4.3.0", "Error: local error, try again later")
 )
+#: The address a client on a UNIX-domain socket is known by (as Postfix's smtpd knows it).
+LOCAL_CLIENT_ADDRESS = "127.0.0.1"
 
 
 
@@ -337,12 +339,18 @@ class SMTPServerProtocol(Protocol):
         self.transport.registerProducer(self, True)
         ctx = self.context
         peer = self.transport.getPeer()
-        host = peer.host if hasattr(peer, "host") else str(peer)  # (no repr of every peer)
+        host: str | None = getattr(peer, "host", None)
+        # A UNIX-domain socket's client is local: as Postfix's smtpd (smtpd_peer.c,
+        # smtpd_peer_assume_local_client), localhost [127.0.0.1], for relay control, the
+        # limits, the logs and Received: alike.
+        local = host is None
+        address = LOCAL_CLIENT_ADDRESS if host is None else host
         client = ClientInfo(
-            address=host,
+            address=address,
             port=getattr(peer, "port", 0),
+            rdns="localhost" if local else None,
             # (A client a load balancer forwarded without naming it is not the balancer.)
-            relayAllowed=ctx.policy.relay.isRelayClient(host) and not isUnattributed(peer),
+            relayAllowed=ctx.policy.relay.isRelayClient(address) and not isUnattributed(peer),
             listener=ctx.settings.name,
         )
         self.session = ServerSession(ctx.session, client, awaitingGreeting=True)
@@ -356,7 +364,7 @@ class SMTPServerProtocol(Protocol):
         _logConnect(client)
         if ctx.settings.maxSessionTime > 0:
             self._deadline = ctx.clock.callLater(ctx.settings.maxSessionTime, self._sessionExpired)
-        if ctx.resolver is not None:
+        if ctx.resolver is not None and not local:
             from mailrelay.receive.rdns import reverseLookup
 
             self._lookup = reverseLookup(
