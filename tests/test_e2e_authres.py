@@ -176,3 +176,21 @@ def test_a_header_section_dkimpy_cannot_parse_is_tagged_not_deferred(
         assert field.endswith("dmarc=pass (p=reject dis=none) header.from=example.test")
     r.waitForLog(r"authres: DKIM not verified: dkimpy cannot parse the header section: "
                  r"Unexpected characters in RFC822 header: b'Subject : odd'")
+
+
+def test_a_from_domain_that_is_no_token_cannot_add_results(
+    relays, dnsServer, nexthop,  # noqa: F811
+) -> None:
+    """The From: domain is written in header.from= as RFC 8601 says a value is written: a
+    token, else a quoted-string.  A domain literal holding "; dkim=pass ..." was written as
+    it came, so the field the next hops trust (it names this relay) carried the client's
+    results as the relay's own."""
+    hop, hopPort = nexthop()
+    r = relays(config(dnsServer.port, hopPort)).start()
+    forged = (b"From: <ceo@[x; dkim=pass header.d=bank.test; dmarc=pass header.from=bank.test]>\r\n"
+              b"To: <bob@example.org>\r\nSubject: injected\r\n\r\nHello Bob.\r\n")
+    assert send(r.port, "ceo@bank.test", forged)[0] == 250
+    [received] = hop.waitFor(lambda acc: len(acc) >= 1, 15, "the message")
+    [field] = results(received)
+    assert field.endswith('; dmarc=none header.from="[x; dkim=pass header.d=bank.test; '
+                          'dmarc=pass header.from=bank.test]"'), field

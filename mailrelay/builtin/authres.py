@@ -755,8 +755,9 @@ class AuthResults:
             dmarc += f" (p={results.policy} dis={results.disposition})"
         elif results.dmarcReason:
             dmarc += _comment(results.dmarcReason)
-        if results.headerFrom and _value(results.headerFrom):
-            dmarc += f" header.from={results.headerFrom}"
+        shownFrom = _value(results.headerFrom) if results.headerFrom else None
+        if shownFrom:  # (quoted unless a token: a domain literal may hold "; dkim=pass")
+            dmarc += f" header.from={shownFrom}"
         parts.append(dmarc)
         text = ";\r\n\t".join(
             _fold(part) for part in [f"Authentication-Results: {self.authserv}", *parts]
