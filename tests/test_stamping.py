@@ -370,3 +370,41 @@ def test_the_intake_notes_whether_an_smtputf8_message_has_a_utf8_header() -> Non
     h.send(b"Subject: x\r\n\r\nHi.\r\n.\r\n")
     [(envelope, _)] = h.spool.committed.values()
     assert envelope.utf8Header is None and "utf8Header" not in envelope.toDict()
+
+
+def test_utf8_header_fields_the_relay_adds_or_does_not_see_count_too() -> None:
+    """An SMTPUTF8 message whose own fields are ASCII goes to a next hop without SMTPUTF8
+    as it is: unless a stamper or a message filter added a field holding UTF-8 (allowed in
+    an SMTPUTF8 message), or the header section went on past what the relay parses, where
+    one may be.  Each was noted as holding none (utf8Header False), and the message went
+    without SMTPUTF8 with 8-bit octets in its header (RFC 6531 3.2 needs SMTPUTF8)."""
+    from zope.interface import implementer
+
+    from mailrelay.interfaces import FilterResult, IMessageFilter
+    from mailrelay.testing import ServerHarness
+
+    utf8 = "X-Note: caf\u00e9\r\n".encode()
+
+    class Stamping:
+        def stamp(self, context):
+            return StampResult(append=[utf8])
+
+    @implementer(IMessageFilter)
+    class Filtering:
+        def filterMessage(self, context):
+            return FilterResult(append=(utf8,))
+
+    long = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 90) for i in range(1100))
+    cases = [
+        ({"stampers": [DefaultStamper(), Stamping()]}, b"Subject: plain\r\n"),
+        ({"plugins": [Filtering()]}, b"Subject: plain\r\n"),
+        ({}, long + "Subject: caf\u00e9\r\n".encode()),
+    ]
+    for options, fields in cases:
+        h = ServerHarness(**options)
+        h.send(b"EHLO client.test\r\nMAIL FROM:<a@example.com> SMTPUTF8\r\n"
+               b"RCPT TO:<b@example.org>\r\nDATA\r\n")
+        assert h.send(fields + b"\r\nHello.\r\n.\r\n")[0].startswith(b"250")
+        [(envelope, data)] = h.spool.committed.values()
+        assert not data.partition(b"\r\n\r\n")[0].isascii()
+        assert envelope.utf8Header is not False, options

@@ -263,7 +263,13 @@ class IncomingMessage:
         if not envelope.requireTLS and tlsRequiredNo(self.headers):
             envelope.tlsRequiredNo = True
         if envelope.smtputf8:  # (whether it needs SMTPUTF8 on the way out: see Envelope)
-            envelope.utf8Header = any(not raw.isascii() for _, raw in self.headers)
+            processor = self._processor
+            # (Past the fields parsed, one may hold UTF-8: taken as one does.)
+            envelope.utf8Header = (
+                not processor.complete
+                or not processor.added.isascii()
+                or any(not raw.isascii() for _, raw in self.headers)
+            )
         if self.intake.filters is None:
             return self._commit()
         return self._filter()
@@ -289,6 +295,9 @@ class IncomingMessage:
                 return self._refuse(verdict.reply or _DISCONNECT)
             if not context.changed:
                 return self._commit()
+            envelope = self.envelope
+            if envelope.smtputf8 and not envelope.utf8Header:
+                envelope.utf8Header = any(not f.isascii() for f in context.prepend + context.append)
             return context.message().addCallbacks(self._rewritten, self._notRewritten)
 
         return d.addCallback(judged)

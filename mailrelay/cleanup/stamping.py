@@ -83,6 +83,8 @@ class HeaderProcessor:
         #: Whether L{headers} is the whole header section: not when it went on past
         #: C{limit} (the rest is streamed unparsed).  Set before the stamp callable is called.
         self.complete = True
+        #: The header fields the stampers added, once they answered.
+        self.added = b""
         #: The stamping, from the end of the header section on (see L{finish}).
         self._stamping: Deferred[Any] | None = None
         #: Data written while the stamping is in progress, in order.
@@ -169,6 +171,7 @@ class HeaderProcessor:
             # line would become part of the fields added (or continue the last, if it starts
             # with white space); an empty line makes it the start of the body it is.
             added += b"\r\n"
+        self.added = b"".join(result.prepend) + added
         self._sink(b"".join(result.prepend) + head + added + rest + b"".join(held))
 
     def _stampingFailed(self, failure: Failure) -> None:
