@@ -537,6 +537,44 @@ def test_an_unparsable_header_section_is_read_as_far_as_the_relay_reads_it(
     assert answer.remove == ()
 
 
+def test_a_forged_field_past_what_the_relay_parses_is_left_in_a_parsable_message(
+    tmp_path: Path,
+) -> None:
+    """The same past 100 KiB of a header section dkimpy parses: the forged field was in its
+    list, the answer removed a field the relay does not see, and the message was refused
+    (451 4.3.0) at every retry."""
+    from mailrelay.cleanup.filters import FilterContext
+    from mailrelay.headers import HEADER_SECTION_LIMIT
+    from mailrelay.interfaces import BadAnswer
+
+    pad = b"".join(b"X-Pad: %0990d\r\n" % n for n in range(HEADER_SECTION_LIMIT // 1000 + 5))
+    forged = b"Authentication-Results: relay.test; dmarc=pass\r\n"
+    message = pad + forged + MESSAGE
+    answer, envelope = run(build(tmp_path, FakeResolver(records())), message)
+    assert answer.remove == ()
+    context = FilterContext("relay.test", envelope.client, envelope, {}, len(message),
+                            lambda: message, lambda f, *a: f(*a))
+    context._read(message)
+    try:
+        context.addFields(answer.prepend, answer.append, answer.remove)
+    except BadAnswer as e:  # pragma: no cover (the bug)
+        raise AssertionError(f"the intake refuses the filter's answer: {e}") from None
+
+
+def test_a_message_starting_with_a_continuation_line_is_tagged_never_deferred(
+    tmp_path: Path,
+) -> None:
+    """A message whose first line starts with white space has no header section (the relay
+    reads it all as body); dkimpy's parser failed on it with IndexError, not its
+    MessageFormatError, and the filter failed: 451 4.3.0 at every retry (with
+    header_stampers = []: else the relay's Received: comes first)."""
+    plugin = build(tmp_path, FakeResolver(records()))
+    answer, envelope = run(plugin, b" continued\r\n" + MESSAGE)
+    text = field(answer)
+    assert "dmarc=permerror (no From field)" in text
+    assert envelope.notes["authres"]["dmarc"] == "permerror"
+
+
 def test_the_field_is_folded_within_998_octets_a_line(tmp_path: Path) -> None:
     """RFC 5322 2.1.1: no line over 998 octets, and 78 where it can be.  A selector of 15
     labels of 60 octets was copied whole (header.s=): the line was over 900 octets, and over

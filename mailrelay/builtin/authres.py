@@ -378,14 +378,19 @@ def _parse(message: bytes, authserv: str, minKeyBits: int) -> _Parsed:
     fields (claiming C{authserv}) and the domains of its C{From:}.  A header section dkimpy
     cannot parse (RFC 5322 4.5's obsolete syntax, a line that is no field: a permanent
     condition) is read as the relay reads it, each signature C{neutral}."""
+    fields = headerFields(message)
     try:
         headers = [(name, name + b":" + value) for name, value in dkim.rfc822_parse(message)[0]]
         signer, unparsed = dkim.DKIM(message, minkey=minKeyBits), ""
     except dkim.MessageFormatError as e:
-        headers, signer, unparsed = headerFields(message), None, str(e)
+        headers, signer, unparsed = fields, None, str(e)
+    except IndexError:  # (dkimpy's parser, on a first line starting with white space)
+        headers, signer, unparsed = fields, None, "a continuation line before any field"
+    # Those the relay reads as fields only: it removes no other (past 100 KiB, the rest of
+    # a header section is body to it).
     forged = [
         raw
-        for name, raw in headers
+        for name, raw in fields
         if name.lower() == b"authentication-results" and authservID(_fieldValue(raw)) == authserv
     ]
     froms = [_fieldValue(raw) for name, raw in headers if name.lower() == b"from"]
