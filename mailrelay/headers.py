@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["FIELD_NAME", "HEADER_SECTION_LIMIT", "parseHeaderSection"]
+__all__ = ["FIELD_NAME", "HEADER_SECTION_LIMIT", "needsEmptyLine", "parseHeaderSection"]
 
 #: Like Postfix's header_size_limit: past this much, the rest is treated as body.
 HEADER_SECTION_LIMIT = 102400
@@ -51,3 +51,17 @@ def parseHeaderSection(
         pos = starts.pop()[1]
     ends = [start for _, start in starts[1:]] + [pos]
     return [(name, data[start:end]) for (name, start), end in zip(starts, ends, strict=False)], pos
+
+
+def needsEmptyLine(data: bytes, end: int) -> bool:
+    """Whether header fields put at the start of C{data} must be followed by an empty line:
+    C{data} (the start of a message, whose header section L{parseHeaderSection} found to
+    end at C{end}) has no header section, and its first line is neither empty nor a field.
+    That line would become part of the fields added, or continue the last of them when it
+    starts with white space; an empty line keeps it the start of the body it is."""
+    return (
+        end == 0
+        and bool(data)
+        and not data.startswith(b"\r\n")
+        and FIELD_NAME.match(data) is None
+    )

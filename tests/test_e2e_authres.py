@@ -194,3 +194,21 @@ def test_a_from_domain_that_is_no_token_cannot_add_results(
     [field] = results(received)
     assert field.endswith('; dmarc=none header.from="[x; dkim=pass header.d=bank.test; '
                           'dmarc=pass header.from=bank.test]"'), field
+
+
+def test_a_message_without_header_section_cannot_continue_the_field(
+    relays, dnsServer, nexthop,  # noqa: F811
+) -> None:
+    """Without header stampers (header_stampers = []) the Authentication-Results: field is
+    the first one the message gets.  One whose first line starts with white space (no
+    header section) got it right above that line, which then continued the field: the
+    client's "dkim=pass header.d=bank.test" was read as the relay's.  An empty line now
+    keeps that line in the body, as the stampers' fields are kept apart from it."""
+    hop, hopPort = nexthop()
+    r = relays("header_stampers = []\n" + config(dnsServer.port, hopPort)).start()
+    forged = b" ; dkim=pass header.d=bank.test\r\nSubject: continued\r\n\r\nHello Bob.\r\n"
+    assert send(r.port, "ceo@bank.test", forged)[0] == 250
+    [received] = hop.waitFor(lambda acc: len(acc) >= 1, 15, "the message")
+    [field] = results(received)
+    assert "bank.test" not in field.partition("smtp.mailfrom=ceo@bank.test;")[2], field
+    assert received.content.endswith(b"\r\n\r\n" + forged), received.content

@@ -573,3 +573,20 @@ def test_a_plugin_may_add_utf8_fields_only_to_an_smtputf8_message(smtputf8: bool
             assert answer.code == 451 and spool.committed == {} and queued == []
             text = " ".join(formatEvent(e) for e in events)
             assert "not SMTPUTF8" in text and ("f0" in text or "s0" in text), text
+
+
+def test_fields_filters_add_to_a_message_without_header_section_are_followed_by_an_empty_line() -> None:
+    """As the stampers' fields (header_stampers = [] leaves the message as sent): a field
+    prepended above a first line starting with white space was continued by it, and one
+    above a line that is no field made that line part of the header section."""
+    from mailrelay.cleanup.filters import withFields
+
+    field = b"X-Filter: 1\r\n"
+    for message in (b" continued\r\n\r\nbody\r\n", b"not a field\r\nbody\r\n"):
+        for prepend, append in (([field], []), ([], [field]), ([field], [field])):
+            assert withFields(message, prepend, append) == (
+                b"".join(prepend) + b"".join(append) + b"\r\n" + message)
+    for message in (b"\r\nbody\r\n", b"Subject: s\r\n\r\nbody\r\n", b"Subject: s\r\nnot a field\r\n"):
+        end = message.index(b"\r\n") + 2 if message.startswith(b"S") else 0
+        assert withFields(message, [field], [field]) == (
+            field + message[:end] + field + message[end:])

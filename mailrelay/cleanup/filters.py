@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from mailrelay.cleanup.stamping import HEADER_SECTION_LIMIT, fieldProblem, parseHeaderSection
 from mailrelay.envelope import ClientInfo, Envelope
+from mailrelay.headers import needsEmptyLine
 from mailrelay.interfaces import (
     CONTINUE,
     BadAnswer,
@@ -54,8 +55,8 @@ def withFields(
     if remove:
         head = b"".join(raw for _, raw in fields if raw not in remove)
     added = b"".join(append)
-    if added and message[end : end + 1] in (b" ", b"\t"):
-        added += b"\r\n"  # (no header section: an empty line keeps the body the body)
+    if (prepend or added) and needsEmptyLine(message, end):
+        added += b"\r\n"  # (a message without header section)
     return b"".join(prepend) + head + added + message[end:]
 
 

@@ -35,7 +35,12 @@ from zope.interface import implementer
 
 from mailrelay.address import AddressError, hostnameProblem, normaliseDomain
 from mailrelay.envelope import ClientInfo
-from mailrelay.headers import FIELD_NAME, HEADER_SECTION_LIMIT, parseHeaderSection
+from mailrelay.headers import (
+    FIELD_NAME,
+    HEADER_SECTION_LIMIT,
+    needsEmptyLine,
+    parseHeaderSection,
+)
 from mailrelay.interfaces import IHeaderStamper, PluginContext, StampContext, StampResult
 from mailrelay.metrics import timePlugin
 from mailrelay.smtp.replies import Reply
@@ -160,17 +165,8 @@ class HeaderProcessor:
     def _stamped(self, result: StampResult, head: bytes, rest: bytes) -> None:
         held, self._held = self._held or [], None
         added = b"".join(result.append)
-        if (
-            not head
-            and rest
-            and not rest.startswith(b"\r\n")
-            and FIELD_NAME.match(rest) is None
-            and (result.prepend or added)
-        ):
-            # A message without header section (its first line no field, nor empty): the
-            # line would become part of the fields added (or continue the last, if it starts
-            # with white space); an empty line makes it the start of the body it is.
-            added += b"\r\n"
+        if (result.prepend or added) and needsEmptyLine(rest, len(head)):
+            added += b"\r\n"  # (a message without header section)
         self.added = b"".join(result.prepend) + added
         self._sink(b"".join(result.prepend) + head + added + rest + b"".join(held))
 
