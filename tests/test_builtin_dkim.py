@@ -190,6 +190,21 @@ def test_sign_by_sender_and_options(tmp_path: Path, keys: Keys) -> None:
     assert signer.filterMessage(makeFilterContext(MESSAGE, envelope=stranger)) is CONTINUE
 
 
+def test_sign_by_sender_of_an_international_domain(tmp_path: Path, keys: Keys) -> None:
+    """The key's domain is kept in A-labels, as From: domains are compared: an SMTPUTF8
+    sender in U-labels (or in capitals) picks it too.  It passed unsigned ("no key")."""
+    ring = [{"domain": "b\u00fccher.example", "selector": "s1", "key_file": keys.rsa()}]
+    signer = build(tmp_path, keys, sign_by="sender", keys=ring)
+    for sender in ("alice@b\u00fccher.example", "alice@B\u00dcCHER.example",
+                   "alice@xn--bcher-kva.example"):
+        envelope = makeEnvelope(sender, client=makeClient("127.0.0.1", relayAllowed=True))
+        answer, spooled = run(signer, envelope=envelope)
+        assert isinstance(answer, FilterResult), sender
+        (field,) = answer.prepend
+        assert b" d=xn--bcher-kva.example;" in field
+        assert keys.verify(spooled)
+
+
 def test_ed25519_and_dual_signing(tmp_path: Path, keys: Keys) -> None:
     """RFC 8463: an Ed25519 key beside an RSA one, each signing; PKCS#8 PEM and dknewkey's
     base64 seed both read."""

@@ -316,6 +316,15 @@ def fromDomain(headers: Sequence[tuple[bytes, bytes]]) -> tuple[str | None, str]
     return found.pop(), ""
 
 
+def _senderDomain(sender: str) -> str:
+    """The domain of the envelope sender as the keys' domains are kept (A-labels, lower
+    case), or C{""} (the null sender, or a domain that is none)."""
+    try:
+        return normaliseDomain(sender.rpartition("@")[2]) if "@" in sender else ""
+    except ValueError:
+        return ""
+
+
 @dataclass(frozen=True)
 class Signed:
     """What signing one message made (in the thread pool): the fields, or why none."""
@@ -365,7 +374,7 @@ class DKIMSigner:
         envelope = context.envelope
         if not self.isOurs(context.client):
             return CONTINUE
-        senderDomain = envelope.sender.rpartition("@")[2].lower() if envelope.sender else ""
+        senderDomain = _senderDomain(envelope.sender)
         if self.signBy == "sender" and senderDomain not in self.keys:
             return CONTINUE  # (the message need not be read)
         d = context.read()
