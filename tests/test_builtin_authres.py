@@ -216,6 +216,30 @@ def test_strict_dkim_alignment_and_a_signature_of_another_domain(tmp_path: Path)
     assert "dmarc=fail (p=reject dis=reject)" in text
 
 
+def test_an_international_from_domain_aligns_with_its_a_label_signature(tmp_path: Path) -> None:
+    """An SMTPUTF8 message From: a U-label domain, signed with d= in A-labels (RFC 8616 4:
+    DKIM and DMARC compare domains as A-labels): DMARC passes by DKIM.  It failed (the
+    U-label From: domain never equals the A-label d=), and with dmarc_reject the message
+    was refused 550."""
+    ace = "xn--bcher-kva.example"
+    extra = {f"sel._domainkey.{ace}": {"TXT": [keyRecord()]},
+             f"_dmarc.{ace}": {"TXT": ["v=DMARC1; p=reject; adkim=s"]}}
+    plugin = build(tmp_path, FakeResolver(records(**extra)), dmarc_reject=True)
+    message = MESSAGE.replace(b"alice@example.com", "alice@B\u00fccher.example".encode())
+    answer, envelope = run(plugin, signed(message, domain=ace.encode()),
+                           sender="bounce@example.net", address="203.0.113.9")
+    text = field(answer)
+    assert f"dkim=pass header.d={ace} header.s=sel" in text
+    assert f"dmarc=pass (p=reject dis=none) header.from={ace}" in text
+    assert envelope.notes["authres"]["header_from"] == ace
+    # A signer writing d= in U-labels: its key is the A-label name's.
+    answer, _ = run(plugin, signed(message, domain="b\u00fccher.example".encode()),
+                    sender="bounce@example.net", address="203.0.113.9")
+    text = field(answer)
+    assert f"dkim=pass header.d={ace} header.s=sel" in text
+    assert f"dmarc=pass (p=reject dis=none) header.from={ace}" in text
+
+
 def test_subdomain_policy_from_the_organizational_domain(tmp_path: Path) -> None:
     resolver = FakeResolver(records(**{
         "_dmarc.example.com": {"TXT": ["v=DMARC1; p=reject; sp=none"]},

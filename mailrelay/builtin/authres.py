@@ -37,6 +37,7 @@ from twisted.names.error import AuthoritativeDomainError, DNSNameError, DomainEr
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailrelay.address import normaliseDomain
 from mailrelay.builtin.headers import headerFields
 from mailrelay.config.schema import Key, pluginOptions
 from mailrelay.config.values import boolean, choice, integer, optionalHostname, seconds
@@ -164,7 +165,17 @@ def _comment(text: str) -> str:
 
 
 def _domainOf(address: str) -> str:
-    return address.rpartition("@")[2].lower().rstrip(".")
+    return _aceDomain(address.rpartition("@")[2])
+
+
+def _aceDomain(domain: str) -> str:
+    """C{domain} in A-labels, lower case, as DKIM and DMARC compare domains (RFC 8616 4: a
+    U-label From: domain aligns with the A-label d= of its signature); a text that is no
+    domain, lower-cased."""
+    try:
+        return normaliseDomain(domain)
+    except ValueError:
+        return domain.lower().rstrip(".")
 
 
 # -- DNS through the resolver
@@ -418,7 +429,7 @@ def _parse(message: bytes, authserv: str, minKeyBits: int) -> _Parsed:
         except Exception as e:
             signature.result, signature.reason = "neutral", f"bad signature: {e}"
         else:
-            signature.domain = tags.get(b"d", b"").decode("ascii", "replace").lower()
+            signature.domain = _aceDomain(tags.get(b"d", b"").decode("utf-8", "replace"))
             signature.selector = tags.get(b"s", b"").decode("ascii", "replace")
             signature.b = re.sub(r"\s+", "", tags.get(b"b", b"").decode("ascii", "replace"))[:8]
             if not signature.domain or not signature.selector:
@@ -439,7 +450,12 @@ def _verify(parsed: _Parsed, keys: dict[str, bytes | None | _TempError]) -> None
     thread)."""
 
     def dnsfunc(name: bytes, timeout: float = 5) -> bytes | None:
-        key = keys.get(name.decode("ascii", "replace").lower().rstrip("."))
+        text = name.decode("utf-8", "replace")
+        try:  # (a d= in U-labels: its key was fetched under the A-labels)
+            text = text.encode("idna").decode("ascii")
+        except UnicodeError:
+            pass
+        key = keys.get(text.lower().rstrip("."))
         return key if isinstance(key, bytes) else None
 
     for signature in parsed.signatures:
