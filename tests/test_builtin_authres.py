@@ -240,6 +240,23 @@ def test_an_international_from_domain_aligns_with_its_a_label_signature(tmp_path
     assert f"dmarc=pass (p=reject dis=none) header.from={ace}" in text
 
 
+def test_spf_of_an_international_sender_domain_is_that_of_its_a_labels(tmp_path: Path) -> None:
+    """RFC 8616 4: SPF is evaluated for the A-labels of an SMTPUTF8 sender's (or HELO)
+    domain.  It was asked of the U-labels: spf=none, and a message of an SPF-only domain
+    with p=reject failed DMARC (refused 550 with dmarc_reject)."""
+    ace = "xn--bcher-kva.example"
+    extra = {ace: {"TXT": ["v=spf1 ip4:192.0.2.1 -all"]},
+             f"_dmarc.{ace}": {"TXT": ["v=DMARC1; p=reject"]}}
+    plugin = build(tmp_path, FakeResolver(records(**extra)), dmarc_reject=True)
+    message = MESSAGE.replace(b"alice@example.com", "alice@b\u00fccher.example".encode())
+    for sender, helo in (("alice@b\u00fccher.example", "mail.example.com"),
+                         ("", "b\u00fccher.example")):
+        answer, _ = run(plugin, message, sender=sender, helo=helo)
+        text = field(answer)
+        assert "\tspf=pass " in text, text
+        assert f"dmarc=pass (p=reject dis=none) header.from={ace}" in text
+
+
 def test_subdomain_policy_from_the_organizational_domain(tmp_path: Path) -> None:
     resolver = FakeResolver(records(**{
         "_dmarc.example.com": {"TXT": ["v=DMARC1; p=reject; sp=none"]},

@@ -631,8 +631,12 @@ class AuthResults:
     def _check(self, parsed: _Parsed, context: Any) -> Deferred[Any]:
         client, envelope = context.client, context.envelope
         results = Results(signatures=parsed.signatures)
-        helo = client.helo or ""
-        results.spfDomain = _domainOf(envelope.sender) if envelope.sender else helo.lower()
+        # (RFC 8616 4: SPF is evaluated for A-labels, an SMTPUTF8 domain's too)
+        helo = _aceDomain(client.helo) if client.helo else ""
+        sender = envelope.sender
+        if "@" in sender:
+            sender = f"{sender.rpartition('@')[0]}@{_domainOf(sender)}"
+        results.spfDomain = _domainOf(sender) if sender else helo
         names = sorted({s.keyName.lower() for s in parsed.signatures if not s.result})
         keys: dict[str, Any] = {}
 
@@ -643,7 +647,7 @@ class AuthResults:
             keys[name] = key
 
         work = [
-            checkSPF(self.dns, client.address, envelope.sender, helo, self.authserv)
+            checkSPF(self.dns, client.address, sender, helo, self.authserv)
             .addCallback(gotSPF),
             *[_fetchKey(self.dns, n).addCallback(gotKey, n) for n in names],
         ]
@@ -742,7 +746,8 @@ class AuthResults:
                 )
         if verdict is not CONTINUE:
             return FilterResult(verdict)
-        header = self.field(context.envelope.sender, context.client.helo or "", results)
+        helo = context.client.helo
+        header = self.field(context.envelope.sender, _aceDomain(helo) if helo else "", results)
         return FilterResult(prepend=(header,), remove=tuple(parsed.forged))
 
     def field(self, sender: str, helo: str, results: Results) -> bytes:
