@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import SlowHop
 from tests.harness import TWISTD, RelayProcess
 from tests.test_e2e_stop import _send
 
@@ -413,3 +414,69 @@ def test_inline_queue_manager_is_replaced_by_a_reload(relays, hop) -> None:
     r = _replaceNextHop(relays, hop, '[queue]\nprocess = "inline"\n')
     assert "delivery process started" not in r.log()
     assert r.stop() in (0, -signal.SIGTERM)
+
+
+class _PickyHop(SlowHop):
+    """A next hop that defers every recipient until C{accepting}, then every one but
+    C{later@...}; counts the deliveries to each recipient."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.accepting = False
+        self.delivered: Counter[str] = Counter()
+
+    async def handle_RCPT(self, server, session, envelope, address, options) -> str:
+        if not self.accepting or address.startswith("later@"):
+            return "450 4.2.0 not now"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope) -> str:
+        with self.cond:
+            self.delivered.update(envelope.rcpt_tos)
+            self.cond.notify_all()
+        return "250 2.0.0 OK"
+
+
+def test_a_delivery_state_the_spool_could_not_take_survives_a_reload(relays, tmp_path) -> None:
+    """A recipient delivered while the spool cannot save the delivery state (its file
+    system full, here its tmp/ unusable), then a reload: the old delivery process saves the
+    state it kept in memory before it exits, and the new one does not deliver the message
+    to that recipient again.  The new one sent it a second time, and no line said it might."""
+    from tests.test_e2e_control import ok
+    from tests.test_e2e_outbound import _TCPController
+
+    hopHandler = _PickyHop()
+    controller = _TCPController(hopHandler, hostname="127.0.0.1", port=0, ready_timeout=10)
+    controller.start()
+    try:
+        config = (f'[relay]\nsmarthost = "[127.0.0.1]:{controller.port}"\n'
+                  "[dns]\nreverse_lookups = false\n")
+        r = relays(config).start()
+        r.waitForLog(r"queue manager started")
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=20) as s:
+            s.sendmail("alice@example.com", ["ok@example.org", "later@example.org"],
+                       b"Subject: once\r\n\r\nbody\r\n")
+        (queueID,) = r.queued()
+        r.waitForLog(rf"{queueID}: to=<later@example.org>.*status=deferred")
+        tmp = r.spool / "tmp"
+        tmp.rename(r.spool / "tmp.away")
+        tmp.write_text("not a directory\n")  # the spool's envelope updates fail
+        hopHandler.accepting = True
+        ok(r, "queue", "flush")
+        r.waitForLog(rf"{queueID}: saving the delivery state failed")
+        assert hopHandler.delivered == Counter({"ok@example.org": 1})
+        tmp.unlink()
+        (r.spool / "tmp.away").rename(tmp)
+        assert "configuration reloaded from" in _reload(r, config)
+        r.waitForLog(rf"{queueID}: delivery state saved at the stop")
+        r.waitForLog(r"previous delivery process \(pid \d+\) exited")
+        before = r.log().count(f"{queueID}: to=<later@example.org>")
+        ok(r, "queue", "flush")
+        deadline = time.monotonic() + 20
+        while r.log().count(f"{queueID}: to=<later@example.org>") == before:
+            assert time.monotonic() < deadline, r.log()
+            time.sleep(0.1)
+        assert hopHandler.delivered == Counter({"ok@example.org": 1}), r.log()
+    finally:
+        controller.stop()

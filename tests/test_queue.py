@@ -915,6 +915,21 @@ def test_updateFailureKeepsEntryAndRetries(
     resultOf(qm.stopService())
 
 
+def deliverOneDeferOne(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, later: list[str]
+) -> tuple[QueueManager, str]:
+    """A started queue manager's first attempt of a message to C{ok@example.com}
+    (delivered) and C{later@example.com} (answered as C{later} says, in turn)."""
+    backend.script["ok@example.com"] = ["2"]
+    backend.script["later@example.com"] = later
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["ok@example.com", "later@example.com"])
+    qm.enqueue(queueID)
+    assert sorted(backend.calls[0].addresses) == ["later@example.com", "ok@example.com"]
+    return qm, queueID
+
+
 def test_aRecipientDeliveredIsNotSentAgainWhileTheStateCannotBeSaved(
     spool: Spool,
     router: FakeRouter,
@@ -929,13 +944,7 @@ def test_aRecipientDeliveredIsNotSentAgainWhileTheStateCannotBeSaved(
     the delivered recipient in 24 s with min_backoff = 3)."""
     full = [SpoolError("writing ... failed: No space left on device") for _ in range(2)]
     failingUpdates(spool, monkeypatch, full)
-    backend.script["ok@example.com"] = ["2"]
-    backend.script["later@example.com"] = ["4", "4", "2"]
-    qm = makeManager(spool, router, {"smtp": backend}, clock)
-    qm.startService()
-    queueID = queueMessage(spool, clock, ["ok@example.com", "later@example.com"])
-    qm.enqueue(queueID)
-    assert sorted(backend.calls[0].addresses) == ["later@example.com", "ok@example.com"]
+    qm, queueID = deliverOneDeferOne(spool, router, backend, clock, ["4", "4", "2"])
     assert any("saving the delivery state failed" in t and "kept in memory" in t
                for t in texts(events, queueID)), texts(events, queueID)
     clock.advance(300)
@@ -945,6 +954,85 @@ def test_aRecipientDeliveredIsNotSentAgainWhileTheStateCannotBeSaved(
     assert backend.calls[-1].addresses == ["later@example.com"]
     assert spool.queueIDs() == [] and len(backend.calls) == 3
     resultOf(qm.stopService())
+
+
+def test_theStateNotSavedIsSavedAtTheStop(
+    spool: Spool,
+    router: FakeRouter,
+    backend: FakeBackend,
+    clock: Clock,
+    monkeypatch: Any,
+    events: Any,
+) -> None:
+    """One recipient delivered, one deferred, and the spool cannot save that (its disk is
+    full); space returns before the next attempt, and the relay is stopped or reloaded (a
+    new queue manager takes over): the stop saves the state kept in memory, so that the next
+    manager does not send the message again to the recipient delivered.  It was forgotten,
+    and the next manager delivered it a second time, with nothing logged at the stop."""
+    failingUpdates(spool, monkeypatch, [SpoolError("writing ... failed: No space left")])
+    qm, queueID = deliverOneDeferOne(spool, router, backend, clock, ["4"])
+    resultOf(qm.stopService())
+    assert [r["state"] for r in stored(spool, queueID)["recipients"]] == [DELIVERED, PENDING]
+    assert any("delivery state saved at the stop" in t for t in texts(events, queueID))
+    following = makeManager(spool, router, {"smtp": backend}, clock)
+    following.startService()
+    clock.advance(300)
+    assert backend.calls[-1].addresses == ["later@example.com"]  # not ok@ again
+    resultOf(following.stopService())
+
+
+def test_theStateStillNotSavedAtTheStopIsLogged(
+    spool: Spool,
+    router: FakeRouter,
+    backend: FakeBackend,
+    clock: Clock,
+    monkeypatch: Any,
+    events: Any,
+) -> None:
+    """The spool still refuses the state at the stop: the log says which recipients the
+    next start delivers to again, as it cannot know they were (Postfix's delivery agents
+    say as much, in a fatal error, when they cannot mark a recipient done)."""
+    full = [SpoolError("writing ... failed: No space left") for _ in range(2)]
+    failingUpdates(spool, monkeypatch, full)
+    qm, queueID = deliverOneDeferOne(spool, router, backend, clock, ["4"])
+    resultOf(qm.stopService())
+    assert not full
+    assert [r["state"] for r in stored(spool, queueID)["recipients"]] == [PENDING, PENDING]
+    lines = texts(events, queueID)
+    assert any(
+        "saving the delivery state failed at the stop too: writing ... failed: No space left"
+        in t and "<ok@example.com>" in t and "may be delivered twice" in t
+        and "later@example.com" not in t
+        for t in lines
+    ), lines
+
+
+def test_aRemovalNotDoneIsDoneAtTheStop(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, monkeypatch: Any
+) -> None:
+    """Every recipient delivered, and the spool can neither remove the entry nor save its
+    state (a file system gone read-only): the stop tries the removal again, and the next
+    manager does not deliver the message a second time."""
+    failingUpdates(spool, monkeypatch, [SpoolError("Read-only file system")])
+    realRemove = spool.remove
+    removals = [SpoolError("Read-only file system")]
+
+    def remove(queueID: str) -> Deferred[None]:
+        return fail(removals.pop()) if removals else realRemove(queueID)
+
+    monkeypatch.setattr(spool, "remove", remove)
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["ok@example.com"])
+    qm.enqueue(queueID)
+    assert len(backend.calls) == 1 and spool.queueIDs() == [queueID]
+    resultOf(qm.stopService())
+    assert spool.queueIDs() == []
+    following = makeManager(spool, router, {"smtp": backend}, clock)
+    following.startService()
+    clock.advance(300)
+    assert len(backend.calls) == 1
+    resultOf(following.stopService())
 
 
 def test_rescanFindsEntriesNobodyAnnounced(

@@ -288,7 +288,10 @@ class QueueManager(Service):
         to end and record their results.  Deliveries still running after
         C{policy.stopTimeout} seconds (the drain time) are interrupted: their recipients are
         recorded as deferred, to be retried at the next start (the next hop may have received
-        the message: it may be sent twice).  Then the queue lock is released."""
+        the message: it may be sent twice).  Then the delivery states the spool could not
+        take are saved (or the entries done with removed), so that the next queue manager,
+        after a restart or a reload, does not repeat those deliveries (L{_saveUnsaved}); then
+        the queue lock is released."""
         super().stopService()
         self._stopped = True
         self.scheduler.stop()
@@ -327,10 +330,59 @@ class QueueManager(Service):
         return done
 
     def _stopped_(self, done: Deferred[None]) -> None:
-        if self.lock is not None:
-            self.lock.release()
-        log.info("queue manager stopped")
-        done.callback(None)
+        """The attempts are over: save what the spool could not take, then release the
+        queue lock."""
+
+        def release(_: object) -> None:
+            if self.lock is not None:
+                self.lock.release()
+            log.info("queue manager stopped")
+            done.callback(None)
+
+        saving = Deferred.fromCoroutine(self._saveUnsaved())
+        saving.addErrback(lambda f: log.failure("saving the delivery states at the stop", f))
+        saving.addCallback(release)
+
+    async def _saveUnsaved(self) -> None:
+        """Save the delivery states the spool could not take (C{_unsaved}), or remove the
+        entries done with, for the next queue manager (after a restart, or a reload) not to
+        deliver again what this one did; when the spool still refuses, log the recipients
+        the next one will deliver to again."""
+        for queueID, data in list(self._unsaved.items()):
+            envelope = Envelope.fromJSON(data)
+            envelope.queueID = queueID
+            done = "delivery state saved" if envelope.pendingRecipients else "removed"
+            try:
+                if envelope.pendingRecipients:
+                    await self.spool.updateEnvelope(envelope)
+                else:
+                    await self.spool.remove(queueID)
+            except Exception as e:
+                log.error(
+                    "{queueID}: saving the delivery state failed at the stop too: {error}; "
+                    "the next start attempts again the recipients done since it was last "
+                    "saved, which may be delivered twice: {addresses}",
+                    queueID=queueID,
+                    error=str(e) or repr(e),
+                    addresses=", ".join(f"<{a}>" for a in self._doneSinceSaved(envelope)),
+                )
+                continue
+            self._unsaved.pop(queueID, None)
+            log.info("{queueID}: {done} at the stop", queueID=queueID, done=done)
+
+    def _doneSinceSaved(self, envelope: Envelope) -> list[str]:
+        """The recipients done in C{envelope} (kept in memory) but pending in the spool's
+        envelope (all those done, if it cannot be read)."""
+        try:
+            stored = self.spool.loadEnvelope(envelope.queueID or "")
+            pendingThere = {r.address for r in stored.pendingRecipients}
+        except Exception:
+            pendingThere = None
+        return [
+            r.address
+            for r in envelope.recipients
+            if r.state != PENDING and (pendingThere is None or r.address in pendingThere)
+        ]
 
     def rescan(self) -> int:
         """Schedule, due now, the spool's entries this manager does not know: committed by
@@ -580,7 +632,7 @@ class QueueManager(Service):
             self._unsaved[queueID] = envelope.toJSON()
             log.error(
                 "{queueID}: saving the delivery state failed: {error}; the state is kept in "
-                "memory and saved at the next attempt, in {delay:.0f}s",
+                "memory and saved at the next attempt, in {delay:.0f}s (or at the stop)",
                 queueID=queueID,
                 error=str(e),
                 delay=max(0.0, retry - now),
