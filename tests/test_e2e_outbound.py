@@ -904,6 +904,38 @@ def test_lmtp_per_recipient_results(relay, nexthop, dns) -> None:
     waitEmpty(r)
 
 
+class _LimitedHop(Recorder):
+    """A next hop taking at most 100 recipients per transaction, answering 452 4.5.3 to
+    those beyond (as most providers do; RFC 5321 4.5.3.1.8 asks for 100 at least)."""
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          rcpt_options: list[str]) -> str:
+        if len(envelope.rcpt_tos) >= 100:
+            return "452 4.5.3 Error: too many recipients"
+        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
+
+
+def test_many_recipients_are_sent_in_transactions_of_fifty(relay, dns) -> None:
+    """A message to 250 recipients of one next hop that takes 100 per transaction: all are
+    delivered at the first attempt, in transactions of at most 50 recipients (Postfix's
+    default_destination_recipient_limit).  All 250 went in one transaction: 150 were
+    deferred, and a 1000-recipient message took ten attempts, hours of backoff."""
+    hop = _LimitedHop()
+    controller = _TCPController(hop, hostname="127.0.0.1", port=0, ready_timeout=10)
+    controller.start()
+    try:
+        r = relay(config(dns, routes=[smtpRoute("example.org", controller.port)])
+                  + "[limits]\nrecipients = 1000\n")
+        recipients = [f"r{i}@example.org" for i in range(250)]
+        qid = submit(r, "alice@sender.test", recipients, message("many"))
+        waitRemoved(r, qid, timeout=60)
+        assert "status=deferred" not in r.log()
+        assert sorted(a for m in hop.accepted for a in m.rcptTos) == sorted(recipients)
+        assert max(len(m.rcptTos) for m in hop.accepted) == 50
+    finally:
+        controller.stop()
+
+
 # ---------------------------------------------------------------------------------------------
 # 9. Maildir
 

@@ -319,6 +319,22 @@ def test_deliveredEntryRemoved(
     resultOf(qm.stopService())
 
 
+def test_recipientsOfOneRouteAreDeliveredFiftyAtATime(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    """120 recipients of one next hop: three deliveries of 50, 50 and 20 (Postfix's
+    default_destination_recipient_limit), each recipient in one of them once."""
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    recipients = [f"r{i}@example.com" for i in range(120)]
+    queueID = queueMessage(spool, clock, list(recipients))
+    qm.enqueue(queueID)
+    assert [len(call.addresses) for call in backend.calls] == [50, 50, 20]
+    assert [a for call in backend.calls for a in call.addresses] == recipients
+    assert spool.queueIDs() == []
+    resultOf(qm.stopService())
+
+
 def test_backoffFunction() -> None:
     policy = QueuePolicy()
     assert [backoff(policy, n) for n in range(1, 8)] == [300, 600, 1200, 2400, 4000, 4000, 4000]

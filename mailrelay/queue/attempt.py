@@ -1,12 +1,12 @@
 """One delivery attempt of one message: route, group, deliver, check.
 
 Every C{PENDING} recipient is routed (L{IRouter.route}); recipients with the same L{Route}
-(backend, next hop and options) form one group, and every group is handed with its route to
-its backend at once (L{IDeliveryBackend.deliver}).  A router's L{PermanentFailure} bounces
-the recipient; any other routing failure (a L{TransientFailure} with its own code and
-diagnostic), an unknown backend, a failed delivery Deferred, a delivery that outlasts the
-backend's timeout, a call cut short by the stop, or a malformed answer is a transient
-failure, never a delivery.  The result is one
+(backend, next hop and options) form groups of at most L{RECIPIENTS_PER_DELIVERY}, and every
+group is handed with its route to its backend at once (L{IDeliveryBackend.deliver}).  A
+router's L{PermanentFailure} bounces the recipient; any other routing failure (a
+L{TransientFailure} with its own code and diagnostic), an unknown backend, a failed delivery
+Deferred, a delivery that outlasts the backend's timeout, a call cut short by the stop, or a
+malformed answer is a transient failure, never a delivery.  The result is one
 L{Outcome} per recipient; what becomes of the recipients is L{mailrelay.queue.outcome}'s to
 decide.
 """
@@ -30,7 +30,13 @@ from mailrelay.queue.outcome import Outcome
 
 log = Logger(namespace="mailrelay.queue")
 
-__all__ = ["Calls", "Deliverer", "DeliveryTimedOut"]
+__all__ = ["RECIPIENTS_PER_DELIVERY", "Calls", "Deliverer", "DeliveryTimedOut"]
+
+#: The most recipients of one route handed to its backend in one delivery (one SMTP or LMTP
+#: transaction), as Postfix's C{default_destination_recipient_limit}: a next hop taking fewer
+#: per transaction (RFC 5321 4.5.3.1.8 asks for 100 at least; 452 4.5.3 beyond) would defer
+#: the others to the next attempt, one backoff later each time.
+RECIPIENTS_PER_DELIVERY = 50
 
 
 def _oneLine(text: str, limit: int = 500) -> str:
@@ -165,7 +171,8 @@ class Deliverer:
     async def deliver(
         self, queueID: str, envelope: Envelope, pending: list[Recipient]
     ) -> list[Outcome]:
-        """Route every pending recipient, deliver every group at once; one outcome per
+        """Route every pending recipient, deliver every group (at most
+        L{RECIPIENTS_PER_DELIVERY} recipients of one route) at once; one outcome per
         recipient, in envelope order."""
         routed = [Deferred.fromCoroutine(self._route(queueID, envelope, r)) for r in pending]
         outcomes: dict[int, Outcome] = {}
@@ -176,9 +183,13 @@ class Deliverer:
                 outcomes[id(r)] = Outcome(r, route, "none")
             else:
                 groups.setdefault(_groupKey(route), (route, []))[1].append(r)
+        size = RECIPIENTS_PER_DELIVERY
         deliveries = [
-            Deferred.fromCoroutine(self._deliverGroup(queueID, envelope, route, rcpts))
+            Deferred.fromCoroutine(
+                self._deliverGroup(queueID, envelope, route, rcpts[start : start + size])
+            )
             for route, rcpts in groups.values()
+            for start in range(0, len(rcpts), size)
         ]
         for d in deliveries:
             for outcome in await d:
