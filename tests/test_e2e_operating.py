@@ -248,6 +248,22 @@ def test_healthUnhealthy(relays) -> None:
     assert report["delivery"] == "held"  # hold: on purpose, not a fault
 
 
+def test_a_spool_short_of_space_refuses_mail_and_warns(relays) -> None:
+    """A spool below [spool] min_free_space: MAIL gets 452 4.3.1, and the log says why in a
+    warning naming the spool, the octets free and the setting (as Postfix's smtpd warns "not
+    enough free space in mail queue"), beside the refusal's line, which named none of them
+    and was the only one, at level info."""
+    r = relays("[spool]\nmin_free_space = 1000000000000000000\n", hold=True).start()
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=20) as s:
+        s.ehlo("client.test")
+        assert s.mail("alice@example.com", ["SIZE=5000"]) == (
+            452, b"4.3.1 Error: insufficient system storage")
+    line = r.waitForLog(r"#warn\].*not enough free space.*").group(0)
+    assert f"spool {r.spool} for 5000 more octets" in line
+    assert "min_free_space = 1000000000000000000" in line and "452 4.3.1" in line
+    r.waitForLog(r"NOQUEUE: reject: MAIL from .*452 4\.3\.1.*from=<alice@example.com>")
+
+
 # ---------------------------------------------------------------------------------------------
 # Running as another user: twistd's --uid/--gid
 

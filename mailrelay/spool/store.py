@@ -488,7 +488,7 @@ class Spool:
         The C{statvfs} result (or its failure) is reused for a second of C{reactor.seconds()},
         unless it was within L{_FREE_SPACE_MARGIN} of the minimum: then every check reads it
         again, as Postfix's smtpd does at each MAIL.  A C{statvfs} failure is logged and
-        answers C{False}.
+        answers C{False}; so is a shortage (as a warning naming the octets free).
         """
         now = self._reactor.seconds()
         checkedAt = self._freeSpaceCheckedAt
@@ -510,7 +510,18 @@ class Spool:
                 self._freeSpace = st.f_bavail * st.f_frsize
         if self._freeSpace is None:
             return False
-        return self._freeSpace - needed >= self.minFreeSpace
+        if self._freeSpace - needed >= self.minFreeSpace:
+            return True
+        # As Postfix's smtpd: "warning: not enough free space in mail queue".
+        log.warn(
+            "not enough free space in spool {directory} for {needed} more octets: "
+            "{free} free, min_free_space = {minimum}; new mail is refused (452 4.3.1)",
+            directory=str(self.directory),
+            needed=needed,
+            free=self._freeSpace,
+            minimum=self.minFreeSpace,
+        )
+        return False
 
     # -- writing ------------------------------------------------------------------------------
 
