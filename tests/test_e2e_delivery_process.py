@@ -399,3 +399,23 @@ def test_delivery_process_that_fails_to_start_exits(tmp_path: Path) -> None:
     )  # stdin is a pipe held open: the child must not wait for its end
     assert p.returncode == 1, p
     assert b"start-up failed" in p.stdout and b"the queue cannot start" in p.stdout
+
+
+def test_why_a_delivery_process_cannot_start_is_logged(relay) -> None:
+    """A delivery process that cannot start its spool (here after a reload, with the
+    spool's tmp/ unusable; also a file system out of inodes) says why in the relay's log,
+    before the relay restarts it: "delivery process exited unexpectedly (status 1)" was all
+    there was, its error lost in the fork server."""
+    r = relay('[relay]\nsmarthost = "[127.0.0.1]:9"\n[dns]\nreverse_lookups = false\n')
+    r.waitForLog(r"queue manager started")
+    tmp = r.spool / "tmp"
+    tmp.rename(r.spool / "tmp.away")
+    tmp.write_text("not a directory\n")
+    try:
+        r.process.send_signal(signal.SIGHUP)
+        r.waitForLog(r"delivery process exited unexpectedly", timeout=20)
+        line = r.waitForLog(r"#error\] delivery process: start-up failed.*").group(0)
+        assert f"creating spool directory {tmp} failed: File exists (EEXIST)" in line
+    finally:
+        tmp.unlink()
+        (r.spool / "tmp.away").rename(tmp)

@@ -353,6 +353,19 @@ def startChild(
     except ConfigError as e:
         print(f"mailrelay {what}: configuration error: {e}", file=sys.stderr)
         return 1
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            raise
+        # A service that cannot start (the spool: its tmp/ not writable, its file system
+        # out of inodes) says why in the relay's log, before the relay restarts us: on our
+        # standard error alone it was lost (a forked child's exit drops it; a daemon's is
+        # /dev/null).
+        log.error(
+            "{what}: start-up failed; exiting (the relay restarts it): {error}",
+            what=what,
+            error=str(e.code).removeprefix("mailrelay: error: "),
+        )
+        return 1
     return config, built
 
 
