@@ -15,7 +15,7 @@ from typing import Any, Callable
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
@@ -458,6 +458,43 @@ def test_startFailsClearly(tmp_path: Path, clock: Clock) -> None:
     with pytest.raises(SpoolError) as info:
         s.start()
     assert str(blocker / "spool") in str(info.value)
+
+
+@pytest.mark.parametrize("recover", [True, False])
+def test_startOnAFullFileSystem(
+    tmp_path: Path, clock: Clock, monkeypatch: Any, events: Any, recover: bool
+) -> None:
+    """The spool's file system has no inode left (or the quota is reached): the spool
+    starts all the same, logging it, so that the queue is delivered and space freed (as
+    Postfix's qmgr starts); the delivery process (C{recover=False}) could not start, after a
+    reload or a restart of it, and nothing was delivered again until the operator freed
+    space by hand.  Another error still stops the start."""
+    first = Spool(tmp_path / "spool", reactor=clock, deferToThread=syncDeferToThread)
+    first.start()
+    queueID = newQueueID()
+    writer = first.openMessage(queueID)
+    writer.write(MESSAGE)
+    resultOf(writer.commit(makeEnvelope(queueID)))
+    first.stop()
+    realOpen = os.open
+    failure = [errno.ENOSPC]
+
+    def full(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        if os.path.basename(path).startswith(".probe-"):
+            raise OSError(failure[0], os.strerror(failure[0]), path)
+        return realOpen(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", full)
+    s = Spool(tmp_path / "spool", reactor=clock, deferToThread=syncDeferToThread,
+              recover=recover)
+    assert s.start() == [queueID]
+    s.stop()
+    texts = [formatEvent(e) for e in events]
+    assert any(f"spool {tmp_path / 'spool'} is full" in t and "(ENOSPC)" in t
+               and "queued mail is delivered" in t for t in texts), texts
+    failure[0] = errno.EACCES
+    with pytest.raises(SpoolError, match="Permission denied"):
+        Spool(tmp_path / "spool", reactor=clock, deferToThread=syncDeferToThread).start()
 
 
 def test_startTwice(spool: Spool) -> None:

@@ -22,6 +22,7 @@ fsync of C{queue/}.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import secrets
@@ -650,12 +651,26 @@ def _makeDirectories(paths: list[Path]) -> list[Path]:
 
 
 def _probeWritable(directory: Path) -> None:
-    """Create and remove a file in C{directory}, or raise L{SpoolError}."""
+    """Create and remove a file in C{directory}, or raise L{SpoolError}.
+
+    A file system full (no inode left, or the quota reached) is no reason not to start: the
+    queue is delivered, which frees space, while new mail gets 4xx replies (Postfix's qmgr
+    starts too); it is logged.
+    """
     probe = directory / f".probe-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, _FILE_MODE)
     except OSError as e:
-        raise _osError("writing to spool directory", directory, e, None) from None
+        error = _osError("writing to spool directory", directory, e, None)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise error from None
+        log.error(
+            "spool {directory} is full: {error}; queued mail is delivered, new mail is "
+            "refused until space is freed",
+            directory=str(directory.parent),
+            error=str(error),
+        )
+        return
     os.close(fd)
     try:
         os.unlink(probe)
