@@ -1023,6 +1023,24 @@ def test_theStateStillNotSavedAtTheStopIsLogged(
     ), lines
 
 
+def test_aDeferralNotSavedAtTheStopSaysNothingIsRepeated(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, monkeypatch: Any,
+    events: Any,
+) -> None:
+    """Only a deferral kept in memory (the spool full at its attempt and at the stop): the
+    log says no recipient will be repeated, not "may be delivered twice:" with none."""
+    full = [SpoolError("No space left") for _ in range(2)]
+    failingUpdates(spool, monkeypatch, full)
+    backend.script["later@example.com"] = ["4"]
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["later@example.com"])
+    qm.enqueue(queueID)
+    resultOf(qm.stopService())
+    (line,) = [t for t in texts(events, queueID) if "at the stop too" in t]
+    assert "twice" not in line and "no recipient was done since it was last saved" in line
+
+
 def test_aRemovalNotDoneIsDoneAtTheStop(
     spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, monkeypatch: Any
 ) -> None:

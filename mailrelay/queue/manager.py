@@ -358,13 +358,22 @@ class QueueManager(Service):
                 else:
                     await self.spool.remove(queueID)
             except Exception as e:
+                repeated = self._doneSinceSaved(envelope)
+                consequence = (
+                    "the next start attempts again the recipients done since it was last "
+                    "saved, which may be delivered twice: "
+                    + ", ".join(f"<{a}>" for a in repeated)
+                    if repeated
+                    else "no recipient was done since it was last saved (its attempt count "
+                    "and next attempt time are lost)"
+                )
                 log.error(
                     "{queueID}: saving the delivery state failed at the stop too: {error}; "
-                    "the next start attempts again the recipients done since it was last "
-                    "saved, which may be delivered twice: {addresses}",
+                    "{consequence}",
                     queueID=queueID,
                     error=str(e) or repr(e),
-                    addresses=", ".join(f"<{a}>" for a in self._doneSinceSaved(envelope)),
+                    consequence=consequence,
+                    repeated=repeated,
                 )
                 continue
             self._unsaved.pop(queueID, None)
