@@ -675,6 +675,32 @@ def test_socket_path_too_long(tmp_path: Path) -> None:
         service.listen()
 
 
+def test_a_socket_that_cannot_be_removed_at_the_stop_is_a_warning(tmp_path: Path) -> None:
+    """The spool's file system gone read-only (or an I/O error): removing the control
+    socket at the stop fails.  One warning naming the socket and the error, and the stop
+    goes on; it was a critical "stopping control failed" with a traceback."""
+    from twisted.internet.defer import fail
+    from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+    from mailrelay.app.control import ControlService
+
+    service = ControlService(relay=None, spoolDirectory=tmp_path)
+
+    class Port:
+        def stopListening(self) -> Any:
+            return fail(OSError(30, "Read-only file system", str(service.path)))
+
+    service.port = Port()
+    service.running = True
+    with capturedLogs() as events:
+        assert result(service.stopService()) is None
+    (event,) = events
+    assert event["log_level"] == LogLevel.warn
+    assert formatEvent(event) == (
+        f"control socket {service.path}: removing it at the stop failed: Read-only file "
+        "system; the next start replaces it")
+
+
 def test_peer_credentials_and_refusal(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from mailrelay.app import control as controlModule
 

@@ -28,6 +28,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 
 from mailrelay.app.services import stopReactor
 from mailrelay.queue.commands import QueueLocator, QuietAMP, makeCommand
@@ -251,4 +252,18 @@ class ControlService(Service):
         port, self.port = self.port, None
         if port is None:
             return succeed(None)
-        return port.stopListening()
+        path = self.path
+
+        def notRemoved(failure: Failure) -> None:
+            # The spool's file system gone read-only, or an I/O error: nothing to stop the
+            # stop for (the next start removes a socket left behind).
+            failure.trap(OSError)
+            log.warn(
+                "control socket {path}: removing it at the stop failed: {error}; the next "
+                "start replaces it",
+                path=str(path),
+                error=failure.value.strerror or failure.getErrorMessage(),
+            )
+
+        d: Deferred[None] = port.stopListening()
+        return d.addErrback(notRemoved)
