@@ -216,3 +216,34 @@ def test_refused_reloads_leave_no_resolver_timers_behind(tmp_path: Path, built) 
     assert r.reload(BASE)
     assert timers() == 1
     r.stop()
+
+
+_SIGHUP_AT_START = """
+import os, signal, sys
+from twisted.internet import reactor
+from mailrelay.app.tap import Options, makeService
+options = Options()
+options.parseOptions(sys.argv[1:])
+relay = makeService(options)
+relay.privilegedStartService()  # (listening, as twistd has it before its reactor runs)
+os.kill(os.getpid(), signal.SIGHUP)
+print("alive", flush=True)
+os._exit(0)  # (its threads and children are not the point)
+"""
+
+
+def test_a_sighup_while_the_relay_starts_does_not_end_it(tmp_path: Path) -> None:
+    """SIGHUP once the relay listens, before twistd's reactor runs (logrotate's postrotate,
+    or an operator's reload, during a restart): the relay must live on.  The handler was
+    installed only once the reactor ran, and the signal's default action ended the relay."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\n'
+                      f'[spool]\ndirectory = "{tmp_path / "spool"}"\n'
+                      '[queue]\nprocess = "inline"\n')
+    result = subprocess.run(
+        [sys.executable, "-c", _SIGHUP_AT_START, "--config", str(config)],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=60, cwd=tmp_path, text=True)
+    assert (result.returncode, result.stdout) == (0, "alive\n"), result.stderr

@@ -141,7 +141,9 @@ def makeService(options: Options) -> Any:
 
     raiseFileLimit(listener.settings.maxConnections for listener in config.listeners)
     relay.twistdOptions = serverOptions
-    reactor.callWhenRunning(installReloadSignal, reactor, relay)
+    # Now, not once the reactor runs: twistd listens before it runs the reactor, and a SIGHUP
+    # meanwhile (a reload during a restart) took the signal's default action, ending us.
+    installReloadSignal(reactor, relay)
     from mailrelay.app.services import stopOnSignals
 
     stopOnSignals(reactor)
@@ -179,7 +181,8 @@ def runAs(serverOptions: Any) -> tuple[int, int] | None:
 
 def installReloadSignal(reactor: Any, relay: Any) -> None:
     """SIGHUP reloads the configuration (as C{postfix reload} does), instead of ending the
-    process.  (SIGUSR1 still rotates twistd's log file.)"""
+    process; one that comes before the reactor runs reloads once it runs (and the relay has
+    started).  (SIGUSR1 still rotates twistd's log file.)"""
     import signal
 
     def onSignal(signum: int, frame: Any) -> None:
