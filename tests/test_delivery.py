@@ -895,6 +895,92 @@ def test_smtp_failover_order() -> None:
     assert net.connections[0].sent == [("Q" * 20, ["a@example.org", "b@example.org"])]
 
 
+def test_smtp_unreachable_next_hop_is_suspended() -> None:
+    """As many deliveries in a row as the destination concurrency that reach no server of a
+    next hop suspend it for plaintextFallbackAge (the queue's min_backoff): deliveries to it
+    are then deferred at once, with the reason, without connecting (Postfix's dead
+    destination); then it is tried again, and one that reaches a server ends the count."""
+    backend, net, clock, _ = smtpBackend(destinationConcurrency=2, plaintextFallbackAge=60,
+                                         connectionCacheTime=0)
+    refused = connectError("4.4.1", "X-mailrelay; connection refused by 192.0.2.30",
+                           remoteMTA="dns; mx.example.net")
+    net.connectBehaviour["192.0.2.30"] = refused
+    for _ in range(2):
+        (r,) = result(send(backend, "example.net", "a@example.net"))
+        assert (r.status, r.diagnostic) == (TRANSIENT, refused.diagnostic)
+    assert len(net.attempts) == 2
+    (r,) = result(send(backend, "example.net", "a@example.net"))
+    assert (r.status, r.code, r.diagnostic, r.remoteMTA) == (
+        TRANSIENT, "4.4.1",
+        "X-mailrelay; delivery temporarily suspended: connection refused by 192.0.2.30",
+        "dns; mx.example.net",
+    )
+    assert len(net.attempts) == 2  # not tried
+    assert result(send(backend, "example.org", "b@example.org"))[0].status == DELIVERED
+    clock.advance(60)
+    del net.connectBehaviour["192.0.2.30"]
+    assert result(send(backend, "example.net", "a@example.net"))[0].status == DELIVERED
+    net.connectBehaviour["192.0.2.30"] = refused
+    assert result(send(backend, "example.net", "a@example.net"))[0].status == TRANSIENT
+    net.sendBehaviour["192.0.2.30"] = "451"  # (a server answered: the count ends)
+    del net.connectBehaviour["192.0.2.30"]
+    assert result(send(backend, "example.net", "a@example.net"))[0].code == "4.3.0"
+    net.connectBehaviour["192.0.2.30"] = refused
+    (r,) = result(send(backend, "example.net", "a@example.net"))
+    assert r.diagnostic == refused.diagnostic
+    assert len(net.attempts) == 7
+
+
+def test_smtp_tls_failures_do_not_suspend() -> None:
+    """Failures of one delivery's TLS (or AUTH) are not the next hop's: it stays usable."""
+    backend, net, _, _ = smtpBackend(destinationConcurrency=1)
+    net.connectBehaviour["192.0.2.30"] = SMTPConnectError(
+        "4.7.5", "X-mailrelay; TLS is required, but was not offered by mx.example.net",
+        remoteMTA="dns; mx.example.net")
+    for _ in range(3):
+        (r,) = result(send(backend, "example.net", "a@example.net"))
+        assert "suspended" not in r.diagnostic
+    assert len(net.attempts) == 3
+
+
+def test_suspended_next_hop_defers_the_deliveries_waiting_for_a_slot() -> None:
+    """Deliveries waiting for a slot of a next hop that becomes suspended are deferred at
+    once when their turn comes."""
+    backend, net, _, _ = smtpBackend(destinationConcurrency=1)
+    net.connectBehaviour["192.0.2.30"] = "hold"
+    first = send(backend, "example.net", "a@example.net")
+    waiting = [send(backend, "example.net", f"w{n}@example.net") for n in range(3)]
+    (held, _, _), = net.heldConnects
+    held.errback(connectError("4.4.1", "X-mailrelay; connection to mx.example.net timed out"))
+    assert result(first)[0].diagnostic == "X-mailrelay; connection to mx.example.net timed out"
+    for d in waiting:
+        (r,) = result(d)
+        assert r.diagnostic == (
+            "X-mailrelay; delivery temporarily suspended: connection to mx.example.net timed out"
+        )
+    assert len(net.attempts) == 1
+    assert backend._perDestination.semaphores == {}
+
+
+def test_lmtp_unreachable_server_is_suspended() -> None:
+    from mailrelay.delivery.lmtp import LMTPBackend
+
+    connects: list[Any] = []
+
+    def connect(*a: Any, **kw: Any) -> defer.Deferred:
+        connects.append(a)
+        return defer.fail(connectError("4.4.1", "X-mailrelay; connection refused by lmtp"))
+
+    backend = LMTPBackend(Clock(), SETTINGS, concurrency=1, connect=connect)
+    first, second = (result(send(backend, "[192.0.2.9]:24", "a@example.org",
+                                 backendName="lmtp"))[0] for _ in range(2))
+    assert first.diagnostic == "X-mailrelay; connection refused by lmtp"
+    assert second.diagnostic == (
+        "X-mailrelay; delivery temporarily suspended: connection refused by lmtp"
+    )
+    assert len(connects) == 1
+
+
 MAY = ClientSettings(heloName="relay.test", tls="may")
 
 

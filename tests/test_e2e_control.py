@@ -216,6 +216,25 @@ def test_flush_domain_and_delete_all_deferred(relays, nexthop) -> None:  # noqa:
     assert r.queued() == [kept]
 
 
+@pytest.mark.parametrize("command", [("queue", "flush"), ("queue", "flush", "{id}"),
+                                     ("queue", "flush", "--domain", "example.org")])
+def test_flush_tries_a_suspended_next_hop_again(relays, nexthop, command) -> None:  # noqa: F811
+    """A next hop suspended after failures to reach it (see the smtp backend) is tried
+    again at a flush, whole, of an entry or of a domain (as Postfix's postqueue -f, -i and
+    -s flush its dead destinations): the operator who brought it back up need not wait for
+    min_backoff."""
+    port = freePort()
+    r = relays(relayConfig(port, "[delivery]\ndestination_concurrency = 1\n")).start()
+    first = send(r, "first")
+    deferred(r, [first])
+    second = send(r, "second")
+    r.waitForLog(rf"{second}: to=<bob@example.org>, .*delivery temporarily suspended")
+    hop, _ = nexthop(port=port)
+    ok(r, *(c.format(id=second) for c in command))
+    r.waitForLog(rf"{second}: to=<bob@example.org>, .*status=sent")
+    assert any(b"Subject: second" in m.content for m in hop.to("bob@example.org"))
+
+
 def test_hold_all_and_hold_mode(relays) -> None:
     """hold --all, release --all; with [queue] hold = true (no queue manager runs) the queue
     can still be listed, and the commands that would change it say why they cannot."""

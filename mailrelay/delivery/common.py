@@ -26,6 +26,7 @@ __all__ = [
     "BUILTIN_BACKENDS",
     "resultsForAll",
     "PerDestination",
+    "aboutSecurity",
     "Quitter",
     "ClientBackend",
     "builtinOptions",
@@ -86,21 +87,98 @@ def resultsForAll(
     ]
 
 
+def aboutSecurity(error: Any) -> bool:
+    """Whether C{error} (an L{SMTPConnectError <mailrelay.smtp.errors.SMTPConnectError>}) is
+    about TLS or AUTH, the settings of one delivery, not about reaching the server."""
+    return bool(error.tlsFailure) or error.code.startswith(("4.7.", "5.7."))
+
+
 class PerDestination:
     """Runs deliveries with at most C{limit} at once per next hop, and makes their Deferreds
     never fail (an unexpected error is logged and counts as a transient failure of every
     recipient; a cancellation by the caller passes through).
 
+    A next hop that no server of could be talked to (L{unreachable}: refused, timed out, no
+    greeting...) C{limit} times in a row -- a cohort of deliveries -- is I{suspended} for
+    C{suspendTime} seconds, as Postfix's queue manager declares a destination dead for
+    C{$minimal_backoff_time}: the deliveries to it waiting for a slot or starting meanwhile
+    are deferred at once ("delivery temporarily suspended: " and the reason), instead of
+    each waiting for its own time-out and holding the queue's active window for mail to
+    other next hops.  A delivery that reached a server (L{reached}) ends the count.
+
     @ivar semaphores: the semaphores of the next hops with deliveries running or waiting
         (forgotten when a next hop goes idle, so the mapping stays small).
     """
 
-    def __init__(self, limit: int, what: str) -> None:
+    def __init__(
+        self, limit: int, what: str, clock: Any = None, suspendTime: float = 300.0
+    ) -> None:
+        """
+        @param clock: provides C{seconds()} (the reactor); C{None}: never suspend.
+        @param suspendTime: seconds a next hop stays suspended (the queue's C{min_backoff}).
+        """
         if limit < 1:
             raise ValueError("the concurrency limit must be at least 1")
         self.limit = limit
         self.what = what
+        self.clock = clock
+        self.suspendTime = suspendTime
         self.semaphores: dict[str, DeferredSemaphore] = {}
+        #: Next hop -> (failures in a row, the last one's time, its result).
+        self._failures: dict[str, tuple[int, float, RecipientResult]] = {}
+
+    def unreachable(self, nexthop: str, result: RecipientResult) -> None:
+        """No server of C{nexthop} could be talked to; C{result} (transient) says why."""
+        if self.clock is None:
+            return
+        now = self.clock.seconds()
+        if len(self._failures) > 10000:  # (next hops never tried again: forget them)
+            self._failures = {
+                k: v for k, v in self._failures.items() if now - v[1] < self.suspendTime
+            }
+        count = self._count(nexthop, now) + 1
+        self._failures[nexthop] = (count, now, result)
+        if count == self.limit:
+            log.warn(
+                "{what} delivery to {nexthop} temporarily suspended for {seconds:g}s after "
+                "{count} failure(s) in a row: {diagnostic}",
+                what=self.what,
+                nexthop=nexthop,
+                seconds=self.suspendTime,
+                count=count,
+                diagnostic=result.diagnostic,
+            )
+
+    def reached(self, nexthop: str) -> None:
+        """A delivery to C{nexthop} reached a server: it is not suspended."""
+        self._failures.pop(nexthop, None)
+
+    def resume(self) -> None:
+        """Suspend no next hop any more, and start every count again (the operator flushed
+        the queue)."""
+        self._failures.clear()
+
+    def _count(self, nexthop: str, now: float) -> int:
+        """The failures of C{nexthop} in a row that still count (none once its suspension,
+        or the time it would have lasted, is over: then it is tried again)."""
+        count, last, _ = self._failures.get(nexthop, (0, 0.0, None))
+        return count if now - last < self.suspendTime else 0
+
+    def _suspended(self, nexthop: str, recipients: list[Any]) -> list[RecipientResult] | None:
+        """The results of a delivery to C{nexthop} while it is suspended, else C{None}."""
+        if self.clock is None or self._count(nexthop, self.clock.seconds()) < self.limit:
+            return None
+        why = self._failures[nexthop][2]
+        kind, sep, text = why.diagnostic.partition(";")
+        if not sep or " " in kind.strip():  # (no diagnostic type: the whole is the text)
+            text = why.diagnostic
+        return resultsForAll(
+            recipients,
+            DeliveryStatus.TRANSIENT,
+            why.code,
+            f"X-mailrelay; delivery temporarily suspended: {text.strip()}",
+            why.remoteMTA,
+        )
 
     def run(
         self,
@@ -110,11 +188,20 @@ class PerDestination:
         f: Callable[..., Deferred],
         *args: Any,
     ) -> Deferred:
-        """Run C{f(*args)} when a slot for C{nexthop} is free."""
+        """Run C{f(*args)} when a slot for C{nexthop} is free (at once with the results of
+        a suspended next hop, when it is or becomes suspended: see L{unreachable})."""
+        suspended = self._suspended(nexthop, recipients)
+        if suspended is not None:
+            return defer.succeed(suspended)
         semaphore = self.semaphores.get(nexthop)
         if semaphore is None:
             semaphore = self.semaphores[nexthop] = DeferredSemaphore(self.limit)
-        d = semaphore.run(f, *args)
+
+        def start() -> Deferred:
+            late = self._suspended(nexthop, recipients)
+            return defer.succeed(late) if late is not None else f(*args)
+
+        d = semaphore.run(start)
 
         def forget(result: Any) -> Any:
             if (
@@ -214,6 +301,11 @@ class ClientBackend:
     #: followed by the same server without TLS (the queue's C{min_backoff}, Postfix's
     #: C{$minimal_backoff_time}).
     plaintextFallbackAge: float = 300.0
+
+    def resumeSuspended(self) -> None:
+        """Try the next hops suspended after failures to reach them again (the queue manager
+        calls this when the operator flushes the queue: see L{PerDestination.resume})."""
+        self._perDestination.resume()
 
     def settingsFor(self, route: Route) -> Any:
         """The client settings of a delivery along C{route}: the backend's default

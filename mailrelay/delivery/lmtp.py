@@ -40,6 +40,7 @@ from mailrelay.delivery.common import (
     ClientBackend,
     PerDestination,
     Quitter,
+    aboutSecurity,
     builtinOptions,
     firstDeferred,
     resultsForAll,
@@ -84,7 +85,9 @@ class LMTPBackend(ClientBackend):
         self.settings = settings
         self.concurrency = concurrency
         self._connect = connect
-        self._perDestination = PerDestination(concurrency, "LMTP")
+        self._perDestination = PerDestination(
+            concurrency, "LMTP", reactor, suspendTime=plaintextFallbackAge
+        )
         self._quitter = Quitter(reactor)
 
     def settingsFor(self, route: Route) -> ClientSettings:
@@ -163,13 +166,17 @@ class LMTPBackend(ClientBackend):
                     f"{e.diagnostic} (REQUIRETLS support required)",
                     e.remoteMTA or remoteMTA,
                 )
-            return resultsForAll(
+            results = resultsForAll(
                 recipients,
                 DeliveryStatus.TRANSIENT,
                 "4" + e.code[1:],
                 e.diagnostic,
                 e.remoteMTA or remoteMTA,
             )
+            if not aboutSecurity(e):
+                self._perDestination.unreachable(nexthop, results[0])
+            return results
+        self._perDestination.reached(nexthop)
         results = yield self._send(connection, envelope, recipients, messagePath)
         self._quit(connection)
         if connection.tlsSessionFailed and self._plaintextOK(settings, envelope):

@@ -3,7 +3,10 @@
 For each delivery the backend
 
   1. waits for one of the next hop's C{destinationConcurrency} slots (a
-     C{DeferredSemaphore} per next hop: at most that many simultaneous connections to it);
+     C{DeferredSemaphore} per next hop: at most that many simultaneous connections to it),
+     unless the next hop is suspended: as many deliveries in a row that reached none of its
+     servers suspend it for C{plaintextFallbackAge} (the queue's C{min_backoff}), its
+     deliveries deferred at once meanwhile (L{PerDestination});
   2. reuses an idle connection to the same next hop with the same settings if one is
      cached (see below);
   3. otherwise resolves the next hop with L{MXResolver} and tries its hosts in order: a
@@ -64,6 +67,7 @@ from mailrelay.delivery.common import (
     ClientBackend,
     PerDestination,
     Quitter,
+    aboutSecurity,
     builtinOptions,
     firstDeferred,
     resultsForAll,
@@ -219,7 +223,8 @@ class SMTPBackend(ClientBackend):
             after each delivery.
         @param plaintextFallbackAge: seconds a message must have been queued before a TLS
             failure under C{tls = "may"} is followed by the same address without TLS (the
-            queue's C{min_backoff}, as Postfix's C{$minimal_backoff_time}).
+            queue's C{min_backoff}, as Postfix's C{$minimal_backoff_time}); also how long an
+            unreachable next hop is suspended.
         @param selfName: the relay's host name: an MX host of that name is the relay itself
             (RFC 5321 5.1: it and every less preferred host are dropped; the best, a loop).
         @param connect: the connecting function, C{connectSMTP} by default (for tests).
@@ -237,7 +242,9 @@ class SMTPBackend(ClientBackend):
         self.selfName = selfName.lower().rstrip(".") if selfName else None
         self._connect = connect
         self.mtaSTS = mtaSTS
-        self._perDestination = PerDestination(destinationConcurrency, "SMTP")
+        self._perDestination = PerDestination(
+            destinationConcurrency, "SMTP", reactor, suspendTime=plaintextFallbackAge
+        )
         self._quitter = Quitter(reactor)
         self._cache = _ConnectionCache(reactor, connectionCacheTime, self._quit)
 
@@ -281,6 +288,7 @@ class SMTPBackend(ClientBackend):
         key = (nexthop, settings)
         reusedResults = yield self._sendOnIdle(key, envelope, recipients, messagePath)
         if reusedResults is not None and not _allTransient(reusedResults):
+            self._perDestination.reached(nexthop)
             return reusedResults
         try:
             hosts = yield self.resolver.resolve(nexthop)
@@ -301,6 +309,8 @@ class SMTPBackend(ClientBackend):
                 return resultsForAll(recipients, DeliveryStatus.TRANSIENT, "4.7.5", diagnostic)
         tried = _Tried()
         results = yield self._tryHosts(hosts, key, envelope, recipients, messagePath, tried)
+        if results is not None or tried.deferred is not None:
+            self._perDestination.reached(nexthop)
         if results is not None:
             return results
         return self._noHostAccepted(tried, reusedResults, envelope, recipients, nexthop)
@@ -537,9 +547,13 @@ class SMTPBackend(ClientBackend):
             code=code,
             diagnostic=diagnostic,
         )
-        return resultsForAll(
+        results = resultsForAll(
             recipients, DeliveryStatus.TRANSIENT, _transientCode(code), diagnostic, remoteMTA
         )
+        if not any(aboutSecurity(e) for e in tried.connectErrors):
+            # No server of it could be talked to (not: this delivery's TLS or AUTH failed).
+            self._perDestination.unreachable(nexthop, results[0])
+        return results
 
     def _insecureLookup(self, nexthop: str) -> str | None:
         """REQUIRETLS (RFC 8689 section 4.2.1) wants the MX hosts looked up securely (DNSSEC,

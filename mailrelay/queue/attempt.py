@@ -168,6 +168,14 @@ class Deliverer:
         """Seconds one delivery by C{backend} may take (0: no limit)."""
         return self.timeouts.get(backend, self.deliveryTimeout)
 
+    def resumeSuspended(self) -> None:
+        """Have every backend that suspends next hops after failures to reach them (those
+        with a C{resumeSuspended} method: the smtp and lmtp backends) try them again."""
+        for backend in self.backends.values():
+            resume = getattr(backend, "resumeSuspended", None)
+            if callable(resume):
+                resume()
+
     async def deliver(
         self, queueID: str, envelope: Envelope, pending: list[Recipient]
     ) -> list[Outcome]:

@@ -851,8 +851,10 @@ class QueueManager(Service):
         return Done(True, f"{done} when its delivery attempt in progress ends")
 
     def flush(self, queueID: str, *, check: bool = True) -> Done:
-        """Attempt C{queueID} now, whatever its next attempt's time (as C{postqueue -i}).
-        Returns what was done: an entry on hold or being delivered is left alone.
+        """Attempt C{queueID} now, whatever its next attempt's time (as C{postqueue -i}),
+        its next hops too if they are suspended (L{Deliverer.resumeSuspended}, as Postfix
+        flushes its dead destinations).  Returns what was done: an entry on hold or being
+        delivered is left alone.
 
         @param check: read the entry first (to refuse an unknown id, and to see a hold the
             manager has not seen yet); without, an id that is gone is only logged when its
@@ -870,18 +872,20 @@ class QueueManager(Service):
                 self.scheduler.unschedule(queueID)
         if queueID in self._held:
             return Done(False, "on hold (release it first)")
+        self.deliverer.resumeSuspended()
         self._forced.add(queueID)
         self.scheduler.schedule(queueID, self.clock.seconds())
         self.scheduler.pump()
         return Done(True, "scheduled for delivery now")
 
     def flushAll(self) -> int:
-        """Attempt every entry not on hold now (as C{postqueue -f}); the number of entries
-        scheduled (those being delivered are not counted).
+        """Attempt every entry not on hold now (as C{postqueue -f}), suspended next hops
+        too; the number of entries scheduled (those being delivered are not counted).
 
         @raise QueueUnavailable: see L{checkReady}.
         """
         self.checkReady()
+        self.deliverer.resumeSuspended()
         count = 0
         for queueID in self.spool.queueIDs():
             if queueID in self._held or self.isActive(queueID):
