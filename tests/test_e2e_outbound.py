@@ -737,6 +737,28 @@ def test_dead_destination_does_not_starve_the_others(relay, nexthop, dns) -> Non
         silent.close()
 
 
+def test_new_mail_is_not_kept_waiting_behind_the_queued(relay, nexthop, dns) -> None:
+    """Queued mail found at the start for a slow next hop, more than the active window
+    holds: mail that arrives meanwhile takes every other free place, as Postfix's queue
+    manager round-robins its incoming and deferred queues, instead of waiting until all of
+    it is done."""
+    slow, slowPort = nexthop()
+    slow.dataReply = lambda received, n: (time.sleep(1), "250 2.0.0 OK")[1]
+    fast, fastPort = nexthop()
+    routes = [smtpRoute("slow.test", slowPort), smtpRoute("example.org", fastPort)]
+    queue = {"active_limit": 1}
+    r = relay(config(dns, hold=True, queue=queue, routes=routes))
+    queued = [submit(r, "alice@sender.test", [f"u{n}@slow.test"], message(f"slow {n}"))
+              for n in range(4)]
+    release(r, config(dns, queue=queue, routes=routes))
+    r.waitForLog(rf"{queued[0]}: from=<alice@sender.test>, .*\(queue active\)")
+    new = submit(r, "alice@sender.test", ["bob@example.org"], message("new"))
+    fast.waitTo("bob@example.org", timeout=30)
+    slow.waitTo("u3@slow.test", timeout=30)
+    active = re.findall(r"(\w{20}): from=<alice@sender.test>, .*\(queue active\)", r.log())
+    assert active == [queued[0], new, *queued[1:]]
+
+
 # ---------------------------------------------------------------------------------------------
 # 7. MX delivery through our DNS server
 

@@ -776,6 +776,28 @@ def test_newEntryWaitsForRoomInWindow(
     resultOf(qm.stopService())
 
 
+def test_newMailAndRetriesTakeTurnsInTheWindow(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    """While retries due (here, what the start found) wait for room in the active window,
+    new mail gets every other free place, as Postfix's queue manager round-robins its
+    incoming and deferred queues: a wave of retries due at once (for a slow destination)
+    does not keep new mail out until it is all done.  It used to wait behind them all."""
+    backend.hold = True
+    old = [queueMessage(spool, clock, [f"r{i}@example.com"]) for i in range(4)]
+    qm = makeManager(spool, router, {"smtp": backend}, clock, activeLimit=1)
+    qm.startService()
+    new = [queueMessage(spool, clock, [f"n{i}@example.com"]) for i in range(2)]
+    for queueID in new:
+        qm.enqueue(queueID)
+    order = [qm.snapshot()["active"][0]]
+    while backend.held:
+        backend.release()
+        order += qm.snapshot()["active"]
+    assert order == [old[0], new[0], old[1], new[1], old[2], old[3]]
+    resultOf(qm.stopService())
+
+
 def test_startupLoadsInBatches(
     spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, monkeypatch: Any
 ) -> None:

@@ -443,7 +443,7 @@ class QueueManager(Service):
                 "tell: it ended first, or its relay did); scheduled now",
                 queueID=queueID,
             )
-            self.scheduler.schedule(queueID, now)
+            self.scheduler.schedule(queueID, now, fresh=True)
         if queueIDs:
             self.scheduler.pump()
 
@@ -459,7 +459,7 @@ class QueueManager(Service):
         """
         if self.scheduler.isActive(queueID) or self._stopped:
             return
-        self.scheduler.schedule(queueID, self.clock.seconds())
+        self.scheduler.schedule(queueID, self.clock.seconds(), fresh=True)
         self.scheduler.pump()
 
     # -- activation ---------------------------------------------------------------------------

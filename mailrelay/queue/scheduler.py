@@ -6,6 +6,11 @@ most C{activeLimit} entries are active at once.  One reactor timer is armed for 
 due entry; when it fires, due entries are handed to the C{activate} callback while there is
 room.  Rescheduling an entry pushes a new heap pair and leaves the old one stale (it is
 dropped when it reaches the top), so that scheduling costs O(log n).
+
+New mail (scheduled with C{fresh}) waits in a heap of its own, and while both heaps have due
+entries the window's free places go to each in turn, as Postfix's queue manager round-robins
+its incoming and deferred queues: a wave of retries falling due at once (mail for a slow
+destination, more than the window holds) does not keep new mail out until it is all done.
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ class Scheduler:
         self.activate = activate
         self.enabled = False
         self._heap: list[tuple[float, int, str]] = []
+        #: The heap of new mail (see the module docstring).
+        self._fresh: list[tuple[float, int, str]] = []
+        #: Whether new mail has the next free place when both heaps have due entries.
+        self._freshTurn = True
         #: queue id -> sequence number of its live heap entry (others are stale).
         self._scheduled: dict[str, int] = {}
         #: queue id -> Deferred fired when its attempt is over.
@@ -85,19 +94,21 @@ class Scheduler:
         """The scheduled entries as C{(due time, queue id)}, earliest first."""
         live = sorted(
             (due, seq, queueID)
-            for due, seq, queueID in self._heap
+            for due, seq, queueID in self._heap + self._fresh
             if self._scheduled.get(queueID) == seq
         )
         return [(due, queueID) for due, _, queueID in live]
 
     # -- changes ------------------------------------------------------------------------------
 
-    def schedule(self, queueID: str, due: float) -> None:
+    def schedule(self, queueID: str, due: float, fresh: bool = False) -> None:
         """Look at C{queueID} at C{due} (replacing when it was due before).  Call L{pump}
-        for the change to take effect at once."""
+        for the change to take effect at once.
+
+        @param fresh: it is new mail (see the module docstring)."""
         seq = next(self._sequence)
         self._scheduled[queueID] = seq
-        heapq.heappush(self._heap, (due, seq, queueID))
+        heapq.heappush(self._fresh if fresh else self._heap, (due, seq, queueID))
 
     def isScheduled(self, queueID: str) -> bool:
         """Whether C{queueID} waits in the heap (scheduled, not active)."""
@@ -128,15 +139,27 @@ class Scheduler:
 
     # -- the timer ----------------------------------------------------------------------------
 
-    def _peek(self) -> tuple[float, int, str] | None:
-        """The earliest live heap entry (stale ones on top are dropped)."""
-        heap = self._heap
+    def _peekIn(self, heap: list[tuple[float, int, str]]) -> tuple[float, int, str] | None:
+        """The earliest live entry of C{heap} (stale ones on top are dropped)."""
         while heap:
             due, seq, queueID = heap[0]
             if self._scheduled.get(queueID) == seq:
                 return heap[0]
             heapq.heappop(heap)
         return None
+
+    def _peek(self) -> tuple[float, int, str] | None:
+        """The earliest live entry of both heaps."""
+        tops = [t for t in (self._peekIn(self._heap), self._peekIn(self._fresh)) if t]
+        return min(tops) if tops else None
+
+    def _next(self, now: float) -> list[tuple[float, int, str]] | None:
+        """The heap whose top entry is due now and has the next free place (new mail and
+        the others in turn), or C{None} when nothing is due."""
+        due = [h for h in (self._fresh, self._heap) if (t := self._peekIn(h)) and t[0] <= now]
+        if len(due) == 2:
+            due = [self._fresh if self._freshTurn else self._heap]
+        return due[0] if due else None
 
     def _cancelTimer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -170,14 +193,14 @@ class Scheduler:
                     return
                 now = self.clock.seconds()
                 while len(self._active) < self.activeLimit:
-                    top = self._peek()
-                    if top is None or top[0] > now:
+                    heap = self._next(now)
+                    if heap is None:
                         break
                     if loads >= _LOADS_PER_TURN:
                         self._armTimer(now)  # continue in the next reactor turn
                         return
-                    heapq.heappop(self._heap)
-                    queueID = top[2]
+                    queueID = heapq.heappop(heap)[2]
+                    self._freshTurn = heap is not self._fresh
                     del self._scheduled[queueID]
                     if not self.activate(queueID, now):
                         loads += 1
