@@ -647,6 +647,7 @@ class FakeConnection:
         self.quitted = False
         self.aborted = False
         self.tlsSessionFailed = False
+        self.broke = False
 
     def send(
         self,
@@ -728,6 +729,7 @@ class FakeNet:
             ]
         if behaviour == "lost":
             conn.usable = False
+            conn.broke = True
             return [
                 RecipientResult(
                     r.address, TRANSIENT, "4.4.2", "X-mailrelay; connection lost", conn.remoteMTA
@@ -929,6 +931,19 @@ def test_smtp_unreachable_next_hop_is_suspended() -> None:
     (r,) = result(send(backend, "example.net", "a@example.net"))
     assert r.diagnostic == refused.diagnostic
     assert len(net.attempts) == 7
+
+
+def test_smtp_next_hop_that_stops_answering_is_suspended() -> None:
+    """A connection lost or timed out in the transaction counts as a failure to reach the
+    next hop (Postfix's smtp_stream_except throttles the destination): a server that accepts
+    and then stalls is suspended as one that refuses is."""
+    backend, net, _, _ = smtpBackend(destinationConcurrency=1, connectionCacheTime=0)
+    net.sendBehaviour["192.0.2.30"] = "lost"
+    (r,) = result(send(backend, "example.net", "a@example.net"))
+    assert r.diagnostic == "X-mailrelay; connection lost"
+    (r,) = result(send(backend, "example.net", "a@example.net"))
+    assert r.diagnostic == "X-mailrelay; delivery temporarily suspended: connection lost"
+    assert len(net.attempts) == 1
 
 
 def test_smtp_tls_failures_do_not_suspend() -> None:

@@ -99,12 +99,13 @@ class PerDestination:
     recipient; a cancellation by the caller passes through).
 
     A next hop that no server of could be talked to (L{unreachable}: refused, timed out, no
-    greeting...) C{limit} times in a row -- a cohort of deliveries -- is I{suspended} for
-    C{suspendTime} seconds, as Postfix's queue manager declares a destination dead for
-    C{$minimal_backoff_time}: the deliveries to it waiting for a slot or starting meanwhile
-    are deferred at once ("delivery temporarily suspended: " and the reason), instead of
-    each waiting for its own time-out and holding the queue's active window for mail to
-    other next hops.  A delivery that reached a server (L{reached}) ends the count.
+    greeting, or lost or timed out in the transaction...) C{limit} times in a row -- a
+    cohort of deliveries -- is I{suspended} for C{suspendTime} seconds, as Postfix's queue
+    manager declares a destination dead for C{$minimal_backoff_time}: the deliveries to it
+    waiting for a slot or starting meanwhile are deferred at once ("delivery temporarily
+    suspended: " and the reason), instead of each waiting for its own time-out and holding
+    the queue's active window for mail to other next hops.  A delivery that reached a server
+    (L{reached}) ends the count.
 
     @ivar semaphores: the semaphores of the next hops with deliveries running or waiting
         (forgotten when a next hop goes idle, so the mapping stays small).

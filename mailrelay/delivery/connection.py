@@ -55,6 +55,12 @@ class SMTPConnection:
         return self._protocol.session.tlsSessionFailed
 
     @property
+    def broke(self) -> bool:
+        """The connection was lost or timed out in a step (see L{ClientSession.broke
+        <mailrelay.smtp.client.ClientSession>})."""
+        return self._protocol.session.broke
+
+    @property
     def authenticated(self) -> bool:
         return self._protocol.session.authenticated
 

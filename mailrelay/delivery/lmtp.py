@@ -176,8 +176,12 @@ class LMTPBackend(ClientBackend):
             if not aboutSecurity(e):
                 self._perDestination.unreachable(nexthop, results[0])
             return results
-        self._perDestination.reached(nexthop)
         results = yield self._send(connection, envelope, recipients, messagePath)
+        stalled = firstDeferred(results) if connection.broke else None
+        if stalled is not None and not connection.tlsSessionFailed:
+            self._perDestination.unreachable(nexthop, stalled)
+        else:
+            self._perDestination.reached(nexthop)
         self._quit(connection)
         if connection.tlsSessionFailed and self._plaintextOK(settings, envelope):
             results = yield self._sendPlaintext(

@@ -125,6 +125,9 @@ class _Tried:
     loop: str | None = None
     #: A less preferred MX answered EHLO with our own name: no host after it is tried.
     foundSelf: bool = False
+    #: The connection that gave the results stopped answering in the transaction (lost or
+    #: timed out, not a TLS session failure): the next hop counts as not reached.
+    broke: bool = False
 
 
 class _Idle:
@@ -309,7 +312,10 @@ class SMTPBackend(ClientBackend):
                 return resultsForAll(recipients, DeliveryStatus.TRANSIENT, "4.7.5", diagnostic)
         tried = _Tried()
         results = yield self._tryHosts(hosts, key, envelope, recipients, messagePath, tried)
-        if results is not None or tried.deferred is not None:
+        stalled = firstDeferred(results or []) if tried.broke else None
+        if stalled is not None:  # (as Postfix's smtp_stream_except: it throttles)
+            self._perDestination.unreachable(nexthop, stalled)
+        elif results is not None or tried.deferred is not None:
             self._perDestination.reached(nexthop)
         if results is not None:
             return results
@@ -439,6 +445,7 @@ class SMTPBackend(ClientBackend):
                 )
                 tried.deferred = results
                 continue
+            tried.broke = connection.broke and not connection.tlsSessionFailed
             return results
         return None
 

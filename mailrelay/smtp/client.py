@@ -201,6 +201,8 @@ class ClientSession:
     @ivar tlsSessionFailed: the connection was lost or timed out while TLS was up and a
         step was under way (Postfix's "TLS session failure"): the transaction's recipients
         were deferred for it, and C{tls = "may"} may send them again without TLS.
+    @ivar broke: the connection was lost or timed out while a step was under way (with or
+        without TLS): the server stopped answering, as opposed to refusing.
     @ivar authenticated: AUTH succeeded.
     @ivar state: the current step (C{"idle"} when a transaction may start).
     """
@@ -212,6 +214,7 @@ class ClientSession:
         self.extensions: dict[str, str] = {}
         self.tls = False
         self.tlsSessionFailed = False
+        self.broke = False
         self.authenticated = False
         self.state = _GREETING
         self._parser = ReplyParser()
@@ -447,8 +450,9 @@ class ClientSession:
 
     def _noteTLSFailure(self) -> None:
         """The connection is lost or timed out in a step: a TLS failure if TLS was up or
-        being set up (see L{tlsSessionFailed})."""
+        being set up (see L{tlsSessionFailed}); in any case it L{broke}."""
         self.tlsSessionFailed = self.tls or self.state == _HANDSHAKE
+        self.broke = True
 
     def _setClosed(self) -> None:
         if self.state != _CLOSED:
