@@ -297,11 +297,14 @@ class Deliverer:
         recipient is deferred, with a diagnostic saying which."""
         relay = f"{route.backend}:{route.nexthop}"
         if isinstance(error, DeliveryTimedOut):
+            # It was abandoned, not refused: what it did meanwhile is unknown (as Postfix's
+            # "-- message may be sent more than once" when the end of data is not answered).
             return _deferGroup(
                 recipients,
                 route,
                 "4.4.2",
-                f"X-mailrelay; delivery via {relay} timed out after {timeout:g}s",
+                f"X-mailrelay; delivery via {relay} timed out after {timeout:g}s (the next hop "
+                "may have received the message: it may be sent more than once)",
                 "{queueID}: delivery backend {backend!r} did not answer within its timeout of "
                 "{timeout:g}s; {count} recipient(s) deferred",
                 queueID=queueID,
