@@ -30,10 +30,10 @@ def smarthost(tmp_path: Path):
     """C{start(certifiedFor, selfSigned=False)} -> (Recorder, port, caFile)."""
     controllers: list[Any] = []
 
-    def start(name: str, selfSigned: bool = False) -> tuple[Recorder, int, Path]:
+    def start(name: str | tuple[str, ...], selfSigned: bool = False) -> tuple[Recorder, int, Path]:
         trusted = trustme.CA()
         ca = trustme.CA() if selfSigned else trusted  # self-signed: not the CA we trust
-        cert = ca.issue_cert(name)
+        cert = ca.issue_cert(*((name,) if isinstance(name, str) else name))
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         cert.configure_cert(context)
         caFile = tmp_path / f"ca{len(controllers)}.pem"
@@ -101,5 +101,26 @@ def test_bad_certificate_defers_and_never_downgrades(
         assert f"TLS handshake with smarthost.tls.test[127.0.0.1] failed: certificate {reason}" in m.group(1)
         assert recorder.to("bob@example.org") == []  # nothing sent, not even in plaintext
         assert len(r.queued()) == 1  # kept for a retry
+    finally:
+        r.stop()
+
+
+def test_a_certificate_whose_names_cannot_be_checked_is_not_verified(
+    tmp_path: Path, dns, smarthost
+) -> None:
+    """A trusted certificate with a name service_identity refuses to read (here a wildcard
+    over a whole top-level domain) besides names that are not the smarthost's: Twisted's check
+    logs the error and lets the handshake go on as verified; the relay must not."""
+    recorder, port, caFile = smarthost(("other.tls.test", "*.test"))
+    r = _relay(tmp_path, dns, "smarthost.tls.test", port, caFile)
+    try:
+        _send(r, "bob@example.org")
+        m = r.waitForLog(r"to=<bob@example\.org>.*status=(\w+) \((.*)\)")
+        assert m.group(1) == "deferred"
+        assert ("TLS handshake with smarthost.tls.test[127.0.0.1] failed: certificate host "
+                "name mismatch" in m.group(2))
+        assert "*.test" in m.group(2)  # what is wrong with it
+        assert recorder.to("bob@example.org") == []
+        assert "Verified TLS connection" not in r.log()
     finally:
         r.stop()

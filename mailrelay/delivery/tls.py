@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from OpenSSL import SSL
+from service_identity import CertificateError, VerificationError
+from service_identity.hazmat import DNS_ID, IPAddress_ID, ServiceID, verify_service_identity
+from service_identity.pyopenssl import extract_patterns
 from twisted.internet import error as ierror
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
@@ -49,6 +52,42 @@ class _UnverifiedClientTLS:
         return connection
 
 
+@implementer(IOpenSSLClientConnectionCreator)
+class _VerifiedClientTLS:
+    """TLS for C{tls="required"} and C{"implicit"}: Twisted's client TLS (the chain verified
+    against C{trustRoot}, SNI), with the certificate's names checked here.  Twisted's own check
+    only fails the handshake on a mismatch: when the certificate's names cannot be read
+    (service_identity's C{CertificateError}, e.g. a wildcard over a whole top-level domain)
+    it logs the error and lets the handshake succeed as verified, whatever the names."""
+
+    def __init__(self, hostname: str, trustRoot: Any) -> None:
+        self._options = optionsForClientTLS(hostname, trustRoot=trustRoot)
+        self._identity: ServiceID = (
+            IPAddress_ID(hostname) if isIPAddress(hostname) or isIPv6Address(hostname)
+            else DNS_ID(hostname))
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        identity = self._identity
+
+        def verify(_connection: SSL.Connection, certificate: Any, _error: int, depth: int,
+                   ok: int) -> bool:
+            if not ok or depth != 0:
+                return bool(ok)  # (OpenSSL verifies the chain)
+            try:
+                verify_service_identity(extract_patterns(certificate), [identity], [])
+            except (VerificationError, CertificateError) as e:
+                tlsProtocol.failVerification(Failure(e))
+                return False
+            except BaseException:  # (an exception must not reach OpenSSL)
+                tlsProtocol.failVerification(Failure())
+                return False
+            return True
+
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
+        return connection
+
+
 def clientTLSOptions(settings: ClientSettings, hostname: str) -> IOpenSSLClientConnectionCreator:
     """The TLS client options for C{hostname} under C{settings}.
 
@@ -61,19 +100,17 @@ def clientTLSOptions(settings: ClientSettings, hostname: str) -> IOpenSSLClientC
     @raise OSError, ValueError: the CA file cannot be read or holds no certificate.
     """
     if settings.tls in ("required", "implicit"):
-        return optionsForClientTLS(hostname, trustRoot=_loadTrustRoot(settings.caFile))
+        return _VerifiedClientTLS(hostname, _loadTrustRoot(settings.caFile))
     return _UnverifiedClientTLS(hostname)
 
 
 def describeTLSFailure(reason: Failure) -> str:
     """Why a TLS handshake failed, in words for logs and diagnostics."""
     value = reason.value
-    try:
-        from service_identity import VerificationError
-    except ImportError:  # pragma: no cover
-        VerificationError = ()  # type: ignore[assignment,misc]
     if isinstance(value, VerificationError):
         return f"certificate host name mismatch ({value})"
+    if isinstance(value, CertificateError):
+        return f"certificate host name mismatch (its names cannot be checked: {value})"
     if isinstance(value, SSL.Error):
         text = str(value)
         if "certificate verify failed" in text:
