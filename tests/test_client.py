@@ -1593,3 +1593,19 @@ def test_each_result_names_the_command_its_reply_answered(message):
     peer.say(b"451 4.3.0 not now\r\n")
     (r,) = resultOf(d)
     assert r.command == "DATA"
+
+
+def test_certificateVerifyErrorsAreSaidInWords():
+    from twisted.python.failure import Failure
+
+    from mailrelay.delivery.tls import CertificateVerifyError, describeTLSFailure
+
+    expired = CertificateVerifyError(10, 0, "CN=mx.test")
+    assert describeTLSFailure(Failure(expired)) == (
+        "certificate verification failed (certificate has expired at depth 0: CN=mx.test)")
+    unknown = CertificateVerifyError(20, 1, "CN=Some CA")
+    assert describeTLSFailure(Failure(unknown)) == (
+        "certificate not trusted (unable to get local issuer certificate at depth 1: "
+        "CN=Some CA)")
+    assert str(CertificateVerifyError(4242, 0, "CN=x")) == (
+        "verification error 4242 at depth 0: CN=x")

@@ -5,6 +5,7 @@ never falls back to plaintext."""
 
 from __future__ import annotations
 
+import datetime
 import smtplib
 import ssl
 from pathlib import Path
@@ -27,15 +28,31 @@ def dns(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture
 def smarthost(tmp_path: Path):
-    """C{start(certifiedFor, selfSigned=False)} -> (Recorder, port, caFile)."""
+    """C{start(certifiedFor, flaw=None)} -> (Recorder, port, caFile).  C{flaw}: C{"untrusted"}
+    (issued by another CA than the one trusted), C{"expired"}, or C{"no intermediate"} (issued
+    by an intermediate CA the server does not send)."""
     controllers: list[Any] = []
 
-    def start(name: str | tuple[str, ...], selfSigned: bool = False) -> tuple[Recorder, int, Path]:
+    def start(name: str | tuple[str, ...], flaw: str | None = None
+              ) -> tuple[Recorder, int, Path]:
         trusted = trustme.CA()
-        ca = trustme.CA() if selfSigned else trusted  # self-signed: not the CA we trust
-        cert = ca.issue_cert(*((name,) if isinstance(name, str) else name))
+        names = (name,) if isinstance(name, str) else name
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        cert.configure_cert(context)
+        if flaw == "untrusted":
+            trustme.CA().issue_cert(*names).configure_cert(context)
+        elif flaw == "expired":
+            now = datetime.datetime.now(datetime.timezone.utc)
+            trusted.issue_cert(*names, not_before=now - datetime.timedelta(days=10),
+                               not_after=now - datetime.timedelta(days=1)
+                               ).configure_cert(context)
+        elif flaw == "no intermediate":
+            cert = trusted.create_child_ca().issue_cert(*names)
+            leaf, key = tmp_path / f"leaf{len(controllers)}.pem", tmp_path / f"key{len(controllers)}.pem"
+            cert.cert_chain_pems[0].write_to_path(str(leaf))
+            cert.private_key_pem.write_to_path(str(key))
+            context.load_cert_chain(str(leaf), str(key))
+        else:
+            trusted.issue_cert(*names).configure_cert(context)
         caFile = tmp_path / f"ca{len(controllers)}.pem"
         trusted.cert_pem.write_to_path(str(caFile))
         handler = Recorder()
@@ -84,21 +101,29 @@ def test_verified_smarthost_delivers(tmp_path: Path, dns, smarthost) -> None:
 
 
 @pytest.mark.parametrize(
-    "certifiedFor,selfSigned,reason",
+    "certifiedFor,flaw,reason",
     [
-        ("other.tls.test", False, "host name mismatch"),
-        ("smarthost.tls.test", True, "not trusted"),
+        ("other.tls.test", None, "host name mismatch"),
+        # The log names what is wrong with the certificate, as Postfix's does.
+        ("smarthost.tls.test", "untrusted",
+         "not trusted (unable to get local issuer certificate at depth 0: "),
+        ("smarthost.tls.test", "no intermediate",
+         "not trusted (unable to get local issuer certificate at depth 0: "),
+        ("smarthost.tls.test", "expired",
+         "verification failed (certificate has expired at depth 0: "),
     ],
 )
 def test_bad_certificate_defers_and_never_downgrades(
-    tmp_path: Path, dns, smarthost, certifiedFor: str, selfSigned: bool, reason: str
+    tmp_path: Path, dns, smarthost, certifiedFor: str, flaw: str | None, reason: str
 ) -> None:
-    recorder, port, caFile = smarthost(certifiedFor, selfSigned)
+    recorder, port, caFile = smarthost(certifiedFor, flaw)
     r = _relay(tmp_path, dns, "smarthost.tls.test", port, caFile)
     try:
         _send(r, "bob@example.org")
         m = r.waitForLog(r"to=<bob@example\.org>.*status=deferred \((.*)\)")
         assert f"TLS handshake with smarthost.tls.test[127.0.0.1] failed: certificate {reason}" in m.group(1)
+        if flaw is not None:  # and whose certificate it is
+            assert "O=trustme" in m.group(1)
         assert recorder.to("bob@example.org") == []  # nothing sent, not even in plaintext
         assert len(r.queued()) == 1  # kept for a retry
     finally:

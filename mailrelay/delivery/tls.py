@@ -52,13 +52,58 @@ class _UnverifiedClientTLS:
         return connection
 
 
+#: OpenSSL's words for its certificate verification errors (C{X509_V_ERR_*}, x509_vfy.h) that
+#: a next hop's certificate commonly has; those that say its issuer is not trusted are in
+#: L{_UNTRUSTED}.
+_VERIFY_ERRORS = {
+    2: "unable to get issuer certificate",
+    4: "unable to decrypt certificate's signature",
+    6: "unable to decode issuer public key",
+    7: "certificate signature failure",
+    9: "certificate is not yet valid",
+    10: "certificate has expired",
+    13: "format error in certificate's notBefore field",
+    14: "format error in certificate's notAfter field",
+    18: "self-signed certificate",
+    19: "self-signed certificate in certificate chain",
+    20: "unable to get local issuer certificate",
+    21: "unable to verify the first certificate",
+    22: "certificate chain too long",
+    23: "certificate revoked",
+    24: "invalid CA certificate",
+    25: "path length constraint exceeded",
+    26: "unsupported certificate purpose",
+    27: "certificate not trusted",
+    28: "certificate rejected",
+}
+_UNTRUSTED = frozenset({2, 18, 19, 20, 21, 27})
+
+
+class CertificateVerifyError(Exception):
+    """OpenSSL refused the chain of the server's certificate: why (its verification error,
+    in its words), at which depth (0: the server's own certificate) and whose certificate."""
+
+    def __init__(self, error: int, depth: int, subject: str) -> None:
+        self.error = error
+        self.untrusted = error in _UNTRUSTED
+        words = _VERIFY_ERRORS.get(error, f"verification error {error}")
+        super().__init__(f"{words} at depth {depth}: {subject}")
+
+
+def _subject(certificate: Any) -> str:
+    """A certificate's subject (RFC 4514: C{CN=mx.example,O=Example})."""
+    return str(certificate.to_cryptography().subject.rfc4514_string())
+
+
 @implementer(IOpenSSLClientConnectionCreator)
 class _VerifiedClientTLS:
     """TLS for C{tls="required"} and C{"implicit"}: Twisted's client TLS (the chain verified
     against C{trustRoot}, SNI), with the certificate's names checked here.  Twisted's own check
     only fails the handshake on a mismatch: when the certificate's names cannot be read
     (service_identity's C{CertificateError}, e.g. a wildcard over a whole top-level domain)
-    it logs the error and lets the handshake succeed as verified, whatever the names."""
+    it logs the error and lets the handshake succeed as verified, whatever the names.  A chain
+    OpenSSL refuses fails the handshake with a L{CertificateVerifyError} saying why (expired,
+    issuer unknown...), as Postfix's log does, not just "certificate verify failed"."""
 
     def __init__(self, hostname: str, trustRoot: Any) -> None:
         self._options = optionsForClientTLS(hostname, trustRoot=trustRoot)
@@ -70,11 +115,15 @@ class _VerifiedClientTLS:
         connection = self._options.clientConnectionForTLS(tlsProtocol)
         identity = self._identity
 
-        def verify(_connection: SSL.Connection, certificate: Any, _error: int, depth: int,
+        def verify(_connection: SSL.Connection, certificate: Any, error: int, depth: int,
                    ok: int) -> bool:
-            if not ok or depth != 0:
-                return bool(ok)  # (OpenSSL verifies the chain)
             try:
+                if not ok:  # (OpenSSL verifies the chain): say why it refused it
+                    tlsProtocol.failVerification(Failure(
+                        CertificateVerifyError(error, depth, _subject(certificate))))
+                    return False
+                if depth != 0:
+                    return True
                 verify_service_identity(extract_patterns(certificate), [identity], [])
             except (VerificationError, CertificateError) as e:
                 tlsProtocol.failVerification(Failure(e))
@@ -111,6 +160,10 @@ def describeTLSFailure(reason: Failure) -> str:
         return f"certificate host name mismatch ({value})"
     if isinstance(value, CertificateError):
         return f"certificate host name mismatch (its names cannot be checked: {value})"
+    if isinstance(value, CertificateVerifyError):
+        if value.untrusted:
+            return f"certificate not trusted ({value})"
+        return f"certificate verification failed ({value})"
     if isinstance(value, SSL.Error):
         text = str(value)
         if "certificate verify failed" in text:
