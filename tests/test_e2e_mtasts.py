@@ -60,14 +60,16 @@ def ca(tmp_path: Path) -> Any:
 
 
 @pytest.fixture
-def policyServer(ca: Any):
+def policyServer(ca: Any, request: pytest.FixtureRequest):
+    """The HTTPS server of the policies; its certificate is for the names of the test's
+    indirect parameter, else for every policy host."""
     why = _port443Free()
     if why is not None:
         if os.environ.get("CI") == "true":
             pytest.fail(why)
         pytest.skip(why)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert(*POLICIES).configure_cert(context)
+    ca.issue_cert(*getattr(request, "param", POLICIES)).configure_cert(context)
     asked: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
@@ -111,11 +113,8 @@ def mx(ca: Any):
     controller.stop()
 
 
-def test_mail_follows_the_domains_mta_sts_policy(
-    tmp_path: Path, ca: Any, policyServer: list[str], mx: Any
-) -> None:
-    recorder, port = mx
-    dns = DNSServer(tmp_path / "dns", "test", [
+def _dns(tmp_path: Path) -> DNSServer:
+    return DNSServer(tmp_path / "dns", "test", [
         ["sts.test", "MX", 10, "mx.sts.test"],
         ["mx.sts.test", "A", "127.0.0.1"],
         ["mta-sts.sts.test", "A", POLICY_ADDRESS],
@@ -125,6 +124,9 @@ def test_mail_follows_the_domains_mta_sts_policy(
         ["mta-sts.other.test", "A", POLICY_ADDRESS],
         ["_mta-sts.other.test", "TXT", "v=STSv1; id=1"],
     ])
+
+
+def _relay(tmp_path: Path, dns: DNSServer, port: int) -> RelayProcess:
     caFile = tmp_path / "ca.pem"
     config = (
         f'[delivery]\nmta_sts = true\nca_file = "{caFile}"\n'
@@ -134,29 +136,58 @@ def test_mail_follows_the_domains_mta_sts_policy(
         f'[[routes]]\ndomain = "sts.test"\nbackend = "smtp"\nnexthop = "sts.test:{port}"\n'
         f'[[routes]]\ndomain = "other.test"\nbackend = "smtp"\nnexthop = "other.test:{port}"\n'
     )
-    r = RelayProcess(tmp_path / "relay", config, env={"SSL_CERT_FILE": str(caFile)})
+    return RelayProcess(tmp_path / "relay", config, env={"SSL_CERT_FILE": str(caFile)})
+
+
+@pytest.fixture
+def relay(tmp_path: Path, ca: Any, policyServer: list[str], mx: Any):
+    """The started relay, with the MX host and the policy server: C{(recorder, relay, dns)}."""
+    recorder, port = mx
+    dns = _dns(tmp_path)
+    r = _relay(tmp_path, dns, port)
     try:
-        r.start()
-        _send(r, "bob@sts.test")
-        recorder.waitTo("bob@sts.test")
-        assert recorder.sessions["bob@sts.test"][1], "sent without TLS under an enforce policy"
-        r.waitForLog(r"MTA-STS: policy of sts\.test \(id 20261201\): mode enforce, mx "
-                     r"mx\.sts\.test, max_age 86400")
-        r.waitForLog(r"to=<bob@sts\.test>.*status=sent")
-        assert "mta-sts.sts.test/.well-known/mta-sts.txt" in policyServer
-        # Its address asked as an MX host's are (A), not with an ANY query many resolvers
-        # refuse (RFC 8482; found by the final review).
-        queries = dns.queries()
-        assert ("mta-sts.sts.test", "A") in queries
-        assert not [q for q in queries if q[1] in ("ALL_RECORDS", "ANY", "255")], queries
-
-        _send(r, "carol@other.test")
-        r.waitForLog(r"to=<carol@other\.test>.*status=deferred \(X-mailrelay; no MX host of "
-                     r"other\.test matches its MTA-STS policy \(mx: \*\.elsewhere\.test\)\)")
-        assert "carol@other.test" not in recorder.sessions
-
-        cached = json.loads((r.spool.parent / "spool" / "mta-sts.json").read_text())
-        assert sorted(p["domain"] for p in cached["policies"]) == ["other.test", "sts.test"]
+        yield recorder, r.start(), dns
     finally:
         r.stop()
         dns.stop()
+
+
+def test_mail_follows_the_domains_mta_sts_policy(relay: Any, policyServer: list[str]) -> None:
+    recorder, r, dns = relay
+    _send(r, "bob@sts.test")
+    recorder.waitTo("bob@sts.test")
+    assert recorder.sessions["bob@sts.test"][1], "sent without TLS under an enforce policy"
+    r.waitForLog(r"MTA-STS: policy of sts\.test \(id 20261201\): mode enforce, mx "
+                 r"mx\.sts\.test, max_age 86400")
+    r.waitForLog(r"to=<bob@sts\.test>.*status=sent")
+    assert "mta-sts.sts.test/.well-known/mta-sts.txt" in policyServer
+    # Its address asked as an MX host's are (A), not with an ANY query many resolvers
+    # refuse (RFC 8482; found by the final review).
+    queries = dns.queries()
+    assert ("mta-sts.sts.test", "A") in queries
+    assert not [q for q in queries if q[1] in ("ALL_RECORDS", "ANY", "255")], queries
+
+    _send(r, "carol@other.test")
+    r.waitForLog(r"to=<carol@other\.test>.*status=deferred \(X-mailrelay; no MX host of "
+                 r"other\.test matches its MTA-STS policy \(mx: \*\.elsewhere\.test\)\)")
+    assert "carol@other.test" not in recorder.sessions
+
+    cached = json.loads((r.spool.parent / "spool" / "mta-sts.json").read_text())
+    assert sorted(p["domain"] for p in cached["policies"]) == ["other.test", "sts.test"]
+
+
+@pytest.mark.parametrize("policyServer", [("mta-sts.nowhere.test", "*.test")], indirect=True)
+def test_a_policy_host_whose_certificate_names_cannot_be_checked_is_not_believed(
+    relay: Any
+) -> None:
+    """The policy host's certificate, from a trusted CA, names other hosts and a wildcard
+    over a whole top-level domain, which service_identity cannot check: its policy is not
+    fetched (RFC 8461 section 3.3: the certificate must be valid for the host), so mail for
+    other.test goes to its MX host as without a policy, instead of being held by a policy
+    nobody proved is other.test's."""
+    _recorder, r, _server = relay
+    _send(r, "carol@other.test")
+    r.waitForLog(r"MTA-STS: cannot fetch the policy of other\.test \(id 1\): [^\n]*"
+                 r"certificate host name mismatch")
+    r.waitForLog(r"to=<carol@other\.test>.*status=sent")
+    assert "MTA-STS: policy of other.test" not in r.log()

@@ -73,7 +73,7 @@ from mailrelay.delivery.common import (
     resultsForAll,
 )
 from mailrelay.delivery.connection import connectSMTP
-from mailrelay.delivery.tls import clientTLSOptions, describeTLSFailure
+from mailrelay.delivery.tls import clientTLSOptions, describeTLSFailure, verifiedClientTLS
 from mailrelay.errors import DeliveryFailure, PermanentFailure
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, PluginContext, RecipientResult
 from mailrelay.route.mtasts import MTASTS
@@ -696,7 +696,8 @@ def build(options: dict[str, Any], context: PluginContext) -> SMTPBackend:
     sts = None
     if options.get("mta_sts", False):
         sts = MTASTS(resolver, reactor, options.get("mta_sts_cache"),
-                     deferToThread=context.deferToThread, describeTLS=describeTLSFailure)
+                     deferToThread=context.deferToThread, describeTLS=describeTLSFailure,
+                     clientTLS=verifiedClientTLS)
     return SMTPBackend(
         reactor,
         MXResolver(resolver, reactor),

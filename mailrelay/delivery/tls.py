@@ -137,6 +137,12 @@ class _VerifiedClientTLS:
         return connection
 
 
+def verifiedClientTLS(hostname: str) -> IOpenSSLClientConnectionCreator:
+    """TLS to C{hostname} verified against the platform's trust store (the certificate's chain
+    and names, as for C{tls="required"}): for the MTA-STS policy fetches."""
+    return _VerifiedClientTLS(hostname, platformTrust())
+
+
 def clientTLSOptions(settings: ClientSettings, hostname: str) -> IOpenSSLClientConnectionCreator:
     """The TLS client options for C{hostname} under C{settings}.
 

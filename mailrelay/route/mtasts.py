@@ -39,7 +39,6 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.protocol import Protocol
-from twisted.internet.ssl import optionsForClientTLS, platformTrust
 from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names import error as dnsError
@@ -207,25 +206,28 @@ class _Body(Protocol):
 class _Endpoints:
     """The endpoints of the policy fetches: the host's address looked up through the relay's
     own resolver (its C{[dns] nameservers}: A and AAAA, as for MX hosts), TLS verified for
-    the host's name against the platform's trust store."""
+    the host's name against the platform's trust store (C{clientTLS(host)})."""
 
-    def __init__(self, reactor: Any, addresses: Callable[[str], Deferred], port: int | None = None
-                 ) -> None:
+    def __init__(self, reactor: Any, addresses: Callable[[str], Deferred],
+                 clientTLS: Callable[[str], Any], port: int | None = None) -> None:
         self.reactor = reactor
         self.addresses = addresses
+        self.clientTLS = clientTLS
         self.port = port
 
     def endpointForURI(self, uri: Any) -> Any:
         return _ResolvingEndpoint(
-            self.reactor, self.addresses, uri.host.decode("ascii"), self.port or uri.port
+            self.reactor, self.addresses, self.clientTLS, uri.host.decode("ascii"),
+            self.port or uri.port
         )
 
 
 class _ResolvingEndpoint:
-    def __init__(self, reactor: Any, addresses: Callable[[str], Deferred], host: str, port: int
-                 ) -> None:
+    def __init__(self, reactor: Any, addresses: Callable[[str], Deferred],
+                 clientTLS: Callable[[str], Any], host: str, port: int) -> None:
         self.reactor = reactor
         self.addresses = addresses
+        self.clientTLS = clientTLS
         self.host = host
         self.port = port
 
@@ -237,8 +239,7 @@ class _ResolvingEndpoint:
         address = found[0]
         kind = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
         tcp = kind(self.reactor, address, self.port, timeout=FETCH_TIMEOUT)
-        tls = optionsForClientTLS(self.host, trustRoot=platformTrust())
-        protocol = yield wrapClientTLS(tls, tcp).connect(factory)
+        protocol = yield wrapClientTLS(self.clientTLS(self.host), tcp).connect(factory)
         return protocol
 
 
@@ -250,12 +251,15 @@ class _Discard(Protocol):
 
 
 def fetchPolicy(
-    reactor: Any, addresses: Callable[[str], Deferred], domain: str, port: int | None = None
+    reactor: Any, addresses: Callable[[str], Deferred], domain: str,
+    clientTLS: Callable[[str], Any], port: int | None = None
 ) -> Deferred:
     """The text of C{domain}'s policy file, fetched over HTTPS (no redirect followed, at most
     L{MAX_POLICY} octets, L{FETCH_TIMEOUT} seconds).
 
     @param addresses: C{addresses(host)}: a Deferred firing with the addresses of C{host}.
+    @param clientTLS: C{clientTLS(host)}: the C{IOpenSSLClientConnectionCreator} that verifies
+        C{host}'s certificate against the platform's trust store (RFC 8461 section 3.3).
 
     @param port: the HTTPS port (443, the only one RFC 8461 allows; tests use another).
     @return: a Deferred firing with the text, or failing (L{PolicyError} for an answer
@@ -264,7 +268,7 @@ def fetchPolicy(
     from twisted.web.client import Agent
     from twisted.web.http_headers import Headers
 
-    agent = Agent.usingEndpointFactory(reactor, _Endpoints(reactor, addresses, port))
+    agent = Agent.usingEndpointFactory(reactor, _Endpoints(reactor, addresses, clientTLS, port))
     url = f"https://mta-sts.{domain}/.well-known/mta-sts.txt".encode("ascii")
     d = agent.request(b"GET", url, Headers({b"User-Agent": [b"mailrelay"]}))
 
@@ -312,6 +316,8 @@ class MTASTS:
     @param deferToThread: runs the writes of C{cacheFile} off the reactor thread.
     @param now: the wall clock (seconds since the epoch), for the policies' ages.
     @param describeTLS: says why a connection failed (L{describeFetchError}).
+    @param clientTLS: C{clientTLS(host)}: verified TLS to C{host} (see L{fetchPolicy});
+        required without C{fetch}.
     """
 
     def __init__(
@@ -323,19 +329,23 @@ class MTASTS:
         deferToThread: Callable[..., Deferred] | None = None,
         now: Callable[[], float] = time.time,
         describeTLS: Callable[[Failure], str] | None = None,
+        clientTLS: Callable[[str], Any] | None = None,
     ) -> None:
         self.resolver = resolver
         self.clock = clock
         self.cacheFile = cacheFile
         self.describeTLS = describeTLS
         if fetch is None:
+            if clientTLS is None:
+                raise TypeError("MTASTS fetches policies only with clientTLS")
+            verified = clientTLS
             hosts = MXResolver(resolver, clock)
 
             def addresses(host: str) -> Deferred:
                 found = hosts.resolve(f"[{host}]:443")
                 return found.addCallback(lambda mx: [h.address for h in mx])
 
-            fetch = lambda domain: fetchPolicy(clock, addresses, domain)  # noqa: E731
+            fetch = lambda domain: fetchPolicy(clock, addresses, domain, verified)  # noqa: E731
         self._fetch = fetch
         self._deferToThread = (
             deferToThread if deferToThread is not None else threadHandOff(clock)
