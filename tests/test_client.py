@@ -1609,3 +1609,19 @@ def test_certificateVerifyErrorsAreSaidInWords():
         "CN=Some CA)")
     assert str(CertificateVerifyError(4242, 0, "CN=x")) == (
         "verification error 4242 at depth 0: CN=x")
+
+
+def test_certificateNameMismatchSaysTheNames():
+    import ipaddress
+
+    from service_identity.hazmat import DNSPattern, IPAddressPattern
+
+    from mailrelay.delivery.tls import CertificateNameMismatch
+
+    names = [DNSPattern.from_bytes(b"*.example.org"),
+             IPAddressPattern(ipaddress.ip_address("192.0.2.1"))]
+    assert str(CertificateNameMismatch("mx.test", names)) == (
+        "mx.test is not a name of the certificate, which names *.example.org, 192.0.2.1")
+    assert str(CertificateNameMismatch("mx.test", [])) == (
+        "mx.test is not a name of the certificate, which names no host (no DNS or IP address "
+        "subjectAltName)")

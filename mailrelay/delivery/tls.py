@@ -3,12 +3,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from OpenSSL import SSL
 from service_identity import CertificateError, VerificationError
-from service_identity.hazmat import DNS_ID, IPAddress_ID, ServiceID, verify_service_identity
+from service_identity.hazmat import (
+    DNS_ID,
+    DNSPattern,
+    IPAddress_ID,
+    IPAddressPattern,
+    ServiceID,
+    verify_service_identity,
+)
 from service_identity.pyopenssl import extract_patterns
 from twisted.internet import error as ierror
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -90,6 +98,22 @@ class CertificateVerifyError(Exception):
         super().__init__(f"{words} at depth {depth}: {subject}")
 
 
+class CertificateNameMismatch(Exception):
+    """The server's certificate is not for the host name the relay connected to: which name
+    that was, and the names the certificate gives (its DNS and IP address
+    subjectAltNames)."""
+
+    def __init__(self, hostname: str, patterns: Sequence[Any]) -> None:
+        names = [
+            p.pattern.decode("ascii", "replace") if isinstance(p.pattern, bytes) else str(p.pattern)
+            for p in patterns
+            if isinstance(p, (DNSPattern, IPAddressPattern))
+        ]
+        which = (f"which names {', '.join(names)}" if names
+                 else "which names no host (no DNS or IP address subjectAltName)")
+        super().__init__(f"{hostname} is not a name of the certificate, {which}")
+
+
 def _subject(certificate: Any) -> str:
     """A certificate's subject (RFC 4514: C{CN=mx.example,O=Example})."""
     return str(certificate.to_cryptography().subject.rfc4514_string())
@@ -107,13 +131,14 @@ class _VerifiedClientTLS:
 
     def __init__(self, hostname: str, trustRoot: Any) -> None:
         self._options = optionsForClientTLS(hostname, trustRoot=trustRoot)
+        self._hostname = hostname
         self._identity: ServiceID = (
             IPAddress_ID(hostname) if isIPAddress(hostname) or isIPv6Address(hostname)
             else DNS_ID(hostname))
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         connection = self._options.clientConnectionForTLS(tlsProtocol)
-        identity = self._identity
+        hostname, identity = self._hostname, self._identity
 
         def verify(_connection: SSL.Connection, certificate: Any, error: int, depth: int,
                    ok: int) -> bool:
@@ -124,8 +149,12 @@ class _VerifiedClientTLS:
                     return False
                 if depth != 0:
                     return True
-                verify_service_identity(extract_patterns(certificate), [identity], [])
-            except (VerificationError, CertificateError) as e:
+                patterns = extract_patterns(certificate)
+                verify_service_identity(patterns, [identity], [])
+            except VerificationError:
+                tlsProtocol.failVerification(Failure(CertificateNameMismatch(hostname, patterns)))
+                return False
+            except CertificateError as e:
                 tlsProtocol.failVerification(Failure(e))
                 return False
             except BaseException:  # (an exception must not reach OpenSSL)
@@ -162,7 +191,7 @@ def clientTLSOptions(settings: ClientSettings, hostname: str) -> IOpenSSLClientC
 def describeTLSFailure(reason: Failure) -> str:
     """Why a TLS handshake failed, in words for logs and diagnostics."""
     value = reason.value
-    if isinstance(value, VerificationError):
+    if isinstance(value, (CertificateNameMismatch, VerificationError)):
         return f"certificate host name mismatch ({value})"
     if isinstance(value, CertificateError):
         return f"certificate host name mismatch (its names cannot be checked: {value})"
