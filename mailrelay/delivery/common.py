@@ -77,11 +77,14 @@ def resultsForAll(
     code: str,
     diagnostic: str,
     remoteMTA: str | None = None,
+    command: str | None = None,
 ) -> list[RecipientResult]:
-    """The same result for each of C{recipients} (L{mailrelay.envelope.Recipient}s)."""
+    """The same result for each of C{recipients} (L{mailrelay.envelope.Recipient}s);
+    C{command}: the one whose reply C{diagnostic} is (L{RecipientResult.command})."""
     return [
         RecipientResult(
-            address=r.address, status=status, code=code, diagnostic=diagnostic, remoteMTA=remoteMTA
+            address=r.address, status=status, code=code, diagnostic=diagnostic,
+            remoteMTA=remoteMTA, command=command,
         )
         for r in recipients
     ]

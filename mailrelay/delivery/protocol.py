@@ -245,7 +245,7 @@ class SMTPClientProtocol(Protocol):
             elif isinstance(event, ConnectFailed):
                 error = event.error
                 log.warn("connection to {host} failed: {diagnostic}", host=self.host,
-                         diagnostic=error.diagnostic, code=error.code, queueID=None)
+                         diagnostic=error.described, code=error.code, queueID=None)
                 if self.ready is not None and not self.ready.called:
                     fire.append((self.ready, Failure(error)))
             elif isinstance(event, Close):

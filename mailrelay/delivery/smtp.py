@@ -478,7 +478,7 @@ class SMTPBackend(ClientBackend):
                 port=host.port,
                 nexthop=key[0],
                 code=e.code,
-                diagnostic=e.diagnostic,
+                diagnostic=e.described,
             )
             if e.loop:  # (Postfix: final at the best MX, else transient)
                 diagnostic = _loopDiagnostic(key[0])
@@ -552,10 +552,11 @@ class SMTPBackend(ClientBackend):
             queueID=envelope.queueID,
             nexthop=nexthop,
             code=code,
-            diagnostic=diagnostic,
+            diagnostic=decisive.described,
         )
         results = resultsForAll(
-            recipients, DeliveryStatus.TRANSIENT, _transientCode(code), diagnostic, remoteMTA
+            recipients, DeliveryStatus.TRANSIENT, _transientCode(code), diagnostic, remoteMTA,
+            decisive.command,
         )
         if not any(aboutSecurity(e) for e in tried.connectErrors):
             # No server of it could be talked to (not: this delivery's TLS or AUTH failed).

@@ -504,10 +504,12 @@ class ClientSession:
     # Connection set-up ------------------------------------------------------------------------
 
     def _connectFailed(self, code: str, diagnostic: str, permanent: bool = False,
-                       quit: bool = False, close: bool = True, loop: bool = False) -> None:
+                       quit: bool = False, close: bool = True, loop: bool = False,
+                       command: str | None = None) -> None:
         error = SMTPConnectError(code, printable(diagnostic)[:MAX_DIAGNOSTIC], permanent,
                                  self.remoteMTA, tlsFailure=self.tlsSessionFailed, loop=loop,
-                                 refusedHello=self.state in (_EHLO, _HELO) and not loop)
+                                 refusedHello=self.state in (_EHLO, _HELO) and not loop,
+                                 command=command)
         self._out.append(ConnectFailed(error))
         if close:
             if quit:
@@ -524,7 +526,19 @@ class ClientSession:
         permanent = reply.code >= 500
         if permanent and permanentCode and not reply.enhanced.startswith("5."):
             code = permanentCode
-        self._connectFailed(code, replyDiagnostic(reply), permanent=permanent, quit=True)
+        self._connectFailed(code, replyDiagnostic(reply), permanent=permanent, quit=True,
+                            command=self._setupCommand())
+
+    def _setupCommand(self) -> str | None:
+        """The command of the connection set-up whose reply is awaited (C{None}: the
+        greeting)."""
+        if self.state in (_AUTH, _AUTH_USER, _AUTH_PASS):
+            return "AUTH"
+        if self.state == _HELO:
+            return "HELO"
+        if self.state == _EHLO:
+            return "LHLO" if self.settings.lmtp else "EHLO"
+        return None
 
     def _reply_greeting(self, reply: Reply) -> None:
         if reply.code == 220:

@@ -29,6 +29,9 @@ class SMTPConnectError(Exception):
         try again without TLS.  A response injection after STARTTLS is not one.
     @ivar loop: the server answered EHLO with the relay's own name: it is the relay itself
         (5.4.6; the backend decides whether that is final).
+    @ivar command: the command whose reply C{diagnostic} is (C{"EHLO"}, C{"HELO"},
+        C{"LHLO"}, C{"AUTH"}), as L{RecipientResult.command
+        <mailrelay.interfaces.RecipientResult>}; C{None} for no reply, or the greeting's.
     @ivar refusedHello: the server refused HELO (after EHLO) or LHLO with a 5xx: the
         recipients are returned when it is the last server to try, as Postfix's
         C{smtp_site_fail} at the final server does.  A 5xx greeting or AUTH reply is not
@@ -37,7 +40,8 @@ class SMTPConnectError(Exception):
 
     def __init__(self, code: str, diagnostic: str, permanent: bool = False,
                  remoteMTA: str | None = None, *, tlsFailure: bool = False,
-                 loop: bool = False, refusedHello: bool = False) -> None:
+                 loop: bool = False, refusedHello: bool = False,
+                 command: str | None = None) -> None:
         super().__init__(diagnostic)
         if permanent != code.startswith("5."):
             raise ValueError(f"permanent={permanent} does not match status {code}")
@@ -48,11 +52,21 @@ class SMTPConnectError(Exception):
         self.tlsFailure = tlsFailure
         self.loop = loop
         self.refusedHello = refusedHello and permanent
+        self.command = command
+
+    @property
+    def described(self) -> str:
+        """The diagnostic for the log, with the command it answered: C{"smtp; 535 5.7.8 no
+        (in reply to AUTH command)"}."""
+        if self.command is None:
+            return self.diagnostic
+        return f"{self.diagnostic} (in reply to {self.command} command)"
 
     def resultsFor(self, recipients: Sequence[Recipient]) -> list[RecipientResult]:
         """One L{RecipientResult} per recipient saying this error happened."""
         status = DeliveryStatus.PERMANENT if self.permanent else DeliveryStatus.TRANSIENT
-        return [RecipientResult(r.address, status, self.code, self.diagnostic, self.remoteMTA)
+        return [RecipientResult(r.address, status, self.code, self.diagnostic, self.remoteMTA,
+                                command=self.command)
                 for r in recipients]
 
     def __repr__(self) -> str:
