@@ -1625,3 +1625,19 @@ def test_certificateNameMismatchSaysTheNames():
     assert str(CertificateNameMismatch("mx.test", [])) == (
         "mx.test is not a name of the certificate, which names no host (no DNS or IP address "
         "subjectAltName)")
+
+
+def test_tlsLibraryErrorsAreSaidInWords():
+    """OpenSSL's error list is said in its words, not as a Python list of tuples (it goes
+    into the log and the Diagnostic-Code of delivery status notifications)."""
+    from OpenSSL import SSL
+    from twisted.python.failure import Failure
+
+    from mailrelay.delivery.tls import describeTLSFailure
+
+    error = SSL.Error([("SSL routines", "", "wrong version number")])
+    assert describeTLSFailure(Failure(error)) == "TLS error: wrong version number"
+    error = SSL.Error([("SSL routines", "", "tlsv1 alert protocol version"),
+                       ("SSL routines", "", "tlsv1 alert protocol version")])
+    assert describeTLSFailure(Failure(error)) == "TLS error: tlsv1 alert protocol version"
+    assert describeTLSFailure(Failure(SSL.Error("odd"))) == "TLS error: odd"

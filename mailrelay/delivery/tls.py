@@ -188,6 +188,17 @@ def clientTLSOptions(settings: ClientSettings, hostname: str) -> IOpenSSLClientC
     return _UnverifiedClientTLS(hostname)
 
 
+def _openSSLReasons(error: SSL.Error) -> str:
+    """The reasons of OpenSSL's error list (C{[(library, function, reason), ...]}), each once:
+    C{"wrong version number"}."""
+    entries = error.args[0] if error.args else None
+    if isinstance(entries, list) and entries and all(
+        isinstance(e, tuple) and len(e) == 3 for e in entries
+    ):
+        return "; ".join(dict.fromkeys(str(e[2]) or str(e[0]) for e in entries))
+    return str(error)
+
+
 def describeTLSFailure(reason: Failure) -> str:
     """Why a TLS handshake failed, in words for logs and diagnostics."""
     value = reason.value
@@ -200,10 +211,10 @@ def describeTLSFailure(reason: Failure) -> str:
             return f"certificate not trusted ({value})"
         return f"certificate verification failed ({value})"
     if isinstance(value, SSL.Error):
-        text = str(value)
+        text = _openSSLReasons(value)
         if "certificate verify failed" in text:
             return "certificate not trusted (certificate verify failed)"
-        return f"TLS error {text}"
+        return f"TLS error: {text}"
     if isinstance(value, (ierror.ConnectionDone, ierror.ConnectionLost)):
         return "connection closed during the handshake"
     return str(value) or type(value).__name__
