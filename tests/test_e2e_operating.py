@@ -467,6 +467,48 @@ def test_runAsFailedStartLeavesNoProcess(nobodyRuntime) -> None:
     assert "Traceback" not in log
 
 
+@pytest.mark.parametrize("daemonize", [True, False])
+def test_failedStartWithPidfileExits(tmp_path: Path, daemonize: bool) -> None:
+    """twistd without -n (the README's form for starting as root) daemonizes before the
+    relay starts: a start that fails then (here: the port is taken) makes the command exit
+    1 at once saying why, as with -n -- not wait forever for the daemon's word -- and leaves
+    neither a process nor its pid file behind (with -n either)."""
+    from tests.harness import TWISTD
+
+    pidfile = tmp_path / "twistd.pid"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = subprocess.Popen(
+            [TWISTD, *(() if daemonize else ("-n",)), "--pidfile", str(pidfile),
+             "--logfile", str(tmp_path / "twistd.log"),
+             "mailrelay", "--hostname", "relay.test", "--spool", str(tmp_path / "spool"),
+             "--listen", f"tcp:{port}:interface=127.0.0.1"],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        try:
+            output, _ = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate(timeout=10)
+            raise AssertionError("twistd waits forever for the daemon that failed to start")
+        finally:
+            deadline = time.monotonic() + 10  # (the daemon may be a moment behind)
+            while (leftover := processesMentioning(str(tmp_path))) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for pid in leftover:
+                os.kill(pid, signal.SIGKILL)
+    assert process.returncode == 1, output
+    if daemonize:  # (with -n, the log file has it)
+        assert b"cannot listen on tcp:" in output, output
+    log = (tmp_path / "twistd.log").read_text()
+    assert f"mailrelay: error: --listen: cannot listen on tcp:{port}:interface" in log, log
+    assert "Traceback" not in log, log
+    assert leftover == [] and not pidfile.exists()
+
+
 def test_metricsInline(relay, nexthop, dns) -> None:
     """With the queue in the relay's own process (queue.process = "inline"), the same
     metrics come from it directly."""

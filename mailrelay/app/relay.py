@@ -147,13 +147,42 @@ class RelayService(OrderedMultiService):
         without us), so that a failed start leaves no process behind."""
         try:
             start()
-        except BaseException:
+        except BaseException as e:
             if self.spool is not None:
                 self.spool.stop()
             for child in (self.acceptors, self.delivery):
                 if child is not None and child.running:
                     child.stopService()
+            if isinstance(e, SystemExit):
+                self._failedStart(e)
             raise
+
+    def _failedStart(self, exit: SystemExit) -> None:
+        """The start failed with C{exit} (its message said): tell twistd's waiting parent
+        when it daemonized, and remove twistd's pid file, as twistd does for the errors it
+        catches -- it catches C{Exception} only.  Without the word on its status pipe, the
+        parent (the command that was run) would wait for it forever."""
+        options = self.twistdOptions or {}
+        pipe = options.get("statusPipe")
+        if pipe is not None:
+            options["statusPipe"] = None
+            # As twistd's own report (its parent prints what follows "1 ", 100 octets).
+            message = exit.code if isinstance(exit.code, str) else f"exit status {exit.code}"
+            try:
+                os.write(pipe, b"1 " + message.encode("utf-8", "replace")[:98])
+            except OSError:
+                pass
+            finally:
+                os.close(pipe)
+        pidfile = options.get("pidfile")
+        if pidfile:
+            try:
+                with open(pidfile, "rb") as f:
+                    ours = f.read().strip() == str(os.getpid()).encode()
+                if ours:
+                    os.unlink(pidfile)
+            except OSError:
+                pass
 
     def enqueue(self, queueID: str) -> None:
         """A message was committed: hand it to the delivery side."""
