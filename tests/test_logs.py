@@ -5,6 +5,7 @@ the filter."""
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
 
 from twisted.application.service import Application
@@ -107,6 +108,50 @@ def test_installTwistdObserver(tmp_path) -> None:
     assert not installTwistdObserver(application, options, levels)  # already has one
     options["logger"] = "some.factory"
     assert not installTwistdObserver(Application("other"), options, levels)
+
+
+def syslogged(monkeypatch, levels: LevelFilter) -> tuple[Logger, list[tuple[int, str]]]:
+    """A logger through the observer twistd's C{--syslog} gets, and the C{(priority, line)}
+    pairs it would send to syslog."""
+    from twisted.python import syslog as twistedSyslog
+    from twisted.scripts.twistd import ServerOptions
+
+    sent: list[tuple[int, str]] = []
+    monkeypatch.setattr(twistedSyslog.SyslogObserver, "openlog", lambda *args: None)
+    monkeypatch.setattr(twistedSyslog.SyslogObserver, "syslog",
+                        lambda self, priority, line: sent.append((priority, line)))
+    options = ServerOptions()
+    options.parseOptions(["--syslog", "--prefix", "mailrelay", "--pidfile=", "mailrelay"])
+    application = Application("test")
+    assert installTwistdObserver(application, options, levels)
+    return Logger(namespace="test", observer=application.getComponent(ILogObserver)), sent
+
+
+def test_syslogPriorityIsTheLevel(monkeypatch) -> None:
+    """With twistd's --syslog each line has the priority of its level, as Postfix's
+    warnings are LOG_WARNING and its errors LOG_ERR: not LOG_INFO for every warning and
+    LOG_ALERT for every error, as twistd's observer gives (a syslog filter on the
+    priority would miss the warnings)."""
+    import syslog
+
+    log, sent = syslogged(monkeypatch, LevelFilter(LogLevel.debug))
+    log.debug("d")
+    log.info("i")
+    log.warn("w")
+    log.error("e")
+    log.critical("c")
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        log.failure("f")
+    first = [(priority, line) for priority, line in sent if re.fullmatch(r"\[.*\] \w", line)]
+    assert first == [(syslog.LOG_DEBUG, "[test#debug] d"), (syslog.LOG_INFO, "[test#info] i"),
+                     (syslog.LOG_WARNING, "[test#warn] w"), (syslog.LOG_ERR, "[test#error] e"),
+                     (syslog.LOG_CRIT, "[test#critical] c"),
+                     (syslog.LOG_CRIT, "[test#critical] f")], sent
+    assert any("ZeroDivisionError" in line for _, line in sent), sent  # (its traceback)
+    log.warn("{what} below", what="filtered")
+    assert sent[-1] == (syslog.LOG_WARNING, "[test#warn] filtered below")
 
 
 class BrokenPipe(io.StringIO):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import syslog
 from typing import Any
 
 from twisted.logger import (
@@ -27,11 +28,13 @@ from twisted.logger import (
     formatTime,
     timeFormatRFC3339,
 )
-from zope.interface import implementer
+from zope.interface import implementer, provider
 
 from mailrelay.queue.process import eventText
 
-__all__ = ["LOG_LEVELS", "LevelFilter", "classicLogText", "filtered", "installTwistdObserver"]
+__all__ = [
+    "LOG_LEVELS", "LevelFilter", "classicLogText", "filtered", "forSyslog", "installTwistdObserver",
+]
 
 #: The levels C{[log] level} may name, lowest first (Twisted's).
 LOG_LEVELS = tuple(level.name for level in LogLevel.iterconstants())
@@ -160,8 +163,40 @@ def installTwistdObserver(application: Any, serverOptions: Any, levels: LevelFil
     observer = _SomeApplicationRunner.loggerFactory(serverOptions)._getLogObserver()
     if type(observer) is FileLogObserver:  # twistd's textFileLogObserver (its time format)
         observer.formatEvent = classicLogText()
+    elif serverOptions.get("syslog"):
+        observer = forSyslog(observer)
     application.setComponent(ILogObserver, filtered(observer, levels))
     return True
+
+
+#: The syslog priority of each level, as Postfix's: its warnings are LOG_WARNING, its errors
+#: LOG_ERR, its fatal errors LOG_CRIT.
+_SYSLOG_PRIORITIES = {
+    LogLevel.debug: syslog.LOG_DEBUG,
+    LogLevel.info: syslog.LOG_INFO,
+    LogLevel.warn: syslog.LOG_WARNING,
+    LogLevel.error: syslog.LOG_ERR,
+    LogLevel.critical: syslog.LOG_CRIT,
+}
+
+
+def forSyslog(observer: Any) -> ILogObserver:
+    """twistd's C{--syslog} observer C{observer} (a legacy one) given each event with its
+    level's syslog priority (L{_SYSLOG_PRIORITIES}) and its system as the log file has it
+    (L{eventSystem}): left to itself it sends every event at LOG_INFO but errors, at
+    LOG_ALERT, and names the system of none (C{[-]})."""
+    legacy = LegacyLogObserverWrapper(observer)
+
+    @provider(ILogObserver)
+    def emit(event: dict[str, Any]) -> None:
+        event = dict(event)
+        priority = _SYSLOG_PRIORITIES.get(event.get("log_level"))  # type: ignore[arg-type]
+        if priority is not None:
+            event.setdefault("syslogPriority", priority)
+        event.setdefault("system", eventSystem(event))
+        legacy(event)
+
+    return emit
 
 
 _log = Logger()
