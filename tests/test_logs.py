@@ -144,14 +144,26 @@ def test_syslogPriorityIsTheLevel(monkeypatch) -> None:
         1 / 0
     except ZeroDivisionError:
         log.failure("f")
-    first = [(priority, line) for priority, line in sent if re.fullmatch(r"\[.*\] \w", line)]
+    first = [(priority & 7, line) for priority, line in sent
+             if re.fullmatch(r"\[.*\] \w", line)]
     assert first == [(syslog.LOG_DEBUG, "[test#debug] d"), (syslog.LOG_INFO, "[test#info] i"),
                      (syslog.LOG_WARNING, "[test#warn] w"), (syslog.LOG_ERR, "[test#error] e"),
                      (syslog.LOG_CRIT, "[test#critical] c"),
                      (syslog.LOG_CRIT, "[test#critical] f")], sent
     assert any("ZeroDivisionError" in line for _, line in sent), sent  # (its traceback)
     log.warn("{what} below", what="filtered")
-    assert sent[-1] == (syslog.LOG_WARNING, "[test#warn] filtered below")
+    assert sent[-1] == (syslog.LOG_MAIL | syslog.LOG_WARNING, "[test#warn] filtered below")
+
+
+def test_syslogFacilityIsMail(monkeypatch) -> None:
+    """With twistd's --syslog the lines go to the mail facility, as Postfix's
+    (syslog_facility = mail: /var/log/mail.log), not twistd's default, user."""
+    import syslog
+
+    log, sent = syslogged(monkeypatch, LevelFilter())
+    log.info("hello")
+    log.error("oops")
+    assert [priority & ~7 for priority, _ in sent] == [syslog.LOG_MAIL] * 2, sent
 
 
 class BrokenPipe(io.StringIO):

@@ -182,7 +182,8 @@ _SYSLOG_PRIORITIES = {
 
 def forSyslog(observer: Any) -> ILogObserver:
     """twistd's C{--syslog} observer C{observer} (a legacy one) given each event with its
-    level's syslog priority (L{_SYSLOG_PRIORITIES}) and its system as the log file has it
+    level's syslog priority (L{_SYSLOG_PRIORITIES}), the mail facility (Postfix's
+    C{syslog_facility} default; twistd's is user) and its system as the log file has it
     (L{eventSystem}): left to itself it sends every event at LOG_INFO but errors, at
     LOG_ALERT, and names the system of none (C{[-]})."""
     legacy = LegacyLogObserverWrapper(observer)
@@ -193,6 +194,7 @@ def forSyslog(observer: Any) -> ILogObserver:
         priority = _SYSLOG_PRIORITIES.get(event.get("log_level"))  # type: ignore[arg-type]
         if priority is not None:
             event.setdefault("syslogPriority", priority)
+        event.setdefault("syslogFacility", syslog.LOG_MAIL)
         event.setdefault("system", eventSystem(event))
         legacy(event)
 
