@@ -99,6 +99,47 @@ def test_logLevelWarnAndReload(tmp_path: Path) -> None:
         r.stop()
 
 
+def waitInFile(path: Path, text: bytes, timeout: float = 10.0) -> bytes:
+    """The bytes of C{path} once they hold C{text}."""
+    deadline = time.monotonic() + timeout
+    while True:
+        data = path.read_bytes() if path.exists() else b""
+        if text in data or time.monotonic() > deadline:
+            return data
+        time.sleep(0.05)
+
+
+def test_logFileTruncatedIsWrittenFromItsStart(tmp_path: Path) -> None:
+    """twistd's --logfile truncated under the relay (logrotate's copytruncate) is written
+    from its start: the relay appends, rather than writing at its old offset behind a hole
+    of NUL bytes that makes grep call the log a binary file; so does the file twistd's
+    rotation (SIGUSR1) opens."""
+    port = freePort()
+    logfile = tmp_path / "twistd.log"
+    r = RelayProcess(tmp_path / "relay", args=("--listen", f"tcp:{port}:interface=127.0.0.1"),
+                     listeners=0, hold=True)
+    command = r.command()
+    assert command[3] == "mailrelay"
+    r.command = lambda: [*command[:3], "--logfile", str(logfile), *command[3:]]  # type: ignore
+    r.start()
+    r.ports = [port]
+    try:
+        waitListening(port)
+        for rotate in (False, True):  # (rotated by twistd on SIGUSR1, the new file too)
+            if rotate:
+                assert r.process is not None
+                r.process.send_signal(signal.SIGUSR1)
+                waitInFile(Path(f"{logfile}.1"), b"disconnect from")
+            r.connect().close()
+            waitInFile(logfile, b"disconnect from")
+            os.truncate(logfile, 0)  # (copytruncate's copy is made first)
+            r.connect().close()
+            text = waitInFile(logfile, b"disconnect from")
+            assert b"connect from 127.0.0.1" in text and b"\0" not in text, text[:200]
+    finally:
+        r.stop()
+
+
 # ---------------------------------------------------------------------------------------------
 # Metrics and the health check
 

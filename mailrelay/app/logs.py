@@ -10,6 +10,7 @@ at.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import syslog
@@ -33,7 +34,13 @@ from zope.interface import implementer, provider
 from mailrelay.queue.process import eventText
 
 __all__ = [
-    "LOG_LEVELS", "LevelFilter", "classicLogText", "filtered", "forSyslog", "installTwistdObserver",
+    "LOG_LEVELS",
+    "LevelFilter",
+    "appendOnly",
+    "classicLogText",
+    "filtered",
+    "forSyslog",
+    "installTwistdObserver",
 ]
 
 #: The levels C{[log] level} may name, lowest first (Twisted's).
@@ -163,10 +170,34 @@ def installTwistdObserver(application: Any, serverOptions: Any, levels: LevelFil
     observer = _SomeApplicationRunner.loggerFactory(serverOptions)._getLogObserver()
     if type(observer) is FileLogObserver:  # twistd's textFileLogObserver (its time format)
         observer.formatEvent = classicLogText()
+        appendOnly(getattr(observer, "_outFile", None))
     elif serverOptions.get("syslog"):
         observer = forSyslog(observer)
     application.setComponent(ILogObserver, filtered(observer, levels))
     return True
+
+
+def appendOnly(logFile: Any) -> None:
+    """Make twistd's C{--logfile} C{logFile} (a L{twisted.python.logfile.BaseLogFile}; any
+    other file is left alone) append, now and after each rotation: Twisted opens it for
+    writing at its end, so once truncated under us (logrotate's copytruncate) it would go
+    on writing at its old offset, behind a hole of NUL bytes."""
+    from twisted.python.logfile import BaseLogFile
+
+    if not isinstance(logFile, BaseLogFile):
+        return
+    opened = logFile._openFile
+
+    def append() -> None:
+        fd = logFile._file.fileno()
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+
+    def openFile() -> None:
+        opened()
+        append()
+
+    logFile._openFile = openFile  # type: ignore[method-assign]
+    append()
 
 
 #: The syslog priority of each level, as Postfix's: its warnings are LOG_WARNING, its errors
