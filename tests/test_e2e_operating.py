@@ -550,6 +550,33 @@ def test_failedStartWithPidfileExits(tmp_path: Path, daemonize: bool) -> None:
     assert leftover == [] and not pidfile.exists()
 
 
+def test_secondRelayAsAnotherUserLeavesTheSpoolAlone(tmp_path: Path) -> None:
+    """A second relay started as root with --uid on the spool of one running refuses to
+    start (another relay answers on its control socket) before it touches the spool: it
+    used to give the whole spool to its user first, so the running relay could no longer
+    write it (every message 451, nothing delivered)."""
+    if os.geteuid() != 0:
+        _needed("starting a relay with --uid needs root")
+    first = RelayProcess(tmp_path / "first", hold=True).start()
+    try:
+        spool = first.spool
+        owners = {path: (path.lstat().st_uid, path.lstat().st_gid)
+                  for path in [spool, *spool.rglob("*")]}
+        second = subprocess.run(
+            [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; "
+             "sys.argv[0] = 'twistd'; run()", "-n", "--pidfile=", "--uid", "nobody",
+             "--gid", "nogroup", "mailrelay", "--hostname", "relay.test",
+             "--listen", "tcp:0:interface=127.0.0.1", "--spool", str(spool)],
+            cwd=tmp_path, capture_output=True, timeout=60, stdin=subprocess.DEVNULL,
+        )
+        assert second.returncode == 1, second
+        assert b"another relay is running on this spool" in second.stdout + second.stderr
+        assert {path: (path.lstat().st_uid, path.lstat().st_gid)
+                for path in [spool, *spool.rglob("*")]} == owners
+    finally:
+        first.stop()
+
+
 def test_metricsInline(relay, nexthop, dns) -> None:
     """With the queue in the relay's own process (queue.process = "inline"), the same
     metrics come from it directly."""

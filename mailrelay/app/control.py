@@ -191,6 +191,18 @@ class ControlService(Service):
             pass
         return allowed
 
+    def refuseIfAnother(self) -> None:
+        """Make sure no other relay runs on our spool (its socket answers), removing the
+        socket of one that is gone: done before anything else of the spool is touched.
+
+        @raise SystemExit: another relay answers, or the socket cannot be checked or used
+            (the message says why)."""
+        try:
+            checkSocketPath(self.path)
+            self._removeStale(str(self.path))
+        except OSError as e:
+            raise SystemExit(f"mailrelay: error: {e}") from None
+
     def privilegedStartService(self) -> None:
         try:
             self.listen()

@@ -136,7 +136,14 @@ class RelayService(OrderedMultiService):
             from mailrelay.app.logs import giveLogFile
 
             giveLogFile(logfile, *self.runAs)
-        self._start(super().privilegedStartService)
+        self._start(self._privilegedStart)
+
+    def _privilegedStart(self) -> None:
+        # Before the spool is touched (given to the run user, recovered): a relay started by
+        # mistake on the spool of one running must leave it as it is.
+        if self.control is not None:
+            self.control.refuseIfAnother()
+        super().privilegedStartService()
 
     def startService(self) -> None:
         self._start(super().startService)
