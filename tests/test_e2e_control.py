@@ -304,6 +304,31 @@ def test_status_reload_stop(relays) -> None:
     assert p.returncode == 1 and "the relay is not running" in p.stderr
 
 
+def test_status_while_the_relay_stops(relays) -> None:
+    """mailrelay status while the relay stops (a message still being received holds it for
+    drain_time) says it is stopping and that its listeners are closed: it said "mailrelay
+    is running" and each listener "on None"."""
+    r = relays("drain_time = 10\n[queue]\nhold = true\n").start()
+    client = r.connect()
+    try:
+        client.readReply()
+        for command in (b"EHLO client.test", b"MAIL FROM:<a@example.com>",
+                        b"RCPT TO:<b@example.org>", b"DATA"):
+            client.send(command + b"\r\n")
+            client.readReply()
+        client.send(b"Subject: unfinished\r\n\r\n")
+        assert "mailrelay: stopping" in ok(r, "stop", "--no-wait")
+        r.waitForLog("relay stopping: 1 session")
+        text = ok(r, "status")
+        assert f"mailrelay is stopping (pid {r.process.pid}," in text, text
+        assert "listeners: tcp:0:interface=127.0.0.1 (relay) closed" in text, text
+        assert "None" not in text, text
+        assert json.loads(ok(r, "status", "--json"))["running"] is False
+    finally:
+        client.close()
+    assert r.process.wait(20) == 0
+
+
 def test_queue_list_when_the_relay_is_down(relays) -> None:
     """queue list (and mailq) with the relay stopped reads the spool itself and says so,
     as Postfix's postqueue ('Mail system is down -- accessing queue directly'); it refused

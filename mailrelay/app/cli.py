@@ -414,8 +414,9 @@ def printResults(result: dict[str, Any], done: str, out: TextIO, err: TextIO) ->
 
 def printStatus(status: dict[str, Any], out: TextIO) -> None:
     """C{mailrelay status}: a few lines for people."""
+    state = "running" if status.get("running", True) else "stopping"
     print(
-        f"mailrelay is running (pid {status['pid']}, version {status['version']}, since "
+        f"mailrelay is {state} (pid {status['pid']}, version {status['version']}, since "
         f"{_fullTime(status['started'])})",
         file=out,
     )
@@ -425,7 +426,8 @@ def printStatus(status: dict[str, Any], out: TextIO) -> None:
     for n, listener in enumerate(status["listeners"]):
         label = "listeners:" if n == 0 else ""
         role = f" ({listener['role']})" if listener["role"] else ""
-        print(f"{label:<11}{listener['endpoint']}{role} on {listener['address']}", file=out)
+        where = "closed" if listener["address"] is None else f"on {listener['address']}"
+        print(f"{label:<11}{listener['endpoint']}{role} {where}", file=out)
     print(f"sessions: {status['sessions']} open", file=out)
     delivery = status["delivery"]
     if delivery["mode"] == "inline":
