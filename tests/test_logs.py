@@ -342,3 +342,28 @@ def test_the_log_file_is_given_to_the_run_user(tmp_path: Path) -> None:
     with capturedLogs() as events:
         giveLogFile(str(path), 65534, 65534)
     assert not events
+
+
+def test_a_pid_file_the_run_user_cannot_remove_is_said(tmp_path: Path) -> None:
+    """twistd --pidfile with --uid: the relay's user removes the pid file at the stop, which
+    it cannot in a directory only root may write (the README's /run): twistd then left it
+    behind at every stop, saying only 'No permission to delete pid file' as it exited.  The
+    relay says at start where to put it instead; not when the user may remove it."""
+    import os
+
+    from twisted.logger import capturedLogs, formatEvent
+
+    from mailrelay.app.logs import checkPidFile
+
+    if os.geteuid() != 0:
+        pytest.skip("changing a directory's owner needs root")
+    run = tmp_path / "run"
+    run.mkdir(mode=0o755)
+    with capturedLogs() as events:
+        checkPidFile(str(run / "mailrelay.pid"), 65534, 65534)
+    said = [formatEvent(e) for e in events]
+    assert len(said) == 1 and f"the pid file {run}/mailrelay.pid will stay after" in said[0], said
+    os.chown(run, 65534, 65534)
+    with capturedLogs() as events:
+        checkPidFile(str(run / "mailrelay.pid"), 65534, 65534)
+    assert not events

@@ -37,6 +37,7 @@ __all__ = [
     "LOG_LEVELS",
     "LevelFilter",
     "appendOnly",
+    "checkPidFile",
     "classicLogText",
     "filtered",
     "forSyslog",
@@ -248,10 +249,35 @@ def giveLogFile(path: str, uid: int, gid: int) -> None:
                  "not be rotated", path=path, error=e.strerror or str(e))
         return
     directory = os.path.dirname(path)
-    st = os.stat(directory)
-    writable = ((st.st_uid == uid and st.st_mode & 0o200) or (st.st_gid == gid and st.st_mode
-                & 0o020) or st.st_mode & 0o002)
-    if not writable:
+    if not _writableBy(directory, uid, gid):
         _log.warn("the log file's directory {directory} is not writable by the relay's user: "
                  "the log will not be rotated (give the directory to that user)",
                  directory=directory)
+
+
+def checkPidFile(path: str, uid: int, gid: int) -> None:
+    """twistd's C{--pidfile} C{path}, written by root before it drops to C{uid}/C{gid}: say
+    when that user cannot remove it at the stop (its directory, such as C{/run}, is not
+    writable by the user), as twistd then leaves it behind at each stop, saying only 'No
+    permission to delete pid file' -- and a pid file naming a process that runs (its pid
+    reused) keeps the next start from starting."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not _writableBy(directory, uid, gid):
+        _log.warn("the pid file {path} will stay after the relay stops: its directory "
+                  "{directory} is not writable by the relay's user (use a directory of that "
+                  "user's, such as /run/mailrelay/)", path=os.path.abspath(path),
+                  directory=directory)
+
+
+def _writableBy(directory: str, uid: int, gid: int) -> bool:
+    """Whether C{directory} lets the user C{uid} (group C{gid}) create and remove files
+    (root, C{uid} 0, or -1: staying root, may)."""
+    if uid in (-1, 0):
+        return True
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return False
+    return bool((st.st_uid == uid and st.st_mode & 0o300 == 0o300)
+                or (st.st_gid == gid and st.st_mode & 0o030 == 0o030)
+                or st.st_mode & 0o003 == 0o003)

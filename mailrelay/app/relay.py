@@ -136,6 +136,10 @@ class RelayService(OrderedMultiService):
             from mailrelay.app.logs import giveLogFile
 
             giveLogFile(logfile, *self.runAs)
+        if self.runAs is not None and options.get("pidfile"):
+            from mailrelay.app.logs import checkPidFile
+
+            checkPidFile(options["pidfile"], *self.runAs)
         self._start(self._privilegedStart)
 
     def _privilegedStart(self) -> None:
