@@ -140,6 +140,23 @@ def test_logFileTruncatedIsWrittenFromItsStart(tmp_path: Path) -> None:
         r.stop()
 
 
+def test_sigusr1WithoutLogFileDoesNotKill(tmp_path: Path) -> None:
+    """SIGUSR1 rotates twistd's --logfile; a relay logging to standard output (twistd -n,
+    as under systemd) has no file to rotate and goes on, saying so: SIGUSR1 left at its
+    default killed it on the spot, its sessions cut and nothing drained."""
+    r = RelayProcess(tmp_path / "relay", hold=True).start()
+    try:
+        assert r.process is not None
+        r.process.send_signal(signal.SIGUSR1)
+        r.waitForLog(r"SIGUSR1: no log file to rotate")
+        assert r.process.poll() is None
+        client = r.connect()
+        assert client.readReply()[0].startswith(b"220 ")
+        client.close()
+    finally:
+        r.stop()
+
+
 # ---------------------------------------------------------------------------------------------
 # Metrics and the health check
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.logger import Logger
 from twisted.python import usage
 
 from mailrelay import __version__
+
+log = Logger()
 
 
 class Options(usage.Options):
@@ -144,6 +147,7 @@ def makeService(options: Options) -> Any:
     # Now, not once the reactor runs: twistd listens before it runs the reactor, and a SIGHUP
     # meanwhile (a reload during a restart) took the signal's default action, ending us.
     installReloadSignal(reactor, relay)
+    reactor.callWhenRunning(installRotateSignal, reactor)
     from mailrelay.app.services import stopOnSignals
 
     stopOnSignals(reactor)
@@ -182,10 +186,26 @@ def runAs(serverOptions: Any) -> tuple[int, int] | None:
 def installReloadSignal(reactor: Any, relay: Any) -> None:
     """SIGHUP reloads the configuration (as C{postfix reload} does), instead of ending the
     process; one that comes before the reactor runs reloads once it runs (and the relay has
-    started).  (SIGUSR1 still rotates twistd's log file.)"""
+    started)."""
     import signal
 
     def onSignal(signum: int, frame: Any) -> None:
         reactor.callFromThread(relay.reload)
 
     signal.signal(signal.SIGHUP, onSignal)
+
+
+def installRotateSignal(reactor: Any) -> None:
+    """SIGUSR1 still rotates twistd's log file; without one (standard output, as under
+    systemd, or syslog) twistd leaves it at its default, which would kill the relay on the
+    spot: it is logged instead.  (Once the reactor runs: twistd installs its handler after
+    building the relay, only where none is set.)"""
+    import signal
+
+    if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
+
+        def noLogFile(signum: int, frame: Any) -> None:
+            reactor.callFromThread(log.info, "SIGUSR1: no log file to rotate (twistd logs "
+                                   "to standard output or syslog without --logfile)")
+
+        signal.signal(signal.SIGUSR1, noLogFile)
