@@ -69,6 +69,10 @@ def test_restart_only_settings_are_refused(relays) -> None:
     assert "spool.sync: changed from syncfs to fsync: a restart is needed" in line
     line = _reload(r, BASE + 'process = "inline"\n')
     assert "queue.process: changed from 'separate' to 'inline'" in line
+    # A setting added or removed is said so, not as Python's None.
+    line = _reload(r, BASE + '[metrics]\nlisten = "tcp:0:interface=127.0.0.1"\n')
+    assert ("metrics.listen: changed from (not set) to tcp:0:interface=127.0.0.1: a restart is "
+            "needed") in line, line
 
 
 def _fileListeners(relays, config: str) -> RelayProcess:

@@ -400,11 +400,14 @@ class RelayService(OrderedMultiService):
     def _checkReloadable(self, config: Config) -> None:
         old = self.config
         assert old is not None
+        def shown(value: Any) -> str:
+            return "(not set)" if value is None else str(value)
+
         for attribute, key in _RESTART_ONLY:
             if getattr(config, attribute) != getattr(old, attribute):
                 raise ConfigError(
-                    f"changed from {getattr(old, attribute)} to {getattr(config, attribute)}: "
-                    "a restart is needed for this setting",
+                    f"changed from {shown(getattr(old, attribute))} to "
+                    f"{shown(getattr(config, attribute))}: a restart is needed for this setting",
                     file=config.source or "(embedded default)",
                     key=key,
                 )
