@@ -52,6 +52,25 @@ def readNamedFile(path: str) -> bytes:
 _relay = False
 
 
+#: The user the relay's processes run as once started, when it is not this process's user
+#: yet (L{runAsUser}); C{None}: this process's own.
+_runUID: int | None = None
+
+
+def runAsUser(uid: int | None) -> None:
+    """The relay, started as root, will run as C{uid} (twistd's C{--uid}) once started: its
+    checks made before (the configuration, as root) are to be made as for that user
+    (L{runUID}).  C{None} (or -1: staying root): as for this process's own user."""
+    global _runUID
+    _runUID = None if uid is None or uid < 0 else uid
+
+
+def runUID() -> int:
+    """The user the relay's processes run as: the one set by L{runAsUser}, else this
+    process's effective user."""
+    return os.geteuid() if _runUID is None else _runUID
+
+
 def explainPermissions(relay: bool = True) -> None:
     """Say (L{readError}) which user a refused read ran as, and what to do: for the relay's
     processes, which run as the relay's user; not for the commands (C{sendmail},

@@ -465,6 +465,50 @@ def test_runAsNobody(nobodyRuntime, nexthop) -> None:
     assert "set uid/gid" in log and "status=sent" in log
 
 
+def test_runAsNobodyChecksPipeUserAsNobody(nobodyRuntime) -> None:
+    """Started as root with --uid nobody, the relay checks a pipe backend's user as for the
+    user its deliveries run as: another user is refused at start, in one line naming the key
+    (it was taken as root, then refused by each delivery process, restarted for ever while
+    mail waited); no user is nobody's own (it was refused as "required when the relay runs
+    as root")."""
+    python, top = nobodyRuntime
+    directory = Path(tempfile.mkdtemp(dir=top))
+    directory.chmod(0o755)
+    pipe = ('[[backends]]\nname = "p"\nplugin = "pipe"\ncommand = ["/bin/cat"]\n{user}'
+            '[[routes]]\ndomain = "example.org"\nbackend = "p"\n')
+    config = directory / "mailrelay.toml"
+    config.write_text(pipe.format(user='user = "daemon"\n'))
+    config.chmod(0o644)
+    port = privilegedPort()
+    args = ("--config", str(config), "--listen", f"tcp:{port}:interface=127.0.0.1",
+            "--spool", str(directory / "spool"))
+    process = startAs(python, directory, *args)
+    try:
+        code = process.wait(30)
+    finally:
+        if process.poll() is None:  # the delivery process restarted for ever: fail
+            process.kill()
+            process.wait(10)
+    log = (directory / "relay.log").read_text()
+    assert code == 1, log
+    assert ('backends[0].user: "daemon": the relay runs as user nobody (not root), so '
+            "commands run as that user only") in log, log
+
+    config.write_text(pipe.format(user=""))
+    process = startAs(python, directory, *args)
+    try:
+        waitListening(port)
+        with smtplib.SMTP("127.0.0.1", port, timeout=15) as s:
+            s.sendmail("alice@sender.test", ["bob@example.org"], message("piped"))
+        deadline = time.monotonic() + 20
+        while "status=sent" not in (directory / "relay.log").read_text():
+            assert time.monotonic() < deadline, (directory / "relay.log").read_text()
+            time.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+
+
 def descendantsOf(pid: int) -> list[int]:
     """The children of C{pid}, their children, and so on."""
     found = childrenOf(pid)

@@ -112,19 +112,21 @@ def makeService(options: Options) -> Any:
     from mailrelay.app.forkserver import forRelay
     from mailrelay.config import loadConfig, readConfigFile
     from mailrelay.errors import ConfigError
-    from mailrelay.namedfile import explainPermissions
+    from mailrelay.namedfile import explainPermissions, runAsUser
 
     explainPermissions()  # (the relay: its unreadable files' messages name its user)
 
     path = options["config"]
     serverOptions = getattr(options, "parent", None)  # twistd's, when it runs us
+    user = runAs(serverOptions)
+    runAsUser(None if user is None else user[0])  # (checked as for the user we will run as)
     try:
         text = readConfigFile(path) if path is not None else None
         config = loadConfig(path, options.overrides(), text=text)
     except ConfigError as e:
         raise SystemExit(f"mailrelay: configuration error: {e}") from None
     # Before the reactor exists: the fork server must not have one (see its module).
-    forkServer = forRelay(config, serverOptions, runAs(serverOptions))
+    forkServer = forRelay(config, serverOptions, user)
 
     from twisted.internet import reactor
 
@@ -135,7 +137,7 @@ def makeService(options: Options) -> Any:
         reactor.addSystemEventTrigger("after", "shutdown", forkServer.close)
     try:
         relay = makeRelayService(
-            config, reactor, options.overrides(), configText=text, runAs=runAs(serverOptions),
+            config, reactor, options.overrides(), configText=text, runAs=user,
             spawner=forkServer,
         )
     except ConfigError as e:

@@ -80,6 +80,7 @@ from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailrelay import namedfile
 from mailrelay.config.schema import At, Key, Source, Table
 from mailrelay.config.values import choice, integer, seconds, string
 from mailrelay.delivery.common import removeWhenFired, resultsForAll, withTextLineEnds
@@ -245,13 +246,14 @@ def _account(user: str | None) -> _Account:
     @raise ConfigError: no such user; root; no user while the relay runs as root; another
         user while it does not (it could not switch).
     """
-    root = os.geteuid() == 0
+    runUID = namedfile.runUID()  # (as root with twistd --uid: the user we will run as)
+    root = runUID == 0
     if user is None:
         if root:
             raise ConfigError(
                 "is required when the relay runs as root: the user the command runs as "
                 "(never root)", key="user")
-        entry = pwd.getpwuid(os.geteuid())
+        entry = pwd.getpwuid(runUID)
         return _Account(None, None, entry.pw_name, entry.pw_dir)
     try:
         entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
@@ -260,10 +262,10 @@ def _account(user: str | None) -> _Account:
     if entry.pw_uid == 0:
         raise ConfigError(f"{describeValue(user)} is root; commands never run as root",
                           key="user")
-    if not root and entry.pw_uid != os.geteuid():
+    if not root and entry.pw_uid != runUID:
         raise ConfigError(
-            f"{describeValue(user)}: the relay does not run as root, so commands run as its own "
-            f"user ({pwd.getpwuid(os.geteuid()).pw_name}) only", key="user")
+            f"{describeValue(user)}: the relay runs as user {pwd.getpwuid(runUID).pw_name} (not "
+            "root), so commands run as that user only", key="user")
     return _Account(entry.pw_uid if root else None, entry.pw_gid if root else None,
                     entry.pw_name, entry.pw_dir)
 
