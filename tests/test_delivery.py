@@ -715,6 +715,9 @@ class FakeNet:
     def results(
         self, conn: FakeConnection, recipients: list[Recipient], behaviour: str
     ) -> list[RecipientResult]:
+        if "," in behaviour:  # one behaviour per recipient, in order ("ok,451,550")
+            return [self.results(conn, [r], b)[0]
+                    for r, b in zip(recipients, behaviour.split(","), strict=True)]
         if behaviour == "ok":
             return [
                 RecipientResult(r.address, DELIVERED, "2.0.0", "smtp; 250 2.0.0 Ok", conn.remoteMTA)
@@ -1295,18 +1298,91 @@ def test_smtp_all_transient_tries_next_host() -> None:
     net.sendBehaviour["192.0.2.2"] = "451"
     (r,) = result(send(backend, "example.org", "a@example.org"))
     assert (r.status, r.code, r.remoteMTA) == (TRANSIENT, "4.3.0", "dns; mx2.example.org")
-    # Partly delivered or permanent: no next host.
-    net.connections.clear()
-    net.sendBehaviour["192.0.2.1"] = "mixed"
-    results = result(send(backend, "example.org", "a@example.org", "b@example.org"))
-    assert [r.status for r in results] == [DELIVERED, TRANSIENT]
-    assert len(net.connections) == 1
+    # Permanent: no next host.
     net.connections.clear()
     net.sendBehaviour["192.0.2.1"] = "550"
     results = result(send(backend, "example.org", "a@example.org"))
     assert results[0].status is PERMANENT
     assert len(net.connections) == 1
     assert all(c.quitted or c.aborted for c in net.connections)
+
+
+def test_smtp_recipients_deferred_by_a_host_go_on_to_the_next() -> None:
+    """The recipients a host defers (4xx to their RCPT; all of a transaction after a 4xx to
+    its DATA) are tried at the next host of the same attempt, the others done there: Postfix
+    keeps soft-failed recipients for the next server (smtp_trouble.c, SMTP_RCPT_KEEP) unless
+    it is the last.  What the last host said is recorded; refused (5xx) recipients are not
+    tried again, nor is any host after one found to be the relay itself."""
+    backend, net, clock, mx = smtpBackend(connectionCacheTime=0)
+    net.sendBehaviour["192.0.2.1"] = "ok,451,550,451"
+    net.sendBehaviour["2001:db8::1"] = "451,ok"
+    rcpts = ("a@example.org", "b@example.org", "c@example.org", "d@example.org")
+    with capturedLogs() as events:
+        results = result(send(backend, "example.org", *rcpts))
+    assert [(r.status, r.remoteMTA) for r in results] == [
+        (DELIVERED, "dns; mx1.example.org"),
+        (DELIVERED, "dns; mx2.example.org"),
+        (PERMANENT, "dns; mx1.example.org"),
+        (DELIVERED, "dns; mx1.example.org"),
+    ]
+    assert [(c.address, c.sent[0][1]) for c in net.connections] == [
+        ("192.0.2.1", list(rcpts)),
+        ("2001:db8::1", ["b@example.org", "d@example.org"]),
+        ("192.0.2.2", ["b@example.org"]),
+    ]
+    texts = [formatEvent(e) for e in events]
+    assert any(t.endswith("2 of 4 recipients deferred by mx1.example.org; trying the next "
+                          "host") for t in texts), texts
+    # The last host defers it too: its answer is recorded.
+    net.connections.clear()
+    net.sendBehaviour["192.0.2.2"] = "451"
+    results = result(send(backend, "example.org", *rcpts))
+    assert [(r.status, r.remoteMTA) for r in results] == [
+        (DELIVERED, "dns; mx1.example.org"),
+        (TRANSIENT, "dns; mx2.example.org"),
+        (PERMANENT, "dns; mx1.example.org"),
+        (DELIVERED, "dns; mx1.example.org"),
+    ]
+    # The last host unreachable: the deferral of the last server that answered; its 5xx to
+    # HELO: returned, as the last host's answer.  The others keep their results.
+    net.connectBehaviour["192.0.2.2"] = connectError("4.4.1", "X-mailrelay; refused")
+    results = result(send(backend, "example.org", *rcpts))
+    assert [(r.status, r.code) for r in results] == [
+        (DELIVERED, "2.0.0"), (TRANSIENT, "4.3.0"), (PERMANENT, "5.1.1"), (DELIVERED, "2.0.0")]
+    net.connectBehaviour["192.0.2.2"] = _refusedHello("mx2.example.org")
+    results = result(send(backend, "example.org", *rcpts))
+    assert [(r.status, r.code) for r in results] == [
+        (DELIVERED, "2.0.0"), (PERMANENT, "5.7.1"), (PERMANENT, "5.1.1"), (DELIVERED, "2.0.0")]
+    # DATA refused with a 4xx after one RCPT refused with a 5xx: the others go on.
+    net.connectBehaviour.clear()
+    net.connections.clear()
+    net.sendBehaviour.update({"192.0.2.1": "550,451,451", "2001:db8::1": "ok",
+                              "192.0.2.2": "ok"})
+    results = result(send(backend, "example.org", *rcpts[:3]))
+    assert [r.status for r in results] == [PERMANENT, DELIVERED, DELIVERED]
+    assert [c.sent[0][1] for c in net.connections] == [list(rcpts[:3]), list(rcpts[1:3])]
+    # A less preferred host found to be the relay itself: no host after it is tried.
+    from mailrelay.delivery.smtp import SMTPBackend
+
+    net = FakeNet()
+    backend = SMTPBackend(Clock(), FakeMX({"backup.example": [
+        MXHost("mx1.backup.example", "192.0.2.11", 25, 10),
+        MXHost("other-name.backup.example", "192.0.2.9", 25, 20),
+        MXHost("mx3.backup.example", "192.0.2.12", 25, 30),
+    ]}), SETTINGS, connect=net.connect, connectionCacheTime=0)
+    net.sendBehaviour["192.0.2.11"] = "ok,451"
+    net.connectBehaviour["192.0.2.9"] = SMTPConnectError(
+        "5.4.6", "X-mailrelay; loop", permanent=True, loop=True)
+    results = result(send(backend, "backup.example", "a@backup.example", "b@backup.example"))
+    assert [(r.status, r.code) for r in results] == [(DELIVERED, "2.0.0"), (TRANSIENT, "4.3.0")]
+    assert [a[0] for a in net.attempts] == ["192.0.2.11", "192.0.2.9"]
+    # A smarthost (one host): the deferred recipient waits for the next attempt.
+    backend, net, clock, mx = smtpBackend(connectionCacheTime=0)
+    net.sendBehaviour["192.0.2.40"] = "ok,451"
+    results = result(send(backend, "[relay.example]:587", "a@example.org", "b@example.org"))
+    assert [r.status for r in results] == [DELIVERED, TRANSIENT]
+    assert [c.sent for c in net.connections] == [[("Q" * 20, ["a@example.org",
+                                                               "b@example.org"])]]
 
 
 def test_smtp_dns_failures() -> None:

@@ -150,17 +150,19 @@ class _LMTPController(UnixSocketController):
 
 @pytest.fixture
 def nexthop(tmp_path: Path):
-    """C{nexthop(port=0, lmtp=False)}: a started aiosmtpd next hop: C{(Recorder, where)}
-    with C{where} the port (SMTP) or socket path (LMTP).  Stopped in teardown."""
+    """C{nexthop(port=0, lmtp=False, host="127.0.0.1")}: a started aiosmtpd next hop:
+    C{(Recorder, where)} with C{where} the port (SMTP, on C{host}) or socket path (LMTP).
+    Stopped in teardown."""
     controllers: list[Any] = []
 
-    def start(port: int = 0, lmtp: bool = False) -> tuple[Recorder, Any]:
+    def start(port: int = 0, lmtp: bool = False,
+              host: str = "127.0.0.1") -> tuple[Recorder, Any]:
         handler = Recorder(lmtp)
         if lmtp:
             path = tmp_path / f"lmtp{len(controllers)}.sock"
             controller: Any = _LMTPController(handler, unix_socket=str(path), ready_timeout=10)
         else:
-            controller = _TCPController(handler, hostname="127.0.0.1", port=port, ready_timeout=10)
+            controller = _TCPController(handler, hostname=host, port=port, ready_timeout=10)
         controller.start()
         controllers.append(controller)
         return handler, (str(path) if lmtp else controller.port)
@@ -258,6 +260,10 @@ ZONE = [
     ["nullmx.test", "MX", 0, ""],                 # RFC 7505 null MX
     ["aonly.test", "A", "127.0.0.1"],             # no MX: the domain is its own exchanger
     ["nullmx.test", "A", "127.0.0.1"],            # (never to be used: null MX wins)
+    ["two.test", "MX", 10, "mx1.two.test"],       # two MX hosts, on two loopback addresses
+    ["two.test", "MX", 20, "mx2.two.test"],
+    ["mx1.two.test", "A", "127.0.0.1"],
+    ["mx2.two.test", "A", "127.0.0.2"],
 ]                                                 # nx.test: no records: NXDOMAIN
 
 
@@ -840,6 +846,54 @@ def test_mx_delivery(relay, nexthop, dns, domain: str, outcome: str,
         assert (block["Final-Recipient"], block["Action"], block["Status"]) == (
             f"rfc822; {rcpt}", "failed", outcome)
         assert unfold(block["Diagnostic-Code"]) == f"X-mailrelay; domain {domain} {expected}"
+    waitEmpty(r)
+
+
+def test_recipients_deferred_by_an_mx_host_are_tried_at_the_next(relay, nexthop, dns) -> None:
+    """A recipient the best MX host answers 4xx at RCPT is tried at the next MX host in the
+    same attempt, as Postfix keeps soft-failed recipients for the next server (smtp_trouble.c,
+    SMTP_RCPT_KEEP) unless it is the last; the one it accepted is not sent again and the one
+    it refused (5xx) is returned, not tried elsewhere.  The relay used to move on only when
+    every recipient was deferred: the deferred one waited for the queue's next attempt."""
+    best, port = nexthop()
+    backup, _ = nexthop(port=port, host="127.0.0.2")
+    notices, noticePort = nexthop()
+    asked: dict[str, list[str]] = {"best": [], "backup": []}
+
+    def bestReply(address: str) -> str | None:
+        asked["best"].append(address)
+        return {"busy@two.test": "450 4.2.1 mailbox busy",
+                "gone@two.test": "550 5.1.1 no such user"}.get(address)
+
+    def backupReply(address: str) -> str | None:
+        asked["backup"].append(address)
+        return None
+
+    best.rcptReply, backup.rcptReply = bestReply, backupReply
+    r = relay(config(dns, queue={"min_backoff": 300, "max_backoff": 600}, routes=[
+        {"domain": "two.test", "backend": "smtp", "nexthop": f"two.test:{port}"},
+        smtpRoute("sender.test", noticePort)]))
+    qid = submit(r, "alice@sender.test", ["ok@two.test", "busy@two.test", "gone@two.test"],
+                 message("two MX hosts"))
+    ok = waitResult(r, qid, "ok@two.test")
+    busy = waitResult(r, qid, "busy@two.test")
+    gone = waitResult(r, qid, "gone@two.test")
+    assert (ok["status"], ok["relay"], ok["attempts"]) == (
+        "sent", f"mx1.two.test[127.0.0.1]:{port}", "1"), ok[0]
+    assert (busy["status"], busy["relay"], busy["attempts"]) == (
+        "sent", f"mx2.two.test[127.0.0.2]:{port}", "1"), busy[0]
+    assert (gone["status"], gone["diagnostic"]) == (
+        "bounced", "smtp; 550 5.1.1 no such user (in reply to RCPT TO command)"), gone[0]
+    assert [m.rcptTos for m in best.accepted] == [["ok@two.test"]]
+    assert [m.rcptTos for m in backup.accepted] == [["busy@two.test"]]
+    assert asked == {"best": ["ok@two.test", "busy@two.test", "gone@two.test"],
+                     "backup": ["busy@two.test"]}
+    waitRemoved(r, qid)
+    dsnID = bounceID(r, qid)
+    waitRemoved(r, dsnID)
+    (bounce,) = notices.waitTo("alice@sender.test")
+    _, _, (block,), _ = parseReport(bounce.content)
+    assert (block["Final-Recipient"], block["Status"]) == ("rfc822; gone@two.test", "5.1.1")
     waitEmpty(r)
 
 

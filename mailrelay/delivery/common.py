@@ -71,6 +71,16 @@ def firstDeferred(results: Iterable[Any]) -> Any:
     return next((r for r in results if r.status is DeliveryStatus.TRANSIENT), None)
 
 
+def withDeferredReplaced(results: list[Any], again: list[Any]) -> list[Any]:
+    """C{results} with its deferrals (C{TRANSIENT}) replaced, in order, by C{again}: the
+    results of those recipients sent again."""
+    merged = list(results)
+    deferred = [i for i, r in enumerate(results) if r.status is DeliveryStatus.TRANSIENT]
+    for i, result in zip(deferred, again, strict=True):
+        merged[i] = result
+    return merged
+
+
 def resultsForAll(
     recipients: Iterable[Any],
     status: DeliveryStatus,
@@ -341,13 +351,10 @@ class ClientBackend:
         """Send the recipients that C{results} (of C{recipients}) deferred again over
         C{connection}: a Deferred firing with C{results}, theirs replaced by the new ones.
         (After a TLS session broke under C{tls = "may"}: see L{firstDeferred}.)"""
-        deferred = [i for i, r in enumerate(results) if r.status is DeliveryStatus.TRANSIENT]
-        again = yield self._send(connection, envelope, [recipients[i] for i in deferred],
-                                 messagePath)
-        merged = list(results)
-        for i, result in zip(deferred, again, strict=True):
-            merged[i] = result
-        return merged
+        deferred = [r for r, got in zip(recipients, results, strict=True)
+                    if got.status is DeliveryStatus.TRANSIENT]
+        again = yield self._send(connection, envelope, deferred, messagePath)
+        return withDeferredReplaced(results, again)
 
     def deliver(self, envelope: Any, recipients: Any, route: Route, messagePath: Any) -> Deferred:
         """Deliver to C{recipients} along C{route}; the Deferred never fails (but may be

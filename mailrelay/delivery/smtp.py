@@ -11,15 +11,19 @@ For each delivery the backend
      cached (see below);
   3. otherwise resolves the next hop with L{MXResolver} and tries its hosts in order: a
      connection failure (refused, time-out, 4xx or 5xx greeting, TLS or AUTH trouble: an
-     C{SMTPConnectError}) moves on to the next host, as does a transaction in which I{every}
-     recipient got a transient result (4xx to MAIL, DATA or every RCPT, 421, connection lost):
-     Postfix's "try the next MX on connection failure or 4xx".  A host that answers EHLO
-     with the relay's own name is the relay itself: the best MX, a loop (5.4.6); a backup,
-     the end of the list (RFC 5321 section 5.1: no less preferred host is tried).
+     C{SMTPConnectError}) moves on to the next host with every recipient; a transaction moves
+     on with the recipients it deferred (a 4xx to their RCPT; all of them after a 4xx to MAIL
+     or DATA, a 421, a lost connection), those delivered or refused (5xx) being done.  That
+     is Postfix's C{smtp_rcpt_fail} and C{smtp_bulk_fail}: a soft-failed recipient is kept
+     for the next server (C{SMTP_RCPT_KEEP}) unless this one is the last
+     (C{SMTP_MISC_FLAG_FINAL_SERVER}); what the last host said is what is recorded.  A host
+     that answers EHLO with the relay's own name is the relay itself: the best MX, a loop
+     (5.4.6); a backup, the end of the list (RFC 5321 section 5.1: no less preferred host is
+     tried).
 
-When no host accepts, every recipient gets the most relevant error as a transient failure:
-the last transaction's results if there was one, else the last connection error that carried
-a server reply, else the last connection error.  DNS failures (a L{TransientFailure
+When no host accepts the recipients left, each gets the most relevant error as a transient
+failure: what the last server that answered said if one did, else the last connection error
+that carried a server reply, else the last connection error.  DNS failures (a L{TransientFailure
 <mailrelay.errors.TransientFailure>} or L{PermanentFailure <mailrelay.errors.PermanentFailure>}
 from the resolver) give every recipient that failure; a permanent one (NXDOMAIN, null MX) stays
 permanent only when the next hop is the recipients' own domain: a configured next hop or
@@ -71,6 +75,7 @@ from mailrelay.delivery.common import (
     builtinOptions,
     firstDeferred,
     resultsForAll,
+    withDeferredReplaced,
 )
 from mailrelay.delivery.connection import connectSMTP
 from mailrelay.delivery.tls import clientTLSOptions, describeTLSFailure, verifiedClientTLS
@@ -112,9 +117,11 @@ def _transientCode(code: str) -> str:
 
 @dataclass
 class _Tried:
-    """What the hosts of one delivery said when none took the message.
+    """What the hosts of one delivery said when none took the message (or the recipients
+    left).
 
-    @ivar deferred: the results of the last host that deferred every recipient, if any.
+    @ivar deferred: the results of every recipient when a host deferred some (each deferred
+        one with the deferral of the last host that answered it), if one did.
     @ivar connectErrors: the error of each failed connection, in order: the last is the
         last host's when no host took the message.
     """
@@ -406,11 +413,13 @@ class SMTPBackend(ClientBackend):
         messagePath: Path,
         tried: _Tried,
     ) -> Any:
-        """Try C{hosts} in order until one takes the message (or is the last one to answer).
+        """Try C{hosts} in order until no recipient is left: those a host deferred go on to
+        the next host (the last one's answer stands).
 
-        @return: a Deferred firing with the results of the host that decided, or C{None} when
-            none did (C{tried} then says what went wrong).
+        @return: a Deferred firing with the results of every recipient, or C{None} when no
+            host was the last to answer (C{tried} then says what went wrong).
         """
+        left = recipients
         for index, host in enumerate(hosts):
             best = host.preference == hosts[0].preference
             connected = yield self._connectNoting(host, key, envelope, tried, best)
@@ -430,23 +439,32 @@ class SMTPBackend(ClientBackend):
             if connected is None:
                 continue
             connection, connectedKey = connected
-            results = yield self._send(connection, envelope, recipients, messagePath)
+            results = yield self._send(connection, envelope, left, messagePath)
             self._cache.release(connectedKey, connection)
             if connection.tlsSessionFailed and self._plaintextOK(connectedKey[1], envelope):
                 results = yield self._sendPlaintext(
-                    host, connectedKey, envelope, recipients, messagePath, results
+                    host, connectedKey, envelope, left, messagePath, results
                 )
-            if _allTransient(results) and index + 1 < len(hosts):
+            merged = (list(results) if tried.deferred is None
+                      else withDeferredReplaced(tried.deferred, results))
+            deferred = [r for r in results if r.status is DeliveryStatus.TRANSIENT]
+            if deferred and index + 1 < len(hosts):
                 log.info(
-                    "{queueID}: every recipient deferred by {relay}; trying the next host",
+                    "{queueID}: {which} deferred by {relay}; trying the next host",
                     queueID=envelope.queueID,
+                    which=("every recipient" if len(deferred) == len(left)
+                           else f"{len(deferred)} of {len(left)} recipients"),
+                    deferred=len(deferred),
+                    recipients=len(left),
                     relay=connection.relay,
                     remoteMTA=connection.remoteMTA,
                 )
-                tried.deferred = results
+                tried.deferred = merged
+                left = [r for r, got in zip(left, results, strict=True)
+                        if got.status is DeliveryStatus.TRANSIENT]
                 continue
             tried.broke = connection.broke and not connection.tlsSessionFailed
-            return results
+            return merged
         return None
 
     @inlineCallbacks
@@ -513,13 +531,19 @@ class SMTPBackend(ClientBackend):
         recipients: list,
         nexthop: str,
     ) -> list[RecipientResult]:
-        """The results when no host took the message: returned when the last host refused
-        HELO with a 5xx (L{SMTPConnectError.refusedHello}); else what the last server that
-        answered said, or the most relevant connection error, as a transient failure."""
+        """The results when no host took the message (or the recipients an earlier host
+        deferred): returned when the last host refused HELO with a 5xx
+        (L{SMTPConnectError.refusedHello}); else what the last server that answered said, or
+        the most relevant connection error, as a transient failure.  Recipients an earlier
+        host delivered or refused keep that result."""
         if tried.connectErrors and tried.connectErrors[-1].refusedHello:
-            return tried.connectErrors[-1].resultsFor(recipients)  # (logged by _connectNoting)
+            refused = tried.connectErrors[-1].resultsFor(recipients)  # (logged)
+            if tried.deferred is None:
+                return refused
+            return [mine if r.status is DeliveryStatus.TRANSIENT else r
+                    for r, mine in zip(tried.deferred, refused, strict=True)]
         if tried.deferred is not None:
-            # A server answered (every recipient deferred): that says more than a refusal.
+            # A server answered (deferring them): that says more than a refusal.
             return tried.deferred
         if not tried.connectErrors:  # pragma: no cover - the resolver never returns no host
             return reusedResults or resultsForAll(
