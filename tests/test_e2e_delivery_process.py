@@ -419,3 +419,54 @@ def test_why_a_delivery_process_cannot_start_is_logged(relay) -> None:
     finally:
         tmp.unlink()
         (r.spool / "tmp.away").rename(tmp)
+
+
+def test_a_recipient_done_before_a_crash_is_not_sent_again(relay, nexthop) -> None:  # noqa: F811
+    """A message to a fast next hop and a slow one (its end of data answered late): the
+    recipient the fast one took is logged as sent and marked done in the spool when its
+    delivery ends, so that the delivery process killed (kill -9) while the slow one still
+    runs does not make the restarted one send it again.  Both were recorded only once the
+    slow delivery ended too: the restarted process sent the message to the fast next hop a
+    second time, and the log had no line saying it had it."""
+    import threading
+
+    fast, fastPort = nexthop()
+    slow, slowPort = nexthop()
+    stall = threading.Event()
+
+    def slowReply(received: Any, n: int) -> str:
+        if n == 1:  # the first end of data: answered late (after the kill: to nobody)
+            stall.wait(60)
+            return "451 4.3.0 too late"
+        return "250 2.0.0 OK"
+
+    slow.dataReply = slowReply
+    route = 'backend = "smtp"\nnexthop = "[127.0.0.1]:{}"\n'
+    try:
+        r = relay(
+            "[dns]\nreverse_lookups = false\n"
+            f'[[routes]]\ndomain = "fast.test"\n{route.format(fastPort)}'
+            f'[[routes]]\ndomain = "slow.test"\n{route.format(slowPort)}'
+        )
+        first = int(r.waitForLog(r"delivery process started \(pid (\d+)\)").group(1))
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
+            s.sendmail("alice@example.com", ["a@fast.test", "b@slow.test"],
+                       b"Subject: p\r\n\r\nbody\r\n")
+        fast.waitTo("a@fast.test", timeout=30)
+        sent = r"to=<a@fast\.test>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:\d+, .*status=sent"
+        r.waitForLog(sent, timeout=30)
+        deadline = time.monotonic() + 30
+        while not slow.attempts and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert slow.attempts, "the slow next hop never got the message"
+        assert not re.search(r"b@slow\.test>.*status=", r.log())  # still delivering
+
+        os.kill(first, signal.SIGKILL)
+        stall.set()
+        slow.waitTo("b@slow.test", timeout=30)
+        r.waitForLog(r": removed", timeout=30)
+    finally:
+        stall.set()
+    assert len(fast.to("a@fast.test")) == 1
+    assert len(re.findall(sent, r.log())) == 1
+    assert "Traceback" not in r.log()

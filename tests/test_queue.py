@@ -26,6 +26,7 @@ from mailrelay.cleanup.stamping import ConfiguredStamper, DefaultStamper
 from mailrelay.envelope import BOUNCED, DELIVERED, PENDING, ClientInfo, Envelope, Recipient
 from mailrelay.errors import CorruptEntry, SpoolError
 from mailrelay.interfaces import (
+    ConfiguredPlugin,
     DeliveryStatus,
     IHeaderStamper,
     RecipientResult,
@@ -37,8 +38,10 @@ from mailrelay.interfaces import (
 from mailrelay.queue import QueueManager, QueuePolicy, backoff
 from mailrelay.queue import scheduler as schedulerModule
 from mailrelay.queue.attempt import Calls
+from mailrelay.queue.observers import Observers
 from mailrelay.queue.outcome import POSTMASTER_SOURCE
 from mailrelay.spool import Spool, newQueueID
+from mailrelay.testing import RecordingObserver
 
 HOST = "relay.test"
 START = 1_700_000_000.0
@@ -1581,4 +1584,251 @@ def test_a_backend_that_blocks_the_reactor_is_named_in_the_log(
     with capturedLogs() as events:
         qm.enqueue(queueMessage(spool, clock, ["a@example.com"]))
     assert any("(1 more since the last line)" in formatEvent(e) for e in events)
+    resultOf(qm.stopService())
+
+
+# --- recipients done while other deliveries of the attempt still run ---------------------------
+
+
+def fastAndSlow(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock,
+    recipients: list[str | Recipient] | None = None, slow: tuple[str, ...] = ("2",), **kw: Any,
+) -> tuple[QueueManager, str]:
+    """A message to C{a@fast.test} and C{b@slow.test} (two next hops: two deliveries, both
+    held), and the delivery to fast.test answered: the one to slow.test, which will answer
+    as C{slow} says (see L{FakeBackend}), still runs."""
+    backend.script["b@slow.test"] = list(slow)
+    backend.hold = True
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    queueID = queueMessage(
+        spool, clock, recipients or ["a@fast.test", "b@slow.test"], **kw
+    )
+    qm.enqueue(queueID)
+    assert [c.nexthop for c in backend.calls] == ["fast.test", "slow.test"]
+    backend.release(1)
+    return qm, queueID
+
+
+def sentLines(events: Any, queueID: str, address: str) -> list[str]:
+    return [t for t in texts(events, queueID) if f"to=<{address}>" in t and "status=sent" in t]
+
+
+def test_aRecipientDoneWhileAnotherDeliveryRunsIsRecordedAndLoggedAtOnce(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any
+) -> None:
+    """A message to two next hops, one of them slow: the recipient the fast one took is
+    marked done in the spool, and logged as sent, as soon as its delivery ends (as Postfix's
+    delivery agents do), not when the slow one ends too; the conclusion does not log it
+    again.  Both were recorded only at the end: a crash meanwhile (kill -9 of the delivery
+    process) sent the message to the fast one again, with no line saying it had it."""
+    qm, queueID = fastAndSlow(spool, router, backend, clock, slow=("4", "2"))
+    observer = RecordingObserver()
+    qm.observers = Observers(clock, delivered=[ConfiguredPlugin("recorder", observer)])
+    assert len(backend.held) == 1  # slow.test still delivering
+    record = stored(spool, queueID)
+    assert [r["state"] for r in record["recipients"]] == [DELIVERED, PENDING]
+    fast = record["recipients"][0]
+    assert fast["attempts"] == 1 and fast["status"] == "2.0.0"
+    assert fast["lastResult"] == "smtp; 250 2.0.0 Ok" and fast["finalTime"] == START
+    assert record["attempts"] == 0  # the attempt itself is recorded at its end
+    (line,) = sentLines(events, queueID, "a@fast.test")
+    assert "relay=mx.fast.test[192.0.2.1]:25" in line and "attempts=1" in line
+
+    clock.advance(5)
+    backend.release()
+    record = stored(spool, queueID)
+    assert [r["state"] for r in record["recipients"]] == [DELIVERED, PENDING]
+    assert record["attempts"] == 1 and record["recipients"][0]["finalTime"] == START
+    assert len(sentLines(events, queueID, "a@fast.test")) == 1
+    assert any("to=<b@slow.test>" in t and "status=deferred" in t for t in texts(events))
+    # The delivery observers are told of each outcome once, with the attempt's results.
+    assert observer.outcomes() == [("a@fast.test", DELIVERED), ("b@slow.test", "deferred")]
+    clock.advance(300)  # the retry goes to the slow one only
+    assert backend.calls[-1].addresses == ["b@slow.test"]
+    backend.release()
+    assert spool.queueIDs() == []
+    assert len(sentLines(events, queueID, "a@fast.test")) == 1
+    assert len(sentLines(events, queueID, "b@slow.test")) == 1
+    resultOf(qm.stopService())
+
+
+def test_aRecipientDoneEarlyIsNotSentAgainAfterACrash(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    """The delivery process dies while slow.test's delivery runs: the next queue manager
+    (over the same spool) sends the message to slow.test only."""
+    fastAndSlow(spool, router, backend, clock)
+    backend.held.clear()  # (the crash: that answer never comes)
+    backend.hold = False
+    following = makeManager(spool, router, {"smtp": backend}, clock)
+    following.startService()
+    assert backend.calls[-1].addresses == ["b@slow.test"]
+    assert backend.addressesDelivered().count("a@fast.test") == 1
+    assert spool.queueIDs() == []
+    resultOf(following.stopService())
+
+
+def test_aSingleDeliveryWritesTheEnvelopeOnce(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, monkeypatch: Any
+) -> None:
+    """One delivery (one next hop): no write before the attempt's own; two next hops
+    answering at once (as the maildir and discard backends do): none either."""
+    writes: list[list[str]] = []
+    realUpdate = spool.updateEnvelope
+
+    def updateEnvelope(envelope: Envelope) -> Deferred[None]:
+        writes.append([r.state for r in envelope.recipients])
+        return realUpdate(envelope)
+
+    monkeypatch.setattr(spool, "updateEnvelope", updateEnvelope)
+    backend.script["b@example.com"] = ["4"]
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    qm.enqueue(queueMessage(spool, clock, ["a@example.com", "b@example.com"]))
+    assert writes == [[DELIVERED, PENDING]]
+    del writes[:]
+    backend.script["b@slow.test"] = ["4"]
+    qm.enqueue(queueMessage(spool, clock, ["a@fast.test", "b@slow.test"]))
+    assert len(backend.calls) == 3
+    assert writes == [[DELIVERED, PENDING]]
+    resultOf(qm.stopService())
+
+
+def test_aRecipientOwedASuccessNoticeIsRecordedAtTheEnd(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any
+) -> None:
+    """A recipient whose sender asked for a success notice (NOTIFY=SUCCESS) is recorded and
+    logged with the attempt's results, after its notice is queued: recorded before, a crash
+    would lose the notice."""
+    asked = Recipient("a@fast.test", "a@fast.test", notify=["SUCCESS"])
+    qm, queueID = fastAndSlow(
+        spool, router, backend, clock, [asked, "b@slow.test", "c@fast.test"]
+    )
+    assert [r["state"] for r in stored(spool, queueID)["recipients"]] == [
+        PENDING, PENDING, DELIVERED
+    ]
+    assert not sentLines(events, queueID, "a@fast.test")
+    assert len(sentLines(events, queueID, "c@fast.test")) == 1
+    backend.release()
+    (notice,) = backend.bounces()  # the success notice
+    assert [b["Final-Recipient"] for b in recipientBlocks(notice.message)] == [
+        "rfc822; a@fast.test"
+    ]
+    assert len(sentLines(events, queueID, "a@fast.test")) == 1
+    assert len(sentLines(events, queueID, "c@fast.test")) == 1
+    assert queueID not in spool.queueIDs()
+    backend.release()  # (the notice's delivery)
+    resultOf(qm.stopService())
+
+
+def test_aHoldDuringTheAttemptKeepsTheRecipientsDoneEarly(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    """The operator holds the message while slow.test's delivery runs: the hold, stored at
+    once, keeps the fast recipient done (it wrote the envelope as loaded, undoing that)."""
+    qm, queueID = fastAndSlow(spool, router, backend, clock, slow=("4",))
+    resultOf(Deferred.fromCoroutine(qm.hold(queueID)))
+    record = stored(spool, queueID)
+    assert record["held"] is True
+    assert [r["state"] for r in record["recipients"]] == [DELIVERED, PENDING]
+    backend.release()
+    record = stored(spool, queueID)
+    assert record["held"] is True and record["attempts"] == 1
+    assert [r["state"] for r in record["recipients"]] == [DELIVERED, PENDING]
+    resultOf(qm.stopService())
+
+
+def test_aBounceByTheOperatorDuringTheAttemptLeavesTheRecipientsDoneEarly(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    """The operator returns the message to its sender while slow.test's delivery runs: at
+    its end only what is still pending is returned; the fast recipient was delivered."""
+    qm, queueID = fastAndSlow(spool, router, backend, clock, slow=("4",))
+    resultOf(Deferred.fromCoroutine(qm.bounce(queueID)))
+    backend.release()
+    assert queueID not in spool.queueIDs()
+    (notice,) = backend.bounces()
+    blocks = recipientBlocks(notice.message)
+    assert [b["Final-Recipient"] for b in blocks] == ["rfc822; b@slow.test"]
+    backend.release()  # (the notification's delivery)
+    resultOf(qm.stopService())
+
+
+def test_anEarlyRecordTheSpoolCannotTakeIsKeptInMemory(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, monkeypatch: Any,
+    events: Any,
+) -> None:
+    """The spool refuses the fast recipient's early record (its disk full) and the
+    attempt's final one: the state is kept in memory, and the next attempt does not send
+    the message to the fast one again."""
+    full = [SpoolError("No space left on device") for _ in range(2)]
+    failingUpdates(spool, monkeypatch, full)
+    qm, queueID = fastAndSlow(spool, router, backend, clock, slow=("4", "2"))
+    assert any(
+        "saving the delivery state failed: No space left on device" in t
+        for t in texts(events, queueID)
+    ), texts(events, queueID)
+    backend.release()
+    assert not full
+    assert [r["state"] for r in stored(spool, queueID)["recipients"]] == [PENDING, PENDING]
+    clock.advance(300)
+    assert backend.calls[-1].addresses == ["b@slow.test"]
+    backend.release()
+    assert spool.queueIDs() == []
+    assert backend.addressesDelivered().count("a@fast.test") == 1
+    resultOf(qm.stopService())
+
+
+def test_theStopWaitsForTheEarlyRecordAndInterruptsTheSlowDelivery(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    """The relay stops while slow.test's delivery runs past the drain time: it is
+    interrupted, and the fast recipient stays done."""
+    qm, queueID = fastAndSlow(spool, router, backend, clock)
+    stopping = qm.stopService()
+    clock.advance(qm.policy.stopTimeout)
+    resultOf(stopping)
+    assert [r["state"] for r in stored(spool, queueID)["recipients"]] == [DELIVERED, PENDING]
+
+
+def test_recipientsDoneWhileTheirRecordIsWrittenGoInOneMoreRecord(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, monkeypatch: Any
+) -> None:
+    """Deliveries ending while the record of an earlier one is being written are recorded
+    together by one more write when it is done (one record at a time per message, so that
+    a message to many next hops is not written once per next hop), and the attempt's own
+    record comes after it."""
+    writes: list[tuple[list[str], Deferred[None]]] = []
+    realUpdate = spool.updateEnvelope
+
+    def updateEnvelope(envelope: Envelope) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        d.addCallback(lambda _: realUpdate(envelope))
+        writes.append(([r.state[0] for r in envelope.recipients], d))
+        return d
+
+    monkeypatch.setattr(spool, "updateEnvelope", updateEnvelope)
+    backend.hold = True
+    backend.script["d@slow.test"] = ["4"]
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["a@one.test", "b@two.test", "c@three.test",
+                                          "d@slow.test"])
+    qm.enqueue(queueID)
+    backend.release(1)
+    assert [w[0] for w in writes] == [["d", "p", "p", "p"]]
+    backend.release(2)  # two.test, three.test: while the first record is being written
+    assert len(writes) == 1
+    writes[0][1].callback(None)
+    assert [w[0] for w in writes] == [["d", "p", "p", "p"], ["d", "d", "d", "p"]]
+    backend.release()  # slow.test: the attempt waits for the record in flight
+    assert len(writes) == 2
+    writes[1][1].callback(None)
+    assert [w[0] for w in writes][2:] == [["d", "d", "d", "p"]]
+    writes[2][1].callback(None)
+    assert [r["state"] for r in stored(spool, queueID)["recipients"]] == [DELIVERED] * 3 + [
+        PENDING
+    ]
+    assert stored(spool, queueID)["attempts"] == 1
     resultOf(qm.stopService())

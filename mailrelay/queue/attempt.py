@@ -8,13 +8,14 @@ L{TransientFailure} with its own code and diagnostic), an unknown backend, a fai
 Deferred, a delivery that outlasts the backend's timeout, a call cut short by the stop, or a
 malformed answer is a transient failure, never a delivery.  The result is one
 L{Outcome} per recipient; what becomes of the recipients is L{mailrelay.queue.outcome}'s to
-decide.
+decide.  The outcomes of each delivery that ends while others of the attempt still run are
+also handed over at once (to be recorded before the slowest delivery ends).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -177,11 +178,19 @@ class Deliverer:
                 resume()
 
     async def deliver(
-        self, queueID: str, envelope: Envelope, pending: list[Recipient]
+        self,
+        queueID: str,
+        envelope: Envelope,
+        pending: list[Recipient],
+        ended: Callable[[list[Outcome]], None] | None = None,
     ) -> list[Outcome]:
         """Route every pending recipient, deliver every group (at most
         L{RECIPIENTS_PER_DELIVERY} recipients of one route) at once; one outcome per
-        recipient, in envelope order."""
+        recipient, in envelope order.
+
+        @param ended: called with the outcomes of each delivery that ends while others
+            still run (never with those of the last one to end, nor of a single one).
+        """
         routed = [Deferred.fromCoroutine(self._route(queueID, envelope, r)) for r in pending]
         outcomes: dict[int, Outcome] = {}
         groups: dict[Any, tuple[Route, list[Recipient]]] = {}
@@ -199,6 +208,17 @@ class Deliverer:
             for route, rcpts in groups.values()
             for start in range(0, len(rcpts), size)
         ]
+        if ended is not None and len(deliveries) > 1:
+            running = {id(d) for d in deliveries if not d.called}
+
+            def groupEnded(groupOutcomes: list[Outcome], delivery: int) -> list[Outcome]:
+                running.discard(delivery)
+                if running:
+                    ended(groupOutcomes)
+                return groupOutcomes
+
+            for d in deliveries:
+                d.addCallback(groupEnded, id(d))
         for d in deliveries:
             for outcome in await d:
                 outcomes[id(outcome.recipient)] = outcome

@@ -12,7 +12,12 @@ records what they decide:
 
 The order is what makes it crash-safe: notifications are B{committed to the spool first},
 then the envelope is durably updated, then the entry is removed when nothing is pending.  A
-crash anywhere in between may repeat a delivery or a notification, but loses nothing.
+crash anywhere in between may repeat a delivery or a notification, but loses nothing.  When
+an attempt makes several deliveries (next hops), the recipients of each one that ends while
+others still run are logged as sent and recorded in the spool at once, as Postfix's delivery
+agents mark each recipient done when its delivery ends: a crash while a slow next hop is
+being delivered to does not send the message again to the others.  (A recipient whose sender
+is owed a success notice waits for the attempt's end, when its notice is made.)
 
 Everything runs on the reactor thread; the only blocking calls are the small reads of
 envelopes (L{ISpool.loadEnvelope}, with a stat of the message) and of the original's header
@@ -35,7 +40,7 @@ released.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from twisted.application.service import Service
@@ -59,7 +64,15 @@ from mailrelay.metrics import DELIVERIES, DELIVERY_DELAY, QUEUE_STATES, child
 from mailrelay.queue.attempt import Calls, Deliverer, DeliveryTimedOut
 from mailrelay.queue.notify import Notifier
 from mailrelay.queue.observers import Observers
-from mailrelay.queue.outcome import Decision, Outcome, apply, decide
+from mailrelay.queue.outcome import (
+    Decision,
+    Outcome,
+    Transition,
+    apply,
+    applyTo,
+    decide,
+    doneEarly,
+)
 from mailrelay.queue.policy import QueuePolicy
 from mailrelay.queue.scheduler import Scheduler
 
@@ -188,6 +201,13 @@ class QueueManager(Service):
         #: What the operator asked for an entry while its attempt was in progress, done when
         #: the attempt ends: C{"delete"} or C{"bounce"}.
         self._afterAttempt: dict[str, str] = {}
+        #: The recipients of attempts in progress recorded as done before their attempt's end
+        #: (L{_deliveryEnded}): their transitions by the C{id} of their recipient.
+        self._early: dict[str, dict[int, Transition]] = {}
+        #: The spool update recording them in flight, to wait for before the attempt's own
+        #: (L{_saveEarly}); C{_saveAgain}: recipients done since it was submitted.
+        self._earlySave: dict[str, Deferred[None]] = {}
+        self._saveAgain: set[str] = set()
         self.observers = observers or Observers(clock)
         #: The periodic look into the spool (L{_lookAgain}), while the manager runs.
         self._rescanCall: Any = None
@@ -586,8 +606,79 @@ class QueueManager(Service):
         if not pending:
             # Finished before a crash, or by another process: only the removal is left.
             return await self._remove(queueID)
-        outcomes = await self.deliverer.deliver(queueID, envelope, pending)
-        return await self._conclude(queueID, envelope, outcomes)
+
+        def ended(outcomes: list[Outcome]) -> None:
+            self._deliveryEnded(queueID, envelope, outcomes)
+
+        try:
+            outcomes = await self.deliverer.deliver(queueID, envelope, pending, ended)
+            saving = self._earlySave.get(queueID)
+            if saving is not None:
+                await saving
+            return await self._conclude(queueID, envelope, outcomes)
+        finally:
+            self._early.pop(queueID, None)
+
+    def _deliveryEnded(self, queueID: str, envelope: Envelope, outcomes: list[Outcome]) -> None:
+        """One delivery of C{envelope}'s attempt ended while others still run: log its
+        recipients done (L{doneEarly}) and have the spool record them now (or, when a record
+        of earlier ones is in flight, right after it)."""
+        now = self.clock.seconds()
+        done = doneEarly(envelope, outcomes, now)
+        if not done:
+            return
+        delay = now - (envelope.arrival if envelope.arrival is not None else now)
+        early = self._early.setdefault(queueID, {})
+        for t in done:
+            early[id(t.recipient)] = t
+            _logTransition(queueID, t, delay, t.logStatus, t.logDiagnostic)
+        if queueID in self._earlySave:
+            self._saveAgain.add(queueID)
+            return
+        saving = Deferred.fromCoroutine(self._saveEarly(queueID, envelope))
+        if not saving.called:
+            self._earlySave[queueID] = saving
+
+    def _withEarly(self, envelope: Envelope) -> Envelope:
+        """C{envelope} as the spool is to have it while its attempt runs: a copy with the
+        recipients done early marked done (C{envelope} itself when there are none)."""
+        early = self._early.get(envelope.queueID or "")
+        if not early:
+            return envelope
+        recipients = []
+        for r in envelope.recipients:
+            t = early.get(id(r))
+            if t is not None:
+                r = replace(r)
+                applyTo(r, t)
+            recipients.append(r)
+        return replace(envelope, recipients=recipients)
+
+    async def _saveEarly(self, queueID: str, envelope: Envelope) -> None:
+        """Record in the spool the recipients of C{envelope} done early (L{_withEarly}),
+        until none is left unrecorded; what the spool cannot take is kept in memory (see
+        C{_unsaved}), for the attempt's own record to save.  One record at a time: those
+        done meanwhile go in the next one."""
+        try:
+            while True:
+                self._saveAgain.discard(queueID)
+                state = self._withEarly(envelope)
+                try:
+                    await self.spool.updateEnvelope(state)
+                except Exception as e:
+                    self._unsaved[queueID] = state.toJSON()
+                    log.error(
+                        "{queueID}: saving the delivery state failed: {error}; the state is "
+                        "kept in memory and saved with the results of the attempt in progress",
+                        queueID=queueID,
+                        error=str(e) or repr(e),
+                    )
+                else:
+                    self._unsaved.pop(queueID, None)
+                if queueID not in self._saveAgain:
+                    return
+        finally:
+            self._earlySave.pop(queueID, None)
 
     async def _conclude(
         self, queueID: str, envelope: Envelope, outcomes: list[Outcome]
@@ -595,10 +686,11 @@ class QueueManager(Service):
         """Decide what C{outcomes} mean, notify, log and record them; return when to
         schedule the entry next, or C{None} when it is gone."""
         now = self.clock.seconds()
-        decision = decide(envelope, outcomes, self.policy, now)
+        early = self._early.pop(queueID, {})
+        decision = decide(envelope, outcomes, self.policy, now, early)
         apply(envelope, decision)
         await self.notifier.notify(queueID, envelope, decision.notices, decision.discarded, now)
-        _logTransitions(queueID, decision)
+        _logTransitions(queueID, decision, early)
         due = await self._record(queueID, envelope, decision, now)
         if self.observers.delivered:
             self.observers.deliveryAttempted(_events(envelope, outcomes, decision))
@@ -820,7 +912,7 @@ class QueueManager(Service):
         else:
             self._held.discard(queueID)
         try:
-            await self.spool.updateEnvelope(envelope)
+            await self.spool.updateEnvelope(self._withEarly(envelope))
         except Exception:
             envelope.held = before
             (self._held.add if before else self._held.discard)(queueID)
@@ -998,27 +1090,40 @@ def _events(
     return events
 
 
-def _logTransitions(queueID: str, decision: Decision) -> None:
+def _logTransitions(
+    queueID: str, decision: Decision, logged: Mapping[int, Transition]
+) -> None:
     """One line per recipient tried, once the notifications are committed (a recipient
-    whose bounce could not be queued is pending again, and logged as deferred)."""
+    whose bounce could not be queued is pending again, and logged as deferred), but for
+    those C{logged} already (done early, by the C{id} of their recipient)."""
     for t in decision.transitions:
+        if id(t.recipient) in logged:
+            continue
         status, diagnostic = t.logStatus, t.logDiagnostic
         if status == "bounced" and t.recipient.state == PENDING:
             status = "deferred"
             diagnostic += "; the bounce could not be queued, will retry"
-        child(DELIVERIES, t.backend, status).inc()
-        if status == "sent":
-            child(DELIVERY_DELAY, t.backend).observe(decision.delay)
-        log.info(
-            "{queueID}: to=<{rcpt}>, relay={relay}, delay={delay:.1f}, attempts={attempts}, "
-            "status={status} ({diagnostic}){tlsText}",
-            queueID=queueID,
-            rcpt=t.recipient.address,
-            relay=t.relay,
-            delay=decision.delay,
-            attempts=t.attempts,
-            status=status,
-            diagnostic=diagnostic,
-            tls=t.tls,
-            tlsText=f", tls={t.tls}" if t.tls else "",
-        )
+        _logTransition(queueID, t, decision.delay, status, diagnostic)
+
+
+def _logTransition(
+    queueID: str, t: Transition, delay: float, status: str, diagnostic: str
+) -> None:
+    """The line (and the metrics) of one recipient tried, C{delay} seconds after its
+    message arrived."""
+    child(DELIVERIES, t.backend, status).inc()
+    if status == "sent":
+        child(DELIVERY_DELAY, t.backend).observe(delay)
+    log.info(
+        "{queueID}: to=<{rcpt}>, relay={relay}, delay={delay:.1f}, attempts={attempts}, "
+        "status={status} ({diagnostic}){tlsText}",
+        queueID=queueID,
+        rcpt=t.recipient.address,
+        relay=t.relay,
+        delay=delay,
+        attempts=t.attempts,
+        status=status,
+        diagnostic=diagnostic,
+        tls=t.tls,
+        tlsText=f", tls={t.tls}" if t.tls else "",
+    )

@@ -12,7 +12,7 @@ are the queue manager's (L{mailrelay.queue.notify}, L{mailrelay.queue.manager}).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from mailrelay.envelope import BOUNCED, DELIVERED, PENDING, Envelope, Recipient
@@ -28,7 +28,9 @@ __all__ = [
     "Outcome",
     "Transition",
     "apply",
+    "applyTo",
     "decide",
+    "doneEarly",
     "isPostmasterNotice",
     "wants",
 ]
@@ -156,6 +158,33 @@ def wants(recipient: Recipient, kind: str) -> bool:
     return kind in {item.upper() for item in recipient.notify}
 
 
+def _owesSuccessNotice(envelope: Envelope, outcome: Outcome) -> bool:
+    """Whether C{outcome}, a delivery, owes C{envelope}'s sender a success notice: asked
+    for (NOTIFY=SUCCESS), and not passed on to a next hop that took the DSN request (that
+    one sends it, not us)."""
+    return (
+        bool(envelope.sender)
+        and not outcome.result.dsnRelayed
+        and wants(outcome.recipient, "SUCCESS")
+    )
+
+
+def doneEarly(
+    envelope: Envelope, outcomes: Sequence[Outcome], now: float
+) -> tuple[Transition, ...]:
+    """What C{outcomes}, those of one delivery that ended at C{now} while others of its
+    attempt still run, make of the recipients that may be recorded as done at once (as
+    Postfix's delivery agents mark each recipient done when its delivery ends): those
+    delivered, except any whose sender is owed a success notice (made at the attempt's end
+    from what is recorded: recorded before, a crash would lose it).  Changes nothing."""
+    arrival = envelope.arrival if envelope.arrival is not None else now
+    return tuple(
+        _transition(o, now, now - arrival, False)
+        for o in outcomes
+        if o.result.status is DeliveryStatus.DELIVERED and not _owesSuccessNotice(envelope, o)
+    )
+
+
 def _transition(outcome: Outcome, now: float, delay: float, expired: bool) -> Transition:
     r, result = outcome.recipient, outcome.result
     state, status, finalTime = PENDING, result.code, r.finalTime
@@ -208,14 +237,26 @@ def _toNullSender(
 
 
 def decide(
-    envelope: Envelope, outcomes: Sequence[Outcome], policy: QueuePolicy, now: float
+    envelope: Envelope,
+    outcomes: Sequence[Outcome],
+    policy: QueuePolicy,
+    now: float,
+    early: Mapping[int, Transition] | None = None,
 ) -> Decision:
     """What the attempt that gave C{outcomes} (one per recipient tried) at time C{now}
-    means for C{envelope}.  Changes nothing."""
+    means for C{envelope}.  Changes nothing.
+
+    @param early: the transitions of the recipients recorded as done while the attempt ran
+        (L{doneEarly}), by the C{id} of their recipient: kept as they were made.
+    """
     arrival = envelope.arrival if envelope.arrival is not None else now
     delay = now - arrival
     lifetime = policy.bounceLifetime if envelope.isBounce else policy.maxLifetime
-    transitions = tuple(_transition(o, now, delay, delay > lifetime) for o in outcomes)
+    early = early or {}
+    transitions = tuple(
+        early.get(id(o.recipient)) or _transition(o, now, delay, delay > lifetime)
+        for o in outcomes
+    )
     newState = {id(t.recipient): t.state for t in transitions}
     pending = [r for r in envelope.recipients if newState.get(id(r), r.state) == PENDING]
     failed = [t.recipient for t in transitions if t.state == BOUNCED]
@@ -230,10 +271,7 @@ def decide(
         succeeded = [
             o
             for o in outcomes
-            # A next hop that took the DSN request sends the success notice, not us.
-            if o.result.status is DeliveryStatus.DELIVERED
-            and not o.result.dsnRelayed
-            and wants(o.recipient, "SUCCESS")
+            if o.result.status is DeliveryStatus.DELIVERED and _owesSuccessNotice(envelope, o)
         ]
         owed = (
             ("failed", [r for r in failed if wants(r, "FAILURE")]),
@@ -266,6 +304,10 @@ def apply(envelope: Envelope, decision: Decision) -> None:
     envelope.attempts = decision.attempts
     envelope.delayWarned = decision.delayWarned
     for t in decision.transitions:
-        r = t.recipient
-        r.state, r.status, r.lastResult = t.state, t.status, t.lastResult
-        r.remoteMTA, r.finalTime, r.attempts = t.remoteMTA, t.finalTime, t.attempts
+        applyTo(t.recipient, t)
+
+
+def applyTo(r: Recipient, t: Transition) -> None:
+    """Write the transition C{t} into the recipient C{r} (its own, or a copy's)."""
+    r.state, r.status, r.lastResult = t.state, t.status, t.lastResult
+    r.remoteMTA, r.finalTime, r.attempts = t.remoteMTA, t.finalTime, t.attempts
