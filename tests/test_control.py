@@ -250,6 +250,30 @@ def test_flush_ignores_the_next_attempt_time_but_not_a_hold(tmp_path: Path) -> N
         result(c.flush([org], domain="example.org"))
 
 
+def test_flushes_do_not_push_the_next_attempt_away(tmp_path: Path) -> None:
+    """The next attempt is the message's age after this one, between min_backoff and
+    max_backoff (Postfix's qmgr), however many attempts a flush made: three flushes of a
+    young message leave its next attempt min_backoff away, not doubled three times."""
+    hop = Hop()
+    h = harness(tmp_path, hop, minBackoff=30, maxBackoff=4000)
+    queueID = h.submit("alice@example.com", ["bob@example.org"])
+    arrival = h.envelope(queueID).arrival
+    c = control(h)
+    for flushes in range(1, 4):
+        h.clock.advance(1)
+        one(h, c.flush([queueID]))
+        assert h.envelope(queueID).attempts == flushes + 1
+        assert h.envelope(queueID).nextAttempt == h.clock.seconds() + 30
+    # Left alone, it is retried min_backoff after the last flush; from then on its age (more
+    # than min_backoff) is the delay.
+    for age in (33, 66):
+        h.clock.advance(arrival + age - h.clock.seconds() - 1)
+        assert len(hop.calls) == age // 33 + 3, f"retried before {age}s"
+        h.clock.advance(1)
+        assert len(hop.calls) == age // 33 + 4, f"not retried at {age}s"
+        assert h.envelope(queueID).nextAttempt == arrival + 2 * age
+
+
 def test_flush_of_an_entry_being_delivered(tmp_path: Path) -> None:
     hop = Hop()
     hop.hold = True

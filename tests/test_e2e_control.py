@@ -235,6 +235,24 @@ def test_flush_tries_a_suspended_next_hop_again(relays, nexthop, command) -> Non
     assert any(b"Subject: second" in m.content for m in hop.to("bob@example.org"))
 
 
+def test_flushes_do_not_push_the_next_attempt_away(relays) -> None:
+    """The next attempt after a failed one is the message's age later, at least min_backoff
+    and at most max_backoff, as Postfix's qmgr schedules it: flushing a young message three
+    times leaves it min_backoff from its next attempt, not a doubled delay per attempt."""
+    port = freePort()  # nothing listens there: every attempt is refused
+    r = relays(relayConfig(port).replace("min_backoff = 3600", "min_backoff = 60")
+               .replace("max_backoff = 7200", "max_backoff = 4000")).start()
+    queueID = send(r, "flushed")
+    deferred(r, [queueID])
+    for attempts in (2, 3, 4):
+        ok(r, "queue", "flush", queueID)
+        waitFor(lambda n=attempts: listing(r)[queueID]["attempts"] == n, f"attempt {attempts}")
+    entry = listing(r)[queueID]
+    age = time.time() - entry["arrival_time"]
+    assert entry["next_attempt"] <= time.time() + max(60, age) + 1, (entry, age)
+    assert entry["next_attempt"] == stored(r, queueID)["nextAttempt"] // 1
+
+
 def test_hold_all_and_hold_mode(relays) -> None:
     """hold --all, release --all; with [queue] hold = true (no queue manager runs) the queue
     can still be listed, and the commands that would change it say why they cannot."""

@@ -339,9 +339,12 @@ def test_recipientsOfOneRouteAreDeliveredFiftyAtATime(
 
 
 def test_backoffFunction() -> None:
+    """The delay before the next attempt is the message's age in the queue, at least
+    minBackoff and at most maxBackoff (Postfix's qmgr), not a count of attempts."""
     policy = QueuePolicy()
-    assert [backoff(policy, n) for n in range(1, 8)] == [300, 600, 1200, 2400, 4000, 4000, 4000]
-    assert backoff(policy, 10_000) == 4000
+    ages = [0, 1, 299, 300, 301, 1234.5, 3999, 4000, 4001, 10 * 86400]
+    assert [backoff(policy, age) for age in ages] == [
+        300, 300, 300, 300, 301, 1234.5, 3999, 4000, 4000, 4000]
 
 
 def test_transientRetriedOnBackoffSchedule(
@@ -361,7 +364,9 @@ def test_transientRetriedOnBackoffSchedule(
     assert rcpt["lastResult"] == "smtp; 451 4.2.0 try later"
     assert rcpt["remoteMTA"] == "dns; mx.example.com"
 
-    for n, interval in enumerate([300, 600, 1200, 2400, 4000, 4000], start=2):
+    # Each delay is the message's age, clamped to [300, 4000]: 300 after the first attempt
+    # (age 0), 300 after the second (age 300), then 600 (600), 1200, 2400, 4000 (4800).
+    for n, interval in enumerate([300, 300, 600, 1200, 2400, 4000], start=2):
         clock.advance(interval - 1)
         assert len(backend.calls) == n - 1, f"attempt {n} too early"
         clock.advance(1)

@@ -147,7 +147,10 @@ def test_transitionsFollowTheResults(scenario: Any) -> None:
         else:
             assert (t.state, t.status, t.finalTime, t.logStatus) == (
                 PENDING, result.code, r.finalTime, "deferred")
-    assert decision.nextAttempt == now + backoff(policy, decision.attempts)
+    # The message's age, clamped (Postfix's qmgr), whatever the number of attempts.
+    assert decision.nextAttempt == now + backoff(policy, now - arrival)
+    assert decision.nextAttempt == now + min(policy.maxBackoff,
+                                             max(policy.minBackoff, now - arrival))
     assert now + policy.minBackoff <= decision.nextAttempt <= now + policy.maxBackoff
 
 
@@ -243,7 +246,7 @@ def test_expiryExample() -> None:
     assert t.logDiagnostic == "message expired after 3601s in the queue; last error: smtp; 451 busy"
     (notice,) = decision.notices
     assert (notice.action, notice.to, notice.recipients) == ("failed", "s@example.org", (r,))
-    assert decision.nextAttempt == 1000.0 + 3601 + 300 and decision.attempts == 1
+    assert decision.nextAttempt == 1000.0 + 3601 + 3601 and decision.attempts == 1
     assert r.state == PENDING  # decided, not applied
 
 

@@ -345,7 +345,7 @@ METRICS = Table(
 
 QUEUE = Table(
     (
-        Key("min_backoff", seconds, "Seconds before the first retry."),
+        Key("min_backoff", seconds, "The shortest delay between two attempts."),
         Key("max_backoff", seconds, "The longest delay between two attempts."),
         Key("max_lifetime", seconds, "Seconds a message may stay queued before it bounces."),
         Key("bounce_lifetime", seconds, "The same for the relay's own bounces."),

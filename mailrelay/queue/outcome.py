@@ -290,7 +290,7 @@ def decide(
     return Decision(
         transitions=transitions,
         notices=notices,
-        nextAttempt=now + backoff(policy, attempts),
+        nextAttempt=now + backoff(policy, delay),
         delayWarned=envelope.delayWarned or warnNow,
         attempts=attempts,
         delay=delay,

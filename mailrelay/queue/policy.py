@@ -12,8 +12,8 @@ class QueuePolicy:
     """How the queue manager retries, expires and notifies (Postfix parameter names in
     brackets).
 
-    @ivar minBackoff: seconds before the first retry; doubled at every retry
-        (C{minimal_backoff_time}).
+    @ivar minBackoff: the fewest seconds between a failed attempt and the next one
+        (C{minimal_backoff_time}); see L{backoff}.
     @ivar maxBackoff: the most seconds between retries (C{maximal_backoff_time}).
     @ivar maxLifetime: seconds after arrival when a message still not delivered is bounced,
         after one last attempt (C{maximal_queue_lifetime}).
@@ -62,8 +62,11 @@ class QueuePolicy:
             )
 
 
-def backoff(policy: QueuePolicy, attempts: int) -> float:
-    """Seconds to wait after attempt number C{attempts} (1 for the first):
-    C{min(maxBackoff, minBackoff * 2 ** (attempts - 1))}."""
-    exponent = min(max(attempts - 1, 0), 64)
-    return min(policy.maxBackoff, policy.minBackoff * 2.0**exponent)
+def backoff(policy: QueuePolicy, age: float) -> float:
+    """Seconds to wait after an attempt that left recipients pending, for a message queued
+    C{age} seconds ago: its age, at least C{minBackoff} and at most C{maxBackoff}.
+
+    As Postfix's qmgr does, the delay follows the time in the queue, not the number of
+    attempts: left alone the delays roughly double, and an attempt made early (a flush, a
+    deferral by a suspended next hop) does not push the next one further away."""
+    return min(policy.maxBackoff, max(policy.minBackoff, age))
