@@ -1079,6 +1079,18 @@ def test_sampleEveryKeyUncommentedLoads(tmp_path: Path) -> None:
 # Outbound delivery: [queue], [delivery], [smarthost], dns.nameservers, [[routes]], [[backends]]
 
 
+def test_bounce_lifetime_is_at_most_max_lifetime(tmp_path: Path) -> None:
+    """bounce_lifetime not given: its default, or max_lifetime if that is smaller (no
+    warning then); given larger than max_lifetime, it is kept as written (the relay warns,
+    see L{mailrelay.app.relay}) and the queue uses max_lifetime, as Postfix's qmgr does."""
+    c = loadConfig(writeConfig(tmp_path, "[queue]\nmax_lifetime = 3600\n"))
+    assert (c.queue.maxLifetime, c.queue.bounceLifetime) == (3600, 3600)
+    c = loadConfig(writeConfig(tmp_path, "[queue]\nmax_lifetime = 864000\n"))
+    assert (c.queue.maxLifetime, c.queue.bounceLifetime) == (864000, 432000)
+    c = loadConfig(writeConfig(tmp_path, "[queue]\nmax_lifetime = 60\nbounce_lifetime = 90\n"))
+    assert (c.queue.maxLifetime, c.queue.bounceLifetime, c.queue.lifetime("")) == (60, 90, 60)
+
+
 def test_outboundFullFile(tmp_path: Path) -> None:
     """Every outbound key read from a file, numbers as floats."""
     (tmp_path / "ca.pem").write_text(PEM)

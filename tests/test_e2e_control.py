@@ -253,6 +253,27 @@ def test_flushes_do_not_push_the_next_attempt_away(relays) -> None:
     assert entry["next_attempt"] == stored(r, queueID)["nextAttempt"] // 1
 
 
+def test_relayed_mail_from_the_null_sender_expires_at_bounce_lifetime(relays) -> None:
+    """A message from the null sender relayed for a client (a bounce from elsewhere) is
+    given up after bounce_lifetime, as the relay's own bounces are (Postfix applies
+    bounce_queue_lifetime to every message with an empty sender); a message with a sender
+    keeps max_lifetime."""
+    port = freePort()  # nothing listens there: every attempt is refused
+    r = relays(relayConfig(port, "max_lifetime = 3600\nbounce_lifetime = 1\n")).start()
+    bounce = send(r, "bounce", sender="")
+    kept = send(r, "kept")
+    deferred(r, [bounce, kept])
+    arrival = listing(r)[bounce]["arrival_time"]
+    waitFor(lambda: time.time() > arrival + 2, "the bounce older than bounce_lifetime")
+    ok(r, "queue", "flush")
+    r.waitForLog(rf"{bounce}: to=<bob@example.org>, relay=.*status=bounced \(message "
+                 r"expired after \d+s in the queue; last error: ")
+    r.waitForLog(rf"{bounce}: undeliverable bounce discarded \(to <bob@example.org>\)")
+    waitFor(lambda: listing(r).get(kept, {}).get("attempts") == 2, "the second attempt")
+    assert r.queued() == [kept]
+    assert listing(r)[kept]["recipients"][0]["state"] == "pending"
+
+
 def test_hold_all_and_hold_mode(relays) -> None:
     """hold --all, release --all; with [queue] hold = true (no queue manager runs) the queue
     can still be listed, and the commands that would change it say why they cannot."""
@@ -524,6 +545,19 @@ def test_check(tmp_path: Path) -> None:
     assert effective["recipient_validators"] == [
         {"plugin": "regex", "rules": [{"pattern": "^x", "action": "reject"}]}]
     assert "# min_backoff = 300.0  (default)" in p.stdout
+    assert "# bounce_lifetime: not set (default: 432000, or max_lifetime if smaller)" in p.stdout
+    assert "bounce_lifetime" not in p.stderr, p  # its default: no warning
+
+    # bounce_lifetime larger than max_lifetime: max_lifetime is used, with a warning (as
+    # Postfix's qmgr adjusts bounce_queue_lifetime).
+    config.write_text('[spool]\ndirectory = "spool"\n'
+                      '[queue]\nmax_lifetime = 3600\nbounce_lifetime = 7200\n')
+    p = subprocess.run([MAILRELAY, "check", "--config", str(config)], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p
+    assert (f"mailrelay: warning: {config}: queue.bounce_lifetime (7200) is larger than "
+            "queue.max_lifetime (3600): mail from the null sender expires after "
+            "max_lifetime") in p.stderr, p
 
     config.write_text('[[recipient_validators]]\nplugin = "no-such-plugin"\n')
     p = subprocess.run([MAILRELAY, "check", "--config", str(config)], capture_output=True,

@@ -124,7 +124,9 @@ def test_transitionsFollowTheResults(scenario: Any) -> None:
     envelope, outcomes, policy, now = scenario
     decision = decide(envelope, outcomes, policy, now)
     arrival = envelope.arrival if envelope.arrival is not None else now
-    lifetime = policy.bounceLifetime if envelope.isBounce else policy.maxLifetime
+    # Mail from the null sender, ours or relayed, lives bounceLifetime, at most maxLifetime.
+    lifetime = policy.maxLifetime if envelope.sender else min(policy.bounceLifetime,
+                                                              policy.maxLifetime)
     expired = now - arrival > lifetime
     assert decision.delay == now - arrival
     assert decision.attempts == envelope.attempts + 1
@@ -248,6 +250,32 @@ def test_expiryExample() -> None:
     assert (notice.action, notice.to, notice.recipients) == ("failed", "s@example.org", (r,))
     assert decision.nextAttempt == 1000.0 + 3601 + 3601 and decision.attempts == 1
     assert r.state == PENDING  # decided, not applied
+
+
+def test_mail_from_the_null_sender_expires_at_the_bounce_lifetime() -> None:
+    """Every message from the null sender, not only the relay's own bounces, is given up
+    after bounceLifetime, as Postfix applies bounce_queue_lifetime to every message with an
+    empty sender; a bounceLifetime above maxLifetime counts as maxLifetime (as Postfix's
+    qmgr adjusts it)."""
+    busy = RecipientResult("a@example.org", DeliveryStatus.TRANSIENT, "4.2.0", "smtp; 451 busy")
+
+    def state(sender: str, policy: QueuePolicy, age: float, isBounce: bool = False) -> str:
+        r = Recipient("a@example.org", "a@example.org")
+        envelope = Envelope(sender, [r], arrival=1000.0, isBounce=isBounce,
+                            client=ClientInfo("192.0.2.1", listener="tcp:25"))
+        (t,) = decide(envelope, [Outcome(r, busy, "mx")], policy, 1000.0 + age).transitions
+        return f"{t.state} {t.status}"
+
+    policy = QueuePolicy(maxLifetime=86400, bounceLifetime=3600)
+    for isBounce in (False, True):  # relayed from a client, or ours
+        assert state("", policy, 3600, isBounce) == "pending 4.2.0"
+        assert state("", policy, 3601, isBounce) == "bounced 4.4.7"
+    assert state("s@example.org", policy, 3601) == "pending 4.2.0"
+    assert state("s@example.org", policy, 86401) == "bounced 4.4.7"
+    larger = QueuePolicy(maxLifetime=3600, bounceLifetime=86400)
+    assert (larger.lifetime(""), larger.lifetime("s@example.org")) == (3600, 3600)
+    assert policy.lifetime("") == 3600 and policy.lifetime("s@example.org") == 86400
+    assert state("", larger, 3601) == "bounced 4.4.7"
 
 
 def test_delayWarningOnce() -> None:

@@ -67,6 +67,23 @@ class _Plan:
     carried: _Carried = field(default_factory=_Carried)
 
 
+def _sayBounceLifetimeLowered(config: Config) -> None:
+    """Say when C{[queue] bounce_lifetime} is larger than C{max_lifetime}: the queue uses
+    C{max_lifetime} for mail from the null sender (L{QueuePolicy.lifetime
+    <mailrelay.queue.policy.QueuePolicy.lifetime>}), as Postfix's qmgr warns that
+    C{bounce_queue_lifetime} is larger than C{maximal_queue_lifetime} and adjusts it."""
+    queue = config.queue
+    if queue.bounceLifetime > queue.maxLifetime:
+        log.warn(
+            "{source}: queue.bounce_lifetime ({bounceLifetime:g}) is larger than "
+            "queue.max_lifetime ({maxLifetime:g}): mail from the null sender expires after "
+            "max_lifetime",
+            source=config.source or "(embedded default)",
+            bounceLifetime=queue.bounceLifetime,
+            maxLifetime=queue.maxLifetime,
+        )
+
+
 class RelayService(OrderedMultiService):
     """The whole relay: the spool, the plugins that are services, the delivery side, the
     sessions and the listeners, started in that order and stopped in the reverse one (see
@@ -212,6 +229,7 @@ class RelayService(OrderedMultiService):
         @raise ConfigError: a plugin, certificate, password file, route or backend is refused.
         """
         assert self.spool is not None
+        _sayBounceLifetimeLowered(config)
         carried = self.carried.copy()  # (the relay's, only once the plan runs)
         context = makeContext(
             config, self.reactor, resolver=self._resolver(config, carried), kept=self.kept

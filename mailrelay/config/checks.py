@@ -67,8 +67,12 @@ def nameservers(value: Any, at: At) -> tuple[tuple[str, int], ...]:
 
 
 def checkQueue(r: Reading) -> None:
-    """The backoff's bounds go together; the queue manager's stop waits C{drain_time}."""
+    """The backoff's bounds go together; C{bounce_lifetime}'s default is at most
+    C{max_lifetime}; the queue manager's stop waits C{drain_time}."""
     r.fields["stopTimeout"] = r.at.scope["drainTime"]
+    if not r.given("bounce_lifetime"):
+        # (Given larger, it is kept: the relay says max_lifetime is used instead.)
+        r.fields["bounceLifetime"] = min(r.fields["bounceLifetime"], r.fields["maxLifetime"])
     minBackoff, maxBackoff = r.fields["minBackoff"], r.fields["maxBackoff"]
     if maxBackoff < minBackoff:
         if r.given("max_backoff"):

@@ -348,7 +348,12 @@ QUEUE = Table(
         Key("min_backoff", seconds, "The shortest delay between two attempts."),
         Key("max_backoff", seconds, "The longest delay between two attempts."),
         Key("max_lifetime", seconds, "Seconds a message may stay queued before it bounces."),
-        Key("bounce_lifetime", seconds, "The same for the relay's own bounces."),
+        Key(
+            "bounce_lifetime",
+            seconds,
+            "The same for mail from the null sender (default: 432000, or max_lifetime if "
+            "smaller).",
+        ),
         Key(
             "delay_warning",
             nonNegativeSeconds,

@@ -105,7 +105,6 @@ class Notifier:
     ) -> str | None:
         """Build one notification and submit it; its queue id, or C{None} on failure."""
         policy = self.policy
-        lifetime = policy.bounceLifetime if envelope.isBounce else policy.maxLifetime
         arrival = envelope.arrival if envelope.arrival is not None else now
         try:
             message = buildDSN(
@@ -117,7 +116,7 @@ class Notifier:
                 now=now,
                 queueID=queueID,
                 maxOriginal=policy.bounceSizeLimit,
-                willRetryUntil=arrival + lifetime,
+                willRetryUntil=arrival + policy.lifetime(envelope.sender),
                 to=notice.to,
             )
             dsn = dsnEnvelope(

@@ -251,11 +251,10 @@ def decide(
     """
     arrival = envelope.arrival if envelope.arrival is not None else now
     delay = now - arrival
-    lifetime = policy.bounceLifetime if envelope.isBounce else policy.maxLifetime
+    expired = delay > policy.lifetime(envelope.sender)
     early = early or {}
     transitions = tuple(
-        early.get(id(o.recipient)) or _transition(o, now, delay, delay > lifetime)
-        for o in outcomes
+        early.get(id(o.recipient)) or _transition(o, now, delay, expired) for o in outcomes
     )
     newState = {id(t.recipient): t.state for t in transitions}
     pending = [r for r in envelope.recipients if newState.get(id(r), r.state) == PENDING]

@@ -17,7 +17,9 @@ class QueuePolicy:
     @ivar maxBackoff: the most seconds between retries (C{maximal_backoff_time}).
     @ivar maxLifetime: seconds after arrival when a message still not delivered is bounced,
         after one last attempt (C{maximal_queue_lifetime}).
-    @ivar bounceLifetime: the same for notifications we generated (C{bounce_queue_lifetime}).
+    @ivar bounceLifetime: the same for mail from the null sender, the notifications we
+        generated and those relayed for others alike (C{bounce_queue_lifetime}); at most
+        C{maxLifetime} counts (see L{lifetime}).
     @ivar delayWarning: seconds after arrival when one "delayed" notification is sent for the
         recipients still pending; 0 turns delay warnings off (C{delay_warning_time}).
     @ivar activeLimit: messages loaded and being delivered at once
@@ -60,6 +62,13 @@ class QueuePolicy:
             raise ValueError(
                 "deliveryTimeout, stopTimeout and bounceSizeLimit must not be negative"
             )
+
+    def lifetime(self, sender: str) -> float:
+        """Seconds after its arrival when a message from C{sender} is given up: for the null
+        sender C{bounceLifetime}, but no more than C{maxLifetime} (Postfix's qmgr applies
+        C{bounce_queue_lifetime} to every message with an empty sender, and lowers it to
+        C{maximal_queue_lifetime} when it is larger); else C{maxLifetime}."""
+        return self.maxLifetime if sender else min(self.bounceLifetime, self.maxLifetime)
 
 
 def backoff(policy: QueuePolicy, age: float) -> float:
