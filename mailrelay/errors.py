@@ -9,6 +9,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.defer import CancelledError
+
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
 
 
@@ -181,6 +183,11 @@ class PermanentFailure(DeliveryFailure):
 
     permanent = True
 
+
+class DeliveryNotStarted(CancelledError):
+    """A delivery cancelled (by its time-out, or the stop) while it waited for its place --
+    among the deliveries in flight at once (C{[queue] delivery_limit}), or to its next hop
+    (a backend's concurrency) -- before it did anything: nothing can have been sent."""
 
 
 def describeFailure(failure: Any, timeout: float | None = None) -> str:

@@ -152,6 +152,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert c.headerStampers == (PluginSpec("default", {}, 30.0, "header_stampers[0]"),)
     assert c.queue == QueuePolicy(300.0, 4000.0, 432000.0, 432000.0, 0.0, 1000, None)
     assert (c.hold, c.queueProcess, c.queue.stopTimeout) == (False, "separate", c.drainTime)
+    assert c.queue.deliveryLimit == 100
     assert c.delivery == ClientSettings(FQDN, tls="may", caFile=None, timeouts=ClientTimeouts())
     assert (c.destinationConcurrency, c.connectionCacheTime) == (20, 2.0)
     assert c.smarthostOptions == RouteOptions("may", PLATFORM_TRUST_STORE, None, None, False)
@@ -569,6 +570,8 @@ ERROR_CASES = [
     ("[queue]\ndelay_warning = true", "queue.delay_warning", "not true"),
     ("[queue]\ndelay_warning = inf", "queue.delay_warning", "not inf"),
     ("[queue]\nactive_limit = 0", "queue.active_limit", "positive integer, not 0"),
+    ("[queue]\ndelivery_limit = 0", "queue.delivery_limit", "positive integer, not 0"),
+    ("[queue]\ndelivery_limit = 2.5", "queue.delivery_limit", "not 2.5"),
     ("[queue]\nrescan_interval = 0", "queue.rescan_interval",
      "must be a positive number of seconds, not 0"),
     ('[queue]\nrescan_interval = "5m"', "queue.rescan_interval", 'not "5m"'),
@@ -1108,6 +1111,7 @@ delay_warning = 14400
 active_limit = 1
 postmaster = "Hostmaster@Example.COM"
 rescan_interval = 30
+delivery_limit = 7
 [delivery]
 helo_name = "Out.Example.COM."
 tls = "required"
@@ -1135,7 +1139,7 @@ nameservers = ["127.0.0.1:5353", "[2001:DB8::53]", "2001:db8::54", "[192.0.2.1]:
     c = loadConfig(path)
     ca = str(tmp_path / "ca.pem")
     assert c.queue == QueuePolicy(60.0, 60.0, 86400.5, 3600.0, 14400.0, 1, "Hostmaster@example.com",
-                                  rescanInterval=30.0)
+                                  rescanInterval=30.0, deliveryLimit=7)
     assert all(
         isinstance(getattr(c.queue, name), float)
         for name in ("minBackoff", "maxBackoff", "maxLifetime", "bounceLifetime", "delayWarning",

@@ -46,6 +46,7 @@ BOUNDS = [
     ("limits", "hops", 1_000),
     ("spool", "min_free_space", 10**18),
     ("queue", "active_limit", 1_000_000),
+    ("queue", "delivery_limit", 100_000),
     ("delivery", "destination_concurrency", 10_000),
     ("auth", "throttle_after", 1_000_000),
     ("auth", "max_failures", 1_000_000),

@@ -873,6 +873,62 @@ def test_unexpected_error_of_a_delivery_defers_its_recipients(
     assert (event["queueID"], event["what"], event["nexthop"]) == ("Q" * 20, "SMTP", "mx.example")
 
 
+def test_a_next_hop_at_its_limit_holds_no_delivery_place() -> None:
+    """With the queue's places of the deliveries in flight (C{[queue] delivery_limit}), a
+    delivery takes one only once its next hop has a slot free: deliveries waiting for a busy
+    next hop leave the places to other next hops.  Cancelled while waiting (for either), a
+    delivery fails with L{DeliveryNotStarted}: nothing was sent."""
+    from mailrelay.delivery import common
+    from mailrelay.errors import DeliveryNotStarted
+    from mailrelay.queue.attempt import DeliveryPlaces
+
+    places = DeliveryPlaces(2)
+    limit = common.PerDestination(1, "SMTP")
+    limit.places = places
+    env = envelope("a@example.org")
+    running: list[defer.Deferred] = []
+
+    def deliver() -> defer.Deferred:
+        running.append(defer.Deferred())
+        return running[-1]
+
+    first = limit.run("busy.example", env, env.recipients, deliver)
+    second = limit.run("busy.example", env, env.recipients, deliver)  # waits for its hop
+    assert (len(running), places.running, places.waiting) == (1, 1, 0)
+    other = limit.run("other.example", env, env.recipients, deliver)
+    assert (len(running), places.running) == (2, 2)
+    third = limit.run("third.example", env, env.recipients, deliver)  # waits for a place
+    assert (len(running), places.waiting) == (2, 1)
+    second.cancel()
+    third.cancel()
+    for cancelled in (second, third):
+        with pytest.raises(DeliveryNotStarted):
+            result(cancelled)
+    assert (len(running), places.running, places.waiting) == (2, 2, 0)
+    running[0].callback(["done"])
+    assert result(first) == ["done"] and places.running == 1
+    running[1].callback(["done"])
+    assert result(other) == ["done"] and places.running == 0
+    assert limit.semaphores == {}
+
+
+def test_smtp_keeps_no_more_idle_connections_than_delivery_places() -> None:
+    """Connections kept for reuse add open files too: with the queue's places given, the
+    SMTP backend keeps at most as many idle connections as there are places, quitting the
+    oldest to make room."""
+    from mailrelay.queue.attempt import DeliveryPlaces
+
+    backend, net, clock, mx = smtpBackend(connectionCacheTime=10.0)
+    backend.useDeliveryPlaces(DeliveryPlaces(2))
+    for nexthop in ("example.net", "example.org", "[relay.example]:587"):
+        assert result(send(backend, nexthop, "a@example.org"))[0].status is DELIVERED
+        clock.advance(1)
+    assert backend.idleConnections() == 2
+    assert [c.quitted for c in net.connections] == [True, False, False]
+    assert backend.idleConnections("example.net") == 0
+    result(backend.close())
+
+
 def test_smtp_provides_interface() -> None:
     backend, *_ = smtpBackend()
     verifyObject(IDeliveryBackend, backend)

@@ -212,6 +212,45 @@ class PipeTests(unittest.TestCase):
         assert not b.running
 
     @defer.inlineCallbacks
+    def test_eachRunTakesADeliveryPlace(self) -> Any:
+        """Given the queue's places of the deliveries in flight ([queue] delivery_limit),
+        each run takes one once it has its place among the backend's own: with one place,
+        one command runs at a time.  A delivery cancelled before any of its commands ran
+        fails with DeliveryNotStarted (nothing was sent); one cancelled with a command
+        running, with a plain cancellation (the command may have taken the message)."""
+        from mailrelay.errors import DeliveryNotStarted
+        from mailrelay.queue.attempt import DeliveryPlaces
+
+        places = DeliveryPlaces(1)
+        b = backend([script(self.dir, "exec sleep 30")])
+        b.useDeliveryPlaces(places)
+        both = self.deliver(b, envelope("a@example.org", "b@example.org"))
+        for _ in range(200):  # the first run has started when its input file exists
+            if list(self.dir.glob("run.*.stdin")):
+                break
+            yield deferLater(0.05)
+        assert (places.running, places.waiting, len(b.running)) == (1, 1, 1)
+        waiting = self.deliver(b, envelope("c@example.org"))
+        assert places.waiting == 2
+        waiting.cancel()
+        with pytest.raises(DeliveryNotStarted):
+            yield waiting
+        both.cancel()
+        try:
+            yield both
+        except defer.CancelledError as e:
+            assert not isinstance(e, DeliveryNotStarted)
+        else:
+            raise AssertionError("not cancelled")
+        assert (places.running, places.waiting) == (0, 0)
+        for _ in range(200):  # killed: it ends
+            if not b.running:
+                break
+            yield deferLater(0.05)
+        assert not b.running
+        assert len(runs(self.dir)) == 1
+
+    @defer.inlineCallbacks
     def test_optionLikeAddressesRefused(self) -> Any:
         b = backend([script(self.dir, "exit 0"), "{recipient}"])
         results = yield self.deliver(b, envelope("-oQ/tmp@example.org", "ok@example.org"))

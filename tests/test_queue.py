@@ -1325,6 +1325,99 @@ def test_deliveryTimeout(
     resultOf(qm.stopService())
 
 
+def test_deliveryLimit_deliveriesOverItWaitTheirTurn(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    """At most C{deliveryLimit} deliveries are in flight at once, over every message and
+    destination (Postfix's default_process_limit); the others wait for a place, first come
+    first served, and are delivered in the same attempt, not deferred."""
+    backend.hold = True
+    qm = makeManager(spool, router, {"smtp": backend}, clock, deliveryLimit=2)
+    qm.startService()
+    first = queueMessage(spool, clock, ["a@one.example", "b@two.example", "c@three.example"])
+    second = queueMessage(spool, clock, ["d@four.example"])
+    qm.enqueue(first)
+    qm.enqueue(second)
+    assert [c.nexthop for c in backend.calls] == ["one.example", "two.example"]
+    assert qm.deliverer.places.waiting == 2
+    backend.release(1)
+    assert [c.nexthop for c in backend.calls][2:] == ["three.example"]
+    backend.release()
+    assert [c.nexthop for c in backend.calls][3:] == ["four.example"]
+    backend.release()
+    assert spool.queueIDs() == [] and backend.held == []
+    assert sorted(backend.addressesDelivered()) == [
+        "a@one.example", "b@two.example", "c@three.example", "d@four.example"
+    ]
+    assert qm.deliverer.places.running == 0
+    resultOf(qm.stopService())
+
+
+def test_deliveryLimit_aDeliveryStillWaitingAtItsTimeoutNeverStarted(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    """The delivery timeout counts the wait for a place: a delivery still waiting when it
+    is over is deferred (4.4.5, congestion) as never started -- nothing may have been sent,
+    unlike one that timed out running; the place of a delivery abandoned at its timeout is
+    free again, even though its backend never answers."""
+    slow = FakeBackend()
+    slow.hold = backend.hold = True
+    router.routes["one.example"] = Route("slow", "one.example")
+    qm = makeManager(
+        spool,
+        router,
+        {"smtp": backend, "slow": slow},
+        clock,
+        timeouts={"slow": 600},
+        deliveryLimit=1,
+        deliveryTimeout=60,
+    )
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["a@one.example", "b@two.example"])
+    qm.enqueue(queueID)
+    assert (len(slow.calls), len(backend.calls)) == (1, 0)
+    clock.advance(60)
+    assert qm.activeCount == 1 and backend.calls == []
+    clock.advance(540)
+    assert qm.activeCount == 0 and backend.calls == []
+    ran, waited = stored(spool, queueID)["recipients"]
+    assert (ran["state"], ran["status"]) == (PENDING, "4.4.2")
+    assert "may be sent more than once" in ran["lastResult"]
+    assert (waited["state"], waited["status"]) == (PENDING, "4.4.5")
+    assert waited["lastResult"] == (
+        "X-mailrelay; delivery via smtp:two.example not started within 60s: all delivery "
+        "places busy (the delivery limit, or the next hop's concurrency)"
+    )
+    assert qm.deliverer.places.running == 0  # (the slow backend never answered)
+    other = queueMessage(spool, clock, ["c@three.example"])
+    qm.enqueue(other)
+    assert [c.nexthop for c in backend.calls] == ["three.example"]
+    backend.release()
+    resultOf(qm.stopService())
+
+
+def test_deliveryLimit_aDeliveryWaitingAtTheEndOfTheDrainNeverStarted(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any
+) -> None:
+    """A delivery still waiting for a place when the stop's drain time is over is deferred
+    as not started (its backend never called), the one running as interrupted."""
+    backend.hold = True
+    qm = makeManager(spool, router, {"smtp": backend}, clock, deliveryLimit=1, stopTimeout=5)
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["a@one.example", "b@two.example"])
+    qm.enqueue(queueID)
+    stopped = qm.stopService()
+    clock.advance(5)
+    assert stopped.called and len(backend.calls) == 1
+    ran, waited = stored(spool, queueID)["recipients"]
+    assert "interrupted: the relay was stopping (the next hop may" in ran["lastResult"]
+    assert (waited["state"], waited["status"]) == (PENDING, "4.3.0")
+    assert waited["lastResult"] == (
+        "X-mailrelay; delivery via smtp:two.example not started: the relay was stopping"
+    )
+    assert any("smtp:two.example not started (it waited" in t for t in texts(events, queueID))
+
+
 class SilentBackend:
     """A site backend that never answers (and records what it was asked)."""
 

@@ -144,7 +144,10 @@ def makeService(options: Options) -> Any:
         raise SystemExit(f"mailrelay: configuration error: {e}") from None
     from mailrelay.app.files import raiseFileLimit
 
-    raiseFileLimit(listener.settings.maxConnections for listener in config.listeners)
+    raiseFileLimit(
+        (listener.settings.maxConnections for listener in config.listeners),
+        deliveryLimit=config.queue.deliveryLimit,
+    )
     relay.twistdOptions = serverOptions
     # Now, not once the reactor runs: twistd listens before it runs the reactor, and a SIGHUP
     # meanwhile (a reload during a restart) took the signal's default action, ending us.

@@ -361,6 +361,11 @@ QUEUE = Table(
         ),
         Key("active_limit", integer(1, 1_000_000), "The most messages in delivery at once."),
         Key(
+            "delivery_limit",
+            integer(1, 100_000),
+            "The most deliveries (connections, commands) at once over all destinations.",
+        ),
+        Key(
             "rescan_interval",
             seconds,
             "Seconds between two looks into the spool for messages nobody announced.",

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailrelay.delivery import mime
+from mailrelay.errors import DeliveryNotStarted
 from mailrelay.interfaces import PLATFORM_TRUST_STORE, DeliveryStatus, RecipientResult, Route
 from mailrelay.smtp.clientsettings import ClientSettings
 
@@ -120,6 +121,12 @@ class PerDestination:
     the queue's active window for mail to other next hops.  A delivery that reached a server
     (L{reached}) ends the count.
 
+    A delivery with its next hop's slot then takes one of C{places} (the queue's places of
+    the deliveries in flight at once over every backend, C{[queue] delivery_limit}), when
+    given: a next hop at its limit holds none of them while its deliveries wait.
+
+    @ivar places: the places of every backend's deliveries (their C{run(f, *args)}), or
+        C{None}.
     @ivar semaphores: the semaphores of the next hops with deliveries running or waiting
         (forgotten when a next hop goes idle, so the mapping stays small).
     """
@@ -137,6 +144,7 @@ class PerDestination:
         self.what = what
         self.clock = clock
         self.suspendTime = suspendTime
+        self.places: Any = None
         self.semaphores: dict[str, DeferredSemaphore] = {}
         #: Next hop -> (failures in a row, the last one's time, its result).
         self._failures: dict[str, tuple[int, float, RecipientResult]] = {}
@@ -211,9 +219,17 @@ class PerDestination:
         if semaphore is None:
             semaphore = self.semaphores[nexthop] = DeferredSemaphore(self.limit)
 
-        def start() -> Deferred:
+        started: list[bool] = []
+
+        def begin() -> Deferred:
             late = self._suspended(nexthop, recipients)
             return defer.succeed(late) if late is not None else f(*args)
+
+        def start() -> Deferred:
+            started.append(True)
+            if self.places is None or self._suspended(nexthop, recipients) is not None:
+                return begin()
+            return self.places.run(begin)
 
         d = semaphore.run(start)
 
@@ -228,7 +244,11 @@ class PerDestination:
 
         def unexpected(failure: Failure) -> Any:
             if failure.check(defer.CancelledError):
-                return failure  # the caller cancelled (its time-out): let it know
+                # The caller cancelled (its time-out, the stop): let it know, and whether
+                # the delivery had started.
+                if not started and not failure.check(DeliveryNotStarted):
+                    return Failure(DeliveryNotStarted())
+                return failure
             log.failure(
                 "{queueID}: {what} delivery to {nexthop} failed unexpectedly",
                 failure,
@@ -315,6 +335,11 @@ class ClientBackend:
     #: followed by the same server without TLS (the queue's C{min_backoff}, Postfix's
     #: C{$minimal_backoff_time}).
     plaintextFallbackAge: float = 300.0
+
+    def useDeliveryPlaces(self, places: Any) -> None:
+        """Have each delivery take one of C{places} (the queue's, shared by every backend)
+        once its next hop has a slot free (see L{PerDestination})."""
+        self._perDestination.places = places
 
     def resumeSuspended(self) -> None:
         """Try the next hops suspended after failures to reach them again (the queue manager

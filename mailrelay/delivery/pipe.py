@@ -49,8 +49,9 @@ It is a C{[[backends]]} table with C{plugin = "pipe"}; routes name the table's C
     up close the command's input and output too: a run always ends.
   - The command runs as C{user} (its uid, gid and groups; C{HOME}, C{USER}, C{LOGNAME} and a
     plain C{PATH} in its environment, nothing else of the relay's), in C{/}, at most
-    C{concurrency} runs at once.  A delivery the queue gives up on (the table's C{timeout},
-    or the relay stopping) kills its runs.
+    C{concurrency} runs at once, each then taking one of the queue's places of the
+    deliveries in flight at once (C{[queue] delivery_limit}).  A delivery the queue gives up
+    on (the table's C{timeout}, or the relay stopping) kills its runs.
 
 A success is a delivery, not a relay: a notice the sender asked for says C{delivered}.
 """
@@ -84,7 +85,7 @@ from mailrelay import namedfile
 from mailrelay.config.schema import At, Key, Source, Table
 from mailrelay.config.values import choice, integer, seconds, string
 from mailrelay.delivery.common import removeWhenFired, resultsForAll, withTextLineEnds
-from mailrelay.errors import ConfigError, describeValue
+from mailrelay.errors import ConfigError, DeliveryNotStarted, describeValue
 from mailrelay.interfaces import (
     DeliveryStatus,
     IDeliveryBackend,
@@ -450,12 +451,19 @@ class PipeBackend:
         self.settings = settings
         self.account = account
         self._semaphore = DeferredSemaphore(settings.concurrency)
+        #: The places of every backend's deliveries (L{useDeliveryPlaces}), or C{None}.
+        self._places: Any = None
         #: the command has C{{nexthop}}: a run is for one next hop
         self._perNexthop = any(m.group(1) == "nexthop" for item in settings.command[1:]
                                for m in _PLACEHOLDER.finditer(item))
         self._runs: set[Deferred] = set()
         #: the commands running now (until their process ends, also when cancelled)
         self.running: set[_Run] = set()
+
+    def useDeliveryPlaces(self, places: Any) -> None:
+        """Have each run take one of C{places} (the queue's, shared by every backend: its
+        C{run(f, *args)}) once it has its place among the C{concurrency} runs."""
+        self._places = places
 
     def deliver(self, envelope: Any, recipients: Any, route: Route,
                 messagePath: Path) -> Deferred:
@@ -489,7 +497,7 @@ class PipeBackend:
                     results[index] = result
                 return results
             _, path, converted = prepared
-            runs.extend(self._semaphore.run(self._run, envelope, [recipients[i] for i in group],
+            runs.extend(self._semaphore.run(placed, envelope, [recipients[i] for i in group],
                                             route, path) for group in groups)
             for d in runs:
                 self._runs.add(d)
@@ -497,8 +505,30 @@ class PipeBackend:
             everything = defer.gatherResults(runs, consumeErrors=True)
             everything.addErrback(
                 lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
+            everything.addErrback(whetherStarted)
             everything.addCallback(collect)
             return removeWhenFired(everything, converted)
+
+        started: list[bool] = []
+
+        def placed(*args: Any) -> Any:
+            """One run, once it has its place here and among every delivery's."""
+
+            def run() -> Any:
+                started.append(True)
+                return self._run(*args)
+
+            return run() if self._places is None else self._places.run(run)
+
+        def whetherStarted(failure: Failure) -> Failure:
+            """Cancelled: L{DeliveryNotStarted} when no command ran, else a plain
+            cancellation (a command may have taken the message)."""
+            if failure.check(defer.CancelledError):
+                if started and failure.check(DeliveryNotStarted):
+                    return Failure(defer.CancelledError())
+                if not started and not failure.check(DeliveryNotStarted):
+                    return Failure(DeliveryNotStarted())
+            return failure
 
         def collect(perGroup: list[list[RecipientResult]]) -> list[RecipientResult]:
             for group, groupResults in zip(groups, perGroup, strict=True):
@@ -510,7 +540,9 @@ class PipeBackend:
                                     [recipients[i] for i in good], messagePath, route.backend)
 
         def cancel(_: Deferred) -> None:
-            for d in runs:
+            # The last first: those waiting for a place go before the place of a run cut
+            # short could start them.
+            for d in reversed(runs):
                 d.cancel()
             if not runs:  # still converting
                 prepared.cancel()

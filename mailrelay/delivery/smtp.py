@@ -6,7 +6,9 @@ For each delivery the backend
      C{DeferredSemaphore} per next hop: at most that many simultaneous connections to it),
      unless the next hop is suspended: as many deliveries in a row that reached none of its
      servers suspend it for C{plaintextFallbackAge} (the queue's C{min_backoff}), its
-     deliveries deferred at once meanwhile (L{PerDestination});
+     deliveries deferred at once meanwhile (L{PerDestination}); then for one of the queue's
+     places of the deliveries in flight at once over every destination (C{[queue]
+     delivery_limit});
   2. reuses an idle connection to the same next hop with the same settings if one is
      cached (see below);
   3. otherwise resolves the next hop with L{MXResolver} and tries its hosts in order: a
@@ -147,11 +149,17 @@ class _Idle:
 
 class _ConnectionCache:
     """Idle connections by C{(nexthop, settings)}, reused only with the same settings, each
-    kept C{cacheTime} seconds and then quit."""
+    kept C{cacheTime} seconds and then quit; at most C{maxIdle} in all (the oldest is quit
+    to make room), so that connections kept for reuse do not add more open files than the
+    deliveries in flight at once (C{[queue] delivery_limit}) take.
+
+    @ivar maxIdle: the most idle connections kept, or C{None}: no limit.
+    """
 
     def __init__(self, reactor: Any, cacheTime: float, quit: Callable[[Any], None]) -> None:
         self.reactor = reactor
         self.cacheTime = cacheTime
+        self.maxIdle: int | None = None
         self._quit = quit
         self._idle: dict[tuple[str, ClientSettings], list[_Idle]] = {}
         self._closed = False
@@ -176,6 +184,13 @@ class _ConnectionCache:
         if self._closed or self.cacheTime <= 0 or not connection.usable:
             self._quit(connection)
             return
+        if self.maxIdle is not None and self._idle and self.count() >= self.maxIdle:
+            oldest = min(
+                ((k, e) for k, entries in self._idle.items() for e in entries),
+                key=lambda pair: pair[1].timer.getTime(),
+            )
+            oldest[1].timer.cancel()
+            self._expire(*oldest)
         entry = _Idle(connection, None)
         entry.timer = self.reactor.callLater(self.cacheTime, self._expire, key, entry)
         self._idle.setdefault(key, []).append(entry)
@@ -672,6 +687,12 @@ class SMTPBackend(ClientBackend):
         except ValueError:
             return False
         return parsed.mxLookup and all(r.domain == parsed.host for r in recipients)
+
+    def useDeliveryPlaces(self, places: Any) -> None:
+        """Take one of C{places} for each delivery (see L{ClientBackend}), and keep at most
+        as many idle connections as there are places."""
+        super().useDeliveryPlaces(places)
+        self._cache.maxIdle = places.limit
 
     def idleConnections(self, nexthop: str | None = None) -> int:
         """How many idle connections are cached (to C{nexthop} with any settings, or in

@@ -2,14 +2,16 @@
 
 Every C{PENDING} recipient is routed (L{IRouter.route}); recipients with the same L{Route}
 (backend, next hop and options) form groups of at most L{RECIPIENTS_PER_DELIVERY}, and every
-group is handed with its route to its backend at once (L{IDeliveryBackend.deliver}).  A
-router's L{PermanentFailure} bounces the recipient; any other routing failure (a
-L{TransientFailure} with its own code and diagnostic), an unknown backend, a failed delivery
-Deferred, a delivery that outlasts the backend's timeout, a call cut short by the stop, or a
-malformed answer is a transient failure, never a delivery.  The result is one
-L{Outcome} per recipient; what becomes of the recipients is L{mailrelay.queue.outcome}'s to
-decide.  The outcomes of each delivery that ends while others of the attempt still run are
-also handed over at once (to be recorded before the slowest delivery ends).
+group is handed with its route to its backend at once (L{IDeliveryBackend.deliver}), at
+most C{[queue] delivery_limit} in flight over every message and backend (L{DeliveryPlaces}:
+the others wait for a place).  A router's L{PermanentFailure} bounces the recipient; any
+other routing failure (a L{TransientFailure} with its own code and diagnostic), an unknown
+backend, a failed delivery Deferred, a delivery that outlasts the backend's timeout, a call
+cut short by the stop, or a malformed answer is a transient failure, never a delivery.  The
+result is one L{Outcome} per recipient; what becomes of the recipients is
+L{mailrelay.queue.outcome}'s to decide.  The outcomes of each delivery that ends while
+others of the attempt still run are also handed over at once (to be recorded before the
+slowest delivery ends).
 """
 
 from __future__ import annotations
@@ -18,20 +20,32 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredSemaphore,
+    fail,
+    maybeDeferred,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailrelay.envelope import Envelope, Recipient
-from mailrelay.errors import PermanentFailure, TransientFailure
+from mailrelay.errors import DeliveryNotStarted, PermanentFailure, TransientFailure
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, ISpool, RecipientResult, Route
 from mailrelay.metrics import DELIVERY_SECONDS, child, noteBlocking
 from mailrelay.queue.outcome import Outcome
 
 log = Logger(namespace="mailrelay.queue")
 
-__all__ = ["RECIPIENTS_PER_DELIVERY", "Calls", "Deliverer", "DeliveryTimedOut"]
+__all__ = [
+    "RECIPIENTS_PER_DELIVERY",
+    "Calls",
+    "Deliverer",
+    "DeliveryPlaces",
+    "DeliveryTimedOut",
+]
 
 #: The most recipients of one route handed to its backend in one delivery (one SMTP or LMTP
 #: transaction), as Postfix's C{default_destination_recipient_limit}: a next hop taking fewer
@@ -60,11 +74,14 @@ class DeliveryTimedOut(Exception):
     """A backend did not answer a delivery within its timeout.
 
     @ivar timeout: the timeout, in seconds.
+    @ivar started: whether the delivery had started (C{False}: it was still waiting for its
+        place, L{DeliveryNotStarted}: nothing can have been sent).
     """
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, started: bool = True) -> None:
         super().__init__(f"no answer within {timeout:g}s")
         self.timeout = timeout
+        self.started = started
 
 
 def _timedOut(result: Any, timeout: float) -> Any:
@@ -74,7 +91,7 @@ def _timedOut(result: Any, timeout: float) -> Any:
     pipe backend, its command having exited): taken for a timeout, that delivery would be
     made again at the next attempt."""
     if isinstance(result, Failure):
-        raise DeliveryTimedOut(timeout)
+        raise DeliveryTimedOut(timeout, started=not result.check(DeliveryNotStarted))
     return result
 
 
@@ -131,10 +148,101 @@ class Calls:
         self.interrupted = False
 
 
+class DeliveryPlaces:
+    """The places of the deliveries in flight at once, over every destination and backend
+    (C{[queue] delivery_limit}): Postfix's C{default_process_limit}, at most that many
+    delivery agents, each with one connection or command.  A delivery over the limit waits,
+    first come first served, for one to end; it is not deferred.
+
+    The smtp, lmtp and pipe backends take their place themselves (L{Deliverer}), once their
+    next hop (or command) has a place of its own free, so that deliveries waiting for a busy
+    destination do not hold places that deliveries to other destinations could use (as
+    Postfix's queue manager hands a delivery agent only to a destination below its
+    concurrency limit).
+
+    @ivar limit: the most deliveries in flight at once.
+    """
+
+    def __init__(self, limit: int) -> None:
+        """@raise ValueError: C{limit} is below 1."""
+        if limit < 1:
+            raise ValueError(f"the delivery limit must be at least 1, not {limit!r}")
+        self.limit = limit
+        self._semaphore = DeferredSemaphore(limit)
+        #: L{interrupt} was called (until L{reset}): no delivery starts.
+        self.interrupted = False
+
+    @property
+    def running(self) -> int:
+        """Deliveries holding a place."""
+        return self.limit - self._semaphore.tokens
+
+    @property
+    def waiting(self) -> int:
+        """Deliveries waiting for a place."""
+        return len(self._semaphore.waiting)
+
+    def interrupt(self) -> None:
+        """The stop's drain time is over: the deliveries waiting for a place, and those
+        asking for one from now on, fail with L{DeliveryNotStarted} (none starts while
+        those running are cut short, giving their places back)."""
+        self.interrupted = True
+        for waiting in list(self._semaphore.waiting):
+            waiting.cancel()
+
+    def reset(self) -> None:
+        """A new start: deliveries start again."""
+        self.interrupted = False
+
+    def run(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """C{f(*args)}'s result once a place is free; the place is given back when that
+        result comes, or when the Deferred is cancelled (the delivery abandoned: its time-out
+        or the stop; C{f}'s Deferred is cancelled too, and a late result of it ignored).
+        Cancelled while waiting, or L{interrupted}, it fails with L{DeliveryNotStarted}
+        (C{f} is never called)."""
+        if self.interrupted:
+            return fail(DeliveryNotStarted())
+        acquired = self._semaphore.acquire()
+        running: list[Deferred[Any]] = []
+        held = [False]
+
+        def cancel(_: Deferred[Any]) -> None:
+            (running[0] if running else acquired).cancel()
+
+        outer: Deferred[Any] = Deferred(cancel)
+
+        def giveBack(result: Any) -> Any:
+            if held[0]:
+                held[0] = False
+                self._semaphore.release()
+            return result
+
+        def relay(result: Any) -> None:
+            if not outer.called:
+                if isinstance(result, Failure):
+                    outer.errback(result)
+                else:
+                    outer.callback(result)
+
+        def start(_: Any) -> None:
+            held[0] = True
+            running.append(maybeDeferred(f, *args))
+            running[0].addBoth(relay)
+
+        def notStarted(failure: Failure) -> None:
+            failure.trap(CancelledError)
+            relay(Failure(DeliveryNotStarted()))
+
+        acquired.addCallbacks(start, notStarted)
+        outer.addBoth(giveBack)
+        return outer
+
+
 class Deliverer:
     """Makes the delivery attempts of the queue manager.
 
     @ivar calls: the L{Calls} in flight.
+    @ivar places: the L{DeliveryPlaces} every backend's deliveries share.
     """
 
     def __init__(
@@ -146,19 +254,35 @@ class Deliverer:
         *,
         deliveryTimeout: float,
         timeouts: Mapping[str, float] | None = None,
+        deliveryLimit: int = 100,
     ) -> None:
         """
         @param router: an L{IRouter}.
-        @param backends: the delivery backends by name (L{Route.backend}).
+        @param backends: the delivery backends by name (L{Route.backend}).  Those with a
+            C{useDeliveryPlaces} method (the smtp, lmtp and pipe backends) are given the
+            L{places} to take one from for each connection or command, once their next hop
+            has a place free (see L{DeliveryPlaces}); for the others, each delivery takes
+            its place here before the backend is called.
         @param deliveryTimeout: seconds a routing decision, or a delivery by a backend not in
-            C{timeouts}, may take (0: no limit).
+            C{timeouts}, may take (0: no limit).  A delivery's time includes its wait for a
+            place.
         @param timeouts: seconds one delivery by the named backend may take.
-        @raise ValueError: a timeout that is not a number greater than zero.
+        @param deliveryLimit: the most deliveries in flight at once (L{DeliveryPlaces}).
+        @raise ValueError: a timeout that is not a number greater than zero, a delivery limit
+            below 1.
         """
         self.spool = spool
         self.router = router
         self.backends = dict(backends)
         self.calls = calls
+        self.places = DeliveryPlaces(deliveryLimit)
+        #: The backends that take their places themselves.
+        self._placing: set[str] = set()
+        for name, backend in self.backends.items():
+            use = getattr(backend, "useDeliveryPlaces", None)
+            if callable(use):
+                use(self.places)
+                self._placing.add(name)
         self.deliveryTimeout = deliveryTimeout
         self.timeouts = dict(timeouts or {})
         for name, timeout in self.timeouts.items():
@@ -276,10 +400,19 @@ class Deliverer:
             ]
         timeout = self.timeoutFor(route.backend)
         started = time.perf_counter()
+
+        def call() -> Any:
+            called = time.perf_counter()
+            answer = backend.deliver(envelope, list(recipients), route, path)
+            noteBlocking("backend", route.backend, called)
+            return answer
+
         try:
             path = self.spool.messagePath(queueID)
-            answer = maybeDeferred(backend.deliver, envelope, list(recipients), route, path)
-            noteBlocking("backend", route.backend, started)
+            if route.backend in self._placing:
+                answer = maybeDeferred(call)
+            else:
+                answer = self.places.run(call)
             results = await self.calls.bound(answer, timeout, _timedOut)
         except Exception as e:
             return self._failedGroup(queueID, route, recipients, timeout, e)
@@ -316,6 +449,21 @@ class Deliverer:
         """A group whose delivery timed out, was cut short by the stop, or failed: every
         recipient is deferred, with a diagnostic saying which."""
         relay = f"{route.backend}:{route.nexthop}"
+        if isinstance(error, DeliveryTimedOut) and not error.started:
+            # It never started: nothing was sent (RFC 3463 X.4.5, mail system congestion).
+            return _deferGroup(
+                recipients,
+                route,
+                "4.4.5",
+                f"X-mailrelay; delivery via {relay} not started within {timeout:g}s: all "
+                "delivery places busy (the delivery limit, or the next hop's concurrency)",
+                "{queueID}: delivery via {relay} still waiting for a free place after its "
+                "timeout of {timeout:g}s; {count} recipient(s) deferred",
+                queueID=queueID,
+                relay=relay,
+                timeout=timeout,
+                count=len(recipients),
+            )
         if isinstance(error, DeliveryTimedOut):
             # It was abandoned, not refused: what it did meanwhile is unknown (as Postfix's
             # "-- message may be sent more than once" when the end of data is not answered).
@@ -331,6 +479,18 @@ class Deliverer:
                 backend=route.backend,
                 timeout=timeout,
                 count=len(recipients),
+            )
+        stopping = self.calls.interrupted or self.places.interrupted
+        if stopping and isinstance(error, DeliveryNotStarted):
+            return _deferGroup(
+                recipients,
+                route,
+                "4.3.0",
+                f"X-mailrelay; delivery via {relay} not started: the relay was stopping",
+                "{queueID}: delivery via {relay} not started (it waited for a free place): "
+                "the relay is stopping",
+                queueID=queueID,
+                relay=relay,
             )
         if self.calls.interrupted:
             return _deferGroup(

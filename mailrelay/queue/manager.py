@@ -173,6 +173,7 @@ class QueueManager(Service):
             self.calls,
             deliveryTimeout=policy.deliveryTimeout,
             timeouts=timeouts,
+            deliveryLimit=policy.deliveryLimit,
         )
         self.intake = makeIntake(self.enqueue)
         self.notifier = Notifier(spool, policy, hostname=hostname, intake=self.intake)
@@ -266,6 +267,7 @@ class QueueManager(Service):
         super().startService()
         self._stopped = False
         self.calls.reset()
+        self.deliverer.places.reset()
         QUEUE_STATES.add(self)
         if self.lock is None:
             self._begin()
@@ -296,9 +298,11 @@ class QueueManager(Service):
             if not self.scheduler.isKnown(queueID):
                 self.scheduler.schedule(queueID, now)
         log.info(
-            "queue manager started: {count} queued entries, active limit {limit}",
+            "queue manager started: {count} queued entries, active limit {limit}, delivery "
+            "limit {deliveryLimit}",
             count=self.scheduler.scheduledCount,
             limit=self.policy.activeLimit,
+            deliveryLimit=self.policy.deliveryLimit,
         )
         self._rescanCall = self.clock.callLater(self.policy.rescanInterval, self._lookAgain)
         self.scheduler.pump()
@@ -337,6 +341,8 @@ class QueueManager(Service):
                 count=self.scheduler.activeCount,
                 timeout=self.policy.stopTimeout,
             )
+            # (Those waiting for a place first: none takes the place of one cut short.)
+            self.deliverer.places.interrupt()
             self.calls.interrupt()
 
         timer = self.clock.callLater(self.policy.stopTimeout, drainTimeOver)

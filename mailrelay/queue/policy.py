@@ -29,12 +29,15 @@ class QueuePolicy:
     @ivar deliveryTimeout: seconds a routing decision, or a delivery by a backend without a
         timeout of its own (see L{QueueManager}'s C{timeouts}: the built-in backends), may
         take before it is abandoned and counted as a transient failure (a late answer is
-        ignored); 0: no limit.
+        ignored); 0: no limit.  A delivery's wait for a place (see C{deliveryLimit}) counts.
     @ivar stopTimeout: seconds L{QueueManager.stopService} waits for deliveries in flight.
     @ivar bounceSizeLimit: the most octets of an original message returned in a notification
         (C{bounce_size_limit}).
     @ivar rescanInterval: seconds between two looks into the spool for entries nobody told
         the queue manager of (as qmgr's wakeup time in Postfix's C{master.cf}).
+    @ivar deliveryLimit: deliveries (connections, commands) in flight at once over every
+        destination and backend; those over it wait for one to end
+        (C{default_process_limit}).
     """
 
     minBackoff: float = 300.0
@@ -48,6 +51,7 @@ class QueuePolicy:
     stopTimeout: float = 30.0
     bounceSizeLimit: int = 102400
     rescanInterval: float = 300.0
+    deliveryLimit: int = 100
 
     def __post_init__(self) -> None:
         if not 0 < self.minBackoff <= self.maxBackoff:
@@ -56,6 +60,8 @@ class QueuePolicy:
             raise ValueError("lifetimes and delayWarning must not be negative")
         if self.activeLimit < 1:
             raise ValueError("activeLimit must be at least 1")
+        if self.deliveryLimit < 1:
+            raise ValueError("deliveryLimit must be at least 1")
         if not self.rescanInterval > 0:
             raise ValueError("rescanInterval must be greater than 0")
         if self.deliveryTimeout < 0 or self.stopTimeout < 0 or self.bounceSizeLimit < 0:
