@@ -14,7 +14,13 @@ import os
 import pwd
 import stat
 
-__all__ = ["MAX_NAMED_FILE", "explainPermissions", "readError", "readNamedFile"]
+__all__ = [
+    "MAX_NAMED_FILE",
+    "explainPermissions",
+    "readError",
+    "readNamedFile",
+    "runUserReadError",
+]
 
 #: The most octets such a file may hold: a large CA bundle is well under 1 MiB, a table of
 #: a hundred thousand users and hashes about 10 MiB.
@@ -53,16 +59,53 @@ _relay = False
 
 
 #: The user the relay's processes run as once started, when it is not this process's user
-#: yet (L{runAsUser}); C{None}: this process's own.
+#: yet (L{runAsUser}); C{None}: this process's own.  C{_runGID}: its group (C{None}: the
+#: user's own).
 _runUID: int | None = None
+_runGID: int | None = None
 
 
-def runAsUser(uid: int | None) -> None:
-    """The relay, started as root, will run as C{uid} (twistd's C{--uid}) once started: its
-    checks made before (the configuration, as root) are to be made as for that user
-    (L{runUID}).  C{None} (or -1: staying root): as for this process's own user."""
-    global _runUID
+def runAsUser(uid: int | None, gid: int | None = None) -> None:
+    """The relay, started as root, will run as C{uid} (twistd's C{--uid}, and group C{gid},
+    its C{--gid}) once started: its checks made before (the configuration, as root) are to
+    be made as for that user (L{runUID}, L{runUserReadError}).  C{None} (or -1: staying
+    root): as for this process's own user."""
+    global _runUID, _runGID
     _runUID = None if uid is None or uid < 0 else uid
+    _runGID = None if gid is None or gid < 0 else gid
+
+
+def runUserReadError(path: str) -> tuple[str, OSError] | None:
+    """When this process (root) will run as another user (L{runAsUser}), whom the files the
+    relay's children read are read by: why that user cannot open C{path} (its name, and the
+    error), else C{None}.  Asked of the system itself, in a child process running as that
+    user, so that groups, ACLs and the directories on the way all count."""
+    uid = _runUID
+    if uid is None or uid == 0 or os.geteuid() != 0:
+        return None
+    try:
+        entry = pwd.getpwuid(uid)
+        name, gid = entry.pw_name, entry.pw_gid if _runGID is None else _runGID
+        groups = os.getgrouplist(name, gid)
+    except KeyError:
+        name, gid, groups = str(uid), uid if _runGID is None else _runGID, []
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child, which exits here
+        code = 0
+        try:
+            os.setgroups(groups)
+            os.setgid(gid)
+            os.setuid(uid)
+            os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+        except OSError as e:
+            code = e.errno or errno.EACCES
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code == 0:
+        return None
+    return name, OSError(code, os.strerror(code) if code > 0 else "the check failed", path)
 
 
 def runUID() -> int:

@@ -10,8 +10,8 @@ import pwd
 import re
 import shutil
 import signal
-import smtplib
 import site
+import smtplib
 import socket
 import subprocess
 import sys
@@ -465,6 +465,46 @@ def test_runAsNobody(nobodyRuntime, nexthop) -> None:
     assert "set uid/gid" in log and "status=sent" in log
 
 
+def refusedStart(python: Path, directory: Path, *args: str) -> tuple[int | None, str]:
+    """Start the relay as L{startAs} does, expecting it to refuse: its exit status (C{None}:
+    still running after 30 s, then killed) and its log."""
+    process = startAs(python, directory, *args)
+    try:
+        code = process.wait(30)
+    except subprocess.TimeoutExpired:  # (its delivery process restarted for ever, say)
+        code = None
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    return code, (directory / "relay.log").read_text()
+
+
+def test_runAsNobodyChecksTheSmarthostFilesAsNobody(nobodyRuntime) -> None:
+    """Started as root with --uid nobody, a smarthost password file only root may read is
+    refused at start, in one line naming the key, the file and the user (a CA file the same):
+    read as root it passed, then each delivery process, reading it as nobody, refused the
+    configuration and was restarted for ever while mail waited."""
+    python, top = nobodyRuntime
+    directory = Path(tempfile.mkdtemp(dir=top))
+    directory.chmod(0o755)
+    secret = directory / "smarthost.password"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o600)  # root's
+    config = directory / "mailrelay.toml"
+    config.write_text('[relay]\nsmarthost = "[127.0.0.1]:2525"\n[smarthost]\n'
+                      f'username = "relay"\npassword_file = "{secret}"\ntls = "required"\n')
+    config.chmod(0o644)
+    port = privilegedPort()
+    args = ("--config", str(config), "--listen", f"tcp:{port}:interface=127.0.0.1",
+            "--spool", str(directory / "spool"))
+    code, log = refusedStart(python, directory, *args)
+    assert code == 1, log
+    assert (f'smarthost.password_file: cannot read the password file "{secret}" as user '
+            "nobody, which the relay runs as once started: Permission denied") in log, log
+    assert "s3cret" not in log
+
+
 def test_runAsNobodyChecksPipeUserAsNobody(nobodyRuntime) -> None:
     """Started as root with --uid nobody, the relay checks a pipe backend's user as for the
     user its deliveries run as: another user is refused at start, in one line naming the key
@@ -482,14 +522,7 @@ def test_runAsNobodyChecksPipeUserAsNobody(nobodyRuntime) -> None:
     port = privilegedPort()
     args = ("--config", str(config), "--listen", f"tcp:{port}:interface=127.0.0.1",
             "--spool", str(directory / "spool"))
-    process = startAs(python, directory, *args)
-    try:
-        code = process.wait(30)
-    finally:
-        if process.poll() is None:  # the delivery process restarted for ever: fail
-            process.kill()
-            process.wait(10)
-    log = (directory / "relay.log").read_text()
+    code, log = refusedStart(python, directory, *args)
     assert code == 1, log
     assert ('backends[0].user: "daemon": the relay runs as user nobody (not root), so '
             "commands run as that user only") in log, log

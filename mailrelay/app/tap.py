@@ -119,7 +119,8 @@ def makeService(options: Options) -> Any:
     path = options["config"]
     serverOptions = getattr(options, "parent", None)  # twistd's, when it runs us
     user = runAs(serverOptions)
-    runAsUser(None if user is None else user[0])  # (checked as for the user we will run as)
+    # (Checked as for the user we will run as.)
+    runAsUser(*(user if user is not None else (None, None)))
     try:
         text = readConfigFile(path) if path is not None else None
         config = loadConfig(path, options.overrides(), text=text)

@@ -38,7 +38,7 @@ from mailrelay.address import (
 from mailrelay.config.schema import At, Parser
 from mailrelay.errors import describeValue
 from mailrelay.interfaces import PLATFORM_TRUST_STORE
-from mailrelay.namedfile import readError, readNamedFile
+from mailrelay.namedfile import readError, readNamedFile, runUserReadError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 T = TypeVar("T")
@@ -530,11 +530,22 @@ def defaultSpoolDirectory(
 
 def _readBytes(path: str, what: str, at: At) -> bytes:
     """The bytes of the file C{path}, which holds C{what} (for the message when it cannot be
-    read)."""
+    read), a file the relay's children read too: started as root to run as another user,
+    that user must be able to read it (L{runUserReadError}), or each delivery process would
+    refuse the configuration, restarted for ever while mail waits."""
     try:
-        return readNamedFile(path)
+        data = readNamedFile(path)
     except OSError as e:
         raise at.error(f"cannot read {what} {describeValue(path)}: {readError(e)}") from None
+    refused = runUserReadError(path)
+    if refused is not None:
+        user, error = refused
+        raise at.error(
+            f"cannot read {what} {describeValue(path)} as user {user}, which the relay runs "
+            f"as once started: {error.strerror} (let that user read it, e.g. by its group and "
+            "mode 0640)"
+        )
+    return data
 
 
 def pemCertificates(data: bytes) -> list[Any]:
