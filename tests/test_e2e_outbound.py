@@ -1205,3 +1205,32 @@ def test_dot_lines_at_chunk_boundary(relay, nexthop, dns) -> None:
     for qid, text in originals.items():
         assert byID[qid] == text, qid
     waitEmpty(r)
+
+
+def test_bcc_and_the_other_dropped_fields_never_leave(relay, nexthop, dns) -> None:
+    """A message whose header section carries Bcc:, Resent-Bcc:, Return-Path: and
+    Content-Length: (an MUA that leaves its Bcc: in, a message resent as it was delivered):
+    they are removed, as Postfix's cleanup removes message_drop_headers from every message,
+    the rest byte for byte.  Bcc: went to every recipient, naming the hidden ones.  With
+    relay.drop_headers = [] they are kept."""
+    hop, port = nexthop()
+    fields = (b"From: alice@sender.test\r\nBcc: hidden@example.org\r\n"
+              b"Return-Path: <forged@sender.test>\r\nSubject: s\r\n"
+              b"Content-Length: 3\r\nresent-bcc: other@example.org,\r\n third@example.org\r\n")
+    body = b"\r\nBcc: in the body stays\r\n"
+    routes = [smtpRoute("example.org", port)]
+    r = relay(config(dns, routes=routes))
+    submit(r, "alice@sender.test", ["bob@example.org", "hidden@example.org"], fields + body)
+    [got] = hop.waitTo("bob@example.org")
+    head, _, rest = got.content.partition(b"\r\n\r\n")
+    kept = b"\r\n".join(line for line in head.split(b"\r\n")
+                        if not line.startswith((b"Received:", b"\t", b" ", b"Message-Id:",
+                                                b"Date:")))
+    assert kept == b"From: alice@sender.test\r\nSubject: s", got.content
+    assert b"\r\n" + rest == body
+    r.stop()
+
+    r = relay(config(dns, routes=routes) + "[relay]\ndrop_headers = []\n")
+    submit(r, "alice@sender.test", ["carol@example.org"], fields + body)
+    [got] = hop.waitTo("carol@example.org")
+    assert fields in got.content

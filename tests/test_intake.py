@@ -590,3 +590,27 @@ def test_fields_filters_add_to_a_message_without_header_section_are_followed_by_
         end = message.index(b"\r\n") + 2 if message.startswith(b"S") else 0
         assert withFields(message, [field], [field]) == (
             field + message[:end] + field + message[end:])
+
+
+@pytest.mark.parametrize("withFilter", [False, True])
+def test_dropped_fields_are_removed_before_the_filters_and_the_commit(withFilter: bool) -> None:
+    """The fields of dropHeaders (Postfix's message_drop_headers), whatever their case and
+    folding: gone from the message spooled, and from what the filters read; its size counts
+    it; a message without one is not written again."""
+    seen: list[bytes] = []
+
+    def reads(context: Any) -> Deferred[None]:
+        return context.read().addCallback(lambda m: seen.append(m) and None)
+
+    filters = [Filter(reads)] if withFilter else []
+    intake, spool, queued = makeIntake(filters=filters, dropHeaders=("Bcc", "return-path"))
+    original = (b"Subject: hi\r\nbcc: a@example.org,\r\n b@example.org\r\n"
+                b"Return-Path: <x@example.org>\r\nTo: c@example.org\r\n\r\nBcc: body\r\n")
+    env = envelope()
+    message = intake.open(env, env.client, {})
+    message.write(original)
+    assert received(message.finish()).code == 250
+    kept = b"Subject: hi\r\nTo: c@example.org\r\n\r\nBcc: body\r\n"
+    assert spool.messages() == [kept]
+    assert spool.committed[env.queueID][0].messageSize == len(kept)
+    assert seen == ([kept] if withFilter else [])

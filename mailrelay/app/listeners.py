@@ -309,6 +309,7 @@ def makeIntake(
         filters=hooks.filterChain(reactor),
         observe=observers.messageQueued if observers.queued else None,
         deferToThread=build.context.deferToThread if hasattr(build, "context") else None,
+        dropHeaders=config.dropHeaders,
     )
 
 

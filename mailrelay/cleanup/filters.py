@@ -163,6 +163,13 @@ class FilterContext:
         self.prepend[:0] = prepend
         self.append.extend(append)
 
+    def drop(self, fields: Collection[bytes]) -> None:
+        """Remove C{fields}, fields of the message's header section as the relay parsed it
+        (the intake's C{dropHeaders}), before any filter sees it."""
+        if fields:
+            self.remove.update(fields)
+            self._removedSize += sum(map(len, fields))
+
     def message(self) -> Deferred[bytes]:
         """The message to commit: as read, with every field added (read now if no filter
         read it)."""

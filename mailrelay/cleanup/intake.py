@@ -29,7 +29,7 @@ so, so that the SMTP side can stop reading).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -49,6 +49,7 @@ from mailrelay.cleanup.stamping import (
 from mailrelay.envelope import ClientInfo, Envelope, savePluginKept, undoPluginChanges
 from mailrelay.errors import SpoolError
 from mailrelay.interfaces import (
+    CONTINUE,
     IIncomingMessage,
     IIntake,
     IMessageWriter,
@@ -90,6 +91,8 @@ class Intake:
     @ivar observe: called with the envelope of each message once it is durable (the queue
         observers: L{mailrelay.queue.observers.Observers.messageQueued}), or C{None}.
     @ivar deferToThread: runs blocking work (reading a message for the filters) in a thread.
+    @ivar dropHeaders: the names (lower case) of the header fields removed from every
+        message, as Postfix's cleanup removes C{message_drop_headers} (C{Bcc:}, ...).
     """
 
     def __init__(
@@ -103,8 +106,10 @@ class Intake:
         filters: Any = None,
         observe: Callable[[Envelope], object] | None = None,
         deferToThread: Callable[..., Deferred[Any]] | None = None,
+        dropHeaders: Collection[str] = (),
     ) -> None:
         self.spool = spool
+        self.dropHeaders = frozenset(name.lower() for name in dropHeaders)
         self.stampers = tuple(stampers)
         self.clock = clock
         self.hostname = hostname
@@ -270,13 +275,16 @@ class IncomingMessage:
                 or not processor.added.isascii()
                 or any(not raw.isascii() for _, raw in self.headers)
             )
-        if self.intake.filters is None:
+        drop = self.intake.dropHeaders
+        dropped = [raw for name, raw in self.headers if name.lower() in drop]
+        if self.intake.filters is None and not dropped:
             return self._commit()
-        return self._filter()
+        return self._filter(dropped)
 
-    def _filter(self) -> Deferred[Reply]:
-        """Run the message filters, then commit (the message written again when they added
-        fields), or refuse."""
+    def _filter(self, dropped: Sequence[bytes]) -> Deferred[Reply]:
+        """Run the message filters, if any, on the message without the C{dropped} fields,
+        then commit (the message written again when fields were dropped or the filters
+        added or removed some), or refuse."""
         intake, writer = self.intake, self._writer
         context = FilterContext(
             intake.hostname,
@@ -287,8 +295,11 @@ class IncomingMessage:
             writer.read,
             intake.deferToThread,
         )
-        assert intake.filters is not None
-        d: Deferred[Verdict] = intake.filters.run(context, subject=self.queueID)
+        context.drop(dropped)
+        d: Deferred[Verdict] = (
+            succeed(CONTINUE) if intake.filters is None
+            else intake.filters.run(context, subject=self.queueID)
+        )
 
         def judged(verdict: Verdict) -> Reply | Deferred[Reply]:
             if verdict.kind not in (VerdictKind.CONTINUE, VerdictKind.ACCEPT):

@@ -38,6 +38,7 @@ from mailrelay.config.values import (
     domains,
     endpoint,
     fileName,
+    headerNames,
     hostname,
     integer,
     networks,
@@ -231,6 +232,13 @@ RELAY = Table(
             "Where all outgoing mail goes instead of to the MX hosts.",
             default="",
             cli=Override("smarthost", "--smarthost"),
+        ),
+        Key(
+            "drop_headers",
+            headerNames,
+            "Header fields removed from every message (Postfix's message_drop_headers).",
+            default=["Bcc", "Content-Length", "Resent-Bcc", "Return-Path"],
+            field="dropHeaders",
         ),
         Key(
             "processes",

@@ -126,6 +126,7 @@ class Config:
     @ivar dataTimeout: seconds a client may stay silent while sending message data.
     @ivar maxErrors: errors in one session before it is closed with 421.
     @ivar maxHops: the most C{Received:} fields a message may carry (mail loops).
+    @ivar dropHeaders: the header fields removed from every message (lower case).
     @ivar reverseDNS: look up the client's name (forward-confirmed) for C{Received:}.
     @ivar listeners: where to accept SMTP connections, and how.
     @ivar recipientValidators: the recipient validator plugins, in order (before the
@@ -223,6 +224,7 @@ class Config:
     metricsListen: str | None = None
     processes: int | str = 1
     forkChildren: bool = True
+    dropHeaders: tuple[str, ...] = ("bcc", "content-length", "resent-bcc", "return-path")
 
 
 @dataclass(frozen=True)

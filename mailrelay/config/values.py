@@ -21,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -450,6 +451,16 @@ def stringList(value: Any, at: At) -> list[tuple[At, str]]:
 def strings(value: Any, at: At) -> tuple[str, ...]:
     """An array of strings (for a plugin's options: C{["a", "b"]})."""
     return tuple(text for _, text in stringList(value, at))
+
+
+def headerNames(value: Any, at: At) -> tuple[str, ...]:
+    """An array of header field names (C{["Bcc", "Return-Path"]}), lower-cased, each once."""
+    names: dict[str, None] = {}
+    for where, text in stringList(value, at):
+        if not re.fullmatch(r"[\x21-\x39\x3b-\x7e]+", text):
+            raise where.error(f"{describeValue(text)} is not a header field name")
+        names[text.lower()] = None
+    return tuple(names)
 
 
 def fileName(value: Any, at: At) -> str:
