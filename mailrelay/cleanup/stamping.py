@@ -214,8 +214,9 @@ def protocolName(context: StampContext) -> str:
     return name
 
 
-def _receivedFrom(context: StampContext, client: ClientInfo) -> str:
-    """The RFC 5321 section 4.4 C{Received:} field of a message from C{client}, up to its date."""
+def _receivedFrom(context: StampContext, client: ClientInfo, authUser: bool) -> str:
+    """The RFC 5321 section 4.4 C{Received:} field of a message from C{client}, up to its date
+    (with C{authUser}, the user name the client logged in with)."""
     envelope = context.envelope
     helo = _heloDomain(client.helo or "unknown")
     rdns = client.rdns or "unknown"
@@ -226,7 +227,7 @@ def _receivedFrom(context: StampContext, client: ClientInfo) -> str:
     )
     if client.tls:
         received += f"\r\n\t(using {client.tls})"
-    if client.authUser:
+    if client.authUser and authUser:
         received += f"\r\n\t(authenticated as {_HELO_UNSAFE.sub('?', client.authUser)})"
     if len(envelope.recipients) == 1:
         rcpt = envelope.recipients[0].address
@@ -242,11 +243,18 @@ class DefaultStamper:
 
     A message the relay made itself (no client: a delivery status notification) gets the
     local form C{Received: by <host> (mailrelay) id <queue id>; <date>}.
+
+    The user name a client logged in with is not shown to every recipient (the protocol,
+    C{ESMTPSA}, says that it did), as Postfix's C{smtpd_sasl_authenticated_header = no}:
+    with C{authUser}, C{(authenticated as USER)} follows the TLS comment.
     """
 
-    def __init__(self, addMessageID: bool = True, addDate: bool = True) -> None:
+    def __init__(
+        self, addMessageID: bool = True, addDate: bool = True, authUser: bool = False
+    ) -> None:
         self.addMessageID = addMessageID
         self.addDate = addDate
+        self.authUser = authUser
 
     def stamp(self, context: StampContext) -> StampResult:
         envelope = context.envelope
@@ -254,7 +262,7 @@ class DefaultStamper:
         if context.client is None:
             received = f"Received: by {context.hostname} (mailrelay) id {envelope.queueID}"
         else:
-            received = _receivedFrom(context, context.client)
+            received = _receivedFrom(context, context.client, self.authUser)
         received += f"; {date}\r\n"
         result = StampResult(prepend=[received.encode("utf-8")])
         options = context.listenerOptions
@@ -273,17 +281,20 @@ class DefaultStamper:
 
 
 def buildDefaultStamper(options: dict[str, Any], context: PluginContext) -> DefaultStamper:
-    """Factory for the C{default} header stamper plugin (options: C{message_id}, C{date})."""
+    """Factory for the C{default} header stamper plugin (options: C{message_id}, C{date},
+    C{auth_user})."""
     from mailrelay.errors import ConfigError
 
-    allowed = {"message_id", "date"}
+    allowed = {"message_id", "date", "auth_user"}
     for key, value in options.items():
         if key not in allowed:
             raise ConfigError(f"unknown option; allowed: {', '.join(sorted(allowed))}", key=key)
         if not isinstance(value, bool):
             raise ConfigError(f"must be true or false, not {value!r}", key=key)
     return DefaultStamper(
-        addMessageID=options.get("message_id", True), addDate=options.get("date", True)
+        addMessageID=options.get("message_id", True),
+        addDate=options.get("date", True),
+        authUser=options.get("auth_user", False),
     )
 
 
