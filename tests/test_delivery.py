@@ -1240,6 +1240,22 @@ def test_smtp_a_loop_found_at_ehlo() -> None:
     assert [a[0] for a in net.attempts] == ["192.0.2.11", "192.0.2.9"]
 
 
+def test_smtp_a_loop_found_at_ehlo_after_a_host_took_some_recipients() -> None:
+    """A best MX that answers EHLO with the relay's own name after another host of the same
+    preference took some recipients and deferred the others: only those left loop (5.4.6);
+    those delivered stay delivered (as Postfix's smtp_site_fail, which fails only the
+    recipients left), never bounced after their delivery."""
+    loop = SMTPConnectError("5.4.6", "X-mailrelay; mx1.example.org[2001:db8::1] replied to "
+                            "EHLO with my own hostname relay.test", permanent=True, loop=True)
+    backend, net, clock, mx = smtpBackend(connectionCacheTime=0)
+    net.sendBehaviour["192.0.2.1"] = "ok,451"
+    net.connectBehaviour["2001:db8::1"] = loop
+    results = result(send(backend, "example.org", "a@example.org", "b@example.org"))
+    assert [(r.status, r.code) for r in results] == [(DELIVERED, "2.0.0"),
+                                                    (PERMANENT, "5.4.6")], results
+    assert [a[0] for a in net.attempts] == ["192.0.2.1", "2001:db8::1"]
+
+
 def test_smtp_all_hosts_fail() -> None:
     backend, net, clock, mx = smtpBackend()
     net.connectBehaviour["192.0.2.1"] = connectError(

@@ -439,8 +439,11 @@ class SMTPBackend(ClientBackend):
             best = host.preference == hosts[0].preference
             connected = yield self._connectNoting(host, key, envelope, tried, best)
             if tried.loop is not None:  # (the best MX is the relay itself)
-                return resultsForAll(recipients, DeliveryStatus.PERMANENT, "5.4.6",
-                                     tried.loop)
+                # Those left loop; those an earlier host delivered or refused keep that.
+                looped = resultsForAll(left, DeliveryStatus.PERMANENT, "5.4.6", tried.loop)
+                if tried.deferred is None:
+                    return looped
+                return withDeferredReplaced(tried.deferred, looped)
             if tried.foundSelf:
                 # RFC 5321 section 5.1: the relay discards itself and every less preferred
                 # host (which may well send the mail back here).
