@@ -1005,6 +1005,32 @@ def test_smtp_next_hop_that_stops_answering_is_suspended() -> None:
     assert len(net.attempts) == 1
 
 
+def test_smtp_next_hop_whose_hosts_all_stall_or_refuse_is_suspended() -> None:
+    """A primary MX that stops answering in the transaction, then a backup that refuses the
+    connection: no server of the next hop could be talked to, so it counts as not reached
+    (and is suspended) as when the last host stalls; before, the stalled primary's deferral
+    counted as reached and started the count again, so such a next hop was never
+    suspended.  A host that answered (a 4xx to RCPT) still counts as reached."""
+    backend, net, _, _ = smtpBackend(destinationConcurrency=1, connectionCacheTime=0)
+    net.sendBehaviour["192.0.2.1"] = "lost"
+    net.connectBehaviour["2001:db8::1"] = connectError("4.4.1", "X-mailrelay; refused")
+    net.connectBehaviour["192.0.2.2"] = connectError("4.4.1", "X-mailrelay; refused")
+    (r,) = result(send(backend, "example.org", "a@example.org"))
+    assert (r.status, r.diagnostic) == (TRANSIENT, "X-mailrelay; connection lost")
+    (r,) = result(send(backend, "example.org", "a@example.org"))
+    assert r.diagnostic == "X-mailrelay; delivery temporarily suspended: connection lost"
+    assert [a[0] for a in net.attempts] == ["192.0.2.1", "2001:db8::1", "192.0.2.2"]
+    # The primary answering with a deferral: reached, never suspended.
+    backend, net, _, _ = smtpBackend(destinationConcurrency=1, connectionCacheTime=0)
+    net.sendBehaviour["192.0.2.1"] = "451"
+    net.connectBehaviour["2001:db8::1"] = connectError("4.4.1", "X-mailrelay; refused")
+    net.connectBehaviour["192.0.2.2"] = connectError("4.4.1", "X-mailrelay; refused")
+    for _ in range(2):
+        (r,) = result(send(backend, "example.org", "a@example.org"))
+        assert r.status is TRANSIENT and "suspended" not in r.diagnostic, r
+    assert len(net.attempts) == 6
+
+
 def test_smtp_tls_failures_do_not_suspend() -> None:
     """Failures of one delivery's TLS (or AUTH) are not the next hop's: it stays usable."""
     backend, net, _, _ = smtpBackend(destinationConcurrency=1)

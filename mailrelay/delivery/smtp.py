@@ -135,8 +135,11 @@ class _Tried:
     #: A less preferred MX answered EHLO with our own name: no host after it is tried.
     foundSelf: bool = False
     #: The connection that gave the results stopped answering in the transaction (lost or
-    #: timed out, not a TLS session failure): the next hop counts as not reached.
+    #: timed out, not a TLS session failure) -- or, when no host was the last to answer,
+    #: every one that gave results did: the next hop counts as not reached.
     broke: bool = False
+    #: A transaction's connection did not break (see C{broke}): a server was talked to.
+    answered: bool = False
 
 
 class _Idle:
@@ -334,7 +337,8 @@ class SMTPBackend(ClientBackend):
                 return resultsForAll(recipients, DeliveryStatus.TRANSIENT, "4.7.5", diagnostic)
         tried = _Tried()
         results = yield self._tryHosts(hosts, key, envelope, recipients, messagePath, tried)
-        stalled = firstDeferred(results or []) if tried.broke else None
+        answer = results if results is not None else tried.deferred
+        stalled = firstDeferred(answer or []) if tried.broke else None
         if stalled is not None:  # (as Postfix's smtp_stream_except: it throttles)
             self._perDestination.unreachable(nexthop, stalled)
         elif results is not None or tried.deferred is not None:
@@ -453,6 +457,7 @@ class SMTPBackend(ClientBackend):
                     queueID=envelope.queueID, mx=host.name, address=host.address,
                     port=host.port, preference=host.preference, nexthop=key[0],
                 )
+                tried.broke = not tried.answered
                 return None
             if connected is None:
                 continue
@@ -463,6 +468,8 @@ class SMTPBackend(ClientBackend):
                 results = yield self._sendPlaintext(
                     host, connectedKey, envelope, left, messagePath, results
                 )
+            broke = connection.broke and not connection.tlsSessionFailed
+            tried.answered = tried.answered or not broke
             merged = (list(results) if tried.deferred is None
                       else withDeferredReplaced(tried.deferred, results))
             deferred = [r for r in results if r.status is DeliveryStatus.TRANSIENT]
@@ -481,8 +488,9 @@ class SMTPBackend(ClientBackend):
                 left = [r for r, got in zip(left, results, strict=True)
                         if got.status is DeliveryStatus.TRANSIENT]
                 continue
-            tried.broke = connection.broke and not connection.tlsSessionFailed
+            tried.broke = broke
             return merged
+        tried.broke = not tried.answered
         return None
 
     @inlineCallbacks
