@@ -1388,7 +1388,8 @@ def test_smtp_all_transient_tries_next_host() -> None:
         results = result(send(backend, "example.org", "a@example.org"))
     # The server as the log names servers, not its Remote-MTA field ("dns; mx1...").
     texts = [formatEvent(e) for e in events]
-    assert any(t.endswith("every recipient deferred by mx1.example.org; trying the next host")
+    assert any(t.endswith("every recipient deferred by mx1.example.org (smtp; 451 4.3.0 try "
+                          "later); trying the next host")
                for t in texts), texts
     assert results[0].status is DELIVERED
     assert [c.address for c in net.connections] == ["192.0.2.1", "2001:db8::1", "192.0.2.2"]
@@ -1429,8 +1430,8 @@ def test_smtp_recipients_deferred_by_a_host_go_on_to_the_next() -> None:
         ("192.0.2.2", ["b@example.org"]),
     ]
     texts = [formatEvent(e) for e in events]
-    assert any(t.endswith("2 of 4 recipients deferred by mx1.example.org; trying the next "
-                          "host") for t in texts), texts
+    assert any(t.endswith("2 of 4 recipients deferred by mx1.example.org (smtp; 451 4.3.0 "
+                          "try later); trying the next host") for t in texts), texts
     # The last host defers it too: its answer is recorded.
     net.connections.clear()
     net.sendBehaviour["192.0.2.2"] = "451"
@@ -1541,6 +1542,21 @@ def test_smtp_unusable_connection_not_reused() -> None:
     assert len(net.connections) == 2
     assert net.connections[0].aborted
     assert clock.getDelayedCalls()[0].active()
+
+
+def test_smtp_why_deferred_names_each_reason_once() -> None:
+    """The line saying deferred recipients are sent again names their reasons, each once,
+    at most three (a lost end of data says the message may be sent more than once)."""
+    from mailrelay.delivery.smtp import _whyDeferred
+
+    lost = "X-mailrelay; lost connection with mx[192.0.2.1] while sending end of data -- " \
+        "message may be sent more than once"
+    results = [RecipientResult("a@x", TRANSIENT, "4.4.2", lost),
+               RecipientResult("b@x", DELIVERED, "2.0.0", "smtp; 250 ok"),
+               RecipientResult("c@x", TRANSIENT, "4.4.2", lost)]
+    assert _whyDeferred(results) == lost.removeprefix("X-mailrelay; ")
+    many = [RecipientResult(f"{n}@x", TRANSIENT, "4.2.0", f"smtp; 450 {n}") for n in range(5)]
+    assert _whyDeferred(many) == "smtp; 450 0; smtp; 450 1; smtp; 450 2; and 2 more"
 
 
 def test_smtp_stale_reused_connection_retried_afresh() -> None:

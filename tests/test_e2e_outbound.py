@@ -897,6 +897,47 @@ def test_recipients_deferred_by_an_mx_host_are_tried_at_the_next(relay, nexthop,
     waitEmpty(r)
 
 
+@pytest.mark.parametrize("where", ["next MX host", "reused connection"])
+def test_a_message_sent_again_in_the_attempt_after_a_lost_end_of_data_is_logged(
+        relay, nexthop, dns, where: str) -> None:
+    """A transaction lost after the end of data (the next hop may have the message) whose
+    recipients are then sent again in the same attempt -- to the next MX host, or afresh
+    after a reused connection -- is logged saying it may be sent more than once, as Postfix
+    logs the reason before it tries the next server (smtp_bulk_fail's msg_info).  The
+    relay logged only "every recipient deferred by ...; trying ...", then status=sent: the
+    next hop had the message twice and nothing said it might."""
+    if where == "next MX host":
+        first, port = nexthop()
+        second, _ = nexthop(port=port, host="127.0.0.2")
+        first.dataReply = lambda received, n: "DROP"
+        route = {"domain": "two.test", "backend": "smtp", "nexthop": f"two.test:{port}"}
+        delivery: dict[str, Any] = {}
+        rcpt = "bob@two.test"
+    else:
+        first, port = nexthop()
+        second = first
+        # The second transaction (the first on the reused connection) is lost.
+        first.dataReply = lambda received, n: "DROP" if n == 2 else "250 2.0.0 OK"
+        route = smtpRoute("example.org", port)
+        delivery = {"connection_cache_time": 60}
+        rcpt = "bob@example.org"
+    r = relay(config(dns, queue={"min_backoff": 300, "max_backoff": 600}, delivery=delivery,
+                     routes=[route]))
+    if where == "reused connection":
+        warm = submit(r, "alice@sender.test", ["carol@example.org"], message("warm"))
+        waitRemoved(r, warm)
+    qid = submit(r, "alice@sender.test", [rcpt], message("lost after the end of data"))
+    m = waitResult(r, qid, rcpt)
+    assert (m["status"], m["attempts"]) == ("sent", "1"), m[0]
+    second.waitTo(rcpt)
+    assert [a.rcptTos for a in first.attempts].count([rcpt]) + (
+        len(second.attempts) if second is not first else 0) == 2
+    said = [line for line in r.log().splitlines()
+            if qid in line and "may be sent more than once" in line]
+    assert said, r.log()
+    waitRemoved(r, qid)
+
+
 @pytest.mark.parametrize("answer", ["REFUSED", "SERVFAIL"])
 def test_mx_lookup_asks_the_next_name_server(relay, nexthop, dns, tmp_path: Path,
                                              answer: str) -> None:

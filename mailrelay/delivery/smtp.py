@@ -113,6 +113,19 @@ def _allTransient(results: list[RecipientResult]) -> bool:
     return bool(results) and all(r.status is DeliveryStatus.TRANSIENT for r in results)
 
 
+def _whyDeferred(results: list[RecipientResult], limit: int = 3) -> str:
+    """The distinct diagnostics of the deferrals among C{results}, for the line saying that
+    they are sent again in the same delivery: a transaction lost after its end of data says
+    "message may be sent more than once", and the next transaction may indeed send it again
+    (Postfix logs the reason before it moves on to the next server, smtp_bulk_fail)."""
+    reasons = list(dict.fromkeys(
+        r.diagnostic.removeprefix("X-mailrelay; ")
+        for r in results if r.status is DeliveryStatus.TRANSIENT
+    ))
+    more = len(reasons) - limit
+    return "; ".join(reasons[:limit]) + (f"; and {more} more" if more > 0 else "")
+
+
 def _transientCode(code: str) -> str:
     return "4" + code[1:] if code[:1] in ("4", "5") else "4.4.0"
 
@@ -394,10 +407,11 @@ class SMTPBackend(ClientBackend):
         self._cache.release(key, cached)
         if _allTransient(results):
             log.info(
-                "{queueID}: every recipient deferred on the reused connection to {relay}; "
-                "trying afresh",
+                "{queueID}: every recipient deferred on the reused connection to {relay} "
+                "({why}); trying afresh",
                 queueID=envelope.queueID,
                 relay=cached.relay,
+                why=_whyDeferred(results),
                 remoteMTA=cached.remoteMTA,
             )
         return results
@@ -475,10 +489,11 @@ class SMTPBackend(ClientBackend):
             deferred = [r for r in results if r.status is DeliveryStatus.TRANSIENT]
             if deferred and index + 1 < len(hosts):
                 log.info(
-                    "{queueID}: {which} deferred by {relay}; trying the next host",
+                    "{queueID}: {which} deferred by {relay} ({why}); trying the next host",
                     queueID=envelope.queueID,
                     which=("every recipient" if len(deferred) == len(left)
                            else f"{len(deferred)} of {len(left)} recipients"),
+                    why=_whyDeferred(results),
                     deferred=len(deferred),
                     recipients=len(left),
                     relay=connection.relay,
