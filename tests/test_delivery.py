@@ -836,12 +836,16 @@ def send(
     path: Path = Path("/nonexistent"),
     options: RouteOptions = RouteOptions(),
     backendName: str = "smtp",
+    done: Any = None,
 ) -> defer.Deferred:
-    """Deliver along C{Route(backendName, nexthop, options)}."""
+    """Deliver along C{Route(backendName, nexthop, options)} (reporting to C{done})."""
     env = envelope(*addresses)
     if queueID:
         env.queueID = queueID
-    return backend.deliver(env, env.recipients, Route(backendName, nexthop, options), path)
+    route = Route(backendName, nexthop, options)
+    if done is not None:
+        return backend.deliver(env, env.recipients, route, path, done=done)
+    return backend.deliver(env, env.recipients, route, path)
 
 
 def test_unexpected_error_of_a_delivery_defers_its_recipients(
@@ -1432,6 +1436,14 @@ def test_smtp_recipients_deferred_by_a_host_go_on_to_the_next() -> None:
     texts = [formatEvent(e) for e in events]
     assert any(t.endswith("2 of 4 recipients deferred by mx1.example.org (smtp; 451 4.3.0 "
                           "try later); trying the next host") for t in texts), texts
+    # Those a host delivered or refused are reported before the others go on (to be
+    # recorded at once: see ClientBackend.deliver); the last host's are not.
+    reported: list[list[tuple[str, Any]]] = []
+    net.connections.clear()
+    result(send(backend, "example.org", *rcpts,
+                done=lambda rs: reported.append([(r.address, r.status) for r in rs])))
+    assert reported == [[("a@example.org", DELIVERED), ("c@example.org", PERMANENT)],
+                        [("d@example.org", DELIVERED)]]
     # The last host defers it too: its answer is recorded.
     net.connections.clear()
     net.sendBehaviour["192.0.2.2"] = "451"

@@ -938,6 +938,44 @@ def test_a_message_sent_again_in_the_attempt_after_a_lost_end_of_data_is_logged(
     waitRemoved(r, qid)
 
 
+def test_a_recipient_the_best_mx_took_is_not_sent_again_when_the_walk_is_cut_short(
+        relay, nexthop, dns) -> None:
+    """A recipient the best MX host accepted is recorded as delivered before the recipients
+    it deferred go on to the next host: a stop (or reload) cutting that walk short sends it
+    no second copy, as Postfix's smtp marks each recipient done in the queue file as the
+    server accepts it.  The relay recorded the delivery's recipients only at the end of the
+    walk: stopped while the backup MX stalled, it deferred the accepted one too ("the next
+    hop may have received the message") and sent it to the best MX again after the
+    restart."""
+    best, port = nexthop()
+    best.rcptReply = lambda address: "450 4.2.1 busy" if address == "busy@two.test" else None
+    silent = socket.socket()  # the backup MX: takes the connection, never greets
+    silent.bind(("127.0.0.2", port))
+    silent.listen(8)
+    try:
+        r = relay("drain_time = 1\n" + config(
+            dns, queue={"min_backoff": 1, "max_backoff": 2}, timeouts={"greeting": 120},
+            routes=[{"domain": "two.test", "backend": "smtp", "nexthop": f"two.test:{port}"}]))
+        qid = submit(r, "alice@sender.test", ["ok@two.test", "busy@two.test"],
+                     message("the walk is cut short"))
+        best.waitTo("ok@two.test")
+        sent = waitResult(r, qid, "ok@two.test")
+        assert (sent["status"], sent["relay"]) == ("sent", f"mx1.two.test[127.0.0.1]:{port}")
+        r.stop()
+    finally:
+        silent.close()
+    assert [s for _, s, _ in results(r, qid, "ok@two.test")] == ["sent"]
+    envelope = json.loads((r.spool / "queue" / f"{qid}.json").read_text())
+    assert {x["address"]: x["state"] for x in envelope["recipients"]} == {
+        "ok@two.test": "delivered", "busy@two.test": "pending"}
+    best.rcptReply = lambda address: None
+    r.start()
+    waitResult(r, qid, "busy@two.test", "sent", timeout=30)
+    waitRemoved(r, qid)
+    assert len(best.to("ok@two.test")) == 1
+    assert len(best.to("busy@two.test")) == 1
+
+
 @pytest.mark.parametrize("answer", ["REFUSED", "SERVFAIL"])
 def test_mx_lookup_asks_the_next_name_server(relay, nexthop, dns, tmp_path: Path,
                                              answer: str) -> None:

@@ -1890,6 +1890,69 @@ def test_theStopWaitsForTheEarlyRecordAndInterruptsTheSlowDelivery(
     assert [r["state"] for r in stored(spool, queueID)["recipients"]] == [DELIVERED, PENDING]
 
 
+class ReportingBackend:
+    """A backend that reports recipients done while its delivery goes on (as the SMTP
+    backend reports those an MX host took before the others go on to the next host), each
+    delivery held until the test answers it."""
+
+    reportsEarly = True
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], Any, Deferred[Any]]] = []
+
+    def deliver(self, envelope: Envelope, recipients: list[Recipient], route: Route,
+                messagePath: Any, done: Any = None) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.calls.append(([r.address for r in recipients], done, d))
+        return d
+
+
+def test_recipientsABackendReportsDoneWhileItsDeliveryGoesOnAreRecordedAtOnce(
+    spool: Spool, router: FakeRouter, clock: Clock, events: Any
+) -> None:
+    """A recipient the SMTP backend reports delivered while its delivery goes on (the best
+    MX host took it, the others go on to the next host) is logged and recorded at once, and
+    stays delivered when the stop cuts that delivery short; it is logged once, also when
+    its delivery ends while another of the attempt runs.  It was recorded only with its
+    delivery's end: the stop deferred it with the others, and it was sent again."""
+    backend = ReportingBackend()
+    qm = makeManager(spool, router, {"smtp": backend}, clock, stopTimeout=5)
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["a@two.test", "b@two.test"])
+    qm.enqueue(queueID)
+    ((addresses, done, _),) = backend.calls
+    assert addresses == ["a@two.test", "b@two.test"]
+    done([result("a@two.test", "2")])
+    assert [r["state"] for r in stored(spool, queueID)["recipients"]] == [DELIVERED, PENDING]
+    assert len(sentLines(events, queueID, "a@two.test")) == 1
+    stopping = qm.stopService()
+    clock.advance(5)
+    resultOf(stopping)
+    assert [r["state"] for r in stored(spool, queueID)["recipients"]] == [DELIVERED, PENDING]
+    assert len(sentLines(events, queueID, "a@two.test")) == 1
+    assert any("to=<b@two.test>" in t and "interrupted" in t for t in texts(events, queueID))
+    done([result("b@two.test", "2")])  # (a backend going on after the stop: too late)
+    assert [r["state"] for r in stored(spool, queueID)["recipients"]] == [DELIVERED, PENDING]
+    assert not sentLines(events, queueID, "b@two.test")
+
+    # Reported, then its delivery ends while the other one (slow.test) still runs.
+    backend.calls.clear()
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    other = queueMessage(spool, clock, ["c@two.test", "d@two.test", "e@slow.test"])
+    qm.enqueue(other)
+    (_, done, first), (_, _, slow) = backend.calls[-2:]
+    done([result("c@two.test", "2")])
+    first.callback([result("c@two.test", "2"), result("d@two.test", "2")])
+    assert [r["state"] for r in stored(spool, other)["recipients"]] == [
+        DELIVERED, DELIVERED, PENDING]
+    slow.callback([result("e@slow.test", "2")])
+    assert other not in spool.queueIDs()
+    for address in ("c@two.test", "d@two.test", "e@slow.test"):
+        assert len(sentLines(events, other, address)) == 1, address
+    resultOf(qm.stopService())
+
+
 def test_recipientsDoneWhileTheirRecordIsWrittenGoInOneMoreRecord(
     spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, monkeypatch: Any
 ) -> None:

@@ -381,9 +381,26 @@ class ClientBackend:
         again = yield self._send(connection, envelope, deferred, messagePath)
         return withDeferredReplaced(results, again)
 
-    def deliver(self, envelope: Any, recipients: Any, route: Route, messagePath: Any) -> Deferred:
+    #: L{deliver} takes C{done} (see there): the queue's L{Deliverer
+    #: <mailrelay.queue.attempt.Deliverer>} gives it.
+    reportsEarly = True
+
+    def deliver(
+        self,
+        envelope: Any,
+        recipients: Any,
+        route: Route,
+        messagePath: Any,
+        done: Callable[[list[RecipientResult]], None] | None = None,
+    ) -> Deferred:
         """Deliver to C{recipients} along C{route}; the Deferred never fails (but may be
-        cancelled)."""
+        cancelled).
+
+        @param done: called, while the delivery goes on, with the final results (delivered
+            or refused) a server gave to some of the recipients before the others go on to
+            the next server (the SMTP backend's next MX host), so that they are recorded
+            before the delivery ends: cut short (a stop, its timeout), it would defer them
+            too, and send them again.  The same results are in the Deferred's."""
         recipients = list(recipients)
         try:
             settings = self.settingsFor(route)
@@ -418,10 +435,17 @@ class ClientBackend:
             route.nexthop,
             settings,
             messagePath,
+            done,
         )
 
     def _deliver(
-        self, envelope: Any, recipients: list[Any], nexthop: str, settings: Any, messagePath: Any
+        self,
+        envelope: Any,
+        recipients: list[Any],
+        nexthop: str,
+        settings: Any,
+        messagePath: Any,
+        done: Callable[[list[RecipientResult]], None] | None = None,
     ) -> Deferred:
         raise NotImplementedError()
 

@@ -139,7 +139,9 @@ class LMTPBackend(ClientBackend):
         nexthop: str,
         settings: ClientSettings,
         messagePath: Path,
+        done: Any = None,
     ) -> Any:
+        # (One server: no result is final before the delivery's end, nothing for done.)
         queueID = envelope.queueID
         try:
             endpoint, tlsHostname, remoteMTA = self._endpoint(nexthop, settings)

@@ -322,6 +322,7 @@ class SMTPBackend(ClientBackend):
         nexthop: str,
         settings: ClientSettings,
         messagePath: Path,
+        done: Callable[[list[RecipientResult]], None] | None = None,
     ) -> Any:
         policy = yield self._stsPolicy(envelope, nexthop)
         if policy is not None and policy.mode == "enforce" and settings.tls != "implicit":
@@ -349,7 +350,8 @@ class SMTPBackend(ClientBackend):
                          diagnostic=diagnostic.removeprefix("X-mailrelay; "))
                 return resultsForAll(recipients, DeliveryStatus.TRANSIENT, "4.7.5", diagnostic)
         tried = _Tried()
-        results = yield self._tryHosts(hosts, key, envelope, recipients, messagePath, tried)
+        results = yield self._tryHosts(hosts, key, envelope, recipients, messagePath, tried,
+                                       done)
         answer = results if results is not None else tried.deferred
         stalled = firstDeferred(answer or []) if tried.broke else None
         if stalled is not None:  # (as Postfix's smtp_stream_except: it throttles)
@@ -445,9 +447,11 @@ class SMTPBackend(ClientBackend):
         recipients: list,
         messagePath: Path,
         tried: _Tried,
+        done: Callable[[list[RecipientResult]], None] | None = None,
     ) -> Any:
         """Try C{hosts} in order until no recipient is left: those a host deferred go on to
-        the next host (the last one's answer stands).
+        the next host (the last one's answer stands); those it delivered or refused are
+        handed to C{done} first (see L{ClientBackend.deliver}).
 
         @return: a Deferred firing with the results of every recipient, or C{None} when no
             host was the last to answer (C{tried} then says what went wrong).
@@ -500,6 +504,9 @@ class SMTPBackend(ClientBackend):
                     remoteMTA=connection.remoteMTA,
                 )
                 tried.deferred = merged
+                final = [got for got in results if got.status is not DeliveryStatus.TRANSIENT]
+                if final and done is not None:
+                    done(final)
                 left = [r for r, got in zip(left, results, strict=True)
                         if got.status is DeliveryStatus.TRANSIENT]
                 continue

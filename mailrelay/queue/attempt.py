@@ -313,7 +313,10 @@ class Deliverer:
         recipient, in envelope order.
 
         @param ended: called with the outcomes of each delivery that ends while others
-            still run (never with those of the last one to end, nor of a single one).
+            still run (never with those of the last one to end, nor of a single one), and
+            with those a backend reports while its delivery goes on (the SMTP backend's
+            recipients an MX host took before the others go on to the next host: see
+            L{ClientBackend.deliver <mailrelay.delivery.common.ClientBackend.deliver>}).
         """
         routed = [Deferred.fromCoroutine(self._route(queueID, envelope, r)) for r in pending]
         outcomes: dict[int, Outcome] = {}
@@ -327,7 +330,9 @@ class Deliverer:
         size = RECIPIENTS_PER_DELIVERY
         deliveries = [
             Deferred.fromCoroutine(
-                self._deliverGroup(queueID, envelope, route, rcpts[start : start + size])
+                self._deliverGroup(
+                    queueID, envelope, route, rcpts[start : start + size], ended
+                )
             )
             for route, rcpts in groups.values()
             for start in range(0, len(rcpts), size)
@@ -381,8 +386,17 @@ class Deliverer:
         return route
 
     async def _deliverGroup(
-        self, queueID: str, envelope: Envelope, route: Route, recipients: list[Recipient]
+        self,
+        queueID: str,
+        envelope: Envelope,
+        route: Route,
+        recipients: list[Recipient],
+        ended: Callable[[list[Outcome]], None] | None = None,
     ) -> list[Outcome]:
+        """The outcomes of delivering C{recipients} along C{route}: the backend's results,
+        or every recipient deferred when it fails, times out or is cut short -- but for
+        those it reported final while it went on (C{done}, handed to C{ended} too), which
+        keep what it reported."""
         backend = self.backends.get(route.backend)
         if backend is None:
             log.error(
@@ -400,10 +414,29 @@ class Deliverer:
             ]
         timeout = self.timeoutFor(route.backend)
         started = time.perf_counter()
+        reported: dict[int, Outcome] = {}
+        over = [False]
+
+        def done(results: list[RecipientResult]) -> None:
+            if over[0]:
+                return  # (a backend going on after its delivery was abandoned: too late)
+            outcomes = []
+            for result in results:
+                r = next((r for r in recipients if r.address == result.address
+                          and id(r) not in reported), None)
+                if r is not None and result.status is not DeliveryStatus.TRANSIENT:
+                    reported[id(r)] = Outcome(r, result, _logRelay(route, result), route.backend)
+                    outcomes.append(reported[id(r)])
+            if outcomes and ended is not None:
+                ended(outcomes)
 
         def call() -> Any:
             called = time.perf_counter()
-            answer = backend.deliver(envelope, list(recipients), route, path)
+            if getattr(backend, "reportsEarly", False):  # (built-in: not IDeliveryBackend's)
+                reporting: Any = backend.deliver
+                answer = reporting(envelope, list(recipients), route, path, done=done)
+            else:
+                answer = backend.deliver(envelope, list(recipients), route, path)
             noteBlocking("backend", route.backend, called)
             return answer
 
@@ -415,12 +448,14 @@ class Deliverer:
                 answer = self.places.run(call)
             results = await self.calls.bound(answer, timeout, _timedOut)
         except Exception as e:
-            return self._failedGroup(queueID, route, recipients, timeout, e)
+            failed = self._failedGroup(queueID, route, recipients, timeout, e)
+            return [reported.get(id(o.recipient), o) for o in failed]
         finally:
+            over[0] = True
             child(DELIVERY_SECONDS, route.backend).observe(time.perf_counter() - started)
         problem = self._checkResults(results, recipients)
         if problem is not None:
-            return _deferGroup(
+            unusable = _deferGroup(
                 recipients,
                 route,
                 "4.3.0",
@@ -433,6 +468,7 @@ class Deliverer:
                 problem=problem,
                 count=len(recipients),
             )
+            return [reported.get(id(o.recipient), o) for o in unusable]
         return [
             Outcome(r, result, _logRelay(route, result), route.backend)
             for r, result in zip(recipients, results, strict=True)

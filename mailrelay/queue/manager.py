@@ -626,15 +626,18 @@ class QueueManager(Service):
             self._early.pop(queueID, None)
 
     def _deliveryEnded(self, queueID: str, envelope: Envelope, outcomes: list[Outcome]) -> None:
-        """One delivery of C{envelope}'s attempt ended while others still run: log its
-        recipients done (L{doneEarly}) and have the spool record them now (or, when a record
-        of earlier ones is in flight, right after it)."""
+        """One delivery of C{envelope}'s attempt ended while others still run, or reported
+        recipients done while it goes on: log its recipients done (L{doneEarly}; once each)
+        and have the spool record them now (or, when a record of earlier ones is in flight,
+        right after it)."""
         now = self.clock.seconds()
-        done = doneEarly(envelope, outcomes, now)
+        early = self._early.setdefault(queueID, {})
+        # (A recipient its backend reported done while the delivery went on comes again
+        # with the delivery's end.)
+        done = [t for t in doneEarly(envelope, outcomes, now) if id(t.recipient) not in early]
         if not done:
             return
         delay = now - (envelope.arrival if envelope.arrival is not None else now)
-        early = self._early.setdefault(queueID, {})
         for t in done:
             early[id(t.recipient)] = t
             _logTransition(queueID, t, delay, t.logStatus, t.logDiagnostic)
