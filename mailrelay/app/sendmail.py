@@ -491,12 +491,12 @@ class RelaySession:
             greeting = client.read()
         except SubmitError as e:
             client.close()
-            e.message += "\n" + _Progress().said()
+            e.message += "\n" + NOTHING_SENT
             raise
         if greeting.code != 220:
             client.close()
             error = _refused(greeting, "greeting", f"the relay at {where} refused the connection")
-            error.message += "\n" + _Progress().said()
+            error.message += "\n" + NOTHING_SENT
             raise error
         self.client = client
 
@@ -550,6 +550,10 @@ def _refused(reply: Reply, stage: str, what: str) -> SubmitError:
     return SubmitError(f"{what}: {showReply(reply)}", exitStatus(reply, stage))
 
 
+#: What an error says when the relay took the message for no recipient.
+NOTHING_SENT = "nothing was sent"
+
+
 @dataclass
 class _Progress:
     """How far a submission got: the recipients the relay took the message for (its 250
@@ -561,7 +565,7 @@ class _Progress:
     def said(self) -> str:
         """What to tell the user, who would otherwise send the whole message again."""
         if not self.sent and not self.inDoubt:
-            return "nothing was sent"
+            return NOTHING_SENT
         doubt = (f"accepted it for {', '.join(self.inDoubt)} (the connection ended before "
                  "its answer)")
         if not self.inDoubt:
