@@ -484,3 +484,37 @@ def test_a_delivery_state_the_spool_could_not_take_survives_a_reload(relays, tmp
         assert hopHandler.delivered == Counter({"ok@example.org": 1}), r.log()
     finally:
         controller.stop()
+
+
+def test_a_reload_after_the_code_changed_says_to_restart(relays, tmp_path: Path) -> None:
+    """A site edits its plugin (or upgrades mailrelay) and reloads: the relay goes on
+    running the code it loaded at start-up, and says so -- in the log, to `mailrelay
+    reload` and in `mailrelay status` -- naming the changed file, instead of seeming to have
+    taken the change.  It said only "configuration reloaded"."""
+    import os
+
+    from tests.test_e2e_control import cli
+
+    site = tmp_path / "site"
+    (site / "twisted" / "plugins").mkdir(parents=True)
+    module = site / "site_starting.py"
+    module.write_text(SERVICE_MODULE)
+    (site / "twisted" / "plugins" / "site_starting_plugin.py").write_text(SERVICE_DROPIN)
+    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    plugin = '[[plugins]]\nplugin = "test-starting"\ntag = "ok"\n'
+    r = relays(BASE + plugin, env=env).start()
+    p = cli(r, "reload")
+    assert p.returncode == 0 and "code" not in p.stderr, p
+    assert "code on disk" not in cli(r, "status").stdout
+
+    module.write_text(SERVICE_MODULE + "\n# edited by the site\n")
+    p = cli(r, "reload")
+    assert p.returncode == 0, p  # (the configuration was reloaded)
+    assert "configuration reloaded" in p.stdout, p
+    said = ("the code on disk changed since the relay started (1 file of loaded modules: "
+            f"{module}); the relay and the processes it starts go on running the code loaded "
+            "at start-up: restart the relay (not reload) to run the new code")
+    assert f"mailrelay: warning: {said}" in p.stderr, p
+    r.waitForLog(re.escape(said))
+    status = cli(r, "status")
+    assert f"code: {said}" in status.stdout, status

@@ -421,6 +421,8 @@ def printStatus(status: dict[str, Any], out: TextIO) -> None:
         file=out,
     )
     print(f"configuration: {status['config']}", file=out)
+    if status.get("code"):
+        print(f"code: {status['code']}", file=out)
     print(f"hostname: {status['hostname']}", file=out)
     print(f"spool: {status['spool']}", file=out)
     for n, listener in enumerate(status["listeners"]):
@@ -569,6 +571,8 @@ async def reload(session: Session, options: Any, out: TextIO, err: TextIO) -> in
             f"{result['error']}",
             file=err,
         )
+    if not options.json and result.get("warning"):
+        print(f"mailrelay: warning: {result['warning']}", file=err)
     return 0 if result["reloaded"] else 1
 
 

@@ -113,6 +113,7 @@ class RelayLocator(QueueLocator):
             "result": {
                 "reloaded": reloaded,
                 "error": None if reloaded else self.relay.reloadError,
+                "warning": self.relay.reloadWarning,
                 "source": self.relay.configPath or "(embedded default)",
             }
         }

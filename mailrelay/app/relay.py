@@ -19,6 +19,7 @@ from mailrelay.app.listeners import (
     _Carried,
     makeListeners,
 )
+from mailrelay.app.loadedcode import LoadedCode, describeChanged
 from mailrelay.app.logs import LevelFilter, installTwistdObserver
 from mailrelay.app.plugins import availablePlugins, pluginBuilder
 from mailrelay.app.services import OrderedMultiService, PluginServices, PluginStartError
@@ -122,6 +123,11 @@ class RelayService(OrderedMultiService):
         self.control: Any = None
         #: Why the last reload did not take (C{None} after one that did).
         self.reloadError: str | None = None
+        #: The files of the modules loaded at start-up (L{LoadedCode}; set by C{twistd
+        #: mailrelay} once it has built us), or C{None}: nothing to compare.
+        self.loadedCode: LoadedCode | None = None
+        #: What the last reload warned of (the code changed since the start), or C{None}.
+        self.reloadWarning: str | None = None
         #: The listeners the acceptor processes cannot share (logged once).
         self._unshared: set[str] = set()
         self._queueControl: Any = None
@@ -345,10 +351,20 @@ class RelayService(OrderedMultiService):
         if self.systemd is not None:
             self.systemd.reloading()
         try:
+            self.reloadWarning = self.codeChanged()
+            if self.reloadWarning is not None:
+                log.warn("{warning}", warning=self.reloadWarning)
             return self._reload()
         finally:
             if self.systemd is not None:
                 self.systemd.ready(self.summary())
+
+    def codeChanged(self) -> str | None:
+        """What to say of the code on disk changed since the start (L{LoadedCode}), or
+        C{None}: a reload keeps the code loaded at start-up."""
+        if self.loadedCode is None:
+            return None
+        return describeChanged(self.loadedCode.changed())
 
     def summary(self) -> str:
         """What runs, in a few words (for C{systemctl status})."""
@@ -616,6 +632,7 @@ class RelayService(OrderedMultiService):
             "running": bool(self.running),
             "started": self.control.startedAt if self.control is not None else None,
             "config": config.source or "(embedded default)",
+            "code": self.codeChanged(),
             "hostname": config.hostname,
             "spool": str(config.spoolDirectory),
             "hold": config.hold,

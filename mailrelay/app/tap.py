@@ -143,6 +143,10 @@ def makeService(options: Options) -> Any:
         )
     except ConfigError as e:
         raise SystemExit(f"mailrelay: configuration error: {e}") from None
+    from mailrelay.app.loadedcode import LoadedCode
+
+    # Every module is loaded now, the plugins' too: a reload will say which changed since.
+    relay.loadedCode = LoadedCode.now()
     from mailrelay.app.files import raiseFileLimit
 
     raiseFileLimit(

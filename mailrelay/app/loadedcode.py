@@ -1,0 +1,71 @@
+"""Whether the code the relay runs is still the code installed on disk.
+
+A reload (SIGHUP, C{mailrelay reload}) re-reads the configuration, not the code: the modules
+the relay imported at start-up -- mailrelay's, Twisted's, a site's plugins -- stay as they
+were loaded, and the delivery and acceptor processes it forks from the copy made at
+start-up (L{mailrelay.app.forkserver}) run them too.  After an upgrade (C{pip install -U}),
+or once a site has edited its plugin, a reload would seem to have taken the change while
+the old code goes on running, and a module first imported after the change would mix new
+code with old.  As a Postfix upgrade wants C{postfix stop}/C{start} for its master, this
+wants a restart; so the relay notes, at start-up, each loaded module's file (its size and
+modification time), and a reload or C{mailrelay status} says which of them changed since.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["LoadedCode", "describeChanged"]
+
+#: How many changed files a message names.
+NAMED = 3
+
+
+def _stamp(path: str) -> tuple[int, int] | None:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return (status.st_size, status.st_mtime_ns)
+
+
+class LoadedCode:
+    """The files of the modules loaded when it was made, with their size and modification
+    time then (L{now}); L{changed} names those that differ today."""
+
+    def __init__(self, stamps: dict[str, tuple[int, int] | None]) -> None:
+        self.stamps = stamps
+
+    @classmethod
+    def now(cls, modules: Iterable[Any] | None = None) -> LoadedCode:
+        """The files of C{modules} (default: every module loaded, C{sys.modules}): those
+        with a C{__file__} on disk (not the built-in, frozen or zip-imported ones)."""
+        if modules is None:
+            modules = list(sys.modules.values())
+        stamps = {}
+        for module in modules:
+            path = getattr(module, "__file__", None)
+            if isinstance(path, str) and os.path.isabs(path):
+                stamps[path] = _stamp(path)
+        return cls(stamps)
+
+    def changed(self) -> list[str]:
+        """The files written, replaced or removed since (in a stable order)."""
+        return sorted(path for path, stamp in self.stamps.items() if _stamp(path) != stamp)
+
+
+def describeChanged(changed: list[str]) -> str | None:
+    """What to tell about the files L{LoadedCode.changed} found, or C{None} for none."""
+    if not changed:
+        return None
+    named = ", ".join(changed[:NAMED])
+    more = f" and {len(changed) - NAMED} more" if len(changed) > NAMED else ""
+    files = "file" if len(changed) == 1 else "files"
+    return (
+        f"the code on disk changed since the relay started ({len(changed)} {files} of loaded "
+        f"modules: {named}{more}); the relay and the processes it starts go on running the "
+        "code loaded at start-up: restart the relay (not reload) to run the new code"
+    )
