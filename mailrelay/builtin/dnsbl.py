@@ -48,7 +48,7 @@ from mailrelay.interfaces import (
     Verdict,
 )
 
-__all__ = ["DNSBL", "Zone", "build", "parseZone", "queryName"]
+__all__ = ["DNSBL", "Zone", "build", "isNXDOMAIN", "parseZone", "queryName"]
 
 log = Logger()
 
@@ -158,7 +158,7 @@ def fieldName(value: Any, at: At) -> str:
     return text
 
 
-def _isNXDOMAIN(failure: Any) -> bool:
+def isNXDOMAIN(failure: Any) -> bool:
     """Whether C{failure} says the name does not exist (twisted.names raises subclasses of
     C{DomainError} for server failures and refusals too, which are failed lookups)."""
     failed = (DNSServerError, DNSFormatError, DNSQueryRefusedError, DNSNotImplementedError,
@@ -246,7 +246,7 @@ class DNSBL:
             return [a for a in found if zone.accepts(a)]
 
         def failed(failure: Any) -> list[str]:
-            if _isNXDOMAIN(failure):  # not listed
+            if isNXDOMAIN(failure):  # not listed
                 return []
             if failure.check(CancelledError):  # (the client left: nothing to say)
                 return []
