@@ -376,3 +376,90 @@ def test_a_message_of_a_domain_without_a_key_is_not_parsed_by_dkimpy(
     assert run(signer, other, envelope=RELAYED) == (CONTINUE, other)
     assert parsed == []
     assert run(signer, envelope=RELAYED)[0].prepend and parsed  # (what counts is seen)
+
+
+def checked(tmp_path: Path, keyFile: str, records: dict[str, Any]) -> list[str]:
+    """What the signer of C{keyFile} says of its key's DNS record when it starts, with
+    C{records} (name to TXT value, or an exception for a failed lookup) in DNS."""
+    from twisted.logger import capturedLogs, formatEvent
+
+    from mailrelay.testing import FakeResolver
+
+    resolver = FakeResolver()
+    for name, value in records.items():
+        if isinstance(value, Exception):
+            resolver.fail(name, "TXT", value)
+        else:
+            resolver.add(name, "TXT", value)
+    signer = buildPlugin(
+        "dkim-sign",
+        {"keys": [{"domain": "example.org", "selector": "s1", "key_file": keyFile}]},
+        tmp_path, interface=IMessageFilter, resolver=resolver,
+    )
+    with capturedLogs() as events:
+        signer.startService()
+        signer.stopService()
+    key = signer.keys["example.org"][0]
+    return [f"{e['log_level'].name}: {formatEvent(e)}".replace(key.record, "RECORD")
+            for e in events if "dkim-sign" in formatEvent(e)]
+
+
+NAME = "s1._domainkey.example.org"
+
+
+def test_the_published_record_is_checked_at_start(tmp_path: Path, keys: Keys) -> None:
+    """At start-up (and each reload) the relay looks up each key's TXT record, as
+    opendkim-testkey does: a record missing, revoked or of another key makes every signature
+    fail at the receivers (and DMARC with it), silently until then."""
+    path = keys.rsa()
+    missing = checked(tmp_path, path, {})
+    assert missing == [f"warn: dkim-sign: no DKIM key record at {NAME}: receivers cannot verify "
+                    "the signatures of example.org with selector s1 (no key for signature), "
+                    "and DMARC fails with them; publish: RECORD"]
+    # The right record (split into strings, folded, tags in another order): all is well.
+    from mailrelay.builtin.dkim import loadKey
+
+    record = loadKey(Path(path).read_bytes())[2]
+    _, _, p = record.partition("p=")
+    folded = ("k = rsa ;v=DKIM1; p=" + p[:100] + " \t", p[100:])
+    said = checked(tmp_path, path, {NAME: folded})
+    assert said == [f"info: dkim-sign: the key record at {NAME} publishes the key of {path}"]
+    # Another key, a revoked one, an Ed25519 record for an RSA key.
+    other = checked(tmp_path, path, {NAME: "v=DKIM1; k=rsa; p=MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8A"})
+    assert other == [f"warn: dkim-sign: the key record at {NAME} publishes another key than "
+                     f"{path}: receivers will fail every signature "
+                     "of example.org with selector s1 (dkim=fail), and DMARC with them; "
+                     "publish: RECORD"]
+    revoked = checked(tmp_path, path, {NAME: "v=DKIM1; p="})
+    assert revoked == [f"warn: dkim-sign: the key record at {NAME} revokes the key (an empty "
+                       "p=): receivers will fail every signature of example.org with selector "
+                       "s1 (dkim=fail), and DMARC with them; publish: RECORD"]
+    kind = checked(tmp_path, path, {NAME: "v=DKIM1; k=ed25519; " + "p=" + p})
+    assert kind[0].startswith(f"warn: dkim-sign: the key record at {NAME} publishes another")
+
+
+def test_a_record_that_cannot_be_looked_up_is_said_not_warned(
+    tmp_path: Path, keys: Keys
+) -> None:
+    from mailrelay.testing.resolver import SERVFAIL
+
+    said = checked(tmp_path, keys.rsa(), {NAME: SERVFAIL(NAME)})
+    assert len(said) == 1 and said[0].startswith(
+        f"info: dkim-sign: could not check the key record at {NAME}: "
+    ), said
+    timeout = checked(tmp_path, keys.rsa(), {NAME: TimeoutError(NAME)})
+    assert timeout[0].startswith("info: dkim-sign: could not check"), timeout
+
+
+def test_the_relays_child_processes_do_not_check_again(tmp_path: Path, keys: Keys) -> None:
+    from mailrelay.testing import makePluginContext
+
+    context = makePluginContext(tmp_path)
+    context.quiet = True  # (a child process of the relay: the relay checked)
+    signer = buildPlugin(
+        "dkim-sign",
+        {"keys": [{"domain": "example.org", "selector": "s1", "key_file": keys.rsa()}]},
+        tmp_path, interface=IMessageFilter, context=context,
+    )
+    signer.startService()
+    assert context.resolver.queries == []

@@ -180,3 +180,37 @@ def test_a_header_section_dkimpy_cannot_parse_passes_unsigned(relays, nexthop, t
     assert not [m for m in got if b"DKIM-Signature" in m.content]
     r.waitForLog(r"dkim-sign: not signed: dkimpy cannot parse the header section: "
                  r"Unexpected characters in RFC822 header: b'Subject : spaced colon'")
+
+
+def test_the_relay_checks_its_keys_records_at_start(relays, tmp_path: Path) -> None:
+    """The relay looks up each key's record once started, through its name servers, and
+    warns of one missing: every signature with that key would fail at the receivers."""
+    from tests.harness import DNSServer
+
+    published = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    missing = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    record = FakeDNS()
+    record.publish("s1", "signed.test", published)
+    value = record.records["s1._domainkey.signed.test"].decode()
+    server = DNSServer(tmp_path / "dns", "test", [["s1._domainkey.signed.test", "TXT", value]])
+    try:
+        r = relays(
+            '[dns]\nreverse_lookups = false\n'
+            f'nameservers = ["127.0.0.1:{server.port}"]\n[queue]\nhold = true\n'
+            '[[plugins]]\nplugin = "dkim-sign"\nkeys = [\n'
+            f'  {{domain = "signed.test", selector = "s1", key_file = '
+            f'"{keyFile(tmp_path / "signed.pem", published)}"}},\n'
+            f'  {{domain = "unsigned.test", selector = "s2", key_file = '
+            f'"{keyFile(tmp_path / "unsigned.pem", missing)}"}},\n'
+            ']\n'
+        ).start()
+        r.waitForLog(r"dkim-sign: the key record at s1\._domainkey\.signed\.test publishes "
+                     rf"the key of {tmp_path / 'signed.pem'}")
+        line = r.waitForLog(r"\[mailrelay\.builtin\.dkim#warn\] dkim-sign: no DKIM key record "
+                            r"at s2\._domainkey\.unsigned\.test: .*").group(0)
+        assert "publish: v=DKIM1; k=rsa; p=" in line, line
+        # Once, by the relay: not again by its delivery process.
+        assert r.log().count("no DKIM key record at s2._domainkey.unsigned.test") == 1
+        assert ("s2._domainkey.unsigned.test", "TXT") in server.queries()
+    finally:
+        server.stop()

@@ -30,10 +30,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.application.service import Service
 from twisted.logger import Logger
+from twisted.names import dns
 from zope.interface import implementer
 
 from mailrelay.address import normaliseDomain
+from mailrelay.builtin.dnsbl import isNXDOMAIN
 from mailrelay.builtin.headers import headerFields
 from mailrelay.config.schema import At, Key, Reading, Table, pluginOptions
 from mailrelay.config.values import choice, fileName, strings
@@ -336,11 +339,50 @@ class Signed:
     unparsed: bool = False
 
 
+def recordTags(record: str) -> dict[str, str]:
+    """The tags of a DKIM key record (RFC 6376 section 3.6.1), by lower-cased name, white
+    space removed from the values (a base64 C{p=} may be folded anywhere); the first of a
+    repeated tag."""
+    tags: dict[str, str] = {}
+    for part in record.split(";"):
+        name, equals, value = part.partition("=")
+        if equals:
+            tags.setdefault(name.strip().lower(), re.sub(r"\s+", "", value))
+    return tags
+
+
+def recordVerdict(key: SigningKey, records: Sequence[str]) -> tuple[bool, str]:
+    """Whether the TXT C{records} found at C{key}'s name publish C{key} (as a receiver
+    verifying its signatures would read them), and what to say of it."""
+    ours = recordTags(key.record)
+    where = f"dkim-sign: the key record at {key.recordName}"
+    fails = (f"receivers will fail every signature of {key.domain} with selector "
+             f"{key.selector} (dkim=fail), and DMARC with them; publish: {key.record}")
+    published = [recordTags(record) for record in records]
+    for tags in published:
+        if tags.get("p") == ours["p"] and tags.get("k", "rsa").lower() == ours["k"]:
+            return True, f"{where} publishes the key of {key.keyFile}"
+    if not published:
+        return False, (
+            f"dkim-sign: no DKIM key record at {key.recordName}: receivers cannot verify the "
+            f"signatures of {key.domain} with selector {key.selector} (no key for "
+            f"signature), and DMARC fails with them; publish: {key.record}"
+        )
+    if any(tags.get("p") == "" for tags in published):
+        return False, f"{where} revokes the key (an empty p=): {fails}"
+    return False, f"{where} publishes another key than {key.keyFile}: {fails}"
+
+
 @implementer(IMessageFilter)
-class DKIMSigner:
+class DKIMSigner(Service):
     """Signs our messages with the keys of their domain (see the module's docstring).
 
+    Started (with the relay, and at each reload), it looks up each key's TXT record, as
+    C{opendkim-testkey} does, and warns when it is missing, revoked or of another key: every
+    signature made with it would fail at the receivers, DMARC with it, unseen until then.
+
     @ivar keys: the L{SigningKey}s by domain, in the order configured.
+    @ivar resolver: what looks up the records (an C{IResolver}), or C{None}: not checked.
     """
 
     def __init__(
@@ -351,7 +393,9 @@ class DKIMSigner:
         headers: Sequence[str] = DEFAULT_HEADERS,
         oversign: Sequence[str] = DEFAULT_OVERSIGN,
         canonicalization: str = "relaxed/relaxed",
+        resolver: Any = None,
     ) -> None:
+        self.resolver = resolver
         self.keys: dict[str, list[SigningKey]] = {}
         for key in keys:
             self.keys.setdefault(key.domain, []).append(key)
@@ -363,6 +407,34 @@ class DKIMSigner:
 
     def __repr__(self) -> str:
         return f"<DKIMSigner {sorted(self.keys)} by {self.signBy}>"
+
+    def startService(self) -> None:
+        super().startService()
+        if self.resolver is None:
+            return
+        for keys in self.keys.values():
+            for key in keys:
+                d = self.resolver.lookupText(key.recordName)
+                d.addCallbacks(self._found, self._notFound, (key,), None, (key,))
+
+    def _found(self, result: Any, key: SigningKey) -> None:
+        answers, _, _ = result
+        records = [
+            b"".join(answer.payload.data).decode("ascii", "replace")
+            for answer in answers
+            if answer.type == dns.TXT and str(answer.name).lower() == key.recordName.lower()
+        ]
+        published, said = recordVerdict(key, records)
+        (log.info if published else log.warn)("{said}", said=said)
+
+    def _notFound(self, failure: Any, key: SigningKey) -> None:
+        if isNXDOMAIN(failure):
+            self._found(([], [], []), key)
+        else:
+            log.info(
+                "dkim-sign: could not check the key record at {name}: {error}",
+                name=key.recordName, error=failure.getErrorMessage() or failure.type.__name__,
+            )  # fmt: skip
 
     def isOurs(self, client: Any) -> bool:
         """Whether mail from C{client} is ours to sign: made by the relay (C{None}), from an
@@ -457,4 +529,6 @@ def build(options: dict[str, Any], context: Any) -> DKIMSigner:
         headers=read.headers,
         oversign=read.oversign,
         canonicalization=read.canonicalization,
+        # (Checked by the relay; not again by its child processes.)
+        resolver=None if context.quiet else context.resolver,
     )
