@@ -15,7 +15,7 @@ from typing import Any, Callable
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import capturedLogs, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
@@ -1474,25 +1474,59 @@ def test_stale_partial_files_are_swept(spool: Spool, spoolDir: Path, events) -> 
     assert spool.sweepTemporary(86400) == []
 
 
-def test_the_relays_spool_is_swept_every_hour(spoolDir: Path, clock: Clock) -> None:
+def test_the_relays_spool_is_swept_every_hour(spoolDir: Path, clock: Clock, events) -> None:
     """The relay's own spool service sweeps tmp/ hourly (files unwritten for a day); the
-    delivery and acceptor processes' (which do not recover the spool) do not."""
-    from mailrelay.app.services import STALE_TEMPORARY, SWEEP_INTERVAL, SpoolService
+    delivery and acceptor processes' (which do not recover the spool) do not.  The sweep's
+    directory walk, stats and unlinks run in the spool's thread (found by a review: on the
+    reactor thread, a large or slow tmp/ stalled every session); its log lines are written
+    back on the reactor thread, and a sweep still running delays the next one."""
+    from mailrelay.app.services import SWEEP_INTERVAL, SpoolService
 
-    swept: list[float] = []
-    s = Spool(spoolDir, reactor=clock, deferToThread=syncDeferToThread)
-    s.sweepTemporary = swept.append  # type: ignore[method-assign]
+    threads = ManualThreads()
+    s = Spool(spoolDir, reactor=clock, deferToThread=threads)
     service = SpoolService(s, sweep=clock)
     service.privilegedStartService()
     service.startService()
+    stale = spoolDir / "tmp" / "01AAAAAAAAAAAAAAAAAA.eml"
+    stale.write_bytes(b"partial")
+    old = time.time() - 2 * 86400
+    os.utime(stale, (old, old))
     clock.advance(SWEEP_INTERVAL - 1)
-    assert swept == []
+    assert threads.calls == []
     clock.advance(1)
+    assert stale.exists(), "the sweep ran on the reactor thread"
+    assert len(threads.calls) == 1
+    clock.advance(SWEEP_INTERVAL)  # the first sweep still runs: no second one meanwhile
+    assert len(threads.calls) == 1
+    caller = threading.current_thread()
+    f, args, d = threads.calls.pop(0)
+    seen: list[Any] = []
+    worker = threading.Thread(target=lambda: seen.append(f(*args)))
+    worker.start()
+    worker.join(10)
+    assert not stale.exists()
+    assert not [e for e in events if "removed stale" in e["log_format"]]  # not from the thread
+    d.callback(seen[0])
+    assert caller is threading.current_thread()
+    assert [formatEvent(e) for e in events if "removed stale" in e["log_format"]] == [
+        f"spool: removed stale partial file {stale} (not written to for 48 hours: left by a "
+        "process that ended while writing it, never acknowledged)"
+    ]
+    assert [e["queueID"] for e in events if "removed stale" in e["log_format"]] == [
+        "01AAAAAAAAAAAAAAAAAA"]
     clock.advance(SWEEP_INTERVAL)
-    assert swept == [STALE_TEMPORARY, STALE_TEMPORARY]
+    assert len(threads.calls) == 1
+    with capturedLogs() as logged:
+        threads.calls.pop(0)[2].errback(Failure(OSError(errno.EIO, "I/O error")))
+    assert [(formatEvent(e), e["log_failure"].value.errno) for e in logged] == [
+        ("spool: the sweep of tmp/ failed", errno.EIO)]
+    clock.advance(SWEEP_INTERVAL)  # a failed sweep does not end the hourly ones
+    assert len(threads.calls) == 1
+    threads.runAll()
     service.stopService()
+    threads.runAll()
     clock.advance(SWEEP_INTERVAL)
-    assert len(swept) == 2 and clock.getDelayedCalls() == []
+    assert threads.calls == [] and clock.getDelayedCalls() == []
     joined = SpoolService(Spool(spoolDir, reactor=clock, deferToThread=syncDeferToThread,
                                 recover=False))
     joined.privilegedStartService()

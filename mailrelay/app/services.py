@@ -100,7 +100,8 @@ class SpoolService(Service):
 
     With C{sweep} (the relay's own spool, which it recovers), the files that processes
     which ended left in C{tmp/} are removed every L{SWEEP_INTERVAL} seconds, once nobody has
-    written to them for L{STALE_TEMPORARY} seconds (L{Spool.sweepTemporary}).
+    written to them for L{STALE_TEMPORARY} seconds, in the spool's thread
+    (L{Spool.sweepInThread}).
 
     @ivar owner: C{(uid, gid)} of the user the relay runs as, or C{None}.
     """
@@ -122,9 +123,14 @@ class SpoolService(Service):
         if self._sweeps is not None:
             self._sweeps.clock = sweep
 
-    def _sweep(self) -> None:
-        if self.spool.running:
-            self.spool.sweepTemporary(STALE_TEMPORARY)
+    def _sweep(self) -> Deferred[Any] | None:
+        """Sweep C{tmp/} in the spool's thread; the next sweep is timed from the end of this
+        one.  A failure is logged, and the hourly sweeps go on."""
+        if not self.spool.running:
+            return None
+        d = self.spool.sweepInThread(STALE_TEMPORARY)
+        d.addErrback(lambda f: log.failure("spool: the sweep of tmp/ failed", f))
+        return d
 
     def privilegedStartService(self) -> None:
         if self.owner is None:

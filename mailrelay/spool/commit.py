@@ -557,7 +557,10 @@ class GroupCommitter:
         except OSError as e:
             raise _osError("fsync of directory", path, e, None) from None
 
-    def _deferToThread(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    def deferToThread(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """C{f(*args)} in the committer's thread pool (or through the C{deferToThread} it
+        was given), its result fired on the reactor thread; beside the batches, for the
+        spool's other file work (the sweep of C{tmp/})."""
         if self._injectedDeferToThread is not None:
             return self._injectedDeferToThread(f, *args)
         assert self.threadPool is not None
@@ -574,7 +577,7 @@ class GroupCommitter:
         batch, self._pending = self._pending, []
         self._inFlight = True
         try:
-            d = self._deferToThread(self._runBatch, batch)
+            d = self.deferToThread(self._runBatch, batch)
         except Exception:
             d = fail()
         d.addBoth(self._batchFinished, batch)

@@ -29,6 +29,7 @@ import secrets
 import stat
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -303,37 +304,33 @@ class Spool:
         to as the data arrives (and locked by its writer meanwhile, should a client trickle
         into the writer's buffer for long), and renamed within milliseconds once
         complete.  (A start that finds the spool free removes them all; a relay that
-        runs for weeks does this every hour, L{mailrelay.app.services.SpoolService}.)
+        runs for weeks does this every hour, off the reactor thread: L{sweepInThread}.)
 
         @return: the names removed.
         """
-        now = time.time()
-        removed = []
-        try:
-            entries = list(os.scandir(self._tmpDir))
-        except OSError as e:
+        return self._logSwept(_findAndRemoveStale(self._tmpDir, olderThan))
+
+    def sweepInThread(self, olderThan: float) -> Deferred[list[str]]:
+        """L{sweepTemporary} with its directory walk, stats and unlinks in the spool's
+        thread (a large or slow C{tmp/} never stalls the reactor); its log lines are written
+        when the L{Deferred} fires, on the reactor thread."""
+        d = self._committer.deferToThread(_findAndRemoveStale, self._tmpDir, olderThan)
+        return d.addCallback(self._logSwept)
+
+    def _logSwept(self, swept: _Swept) -> list[str]:
+        if swept.error is not None:
             log.warn("spool: cannot list {path}: {error}", path=str(self._tmpDir),
-                     error=e.strerror or str(e))
-            return []
-        for entry in entries:
-            try:
-                info = entry.stat(follow_symlinks=False)
-                if not stat.S_ISREG(info.st_mode) or now - info.st_mtime < olderThan:
-                    continue
-                if not _unlinkUnlocked(entry.path):
-                    continue  # (its writer holds it: a message still being received)
-            except OSError:
-                continue  # (gone meanwhile, or not ours to remove: left as it is)
-            removed.append(entry.name)
-            queueID = entry.name.split(".", 1)[0]
+                     error=swept.error)
+        for name, path, age in swept.removed:
+            queueID = name.split(".", 1)[0]
             log.warn(
                 "spool: removed stale partial file {path} (not written to for {hours:.0f} "
                 "hours: left by a process that ended while writing it, never acknowledged)",
-                path=entry.path,
-                hours=(now - info.st_mtime) / 3600,
+                path=path,
+                hours=age / 3600,
                 queueID=queueID if isQueueID(queueID) else None,
             )
-        return removed
+        return [name for name, _, _ in swept.removed]
 
     def _quarantine(self, queueID: str) -> None:
         source = self._queueDir / f"{queueID}.json"
@@ -719,3 +716,35 @@ class _DirectoryLock:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
+
+
+@dataclass
+class _Swept:
+    """What a sweep of C{tmp/} did: the files removed, C{(name, path, age in seconds)}, and
+    why C{tmp/} could not be listed (or C{None})."""
+
+    removed: list[tuple[str, str, float]]
+    error: str | None = None
+
+
+def _findAndRemoveStale(tmpDir: Path, olderThan: float) -> _Swept:
+    """The blocking part of L{Spool.sweepTemporary}: remove the regular files of C{tmp/}
+    not written to for C{olderThan} seconds and not locked by their writer.  Logs nothing
+    (it may run in a thread)."""
+    now = time.time()
+    try:
+        entries = list(os.scandir(tmpDir))
+    except OSError as e:
+        return _Swept([], e.strerror or str(e))
+    removed = []
+    for entry in entries:
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(info.st_mode) or now - info.st_mtime < olderThan:
+                continue
+            if not _unlinkUnlocked(entry.path):
+                continue  # (its writer holds it: a message still being received)
+        except OSError:
+            continue  # (gone meanwhile, or not ours to remove: left as it is)
+        removed.append((entry.name, entry.path, now - info.st_mtime))
+    return _Swept(removed)
