@@ -4,6 +4,7 @@ policies (L{mailrelay.route.mtasts}), without a network: a fake resolver and fet
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.names import dns
 from twisted.names import error as dnsError
+from twisted.python.failure import Failure
 
 from mailrelay.route.mtasts import (
     MAX_AGE,
@@ -323,6 +325,63 @@ def test_the_cache_is_read_when_first_needed(world: Any) -> None:
     with capturedLogs() as events:
         result(sts.policy("example.org"))
     assert sum("not read" in formatEvent(e) for e in events) == 1
+
+
+class Threads:
+    """A deferToThread whose calls wait until the test runs them, each in a thread of its
+    own; it records on which thread the cache file was opened."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, tuple[Any, ...], defer.Deferred]] = []
+
+    def __call__(self, f: Any, *args: Any) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.calls.append((f, args, d))
+        return d
+
+    def runNext(self) -> None:
+        f, args, d = self.calls.pop(0)
+        box: list[Any] = []
+
+        def run() -> None:
+            try:
+                box.append(f(*args))
+            except Exception:
+                box.append(Failure())
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        worker.join(10)
+        (d.errback if isinstance(box[0], Failure) else d.callback)(box[0])
+
+
+def test_the_cache_is_read_off_the_reactor_thread(world: Any, monkeypatch: Any) -> None:
+    """Found by a review: the cache file was read and parsed on the reactor thread (its
+    size grows with the domains that publish a policy: megabytes for a relay sending to
+    many).  It is read in the thread pool; the lookups asked meanwhile wait for it, and it
+    is read once."""
+    result(world.sts().policy("example.org"))  # a cache with example.org's policy
+    del world.resolver.records["_mta-sts.example.org"]  # now only the cache has it
+    opened: list[str] = []
+    realOpen = open
+
+    def watchedOpen(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(path) == world.cache:
+            opened.append(threading.current_thread().name)
+        return realOpen(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", watchedOpen)
+    threads = Threads()
+    sts = MTASTS(world.resolver, Clock(), world.cache, world.fetches, now=world.now,
+                 deferToThread=threads)
+    first, second = sts.policy("example.org"), sts.policy("other.example")
+    assert opened == [] and not first.called and not second.called
+    assert len(threads.calls) == 1
+    threads.runNext()
+    assert result(first).id == "one" and result(second) is None
+    assert opened and threading.current_thread().name not in opened
+    assert result(sts.policy("example.org")).id == "one"
+    assert threads.calls == [] and len(opened) == 1
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ policy for its C{max_age} -- in memory and in a JSON file in the spool, so that 
 does not forget them (a policy is only useful if it outlives an attacker's DNS).  A domain
 whose TXT record or policy cannot be had keeps the policy it had until that expires (RFC
 8461 section 5.1); a domain that never had one has none.  DNS and HTTPS never block the
-reactor (the small cache file is read once, when first needed, and written in a thread).
+reactor (the cache file is read once, when first needed, and written, in a thread).
 """
 
 from __future__ import annotations
@@ -313,7 +313,8 @@ class MTASTS:
     @param cacheFile: the JSON file the policies are kept in across restarts, or C{None}.
     @param fetch: C{fetch(domain)}: a Deferred of the policy text (L{fetchPolicy}; tests
         give their own).
-    @param deferToThread: runs the writes of C{cacheFile} off the reactor thread.
+    @param deferToThread: runs the read and the writes of C{cacheFile} off the reactor
+        thread.
     @param now: the wall clock (seconds since the epoch), for the policies' ages.
     @param describeTLS: says why a connection failed (L{describeFetchError}).
     @param clientTLS: C{clientTLS(host)}: verified TLS to C{host} (see L{fetchPolicy});
@@ -356,14 +357,25 @@ class MTASTS:
         self._saving = False
         self._saveAgain = False
         self._loaded = False
+        #: the lookups waiting for the cache file to be read, or C{None}: not being read
+        self._loading: list[Deferred[None]] | None = None
 
     def policy(self, domain: str) -> Deferred[STSPolicy | None]:
         """The policy of C{domain} to deliver with now, or C{None}; never fails."""
         domain = domain.lower().rstrip(".")
         if not self._loaded:  # (when first needed: a process that only checks never reads it)
-            self._loaded = True
-            for loaded in self._load():
-                self._known.setdefault(loaded.domain, _Known(loaded, 0.0))
+            waiting: Deferred[None] = Deferred()
+            found: Deferred[STSPolicy | None] = Deferred()
+            waiting.addCallback(lambda _: self._policy(domain)).chainDeferred(found)
+            if self._loading is not None:
+                self._loading.append(waiting)
+            else:
+                self._loading = [waiting]
+                self._load()  # (fires the waiting at once when it is read at once)
+            return found
+        return self._policy(domain)
+
+    def _policy(self, domain: str) -> Deferred[STSPolicy | None]:
         now = self._now()
         if len(self._known) > MAX_KNOWN:
             self._forget(now)
@@ -466,21 +478,32 @@ class MTASTS:
 
     # -- the cache file -------------------------------------------------------------------
 
-    def _load(self) -> list[STSPolicy]:
+    def _load(self) -> None:
+        """Read the cache file in the thread pool (its size grows with the domains that
+        publish a policy); the lookups asked meanwhile wait in C{_loading}."""
         if self.cacheFile is None:
-            return []
-        try:
-            with open(self.cacheFile, encoding="utf-8") as f:
-                data = json.load(f)
-            policies = [_cached(p) for p in data["policies"]]
-        except FileNotFoundError:
-            return []
-        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
-            log.warn("MTA-STS: cache {path} not read ({error}); starting without it",
-                     path=self.cacheFile, error=str(e) or type(e).__name__)
-            return []
+            self._cacheRead([])
+            return
+        d = self._deferToThread(_readCache, self.cacheFile)
+        d.addErrback(self._notRead)
+        d.addCallback(self._cacheRead)
+
+    def _notRead(self, failure: Failure) -> list[STSPolicy]:
+        """Any failure (the lookups waiting must go on): logged, the cache not used."""
+        error = failure.value
+        log.warn("MTA-STS: cache {path} not read ({error}); starting without it",
+                 path=self.cacheFile, error=str(error) or type(error).__name__)
+        return []
+
+    def _cacheRead(self, policies: list[STSPolicy]) -> None:
         now = self._now()
-        return [p for p in policies if not p.expired(now)]
+        for loaded in policies:
+            if not loaded.expired(now):
+                self._known.setdefault(loaded.domain, _Known(loaded, 0.0))
+        self._loaded = True
+        waiting, self._loading = self._loading or [], None
+        for d in waiting:
+            d.callback(None)
 
     def _save(self) -> None:
         """Write the policies to the cache file (one write at a time; a change meanwhile
@@ -559,6 +582,20 @@ def describeFetchError(
 
 class _NoRecord(Exception):
     """The domain has no TXT record of that name."""
+
+
+def _readCache(path: str) -> list[STSPolicy]:
+    """The policies of the cache file C{path} (C{[]} when there is none), in a thread.
+
+    @raise ValueError: (and C{OSError}, C{KeyError}, C{TypeError}, C{RecursionError}) a
+        file that cannot be read, or is not one L{_writeCache} writes.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return []
+    return [_cached(p) for p in data["policies"]]
 
 
 def _writeCache(path: str, policies: list[dict[str, Any]]) -> None:
