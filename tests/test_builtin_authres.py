@@ -134,7 +134,9 @@ def test_the_libraries_never_do_dns_of_their_own(tmp_path: Path, monkeypatch: An
     def blocked(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError(f"blocking DNS: {args}")
 
-    monkeypatch.setattr(module, "_libraryLookup", blocked)
+    import spf
+
+    monkeypatch.setattr(spf, "DNSLookup", blocked)
     monkeypatch.setattr(dkim, "get_txt", blocked)
     plugin = build(tmp_path, FakeResolver(records()))
     answer, _ = run(plugin, signed())
@@ -636,3 +638,41 @@ def test_the_field_is_folded_within_998_octets_a_line(tmp_path: Path) -> None:
     header = parsed(text)
     assert [(r.method, r.result) for r in header.results] == [
         ("spf", "none"), ("dkim", "permerror"), ("dmarc", "fail")]
+
+
+def test_spf_asks_the_resolver_never_pyspf_s_own_dns(tmp_path: Path, monkeypatch: Any) -> None:
+    """Found by a review: the plugin replaced pyspf's module-level C{DNSLookup} at import,
+    for every user of pyspf in the process.  It now evaluates with a query of its own
+    (a subclass of C{spf.query}, its answers from the resolver): pyspf's C{DNSLookup} is
+    the library's, and never called by the plugin."""
+    import spf
+
+    assert spf.DNSLookup in (getattr(spf, "DNSLookup_dnspython", None),
+                             getattr(spf, "DNSLookup_pydns", None))
+    asked: list[Any] = []
+    monkeypatch.setattr(spf, "DNSLookup", lambda *args, **kw: asked.append(args) or [])
+    resolver = FakeResolver(records(**{
+        "example.com": {"TXT": ["v=spf1 mx include:_spf.example.net -all"],
+                        "MX": [(10, "mx.example.com")]},
+        "mx.example.com": {"A": ["192.0.2.50"]},
+        "_spf.example.net": {"TXT": ["v=spf1 a:out.example.net -all"]},
+        "out.example.net": {"A": ["192.0.2.1"]},
+    }))
+    plugin = build(tmp_path, resolver)
+    assert "spf=pass" in field(run(plugin, MESSAGE, address="192.0.2.50")[0])
+    assert "spf=pass" in field(run(plugin, MESSAGE, address="192.0.2.1")[0])
+    assert "spf=fail" in field(run(plugin, MESSAGE, address="192.0.2.99")[0])
+    assert asked == []
+
+
+def test_spf_void_lookups_are_limited(tmp_path: Path) -> None:
+    """RFC 7208 section 4.6.4: more than two DNS lookups that find nothing (NXDOMAIN or no
+    records) are a permerror; two are not."""
+    two = "v=spf1 a:none1.example.com a:none2.example.com ip4:192.0.2.1 -all"
+    three = "v=spf1 a:none1.example.com a:none2.example.com a:none3.example.com ip4:192.0.2.1 -all"
+    resolver = FakeResolver(records(**{"example.com": {"TXT": [two]},
+                                       "none2.example.com": {"MX": [(10, "x.example.com")]}}))
+    assert "\tspf=pass " in field(run(build(tmp_path, resolver), MESSAGE)[0])
+    resolver = FakeResolver(records(**{"example.com": {"TXT": [three]}}))
+    text = field(run(build(tmp_path, resolver), MESSAGE)[0])
+    assert "\tspf=permerror " in text and "Void lookup limit" in text, text

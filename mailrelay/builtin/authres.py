@@ -9,9 +9,9 @@ of C{[dns]}), never through the libraries' own blocking DNS:
   - pyspf (C{spf}) evaluates on the reactor thread against the answers fetched so far; a
     name it asks that is not fetched yet ends the round, is fetched with the resolver, and
     the evaluation starts again (SPF is a pure function of the answers; the rounds are
-    bounded by RFC 7208's lookup limits).  Its module-level C{DNSLookup} is replaced once by
-    one that answers from the round's answers when an evaluation of this module runs, and
-    calls the library's own otherwise.
+    bounded by RFC 7208's lookup limits).  The evaluation is a subclass of pyspf's C{query}
+    whose C{dns} method answers from the round's answers (L{_Query}): pyspf's module-level
+    C{DNSLookup} is left as it is, for any other user of the library.
   - dkimpy gets the keys fetched beforehand (one TXT query per signature) through its
     C{dnsfunc}; parsing and verifying (hashing the body, RSA) run in the thread pool.
   - DMARC is evaluated here: the policy record of the C{From:} domain, else of its
@@ -21,7 +21,6 @@ of C{[dns]}), never through the libraries' own blocking DNS:
 
 from __future__ import annotations
 
-import contextvars
 import email.utils
 import random
 import re
@@ -240,9 +239,6 @@ class _Missing(BaseException):
     own errors, and a bare C{except} it has still sees it recorded in L{_SPFRound.missing})."""
 
 
-_ROUND: contextvars.ContextVar[_SPFRound | None] = contextvars.ContextVar(
-    "mailrelay_authres_spf", default=None
-)
 _TYPES = {"A": dns.A, "AAAA": dns.AAAA, "MX": dns.MX, "PTR": dns.PTR, "TXT": dns.TXT}
 
 
@@ -307,18 +303,38 @@ def _spfAnswer(name: str, qtype: str, rr: Any) -> tuple[tuple[str, str], Any] | 
     return (owner, "TXT"), list(p.data)
 
 
-_libraryLookup = spf.DNSLookup
+class _Query(spf.query):  # type: ignore[misc]
+    """A pyspf query answered by an L{_SPFRound}, never by pyspf's own DNS (its
+    module-level C{DNSLookup}, left as the library has it).
 
+    pyspf's C{query.dns(name, qtype)} answers from the query's own DNS cache
+    (C{query.cache}, C{(name, type)} to values) before it asks C{DNSLookup}: the round's
+    answers for the name are put there first, and it goes on as it does (CNAMEs followed
+    through the cache, its void lookup count).  A name the DNS has nothing for (or only
+    names that are not ASCII) is answered here, counted as pyspf counts a void lookup
+    (RFC 7208 section 4.6.4): pyspf would ask C{DNSLookup} again for it.
+    """
 
-def _lookup(name: str, qtype: str, strict: Any = True, timeout: Any = None) -> list[Any]:
-    """pyspf's C{DNSLookup}: from the answers of the running round, when there is one."""
-    current = _ROUND.get()
-    if current is None:
-        return _libraryLookup(name, qtype, strict, timeout)  # type: ignore[no-any-return]
-    return current.lookup(name, qtype)
+    def __init__(self, answers: _SPFRound, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._answers = answers
 
-
-spf.DNSLookup = _lookup
+    def dns(self, name: Any, qtype: str, cnames: Any = None, ignore_void: bool = False) -> Any:
+        key = str(name).lower()
+        key = key[:-1] if key.endswith(".") else key
+        valid = key and all(0 < len(label) < 64 for label in key.split("."))
+        cached = lambda: self.cache.get((key, qtype)) or self.cache.get((key, "CNAME"))  # noqa: E731
+        if valid and not cached():
+            for (owner, kind), value in self._answers.lookup(key, qtype):
+                if kind == "CNAME" or (qtype, kind) in self.SAFE2CACHE:
+                    self.cache.setdefault((owner.lower(), kind), []).append(value)
+        if not valid or cached():  # (pyspf then asks no DNS: an invalid name, or cached)
+            return super().dns(name, qtype, cnames, ignore_void)
+        if not ignore_void:
+            self.void_lookups += 1
+            if self.void_lookups > spf.MAX_VOID_LOOKUPS:
+                raise spf.PermError(f"Void lookup limit of {spf.MAX_VOID_LOOKUPS} exceeded")
+        return []
 
 
 def checkSPF(
@@ -334,8 +350,7 @@ def checkSPF(
         rounds[0] += 1
         if rounds[0] > MAX_SPF_ROUNDS:
             return ("permerror", "too many DNS lookups")
-        query = spf.query(i=address, s=sender, h=helo, receiver=receiver)
-        token = _ROUND.set(answers)
+        query = _Query(answers, i=address, s=sender, h=helo, receiver=receiver)
         try:
             result, _code, explanation = query.check()
         except _Missing:
@@ -343,8 +358,6 @@ def checkSPF(
         except Exception as e:  # pyspf's own bug on some record: not the sender's pass
             log.failure("SPF evaluation of {sender} failed", Failure(), sender=sender)
             return ("permerror", f"SPF evaluation failed: {e}")
-        finally:
-            _ROUND.reset(token)
         if answers.missing:
             return answers.fetch(dnsc).addCallback(evaluate)
         return (result, explanation)
