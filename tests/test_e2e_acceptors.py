@@ -406,3 +406,77 @@ def _perClient(r: RelayProcess, acceptor: int) -> None:
         if greeting.startswith(b"220 ") or time.monotonic() > deadline:
             break
     assert greeting.startswith(b"220 "), greeting
+
+
+def test_an_ssl_listener_is_served_by_the_acceptors_and_reloads_its_certificate(
+        tmp_path: Path, nexthop) -> None:  # noqa: F811
+    """An ssl: listener (implicit TLS, port 465) is served by the acceptor processes too,
+    and a reload (SIGHUP, as `mailrelay reload`) serves the certificate renewed on disk
+    (certbot) from every process; a certificate that does not load refuses the reload,
+    naming the listener's endpoint, and the one in use stays.  The ssl: listener was
+    served by the relay's process only (logged at start), and kept the certificate it
+    started with until a restart."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    directory = tmp_path / "relay"
+    directory.mkdir()
+
+    def issue(name: str) -> None:
+        leaf = ca.issue_cert(name)
+        (directory / "relay.pem").write_bytes(b"".join(p.bytes() for p in leaf.cert_chain_pems))
+        leaf.private_key_pem.write_to_path(str(directory / "relay.key"))
+
+    def served(r: RelayProcess) -> str:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        context.check_hostname = False
+        with smtplib.SMTP_SSL("127.0.0.1", r.port, timeout=20, context=context) as s:
+            s.ehlo("client.example")
+            cert = s.sock.getpeercert()
+        return next(v for kind, v in cert["subjectAltName"] if kind == "DNS")
+
+    recorder, port = nexthop()
+    config = (f'[relay]\nprocesses = 2\nsmarthost = "[127.0.0.1]:{port}"\n'
+              "[dns]\nreverse_lookups = false\n"
+              '[[listeners]]\nendpoint = "ssl:0:interface=127.0.0.1:privateKey=relay.key:'
+              'certKey=relay.pem"\n')
+    issue("first.relay.test")
+    r = RelayProcess(directory, config, defaults=False,
+                     args=("--spool", str(directory / "spool"), "--hostname", "relay.test"))
+    try:
+        r.start()
+        pid = int(r.waitForLog(_STARTED).group(1))
+        r.waitForLog(rf"acceptor process {pid}: accepting on", timeout=20)
+        assert "served by the relay's process only" not in r.log()
+        assert served(r) == "first.relay.test"
+        with _relayStopped(r):
+            assert served(r) == "first.relay.test"  # the acceptor's
+        issue("second.relay.test")  # renewed on disk
+        assert served(r) == "first.relay.test"  # not before the reload
+        assert r.process is not None
+        r.process.send_signal(signal.SIGHUP)
+        r.waitForLog(r"configuration reloaded from")
+        new = _waitForAcceptor(r, 2)
+        r.waitForLog(rf"acceptor process {new}: accepting on", timeout=20)
+        assert served(r) == "second.relay.test"
+        with _relayStopped(r):
+            assert served(r) == "second.relay.test"  # the new acceptor's
+        (directory / "relay.pem").write_text("not a certificate\n")
+        r.process.send_signal(signal.SIGHUP)
+        line = r.waitForLog(r"configuration not reloaded.*").group(0)
+        assert "listeners[0].endpoint" in line, line
+        assert served(r) == "second.relay.test"
+        with _relayStopped(r):
+            assert served(r) == "second.relay.test"
+        with _relayStopped(r):
+            with smtplib.SMTP_SSL("127.0.0.1", r.port, timeout=20,
+                                  context=ssl._create_unverified_context()) as s:
+                s.sendmail("alice@example.com", ["tls@example.org"], b"Subject: s\r\n\r\nx\r\n")
+        recorder.waitTo("tls@example.org")
+    finally:
+        if r.process is not None and r.process.poll() is None:
+            os.kill(r.process.pid, signal.SIGCONT)
+        r.stop()

@@ -1062,6 +1062,60 @@ def test_a_tls_endpoint_session_is_over_tls_from_the_start(certs, tlsMode: str) 
     assert f"(using {envelope.client.tls})".encode() in stored
 
 
+def test_an_ssl_endpoint_listens_on_a_plain_socket_its_tls_in_the_factory(certs) -> None:
+    """Found by a review: an ssl: listener listened through Twisted's SSL port, whose TLS
+    context is the port's own: the acceptor processes could not share its socket (the
+    port wraps the factory), and a reload could not give it a renewed certificate.  It now
+    listens on a plain TCP socket, the TLS layer (the endpoint's own options) in the
+    factory of the configuration: shared, and switched by a reload."""
+    from twisted.internet.testing import MemoryReactor
+
+    from mailrelay.app.listeners import ListenerService
+
+    ca, chain, key = certs
+    reactor = MemoryReactor()
+    service = ListenerService(
+        reactor, f"ssl:0:interface=127.0.0.1:backlog=7:privateKey={key}:certKey={chain}",
+        Factory.forProtocol(Protocol))
+    service.listen()
+    assert reactor.sslServers == []
+    [(port, factory, backlog, interface)] = reactor.tcpServers
+    assert (port, backlog, interface) == (0, 7, "127.0.0.1")
+    assert factory is service._switch
+
+
+def test_an_ssl_endpoint_s_certificate_is_read_at_each_load(certs, tmp_path: Path) -> None:
+    """The ssl: endpoint's certificate and key (privateKey=, certKey=) are read with the
+    configuration, at start and at each reload, as tls_certificate is: its factory serves
+    TLS from the first byte with the certificate on disk then (renewed by certbot: the new
+    one)."""
+    from mailrelay.config import loadConfig
+    from mailrelay.receive.listener import wrapListenerFactory
+
+    ca, chain, key = certs
+    path = tmp_path / "relay.toml"
+    path.write_text(f'[[listeners]]\nendpoint = "ssl:465:privateKey={key}:certKey={chain}"\n')
+
+    def served() -> str:
+        [listener] = loadConfig(str(path), {"spool": str(tmp_path / "spool")}).listeners
+        inner = Factory.forProtocol(Protocol)
+        wrapped = wrapListenerFactory(listener.settings, inner, None)
+        assert isinstance(wrapped, TLSMemoryBIOFactory) and wrapped.wrappedFactory is inner
+        options = listener.settings.endpointTLS  # (Twisted's CertificateOptions)
+        assert options.getContext() is not None
+        from cryptography import x509
+
+        san = options.certificate.to_cryptography().extensions.get_extension_for_class(
+            x509.SubjectAlternativeName)
+        return san.value.get_values_for_type(x509.DNSName)[0]  # type: ignore[no-any-return]
+
+    assert served() == "relay.test"
+    renewed = ca.issue_cert("renewed.relay.test")
+    chain.write_bytes(b"".join(p.bytes() for p in renewed.cert_chain_pems))
+    renewed.private_key_pem.write_to_path(str(key))
+    assert served() == "renewed.relay.test"
+
+
 # Real handshakes: our client against our server on loopback -------------------------------------
 
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS  # noqa: E402

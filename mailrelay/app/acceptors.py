@@ -101,7 +101,8 @@ _FAMILY_NAMES = {socket.AF_INET: "inet", socket.AF_INET6: "inet6", socket.AF_UNI
 def sharedSocket(port: Any, factory: Any) -> tuple[int, str] | None:
     """C{(fd, family)} of the listening socket of C{port} (a listener's port, listening with
     C{factory}), for acceptor processes to adopt; C{None} when it cannot be shared: not a
-    TCP or UNIX port, or one that wraps the factory (an C{ssl:} endpoint)."""
+    TCP or UNIX port, or one that wraps the factory (an C{ssl:} endpoint's does not: it
+    listens on a plain socket, the TLS layer in the factory)."""
     if not isinstance(port, (tcp.Port, unix.Port)) or getattr(port, "factory", None) is not factory:
         return None
     family = _FAMILY_NAMES.get(getattr(port, "addressFamily", None))  # type: ignore[arg-type]

@@ -168,6 +168,11 @@ class ListenerService(Service):
             endpoint = endpoints.serverFromString(
                 self.reactor, withDefaultBacklog(self.description)
             )
+            if isinstance(endpoint, endpoints.SSL4ServerEndpoint):
+                # A plain socket: the TLS layer is the factory's (wrapListenerFactory).
+                endpoint = endpoints.TCP4ServerEndpoint(
+                    self.reactor, endpoint._port, endpoint._backlog, endpoint._interface
+                )
             d = endpoint.listen(self._switch)
         except Exception as e:  # (what the parser raises: a systemd: socket not passed...)
             reason = None

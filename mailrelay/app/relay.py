@@ -26,7 +26,7 @@ from mailrelay.app.services import OrderedMultiService, PluginServices, PluginSt
 from mailrelay.config import Config, loadConfig, overriddenKeys, readConfigFile
 from mailrelay.config.plugins import buildHooks, makeContext
 from mailrelay.config.schema import given
-from mailrelay.config.values import listeningSocket, resolveProcessCount, socketKey
+from mailrelay.config.values import resolveProcessCount, socketKey
 from mailrelay.errors import ConfigError
 from mailrelay.metrics import ProcessMetrics
 from mailrelay.receive.protocol import Sessions
@@ -379,8 +379,9 @@ class RelayService(OrderedMultiService):
 
     def sharedSockets(self) -> list[tuple[str, int, str]]:
         """C{(endpoint, fd, family)} of the listening sockets the acceptor processes share
-        (L{mailrelay.app.acceptors.sharedSocket}): every SMTP listener's but those whose
-        endpoint wraps its connections (C{ssl:}), which this process serves alone."""
+        (L{mailrelay.app.acceptors.sharedSocket}): every SMTP listener's (an C{ssl:} one's
+        too: its TLS layer is in the listener's factory) but those whose port wraps its
+        connections, which this process serves alone."""
         from mailrelay.app.acceptors import sharedSocket
 
         result = []
@@ -392,8 +393,7 @@ class RelayService(OrderedMultiService):
                 self._unshared.add(endpoint)
                 log.warn(
                     "listener {endpoint}: served by the relay's process only (acceptor "
-                    "processes cannot share a listener whose endpoint wraps its connections, "
-                    "as ssl: does; a tcp: one with tls_mode = \"implicit\" they can)",
+                    "processes cannot share a listener whose port wraps its connections)",
                     endpoint=endpoint,
                 )
         return result
@@ -488,15 +488,7 @@ class RelayService(OrderedMultiService):
             where = self.listenerWhere(plan.config, index)
             key = socketKey(endpoint)
             old = bySocket.pop(key, None) if key is not None else None
-            if old is not None:
-                if any(sock is not None and sock.tls
-                       for sock in (listeningSocket(endpoint), listeningSocket(old))):
-                    # The TLS context is an ssl: endpoint's own.
-                    refuse(ListenError(
-                        f"{where}: {endpoint} listens on the socket of the listener {old}: an ssl: "
-                        "endpoint's options belong to its socket, so changing them takes a "
-                        "restart (a tcp: endpoint with tls_certificate reloads its "
-                        "certificate)"))
+            if old is not None:  # (an ssl: endpoint's TLS is its factory's: switched too)
                 respelled[endpoint] = old
                 continue
             listener = ListenerService(self.reactor, endpoint, factory, role, where)

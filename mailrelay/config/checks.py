@@ -277,7 +277,11 @@ def _loadListenerCertificates(r: Reading) -> None:
     if not r.at.source.listenerTLS:  # (a process that serves no listener)
         if certificate is not None:
             fields["tlsOptions"] = _NOT_LOADED
+        if fields["name"].startswith("ssl:"):
+            fields["endpointTLS"] = _NOT_LOADED
         return
+    if fields["name"].startswith("ssl:"):
+        fields["endpointTLS"] = _endpointTLS(r)
     if certificate is not None:
         try:
             tls = loadServerTLS(certificate, key, **options)
@@ -309,6 +313,21 @@ def _loadListenerCertificates(r: Reading) -> None:
     fields["sniCertificates"] = tuple(loaded)
     byName = {name: tls.options for name, tls in loaded}
     fields["tlsOptions"] = SNIServerOptions(fields["tlsOptions"], byName)
+
+
+def _endpointTLS(r: Reading) -> Any:
+    """The TLS options of the C{ssl:} endpoint of the listener (Twisted's, made of its
+    C{privateKey=}, C{certKey=}, C{extraCertChain=} ... files, read now): served by the
+    listener's factory, so that each load of the configuration (a reload) reads the files
+    again, as C{tls_certificate}'s."""
+    from twisted.internet import endpoints
+
+    name = r.fields["name"]
+    try:
+        return endpoints.serverFromString(None, name)._sslContextFactory
+    except Exception as e:  # (OpenSSL's errors: a file it cannot read, a key not the cert's)
+        raise r.error("endpoint", f"{describeValue(name)}: cannot load its certificate or "
+                      f"key: {e!r}") from None
 
 
 def _listenerAuth(r: Reading) -> None:

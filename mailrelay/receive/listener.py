@@ -54,7 +54,10 @@ class ListenerSettings(LimitSettings):
       C{reverseLookupTimeout}; C{minDataRate}: bytes per second a client must keep up in
       DATA (0: only C{dataTimeout}).
     TLS: C{tlsMode}, one of L{LISTENER_TLS_MODES}; C{tlsOptions}: the server TLS options (an
-      C{IOpenSSLServerConnectionCreator}), needed unless C{tlsMode} is C{none}.
+      C{IOpenSSLServerConnectionCreator}), needed unless C{tlsMode} is C{none};
+      C{endpointTLS}: the TLS options of an C{ssl:} endpoint (its C{privateKey=},
+      C{certKey=} ..., read with the configuration), TLS from the first byte whatever
+      C{tlsMode}, or C{None}.
     Limits (the fields of L{LimitSettings}, keyword only; applied when the listener has a rate
       limiter): C{maxConnections}, C{maxConnectionsPerClient}, C{connectionRateLimit},
       C{messageRateLimit}, C{userMessageRateLimit}, C{rateWindow}, C{ipv6PrefixLength},
@@ -89,6 +92,7 @@ class ListenerSettings(LimitSettings):
     reverseLookupTimeout: float = 10.0
     tlsMode: str = "none"
     tlsOptions: Any = None
+    endpointTLS: Any = None
     proxyProtocol: bool = False
     proxyNetworks: tuple[Any, ...] = ()
 
@@ -211,11 +215,15 @@ def buildListenerFactory(
 
 def wrapListenerFactory(settings: ListenerSettings, factory: Any, clock: Any) -> Any:
     """C{factory} (from L{buildListenerFactory}) under the listener's transport layers: TLS
-    from the first byte (C{tlsMode} C{implicit}), then the PROXY protocol."""
-    if settings.tlsMode == "implicit":
+    from the first byte (C{tlsMode} C{implicit}, or an C{ssl:} endpoint's C{endpointTLS}),
+    then the PROXY protocol.  (The TLS layer is the factory's, not the listening port's:
+    the acceptor processes share the socket, and a reload's factory brings its
+    certificate.)"""
+    tls = settings.tlsOptions if settings.tlsMode == "implicit" else settings.endpointTLS
+    if tls is not None:
         from twisted.protocols.tls import TLSMemoryBIOFactory
 
-        factory = TLSMemoryBIOFactory(settings.tlsOptions, False, factory)
+        factory = TLSMemoryBIOFactory(tls, False, factory)
     if settings.proxyProtocol:
         from mailrelay.receive.proxy import ProxyProtocolFactory
 
