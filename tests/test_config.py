@@ -2175,6 +2175,29 @@ def test_a_process_serving_no_listener_does_not_read_their_certificates(tmp_path
     assert config.listeners[0].settings.tlsMode == "starttls"
 
 
+def test_a_process_serving_no_listener_does_not_read_an_ssl_endpoint_s_files(
+        tmp_path: Path) -> None:
+    """Nor an ssl: endpoint's privateKey= and certKey= (found while making an ssl: listener
+    reload its certificate): the endpoint's check built Twisted's endpoint, which reads
+    them, so a root-only key (certbot's privkey.pem) made the delivery process, run as the
+    relay's user, refuse the configuration.  Its syntax is still checked there."""
+    cert, key = writeCertificate(tmp_path)
+    endpoint = f"ssl:465:privateKey={key}:certKey={cert}"
+    path = writeConfig(tmp_path, f'[[listeners]]\nendpoint = "{endpoint}"\n')
+    key.write_text("not a key")  # (as unreadable for the test as a root-only one)
+    with pytest.raises(ConfigError, match=r"listeners\[0\]\.endpoint"):
+        loadConfig(path)
+    config = loadConfig(path, listenerTLS=False)
+    assert config.listeners[0].settings.name == endpoint
+    for bad, said in ((f"ssl:465:privateKey={key}:colour=blue", "colour"),
+                      (f"ssl:http:privateKey={key}", "http"),
+                      (f"ssl:70000:privateKey={key}", "port 70000")):
+        path = writeConfig(tmp_path, f'[[listeners]]\nendpoint = "{bad}"\n')
+        with pytest.raises(ConfigError, match=r"listeners\[0\]\.endpoint") as e:
+            loadConfig(path, listenerTLS=False)
+        assert said in str(e.value), str(e.value)
+
+
 def test_a_process_serving_no_listener_does_not_read_the_password_file(tmp_path: Path) -> None:
     """Nor the password file, which only the listeners' AUTH uses: a line gone bad in it,
     which the running relay tolerates (keeping the users it read), made the delivery process

@@ -691,11 +691,14 @@ def test_metricsInline(relay, nexthop, dns) -> None:
     assert status == 200 and report["delivery"] == "up" and "delivery_pid" not in report
 
 
-def test_runAsNobodyWithARootOnlyKey(nobodyRuntime, nexthop) -> None:
+@pytest.mark.parametrize("kind", ["tls_certificate", "ssl"])
+def test_runAsNobodyWithARootOnlyKey(nobodyRuntime, nexthop, kind: str) -> None:
     """Started as root with --uid nobody and a TLS listener whose key only root may read
     (the usual case): the relay reads it before the drop, and its delivery process, which
     serves no listener, does not read it at all -- it did, failed 'Permission denied' and
-    was restarted for ever, while the relay took mail it never delivered."""
+    was restarted for ever, while the relay took mail it never delivered.  The same with
+    an ssl: endpoint's privateKey= and certKey= (its check read them in the delivery
+    process too)."""
     import trustme
 
     python, top = nobodyRuntime
@@ -711,13 +714,22 @@ def test_runAsNobodyWithARootOnlyKey(nobodyRuntime, nexthop) -> None:
     port = privilegedPort()
     (directory / "mailrelay.toml").write_text(
         f'[[routes]]\ndomain = "example.org"\nbackend = "smtp"\nnexthop = "[127.0.0.1]:{hopPort}"\n'
-        f'[[listeners]]\nendpoint = "tcp:{port}:interface=127.0.0.1"\n'
-        f'tls_certificate = "{cert}"\ntls_key = "{key}"\n')
+        + (f'[[listeners]]\nendpoint = "tcp:{port}:interface=127.0.0.1"\n'
+           f'tls_certificate = "{cert}"\ntls_key = "{key}"\n' if kind == "tls_certificate" else
+           f'[[listeners]]\nendpoint = "ssl:{port}:interface=127.0.0.1:privateKey={key}:'
+           f'certKey={cert}"\n'))
     process = startAs(python, directory, "--config", str(directory / "mailrelay.toml"),
                       "--spool", str(directory / "spool"))
     try:
         waitListening(port)
-        with smtplib.SMTP("127.0.0.1", port, timeout=15) as s:
+        if kind == "ssl":
+            import ssl
+
+            client: smtplib.SMTP = smtplib.SMTP_SSL(
+                "127.0.0.1", port, timeout=15, context=ssl._create_unverified_context())
+        else:
+            client = smtplib.SMTP("127.0.0.1", port, timeout=15)
+        with client as s:
             s.sendmail("alice@sender.test", ["bob@example.org"], message("root-only key"))
         (got,) = hop.waitTo("bob@example.org")
         assert b"Subject: root-only key" in got.content

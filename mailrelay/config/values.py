@@ -25,6 +25,7 @@ import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -78,11 +79,14 @@ def parseNetwork(text: str) -> IPNetwork:
         ) from None
 
 
-def checkEndpoint(text: str) -> None:
+def checkEndpoint(text: str, loadFiles: bool = True) -> None:
     """Check that Twisted can parse C{text} as a server endpoint description.
 
     The endpoint is built without a reactor and never listens.
 
+    @param loadFiles: C{False}: an C{ssl:} endpoint's syntax only is checked, its
+        certificate and key files not read (a process that serves no listener, running as
+        a user who may not read them).
     @raise ValueError: the message names the value and gives Twisted's complaint.
     """
     from OpenSSL import SSL, crypto
@@ -103,18 +107,37 @@ def checkEndpoint(text: str) -> None:
         return
     hint = '(e.g. "tcp:2525:interface=127.0.0.1", "tcp6:25:interface=\\:\\:1", "unix:/run/x.sock")'
     try:
-        endpoint = serverFromString(None, text)
+        if text.startswith("ssl:") and not loadFiles:
+            port: Any = _sslEndpointPort(text)
+        else:
+            port = getattr(serverFromString(None, text), "_port", None)
     except (ValueError, TypeError, KeyError, IndexError, OSError, crypto.Error, SSL.Error) as e:
         # (OpenSSL's errors: an ssl: endpoint's certificate or key file it cannot read.)
         raise ValueError(
             f"{describeValue(text)} is not a valid server endpoint {hint}: {e}"
         ) from None
-    port = getattr(endpoint, "_port", None)
     if isinstance(port, int) and not 0 <= port <= 65535:
         raise ValueError(
             f"{describeValue(text)} is not a valid server endpoint: "
             f"port {port} is not from 0 to 65535"
         )
+
+
+def _sslEndpointPort(text: str) -> int:
+    """The port of the C{ssl:} endpoint C{text}, its arguments checked as Twisted's parser
+    takes them, without reading its files.
+
+    @raise TypeError: an argument it does not take, or no port.
+    @raise ValueError: a port or backlog that is not a number.
+    """
+    import inspect
+
+    from twisted.internet.endpoints import _parse, _parseSSL
+
+    args, kwargs = _parse(text)
+    given = inspect.signature(_parseSSL).bind(None, *args[1:], **kwargs).arguments
+    int(given.get("backlog", 50))
+    return int(given["port"])
 
 
 @dataclass(frozen=True)
@@ -512,7 +535,7 @@ def domains(value: Any, at: At) -> tuple[str, ...]:
 def endpoint(value: Any, at: At) -> str:
     """A server endpoint description Twisted can parse (see L{checkEndpoint})."""
     text = string(value, at)
-    checked(checkEndpoint)(text, at)
+    checked(partial(checkEndpoint, loadFiles=at.source.listenerTLS))(text, at)
     return text
 
 
