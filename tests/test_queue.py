@@ -568,6 +568,31 @@ def test_expiryBouncesWith447(
     resultOf(qm.stopService())
 
 
+def test_anAttemptExactlyAtTheLifetimeBounces(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any
+) -> None:
+    """An attempt that fails at exactly the message's arrival plus its lifetime is its last:
+    the recipient bounces (4.4.7), as Postfix's qmgr gives up when C{event_time() >=
+    create_time + maximal_queue_lifetime} (qmgr_active.c); the attempt before it does not."""
+    backend.script["a@example.com"] = ["4"]
+    qm = makeManager(spool, router, {"smtp": backend}, clock, maxLifetime=900)
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["a@example.com"])
+    arrival = stored(spool, queueID)["arrival"]
+    qm.enqueue(queueID)
+    clock.advance(300)  # t=300
+    assert stored(spool, queueID)["recipients"][0]["state"] == PENDING
+    clock.advance(600)  # t=900: exactly the lifetime
+    assert clock.seconds() - arrival == 900
+    assert [c.addresses for c in backend.calls if not c.isBounce] == [["a@example.com"]] * 3
+    [bounce] = backend.bounces()
+    [block] = recipientBlocks(bounce.message)
+    assert (block["Action"], block["Status"]) == ("failed", "4.4.7")
+    assert spool.queueIDs() == []
+    assert any("status=bounced (message expired after 900s" in t for t in texts(events, queueID))
+    resultOf(qm.stopService())
+
+
 def test_notifyNeverNoBounce(
     spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
 ) -> None:

@@ -127,7 +127,7 @@ def test_transitionsFollowTheResults(scenario: Any) -> None:
     # Mail from the null sender, ours or relayed, lives bounceLifetime, at most maxLifetime.
     lifetime = policy.maxLifetime if envelope.sender else min(policy.bounceLifetime,
                                                               policy.maxLifetime)
-    expired = now - arrival > lifetime
+    expired = now - arrival >= lifetime
     assert decision.delay == now - arrival
     assert decision.attempts == envelope.attempts + 1
     assert len(decision.transitions) == len(outcomes)
@@ -268,14 +268,14 @@ def test_mail_from_the_null_sender_expires_at_the_bounce_lifetime() -> None:
 
     policy = QueuePolicy(maxLifetime=86400, bounceLifetime=3600)
     for isBounce in (False, True):  # relayed from a client, or ours
-        assert state("", policy, 3600, isBounce) == "pending 4.2.0"
-        assert state("", policy, 3601, isBounce) == "bounced 4.4.7"
-    assert state("s@example.org", policy, 3601) == "pending 4.2.0"
-    assert state("s@example.org", policy, 86401) == "bounced 4.4.7"
+        assert state("", policy, 3599, isBounce) == "pending 4.2.0"
+        assert state("", policy, 3600, isBounce) == "bounced 4.4.7"
+    assert state("s@example.org", policy, 3600) == "pending 4.2.0"
+    assert state("s@example.org", policy, 86400) == "bounced 4.4.7"
     larger = QueuePolicy(maxLifetime=3600, bounceLifetime=86400)
     assert (larger.lifetime(""), larger.lifetime("s@example.org")) == (3600, 3600)
     assert policy.lifetime("") == 3600 and policy.lifetime("s@example.org") == 86400
-    assert state("", larger, 3601) == "bounced 4.4.7"
+    assert state("", larger, 3600) == "bounced 4.4.7"
 
 
 def test_delayWarningOnce() -> None:

@@ -251,7 +251,7 @@ def decide(
     """
     arrival = envelope.arrival if envelope.arrival is not None else now
     delay = now - arrival
-    expired = delay > policy.lifetime(envelope.sender)
+    expired = delay >= policy.lifetime(envelope.sender)
     early = early or {}
     transitions = tuple(
         early.get(id(o.recipient)) or _transition(o, now, delay, expired) for o in outcomes
