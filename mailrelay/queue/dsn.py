@@ -106,6 +106,17 @@ def _originalRecipient(orcpt: str) -> str:
     return f"{_fieldText(kind)}; {_fieldText(address)}"
 
 
+def _envelopeID(envid: str) -> str:
+    """What C{Original-Envelope-Id:} says of C{envid} (the ENVID, xtext decoded): the text
+    itself, as the sender gave it (RFC 3464 section 2.2.1: C{envelope-id = *text}, its case
+    and spelling preserved; Postfix's bounce daemon writes the decoded ENVID); its xtext form
+    when it is not printable US-ASCII (non-ASCII, or a control), which the ASCII
+    C{message/delivery-status} part cannot carry as it is."""
+    if envid.isascii() and envid.isprintable():
+        return envid
+    return xtextEncode(envid)
+
+
 def _fieldText(text: str) -> str:
     """C{text} made safe for an ASCII header field: controls become spaces, non-ASCII C{?}."""
     text = _UNSAFE_FIELD_TEXT.sub(" ", text)
@@ -355,7 +366,7 @@ def _deliveryStatus(
     if envelope.sender:
         perMessage.append(_fold("X-Mailrelay-Sender", _typedAddress(envelope.sender)))
     if envelope.envid:
-        perMessage.append(_fold("Original-Envelope-Id", xtextEncode(envelope.envid)))
+        perMessage.append(_fold("Original-Envelope-Id", _envelopeID(envelope.envid)))
     arrival = envelope.arrival if envelope.arrival is not None else now
     perMessage.append(f"Arrival-Date: {formatDate(arrival)}\r\n")
     blocks = ["".join(perMessage)]
