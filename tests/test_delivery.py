@@ -916,6 +916,38 @@ def test_a_next_hop_at_its_limit_holds_no_delivery_place() -> None:
     assert limit.semaphores == {}
 
 
+def test_a_delivery_says_when_it_has_its_place() -> None:
+    """C{started} is called once the delivery has its next hop's slot and its place among
+    the queue's (the queue's L{Deliverer <mailrelay.queue.attempt.Deliverer>} starts the
+    delivery's timeout then, not while it waits), and never for one cancelled waiting."""
+    from mailrelay.delivery import common
+    from mailrelay.queue.attempt import DeliveryPlaces
+
+    places = DeliveryPlaces(1)
+    limit = common.PerDestination(1, "SMTP")
+    limit.places = places
+    env = envelope("a@example.org")
+    running: list[defer.Deferred] = []
+    started: list[str] = []
+
+    def deliver() -> defer.Deferred:
+        running.append(defer.Deferred())
+        return running[-1]
+
+    first = limit.run("one.example", env, env.recipients, deliver,
+                      started=lambda: started.append("first"))
+    waiting = limit.run("two.example", env, env.recipients, deliver,
+                        started=lambda: started.append("waiting"))
+    cancelled = limit.run("three.example", env, env.recipients, deliver,
+                          started=lambda: started.append("cancelled"))
+    assert started == ["first"] and places.waiting == 2
+    cancelled.cancel()
+    running[0].callback(["done"])
+    assert result(first) == ["done"] and started == ["first", "waiting"]
+    running[1].callback(["done"])
+    assert result(waiting) == ["done"] and started == ["first", "waiting"]
+
+
 def test_smtp_keeps_no_more_idle_connections_than_delivery_places() -> None:
     """Connections kept for reuse add open files too: with the queue's places given, the
     SMTP backend keeps at most as many idle connections as there are places, quitting the

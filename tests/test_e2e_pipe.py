@@ -161,3 +161,27 @@ def test_pipe_command_leaving_a_daemon(relay, dns, tmp_path: Path, work: Path) -
     assert [run["args"] for run in runs(work)] == [["bob@pipe.test"]]
     assert [s for _, s, _ in results(r, qid, "bob@pipe.test")] == ["sent"]
     waitEmpty(r)
+
+
+def test_a_delivery_waiting_for_its_place_keeps_its_whole_timeout(relay, dns, tmp_path: Path,
+                                                                  work: Path) -> None:
+    """With C{delivery_limit = 1}, the delivery to the second command waits for the first
+    to end; its timeout (2.5s) runs from when it gets its place, not from the attempt's
+    start: both commands (1.5s each) are run to their end and delivered at the first
+    attempt, none cut short as "may be sent more than once" (as Postfix's queue manager
+    never times out its wait for a delivery agent)."""
+    command = [script(work, "sleep 1.5; exit 0"), "{recipient}"]
+    text = config(dns, queue={"delivery_limit": 1, "min_backoff": 60, "max_backoff": 60},
+                  routes=[{"domain": "one.test", "backend": "first"},
+                          {"domain": "two.test", "backend": "second"}])
+    for name in ("first", "second"):
+        text += (f'[[backends]]\nname = "{name}"\nplugin = "pipe"\n'
+                 f"command = {json.dumps(command)}\nuser = {json.dumps(USER)}\ntimeout = 2.5\n")
+    r = relay(text)
+    qid = submit(r, "alice@sender.test", ["a@one.test", "b@two.test"], message("in turn"))
+    for rcpt in ("a@one.test", "b@two.test"):
+        m = waitResult(r, qid, rcpt, timeout=20)
+        assert (m["attempts"], m["status"]) == ("1", "sent"), m[0]
+    waitRemoved(r, qid)
+    assert "may be sent more than once" not in r.log()
+    assert sorted(run["args"][0] for run in runs(work)) == ["a@one.test", "b@two.test"]

@@ -209,9 +209,13 @@ class PerDestination:
         recipients: list[Any],
         f: Callable[..., Deferred],
         *args: Any,
+        started: Callable[[], None] | None = None,
     ) -> Deferred:
         """Run C{f(*args)} when a slot for C{nexthop} is free (at once with the results of
-        a suspended next hop, when it is or becomes suspended: see L{unreachable})."""
+        a suspended next hop, when it is or becomes suspended: see L{unreachable}).
+
+        @param started: called when the delivery begins, with its slot and its place among
+            the queue's (the queue's delivery timeout runs from then)."""
         suspended = self._suspended(nexthop, recipients)
         if suspended is not None:
             return defer.succeed(suspended)
@@ -219,14 +223,16 @@ class PerDestination:
         if semaphore is None:
             semaphore = self.semaphores[nexthop] = DeferredSemaphore(self.limit)
 
-        started: list[bool] = []
+        slotted: list[bool] = []
 
         def begin() -> Deferred:
+            if started is not None:
+                started()
             late = self._suspended(nexthop, recipients)
             return defer.succeed(late) if late is not None else f(*args)
 
         def start() -> Deferred:
-            started.append(True)
+            slotted.append(True)
             if self.places is None or self._suspended(nexthop, recipients) is not None:
                 return begin()
             return self.places.run(begin)
@@ -246,7 +252,7 @@ class PerDestination:
             if failure.check(defer.CancelledError):
                 # The caller cancelled (its time-out, the stop): let it know, and whether
                 # the delivery had started.
-                if not started and not failure.check(DeliveryNotStarted):
+                if not slotted and not failure.check(DeliveryNotStarted):
                     return Failure(DeliveryNotStarted())
                 return failure
             log.failure(
@@ -381,9 +387,10 @@ class ClientBackend:
         again = yield self._send(connection, envelope, deferred, messagePath)
         return withDeferredReplaced(results, again)
 
-    #: L{deliver} takes C{done} (see there): the queue's L{Deliverer
-    #: <mailrelay.queue.attempt.Deliverer>} gives it.
+    #: L{deliver} takes C{done} and C{started} (see there): the queue's L{Deliverer
+    #: <mailrelay.queue.attempt.Deliverer>} gives them.
     reportsEarly = True
+    reportsStart = True
 
     def deliver(
         self,
@@ -392,9 +399,13 @@ class ClientBackend:
         route: Route,
         messagePath: Any,
         done: Callable[[list[RecipientResult]], None] | None = None,
+        started: Callable[[], None] | None = None,
     ) -> Deferred:
         """Deliver to C{recipients} along C{route}; the Deferred never fails (but may be
         cancelled).
+
+        @param started: called when the delivery begins, with its next hop's slot and its
+            place among the queue's (see L{PerDestination.run}).
 
         @param done: called, while the delivery goes on, with the final results (delivered
             or refused) a server gave to some of the recipients before the others go on to
@@ -436,6 +447,7 @@ class ClientBackend:
             settings,
             messagePath,
             done,
+            started=started,
         )
 
     def _deliver(

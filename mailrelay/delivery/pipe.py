@@ -61,7 +61,7 @@ from __future__ import annotations
 import os
 import pwd
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from signal import SIGKILL
@@ -465,10 +465,17 @@ class PipeBackend:
         C{run(f, *args)}) once it has its place among the C{concurrency} runs."""
         self._places = places
 
+    #: L{deliver} takes C{started} (see there): the queue's L{Deliverer
+    #: <mailrelay.queue.attempt.Deliverer>} gives it.
+    reportsStart = True
+
     def deliver(self, envelope: Any, recipients: Any, route: Route,
-                messagePath: Path) -> Deferred:
+                messagePath: Path, started: Callable[[], None] | None = None) -> Deferred:
         """Run the command for C{recipients} (once each, or once for all); the Deferred never
-        fails, and cancelling it kills the runs."""
+        fails, and cancelling it kills the runs.
+
+        @param started: called when the first run begins, with its place among the queue's
+            (the queue's delivery timeout runs from then)."""
         recipients = list(recipients)
         results: list[RecipientResult | None] = [None] * len(recipients)
         good: list[int] = []
@@ -509,13 +516,15 @@ class PipeBackend:
             everything.addCallback(collect)
             return removeWhenFired(everything, converted)
 
-        started: list[bool] = []
+        ran: list[bool] = []
 
         def placed(*args: Any) -> Any:
             """One run, once it has its place here and among every delivery's."""
 
             def run() -> Any:
-                started.append(True)
+                ran.append(True)
+                if started is not None:
+                    started()
                 return self._run(*args)
 
             return run() if self._places is None else self._places.run(run)
@@ -524,9 +533,9 @@ class PipeBackend:
             """Cancelled: L{DeliveryNotStarted} when no command ran, else a plain
             cancellation (a command may have taken the message)."""
             if failure.check(defer.CancelledError):
-                if started and failure.check(DeliveryNotStarted):
+                if ran and failure.check(DeliveryNotStarted):
                     return Failure(defer.CancelledError())
-                if not started and not failure.check(DeliveryNotStarted):
+                if not ran and not failure.check(DeliveryNotStarted):
                     return Failure(DeliveryNotStarted())
             return failure
 

@@ -4,7 +4,8 @@ Every C{PENDING} recipient is routed (L{IRouter.route}); recipients with the sam
 (backend, next hop and options) form groups of at most L{RECIPIENTS_PER_DELIVERY}, and every
 group is handed with its route to its backend at once (L{IDeliveryBackend.deliver}), at
 most C{[queue] delivery_limit} in flight over every message and backend (L{DeliveryPlaces}:
-the others wait for a place).  A router's L{PermanentFailure} bounces the recipient; any
+the others wait for a place, however long: a delivery's timeout runs from when it has its
+place).  A router's L{PermanentFailure} bounces the recipient; any
 other routing failure (a L{TransientFailure} with its own code and diagnostic), an unknown
 backend, a failed delivery Deferred, a delivery that outlasts the backend's timeout, a call
 cut short by the stop, or a malformed answer is a transient failure, never a delivery.  The
@@ -71,28 +72,53 @@ def _groupKey(route: Route) -> Route:
 
 
 class DeliveryTimedOut(Exception):
-    """A backend did not answer a delivery within its timeout.
+    """A backend did not answer a delivery within its timeout (counted from when the
+    delivery had its place: see L{DeliveryPlaces}).
 
     @ivar timeout: the timeout, in seconds.
-    @ivar started: whether the delivery had started (C{False}: it was still waiting for its
-        place, L{DeliveryNotStarted}: nothing can have been sent).
     """
 
-    def __init__(self, timeout: float, started: bool = True) -> None:
+    def __init__(self, timeout: float) -> None:
         super().__init__(f"no answer within {timeout:g}s")
         self.timeout = timeout
-        self.started = started
 
 
-def _timedOut(result: Any, timeout: float) -> Any:
-    """C{onTimeoutCancel} of a delivery: a failure (the cancellation, or whatever error
-    the cancelled backend answered it with) is L{DeliveryTimedOut}; results are kept.  A
-    backend may answer its cancellation with the outcome of a delivery already done (the
-    pipe backend, its command having exited): taken for a timeout, that delivery would be
-    made again at the next attempt."""
-    if isinstance(result, Failure):
-        raise DeliveryTimedOut(timeout, started=not result.check(DeliveryNotStarted))
-    return result
+class _DeliveryTimer:
+    """The timeout of one delivery, started once the delivery has its place (L{start}:
+    the wait for one is not timed, as Postfix's queue manager never times out its wait for
+    a delivery agent), then cancelling the delivery's Deferred (L{watch}) when it is over.
+
+    @ivar expired: the timeout was over before the delivery answered.
+    """
+
+    def __init__(self, clock: IReactorTime, timeout: float) -> None:
+        self._clock = clock
+        self._timeout = timeout
+        self._call: Any = None
+        self._watched: Deferred[Any] | None = None
+        self._over = False
+        self.expired = False
+
+    def watch(self, d: Deferred[Any]) -> None:
+        """Cancel C{d} when the timeout is over."""
+        self._watched = d
+
+    def start(self) -> None:
+        """The delivery has its place: its timeout runs from now (once: later calls, as
+        each run of a pipe delivery's makes, change nothing)."""
+        if self._timeout > 0 and self._call is None and not self._over:
+            self._call = self._clock.callLater(self._timeout, self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+        if self._watched is not None:
+            self._watched.cancel()
+
+    def stop(self) -> None:
+        """The delivery has ended: the timeout no longer runs, nor starts."""
+        self._over = True
+        if self._call is not None and self._call.active():
+            self._call.cancel()
 
 
 class Calls:
@@ -103,7 +129,8 @@ class Calls:
     """
 
     def __init__(self, clock: IReactorTime) -> None:
-        self._clock = clock
+        #: What times the calls (the reactor).
+        self.clock = clock
         self._calls: set[Deferred[Any]] = set()
         self.interrupted = False
 
@@ -134,7 +161,7 @@ class Calls:
         if not outer.called:
             self._calls.add(outer)
             if timeout > 0:
-                outer.addTimeout(timeout, self._clock, onTimeoutCancel=onTimeoutCancel)
+                outer.addTimeout(timeout, self.clock, onTimeoutCancel=onTimeoutCancel)
         return outer
 
     def interrupt(self) -> None:
@@ -158,7 +185,8 @@ class DeliveryPlaces:
     next hop (or command) has a place of its own free, so that deliveries waiting for a busy
     destination do not hold places that deliveries to other destinations could use (as
     Postfix's queue manager hands a delivery agent only to a destination below its
-    concurrency limit).
+    concurrency limit).  A delivery's timeout runs from when it has its place, never while
+    it waits for one (nor for its next hop's).
 
     @ivar limit: the most deliveries in flight at once.
     """
@@ -264,8 +292,8 @@ class Deliverer:
             has a place free (see L{DeliveryPlaces}); for the others, each delivery takes
             its place here before the backend is called.
         @param deliveryTimeout: seconds a routing decision, or a delivery by a backend not in
-            C{timeouts}, may take (0: no limit).  A delivery's time includes its wait for a
-            place.
+            C{timeouts}, may take (0: no limit).  A delivery's time runs from when it has its
+            place: its wait for one (or for its next hop's) is not counted.
         @param timeouts: seconds one delivery by the named backend may take.
         @param deliveryLimit: the most deliveries in flight at once (L{DeliveryPlaces}).
         @raise ValueError: a timeout that is not a number greater than zero, a delivery limit
@@ -413,6 +441,7 @@ class Deliverer:
                 for r in recipients
             ]
         timeout = self.timeoutFor(route.backend)
+        timer = _DeliveryTimer(self.calls.clock, timeout)
         started = time.perf_counter()
         reported: dict[int, Outcome] = {}
         over = [False]
@@ -432,11 +461,17 @@ class Deliverer:
 
         def call() -> Any:
             called = time.perf_counter()
-            if getattr(backend, "reportsEarly", False):  # (built-in: not IDeliveryBackend's)
-                reporting: Any = backend.deliver
-                answer = reporting(envelope, list(recipients), route, path, done=done)
+            # (Built-in keywords, not IDeliveryBackend's: done, for the results reported
+            # while the delivery goes on; started, called once it has its place.)
+            options: dict[str, Any] = {}
+            if getattr(backend, "reportsEarly", False):
+                options["done"] = done
+            if route.backend in self._placing and getattr(backend, "reportsStart", False):
+                options["started"] = timer.start
             else:
-                answer = backend.deliver(envelope, list(recipients), route, path)
+                timer.start()  # (placed here, or by a backend that cannot say when)
+            deliver: Any = backend.deliver
+            answer = deliver(envelope, list(recipients), route, path, **options)
             noteBlocking("backend", route.backend, called)
             return answer
 
@@ -446,11 +481,23 @@ class Deliverer:
                 answer = maybeDeferred(call)
             else:
                 answer = self.places.run(call)
-            results = await self.calls.bound(answer, timeout, _timedOut)
+            bounded = self.calls.bound(answer, 0)
+            timer.watch(bounded)
+            try:
+                results = await bounded
+            except Exception as e:
+                # (Cut short at its timeout, the backend's error or the cancellation; a
+                # backend answering its cancellation with results keeps them -- the pipe
+                # backend, its command having exited: taken for a timeout, that delivery
+                # would be made again at the next attempt.)
+                if not timer.expired:
+                    raise
+                raise DeliveryTimedOut(timeout) from e
         except Exception as e:
             failed = self._failedGroup(queueID, route, recipients, timeout, e)
             return [reported.get(id(o.recipient), o) for o in failed]
         finally:
+            timer.stop()
             over[0] = True
             child(DELIVERY_SECONDS, route.backend).observe(time.perf_counter() - started)
         problem = self._checkResults(results, recipients)
@@ -485,21 +532,6 @@ class Deliverer:
         """A group whose delivery timed out, was cut short by the stop, or failed: every
         recipient is deferred, with a diagnostic saying which."""
         relay = f"{route.backend}:{route.nexthop}"
-        if isinstance(error, DeliveryTimedOut) and not error.started:
-            # It never started: nothing was sent (RFC 3463 X.4.5, mail system congestion).
-            return _deferGroup(
-                recipients,
-                route,
-                "4.4.5",
-                f"X-mailrelay; delivery via {relay} not started within {timeout:g}s: all "
-                "delivery places busy (the delivery limit, or the next hop's concurrency)",
-                "{queueID}: delivery via {relay} still waiting for a free place after its "
-                "timeout of {timeout:g}s; {count} recipient(s) deferred",
-                queueID=queueID,
-                relay=relay,
-                timeout=timeout,
-                count=len(recipients),
-            )
         if isinstance(error, DeliveryTimedOut):
             # It was abandoned, not refused: what it did meanwhile is unknown (as Postfix's
             # "-- message may be sent more than once" when the end of data is not answered).

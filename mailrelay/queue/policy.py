@@ -29,7 +29,8 @@ class QueuePolicy:
     @ivar deliveryTimeout: seconds a routing decision, or a delivery by a backend without a
         timeout of its own (see L{QueueManager}'s C{timeouts}: the built-in backends), may
         take before it is abandoned and counted as a transient failure (a late answer is
-        ignored); 0: no limit.  A delivery's wait for a place (see C{deliveryLimit}) counts.
+        ignored); 0: no limit.  It runs from when the delivery has its place (see
+        C{deliveryLimit}): the wait for one does not count.
     @ivar stopTimeout: seconds L{QueueManager.stopService} waits for deliveries in flight.
     @ivar bounceSizeLimit: the most octets of an original message returned in a notification
         (C{bounce_size_limit}).
