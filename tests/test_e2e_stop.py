@@ -66,6 +66,35 @@ def test_sigterm_lets_deliveries_in_flight_finish_and_records_them(relays, hop) 
     assert slow.subjects == Counter({f"m{i}": 1 for i in range(5)})
 
 
+def test_sigterm_starts_no_delivery_waiting_for_a_place(relays, hop) -> None:
+    """With C{delivery_limit = 1}, one delivery runs and the other waits for its place at
+    SIGTERM: the one running ends and is recorded; the one waiting is not started during
+    the drain (though the place frees up), its recipient stays queued, logged so, and the
+    restarted relay delivers it once."""
+    slow, port = hop(1.5)
+    queue = "[queue]\ndelivery_limit = 1\nmin_backoff = 1\nmax_backoff = 2\n"
+    r = relays(_config(port, queue)).start()
+    r.waitForLog(r"queue manager started")
+    _send(r.port, "first")
+    slow.waitFor(lambda: slow.started >= 1, 20, "the first delivery")
+    _send(r.port, "second")
+    time.sleep(0.3)  # (the second's attempt has begun: it waits for the place)
+    assert slow.started == 1
+    assert r.stop(signal.SIGTERM, timeout=30) in (0, -signal.SIGTERM)
+    log = r.log()
+    assert slow.subjects == Counter({"first": 1}), log
+    assert "deliveries waiting for a place are not started; their recipients stay queued" in log
+    assert re.search(r"status=deferred \(X-mailrelay; delivery via smtp:\S+ not started: the "
+                     r"relay was stopping\)", log), log
+    assert "may be sent more than once" not in log, log
+    assert len(r.queued()) == 1  # still queued, nothing lost
+
+    r.start()
+    r.waitForLog(r"queue manager started: 1 queued entries")
+    slow.waitFor(lambda: slow.subjects["second"] == 1, 20, "the second delivered")
+    assert slow.subjects == Counter({"first": 1, "second": 1})
+
+
 def test_drain_time_bounds_a_delivery_that_does_not_end(relays, hop) -> None:
     """A next hop that never answers cannot hold the stop beyond the drain time: the
     delivery is interrupted, recorded as deferred, and retried at the next start."""

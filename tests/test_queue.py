@@ -1443,6 +1443,34 @@ def test_deliveryLimit_aDeliveryWaitingAtTheEndOfTheDrainNeverStarted(
     assert any("smtp:two.example not started (it waited" in t for t in texts(events, queueID))
 
 
+def test_deliveryLimit_aDeliveryWaitingWhenTheStopBeginsDoesNotStart(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any
+) -> None:
+    """Once the queue manager is stopping, a delivery waiting for a place does not start,
+    even when one frees up during the drain: its recipients stay queued (deferred as not
+    started, logged), while the delivery running ends and is recorded."""
+    backend.hold = True
+    qm = makeManager(spool, router, {"smtp": backend}, clock, deliveryLimit=1, stopTimeout=30)
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["a@one.example", "b@two.example"])
+    qm.enqueue(queueID)
+    assert [c.nexthop for c in backend.calls] == ["one.example"]
+    stopped = qm.stopService()
+    clock.advance(1)
+    backend.release()  # the place frees up during the drain
+    assert stopped.called
+    assert [c.nexthop for c in backend.calls] == ["one.example"]
+    assert qm.deliverer.places.running == 0
+    assert spool.queueIDs() == [queueID]
+    ran, waited = stored(spool, queueID)["recipients"]
+    assert ran["state"] == DELIVERED
+    assert (waited["state"], waited["status"]) == (PENDING, "4.3.0")
+    assert waited["lastResult"] == (
+        "X-mailrelay; delivery via smtp:two.example not started: the relay was stopping"
+    )
+    assert any("smtp:two.example not started (it waited" in t for t in texts(events, queueID))
+
+
 class SilentBackend:
     """A site backend that never answers (and records what it was asked)."""
 

@@ -197,7 +197,7 @@ class DeliveryPlaces:
             raise ValueError(f"the delivery limit must be at least 1, not {limit!r}")
         self.limit = limit
         self._semaphore = DeferredSemaphore(limit)
-        #: L{interrupt} was called (until L{reset}): no delivery starts.
+        #: L{interrupt} was called (the stop; until L{reset}): no delivery starts.
         self.interrupted = False
 
     @property
@@ -211,9 +211,10 @@ class DeliveryPlaces:
         return len(self._semaphore.waiting)
 
     def interrupt(self) -> None:
-        """The stop's drain time is over: the deliveries waiting for a place, and those
-        asking for one from now on, fail with L{DeliveryNotStarted} (none starts while
-        those running are cut short, giving their places back)."""
+        """The queue manager is stopping: the deliveries waiting for a place, and those
+        asking for one from now on, fail with L{DeliveryNotStarted} (none starts during the
+        stop's drain, nor when those running are cut short at its end, giving their places
+        back)."""
         self.interrupted = True
         for waiting in list(self._semaphore.waiting):
             waiting.cancel()

@@ -308,8 +308,9 @@ class QueueManager(Service):
         self.scheduler.pump()
 
     def stopService(self) -> Deferred[None]:
-        """Start no more deliveries, cancel the timer, and wait for the attempts in progress
-        to end and record their results.  Deliveries still running after
+        """Start no more deliveries (those waiting for a place are deferred as not started:
+        their recipients stay queued), cancel the timer, and wait for the attempts in
+        progress to end and record their results.  Deliveries still running after
         C{policy.stopTimeout} seconds (the drain time) are interrupted: their recipients are
         recorded as deferred, to be retried at the next start (the next hop may have received
         the message: it may be sent twice).  Then the delivery states the spool could not
@@ -326,6 +327,16 @@ class QueueManager(Service):
         QUEUE_STATES.discard(self)
         if self._locking is not None:
             self._locking.cancel()
+        # (As Postfix's master stops handing out delivery agents: a delivery waiting for a
+        # place must not start during the drain, to be cut short at its end.)
+        waitingForPlaces = self.deliverer.places.waiting
+        if waitingForPlaces:
+            log.info(
+                "queue manager stopping: {count} deliveries waiting for a place are not "
+                "started; their recipients stay queued",
+                count=waitingForPlaces,
+            )
+        self.deliverer.places.interrupt()
         done: Deferred[None] = Deferred()
         inFlight = self.scheduler.attemptsInProgress()
         if not inFlight:
@@ -341,8 +352,6 @@ class QueueManager(Service):
                 count=self.scheduler.activeCount,
                 timeout=self.policy.stopTimeout,
             )
-            # (Those waiting for a place first: none takes the place of one cut short.)
-            self.deliverer.places.interrupt()
             self.calls.interrupt()
 
         timer = self.clock.callLater(self.policy.stopTimeout, drainTimeOver)
