@@ -321,10 +321,15 @@ class QueueStateSource(Protocol):
     def queueStates(self) -> Mapping[str, int]:
         """The number of messages in each state (C{active}, C{scheduled}, ...)."""
 
+    def deliveryPlaces(self) -> tuple[int, int]:
+        """The places of C{[queue] delivery_limit} in use, and the deliveries waiting for
+        one."""
+
 
 class _QueueStates:
-    """The collector of C{mailrelay_queue_messages}: the sum of the states of the queue
-    managers running in this process (usually one; two for a moment during a reload)."""
+    """The collector of C{mailrelay_queue_messages}, C{mailrelay_delivery_places_in_use}
+    and C{mailrelay_deliveries_waiting}: the sums over the queue managers running in this
+    process (usually one; two for a moment during a reload)."""
 
     def __init__(self) -> None:
         self.sources: list[QueueStateSource] = []
@@ -338,7 +343,24 @@ class _QueueStates:
             self.sources.remove(source)
 
     def describe(self) -> Iterable[Metric]:
-        return [self._family()]
+        return [self._family(), *self._placeFamilies()]
+
+    @staticmethod
+    def _placeFamilies() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        from prometheus_client.metrics_core import GaugeMetricFamily
+
+        return (
+            GaugeMetricFamily(
+                "mailrelay_delivery_places_in_use",
+                "Places of [queue] delivery_limit held by deliveries in flight (SMTP and LMTP "
+                "connections, pipe commands, maildir and site backend deliveries).",
+            ),
+            GaugeMetricFamily(
+                "mailrelay_deliveries_waiting",
+                "Deliveries waiting for a place of [queue] delivery_limit (not those waiting "
+                "for their next hop's destination_concurrency).",
+            ),
+        )
 
     def _family(self) -> GaugeMetricFamily:
         from prometheus_client.metrics_core import GaugeMetricFamily
@@ -358,7 +380,11 @@ class _QueueStates:
         family = self._family()
         for state, count in sorted(totals.items()):
             family.add_metric([state], count)
-        return [family]
+        inUse, waiting = self._placeFamilies()
+        places = [source.deliveryPlaces() for source in self.sources]
+        inUse.add_metric([], sum(used for used, _ in places))
+        waiting.add_metric([], sum(waits for _, waits in places))
+        return [family, inUse, waiting]
 
 
 #: The running queue managers of this process, for C{mailrelay_queue_messages} (in

@@ -294,6 +294,40 @@ def test_metricsScrapedWhileMailFlows(relay, nexthop, dns) -> None:
     assert json.loads(get(mport, "/healthz")[2])["delivery_pid"] != pid
 
 
+def test_delivery_places_in_use_and_deliveries_waiting_are_served(relays, hop) -> None:
+    """With C{delivery_limit = 1} and two deliveries to a slow next hop, /metrics (the
+    delivery process's gauges, through the relay) says one place in use and one delivery
+    waiting for it; once both are sent, none."""
+    slow, port = hop(4)
+    text = (_METRICS + f'[relay]\nsmarthost = "[127.0.0.1]:{port}"\n'
+            "[dns]\nreverse_lookups = false\n[queue]\ndelivery_limit = 1\n")
+    r = relays(text).start()
+    mport = metricsPort(r)
+    body = b"Subject: places\r\n\r\nbody\r\n"
+    for rcpt in ("a@example.org", "b@example.org"):
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=20) as s:
+            s.sendmail("alice@example.com", [rcpt], body)
+    waitSamples(
+        mport,
+        lambda s: value(s, "mailrelay_delivery_places_in_use") == 1
+        and value(s, "mailrelay_deliveries_waiting") == 1,
+        "one place in use, one delivery waiting",
+    )
+    waitSamples(
+        mport,
+        lambda s: value(s, "mailrelay_deliveries_total", backend="smtp", status="sent") == 2,
+        "both deliveries", timeout=30,
+    )
+    waitSamples(
+        mport,
+        lambda s: ("mailrelay_delivery_places_in_use", ()) in s
+        and value(s, "mailrelay_delivery_places_in_use") == 0
+        and value(s, "mailrelay_deliveries_waiting") == 0,
+        "no place in use",
+    )
+    assert slow.started == 2
+
+
 def test_healthUnhealthy(relays) -> None:
     """/healthz says 503 when a part is not up: here the spool, below its minimum free
     space (the relay answers 452 to mail meanwhile)."""

@@ -1378,6 +1378,39 @@ def test_deliveryLimit_deliveriesOverItWaitTheirTurn(
     resultOf(qm.stopService())
 
 
+def test_deliveryLimit_placesInUseAndDeliveriesWaitingAreGauges(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    """The metrics collector of the queue managers serves the places of C{[queue]
+    delivery_limit} in use and the deliveries waiting for one, as they are at the scrape."""
+    from mailrelay import metrics
+
+    collector = metrics._QueueStates()
+
+    def gauges() -> dict[str, float]:
+        return {s.name: s.value for family in collector.collect() for s in family.samples
+                if s.name.startswith(("mailrelay_delivery_places", "mailrelay_deliveries"))}
+
+    backend.hold = True
+    qm = makeManager(spool, router, {"smtp": backend}, clock, deliveryLimit=2)
+    collector.add(qm)
+    assert {f.name for f in collector.describe()} >= {
+        "mailrelay_delivery_places_in_use", "mailrelay_deliveries_waiting"}
+    qm.startService()
+    assert gauges() == {"mailrelay_delivery_places_in_use": 0,
+                        "mailrelay_deliveries_waiting": 0}
+    qm.enqueue(queueMessage(spool, clock, ["a@one.example", "b@two.example", "c@three.example"]))
+    assert gauges() == {"mailrelay_delivery_places_in_use": 2,
+                        "mailrelay_deliveries_waiting": 1}
+    backend.release(1)
+    assert gauges() == {"mailrelay_delivery_places_in_use": 2,
+                        "mailrelay_deliveries_waiting": 0}
+    backend.release()
+    assert gauges() == {"mailrelay_delivery_places_in_use": 0,
+                        "mailrelay_deliveries_waiting": 0}
+    resultOf(qm.stopService())
+
+
 def test_deliveryLimit_theTimeoutRunsFromTheDeliverysPlace(
     spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any
 ) -> None:

@@ -232,6 +232,12 @@ class QueueManager(Service):
         delivered), C{scheduled} (waiting for their time, or for room among the active)."""
         return {"active": self.scheduler.activeCount, "scheduled": self.scheduler.scheduledCount}
 
+    def deliveryPlaces(self) -> tuple[int, int]:
+        """For the metrics: the places of C{[queue] delivery_limit} in use, and the
+        deliveries waiting for one (L{DeliveryPlaces <mailrelay.queue.attempt.DeliveryPlaces>})."""
+        places = self.deliverer.places
+        return places.running, places.waiting
+
     def snapshot(self) -> dict[str, Any]:
         """The queue's state: C{running}, C{active} (sorted queue ids) and C{scheduled}
         (C{(due time, queue id)} pairs, earliest first)."""
