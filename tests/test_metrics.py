@@ -214,12 +214,11 @@ def test_health_of_the_acceptor_processes(tmp_path) -> None:
 def test_idle_connections_to_the_metrics_server_are_timed_out_quietly() -> None:
     """A scanner's idle connections to the metrics port: each timed out without a log line
     (Twisted's HTTP channel logged 'Timing out client' for every one)."""
+    from twisted.internet.task import Clock
     from twisted.internet.testing import StringTransport
     from twisted.logger import capturedLogs
 
     from mailrelay.app.metrics import makeSite
-
-    from twisted.internet.task import Clock
 
     site = makeSite(None)
     channel = site.buildProtocol(None)
@@ -228,3 +227,20 @@ def test_idle_connections_to_the_metrics_server_are_timed_out_quietly() -> None:
     with capturedLogs() as events:
         channel.timeoutConnection()
     assert not [e for e in events if "Timing out" in e.get("log_format", "")], events
+
+
+def test_readmeMetricsTableListsEveryMetricAndEveryDSNAction() -> None:
+    """README's metrics table names every metric served, and the DSN counter's row every
+    action a notification can have (L{mailrelay.queue.dsn.ACTIONS})."""
+    from pathlib import Path
+
+    from mailrelay.queue.dsn import ACTIONS
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `mailrelay_")]
+    documented = " ".join(rows)
+    names = [m.name + ("_total" if m.kind == "counter" else "") for m in metrics._DECLARED]
+    names += [f.name for f in metrics.QUEUE_STATES.describe()]
+    assert [n for n in names if f"`{n}`" not in documented] == []
+    (dsnRow,) = [row for row in rows if row.startswith("| `mailrelay_dsns_total`")]
+    assert [a for a in ACTIONS if f"`{a}`" not in dsnRow] == []
