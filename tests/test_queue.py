@@ -904,6 +904,9 @@ def test_stopGivesUpAfterTimeout(
     backend.release()  # too late: ignored
     assert stored(spool, queueID)["recipients"][0]["state"] == PENDING
     assert any("interrupted: the relay is stopping" in t for t in texts(events, queueID))
+    # Due at the next start, as Postfix's qmgr takes its active queue again at once: not a
+    # back-off for an attempt the stop, not the next hop, cut short.
+    assert stored(spool, queueID)["nextAttempt"] <= clock.seconds()
 
 
 def test_boundCallFiresWhateverTheCallDoes() -> None:
@@ -1502,6 +1505,14 @@ def test_deliveryLimit_aDeliveryWaitingWhenTheStopBeginsDoesNotStart(
         "X-mailrelay; delivery via smtp:two.example not started: the relay was stopping"
     )
     assert any("smtp:two.example not started (it waited" in t for t in texts(events, queueID))
+    # Due at the next start, which delivers it at once.
+    assert stored(spool, queueID)["nextAttempt"] <= clock.seconds()
+    backend.hold = False
+    again = makeManager(spool, router, {"smtp": backend}, clock, deliveryLimit=1)
+    again.startService()
+    assert [c.nexthop for c in backend.calls] == ["one.example", "two.example"]
+    assert spool.queueIDs() == []
+    again.stopService()
 
 
 class SilentBackend:
@@ -2021,10 +2032,17 @@ def test_recipientsABackendReportsDoneWhileItsDeliveryGoesOnAreRecordedAtOnce(
     assert [r["state"] for r in stored(spool, queueID)["recipients"]] == [DELIVERED, PENDING]
     assert not sentLines(events, queueID, "b@two.test")
 
-    # Reported, then its delivery ends while the other one (slow.test) still runs.
+    # The next start tries b@two.test again at once (the stop cut its attempt short).
     backend.calls.clear()
     qm = makeManager(spool, router, {"smtp": backend}, clock)
     qm.startService()
+    ((addresses, _, again),) = backend.calls
+    assert addresses == ["b@two.test"]
+    again.callback([result("b@two.test", "2")])
+    assert queueID not in spool.queueIDs()
+
+    # Reported, then its delivery ends while the other one (slow.test) still runs.
+    backend.calls.clear()
     other = queueMessage(spool, clock, ["c@two.test", "d@two.test", "e@slow.test"])
     qm.enqueue(other)
     (_, done, first), (_, _, slow) = backend.calls[-2:]

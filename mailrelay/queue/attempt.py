@@ -558,6 +558,7 @@ class Deliverer:
                 f"X-mailrelay; delivery via {relay} not started: the relay was stopping",
                 "{queueID}: delivery via {relay} not started (it waited for a free place): "
                 "the relay is stopping",
+                stopped=True,
                 queueID=queueID,
                 relay=relay,
             )
@@ -569,6 +570,7 @@ class Deliverer:
                 f"X-mailrelay; delivery via {relay} interrupted: the relay was stopping (the "
                 "next hop may have received the message)",
                 "{queueID}: delivery via {relay} interrupted: the relay is stopping",
+                stopped=True,
                 queueID=queueID,
                 relay=relay,
             )
@@ -607,13 +609,15 @@ def _deferGroup(
     diagnostic: str,
     logFormat: str,
     /,
+    stopped: bool = False,
     **logFields: Any,
 ) -> list[Outcome]:
     """Log C{logFormat} as an error and count every recipient of a group delivered along
-    C{route} as deferred with C{code} and C{diagnostic}."""
+    C{route} as deferred with C{code} and C{diagnostic} (C{stopped}: by the relay's stop,
+    L{Outcome.stopped})."""
     log.error(logFormat, **logFields)
     return [
-        Outcome(r, _transient(r, code, diagnostic), _logRelay(route), route.backend)
+        Outcome(r, _transient(r, code, diagnostic), _logRelay(route), route.backend, stopped)
         for r in recipients
     ]
 

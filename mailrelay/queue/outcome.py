@@ -51,12 +51,15 @@ class Outcome:
     @ivar result: what the backend (or the attempt, for a failure of its own) said.
     @ivar relay: the next hop, as logged (C{relay=}).
     @ivar backend: the backend that delivered (or not), C{"none"} when routing failed.
+    @ivar stopped: deferred because the relay stopped (its delivery not started, or cut
+        short): the message is due again at the next start, not after a back-off.
     """
 
     recipient: Recipient
     result: RecipientResult
     relay: str
     backend: str = "none"
+    stopped: bool = False
 
 
 @dataclass(frozen=True)
@@ -286,10 +289,13 @@ def decide(
     else:
         notices, discarded = _toNullSender(envelope, failed, policy)
     attempts = envelope.attempts + 1
+    # (As Postfix's qmgr takes its active queue again at once when it starts: the stop, not
+    # the next hop, ended the attempt of these.)
+    stopped = any(o.stopped and newState[id(o.recipient)] == PENDING for o in outcomes)
     return Decision(
         transitions=transitions,
         notices=notices,
-        nextAttempt=now + backoff(policy, delay),
+        nextAttempt=now if stopped else now + backoff(policy, delay),
         delayWarned=envelope.delayWarned or warnNow,
         attempts=attempts,
         delay=delay,
