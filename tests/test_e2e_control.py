@@ -570,3 +570,17 @@ def test_check(tmp_path: Path) -> None:
     assert p.returncode == 1
     assert "a UNIX socket's path may be: use a shorter spool directory" in json.loads(
         p.stdout)["error"]
+
+
+def test_status_and_reload_name_a_relative_configuration_absolutely(relays) -> None:
+    """twistd started with C{--config relay.toml}: C{mailrelay status} and C{reload} name
+    the file the relay reads, resolved against its working directory (they named it
+    C{relay.toml}, which says nothing to an operator elsewhere)."""
+    r = relays(None, args=("--config", "relay.toml"))
+    path = r.directory / "relay.toml"
+    path.write_text(relayConfig(freePort()))
+    r.start()
+    assert f"configuration: {path}\n" in ok(r, "status")
+    assert json.loads(ok(r, "status", "--json"))["config"] == str(path)
+    assert ok(r, "reload") == f"mailrelay: configuration reloaded from {path}\n"
+    assert f"configuration: {path}\n" in ok(r, "status")

@@ -157,3 +157,18 @@ def test_runAs(monkeypatch) -> None:
     assert runAs(None) is None
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert runAs({"uid": nobody.pw_uid, "gid": None}) is None
+
+
+def test_a_relative_configuration_path_is_made_absolute(tmp_path: Path, monkeypatch) -> None:
+    """C{--config relay.toml} is the file in the directory twistd was started in: the relay
+    names it so (C{mailrelay status}, C{reload}) and reads it so at each reload, even after
+    twistd's C{--rundir} changed directory."""
+    from mailrelay.app.tap import Options
+
+    monkeypatch.chdir(tmp_path)
+    options = Options()
+    options.parseOptions(["--config", "relay.toml"])
+    assert options["config"] == str(tmp_path / "relay.toml")
+    options = Options()
+    options.parseOptions([])
+    assert options["config"] is None

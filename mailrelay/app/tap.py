@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.logger import Logger
@@ -68,6 +69,11 @@ class Options(usage.Options):
         raise SystemExit(0)
 
     def postOptions(self) -> None:
+        # Resolved once, against the directory twistd was started in: the relay names the
+        # file so (mailrelay status, reload) and reads it so at each reload, which may come
+        # after twistd's --rundir changed directory.
+        if self["config"] is not None:
+            self["config"] = os.path.abspath(self["config"])
         if self["list-plugins"]:
             raise SystemExit(listPlugins(self["config"], self.overrides()))
 
