@@ -636,6 +636,24 @@ def test_runAsFailedStartLeavesNoProcess(nobodyRuntime) -> None:
     assert "Traceback" not in log
 
 
+def test_unixListenerInAMissingDirectory(tmp_path: Path) -> None:
+    """A unix: listener whose directory does not exist: the relay does not start, saying
+    which listener, which directory and what to do (not Twisted's lock file's error)."""
+    from tests.harness import TWISTD
+
+    socketPath = tmp_path / "missing" / "smtp.sock"
+    p = subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "mailrelay", "--hostname", "relay.test", "--spool",
+         str(tmp_path / "spool"), "--listen", f"unix:{socketPath}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+    assert p.returncode == 1, p
+    output = p.stdout + p.stderr
+    assert (f"mailrelay: error: --listen: cannot listen on unix:{socketPath}: the socket's "
+            f"directory {socketPath.parent} does not exist: create it") in output, output
+    assert ".lock" not in output and "Traceback" not in output, output
+
+
 @pytest.mark.parametrize("daemonize", [True, False])
 def test_failedStartWithPidfileExits(tmp_path: Path, daemonize: bool) -> None:
     """twistd without -n (the README's form for starting as root) daemonizes before the

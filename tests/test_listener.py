@@ -310,6 +310,31 @@ def test_a_systemd_listener_without_its_socket_says_where_and_why(
         "a systemd socket unit")
 
 
+def test_a_unix_listener_whose_directory_is_missing_says_so(tmp_path: Path) -> None:
+    """A C{unix:} listener whose directory does not exist (or is a file): the error names
+    where it is set, the listener, the directory and what to do.  It was Twisted's lock
+    file's error: "[Errno 2] No such file or directory: '10062' -> b'.../smtp.sock.lock'"."""
+    from twisted.internet.testing import MemoryReactor
+
+    from mailrelay.app.listeners import ListenError, ListenerService
+
+    (tmp_path / "file").write_text("")
+    for directory, problem in ((tmp_path / "missing", "does not exist"),
+                               (tmp_path / "file", "is not a directory")):
+        description = f"unix:{directory}/smtp.sock:mode=600"
+        reactor = MemoryReactor()
+        listener = ListenerService(reactor, description,
+                                   build(ListenerSettings(hostname="mx.test")),
+                                   where="relay.toml: listeners[1].endpoint")
+        with pytest.raises(ListenError) as e:
+            listener.listen()
+        assert str(e.value) == (
+            f"relay.toml: listeners[1].endpoint: cannot listen on {description}: the socket's "
+            f"directory {directory} {problem}: create it (the relay makes its socket and a "
+            "lock file beside it there), or name a socket in an existing directory")
+        assert reactor.unixServers == []
+
+
 def test_a_listener_on_a_port_in_use_says_where_it_is_set() -> None:
     import socket
 

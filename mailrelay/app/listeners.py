@@ -173,12 +173,18 @@ class ListenerService(Service):
                 endpoint = endpoints.TCP4ServerEndpoint(
                     self.reactor, endpoint._port, endpoint._backlog, endpoint._interface
                 )
-            d = endpoint.listen(self._switch)
+            problem = None
+            if isinstance(endpoint, endpoints.UNIXServerEndpoint):
+                problem = socketDirectoryProblem(endpoint._address)
+            if problem is None:
+                d = endpoint.listen(self._switch)
         except Exception as e:  # (what the parser raises: a systemd: socket not passed...)
             reason = None
             if self.description.startswith("systemd:"):
                 reason = systemdSocketProblem(self.description)
             raise self._cannot(reason or f"{e.__class__.__name__}: {e}") from e
+        if problem is not None:
+            raise self._cannot(problem)
         result: list[Any] = []
         d.addBoth(result.append)
         if not result:  # pragma: no cover - every stream endpoint we know listens at once
@@ -228,6 +234,22 @@ class ListenerService(Service):
             port, self.port = self.port, None
             return port.stopListening()
         return None
+
+
+def socketDirectoryProblem(path: str) -> str | None:
+    """Why a UNIX socket cannot be made at C{path} because of its directory (it does not
+    exist, or is not a directory), for a message, else C{None}.  Twisted would try its lock
+    file there first and fail with an error naming only that file
+    (C{[Errno 2] No such file or directory: '10062' -> b'/run/x/smtp.sock.lock'})."""
+    if path.startswith("\0"):  # (an abstract socket: no directory)
+        return None
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(directory):
+        return None
+    problem = "is not a directory" if os.path.exists(directory) else "does not exist"
+    return (f"the socket's directory {directory} {problem}: create it (the relay makes its "
+            "socket and a lock file beside it there), or name a socket in an existing "
+            "directory")
 
 
 def makeListeners(
