@@ -790,3 +790,48 @@ def test_runAsNobodyWithARootOnlyKey(nobodyRuntime, nexthop, kind: str) -> None:
         process.wait(30)
     log = (directory / "relay.log").read_text()
     assert "Permission denied" not in log and "exited unexpectedly" not in log, log
+
+
+def test_daemonFailedStartTellsTheWholeError(tmp_path: Path) -> None:
+    """twistd without -n: the command that was run prints the whole reason a start failed
+    (twistd's parent prints only 100 octets of its status pipe: half a message); and a
+    start that works lets go of the command's standard error (the command's output reaches
+    its end while the daemon runs)."""
+    from tests.harness import TWISTD
+
+    def daemon(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+        directory = tmp_path / name
+        directory.mkdir()
+        try:
+            return subprocess.run(
+                [TWISTD, "--pidfile", str(directory / "twistd.pid"), "--logfile",
+                 str(directory / "twistd.log"), "mailrelay", "--hostname", "relay.test",
+                 "--spool", str(directory / "spool"), *args],
+                cwd=directory, capture_output=True, text=True, timeout=30,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            deadline = time.monotonic() + 10  # (the daemon may be a moment behind)
+            pidfile = directory / "twistd.pid"
+            while not pidfile.exists() and processesMentioning(str(directory)) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for pid in processesMentioning(str(directory)):
+                os.kill(pid, signal.SIGTERM)
+            while processesMentioning(str(directory)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for pid in processesMentioning(str(directory)):
+                os.kill(pid, signal.SIGKILL)
+
+    socketPath = tmp_path / ("a-directory-that-does-not-exist-" + "x" * 60) / "smtp.sock"
+    p = daemon("failed", "--listen", f"unix:{socketPath}")
+    assert p.returncode == 1, p
+    whole = (f"mailrelay: error: --listen: cannot listen on unix:{socketPath}: the socket's "
+             f"directory {socketPath.parent} does not exist: create it (the relay makes its "
+             "socket and a lock file beside it there), or name a socket in an existing "
+             "directory\n")
+    assert len(whole) > 200 and whole in p.stderr, p.stderr
+    assert "the relay did not start: see the error above" in p.stderr, p.stderr
+
+    p = daemon("started", "--listen", "tcp:0:interface=127.0.0.1")
+    assert p.returncode == 0 and p.stderr == "", p

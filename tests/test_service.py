@@ -172,3 +172,58 @@ def test_a_relative_configuration_path_is_made_absolute(tmp_path: Path, monkeypa
     options = Options()
     options.parseOptions([])
     assert options["config"] is None
+
+
+def test_a_daemon_that_cannot_start_tells_the_whole_error(tmp_path: Path) -> None:
+    """A daemonizing twistd's parent (the command run) prints only the first 100 octets of
+    the status pipe, and the daemon's own standard error is /dev/null: the relay writes the
+    whole message on the command's standard error, kept for it
+    (C{RelayService.startErrors}), and its status pipe points there.  Without that copy
+    the pipe carries what fits, as before."""
+    from mailrelay.app.relay import RelayService
+
+    message = "mailrelay: error: --listen: cannot listen on unix:/run/" + "x" * 100 + ": why"
+    for kept in (True, False):
+        relay = RelayService(Clock())
+        statusRead, statusWrite = os.pipe()
+        relay.twistdOptions = {"statusPipe": statusWrite}
+        if kept:
+            errorsRead, relay.startErrors = os.pipe()
+            os.set_blocking(errorsRead, False)
+        relay._failedStart(SystemExit(message))
+        status = os.read(statusRead, 1000)
+        os.close(statusRead)
+        assert relay.twistdOptions["statusPipe"] is None
+        if kept:
+            assert readToEnd(errorsRead) == message.encode() + b"\n"
+            assert status == b"1 the relay did not start: see the error above"
+            assert relay.startErrors is None
+        else:
+            assert status == b"1 " + message.encode()[:98]
+
+
+def test_a_daemon_that_started_lets_go_of_the_commands_standard_error() -> None:
+    """Once started, the daemon closes its copy of the command's standard error: a caller
+    reading it to its end (a script's C{$(...)}) is not held until the relay stops."""
+    from mailrelay.app.relay import RelayService
+
+    relay = RelayService(Clock())
+    errorsRead, relay.startErrors = os.pipe()
+    os.set_blocking(errorsRead, False)
+    relay.startedWell()
+    assert relay.startErrors is None
+    assert readToEnd(errorsRead) == b""
+
+
+def readToEnd(fd: int) -> bytes:
+    """What the non-blocking C{fd} holds, once its writer closed it (else: fails at once,
+    not waiting); C{fd} is closed."""
+    try:
+        data = b""
+        while chunk := os.read(fd, 65536):
+            data += chunk
+        return data
+    except BlockingIOError:
+        raise AssertionError("the writing end is still open") from None
+    finally:
+        os.close(fd)

@@ -138,6 +138,10 @@ class RelayService(OrderedMultiService):
         self.logLevels = LevelFilter()
         #: twistd's options (C{ServerOptions}), when twistd runs us: see L{setServiceParent}.
         self.twistdOptions: Any = None
+        #: A copy of the standard error of the command that ran a daemonizing twistd (whose
+        #: own is /dev/null once it daemonized), until the relay has started: a start that
+        #: fails writes its whole message there (L{_failedStart}).
+        self.startErrors: int | None = None
         #: The notifications to systemd (L{mailrelay.app.systemd.Notifier}), when twistd
         #: runs us.
         self.systemd: Any = None
@@ -174,6 +178,14 @@ class RelayService(OrderedMultiService):
 
     def startService(self) -> None:
         self._start(super().startService)
+        self.startedWell()
+
+    def startedWell(self) -> None:
+        """The relay has started: let go of the command's standard error
+        (L{startErrors}), or a caller reading it to its end would wait until we stop."""
+        fd, self.startErrors = self.startErrors, None
+        if fd is not None:
+            os.close(fd)
 
     def _start(self, start: Any) -> None:
         """Run C{start}; if it fails, stop what it began before failing: the spool's threads
@@ -197,13 +209,17 @@ class RelayService(OrderedMultiService):
         catches -- it catches C{Exception} only.  Without the word on its status pipe, the
         parent (the command that was run) would wait for it forever."""
         options = self.twistdOptions or {}
+        message = exit.code if isinstance(exit.code, str) else f"exit status {exit.code}"
+        told = self._tellStartError(message)
         pipe = options.get("statusPipe")
         if pipe is not None:
             options["statusPipe"] = None
-            # As twistd's own report (its parent prints what follows "1 ", 100 octets).
-            message = exit.code if isinstance(exit.code, str) else f"exit status {exit.code}"
+            # As twistd's own report: its parent prints what follows "1 ", 100 octets at
+            # most, so the whole message went to the command's standard error when it could.
+            report = ("the relay did not start: see the error above" if told
+                      else message).encode("utf-8", "replace")[:98]
             try:
-                os.write(pipe, b"1 " + message.encode("utf-8", "replace")[:98])
+                os.write(pipe, b"1 " + report)
             except OSError:
                 pass
             finally:
@@ -217,6 +233,22 @@ class RelayService(OrderedMultiService):
                     os.unlink(pidfile)
             except OSError:
                 pass
+
+    def _tellStartError(self, message: str) -> bool:
+        """Write C{message} whole on the command's standard error (L{startErrors}), which
+        is then let go; whether it was."""
+        fd, self.startErrors = self.startErrors, None
+        if fd is None:
+            return False
+        data = message.encode("utf-8", "replace") + b"\n"
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        return True
 
     def enqueue(self, queueID: str) -> None:
         """A message was committed: hand it to the delivery side."""

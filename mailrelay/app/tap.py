@@ -160,6 +160,11 @@ def makeService(options: Options) -> Any:
         deliveryLimit=config.queue.deliveryLimit,
     )
     relay.twistdOptions = serverOptions
+    if serverOptions is not None and not serverOptions.get("nodaemon"):
+        # twistd will daemonize, its standard error becoming /dev/null, and its parent
+        # prints 100 octets of why a start failed: the relay keeps the command's standard
+        # error to say all of it there (RelayService.startErrors).
+        relay.startErrors = os.dup(2)
     # Now, not once the reactor runs: twistd listens before it runs the reactor, and a SIGHUP
     # meanwhile (a reload during a restart) took the signal's default action, ending us.
     installReloadSignal(reactor, relay)
