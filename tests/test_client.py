@@ -342,6 +342,22 @@ def test_connectionRefused():
     assert error.diagnostic == "X-mailrelay; connection refused by mx.test"
 
 
+def test_a_connection_failure_is_logged_by_the_caller_only():
+    """connectSMTP logs nothing of a failure to connect: the backend that asked logs it
+    once, naming the message, the host, its address and port (a refused connection was
+    logged twice, once here without any of them)."""
+    from twisted.logger import capturedLogs
+
+    with capturedLogs() as events:
+        refused = Peer(endpoint=FakeEndpoint(failWith=ConnectionRefusedError()))
+        failureOf(refused.ready)
+        held = Peer(ClientSettings("client.test", timeouts=ClientTimeouts(connect=5)),
+                    endpoint=FakeEndpoint(hold=True))
+        held.clock.advance(6)
+        assert "timed out" in failureOf(held.ready).diagnostic
+    assert events == []
+
+
 def test_connectTimeout():
     peer = Peer(ClientSettings("client.test", timeouts=ClientTimeouts(connect=5)),
                 endpoint=FakeEndpoint(hold=True))

@@ -12,15 +12,12 @@ from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailrelay.delivery.protocol import SMTPClientProtocol
 from mailrelay.envelope import Envelope, Recipient
 from mailrelay.smtp.clientsettings import ClientSettings
 from mailrelay.smtp.errors import SMTPConnectError
-
-log = Logger()
 
 
 class SMTPConnection:
@@ -213,7 +210,8 @@ def connectSMTP(reactor: Any, endpoint: Any, settings: ClientSettings, *, tlsHos
             why = f"connecting to {where} was cancelled"
         else:
             why = f"cannot connect to {where}: {value}"
-        log.info("{why}", why=why, host=tlsHostname, queueID=None)
+        # (Not logged here: the backend that asked logs it once, with the queue id, the
+        # host, its address and port.)
         ready.errback(SMTPConnectError("4.4.1", f"X-mailrelay; {why}", remoteMTA=remoteMTA))
 
     connecting = endpoint.connect(factory)
