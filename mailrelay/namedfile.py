@@ -13,6 +13,7 @@ import errno
 import os
 import pwd
 import stat
+from collections.abc import Callable
 
 __all__ = [
     "MAX_NAMED_FILE",
@@ -20,6 +21,7 @@ __all__ = [
     "readError",
     "readNamedFile",
     "runUserReadError",
+    "userError",
 ]
 
 #: The most octets such a file may hold: a large CA bundle is well under 1 MiB, a table of
@@ -83,12 +85,24 @@ def runUserReadError(path: str) -> tuple[str, OSError] | None:
     uid = _runUID
     if uid is None or uid == 0 or os.geteuid() != 0:
         return None
+    return userError(uid, _runGID, lambda: os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK)),
+                     path)
+
+
+def userError(
+    uid: int, gid: int | None, act: Callable[[], object], path: str
+) -> tuple[str, OSError] | None:
+    """Why the user C{uid} (with the group C{gid}, C{None}: the user's own, and the user's
+    supplementary groups) cannot C{act} on C{path}: its name and the C{OSError} C{act}
+    raised, else C{None}.  C{act} runs in a child process (this one must be root) that has
+    become that user, so that the system itself answers: groups, ACLs and the directories
+    on the way all count."""
     try:
         entry = pwd.getpwuid(uid)
-        name, gid = entry.pw_name, entry.pw_gid if _runGID is None else _runGID
+        name, gid = entry.pw_name, entry.pw_gid if gid is None else gid
         groups = os.getgrouplist(name, gid)
     except KeyError:
-        name, gid, groups = str(uid), uid if _runGID is None else _runGID, []
+        name, gid, groups = str(uid), uid if gid is None else gid, []
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child, which exits here
         code = 0
@@ -96,7 +110,7 @@ def runUserReadError(path: str) -> tuple[str, OSError] | None:
             os.setgroups(groups)
             os.setgid(gid)
             os.setuid(uid)
-            os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+            act()
         except OSError as e:
             code = e.errno or errno.EACCES
         finally:
