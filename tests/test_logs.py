@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import io
 import re
+from pathlib import Path
 from typing import Any
 
+import pytest
 from twisted.application.service import Application
 from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher, textFileLogObserver
 from twisted.python import log as legacy
@@ -318,7 +320,7 @@ def test_childsLegacyEventsKeepTheirSystem() -> None:
     assert " [HTTPChannel,0,127.0.0.1] a request\n" in lines[1]
 
 
-def test_the_log_file_is_given_to_the_run_user(tmp_path: Path) -> None:
+def test_the_log_file_is_given_to_the_run_user(reachable: Path) -> None:
     """twistd --logfile with --uid: root creates the file before the drop, and Twisted's
     rotation (at 1 MB, on SIGUSR1) then did nothing, silently.  The relay gives it to the
     run user, and says when its directory will not let that user rotate it."""
@@ -330,7 +332,7 @@ def test_the_log_file_is_given_to_the_run_user(tmp_path: Path) -> None:
 
     if os.geteuid() != 0:
         pytest.skip("changing a file's owner needs root")
-    logs = tmp_path / "logs"
+    logs = reachable / "logs"
     logs.mkdir(mode=0o755)
     path = logs / "twistd.log"
     path.write_text("")
@@ -344,7 +346,7 @@ def test_the_log_file_is_given_to_the_run_user(tmp_path: Path) -> None:
     assert not events
 
 
-def test_a_pid_file_the_run_user_cannot_remove_is_said(tmp_path: Path) -> None:
+def test_a_pid_file_the_run_user_cannot_remove_is_said(reachable: Path) -> None:
     """twistd --pidfile with --uid: the relay's user removes the pid file at the stop, which
     it cannot in a directory only root may write (the README's /run): twistd then left it
     behind at every stop, saying only 'No permission to delete pid file' as it exited.  The
@@ -357,7 +359,7 @@ def test_a_pid_file_the_run_user_cannot_remove_is_said(tmp_path: Path) -> None:
 
     if os.geteuid() != 0:
         pytest.skip("changing a directory's owner needs root")
-    run = tmp_path / "run"
+    run = reachable / "run"
     run.mkdir(mode=0o755)
     with capturedLogs() as events:
         checkPidFile(str(run / "mailrelay.pid"), 65534, 65534)
@@ -367,3 +369,50 @@ def test_a_pid_file_the_run_user_cannot_remove_is_said(tmp_path: Path) -> None:
     with capturedLogs() as events:
         checkPidFile(str(run / "mailrelay.pid"), 65534, 65534)
     assert not events
+
+
+
+@pytest.fixture
+def reachable():
+    """A directory the user nobody can reach (pytest's C{tmp_path} is in root's own
+    C{/tmp/pytest-of-root}, 0700), removed after the test."""
+    import shutil
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(prefix="mailrelay-logs-"))
+    directory.chmod(0o755)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_the_run_users_directory_is_asked_of_the_system(reachable: Path) -> None:
+    """Whether the run user may make and remove files in a directory (its log file's, its
+    pid file's) is asked of the system, as the user (as L{runUserReadError} is): the
+    directories on the way, the user's groups and ACLs count, not only the directory's
+    mode bits.  A directory of the user's own in a directory it cannot enter is not
+    writable by it (its mode bits said it was: no warning, and the pid file stayed)."""
+    import grp
+    import os
+    import pwd
+
+    from twisted.logger import capturedLogs, formatEvent
+
+    from mailrelay.app.logs import checkPidFile
+
+    if os.geteuid() != 0:
+        pytest.skip("becoming another user needs root")
+    try:
+        nobody = pwd.getpwnam("nobody").pw_uid
+        nogroup = grp.getgrnam("nogroup").gr_gid
+    except KeyError:
+        pytest.skip("no user nobody or group nogroup")
+    top = reachable
+    for mode, told in ((0o700, True), (0o755, False)):
+        top.chmod(mode)  # (root's: nobody may enter it, or not)
+        run = top / f"run{mode:o}"
+        run.mkdir(mode=0o755)
+        os.chown(run, nobody, nogroup)
+        with capturedLogs() as events:
+            checkPidFile(str(run / "mailrelay.pid"), nobody, nogroup)
+        said = [formatEvent(e) for e in events]
+        assert bool(said) is told, (mode, said)

@@ -10,6 +10,7 @@ at.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
@@ -270,14 +271,16 @@ def checkPidFile(path: str, uid: int, gid: int) -> None:
 
 
 def _writableBy(directory: str, uid: int, gid: int) -> bool:
-    """Whether C{directory} lets the user C{uid} (group C{gid}) create and remove files
-    (root, C{uid} 0, or -1: staying root, may)."""
-    if uid in (-1, 0):
+    """Whether C{directory} lets the user C{uid} (group C{gid}; -1: the user's own) create
+    and remove files (root, C{uid} 0, or -1: staying root, may).  Asked of the system, as
+    that user (L{mailrelay.namedfile.userError}, as for the files the relay reads), so that
+    the directories on the way, the user's groups and ACLs count."""
+    if uid in (-1, 0) or os.geteuid() != 0:
         return True
-    try:
-        st = os.stat(directory)
-    except OSError:
-        return False
-    return bool((st.st_uid == uid and st.st_mode & 0o300 == 0o300)
-                or (st.st_gid == gid and st.st_mode & 0o030 == 0o030)
-                or st.st_mode & 0o003 == 0o003)
+    from mailrelay.namedfile import userError
+
+    def mayWrite() -> None:
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), directory)
+
+    return userError(uid, None if gid == -1 else gid, mayWrite, directory) is None
