@@ -433,7 +433,7 @@ def test_the_relay_counts_its_acceptors_sessions_and_rates() -> None:
     limiter.acquire(key)  # a session of the relay's own
     process.protocol.outReceived(f"ask\t1\tacquire\t{key}\n".encode())
     assert process.written == [b"answer\t1\t2\n"] and limiter.sessions(key) == 2
-    process.protocol.outReceived(f"ask\t2\thit\ttcp:25 mail 192.0.2.7\t60.0\n".encode() * 2)
+    process.protocol.outReceived("ask\t2\thit\ttcp:25 mail 192.0.2.7\t60.0\n".encode() * 2)
     assert process.written[-2:] == [b"answer\t2\t1\n", b"answer\t2\t2\n"]
     process.protocol.outReceived(f"ask\t3\trelease\t{key}\n".encode())
     assert process.written[-1] == b"answer\t3\t0\n" and limiter.sessions(key) == 1
@@ -805,3 +805,62 @@ def test_the_relays_children_do_not_say_again_what_the_relay_said(tmp_path: Path
         makeAcceptorServices(config, MemoryReactorClock(), [], lambda queueID: None)
         makeDeliveryServices(config, MemoryReactorClock())
     assert not [formatEvent(e) for e in events if "is not below" in formatEvent(e)]
+
+
+# -- the users the relay has ----------------------------------------------------------------------
+
+
+def test_the_pool_hands_each_child_the_users_the_relay_has() -> None:
+    """With a password file, each child started gets the users the relay serves with (on a
+    descriptor after its sockets, C{--users-fd}): one restarted after the file was edited
+    into a state the relay refuses serves with them, rather than failing to start again
+    and again.  Without (no [auth], or a site checker), nothing is passed."""
+    users = {"/etc/mailrelay/users": {"alice": "$argon2id$v=19$m=65536,t=3,p=4$c2FsdA$aGFzaA"}}
+    reactor = ProcessReactor()
+    pool = AcceptorPool(
+        reactor, "/etc/mailrelay.toml", {}, b"[relay]\n", 1, 30.0,
+        lambda: [("tcp:25", 7, "inet"), ("unix:/run/s", 9, "unix")], [].append,
+        users=lambda: users,
+    )
+    pool.startService()
+    [(process, args, childFDs)] = reactor.spawned
+    assert childFDs == {0: "w", 1: "r", 2: 2, 3: "w", 4: 7, 5: 9, 6: "w"}
+    assert _argument(args, "--users-fd") == "6"
+    assert json.loads(process.toChild[6]) == users and 6 in process.closed
+
+    pool, reactor, _ = _pool(1)
+    pool.startService()
+    [(process, args, childFDs)] = reactor.spawned
+    assert "--users-fd" not in args and 6 not in childFDs
+
+
+def test_a_child_serves_with_the_relays_users_when_the_file_is_refused(tmp_path: Path) -> None:
+    """The configuration loaded with the relay's users (an acceptor's): a password file
+    that is refused now is said in the log, naming the file and why, and the relay's users
+    are served; a good file is read as always.  Without them the file's error stops the
+    load, as at the relay's start."""
+    from argon2 import PasswordHasher
+    from twisted.logger import capturedLogs, formatEvent
+
+    hashed = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1).hash("secret")
+    (tmp_path / "users").write_text(f"alice:{hashed}\n")
+    relays = {str(tmp_path / "users"): {"alice": "$argon2id$the-relays"}}
+    text = ('[auth]\npassword_file = "users"\n[[listeners]]\nendpoint = "tcp:2525"\n'
+            "auth = true\nauth_without_tls = true\n")
+    good = _load(tmp_path, text)
+    assert loadConfig(str(tmp_path / "mailrelay.toml"), relayUsers=relays).auth.users == \
+        good.auth.users != relays[str(tmp_path / "users")]
+    with open(tmp_path / "users", "a") as f:
+        f.write("carol:plaintext\n")
+    with pytest.raises(ConfigError):
+        _load(tmp_path, text)
+    with capturedLogs() as events:
+        config = loadConfig(str(tmp_path / "mailrelay.toml"), relayUsers=relays)
+    assert config.auth.users == relays[str(tmp_path / "users")]
+    said = [formatEvent(e) for e in events]
+    assert len(said) == 1, said
+    assert said[0].startswith(f"{tmp_path / 'mailrelay.toml'}: auth.password_file: "
+                              f"{tmp_path / 'users'}:2: "), said
+    assert said[0].endswith("; serving with the 1 user(s) the relay has (the file is read "
+                            "again when it changes)"), said
+    assert events[0]["log_level"] is LogLevel.error

@@ -480,3 +480,35 @@ def test_an_ssl_listener_is_served_by_the_acceptors_and_reloads_its_certificate(
         if r.process is not None and r.process.poll() is None:
             os.kill(r.process.pid, signal.SIGCONT)
         r.stop()
+
+
+def test_an_acceptor_restarted_on_a_refused_password_file_serves_the_relays_users(
+    tmp_path: Path,
+) -> None:
+    """The password file edited into a state the relay refuses (it keeps serving with the
+    users it read), then the acceptor killed: the one started again serves with the
+    relay's users, saying why in the log.  It exited at start, again and again, on the
+    file's error: a crash loop beside a relay that served."""
+    from tests.test_e2e_tls_auth import PASSWORDS, Site
+
+    site = Site(tmp_path / "relay")
+    with _relayWithListener(
+        site.directory, "auth = true\nauth_without_tls = true\n",
+        '[auth]\npassword_file = "users"\n',
+    ) as (r, acceptor):
+        with open(site.directory / "users", "a") as f:
+            f.write("carol:plaintext\n")
+        os.kill(acceptor, signal.SIGKILL)
+        r.waitForLog(rf"acceptor process \(pid {acceptor}\) exited unexpectedly")
+        again = _waitForAcceptor(r, 2)
+        r.waitForLog(rf"acceptor process {again}: accepting on", timeout=20)
+        said = r.waitForLog(rf"acceptor={again}\] (.*)auth\.password_file: .*users:3: .*; "
+                            r"serving with the 2 user\(s\) the relay has")
+        assert "mailrelay.toml" in said.group(1), said.group(0)
+        s = _connectOnAcceptor(r)
+        code, reply = s.docmd("AUTH", "PLAIN " + _plain("alice", PASSWORDS["alice"]))
+        assert code == 235, reply
+        s.close()
+        r.waitForLog(rf"acceptor={again}\] .*sasl_username=alice")
+        assert f"(pid {again}) exited" not in r.log()
+        assert len(_acceptorPids(r)) == 2

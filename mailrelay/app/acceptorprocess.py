@@ -32,10 +32,17 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay.app.acceptors import ANSWER_RECORD, ASK_RECORD, QUEUED_RECORD, SESSIONS_RECORD
+from mailrelay.app.acceptors import (
+    ANSWER_RECORD,
+    ASK_RECORD,
+    QUEUED_RECORD,
+    SESSIONS_RECORD,
+    USERS_OPTION,
+)
 from mailrelay.app.deliveryprocess import (
     RecordReporter,
     StopAtEnd,
+    _readConfigText,
     childArguments,
     runChild,
     startChild,
@@ -369,6 +376,12 @@ class _FromRelay(LineReceiver, StopAtEnd):
 def _parseArguments(argv: list[str]) -> argparse.Namespace:
     parser = childArguments("mailrelay.app.acceptorprocess")
     parser.add_argument(
+        USERS_OPTION,
+        type=int,
+        help="a descriptor to read the users the relay serves with from (JSON: "
+        "{password file: {user: hash}})",
+    )
+    parser.add_argument(
         "--listeners",
         default="[]",
         help='JSON: [[endpoint, fd, family], ...], family one of "inet", "inet6", "unix"',
@@ -401,7 +414,10 @@ def _childMain(argv: list[str], forked: bool = False) -> int:
         services.privilegedStartService()
         return services
 
-    started = startChild(options, "acceptor process", build, forked)
+    relayUsers = None
+    if options.users_fd is not None:
+        relayUsers = json.loads(_readConfigText(options.users_fd) or b"{}")
+    started = startChild(options, "acceptor process", build, forked, relayUsers=relayUsers)
     if isinstance(started, int):
         return started
     config, services = started

@@ -95,6 +95,13 @@ _UNDOES = {undo: op for op, undo in _UNDONE_BY.items()}
 #: The child's first file descriptor of the listening sockets passed to it.
 FIRST_SOCKET_FD = 4
 
+#: The option naming the child's file descriptor (the one after its sockets) on which the
+#: relay writes the users it serves with (JSON: C{{password file: {user: hash}}}): a child
+#: started after the password file was edited into a state the relay refuses serves with
+#: them (L{mailrelay.config.checks.checkAuth}), rather than failing to start again and
+#: again while the relay serves on.
+USERS_OPTION = "--users-fd"
+
 _FAMILY_NAMES = {socket.AF_INET: "inet", socket.AF_INET6: "inet6", socket.AF_UNIX: "unix"}
 
 
@@ -262,6 +269,7 @@ class AcceptorPool(ChildSupervisor, Service):
         metrics: ProcessMetrics | None = None,
         throttle: Callable[[], Any] = lambda: None,
         limiter: Callable[[], Any] = lambda: None,
+        users: Callable[[], dict[str, dict[str, str]] | None] = lambda: None,
     ) -> None:
         """
         @param sockets: the C{(endpoint, fd, family)} of the listening sockets to pass to a
@@ -272,6 +280,8 @@ class AcceptorPool(ChildSupervisor, Service):
         @param limiter: the relay's current counter of the abuse limits (an
             L{IRateLimiter}), which the children's are counted in, or C{None} (with a
             C{[rate_limiter]} plugin the children count in their own).
+        @param users: the users the relay serves with now, by password file, or C{None}
+            (no password file): handed to each child started (see L{USERS_OPTION}).
         """
         self.setName("acceptors")
         self.reactor = reactor
@@ -284,6 +294,7 @@ class AcceptorPool(ChildSupervisor, Service):
         self.enqueue = enqueue
         self.throttle = throttle
         self.limiter = limiter
+        self.users = users
         #: Called when a child ended unexpectedly: the delivery side rescans the spool.
         self.rescan: Callable[[], object] | None = None
         self.metrics = ProcessMetrics() if metrics is None else metrics
@@ -315,7 +326,16 @@ class AcceptorPool(ChildSupervisor, Service):
         for n, (endpoint, fd, family) in enumerate(self.sockets()):
             childFDs[FIRST_SOCKET_FD + n] = fd
             passed.append((endpoint, FIRST_SOCKET_FD + n, family))
-        self._spawnChild(child, childFDs, ["--listeners", json.dumps(passed)])
+        extra = ["--listeners", json.dumps(passed)]
+        users = self.users()
+        usersFD = FIRST_SOCKET_FD + len(passed)
+        if users is not None:
+            childFDs[usersFD] = "w"
+            extra += [USERS_OPTION, str(usersFD)]
+        self._spawnChild(child, childFDs, extra)
+        if users is not None:
+            child.process.writeToChild(usersFD, json.dumps(users).encode("utf-8"))
+            child.process.closeChildFD(usersFD)
         self._children.append(child)
         log.info(
             "acceptor process started (pid {pid}), accepting on {endpoints}",

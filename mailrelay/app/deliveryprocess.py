@@ -315,7 +315,7 @@ def runChild(
 
 def startChild(
     options: argparse.Namespace, what: str, build: Any, forked: bool = False,
-    listenerTLS: bool = True,
+    listenerTLS: bool = True, relayUsers: Any = None,
 ) -> Any:
     """What a child of the relay does first: die with the relay, ignore SIGINT (the relay
     stops us: a Ctrl-C meant for it must not cut our work short; SIGTERM, also sent when the
@@ -328,6 +328,8 @@ def startChild(
         C{parent_pid}.
     @param forked: we were forked by the fork server (L{mailrelay.app.forkserver}), not
         started afresh.
+    @param relayUsers: the users the relay serves with, by password file (see
+        L{mailrelay.config.loadConfig}), or C{None}.
     """
     from mailrelay.config import loadConfig
     from mailrelay.errors import ConfigError
@@ -343,7 +345,7 @@ def startChild(
     _logToRelay(levels, forked)
     try:
         config = loadConfig(options.config, json.loads(options.overrides), text=configText,
-                            listenerTLS=listenerTLS)
+                            listenerTLS=listenerTLS, relayUsers=relayUsers)
         levels.setLevel(config.logLevel)
         if config.metricsListen is not None:  # we count, and report to the relay
             from mailrelay.metrics import enable

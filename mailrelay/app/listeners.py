@@ -71,6 +71,9 @@ class _Carried:
     throttleWindow: float | None = None
     #: by socket (L{socketKey}), else by endpoint
     counts: dict[Any, Any] = field(default_factory=dict)
+    #: The AUTH password file's checker of the configuration (L{makeAuthPolicy}), or
+    #: C{None}: the relay hands its users to the acceptor processes it starts.
+    passwords: Any = None
     resolvers: dict[Any, Any] = field(default_factory=dict)
 
     def copy(self) -> _Carried:
@@ -453,6 +456,8 @@ def makeAuthPolicy(config: Config, reactor: Any, build: Any = None, carried: Any
     @raise ConfigError: the site checker is unknown, refuses its options, or does not check
         user names and passwords.
     """
+    if carried is not None:
+        carried.passwords = None
     if config.auth is None:
         return None
     from mailrelay.receive.auth import (
@@ -483,6 +488,8 @@ def makeAuthPolicy(config: Config, reactor: Any, build: Any = None, carried: Any
     else:
         assert a.passwordFile is not None
         checker = PasswordFileChecker(a.passwordFile, users=a.users)
+        if carried is not None:
+            carried.passwords = checker
     throttle = None
     if carried is not None and carried.throttleWindow == a.failureWindow:
         throttle = carried.throttle  # a reload does not forgive failures

@@ -250,6 +250,12 @@ class RelayService(OrderedMultiService):
             os.close(fd)
         return True
 
+    def _passwordUsers(self) -> dict[str, dict[str, str]] | None:
+        """The users the running configuration's AUTH serves with, by password file, for
+        an acceptor process started now; C{None} without a password file."""
+        checker = self.carried.passwords
+        return None if checker is None else {checker.path: checker.table()}
+
     def enqueue(self, queueID: str) -> None:
         """A message was committed: hand it to the delivery side."""
         if self.delivery is not None:
@@ -356,6 +362,7 @@ class RelayService(OrderedMultiService):
             self.childMetrics,
             throttle=lambda: self.throttle,
             limiter=lambda: self.limiter,
+            users=self._passwordUsers,
         )
         self.acceptors.spawner = self.spawner
         self.acceptors.rescan = self._rescan

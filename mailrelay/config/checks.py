@@ -16,6 +16,8 @@ from functools import partial
 from socket import AF_INET6, AF_UNIX
 from typing import Any
 
+from twisted.logger import Logger
+
 from mailrelay.address import domainProblem, normaliseDomain, parseReversePath
 from mailrelay.config.schema import At, Reading, given, tableOf
 from mailrelay.config.types import SNICertificate
@@ -41,6 +43,8 @@ from mailrelay.route.nexthop import (
     parseNameserver,
     parseSMTPNexthop,
 )
+
+log = Logger()
 
 # ---------------------------------------------------------------------------------------------
 # [dns], [queue], [delivery], [smarthost] and a route's transport keys
@@ -443,10 +447,19 @@ def checkAuth(r: Reading) -> None:
             "unless a site checker is configured in [auth.checker]",
         )
     elif r.at.source.listenerTLS:  # (a process serving no listener has no use for it)
+        path = r.fields["passwordFile"]
         try:
-            users = readPasswordFile(r.fields["passwordFile"])
+            users = readPasswordFile(path)
         except PasswordFileError as e:
-            raise r.error("password_file", str(e)) from None
+            relays = r.at.source.relayUsers.get(path)
+            if relays is None:
+                raise r.error("password_file", str(e)) from None
+            # An acceptor process started (again) after the file was edited into a state
+            # the relay refuses: it serves as the relay does, with the users it has.
+            users = dict(relays)
+            log.error("{problem}; serving with the {count} user(s) the relay has (the file "
+                      "is read again when it changes)",
+                      problem=str(r.error("password_file", str(e))), count=len(users))
         for user in r.fields["senders"]:
             if user not in users:
                 raise r.at.child("senders").child(user).error(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,7 @@ def loadConfig(
     text: bytes | None = None,
     *,
     listenerTLS: bool = True,
+    relayUsers: Mapping[str, Mapping[str, str]] | None = None,
 ) -> Config:
     """Read, override and check the configuration.
 
@@ -110,6 +112,10 @@ def loadConfig(
     @param listenerTLS: C{False}: the listeners' certificates and keys are not read (their
         C{certificate} is C{None}), nor the password file of their AUTH: for a process that
         serves no listener.
+    @param relayUsers: the users the relay serves with, by password file (C{[auth]
+        password_file}), for an acceptor process: served when that file is refused now
+        (said in the log), so that it never fails to start on a file the relay kept
+        serving through.
     @raise ConfigError: naming the file (or the option), the key and the value.
     """
     overrides = dict(overrides or {})
@@ -122,12 +128,12 @@ def loadConfig(
             )
     cwd = Path(os.path.abspath(os.getcwd()))
     if path is None:
-        source = Source(None, cwd, cwd, overrides, listenerTLS)
+        source = Source(None, cwd, cwd, overrides, listenerTLS, dict(relayUsers or {}))
         data: dict[str, Any] = {}
     else:
         file = os.fspath(path)
         directory = Path(os.path.abspath(os.path.dirname(file) or "."))
-        source = Source(file, directory, cwd, overrides, listenerTLS)
+        source = Source(file, directory, cwd, overrides, listenerTLS, dict(relayUsers or {}))
         data = _readFile(file, text)
     at = At(source)
     _checkShapes(data, at)

@@ -75,6 +75,9 @@ class Source:
     @ivar listenerTLS: load the listeners' certificates and keys, and the password file of
         their AUTH; C{False} in a process that serves no listener (the delivery process),
         which then reads none of them.
+    @ivar relayUsers: the users (name: hash) the relay serves with, by password file: an
+        acceptor process serves with them when that file is refused now
+        (L{mailrelay.config.checks.checkAuth}).
     """
 
     file: str | None
@@ -82,6 +85,7 @@ class Source:
     cwd: Path
     overrides: Mapping[str, Any] = field(default_factory=dict)
     listenerTLS: bool = True
+    relayUsers: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -205,6 +205,11 @@ class PasswordFileChecker:
         with self._lock:
             return list(self._users)
 
+    def table(self) -> dict[str, str]:
+        """The users known now and their hashes (a copy)."""
+        with self._lock:
+            return dict(self._users)
+
     def requestAvatarId(self, credentials: Any) -> Deferred:
         """Verify in a thread; the avatar id is the user name (C{str})."""
         username = credentials.username
