@@ -39,6 +39,7 @@ __all__ = [
     "parseForwardPath",
     "parseReversePath",
     "splitArgument",
+    "unmappedAddress",
     "userParts",
     "utf8AddrXtext",
     "xtextDecode",
@@ -631,6 +632,20 @@ def hostnameProblem(text: str, underscore: bool = False) -> str | None:
     if name.rsplit(".", 1)[-1].isdigit():
         return "the last label cannot be all digits (as in an IP address)"
     return None
+
+
+def unmappedAddress(host: str) -> str:
+    """A client's address C{host} as the relay knows it: an IPv4-mapped IPv6 address (an
+    IPv4 client of a listener on C{[::]}, C{::ffff:192.0.2.7}) as its IPv4 address
+    (C{192.0.2.7}), as Postfix's C{sane_sockaddr_to_hostaddr} converts it; anything else as
+    it is."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return host
 
 
 def hostPort(host: str, port: int | str) -> str:

@@ -64,3 +64,22 @@ def test_end_of_data_refusals_are_logged_with_the_queue_id_not_as_noqueue() -> N
                        b"Subject: x\r\n\r\n" + b"x" * 1000 + b"\r\n.\r\n")
     assert lines[-1] == Reply(500, "5.5.2", "Error: message line longer than 998 octets").toBytes()[:-2]
     assert not any(e.get("log_format", "").startswith("NOQUEUE") for e in events)
+
+
+def test_an_ipv4_client_on_an_ipv6_socket_is_known_by_its_ipv4_address() -> None:
+    """A listener on C{[::]} takes IPv4 clients as IPv4-mapped IPv6 addresses
+    (C{::ffff:192.0.2.7}): they are known by the IPv4 address in the logs, the envelope
+    and to plugins, as Postfix's smtpd (C{sane_sockaddr_to_hostaddr}) and its PROXY reader
+    (C{haproxy_srvr_parse}) convert them."""
+    h = ServerHarness(relay={"networks": ("192.0.2.0/24",)}, peer="::ffff:192.0.2.7", connect=False)
+    with capturedLogs() as events:
+        h.protocol.makeConnection(h.transport)
+        h.send(b"HELO client.example\r\nMAIL FROM:<s@example.com>\r\nRCPT TO:<x@elsewhere.example>\r\n")
+        h.send(b"RCPT TO:<bad\x01@elsewhere.example>\r\nDATA\r\nSubject: x\r\n\r\n.\r\nQUIT\r\n")
+    ((envelope, message),) = h.spool.committed.values()
+    assert envelope.client.address == "192.0.2.7" and envelope.client.relayAllowed
+    assert message.startswith(b"Received: from client.example (unknown [192.0.2.7])")
+    text = "\n".join(formatEvent(e) for e in events)
+    assert "connect from 192.0.2.7:40000 on " in text and "NOQUEUE: reject: RCPT from unknown[192.0.2.7]: 501" in text
+    assert "client=192.0.2.7 " in text
+    assert "ffff" not in text

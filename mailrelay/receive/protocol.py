@@ -43,7 +43,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay.address import hostPort
+from mailrelay.address import hostPort, unmappedAddress
 from mailrelay.envelope import ClientInfo, Envelope
 from mailrelay.interfaces import IIntake, Verdict, VerdictKind
 from mailrelay.metrics import CONNECTIONS, REFUSALS, SESSIONS, child, replyClass
@@ -344,7 +344,9 @@ class SMTPServerProtocol(Protocol):
         # smtpd_peer_assume_local_client), localhost [127.0.0.1], for relay control, the
         # limits, the logs and Received: alike.
         local = host is None
-        address = LOCAL_CLIENT_ADDRESS if host is None else host
+        # An IPv4 client of a listener on [::] (or proxied as ::ffff:a.b.c.d) is known by its
+        # IPv4 address everywhere, as Postfix's smtpd knows it.
+        address = LOCAL_CLIENT_ADDRESS if host is None else unmappedAddress(host)
         client = ClientInfo(
             address=address,
             port=getattr(peer, "port", 0),
