@@ -526,6 +526,9 @@ ERROR_CASES = [
     ('[[listeners]]\nendpoint = "tcp:25"\n[[listeners]]\nendpoint = "tcp:abc"',
      "listeners[1].endpoint", '"tcp:abc" is not a valid server endpoint'),
     ('[[listeners]]\nendpoint = "bogus:1"', "listeners[0].endpoint", "Unknown endpoint type"),
+    ('[[listeners]]\nendpoint = "tcp6:25:interface=::1"', "listeners[0].endpoint",
+     "escape each colon of the IPv6 address with a backslash: "
+     "'tcp6:25:interface=\\:\\:1' (quoted so, in single quotes: a TOML literal string"),
     ('[[listeners]]\nendpoint = "tcp:25:colour=red"', "listeners[0].endpoint",
      '"tcp:25:colour=red"'),
     ('[[listeners]]\nendpoint = "tcp:70000"', "listeners[0].endpoint", "port 70000"),
@@ -910,6 +913,13 @@ def test_defaultSpoolUnusable(tmp_path: Path) -> None:
     ("overrides", "key", "fragment"),
     [
         ({"listen": ["tcp:abc"]}, "--listen", '"tcp:abc" is not a valid server endpoint'),
+        # An IPv6 address written as is (or its backslashes eaten by the shell): the error
+        # says how to write it, not Twisted's "got multiple values for argument".
+        ({"listen": ["tcp6:25:interface=::"]}, "--listen",
+         "escape each colon of the IPv6 address with a backslash: 'tcp6:25:interface=\\:\\:' "
+         "(quoted so, in single quotes"),
+        ({"listen": ["tcp:25:interface=[2001:db8::1]"]}, "--listen",
+         "'tcp:25:interface=2001\\:db8\\:\\:1'"),
         ({"listen": ["tcp:25", "tcp:25"]}, "--listen", '"tcp:25" is given twice'),
         ({"listen": [25]}, "--listen", "must be a string, not 25"),
         ({"relay_network": ["10.0.0.1/8"]}, "--relay-network", 'did you mean "10.0.0.0/8"'),

@@ -79,6 +79,27 @@ def parseNetwork(text: str) -> IPNetwork:
         ) from None
 
 
+#: An endpoint's C{interface=} option whose value is an IPv6 address with its colons not
+#: escaped (up to the next option, or the end).
+_UNESCAPED_INTERFACE = re.compile(
+    r"(?<=:)interface=(\[?[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*\]?)(?=:\w+=|$)"
+)
+
+
+def _escapedInterface(text: str) -> str | None:
+    """C{text} with the IPv6 address of its C{interface=} option escaped as Twisted needs it
+    (C{tcp6:25:interface=\\:\\:1}), when it was written as is; else C{None}."""
+    m = _UNESCAPED_INTERFACE.search(text)
+    if m is None:
+        return None
+    try:
+        ipaddress.IPv6Address(m.group(1).strip("[]"))
+    except ValueError:
+        return None
+    escaped = m.group(1).strip("[]").replace(":", "\\:")
+    return f"{text[: m.start(1)]}{escaped}{text[m.end(1) :]}"
+
+
 def checkEndpoint(text: str, loadFiles: bool = True) -> None:
     """Check that Twisted can parse C{text} as a server endpoint description.
 
@@ -113,6 +134,13 @@ def checkEndpoint(text: str, loadFiles: bool = True) -> None:
             port = getattr(serverFromString(None, text), "_port", None)
     except (ValueError, TypeError, KeyError, IndexError, OSError, crypto.Error, SSL.Error) as e:
         # (OpenSSL's errors: an ssl: endpoint's certificate or key file it cannot read.)
+        escaped = _escapedInterface(text)
+        if escaped is not None:  # (Twisted's complaint: "got multiple values for argument")
+            raise ValueError(
+                f"{describeValue(text)} is not a valid server endpoint: escape each colon of "
+                f"the IPv6 address with a backslash: '{escaped}' (quoted so, in single quotes: a "
+                "TOML literal string keeps the backslashes, and so does a shell)"
+            ) from None
         raise ValueError(
             f"{describeValue(text)} is not a valid server endpoint {hint}: {e}"
         ) from None
