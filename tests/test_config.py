@@ -515,6 +515,8 @@ ERROR_CASES = [
     ('[relay]\nnetworks = ["::1", "127.0.0.0/8", "10.0.0.1/8"]', "relay.networks[2]",
      '"10.0.0.1/8" has host bits set; did you mean "10.0.0.0/8"'),
     ('[relay]\nnetworks = ["bogus"]', "relay.networks[0]", '"bogus" is not an IP'),
+    ('[relay]\nnetworks = ["::1", "::ffff:192.0.2.0/120"]', "relay.networks[1]",
+     '"::ffff:192.0.2.0/120" is an IPv4-mapped IPv6 network; did you mean "192.0.2.0/24"?'),
     ("[relay]\nnetworks = [10]", "relay.networks[0]", "must be a string, not 10"),
     ('[relay]\nsmarthost = "host:99999"', "relay.smarthost", '"host:99999"'),
     ("[relay]\nsmarthost = 25", "relay.smarthost", "not 25"),
@@ -977,6 +979,10 @@ def test_parseNetwork(text: str, expected: str) -> None:
         ("10.0.0.0/33", "not an IP address or network"),
         ("example.com", "not an IP address or network"),
         ("", "not an IP address or network"),
+        # IPv4-mapped: no client has such an address (an IPv4 client of an IPv6 socket is
+        # known by its IPv4 address), so the entry would never match.
+        ("::ffff:10.0.0.0/104", 'is an IPv4-mapped IPv6 network; did you mean "10.0.0.0/8"?'),
+        ("::ffff:127.0.0.1", 'did you mean "127.0.0.1/32"?'),
     ],
 )
 def test_parseNetworkErrors(text: str, fragment: str) -> None:

@@ -59,13 +59,13 @@ def parseNetwork(text: str) -> IPNetwork:
     """Parse an IP network: C{"192.0.2.0/24"}, C{"2001:db8::/32"}, or a bare address (C{/32},
     C{/128}).
 
-    @raise ValueError: not a network, or host bits set (C{"10.0.0.1/8"}); the message names
-        the value.
+    @raise ValueError: not a network, host bits set (C{"10.0.0.1/8"}), or an IPv4-mapped
+        network that no client has (C{"::ffff:10.0.0.0/104"}); the message names the value.
     """
     if not isinstance(text, str):
         raise ValueError(f"must be an IP network as a string, not {describeValue(text)}")
     try:
-        return ipaddress.ip_network(text, strict=True)
+        network = ipaddress.ip_network(text, strict=True)
     except ValueError as e:
         try:
             loose = ipaddress.ip_network(text, strict=False)
@@ -77,6 +77,16 @@ def parseNetwork(text: str) -> IPNetwork:
         raise ValueError(
             f"{describeValue(text)} has host bits set; did you mean {describeValue(str(loose))}?"
         ) from None
+    mapped = network.network_address.ipv4_mapped if network.version == 6 else None
+    if mapped is not None and network.prefixlen >= 96:
+        # No client has such an address: an IPv4 client of an IPv6 socket (or one a PROXY
+        # header names so) is known by its IPv4 address, as by Postfix.
+        ipv4 = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
+        raise ValueError(
+            f"{describeValue(text)} is an IPv4-mapped IPv6 network; did you mean "
+            f"{describeValue(str(ipv4))}? (IPv4 clients are known by their IPv4 address)"
+        )
+    return network
 
 
 #: An endpoint's C{interface=} option whose value is an IPv6 address with its colons not
