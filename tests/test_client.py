@@ -358,6 +358,31 @@ def test_a_connection_failure_is_logged_by_the_caller_only():
     assert events == []
 
 
+def test_noRemoteMTAWhenNoServerAnswered():
+    """A connection refused, timed out, or lost or timed out before the greeting: no server
+    said a word, so the results name no Remote-MTA (RFC 3464 section 2.3.5 names the MTA that
+    gave the status; Postfix's dsb_simple() for connect and I/O errors leaves it out).  A
+    server that answered (a refused greeting) is named."""
+    errors = [failureOf(Peer(endpoint=FakeEndpoint(failWith=ConnectionRefusedError())).ready)]
+    peer = Peer(ClientSettings("client.test", timeouts=ClientTimeouts(connect=5)),
+                endpoint=FakeEndpoint(hold=True))
+    peer.clock.advance(5)
+    errors.append(failureOf(peer.ready))
+    peer = Peer(ClientSettings("client.test", timeouts=ClientTimeouts(greeting=5)))
+    peer.clock.advance(5)
+    errors.append(failureOf(peer.ready))
+    peer = Peer()
+    peer.lose()
+    errors.append(failureOf(peer.ready))
+    for error in errors:
+        assert error.remoteMTA is None, error.diagnostic
+        assert error.resultsFor([Recipient("a@example.org")])[0].remoteMTA is None
+    peer = Peer()
+    peer.say(b"220 mx.test\r\n")
+    peer.lose()
+    assert failureOf(peer.ready).remoteMTA == "dns; mx.test"
+
+
 def test_connectTimeout():
     peer = Peer(ClientSettings("client.test", timeouts=ClientTimeouts(connect=5)),
                 endpoint=FakeEndpoint(hold=True))

@@ -13,6 +13,7 @@ import re
 import time
 from pathlib import Path
 
+from tests.harness import freePort
 from tests.postfixpeer import DOMAIN, HOSTNAME, postfix  # noqa: F401 - fixture
 from tests.test_e2e_outbound import (
     bounceID,
@@ -186,4 +187,26 @@ def test_postfix_next_hop_sends_its_own_delivered_notice(relay, dns, postfix,
     assert block["Original-Recipient"] == f"rfc822;bob@{DOMAIN}"
     # mailrelay itself sent no notice about the message.
     assert f"{qid}: sender delivery status notification" not in r.log()
+    waitEmpty(r)
+
+
+def test_bounce_after_refused_connections_names_no_remote_mta(relay, nexthop, dns) -> None:  # noqa: F811
+    """A recipient given up after connections that were all refused: the bounce's report
+    has its status and diagnostic but no Remote-MTA, as no remote MTA ever answered (RFC 3464
+    section 2.3.5 names the MTA that gave the status; Postfix leaves it out then)."""
+    hop, port = nexthop()
+    closed = freePort()  # nothing listens there: every connection is refused
+    r = relay(config(dns, queue={"min_backoff": 1, "max_backoff": 1, "max_lifetime": 1},
+                     routes=[smtpRoute("example.org", closed), smtpRoute("sender.test", port)]))
+    qid = submit(r, "alice@sender.test", ["bob@example.org"], message("refused"))
+    m = waitResult(r, qid, "bob@example.org", "bounced")
+    assert "connection refused by 127.0.0.1" in m["diagnostic"], m[0]
+    dsnID = bounceID(r, qid)
+    waitResult(r, dsnID, "alice@sender.test", "sent")
+    (bounce,) = hop.waitTo("alice@sender.test")
+    _msg, _perMessage, (block,), _parts = parseReport(bounce.content)
+    assert block["Final-Recipient"] == "rfc822; bob@example.org"
+    assert block["Action"] == "failed" and block["Status"].startswith("4.4.")
+    assert "Remote-MTA" not in block, str(block)
+    assert "connection refused by 127.0.0.1" in block["Diagnostic-Code"]
     waitEmpty(r)

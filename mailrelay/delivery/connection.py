@@ -211,8 +211,9 @@ def connectSMTP(reactor: Any, endpoint: Any, settings: ClientSettings, *, tlsHos
         else:
             why = f"cannot connect to {where}: {value}"
         # (Not logged here: the backend that asked logs it once, with the queue id, the
-        # host, its address and port.)
-        ready.errback(SMTPConnectError("4.4.1", f"X-mailrelay; {why}", remoteMTA=remoteMTA))
+        # host, its address and port.)  No server answered: no Remote-MTA (RFC 3464 section
+        # 2.3.5; Postfix's dsb_simple()).
+        ready.errback(SMTPConnectError("4.4.1", f"X-mailrelay; {why}"))
 
     connecting = endpoint.connect(factory)
     state["connecting"] = connecting

@@ -568,7 +568,7 @@ class SMTPBackend(ClientBackend):
             )
             diagnostic = f"X-mailrelay; cannot connect to {host.name}: {e}"
             tried.connectErrors.append(
-                SMTPConnectError("4.4.0", diagnostic, remoteMTA=_remoteMTA(host.name)))
+                SMTPConnectError("4.4.0", diagnostic))  # (no server answered)
         return None
 
     def _noHostAccepted(

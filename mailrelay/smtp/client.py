@@ -225,6 +225,8 @@ class ClientSession:
         #: the step when no reply is expected any more.
         self._answered = _MAIL
         self._needRset = False
+        #: The server has sent a reply (its greeting at least).
+        self._heard = False
 
     # Driver API -------------------------------------------------------------------------------
 
@@ -499,6 +501,7 @@ class ClientSession:
                                      f"{self.host}")
 
     def _onReply(self, reply: Reply) -> None:
+        self._heard = True
         getattr(self, "_reply_" + self.state.replace("-", "_"))(reply)
 
     # Connection set-up ------------------------------------------------------------------------
@@ -506,8 +509,11 @@ class ClientSession:
     def _connectFailed(self, code: str, diagnostic: str, permanent: bool = False,
                        quit: bool = False, close: bool = True, loop: bool = False,
                        command: str | None = None) -> None:
+        # A server that never answered (refused, silent) gave no status: no Remote-MTA
+        # (RFC 3464 section 2.3.5; Postfix's dsb_simple() for connect and I/O errors).
+        remoteMTA = self.remoteMTA if self._heard else None
         error = SMTPConnectError(code, printable(diagnostic)[:MAX_DIAGNOSTIC], permanent,
-                                 self.remoteMTA, tlsFailure=self.tlsSessionFailed, loop=loop,
+                                 remoteMTA, tlsFailure=self.tlsSessionFailed, loop=loop,
                                  refusedHello=self.state in (_EHLO, _HELO) and not loop,
                                  command=command)
         self._out.append(ConnectFailed(error))

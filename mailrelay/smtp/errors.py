@@ -22,7 +22,9 @@ class SMTPConnectError(Exception):
     @ivar diagnostic: RFC 3464 Diagnostic-Code form: C{"smtp; 554 5.7.1 go away"} for a reply,
         C{"X-mailrelay; connection refused by mx.example.org"} otherwise.
     @ivar permanent: C{True} for a 5xx greeting, EHLO and HELO, or AUTH reply.
-    @ivar remoteMTA: RFC 3464 Remote-MTA form (C{"dns; mx.example.org"}).
+    @ivar remoteMTA: RFC 3464 Remote-MTA form (C{"dns; mx.example.org"}), or C{None} when no
+        server answered (refused, timed out, silent before its greeting): no remote MTA gave
+        the status (RFC 3464 section 2.3.5), as Postfix leaves it out.
     @ivar tlsFailure: TLS failed, not the server's SMTP: the handshake failed or timed out
         (or TLS could not be started), or the connection was lost or timed out once TLS was
         up (Postfix's failed handshake and "TLS session failure"): what C{tls = "may"} may
