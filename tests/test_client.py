@@ -294,6 +294,7 @@ def test_ehloFallsBackToHelo(message):
     conn = resultOf(peer.ready)
     assert conn.extensions == {} and conn.usable and not conn.tls
     assert conn.remoteMTA == "dns; mx.test"
+    assert conn.address == peer.transport.getPeer().host  # (the server's address)
     # No extensions: no parameters, one command at a time.
     d = send(conn, envelope("a@example.org", body="8BITMIME", envid="x"), message)
     assert peer.heard() == b"MAIL FROM:<sender@example.org>\r\n"

@@ -1627,6 +1627,39 @@ def test_smtp_stale_reused_connection_retried_afresh() -> None:
     assert first.aborted
 
 
+def test_smtp_recipients_deferred_on_a_reused_connection_go_on_to_the_other_hosts() -> None:
+    """A reused connection whose server defers some recipients (a 4xx to their RCPT): those
+    go on to the next hop's other addresses in the same attempt, as on a fresh connection;
+    the server that deferred them is not tried again (Postfix's smtp_reuse_session() drops a
+    reused address from the list, smtp_update_addr_list(), and keeps soft-failed recipients
+    for the next server, SMTP_RCPT_KEEP, unless that was the last).  Those it delivered or
+    refused are reported first."""
+    backend, net, clock, mx = smtpBackend()
+    result(send(backend, "example.org", "a@example.org", queueID="A"))
+    assert backend.idleConnections("example.org") == 1
+    net.sendBehaviour["192.0.2.1"] = "ok,451"
+    reported: list = []
+    with capturedLogs() as events:
+        results = result(send(backend, "example.org", "b@example.org", "c@example.org",
+                              queueID="B", done=reported.append))
+    assert [(r.status, r.remoteMTA) for r in results] == [
+        (DELIVERED, "dns; mx1.example.org"), (DELIVERED, "dns; mx1.example.org")]
+    assert [(c.address, c.sent) for c in net.connections] == [
+        ("192.0.2.1", [("A", ["a@example.org"]), ("B", ["b@example.org", "c@example.org"])]),
+        ("2001:db8::1", [("B", ["c@example.org"])]),
+    ]
+    assert reported == [[results[0]]]
+    texts = [formatEvent(e) for e in events]
+    assert any("1 of 2 recipients deferred on the reused connection to mx1.example.org" in t
+               for t in texts), texts
+    # The reused server was the next hop's only one: its deferral stands.
+    result(send(backend, "example.net", "a@example.net", queueID="C"))
+    net.sendBehaviour["192.0.2.30"] = "ok,451"
+    results = result(send(backend, "example.net", "b@example.net", "c@example.net"))
+    assert [(r.status, r.code) for r in results] == [(DELIVERED, "2.0.0"), (TRANSIENT, "4.3.0")]
+    assert [c.address for c in net.connections].count("192.0.2.30") == 1
+
+
 def test_smtp_concurrency_limit() -> None:
     backend, net, clock, mx = smtpBackend(destinationConcurrency=2)
     net.sendBehaviour["192.0.2.30"] = "hold"

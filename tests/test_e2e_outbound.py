@@ -916,6 +916,37 @@ def test_recipients_deferred_by_an_mx_host_are_tried_at_the_next(relay, nexthop,
     waitEmpty(r)
 
 
+def test_recipients_deferred_on_a_reused_connection_are_tried_at_the_next_mx(
+        relay, nexthop, dns) -> None:
+    """A reused (cached) connection to the best MX host whose server defers one recipient
+    at RCPT and takes the other: the deferred one is tried at the next MX host in the same
+    attempt, as on a fresh connection (Postfix's smtp_reuse_session() drops the reused
+    address from the list and keeps soft-failed recipients for the next server).  It used
+    to wait for the queue's next attempt (only an all-deferred reuse went on)."""
+    best, port = nexthop()
+    backup, _ = nexthop(port=port, host="127.0.0.2")
+    best.rcptReply = lambda address: "450 4.2.1 busy" if address == "busy@two.test" else None
+    r = relay(config(dns, queue={"min_backoff": 300, "max_backoff": 600},
+                     delivery={"connection_cache_time": 60},
+                     routes=[{"domain": "two.test", "backend": "smtp",
+                              "nexthop": f"two.test:{port}"}]))
+    warm = submit(r, "alice@sender.test", ["warm@two.test"], message("warm"))
+    waitRemoved(r, warm)
+    qid = submit(r, "alice@sender.test", ["ok@two.test", "busy@two.test"],
+                 message("reused connection"))
+    ok = waitResult(r, qid, "ok@two.test")
+    busy = waitResult(r, qid, "busy@two.test")
+    assert (ok["status"], ok["relay"]) == ("sent", f"mx1.two.test[127.0.0.1]:{port}"), ok[0]
+    assert (busy["status"], busy["relay"], busy["attempts"]) == (
+        "sent", f"mx2.two.test[127.0.0.2]:{port}", "1"), busy[0]
+    assert [m.rcptTos for m in best.accepted] == [["warm@two.test"], ["ok@two.test"]]
+    assert [m.rcptTos for m in backup.accepted] == [["busy@two.test"]]
+    assert re.search(rf"{qid}: 1 of 2 recipients deferred on the reused connection to "
+                     rf"mx1\.two\.test\[127\.0\.0\.1\]:{port} .*trying the other hosts",
+                     r.log()), r.log()
+    waitRemoved(r, qid)
+
+
 @pytest.mark.parametrize("where", ["next MX host", "reused connection"])
 def test_a_message_sent_again_in_the_attempt_after_a_lost_end_of_data_is_logged(
         relay, nexthop, dns, where: str) -> None:

@@ -66,6 +66,13 @@ class SMTPConnection:
         return self._protocol.host
 
     @property
+    def address(self) -> str | None:
+        """The server's IP address (C{"192.0.2.1"}), C{None} when not over TCP."""
+        transport = getattr(self._protocol, "transport", None)
+        peer = transport.getPeer() if transport is not None else None
+        return getattr(peer, "host", None)
+
+    @property
     def relay(self) -> str:
         """The server as the log's C{relay=} says it (C{"mx.example.org[192.0.2.1]:25"})."""
         return self._protocol.relay

@@ -10,7 +10,10 @@ For each delivery the backend
      places of the deliveries in flight at once over every destination (C{[queue]
      delivery_limit});
   2. reuses an idle connection to the same next hop with the same settings if one is
-     cached (see below);
+     cached (see below); the recipients its server defers go on to step 3 (every one of
+     them: afresh, the same server too, as a cached connection may have gone stale; some:
+     to the next hop's other addresses, as Postfix's smtp_reuse_session() drops the reused
+     address from the list);
   3. otherwise resolves the next hop with L{MXResolver} and tries its hosts in order: a
      connection failure (refused, time-out, 4xx or 5xx greeting, TLS or AUTH trouble: an
      C{SMTPConnectError}) moves on to the next host with every recipient; a transaction moves
@@ -328,14 +331,57 @@ class SMTPBackend(ClientBackend):
         if policy is not None and policy.mode == "enforce" and settings.tls != "implicit":
             settings = dataclasses.replace(settings, tls="required")
         key = (nexthop, settings)
-        reusedResults = yield self._sendOnIdle(key, envelope, recipients, messagePath)
-        if reusedResults is not None and not _allTransient(reusedResults):
-            self._perDestination.reached(nexthop)
+        reused = yield self._sendOnIdle(key, envelope, recipients, messagePath)
+        if reused is None:
+            return (yield self._deliverFresh(envelope, recipients, key, policy, messagePath,
+                                             done))
+        reusedResults, address = reused
+        if _allTransient(reusedResults):  # (a stale connection, most likely: all afresh)
+            return (yield self._deliverFresh(envelope, recipients, key, policy, messagePath,
+                                             done, reusedResults))
+        self._perDestination.reached(nexthop)
+        if firstDeferred(reusedResults) is None:
             return reusedResults
+        # Some deferred: they go on to the other hosts, as on a fresh connection (Postfix's
+        # smtp_reuse_session() drops the reused address from the list; SMTP_RCPT_KEEP).
+        if done is not None:
+            done([r for r in reusedResults if r.status is not DeliveryStatus.TRANSIENT])
+        left = [r for r, got in zip(recipients, reusedResults, strict=True)
+                if got.status is DeliveryStatus.TRANSIENT]
+        again = yield self._deliverFresh(envelope, left, key, policy, messagePath, done,
+                                         [r for r in reusedResults
+                                          if r.status is DeliveryStatus.TRANSIENT], address)
+        return withDeferredReplaced(reusedResults, again)
+
+    @inlineCallbacks
+    def _deliverFresh(
+        self,
+        envelope: Any,
+        recipients: list,
+        key: tuple[str, ClientSettings],
+        policy: Any,
+        messagePath: Path,
+        done: Callable[[list[RecipientResult]], None] | None,
+        reusedResults: list[RecipientResult] | None = None,
+        reusedAddress: str | None = None,
+    ) -> Any:
+        """Deliver to C{recipients} over new connections to the next hop's hosts.
+
+        @param reusedResults: the results of C{recipients} on a reused connection, which
+            deferred them all.
+        @param reusedAddress: the address of the reused connection's server, which deferred
+            C{recipients} when others of its transaction were done: it is not tried again;
+            when it is the only host, C{reusedResults} stand.
+        """
+        nexthop = key[0]
         try:
             hosts = yield self.resolver.resolve(nexthop)
         except DeliveryFailure as e:
             return self._unresolved(e, envelope, recipients, nexthop)
+        if reusedAddress is not None:
+            hosts = [h for h in hosts if h.address != reusedAddress]
+            if not hosts:
+                return reusedResults
         hosts, loop = self._withoutSelf(hosts, nexthop)
         if loop is not None:
             log.warn("{queueID}: {diagnostic}", queueID=envelope.queueID,
@@ -400,23 +446,29 @@ class SMTPBackend(ClientBackend):
     ) -> Any:
         """Send over an idle cached connection to C{key}, if there is one.
 
-        @return: a Deferred firing with the results, or C{None} without a cached connection.
+        @return: a Deferred firing with the results and the address of the connection's
+            server, or C{None} without a cached connection.
         """
         cached = self._cache.take(key)
         if cached is None:
             return None
         results = yield self._send(cached, envelope, recipients, messagePath)
         self._cache.release(key, cached)
-        if _allTransient(results):
+        deferred = [r for r in results if r.status is DeliveryStatus.TRANSIENT]
+        if deferred:
             log.info(
-                "{queueID}: every recipient deferred on the reused connection to {relay} "
-                "({why}); trying afresh",
+                "{queueID}: {which} deferred on the reused connection to {relay} ({why}); "
+                "{how}",
                 queueID=envelope.queueID,
+                which=("every recipient" if len(deferred) == len(results)
+                       else f"{len(deferred)} of {len(results)} recipients"),
+                how=("trying afresh" if len(deferred) == len(results)
+                     else "trying the other hosts"),
                 relay=cached.relay,
                 why=_whyDeferred(results),
                 remoteMTA=cached.remoteMTA,
             )
-        return results
+        return results, getattr(cached, "address", None)
 
     def _unresolved(
         self, failure: DeliveryFailure, envelope: Any, recipients: list, nexthop: str
