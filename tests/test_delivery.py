@@ -150,6 +150,11 @@ def test_builtin_backends_build_from_their_options() -> None:
         "connection_cache_time": 0.5,
     }
     smtp = buildPlugin(installed, "smtp", IDeliveryBackend, options, context)
+    # Postfix's smtp_mx_address_limit and smtp_mx_session_limit, unless given.
+    assert (smtp.resolver.maxAddresses, smtp.mxSessionLimit) == (5, 2)
+    limited = buildPlugin(installed, "smtp", IDeliveryBackend,
+                          {**options, "mx_address_limit": 0, "mx_session_limit": 1}, context)
+    assert (limited.resolver.maxAddresses, limited.mxSessionLimit) == (0, 1)
     assert isinstance(smtp, SMTPBackend) and smtp.reactor is context.reactor
     assert (smtp.settings, smtp.destinationConcurrency, smtp.connectionCacheTime) == (
         SETTINGS,
@@ -200,6 +205,7 @@ def test_make_backends_builds_every_backend_through_the_plugin_builder(tmp_path:
     path.write_text(
         'hostname = "relay.test"\n'
         '[delivery]\nhelo_name = "out.test"\ndestination_concurrency = 7\n'
+        'mx_address_limit = 0\nmx_session_limit = 3\n'
         '[dns]\nnameservers = ["127.0.0.1:5353"]\n'
         '[[backends]]\nname = "hook"\nplugin = "webhook"\nurl = "https://x.test/"\n'
     )
@@ -224,6 +230,7 @@ def test_make_backends_builds_every_backend_through_the_plugin_builder(tmp_path:
     assert smtp["settings"].heloName == "out.test" and smtp["settings"] is lmtp["settings"]
     assert smtp["nameservers"] == (("127.0.0.1", 5353),)
     assert (smtp["destination_concurrency"], lmtp["concurrency"]) == (7, 7)
+    assert (smtp["mx_address_limit"], smtp["mx_session_limit"]) == (0, 3)
     assert built[4].options == {"url": "https://x.test/"}
 
 
@@ -1361,7 +1368,7 @@ def test_smtp_hello_refused_by_the_last_host_bounces() -> None:
     smtp_site_fail at the final server (it was deferred for the queue's lifetime, 5 days);
     from an earlier host it only moves on to the next.  A 5xx greeting or AUTH reply stays
     a deferral (Postfix's smtp_skip_5xx_greeting, smtp_sasl_auth_soft_bounce)."""
-    backend, net, clock, mx = smtpBackend(connectionCacheTime=0)
+    backend, net, clock, mx = smtpBackend(connectionCacheTime=0, mxSessionLimit=0)
     net.connectBehaviour["192.0.2.1"] = connectError("4.4.1", "X-mailrelay; refused")
     net.connectBehaviour["2001:db8::1"] = _refusedHello("mx1.example.org")
     net.connectBehaviour["192.0.2.2"] = _refusedHello("mx2.example.org")
@@ -1417,7 +1424,7 @@ def test_smtp_unexpected_connect_exception_is_transient() -> None:
 def test_smtp_all_transient_tries_next_host() -> None:
     from twisted.logger import capturedLogs, formatEvent
 
-    backend, net, clock, mx = smtpBackend(connectionCacheTime=0)
+    backend, net, clock, mx = smtpBackend(connectionCacheTime=0, mxSessionLimit=0)
     net.sendBehaviour["192.0.2.1"] = "451"
     net.sendBehaviour["2001:db8::1"] = "lost"
     with capturedLogs() as events:
@@ -1448,7 +1455,7 @@ def test_smtp_recipients_deferred_by_a_host_go_on_to_the_next() -> None:
     keeps soft-failed recipients for the next server (smtp_trouble.c, SMTP_RCPT_KEEP) unless
     it is the last.  What the last host said is recorded; refused (5xx) recipients are not
     tried again, nor is any host after one found to be the relay itself."""
-    backend, net, clock, mx = smtpBackend(connectionCacheTime=0)
+    backend, net, clock, mx = smtpBackend(connectionCacheTime=0, mxSessionLimit=0)
     net.sendBehaviour["192.0.2.1"] = "ok,451,550,451"
     net.sendBehaviour["2001:db8::1"] = "451,ok"
     rcpts = ("a@example.org", "b@example.org", "c@example.org", "d@example.org")
@@ -1625,6 +1632,43 @@ def test_smtp_stale_reused_connection_retried_afresh() -> None:
     assert r.status is DELIVERED
     assert len(net.connections) == 2
     assert first.aborted
+
+
+def test_smtp_mx_session_limit() -> None:
+    """At most C{mxSessionLimit} sessions (2 by default, Postfix's smtp_mx_session_limit) in
+    one delivery: the recipients deferred by the last of them stay deferred, no further host
+    is tried.  A connection that failed (refused, no greeting, refused EHLO...) is no
+    session, as Postfix does not count handshake errors; a reused connection is one."""
+    hosts = [MXHost(f"mx{n}.many.example", f"192.0.2.{n + 1}", 25, n) for n in range(5)]
+    backend, net, clock, mx = smtpBackend(connectionCacheTime=0)
+    assert backend.mxSessionLimit == 2
+    mx.answers = {**HOSTS, "many.example": hosts}
+    net.connectBehaviour["192.0.2.1"] = connectError("4.4.1", "X-mailrelay; refused")
+    for n in range(1, 5):
+        net.sendBehaviour[f"192.0.2.{n + 1}"] = "451"
+    (r,) = result(send(backend, "many.example", "a@many.example"))
+    assert (r.status, r.remoteMTA) == (TRANSIENT, "dns; mx2.many.example")
+    assert [c.address for c in net.connections] == ["192.0.2.2", "192.0.2.3"]
+    assert [a[0] for a in net.attempts] == ["192.0.2.1", "192.0.2.2", "192.0.2.3"]
+    # 0: no limit.
+    backend, net, clock, mx = smtpBackend(connectionCacheTime=0, mxSessionLimit=0)
+    mx.answers = {**HOSTS, "many.example": hosts}
+    for n in range(5):
+        net.sendBehaviour[f"192.0.2.{n + 1}"] = "451"
+    result(send(backend, "many.example", "a@many.example"))
+    assert len(net.connections) == 5
+    # A reused connection counts: one fresh session is left after it.
+    backend, net, clock, mx = smtpBackend(mxSessionLimit=2)
+    mx.answers = {**HOSTS, "many.example": hosts}
+    result(send(backend, "many.example", "a@many.example"))
+    net.sendBehaviour["192.0.2.1"] = "ok,451"
+    for n in range(1, 5):
+        net.sendBehaviour[f"192.0.2.{n + 1}"] = "451"
+    results = result(send(backend, "many.example", "b@many.example", "c@many.example"))
+    assert [r.status for r in results] == [DELIVERED, TRANSIENT]
+    assert [c.address for c in net.connections] == ["192.0.2.1", "192.0.2.2"]
+    with pytest.raises(ValueError, match="mxSessionLimit"):
+        smtpBackend(mxSessionLimit=-1)
 
 
 def test_smtp_recipients_deferred_on_a_reused_connection_go_on_to_the_other_hosts() -> None:

@@ -264,6 +264,12 @@ ZONE = [
     ["two.test", "MX", 20, "mx2.two.test"],
     ["mx1.two.test", "A", "127.0.0.1"],
     ["mx2.two.test", "A", "127.0.0.2"],
+    ["three.test", "MX", 10, "mx1.three.test"],   # three MX hosts on three loopback addresses
+    ["three.test", "MX", 20, "mx2.three.test"],
+    ["three.test", "MX", 30, "mx3.three.test"],
+    ["mx1.three.test", "A", "127.0.0.1"],
+    ["mx2.three.test", "A", "127.0.0.2"],
+    ["mx3.three.test", "A", "127.0.0.3"],
 ]                                                 # nx.test: no records: NXDOMAIN
 
 
@@ -916,6 +922,26 @@ def test_recipients_deferred_by_an_mx_host_are_tried_at_the_next(relay, nexthop,
     waitEmpty(r)
 
 
+def test_mx_session_limit_stops_the_walk_over_the_mx_hosts(relay, nexthop, dns) -> None:
+    """Three MX hosts that each defer the recipient at RCPT: one delivery holds at most
+    mx_session_limit sessions (2, Postfix's smtp_mx_session_limit), so the third host is not
+    tried in that attempt; the recipient is deferred with the second one's reply."""
+    hosts = [nexthop()]
+    port = hosts[0][1]
+    hosts += [nexthop(port=port, host=f"127.0.0.{n}") for n in (2, 3)]
+    for hop, _ in hosts:
+        hop.rcptReply = lambda address: "450 4.2.1 busy"
+    r = relay(config(dns, queue={"min_backoff": 300, "max_backoff": 600},
+                     routes=[{"domain": "three.test", "backend": "smtp",
+                              "nexthop": f"three.test:{port}"}]))
+    qid = submit(r, "alice@sender.test", ["busy@three.test"], message("three MX hosts"))
+    m = waitResult(r, qid, "busy@three.test")
+    assert (m["status"], m["relay"], m["attempts"]) == (
+        "deferred", f"mx2.three.test[127.0.0.2]:{port}", "1"), m[0]
+    assert re.search(rf"{qid}: MX session limit \(2\) reached", r.log()), r.log()
+    assert not re.search(r"127\.0\.0\.3", r.log()), r.log()
+
+
 def test_recipients_deferred_on_a_reused_connection_are_tried_at_the_next_mx(
         relay, nexthop, dns) -> None:
     """A reused (cached) connection to the best MX host whose server defers one recipient
@@ -1093,8 +1119,9 @@ def test_the_addresses_of_many_mx_hosts_are_looked_up_as_far_as_needed(
         m = waitResult(r, qid, "user@many.test")
         assert (m["status"], m["relay"]) == ("sent", f"h15.many.test[127.0.0.1]:{port}"), m[0]
         asked = {name for name, kind in zone.queries() if kind in ("A", "AAAA")}
-        # Ten addresses are wanted: three rounds (h0-h9, h10-h19: five, h20-h29).
-        assert asked == {f"h{n}.many.test" for n in range(30)}, sorted(asked)
+        # Five addresses are wanted ([delivery] mx_address_limit): two rounds (h0-h9,
+        # h10-h19: five).
+        assert asked == {f"h{n}.many.test" for n in range(20)}, sorted(asked)
         hop.waitTo("user@many.test")
     finally:
         zone.stop()

@@ -731,7 +731,7 @@ def test_equal_preferences_are_shuffled() -> None:
     zone["first.many.example"] = [A("192.0.2.5")]
     orders = set()
     for seed in range(10):
-        resolver, _, _ = makeMX(zone, seed=seed)
+        resolver, _, _ = makeMX(zone, seed=seed, maxAddresses=0)
         hosts = resolveNow(resolver, "many.example")
         assert hosts[0].name == "first.many.example"
         assert sorted(h.name for h in hosts[1:]) == [f"mx{i}.many.example" for i in range(6)]
@@ -914,6 +914,19 @@ def test_bracketed_hosts_and_literals() -> None:
 def test_max_addresses() -> None:
     resolver, _, _ = makeMX(maxAddresses=2)
     assert len(resolveNow(resolver, "example.org")) == 2
+
+
+def test_max_addresses_defaults_to_postfixs_mx_address_limit() -> None:
+    """At most five addresses by default, Postfix's smtp_mx_address_limit: ten dead MX hosts
+    would each take a connect or greeting time-out; 0 is no limit."""
+    zone: dict[str, Any] = {"ten.example": [MX(n, f"mx{n}.ten.example") for n in range(10)]}
+    for n in range(10):
+        zone[f"mx{n}.ten.example"] = [A(f"192.0.2.{n + 1}")]
+    resolver, _, _ = makeMX(zone)
+    assert [h.address for h in resolveNow(resolver, "ten.example")] == [
+        f"192.0.2.{n + 1}" for n in range(5)]
+    resolver, _, _ = makeMX(zone, maxAddresses=0)
+    assert len(resolveNow(resolver, "ten.example")) == 10
 
 
 def test_mx_hosts_are_looked_up_only_as_far_as_needed() -> None:

@@ -25,6 +25,8 @@ def builtinBackendSpecs(config: Config) -> list[BackendSpec]:
             "nameservers": config.nameservers,
             "destination_concurrency": config.destinationConcurrency,
             "connection_cache_time": config.connectionCacheTime,
+            "mx_address_limit": config.mxAddressLimit,
+            "mx_session_limit": config.mxSessionLimit,
             # Postfix's $minimal_backoff_time (see mailrelay.delivery.smtp).
             "plaintext_fallback_age": config.queue.minBackoff,
             "mta_sts": config.mtaSts,

@@ -436,6 +436,16 @@ DELIVERY = Table(
             "Seconds an idle connection is kept for the next message.",
         ),
         Key(
+            "mx_address_limit",
+            integer(0, 1000),
+            "The most MX host addresses one delivery tries (0: no limit).",
+        ),
+        Key(
+            "mx_session_limit",
+            integer(0, 1000),
+            "The most SMTP sessions of one delivery (0: no limit).",
+        ),
+        Key(
             "create_mailboxes",
             boolean,
             "Maildir routes deliver to any user, creating its directory.",

@@ -146,6 +146,10 @@ class Config:
         hosts and the default of C{smtp} routes, the time-outs.
     @ivar destinationConcurrency: the most connections to one destination at once.
     @ivar connectionCacheTime: seconds an idle connection is kept for reuse (C{0.0}: never).
+    @ivar mxAddressLimit: the most MX host addresses one SMTP delivery tries (C{0}: no
+        limit; Postfix's C{smtp_mx_address_limit}).
+    @ivar mxSessionLimit: the most SMTP sessions of one delivery (C{0}: no limit; Postfix's
+        C{smtp_mx_session_limit}).
     @ivar createMailboxes: maildir routes deliver to any user, creating its directory; else
         only to users whose directory exists (L{mailrelay.delivery.maildir}).
     @ivar mtaSts: deliveries by MX lookup follow the recipient domain's MTA-STS policy
@@ -208,6 +212,8 @@ class Config:
     queueProcess: str = "separate"
     destinationConcurrency: int = 20
     connectionCacheTime: float = 2.0
+    mxAddressLimit: int = 5
+    mxSessionLimit: int = 2
     createMailboxes: bool = False
     recipientDelimiter: str = ""
     mtaSts: bool = False

@@ -156,6 +156,9 @@ class _Tried:
     broke: bool = False
     #: A transaction's connection did not break (see C{broke}): a server was talked to.
     answered: bool = False
+    #: The sessions so far (connections set up that carried a transaction, a reused one
+    #: included): at C{mxSessionLimit}, no further host is tried.
+    sessions: int = 0
 
 
 class _Idle:
@@ -257,6 +260,7 @@ class SMTPBackend(ClientBackend):
         selfName: str | None = None,
         connect: Callable[..., Deferred] | None = None,
         mtaSTS: MTASTS | None = None,
+        mxSessionLimit: int = 2,
     ) -> None:
         """
         @param reactor: provides C{IReactorTCP} and C{IReactorTime}.
@@ -274,9 +278,16 @@ class SMTPBackend(ClientBackend):
         @param connect: the connecting function, C{connectSMTP} by default (for tests).
         @param mtaSTS: the MTA-STS policies (L{MTASTS}) deliveries by MX lookup follow, or
             C{None}: none are looked for.
+        @param mxSessionLimit: the most SMTP sessions of one delivery, 0 for no limit
+            (Postfix's C{smtp_mx_session_limit}): a session is a connection set up (greeted,
+            EHLO...) that carried a transaction, a reused one included; a connection that
+            failed is not one.  The recipients the last session deferred stay deferred.
         """
         if destinationConcurrency < 1:
             raise ValueError("destinationConcurrency must be at least 1")
+        if mxSessionLimit < 0:
+            raise ValueError(f"mxSessionLimit must be 0 (no limit) or more, not {mxSessionLimit}")
+        self.mxSessionLimit = mxSessionLimit
         self.reactor = reactor
         self.resolver = resolver
         self.settings = settings
@@ -335,10 +346,12 @@ class SMTPBackend(ClientBackend):
         if reused is None:
             return (yield self._deliverFresh(envelope, recipients, key, policy, messagePath,
                                              done))
-        reusedResults, address = reused
+        reusedResults, cached = reused
         if _allTransient(reusedResults):  # (a stale connection, most likely: all afresh)
+            # A session when its server answered (Postfix counts a reused one).
+            sessions = 0 if cached.broke else 1
             return (yield self._deliverFresh(envelope, recipients, key, policy, messagePath,
-                                             done, reusedResults))
+                                             done, reusedResults, sessions=sessions))
         self._perDestination.reached(nexthop)
         if firstDeferred(reusedResults) is None:
             return reusedResults
@@ -350,7 +363,8 @@ class SMTPBackend(ClientBackend):
                 if got.status is DeliveryStatus.TRANSIENT]
         again = yield self._deliverFresh(envelope, left, key, policy, messagePath, done,
                                          [r for r in reusedResults
-                                          if r.status is DeliveryStatus.TRANSIENT], address)
+                                          if r.status is DeliveryStatus.TRANSIENT],
+                                         getattr(cached, "address", None), sessions=1)
         return withDeferredReplaced(reusedResults, again)
 
     @inlineCallbacks
@@ -364,6 +378,7 @@ class SMTPBackend(ClientBackend):
         done: Callable[[list[RecipientResult]], None] | None,
         reusedResults: list[RecipientResult] | None = None,
         reusedAddress: str | None = None,
+        sessions: int = 0,
     ) -> Any:
         """Deliver to C{recipients} over new connections to the next hop's hosts.
 
@@ -372,8 +387,11 @@ class SMTPBackend(ClientBackend):
         @param reusedAddress: the address of the reused connection's server, which deferred
             C{recipients} when others of its transaction were done: it is not tried again;
             when it is the only host, C{reusedResults} stand.
+        @param sessions: the sessions of this delivery so far (the reused connection's).
         """
         nexthop = key[0]
+        if 0 < self.mxSessionLimit <= sessions and reusedResults is not None:
+            return reusedResults
         try:
             hosts = yield self.resolver.resolve(nexthop)
         except DeliveryFailure as e:
@@ -395,7 +413,7 @@ class SMTPBackend(ClientBackend):
                 log.warn("{queueID}: {diagnostic}; deferred", queueID=envelope.queueID,
                          diagnostic=diagnostic.removeprefix("X-mailrelay; "))
                 return resultsForAll(recipients, DeliveryStatus.TRANSIENT, "4.7.5", diagnostic)
-        tried = _Tried()
+        tried = _Tried(sessions=sessions)
         results = yield self._tryHosts(hosts, key, envelope, recipients, messagePath, tried,
                                        done)
         answer = results if results is not None else tried.deferred
@@ -446,8 +464,8 @@ class SMTPBackend(ClientBackend):
     ) -> Any:
         """Send over an idle cached connection to C{key}, if there is one.
 
-        @return: a Deferred firing with the results and the address of the connection's
-            server, or C{None} without a cached connection.
+        @return: a Deferred firing with the results and the connection, or C{None} without
+            a cached connection.
         """
         cached = self._cache.take(key)
         if cached is None:
@@ -468,7 +486,7 @@ class SMTPBackend(ClientBackend):
                 why=_whyDeferred(results),
                 remoteMTA=cached.remoteMTA,
             )
-        return results, getattr(cached, "address", None)
+        return results, cached
 
     def _unresolved(
         self, failure: DeliveryFailure, envelope: Any, recipients: list, nexthop: str
@@ -540,10 +558,11 @@ class SMTPBackend(ClientBackend):
                 )
             broke = connection.broke and not connection.tlsSessionFailed
             tried.answered = tried.answered or not broke
+            tried.sessions += 1
             merged = (list(results) if tried.deferred is None
                       else withDeferredReplaced(tried.deferred, results))
             deferred = [r for r in results if r.status is DeliveryStatus.TRANSIENT]
-            if deferred and index + 1 < len(hosts):
+            if deferred and index + 1 < len(hosts) and self._sessionsLeft(tried, envelope):
                 log.info(
                     "{queueID}: {which} deferred by {relay} ({why}); trying the next host",
                     queueID=envelope.queueID,
@@ -566,6 +585,18 @@ class SMTPBackend(ClientBackend):
             return merged
         tried.broke = not tried.answered
         return None
+
+    def _sessionsLeft(self, tried: _Tried, envelope: Any) -> bool:
+        """Whether the delivery may have another session (C{mxSessionLimit}); logged when
+        not."""
+        if not 0 < self.mxSessionLimit <= tried.sessions:
+            return True
+        log.info(
+            "{queueID}: MX session limit ({limit}) reached: the recipients deferred are not "
+            "tried at another host in this attempt",
+            queueID=envelope.queueID, limit=self.mxSessionLimit,
+        )
+        return False
 
     @inlineCallbacks
     def _connectNoting(
@@ -802,8 +833,9 @@ def build(options: dict[str, Any], context: PluginContext) -> SMTPBackend:
 
     @param options: C{settings}, the default L{ClientSettings} (of C{[delivery]});
         C{nameservers}, the C{[dns]} name servers (none: the system's resolver);
-        C{destination_concurrency}, C{connection_cache_time} and C{plaintext_fallback_age}
-        (the queue's C{min_backoff}; see L{SMTPBackend}).
+        C{destination_concurrency}, C{connection_cache_time}, C{plaintext_fallback_age}
+        (the queue's C{min_backoff}) and C{mx_session_limit} (see L{SMTPBackend});
+        C{mx_address_limit} (L{MXResolver}'s C{maxAddresses}).
     @param context: its C{reactor} connects and times, its C{resolver} (when it has one;
         else one of C{nameservers}) looks up the MX hosts.
     """
@@ -816,6 +848,8 @@ def build(options: dict[str, Any], context: PluginContext) -> SMTPBackend:
             "destination_concurrency",
             "connection_cache_time",
             "plaintext_fallback_age",
+            "mx_address_limit",
+            "mx_session_limit",
             "mta_sts",
             "mta_sts_cache",
         ),
@@ -831,12 +865,13 @@ def build(options: dict[str, Any], context: PluginContext) -> SMTPBackend:
                      clientTLS=verifiedClientTLS)
     return SMTPBackend(
         reactor,
-        MXResolver(resolver, reactor),
+        MXResolver(resolver, reactor, maxAddresses=options.get("mx_address_limit", 5)),
         options["settings"],
         destinationConcurrency=options.get("destination_concurrency", 20),
         connectionCacheTime=options.get("connection_cache_time", 2.0),
         plaintextFallbackAge=options.get("plaintext_fallback_age", 300.0),
         selfName=context.hostname,
         mtaSTS=sts,
+        mxSessionLimit=options.get("mx_session_limit", 2),
     )
 

@@ -140,7 +140,7 @@ class MXResolver:
         *,
         random: randomModule.Random | None = None,
         families: Sequence[int] = (4, 6),
-        maxAddresses: int = 10,
+        maxAddresses: int = 5,
     ) -> None:
         """
         @param resolver: a C{twisted.internet.interfaces.IResolver} (see L{makeResolver}).
@@ -150,9 +150,9 @@ class MXResolver:
         @param families: the address families to look up, in the order their addresses are
             tried for each host: C{(4, 6)} (the default: IPv4 first), C{(6, 4)}, or C{(4,)}
             to never use IPv6.
-        @param maxAddresses: at most this many addresses are returned (Postfix's
-            C{smtp_mx_address_limit}), so that a domain of many dead MX hosts does not hold a
-            delivery for hours.
+        @param maxAddresses: at most this many addresses are returned, 0 for no limit
+            (Postfix's C{smtp_mx_address_limit}, 5 by default), so that a domain of many dead
+            MX hosts does not hold a delivery for hours.
         """
         self.resolver = resolver
         self.clock = clock
