@@ -620,6 +620,8 @@ ERROR_CASES = [
      "an integer >= 0, not -1"),
     ('[delivery]\nmx_session_limit = "2"', "delivery.mx_session_limit",
      'an integer >= 0, not "2"'),
+    ('[delivery]\nproxy_interfaces = ["mx.example"]', "delivery.proxy_interfaces[0]",
+     '"mx.example" is not an IP address'),
     ("[delivery]\nconcurrency = 5", "delivery.concurrency",
      'did you mean "destination_concurrency"'),
     ("[delivery]\ntimeouts = 30", "delivery.timeouts",

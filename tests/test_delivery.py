@@ -155,6 +155,11 @@ def test_builtin_backends_build_from_their_options() -> None:
     limited = buildPlugin(installed, "smtp", IDeliveryBackend,
                           {**options, "mx_address_limit": 0, "mx_session_limit": 1}, context)
     assert (limited.resolver.maxAddresses, limited.mxSessionLimit) == (0, 1)
+    own = buildPlugin(installed, "smtp", IDeliveryBackend,
+                      {**options, "listeners": ("tcp:25:interface=192.0.2.9",),
+                       "proxy_interfaces": ("198.51.100.1",)}, context)
+    assert ("192.0.2.9", 25) in own.ownAddresses and ("198.51.100.1", 25) in own.ownAddresses
+    assert ("192.0.2.10", 25) not in own.ownAddresses
     assert isinstance(smtp, SMTPBackend) and smtp.reactor is context.reactor
     assert (smtp.settings, smtp.destinationConcurrency, smtp.connectionCacheTime) == (
         SETTINGS,
@@ -205,7 +210,7 @@ def test_make_backends_builds_every_backend_through_the_plugin_builder(tmp_path:
     path.write_text(
         'hostname = "relay.test"\n'
         '[delivery]\nhelo_name = "out.test"\ndestination_concurrency = 7\n'
-        'mx_address_limit = 0\nmx_session_limit = 3\n'
+        'mx_address_limit = 0\nmx_session_limit = 3\nproxy_interfaces = ["2001:DB8::25"]\n'
         '[dns]\nnameservers = ["127.0.0.1:5353"]\n'
         '[[backends]]\nname = "hook"\nplugin = "webhook"\nurl = "https://x.test/"\n'
     )
@@ -231,6 +236,9 @@ def test_make_backends_builds_every_backend_through_the_plugin_builder(tmp_path:
     assert smtp["nameservers"] == (("127.0.0.1", 5353),)
     assert (smtp["destination_concurrency"], lmtp["concurrency"]) == (7, 7)
     assert (smtp["mx_address_limit"], smtp["mx_session_limit"]) == (0, 3)
+    assert smtp["proxy_interfaces"] == ("2001:db8::25",)
+    assert smtp["listeners"] == tuple(listener.settings.name for listener in config.listeners)
+    assert smtp["listeners"] == ("tcp:2525:interface=127.0.0.1",)  # (the default listener)
     assert built[4].options == {"url": "https://x.test/"}
 
 
@@ -1275,6 +1283,40 @@ def test_smtp_the_relay_in_the_mx_list() -> None:
     net.connectBehaviour.clear()
     (r,) = result(send(backend, "backuponly.example", "a@backuponly.example"))
     assert r.status is DELIVERED and [a[0] for a in net.attempts] == ["192.0.2.11"]
+
+
+def test_smtp_the_relay_in_the_mx_list_by_address() -> None:
+    """An MX host whose address and port the relay listens on (or a proxy interface's) is
+    the relay itself, whatever its name: dropped with every less preferred host; the best,
+    a loop (5.4.6) -- as Postfix's smtp_find_self() compares the addresses with
+    own_inet_addr_list() and proxy_inet_addr_list().  The relay connected to itself, and
+    only its EHLO name could tell."""
+    from mailrelay.delivery.smtp import SMTPBackend
+    from mailrelay.route.ownaddr import OwnAddresses
+
+    def backend(*listeners: str) -> tuple[SMTPBackend, FakeNet]:
+        net = FakeNet()
+        own = OwnAddresses(listeners, local=lambda: frozenset({"192.0.2.1", "2001:db8::1"}))
+        return SMTPBackend(Clock(), FakeMX(HOSTS), SETTINGS, connect=net.connect,
+                           selfName="relay.test", ownAddresses=own), net
+
+    smtp, net = backend("tcp:25:interface=192.0.2.2")  # the backup MX
+    net.connectBehaviour["192.0.2.1"] = connectError("4.4.1", "X-mailrelay; refused")
+    net.connectBehaviour["2001:db8::1"] = connectError("4.4.1", "X-mailrelay; refused")
+    (r,) = result(send(smtp, "example.org", "a@example.org"))
+    assert r.status is TRANSIENT
+    assert [a[0] for a in net.attempts] == ["192.0.2.1", "2001:db8::1"]
+    smtp, net = backend("tcp:25")  # every local address: the best MX
+    (r,) = result(send(smtp, "example.org", "a@example.org"))
+    assert (r.status, r.code, r.diagnostic) == (
+        PERMANENT, "5.4.6", "X-mailrelay; mail for example.org loops back to myself")
+    assert net.attempts == []
+    # Another port than the relay's: another server.
+    smtp, net = backend("tcp:2525")
+    assert result(send(smtp, "example.org", "a@example.org"))[0].status is DELIVERED
+    smtp, net = backend("tcp:587:interface=192.0.2.40")  # a bracketed next hop
+    (r,) = result(send(smtp, "[relay.example]:587", "a@example.com"))
+    assert (r.status, r.code) == (PERMANENT, "5.4.6")
 
 
 def test_smtp_a_loop_found_at_ehlo() -> None:

@@ -1128,17 +1128,22 @@ def test_the_addresses_of_many_mx_hosts_are_looked_up_as_far_as_needed(
 
 
 def test_mx_hosts_less_preferred_than_the_relay_itself_are_not_tried(relay, tmp_path: Path) -> None:
-    """An MX host whose name is not the relay's, but which turns out to be the relay (it
-    answers EHLO with the relay's own name), ends the list: RFC 5321 section 5.1 -- the
-    client discards itself and every less preferred host, which may well send the mail
-    back to it.  The mail waits for the better host (deferred), the backup gets nothing."""
+    """An MX host whose name and address are not the relay's, but which turns out to be the
+    relay (it answers EHLO with the relay's own name: the relay behind a NAT it was not told
+    of), ends the list: RFC 5321 section 5.1 -- the client discards itself and every less
+    preferred host, which may well send the mail back to it.  The mail waits for the better
+    host (deferred), the backup gets nothing."""
     port = freePort()
     backup = Recorder()
     controller = _TCPController(backup, hostname="127.0.0.2", port=port, ready_timeout=10)
     controller.start()
+    # (At the relay's own address it is known before any connection: see the next test.)
+    me = _TCPController(Recorder(), hostname="127.0.0.4", port=port, ready_timeout=10,
+                        server_hostname="relay.test")
+    me.start()
     zone = DNSServer(tmp_path / "loop-dns", "test", [
         ["loop.test", "MX", 10, "down.loop.test"], ["down.loop.test", "A", "127.0.0.3"],
-        ["loop.test", "MX", 20, "me.loop.test"], ["me.loop.test", "A", "127.0.0.1"],
+        ["loop.test", "MX", 20, "me.loop.test"], ["me.loop.test", "A", "127.0.0.4"],
         ["loop.test", "MX", 30, "backup.loop.test"], ["backup.loop.test", "A", "127.0.0.2"],
     ])
     try:
@@ -1156,6 +1161,44 @@ def test_mx_hosts_less_preferred_than_the_relay_itself_are_not_tried(relay, tmp_
     finally:
         zone.stop()
         controller.stop()
+        me.stop()
+
+
+def test_an_mx_host_at_the_relays_own_address_is_the_relay_itself(relay, nexthop,
+                                                                   tmp_path: Path) -> None:
+    """An MX host whose address and port are the relay's own listener's is the relay itself,
+    whatever its name: it and every less preferred host are dropped before any connection
+    (RFC 5321 section 5.1; Postfix's smtp_find_self compares the MX addresses with its own,
+    own_inet_addr_list).  The relay connected to itself and only its EHLO name told it; the
+    best MX at its address: the mail loops (5.4.6), bounced without a connection."""
+    backup, port = nexthop(host="127.0.0.2")
+    zone = DNSServer(tmp_path / "self-dns", "test", [
+        ["self.test", "MX", 10, "down.self.test"], ["down.self.test", "A", "127.0.0.3"],
+        ["self.test", "MX", 20, "other-name.self.test"],
+        ["other-name.self.test", "A", "127.0.0.1"],
+        ["self.test", "MX", 30, "backup.self.test"], ["backup.self.test", "A", "127.0.0.2"],
+        ["best.test", "MX", 10, "other-name.self.test"],
+        ["best.test", "MX", 20, "backup.self.test"],
+    ])
+    try:
+        r = relay(config(zone, routes=[
+            {"domain": "self.test", "backend": "smtp", "nexthop": f"self.test:{port}"},
+            {"domain": "best.test", "backend": "smtp", "nexthop": f"best.test:{port}"}]),
+            "--listen", f"tcp:{port}:interface=127.0.0.1")
+        qid = submit(r, "alice@sender.test", ["user@self.test"], message("backup"))
+        m = waitResult(r, qid, "user@self.test")
+        assert m["status"] == "deferred", m[0]
+        assert m["diagnostic"] == "X-mailrelay; connection refused by down.self.test", m[0]
+        best = submit(r, "<>", ["user@best.test"], message("best"))
+        m = waitResult(r, best, "user@best.test")
+        assert (m["status"], m["diagnostic"]) == (
+            "bounced", f"X-mailrelay; mail for best.test:{port} loops back to myself"), m[0]
+        log = r.log()
+        assert "replied to EHLO with my own hostname" not in log, log
+        assert "other-name.self.test[" not in log and "backup.self.test" not in log, log
+        assert backup.attempts == [] and backup.accepted == []
+    finally:
+        zone.stop()
 
 
 # ---------------------------------------------------------------------------------------------

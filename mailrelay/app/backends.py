@@ -27,6 +27,9 @@ def builtinBackendSpecs(config: Config) -> list[BackendSpec]:
             "connection_cache_time": config.connectionCacheTime,
             "mx_address_limit": config.mxAddressLimit,
             "mx_session_limit": config.mxSessionLimit,
+            # Where the relay itself receives mail (an MX host there is the relay).
+            "listeners": tuple(listener.settings.name for listener in config.listeners),
+            "proxy_interfaces": config.proxyInterfaces,
             # Postfix's $minimal_backoff_time (see mailrelay.delivery.smtp).
             "plaintext_fallback_age": config.queue.minBackoff,
             "mta_sts": config.mtaSts,

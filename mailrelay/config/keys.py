@@ -41,6 +41,7 @@ from mailrelay.config.values import (
     headerNames,
     hostname,
     integer,
+    ipAddresses,
     networks,
     nonEmpty,
     nonNegativeSeconds,
@@ -444,6 +445,11 @@ DELIVERY = Table(
             "mx_session_limit",
             integer(0, 1000),
             "The most SMTP sessions of one delivery (0: no limit).",
+        ),
+        Key(
+            "proxy_interfaces",
+            ipAddresses,
+            "Addresses that receive mail for the relay on port 25 through a proxy or NAT.",
         ),
         Key(
             "create_mailboxes",

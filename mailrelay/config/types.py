@@ -150,6 +150,9 @@ class Config:
         limit; Postfix's C{smtp_mx_address_limit}).
     @ivar mxSessionLimit: the most SMTP sessions of one delivery (C{0}: no limit; Postfix's
         C{smtp_mx_session_limit}).
+    @ivar proxyInterfaces: IP addresses that receive mail for the relay on port 25 through a
+        proxy or NAT (Postfix's C{proxy_interfaces}): an MX host there is the relay itself,
+        as one where a listener listens.
     @ivar createMailboxes: maildir routes deliver to any user, creating its directory; else
         only to users whose directory exists (L{mailrelay.delivery.maildir}).
     @ivar mtaSts: deliveries by MX lookup follow the recipient domain's MTA-STS policy
@@ -214,6 +217,7 @@ class Config:
     connectionCacheTime: float = 2.0
     mxAddressLimit: int = 5
     mxSessionLimit: int = 2
+    proxyInterfaces: tuple[str, ...] = ()
     createMailboxes: bool = False
     recipientDelimiter: str = ""
     mtaSts: bool = False

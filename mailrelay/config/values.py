@@ -555,6 +555,19 @@ def networks(value: Any, at: At) -> tuple[IPNetwork, ...]:
     return tuple(checked(parseNetwork)(text, where) for where, text in stringList(value, at))
 
 
+def ipAddresses(value: Any, at: At) -> tuple[str, ...]:
+    """An array of IP addresses (C{"192.0.2.1"}, C{"2001:db8::1"}), normalised."""
+    result: list[str] = []
+    for where, text in stringList(value, at):
+        try:
+            address = str(ipaddress.ip_address(text))
+        except ValueError:
+            raise where.error(f"{describeValue(text)} is not an IP address") from None
+        if address not in result:
+            result.append(address)
+    return tuple(result)
+
+
 def domains(value: Any, at: At) -> tuple[str, ...]:
     """An array of domains, normalised and without duplicates."""
     result: list[str] = []

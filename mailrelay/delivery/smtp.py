@@ -22,7 +22,9 @@ For each delivery the backend
      is Postfix's C{smtp_rcpt_fail} and C{smtp_bulk_fail}: a soft-failed recipient is kept
      for the next server (C{SMTP_RCPT_KEEP}) unless this one is the last
      (C{SMTP_MISC_FLAG_FINAL_SERVER}); what the last host said is what is recorded.  A host
-     that answers EHLO with the relay's own name is the relay itself: the best MX, a loop
+     of the relay's name or at its own address (C{ownAddresses}: dropped with the less
+     preferred before any connection, Postfix's smtp_find_self), or one that answers EHLO
+     with the relay's own name, is the relay itself: the best MX, a loop
      (5.4.6); a backup, the end of the list (RFC 5321 section 5.1: no less preferred host is
      tried).
 
@@ -61,7 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -89,6 +91,7 @@ from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, PluginContext
 from mailrelay.route.mtasts import MTASTS
 from mailrelay.route.mx import MXHost, MXResolver, makeResolver
 from mailrelay.route.nexthop import parseSMTPNexthop
+from mailrelay.route.ownaddr import OwnAddresses
 from mailrelay.smtp.clientsettings import ClientSettings
 from mailrelay.smtp.errors import SMTPConnectError
 
@@ -261,6 +264,7 @@ class SMTPBackend(ClientBackend):
         connect: Callable[..., Deferred] | None = None,
         mtaSTS: MTASTS | None = None,
         mxSessionLimit: int = 2,
+        ownAddresses: Container[tuple[str, int]] = (),
     ) -> None:
         """
         @param reactor: provides C{IReactorTCP} and C{IReactorTime}.
@@ -275,6 +279,9 @@ class SMTPBackend(ClientBackend):
             unreachable next hop is suspended.
         @param selfName: the relay's host name: an MX host of that name is the relay itself
             (RFC 5321 5.1: it and every less preferred host are dropped; the best, a loop).
+        @param ownAddresses: the C{(address, port)} pairs that are the relay
+            (L{OwnAddresses <mailrelay.route.ownaddr.OwnAddresses>}): a host at one of them
+            is the relay itself too, whatever its name (Postfix's C{smtp_find_self}).
         @param connect: the connecting function, C{connectSMTP} by default (for tests).
         @param mtaSTS: the MTA-STS policies (L{MTASTS}) deliveries by MX lookup follow, or
             C{None}: none are looked for.
@@ -295,6 +302,7 @@ class SMTPBackend(ClientBackend):
         self.connectionCacheTime = connectionCacheTime
         self.plaintextFallbackAge = plaintextFallbackAge
         self.selfName = selfName.lower().rstrip(".") if selfName else None
+        self.ownAddresses = ownAddresses
         self._connect = connect
         self.mtaSTS = mtaSTS
         self._perDestination = PerDestination(
@@ -734,13 +742,13 @@ class SMTPBackend(ClientBackend):
     def _withoutSelf(
         self, hosts: list[MXHost], nexthop: str
     ) -> tuple[list[MXHost], tuple[DeliveryStatus, str, str] | None]:
-        """C{hosts} without the relay itself and every host less preferred (RFC 5321 5.1,
-        Postfix's smtp_find_self); when none is left, why: the relay is the best MX (a
-        loop, 5.4.6) or only a backup (4.4.4, the primary unreachable)."""
-        if self.selfName is None:
-            return hosts, None
+        """C{hosts} without the relay itself -- a host of its name, or at one of its own
+        addresses and ports -- and every host less preferred (RFC 5321 5.1, Postfix's
+        smtp_find_self); when none is left, why: the relay is the best MX (a loop, 5.4.6)
+        or only a backup (4.4.4, the primary unreachable)."""
         for index, host in enumerate(hosts):
-            if host.name.lower().rstrip(".") == self.selfName:
+            if (self.selfName is not None and host.name.lower().rstrip(".") == self.selfName
+                    or (host.address, host.port) in self.ownAddresses):
                 kept = [h for h in hosts[:index] if h.preference != host.preference]
                 if kept:
                     return kept, None
@@ -835,7 +843,9 @@ def build(options: dict[str, Any], context: PluginContext) -> SMTPBackend:
         C{nameservers}, the C{[dns]} name servers (none: the system's resolver);
         C{destination_concurrency}, C{connection_cache_time}, C{plaintext_fallback_age}
         (the queue's C{min_backoff}) and C{mx_session_limit} (see L{SMTPBackend});
-        C{mx_address_limit} (L{MXResolver}'s C{maxAddresses}).
+        C{mx_address_limit} (L{MXResolver}'s C{maxAddresses}); C{listeners} (their
+        endpoint descriptions) and C{proxy_interfaces}, the relay's own addresses
+        (L{OwnAddresses}).
     @param context: its C{reactor} connects and times, its C{resolver} (when it has one;
         else one of C{nameservers}) looks up the MX hosts.
     """
@@ -850,6 +860,8 @@ def build(options: dict[str, Any], context: PluginContext) -> SMTPBackend:
             "plaintext_fallback_age",
             "mx_address_limit",
             "mx_session_limit",
+            "listeners",
+            "proxy_interfaces",
             "mta_sts",
             "mta_sts_cache",
         ),
@@ -873,5 +885,7 @@ def build(options: dict[str, Any], context: PluginContext) -> SMTPBackend:
         selfName=context.hostname,
         mtaSTS=sts,
         mxSessionLimit=options.get("mx_session_limit", 2),
+        ownAddresses=OwnAddresses(options.get("listeners", ()),
+                                  options.get("proxy_interfaces", ())),
     )
 

@@ -1,6 +1,6 @@
 """Routing: which backend, next hop and options each recipient goes to: the site's routers
 before the routing table (L{chain}), the table (L{table}), the one parser of each kind of
-next hop (L{nexthop}), and MX resolution (L{mx}).
+next hop (L{nexthop}), MX resolution (L{mx}), and the relay's own addresses (L{ownaddr}).
 
 May import the values (L{mailrelay.interfaces}, L{mailrelay.envelope}, L{mailrelay.errors},
 L{mailrelay.address}) and L{mailrelay.smtp}.

@@ -1,0 +1,164 @@
+"""The relay's own addresses: where its listeners listen, and the proxy or NAT addresses in
+front of it, so that an MX host that is the relay itself is known by its address, whatever
+its name (Postfix's C{smtp_find_self}, with C{own_inet_addr_list} and
+C{proxy_inet_addr_list}).
+
+A listener bound to one address (C{"tcp:25:interface=192.0.2.1"}) owns that address and
+port; one bound to every address (C{"tcp:25"}, C{"tcp6:25:interface=\\:\\:"}) owns the port
+on each address of this host (L{localAddresses}; every loopback address too).  A listener
+that is not TCP (a UNIX socket, a socket passed by systemd) owns none.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from twisted.internet import endpoints
+
+__all__ = ["OwnAddresses", "listenAddress", "localAddresses"]
+
+#: The port a proxy interface receives mail on (Postfix's C{proxy_interfaces} are SMTP's).
+SMTP_PORT = 25
+
+_WILDCARDS = ("", "0.0.0.0", "::")
+
+
+def _normal(address: str) -> str | None:
+    """C{address} in its normal form (C{"2001:db8::1"}), or C{None}: not an IP address."""
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return None
+
+
+def listenAddress(description: str) -> tuple[str, int, int] | None:
+    """Where the server endpoint C{description} listens: C{(address, port, family)},
+    C{address} C{""} for every address of the family (4 or 6); C{None} when it is not a TCP
+    endpoint (C{tcp}, C{tcp6}, C{ssl}) or does not say."""
+    try:
+        args, kwargs = endpoints._parse(description)
+    except Exception:
+        return None
+    if not args:
+        return None
+    kind = str(args[0]).lower()
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return None
+    port = kwargs.get("port", args[1] if len(args) > 1 else None)
+    try:
+        number = int(port)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    interface = str(kwargs.get("interface", "::" if kind == "tcp6" else ""))
+    if interface in _WILDCARDS:
+        return "", number, 6 if kind == "tcp6" else 4
+    address = _normal(interface)
+    if address is None:
+        return None
+    return address, number, ipaddress.ip_address(address).version
+
+
+def _procIPv4(text: str) -> set[str]:
+    """The local IPv4 addresses in C{/proc/net/fib_trie}: each C{|-- a.b.c.d} line followed
+    by C{/32 host LOCAL}."""
+    found: set[str] = set()
+    last = None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("|--"):
+            last = stripped[3:].strip()
+        elif stripped.startswith("/32 host LOCAL") and last:
+            found.add(last)
+    return found
+
+
+def _procIPv6(text: str) -> set[str]:
+    """The IPv6 addresses in C{/proc/net/if_inet6} (32 hex digits first on each line)."""
+    found = set()
+    for line in text.splitlines():
+        digits = line.split()[0] if line.split() else ""
+        if len(digits) == 32:
+            try:
+                found.add(str(ipaddress.IPv6Address(bytes.fromhex(digits))))
+            except ValueError:
+                continue
+    return found
+
+
+def localAddresses() -> frozenset[str]:
+    """The IP addresses of this host's interfaces (Linux's C{/proc}), with the loopback
+    addresses; elsewhere, the loopback addresses and those of the host's name."""
+    found = {"127.0.0.1", "::1"}
+    read = False
+    for name, parse in (("/proc/net/fib_trie", _procIPv4), ("/proc/net/if_inet6", _procIPv6)):
+        try:
+            found |= parse(Path(name).read_text())
+            read = True
+        except OSError:
+            continue
+    if not read:
+        import socket
+
+        try:
+            found |= {str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None)}
+        except OSError:
+            pass
+    return frozenset(a for a in (_normal(x) for x in found) if a is not None)
+
+
+class OwnAddresses:
+    """The C{(address, port)} pairs that are this relay: test with C{in}."""
+
+    def __init__(
+        self,
+        listeners: Iterable[str],
+        proxyInterfaces: Iterable[str] = (),
+        local: Callable[[], frozenset[str]] = localAddresses,
+    ) -> None:
+        """
+        @param listeners: the listeners' endpoint descriptions.
+        @param proxyInterfaces: IP addresses that receive mail for the relay on port 25 by
+            way of a proxy or NAT (Postfix's C{proxy_interfaces}).
+        @param local: this host's addresses, asked once when a listener listens on every
+            address.
+        @raise ValueError: a proxy interface that is not an IP address (the message says it).
+        """
+        pairs: set[tuple[str, int]] = set()
+        wildcards: set[tuple[int, int]] = set()
+        for description in listeners:
+            where = listenAddress(description)
+            if where is None:
+                continue
+            address, port, family = where
+            if address:
+                pairs.add((address, port))
+            else:
+                wildcards.add((port, family))
+        for text in proxyInterfaces:
+            proxy = _normal(text)
+            if proxy is None:
+                raise ValueError(f"proxy interface {text!r} is not an IP address")
+            pairs.add((proxy, SMTP_PORT))
+        self._pairs = frozenset(pairs)
+        self._wildcards = frozenset(wildcards)
+        self._local = local() if wildcards else frozenset()
+
+    def __contains__(self, item: object) -> bool:
+        if not isinstance(item, tuple) or len(item) != 2:
+            return False
+        address = _normal(str(item[0]))
+        if address is None:
+            return False
+        port = item[1]
+        if (address, port) in self._pairs:
+            return True
+        version = ipaddress.ip_address(address).version
+        # An IPv6 socket bound to every address takes IPv4 connections too (dual stack).
+        if not any(p == port and (f == version or f == 6) for p, f in self._wildcards):
+            return False
+        return address in self._local or ipaddress.ip_address(address).is_loopback
+
+    def __repr__(self) -> str:
+        return f"<OwnAddresses {sorted(self._pairs)} every address: {sorted(self._wildcards)}>"
