@@ -1099,6 +1099,32 @@ def test_a_truncated_answer_is_asked_again_over_tcp_of_the_same_server(
         zone.stop()
 
 
+def test_an_mx_host_that_is_an_alias_elsewhere_is_followed(relay, nexthop,
+                                                            tmp_path: Path) -> None:
+    """An MX host whose name is a CNAME to a name of another zone: the name server of the
+    domain (which does not recurse) answers the address query with the CNAME alone; the
+    relay asks for the target's address, as a resolver would (RFC 1034 section 3.6.2), and
+    delivers.  Twisted's answer held no A record: "no MX host has an address", bounced."""
+    hop, port = nexthop()
+    zone = DNSServer(tmp_path / "alias-dns", "test", [
+        ["alias.test", "MX", 10, "mx.alias.test"], ["mx.alias.test", "CNAME", "mail.other"],
+        ["mail.other", "REFUSED"],  # (not its zone: the next name server is asked)
+    ])
+    other = DNSServer(tmp_path / "other-dns", "other", [["mail.other", "A", "127.0.0.1"]])
+    try:
+        r = relay(config(zone, routes=[{"domain": "alias.test", "backend": "smtp",
+                                        "nexthop": f"alias.test:{port}"}], after=(other,)))
+        qid = submit(r, "alice@sender.test", ["user@alias.test"], message("alias"))
+        m = waitResult(r, qid, "user@alias.test")
+        assert (m["status"], m["relay"]) == ("sent", f"mx.alias.test[127.0.0.1]:{port}"), m[0]
+        assert ("mx.alias.test", "A") in zone.queries()
+        assert ("mail.other", "A") in other.queries()
+        hop.waitTo("user@alias.test")
+    finally:
+        zone.stop()
+        other.stop()
+
+
 def test_the_addresses_of_many_mx_hosts_are_looked_up_as_far_as_needed(
         relay, nexthop, tmp_path: Path) -> None:
     """A domain with 120 MX records: their addresses are asked ten hosts at a time, in

@@ -626,6 +626,10 @@ class FakeResolver:
             dns.RRHeader(name=name, type=rec.TYPE, payload=rec)
             for rec in entry
             if rec.TYPE == rtype
+        ] or [  # an alias: its CNAME only, as a server that does not recurse answers
+            dns.RRHeader(name=name, type=rec.TYPE, payload=rec)
+            for rec in entry
+            if rec.TYPE == dns.CNAME
         ]
         return defer.succeed((answers, [], []))
 
@@ -649,6 +653,10 @@ def A(address: str) -> dns.Record_A:
 
 def AAAA(address: str) -> dns.Record_AAAA:
     return dns.Record_AAAA(address)
+
+
+def CNAME(name: str) -> dns.Record_CNAME:
+    return dns.Record_CNAME(name.encode())
 
 
 def resolveNow(resolver: MXResolver, nexthop: str) -> Any:
@@ -909,6 +917,38 @@ def test_bracketed_hosts_and_literals() -> None:
     assert (f.permanent, f.code) == (False, "4.4.4")
     f = failureOf(resolver, "[x")
     assert not f.permanent
+
+
+def test_a_cname_in_an_answer_is_followed() -> None:
+    """An answer that holds only a CNAME for the name asked (a name server that does not
+    recurse, the alias's target elsewhere) is followed as a resolver follows it: the
+    target is asked for the same type (RFC 1034 section 3.6.2; RFC 5321 section 5.1: "the
+    resulting name is processed as if it were the initial name"), ten times at most, as
+    Postfix's dns_lookup().  The relay took the answer as holding no record: an aliased
+    MX host had no address, an aliased domain no MX."""
+    zone = dict(ZONE)
+    zone["alias.example"] = [CNAME("real.example.")]
+    zone["real.example"] = [MX(10, "mxalias.real.example.")]
+    zone["mxalias.real.example"] = [CNAME("mx.elsewhere.example.")]
+    zone["mx.elsewhere.example"] = [A("192.0.2.50"), AAAA("2001:db8::50")]
+    zone["hostalias.example"] = [CNAME("mx.elsewhere.example")]
+    zone["loop1.example"] = [CNAME("loop2.example.")]
+    zone["loop2.example"] = [CNAME("loop1.example.")]
+    resolver, fake, _ = makeMX(zone)
+    assert resolveNow(resolver, "alias.example") == [
+        MXHost("mxalias.real.example", "192.0.2.50", 25, 10),
+        MXHost("mxalias.real.example", "2001:db8::50", 25, 10),
+    ]
+    assert ("MX", "real.example") in fake.queries
+    assert ("A", "mx.elsewhere.example") in fake.queries
+    assert resolveNow(resolver, "[hostalias.example]:587") == [
+        MXHost("hostalias.example", "192.0.2.50", 587),
+        MXHost("hostalias.example", "2001:db8::50", 587),
+    ]
+    fake.queries.clear()
+    f = failureOf(resolver, "[loop1.example]")
+    assert (f.permanent, f.code) == (False, "4.4.4")
+    assert len(fake.queries) == 20  # (ten A and ten AAAA, then given up)
 
 
 def test_max_addresses() -> None:

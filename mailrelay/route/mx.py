@@ -86,6 +86,11 @@ def _records(result: Any, rtype: int) -> list[Any]:
     return [rr.payload for rr in answers if rr.type == rtype]
 
 
+def _owner(name: bytes) -> bytes:
+    """A DNS name as compared: lower case, without its final dot."""
+    return name.lower().rstrip(b".")
+
+
 def _exchangeProblem(name: bytes) -> str | None:
     """Why the exchange C{name} of an MX record (as DNS gives it, one final dot allowed) is
     not a host name, or C{None}: L{hostnameProblem} with underscores allowed, as Postfix's
@@ -110,6 +115,9 @@ _MX_HOSTS_LIMIT = 100
 #: enough are known: not a query (and a UDP socket) for each of hundreds of hosts at once.
 _LOOKUP_BATCH = 10
 
+#: At most this many CNAME indirections are followed (Postfix's dns_lookup()).
+_CNAME_LIMIT = 10
+
 _NXDOMAIN = "nxdomain"
 _NODATA = "nodata"
 _ERROR = "error"
@@ -123,7 +131,8 @@ class MXResolver:
     time, in order, until C{maxAddresses} addresses are known; at most the first 100 hosts),
     hosts without an address are skipped.  A domain without MX records is its own mail
     exchanger.  A domain whose only MX records have the exchange C{"."} has a null MX (RFC
-    7505).  An MX exchange written as an IP address is used as is.
+    7505).  An MX exchange written as an IP address is used as is.  An answer holding only
+    a CNAME for the name asked is followed to its target, as a resolver does (L{_lookup}).
 
     Failures raise L{DeliveryFailure}: NXDOMAIN of the domain is permanent (5.1.2), a null
     MX permanent (5.1.10), a DNS error or time-out transient (4.4.3); no address for any
@@ -169,6 +178,32 @@ class MXResolver:
         d.addTimeout(self.timeout, self.clock)
         return d
 
+    @inlineCallbacks
+    def _lookup(self, method: str, name: str, rtype: int) -> Any:
+        """L{_query} for records of type C{rtype}, following a CNAME as a resolver does: an
+        answer that holds no such record but a CNAME chain from C{name} (a name server that
+        does not recurse: the alias's target is elsewhere) is asked again for the chain's
+        target (RFC 1034 section 3.6.2; RFC 5321 section 5.1), at most L{_CNAME_LIMIT}
+        times (Postfix's dns_lookup()); beyond, or round a loop, no record."""
+        target = name
+        for _ in range(_CNAME_LIMIT):
+            result = yield self._query(method, target)
+            answers = result[0] if isinstance(result, tuple) else result
+            if any(rr.type == rtype for rr in answers):
+                return result
+            aliases = {_owner(rr.name.name): _owner(rr.payload.name.name)
+                       for rr in answers if rr.type == dns.CNAME}
+            current, seen = _owner(target.encode("ascii", "replace")), set()
+            while current in aliases and current not in seen:
+                seen.add(current)
+                current = aliases[current]
+            if not seen:
+                return result  # (no alias: the answer stands)
+            target = current.decode("ascii", "replace")
+        log.info("{name}: CNAME chain longer than {limit} (or a loop): given up",
+                 name=name, limit=_CNAME_LIMIT)
+        return ([], [], [])
+
     @staticmethod
     def _classify(failure: Any) -> str:
         if failure.check(dnsError.DNSNameError, dns.AuthoritativeDomainError):
@@ -195,8 +230,8 @@ class MXResolver:
         """
         if _isIP(name):
             return [name], None
-        methods = {4: "lookupAddress", 6: "lookupIPV6Address"}
-        queries = [self._query(methods[f], name) for f in self.families]
+        methods = {4: ("lookupAddress", dns.A), 6: ("lookupIPV6Address", dns.AAAA)}
+        queries = [self._lookup(methods[f][0], name, methods[f][1]) for f in self.families]
         outcomes = yield defer.DeferredList(queries, consumeErrors=True)
         addresses: list[str] = []
         problems = []
@@ -292,7 +327,7 @@ class MXResolver:
             return self._limit([MXHost(host, a, port) for a in addresses])
 
         try:
-            result = yield self._query("lookupMailExchange", host)
+            result = yield self._lookup("lookupMailExchange", host, dns.MX)
         except Exception:
             failure = _currentFailure()
             kind = self._classify(failure)
