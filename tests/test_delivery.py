@@ -700,6 +700,8 @@ class FakeNet:
         self.connections: list[FakeConnection] = []
         self.heldConnects: list[tuple[defer.Deferred, str, str]] = []
         self.heldSends: list[tuple[defer.Deferred, FakeConnection, list]] = []
+        #: Per address, EHLO keywords its connections offer besides 8BITMIME.
+        self.extensions: dict[str, dict[str, str]] = {}
 
     def connect(
         self,
@@ -724,6 +726,7 @@ class FakeNet:
 
     def newConnection(self, address: str, remoteMTA: str) -> FakeConnection:
         c = FakeConnection(self, address, remoteMTA)
+        c.extensions.update(self.extensions.get(address, {}))
         self.connections.append(c)
         return c
 
@@ -1674,6 +1677,57 @@ def test_smtp_stale_reused_connection_retried_afresh() -> None:
     assert r.status is DELIVERED
     assert len(net.connections) == 2
     assert first.aborted
+
+
+def test_smtp_a_message_needing_smtputf8_goes_on_to_a_host_that_offers_it() -> None:
+    """A message that needs SMTPUTF8 (a UTF-8 address or header field) at a host that does
+    not offer it: the next host is tried with every recipient; when the last host does not
+    offer it either, every recipient of the delivery -- the ASCII ones too -- is returned
+    with 5.6.7, and no Remote-MTA (the relay's own decision).  As Postfix's smtp_helo()
+    (smtp_proto.c: "message requires SMTPUTF8, but no server was found that supports
+    SMTPUTF8", SMTP_MISC_FAIL_SOFT_NON_FINAL, DSN_BY_LOCAL_MTA), which decides for the whole
+    delivery request (DELIVERY_REQUIRES_SMTPUTF8).  The relay returned the message at the
+    first host without SMTPUTF8."""
+    from mailrelay.delivery.smtp import SMTPBackend
+
+    net = FakeNet()
+    clock = Clock()
+    backend = SMTPBackend(clock, FakeMX(HOSTS), SETTINGS, connect=net.connect,
+                          connectionCacheTime=0, mxSessionLimit=0)
+    net.extensions["192.0.2.2"] = {"SMTPUTF8": ""}
+    route = Route("smtp", "example.org", RouteOptions())
+
+    def deliver(*addresses: str) -> list[RecipientResult]:
+        env = Envelope(sender="alice@example.com", queueID="U" * 20, smtputf8=True,
+                       recipients=[Recipient(a) for a in addresses], utf8Header=False)
+        return result(backend.deliver(env, env.recipients, route, Path("/nonexistent")))
+
+    with capturedLogs() as events:
+        results = deliver("dørte@example.org", "bob@example.org")
+    assert [(r.status, r.remoteMTA) for r in results] == [
+        (DELIVERED, "dns; mx2.example.org")] * 2
+    assert [(c.address, c.sent) for c in net.connections] == [
+        ("192.0.2.1", []), ("2001:db8::1", []),
+        ("192.0.2.2", [("U" * 20, ["dørte@example.org", "bob@example.org"])])]
+    assert all(c.quitted for c in net.connections)
+    texts = [formatEvent(e) for e in events]
+    said = "mx1.example.org[192.0.2.1]:25 does not offer SMTPUTF8, which the message needs"
+    assert any(said in t for t in texts), texts
+    # No host offers it: every recipient returned, the ASCII one too.
+    net.extensions.clear()
+    net.connections.clear()
+    results = deliver("dørte@example.org", "bob@example.org")
+    assert [(r.address, r.status, r.code, r.remoteMTA) for r in results] == [
+        ("dørte@example.org", PERMANENT, "5.6.7", None),
+        ("bob@example.org", PERMANENT, "5.6.7", None)]
+    assert results[0].diagnostic == (
+        "X-mailrelay; the message needs SMTPUTF8, but no server of example.org offers it; "
+        "the last tried was mx2.example.org")
+    assert len(net.connections) == 3
+    # Nothing of the message UTF-8: sent without SMTPUTF8 to the best host.
+    net.connections.clear()
+    assert [r.status for r in deliver("bob@example.org")] == [DELIVERED]
+    assert [c.address for c in net.connections] == ["192.0.2.1"]
 
 
 def test_smtp_mx_session_limit() -> None:

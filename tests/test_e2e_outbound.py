@@ -942,6 +942,38 @@ def test_mx_session_limit_stops_the_walk_over_the_mx_hosts(relay, nexthop, dns) 
     assert not re.search(r"127\.0\.0\.3", r.log()), r.log()
 
 
+def test_a_message_needing_smtputf8_goes_to_the_mx_host_that_offers_it(relay, dns) -> None:
+    """The best MX host does not offer SMTPUTF8, the backup does: a message with a UTF-8
+    recipient (and an ASCII one) goes to the backup, both recipients in one transaction,
+    as Postfix tries the other servers before it returns such a message (smtp_proto.c,
+    SMTP_MISC_FAIL_SOFT_NON_FINAL).  The relay returned it with 5.6.7 at the best host."""
+    port = freePort()
+    best, backup = Recorder(), Recorder()
+    controllers = [
+        _TCPController(best, hostname="127.0.0.1", port=port, ready_timeout=10,
+                       enable_SMTPUTF8=False),
+        _TCPController(backup, hostname="127.0.0.2", port=port, ready_timeout=10)]
+    for c in controllers:
+        c.start()
+    try:
+        r = relay(config(dns, routes=[{"domain": "two.test", "backend": "smtp",
+                                       "nexthop": f"two.test:{port}"}]))
+        qid = submit(r, "alice@sender.test", ["dørte@two.test", "bob@two.test"],
+                     message("utf-8"), mailOptions=("SMTPUTF8",))
+        for rcpt in ("dørte@two.test", "bob@two.test"):
+            m = waitResult(r, qid, rcpt)
+            assert (m["status"], m["relay"]) == (
+                "sent", f"mx2.two.test[127.0.0.2]:{port}"), m[0]
+        assert [m.rcptTos for m in backup.accepted] == [["dørte@two.test", "bob@two.test"]]
+        assert "SMTPUTF8" in backup.accepted[0].mailOptions
+        assert best.attempts == []
+        assert "mx1.two.test[127.0.0.1]" in r.log() and "does not offer SMTPUTF8" in r.log()
+        waitRemoved(r, qid)
+    finally:
+        for c in controllers:
+            c.stop()
+
+
 def test_recipients_deferred_on_a_reused_connection_are_tried_at_the_next_mx(
         relay, nexthop, dns) -> None:
     """A reused (cached) connection to the best MX host whose server defers one recipient

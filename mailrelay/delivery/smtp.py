@@ -92,6 +92,7 @@ from mailrelay.route.mtasts import MTASTS
 from mailrelay.route.mx import MXHost, MXResolver, makeResolver
 from mailrelay.route.nexthop import parseSMTPNexthop
 from mailrelay.route.ownaddr import OwnAddresses
+from mailrelay.smtp.client import needsSMTPUTF8
 from mailrelay.smtp.clientsettings import ClientSettings
 from mailrelay.smtp.errors import SMTPConnectError
 
@@ -162,6 +163,9 @@ class _Tried:
     #: The sessions so far (connections set up that carried a transaction, a reused one
     #: included): at C{mxSessionLimit}, no further host is tried.
     sessions: int = 0
+    #: The last host did not offer the SMTPUTF8 the message needs: when it was the last to
+    #: try, the recipients are returned (5.6.7).
+    lacksSMTPUTF8: SMTPConnectError | None = None
 
 
 class _Idle:
@@ -478,6 +482,9 @@ class SMTPBackend(ClientBackend):
         cached = self._cache.take(key)
         if cached is None:
             return None
+        if self._lacksSMTPUTF8(cached, envelope, recipients):  # (a host that offers it may)
+            self._cache.release(key, cached)
+            return None
         results = yield self._send(cached, envelope, recipients, messagePath)
         self._cache.release(key, cached)
         deferred = [r for r in results if r.status is DeliveryStatus.TRANSIENT]
@@ -558,6 +565,21 @@ class SMTPBackend(ClientBackend):
             if connected is None:
                 continue
             connection, connectedKey = connected
+            if self._lacksSMTPUTF8(connection, envelope, left):
+                # Not a session (Postfix: at EHLO, SMTP_MISC_FAIL_SOFT_NON_FINAL): the next
+                # host is tried with every recipient left; the last one's refusal is final.
+                self._cache.release(connectedKey, connection)
+                log.info(
+                    "{queueID}: {mx}[{address}]:{port} does not offer SMTPUTF8, which the "
+                    "message needs",
+                    queueID=envelope.queueID, mx=host.name, address=host.address,
+                    port=host.port,
+                )
+                tried.lacksSMTPUTF8 = SMTPConnectError(
+                    "5.6.7", f"X-mailrelay; the message needs SMTPUTF8, but no server of "
+                    f"{key[0]} offers it; the last tried was {host.name}", permanent=True)
+                tried.connectErrors.append(tried.lacksSMTPUTF8)
+                continue
             results = yield self._send(connection, envelope, left, messagePath)
             self._cache.release(connectedKey, connection)
             if connection.tlsSessionFailed and self._plaintextOK(connectedKey[1], envelope):
@@ -593,6 +615,13 @@ class SMTPBackend(ClientBackend):
             return merged
         tried.broke = not tried.answered
         return None
+
+    @staticmethod
+    def _lacksSMTPUTF8(connection: Any, envelope: Any, recipients: list) -> bool:
+        """Whether the message needs SMTPUTF8 for C{recipients} (L{needsSMTPUTF8}: a UTF-8
+        address or header field) and C{connection}'s server does not offer it."""
+        return (envelope.smtputf8 and "SMTPUTF8" not in connection.extensions
+                and needsSMTPUTF8(envelope, recipients))
 
     def _sessionsLeft(self, tried: _Tried, envelope: Any) -> bool:
         """Whether the delivery may have another session (C{mxSessionLimit}); logged when
@@ -675,7 +704,8 @@ class SMTPBackend(ClientBackend):
         (L{SMTPConnectError.refusedHello}); else what the last server that answered said, or
         the most relevant connection error, as a transient failure.  Recipients an earlier
         host delivered or refused keep that result."""
-        if tried.connectErrors and tried.connectErrors[-1].refusedHello:
+        last = tried.connectErrors[-1] if tried.connectErrors else None
+        if last is not None and (last.refusedHello or last is tried.lacksSMTPUTF8):
             refused = tried.connectErrors[-1].resultsFor(recipients)  # (logged)
             if tried.deferred is None:
                 return refused

@@ -186,7 +186,7 @@ class _Transaction:
 
 
 
-def _needsSMTPUTF8(envelope: Envelope, recipients: Sequence[Recipient]) -> bool:
+def needsSMTPUTF8(envelope: Envelope, recipients: Sequence[Recipient]) -> bool:
     """Whether an SMTPUTF8 message must go with SMTPUTF8: a UTF-8 sender or recipient, or a
     UTF-8 header field (or one not known: L{Envelope.utf8Header}).  Else a server without
     SMTPUTF8 takes it without, as Postfix sends it (DELIVERY_REQUIRES_SMTPUTF8)."""
@@ -323,7 +323,7 @@ class ClientSession:
             refusal = ("5.3.4", f"X-mailrelay; message size {size} exceeds the size limit "
                                 f"{limit} of {self.host}")
         elif (envelope.smtputf8 and "SMTPUTF8" not in self.extensions
-              and _needsSMTPUTF8(envelope, recipients)):
+              and needsSMTPUTF8(envelope, recipients)):
             refusal = ("5.6.7", f"X-mailrelay; the message needs SMTPUTF8, which {self.host} "
                                 "does not support")
         elif envelope.body == "BINARYMIME" and not self._binaryOK():
