@@ -1089,7 +1089,7 @@ def test_smtp_tls_failures_do_not_suspend() -> None:
     """Failures of one delivery's TLS (or AUTH) are not the next hop's: it stays usable."""
     backend, net, _, _ = smtpBackend(destinationConcurrency=1)
     net.connectBehaviour["192.0.2.30"] = SMTPConnectError(
-        "4.7.5", "X-mailrelay; TLS is required, but was not offered by mx.example.net",
+        "4.7.4", "X-mailrelay; TLS is required, but was not offered by mx.example.net",
         remoteMTA="dns; mx.example.net")
     for _ in range(3):
         (r,) = result(send(backend, "example.net", "a@example.net"))

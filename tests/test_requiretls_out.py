@@ -113,16 +113,18 @@ def test_requireTLSReturnedWhenNoHostGivesVerifiedTLS(message: Path) -> None:
     backend, net, _, mx = smtpBackend()
     mx.answers = dict(HOSTS, **{"[pair.example]": [MXHost("a.example", "192.0.2.50", 25),
                                                    MXHost("b.example", "192.0.2.51", 25)]})
-    for address in ("192.0.2.50", "192.0.2.51"):
-        net.connectBehaviour[address] = SMTPConnectError(
-            "4.7.5", "X-mailrelay; TLS is required, but b.example does not offer STARTTLS")
+    # One host does not offer STARTTLS (4.7.4), the other fails the handshake (4.7.5).
+    net.connectBehaviour["192.0.2.50"] = SMTPConnectError(
+        "4.7.5", "X-mailrelay; TLS handshake with a.example failed: certificate not trusted")
+    net.connectBehaviour["192.0.2.51"] = SMTPConnectError(
+        "4.7.4", "X-mailrelay; TLS is required, but b.example does not offer STARTTLS")
     (r,) = deliver(backend, envelope(), "[pair.example]", message)
     assert (r.status, r.code) == (PERMANENT, "5.7.30")
     assert r.diagnostic.endswith("does not offer STARTTLS (REQUIRETLS support required)")
     # Other mail is only deferred by the same failures; and a host that could not be reached
     # at all leaves a REQUIRETLS message deferred too (it may work later).
     (r,) = deliver(backend, envelope(False), "[pair.example]", message)
-    assert r.code == "4.7.5"
+    assert r.code == "4.7.4"
     net.connectBehaviour["192.0.2.50"] = SMTPConnectError(
         "4.4.1", "X-mailrelay; connection refused by a.example")
     (r,) = deliver(backend, envelope(), "[pair.example]", message)

@@ -160,7 +160,7 @@ class LMTPBackend(ClientBackend):
             _logConnectFailure(queueID, nexthop, e)
             if e.refusedHello:  # (the only server to try: returned, as by Postfix's lmtp)
                 return e.resultsFor(recipients)
-            if envelope.requireTLS and e.code == "4.7.5":
+            if envelope.requireTLS and e.withoutRequiredTLS:
                 return resultsForAll(
                     recipients,
                     DeliveryStatus.PERMANENT,

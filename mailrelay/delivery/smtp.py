@@ -40,7 +40,8 @@ Each delivery's L{ClientSettings} are the backend's defaults with the options of
 delivery's L{Route <mailrelay.interfaces.Route>} applied (TLS policy, CA file, AUTH): the
 route the router chose, so that two routes to the same next hop (a C{[[routes]]} entry and
 the smarthost) keep their own settings.  A TLS requirement that cannot be met defers the
-recipients (4.7.5, with the reason); there is never a fallback to weaker settings.
+recipients (4.7.4 when STARTTLS is not offered, as Postfix; 4.7.5 otherwise; with the reason);
+there is never a fallback to weaker settings.
 
 Under C{tls = "may"} (opportunistic: nothing is verified) a TLS failure -- a STARTTLS
 handshake that fails or times out, or a TLS session lost or timed out before the
@@ -724,7 +725,7 @@ class SMTPBackend(ClientBackend):
         withReply = [c for c in tried.connectErrors if c.diagnostic.startswith("smtp;")]
         decisive = (withReply or tried.connectErrors)[-1]
         code, diagnostic, remoteMTA = decisive.code, decisive.diagnostic, decisive.remoteMTA
-        if envelope.requireTLS and all(c.code == "4.7.5" for c in tried.connectErrors):
+        if envelope.requireTLS and all(c.withoutRequiredTLS for c in tried.connectErrors):
             # No host gave verified TLS: a REQUIRETLS message is returned, not retried.
             log.warn(
                 "{queueID}: REQUIRETLS message not relayed: no host of {nexthop} gave "

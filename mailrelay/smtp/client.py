@@ -602,7 +602,7 @@ class ClientSession:
                 self._wait(_STARTTLS)
                 return
             if self.settings.tls == "required":
-                self._connectFailed("4.7.5", f"X-mailrelay; TLS is required, but {self.host} "
+                self._connectFailed("4.7.4", f"X-mailrelay; TLS is required, but {self.host} "
                                              "does not offer STARTTLS", quit=True)
                 return
         self._afterTLS()

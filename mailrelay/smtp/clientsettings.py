@@ -42,8 +42,8 @@ class ClientSettings:
     @ivar tls: C{"none"}: never STARTTLS.  C{"may"}: STARTTLS when offered, without certificate
         verification; plaintext when not offered or refused.  C{"required"}: STARTTLS must be
         offered and succeed, with the certificate chain and host name verified, else
-        L{SMTPConnectError} 4.7.5.  C{"implicit"}: the caller's endpoint is TLS-wrapped (see
-        L{clientTLSOptions}); verified like C{"required"}.
+        L{SMTPConnectError} 4.7.4 (not offered) or 4.7.5.  C{"implicit"}: the caller's endpoint
+        is TLS-wrapped (see L{clientTLSOptions}); verified like C{"required"}.
     @ivar caFile: a PEM bundle of trusted CA certificates, or C{None} for the platform's.
     @ivar username: authenticate (AUTH PLAIN, else LOGIN) with these credentials.
     @ivar authWithoutTLS: allow sending credentials on a connection without TLS.

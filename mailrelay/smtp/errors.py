@@ -15,8 +15,10 @@ class SMTPConnectError(Exception):
     """Connecting, the greeting, EHLO/HELO/LHLO, STARTTLS or AUTH failed.
 
     @ivar code: the RFC 3463 status: C{"4.4.1"} (connection refused, timed out, host not found),
-        C{"4.4.2"} (connection lost or timed out later, protocol error), C{"4.7.5"} (TLS
-        required but unavailable, handshake or verification failed), C{"4.7.0"} (STARTTLS
+        C{"4.4.2"} (connection lost or timed out later, protocol error), C{"4.7.4"} (TLS
+        required but STARTTLS not offered: RFC 3463 X.7.4, security features not supported,
+        as Postfix), C{"4.7.5"} (TLS required but refused, handshake or verification
+        failed), C{"4.7.0"} (STARTTLS
         response injection, credentials withheld, no usable AUTH mechanism), C{"5.7.8"}
         (credentials rejected) or the status of the server's reply.
     @ivar diagnostic: RFC 3464 Diagnostic-Code form: C{"smtp; 554 5.7.1 go away"} for a reply,
@@ -55,6 +57,12 @@ class SMTPConnectError(Exception):
         self.loop = loop
         self.refusedHello = refusedHello and permanent
         self.command = command
+
+    @property
+    def withoutRequiredTLS(self) -> bool:
+        """Whether the server gave no TLS (verified) that the settings required: not offered
+        (4.7.4), refused, failed or not verified (4.7.5)."""
+        return self.code in ("4.7.4", "4.7.5")
 
     @property
     def described(self) -> str:
