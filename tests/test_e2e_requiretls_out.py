@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import trustme
+from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP
 
 from tests.harness import DNSServer, RelayProcess
@@ -66,6 +67,21 @@ class Controller(_TCPController):
         return RequireTLSSMTP(self.handler, **self.SMTP_kwargs)
 
 
+class LMTPController(_TCPController):
+    def factory(self) -> SMTP:
+        return LMTP(self.handler, **self.SMTP_kwargs)
+
+
+@pytest.fixture
+def lmtpServer():
+    """An LMTP server on 127.0.0.1, over TCP, without STARTTLS: C{(recorder, port)}."""
+    recorder = Recorder(lmtp=True)
+    controller = LMTPController(recorder, hostname="127.0.0.1", port=0, ready_timeout=10)
+    controller.start()
+    yield recorder, controller.port
+    controller.stop()
+
+
 @pytest.fixture
 def smarthost(tmp_path: Path):
     """C{start(offer=True, selfSigned=False)} -> (recorder, port, CA file)."""
@@ -91,7 +107,7 @@ def smarthost(tmp_path: Path):
 
 
 def _config(dns: DNSServer, port: int, caFile: Path, tmp_path: Path, tls: str,
-            hold: bool) -> str:
+            hold: bool, routes: str = "") -> str:
     template = tmp_path / "mail" / "{domain}" / "{local}" / "Maildir"
     (tmp_path / "mail" / "sender.test" / "alice").mkdir(parents=True, exist_ok=True)  # (a maildir route delivers only to users whose directory exists)
     return (
@@ -100,14 +116,15 @@ def _config(dns: DNSServer, port: int, caFile: Path, tmp_path: Path, tls: str,
         f'[dns]\nreverse_lookups = false\nnameservers = ["127.0.0.1:{dns.port}"]\n'
         f"[queue]\nmin_backoff = 60\nhold = {'true' if hold else 'false'}\n"
         f'[[routes]]\ndomain = "sender.test"\nbackend = "maildir"\nnexthop = "{template}"\n'
+        + routes
     )
 
 
 def _queueHeld(tmp_path: Path, dns: DNSServer, port: int, caFile: Path, tls: str,
-               message: bytes, requireTLS: bool) -> tuple[RelayProcess, str]:
+               message: bytes, requireTLS: bool, routes: str = "") -> tuple[RelayProcess, str]:
     """A relay that has spooled C{message} (held), its envelope marked C{requireTLS}, then
-    restarted to deliver it."""
-    r = RelayProcess(tmp_path / "relay", _config(dns, port, caFile, tmp_path, tls, True))
+    restarted to deliver it; C{routes}: more C{[[routes]]} tables."""
+    r = RelayProcess(tmp_path / "relay", _config(dns, port, caFile, tmp_path, tls, True, routes))
     r.start()
     with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
         s.sendmail("alice@sender.test", ["bob@example.org"], message)
@@ -117,7 +134,7 @@ def _queueHeld(tmp_path: Path, dns: DNSServer, port: int, caFile: Path, tls: str
     envelope = json.loads(path.read_bytes())
     envelope["requireTLS"] = requireTLS
     path.write_text(json.dumps(envelope))
-    r.configText = _config(dns, port, caFile, tmp_path, tls, False)
+    r.configText = _config(dns, port, caFile, tmp_path, tls, False, routes)
     r.start()
     return r, qid
 
@@ -181,5 +198,29 @@ def test_tls_required_no_header(tmp_path: Path, dns, smarthost) -> None:
             s.sendmail("alice@sender.test", ["carol@example.org"], b"Subject: plain\r\n\r\nx\r\n")
         m = r.waitForLog(r"to=<carol@example\.org>.*status=deferred \((.*)\)")
         assert "certificate not trusted" in m.group(1)
+    finally:
+        r.stop()
+
+
+def test_requiretls_not_sent_to_an_lmtp_server_over_tcp_without_tls(
+    tmp_path: Path, dns, smarthost, lmtpServer
+) -> None:
+    """An LMTP server reached over TCP is across a network, unlike one on a UNIX socket: a
+    REQUIRETLS message goes to it only over verified TLS; this one does not offer STARTTLS,
+    so the message is returned (5.7.30), never sent in plaintext."""
+    _, port, caFile = smarthost()
+    store, lmtpPort = lmtpServer
+    route = (f'[[routes]]\ndomain = "example.org"\nbackend = "lmtp"\n'
+             f'nexthop = "127.0.0.1:{lmtpPort}"\n')
+    r, qid = _queueHeld(tmp_path, dns, port, caFile, "may", SECRET, requireTLS=True,
+                        routes=route)
+    try:
+        m = r.waitForLog(rf"{qid}: to=<bob@example\.org>.*status=(\w+) \((.*)\)")
+        assert m.group(1) == "bounced", m.group(0)
+        assert "does not offer STARTTLS (REQUIRETLS support required)" in m.group(2)
+        r.waitForLog(rf"{qid}: removed")
+        assert store.to("bob@example.org") == []
+        _, _, [block], _ = parseReport(_report(tmp_path))
+        assert (block["Action"], block["Status"]) == ("failed", "5.7.30")
     finally:
         r.stop()

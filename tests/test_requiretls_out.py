@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet import defer
 
 from mailrelay.envelope import Envelope, Recipient
 from mailrelay.interfaces import Route, RouteOptions
@@ -158,6 +159,30 @@ def test_requireTLSToALocalLMTPStore(message: Path) -> None:
     assert r.status.value == "delivered"
     assert sent[0].requireTLS is False  # the store is the mailbox: no network crossed
     assert net.attempts[0][3].tls == "none"
+
+
+def test_requireTLSToAnLMTPServerOverTCP(message: Path) -> None:
+    """An LMTP server over TCP is not local: a REQUIRETLS message goes to it only over
+    verified TLS, and one that does not offer STARTTLS (4.7.4) or fails the handshake (4.7.5)
+    returns it (5.7.30), as an SMTP next hop's would."""
+    from mailrelay.delivery.lmtp import LMTPBackend
+
+    for code in ("4.7.4", "4.7.5"):
+        error = SMTPConnectError(code, "X-mailrelay; TLS is required, but lmtp.example "
+                                       "does not offer STARTTLS")
+        settings: list[ClientSettings] = []
+
+        def connect(reactor: Any, endpoint: Any, s: ClientSettings, error: Any = error,
+                    **kw: Any) -> Any:
+            settings.append(s)
+            return defer.fail(error)
+
+        backend = LMTPBackend(None, ClientSettings("relay.test", tls="may", lmtp=True),
+                              connect=connect)
+        (r,) = deliver(backend, envelope(), "192.0.2.40:24", message, name="lmtp")
+        assert [s.tls for s in settings] == ["required"]
+        assert (r.status, r.code) == (PERMANENT, "5.7.30"), code
+        assert r.diagnostic.endswith("does not offer STARTTLS (REQUIRETLS support required)")
 
 
 def _unixToo(connect: Any) -> Any:

@@ -99,7 +99,7 @@ class LMTPBackend(ClientBackend):
         """A UNIX socket is on this host: REQUIRETLS does not apply to it (as to a maildir,
         the message reaches the mailbox without crossing a network)."""
         try:
-            return parseLMTPNexthop(nexthop).path is not None
+            return bool(parseLMTPNexthop(nexthop).path)  # ("" for a TCP server)
         except ValueError:
             return False
 
