@@ -84,10 +84,12 @@ def lmtpServer():
 
 @pytest.fixture
 def smarthost(tmp_path: Path):
-    """C{start(offer=True, selfSigned=False)} -> (recorder, port, CA file)."""
+    """C{start(offer=True, selfSigned=False, implicit=False)} -> (recorder, port, CA file);
+    C{implicit}: TLS from the first byte (RFC 8314) instead of STARTTLS."""
     controllers: list[Any] = []
 
-    def start(offer: bool = True, selfSigned: bool = False) -> tuple[Recorder, int, Path]:
+    def start(offer: bool = True, selfSigned: bool = False,
+              implicit: bool = False) -> tuple[Recorder, int, Path]:
         trusted = trustme.CA()
         ca = trustme.CA() if selfSigned else trusted
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -96,7 +98,7 @@ def smarthost(tmp_path: Path):
         trusted.cert_pem.write_to_path(str(caFile))
         handler = RequireTLSRecorder(offer)
         controller = Controller(handler, hostname="127.0.0.1", port=0, ready_timeout=10,
-                                tls_context=context)
+                                **{"ssl_context" if implicit else "tls_context": context})
         controller.start()
         controllers.append(controller)
         return handler, controller.port, caFile
@@ -183,16 +185,21 @@ def test_requiretls_returned_when_it_cannot_be_met(tmp_path: Path, dns, smarthos
         r.stop()
 
 
-def test_tls_required_no_header(tmp_path: Path, dns, smarthost) -> None:
-    """tls = "required" and a certificate that cannot be verified: mail is deferred, but a
-    message whose sender said TLS-Required: No goes (over TLS, unverified)."""
-    recorder, port, caFile = smarthost(offer=False, selfSigned=True)
-    r, qid = _queueHeld(tmp_path, dns, port, caFile, "required",
+@pytest.mark.parametrize("tls", ["required", "implicit"])
+def test_tls_required_no_header(tmp_path: Path, dns, smarthost, tls: str) -> None:
+    """tls = "required" (or "implicit") and a certificate that cannot be verified: mail is
+    deferred, but a message whose sender said TLS-Required: No goes (over TLS, unverified:
+    implicit TLS cannot be left out, as Postfix's "encrypt" level under its wrapper mode)."""
+    recorder, port, caFile = smarthost(offer=False, selfSigned=True,
+                                       implicit=tls == "implicit")
+    r, qid = _queueHeld(tmp_path, dns, port, caFile, tls,
                         b"TLS-Required: No\r\nSubject: not secret\r\n\r\nHello.\r\n",
                         requireTLS=False)
     try:
         recorder.waitTo("bob@example.org")
         r.waitForLog(rf"{qid}: TLS-Required: No: delivering to \[smarthost\.tls\.test\]:{port}")
+        r.waitForLog(rf"Untrusted TLS connection established to smarthost\.tls\.test"
+                     rf"\[127\.0\.0\.1\]:{port}")
         r.waitForLog(rf"{qid}: to=<bob@example\.org>.*status=sent")
         with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
             s.sendmail("alice@sender.test", ["carol@example.org"], b"Subject: plain\r\n\r\nx\r\n")

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from twisted.internet import defer
 
+from mailrelay.delivery.tls import clientTLSOptions
 from mailrelay.envelope import Envelope, Recipient
 from mailrelay.interfaces import Route, RouteOptions
 from mailrelay.route.mx import MXHost
@@ -205,6 +206,15 @@ def test_tlsRequiredNoRelaxesARequiredPolicy(tmp_path: Path) -> None:
     backend, net, _, _ = smtpBackend()
     deliver(backend, envelope(False, tlsRequiredNo=True), "[relay.example]:587", path, required)
     assert net.attempts[0][3].tls == "may"
+    # Implicit TLS cannot be left out: it stays, unverified (Postfix: "encrypt").
+    backend, net, _, _ = smtpBackend()
+    deliver(backend, envelope(False, tlsRequiredNo=True), "[relay.example]:587", path,
+            RouteOptions(tls="implicit"))
+    settings = net.attempts[0][3]
+    assert (settings.tls, settings.verifiesTLS) == ("implicit", False)
+    assert type(clientTLSOptions(settings, "relay.example")).__name__ == "_UnverifiedClientTLS"
+    with pytest.raises(ValueError, match='tlsVerify=False goes with tls="implicit"'):
+        ClientSettings("relay.test", tls="required", tlsVerify=False)
     # ... but not for a REQUIRETLS message (the header is then ignored), nor on a route that
     # logs in (its password never goes over unverified TLS), nor without the field.
     backend, net, _, _ = smtpBackend()
@@ -214,6 +224,10 @@ def test_tlsRequiredNoRelaxesARequiredPolicy(tmp_path: Path) -> None:
     deliver(backend, envelope(False, tlsRequiredNo=True), "[relay.example]:587", path,
             RouteOptions(tls="required", username="relay", password="secret"))
     assert net.attempts[0][3].tls == "required"
+    backend, net, _, _ = smtpBackend()
+    deliver(backend, envelope(False, tlsRequiredNo=True), "[relay.example]:587", path,
+            RouteOptions(tls="implicit", username="relay", password="secret"))
+    assert net.attempts[0][3].verifiesTLS
     path.write_bytes(b"Subject: x\r\nTLS-Required: Yes\r\n\r\nbody\r\n")
     backend, net, _, _ = smtpBackend()
     deliver(backend, envelope(False), "[relay.example]:587", path, required)

@@ -471,9 +471,10 @@ class ClientBackend:
             local next hop (L{_localNexthop}) delivers to the mailbox: no TLS needed.
           - C{TLS-Required: No} (C{envelope.tlsRequiredNo}, noted by the intake; never with
             REQUIRETLS): the sender asks that a TLS policy not stop the delivery, so
-            C{"required"} becomes C{"may"} (STARTTLS when offered,
-            unverified) -- except on routes that log in (AUTH), whose credentials never go
-            over TLS that is not verified.
+            C{"required"} becomes C{"may"} (STARTTLS when offered, unverified) and
+            C{"implicit"} stays implicit TLS, unverified (it cannot be left out: Postfix's
+            C{encrypt} level, smtp_tls_policy.c) -- except on routes that log in (AUTH), whose
+            credentials never go over TLS that is not verified.
         """
         if envelope.requireTLS:
             if self._localNexthop(nexthop):
@@ -495,17 +496,20 @@ class ClientBackend:
             if settings.tls not in ("required", "implicit"):
                 settings = dataclasses.replace(settings, tls="required")
             return envelope, settings
-        if settings.tls != "required" or settings.username is not None:
+        if not (envelope.tlsRequiredNo and settings.verifiesTLS) or settings.username is not None:
             return envelope, settings
-        if envelope.tlsRequiredNo:  # noted by the intake from the message's header
-            log.info(
-                "{queueID}: TLS-Required: No: delivering to {nexthop} with TLS if offered, "
-                "unverified, instead of required",
-                queueID=envelope.queueID,
-                nexthop=nexthop,
-            )
-            settings = dataclasses.replace(settings, tls="may")
-        return envelope, settings
+        # (noted by the intake from the message's header)
+        implicit = settings.tls == "implicit"
+        log.info(
+            "{queueID}: TLS-Required: No: delivering to {nexthop} with {how}, unverified, "
+            "instead of verified",
+            queueID=envelope.queueID,
+            nexthop=nexthop,
+            how="implicit TLS" if implicit else "TLS if offered",
+        )
+        if implicit:
+            return envelope, dataclasses.replace(settings, tlsVerify=False)
+        return envelope, dataclasses.replace(settings, tls="may")
 
     def _localNexthop(self, nexthop: str) -> bool:
         """Whether C{nexthop} is on this host (REQUIRETLS does not apply to it)."""

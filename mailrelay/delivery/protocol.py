@@ -268,7 +268,7 @@ class SMTPClientProtocol(Protocol):
         checked: C{tls = "may"})."""
         getHandle = getattr(self.transport, "getHandle", None)
         described = (describeTLS(getHandle()) if getHandle is not None else None) or "TLS"
-        verified = self.settings.tls in ("required", "implicit")
+        verified = self.settings.verifiesTLS
         self.tlsDescription = f"{described} {'verified' if verified else 'unverified'}"
         version, _, cipher = described.partition(" ")
         log.info(

@@ -175,15 +175,16 @@ def verifiedClientTLS(hostname: str) -> IOpenSSLClientConnectionCreator:
 def clientTLSOptions(settings: ClientSettings, hostname: str) -> IOpenSSLClientConnectionCreator:
     """The TLS client options for C{hostname} under C{settings}.
 
-    For C{tls="required"} and C{"implicit"}: verifying the chain against C{settings.caFile} (or
-    the platform's trust store) and the host name (service_identity).  Otherwise: no
-    verification.  For implicit TLS wrap the endpoint with it::
+    For C{tls="required"} and C{"implicit"} (unless C{settings.tlsVerify} is false):
+    verifying the chain against C{settings.caFile} (or the platform's trust store) and the host
+    name (service_identity).  Otherwise: no verification.  For implicit TLS wrap the endpoint
+    with it::
 
         endpoint = wrapClientTLS(clientTLSOptions(settings, host), TCP4ClientEndpoint(...))
 
     @raise OSError, ValueError: the CA file cannot be read or holds no certificate.
     """
-    if settings.tls in ("required", "implicit"):
+    if settings.verifiesTLS:
         return _VerifiedClientTLS(hostname, _loadTrustRoot(settings.caFile))
     return _UnverifiedClientTLS(hostname)
 

@@ -242,7 +242,7 @@ class ClientSession:
     def verifiedTLS(self) -> bool:
         """The connection is TLS with the server's certificate verified (C{tls="required"}
         or C{"implicit"}): what REQUIRETLS (RFC 8689) needs."""
-        return self.tls and self.settings.tls in ("required", "implicit")
+        return self.tls and self.settings.verifiesTLS
 
     @property
     def step(self) -> str:

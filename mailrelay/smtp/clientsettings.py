@@ -43,7 +43,11 @@ class ClientSettings:
         verification; plaintext when not offered or refused.  C{"required"}: STARTTLS must be
         offered and succeed, with the certificate chain and host name verified, else
         L{SMTPConnectError} 4.7.4 (not offered) or 4.7.5.  C{"implicit"}: the caller's endpoint
-        is TLS-wrapped (see L{clientTLSOptions}); verified like C{"required"}.
+        is TLS-wrapped (see L{clientTLSOptions}); verified like C{"required"} unless
+        C{tlsVerify} is false.
+    @ivar tlsVerify: with C{tls="implicit"} only, C{False}: the TLS is not verified
+        (Postfix's C{encrypt} level): what a message's C{TLS-Required: No} (RFC 8689) makes of
+        implicit TLS, which cannot be left out as STARTTLS can.
     @ivar caFile: a PEM bundle of trusted CA certificates, or C{None} for the platform's.
     @ivar username: authenticate (AUTH PLAIN, else LOGIN) with these credentials.
     @ivar authWithoutTLS: allow sending credentials on a connection without TLS.
@@ -57,10 +61,19 @@ class ClientSettings:
     password: str | None = field(default=None, repr=False)
     authWithoutTLS: bool = False
     timeouts: ClientTimeouts = ClientTimeouts()
+    tlsVerify: bool = True
+
+    @property
+    def verifiesTLS(self) -> bool:
+        """Whether the server's certificate (chain and host name) is verified: C{"required"},
+        and C{"implicit"} unless C{tlsVerify} is false."""
+        return self.tls == "required" or (self.tls == "implicit" and self.tlsVerify)
 
     def __post_init__(self) -> None:
         if self.tls not in TLS_POLICIES:
             raise ValueError(f"tls must be one of {', '.join(TLS_POLICIES)}, not {self.tls!r}")
+        if not self.tlsVerify and self.tls != "implicit":
+            raise ValueError(f'tlsVerify=False goes with tls="implicit", not {self.tls!r}')
         if self.username is not None and self.password is None:
             raise ValueError("a username needs a password")
         if not self.heloName or any(c.isspace() for c in self.heloName):
