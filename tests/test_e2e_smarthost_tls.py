@@ -29,8 +29,9 @@ def dns(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture
 def smarthost(tmp_path: Path):
     """C{start(certifiedFor, flaw=None)} -> (Recorder, port, caFile).  C{flaw}: C{"untrusted"}
-    (issued by another CA than the one trusted), C{"expired"}, or C{"no intermediate"} (issued
-    by an intermediate CA the server does not send)."""
+    (issued by another CA than the one trusted), C{"expired"}, C{"no intermediate"} (issued
+    by an intermediate CA the server does not send), or C{"common name only"} (the name in the
+    subject's CN, no DNS subjectAltName: not a flaw for SMTP)."""
     controllers: list[Any] = []
 
     def start(name: str | tuple[str, ...], flaw: str | None = None
@@ -51,6 +52,8 @@ def smarthost(tmp_path: Path):
             cert.cert_chain_pems[0].write_to_path(str(leaf))
             cert.private_key_pem.write_to_path(str(key))
             context.load_cert_chain(str(leaf), str(key))
+        elif flaw == "common name only":
+            trusted.issue_cert(common_name=names[0]).configure_cert(context)
         else:
             trusted.issue_cert(*names).configure_cert(context)
         caFile = tmp_path / f"ca{len(controllers)}.pem"
@@ -149,5 +152,32 @@ def test_a_certificate_whose_names_cannot_be_checked_is_not_verified(
         assert "*.test" in m.group(2)  # what is wrong with it
         assert recorder.to("bob@example.org") == []
         assert "Verified TLS connection" not in r.log()
+    finally:
+        r.stop()
+
+
+def test_a_certificate_naming_the_smarthost_in_its_common_name_only_is_verified(
+    tmp_path: Path, dns, smarthost
+) -> None:
+    """No DNS subjectAltName: the subject's CN is checked, as Postfix (and OpenSSL's
+    X509_check_host) do, RFC 6125 6.4.4; another host name still does not match it."""
+    recorder, port, caFile = smarthost("smarthost.tls.test", "common name only")
+    r = _relay(tmp_path, dns, "smarthost.tls.test", port, caFile)
+    try:
+        _send(r, "bob@example.org")
+        m = r.waitForLog(r"to=<bob@example\.org>.*status=(\w+) \((.*)\)")
+        assert m.group(1) == "sent", m.group(0)
+        recorder.waitTo("bob@example.org")
+        assert "Verified TLS connection established to smarthost.tls.test" in r.log()
+    finally:
+        r.stop()
+    recorder, port, caFile = smarthost("other.tls.test", "common name only")
+    r = _relay(tmp_path / "other", dns, "smarthost.tls.test", port, caFile)
+    try:
+        _send(r, "carol@example.org")
+        m = r.waitForLog(r"to=<carol@example\.org>.*status=deferred \((.*)\)")
+        assert ("certificate host name mismatch (smarthost.tls.test is not a name of the "
+                "certificate, which names other.tls.test)") in m.group(1)
+        assert recorder.to("carol@example.org") == []
     finally:
         r.stop()

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from service_identity import CertificateError, VerificationError
 from service_identity.hazmat import (
@@ -100,8 +101,8 @@ class CertificateVerifyError(Exception):
 
 class CertificateNameMismatch(Exception):
     """The server's certificate is not for the host name the relay connected to: which name
-    that was, and the names the certificate gives (its DNS and IP address
-    subjectAltNames)."""
+    that was, and the names the certificate gives (its DNS and IP address subjectAltNames,
+    or the common names that stand for them: L{_namePatterns})."""
 
     def __init__(self, hostname: str, patterns: Sequence[Any]) -> None:
         names = [
@@ -112,6 +113,22 @@ class CertificateNameMismatch(Exception):
         which = (f"which names {', '.join(names)}" if names
                  else "which names no host (no DNS or IP address subjectAltName)")
         super().__init__(f"{hostname} is not a name of the certificate, {which}")
+
+
+def _namePatterns(certificate: Any, commonNameFallback: bool) -> list[Any]:
+    """The names C{certificate} gives for checking a host name against (service_identity's
+    patterns of its subjectAltNames); with C{commonNameFallback}, when none of them is a DNS
+    name, its subject's common names too, as DNS names (RFC 6125 section 6.4.4: a CN-ID only
+    when there is no DNS-ID; OpenSSL's X509_check_host and Postfix's smtp do the same).
+
+    @raise CertificateError: a name cannot be read (a wildcard over a whole top-level
+        domain...)."""
+    patterns = list(extract_patterns(certificate))
+    if not commonNameFallback or any(isinstance(p, DNSPattern) for p in patterns):
+        return patterns
+    subject = certificate.to_cryptography().subject
+    return patterns + [DNSPattern.from_bytes(str(a.value).encode("utf-8"))
+                       for a in subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
 
 
 def _subject(certificate: Any) -> str:
@@ -127,11 +144,14 @@ class _VerifiedClientTLS:
     (service_identity's C{CertificateError}, e.g. a wildcard over a whole top-level domain)
     it logs the error and lets the handshake succeed as verified, whatever the names.  A chain
     OpenSSL refuses fails the handshake with a L{CertificateVerifyError} saying why (expired,
-    issuer unknown...), as Postfix's log does, not just "certificate verify failed"."""
+    issuer unknown...), as Postfix's log does, not just "certificate verify failed".  With
+    C{commonNameFallback} a certificate without DNS subjectAltNames is checked against its
+    subject's common names (L{_namePatterns}), as Postfix's smtp does."""
 
-    def __init__(self, hostname: str, trustRoot: Any) -> None:
+    def __init__(self, hostname: str, trustRoot: Any, commonNameFallback: bool) -> None:
         self._options = optionsForClientTLS(hostname, trustRoot=trustRoot)
         self._hostname = hostname
+        self._commonNameFallback = commonNameFallback
         self._identity: ServiceID = (
             IPAddress_ID(hostname) if isIPAddress(hostname) or isIPv6Address(hostname)
             else DNS_ID(hostname))
@@ -139,6 +159,7 @@ class _VerifiedClientTLS:
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         connection = self._options.clientConnectionForTLS(tlsProtocol)
         hostname, identity = self._hostname, self._identity
+        commonNameFallback = self._commonNameFallback
 
         def verify(_connection: SSL.Connection, certificate: Any, error: int, depth: int,
                    ok: int) -> bool:
@@ -149,7 +170,7 @@ class _VerifiedClientTLS:
                     return False
                 if depth != 0:
                     return True
-                patterns = extract_patterns(certificate)
+                patterns = _namePatterns(certificate, commonNameFallback)
                 verify_service_identity(patterns, [identity], [])
             except VerificationError:
                 tlsProtocol.failVerification(Failure(CertificateNameMismatch(hostname, patterns)))
@@ -166,10 +187,13 @@ class _VerifiedClientTLS:
         return connection
 
 
-def verifiedClientTLS(hostname: str) -> IOpenSSLClientConnectionCreator:
-    """TLS to C{hostname} verified against the platform's trust store (the certificate's chain
-    and names, as for C{tls="required"}): for the MTA-STS policy fetches."""
-    return _VerifiedClientTLS(hostname, platformTrust())
+def verifiedClientTLS(hostname: str, trustRoot: Any = None) -> IOpenSSLClientConnectionCreator:
+    """TLS to C{hostname} verified against C{trustRoot} (by default the platform's trust
+    store): the certificate's chain and names, as for C{tls="required"} but by its
+    subjectAltNames only, never its common name (HTTPS, RFC 9110 section 4.3.4 and RFC 6125
+    as browsers apply them): for the MTA-STS policy fetches (RFC 8461 section 3.3)."""
+    return _VerifiedClientTLS(
+        hostname, platformTrust() if trustRoot is None else trustRoot, commonNameFallback=False)
 
 
 def clientTLSOptions(settings: ClientSettings, hostname: str) -> IOpenSSLClientConnectionCreator:
@@ -177,7 +201,8 @@ def clientTLSOptions(settings: ClientSettings, hostname: str) -> IOpenSSLClientC
 
     For C{tls="required"} and C{"implicit"} (unless C{settings.tlsVerify} is false):
     verifying the chain against C{settings.caFile} (or the platform's trust store) and the host
-    name (service_identity).  Otherwise: no verification.  For implicit TLS wrap the endpoint
+    name (service_identity; the common name when there is no DNS subjectAltName, as Postfix).
+    Otherwise: no verification.  For implicit TLS wrap the endpoint
     with it::
 
         endpoint = wrapClientTLS(clientTLSOptions(settings, host), TCP4ClientEndpoint(...))
@@ -185,7 +210,8 @@ def clientTLSOptions(settings: ClientSettings, hostname: str) -> IOpenSSLClientC
     @raise OSError, ValueError: the CA file cannot be read or holds no certificate.
     """
     if settings.verifiesTLS:
-        return _VerifiedClientTLS(hostname, _loadTrustRoot(settings.caFile))
+        return _VerifiedClientTLS(hostname, _loadTrustRoot(settings.caFile),
+                                  commonNameFallback=True)
     return _UnverifiedClientTLS(hostname)
 
 
