@@ -66,3 +66,25 @@ def test_the_mta_sts_policy_fetch_does_not_take_the_common_name(ca: CA) -> None:
     assert "subjectAltName" in describeTLSFailure(failure)
     assert handshake(verifiedClientTLS("mta-sts.example.org", trustRoot=ca.trustRoot),
                      ca.issue("x", ("mta-sts.example.org",))) is None
+
+
+def test_a_host_name_with_an_underscore_is_verified(tmp_path: Path, ca: CA) -> None:
+    """MX host names may hold "_" (DNS allows it; Postfix's valid_hostname takes it): not an
+    IDNA name, but compared as plain ASCII labels, as OpenSSL's X509_check_host and Postfix
+    do; sent as it is in SNI."""
+    server = ca.issue("x", ("mx_1.example.org",))
+    for tls in ("required", "implicit"):
+        assert handshake(_verifying(tmp_path, "mx_1.example.org", tls), server) is None
+        assert handshake(_verifying(tmp_path, "MX_1.Example.Org", tls), server) is None
+    assert server.serverNames[0] == b"mx_1.example.org"
+    assert handshake(_verifying(tmp_path, "mx_1.example.org"),
+                     ca.issue("x", ("*.example.org",))) is None
+    failure = handshake(_verifying(tmp_path, "mx_2.example.org"), server)
+    assert failure is not None and isinstance(failure.value, CertificateNameMismatch)
+    assert "which names mx_1.example.org" in describeTLSFailure(failure)
+    # Unverified (tls = "may") too, and the MTA-STS policy fetch.
+    may = ClientSettings("relay.test", tls="may")
+    assert handshake(clientTLSOptions(may, "mx_1.example.org"), server) is None
+    assert server.serverNames[-1] == b"mx_1.example.org"
+    assert handshake(verifiedClientTLS("mx_1.example.org", trustRoot=ca.trustRoot),
+                     server) is None

@@ -16,12 +16,15 @@ import trustme
 
 from tests.harness import DNSServer, RelayProcess
 from tests.test_e2e_outbound import Recorder, _TCPController
+from tests.tlscerts import CA
 
 
 @pytest.fixture(scope="module")
 def dns(tmp_path_factory: pytest.TempPathFactory):
     server = DNSServer(tmp_path_factory.mktemp("dns"), "test",
-                       [["smarthost.tls.test", "A", "127.0.0.1"], ["other.tls.test", "A", "127.0.0.1"]])
+                       [["smarthost.tls.test", "A", "127.0.0.1"], ["other.tls.test", "A", "127.0.0.1"],
+                        ["under.tls.test", "MX", 10, "mx_1.tls.test"],
+                        ["mx_1.tls.test", "A", "127.0.0.1"]])
     yield server
     server.stop()
 
@@ -181,3 +184,38 @@ def test_a_certificate_naming_the_smarthost_in_its_common_name_only_is_verified(
         assert recorder.to("carol@example.org") == []
     finally:
         r.stop()
+
+
+@pytest.mark.parametrize("tls", ["required", "implicit"])
+def test_an_mx_host_name_with_an_underscore_is_verified(tmp_path: Path, dns, tls: str) -> None:
+    """An MX host named mx_1.tls.test (not an IDNA name, but a DNS one, as Postfix takes it)
+    whose certificate names it: verified and delivered, under STARTTLS or implicit TLS."""
+    ca = CA()
+    certificate, key = ca.issue("mx_1.tls.test", ("mx_1.tls.test",)).writeTo(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(certificate), str(key))
+    caFile = tmp_path / "ca.pem"
+    caFile.write_bytes(ca.pem)
+    recorder = Recorder()
+    kw = {"ssl_context": context} if tls == "implicit" else {
+        "tls_context": context, "require_starttls": True}
+    controller = _TCPController(recorder, hostname="127.0.0.1", port=0, ready_timeout=10, **kw)
+    controller.start()
+    try:
+        config = (
+            f'[relay]\nsmarthost = "under.tls.test:{controller.port}"\n'
+            f'[smarthost]\ntls = "{tls}"\nca_file = "{caFile}"\n'
+            f'[dns]\nreverse_lookups = false\nnameservers = ["127.0.0.1:{dns.port}"]\n'
+        )
+        r = RelayProcess(tmp_path / "relay", config).start()
+        try:
+            _send(r, "bob@example.org")
+            m = r.waitForLog(r"to=<bob@example\.org>.*status=(\w+) \((.*)\)")
+            assert m.group(1) == "sent", m.group(0)
+            recorder.waitTo("bob@example.org")
+            assert ("Verified TLS connection established to "
+                    f"mx_1.tls.test[127.0.0.1]:{controller.port}") in r.log()
+        finally:
+            r.stop()
+    finally:
+        controller.stop()

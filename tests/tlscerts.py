@@ -5,6 +5,7 @@ in-memory TLS handshake (L{twisted.test.iosim}) to try a client's connection cre
 from __future__ import annotations
 
 import datetime
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -67,15 +68,28 @@ class CA:
 
 @implementer(IOpenSSLServerConnectionCreator)
 class ServerCertificate:
-    """A server's certificate and key: its TLS for L{TLSMemoryBIOFactory}."""
+    """A server's certificate and key: its TLS for L{TLSMemoryBIOFactory} (recording the
+    server names the clients ask for), or in files (L{writeTo})."""
 
     def __init__(self, certificate: x509.Certificate, key: Any) -> None:
         self.certificate, self.key = certificate, key
+        self.serverNames: list[bytes | None] = []  # (the SNI of each handshake)
+
+    def writeTo(self, directory: Path) -> tuple[Path, Path]:
+        """The certificate and its key in PEM files in C{directory}: their paths."""
+        certificate, key = directory / "server.pem", directory / "server.key"
+        certificate.write_bytes(self.certificate.public_bytes(serialization.Encoding.PEM))
+        key.write_bytes(self.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        return certificate, key
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         context = SSL.Context(SSL.TLS_METHOD)
         context.use_certificate(self.certificate)
         context.use_privatekey(self.key)
+        context.set_tlsext_servername_callback(
+            lambda connection: self.serverNames.append(connection.get_servername()))
         return SSL.Connection(context, None)
 
 

@@ -24,7 +24,6 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import (
     CertificateOptions,
-    optionsForClientTLS,
     platformTrust,
     trustRootFromCertificates,
 )
@@ -44,21 +43,34 @@ def _loadTrustRoot(caFile: str | None) -> Any:
     return trustRootFromCertificates(certificates)
 
 
+def _isAddress(hostname: str) -> bool:
+    return isIPAddress(hostname) or isIPv6Address(hostname)
+
+
 @implementer(IOpenSSLClientConnectionCreator)
-class _UnverifiedClientTLS:
+class _ClientTLS:
+    """TLS to C{hostname} with C{options}, sending its name in SNI (not an IP address).  The
+    name goes as the DNS has it: Python's IDNA codec leaves ASCII labels as they are, where
+    Twisted's C{optionsForClientTLS} (the C{idna} package, IDNA 2008) refuses a host name
+    with an underscore, which the DNS and Postfix allow (C{mx_1.example.org})."""
+
+    def __init__(self, hostname: str, options: CertificateOptions) -> None:
+        self._options = options
+        self._sni = None if _isAddress(hostname) else hostname.encode("idna")
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        if self._sni:
+            connection.set_tlsext_host_name(self._sni)
+        return connection
+
+
+class _UnverifiedClientTLS(_ClientTLS):
     """TLS for C{tls="may"}: encryption without certificate verification (RFC 7435
     opportunistic security), with SNI."""
 
     def __init__(self, hostname: str) -> None:
-        self._context = CertificateOptions().getContext()
-        self._sni = None if isIPAddress(hostname) or isIPv6Address(hostname) else (
-            hostname.encode("idna"))
-
-    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
-        connection = SSL.Connection(self._context, None)
-        if self._sni:
-            connection.set_tlsext_host_name(self._sni)
-        return connection
+        super().__init__(hostname, CertificateOptions())
 
 
 #: OpenSSL's words for its certificate verification errors (C{X509_V_ERR_*}, x509_vfy.h) that
@@ -136,11 +148,12 @@ def _subject(certificate: Any) -> str:
     return str(certificate.to_cryptography().subject.rfc4514_string())
 
 
-@implementer(IOpenSSLClientConnectionCreator)
-class _VerifiedClientTLS:
-    """TLS for C{tls="required"} and C{"implicit"}: Twisted's client TLS (the chain verified
-    against C{trustRoot}, SNI), with the certificate's names checked here.  Twisted's own check
-    only fails the handshake on a mismatch: when the certificate's names cannot be read
+class _VerifiedClientTLS(_ClientTLS):
+    """TLS for C{tls="required"} and C{"implicit"}: the chain verified against C{trustRoot}
+    by OpenSSL, SNI, and the certificate's names checked here (service_identity, the host name
+    compared as ASCII labels, an underscore taken as OpenSSL's X509_check_host takes it).
+    Not Twisted's C{optionsForClientTLS}: it refuses such host names, and its own check only
+    fails the handshake on a mismatch: when the certificate's names cannot be read
     (service_identity's C{CertificateError}, e.g. a wildcard over a whole top-level domain)
     it logs the error and lets the handshake succeed as verified, whatever the names.  A chain
     OpenSSL refuses fails the handshake with a L{CertificateVerifyError} saying why (expired,
@@ -149,15 +162,14 @@ class _VerifiedClientTLS:
     subject's common names (L{_namePatterns}), as Postfix's smtp does."""
 
     def __init__(self, hostname: str, trustRoot: Any, commonNameFallback: bool) -> None:
-        self._options = optionsForClientTLS(hostname, trustRoot=trustRoot)
+        super().__init__(hostname, CertificateOptions(trustRoot=trustRoot))
         self._hostname = hostname
         self._commonNameFallback = commonNameFallback
         self._identity: ServiceID = (
-            IPAddress_ID(hostname) if isIPAddress(hostname) or isIPv6Address(hostname)
-            else DNS_ID(hostname))
+            IPAddress_ID(hostname) if _isAddress(hostname) else DNS_ID(hostname))
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
-        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        connection = super().clientConnectionForTLS(tlsProtocol)
         hostname, identity = self._hostname, self._identity
         commonNameFallback = self._commonNameFallback
 
