@@ -5,7 +5,6 @@ with a real HTTP server."""
 from __future__ import annotations
 
 import importlib
-
 import os
 import smtplib
 import threading
@@ -19,13 +18,13 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mailrelay.errors import ConfigError
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, Route
 from mailrelay.route.table import RouteRule
 from mailrelay.testing import QueueHarness, buildPlugin, makeEnvelope
+from tests.tlscerts import CA, handshake
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "http-webhook"
 
@@ -134,6 +133,22 @@ def test_an_unreachable_hook_defers(example: ModuleType, tmp_path: Path) -> None
     assert result.diagnostic.startswith("X-mailrelay; web hook not reached: Connection was refused")
 
 
+def test_https_checks_the_names_of_the_hooks_certificate(example: ModuleType) -> None:
+    """A certificate from a trusted CA whose names cannot be read (here a wildcard over a
+    whole top-level domain, beside a name that is not the hook's) is refused: Twisted's own
+    check (Agent's default policy) only logs that and goes on as verified."""
+    ca = CA()
+    policy = example.VerifyingPolicyForHTTPS(ca.trustRoot)
+    failure = handshake(policy.creatorForNetloc(b"hook.test", 443),
+                        ca.issue("x", ("other.test", "*.test")))
+    assert failure is not None and "*.test" in str(failure.value)
+    failure = handshake(policy.creatorForNetloc(b"hook.test", 443), ca.issue("x", ("other.test",)))
+    assert failure is not None and "hook.test is not a name of the certificate" in str(
+        failure.value)
+    assert handshake(policy.creatorForNetloc(b"hook.test", 443),
+                     ca.issue("x", ("hook.test",))) is None
+
+
 def test_build_through_discovery_and_its_option_errors(example: ModuleType, tmp_path: Path) -> None:
     (tmp_path / "token").write_text("abc\n")
     hook = buildPlugin("http-webhook", {"url": "https://h.example/x", "token_file": "token"},
@@ -173,7 +188,8 @@ class Hook(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         recipients = self.headers.get_all("X-Mailrelay-Recipient") or []
         Hook.received.append({"recipients": recipients, "body": body,
-                              "sender": self.headers["X-Mailrelay-Sender"]})
+                              "sender": self.headers["X-Mailrelay-Sender"],
+                              "port": self.server.server_address[1]})
         code = int(recipients[0].split("@")[0].removeprefix("status")) if recipients else 500
         self.send_response(code, "Answer")
         self.send_header("Content-Length", "0")
@@ -183,31 +199,80 @@ class Hook(BaseHTTPRequestHandler):
         pass
 
 
-def test_the_real_relay_posts_to_a_real_hook(relays) -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/mail"
-        config = ("[dns]\nreverse_lookups = false\n"
-                  f'[[backends]]\nname = "webhook"\nplugin = "http-webhook"\nurl = "{url}"\n'
-                  "timeout = 20\n"
-                  '[[routes]]\ndomain = "hooks.test"\nbackend = "webhook"\n'
-                  '[[routes]]\ndomain = "*"\nbackend = "discard"\n')
-        env = {"PYTHONPATH": os.pathsep.join([str(EXAMPLE), os.environ.get("PYTHONPATH", "")])}
-        r = relays(config, env=env).start()
-        with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
-            s.sendmail("alice@example.org", ["status200@hooks.test"],
-                       "Subject: to the hook\r\n\r\nHello, hook.\r\n")
-            s.sendmail("alice@example.org", ["status404@hooks.test"],
-                       "Subject: to nobody\r\n\r\nHello?\r\n")
-        r.waitForLog(r"to=<status200@hooks\.test>, relay=webhook, .*status=sent "
-                     r"\(http; 200 Answer\)")
-        r.waitForLog(r"to=<status404@hooks\.test>, .*status=bounced \(http; 404 Answer\)")
-        delivered = next(m for m in Hook.received if m["recipients"] == ["status200@hooks.test"])
-        assert delivered["sender"] == "alice@example.org"
-        assert b"Subject: to the hook\r\n" in delivered["body"]
-        assert delivered["body"].startswith(b"Received: from ")
-    finally:
+@pytest.fixture
+def hook():
+    """C{start(sslContext=None)}: a L{Hook} server on 127.0.0.1 (over TLS with
+    C{sslContext}), shut down in teardown: its port."""
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(sslContext: Any = None) -> int:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+        if sslContext is not None:
+            server.socket = sslContext.wrap_socket(server.socket, server_side=True)
+        servers.append(server)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server.server_address[1]
+
+    yield start
+    for server in servers:
         server.shutdown()
         server.server_close()
+
+
+def _hookRelay(relays: Any, url: str, **env: str) -> Any:
+    """A started relay sending the mail for C{hooks.test} to the web hook at C{url}, the
+    rest discarded; C{env}: more of its environment."""
+    config = ("[dns]\nreverse_lookups = false\n"
+              f'[[backends]]\nname = "webhook"\nplugin = "http-webhook"\nurl = "{url}"\n'
+              "timeout = 20\n"
+              '[[routes]]\ndomain = "hooks.test"\nbackend = "webhook"\n'
+              '[[routes]]\ndomain = "*"\nbackend = "discard"\n')
+    env["PYTHONPATH"] = os.pathsep.join([str(EXAMPLE), os.environ.get("PYTHONPATH", "")])
+    return relays(config, env=env).start()
+
+
+def test_the_real_relay_posts_to_a_real_hook(relays, hook) -> None:
+    r = _hookRelay(relays, f"http://127.0.0.1:{hook()}/mail")
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
+        s.sendmail("alice@example.org", ["status200@hooks.test"],
+                   "Subject: to the hook\r\n\r\nHello, hook.\r\n")
+        s.sendmail("alice@example.org", ["status404@hooks.test"],
+                   "Subject: to nobody\r\n\r\nHello?\r\n")
+    r.waitForLog(r"to=<status200@hooks\.test>, relay=webhook, .*status=sent "
+                 r"\(http; 200 Answer\)")
+    r.waitForLog(r"to=<status404@hooks\.test>, .*status=bounced \(http; 404 Answer\)")
+    delivered = next(m for m in Hook.received if m["recipients"] == ["status200@hooks.test"])
+    assert delivered["sender"] == "alice@example.org"
+    assert b"Subject: to the hook\r\n" in delivered["body"]
+    assert delivered["body"].startswith(b"Received: from ")
+
+
+@pytest.mark.parametrize(("names", "outcome"), [
+    (("localhost",), "sent"),
+    # Trusted, but names that cannot be checked (and none the hook's): never as verified.
+    (("other.test", "*.test"), "deferred"),
+])
+def test_the_real_relay_checks_the_names_of_an_https_hook(
+    relays, hook, tmp_path: Path, names: tuple[str, ...], outcome: str
+) -> None:
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*names).configure_cert(context)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    port = hook(context)
+    # (SSL_CERT_FILE: the platform's trust store)
+    r = _hookRelay(relays, f"https://localhost:{port}/mail",
+                   SSL_CERT_FILE=str(tmp_path / "ca.pem"))
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
+        s.sendmail("alice@example.org", ["status200@hooks.test"],
+                   "Subject: to the hook\r\n\r\nHello, hook.\r\n")
+    m = r.waitForLog(r"to=<status200@hooks\.test>, relay=webhook, .*status=(\w+) (.*)")
+    assert m.group(1) == outcome, m.group(0)
+    if outcome == "deferred":
+        assert ("web hook not reached: certificate host name mismatch (its names cannot "
+                "be checked: ") in m.group(2), m.group(2)
+        assert [h for h in Hook.received if h["port"] == port] == []

@@ -22,7 +22,7 @@ The diagnostic is C{"http; <code> <reason>"}, as the DSN and the log show it.
 Options (C{[[backends]]}, besides C{name}, C{plugin} and C{timeout}):
 
   - C{url} (required): C{http://} or C{https://} (certificates verified against the
-    platform's trust store);
+    platform's trust store, their names checked by the relay: L{VerifyingPolicyForHTTPS});
   - C{token_file}: a file whose first line is a bearer token.
 
 The message file is read in the reactor's thread pool; the request is made with Twisted's
@@ -42,17 +42,19 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from mailrelay.config.schema import Key, pluginOptions
 from mailrelay.config.values import fileName, nonEmpty
 from mailrelay.delivery import resultsForAll
+from mailrelay.delivery.tls import describeTLSFailure, verifiedClientTLS
 from mailrelay.errors import ConfigError
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, PluginContext
 
 log = Logger()
 
-__all__ = ["WebhookBackend", "build", "statusOf"]
+__all__ = ["VerifyingPolicyForHTTPS", "WebhookBackend", "build", "statusOf"]
 
 
 def statusOf(code: int) -> tuple[DeliveryStatus, str]:
@@ -126,14 +128,33 @@ class WebhookBackend:
     def _failed(self, failure: Failure, envelope: Any, recipients: Sequence[Any]) -> Any:
         if failure.check(CancelledError):
             return failure  # the relay's timeout: it defers the recipients itself
+        # (Agent wraps what broke the request: a TLS failure is said as the relay says it.)
+        reasons = getattr(failure.value, "reasons", None) or [failure]
+        error = "; ".join(describeTLSFailure(reason) for reason in reasons)
         log.warn(
             "{queueID}: web hook {url} not reached: {error}",
             queueID=envelope.queueID,
             url=self.url.decode("ascii"),
-            error=failure.getErrorMessage(),
+            error=error,
         )
-        diagnostic = f"X-mailrelay; web hook not reached: {failure.getErrorMessage()}"
+        diagnostic = f"X-mailrelay; web hook not reached: {error}"
         return resultsForAll(recipients, DeliveryStatus.TRANSIENT, "4.4.1", diagnostic)
+
+
+@implementer(IPolicyForHTTPS)
+class VerifyingPolicyForHTTPS:
+    """The TLS of C{https://} hooks for Twisted's C{Agent}: the chain verified against
+    C{trustRoot} (by default the platform's trust store) and the host name checked by the
+    relay's own C{verifiedClientTLS}, as for the MTA-STS policy fetches.  Not C{Agent}'s
+    default (C{BrowserLikePolicyForHTTPS}): a certificate whose names Twisted cannot read (a
+    wildcard over a whole top-level domain...) only makes it log an error, and the request
+    goes on as verified, whatever the names."""
+
+    def __init__(self, trustRoot: Any = None) -> None:
+        self.trustRoot = trustRoot
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        return verifiedClientTLS(hostname.decode("ascii"), self.trustRoot)
 
 
 def _url(value: Any, at: Any) -> str:
@@ -159,4 +180,5 @@ def build(options: dict[str, Any], context: PluginContext) -> WebhookBackend:
         except (OSError, UnicodeDecodeError, IndexError) as e:
             message = f"cannot read a token from {read.tokenFile}: {e}"
             raise ConfigError(message, key="token_file") from None
-    return WebhookBackend(read.url, Agent(context.reactor), context.deferToThread, token)
+    agent = Agent(context.reactor, contextFactory=VerifyingPolicyForHTTPS())
+    return WebhookBackend(read.url, agent, context.deferToThread, token)
