@@ -214,8 +214,7 @@ def clientTLSOptions(settings: ClientSettings, hostname: str) -> IOpenSSLClientC
     For C{tls="required"} and C{"implicit"} (unless C{settings.tlsVerify} is false):
     verifying the chain against C{settings.caFile} (or the platform's trust store) and the host
     name (service_identity; the common name when there is no DNS subjectAltName, as Postfix).
-    Otherwise: no verification.  For implicit TLS wrap the endpoint
-    with it::
+    Otherwise: no verification.  For implicit TLS wrap the endpoint with it::
 
         endpoint = wrapClientTLS(clientTLSOptions(settings, host), TCP4ClientEndpoint(...))
 
