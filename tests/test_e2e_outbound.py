@@ -784,6 +784,7 @@ def test_dead_destination_does_not_starve_the_others(relay, nexthop, dns, stall:
         assert waitResult(r, qid, "bob@example.org", timeout=30)["status"] == "sent"
         found = [waitResult(r, q, f"u{n}@silent.test", timeout=30) for n, q in enumerate(queued)]
         assert [m["status"] for m in found] == ["deferred"] * 6
+        r.waitForLog(rf"{qid}: removed")  # (logged sent before its entry is removed)
         diagnostics = [m["diagnostic"] for m in found]
         # One only: then the next hop was suspended.
         assert sorted(diagnostics) == [f"X-mailrelay; {diagnostic}"] + [
