@@ -53,15 +53,22 @@ def parseHeaderSection(
     return [(name, data[start:end]) for (name, start), end in zip(starts, ends, strict=False)], pos
 
 
+#: What may still become a field's name and colon once more of its line arrives.
+_FIELD_START = re.compile(rb"[\x21-\x39\x3b-\x7e]*[ \t]*")
+
+
 def needsEmptyLine(data: bytes, end: int) -> bool:
-    """Whether header fields put at the start of C{data} must be followed by an empty line:
-    C{data} (the start of a message, whose header section L{parseHeaderSection} found to
-    end at C{end}) has no header section, and its first line is neither empty nor a field.
-    That line would become part of the fields added, or continue the last of them when it
-    starts with white space; an empty line keeps it the start of the body it is."""
-    return (
-        end == 0
-        and bool(data)
-        and not data.startswith(b"\r\n")
-        and FIELD_NAME.match(data) is None
-    )
+    """Whether an empty line must go at C{end} of C{data} (the start of a message, whose
+    header section L{parseHeaderSection} found to end there): the line there is neither
+    empty nor a field, nor (when C{data} ends within it) can still become either.  As in
+    Postfix's cleanup (C{non_empty_end_of_header_action = fix_quietly}, cleanup_message.c),
+    that line and what follows are the body: an empty line before it keeps them so for
+    every later reader, and keeps it from joining header fields put before it (or
+    continuing the last of them, when it starts with white space).  With C{end == 0} the
+    message has no header section: the caller inserts the empty line only when it adds
+    fields on top."""
+    eol = data.find(b"\r\n", end)
+    line = data[end:] if eol < 0 else data[end:eol]
+    if eol < 0 and (line in (b"", b"\r") or _FIELD_START.fullmatch(line)):
+        return False  # (not known yet)
+    return eol != end and FIELD_NAME.match(line) is None

@@ -28,7 +28,6 @@ from tests.test_e2e_outbound import (  # noqa: F401 - fixtures
     waitResult,
 )
 
-
 # ---------------------------------------------------------------------------------------------
 # A 998-octet line that begins with "." (999 octets on the wire, dot-stuffed)
 
@@ -113,6 +112,21 @@ def test_a_message_without_header_section_keeps_its_first_line_in_the_body(relay
     names = [line.split(b":")[0] for line in head.split(b"\r\n") if line[:1] not in (b" ", b"\t")]
     assert names == [b"Received", b"Message-Id", b"Date"]
 
+
+
+def test_a_header_section_ended_by_a_line_that_is_no_field_is_closed_by_an_empty_line(relay) -> None:  # noqa: F811
+    """As Postfix's cleanup (non_empty_end_of_header_action = fix_quietly): the line that is
+    no field, and the field-like lines after it, are the body; they were stored (and sent on)
+    right under the header fields, where a next hop could read them as fields."""
+    r = relay(hold=True)
+    message = b"Subject: x\r\nnot a field\r\nBcc: eve@example.org\r\n\r\nbody\r\n"
+    qid = submit(r, "alice@sender.test", ["bob@example.org"], message)
+    stored = spooled(r, qid)
+    wellFormed(stored)
+    head, _, body = stored.partition(b"\r\n\r\n")
+    assert body == b"not a field\r\nBcc: eve@example.org\r\n\r\nbody\r\n"
+    names = [line.split(b":")[0] for line in head.split(b"\r\n") if line[:1] not in (b" ", b"\t")]
+    assert names == [b"Received", b"Subject", b"Message-Id", b"Date"]
 
 # ---------------------------------------------------------------------------------------------
 # NUL in message data: "\r\n\0.\r\n" is an end of data to a receiver that strips NULs

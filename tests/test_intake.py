@@ -163,9 +163,33 @@ def test_fields_added_to_a_message_without_header_section_are_followed_by_an_emp
     assert sep and body == b"hello world\r\nsecond line\r\n"
     assert [line.split(b":")[0] for line in head.split(b"\r\n") if line[:1] not in (b" ", b"\t")] == [
         b"Received", b"Message-Id", b"Date"]
-    # With header fields before such a line, the message is left as the client made it.
-    data = stampedWith(b"Subject: x\r\nnot a field\r\n")
-    assert b"\r\n\r\n" not in data and data.endswith(b"\r\nnot a field\r\n")
+
+
+@implementer(IHeaderStamper)
+class NoFields:
+    """A stamper adding nothing."""
+
+    def stamp(self, context: Any) -> StampResult:
+        return StampResult()
+
+
+def test_a_header_section_ended_by_a_line_that_is_no_field_gets_an_empty_line_before_it() -> None:
+    """A header section ended by a line that is neither a field nor empty: Postfix's cleanup
+    inserts an empty line before that line (non_empty_end_of_header_action = fix_quietly,
+    cleanup_message.c), so that it and what follows are the body for every later reader,
+    and the fields added go above it.  The relay left the message as the client made it:
+    a next hop could take the line, or a field after it, as part of the header section."""
+    data = stampedWith(b"Subject: x\r\nnot a field\r\nBcc: y@example.com\r\n\r\nbody\r\n")
+    head, sep, body = data.partition(b"\r\n\r\n")
+    assert sep and body == b"not a field\r\nBcc: y@example.com\r\n\r\nbody\r\n"
+    assert [line.split(b":")[0] for line in head.split(b"\r\n") if line[:1] not in (b" ", b"\t")] == [
+        b"Received", b"Subject", b"Message-Id", b"Date"]
+    # With no stamper, no field is added: the empty line still goes before it.
+    data = stampedWith(b"Subject: x\r\nnot a field\r\n", NoFields())
+    assert data == b"Subject: x\r\n\r\nnot a field\r\n"
+    # A header section ended by the empty line, or by the end of the message, stays as it is.
+    for message in (b"Subject: x\r\n\r\nnot a field\r\n", b"Subject: x\r\n"):
+        assert stampedWith(message, NoFields()) == message
 
 
 def test_stamper_answering_later_holds_the_data_and_says_so() -> None:
@@ -586,10 +610,13 @@ def test_fields_filters_add_to_a_message_without_header_section_are_followed_by_
         for prepend, append in (([field], []), ([], [field]), ([field], [field])):
             assert withFields(message, prepend, append) == (
                 b"".join(prepend) + b"".join(append) + b"\r\n" + message)
-    for message in (b"\r\nbody\r\n", b"Subject: s\r\n\r\nbody\r\n", b"Subject: s\r\nnot a field\r\n"):
+    for message in (b"\r\nbody\r\n", b"Subject: s\r\n\r\nbody\r\n"):
         end = message.index(b"\r\n") + 2 if message.startswith(b"S") else 0
         assert withFields(message, [field], [field]) == (
             field + message[:end] + field + message[end:])
+    # (A header section ended by a line that is no field: the empty line goes before it.)
+    assert withFields(b"Subject: s\r\nnot a field\r\n", [field], [field]) == (
+        field + b"Subject: s\r\n" + field + b"\r\nnot a field\r\n")
 
 
 @pytest.mark.parametrize("withFilter", [False, True])

@@ -182,10 +182,23 @@ def test_header_processor_stores_message_unchanged_besides_added_fields(parts: l
     assert len(seen) == 1
     assert stored.startswith(b"Received: ours\r\n")
     rest = stored[len(b"Received: ours\r\n"):]
-    # A message without header section (starting with white space or a line that is no
-    # field) gets an empty line after the fields added on top.
-    added = b"X-Added: 1\r\n" + (b"\r\n" if parts and parts[0] in (b" cont\r\n", b"body\r\n") else b"")
-    assert rest.replace(added, b"", 1) == message
+    # A header section ended by a line that is no field (nor empty), or a message without
+    # one (starting with white space or such a line), gets an empty line before that line,
+    # after the fields added (as Postfix's cleanup).
+    at = rest.index(b"X-Added: 1\r\n")
+    head, after = rest[:at], rest[at + len(b"X-Added: 1\r\n"):]
+    ended = 0
+    while ended < len(parts) and (
+        parts[ended] in (b"Subject: s\r\n", b"Received: r\r\n", b"X: y\r\n")
+        or (ended and parts[ended] == b" cont\r\n")
+    ):
+        ended += 1
+    bodyFirst = ended < len(parts) and parts[ended] != b"\r\n"
+    if head + after != message:
+        assert after.startswith(b"\r\n") and head + after[2:] == message
+        assert head == b"".join(parts[:ended]) and bodyFirst
+    elif len(message) <= 64:  # (a longer header section is parsed up to the limit only)
+        assert not bodyFirst
 
 
 class FakeResolver:

@@ -56,7 +56,7 @@ def withFields(
         head = b"".join(raw for _, raw in fields if raw not in remove)
     added = b"".join(append)
     if (prepend or added) and needsEmptyLine(message, end):
-        added += b"\r\n"  # (a message without header section)
+        added += b"\r\n"  # (the rest is body)
     return b"".join(prepend) + head + added + message[end:]
 
 

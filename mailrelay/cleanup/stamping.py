@@ -165,8 +165,8 @@ class HeaderProcessor:
     def _stamped(self, result: StampResult, head: bytes, rest: bytes) -> None:
         held, self._held = self._held or [], None
         added = b"".join(result.append)
-        if (result.prepend or added) and needsEmptyLine(rest, len(head)):
-            added += b"\r\n"  # (a message without header section)
+        if (head or result.prepend or added) and needsEmptyLine(rest, 0):
+            added += b"\r\n"  # (the rest is body: Postfix's cleanup inserts the empty line)
         self.added = b"".join(result.prepend) + added
         self._sink(b"".join(result.prepend) + head + added + rest + b"".join(held))
 
