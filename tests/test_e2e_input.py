@@ -128,6 +128,19 @@ def test_a_header_section_ended_by_a_line_that_is_no_field_is_closed_by_an_empty
     names = [line.split(b":")[0] for line in head.split(b"\r\n") if line[:1] not in (b" ", b"\t")]
     assert names == [b"Received", b"Subject", b"Message-Id", b"Date"]
 
+
+def test_a_resent_message_gets_resent_message_id_and_date(relay) -> None:  # noqa: F811
+    """With a Resent- field (a message forwarded on, RFC 5322 3.6.6), Postfix's cleanup adds
+    the missing Resent-Message-Id: and Resent-Date:; the relay added a Message-Id: and a
+    Date: to the original instead."""
+    r = relay(hold=True)
+    message = b"From: a@sender.test\r\nResent-From: b@sender.test\r\nSubject: fwd\r\n\r\nbody\r\n"
+    stored = spooled(r, submit(r, "b@sender.test", ["bob@example.org"], message))
+    head = stored.partition(b"\r\n\r\n")[0]
+    names = [line.split(b":")[0] for line in head.split(b"\r\n") if line[:1] not in (b" ", b"\t")]
+    assert names == [b"Received", b"From", b"Resent-From", b"Subject", b"Resent-Message-Id",
+                     b"Resent-Date"]
+
 # ---------------------------------------------------------------------------------------------
 # NUL in message data: "\r\n\0.\r\n" is an end of data to a receiver that strips NULs
 

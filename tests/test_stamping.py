@@ -72,6 +72,24 @@ def test_received_ipv6_tls_auth_and_several_recipients() -> None:
     assert b"\r\n\t(authenticated as joe)" in received
 
 
+@pytest.mark.parametrize("resent", ["Resent-From", "resent-to", "Resent-Date", "Resent-Message-Id"])
+def test_a_resent_message_gets_the_resent_fields_it_lacks(resent: str) -> None:
+    """A message with a Resent- field (RFC 5322 3.6.6: a resent block) gets a missing
+    Resent-Message-Id: and Resent-Date:, as Postfix's cleanup adds them
+    (cleanup_header_done_callback in cleanup_message.c), not a Message-Id: or Date: of
+    the original: that message has its own, or was sent without one."""
+    headers = [("From", b"From: a@b.example\r\n"), (resent, f"{resent}: x\r\n".encode())]
+    result = DefaultStamper().stamp(context(headers=headers))
+    names = [f.split(b":")[0] for f in result.append]
+    assert names == [n for n in (b"Resent-Message-Id", b"Resent-Date") if n.lower() != resent.encode().lower()]
+    assert all(not f.startswith((b"Message-Id", b"Date")) for f in result.append)
+    if names[:1] == [b"Resent-Message-Id"]:
+        assert result.append[0].startswith(b"Resent-Message-Id: <20270115080000.Q1@relay.test>")
+    # The listener's add_message_id and add_date say whether either is added.
+    options = {"add_message_id": False, "add_date": False}
+    assert DefaultStamper().stamp(context(headers=headers, listenerOptions=options)).append == []
+
+
 def test_existing_fields_not_duplicated_and_options_respected() -> None:
     headers, _ = parseHeaderSection(b"message-id: <x@y>\r\nDATE: now\r\n\r\n")
     assert DefaultStamper().stamp(context(headers=headers)).append == []

@@ -236,10 +236,18 @@ def _receivedFrom(context: StampContext, client: ClientInfo, authUser: bool) -> 
     return received
 
 
+#: The fields that make a message a resent one (Postfix's HDR_OPT_RR fields, header_opts.c).
+_RESENT_FIELDS = frozenset(
+    "resent-" + name
+    for name in ("bcc", "cc", "date", "from", "message-id", "reply-to", "sender", "to")
+)
+
+
 @implementer(IHeaderStamper)
 class DefaultStamper:
     """Adds the RFC 5321 section 4.4 C{Received:} field, and C{Message-Id:} and C{Date:} when
-    the message has none and the listener allows it (C{add_message_id}, C{add_date}).
+    the message has none and the listener allows it (C{add_message_id}, C{add_date}); in a
+    message with a C{Resent-} field, C{Resent-Message-Id:} and C{Resent-Date:} instead.
 
     A message the relay made itself (no client: a delivery status notification) gets the
     local form C{Received: by <host> (mailrelay) id <queue id>; <date>}.
@@ -266,17 +274,21 @@ class DefaultStamper:
         received += f"; {date}\r\n"
         result = StampResult(prepend=[received.encode("utf-8")])
         options = context.listenerOptions
+        # A resent message (RFC 5322 3.6.6) gets the fields of its resent block instead, as
+        # from Postfix's cleanup (cleanup_header_done_callback, cleanup_message.c).
+        resent = "Resent-" if any(n.lower() in _RESENT_FIELDS for n, _ in context.headers) else ""
         # (A header section longer than the relay holds may have either past that.)
         addMessageID = self.addMessageID and options.get("add_message_id", True)
         addMessageID = addMessageID and context.complete
-        if addMessageID and not context.hasHeader("Message-Id"):
+        if addMessageID and not context.hasHeader(resent + "Message-Id"):
             stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(context.now))
             result.append.append(
-                f"Message-Id: <{stamp}.{envelope.queueID}@{context.hostname}>\r\n".encode("ascii")
+                f"{resent}Message-Id: <{stamp}.{envelope.queueID}@{context.hostname}>\r\n"
+                .encode("ascii")
             )
         addDate = self.addDate and options.get("add_date", True) and context.complete
-        if addDate and not context.hasHeader("Date"):
-            result.append.append(f"Date: {date}\r\n".encode("ascii"))
+        if addDate and not context.hasHeader(resent + "Date"):
+            result.append.append(f"{resent}Date: {date}\r\n".encode("ascii"))
         return result
 
 
