@@ -217,7 +217,7 @@ def test_bare_newline_nul_and_long_line_refused_at_the_chunk() -> None:
 def test_bare_newline_and_nul_normalized_when_listener_says_so() -> None:
     h = harness(bareNewline="normalize", nulBytes="normalize")
     chunked(h, b"Subject: s\n\nbody\0\r", b"more\r")
-    assert stored(h) == b"Subject: s\r\n\r\nbody\r\nmore\r\n"
+    assert stored(h) == b"Subject: s\r\n\r\nbody more \r\n"  # (a bare CR is a space)
 
 
 def test_discarded_chunks_do_not_count_as_errors() -> None:
@@ -422,3 +422,15 @@ def test_chunk_reader_holds_a_cr_until_it_knows() -> None:
     assert r.error == R.BARE_NEWLINE
     r = ChunkReader(100)
     assert (r.feed(b"a\r\nb"), r.end(), r.error, r.size) == (b"a\r\nb", b"\r\n", None, 6)
+
+
+def test_chunk_reader_makes_a_bare_cr_a_space_when_normalising() -> None:
+    """As in DATA (test_data): a bare CR is a space, not a line end, wherever the chunks cut;
+    one ending the message is followed by the CRLF a text message gets."""
+    wire = b"Subject: a\rBcc: victim@example.com\r\n\r\nbody\rmore\r\r\nend\r"
+    for cut in range(len(wire) + 1):
+        r = ChunkReader(100, bareNewline="normalize")
+        stored = [r.feed(wire[:cut]), r.feed(wire[cut:]), r.end()]
+        assert b"".join(p or b"" for p in stored) == (
+            b"Subject: a Bcc: victim@example.com\r\n\r\nbody more \r\nend \r\n"), cut
+        assert r.error is None

@@ -68,10 +68,32 @@ def test_refusals() -> None:
 
 
 def test_normalize() -> None:
-    """With "normalize", bare newlines become CRLF and NULs go."""
+    """With "normalize", a bare LF becomes CRLF, a bare CR a space, and NULs go."""
     reader = DataReader(100, bareNewline=BARE_NEWLINE_NORMALIZE, nulBytes=BARE_NEWLINE_NORMALIZE)
     stored, _ = readAll(reader, [b"a\nb\rc\0d\r\n.\r\n"])
-    assert (stored, reader.error) == (b"a\r\nb\r\ncd\r\n", None)
+    assert (stored, reader.error) == (b"a\r\nb cd\r\n", None)
+
+
+
+def test_a_bare_cr_is_a_space_when_normalised() -> None:
+    """With "normalize", a bare CR ends no line: it became CRLF, which split a header field
+    in two ("Subject: a<CR>Bcc: victim" added a Bcc: field).  Postfix's smtpd reads a line
+    to its LF and its cleanup replaces each stray CR with a space (cleanup_mask_stray_cr_lf
+    = yes, cleanup_message.c): so does the reader, in the header section and the body alike
+    (a line after a bare CR is no line, and keeps its dots).  A bare LF still ends a line
+    (Postfix's smtpd_forbid_bare_newline = normalize)."""
+    reader = DataReader(5000, bareNewline=BARE_NEWLINE_NORMALIZE)
+    wire = b"Subject: a\rBcc: victim@example.com\r\n\r\nbody\rmore\r..x\r\r\nlf\nend\r\n.\r\n"
+    stored, _ = readAll(reader, [wire])
+    assert (stored, reader.error) == (
+        b"Subject: a Bcc: victim@example.com\r\n\r\nbody more ..x \r\nlf\r\nend\r\n", None)
+    for cut in range(1, len(wire)):
+        reader = DataReader(5000, bareNewline=BARE_NEWLINE_NORMALIZE)
+        assert readAll(reader, [wire[:cut], wire[cut:]])[0] == stored
+    # So a line with a bare CR is one line, counted whole against the 998 octets.
+    reader = DataReader(5000, bareNewline=BARE_NEWLINE_NORMALIZE)
+    readAll(reader, [b"x" * 997 + b"a\rb\r\n.\r\n"])
+    assert reader.error == R.DATA_LINE_TOO_LONG
 
 
 # The reader against a simple reference, on random content and chunkings ----------------------
@@ -90,8 +112,8 @@ def referenceRead(wire: bytes, maxSize: int, bareNewline: str, nulBytes: str) ->
         end = wire.index(b"\r\n.\r\n")
         raw, rest = wire[: end + 2], wire[end + 5 :]
     if bareNewline == BARE_NEWLINE_NORMALIZE:
-        # A bare CR or LF ends a line too (it becomes CRLF): the line after it is un-stuffed.
-        pieces = re.split(rb"(\r\n|\r|\n)", raw)
+        # A bare LF ends a line too (it becomes CRLF): the line after it is un-stuffed.
+        pieces = re.split(rb"(\r\n|\n)", raw)
         content = b"".join(
             piece[1:] if n % 2 == 0 and piece.startswith(b".") else piece
             for n, piece in enumerate(pieces)
@@ -104,6 +126,8 @@ def referenceRead(wire: bytes, maxSize: int, bareNewline: str, nulBytes: str) ->
         if nulBytes != BARE_NEWLINE_NORMALIZE:
             errors.add(R.NUL_IN_DATA)
         content = content.replace(b"\0", b"")
+    if bareNewline == BARE_NEWLINE_NORMALIZE:
+        content = re.sub(rb"\r(?!\n)", b" ", content)  # (a bare CR is a space)
     if any(len(line) > MAX_DATA_LINE for line in re.split(rb"\r\n|\r|\n", content)):
         errors.add(R.DATA_LINE_TOO_LONG)
     if re.search(rb"\r(?!\n)|(?<!\r)\n", content):
@@ -143,15 +167,15 @@ def test_the_reader_agrees_with_a_reference(
 
 
 def test_lines_after_a_bare_newline_are_unstuffed_when_normalised() -> None:
-    """With "normalize", a bare LF (or CR) ends a line as CRLF does, so the line after it
-    loses its stuffed dot, as Postfix's smtpd reads a client that ends lines with LF alone:
-    "..dotline" is ".dotline" (it was stored with both dots, and delivered so).  Only
-    CRLF.CRLF ends the data, whatever the mode."""
+    """With "normalize", a bare LF ends a line as CRLF does, so the line after it loses its
+    stuffed dot, as Postfix's smtpd reads a client that ends lines with LF alone:
+    "..dotline" is ".dotline" (it was stored with both dots, and delivered so).  (A bare CR
+    ends no line: a space.)  Only CRLF.CRLF ends the data, whatever the mode."""
     reader = DataReader(5000, bareNewline=BARE_NEWLINE_NORMALIZE)
     wire = b"Subject: x\n\nline1\n..dotline\n...two\r..cr\n.\nend\r\n.\r\nQUIT\r\n"
     stored, rest = readAll(reader, [wire])
     assert (stored, rest, reader.error) == (
-        b"Subject: x\r\n\r\nline1\r\n.dotline\r\n..two\r\n.cr\r\n\r\nend\r\n", b"QUIT\r\n", None
+        b"Subject: x\r\n\r\nline1\r\n.dotline\r\n..two ..cr\r\n\r\nend\r\n", b"QUIT\r\n", None
     )
     # Cut anywhere, the same; and a CRLF line still loses exactly one dot.
     for cut in range(1, len(wire)):
@@ -162,10 +186,10 @@ def test_lines_after_a_bare_newline_are_unstuffed_when_normalised() -> None:
 
 
 def test_a_bare_newline_ends_a_line_when_normalised() -> None:
-    """With "normalize", a line of 997 octets and a bare CR, then more text, is two lines once
+    """With "normalize", a line of 997 octets and a bare LF, then more text, is two lines once
     normalised, neither over 998 octets: not refused as too long (it was, measured to the
     CRLF)."""
     reader = DataReader(5000, bareNewline=BARE_NEWLINE_NORMALIZE)
-    line = b"x" * 997 + b"a\rb"
+    line = b"x" * 997 + b"a\nb"
     stored, _ = readAll(reader, [line + b"\r\n.\r\n"])
     assert (stored, reader.error) == (b"x" * 997 + b"a\r\nb\r\n", None)

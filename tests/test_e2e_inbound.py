@@ -185,7 +185,9 @@ def test_long_line_and_bare_lf(relay) -> None:
     assert r.queued() == []
 
 
-def test_bare_lf_normalized_on_a_legacy_listener(relay) -> None:
+def sentToALegacyListener(relay, content: bytes) -> bytes:
+    """C{content} (and the end of data) sent to a listener with bare_newline = "normalize":
+    the message queued."""
     r = relay(
         '[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\nbare_newline = "normalize"\n',
         "--spool", "spool", "--hostname", "relay.test", defaults=False,
@@ -195,12 +197,25 @@ def test_bare_lf_normalized_on_a_legacy_listener(relay) -> None:
     for command in (b"HELO x", b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.org>", b"DATA"):
         c.send(command + b"\r\n")  # a HELO client may not pipeline
         assert c.readReply()[0][:3] in (b"250", b"354")
-    c.send(b"Subject: legacy\n\nline one\nline two\r\n.\r\n")
+    c.send(content + b".\r\n")
     (reply,) = c.readReply()
     assert reply.startswith(b"250 2.0.0 Ok: queued as ")
-    _, message = queuedMessage(r, reply.rsplit(b" ", 1)[1].decode())
+    return queuedMessage(r, reply.rsplit(b" ", 1)[1].decode())[1]
+
+
+def test_bare_lf_normalized_on_a_legacy_listener(relay) -> None:
+    message = sentToALegacyListener(relay, b"Subject: legacy\n\nline one\nline two\r\n")
     assert message.endswith(b"Subject: legacy\r\n" + message.split(b"Subject: legacy\r\n")[1].split(b"\r\n\r\n")[0] + b"\r\n\r\nline one\r\nline two\r\n")
     assert message.count(b"\n") == message.count(b"\r\n")
+
+
+def test_bare_cr_in_a_header_field_on_a_legacy_listener_is_a_space(relay) -> None:
+    """A bare CR became CRLF, so "Subject: x<CR>Bcc: eve" was stored with a Bcc: field of the
+    client's making; as Postfix (its cleanup's cleanup_mask_stray_cr_lf) it is a space."""
+    message = sentToALegacyListener(relay, b"Subject: legacy\rBcc: eve@example.org\r\n\r\nbody\rCR\r\n")
+    assert b"\r\nSubject: legacy Bcc: eve@example.org\r\n" in message
+    assert b"\r\nBcc:" not in message and message.endswith(b"\r\n\r\nbody CR\r\n")
+    assert message.count(b"\r") == message.count(b"\r\n")
 
 
 def test_premature_close_queues_nothing(relay) -> None:

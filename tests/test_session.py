@@ -10,12 +10,14 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, fail
 from zope.interface import implementer
 
+from mailrelay.envelope import ClientInfo
 from mailrelay.interfaces import IRecipientValidator, Verdict
 from mailrelay.policy import ConfiguredValidator
-from mailrelay.smtp.server import ServerSession, SessionSettings, BodyData, EndOfData, StartData
-from mailrelay.envelope import ClientInfo
+from mailrelay.smtp.server import BodyData, EndOfData, ServerSession, SessionSettings, StartData
 from mailrelay.testing import ServerHarness
-from tests.test_bdat import run as runCut  # (imported here: an import inside a @given test is a nested @given)
+from tests.test_bdat import (
+    run as runCut,  # (imported here: an import inside a @given test is a nested @given)
+)
 
 
 def transaction(h: ServerHarness, body: bytes = b"Subject: hi\r\n\r\nhello\r\n", rcpt: bytes = b"<rcpt@example.org>") -> list[bytes]:
@@ -382,7 +384,7 @@ def test_bare_newline_normalized_when_listener_says_so() -> None:
     lines = transaction(h, body=b"Subject: x\n\nbare\nLF\rCR\r\n")
     assert lines[-1].startswith(b"250 ")
     (message,) = h.spool.messages()
-    assert message.endswith(b"Subject: x\r\n" + message.split(b"Subject: x\r\n", 1)[1].split(b"\r\n\r\n")[0] + b"\r\n\r\nbare\r\nLF\r\nCR\r\n")
+    assert message.endswith(b"Subject: x\r\n" + message.split(b"Subject: x\r\n", 1)[1].split(b"\r\n\r\n")[0] + b"\r\n\r\nbare\r\nLF CR\r\n")
     assert message.count(b"\n") == message.count(b"\r\n") == message.count(b"\r")
 
 

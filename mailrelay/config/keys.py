@@ -545,7 +545,7 @@ LISTENERS = Table(
             field="name",
             unique="is already listed as",
         ),
-        Key("bare_newline", choice(*NEWLINE_CHOICES), "What to do with a bare LF."),
+        Key("bare_newline", choice(*NEWLINE_CHOICES), "What to do with a bare LF or CR."),
         Key("nul_bytes", choice(*NEWLINE_CHOICES), "What to do with a NUL byte."),
         Key("chunking", boolean, "Offer CHUNKING: messages sent by BDAT (RFC 3030)."),
         Key(
