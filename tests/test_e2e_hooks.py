@@ -231,3 +231,62 @@ def test_list_plugins_shows_the_site_plugins_and_the_chains(tmp_path: Path) -> N
     assert lines["mail"].endswith("-> site-senders (plugins[1], timeout 30s)")
     assert "site-grey (plugins[2]" in lines["data"] and "site-grey (plugins[2]" in lines["delivery"]
     assert "site-filter" in lines["message"] and "site-ext" in lines["esmtp"]
+
+
+SLOW_FILTER = '''
+from twisted.internet import reactor, task
+from zope.interface import implementer
+
+from mailrelay.interfaces import CONTINUE, IMessageFilter
+
+
+@implementer(IMessageFilter)
+class Slow:
+    def filterMessage(self, context):
+        return task.deferLater(reactor, 0.5, lambda: CONTINUE)
+
+
+def build(options, context):
+    return Slow()
+'''
+SLOW_DROPIN = '''
+from mailrelay.interfaces import IMessageFilter, MailRelayPlugin
+
+slow = MailRelayPlugin("slow-filter", IMessageFilter, "Takes half a second", "slowfilter:build")
+'''
+
+
+def test_a_client_gone_before_its_250_is_logged(relays, tmp_path: Path) -> None:
+    """A client that closes the connection after its end of data, while the relay is still
+    at work on the message (here a filter taking half a second; a slow fsync alike): the
+    message is queued and the client never sees the 250, so it will likely send it again.
+    The log said "queued", then "disconnect", and nothing of that."""
+    plugins = tmp_path / "site"
+    (plugins / "twisted" / "plugins").mkdir(parents=True)
+    (plugins / "slowfilter.py").write_text(SLOW_FILTER)
+    (plugins / "twisted" / "plugins" / "slowfilter_plugin.py").write_text(SLOW_DROPIN)
+    r = relays(BASE + '[[plugins]]\nplugin = "slow-filter"\n',
+               env={"PYTHONPATH": os.pathsep.join([str(plugins), os.environ.get("PYTHONPATH", "")])}
+               ).start()
+    for leaves in (True, False):
+        c = r.connect()
+        c.readReply()
+        c.send(b"EHLO client.test\r\n")
+        c.readReply()
+        c.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
+        assert [c.readReply()[-1][:3] for _ in range(3)] == [b"250", b"250", b"354"]
+        c.send(b"Subject: leaving\r\n\r\nbody\r\n.\r\n")
+        if leaves:
+            c.close()
+            line = r.waitForLog(r"(\w+): the client 127\.0\.0\.1 closed the connection before the "
+                                r"reply to its message was sent \(250 2\.0\.0 Ok: queued as \w+\): "
+                                r"it probably never saw it, and may send it again \(a duplicate\)")
+            assert f"{line.group(1)}: from=<a@example.com> nrcpt=1" in r.log()
+        else:
+            (reply,) = c.readReply()
+            assert reply.startswith(b"250 2.0.0 Ok: queued as ")
+            c.send(b"QUIT\r\n")
+            c.readReply()
+            c.close()
+            r.waitForLog(rf"{reply.rsplit(b' ', 1)[1].decode()}: from=<a@example.com>")
+    assert r.log().count("may send it again") == 1

@@ -559,3 +559,47 @@ def test_message_only_ends_at_crlf_dot_crlf(payload: bytes, cuts: list[int]) -> 
     _, events = _runData(wire, [c % (len(wire) + 1) for c in cuts])
     ends = [e for e in events if isinstance(e, EndOfData)]
     assert len(ends) == 1
+
+
+@pytest.mark.parametrize("how", ["connection lost", "peer closed", "still there"])
+def test_a_client_gone_before_its_250_is_logged_as_a_possible_duplicate(how: str) -> None:
+    """A client that leaves while its message is being committed (a slow fsync, a slow
+    filter) never sees the 250: it will likely send the message again, a duplicate.  The log
+    showed the 250, then the disconnect, and nothing more.  Now it says so: whether the
+    connection was already lost, or (reading is paused while the commit runs, so the relay
+    had not read it) the client had already closed its side when the 250 was written."""
+    import socket
+
+    from twisted.logger import capturedLogs, formatEvent
+
+    from mailrelay.testing import MemorySpool
+
+    spool = MemorySpool()
+    spool.holdCommits = True
+    h = ServerHarness(spool=spool)
+    h.replies()
+    ours, theirs = socket.socketpair()
+    h.transport.socket = ours  # (what a TCP transport has; the peek looks at it)
+    assert transaction(h) == [b"250 2.1.0 Ok", b"250 2.1.5 Ok", b"354 End data with <CR><LF>.<CR><LF>"]
+    assert spool.held
+    queueID = spool.held[0][1].queueID
+    with capturedLogs() as events:
+        if how == "connection lost":
+            h.protocol.connectionLost(None)
+        elif how == "peer closed":
+            theirs.close()
+        spool.release()
+    ours.close()
+    theirs.close()
+    text = [formatEvent(e) for e in events]
+    warned = [line for line in text if "may send it again" in line]
+    if how == "still there":
+        assert warned == [] and h.replies() == [f"250 2.0.0 Ok: queued as {queueID}".encode()]
+        return
+    assert warned == [
+        f"{queueID}: the client 127.0.0.1 closed the connection before the reply to its "
+        f"message was sent (250 2.0.0 Ok: queued as {queueID}): it probably never saw it, "
+        "and may send it again (a duplicate)"
+    ]
+    assert [e["log_level"].name for e in events if "may send it again" in formatEvent(e)] == ["warn"]
+    assert queueID in spool.committed

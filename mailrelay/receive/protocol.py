@@ -31,6 +31,7 @@ now (Postfix's C{smtpd_min_data_rate}).
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -675,7 +676,7 @@ class SMTPServerProtocol(Protocol):
         if box:
             return box[0]
         self._pause()
-        d.addCallback(lambda _: self._answer(box[0]))
+        d.addCallback(lambda _: self._answer(box[0], question))
         return _LATER
 
     def _flush(self, out: list[bytes]) -> None:
@@ -726,9 +727,11 @@ class SMTPServerProtocol(Protocol):
             return QUESTION_FAILED
         return R.LOCAL_ERROR
 
-    def _answer(self, result: object) -> None:
+    def _answer(self, result: object, question: object = None) -> None:
         session = self.session
         self._resume()
+        if isinstance(question, EndOfData) and isinstance(result, Reply) and result.isPositive:
+            self._checkClientStayed(session, question, result)
         if session is None or session.closed:
             return
         inMessage = session.inMessage
@@ -738,6 +741,25 @@ class SMTPServerProtocol(Protocol):
             self.shutdown(messageDone=inMessage and not session.inMessage)
         if self._deadlinePassed and not session.closed and not session.waiting:
             self._sessionExpired()
+
+    def _checkClientStayed(
+        self, session: ServerSession | None, question: EndOfData, reply: Reply
+    ) -> None:
+        """Log a client that left before C{reply}, the 250 to its message, could be sent:
+        it never saw it, and will likely send the message again (a duplicate; RFC 1047).
+        Its connection was lost already, or (reading is paused while the message is
+        committed, so no end of file was read) the client has closed its side: a look
+        at the socket, without taking anything from it."""
+        if session is None or session.closed or _peerClosed(self.transport):
+            client = question.envelope.client or (session.client if session else None)
+            log.warn(
+                "{queueID}: the client {client} closed the connection before the reply to its "
+                "message was sent ({reply}): it probably never saw it, and may send it again "
+                "(a duplicate)",
+                queueID=question.envelope.queueID,
+                client=client.address if client is not None else "unknown",
+                reply=str(reply),
+            )
 
     def _pause(self, reason: str = "session") -> None:
         if not self._pausedFor:
@@ -855,6 +877,23 @@ class SMTPServerProtocol(Protocol):
         if message is None:  # pragma: no cover - the session asks only after StartData
             return succeed(question.error or R.LOCAL_ERROR)
         return message.finish(question.error, question.size)
+
+
+def _peerClosed(transport: Any) -> bool:
+    """Whether the peer of C{transport} (TCP or UNIX, under TLS too) has closed its side
+    (or reset the connection): its socket reads end of file now, without waiting; what
+    it holds stays unread (C{MSG_PEEK})."""
+    lower = getattr(transport, "transport", None)  # (TLS from the first byte: its TCP)
+    sock = getattr(lower if isinstance(transport, TLSMemoryBIOProtocol) else transport,
+                   "socket", None)
+    if sock is None:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False  # nothing to read: still there
+    except OSError:
+        return True  # reset, or closed
 
 
 def _greetingRefusal(verdict: Verdict, hostname: str) -> Reply | None:
