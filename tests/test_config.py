@@ -60,6 +60,8 @@ def listenerSettings(config: Config, endpoint: str, **changes: Any) -> ListenerS
         maxMessageSize=config.maxMessageSize,
         maxRecipients=config.maxRecipients,
         maxErrors=config.maxErrors,
+        softErrorLimit=config.softErrorLimit,
+        errorSleepTime=config.errorSleepTime,
         idleTimeout=config.idleTimeout,
         dataTimeout=config.dataTimeout,
         rejectUnauthPipelining=True,
@@ -142,6 +144,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert c.idleTimeout == 300.0
     assert c.dataTimeout == 300.0
     assert c.maxErrors == 20
+    assert (c.softErrorLimit, c.errorSleepTime) == (10, 1.0)  # Postfix's defaults
     assert c.maxHops == 50
     assert c.reverseDNS is True
     assert c.listeners == (ListenerConfig(listenerSettings(c, "tcp:2525:interface=127.0.0.1")),)
@@ -217,6 +220,8 @@ recipients = 5
 idle_timeout = 1.5
 data_timeout = 60
 errors = 3
+soft_errors = 2
+error_sleep_time = 0.5
 hops = 10
 [dns]
 reverse_lookups = false
@@ -265,6 +270,9 @@ comment = "hello"
         "mx1.example.com", 1000, 5
     )
     assert (settings.maxErrors, settings.idleTimeout, settings.dataTimeout) == (3, 1.5, 60.0)
+    assert (settings.softErrorLimit, settings.errorSleepTime) == (2, 0.5)
+    session = settings.sessionSettings(())
+    assert (session.softErrorLimit, session.errorSleepTime) == (2, 0.5)
     assert settings.limitExceptions == c.relayNetworks
     assert c.recipientValidators == (
         PluginSpec("recipient-map", {"file": "recipients.txt"}, 2.0, "recipient_validators[0]"),
@@ -499,6 +507,9 @@ ERROR_CASES = [
     ('[limits]\ndata_timeout = "5m"', "limits.data_timeout", 'not "5m"'),
     ("[limits]\ndata_timeout = inf", "limits.data_timeout", "not inf"),
     ("[limits]\nrecipent = 5", "limits.recipent", 'did you mean "recipients"'),
+    ("[limits]\nsoft_errors = 0", "limits.soft_errors", "not 0"),
+    ('[limits]\nerror_sleep_time = "1s"', "limits.error_sleep_time", 'not "1s"'),
+    ("[limits]\nerror_sleep_time = -1", "limits.error_sleep_time", ">= 0, not -1"),
     ("[spool]\nmin_free_space = -5", "spool.min_free_space", "integer >= 0, not -5"),
     ("[spool]\ndirectory = 5", "spool.directory", "must be a string, not 5"),
     ('[spool]\ndirectory = ""', "spool.directory", "empty string"),

@@ -259,6 +259,31 @@ def test_restart_keeps_entries_and_cleans_partial_files(relay) -> None:
     assert "spool " in r.log() and "3 queued entries" in r.log()
 
 
+def test_replies_slow_down_past_the_soft_error_limit_on_the_wire(relay) -> None:
+    """[limits] soft_errors and error_sleep_time (Postfix's smtpd_soft_error_limit and
+    smtpd_error_sleep_time): after two errors each reply waits 0.4 s, and another client
+    is served meanwhile (a timer, not a sleep)."""
+    r = relay("[limits]\nsoft_errors = 2\nerror_sleep_time = 0.4\n")
+    c = r.connect()
+    c.readReply()
+    c.send(b"EHLO x\r\n")
+    c.readReply()
+    waits = []
+    for command in (b"FOO", b"FOO", b"FOO", b"NOOP"):
+        start = time.monotonic()
+        c.send(command + b"\r\n")
+        assert c.readReply()[0][:3] in (b"500", b"250")
+        waits.append(time.monotonic() - start)
+    assert max(waits[:2]) < 0.3 and min(waits[2:]) >= 0.38, waits
+    c.send(b"FOO\r\n")
+    other = r.connect()  # (answered while the first session waits)
+    start = time.monotonic()
+    assert other.readReply()[0].startswith(b"220 ")
+    other.send(b"NOOP\r\n")
+    assert other.readReply() == [b"250 2.0.0 Ok"] and time.monotonic() - start < 0.3
+    assert c.readReply() == [b"500 5.5.2 Error: command not recognized"]
+
+
 def test_commands_and_limits_on_the_wire(relay) -> None:
     r = relay("[limits]\nerrors = 3\nidle_timeout = 1\n")
     c = r.connect()

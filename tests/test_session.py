@@ -292,6 +292,62 @@ def test_error_limit_disconnects() -> None:
     assert h.closed
 
 
+def test_replies_slow_down_past_the_soft_error_limit() -> None:
+    """Postfix's smtpd_soft_error_limit (10) and smtpd_error_sleep_time (1 s): once a session
+    has made that many errors, every reply waits that long first (smtpd_chat.c: "sleep on
+    anything"), each of a pipelined batch too; the relay reads nothing meanwhile and blocks
+    nothing else (a timer, not a sleep).  There was only the hang-up at the hard limit."""
+    h = ServerHarness(softErrorLimit=2, errorSleepTime=1.0, maxErrors=5)
+    h.replies()
+    assert h.send(b"EHLO x\r\n")[-1].startswith(b"250 ")
+    for _ in range(2):
+        assert h.send(b"FOO\r\n") == [b"500 5.5.2 Error: command not recognized"]
+    # Two errors: the third reply (an error or not) waits a second.
+    assert h.send(b"FOO\r\n") == [] and h.transport.producerState == "paused"
+    h.clock.advance(0.999)
+    assert h.replies() == []
+    h.clock.advance(0.001)
+    assert h.replies() == [b"500 5.5.2 Error: command not recognized"]
+    assert h.transport.producerState == "producing"
+    # Pipelined: one second before each reply, in order.
+    assert h.send(b"NOOP\r\nMAIL FROM:<a@example.com>\r\nFOO\r\n") == []
+    got = []
+    for _ in range(3):
+        h.clock.advance(1)
+        got.append(h.replies())
+    assert got == [[b"250 2.0.0 Ok"], [b"250 2.1.0 Ok"], [b"500 5.5.2 Error: command not recognized"]]
+    # The hard limit's 421 waits too (it is a reply), then the connection closes.
+    assert h.send(b"FOO\r\n") == []
+    h.clock.advance(1)
+    assert h.replies() == [b"500 5.5.2 Error: command not recognized"] and not h.closed
+    h.clock.advance(1)
+    assert h.replies() == [b"421 4.7.0 relay.test Error: too many errors"] and h.closed
+
+
+def test_a_message_delivered_forgives_the_errors_and_sleep_zero_is_off() -> None:
+    """As Postfix, a message received resets the error count (and with it the slow-down);
+    error_sleep_time = 0 turns the slow-down off; a client that leaves during the wait
+    leaves nothing behind (no timer, no reply)."""
+    h = ServerHarness(softErrorLimit=1, errorSleepTime=2.0)
+    h.replies()
+    h.send(b"EHLO x\r\n")
+    assert h.send(b"FOO\r\n") == [b"500 5.5.2 Error: command not recognized"]
+    h.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
+    h.clock.pump([2, 2, 2])
+    assert h.codes(h.replies()) == [250, 250, 354]
+    # (Its 250 is not delayed: Postfix resets the count before it replies.)
+    assert h.codes(h.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")) == [250]
+    assert h.send(b"NOOP\r\n") == [b"250 2.0.0 Ok"]
+    assert h.send(b"FOO\r\n") == [b"500 5.5.2 Error: command not recognized"]
+    assert h.send(b"NOOP\r\n") == []
+    h.protocol.connectionLost(None)
+    assert h.clock.getDelayedCalls() == [] and h.replies() == []
+    off = ServerHarness(softErrorLimit=1, errorSleepTime=0)
+    off.replies()
+    assert off.send(b"FOO\r\nFOO\r\nNOOP\r\n") == [
+        b"500 5.5.2 Error: command not recognized"] * 2 + [b"250 2.0.0 Ok"]
+
+
 def test_idle_and_data_timeouts() -> None:
     h = ServerHarness(idleTimeout=300, dataTimeout=120)
     h.replies()

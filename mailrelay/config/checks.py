@@ -187,7 +187,8 @@ def _relaySettings(r: Reading) -> None:
     limits of C{[limits]}, the relay networks as the exceptions to its limits unless it
     names its own, and the time the rate limiter's answers may take."""
     scope, fields = r.at.scope, r.fields
-    for name in ("hostname", "maxMessageSize", "maxRecipients", "maxErrors"):
+    for name in ("hostname", "maxMessageSize", "maxRecipients", "maxErrors", "softErrorLimit",
+                 "errorSleepTime"):
         fields[name] = scope[name]
     fields["idleTimeout"], fields["dataTimeout"] = scope["idleTimeout"], scope["dataTimeout"]
     if not r.given("limit_exceptions"):

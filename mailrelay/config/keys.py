@@ -296,6 +296,20 @@ LIMITS = Table(
             field="maxErrors",
         ),
         Key(
+            "soft_errors",
+            integer(1, 10_000),
+            "Errors in one session after which each reply waits error_sleep_time seconds.",
+            default=10,
+            field="softErrorLimit",
+        ),
+        Key(
+            "error_sleep_time",
+            nonNegativeSeconds,
+            "Seconds each reply waits once a session has made soft_errors errors (0: none).",
+            default=1,
+            field="errorSleepTime",
+        ),
+        Key(
             "hops",
             integer(1, 1_000),
             "The most Received: fields a message may carry (mail loops).",

@@ -125,6 +125,9 @@ class Config:
     @ivar idleTimeout: seconds a client may stay silent between commands.
     @ivar dataTimeout: seconds a client may stay silent while sending message data.
     @ivar maxErrors: errors in one session before it is closed with 421.
+    @ivar softErrorLimit: errors in one session after which each reply waits
+        C{errorSleepTime} seconds (Postfix's smtpd_soft_error_limit, smtpd_error_sleep_time).
+    @ivar errorSleepTime: that wait (0: none).
     @ivar maxHops: the most C{Received:} fields a message may carry (mail loops).
     @ivar dropHeaders: the header fields removed from every message (lower case).
     @ivar reverseDNS: look up the client's name (forward-confirmed) for C{Received:}.
@@ -203,6 +206,8 @@ class Config:
     idleTimeout: float
     dataTimeout: float
     maxErrors: int
+    softErrorLimit: int
+    errorSleepTime: float
     maxHops: int
     reverseDNS: bool
     listeners: tuple[ListenerConfig, ...]

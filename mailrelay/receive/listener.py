@@ -44,6 +44,7 @@ class ListenerSettings(LimitSettings):
         (its endpoint), in the log and the limit counters' keys; C{mode}: one of
         L{LISTENER_MODES} (not C{relay}: MAIL needs AUTH first).
     The session (see L{SessionSettings}): C{maxMessageSize}, C{maxRecipients}, C{maxErrors},
+      C{softErrorLimit}, C{errorSleepTime},
       C{bareNewline}, C{nulBytes}, C{chunking}, C{binaryMIME}; C{auth}: AUTH is offered
       (when the relay has AUTH at all);
       C{authWithoutTLS}; C{rejectUnauthPipelining}; C{rejectPregreet} (C{None}: when
@@ -74,6 +75,8 @@ class ListenerSettings(LimitSettings):
     maxMessageSize: int = 10240000
     maxRecipients: int = 100
     maxErrors: int = 20
+    softErrorLimit: int = 10
+    errorSleepTime: float = 1.0
     bareNewline: str = BARE_NEWLINE_REJECT
     nulBytes: str = BARE_NEWLINE_REJECT
     chunking: bool = True
@@ -130,6 +133,8 @@ class ListenerSettings(LimitSettings):
             maxMessageSize=self.maxMessageSize,
             maxRecipients=self.maxRecipients,
             maxErrors=self.maxErrors,
+            softErrorLimit=self.softErrorLimit,
+            errorSleepTime=self.errorSleepTime,
             bareNewline=self.bareNewline,
             nulBytes=self.nulBytes,
             starttls=self.tlsMode == "starttls",

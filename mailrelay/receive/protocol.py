@@ -65,6 +65,7 @@ from mailrelay.smtp.server import (
     EndOfData,
     ExtensionCommand,
     HeloWithSpaces,
+    Pause,
     Refused,
     ServerSession,
     SessionSettings,
@@ -327,6 +328,10 @@ class SMTPServerProtocol(Protocol):
         self._connectCheck: Deferred[Any] | None = None
         #: The last reply sent (when the relay closes the session, how it ended: L{_outcome}).
         self._lastReply: Reply | None = None
+        #: During a L{Pause} (past the soft error limit): the events to carry out after it,
+        #: and its timer.
+        self._afterPause: list[object] | None = None
+        self._pauseTimer: Any = None
 
     # Connection life cycle ------------------------------------------------------------------
 
@@ -550,9 +555,10 @@ class SMTPServerProtocol(Protocol):
         if self.context.sessions is not None:
             self.context.sessions.discard(self)
         self._timer.stop()
-        for timer in (self._greetTimer, self._deadline, self._quitTimer):
+        for timer in (self._greetTimer, self._deadline, self._quitTimer, self._pauseTimer):
             _cancel(timer)
-        self._greetTimer = self._deadline = None
+        self._greetTimer = self._deadline = self._pauseTimer = None
+        self._afterPause = None  # (nothing more is sent; a message it held is dropped below)
         if self._connectCheck is not None:
             self._connectCheck.cancel()
         if self._admission is not None:
@@ -573,6 +579,8 @@ class SMTPServerProtocol(Protocol):
             )
             how = " (TLS handshake failed)"
         self._handle(session.connectionLost())
+        # (A message whose end a pause held back was never answered: it goes too.)
+        self._abortMessage()
         _logDisconnect(session, how)
         child(SESSIONS, _outcome(self._lastReply, wasOpen)).inc()
 
@@ -618,10 +626,17 @@ class SMTPServerProtocol(Protocol):
         """Carry out the session's events.  Answers available at once are fed back in a loop,
         not by recursion, so a long pipelined batch does not deepen the stack."""
         session = self.session
+        if self._afterPause is not None:
+            self._afterPause.extend(events)  # (in order, after those the pause holds)
+            return
         while events:
             out: list[bytes] = []
             question = None
-            for event in events:
+            for index, event in enumerate(events):
+                if isinstance(event, Pause):
+                    self._flush(out)
+                    self._startPause(event.seconds, events[index + 1 :])
+                    return
                 if isinstance(event, BodyData):
                     if self._message is not None:
                         started = self._message.write(event.data)
@@ -667,6 +682,19 @@ class SMTPServerProtocol(Protocol):
             if answer is _LATER or session.closed:
                 return
             events = session.answer(answer)
+
+    def _startPause(self, seconds: float, rest: list[object]) -> None:
+        """Carry out C{rest} in C{seconds}, reading nothing meanwhile (Postfix's
+        smtpd_error_sleep_time, without blocking the other sessions)."""
+        self._afterPause = rest
+        self._pause("errors")
+        self._pauseTimer = self.context.clock.callLater(seconds, self._endPause)
+
+    def _endPause(self) -> None:
+        events, self._afterPause, self._pauseTimer = self._afterPause or [], None, None
+        self._resume("errors")
+        self._handle(events)
+        self._resetTimer()
 
     def _askNow(self, question: object) -> object:
         """The answer to C{question} when it is there at once; else read no more until it

@@ -1,9 +1,9 @@
 """The ESMTP server session: a sans-IO state machine.
 
 L{ServerSession} takes bytes and returns a list of events: L{Reply} objects to send, L{Close},
-message body data to store (L{BodyData}), L{StartTLS}, refusals to log (L{Refused}), and
-questions the driver must answer
-before the session reads on (L{CheckMail}, L{CheckRecipient}, L{StartData}, L{EndOfData},
+L{Pause} (past the soft error limit), message body data to store (L{BodyData}), L{StartTLS},
+refusals to log (L{Refused}), and questions the driver must answer before the session reads
+on (L{CheckMail}, L{CheckRecipient}, L{StartData}, L{EndOfData},
 L{Authenticate}).  After a question
 the session parses nothing more until L{ServerSession.answer} is called, so pipelined commands are
 answered strictly in order, across the DATA boundary too.  It never touches a socket, a clock or
@@ -79,6 +79,11 @@ class SessionSettings:
     maxMessageSize: int = 10240000
     maxRecipients: int = 100
     maxErrors: int = 20
+    #: Postfix's smtpd_soft_error_limit and smtpd_error_sleep_time: once a session has made
+    #: C{softErrorLimit} errors, each reply is preceded by a L{Pause} of C{errorSleepTime}
+    #: seconds (0: none).
+    softErrorLimit: int = 10
+    errorSleepTime: float = 1.0
     bareNewline: str = BARE_NEWLINE_REJECT
     #: NUL bytes in message data: C{"reject"} the message (550 5.6.0), or C{"normalize"}:
     #: remove them (a receiver that strips NULs would otherwise see what we did not).
@@ -116,6 +121,15 @@ class SessionSettings:
 @dataclass(frozen=True, slots=True)
 class Close:
     """Close the connection after writing the replies before this event."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Wait C{seconds} before carrying out the events after this one (reading nothing
+    meanwhile): a session past its soft error limit (C{SessionSettings.softErrorLimit})
+    slows down, as Postfix's smtpd sleeps before each reply then (smtpd_chat.c)."""
+
+    seconds: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -577,9 +591,18 @@ class ServerSession:
 
     # Internals ------------------------------------------------------------------------------
 
+    def _send(self, reply: Reply) -> None:
+        """Send C{reply}, after a L{Pause} once the session has made C{softErrorLimit}
+        errors: Postfix's smtpd sleeps before every reply then, whatever it says ("sleep on
+        anything", smtpd_chat.c); the reply's own error is counted after it."""
+        settings = self.settings
+        if settings.errorSleepTime > 0 and self.errors >= settings.softErrorLimit:
+            self._out.append(Pause(settings.errorSleepTime))
+        self._out.append(reply)
+
     def _reply(self, reply: Reply, countError: bool = True) -> None:
         self._noteRefusal(reply)
-        self._out.append(reply)
+        self._send(reply)
         if reply.code >= 400 and countError:
             self.errors += 1
             if self.errors >= self.settings.maxErrors and self.mode != _CLOSED:
@@ -593,7 +616,7 @@ class ServerSession:
     def _close(self, reply: Reply) -> None:
         if self._messageOpen:
             self._out.append(AbortData())
-        self._out.append(reply)
+        self._send(reply)
         self._out.append(Close())
         self.mode = _CLOSED
         self.transaction = None
@@ -1020,7 +1043,7 @@ class ServerSession:
         self.mode = _DATA
         settings = self.settings
         self._data = DataReader(settings.maxMessageSize, settings.bareNewline, settings.nulBytes)
-        self._out.append(R.START_DATA)
+        self._send(R.START_DATA)
 
     # CHUNKING: BDAT (RFC 3030) ---------------------------------------------------------------
 
@@ -1177,7 +1200,7 @@ class ServerSession:
         if self.transaction is not None:
             self._reply(Reply(503, "5.5.1", "Error: MAIL transaction in progress"))
             return
-        self._out.append(READY_FOR_TLS)
+        self._send(READY_FOR_TLS)
         # Whatever came after the STARTTLS line was sent in plaintext, before the handshake:
         # it must never be taken as a command of the TLS session.
         discarded = len(self._buf) - self._pos
@@ -1230,10 +1253,10 @@ class ServerSession:
             self._saslStep(initial)
         elif mechanism == "PLAIN":
             self.mode = _SASL
-            self._out.append(_PLAIN_CHALLENGE)
+            self._send(_PLAIN_CHALLENGE)
         else:
             self.mode = _SASL
-            self._out.append(_LOGIN_USERNAME)
+            self._send(_LOGIN_USERNAME)
 
     def _decodeSasl(self, data: bytes, initial: bool = False) -> bytes | None:
         """A base64 SASL response decoded, or C{None} after replying 501 (bad base64)."""
@@ -1282,7 +1305,7 @@ class ServerSession:
         elif sasl.username is None:
             sasl.username = response
             self.mode = _SASL
-            self._out.append(_LOGIN_PASSWORD)
+            self._send(_LOGIN_PASSWORD)
         else:
             self._authenticate(sasl.username, response, b"")
 
