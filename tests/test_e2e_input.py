@@ -141,6 +141,22 @@ def test_a_resent_message_gets_resent_message_id_and_date(relay) -> None:  # noq
     assert names == [b"Received", b"From", b"Resent-From", b"Subject", b"Resent-Message-Id",
                      b"Resent-Date"]
 
+
+def test_postmaster_at_the_relay_is_delivered_to_the_queue_postmaster(relay, nexthop, dns) -> None:  # noqa: F811
+    """postmaster@<hostname> (RFC 5321 4.5.1: always accepted) went to the host name's MX,
+    the relay itself, and bounced as a loop; it goes to [queue] postmaster."""
+    hop, port = nexthop()
+    r = relay(config(dns, routes=[smtpRoute("example.org", port)],
+                     queue={"postmaster": "admin@example.org"}))
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=15) as s:
+        s.ehlo("client.test")
+        assert s.mail("alice@sender.test") == (250, b"2.1.0 Ok")
+        assert s.rcpt("<postmaster>") == (250, b"2.1.5 Ok")
+        code, reply = s.data(b"Subject: hello postmaster\r\n\r\nbody\r\n")
+    assert code == 250, reply
+    (got,) = hop.waitTo("admin@example.org", 1)
+    assert got.rcptTos == ["admin@example.org"] and b"hello postmaster" in got.content
+
 # ---------------------------------------------------------------------------------------------
 # NUL in message data: "\r\n\0.\r\n" is an end of data to a receiver that strips NULs
 

@@ -641,3 +641,35 @@ def test_dropped_fields_are_removed_before_the_filters_and_the_commit(withFilter
     assert spool.messages() == [kept]
     assert spool.committed[env.queueID][0].messageSize == len(kept)
     assert seen == ([kept] if withFilter else [])
+
+
+def test_postmaster_at_the_relay_goes_to_the_queue_postmaster() -> None:
+    """RFC 5321 4.5.1: mail to postmaster must be accepted, and the relay accepts
+    postmaster@<hostname> (and <postmaster>) from anyone; but it had no delivery of its own:
+    it went to the smarthost or the host name's MX (the relay itself: a loop, bounced).
+    Postfix delivers it locally (postmaster@$myhostname is in mydestination, aliased to a
+    person, aliases(5)).  The relay's person is [queue] postmaster (where the bounces
+    nobody else takes go): the recipient becomes that address, its ORCPT keeps the one the
+    client gave (as Postfix's alias expansion keeps the original recipient), and a second
+    copy for the same address is not made."""
+    intake, spool, _ = makeIntake(postmaster="admin@example.org")
+    env = envelope()
+    env.recipients = [Recipient("PostMaster@relay.test"), Recipient("c@d.example"),
+                      Recipient("postmaster@relay.test", orcpt="rfc822;postmaster")]
+    opened = intake.open(env, env.client, {})
+    assert isinstance(opened, IncomingMessage)
+    opened.write(MESSAGE)
+    assert received(opened.finish()).code == 250
+    queued, _ = spool.committed[env.queueID]
+    assert [(r.address, r.orcpt) for r in queued.recipients] == [
+        ("admin@example.org", "rfc822;PostMaster@relay.test"), ("c@d.example", None)]
+    # Without [queue] postmaster, or for another domain's postmaster: as before.
+    for postmaster, rcpt in ((None, "postmaster@relay.test"),
+                             ("admin@example.org", "postmaster@other.example")):
+        intake, spool, _ = makeIntake(postmaster=postmaster)
+        env = envelope()
+        env.recipients = [Recipient(rcpt)]
+        opened = intake.open(env, env.client, {})
+        opened.write(MESSAGE)
+        assert received(opened.finish()).code == 250
+        assert [r.address for r in spool.committed[env.queueID][0].recipients] == [rcpt]

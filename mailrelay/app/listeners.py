@@ -340,6 +340,7 @@ def makeIntake(
         observe=observers.messageQueued if observers.queued else None,
         deferToThread=build.context.deferToThread if hasattr(build, "context") else None,
         dropHeaders=config.dropHeaders,
+        postmaster=config.queue.postmaster,
     )
 
 

@@ -93,6 +93,8 @@ class Intake:
     @ivar deferToThread: runs blocking work (reading a message for the filters) in a thread.
     @ivar dropHeaders: the names (lower case) of the header fields removed from every
         message, as Postfix's cleanup removes C{message_drop_headers} (C{Bcc:}, ...).
+    @ivar postmaster: C{[queue] postmaster}, or C{None}: where mail to postmaster at
+        C{hostname} goes (L{aliasPostmaster}).
     """
 
     def __init__(
@@ -107,8 +109,10 @@ class Intake:
         observe: Callable[[Envelope], object] | None = None,
         deferToThread: Callable[..., Deferred[Any]] | None = None,
         dropHeaders: Collection[str] = (),
+        postmaster: str | None = None,
     ) -> None:
         self.spool = spool
+        self.postmaster = postmaster
         self.dropHeaders = frozenset(name.lower() for name in dropHeaders)
         self.stampers = tuple(stampers)
         self.clock = clock
@@ -158,7 +162,42 @@ class Intake:
             log.error("cannot create queue file: {error}", error=str(e))
             return R.LOCAL_ERROR
         envelope.queueID = writer.queueID
+        if self.postmaster is not None:
+            aliasPostmaster(envelope, self.hostname, self.postmaster)
         return IncomingMessage(self, envelope, client, writer, listenerOptions, notify)
+
+
+def aliasPostmaster(envelope: Envelope, hostname: str, postmaster: str) -> None:
+    """Mail to postmaster at C{hostname} (which the relay accepts from anyone, RFC 5321
+    4.5.1) goes to C{postmaster} (C{[queue] postmaster}), as Postfix delivers
+    postmaster@$myhostname locally, to the person its aliases(5) name: the recipient
+    becomes that address, its ORCPT (when the client gave none) the address it replaces,
+    and a recipient already there is not added twice."""
+    own = {id(r) for r in envelope.recipients if _isPostmasterAt(r.address, hostname)}
+    if not own or _isPostmasterAt(postmaster, hostname):
+        return  # (nothing to do; or [queue] postmaster is that very address)
+    present = any(r.address == postmaster for r in envelope.recipients)
+    kept = []
+    for recipient in envelope.recipients:
+        if id(recipient) in own:
+            if present:
+                continue
+            present = True
+            recipient.orcpt = recipient.orcpt or f"rfc822;{recipient.address}"
+            log.info(
+                "{queueID}: to=<{address}> goes to the postmaster, <{postmaster}>",
+                queueID=envelope.queueID,
+                address=recipient.address,
+                postmaster=postmaster,
+            )
+            recipient.address = postmaster
+        kept.append(recipient)
+    envelope.recipients = kept
+
+
+def _isPostmasterAt(address: str, hostname: str) -> bool:
+    local, _, domain = address.rpartition("@")
+    return local.lower() == "postmaster" and domain.lower() == hostname
 
 
 @implementer(IIncomingMessage)

@@ -393,7 +393,11 @@ QUEUE = Table(
             seconds,
             "Seconds between two looks into the spool for messages nobody announced.",
         ),
-        Key("postmaster", postmaster, "Where bounces that cannot be returned go."),
+        Key(
+            "postmaster",
+            postmaster,
+            "Where bounces that cannot be returned go, and mail to postmaster@hostname.",
+        ),
         Key("hold", boolean, "Accept and queue mail but deliver none."),
         Key(
             "process",
