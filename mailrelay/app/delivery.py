@@ -11,6 +11,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
 
 from mailrelay.app.backends import makeBackends, makeRouter
+from mailrelay.app.clocksteps import clockStepsOf
 from mailrelay.app.services import BackendsService, OrderedMultiService, SpoolService
 from mailrelay.config import Config
 from mailrelay.config.plugins import HookPlugins
@@ -85,6 +86,7 @@ def makeDelivery(
         lock=QueueLock(config.spoolDirectory, reactor),
         observers=hooks.observers(reactor),
     )
+    clockStepsOf(reactor).observe(queue)
     return [BackendsService(backends), queue], queue
 
 

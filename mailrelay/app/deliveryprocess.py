@@ -20,6 +20,7 @@ from twisted.logger import ILogObserver, Logger, formatEventAsClassicLogText, gl
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer, provider
 
+from mailrelay.app.clocksteps import followClockSteps
 from mailrelay.app.logs import LevelFilter, filtered
 from mailrelay.app.services import stopOnSignals, stopReactor
 from mailrelay.queue.process import METRICS_RECORD, RESCAN, encodeLogEvent
@@ -305,6 +306,7 @@ def runChild(
             reporter.start()
 
     stopOnSignals(reactor)
+    followClockSteps(reactor)
     reactor.callWhenRunning(start)
     reactor.run()
     if reporter is not None:

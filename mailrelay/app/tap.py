@@ -172,6 +172,9 @@ def makeService(options: Options) -> Any:
     from mailrelay.app.services import stopOnSignals
 
     stopOnSignals(reactor)
+    from mailrelay.app.clocksteps import followClockSteps
+
+    followClockSteps(reactor)
     notifySystemd(reactor, relay)
     return relay
 

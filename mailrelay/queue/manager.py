@@ -39,7 +39,7 @@ released.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -192,6 +192,13 @@ class QueueManager(Service):
         self._forced: set[str] = set()
         #: The envelopes of the entries whose attempt is in progress.
         self._envelopes: dict[str, Envelope] = {}
+        #: queue id -> the steps of the wall clock (seconds) since its envelope was stored
+        #: and not yet applied to its times (see L{clockStepped}).
+        self._stepped: dict[str, float] = {}
+        #: The sum of the steps so far, and (queue id ->) its value when an attempt's
+        #: conclusion began.
+        self._stepTotal = 0.0
+        self._concluding: dict[str, float] = {}
         #: The entries whose removal the spool was asked for, until their attempt (or
         #: command) ends: the operator's commands find them gone (L{_checkPresent}).
         self._removing: set[str] = set()
@@ -540,9 +547,14 @@ class QueueManager(Service):
         if envelope.held:
             self._held.add(queueID)
             return False
-        if not forced and envelope.nextAttempt is not None and envelope.nextAttempt > now:
-            self.scheduler.schedule(queueID, envelope.nextAttempt)
+        stepped = self._stepped.get(queueID, 0.0)
+        nextAttempt = None if envelope.nextAttempt is None else envelope.nextAttempt + stepped
+        if not forced and nextAttempt is not None and nextAttempt > now:
+            self.scheduler.schedule(queueID, nextAttempt)
             return False
+        if stepped:
+            del self._stepped[queueID]
+            _moveTimes(envelope, stepped)
         log.info(
             "{queueID}: from=<{sender}>, size={size}, nrcpt={nrcpt} (queue active)",
             queueID=queueID,
@@ -559,6 +571,25 @@ class QueueManager(Service):
         )
         attempt.addCallback(lambda due: self._finish(queueID, due))
         return True
+
+    def clockStepped(self, step: float) -> None:
+        """The wall clock was stepped by C{step} seconds (L{mailrelay.app.clocksteps}):
+        each entry is attempted when it was to be, and keeps its age (its arrival time moves
+        by the step, for its lifetime and delay warning), as what really passed counts, not
+        what the clock says.  The envelopes of the attempts in progress move now; those on
+        disk (scheduled or held, or recorded before the step) when next attempted."""
+        self._stepTotal += step
+        for queueID, envelope in self._envelopes.items():
+            if queueID not in self._concluding:
+                _moveTimes(envelope, step)
+        for queueID in [*self._heldOrScheduled()]:
+            self._stepped[queueID] = self._stepped.get(queueID, 0.0) + step
+        self.scheduler.shift(step)
+
+    def _heldOrScheduled(self) -> Iterator[str]:
+        yield from self._held
+        for _, queueID in self.scheduler.scheduled():
+            yield queueID
 
     def _finish(self, queueID: str, due: float | None) -> None:
         """The attempt (or command) on C{queueID} is over: schedule it at C{due} (C{None}:
@@ -710,12 +741,24 @@ class QueueManager(Service):
         """Decide what C{outcomes} mean, notify, log and record them; return when to
         schedule the entry next, or C{None} when it is gone."""
         now = self.clock.seconds()
-        early = self._early.pop(queueID, {})
-        decision = decide(envelope, outcomes, self.policy, now, early)
-        apply(envelope, decision)
-        await self.notifier.notify(queueID, envelope, decision.notices, decision.discarded, now)
-        _logTransitions(queueID, decision, early)
-        due = await self._record(queueID, envelope, decision, now)
+        # A step of the clock from now on is not applied to the envelope in memory, whose
+        # times are decided and recorded as of now: to the time returned, and to the record
+        # at the next attempt (see clockStepped).
+        self._concluding[queueID] = self._stepTotal
+        try:
+            early = self._early.pop(queueID, {})
+            decision = decide(envelope, outcomes, self.policy, now, early)
+            apply(envelope, decision)
+            await self.notifier.notify(
+                queueID, envelope, decision.notices, decision.discarded, now
+            )
+            _logTransitions(queueID, decision, early)
+            due = await self._record(queueID, envelope, decision, now)
+        finally:
+            stepped = self._stepTotal - self._concluding.pop(queueID)
+        if stepped:
+            self._stepped[queueID] = self._stepped.get(queueID, 0.0) + stepped
+            due = None if due is None else due + stepped
         if self.observers.delivered:
             self.observers.deliveryAttempted(_events(envelope, outcomes, decision))
         return due
@@ -1089,6 +1132,15 @@ class QueueManager(Service):
         if not outcomes:
             return await self._remove(queueID)
         return await self._conclude(queueID, envelope, outcomes)
+
+
+def _moveTimes(envelope: Envelope, step: float) -> None:
+    """Move C{envelope}'s arrival and next attempt by a step of the wall clock (see
+    L{QueueManager.clockStepped})."""
+    if envelope.arrival is not None:
+        envelope.arrival += step
+    if envelope.nextAttempt is not None:
+        envelope.nextAttempt += step
 
 
 def _events(

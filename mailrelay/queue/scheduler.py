@@ -132,6 +132,22 @@ class Scheduler:
         done.callback(None)
         self.pump()
 
+    def shift(self, step: float) -> None:
+        """The wall clock was stepped by C{step} seconds: every scheduled entry is due that
+        much later (earlier when negative), so that it waits as long as it was to."""
+        self._heap = self._shifted(self._heap, step)
+        self._fresh = self._shifted(self._fresh, step)
+        self._cancelTimer()
+        self.pump()
+
+    def _shifted(
+        self, heap: list[tuple[float, int, str]], step: float
+    ) -> list[tuple[float, int, str]]:
+        """The live entries of C{heap}, C{step} seconds later, as a heap."""
+        live = [(due + step, seq, q) for due, seq, q in heap if self._scheduled.get(q) == seq]
+        heapq.heapify(live)
+        return live
+
     def stop(self) -> None:
         """Activate nothing more; cancel the timer."""
         self.enabled = False

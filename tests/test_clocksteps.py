@@ -1,0 +1,167 @@
+"""mailrelay.app.clocksteps: a step of the wall clock moves the reactor's pending calls (and
+the queue's schedule) by as much, so that each fires after the delay it was given."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
+
+from mailrelay.app.clocksteps import ClockSteps, clockStepsOf
+from mailrelay.interfaces import DeliveryStatus
+from mailrelay.route.table import RouteRule
+from mailrelay.testing import QueueHarness
+from tests.test_queueharness import Webhook
+
+DAY = 86400.0
+
+
+class Stepping:
+    """A C{Clock} (the wall clock) and a monotonic clock that advance together, and a
+    L{ClockSteps} on them; L{step} moves the wall clock alone, as C{date -s} does."""
+
+    def __init__(self, clock: Clock | None = None) -> None:
+        if clock is None:
+            clock = Clock()
+            clock.advance(1_800_000_000)
+        self.clock = clock
+        self.mono = 1000.0
+        self.steps = ClockSteps(clock, monotonic=lambda: self.mono)
+
+    def advance(self, seconds: float) -> None:
+        """Time passes: both clocks advance, the check runs before the calls, as in the
+        reactor's turn."""
+        self.mono += seconds
+        self.clock.rightNow += seconds
+        self.steps.check()
+        self.clock.advance(0)
+
+    def step(self, seconds: float) -> float:
+        self.clock.rightNow += seconds
+        return self.steps.check()
+
+
+def test_a_step_back_moves_the_calls_back() -> None:
+    s = Stepping()
+    fired: list[str] = []
+    s.clock.callLater(30, fired.append, "timeout")
+    s.clock.callLater(300, fired.append, "retry")
+    s.advance(10)
+    with capturedLogs() as events:
+        assert s.step(-3 * 3600) == -3 * 3600
+    [event] = [e for e in events if e.get("log_namespace") == "mailrelay.app.clocksteps"]
+    assert event["log_level"].name == "warn"
+    assert event["direction"] == "back" and event["step"] == "3:00:00" and event["count"] == 2
+    s.advance(19)
+    assert fired == []
+    s.advance(1)
+    assert fired == ["timeout"]
+    s.advance(270)
+    assert fired == ["timeout", "retry"]
+
+
+def test_a_step_forward_moves_the_calls_forward() -> None:
+    s = Stepping()
+    fired: list[str] = []
+    s.clock.callLater(30, fired.append, "timeout")
+    assert s.step(2 * DAY) == 2 * DAY
+    s.advance(29)
+    assert fired == []  # not fired at once, as timed out
+    s.advance(1)
+    assert fired == ["timeout"]
+
+
+def test_drift_below_the_tolerance_is_no_step() -> None:
+    s = Stepping()
+    fired: list[str] = []
+    s.clock.callLater(30, fired.append, "timeout")
+    for _ in range(30):
+        s.mono += 1.0
+        s.clock.rightNow += 1.0005  # NTP slewing at most 500 ppm
+        assert s.steps.check() == 0.0
+    s.clock.advance(0)
+    assert fired == ["timeout"]
+
+
+def test_clockStepsOf_is_one_per_reactor() -> None:
+    clock = Clock()
+    assert clockStepsOf(clock) is clockStepsOf(clock)
+    assert clockStepsOf(Clock()) is not clockStepsOf(clock)
+
+
+def deferred(tmp_path: Path, **policy: float) -> tuple[Stepping, Webhook, QueueHarness, str]:
+    """A queue whose one message was deferred once, its clock followed by a L{Stepping}."""
+    hook = Webhook()
+    hook.answers["bob@hooks.example"] = (DeliveryStatus.TRANSIENT, "4.2.0")
+    h = QueueHarness(tmp_path, {"webhook": hook}, routes=[RouteRule("*", "webhook")],
+                     minBackoff=300, maxBackoff=4000, **policy)
+    s = Stepping(h.clock)
+    s.steps.observe(h.queue)
+    queueID = h.submit("alice@example.org", ["bob@hooks.example"])
+    assert len(hook.calls) == 1
+    return s, hook, h, queueID
+
+
+def test_the_queue_retries_on_time_after_a_step_back(tmp_path: Path) -> None:
+    s, hook, h, queueID = deferred(tmp_path)
+    s.advance(100)
+    s.step(-3 * 3600)
+    s.advance(199)
+    assert len(hook.calls) == 1
+    del hook.answers["bob@hooks.example"]
+    s.advance(1)  # 300 seconds after the deferral, not three hours more
+    assert len(hook.calls) == 2 and h.queued() == []
+    h.stop()
+
+
+def test_mail_does_not_expire_at_a_step_forward(tmp_path: Path) -> None:
+    s, hook, h, queueID = deferred(tmp_path, maxLifetime=5 * DAY)
+    arrival = h.envelope(queueID).arrival
+    s.step(6 * DAY)  # a clock days behind, corrected: the message is 0 seconds old
+    s.advance(299)
+    assert len(hook.calls) == 1  # not at once either
+    s.advance(1)
+    assert len(hook.calls) == 2 and h.notifications() == []  # deferred again, not bounced
+    envelope = h.envelope(queueID)
+    assert envelope.arrival == arrival + 6 * DAY  # its age kept, on the corrected clock
+    assert envelope.nextAttempt == h.clock.seconds() + 300
+    h.stop()
+
+
+def test_a_held_or_scheduled_entry_keeps_its_age_across_a_step(tmp_path: Path) -> None:
+    s, hook, h, queueID = deferred(tmp_path, maxLifetime=5 * DAY)
+    s.advance(DAY)  # retried every 4000 s meanwhile
+    s.step(-2 * DAY)
+    s.advance(4 * DAY - 10)
+    assert h.notifications() == []  # 5 days queued: not expired yet
+    s.advance(4000)
+    [(bounce, _)] = h.notifications()  # expired on time
+    assert bounce.sender == ""
+    h.stop()
+
+
+def test_a_step_while_the_attempt_is_recorded(tmp_path: Path) -> None:
+    s, hook, h, queueID = deferred(tmp_path, maxLifetime=5 * DAY)
+    arrival = h.envelope(queueID).arrival
+    update, writes = h.spool.updateEnvelope, []
+
+    def slowUpdate(envelope: Any) -> Deferred[None]:
+        d = update(envelope)
+        writes.append(Deferred())
+        return d.addCallback(lambda _: writes[-1])
+
+    h.spool.updateEnvelope = slowUpdate
+    s.advance(300)  # the retry, deferred again: its record waits for the disk
+    assert len(hook.calls) == 2 and len(writes) == 1
+    s.step(-3 * 3600)
+    writes[0].callback(None)
+    s.advance(299)
+    assert len(hook.calls) == 2
+    del hook.answers["bob@hooks.example"]
+    s.advance(1)  # 300 seconds after the second deferral
+    assert len(hook.calls) == 3 and h.queued() == []
+    assert hook.calls[2][0].arrival == arrival - 3 * 3600
+    h.stop()

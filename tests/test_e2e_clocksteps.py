@@ -1,0 +1,86 @@
+"""End to end: the system clock stepped while the relay runs (NTP correcting a wrong clock, a
+virtual machine resumed, C{date -s}).  The relay runs under libfaketime (Debian's
+C{faketime}), whose offset a file sets while it runs; the monotonic clock is left alone, as
+a real step leaves it."""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_e2e_outbound import (
+    config,
+    dns,  # noqa: F401 - the module's DNS server fixture
+    message,
+    nexthop,  # noqa: F401 - the next hop fixture
+    relay,  # noqa: F401 - the relay fixture
+    results,
+    smtpRoute,
+    submit,
+    waitRemoved,
+    waitResult,
+)
+
+
+def libfaketime() -> str:
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
+    if not found:
+        if os.environ.get("CI") == "true":
+            pytest.fail("libfaketime is not installed; .ci/run must install it")
+        pytest.skip("libfaketime is not installed (apt-get install faketime)")
+    return found[0]
+
+
+class FakeClock:
+    """The relay's wall clock: the real one plus an offset written to a file."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "faketime"
+        self.path.write_text("+0\n")
+        self.env = {
+            "LD_PRELOAD": libfaketime(),
+            "FAKETIME_TIMESTAMP_FILE": str(self.path),
+            "FAKETIME_NO_CACHE": "1",
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+            "DONT_FAKE_MONOTONIC": "1",  # (its older name)
+        }
+
+    def step(self, seconds: int) -> None:
+        self.path.write_text(f"{seconds:+d}\n")
+
+
+@pytest.mark.parametrize("step", [-3 * 3600, 6 * 86400])
+def test_deferred_mail_is_retried_on_time_after_a_step(
+    relay, nexthop, dns, tmp_path: Path, step: int  # noqa: F811
+) -> None:
+    clock = FakeClock(tmp_path)
+    hop, port = nexthop()
+    tries: list[str] = []
+
+    def rcptReply(address: str) -> str | None:
+        tries.append(address)
+        return "451 4.3.0 try later" if len(tries) <= 2 else None
+
+    hop.rcptReply = rcptReply
+    r = relay(config(dns, queue={"min_backoff": 3, "max_backoff": 4},
+                     routes=[smtpRoute("example.org", port)]), env=clock.env)
+    qid = submit(r, "alice@sender.test", ["bob@example.org"], message("stepped"))
+    waitResult(r, qid, "bob@example.org", "deferred")
+    deferredAt = time.monotonic()
+    time.sleep(0.5)  # the deferral recorded
+    clock.step(step)
+    waitResult(r, qid, "bob@example.org", "sent", timeout=15)
+    waited = time.monotonic() - deferredAt
+    direction = "back" if step < 0 else "forward"
+    assert f"the system clock was stepped {direction} by " in r.log()
+    # Retried twice, after about min_backoff each time, not after the step's size; and not
+    # expired by a step forward (max_lifetime is 5 days).
+    assert 5 < waited < 12, waited
+    waitRemoved(r, qid)
+    assert [s for _, s, _ in results(r, qid, "bob@example.org")] == ["deferred", "deferred",
+                                                                      "sent"]
+    assert "notification" not in r.log()
