@@ -759,6 +759,35 @@ def test_restartResumesPendingOnly(
     resultOf(qm2.stopService())
 
 
+def test_restartAfterTheClockSteppedBackDoesNotWaitForTheStep(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    """A next attempt stored further than max_backoff ahead was decided on a clock since
+    stepped back (while the relay was down: a clock ahead corrected at boot): it is made at
+    once, not when the clock reaches it again."""
+    backend.script["b@example.com"] = ["4"]
+    qm = makeManager(spool, router, {"smtp": backend}, clock, maxBackoff=4000)
+    qm.startService()
+    queueID = queueMessage(spool, clock, ["b@example.com"])
+    qm.enqueue(queueID)
+    resultOf(qm.stopService())
+    assert spool.loadEnvelope(queueID).nextAttempt == START + 300
+
+    clock.rightNow -= 3 * 3600
+    fresh = FakeBackend()
+    qm2 = makeManager(spool, router, {"smtp": fresh}, clock, maxBackoff=4000)
+    with capturedLogs() as events:
+        qm2.startService()
+    assert fresh.addressesDelivered() == ["b@example.com"]
+    assert spool.queueIDs() == []
+    [text] = [formatEvent(e) for e in events if "beyond max_backoff" in formatEvent(e)]
+    assert text == (
+        f"{queueID}: its next attempt was due in 3:05:00, beyond max_backoff (4000s): the "
+        "clock was stepped back since (or max_backoff lowered); attempted now"
+    )
+    resultOf(qm2.stopService())
+
+
 def test_restartDeliversEverythingCommitted(
     spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
 ) -> None:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import Any
 
 from twisted.application.service import Service
@@ -549,6 +550,18 @@ class QueueManager(Service):
             return False
         stepped = self._stepped.get(queueID, 0.0)
         nextAttempt = None if envelope.nextAttempt is None else envelope.nextAttempt + stepped
+        if nextAttempt is not None and nextAttempt - now > self.policy.maxBackoff:
+            # No attempt is ever planned that far ahead: the clock it was planned on was
+            # ahead (since corrected, with the relay down), or max_backoff was lowered.
+            log.info(
+                "{queueID}: its next attempt was due in {due}, beyond max_backoff "
+                "({maxBackoff:.0f}s): the clock was stepped back since (or max_backoff "
+                "lowered); attempted now",
+                queueID=queueID,
+                due=str(timedelta(seconds=round(nextAttempt - now))),
+                maxBackoff=self.policy.maxBackoff,
+            )
+            nextAttempt = now
         if not forced and nextAttempt is not None and nextAttempt > now:
             self.scheduler.schedule(queueID, nextAttempt)
             return False
