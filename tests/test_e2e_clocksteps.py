@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import RelayProcess
 from tests.test_e2e_outbound import (
     config,
     dns,  # noqa: F401 - the module's DNS server fixture
@@ -84,3 +85,31 @@ def test_deferred_mail_is_retried_on_time_after_a_step(
     assert [s for _, s, _ in results(r, qid, "bob@example.org")] == ["deferred", "deferred",
                                                                       "sent"]
     assert "notification" not in r.log()
+
+
+def test_a_connection_rate_window_is_not_stretched_by_a_step_back(tmp_path: Path) -> None:
+    clock = FakeClock(tmp_path)
+    text = ('[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\n'
+            "connection_rate_limit = 1\nrate_window = 3\nlimit_exceptions = []\n")
+    r = RelayProcess(tmp_path / "relay", text, ("--spool", "spool", "--hostname", "relay.test"),
+                     env=clock.env, defaults=False, hold=True)
+    try:
+        r.start()
+
+        def greeting() -> bytes:
+            c = r.connect()
+            try:
+                return c.readReply()[0]
+            finally:
+                c.close()
+
+        assert greeting().startswith(b"220 ")
+        clock.step(-3600)
+        r.waitForLog(r"the system clock was stepped back by 1:00:00")
+        assert greeting().startswith(b"421 ")  # the window goes on
+        deadline = time.monotonic() + 10
+        while greeting().startswith(b"421 ") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert time.monotonic() < deadline  # over after rate_window, not after an hour
+    finally:
+        r.stop()

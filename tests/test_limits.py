@@ -3,10 +3,9 @@ session, and the protocol on a C{StringTransport} with a C{Clock}."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import dataclasses
 import ipaddress
+from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred, fail
@@ -62,6 +61,23 @@ def test_memoryLimiterFixedWindows() -> None:
     clock.advance(0.1)  # the window that started at 0 ended at 60
     assert limiter.hit("k", 60) == 1
     assert limiter.hit("other", 60) == 1
+
+
+def test_memoryLimiterWindowsEndAfterTheirLengthWhenTheClockStepsBack() -> None:
+    """A step back of the clock (NTP, date -s) does not stretch a window: counted on the
+    clock before the step, it ends its length after now at the latest (it went on until
+    the clock reached its end again: a client limited for the size of the step)."""
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    limiter = MemoryRateLimiter(clock)
+    assert [limiter.hit("k", 60) for _ in range(3)] == [1, 2, 3]
+    clock.rightNow -= 3 * 3600
+    clock.advance(30)
+    assert limiter.hit("k", 60) == 4  # still counted: the window is not lifted by a step
+    clock.advance(59)
+    assert limiter.hit("k", 60) == 5
+    clock.advance(1)
+    assert limiter.hit("k", 60) == 1  # over 60 seconds after that count, not 3 hours
 
 
 def test_memoryLimiterForgetsOldWindows() -> None:

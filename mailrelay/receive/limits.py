@@ -96,7 +96,9 @@ class MemoryRateLimiter:
         if entry is None or now >= entry[1]:
             count, end = 1, now + window
         else:
-            count, end = entry[0] + 1, entry[1]
+            # (At most a window from now: one counted before the clock was stepped back
+            # would go on until the clock reached its end again.)
+            count, end = entry[0] + 1, min(entry[1], now + window)
         self._windows[key] = (count, end)
         # Forget windows that have ended, oldest activity first (a few per event), and the
         # least recently counted beyond maxEntries.
