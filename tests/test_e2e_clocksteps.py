@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
+import smtplib
 import time
 from pathlib import Path
 
@@ -111,5 +112,41 @@ def test_a_connection_rate_window_is_not_stretched_by_a_step_back(tmp_path: Path
         while greeting().startswith(b"421 ") and time.monotonic() < deadline:
             time.sleep(0.5)
         assert time.monotonic() < deadline  # over after rate_window, not after an hour
+    finally:
+        r.stop()
+
+
+def test_auth_failures_are_forgotten_on_time_after_a_step_back(tmp_path: Path) -> None:
+    from tests.test_e2e_tls_auth import AUTH, LISTENERS, PASSWORDS, Site
+
+    clock = FakeClock(tmp_path)
+    site = Site(tmp_path / "relay")
+    config = AUTH.replace("max_failures = 4", "max_failures = 2\nfailure_window = 3") + LISTENERS
+    r = RelayProcess(site.directory, config,
+                     ("--spool", str(site.directory / "spool"), "--hostname", "relay.test"),
+                     env=clock.env, defaults=False, listeners=3, hold=True)
+
+    def auth(password: str) -> int:
+        with smtplib.SMTP("127.0.0.1", r.ports[1], timeout=10) as s:
+            s.starttls(context=site.context())
+            s.ehlo("laptop.example")
+            s.user, s.password = "alice", password
+            try:
+                return s.auth("PLAIN", s.auth_plain)[0]
+            except smtplib.SMTPAuthenticationError as e:
+                return e.smtp_code
+            except smtplib.SMTPServerDisconnected:
+                return 421
+
+    try:
+        r.start()
+        assert [auth("wrong"), auth("wrong")] == [535, 421]
+        assert auth(PASSWORDS["alice"]) == 421  # throttled
+        clock.step(-3600)
+        r.waitForLog(r"the system clock was stepped back by 1:00:00")
+        deadline = time.monotonic() + 10
+        while auth(PASSWORDS["alice"]) == 421 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert time.monotonic() < deadline  # after failure_window, not after an hour
     finally:
         r.stop()

@@ -523,6 +523,25 @@ def test_memory_throttle_window_and_bound() -> None:
     assert (t.failures("b"), t.failures("c"), t.failures("d")) == (0, 1, 1)
 
 
+def test_memory_throttle_window_after_the_clock_stepped_back() -> None:
+    """Failures counted before a step back of the clock are forgotten a window after it at
+    the latest (they were kept until the clock reached them again: a client refused AUTH
+    for the size of the step)."""
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    t = MemoryAuthThrottle(clock, window=10)
+    t.reserve("a")
+    assert t.settle("a", failed=True) == 1
+    clock.rightNow -= 3600
+    assert t.failures("a") == 1  # kept: a step does not lift the throttle
+    clock.advance(9)
+    assert t.failures("a") == 1
+    clock.advance(1)
+    assert t.failures("a") == 0
+
+
 def test_memory_throttle_counts_attempts_in_flight() -> None:
     from twisted.internet.task import Clock
 

@@ -366,9 +366,14 @@ class MemoryAuthThrottle:
         if entry is None:
             return 0
         count, last = entry
-        if self.clock.seconds() - last >= self.window:
+        now = self.clock.seconds()
+        if now - last >= self.window:
             del self._entries[client]
             return 0
+        if last > now:
+            # Counted before the clock was stepped back: the window goes on from now (it
+            # went on until the clock reached the last failure again).
+            self._entries[client] = (count, now)
         return count
 
     def inFlight(self, client: str) -> int:
