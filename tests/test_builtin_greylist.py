@@ -59,6 +59,19 @@ def test_a_new_triplet_waits_the_delay_then_passes(tmp_path: Path) -> None:
     assert r.data() == (CONTINUE, {"result": "known"})
 
 
+def test_a_first_sighting_after_the_clock_stepped_back_counts_from_now(tmp_path: Path) -> None:
+    """A triplet first seen before a step back of the clock (NTP, date -s) is seen again
+    "before" its first sighting: the delay counts from then (it waited until the clock
+    reached the first sighting again, an hour for an hour)."""
+    r = Relay(tmp_path, delay=300)
+    assert r.data()[0] == GREYLISTED
+    r.clock.rightNow -= 3600
+    r.clock.advance(10)
+    assert r.data()[0] == GREYLISTED  # not passed by a step
+    r.clock.advance(300)
+    assert r.data() == (CONTINUE, {"result": "passed", "delayed": 300})
+
+
 def test_a_retry_after_the_window_starts_again(tmp_path: Path) -> None:
     r = Relay(tmp_path, delay=60, retry_window=3600)
     assert r.data()[0] == GREYLISTED

@@ -150,3 +150,35 @@ def test_auth_failures_are_forgotten_on_time_after_a_step_back(tmp_path: Path) -
         assert time.monotonic() < deadline  # after failure_window, not after an hour
     finally:
         r.stop()
+
+
+def test_greylisting_after_a_step_back_waits_its_delay_not_the_step(tmp_path: Path) -> None:
+    clock = FakeClock(tmp_path)
+    text = ('[relay]\nnetworks = []\naccept_domains = ["example.org"]\n'
+            '[dns]\nreverse_lookups = false\n'
+            '[[plugins]]\nplugin = "greylist"\ndelay = 2\n')
+    r = RelayProcess(tmp_path / "relay", text, env=clock.env, hold=True)
+
+    def send() -> int:
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
+            s.ehlo("client.test")
+            assert s.mail("alice@sender.test")[0] == 250
+            assert s.rcpt("bob@example.org")[0] == 250
+            code, _ = s.docmd("DATA")
+            if code != 354:
+                return code
+            s.send(b"Subject: grey\r\n\r\nHello.\r\n.\r\n")
+            return s.getreply()[0]
+
+    try:
+        r.start()
+        assert send() == 451
+        clock.step(-3600)
+        r.waitForLog(r"the system clock was stepped back by 1:00:00")
+        deadline = time.monotonic() + 10
+        while send() == 451 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert time.monotonic() < deadline  # after the delay, not after an hour
+        assert len(r.queued()) == 1
+    finally:
+        r.stop()

@@ -337,7 +337,11 @@ class Greylist(Service):
         updates, waiting, delayed = [], False, 0.0
         for key, record in zip(keys, records, strict=True):
             first, passed = self._record(record)
-            if first is None or (not passed and now - first > o.delay + o.retryWindow):
+            # (A first sighting after now was made before a step back of the clock: it
+            # starts again, or it would wait until the clock reached it again.)
+            if first is None or (
+                not passed and not 0 <= now - first <= o.delay + o.retryWindow
+            ):
                 updates.append((key, {"first": now, "passed": False}, o.delay + o.retryWindow))
                 waiting = True
             elif not passed and now - first < o.delay:
