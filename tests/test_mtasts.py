@@ -192,6 +192,18 @@ def test_a_policy_is_fetched_once_and_kept(world: Any) -> None:
     assert result(sts.policy("example.org")).mode == "testing"  # a new id: fetched again
 
 
+def test_a_policy_is_checked_again_after_a_step_back_of_the_clock(world: Any) -> None:
+    """A domain checked before a step back of the clock is checked again RECHECK after
+    the step at the latest, not once the clock has reached the last check again (a new
+    policy, or a policy newly published, went unseen for the size of the step)."""
+    sts = world.sts()
+    assert result(sts.policy("example.org")).mode == "enforce"
+    world.now.t -= 3600
+    world.resolver.records["_mta-sts.example.org"] = ["v=STSv1; id=two"]
+    world.fetches.texts["example.org"] = POLICY.replace("enforce", "testing").encode()
+    assert result(sts.policy("example.org")).mode == "testing"
+
+
 def test_the_record_may_be_a_cname(world: Any) -> None:
     """RFC 8461 section 3.1: _mta-sts.<domain> may be a CNAME (a hosted policy)."""
     world.resolver.cnames["_mta-sts.example.org"] = "_mta-sts.hosting.example"

@@ -380,7 +380,8 @@ class MTASTS:
         if len(self._known) > MAX_KNOWN:
             self._forget(now)
         known = self._known.get(domain)
-        if known is not None and now - known.checked < RECHECK:
+        # (Checked "after" now: before a step back of the clock; checked again now.)
+        if known is not None and 0 <= now - known.checked < RECHECK:
             policy = known.policy
             return defer.succeed(None if policy is None or policy.expired(now) else policy)
         if domain in self._inFlight:  # (one lookup per domain at a time; others wait)
