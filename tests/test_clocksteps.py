@@ -165,3 +165,22 @@ def test_a_step_while_the_attempt_is_recorded(tmp_path: Path) -> None:
     assert len(hook.calls) == 3 and h.queued() == []
     assert hook.calls[2][0].arrival == arrival - 3 * 3600
     h.stop()
+
+
+def test_a_client_in_data_is_not_timed_out_by_a_step_forward() -> None:
+    """With min_data_rate, the DATA deadline was a time on the wall clock: a step forward
+    put every client sending a message past it, timed out (421) at its next block."""
+    from mailrelay.testing import ServerHarness
+
+    h = ServerHarness(minDataRate=100, dataTimeout=10)
+    s = Stepping(h.clock)
+    h.replies()
+    h.send(b"EHLO x\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
+    s.advance(5)
+    s.step(2 * DAY)
+    s.advance(4)
+    h.send(b"x" * 998 + b"\r\n")
+    s.advance(1)
+    assert not h.closed
+    [reply] = h.send(b".\r\n")
+    assert reply.startswith(b"250 2.0.0 Ok: queued as ")

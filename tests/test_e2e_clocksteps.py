@@ -182,3 +182,28 @@ def test_greylisting_after_a_step_back_waits_its_delay_not_the_step(tmp_path: Pa
         assert len(r.queued()) == 1
     finally:
         r.stop()
+
+
+def test_a_message_being_sent_survives_a_step_forward(tmp_path: Path) -> None:
+    clock = FakeClock(tmp_path)
+    r = RelayProcess(tmp_path / "relay", "[dns]\nreverse_lookups = false\n", env=clock.env,
+                     hold=True)
+    try:
+        r.start()
+        c = r.connect()
+        assert c.readReply()[0].startswith(b"220 ")
+        for command in (b"EHLO client.test", b"MAIL FROM:<a@example.com>",
+                        b"RCPT TO:<b@example.org>", b"DATA"):
+            c.send(command + b"\r\n")
+            assert c.readReply()[-1][:1] in (b"2", b"3"), command
+        c.send(b"Subject: slow\r\n\r\n")
+        time.sleep(0.5)
+        clock.step(2 * 86400)
+        r.waitForLog(r"the system clock was stepped forward by 2 days")
+        c.send(b"Hello.\r\n")  # min_data_rate's deadline, counted on the clock, is past
+        time.sleep(0.5)
+        c.send(b".\r\n")
+        assert c.readReply()[0].startswith(b"250 2.0.0 Ok: queued as ")
+        c.close()
+    finally:
+        r.stop()

@@ -238,6 +238,9 @@ class _ReadTimer:
         #: In DATA with C{minDataRate}: when the client's time runs out.
         self.dataDeadline: float | None = None
         self._call: Any = None
+        #: The time C{_call} was set for (when it differs now, the clock was stepped and
+        #: the call moved with it: L{mailrelay.app.clocksteps}).
+        self._callTime = 0.0
 
     def received(self, size: int, inData: bool) -> None:
         """The client sent C{size} octets (C{inData}: of a message)."""
@@ -259,6 +262,10 @@ class _ReadTimer:
         elif settings.minDataRate > 0:
             now = self.clock.seconds()
             latest = now + settings.dataTimeout
+            if self.dataDeadline is not None and self._call is not None and self._call.active():
+                # The deadline moves as the pending call moved: with a step of the clock
+                # (a step forward put it in the past: a timeout at the next block).
+                self.dataDeadline += self._call.getTime() - self._callTime
             if self.dataDeadline is None or self.dataDeadline > latest:
                 self.dataDeadline = latest
             timeout = max(self.dataDeadline - now, 0.0)
@@ -268,6 +275,7 @@ class _ReadTimer:
             self._call.reset(timeout)
         else:
             self.after(timeout, self._expired)
+        self._callTime = self._call.getTime()
 
     def after(self, seconds: float, call: Callable[[], object]) -> None:
         """Call C{call} in C{seconds} instead (the time of a closing connection)."""
