@@ -1046,6 +1046,23 @@ def test_smtp_unreachable_next_hop_is_suspended() -> None:
     assert len(net.attempts) == 7
 
 
+def test_smtp_suspension_ends_on_time_after_a_step_back_of_the_clock() -> None:
+    """A next hop suspended before a step back of the clock (NTP, date -s) is suspended
+    for plaintextFallbackAge from the step at the latest, not until the clock reaches the
+    last failure again (all its mail deferred, unattempted, for the size of the step)."""
+    backend, net, clock, _ = smtpBackend(destinationConcurrency=1, plaintextFallbackAge=60,
+                                         connectionCacheTime=0)
+    refused = connectError("4.4.1", "X-mailrelay; connection refused by 192.0.2.30")
+    net.connectBehaviour["192.0.2.30"] = refused
+    assert result(send(backend, "example.net", "a@example.net"))[0].status == TRANSIENT
+    clock.rightNow -= 3600
+    (r,) = result(send(backend, "example.net", "a@example.net"))
+    assert r.diagnostic.startswith("X-mailrelay; delivery temporarily suspended")
+    del net.connectBehaviour["192.0.2.30"]
+    clock.advance(60)
+    assert result(send(backend, "example.net", "a@example.net"))[0].status == DELIVERED
+
+
 def test_smtp_next_hop_that_stops_answering_is_suspended() -> None:
     """A connection lost or timed out in the transaction counts as a failure to reach the
     next hop (Postfix's smtp_stream_except throttles the destination): a server that accepts

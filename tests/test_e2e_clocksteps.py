@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import RelayProcess
+from tests.harness import RelayProcess, freePort
 from tests.test_e2e_outbound import (
     config,
     dns,  # noqa: F401 - the module's DNS server fixture
@@ -207,3 +207,21 @@ def test_a_message_being_sent_survives_a_step_forward(tmp_path: Path) -> None:
         c.close()
     finally:
         r.stop()
+
+
+def test_a_suspended_next_hop_is_tried_again_on_time_after_a_step_back(
+    relay, nexthop, dns, tmp_path: Path  # noqa: F811
+) -> None:
+    clock = FakeClock(tmp_path)
+    port = freePort()
+    r = relay(config(dns, queue={"min_backoff": 3, "max_backoff": 4},
+                     delivery={"destination_concurrency": 1},
+                     routes=[smtpRoute("example.org", port)]), env=clock.env)
+    qid = submit(r, "alice@sender.test", ["bob@example.org"], message("suspended"))
+    waitResult(r, qid, "bob@example.org", "deferred")  # refused: suspended for 3 s
+    time.sleep(0.5)
+    clock.step(-3600)
+    r.waitForLog(r"the system clock was stepped back by 1:00:00")
+    hop, _ = nexthop(port=port)
+    # Suspended 3 s from the step at most, not an hour.
+    waitResult(r, qid, "bob@example.org", "sent", timeout=12)

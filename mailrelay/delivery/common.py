@@ -183,7 +183,12 @@ class PerDestination:
     def _count(self, nexthop: str, now: float) -> int:
         """The failures of C{nexthop} in a row that still count (none once its suspension,
         or the time it would have lasted, is over: then it is tried again)."""
-        count, last, _ = self._failures.get(nexthop, (0, 0.0, None))
+        count, last, why = self._failures.get(nexthop, (0, 0.0, None))
+        if last > now and why is not None:
+            # Counted before a step back of the clock: the time runs from now (it ran
+            # until the clock reached the last failure again).
+            self._failures[nexthop] = (count, now, why)
+            last = now
         return count if now - last < self.suspendTime else 0
 
     def _suspended(self, nexthop: str, recipients: list[Any]) -> list[RecipientResult] | None:
