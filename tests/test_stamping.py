@@ -289,6 +289,24 @@ def test_reverse_lookup_answers_are_remembered_for_a_while() -> None:
     assert results[-2:] == [None, None] and len(failing.queries) == 2
 
 
+def test_reverse_lookup_answers_are_not_kept_longer_after_a_step_back_of_the_clock() -> None:
+    """An answer remembered before a step back of the clock (NTP, date -s) is kept
+    REVERSE_CACHE_TIME from the step at most, not until the clock reaches its end again (a
+    client's old name was used for the size of the step)."""
+    from mailrelay.receive.rdns import REVERSE_CACHE_TIME
+
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    r = FakeResolver(ptr="mail.example", a=["192.0.2.1"])
+    results: list = []
+    reverseLookup(r, "192.0.2.1", 10, clock).addCallback(results.append)
+    clock.rightNow -= 3600
+    r.ptr = "renamed.example"
+    clock.advance(REVERSE_CACHE_TIME)
+    reverseLookup(r, "192.0.2.1", 10, clock).addCallback(results.append)
+    assert results == ["mail.example", "renamed.example"] and len(r.queries) == 2
+
+
 def test_reverse_lookup_times_out_to_unknown() -> None:
     clock = Clock()
     results: list = []

@@ -120,7 +120,8 @@ def reverseLookup(resolver: Any, host: str, timeout: float, clock: Any) -> Defer
     except TypeError:  # (a resolver that cannot be weakly referenced: no cache)
         cache = {}
     cached = cache.get(host)
-    if cached is not None and cached[0] > now:
+    # (One that would end later than it can was remembered before a step back of the clock.)
+    if cached is not None and now < cached[0] <= now + REVERSE_CACHE_TIME:
         return succeed(cached[1])
 
     def remember(name: str | None) -> str | None:
