@@ -11,6 +11,7 @@ import os
 import pwd
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,35 @@ def test_a_delivery_waiting_for_its_place_keeps_its_whole_timeout(relay, dns, tm
     waitRemoved(r, qid)
     assert "may be sent more than once" not in r.log()
     assert sorted(run["args"][0] for run in runs(work)) == ["a@one.test", "b@two.test"]
+
+
+def test_sigterm_during_a_run_keeps_its_result_and_defers_the_runs_not_started(
+        relay, dns, tmp_path: Path, work: Path) -> None:
+    """With C{delivery_limit = 1}, one command runs per recipient, the second waiting for
+    the place of the first: SIGTERM while the first runs lets it end and records its
+    recipient delivered; the second recipient, never run, stays queued and the restarted
+    relay runs the command for it alone (each recipient once: nothing lost, nothing
+    delivered twice)."""
+    command = [script(work, "sleep 1.5; exit 0"), "{recipient}"]
+    text = config(dns, queue={"delivery_limit": 1, "min_backoff": 60, "max_backoff": 60},
+                  routes=[{"domain": "pipe.test", "backend": "procmail"}])
+    text += (f'[[backends]]\nname = "procmail"\nplugin = "pipe"\n'
+             f"command = {json.dumps(command)}\nuser = {json.dumps(USER)}\n")
+    r = relay(text)
+    qid = submit(r, "alice@sender.test", ["bob@pipe.test", "carol@pipe.test"],
+                 message("one at a time"))
+    for _ in range(200):  # the first run has started when its input file exists
+        if list(work.glob("run.*.stdin")):
+            break
+        time.sleep(0.02)
+    r.stop()
+    log = r.log()
+    first = runs(work)[0]["args"][0]
+    second = ({"bob@pipe.test", "carol@pipe.test"} - {first}).pop()
+    assert re.search(rf"to=<{re.escape(first)}>.*status=sent", log), log
+    assert re.search(rf"to=<{re.escape(second)}>.*status=deferred .*not started: the relay "
+                     r"was stopping", log), log
+    assert r.queued() == [qid]
+    r.start()
+    waitRemoved(r, qid, timeout=20)
+    assert sorted(run["args"][0] for run in runs(work)) == ["bob@pipe.test", "carol@pipe.test"]

@@ -111,6 +111,23 @@ class PipeTests(unittest.TestCase):
         return b.deliver(env, env.recipients, Route("procmail", nexthop), self.message)
 
     @defer.inlineCallbacks
+    def firstRunStarted(self) -> Any:
+        """Wait for a run to start (its input file exists)."""
+        for _ in range(200):
+            if list(self.dir.glob("run.*.stdin")):
+                break
+            yield deferLater(0.05)
+
+    @defer.inlineCallbacks
+    def placedDeliveryRunning(self, b: Any, places: Any) -> Any:
+        """A delivery to two recipients by C{b}, with C{places}, once its first run has
+        started (its input file exists): in a list, not to be waited for."""
+        b.useDeliveryPlaces(places)
+        both = self.deliver(b, envelope("a@example.org", "b@example.org"))
+        yield self.firstRunStarted()
+        return [both]
+
+    @defer.inlineCallbacks
     def test_perRecipientArgumentsNeverGoThroughAShell(self) -> Any:
         b = backend([script(self.dir, "exit 0"), "-f", "{sender}", "--to={recipient}",
                      "{domain}", "{queue_id}", "{nexthop}", "{{literal}}"])
@@ -225,10 +242,7 @@ class PipeTests(unittest.TestCase):
         b = backend([script(self.dir, "exec sleep 30")])
         b.useDeliveryPlaces(places)
         both = self.deliver(b, envelope("a@example.org", "b@example.org"))
-        for _ in range(200):  # the first run has started when its input file exists
-            if list(self.dir.glob("run.*.stdin")):
-                break
-            yield deferLater(0.05)
+        yield self.firstRunStarted()
         assert (places.running, places.waiting, len(b.running)) == (1, 1, 1)
         waiting = self.deliver(b, envelope("c@example.org"))
         assert places.waiting == 2
@@ -248,6 +262,32 @@ class PipeTests(unittest.TestCase):
                 break
             yield deferLater(0.05)
         assert not b.running
+        assert len(runs(self.dir)) == 1
+
+    @defer.inlineCallbacks
+    def test_aRunRefusedItsPlaceByTheStopDefersOnlyItsRecipients(self) -> Any:
+        """The stop refuses the queue's places to the runs still waiting for one
+        (DeliveryPlaces.interrupt) while another run of the delivery goes on: the delivery
+        ends once that run has, with its result (the command took the message), and the
+        recipients of the runs never started deferred, not the whole delivery failing at
+        once (recorded as deferred, a recipient its command took would be delivered again
+        at the next start)."""
+        from mailrelay.queue.attempt import DeliveryPlaces
+
+        places = DeliveryPlaces(1)
+        go = self.dir / "go"
+        b = backend([script(self.dir, f"while [ ! -e {go} ]; do sleep 0.02; done")])
+        [both] = yield self.placedDeliveryRunning(b, places)
+        assert (places.running, places.waiting) == (1, 1)
+        places.interrupt()  # the stop begins
+        assert not both.called  # the first run goes on
+        go.touch()
+        results = yield both
+        assert [r.status for r in results] == [DeliveryStatus.DELIVERED,
+                                               DeliveryStatus.TRANSIENT]
+        assert results[1].code == "4.3.0"
+        assert results[1].diagnostic == (
+            "X-mailrelay; delivery via procmail:procmail not started: the relay was stopping")
         assert len(runs(self.dir)) == 1
 
     @defer.inlineCallbacks

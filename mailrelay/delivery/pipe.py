@@ -84,7 +84,12 @@ from zope.interface import implementer
 from mailrelay import namedfile
 from mailrelay.config.schema import At, Key, Source, Table
 from mailrelay.config.values import choice, integer, seconds, string
-from mailrelay.delivery.common import removeWhenFired, resultsForAll, withTextLineEnds
+from mailrelay.delivery.common import (
+    notStartedDiagnostic,
+    removeWhenFired,
+    resultsForAll,
+    withTextLineEnds,
+)
 from mailrelay.errors import ConfigError, DeliveryNotStarted, describeValue
 from mailrelay.interfaces import (
     DeliveryStatus,
@@ -527,7 +532,24 @@ class PipeBackend:
                     started()
                 return self._run(*args)
 
-            return run() if self._places is None else self._places.run(run)
+            if self._places is None:
+                return run()
+            return self._places.run(run).addErrback(notStarted, args[1])
+
+        def notStarted(failure: Failure, group: list) -> Any:
+            """A run refused its place by the stop (L{DeliveryPlaces.interrupt
+            <mailrelay.queue.attempt.DeliveryPlaces.interrupt>}), not by the delivery's
+            cancellation, after another run began: its recipients are deferred, the
+            delivery waiting for the runs begun (failing at once, it was recorded as
+            deferred whole, and a recipient a command took delivered again at the next
+            start).  Before any run began, the delivery was not started at all."""
+            if cancelled or not ran or not failure.check(DeliveryNotStarted):
+                return failure
+            log.info("{queueID}: {backend}: not run for {addresses}: the relay is stopping",
+                     queueID=envelope.queueID, backend=route.backend,
+                     addresses=", ".join(f"<{r.address}>" for r in group))
+            return resultsForAll(group, DeliveryStatus.TRANSIENT, "4.3.0",
+                                 notStartedDiagnostic(f"{route.backend}:{route.nexthop}"))
 
         def whetherStarted(failure: Failure) -> Failure:
             """Cancelled: L{DeliveryNotStarted} when no command ran, else a plain
@@ -548,7 +570,10 @@ class PipeBackend:
         prepared = withTextLineEnds(threadHandOff(self.reactor), envelope,
                                     [recipients[i] for i in good], messagePath, route.backend)
 
+        cancelled: list[bool] = []
+
         def cancel(_: Deferred) -> None:
+            cancelled.append(True)
             # The last first: those waiting for a place go before the place of a run cut
             # short could start them.
             for d in reversed(runs):

@@ -32,6 +32,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailrelay.delivery.common import notStartedDiagnostic, stoppedBeforeStart
 from mailrelay.envelope import Envelope, Recipient
 from mailrelay.errors import DeliveryNotStarted, PermanentFailure, TransientFailure
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, ISpool, RecipientResult, Route
@@ -517,8 +518,11 @@ class Deliverer:
                 count=len(recipients),
             )
             return [reported.get(id(o.recipient), o) for o in unusable]
+        # (Some recipients of a delivery begun may not have started when the stop came:
+        # a pipe backend's runs, one each; due again at the next start, as a whole group.)
         return [
-            Outcome(r, result, _logRelay(route, result), route.backend)
+            Outcome(r, result, _logRelay(route, result), route.backend,
+                    stoppedBeforeStart(result))
             for r, result in zip(recipients, results, strict=True)
         ]
 
@@ -555,7 +559,7 @@ class Deliverer:
                 recipients,
                 route,
                 "4.3.0",
-                f"X-mailrelay; delivery via {relay} not started: the relay was stopping",
+                notStartedDiagnostic(relay),
                 "{queueID}: delivery via {relay} not started (it waited for a free place): "
                 "the relay is stopping",
                 stopped=True,
