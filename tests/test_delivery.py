@@ -1817,6 +1817,25 @@ def test_smtp_recipients_deferred_on_a_reused_connection_go_on_to_the_other_host
     assert [c.address for c in net.connections].count("192.0.2.30") == 1
 
 
+def test_smtp_recipients_deferred_on_a_reused_connection_when_the_relay_is_the_backup() -> None:
+    """The relay is the next hop's backup MX: a recipient its primary deferred on a reused
+    connection is deferred (the primary's 4xx stands), not bounced as a mail loop.  The
+    relay and every less preferred host are dropped from the whole list, the reused
+    address only then (Postfix's smtp_find_self() in smtp_domain_addr(), before
+    smtp_reuse_session() drops the reused address): dropped first, the reused primary made
+    the relay look like the best MX, a loop (5.4.6)."""
+    backend, net, clock, mx = smtpBackend(selfName="relay.test")
+    mx.answers["backup.example"] = [MXHost("mx.backup.example", "192.0.2.50", 25, 10),
+                                    MXHost("relay.test", "192.0.2.51", 25, 20)]
+    result(send(backend, "backup.example", "a@backup.example", queueID="A"))
+    assert backend.idleConnections("backup.example") == 1
+    net.sendBehaviour["192.0.2.50"] = "ok,451"
+    results = result(send(backend, "backup.example", "b@backup.example", "c@backup.example",
+                          queueID="B"))
+    assert [(r.status, r.code) for r in results] == [(DELIVERED, "2.0.0"), (TRANSIENT, "4.3.0")]
+    assert [c.address for c in net.connections] == ["192.0.2.50"]
+
+
 def test_smtp_concurrency_limit() -> None:
     backend, net, clock, mx = smtpBackend(destinationConcurrency=2)
     net.sendBehaviour["192.0.2.30"] = "hold"

@@ -975,6 +975,22 @@ def test_a_message_needing_smtputf8_goes_to_the_mx_host_that_offers_it(relay, dn
             c.stop()
 
 
+def _oneDeferredOnAReusedConnection(relay: Any, dns: DNSServer, domain: str,
+                                    port: int) -> tuple[RelayProcess, str, Any, Any]:
+    """A relay routing C{domain} by MX to C{port}, and a message to C{ok@domain} and
+    C{busy@domain} sent over the connection a first message left in the cache: the relay,
+    the message's queue id and the two recipients' results."""
+    r = relay(config(dns, queue={"min_backoff": 300, "max_backoff": 600},
+                     delivery={"connection_cache_time": 60},
+                     routes=[{"domain": domain, "backend": "smtp",
+                              "nexthop": f"{domain}:{port}"}]))
+    warm = submit(r, "alice@sender.test", [f"warm@{domain}"], message("warm"))
+    waitRemoved(r, warm)
+    qid = submit(r, "alice@sender.test", [f"ok@{domain}", f"busy@{domain}"],
+                 message("reused connection"))
+    return r, qid, waitResult(r, qid, f"ok@{domain}"), waitResult(r, qid, f"busy@{domain}")
+
+
 def test_recipients_deferred_on_a_reused_connection_are_tried_at_the_next_mx(
         relay, nexthop, dns) -> None:
     """A reused (cached) connection to the best MX host whose server defers one recipient
@@ -985,16 +1001,7 @@ def test_recipients_deferred_on_a_reused_connection_are_tried_at_the_next_mx(
     best, port = nexthop()
     backup, _ = nexthop(port=port, host="127.0.0.2")
     best.rcptReply = lambda address: "450 4.2.1 busy" if address == "busy@two.test" else None
-    r = relay(config(dns, queue={"min_backoff": 300, "max_backoff": 600},
-                     delivery={"connection_cache_time": 60},
-                     routes=[{"domain": "two.test", "backend": "smtp",
-                              "nexthop": f"two.test:{port}"}]))
-    warm = submit(r, "alice@sender.test", ["warm@two.test"], message("warm"))
-    waitRemoved(r, warm)
-    qid = submit(r, "alice@sender.test", ["ok@two.test", "busy@two.test"],
-                 message("reused connection"))
-    ok = waitResult(r, qid, "ok@two.test")
-    busy = waitResult(r, qid, "busy@two.test")
+    r, qid, ok, busy = _oneDeferredOnAReusedConnection(relay, dns, "two.test", port)
     assert (ok["status"], ok["relay"]) == ("sent", f"mx1.two.test[127.0.0.1]:{port}"), ok[0]
     assert (busy["status"], busy["relay"], busy["attempts"]) == (
         "sent", f"mx2.two.test[127.0.0.2]:{port}", "1"), busy[0]
@@ -1004,6 +1011,29 @@ def test_recipients_deferred_on_a_reused_connection_are_tried_at_the_next_mx(
                      rf"mx1\.two\.test\[127\.0\.0\.1\]:{port} .*trying the other hosts",
                      r.log()), r.log()
     waitRemoved(r, qid)
+
+
+def test_a_recipient_deferred_on_a_reused_connection_when_the_relay_is_the_backup_mx(
+        relay, nexthop, tmp_path: Path) -> None:
+    """The relay is the backup MX of the next hop: a recipient the primary defers on a
+    reused (cached) connection stays deferred, to be retried, not bounced as a mail loop
+    (the reused primary's address used to be dropped before the relay itself, which then
+    looked like the best MX: 5.4.6 "mail for ... loops back to myself")."""
+    best, port = nexthop()
+    best.rcptReply = lambda address: "450 4.2.1 busy" if address == "busy@bk.test" else None
+    zone = DNSServer(tmp_path / "bk-dns", "test", [
+        ["bk.test", "MX", 10, "mx1.bk.test"], ["mx1.bk.test", "A", "127.0.0.1"],
+        ["bk.test", "MX", 20, "relay.test"], ["relay.test", "A", "127.0.0.9"],
+    ])
+    try:
+        r, qid, ok, busy = _oneDeferredOnAReusedConnection(relay, zone, "bk.test", port)
+        assert ok["status"] == "sent", ok[0]
+        assert (busy["status"], busy["relay"]) == (
+            "deferred", f"mx1.bk.test[127.0.0.1]:{port}"), busy[0]
+        assert "loops back to myself" not in r.log()
+        assert r.queued() == [qid]
+    finally:
+        zone.stop()
 
 
 @pytest.mark.parametrize("where", ["next MX host", "reused connection"])

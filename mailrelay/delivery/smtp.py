@@ -409,15 +409,18 @@ class SMTPBackend(ClientBackend):
             hosts = yield self.resolver.resolve(nexthop)
         except DeliveryFailure as e:
             return self._unresolved(e, envelope, recipients, nexthop)
-        if reusedAddress is not None:
-            hosts = [h for h in hosts if h.address != reusedAddress]
-            if not hosts:
-                return reusedResults
         hosts, loop = self._withoutSelf(hosts, nexthop)
         if loop is not None:
             log.warn("{queueID}: {diagnostic}", queueID=envelope.queueID,
                      diagnostic=loop[2].removeprefix("X-mailrelay; "))
             return resultsForAll(recipients, *loop)
+        if reusedAddress is not None:
+            # (Only now: dropped first, a reused best MX made the relay, a backup, look
+            # like the best, a loop.  As Postfix: smtp_find_self(), then
+            # smtp_reuse_session().)
+            hosts = [h for h in hosts if h.address != reusedAddress]
+            if not hosts:
+                return reusedResults
         if policy is not None:
             hosts = self._stsHosts(policy, hosts, envelope)
             if not hosts:
