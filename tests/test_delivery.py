@@ -1817,6 +1817,27 @@ def test_smtp_recipients_deferred_on_a_reused_connection_go_on_to_the_other_host
     assert [c.address for c in net.connections].count("192.0.2.30") == 1
 
 
+def test_smtp_recipients_deferred_on_a_reused_connection_keep_its_reply_when_no_other_host_answers(
+) -> None:
+    """A recipient a reused connection's server deferred, which no other host of the next
+    hop can then be connected to: the server's reply (451) is its result, as on a fresh
+    connection (a server's answer says more than a refusal), not the last connection
+    error; and the next hop, whose server was talked to, is not counted unreachable (with
+    destination_concurrency = 1 it was suspended, the next delivery deferred untried)."""
+    backend, net, clock, mx = smtpBackend(destinationConcurrency=1)
+    result(send(backend, "example.org", "a@example.org", queueID="A"))
+    net.sendBehaviour["192.0.2.1"] = "ok,451"
+    for address in ("2001:db8::1", "192.0.2.2"):
+        net.connectBehaviour[address] = connectError("4.4.1", f"X-mailrelay; {address} refused")
+    results = result(send(backend, "example.org", "b@example.org", "c@example.org",
+                          queueID="B"))
+    assert [(r.status, r.diagnostic) for r in results] == [
+        (DELIVERED, results[0].diagnostic), (TRANSIENT, "smtp; 451 4.3.0 try later")]
+    net.sendBehaviour["192.0.2.1"] = "ok"
+    (r,) = result(send(backend, "example.org", "d@example.org", queueID="C"))
+    assert r.status is DELIVERED, r
+
+
 def test_smtp_recipients_deferred_on_a_reused_connection_when_the_relay_is_the_backup() -> None:
     """The relay is the next hop's backup MX: a recipient its primary deferred on a reused
     connection is deferred (the primary's 4xx stands), not bounced as a mail loop.  The

@@ -975,13 +975,14 @@ def test_a_message_needing_smtputf8_goes_to_the_mx_host_that_offers_it(relay, dn
             c.stop()
 
 
-def _oneDeferredOnAReusedConnection(relay: Any, dns: DNSServer, domain: str,
-                                    port: int) -> tuple[RelayProcess, str, Any, Any]:
-    """A relay routing C{domain} by MX to C{port}, and a message to C{ok@domain} and
-    C{busy@domain} sent over the connection a first message left in the cache: the relay,
-    the message's queue id and the two recipients' results."""
+def _oneDeferredOnAReusedConnection(relay: Any, dns: DNSServer, domain: str, port: int,
+                                    **delivery: Any) -> tuple[RelayProcess, str, Any, Any]:
+    """A relay routing C{domain} by MX to C{port} (with the C{[delivery]} options
+    C{delivery}), and a message to C{ok@domain} and C{busy@domain} sent over the connection
+    a first message left in the cache: the relay, the message's queue id and the two
+    recipients' results."""
     r = relay(config(dns, queue={"min_backoff": 300, "max_backoff": 600},
-                     delivery={"connection_cache_time": 60},
+                     delivery={"connection_cache_time": 60, **delivery},
                      routes=[{"domain": domain, "backend": "smtp",
                               "nexthop": f"{domain}:{port}"}]))
     warm = submit(r, "alice@sender.test", [f"warm@{domain}"], message("warm"))
@@ -1011,6 +1012,27 @@ def test_recipients_deferred_on_a_reused_connection_are_tried_at_the_next_mx(
                      rf"mx1\.two\.test\[127\.0\.0\.1\]:{port} .*trying the other hosts",
                      r.log()), r.log()
     waitRemoved(r, qid)
+
+
+def test_a_recipient_deferred_on_a_reused_connection_keeps_its_reply_when_the_next_mx_is_down(
+        relay, nexthop, dns) -> None:
+    """A recipient the best MX defers on a reused connection, the next MX host down
+    (nothing listens at 127.0.0.2): it is deferred with the best MX's reply, "450 4.2.1
+    busy", not with the next host's refusal to connect; and the next hop, whose server
+    answered, is not suspended (destination_concurrency = 1: the next message to it was
+    deferred as "delivery temporarily suspended", never tried)."""
+    best, port = nexthop()
+    best.rcptReply = lambda address: "450 4.2.1 busy" if address == "busy@two.test" else None
+    r, qid, ok, busy = _oneDeferredOnAReusedConnection(relay, dns, "two.test", port,
+                                                       destination_concurrency=1)
+    assert ok["status"] == "sent", ok[0]
+    assert (busy["status"], busy["relay"]) == (
+        "deferred", f"mx1.two.test[127.0.0.1]:{port}"), busy[0]
+    assert "450 4.2.1 busy" in busy["diagnostic"], busy[0]
+    after = submit(r, "alice@sender.test", ["after@two.test"], message("after"))
+    m = waitResult(r, after, "after@two.test")
+    assert m["status"] == "sent", m[0]
+    assert "temporarily suspended" not in r.log()
 
 
 def test_a_recipient_deferred_on_a_reused_connection_when_the_relay_is_the_backup_mx(

@@ -377,7 +377,8 @@ class SMTPBackend(ClientBackend):
         again = yield self._deliverFresh(envelope, left, key, policy, messagePath, done,
                                          [r for r in reusedResults
                                           if r.status is DeliveryStatus.TRANSIENT],
-                                         getattr(cached, "address", None), sessions=1)
+                                         getattr(cached, "address", None), sessions=1,
+                                         answered=True)
         return withDeferredReplaced(reusedResults, again)
 
     @inlineCallbacks
@@ -392,6 +393,7 @@ class SMTPBackend(ClientBackend):
         reusedResults: list[RecipientResult] | None = None,
         reusedAddress: str | None = None,
         sessions: int = 0,
+        answered: bool = False,
     ) -> Any:
         """Deliver to C{recipients} over new connections to the next hop's hosts.
 
@@ -401,6 +403,10 @@ class SMTPBackend(ClientBackend):
             C{recipients} when others of its transaction were done: it is not tried again;
             when it is the only host, C{reusedResults} stand.
         @param sessions: the sessions of this delivery so far (the reused connection's).
+        @param answered: C{reusedResults} are a server's answer (it took others of its
+            transaction): they stand unless another host does better -- a server was
+            talked to, so the next hop is not unreachable, and a reply says more than a
+            refusal to connect -- as when a fresh connection's server deferred them.
         """
         nexthop = key[0]
         if 0 < self.mxSessionLimit <= sessions and reusedResults is not None:
@@ -430,6 +436,8 @@ class SMTPBackend(ClientBackend):
                          diagnostic=diagnostic.removeprefix("X-mailrelay; "))
                 return resultsForAll(recipients, DeliveryStatus.TRANSIENT, "4.7.5", diagnostic)
         tried = _Tried(sessions=sessions)
+        if answered and reusedResults is not None:
+            tried.deferred, tried.answered = list(reusedResults), True
         results = yield self._tryHosts(hosts, key, envelope, recipients, messagePath, tried,
                                        done)
         answer = results if results is not None else tried.deferred
