@@ -143,6 +143,21 @@ def test_a_held_or_scheduled_entry_keeps_its_age_across_a_step(tmp_path: Path) -
     h.stop()
 
 
+def test_a_step_is_written_to_the_waiting_entries_at_the_stop(tmp_path: Path) -> None:
+    """The steps not yet applied to an entry's stored times (scheduled or held since) are
+    written to it at the stop: the next queue manager (a restart, a reload) reads them from
+    the spool, and a message that waited through a step forward of days is not that much
+    older there, bounced as too long in the queue at its next attempt."""
+    s, hook, h, queueID = deferred(tmp_path, maxLifetime=5 * DAY)
+    stored = h.envelope(queueID)
+    s.step(6 * DAY)
+    s.advance(100)
+    h.stop()
+    envelope = h.envelope(queueID)
+    assert (envelope.arrival, envelope.nextAttempt) == (
+        stored.arrival + 6 * DAY, stored.nextAttempt + 6 * DAY)
+
+
 def test_a_step_while_the_attempt_is_recorded(tmp_path: Path) -> None:
     s, hook, h, queueID = deferred(tmp_path, maxLifetime=5 * DAY)
     arrival = h.envelope(queueID).arrival

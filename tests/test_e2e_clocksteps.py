@@ -10,6 +10,7 @@ import os
 import smtplib
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,10 +56,11 @@ class FakeClock:
         self.path.write_text(f"{seconds:+d}\n")
 
 
-@pytest.mark.parametrize("step", [-3 * 3600, 6 * 86400])
-def test_deferred_mail_is_retried_on_time_after_a_step(
-    relay, nexthop, dns, tmp_path: Path, step: int  # noqa: F811
-) -> None:
+def _deferredUnderFaketime(relay, nexthop, dns, tmp_path: Path,  # noqa: F811
+                           minBackoff: int, maxBackoff: int) -> tuple[FakeClock, Any, str]:
+    """A relay under libfaketime (and its L{FakeClock}), and the queue id of a message to
+    bob@example.org its next hop deferred (it defers the first two tries, takes the
+    third), once logged so."""
     clock = FakeClock(tmp_path)
     hop, port = nexthop()
     tries: list[str] = []
@@ -68,10 +70,18 @@ def test_deferred_mail_is_retried_on_time_after_a_step(
         return "451 4.3.0 try later" if len(tries) <= 2 else None
 
     hop.rcptReply = rcptReply
-    r = relay(config(dns, queue={"min_backoff": 3, "max_backoff": 4},
+    r = relay(config(dns, queue={"min_backoff": minBackoff, "max_backoff": maxBackoff},
                      routes=[smtpRoute("example.org", port)]), env=clock.env)
     qid = submit(r, "alice@sender.test", ["bob@example.org"], message("stepped"))
     waitResult(r, qid, "bob@example.org", "deferred")
+    return clock, r, qid
+
+
+@pytest.mark.parametrize("step", [-3 * 3600, 6 * 86400])
+def test_deferred_mail_is_retried_on_time_after_a_step(
+    relay, nexthop, dns, tmp_path: Path, step: int  # noqa: F811
+) -> None:
+    clock, r, qid = _deferredUnderFaketime(relay, nexthop, dns, tmp_path, 3, 4)
     deferredAt = time.monotonic()
     time.sleep(0.5)  # the deferral recorded
     clock.step(step)
@@ -225,3 +235,23 @@ def test_a_suspended_next_hop_is_tried_again_on_time_after_a_step_back(
     hop, _ = nexthop(port=port)
     # Suspended 3 s from the step at most, not an hour.
     waitResult(r, qid, "bob@example.org", "sent", timeout=12)
+
+
+def test_mail_waiting_through_a_step_forward_keeps_its_age_across_a_restart(
+    relay, nexthop, dns, tmp_path: Path  # noqa: F811
+) -> None:
+    """A deferred message waiting for its next attempt while the clock is stepped forward
+    by 6 days, then the relay restarted before that attempt: the stop writes the step to
+    its envelope, so the restarted relay, deferred again, keeps it queued (and delivers it
+    at the next attempt), not bounces it as 6 days in the queue (max_lifetime is 5 days),
+    its age read from the spool."""
+    clock, r, qid = _deferredUnderFaketime(relay, nexthop, dns, tmp_path, 8, 8)
+    clock.step(6 * 86400)
+    r.waitForLog(r"the system clock was stepped forward by 6 days")
+    r.stop()
+    r.start()
+    waitResult(r, qid, "bob@example.org", "sent", timeout=30)
+    waitRemoved(r, qid)
+    # (The log of the restarted relay: its attempt deferred, not bounced, then the next.)
+    assert [s for _, s, _ in results(r, qid, "bob@example.org")] == ["deferred", "sent"]
+    assert "notification" not in r.log()

@@ -388,9 +388,40 @@ class QueueManager(Service):
             log.info("queue manager stopped")
             done.callback(None)
 
-        saving = Deferred.fromCoroutine(self._saveUnsaved())
+        async def save() -> None:
+            await self._saveSteps()
+            await self._saveUnsaved()
+
+        saving = Deferred.fromCoroutine(save())
         saving.addErrback(lambda f: log.failure("saving the delivery states at the stop", f))
         saving.addCallback(release)
+
+    async def _saveSteps(self) -> None:
+        """Write the steps of the clock not yet applied to the stored times of the entries
+        scheduled or held since (L{clockStepped}: on disk at their next attempt) to their
+        envelopes: the next queue manager (after a restart, or a reload) reads its times
+        from the spool, where a message that waited through a step forward of days would
+        be that much older, bounced as too long in the queue at its next attempt."""
+        stepped, self._stepped = self._stepped, {}
+        for queueID, step in stepped.items():
+            if queueID in self._unsaved:  # (its state is saved next, from memory)
+                envelope = Envelope.fromJSON(self._unsaved[queueID])
+                _moveTimes(envelope, step)
+                self._unsaved[queueID] = envelope.toJSON()
+                continue
+            try:
+                envelope = self.spool.loadEnvelope(queueID)
+                _moveTimes(envelope, step)
+                await self.spool.updateEnvelope(envelope)
+            except EntryGone:
+                continue
+            except Exception as e:
+                log.error(
+                    "{queueID}: writing a step of the clock ({step:+.0f}s) to its envelope "
+                    "failed at the stop: {error}; the next start takes its times as they "
+                    "were written",
+                    queueID=queueID, step=step, error=str(e) or repr(e),
+                )
 
     async def _saveUnsaved(self) -> None:
         """Save the delivery states the spool could not take (C{_unsaved}), or remove the
