@@ -190,6 +190,24 @@ class DeliveryNotStarted(CancelledError):
     (a backend's concurrency) -- before it did anything: nothing can have been sent."""
 
 
+def notStartedDiagnostic(via: str) -> str:
+    """The diagnostic of recipients whose delivery via C{via} (C{"backend:nexthop"}) the
+    relay's stop kept from starting: nothing was sent (see L{stoppedBeforeStart})."""
+    return f"X-mailrelay; delivery via {via} not started: the relay was stopping"
+
+
+def stoppedBeforeStart(result: Any) -> bool:
+    """Whether C{result} (a L{RecipientResult <mailrelay.interfaces.RecipientResult>}) is a
+    deferral by the relay's stop before the delivery started (L{notStartedDiagnostic}): the
+    queue attempts it again at the next start, not after a back-off (L{Outcome.stopped
+    <mailrelay.queue.outcome.Outcome>})."""
+    from mailrelay.interfaces import DeliveryStatus  # (it imports this module)
+
+    return (result.status is DeliveryStatus.TRANSIENT and result.code == "4.3.0"
+            and result.diagnostic.startswith("X-mailrelay; delivery via ")
+            and result.diagnostic.endswith(" not started: the relay was stopping"))
+
+
 def describeFailure(failure: Any, timeout: float | None = None) -> str:
     """A short text for why a query (a C{twisted.names} lookup, a store operation) failed: a
     name server's answer code in words (C{"server failure (SERVFAIL)"}; twisted.names gives

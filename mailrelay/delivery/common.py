@@ -82,21 +82,6 @@ def withDeferredReplaced(results: list[Any], again: list[Any]) -> list[Any]:
     return merged
 
 
-def notStartedDiagnostic(via: str) -> str:
-    """The diagnostic of recipients whose delivery via C{via} (C{"backend:nexthop"}) the
-    relay's stop kept from starting: nothing was sent (see L{stoppedBeforeStart})."""
-    return f"X-mailrelay; delivery via {via} not started: the relay was stopping"
-
-
-def stoppedBeforeStart(result: RecipientResult) -> bool:
-    """Whether C{result} is a deferral by the relay's stop before the delivery started
-    (L{notStartedDiagnostic}): the queue attempts it again at the next start, not after a
-    back-off (L{Outcome.stopped <mailrelay.queue.outcome.Outcome>})."""
-    return (result.status is DeliveryStatus.TRANSIENT and result.code == "4.3.0"
-            and result.diagnostic.startswith("X-mailrelay; delivery via ")
-            and result.diagnostic.endswith(" not started: the relay was stopping"))
-
-
 def resultsForAll(
     recipients: Iterable[Any],
     status: DeliveryStatus,

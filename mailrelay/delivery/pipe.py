@@ -84,13 +84,13 @@ from zope.interface import implementer
 from mailrelay import namedfile
 from mailrelay.config.schema import At, Key, Source, Table
 from mailrelay.config.values import choice, integer, seconds, string
-from mailrelay.delivery.common import (
+from mailrelay.delivery.common import removeWhenFired, resultsForAll, withTextLineEnds
+from mailrelay.errors import (
+    ConfigError,
+    DeliveryNotStarted,
+    describeValue,
     notStartedDiagnostic,
-    removeWhenFired,
-    resultsForAll,
-    withTextLineEnds,
 )
-from mailrelay.errors import ConfigError, DeliveryNotStarted, describeValue
 from mailrelay.interfaces import (
     DeliveryStatus,
     IDeliveryBackend,

@@ -32,9 +32,14 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailrelay.delivery.common import notStartedDiagnostic, stoppedBeforeStart
 from mailrelay.envelope import Envelope, Recipient
-from mailrelay.errors import DeliveryNotStarted, PermanentFailure, TransientFailure
+from mailrelay.errors import (
+    DeliveryNotStarted,
+    PermanentFailure,
+    TransientFailure,
+    notStartedDiagnostic,
+    stoppedBeforeStart,
+)
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, ISpool, RecipientResult, Route
 from mailrelay.metrics import DELIVERY_SECONDS, child, noteBlocking
 from mailrelay.queue.outcome import Outcome
