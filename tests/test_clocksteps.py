@@ -199,3 +199,17 @@ def test_a_client_in_data_is_not_timed_out_by_a_step_forward() -> None:
     assert not h.closed
     [reply] = h.send(b".\r\n")
     assert reply.startswith(b"250 2.0.0 Ok: queued as ")
+
+
+def test_a_step_is_forgotten_with_its_entry(tmp_path: Path) -> None:
+    """An entry deleted while it waited through a step leaves no record of the step behind
+    (the records of a long-running relay's deleted entries were kept until the stop)."""
+    from twisted.internet.defer import Deferred
+
+    s, hook, h, queueID = deferred(tmp_path)
+    s.step(-3600)
+    assert queueID in h.queue._stepped
+    Deferred.fromCoroutine(h.queue.delete(queueID))
+    s.advance(1)
+    assert h.queued() == [] and h.queue._stepped == {}
+    h.stop()

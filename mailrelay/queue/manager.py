@@ -884,10 +884,12 @@ class QueueManager(Service):
         self._forget(queueID)
 
     def _forget(self, queueID: str) -> None:
-        """C{queueID} left the spool: forget what the operator said of it."""
+        """C{queueID} left the spool: forget what the operator said of it, and the clock's
+        steps not yet written to it."""
         self._held.discard(queueID)
         self._forced.discard(queueID)
         self._unsaved.pop(queueID, None)
+        self._stepped.pop(queueID, None)
 
     def timeoutFor(self, backend: str) -> float:
         """Seconds one delivery by C{backend} may take (0: no limit)."""
