@@ -1260,6 +1260,49 @@ def test_service_logs_an_expired_certificate(tmp_path: Path) -> None:
     assert events == []
 
 
+def test_service_logs_an_ssl_endpoint_s_certificate(tmp_path: Path) -> None:
+    """An ssl: endpoint's certificate (certKey=, or privateKey=) is logged at start and at
+    each reload as tls_certificate's is: its subject and end of validity, and a warning when
+    it expired.  An expired one was served without a word."""
+    import re
+
+    import trustme
+
+    from mailrelay.app.listeners import logCertificates
+    from mailrelay.config import loadConfig
+
+    past = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
+    ca = trustme.CA()
+    old = ca.issue_cert("old.relay.test", not_before=past - datetime.timedelta(days=1),
+                        not_after=past)
+    cert, key, both = tmp_path / "c.pem", tmp_path / "k.pem", tmp_path / "both.pem"
+    old.cert_chain_pems[0].write_to_path(str(cert))
+    old.private_key_pem.write_to_path(str(key))
+    fresh = ca.issue_cert("new.relay.test")
+    both.write_bytes(fresh.private_key_pem.bytes() + fresh.cert_chain_pems[0].bytes())
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        f'[[listeners]]\nendpoint = "ssl:465:privateKey={key}:certKey={cert}"\n'
+        f'[[listeners]]\nendpoint = "ssl:466:privateKey={both}"\n'
+    )
+    expired, good = loadConfig(str(path), {"spool": str(tmp_path / "spool")}).listeners
+
+    with capturedLogs() as events:
+        logCertificates(expired)
+    said = [formatEvent(e) for e in events]
+    assert len(said) == 2, said
+    assert said[0].startswith(f"listener ssl:465:privateKey={key}:certKey={cert}: the "
+                              f"certificate {str(cert)!r} ("), said
+    assert said[0].endswith(") expired on 2020-01-01 00:00 UTC"), said
+    assert said[1].startswith(f"listener ssl:465:privateKey={key}:certKey={cert}: certificate ")
+    assert said[1].endswith(", valid until 2020-01-01"), said
+    with capturedLogs() as events:
+        logCertificates(good)
+    [line] = [formatEvent(e) for e in events]
+    assert line.startswith(f"listener ssl:466:privateKey={both}: certificate "), line
+    assert re.search(r", valid until \d{4}-\d\d-\d\d$", line), line
+
+
 # SNI: several certificates chosen by server name ----------------------------------------------------
 
 

@@ -433,6 +433,9 @@ def logCertificates(listener: ListenerConfig) -> None:
     subject and end of validity, after its warnings (an expired certificate)."""
     endpoint = listener.settings.name
     served = [("certificate", listener.certificate)] if listener.certificate else []
+    if listener.endpointCertificate is not None:  # (an ssl: endpoint's own)
+        what = "certificate" if listener.certificate is None else "ssl: endpoint's certificate"
+        served.append((what, listener.endpointCertificate))
     served += [(f"certificate for {name}", tls) for name, tls in listener.sniCertificates]
     for what, tls in served:
         for warning in tls.warnings:

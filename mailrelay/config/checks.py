@@ -35,7 +35,13 @@ from mailrelay.delivery import BUILTIN_BACKENDS
 from mailrelay.errors import describeValue
 from mailrelay.interfaces import PLATFORM_TRUST_STORE
 from mailrelay.receive.auth import MECHANISMS, PasswordFileError, readPasswordFile
-from mailrelay.receive.tls import SNIServerOptions, TLSConfigError, loadServerTLS
+from mailrelay.receive.tls import (
+    ServerTLS,
+    SNIServerOptions,
+    TLSConfigError,
+    describeServerTLS,
+    loadServerTLS,
+)
 from mailrelay.route.nexthop import (
     SMTPNexthop,
     checkMaildirTemplate,
@@ -287,6 +293,8 @@ def _loadListenerCertificates(r: Reading) -> None:
         return
     if fields["name"].startswith("ssl:"):
         fields["endpointTLS"] = _endpointTLS(r)
+        fields["endpointCertificate"] = _endpointCertificate(fields["name"],
+                                                             fields["endpointTLS"])
     if certificate is not None:
         try:
             tls = loadServerTLS(certificate, key, **options)
@@ -333,6 +341,16 @@ def _endpointTLS(r: Reading) -> Any:
     except Exception as e:  # (OpenSSL's errors: a file it cannot read, a key not the cert's)
         raise r.error("endpoint", f"{describeValue(name)}: cannot load its certificate or "
                       f"key: {e!r}") from None
+
+
+def _endpointCertificate(name: str, options: Any) -> ServerTLS:
+    """What the log says of the certificate of the C{ssl:} endpoint C{name} (its subject,
+    end of validity, an expired one), as of C{tls_certificate}'s."""
+    from twisted.internet import endpoints
+
+    given = endpoints._parse(name)[1]
+    certificateFile = given.get("certKey") or given.get("privateKey") or "server.pem"
+    return describeServerTLS(options, certificateFile)
 
 
 def _listenerAuth(r: Reading) -> None:

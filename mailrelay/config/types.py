@@ -56,11 +56,14 @@ class ListenerConfig:
     @ivar certificate: its C{tls_certificate} and key, loaded, or C{None} without TLS.
     @ivar sniCertificates: the certificates of C{tls_certificates}, loaded, by server name
         (in the file's order).
+    @ivar endpointCertificate: an C{ssl:} endpoint's own certificate (C{certKey=}, or
+        C{privateKey=}), loaded, or C{None}.
     """
 
     settings: ListenerSettings
     certificate: ServerTLS | None = field(default=None, compare=False)
     sniCertificates: tuple[tuple[str, ServerTLS], ...] = field(default=(), compare=False)
+    endpointCertificate: ServerTLS | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

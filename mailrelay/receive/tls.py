@@ -129,7 +129,24 @@ def loadServerTLS(
         raise TLSConfigError(
             f"OpenSSL refuses the certificate {certificateFile!r} and key {keyFile!r}: {e}"
         ) from None
-    leaf = chain[0]
+    return _described(options, chain[0], certificateFile, now)
+
+
+def describeServerTLS(
+    options: Any, certificateFile: str, now: datetime.datetime | None = None
+) -> ServerTLS:
+    """The L{ServerTLS} of TLS C{options} loaded elsewhere (Twisted's C{CertificateOptions}
+    of an C{ssl:} endpoint, from C{certificateFile}): its leaf certificate's subject, end of
+    validity and warnings, for the log, as L{loadServerTLS} gives them."""
+    leaf = options.certificate
+    if hasattr(leaf, "to_cryptography"):  # (pyOpenSSL's X509, as Twisted loads it)
+        leaf = leaf.to_cryptography()
+    return _described(options, leaf, certificateFile, now)
+
+
+def _described(
+    options: Any, leaf: x509.Certificate, certificateFile: str, now: datetime.datetime | None
+) -> ServerTLS:
     now = now or datetime.datetime.now(datetime.UTC)
     return ServerTLS(
         options=options,
