@@ -413,6 +413,21 @@ def nobodyRuntime():
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def nobodyDirectory(top: Path) -> Path:
+    """A new directory below C{top} that nobody may read (its configuration, logs, spool)."""
+    directory = Path(tempfile.mkdtemp(dir=top))
+    directory.chmod(0o755)
+    return directory
+
+
+def relayArgs(config: Path, directory: Path) -> tuple[int, tuple[str, ...]]:
+    """A free port below 1024, and the relay's arguments: C{config}, a listener on that
+    port, the spool in C{directory}."""
+    port = privilegedPort()
+    return port, ("--config", str(config), "--listen", f"tcp:{port}:interface=127.0.0.1",
+                  "--spool", str(directory / "spool"))
+
+
 def privilegedPort() -> int:
     """A port below 1024 free on 127.0.0.1."""
     for port in range(1023, 600, -1):
@@ -465,8 +480,7 @@ def test_runAsNobody(nobodyRuntime, nexthop) -> None:
     bound before the drop, the spool is created and owned by nobody, the relay and its
     delivery process run as nobody, and mail goes through."""
     python, top = nobodyRuntime
-    directory = Path(tempfile.mkdtemp(dir=top))
-    directory.chmod(0o755)
+    directory = nobodyDirectory(top)
     hop, hopPort = nexthop()
     (directory / "mailrelay.toml").write_text(
         f'[[routes]]\ndomain = "example.org"\nbackend = "smtp"\nnexthop = "[127.0.0.1]:{hopPort}"\n')
@@ -520,8 +534,7 @@ def test_runAsNobodyChecksTheSmarthostFilesAsNobody(nobodyRuntime) -> None:
     read as root it passed, then each delivery process, reading it as nobody, refused the
     configuration and was restarted for ever while mail waited."""
     python, top = nobodyRuntime
-    directory = Path(tempfile.mkdtemp(dir=top))
-    directory.chmod(0o755)
+    directory = nobodyDirectory(top)
     secret = directory / "smarthost.password"
     secret.write_text("s3cret\n")
     secret.chmod(0o600)  # root's
@@ -529,9 +542,7 @@ def test_runAsNobodyChecksTheSmarthostFilesAsNobody(nobodyRuntime) -> None:
     config.write_text('[relay]\nsmarthost = "[127.0.0.1]:2525"\n[smarthost]\n'
                       f'username = "relay"\npassword_file = "{secret}"\ntls = "required"\n')
     config.chmod(0o644)
-    port = privilegedPort()
-    args = ("--config", str(config), "--listen", f"tcp:{port}:interface=127.0.0.1",
-            "--spool", str(directory / "spool"))
+    port, args = relayArgs(config, directory)
     code, log = refusedStart(python, directory, *args)
     assert code == 1, log
     assert (f'smarthost.password_file: cannot read the password file "{secret}" as user '
@@ -546,16 +557,13 @@ def test_runAsNobodyChecksPipeUserAsNobody(nobodyRuntime) -> None:
     mail waited); no user is nobody's own (it was refused as "required when the relay runs
     as root")."""
     python, top = nobodyRuntime
-    directory = Path(tempfile.mkdtemp(dir=top))
-    directory.chmod(0o755)
+    directory = nobodyDirectory(top)
     pipe = ('[[backends]]\nname = "p"\nplugin = "pipe"\ncommand = ["/bin/cat"]\n{user}'
             '[[routes]]\ndomain = "example.org"\nbackend = "p"\n')
     config = directory / "mailrelay.toml"
     config.write_text(pipe.format(user='user = "daemon"\n'))
     config.chmod(0o644)
-    port = privilegedPort()
-    args = ("--config", str(config), "--listen", f"tcp:{port}:interface=127.0.0.1",
-            "--spool", str(directory / "spool"))
+    port, args = relayArgs(config, directory)
     code, log = refusedStart(python, directory, *args)
     assert code == 1, log
     assert ('backends[0].user: "daemon": the relay runs as user nobody (not root), so '
@@ -601,8 +609,7 @@ def test_runAsFailedStartLeavesNoProcess(nobodyRuntime) -> None:
     was started with, so no delivery process can start) exits at once with one line saying
     why, and leaves no process behind; so does one that fails before (the port is taken)."""
     python, top = nobodyRuntime
-    directory = Path(tempfile.mkdtemp(dir=top))
-    directory.chmod(0o755)
+    directory = nobodyDirectory(top)
     private = directory / "private"
     shutil.copytree(python.parent.parent, private / "venv", symlinks=True)
     private.chmod(0o700)  # root's only
@@ -754,8 +761,7 @@ def test_runAsNobodyWithARootOnlyKey(nobodyRuntime, nexthop, kind: str) -> None:
     import trustme
 
     python, top = nobodyRuntime
-    directory = Path(tempfile.mkdtemp(dir=top))
-    directory.chmod(0o755)
+    directory = nobodyDirectory(top)
     leaf = trustme.CA().issue_cert("relay.test")
     cert, key = directory / "relay.pem", directory / "relay.key"
     cert.write_bytes(b"".join(p.bytes() for p in leaf.cert_chain_pems))
