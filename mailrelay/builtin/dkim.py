@@ -340,15 +340,16 @@ class Signed:
 
 
 def recordTags(record: str) -> dict[str, str]:
-    """The tags of a DKIM key record (RFC 6376 section 3.6.1), by lower-cased name, white
-    space removed from the values (a base64 C{p=} may be folded anywhere); the first of a
-    repeated tag."""
-    tags: dict[str, str] = {}
-    for part in record.split(";"):
-        name, equals, value = part.partition("=")
-        if equals:
-            tags.setdefault(name.strip().lower(), re.sub(r"\s+", "", value))
-    return tags
+    """The tags of a DKIM key record (RFC 6376 section 3.6.1) as a receiver reads them
+    (dkimpy's C{parse_tag_value}, as authres uses it), white space removed from the values
+    (a base64 C{p=} may be folded anywhere); none for a record it cannot read."""
+    util = _dkim().util
+    try:
+        tags = util.parse_tag_value(record.encode("ascii", "replace"))
+    except util.InvalidTagValueList:
+        return {}
+    return {name.decode("ascii"): re.sub(r"\s+", "", value.decode("ascii", "replace"))
+            for name, value in tags.items()}
 
 
 def recordVerdict(key: SigningKey, records: Sequence[str]) -> tuple[bool, str]:
