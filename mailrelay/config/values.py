@@ -168,14 +168,23 @@ def _sslEndpointPort(text: str) -> int:
     @raise TypeError: an argument it does not take, or no port.
     @raise ValueError: a port or backlog that is not a number.
     """
+    given = _sslArguments(text)
+    int(given.get("backlog", 50))
+    return int(given["port"])
+
+
+def _sslArguments(text: str) -> dict[str, Any]:
+    """The arguments of the C{ssl:} endpoint C{text} by name, as Twisted's parser binds
+    them (its files not read).
+
+    @raise TypeError: an argument it does not take.
+    """
     import inspect
 
     from twisted.internet.endpoints import _parse, _parseSSL
 
     args, kwargs = _parse(text)
-    given = inspect.signature(_parseSSL).bind(None, *args[1:], **kwargs).arguments
-    int(given.get("backlog", 50))
-    return int(given["port"])
+    return dict(inspect.signature(_parseSSL).bind(None, *args[1:], **kwargs).arguments)
 
 
 @dataclass(frozen=True)
@@ -202,24 +211,30 @@ class ListeningSocket:
 
 def listeningSocket(endpoint: str) -> ListeningSocket | None:
     """The socket the server endpoint C{endpoint} listens on: a UNIX or TCP one (plain or
-    C{ssl:}); C{None} for any other kind (a systemd socket, ...) and for a description
-    that does not parse."""
+    C{ssl:}, whose certificate and key files are not read); C{None} for any other kind (a
+    systemd socket, ...) and for a description that does not parse."""
     from twisted.internet import endpoints
 
+    if endpoint.startswith("ssl:"):  # (its port and interface, without reading its files)
+        try:
+            given = _sslArguments(endpoint)
+            port = int(given["port"])
+        except Exception:  # (refused, with the reason, by checkEndpoint)
+            return None
+        interface = str(given.get("interface", ""))
+        family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+        return ListeningSocket(family, interface, port, tls=True)
     try:
         server = endpoints.serverFromString(None, endpoint)
     except Exception:  # (refused, with the reason, by checkEndpoint)
         return None
     if isinstance(server, endpoints.UNIXServerEndpoint):
         return ListeningSocket(socket.AF_UNIX, server._address)
-    tcp = (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint,
-           endpoints.SSL4ServerEndpoint)
-    if not isinstance(server, tcp):
+    if not isinstance(server, (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint)):
         return None
     interface = server._interface
     six = isinstance(server, endpoints.TCP6ServerEndpoint) or ":" in interface
-    return ListeningSocket(socket.AF_INET6 if six else socket.AF_INET, interface,
-                           server._port, isinstance(server, endpoints.SSL4ServerEndpoint))
+    return ListeningSocket(socket.AF_INET6 if six else socket.AF_INET, interface, server._port)
 
 
 def socketKey(endpoint: str) -> tuple[int, str, int] | None:

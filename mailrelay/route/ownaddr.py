@@ -12,18 +12,16 @@ that is not TCP (a UNIX socket, a socket passed by systemd) owns none.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from twisted.internet import endpoints
+from mailrelay.config.values import listeningSocket
 
 __all__ = ["OwnAddresses", "listenAddress", "localAddresses"]
 
 #: The port a proxy interface receives mail on (Postfix's C{proxy_interfaces} are SMTP's).
 SMTP_PORT = 25
-
-_WILDCARDS = ("", "0.0.0.0", "::")
-
 
 def _normal(address: str) -> str | None:
     """C{address} in its normal form (C{"2001:db8::1"}), or C{None}: not an IP address."""
@@ -34,30 +32,18 @@ def _normal(address: str) -> str | None:
 
 
 def listenAddress(description: str) -> tuple[str, int, int] | None:
-    """Where the server endpoint C{description} listens: C{(address, port, family)},
-    C{address} C{""} for every address of the family (4 or 6); C{None} when it is not a TCP
-    endpoint (C{tcp}, C{tcp6}, C{ssl}) or does not say."""
-    try:
-        args, kwargs = endpoints._parse(description)
-    except Exception:
+    """Where the server endpoint C{description} listens (L{listeningSocket}):
+    C{(address, port, family)}, C{address} C{""} for every address of the family (4 or 6);
+    C{None} when it is not a TCP endpoint (C{tcp}, C{tcp6}, C{ssl}) or does not say."""
+    sock = listeningSocket(description)
+    if sock is None or sock.family == socket.AF_UNIX:
         return None
-    if not args:
-        return None
-    kind = str(args[0]).lower()
-    if kind not in ("tcp", "tcp6", "ssl"):
-        return None
-    port = kwargs.get("port", args[1] if len(args) > 1 else None)
-    try:
-        number = int(port)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    interface = str(kwargs.get("interface", "::" if kind == "tcp6" else ""))
-    if interface in _WILDCARDS:
-        return "", number, 6 if kind == "tcp6" else 4
-    address = _normal(interface)
+    if sock.everyAddress:
+        return "", sock.port, 6 if sock.family == socket.AF_INET6 else 4
+    address = _normal(sock.address)
     if address is None:
         return None
-    return address, number, ipaddress.ip_address(address).version
+    return address, sock.port, ipaddress.ip_address(address).version
 
 
 def _procIPv4(text: str) -> set[str]:
@@ -99,8 +85,6 @@ def localAddresses() -> frozenset[str]:
         except OSError:
             continue
     if not read:
-        import socket
-
         try:
             found |= {str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None)}
         except OSError:
