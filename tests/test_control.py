@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from zope.interface import implementer
 
+from mailrelay.delivery.common import PerDestination, resultsForAll
 from mailrelay.envelope import Envelope
 from mailrelay.errors import EntryGone
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, RecipientResult, Route
@@ -272,6 +273,61 @@ def test_flushes_do_not_push_the_next_attempt_away(tmp_path: Path) -> None:
         h.clock.advance(1)
         assert len(hop.calls) == age // 33 + 4, f"not retried at {age}s"
         assert h.envelope(queueID).nextAttempt == arrival + 2 * age
+
+
+@implementer(IDeliveryBackend)
+class DeadHops:
+    """Delivers through a real L{PerDestination} that suspends a next hop after one failure
+    to reach it: a next hop in C{down} is unreachable, any other takes the mail."""
+
+    def __init__(self, clock: Any) -> None:
+        self.per = PerDestination(1, "test", clock, suspendTime=3600)
+        self.down: set[str] = set()
+        self.reached: list[str] = []
+
+    def deliver(self, envelope: Envelope, recipients: Any, route: Route, path: Path) -> Any:
+        return self.per.run(route.nexthop, envelope, list(recipients), self._reach,
+                            route.nexthop, list(recipients))
+
+    def _reach(self, nexthop: str, recipients: list[Any]) -> Any:
+        if nexthop in self.down:
+            why = RecipientResult("", DeliveryStatus.TRANSIENT, "4.4.1", "X-hop; refused")
+            self.per.unreachable(nexthop, why)
+            return succeed(resultsForAll(recipients, why.status, why.code, why.diagnostic))
+        self.per.reached(nexthop)
+        self.reached.append(nexthop)
+        return succeed(resultsForAll(recipients, DeliveryStatus.DELIVERED, "2.0.0", "250 ok"))
+
+    def resumeSuspended(self, nexthop: str | None = None) -> None:
+        self.per.resume(nexthop)
+
+
+def test_flush_of_one_entry_resumes_only_its_own_suspended_next_hops(tmp_path: Path) -> None:
+    """Flushing one entry (postqueue -i) tries its own suspended next hops again, not every
+    one: Postfix's flush server marks only that queue file (UNTHROTTLE_AFTER), and qmgr
+    unthrottles the queues its recipients resolve to (qmgr_message.c, QMGR_FLUSH_EACH); only
+    postqueue -f and -s send QMGR_REQ_FLUSH_DEAD, which revives every dead destination."""
+    routes = [RouteRule("example.org", "hop", "a.example"),
+              RouteRule("example.net", "hop", "b.example")]
+    h = QueueHarness(tmp_path / "spool", {}, routes=routes, start=False,
+                     minBackoff=3600, maxBackoff=3600)
+    hop = DeadHops(h.clock)
+    h.queue.deliverer.backends["hop"] = hop
+    h.queue.startService()
+    hop.down = {"a.example", "b.example"}
+    org = h.submit("alice@example.com", ["bob@example.org"])
+    net = h.submit("alice@example.com", ["carol@example.net"])
+    hop.down = set()  # both come back up; both are still suspended
+    c = control(h)
+    assert one(h, c.flush([org]))["result"] == "scheduled for delivery now"
+    assert hop.reached == ["a.example"] and org not in h.queued()
+    later = h.submit("alice@example.com", ["dave@example.net"])
+    assert hop.reached == ["a.example"]
+    assert "delivery temporarily suspended" in h.envelope(later).recipients[0].lastResult
+    assert net in h.queued()
+    # A whole flush revives every suspended next hop, as postqueue -f does.
+    assert result(c.flush()) == {"results": [], "count": 2}
+    assert sorted(hop.reached) == ["a.example", "b.example", "b.example"]
 
 
 def test_flush_of_an_entry_being_delivered(tmp_path: Path) -> None:

@@ -235,6 +235,25 @@ def test_flush_tries_a_suspended_next_hop_again(relays, nexthop, command) -> Non
     assert any(b"Subject: second" in m.content for m in hop.to("bob@example.org"))
 
 
+def test_flush_of_one_message_leaves_other_suspended_next_hops_alone(
+    relays, nexthop  # noqa: F811
+) -> None:
+    """Flushing one message tries its own suspended next hop again, not every suspended
+    one (Postfix's postqueue -i unthrottles only the queues the message's recipients go
+    to): mail for another next hop still down is deferred at once, as before the flush."""
+    port, other = freePort(), freePort()
+    route = (f'[[routes]]\ndomain = "example.net"\nbackend = "smtp"\n'
+             f'nexthop = "[127.0.0.1]:{other}"\n')
+    r = relays(relayConfig(port, "[delivery]\ndestination_concurrency = 1\n" + route)).start()
+    org, net = send(r, "org"), send(r, "net", to=("carol@example.net",))
+    deferred(r, [org, net])
+    hop, _ = nexthop(port=port)
+    ok(r, "queue", "flush", org)
+    r.waitForLog(rf"{org}: to=<bob@example.org>, .*status=sent")
+    later = send(r, "later", to=("dave@example.net",))
+    r.waitForLog(rf"{later}: to=<dave@example.net>, .*delivery temporarily suspended")
+
+
 def test_flushes_do_not_push_the_next_attempt_away(relays) -> None:
     """The next attempt after a failed one is the message's age later, at least min_backoff
     and at most max_backoff, as Postfix's qmgr schedules it: flushing a young message three

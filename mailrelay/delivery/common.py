@@ -175,10 +175,13 @@ class PerDestination:
         """A delivery to C{nexthop} reached a server: it is not suspended."""
         self._failures.pop(nexthop, None)
 
-    def resume(self) -> None:
-        """Suspend no next hop any more, and start every count again (the operator flushed
-        the queue)."""
-        self._failures.clear()
+    def resume(self, nexthop: str | None = None) -> None:
+        """Suspend C{nexthop} (or, with C{None}, every next hop) no more, and start its count
+        again (the operator flushed a message for it, or the whole queue)."""
+        if nexthop is None:
+            self._failures.clear()
+        else:
+            self._failures.pop(nexthop, None)
 
     def _count(self, nexthop: str, now: float) -> int:
         """The failures of C{nexthop} in a row that still count (none once its suspension,
@@ -352,10 +355,11 @@ class ClientBackend:
         once its next hop has a slot free (see L{PerDestination})."""
         self._perDestination.places = places
 
-    def resumeSuspended(self) -> None:
-        """Try the next hops suspended after failures to reach them again (the queue manager
-        calls this when the operator flushes the queue: see L{PerDestination.resume})."""
-        self._perDestination.resume()
+    def resumeSuspended(self, nexthop: str | None = None) -> None:
+        """Try C{nexthop} (C{None}: every next hop) again if it is suspended after failures
+        to reach it (the queue manager calls this when the operator flushes a message for
+        it, or the queue: see L{PerDestination.resume})."""
+        self._perDestination.resume(nexthop)
 
     def settingsFor(self, route: Route) -> Any:
         """The client settings of a delivery along C{route}: the backend's default

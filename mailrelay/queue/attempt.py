@@ -328,13 +328,18 @@ class Deliverer:
         """Seconds one delivery by C{backend} may take (0: no limit)."""
         return self.timeouts.get(backend, self.deliveryTimeout)
 
-    def resumeSuspended(self) -> None:
+    def resumeSuspended(self, route: Route | None = None) -> None:
         """Have every backend that suspends next hops after failures to reach them (those
-        with a C{resumeSuspended} method: the smtp and lmtp backends) try them again."""
-        for backend in self.backends.values():
+        with a C{resumeSuspended} method: the smtp and lmtp backends) try them again; with
+        C{route}, only its backend its next hop."""
+        for name, backend in self.backends.items():
             resume = getattr(backend, "resumeSuspended", None)
-            if callable(resume):
+            if not callable(resume):
+                continue
+            if route is None:
                 resume()
+            elif name == route.backend:
+                resume(route.nexthop)
 
     async def deliver(
         self,
@@ -342,10 +347,15 @@ class Deliverer:
         envelope: Envelope,
         pending: list[Recipient],
         ended: Callable[[list[Outcome]], None] | None = None,
+        flushed: bool = False,
     ) -> list[Outcome]:
         """Route every pending recipient, deliver every group (at most
         L{RECIPIENTS_PER_DELIVERY} recipients of one route) at once; one outcome per
         recipient, in envelope order.
+
+        @param flushed: the operator flushed the message: its next hops suspended after
+            failures to reach them are tried again (L{resumeSuspended}), as Postfix's qmgr
+            unthrottles the queues of a flushed message's recipients.
 
         @param ended: called with the outcomes of each delivery that ends while others
             still run (never with those of the last one to end, nor of a single one), and
@@ -362,6 +372,9 @@ class Deliverer:
                 outcomes[id(r)] = Outcome(r, route, "none")
             else:
                 groups.setdefault(_groupKey(route), (route, []))[1].append(r)
+        if flushed:
+            for route in {(g.backend, g.nexthop): g for g, _ in groups.values()}.values():
+                self.resumeSuspended(route)
         size = RECIPIENTS_PER_DELIVERY
         deliveries = [
             Deferred.fromCoroutine(

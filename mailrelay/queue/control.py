@@ -415,7 +415,8 @@ class QueueControl:
     async def flush(self, ids: Sequence[str] = (), domain: str | None = None) -> dict[str, Any]:
         """Attempt the entries C{ids} now; or those with a recipient still pending in
         C{domain} (as C{postqueue -s}); or, with neither, every entry not on hold (as
-        C{postqueue -f}: the result then has C{count} only)."""
+        C{postqueue -f}: the result then has C{count} only).  The entries' own suspended
+        next hops are tried again; with C{domain} or neither, every suspended next hop."""
         if ids and domain:
             raise BadRequest("give queue ids or --domain, not both")
         manager = self._ready()
@@ -425,6 +426,7 @@ class QueueControl:
                 return await self._each(ids, manager.flush)
             if domain is None:
                 return {"results": [], "count": manager.flushAll()}
+            manager.resumeSuspended()  # (as postqueue -s: every dead destination)
             wanted = domain.lower().rstrip(".")
             queueIDs = await self._matching(
                 lambda _, e: any(r.domain.lower() == wanted for r in e.pendingRecipients)

@@ -608,7 +608,7 @@ class QueueManager(Service):
         )
         self.scheduler.begin(queueID)
         self._envelopes[queueID] = envelope
-        attempt = Deferred.fromCoroutine(self._attempt(queueID, envelope))
+        attempt = Deferred.fromCoroutine(self._attempt(queueID, envelope, forced))
         attempt.addErrback(self._attemptFailed, queueID)
         attempt.addCallback(
             lambda due: Deferred.fromCoroutine(self._afterwards(queueID, envelope, due))
@@ -693,9 +693,13 @@ class QueueManager(Service):
 
     # -- one attempt --------------------------------------------------------------------------
 
-    async def _attempt(self, queueID: str, envelope: Envelope) -> float | None:
+    async def _attempt(
+        self, queueID: str, envelope: Envelope, flushed: bool = False
+    ) -> float | None:
         """Deliver, decide, notify, record.  Return when to schedule the entry next, or
-        C{None} when it is gone from the spool."""
+        C{None} when it is gone from the spool.
+
+        @param flushed: the operator flushed the entry (see L{flush})."""
         if envelope.arrival is None:
             envelope.arrival = self.clock.seconds()
         pending = envelope.pendingRecipients
@@ -707,7 +711,9 @@ class QueueManager(Service):
             self._deliveryEnded(queueID, envelope, outcomes)
 
         try:
-            outcomes = await self.deliverer.deliver(queueID, envelope, pending, ended)
+            outcomes = await self.deliverer.deliver(
+                queueID, envelope, pending, ended, flushed=flushed
+            )
             saving = self._earlySave.get(queueID)
             if saving is not None:
                 await saving
@@ -1057,9 +1063,10 @@ class QueueManager(Service):
 
     def flush(self, queueID: str, *, check: bool = True) -> Done:
         """Attempt C{queueID} now, whatever its next attempt's time (as C{postqueue -i}),
-        its next hops too if they are suspended (L{Deliverer.resumeSuspended}, as Postfix
-        flushes its dead destinations).  Returns what was done: an entry on hold or being
-        delivered is left alone.
+        its own next hops too if they are suspended, but not the others (Postfix's flush
+        server marks the one queue file, and qmgr unthrottles the queues its recipients go
+        to: see L{Deliverer.deliver}'s C{flushed}).  Returns what was done: an entry on hold
+        or being delivered is left alone.
 
         @param check: read the entry first (to refuse an unknown id, and to see a hold the
             manager has not seen yet); without, an id that is gone is only logged when its
@@ -1077,11 +1084,15 @@ class QueueManager(Service):
                 self.scheduler.unschedule(queueID)
         if queueID in self._held:
             return Done(False, "on hold (release it first)")
-        self.deliverer.resumeSuspended()
         self._forced.add(queueID)
         self.scheduler.schedule(queueID, self.clock.seconds())
         self.scheduler.pump()
         return Done(True, "scheduled for delivery now")
+
+    def resumeSuspended(self) -> None:
+        """Try every next hop suspended after failures to reach it again (Postfix's
+        C{QMGR_REQ_FLUSH_DEAD}, sent by C{postqueue -f} and C{-s})."""
+        self.deliverer.resumeSuspended()
 
     def flushAll(self) -> int:
         """Attempt every entry not on hold now (as C{postqueue -f}), suspended next hops
@@ -1090,7 +1101,7 @@ class QueueManager(Service):
         @raise QueueUnavailable: see L{checkReady}.
         """
         self.checkReady()
-        self.deliverer.resumeSuspended()
+        self.resumeSuspended()
         count = 0
         for queueID in self.spool.queueIDs():
             if queueID in self._held or self.isActive(queueID):
