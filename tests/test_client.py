@@ -379,9 +379,35 @@ def test_noRemoteMTAWhenNoServerAnswered():
         assert error.remoteMTA is None, error.diagnostic
         assert error.resultsFor([Recipient("a@example.org")])[0].remoteMTA is None
     peer = Peer()
-    peer.say(b"220 mx.test\r\n")
-    peer.lose()
+    peer.say(b"554 5.7.1 go away\r\n")
     assert failureOf(peer.ready).remoteMTA == "dns; mx.test"
+
+
+def test_noRemoteMTAWhenTheConnectionBreaks(tmp_path):
+    """A connection lost or timed out once the server has spoken, in the set-up or in a
+    transaction: the recipients' status is ours (4.4.2), not the server's, so it names no
+    Remote-MTA, as Postfix's smtp_stream_except() reports it with dsb_simple() (no mta).
+    The recipients the server answered before keep it."""
+    settings = ClientSettings("client.test", tls="none", timeouts=TIMEOUTS)
+    errors = []
+    for breaks in ("lost", "timed out"):
+        peer = Peer(settings)
+        peer.say(b"220 mx.test ESMTP\r\n")
+        peer.lose() if breaks == "lost" else peer.clock.advance(12)
+        errors.append(failureOf(peer.ready))
+    for error in errors:
+        assert error.remoteMTA is None, error.diagnostic
+        assert error.resultsFor([Recipient("a@example.org")])[0].remoteMTA is None
+    for breaks in ("lost", "timed out"):
+        peer, conn = connected(settings=settings)
+        (tmp_path / "m").write_bytes(MESSAGE)
+        d = send(conn, envelope("a@example.org", "b@example.org"), tmp_path / "m")
+        peer.say(b"250 ok\r\n250 ok\r\n550 5.1.1 no\r\n354 go\r\n")
+        peer.pump()
+        peer.lose(ConnectionLost) if breaks == "lost" else peer.clock.advance(19)
+        a, b = resultOf(d)
+        assert (a.code, a.remoteMTA) == ("4.4.2", None), a.diagnostic
+        assert (b.code, b.remoteMTA) == ("5.1.1", "dns; mx.test")
 
 
 def test_connectTimeout():

@@ -210,3 +210,25 @@ def test_bounce_after_refused_connections_names_no_remote_mta(relay, nexthop, dn
     assert "Remote-MTA" not in block, str(block)
     assert "connection refused by 127.0.0.1" in block["Diagnostic-Code"]
     waitEmpty(r)
+
+
+def test_bounce_after_a_lost_connection_names_no_remote_mta(relay, nexthop, dns) -> None:  # noqa: F811
+    """A recipient given up after its next hop took the message and dropped the connection
+    before answering: the status is the relay's own ("lost connection ... while sending end
+    of data"), so the bounce names no Remote-MTA, as Postfix's
+    smtp_stream_except() records it with dsb_simple() (no mta)."""
+    hop, port = nexthop()
+    hop.dataReply = lambda received, n: "DROP" if received.rcptTos == ["bob@example.org"] \
+        else "250 2.0.0 OK"
+    r = relay(config(dns, queue={"min_backoff": 1, "max_backoff": 1, "max_lifetime": 1},
+                     routes=[smtpRoute("example.org", port), smtpRoute("sender.test", port)]))
+    qid = submit(r, "alice@sender.test", ["bob@example.org"], message("dropped"))
+    m = waitResult(r, qid, "bob@example.org", "bounced")
+    assert "lost connection with" in m["diagnostic"], m[0]
+    waitResult(r, bounceID(r, qid), "alice@sender.test", "sent")
+    (bounce,) = hop.waitTo("alice@sender.test")
+    _msg, _perMessage, (block,), _parts = parseReport(bounce.content)
+    assert block["Status"].startswith("4.4."), str(block)
+    assert "Remote-MTA" not in block, str(block)
+    assert "lost connection with" in block["Diagnostic-Code"]
+    waitEmpty(r)

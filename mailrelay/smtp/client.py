@@ -392,7 +392,7 @@ class ClientSession:
         elif self.state not in (_CLOSED, _IDLE):
             self._noteTLSFailure()
             self._fail("4.4.2", f"X-mailrelay; conversation with {self.host} timed out while "
-                                f"{self.waitingFor()}")
+                                f"{self.waitingFor()}", byServer=False)
         return self._out
 
     def quit(self) -> list[object]:
@@ -403,7 +403,7 @@ class ClientSession:
             self._wait(_QUIT)
         elif self.state not in (_CLOSED, _QUIT):
             self._fail("4.4.2", f"X-mailrelay; connection with {self.host} closed by us while "
-                                f"{self.waitingFor()}")
+                                f"{self.waitingFor()}", byServer=False)
         return self._out
 
     def abort(self) -> list[object]:
@@ -411,7 +411,7 @@ class ClientSession:
         self._out = []
         if self.state != _CLOSED:
             self._fail("4.4.2", f"X-mailrelay; connection with {self.host} aborted while "
-                                f"{self.waitingFor()}")
+                                f"{self.waitingFor()}", byServer=False)
         return self._out
 
     def connectionLost(self, why: str = "connection lost") -> list[object]:
@@ -426,13 +426,13 @@ class ClientSession:
         if state == _HANDSHAKE or (state == _GREETING and self.settings.tls == "implicit"
                                    and not self.tls):
             self._connectFailed("4.7.5", f"X-mailrelay; TLS handshake with {self.host} failed: "
-                                         f"{why}", close=False)
+                                         f"{why}", close=False, byServer=False)
         elif state in _CONNECTING:
             self._connectFailed("4.4.2", f"X-mailrelay; lost connection with {self.host} while "
-                                         f"{self.waitingFor()}", close=False)
+                                         f"{self.waitingFor()}", close=False, byServer=False)
         elif self._transaction is not None:
             self._failPending("4.4.2", f"X-mailrelay; lost connection with {self.host} while "
-                                       f"{self.waitingFor()}")
+                                       f"{self.waitingFor()}", byServer=False)
             self._finish(close="lost")
         self._setClosed()
         return self._out
@@ -467,14 +467,19 @@ class ClientSession:
         self._out.append(Close(abort))
 
     def _result(self, recipient: Recipient, status: DeliveryStatus, code: str,
-                diagnostic: str, command: str | None = None) -> RecipientResult:
+                diagnostic: str, command: str | None = None,
+                byServer: bool = True) -> RecipientResult:
+        """C{recipient}'s result; C{byServer}: the status is the server's (its reply, or
+        our verdict on it), named as the Remote-MTA; else ours alone (the connection broke:
+        lost, timed out, closed by us), which names none (RFC 3464 section 2.3.5; Postfix's
+        dsb_simple() in smtp_stream_except())."""
         # NOTIFY went with the RCPT when the peer offers DSN: a success notice is then the
         # peer's to send (RFC 3461 5.2.2), not ours.  An LMTP server is the mailbox: what it
         # accepts is delivered, not relayed.
         delivered = status is DeliveryStatus.DELIVERED
         relayed = delivered and recipient.notify is not None and "DSN" in self.extensions
         return RecipientResult(recipient.address, status, code, diagnostic[:MAX_DIAGNOSTIC],
-                               self.remoteMTA, dsnRelayed=relayed,
+                               self.remoteMTA if byServer else None, dsnRelayed=relayed,
                                final=delivered and self.settings.lmtp, command=command)
 
     def _fromReply(self, recipient: Recipient, reply: Reply, kind: str) -> RecipientResult:
@@ -482,12 +487,12 @@ class ClientSession:
         status, code = statusOf(reply)
         return self._result(recipient, status, code, replyDiagnostic(reply), _COMMAND_NAMES[kind])
 
-    def _fail(self, code: str, diagnostic: str) -> None:
-        """Give up on the connection: report, then abort it."""
+    def _fail(self, code: str, diagnostic: str, byServer: bool = True) -> None:
+        """Give up on the connection: report, then abort it (C{byServer}: see L{_result})."""
         if self.state in _CONNECTING:
-            self._connectFailed(code, diagnostic)
+            self._connectFailed(code, diagnostic, byServer=byServer)
         elif self._transaction is not None:
-            self._failPending(code, diagnostic)
+            self._failPending(code, diagnostic, byServer)
             self._finish(close="abort")
         else:
             self._close(abort=True)
@@ -508,10 +513,11 @@ class ClientSession:
 
     def _connectFailed(self, code: str, diagnostic: str, permanent: bool = False,
                        quit: bool = False, close: bool = True, loop: bool = False,
-                       command: str | None = None) -> None:
-        # A server that never answered (refused, silent) gave no status: no Remote-MTA
-        # (RFC 3464 section 2.3.5; Postfix's dsb_simple() for connect and I/O errors).
-        remoteMTA = self.remoteMTA if self._heard else None
+                       command: str | None = None, byServer: bool = True) -> None:
+        # A server that never answered (refused, silent) gave no status, nor one whose
+        # connection broke (byServer False: see _result): no Remote-MTA (RFC 3464 section
+        # 2.3.5; Postfix's dsb_simple() for connect and I/O errors).
+        remoteMTA = self.remoteMTA if self._heard and byServer else None
         error = SMTPConnectError(code, printable(diagnostic)[:MAX_DIAGNOSTIC], permanent,
                                  remoteMTA, tlsFailure=self.tlsSessionFailed, loop=loop,
                                  refusedHello=self.state in (_EHLO, _HELO) and not loop,
@@ -892,13 +898,14 @@ class ClientSession:
         """Whether BINARYMIME content may go to this server (RFC 3030: with BDAT only)."""
         return "BINARYMIME" in self.extensions and "CHUNKING" in self.extensions
 
-    def _failPending(self, code: str, diagnostic: str) -> None:
+    def _failPending(self, code: str, diagnostic: str, byServer: bool = True) -> None:
         t = self._transaction
         if t is None:
             return
         for i, r in enumerate(t.recipients):
             if t.results[i] is None:
-                t.results[i] = self._result(r, DeliveryStatus.TRANSIENT, code, diagnostic)
+                t.results[i] = self._result(r, DeliveryStatus.TRANSIENT, code, diagnostic,
+                                            byServer=byServer)
 
     def _finish(self, close: str | None = None) -> None:
         """End the transaction.  C{close}: C{None} (stay open), C{"abort"}, C{"close"} (after
