@@ -1146,6 +1146,8 @@ def test_lmtp_unreachable_server_is_suspended() -> None:
     first, second = (result(send(backend, "[192.0.2.9]:24", "a@example.org",
                                  backendName="lmtp"))[0] for _ in range(2))
     assert first.diagnostic == "X-mailrelay; connection refused by lmtp"
+    # No server answered: no Remote-MTA (as the SMTP backend; Postfix's lmtp is its smtp).
+    assert first.remoteMTA is None and second.remoteMTA is None
     assert second.diagnostic == (
         "X-mailrelay; delivery temporarily suspended: connection refused by lmtp"
     )

@@ -166,14 +166,14 @@ class LMTPBackend(ClientBackend):
                     DeliveryStatus.PERMANENT,
                     "5.7.30",
                     f"{e.diagnostic} (REQUIRETLS support required)",
-                    e.remoteMTA or remoteMTA,
+                    e.remoteMTA,
                 )
             results = resultsForAll(
                 recipients,
                 DeliveryStatus.TRANSIENT,
                 "4" + e.code[1:],
                 e.diagnostic,
-                e.remoteMTA or remoteMTA,
+                e.remoteMTA,
             )
             if not aboutSecurity(e):
                 self._perDestination.unreachable(nexthop, results[0])
