@@ -958,7 +958,8 @@ class DeliveryEvent:
     @ivar outcome: L{DELIVERED}, L{DEFERRED} or L{BOUNCED}.
     @ivar result: the L{RecipientResult} of the attempt (status code, diagnostic, remote MTA).
         For a recipient bounced because the message outlived the queue lifetime it is the
-        last attempt's (a 4xx); C{recipient.status} is then C{4.4.7}.
+        last attempt's (a 4xx), whose status C{recipient.status} keeps (as Postfix returns
+        the deferred reason's).
     @ivar relay: where it went (C{"dns; mx.example.org"}-like, as logged C{relay=}).
     @ivar attempts: the recipient's attempts so far, this one included.
     @ivar nextAttempt: for L{DEFERRED}, when the message is tried again (seconds since the

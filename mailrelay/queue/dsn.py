@@ -462,7 +462,8 @@ def _recipientText(r: Recipient, action: str, delay: float) -> str:
     if action in ("delivered", "relayed"):
         text = f"<{r.address}>: " + (f"{action} via {remote}: " if remote else "")
         return text + (reason or action)
-    if r.status == "4.4.7" and action == "failed":
+    if action == "failed" and (r.status or "").startswith("4."):
+        # (A temporary status that failed: the message expired with it.)
         text = f"<{r.address}>: message expired after {_duration(delay)} in the queue"
         return text + (f"; the last attempt said: {reason}" if reason else "")
     if remote and reason and (r.lastResult or "").lower().startswith("smtp;"):

@@ -3,7 +3,7 @@ attempt's results, the policy and the time.
 
 L{decide} reads and never changes; it does no I/O and asks no clock.  It says, for every
 recipient tried, what it becomes (delivered, bounced -- 5xx, or 4xx past the queue lifetime,
-with status 4.4.7 --, or still pending), which notifications are owed and to whom (the RFC 3461
+with that 4xx's status --, or still pending), which notifications are owed and to whom (the RFC 3461
 NOTIFY rules; a failed bounce goes to the postmaster once, a failed postmaster notice to
 nobody), whether the one delay warning is now due, and when to try again.  L{apply} then
 writes the transitions into the envelope; committing the notices and recording the envelope
@@ -20,7 +20,6 @@ from mailrelay.interfaces import DeliveryStatus, RecipientResult
 from mailrelay.queue.policy import QueuePolicy, backoff
 
 __all__ = [
-    "EXPIRED",
     "POSTMASTER_SOURCE",
     "Decision",
     "Discarded",
@@ -34,9 +33,6 @@ __all__ = [
     "isPostmasterNotice",
     "wants",
 ]
-
-#: Status code of a recipient bounced because its message outlived the queue lifetime.
-EXPIRED = "4.4.7"
 
 #: The C{ClientInfo.listener} of a notification sent to the postmaster because a bounce could
 #: not be delivered; when one of these fails in turn it is dropped, never bounced again.
@@ -68,7 +64,8 @@ class Transition:
 
     @ivar recipient: the envelope's recipient it applies to (unchanged until L{apply}).
     @ivar state: its new state (C{PENDING}, C{DELIVERED} or C{BOUNCED}).
-    @ivar status: the RFC 3463 status code to record (the result's, or C{4.4.7} expired).
+    @ivar status: the RFC 3463 status code to record: the result's, also when the message
+        expired (a 4.x.x then, as Postfix returns the deferred reason's status).
     @ivar lastResult: the diagnostic to record (the result's).
     @ivar remoteMTA: the Remote-MTA to record (the result's).
     @ivar finalTime: when it was delivered or bounced (its old value while pending).
@@ -200,7 +197,9 @@ def _transition(outcome: Outcome, now: float, delay: float, expired: bool) -> Tr
     elif result.status is DeliveryStatus.PERMANENT:
         state, finalTime, logStatus = BOUNCED, now, "bounced"
     elif expired:
-        state, finalTime, logStatus, status = BOUNCED, now, "bounced", EXPIRED
+        # The last reason's status, as Postfix's qmgr returns the defer log (adefer_flush()
+        # in qmgr_active.c), not a 4.4.7 of our own: the text says it expired.
+        state, finalTime, logStatus = BOUNCED, now, "bounced"
         diagnostic = (
             f"message expired after {delay:.0f}s in the queue; last error: {diagnostic}"
         )
