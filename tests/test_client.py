@@ -305,7 +305,7 @@ def test_heloRefusedIsPermanent():
     peer = Peer()
     peer.say(b"220 mx.test ESMTP\r\n500 no\r\n501 no HELO either\r\n")
     error = failureOf(peer.ready)
-    assert error.permanent and error.code == "5.0.0" and error.refusedHello
+    assert error.permanent and error.code == "5.0.0" and error.refusedSetup
     assert error.diagnostic == "smtp; 501 no HELO either"
     assert peer.heard().endswith(b"QUIT\r\n")
 
@@ -316,7 +316,7 @@ def test_lhloHasNoHeloFallback():
     assert peer.heard() == b"LHLO client.test\r\n"
     peer.say(b"500 5.5.1 what\r\n")
     error = failureOf(peer.ready)
-    assert error.permanent and error.code == "5.5.1" and error.refusedHello
+    assert error.permanent and error.code == "5.5.1" and error.refusedSetup
     assert b"HELO" not in peer.heard()
 
 
@@ -330,7 +330,7 @@ def test_greetingRefused(greeting, code, permanent):
     peer.say(greeting)
     error = failureOf(peer.ready)
     assert (error.code, error.permanent, error.remoteMTA) == (code, permanent, "dns; mx.test")
-    assert not error.refusedHello  # (a 5xx greeting is retried: Postfix's smtp_skip_5xx_greeting)
+    assert not error.refusedSetup  # (a 5xx greeting is retried: Postfix's smtp_skip_5xx_greeting)
     assert error.diagnostic == "smtp; " + greeting.decode().strip()
     assert peer.heard() == b"QUIT\r\n" and peer.transport.disconnecting
     assert error.resultsFor([Recipient("a@example.org")])[0].code == code
@@ -792,7 +792,7 @@ def test_authRejected(reply, code, permanent):
     peer.heard()
     peer.say(reply)
     error = failureOf(peer.ready)
-    assert (error.code, error.permanent, error.refusedHello) == (code, permanent, False)
+    assert (error.code, error.permanent, error.refusedSetup) == (code, permanent, False)
     assert b"pass" not in error.diagnostic.encode() and peer.heard() == b"QUIT\r\n"
 
 

@@ -1424,7 +1424,7 @@ def test_smtp_all_hosts_fail() -> None:
 
 def _refusedHello(host: str) -> SMTPConnectError:
     return SMTPConnectError("5.7.1", "smtp; 550 5.7.1 not you", permanent=True,
-                            remoteMTA=f"dns; {host}", refusedHello=True)
+                            remoteMTA=f"dns; {host}", refusedSetup=True)
 
 
 def test_smtp_hello_refused_by_the_last_host_bounces() -> None:

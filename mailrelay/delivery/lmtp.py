@@ -158,7 +158,7 @@ class LMTPBackend(ClientBackend):
                 connection = yield self._connectTo(endpoint, settings, tlsHostname, remoteMTA)
         except SMTPConnectError as e:
             _logConnectFailure(queueID, nexthop, e)
-            if e.refusedHello:  # (the only server to try: returned, as by Postfix's lmtp)
+            if e.refusedSetup:  # (the only server to try: returned, as by Postfix's lmtp)
                 return e.resultsFor(recipients)
             if envelope.requireTLS and e.withoutRequiredTLS:
                 return resultsForAll(

@@ -713,11 +713,11 @@ class SMTPBackend(ClientBackend):
     ) -> list[RecipientResult]:
         """The results when no host took the message (or the recipients an earlier host
         deferred): returned when the last host refused HELO with a 5xx
-        (L{SMTPConnectError.refusedHello}); else what the last server that answered said, or
+        (L{SMTPConnectError.refusedSetup}); else what the last server that answered said, or
         the most relevant connection error, as a transient failure.  Recipients an earlier
         host delivered or refused keep that result."""
         last = tried.connectErrors[-1] if tried.connectErrors else None
-        if last is not None and (last.refusedHello or last is tried.lacksSMTPUTF8):
+        if last is not None and (last.refusedSetup or last is tried.lacksSMTPUTF8):
             refused = tried.connectErrors[-1].resultsFor(recipients)  # (logged)
             if tried.deferred is None:
                 return refused

@@ -520,7 +520,7 @@ class ClientSession:
         remoteMTA = self.remoteMTA if self._heard and byServer else None
         error = SMTPConnectError(code, printable(diagnostic)[:MAX_DIAGNOSTIC], permanent,
                                  remoteMTA, tlsFailure=self.tlsSessionFailed, loop=loop,
-                                 refusedHello=self.state in (_EHLO, _HELO) and not loop,
+                                 refusedSetup=self.state in (_EHLO, _HELO) and not loop,
                                  command=command)
         self._out.append(ConnectFailed(error))
         if close:

@@ -36,7 +36,7 @@ class SMTPConnectError(Exception):
     @ivar command: the command whose reply C{diagnostic} is (C{"EHLO"}, C{"HELO"},
         C{"LHLO"}, C{"AUTH"}), as L{RecipientResult.command
         <mailrelay.interfaces.RecipientResult>}; C{None} for no reply, or the greeting's.
-    @ivar refusedHello: the server refused HELO (after EHLO) or LHLO with a 5xx: the
+    @ivar refusedSetup: the server refused HELO (after EHLO) or LHLO with a 5xx: the
         recipients are returned when it is the last server to try, as Postfix's
         C{smtp_site_fail} at the final server does.  A 5xx greeting or AUTH reply is not
         one: Postfix defers those (C{smtp_skip_5xx_greeting}, C{smtp_sasl_auth_soft_bounce}).
@@ -44,7 +44,7 @@ class SMTPConnectError(Exception):
 
     def __init__(self, code: str, diagnostic: str, permanent: bool = False,
                  remoteMTA: str | None = None, *, tlsFailure: bool = False,
-                 loop: bool = False, refusedHello: bool = False,
+                 loop: bool = False, refusedSetup: bool = False,
                  command: str | None = None) -> None:
         super().__init__(diagnostic)
         if permanent != code.startswith("5."):
@@ -55,7 +55,7 @@ class SMTPConnectError(Exception):
         self.remoteMTA = remoteMTA
         self.tlsFailure = tlsFailure
         self.loop = loop
-        self.refusedHello = refusedHello and permanent
+        self.refusedSetup = refusedSetup and permanent
         self.command = command
 
     @property
