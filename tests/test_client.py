@@ -569,11 +569,25 @@ def test_requiredTLSNotOffered(message):
     assert peer.heard() == b"EHLO client.test\r\nQUIT\r\n"
 
 
-def test_requiredTLSRefused():
+@pytest.mark.parametrize("reply, code, permanent", [
+    (b"454 4.7.0 TLS not available", "4.7.0", False),
+    (b"454 TLS not available", "4.0.0", False),
+    (b"554 5.7.0 no TLS for you", "5.7.0", True),
+])
+def test_requiredTLSRefused(reply, code, permanent):
+    """TLS required and STARTTLS refused: the server's reply and status are passed on, as
+    Postfix's smtp_site_fail(state, host, resp, "TLS is required, but host %s refused to
+    start TLS: %s") does (smtp_proto.c): its Remote-MTA, its status (a 5xx is final at the
+    last server, as a refused HELO), the command it answered."""
     peer = Peer(ClientSettings("client.test", tls="required"))
-    peer.say(b"220 hi\r\n" + ehloReply(["STARTTLS"]) + b"454 4.7.0 TLS not available\r\n")
+    peer.say(b"220 hi\r\n" + ehloReply(["STARTTLS"]) + reply + b"\r\n")
     error = failureOf(peer.ready)
-    assert error.code == "4.7.5" and "454 4.7.0 TLS not available" in error.diagnostic
+    assert (error.code, error.permanent, error.refusedSetup) == (code, permanent, permanent)
+    assert error.diagnostic == "smtp; " + reply.decode()
+    assert (error.command, error.remoteMTA) == ("STARTTLS", "dns; mx.test")
+    assert error.described == f"smtp; {reply.decode()} (in reply to STARTTLS command)"
+    assert error.withoutRequiredTLS and not error.tlsFailure
+    assert peer.heard() == b"EHLO client.test\r\nSTARTTLS\r\nQUIT\r\n"
 
 
 def test_mayTLSNotOfferedOrRefusedGoesPlain():

@@ -247,6 +247,19 @@ class SilentServer:
         self.sock.listen(8)
         self.port = self.sock.getsockname()[1]
 
+    def serve(self, handle: Callable[[socket.socket], None]) -> None:
+        """Have each connection accepted handled by C{handle}, in a thread, until closed."""
+
+        def accept() -> None:
+            while True:
+                try:
+                    conn, _ = self.sock.accept()
+                except OSError:
+                    return
+                handle(conn)
+
+        threading.Thread(target=accept, daemon=True).start()
+
     def close(self) -> None:
         self.sock.close()
 
@@ -677,6 +690,66 @@ def test_hello_refused_by_the_next_hop_bounces(relay, nexthop, dns) -> None:
         refuser.stop()
 
 
+class _RefusesStartTLS(SilentServer):
+    """Offers STARTTLS and answers it with C{reply}; QUIT with 221 (any other command
+    with 503)."""
+
+    def __init__(self, reply: bytes) -> None:
+        super().__init__()
+        self.reply = reply
+        self.heard: list[bytes] = []
+        self.serve(self._talk)
+
+    def _talk(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as lines:
+            conn.sendall(b"220 refuser.test ESMTP\r\n")
+            for line in lines:
+                self.heard.append(line.strip())
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    conn.sendall(b"250-refuser.test\r\n250 STARTTLS\r\n")
+                elif verb == b"STAR":
+                    conn.sendall(self.reply + b"\r\n")
+                elif verb == b"QUIT":
+                    conn.sendall(b"221 2.0.0 bye\r\n")
+                    break
+                else:
+                    conn.sendall(b"503 5.5.1 no\r\n")
+
+
+@pytest.mark.parametrize("reply, status", [(b"454 4.7.0 TLS not available", "deferred"),
+                                           (b"554 5.7.0 no TLS for you", "bounced")])
+def test_starttls_refused_where_tls_is_required(relay, nexthop, dns, reply: bytes,
+                                                status: str) -> None:
+    """TLS required and the next hop refuses STARTTLS: its reply and status are passed on
+    (in reply to STARTTLS), as Postfix's "TLS is required, but host %s refused to start
+    TLS" (smtp_proto.c, smtp_site_fail with the server's response): a 4xx defers, a 5xx
+    from the last host returns the mail, as a refused HELO; no plaintext is ever sent."""
+    notices, noticePort = nexthop()
+    refuser = _RefusesStartTLS(reply)
+    try:
+        route = {**smtpRoute("example.org", refuser.port), "tls": "required"}
+        r = relay(config(dns, queue={"min_backoff": 300, "max_backoff": 600},
+                         routes=[route, smtpRoute("sender.test", noticePort)]))
+        qid = submit(r, "alice@sender.test", ["bob@example.org"], message("tls refused"))
+        m = waitResult(r, qid, "bob@example.org")
+        assert (m["status"], m["diagnostic"]) == (
+            status, f"smtp; {reply.decode()} (in reply to STARTTLS command)"), m[0]
+        assert [h[:4] for h in refuser.heard] == [b"EHLO", b"STAR", b"QUIT"]
+        if status == "deferred":
+            assert r.queued() == [qid]
+            return
+        waitResult(r, bounceID(r, qid), "alice@sender.test", "sent")
+        (bounce,) = notices.waitTo("alice@sender.test")
+        _, _, (block,), _ = parseReport(bounce.content)
+        assert (block["Action"], block["Status"]) == ("failed", "5.7.0")
+        assert block["Remote-MTA"] == "dns; [127.0.0.1]"
+        assert unfold(block["Diagnostic-Code"]) == f"smtp; {reply.decode()}"
+        waitEmpty(r)
+    finally:
+        refuser.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. The next hop drops the connection after the message, without a reply
 
@@ -738,18 +811,13 @@ class StallingServer(SilentServer):
     def __init__(self) -> None:
         super().__init__()
         self.connections: list[socket.socket] = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        self.serve(self._stall)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections.append(conn)
-            conn.sendall(b"220 stalling.test ESMTP\r\n")
-            conn.recv(1000)  # EHLO
-            conn.sendall(b"250 stalling.test\r\n")
+    def _stall(self, conn: socket.socket) -> None:
+        self.connections.append(conn)
+        conn.sendall(b"220 stalling.test ESMTP\r\n")
+        conn.recv(1000)  # EHLO
+        conn.sendall(b"250 stalling.test\r\n")
 
     def close(self) -> None:
         super().close()

@@ -104,7 +104,8 @@ def resultsForAll(
 def aboutSecurity(error: Any) -> bool:
     """Whether C{error} (an L{SMTPConnectError <mailrelay.smtp.errors.SMTPConnectError>}) is
     about TLS or AUTH, the settings of one delivery, not about reaching the server."""
-    return bool(error.tlsFailure) or error.code.startswith(("4.7.", "5.7."))
+    return (bool(error.tlsFailure) or error.withoutRequiredTLS
+            or error.code.startswith(("4.7.", "5.7.")))
 
 
 class PerDestination:

@@ -40,7 +40,9 @@ Each delivery's L{ClientSettings} are the backend's defaults with the options of
 delivery's L{Route <mailrelay.interfaces.Route>} applied (TLS policy, CA file, AUTH): the
 route the router chose, so that two routes to the same next hop (a C{[[routes]]} entry and
 the smarthost) keep their own settings.  A TLS requirement that cannot be met defers the
-recipients (4.7.4 when STARTTLS is not offered, as Postfix; 4.7.5 otherwise; with the reason);
+recipients (4.7.4 when STARTTLS is not offered, as Postfix; the server's reply and status when
+it refuses STARTTLS, as Postfix -- a 5xx returns them when it is the last host to try, as a
+refused HELO; 4.7.5 otherwise; with the reason);
 there is never a fallback to weaker settings.
 
 Under C{tls = "may"} (opportunistic: nothing is verified) a TLS failure -- a STARTTLS

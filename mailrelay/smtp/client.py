@@ -513,15 +513,17 @@ class ClientSession:
 
     def _connectFailed(self, code: str, diagnostic: str, permanent: bool = False,
                        quit: bool = False, close: bool = True, loop: bool = False,
-                       command: str | None = None, byServer: bool = True) -> None:
+                       command: str | None = None, byServer: bool = True,
+                       refusedTLS: bool = False) -> None:
         # A server that never answered (refused, silent) gave no status, nor one whose
         # connection broke (byServer False: see _result): no Remote-MTA (RFC 3464 section
         # 2.3.5; Postfix's dsb_simple() for connect and I/O errors).
         remoteMTA = self.remoteMTA if self._heard and byServer else None
         error = SMTPConnectError(code, printable(diagnostic)[:MAX_DIAGNOSTIC], permanent,
                                  remoteMTA, tlsFailure=self.tlsSessionFailed, loop=loop,
-                                 refusedSetup=self.state in (_EHLO, _HELO) and not loop,
-                                 command=command)
+                                 refusedSetup=(self.state in (_EHLO, _HELO) and not loop
+                                               or refusedTLS),
+                                 command=command, refusedTLS=refusedTLS)
         self._out.append(ConnectFailed(error))
         if close:
             if quit:
@@ -530,7 +532,8 @@ class ClientSession:
         else:
             self._setClosed()
 
-    def _connectFailedReply(self, reply: Reply, permanentCode: str | None = None) -> None:
+    def _connectFailedReply(self, reply: Reply, permanentCode: str | None = None,
+                            refusedTLS: bool = False) -> None:
         if reply.code // 100 not in (4, 5):
             self._protocolError(f"unexpected reply {replyDiagnostic(reply)[6:]}")
             return
@@ -539,7 +542,7 @@ class ClientSession:
         if permanent and permanentCode and not reply.enhanced.startswith("5."):
             code = permanentCode
         self._connectFailed(code, replyDiagnostic(reply), permanent=permanent, quit=True,
-                            command=self._setupCommand())
+                            command=self._setupCommand(), refusedTLS=refusedTLS)
 
     def _setupCommand(self) -> str | None:
         """The command of the connection set-up whose reply is awaited (C{None}: the
@@ -548,6 +551,8 @@ class ClientSession:
             return "AUTH"
         if self.state == _HELO:
             return "HELO"
+        if self.state == _STARTTLS:
+            return "STARTTLS"
         if self.state == _EHLO:
             return "LHLO" if self.settings.lmtp else "EHLO"
         return None
@@ -624,10 +629,11 @@ class ClientSession:
         elif reply.code // 100 not in (4, 5):
             self._protocolError(f"unexpected reply to STARTTLS {replyDiagnostic(reply)[6:]}")
         elif self.settings.tls == "required":
-            self._connectFailed("4.7.5", f"X-mailrelay; TLS is required, but {self.host} "
-                                         f"refused STARTTLS: {replyDiagnostic(reply)}", quit=True)
+            # The server's reply and status, as Postfix's smtp_site_fail() "TLS is required,
+            # but host %s refused to start TLS" (smtp_proto.c).
+            self._connectFailedReply(reply, refusedTLS=True)
         else:
-            self._afterTLS()  # "may": carry on without TLS
+            self._afterTLS()  # "may": carry on without TLS, on this connection (as Postfix)
 
     def _afterTLS(self) -> None:
         settings = self.settings

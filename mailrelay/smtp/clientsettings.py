@@ -42,7 +42,8 @@ class ClientSettings:
     @ivar tls: C{"none"}: never STARTTLS.  C{"may"}: STARTTLS when offered, without certificate
         verification; plaintext when not offered or refused.  C{"required"}: STARTTLS must be
         offered and succeed, with the certificate chain and host name verified, else
-        L{SMTPConnectError} 4.7.4 (not offered) or 4.7.5.  C{"implicit"}: the caller's endpoint
+        L{SMTPConnectError} 4.7.4 (not offered), the server's reply and status (refused),
+        or 4.7.5.  C{"implicit"}: the caller's endpoint
         is TLS-wrapped (see L{clientTLSOptions}); verified like C{"required"} unless
         C{tlsVerify} is false.
     @ivar tlsVerify: with C{tls="implicit"} only, C{False}: the TLS is not verified

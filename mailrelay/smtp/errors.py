@@ -20,10 +20,11 @@ class SMTPConnectError(Exception):
         as Postfix), C{"4.7.5"} (TLS required but refused, handshake or verification
         failed), C{"4.7.0"} (STARTTLS
         response injection, credentials withheld, no usable AUTH mechanism), C{"5.7.8"}
-        (credentials rejected) or the status of the server's reply.
+        (credentials rejected) or the status of the server's reply (STARTTLS refused when
+        TLS is required: see C{refusedTLS}).
     @ivar diagnostic: RFC 3464 Diagnostic-Code form: C{"smtp; 554 5.7.1 go away"} for a reply,
         C{"X-mailrelay; connection refused by mx.example.org"} otherwise.
-    @ivar permanent: C{True} for a 5xx greeting, EHLO and HELO, or AUTH reply.
+    @ivar permanent: C{True} for a 5xx greeting, EHLO and HELO, STARTTLS or AUTH reply.
     @ivar remoteMTA: RFC 3464 Remote-MTA form (C{"dns; mx.example.org"}), or C{None} when no
         server answered (refused, timed out, silent before its greeting): no remote MTA gave
         the status (RFC 3464 section 2.3.5), as Postfix leaves it out.
@@ -34,18 +35,23 @@ class SMTPConnectError(Exception):
     @ivar loop: the server answered EHLO with the relay's own name: it is the relay itself
         (5.4.6; the backend decides whether that is final).
     @ivar command: the command whose reply C{diagnostic} is (C{"EHLO"}, C{"HELO"},
-        C{"LHLO"}, C{"AUTH"}), as L{RecipientResult.command
+        C{"LHLO"}, C{"STARTTLS"}, C{"AUTH"}), as L{RecipientResult.command
         <mailrelay.interfaces.RecipientResult>}; C{None} for no reply, or the greeting's.
-    @ivar refusedSetup: the server refused HELO (after EHLO) or LHLO with a 5xx: the
-        recipients are returned when it is the last server to try, as Postfix's
-        C{smtp_site_fail} at the final server does.  A 5xx greeting or AUTH reply is not
-        one: Postfix defers those (C{smtp_skip_5xx_greeting}, C{smtp_sasl_auth_soft_bounce}).
+    @ivar refusedSetup: the server refused HELO (after EHLO) or LHLO, or STARTTLS that TLS
+        required, with a 5xx: the recipients are returned when it is the last server to
+        try, as Postfix's C{smtp_site_fail} at the final server does.  A 5xx greeting or
+        AUTH reply is not one: Postfix defers those (C{smtp_skip_5xx_greeting},
+        C{smtp_sasl_auth_soft_bounce}).
     """
 
     def __init__(self, code: str, diagnostic: str, permanent: bool = False,
                  remoteMTA: str | None = None, *, tlsFailure: bool = False,
                  loop: bool = False, refusedSetup: bool = False,
-                 command: str | None = None) -> None:
+                 command: str | None = None, refusedTLS: bool = False) -> None:
+        """
+        @param refusedTLS: TLS was required and the server refused STARTTLS (its reply is
+            the C{diagnostic}, its status the C{code}, as Postfix passes them on).
+        """
         super().__init__(diagnostic)
         if permanent != code.startswith("5."):
             raise ValueError(f"permanent={permanent} does not match status {code}")
@@ -57,12 +63,13 @@ class SMTPConnectError(Exception):
         self.loop = loop
         self.refusedSetup = refusedSetup and permanent
         self.command = command
+        self.refusedTLS = refusedTLS
 
     @property
     def withoutRequiredTLS(self) -> bool:
         """Whether the server gave no TLS (verified) that the settings required: not offered
-        (4.7.4), refused, failed or not verified (4.7.5)."""
-        return self.code in ("4.7.4", "4.7.5")
+        (4.7.4), refused (its reply), failed or not verified (4.7.5)."""
+        return self.refusedTLS or self.code in ("4.7.4", "4.7.5")
 
     @property
     def described(self) -> str:
