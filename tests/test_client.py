@@ -1039,6 +1039,31 @@ def test_sizeLimitRefusesWithoutMail(message):
     assert peer.heard() == b"" and conn.usable
 
 
+def test_noRemoteMTAForTheRelaysOwnVerdicts(message):
+    """What the relay decides itself of a server it talked to -- the message over its SIZE
+    limit, TLS required but not offered, credentials withheld or no AUTH to use, a server
+    that is the relay itself -- names no Remote-MTA: Postfix reports these with
+    DSN_BY_LOCAL_MTA (smtp_proto.c: 5.3.4, 4.7.4, 4.7.0, 5.4.6), as the status is not the
+    server's (RFC 3464 section 2.3.5)."""
+    peer, conn = connected(extensions=["PIPELINING", f"SIZE {len(MESSAGE) - 1}"])
+    (a,) = resultOf(send(conn, envelope("a@example.org"), message))
+    assert (a.code, a.remoteMTA) == ("5.3.4", None)
+    errors = []
+    peer = Peer(ClientSettings("client.test", tls="required"))
+    peer.say(b"220 hi\r\n" + ehloReply(["PIPELINING"]))
+    errors.append(failureOf(peer.ready))
+    peer = Peer(ClientSettings("client.test", tls="may", username="user", password="pass"))
+    peer.say(b"220 hi\r\n" + ehloReply(["AUTH PLAIN LOGIN"]))
+    errors.append(failureOf(peer.ready))
+    errors.append(failureOf(tlsPeer(["PIPELINING"], username="user", password="pass").ready))
+    peer = Peer()
+    peer.say(b"220 hi\r\n250 client.test\r\n")
+    errors.append(failureOf(peer.ready))
+    assert [e.code for e in errors] == ["4.7.4", "4.7.0", "4.7.0", "5.4.6"]
+    for error in errors:
+        assert error.remoteMTA is None, error.diagnostic
+
+
 def test_smtputf8(message):
     peer, conn = connected()
     env = envelope("a@example.org", smtputf8=True)  # (its header section not known)

@@ -16,6 +16,8 @@ from pathlib import Path
 from tests.harness import freePort
 from tests.postfixpeer import DOMAIN, HOSTNAME, postfix  # noqa: F401 - fixture
 from tests.test_e2e_outbound import (
+    Recorder,
+    _TCPController,
     bounceID,
     config,
     dns,  # noqa: F401 - the module's DNS server fixture
@@ -237,3 +239,29 @@ def test_bounce_after_a_lost_connection_names_no_remote_mta(relay, nexthop, dns)
     assert "Remote-MTA" not in block, str(block)
     assert "lost connection with" in block["Diagnostic-Code"]
     waitEmpty(r)
+
+
+def test_bounce_for_a_size_limit_names_no_remote_mta(relay, nexthop, dns) -> None:  # noqa: F811
+    """A message over the next hop's advertised SIZE is refused by the relay itself, before
+    MAIL FROM (5.3.4): the bounce names no Remote-MTA, as Postfix reports its own verdicts
+    with DSN_BY_LOCAL_MTA (smtp_proto.c, "message size %lu exceeds size limit %.0f of
+    server %s")."""
+    notices, noticePort = nexthop()
+    small = _TCPController(Recorder(), hostname="127.0.0.1", port=0, ready_timeout=10,
+                           data_size_limit=200)
+    small.start()
+    try:
+        r = relay(config(dns, routes=[smtpRoute("example.org", small.port),
+                                      smtpRoute("sender.test", noticePort)]))
+        qid = submit(r, "alice@sender.test", ["bob@example.org"], message("big", "x" * 400))
+        m = waitResult(r, qid, "bob@example.org", "bounced")
+        assert "exceeds the size limit 200" in m["diagnostic"], m[0]
+        waitResult(r, bounceID(r, qid), "alice@sender.test", "sent")
+        (bounce,) = notices.waitTo("alice@sender.test")
+        _msg, _perMessage, (block,), _parts = parseReport(bounce.content)
+        assert (block["Action"], block["Status"]) == ("failed", "5.3.4")
+        assert "Remote-MTA" not in block, str(block)
+        assert small.handler.attempts == []
+        waitEmpty(r)
+    finally:
+        small.stop()

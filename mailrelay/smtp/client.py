@@ -297,7 +297,8 @@ class ClientSession:
         self._out = []
         if self.state in _CONNECTING:
             self.tlsSessionFailed = True
-            self._connectFailed("4.7.5", f"X-mailrelay; cannot start TLS with {self.host}: {why}")
+            self._connectFailed("4.7.5", f"X-mailrelay; cannot start TLS with {self.host}: {why}",
+                                byServer=False)
         return self._out
 
     def send(self, envelope: Envelope, recipients: Sequence[Recipient], size: int) -> list[object]:
@@ -338,7 +339,8 @@ class ClientSession:
                                  "does not offer REQUIRETLS")
         if refusal is not None:
             self._out.append(TransactionDone(
-                [self._result(r, DeliveryStatus.PERMANENT, *refusal) for r in recipients]))
+                [self._result(r, DeliveryStatus.PERMANENT, *refusal, byServer=False)
+                 for r in recipients]))
             return self._out
         self._transaction = _Transaction(envelope, recipients, size, [None] * len(recipients))
         if self._needRset:
@@ -469,10 +471,11 @@ class ClientSession:
     def _result(self, recipient: Recipient, status: DeliveryStatus, code: str,
                 diagnostic: str, command: str | None = None,
                 byServer: bool = True) -> RecipientResult:
-        """C{recipient}'s result; C{byServer}: the status is the server's (its reply, or
-        our verdict on it), named as the Remote-MTA; else ours alone (the connection broke:
-        lost, timed out, closed by us), which names none (RFC 3464 section 2.3.5; Postfix's
-        dsb_simple() in smtp_stream_except())."""
+        """C{recipient}'s result; C{byServer}: the status is the server's (its reply),
+        named as the Remote-MTA; else ours alone, which names none (RFC 3464 section
+        2.3.5): the connection broke (lost, timed out, closed by us: Postfix's dsb_simple()
+        in smtp_stream_except()), or the relay decided of the server itself (over its SIZE,
+        no STARTTLS, no AUTH, a loop...: Postfix's DSN_BY_LOCAL_MTA)."""
         # NOTIFY went with the RCPT when the peer offers DSN: a success notice is then the
         # peer's to send (RFC 3461 5.2.2), not ours.  An LMTP server is the mailbox: what it
         # accepts is delivered, not relayed.
@@ -503,7 +506,7 @@ class ClientSession:
 
     def _injection(self) -> None:
         self._connectFailed("4.7.0", f"X-mailrelay; response injection after STARTTLS from "
-                                     f"{self.host}")
+                                     f"{self.host}", byServer=False)
 
     def _onReply(self, reply: Reply) -> None:
         self._heard = True
@@ -603,7 +606,7 @@ class ClientSession:
             return False
         self._connectFailed("5.4.6", f"X-mailrelay; {self.host} replied to {verb} with my own "
                                      f"hostname {self.settings.heloName}",
-                            permanent=True, quit=True, loop=True)
+                            permanent=True, quit=True, loop=True, byServer=False)
         return True
 
     def _afterHello(self) -> None:
@@ -614,7 +617,7 @@ class ClientSession:
                 return
             if self.settings.tls == "required":
                 self._connectFailed("4.7.4", f"X-mailrelay; TLS is required, but {self.host} "
-                                             "does not offer STARTTLS", quit=True)
+                                             "does not offer STARTTLS", quit=True, byServer=False)
                 return
         self._afterTLS()
 
@@ -642,11 +645,11 @@ class ClientSession:
             return
         if not self.tls and not settings.authWithoutTLS:
             self._connectFailed("4.7.0", f"X-mailrelay; not sending credentials to {self.host} "
-                                         "on a connection without TLS", quit=True)
+                                         "on a connection without TLS", quit=True, byServer=False)
             return
         if "AUTH" not in self.extensions:
             self._connectFailed("4.7.0", f"X-mailrelay; credentials configured, but {self.host} "
-                                         "does not offer AUTH", quit=True)
+                                         "does not offer AUTH", quit=True, byServer=False)
             return
         mechanisms = self.extensions["AUTH"].upper().split()
         user = settings.username.encode("utf-8")
@@ -661,7 +664,7 @@ class ClientSession:
         else:
             self._connectFailed("4.7.0", f"X-mailrelay; no AUTH mechanism in common with "
                                          f"{self.host} (it offers {' '.join(mechanisms)})",
-                                quit=True)
+                                quit=True, byServer=False)
 
     def _reply_auth(self, reply: Reply) -> None:
         if reply.code // 100 == 2:
