@@ -2335,3 +2335,35 @@ def test_mta_sts_is_not_looked_up_for_bracketed_next_hops_or_tls_required_no() -
                                   Path("/nonexistent")))
     assert r.status is DELIVERED
     assert sts.asked == []
+
+
+def test_smtp_partial_reuse_then_a_stalled_host_does_not_suspend_the_next_hop() -> None:
+    """A reused connection whose server delivers one recipient and defers another, which
+    then goes to a host that stops answering in the transaction: a server of the next hop
+    answered in this delivery, so the next hop is not counted unreachable (Postfix sets
+    SMTP_MISC_FLAG_COMPLETE_SESSION once a session completed, and smtp_bulk_fail() then
+    sets no hop_status: qmgr throttles no destination)."""
+    backend, net, clock, mx = smtpBackend(destinationConcurrency=1)
+    result(send(backend, "example.org", "a@example.org", queueID="A"))
+    net.sendBehaviour["192.0.2.1"] = "ok,451"
+    net.sendBehaviour["2001:db8::1"] = "lost"
+    net.sendBehaviour["192.0.2.2"] = "lost"
+    results = result(send(backend, "example.org", "b@example.org", "c@example.org",
+                          queueID="B"))
+    assert [r.status for r in results] == [DELIVERED, TRANSIENT]
+    net.sendBehaviour["192.0.2.1"] = "ok"
+    (r,) = result(send(backend, "example.org", "d@example.org", queueID="C"))
+    assert r.status is DELIVERED, r
+
+
+def test_smtp_host_that_answered_then_a_stalled_one_does_not_suspend_the_next_hop() -> None:
+    """On fresh connections too: the primary defers the recipient (a server answered), the
+    backup stops answering in the transaction: the next hop was reached (Postfix's
+    SMTP_MISC_FLAG_COMPLETE_SESSION), not suspended."""
+    backend, net, _, _ = smtpBackend(destinationConcurrency=1, connectionCacheTime=0)
+    net.sendBehaviour["192.0.2.1"] = "451"
+    net.sendBehaviour["2001:db8::1"] = "lost"
+    net.sendBehaviour["192.0.2.2"] = "lost"
+    for _ in range(2):
+        (r,) = result(send(backend, "example.org", "a@example.org"))
+        assert r.status is TRANSIENT and "suspended" not in r.diagnostic, r

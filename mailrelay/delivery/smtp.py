@@ -157,9 +157,10 @@ class _Tried:
     loop: str | None = None
     #: A less preferred MX answered EHLO with our own name: no host after it is tried.
     foundSelf: bool = False
-    #: The connection that gave the results stopped answering in the transaction (lost or
-    #: timed out, not a TLS session failure) -- or, when no host was the last to answer,
-    #: every one that gave results did: the next hop counts as not reached.
+    #: No server answered in this delivery: every connection that carried a transaction
+    #: (the reused one included) stopped answering in it (lost or timed out, not a TLS
+    #: session failure): the next hop counts as not reached.  One that answered ends it,
+    #: as Postfix's SMTP_MISC_FLAG_COMPLETE_SESSION: no later failure throttles.
     broke: bool = False
     #: A transaction's connection did not break (see C{broke}): a server was talked to.
     answered: bool = False
@@ -625,7 +626,8 @@ class SMTPBackend(ClientBackend):
                 left = [r for r, got in zip(left, results, strict=True)
                         if got.status is DeliveryStatus.TRANSIENT]
                 continue
-            tried.broke = broke
+            # (A server that answered earlier in this delivery reached the next hop.)
+            tried.broke = not tried.answered
             return merged
         tried.broke = not tried.answered
         return None
