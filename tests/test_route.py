@@ -969,21 +969,73 @@ def test_max_addresses_defaults_to_postfixs_mx_address_limit() -> None:
     assert len(resolveNow(resolver, "ten.example")) == 10
 
 
+def test_max_addresses_keeps_both_families() -> None:
+    """When the addresses are cut to maxAddresses and both families are in use, neither
+    crowds the other out (Postfix's smtp_balance_inet_protocols, yes by default,
+    smtp_balance_inet_proto() in smtp_addr.c): a family with at most half the limit keeps
+    all its addresses, the other the rest; both with more, half each (the extra one of an
+    odd limit to the first address's family); the order is kept."""
+    zone: dict[str, Any] = {"six.example": [MX(n, f"mx{n}.six.example") for n in range(6)]}
+    for n in range(6):
+        zone[f"mx{n}.six.example"] = [AAAA(f"2001:db8::{n + 1}")]
+    zone["mx5.six.example"] = [A("192.0.2.5"), AAAA("2001:db8::6")]
+    resolver, _, _ = makeMX(zone, maxAddresses=5)
+    assert [h.address for h in resolveNow(resolver, "six.example")] == [
+        "2001:db8::1", "2001:db8::2", "2001:db8::3", "2001:db8::4", "192.0.2.5"]
+    # Both families with more than half the limit: 3 of the first address's, 2 of the other.
+    both: dict[str, Any] = {"both.example": [MX(n, f"mx{n}.both.example") for n in range(6)]}
+    for n in range(6):
+        both[f"mx{n}.both.example"] = [A(f"192.0.2.{n + 1}"), AAAA(f"2001:db8::{n + 1}")]
+    resolver, _, _ = makeMX(both, maxAddresses=5)
+    assert [h.address for h in resolveNow(resolver, "both.example")] == [
+        "192.0.2.1", "2001:db8::1", "192.0.2.2", "2001:db8::2", "192.0.2.3"]
+    resolver, _, _ = makeMX(both, maxAddresses=5, families=(6, 4))
+    assert [h.address for h in resolveNow(resolver, "both.example")] == [
+        "2001:db8::1", "192.0.2.1", "2001:db8::2", "192.0.2.2", "2001:db8::3"]
+    # Beyond the first ten hosts looked up (a batch): the lookups go on for the other family.
+    far: dict[str, Any] = {"far.example": [MX(n, f"mx{n}.far.example") for n in range(30)]}
+    for n in range(30):
+        far[f"mx{n}.far.example"] = [AAAA(f"2001:db8::{n + 1}")]
+    far["mx25.far.example"] = [A("192.0.2.25")]
+    resolver, fake, _ = makeMX(far, maxAddresses=5)
+    assert [h.address for h in resolveNow(resolver, "far.example")] == [
+        "2001:db8::1", "2001:db8::2", "2001:db8::3", "2001:db8::4", "192.0.2.25"]
+    # A domain of hosts of one family: the limit alone, as before.
+    resolver, _, _ = makeMX(far, maxAddresses=3)
+    far["mx25.far.example"] = [AAAA("2001:db8::26")]
+    assert [h.address for h in resolveNow(resolver, "far.example")] == [
+        "2001:db8::1", "2001:db8::2", "2001:db8::3"]
+    # The domain's own addresses (no MX) and a bracketed host are balanced too.
+    resolver, _, _ = makeMX({"self.example": [AAAA("2001:db8::1"), AAAA("2001:db8::2"),
+                                               A("192.0.2.1")]}, maxAddresses=2,
+                              families=(6, 4))
+    assert [h.address for h in resolveNow(resolver, "self.example")] == [
+        "2001:db8::1", "192.0.2.1"]
+    assert [h.address for h in resolveNow(resolver, "[self.example]")] == [
+        "2001:db8::1", "192.0.2.1"]
+
+
 def test_mx_hosts_are_looked_up_only_as_far_as_needed() -> None:
     """A domain of hundreds of MX records (what anyone's DNS may answer, to a message any
     client may send) does not make the relay ask for all their addresses at once -- a UDP
     socket each, 800 descriptors for 400 MX hosts: the hosts are looked up ten at a time,
-    in preference order, until maxAddresses addresses are known, and at most the first 100
-    hosts (Postfix's dns_rr_list_limit)."""
+    in preference order, until maxAddresses addresses are known (more than half of each
+    family looked up: see test_max_addresses_keeps_both_families), and at most the first
+    100 hosts (Postfix's dns_rr_list_limit)."""
     zone: dict[str, Any] = {"many.example": [MX(n, f"mx{n}.many.example") for n in range(400)],
                             "dead.example": [MX(n, f"gone{n}.example") for n in range(400)]}
     for n in range(400):
         zone[f"mx{n}.many.example"] = [A(f"192.0.2.{n % 250 + 1}")] if n % 2 else []
-    resolver, fake, _ = makeMX(zone, maxAddresses=10)
+    resolver, fake, _ = makeMX(zone, maxAddresses=10, families=(4,))
     hosts = resolveNow(resolver, "many.example")
     assert [h.name for h in hosts] == [f"mx{n}.many.example" for n in range(1, 20, 2)]
     asked = {name for kind, name in fake.queries if kind != "MX"}
     assert asked == {f"mx{n}.many.example" for n in range(20)}
+    # Looking for IPv6 addresses too, none found: on to the 100th host, ten at a time.
+    resolver, fake, _ = makeMX(zone, maxAddresses=10)
+    assert resolveNow(resolver, "many.example") == hosts
+    asked = {name for kind, name in fake.queries if kind == "AAAA"}
+    assert asked == {f"mx{n}.many.example" for n in range(100)}
     fake.queries.clear()
     f = failureOf(resolver, "dead.example")
     assert (f.permanent, f.code) == (True, "5.4.4")

@@ -128,11 +128,13 @@ class MXResolver:
 
     MX records are ordered by preference, shuffled among equal preferences (RFC 5321 section
     5.1); each MX host's addresses are looked up (A and AAAA, concurrently; ten hosts at a
-    time, in order, until C{maxAddresses} addresses are known; at most the first 100 hosts),
-    hosts without an address are skipped.  A domain without MX records is its own mail
-    exchanger.  A domain whose only MX records have the exchange C{"."} has a null MX (RFC
-    7505).  An MX exchange written as an IP address is used as is.  An answer holding only
-    a CNAME for the name asked is followed to its target, as a resolver does (L{_lookup}).
+    time, in order, until C{maxAddresses} addresses are known, more than half of them of
+    each family looked up; at most the first 100 hosts), hosts without an address are
+    skipped; the addresses are cut to C{maxAddresses}, both families kept (L{_limit}).  A
+    domain without MX records is its own mail exchanger.  A domain whose only MX records
+    have the exchange C{"."} has a null MX (RFC 7505).  An MX exchange written as an IP
+    address is used as is.  An answer holding only a CNAME for the name asked is followed
+    to its target, as a resolver does (L{_lookup}).
 
     Failures raise L{DeliveryFailure}: NXDOMAIN of the domain is permanent (5.1.2), a null
     MX permanent (5.1.10), a DNS error or time-out transient (4.4.3); no address for any
@@ -368,7 +370,7 @@ class MXResolver:
         hosts: list[MXHost] = []
         problems = []
         looked = 0
-        while looked < len(ordered) and not 0 < self.maxAddresses <= len(hosts):
+        while looked < len(ordered) and not self._enough(hosts):
             batch = ordered[looked : looked + _LOOKUP_BATCH]
             looked += len(batch)
             lookups = yield defer.gatherResults(
@@ -390,8 +392,40 @@ class MXResolver:
             raise self._noAddress(host, problem, [n for _, n in ordered], final=True)
         return self._limit(hosts)
 
+    def _enough(self, hosts: list[MXHost]) -> bool:
+        """Whether the addresses of more MX hosts cannot change what L{_limit} keeps of
+        C{hosts}: C{maxAddresses} are known and, when both families are looked up, more
+        than half of them of each (else one found further down would be kept)."""
+        limit = self.maxAddresses
+        if not 0 < limit <= len(hosts):
+            return False
+        return all(sum(h.family == f for h in hosts) > limit // 2 for f in self.families)
+
     def _limit(self, hosts: list[MXHost]) -> list[MXHost]:
-        return hosts[: self.maxAddresses] if self.maxAddresses > 0 else hosts
+        """C{hosts} cut to C{maxAddresses}, neither family crowding the other out when both
+        are in use (Postfix's C{smtp_balance_inet_protocols}, yes by default:
+        smtp_balance_inet_proto() in smtp_addr.c): a family of at most half the limit keeps
+        all its addresses and the other the rest; both of more, half each, the extra one of
+        an odd limit to the first address's family.  The order is kept."""
+        limit = self.maxAddresses
+        if not 0 < limit < len(hosts):
+            return hosts
+        counts = {f: sum(h.family == f for h in hosts) for f in (4, 6)}
+        if not counts[4] or not counts[6]:
+            return hosts[:limit]
+        if counts[6] <= limit // 2:
+            keep = {6: counts[6], 4: limit - counts[6]}
+        elif counts[4] <= limit // 2:
+            keep = {4: counts[4], 6: limit - counts[4]}
+        else:
+            other = 6 if hosts[0].family == 4 else 4
+            keep = {hosts[0].family: (limit + 1) // 2, other: limit // 2}
+        kept = []
+        for host in hosts:
+            if keep[host.family] > 0:
+                kept.append(host)
+                keep[host.family] -= 1
+        return kept
 
     @staticmethod
     def _noAddress(
