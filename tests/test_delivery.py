@@ -2367,3 +2367,19 @@ def test_smtp_host_that_answered_then_a_stalled_one_does_not_suspend_the_next_ho
     for _ in range(2):
         (r,) = result(send(backend, "example.org", "a@example.org"))
         assert r.status is TRANSIENT and "suspended" not in r.diagnostic, r
+
+
+def test_smtp_refused_connection_to_the_only_host_is_logged_once() -> None:
+    """A delivery whose only host refuses the connection logs that once, naming the host
+    (Postfix's "connect to HOST[ADDR]:PORT: Connection refused"); the recipient's result
+    line (the queue's) says the rest, as Postfix's one line per recipient: no line saying
+    again that no host accepted the delivery."""
+    backend, net, _, _ = smtpBackend(connectionCacheTime=0)
+    net.connectBehaviour["192.0.2.30"] = connectError(
+        "4.4.1", "X-mailrelay; connection refused by 192.0.2.30")
+    with capturedLogs() as events:
+        (r,) = result(send(backend, "example.net", "a@example.net", queueID="Q"))
+    assert r.diagnostic == "X-mailrelay; connection refused by 192.0.2.30"
+    texts = [formatEvent(e) for e in events]
+    assert texts == ["Q: cannot use mx.example.net[192.0.2.30]:25 for example.net: 4.4.1 "
+                     "X-mailrelay; connection refused by 192.0.2.30"], texts

@@ -756,13 +756,8 @@ class SMTPBackend(ClientBackend):
                 f"{diagnostic} (REQUIRETLS support required)",
                 remoteMTA,
             )
-        log.warn(
-            "{queueID}: no host of {nexthop} accepted the delivery: {code} {diagnostic}",
-            queueID=envelope.queueID,
-            nexthop=nexthop,
-            code=code,
-            diagnostic=decisive.described,
-        )
+        # (Each host's failure is logged as it happens, the recipients' results by the
+        # queue: one line per fact, as Postfix's.)
         results = resultsForAll(
             recipients, DeliveryStatus.TRANSIENT, _transientCode(code), diagnostic, remoteMTA,
             decisive.command,
