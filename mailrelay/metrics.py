@@ -3,11 +3,12 @@ delivery process's metrics reach the relay's (L{snapshot}, L{ProcessMetrics}).
 
 The stages count where things happen: a connection (L{CONNECTIONS}), a session's end
 (L{SESSIONS}), a message's result (L{MESSAGES}, L{MESSAGE_BYTES}), a refusal
-(L{REFUSALS}), a recipient's delivery result (L{DELIVERIES}), a delivery's duration and a
-message's delay (L{DELIVERY_SECONDS}, L{DELIVERY_DELAY}), a notification queued (L{DSNS}),
-a plugin's answer (L{PLUGIN_SECONDS}, through L{timePlugin}, which every hook's chain runner
-uses), a spool batch made durable (L{SPOOL_SYNC_BATCH}, L{SPOOL_SYNC_SECONDS}).  The queue's
-size by state is read when collected, from the running queue managers (L{QUEUE_STATES}).
+(L{REFUSALS}), a recipient's delivery result (L{DELIVERIES}), a delivery's duration, its
+wait for a place and a message's delay (L{DELIVERY_SECONDS}, L{DELIVERY_WAIT_SECONDS},
+L{DELIVERY_DELAY}), a notification queued (L{DSNS}), a plugin's answer (L{PLUGIN_SECONDS},
+through L{timePlugin}, which every hook's chain runner uses), a spool batch made durable
+(L{SPOOL_SYNC_BATCH}, L{SPOOL_SYNC_SECONDS}).  The queue's size by state is read when
+collected, from the running queue managers (L{QUEUE_STATES}).
 Each count costs a dictionary look-up (L{child}) and an addition under a lock: a fraction of
 a microsecond (a histogram's, a microsecond); about 10 microseconds a message in all (measured: 9).
 
@@ -49,6 +50,7 @@ __all__ = [
     "DELIVERIES",
     "DELIVERY_DELAY",
     "DELIVERY_SECONDS",
+    "DELIVERY_WAIT_SECONDS",
     "DSNS",
     "MESSAGES",
     "MESSAGE_BYTES",
@@ -194,7 +196,14 @@ DELIVERIES = _counter(
 DELIVERY_SECONDS = _histogram(
     "mailrelay_delivery_seconds",
     "Time one delivery took (a backend's answer for one message's recipients along one "
-    "route), by backend.",
+    "route), from when it had its place of [queue] delivery_limit, by backend.",
+    ["backend"],
+    buckets=_SECONDS,
+)
+DELIVERY_WAIT_SECONDS = _histogram(
+    "mailrelay_delivery_wait_seconds",
+    "Time one delivery waited before it had its place of [queue] delivery_limit (and its "
+    "next hop's, for the smtp, lmtp and pipe backends), by backend.",
     ["backend"],
     buckets=_SECONDS,
 )

@@ -261,6 +261,7 @@ def test_metricsScrapedWhileMailFlows(relay, nexthop, dns) -> None:
     assert value(samples, "mailrelay_deliveries_total", backend="smtp", status="bounced") == 1
     assert value(samples, "mailrelay_delivery_seconds_count", backend="smtp") == 3
     assert value(samples, "mailrelay_delivery_seconds_bucket", backend="smtp", le="+Inf") == 3
+    assert value(samples, "mailrelay_delivery_wait_seconds_count", backend="smtp") == 3
     assert value(samples, "mailrelay_delivery_delay_seconds_count", backend="smtp") == 3
     rcptChecks = value(samples, "mailrelay_plugin_seconds_count",
                        hook="rcpt", plugin="regex")
@@ -297,7 +298,9 @@ def test_metricsScrapedWhileMailFlows(relay, nexthop, dns) -> None:
 def test_delivery_places_in_use_and_deliveries_waiting_are_served(relays, hop) -> None:
     """With C{delivery_limit = 1} and two deliveries to a slow next hop, /metrics (the
     delivery process's gauges, through the relay) says one place in use and one delivery
-    waiting for it; once both are sent, none."""
+    waiting for it; once both are sent, none.  Each delivery's time
+    (mailrelay_delivery_seconds) runs from when it has its place: the second's 4 s wait
+    for it is mailrelay_delivery_wait_seconds, not delivery time."""
     slow, port = hop(4)
     text = (_METRICS + f'[relay]\nsmarthost = "[127.0.0.1]:{port}"\n'
             "[dns]\nreverse_lookups = false\n[queue]\ndelivery_limit = 1\n")
@@ -313,11 +316,16 @@ def test_delivery_places_in_use_and_deliveries_waiting_are_served(relays, hop) -
         and value(s, "mailrelay_deliveries_waiting") == 1,
         "one place in use, one delivery waiting",
     )
-    waitSamples(
+    samples = waitSamples(
         mport,
         lambda s: value(s, "mailrelay_deliveries_total", backend="smtp", status="sent") == 2,
         "both deliveries", timeout=30,
     )
+    assert value(samples, "mailrelay_delivery_seconds_count", backend="smtp") == 2
+    # Two deliveries of some 4 s each (with the wait, the second's took some 8 s: 12 s).
+    assert 8 <= value(samples, "mailrelay_delivery_seconds_sum", backend="smtp") < 10.5
+    assert value(samples, "mailrelay_delivery_wait_seconds_count", backend="smtp") == 2
+    assert 3.5 <= value(samples, "mailrelay_delivery_wait_seconds_sum", backend="smtp") < 6
     waitSamples(
         mport,
         lambda s: ("mailrelay_delivery_places_in_use", ()) in s

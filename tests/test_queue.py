@@ -2131,3 +2131,39 @@ def test_recipientsDoneWhileTheirRecordIsWrittenGoInOneMoreRecord(
     ]
     assert stored(spool, queueID)["attempts"] == 1
     resultOf(qm.stopService())
+
+
+def test_deliverySeconds_timeTheDeliveryNotItsWaitForAPlace(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    """C{mailrelay_delivery_seconds} times a delivery from when it has its place of C{[queue]
+    delivery_limit} (as its timeout runs), not its wait for one, which
+    C{mailrelay_delivery_wait_seconds} times (Postfix's delays=a/b/c/d keeps the wait in
+    the queue manager, b, apart from the delivery's own, c and d)."""
+    from mailrelay import metrics
+
+    metrics.enable()
+    assert metrics.REGISTRY is not None
+
+    def observedSum(name: str) -> float:
+        return metrics.REGISTRY.get_sample_value(f"{name}_sum", {"backend": "smtp"}) or 0.0
+
+    before = (observedSum("mailrelay_delivery_seconds"),
+              observedSum("mailrelay_delivery_wait_seconds"))
+    now = [100.0]
+    backend.hold = True
+    qm = makeManager(spool, router, {"smtp": backend}, clock, deliveryLimit=1)
+    qm.deliverer.measure = lambda: now[0]
+    qm.startService()
+    qm.enqueue(queueMessage(spool, clock, ["a@one.example"]))
+    qm.enqueue(queueMessage(spool, clock, ["b@two.example"]))
+    assert qm.deliverer.places.waiting == 1
+    now[0] += 10  # the first delivery takes 10 s, the second waits them
+    backend.release(1)
+    now[0] += 3  # the second takes 3 s
+    backend.release()
+    assert spool.queueIDs() == []
+    after = (observedSum("mailrelay_delivery_seconds"),
+             observedSum("mailrelay_delivery_wait_seconds"))
+    assert (after[0] - before[0], after[1] - before[1]) == (13.0, 10.0)
+    resultOf(qm.stopService())

@@ -41,7 +41,7 @@ from mailrelay.errors import (
     stoppedBeforeStart,
 )
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, ISpool, RecipientResult, Route
-from mailrelay.metrics import DELIVERY_SECONDS, child, noteBlocking
+from mailrelay.metrics import DELIVERY_SECONDS, DELIVERY_WAIT_SECONDS, child, noteBlocking
 from mailrelay.queue.outcome import Outcome
 
 log = Logger(namespace="mailrelay.queue")
@@ -97,13 +97,18 @@ class _DeliveryTimer:
     @ivar expired: the timeout was over before the delivery answered.
     """
 
-    def __init__(self, clock: IReactorTime, timeout: float) -> None:
+    def __init__(
+        self, clock: IReactorTime, timeout: float, measure: Callable[[], float] = time.perf_counter
+    ) -> None:
         self._clock = clock
         self._timeout = timeout
+        self._measure = measure
         self._call: Any = None
         self._watched: Deferred[Any] | None = None
         self._over = False
         self.expired = False
+        #: When the delivery had its place (C{measure}'s time), or C{None}: not yet.
+        self.placedAt: float | None = None
 
     def watch(self, d: Deferred[Any]) -> None:
         """Cancel C{d} when the timeout is over."""
@@ -112,6 +117,8 @@ class _DeliveryTimer:
     def start(self) -> None:
         """The delivery has its place: its timeout runs from now (once: later calls, as
         each run of a pipe delivery's makes, change nothing)."""
+        if self.placedAt is None and not self._over:
+            self.placedAt = self._measure()
         if self._timeout > 0 and self._call is None and not self._over:
             self._call = self._clock.callLater(self._timeout, self._expire)
 
@@ -310,6 +317,8 @@ class Deliverer:
         self.router = router
         self.backends = dict(backends)
         self.calls = calls
+        #: The monotonic clock the deliveries' times are read on (the metrics).
+        self.measure: Callable[[], float] = time.perf_counter
         self.places = DeliveryPlaces(deliveryLimit)
         #: The backends that take their places themselves.
         self._placing: set[str] = set()
@@ -323,6 +332,17 @@ class Deliverer:
         for name, timeout in self.timeouts.items():
             if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
                 raise ValueError(f"the timeout of backend {name!r} must be > 0, not {timeout!r}")
+
+    def _observe(self, backend: str, started: float, placed: float | None) -> None:
+        """Count a delivery by C{backend} asked for at C{started} that had its place at
+        C{placed} (C{None}: it answered without one) and has just answered: its wait for
+        the place and, when it had one, its own time from then (which alone its timeout
+        limits)."""
+        ended = self.measure()
+        child(DELIVERY_WAIT_SECONDS, backend).observe((ended if placed is None else placed)
+                                                      - started)
+        if placed is not None:
+            child(DELIVERY_SECONDS, backend).observe(ended - placed)
 
     def timeoutFor(self, backend: str) -> float:
         """Seconds one delivery by C{backend} may take (0: no limit)."""
@@ -461,8 +481,8 @@ class Deliverer:
                 for r in recipients
             ]
         timeout = self.timeoutFor(route.backend)
-        timer = _DeliveryTimer(self.calls.clock, timeout)
-        started = time.perf_counter()
+        timer = _DeliveryTimer(self.calls.clock, timeout, self.measure)
+        started = self.measure()
         reported: dict[int, Outcome] = {}
         over = [False]
 
@@ -519,7 +539,7 @@ class Deliverer:
         finally:
             timer.stop()
             over[0] = True
-            child(DELIVERY_SECONDS, route.backend).observe(time.perf_counter() - started)
+            self._observe(route.backend, started, timer.placedAt)
         problem = self._checkResults(results, recipients)
         if problem is not None:
             unusable = _deferGroup(
