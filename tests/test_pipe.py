@@ -603,3 +603,57 @@ def test_badOptions(options: dict[str, Any], problem: str) -> None:
 def test_rootMustNameTheUser() -> None:
     with pytest.raises(ConfigError, match="required when the relay runs as root"):
         build({"command": ["/bin/true"]}, PluginContext("relay.test", Path("/"), None))
+
+
+class _StuckThreads(Clock):
+    """A reactor whose thread pool never runs what it is given (a thread stuck on a slow
+    disk): L{held} keeps each call, to run it later by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[tuple[Any, Any, tuple, dict]] = []
+
+    def getThreadPool(self) -> Any:
+        return self
+
+    def callInThreadWithCallback(self, onResult: Any, f: Any, *args: Any, **kw: Any) -> None:
+        self.held.append((onResult, f, args, kw))
+
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        f(*args)
+
+
+def test_aStuckPreparationIsGivenUpAtTheTimeLimit(tmp_path: Path) -> None:
+    """The conversion of a BODY=BINARYMIME message (in a thread, before any run has its
+    place, so before the queue's delivery timeout runs) that does not end is given up after
+    the backend's time_limit, as Postfix's pipe(8) time limit covers its whole delivery:
+    the recipients are deferred (4.3.0, saying why) and no command runs; the copy the
+    thread makes after that is removed.  Before, the delivery waited for ever, its message
+    held."""
+    from tests.test_delivery import BINARY_MESSAGE
+
+    clock = _StuckThreads()
+    message = tmp_path / "message.eml"
+    message.write_bytes(BINARY_MESSAGE)
+    b = build({"command": [script(tmp_path, "exit 0"), "{recipient}"], "user": USER,
+               "time_limit": 30}, PluginContext("relay.test", Path("/"), clock))
+    env = dataclasses.replace(envelope("bob@example.org", "-x@example.org"),
+                              body="BINARYMIME")
+    started: list[bool] = []
+    d = b.deliver(env, env.recipients, Route("procmail", "procmail"), message,
+                  started=lambda: started.append(True))
+    assert len(clock.held) == 1 and not d.called
+    clock.advance(29)
+    assert not d.called
+    clock.advance(1)
+    bob, dash = d.result
+    assert (bob.status, bob.code, bob.diagnostic) == (
+        DeliveryStatus.TRANSIENT, "4.3.0",
+        "X-mailrelay; converting the message for procmail timed out after 30s")
+    assert (dash.status, dash.code) == (DeliveryStatus.PERMANENT, "5.1.3")
+    assert started == [] and runs(tmp_path) == []
+    onResult, f, args, kw = clock.held[0]
+    copy, _ = f(*args, **kw)  # the thread ends at last: its copy is removed
+    assert Path(copy).exists()
+    onResult(True, (copy, _))
+    assert not Path(copy).exists()

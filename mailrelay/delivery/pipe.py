@@ -26,7 +26,8 @@ It is a C{[[backends]]} table with C{plugin = "pipe"}; routes name the table's C
   - The message goes to the command's standard input with LF line ends (as Postfix writes
     it), exactly as spooled otherwise; a C{BODY=BINARYMIME} message, whose CRLF need not be
     line ends, is first made 7-bit as for a next hop without BINARYMIME (its binary parts
-    base64: L{withTextLineEnds}), or returned with 5.6.3 when it cannot be.  Its standard
+    base64: L{withTextLineEnds}, deferred when that takes longer than C{time_limit}), or
+    returned with 5.6.3 when it cannot be.  Its standard
     output and error are read together; the first L{OUTPUT_LIMIT} characters (made
     printable, on one line) go into the diagnostic of a failure, and so into the bounce and
     the log.
@@ -567,8 +568,8 @@ class PipeBackend:
                     results[index] = result
             return results  # type: ignore[return-value]
 
-        prepared = withTextLineEnds(threadHandOff(self.reactor), envelope,
-                                    [recipients[i] for i in good], messagePath, route.backend)
+        prepared = self._prepared(envelope, [recipients[i] for i in good], messagePath,
+                                  route.backend)
 
         cancelled: list[bool] = []
 
@@ -585,6 +586,26 @@ class PipeBackend:
         prepared.addCallback(start)
         prepared.chainDeferred(outer)
         return outer
+
+    def _prepared(self, envelope: Any, recipients: list, messagePath: Path,
+                  name: str) -> Deferred:
+        """The message for the runs (L{withTextLineEnds}: a BINARYMIME one converted, in a
+        thread, before any run has its place, and so before the queue's delivery timeout
+        runs), given up after C{time_limit} seconds as a run is (Postfix's pipe(8) time
+        limit covers its whole delivery): C{recipients} are then deferred."""
+        prepared = withTextLineEnds(threadHandOff(self.reactor), envelope, recipients,
+                                    messagePath, name)
+        limit = self.settings.timeLimit
+
+        def givenUp(result: Any, timeout: float) -> list[RecipientResult]:
+            log.warn("{queueID}: {backend}: converting the message took more than {limit}s "
+                     "(time_limit): given up, deferred", queueID=envelope.queueID,
+                     backend=name, limit=f"{limit:g}")
+            return resultsForAll(recipients, DeliveryStatus.TRANSIENT, "4.3.0",
+                                 f"X-mailrelay; converting the message for {name} timed out "
+                                 f"after {limit:g}s")
+
+        return prepared.addTimeout(limit, self.reactor, onTimeoutCancel=givenUp)
 
     def _forget(self, result: Any, d: Deferred) -> Any:
         self._runs.discard(d)
