@@ -49,7 +49,13 @@ class RelayProcess:
 
     def __init__(self, directory: Path, config: str | None = None, args: tuple[str, ...] = (),
                  env: dict[str, str] | None = None, defaults: bool = True, listeners: int = 1,
-                 hold: bool = False) -> None:
+                 hold: bool = False, systemdSocket: Any = None) -> None:
+        """
+        @param systemdSocket: a listening socket passed to the relay as systemd's socket
+            activation does (file descriptor 3, C{LISTEN_PID}, C{LISTEN_FDS=1},
+            C{LISTEN_FDNAMES=smtp}), for a C{systemd:domain=...:index=0} (or C{name=smtp})
+            listener.
+        """
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         if hold:
@@ -60,6 +66,7 @@ class RelayProcess:
         self.env = env
         self.defaults = defaults
         self.listeners = listeners
+        self.systemdSocket = systemdSocket
         self.process: subprocess.Popen[bytes] | None = None
         self.logPath = directory / "relay.log"
         self.ports: list[int] = []
@@ -85,7 +92,15 @@ class RelayProcess:
                                   ("--spool", str(self.spool)), ("--hostname", "relay.test")):
                 if not any(a.startswith(option) for a in self.args):
                     cmd += [option, value]
-        return cmd + list(self.args)
+        cmd += list(self.args)
+        if self.systemdSocket is not None:
+            # (bash keeps its process id through exec: LISTEN_PID is the relay's; sh takes
+            # descriptors of one digit only.)
+            fd = self.systemdSocket.fileno()
+            move = f"3<&{fd}" + (f" {fd}<&-" if fd != 3 else "")
+            cmd = ["/bin/bash", "-c", f'exec {move}; LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=smtp exec "$0" "$@"',
+                   *cmd]
+        return cmd
 
     def start(self, timeout: float = 30.0) -> "RelayProcess":
         env = dict(os.environ)
@@ -95,6 +110,7 @@ class RelayProcess:
         self.process = subprocess.Popen(
             self.command(), cwd=self.directory, stdout=log, stderr=subprocess.STDOUT, env=env,
             stdin=subprocess.DEVNULL,
+            pass_fds=() if self.systemdSocket is None else (self.systemdSocket.fileno(),),
         )
         log.close()
         deadline = time.monotonic() + timeout

@@ -1618,3 +1618,34 @@ def test_bcc_and_the_other_dropped_fields_never_leave(relay, nexthop, dns) -> No
     submit(r, "alice@sender.test", ["carol@example.org"], fields + body)
     [got] = hop.waitTo("carol@example.org")
     assert fields in got.content
+
+
+def test_an_mx_host_at_the_address_of_a_socket_systemd_passed_is_the_relay(
+        relay, tmp_path: Path) -> None:
+    """The relay listening only on a socket systemd passed it (socket activation), and an MX
+    host of another name at that socket's address and port: the relay itself, known by its
+    address before any connection (Postfix's smtp_find_self), as for a tcp: listener -- the
+    mail bounces as a loop (5.4.6) and the relay never connects to itself.  Before, such a
+    listener gave no address, and only the EHLO check, once connected, found the loop."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    port = sock.getsockname()[1]
+    zone = DNSServer(tmp_path / "self-dns", "test", [
+        ["self.test", "MX", 10, "other.self.test"], ["other.self.test", "A", "127.0.0.1"],
+    ])
+    try:
+        r = relay(config(zone, routes=[{"domain": "self.test", "backend": "smtp",
+                                        "nexthop": f"self.test:{port}"}]),
+                  "--listen", "systemd:domain=INET:index=0", systemdSocket=sock)
+        sock.close()  # (the relay has its own)
+        assert r.port == port
+        qid = submit(r, "alice@sender.test", ["user@self.test"], message("self"))
+        m = waitResult(r, qid, "user@self.test")
+        assert (m["status"], m["diagnostic"]) == (
+            "bounced", f"X-mailrelay; mail for self.test:{port} loops back to myself"), m[0]
+        # (One session: the submission's; the relay did not connect to itself.)
+        assert len(re.findall(r"receive\.protocol#info\] connect from", r.log())) == 1, r.log()
+    finally:
+        sock.close()
+        zone.stop()

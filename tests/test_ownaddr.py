@@ -52,3 +52,59 @@ def test_own_addresses_refuses_a_proxy_interface_that_is_not_an_address() -> Non
 def test_local_addresses_of_this_host() -> None:
     """Read from the system: at least the loopback addresses."""
     assert "127.0.0.1" in localAddresses()
+
+
+def test_listen_address_of_a_socket_systemd_passed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A listener on a socket systemd passed (socket activation) listens where that socket
+    is bound (its getsockname), found by index or by name: an MX host there is the relay
+    (Postfix's smtp_find_self, whose own_inet_addr_list is where it listens).  Before, such
+    a listener gave no address: only the EHLO check found the relay, once connected to
+    itself.  The delivery process, which systemd passed nothing, has the relay's word for
+    it (L{exportPassedSockets}, in its environment)."""
+    import os
+    import socket
+
+    from twisted.internet.endpoints import _SystemdParser
+    from twisted.python.systemd import ListenFDs
+
+    from mailrelay.route import ownaddr
+
+    bound = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    bound.bind(("127.0.0.1", 0))
+    bound.listen()
+    every = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    every.bind(("::", 0))
+    every.listen()
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        port, sixPort = bound.getsockname()[1], every.getsockname()[1]
+        passed = ListenFDs([bound.fileno(), every.fileno(), unix.fileno()],
+                           ["smtp", "submission", "control"])
+        monkeypatch.setattr(_SystemdParser, "_sddaemon", passed)
+        monkeypatch.setenv(ownaddr.PASSED_SOCKETS, "[]")  # (restored after the test)
+        monkeypatch.delenv(ownaddr.PASSED_SOCKETS)
+        expected = {
+            "systemd:domain=INET:index=0": ("127.0.0.1", port, 4),
+            "systemd:domain=INET:name=smtp": ("127.0.0.1", port, 4),
+            "systemd:domain=INET6:index=1": ("", sixPort, 6),
+            "systemd:domain=INET6:name=submission": ("", sixPort, 6),
+            "systemd:domain=UNIX:index=2": None,
+            "systemd:domain=INET:index=3": None,  # (not passed: the configuration says)
+            "systemd:domain=INET:name=other": None,
+        }
+        assert {d: listenAddress(d) for d in expected} == expected
+        own = OwnAddresses(["systemd:domain=INET:name=smtp"], local=lambda: LOCAL)
+        assert ("127.0.0.1", port) in own and ("127.0.0.2", port) not in own
+        # The delivery process: no socket passed (or, forked, the relay's descriptor
+        # numbers, now its own pipes), the relay's word in its environment.
+        ownaddr.exportPassedSockets()
+        for other in (ListenFDs([]), ListenFDs([0, 1, 2], ["a", "b", "c"])):
+            monkeypatch.setattr(_SystemdParser, "_sddaemon", other)
+            assert {d: listenAddress(d) for d in expected} == expected
+        monkeypatch.setattr(_SystemdParser, "_sddaemon", ListenFDs([]))
+        ownaddr.exportPassedSockets()  # (a process systemd passed nothing: not its word)
+        assert ownaddr.PASSED_SOCKETS not in os.environ
+        assert listenAddress("systemd:domain=INET:index=0") is None
+    finally:
+        for s in (bound, every, unix):
+            s.close()

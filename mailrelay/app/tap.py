@@ -132,6 +132,11 @@ def makeService(options: Options) -> Any:
         config = loadConfig(path, options.overrides(), text=text)
     except ConfigError as e:
         raise SystemExit(f"mailrelay: configuration error: {e}") from None
+    from mailrelay.route.ownaddr import exportPassedSockets
+
+    # Where the sockets systemd passed us are bound, for our children (the delivery
+    # process knows the relay by its listeners' addresses: it is passed no socket).
+    exportPassedSockets()
     # Before the reactor exists: the fork server must not have one (see its module).
     forkServer = forRelay(config, serverOptions, user)
 

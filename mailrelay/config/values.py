@@ -247,7 +247,7 @@ def socketKey(endpoint: str) -> tuple[int, str, int] | None:
     return (sock.family, "" if sock.everyAddress else sock.address, sock.port)
 
 
-def _systemdArguments(arguments: str) -> dict[str, str]:
+def systemdArguments(arguments: str) -> dict[str, str]:
     """The arguments of a C{systemd:} endpoint by name, as Twisted's parser takes them:
     C{domain}, then C{index} or C{name}, by name or in that order.
 
@@ -280,7 +280,7 @@ def systemdSocketProblem(text: str) -> str | None:
     C{systemd:} endpoint C{text} (its syntax right: L{checkEndpoint}), or C{None}: they hold
     its own."""
     passed = passedSockets()
-    given = _systemdArguments(text[len("systemd:") :])
+    given = systemdArguments(text[len("systemd:") :])
     count = len(passed.inheritedDescriptors())
     if not count:
         return ("systemd passed this process no socket (LISTEN_FDS): a systemd: endpoint "
@@ -303,7 +303,7 @@ def _systemdEndpointProblem(arguments: str) -> str | None:
     """What is wrong with the arguments of a C{systemd:} endpoint (as Twisted's parser takes
     them: C{domain}, then C{index} or C{name}, by name or in that order), or C{None}."""
     try:
-        given = _systemdArguments(arguments)
+        given = systemdArguments(arguments)
     except ValueError as e:
         return str(e)
     domain = given.get("domain")

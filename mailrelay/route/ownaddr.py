@@ -6,19 +6,34 @@ C{proxy_inet_addr_list}).
 A listener bound to one address (C{"tcp:25:interface=192.0.2.1"}) owns that address and
 port; one bound to every address (C{"tcp:25"}, C{"tcp6:25:interface=\\:\\:"}) owns the port
 on each address of this host (L{localAddresses}; every loopback address too).  A listener
-that is not TCP (a UNIX socket, a socket passed by systemd) owns none.
+on a socket systemd passed (C{"systemd:domain=INET:index=0"}) owns where that socket is
+bound (L{passedSocketAddresses}).  A UNIX socket owns none.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
+import os
 import socket
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from mailrelay.config.values import listeningSocket
+from mailrelay.config.values import listeningSocket, passedSockets, systemdArguments
 
-__all__ = ["OwnAddresses", "listenAddress", "localAddresses"]
+__all__ = [
+    "PASSED_SOCKETS",
+    "OwnAddresses",
+    "exportPassedSockets",
+    "listenAddress",
+    "localAddresses",
+    "passedSocketAddresses",
+]
+
+#: The environment variable in which the relay tells its children (the delivery process,
+#: which systemd passed no socket) where the sockets systemd passed it are bound
+#: (L{exportPassedSockets}): JSON, C{[[index, name, address, port, family], ...]}.
+PASSED_SOCKETS = "MAILRELAY_PASSED_SOCKETS"
 
 #: The port a proxy interface receives mail on (Postfix's C{proxy_interfaces} are SMTP's).
 SMTP_PORT = 25
@@ -31,10 +46,86 @@ def _normal(address: str) -> str | None:
         return None
 
 
+def _boundAddress(fd: int) -> tuple[str, int, int] | None:
+    """Where the socket C{fd} is bound (its C{getsockname}): C{(address, port, family)},
+    C{address} C{""} for every address; C{None} for one that is not a TCP/IP socket."""
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return None
+    with sock:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        try:
+            name = sock.getsockname()
+        except OSError:
+            return None
+        family = 6 if sock.family == socket.AF_INET6 else 4
+    address = _normal(str(name[0]).partition("%")[0])
+    if address is None:
+        return None
+    return ("" if ipaddress.ip_address(address).is_unspecified else address), name[1], family
+
+
+def passedSocketAddresses() -> list[tuple[int, str, str, int, int]]:
+    """Where the sockets systemd passed the relay are bound: C{(index, name, address, port,
+    family)} for each TCP/IP one (L{_boundAddress}), its C{name} C{""} when it has none.
+    What the relay put in the environment (L{exportPassedSockets}) when it did: a child of
+    the relay's holds none of the sockets (one forked from it has the relay's list of them,
+    their numbers now other descriptors); else read from the sockets passed."""
+    exported = os.environ.get(PASSED_SOCKETS)
+    if exported is not None:
+        try:
+            return [(int(i), str(n), str(a), int(p), int(f))
+                    for i, n, a, p, f in json.loads(exported)]
+        except (TypeError, ValueError):
+            return []
+    return _readPassedSockets()
+
+
+def _readPassedSockets() -> list[tuple[int, str, str, int, int]]:
+    """L{passedSocketAddresses}, read from the sockets systemd passed this process."""
+    passed = passedSockets()
+    names = {fd: name for name, fd in passed.inheritedNamedDescriptors().items()}
+    found = []
+    for index, fd in enumerate(passed.inheritedDescriptors()):
+        where = _boundAddress(fd)
+        if where is not None:
+            found.append((index, names.get(fd, ""), *where))
+    return found
+
+
+def exportPassedSockets() -> None:
+    """Put where the sockets systemd passed this process are bound (L{passedSocketAddresses})
+    in the environment its children inherit (L{PASSED_SOCKETS}): the delivery process knows
+    the relay by the addresses of those listeners too.  Without such sockets, it is removed
+    (not the relay's word)."""
+    if passedSockets().inheritedDescriptors():
+        os.environ[PASSED_SOCKETS] = json.dumps(_readPassedSockets())
+    else:
+        os.environ.pop(PASSED_SOCKETS, None)
+
+
+def _systemdAddress(description: str) -> tuple[str, int, int] | None:
+    """Where the socket systemd passed for the endpoint C{description} (C{systemd:...}, by
+    C{index} or C{name}) is bound, or C{None}: not passed, or not TCP/IP."""
+    try:
+        given = systemdArguments(description[len("systemd:") :])
+    except ValueError:
+        return None
+    for index, name, address, port, family in passedSocketAddresses():
+        if given.get("index") == str(index) or (name and given.get("name") == name):
+            return address, port, family
+    return None
+
+
 def listenAddress(description: str) -> tuple[str, int, int] | None:
-    """Where the server endpoint C{description} listens (L{listeningSocket}):
-    C{(address, port, family)}, C{address} C{""} for every address of the family (4 or 6);
-    C{None} when it is not a TCP endpoint (C{tcp}, C{tcp6}, C{ssl}) or does not say."""
+    """Where the server endpoint C{description} listens (L{listeningSocket}, or for a
+    C{systemd:} one, L{passedSocketAddresses}): C{(address, port, family)}, C{address}
+    C{""} for every address of the family (4 or 6); C{None} when it is not a TCP endpoint
+    (C{tcp}, C{tcp6}, C{ssl}, C{systemd}) or does not say."""
+    if description.startswith("systemd:"):
+        return _systemdAddress(description)
     sock = listeningSocket(description)
     if sock is None or sock.family == socket.AF_UNIX:
         return None
