@@ -41,6 +41,7 @@ from aiosmtpd.lmtp import LMTP
 
 from mailrelay.delivery.protocol import CHUNK_SIZE
 from tests.harness import DNSServer, RelayProcess, freePort, requireTool, stopProcess
+from tests.test_e2e_ipv6 import _hasIPv6Loopback
 
 # ---------------------------------------------------------------------------------------------
 # Next hops
@@ -1648,4 +1649,31 @@ def test_an_mx_host_at_the_address_of_a_socket_systemd_passed_is_the_relay(
         assert len(re.findall(r"receive\.protocol#info\] connect from", r.log())) == 1, r.log()
     finally:
         sock.close()
+        zone.stop()
+
+
+@pytest.mark.skipif(not _hasIPv6Loopback(), reason="no IPv6 loopback address")
+def test_the_addresses_kept_under_mx_address_limit_hold_both_families(
+        relay, nexthop, tmp_path: Path) -> None:
+    """A destination whose best MX hosts have IPv6 addresses only, which do not answer, and
+    a backup with an IPv4 one that does, under mx_address_limit = 2: the two addresses
+    tried are one of each family (Postfix's smtp_balance_inet_protocols), so the mail goes
+    to the IPv4 host.  Before, the two IPv6 addresses were all that was tried: deferred."""
+    hop, port = nexthop()  # (on 127.0.0.1 only: [::1] of the same port refuses)
+    zone = DNSServer(tmp_path / "six-dns", "test", [
+        ["six.test", "MX", 10, "a.six.test"], ["a.six.test", "AAAA", "::1"],
+        ["six.test", "MX", 20, "b.six.test"], ["b.six.test", "AAAA", "::1"],
+        ["six.test", "MX", 30, "c.six.test"], ["c.six.test", "A", "127.0.0.1"],
+    ])
+    try:
+        r = relay(config(zone, delivery={"mx_address_limit": 2},
+                         routes=[{"domain": "six.test", "backend": "smtp",
+                                  "nexthop": f"six.test:{port}"}]))
+        qid = submit(r, "alice@sender.test", ["user@six.test"], message("six"))
+        m = waitResult(r, qid, "user@six.test")
+        assert (m["status"], m["relay"]) == ("sent", f"c.six.test[127.0.0.1]:{port}"), m[0]
+        assert f"cannot use a.six.test[::1]:{port}" in r.log()
+        assert "b.six.test" not in r.log()
+        hop.waitTo("user@six.test")
+    finally:
         zone.stop()
