@@ -1104,6 +1104,29 @@ def test_a_recipient_deferred_on_a_reused_connection_keeps_its_reply_when_the_ne
     assert "temporarily suspended" not in r.log()
 
 
+def test_a_recipient_deferred_on_a_reused_connection_then_lost_at_the_next_mx_does_not_suspend(
+        relay, nexthop, dns) -> None:
+    """A recipient the best MX defers on a reused connection (taking the other), then the
+    next MX host drops the connection in its transaction: the next hop, whose server
+    answered in that delivery, is not counted unreachable (Postfix's
+    SMTP_MISC_FLAG_COMPLETE_SESSION: no hop status once a session completed).  With
+    destination_concurrency = 1 the next message to it was deferred untried, "delivery
+    temporarily suspended"."""
+    best, port = nexthop()
+    backup, _ = nexthop(port=port, host="127.0.0.2")
+    best.rcptReply = lambda address: "450 4.2.1 busy" if address == "busy@two.test" else None
+    backup.dataReply = lambda received, n: "DROP"
+    r, qid, ok, busy = _oneDeferredOnAReusedConnection(relay, dns, "two.test", port,
+                                                       destination_concurrency=1)
+    assert ok["status"] == "sent", ok[0]
+    assert busy["status"] == "deferred", busy[0]
+    assert len(backup.attempts) == 1
+    after = submit(r, "alice@sender.test", ["after@two.test"], message("after"))
+    m = waitResult(r, after, "after@two.test")
+    assert m["status"] == "sent", m[0]
+    assert "temporarily suspended" not in r.log()
+
+
 def test_a_recipient_deferred_on_a_reused_connection_when_the_relay_is_the_backup_mx(
         relay, nexthop, tmp_path: Path) -> None:
     """The relay is the backup MX of the next hop: a recipient the primary defers on a
