@@ -144,7 +144,8 @@ def test_a_resent_message_gets_resent_message_id_and_date(relay) -> None:  # noq
 
 def test_postmaster_at_the_relay_is_delivered_to_the_queue_postmaster(relay, nexthop, dns) -> None:  # noqa: F811
     """postmaster@<hostname> (RFC 5321 4.5.1: always accepted) went to the host name's MX,
-    the relay itself, and bounced as a loop; it goes to [queue] postmaster."""
+    the relay itself, and bounced as a loop; it goes to [queue] postmaster.  Its Received:
+    field says "for <postmaster>", the recipient given, not the address it goes to."""
     hop, port = nexthop()
     r = relay(config(dns, routes=[smtpRoute("example.org", port)],
                      queue={"postmaster": "admin@example.org"}))
@@ -156,6 +157,8 @@ def test_postmaster_at_the_relay_is_delivered_to_the_queue_postmaster(relay, nex
     assert code == 250, reply
     (got,) = hop.waitTo("admin@example.org", 1)
     assert got.rcptTos == ["admin@example.org"] and b"hello postmaster" in got.content
+    # Received: names the recipient given at RCPT, as Postfix's smtpd does.
+    assert re.search(rb"\r\n\tfor <postmaster>; ", got.content), got.content
 
 # ---------------------------------------------------------------------------------------------
 # NUL in message data: "\r\n\0.\r\n" is an end of data to a receiver that strips NULs

@@ -673,3 +673,26 @@ def test_postmaster_at_the_relay_goes_to_the_queue_postmaster() -> None:
         opened.write(MESSAGE)
         assert received(opened.finish()).code == 250
         assert [r.address for r in spool.committed[env.queueID][0].recipients] == [rcpt]
+
+
+def test_received_for_names_the_recipient_given_not_the_postmaster_it_goes_to() -> None:
+    """The C{for} clause of C{Received:} names the recipient as the client gave it at RCPT
+    (Postfix's smtpd writes C{state->recipient}, the RCPT address, before cleanup qualifies
+    or rewrites it), not C{[queue] postmaster} it is delivered to; and the stampers see the recipients
+    accepted at RCPT (two given: no C{for} clause, though one address remains)."""
+    intake, spool, _ = makeIntake(DefaultStamper(), postmaster="admin@example.org")
+    for given in (["PostMaster"], ["PostMaster", "admin@example.org"]):
+        env = envelope()
+        env.recipients = [Recipient(address if "@" in address else "postmaster@relay.test",
+                                    original=address) for address in given]
+        opened = intake.open(env, env.client, {})
+        assert isinstance(opened, IncomingMessage)
+        opened.write(MESSAGE)
+        assert received(opened.finish()).code == 250
+        queued, data = spool.committed[env.queueID]
+        assert [r.address for r in queued.recipients] == ["admin@example.org"]
+        head = data.split(b";", 1)[0]
+        if len(given) == 1:
+            assert head.endswith(b"\tfor <PostMaster>"), data
+        else:
+            assert b"for <" not in head, data

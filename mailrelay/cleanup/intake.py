@@ -94,7 +94,8 @@ class Intake:
     @ivar dropHeaders: the names (lower case) of the header fields removed from every
         message, as Postfix's cleanup removes C{message_drop_headers} (C{Bcc:}, ...).
     @ivar postmaster: C{[queue] postmaster}, or C{None}: where mail to postmaster at
-        C{hostname} goes (L{aliasPostmaster}).
+        C{hostname} goes (L{aliasPostmaster}, at the commit: the stampers and filters see
+        the recipients given at RCPT).
     """
 
     def __init__(
@@ -162,8 +163,6 @@ class Intake:
             log.error("cannot create queue file: {error}", error=str(e))
             return R.LOCAL_ERROR
         envelope.queueID = writer.queueID
-        if self.postmaster is not None:
-            aliasPostmaster(envelope, self.hostname, self.postmaster)
         return IncomingMessage(self, envelope, client, writer, listenerOptions, notify)
 
 
@@ -391,6 +390,10 @@ class IncomingMessage:
                 changed=changed,
             )
             return self._refuse(STAMPING_FAILED)
+        if self.intake.postmaster is not None:
+            # Here, as Postfix's cleanup rewrites what smtpd gave it: the stampers (the
+            # Received: field's "for" clause) and filters saw the recipients given at RCPT.
+            aliasPostmaster(envelope, self.intake.hostname, self.intake.postmaster)
         writer = self._writer
         envelope.arrival = self.intake.clock.seconds()
         envelope.messageSize = writer.size

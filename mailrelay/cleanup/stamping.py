@@ -230,7 +230,8 @@ def _receivedFrom(context: StampContext, client: ClientInfo, authUser: bool) -> 
     if client.authUser and authUser:
         received += f"\r\n\t(authenticated as {_HELO_UNSAFE.sub('?', client.authUser)})"
     if len(envelope.recipients) == 1:
-        rcpt = envelope.recipients[0].address
+        # As given at RCPT (Postfix's smtpd writes its RCPT address), not as rewritten.
+        rcpt = envelope.recipients[0].original or envelope.recipients[0].address
         if "\r" not in rcpt and "\n" not in rcpt:
             received += f"\r\n\tfor <{rcpt}>"
     return received
