@@ -1229,10 +1229,53 @@ def test_emptyStringsMeanNone(tmp_path: Path) -> None:
 
 
 def test_postmasterBareIsHostname(tmp_path: Path) -> None:
-    """A bare "postmaster" is the postmaster of this relay's (final) host name."""
-    path = writeConfig(tmp_path, 'hostname = "a.example"\n[queue]\npostmaster = "PostMaster"\n')
+    """A bare "postmaster" is the postmaster of this relay's (final) host name (Postfix
+    appends $myorigin, by default $myhostname)."""
+    path = writeConfig(tmp_path, 'hostname = "a.example"\n[queue]\npostmaster = "PostMaster"\n'
+                       '[[routes]]\ndomain = ".example"\nbackend = "discard"\n')
     assert loadConfig(path).queue.postmaster == "postmaster@a.example"
     assert loadConfig(path, {"hostname": "B.example"}).queue.postmaster == "postmaster@b.example"
+
+
+@pytest.mark.parametrize("routes", [
+    "",
+    '[[routes]]\ndomain = "*"\nbackend = "smtp"\n',
+    '[[routes]]\ndomain = "a.example"\nbackend = "smtp"\nnexthop = "A.example."\n',
+])
+@pytest.mark.parametrize("postmaster", ["postmaster", "PostMaster@A.example"])
+def test_postmasterAtHostnameNeedsARoute(tmp_path: Path, routes: str, postmaster: str) -> None:
+    """The postmaster at this relay's own host name, with nothing routing that name but its
+    MX lookup (no [[routes]] rule, smarthost or router), is refused, naming the key: the
+    relay has no local delivery of its own (Postfix delivers postmaster@$myhostname
+    locally, $myhostname being in mydestination), so postmaster mail, accepted from anyone
+    (RFC 5321 4.5.1), and the notices of failed bounces would go to the host name's MX
+    hosts, normally this very relay: a loop, reaching nobody."""
+    path = writeConfig(
+        tmp_path, f'hostname = "a.example"\n[queue]\npostmaster = "{postmaster}"\n{routes}'
+    )
+    with pytest.raises(ConfigError) as e:
+        loadConfig(path)
+    assert e.value.key == "queue.postmaster"
+    assert str(e.value).startswith(f'{path}: queue.postmaster: "{postmaster}" is ')
+    assert "@a.example, at this relay's own host name" in str(e.value)
+    assert '[[routes]] rule for "a.example"' in str(e.value)
+    # Anything else routing the host name makes it someone's: a rule for it (or its
+    # parent domain), a smarthost, a "*" rule with a next hop, a router plugin.
+    for fix in ('[[routes]]\ndomain = "a.example"\nbackend = "maildir"\n'
+                'nexthop = "/var/mail/{local}"\n',
+                '[[routes]]\ndomain = ".example"\nbackend = "smtp"\nnexthop = "[hub.example]"\n',
+                '[[routes]]\ndomain = "*"\nbackend = "lmtp"\nnexthop = "[hub.example]:24"\n',
+                '[relay]\nsmarthost = "hub.example"\n',
+                '[[routers]]\nplugin = "lmtp-domains"\nfile = "x"\n'):
+        if "smtp" in routes and fix.startswith('[[routes]]\ndomain = "*"'):
+            continue  # (two "*" rules)
+        path = writeConfig(tmp_path, f'hostname = "a.example"\n[queue]\n'
+                           f'postmaster = "{postmaster}"\n{fix}')
+        assert loadConfig(path).queue.postmaster.lower() == "postmaster@a.example", fix
+    # With the smarthost given on the command line, too.
+    path = writeConfig(tmp_path, f'hostname = "a.example"\n[queue]\npostmaster = "{postmaster}"\n')
+    assert loadConfig(path, {"smarthost": "[hub.example]"}).queue.postmaster.lower() == (
+        "postmaster@a.example")
 
 
 def test_postmasterErrorHasNoReplyCode(tmp_path: Path) -> None:

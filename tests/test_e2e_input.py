@@ -160,6 +160,19 @@ def test_postmaster_at_the_relay_is_delivered_to_the_queue_postmaster(relay, nex
     # Received: names the recipient given at RCPT, as Postfix's smtpd does.
     assert re.search(rb"\r\n\tfor <postmaster>; ", got.content), got.content
 
+
+def test_postmaster_at_the_relays_own_unrouted_name_is_refused(relay, dns) -> None:  # noqa: F811
+    """[queue] postmaster = "postmaster" (postmaster@<hostname>, as Postfix appends
+    $myorigin) with nothing routing the host name: its mail and the notices of failed
+    bounces went to the host name's MX, the relay itself, a loop.  The relay does not
+    start, naming the key and the ways out."""
+    with pytest.raises(AssertionError) as e:
+        relay(config(dns, queue={"postmaster": "postmaster"}))
+    assert "relay exited with 1" in str(e.value)
+    assert ('queue.postmaster: "postmaster" is postmaster@relay.test, at this relay\'s own '
+            "host name, which nothing routes but its MX lookup") in str(e.value)
+    assert "Traceback" not in str(e.value)
+
 # ---------------------------------------------------------------------------------------------
 # NUL in message data: "\r\n\0.\r\n" is an end of data to a receiver that strips NULs
 

@@ -32,6 +32,7 @@ from mailrelay.config.values import (
     stringList,
 )
 from mailrelay.delivery import BUILTIN_BACKENDS
+from mailrelay.envelope import Recipient
 from mailrelay.errors import describeValue
 from mailrelay.interfaces import PLATFORM_TRUST_STORE
 from mailrelay.receive.auth import MECHANISMS, PasswordFileError, readPasswordFile
@@ -49,6 +50,7 @@ from mailrelay.route.nexthop import (
     parseNameserver,
     parseSMTPNexthop,
 )
+from mailrelay.route.table import RoutingTable
 
 log = Logger()
 
@@ -569,6 +571,39 @@ def _routeNexthop(r: Reading, backend: str) -> str | None:
             f"{describeValue(r.raw['nexthop'])} is not allowed: {what} takes no nexthop"
         )
     return None
+
+
+def checkTop(r: Reading) -> None:
+    """The checks of the whole file: L{checkSockets} and L{checkPostmasterRoute}."""
+    checkSockets(r)
+    checkPostmasterRoute(r)
+
+
+def checkPostmasterRoute(r: Reading) -> None:
+    """C{[queue] postmaster} at this relay's own host name (a bare C{"postmaster"} is, as
+    Postfix appends $myorigin, by default $myhostname) must be routed by something other than
+    that name's MX lookup: a C{[[routes]]} rule (for it, its parent domain or C{"*"} with a
+    next hop), the smarthost or a router plugin.  The relay has no local delivery (Postfix
+    delivers postmaster@$myhostname locally: $myhostname is in mydestination), so the mail
+    to postmaster it accepts from anyone (RFC 5321 4.5.1) and the notices of failed bounces
+    would go to the host name's MX hosts, normally this very relay: a loop, nobody reached."""
+    postmaster, hostname = r.fields["queue"].postmaster, r.fields["hostname"]
+    if postmaster is None or postmaster.rpartition("@")[2] != hostname or r.fields["routers"]:
+        return
+    table = RoutingTable(r.fields["routes"], smarthost=r.fields["smarthost"])
+    route = table.route(None, Recipient(postmaster))
+    if route.backend != "smtp":
+        return
+    nexthop = parseSMTPNexthop(route.nexthop)
+    if not nexthop.mxLookup or nexthop.host != hostname:
+        return
+    raise r.at.child("queue").child("postmaster").error(
+        f"{describeValue(r.raw['queue']['postmaster'])} is {postmaster}, at this relay's own "
+        f"host name, which nothing routes but its MX lookup (normally this relay: a mail "
+        f"loop, reaching nobody; the relay delivers nothing locally): give an address "
+        f'elsewhere ("postmaster@example.com"), or a [[routes]] rule for "{hostname}" to '
+        f"the mailbox's host (smtp or lmtp with a nexthop, maildir), or a smarthost"
+    )
 
 
 def checkSockets(r: Reading) -> None:

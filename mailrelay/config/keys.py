@@ -835,7 +835,7 @@ TOP = Table(
     build=lambda fields, at: Config(
         source=at.source.file, configDir=at.source.directory, **fields
     ),
-    check=checks.checkSockets,
+    check=checks.checkTop,
     scope=True,
     # Each table after those its checks read: queue after hostname and drain_time, delivery
     # after hostname, routes after backends and delivery, listeners after hostname, limits,
