@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mailrelay.smtp import replies as R
-from mailrelay.smtp.data import BARE_NEWLINE_NORMALIZE, MAX_DATA_LINE, DataReader
+from mailrelay.smtp.data import BARE_NEWLINE_NORMALIZE, MAX_DATA_LINE, ChunkReader, DataReader
 from mailrelay.smtp.wire import DotStuffer
 
 
@@ -96,6 +96,34 @@ def test_a_bare_cr_is_a_space_when_normalised() -> None:
     assert reader.error == R.DATA_LINE_TOO_LONG
 
 
+def test_a_bare_cr_is_a_space_when_bare_newlines_are_refused_too() -> None:
+    """bare_newline = "reject" refuses a bare LF only, as Postfix's smtpd_forbid_bare_newline
+    = reject ("input lines ... that end in <LF> instead of <CR><LF>": smtp_get() flags a
+    line ended by LF alone); a bare CR ends no line there (RFC 5321 2.3.8: nothing but CRLF
+    is recognised as a line end) and Postfix's cleanup makes it a space whatever that
+    setting (cleanup_replace_stray_cr_lf = yes).  So a bare CR is a space under either
+    choice, in DATA and in BDAT, wherever the chunks split."""
+    wire = b"Subject: a\rBcc: victim@example.com\r\n\r\nbody\rmore\r..x\r\r\nend\r\n.\r\n"
+    want = b"Subject: a Bcc: victim@example.com\r\n\r\nbody more ..x \r\nend\r\n"
+    for cut in range(len(wire)):
+        reader = DataReader(5000)
+        assert (readAll(reader, [wire[:cut], wire[cut:]])[0], reader.error) == (want, None)
+        chunks = ChunkReader(5000)
+        content = wire[:-3]
+        stored = [chunks.feed(content[:cut]), chunks.feed(content[cut:]), chunks.end()]
+        assert (b"".join(x for x in stored if x), chunks.error) == (want, None)
+    # A bare LF is still refused (and a bare CR and a bare LF: for the LF).
+    for content in (b"a\nb\r\n", b"a\rb\nc\r\n"):
+        reader = DataReader(5000)
+        assert readAll(reader, [content + b".\r\n"])[0] == b""
+        assert reader.error == R.BARE_NEWLINE
+        assert "bare LF" in R.BARE_NEWLINE.text and "bare CR" not in R.BARE_NEWLINE.text
+    # A line with a bare CR is one line, counted whole against the 998 octets.
+    reader = DataReader(5000)
+    readAll(reader, [b"x" * 997 + b"a\rb\r\n.\r\n"])
+    assert reader.error == R.DATA_LINE_TOO_LONG
+
+
 # The reader against a simple reference, on random content and chunkings ----------------------
 
 _PIECES = [b"", b".", b"..", b".x", b"text", b"a.b", b". ", b"x" * 997, b"x" * 998, b"x" * 999,
@@ -126,14 +154,13 @@ def referenceRead(wire: bytes, maxSize: int, bareNewline: str, nulBytes: str) ->
         if nulBytes != BARE_NEWLINE_NORMALIZE:
             errors.add(R.NUL_IN_DATA)
         content = content.replace(b"\0", b"")
-    if bareNewline == BARE_NEWLINE_NORMALIZE:
-        content = re.sub(rb"\r(?!\n)", b" ", content)  # (a bare CR is a space)
-    if any(len(line) > MAX_DATA_LINE for line in re.split(rb"\r\n|\r|\n", content)):
+    content = re.sub(rb"\r(?!\n)", b" ", content)  # (a bare CR is a space)
+    if any(len(line) > MAX_DATA_LINE for line in re.split(rb"\r\n|\n", content)):
         errors.add(R.DATA_LINE_TOO_LONG)
-    if re.search(rb"\r(?!\n)|(?<!\r)\n", content):
+    if re.search(rb"(?<!\r)\n", content):
         if bareNewline != BARE_NEWLINE_NORMALIZE:
             errors.add(R.BARE_NEWLINE)
-        content = re.sub(rb"\r(?!\n)|(?<!\r)\n", b"\r\n", content)
+        content = re.sub(rb"(?<!\r)\n", b"\r\n", content)
     if len(content) > maxSize:
         errors.add(R.SIZE_EXCEEDED)
     return content, rest, errors

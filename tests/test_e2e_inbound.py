@@ -174,7 +174,7 @@ def test_long_line_and_bare_lf(relay) -> None:
     c.readReply()
     for body, expected in [
         (b"Subject: x\r\n\r\n" + b"a" * 999 + b"\r\nQUIT\r\n", b"500 5.5.2 Error: message line longer than 998 octets"),
-        (b"Subject: x\r\n\r\nbare\nLF\n.\nMAIL FROM:<evil@example.com>\r\n", b"550 5.6.0 Error: message contains a bare CR or LF; use CRLF line endings"),
+        (b"Subject: x\r\n\r\nbare\nLF\n.\nMAIL FROM:<evil@example.com>\r\n", b"550 5.6.0 Error: message contains a bare LF; use CRLF line endings"),
     ]:
         c.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
         assert [c.readReply()[0][:3] for _ in range(3)] == [b"250", b"250", b"354"]
@@ -185,11 +185,11 @@ def test_long_line_and_bare_lf(relay) -> None:
     assert r.queued() == []
 
 
-def sentToALegacyListener(relay, content: bytes) -> bytes:
-    """C{content} (and the end of data) sent to a listener with bare_newline = "normalize":
+def sentToALegacyListener(relay, content: bytes, bareNewline: str = "normalize") -> bytes:
+    """C{content} (and the end of data) sent to a listener with C{bare_newline} as given:
     the message queued."""
     r = relay(
-        '[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\nbare_newline = "normalize"\n',
+        f'[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\nbare_newline = "{bareNewline}"\n',
         "--spool", "spool", "--hostname", "relay.test", defaults=False,
     )
     c = r.connect()
@@ -209,10 +209,15 @@ def test_bare_lf_normalized_on_a_legacy_listener(relay) -> None:
     assert message.count(b"\n") == message.count(b"\r\n")
 
 
-def test_bare_cr_in_a_header_field_on_a_legacy_listener_is_a_space(relay) -> None:
+@pytest.mark.parametrize("bareNewline", ["normalize", "reject"])
+def test_bare_cr_in_a_header_field_is_a_space(relay, bareNewline: str) -> None:
     """A bare CR became CRLF, so "Subject: x<CR>Bcc: eve" was stored with a Bcc: field of the
-    client's making; as Postfix (its cleanup's cleanup_mask_stray_cr_lf) it is a space."""
-    message = sentToALegacyListener(relay, b"Subject: legacy\rBcc: eve@example.org\r\n\r\nbody\rCR\r\n")
+    client's making; as Postfix (its cleanup's cleanup_replace_stray_cr_lf) it is a space.
+    With bare_newline = "reject" too, which refused it: like Postfix's
+    smtpd_forbid_bare_newline, that choice is about bare LF (a bare CR ends no line, RFC
+    5321 2.3.8)."""
+    message = sentToALegacyListener(
+        relay, b"Subject: legacy\rBcc: eve@example.org\r\n\r\nbody\rCR\r\n", bareNewline)
     assert b"\r\nSubject: legacy Bcc: eve@example.org\r\n" in message
     assert b"\r\nBcc:" not in message and message.endswith(b"\r\n\r\nbody CR\r\n")
     assert message.count(b"\r") == message.count(b"\r\n")

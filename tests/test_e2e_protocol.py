@@ -279,7 +279,7 @@ def test_bdat_bare_newline_refused_and_normalized(relay) -> None:
     r = relay()
     c, _ = session(r)
     c.send(START + bdat(b"Subject: lf\n\nbody\n", True))
-    assert replies(c, 3)[2] == (b"550 5.6.0 Error: message contains a bare CR or LF; use CRLF "
+    assert replies(c, 3)[2] == (b"550 5.6.0 Error: message contains a bare LF; use CRLF "
                                 b"line endings")
     c.close()
     assert queued(r) == []

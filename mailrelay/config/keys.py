@@ -563,7 +563,11 @@ LISTENERS = Table(
             field="name",
             unique="is already listed as",
         ),
-        Key("bare_newline", choice(*NEWLINE_CHOICES), "What to do with a bare LF or CR."),
+        Key(
+            "bare_newline",
+            choice(*NEWLINE_CHOICES),
+            "What to do with a bare LF (a bare CR is a space either way).",
+        ),
         Key("nul_bytes", choice(*NEWLINE_CHOICES), "What to do with a NUL byte."),
         Key("chunking", boolean, "Offer CHUNKING: messages sent by BDAT (RFC 3030)."),
         Key(

@@ -101,8 +101,8 @@ class SMTPConnection:
 
         A file holding a bare CR or LF is not sent (4.3.0, a corrupt file), unless
         C{lineEndsChecked}: the caller vouches that it holds CRLF line ends only, as the
-        spool's text messages do (the intake refuses or normalises bare CR and LF in text
-        content, and has since the first version), and it is streamed with dot-stuffing only
+        spool's text messages do (the intake refuses or normalises bare LF and makes a bare
+        CR a space in text content), and it is streamed with dot-stuffing only
         (L{DotStuffer <mailrelay.smtp.wire.DotStuffer>} without checks), not checked again:
         the built-in backends pass it for the spooled file of a message that is not
         BINARYMIME, never for a file converted to 7 bits or one from elsewhere.

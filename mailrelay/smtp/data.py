@@ -4,7 +4,8 @@ and in BDAT chunks (RFC 3030).
 L{DataReader} takes what the client sends after the 354 reply, as it comes, and finds the end
 of data: only C{<CRLF>.<CRLF>}, so a bare CR or LF never ends or splits a message.  It removes
 the dot-stuffing and checks the content it passes on, in this order: NUL bytes, the length of
-every line (counted after un-stuffing), bare CR or LF, and the size limit.  The first check a
+every line (counted after un-stuffing), bare LF, and the size limit (a bare CR, which ends
+no line, is made a space first, as Postfix's cleanup does).  The first check a
 message fails is its refusal (L{DataReader.error}); the rest of it is then read to the end
 marker and dropped.  The work is done with C{bytes} methods over whole chunks, never one
 Python call per line and no list of lines: one search (L{_DOT_LINE}) for the end marker and
@@ -84,8 +85,8 @@ def _hasLongCRLFLine(chunk: bytes) -> bool:
 
 def _hasLongLine(chunk: bytes) -> bool:
     """Does C{chunk} hold a line of more than 998 octets?  A bare LF also ends a line here,
-    as it will once normalised, and a bare CR (the message is refused for it anyway: when
-    normalising, bare CRs are spaces before this is asked).
+    as it will once normalised, and a bare CR (there is none: bare CRs are spaces before
+    this is asked).
 
     C{bytes.split} runs in C: measured 80 times faster than a C{[^\\r\\n]{999}} regex search.
     """
@@ -106,8 +107,9 @@ class _Checks:
                  nulBytes: str = BARE_NEWLINE_REJECT) -> None:
         """
         @param maxSize: the largest message accepted, in octets.
-        @param bareNewline: a bare CR or LF: C{"reject"} the message, or C{"normalize"}: a
-            bare LF becomes CRLF, a bare CR a space (as from Postfix's smtpd and cleanup).
+        @param bareNewline: a bare LF: C{"reject"} the message, or C{"normalize"}: it
+            becomes CRLF (Postfix's C{smtpd_forbid_bare_newline}).  A bare CR is a space
+            either way (as Postfix's cleanup makes it).
         @param nulBytes: NUL bytes: C{"reject"} the message, or C{"normalize"}: remove them.
         """
         self.maxSize = maxSize
@@ -128,15 +130,17 @@ class _Checks:
                 return None
             chunk = chunk.replace(b"\0", b"")
         bare = _hasBareNewline(chunk)
-        if bare and self.bareNewline == BARE_NEWLINE_NORMALIZE:
-            # A bare CR ends no line: Postfix's smtpd reads a line to its LF, and its cleanup
-            # replaces each stray CR with a space (cleanup_mask_stray_cr_lf, on by default).
-            # As a line end it split a header field in two ("Subject: a<CR>Bcc: victim").
+        if bare:
+            # A bare CR ends no line (RFC 5321 2.3.8: only CRLF does), whatever bare_newline
+            # says (it is about bare LF, as Postfix's smtpd_forbid_bare_newline): Postfix's
+            # smtpd reads a line to its LF, and its cleanup replaces each stray CR with a
+            # space (cleanup_replace_stray_cr_lf, on by default).  As a line end it split a
+            # header field in two ("Subject: a<CR>Bcc: victim").
             chunk = _BARE_CR.sub(b" ", chunk)
             bare = _hasBareNewline(chunk)
         # Line length, of the text un-stuffed (RFC 5321 4.5.3.1.6: the line "." + 997 octets
         # is 999 octets on the wire): the first line continues the partial line carried over.
-        # A bare CR or LF ends a line too (a LF will once normalised; a CR is refused).
+        # A bare LF ends a line too (it will once normalised; else it is refused).
         first = chunk.find(b"\n")
         if bare:
             cr = chunk.find(b"\r")
