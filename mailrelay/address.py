@@ -31,7 +31,9 @@ from mailrelay.interfaces import Reply
 __all__ = [
     "DELIMITER_CHARACTERS",
     "AddressError",
+    "IPAddress",
     "Mailbox",
+    "clientIP",
     "domainProblem",
     "hostnameProblem",
     "normaliseDomain",
@@ -632,6 +634,21 @@ def hostnameProblem(text: str, underscore: bool = False) -> str | None:
     if name.rsplit(".", 1)[-1].isdigit():
         return "the last label cannot be all digits (as in an IP address)"
     return None
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def clientIP(address: str) -> IPAddress | None:
+    """The client's address C{address} (text) as an IP address, an IPv4-mapped IPv6
+    address (C{::ffff:192.0.2.7}) as the IPv4 one; C{None} when it is no IP address."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 def unmappedAddress(host: str) -> str:

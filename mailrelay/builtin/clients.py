@@ -1,19 +1,17 @@
 """What the built-in plugins need to know of a client's address: the address as an
-C{ipaddress} object (an IPv4-mapped IPv6 address as the IPv4 one) and whether a plugin's
-options exempt the client."""
+C{ipaddress} object (an IPv4-mapped IPv6 address as the IPv4 one: L{clientIP}, from
+L{mailrelay.address}) and whether a plugin's options exempt the client."""
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 from typing import Any
 
+from mailrelay.address import IPAddress, clientIP
 from mailrelay.config.schema import Key
 from mailrelay.config.values import IPNetwork, boolean, networks
 
 __all__ = ["EXEMPT_NETWORKS", "EXEMPT_RELAY_CLIENTS", "IPAddress", "clientIP", "isExempt"]
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 #: The option listing networks a plugin leaves alone.
 EXEMPT_NETWORKS = Key(
@@ -26,18 +24,6 @@ EXEMPT_RELAY_CLIENTS = Key(
     "Leave alone the clients in [relay] networks and those authenticated.",
     default=True,
 )
-
-
-def clientIP(address: str) -> IPAddress | None:
-    """The client's address C{address} (text) as an IP address, an IPv4-mapped IPv6
-    address (C{::ffff:192.0.2.7}) as the IPv4 one; C{None} when it is no IP address."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
 
 
 def isExempt(client: Any, ip: IPAddress, exemptRelay: bool, exempt: Sequence[IPNetwork]) -> bool:
