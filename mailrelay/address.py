@@ -656,13 +656,9 @@ def unmappedAddress(host: str) -> str:
     IPv4 client of a listener on C{[::]}, C{::ffff:192.0.2.7}) as its IPv4 address
     (C{192.0.2.7}), as Postfix's C{sane_sockaddr_to_hostaddr} converts it; anything else as
     it is."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return host
+    ip = clientIP(host)
+    # (Only an IPv4-mapped address written as IPv6 comes back as IPv4.)
+    return str(ip) if ip is not None and ip.version == 4 and ":" in host else host
 
 
 def hostPort(host: str, port: int | str) -> str:

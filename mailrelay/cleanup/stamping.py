@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from ipaddress import ip_address
 from typing import Any
 
 from twisted.internet.defer import (
@@ -33,7 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay.address import AddressError, hostnameProblem, normaliseDomain
+from mailrelay.address import AddressError, clientIP, hostnameProblem, normaliseDomain
 from mailrelay.envelope import ClientInfo
 from mailrelay.headers import (
     FIELD_NAME,
@@ -194,13 +193,10 @@ def _heloDomain(helo: str) -> str:
 
 @lru_cache(maxsize=1024)
 def _addressLiteral(ip: str) -> str:
-    try:
-        parsed = ip_address(ip.split("%", 1)[0])  # without an IPv6 zone id
-    except ValueError:
+    parsed = clientIP(ip)  # (without an IPv6 zone id; an IPv4-mapped one as IPv4)
+    if parsed is None:
         return "[" + _HELO_UNSAFE.sub("?", ip) + "]"
     if parsed.version == 6:
-        if parsed.ipv4_mapped is not None:
-            return f"[{parsed.ipv4_mapped}]"
         return f"[IPv6:{parsed.compressed}]"
     return f"[{parsed}]"
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
-from ipaddress import IPv4Network, IPv6Network, ip_address
+from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from mailrelay.address import Mailbox
+from mailrelay.address import Mailbox, clientIP
 from mailrelay.envelope import ClientInfo, Envelope, Recipient
 from mailrelay.interfaces import CONTINUE, IRecipientValidator, Verdict, VerdictKind
 from mailrelay.policy.runner import ConfiguredPlugin, PolicyChain
@@ -63,12 +63,9 @@ class RelayControl:
         return self._isRelayClient(host)
 
     def _isRelayClient(self, host: str) -> bool:
-        try:
-            addr = ip_address(host.split("%", 1)[0])
-        except ValueError:
+        addr = clientIP(host)
+        if addr is None:
             return False
-        if addr.version == 6 and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
         return any(addr.version == net.version and addr in net for net in self.networks)
 
     def check(self, client: ClientInfo, mailbox: Mailbox) -> Verdict:

@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailrelay.address import clientIP
 from mailrelay.interfaces import IRateLimiter
 from mailrelay.policy.chain import ADDRESS_CACHE_SIZE
 from mailrelay.smtp.replies import Reply
@@ -116,21 +117,11 @@ class MemoryRateLimiter:
         return self._open.get(key, 0)
 
 
-def _parseAddress(host: str) -> Any:
-    try:
-        addr = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return None
-    if addr.version == 6 and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return addr
-
-
 def clientNetwork(address: str, ipv6PrefixLength: int = DEFAULT_IPV6_PREFIX_LENGTH) -> str:
     """What a client is counted as: an IPv4 address (also IPv4-mapped IPv6) by itself, an
     IPv6 address by its network of C{ipv6PrefixLength} bits (C{"2001:db8::/84"}; 128: the
     address alone), anything else (a UNIX socket's peer) as it is."""
-    addr = _parseAddress(address)
+    addr = clientIP(address)
     if addr is None:
         return address
     if addr.version == 6 and ipv6PrefixLength < 128:
@@ -217,7 +208,7 @@ class ListenerLimits:
         return self._isExempt(address)
 
     def _isExempt(self, address: str) -> bool:
-        addr = _parseAddress(address)
+        addr = clientIP(address)
         if addr is None:
             return True
         networks = self.settings.limitExceptions

@@ -40,7 +40,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
-from mailrelay.address import hostPort
+from mailrelay.address import clientIP, hostPort
 
 log = Logger()
 
@@ -194,12 +194,9 @@ def isUnattributed(peer: Any) -> bool:
 
 def isTrusted(host: Any, networks: Sequence[Any]) -> bool:
     """Is C{host} (an IP address as text) in one of C{networks}?"""
-    try:
-        address = ipaddress.ip_address(str(host).split("%", 1)[0])
-    except ValueError:
+    address = clientIP(str(host))
+    if address is None:
         return False
-    if address.version == 6 and address.ipv4_mapped is not None:  # type: ignore[union-attr]
-        address = address.ipv4_mapped  # type: ignore[union-attr]
     return any(address.version == net.version and address in net for net in networks)
 
 

@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.logger import Logger
 from twisted.names import dns
 
-from mailrelay.address import hostnameProblem
+from mailrelay.address import clientIP, hostnameProblem
 
 log = Logger()
 
@@ -54,9 +54,9 @@ def _answers(result: Any, rtype: int) -> list[Any]:
 
 @inlineCallbacks
 def _lookup(resolver: Any, host: str) -> Any:
-    addr = ip_address(host.split("%", 1)[0])
-    if addr.version == 6 and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+    addr = clientIP(host)
+    if addr is None:
+        return None  # (reverseLookup asks for IP addresses only)
     ptr = yield resolver.lookupPointer(addr.reverse_pointer)
     names = [_asciiName(p.name.name) for p in _answers(ptr, dns.PTR)]
     names = [name for name in names if name is not None and _validName(name)]
@@ -99,8 +99,11 @@ def _hostsTable(path: str) -> dict[Any, str]:
 
 def hostsFileName(host: str, path: str = "/etc/hosts") -> str | None:
     """The first name C{path} gives the address C{host}, or C{None}."""
+    ip = clientIP(host)
+    if ip is None:
+        return None
     try:
-        return _hostsTable(path).get(ip_address(host.split("%", 1)[0]))
+        return _hostsTable(path).get(ip)
     except (OSError, ValueError):
         return None
 
@@ -131,11 +134,11 @@ def reverseLookup(resolver: Any, host: str, timeout: float, clock: Any) -> Defer
             del cache[next(iter(cache))]
         return name
 
-    try:
-        if ip_address(host.split("%", 1)[0]).is_loopback:
-            return succeed(remember(hostsFileName(host)))
-    except ValueError:
+    ip = clientIP(host)
+    if ip is None:
         return succeed(None)
+    if ip.is_loopback:
+        return succeed(remember(hostsFileName(host)))
     d = _lookup(resolver, host)
     d.addTimeout(timeout, clock)
     d.addCallback(remember)
