@@ -328,6 +328,17 @@ def test_reverse_name_of_bad_syntax_is_left_out(relay, ptrDNS) -> None:
     assert "spoof" not in r.log()
 
 
+def test_proxy_ipv4_mapped_client_is_logged_as_ipv4(relay, ptrDNS) -> None:
+    """A load balancer naming an IPv4 client in IPv6 form: the PROXY line logged it as
+    [::ffff:c000:208]:40000, while the relay knows it as 192.0.2.8 everywhere else (as
+    Postfix's haproxy_srvr.c converts it)."""
+    r = proxiedRelay(relay, ptrDNS.port)
+    message = proxiedMessage(r, b"PROXY TCP6 ::ffff:192.0.2.8 ::ffff:192.0.2.25 40000 25\r\n")
+    assert message.startswith(b"Received: from lb-client.test (good.test [192.0.2.8])\r\n")
+    assert "PROXY v1 from 127.0.0.1: client 192.0.2.8:40000" in r.log()
+    assert "ffff" not in r.log()
+
+
 def test_proxy_v1_address_with_a_zone_id_is_refused(relay, ptrDNS) -> None:
     r = proxiedRelay(relay, ptrDNS.port)
     c = r.connect()

@@ -61,7 +61,8 @@ def test_v2() -> None:
     assert header == ProxyHeader(2, ("192.0.2.1", 40000), ("198.51.100.2", 25))
     assert data[used:] == b"EHLO x\r\n"
     header, _ = parseProxyHeader(v2tcp("2001:db8::1", 5, "::ffff:192.0.2.9", 6, extra=b"\x04\x00\x01x"))
-    assert header.source == ("2001:db8::1", 5) and header.destination == ("::ffff:c000:209", 6)
+    # (An IPv4-mapped address as IPv4, as Postfix's haproxy_srvr.c converts it.)
+    assert header.source == ("2001:db8::1", 5) and header.destination == ("192.0.2.9", 6)
     # LOCAL (health checks), UNSPEC, UNIX and UDP: no client address.
     for data, why in ((v2(0, 0x00), "LOCAL"), (v2(0, 0x11, b"\0" * 12), "LOCAL"), (v2(1, 0x00), "family 0x00"),
                       (v2(1, 0x31, b"\0" * 216), "family 0x31"), (v2(1, 0x12, b"\0" * 12), "family 0x12")):
@@ -207,6 +208,34 @@ def test_headerThenData() -> None:
     assert inner.handshakes == 1
     protocol.connectionLost(None)
     assert inner.lost
+
+
+@pytest.mark.parametrize("header", [
+    b"PROXY TCP6 ::ffff:192.0.2.7 ::ffff:198.51.100.2 40000 25\r\n",
+    v2tcp("::ffff:192.0.2.7", 40000, "::ffff:198.51.100.2", 25),
+])
+def test_ipv4MappedAddressesAreLoggedAsIPv4(header: bytes) -> None:
+    """An IPv4 client a proxy names in IPv6 form, and an IPv4 proxy on a listener on [::],
+    are logged by their IPv4 addresses, as the relay knows them everywhere else (and as
+    Postfix's smtpd and its PROXY reader do: sane_sockaddr_to_hostaddr), not as
+    [::ffff:c000:207]:40000 from ::ffff:10.0.0.1."""
+    _, protocol, _, _, _ = wrapped("::ffff:10.0.0.1")
+    with capturedLogs() as logs:
+        protocol.dataReceived(header)
+    version = 1 if header.startswith(b"PROXY") else 2
+    assert formatEvent(logs[0]) == f"PROXY v{version} from 10.0.0.1: client 192.0.2.7:40000"
+    assert (logs[0]["client"], logs[0]["port"]) == ("192.0.2.7", 40000)
+    # And the lines about a proxy refused, a bad header, a header that never came.
+    with capturedLogs() as logs:
+        _, protocol, _, _, clock = wrapped("::ffff:192.0.2.1")
+        _, protocol, _, _, clock = wrapped("::ffff:10.0.0.1")
+        protocol.dataReceived(b"PROXY TCP4 ")
+        clock.advance(5)
+        _, protocol, _, _, _ = wrapped("::ffff:10.0.0.1")
+        protocol.dataReceived(b"EHLO x\r\n")
+    assert [formatEvent(e).split(" ", 3)[:3] for e in logs] == [
+        ["connection", "from", "192.0.2.1"], ["no", "complete", "PROXY"], ["bad", "PROXY", "header"]]
+    assert [e["peer"] for e in logs] == ["192.0.2.1", "10.0.0.1", "10.0.0.1"]
 
 
 def test_v2LocalUsesTheProxysAddress() -> None:

@@ -22,6 +22,10 @@ and a wrapper that:
     balancer (Postfix refuses such headers, which "would sidestep address-based access
     control");
   - passes C{handshakeCompleted} on (C{IHandshakeListener}), so STARTTLS works behind it.
+
+An IPv4-mapped IPv6 address in a header (C{::ffff:192.0.2.7}) is taken as the IPv4 one, as
+Postfix's haproxy_srvr.c converts it (C{normalize_v4mapped_sockaddr}); the log lines name
+an IPv4 proxy on a listener on C{[::]} by its IPv4 address too.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
-from mailrelay.address import clientIP, hostPort
+from mailrelay.address import clientIP, hostPort, unmappedAddress
 
 log = Logger()
 
@@ -96,7 +100,7 @@ def _v1Address(text: bytes, version: int) -> str:
         raise ProxyHeaderError(f"bad address {text[:50]!r}: an IPv6 zone id is not allowed")
     if address.version != version:
         raise ProxyHeaderError(f"{text.decode('ascii')} is not an IPv{version} address")
-    return str(address)
+    return unmappedAddress(str(address))
 
 
 def parseProxyHeader(data: bytes) -> tuple[ProxyHeader, int] | None:
@@ -169,7 +173,9 @@ def _parseV2(data: bytes) -> tuple[ProxyHeader, int] | None:
     src = ipaddress.ip_address(block[:size])
     dst = ipaddress.ip_address(block[size : 2 * size])
     sport, dport = struct.unpack("!HH", block[2 * size :])
-    return ProxyHeader(2, (str(src), sport), (str(dst), dport)), total
+    return ProxyHeader(
+        2, (unmappedAddress(str(src)), sport), (unmappedAddress(str(dst)), dport)
+    ), total
 
 
 def _address(host: str, port: int) -> Any:
@@ -230,12 +236,16 @@ class ProxyProtocolWrapper(ProtocolWrapper):
             log.warn(
                 "connection from {peer} on {listener} refused: not a trusted proxy "
                 "(proxy_networks)",
-                peer=host,
+                peer=unmappedAddress(host),
                 listener=factory.listenerName,
             )
             self._close()
             return
         self._timer = factory.clock.callLater(factory.timeout, self._timedOut)
+
+    def _proxyHost(self) -> str:
+        """The proxy's address, for the log (an IPv4-mapped one as IPv4)."""
+        return unmappedAddress(getattr(self.transport.getPeer(), "host", "?"))
 
     def _close(self) -> None:
         self._closed = True
@@ -251,7 +261,7 @@ class ProxyProtocolWrapper(ProtocolWrapper):
         self._timer = None
         log.warn(
             "no complete PROXY header from {peer} in {timeout:g}s, closing",
-            peer=getattr(self.transport.getPeer(), "host", "?"),
+            peer=self._proxyHost(),
             timeout=self.factory.timeout,  # type: ignore[attr-defined]
         )
         self._close()
@@ -268,7 +278,7 @@ class ProxyProtocolWrapper(ProtocolWrapper):
         except ProxyHeaderError as e:
             log.warn(
                 "bad PROXY header from {peer}: {error}, closing",
-                peer=getattr(self.transport.getPeer(), "host", "?"),
+                peer=self._proxyHost(),
                 error=str(e),
             )
             self._close()
@@ -279,7 +289,7 @@ class ProxyProtocolWrapper(ProtocolWrapper):
         self._cancelTimer()
         rest, self._buffer = self._buffer[used:], b""
         self._header = header
-        proxy = getattr(self.transport.getPeer(), "host", "?")
+        proxy = self._proxyHost()
         if header.source is None:
             log.info(
                 "PROXY v{version} from {proxy}: no client address ({why}), using the proxy's"
