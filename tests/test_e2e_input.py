@@ -339,6 +339,16 @@ def test_proxy_ipv4_mapped_client_is_logged_as_ipv4(relay, ptrDNS) -> None:
     assert "ffff" not in r.log()
 
 
+def test_an_ipv4_mapped_helo_literal_is_written_as_given(relay, ptrDNS) -> None:
+    """EHLO [IPv6:::ffff:192.0.2.9] was written [IPv6:::ffff:c000:209] in Received:;
+    Postfix's smtpd writes the HELO name as given."""
+    r = proxiedRelay(relay, ptrDNS.port)
+    message = proxiedMessage(r, b"PROXY TCP4 192.0.2.8 192.0.2.25 40000 25\r\n",
+                             b"[IPv6:::ffff:192.0.2.9]")
+    assert message.startswith(
+        b"Received: from [IPv6:::ffff:192.0.2.9] (good.test [192.0.2.8])\r\n"), message
+
+
 def test_proxy_v1_address_with_a_zone_id_is_refused(relay, ptrDNS) -> None:
     r = proxiedRelay(relay, ptrDNS.port)
     c = r.connect()

@@ -381,7 +381,7 @@ def test_proxy_v1_address_with_a_zone_id_is_refused(header: bytes) -> None:
         ("client.example", "client.example"),
         ("Client.Example.", "Client.Example."),
         ("[192.0.2.1]", "[192.0.2.1]"),
-        ("[IPv6:2001:DB8::1]", "[IPv6:2001:db8::1]"),
+        ("[IPv6:2001:DB8::1]", "[IPv6:2001:DB8::1]"),  # (as given, as Postfix writes it)
         ("ev(i)l.example", "unknown"),
         ("evil.example)(by", "unknown"),
         ("under_score.example", "unknown"),

@@ -72,6 +72,24 @@ def test_received_ipv6_tls_auth_and_several_recipients() -> None:
     assert b"\r\n\t(authenticated as joe)" in received
 
 
+@pytest.mark.parametrize(("helo", "written"), [
+    ("[IPv6:::ffff:1.2.3.4]", "[IPv6:::ffff:1.2.3.4]"),
+    ("[IPv6:2001:DB8:0::1]", "[IPv6:2001:DB8:0::1]"),
+    ("[192.0.2.7]", "[192.0.2.7]"),
+    ("[IPv6:::ffff:1.2.3.400]", "unknown"),
+    ("[IPv6:fe80::1%eth0]", "unknown"),
+    ("[x-tag:a) (b]", "unknown"),
+])
+def test_received_names_an_address_literal_helo_as_given(helo: str, written: str) -> None:
+    """An EHLO address literal is written as the client gave it, as Postfix's smtpd writes
+    its HELO name (smtpd.c: helo_name, printable and neutered, into "from %s"), not
+    rewritten ([IPv6:::ffff:1.2.3.4] became [IPv6:::ffff:102:304], naming the IPv4 address
+    in hex); one of bad syntax is "unknown", as before, so no comment can be spoofed."""
+    client = ClientInfo(address="192.0.2.1", helo=helo, esmtp=True, rdns="mail.client.example")
+    (received,) = DefaultStamper().stamp(context(client=client)).prepend
+    assert received.startswith(f"Received: from {written} (mail.client.example [192.0.2.1])\r\n".encode())
+
+
 @pytest.mark.parametrize("resent", ["Resent-From", "resent-to", "Resent-Date", "Resent-Message-Id"])
 def test_a_resent_message_gets_the_resent_fields_it_lacks(resent: str) -> None:
     """A message with a Resent- field (RFC 5322 3.6.6: a resent block) gets a missing

@@ -182,12 +182,15 @@ def _discard(data: bytes) -> None:
 @lru_cache(maxsize=1024)
 def _heloDomain(helo: str) -> str:
     """The HELO name as the C{From-domain} of C{Received:}: a host name or an address literal
-    of valid syntax, else C{"unknown"} (never free text: no comment can be spoofed)."""
+    of valid syntax, as the client gave it (as Postfix's smtpd writes its HELO name: an
+    IPv4-mapped literal stays C{[IPv6:::ffff:192.0.2.7]}, not hex), else C{"unknown"} (never
+    free text: no comment can be spoofed)."""
     if helo.startswith("["):
         try:
-            return normaliseDomain(helo)
+            normaliseDomain(helo)
         except AddressError:
             return "unknown"
+        return helo
     return helo if hostnameProblem(helo) is None else "unknown"
 
 
