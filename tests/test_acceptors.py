@@ -864,3 +864,30 @@ def test_a_child_serves_with_the_relays_users_when_the_file_is_refused(tmp_path:
     assert said[0].endswith("; serving with the 1 user(s) the relay has (the file is read "
                             "again when it changes)"), said
     assert events[0]["log_level"] is LogLevel.error
+
+
+# -- steps of the clock ---------------------------------------------------------------------------
+
+
+def test_a_child_that_ran_long_through_a_step_back_of_the_clock_restarts_at_once() -> None:
+    """A child's life is measured on the monotonic clock: one that ran for two hours, the
+    wall clock stepped back three meanwhile (NTP, date -s), then died, ran well (the pause
+    is back to a second), not for minus an hour (a crash loop, its pause kept doubled); and
+    its start shown by C{mailrelay status} is the wall clock's now less its life."""
+    pool, reactor, _ = _pool(1)
+    monotonic = Clock()
+    pool.monotonic = monotonic.seconds
+    reactor.advance(1_800_000_000)
+    pool.startService()
+    for n in range(3):  # a crash loop: the pause doubles to 8 s
+        reactor.spawned[-1][0].end(9)
+        reactor.advance(2**n)
+    assert len(reactor.spawned) == 4
+    reactor.rightNow -= 3 * 3600  # the wall clock stepped back...
+    reactor.advance(2 * 3600)  # ... while the child ran for two hours
+    monotonic.advance(2 * 3600)
+    [running] = pool.describe()["running"]
+    assert running["since"] == reactor.seconds() - 2 * 3600
+    reactor.spawned[-1][0].end(9)
+    reactor.advance(1)
+    assert len(reactor.spawned) == 5  # restarted after a second, not 8

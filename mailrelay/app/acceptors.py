@@ -393,7 +393,7 @@ class AcceptorPool(ChildSupervisor, Service):
             self._children.remove(child)
         if self._stopping:
             return
-        if child.started is not None and self.reactor.seconds() - child.started >= _RESTART_MAX:
+        if self.lifeOf(child) >= _RESTART_MAX:
             self._restartDelay = _RESTART_MIN  # it ran well for a while: no crash loop
         self.restarts += 1
         log.error(
@@ -456,7 +456,7 @@ class AcceptorPool(ChildSupervisor, Service):
         (the process ids of previous ones ending their sessions)."""
         return {
             "count": self.count,
-            "running": [{"pid": c.pid, "since": c.started} for c in self._children],
+            "running": [{"pid": c.pid, "since": self.startOf(c)} for c in self._children],
             "restarts": self.restarts,
             "retiring": sorted(c.pid for c in self._retiring if c.pid is not None),
             "sessions": sum(c.sessions for c in (*self._children, *self._retiring)

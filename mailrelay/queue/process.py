@@ -34,6 +34,8 @@ import json
 import os
 import socket
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -195,8 +197,8 @@ class _ChildProtocol(ProcessProtocol):
         self.pid: int | None = None
         #: The AMP connection its queue commands go over, once connected.
         self.control: _Control | None = None
-        #: When it was started (the reactor's time).
-        self.started: float | None = None
+        #: When it was started, on the monotonic clock (L{ChildSupervisor.monotonic}).
+        self.began: float | None = None
 
     @property
     def process(self) -> IProcessTransport:
@@ -273,6 +275,18 @@ class ChildSupervisor:
     #: What starts a child, as C{reactor.spawnProcess} does (the relay's fork server), or
     #: C{None}: the reactor.
     spawner: Any = None
+    #: The clock a child's life is measured on: not the wall clock (the reactor's), which a
+    #: step (NTP, C{date -s}) moves.
+    monotonic: Callable[[], float] = staticmethod(time.monotonic)
+
+    def lifeOf(self, child: _ChildProtocol) -> float:
+        """How long C{child} has run (0 before it started)."""
+        return 0.0 if child.began is None else self.monotonic() - child.began
+
+    def startOf(self, child: _ChildProtocol) -> float:
+        """When C{child} started on the wall clock as it is now (seconds since the epoch),
+        for the status: what it said then is off by any step since."""
+        return self.reactor.seconds() - self.lifeOf(child)
 
     def baseCommand(self) -> list[str]:
         """The command line of a child: the configuration (its bytes come on file
@@ -309,7 +323,7 @@ class ChildSupervisor:
             raise OSError(
                 e.errno, f"cannot start the {self.what} {args[0]}: {e.strerror or e}"
             ) from None
-        child.started = self.reactor.seconds()
+        child.began = self.monotonic()
         if self.configText is not None:
             child.process.writeToChild(3, self.configText)
             child.process.closeChildFD(3)
@@ -513,7 +527,7 @@ class DeliveryProcessService(ChildSupervisor, Service):
         return {
             "state": self._state(),
             "pid": child.pid if child is not None else None,
-            "since": child.started if child is not None else None,
+            "since": self.startOf(child) if child is not None else None,
             "restarts": self.restarts,
             "retiring": sorted(c.pid for c in self._retiring if c.pid is not None),
         }
