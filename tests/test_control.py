@@ -1189,3 +1189,32 @@ def test_check_says_the_warnings_of_the_build(tmp_path) -> None:
     lines = err.getvalue().splitlines()
     assert len(lines) == 2 and lines[0].startswith("mailrelay: warning: ")
     assert lines[1].startswith("mailrelay: configuration error: ") and "no-such-plugin" in lines[1]
+
+
+def test_the_start_the_status_gives_follows_a_step_of_the_clock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """C{mailrelay status} says since when the relay runs: its wall-clock start as the
+    clock is now (the time it has run, on the monotonic clock, before now), not what the
+    clock said at the start, which a step since (NTP correcting it, date -s) puts off by
+    the step."""
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mailrelay.app import control as controlModule
+
+    class Relay:
+        reactor = MemoryReactorClock()
+
+    # (A memory reactor makes no socket file for the root's chown to the spool's owner.)
+    monkeypatch.setattr(controlModule.os, "geteuid", lambda: 1000)
+
+    Relay.reactor.advance(1_800_000_000)
+    monotonic = Clock()
+    service = controlModule.ControlService(relay=Relay(), spoolDirectory=tmp_path)
+    service.monotonic = monotonic.seconds
+    service.listen()
+    Relay.reactor.rightNow += 6 * 86400  # stepped forward six days
+    Relay.reactor.advance(60)
+    monotonic.advance(60)
+    assert service.startedAt == Relay.reactor.seconds() - 60

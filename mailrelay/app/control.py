@@ -19,6 +19,8 @@ import socket
 import stat
 import struct
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -171,17 +173,27 @@ class ControlService(Service):
     is then given to the spool's owner) until the relay has stopped.
 
     @ivar path: the socket's path.
-    @ivar startedAt: when the relay started (seconds since the epoch).
     """
 
     name = "control"  # type: ignore[assignment]  # (Service declares None)
+    #: The clock the relay's time running is measured on: not the wall clock (the
+    #: reactor's), which a step (NTP, C{date -s}) moves.
+    monotonic: Callable[[], float] = staticmethod(time.monotonic)
 
     def __init__(self, relay: Any, spoolDirectory: str | os.PathLike[str]) -> None:
         self.relay = relay
         self.path = controlSocketPath(spoolDirectory)
         self.port: Any = None
         self.connections: set[ControlProtocol] = set()
-        self.startedAt: float | None = None
+        self._began: float | None = None
+
+    @property
+    def startedAt(self) -> float | None:
+        """When the relay started (seconds since the epoch), on the wall clock as it is
+        now: what it said then is off by any step since; C{None} before."""
+        if self._began is None:
+            return None
+        return float(self.relay.reactor.seconds()) - (self.monotonic() - self._began)
 
     def allowedUsers(self) -> set[int]:
         """The users that may use the socket: root, the relay's and the socket's owner."""
@@ -231,7 +243,7 @@ class ControlService(Service):
             # Give it to the spool's owner, who the relay may run as (twistd --uid).
             owner = os.stat(self.path.parent)
             os.chown(path, owner.st_uid, owner.st_gid)
-        self.startedAt = reactor.seconds()
+        self._began = self.monotonic()
         log.info("control socket {path}", path=path)
 
     @staticmethod
