@@ -162,11 +162,12 @@ def test_auth_failures_are_forgotten_on_time_after_a_step_back(tmp_path: Path) -
         r.stop()
 
 
-def test_greylisting_after_a_step_back_waits_its_delay_not_the_step(tmp_path: Path) -> None:
-    clock = FakeClock(tmp_path)
+def _greylisting(tmp_path: Path, clock: FakeClock, options: str) -> tuple[RelayProcess, Any]:
+    """A relay (not started) greylisting with C{options}, and what sends it a message
+    (returning the reply to its end of data, or to C{DATA})."""
     text = ('[relay]\nnetworks = []\naccept_domains = ["example.org"]\n'
             '[dns]\nreverse_lookups = false\n'
-            '[[plugins]]\nplugin = "greylist"\ndelay = 2\n')
+            f'[[plugins]]\nplugin = "greylist"\n{options}')
     r = RelayProcess(tmp_path / "relay", text, env=clock.env, hold=True)
 
     def send() -> int:
@@ -180,6 +181,12 @@ def test_greylisting_after_a_step_back_waits_its_delay_not_the_step(tmp_path: Pa
             s.send(b"Subject: grey\r\n\r\nHello.\r\n.\r\n")
             return s.getreply()[0]
 
+    return r, send
+
+
+def test_greylisting_after_a_step_back_waits_its_delay_not_the_step(tmp_path: Path) -> None:
+    clock = FakeClock(tmp_path)
+    r, send = _greylisting(tmp_path, clock, "delay = 2\n")
     try:
         r.start()
         assert send() == 451
