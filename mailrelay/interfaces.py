@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import importlib
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1079,6 +1080,10 @@ class PluginContext:
         C{timeout}: the relay cuts a call there and fails it), or C{None}; see
         L{checkTimeout}.
     @ivar entry: where the plugin being built is configured (C{"plugins[2]"}), or C{None}.
+    @ivar monotonic: the clock to measure durations on (how long a record lives, how long
+        ago something was seen): C{time.monotonic}, which no step of the system clock (NTP,
+        C{date -s}) moves, where C{reactor.seconds()} moves with it; a test's context gives
+        its C{task.Clock}'s C{seconds}.
     """
 
     hostname: str
@@ -1090,6 +1095,7 @@ class PluginContext:
     kept: dict[str, Any] = field(default_factory=dict, repr=False)
     timeout: float | None = None
     entry: str | None = None
+    monotonic: Callable[[], float] = time.monotonic
     #: The warnings L{checkTimeout} gave for this configuration (each is given once).
     warned: set[str] = field(default_factory=set, repr=False, compare=False)
     #: In the relay's child processes: what the relay said of the configuration (the

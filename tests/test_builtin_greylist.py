@@ -166,7 +166,7 @@ class BrokenStore(MemoryStore):
     description = "broken"
 
     def __init__(self, clock: Any, hang: bool = False) -> None:
-        super().__init__(clock)
+        super().__init__(clock.seconds)
         self.hang = hang
 
     def get(self, key: str) -> Deferred[Any]:
@@ -209,6 +209,26 @@ def test_the_memory_store_outlives_a_reload_and_forgets_expired_records(tmp_path
     second.clock.advance(35 * 86400 + 600)
     fired(store.get("anything"))
     assert store.records == {}
+
+
+def test_the_memory_store_keeps_a_record_its_time_to_live_through_a_step_back(
+    tmp_path: Path,
+) -> None:
+    """The memory store times its records on the plugin context's monotonic clock: after a
+    step back of the wall clock (NTP, date -s) a record is forgotten its time to live after
+    it was written, not that plus the step (a passed triplet, or a client's count, was kept
+    a day longer for a day's step)."""
+    monotonic = Clock()
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    plugin = buildPlugin("greylist", {"delay": 60}, tmp_path, reactor=clock, kept={},
+                         monotonic=monotonic.seconds)
+    store = plugin.store
+    fired(store.put("key", "value", 600))
+    clock.rightNow -= 86400  # stepped back a day
+    clock.advance(601)
+    monotonic.advance(601)
+    assert fired(store.get("key")) is None
 
 
 @pytest.mark.parametrize(

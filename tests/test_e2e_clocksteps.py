@@ -201,6 +201,28 @@ def test_greylisting_after_a_step_back_waits_its_delay_not_the_step(tmp_path: Pa
         r.stop()
 
 
+def test_a_passed_triplet_is_forgotten_its_lifetime_after_a_step_back(tmp_path: Path) -> None:
+    """The memory store forgets a passed triplet C{lifetime} after its last use, whatever
+    the wall clock did: after a step back of an hour it was kept an hour longer (the
+    sender passed at once)."""
+    clock = FakeClock(tmp_path)
+    r, send = _greylisting(tmp_path, clock, "delay = 1\nlifetime = 3\nauto_whitelist = 0\n")
+    try:
+        r.start()
+        assert send() == 451
+        deadline = time.monotonic() + 10
+        while send() == 451 and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert time.monotonic() < deadline  # passed: known for 3 s
+        passed = time.monotonic()
+        clock.step(-3600)
+        r.waitForLog(r"the system clock was stepped back by 1:00:00")
+        time.sleep(max(0.0, passed + 3.5 - time.monotonic()))
+        assert send() == 451  # forgotten: greylisted again
+    finally:
+        r.stop()
+
+
 def test_a_message_being_sent_survives_a_step_forward(tmp_path: Path) -> None:
     clock = FakeClock(tmp_path)
     r = RelayProcess(tmp_path / "relay", "[dns]\nreverse_lookups = false\n", env=clock.env,

@@ -21,6 +21,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import time
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -85,18 +87,24 @@ class IGreylistStore(Interface):
 
 @implementer(IGreylistStore)
 class MemoryStore:
-    """The records in this process's memory, on C{clock}: lost at a restart, shared by the
-    plugin's builds across reloads.  Expired records are forgotten every L{SWEEP_INTERVAL}."""
+    """The records in this process's memory: lost at a restart, shared by the plugin's
+    builds across reloads.  Expired records are forgotten every L{SWEEP_INTERVAL}.  A
+    record's time to live runs on C{monotonic}, not on the wall clock, which a step (NTP,
+    C{date -s}) moves: a step back of a day kept every record a day longer."""
 
     description = "memory"
 
-    def __init__(self, clock: Any) -> None:
-        self.clock = clock
+    def __init__(self, monotonic: Callable[[], float] = time.monotonic) -> None:
+        """
+        @param monotonic: the clock the records' times to live run on
+            (L{mailrelay.interfaces.PluginContext.monotonic}).
+        """
+        self.monotonic = monotonic
         self.records: dict[str, tuple[str, float]] = {}
-        self._nextSweep = 0.0
+        self._nextSweep = float("-inf")
 
     def _now(self) -> float:
-        now: float = self.clock.seconds()
+        now = self.monotonic()
         if now >= self._nextSweep:
             self.records = {k: v for k, v in self.records.items() if v[1] > now}
             self._nextSweep = now + SWEEP_INTERVAL
@@ -403,5 +411,5 @@ def build(options: dict[str, Any], context: Any) -> Greylist:
     if read.store == "redis":
         store = RedisStore(read.redis, read.redisDb, read.redisPasswordFile, read.storeTimeout)
     else:
-        store = context.keep("greylist:memory", lambda: MemoryStore(context.reactor))
+        store = context.keep("greylist:memory", lambda: MemoryStore(context.monotonic))
     return Greylist(read, store, context.reactor)

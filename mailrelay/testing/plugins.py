@@ -62,6 +62,7 @@ def makePluginContext(
     resolver: Any = None,
     deferToThread: Callable[..., Deferred[Any]] | None = None,
     kept: dict[str, Any] | None = None,
+    monotonic: Callable[[], float] | None = None,
 ) -> PluginContext:
     """The L{PluginContext} the relay would give a plugin whose configuration file is in
     C{directory} (pytest's C{tmp_path}).
@@ -73,10 +74,16 @@ def makePluginContext(
         pool in C{reactor}).
     @param kept: what L{PluginContext.keep} keeps (share one dict between two contexts to
         test a reload).
+    @param monotonic: the context's clock for durations (L{PluginContext.monotonic}); by
+        default C{reactor}'s C{seconds} when it is a C{task.Clock} (its time passes as the
+        test advances it), else C{time.monotonic}.  Give another C{Clock}'s to test a step
+        of the wall clock (C{reactor.rightNow -= 3600}).
     """
     if reactor is None:
         reactor = Clock()
         reactor.advance(START)
+    if monotonic is None and isinstance(reactor, Clock):
+        monotonic = reactor.seconds
     context = PluginContext(
         hostname=hostname,
         configDir=Path(directory),
@@ -85,6 +92,8 @@ def makePluginContext(
         source=str(Path(directory) / "mailrelay.toml"),
         kept=kept if kept is not None else {},
     )
+    if monotonic is not None:
+        context.monotonic = monotonic
     if deferToThread is not None:
         context.deferToThread = deferToThread
     return context
