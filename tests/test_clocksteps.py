@@ -14,6 +14,7 @@ from mailrelay.app.clocksteps import ClockSteps, clockStepsOf
 from mailrelay.interfaces import DeliveryStatus
 from mailrelay.route.table import RouteRule
 from mailrelay.testing import QueueHarness
+from tests.harness import fired as firedWith
 from tests.test_queueharness import Webhook
 
 DAY = 86400.0
@@ -212,4 +213,27 @@ def test_a_step_is_forgotten_with_its_entry(tmp_path: Path) -> None:
     Deferred.fromCoroutine(h.queue.delete(queueID))
     s.advance(1)
     assert h.queued() == [] and h.queue._stepped == {}
+    h.stop()
+
+
+def test_the_queue_list_shows_a_waiting_entrys_times_moved_by_a_step(tmp_path: Path) -> None:
+    """C{mailrelay queue list} (and show, and the shape's ages) gives a scheduled or held
+    entry's arrival and next attempt with the steps of the clock its queue manager has not
+    written to the spool yet (they are at its next attempt): it showed the times of before
+    the step, a message six days older than it is after a step forward of six days."""
+    from mailrelay.queue.control import QueueControl
+
+    s, hook, h, queueID = deferred(tmp_path, maxLifetime=5 * DAY)
+    stored = h.envelope(queueID)
+    assert stored is not None and stored.arrival is not None
+    s.step(6 * DAY)
+    s.advance(10)
+    control = QueueControl(h.spool, h.queue, h.clock)
+    [entry] = firedWith(Deferred.fromCoroutine(control.entries()))["entries"]
+    moved = (int(stored.arrival + 6 * DAY), int(stored.nextAttempt + 6 * DAY))
+    assert (entry["arrival_time"], entry["next_attempt"]) == moved
+    shown = firedWith(Deferred.fromCoroutine(control.show(queueID)))["entry"]
+    assert (shown["arrival_time"], shown["next_attempt"]) == moved
+    shape = firedWith(Deferred.fromCoroutine(control.summary()))
+    assert shape["total"][:2] == [1, 1]  # 10 seconds old: the first column
     h.stop()

@@ -284,3 +284,19 @@ def test_mail_waiting_through_a_step_forward_keeps_its_age_across_a_restart(
     # (The log of the restarted relay: its attempt deferred, not bounced, then the next.)
     assert [s for _, s, _ in results(r, qid, "bob@example.org")] == ["deferred", "sent"]
     assert "notification" not in r.log()
+
+
+def test_the_queue_list_gives_a_waiting_entrys_arrival_after_a_step(
+    relay, nexthop, dns, tmp_path: Path  # noqa: F811
+) -> None:
+    """`mailrelay queue list` shows a deferred message's arrival on the stepped clock at
+    once (the queue counts its age so), not the stored one until its next attempt: it was
+    six days before the relay's "now" after a step forward of six days."""
+    from tests.test_e2e_control import listing
+
+    clock, r, qid = _deferredUnderFaketime(relay, nexthop, dns, tmp_path, 600, 600)
+    clock.step(6 * 86400)
+    r.waitForLog(r"the system clock was stepped forward by 6 days")
+    entry = listing(r)[qid]
+    assert abs(entry["arrival_time"] - (time.time() + 6 * 86400)) < 60, entry
+    assert entry["next_attempt"] > time.time() + 6 * 86400 + 500, entry

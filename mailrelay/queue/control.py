@@ -194,7 +194,20 @@ class QueueControl:
 
     def _scan(self) -> Deferred[list[tuple[str, Envelope | Exception]]]:
         """Every entry's envelope (or why it cannot be read), read in a thread."""
-        return self._deferToThread(lambda: self._loadAll(self.spool.queueIDs()))
+        return self._deferToThread(lambda: self._loadAll(self.spool.queueIDs())).addCallback(
+            self._current
+        )
+
+    def _current(
+        self, loaded: list[tuple[str, Envelope | Exception]]
+    ) -> list[tuple[str, Envelope | Exception]]:
+        """C{loaded}, its envelopes moved by the steps of the clock the queue manager has
+        not written to the spool yet (L{QueueManager.withUnwrittenSteps})."""
+        if self.manager is not None:
+            for queueID, envelope in loaded:
+                if not isinstance(envelope, Exception):
+                    self.manager.withUnwrittenSteps(queueID, envelope)
+        return loaded
 
     def _info(self, queueID: str, loaded: Envelope | Exception) -> dict[str, Any]:
         if isinstance(loaded, Exception):
@@ -214,7 +227,7 @@ class QueueControl:
 
         loaded, following = await self._deferToThread(page)
         return {
-            "entries": [self._info(queueID, item) for queueID, item in loaded],
+            "entries": [self._info(queueID, item) for queueID, item in self._current(loaded)],
             "next": following,
         }
 
@@ -238,6 +251,8 @@ class QueueControl:
             raise UnknownEntry(str(e)) from None
         except OSError as e:
             raise SpoolError(f"cannot read {queueID}: {e.strerror or e}", queueID=queueID) from e
+        if self.manager is not None:
+            self.manager.withUnwrittenSteps(queueID, envelope)
         return {
             "entry": entryInfo(queueID, envelope, self._isActive(queueID)),
             "envelope": envelope.toDict(),

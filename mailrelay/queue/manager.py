@@ -630,6 +630,16 @@ class QueueManager(Service):
             self._stepped[queueID] = self._stepped.get(queueID, 0.0) + step
         self.scheduler.shift(step)
 
+    def withUnwrittenSteps(self, queueID: str, envelope: Envelope) -> Envelope:
+        """Move C{envelope}, C{queueID}'s as just read from the spool, by the steps of the
+        clock not yet written to it (L{clockStepped}: a scheduled or held entry's are
+        written at its next attempt), so that what is shown of it (C{mailrelay queue
+        list}) is its times as the queue counts them; return it."""
+        step = self._stepped.get(queueID, 0.0)
+        if step:
+            _moveTimes(envelope, step)
+        return envelope
+
     def _heldOrScheduled(self) -> Iterator[str]:
         yield from self._held
         for _, queueID in self.scheduler.scheduled():
