@@ -15,6 +15,7 @@ import os
 import smtplib
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import dkim
 from cryptography.hazmat.primitives import serialization as s
@@ -184,9 +185,10 @@ def test_a_header_section_dkimpy_cannot_parse_passes_unsigned(relays, nexthop, t
                  r"Unexpected characters in RFC822 header: b'Subject : spaced colon'")
 
 
-def test_the_relay_checks_its_keys_records_at_start(relays, tmp_path: Path) -> None:
-    """The relay looks up each key's record once started, through its name servers, and
-    warns of one missing: every signature with that key would fail at the receivers."""
+def _oneKeyPublished(tmp_path: Path) -> tuple[Any, str]:
+    """A DNS server (started) publishing the record of the key of signed.test (selector
+    s1) and not that of unsigned.test (s2), and the C{[[plugins]]} table of dkim-sign with
+    both keys."""
     from tests.harness import DNSServer
 
     published = rsa.generate_private_key(public_exponent=65537, key_size=1024)
@@ -195,16 +197,24 @@ def test_the_relay_checks_its_keys_records_at_start(relays, tmp_path: Path) -> N
     record.publish("s1", "signed.test", published)
     value = record.records["s1._domainkey.signed.test"].decode()
     server = DNSServer(tmp_path / "dns", "test", [["s1._domainkey.signed.test", "TXT", value]])
+    return server, (
+        '[[plugins]]\nplugin = "dkim-sign"\nkeys = [\n'
+        f'  {{domain = "signed.test", selector = "s1", key_file = '
+        f'"{keyFile(tmp_path / "signed.pem", published)}"}},\n'
+        f'  {{domain = "unsigned.test", selector = "s2", key_file = '
+        f'"{keyFile(tmp_path / "unsigned.pem", missing)}"}},\n'
+        ']\n'
+    )
+
+
+def test_the_relay_checks_its_keys_records_at_start(relays, tmp_path: Path) -> None:
+    """The relay looks up each key's record once started, through its name servers, and
+    warns of one missing: every signature with that key would fail at the receivers."""
+    server, keys = _oneKeyPublished(tmp_path)
     try:
         r = relays(
             '[dns]\nreverse_lookups = false\n'
-            f'nameservers = ["127.0.0.1:{server.port}"]\n[queue]\nhold = true\n'
-            '[[plugins]]\nplugin = "dkim-sign"\nkeys = [\n'
-            f'  {{domain = "signed.test", selector = "s1", key_file = '
-            f'"{keyFile(tmp_path / "signed.pem", published)}"}},\n'
-            f'  {{domain = "unsigned.test", selector = "s2", key_file = '
-            f'"{keyFile(tmp_path / "unsigned.pem", missing)}"}},\n'
-            ']\n'
+            f'nameservers = ["127.0.0.1:{server.port}"]\n[queue]\nhold = true\n' + keys
         ).start()
         r.waitForLog(r"dkim-sign: the key record at s1\._domainkey\.signed\.test publishes "
                      rf"the key of {tmp_path / 'signed.pem'}")
