@@ -1162,6 +1162,20 @@ class PluginContext:
         return readPluginOptions(schema, options, self.configDir, self.source)
 
 
+class IOnlineCheck(Interface):
+    """Optional, for a plugin object that is a service: what of its configuration only the
+    network can tell (the DKIM signer: whether DNS publishes its keys).  The plugin looks
+    by itself once started, and logs what it found; C{mailrelay check} asks after building
+    the configuration (nothing started) and prints the problems as warnings, as
+    C{opendkim-testkey} would: none fails the check."""
+
+    def checkOnline(clock: Any = None, timeout: float | None = None) -> Any:
+        """Look; a Deferred, which never fails, of the findings: C{(kind, text)} pairs, the
+        text naming the plugin, C{kind} C{"ok"} (all is well), C{"problem"} (to fix: a
+        warning) or C{"unchecked"} (it could not be looked at: the text says why, as a
+        lookup not answered within C{timeout} seconds of C{clock}, when given)."""
+
+
 class IMailRelayPlugin(IPlugin):
     """What a C{twisted/plugins/} dropin exposes, one object per plugin.
 

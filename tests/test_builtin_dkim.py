@@ -463,3 +463,31 @@ def test_the_relays_child_processes_do_not_check_again(tmp_path: Path, keys: Key
     )
     signer.startService()
     assert context.resolver.queries == []
+
+
+def test_check_prints_what_the_records_lack(tmp_path: Path, keys: Keys) -> None:
+    """C{mailrelay check} asks the signer (an L{IOnlineCheck}) to look its keys' records
+    up, as the relay does at start: a key not published, or a record that could not be
+    looked up, is a warning of the check's; a published one says nothing."""
+    from twisted.internet.task import Clock
+
+    from mailrelay.app.cli import _checkOnline
+    from mailrelay.testing import FakeResolver
+    from mailrelay.testing.resolver import SERVFAIL
+
+    paths = {"example.org": keys.rsa(), "example.net": keys.rsa()}
+    resolver = FakeResolver()
+    signer = buildPlugin(
+        "dkim-sign",
+        {"keys": [{"domain": d, "selector": "s1", "key_file": k} for d, k in paths.items()]},
+        tmp_path, interface=IMessageFilter, resolver=resolver,
+    )
+    published = signer.keys["example.org"][0]
+    resolver.add(published.recordName, "TXT", published.record)
+    assert [w.split(": receivers")[0] for w in _checkOnline(Clock(), [("dkim-sign", signer)])] == [
+        "dkim-sign: no DKIM key record at s1._domainkey.example.net"]
+    resolver.fail("s1._domainkey.example.net", "TXT", SERVFAIL("s1._domainkey.example.net"))
+    [unchecked] = _checkOnline(Clock(), [("dkim-sign", signer)])
+    assert unchecked.startswith(
+        "dkim-sign: could not check the key record at s1._domainkey.example.net: ")
+    assert _checkOnline(Clock(), [("another", object())]) == []

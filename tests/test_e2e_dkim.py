@@ -14,6 +14,7 @@ import base64
 import os
 import smtplib
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -226,3 +227,46 @@ def test_the_relay_checks_its_keys_records_at_start(relays, tmp_path: Path) -> N
         assert ("s2._domainkey.unsigned.test", "TXT") in server.queries()
     finally:
         server.stop()
+
+
+def test_check_looks_up_the_keys_records(tmp_path: Path) -> None:
+    """`mailrelay check` looks up each key's record, as the relay does at start (and as
+    opendkim-testkey does): one missing (or of another key) is a warning, not a failure;
+    name servers that do not answer say the records could not be checked."""
+    import sys
+
+    from tests.harness import freePort
+
+    mailrelay = str(Path(sys.executable).with_name("mailrelay"))
+    server, keys = _oneKeyPublished(tmp_path)
+
+    def check(port: int) -> subprocess.CompletedProcess[str]:
+        config = tmp_path / "mailrelay.toml"
+        config.write_text(f'[dns]\nnameservers = ["127.0.0.1:{port}"]\n'
+                          f'[spool]\ndirectory = "{tmp_path / "spool"}"\n{keys}')
+        return subprocess.run([mailrelay, "check", "--config", str(config)],
+                              capture_output=True, text=True, timeout=60)
+
+    try:
+        p = check(server.port)
+        assert p.returncode == 0, p.stderr
+        assert "mailrelay: configuration" in p.stdout and p.stdout.rstrip().endswith(": ok")
+        warnings = [line for line in p.stderr.splitlines() if "dkim-sign" in line]
+        assert len(warnings) == 1, p.stderr
+        assert warnings[0].startswith(
+            "mailrelay: warning: dkim-sign: no DKIM key record at s2._domainkey.unsigned.test:"
+        ) and "publish: v=DKIM1; k=rsa; p=" in warnings[0], warnings
+        assert ("s1._domainkey.signed.test", "TXT") in server.queries()
+    finally:
+        server.stop()
+    started = time.monotonic()
+    p = check(freePort())  # nobody answers there
+    assert p.returncode == 0, p.stderr
+    unchecked = sorted(line for line in p.stderr.splitlines() if "dkim-sign" in line)
+    assert len(unchecked) == 2, p.stderr
+    for line, name in zip(unchecked, ["s1._domainkey.signed.test",
+                                      "s2._domainkey.unsigned.test"], strict=True):
+        assert line.startswith(
+            f"mailrelay: warning: dkim-sign: could not check the key record at {name}: "
+        ), line
+    assert time.monotonic() - started < 30

@@ -645,7 +645,7 @@ def check(options: Any, out: TextIO, err: TextIO) -> int:
         config = loadConfig(path, overrides, text=text)
         relay = RelayService(reactor, path, overrides)
         relay.spool = Spool(config.spoolDirectory, reactor=reactor)  # never started
-        relay.plan(config, text)
+        plan = relay.plan(config, text)
         warnings += _unknownSockets(relay, config)
         try:
             checkSocketPath(controlSocketPath(config.spoolDirectory))
@@ -660,6 +660,7 @@ def check(options: Any, out: TextIO, err: TextIO) -> int:
         return 1
     finally:
         globalLogPublisher.removeObserver(warned)
+    warnings += _checkOnline(reactor, plan.services)
     if not options.json:
         _printWarnings(warnings, err)
     source = path or "(embedded default)"
@@ -673,6 +674,34 @@ def check(options: Any, out: TextIO, err: TextIO) -> int:
     else:
         print(f"mailrelay: configuration {source}: ok", file=out)
     return 0
+
+
+#: How long C{check} waits for each of the plugins' network checks (a DNS lookup).
+ONLINE_CHECK_TIME = 10.0
+
+
+def _checkOnline(reactor: Any, services: Any) -> list[str]:
+    """What the plugins that can check their configuration over the network
+    (L{IOnlineCheck}: the DKIM signer's key records) find wrong, or could not check, run
+    on C{reactor} (a few seconds at most: L{ONLINE_CHECK_TIME}); as C{opendkim-testkey},
+    but none fails the check (the relay would run, and warn likewise)."""
+    from twisted.internet.defer import gatherResults
+
+    from mailrelay.interfaces import IOnlineCheck
+
+    checks = [plugin.checkOnline(reactor, ONLINE_CHECK_TIME)
+              for _, plugin in services if IOnlineCheck.providedBy(plugin)]
+    if not checks:
+        return []
+    found: list[str] = []
+    d = gatherResults(checks, consumeErrors=True)
+    d.addCallback(lambda lists: found.extend(
+        text for findings in lists for kind, text in findings if kind != "ok"))
+    d.addErrback(lambda f: found.append(f"a plugin's network check failed: {f.value!r}"))
+    d.addBoth(lambda _: reactor.stop() if reactor.running else None)
+    if not d.called:
+        reactor.run(installSignalHandlers=False)
+    return found
 
 
 def _unknownSockets(relay: Any, config: Any) -> list[str]:

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import TimeoutError as CancelledTimeout
 from twisted.logger import Logger
 from twisted.names import dns
 from zope.interface import implementer
@@ -41,7 +43,7 @@ from mailrelay.builtin.headers import headerFields
 from mailrelay.config.schema import At, Key, Reading, Table, pluginOptions
 from mailrelay.config.values import choice, fileName, strings
 from mailrelay.errors import ConfigError, describeValue
-from mailrelay.interfaces import CONTINUE, FilterResult, IMessageFilter
+from mailrelay.interfaces import CONTINUE, FilterResult, IMessageFilter, IOnlineCheck
 from mailrelay.namedfile import readError, readNamedFile
 
 __all__ = ["DEFAULT_HEADERS", "DKIMSigner", "SigningKey", "build", "loadKey"]
@@ -374,7 +376,7 @@ def recordVerdict(key: SigningKey, records: Sequence[str]) -> tuple[bool, str]:
     return False, f"{where} publishes another key than {key.keyFile}: {fails}"
 
 
-@implementer(IMessageFilter)
+@implementer(IMessageFilter, IOnlineCheck)
 class DKIMSigner(Service):
     """Signs our messages with the keys of their domain (see the module's docstring).
 
@@ -413,12 +415,31 @@ class DKIMSigner(Service):
         super().startService()
         if self.resolver is None:
             return
+
+        def say(findings: list[tuple[str, str]]) -> None:
+            for kind, said in findings:  # (one that could not be checked: info, not warn)
+                (log.warn if kind == "problem" else log.info)("{said}", said=said)
+
+        self.checkOnline().addCallback(say)
+
+    def checkOnline(
+        self, clock: Any = None, timeout: float | None = None
+    ) -> Deferred[list[tuple[str, str]]]:
+        """Look up each key's TXT record (L{IOnlineCheck}): whether it publishes the key
+        (L{recordVerdict}), or why it could not be looked up."""
+        if self.resolver is None:
+            return succeed([])
+        lookups = []
         for keys in self.keys.values():
             for key in keys:
                 d = self.resolver.lookupText(key.recordName)
-                d.addCallbacks(self._found, self._notFound, (key,), None, (key,))
+                if clock is not None and timeout is not None:
+                    d.addTimeout(timeout, clock)
+                d.addCallbacks(self._found, self._notFound, (key,), None, (key, timeout))
+                lookups.append(d)
+        return gatherResults(lookups)
 
-    def _found(self, result: Any, key: SigningKey) -> None:
+    def _found(self, result: Any, key: SigningKey) -> tuple[str, str]:
         answers, _, _ = result
         records = [
             b"".join(answer.payload.data).decode("ascii", "replace")
@@ -426,16 +447,20 @@ class DKIMSigner(Service):
             if answer.type == dns.TXT and str(answer.name).lower() == key.recordName.lower()
         ]
         published, said = recordVerdict(key, records)
-        (log.info if published else log.warn)("{said}", said=said)
+        return ("ok" if published else "problem"), said
 
-    def _notFound(self, failure: Any, key: SigningKey) -> None:
+    def _notFound(
+        self, failure: Any, key: SigningKey, timeout: float | None
+    ) -> tuple[str, str]:
         if isNXDOMAIN(failure):
-            self._found(([], [], []), key)
+            return self._found(([], [], []), key)
+        if failure.check(CancelledTimeout):
+            error = f"no answer within {timeout:g} s"
         else:
-            log.info(
-                "dkim-sign: could not check the key record at {name}: {error}",
-                name=key.recordName, error=failure.getErrorMessage() or failure.type.__name__,
-            )  # fmt: skip
+            error = failure.getErrorMessage() or failure.type.__name__
+        return "unchecked", (
+            f"dkim-sign: could not check the key record at {key.recordName}: {error}"
+        )
 
     def isOurs(self, client: Any) -> bool:
         """Whether mail from C{client} is ours to sign: made by the relay (C{None}), from an
