@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -448,15 +449,21 @@ def privilegedPort() -> int:
     raise AssertionError("no free port below 1024")
 
 
-def startAs(python: Path, directory: Path, *args: str) -> subprocess.Popen[bytes]:
-    """C{twistd -n --uid nobody --gid nogroup ... mailrelay ARGS} (started as root)."""
+def startAs(python: Path, directory: Path, *args: str, pidfile: str = "",
+            asNobody: bool = False) -> subprocess.Popen[bytes]:
+    """C{twistd -n --uid nobody --gid nogroup ... mailrelay ARGS} (started as root); with
+    C{asNobody}, started as nobody (no C{--uid})."""
     log = open(directory / "relay.log", "ab")
+    runAs = () if asNobody else ("--uid", "nobody", "--gid", "nogroup")
+    become: dict[str, Any] = (
+        {"user": "nobody", "group": "nogroup", "extra_groups": []} if asNobody else {})
     try:
         return subprocess.Popen(
             [str(python), "-c", "import sys; from twisted.scripts.twistd import run; "
-             "sys.argv[0] = 'twistd'; run()", "-n", "--pidfile=", "--uid", "nobody",
-             "--gid", "nogroup", "mailrelay", "--hostname", "relay.test", *args],
+             "sys.argv[0] = 'twistd'; run()", "-n", f"--pidfile={pidfile}", *runAs,
+             "mailrelay", "--hostname", "relay.test", *args],
             cwd=directory, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            **become,
         )
     finally:
         log.close()
@@ -849,3 +856,39 @@ def test_daemonFailedStartTellsTheWholeError(tmp_path: Path) -> None:
 
     p = daemon("started", "--listen", "tcp:0:interface=127.0.0.1")
     assert p.returncode == 0 and p.stderr == "", p
+
+
+def test_a_pid_file_in_a_sticky_directory_is_said_at_start(nobodyRuntime) -> None:
+    """A pid file in a sticky directory (as /tmp): started as root with --uid nobody, the
+    relay says at start that nobody will not be able to remove it at the stop (twistd wrote
+    it as root), and it stays; started as nobody on one left there by a process that is
+    gone, which nobody may not remove, the start stops with one line naming the file (it
+    was twistd's PermissionError traceback)."""
+    python, top = nobodyRuntime
+    directory = nobodyDirectory(top)
+    sticky = directory / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    pidfile = sticky / "mailrelay.pid"
+    port = freePort()
+    args = ("--listen", f"tcp:{port}:interface=127.0.0.1", "--spool", str(directory / "spool"))
+    process = startAs(python, directory, *args, pidfile=str(pidfile))
+    try:
+        waitListening(port)
+        log = (directory / "relay.log").read_text()
+        assert (f"the pid file {pidfile} will stay after the relay stops: its directory "
+                f"{sticky} is sticky (mode 1777) and the file is not the relay's user's") in log
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert pidfile.exists() and pidfile.stat().st_uid == 0  # (what was said)
+    (directory / "relay.log").unlink()
+    # Started as nobody: the pid it names is gone (the relay above), the file is root's.
+    process = startAs(python, directory, *args, pidfile=str(pidfile), asNobody=True)
+    assert process.wait(timeout=60) == 1
+    log = (directory / "relay.log").read_text()
+    assert log.strip() == (
+        f"mailrelay: error: the pid file {pidfile} is left by a process that is gone (pid "
+        f"{pidfile.read_text().strip()}), and this user may not remove it: its directory "
+        f"{sticky} is sticky (mode 1777) and the file is not this user's: only its owner, the "
+        "directory's or root may remove it; remove it, or give twistd another --pidfile"), log

@@ -372,6 +372,75 @@ def test_a_pid_file_the_run_user_cannot_remove_is_said(reachable: Path) -> None:
 
 
 
+#: A process id no process has (above Linux's largest pid_max).
+GONE = 2**31 - 1
+
+
+def test_a_pid_file_in_a_sticky_directory_that_the_run_user_may_not_remove_is_said(
+    reachable: Path,
+) -> None:
+    """twistd --pidfile /tmp/... with --uid: /tmp lets every user make files, but (sticky)
+    remove only its own, and twistd wrote the pid file as root: the relay's user cannot
+    remove it at the stop, which its directory's mode bits did not say (no warning, and
+    the file stayed).  Checked from the owners and the sticky bit: no other user needed."""
+    import os
+
+    from twisted.logger import capturedLogs, formatEvent
+
+    from mailrelay.app.logs import checkPidFile
+
+    sticky = reachable / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    pidfile = sticky / "mailrelay.pid"
+    pidfile.write_text(f"{os.getpid()}\n")
+    other = os.getuid() + 4242  # (the relay's user: not the file's owner)
+    with capturedLogs() as events:
+        checkPidFile(str(pidfile), other, other)
+    said = [formatEvent(e) for e in events]
+    assert len(said) == 1, said
+    assert said[0].startswith(f"the pid file {pidfile} will stay after the relay stops: its "
+                              f"directory {sticky} is sticky"), said
+    with capturedLogs() as events:  # the file's owner may remove it
+        checkPidFile(str(pidfile), os.getuid(), os.getgid())
+    assert not events
+    sticky.chmod(0o777)  # not sticky: whoever may write the directory may
+    with capturedLogs() as events:
+        checkPidFile(str(pidfile), other, other)
+    assert not events
+
+
+def test_a_stale_pid_file_we_may_not_remove_stops_the_start_with_one_line(
+    tmp_path: Path,
+) -> None:
+    """Started (not as root) with a pid file left by a process that is gone, which this
+    user may not remove (another user's, in a sticky directory such as /tmp): twistd went
+    to remove it and died of a PermissionError traceback.  The relay now says why in one
+    line naming the file, before twistd looks; a pid file it may remove, or of a process
+    that runs (twistd says so), or none, goes on."""
+    import os
+
+    from mailrelay.app.logs import refuseStalePidFile
+
+    sticky = tmp_path / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    pidfile = sticky / "mailrelay.pid"
+    pidfile.write_text(f"{GONE}\n")
+    other = os.getuid() + 4242  # (the user starting twistd: not the file's owner)
+    with pytest.raises(SystemExit) as e:
+        refuseStalePidFile(str(pidfile), other)
+    assert str(e.value) == (
+        f"mailrelay: error: the pid file {pidfile} is left by a process that is gone (pid "
+        f"{GONE}), and this user may not remove it: its directory {sticky} is sticky (mode "
+        "1777) and the file is not this user's: only its owner, the directory's or root may "
+        "remove it; remove it, or give twistd another --pidfile")
+    refuseStalePidFile(str(pidfile), os.getuid())  # its owner may
+    pidfile.write_text(f"{os.getpid()}\n")
+    refuseStalePidFile(str(pidfile), other)  # (running: twistd says so)
+    refuseStalePidFile(str(sticky / "none.pid"), other)
+
+
 @pytest.fixture
 def reachable():
     """A directory the user nobody can reach (pytest's C{tmp_path} is in root's own

@@ -14,6 +14,7 @@ import errno
 import fcntl
 import os
 import re
+import stat
 import syslog
 from typing import Any
 
@@ -264,10 +265,60 @@ def checkPidFile(path: str, uid: int, gid: int) -> None:
     reused) keeps the next start from starting."""
     directory = os.path.dirname(os.path.abspath(path))
     if not _writableBy(directory, uid, gid):
-        _log.warn("the pid file {path} will stay after the relay stops: its directory "
-                  "{directory} is not writable by the relay's user (use a directory of that "
-                  "user's, such as /run/mailrelay/)", path=os.path.abspath(path),
-                  directory=directory)
+        why = f"its directory {directory} is not writable by the relay's user"
+    else:
+        why = _stickyProblem(path, uid, "the relay's user") or ""
+    if why:
+        _log.warn("the pid file {path} will stay after the relay stops: {why} (use a "
+                  "directory of that user's, such as /run/mailrelay/)",
+                  path=os.path.abspath(path), why=why)
+
+
+def refuseStalePidFile(path: str, uid: int | None = None) -> None:
+    """twistd's C{--pidfile} C{path}, before twistd looks at it (C{checkPID}): when it is
+    left by a process that is gone and this user (C{uid}, by default ours) may not remove
+    it -- another user's, in a sticky directory such as C{/tmp} -- twistd would try to and
+    die of a C{PermissionError} traceback; say why in one line naming the file instead.
+    A pid file of a process that runs is left to twistd (it says so), and so is one that
+    cannot be read (it says what is wrong with it).
+
+    @raise SystemExit: the file is stale and this user may not remove it."""
+    uid = os.geteuid() if uid is None else uid
+    try:
+        with open(path, "rb") as f:
+            pid = int(f.read())
+        os.kill(pid, 0)
+        return  # running (or another user's: twistd says it cannot check it)
+    except ProcessLookupError:
+        pass
+    except (OSError, ValueError):
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    why = _stickyProblem(path, uid, "this user")
+    if why is None and uid == os.geteuid() and not os.access(directory, os.W_OK | os.X_OK):
+        why = f"its directory {directory} is not writable by this user"
+    if why is not None:
+        raise SystemExit(
+            f"mailrelay: error: the pid file {path} is left by a process that is gone (pid "
+            f"{pid}), and this user may not remove it: {why}; remove it, or give twistd "
+            "another --pidfile"
+        )
+
+
+def _stickyProblem(path: str, uid: int, who: str) -> str | None:
+    """Why the user C{uid} may not remove C{path} from its sticky directory (C{/tmp}: only
+    the file's owner, the directory's or root may), or C{None}: it may, the directory is
+    not sticky, or there is no such file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        mode = os.stat(directory)
+        owner = os.stat(path).st_uid
+    except OSError:
+        return None
+    if not mode.st_mode & stat.S_ISVTX or uid in (-1, 0, mode.st_uid, owner):
+        return None
+    return (f"its directory {directory} is sticky (mode {stat.S_IMODE(mode.st_mode):o}) and "
+            f"the file is not {who}'s: only its owner, the directory's or root may remove it")
 
 
 def _writableBy(directory: str, uid: int, gid: int) -> bool:

@@ -76,6 +76,12 @@ class Options(usage.Options):
             self["config"] = os.path.abspath(self["config"])
         if self["list-plugins"]:
             raise SystemExit(listPlugins(self["config"], self.overrides()))
+        serverOptions = getattr(self, "parent", None)  # twistd's, when it runs us
+        if serverOptions is not None and serverOptions.get("pidfile"):
+            # Now: twistd checks its pid file before it builds the relay.
+            from mailrelay.app.logs import refuseStalePidFile
+
+            refuseStalePidFile(serverOptions["pidfile"])
 
     def overrides(self) -> dict[str, Any]:
         """The options given, in the form L{mailrelay.config.loadConfig} takes."""
