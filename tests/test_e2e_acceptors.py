@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -408,6 +409,33 @@ def _perClient(r: RelayProcess, acceptor: int) -> None:
     assert greeting.startswith(b"220 "), greeting
 
 
+def _issue(ca: Any, directory: Path, name: str) -> None:
+    """A certificate for C{name} of trustme's C{ca} in C{directory}/relay.pem, its key in
+    relay.key."""
+    leaf = ca.issue_cert(name)
+    (directory / "relay.pem").write_bytes(b"".join(p.bytes() for p in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(directory / "relay.key"))
+
+
+def _servedName(ca: Any, r: RelayProcess, starttls: bool = False) -> str:
+    """The name (DNS subjectAltName) of the certificate C{r} serves, over implicit TLS or
+    C{starttls}, checked against trustme's C{ca}."""
+    import ssl
+
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    context.check_hostname = False
+    if starttls:
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=20) as s:
+            s.starttls(context=context)
+            cert = s.sock.getpeercert()
+    else:
+        with smtplib.SMTP_SSL("127.0.0.1", r.port, timeout=20, context=context) as s:
+            s.ehlo("client.example")
+            cert = s.sock.getpeercert()
+    return next(v for kind, v in cert["subjectAltName"] if kind == "DNS")
+
+
 def test_an_ssl_listener_is_served_by_the_acceptors_and_reloads_its_certificate(
         tmp_path: Path, nexthop) -> None:  # noqa: F811
     """An ssl: listener (implicit TLS, port 465) is served by the acceptor processes too,
@@ -425,18 +453,10 @@ def test_an_ssl_listener_is_served_by_the_acceptors_and_reloads_its_certificate(
     directory.mkdir()
 
     def issue(name: str) -> None:
-        leaf = ca.issue_cert(name)
-        (directory / "relay.pem").write_bytes(b"".join(p.bytes() for p in leaf.cert_chain_pems))
-        leaf.private_key_pem.write_to_path(str(directory / "relay.key"))
+        _issue(ca, directory, name)
 
     def served(r: RelayProcess) -> str:
-        context = ssl.create_default_context()
-        ca.configure_trust(context)
-        context.check_hostname = False
-        with smtplib.SMTP_SSL("127.0.0.1", r.port, timeout=20, context=context) as s:
-            s.ehlo("client.example")
-            cert = s.sock.getpeercert()
-        return next(v for kind, v in cert["subjectAltName"] if kind == "DNS")
+        return _servedName(ca, r)
 
     recorder, port = nexthop()
     config = (f'[relay]\nprocesses = 2\nsmarthost = "[127.0.0.1]:{port}"\n'
