@@ -891,3 +891,64 @@ def test_a_child_that_ran_long_through_a_step_back_of_the_clock_restarts_at_once
     reactor.spawned[-1][0].end(9)
     reactor.advance(1)
     assert len(reactor.spawned) == 5  # restarted after a second, not 8
+
+
+# -- the certificates the relay serves ------------------------------------------------------------
+
+
+def test_the_pool_hands_each_child_the_certificates_the_relay_serves() -> None:
+    """Each child started gets the bytes of the listeners' certificates and keys the relay
+    serves (on a descriptor after its sockets and the users', C{--tls-files-fd}): one
+    restarted after a file was edited into a state the relay refuses serves them, rather
+    than failing to start again and again.  Without any, nothing is passed."""
+    import base64
+
+    files = {"/etc/mailrelay/relay.pem": b"-----BEGIN CERTIFICATE-----\n...",
+             "/etc/mailrelay/relay.key": b"\x00key"}
+    reactor = ProcessReactor()
+    pool = AcceptorPool(
+        reactor, "/etc/mailrelay.toml", {}, b"[relay]\n", 1, 30.0,
+        lambda: [("tcp:25", 7, "inet")], [].append,
+        users=lambda: {"/etc/mailrelay/users": {}}, tlsFiles=lambda: files,
+    )
+    pool.startService()
+    [(process, args, childFDs)] = reactor.spawned
+    assert childFDs == {0: "w", 1: "r", 2: 2, 3: "w", 4: 7, 5: "w", 6: "w"}
+    assert (_argument(args, "--users-fd"), _argument(args, "--tls-files-fd")) == ("5", "6")
+    handed = json.loads(process.toChild[6])
+    assert {path: base64.b64decode(data) for path, data in handed.items()} == files
+    assert 6 in process.closed
+
+    pool, reactor, _ = _pool(1)
+    pool.startService()
+    [(process, args, childFDs)] = reactor.spawned
+    assert "--tls-files-fd" not in args and 6 not in childFDs
+
+
+def test_a_child_serves_the_relays_certificate_whatever_the_file_holds(tmp_path: Path) -> None:
+    """The configuration loaded with the relay's certificate and key (an acceptor's) serves
+    them, not the files: one edited since into a state the relay refuses (its error stopped
+    the child's start, again and again), or renewed on disk but not reloaded."""
+    import trustme
+
+    ca = trustme.CA()
+
+    def issue(name: str) -> None:
+        leaf = ca.issue_cert(name)
+        (tmp_path / "relay.pem").write_bytes(b"".join(p.bytes() for p in leaf.cert_chain_pems))
+        leaf.private_key_pem.write_to_path(str(tmp_path / "relay.key"))
+
+    issue("first.relay.test")
+    text = ('[[listeners]]\nendpoint = "tcp:2525"\ntls_certificate = "relay.pem"\n'
+            'tls_key = "relay.key"\n')
+    relays = _load(tmp_path, text).listeners[0].certificate
+    assert set(relays.files) == {str(tmp_path / "relay.pem"), str(tmp_path / "relay.key")}
+    (tmp_path / "relay.pem").write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match="holds no PEM certificate"):
+        _load(tmp_path, text)
+    config = loadConfig(str(tmp_path / "mailrelay.toml"), relayFiles=relays.files)
+    assert config.listeners[0].certificate.subject == relays.subject
+    issue("second.relay.test")
+    config = loadConfig(str(tmp_path / "mailrelay.toml"), relayFiles=relays.files)
+    served = config.listeners[0].certificate.options.certificate
+    assert served == relays.options.certificate

@@ -532,3 +532,37 @@ def test_an_acceptor_restarted_on_a_refused_password_file_serves_the_relays_user
         r.waitForLog(rf"acceptor={again}\] .*sasl_username=alice")
         assert f"(pid {again}) exited" not in r.log()
         assert len(_acceptorPids(r)) == 2
+
+
+def test_an_acceptor_restarted_on_a_refused_certificate_serves_the_relays(
+    tmp_path: Path,
+) -> None:
+    """The listener's certificate edited into a state the relay refuses (a reload keeps
+    the one in use), then the acceptor killed: the one started again serves the
+    certificate the relay serves, handed to it by the relay.  It exited at start, again
+    and again, on the file's error: a crash loop beside a relay that served."""
+    import trustme
+
+    ca = trustme.CA()
+    directory = tmp_path / "relay"
+    directory.mkdir()
+    _issue(ca, directory, "first.relay.test")
+
+    def served(r: RelayProcess) -> str:
+        return _servedName(ca, r, starttls=True)
+
+    with _relayWithListener(
+        directory, 'tls_certificate = "relay.pem"\ntls_key = "relay.key"\n'
+    ) as (r, acceptor):
+        (directory / "relay.pem").write_text("not a certificate\n")
+        assert r.process is not None
+        r.process.send_signal(signal.SIGHUP)
+        r.waitForLog(r"configuration not reloaded.*tls_certificate")
+        os.kill(acceptor, signal.SIGKILL)
+        r.waitForLog(rf"acceptor process \(pid {acceptor}\) exited unexpectedly")
+        again = _waitForAcceptor(r, 2)
+        r.waitForLog(rf"acceptor process {again}: accepting on", timeout=20)
+        with _relayStopped(r):
+            assert served(r) == "first.relay.test"  # the restarted acceptor's
+        assert served(r) == "first.relay.test"
+        assert "configuration error" not in r.log()

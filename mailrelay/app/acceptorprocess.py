@@ -16,6 +16,7 @@ closes last.
 from __future__ import annotations
 
 import argparse
+import base64
 import itertools
 import json
 import os
@@ -37,6 +38,7 @@ from mailrelay.app.acceptors import (
     ASK_RECORD,
     QUEUED_RECORD,
     SESSIONS_RECORD,
+    TLS_FILES_OPTION,
     USERS_OPTION,
 )
 from mailrelay.app.deliveryprocess import (
@@ -382,6 +384,12 @@ def _parseArguments(argv: list[str]) -> argparse.Namespace:
         "{password file: {user: hash}})",
     )
     parser.add_argument(
+        TLS_FILES_OPTION,
+        type=int,
+        help="a descriptor to read the listeners' certificates and keys the relay serves "
+        "from (JSON: {path: base64})",
+    )
+    parser.add_argument(
         "--listeners",
         default="[]",
         help='JSON: [[endpoint, fd, family], ...], family one of "inet", "inet6", "unix"',
@@ -417,7 +425,12 @@ def _childMain(argv: list[str], forked: bool = False) -> int:
     relayUsers = None
     if options.users_fd is not None:
         relayUsers = json.loads(_readConfigText(options.users_fd) or b"{}")
-    started = startChild(options, "acceptor process", build, forked, relayUsers=relayUsers)
+    relayFiles = None
+    if options.tls_files_fd is not None:
+        encoded = json.loads(_readConfigText(options.tls_files_fd) or b"{}")
+        relayFiles = {path: base64.b64decode(data) for path, data in encoded.items()}
+    started = startChild(options, "acceptor process", build, forked, relayUsers=relayUsers,
+                         relayFiles=relayFiles)
     if isinstance(started, int):
         return started
     config, services = started

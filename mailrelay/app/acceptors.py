@@ -34,6 +34,7 @@ run for a minute), like the delivery process; children get SIGTERM when the rela
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 from collections.abc import Callable
@@ -101,6 +102,14 @@ FIRST_SOCKET_FD = 4
 #: them (L{mailrelay.config.checks.checkAuth}), rather than failing to start again and
 #: again while the relay serves on.
 USERS_OPTION = "--users-fd"
+
+#: The option naming the child's file descriptor on which the relay writes the bytes of
+#: the listeners' certificates and keys it serves (JSON: C{{path: base64}}): the child
+#: serves them (L{mailrelay.config.loadConfig}'s C{relayFiles}), as the relay does, rather
+#: than read the files, which may have been edited since into a state the relay refuses
+#: (a reload keeps the running ones) -- the child then failed to start again and again --
+#: or be readable by root only (read by the relay before it dropped its privileges).
+TLS_FILES_OPTION = "--tls-files-fd"
 
 _FAMILY_NAMES = {socket.AF_INET: "inet", socket.AF_INET6: "inet6", socket.AF_UNIX: "unix"}
 
@@ -270,6 +279,7 @@ class AcceptorPool(ChildSupervisor, Service):
         throttle: Callable[[], Any] = lambda: None,
         limiter: Callable[[], Any] = lambda: None,
         users: Callable[[], dict[str, dict[str, str]] | None] = lambda: None,
+        tlsFiles: Callable[[], dict[str, bytes]] = dict,
     ) -> None:
         """
         @param sockets: the C{(endpoint, fd, family)} of the listening sockets to pass to a
@@ -282,6 +292,8 @@ class AcceptorPool(ChildSupervisor, Service):
             C{[rate_limiter]} plugin the children count in their own).
         @param users: the users the relay serves with now, by password file, or C{None}
             (no password file): handed to each child started (see L{USERS_OPTION}).
+        @param tlsFiles: the bytes of the listeners' certificates and keys the relay serves
+            now, by path: handed to each child started (see L{TLS_FILES_OPTION}).
         """
         self.setName("acceptors")
         self.reactor = reactor
@@ -295,6 +307,7 @@ class AcceptorPool(ChildSupervisor, Service):
         self.throttle = throttle
         self.limiter = limiter
         self.users = users
+        self.tlsFiles = tlsFiles
         #: Called when a child ended unexpectedly: the delivery side rescans the spool.
         self.rescan: Callable[[], object] | None = None
         self.metrics = ProcessMetrics() if metrics is None else metrics
@@ -327,15 +340,20 @@ class AcceptorPool(ChildSupervisor, Service):
             childFDs[FIRST_SOCKET_FD + n] = fd
             passed.append((endpoint, FIRST_SOCKET_FD + n, family))
         extra = ["--listeners", json.dumps(passed)]
-        users = self.users()
-        usersFD = FIRST_SOCKET_FD + len(passed)
-        if users is not None:
-            childFDs[usersFD] = "w"
-            extra += [USERS_OPTION, str(usersFD)]
+        # What the relay serves with, each on a descriptor of its own after the sockets.
+        handed: dict[int, Any] = {}
+        files = {path: base64.b64encode(data).decode("ascii")
+                 for path, data in self.tlsFiles().items()}
+        for option, value in ((USERS_OPTION, self.users()), (TLS_FILES_OPTION, files or None)):
+            if value is not None:
+                fd = FIRST_SOCKET_FD + len(passed) + len(handed)
+                childFDs[fd] = "w"
+                extra += [option, str(fd)]
+                handed[fd] = value
         self._spawnChild(child, childFDs, extra)
-        if users is not None:
-            child.process.writeToChild(usersFD, json.dumps(users).encode("utf-8"))
-            child.process.closeChildFD(usersFD)
+        for fd, value in handed.items():
+            child.process.writeToChild(fd, json.dumps(value).encode("utf-8"))
+            child.process.closeChildFD(fd)
         self._children.append(child)
         log.info(
             "acceptor process started (pid {pid}), accepting on {endpoints}",

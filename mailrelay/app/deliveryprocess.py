@@ -317,7 +317,7 @@ def runChild(
 
 def startChild(
     options: argparse.Namespace, what: str, build: Any, forked: bool = False,
-    listenerTLS: bool = True, relayUsers: Any = None,
+    listenerTLS: bool = True, relayUsers: Any = None, relayFiles: Any = None,
 ) -> Any:
     """What a child of the relay does first: die with the relay, ignore SIGINT (the relay
     stops us: a Ctrl-C meant for it must not cut our work short; SIGTERM, also sent when the
@@ -332,6 +332,8 @@ def startChild(
         started afresh.
     @param relayUsers: the users the relay serves with, by password file (see
         L{mailrelay.config.loadConfig}), or C{None}.
+    @param relayFiles: the bytes of the listeners' certificates and keys the relay
+        serves, by path (see L{mailrelay.config.loadConfig}), or C{None}.
     """
     from mailrelay.config import loadConfig
     from mailrelay.errors import ConfigError
@@ -347,7 +349,8 @@ def startChild(
     _logToRelay(levels, forked)
     try:
         config = loadConfig(options.config, json.loads(options.overrides), text=configText,
-                            listenerTLS=listenerTLS, relayUsers=relayUsers)
+                            listenerTLS=listenerTLS, relayUsers=relayUsers,
+                            relayFiles=relayFiles)
         levels.setLevel(config.logLevel)
         if config.metricsListen is not None:  # we count, and report to the relay
             from mailrelay.metrics import enable

@@ -256,6 +256,19 @@ class RelayService(OrderedMultiService):
         checker = self.carried.passwords
         return None if checker is None else {checker.path: checker.table()}
 
+    def _listenerFiles(self) -> dict[str, bytes]:
+        """The bytes of the certificates and keys the running configuration's listeners
+        serve (C{tls_certificate}, C{tls_key}, C{tls_certificates}), by path, for an
+        acceptor process started now: it serves them as the relay does, whatever the files
+        hold now (a reload refused keeps the running ones)."""
+        files: dict[str, bytes] = {}
+        for listener in self.config.listeners if self.config is not None else ():
+            loaded = [listener.certificate, *(tls for _, tls in listener.sniCertificates)]
+            for tls in loaded:
+                if tls is not None:
+                    files.update(tls.files)
+        return files
+
     def enqueue(self, queueID: str) -> None:
         """A message was committed: hand it to the delivery side."""
         if self.delivery is not None:
@@ -363,6 +376,7 @@ class RelayService(OrderedMultiService):
             throttle=lambda: self.throttle,
             limiter=lambda: self.limiter,
             users=self._passwordUsers,
+            tlsFiles=self._listenerFiles,
         )
         self.acceptors.spawner = self.spawner
         self.acceptors.rescan = self._rescan

@@ -287,6 +287,8 @@ def _loadListenerCertificates(r: Reading) -> None:
         "minVersion": fields.pop("tlsMinVersion"),
         "ciphers": fields.pop("tlsCiphers", None),
     }
+    if r.at.source.relayFiles:  # (an acceptor process: it serves what the relay serves)
+        options["files"] = r.at.source.relayFiles
     if not r.at.source.listenerTLS:  # (a process that serves no listener)
         if certificate is not None:
             fields["tlsOptions"] = _NOT_LOADED

@@ -97,6 +97,7 @@ def loadConfig(
     *,
     listenerTLS: bool = True,
     relayUsers: Mapping[str, Mapping[str, str]] | None = None,
+    relayFiles: Mapping[str, bytes] | None = None,
 ) -> Config:
     """Read, override and check the configuration.
 
@@ -116,6 +117,9 @@ def loadConfig(
         password_file}), for an acceptor process: served when that file is refused now
         (said in the log), so that it never fails to start on a file the relay kept
         serving through.
+    @param relayFiles: the bytes of the listeners' certificates and keys the relay serves,
+        by path, for an acceptor process: taken rather than the files read (see
+        L{Source.relayFiles}).
     @raise ConfigError: naming the file (or the option), the key and the value.
     """
     overrides = dict(overrides or {})
@@ -128,12 +132,14 @@ def loadConfig(
             )
     cwd = Path(os.path.abspath(os.getcwd()))
     if path is None:
-        source = Source(None, cwd, cwd, overrides, listenerTLS, dict(relayUsers or {}))
+        source = Source(None, cwd, cwd, overrides, listenerTLS, dict(relayUsers or {}),
+                        dict(relayFiles or {}))
         data: dict[str, Any] = {}
     else:
         file = os.fspath(path)
         directory = Path(os.path.abspath(os.path.dirname(file) or "."))
-        source = Source(file, directory, cwd, overrides, listenerTLS, dict(relayUsers or {}))
+        source = Source(file, directory, cwd, overrides, listenerTLS, dict(relayUsers or {}),
+                        dict(relayFiles or {}))
         data = _readFile(file, text)
     at = At(source)
     _checkShapes(data, at)

@@ -78,6 +78,9 @@ class Source:
     @ivar relayUsers: the users (name: hash) the relay serves with, by password file: an
         acceptor process serves with them when that file is refused now
         (L{mailrelay.config.checks.checkAuth}).
+    @ivar relayFiles: the bytes of the listeners' certificates and keys the relay serves,
+        by path: an acceptor process serves them rather than read the files, which may have
+        changed since (into a state the relay refuses) or be readable by root only.
     """
 
     file: str | None
@@ -86,6 +89,7 @@ class Source:
     overrides: Mapping[str, Any] = field(default_factory=dict)
     listenerTLS: bool = True
     relayUsers: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    relayFiles: Mapping[str, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -57,15 +57,20 @@ class ServerTLS:
     @ivar subject: the leaf certificate's subject, for logs.
     @ivar notAfter: when the leaf certificate expires.
     @ivar warnings: problems that do not stop start-up (expired, not yet valid), in words.
+    @ivar files: the bytes it was made of, by file (the certificate's, the key's): handed
+        by the relay to the processes it starts, which serve them as it does.
     """
 
     options: CertificateOptions
     subject: str
     notAfter: datetime.datetime
     warnings: list[str] = field(default_factory=list)
+    files: dict[str, bytes] = field(default_factory=dict, repr=False)
 
 
-def _read(path: str, what: str) -> bytes:
+def _read(path: str, what: str, given: Mapping[str, bytes]) -> bytes:
+    if path in given:
+        return given[path]
     try:
         return readNamedFile(path)
     except OSError as e:
@@ -80,6 +85,7 @@ def loadServerTLS(
     minVersion: str = DEFAULT_TLS_MIN_VERSION,
     ciphers: str | None = None,
     now: datetime.datetime | None = None,
+    files: Mapping[str, bytes] | None = None,
 ) -> ServerTLS:
     """Load and check a listener's certificate chain and private key.
 
@@ -91,14 +97,17 @@ def loadServerTLS(
     @param ciphers: an OpenSSL cipher string for TLS 1.2 (TLS 1.3's suites are always the
         OpenSSL defaults), or C{None} for Twisted's default selection.
     @param now: the time to check validity against (tests); default: now.
+    @param files: the bytes to take for these files, by path, rather than read them: the
+        relay's, in a process it started (see L{ServerTLS.files}).
     @raise TLSConfigError: the message says what is wrong and names the file.
     """
+    given = files or {}
     if minVersion not in TLS_VERSIONS:
         raise TLSConfigError(
             f"unknown TLS version {minVersion!r}; choose one of {', '.join(TLS_VERSIONS)}",
             "version",
         )
-    certData = _read(certificateFile, "certificate")
+    certData = _read(certificateFile, "certificate", given)
     try:
         chain = x509.load_pem_x509_certificates(certData)
     except ValueError:
@@ -106,7 +115,7 @@ def loadServerTLS(
             f"the certificate file {certificateFile!r} holds no PEM certificate "
             '(no valid "-----BEGIN CERTIFICATE-----" block)'
         ) from None
-    keyData = certData if keyFile == certificateFile else _read(keyFile, "key")
+    keyData = certData if keyFile == certificateFile else _read(keyFile, "key", given)
     key = _loadKey(keyData, keyFile, chain[0], certificateFile)
     acceptable = None
     if ciphers is not None:
@@ -129,7 +138,9 @@ def loadServerTLS(
         raise TLSConfigError(
             f"OpenSSL refuses the certificate {certificateFile!r} and key {keyFile!r}: {e}"
         ) from None
-    return _described(options, chain[0], certificateFile, now)
+    described = _described(options, chain[0], certificateFile, now)
+    described.files = {certificateFile: certData, keyFile: keyData}
+    return described
 
 
 def describeServerTLS(
