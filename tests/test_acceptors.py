@@ -952,3 +952,32 @@ def test_a_child_serves_the_relays_certificate_whatever_the_file_holds(tmp_path:
     config = loadConfig(str(tmp_path / "mailrelay.toml"), relayFiles=relays.files)
     served = config.listeners[0].certificate.options.certificate
     assert served == relays.options.certificate
+
+
+def test_a_child_serves_the_relays_ssl_endpoint_certificate(tmp_path: Path) -> None:
+    """So with an C{ssl:} endpoint's own files (C{privateKey=}, C{certKey=},
+    C{extraCertChain=}): the relay keeps their bytes, and a child loaded with them serves
+    them whatever the files hold (a broken one stopped its start again and again)."""
+    import trustme
+
+    ca = trustme.CA().create_child_ca()  # (a chain to send: the intermediate)
+    leaf = ca.issue_cert("first.relay.test")
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "relay.pem"))
+    (tmp_path / "chain.pem").write_bytes(b"".join(p.bytes() for p in leaf.cert_chain_pems[1:]))
+    leaf.private_key_pem.write_to_path(str(tmp_path / "relay.key"))
+    text = (f'[[listeners]]\nendpoint = "ssl:2465:privateKey={tmp_path}/relay.key:'
+            f'certKey={tmp_path}/relay.pem:extraCertChain={tmp_path}/chain.pem"\n')
+    relays = _load(tmp_path, text).listeners[0]
+    assert set(relays.endpointCertificate.files) == {
+        str(tmp_path / name) for name in ("relay.pem", "relay.key", "chain.pem")}
+    (tmp_path / "relay.pem").write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match="no start line"):
+        _load(tmp_path, text)
+    config = loadConfig(str(tmp_path / "mailrelay.toml"),
+                        relayFiles=relays.endpointCertificate.files)
+    served = config.listeners[0]
+    assert served.endpointCertificate.subject == relays.endpointCertificate.subject
+    mine, theirs = served.settings.endpointTLS, relays.settings.endpointTLS
+    assert mine.certificate.to_cryptography() == theirs.certificate.to_cryptography()
+    assert [c.to_cryptography() for c in mine.extraCertChain] == [
+        c.to_cryptography() for c in theirs.extraCertChain] != []

@@ -277,13 +277,14 @@ def test_kill9_of_the_acceptor_loses_nothing_it_acknowledged(relay) -> None:
 
 
 @contextmanager
-def _relayWithListener(directory: Path, listener: str, extra: str = ""):
-    """A relay of two processes (held) whose one listener has the keys C{listener}; yields
-    it and its acceptor's pid."""
+def _relayWithListener(directory: Path, listener: str, extra: str = "",
+                       endpoint: str = "tcp:0:interface=127.0.0.1"):
+    """A relay of two processes (held) whose one listener (on C{endpoint}) has the keys
+    C{listener}; yields it and its acceptor's pid."""
     r = RelayProcess(
         directory,
         f"[relay]\nprocesses = 2\n[dns]\nreverse_lookups = false\n{extra}"
-        f'[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\n{listener}',
+        f'[[listeners]]\nendpoint = "{endpoint}"\n{listener}',
         ("--spool", str(directory / "spool"), "--hostname", "relay.test"),
         defaults=False, hold=True,
     )
@@ -534,8 +535,9 @@ def test_an_acceptor_restarted_on_a_refused_password_file_serves_the_relays_user
         assert len(_acceptorPids(r)) == 2
 
 
+@pytest.mark.parametrize("kind", ["tls_certificate", "ssl"])
 def test_an_acceptor_restarted_on_a_refused_certificate_serves_the_relays(
-    tmp_path: Path,
+    tmp_path: Path, kind: str
 ) -> None:
     """The listener's certificate edited into a state the relay refuses (a reload keeps
     the one in use), then the acceptor killed: the one started again serves the
@@ -549,15 +551,18 @@ def test_an_acceptor_restarted_on_a_refused_certificate_serves_the_relays(
     _issue(ca, directory, "first.relay.test")
 
     def served(r: RelayProcess) -> str:
-        return _servedName(ca, r, starttls=True)
+        return _servedName(ca, r, starttls=kind == "tls_certificate")
 
-    with _relayWithListener(
-        directory, 'tls_certificate = "relay.pem"\ntls_key = "relay.key"\n'
-    ) as (r, acceptor):
+    if kind == "ssl":
+        listener = {"listener": "", "endpoint": "ssl:0:interface=127.0.0.1:privateKey="
+                    f"{directory}/relay.key:certKey={directory}/relay.pem"}
+    else:
+        listener = {"listener": 'tls_certificate = "relay.pem"\ntls_key = "relay.key"\n'}
+    with _relayWithListener(directory, **listener) as (r, acceptor):
         (directory / "relay.pem").write_text("not a certificate\n")
         assert r.process is not None
         r.process.send_signal(signal.SIGHUP)
-        r.waitForLog(r"configuration not reloaded.*tls_certificate")
+        r.waitForLog(r"configuration not reloaded.*listeners\[0\]\.(tls_certificate|endpoint)")
         os.kill(acceptor, signal.SIGKILL)
         r.waitForLog(rf"acceptor process \(pid {acceptor}\) exited unexpectedly")
         again = _waitForAcceptor(r, 2)

@@ -258,12 +258,14 @@ class RelayService(OrderedMultiService):
 
     def _listenerFiles(self) -> dict[str, bytes]:
         """The bytes of the certificates and keys the running configuration's listeners
-        serve (C{tls_certificate}, C{tls_key}, C{tls_certificates}), by path, for an
+        serve (C{tls_certificate}, C{tls_key}, C{tls_certificates}, an C{ssl:} endpoint's
+        C{privateKey=}, C{certKey=} and C{extraCertChain=}), by path, for an
         acceptor process started now: it serves them as the relay does, whatever the files
         hold now (a reload refused keeps the running ones)."""
         files: dict[str, bytes] = {}
         for listener in self.config.listeners if self.config is not None else ():
-            loaded = [listener.certificate, *(tls for _, tls in listener.sniCertificates)]
+            loaded = [listener.certificate, listener.endpointCertificate,
+                      *(tls for _, tls in listener.sniCertificates)]
             for tls in loaded:
                 if tls is not None:
                     files.update(tls.files)

@@ -296,9 +296,10 @@ def _loadListenerCertificates(r: Reading) -> None:
             fields["endpointTLS"] = _NOT_LOADED
         return
     if fields["name"].startswith("ssl:"):
-        fields["endpointTLS"] = _endpointTLS(r)
+        fields["endpointTLS"], files = _endpointTLS(r)
         fields["endpointCertificate"] = _endpointCertificate(fields["name"],
                                                              fields["endpointTLS"])
+        fields["endpointCertificate"].files = files
     if certificate is not None:
         try:
             tls = loadServerTLS(certificate, key, **options)
@@ -332,16 +333,17 @@ def _loadListenerCertificates(r: Reading) -> None:
     fields["tlsOptions"] = SNIServerOptions(fields["tlsOptions"], byName)
 
 
-def _endpointTLS(r: Reading) -> Any:
-    """The TLS options of the C{ssl:} endpoint of the listener (Twisted's, made of its
-    C{privateKey=}, C{certKey=}, C{extraCertChain=} ... files, read now): served by the
+def _endpointTLS(r: Reading) -> tuple[Any, dict[str, bytes]]:
+    """The TLS options of the C{ssl:} endpoint of the listener (as Twisted's, made of its
+    C{privateKey=}, C{certKey=}, C{extraCertChain=} ... files, read now, or the relay's
+    bytes of them in an acceptor process), and those bytes by file: served by the
     listener's factory, so that each load of the configuration (a reload) reads the files
     again, as C{tls_certificate}'s."""
-    from twisted.internet import endpoints
+    from mailrelay.receive.tls import loadEndpointTLS
 
     name = r.fields["name"]
     try:
-        return endpoints.serverFromString(None, name)._sslContextFactory
+        return loadEndpointTLS(name, r.at.source.relayFiles)
     except Exception as e:  # (OpenSSL's errors: a file it cannot read, a key not the cert's)
         raise r.error("endpoint", f"{describeValue(name)}: cannot load its certificate or "
                       f"key: {e!r}") from None

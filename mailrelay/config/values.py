@@ -601,7 +601,9 @@ def domains(value: Any, at: At) -> tuple[str, ...]:
 def endpoint(value: Any, at: At) -> str:
     """A server endpoint description Twisted can parse (see L{checkEndpoint})."""
     text = string(value, at)
-    checked(partial(checkEndpoint, loadFiles=at.source.listenerTLS))(text, at)
+    # (Not in an acceptor process given the relay's files: they are what it serves.)
+    loadFiles = at.source.listenerTLS and not at.source.relayFiles
+    checked(partial(checkEndpoint, loadFiles=loadFiles))(text, at)
     return text
 
 

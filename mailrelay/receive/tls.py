@@ -143,6 +143,61 @@ def loadServerTLS(
     return described
 
 
+def loadEndpointTLS(
+    description: str, files: Mapping[str, bytes] | None = None
+) -> tuple[Any, dict[str, bytes]]:
+    """The TLS options of the C{ssl:} server endpoint C{description}, made as Twisted's
+    parser makes them (of its C{privateKey=}, C{certKey=}, C{extraCertChain=},
+    C{dhParameters=} and C{sslmethod=}), but of the files' bytes read once here, or taken
+    from C{files} (by path, as the description names them: the relay's, in a process it
+    started); returned with the bytes, by path (see L{ServerTLS.files}).
+
+    @raise Exception: as Twisted's parser (C{OSError}, C{ValueError}, OpenSSL's errors).
+    """
+    import re
+
+    from twisted.internet import endpoints, ssl
+    from twisted.python.filepath import FilePath
+
+    given = files or {}
+    options = endpoints._parse(description)[1]
+    read: dict[str, bytes] = {}
+
+    def content(path: str) -> bytes:
+        if path not in read:
+            read[path] = given[path] if path in given else FilePath(path).getContent()
+        return read[path]
+
+    privateKey = options.get("privateKey", "server.pem")
+    certKey = options.get("certKey") or privateKey
+    pair = ssl.PrivateCertificate.loadPEM(content(certKey) + b"\n" + content(privateKey))
+    chain = None
+    chainFile = options.get("extraCertChain")
+    if chainFile is not None:
+        found = re.findall(
+            r"(-----BEGIN CERTIFICATE-----\n.+?\n-----END CERTIFICATE-----)",
+            content(chainFile).decode("ascii", "replace"),
+            flags=re.DOTALL,
+        )
+        chain = [ssl.Certificate.loadPEM(pem).original for pem in found]
+        if not chain:
+            raise ValueError(f"Specified chain file {chainFile!r} doesn't contain any valid "
+                             "certificates in PEM format.")
+    dh = None
+    if options.get("dhParameters") is not None:
+        dh = ssl.DiffieHellmanParameters.fromFile(FilePath(options["dhParameters"]))
+    method = options.get("sslmethod")
+    extra = {} if method is None else {"method": getattr(ssl.SSL, method)}
+    made = ssl.CertificateOptions(
+        privateKey=pair.privateKey.original,
+        certificate=pair.original,
+        extraCertChain=chain,
+        dhParameters=dh,
+        **extra,
+    )
+    return made, read
+
+
 def describeServerTLS(
     options: Any, certificateFile: str, now: datetime.datetime | None = None
 ) -> ServerTLS:
