@@ -308,6 +308,10 @@ def test_bad_key_files_refused(tmp_path: Path, make: Any, message: str) -> None:
          '"simple/simple", not "relaxed"'),
         ({"selector": "s1"},
          'selector: unknown key "selector"'),
+        ({"signature_ttl": 0},
+         "signature_ttl: must be a positive number of seconds, not 0"),
+        ({"signature_ttl": "1d"},
+         'signature_ttl: must be a positive number of seconds, not "1d"'),
     ],
 )
 def test_bad_options_refused(tmp_path: Path, options: dict[str, Any], message: str) -> None:
@@ -491,3 +495,30 @@ def test_check_prints_what_the_records_lack(tmp_path: Path, keys: Keys) -> None:
     assert unchecked.startswith(
         "dkim-sign: could not check the key record at s1._domainkey.example.net: ")
     assert _checkOnline(Clock(), [("another", object())]) == []
+
+
+def signatureTags(field: bytes) -> dict[bytes, bytes]:
+    """The tags of a C{DKIM-Signature:} field."""
+    return dkim.util.parse_tag_value(field.split(b":", 1)[1])
+
+
+def test_signature_ttl_sets_an_expiry(tmp_path: Path, keys: Keys, monkeypatch: Any) -> None:
+    """C{signature_ttl} (OpenDKIM's C{SignatureTTL}): each signature carries C{x=}, its C{t=}
+    plus the TTL (RFC 6376 section 3.5); it verifies until then, and fails after (dkimpy
+    allows a receiver's clock ten hours of slack).  Without it, no C{x=}."""
+    signer = build(tmp_path, keys, signature_ttl=86400)
+    answer, spooled = run(signer, envelope=RELAYED)
+    (field,) = answer.prepend
+    tags = signatureTags(field)
+    assert int(tags[b"x"]) - int(tags[b"t"]) == 86400
+    assert keys.verify(spooled)
+    later = int(tags[b"x"]) + 10 * 3600 + 60
+    monkeypatch.setattr(dkim.time, "time", lambda: float(later))
+    assert not keys.verify(spooled)
+    monkeypatch.undo()
+    # A TTL in fractions of a second rounds up to whole seconds (x= is an integer).
+    answer, _ = run(build(tmp_path, keys, signature_ttl=0.5), envelope=RELAYED)
+    tags = signatureTags(answer.prepend[0])
+    assert int(tags[b"x"]) - int(tags[b"t"]) == 1
+    answer, _ = run(build(tmp_path, keys), envelope=RELAYED)
+    assert b"x" not in signatureTags(answer.prepend[0])

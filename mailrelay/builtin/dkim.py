@@ -24,7 +24,9 @@ from __future__ import annotations
 import base64
 import binascii
 import email.utils
+import math
 import re
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,7 +43,7 @@ from mailrelay.address import normaliseDomain
 from mailrelay.builtin.dnsbl import isNXDOMAIN
 from mailrelay.builtin.headers import headerFields
 from mailrelay.config.schema import At, Key, Reading, Table, pluginOptions
-from mailrelay.config.values import choice, fileName, strings
+from mailrelay.config.values import choice, fileName, seconds, strings
 from mailrelay.errors import ConfigError, describeValue
 from mailrelay.interfaces import CONTINUE, FilterResult, IMessageFilter, IOnlineCheck
 from mailrelay.namedfile import readError, readNamedFile
@@ -295,6 +297,9 @@ SCHEMA = pluginOptions(
         default=list(DEFAULT_OVERSIGN)),
     Key("canonicalization", choice(*CANONICALIZATIONS), "header/body canonicalization (c=).",
         default="relaxed/relaxed"),
+    Key("signature_ttl", seconds,
+        "Seconds a signature is valid after signing (x=; OpenDKIM's SignatureTTL); none: "
+        "no x=, it never expires.", field="signatureTTL"),
     check=_check,
 )  # fmt: skip
 
@@ -396,9 +401,12 @@ class DKIMSigner(Service):
         headers: Sequence[str] = DEFAULT_HEADERS,
         oversign: Sequence[str] = DEFAULT_OVERSIGN,
         canonicalization: str = "relaxed/relaxed",
+        signatureTTL: float | None = None,
         resolver: Any = None,
     ) -> None:
         self.resolver = resolver
+        #: Whole seconds from a signature's C{t=} to its C{x=}, or C{None}: no C{x=}.
+        self.signatureTTL = None if signatureTTL is None else math.ceil(signatureTTL)
         self.keys: dict[str, list[SigningKey]] = {}
         for key in keys:
             self.keys.setdefault(key.domain, []).append(key)
@@ -525,6 +533,8 @@ class DKIMSigner(Service):
             signer = dkim.DKIM(message, linesep=b"\r\n")
         except dkim.MessageFormatError as e:
             return Signed(why=f"dkimpy cannot parse the header section: {e}", unparsed=True)
+        if self.signatureTTL is not None:
+            _expire(signer, self.signatureTTL)
         include = self.includeHeaders(signer.headers)
         fields = tuple(
             signer.sign(
@@ -535,6 +545,25 @@ class DKIMSigner(Service):
             for key in keys
         )  # fmt: skip
         return Signed(fields, domain)
+
+
+def _expire(signer: Any, ttl: int) -> None:
+    """Make the signatures of C{signer} (a C{dkim.DKIM}) carry C{x=}: their C{t=} plus
+    C{ttl} seconds (RFC 6376 section 3.5).  dkimpy's C{sign} has no such parameter; it hands
+    the list of its tags to C{gen_header}, which hashes and signs them: the tag is added to
+    that list, after C{t=}, before it is signed."""
+    generate = signer.gen_header
+
+    def gen_header(fields: list[tuple[bytes, bytes]], *args: Any, **kwargs: Any) -> Any:
+        tags = [tag for tag, _ in fields]
+        if b"t" in tags:
+            at, signed = tags.index(b"t") + 1, int(fields[tags.index(b"t")][1])
+        else:  # (dkimpy always says t=; x= alone is valid too)
+            at, signed = tags.index(b"b"), int(time.time())
+        fields.insert(at, (b"x", str(signed + ttl).encode("ascii")))
+        return generate(fields, *args, **kwargs)
+
+    signer.gen_header = gen_header
 
 
 def build(options: dict[str, Any], context: Any) -> DKIMSigner:
@@ -555,6 +584,7 @@ def build(options: dict[str, Any], context: Any) -> DKIMSigner:
         headers=read.headers,
         oversign=read.oversign,
         canonicalization=read.canonicalization,
+        signatureTTL=read.signatureTTL,
         # (Checked by the relay; not again by its child processes.)
         resolver=None if context.quiet else context.resolver,
     )
