@@ -312,6 +312,8 @@ def test_bad_key_files_refused(tmp_path: Path, make: Any, message: str) -> None:
          "signature_ttl: must be a positive number of seconds, not 0"),
         ({"signature_ttl": "1d"},
          'signature_ttl: must be a positive number of seconds, not "1d"'),
+        ({"subdomains": "yes"},
+         'subdomains: must be true or false, not "yes"'),
     ],
 )
 def test_bad_options_refused(tmp_path: Path, options: dict[str, Any], message: str) -> None:
@@ -522,3 +524,35 @@ def test_signature_ttl_sets_an_expiry(tmp_path: Path, keys: Keys, monkeypatch: A
     assert int(tags[b"x"]) - int(tags[b"t"]) == 1
     answer, _ = run(build(tmp_path, keys), envelope=RELAYED)
     assert b"x" not in signatureTags(answer.prepend[0])
+
+
+def test_subdomains_sign_with_the_parent_domains_key(tmp_path: Path, keys: Keys) -> None:
+    """C{subdomains = true} (OpenDKIM's C{SubDomains}): mail From: an address of any
+    subdomain of a key's domain is signed with that key, C{d=} the key's domain (aligned with
+    the From: domain under DMARC's relaxed alignment, RFC 7489 section 3.1.1); the closest
+    domain with a key wins; a domain that only ends in the same letters is not a subdomain.
+    Without it, only the exact domain is signed (test_other_domains_and_odd_from_pass_unsigned)."""
+    ring = [{"domain": "example.org", "selector": "s1", "key_file": keys.rsa()},
+            {"domain": "lists.example.org", "selector": "s2", "key_file": keys.rsa("l.pem")}]
+    signer = build(tmp_path, keys, keys=ring, subdomains=True)
+    for domain, d, selector in (("sub.example.org", b"example.org", b"s1"),
+                                ("a.b.Example.ORG", b"example.org", b"s1"),
+                                ("example.org", b"example.org", b"s1"),
+                                ("x.lists.example.org", b"lists.example.org", b"s2")):
+        message = MESSAGE.replace(b"Example.ORG", domain.encode())
+        answer, spooled = run(signer, message, envelope=RELAYED)
+        (field,) = answer.prepend
+        tags = signatureTags(field)
+        assert (tags[b"d"], tags[b"s"], tags[b"i"]) == (d, selector, b"@" + d), domain
+        assert keys.verify(spooled), domain
+    for other in ("notexample.org", "example.org.evil.test", "org"):
+        message = MESSAGE.replace(b"alice@Example.ORG", f"alice@{other}".encode())
+        assert run(signer, message, envelope=RELAYED) == (CONTINUE, message), other
+    # By the envelope sender: its subdomains too (and the message is read only for them).
+    signer = build(tmp_path, keys, sign_by="sender", subdomains=True)
+    sender = makeEnvelope("alice@mail.example.org",
+                          client=makeClient("127.0.0.1", relayAllowed=True))
+    answer, spooled = run(signer, envelope=sender)
+    assert signatureTags(answer.prepend[0])[b"d"] == b"example.org" and keys.verify(spooled)
+    stranger = makeEnvelope("x@example.com", client=makeClient("127.0.0.1", relayAllowed=True))
+    assert signer.filterMessage(makeFilterContext(MESSAGE, envelope=stranger)) is CONTINUE

@@ -272,32 +272,50 @@ def test_check_looks_up_the_keys_records(tmp_path: Path) -> None:
     assert time.monotonic() - started < 30
 
 
-def signingRelay(relays, port: int, key: object, keyPath: Path, options: str = ""):  # noqa: ANN001, ANN201
-    """A relay started with dkim-sign and one key of example.org (selector s1), relaying to
-    the next hop on C{port}."""
+def signingRelay(relays, port: int, directory: Path, options: str = ""):  # noqa: ANN001, ANN201
+    """A relay started with dkim-sign and one new key of example.org (selector s1, its file
+    in C{directory}), relaying to the next hop on C{port}; and the L{FakeDNS} publishing it."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    keyPath = directory / "org.pem"
+    dns = FakeDNS()
+    dns.publish("s1", "example.org", key)
     return relays(
         '[dns]\nreverse_lookups = false\n'
         f'[relay]\nsmarthost = "[127.0.0.1]:{port}"\n'
         '[[plugins]]\nplugin = "dkim-sign"\n'
         f'keys = [{{domain = "example.org", selector = "s1", key_file = "{keyFile(keyPath, key)}"}}]\n'
         + options
-    ).start()
+    ).start(), dns
+
+
+def relaySigned(r, hop, sender: str) -> tuple[dict[bytes, bytes], bytes]:  # noqa: ANN001
+    """Send a message From: C{sender} to bob@example.net through the relay C{r}; the tags of
+    the signature on top of it as it reached the next hop C{hop}, and the message."""
+    data = f"From: {sender}\r\nTo: bob@example.net\r\nSubject: signed\r\n\r\nx\r\n"
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as smtp:
+        smtp.sendmail(sender, ["bob@example.net"], data.encode())
+    (got,) = hop.waitTo("bob@example.net")
+    headers, _ = dkim.rfc822_parse(got.content)
+    assert headers[0][0] == b"DKIM-Signature", got.content
+    return dkim.util.parse_tag_value(headers[0][1]), got.content
 
 
 def test_signature_ttl_puts_an_expiry_on_the_wire(relays, nexthop, tmp_path) -> None:  # noqa: F811
     """C{signature_ttl = 3600}: the signature arriving at the next hop carries C{x=} an
     hour after its C{t=} (RFC 6376 section 3.5, OpenDKIM's SignatureTTL), and verifies."""
     hop, port = nexthop()
-    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
-    dns = FakeDNS()
-    dns.publish("s1", "example.org", key)
-    r = signingRelay(relays, port, key, tmp_path / "org.pem", "signature_ttl = 3600\n")
-    data = b"From: alice@example.org\r\nTo: bob@example.net\r\nSubject: ttl\r\n\r\nx\r\n"
-    with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as smtp:
-        smtp.sendmail("alice@example.org", ["bob@example.net"], data)
-    (got,) = hop.waitTo("bob@example.net")
-    headers, _ = dkim.rfc822_parse(got.content)
-    assert headers[0][0] == b"DKIM-Signature", got.content
-    tags = dkim.util.parse_tag_value(headers[0][1])
+    r, dns = signingRelay(relays, port, tmp_path, "signature_ttl = 3600\n")
+    tags, content = relaySigned(r, hop, "alice@example.org")
     assert int(tags[b"x"]) - int(tags[b"t"]) == 3600
-    assert dns.verify(got.content, 0)
+    assert dns.verify(content, 0)
+
+
+def test_subdomains_are_signed_with_the_parent_key(relays, nexthop, tmp_path) -> None:  # noqa: F811
+    """C{subdomains = true}: mail From: a sub.example.org address arrives signed with the
+    key of example.org (C{d=example.org}, OpenDKIM's SubDomains), and verifies."""
+    hop, port = nexthop()
+    r, dns = signingRelay(relays, port, tmp_path, "subdomains = true\n")
+    tags, content = relaySigned(r, hop, "alice@sub.example.org")
+    assert tags[b"d"] == b"example.org"
+    assert dns.verify(content, 0)
+    r.waitForLog(r"dkim-sign: signed d=example\.org s=s1")

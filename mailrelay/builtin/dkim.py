@@ -4,7 +4,8 @@ with C{dkimpy}.
 Each message of ours (from an authenticated client, a client in the relay networks, or made
 by the relay itself) whose C{From:} domain (or, configured so, envelope sender domain) has a
 key gets a C{DKIM-Signature:} field per key of that domain, prepended by the intake before
-the message is spooled; every other message passes unsigned.  The message is read off the
+the message is spooled (with C{subdomains}, a key of a parent domain signs for its
+subdomains); every other message passes unsigned.  The message is read off the
 reactor thread (L{IFilterContext.read}) and signed in the thread pool
 (L{IFilterContext.deferToThread}).
 
@@ -43,7 +44,7 @@ from mailrelay.address import normaliseDomain
 from mailrelay.builtin.dnsbl import isNXDOMAIN
 from mailrelay.builtin.headers import headerFields
 from mailrelay.config.schema import At, Key, Reading, Table, pluginOptions
-from mailrelay.config.values import choice, fileName, seconds, strings
+from mailrelay.config.values import boolean, choice, fileName, seconds, strings
 from mailrelay.errors import ConfigError, describeValue
 from mailrelay.interfaces import CONTINUE, FilterResult, IMessageFilter, IOnlineCheck
 from mailrelay.namedfile import readError, readNamedFile
@@ -300,6 +301,9 @@ SCHEMA = pluginOptions(
     Key("signature_ttl", seconds,
         "Seconds a signature is valid after signing (x=; OpenDKIM's SignatureTTL); none: "
         "no x=, it never expires.", field="signatureTTL"),
+    Key("subdomains", boolean,
+        "Sign mail of the subdomains of a key's domain with its key (OpenDKIM's SubDomains).",
+        default=False),
     check=_check,
 )  # fmt: skip
 
@@ -402,9 +406,11 @@ class DKIMSigner(Service):
         oversign: Sequence[str] = DEFAULT_OVERSIGN,
         canonicalization: str = "relaxed/relaxed",
         signatureTTL: float | None = None,
+        subdomains: bool = False,
         resolver: Any = None,
     ) -> None:
         self.resolver = resolver
+        self.subdomains = subdomains
         #: Whole seconds from a signature's C{t=} to its C{x=}, or C{None}: no C{x=}.
         self.signatureTTL = None if signatureTTL is None else math.ceil(signatureTTL)
         self.keys: dict[str, list[SigningKey]] = {}
@@ -481,7 +487,7 @@ class DKIMSigner(Service):
         if not self.isOurs(context.client):
             return CONTINUE
         senderDomain = _senderDomain(envelope.sender)
-        if self.signBy == "sender" and senderDomain not in self.keys:
+        if self.signBy == "sender" and self.keyDomain(senderDomain) is None:
             return CONTINUE  # (the message need not be read)
         d = context.read()
         d.addCallback(lambda message: context.deferToThread(self.sign, message, senderDomain))
@@ -499,6 +505,19 @@ class DKIMSigner(Service):
             selectors=",".join(k.selector for k in self.keys[signed.domain or ""]),
         )  # fmt: skip
         return FilterResult(prepend=signed.fields)
+
+    def keyDomain(self, domain: str) -> str | None:
+        """The domain whose keys sign mail of C{domain}: C{domain} itself, or, with
+        L{subdomains}, its closest parent domain that has keys (OpenDKIM's C{SubDomains});
+        C{None}: none."""
+        if domain in self.keys:
+            return domain
+        if self.subdomains:
+            labels = domain.split(".")
+            for parent in (".".join(labels[i:]) for i in range(1, len(labels))):
+                if parent in self.keys:
+                    return parent
+        return None
 
     def includeHeaders(self, headers: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
         """The C{h=} list for a message with C{headers}: each configured field as many times
@@ -526,9 +545,10 @@ class DKIMSigner(Service):
             return Signed(why=why)  # (RFC 6376: the From: field must be signed)
         if self.signBy == "sender":
             domain = senderDomain
-        keys = self.keys.get(domain)
-        if not keys:
+        keyDomain = self.keyDomain(domain)
+        if keyDomain is None:
             return Signed(why=f"no key for {domain}")
+        keys = self.keys[keyDomain]
         try:
             signer = dkim.DKIM(message, linesep=b"\r\n")
         except dkim.MessageFormatError as e:
@@ -544,7 +564,7 @@ class DKIMSigner(Service):
             )
             for key in keys
         )  # fmt: skip
-        return Signed(fields, domain)
+        return Signed(fields, keyDomain)
 
 
 def _expire(signer: Any, ttl: int) -> None:
@@ -585,6 +605,7 @@ def build(options: dict[str, Any], context: Any) -> DKIMSigner:
         oversign=read.oversign,
         canonicalization=read.canonicalization,
         signatureTTL=read.signatureTTL,
+        subdomains=read.subdomains,
         # (Checked by the relay; not again by its child processes.)
         resolver=None if context.quiet else context.resolver,
     )
