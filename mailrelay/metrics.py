@@ -467,9 +467,19 @@ class ProcessMetrics:
             raise ValueError("not a metrics snapshot")
         self._live[child] = families
 
-    def retire(self, child: object) -> None:
-        """C{child} has ended: keep its counters and histograms, drop its gauges."""
-        for name, kind, documentation, samples in self._live.pop(child, []):
+    def retire(
+        self, child: object, atLeast: Iterable[tuple[_Declared, dict[str, str], float]] = ()
+    ) -> None:
+        """C{child} has ended: keep its counters and histograms, drop its gauges.
+
+        @param atLeast: counters (C{(metric, labels, count)}) the relay saw C{child} reach,
+            kept at C{count} where its last snapshot says less: a child killed (SIGKILL)
+            before its next snapshot did not say what it counted since.
+        """
+        families = self._live.pop(child, [])
+        for metric, labels, count in atLeast:
+            _atLeast(families, metric, labels, count)
+        for name, kind, documentation, samples in families:
             if _isCumulative(kind):
                 _addSamples(self._ended.setdefault(name, (kind, documentation, {}))[2], samples)
 
@@ -498,6 +508,23 @@ class ProcessMetrics:
                 family.add_sample(sampleName, dict(labels), value)
             result.append(family)
         return result
+
+
+def _atLeast(
+    families: list[_Family], metric: _Declared, labels: dict[str, str], count: float
+) -> None:
+    """Raise the sample of the counter C{metric} with C{labels} in C{families} (a
+    snapshot's) to C{count} where it is lower or missing."""
+    family = next((f for f in families if f[0] == metric.name), None)
+    if family is None:
+        family = [metric.name, metric.kind, metric.documentation, []]
+        families.append(family)
+    sampleName = f"{metric.name}_total"
+    for sample in family[3]:
+        if sample[0] == sampleName and sample[1] == labels:
+            sample[2] = max(sample[2], count)
+            return
+    family[3].append([sampleName, labels, count])
 
 
 class _Exposition:

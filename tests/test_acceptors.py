@@ -40,6 +40,7 @@ from mailrelay.interfaces import IRateLimiter
 from mailrelay.queue.process import METRICS_RECORD, encodeLogEvent
 from mailrelay.receive.auth import IAuthThrottle, MemoryAuthThrottle
 from mailrelay.receive.limits import MemoryRateLimiter
+from tests.test_metrics import samplesOf
 
 QUEUE_ID = "0123456789ABCDEFGHJK"
 
@@ -184,6 +185,31 @@ def test_queued_ids_reach_the_queue_manager_logs_and_metrics_the_relay() -> None
     assert any(e.get("log_text") == "hello 1" for e in events)
     assert any("bad queue id" in e.get("log_format", "") for e in events)
     assert process.protocol in pool.metrics._live
+
+
+def _messagesSnapshot(accepted: int) -> str:
+    """An acceptor's metrics record saying it accepted C{accepted} messages."""
+    sample = ["mailrelay_messages_total", {"reply": "2xx", "origin": "smtp"}, float(accepted)]
+    return METRICS_RECORD + json.dumps([["mailrelay_messages", "counter", "d", [sample]]]) + "\n"
+
+
+def test_a_killed_acceptor_counts_every_message_it_said_it_queued() -> None:
+    """An acceptor sends its metrics once a second: killed (SIGKILL) before its next
+    snapshot, the messages it queued since were not counted, though the spool holds them.
+    The relay counts what it saw queued: at least that many accepted messages, never the
+    same message twice."""
+    pool, reactor, queued = _pool(3)
+    pool.startService()
+    killed, stopped, silent = (process for process, _, _ in reactor.spawned)
+    killed.protocol.outReceived((_messagesSnapshot(1) + f"queued\t{QUEUE_ID}\n" * 3).encode())
+    stopped.protocol.outReceived((f"queued\t{QUEUE_ID}\n" * 2 + _messagesSnapshot(2)).encode())
+    silent.protocol.outReceived(f"queued\t{QUEUE_ID}\n".encode())
+    killed.end(9)
+    stopped.end(0)
+    silent.end(9)
+    assert len(queued) == 6
+    merged = samplesOf(pool.metrics.merged([]))
+    assert merged[("mailrelay_messages_total", (("origin", "smtp"), ("reply", "2xx")))] == 6
 
 
 def test_the_relay_knows_how_many_sessions_each_acceptor_has_open() -> None:

@@ -25,7 +25,7 @@ import pytest
 
 from tests.harness import RelayProcess
 from tests.test_e2e_delivery_process import _alive
-from tests.test_e2e_operating import get, metricsPort
+from tests.test_e2e_operating import get, metricsPort, scrape, value
 from tests.test_e2e_outbound import nexthop  # noqa: F401 - the aiosmtpd next-hop fixture
 
 _STARTED = r"acceptor process started \(pid (\d+)\)"
@@ -274,6 +274,23 @@ def test_kill9_of_the_acceptor_loses_nothing_it_acknowledged(relay) -> None:
     status, health = _health(r)
     assert status == 200, health
     assert (health["acceptors"], health["acceptor_pids"]) == ("up", [restarted]), health
+
+
+def test_kill9_of_the_acceptor_keeps_the_count_of_the_messages_it_accepted(relay) -> None:
+    """An acceptor sends its metrics once a second: killed before the next snapshot, the
+    messages it had accepted since were missing from mailrelay_messages_total, though the
+    spool held them and they were delivered.  The relay counts those it saw queued."""
+    r, recorder, acceptor = relay('[metrics]\nlisten = "tcp:0:interface=127.0.0.1"\n')
+    port = metricsPort(r)
+    with _relayStopped(r):
+        for n in range(3):
+            _send(r.port, f"m{n}@example.org")
+        os.kill(acceptor, signal.SIGKILL)
+    r.waitForLog(rf"acceptor process \(pid {acceptor}\) exited unexpectedly")
+    samples = scrape(port)
+    assert value(samples, "mailrelay_messages_total", reply="2xx", origin="smtp") == 3, samples
+    for n in range(3):
+        recorder.waitTo(f"m{n}@example.org", timeout=30)
 
 
 @contextmanager

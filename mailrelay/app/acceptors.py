@@ -47,7 +47,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailrelay.app.logs import eventSystem
-from mailrelay.metrics import ProcessMetrics
+from mailrelay.metrics import MESSAGES, ProcessMetrics, replyClass
 from mailrelay.queue.process import (
     _KILL_MARGIN,
     _RESTART_MAX,
@@ -141,6 +141,8 @@ class _AcceptorProtocol(_ChildProtocol):
         self.held: dict[tuple[str, str], list[Any]] = {}
         #: the sessions it has open, as it last said (L{SESSIONS_RECORD})
         self.sessions = 0
+        #: the messages it said it queued (L{QUEUED_RECORD}), each counted accepted by it
+        self.queued = 0
 
     def recordReceived(self, record: bytes) -> None:
         if record.startswith(_ASK):
@@ -154,6 +156,7 @@ class _AcceptorProtocol(_ChildProtocol):
         if record.startswith(_QUEUED):
             queueID = record[len(_QUEUED) :].decode("ascii", "replace")
             if isQueueID(queueID):
+                self.queued += 1
                 self.service.enqueue(queueID)
             else:
                 log.error("acceptor process (pid {pid}): bad queue id {queueID!r} ignored",
@@ -215,6 +218,14 @@ class _AcceptorProtocol(_ChildProtocol):
     def _answer(self, serial: str, answer: str) -> None:
         if self.transport is not None and not self.ended.called:
             self.process.write(f"{ANSWER_RECORD}{serial}\t{answer}\n".encode("ascii"))
+
+    def counted(self) -> list[tuple[Any, dict[str, str], float]]:
+        """The messages it said it queued, each counted accepted (L{MESSAGES}, 2xx, smtp)
+        before it said so: a child killed before its next snapshot (sent once a second)
+        counts them still.  (Its other counters of that second are lost with it.)"""
+        if not self.queued:
+            return []
+        return [(MESSAGES, {"reply": replyClass(250), "origin": "smtp"}, self.queued)]
 
     def processEnded(self, reason: Any) -> None:
         # Its AUTH attempts in flight and its sessions are over: their clients must not

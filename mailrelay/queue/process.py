@@ -248,8 +248,13 @@ class _ChildProtocol(ProcessProtocol):
                 "{what}: bad metrics record dropped: {error}", what=self.what, error=str(e)
             )
 
+    def counted(self) -> list[tuple[Any, dict[str, str], float]]:
+        """The counters the relay saw this child reach (C{(metric, labels, count)}), kept
+        if its last snapshot said less (L{ProcessMetrics.retire}): none here."""
+        return []
+
     def processEnded(self, reason: Any) -> None:
-        self.service.metrics.retire(self)
+        self.service.metrics.retire(self, self.counted())
         self.service._childEnded(self, reason)
         self.ended.callback(None)
 
