@@ -2309,3 +2309,27 @@ def test_recipient_delimiter(tmp_path: Path, value: str, error: str | None) -> N
     with pytest.raises(ConfigError) as e:
         loadConfig(path)
     assert "delivery.recipient_delimiter" in str(e.value) and error in str(e.value)
+
+
+def test_mailq_users(tmp_path: Path) -> None:
+    """C{[spool] mailq_users}: who besides root and the relay's user may list the queue
+    (Postfix's authorized_mailq_users, default static:anyone): C{"anyone"} (C{None}), or
+    local users' names (their ids); C{[]}: nobody else."""
+    import pwd
+
+    def users(value: str) -> Any:
+        return loadConfig(writeConfig(tmp_path, f"[spool]\nmailq_users = {value}\n")).mailqUsers
+
+    assert loadConfig(None).mailqUsers is None
+    assert users('"anyone"') is None
+    assert users("[]") == ()
+    root = pwd.getpwuid(0).pw_name
+    assert users(f'["{root}", "{root}"]') == (0,)
+    for value, message in (
+        ('"everyone"', 'must be "anyone" or an array of user names, not "everyone"'),
+        ('["no-such-user-x"]', 'mailq_users[0]: no user "no-such-user-x" on this system'),
+        ("[1]", "mailq_users[0]: must be a string, not 1"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            users(value)
+        assert message in str(e.value), str(e.value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import socket
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from mailrelay.queue.commands import (
     JSON,
     ControlLocator,
     QueueBounce,
+    QueueDelete,
+    QueueFlush,
     QueueHold,
     QueueList,
     QueueShow,
@@ -38,6 +41,7 @@ from mailrelay.queue.commands import (
 )
 from mailrelay.queue.control import (
     BadRequest,
+    NotPermitted,
     QueueControl,
     QueueUnavailable,
     UnknownEntry,
@@ -801,12 +805,107 @@ def test_peer_credentials_and_refusal(monkeypatch: pytest.MonkeyPatch, tmp_path:
     protocol = controlModule.ControlProtocol(service)
     transport = StringTransport()
     protocol.makeConnection(transport)
-    assert transport.disconnecting and protocol not in service.connections
+    # (Its every command is refused, saying why: test_mailq_users_may_list_the_queue_...)
+    assert not transport.disconnecting and protocol.locator.may == "none"
     monkeypatch.setattr(controlModule, "peerCredentials", lambda t: (99, os.geteuid(), 0))
     allowed = controlModule.ControlProtocol(service)
     transport = StringTransport()
     allowed.makeConnection(transport)
     assert not transport.disconnecting and allowed in service.connections
+
+
+class ListingRelay:
+    """A relay answering each queue command with its name, with C{[spool] mailq_users}."""
+
+    def __init__(self, mailqUsers: Any) -> None:
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(mailqUsers=mailqUsers)
+        self.asked: list[Any] = []
+
+    def queueCommand(self, command: Any, arguments: dict[str, Any]) -> Deferred[Any]:
+        self.asked.append(command)
+        return succeed(command.commandName.decode())
+
+    def status(self) -> Deferred[Any]:
+        self.asked.append("status")
+        return succeed({})
+
+
+def test_mailq_users_may_list_the_queue_and_nothing_else(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Postfix's authorized_mailq_users (default static:anyone): any local user may list
+    the queue (postqueue -p, mailq), while postsuper's delete and hold, and the rest, are
+    root's (and the relay's user's).  [spool] mailq_users says who: None (anyone), user ids,
+    or none; a user not in it is refused at connect, as every other user was."""
+    from mailrelay.app import control as controlModule
+
+    monkeypatch.setattr(controlModule, "peerCredentials", lambda t: (99, 4242, 4242))
+    for users in (None, (7, 4242)):
+        relay = ListingRelay(users)
+        service = controlModule.ControlService(relay, tmp_path)
+        client, _, pump = iosim.connectedServerAndClient(
+            lambda: controlModule.ControlProtocol(service), QuietAMP)
+        assert call(client, pump, QueueList, cursor=None, limit=10)["result"] == "queue-list"
+        for command, arguments in (
+            (QueueFlush, {"ids": [], "domain": None}), (QueueShow, {"queueID": "x", "body": False}),
+            (QueueDelete, {"ids": ["x"], "all_deferred": False}),
+            (QueueHold, {"ids": ["x"], "all_entries": False}), (QueueStatus, {}),
+            (controlModule.Status, {}), (controlModule.Reload, {}), (controlModule.Stop, {}),
+        ):
+            with pytest.raises(NotPermitted, match=(
+                    f"permission denied: {command.commandName.decode()} is for root and the "
+                    "relay's user; other users may only list the queue")):
+                call(client, pump, command, **arguments)
+        assert relay.asked == [QueueList], users
+    for users in ((), (7,)):
+        relay = ListingRelay(users)
+        service = controlModule.ControlService(relay, tmp_path)
+        client, _, pump = iosim.connectedServerAndClient(
+            lambda: controlModule.ControlProtocol(service), QuietAMP)
+        for command, arguments in ((QueueList, {"cursor": None, "limit": 10}),
+                                   (controlModule.Status, {})):
+            with pytest.raises(NotPermitted, match=(
+                    r"permission denied: the control socket is for root, the relay's user and "
+                    r"the users of \[spool\] mailq_users")):
+                call(client, pump, command, **arguments)
+        assert relay.asked == [], users
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_PEERCRED is Linux's")
+def test_the_socket_and_the_spool_let_the_mailq_users_reach_it(tmp_path: Path) -> None:
+    """The socket was mode 0600 in a spool directory of mode 0700: no other user could
+    list the queue.  With mailq users, the socket is open to all (the relay tells users
+    apart) and the spool directory searchable, not readable; without, it stays as it was."""
+    import stat
+
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import MemoryReactor
+
+    from mailrelay.app.control import ControlService
+
+    class BindingReactor(MemoryReactor, Clock):
+        """Makes the socket's file, as the real listenUNIX does."""
+
+        def __init__(self) -> None:
+            MemoryReactor.__init__(self)
+            Clock.__init__(self)
+
+        def listenUNIX(self, address: str, *args: Any, **kwargs: Any) -> Any:
+            with socket.socket(socket.AF_UNIX) as bound:
+                bound.bind(address)
+            return super().listenUNIX(address, *args, **kwargs)
+
+    for users, searchable in ((None, 0o011), ((7,), 0o011), ((), 0)):
+        spool = tmp_path / f"spool-{len(list(tmp_path.iterdir()))}"
+        spool.mkdir(mode=0o700)
+        relay = ListingRelay(users)
+        relay.reactor = BindingReactor()  # type: ignore[attr-defined]
+        ControlService(relay, spool).listen()
+        (server,) = relay.reactor.unixServers  # type: ignore[attr-defined]
+        assert server[3] == 0o666, users
+        assert stat.S_IMODE(spool.stat().st_mode) == 0o700 | searchable, users
 
 
 def test_delivery_process_unavailable_reasons() -> None:

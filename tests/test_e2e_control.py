@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from tests.harness import RelayProcess, freePort
+from tests.test_e2e_operating import nobodyDirectory, nobodyRuntime  # noqa: F401 - a fixture
 from tests.test_e2e_outbound import nexthop  # noqa: F401 - the aiosmtpd next-hop fixture
 
 MAILRELAY = str(Path(sys.executable).with_name("mailrelay"))
@@ -353,7 +354,10 @@ def test_status_reload_stop(relays) -> None:
 
     # stop: waits until the relay has stopped
     socketPath = r.spool / "control.sock"
-    assert stat.S_IMODE(socketPath.stat().st_mode) == 0o600
+    # Open to all (the relay tells its users apart), in a spool searchable by all: any user
+    # may list the queue ([spool] mailq_users = "anyone").
+    assert stat.S_IMODE(socketPath.stat().st_mode) == 0o666
+    assert stat.S_IMODE(r.spool.stat().st_mode) == 0o711
     out = ok(r, "stop")
     assert f"stopping (pid {r.process.pid})" in out and "mailrelay: stopped" in out
     assert r.process.wait(10) == 0
@@ -405,6 +409,49 @@ def test_queue_list_when_the_relay_is_down(relays) -> None:
     assert cli(r, "queue", "hold", queued[0]).returncode == 1  # changes need the relay
 
 
+def test_any_local_user_may_list_the_queue_but_not_change_it(nobodyRuntime) -> None:  # noqa: F811
+    """Postfix lets every local user run mailq (authorized_mailq_users = static:anyone) and
+    only root postsuper.  Ours refused every other user: the control socket was 0600 in a
+    spool of mode 0700 ("permission denied on the control socket").  Now the user nobody
+    lists the queue (mailrelay queue list, sendmail -bp), and is refused, saying why, what
+    changes it or the relay; with the relay down it cannot read the queue (private, as
+    Postfix's: "mail system is down"), and says so."""
+    python, top = nobodyRuntime
+    directory = nobodyDirectory(top)
+    spool = directory / "spool"
+    config = relayConfig(freePort(), "hold = true\n") + f'[spool]\ndirectory = "{spool}"\n'
+    r = RelayProcess(directory, config)
+    try:
+        r.start()
+        queued = send(r, "listed")
+
+        def asNobody(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([str(python), "-m", *args], user="nobody", group="nogroup",
+                                  cwd=directory, capture_output=True, text=True, timeout=60)
+
+        for command in (("mailrelay", "--spool", str(spool), "queue", "list"),
+                        ("mailrelay.app.sendmail", "-bp", "-C", str(directory / "mailrelay.toml"))):
+            p = asNobody(*command)
+            assert p.returncode == 0 and queued in p.stdout, (command, p)
+        for args, name in ((("queue", "flush"), "queue-flush"),
+                           (("queue", "delete", queued), "queue-delete"),
+                           (("queue", "hold", queued), "queue-hold"),
+                           (("queue", "show", queued), "queue-show"),
+                           (("status",), "status"), (("stop",), "stop")):
+            p = asNobody("mailrelay", "--spool", str(spool), *args)
+            assert (p.returncode, p.stderr) == (1, (
+                f"mailrelay: permission denied: {name} is for root and the relay's user; "
+                "other users may only list the queue\n")), (args, p)
+        assert list(listing(r)) == [queued]  # (as root: untouched)
+        assert r.stop() in (0, -signal.SIGTERM)
+        p = asNobody("mailrelay", "--spool", str(spool), "queue", "list")
+        assert p.returncode == 1, p
+        assert p.stderr.endswith(
+            f"mailrelay: listing {spool}/queue failed: Permission denied (EACCES)\n"), p.stderr
+    finally:
+        r.stop()
+
+
 def test_operator_errors(relays, tmp_path: Path) -> None:
     """Not running; a socket the user may not use; a second relay on the same spool."""
     p = cli(tmp_path / "nospool", "queue", "list")
@@ -414,20 +461,23 @@ def test_operator_errors(relays, tmp_path: Path) -> None:
     r = relays(relayConfig(freePort())).start()
     sock = r.spool / "control.sock"
     if os.geteuid() == 0:
-        # Root may use any file: the socket is given to nobody (still 0600), and the command
+        # Root may use any file: the socket is given to nobody (made 0600), and the command
         # runs without the capabilities that bypass file permissions.
         os.chown(sock, 65534, 65534)
+        sock.chmod(0o600)  # (as on a system that cannot tell the socket's users apart)
         drop = "-dac_override,-dac_read_search"
         p = cli(r, "queue", "list",
                 prefix=("setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}"))
         os.chown(sock, 0, 0)
+        sock.chmod(0o666)
     else:
         sock.chmod(0)
         p = cli(r, "queue", "list")
-        sock.chmod(0o600)
+        sock.chmod(0o666)
     assert p.returncode == 1, p
     assert p.stderr == (f"mailrelay: permission denied on the control socket {sock}: run this "
-                        "as the user the relay runs as, or as root\n")
+                        "as the user the relay runs as, or as root (to list the queue: as a "
+                        "user of its [spool] mailq_users)\n")
 
     second = RelayProcess(r.directory, r.configText)
     try:

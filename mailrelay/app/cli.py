@@ -200,7 +200,8 @@ def connect(path: Path) -> socket.socket:
         sock.close()
         raise CommandFailed(
             f"permission denied on the control socket {path}: run this as the user the "
-            "relay runs as, or as root"
+            "relay runs as, or as root (to list the queue: as a user of its [spool] "
+            "mailq_users)"
         ) from None
     except OSError as e:
         sock.close()

@@ -1,5 +1,5 @@
-"""The relay's control socket: C{<spool>/control.sock}, a UNIX socket (mode 0600: its owner
-only) speaking Twisted's AMP, which the C{mailrelay} command (L{mailrelay.app.cli}) talks to.
+"""The relay's control socket: C{<spool>/control.sock}, a UNIX socket speaking Twisted's
+AMP, which the C{mailrelay} command (L{mailrelay.app.cli}) talks to.
 
 The relay answers L{Status}, L{Reload} and L{Stop} itself, and the queue commands
 (L{mailrelay.queue.commands}) with the queue manager: its own (C{[queue] process =
@@ -8,8 +8,13 @@ answer (C{[queue] hold = true}, or the delivery process is being restarted), the
 that only read the queue are answered from the spool by the relay itself, and the others
 refused with the reason.
 
-Only the socket's owner (the user the relay runs as) and root may connect: the file's mode
-says so, and the relay checks the peer's credentials too (Linux's C{SO_PEERCRED}).
+Root, the relay's user and the socket's owner may run every command.  As Postfix lets every
+local user run C{mailq} (C{authorized_mailq_users}, default C{static:anyone}) while only
+root may delete or hold mail (C{postsuper}), the other users C{[spool] mailq_users} names
+(default: anyone) may list the queue and do nothing else: the relay tells the users apart by
+the peer's credentials (Linux's C{SO_PEERCRED}), so there the socket is open to all (mode
+0666) and the spool directory searchable (not readable) by all, its queue staying private.
+Where the system does not say who the peer is, the socket is its owner's only (mode 0600).
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from mailrelay.app.services import stopReactor
-from mailrelay.queue.commands import QueueLocator, QuietAMP, makeCommand
-from mailrelay.queue.control import QueueControl
+from mailrelay.queue.commands import QueueList, QueueLocator, QuietAMP, makeCommand
+from mailrelay.queue.control import NotPermitted, QueueControl
 
 log = Logger()
 
@@ -61,13 +66,19 @@ def controlSocketPath(spoolDirectory: str | os.PathLike[str]) -> Path:
     return Path(os.path.abspath(spoolDirectory)) / CONTROL_SOCKET
 
 
+#: The error of the commands a user of C{[spool] mailq_users} may not run.
+_REFUSED: dict[type[Exception], bytes] = {NotPermitted: b"NOT_PERMITTED"}
+
 #: The relay's state (see L{RelayService.status}).
-Status = makeCommand(b"status", "The relay's state.", errors={})
+Status = makeCommand(b"status", "The relay's state.", errors=_REFUSED)
 #: Reload the configuration, as SIGHUP does; answers whether it took.
-Reload = makeCommand(b"reload", "Reload the configuration.", errors={})
+Reload = makeCommand(b"reload", "Reload the configuration.", errors=_REFUSED)
 #: Stop the relay, as SIGTERM does; answers at once (the relay closes the connection when it
 #: has stopped).
-Stop = makeCommand(b"stop", "Stop the relay.", errors={})
+Stop = makeCommand(b"stop", "Stop the relay.", errors=_REFUSED)
+
+#: Whether this system says who the peer of a UNIX socket is (L{peerCredentials}).
+PEER_CREDENTIALS = hasattr(socket, "SO_PEERCRED") and sys.platform.startswith("linux")
 
 
 def queueControl(
@@ -100,16 +111,35 @@ class RelayLocator(QueueLocator):
 
     def __init__(self, relay: Any) -> None:
         self.relay = relay
+        #: What the peer may run: C{"all"}; C{"list"}, only L{QueueList} (a user of
+        #: C{[spool] mailq_users}); C{"none"} (any other user).
+        self.may = "all"
+
+    def check(self, command: type[amp.Command]) -> None:
+        """@raise NotPermitted: the peer may not run C{command}."""
+        if self.may == "none":
+            raise NotPermitted(
+                "permission denied: the control socket is for root, the relay's user and the "
+                "users of [spool] mailq_users"
+            )
+        if self.may == "list" and command is not QueueList:
+            raise NotPermitted(
+                f"permission denied: {command.commandName.decode()} is for root and the "
+                "relay's user; other users may only list the queue"
+            )
 
     def queueCommand(self, command: type[amp.Command], arguments: dict[str, Any]) -> Any:
+        self.check(command)
         return self.relay.queueCommand(command, arguments)
 
     @Status.responder
     def status(self) -> Deferred[dict[str, Any]]:
+        self.check(Status)
         return self.relay.status().addCallback(lambda result: {"result": result})
 
     @Reload.responder
     def reload(self) -> dict[str, Any]:
+        self.check(Reload)
         reloaded = self.relay.reload()
         return {
             "result": {
@@ -122,6 +152,7 @@ class RelayLocator(QueueLocator):
 
     @Stop.responder
     def stop(self) -> dict[str, Any]:
+        self.check(Stop)
         reactor = self.relay.reactor
         log.info("stopping: asked to on the control socket")
         reactor.callLater(0, stopReactor, reactor)
@@ -141,11 +172,13 @@ def peerCredentials(transport: Any) -> tuple[int, int, int] | None:
 
 
 class ControlProtocol(QuietAMP):
-    """One connection to the control socket: refused unless its peer runs as root, as the
-    relay's user or as the socket's owner."""
+    """One connection to the control socket: every command for a peer running as root, as
+    the relay's user or as the socket's owner; the queue's listing only for the users of
+    C{[spool] mailq_users}; none for the others (each refused, saying why)."""
 
     def __init__(self, service: ControlService) -> None:
-        super().__init__(locator=RelayLocator(service.relay))
+        self.locator = RelayLocator(service.relay)
+        super().__init__(locator=self.locator)
         self.service = service
 
     def connectionMade(self) -> None:
@@ -153,14 +186,13 @@ class ControlProtocol(QuietAMP):
         credentials = peerCredentials(self.transport)
         if credentials is not None and credentials[1] not in self.service.allowedUsers():
             pid, uid, _ = credentials
-            log.warn(
-                "control socket: connection from process {pid} of user {uid} refused",
-                pid=pid,
-                uid=uid,
-            )
-            assert self.transport is not None
-            self.transport.loseConnection()
-            return
+            self.locator.may = "list" if self.service.mayList(uid) else "none"
+            if self.locator.may == "none":
+                log.warn(
+                    "control socket: connection from process {pid} of user {uid} refused",
+                    pid=pid,
+                    uid=uid,
+                )
         self.service.connections.add(self)
 
     def connectionLost(self, reason: Any = None) -> None:
@@ -194,6 +226,16 @@ class ControlService(Service):
         if self._began is None:
             return None
         return float(self.relay.reactor.seconds()) - (self.monotonic() - self._began)
+
+    def mailqUsers(self) -> tuple[int, ...] | None:
+        """The running configuration's C{[spool] mailq_users} (C{None}: anyone; none without
+        a configuration)."""
+        return getattr(getattr(self.relay, "config", None), "mailqUsers", ())
+
+    def mayList(self, uid: int) -> bool:
+        """Whether the user C{uid} may list the queue (C{[spool] mailq_users})."""
+        users = self.mailqUsers()
+        return users is None or uid in users
 
     def allowedUsers(self) -> set[int]:
         """The users that may use the socket: root, the relay's and the socket's owner."""
@@ -236,7 +278,10 @@ class ControlService(Service):
         try:
             factory = Factory.forProtocol(lambda: ControlProtocol(self))
             factory.noisy = False
-            self.port = reactor.listenUNIX(path, factory, mode=0o600)
+            # (Open to all where the relay tells its users apart: ControlProtocol.)
+            self.port = reactor.listenUNIX(
+                path, factory, mode=0o666 if PEER_CREDENTIALS else 0o600
+            )
         except ierror.CannotListenError as e:
             raise OSError(f"cannot listen on the control socket {path}: {e.socketError}") from e
         if os.geteuid() == 0:
@@ -245,6 +290,25 @@ class ControlService(Service):
             os.chown(path, owner.st_uid, owner.st_gid)
         self._began = self.monotonic()
         log.info("control socket {path}", path=path)
+        self.openToListing()
+
+    def openToListing(self) -> None:
+        """Let the users of C{[spool] mailq_users}, if any, reach the socket: make the spool
+        directory searchable by all (not readable: its queue and files stay private, mode
+        0700 and 0600), as Postfix's queue directory is.  At the start and each reload."""
+        if not PEER_CREDENTIALS or self.mailqUsers() == ():
+            return
+        directory = self.path.parent
+        try:
+            mode = stat.S_IMODE(os.stat(directory).st_mode)
+            if mode & 0o011 != 0o011:
+                os.chmod(directory, mode | 0o011)
+        except OSError as e:
+            log.warn(
+                "control socket: cannot make the spool directory {directory} searchable for "
+                "the users of [spool] mailq_users: {error}",
+                directory=str(directory), error=e.strerror or str(e),
+            )  # fmt: skip
 
     @staticmethod
     def _removeStale(path: str) -> None:

@@ -582,6 +582,8 @@ class RelayService(OrderedMultiService):
         # (Not before: a reload that fails keeps the running ones.)
         self.throttle, self.limiter, self.carried = plan.throttle, plan.limiter, plan.carried
         self.spool.minFreeSpace = config.minFreeSpace
+        if self.control is not None:  # ([spool] mailq_users may name users now)
+            self.control.openToListing()
         wanted = {endpoint: (factory, role) for endpoint, factory, role in plan.listeners}
         renamed = {old: new for new, old in respelled.items()}
         for endpoint, listener in list(self.listeners.items()):

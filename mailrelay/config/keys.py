@@ -42,6 +42,7 @@ from mailrelay.config.values import (
     hostname,
     integer,
     ipAddresses,
+    mailqUsers,
     networks,
     nonEmpty,
     nonNegativeSeconds,
@@ -204,6 +205,13 @@ SPOOL = Table(
             choice("syncfs", "fsync"),
             "How the spool makes accepted mail durable: syncfs(2) per group, or fsync.",
             field="spoolSync",
+        ),
+        Key(
+            "mailq_users",
+            mailqUsers,
+            "Who besides root and the relay's user may list the queue (mailq): \"anyone\" "
+            "or user names.",
+            default="anyone",
         ),
     ),
     target=Config,

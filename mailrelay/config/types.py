@@ -120,6 +120,8 @@ class Config:
         can be created).
     @ivar minFreeSpace: bytes that must stay free on the spool's file system.
     @ivar spoolSync: how the spool makes a batch durable: C{"syncfs"} or C{"fsync"}.
+    @ivar mailqUsers: the users (ids) who may list the queue over the control socket besides
+        root and the relay's user (C{[spool] mailq_users}); C{None}: anyone.
     @ivar relayNetworks: clients in these networks may relay to any domain.
     @ivar acceptDomains: domains (normalised) accepted from anyone.
     @ivar smarthost: where outgoing mail goes, or C{None} for direct MX delivery.
@@ -235,6 +237,7 @@ class Config:
     routers: tuple[PluginSpec, ...] = ()
     plugins: tuple[PluginSpec, ...] = ()
     spoolSync: str = "syncfs"
+    mailqUsers: tuple[int, ...] | None = None
     auth: AuthSettings | None = None
     rateLimiter: PluginSpec | None = None
     drainTime: float = 30.0

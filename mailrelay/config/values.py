@@ -529,6 +529,23 @@ def strings(value: Any, at: At) -> tuple[str, ...]:
     return tuple(text for _, text in stringList(value, at))
 
 
+def mailqUsers(value: Any, at: At) -> tuple[int, ...] | None:
+    """C{"anyone"} (C{None}), or an array of local user names: their user ids, each once."""
+    import pwd
+
+    if value == "anyone":
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise at.error(f'must be "anyone" or an array of user names, not {describeValue(value)}')
+    uids: dict[int, None] = {}
+    for where, name in stringList(value, at):
+        try:
+            uids[pwd.getpwnam(name).pw_uid] = None
+        except KeyError:
+            raise where.error(f"no user {describeValue(name)} on this system") from None
+    return tuple(uids)
+
+
 def headerNames(value: Any, at: At) -> tuple[str, ...]:
     """An array of header field names (C{["Bcc", "Return-Path"]}), lower-cased, each once."""
     names: dict[str, None] = {}

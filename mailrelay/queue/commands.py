@@ -21,7 +21,13 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.protocols import amp
 
 from mailrelay.errors import SpoolError
-from mailrelay.queue.control import BadRequest, QueueControl, QueueUnavailable, UnknownEntry
+from mailrelay.queue.control import (
+    BadRequest,
+    NotPermitted,
+    QueueControl,
+    QueueUnavailable,
+    UnknownEntry,
+)
 
 __all__ = [
     "ERRORS",
@@ -74,6 +80,7 @@ ERRORS: dict[type[Exception], bytes] = {
     QueueUnavailable: b"QUEUE_UNAVAILABLE",
     UnknownEntry: b"UNKNOWN_ENTRY",
     BadRequest: b"BAD_REQUEST",
+    NotPermitted: b"NOT_PERMITTED",
     SpoolError: b"SPOOL_ERROR",
 }
 

@@ -72,6 +72,10 @@ class BadRequest(Exception):
     """A command's arguments make no sense (the message says why)."""
 
 
+class NotPermitted(Exception):
+    """The user asking may not run the command (the message says who may)."""
+
+
 def queueName(envelope: Envelope, active: bool) -> str:
     """The queue a message is in (see the module's docstring)."""
     if active:
