@@ -196,6 +196,29 @@ def test_a_plugin_that_fails_to_build_is_one_configuration_error(tmp_path: Path)
     ], done.stderr.decode()
 
 
+def test_two_plugins_of_one_name_are_one_configuration_error(tmp_path: Path) -> None:
+    """A second site dropin declaring a plugin under a name already installed (here the
+    example's site-gate) stops start-up with one configuration error line, as a plugin that
+    fails to build does, also when the relay forks its children (the default): it was a
+    traceback, the fork server's preparation listing the plugins outside the handler."""
+    other = tmp_path / "other"
+    (other / "twisted" / "plugins").mkdir(parents=True)
+    (other / "twisted" / "plugins" / "other_plugin.py").write_text(
+        "from mailrelay.interfaces import IConnectionPolicy, MailRelayPlugin\n"
+        "gate = MailRelayPlugin('site-gate', IConnectionPolicy, 'Another gate', 'other:build')\n"
+    )
+    r = RelayProcess(tmp_path / "relay", BASE + '[[plugins]]\nplugin = "site-gate"\n',
+                     env=ENV)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(other), ENV["PYTHONPATH"]]))
+    done = subprocess.run(r.command(), cwd=r.directory, env=env, capture_output=True,
+                          timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 1
+    lines = done.stderr.decode().strip().splitlines()
+    assert len(lines) == 1, done.stderr.decode()
+    assert lines[0].startswith(
+        "mailrelay: configuration error: two installed plugins are named 'site-gate'")
+
+
 @pytest.mark.parametrize(
     ("entry", "message"),
     [

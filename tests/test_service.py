@@ -227,3 +227,29 @@ def readToEnd(fd: int) -> bytes:
         raise AssertionError("the writing end is still open") from None
     finally:
         os.close(fd)
+
+
+def test_a_configuration_error_preparing_the_fork_server_stops_the_start(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The fork server's preparation lists the installed plugins (to preload the built-in
+    ones' modules); their being refused there (two plugins of one name) is the same
+    one-line configuration error as anywhere else, not a traceback."""
+    from mailrelay.app import forkserver, plugins
+    from mailrelay.app.tap import Options, makeService
+    from mailrelay.errors import ConfigError
+
+    def refused() -> None:
+        raise ConfigError("two installed plugins are named 'site-gate': ...")
+
+    monkeypatch.setattr(plugins, "availablePlugins", refused)
+    monkeypatch.setattr(forkserver, "usable", lambda twistdOptions: None)
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[spool]\ndirectory = "{tmp_path / "spool"}"\n'
+                      '[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\n')
+    options = Options()
+    options.parseOptions(["--config", str(config)])
+    with pytest.raises(SystemExit) as raised:
+        makeService(options)
+    assert str(raised.value) == (
+        "mailrelay: configuration error: two installed plugins are named 'site-gate': ...")

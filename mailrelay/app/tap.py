@@ -125,6 +125,7 @@ def makeService(options: Options) -> Any:
     from mailrelay.config import loadConfig, readConfigFile
     from mailrelay.errors import ConfigError
     from mailrelay.namedfile import explainPermissions, runAsUser
+    from mailrelay.route.ownaddr import exportPassedSockets
 
     explainPermissions()  # (the relay: its unreadable files' messages name its user)
 
@@ -133,18 +134,17 @@ def makeService(options: Options) -> Any:
     user = runAs(serverOptions)
     # (Checked as for the user we will run as.)
     runAsUser(*(user if user is not None else (None, None)))
-    try:
-        text = readConfigFile(path) if path is not None else None
-        config = loadConfig(path, options.overrides(), text=text)
-    except ConfigError as e:
-        raise SystemExit(f"mailrelay: configuration error: {e}") from None
-    from mailrelay.route.ownaddr import exportPassedSockets
-
     # Where the sockets systemd passed us are bound, for our children (the delivery
     # process knows the relay by its listeners' addresses: it is passed no socket).
     exportPassedSockets()
-    # Before the reactor exists: the fork server must not have one (see its module).
-    forkServer = forRelay(config, serverOptions, user)
+    try:
+        text = readConfigFile(path) if path is not None else None
+        config = loadConfig(path, options.overrides(), text=text)
+        # Before the reactor exists: the fork server must not have one (see its module).
+        # (It lists the installed plugins: two of one name are refused there first.)
+        forkServer = forRelay(config, serverOptions, user)
+    except ConfigError as e:
+        raise SystemExit(f"mailrelay: configuration error: {e}") from None
 
     from twisted.internet import reactor
 
