@@ -401,6 +401,36 @@ def test_delivery_process_that_fails_to_start_exits(tmp_path: Path) -> None:
     assert b"start-up failed" in p.stdout and b"the queue cannot start" in p.stdout
 
 
+def test_delivery_process_refusing_its_configuration_logs_why(tmp_path: Path) -> None:
+    """A configuration the delivery process refuses (one the relay took: a site's plugin
+    module edited since, imported anew here) is said as a log event, which the relay
+    writes in its log: on the process's standard error it was lost (a forked child's is
+    dropped, a daemon's is /dev/null)."""
+    import subprocess
+    import sys
+
+    from twisted.logger import LogLevel, formatEventAsClassicLogText
+
+    from mailrelay.queue.process import decodeLogEvent
+
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[spool]\ndirectory = "{tmp_path}/spool"\n'
+                      '[[plugins]]\nplugin = "no-such-plugin"\n')
+    (tmp_path / "spool").mkdir()
+    p = subprocess.run(
+        [sys.executable, "-m", "mailrelay.app.deliveryprocess", "--config", str(config)],
+        stdin=subprocess.PIPE, capture_output=True, timeout=30, cwd=tmp_path,
+    )
+    assert p.returncode == 1, p
+    [record] = [decodeLogEvent(line) for line in p.stdout.decode().splitlines()
+                if "configuration error" in line]
+    assert record["log_level"] == LogLevel.error
+    text = formatEventAsClassicLogText(record)
+    assert "delivery process: configuration error: " in text
+    assert "plugins[0].plugin: unknown plugin 'no-such-plugin'" in text
+    assert b"configuration error" not in p.stderr
+
+
 def test_why_a_delivery_process_cannot_start_is_logged(relay) -> None:
     """A delivery process that cannot start its spool (here after a reload, with the
     spool's tmp/ unusable; also a file system out of inodes) says why in the relay's log,

@@ -313,3 +313,48 @@ def test_a_client_gone_before_its_250_is_logged(relays, tmp_path: Path) -> None:
             c.close()
             r.waitForLog(rf"{reply.rsplit(b' ', 1)[1].decode()}: from=<a@example.com>")
     assert r.log().count("may send it again") == 1
+
+
+OBSERVER = '''
+from zope.interface import implementer
+
+from mailrelay.interfaces import IDeliveryObserver
+
+
+@implementer(IDeliveryObserver)
+class Watch:
+    def deliveryAttempted(self, event):
+        pass
+
+
+def build(options, context):
+    return Watch()
+'''
+OBSERVER_DROPIN = '''
+from mailrelay.interfaces import IDeliveryObserver, MailRelayPlugin
+
+watch = MailRelayPlugin("site-watch", IDeliveryObserver, "Watches deliveries", "sitewatch:build")
+'''
+
+
+def test_why_a_delivery_process_refuses_the_configuration_is_logged(relays, tmp_path) -> None:
+    """A site's delivery observer edited (and broken) while the relay runs, then a reload:
+    the delivery process the reload starts imports the edited module and cannot build the
+    plugin.  The relay's log says why, naming the plugin, before it restarts the process:
+    "delivery process exited unexpectedly (status 1)" was all it had, the configuration
+    error going only to the standard error of a process forked from the fork server."""
+    site = tmp_path / "site"
+    (site / "twisted" / "plugins").mkdir(parents=True)
+    (site / "sitewatch.py").write_text(OBSERVER)
+    (site / "twisted" / "plugins" / "sitewatch_plugin.py").write_text(OBSERVER_DROPIN)
+    config = BASE + '[[plugins]]\nplugin = "site-watch"\n'
+    r = relays(config, env={"PYTHONPATH": os.pathsep.join([str(site), ENV["PYTHONPATH"]])})
+    r.start()
+    r.waitForLog(r"queue manager started")
+    (site / "sitewatch.py").write_text(OBSERVER.replace(
+        "    return Watch()", "    raise RuntimeError('cannot open the watch log')"))
+    assert "configuration reloaded" in _reload(r, config)
+    r.waitForLog(r"delivery process exited unexpectedly", timeout=20)
+    line = r.waitForLog(r"#error\] delivery process: configuration error: .*").group(0)
+    assert ("plugins[0]: plugin 'site-watch' failed to build: RuntimeError: cannot open the "
+            "watch log") in line

@@ -324,7 +324,8 @@ def startChild(
     relay dies, stops us cleanly), read the configuration the relay passed, send our log to
     the relay at its level, and C{build(config)}, the services to run, privileged start
     done.  Returns C{(config, build's result)}, or the exit status when we must not run (the
-    relay is gone, the configuration is refused: said on standard error).
+    relay is gone: said on standard error; the configuration is refused, or a service
+    cannot start: logged, in the relay's log).
 
     @param options: the child's options: C{config}, C{config_fd}, C{overrides},
         C{parent_pid}.
@@ -358,7 +359,10 @@ def startChild(
             enable()
         built = build(config)
     except ConfigError as e:
-        print(f"mailrelay {what}: configuration error: {e}", file=sys.stderr)
+        # Refused here after the relay took it (a site's plugin module edited since the
+        # relay imported it, and imported anew by this process): said in the relay's log,
+        # as below.
+        log.error("{what}: configuration error: {error}", what=what, error=str(e))
         return 1
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):
