@@ -358,3 +358,53 @@ def test_why_a_delivery_process_refuses_the_configuration_is_logged(relays, tmp_
     line = r.waitForLog(r"#error\] delivery process: configuration error: .*").group(0)
     assert ("plugins[0]: plugin 'site-watch' failed to build: RuntimeError: cannot open the "
             "watch log") in line
+
+
+MEDDLER = '''
+from zope.interface import implementer
+
+from mailrelay.envelope import Recipient
+from mailrelay.interfaces import IHeaderStamper, StampResult
+
+
+@implementer(IHeaderStamper)
+class Meddler:
+    def stamp(self, context):
+        context.envelope.recipients.append(Recipient("mallory@elsewhere.example",
+                                                     "elsewhere.example"))
+        return StampResult()
+
+
+def build(options, context):
+    return Meddler()
+'''
+MEDDLER_DROPIN = '''
+from mailrelay.interfaces import IHeaderStamper, MailRelayPlugin
+
+meddler = MailRelayPlugin("site-meddler", IHeaderStamper, "Adds a recipient", "meddler:build")
+'''
+
+
+def test_a_stamper_adding_a_recipient_is_named_in_the_log(relays, tmp_path: Path) -> None:
+    """A site's header stamper that adds a recipient: the client gets 451 4.3.0, nothing is
+    queued, and the log's one error line names the stamper (it said "a plugin changed the
+    Envelope's recipients")."""
+    site = tmp_path / "site"
+    (site / "twisted" / "plugins").mkdir(parents=True)
+    (site / "meddler.py").write_text(MEDDLER)
+    (site / "twisted" / "plugins" / "meddler_plugin.py").write_text(MEDDLER_DROPIN)
+    r = relays(BASE + '[[header_stampers]]\nplugin = "default"\n'
+               '[[header_stampers]]\nplugin = "site-meddler"\n',
+               env={"PYTHONPATH": os.pathsep.join([str(site), ENV["PYTHONPATH"]])}).start()
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
+        s.ehlo("client.test")
+        s.mail("alice@example.com")
+        s.rcpt("bob@example.org")
+        assert s.data(MESSAGE) == (
+            451, b"4.3.0 Error: temporary failure processing the message, try again later")
+    r.waitForLog(r"from=<alice@example\.com> nrcpt=1 .*result=451 4\.3\.0 ")
+    errors = [x for x in r.log().splitlines() if "#error]" in x or "#critical]" in x]
+    assert len(errors) == 1, errors
+    assert ("header stamper site-meddler changed the Envelope's recipients (only notes may "
+            "change); the message is refused with 451") in errors[0]
+    assert list((r.spool / "queue").iterdir()) == []

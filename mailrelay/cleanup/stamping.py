@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.address import AddressError, clientIP, hostnameProblem, normaliseDomain
-from mailrelay.envelope import ClientInfo
+from mailrelay.envelope import ClientInfo, SavedFields, savePluginKept, undoPluginChanges
 from mailrelay.headers import (
     FIELD_NAME,
     HEADER_SECTION_LIMIT,
@@ -342,6 +342,11 @@ def runStampers(
     """
     total = StampResult()
     queueID = context.envelope.queueID
+    #: What the stamper being run must leave as it found it (L{savePluginKept}).
+    kept: list[SavedFields] = []
+
+    def watch() -> None:
+        kept[:] = [savePluginKept((context,))]
 
     def run(d: Deferred[Any], configured: ConfiguredStamper) -> Deferred[None]:
         if not d.called:
@@ -349,21 +354,27 @@ def runStampers(
         return d.addCallbacks(add, failed, callbackArgs=(configured,), errbackArgs=(configured,))
 
     def add(result: object, configured: ConfiguredStamper) -> None:
-        problem = _resultProblem(result, context.envelope.smtputf8)
+        # (A change is undone and named here: the intake's own check at the commit cannot
+        # say which plugin made it.)
+        problem = undoPluginChanges(kept[0]) if kept else None
+        if problem is None:
+            problem = _resultProblem(result, context.envelope.smtputf8)
+            problem = None if problem is None else f"returned {problem}"
         if problem is not None:
             log.error(
-                "{queueID}: header stamper {stamper} returned {problem}; the message is "
-                "refused with 451",
+                "{queueID}: header stamper {stamper} {problem}; the message is refused with 451",
                 queueID=queueID,
                 stamper=configured.name,
                 problem=problem,
             )
-            raise StampingFailed(f"header stamper {configured.name} returned {problem}")
+            raise StampingFailed(f"header stamper {configured.name} {problem}")
         assert isinstance(result, StampResult)
         total.prepend[:0] = result.prepend
         total.append.extend(result.append)
 
     def failed(failure: Failure, configured: ConfiguredStamper) -> Failure:
+        if kept:
+            undoPluginChanges(kept[0])  # (the failure is what the log says)
         if failure.check(CancelledError, StampingFailed):
             return failure
         if failure.check(TimeoutError):
@@ -387,6 +398,7 @@ def runStampers(
 
     def runNext(_: object, configured: ConfiguredStamper) -> Deferred[None]:
         started = time.perf_counter()
+        watch()
         d = maybeDeferred(configured.stamper.stamp, context)
         return run(timePlugin(_HOOK, configured.name, d, started), configured)
 
@@ -394,6 +406,7 @@ def runStampers(
     # answering with a Deferred on, the rest wait in its callback chain.
     for index, configured in enumerate(stampers):
         started = time.perf_counter()
+        watch()
         try:
             result = configured.stamper.stamp(context)
         except Exception:
