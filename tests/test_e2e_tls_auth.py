@@ -566,12 +566,15 @@ staticUsers = MailRelayPlugin(
 '''
 
 
-def test_site_checker_plugin(site, tmp_path: Path) -> None:
+def siteCheckerRelay(site: Site, tmp_path: Path, module: str = CHECKER_MODULE) -> tuple[
+        RelayProcess, str]:
+    """A relay (not started) whose AUTH is checked by the site checker C{module} (a
+    submission listener, with TLS), and its configuration."""
     import os
 
     plugins = tmp_path / "site-plugins"
     (plugins / "twisted" / "plugins").mkdir(parents=True)
-    (plugins / "static_users.py").write_text(CHECKER_MODULE)
+    (plugins / "static_users.py").write_text(module)
     (plugins / "twisted" / "plugins" / "static_users_plugin.py").write_text(CHECKER_DROPIN)
     env = {"PYTHONPATH": os.pathsep.join([str(plugins), os.environ.get("PYTHONPATH", "")])}
     config = (
@@ -582,6 +585,11 @@ def test_site_checker_plugin(site, tmp_path: Path) -> None:
     )
     r = RelayProcess(site.directory, config, ("--spool", "spool", "--hostname", "relay.test"),
                      env=env, defaults=False, hold=True)
+    return r, config
+
+
+def test_site_checker_plugin(site, tmp_path: Path) -> None:
+    r, config = siteCheckerRelay(site, tmp_path)
     try:
         r.start()
         with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
