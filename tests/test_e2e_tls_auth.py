@@ -607,3 +607,24 @@ def test_site_checker_plugin(site, tmp_path: Path) -> None:
     # A plugin of another kind, or an unknown one, stops start-up naming the key.
     text = startFails(site, config.replace("test-static-users", "no-such-checker"))
     assert "bad.toml: auth.checker.plugin: unknown plugin 'no-such-checker'" in text, text
+
+
+def test_site_checker_answering_no_user_name_does_not_log_in(site, tmp_path: Path) -> None:
+    """A site checker whose callback forgot its return (None for a good password) logged
+    the client in as "None", allowed to relay: it now gets 454 4.7.0, is not logged in,
+    and the log says what the checker answered."""
+    r, _ = siteCheckerRelay(site, tmp_path, CHECKER_MODULE.replace(
+        "return succeed(credentials.username)", "return succeed(None)"))
+    try:
+        r.start()
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
+            s.starttls(context=site.context())
+            s.ehlo("laptop.example")
+            with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+                s.login("erin", "erin's pw")
+            assert refused.value.smtp_code == 454
+            assert s.docmd("MAIL FROM:<erin@example.com>") == (530, b"5.7.0 Authentication required")
+        r.waitForLog(r"the credentials checker answered None, not a user name")
+        assert "sasl_username=None" not in r.log()
+    finally:
+        r.stop()

@@ -700,6 +700,29 @@ def test_checker_error_is_454_not_success() -> None:
     assert h.protocol.session.client.authUser is None
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [None, 42, "", (), "alice\nX-Forged: yes", b"\xff", ["alice"]],
+    ids=["None", "int", "empty", "anonymous", "newline", "not-utf8", "list"],
+)
+def test_a_checker_answering_no_user_name_is_454_not_success(answer: Any) -> None:
+    """docs/plugins.md: requestAvatarId returns the user name (str, or bytes in UTF-8).  A
+    site checker answering anything else -- None from a callback that forgot its return,
+    Twisted's ANONYMOUS (), an empty or multi-line name -- logged the client in as "None"
+    (or "()"...): 235, relaying allowed and [auth.senders] not applied to the real user.  A
+    failing checker never authenticates: 454, logged with what it answered."""
+    h = tlsHarness()
+    afterTLS(h)
+    h.checker.requestAvatarId = lambda credentials: answer
+    with capturedLogs() as events:
+        assert h.send(b"AUTH PLAIN " + plain("alice", "secret") + b"\r\n") == [
+            b"454 4.7.0 Temporary authentication failure"]
+    assert h.protocol.session.client.authUser is None
+    texts = [formatEvent(e) + str(e.get("log_failure", "")) for e in events]
+    assert any("authentication check failed for 127.0.0.1" in t
+               and "not a user name" in t for t in texts), texts
+
+
 # Submission and sender binding ----------------------------------------------------------------
 
 

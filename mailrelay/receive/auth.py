@@ -285,9 +285,25 @@ class SubmitterRealm:
     """Gives every authenticated avatar id an L{AuthenticatedUser}."""
 
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> tuple[Any, Any, Any]:
+        """The avatar of the user C{avatarId}, the checker's answer.
+
+        @raise ValueError: the answer is not a user name (a checker's bug: None from a
+            callback without its C{return}, Twisted's C{ANONYMOUS}, an empty or multi-line
+            name): the client is not logged in (454, logged), never as C{"None"}.
+        """
         if IAuthenticatedUser not in interfaces:
             raise NotImplementedError("only IAuthenticatedUser avatars")
-        name = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else str(avatarId)
+        name = avatarId
+        if isinstance(name, bytes):
+            try:
+                name = name.decode("utf-8")
+            except UnicodeDecodeError:
+                name = None
+        if not isinstance(name, str) or not name or not name.isprintable():
+            raise ValueError(
+                f"the credentials checker answered {avatarId!r}, not a user name (a "
+                "non-empty str of printable characters, or such bytes in UTF-8)"
+            )
         return IAuthenticatedUser, AuthenticatedUser(name), lambda: None
 
 
