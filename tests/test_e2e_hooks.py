@@ -56,6 +56,18 @@ def plugins(log: Path) -> str:
     )
 
 
+def sitePlugins(
+    tmp_path: Path, module: str, source: str, dropin: str
+) -> tuple[Path, dict[str, str]]:
+    """A site's plugin directory in C{tmp_path}: the module C{module} of C{source} and its
+    dropin C{dropin}; and the environment putting it on the path (the example's too)."""
+    site = tmp_path / "site"
+    (site / "twisted" / "plugins").mkdir(parents=True)
+    (site / f"{module}.py").write_text(source)
+    (site / "twisted" / "plugins" / f"{module}_plugin.py").write_text(dropin)
+    return site, {"PYTHONPATH": os.pathsep.join([str(site), ENV["PYTHONPATH"]])}
+
+
 def test_every_hook_in_the_real_relay(relays, tmp_path: Path) -> None:
     log = tmp_path / "events.jsonl"
     r = relays(BASE + plugins(log), env=ENV).start()
@@ -284,13 +296,8 @@ def test_a_client_gone_before_its_250_is_logged(relays, tmp_path: Path) -> None:
     at work on the message (here a filter taking half a second; a slow fsync alike): the
     message is queued and the client never sees the 250, so it will likely send it again.
     The log said "queued", then "disconnect", and nothing of that."""
-    plugins = tmp_path / "site"
-    (plugins / "twisted" / "plugins").mkdir(parents=True)
-    (plugins / "slowfilter.py").write_text(SLOW_FILTER)
-    (plugins / "twisted" / "plugins" / "slowfilter_plugin.py").write_text(SLOW_DROPIN)
-    r = relays(BASE + '[[plugins]]\nplugin = "slow-filter"\n',
-               env={"PYTHONPATH": os.pathsep.join([str(plugins), os.environ.get("PYTHONPATH", "")])}
-               ).start()
+    _, env = sitePlugins(tmp_path, "slowfilter", SLOW_FILTER, SLOW_DROPIN)
+    r = relays(BASE + '[[plugins]]\nplugin = "slow-filter"\n', env=env).start()
     for leaves in (True, False):
         c = r.connect()
         c.readReply()
@@ -343,12 +350,9 @@ def test_why_a_delivery_process_refuses_the_configuration_is_logged(relays, tmp_
     plugin.  The relay's log says why, naming the plugin, before it restarts the process:
     "delivery process exited unexpectedly (status 1)" was all it had, the configuration
     error going only to the standard error of a process forked from the fork server."""
-    site = tmp_path / "site"
-    (site / "twisted" / "plugins").mkdir(parents=True)
-    (site / "sitewatch.py").write_text(OBSERVER)
-    (site / "twisted" / "plugins" / "sitewatch_plugin.py").write_text(OBSERVER_DROPIN)
+    site, env = sitePlugins(tmp_path, "sitewatch", OBSERVER, OBSERVER_DROPIN)
     config = BASE + '[[plugins]]\nplugin = "site-watch"\n'
-    r = relays(config, env={"PYTHONPATH": os.pathsep.join([str(site), ENV["PYTHONPATH"]])})
+    r = relays(config, env=env)
     r.start()
     r.waitForLog(r"queue manager started")
     (site / "sitewatch.py").write_text(OBSERVER.replace(
@@ -389,13 +393,9 @@ def test_a_stamper_adding_a_recipient_is_named_in_the_log(relays, tmp_path: Path
     """A site's header stamper that adds a recipient: the client gets 451 4.3.0, nothing is
     queued, and the log's one error line names the stamper (it said "a plugin changed the
     Envelope's recipients")."""
-    site = tmp_path / "site"
-    (site / "twisted" / "plugins").mkdir(parents=True)
-    (site / "meddler.py").write_text(MEDDLER)
-    (site / "twisted" / "plugins" / "meddler_plugin.py").write_text(MEDDLER_DROPIN)
+    _, env = sitePlugins(tmp_path, "meddler", MEDDLER, MEDDLER_DROPIN)
     r = relays(BASE + '[[header_stampers]]\nplugin = "default"\n'
-               '[[header_stampers]]\nplugin = "site-meddler"\n',
-               env={"PYTHONPATH": os.pathsep.join([str(site), ENV["PYTHONPATH"]])}).start()
+               '[[header_stampers]]\nplugin = "site-meddler"\n', env=env).start()
     with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
         s.ehlo("client.test")
         s.mail("alice@example.com")
