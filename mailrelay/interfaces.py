@@ -35,6 +35,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: The longest reply line, without its CRLF (RFC 5321 4.5.3.1.5: 512 octets with it).
 _MAX_REPLY_LINE = 510
+#: What a reply's text may not hold, but for its line breaks (RFC 5321 4.2: HT, SP to "~").
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 #: An RFC 3463 enhanced status code (C{class "." subject "." detail}).
 _ENHANCED_STATUS = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
 
@@ -76,10 +78,14 @@ class Reply:
         return self.code >= 500
 
     def toBytes(self) -> bytes:
-        """The reply on the wire: ASCII (any other character is C{?}: text from a plugin or
-        a DNS list may hold some, and a client without SMTPUTF8 takes none), each line cut
-        to 512 octets with its CRLF (RFC 5321 4.5.3.1.5)."""
-        lines = self.text.split("\n") or [""]
+        """The reply on the wire: printable ASCII and tabs (any other character is C{?}:
+        text from a plugin or a DNS list may hold some, a client without SMTPUTF8 takes no
+        8-bit text and RFC 5321 4.2's textstring no control character), each line cut to
+        512 octets with its CRLF (RFC 5321 4.5.3.1.5)."""
+        text = self.text
+        if not text.isprintable():  # (a line break, a tab, 8-bit or a control character)
+            text = _CONTROL_CHARACTERS.sub("?", text)
+        lines = text.split("\n") or [""]
         out = []
         prefix = f"{self.enhanced} " if self.enhanced else ""
         for i, line in enumerate(lines):

@@ -408,3 +408,43 @@ def test_a_stamper_adding_a_recipient_is_named_in_the_log(relays, tmp_path: Path
     assert ("header stamper site-meddler changed the Envelope's recipients (only notes may "
             "change); the message is refused with 451") in errors[0]
     assert list((r.spool / "queue").iterdir()) == []
+
+
+REFUSER = '''
+from zope.interface import implementer
+
+from mailrelay.interfaces import IRecipientValidator, Verdict
+
+
+@implementer(IRecipientValidator)
+class Refuser:
+    def validateRecipient(self, client, envelope, recipient):
+        return Verdict.reject("no\\x00such\\x1b[2Juser\\x7f", 550, "5.1.1")
+
+
+def build(options, context):
+    return Refuser()
+'''
+REFUSER_DROPIN = '''
+from mailrelay.interfaces import IRecipientValidator, MailRelayPlugin
+
+refuser = MailRelayPlugin("site-refuser", IRecipientValidator, "Refuses", "refuser:build")
+'''
+
+
+def test_control_characters_of_a_plugins_reply_are_not_sent(relays, tmp_path: Path) -> None:
+    """RFC 5321 4.2: reply text is HT and SP to "~".  A site validator's reply with a NUL,
+    an escape sequence and DEL reached the client as given; each is now '?'."""
+    _, env = sitePlugins(tmp_path, "refuser", REFUSER, REFUSER_DROPIN)
+    r = relays(BASE + '[[plugins]]\nplugin = "site-refuser"\n', env=env).start()
+    c = r.connect()
+    c.readReply()
+    c.send(b"EHLO client.test\r\n")
+    c.readReply()
+    c.send(b"MAIL FROM:<a@example.com>\r\n")
+    c.readReply()
+    c.send(b"RCPT TO:<b@example.org>\r\n")
+    assert c.readReply() == [b"550 5.1.1 no?such?[2Juser?"]
+    c.send(b"QUIT\r\n")
+    c.readReply()
+    c.close()

@@ -202,3 +202,16 @@ def test_reply_lines_are_ascii_and_at_most_512_octets() -> None:
     lines = wire.split(b"\r\n")[:-1]
     assert [len(line) + 2 for line in lines] == [512, len(b"554 5.7.1 second") + 2]
     assert lines[0].startswith(b"554-5.7.1 xxx") and lines[1] == b"554 5.7.1 second"
+
+
+def test_reply_text_carries_no_control_characters() -> None:
+    """RFC 5321 4.2: a reply's text is HT and SP to "~" only.  A plugin's (or a DNS list's)
+    text with a NUL, an escape sequence or DEL went on the wire as given (Postfix refuses a
+    milter reply with a NUL as malformed): each such character is now '?', as non-ASCII
+    is; a tab stays."""
+    from mailrelay.interfaces import Reply
+
+    assert Reply(550, "5.7.1", "a\x00b\x1b[31mred\x7f\tend").toBytes() == (
+        b"550 5.7.1 a?b?[31mred?\tend\r\n")
+    assert Reply(550, "5.7.1", "one\x0b\x0c\ntwo").toBytes() == (
+        b"550-5.7.1 one??\r\n550 5.7.1 two\r\n")
