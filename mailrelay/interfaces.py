@@ -368,8 +368,9 @@ class IESMTPExtension(Interface):
         line, C{""} when none).
 
         @param envelope: the transaction in progress, or C{None}.
-        @return: the L{Reply} to send, or a Deferred firing with one.  A C{421} reply closes
-            the connection after it is sent.
+        @return: the L{Reply} to send, or a Deferred firing with one: a final reply, 2xx
+            (but 221), 4xx or 5xx; any other is a failure (C{451 4.3.0}).  A C{421} reply
+            closes the connection after it is sent.
         """
 
 

@@ -448,3 +448,53 @@ def test_control_characters_of_a_plugins_reply_are_not_sent(relays, tmp_path: Pa
     c.send(b"QUIT\r\n")
     c.readReply()
     c.close()
+
+
+GOAHEAD = '''
+from zope.interface import implementer
+
+from mailrelay.interfaces import IESMTPExtension, Reply
+
+
+@implementer(IESMTPExtension)
+class GoAhead:
+    keyword = "XGO"
+    mailParameters = ()
+    rcptParameters = ()
+    verbs = ("XGO",)
+
+    def ehloLine(self, client):
+        return "XGO"
+
+    def mailParameter(self, client, envelope, name, value):
+        raise ValueError("none")
+
+    def rcptParameter(self, client, envelope, recipient, name, value):
+        raise ValueError("none")
+
+    def command(self, client, envelope, verb, argument):
+        return Reply(354, "", "go ahead")
+
+
+def build(options, context):
+    return GoAhead()
+'''
+GOAHEAD_DROPIN = '''
+from mailrelay.interfaces import IESMTPExtension, MailRelayPlugin
+
+goAhead = MailRelayPlugin("site-goahead", IESMTPExtension, "Answers 354", "goahead:build")
+'''
+
+
+def test_an_extension_answering_354_is_refused(relays, tmp_path: Path) -> None:
+    """A site extension's command answering 354: the client was told to send its message,
+    whose lines the relay then read as commands.  It is a bad answer: 451 4.3.0, logged
+    naming the extension, and the session goes on."""
+    _, env = sitePlugins(tmp_path, "goahead", GOAHEAD, GOAHEAD_DROPIN)
+    r = relays(BASE + '[[plugins]]\nplugin = "site-goahead"\n', env=env).start()
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
+        assert s.ehlo("client.test")[0] == 250
+        assert s.docmd("XGO") == (451, b"4.3.0 Error: temporary failure, try again later")
+        assert s.mail("alice@example.com")[0] == 250
+    r.waitForLog(r"#error\] ESMTP extension site-goahead answered XGO from 127\.0\.0\.1 with "
+                 r"354 go ahead, not a final reply")

@@ -443,6 +443,31 @@ def test_a_failing_extension_is_not_offered_and_its_failures_refuse() -> None:
     assert any("which is not JSON" in formatEvent(e) for e in events)
 
 
+@pytest.mark.parametrize("reply", [Reply(354, "", "go ahead"), Reply(334, "", "VXNlcg=="),
+                                   Reply(221, "2.0.0", "Bye")])
+def test_an_extension_command_answering_a_reply_that_is_not_final_is_refused(
+    reply: Reply
+) -> None:
+    """An extension's command answers once, with 2xx, 4xx or 5xx (421 closes): a 354 or a
+    334 (a reply asking the client for more, which the relay would then take as commands),
+    or a 221 (the client takes the connection as closing; it is not) went to the client
+    as given.  It is a bad answer: 451 4.3.0, logged naming the extension, and the session goes on."""
+
+    class Odd(Priority):
+        def command(self, client: Any, envelope: Any, verb: str, argument: str) -> Any:
+            return reply
+
+    with capturedLogs() as events:
+        h = ServerHarness(plugins=[Odd()])
+        h.send(b"EHLO client.example\r\n")
+        assert h.send(b"XPRIO\r\n") == [
+            b"451 4.3.0 Error: temporary failure, try again later"]
+    assert any(f"ESMTP extension Odd answered XPRIO from 127.0.0.1 with {reply}" in formatEvent(e)
+               for e in events), [formatEvent(e) for e in events]
+    assert not h.closed
+    assert h.send(b"MAIL FROM:<a@example.com>\r\n") == [b"250 2.1.0 Ok"]
+
+
 def test_extensions_may_not_take_what_is_the_relays_or_anothers() -> None:
     class Sized(Priority):
         mailParameters = ("SIZE",)

@@ -232,8 +232,18 @@ class ExtensionAdapter:
         def answered(reply: Any) -> Reply:
             if self._changed(saved, f"answering {verb} from", client):
                 return COMMAND_FAILED
-            if isinstance(reply, Reply):
+            if isinstance(reply, Reply) and reply.code != 221 and not 300 <= reply.code < 400:
                 return reply
+            if isinstance(reply, Reply):
+                # (A 3xx asks the client for more, which the session would take as commands;
+                # after a 221 the client takes the connection as closing, and it is not.)
+                log.error(
+                    "ESMTP extension {plugin} answered {verb} from {client} with {reply}, not "
+                    "a final reply (2xx but 221, 4xx, 5xx)",
+                    reply=str(reply),
+                    **about,
+                )
+                return COMMAND_FAILED
             log.error(
                 "ESMTP extension {plugin} answered {reply!r} to {verb} from {client}, not a "
                 "Reply",
