@@ -498,3 +498,22 @@ def test_an_extension_answering_354_is_refused(relays, tmp_path: Path) -> None:
         assert s.mail("alice@example.com")[0] == 250
     r.waitForLog(r"#error\] ESMTP extension site-goahead answered XGO from 127\.0\.0\.1 with "
                  r"354 go ahead, not a final reply")
+
+
+def test_a_plugin_whose_dropin_fails_to_import_is_explained(tmp_path: Path) -> None:
+    """A site dropin that cannot be imported (it needs a module not installed): the relay
+    refuses the configuration naming its plugin, and now says which dropin failed and
+    why, instead of only "unknown plugin"."""
+    site, env = sitePlugins(tmp_path, "acme", "", (
+        "from mailrelay.interfaces import IRecipientValidator, MailRelayPlugin\n"
+        "import acme_ldap_client_not_installed\n"
+        "acme = MailRelayPlugin('acme-ldap', IRecipientValidator, 'LDAP', 'acme:build')\n"))
+    r = RelayProcess(tmp_path / "relay", BASE + '[[plugins]]\nplugin = "acme-ldap"\n')
+    done = subprocess.run(r.command(), cwd=r.directory, env=dict(os.environ, **env),
+                          capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 1
+    assert ("plugins[0].plugin: unknown plugin 'acme-ldap'; installed plugins: " in
+            done.stderr.decode()), done.stderr.decode()
+    assert ("; a dropin failed to import (its plugins are missing): "
+            f"{site / 'twisted' / 'plugins' / 'acme_plugin.py'}: ModuleNotFoundError: No module "
+            "named 'acme_ldap_client_not_installed'\n") in done.stderr.decode()

@@ -191,6 +191,36 @@ def test_a_plugin_exiting_in_build_is_a_configuration_error(tmp_path: Path) -> N
     assert "plugin 'exits' failed to build: SystemExit: 3" in str(e.value), str(e.value)
 
 
+def test_an_unknown_plugin_names_the_dropins_that_failed_to_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A site dropin that fails to import (a module it needs is missing) has none of its
+    plugins installed: the configuration naming one was refused as "unknown plugin", the
+    dropin's traceback somewhere above it (or not at all, on a daemon's standard error).
+    The error now says which dropin failed and why."""
+    import twisted.plugins
+    from mailrelay.config.plugins import availablePlugins, buildPlugin
+    from mailrelay.interfaces import IRecipientValidator
+    from mailrelay.testing import makePluginContext
+
+    site = tmp_path / "site" / "twisted" / "plugins"
+    site.mkdir(parents=True)
+    dropin = site / "acme_broken_plugin.py"
+    dropin.write_text(
+        "from mailrelay.interfaces import IRecipientValidator, MailRelayPlugin\n"
+        "import acme_ldap_client_not_installed\n"
+        "acme = MailRelayPlugin('acme-ldap', IRecipientValidator, 'x', 'acme:build')\n"
+    )
+    monkeypatch.setattr(twisted.plugins, "__path__", [*twisted.plugins.__path__, str(site)])
+    with pytest.raises(ConfigError) as e:
+        buildPlugin(availablePlugins(), "acme-ldap", IRecipientValidator, {},
+                    makePluginContext(tmp_path))
+    message = str(e.value)
+    assert "unknown plugin 'acme-ldap'" in message, message
+    assert (f"a dropin failed to import (its plugins are missing): {dropin}: "
+            "ModuleNotFoundError: No module named 'acme_ldap_client_not_installed'") in message
+
+
 def test_reply_lines_are_ascii_and_at_most_512_octets() -> None:
     """A reply's text from a plugin or a DNS list (a TXT record) went out as given: raw
     UTF-8 before any SMTPUTF8, and one 100,000-octet line (RFC 5321 4.5.3.1.5: 512 octets a

@@ -19,6 +19,7 @@ This module never imports the reactor at import time.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -79,6 +80,31 @@ def availablePlugins() -> dict[str, IMailRelayPlugin]:
     return found
 
 
+def brokenDropins() -> list[str]:
+    """The dropins (modules of the C{twisted/plugins/} directories on C{sys.path}) that
+    failed to import, each as C{"PATH: Error: message"}: Twisted's scan logs their
+    tracebacks and leaves their plugins out, so that a configuration naming one would
+    only hear of an unknown plugin.  (Each is imported again to say why: for error
+    messages only.)"""
+    import importlib
+
+    from twisted.plugin import getCache
+    from twisted.python.modules import getModule
+
+    import twisted.plugins
+
+    scanned = getCache(twisted.plugins)
+    broken = []
+    for module in getModule(twisted.plugins.__name__).iterModules():
+        if module.name.rpartition(".")[2] in scanned or module.name in sys.modules:
+            continue
+        try:
+            importlib.import_module(module.name)
+        except Exception as e:
+            broken.append(f"{module.filePath.path}: {type(e).__name__}: {e}")
+    return broken
+
+
 def _provides(plugin: Any, interface: Any) -> bool:
     return any(interface.isEqualOrExtendedBy(p) for p in providedBy(plugin))
 
@@ -114,9 +140,13 @@ def buildPlugin(
             n for n, p in available.items() if not wanted or any(_provides(p, i) for i in wanted)
         )
         kind = f"{_names(wanted)} " if wanted else ""
+        broken = "".join(
+            f"; a dropin failed to import (its plugins are missing): {b}" for b in brokenDropins()
+        )
         raise ConfigError(
             f"unknown plugin {name!r}; installed {kind}plugins: "
-            + (", ".join(candidates) or "none"),
+            + (", ".join(candidates) or "none")
+            + broken,
             key="plugin",
         )
     if wanted and not any(_provides(plugin, i) for i in wanted):
