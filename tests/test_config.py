@@ -62,6 +62,7 @@ def listenerSettings(config: Config, endpoint: str, **changes: Any) -> ListenerS
         maxErrors=config.maxErrors,
         softErrorLimit=config.softErrorLimit,
         errorSleepTime=config.errorSleepTime,
+        junkCommandLimit=config.junkCommandLimit,
         idleTimeout=config.idleTimeout,
         dataTimeout=config.dataTimeout,
         rejectUnauthPipelining=True,

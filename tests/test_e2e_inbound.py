@@ -289,6 +289,23 @@ def test_replies_slow_down_past_the_soft_error_limit_on_the_wire(relay) -> None:
     assert c.readReply() == [b"500 5.5.2 Error: command not recognized"]
 
 
+def test_junk_commands_past_the_limit_end_the_session(relay) -> None:
+    """[limits] junk_commands (Postfix's smtpd_junk_command_limit): a client that only
+    repeats commands that never fail (NOOP, RSET...) was served until max_session_time; past
+    the limit each one is an error, and the session ends with 421 at the error limit."""
+    r = relay("[limits]\njunk_commands = 4\nerrors = 3\nerror_sleep_time = 0\n")
+    c = r.connect()
+    c.readReply()
+    replies = []
+    for command in (b"EHLO x", b"NOOP", b"RSET", b"VRFY <a@b.example>", b"NOOP", b"HELP",
+                    b"NOOP", b"NOOP"):
+        c.send(command + b"\r\n")
+        replies.append(c.readReply()[-1][:3])
+    assert replies == [b"250", b"250", b"250", b"252", b"250", b"214", b"250", b"421"]
+    c.expectClosed()
+    r.waitForLog(r"disconnect from 127\.0\.0\.1:\d+ messages=0 errors=3")
+
+
 def test_commands_and_limits_on_the_wire(relay) -> None:
     r = relay("[limits]\nerrors = 3\nidle_timeout = 1\n")
     c = r.connect()

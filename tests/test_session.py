@@ -348,6 +348,41 @@ def test_a_message_delivered_forgives_the_errors_and_sleep_zero_is_off() -> None
         b"500 5.5.2 Error: command not recognized"] * 2 + [b"250 2.0.0 Ok"]
 
 
+def test_junk_commands_past_the_limit_count_as_errors() -> None:
+    """Postfix's smtpd_junk_command_limit (100): past that many HELO, EHLO, RSET, NOOP, VRFY
+    (and HELP) in a session, each one counts as an error, so that a client cannot hold a
+    connection for ever with commands that never fail; its replies then slow down past the
+    soft error limit, and it is closed at the hard one.  A message received forgives them."""
+    h = ServerHarness(junkCommandLimit=3, maxErrors=2, errorSleepTime=0)
+    h.replies()
+    assert h.codes(h.send(b"EHLO x\r\nRSET\r\nNOOP\r\n")) == [250, 250, 250]
+    assert h.send(b"VRFY <a@example.com>\r\n") == [b"252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery"]
+    assert h.protocol.session.errors == 1 and not h.closed
+    assert h.codes(
+        h.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
+    ) == [250, 250, 354]
+    assert h.codes(h.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")) == [250]
+    assert h.protocol.session.errors == 0
+    assert h.codes(h.send(b"NOOP\r\nHELP\r\nRSET\r\n")) == [250, 214, 250]
+    assert h.send(b"NOOP\r\n") == [b"250 2.0.0 Ok"]
+    assert h.send(b"NOOP\r\n") == [b"250 2.0.0 Ok"]
+    assert h.protocol.session.errors == 2 and not h.closed
+    # The hard limit is checked at the next command, as Postfix's smtpd does.
+    assert h.send(b"MAIL FROM:<a@example.com>\r\n") == [
+        b"421 4.7.0 relay.test Error: too many errors"]
+    assert h.closed
+
+
+def test_junk_command_limit_defaults_to_postfixs() -> None:
+    """100 junk commands are free, as with Postfix's default."""
+    h = ServerHarness(errorSleepTime=0)
+    h.replies()
+    assert h.codes(h.send(b"NOOP\r\n" * 100)) == [250] * 100
+    assert h.protocol.session.errors == 0
+    h.send(b"NOOP\r\n")
+    assert h.protocol.session.errors == 1
+
+
 def test_idle_and_data_timeouts() -> None:
     h = ServerHarness(idleTimeout=300, dataTimeout=120)
     h.replies()

@@ -318,6 +318,14 @@ LIMITS = Table(
             field="errorSleepTime",
         ),
         Key(
+            "junk_commands",
+            integer(1, 1_000_000),
+            "HELO, EHLO, RSET, NOOP, VRFY and HELP commands in one session after which each "
+            "counts as an error (a message received forgives them).",
+            default=100,
+            field="junkCommandLimit",
+        ),
+        Key(
             "hops",
             integer(1, 1_000),
             "The most Received: fields a message may carry (mail loops).",

@@ -133,6 +133,8 @@ class Config:
     @ivar softErrorLimit: errors in one session after which each reply waits
         C{errorSleepTime} seconds (Postfix's smtpd_soft_error_limit, smtpd_error_sleep_time).
     @ivar errorSleepTime: that wait (0: none).
+    @ivar junkCommandLimit: HELO, EHLO, RSET, NOOP, VRFY and HELP commands in one session
+        after which each counts as an error (Postfix's smtpd_junk_command_limit).
     @ivar maxHops: the most C{Received:} fields a message may carry (mail loops).
     @ivar dropHeaders: the header fields removed from every message (lower case).
     @ivar reverseDNS: look up the client's name (forward-confirmed) for C{Received:}.
@@ -213,6 +215,7 @@ class Config:
     maxErrors: int
     softErrorLimit: int
     errorSleepTime: float
+    junkCommandLimit: int
     maxHops: int
     reverseDNS: bool
     listeners: tuple[ListenerConfig, ...]

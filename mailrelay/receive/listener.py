@@ -44,7 +44,7 @@ class ListenerSettings(LimitSettings):
         (its endpoint), in the log and the limit counters' keys; C{mode}: one of
         L{LISTENER_MODES} (not C{relay}: MAIL needs AUTH first).
     The session (see L{SessionSettings}): C{maxMessageSize}, C{maxRecipients}, C{maxErrors},
-      C{softErrorLimit}, C{errorSleepTime},
+      C{softErrorLimit}, C{errorSleepTime}, C{junkCommandLimit},
       C{bareNewline}, C{nulBytes}, C{chunking}, C{binaryMIME}; C{auth}: AUTH is offered
       (when the relay has AUTH at all);
       C{authWithoutTLS}; C{rejectUnauthPipelining}; C{rejectPregreet} (C{None}: when
@@ -77,6 +77,7 @@ class ListenerSettings(LimitSettings):
     maxErrors: int = 20
     softErrorLimit: int = 10
     errorSleepTime: float = 1.0
+    junkCommandLimit: int = 100
     bareNewline: str = BARE_NEWLINE_REJECT
     nulBytes: str = BARE_NEWLINE_REJECT
     chunking: bool = True
@@ -135,6 +136,7 @@ class ListenerSettings(LimitSettings):
             maxErrors=self.maxErrors,
             softErrorLimit=self.softErrorLimit,
             errorSleepTime=self.errorSleepTime,
+            junkCommandLimit=self.junkCommandLimit,
             bareNewline=self.bareNewline,
             nulBytes=self.nulBytes,
             starttls=self.tlsMode == "starttls",

@@ -84,6 +84,10 @@ class SessionSettings:
     #: seconds (0: none).
     softErrorLimit: int = 10
     errorSleepTime: float = 1.0
+    #: Postfix's smtpd_junk_command_limit: past this many HELO, EHLO, RSET, NOOP, VRFY and
+    #: HELP commands (they never fail, so no error limit stops a client repeating them), each
+    #: one counts as an error; a message received forgives them.
+    junkCommandLimit: int = 100
     bareNewline: str = BARE_NEWLINE_REJECT
     #: NUL bytes in message data: C{"reject"} the message (550 5.6.0), or C{"normalize"}:
     #: remove them (a receiver that strips NULs would otherwise see what we did not).
@@ -408,6 +412,9 @@ class ServerSession:
         self._addressRelay = client.relayAllowed
         self._sasl: _Sasl | None = None
         self.errors = 0
+        #: HELO, EHLO, RSET, NOOP, VRFY and HELP commands since the last message received
+        #: (see C{SessionSettings.junkCommandLimit}).
+        self.junkCommands = 0
         self.messages = 0
         self.mode = _COMMAND
         self.transaction: _Transaction | None = None
@@ -672,6 +679,11 @@ class ServerSession:
         raw = self._takeLine()
         if raw is None:
             return False
+        if self.errors >= self.settings.maxErrors:
+            # Errors counted with a positive reply (junk commands): the hard limit is checked
+            # at the next command, as Postfix's smtpd checks it before reading each one.
+            self._close(Reply(421, "4.7.0", f"{self.settings.hostname} Error: too many errors"))
+            return True
         limit = MAX_COMMAND_LINE
         auth = raw[:5].upper() == b"AUTH " and bool(self.settings.authMechanisms)
         if auth:
@@ -712,6 +724,10 @@ class ServerSession:
                 self._out.append(SyncError(name, _loggable(name, pending)))
                 self._close(SYNC_ERROR)
                 return True
+        if name in _JUNK_COMMANDS:
+            self.junkCommands += 1
+            if self.junkCommands > self.settings.junkCommandLimit:
+                self.errors += 1
         handler(arg)
         return True
 
@@ -1371,6 +1387,7 @@ class ServerSession:
         if reply.isPositive:
             self.messages += 1
             self.errors = 0
+            self.junkCommands = 0
         if reply.code == 421:  # a message filter's disconnection
             self._close(reply)
             return
@@ -1408,4 +1425,7 @@ class _ParamError(Exception):
         self.reply = reply
 
 
+#: Commands that never fail, counted against C{SessionSettings.junkCommandLimit} (Postfix's
+#: SMTPD_CMD_FLAG_LIMIT commands, ETRN aside, which is not implemented here; and HELP).
+_JUNK_COMMANDS = frozenset({"HELO", "EHLO", "RSET", "NOOP", "VRFY", "HELP"})
 _UNIMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML"})
