@@ -63,6 +63,7 @@ def listenerSettings(config: Config, endpoint: str, **changes: Any) -> ListenerS
         softErrorLimit=config.softErrorLimit,
         errorSleepTime=config.errorSleepTime,
         junkCommandLimit=config.junkCommandLimit,
+        recipientOvershootLimit=config.recipientOvershootLimit,
         idleTimeout=config.idleTimeout,
         dataTimeout=config.dataTimeout,
         rejectUnauthPipelining=True,

@@ -306,6 +306,25 @@ def test_junk_commands_past_the_limit_end_the_session(relay) -> None:
     r.waitForLog(r"disconnect from 127\.0\.0\.1:\d+ messages=0 errors=3")
 
 
+def test_recipients_past_the_overshoot_limit_end_the_session(relay) -> None:
+    """[limits] recipient_overshoot (Postfix's smtpd_recipient_overshoot_limit): RCPTs past
+    the recipient limit were refused (452) without end, each with a log line; past the
+    overshoot limit each one is an error, and the session ends with 421 at the error limit."""
+    r = relay("[limits]\nrecipients = 2\nrecipient_overshoot = 3\nerrors = 2\n"
+              "error_sleep_time = 0\n")
+    c = r.connect()
+    c.readReply()
+    c.send(b"EHLO x\r\n")
+    c.readReply()
+    c.send(b"MAIL FROM:<a@b.example>\r\n"
+           + b"".join(b"RCPT TO:<r%d@d.example>\r\n" % i for i in range(100)))
+    replies = [c.readReply()[0][:9] for _ in range(9)]
+    assert replies == [b"250 2.1.0"] + [b"250 2.1.5"] * 2 + [b"452 4.5.3"] * 5 + [
+        b"421 4.7.0"]
+    c.expectClosed()
+    r.waitForLog(r"disconnect from 127\.0\.0\.1:\d+ messages=0 errors=2")
+
+
 def test_commands_and_limits_on_the_wire(relay) -> None:
     r = relay("[limits]\nerrors = 3\nidle_timeout = 1\n")
     c = r.connect()

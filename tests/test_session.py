@@ -166,6 +166,36 @@ def test_too_many_recipients() -> None:
     assert h.protocol.session.errors == 0
 
 
+def test_recipients_past_the_overshoot_limit_count_as_errors() -> None:
+    """Postfix's smtpd_recipient_overshoot_limit (1000): the first recipients beyond the
+    limit get 452 and no error; past that many more, each 452 is an error, so that a client
+    cannot send RCPTs (and fill the log with their refusals) for ever.  The count starts
+    again with each transaction."""
+    h = ServerHarness(maxRecipients=2, recipientOvershootLimit=2, maxErrors=3, errorSleepTime=0)
+    h.replies()
+    h.send(b"EHLO x\r\n")
+    rcpts = b"".join(b"RCPT TO:<r%d@d.example>\r\n" % i for i in range(4))
+    assert h.codes(h.send(b"MAIL FROM:<a@b.example>\r\n" + rcpts)) == [250] * 3 + [452] * 2
+    assert h.protocol.session.errors == 0
+    assert h.codes(h.send(b"RCPT TO:<x@d.example>\r\n")) == [452]
+    assert h.protocol.session.errors == 1
+    assert h.codes(h.send(b"RSET\r\nMAIL FROM:<a@b.example>\r\n" + rcpts)) == [250] * 4 + [452] * 2
+    assert h.protocol.session.errors == 1 and not h.closed
+    assert h.send(b"RCPT TO:<x@d.example>\r\nRCPT TO:<y@d.example>\r\n") == [
+        b"452 4.5.3 Error: too many recipients"] * 2 + [b"421 4.7.0 relay.test Error: too many errors"]
+    assert h.closed
+
+
+def test_recipient_overshoot_limit_defaults_to_postfixs() -> None:
+    h = ServerHarness(maxRecipients=1)
+    h.replies()
+    h.send(b"EHLO x\r\nMAIL FROM:<a@b.example>\r\n")
+    lines = h.send(b"".join(b"RCPT TO:<r%d@d.example>\r\n" % i for i in range(1001)))
+    assert h.codes(lines) == [250] + [452] * 1000 and h.protocol.session.errors == 0
+    assert h.codes(h.send(b"RCPT TO:<x@d.example>\r\n")) == [452]
+    assert h.protocol.session.errors == 1
+
+
 def test_pipelining_answers_in_order_across_data() -> None:
     h = ServerHarness()
     h.replies()

@@ -196,7 +196,7 @@ def _relaySettings(r: Reading) -> None:
     names its own, and the time the rate limiter's answers may take."""
     scope, fields = r.at.scope, r.fields
     for name in ("hostname", "maxMessageSize", "maxRecipients", "maxErrors", "softErrorLimit",
-                 "errorSleepTime", "junkCommandLimit"):
+                 "errorSleepTime", "junkCommandLimit", "recipientOvershootLimit"):
         fields[name] = scope[name]
     fields["idleTimeout"], fields["dataTimeout"] = scope["idleTimeout"], scope["dataTimeout"]
     if not r.given("limit_exceptions"):

@@ -285,6 +285,14 @@ LIMITS = Table(
             field="maxRecipients",
         ),
         Key(
+            "recipient_overshoot",
+            integer(0, 1_000_000),
+            "Recipients refused past recipients in one message before each further one "
+            "counts as an error.",
+            default=1000,
+            field="recipientOvershootLimit",
+        ),
+        Key(
             "idle_timeout",
             seconds,
             "Seconds a client may stay silent between commands.",

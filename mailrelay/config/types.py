@@ -127,6 +127,8 @@ class Config:
     @ivar smarthost: where outgoing mail goes, or C{None} for direct MX delivery.
     @ivar maxMessageSize: the largest message accepted, in bytes.
     @ivar maxRecipients: the most recipients accepted for one message.
+    @ivar recipientOvershootLimit: recipients refused past C{maxRecipients} in one message
+        before each further one counts as an error (Postfix's smtpd_recipient_overshoot_limit).
     @ivar idleTimeout: seconds a client may stay silent between commands.
     @ivar dataTimeout: seconds a client may stay silent while sending message data.
     @ivar maxErrors: errors in one session before it is closed with 421.
@@ -210,6 +212,7 @@ class Config:
     smarthost: SMTPNexthop | None
     maxMessageSize: int
     maxRecipients: int
+    recipientOvershootLimit: int
     idleTimeout: float
     dataTimeout: float
     maxErrors: int

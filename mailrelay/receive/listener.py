@@ -44,7 +44,7 @@ class ListenerSettings(LimitSettings):
         (its endpoint), in the log and the limit counters' keys; C{mode}: one of
         L{LISTENER_MODES} (not C{relay}: MAIL needs AUTH first).
     The session (see L{SessionSettings}): C{maxMessageSize}, C{maxRecipients}, C{maxErrors},
-      C{softErrorLimit}, C{errorSleepTime}, C{junkCommandLimit},
+      C{softErrorLimit}, C{errorSleepTime}, C{junkCommandLimit}, C{recipientOvershootLimit},
       C{bareNewline}, C{nulBytes}, C{chunking}, C{binaryMIME}; C{auth}: AUTH is offered
       (when the relay has AUTH at all);
       C{authWithoutTLS}; C{rejectUnauthPipelining}; C{rejectPregreet} (C{None}: when
@@ -78,6 +78,7 @@ class ListenerSettings(LimitSettings):
     softErrorLimit: int = 10
     errorSleepTime: float = 1.0
     junkCommandLimit: int = 100
+    recipientOvershootLimit: int = 1000
     bareNewline: str = BARE_NEWLINE_REJECT
     nulBytes: str = BARE_NEWLINE_REJECT
     chunking: bool = True
@@ -137,6 +138,7 @@ class ListenerSettings(LimitSettings):
             softErrorLimit=self.softErrorLimit,
             errorSleepTime=self.errorSleepTime,
             junkCommandLimit=self.junkCommandLimit,
+            recipientOvershootLimit=self.recipientOvershootLimit,
             bareNewline=self.bareNewline,
             nulBytes=self.nulBytes,
             starttls=self.tlsMode == "starttls",

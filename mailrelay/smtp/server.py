@@ -88,6 +88,9 @@ class SessionSettings:
     #: HELP commands (they never fail, so no error limit stops a client repeating them), each
     #: one counts as an error; a message received forgives them.
     junkCommandLimit: int = 100
+    #: Postfix's smtpd_recipient_overshoot_limit: RCPTs refused past C{maxRecipients} (452)
+    #: in one transaction without counting as errors; each one after those is an error.
+    recipientOvershootLimit: int = 1000
     bareNewline: str = BARE_NEWLINE_REJECT
     #: NUL bytes in message data: C{"reject"} the message (550 5.6.0), or C{"normalize"}:
     #: remove them (a receiver that strips NULs would otherwise see what we did not).
@@ -345,6 +348,8 @@ class _Chunking:
 class _Transaction:
     envelope: Envelope
     rcptAttempted: int = 0
+    #: RCPTs refused for being past C{SessionSettings.maxRecipients}.
+    overshoot: int = 0
     seen: set[str] = field(default_factory=set)
 
 
@@ -956,7 +961,9 @@ class ServerSession:
             return
         t.rcptAttempted += 1
         if len(t.envelope.recipients) >= self.settings.maxRecipients:
-            self._reply(R.TOO_MANY_RCPT, countError=False)
+            t.overshoot += 1
+            self._reply(R.TOO_MANY_RCPT,
+                        countError=t.overshoot > self.settings.recipientOvershootLimit)
             return
         try:
             path, params = address.splitArgument(arg[3:])
