@@ -165,6 +165,26 @@ def test_empty_chunk_without_last_refused() -> None:
     assert h.spool.committed == {} and h.spool.open == {}
 
 
+def test_empty_chunks_count_as_errors_even_after_an_earlier_error() -> None:
+    """An empty chunk without LAST carries nothing, so the 1.5-times-the-size-limit bound
+    never stops a client repeating it: after the first refusal every "BDAT 0" was discarded
+    "after an earlier error", uncounted, without end.  Postfix's bdat_cmd checks for a null
+    BDAT request before the earlier error and counts each one (551 5.7.1); so does the relay
+    now, and the error limit ends such a session."""
+    h = harness(maxErrors=3, errorSleepTime=0)
+    lines = h.send(START + b"BDAT 0\r\n" * 10)
+    assert lines[-4:] == [b"501 5.5.4 Error: empty BDAT chunk without LAST"] * 3 + [
+        b"421 4.7.0 relay.test Error: too many errors"]
+    assert h.closed
+    h = harness(maxErrors=3, errorSleepTime=0, maxMessageSize=2)
+    lines = h.send(START + bdat(b"xxx") + b"BDAT 0\r\n" * 3)
+    assert lines[-4:] == [b"552 5.3.4 Error: message size exceeds fixed limit"] + [
+        b"501 5.5.4 Error: empty BDAT chunk without LAST"] * 2 + [
+        b"421 4.7.0 relay.test Error: too many errors"]
+    off = harness(maxErrors=3, errorSleepTime=0, chunking=False)
+    assert off.codes(off.send(START + b"BDAT 0\r\n" * 5))[-4:] == [502, 502, 502, 421]
+
+
 def test_size_over_the_limit_consumed_then_refused() -> None:
     h = harness(maxMessageSize=100)
     lines = h.send(START + bdat(b"x" * 101) + bdat(b"more", True) + b"NOOP\r\n")

@@ -261,6 +261,20 @@ def test_bdat_over_the_size_limit_consumed_and_refused(relay) -> None:
                      r"result=552 5\.3\.4", r.log())
 
 
+def test_empty_bdat_chunks_end_the_session_at_the_error_limit(relay) -> None:
+    """"BDAT 0" without LAST, repeated: after the first refusal each was "discarded after an
+    earlier error", uncounted, without end; each is an error now (Postfix's null BDAT
+    request), and the session ends at [limits] errors."""
+    r = relay(*listener(limits="[limits]\nerrors = 3\nerror_sleep_time = 0\n"),
+              defaults=False)
+    c, _ = session(r)
+    c.send(START + b"BDAT 0\r\n" * 50)
+    assert replies(c, 6)[2:] == [b"501 5.5.4 Error: empty BDAT chunk without LAST"] * 3 + [
+        b"421 4.7.0 relay.test Error: too many errors"]
+    c.expectClosed()
+    r.waitForLog(r"disconnect from 127\.0\.0\.1:\d+ messages=0 errors=3")
+
+
 def test_bdat_rset_mid_chunking_and_malformed_bdat(relay) -> None:
     r = relay()
     c, _ = session(r)

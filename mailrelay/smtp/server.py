@@ -368,6 +368,7 @@ AUTH_ABORTED = Reply(501, "5.0.0", "Authentication aborted")
 AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode response")
 AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication mechanism")
 AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too long")
+EMPTY_CHUNK = Reply(501, "5.5.4", "Error: empty BDAT chunk without LAST")
 READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 SYNC_ERROR = Reply(554, "5.5.0", "Error: SMTP protocol synchronization")
 #: RFC 2920 3.1: commands that can only be the last of a pipelined group.
@@ -1098,6 +1099,13 @@ class ServerSession:
             return
         ch.received = total
         refusal: Reply | None = None
+        if size == 0 and not last:
+            # Checked before an earlier error, and always counted (Postfix's bdat_cmd: "block
+            # abuse involving empty chunks"): a chunk of no octets escapes the size bound,
+            # so discarding it uncounted would let a client repeat it for ever.
+            empty = EMPTY_CHUNK if settings.chunking else R.NOT_IMPLEMENTED
+            self._readChunk(_Chunk(0, False, 0, empty))
+            return
         if ch.error is not None:
             self._readChunk(_Chunk(size, last, size, Reply(
                 ch.error.code, ch.error.enhanced,
@@ -1109,8 +1117,6 @@ class ServerSession:
             refusal = R.NEED_MAIL
         elif not t.envelope.recipients:
             refusal = R.NO_VALID_RCPT if t.rcptAttempted else R.NEED_RCPT
-        elif size == 0 and not last:
-            refusal = Reply(501, "5.5.4", "Error: empty BDAT chunk without LAST")
         elif total > settings.maxMessageSize:
             refusal = R.SIZE_EXCEEDED
         chunk = _Chunk(size, last, size, refusal)
