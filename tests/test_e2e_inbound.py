@@ -325,6 +325,28 @@ def test_recipients_past_the_overshoot_limit_end_the_session(relay) -> None:
     r.waitForLog(r"disconnect from 127\.0\.0\.1:\d+ messages=0 errors=2")
 
 
+def test_why_the_relay_closed_a_session_is_logged(relay) -> None:
+    """Closing a session for too many errors, or for a line without end, said nothing in the
+    log but the disconnect line; now it says why, as Postfix's "too many errors after RCPT
+    from host[addr]"."""
+    r = relay("[limits]\nerrors = 2\nerror_sleep_time = 0\n")
+    c = r.connect()
+    c.readReply()
+    c.send(b"x" * 20000)
+    assert c.readReply() == [b"421 4.7.0 relay.test Error: line too long, closing"]
+    c.expectClosed()
+    r.waitForLog(r"line too long \(more than 16384 octets without a line end\) from 127\.0\.0\.1, "
+                 r"closing")
+    c = r.connect()
+    c.readReply()
+    for command in (b"FOO", b"RCPT TO:<a@b.example>"):
+        c.send(command + b"\r\n")
+        c.readReply()
+    assert c.readReply() == [b"421 4.7.0 relay.test Error: too many errors"]
+    c.expectClosed()
+    r.waitForLog(r"too many errors after RCPT from 127\.0\.0\.1, closing")
+
+
 def test_commands_and_limits_on_the_wire(relay) -> None:
     r = relay("[limits]\nerrors = 3\nidle_timeout = 1\n")
     c = r.connect()

@@ -413,6 +413,31 @@ def test_junk_command_limit_defaults_to_postfixs() -> None:
     assert h.protocol.session.errors == 1
 
 
+@pytest.mark.parametrize(("wire", "logged"), [
+    (b"FOO\r\nRCPT TO:<a@b.example>\r\n", "too many errors after RCPT from 127.0.0.1, closing"),
+    (b"NOOP\r\n" * 4, "too many errors after NOOP from 127.0.0.1, closing"),
+    (b"x" * 20000, "line too long (more than 16384 octets without a line end) from 127.0.0.1, "
+                   "closing"),
+    (b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nBDAT 2000\r\n",
+     "BDAT content beyond 1.5 times the message size limit (1500 octets) from 127.0.0.1, "
+     "closing"),
+    (b"BDAT ten\r\n", "malformed BDAT command from 127.0.0.1: 'BDAT ten', closing"),
+])
+def test_limits_that_close_the_session_are_logged(wire: bytes, logged: str) -> None:
+    """A session the relay closes for a limit or a protocol error says why in the log, as
+    Postfix's "too many errors after RCPT from host[addr]" (smtpd.c): there was only the
+    disconnect line (errors=2), or nothing at all for an over-long line."""
+    from twisted.logger import capturedLogs, formatEvent
+
+    h = ServerHarness(maxErrors=2, junkCommandLimit=1, errorSleepTime=0, maxMessageSize=1000)
+    h.replies()
+    h.send(b"EHLO x\r\n")
+    with capturedLogs() as events:
+        h.send(wire)
+    assert h.closed
+    assert logged in [formatEvent(e) for e in events]
+
+
 def test_idle_and_data_timeouts() -> None:
     h = ServerHarness(idleTimeout=300, dataTimeout=120)
     h.replies()

@@ -62,6 +62,7 @@ from mailrelay.smtp.server import (
     CheckMail,
     CheckRecipient,
     Close,
+    Closing,
     EndOfData,
     ExtensionCommand,
     HeloWithSpaces,
@@ -670,6 +671,13 @@ class SMTPServerProtocol(Protocol):
                     self._startTLS(event)
                 elif isinstance(event, AbortData):
                     self._abortMessage()
+                elif isinstance(event, Closing):
+                    log.info(
+                        "{reason} from {client}{detail}, closing",
+                        reason=event.reason,
+                        client=session.client.address,  # type: ignore[union-attr]
+                        detail=event.detail,
+                    )
                 elif isinstance(event, SyncError):
                     _logSyncError(session.client, event)  # type: ignore[union-attr]
                 elif isinstance(event, Refused):

@@ -240,6 +240,20 @@ class SyncError:
 
 
 @dataclass(frozen=True, slots=True)
+class Closing:
+    """The session is closed for a limit or a protocol error, for the log (Postfix's "too
+    many errors after RCPT from host[addr]"); the reply and L{Close} follow.
+
+    @ivar reason: what happened (C{"too many errors after RCPT"}).
+    @ivar detail: more about it, to follow the client's address (C{": 'BDAT ten'"}), or
+        C{""}.
+    """
+
+    reason: str
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class HeloWithSpaces:
     """The client's HELO or EHLO argument has spaces in it: accepted (as Postfix does), for
     the log.
@@ -418,6 +432,9 @@ class ServerSession:
         self._addressRelay = client.relayAllowed
         self._sasl: _Sasl | None = None
         self.errors = 0
+        #: The name of the last command read (C{"UNKNOWN"} for one not recognized), for the
+        #: log (L{Closing}).
+        self._verb = "CONNECT"
         #: HELO, EHLO, RSET, NOOP, VRFY and HELP commands since the last message received
         #: (see C{SessionSettings.junkCommandLimit}).
         self.junkCommands = 0
@@ -619,7 +636,11 @@ class ServerSession:
         if reply.code >= 400 and countError:
             self.errors += 1
             if self.errors >= self.settings.maxErrors and self.mode != _CLOSED:
-                self._close(Reply(421, "4.7.0", f"{self.settings.hostname} Error: too many errors"))
+                self._tooManyErrors()
+
+    def _tooManyErrors(self) -> None:
+        self._out.append(Closing(f"too many errors after {self._verb}"))
+        self._close(Reply(421, "4.7.0", f"{self.settings.hostname} Error: too many errors"))
 
     def _noteRefusal(self, reply: Reply) -> None:
         if reply.code >= 400 and self._refusable is not None:
@@ -671,6 +692,8 @@ class ServerSession:
         end = buf.find(b"\n", pos)
         if end < 0:
             if len(buf) - pos > COMMAND_BUFFER_LIMIT:
+                self._out.append(Closing(
+                    f"line too long (more than {COMMAND_BUFFER_LIMIT} octets without a line end)"))
                 self._close(Reply(421, "4.7.0",
                                   f"{self.settings.hostname} Error: line too long, closing"))
             return None
@@ -688,8 +711,9 @@ class ServerSession:
         if self.errors >= self.settings.maxErrors:
             # Errors counted with a positive reply (junk commands): the hard limit is checked
             # at the next command, as Postfix's smtpd checks it before reading each one.
-            self._close(Reply(421, "4.7.0", f"{self.settings.hostname} Error: too many errors"))
+            self._tooManyErrors()
             return True
+        self._verb = "UNKNOWN"
         limit = MAX_COMMAND_LINE
         auth = raw[:5].upper() == b"AUTH " and bool(self.settings.authMechanisms)
         if auth:
@@ -710,6 +734,7 @@ class ServerSession:
         # A command name is ASCII: str.upper() would make "MAIL" of "maıl" (a dotless i).
         name = verb.upper() if verb.isascii() else "\x00"
         handler = getattr(self, "_cmd_" + name, None) if name.isalpha() else None
+        self._verb = name if handler is not None or name in self._owners[2] else "UNKNOWN"
         if self._refusedAtGreeting and name != "QUIT":
             self._reply(Reply(503, "5.5.1", "Error: no SMTP service here, send QUIT"))
             return True
@@ -1082,6 +1107,7 @@ class ServerSession:
         m = _BDAT_ARGUMENT.fullmatch(arg)
         if m is None:
             # Where the next command starts is unknown: the rest would be taken as commands.
+            self._out.append(Closing("malformed BDAT command", f": {'BDAT ' + arg!r}"))
             self._close(Reply(521, "5.5.4", "Syntax: BDAT count [LAST]"))
             return
         size, last = int(m.group(1)), m.group(2) is not None
@@ -1095,6 +1121,8 @@ class ServerSession:
         if total > settings.maxMessageSize * 1.5:
             # Staying in step with a client sending that much costs more than it is worth
             # (Postfix's smtpd stops reading at 1.5 times its message_size_limit too).
+            self._out.append(Closing(f"BDAT content beyond 1.5 times the message size limit "
+                                     f"({int(settings.maxMessageSize * 1.5)} octets)"))
             self._close(R.SIZE_EXCEEDED)
             return
         ch.received = total
