@@ -51,10 +51,18 @@ CHECKED_FAILURE = re.compile(
 )
 
 
-def parallelAuth(tmp_path: Path, connections: int, password: str) -> tuple[list[bytes], str]:
+def memoryOf(pid: int) -> dict[str, int]:
+    """The resident set (C{VmRSS}) and its peak so far (C{VmHWM}) of process C{pid}, in KiB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return {name: int(fields[name].split()[0]) for name in ("VmRSS", "VmHWM")}
+
+
+def parallelAuth(tmp_path: Path, connections: int, password: str,
+                 memory: dict[str, int] | None = None) -> tuple[list[bytes], str]:
     """C{connections} connections from 127.0.0.1 each send AUTH PLAIN as alice with
     C{password}, all at once, before any answer: the first line of each reply, and the
-    relay's log."""
+    relay's log.  C{memory}, when given, gets the relay's resident set before the AUTH
+    commands (C{before}) and its peak once answered (C{peak}), in KiB."""
     site = Site(tmp_path / "relay")
     r = RelayProcess(site.directory, PARALLEL_AUTH, ("--spool", "spool", "--hostname", "relay.test"),
                      defaults=False, hold=True)
@@ -68,9 +76,14 @@ def parallelAuth(tmp_path: Path, connections: int, password: str) -> tuple[list[
             c.send(b"EHLO client.example\r\n")
             assert c.readReply()[-1] == b"250 AUTH PLAIN LOGIN"
         login = b"AUTH PLAIN " + base64.b64encode(f"\0alice\0{password}".encode()) + b"\r\n"
+        assert r.process is not None
+        if memory is not None:
+            memory["before"] = memoryOf(r.process.pid)["VmRSS"]
         for c in clients:
             c.send(login)
         replies = [c.readReply()[0] for c in clients]
+        if memory is not None:
+            memory["peak"] = memoryOf(r.process.pid)["VmHWM"]
     finally:
         for c in clients:
             c.close()
@@ -87,6 +100,17 @@ def test_parallel_auth_guesses_are_bounded_by_max_failures(tmp_path: Path) -> No
     assert len(checked) == 10, f"{len(checked)} passwords checked:\n{text}"
     assert codes.count(b"535") == 9 and codes.count(b"421") == 41, codes
     assert len(re.findall(r"too many failures, refused with 421 without checking", text)) == 40
+
+
+def test_parallel_auth_guesses_are_checked_a_few_at_a_time(tmp_path: Path) -> None:
+    """Each argon2id check of mailrelay-passwd's hashes takes 64 MiB: ten guesses at once
+    were ten checks at once in the reactor's thread pool, 640 MiB more for the relay; at
+    most 4 run at once now (as many as the CPUs), the others wait their turn."""
+    memory: dict[str, int] = {}
+    replies, _ = parallelAuth(tmp_path, 10, "not the password", memory)
+    assert sorted(reply[:3] for reply in replies) == [b"421"] + [b"535"] * 9, replies
+    grown = (memory["peak"] - memory["before"]) / 1024
+    assert grown < 5.5 * 64, f"the relay grew by {grown:.0f} MiB"
 
 
 def test_parallel_good_logins_beyond_max_failures_all_succeed(tmp_path: Path) -> None:

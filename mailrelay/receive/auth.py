@@ -32,7 +32,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredSemaphore, TimeoutError, maybeDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -159,6 +159,13 @@ def _fileStamp(path: str) -> tuple[int, int, int, int]:
     return (st.st_ino, st.st_dev, st.st_mtime_ns, st.st_size)
 
 
+#: The most password checks run at once by default: each argon2id check of mailrelay-passwd's
+#: hashes takes 64 MiB (m=65536) and about half a second of CPU, so more at once than there
+#: are CPUs only costs memory (ten at once, as many as the reactor's thread pool runs, took
+#: the relay to 700 MiB), and it leaves the pool threads for the other blocking work.
+MAX_CONCURRENT_CHECKS = max(1, min(4, os.cpu_count() or 1))
+
+
 def _defaultDeferToThread(f: Callable[..., Any], *args: Any) -> Deferred:
     from twisted.internet import reactor
     from twisted.internet.threads import deferToThreadPool
@@ -176,6 +183,8 @@ class PasswordFileChecker:
         C{None}.
     @param deferToThread: runs a blocking call off the reactor thread and returns a Deferred
         (default: the reactor's thread pool).  Tests pass a synchronous one.
+    @param concurrency: the most checks handed to C{deferToThread} at once; the others wait
+        their turn, in order (default: L{MAX_CONCURRENT_CHECKS}).
     """
 
     credentialInterfaces = (IUsernamePassword,)
@@ -185,8 +194,10 @@ class PasswordFileChecker:
         path: str,
         users: Mapping[str, str] | None = None,
         deferToThread: Callable[..., Deferred] | None = None,
+        concurrency: int = MAX_CONCURRENT_CHECKS,
     ) -> None:
         self.path = path
+        self._checks = DeferredSemaphore(concurrency)
         self._lock = threading.Lock()
         self._users = dict(readPasswordFile(path) if users is None else users)
         try:
@@ -216,7 +227,7 @@ class PasswordFileChecker:
         if isinstance(username, bytes):
             username = username.decode("utf-8", "replace")
         password = credentials.password
-        d = self._deferToThread(self._verify, username, password)
+        d = self._checks.run(self._deferToThread, self._verify, username, password)
         return d.addCallback(self._verified, username)
 
     def _verified(self, result: tuple[bool, str | None], username: str) -> str:
