@@ -50,6 +50,34 @@ def test_unstuffsWhatTheClientStuffed(body: list[bytes], cuts: list[int]) -> Non
     assert (reader.size, reader.error) == (len(content), None)
 
 
+def test_dot_lines_cost_no_python_call_each(monkeypatch) -> None:
+    """A message of dot-stuffed lines ("..", as a client sends lines starting with a dot) was
+    read with one regular-expression search per line, in Python: 9 MB of them took the
+    relay 1.9 s of CPU, against 0.1 s for as many empty lines, the reactor blocked meanwhile.
+    The searches per read are a few, whatever the number of lines."""
+    from mailrelay.smtp import data
+
+    calls = []
+
+    class Counting:
+        def search(self, *args):
+            calls.append(args[1:])
+            return real.search(*args)
+
+    real = data._DOT_LINE
+    monkeypatch.setattr(data, "_DOT_LINE", Counting())
+    content = b"Subject: dots\r\n" + b".\r\n.x\r\n" * 5000
+    wire = b"Subject: dots\r\n" + b"..\r\n..x\r\n" * 5000
+    for ending in (b".\r\nQUIT\r\n", b""):
+        calls.clear()
+        reader = DataReader(10**6)
+        step = reader.read(wire + ending, 0)
+        assert step is not None
+        assert len(calls) <= 2, len(calls)
+        assert step[1] == content and step[2] == bool(ending)
+        assert step[0] == len(wire) + (3 if ending else 0)
+
+
 def test_refusals() -> None:
     """The first check a message fails is its error; the rest is read to the end and dropped."""
     cases = [

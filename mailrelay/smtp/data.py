@@ -9,7 +9,8 @@ no line, is made a space first, as Postfix's cleanup does).  The first check a
 message fails is its refusal (L{DataReader.error}); the rest of it is then read to the end
 marker and dropped.  The work is done with C{bytes} methods over whole chunks, never one
 Python call per line and no list of lines: one search (L{_DOT_LINE}) for the end marker and
-the lines to un-stuff together (C{"\r\n."}), C{memchr} for NUL, two C{translate}s compared
+the first line to un-stuff (C{"\r\n."}), then, after such a line, one for the end marker
+(L{_END_OF_DATA}), C{memchr} for NUL, two C{translate}s compared
 for bare CR or LF, and for long lines a C{rfind} of the last line end in each window of 1000
 octets (about one call per kilobyte).
 
@@ -54,6 +55,9 @@ _LF_MARKS = bytes(int(octet == 10) for octet in range(256))
 #: (24 against 37 us per 64 KiB of 80-octet lines, 36 against 139 of empty lines), most of
 #: the reading of a large message.
 _DOT_LINE = re.compile(rb"\r\n\.")
+#: The end of data (its CRLF, the dot line and its CRLF), searched with C{re} likewise: 2 to
+#: 2.5 times faster than C{bytes.find} here.
+_END_OF_DATA = re.compile(rb"\r\n\.\r\n")
 #: A dot starting a line after a bare LF.
 _DOT_AFTER_BARE_LF = re.compile(rb"(?<!\r)\n\.")
 
@@ -198,19 +202,23 @@ class DataReader(_Checks):
                 return pos + 3, None, True
             if len(buf) - pos < 3 and b".\r\n".startswith(buf[pos:]):
                 return None  # ".", ".\r": wait for more
-        # One scan finds the end marker and the dot-lines before it: each "\r\n." either
-        # starts the marker or a line to un-stuff.
+        # The first "\r\n." starts the end marker or the first line to un-stuff; in the
+        # second case one more search finds the marker, the first "\r\n.\r\n" (a CRLF
+        # always ends a line).  Two searches at most, whatever the number of dot-stuffed
+        # lines: one search for each (in Python) made them 20 times as costly to read as
+        # empty lines, the reactor blocked meanwhile.
         dotLine = -1  # where the first line to un-stuff starts (its "\r\n"), if any
-        search = _DOT_LINE.search
-        match = search(buf, pos)
-        while match is not None:
-            found = match.start()
-            if buf.startswith(b"\r\n", found + 3):
-                content = self._content(buf[pos : found + 2], self._atLineStart, dotLine >= 0)
-                return found + 5, content, True
-            if dotLine < 0:
-                dotLine = found
-            match = search(buf, found + 3)
+        match = _DOT_LINE.search(buf, pos)
+        end = -1
+        if match is not None:
+            end = match.start()
+            if not buf.startswith(b"\r\n", end + 3):
+                dotLine = end
+                marker = _END_OF_DATA.search(buf, end + 3)
+                end = -1 if marker is None else marker.start()
+        if end >= 0:
+            content = self._content(buf[pos : end + 2], self._atLineStart, dotLine >= 0)
+            return end + 5, content, True
         # No end marker yet: process up to the last complete line, keeping a possible start of
         # the marker ("\r\n.\r" at most) in the buffer.
         last = buf.rfind(b"\r\n", pos)
