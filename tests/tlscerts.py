@@ -35,8 +35,11 @@ class CA:
             x509.BasicConstraints(ca=True, path_length=None), critical=True
         ).sign(self._key, hashes.SHA256())
 
-    def _builder(self, subject: x509.Name, key: Any) -> x509.CertificateBuilder:
+    def _builder(self, subject: x509.Name, key: Any, expired: bool = False
+                 ) -> x509.CertificateBuilder:
         now = datetime.datetime.now(datetime.timezone.utc)
+        if expired:  # (a day ago)
+            now -= datetime.timedelta(days=2)
         return (x509.CertificateBuilder()
                 .subject_name(subject)
                 .issuer_name(_name("mailrelay test CA"))
@@ -54,12 +57,18 @@ class CA:
     def pem(self) -> bytes:
         return self._cert.public_bytes(serialization.Encoding.PEM)
 
-    def issue(self, commonName: str = "server", dnsNames: tuple[str, ...] | None = None
-              ) -> ServerCertificate:
+    @property
+    def certificate(self) -> x509.Certificate:
+        """This CA's own certificate."""
+        return self._cert
+
+    def issue(self, commonName: str = "server", dnsNames: tuple[str, ...] | None = None,
+              *, expired: bool = False) -> ServerCertificate:
         """A server certificate with the subject C{CN=commonName} and, unless C{dnsNames} is
-        C{None}, a subjectAltName of these DNS names, taken as they are (no IDNA check)."""
+        C{None}, a subjectAltName of these DNS names, taken as they are (no IDNA check);
+        C{expired}: one that expired a day ago."""
         key = ec.generate_private_key(ec.SECP256R1())
-        builder = self._builder(_name(commonName), key)
+        builder = self._builder(_name(commonName), key, expired)
         if dnsNames is not None:
             builder = builder.add_extension(x509.SubjectAlternativeName(
                 [x509.DNSName(n) for n in dnsNames]), critical=False)
@@ -73,6 +82,8 @@ class ServerCertificate:
 
     def __init__(self, certificate: x509.Certificate, key: Any) -> None:
         self.certificate, self.key = certificate, key
+        #: The certificates sent after the server's own (its chain).
+        self.chain: list[x509.Certificate] = []
         self.serverNames: list[bytes | None] = []  # (the SNI of each handshake)
 
     def writeTo(self, directory: Path) -> tuple[Path, Path]:
@@ -88,6 +99,8 @@ class ServerCertificate:
         context = SSL.Context(SSL.TLS_METHOD)
         context.use_certificate(self.certificate)
         context.use_privatekey(self.key)
+        for certificate in self.chain:
+            context.add_extra_chain_cert(certificate)
         context.set_tlsext_servername_callback(
             lambda connection: self.serverNames.append(connection.get_servername()))
         return SSL.Connection(context, None)

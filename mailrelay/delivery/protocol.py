@@ -265,11 +265,14 @@ class SMTPClientProtocol(Protocol):
     def _logTLS(self) -> None:
         """Postfix's line: C{Verified TLS connection established to mx.example.org[192.0.2.1]:25:
         TLSv1.3 with cipher TLS_AES_256_GCM_SHA384} (C{Untrusted} when the certificate is not
-        checked: C{tls = "may"})."""
+        checked: C{tls = "may"}, or a server whose DANE TLSA records are all unusable)."""
         getHandle = getattr(self.transport, "getHandle", None)
         described = (describeTLS(getHandle()) if getHandle is not None else None) or "TLS"
         verified = self.settings.verifiesTLS
-        self.tlsDescription = f"{described} {'verified' if verified else 'unverified'}"
+        marker = "verified" if verified else "unverified"
+        if verified and self.settings.tlsa is not None:
+            marker = "dane-verified"  # (by its DANE TLSA records, RFC 7672)
+        self.tlsDescription = f"{described} {marker}"
         version, _, cipher = described.partition(" ")
         log.info(
             "{trust} TLS connection established to {relay}: {version}{cipher}",

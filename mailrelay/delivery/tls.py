@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from service_identity import CertificateError, VerificationError
@@ -31,7 +36,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.config.values import pemCertificates
-from mailrelay.smtp.clientsettings import ClientSettings
+from mailrelay.smtp.clientsettings import (
+    DANE_EE,
+    DANE_TA,
+    ClientSettings,
+    DANEPolicy,
+    TLSARecord,
+)
 
 
 def _loadTrustRoot(caFile: str | None) -> Any:
@@ -199,6 +210,127 @@ class _VerifiedClientTLS(_ClientTLS):
         return connection
 
 
+class DANEMismatch(Exception):
+    """The server's certificate matches none of its DANE TLSA records (RFC 7672 section 3):
+    which server, which records, and why."""
+
+    def __init__(self, hostname: str, base: str, why: str) -> None:
+        super().__init__(f"DANE: the certificate of {hostname} matches no TLSA record of "
+                         f"{base}: {why}")
+
+
+_DIGESTS = {1: hashlib.sha256, 2: hashlib.sha512}
+
+
+def tlsaMatches(record: TLSARecord, certificate: x509.Certificate) -> bool:
+    """Whether C{certificate} is the one C{record} names: its DER encoding (selector 0) or
+    its SubjectPublicKeyInfo's (1), whole or digested (RFC 6698 section 2.1)."""
+    if record.selector == 0:
+        selected = certificate.public_bytes(Encoding.DER)
+    else:
+        selected = certificate.public_key().public_bytes(
+            Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    digest = _DIGESTS.get(record.matchingType)
+    return (digest(selected).digest() if digest is not None else selected) == record.data
+
+
+def _issued(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        certificate.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _current(certificate: x509.Certificate, now: datetime) -> bool:
+    return certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc
+
+
+def daneProblem(policy: DANEPolicy, chain: Sequence[x509.Certificate], leaf: Any,
+                now: datetime) -> str | None:
+    """Why the server's certificate chain C{chain} (its own first, as it sent it) is not
+    authenticated by C{policy}'s records, or C{None} when it is (RFC 7672 section 3.1):
+
+      - DANE-EE(3): the server's certificate matches; nothing else is checked (no name,
+        no expiry: section 3.1.1);
+      - DANE-TA(2): a certificate the server sent, other than its own, matches, and the
+        server's certificate chains up to it (each signed by the next, every one below the
+        trust anchor current), and is for one of C{policy.names} (section 3.1.2; Postfix's
+        match list: the MX host, the next hop's domain).
+
+    @param leaf: the server's certificate as pyOpenSSL has it (for its names).
+    """
+    if not chain:
+        return "the server sent no certificate"
+    server = chain[0]
+    records = policy.records
+    if any(r.usage == DANE_EE and tlsaMatches(r, server) for r in records):
+        return None
+    anchors = [r for r in records if r.usage == DANE_TA]
+    if not anchors:
+        return "its certificate does not match the DANE-EE records"
+    path, others = [server], list(chain[1:])
+    for _ in range(len(chain)):
+        issuer = next((c for c in others if _issued(path[-1], c)), None)
+        if issuer is None:
+            return ("its certificate does not match the DANE-EE records, and does not chain "
+                    "to a trust anchor of the DANE-TA records among the certificates it sent")
+        others.remove(issuer)
+        path.append(issuer)
+        if any(tlsaMatches(r, issuer) for r in anchors):
+            break
+    else:
+        return "its certificate chain reaches no trust anchor of the DANE-TA records"
+    expired = next((c for c in path[:-1] if not _current(c, now)), None)
+    if expired is not None:
+        return f"certificate {expired.subject.rfc4514_string()} is expired or not yet valid"
+    patterns = _namePatterns(leaf, commonNameFallback=True)
+    for name in policy.names:
+        try:
+            verify_service_identity(patterns, [DNS_ID(name)], [])
+        except VerificationError:
+            continue
+        return None
+    return str(CertificateNameMismatch(" or ".join(policy.names), patterns))
+
+
+class _DANEClientTLS(_ClientTLS):
+    """TLS for a server with DANE TLSA records (L{DANEPolicy}): its certificate checked
+    against them (L{daneProblem}), not against a trust store; a mismatch fails the handshake
+    with a L{DANEMismatch}.  The check is made in OpenSSL's verification callback, at the
+    server's certificate, on the chain the server sent."""
+
+    def __init__(self, hostname: str, policy: DANEPolicy) -> None:
+        super().__init__(hostname, CertificateOptions())
+        self._hostname = hostname
+        self._policy = policy
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = super().clientConnectionForTLS(tlsProtocol)
+        checked: list[str | None] = []
+
+        def verify(connection: SSL.Connection, certificate: Any, error: int, depth: int,
+                   ok: int) -> bool:
+            if depth != 0:
+                return True  # (no trust store: the records decide, at the server's own)
+            try:
+                if not checked:
+                    sent = connection.get_peer_cert_chain() or [certificate]
+                    chain = [c.to_cryptography() for c in sent]
+                    checked.append(daneProblem(self._policy, chain, certificate,
+                                                datetime.now(UTC)))
+                if checked[0] is None:
+                    return True
+                tlsProtocol.failVerification(Failure(
+                    DANEMismatch(self._hostname, self._policy.base, checked[0])))
+            except BaseException:  # (an exception must not reach OpenSSL)
+                tlsProtocol.failVerification(Failure())
+            return False
+
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
+        return connection
+
+
 def verifiedClientTLS(hostname: str, trustRoot: Any = None) -> IOpenSSLClientConnectionCreator:
     """TLS to C{hostname} verified against C{trustRoot} (by default the platform's trust
     store): the certificate's chain and names, as for C{tls="required"} but by its
@@ -211,15 +343,21 @@ def verifiedClientTLS(hostname: str, trustRoot: Any = None) -> IOpenSSLClientCon
 def clientTLSOptions(settings: ClientSettings, hostname: str) -> IOpenSSLClientConnectionCreator:
     """The TLS client options for C{hostname} under C{settings}.
 
-    For C{tls="required"} and C{"implicit"} (unless C{settings.tlsVerify} is false):
-    verifying the chain against C{settings.caFile} (or the platform's trust store) and the host
-    name (service_identity; the common name when there is no DNS subjectAltName, as Postfix).
+    With C{settings.tlsa}: its usable TLSA records verify the certificate (L{daneProblem});
+    with none usable, nothing is verified.  For C{tls="required"} and C{"implicit"} (unless
+    C{settings.tlsVerify} is false): verifying the chain against C{settings.caFile} (or the
+    platform's trust store) and the host name (service_identity; the common name when there
+    is no DNS subjectAltName, as Postfix).
     Otherwise: no verification.  For implicit TLS wrap the endpoint with it::
 
         endpoint = wrapClientTLS(clientTLSOptions(settings, host), TCP4ClientEndpoint(...))
 
     @raise OSError, ValueError: the CA file cannot be read or holds no certificate.
     """
+    if settings.tlsa is not None:
+        if settings.tlsa.records:
+            return _DANEClientTLS(hostname, settings.tlsa)
+        return _UnverifiedClientTLS(hostname)  # (records, none usable: RFC 7672 2.2)
     if settings.verifiesTLS:
         return _VerifiedClientTLS(hostname, _loadTrustRoot(settings.caFile),
                                   commonNameFallback=True)
@@ -240,6 +378,8 @@ def _openSSLReasons(error: SSL.Error) -> str:
 def describeTLSFailure(reason: Failure) -> str:
     """Why a TLS handshake failed, in words for logs and diagnostics."""
     value = reason.value
+    if isinstance(value, DANEMismatch):
+        return str(value)
     if isinstance(value, (CertificateNameMismatch, VerificationError)):
         return f"certificate host name mismatch ({value})"
     if isinstance(value, CertificateError):
