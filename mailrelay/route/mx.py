@@ -43,10 +43,11 @@ from mailrelay.errors import (
     dnsAnswerCode,
 )
 from mailrelay.route.nexthop import parseNameserver, parseSMTPNexthop
+from mailrelay.smtp.clientsettings import DANEPolicy, TLSARecord
 
 log = Logger()
 
-__all__ = ["MXHost", "MXResolver", "makeResolver"]
+__all__ = ["TLSA", "MXHost", "MXResolver", "isSecure", "makeResolver"]
 
 
 def _isIP(text: str) -> int:
@@ -67,12 +68,16 @@ class MXHost:
     @ivar address: the IP address to connect to (C{"192.0.2.1"}, C{"2001:db8::1"}).
     @ivar port: the TCP port.
     @ivar preference: the MX preference, or C{None} when there was no MX lookup or no MX.
+    @ivar secure: the answers that gave this host were DNSSEC-validated (the resolver set
+        their AD bit, L{makeResolver}'s C{dnssec}): the MX records (or their absence) and
+        the host's addresses.  Only then may DANE apply (RFC 7672 section 2.2).
     """
 
     name: str
     address: str
     port: int
     preference: int | None = None
+    secure: bool = False
 
     @property
     def family(self) -> int:
@@ -84,6 +89,26 @@ def _records(result: Any, rtype: int) -> list[Any]:
     """The payloads of type C{rtype} in a lookup result."""
     answers = result[0] if isinstance(result, tuple) else result
     return [rr.payload for rr in answers if rr.type == rtype]
+
+
+def isSecure(result: Any) -> bool:
+    """Whether a lookup result came in an answer with the AD bit (L{makeResolver}'s
+    C{dnssec}: the validating resolver vouches for it, RFC 4035 section 3.2.3)."""
+    return bool(getattr(result, "secure", False))
+
+
+class _Answer(tuple):
+    """A lookup result, C{(answers, authority, additional)}, and whether it is DNSSEC-valid
+    (L{isSecure})."""
+
+    secure: bool = False
+
+    @classmethod
+    def of(cls, result: Any, secure: bool) -> _Answer:
+        """C{result} (the triple, or a list of answers) as an L{_Answer}."""
+        answer = cls(result if isinstance(result, tuple) else (result, [], []))
+        answer.secure = secure
+        return answer
 
 
 def _owner(name: bytes) -> bytes:
@@ -188,9 +213,12 @@ class MXResolver:
         target (RFC 1034 section 3.6.2; RFC 5321 section 5.1), at most L{_CNAME_LIMIT}
         times (Postfix's dns_lookup()); beyond, or round a loop, no record."""
         target = name
+        secure = True  # (every answer of the chain must be: RFC 7672 section 2.1.2)
         for _ in range(_CNAME_LIMIT):
             result = yield self._query(method, target)
-            answers = result[0] if isinstance(result, tuple) else result
+            secure = secure and isSecure(result)
+            result = _Answer.of(result, secure)
+            answers = result[0]
             if any(rr.type == rtype for rr in answers):
                 return result
             aliases = {_owner(rr.name.name): _owner(rr.payload.name.name)
@@ -227,17 +255,20 @@ class MXResolver:
     def _addresses(self, name: str) -> Any:
         """The addresses of host C{name}, in family order.
 
-        @return: a Deferred firing with C{(addresses, problem)}: C{problem} is C{None},
-            L{_NXDOMAIN}, L{_NODATA} or a description of a DNS error.
+        @return: a Deferred firing with C{(addresses, problem, secure)}: C{problem} is
+            C{None}, L{_NXDOMAIN}, L{_NODATA} or a description of a DNS error; C{secure},
+            whether every answer was DNSSEC-validated (L{isSecure}).
         """
         if _isIP(name):
-            return [name], None
+            return [name], None, False
         methods = {4: ("lookupAddress", dns.A), 6: ("lookupIPV6Address", dns.AAAA)}
         queries = [self._lookup(methods[f][0], name, methods[f][1]) for f in self.families]
         outcomes = yield defer.DeferredList(queries, consumeErrors=True)
         addresses: list[str] = []
         problems = []
+        secure = True
         for family, (ok, result) in zip(self.families, outcomes, strict=True):
+            secure = secure and ok and isSecure(result)
             if ok:
                 if family == 4:
                     found = [p.dottedQuad() for p in _records(result, dns.A)]
@@ -252,13 +283,13 @@ class MXResolver:
                 kind = self._classify(result)
                 problems.append(kind if kind != _ERROR else _describe(result))
         if addresses:
-            return addresses, None
+            return addresses, None, secure
         if problems and all(p == _NXDOMAIN for p in problems):
-            return [], _NXDOMAIN
+            return [], _NXDOMAIN, False
         errors = [p for p in problems if p not in (_NXDOMAIN, _NODATA)]
         if errors:
-            return [], errors[0]
-        return [], _NODATA
+            return [], errors[0], False
+        return [], _NODATA, False
 
     @staticmethod
     def _hostNamesOnly(domain: str, records: list[Any]) -> list[Any]:
@@ -323,10 +354,10 @@ class MXResolver:
         if _isIP(host):
             return [MXHost(host, host, port)]
         if not mxLookup:
-            addresses, problem = yield self._addresses(host)
+            addresses, problem, secure = yield self._addresses(host)
             if not addresses:
                 raise self._noAddress(host, problem, [host])
-            return self._limit([MXHost(host, a, port) for a in addresses])
+            return self._limit([MXHost(host, a, port, secure=secure) for a in addresses])
 
         try:
             result = yield self._lookup("lookupMailExchange", host, dns.MX)
@@ -345,6 +376,7 @@ class MXResolver:
                     f"{_describe(failure)}",
                 ) from None
             result = ([], [], [])
+        mxSecure = isSecure(result)
         records = _records(result, dns.MX)
         real = [r for r in records if r.name.name not in (b"", b".")]  # not "." (RFC 7505)
         if records and not real:
@@ -356,7 +388,7 @@ class MXResolver:
             real = self._hostNamesOnly(host, real)
         if not real:
             # RFC 5321 section 5.1: no MX, the domain is its own mail exchanger.
-            addresses, problem = yield self._addresses(host)
+            addresses, problem, secure = yield self._addresses(host)
             if not addresses:
                 if problem == _NXDOMAIN:
                     raise PermanentFailure(
@@ -364,7 +396,8 @@ class MXResolver:
                         diagnostic=f"X-mailrelay; domain {host} does not exist",
                     )
                 raise self._noAddress(host, problem, [host], final=True)
-            return self._limit([MXHost(host, a, port) for a in addresses])
+            return self._limit([MXHost(host, a, port, secure=mxSecure and secure)
+                                for a in addresses])
 
         ordered = self._orderMX(real)[:_MX_HOSTS_LIMIT]
         hosts: list[MXHost] = []
@@ -376,7 +409,8 @@ class MXResolver:
             lookups = yield defer.gatherResults(
                 [self._addresses(name) for _, name in batch], consumeErrors=True
             )
-            for (preference, name), (addresses, problem) in zip(batch, lookups, strict=True):
+            for (preference, name), (addresses, problem, secure) in zip(batch, lookups,
+                                                                         strict=True):
                 if not addresses:
                     log.info(
                         "MX host {mx} of {domain} has no address: {problem}",
@@ -386,7 +420,7 @@ class MXResolver:
                     )
                     problems.append(problem)
                 for a in addresses:
-                    hosts.append(MXHost(name, a, port, preference))
+                    hosts.append(MXHost(name, a, port, preference, mxSecure and secure))
         if not hosts:
             problem = next((p for p in problems if p not in (_NXDOMAIN, _NODATA)), _NODATA)
             raise self._noAddress(host, problem, [n for _, n in ordered], final=True)
@@ -400,6 +434,47 @@ class MXResolver:
         if not 0 < limit <= len(hosts):
             return False
         return all(sum(h.family == f for h in hosts) > limit // 2 for f in self.families)
+
+    @inlineCallbacks
+    def danePolicy(self, host: MXHost, domain: str) -> Any:
+        """The DANE TLSA records of C{host} for mail to C{domain} (RFC 7672 section 2.2.3, as
+        Postfix's tls_dane_resolve()): those of C{_<port>._tcp.<host name>}, asked only when
+        C{host.secure} (its MX and address records were DNSSEC-validated), through a
+        resolver of L{makeResolver}'s C{dnssec}.
+
+        @return: a Deferred firing with a L{DANEPolicy} -- its usable records, none when
+            the records published are all unusable -- or C{None}: no DANE for C{host}
+            (insecure, no TLSA record, an insecure answer: opportunistic TLS).
+        @raise TransientFailure: the TLSA lookup failed (4.7.5; Postfix defers the host:
+            "TLSA lookup error for host:port").
+        """
+        if not host.secure:
+            return None
+        base = f"_{host.port}._tcp.{host.name}"
+        try:
+            result = yield self._lookup("lookupTLSA", base, TLSA)
+        except Exception:
+            failure = _currentFailure()
+            if self._classify(failure) != _ERROR:  # (NXDOMAIN, no record: no DANE)
+                return None
+            raise TransientFailure(
+                code="4.7.5",
+                diagnostic=f"X-mailrelay; TLSA lookup error for {host.name}:{host.port}: "
+                f"{_describe(failure)}",
+            ) from None
+        if not isSecure(result):
+            log.info("TLSA records of {base} are not DNSSEC-validated: no DANE", base=base)
+            return None
+        found = [TLSARecord.fromWire(getattr(p, "data", b"")) for p in _records(result, TLSA)]
+        records = [r for r in found if r is not None]
+        if not records:
+            return None
+        usable = tuple(r for r in records if r.usable)
+        if not usable:
+            log.info("TLSA records of {base} are all unusable: TLS without verification "
+                     "(RFC 7672 section 2.2)", base=base)
+        names = tuple(dict.fromkeys((host.name, domain.lower().rstrip("."))))
+        return DANEPolicy(base, usable, names)
 
     def _limit(self, hosts: list[MXHost]) -> list[MXHost]:
         """C{hosts} cut to C{maxAddresses}, neither family crowding the other out when both
@@ -472,6 +547,25 @@ _ASK_NEXT = frozenset((dns.ESERVER, dns.ENOTIMP, dns.EREFUSED))
 _TCP_TIMEOUT = 10
 
 
+#: The TLSA record type (RFC 6698), which Twisted does not know.
+TLSA = 52
+
+
+def _askingAD(protocol: Any, dnssec: bool) -> Any:
+    """C{protocol} (a C{twisted.names} DNS protocol), its queries sent with the AD bit when
+    C{dnssec}: a validating resolver then says whether it validated the answer (RFC 6840
+    section 5.7), which Twisted's C{Resolver} gives no way to ask."""
+    if dnssec:
+        write = protocol.writeMessage
+
+        def writeMessage(message: Any, *address: Any) -> None:
+            message.authenticData = 1
+            write(message, *address)
+
+        protocol.writeMessage = writeMessage
+    return protocol
+
+
 class _OneQuery:
     """The controller of a C{dns.DNSProtocol} that carries one query (L{_Resolver}): the
     protocol's own Deferred has the answer, there is nothing to be told."""
@@ -495,6 +589,26 @@ class _Resolver(client.Resolver):
     answer (TC) is asked again over TCP of the same server (Twisted's asked the next server
     of its round, which may be down); when that fails, the next server is asked.
     """
+
+    #: Ask with the AD bit set and report it in the answers (L{makeResolver}'s C{dnssec}).
+    dnssec = False
+
+    def _connectedProtocol(self, interface: str = "") -> Any:
+        return _askingAD(super()._connectedProtocol(interface), self.dnssec)
+
+    def filterAnswers(self, message: Any) -> Any:
+        """Twisted's, the result keeping the answer's AD bit when asked for it (L{isSecure}):
+        set by a validating resolver for data it has validated (RFC 4035 section 3.2.3), as
+        Postfix's dns_lookup() trusts it from the resolver it is configured with."""
+        result = super().filterAnswers(message)
+        if isinstance(result, tuple):
+            return _Answer.of(result, self.dnssec and bool(message.authenticData))
+        return result
+
+    def lookupTLSA(self, name: str, timeout: Any = None) -> Deferred:
+        """The TLSA records of C{name} (RFC 6698; C{dns.UnknownRecord} payloads), as the
+        other C{lookup*} methods."""
+        return self._lookup(name, dns.IN, TLSA, timeout)
 
     def queryUDP(self, queries: Any, timeout: Any = None) -> Deferred:
         timeouts: Sequence[float] = (self.timeout or ()) if timeout is None else timeout
@@ -541,15 +655,22 @@ class _Resolver(client.Resolver):
         host, port = server
         endpointType = TCP6ClientEndpoint if _isIP(host) == 6 else TCP4ClientEndpoint
         endpoint = endpointType(self._reactor, host, port, timeout=_TCP_TIMEOUT)
-        protocol = await connectProtocol(endpoint, dns.DNSProtocol(_OneQuery(), self._reactor))
+        protocol = await connectProtocol(endpoint, _askingAD(
+            dns.DNSProtocol(_OneQuery(), self._reactor), self.dnssec))
         try:
             return await protocol.query(queries, _TCP_TIMEOUT)
         finally:
             protocol.transport.loseConnection()
 
 
-def makeResolver(nameservers: Sequence[Any] | None = None, *, reactor: Any = None) -> Any:
+def makeResolver(nameservers: Sequence[Any] | None = None, *, reactor: Any = None,
+                 dnssec: bool = False) -> Any:
     """A DNS resolver: the system's, or one asking only C{nameservers}.
+
+    With C{dnssec}, it asks with the AD bit and its answers say whether the resolver
+    validated them (L{isSecure}), as Postfix's C{smtp_dns_support_level = dnssec}; it then
+    has no cache nor hosts file (their answers would not say), even for the system's
+    resolver (the name servers of C{/etc/resolv.conf}), and has C{lookupTLSA}.
 
     @param nameservers: C{None} or empty for the system's resolver
         (C{twisted.names.client.createResolver()}: C{/etc/hosts}, a cache and the servers of
@@ -559,6 +680,10 @@ def makeResolver(nameservers: Sequence[Any] | None = None, *, reactor: Any = Non
         without cache and without the hosts file.
     @raise ValueError: a bad name server (the message names it).
     """
+    if not nameservers and dnssec:
+        resolver = _Resolver(b"/etc/resolv.conf", reactor=reactor)
+        resolver.dnssec = True
+        return resolver
     if not nameservers:
         # client.createResolver(), which takes no reactor: its resolver re-reads resolv.conf
         # every minute, and its cache expires entries, on the relay's reactor.
@@ -571,4 +696,6 @@ def makeResolver(nameservers: Sequence[Any] | None = None, *, reactor: Any = Non
         (str(ns[0]), int(ns[1])) if isinstance(ns, tuple) else parseNameserver(ns)
         for ns in nameservers
     ]
-    return _Resolver(servers=servers, reactor=reactor)
+    resolver = _Resolver(servers=servers, reactor=reactor)
+    resolver.dnssec = dnssec
+    return resolver

@@ -1,0 +1,185 @@
+"""DNSSEC for DANE (RFC 7672 section 2.1, RFC 6840 section 5.7): the resolver of
+L{makeResolver}'s C{dnssec} asks with the AD bit and keeps the answer's, the MX hosts say
+whether their records were validated, and their TLSA records are looked up
+(L{MXResolver.danePolicy}) -- over a fake UDP network on a L{Clock}."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.names import dns
+
+from mailrelay.errors import TransientFailure
+from mailrelay.route.mx import TLSA, MXHost, MXResolver, isSecure, makeResolver
+from mailrelay.smtp.clientsettings import DANEPolicy, TLSARecord
+from tests.harness import fired
+
+SHA256 = bytes(range(32))
+
+
+class _Transport:
+    def __init__(self, network: Network, protocol: Any) -> None:
+        self.network, self.protocol = network, protocol
+
+    def write(self, datagram: bytes, address: Any) -> None:
+        self.network.answer(self.protocol, datagram, address)
+
+    def stopListening(self) -> None:
+        pass
+
+
+class Network(Clock):
+    """A reactor (L{Clock}) whose UDP name server answers from C{zone}: C{(name, type)} ->
+    C{(records, ad)}, or an answer code; names not there are NXDOMAIN.  C{asked} keeps
+    each query's name, type and AD bit."""
+
+    def __init__(self, zone: dict[tuple[str, int], Any]) -> None:
+        super().__init__()
+        self.zone = zone
+        self.asked: list[tuple[str, int, int]] = []
+
+    def listenUDP(self, port: int, protocol: Any, interface: str = "", **kw: Any) -> Any:
+        protocol.makeConnection(_Transport(self, protocol))
+        return protocol.transport
+
+    def answer(self, protocol: Any, datagram: bytes, address: Any) -> None:
+        query = dns.Message()
+        query.fromStr(datagram)
+        q = query.queries[0]
+        name = q.name.name.decode()
+        self.asked.append((name, q.type, query.authenticData))
+        entry = self.zone.get((name, q.type), dns.ENAME if not any(
+            n == name for n, _ in self.zone) else ([], True))
+        reply = dns.Message(id=query.id, answer=1, recDes=1, recAv=1)
+        reply.queries = query.queries
+        if isinstance(entry, int):
+            reply.rCode = entry
+        else:
+            records, reply.authenticData = entry
+            reply.answers = [dns.RRHeader(name, r.TYPE if r.TYPE is not None else TLSA,
+                                          payload=r) for r in records]
+        self.callLater(0, protocol.datagramReceived, reply.toStr(), address)
+
+    def run(self, d: defer.Deferred) -> Any:
+        for _ in range(50):
+            self.advance(0)
+        return fired(d)
+
+
+def _tlsa(*fields: int, data: bytes = SHA256) -> dns.UnknownRecord:
+    record = dns.UnknownRecord(bytes(fields) + data)
+    return record
+
+
+ZONE: dict[tuple[str, int], Any] = {
+    ("example.org", dns.MX): ([dns.Record_MX(10, b"mx.example.org")], True),
+    ("mx.example.org", dns.A): ([dns.Record_A("192.0.2.1")], True),
+    ("mx.example.org", dns.AAAA): ([], True),
+    ("_25._tcp.mx.example.org", TLSA): ([_tlsa(3, 1, 1), _tlsa(0, 0, 1)], True),
+    ("insecure.example", dns.MX): ([dns.Record_MX(10, b"mx.example.org")], False),
+    ("insecure-a.example", dns.MX): ([dns.Record_MX(10, b"mx.insecure-a.example")], True),
+    ("mx.insecure-a.example", dns.A): ([dns.Record_A("192.0.2.2")], False),
+    ("mx.insecure-a.example", dns.AAAA): ([], True),
+}
+
+
+def _resolve(zone: dict, nexthop: str, dnssec: bool = True) -> tuple[Any, Network]:
+    network = Network(zone)
+    resolver = makeResolver(["192.0.2.53"], reactor=network, dnssec=dnssec)
+    return network.run(MXResolver(resolver, network).resolve(nexthop)), network
+
+
+def test_queries_ask_with_the_ad_bit_and_answers_keep_it() -> None:
+    """RFC 6840 5.7: a query with AD=1 asks a validating resolver to say whether it
+    validated the answer; Postfix trusts the AD bit of its configured resolver."""
+    network = Network(ZONE)
+    resolver = makeResolver(["192.0.2.53"], reactor=network, dnssec=True)
+    result = network.run(resolver.lookupMailExchange("example.org"))
+    assert isSecure(result)
+    assert network.asked == [("example.org", dns.MX, 1)]
+    assert not isSecure(network.run(resolver.lookupMailExchange("insecure.example")))
+    plain = Network(ZONE)
+    result = plain.run(makeResolver(["192.0.2.53"], reactor=plain).lookupMailExchange(
+        "example.org"))
+    assert not isSecure(result)  # (without dnssec: no AD asked, none believed)
+    assert plain.asked == [("example.org", dns.MX, 0)]
+
+
+def test_mx_hosts_are_secure_when_their_mx_and_address_records_are() -> None:
+    hosts, _ = _resolve(ZONE, "example.org")
+    assert hosts == [MXHost("mx.example.org", "192.0.2.1", 25, 10, True)]
+    hosts, _ = _resolve(ZONE, "insecure.example")
+    assert [h.secure for h in hosts] == [False]
+    hosts, _ = _resolve(ZONE, "insecure-a.example")
+    assert [h.secure for h in hosts] == [False]
+    hosts, _ = _resolve(ZONE, "example.org", dnssec=False)
+    assert [h.secure for h in hosts] == [False]
+
+
+def _policy(zone: dict, host: MXHost, domain: str = "example.org") -> Any:
+    network = Network(zone)
+    resolver = MXResolver(makeResolver(["192.0.2.53"], reactor=network, dnssec=True), network)
+    return network.run(resolver.danePolicy(host, domain)), network
+
+
+SECURE = MXHost("mx.example.org", "192.0.2.1", 25, 10, True)
+
+
+def test_the_tlsa_records_of_a_secure_host_give_its_usable_records() -> None:
+    policy, network = _policy(ZONE, SECURE)
+    assert policy == DANEPolicy("_25._tcp.mx.example.org", (TLSARecord(3, 1, 1, SHA256),),
+                                ("mx.example.org", "example.org"))
+    assert network.asked == [("_25._tcp.mx.example.org", TLSA, 1)]
+
+
+def test_no_tlsa_lookup_for_an_insecure_host() -> None:
+    policy, network = _policy(ZONE, MXHost("mx.example.org", "192.0.2.1", 25, 10, False))
+    assert policy is None and network.asked == []
+
+
+@pytest.mark.parametrize("answer", [
+    ([_tlsa(3, 1, 1)], False),       # not validated
+    ([], True),                      # no record (NODATA)
+    dns.ENAME,                       # NXDOMAIN
+])
+def test_no_dane_without_secure_tlsa_records(answer: Any) -> None:
+    """RFC 7672 2.2.3 and Postfix: an insecure answer, or none, is no DANE (opportunistic
+    TLS)."""
+    policy, _ = _policy({**ZONE, ("_25._tcp.mx.example.org", TLSA): answer}, SECURE)
+    assert policy is None
+
+
+def test_records_all_unusable_give_a_policy_without_records() -> None:
+    zone = {**ZONE, ("_25._tcp.mx.example.org", TLSA): ([_tlsa(1, 1, 1), _tlsa(3, 1, 9)], True)}
+    policy, _ = _policy(zone, SECURE)
+    assert policy is not None and policy.records == ()
+
+
+def test_a_failing_tlsa_lookup_defers_the_host() -> None:
+    """Postfix: "TLSA lookup error for host:port", 4.7.5: never opportunistic TLS then."""
+    failure = _policy({**ZONE, ("_25._tcp.mx.example.org", TLSA): dns.ESERVER}, SECURE)[0]
+    assert isinstance(failure.value, TransientFailure)
+    assert failure.value.code == "4.7.5"
+    assert failure.value.diagnostic.startswith(
+        "X-mailrelay; TLSA lookup error for mx.example.org:25")
+
+
+def test_the_tlsa_name_has_the_port_of_the_next_hop() -> None:
+    zone = {("_2525._tcp.mx.example.org", TLSA): ([_tlsa(3, 1, 1)], True)}
+    policy, _ = _policy(zone, MXHost("mx.example.org", "192.0.2.1", 2525, 10, True),
+                        "Example.ORG.")
+    assert policy.base == "_2525._tcp.mx.example.org"
+    assert policy.names == ("mx.example.org", "example.org")
+
+
+def test_the_system_resolver_under_dnssec_has_no_cache_nor_hosts_file() -> None:
+    """Neither says whether an answer was validated: under DANE only the name servers of
+    /etc/resolv.conf are asked (the validating resolver there)."""
+    clock = Clock()
+    resolver = makeResolver(None, reactor=clock, dnssec=True)
+    assert (resolver.resolv, resolver.dnssec, resolver._reactor) == (
+        b"/etc/resolv.conf", True, clock)
+    assert not hasattr(resolver, "resolvers")  # (not a chain: no cache, no hosts file)
