@@ -246,8 +246,11 @@ def freePort(host: str = "127.0.0.1") -> int:
 # Names of the origin's zone without records are NXDOMAIN; names with records but none of the
 # type asked are NODATA; [name, "SERVFAIL"] or [name, "REFUSED"] answers that code for the
 # name, for every name when it is "*"; [name, "TRUNCATE"] answers the name's queries over UDP
-# truncated (TC, no records), over TCP (the same port) whole.  It prints "port N" when
-# listening, then "query NAME TYPE" for each query it answers ("tcp" first over TCP).
+# truncated (TC, no records), over TCP (the same port) whole.  [name, "TLSA", usage, selector,
+# matching type, hex data] is a TLSA record (RFC 6698).  Answers about the names of "ad" (all
+# for "*") have the AD bit (as a validating resolver's: DNSSEC-valid), when the query asked
+# for it (RFC 6840 5.7).  It prints "port N" when listening, then "query NAME TYPE" for each
+# query it answers ("tcp" first over TCP; "ad" first when the query has the AD bit).
 _DNS_SERVER_SCRIPT = r"""
 import json, sys
 from twisted.internet import defer, reactor
@@ -257,6 +260,15 @@ spec = json.loads(sys.argv[1])
 
 class Refused(Exception):
     pass
+
+class Record_TLSA(dns.UnknownRecord):
+    TYPE = 52
+
+    def __init__(self, usage, selector, matchingType, data, ttl=None):
+        super().__init__(bytes([usage, selector, matchingType]) + bytes.fromhex(data), ttl)
+
+dns.Record_TLSA = Record_TLSA
+secure = {name.lower().encode("ascii") for name in spec.get("ad", ())}
 
 class Zone(authority.FileAuthority):
     def loadFile(self, filename):
@@ -270,7 +282,7 @@ class Zone(authority.FileAuthority):
             if rtype in ("SERVFAIL", "REFUSED", "TRUNCATE"):  # (a name whose queries fail)
                 self.failing[name.lower().encode("ascii")] = rtype
                 continue
-            args = [a.encode("ascii") if isinstance(a, str) and rtype != "A" and rtype != "AAAA"
+            args = [a.encode("ascii") if isinstance(a, str) and rtype not in ("A", "AAAA", "TLSA")
                     else a for a in args]
             record = getattr(dns, "Record_" + rtype)(*args)
             self.records.setdefault(name.lower().encode("ascii"), []).append(record)
@@ -289,10 +301,16 @@ class Factory(server.DNSServerFactory):
     def handleQuery(self, message, protocol, address):
         if address is None:
             print("tcp", flush=True)
+        if message.authenticData:
+            print("ad", flush=True)
+            askedAD.add(message.id)
         return super().handleQuery(message, protocol, address)
 
     def sendReply(self, protocol, message, address):
         name = message.queries[0].name.name.lower() if message.queries else b""
+        message.authenticData = int(message.id in askedAD
+                                    and (name in secure or b"*" in secure))
+        askedAD.discard(message.id)
         if address is not None and zone.failing.get(name) == "TRUNCATE":
             message.trunc = 1
             message.answers, message.authority, message.additional = [], [], []
@@ -304,6 +322,7 @@ class Factory(server.DNSServerFactory):
         response = self._responseFromMessage(message=message, rCode=dns.EREFUSED)
         self.sendReply(protocol, response, address)
 
+askedAD = set()
 zone = Zone(None)
 factory = Factory(authorities=[zone])
 for attempt in range(20):  # (a UDP port whose TCP twin is free)
@@ -324,12 +343,16 @@ class DNSServer:
     """L{_DNS_SERVER_SCRIPT} on 127.0.0.1 (UDP and TCP), in a subprocess.  C{records} are
     C{[name, type, *arguments]} (C{Record_<type>}'s); C{[name, "SERVFAIL"]} (or
     C{"REFUSED"}) makes every query of C{name} (of every name for C{"*"}) answer that code;
-    C{[name, "TRUNCATE"]} truncates its answers over UDP (TC: ask again over TCP).
+    C{[name, "TRUNCATE"]} truncates its answers over UDP (TC: ask again over TCP);
+    C{[name, "TLSA", usage, selector, matchingType, hexData]} is a TLSA record.  The answers
+    about the names of C{ad} (every name for C{"*"}) have the AD bit when asked for it, as a
+    validating resolver's.
 
     @ivar port: the UDP port it answers on.
     """
 
-    def __init__(self, directory: Path, origin: str, records: list[list]) -> None:
+    def __init__(self, directory: Path, origin: str, records: list[list],
+                 ad: tuple[str, ...] = ()) -> None:
         import json
 
         directory.mkdir(parents=True, exist_ok=True)
@@ -337,7 +360,7 @@ class DNSServer:
         with open(self.logPath, "wb") as log:
             self.process: subprocess.Popen[bytes] | None = subprocess.Popen(
                 [sys.executable, "-c", _DNS_SERVER_SCRIPT,
-                 json.dumps({"origin": origin, "records": records})],
+                 json.dumps({"origin": origin, "records": records, "ad": list(ad)})],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
         deadline = time.monotonic() + 20

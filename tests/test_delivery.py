@@ -33,6 +33,7 @@ from mailrelay.interfaces import (
 )
 from mailrelay.route import DeliveryFailure, MXHost, RouteRule, RoutingTable
 from mailrelay.smtp.client import ClientSettings, SMTPConnectError
+from mailrelay.smtp.clientsettings import DANEPolicy, TLSARecord
 
 DELIVERED = DeliveryStatus.DELIVERED
 TRANSIENT = DeliveryStatus.TRANSIENT
@@ -2383,3 +2384,118 @@ def test_smtp_refused_connection_to_the_only_host_is_logged_once() -> None:
     texts = [formatEvent(e) for e in events]
     assert texts == ["Q: cannot use mx.example.net[192.0.2.30]:25 for example.net: 4.4.1 "
                      "X-mailrelay; connection refused by 192.0.2.30"], texts
+
+
+# ---------------------------------------------------------------------------------------------
+# DANE (RFC 7672) on deliveries by MX lookup
+
+
+DANE_POLICY = DANEPolicy("_25._tcp.mx1.example.org", (TLSARecord(3, 1, 1, bytes(32)),),
+                         ("mx1.example.org", "example.org"))
+
+
+class FakeDANEMX(FakeMX):
+    """A L{FakeMX} whose hosts are DNSSEC-secure, and whose TLSA records are C{policies}:
+    host name -> L{DANEPolicy}, C{None} or a L{DeliveryFailure} (a lookup that failed)."""
+
+    def __init__(self, policies: dict[str, Any]) -> None:
+        super().__init__({k: [dataclasses.replace(h, secure=True) for h in v]
+                          if isinstance(v, list) else v for k, v in HOSTS.items()})
+        self.policies = policies
+        self.looked: list[tuple[str, int, str]] = []
+
+    def danePolicy(self, host: MXHost, domain: str) -> defer.Deferred:
+        self.looked.append((host.name, host.port, domain))
+        policy = self.policies.get(host.name)
+        return defer.fail(policy) if isinstance(policy, Exception) else defer.succeed(policy)
+
+
+def daneBackend(policies: dict[str, Any], **kw: Any) -> tuple[Any, FakeNet, Clock, FakeDANEMX]:
+    from mailrelay.delivery.smtp import SMTPBackend
+
+    net, clock, mx = FakeNet(), Clock(), FakeDANEMX(policies)
+    clock.advance(100_000)
+    kw.setdefault("dane", True)
+    return SMTPBackend(clock, mx, SETTINGS, connect=net.connect, plaintextFallbackAge=0,
+                       **kw), net, clock, mx
+
+
+def test_dane_makes_tls_mandatory_and_matched_at_a_host_with_tlsa_records() -> None:
+    """Postfix's "dane" level: a secure MX host with usable TLSA records is talked to over
+    TLS that its records verify; one without them, opportunistically."""
+    backend, net, _, mx = daneBackend({"mx1.example.org": DANE_POLICY})
+    assert result(send(backend, "example.org", "bob@example.org"))[0].status is DELIVERED
+    ((address, _, _, settings, _),) = net.attempts
+    assert (address, settings.tls, settings.tlsa) == ("192.0.2.1", "required", DANE_POLICY)
+    assert settings.verifiesTLS
+    assert mx.looked == [("mx1.example.org", 25, "example.org")]
+    backend, net, _, _ = daneBackend({})
+    assert result(send(backend, "example.org", "bob@example.org"))[0].status is DELIVERED
+    assert [(a[0], a[3].tls, a[3].tlsa) for a in net.attempts] == [("192.0.2.1", "may", None)]
+
+
+def test_a_dane_failure_tries_the_next_mx_and_never_plaintext() -> None:
+    """A certificate that does not match (4.7.5) is not followed by plaintext, even for
+    mail old enough for "may"'s fallback; the next MX host is tried, as Postfix does."""
+    mismatch = SMTPConnectError(
+        "4.7.5", "X-mailrelay; TLS handshake with mx1.example.org[192.0.2.1] failed: DANE: "
+        "the certificate of mx1.example.org matches no TLSA record of _25._tcp.mx1.example.org",
+        tlsFailure=True)
+    backend, net, _, mx = daneBackend({"mx1.example.org": DANE_POLICY}, connectionCacheTime=0)
+    net.connectBehaviour = {"192.0.2.1": mismatch, "2001:db8::1": mismatch}
+    env = envelope("bob@example.org")
+    env.arrival = 0.0
+    (r,) = result(backend.deliver(env, env.recipients, Route("smtp", "example.org",
+                                                               RouteOptions()), Path("/x")))
+    assert r.status is DELIVERED
+    assert [(a[0], a[3].tls) for a in net.attempts] == [
+        ("192.0.2.1", "required"), ("2001:db8::1", "required"), ("192.0.2.2", "may")]
+    net.connectBehaviour["192.0.2.2"] = connectError("4.4.1", "X-mailrelay; refused")
+    net.attempts.clear()
+    env = envelope("bob@example.org")
+    env.arrival = 0.0
+    (r,) = result(backend.deliver(env, env.recipients, Route("smtp", "example.org",
+                                                               RouteOptions()), Path("/x")))
+    assert (r.status, r.code) == (TRANSIENT, "4.4.1")  # (the last host's error)
+    # (One TLSA lookup a host name, for all its addresses, in each delivery.)
+    assert mx.looked == [("mx1.example.org", 25, "example.org"),
+                         ("mx2.example.org", 25, "example.org")] * 2
+    assert [(a[0], a[3].tls) for a in net.attempts] == [
+        ("192.0.2.1", "required"), ("2001:db8::1", "required"), ("192.0.2.2", "may")]
+
+
+def test_a_failed_tlsa_lookup_defers_that_host() -> None:
+    """Postfix: "TLSA lookup error for host:port" (4.7.5): the host is not used, neither
+    with opportunistic TLS; the next one is."""
+    error = DeliveryFailure(permanent=False, code="4.7.5",
+                            diagnostic="X-mailrelay; TLSA lookup error for mx1.example.org:25")
+    backend, net, _, _ = daneBackend({"mx1.example.org": error, "mx2.example.org": error})
+    with capturedLogs() as events:
+        (r,) = result(send(backend, "example.org", "bob@example.org"))
+    assert (r.status, r.code, r.diagnostic) == (TRANSIENT, "4.7.5", error.diagnostic)
+    assert net.attempts == []
+    assert any("cannot use mx1.example.org[192.0.2.1]:25 for example.org: 4.7.5 "
+               "X-mailrelay; TLSA lookup error" in formatEvent(e) for e in events)
+
+
+@pytest.mark.parametrize("how", ["off", "bracketed", "tls-required-no", "route-tls", "insecure"])
+def test_no_tlsa_lookup_where_dane_does_not_apply(how: str) -> None:
+    """Only for MX lookups (the brief's and RFC 7672's case), under "may" (a route's own
+    level stands, as a Postfix policy-table entry), not for a message saying
+    "TLS-Required: No" (RFC 8689), not for hosts whose records were not validated."""
+    backend, net, _, mx = daneBackend({"mx1.example.org": DANE_POLICY,
+                                       "relay.example": DANE_POLICY}, dane=how != "off")
+    env, nexthop, options = envelope("bob@example.org"), "example.org", RouteOptions()
+    if how == "bracketed":
+        nexthop = "[relay.example]:587"
+    elif how == "tls-required-no":
+        env.tlsRequiredNo = True
+    elif how == "route-tls":
+        options = RouteOptions(tls="none")
+    elif how == "insecure":
+        mx.answers["example.org"] = HOSTS["example.org"]
+    (r,) = result(backend.deliver(env, env.recipients, Route("smtp", nexthop, options),
+                                  Path("/x")))
+    assert r.status is DELIVERED
+    assert mx.looked == []
+    assert net.attempts[0][3].tlsa is None

@@ -34,6 +34,7 @@ def builtinBackendSpecs(config: Config) -> list[BackendSpec]:
             "plaintext_fallback_age": config.queue.minBackoff,
             "mta_sts": config.mtaSts,
             "mta_sts_cache": str(config.spoolDirectory / "mta-sts.json"),
+            "dane": config.dane,
         },
         "lmtp": {
             "settings": config.delivery,

@@ -504,6 +504,12 @@ DELIVERY = Table(
             "Follow the MTA-STS policies (RFC 8461) of the domains mail goes to by MX lookup.",
         ),
         Key(
+            "dane",
+            boolean,
+            "Use the DANE TLSA records (RFC 7672) of DNSSEC-validated MX hosts; needs a "
+            "local validating resolver.",
+        ),
+        Key(
             "recipient_delimiter",
             recipientDelimiter,
             "The characters separating a user from an address extension (bob+lists@).",

@@ -169,6 +169,8 @@ class Config:
         only to users whose directory exists (L{mailrelay.delivery.maildir}).
     @ivar mtaSts: deliveries by MX lookup follow the recipient domain's MTA-STS policy
         (L{mailrelay.route.mtasts}), kept in the spool's C{mta-sts.json}.
+    @ivar dane: deliveries by MX lookup use the DANE TLSA records (RFC 7672) of MX hosts
+        whose records the resolver validated (its AD bit: L{mailrelay.route.mx.makeResolver}).
     @ivar recipientDelimiter: the characters separating a maildir route's user from an
         address extension (C{"+"}: C{bob+lists@} goes to C{bob}'s mailbox), or C{""}.
     @ivar smarthostOptions: how to talk to the smarthost (C{[smarthost]}): every option
@@ -237,6 +239,7 @@ class Config:
     createMailboxes: bool = False
     recipientDelimiter: str = ""
     mtaSts: bool = False
+    dane: bool = False
     nameservers: tuple[tuple[str, int], ...] = ()
     routes: tuple[RouteRule, ...] = ()
     backends: tuple[BackendSpec, ...] = ()

@@ -89,7 +89,7 @@ from mailrelay.delivery.common import (
 )
 from mailrelay.delivery.connection import connectSMTP
 from mailrelay.delivery.tls import clientTLSOptions, describeTLSFailure, verifiedClientTLS
-from mailrelay.errors import DeliveryFailure, PermanentFailure
+from mailrelay.errors import DeliveryFailure, PermanentFailure, TransientFailure
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, PluginContext, RecipientResult
 from mailrelay.route.mtasts import MTASTS
 from mailrelay.route.mx import MXHost, MXResolver, makeResolver
@@ -170,6 +170,9 @@ class _Tried:
     #: The last host did not offer the SMTPUTF8 the message needs: when it was the last to
     #: try, the recipients are returned (5.6.7).
     lacksSMTPUTF8: SMTPConnectError | None = None
+    #: The DANE policy (or C{None}, or the lookup's failure) of each MX host name and port
+    #: looked up in this delivery: one TLSA lookup for all of a host's addresses.
+    dane: dict[tuple[str, int], Any] = field(default_factory=dict)
 
 
 class _Idle:
@@ -273,6 +276,7 @@ class SMTPBackend(ClientBackend):
         mtaSTS: MTASTS | None = None,
         mxSessionLimit: int = 2,
         ownAddresses: Container[tuple[str, int]] = (),
+        dane: bool = False,
     ) -> None:
         """
         @param reactor: provides C{IReactorTCP} and C{IReactorTime}.
@@ -297,6 +301,8 @@ class SMTPBackend(ClientBackend):
             (Postfix's C{smtp_mx_session_limit}): a session is a connection set up (greeted,
             EHLO...) that carried a transaction, a reused one included; a connection that
             failed is not one.  The recipients the last session deferred stay deferred.
+        @param dane: use the DANE TLSA records of DNSSEC-secure MX hosts (L{_daneKey});
+            C{resolver} must then ask a validating resolver (L{makeResolver}'s C{dnssec}).
         """
         if destinationConcurrency < 1:
             raise ValueError("destinationConcurrency must be at least 1")
@@ -313,6 +319,7 @@ class SMTPBackend(ClientBackend):
         self.ownAddresses = ownAddresses
         self._connect = connect
         self.mtaSTS = mtaSTS
+        self.dane = dane
         self._perDestination = PerDestination(
             destinationConcurrency, "SMTP", reactor, suspendTime=plaintextFallbackAge
         )
@@ -664,6 +671,7 @@ class SMTPBackend(ClientBackend):
         """
         try:
             try:
+                key = yield self._daneKey(host, key, envelope, tried)
                 return ((yield self._connectTo(host, key[1])), key)
             except SMTPConnectError as e:
                 if not (e.tlsFailure and self._plaintextOK(key[1], envelope)):
@@ -706,6 +714,42 @@ class SMTPBackend(ClientBackend):
             tried.connectErrors.append(
                 SMTPConnectError("4.4.0", diagnostic))  # (no server answered)
         return None
+
+    @inlineCallbacks
+    def _daneKey(self, host: MXHost, key: tuple[str, ClientSettings], envelope: Any,
+                 tried: _Tried) -> Any:
+        """C{key} for connecting to C{host}, its settings made those of its DANE TLSA records
+        (RFC 7672; Postfix's C{smtp_tls_security_level = dane}) when C{dane} is on, the
+        next hop is looked up by MX, C{host} is DNSSEC-secure (L{MXHost.secure}), the
+        route's TLS is C{"may"} (which DANE raises: a route's other level, and an MTA-STS
+        policy's C{"required"}, stand) and the message does not say C{TLS-Required: No}
+        (RFC 8689 section 4.2.2: DANE is ignored): TLS is then mandatory and the certificate
+        must match them (L{MXResolver.danePolicy}; all unusable: TLS unverified).
+
+        @raise SMTPConnectError: the TLSA lookup failed (4.7.5: this host is not used, as
+            Postfix).
+        """
+        if not (self.dane and host.secure and key[1].tls == "may"
+                and not envelope.tlsRequiredNo):
+            return key
+        try:
+            parsed = parseSMTPNexthop(key[0], strict=False)
+        except ValueError:
+            return key  # (the resolution said what is wrong with it)
+        if not parsed.mxLookup:
+            return key
+        if (host.name, host.port) not in tried.dane:
+            try:
+                found = yield self.resolver.danePolicy(host, parsed.host)
+            except TransientFailure as e:
+                found = SMTPConnectError(e.code, e.diagnostic)
+            tried.dane[host.name, host.port] = found
+        policy = tried.dane[host.name, host.port]
+        if isinstance(policy, SMTPConnectError):
+            raise policy
+        if policy is None:
+            return key
+        return (key[0], replace(key[1], tls="required", tlsa=policy))
 
     def _noHostAccepted(
         self,
@@ -886,7 +930,8 @@ def build(options: dict[str, Any], context: PluginContext) -> SMTPBackend:
         (the queue's C{min_backoff}) and C{mx_session_limit} (see L{SMTPBackend});
         C{mx_address_limit} (L{MXResolver}'s C{maxAddresses}); C{listeners} (their
         endpoint descriptions) and C{proxy_interfaces}, the relay's own addresses
-        (L{OwnAddresses}).
+        (L{OwnAddresses}); C{dane} (L{SMTPBackend}'s; its own resolver then, of
+        C{nameservers}, asking with the AD bit: L{makeResolver}).
     @param context: its C{reactor} connects and times, its C{resolver} (when it has one;
         else one of C{nameservers}) looks up the MX hosts.
     """
@@ -905,12 +950,16 @@ def build(options: dict[str, Any], context: PluginContext) -> SMTPBackend:
             "proxy_interfaces",
             "mta_sts",
             "mta_sts_cache",
+            "dane",
         ),
     )
     reactor = context.reactor
-    resolver = context.resolver  # the relay's: [dns] nameservers, or the system's
+    dane = bool(options.get("dane", False))
+    resolver = None if dane else context.resolver  # the relay's: [dns] nameservers, or the system's
     if resolver is None:
-        resolver = makeResolver(list(options.get("nameservers", ())) or None, reactor=reactor)
+        # (For DANE, one that asks for and keeps the AD bit, without a cache.)
+        resolver = makeResolver(list(options.get("nameservers", ())) or None, reactor=reactor,
+                                dnssec=dane)
     sts = None
     if options.get("mta_sts", False):
         sts = MTASTS(resolver, reactor, options.get("mta_sts_cache"),
@@ -928,5 +977,6 @@ def build(options: dict[str, Any], context: PluginContext) -> SMTPBackend:
         mxSessionLimit=options.get("mx_session_limit", 2),
         ownAddresses=OwnAddresses(options.get("listeners", ()),
                                   options.get("proxy_interfaces", ())),
+        dane=dane,
     )
 

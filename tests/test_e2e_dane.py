@@ -1,0 +1,119 @@
+"""End-to-end: `[delivery] dane = true` (RFC 7672) with the real relay.
+
+The test DNS server (L{tests.harness.DNSServer}) plays the local validating resolver: it
+sets the AD bit on the answers about the names it is told are secure, and serves TLSA
+records; the MX host is an aiosmtpd offering STARTTLS with a trustme certificate that no
+trust store of the relay's knows.  Mail to a domain whose MX host's TLSA record (3 1 1)
+matches that certificate is delivered over TLS logged `dane-verified`; one whose record
+does not match is deferred (4.7.5, naming the host and DANE) and never sent, in the clear
+or otherwise; one whose answers are not validated (no AD bit) goes with opportunistic TLS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import ssl
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from tests.harness import DNSServer, RelayProcess
+from tests.test_e2e_outbound import _TCPController, message, submit, waitResult
+from tests.test_e2e_route_tls import TLSRecorder
+
+
+@pytest.fixture
+def mx():
+    """The MX host of every domain: STARTTLS offered; C{(recorder, port, SPKI SHA-256 of
+    its certificate)}."""
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    leaf = ca.issue_cert("mx.dane.test")
+    leaf.configure_cert(context)
+    certificate = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes())
+    spki = certificate.public_key().public_bytes(Encoding.DER,
+                                                 PublicFormat.SubjectPublicKeyInfo)
+    recorder = TLSRecorder()
+    controller = _TCPController(recorder, hostname="127.0.0.1", port=0, ready_timeout=10,
+                                tls_context=context, require_starttls=False)
+    controller.start()
+    yield recorder, controller.port, hashlib.sha256(spki).hexdigest()
+    controller.stop()
+
+
+@pytest.fixture
+def dns(tmp_path: Path, mx: Any):
+    _, port, digest = mx
+    records, secure = [], []
+    for domain, tlsa, ad in (("dane.test", digest, True), ("bad.test", "00" * 32, True),
+                             ("insecure.test", "00" * 32, False)):
+        host, base = f"mx.{domain}", f"_{port}._tcp.mx.{domain}"
+        records += [[domain, "MX", 10, host], [host, "A", "127.0.0.1"],
+                    [base, "TLSA", 3, 1, 1, tlsa]]
+        if ad:
+            secure += [domain, host, base]
+    server = DNSServer(tmp_path / "dns", "test", records, ad=tuple(secure))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def relay(tmp_path: Path, dns: DNSServer, mx: Any):
+    _, port, _ = mx
+    config = (
+        "[delivery]\ndane = true\n"
+        f'[dns]\nreverse_lookups = false\nnameservers = ["127.0.0.1:{dns.port}"]\n'
+        "[queue]\nmin_backoff = 600\n"
+    ) + "".join(  # MX lookups, to the test MX's port
+        f'[[routes]]\ndomain = "{d}"\nbackend = "smtp"\nnexthop = "{d}:{port}"\n'
+        for d in ("dane.test", "bad.test", "insecure.test"))
+    r = RelayProcess(tmp_path / "relay", config).start()
+    yield r
+    r.stop()
+
+
+def _delivered(relay: RelayProcess, recorder: TLSRecorder, rcpt: str, marker: str) -> None:
+    """Send a message to C{rcpt}: it arrives over TLS, logged C{tls=... marker}."""
+    queueID = submit(relay, "alice@example.com", [rcpt], message(rcpt))
+    recorder.waitTo(rcpt)
+    waitResult(relay, queueID, rcpt, "sent")
+    relay.waitForLog(rf"{queueID}: to=<{re.escape(rcpt)}>, [^\n]*status=sent [^\n]*, "
+                     rf"tls=TLSv1\.\d \S+ {marker}\n")
+    assert recorder.sessions[rcpt][1]  # (over TLS)
+
+
+def test_a_matching_tlsa_record_delivers_dane_verified(relay: RelayProcess, mx: Any,
+                                                       dns: DNSServer) -> None:
+    recorder, port, _ = mx
+    _delivered(relay, recorder, "bob@dane.test", "dane-verified")
+    assert ("_%d._tcp.mx.dane.test" % port, "52") in dns.queries()
+    relay.waitForLog(r"Verified TLS connection established to mx\.dane\.test\[127\.0\.0\.1\]")
+    assert "\nad\n" in dns.log()  # (the relay asks with the AD bit)
+
+
+def test_a_mismatching_tlsa_record_defers_and_sends_nothing(relay: RelayProcess,
+                                                            mx: Any) -> None:
+    recorder, port, _ = mx
+    queueID = submit(relay, "alice@example.com", ["carol@bad.test"], message("bad"))
+    line = waitResult(relay, queueID, "carol@bad.test", "deferred")
+    why = ("DANE: the certificate of mx.bad.test matches no TLSA record of "
+           f"_{port}._tcp.mx.bad.test: its certificate does not match the DANE-EE records")
+    assert line.group("diagnostic") == (
+        f"X-mailrelay; TLS handshake with mx.bad.test[127.0.0.1] failed: {why}")
+    relay.waitForLog(rf"{queueID}: cannot use mx\.bad\.test\[127\.0\.0\.1\]:{port} for "
+                     rf"bad\.test:{port}: 4\.7\.5 ")
+    assert recorder.to("carol@bad.test") == []
+    assert "carol@bad.test" not in recorder.sessions  # (not even RCPT: never in the clear)
+
+
+def test_answers_not_validated_give_opportunistic_tls(relay: RelayProcess, mx: Any,
+                                                      dns: DNSServer) -> None:
+    recorder, port, _ = mx
+    _delivered(relay, recorder, "dave@insecure.test", "unverified")
+    # (The MX records were not validated: no TLSA lookup, RFC 7672 2.2.1.)
+    assert ("_%d._tcp.mx.insecure.test" % port, "52") not in dns.queries()
