@@ -119,6 +119,20 @@ def test_mx_hosts_are_secure_when_their_mx_and_address_records_are() -> None:
     assert [h.secure for h in hosts] == [False]
 
 
+def test_each_address_is_secure_as_the_answer_that_gave_it() -> None:
+    """As Postfix's dnssec_valid of each address record: an IPv4 address from a validated
+    answer stays secure when the AAAA query fails or is not validated (else dropping the
+    AAAA answers would turn DANE off), and an IPv6 one from an answer not validated is not
+    secure."""
+    zone = {**ZONE, ("mx.example.org", dns.AAAA): dns.ESERVER}
+    hosts, _ = _resolve(zone, "example.org")
+    assert [(h.address, h.secure) for h in hosts] == [("192.0.2.1", True)]
+    zone = {**ZONE, ("mx.example.org", dns.AAAA): ([dns.Record_AAAA("2001:db8::1")], False)}
+    hosts, _ = _resolve(zone, "example.org")
+    assert [(h.address, h.secure) for h in hosts] == [
+        ("192.0.2.1", True), ("2001:db8::1", False)]
+
+
 def _policy(zone: dict, host: MXHost, domain: str = "example.org") -> Any:
     network = Network(zone)
     resolver = MXResolver(makeResolver(["192.0.2.53"], reactor=network, dnssec=True), network)

@@ -70,7 +70,7 @@ class MXHost:
     @ivar preference: the MX preference, or C{None} when there was no MX lookup or no MX.
     @ivar secure: the answers that gave this host were DNSSEC-validated (the resolver set
         their AD bit, L{makeResolver}'s C{dnssec}): the MX records (or their absence) and
-        the host's addresses.  Only then may DANE apply (RFC 7672 section 2.2).
+        the one that gave this address.  Only then may DANE apply (RFC 7672 section 2.2).
     """
 
     name: str
@@ -257,18 +257,18 @@ class MXResolver:
 
         @return: a Deferred firing with C{(addresses, problem, secure)}: C{problem} is
             C{None}, L{_NXDOMAIN}, L{_NODATA} or a description of a DNS error; C{secure},
-            whether every answer was DNSSEC-validated (L{isSecure}).
+            the set of the addresses that came in DNSSEC-validated answers (L{isSecure}; as
+            the C{dnssec_valid} of each of Postfix's address records).
         """
         if _isIP(name):
-            return [name], None, False
+            return [name], None, frozenset()
         methods = {4: ("lookupAddress", dns.A), 6: ("lookupIPV6Address", dns.AAAA)}
         queries = [self._lookup(methods[f][0], name, methods[f][1]) for f in self.families]
         outcomes = yield defer.DeferredList(queries, consumeErrors=True)
         addresses: list[str] = []
         problems = []
-        secure = True
+        secure: set[str] = set()
         for family, (ok, result) in zip(self.families, outcomes, strict=True):
-            secure = secure and ok and isSecure(result)
             if ok:
                 if family == 4:
                     found = [p.dottedQuad() for p in _records(result, dns.A)]
@@ -279,17 +279,19 @@ class MXResolver:
                 for a in found:
                     if a not in addresses:
                         addresses.append(a)
+                        if isSecure(result):
+                            secure.add(a)
             else:
                 kind = self._classify(result)
                 problems.append(kind if kind != _ERROR else _describe(result))
         if addresses:
-            return addresses, None, secure
+            return addresses, None, frozenset(secure)
         if problems and all(p == _NXDOMAIN for p in problems):
-            return [], _NXDOMAIN, False
+            return [], _NXDOMAIN, frozenset()
         errors = [p for p in problems if p not in (_NXDOMAIN, _NODATA)]
         if errors:
-            return [], errors[0], False
-        return [], _NODATA, False
+            return [], errors[0], frozenset()
+        return [], _NODATA, frozenset()
 
     @staticmethod
     def _hostNamesOnly(domain: str, records: list[Any]) -> list[Any]:
@@ -357,7 +359,7 @@ class MXResolver:
             addresses, problem, secure = yield self._addresses(host)
             if not addresses:
                 raise self._noAddress(host, problem, [host])
-            return self._limit([MXHost(host, a, port, secure=secure) for a in addresses])
+            return self._limit([MXHost(host, a, port, secure=a in secure) for a in addresses])
 
         try:
             result = yield self._lookup("lookupMailExchange", host, dns.MX)
@@ -396,7 +398,7 @@ class MXResolver:
                         diagnostic=f"X-mailrelay; domain {host} does not exist",
                     )
                 raise self._noAddress(host, problem, [host], final=True)
-            return self._limit([MXHost(host, a, port, secure=mxSecure and secure)
+            return self._limit([MXHost(host, a, port, secure=mxSecure and a in secure)
                                 for a in addresses])
 
         ordered = self._orderMX(real)[:_MX_HOSTS_LIMIT]
@@ -420,7 +422,7 @@ class MXResolver:
                     )
                     problems.append(problem)
                 for a in addresses:
-                    hosts.append(MXHost(name, a, port, preference, mxSecure and secure))
+                    hosts.append(MXHost(name, a, port, preference, mxSecure and a in secure))
         if not hosts:
             problem = next((p for p in problems if p not in (_NXDOMAIN, _NODATA)), _NODATA)
             raise self._noAddress(host, problem, [n for _, n in ordered], final=True)
