@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import smtplib
 import subprocess
@@ -358,6 +359,9 @@ def test_why_a_delivery_process_refuses_the_configuration_is_logged(relays, tmp_
     (site / "sitewatch.py").write_text(OBSERVER.replace(
         "    return Watch()", "    raise RuntimeError('cannot open the watch log')"))
     assert "configuration reloaded" in _reload(r, config)
+    # The reload's warning says so: the relay's code is the old, its children's the new.
+    r.waitForLog(re.escape(f"the processes it starts (the delivery process, the acceptors) "
+                           f"import 1 of them anew when they use it ({site / 'sitewatch.py'})"))
     r.waitForLog(r"delivery process exited unexpectedly", timeout=20)
     line = r.waitForLog(r"#error\] delivery process: configuration error: .*").group(0)
     assert ("plugins[0]: plugin 'site-watch' failed to build: RuntimeError: cannot open the "

@@ -514,9 +514,13 @@ def test_a_reload_after_the_code_changed_says_to_restart(relays, tmp_path: Path)
     p = cli(r, "reload")
     assert p.returncode == 0, p  # (the configuration was reloaded)
     assert "configuration reloaded" in p.stdout, p
+    # (A site's plugin module is not among what the fork server loaded: the processes the
+    # relay starts import it anew.)
     said = ("the code on disk changed since the relay started (1 file of loaded modules: "
-            f"{module}); the relay and the processes it starts go on running the code loaded "
-            "at start-up: restart the relay (not reload) to run the new code")
+            f"{module}); the relay goes on running the code loaded at start-up, but the "
+            "processes it starts (the delivery process, the acceptors) import 1 of them anew "
+            f"when they use it ({module}), running the new code beside the relay's old: "
+            "restart the relay (not reload) to run the new code everywhere")
     assert f"mailrelay: warning: {said}" in p.stderr, p
     r.waitForLog(re.escape(said))
     status = cli(r, "status")

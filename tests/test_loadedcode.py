@@ -49,3 +49,20 @@ def test_what_is_said() -> None:
     many = describeChanged([f"/lib/m{n}.py" for n in range(5)])
     assert many is not None
     assert "(5 files of loaded modules: /lib/m0.py, /lib/m1.py, /lib/m2.py and 2 more)" in many
+
+
+def test_what_is_said_of_files_the_new_processes_import_anew() -> None:
+    """Children forked from the fork server share only what it loaded, before the relay
+    imported a site's plugin modules (and new processes share nothing): after a reload the
+    delivery process imports an edited plugin module anew.  "The relay and the processes
+    it starts go on running the code loaded at start-up" was not so: what is said names
+    the files they may load anew, beside the relay's old code."""
+    said = describeChanged(["/lib/mailrelay/x.py", "/site/plugin.py"], anew=["/site/plugin.py"])
+    assert said is not None
+    assert said.startswith("the code on disk changed since the relay started (2 files of "
+                           "loaded modules: /lib/mailrelay/x.py, /site/plugin.py); ")
+    assert ("the relay goes on running the code loaded at start-up, but the processes it "
+            "starts (the delivery process, the acceptors) import 1 of them anew when they use "
+            "it (/site/plugin.py), running the new code beside the relay's old: restart the "
+            "relay (not reload) to run the new code everywhere") in said, said
+    assert describeChanged(["/lib/a.py"], anew=[]) == describeChanged(["/lib/a.py"])

@@ -141,14 +141,20 @@ def usable(twistdOptions: Any) -> str | None:
     return None
 
 
+def hasChildren(config: Any) -> bool:
+    """Whether the relay of C{config} starts child processes: a delivery process of its
+    own (C{[queue] process = "separate"}) or acceptor processes."""
+    from mailrelay.config.values import resolveProcessCount
+
+    return config.queueProcess == "separate" or resolveProcessCount(config.processes) > 1
+
+
 def forRelay(config: Any, twistdOptions: Any, runAs: tuple[int, int] | None) -> ForkServer | None:
     """The fork server of the relay about to be built from C{config} under twistd's options
     C{twistdOptions} (as C{runAs} once privileges are dropped), started; or C{None} when the
     relay has no children to fork (its queue manager in its own process, no acceptor
     process) or the server cannot be used (logged)."""
-    from mailrelay.config.values import resolveProcessCount
-
-    if config.queueProcess != "separate" and resolveProcessCount(config.processes) <= 1:
+    if not hasChildren(config):
         return None
     why = "relay.fork_children = false" if not config.forkChildren else usable(twistdOptions)
     if why is None:

@@ -3,12 +3,16 @@
 A reload (SIGHUP, C{mailrelay reload}) re-reads the configuration, not the code: the modules
 the relay imported at start-up -- mailrelay's, Twisted's, a site's plugins -- stay as they
 were loaded, and the delivery and acceptor processes it forks from the copy made at
-start-up (L{mailrelay.app.forkserver}) run them too.  After an upgrade (C{pip install -U}),
-or once a site has edited its plugin, a reload would seem to have taken the change while
-the old code goes on running, and a module first imported after the change would mix new
-code with old.  As a Postfix upgrade wants C{postfix stop}/C{start} for its master, this
-wants a restart; so the relay notes, at start-up, each loaded module's file (its size and
-modification time), and a reload or C{mailrelay status} says which of them changed since.
+start-up (L{mailrelay.app.forkserver}) run what that copy holds too -- but not a site's
+plugin modules, imported by the relay after the copy was made: those they import anew (and
+children started as new processes import everything anew).  After an upgrade (C{pip
+install -U}), or once a site has edited its plugin, a reload would seem to have taken the
+change while the old code goes on running, or runs beside the new in the children, and a
+module first imported after the change would mix new code with old.  As a Postfix upgrade
+wants C{postfix stop}/C{start} for its master, this wants a restart; so the relay notes, at
+start-up, each loaded module's file (its size and modification time), and a reload or
+C{mailrelay status} says which of them changed since, and which of those the children import
+anew.
 """
 
 from __future__ import annotations
@@ -57,15 +61,38 @@ class LoadedCode:
         return sorted(path for path, stamp in self.stamps.items() if _stamp(path) != stamp)
 
 
-def describeChanged(changed: list[str]) -> str | None:
-    """What to tell about the files L{LoadedCode.changed} found, or C{None} for none."""
+def describeChanged(changed: list[str], anew: Iterable[str] = ()) -> str | None:
+    """What to tell about the files L{LoadedCode.changed} found, or C{None} for none.
+
+    @param anew: those of C{changed} that the processes the relay starts from now on would
+        import themselves rather than share with it (a site's plugin modules, imported by
+        the relay after it forked the fork server; everything, for children started as new
+        processes).
+    """
     if not changed:
         return None
-    named = ", ".join(changed[:NAMED])
-    more = f" and {len(changed) - NAMED} more" if len(changed) > NAMED else ""
     files = "file" if len(changed) == 1 else "files"
-    return (
+    said = (
         f"the code on disk changed since the relay started ({len(changed)} {files} of loaded "
-        f"modules: {named}{more}); the relay and the processes it starts go on running the "
-        "code loaded at start-up: restart the relay (not reload) to run the new code"
+        f"modules: {_names(changed)}"
     )
+    fresh = set(anew)
+    anew = [path for path in changed if path in fresh]
+    if not anew:
+        return (
+            f"{said}); the relay and the processes it starts go on running the code loaded "
+            "at start-up: restart the relay (not reload) to run the new code"
+        )
+    them = "it" if len(anew) == 1 else "them"
+    return (
+        f"{said}); the relay goes on running the code loaded at start-up, but the processes it "
+        f"starts (the delivery process, the acceptors) import {len(anew)} of them anew when "
+        f"they use {them} ({_names(anew)}), running the new code beside the relay's old: "
+        "restart the relay (not reload) to run the new code everywhere"
+    )
+
+
+def _names(paths: list[str]) -> str:
+    named = ", ".join(paths[:NAMED])
+    more = f" and {len(paths) - NAMED} more" if len(paths) > NAMED else ""
+    return named + more

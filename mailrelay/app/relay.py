@@ -126,6 +126,10 @@ class RelayService(OrderedMultiService):
         #: The files of the modules loaded at start-up (L{LoadedCode}; set by C{twistd
         #: mailrelay} once it has built us), or C{None}: nothing to compare.
         self.loadedCode: LoadedCode | None = None
+        #: The files of the modules the fork server had loaded, which the children it forks
+        #: share (a site's plugin modules are not among them); C{None}: the children are
+        #: new processes, which load everything anew.
+        self.forkedCode: frozenset[str] | None = None
         #: What the last reload warned of (the code changed since the start), or C{None}.
         self.reloadWarning: str | None = None
         #: The listeners the acceptor processes cannot share (logged once).
@@ -416,10 +420,14 @@ class RelayService(OrderedMultiService):
 
     def codeChanged(self) -> str | None:
         """What to say of the code on disk changed since the start (L{LoadedCode}), or
-        C{None}: a reload keeps the code loaded at start-up."""
+        C{None}: a reload keeps the code loaded at start-up -- but for what the children it
+        starts import anew (L{forkedCode})."""
         if self.loadedCode is None:
             return None
-        return describeChanged(self.loadedCode.changed())
+        changed = self.loadedCode.changed()
+        shared = self.forkedCode if getattr(self.spawner, "gone", None) is None else None
+        anew = changed if shared is None else [path for path in changed if path not in shared]
+        return describeChanged(changed, anew)
 
     def summary(self) -> str:
         """What runs, in a few words (for C{systemctl status})."""

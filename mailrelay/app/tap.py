@@ -121,7 +121,7 @@ def makeService(options: Options) -> Any:
     A configuration error stops start-up: its message (file, key, value) goes to stderr and
     twistd exits with status 1.
     """
-    from mailrelay.app.forkserver import forRelay
+    from mailrelay.app.forkserver import forRelay, hasChildren
     from mailrelay.config import loadConfig, readConfigFile
     from mailrelay.errors import ConfigError
     from mailrelay.namedfile import explainPermissions, runAsUser
@@ -145,6 +145,11 @@ def makeService(options: Options) -> Any:
         forkServer = forRelay(config, serverOptions, user)
     except ConfigError as e:
         raise SystemExit(f"mailrelay: configuration error: {e}") from None
+    from mailrelay.app.loadedcode import LoadedCode
+
+    # What the fork server loaded, which the children it forks share: not the site's plugin
+    # modules, which the relay imports as it builds (a reload's children import them anew).
+    forked = frozenset(LoadedCode.now().stamps) if forkServer is not None else None
 
     from twisted.internet import reactor
 
@@ -160,10 +165,10 @@ def makeService(options: Options) -> Any:
         )
     except ConfigError as e:
         raise SystemExit(f"mailrelay: configuration error: {e}") from None
-    from mailrelay.app.loadedcode import LoadedCode
-
     # Every module is loaded now, the plugins' too: a reload will say which changed since.
     relay.loadedCode = LoadedCode.now()
+    # (Without children, nothing is imported anew; without the fork server, all is.)
+    relay.forkedCode = forked if hasChildren(config) else frozenset(relay.loadedCode.stamps)
     from mailrelay.app.files import raiseFileLimit
 
     raiseFileLimit(
