@@ -521,3 +521,41 @@ def test_a_plugin_whose_dropin_fails_to_import_is_explained(tmp_path: Path) -> N
     assert ("; a dropin failed to import (its plugins are missing): "
             f"{site / 'twisted' / 'plugins' / 'acme_plugin.py'}: ModuleNotFoundError: No module "
             "named 'acme_ldap_client_not_installed'\n") in done.stderr.decode()
+
+
+SAYS_OK = '''
+from twisted.internet.defer import succeed
+from zope.interface import implementer
+
+from mailrelay.interfaces import IDeliveryBackend
+
+
+@implementer(IDeliveryBackend)
+class SaysOK:
+    def deliver(self, envelope, recipients, route, messagePath):
+        return succeed("OK")
+
+
+def build(options, context):
+    return SaysOK()
+'''
+SAYS_OK_DROPIN = '''
+from mailrelay.interfaces import IDeliveryBackend, MailRelayPlugin
+
+saysOK = MailRelayPlugin("site-says-ok", IDeliveryBackend, "Answers OK", "saysok:build")
+'''
+
+
+def test_a_backend_answering_a_string_is_said_so(relays, tmp_path: Path) -> None:
+    """A site backend answering "OK" instead of its results: the message stays queued
+    (deferred), and the log says what the backend answered -- it said "2 results for 1
+    recipients", the letters of "OK" taken for results."""
+    _, env = sitePlugins(tmp_path, "saysok", SAYS_OK, SAYS_OK_DROPIN)
+    r = relays('[dns]\nreverse_lookups = false\n[[backends]]\nname = "hook"\n'
+               'plugin = "site-says-ok"\n[[routes]]\ndomain = "*"\nbackend = "hook"\n',
+               env=env).start()
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
+        s.sendmail("alice@example.com", ["bob@example.org"], MESSAGE)
+    r.waitForLog(re.escape("to=<bob@example.org>, relay=hook, ") + r".*status=deferred "
+                 + re.escape("(X-mailrelay; delivery via hook:hook gave no usable result ('OK', "
+                             "not a list of RecipientResult))"))

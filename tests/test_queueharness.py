@@ -179,6 +179,35 @@ def test_backend_timeout(tmp_path: Path) -> None:
     h.stop()
 
 
+@pytest.mark.parametrize(
+    ("answer", "problem"),
+    [("OK", "'OK', not a list of RecipientResult"),
+     (b"250 ok", "b'250 ok', not a list of RecipientResult"),
+     ({"bob@hooks.example": "ok"}, "{'bob@hooks.example': 'ok'}, not a list of RecipientResult"),
+     (None, "None, not a list of RecipientResult"),
+     ([], "0 results for 1 recipients")],
+)
+def test_a_backend_answering_no_list_of_results_is_said_so(
+    tmp_path: Path, answer: Any, problem: str
+) -> None:
+    """A backend answering a string (or bytes, a dict) is counted as not delivered, as any
+    bad answer; the diagnostic said "2 results for 1 recipients" of "OK" (its letters
+    taken for results), sending the site looking for a second result."""
+
+    class Odd:
+        def deliver(self, envelope: Any, recipients: Any, route: Any, path: Path) -> Any:
+            return succeed(answer)
+
+    h = QueueHarness(tmp_path, {"odd": Odd()}, routes=[RouteRule("*", "odd")])
+    queueID = h.submit("alice@example.org", ["bob@hooks.example"])
+    envelope = h.envelope(queueID)
+    assert envelope is not None
+    [r] = envelope.recipients
+    assert (r.state, r.status) == (PENDING, "4.3.0")
+    assert r.lastResult == f"X-mailrelay; delivery via odd:odd gave no usable result ({problem})"
+    h.stop()
+
+
 def test_a_backend_that_answers_its_timeouts_cancel_is_believed(tmp_path: Path) -> None:
     """A backend whose delivery was done when its timeout cancelled it, and which answers
     the cancel with that outcome (the pipe backend does: the command had exited 0, its

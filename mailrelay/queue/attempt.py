@@ -628,12 +628,17 @@ class Deliverer:
         )
 
     @staticmethod
-    def _checkResults(results: Any, recipients: Sequence[Recipient]) -> str | None:
-        """Why C{results} is not one L{RecipientResult} per recipient in order, or C{None}."""
+    def _checkResults(answer: Any, recipients: Sequence[Recipient]) -> str | None:
+        """Why the backend's C{answer} is not one L{RecipientResult} per recipient in order,
+        or C{None}."""
         try:
-            results = list(results)
+            if isinstance(answer, (str, bytes, bytearray, dict)):
+                raise TypeError("iterable, but its letters or keys are no results")
+            results = list(answer)
         except TypeError:
-            return f"not a sequence: {results!r}"
+            shown = repr(answer)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            return f"{shown}, not a list of RecipientResult"
         if len(results) != len(recipients):
             return f"{len(results)} results for {len(recipients)} recipients"
         for r, result in zip(recipients, results, strict=True):
