@@ -559,3 +559,38 @@ def test_a_backend_answering_a_string_is_said_so(relays, tmp_path: Path) -> None
     r.waitForLog(re.escape("to=<bob@example.org>, relay=hook, ") + r".*status=deferred "
                  + re.escape("(X-mailrelay; delivery via hook:hook gave no usable result ('OK', "
                              "not a list of RecipientResult))"))
+
+
+SLOW_OBSERVER = '''
+import time
+
+from zope.interface import implementer
+
+from mailrelay.interfaces import IQueueObserver
+
+
+@implementer(IQueueObserver)
+class Slow:
+    def messageQueued(self, envelope):
+        time.sleep(0.4)  # (a write to a slow disk, in the reactor's thread)
+
+
+def build(options, context):
+    return Slow()
+'''
+SLOW_OBSERVER_DROPIN = '''
+from mailrelay.interfaces import IQueueObserver, MailRelayPlugin
+
+slow = MailRelayPlugin("site-slow-observer", IQueueObserver, "Blocks", "slowobserver:build")
+'''
+
+
+def test_a_queue_observer_blocking_the_reactor_is_named(relays, tmp_path: Path) -> None:
+    """A site's queue observer that blocks (0.4 s after each commit, every session of the
+    relay waiting) is named in the log, as a blocking hook of any other stage is."""
+    _, env = sitePlugins(tmp_path, "slowobserver", SLOW_OBSERVER, SLOW_OBSERVER_DROPIN)
+    r = relays(BASE + '[[plugins]]\nplugin = "site-slow-observer"\n', env=env).start()
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
+        s.sendmail("alice@example.com", ["bob@example.org"], MESSAGE)
+    r.waitForLog(r"#warn\] queue plugin site-slow-observer held the reactor for 0\.\d\ds: every "
+                 r"connection of this process waited")

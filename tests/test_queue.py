@@ -2167,3 +2167,36 @@ def test_deliverySeconds_timeTheDeliveryNotItsWaitForAPlace(
              observedSum("mailrelay_delivery_wait_seconds"))
     assert (after[0] - before[0], after[1] - before[1]) == (13.0, 10.0)
     resultOf(qm.stopService())
+
+
+def test_an_observer_that_blocks_the_reactor_is_named_in_the_log(monkeypatch) -> None:
+    """docs/plugins.md: a hook's call that holds the reactor is logged naming the plugin.
+    The queue and delivery observers were not watched: one writing to a slow disk after
+    each commit held every session of the relay, and nothing said so."""
+    import time
+
+    from twisted.logger import capturedLogs, formatEvent
+
+    from mailrelay import metrics
+    from mailrelay.interfaces import ConfiguredPlugin
+    from mailrelay.testing import makeDeliveryEvent, makeEnvelope
+
+    monkeypatch.setattr(metrics, "BLOCKING_WARN_SECONDS", 0.01)
+    monkeypatch.setattr(metrics, "_lastBlockingWarning", {})
+
+    class Slow:
+        def messageQueued(self, envelope: Any) -> None:
+            time.sleep(0.02)
+
+        def deliveryAttempted(self, event: Any) -> None:
+            time.sleep(0.02)
+
+    slow = ConfiguredPlugin("site-slow", Slow(), 30)
+    observers = Observers(Clock(), queued=[slow], delivered=[slow])
+    with capturedLogs() as events:
+        observers.messageQueued(makeEnvelope("a@example.com", ["b@example.org"]))
+        observers.deliveryAttempted([makeDeliveryEvent()])
+    lines = [formatEvent(e) for e in events if "reactor" in formatEvent(e)]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("queue plugin site-slow held the reactor for")
+    assert lines[1].startswith("delivery plugin site-slow held the reactor for")

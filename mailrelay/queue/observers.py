@@ -10,6 +10,7 @@ telling them costs nothing.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from time import perf_counter
 from typing import Any
 
 from twisted.internet.defer import Deferred, TimeoutError
@@ -19,6 +20,7 @@ from twisted.python.failure import Failure
 
 from mailrelay.envelope import Envelope
 from mailrelay.interfaces import ConfiguredPlugin, DeliveryEvent
+from mailrelay.metrics import noteBlocking
 
 log = Logger(namespace="mailrelay.queue")
 
@@ -48,21 +50,28 @@ class Observers:
     def messageQueued(self, envelope: Envelope) -> None:
         """Tell the queue observers that C{envelope}'s message is queued."""
         for configured in self.queued:
-            self._tell(configured, "messageQueued", envelope, envelope.queueID)
+            self._tell(configured, "queue", "messageQueued", envelope, envelope.queueID)
 
     def deliveryAttempted(self, events: Sequence[DeliveryEvent]) -> None:
         """Tell the delivery observers of C{events} (one attempt's, one per recipient)."""
         for event in events:
             for configured in self.delivered:
-                self._tell(configured, "deliveryAttempted", event, event.envelope.queueID)
+                self._tell(
+                    configured, "delivery", "deliveryAttempted", event, event.envelope.queueID
+                )
 
-    def _tell(self, configured: ConfiguredPlugin, method: str, arg: Any, queueID: Any) -> None:
+    def _tell(
+        self, configured: ConfiguredPlugin, hook: str, method: str, arg: Any, queueID: Any
+    ) -> None:
         about = {"plugin": configured.name, "queueID": queueID, "method": method}
+        started = perf_counter()
         try:
             answer = getattr(configured.plugin, method)(arg)
         except Exception:
             log.failure("{queueID}: observer {plugin} failed in {method}()", **about)
             return
+        finally:
+            noteBlocking(hook, configured.name, started)  # (it holds every session meanwhile)
         if not isinstance(answer, Deferred):
             return
         if configured.timeout is not None:
