@@ -242,6 +242,10 @@ def test_two_plugins_of_one_name_are_one_configuration_error(tmp_path: Path) -> 
         ('plugin = "site-grey"\nlog = "x"\nlogg = 1',
          "plugins[0].logg: unknown key \"logg\" (did you mean \"log\"?)"),
         ('plugin = "no-such"', "plugins[0].plugin: unknown plugin 'no-such'"),
+        ('plugin = "site-stamp"',
+         "plugins[0].plugin: plugin 'site-stamp' serves none of the hooks of [[plugins]] "
+         "(connect, helo, esmtp, mail, rcpt, data, message, queue, delivery): it provides "
+         "IHeaderStamper, which a [[header_stampers]] table names"),
     ],
 )
 def test_bad_plugin_entries_name_file_table_and_key(tmp_path: Path, entry: str, message: str) -> None:

@@ -221,6 +221,35 @@ def test_an_unknown_plugin_names_the_dropins_that_failed_to_import(
             "ModuleNotFoundError: No module named 'acme_ldap_client_not_installed'") in message
 
 
+@pytest.mark.parametrize(
+    ("interface", "table"),
+    [("IHeaderStamper", "[[header_stampers]]"), ("IRouter", "[[routers]]"),
+     ("IDeliveryBackend", "[[backends]]"), ("IRateLimiter", "[rate_limiter]")],
+)
+def test_a_plugin_of_another_table_in_plugins_is_named_with_its_table(
+    interface: str, table: str
+) -> None:
+    """A header stamper (a router, a backend...) named in a [[plugins]] table serves none of
+    its hooks: the error showed the built object's repr ('<sitehooks.Stamp object at
+    0x7f...> serves none of the hooks'), not the plugin's name, nor where it belongs."""
+    from zope.interface import directlyProvides
+
+    import mailrelay.interfaces
+    from mailrelay.config.plugins import PluginEntry
+
+    class Other:
+        pass
+
+    other = Other()
+    directlyProvides(other, getattr(mailrelay.interfaces, interface))
+    with pytest.raises(ValueError) as e:
+        PluginEntry.serving("site-other", other)
+    assert str(e.value).startswith(
+        "plugin 'site-other' serves none of the hooks of [[plugins]] (connect, "), str(e.value)
+    assert str(e.value).endswith(
+        f"): it provides {interface}, which a {table} table names"), str(e.value)
+
+
 def test_reply_lines_are_ascii_and_at_most_512_octets() -> None:
     """A reply's text from a plugin or a DNS list (a TXT record) went out as given: raw
     UTF-8 before any SMTPUTF8, and one 100,000-octet line (RFC 5321 4.5.3.1.5: 512 octets a

@@ -273,9 +273,10 @@ class PluginEntry:
         if hooks is None:
             if not provided:
                 raise ValueError(
-                    f"{plugin!r} serves none of the hooks of [[plugins]] ("
+                    f"plugin {name!r} serves none of the hooks of [[plugins]] ("
                     + ", ".join(h.name for h in HOOKS)
                     + ")"
+                    + _otherTable(plugin)
                 )
             return cls(name, plugin, timeout, provided)
         for hook in hooks:
@@ -287,6 +288,25 @@ class PluginEntry:
                     f"{describeValue(hook)}: the plugin does not provide {interface}"
                 )
         return cls(name, plugin, timeout, tuple(h.name for h in HOOKS if h.name in hooks))
+
+
+def _otherTable(plugin: Any) -> str:
+    """For a plugin serving none of the hooks of C{[[plugins]]}: the table that names a
+    plugin of its kind, as the end of the error, or C{""}."""
+    from twisted.cred.checkers import ICredentialsChecker
+
+    from mailrelay.interfaces import IDeliveryBackend, IHeaderStamper, IRateLimiter, IRouter
+
+    for interface, table in (
+        (IHeaderStamper, "[[header_stampers]]"),
+        (IRouter, "[[routers]]"),
+        (IDeliveryBackend, "[[backends]]"),
+        (IRateLimiter, "[rate_limiter]"),
+        (ICredentialsChecker, "[auth.checker]"),
+    ):
+        if interface.providedBy(plugin):
+            return f": it provides {interface.__name__}, which a {table} table names"
+    return ""
 
 
 @dataclass(frozen=True)
