@@ -20,6 +20,7 @@ import pytest
 
 from tests.harness import TWISTD, RelayProcess
 from tests.test_e2e_reload import _reload
+from tests.test_hook_values import dropinsOfOneName
 
 SITE = Path(__file__).resolve().parent.parent / "examples" / "site-hooks"
 ENV = {"PYTHONPATH": os.pathsep.join([str(SITE), os.environ.get("PYTHONPATH", "")])}
@@ -598,3 +599,19 @@ def test_a_queue_observer_blocking_the_reactor_is_named(relays, tmp_path: Path) 
         s.sendmail("alice@example.com", ["bob@example.org"], MESSAGE)
     r.waitForLog(r"#warn\] queue plugin site-slow-observer held the reactor for 0\.\d\ds: every "
                  r"connection of this process waited")
+
+
+def test_a_plugin_whose_dropin_is_hidden_by_another_is_explained(tmp_path: Path) -> None:
+    """Two sites' plugin directories, each with a dropin named site_plugin.py: Python
+    imports the first only, and the relay refused the other's plugin as unknown, without a
+    word of why.  It now names the hidden dropin."""
+    dropins = dropinsOfOneName(tmp_path, "site_plugin.py", "{}-site")
+    r = RelayProcess(tmp_path / "relay", BASE + '[[plugins]]\nplugin = "second-site"\n')
+    path = os.pathsep.join([str(tmp_path / "first"), str(tmp_path / "second")])
+    done = subprocess.run(r.command(), cwd=r.directory, env=dict(os.environ, PYTHONPATH=path),
+                          capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 1
+    assert ("plugins[0].plugin: unknown plugin 'second-site'; installed plugins: "
+            in done.stderr.decode()), done.stderr.decode()
+    assert ("; a dropin is hidden by another of its name (its plugins are missing): "
+            f"{dropins[1]}, hidden by {dropins[0]}: rename one\n") in done.stderr.decode()

@@ -221,6 +221,46 @@ def test_an_unknown_plugin_names_the_dropins_that_failed_to_import(
             "ModuleNotFoundError: No module named 'acme_ldap_client_not_installed'") in message
 
 
+def dropinsOfOneName(tmp_path: Path, file: str, plugin: str) -> list[Path]:
+    """Two plugin directories, C{tmp_path/first} and C{tmp_path/second}, each with a dropin
+    C{file} declaring a recipient validator named C{plugin.format(directory)}."""
+    dropins = []
+    for name in ("first", "second"):
+        directory = tmp_path / name / "twisted" / "plugins"
+        directory.mkdir(parents=True)
+        dropins.append(directory / file)
+        dropins[-1].write_text(
+            "from mailrelay.interfaces import IRecipientValidator, MailRelayPlugin\n"
+            f"p = MailRelayPlugin({plugin.format(name)!r}, IRecipientValidator, 'x', 'x:build')\n"
+        )
+    return dropins
+
+
+def test_an_unknown_plugin_names_a_dropin_hidden_by_another_of_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two plugin directories each with a dropin of the same file name (two sites'
+    site_plugin.py): Python imports the first only, and the other's plugins were missing
+    without a word (\"unknown plugin\").  The error now names the hidden dropin."""
+    import twisted.plugins
+    from mailrelay.config.plugins import availablePlugins, buildPlugin
+    from mailrelay.interfaces import IRecipientValidator
+    from mailrelay.testing import makePluginContext
+
+    dropins = dropinsOfOneName(tmp_path, "acme_site_plugin.py", "acme-{}")
+    # (The first directory twice, as a path entry may be: it hides nothing.)
+    monkeypatch.setattr(twisted.plugins, "__path__", [
+        *twisted.plugins.__path__, str(dropins[0].parent), *(str(d.parent) for d in dropins)])
+    available = availablePlugins()
+    assert "acme-first" in available and "acme-second" not in available
+    with pytest.raises(ConfigError) as e:
+        buildPlugin(available, "acme-second", IRecipientValidator, {},
+                    makePluginContext(tmp_path))
+    assert (f"; a dropin is hidden by another of its name (its plugins are missing): "
+            f"{dropins[1]}, hidden by {dropins[0]}: rename one") in str(e.value), str(e.value)
+    assert str(e.value).count(", hidden by ") == 1, str(e.value)
+
+
 @pytest.mark.parametrize(
     ("interface", "table"),
     [("IHeaderStamper", "[[header_stampers]]"), ("IRouter", "[[routers]]"),

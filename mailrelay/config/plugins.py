@@ -105,6 +105,38 @@ def brokenDropins() -> list[str]:
     return broken
 
 
+def hiddenDropins() -> list[str]:
+    """The dropins that another of the same file name, in an earlier C{twisted/plugins/}
+    directory on C{sys.path}, hides (Python imports one module of a name: two sites'
+    C{site_plugin.py}), each as C{"PATH, hidden by PATH: rename one"}."""
+    import os
+
+    import twisted.plugins
+
+    first: dict[str, str] = {}
+    hidden = []
+    seen = set()
+    for directory in twisted.plugins.__path__:
+        real = os.path.realpath(directory)
+        if real in seen:
+            continue  # (one directory on the path twice: the same files, hiding nothing)
+        seen.add(real)
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            continue
+        for name in names:
+            stem, _, extension = name.rpartition(".")
+            if extension != "py" or stem == "__init__":
+                continue
+            path = os.path.join(directory, name)
+            if stem in first:
+                hidden.append(f"{path}, hidden by {first[stem]}: rename one")
+            else:
+                first[stem] = path
+    return hidden
+
+
 def _provides(plugin: Any, interface: Any) -> bool:
     return any(interface.isEqualOrExtendedBy(p) for p in providedBy(plugin))
 
@@ -142,6 +174,9 @@ def buildPlugin(
         kind = f"{_names(wanted)} " if wanted else ""
         broken = "".join(
             f"; a dropin failed to import (its plugins are missing): {b}" for b in brokenDropins()
+        ) + "".join(
+            f"; a dropin is hidden by another of its name (its plugins are missing): {h}"
+            for h in hiddenDropins()
         )
         raise ConfigError(
             f"unknown plugin {name!r}; installed {kind}plugins: "
