@@ -16,6 +16,7 @@ import os
 import random
 import socket
 import ssl
+import stat
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -172,8 +173,13 @@ def test_mail_follows_the_domains_mta_sts_policy(relay: Any, policyServer: list[
                  r"other\.test matches its MTA-STS policy \(mx: \*\.elsewhere\.test\)\)")
     assert "carol@other.test" not in recorder.sessions
 
-    cached = json.loads((r.spool.parent / "spool" / "mta-sts.json").read_text())
+    cache = r.spool.parent / "spool" / "mta-sts.json"
+    cached = json.loads(cache.read_text())
     assert sorted(p["domain"] for p in cached["policies"]) == ["other.test", "sts.test"]
+    # The spool is searchable by all ([spool] mailq_users: anyone, by default), the domains
+    # mail went to are not readable there by all.
+    assert os.stat(cache.parent).st_mode & 0o011 == 0o011
+    assert stat.S_IMODE(os.stat(cache).st_mode) == 0o600
 
 
 @pytest.mark.parametrize("policyServer", [("mta-sts.nowhere.test", "*.test")], indirect=True)

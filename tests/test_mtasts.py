@@ -4,6 +4,8 @@ policies (L{mailrelay.route.mtasts}), without a network: a fake resolver and fet
 from __future__ import annotations
 
 import json
+import os
+import stat
 import threading
 from pathlib import Path
 from typing import Any
@@ -220,6 +222,18 @@ def test_policies_outlive_a_restart(world: Any) -> None:
     assert world.fetches.asked == ["example.org"]
     world.now.t += 86400  # max_age over: gone
     assert result(world.sts().policy("example.org")) is None
+
+
+def test_the_cache_is_readable_by_the_relays_user_only(world: Any) -> None:
+    """The cache names the domains the relay sends mail to: mode 0600 whatever the umask,
+    as the queue files, for the spool directory is searchable by all when [spool]
+    mailq_users lets other users list the queue (its control socket in it)."""
+    old = os.umask(0o022)
+    try:
+        result(world.sts().policy("example.org"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(world.cache).st_mode) == 0o600
 
 
 def test_without_a_record_there_is_no_policy(world: Any) -> None:

@@ -603,7 +603,12 @@ def _writeCache(path: str, policies: list[dict[str, Any]]) -> None:
     # (A name of this process's: during a reload the old and new delivery processes may
     # both write; each renames a whole file of its own.)
     temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "w", encoding="utf-8") as f:
+    # Mode 0600 whatever the umask, as the queue files: the spool directory is searchable
+    # by all when other users may list the queue ([spool] mailq_users), and these are the
+    # domains the relay sends mail to.
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)  # (a file left by a write that failed keeps its old mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump({"policies": policies}, f, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
