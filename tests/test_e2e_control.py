@@ -409,6 +409,15 @@ def test_queue_list_when_the_relay_is_down(relays) -> None:
     assert cli(r, "queue", "hold", queued[0]).returncode == 1  # changes need the relay
 
 
+def _nobodysRelay(top: Path) -> tuple[Path, Path, RelayProcess]:
+    """C{(directory, spool, relay)}: a relay (not started) in a new directory below C{top}
+    that the user nobody can reach, its spool there, holding the mail it receives."""
+    directory = nobodyDirectory(top)
+    spool = directory / "spool"
+    config = relayConfig(freePort(), "hold = true\n") + f'[spool]\ndirectory = "{spool}"\n'
+    return directory, spool, RelayProcess(directory, config)
+
+
 def test_any_local_user_may_list_the_queue_but_not_change_it(nobodyRuntime) -> None:  # noqa: F811
     """Postfix lets every local user run mailq (authorized_mailq_users = static:anyone) and
     only root postsuper.  Ours refused every other user: the control socket was 0600 in a
@@ -417,10 +426,7 @@ def test_any_local_user_may_list_the_queue_but_not_change_it(nobodyRuntime) -> N
     changes it or the relay; with the relay down it cannot read the queue (private, as
     Postfix's: "mail system is down"), and says so."""
     python, top = nobodyRuntime
-    directory = nobodyDirectory(top)
-    spool = directory / "spool"
-    config = relayConfig(freePort(), "hold = true\n") + f'[spool]\ndirectory = "{spool}"\n'
-    r = RelayProcess(directory, config)
+    directory, spool, r = _nobodysRelay(top)
     try:
         r.start()
         queued = send(r, "listed")
