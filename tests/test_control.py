@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import socket
+import struct
 import sys
 import tomllib
 from pathlib import Path
@@ -871,6 +872,62 @@ def test_mailq_users_may_list_the_queue_and_nothing_else(
                     r"the users of \[spool\] mailq_users")):
                 call(client, pump, command, **arguments)
         assert relay.asked == [], users
+
+
+def test_other_users_hold_no_more_than_a_few_connections_and_short_requests(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The socket is open to every local user ([spool] mailq_users): one of them, whether
+    he may list the queue or not, must not take the relay's descriptors by holding
+    connections open, nor its memory by a request that never ends (AMP bounds each key and
+    value, not their number).  Past L{MAX_OTHER_CONNECTIONS} of theirs at once, or
+    L{MAX_OTHER_REQUEST} octets of an unfinished request, the connection is closed and
+    logged; root's and the relay's user's are not counted nor bounded."""
+    from twisted.internet.error import ConnectionDone
+    from twisted.logger import capturedLogs
+
+    from mailrelay.app import control as controlModule
+
+    uid = [4242]
+    monkeypatch.setattr(controlModule, "peerCredentials", lambda t: (99, uid[0], uid[0]))
+    for users in (None, ()):  # (may list, or may do nothing)
+        service = controlModule.ControlService(ListingRelay(users), tmp_path)
+        uid[0] = 4242
+        transports, protocols = [], []
+        with capturedLogs() as events:
+            for _ in range(controlModule.MAX_OTHER_CONNECTIONS + 1):
+                transport = StringTransport()
+                protocols.append(controlModule.ControlProtocol(service))
+                protocols[-1].makeConnection(transport)
+                transports.append(transport)
+        assert [t.disconnecting for t in transports] == [False] * (
+            controlModule.MAX_OTHER_CONNECTIONS) + [True], users
+        assert any("too many connections" in str(e.get("log_format")) for e in events)
+        uid[0] = os.geteuid()  # (the relay's user: always served)
+        transport = StringTransport()
+        controlModule.ControlProtocol(service).makeConnection(transport)
+        assert not transport.disconnecting, users
+        uid[0] = 4242
+        # (One of theirs ends: room for one.)
+        protocols[0].connectionLost(Failure(ConnectionDone()))
+        transport = StringTransport()
+        protocol = controlModule.ControlProtocol(service)
+        protocol.makeConnection(transport)
+        assert not transport.disconnecting, users
+
+        # A request that never ends: many keys, none the empty one that ends a box.
+        chunk = b"".join(
+            struct.pack("!H", len(k)) + k + struct.pack("!H", 1000) + b"v" * 1000
+            for k in (b"k%d" % i for i in range(64))
+        )
+        sent = 0
+        with capturedLogs() as events:
+            while not transport.disconnecting and sent <= 2 * controlModule.MAX_OTHER_REQUEST:
+                protocol.dataReceived(chunk)
+                sent += len(chunk)
+        assert transport.disconnecting, users
+        assert sent <= controlModule.MAX_OTHER_REQUEST + len(chunk)
+        assert any("request longer than" in str(e.get("log_format")) for e in events)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_PEERCRED is Linux's")

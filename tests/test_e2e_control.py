@@ -458,6 +458,55 @@ def test_any_local_user_may_list_the_queue_but_not_change_it(nobodyRuntime) -> N
         r.stop()
 
 
+#: Run by the user nobody: opens a connection to the control socket (argv[1]) more than the
+#: relay keeps of other users' (argv[2]), then sends a request that never ends on the
+#: first; prints what became of the last connection and of the first.
+_HOGGING = """
+import socket, struct, sys
+socks = []
+for _ in range(int(sys.argv[2]) + 1):
+    socks.append(socket.socket(socket.AF_UNIX))
+    socks[-1].settimeout(20)
+    socks[-1].connect(sys.argv[1])
+print("closed" if socks[-1].recv(1) == b"" else "answered")
+chunk = b"".join(struct.pack("!H", len(k)) + k + struct.pack("!H", 1000) + b"v" * 1000
+                 for k in (b"k%d" % i for i in range(64)))
+try:
+    for _ in range(100):
+        socks[0].sendall(chunk)
+    print("closed" if socks[0].recv(1) == b"" else "answered")
+except (BrokenPipeError, ConnectionResetError):
+    print("closed")
+except TimeoutError:
+    print("open")
+"""
+
+
+def test_another_user_cannot_hold_the_control_socket(nobodyRuntime) -> None:  # noqa: F811
+    """The socket is open to every local user: one of them may not take the relay's file
+    descriptors (connections held open) nor its memory (a request that never ends): past
+    MAX_OTHER_CONNECTIONS of theirs, or MAX_OTHER_REQUEST octets, the relay closes the
+    connection and says so, and serves root still."""
+    from mailrelay.app.control import MAX_OTHER_CONNECTIONS
+
+    python, top = nobodyRuntime
+    directory, spool, r = _nobodysRelay(top)
+    try:
+        r.start()
+        queued = send(r, "listed")
+        p = subprocess.run([str(python), "-c", _HOGGING, str(spool / "control.sock"),
+                            str(MAX_OTHER_CONNECTIONS)], user="nobody", group="nogroup",
+                           cwd=directory, capture_output=True, text=True, timeout=120)
+        assert (p.returncode, p.stdout) == (0, "closed\nclosed\n"), p
+        r.waitForLog(r"control socket: connection from process \d+ of user 65534 closed: too "
+                     r"many connections of users other than root and the relay's \(16\)")
+        r.waitForLog(r"control socket: connection of a user other than root and the relay's "
+                     r"closed: a request longer than 65536 octets")
+        assert list(listing(r)) == [queued]  # (as root: served)
+    finally:
+        r.stop()
+
+
 def test_operator_errors(relays, tmp_path: Path) -> None:
     """Not running; a socket the user may not use; a second relay on the same spool."""
     p = cli(tmp_path / "nospool", "queue", "list")

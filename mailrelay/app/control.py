@@ -77,6 +77,13 @@ Reload = makeCommand(b"reload", "Reload the configuration.", errors=_REFUSED)
 #: has stopped).
 Stop = makeCommand(b"stop", "Stop the relay.", errors=_REFUSED)
 
+#: The most connections to the control socket at once of the users other than root and the
+#: relay's (the socket is open to all: L{ControlProtocol}); more are closed at once.
+MAX_OTHER_CONNECTIONS = 16
+#: The most octets of one unfinished request such a user may send (AMP bounds each key and
+#: value of a request, not their number); a listing's request takes a hundred.
+MAX_OTHER_REQUEST = 65536
+
 #: Whether this system says who the peer of a UNIX socket is (L{peerCredentials}).
 PEER_CREDENTIALS = hasattr(socket, "SO_PEERCRED") and sys.platform.startswith("linux")
 
@@ -174,18 +181,33 @@ def peerCredentials(transport: Any) -> tuple[int, int, int] | None:
 class ControlProtocol(QuietAMP):
     """One connection to the control socket: every command for a peer running as root, as
     the relay's user or as the socket's owner; the queue's listing only for the users of
-    C{[spool] mailq_users}; none for the others (each refused, saying why)."""
+    C{[spool] mailq_users}; none for the others (each refused, saying why).  The other
+    users' connections are bounded (the socket is open to all): at most
+    L{MAX_OTHER_CONNECTIONS} at once, requests of at most L{MAX_OTHER_REQUEST} octets."""
 
     def __init__(self, service: ControlService) -> None:
         self.locator = RelayLocator(service.relay)
         super().__init__(locator=self.locator)
         self.service = service
+        #: The octets received of the request not yet complete (another user's: see
+        #: L{MAX_OTHER_REQUEST}).
+        self._unfinished = 0
+        self._closed = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
         credentials = peerCredentials(self.transport)
         if credentials is not None and credentials[1] not in self.service.allowedUsers():
             pid, uid, _ = credentials
+            self.locator.may = "none"  # (until said otherwise: nothing runs meanwhile)
+            others = sum(1 for c in self.service.connections if c.locator.may != "all")
+            if others >= MAX_OTHER_CONNECTIONS:
+                self._close(
+                    "control socket: connection from process {pid} of user {uid} closed: too "
+                    "many connections of users other than root and the relay's ({limit})",
+                    pid=pid, uid=uid, limit=MAX_OTHER_CONNECTIONS,
+                )  # fmt: skip
+                return
             self.locator.may = "list" if self.service.mayList(uid) else "none"
             if self.locator.may == "none":
                 log.warn(
@@ -194,6 +216,31 @@ class ControlProtocol(QuietAMP):
                     uid=uid,
                 )
         self.service.connections.add(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closed:
+            return
+        if self.locator.may != "all":
+            self._unfinished += len(data)
+            if self._unfinished > MAX_OTHER_REQUEST:
+                self._close(
+                    "control socket: connection of a user other than root and the relay's "
+                    "closed: a request longer than {limit} octets",
+                    limit=MAX_OTHER_REQUEST,
+                )  # fmt: skip
+                return
+        super().dataReceived(data)
+
+    def ampBoxReceived(self, box: Any) -> None:
+        self._unfinished = 0
+        super().ampBoxReceived(box)
+
+    def _close(self, format: str, **fields: Any) -> None:
+        """Close the connection, nothing more read from it, saying why (C{format})."""
+        log.warn(format, **fields)
+        self._closed = True
+        assert self.transport is not None
+        self.transport.loseConnection()
 
     def connectionLost(self, reason: Any = None) -> None:
         self.service.connections.discard(self)
