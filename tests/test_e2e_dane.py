@@ -62,17 +62,22 @@ def dns(tmp_path: Path, mx: Any):
     server.stop()
 
 
-@pytest.fixture
-def relay(tmp_path: Path, dns: DNSServer, mx: Any):
-    _, port, _ = mx
-    config = (
+def _config(dns: DNSServer, port: int) -> str:
+    """The configuration of a relay with DANE, its resolver C{dns}, delivering mail for the
+    test domains by MX lookup to the MX hosts' C{port}."""
+    return (
         "[delivery]\ndane = true\n"
         f'[dns]\nreverse_lookups = false\nnameservers = ["127.0.0.1:{dns.port}"]\n'
         "[queue]\nmin_backoff = 600\n"
     ) + "".join(  # MX lookups, to the test MX's port
         f'[[routes]]\ndomain = "{d}"\nbackend = "smtp"\nnexthop = "{d}:{port}"\n'
         for d in ("dane.test", "bad.test", "insecure.test"))
-    r = RelayProcess(tmp_path / "relay", config).start()
+
+
+@pytest.fixture
+def relay(tmp_path: Path, dns: DNSServer, mx: Any):
+    _, port, _ = mx
+    r = RelayProcess(tmp_path / "relay", _config(dns, port)).start()
     yield r
     r.stop()
 
