@@ -12,6 +12,7 @@ or otherwise; one whose answers are not validated (no AD bit) goes with opportun
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import ssl
 from pathlib import Path
@@ -23,8 +24,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tests.harness import DNSServer, RelayProcess
-from tests.test_e2e_outbound import _TCPController, message, submit, waitResult
+from tests.test_e2e_outbound import message, submit, waitResult
+from tests.test_e2e_requiretls_out import Controller, RequireTLSRecorder
 from tests.test_e2e_route_tls import TLSRecorder
+
+
+class _Recorder(TLSRecorder):
+    """A L{TLSRecorder} that offers REQUIRETLS (RFC 8689) after STARTTLS."""
+
+    offer = True
+    handle_EHLO = RequireTLSRecorder.handle_EHLO
 
 
 @pytest.fixture
@@ -38,9 +47,9 @@ def mx():
     certificate = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes())
     spki = certificate.public_key().public_bytes(Encoding.DER,
                                                  PublicFormat.SubjectPublicKeyInfo)
-    recorder = TLSRecorder()
-    controller = _TCPController(recorder, hostname="127.0.0.1", port=0, ready_timeout=10,
-                                tls_context=context, require_starttls=False)
+    recorder = _Recorder()
+    controller = Controller(recorder, hostname="127.0.0.1", port=0, ready_timeout=10,
+                            tls_context=context, require_starttls=False)
     controller.start()
     yield recorder, controller.port, hashlib.sha256(spki).hexdigest()
     controller.stop()
@@ -122,3 +131,39 @@ def test_answers_not_validated_give_opportunistic_tls(relay: RelayProcess, mx: A
     _delivered(relay, recorder, "dave@insecure.test", "unverified")
     # (The MX records were not validated: no TLSA lookup, RFC 7672 2.2.1.)
     assert ("_%d._tcp.mx.insecure.test" % port, "52") not in dns.queries()
+
+
+def test_requiretls_goes_by_dane_to_mx_hosts_found_securely(tmp_path: Path, dns: DNSServer,
+                                                            mx: Any) -> None:
+    """RFC 8689 section 4.2.1: a REQUIRETLS message goes to MX hosts found by DNSSEC-
+    validated lookups, over TLS verified by PKIX or DANE.  With dane = true the relay's
+    resolver validates: such a message goes to a secure MX host, verified by its TLSA
+    record (no trust store knows the certificate), with REQUIRETLS; one to a domain whose
+    answers are not validated is returned (5.7.30) and never sent.  (It was returned in
+    both cases: "cannot be looked up securely here (no DNSSEC validation)".)"""
+    recorder, port, _ = mx
+    config = _config(dns, port)
+    r = RelayProcess(tmp_path / "relay", config.replace("[queue]\n", "[queue]\nhold = true\n"))
+    try:
+        r.start()
+        queued = {rcpt: submit(r, "alice@example.com", [rcpt], message(rcpt))
+                  for rcpt in ("bob@dane.test", "carol@insecure.test")}
+        r.stop()
+        for queueID in queued.values():  # (REQUIRETLS, as a client over TLS gives it)
+            path = r.spool / "queue" / f"{queueID}.json"
+            envelope = json.loads(path.read_bytes())
+            envelope["requireTLS"] = True
+            path.write_text(json.dumps(envelope))
+        r.configText = config
+        r.start()
+        (got,) = recorder.waitTo("bob@dane.test")
+        assert "REQUIRETLS" in got.mailOptions and recorder.sessions["bob@dane.test"][1]
+        r.waitForLog(rf"{queued['bob@dane.test']}: to=<bob@dane\.test>, [^\n]*status=sent "
+                     r"[^\n]*, tls=TLSv1\.\d \S+ dane-verified\n")
+        line = waitResult(r, queued["carol@insecure.test"], "carol@insecure.test", "bounced")
+        assert line.group("diagnostic") == (
+            "X-mailrelay; REQUIRETLS support required: no MX host of insecure.test was found "
+            "by DNSSEC-validated lookups")
+        assert "carol@insecure.test" not in recorder.sessions
+    finally:
+        r.stop()

@@ -5,6 +5,7 @@ L{tests.test_delivery}."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from mailrelay.route.mx import MXHost
 from mailrelay.smtp.clientsettings import ClientSettings
 from mailrelay.smtp.errors import SMTPConnectError
 from tests.test_client import PERMANENT, Peer, ehloReply, resultOf
-from tests.test_delivery import HOSTS, result, smtpBackend
+from tests.test_delivery import DANE_POLICY, DELIVERED, HOSTS, daneBackend, result, smtpBackend
 
 MESSAGE = b"Subject: secret\r\n\r\nbody\r\n"
 
@@ -108,6 +109,42 @@ def test_requireTLSNotByMXLookup(message: Path) -> None:
     assert r.diagnostic == ("X-mailrelay; REQUIRETLS support required: the MX hosts of "
                             "example.net cannot be looked up securely here (no DNSSEC "
                             "validation)")
+    assert net.attempts == []
+
+
+def test_requireTLSByMXLookupWithDANE(message: Path) -> None:
+    """With [delivery] dane = true the resolver validates (DNSSEC, the AD bit): RFC 8689
+    section 4.2.1's secure MX lookup is there.  A REQUIRETLS message goes to the MX hosts
+    found securely, verified by their usable TLSA records (DANE, RFC 7672) or else by PKIX
+    (never opportunistically); it is returned (5.7.30) when no MX host was found securely,
+    as without DANE, and a host found insecurely is not used."""
+    backend, net, _, mx = daneBackend({"mx1.example.org": DANE_POLICY})
+    env = envelope()
+    env.recipients = [Recipient("b@example.org")]
+    (r,) = deliver(backend, env, "example.org", message)
+    assert r.status is DELIVERED, r
+    ((address, _, _, settings, _),) = net.attempts
+    assert (address, settings.tls, settings.tlsa) == ("192.0.2.1", "required", DANE_POLICY)
+
+    backend, net, _, mx = daneBackend({})  # (secure, without TLSA records: PKIX)
+    (r,) = deliver(backend, env, "example.org", message)
+    assert r.status is DELIVERED, r
+    ((address, _, _, settings, _),) = net.attempts
+    assert (address, settings.tls, settings.tlsa) == ("192.0.2.1", "required", None)
+
+    # Of the MX hosts, only those found securely; none: returned.
+    backend, net, _, mx = daneBackend({})
+    hosts = mx.answers["example.org"]
+    mx.answers["example.org"] = [dataclasses.replace(hosts[0], secure=False), *hosts[1:]]
+    (r,) = deliver(backend, env, "example.org", message)
+    assert r.status is DELIVERED, r
+    assert [a[0] for a in net.attempts] == ["2001:db8::1"]
+    mx.answers["example.org"] = HOSTS["example.org"]  # (none secure)
+    net.attempts.clear()
+    (r,) = deliver(backend, env, "example.org", message)
+    assert (r.status, r.code) == (PERMANENT, "5.7.30")
+    assert r.diagnostic == ("X-mailrelay; REQUIRETLS support required: no MX host of "
+                            "example.org was found by DNSSEC-validated lookups")
     assert net.attempts == []
 
 

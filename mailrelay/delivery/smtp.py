@@ -365,7 +365,11 @@ class SMTPBackend(ClientBackend):
         if policy is not None and policy.mode == "enforce" and settings.tls != "implicit":
             settings = dataclasses.replace(settings, tls="required")
         key = (nexthop, settings)
-        reused = yield self._sendOnIdle(key, envelope, recipients, messagePath)
+        reused = None
+        if not (envelope.requireTLS and self._dnssecDomain(nexthop)):
+            # (Not an idle connection for REQUIRETLS: whether its host was found securely
+            # is not known.)
+            reused = yield self._sendOnIdle(key, envelope, recipients, messagePath)
         if reused is None:
             return (yield self._deliverFresh(envelope, recipients, key, policy, messagePath,
                                              done))
@@ -445,6 +449,16 @@ class SMTPBackend(ClientBackend):
                 log.warn("{queueID}: {diagnostic}; deferred", queueID=envelope.queueID,
                          diagnostic=diagnostic.removeprefix("X-mailrelay; "))
                 return resultsForAll(recipients, DeliveryStatus.TRANSIENT, "4.7.5", diagnostic)
+        domain = self._dnssecDomain(nexthop) if envelope.requireTLS else None
+        if domain is not None:
+            hosts = [h for h in hosts if h.secure]
+            if not hosts:
+                diagnostic = (f"X-mailrelay; REQUIRETLS support required: no MX host of "
+                              f"{domain} was found by DNSSEC-validated lookups")
+                log.warn("{queueID}: REQUIRETLS message not relayed: {diagnostic}",
+                         queueID=envelope.queueID,
+                         diagnostic=diagnostic.removeprefix("X-mailrelay; "))
+                return resultsForAll(recipients, DeliveryStatus.PERMANENT, "5.7.30", diagnostic)
         tried = _Tried(sessions=sessions)
         if answered and reusedResults is not None:
             tried.deferred, tried.answered = list(reusedResults), True
@@ -729,8 +743,9 @@ class SMTPBackend(ClientBackend):
         @raise SMTPConnectError: the TLSA lookup failed (4.7.5: this host is not used, as
             Postfix).
         """
-        if not (self.dane and host.secure and key[1].tls == "may"
-                and not envelope.tlsRequiredNo):
+        # (REQUIRETLS made the route's level "required": PKIX, or DANE where it applies.)
+        level = key[1].tls == "may" or (envelope.requireTLS and key[1].tls == "required")
+        if not (self.dane and host.secure and level and not envelope.tlsRequiredNo):
             return key
         try:
             parsed = parseSMTPNexthop(key[0], strict=False)
@@ -747,8 +762,8 @@ class SMTPBackend(ClientBackend):
         policy = tried.dane[host.name, host.port]
         if isinstance(policy, SMTPConnectError):
             raise policy
-        if policy is None:
-            return key
+        if policy is None or (envelope.requireTLS and not policy.records):
+            return key  # (none usable: REQUIRETLS keeps PKIX, never TLS unverified)
         return (key[0], replace(key[1], tls="required", tlsa=policy))
 
     def _noHostAccepted(
@@ -813,16 +828,30 @@ class SMTPBackend(ClientBackend):
 
     def _insecureLookup(self, nexthop: str) -> str | None:
         """REQUIRETLS (RFC 8689 section 4.2.1) wants the MX hosts looked up securely (DNSSEC,
-        or an MTA-STS policy); this resolver validates neither, so only a next hop named
-        without MX lookup (a smarthost, a bracketed route) will do."""
+        or an MTA-STS policy).  Without C{dane} this resolver validates neither, so only a
+        next hop named without MX lookup (a smarthost, a bracketed route) will do; with
+        C{dane} it validates, and only the MX hosts found securely are used
+        (L{_dnssecDomain})."""
         try:
             parsed = parseSMTPNexthop(nexthop, strict=False)
         except ValueError:
             return None  # the delivery will say what is wrong with it
-        if parsed.mxLookup:
+        if parsed.mxLookup and not self.dane:
             return (f"the MX hosts of {parsed.host} cannot be looked up securely here (no "
                     "DNSSEC validation)")
         return None
+
+    def _dnssecDomain(self, nexthop: str) -> str | None:
+        """The domain whose MX hosts a REQUIRETLS message to C{nexthop} goes to only when
+        found by DNSSEC-validated lookups (L{MXHost.secure}; RFC 8689 section 4.2.1):
+        C{dane} on and the next hop looked up by MX; else C{None}."""
+        if not self.dane:
+            return None
+        try:
+            parsed = parseSMTPNexthop(nexthop, strict=False)
+        except ValueError:
+            return None
+        return parsed.host if parsed.mxLookup else None
 
     def _withoutSelf(
         self, hosts: list[MXHost], nexthop: str
