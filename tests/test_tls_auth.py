@@ -864,6 +864,19 @@ def test_password_file_checker(tmp_path: Path) -> None:
         assert isinstance(result, Failure) and result.check(UnauthorizedLogin), (user, password)
 
 
+def heldThreads() -> tuple[list[tuple[Deferred, tuple]], Any]:
+    """C{(handedOff, deferToThread)}: a C{deferToThread} for a checker that runs nothing,
+    noting each call in C{handedOff} (its Deferred, the function and its arguments)."""
+    handedOff: list[tuple[Deferred, tuple]] = []
+
+    def held(f, *args) -> Deferred:
+        d: Deferred = Deferred()
+        handedOff.append((d, (f, args)))
+        return d
+
+    return handedOff, held
+
+
 def test_password_file_checker_bounds_the_checks_at_once(tmp_path: Path) -> None:
     """Each argon2id check takes 64 MiB (the hashes' m=65536) and half a second of CPU: 40
     clients guessing at once had the relay at 705 MiB, ten checks at a time in the reactor's
@@ -872,13 +885,7 @@ def test_password_file_checker_bounds_the_checks_at_once(tmp_path: Path) -> None
     wait their turn, in order."""
     path = tmp_path / "users"
     path.write_text(f"alice:{FAST.hash('right')}\n")
-    handedOff: list[tuple[Deferred, tuple]] = []
-
-    def held(f, *args) -> Deferred:
-        d: Deferred = Deferred()
-        handedOff.append((d, (f, args)))
-        return d
-
+    handedOff, held = heldThreads()
     checker = PasswordFileChecker(str(path), deferToThread=held, concurrency=2)
     results = [checker.requestAvatarId(UsernamePassword("alice", f"guess{i}")) for i in range(5)]
     assert [args[1] for _, args in handedOff] == [("alice", "guess0"), ("alice", "guess1")]
