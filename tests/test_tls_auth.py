@@ -897,6 +897,36 @@ def test_password_file_checker_bounds_the_checks_at_once(tmp_path: Path) -> None
     assert 1 <= PasswordFileChecker(str(path))._checks.limit <= 4
 
 
+def test_a_check_given_up_holds_its_place_until_its_thread_is_done(tmp_path: Path) -> None:
+    """A check the AUTH time-out gave up (its Deferred cancelled: AuthPolicy.timeout, 30 s
+    from the attempt, its wait for a place included) goes on hashing in its thread: its place
+    is freed when that is done, not at the cancel -- else, under the flood that makes checks
+    wait and time out, more than C{concurrency} ran at once (up to the thread pool's ten, the
+    700 MiB the bound is for).  One given up while it waits for its place never runs."""
+    from twisted.internet.defer import CancelledError
+
+    path = tmp_path / "users"
+    path.write_text(f"alice:{FAST.hash('right')}\n")
+    handedOff, held = heldThreads()
+    checker = PasswordFileChecker(str(path), deferToThread=held, concurrency=1)
+    first, second, third = (checker.requestAvatarId(UsernamePassword("alice", f"guess{i}"))
+                            for i in range(3))
+    assert len(handedOff) == 1
+    first.cancel()
+    assert outcome(first).check(CancelledError)
+    assert len(handedOff) == 1  # (its thread still hashes: no other check starts)
+    third.cancel()
+    assert outcome(third).check(CancelledError)
+    d, (f, args) = handedOff[0]
+    d.callback(f(*args))  # (the thread is done: the next check waiting starts)
+    assert [args[1] for _, args in handedOff] == [("alice", "guess0"), ("alice", "guess1")]
+    d, (f, args) = handedOff[1]
+    d.callback(f(*args))
+    assert outcome(second).check(UnauthorizedLogin)
+    assert len(handedOff) == 2  # (the third, given up while waiting, never ran)
+    assert checker._checks.tokens == 1
+
+
 def test_password_file_checker_rereads_a_changed_file(tmp_path: Path) -> None:
     path = tmp_path / "users"
     path.write_text(f"alice:{FAST.hash('right')}\n")

@@ -227,8 +227,30 @@ class PasswordFileChecker:
         if isinstance(username, bytes):
             username = username.decode("utf-8", "replace")
         password = credentials.password
-        d = self._checks.run(self._deferToThread, self._verify, username, password)
-        return d.addCallback(self._verified, username)
+        placed = self._checks.acquire()  # (cancelled while waiting: it never runs)
+        verified: Deferred[Any] = placed.addCallback(
+            lambda _: self._inThread(username, password))
+        return verified.addCallback(self._verified, username)
+
+    def _inThread(self, username: str, password: Any) -> Deferred:
+        """Verify in a thread, the place taken (L{requestAvatarId}) freed when the thread is
+        done.  Cancelled (the AUTH time-out gave up), the answer fails at once, but the
+        place stays taken until then: the thread goes on hashing (it cannot be stopped)."""
+        work = self._deferToThread(self._verify, username, password)
+        answer: Deferred = Deferred()
+
+        def done(result: Any) -> None:
+            self._checks.release()
+            if answer.called:
+                return None  # (given up: no one waits for it)
+            if isinstance(result, Failure):
+                answer.errback(result)
+            else:
+                answer.callback(result)
+            return None
+
+        work.addBoth(done)
+        return answer
 
     def _verified(self, result: tuple[bool, str | None], username: str) -> str:
         ok, reloadProblem = result
