@@ -874,6 +874,35 @@ def test_mailq_users_may_list_the_queue_and_nothing_else(
         assert relay.asked == [], users
 
 
+def test_other_users_list_the_queue_a_page_at_a_time(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A user of [spool] mailq_users lists the queue in pages of at most LIST_PAGE entries,
+    as the mailrelay command asks them: a larger limit (the whole queue read, and answered,
+    at once: a local user's way to take the relay's memory and time) is refused, saying
+    why; root's and the relay's user's are not bounded."""
+    from mailrelay.app import control as controlModule
+    from mailrelay.queue.commands import LIST_PAGE
+
+    uid = [4242]
+    monkeypatch.setattr(controlModule, "peerCredentials", lambda t: (99, uid[0], uid[0]))
+    relay = ListingRelay(None)
+    service = controlModule.ControlService(relay, tmp_path)
+    client, _, pump = iosim.connectedServerAndClient(
+        lambda: controlModule.ControlProtocol(service), QuietAMP)
+    assert call(client, pump, QueueList, cursor=None, limit=LIST_PAGE)["result"] == "queue-list"
+    with pytest.raises(NotPermitted, match=(
+            f"permission denied: other users list the queue {LIST_PAGE} entries at a time, "
+            f"not {LIST_PAGE + 1}")):
+        call(client, pump, QueueList, cursor=None, limit=LIST_PAGE + 1)
+    assert relay.asked == [QueueList]
+    uid[0] = os.geteuid()
+    client, _, pump = iosim.connectedServerAndClient(
+        lambda: controlModule.ControlProtocol(service), QuietAMP)
+    call(client, pump, QueueList, cursor=None, limit=10 * LIST_PAGE)
+    assert relay.asked == [QueueList, QueueList]
+
+
 def test_other_users_hold_no_more_than_a_few_connections_and_short_requests(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -30,9 +30,6 @@ from mailrelay.queue.commands import QuietAMP
 
 __all__ = ["main"]
 
-#: Entries asked for per page of C{queue list}.
-PAGE = 2000
-
 
 def _seconds(text: str) -> float:
     """A number of seconds greater than 0 (C{--timeout})."""
@@ -490,12 +487,12 @@ def _output(value: Any, options: Any, out: TextIO, printer: Callable[[Any, TextI
 
 
 async def queueList(session: Session, options: Any, out: TextIO, err: TextIO) -> int:
-    from mailrelay.queue.commands import QueueList
+    from mailrelay.queue.commands import LIST_PAGE, QueueList
 
     entries: list[dict[str, Any]] = []
     cursor = None
     while True:
-        page = await session.call(QueueList, cursor=cursor, limit=PAGE)
+        page = await session.call(QueueList, cursor=cursor, limit=LIST_PAGE)
         if options.json:
             for entry in page["entries"]:
                 _dump(entry, out)

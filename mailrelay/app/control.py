@@ -38,7 +38,13 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from mailrelay.app.services import stopReactor
-from mailrelay.queue.commands import QueueList, QueueLocator, QuietAMP, makeCommand
+from mailrelay.queue.commands import (
+    LIST_PAGE,
+    QueueList,
+    QueueLocator,
+    QuietAMP,
+    makeCommand,
+)
 from mailrelay.queue.control import NotPermitted, QueueControl
 
 log = Logger()
@@ -137,6 +143,11 @@ class RelayLocator(QueueLocator):
 
     def queueCommand(self, command: type[amp.Command], arguments: dict[str, Any]) -> Any:
         self.check(command)
+        limit = arguments.get("limit", 0)
+        if self.may == "list" and limit > LIST_PAGE:
+            # (The whole queue read and answered at once: memory and time of the relay's.)
+            raise NotPermitted(f"permission denied: other users list the queue {LIST_PAGE} "
+                               f"entries at a time, not {limit}")
         return self.relay.queueCommand(command, arguments)
 
     @Status.responder

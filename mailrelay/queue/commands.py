@@ -110,6 +110,10 @@ def makeCommand(
     )
 
 
+#: The most entries of the queue a page of L{QueueList} holds for the users that may only
+#: list the queue (L{mailrelay.app.control}), and the pages the C{mailrelay} command asks.
+LIST_PAGE = 2000
+
 QueueList = makeCommand(
     b"queue-list",
     "A page of the queue (L{QueueControl.entries}).",
