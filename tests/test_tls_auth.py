@@ -927,6 +927,31 @@ def test_a_check_given_up_holds_its_place_until_its_thread_is_done(tmp_path: Pat
     assert checker._checks.tokens == 1
 
 
+@pytest.mark.parametrize("processes", [1, 2, 4, 8])
+def test_the_bound_on_checks_at_once_is_the_relays_over_its_processes(
+    tmp_path: Path, processes: int
+) -> None:
+    """With [relay] processes = N, N processes check passwords (the relay and its acceptor
+    processes), each with its own checker: the bound of checks at once
+    (MAX_CONCURRENT_CHECKS, the CPUs up to 4: 64 MiB and a CPU each) is shared among them,
+    at least one each -- it was each one's, N times the memory it is for."""
+    from twisted.cred.credentials import IUsernamePassword
+    from twisted.internet.task import Clock
+
+    from mailrelay.app.listeners import makeAuthPolicy
+    from mailrelay.config import loadConfig
+    from mailrelay.receive.auth import MAX_CONCURRENT_CHECKS
+
+    users = tmp_path / "users"
+    users.write_text(f"alice:{FAST.hash('right')}\n")
+    path = tmp_path / "c.toml"
+    path.write_text(f'[relay]\nprocesses = {processes}\n[auth]\npassword_file = "{users}"\n')
+    config = loadConfig(str(path), {"spool": str(tmp_path / "spool")})
+    policy = makeAuthPolicy(config, Clock())
+    checker = policy.portal.checkers[IUsernamePassword]  # type: ignore[attr-defined]
+    assert checker._checks.limit == max(1, MAX_CONCURRENT_CHECKS // processes)
+
+
 def test_password_file_checker_rereads_a_changed_file(tmp_path: Path) -> None:
     path = tmp_path / "users"
     path.write_text(f"alice:{FAST.hash('right')}\n")

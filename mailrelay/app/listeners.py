@@ -21,7 +21,7 @@ from mailrelay.cleanup.intake import Intake
 from mailrelay.cleanup.stamping import ConfiguredStamper
 from mailrelay.config import Config, ListenerConfig
 from mailrelay.config.plugins import HookPlugins
-from mailrelay.config.values import socketKey, systemdSocketProblem
+from mailrelay.config.values import resolveProcessCount, socketKey, systemdSocketProblem
 from mailrelay.delivery.maildir import MaildirUsers, needsUsers
 from mailrelay.errors import ConfigError
 from mailrelay.interfaces import IHeaderStamper, IRateLimiter, ISpool
@@ -465,6 +465,7 @@ def makeAuthPolicy(config: Config, reactor: Any, build: Any = None, carried: Any
     if config.auth is None:
         return None
     from mailrelay.receive.auth import (
+        MAX_CONCURRENT_CHECKS,
         AuthPolicy,
         MemoryAuthThrottle,
         PasswordFileChecker,
@@ -491,7 +492,13 @@ def makeAuthPolicy(config: Config, reactor: Any, build: Any = None, carried: Any
         log.info("AUTH: users checked by plugin {plugin}", plugin=a.checker.plugin)
     else:
         assert a.passwordFile is not None
-        checker = PasswordFileChecker(a.passwordFile, users=a.users)
+        # Each process serving SMTP (the relay and its acceptor processes) checks with its
+        # own checker: the bound of checks at once (memory and CPUs) is shared among them.
+        processes = resolveProcessCount(config.processes)
+        checker = PasswordFileChecker(
+            a.passwordFile, users=a.users,
+            concurrency=max(1, MAX_CONCURRENT_CHECKS // processes),
+        )  # fmt: skip
         if carried is not None:
             carried.passwords = checker
     throttle = None
