@@ -275,6 +275,23 @@ def test_empty_bdat_chunks_end_the_session_at_the_error_limit(relay) -> None:
     r.waitForLog(r"disconnect from 127\.0\.0\.1:\d+ messages=0 errors=3")
 
 
+def test_discarded_bdat_chunks_end_the_session_at_the_error_limit(relay) -> None:
+    """Chunks discarded after a refused one (here: bare LF) were not counted, so a client
+    could send them until 1.5 times the size limit; each is an error now (Postfix's
+    bdat_cmd/skip_bdat), and the session ends at [limits] errors."""
+    r = relay(*listener(limits="[limits]\nerrors = 3\nerror_sleep_time = 0\n"),
+              defaults=False)
+    c, _ = session(r)
+    c.send(START + bdat(b"a\nb\r\n") + bdat(b"xyz") * 50)
+    assert replies(c, 6)[2:] == [
+        b"550 5.6.0 Error: message contains a bare LF; use CRLF line endings"] + [
+        b"550 5.6.0 Error: 3 octets discarded after an earlier error"] * 2 + [
+        b"421 4.7.0 relay.test Error: too many errors"]
+    c.expectClosed()
+    r.waitForLog(r"disconnect from 127\.0\.0\.1:\d+ messages=0 errors=3")
+    assert queued(r) == []
+
+
 def test_bdat_rset_mid_chunking_and_malformed_bdat(relay) -> None:
     r = relay()
     c, _ = session(r)

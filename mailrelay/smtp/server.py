@@ -20,8 +20,8 @@ reply, so nothing in a chunk is ever taken as a command; a malformed BDAT closes
 session (521), since where the next command starts is then unknown.  The first chunk of a
 message asks L{StartData} (C{command="BDAT"}), the last L{EndOfData}; the chunks between get
 C{250 2.0.0 Ok: n octets received} at once.  A refused chunk is read, then refused, and the
-chunks pipelined after it are read and refused until BDAT LAST or RSET (RFC 3030 2), as
-Postfix's smtpd does.
+chunks pipelined after it are read and refused until BDAT LAST or RSET (RFC 3030 2), each
+refusal an error (the session ends at C{maxErrors}), as Postfix's smtpd does.
 
 STARTTLS (RFC 3207): after C{220 2.0.0 Ready to start TLS} the session emits L{StartTLS} and
 B{discards} every byte already received after the STARTTLS line (a client, or a man in the
@@ -332,9 +332,9 @@ class _Chunk:
     last: bool
     left: int
     refusal: Reply | None = None
-    #: The refusal is counted in the error limit and logged (not a chunk discarded after an
-    #: earlier error).
-    counted: bool = True
+    #: The refusal is logged (L{Refused}); not for a chunk discarded after an earlier error,
+    #: whose refusal was.  Every refusal counts in the error limit (Postfix's bdat_cmd).
+    logged: bool = True
 
 
 @dataclass
@@ -1137,7 +1137,7 @@ class ServerSession:
         if ch.error is not None:
             self._readChunk(_Chunk(size, last, size, Reply(
                 ch.error.code, ch.error.enhanced,
-                f"Error: {size} octets discarded after an earlier error"), counted=False))
+                f"Error: {size} octets discarded after an earlier error"), logged=False))
             return
         if not settings.chunking:
             refusal = R.NOT_IMPLEMENTED
@@ -1212,9 +1212,12 @@ class ServerSession:
         if error is None:
             self._reply(Reply(250, "2.0.0", f"Ok: {chunk.size} octets received"))
             return
-        if not chunk.counted:
+        if not chunk.logged:
             self._refusable = None
-        self._reply(error, countError=chunk.counted)
+        # Counted even when discarded after an earlier error: Postfix's skip_bdat fails the
+        # command, so each refused BDAT is an error; else only 1.5 times the size limit
+        # would bound a client sending chunks after a refused one.
+        self._reply(error)
         if chunk.last:
             self._resetTransaction()
         elif ch.error is None:
