@@ -318,8 +318,10 @@ def test_proxy_local_health_check(relay) -> None:
         b"PROXY UNKNOWN\r\n",
         b"\r\n\r\n\x00\r\nQUIT\n\x21\x31\x00\xd8" + b"\0" * 216,  # v2 PROXY, AF_UNIX
         b"\r\n\r\n\x00\r\nQUIT\n\x21\x00\x00\x00",  # v2 PROXY, AF_UNSPEC
+        v2Header("0.0.0.0", 0, "0.0.0.0", 0),  # v2 PROXY, TCP4 from the unspecified address
+        v2Header("::", 0, "::", 0),
     ],
-    ids=["v1-unknown", "v2-unix", "v2-unspec"],
+    ids=["v1-unknown", "v2-unix", "v2-unspec", "v2-tcp4-zero", "v2-tcp6-zero"],
 )
 def test_proxied_client_without_an_address_never_relays(relay, header) -> None:
     # The proxy (127.0.0.1) is in the default relay networks, but the client it forwards is
@@ -335,8 +337,12 @@ def test_proxied_client_without_an_address_never_relays(relay, header) -> None:
         [b"250 2.1.0 Ok"], [b"554 5.7.1 Relay access denied"], [b"250 2.1.5 Ok"]]
     c.send(b"QUIT\r\n")
     c.readReply()
-    r.waitForLog(r"PROXY v\d from 127\.0\.0\.1: no client address \((UNKNOWN|family 0x[03][01])\), "
+    r.waitForLog(r"PROXY v\d from 127\.0\.0\.1: no client address \((UNKNOWN|family 0x[03][01]|"
+                 r"unspecified address (0\.0\.0\.0|::))\), "
                  r"using the proxy's, without its relay permission")
+    # (The client was logged and stamped as 0.0.0.0:0 or [::]:0 for all-zero addresses.)
+    r.waitForLog(r"disconnect from 127\.0\.0\.1:\d+ messages=0")
+    assert not re.search(r"(client|from) (0\.0\.0\.0|\[::\]):0", r.log())
     # The proxy's own connection (a v2 LOCAL health check) is the proxy's, as in Postfix.
     c = r.connect()
     c.sock.sendall(b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00EHLO x\r\n")

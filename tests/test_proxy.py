@@ -17,6 +17,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from zope.interface import implementer
 
+from mailrelay.address import unmappedAddress
 from mailrelay.receive.proxy import (
     V2_SIGNATURE,
     ProxyHeader,
@@ -70,6 +71,27 @@ def test_v2() -> None:
 
 
 @pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (v2tcp("0.0.0.0", 0, "0.0.0.0", 0), "unspecified address 0.0.0.0"),
+        (v2tcp("::", 0, "::", 0), "unspecified address ::"),
+        (v2tcp("::ffff:0.0.0.0", 0, "::", 0), "unspecified address 0.0.0.0"),
+        (b"PROXY TCP4 0.0.0.0 0.0.0.0 0 0\r\n", "unspecified address 0.0.0.0"),
+        (b"PROXY TCP6 :: :: 0 0\r\n", "unspecified address ::"),
+    ],
+)
+def test_unspecifiedSourceNamesNoClient(data: bytes, why: str) -> None:
+    """A source of all zeros (0.0.0.0, ::) is no host's address (RFC 1122 3.2.1.3, RFC 4291
+    2.5.2): no connection comes from it, so a PROXY command giving it names no client, like
+    the UNSPEC family (PROXY protocol 2.2): it was taken as the client 0.0.0.0:0."""
+    header, used = parseProxyHeader(data)
+    assert (header.source, header.noSource, used) == (None, why, len(data))
+    assert header.destination is None
+    header, _ = parseProxyHeader(v2tcp("192.0.2.1", 1, "0.0.0.0", 0))
+    assert header == ProxyHeader(2, ("192.0.2.1", 1), None)
+
+
+@pytest.mark.parametrize(
     "data",
     [
         b"PROXY TCP4 192.0.2.1 198.51.100.2 40000 25\r\n",
@@ -120,6 +142,11 @@ def test_badHeaders(data: bytes, fragment: str) -> None:
     st.booleans(),
 )
 def test_roundTrip(address, sport: int, dport: int, rest: bytes, version2: bool) -> None:
+    # (An IPv4-mapped address comes back as IPv4; an unspecified one names no client:
+    # test_unspecifiedSourceNamesNoClient.)
+    shown = unmappedAddress(str(address))
+    if ipaddress.ip_address(shown).is_unspecified:
+        return
     other = ipaddress.ip_address("192.0.2.25" if address.version == 4 else "2001:db8::25")
     if version2:
         data = v2tcp(str(address), sport, str(other), dport)
@@ -127,7 +154,7 @@ def test_roundTrip(address, sport: int, dport: int, rest: bytes, version2: bool)
         proto = b"TCP4" if address.version == 4 else b"TCP6"
         data = b"PROXY %s %s %s %d %d\r\n" % (proto, str(address).encode(), str(other).encode(), sport, dport)
     header, used = parseProxyHeader(data + rest)
-    assert header.source == (str(address), sport)
+    assert header.source == (shown, sport)
     assert header.destination == (str(other), dport)
     assert (data + rest)[used:] == rest
 
@@ -246,7 +273,8 @@ def test_v2LocalUsesTheProxysAddress() -> None:
     assert not isUnattributed(inner.peer)
 
 
-@pytest.mark.parametrize("header", [b"PROXY UNKNOWN\r\n", v2(1, 0x31, b"\0" * 216), v2(1, 0x00)])
+@pytest.mark.parametrize("header", [b"PROXY UNKNOWN\r\n", v2(1, 0x31, b"\0" * 216), v2(1, 0x00),
+                                    v2tcp("0.0.0.0", 0, "0.0.0.0", 0), v2tcp("::", 0, "::", 0)])
 def test_clientWithoutAnAddressIsUnattributed(header: bytes) -> None:
     """The proxy's address stands for the client, marked: it is not the proxy's connection."""
     _, protocol, inner, _, _ = wrapped("2001:db8:1::9")

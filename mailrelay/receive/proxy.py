@@ -15,8 +15,9 @@ and a wrapper that:
     the trusted networks (C{proxy_networks}): anyone else could claim any client address;
   - closes a connection whose header is invalid, or not complete within C{timeout} seconds;
   - uses the connection's own addresses for v2 C{LOCAL} headers (the load balancer's own
-    connection: a health check), and for v1 C{UNKNOWN} headers and address families other
-    than TCP over IPv4/IPv6 (a health check, or a client the load balancer cannot name):
+    connection: a health check), and for v1 C{UNKNOWN} headers, address families other
+    than TCP over IPv4/IPv6 and a source of all zeros (C{0.0.0.0}, C{::}: no host's
+    address) (a health check, or a client the load balancer cannot name):
     these are accepted, as the PROXY protocol says, but as a client whose address is not
     known (L{isUnattributed}): relay control never lets it relay for being the load
     balancer (Postfix refuses such headers, which "would sidestep address-based access
@@ -70,11 +71,12 @@ class ProxyHeader:
 
     @ivar version: 1 or 2.
     @ivar source: the client's C{(address, port)}, the address in canonical text form, or
-        C{None} when the header gives none (v2 C{LOCAL}, v1 C{UNKNOWN}, other families): the
-        connection's own peer is then used.
+        C{None} when the header gives none (v2 C{LOCAL}, v1 C{UNKNOWN}, other families, the
+        unspecified address): the connection's own peer is then used.
     @ivar destination: the address the client connected to, or C{None}.
     @ivar noSource: when C{source} is C{None}, why, for the log: C{"LOCAL"} (the proxy's own
-        connection), C{"UNKNOWN"} (v1) or C{"family 0x31"} (v2, another address family).
+        connection), C{"UNKNOWN"} (v1), C{"family 0x31"} (v2, another address family) or
+        C{"unspecified address 0.0.0.0"}.
     """
 
     version: int
@@ -142,7 +144,7 @@ def _parseV1(data: bytes) -> tuple[ProxyHeader, int] | None:
     version = 4 if parts[1] == b"TCP4" else 6
     source = (_v1Address(parts[2], version), _port(parts[4]))
     destination = (_v1Address(parts[3], version), _port(parts[5]))
-    return ProxyHeader(1, source, destination), end + 2
+    return _proxied(1, source, destination), end + 2
 
 
 def _parseV2(data: bytes) -> tuple[ProxyHeader, int] | None:
@@ -173,9 +175,24 @@ def _parseV2(data: bytes) -> tuple[ProxyHeader, int] | None:
     src = ipaddress.ip_address(block[:size])
     dst = ipaddress.ip_address(block[size : 2 * size])
     sport, dport = struct.unpack("!HH", block[2 * size :])
-    return ProxyHeader(
+    return _proxied(
         2, (unmappedAddress(str(src)), sport), (unmappedAddress(str(dst)), dport)
     ), total
+
+
+def _proxied(
+    version: int, source: tuple[str, int], destination: tuple[str, int]
+) -> ProxyHeader:
+    """The header of a PROXY command (v1 TCP4/TCP6, v2 PROXY over TCP): a source of all
+    zeros (0.0.0.0, ::) is no host's address (RFC 1122 3.2.1.3, RFC 4291 2.5.2), so no
+    connection came from it: the proxy does not know the client, as with the UNSPEC family
+    (PROXY protocol 2.2), and the header names none.  A destination of all zeros is not
+    known either: the connection's own is used."""
+    unspecified = [ipaddress.ip_address(a).is_unspecified for a, _ in (source, destination)]
+    target = None if unspecified[1] else destination
+    if unspecified[0]:
+        return ProxyHeader(version, None, target, f"unspecified address {source[0]}")
+    return ProxyHeader(version, source, target)
 
 
 def _address(host: str, port: int) -> Any:
