@@ -391,10 +391,11 @@ class StampContext:
     @ivar listenerOptions: the options of the listener the message came in on
         (C{add_message_id}, C{add_date}, ...).
     @ivar now: the time stamp to use, seconds since the epoch.
-    @ivar complete: whether C{headers} is the whole header section: C{False} when it is
-        longer than the relay holds before it stamps (100 KiB, as Postfix's
-        C{header_size_limit}), and fields past that are not in C{headers} (a field's
-        absence then says nothing).
+    @ivar complete: whether C{headers} is the whole header section.  The relay's intake
+        always says C{True}: a section longer than C{[limits] header_size} (at most what
+        it holds before it stamps, 100 KiB) is refused without calling the stampers.  A
+        stamper given C{False} (another caller) must take a field's absence as saying
+        nothing.
     """
 
     hostname: str

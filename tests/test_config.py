@@ -148,6 +148,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert c.maxErrors == 20
     assert (c.softErrorLimit, c.errorSleepTime) == (10, 1.0)  # Postfix's defaults
     assert c.maxHops == 50
+    assert c.maxHeaderSize == 102400
     assert c.reverseDNS is True
     assert c.listeners == (ListenerConfig(listenerSettings(c, "tcp:2525:interface=127.0.0.1")),)
     (listener,) = c.listeners
@@ -225,6 +226,7 @@ errors = 3
 soft_errors = 2
 error_sleep_time = 0.5
 hops = 10
+header_size = 4000
 [dns]
 reverse_lookups = false
 [[listeners]]
@@ -256,6 +258,7 @@ comment = "hello"
     )
     assert c.smarthost == SMTPNexthop("smtp.example.net", 587, False)
     assert (c.maxMessageSize, c.maxRecipients, c.maxErrors, c.maxHops) == (1000, 5, 3, 10)
+    assert c.maxHeaderSize == 4000
     assert c.idleTimeout == 1.5
     assert c.dataTimeout == 60.0 and isinstance(c.dataTimeout, float)
     assert c.reverseDNS is False
@@ -505,6 +508,9 @@ ERROR_CASES = [
     ("[limits]\nmessage_size = -1", "limits.message_size", "not -1"),
     ("[limits]\nerrors = 0", "limits.errors", "not 0"),
     ("[limits]\nhops = false", "limits.hops", "not false"),
+    ("[limits]\nheader_size = 200000", "limits.header_size",
+     "an integer from 1000 to 102400, not 200000"),
+    ("[limits]\nheader_size = 999", "limits.header_size", "not 999"),
     ("[limits]\nidle_timeout = 0", "limits.idle_timeout", "positive number of seconds, not 0"),
     ('[limits]\ndata_timeout = "5m"', "limits.data_timeout", 'not "5m"'),
     ("[limits]\ndata_timeout = inf", "limits.data_timeout", "not inf"),

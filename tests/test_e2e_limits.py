@@ -377,3 +377,36 @@ def test_missing_or_bad_proxy_header_is_refused(relay) -> None:
         c.readReply()
     r.waitForLog(r"bad PROXY header from 127\.0\.0\.1: bad address b'not-an-address'")
 
+
+
+# The header section ------------------------------------------------------------------------------
+
+
+def test_header_section_over_header_size_is_refused(relay) -> None:
+    """A 9 MB header section was acknowledged and stored (only 100 KiB of it parsed): it is
+    refused at the end of the data now, 552 5.6.0, past [limits] header_size; nothing is
+    queued, and a message within the limit on the same connection is taken."""
+    r = relay("", "[limits]\nheader_size = 2000\n")
+    c = greeted(r)
+    c.send(b"EHLO x\r\n")
+    c.readReply()
+    pad = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 90) for i in range(30))
+    for header, expected in ((pad, b"552 5.6.0 Error: message header size exceeds fixed limit"),
+                             (pad[:1900], b"250 2.0.0 Ok: queued as ")):
+        c.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@relay.test>\r\nDATA\r\n")
+        assert [c.readReply() for _ in range(3)][2] == [b"354 End data with <CR><LF>.<CR><LF>"]
+        c.send(header + b"\r\n" + b"body\r\n" * 100 + b".\r\n")
+        (reply,) = c.readReply()
+        assert reply.startswith(expected), reply
+    assert len(queued(r)) == 1
+    r.waitForLog(r"\w+: from=<a@example\.com> nrcpt=1 size=\d+ client=127\.0\.0\.1 "
+                 r"result=552 5\.6\.0 Error: message header size exceeds fixed limit")
+    # The default, 102400: a 9 MB header section.
+    r2 = relay()
+    with smtplib.SMTP("127.0.0.1", r2.port, timeout=30) as s:
+        big = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"q" * 90) for i in range(90_000))
+        with pytest.raises(smtplib.SMTPDataError) as e:
+            s.sendmail("a@example.com", ["b@relay.test"], big + b"\r\nbody\r\n")
+        assert (e.value.smtp_code, e.value.smtp_error) == (
+            552, b"5.6.0 Error: message header size exceeds fixed limit")
+    assert queued(r2) == []

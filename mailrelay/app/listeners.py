@@ -341,6 +341,7 @@ def makeIntake(
         deferToThread=build.context.deferToThread if hasattr(build, "context") else None,
         dropHeaders=config.dropHeaders,
         postmaster=config.queue.postmaster,
+        maxHeaderSize=config.maxHeaderSize,
     )
 
 

@@ -6,7 +6,8 @@ the relay made itself and gives whole, such as a delivery status notification
 (L{Intake.submit}).  Each goes the same way:
 
   1. a spool writer, under a queue id the spool allocates (L{ISpool.openMessage});
-  2. header processing (L{HeaderProcessor}): the header section is held back until complete;
+  2. header processing (L{HeaderProcessor}): the header section is held back until complete
+     (a section longer than C{maxHeaderSize} is refused: 552 5.6.0);
   3. the header stampers (L{runStampers}) add their fields; the body streams on to the spool;
   4. the hop check: more than C{maxHops} C{Received:} fields is a mail loop (554 5.4.6);
   5. the message filters (L{mailrelay.interfaces.IMessageFilter}), in order, which see the
@@ -48,6 +49,7 @@ from mailrelay.cleanup.stamping import (
 )
 from mailrelay.envelope import ClientInfo, Envelope, savePluginKept, undoPluginChanges
 from mailrelay.errors import SpoolError
+from mailrelay.headers import HEADER_SECTION_LIMIT
 from mailrelay.interfaces import (
     CONTINUE,
     IIncomingMessage,
@@ -93,6 +95,8 @@ class Intake:
     @ivar deferToThread: runs blocking work (reading a message for the filters) in a thread.
     @ivar dropHeaders: the names (lower case) of the header fields removed from every
         message, as Postfix's cleanup removes C{message_drop_headers} (C{Bcc:}, ...).
+    @ivar maxHeaderSize: C{[limits] header_size}: a message whose header section is longer
+        is refused (L{R.HEADER_TOO_LONG}), not stamped nor stored.
     @ivar postmaster: C{[queue] postmaster}, or C{None}: where mail to postmaster at
         C{hostname} goes (L{aliasPostmaster}, at the commit: the stampers and filters see
         the recipients given at RCPT).
@@ -111,9 +115,11 @@ class Intake:
         deferToThread: Callable[..., Deferred[Any]] | None = None,
         dropHeaders: Collection[str] = (),
         postmaster: str | None = None,
+        maxHeaderSize: int = HEADER_SECTION_LIMIT,
     ) -> None:
         self.spool = spool
         self.postmaster = postmaster
+        self.maxHeaderSize = maxHeaderSize
         self.dropHeaders = frozenset(name.lower() for name in dropHeaders)
         self.stampers = tuple(stampers)
         self.clock = clock
@@ -232,7 +238,7 @@ class IncomingMessage:
         self._now = intake.clock.seconds()
         #: Set by the write that called stampers answering later, for that write to return.
         self._started: Deferred[None] | None = None
-        self._processor = HeaderProcessor(writer.write, self._stamp)
+        self._processor = HeaderProcessor(writer.write, self._stamp, intake.maxHeaderSize)
         #: Finished or abandoned: nothing more is written.
         self._closed = False
 
@@ -283,6 +289,12 @@ class IncomingMessage:
             return succeed(self._refuse(error, size))
         # The stampers were called when the header section ended: wait for their answer.
         d: Deferred[Any] = self._processor.finish()
+        if not self._processor.complete:
+            # Longer than maxHeaderSize: never stamped, nothing stored past it.  Refused, as
+            # Sendmail's MaxHeadersLength and Exim's header_maxsize refuse it, rather than
+            # cut as Postfix's header_size_limit cuts one field: what is acknowledged is
+            # delivered whole.
+            return succeed(self._refuse(R.HEADER_TOO_LONG, size))
         return d.addCallbacks(self._stamped, self._notStamped, errbackArgs=(size,))
 
     def abort(self) -> None:
@@ -307,10 +319,8 @@ class IncomingMessage:
             envelope.tlsRequiredNo = True
         if envelope.smtputf8:  # (whether it needs SMTPUTF8 on the way out: see Envelope)
             processor = self._processor
-            # (Past the fields parsed, one may hold UTF-8: taken as one does.)
             envelope.utf8Header = (
-                not processor.complete
-                or not processor.added.isascii()
+                not processor.added.isascii()
                 or any(not raw.isascii() for _, raw in self.headers)
             )
         drop = self.intake.dropHeaders

@@ -2,7 +2,9 @@
 
 L{HeaderProcessor} sits between the session's message data and the spool: it holds back the
 header section (bounded), lets the stampers add their fields once it is complete, then streams
-the rest straight through.  The message is otherwise stored byte for byte as received.
+the rest straight through.  The message is otherwise stored byte for byte as received.  A
+header section longer than the bound is not stamped: the rest of the message is discarded,
+and the intake refuses it (C{[limits] header_size}).
 
 Stampers may answer with a Deferred (L{runStampers}), each within its configured C{timeout}:
 the body that arrives meanwhile is held back, and the outcome is awaited at the end of data.
@@ -85,7 +87,8 @@ class HeaderProcessor:
         self._pending: bytearray | None = bytearray()
         self.headers: list[tuple[str, bytes]] = []
         #: Whether L{headers} is the whole header section: not when it went on past
-        #: C{limit} (the rest is streamed unparsed).  Set before the stamp callable is called.
+        #: C{limit}; the stamp callable is then never called and nothing more reaches the
+        #: sink (the message is to be refused).  Set before the stamp callable is called.
         self.complete = True
         #: The header fields the stampers added, once they answered.
         self.added = b""
@@ -151,6 +154,9 @@ class HeaderProcessor:
         self.headers, end = parseHeaderSection(data, self._limit)
         # Cut at the limit, the section may go on with fields never parsed.
         self.complete = len(data) <= self._limit or FIELD_NAME.match(data, end) is None
+        if not self.complete:
+            self._sink = _discard
+            return
         result = self._stamp(self.headers)
         if not isinstance(result, Deferred):
             self._stamped(result, data[:end], data[end:])
@@ -176,7 +182,8 @@ class HeaderProcessor:
 
 
 def _discard(data: bytes) -> None:
-    """The sink of a message whose stamping failed: it will be refused."""
+    """The sink of a message whose stamping failed, or whose header section is too long: it
+    will be refused."""
 
 
 @lru_cache(maxsize=1024)

@@ -63,6 +63,7 @@ from mailrelay.config.values import (
     userName,
 )
 from mailrelay.errors import describeValue
+from mailrelay.headers import HEADER_SECTION_LIMIT
 from mailrelay.interfaces import HOOKS_BY_NAME, TLS_POLICIES, RouteOptions
 from mailrelay.queue.policy import QueuePolicy
 from mailrelay.receive.auth import DEFAULT_CHECKER_TIMEOUT, AuthSettings
@@ -332,6 +333,15 @@ LIMITS = Table(
             "counts as an error (a message received forgives them).",
             default=100,
             field="junkCommandLimit",
+        ),
+        Key(
+            "header_size",
+            integer(1000, HEADER_SECTION_LIMIT, " (what the relay holds to stamp a message)",
+                    span=True),
+            "The largest header section of a message, in bytes; a message with a longer one "
+            "is refused (552 5.6.0).",
+            default=HEADER_SECTION_LIMIT,
+            field="maxHeaderSize",
         ),
         Key(
             "hops",

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mailrelay.config.values import IPNetwork
+from mailrelay.headers import HEADER_SECTION_LIMIT
 from mailrelay.interfaces import RouteOptions
 from mailrelay.queue.policy import QueuePolicy
 from mailrelay.receive.auth import AuthSettings
@@ -138,6 +139,7 @@ class Config:
     @ivar junkCommandLimit: HELO, EHLO, RSET, NOOP, VRFY and HELP commands in one session
         after which each counts as an error (Postfix's smtpd_junk_command_limit).
     @ivar maxHops: the most C{Received:} fields a message may carry (mail loops).
+    @ivar maxHeaderSize: the longest header section of a message, in bytes (longer: refused).
     @ivar dropHeaders: the header fields removed from every message (lower case).
     @ivar reverseDNS: look up the client's name (forward-confirmed) for C{Received:}.
     @ivar listeners: where to accept SMTP connections, and how.
@@ -255,6 +257,7 @@ class Config:
     processes: int | str = 1
     forkChildren: bool = True
     dropHeaders: tuple[str, ...] = ("bcc", "content-length", "resent-bcc", "return-path")
+    maxHeaderSize: int = HEADER_SECTION_LIMIT
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,9 @@ NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
 NO_VALID_RCPT = Reply(554, "5.5.1", "Error: no valid recipients")
 TOO_MANY_RCPT = Reply(452, "4.5.3", "Error: too many recipients")
 SIZE_EXCEEDED = Reply(552, "5.3.4", "Error: message size exceeds fixed limit")
+#: A header section longer than C{[limits] header_size} (Sendmail's "552 5.6.0 Headers too
+#: large"; Postfix's "5.6.0 message header length exceeds safety limit").
+HEADER_TOO_LONG = Reply(552, "5.6.0", "Error: message header size exceeds fixed limit")
 NO_SPACE = Reply(452, "4.3.1", "Error: insufficient system storage")
 LOCAL_ERROR = Reply(451, "4.3.0", "Error: queue file write error")
 BARE_NEWLINE = Reply(550, "5.6.0", "Error: message contains a bare LF; use CRLF line endings")
