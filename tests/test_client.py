@@ -1201,7 +1201,23 @@ def test_bareNewlineInFileIsNotSent(tmp_path):
     peer.pump()
     (a,) = resultOf(d)
     assert (a.status, a.code) == (TRANSIENT, "4.3.0") and "bare CR or LF" in a.diagnostic
+    assert a.remoteMTA is None  # the relay's own failure (test_noRemoteMTAForTheRelays...)
     assert peer.heard() == b"" and peer.aborted  # no terminating dot: the server drops it
+
+
+def test_noRemoteMTAForTheRelaysOwnFileTroubles(tmp_path, message):
+    """A message file the relay cannot send -- with a bare LF (a corrupt queue file:
+    test_bareNewlineInFileIsNotSent), not there to open -- or a send on a busy connection
+    fails for the relay's own reasons: the result names no Remote-MTA, as Postfix reports
+    queue file troubles with DSN_BY_LOCAL_MTA (smtp_proto.c, "unreadable mail queue entry";
+    RFC 3464 2.3.5)."""
+    peer, conn = connected()
+    (missing,) = resultOf(send(conn, envelope("a@example.org"), tmp_path / "gone"))
+    first = send(conn, envelope("a@example.org"), message)
+    (busy,) = resultOf(send(conn, envelope("b@example.org"), message))
+    assert not first.called
+    results = [missing, busy]
+    assert [(r.code, r.remoteMTA) for r in results] == [("4.3.0", None)] * 2, results
 
 
 @pytest.mark.parametrize("bdat", [False, True])

@@ -896,6 +896,29 @@ def test_unexpected_error_of_a_delivery_defers_its_recipients(
     assert (event["queueID"], event["what"], event["nexthop"]) == ("Q" * 20, "SMTP", "mx.example")
 
 
+def test_an_unexpected_send_failure_names_no_remote_mta() -> None:
+    """Sending over a connection that fails unexpectedly (a bug of the relay's) defers the
+    recipients with 4.3.0 naming no Remote-MTA: the server said nothing of it (Postfix's
+    DSN_BY_LOCAL_MTA; RFC 3464 2.3.5); the connection is aborted."""
+    backend, net, _, _ = smtpBackend()
+    newConnection = net.newConnection
+
+    def broken(address: str, remoteMTA: str) -> FakeConnection:
+        connection = newConnection(address, remoteMTA)
+
+        def send(*args: Any, **kw: Any) -> defer.Deferred:
+            raise RuntimeError("oops")
+
+        connection.send = send  # type: ignore[method-assign]
+        return connection
+
+    net.newConnection = broken  # type: ignore[method-assign]
+    (r,) = result(send(backend, "example.net", "a@example.net"))
+    assert (r.status, r.code, r.remoteMTA) == (TRANSIENT, "4.3.0", None), r
+    assert r.diagnostic == "X-mailrelay; internal error: oops"
+    assert net.connections[0].aborted
+
+
 def test_a_next_hop_at_its_limit_holds_no_delivery_place() -> None:
     """With the queue's places of the deliveries in flight (C{[queue] delivery_limit}), a
     delivery takes one only once its next hop has a slot free: deliveries waiting for a busy

@@ -113,6 +113,8 @@ def test_dkim_signed_eight_bit_is_returned(relay, dns, postfix, tmp_path: Path) 
     (report,) = [p.read_bytes() for p in box.iterdir()]
     _, _, [block], _ = parseReport(report.split(b"\n", 2)[2].replace(b"\n", b"\r\n"))
     assert (block["Action"], block["Status"]) == ("failed", "5.6.3")
+    # The relay's own verdict: no Remote-MTA (Postfix's smtp_mime_fail(), DSN_BY_LOCAL_MTA).
+    assert "Remote-MTA" not in block, str(block)
     assert peer.mailbox("bob") == []
     waitEmpty(r)
 

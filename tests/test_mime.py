@@ -322,6 +322,21 @@ def test_backendBouncesWhatCannotBeConverted(tmp_path: Path) -> None:
     assert given == []
 
 
+def test_backendsConversionFailuresNameNoRemoteMTA(tmp_path: Path) -> None:
+    """A message the relay cannot convert for a next hop without 8BITMIME (5.6.3), or whose
+    file it cannot read to convert (4.3.0), fails by the relay's own verdict: no Remote-MTA,
+    as Postfix's smtp_mime_fail() reports with DSN_BY_LOCAL_MTA (RFC 3464 2.3.5)."""
+    path = tmp_path / "m.eml"
+    path.write_bytes(b"DKIM-Signature: v=1; d=example.com\r\n" + EIGHT_BIT)
+    backend, given = _backendTo({})
+    (impossible,) = _deliver(backend, path)
+    backend, given = _backendTo({})
+    (unreadable,) = _deliver(backend, tmp_path / "gone.eml")
+    assert [(r.code, r.remoteMTA) for r in (impossible, unreadable)] == [
+        ("5.6.3", None), ("4.3.0", None)]
+    assert given == []
+
+
 def test_backendConvertsBinaryForANextHopWithoutBINARYMIME(tmp_path: Path) -> None:
     path = tmp_path / "m.eml"
     binary = (b"MIME-Version: 1.0\r\nContent-Type: application/octet-stream\r\n"

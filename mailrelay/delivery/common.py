@@ -563,8 +563,7 @@ class ClientBackend:
                 DeliveryStatus.TRANSIENT,
                 "4.3.0",
                 f"X-mailrelay; internal error: {e}",
-                getattr(connection, "remoteMTA", None),
-            )
+            )  # (the relay's own failure: no Remote-MTA, Postfix's DSN_BY_LOCAL_MTA)
         finally:
             if converted is not None:
                 removeFile(converted)
@@ -586,7 +585,7 @@ class ClientBackend:
         remoteMTA = connection.remoteMTA or ""
         host = getattr(connection, "host", None) or remoteMTA.partition("; ")[2] or remoteMTA
         prepared = yield convertTo7Bit(self._inThread, envelope, recipients, messagePath, host,
-                                       lacking, connection.remoteMTA)
+                                       lacking)
         return prepared
 
     def _inThread(self, f: Callable[..., Any], *args: Any) -> Deferred:
@@ -618,14 +617,15 @@ def convertTo7Bit(
     messagePath: Any,
     target: str,
     lacking: str,
-    remoteMTA: str | None = None,
 ) -> Any:
     """The message at C{messagePath} made 7-bit (L{mime.convertFile}, run by C{inThread},
     C{callable(f, *args)} returning a Deferred) for C{target} (a next hop, a backend's
     name), which lacks C{lacking} (C{"8BITMIME"} or C{"BINARYMIME"}): a Deferred firing
     with C{(envelope, path, converted file or None)} -- the caller removes the converted
     file (L{removeWhenFired}) -- or with the results of C{recipients} when it cannot be: 5.6.3
-    (L{mime.ConversionImpossible}), or 4.3.0 when a file cannot be read or written."""
+    (L{mime.ConversionImpossible}), or 4.3.0 when a file cannot be read or written; the
+    relay's own verdicts, which name no Remote-MTA (Postfix's smtp_mime_fail(),
+    DSN_BY_LOCAL_MTA; RFC 3464 section 2.3.5)."""
     binary = envelope.body == "BINARYMIME"
     try:
         converted = yield _givenUpRemoved(inThread(mime.convertFile, str(messagePath), binary))
@@ -642,7 +642,6 @@ def convertTo7Bit(
             "4.3.0",
             f"X-mailrelay; cannot convert the message to 7 bits for {target}: "
             f"{e.strerror or e}",
-            remoteMTA,
         )
     except mime.ConversionImpossible as e:
         log.warn(
@@ -659,7 +658,6 @@ def convertTo7Bit(
             "5.6.3",
             f"X-mailrelay; {target} does not support {lacking}, and the message cannot be "
             f"converted to 7 bits: {e}",
-            remoteMTA,
         )
     if converted is None:  # 7-bit already
         return envelope, messagePath, None

@@ -364,8 +364,7 @@ class SMTPClientProtocol(Protocol):
                       queueID=envelope.queueID)
             return succeed([RecipientResult(
                 r.address, DeliveryStatus.TRANSIENT, "4.3.0",
-                "X-mailrelay; internal error: connection busy", self.session.remoteMTA)
-                for r in recipients])
+                "X-mailrelay; internal error: connection busy") for r in recipients])
         size = 0
         if recipients and self.session.idle:
             try:
@@ -377,8 +376,8 @@ class SMTPClientProtocol(Protocol):
                           path=str(messagePath), error=str(e))
                 return succeed([RecipientResult(
                     r.address, DeliveryStatus.TRANSIENT, "4.3.0",
-                    f"X-mailrelay; cannot open the message file: {e.strerror or e}",
-                    self.session.remoteMTA) for r in recipients])
+                    f"X-mailrelay; cannot open the message file: {e.strerror or e}")
+                    for r in recipients])
         d: Deferred = Deferred()
         self._sending = d
         self._queueID = envelope.queueID

@@ -379,10 +379,11 @@ class ClientSession:
         self._armTimer()
 
     def bodyFailed(self, code: str, diagnostic: str) -> list[object]:
-        """The body could not be sent (unreadable or corrupt file): abort the transaction."""
+        """The body could not be sent (unreadable or corrupt file): abort the transaction.
+        The relay's own failure: no Remote-MTA (Postfix's DSN_BY_LOCAL_MTA)."""
         self._out = []
         if self.state == _BODY:
-            self._failPending(code, diagnostic)
+            self._failPending(code, diagnostic, byServer=False)
             self._finish(close="abort")
         return self._out
 
@@ -924,7 +925,8 @@ class ClientSession:
         assert t is not None
         self._transaction = None
         self._expect.clear()
-        self._failPending("4.4.2", f"X-mailrelay; internal error with {self.host}")  # defensive
+        self._failPending("4.4.2", f"X-mailrelay; internal error with {self.host}",
+                          byServer=False)  # defensive
         results = [r for r in t.results if r is not None]
         if close is None:
             self.state = _IDLE
