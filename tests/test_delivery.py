@@ -797,12 +797,15 @@ class FakeMX:
         self.answers = answers
         self.asked: list[str] = []
 
-    def resolve(self, nexthop: str) -> defer.Deferred:
+    def resolve(self, nexthop: str, *, limited: bool = True) -> defer.Deferred:
         self.asked.append(nexthop)
         answer = self.answers[nexthop]
         if isinstance(answer, Exception):
             return defer.fail(answer)
         return defer.succeed(list(answer))
+
+    def limit(self, hosts: list[MXHost]) -> list[MXHost]:
+        return hosts  # (no limit: the answers are what is tried)
 
 
 HOSTS = {
@@ -1363,6 +1366,40 @@ def test_smtp_the_relay_in_the_mx_list_by_address() -> None:
     smtp, net = backend("tcp:587:interface=192.0.2.40")  # a bracketed next hop
     (r,) = result(send(smtp, "[relay.example]:587", "a@example.com"))
     assert (r.status, r.code) == (PERMANENT, "5.4.6")
+
+
+def test_smtp_the_mx_address_limit_counts_after_the_relay_is_dropped() -> None:
+    """[delivery] mx_address_limit counts the addresses left once the relay dropped itself
+    (and the less preferred hosts), as Postfix's smtp_domain_addr() runs smtp_find_self()
+    and smtp_truncate_self() before smtp_balance_inet_proto() cuts to
+    smtp_mx_address_limit: the relay's own addresses took places under the limit, and
+    fewer of the better hosts' were tried.  And the relay is looked for among all the
+    addresses, not only those under the limit: one of a host's is a loop (5.4.6)."""
+    from mailrelay.delivery.smtp import SMTPBackend
+    from mailrelay.route.mx import MXResolver
+    from tests.test_route import AAAA, MX, A
+    from tests.test_route import FakeResolver as FakeDNS
+
+    zone: dict[str, Any] = {
+        "example.org": [MX(10, "mx1.example.org."), MX(20, "relay.test.")],
+        "mx1.example.org": [A(f"192.0.2.{i}") for i in range(1, 5)],
+        "relay.test": [AAAA("2001:db8::9"), AAAA("2001:db8::10")],
+        "many.example": [A(f"192.0.2.{i}") for i in range(21, 27)],
+    }
+    net = FakeNet()
+    for i in range(1, 5):
+        net.connectBehaviour[f"192.0.2.{i}"] = connectError("4.4.1", "X-mailrelay; refused")
+    clock = Clock()
+    backend = SMTPBackend(clock, MXResolver(FakeDNS(zone), clock, maxAddresses=4), SETTINGS,
+                          connect=net.connect, selfName="relay.test",
+                          ownAddresses={("192.0.2.26", 25)})
+    (r,) = result(send(backend, "example.org", "a@example.org"))
+    assert r.status is TRANSIENT
+    assert [a[0] for a in net.attempts] == [f"192.0.2.{i}" for i in range(1, 5)]
+    net.attempts.clear()
+    (r,) = result(send(backend, "many.example", "a@many.example"))
+    assert (r.status, r.code) == (PERMANENT, "5.4.6"), r
+    assert net.attempts == []
 
 
 def test_smtp_a_loop_found_at_ehlo() -> None:

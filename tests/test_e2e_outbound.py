@@ -1369,6 +1369,32 @@ def test_mx_hosts_less_preferred_than_the_relay_itself_are_not_tried(relay, tmp_
         me.stop()
 
 
+def test_mx_address_limit_counts_no_address_of_the_relay_itself(relay, nexthop,
+                                                                 tmp_path: Path) -> None:
+    """mx_address_limit = 2, the MX hosts a dead one, a live one and, least preferred, the
+    relay itself (its name) with an IPv6 address: the two addresses tried are the dead and
+    the live host's, as Postfix drops itself (smtp_find_self, smtp_truncate_self) before
+    the limit (smtp_balance_inet_proto).  Before, the relay's own IPv6 address took the
+    IPv6 place under the limit, was dropped, and only the dead host was tried: deferred."""
+    hop, port = nexthop(host="127.0.0.2")
+    zone = DNSServer(tmp_path / "lim-dns", "test", [
+        ["lim.test", "MX", 10, "dead.lim.test"], ["dead.lim.test", "A", "127.0.0.3"],
+        ["lim.test", "MX", 20, "live.lim.test"], ["live.lim.test", "A", "127.0.0.2"],
+        ["lim.test", "MX", 30, "relay.test"], ["relay.test", "AAAA", "::1"],
+    ])
+    try:
+        r = relay(config(zone, delivery={"mx_address_limit": 2},
+                         routes=[{"domain": "lim.test", "backend": "smtp",
+                                  "nexthop": f"lim.test:{port}"}]))
+        qid = submit(r, "alice@sender.test", ["user@lim.test"], message("lim"))
+        m = waitResult(r, qid, "user@lim.test")
+        assert (m["status"], m["relay"]) == ("sent", f"live.lim.test[127.0.0.2]:{port}"), m[0]
+        assert f"cannot use dead.lim.test[127.0.0.3]:{port}" in r.log()
+        hop.waitTo("user@lim.test")
+    finally:
+        zone.stop()
+
+
 def test_an_mx_host_at_the_relays_own_address_is_the_relay_itself(relay, nexthop,
                                                                    tmp_path: Path) -> None:
     """An MX host whose address and port are the relay's own listener's is the relay itself,

@@ -426,7 +426,7 @@ class SMTPBackend(ClientBackend):
         if 0 < self.mxSessionLimit <= sessions and reusedResults is not None:
             return reusedResults
         try:
-            hosts = yield self.resolver.resolve(nexthop)
+            hosts = yield self.resolver.resolve(nexthop, limited=False)
         except DeliveryFailure as e:
             return self._unresolved(e, envelope, recipients, nexthop)
         hosts, loop = self._withoutSelf(hosts, nexthop)
@@ -434,6 +434,10 @@ class SMTPBackend(ClientBackend):
             log.warn("{queueID}: {diagnostic}", queueID=envelope.queueID,
                      diagnostic=loop[2].removeprefix("X-mailrelay; "))
             return resultsForAll(recipients, *loop)
+        # The relay found among all the addresses and dropped first, then the limit
+        # ([delivery] mx_address_limit): Postfix's smtp_find_self(), smtp_truncate_self(),
+        # then smtp_balance_inet_proto() (smtp_addr.c, smtp_domain_addr()).
+        hosts = self.resolver.limit(hosts)
         if reusedAddress is not None:
             # (Only now: dropped first, a reused best MX made the relay, a backup, look
             # like the best, a loop.  As Postfix: smtp_find_self(), then

@@ -155,7 +155,7 @@ class MXResolver:
     5.1); each MX host's addresses are looked up (A and AAAA, concurrently; ten hosts at a
     time, in order, until C{maxAddresses} addresses are known, more than half of them of
     each family looked up; at most the first 100 hosts), hosts without an address are
-    skipped; the addresses are cut to C{maxAddresses}, both families kept (L{_limit}).  A
+    skipped; the addresses are cut to C{maxAddresses}, both families kept (L{limit}).  A
     domain without MX records is its own mail exchanger.  A domain whose only MX records
     have the exchange C{"."} has a null MX (RFC 7505).  An MX exchange written as an IP
     address is used as is.  An answer holding only a CNAME for the name asked is followed
@@ -337,14 +337,18 @@ class MXResolver:
                     ordered.append((preference, name))
         return ordered
 
-    def resolve(self, nexthop: str) -> Deferred:
+    def resolve(self, nexthop: str, *, limited: bool = True) -> Deferred:
         """Resolve C{nexthop} (see the module docstring for its forms).
 
+        @param limited: cut the addresses to C{maxAddresses} (L{limit}); else the caller
+            does, after dropping the relay itself from them (the SMTP backend: Postfix's
+            smtp_domain_addr() runs smtp_find_self() before smtp_balance_inet_proto()).
         @return: a Deferred firing with a non-empty list of L{MXHost}, in the order to try
             them (for each host, its addresses in L{families} order), or failing with
             L{DeliveryFailure}.
         """
-        return self._resolve(nexthop)
+        d = self._resolve(nexthop)
+        return d.addCallback(self.limit) if limited else d
 
     @inlineCallbacks
     def _resolve(self, nexthop: str) -> Any:
@@ -359,7 +363,7 @@ class MXResolver:
             addresses, problem, secure = yield self._addresses(host)
             if not addresses:
                 raise self._noAddress(host, problem, [host])
-            return self._limit([MXHost(host, a, port, secure=a in secure) for a in addresses])
+            return [MXHost(host, a, port, secure=a in secure) for a in addresses]
 
         try:
             result = yield self._lookup("lookupMailExchange", host, dns.MX)
@@ -398,8 +402,7 @@ class MXResolver:
                         diagnostic=f"X-mailrelay; domain {host} does not exist",
                     )
                 raise self._noAddress(host, problem, [host], final=True)
-            return self._limit([MXHost(host, a, port, secure=mxSecure and a in secure)
-                                for a in addresses])
+            return [MXHost(host, a, port, secure=mxSecure and a in secure) for a in addresses]
 
         ordered = self._orderMX(real)[:_MX_HOSTS_LIMIT]
         hosts: list[MXHost] = []
@@ -426,10 +429,10 @@ class MXResolver:
         if not hosts:
             problem = next((p for p in problems if p not in (_NXDOMAIN, _NODATA)), _NODATA)
             raise self._noAddress(host, problem, [n for _, n in ordered], final=True)
-        return self._limit(hosts)
+        return hosts
 
     def _enough(self, hosts: list[MXHost]) -> bool:
-        """Whether the addresses of more MX hosts cannot change what L{_limit} keeps of
+        """Whether the addresses of more MX hosts cannot change what L{limit} keeps of
         C{hosts}: C{maxAddresses} are known and, when both families are looked up, more
         than half of them of each (else one found further down would be kept)."""
         limit = self.maxAddresses
@@ -478,7 +481,7 @@ class MXResolver:
         names = tuple(dict.fromkeys((host.name, domain.lower().rstrip("."))))
         return DANEPolicy(base, usable, names)
 
-    def _limit(self, hosts: list[MXHost]) -> list[MXHost]:
+    def limit(self, hosts: list[MXHost]) -> list[MXHost]:
         """C{hosts} cut to C{maxAddresses}, neither family crowding the other out when both
         are in use (Postfix's C{smtp_balance_inet_protocols}, yes by default:
         smtp_balance_inet_proto() in smtp_addr.c): a family of at most half the limit keeps
