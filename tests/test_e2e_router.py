@@ -76,6 +76,10 @@ def test_example_router_routes_before_the_table(
         rf"{qid}: router lmtp-domains answered for <erin@gone\.test>: 5\.1\.2 X-mailrelay; "
         "moved away"
     )
+    # Once each: the router's verdict, then the status line -- no warning of the queue's
+    # repeating the router's (one line per fact, as Postfix).
+    erin = [line for line in r.log().splitlines() if "<erin@gone.test>" in line]
+    assert len(erin) == 2 and "status=bounced" in erin[1], erin
     dsnID = bounceID(r, qid)
     waitRemoved(r, dsnID)
     (bounce,) = smtp.waitTo("alice@sender.test")

@@ -298,6 +298,32 @@ def test_theQueueDeliversDefersAndBounces(tmp_path: Path) -> None:
     assert smtp.calls == [(["other@example.org"], Route("smtp", "example.org"))]
 
 
+def test_aRoutersFailureIsLoggedOnceByTheQueue(tmp_path: Path) -> None:
+    """A router's failure, its own verdict or a timeout is logged once, by the chain (which
+    names the router; with the traceback of an exception): the queue's attempt adds no
+    warning of its own -- the status line it logs next carries the result's status and
+    text.  One line per fact, as Postfix logs a failed lookup once and then the status."""
+
+    def decide(recipient: Recipient) -> Any:
+        return {
+            "later": TransientFailure(code="4.4.3", diagnostic="X-mailrelay; directory down"),
+            "gone": PermanentFailure(code="5.1.1", diagnostic="X-mailrelay; mailbox gone"),
+            "broken": RuntimeError("bug"),
+        }[recipient.address.partition("@")[0]]
+
+    c, clock = chain(Answers(decide))
+    deliverer = Deliverer(Spool(tmp_path / "m.eml"), c, {}, Calls(clock), deliveryTimeout=60)
+    pending = [Recipient(f"{name}@example.org") for name in ("later", "gone", "broken")]
+    with capturedLogs() as events:
+        outcomes = defer.Deferred.fromCoroutine(deliverer.deliver(ENV.queueID, ENV, pending))
+    results: list[Any] = []
+    outcomes.addBoth(results.append)
+    assert [o.result.code for o in results[0]] == ["4.4.3", "5.1.1", "4.4.3"]
+    for r in pending:
+        lines = [formatEvent(e) for e in events if r.address in formatEvent(e)]
+        assert len(lines) == 1 and "router r0 " in lines[0], lines
+
+
 # ---------------------------------------------------------------------------------------------
 # [[routers]] in the configuration
 

@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 
 from mailrelay.envelope import Envelope, Recipient
 from mailrelay.errors import (
+    DeliveryFailure,
     DeliveryNotStarted,
     PermanentFailure,
     TransientFailure,
@@ -428,12 +429,16 @@ class Deliverer:
                 maybeDeferred(self.router.route, envelope, recipient), self.deliveryTimeout
             )
         except Exception as e:
-            log.warn(
-                "{queueID}: routing <{rcpt}> failed: {error}",
-                queueID=queueID,
-                rcpt=recipient.address,
-                error=repr(e),
-            )
+            if not (isinstance(e, DeliveryFailure) and e.diagnostic):
+                # (A router's failure or verdict, whose result carries its status and text,
+                # was logged where it arose -- the chain names the router -- and the status
+                # line says what became of the recipient: one line per fact, as Postfix.)
+                log.warn(
+                    "{queueID}: routing <{rcpt}> failed: {error}",
+                    queueID=queueID,
+                    rcpt=recipient.address,
+                    error=repr(e),
+                )
             if isinstance(e, PermanentFailure) and e.diagnostic:
                 # A router's permanent verdict: no route will ever exist for this recipient;
                 # bounce it rather than retry for days.
