@@ -254,6 +254,33 @@ def child(metric: Any, *labels: str) -> Any:
     return found
 
 
+#: Told of each count made with L{countNow}, C{(metric, labels)}: set by a delivery process
+#: whose metrics the relay serves (L{tellCounts}), else C{None}.
+_tell: Callable[[_Declared, dict[str, str]], None] | None = None
+
+
+def tellCounts(tell: Callable[[_Declared, dict[str, str]], None] | None) -> None:
+    """Have C{tell} told of each count made with L{countNow} (C{None}: nobody)."""
+    global _tell
+    _tell = tell
+
+
+def countNow(metric: _Declared, *labels: str) -> None:
+    """C{child(metric, *labels).inc()}, told at once to whom L{tellCounts} named: a count
+    the relay must not lose with a delivery process killed before its next snapshot (sent
+    once a second), as what the spool says happened (a recipient delivered, bounced, a
+    notification queued).  The relay keeps at least what it was told
+    (L{ProcessMetrics.retire})."""
+    child(metric, *labels).inc()
+    if _tell is not None:
+        _tell(metric, dict(zip(metric.labelnames, labels, strict=True)))
+
+
+def declared(name: str) -> _Declared | None:
+    """The counter named C{name} (without C{_total}), C{None} when there is none."""
+    return next((m for m in _DECLARED if m.name == name and m.kind == "counter"), None)
+
+
 def replyClass(code: int) -> str:
     """C{"2xx"}, C{"4xx"} or C{"5xx"}: a reply code's class, as the labels say it."""
     return f"{code // 100}xx"

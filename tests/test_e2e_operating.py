@@ -227,17 +227,24 @@ def sendSMTP(r: RelayProcess, sender: str, recipients: list[str], body: bytes) -
     return reply.decode().rsplit(" ", 1)[1]
 
 
-def test_metricsScrapedWhileMailFlows(relay, nexthop, dns) -> None:
-    """With mail flowing through the real relay (the delivery in its own process), /metrics
-    serves Prometheus's text format that prometheus_client's parser reads, with the relay's
-    and the delivery process's counts; they survive a reload that replaces the delivery
-    process; /healthz says 200 with the delivery process's pid."""
+def _relayServingMetrics(relay, nexthop, dns) -> tuple[RelayProcess, int, Any]:  # noqa: F811
+    """A relay serving /metrics, delivering example.org to a next hop that refuses gone@
+    (550 5.1.1) and sender.test (the bounces) to another: C{(relay, metrics port, the
+    bounces' next hop)}."""
     hop, port = nexthop()
     notices, noticePort = nexthop()
     hop.rcptReply = lambda address: "550 5.1.1 no such user" if address.startswith("gone@") else None
     routes = [smtpRoute("example.org", port), smtpRoute("sender.test", noticePort)]
     r = relay(config(dns, routes=routes) + _METRICS)
-    mport = metricsPort(r)
+    return r, metricsPort(r), notices
+
+
+def test_metricsScrapedWhileMailFlows(relay, nexthop, dns) -> None:
+    """With mail flowing through the real relay (the delivery in its own process), /metrics
+    serves Prometheus's text format that prometheus_client's parser reads, with the relay's
+    and the delivery process's counts; they survive a reload that replaces the delivery
+    process; /healthz says 200 with the delivery process's pid."""
+    r, mport, notices = _relayServingMetrics(relay, nexthop, dns)
     body = message("metrics")
     ids = [sendSMTP(r, "alice@sender.test", ["bob@example.org", "carol@example.org"], body),
            sendSMTP(r, "alice@sender.test", ["nobody@example.org", "gone@example.org"], body)]
@@ -294,6 +301,27 @@ def test_metricsScrapedWhileMailFlows(relay, nexthop, dns) -> None:
     assert value(samples, "mailrelay_dsns_total", action="failed") == 1
     assert value(samples, "mailrelay_delivery_seconds_count", backend="smtp") == 4
     assert json.loads(get(mport, "/healthz")[2])["delivery_pid"] != pid
+
+
+def test_kill9_of_the_delivery_process_keeps_its_delivery_and_dsn_counts(
+        relay, nexthop, dns) -> None:  # noqa: F811
+    """The delivery process sends its metrics once a second: killed (SIGKILL) before the
+    next snapshot, the recipients it had delivered or bounced since and the bounce it had
+    queued were missing from mailrelay_deliveries_total and mailrelay_dsns_total, though
+    the spool said they happened.  It tells the relay each at once: none is lost."""
+    r, mport, notices = _relayServingMetrics(relay, nexthop, dns)
+    pid = json.loads(get(mport, "/healthz")[2])["delivery_pid"]
+    qid = sendSMTP(r, "alice@sender.test", ["bob@example.org", "carol@example.org",
+                                            "gone@example.org"], message("killed"))
+    dsnID = r.waitForLog(rf"{qid}: sender non-delivery notification: (\w+)").group(1)
+    r.waitForLog(rf"{dsnID}: removed")
+    os.kill(pid, signal.SIGKILL)
+    r.waitForLog(r"delivery process exited unexpectedly")
+    samples = scrape(mport)
+    assert value(samples, "mailrelay_deliveries_total", backend="smtp", status="sent") == 3, samples
+    assert value(samples, "mailrelay_deliveries_total", backend="smtp", status="bounced") == 1
+    assert value(samples, "mailrelay_dsns_total", action="failed") == 1
+    notices.waitTo("alice@sender.test")
 
 
 def test_delivery_places_in_use_and_deliveries_waiting_are_served(relays, hop) -> None:

@@ -244,3 +244,32 @@ def test_readmeMetricsTableListsEveryMetricAndEveryDSNAction() -> None:
     assert [n for n in names if f"`{n}`" not in documented] == []
     (dsnRow,) = [row for row in rows if row.startswith("| `mailrelay_dsns_total`")]
     assert [a for a in ACTIONS if f"`{a}`" not in dsnRow] == []
+
+
+def test_a_killed_delivery_process_keeps_the_counts_it_told_at_once() -> None:
+    """A delivery process sends its metrics once a second; killed (SIGKILL) before its next
+    snapshot, the recipients it delivered or bounced since and the notifications it queued
+    were not counted, though the spool says they happened.  It tells each such count at once
+    (a counted record); the relay keeps at least those (never one twice: the snapshot that
+    counted them too is not added to them)."""
+    from mailrelay.queue.process import COUNTED_RECORD, METRICS_RECORD, _ChildProtocol
+
+    def counted(name: str, **labels: str) -> str:
+        return COUNTED_RECORD + json.dumps([name, labels]) + "\n"
+
+    def deliveries(value: float) -> str:
+        sample = ["mailrelay_deliveries_total", {"backend": "smtp", "status": "sent"}, value]
+        return METRICS_RECORD + json.dumps(
+            [["mailrelay_deliveries", "counter", "d", [sample]]]) + "\n"
+
+    service = SimpleNamespace(metrics=ProcessMetrics(), _childEnded=lambda child, why: None)
+    killed, stopped = _ChildProtocol(service), _ChildProtocol(service)
+    sent = counted("mailrelay_deliveries", backend="smtp", status="sent")
+    killed.outReceived((deliveries(1) + sent * 3 + counted("mailrelay_dsns", action="failed")
+                        ).encode())
+    stopped.outReceived((sent * 2 + deliveries(2)).encode())
+    killed.processEnded(None)
+    stopped.processEnded(None)
+    merged = samplesOf(service.metrics.merged([]))
+    assert merged[("mailrelay_deliveries_total", (("backend", "smtp"), ("status", "sent")))] == 5
+    assert merged[("mailrelay_dsns_total", (("action", "failed"),))] == 1

@@ -377,6 +377,42 @@ def test_transientRetriedOnBackoffSchedule(
     resultOf(qm.stopService())
 
 
+def test_deliveriesAndNotificationsAreToldAtOnce(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, monkeypatch: Any
+) -> None:
+    """Each recipient's result (mailrelay_deliveries) and each notification queued
+    (mailrelay_dsns) is told at once to whom L{metrics.tellCounts} names -- in the delivery
+    process, the relay, which keeps those counts if the process is killed before its next
+    snapshot (sent once a second) -- each before its line is logged."""
+    from mailrelay import metrics
+
+    told: list[tuple[str, dict[str, str], int]] = []
+    logged: list[str] = []
+    monkeypatch.setattr(metrics, "_tell", None)
+    metrics.tellCounts(lambda metric, labels: told.append((metric.name, labels, len(logged))))
+    observer = lambda event: logged.append(formatEvent(event))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        backend.script["a@example.com"] = ["5"]
+        qm = makeManager(spool, router, {"smtp": backend}, clock)
+        qm.startService()
+        queueID = queueMessage(spool, clock, ["a@example.com", "b@example.com"])
+        qm.enqueue(queueID)
+        resultOf(qm.stopService())
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert sorted((name, sorted(labels.items())) for name, labels, _ in told) == [
+        ("mailrelay_deliveries", [("backend", "smtp"), ("status", "bounced")]),
+        ("mailrelay_deliveries", [("backend", "smtp"), ("status", "sent")]),
+        ("mailrelay_deliveries", [("backend", "smtp"), ("status", "sent")]),  # (the bounce)
+        ("mailrelay_dsns", [("action", "failed")]),
+    ]
+    # Each told before its status line: the i-th with i such lines logged before it.
+    befores = [before for name, _, before in told if name == "mailrelay_deliveries"]
+    statusLines = [sum(", status=" in t for t in logged[:before]) for before in befores]
+    assert statusLines == list(range(len(befores))), logged
+
+
 def test_permanentFailureBouncesBeforeUpdate(
     spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, monkeypatch: Any
 ) -> None:

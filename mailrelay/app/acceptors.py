@@ -224,8 +224,9 @@ class _AcceptorProtocol(_ChildProtocol):
         before it said so: a child killed before its next snapshot (sent once a second)
         counts them still.  (Its other counters of that second are lost with it.)"""
         if not self.queued:
-            return []
-        return [(MESSAGES, {"reply": replyClass(250), "origin": "smtp"}, self.queued)]
+            return super().counted()
+        return [*super().counted(),
+                (MESSAGES, {"reply": replyClass(250), "origin": "smtp"}, self.queued)]
 
     def processEnded(self, reason: Any) -> None:
         # Its AUTH attempts in flight and its sessions are over: their clients must not

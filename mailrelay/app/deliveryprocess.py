@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any, cast
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -23,7 +24,7 @@ from zope.interface import implementer, provider
 from mailrelay.app.clocksteps import followClockSteps
 from mailrelay.app.logs import LevelFilter, filtered
 from mailrelay.app.services import stopOnSignals, stopReactor
-from mailrelay.queue.process import METRICS_RECORD, RESCAN, encodeLogEvent
+from mailrelay.queue.process import COUNTED_RECORD, METRICS_RECORD, RESCAN, encodeLogEvent
 
 log = Logger()
 
@@ -136,6 +137,20 @@ def _logToRelay(levels: LevelFilter, forked: bool = False) -> None:
         [filtered(relayObserver(sys.stdout, sys.stderr), levels)], discardBuffer=forked,
         redirectStandardIO=False,
     )
+
+
+def tellRelay(out: Any) -> Callable[[Any, dict[str, str]], None]:
+    """What tells the relay's process of a count at once (L{mailrelay.metrics.countNow}):
+    a L{COUNTED_RECORD} line on C{out}, which it keeps should we be killed before our next
+    snapshot; nothing once the relay is gone."""
+
+    def tell(metric: Any, labels: dict[str, str]) -> None:
+        try:
+            out.write(f"{COUNTED_RECORD}{json.dumps([metric.name, labels])}\n")
+        except OSError:  # the relay is gone: nobody to tell
+            pass
+
+    return tell
 
 
 #: Seconds between two snapshots of our metrics sent to the relay (when something changed).
@@ -280,9 +295,10 @@ def runChild(
     exitCode = [0]
     reporter = None
     if reportMetrics:
-        from mailrelay.metrics import snapshot
+        from mailrelay.metrics import snapshot, tellCounts
 
         reporter = RecordReporter(reactor, METRICS_RECORD, snapshot)
+        tellCounts(tellRelay(sys.stdout))
 
     def start() -> None:
         # Our standard output carries the log records; StandardIO gets /dev/null to write to.

@@ -61,7 +61,7 @@ from mailrelay.interfaces import (
     ISpool,
     RecipientResult,
 )
-from mailrelay.metrics import DELIVERIES, DELIVERY_DELAY, QUEUE_STATES, child
+from mailrelay.metrics import DELIVERIES, DELIVERY_DELAY, QUEUE_STATES, child, countNow
 from mailrelay.queue.attempt import Calls, Deliverer, DeliveryTimedOut
 from mailrelay.queue.notify import Notifier
 from mailrelay.queue.observers import Observers
@@ -1254,7 +1254,7 @@ def _logTransition(
 ) -> None:
     """The line (and the metrics) of one recipient tried, C{delay} seconds after its
     message arrived."""
-    child(DELIVERIES, t.backend, status).inc()
+    countNow(DELIVERIES, t.backend, status)  # (told before the line: kept if we are killed)
     if status == "sent":
         child(DELIVERY_DELAY, t.backend).observe(delay)
     log.info(

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 
 from mailrelay.envelope import PENDING, Envelope
 from mailrelay.interfaces import IIntake, ISpool
-from mailrelay.metrics import DSNS, child
+from mailrelay.metrics import DSNS, countNow
 from mailrelay.queue.dsn import buildDSN, dsnEnvelope
 from mailrelay.queue.outcome import Discarded, Notice
 from mailrelay.queue.policy import QueuePolicy
@@ -137,7 +137,7 @@ class Notifier:
                 error=str(e) or repr(e),
             )
             return None
-        child(DSNS, notice.action).inc()
+        countNow(DSNS, notice.action)
         kind = _KINDS[notice.action]
         who = "postmaster" if notice.postmaster else "sender"
         log.info(

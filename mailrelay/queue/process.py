@@ -46,13 +46,14 @@ from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.protocols import amp
 
-from mailrelay.metrics import ProcessMetrics
+from mailrelay.metrics import ProcessMetrics, declared
 from mailrelay.queue.commands import QuietAMP
 from mailrelay.queue.control import QueueUnavailable
 
 log = Logger(namespace="mailrelay.queue")
 
 __all__ = [
+    "COUNTED_RECORD",
     "METRICS_RECORD",
     "ChildSupervisor",
     "DeliveryProcessService",
@@ -85,6 +86,11 @@ _MAX_RECORD = 1024 * 1024
 #: (then the snapshot, L{mailrelay.metrics.snapshot}); every other line is a log event.
 METRICS_RECORD = "metrics\t"
 _METRICS_RECORD = METRICS_RECORD.encode("ascii")
+#: How a line telling one count at once starts (then C{[counter name, labels]} in JSON:
+#: L{mailrelay.metrics.countNow}), which the relay keeps if the child is killed before its
+#: next snapshot.
+COUNTED_RECORD = "counted\t"
+_COUNTED_RECORD = COUNTED_RECORD.encode("ascii")
 
 
 def eventText(event: dict[str, Any]) -> str:
@@ -199,6 +205,8 @@ class _ChildProtocol(ProcessProtocol):
         self.control: _Control | None = None
         #: When it was started, on the monotonic clock (L{ChildSupervisor.monotonic}).
         self.began: float | None = None
+        #: The counts it told at once (L{COUNTED_RECORD}), by counter name and labels.
+        self._told: dict[tuple[str, tuple[tuple[str, str], ...]], int] = {}
 
     @property
     def process(self) -> IProcessTransport:
@@ -229,6 +237,9 @@ class _ChildProtocol(ProcessProtocol):
         if record.startswith(_METRICS_RECORD):
             self._metrics(record[len(_METRICS_RECORD) :])
             return
+        if record.startswith(_COUNTED_RECORD):
+            self._countTold(record[len(_COUNTED_RECORD) :])
+            return
         try:
             event = decodeLogEvent(record.decode("utf-8", "replace"))
         except (ValueError, KeyError):
@@ -248,10 +259,24 @@ class _ChildProtocol(ProcessProtocol):
                 "{what}: bad metrics record dropped: {error}", what=self.what, error=str(e)
             )
 
+    def _countTold(self, record: bytes) -> None:
+        try:
+            name, labels = json.loads(record)
+            if declared(name) is None or not isinstance(labels, dict):
+                raise ValueError(f"no such counter: {name!r}")
+            key = (name, tuple(sorted((str(k), str(v)) for k, v in labels.items())))
+        except (ValueError, TypeError) as e:
+            log.error("{what}: bad counted record dropped: {error}", what=self.what,
+                      error=str(e))
+            return
+        self._told[key] = self._told.get(key, 0) + 1
+
     def counted(self) -> list[tuple[Any, dict[str, str], float]]:
         """The counters the relay saw this child reach (C{(metric, labels, count)}), kept
-        if its last snapshot said less (L{ProcessMetrics.retire}): none here."""
-        return []
+        if its last snapshot said less (L{ProcessMetrics.retire}): those it told at once
+        (L{COUNTED_RECORD})."""
+        return [(declared(name), dict(labels), count)
+                for (name, labels), count in self._told.items()]
 
     def processEnded(self, reason: Any) -> None:
         self.service.metrics.retire(self, self.counted())
