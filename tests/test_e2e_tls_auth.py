@@ -609,12 +609,27 @@ def test_site_checker_plugin(site, tmp_path: Path) -> None:
     assert "bad.toml: auth.checker.plugin: unknown plugin 'no-such-checker'" in text, text
 
 
-def test_site_checker_answering_no_user_name_does_not_log_in(site, tmp_path: Path) -> None:
-    """A site checker whose callback forgot its return (None for a good password) logged
-    the client in as "None", allowed to relay: it now gets 454 4.7.0, is not logged in,
-    and the log says what the checker answered."""
-    r, _ = siteCheckerRelay(site, tmp_path, CHECKER_MODULE.replace(
-        "return succeed(credentials.username)", "return succeed(None)"))
+@pytest.mark.parametrize(
+    ("fault", "logged"),
+    [
+        # A callback that forgot its return (None for a good password) logged the client
+        # in as "None", allowed to relay; the log says what the checker answered.
+        (("return succeed(credentials.username)", "return succeed(None)"),
+         r"the credentials checker answered None, not a user name"),
+        # A checker that raises: the line named neither the plugin nor the user
+        # ("authentication check failed for 127.0.0.1"); now as the other hooks' lines.
+        (("password = self.users.get(credentials.username)",
+          "raise RuntimeError('the directory is down')"),
+         r"AUTH checker plugin test-static-users failed for 127\.0\.0\.1 "
+         r"\(sasl_username=erin\); answered 454(.|\n)*the directory is down"),
+    ],
+    ids=["answers-None", "raises"],
+)
+def test_a_failing_site_checker_does_not_log_in_and_is_named(
+        site, tmp_path: Path, fault: tuple[str, str], logged: str) -> None:
+    """A site checker that fails gives 454 4.7.0, the client is not logged in, and the
+    log names the plugin, the user name and what went wrong."""
+    r, _ = siteCheckerRelay(site, tmp_path, CHECKER_MODULE.replace(*fault))
     try:
         r.start()
         with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
@@ -624,7 +639,7 @@ def test_site_checker_answering_no_user_name_does_not_log_in(site, tmp_path: Pat
                 s.login("erin", "erin's pw")
             assert refused.value.smtp_code == 454
             assert s.docmd("MAIL FROM:<erin@example.com>") == (530, b"5.7.0 Authentication required")
-        r.waitForLog(r"the credentials checker answered None, not a user name")
+        r.waitForLog(logged)
         assert "sasl_username=None" not in r.log()
     finally:
         r.stop()

@@ -719,7 +719,7 @@ def test_a_checker_answering_no_user_name_is_454_not_success(answer: Any) -> Non
             b"454 4.7.0 Temporary authentication failure"]
     assert h.protocol.session.client.authUser is None
     texts = [formatEvent(e) + str(e.get("log_failure", "")) for e in events]
-    assert any("authentication check failed for 127.0.0.1" in t
+    assert any("the credentials checker failed for 127.0.0.1" in t
                and "not a user name" in t for t in texts), texts
 
 
@@ -1507,7 +1507,7 @@ def test_slow_checker_times_out_with_454() -> None:
     assert h.replies() == [b"454 4.7.0 Temporary authentication failure"]
     from twisted.logger import formatEvent
 
-    assert any("(sasl_username=alice) gave no answer in 10s" in formatEvent(e) for e in logs)
+    assert any("(sasl_username=alice) by the credentials checker gave no answer in 10s" in formatEvent(e) for e in logs)
     assert h.throttle.failures("127.0.0.1") == 0  # not the client's fault
     assert h.throttle.inFlight("127.0.0.1") == 0
     h.checker.release()  # a late answer is dropped
@@ -1591,3 +1591,37 @@ def test_a_user_name_that_cannot_be_checked_is_a_logged_and_counted_failure(
     assert h.checker.checked == []
     # Counted: the second failure reaches max_failures.
     assert h.send(b"AUTH PLAIN " + plain("alice", "guess") + b"\r\n")[0].startswith(b"421")
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        (lambda credentials: 1 / 0, "AUTH checker plugin site failed for 192.0.2.9 "
+         "(sasl_username=erin); answered 454"),
+        (lambda credentials: None, "AUTH checker plugin site failed for 192.0.2.9 "
+         "(sasl_username=erin); answered 454"),
+        (lambda credentials: Deferred(), "authentication check for 192.0.2.9 "
+         "(sasl_username=erin) by AUTH checker plugin site gave no answer in 7s"),
+    ],
+    ids=["raises", "answers-None", "times-out"],
+)
+def test_a_failing_site_checker_is_named_in_the_log(tmp_path: Path, answer, expected) -> None:
+    """The other hooks' failures name their plugin ("rcpt plugin X failed for ..."); a
+    failing or silent site checker ([auth.checker]) was logged as "authentication check
+    failed for ADDRESS", naming neither the plugin nor the user name: the log now names
+    both, and the event carries the plugin's name (key C{plugin})."""
+    checker = MemoryChecker({"erin": "pw"})
+    checker.requestAvatarId = answer
+    policy = makeSiteCheckerPolicy(tmp_path, checker)
+    from twisted.internet.task import Clock
+
+    from mailrelay.receive.auth import AUTH_TEMPORARY_FAILURE
+
+    clock = Clock()
+    with capturedLogs() as events:
+        d = policy.authenticate(Authenticate("PLAIN", "erin", b"pw"), "192.0.2.9", clock)
+        clock.advance(7)
+    assert outcome(d) == AUTH_TEMPORARY_FAILURE
+    texts = [formatEvent(e) for e in events]
+    assert any(expected in t for t in texts), texts
+    assert [e["plugin"] for e in events if "sasl_username=erin" in formatEvent(e)] == ["site"]

@@ -475,6 +475,7 @@ def makeAuthPolicy(config: Config, reactor: Any, build: Any = None, carried: Any
 
     a = config.auth
     timeout = 30.0
+    checkerName = None
     if a.checker is not None:
         from twisted.cred.checkers import ICredentialsChecker
         from twisted.cred.credentials import UsernamePassword
@@ -490,6 +491,7 @@ def makeAuthPolicy(config: Config, reactor: Any, build: Any = None, carried: Any
                 key="auth.checker.plugin",
             )
         timeout = a.checker.timeout
+        checkerName = a.checker.plugin
         log.info("AUTH: users checked by plugin {plugin}", plugin=a.checker.plugin)
     else:
         assert a.passwordFile is not None
@@ -514,4 +516,5 @@ def makeAuthPolicy(config: Config, reactor: Any, build: Any = None, carried: Any
         throttle=throttle,
         settings=a,
         timeout=timeout,
+        checkerName=checkerName,
     )

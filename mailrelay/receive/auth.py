@@ -497,12 +497,16 @@ class AuthPolicy:
         then C{454 4.7.0} (temporary failure), not counted as a failure; also the longest an
         attempt waits for the checks in flight of the same client (then C{454} too); C{0}:
         no limit.
+    @ivar checkerName: the site checker's plugin name (C{[auth.checker] plugin}), named
+        in the log lines of its failures as the other hooks' plugins are; C{None}: the
+        built-in checker.
     """
 
     portal: Portal
     throttle: Any
     settings: AuthSettings = AuthSettings()
     timeout: float = DEFAULT_CHECKER_TIMEOUT
+    checkerName: str | None = None
 
     def authenticate(
         self,
@@ -627,19 +631,30 @@ class _Attempt:
         return str(name)
 
     def _failed(self, failure: Failure) -> Any:
+        name = self.policy.checkerName
+        about: dict[str, Any] = {
+            "client": self.address,
+            "user": self.attempt.username,
+            "sasl_username": self.attempt.username,
+            "plugin": name,
+            "checker": "the credentials checker" if name is None else f"AUTH checker plugin {name}",
+        }
         if failure.check(TimeoutError):
             self._release()
             log.error(
-                "authentication check for {client} (sasl_username={user}) gave no answer "
-                "in {timeout:g}s",
-                client=self.address,
-                user=self.attempt.username,
+                "authentication check for {client} (sasl_username={user}) by {checker} gave "
+                "no answer in {timeout:g}s; answered 454",
                 timeout=self.policy.timeout,
+                **about,
             )
             return AUTH_TEMPORARY_FAILURE
         if not failure.check(UnauthorizedLogin, UnhandledCredentials):
             self._release()
-            log.failure("authentication check failed for {client}", failure, client=self.address)
+            log.failure(
+                "{checker} failed for {client} (sasl_username={user}); answered 454",
+                failure,
+                **about,
+            )
             return AUTH_TEMPORARY_FAILURE
         return self._settle(True).addCallbacks(self._answer, self._notRecorded)
 
