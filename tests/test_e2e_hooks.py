@@ -615,3 +615,37 @@ def test_a_plugin_whose_dropin_is_hidden_by_another_is_explained(tmp_path: Path)
             in done.stderr.decode()), done.stderr.decode()
     assert ("; a dropin is hidden by another of its name (its plugins are missing): "
             f"{dropins[1]}, hidden by {dropins[0]}: rename one\n") in done.stderr.decode()
+
+
+def test_a_dropin_that_fails_to_import_is_one_line_per_process(tmp_path: Path) -> None:
+    """A site dropin that fails to import, none of whose plugins is configured: every
+    process (the relay, its acceptor, its delivery process) printed Twisted's "Unhandled
+    Error" and the traceback at each plugin scan.  Now each process says it once, in one
+    line naming the file and the error; the relay runs."""
+    site, env = sitePlugins(tmp_path, "acme", "", (
+        "from mailrelay.interfaces import IRecipientValidator, MailRelayPlugin\n"
+        "import acme_ldap_client_not_installed\n"
+        "acme = MailRelayPlugin('acme-ldap', IRecipientValidator, 'LDAP', 'acme:build')\n"))
+    r = RelayProcess(tmp_path / "relay", BASE + "[relay]\nprocesses = 2\n", env=env)
+    try:
+        r.start()
+        r.waitForLog(r"acceptor process \d+: accepting on", timeout=20)
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
+            assert s.sendmail("alice@example.com", ["bob@example.org"], b"Subject: x\r\n\r\nx\r\n") == {}
+        r.stop()
+        text = r.log()
+    finally:
+        r.stop()
+    dropin = site / "twisted" / "plugins" / "acme_plugin.py"
+    # (twistd's own scan for its commands, before mailrelay's code runs, still logs one
+    # traceback in the twistd process, on its standard error and again in its log:
+    # Twisted's, not mailrelay's to change; it was 10 in all.)
+    assert text.count("Unhandled Error") <= 2, text
+    lines = [line for line in text.splitlines() if f"plugin dropin {dropin} " in line]
+    assert lines, text
+    for line in lines:
+        assert line.endswith(
+            f"plugin dropin {dropin} failed to import, its plugins are not installed: "
+            "ModuleNotFoundError: No module named 'acme_ldap_client_not_installed'"), line
+    # One line per process at the most (the relay, the acceptor, the delivery process).
+    assert len(lines) <= 3, lines

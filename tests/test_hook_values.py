@@ -221,6 +221,37 @@ def test_an_unknown_plugin_names_the_dropins_that_failed_to_import(
             "ModuleNotFoundError: No module named 'acme_ldap_client_not_installed'") in message
 
 
+def test_a_dropin_that_fails_to_import_is_one_line_per_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dropin that fails to import was logged by Twisted's scan as "Unhandled Error" with
+    its traceback, at every scan (each start, reload, process), even when none of its
+    plugins is used: now one line, naming the file and the error, once per process; the
+    other plugins are found as before."""
+    from twisted.logger import capturedLogs, formatEvent
+
+    import twisted.plugins
+    from mailrelay.config import plugins as configPlugins
+
+    site = tmp_path / "site" / "twisted" / "plugins"
+    site.mkdir(parents=True)
+    dropin = site / "acme_once_plugin.py"
+    dropin.write_text("import acme_ldap_client_not_installed\n")
+    monkeypatch.setattr(twisted.plugins, "__path__", [*twisted.plugins.__path__, str(site)])
+    monkeypatch.setattr(configPlugins, "_reportedDropins", set(), raising=False)
+    with capturedLogs() as events:
+        assert "accepted-domains" in configPlugins.availablePlugins()
+        assert "accepted-domains" in configPlugins.availablePlugins()
+    assert [e for e in events if e.get("log_failure") or e.get("isError")] == []
+    (line,) = [formatEvent(e) for e in events if str(dropin) in formatEvent(e)]
+    assert line == (f"plugin dropin {dropin} failed to import, its plugins are not installed: "
+                    "ModuleNotFoundError: No module named 'acme_ldap_client_not_installed'")
+    import twisted.plugin
+    from twisted.python import log as legacyLog
+
+    assert twisted.plugin.log is legacyLog  # (put back after each scan)
+
+
 def dropinsOfOneName(tmp_path: Path, file: str, plugin: str) -> list[Path]:
     """Two plugin directories, C{tmp_path/first} and C{tmp_path/second}, each with a dropin
     C{file} declaring a recipient validator named C{plugin.format(directory)}."""

@@ -62,15 +62,69 @@ _PROCESS_HOOKS = {
 }
 
 
+#: The dropins (C{"PATH: Error: message"}) this process has said failed to import.
+_reportedDropins: set[str] = set()
+
+
+class _DropinImportErrors:
+    """Stands in for C{twisted.plugin}'s C{log} during a scan (L{availablePlugins}): a
+    dropin that fails to import is noted (its path and error) instead of being logged as
+    an "Unhandled Error" with its traceback, by every process at every scan, even when
+    none of its plugins is used; anything else goes to the real C{log}."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.failed: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def err(self, _stuff: Any = None, _why: Any = None, **kw: Any) -> None:
+        _, error, tb = sys.exc_info()
+        module = tb.tb_frame.f_locals.get("pluginModule") if tb is not None else None
+        path = getattr(getattr(module, "filePath", None), "path", None)
+        if _stuff is None and _why is None and error is not None and isinstance(path, str):
+            self.failed.append(f"{path}: {type(error).__name__}: {error}")
+        else:
+            self.real.err(_stuff, _why, **kw)
+
+
+def _scan(interface: Any, package: Any) -> list[Any]:
+    """C{getPlugins(interface, package)}, a dropin that fails to import said once per
+    process in one line (its path, its error): its plugins are not installed, and a
+    configuration naming one is refused (L{buildPlugin} says why)."""
+    import twisted.plugin
+    from twisted.logger import Logger
+
+    errors = _DropinImportErrors(twisted.plugin.log)
+    twisted.plugin.log = errors  # type: ignore[assignment]
+    try:
+        plugins = list(getPlugins(interface, package))
+    finally:
+        twisted.plugin.log = errors.real
+    for failed in errors.failed:
+        if failed not in _reportedDropins:
+            _reportedDropins.add(failed)
+            path, _, error = failed.partition(": ")
+            Logger(namespace="mailrelay.plugins").error(
+                "plugin dropin {path} failed to import, its plugins are not installed: "
+                "{error}",
+                path=path,
+                error=error,
+            )
+    return plugins
+
+
 def availablePlugins() -> dict[str, IMailRelayPlugin]:
-    """Every installed plugin by name.
+    """Every installed plugin by name.  A dropin that fails to import is logged once per
+    process, in one line (L{_scan}).
 
     @raise ConfigError: two plugins share a name (the message names both).
     """
     import twisted.plugins
 
     found: dict[str, IMailRelayPlugin] = {}
-    for plugin in getPlugins(IMailRelayPlugin, twisted.plugins):
+    for plugin in _scan(IMailRelayPlugin, twisted.plugins):
         name = plugin.name
         if name in found and found[name] is not plugin:
             raise ConfigError(
