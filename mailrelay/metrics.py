@@ -325,6 +325,17 @@ def noteBlocking(hook: str, plugin: str, started: float) -> None:
     )
 
 
+def heldPast(timeout: float | None, started: float) -> float | None:
+    """How long a plugin's call since C{started} (C{time.perf_counter()}) held the reactor,
+    when that is more than its C{timeout}, else C{None}.  Its timer could not fire while it
+    held the reactor: the answer it then gives came after its timeout, and is not believed,
+    as a Deferred firing after the timeout is not."""
+    if timeout is None:
+        return None
+    held = time.perf_counter() - started
+    return held if held > timeout else None
+
+
 def timePlugin(hook: str, plugin: str, result: Any, started: float) -> Any:
     """Count the time a plugin took to answer, in L{PLUGIN_SECONDS}: C{result} is what its
     call returned, at once (counted now) or as a Deferred (counted when it fires, however

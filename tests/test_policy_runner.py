@@ -273,3 +273,32 @@ def test_a_plugin_that_blocks_the_reactor_is_named_in_the_log(monkeypatch: pytes
     assert "test plugin slow held the reactor for" in line and "deferToThread" in line
     assert not any("fast" in t for t in texts)
 
+
+
+@pytest.mark.parametrize("later", [False, True], ids=["answer", "deferred"])
+def test_a_plugin_that_blocks_past_its_timeout_is_not_believed(later: bool) -> None:
+    """A plugin whose call holds the reactor longer than its timeout (the timer could not
+    fire meanwhile) and then answers ACCEPT was believed, while a Deferred answering after
+    the timeout is ignored and the chain defers: the answer came too late either way.  It
+    now defers too, logged as a timeout with how long it held the
+    reactor; a Deferred it returned is cancelled."""
+    import time
+
+    cancelled: list[bool] = []
+
+    def blocks(client: ClientInfo) -> Any:
+        time.sleep(0.03)
+        return Deferred(lambda d: cancelled.append(True)) if later else ACCEPT
+
+    clock = Clock()
+    slow, after = Plugin("slow", blocks), Plugin("after", ACCEPT)
+    c = chain(slow, after, timeout=0.01, clock=clock)
+    client = ClientInfo("192.0.2.1", 25)
+    with capturedLogs() as events:
+        d = c.run(client, subject="192.0.2.1")
+    assert result(d) is FAILED and after.calls == []
+    assert cancelled == ([True] if later else [])
+    assert clock.getDelayedCalls() == []
+    (line,) = [formatEvent(e) for e in events if "slow" in formatEvent(e)]
+    assert line.startswith("test plugin slow did not answer within 0.01s for 192.0.2.1; "
+                           "deferring (its call held the reactor for 0.0"), line

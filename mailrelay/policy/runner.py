@@ -11,7 +11,9 @@ hook:
     well-formed verdict, that leaves notes which are not JSON, that changes what it may only
     read (the sender, the recipients, a recipient's address, the client's relay permission:
     undone), or that does not answer within
-    its timeout (its Deferred is then cancelled) makes the chain answer its C{failed}
+    its timeout (its Deferred is then cancelled; a call that held the reactor past its
+    timeout, whose timer could not fire, answered too late as well) makes the chain
+    answer its C{failed}
     verdict (a deferral): a failing plugin never accepts.  Each such failure is logged once,
     naming the hook and the plugin.
 
@@ -50,7 +52,7 @@ from mailrelay.interfaces import (
     VerdictKind,
     checkVerdict,
 )
-from mailrelay.metrics import timePlugin
+from mailrelay.metrics import heldPast, timePlugin
 
 log = Logger()
 
@@ -150,6 +152,13 @@ class PolicyChain:
                 return self._failed(Failure(), index, subject)
             if not configured.builtin:
                 answer = timePlugin(self.hook, configured.name, answer, started)
+            held = heldPast(configured.timeout, started)
+            if held is not None:  # (answered after its timeout: not believed)
+                if isinstance(answer, Deferred):
+                    answer.addErrback(lambda _: None).cancel()
+                if saved:
+                    undoPluginChanges(saved)
+                return self._failed(Failure(TimeoutError()), index, subject, held)
             if isinstance(answer, Deferred):
                 return self._later(index, answer, args, subject, saved)
             verdict = self._judge(index, answer, args, subject, saved)
@@ -203,14 +212,19 @@ class PolicyChain:
 
         return d.addCallbacks(answered, failed)
 
-    def _failed(self, failure: Failure, index: int, subject: str) -> Verdict:
+    def _failed(
+        self, failure: Failure, index: int, subject: str, held: float | None = None
+    ) -> Verdict:
+        """Log the failure of plugin C{index} and answer C{failed}.  C{held}: how long its
+        call held the reactor, when that was past its timeout."""
         configured = self.plugins[index]
         about: dict[str, Any] = {"hook": self.hook, "plugin": configured.name, "subject": subject}
         if failure.check(TimeoutError):
             log.warn(
                 "{hook} plugin {plugin} did not answer within {timeout:g}s for {subject}; "
-                "deferring",
+                "deferring{held}",
                 timeout=configured.timeout,
+                held="" if held is None else f" (its call held the reactor for {held:.2f}s)",
                 **about,
             )
         elif failure.check(CancelledError):
