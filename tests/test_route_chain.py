@@ -423,3 +423,25 @@ def test_anUnknownRouterStopsStartUp(tmp_path: Path) -> None:
         f"{tmp_path / 'relay.toml'}: routers[0].plugin: plugin 'accepted-domains' provides "
         "IRecipientValidator, not IRouter"
     )
+
+
+def test_aRouterThatBlocksPastItsTimeoutIsNotBelieved() -> None:
+    """A router whose call holds the reactor longer than its timeout (its timer cannot
+    fire) and then answers a route was believed, while a Deferred answering after the
+    timeout is not: it now defers the recipient as a timeout, the log saying how long
+    the call held the reactor."""
+    import time
+
+    def blocks(recipient: Recipient) -> Route:
+        time.sleep(0.03)
+        return LMTP
+
+    table = Answers(LMTP)
+    c, clock = chain(Answers(blocks), timeout=0.01, table=table)
+    with capturedLogs() as events:
+        e = failure(routed(c, "bob@example.org"), TransientFailure)
+    assert (e.code, e.diagnostic) == ("4.4.3", "X-mailrelay; router r0 did not answer within 0.01s")
+    assert table.asked == [] and clock.getDelayedCalls() == []
+    (line,) = [formatEvent(event) for event in events]
+    assert line.startswith("01K1AP4J8VGG0000VZ3M7Q: router r0 did not answer within 0.01s for "
+                           "<bob@example.org>; deferring (its call held the reactor for 0.0"), line

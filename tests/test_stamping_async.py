@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
@@ -188,3 +189,35 @@ def test_message_refused_while_stamping_cancels_it_and_reads_on() -> None:
     assert h.spool.committed == {}
     texts = [formatEvent(e) for e in events]
     assert not any("stamper" in t or "ignored" in t for t in texts), texts
+
+
+class Blocks(Later):
+    """Holds the reactor for 30 ms, then answers (at once, or with a Deferred)."""
+
+    def __init__(self, later: bool) -> None:
+        super().__init__()
+        self.later = later
+
+    def stamp(self, context: Any) -> Any:
+        import time
+
+        time.sleep(0.03)
+        return super().stamp(context) if self.later else StampResult(prepend=[b"X-Late: 1\r\n"])
+
+
+@pytest.mark.parametrize("later", [False, True], ids=["answer", "deferred"])
+def test_a_stamper_that_blocks_past_its_timeout_is_not_believed(later: bool) -> None:
+    """A stamper whose call holds the reactor longer than its timeout (its timer cannot
+    fire) and then answers was believed, while a Deferred answering after the timeout is
+    not: the message is now refused with 451 as for a timeout, logged with how long the
+    call held the reactor; a Deferred it returned is cancelled."""
+    stamper = Blocks(later)
+    h = harness(stamper, timeout=0.01)
+    with capturedLogs() as events:
+        h.send(b"Subject: hi\r\n\r\n")
+        assert h.send(b"body\r\n.\r\n") == [STAMPING_FAILED]
+    assert h.spool.committed == {}
+    assert all(d.called for d in stamper.calls)
+    texts = [formatEvent(e) for e in events]
+    assert any("header stamper later gave no answer in 0.01s; the message is refused with 451 "
+               "(its call held the reactor for 0.0" in t for t in texts), texts

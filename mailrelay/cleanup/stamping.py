@@ -43,7 +43,7 @@ from mailrelay.headers import (
     parseHeaderSection,
 )
 from mailrelay.interfaces import IHeaderStamper, PluginContext, StampContext, StampResult
-from mailrelay.metrics import timePlugin
+from mailrelay.metrics import heldPast, timePlugin
 from mailrelay.smtp.replies import Reply
 from mailrelay.smtp.wire import formatDate
 
@@ -379,7 +379,9 @@ def runStampers(
         total.prepend[:0] = result.prepend
         total.append.extend(result.append)
 
-    def failed(failure: Failure, configured: ConfiguredStamper) -> Failure:
+    def failed(
+        failure: Failure, configured: ConfiguredStamper, held: float | None = None
+    ) -> Failure:
         if kept:
             undoPluginChanges(kept[0])  # (the failure is what the log says)
         if failure.check(CancelledError, StampingFailed):
@@ -387,10 +389,11 @@ def runStampers(
         if failure.check(TimeoutError):
             log.error(
                 "{queueID}: header stamper {stamper} gave no answer in {timeout:g}s; the "
-                "message is refused with 451",
+                "message is refused with 451{held}",
                 queueID=queueID,
                 stamper=configured.name,
                 timeout=configured.timeout,
+                held="" if held is None else f" (its call held the reactor for {held:.2f}s)",
             )
             what = f"gave no answer in {configured.timeout:g}s"
         else:
@@ -403,11 +406,19 @@ def runStampers(
             what = f"failed: {failure.getErrorMessage()}"
         return Failure(StampingFailed(f"header stamper {configured.name} {what}"))
 
+    def tooLate(answer: object, configured: ConfiguredStamper, held: float) -> Failure:
+        # (Its call held the reactor past its timeout, which could not fire: too late.)
+        if isinstance(answer, Deferred):
+            answer.addErrback(lambda _: None).cancel()
+        return failed(Failure(TimeoutError()), configured, held)
+
     def runNext(_: object, configured: ConfiguredStamper) -> Deferred[None]:
         started = time.perf_counter()
         watch()
-        d = maybeDeferred(configured.stamper.stamp, context)
-        return run(timePlugin(_HOOK, configured.name, d, started), configured)
+        d = timePlugin(_HOOK, configured.name, maybeDeferred(configured.stamper.stamp, context),
+                       started)
+        held = heldPast(configured.timeout, started)
+        return run(d, configured) if held is None else fail(tooLate(d, configured, held))
 
     # Stampers answering at once (the usual case) run in a plain loop; from the first one
     # answering with a Deferred on, the rest wait in its callback chain.
@@ -420,6 +431,9 @@ def runStampers(
             timePlugin(_HOOK, configured.name, None, started)
             return fail(failed(Failure(), configured))
         timePlugin(_HOOK, configured.name, result, started)
+        held = heldPast(configured.timeout, started)
+        if held is not None:
+            return fail(tooLate(result, configured, held))
         if isinstance(result, Deferred):
             d = run(result, configured)
             for later in stampers[index + 1 :]:

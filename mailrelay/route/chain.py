@@ -15,11 +15,12 @@ table would (a router often exists to keep some mail away from there).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -27,6 +28,7 @@ from zope.interface import implementer
 from mailrelay.envelope import Envelope, Recipient
 from mailrelay.errors import DeliveryFailure, TransientFailure
 from mailrelay.interfaces import CONTINUE, IRouter, Route
+from mailrelay.metrics import heldPast
 
 log = Logger()
 
@@ -116,8 +118,14 @@ class RouterChain:
             "router": name,
             "rcpt": recipient.address,
         }
+        started = time.perf_counter()
         d = maybeDeferred(configured.router.route, envelope, recipient)
-        d.addTimeout(configured.timeout, self.clock)
+        held = heldPast(configured.timeout, started)
+        if held is not None:  # (answered after its timeout, which could not fire: too late)
+            d.addErrback(lambda _: None).cancel()
+            d = fail(TimeoutError())
+        else:
+            d.addTimeout(configured.timeout, self.clock)
         try:
             answer = await d
         except CancelledError:
@@ -131,8 +139,9 @@ class RouterChain:
             timeout = configured.timeout
             log.warn(
                 "{queueID}: router {router} did not answer within {timeout}s for <{rcpt}>;"
-                " deferring",
+                " deferring{held}",
                 timeout=timeout,
+                held="" if held is None else f" (its call held the reactor for {held:.2f}s)",
                 **about,
             )
             raise TransientFailure(
