@@ -216,3 +216,49 @@ def test_the_metrics_library_is_preloaded_when_children_count(monkeypatch) -> No
         asked.clear()
         assert forkserver.forRelay(config, {"nodaemon": True}, None) is None
         assert asked and ("prometheus_client" in asked[0]) is expected, asked
+
+
+PROBE_CHILD = '''
+import os
+
+def forkedMain(argv):
+    from mailrelay.config.values import passedSockets
+
+    passed = passedSockets()
+    os.write(1, repr((passed.inheritedDescriptors(), passed.inheritedNamedDescriptors(),
+                      os.environ.get("LISTEN_FDS"))).encode())
+    return 0
+'''
+
+
+def test_a_forked_child_does_not_see_the_relays_systemd_sockets(tmp_path: Path, monkeypatch) -> None:
+    """The relay reads the sockets systemd passed it (LISTEN_FDS) once, when Twisted's
+    endpoints are imported; a child forked by the fork server inherited that list, but
+    in the child those numbers are its own pipes and control socket: passedSockets()
+    there named the wrong descriptors.  A forked child now sees only what its own
+    environment passes it (here: nothing)."""
+    import sys
+
+    from twisted.internet.endpoints import _SystemdParser
+    from twisted.python.systemd import ListenFDs
+
+    (tmp_path / "probe_forked_child.py").write_text(PROBE_CHILD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(_SystemdParser, "_sddaemon", ListenFDs([3, 4], ("smtp", "submission")))
+
+    class Server:
+        pid = os.getpid()
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+    request = {"module": "probe_forked_child", "argv": [], "env": env}
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        forkserver._runChild(Server(), request, {1: w})  # type: ignore[arg-type]
+    os.close(w)
+    with os.fdopen(r, "rb") as output:
+        said = output.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, said
+    assert said == b"([], {}, None)", said
+    assert "probe_forked_child" not in sys.modules

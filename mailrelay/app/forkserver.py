@@ -677,6 +677,9 @@ def _runChild(
         _closeAllBut(set(moved))
         os.environ.clear()
         os.environ.update(request["env"])
+        from mailrelay.config.values import rereadPassedSockets
+
+        rereadPassedSockets()  # (the relay's systemd sockets are not the child's)
         sys.argv = [request["module"], *request["argv"]]
         module = importlib.import_module(request["module"])
         code = module.forkedMain(request["argv"])

@@ -275,6 +275,22 @@ def passedSockets() -> Any:
     return _SystemdParser._sddaemon
 
 
+def rereadPassedSockets() -> None:
+    """Make L{passedSockets} what this process's own environment passes it
+    (C{LISTEN_PID}, C{LISTEN_FDS}: nothing but for systemd's own process).  For a child
+    forked from the relay (L{mailrelay.app.forkserver}): it inherits the relay's list, read
+    when Twisted's endpoints were imported, whose numbers are other files in the child
+    (its pipes, its control socket)."""
+    import sys
+
+    if "twisted.internet.endpoints" not in sys.modules:
+        return  # (read when first imported, from this process's environment)
+    from twisted.internet.endpoints import _SystemdParser
+    from twisted.python.systemd import ListenFDs
+
+    _SystemdParser._sddaemon = ListenFDs.fromEnvironment()
+
+
 def systemdSocketProblem(text: str) -> str | None:
     """Why the sockets systemd passed this process (L{passedSockets}) hold none for the
     C{systemd:} endpoint C{text} (its syntax right: L{checkEndpoint}), or C{None}: they hold
