@@ -1092,6 +1092,9 @@ class PluginContext:
         ago something was seen): C{time.monotonic}, which no step of the system clock (NTP,
         C{date -s}) moves, where C{reactor.seconds()} moves with it; a test's context gives
         its C{task.Clock}'s C{seconds}.
+    @ivar processes: how many processes accept connections with this configuration
+        (C{[relay] processes}, resolved): what a plugin keeps in memory (L{keep}) is kept
+        in each of them, not shared.
     """
 
     hostname: str
@@ -1104,6 +1107,7 @@ class PluginContext:
     timeout: float | None = None
     entry: str | None = None
     monotonic: Callable[[], float] = time.monotonic
+    processes: int = 1
     #: The warnings L{checkTimeout} gave for this configuration (each is given once).
     warned: set[str] = field(default_factory=set, repr=False, compare=False)
     #: In the relay's child processes: what the relay said of the configuration (the
@@ -1133,25 +1137,32 @@ class PluginContext:
         """
         if self.timeout is None or seconds < self.timeout:
             return True
+        self.warn(
+            option,
+            f"= {seconds:g}s is not below the plugin's timeout of {self.timeout:g}s: the "
+            f"relay cuts a slow call at {self.timeout:g}s and fails it (4xx), so the plugin's "
+            f"own handling of a slow answer never acts; make {option} shorter",
+        )
+        return False
+
+    def warn(self, option: str, text: str) -> None:
+        """Say (a warning in the log, once per configuration and option; not in the relay's
+        child processes, L{quiet}) that the plugin's C{option} is unwise: C{"FILE:
+        plugins[2].OPTION TEXT"}.  The configuration is not refused."""
         if self.quiet:
-            return False
+            return
         from twisted.logger import Logger
 
         where = ".".join(p for p in (self.entry, option) if p)
         if where in self.warned:  # (the relay builds a plugin once per process side)
-            return False
+            return
         self.warned.add(where)
         Logger().warn(
-            "{source}: {where} = {seconds:g}s is not below the plugin's timeout of "
-            "{timeout:g}s: the relay cuts a slow call at {timeout:g}s and fails it (4xx), so "
-            "the plugin's own handling of a slow answer never acts; make {option} shorter",
+            "{source}: {where} {text}",
             source=self.source or "(embedded default)",
             where=where,
-            seconds=seconds,
-            timeout=self.timeout,
-            option=option,
+            text=text,
         )
-        return False
 
     def readOptions(self, schema: Any, options: dict[str, Any]) -> Any:
         """Read a plugin's C{options} with the configuration's own machinery: the keys of

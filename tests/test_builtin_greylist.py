@@ -271,3 +271,37 @@ def test_in_a_session_data_is_greylisted(tmp_path: Path) -> None:
     assert h.send(b"RCPT TO:<bob@example.org>\r\n")[0].startswith(b"250")
     assert h.send(b"DATA\r\n") == [b"451 4.7.1 Greylisted, try again later"]
     assert not h.spool.committed
+
+
+@pytest.mark.parametrize(
+    "relay, entry, warned",
+    [
+        ("processes = 2\n", "", True),
+        ("processes = 3\n", 'store = "memory"\n', True),
+        ("processes = 1\n", "", False),
+        ("processes = 2\n", 'store = "redis"\n', False),
+    ],
+)
+def test_the_memory_store_with_several_processes_is_warned_of(
+    tmp_path: Path, relay: str, entry: str, warned: bool
+) -> None:
+    """With [relay] processes > 1 each acceptor process had its own memory store, so a
+    client whose retry reached another process was greylisted again, without a word.
+    The load (start, reload, `mailrelay check`) now warns, naming the file, the entry's
+    key and the shared store to use; mail still flows (greylisting only takes longer)."""
+    from mailrelay.app.plugins import availablePlugins, pluginBuilder
+    from mailrelay.config import loadConfig
+    from mailrelay.config.plugins import buildHooks
+
+    path = tmp_path / "relay.toml"
+    path.write_text(f'[relay]\n{relay}[[plugins]]\nplugin = "greylist"\n{entry}')
+    config = loadConfig(str(path), {"spool": str(tmp_path / "spool")})
+    with capturedLogs() as events:
+        buildHooks(config, pluginBuilder(config, Clock(), availablePlugins()), "relay")
+    lines = [formatEvent(e) for e in events if "greylist" in formatEvent(e)]
+    count = int(relay.split("=")[1])
+    assert lines == ([
+        f'{path}: plugins[0].store = "memory" keeps the greylisting records in each process, '
+        f"and [relay] processes = {count}: a client whose retry reaches another process is "
+        'greylisted again; set store = "redis" to share them between the processes'
+    ] if warned else [])

@@ -588,3 +588,17 @@ def test_an_acceptor_restarted_on_a_refused_certificate_serves_the_relays(
             assert served(r) == "first.relay.test"  # the restarted acceptor's
         assert served(r) == "first.relay.test"
         assert "configuration error" not in r.log()
+
+
+def test_a_memory_greylist_with_several_processes_is_warned_of_once(relay) -> None:
+    """docs/plugin-greylist.md: the memory store is per process; with processes = 2 a
+    client whose retry reached the other process was greylisted again, without a word.
+    The relay now warns at start, once (not again in the acceptor), naming the file, the
+    key and the shared store to use."""
+    r, _, _ = relay('[[plugins]]\nplugin = "greylist"\n')
+    text = r.log()
+    warning = (f'{r.directory / "mailrelay.toml"}: plugins[0].store = "memory" keeps the '
+               "greylisting records in each process, and [relay] processes = 2: a client whose "
+               'retry reaches another process is greylisted again; set store = "redis" to share '
+               "them between the processes")
+    assert text.count(warning) == 1, text

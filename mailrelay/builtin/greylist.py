@@ -412,4 +412,12 @@ def build(options: dict[str, Any], context: Any) -> Greylist:
         store = RedisStore(read.redis, read.redisDb, read.redisPasswordFile, read.storeTimeout)
     else:
         store = context.keep("greylist:memory", lambda: MemoryStore(context.monotonic))
+        if getattr(context, "processes", 1) > 1:
+            context.warn(
+                "store",
+                '= "memory" keeps the greylisting records in each process, and [relay] '
+                f"processes = {context.processes}: a client whose retry reaches another "
+                'process is greylisted again; set store = "redis" to share them between '
+                "the processes",
+            )
     return Greylist(read, store, context.reactor)

@@ -273,6 +273,8 @@ def makeContext(
     @param kept: what L{PluginContext.keep} keeps, shared across reloads.
     @param quiet: in a child process of the relay (L{PluginContext.quiet}).
     """
+    from mailrelay.config.values import resolveProcessCount
+
     if resolver is None and reactor is not None:
         from mailrelay.route import makeResolver
 
@@ -285,6 +287,7 @@ def makeContext(
         source=config.source,
         kept=kept if kept is not None else {},
         quiet=quiet,
+        processes=resolveProcessCount(config.processes),
     )
 
 
