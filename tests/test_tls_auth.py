@@ -1625,3 +1625,36 @@ def test_a_failing_site_checker_is_named_in_the_log(tmp_path: Path, answer, expe
     texts = [formatEvent(e) for e in events]
     assert any(expected in t for t in texts), texts
     assert [e["plugin"] for e in events if "sasl_username=erin" in formatEvent(e)] == ["site"]
+
+
+def test_a_checker_that_blocks_past_its_timeout_is_not_believed(tmp_path: Path) -> None:
+    """A site checker whose call holds the reactor longer than the timeout (its timer
+    cannot fire) and then accepts logged the client in, while a Deferred answering after
+    the timeout is ignored (454): the answer came too late either way, so it is now a
+    454 too, not counted against the client, logged as a timeout."""
+    import time
+
+    from twisted.internet.defer import succeed
+    from twisted.internet.task import Clock
+
+    from mailrelay.receive.auth import AUTH_TEMPORARY_FAILURE
+
+    checker = MemoryChecker({"erin": "pw"})
+
+    def blocks(credentials):
+        time.sleep(0.03)
+        return succeed("erin")
+
+    checker.requestAvatarId = blocks
+    policy = makeSiteCheckerPolicy(tmp_path, checker)
+    policy.timeout = 0.01
+    clock = Clock()
+    with capturedLogs() as events:
+        d = policy.authenticate(Authenticate("PLAIN", "erin", b"pw"), "192.0.2.9", clock)
+    assert outcome(d) == AUTH_TEMPORARY_FAILURE
+    assert clock.getDelayedCalls() == []
+    assert policy.throttle.failures("192.0.2.9") == 0 and policy.throttle.inFlight("192.0.2.9") == 0
+    texts = [formatEvent(e) for e in events]
+    assert any("authentication check for 192.0.2.9 (sasl_username=erin) by AUTH checker plugin "
+               "site gave no answer in 0.01s; answered 454 (its call held the reactor for 0.0"
+               in t for t in texts), texts

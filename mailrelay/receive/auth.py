@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,13 +33,20 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred, DeferredSemaphore, TimeoutError, maybeDeferred
+from twisted.internet.defer import (
+    Deferred,
+    DeferredSemaphore,
+    TimeoutError,
+    fail,
+    maybeDeferred,
+)
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from mailrelay.interfaces import Reply
+from mailrelay.metrics import heldPast
 from mailrelay.namedfile import readError, readNamedFile
 from mailrelay.receive.limits import DEFAULT_IPV6_PREFIX_LENGTH, clientNetwork
 from mailrelay.smtp.server import AUTH_INVALID, Authenticate
@@ -558,6 +566,8 @@ class _Attempt:
         self.started = clock.seconds()
         #: why it was refused before any check, when not malformed
         self.refused = ""
+        #: how long the checker's call held the reactor, when past the timeout
+        self.held: float | None = None
 
     def start(self) -> Deferred[Reply | str]:
         """Reserve a place in the client's budget, then check."""
@@ -583,8 +593,13 @@ class _Attempt:
             return self._failed(Failure(UnauthorizedLogin(self.refused)))
         # The user name is text: checkers get it as the documented str.
         credentials = UsernamePassword(attempt.username, attempt.password)  # type: ignore[arg-type]
+        started = time.perf_counter()
         d = policy.portal.login(credentials, None, IAuthenticatedUser)
-        if policy.timeout and not d.called:
+        self.held = heldPast(policy.timeout or None, started)
+        if self.held is not None:  # (answered after its timeout, which could not fire)
+            d.addErrback(lambda _: None).cancel()
+            d = fail(TimeoutError())
+        elif policy.timeout and not d.called:
             d.addTimeout(policy.timeout, self.clock)
         return d.addCallbacks(self._succeeded, self._failed)
 
@@ -643,8 +658,10 @@ class _Attempt:
             self._release()
             log.error(
                 "authentication check for {client} (sasl_username={user}) by {checker} gave "
-                "no answer in {timeout:g}s; answered 454",
+                "no answer in {timeout:g}s; answered 454{held}",
                 timeout=self.policy.timeout,
+                held="" if self.held is None else (
+                    f" (its call held the reactor for {self.held:.2f}s)"),
                 **about,
             )
             return AUTH_TEMPORARY_FAILURE
