@@ -5,10 +5,15 @@ handshakes (L{tests.tlscerts})."""
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.x509.oid import NameOID
+from OpenSSL import crypto
 
 from mailrelay.delivery.tls import (
     DANEMismatch,
@@ -146,6 +151,97 @@ def test_dane_records_go_with_required_tls_only() -> None:
 
 
 def _pyOpenSSL(server: ServerCertificate) -> object:
-    from OpenSSL import crypto
-
     return crypto.X509.from_cryptography(server.certificate)
+
+
+def _issuedBy(issuerKey, subjectKey, name: str, dnsNames: tuple[str, ...] = (),
+              ca: bool = False, issuer: str = "anchor"):
+    """A certificate of C{subjectKey} for C{name}, signed by C{issuerKey} (any of RSA, ECDSA,
+    Ed25519: Ed25519 signs without a separate digest)."""
+    now = datetime.now(timezone.utc)
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+               .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+               .public_key(subjectKey.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - timedelta(hours=1))
+               .not_valid_after(now + timedelta(days=1)))
+    if dnsNames:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName(n) for n in dnsNames]), critical=False)
+    if ca:
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None),
+                                        critical=True)
+    digest = None if isinstance(issuerKey, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    return builder.sign(issuerKey, digest)
+
+
+def _bareKey(key) -> TLSARecord:
+    """DANE-TA(2) SPKI(1) Full(0): the anchor as a bare public key (RFC 7671 section 5.2.2)."""
+    return TLSARecord(2, 1, 0, key.public_key().public_bytes(
+        Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
+
+
+def _keyOf(kind: str):
+    if kind == "rsa":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    if kind == "ecdsa":
+        return ec.generate_private_key(ec.SECP256R1())
+    return ed25519.Ed25519PrivateKey.generate()
+
+
+@pytest.mark.parametrize("kind", ["rsa", "ecdsa", "ed25519"])
+def test_dane_ta_with_a_bare_public_key_checks_the_signature_of_the_topmost_certificate(
+    kind: str
+) -> None:
+    """RFC 7671 section 5.2.2: a DANE-TA(2) SPKI(1) Full(0) record is the trust anchor's
+    public key itself, whose certificate the server need not send: the topmost certificate
+    it sent must be signed by that key (an intermediate's, or its own), and the chain below
+    the anchor current and for the MX host."""
+    anchorKey, intermediateKey, serverKey = _keyOf(kind), _keyOf(kind), _keyOf("ecdsa")
+    intermediate = _issuedBy(anchorKey, intermediateKey, "intermediate", ca=True)
+    server = _issuedBy(intermediateKey, serverKey, "x", ("mx.example.org",),
+                      issuer="intermediate")
+    direct = _issuedBy(anchorKey, serverKey, "x", ("mx.example.org",))
+    now = datetime.now(timezone.utc)
+
+    def problem(record: TLSARecord, chain: list) -> str | None:
+        policy = DANEPolicy("_25._tcp.mx.example.org", (record,), ("mx.example.org",))
+        return daneProblem(policy, chain, crypto.X509.from_cryptography(chain[0]), now)
+
+    assert problem(_bareKey(anchorKey), [server, intermediate]) is None
+    assert problem(_bareKey(anchorKey), [direct]) is None
+    # Another key signed none of them; the anchor's key did not sign the server's own.
+    other = _bareKey(_keyOf(kind))
+    assert problem(other, [server, intermediate]) == (
+        "its certificate does not match the DANE-EE records, and does not chain to a trust "
+        "anchor of the DANE-TA records among the certificates it sent")
+    assert problem(other, [direct]) is not None
+    assert problem(_bareKey(anchorKey), [server]) is not None
+    # A digest of the key cannot check a signature: the anchor's certificate must be sent.
+    digested = TLSARecord(2, 1, 1, hashlib.sha256(_bareKey(anchorKey).data).digest())
+    assert problem(digested, [server, intermediate]) is not None
+
+
+def test_dane_ta_bare_key_still_checks_expiry_and_names_below_it() -> None:
+    anchorKey, serverKey = _keyOf("ecdsa"), _keyOf("ecdsa")
+    wrongName = _issuedBy(anchorKey, serverKey, "x", ("other.example.net",))
+    policy = DANEPolicy("_25._tcp.mx.example.org", (_bareKey(anchorKey),), ("mx.example.org",))
+    problem = daneProblem(policy, [wrongName], crypto.X509.from_cryptography(wrongName),
+                          datetime.now(timezone.utc))
+    assert problem is not None and "mx.example.org is not a name of the certificate" in problem
+    later = datetime.now(timezone.utc).replace(year=datetime.now().year + 2)
+    correct = _issuedBy(anchorKey, serverKey, "x", ("mx.example.org",))
+    assert daneProblem(policy, [correct], crypto.X509.from_cryptography(correct), later) == (
+        "certificate CN=x is expired or not yet valid")
+
+
+def test_dane_ta_bare_key_in_a_handshake_without_the_anchor_sent() -> None:
+    """On the wire: the server sends its own certificate only, issued by the CA whose bare
+    key is published."""
+    ca = CA()
+    server = ca.issue("x", ("mx.example.org",))
+    assert server.chain == []
+    assert handshake(_dane(_bareKey(ca._key)), server) is None
+    failure = handshake(_dane(_bareKey(CA()._key)), server)
+    assert failure is not None and isinstance(failure.value, DANEMismatch)

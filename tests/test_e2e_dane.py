@@ -38,32 +38,39 @@ class _Recorder(TLSRecorder):
 
 @pytest.fixture
 def mx():
-    """The MX host of every domain: STARTTLS offered; C{(recorder, port, SPKI SHA-256 of
-    its certificate)}."""
+    """The MX host of every domain: STARTTLS offered, its certificate alone sent (not its
+    CA's); C{(recorder, port, SPKI SHA-256 of its certificate, its CA's SPKI)}."""
     ca = trustme.CA()
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    leaf = ca.issue_cert("mx.dane.test")
+    leaf = ca.issue_cert("mx.dane.test", "mx.ta.test")
     leaf.configure_cert(context)
     certificate = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes())
-    spki = certificate.public_key().public_bytes(Encoding.DER,
-                                                 PublicFormat.SubjectPublicKeyInfo)
+    spki = _spki(certificate)
+    assert len(leaf.cert_chain_pems) == 1
+    anchor = _spki(x509.load_pem_x509_certificate(ca.cert_pem.bytes()))
     recorder = _Recorder()
     controller = Controller(recorder, hostname="127.0.0.1", port=0, ready_timeout=10,
                             tls_context=context, require_starttls=False)
     controller.start()
-    yield recorder, controller.port, hashlib.sha256(spki).hexdigest()
+    yield recorder, controller.port, hashlib.sha256(spki).hexdigest(), anchor
     controller.stop()
+
+
+def _spki(certificate: x509.Certificate) -> bytes:
+    return certificate.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
 
 
 @pytest.fixture
 def dns(tmp_path: Path, mx: Any):
-    _, port, digest = mx
+    _, port, digest, anchor = mx
     records, secure = [], []
-    for domain, tlsa, ad in (("dane.test", digest, True), ("bad.test", "00" * 32, True),
-                             ("insecure.test", "00" * 32, False)):
+    for domain, tlsa, ad in (("dane.test", (3, 1, 1, digest), True),
+                             ("bad.test", (3, 1, 1, "00" * 32), True),
+                             ("insecure.test", (3, 1, 1, "00" * 32), False),
+                             ("ta.test", (2, 1, 0, anchor.hex()), True)):
         host, base = f"mx.{domain}", f"_{port}._tcp.mx.{domain}"
         records += [[domain, "MX", 10, host], [host, "A", "127.0.0.1"],
-                    [base, "TLSA", 3, 1, 1, tlsa]]
+                    [base, "TLSA", *tlsa]]
         if ad:
             secure += [domain, host, base]
     server = DNSServer(tmp_path / "dns", "test", records, ad=tuple(secure))
@@ -80,13 +87,12 @@ def _config(dns: DNSServer, port: int) -> str:
         "[queue]\nmin_backoff = 600\n"
     ) + "".join(  # MX lookups, to the test MX's port
         f'[[routes]]\ndomain = "{d}"\nbackend = "smtp"\nnexthop = "{d}:{port}"\n'
-        for d in ("dane.test", "bad.test", "insecure.test"))
+        for d in ("dane.test", "bad.test", "insecure.test", "ta.test"))
 
 
 @pytest.fixture
 def relay(tmp_path: Path, dns: DNSServer, mx: Any):
-    _, port, _ = mx
-    r = RelayProcess(tmp_path / "relay", _config(dns, port)).start()
+    r = RelayProcess(tmp_path / "relay", _config(dns, mx[1])).start()
     yield r
     r.stop()
 
@@ -103,7 +109,7 @@ def _delivered(relay: RelayProcess, recorder: TLSRecorder, rcpt: str, marker: st
 
 def test_a_matching_tlsa_record_delivers_dane_verified(relay: RelayProcess, mx: Any,
                                                        dns: DNSServer) -> None:
-    recorder, port, _ = mx
+    recorder, port = mx[:2]
     _delivered(relay, recorder, "bob@dane.test", "dane-verified")
     assert ("_%d._tcp.mx.dane.test" % port, "52") in dns.queries()
     relay.waitForLog(r"Verified TLS connection established to mx\.dane\.test\[127\.0\.0\.1\]")
@@ -112,7 +118,7 @@ def test_a_matching_tlsa_record_delivers_dane_verified(relay: RelayProcess, mx: 
 
 def test_a_mismatching_tlsa_record_defers_and_sends_nothing(relay: RelayProcess,
                                                             mx: Any) -> None:
-    recorder, port, _ = mx
+    recorder, port = mx[:2]
     queueID = submit(relay, "alice@example.com", ["carol@bad.test"], message("bad"))
     line = waitResult(relay, queueID, "carol@bad.test", "deferred")
     why = ("DANE: the certificate of mx.bad.test matches no TLSA record of "
@@ -127,7 +133,7 @@ def test_a_mismatching_tlsa_record_defers_and_sends_nothing(relay: RelayProcess,
 
 def test_answers_not_validated_give_opportunistic_tls(relay: RelayProcess, mx: Any,
                                                       dns: DNSServer) -> None:
-    recorder, port, _ = mx
+    recorder, port = mx[:2]
     _delivered(relay, recorder, "dave@insecure.test", "unverified")
     # (The MX records were not validated: no TLSA lookup, RFC 7672 2.2.1.)
     assert ("_%d._tcp.mx.insecure.test" % port, "52") not in dns.queries()
@@ -141,7 +147,7 @@ def test_requiretls_goes_by_dane_to_mx_hosts_found_securely(tmp_path: Path, dns:
     record (no trust store knows the certificate), with REQUIRETLS; one to a domain whose
     answers are not validated is returned (5.7.30) and never sent.  (It was returned in
     both cases: "cannot be looked up securely here (no DNSSEC validation)".)"""
-    recorder, port, _ = mx
+    recorder, port = mx[:2]
     config = _config(dns, port)
     r = RelayProcess(tmp_path / "relay", config.replace("[queue]\n", "[queue]\nhold = true\n"))
     try:
@@ -167,3 +173,12 @@ def test_requiretls_goes_by_dane_to_mx_hosts_found_securely(tmp_path: Path, dns:
         assert "carol@insecure.test" not in recorder.sessions
     finally:
         r.stop()
+
+
+def test_a_dane_ta_bare_key_verifies_a_server_that_does_not_send_its_ca(
+    relay: RelayProcess, mx: Any
+) -> None:
+    """RFC 7671 5.2.2: a DANE-TA(2) 1 0 record is the anchor's public key; the MX host
+    sends its own certificate only (for mx.ta.test), which that key signed."""
+    recorder = mx[0]
+    _delivered(relay, recorder, "erin@ta.test", "dane-verified")

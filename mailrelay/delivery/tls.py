@@ -10,8 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_der_public_key,
+)
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from service_identity import CertificateError, VerificationError
@@ -242,6 +247,34 @@ def _issued(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
+def _signedByKey(certificate: x509.Certificate, record: TLSARecord) -> bool:
+    """Whether C{certificate} was signed with the public key C{record} holds whole
+    (SPKI(1) Full(0): a trust anchor published as a bare key, RFC 7671 section 5.2.2): an
+    RSA (PKCS#1 v1.5 or PSS, as the certificate says), ECDSA, Ed25519 or Ed448 signature."""
+    if record.selector != 1 or record.matchingType != 0:
+        return False  # (a digest, or a certificate: its certificate must be sent)
+    signature, signed = certificate.signature, certificate.tbs_certificate_bytes
+    try:
+        key = load_der_public_key(record.data)
+        if isinstance(key, rsa.RSAPublicKey):
+            padding = certificate.signature_algorithm_parameters
+            if padding is None or certificate.signature_hash_algorithm is None:
+                return False
+            key.verify(signature, signed, padding,  # type: ignore[arg-type]
+                       certificate.signature_hash_algorithm)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            if certificate.signature_hash_algorithm is None:
+                return False
+            key.verify(signature, signed, ec.ECDSA(certificate.signature_hash_algorithm))
+        elif isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+            key.verify(signature, signed)
+        else:
+            return False  # (DSA, X25519...: no certificate of a mail server is signed so)
+    except (ValueError, TypeError, UnsupportedAlgorithm, InvalidSignature):
+        return False
+    return True
+
+
 def _current(certificate: x509.Certificate, now: datetime) -> bool:
     return certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc
 
@@ -256,7 +289,10 @@ def daneProblem(policy: DANEPolicy, chain: Sequence[x509.Certificate], leaf: Any
       - DANE-TA(2): a certificate the server sent, other than its own, matches, and the
         server's certificate chains up to it (each signed by the next, every one below the
         trust anchor current), and is for one of C{policy.names} (section 3.1.2; Postfix's
-        match list: the MX host, the next hop's domain).
+        match list: the MX host, the next hop's domain).  A record holding the anchor's
+        public key whole (SPKI(1) Full(0)) need not have its certificate sent: the topmost
+        certificate of the chain the server sent must then be signed by that key (RFC 7671
+        section 5.2.2; L{_signedByKey}).
 
     @param leaf: the server's certificate as pyOpenSSL has it (for its names).
     """
@@ -273,15 +309,19 @@ def daneProblem(policy: DANEPolicy, chain: Sequence[x509.Certificate], leaf: Any
     for _ in range(len(chain)):
         issuer = next((c for c in others if _issued(path[-1], c)), None)
         if issuer is None:
+            if any(_signedByKey(path[-1], r) for r in anchors):
+                below = path  # (the anchor, a bare key, is not among them)
+                break
             return ("its certificate does not match the DANE-EE records, and does not chain "
                     "to a trust anchor of the DANE-TA records among the certificates it sent")
         others.remove(issuer)
         path.append(issuer)
         if any(tlsaMatches(r, issuer) for r in anchors):
+            below = path[:-1]
             break
-    else:
+    else:  # pragma: no cover - the last round finds no issuer left
         return "its certificate chain reaches no trust anchor of the DANE-TA records"
-    expired = next((c for c in path[:-1] if not _current(c, now)), None)
+    expired = next((c for c in below if not _current(c, now)), None)
     if expired is not None:
         return f"certificate {expired.subject.rfc4514_string()} is expired or not yet valid"
     patterns = _namePatterns(leaf, commonNameFallback=True)
