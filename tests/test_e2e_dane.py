@@ -73,6 +73,14 @@ def dns(tmp_path: Path, mx: Any):
                     [base, "TLSA", *tlsa]]
         if ad:
             secure += [domain, host, base]
+    # An MX host that is an alias: the TLSA records of its CNAME's end match, those of its
+    # own name do not (RFC 7672 2.2.2: the expansion's are asked first).
+    records += [["alias.test", "MX", 10, "mx.alias.test"],
+                ["mx.alias.test", "CNAME", "mx.target.test"], ["mx.target.test", "A", "127.0.0.1"],
+                [f"_{port}._tcp.mx.target.test", "TLSA", 3, 1, 1, digest],
+                [f"_{port}._tcp.mx.alias.test", "TLSA", 3, 1, 1, "00" * 32]]
+    secure += ["alias.test", "mx.alias.test", "mx.target.test", f"_{port}._tcp.mx.target.test",
+               f"_{port}._tcp.mx.alias.test"]
     server = DNSServer(tmp_path / "dns", "test", records, ad=tuple(secure))
     yield server
     server.stop()
@@ -87,7 +95,7 @@ def _config(dns: DNSServer, port: int) -> str:
         "[queue]\nmin_backoff = 600\n"
     ) + "".join(  # MX lookups, to the test MX's port
         f'[[routes]]\ndomain = "{d}"\nbackend = "smtp"\nnexthop = "{d}:{port}"\n'
-        for d in ("dane.test", "bad.test", "insecure.test", "ta.test"))
+        for d in ("dane.test", "bad.test", "insecure.test", "ta.test", "alias.test"))
 
 
 @pytest.fixture
@@ -182,3 +190,15 @@ def test_a_dane_ta_bare_key_verifies_a_server_that_does_not_send_its_ca(
     sends its own certificate only (for mx.ta.test), which that key signed."""
     recorder = mx[0]
     _delivered(relay, recorder, "erin@ta.test", "dane-verified")
+
+
+def test_the_tlsa_records_of_a_cname_expanded_mx_host_are_used_first(
+    relay: RelayProcess, mx: Any, dns: DNSServer
+) -> None:
+    """RFC 7672 2.2.2, Postfix's tls_dane_resolve(): mx.alias.test is an alias of
+    mx.target.test (a secure chain): the records of _port._tcp.mx.target.test, which match,
+    are used, not those of the alias, which do not."""
+    recorder, port = mx[:2]
+    _delivered(relay, recorder, "frank@alias.test", "dane-verified")
+    asked = [q for q in dns.queries() if q[1] == "52"]
+    assert asked == [(f"_{port}._tcp.mx.target.test", "52")]

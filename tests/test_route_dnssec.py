@@ -33,7 +33,8 @@ class _Transport:
 
 class Network(Clock):
     """A reactor (L{Clock}) whose UDP name server answers from C{zone}: C{(name, type)} ->
-    C{(records, ad)}, or an answer code; names not there are NXDOMAIN.  C{asked} keeps
+    C{(records, ad)} (a record of another owner, a CNAME's target, as a C{dns.RRHeader}),
+    or an answer code; names not there are NXDOMAIN.  C{asked} keeps
     each query's name, type and AD bit."""
 
     def __init__(self, zone: dict[tuple[str, int], Any]) -> None:
@@ -59,7 +60,8 @@ class Network(Clock):
             reply.rCode = entry
         else:
             records, reply.authenticData = entry
-            reply.answers = [dns.RRHeader(name, r.TYPE if r.TYPE is not None else TLSA,
+            reply.answers = [r if isinstance(r, dns.RRHeader) else  # (another owner's)
+                             dns.RRHeader(name, r.TYPE if r.TYPE is not None else TLSA,
                                           payload=r) for r in records]
         self.callLater(0, protocol.datagramReceived, reply.toStr(), address)
 
@@ -197,3 +199,65 @@ def test_the_system_resolver_under_dnssec_has_no_cache_nor_hosts_file() -> None:
     assert (resolver.resolv, resolver.dnssec, resolver._reactor) == (
         b"/etc/resolv.conf", True, clock)
     assert not hasattr(resolver, "resolvers")  # (not a chain: no cache, no hosts file)
+
+
+def _alias(target: str = "mx.provider.net") -> list[Any]:
+    """The answer of a recursive resolver for C{mx.alias.example} A, an alias of C{target}."""
+    return [dns.RRHeader("mx.alias.example", dns.CNAME,
+                         payload=dns.Record_CNAME(target.encode())),
+            dns.RRHeader(target, dns.A, payload=dns.Record_A("192.0.2.7"))]
+
+
+CNAMED: dict[tuple[str, int], Any] = {
+    ("alias.example", dns.MX): ([dns.Record_MX(10, b"mx.alias.example")], True),
+    ("mx.alias.example", dns.A): (_alias(), True),
+    ("mx.alias.example", dns.AAAA): (_alias()[:1], True),
+    ("_25._tcp.mx.provider.net", TLSA): ([_tlsa(3, 1, 1)], True),
+    ("_25._tcp.mx.alias.example", TLSA): ([_tlsa(3, 1, 2, data=bytes(64))], True),
+}
+CNAMED_HOST = MXHost("mx.alias.example", "192.0.2.7", 25, 10, True, "mx.provider.net")
+
+
+def test_an_mx_host_reached_through_a_cname_keeps_its_expansion() -> None:
+    hosts, _ = _resolve(CNAMED, "alias.example")
+    assert hosts == [CNAMED_HOST]
+    hosts, _ = _resolve(ZONE, "example.org")
+    assert hosts[0].expanded is None  # (no alias)
+
+
+def test_tlsa_records_are_sought_at_the_cname_expansion_first() -> None:
+    """RFC 7672 section 2.2.2 (RFC 7671 section 7), as Postfix's tls_dane_resolve(): the
+    expansion of a secure CNAME chain is asked first; its records are the host's, its name
+    the TLSA base domain, a reference identifier (with the next hop's domain, as Postfix's
+    DANE match list)."""
+    policy, network = _policy(CNAMED, CNAMED_HOST, "alias.example")
+    assert policy == DANEPolicy("_25._tcp.mx.provider.net", (TLSARecord(3, 1, 1, SHA256),),
+                                ("mx.provider.net", "alias.example"))
+    assert [a[0] for a in network.asked] == ["_25._tcp.mx.provider.net"]
+
+
+@pytest.mark.parametrize("answer", [
+    ([], True),                      # no record (NODATA)
+    dns.ENAME,                       # NXDOMAIN
+    ([_tlsa(3, 1, 1)], False),       # not validated
+])
+def test_without_tlsa_records_at_the_expansion_the_original_name_is_asked(
+    answer: Any
+) -> None:
+    zone = {**CNAMED, ("_25._tcp.mx.provider.net", TLSA): answer}
+    policy, network = _policy(zone, CNAMED_HOST, "alias.example")
+    assert policy == DANEPolicy("_25._tcp.mx.alias.example",
+                                (TLSARecord(3, 1, 2, bytes(64)),),
+                                ("mx.alias.example", "alias.example"))
+    assert [a[0] for a in network.asked] == ["_25._tcp.mx.provider.net",
+                                             "_25._tcp.mx.alias.example"]
+
+
+def test_a_failing_tlsa_lookup_at_the_expansion_is_not_followed_by_the_original_name() -> None:
+    """As Postfix: a lookup error is not "nothing there"; the host is deferred."""
+    zone = {**CNAMED, ("_25._tcp.mx.provider.net", TLSA): dns.ESERVER}
+    failure, network = _policy(zone, CNAMED_HOST, "alias.example")
+    assert isinstance(failure.value, TransientFailure)
+    assert failure.value.diagnostic.startswith(
+        "X-mailrelay; TLSA lookup error for mx.alias.example:25")
+    assert [a[0] for a in network.asked] == ["_25._tcp.mx.provider.net"]

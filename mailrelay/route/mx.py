@@ -71,6 +71,10 @@ class MXHost:
     @ivar secure: the answers that gave this host were DNSSEC-validated (the resolver set
         their AD bit, L{makeResolver}'s C{dnssec}): the MX records (or their absence) and
         the one that gave this address.  Only then may DANE apply (RFC 7672 section 2.2).
+    @ivar expanded: when the address came through a CNAME chain from C{name} (C{name} is
+        an alias), the chain's end, the owner of the address records (lower case, no
+        trailing dot): where DANE looks for TLSA records first (RFC 7672 section 2.2.2,
+        L{MXResolver.danePolicy}); else C{None}.
     """
 
     name: str
@@ -78,6 +82,7 @@ class MXHost:
     port: int
     preference: int | None = None
     secure: bool = False
+    expanded: str | None = None
 
     @property
     def family(self) -> int:
@@ -99,9 +104,11 @@ def isSecure(result: Any) -> bool:
 
 class _Answer(tuple):
     """A lookup result, C{(answers, authority, additional)}, and whether it is DNSSEC-valid
-    (L{isSecure})."""
+    (L{isSecure}); C{name}, set by L{MXResolver._lookup}, the owner of its records: the
+    name asked, or the end of the CNAME chain that led to them."""
 
     secure: bool = False
+    name: str | None = None
 
     @classmethod
     def of(cls, result: Any, secure: bool) -> _Answer:
@@ -219,17 +226,16 @@ class MXResolver:
             secure = secure and isSecure(result)
             result = _Answer.of(result, secure)
             answers = result[0]
-            if any(rr.type == rtype for rr in answers):
-                return result
             aliases = {_owner(rr.name.name): _owner(rr.payload.name.name)
                        for rr in answers if rr.type == dns.CNAME}
             current, seen = _owner(target.encode("ascii", "replace")), set()
             while current in aliases and current not in seen:
                 seen.add(current)
                 current = aliases[current]
-            if not seen:
-                return result  # (no alias: the answer stands)
-            target = current.decode("ascii", "replace")
+            result.name = current.decode("ascii", "replace")
+            if any(rr.type == rtype for rr in answers) or not seen:
+                return result  # (the records, or no alias: the answer stands)
+            target = result.name
         log.info("{name}: CNAME chain longer than {limit} (or a loop): given up",
                  name=name, limit=_CNAME_LIMIT)
         return ([], [], [])
@@ -255,21 +261,28 @@ class MXResolver:
     def _addresses(self, name: str) -> Any:
         """The addresses of host C{name}, in family order.
 
-        @return: a Deferred firing with C{(addresses, problem, secure)}: C{problem} is
-            C{None}, L{_NXDOMAIN}, L{_NODATA} or a description of a DNS error; C{secure},
-            the set of the addresses that came in DNSSEC-validated answers (L{isSecure}; as
-            the C{dnssec_valid} of each of Postfix's address records).
+        @return: a Deferred firing with C{(addresses, problem, secure, expanded)}:
+            C{problem} is C{None}, L{_NXDOMAIN}, L{_NODATA} or a description of a DNS error;
+            C{secure}, the set of the addresses that came in DNSSEC-validated answers
+            (L{isSecure}; as the C{dnssec_valid} of each of Postfix's address records);
+            C{expanded}, the end of the CNAME chain that led to the addresses when C{name}
+            is an alias (L{MXHost.expanded}; Postfix's C{rname}), else C{None}.
         """
         if _isIP(name):
-            return [name], None, frozenset()
+            return [name], None, frozenset(), None
         methods = {4: ("lookupAddress", dns.A), 6: ("lookupIPV6Address", dns.AAAA)}
         queries = [self._lookup(methods[f][0], name, methods[f][1]) for f in self.families]
         outcomes = yield defer.DeferredList(queries, consumeErrors=True)
         addresses: list[str] = []
         problems = []
         secure: set[str] = set()
+        expanded = None
+        asked = _owner(name.encode("ascii", "replace")).decode("ascii", "replace")
         for family, (ok, result) in zip(self.families, outcomes, strict=True):
             if ok:
+                owner = getattr(result, "name", None)
+                if expanded is None and owner and owner != asked:
+                    expanded = owner
                 if family == 4:
                     found = [p.dottedQuad() for p in _records(result, dns.A)]
                 else:
@@ -285,13 +298,13 @@ class MXResolver:
                 kind = self._classify(result)
                 problems.append(kind if kind != _ERROR else _describe(result))
         if addresses:
-            return addresses, None, frozenset(secure)
+            return addresses, None, frozenset(secure), expanded
         if problems and all(p == _NXDOMAIN for p in problems):
-            return [], _NXDOMAIN, frozenset()
+            return [], _NXDOMAIN, frozenset(), None
         errors = [p for p in problems if p not in (_NXDOMAIN, _NODATA)]
         if errors:
-            return [], errors[0], frozenset()
-        return [], _NODATA, frozenset()
+            return [], errors[0], frozenset(), None
+        return [], _NODATA, frozenset(), None
 
     @staticmethod
     def _hostNamesOnly(domain: str, records: list[Any]) -> list[Any]:
@@ -360,10 +373,11 @@ class MXResolver:
         if _isIP(host):
             return [MXHost(host, host, port)]
         if not mxLookup:
-            addresses, problem, secure = yield self._addresses(host)
+            addresses, problem, secure, expanded = yield self._addresses(host)
             if not addresses:
                 raise self._noAddress(host, problem, [host])
-            return [MXHost(host, a, port, secure=a in secure) for a in addresses]
+            return [MXHost(host, a, port, secure=a in secure, expanded=expanded)
+                    for a in addresses]
 
         try:
             result = yield self._lookup("lookupMailExchange", host, dns.MX)
@@ -394,7 +408,7 @@ class MXResolver:
             real = self._hostNamesOnly(host, real)
         if not real:
             # RFC 5321 section 5.1: no MX, the domain is its own mail exchanger.
-            addresses, problem, secure = yield self._addresses(host)
+            addresses, problem, secure, expanded = yield self._addresses(host)
             if not addresses:
                 if problem == _NXDOMAIN:
                     raise PermanentFailure(
@@ -402,7 +416,8 @@ class MXResolver:
                         diagnostic=f"X-mailrelay; domain {host} does not exist",
                     )
                 raise self._noAddress(host, problem, [host], final=True)
-            return [MXHost(host, a, port, secure=mxSecure and a in secure) for a in addresses]
+            return [MXHost(host, a, port, secure=mxSecure and a in secure, expanded=expanded)
+                    for a in addresses]
 
         ordered = self._orderMX(real)[:_MX_HOSTS_LIMIT]
         hosts: list[MXHost] = []
@@ -414,8 +429,8 @@ class MXResolver:
             lookups = yield defer.gatherResults(
                 [self._addresses(name) for _, name in batch], consumeErrors=True
             )
-            for (preference, name), (addresses, problem, secure) in zip(batch, lookups,
-                                                                         strict=True):
+            for (preference, name), (addresses, problem, secure, expanded) in zip(
+                    batch, lookups, strict=True):
                 if not addresses:
                     log.info(
                         "MX host {mx} of {domain} has no address: {problem}",
@@ -425,7 +440,8 @@ class MXResolver:
                     )
                     problems.append(problem)
                 for a in addresses:
-                    hosts.append(MXHost(name, a, port, preference, mxSecure and a in secure))
+                    hosts.append(MXHost(name, a, port, preference, mxSecure and a in secure,
+                                        expanded))
         if not hosts:
             problem = next((p for p in problems if p not in (_NXDOMAIN, _NODATA)), _NODATA)
             raise self._noAddress(host, problem, [n for _, n in ordered], final=True)
@@ -445,17 +461,32 @@ class MXResolver:
         """The DANE TLSA records of C{host} for mail to C{domain} (RFC 7672 section 2.2.3, as
         Postfix's tls_dane_resolve()): those of C{_<port>._tcp.<host name>}, asked only when
         C{host.secure} (its MX and address records were DNSSEC-validated), through a
-        resolver of L{makeResolver}'s C{dnssec}.
+        resolver of L{makeResolver}'s C{dnssec}.  When C{host.name} is an alias (a secure
+        CNAME chain: C{host.secure} covers it), those of its expansion C{host.expanded} are
+        asked first, and those of C{host.name} only when there are none there -- no record,
+        NXDOMAIN, or an answer not validated (RFC 7672 section 2.2.2, RFC 7671 section 7).
+        The name whose records are used is the TLSA base domain: a name the certificate
+        may be for (DANE-TA), with C{domain} (Postfix's DANE match list).
 
         @return: a Deferred firing with a L{DANEPolicy} -- its usable records, none when
             the records published are all unusable -- or C{None}: no DANE for C{host}
             (insecure, no TLSA record, an insecure answer: opportunistic TLS).
-        @raise TransientFailure: the TLSA lookup failed (4.7.5; Postfix defers the host:
-            "TLSA lookup error for host:port").
+        @raise TransientFailure: a TLSA lookup failed (4.7.5; Postfix defers the host:
+            "TLSA lookup error for host:port"); the original name is then not asked.
         """
         if not host.secure:
             return None
-        base = f"_{host.port}._tcp.{host.name}"
+        for name in dict.fromkeys(n for n in (host.expanded, host.name) if n):
+            policy = yield self._tlsaAt(host, name, domain)
+            if policy is not None:
+                return policy
+        return None
+
+    @inlineCallbacks
+    def _tlsaAt(self, host: MXHost, name: str, domain: str) -> Any:
+        """The L{DANEPolicy} of the TLSA records of C{_<port>._tcp.<name>} for C{host}, or
+        C{None} when there are none that are validated (see L{danePolicy})."""
+        base = f"_{host.port}._tcp.{name}"
         try:
             result = yield self._lookup("lookupTLSA", base, TLSA)
         except Exception:
@@ -468,7 +499,7 @@ class MXResolver:
                 f"{_describe(failure)}",
             ) from None
         if not isSecure(result):
-            log.info("TLSA records of {base} are not DNSSEC-validated: no DANE", base=base)
+            log.info("TLSA records of {base} are not DNSSEC-validated: not used", base=base)
             return None
         found = [TLSARecord.fromWire(getattr(p, "data", b"")) for p in _records(result, TLSA)]
         records = [r for r in found if r is not None]
@@ -478,7 +509,7 @@ class MXResolver:
         if not usable:
             log.info("TLSA records of {base} are all unusable: TLS without verification "
                      "(RFC 7672 section 2.2)", base=base)
-        names = tuple(dict.fromkeys((host.name, domain.lower().rstrip("."))))
+        names = tuple(dict.fromkeys((name, domain.lower().rstrip("."))))
         return DANEPolicy(base, usable, names)
 
     def limit(self, hosts: list[MXHost]) -> list[MXHost]:
