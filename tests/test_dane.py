@@ -245,3 +245,14 @@ def test_dane_ta_bare_key_in_a_handshake_without_the_anchor_sent() -> None:
     assert handshake(_dane(_bareKey(ca._key)), server) is None
     failure = handshake(_dane(_bareKey(CA()._key)), server)
     assert failure is not None and isinstance(failure.value, DANEMismatch)
+
+
+def test_the_server_name_sent_is_the_tlsa_base_domain() -> None:
+    """RFC 7672 section 8.1, as Postfix (tls_client.c): with DANE the SNI is the TLSA base
+    domain -- the CNAME expansion of the MX host when its records were found there."""
+    server = CA().issue("x")
+    settings = ClientSettings("relay.test", tls="required", tlsa=DANEPolicy(
+        "_25._tcp.mx.provider.net", (_record(3, 1, 1, server.certificate),),
+        ("mx.provider.net", "example.org")))
+    assert handshake(clientTLSOptions(settings, "mx.example.org"), server) is None
+    assert server.serverNames == [b"mx.provider.net"]

@@ -338,10 +338,12 @@ class _DANEClientTLS(_ClientTLS):
     """TLS for a server with DANE TLSA records (L{DANEPolicy}): its certificate checked
     against them (L{daneProblem}), not against a trust store; a mismatch fails the handshake
     with a L{DANEMismatch}.  The check is made in OpenSSL's verification callback, at the
-    server's certificate, on the chain the server sent."""
+    server's certificate, on the chain the server sent.  The name sent in SNI is the TLSA
+    base domain (RFC 7672 section 8.1, as Postfix): the MX host, or its CNAME expansion
+    where the records were found."""
 
     def __init__(self, hostname: str, policy: DANEPolicy) -> None:
-        super().__init__(hostname, CertificateOptions())
+        super().__init__(policy.baseDomain, CertificateOptions())
         self._hostname = hostname
         self._policy = policy
 

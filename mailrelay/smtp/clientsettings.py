@@ -91,6 +91,13 @@ class DANEPolicy:
     records: tuple[TLSARecord, ...]
     names: tuple[str, ...]
 
+    @property
+    def baseDomain(self) -> str:
+        """The TLSA base domain: C{base} without its port and protocol labels (the MX host,
+        or its CNAME expansion where the records were found), the name to send in SNI (RFC
+        7672 section 8.1)."""
+        return self.base.split(".", 2)[2] if self.base.startswith("_") else self.base
+
 
 @dataclass(frozen=True)
 class ClientSettings:
