@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, TimeoutError, fail
 from twisted.logger import Logger
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -334,6 +334,29 @@ def heldPast(timeout: float | None, started: float) -> float | None:
         return None
     held = time.perf_counter() - started
     return held if held > timeout else None
+
+
+def dropAnswer(answer: object) -> None:
+    """Give up a plugin's answer that came too late (L{heldPast}): a Deferred is cancelled,
+    what it then fails with ignored."""
+    if isinstance(answer, Deferred):
+        answer.addErrback(lambda _: None).cancel()
+
+
+def boundedAnswer(
+    d: Deferred[Any], timeout: float | None, clock: Any, started: float
+) -> tuple[Deferred[Any], float | None]:
+    """A plugin call's answer C{d} bounded by its C{timeout} on C{clock} (none when C{None}),
+    and C{None}; or, when the call held the reactor past its timeout (L{heldPast}), a
+    Deferred failed with C{TimeoutError} (C{d} dropped, L{dropAnswer}), and how long it held
+    it."""
+    held = heldPast(timeout, started)
+    if held is not None:
+        dropAnswer(d)
+        return fail(TimeoutError()), held
+    if timeout is not None and not d.called:
+        d.addTimeout(timeout, clock)
+    return d, None
 
 
 def timePlugin(hook: str, plugin: str, result: Any, started: float) -> Any:

@@ -43,7 +43,7 @@ from mailrelay.headers import (
     parseHeaderSection,
 )
 from mailrelay.interfaces import IHeaderStamper, PluginContext, StampContext, StampResult
-from mailrelay.metrics import heldPast, timePlugin
+from mailrelay.metrics import dropAnswer, heldPast, timePlugin
 from mailrelay.smtp.replies import Reply
 from mailrelay.smtp.wire import formatDate
 
@@ -408,8 +408,7 @@ def runStampers(
 
     def tooLate(answer: object, configured: ConfiguredStamper, held: float) -> Failure:
         # (Its call held the reactor past its timeout, which could not fire: too late.)
-        if isinstance(answer, Deferred):
-            answer.addErrback(lambda _: None).cancel()
+        dropAnswer(answer)
         return failed(Failure(TimeoutError()), configured, held)
 
     def runNext(_: object, configured: ConfiguredStamper) -> Deferred[None]:

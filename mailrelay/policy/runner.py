@@ -52,7 +52,7 @@ from mailrelay.interfaces import (
     VerdictKind,
     checkVerdict,
 )
-from mailrelay.metrics import heldPast, timePlugin
+from mailrelay.metrics import dropAnswer, heldPast, timePlugin
 
 log = Logger()
 
@@ -154,8 +154,7 @@ class PolicyChain:
                 answer = timePlugin(self.hook, configured.name, answer, started)
             held = heldPast(configured.timeout, started)
             if held is not None:  # (answered after its timeout: not believed)
-                if isinstance(answer, Deferred):
-                    answer.addErrback(lambda _: None).cancel()
+                dropAnswer(answer)
                 if saved:
                     undoPluginChanges(saved)
                 return self._failed(Failure(TimeoutError()), index, subject, held)

@@ -37,7 +37,6 @@ from twisted.internet.defer import (
     Deferred,
     DeferredSemaphore,
     TimeoutError,
-    fail,
     maybeDeferred,
 )
 from twisted.internet.task import deferLater
@@ -46,7 +45,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from mailrelay.interfaces import Reply
-from mailrelay.metrics import heldPast
+from mailrelay.metrics import boundedAnswer
 from mailrelay.namedfile import readError, readNamedFile
 from mailrelay.receive.limits import DEFAULT_IPV6_PREFIX_LENGTH, clientNetwork
 from mailrelay.smtp.server import AUTH_INVALID, Authenticate
@@ -595,12 +594,7 @@ class _Attempt:
         credentials = UsernamePassword(attempt.username, attempt.password)  # type: ignore[arg-type]
         started = time.perf_counter()
         d = policy.portal.login(credentials, None, IAuthenticatedUser)
-        self.held = heldPast(policy.timeout or None, started)
-        if self.held is not None:  # (answered after its timeout, which could not fire)
-            d.addErrback(lambda _: None).cancel()
-            d = fail(TimeoutError())
-        elif policy.timeout and not d.called:
-            d.addTimeout(policy.timeout, self.clock)
+        d, self.held = boundedAnswer(d, policy.timeout or None, self.clock, started)
         return d.addCallbacks(self._succeeded, self._failed)
 
     def _throttleFailed(self, failure: Failure) -> Reply:

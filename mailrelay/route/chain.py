@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -28,7 +28,7 @@ from zope.interface import implementer
 from mailrelay.envelope import Envelope, Recipient
 from mailrelay.errors import DeliveryFailure, TransientFailure
 from mailrelay.interfaces import CONTINUE, IRouter, Route
-from mailrelay.metrics import heldPast
+from mailrelay.metrics import boundedAnswer
 
 log = Logger()
 
@@ -120,12 +120,7 @@ class RouterChain:
         }
         started = time.perf_counter()
         d = maybeDeferred(configured.router.route, envelope, recipient)
-        held = heldPast(configured.timeout, started)
-        if held is not None:  # (answered after its timeout, which could not fire: too late)
-            d.addErrback(lambda _: None).cancel()
-            d = fail(TimeoutError())
-        else:
-            d.addTimeout(configured.timeout, self.clock)
+        d, held = boundedAnswer(d, configured.timeout, self.clock, started)
         try:
             answer = await d
         except CancelledError:
