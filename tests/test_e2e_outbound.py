@@ -1383,16 +1383,25 @@ def test_mx_address_limit_counts_no_address_of_the_relay_itself(relay, nexthop,
         ["lim.test", "MX", 30, "relay.test"], ["relay.test", "AAAA", "::1"],
     ])
     try:
-        r = relay(config(zone, delivery={"mx_address_limit": 2},
-                         routes=[{"domain": "lim.test", "backend": "smtp",
-                                  "nexthop": f"lim.test:{port}"}]))
-        qid = submit(r, "alice@sender.test", ["user@lim.test"], message("lim"))
-        m = waitResult(r, qid, "user@lim.test")
-        assert (m["status"], m["relay"]) == ("sent", f"live.lim.test[127.0.0.2]:{port}"), m[0]
+        r = _sentUnderAddressLimitOf2(relay, zone, "lim.test", port,
+                                      f"live.lim.test[127.0.0.2]:{port}")
         assert f"cannot use dead.lim.test[127.0.0.3]:{port}" in r.log()
         hop.waitTo("user@lim.test")
     finally:
         zone.stop()
+
+
+def _sentUnderAddressLimitOf2(relay, zone: DNSServer, domain: str, port: int,  # noqa: ANN001
+                              sentTo: str) -> RelayProcess:
+    """A relay with C{mx_address_limit = 2}, resolving with C{zone}, routing C{domain} by MX
+    lookup to C{port}: a message to user@C{domain} is sent to C{sentTo} (its log's relay=)."""
+    r = relay(config(zone, delivery={"mx_address_limit": 2},
+                     routes=[{"domain": domain, "backend": "smtp",
+                              "nexthop": f"{domain}:{port}"}]))
+    qid = submit(r, "alice@sender.test", [f"user@{domain}"], message(domain))
+    m = waitResult(r, qid, f"user@{domain}")
+    assert (m["status"], m["relay"]) == ("sent", sentTo), m[0]
+    return r
 
 
 def test_an_mx_host_at_the_relays_own_address_is_the_relay_itself(relay, nexthop,
@@ -1715,12 +1724,8 @@ def test_the_addresses_kept_under_mx_address_limit_hold_both_families(
         ["six.test", "MX", 30, "c.six.test"], ["c.six.test", "A", "127.0.0.1"],
     ])
     try:
-        r = relay(config(zone, delivery={"mx_address_limit": 2},
-                         routes=[{"domain": "six.test", "backend": "smtp",
-                                  "nexthop": f"six.test:{port}"}]))
-        qid = submit(r, "alice@sender.test", ["user@six.test"], message("six"))
-        m = waitResult(r, qid, "user@six.test")
-        assert (m["status"], m["relay"]) == ("sent", f"c.six.test[127.0.0.1]:{port}"), m[0]
+        r = _sentUnderAddressLimitOf2(relay, zone, "six.test", port,
+                                      f"c.six.test[127.0.0.1]:{port}")
         assert f"cannot use a.six.test[::1]:{port}" in r.log()
         assert "b.six.test" not in r.log()
         hop.waitTo("user@six.test")
