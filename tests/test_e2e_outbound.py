@@ -1699,15 +1699,45 @@ def test_an_mx_host_at_the_address_of_a_socket_systemd_passed_is_the_relay(
                   "--listen", "systemd:domain=INET:index=0", systemdSocket=sock)
         sock.close()  # (the relay has its own)
         assert r.port == port
-        qid = submit(r, "alice@sender.test", ["user@self.test"], message("self"))
-        m = waitResult(r, qid, "user@self.test")
-        assert (m["status"], m["diagnostic"]) == (
-            "bounced", f"X-mailrelay; mail for self.test:{port} loops back to myself"), m[0]
-        # (One session: the submission's; the relay did not connect to itself.)
-        assert len(re.findall(r"receive\.protocol#info\] connect from", r.log())) == 1, r.log()
+        _bouncedWithoutConnectingToItself(r, "self.test", port)
     finally:
         sock.close()
         zone.stop()
+
+
+def test_an_mx_host_at_an_ipv4_mapped_address_of_the_relay_is_the_relay(
+        relay, tmp_path: Path) -> None:
+    """An MX host of another name whose only address is an AAAA record holding the relay's
+    own IPv4 address mapped (C{::ffff:127.0.0.1}: a connection to it goes to 127.0.0.1) is
+    the relay itself, known before any connection (Postfix's smtp_find_self compares the
+    address as IPv4): the best MX, the mail bounces as a loop (5.4.6).  Before, the relay
+    connected to itself and only its EHLO name told it."""
+    port = freePort()
+    zone = DNSServer(tmp_path / "mapped-dns", "test", [
+        ["mapped.test", "MX", 10, "other.mapped.test"],
+        ["other.mapped.test", "AAAA", "::ffff:127.0.0.1"],
+    ])
+    try:
+        r = relay(config(zone, routes=[{"domain": "mapped.test", "backend": "smtp",
+                                        "nexthop": f"mapped.test:{port}"}]),
+                  "--listen", f"tcp:{port}:interface=127.0.0.1")
+        _bouncedWithoutConnectingToItself(r, "mapped.test", port)
+    finally:
+        zone.stop()
+
+
+def _bouncedWithoutConnectingToItself(r: RelayProcess, domain: str, port: int) -> None:
+    """A message to user@C{domain}, routed by MX lookup to C{port}, bounces as a loop (the
+    relay is the best MX, 5.4.6) with no connection of the relay to itself: known by its
+    address, not by its EHLO name."""
+    qid = submit(r, "alice@sender.test", [f"user@{domain}"], message(domain))
+    m = waitResult(r, qid, f"user@{domain}")
+    assert (m["status"], m["diagnostic"]) == (
+        "bounced", f"X-mailrelay; mail for {domain}:{port} loops back to myself"), m[0]
+    log = r.log()
+    assert "replied to EHLO with my own hostname" not in log, log
+    # (One session: the submission's.)
+    assert len(re.findall(r"receive\.protocol#info\] connect from", log)) == 1, log
 
 
 @pytest.mark.skipif(not _hasIPv6Loopback(), reason="no IPv6 loopback address")

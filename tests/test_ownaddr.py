@@ -108,3 +108,20 @@ def test_listen_address_of_a_socket_systemd_passed(monkeypatch: pytest.MonkeyPat
     finally:
         for s in (bound, every, unix):
             s.close()
+
+
+def test_an_ipv4_mapped_address_is_the_ipv4_address_it_maps() -> None:
+    """An MX host's AAAA record may hold an IPv4-mapped address (C{::ffff:192.0.2.5}): a
+    connection to it goes to the IPv4 address (the kernel connects a dual-stack socket
+    there, RFC 4291 section 2.5.5.2), so it is the relay's when the IPv4 address is.
+    (Postfix's smtp_find_self compares an AAAA record with IPv6 addresses only, and leaves
+    this to its EHLO check, once connected to itself.)"""
+    one = OwnAddresses(["tcp:25:interface=192.0.2.5"])
+    assert ("::ffff:192.0.2.5", 25) in one and ("::FFFF:c000:205", 25) in one
+    assert ("::ffff:192.0.2.6", 25) not in one and ("::ffff:192.0.2.5", 26) not in one
+    every = OwnAddresses(["tcp:25"], proxyInterfaces=["198.51.100.7"], local=lambda: LOCAL)
+    assert ("::ffff:192.0.2.5", 25) in every and ("::ffff:127.0.0.9", 25) in every
+    assert ("::ffff:198.51.100.7", 25) in every
+    assert ("::ffff:192.0.2.6", 25) not in every
+    # (An IPv4-compatible or other IPv6 address stays IPv6.)
+    assert ("::192.0.2.5", 25) not in every

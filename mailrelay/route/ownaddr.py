@@ -19,6 +19,7 @@ import socket
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from mailrelay.address import clientIP
 from mailrelay.config.values import listeningSocket, passedSockets, systemdArguments
 
 __all__ = [
@@ -39,11 +40,11 @@ PASSED_SOCKETS = "MAILRELAY_PASSED_SOCKETS"
 SMTP_PORT = 25
 
 def _normal(address: str) -> str | None:
-    """C{address} in its normal form (C{"2001:db8::1"}), or C{None}: not an IP address."""
-    try:
-        return str(ipaddress.ip_address(address))
-    except ValueError:
-        return None
+    """C{address} in its normal form (C{"2001:db8::1"}), an IPv4-mapped IPv6 address
+    (C{"::ffff:192.0.2.1"}) as the IPv4 address it maps (a connection to it goes there:
+    L{clientIP}), or C{None}: not an IP address."""
+    ip = clientIP(address)
+    return None if ip is None else str(ip)
 
 
 def _boundAddress(fd: int) -> tuple[str, int, int] | None:
