@@ -1368,6 +1368,31 @@ def test_smtp_the_relay_in_the_mx_list_by_address() -> None:
     assert (r.status, r.code) == (PERMANENT, "5.4.6")
 
 
+def test_smtp_the_relay_is_found_anywhere_in_its_preference_however_many_hosts_share_it(
+) -> None:
+    """Thirty MX hosts of one preference, the relay (by its address) one of them, wherever
+    the shuffle puts it: the best MX is the relay, a loop (5.4.6), and no host is tried
+    (RFC 5321 section 5.1: every host of its preference and less preferred is dropped;
+    Postfix's smtp_find_self() over every address, then smtp_truncate_self()).  Before,
+    the addresses were looked up only until five were known (the first ten hosts), and
+    the relay further down was not seen: the mail went to a peer of its own preference."""
+    from mailrelay.delivery.smtp import SMTPBackend
+    from mailrelay.route.mx import MXResolver
+    from tests.test_route import AAAA, MX, A
+    from tests.test_route import FakeResolver as FakeDNS
+
+    zone: dict[str, Any] = {"equal.example": [MX(10, f"mx{n}.equal.example")
+                                              for n in range(30)]}
+    for n in range(30):
+        zone[f"mx{n}.equal.example"] = [A(f"192.0.2.{n + 1}"), AAAA(f"2001:db8::{n + 1}")]
+    for n in range(30):
+        net, clock = FakeNet(), Clock()
+        backend = SMTPBackend(clock, MXResolver(FakeDNS(zone), clock), SETTINGS,
+                              connect=net.connect, ownAddresses={(f"192.0.2.{n + 1}", 25)})
+        (r,) = result(send(backend, "equal.example", "a@equal.example"))
+        assert (r.status, r.code, net.attempts) == (PERMANENT, "5.4.6", []), n
+
+
 def test_smtp_the_mx_address_limit_counts_after_the_relay_is_dropped() -> None:
     """[delivery] mx_address_limit counts the addresses left once the relay dropped itself
     (and the less preferred hosts), as Postfix's smtp_domain_addr() runs smtp_find_self()

@@ -1332,6 +1332,33 @@ def test_the_addresses_of_many_mx_hosts_are_looked_up_as_far_as_needed(
         zone.stop()
 
 
+def test_the_relay_among_many_mx_hosts_of_its_preference_is_found(relay,
+                                                                  tmp_path: Path) -> None:
+    """91 MX hosts of one preference, each with an IPv4 and an IPv6 address, one of them at
+    the relay's own address: the relay is the best MX wherever the shuffle put it, and the
+    mail bounces as a loop (5.4.6) with no connection (RFC 5321 section 5.1; Postfix's
+    smtp_find_self() over the whole list, then smtp_truncate_self()).  Before, the
+    addresses were looked up only until five were known (ten hosts): the relay, further
+    down, was missed, and the mail went to its peers (here refused: deferred)."""
+    port = freePort()
+    records: list[list] = [["eq.test", "MX", 10, "me.eq.test"], ["me.eq.test", "A", "127.0.0.1"],
+                           ["me.eq.test", "AAAA", "::1"]]
+    for n in range(90):
+        records += [["eq.test", "MX", 10, f"h{n}.eq.test"],
+                    [f"h{n}.eq.test", "A", f"127.0.1.{n + 1}"], [f"h{n}.eq.test", "AAAA", "::1"]]
+    zone = DNSServer(tmp_path / "eq-dns", "test", records)
+    try:
+        r = relay(config(zone, routes=[{"domain": "eq.test", "backend": "smtp",
+                                        "nexthop": f"eq.test:{port}"}]),
+                  "--listen", f"tcp:{port}:interface=127.0.0.1")
+        _bouncedWithoutConnectingToItself(r, "eq.test", port)
+        assert "cannot use" not in r.log()
+        assert {name for name, kind in zone.queries() if kind == "A"} >= {
+            f"h{n}.eq.test" for n in range(90)}
+    finally:
+        zone.stop()
+
+
 def test_mx_hosts_less_preferred_than_the_relay_itself_are_not_tried(relay, tmp_path: Path) -> None:
     """An MX host whose name and address are not the relay's, but which turns out to be the
     relay (it answers EHLO with the relay's own name: the relay behind a NAT it was not told

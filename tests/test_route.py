@@ -1045,6 +1045,46 @@ def test_mx_hosts_are_looked_up_only_as_far_as_needed() -> None:
     assert "gone99.example" in f.diagnostic and "gone100.example" not in f.diagnostic
 
 
+def test_unlimited_the_hosts_of_the_last_preference_looked_up_are_all_looked_up() -> None:
+    """Resolved for the SMTP backend (C{limited=False}: it drops the relay itself, then
+    cuts to maxAddresses), the lookups go on past "enough" addresses to the end of the
+    preference they reached: the relay, at that preference, is found wherever the shuffle
+    put it, as Postfix's smtp_domain_addr() looks for itself over the whole list before
+    smtp_mx_address_limit applies; no host of a less preferred one is looked up; still
+    at most the first 100 hosts (Postfix's dns_rr_list_limit)."""
+    zone: dict[str, Any] = {
+        "equal.example": [MX(10, f"mx{n}.equal.example") for n in range(30)]
+        + [MX(20, f"backup{n}.equal.example") for n in range(30)],
+        "huge.example": [MX(10, f"h{n}.huge.example") for n in range(150)],
+    }
+    for n in range(30):
+        zone[f"mx{n}.equal.example"] = [A(f"192.0.2.{n + 1}"), AAAA(f"2001:db8::{n + 1}")]
+        zone[f"backup{n}.equal.example"] = [A(f"198.51.100.{n + 1}")]
+    for n in range(150):
+        zone[f"h{n}.huge.example"] = [A(f"203.0.113.{n % 250 + 1}"), AAAA(f"2001:db8::{n:x}")]
+
+    def unlimited(resolver: MXResolver, nexthop: str) -> list[MXHost]:
+        out: list[Any] = []
+        resolver.resolve(nexthop, limited=False).addBoth(out.append)
+        assert isinstance(out[0], list), out
+        return out[0]
+
+    resolver, fake, _ = makeMX(zone)
+    hosts = unlimited(resolver, "equal.example")
+    assert {h.name for h in hosts} == {f"mx{n}.equal.example" for n in range(30)}
+    assert len(hosts) == 60
+    asked = {name for kind, name in fake.queries if kind != "MX"}
+    assert asked == {f"mx{n}.equal.example" for n in range(30)}
+    # Limited (no relay to look for afterwards): as far as enough, the first batch.
+    resolver, fake, _ = makeMX(zone)
+    assert len(resolveNow(resolver, "equal.example")) == 5
+    assert len({name for kind, name in fake.queries if kind == "A"}) == 10
+    # One preference of 150 hosts: the first 100, no more.
+    resolver, fake, _ = makeMX(zone)
+    assert len(unlimited(resolver, "huge.example")) == 200
+    assert len({name for kind, name in fake.queries if kind == "A"}) == 100
+
+
 def test_transient_copy() -> None:
     f = DeliveryFailure(permanent=True, code="5.1.2", diagnostic="x")
     t = f.transient()

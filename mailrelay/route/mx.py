@@ -144,7 +144,8 @@ def _exchangeProblem(name: bytes) -> str | None:
 #: C{dns_rr_list_limit}): a DNS answer may hold hundreds.
 _MX_HOSTS_LIMIT = 100
 #: The addresses of this many MX hosts are looked up at a time, in preference order, until
-#: enough are known: not a query (and a UDP socket) for each of hundreds of hosts at once.
+#: enough are known (L{MXResolver._lookedFarEnough}): not a query (and a UDP socket) for
+#: each of hundreds of hosts at once.
 _LOOKUP_BATCH = 10
 
 #: At most this many CNAME indirections are followed (Postfix's dns_lookup()).
@@ -161,7 +162,8 @@ class MXResolver:
     MX records are ordered by preference, shuffled among equal preferences (RFC 5321 section
     5.1); each MX host's addresses are looked up (A and AAAA, concurrently; ten hosts at a
     time, in order, until C{maxAddresses} addresses are known, more than half of them of
-    each family looked up; at most the first 100 hosts), hosts without an address are
+    each family looked up -- unlimited (L{resolve}), to the end of the preference reached;
+    at most the first 100 hosts), hosts without an address are
     skipped; the addresses are cut to C{maxAddresses}, both families kept (L{limit}).  A
     domain without MX records is its own mail exchanger.  A domain whose only MX records
     have the exchange C{"."} has a null MX (RFC 7505).  An MX exchange written as an IP
@@ -355,16 +357,19 @@ class MXResolver:
 
         @param limited: cut the addresses to C{maxAddresses} (L{limit}); else the caller
             does, after dropping the relay itself from them (the SMTP backend: Postfix's
-            smtp_domain_addr() runs smtp_find_self() before smtp_balance_inet_proto()).
+            smtp_domain_addr() runs smtp_find_self() before smtp_balance_inet_proto()), and
+            every MX host of the last preference looked up is (L{_lookedFarEnough}).
         @return: a Deferred firing with a non-empty list of L{MXHost}, in the order to try
             them (for each host, its addresses in L{families} order), or failing with
             L{DeliveryFailure}.
         """
-        d = self._resolve(nexthop)
+        d = self._resolve(nexthop, wholePreference=not limited)
         return d.addCallback(self.limit) if limited else d
 
     @inlineCallbacks
-    def _resolve(self, nexthop: str) -> Any:
+    def _resolve(self, nexthop: str, wholePreference: bool = False) -> Any:
+        """L{resolve}, without L{limit}; with C{wholePreference}, the MX hosts looked up
+        go on to the end of the last preference reached (L{_lookedFarEnough})."""
         try:
             parsed = parseSMTPNexthop(nexthop, strict=False)
         except ValueError as e:
@@ -423,7 +428,8 @@ class MXResolver:
         hosts: list[MXHost] = []
         problems = []
         looked = 0
-        while looked < len(ordered) and not self._enough(hosts):
+        while looked < len(ordered) and not self._lookedFarEnough(hosts, ordered, looked,
+                                                                  wholePreference):
             batch = ordered[looked : looked + _LOOKUP_BATCH]
             looked += len(batch)
             lookups = yield defer.gatherResults(
@@ -446,6 +452,20 @@ class MXResolver:
             problem = next((p for p in problems if p not in (_NXDOMAIN, _NODATA)), _NODATA)
             raise self._noAddress(host, problem, [n for _, n in ordered], final=True)
         return hosts
+
+    def _lookedFarEnough(self, hosts: list[MXHost], ordered: list[tuple[int, str]],
+                         looked: int, wholePreference: bool) -> bool:
+        """Whether the addresses of the first C{looked} MX hosts of C{ordered} (giving
+        C{hosts}) are all that is needed: L{_enough} of them and, with
+        C{wholePreference}, every host of the last preference looked up -- so that the
+        relay, which drops itself and every host of its preference and beyond before the
+        limit applies (the SMTP backend), is found wherever the shuffle put it among
+        them, as Postfix's smtp_domain_addr() looks for itself (smtp_find_self) over the
+        whole list.  A less preferred host cannot change what is kept: it is cut by the
+        limit, or dropped with the relay.  (Bounded still: L{_MX_HOSTS_LIMIT} hosts.)"""
+        if not self._enough(hosts):
+            return False
+        return not wholePreference or ordered[looked][0] != ordered[looked - 1][0]
 
     def _enough(self, hosts: list[MXHost]) -> bool:
         """Whether the addresses of more MX hosts cannot change what L{limit} keeps of
