@@ -2584,3 +2584,32 @@ def test_no_tlsa_lookup_where_dane_does_not_apply(how: str) -> None:
     assert r.status is DELIVERED
     assert mx.looked == []
     assert net.attempts[0][3].tlsa is None
+
+
+def test_a_dane_verified_connection_is_reused_for_the_same_next_hop_and_route() -> None:
+    """A connection DANE verified (its TLSA records applied because the route's TLS is
+    "may") is cached for the deliveries to the same next hop with the same route settings,
+    as every other connection: they would apply DANE to that host too, and it was verified
+    under it when it connected, at most connectionCacheTime ago (Postfix caches the session
+    under the next hop and the TLS level asked, and enforces the policy on the connection
+    before storing it: smtp_reuse_session(), smtp_key.c; smtp_tls_connection_reuse).
+    Before, it was cached under its DANE settings, which no delivery asks for: never
+    reused, an idle place taken until it expired.  Other settings (a route asking for
+    TLS verified by CAs) do not take it."""
+    backend, net, clock, mx = daneBackend({"mx1.example.org": DANE_POLICY},
+                                          connectionCacheTime=10)
+    assert result(send(backend, "example.org", "a@example.org", queueID="A"))[0].status \
+        is DELIVERED
+    assert result(send(backend, "example.org", "b@example.org", queueID="B"))[0].status \
+        is DELIVERED
+    assert len(net.connections) == 1 and net.attempts[0][3].tlsa == DANE_POLICY
+    assert net.connections[0].sent == [("A", ["a@example.org"]), ("B", ["b@example.org"])]
+    assert mx.asked == ["example.org"] and len(mx.looked) == 1  # (no DNS for a reuse)
+    assert backend.idleConnections("example.org") == 1
+    # A route asking for TLS verified by its CAs: a connection of its own.
+    (r,) = result(send(backend, "example.org", "c@example.org", queueID="C",
+                       options=RouteOptions(tls="required")))
+    assert r.status is DELIVERED
+    assert len(net.connections) == 2 and net.attempts[1][3].tlsa is None
+    assert backend.idleConnections("example.org") == 2
+    result(backend.close())

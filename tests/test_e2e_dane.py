@@ -202,3 +202,23 @@ def test_the_tlsa_records_of_a_cname_expanded_mx_host_are_used_first(
     _delivered(relay, recorder, "frank@alias.test", "dane-verified")
     asked = [q for q in dns.queries() if q[1] == "52"]
     assert asked == [(f"_{port}._tcp.mx.target.test", "52")]
+
+
+def test_a_dane_verified_connection_carries_the_next_message_to_the_same_domain(
+        tmp_path: Path, dns: DNSServer, mx: Any) -> None:
+    """The connection DANE verified is kept for connection_cache_time and carries the next
+    message to the same domain (same client port at the MX host; the TLSA records asked
+    once, the handshake done once), as any other connection, as Postfix reuses a session
+    under the next hop once its TLS policy was enforced (smtp_reuse_session()).  Before, it
+    was cached under its DANE settings, which no delivery asks for: never reused."""
+    recorder, port = mx[:2]
+    r = RelayProcess(tmp_path / "reuse", _config(dns, port).replace(
+        "[delivery]\n", "[delivery]\nconnection_cache_time = 30\n")).start()
+    try:
+        _delivered(r, recorder, "bob@dane.test", "dane-verified")
+        _delivered(r, recorder, "carol@dane.test", "dane-verified")
+        assert recorder.sessions["bob@dane.test"][0] == recorder.sessions["carol@dane.test"][0]
+        assert len(re.findall(r"Verified TLS connection established", r.log())) == 1, r.log()
+        assert dns.queries().count((f"_{port}._tcp.mx.dane.test", "52")) == 1
+    finally:
+        r.stop()

@@ -125,6 +125,9 @@ def test_requireTLSByMXLookupWithDANE(message: Path) -> None:
     assert r.status is DELIVERED, r
     ((address, _, _, settings, _),) = net.attempts
     assert (address, settings.tls, settings.tlsa) == ("192.0.2.1", "required", DANE_POLICY)
+    # (Not cached: a REQUIRETLS delivery reuses no connection, and one of a route's own
+    # "required" TLS must not take a DANE-verified one.)
+    assert backend.idleConnections() == 0 and net.connections[0].quitted
 
     backend, net, _, mx = daneBackend({})  # (secure, without TLSA records: PKIX)
     (r,) = deliver(backend, env, "example.org", message)

@@ -58,7 +58,8 @@ C{tls = "none"}, never reused for a delivery that asks for TLS.
 
 Connections that are still usable after a delivery stay open for C{connectionCacheTime}
 seconds and carry the next delivery to the same next hop I{with the same settings} (several
-messages share one connection); then they are sent QUIT.  L{SMTPBackend.close} quits them
+messages share one connection; for one DANE verified, the settings asked for, before DANE
+raised them: L{SMTPBackend._release}); then they are sent QUIT.  L{SMTPBackend.close} quits them
 all (call it when the service stops).
 """
 
@@ -608,7 +609,7 @@ class SMTPBackend(ClientBackend):
             if self._lacksSMTPUTF8(connection, envelope, left):
                 # Not a session (Postfix: at EHLO, SMTP_MISC_FAIL_SOFT_NON_FINAL): the next
                 # host is tried with every recipient left; the last one's refusal is final.
-                self._cache.release(connectedKey, connection)
+                self._release(key, connectedKey, connection)
                 log.info(
                     "{queueID}: {mx}[{address}]:{port} does not offer SMTPUTF8, which the "
                     "message needs",
@@ -621,7 +622,7 @@ class SMTPBackend(ClientBackend):
                 tried.connectErrors.append(tried.lacksSMTPUTF8)
                 continue
             results = yield self._send(connection, envelope, left, messagePath)
-            self._cache.release(connectedKey, connection)
+            self._release(key, connectedKey, connection)
             if connection.tlsSessionFailed and self._plaintextOK(connectedKey[1], envelope):
                 results = yield self._sendPlaintext(
                     host, connectedKey, envelope, left, messagePath, results
@@ -656,6 +657,24 @@ class SMTPBackend(ClientBackend):
             return merged
         tried.broke = not tried.answered
         return None
+
+    def _release(self, key: tuple[str, ClientSettings],
+                 connectedKey: tuple[str, ClientSettings], connection: Any) -> None:
+        """Cache C{connection}, made under C{connectedKey} for a delivery to C{key}, for the
+        deliveries that would make it the same way: those to C{connectedKey}, or, when it
+        is one whose TLSA records DANE applied (L{_daneKey}), those to C{key} -- the next
+        hop and settings asked for, as Postfix stores a session under the next hop and the
+        TLS level asked once the policy was enforced on it (smtp_reuse_session(),
+        smtp_key.c; smtp_tls_connection_reuse): a delivery to C{key} applies DANE to that
+        host too, and the connection was verified under its records when it connected, at
+        most C{connectionCacheTime} ago.  Only when DANE raised C{"may"}: one under
+        REQUIRETLS (which DANE or PKIX verify, and which reuses no connection) is quit."""
+        if connectedKey[1].tlsa is not None:
+            if key[1].tls != "may":
+                self._quit(connection)
+                return
+            connectedKey = key
+        self._cache.release(connectedKey, connection)
 
     @staticmethod
     def _lacksSMTPUTF8(connection: Any, envelope: Any, recipients: list) -> bool:
