@@ -2613,3 +2613,32 @@ def test_a_dane_verified_connection_is_reused_for_the_same_next_hop_and_route() 
     assert len(net.connections) == 2 and net.attempts[1][3].tlsa is None
     assert backend.idleConnections("example.org") == 2
     result(backend.close())
+
+
+def test_a_connection_made_without_dane_for_tls_required_no_is_not_reused_under_dane() -> None:
+    """A message saying "TLS-Required: No" (RFC 8689 section 4.2.2: DANE ignored) goes to a
+    host with TLSA records over opportunistic TLS, unverified.  That connection is not
+    cached for the next messages, which apply DANE to that host (Postfix keys its cached
+    sessions by the TLS level enforced on them, smtp_key.c SMTP_KEY_FLAG_TLS_LEVEL): one
+    to a host found securely (whose TLSA records were not asked) is closed.  Before, it was cached under the next hop and the route's "may" and carried
+    the next message, unverified, to a host whose TLSA records asked for verification."""
+    backend, net, clock, mx = daneBackend({"mx1.example.org": DANE_POLICY},
+                                          connectionCacheTime=10)
+    env = envelope("a@example.org")
+    env.tlsRequiredNo = True
+    (r,) = result(backend.deliver(env, env.recipients, Route("smtp", "example.org",
+                                                               RouteOptions()), Path("/x")))
+    assert r.status is DELIVERED and net.attempts[0][3].tlsa is None
+    assert backend.idleConnections() == 0 and net.connections[0].quitted
+    assert result(send(backend, "example.org", "b@example.org"))[0].status is DELIVERED
+    assert [a[3].tlsa for a in net.attempts] == [None, DANE_POLICY]
+    # A host found insecurely (DANE for no message): its connection is what every message
+    # would make, reused.
+    backend, net, clock, mx = daneBackend({"mx1.example.org": DANE_POLICY},
+                                          connectionCacheTime=10)
+    mx.answers["example.org"] = HOSTS["example.org"]
+    (r,) = result(backend.deliver(env, env.recipients, Route("smtp", "example.org",
+                                                               RouteOptions()), Path("/x")))
+    result(send(backend, "example.org", "b@example.org"))
+    assert len(net.connections) == 1
+    result(backend.close())

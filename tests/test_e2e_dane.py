@@ -204,6 +204,31 @@ def test_the_tlsa_records_of_a_cname_expanded_mx_host_are_used_first(
     assert asked == [(f"_{port}._tcp.mx.target.test", "52")]
 
 
+def _cachingRelay(tmp_path: Path, dns: DNSServer, port: int) -> RelayProcess:
+    """A relay of L{_config} keeping idle connections 30 s (connection_cache_time)."""
+    return RelayProcess(tmp_path / "reuse", _config(dns, port).replace(
+        "[delivery]\n", "[delivery]\nconnection_cache_time = 30\n")).start()
+
+
+def test_a_connection_made_for_tls_required_no_does_not_carry_the_next_message(
+        tmp_path: Path, dns: DNSServer, mx: Any) -> None:
+    """A message saying TLS-Required: No (RFC 8689 4.2.2: DANE ignored) goes to the MX host
+    of TLSA records over TLS not verified; the next message to that domain, which DANE
+    covers, gets a connection of its own, verified (Postfix keys a cached session by the TLS
+    level enforced on it).  Before, the unverified connection was kept and carried it."""
+    recorder, port = mx[:2]
+    r = _cachingRelay(tmp_path, dns, port)
+    try:
+        queueID = submit(r, "alice@example.com", ["bob@dane.test"],
+                         message("no", extra="TLS-Required: No\r\n"))
+        recorder.waitTo("bob@dane.test")
+        waitResult(r, queueID, "bob@dane.test", "sent")
+        _delivered(r, recorder, "carol@dane.test", "dane-verified")
+        assert recorder.sessions["bob@dane.test"][0] != recorder.sessions["carol@dane.test"][0]
+    finally:
+        r.stop()
+
+
 def test_a_dane_verified_connection_carries_the_next_message_to_the_same_domain(
         tmp_path: Path, dns: DNSServer, mx: Any) -> None:
     """The connection DANE verified is kept for connection_cache_time and carries the next
@@ -212,8 +237,7 @@ def test_a_dane_verified_connection_carries_the_next_message_to_the_same_domain(
     under the next hop once its TLS policy was enforced (smtp_reuse_session()).  Before, it
     was cached under its DANE settings, which no delivery asks for: never reused."""
     recorder, port = mx[:2]
-    r = RelayProcess(tmp_path / "reuse", _config(dns, port).replace(
-        "[delivery]\n", "[delivery]\nconnection_cache_time = 30\n")).start()
+    r = _cachingRelay(tmp_path, dns, port)
     try:
         _delivered(r, recorder, "bob@dane.test", "dane-verified")
         _delivered(r, recorder, "carol@dane.test", "dane-verified")

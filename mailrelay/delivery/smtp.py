@@ -609,7 +609,7 @@ class SMTPBackend(ClientBackend):
             if self._lacksSMTPUTF8(connection, envelope, left):
                 # Not a session (Postfix: at EHLO, SMTP_MISC_FAIL_SOFT_NON_FINAL): the next
                 # host is tried with every recipient left; the last one's refusal is final.
-                self._release(key, connectedKey, connection)
+                self._release(key, connectedKey, connection, envelope, host)
                 log.info(
                     "{queueID}: {mx}[{address}]:{port} does not offer SMTPUTF8, which the "
                     "message needs",
@@ -622,7 +622,7 @@ class SMTPBackend(ClientBackend):
                 tried.connectErrors.append(tried.lacksSMTPUTF8)
                 continue
             results = yield self._send(connection, envelope, left, messagePath)
-            self._release(key, connectedKey, connection)
+            self._release(key, connectedKey, connection, envelope, host)
             if connection.tlsSessionFailed and self._plaintextOK(connectedKey[1], envelope):
                 results = yield self._sendPlaintext(
                     host, connectedKey, envelope, left, messagePath, results
@@ -659,7 +659,8 @@ class SMTPBackend(ClientBackend):
         return None
 
     def _release(self, key: tuple[str, ClientSettings],
-                 connectedKey: tuple[str, ClientSettings], connection: Any) -> None:
+                 connectedKey: tuple[str, ClientSettings], connection: Any, envelope: Any,
+                 host: MXHost) -> None:
         """Cache C{connection}, made under C{connectedKey} for a delivery to C{key}, for the
         deliveries that would make it the same way: those to C{connectedKey}, or, when it
         is one whose TLSA records DANE applied (L{_daneKey}), those to C{key} -- the next
@@ -668,7 +669,14 @@ class SMTPBackend(ClientBackend):
         smtp_key.c; smtp_tls_connection_reuse): a delivery to C{key} applies DANE to that
         host too, and the connection was verified under its records when it connected, at
         most C{connectionCacheTime} ago.  Only when DANE raised C{"may"}: one under
-        REQUIRETLS (which DANE or PKIX verify, and which reuses no connection) is quit."""
+        REQUIRETLS (which DANE or PKIX verify, and which reuses no connection) is quit.
+        So is one made without DANE where it would have applied but for the message's
+        C{TLS-Required: No}: the next messages to C{key} apply it to C{host} (Postfix keys a
+        session by the TLS level enforced on it: smtp_key.c)."""
+        if (envelope.tlsRequiredNo and connectedKey[1].tlsa is None
+                and self._daneDomain(host, key, envelope) is not None):
+            self._quit(connection)
+            return
         if connectedKey[1].tlsa is not None:
             if key[1].tls != "may":
                 self._quit(connection)
@@ -766,19 +774,12 @@ class SMTPBackend(ClientBackend):
         @raise SMTPConnectError: the TLSA lookup failed (4.7.5: this host is not used, as
             Postfix).
         """
-        # (REQUIRETLS made the route's level "required": PKIX, or DANE where it applies.)
-        level = key[1].tls == "may" or (envelope.requireTLS and key[1].tls == "required")
-        if not (self.dane and host.secure and level and not envelope.tlsRequiredNo):
-            return key
-        try:
-            parsed = parseSMTPNexthop(key[0], strict=False)
-        except ValueError:
-            return key  # (the resolution said what is wrong with it)
-        if not parsed.mxLookup:
+        domain = None if envelope.tlsRequiredNo else self._daneDomain(host, key, envelope)
+        if domain is None:
             return key
         if (host.name, host.port) not in tried.dane:
             try:
-                found = yield self.resolver.danePolicy(host, parsed.host)
+                found = yield self.resolver.danePolicy(host, domain)
             except TransientFailure as e:
                 found = SMTPConnectError(e.code, e.diagnostic)
             tried.dane[host.name, host.port] = found
@@ -788,6 +789,14 @@ class SMTPBackend(ClientBackend):
         if policy is None or (envelope.requireTLS and not policy.records):
             return key  # (none usable: REQUIRETLS keeps PKIX, never TLS unverified)
         return (key[0], replace(key[1], tls="required", tlsa=policy))
+
+    def _daneDomain(self, host: MXHost, key: tuple[str, ClientSettings],
+                    envelope: Any) -> str | None:
+        """The domain looked up by MX (C{key}'s next hop) when DANE applies to C{host} for
+        a delivery to C{key} but for a C{TLS-Required: No} (L{_daneKey}), else C{None}."""
+        # (REQUIRETLS made the route's level "required": PKIX, or DANE where it applies.)
+        level = key[1].tls == "may" or (envelope.requireTLS and key[1].tls == "required")
+        return self._dnssecDomain(key[0]) if host.secure and level else None
 
     def _noHostAccepted(
         self,
