@@ -33,13 +33,14 @@ class Relay:
     """A greylist plugin on a Clock, and transactions to give it."""
 
     def __init__(self, tmp_path: Path, kept: dict | None = None, clock: Clock | None = None,
-                 **options: Any) -> None:
+                 monotonic: Clock | None = None, **options: Any) -> None:
         if clock is None:
             clock = Clock()
             clock.advance(1_800_000_000)
         self.clock = clock
         self.plugin = buildPlugin("greylist", options, tmp_path, reactor=self.clock,
-                                  kept=kept if kept is not None else {})
+                                  kept=kept if kept is not None else {},
+                                  monotonic=monotonic.seconds if monotonic else None)
 
     def data(self, sender: str = "alice@example.com", recipients: Any = ("bob@example.org",),
              address: str = CLIENT, **client: Any) -> tuple[Any, dict]:
@@ -60,8 +61,8 @@ def test_a_new_triplet_waits_the_delay_then_passes(tmp_path: Path) -> None:
 
 
 def test_a_first_sighting_after_the_clock_stepped_back_counts_from_now(tmp_path: Path) -> None:
-    """A triplet first seen before a step back of the clock (NTP, date -s) is seen again
-    "before" its first sighting: the delay counts from then (it waited until the clock
+    """A triplet first seen before a step back of the clock it is timed on (a Redis store's,
+    the wall clock: here the Clock is both) is seen again "before" its first sighting: the delay counts from then (it waited until the clock
     reached the first sighting again, an hour for an hour)."""
     r = Relay(tmp_path, delay=300)
     assert r.data()[0] == GREYLISTED
@@ -229,6 +230,25 @@ def test_the_memory_store_keeps_a_record_its_time_to_live_through_a_step_back(
     clock.advance(601)
     monotonic.advance(601)
     assert fired(store.get("key")) is None
+
+
+@pytest.mark.parametrize("step", [3600.0, -3600.0])
+def test_the_memory_stores_delay_runs_on_the_monotonic_clock(tmp_path: Path,
+                                                            step: float) -> None:
+    """On the memory store a triplet's delay is timed on the context's monotonic clock, as
+    its records' lives are: a step of the wall clock (NTP, date -s) neither lets a sender
+    pass before its delay (a step forward of an hour passed it at once) nor makes it wait
+    longer (a step back of an hour greylisted its retry again)."""
+    monotonic = Clock()
+    r = Relay(tmp_path, monotonic=monotonic, delay=300)
+    assert r.data()[0] == GREYLISTED
+    r.clock.rightNow += step
+    r.clock.advance(10)
+    monotonic.advance(10)
+    assert r.data()[0] == GREYLISTED  # ten seconds of the delay's 300 passed
+    r.clock.advance(295)
+    monotonic.advance(295)
+    assert r.data() == (CONTINUE, {"result": "passed", "delayed": 305})
 
 
 @pytest.mark.parametrize(

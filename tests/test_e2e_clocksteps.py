@@ -201,6 +201,21 @@ def test_greylisting_after_a_step_back_waits_its_delay_not_the_step(tmp_path: Pa
         r.stop()
 
 
+def test_greylisting_after_a_step_forward_still_waits_its_delay(tmp_path: Path) -> None:
+    """The memory store times the delay on the monotonic clock: a step forward of an hour
+    let the retry pass at once (and a longer one greylisted it again)."""
+    clock = FakeClock(tmp_path)
+    r, send = _greylisting(tmp_path, clock, "delay = 30\n")
+    try:
+        r.start()
+        assert send() == 451
+        clock.step(3600)
+        r.waitForLog(r"the system clock was stepped forward by 1:00:00")
+        assert send() == 451  # 30 s not passed
+        assert r.queued() == []
+    finally:
+        r.stop()
+
 def test_a_passed_triplet_is_forgotten_its_lifetime_after_a_step_back(tmp_path: Path) -> None:
     """The memory store forgets a passed triplet C{lifetime} after its last use, whatever
     the wall clock did: after a step back of an hour it was kept an hour longer (the

@@ -289,10 +289,18 @@ class Greylist(Service):
     (every triplet had passed before), C{"whitelisted"} (the client's network), C{"exempt"}.
     """
 
-    def __init__(self, options: Any, store: Any, clock: Any) -> None:
+    def __init__(self, options: Any, store: Any, clock: Any,
+                 now: Callable[[], float] | None = None) -> None:
+        """
+        @param clock: the reactor (its calls time the store's operations out).
+        @param now: the clock a triplet's first sighting and delay are timed on (the memory
+            store's monotonic clock; by default C{clock.seconds}, the wall clock, which
+            relays sharing a Redis store have in common).
+        """
         self.options = options
         self.store = store
         self.clock = clock
+        self.now = clock.seconds if now is None else now
         self.prefix: str = options.keyPrefix if options.store == "redis" else ""
 
     def startService(self) -> None:
@@ -341,12 +349,13 @@ class Greylist(Service):
             for r in envelope.recipients
         })
         records = yield gatherResults([self._call("get", key) for key in keys])
-        now = self.clock.seconds()
+        now = self.now()
         updates, waiting, delayed = [], False, 0.0
         for key, record in zip(keys, records, strict=True):
             first, passed = self._record(record)
-            # (A first sighting after now was made before a step back of the clock: it
-            # starts again, or it would wait until the clock reached it again.)
+            # (A first sighting after now was made before a step back of the wall clock,
+            # with a Redis store: it starts again, or it would wait until the clock
+            # reached it again.)
             if first is None or (
                 not passed and not 0 <= now - first <= o.delay + o.retryWindow
             ):
@@ -407,17 +416,17 @@ def build(options: dict[str, Any], context: Any) -> Greylist:
     read = context.readOptions(SCHEMA, options)
     if read.store == "redis":
         context.checkTimeout("store_timeout", read.storeTimeout)
-    store: Any
-    if read.store == "redis":
         store = RedisStore(read.redis, read.redisDb, read.redisPasswordFile, read.storeTimeout)
-    else:
-        store = context.keep("greylist:memory", lambda: MemoryStore(context.monotonic))
-        if getattr(context, "processes", 1) > 1:
-            context.warn(
-                "store",
-                '= "memory" keeps the greylisting records in each process, and [relay] '
-                f"processes = {context.processes}: a client whose retry reaches another "
-                'process is greylisted again; set store = "redis" to share them between '
-                "the processes",
-            )
-    return Greylist(read, store, context.reactor)
+        # (The relays sharing it have the wall clock in common, not a monotonic one.)
+        return Greylist(read, store, context.reactor)
+    memory = context.keep("greylist:memory", lambda: MemoryStore(context.monotonic))
+    if getattr(context, "processes", 1) > 1:
+        context.warn(
+            "store",
+            '= "memory" keeps the greylisting records in each process, and [relay] '
+            f"processes = {context.processes}: a client whose retry reaches another "
+            'process is greylisted again; set store = "redis" to share them between '
+            "the processes",
+        )
+    # The delay is timed on the clock the records live on, which no step moves.
+    return Greylist(read, memory, context.reactor, now=memory.monotonic)
