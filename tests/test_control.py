@@ -874,6 +874,37 @@ def test_mailq_users_may_list_the_queue_and_nothing_else(
         assert relay.asked == [], users
 
 
+def test_a_reload_that_removes_a_mailq_user_refuses_its_open_connection(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A connection's rights are those of the running [spool] mailq_users at each request,
+    as Postfix's showq checks authorized_mailq_users at each one: a user removed by a
+    reload could go on listing the queue on the connection it had opened before (and one
+    added may list on its open connection)."""
+    from types import SimpleNamespace
+
+    from twisted.logger import capturedLogs, formatEvent
+
+    from mailrelay.app import control as controlModule
+
+    monkeypatch.setattr(controlModule, "peerCredentials", lambda t: (99, 4242, 4242))
+    relay = ListingRelay((4242,))
+    service = controlModule.ControlService(relay, tmp_path)
+    client, _, pump = iosim.connectedServerAndClient(
+        lambda: controlModule.ControlProtocol(service), QuietAMP)
+    assert call(client, pump, QueueList, cursor=None, limit=10)["result"] == "queue-list"
+    relay.config = SimpleNamespace(mailqUsers=(7,))  # reloaded
+    with capturedLogs() as events, pytest.raises(NotPermitted, match=(
+            r"permission denied: the control socket is for root, the relay's user and "
+            r"the users of \[spool\] mailq_users")):
+        call(client, pump, QueueList, cursor=None, limit=10)
+    assert relay.asked == [QueueList]
+    assert [formatEvent(e) for e in events] == [
+        "control socket: request of process 99 of user 4242 refused: the user is not in "
+        "[spool] mailq_users (any more)"]
+    relay.config = SimpleNamespace(mailqUsers=None)  # reloaded: anyone
+    assert call(client, pump, QueueList, cursor=None, limit=10)["result"] == "queue-list"
+
 def test_other_users_list_the_queue_a_page_at_a_time(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

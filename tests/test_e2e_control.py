@@ -507,6 +507,61 @@ def test_another_user_cannot_hold_the_control_socket(nobodyRuntime) -> None:  # 
         r.stop()
 
 
+#: Run by the user nobody: one connection to the control socket (argv[1]); for each line
+#: read, a queue listing asked on it, and what the relay answered printed (its error code,
+#: or "listed").
+_LISTING_ON_ONE_CONNECTION = """
+import sys
+from twisted.protocols import amp
+s = __import__("socket").socket(__import__("socket").AF_UNIX)
+s.settimeout(20)
+s.connect(sys.argv[1])
+for n, _ in enumerate(sys.stdin, 1):
+    s.sendall(amp.AmpBox(_command=b"queue-list", _ask=b"%d" % n, limit=b"10").serialize())
+    data = b""
+    while not data.endswith(b"\\x00\\x00"):
+        data += s.recv(65536)
+    box = amp.parseString(data)[0]
+    print(box.get(b"_error_code", b"listed").decode(), flush=True)
+"""
+
+
+def test_a_user_taken_out_of_mailq_users_by_a_reload_may_not_list_on_its_connection(
+    nobodyRuntime,  # noqa: F811
+) -> None:
+    """Postfix's showq checks authorized_mailq_users at each request; a user removed from
+    [spool] mailq_users by a reload went on listing the queue on the connection it had
+    opened before."""
+    python, top = nobodyRuntime
+    directory, spool, r = _nobodysRelay(top)
+    r.configText += 'mailq_users = ["nobody"]\n'
+    lister = None
+    try:
+        r.start()
+        lister = subprocess.Popen(
+            [str(python), "-c", _LISTING_ON_ONE_CONNECTION, str(spool / "control.sock")],
+            user="nobody", group="nogroup", cwd=directory, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True)
+        assert lister.stdin is not None and lister.stdout is not None
+
+        def listOnce() -> str:
+            lister.stdin.write("\n")
+            lister.stdin.flush()
+            return lister.stdout.readline().strip()
+
+        assert listOnce() == "listed"
+        (directory / "mailrelay.toml").write_text(
+            r.configText.replace('mailq_users = ["nobody"]', "mailq_users = []"))
+        assert "configuration reloaded" in ok(r, "reload")
+        assert listOnce() == "NOT_PERMITTED"
+        r.waitForLog(r"control socket: request of process \d+ of user 65534 refused: the "
+                     r"user is not in \[spool\] mailq_users \(any more\)")
+    finally:
+        if lister is not None:
+            lister.kill()
+            lister.wait(10)
+        r.stop()
+
 def test_operator_errors(relays, tmp_path: Path) -> None:
     """Not running; a socket the user may not use; a second relay on the same spool."""
     p = cli(tmp_path / "nospool", "queue", "list")

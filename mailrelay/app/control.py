@@ -120,31 +120,61 @@ def checkSocketPath(path: Path) -> None:
 
 
 class RelayLocator(QueueLocator):
-    """The commands of the control socket, answered by the relay (L{RelayService})."""
+    """The commands of the control socket, answered by the relay (L{RelayService}).
 
-    def __init__(self, relay: Any) -> None:
+    @ivar peer: C{(pid, uid)} of a peer other than root, the relay's user and the socket's
+        owner (C{None}: one of those, or unknown).
+    """
+
+    def __init__(self, relay: Any, mayList: Callable[[int], bool] = lambda uid: False) -> None:
+        """
+        @param mayList: whether a user may list the queue (C{[spool] mailq_users} of the
+            running configuration), asked at each request of another user's.
+        """
         self.relay = relay
-        #: What the peer may run: C{"all"}; C{"list"}, only L{QueueList} (a user of
-        #: C{[spool] mailq_users}); C{"none"} (any other user).
-        self.may = "all"
+        self.mayList = mayList
+        self.peer: tuple[int, int] | None = None
+        self._listed = False
 
-    def check(self, command: type[amp.Command]) -> None:
-        """@raise NotPermitted: the peer may not run C{command}."""
-        if self.may == "none":
+    @property
+    def may(self) -> str:
+        """What the peer may run now: C{"all"}; C{"list"}, only L{QueueList} (a user of
+        C{[spool] mailq_users}); C{"none"} (any other user).  Asked at each request, as
+        Postfix's showq checks C{authorized_mailq_users} for each: a reload that removes
+        a user from C{[spool] mailq_users} refuses the connections it has open."""
+        if self.peer is None:
+            return "all"
+        return "list" if self.mayList(self.peer[1]) else "none"
+
+    def check(self, command: type[amp.Command]) -> str:
+        """What the peer may run now (L{may}).
+
+        @raise NotPermitted: the peer may not run C{command}."""
+        may = self.may
+        if may == "none":
+            if self._listed and self.peer is not None:
+                self._listed = False
+                log.warn(
+                    "control socket: request of process {pid} of user {uid} refused: the "
+                    "user is not in [spool] mailq_users (any more)",
+                    pid=self.peer[0], uid=self.peer[1],
+                )  # fmt: skip
             raise NotPermitted(
                 "permission denied: the control socket is for root, the relay's user and the "
                 "users of [spool] mailq_users"
             )
-        if self.may == "list" and command is not QueueList:
+        self._listed = may == "list"
+        if may == "list" and command is not QueueList:
             raise NotPermitted(
                 f"permission denied: {command.commandName.decode()} is for root and the "
                 "relay's user; other users may only list the queue"
             )
+        return may
 
     def queueCommand(self, command: type[amp.Command], arguments: dict[str, Any]) -> Any:
-        self.check(command)
+        may = self.check(command)
         limit = arguments.get("limit", 0)
-        if self.may == "list" and limit > LIST_PAGE:
+        if may == "list" and limit > LIST_PAGE:
             # (The whole queue read and answered at once: memory and time of the relay's.)
             raise NotPermitted(f"permission denied: other users list the queue {LIST_PAGE} "
                                f"entries at a time, not {limit}")
@@ -197,7 +227,7 @@ class ControlProtocol(QuietAMP):
     L{MAX_OTHER_CONNECTIONS} at once, requests of at most L{MAX_OTHER_REQUEST} octets."""
 
     def __init__(self, service: ControlService) -> None:
-        self.locator = RelayLocator(service.relay)
+        self.locator = RelayLocator(service.relay, service.mayList)
         super().__init__(locator=self.locator)
         self.service = service
         #: The octets received of the request not yet complete (another user's: see
@@ -210,8 +240,8 @@ class ControlProtocol(QuietAMP):
         credentials = peerCredentials(self.transport)
         if credentials is not None and credentials[1] not in self.service.allowedUsers():
             pid, uid, _ = credentials
-            self.locator.may = "none"  # (until said otherwise: nothing runs meanwhile)
-            others = sum(1 for c in self.service.connections if c.locator.may != "all")
+            others = sum(1 for c in self.service.connections if c.locator.peer is not None)
+            self.locator.peer = (pid, uid)  # (its rights: asked at each request)
             if others >= MAX_OTHER_CONNECTIONS:
                 self._close(
                     "control socket: connection from process {pid} of user {uid} closed: too "
@@ -219,7 +249,6 @@ class ControlProtocol(QuietAMP):
                     pid=pid, uid=uid, limit=MAX_OTHER_CONNECTIONS,
                 )  # fmt: skip
                 return
-            self.locator.may = "list" if self.service.mayList(uid) else "none"
             if self.locator.may == "none":
                 log.warn(
                     "control socket: connection from process {pid} of user {uid} refused",
@@ -231,7 +260,7 @@ class ControlProtocol(QuietAMP):
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
-        if self.locator.may != "all":
+        if self.locator.peer is not None:
             self._unfinished += len(data)
             if self._unfinished > MAX_OTHER_REQUEST:
                 self._close(
