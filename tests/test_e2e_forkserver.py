@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -143,6 +144,43 @@ def test_acceptor_processes_forked(relay, nexthop) -> None:  # noqa: F811
     for i in range(4):
         recorder.waitTo(f"a{i}@example.org")
 
+
+def sockets(pid: int) -> set[int]:
+    """The inodes of the sockets process C{pid} holds (C{/proc/PID/fd})."""
+    found = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # (closed meanwhile)
+            continue
+        if target.startswith("socket:["):
+            found.add(int(target[len("socket:["):-1]))
+    return found
+
+
+def test_the_fork_server_holds_no_listening_socket(tmp_path: Path) -> None:
+    """The fork server forks the acceptors their listening sockets (passed it with each
+    request, and closed there) but keeps none: not the systemd socket the relay was given
+    (LISTEN_FDS), which it inherited at its fork, nor one passed it since, or the port of a
+    listener the relay stopped would stay open in it.  It holds one socket: its own to the
+    relay."""
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    inode = os.fstat(listening.fileno()).st_ino
+    r = RelayProcess(tmp_path / "relay", "[relay]\nprocesses = 2\n", (
+        "--listen", "systemd:domain=INET:index=0"), systemdSocket=listening, hold=True)
+    try:
+        r.start()
+        listening.close()  # (the relay has it)
+        server = int(r.waitForLog(r"fork server started \(pid (\d+)\)").group(1))
+        acceptor = int(r.waitForLog(r"acceptor process (\d+): accepting on systemd").group(1))
+        assert r.process is not None and inode in sockets(r.process.pid)
+        assert inode in sockets(acceptor)
+        held = sockets(server)
+        assert len(held) == 1 and inode not in held, held
+    finally:
+        r.stop()
 
 def test_relay_killed_takes_them_along(relay, nexthop) -> None:  # noqa: F811
     _, port = nexthop()
