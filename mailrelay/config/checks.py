@@ -592,14 +592,9 @@ def checkPostmasterRoute(r: Reading) -> None:
     to postmaster it accepts from anyone (RFC 5321 4.5.1) and the notices of failed bounces
     would go to the host name's MX hosts, normally this very relay: a loop, nobody reached."""
     postmaster, hostname = r.fields["queue"].postmaster, r.fields["hostname"]
-    if postmaster is None or postmaster.rpartition("@")[2] != hostname or r.fields["routers"]:
-        return
-    table = RoutingTable(r.fields["routes"], smarthost=r.fields["smarthost"])
-    route = table.route(None, Recipient(postmaster))
-    if route.backend != "smtp":
-        return
-    nexthop = parseSMTPNexthop(route.nexthop)
-    if not nexthop.mxLookup or nexthop.host != hostname:
+    if postmaster is None or not routedByOwnMX(
+        postmaster, hostname, r.fields["routes"], r.fields["smarthost"], r.fields["routers"]
+    ):
         return
     raise r.at.child("queue").child("postmaster").error(
         f"{describeValue(r.raw['queue']['postmaster'])} is {postmaster}, at this relay's own "
@@ -609,6 +604,19 @@ def checkPostmasterRoute(r: Reading) -> None:
         f"the mailbox's host (smtp or lmtp with a nexthop, maildir), or a smarthost"
     )
 
+
+def routedByOwnMX(address: str, hostname: str, routes: Any, smarthost: Any,
+                  routers: Any) -> bool:
+    """Whether mail to C{address}, at this relay's own C{hostname}, goes nowhere but to that
+    name's MX hosts (normally this very relay): no C{[[routes]]} rule (for it, its parent
+    domain or C{"*"} with a next hop), no smarthost and no router plugin routes it."""
+    if address.rpartition("@")[2] != hostname or routers:
+        return False
+    route = RoutingTable(routes, smarthost=smarthost).route(None, Recipient(address))
+    if route.backend != "smtp":
+        return False
+    nexthop = parseSMTPNexthop(route.nexthop)
+    return nexthop.mxLookup and nexthop.host == hostname
 
 def checkSockets(r: Reading) -> None:
     """No two listeners, nor the metrics server and a listener, on one socket, however their
