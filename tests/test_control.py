@@ -1344,6 +1344,10 @@ def test_check_sample_prints_the_sample_configuration() -> None:
     assert out.getvalue() == sample and err.getvalue() == ""
 
 
+#: A postmaster mailbox elsewhere: no warning that postmaster mail has nowhere to go.
+POSTMASTER_ELSEWHERE = '[queue]\npostmaster = "postmaster@example.com"\n'
+
+
 def checkedOk(config: Path) -> str:
     """What C{mailrelay check --config CONFIG} prints on stderr; it must say ok."""
     from mailrelay.app.cli import main
@@ -1367,6 +1371,7 @@ def test_check_says_a_systemd_listener_is_checked_for_its_syntax_only(
     config = tmp_path / "relay.toml"
     config.write_text(
         f'[spool]\ndirectory = "{tmp_path / "spool"}"\n[dns]\nnameservers = ["127.0.0.1"]\n'
+        f"{POSTMASTER_ELSEWHERE}"
         '[[listeners]]\nendpoint = "tcp:2525"\n'
         '[[listeners]]\nendpoint = "systemd:domain=INET:index=0"\n'
     )
@@ -1388,6 +1393,7 @@ def test_check_says_the_warnings_of_the_build(tmp_path) -> None:
     config = tmp_path / "relay.toml"
     config.write_text(
         f'[spool]\ndirectory = "{tmp_path / "spool"}"\n[dns]\nnameservers = ["127.0.0.1"]\n'
+        f"{POSTMASTER_ELSEWHERE}"
         '[[plugins]]\nplugin = "dnsbl"\nzones = ["zen.example"]\ntimeout = 5\n'
     )
     assert checkedOk(config) == (

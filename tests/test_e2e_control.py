@@ -751,6 +751,40 @@ def test_check(tmp_path: Path) -> None:
         p.stdout)["error"]
 
 
+#: What the relay (at its start and reloads) and mailrelay check say of postmaster mail
+#: with no [queue] postmaster and nothing routing the host name but its MX lookup.
+POSTMASTER_REFUSED = (
+    "queue.postmaster is not set and nothing routes relay.test but its MX lookup (normally "
+    "this relay: a loop): mail to postmaster@relay.test (and <postmaster>) is refused "
+    "(550 5.1.1), and bounces that cannot be returned are logged and dropped; set "
+    "[queue] postmaster to a mailbox elsewhere, or route relay.test ([[routes]], a "
+    "smarthost)")
+
+
+def test_postmaster_mail_with_nowhere_to_go_is_refused_and_said(relays, tmp_path: Path) -> None:
+    """The default configuration has no [queue] postmaster and routes the relay's own host
+    name by its MX, normally the relay itself: mail to postmaster@<hostname>, accepted from
+    anyone, bounced as a loop (5.4.6: to the sender, or from <> dropped), and nothing said
+    so.  It is refused at RCPT now, and the start-up log and mailrelay check say why."""
+    text = "[dns]\nreverse_lookups = false\n"
+    r = relays(text, hold=True).start()  # (--hostname relay.test)
+    assert re.search(r"\[mailrelay\.app\.relay#warn\] \S+/mailrelay\.toml: "
+                     + re.escape(POSTMASTER_REFUSED), r.log()), r.log()
+    for sender in ("alice@example.com", ""):
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
+            s.ehlo("client.test")
+            assert s.mail(sender)[0] == 250
+            for rcpt in ("postmaster@relay.test", "postmaster"):
+                assert s.rcpt(rcpt) == (550, b"5.1.1 Recipient address rejected: this relay "
+                                             b"has no mailbox for its postmaster"), rcpt
+    assert r.queued() == []
+    config = tmp_path / "check.toml"
+    config.write_text(f'hostname = "relay.test"\n{text}[spool]\ndirectory = "spool"\n')
+    p = subprocess.run([MAILRELAY, "check", "--config", str(config)], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p
+    assert f"mailrelay: warning: {config}: {POSTMASTER_REFUSED}\n" in p.stderr, p.stderr
+
 def test_status_and_reload_name_a_relative_configuration_absolutely(relays) -> None:
     """twistd started with C{--config relay.toml}: C{mailrelay status} and C{reload} name
     the file the relay reads, resolved against its working directory (they named it

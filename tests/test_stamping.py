@@ -370,6 +370,28 @@ def test_relay_control(client: str, rcpt: str, allowed: bool) -> None:
     assert (verdict.kind is VerdictKind.CONTINUE) is allowed
 
 
+@pytest.mark.parametrize("client", ["10.0.0.1", "192.0.2.1"])
+def test_postmaster_with_nowhere_to_go_is_refused_at_rcpt(client: str) -> None:
+    """Mail to postmaster at the relay's host name (or <postmaster>), with no [queue]
+    postmaster and nothing routing that name but its MX lookup (normally the relay itself),
+    was accepted from anyone, then bounced as a loop (5.4.6) -- to a forged sender as
+    backscatter, and from the null sender dropped.  It is refused at RCPT (Postfix accepts
+    postmaster@$myhostname only because it delivers it locally), from relay clients too;
+    other mail is as before."""
+    relay = RelayControl([ip_network("10.0.0.0/8")], ["ours.example"], "relay.test",
+                         postmasterDeliverable=False)
+    info = ClientInfo(address=client, relayAllowed=relay.isRelayClient(client))
+    for rcpt in ("Postmaster@relay.test", "postmaster"):
+        verdict = relay.check(info, parseForwardPath(f"<{rcpt}>", postmasterDomain="relay.test"))
+        assert verdict.kind is VerdictKind.REJECT, rcpt
+        assert str(verdict.reply) == (
+            "550 5.1.1 Recipient address rejected: this relay has no mailbox for its "
+            "postmaster")
+    for rcpt, allowed in (("bob@ours.example", True), ("postmaster@ours.example", True),
+                          ("bob@elsewhere.example", client == "10.0.0.1")):
+        verdict = relay.check(info, parseForwardPath(f"<{rcpt}>", postmasterDomain="relay.test"))
+        assert (verdict.kind is VerdictKind.CONTINUE) is allowed, rcpt
+
 def _clearing(context: Any) -> None:
     context.envelope.recipients.clear()
 

@@ -20,6 +20,7 @@ from mailrelay.address import hostPort
 from mailrelay.cleanup.intake import Intake
 from mailrelay.cleanup.stamping import ConfiguredStamper
 from mailrelay.config import Config, ListenerConfig
+from mailrelay.config.checks import postmasterHasNowhereToGo
 from mailrelay.config.plugins import HookPlugins
 from mailrelay.config.values import resolveProcessCount, socketKey, systemdSocketProblem
 from mailrelay.delivery.maildir import MaildirUsers, needsUsers
@@ -359,7 +360,8 @@ def makeStampers(config: Config, build: Any) -> list[ConfiguredStamper]:
 def makeRecipientPolicy(config: Config, reactor: Any, hooks: HookPlugins) -> RecipientPolicy:
     """Relay control and the recipient validators (those of C{[[recipient_validators]]},
     then the C{[[plugins]]} serving C{rcpt}), shared by all listeners."""
-    relay = RelayControl(config.relayNetworks, config.acceptDomains, config.hostname)
+    relay = RelayControl(config.relayNetworks, config.acceptDomains, config.hostname,
+                         postmasterDeliverable=not postmasterHasNowhereToGo(config))
     return RecipientPolicy(
         relay, hooks.serving("rcpt"), reactor, mailboxes=_maildirUsers(config, reactor)
     )

@@ -24,6 +24,7 @@ from mailrelay.app.logs import LevelFilter, installTwistdObserver
 from mailrelay.app.plugins import availablePlugins, pluginBuilder
 from mailrelay.app.services import OrderedMultiService, PluginServices, PluginStartError
 from mailrelay.config import Config, loadConfig, overriddenKeys, readConfigFile
+from mailrelay.config.checks import postmasterHasNowhereToGo
 from mailrelay.config.plugins import buildHooks, makeContext
 from mailrelay.config.schema import given
 from mailrelay.config.values import resolveProcessCount, socketKey
@@ -82,6 +83,24 @@ def _sayBounceLifetimeLowered(config: Config) -> None:
             source=config.source or "(embedded default)",
             bounceLifetime=queue.bounceLifetime,
             maxLifetime=queue.maxLifetime,
+        )
+
+
+def _sayWherePostmasterMailGoes(config: Config) -> None:
+    """Say when mail to postmaster at the relay's host name has nowhere to go (no C{[queue]
+    postmaster}, the name routed only by its MX lookup): it is refused (L{RelayControl
+    <mailrelay.policy.chain.RelayControl>}), and the bounces that cannot be returned are
+    dropped.  Postfix delivers both locally (postmaster@$myhostname, and
+    C{2bounce_notice_recipient}, to the person its aliases name)."""
+    if postmasterHasNowhereToGo(config):
+        log.warn(
+            "{source}: queue.postmaster is not set and nothing routes {hostname} but its MX "
+            "lookup (normally this relay: a loop): mail to postmaster@{hostname} (and "
+            "<postmaster>) is refused (550 5.1.1), and bounces that cannot be returned are "
+            "logged and dropped; set [queue] postmaster to a mailbox elsewhere, or route "
+            "{hostname} ([[routes]], a smarthost)",
+            source=config.source or "(embedded default)",
+            hostname=config.hostname,
         )
 
 
@@ -293,6 +312,7 @@ class RelayService(OrderedMultiService):
         """
         assert self.spool is not None
         _sayBounceLifetimeLowered(config)
+        _sayWherePostmasterMailGoes(config)
         carried = self.carried.copy()  # (the relay's, only once the plan runs)
         context = makeContext(
             config, self.reactor, resolver=self._resolver(config, carried), kept=self.kept

@@ -618,6 +618,16 @@ def routedByOwnMX(address: str, hostname: str, routes: Any, smarthost: Any,
     nexthop = parseSMTPNexthop(route.nexthop)
     return nexthop.mxLookup and nexthop.host == hostname
 
+def postmasterHasNowhereToGo(config: Any) -> bool:
+    """Whether mail to postmaster at the host name of C{config} (a L{Config}) has nowhere
+    to go: no C{[queue] postmaster}, and that name routed only by its MX lookup (normally
+    this relay: a loop; the relay delivers nothing locally)."""
+    return config.queue.postmaster is None and routedByOwnMX(
+        f"postmaster@{config.hostname}", config.hostname, config.routes, config.smarthost,
+        config.routers,
+    )
+
+
 def checkSockets(r: Reading) -> None:
     """No two listeners, nor the metrics server and a listener, on one socket, however their
     endpoints are spelled (C{tcp:25} and C{tcp:port=25}; a port on every address and on one

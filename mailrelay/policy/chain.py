@@ -31,6 +31,7 @@ log = Logger()
 ADDRESS_CACHE_SIZE = 4096
 
 RELAY_DENIED = Verdict(VerdictKind.REJECT, R.RELAY_DENIED)
+NO_POSTMASTER = Verdict(VerdictKind.REJECT, R.NO_POSTMASTER)
 VALIDATOR_FAILED = Verdict(VerdictKind.DEFER, R.VALIDATOR_FAILED)
 
 
@@ -40,7 +41,11 @@ class RelayControl:
     @param networks: the client networks allowed to relay to any domain.
     @param acceptDomains: canonical (normalised) domains we accept mail for from anyone.
     @param hostname: this relay's host name; C{postmaster@hostname} is always accepted
-        (RFC 5321 4.5.1).
+        (RFC 5321 4.5.1)...
+    @param postmasterDeliverable: ...unless it has nowhere to go (C{False}: no C{[queue]
+        postmaster}, and nothing routes C{hostname} but its MX lookup, normally this relay):
+        then it is refused from everyone (L{NO_POSTMASTER}), rather than accepted and
+        bounced as a loop.
     """
 
     def __init__(
@@ -48,7 +53,9 @@ class RelayControl:
         networks: Iterable[IPv4Network | IPv6Network],
         acceptDomains: Iterable[str],
         hostname: str,
+        postmasterDeliverable: bool = True,
     ) -> None:
+        self.postmasterDeliverable = postmasterDeliverable
         self.networks = tuple(networks)
         self.acceptDomains = frozenset(acceptDomains)
         self.hostname = hostname.lower().rstrip(".")
@@ -69,14 +76,20 @@ class RelayControl:
         return any(addr.version == net.version and addr in net for net in self.networks)
 
     def check(self, client: ClientInfo, mailbox: Mailbox) -> Verdict:
-        """CONTINUE when the recipient passes relay control, else 554 5.7.1."""
+        """CONTINUE when the recipient passes relay control, else 554 5.7.1 (or 550 5.1.1
+        for a postmaster with nowhere to go)."""
+        isPostmaster = (
+            mailbox.localPart.lower() == "postmaster" and mailbox.domain == self.hostname
+        )
+        if isPostmaster and not self.postmasterDeliverable:
+            return NO_POSTMASTER
         if client.relayAllowed:
             return CONTINUE
         if mailbox.hasRouting:
             # user%other@ours, other!user@ours, "user@other"@ours: the next hop might route
             # it elsewhere, so only trusted clients may use it.
             return RELAY_DENIED
-        if mailbox.localPart.lower() == "postmaster" and mailbox.domain == self.hostname:
+        if isPostmaster:
             return CONTINUE
         if mailbox.domain in self.acceptDomains:
             return CONTINUE

@@ -37,5 +37,9 @@ BARE_NEWLINE = Reply(550, "5.6.0", "Error: message contains a bare LF; use CRLF 
 NUL_IN_DATA = Reply(550, "5.6.0", "Error: message contains NUL characters")
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Error: too many hops (mail forwarding loop)")
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
+#: Mail to postmaster at the relay's host name when it has nowhere to go (no C{[queue]
+#: postmaster}, and that name routed only by its MX lookup, normally the relay itself).
+NO_POSTMASTER = Reply(
+    550, "5.1.1", "Recipient address rejected: this relay has no mailbox for its postmaster")
 VALIDATOR_FAILED = Reply(
     451, "4.3.0", "Error: temporary failure checking recipient, try again later")
