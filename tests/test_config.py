@@ -30,7 +30,7 @@ from mailrelay.queue.policy import QueuePolicy
 from mailrelay.receive.listener import ListenerSettings
 from mailrelay.receive.tls import SNIServerOptions
 from mailrelay.route.nexthop import SMTPNexthop, parseSMTPNexthop
-from mailrelay.route.table import RouteRule
+from mailrelay.route.table import RouteRule, SenderRoute
 from mailrelay.smtp.clientsettings import ClientSettings, ClientTimeouts
 
 SAMPLE = Path(__file__).resolve().parent.parent / "etc" / "mailrelay.toml"
@@ -754,6 +754,34 @@ ERROR_CASES = [
       'username = "u"'), "routes[0].username", "needs a password: set routes[0].password_file"),
     ('[[routes]]\ndomain = "a.example"\nbackend = "smtp"\nport = 25', "routes[0].port",
      "allowed in [routes[0]] are: domain, backend, nexthop, tls"),
+    # [[sender_routes]]
+    ('sender_routes = {sender = "@a.example"}', "sender_routes",
+     "array of tables ([[sender_routes]])"),
+    ('[[sender_routes]]\nnexthop = "[h.example]"', "sender_routes[0].sender",
+     'is required in each [[sender_routes]] table: "user@example.org", "@example.org" or "<>"'),
+    ('[[sender_routes]]\nsender = "a.example"\nnexthop = "[h.example]"',
+     "sender_routes[0].sender", '"a.example" is not an address, "@domain" or "<>"'),
+    ('[[sender_routes]]\nsender = "@a .example"\nnexthop = "[h.example]"',
+     "sender_routes[0].sender", '"@a .example" is not an address'),
+    ('[[sender_routes]]\nsender = 5\nnexthop = "[h.example]"', "sender_routes[0].sender",
+     "must be a string, not 5"),
+    (('[[sender_routes]]\nsender = "@a.example"\nnexthop = "[h.example]"\n'
+      '[[sender_routes]]\nsender = "@A.Example."\nnexthop = "[i.example]"'),
+     "sender_routes[1].sender", "is already routed by sender_routes[0].sender"),
+    ('[[sender_routes]]\nsender = "@a.example"', "sender_routes[0].nexthop",
+     "is required in each [[sender_routes]] table: the SMTP server"),
+    ('[[sender_routes]]\nsender = "@a.example"\nnexthop = ""', "sender_routes[0].nexthop",
+     "is required in each [[sender_routes]] table"),
+    ('[[sender_routes]]\nsender = "@a.example"\nnexthop = "h:0"', "sender_routes[0].nexthop",
+     '"h:0" is not a valid smarthost'),
+    ('[[sender_routes]]\nsender = "@a.example"\nnexthop = 25', "sender_routes[0].nexthop",
+     "must be a string, not 25"),
+    ('[[sender_routes]]\nsender = "@a.example"\nnexthop = "[h.example]"\nusername = "u"',
+     "sender_routes[0].username", "needs a password: set sender_routes[0].password_file"),
+    ('[[sender_routes]]\nsender = "@a.example"\nnexthop = "[h.example]"\ntls = "always"',
+     "sender_routes[0].tls", 'not "always"'),
+    ('[[sender_routes]]\nsender = "@a.example"\nnexthop = "[h.example]"\nbackend = "smtp"',
+     "sender_routes[0].backend", "allowed in [sender_routes[0]] are: sender, nexthop, tls"),
     # [[backends]]
     ('backends = {name = "x"}', "backends", "array of tables ([[backends]])"),
     ('[[backends]]\nplugin = "p"', "backends[0].name", "is required"),
@@ -792,6 +820,36 @@ def test_errorNamesFileKeyAndValue(tmp_path: Path, text: str, key: str, fragment
     assert e.value.key == key
     assert str(e.value).startswith(f"{path}: {key}: ")
     assert fragment in str(e.value)
+
+
+def test_senderRoutes(tmp_path: Path) -> None:
+    """[[sender_routes]]: the sender normalised (lower case, the domain's canonical form),
+    the next hop as a smarthost's, the transport keys with [smarthost]'s defaults."""
+    (tmp_path / "a.password").write_text("a-secret\n")
+    path = writeConfig(tmp_path, """
+[[sender_routes]]
+sender = "@A.Example."
+nexthop = "[smtp.a.example]:587"
+tls = "required"
+username = "a-user"
+password_file = "a.password"
+
+[[sender_routes]]
+sender = "Boss@b.example"
+nexthop = "smtp.b.example:2525"
+
+[[sender_routes]]
+sender = "<>"
+nexthop = "[bounces.example]"
+""")
+    c = loadConfig(path)
+    assert c.senderRoutes == (
+        SenderRoute("@a.example", "[smtp.a.example]:587",
+                    transport("required", username="a-user", password="a-secret")),
+        SenderRoute("boss@b.example", "smtp.b.example:2525", transport()),
+        SenderRoute("<>", "[bounces.example]:25", transport()),
+    )
+    assert loadConfig(writeConfig(tmp_path, "")).senderRoutes == ()
 
 
 def test_errorExactMessage(tmp_path: Path) -> None:
@@ -1059,6 +1117,7 @@ def test_sampleEveryKeyUncommentedLoads(tmp_path: Path) -> None:
     (tmp_path / "ca.pem").write_text(PEM)
     (tmp_path / "smarthost.password").write_text("smarthost secret\n")
     (tmp_path / "example.org.password").write_text("org secret\r\nsecond line\n")
+    (tmp_path / "a.example.password").write_text("a secret\n")
     writeCertificate(tmp_path, "relay.pem", "relay.key")
     (tmp_path / "users").write_text(f"alice:{HASH}\n")
     c = loadConfig(path, {"spool": str(tmp_path / "spool")})
@@ -1078,6 +1137,10 @@ def test_sampleEveryKeyUncommentedLoads(tmp_path: Path) -> None:
     assert c.smarthost == SMTPNexthop("smtp.example.net", 587, False)
     assert c.hostname == "relay.example.com"
     assert [spec.plugin for spec in c.recipientValidators] == ["accepted-domains"]
+    assert [(r.sender, r.options.username, r.options.password) for r in c.senderRoutes] == [
+        ("@a.example", "relay@a.example", "a secret"),
+        ("sales@b.example", "sales@b.example", "correct horse battery staple"),
+    ]
 
     ca = str(tmp_path / "ca.pem")
     assert c.smarthostOptions == transport(

@@ -24,6 +24,7 @@ from mailrelay.route import (
     PermanentFailure,
     RouteRule,
     RoutingTable,
+    SenderRoute,
     TransientFailure,
     makeResolver,
     parseNameserver,
@@ -176,6 +177,8 @@ def test_from_config() -> None:
         ),
         smarthost=SMTPNexthop("relay.example", 587, mxLookup=False),
         smarthostOptions=smarthostOptions,
+        senderRoutes=(),
+        recipientDelimiter="",
     )
     table = RoutingTable.fromConfig(config)
     assert routeOf(table, "a@x.example.net") == Route("smtp", "x.example.net", options)
@@ -242,6 +245,138 @@ def test_recipient_without_domain() -> None:
     assert routeOf(RoutingTable(smarthost="[relay.example]:25"), "postmaster") == Route(
         "smtp", "[relay.example]:25"
     )
+
+
+# Sender-dependent relay hosts (Postfix's sender_dependent_relayhost_maps with
+# smtp_sender_dependent_authentication = yes)
+
+A_OPTIONS = RouteOptions("required", PLATFORM_TRUST_STORE, "a-user", "a-pw", False)
+B_OPTIONS = RouteOptions("required", PLATFORM_TRUST_STORE, "b-user", "b-pw", False)
+SMARTHOST_OPTIONS = RouteOptions("may", PLATFORM_TRUST_STORE, None, None, False)
+
+
+def senderTable(*rules: RouteRule, **kwargs: Any) -> RoutingTable:
+    """A table with a smarthost and sender routes for @a.example, @b.example, one address of
+    b.example, and the null sender."""
+    return RoutingTable(
+        rules,
+        smarthost="[relay.example]:587",
+        smarthostOptions=SMARTHOST_OPTIONS,
+        senderRoutes=[
+            SenderRoute("@a.example", "[smtp.a.example]:587", A_OPTIONS),
+            SenderRoute("@B.Example", "[smtp.b.example]:587", B_OPTIONS),
+            SenderRoute("boss@b.example", "[vip.b.example]:465", B_OPTIONS),
+            SenderRoute("<>", "[bounces.example]", SMARTHOST_OPTIONS),
+        ],
+        **kwargs,
+    )
+
+
+def senderRouteOf(table: RoutingTable, sender: str, address: str = "x@example.org") -> Route:
+    return table.route(Envelope(sender=sender), rcpt(address))
+
+
+def test_sender_route_by_domain_with_its_own_options() -> None:
+    """Each sender's domain goes to its own relay host with its own credentials; other
+    senders go to the smarthost (Postfix looks up user@domain, then @domain)."""
+    table = senderTable()
+    assert senderRouteOf(table, "ann@a.example") == Route(
+        "smtp", "[smtp.a.example]:587", A_OPTIONS
+    )
+    assert senderRouteOf(table, "bob@b.example") == Route(
+        "smtp", "[smtp.b.example]:587", B_OPTIONS
+    )
+    assert senderRouteOf(table, "cy@c.example") == Route(
+        "smtp", "[relay.example]:587", SMARTHOST_OPTIONS
+    )
+    # @a.example is that domain, not its subdomains (Postfix's @domain lookup key).
+    assert senderRouteOf(table, "ann@sub.a.example").nexthop == "[relay.example]:587"
+
+
+def test_sender_route_address_before_domain() -> None:
+    table = senderTable()
+    assert senderRouteOf(table, "boss@b.example") == Route(
+        "smtp", "[vip.b.example]:465", B_OPTIONS
+    )
+    # Looked up without regard to case, as Postfix's tables fold the key.
+    assert senderRouteOf(table, "Boss@B.EXAMPLE").nexthop == "[vip.b.example]:465"
+
+
+def test_sender_route_address_extension() -> None:
+    """With a recipient delimiter, user+ext@domain is looked up, then user@domain, then
+    @domain (Postfix's mail_addr_find)."""
+    table = senderTable(recipientDelimiter="+")
+    assert senderRouteOf(table, "boss+news@b.example").nexthop == "[vip.b.example]:465"
+    table = senderTable()
+    assert senderRouteOf(table, "boss+news@b.example").nexthop == "[smtp.b.example]:587"
+
+
+def test_null_sender_has_its_own_key() -> None:
+    """The null sender is looked up as "<>" (Postfix's empty_address_relayhost_maps_lookup_key);
+    without a "<>" route it goes where mail without a sender route goes."""
+    table = senderTable()
+    assert senderRouteOf(table, "") == Route("smtp", "[bounces.example]:25", SMARTHOST_OPTIONS)
+    table = RoutingTable(
+        smarthost="[relay.example]:587",
+        senderRoutes=[SenderRoute("@a.example", "[smtp.a.example]:587", A_OPTIONS)],
+    )
+    assert senderRouteOf(table, "") == Route("smtp", "[relay.example]:587")
+    assert table.route(None, rcpt("x@example.org")) == Route("smtp", "[relay.example]:587")
+
+
+def test_recipient_routes_before_sender_routes() -> None:
+    """A [[routes]] rule, "*" included, wins over a sender route, which wins over the
+    smarthost and the MX lookup (Postfix's trivial-rewrite resolve.c: transport_maps before
+    sender_dependent_relayhost_maps before relayhost before the recipient domain)."""
+    table = senderTable(
+        RouteRule("local.example", "maildir", "/m/{local}"),
+        RouteRule(".mx.example", "smtp"),
+    )
+    assert senderRouteOf(table, "ann@a.example", "x@local.example") == Route(
+        "maildir", "/m/{local}"
+    )
+    assert senderRouteOf(table, "ann@a.example", "x@h.mx.example") == Route("smtp", "h.mx.example")
+    assert senderRouteOf(table, "ann@a.example", "postmaster").nexthop == "[smtp.a.example]:587"
+    table = senderTable(RouteRule("*", "discard"))
+    assert senderRouteOf(table, "ann@a.example") == Route("discard", "discard")
+    noSmarthost = RoutingTable(
+        senderRoutes=[SenderRoute("@a.example", "smtp.a.example:2525", A_OPTIONS)]
+    )
+    assert senderRouteOf(noSmarthost, "ann@a.example") == Route(
+        "smtp", "smtp.a.example:2525", A_OPTIONS
+    )
+    assert senderRouteOf(noSmarthost, "bob@b.example") == Route("smtp", "example.org")
+
+
+def test_sender_routes_from_config() -> None:
+    config = SimpleNamespace(
+        routes=(),
+        smarthost=None,
+        smarthostOptions=SMARTHOST_OPTIONS,
+        senderRoutes=(SenderRoute("@a.example", "[smtp.a.example]:587", A_OPTIONS),),
+        recipientDelimiter="+",
+    )
+    table = RoutingTable.fromConfig(config)
+    assert senderRouteOf(table, "ann+x@a.example") == Route(
+        "smtp", "[smtp.a.example]:587", A_OPTIONS
+    )
+
+
+def test_bad_sender_routes() -> None:
+    for bad, message in [
+        (SenderRoute("a.example", "[h]"), 'sender route .a.example.: "a.example" is not an address, '
+         '"@domain" or "<>"'),
+        (SenderRoute("@exa mple", "[h]"), 'sender route .@exa mple.: .*not an address'),
+        (SenderRoute("", "[h]"), "sender route '': .*not an address.*: it is empty"),
+        (SenderRoute("@a.example", "[h"), 'sender route .@a.example.: .*not a valid'),
+        (SenderRoute("@a.example", "[h]", ()), "options must be RouteOptions"),  # type: ignore[arg-type]
+    ]:
+        with pytest.raises(ValueError, match=message):
+            RoutingTable(senderRoutes=[bad])
+    with pytest.raises(ValueError, match="sender route '@A.example': there is already a sender "
+                       "route for '@a.example'"):
+        RoutingTable(senderRoutes=[SenderRoute("@a.example", "[h]"),
+                                   SenderRoute("@A.example", "[h]")])
 
 
 def test_parse_nexthop_errors() -> None:

@@ -90,7 +90,7 @@ def _chains(available: dict[str, IMailRelayPlugin], config: Config) -> list[tupl
         if hook.name == "data":
             stamps = [_entry(s) for s in config.headerStampers]
             chains.append(("stamp (header stampers, at the end of the header section)", stamps))
-    routes = [_entry(s) for s in config.routers] + ["[routes, smarthost, MX]"]
+    routes = [_entry(s) for s in config.routers] + ["[routes, sender routes, smarthost, MX]"]
     chains.append(("route (routers, then the routing table)", routes))
     backends = ["smtp", "lmtp", "maildir", "discard"] + [
         f"{s.name} = {_entry(s)}" for s in config.backends

@@ -543,6 +543,20 @@ def checkRoute(r: Reading) -> None:
                 )
 
 
+def checkSenderRoute(r: Reading) -> None:
+    """A sender route's next hop is an SMTP one, required; its transport keys are read as
+    C{[smarthost]}'s, whose place it takes."""
+    at = r.at.child("nexthop")
+    nexthop = smarthost(r.raw.get("nexthop", ""), at) if r.given("nexthop") else None
+    if nexthop is None:
+        raise at.error(
+            'is required in each [[sender_routes]] table: the SMTP server that sender\'s mail '
+            'goes to, as a smarthost is written ("[smtp.example.net]:587")'
+        )
+    r.fields["nexthop"] = str(nexthop)
+    r.fields["options"] = r.readIncluded()
+
+
 def _routeNexthop(r: Reading, backend: str) -> str | None:
     """The route's C{nexthop}, read as its backend's notation and normalised."""
     at, given = r.at.child("nexthop"), r.given("nexthop")

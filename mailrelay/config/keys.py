@@ -70,8 +70,8 @@ from mailrelay.receive.auth import DEFAULT_CHECKER_TIMEOUT, AuthSettings
 from mailrelay.receive.limits import LIMITER_TIMEOUT
 from mailrelay.receive.listener import LISTENER_MODES, LISTENER_TLS_MODES, ListenerSettings
 from mailrelay.receive.tls import DEFAULT_TLS_MIN_VERSION, TLS_VERSIONS
-from mailrelay.route.nexthop import parseRouteDomain
-from mailrelay.route.table import RouteRule
+from mailrelay.route.nexthop import parseRouteDomain, parseSenderKey
+from mailrelay.route.table import RouteRule, SenderRoute
 from mailrelay.smtp.clientsettings import ClientSettings, ClientTimeouts
 from mailrelay.smtp.data import BARE_NEWLINE_NORMALIZE, BARE_NEWLINE_REJECT
 
@@ -789,6 +789,28 @@ ROUTES = Table(
     includes=(TRANSPORT,),
 )
 
+SENDER_ROUTES = Table(
+    (
+        Key(
+            "sender",
+            checked(parseSenderKey),
+            'Whose mail: "user@example.org", "@example.org" (that domain) or "<>" (bounces).',
+            required='is required in each [[sender_routes]] table: "user@example.org", '
+            '"@example.org" or "<>"',
+            unique="is already routed by",
+        ),
+        Key(
+            "nexthop",
+            raw,
+            'Where it goes instead of the smarthost, as a smarthost ("[smtp.example.net]:587").',
+        ),
+    ),
+    target=SenderRoute,
+    check=checks.checkSenderRoute,
+    array=True,
+    includes=(TRANSPORT,),
+)
+
 BACKENDS = pluginTable(
     "is required in each [[backends]] table: the name of the plugin",
     array=True,
@@ -859,6 +881,12 @@ TOP = Table(
         ),
         Key("routes", ROUTES, "Where mail for some domains goes.", default=[]),
         Key(
+            "sender_routes",
+            SENDER_ROUTES,
+            "Where some senders' mail goes instead of the smarthost, with its own AUTH.",
+            default=[],
+        ),
+        Key(
             "routers",
             _plugins("routers"),
             "Plugins routing recipients, in order, before the routes.",
@@ -898,6 +926,7 @@ TOP = Table(
         "smarthost",
         "backends",
         "routes",
+        "sender_routes",
         "routers",
         "auth",
         "rate_limiter",

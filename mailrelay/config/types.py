@@ -25,7 +25,7 @@ from mailrelay.receive.auth import AuthSettings
 from mailrelay.receive.listener import ListenerSettings
 from mailrelay.receive.tls import ServerTLS
 from mailrelay.route.nexthop import SMTPNexthop
-from mailrelay.route.table import RouteRule
+from mailrelay.route.table import RouteRule, SenderRoute
 from mailrelay.smtp.clientsettings import ClientSettings
 
 
@@ -184,6 +184,10 @@ class Config:
         L{mailrelay.config.checks.checkRoute}) and, for C{smtp} and C{lmtp} routes, its
         options (the C{tls} and C{ca_file} an C{smtp} route does not give are
         C{[delivery]}'s).
+    @ivar senderRoutes: the sender routes (C{[[sender_routes]]}), in the file's order: where
+        some senders' mail goes instead of the smarthost, with its own TLS and AUTH settings
+        (C{[smarthost]}'s keys and defaults), each next hop normalised
+        (L{mailrelay.route.table.SenderRoute}).
     @ivar backends: the site delivery backends.
     @ivar routers: the router plugins (providing L{mailrelay.interfaces.IRouter}) asked, in
         order, before C{routes}.
@@ -244,6 +248,7 @@ class Config:
     dane: bool = False
     nameservers: tuple[tuple[str, int], ...] = ()
     routes: tuple[RouteRule, ...] = ()
+    senderRoutes: tuple[SenderRoute, ...] = ()
     backends: tuple[BackendSpec, ...] = ()
     routers: tuple[PluginSpec, ...] = ()
     plugins: tuple[PluginSpec, ...] = ()

@@ -13,6 +13,8 @@ wrong (the loader adds the file and the key):
   - L{parseNameserver}: a DNS resolver's address, C{"192.0.2.1"}, C{"[::1]:53"};
   - L{parseRouteDomain}: the domain pattern of a route, C{"example.org"}, C{".example.org"}
     (its subdomains) or C{"*"};
+  - L{parseSenderKey}: the sender a sender route is for, C{"user@example.org"},
+    C{"@example.org"} or C{"<>"} (the null sender);
   - L{checkMaildirTemplate}: a C{maildir} route's directory template.
 
 Each raises C{ValueError} with a message such as C{'"host:0" is not a valid smarthost: the
@@ -26,7 +28,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from mailrelay.address import domainProblem, hostnameProblem, normaliseDomain
+from mailrelay.address import domainProblem, hostnameProblem, normaliseDomain, parseReversePath
 from mailrelay.errors import describeValue
 
 __all__ = [
@@ -38,12 +40,17 @@ __all__ = [
     "checkMaildirTemplate",
     "parseLMTPNexthop",
     "parseNameserver",
+    "NULL_SENDER_KEY",
     "parseRouteDomain",
     "parseSMTPNexthop",
+    "parseSenderKey",
 ]
 
 DEFAULT_SMTP_PORT = 25
 DEFAULT_DNS_PORT = 53
+#: The key a sender route for the null sender has (Postfix's
+#: C{empty_address_relayhost_maps_lookup_key}).
+NULL_SENDER_KEY = "<>"
 #: The fields a C{maildir} route's directory template may use.
 MAILDIR_FIELDS = ("local", "domain", "address")
 
@@ -304,6 +311,33 @@ def parseRouteDomain(text: str) -> str:
             f"{describeValue(text)} is not a valid domain: {domainProblem(e)}{_ROUTE_DOMAIN_HINT}"
         ) from None
     return "." + domain if subdomains else domain
+
+
+def parseSenderKey(text: str) -> str:
+    """Parse the sender a sender route is for: an address (C{"user@example.org"}), a domain
+    (C{"@example.org"}: every address in that domain, not its subdomains) or C{"<>"} (the
+    null sender), as Postfix's C{sender_dependent_relayhost_maps} keys.
+
+    @return: the key in the form a sender is looked up by: lower case (Postfix's tables fold
+        the key), the domain in canonical form (A-labels, no trailing dot).
+    @raise ValueError: the message names the value and says what is wrong.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"must be a sender as a string, not {describeValue(text)}")
+    if text == NULL_SENDER_KEY:
+        return text
+    try:
+        if text.startswith("@"):
+            return "@" + normaliseDomain(text[1:])
+        mailbox = parseReversePath(f"<{text}>", utf8=True)
+        if mailbox is None:
+            raise ValueError("it is empty")
+        return str(mailbox).lower()
+    except ValueError as e:
+        raise ValueError(
+            f'{describeValue(text)} is not an address, "@domain" or "<>" (the null sender): '
+            f"{domainProblem(e)}"
+        ) from None
 
 
 def checkMaildirTemplate(text: str) -> None:

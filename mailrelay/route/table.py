@@ -1,7 +1,8 @@
 """The routing table: which delivery backend, next hop and options each recipient goes to.
 
-L{RoutingTable} maps a recipient's domain to a L{Route}, by the rules of the configuration's
-C{[[routes]]} and its smarthost; each rule's next hop is checked by its backend's parser
+L{RoutingTable} maps a recipient's domain to a L{Route}, by the rules of the
+configuration's C{[[routes]]}, its sender routes (C{[[sender_routes]]}) and its
+smarthost; each rule's next hop is checked by its backend's parser
 (L{mailrelay.route.nexthop}).  L{mailrelay.route.mx} resolves the SMTP next hops it gives.
 """
 
@@ -15,13 +16,16 @@ from typing import Any
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailrelay.address import userParts
 from mailrelay.errors import PermanentFailure
 from mailrelay.interfaces import IRouter, Route, RouteOptions
 from mailrelay.route.nexthop import (
     DEFAULT_SMTP_PORT,
+    NULL_SENDER_KEY,
     checkMaildirTemplate,
     parseLMTPNexthop,
     parseRouteDomain,
+    parseSenderKey,
     parseSMTPNexthop,
 )
 
@@ -32,6 +36,7 @@ _NO_OPTIONS = RouteOptions()
 __all__ = [
     "RouteRule",
     "RoutingTable",
+    "SenderRoute",
 ]
 
 
@@ -65,6 +70,23 @@ class RouteRule:
     port: int | None = None
 
 
+@dataclass(frozen=True)
+class SenderRoute:
+    """One sender route of a L{RoutingTable}: where the mail of some senders goes instead of
+    to the smarthost (Postfix's C{sender_dependent_relayhost_maps}), with its own TLS and
+    AUTH settings (C{smtp_sender_dependent_authentication}).
+
+    @ivar sender: which senders: C{"user@example.org"}, C{"@example.org"} (every address in
+        that domain) or C{"<>"} (the null sender) (L{parseSenderKey}).
+    @ivar nexthop: an SMTP next hop, as a smarthost is written (C{"[smtp.example.net]:587"}).
+    @ivar options: the L{RouteOptions} of its deliveries.
+    """
+
+    sender: str
+    nexthop: str
+    options: RouteOptions = RouteOptions()
+
+
 def _checkNexthop(backend: str, nexthop: str, port: int | None) -> str:
     """A rule's next hop checked by its backend's parser (C{smtp}, C{lmtp}, C{maildir}; a
     site backend's is its own business), with C{port} folded into an C{smtp} one.
@@ -93,6 +115,14 @@ class RoutingTable:
     (C{Route("smtp", domain)}; an address literal such as C{"[192.0.2.1]"} is its own next hop
     and gets no MX lookup).  A C{"*"} rule takes precedence over the smarthost.
 
+    A sender route (L{SenderRoute}) for the message's sender takes the smarthost's place:
+    it overrides the smarthost and the MX lookup, but not the rules, as Postfix's
+    C{sender_dependent_relayhost_maps} overrides C{relayhost} but not C{transport_maps}
+    (trivial-rewrite's resolve.c).  The sender is looked up as Postfix's C{mail_addr_find}
+    does, without regard to case: C{user+ext@domain}, C{user@domain} (without the address
+    extension, with a recipient delimiter), then C{@domain}; the null sender as C{"<>"}
+    only (Postfix's C{empty_address_relayhost_maps_lookup_key}).
+
     A recipient without a domain (RFC 5321 C{<postmaster>}) goes to the C{"*"} rule, the
     smarthost, or nowhere: L{route} then raises a L{PermanentFailure}.
 
@@ -109,7 +139,11 @@ class RoutingTable:
         @raise ValueError: a route the table refuses (the message names it).
         """
         return cls(
-            config.routes, smarthost=config.smarthost, smarthostOptions=config.smarthostOptions
+            config.routes,
+            smarthost=config.smarthost,
+            smarthostOptions=config.smarthostOptions,
+            senderRoutes=config.senderRoutes,
+            recipientDelimiter=config.recipientDelimiter,
         )
 
     def __init__(
@@ -117,13 +151,19 @@ class RoutingTable:
         rules: Iterable[RouteRule] = (),
         smarthost: Any = None,
         smarthostOptions: RouteOptions = _NO_OPTIONS,
+        senderRoutes: Iterable[SenderRoute] = (),
+        recipientDelimiter: str = "",
     ) -> None:
         """
         @param rules: the rules, in any order; two rules for the same pattern are an error.
         @param smarthost: an L{mailrelay.route.nexthop.SMTPNexthop}, its string form
             (C{"[relay.example]:587"}, C{"relay.example"}) or C{None}.
         @param smarthostOptions: the L{RouteOptions} of the smarthost route.
-        @raise ValueError: a bad rule (the message names it).
+        @param senderRoutes: the L{SenderRoute}s, in any order; two for the same sender are an
+            error.
+        @param recipientDelimiter: the characters separating an address extension from the
+            user (C{"+"}), for looking senders up without it; C{""} for none.
+        @raise ValueError: a bad rule or sender route (the message names it).
         """
         self._exact: dict[str, Route] = {}
         self._subdomains: dict[str, Route] = {}
@@ -139,6 +179,44 @@ class RoutingTable:
             parseSMTPNexthop(self.smarthost, what="smarthost")
         for rule in rules:
             self._add(rule)
+        self.recipientDelimiter = recipientDelimiter
+        self._senders: dict[str, Route] = {}
+        for senderRoute in senderRoutes:
+            self._addSender(senderRoute)
+
+    def _addSender(self, senderRoute: SenderRoute) -> None:
+        try:
+            key = parseSenderKey(senderRoute.sender)
+            nexthop = parseSMTPNexthop(senderRoute.nexthop, what="smarthost")
+        except ValueError as e:
+            raise ValueError(f"sender route {senderRoute.sender!r}: {e}") from None
+        if not isinstance(senderRoute.options, RouteOptions):
+            raise ValueError(
+                f"sender route {senderRoute.sender!r}: options must be RouteOptions, not "
+                f"{senderRoute.options!r}"
+            )
+        if key in self._senders:
+            raise ValueError(
+                f"sender route {senderRoute.sender!r}: there is already a sender route for "
+                f"{key!r}"
+            )
+        self._senders[key] = Route("smtp", str(nexthop), senderRoute.options)
+
+    def _senderRoute(self, envelope: Any) -> Route | None:
+        """The sender route of C{envelope}'s sender, or C{None} (see the class docstring)."""
+        if not self._senders:
+            return None
+        sender = getattr(envelope, "sender", None)
+        if sender is None:
+            return None
+        if not sender:
+            return self._senders.get(NULL_SENDER_KEY)
+        local, _, domain = sender.lower().rpartition("@")
+        for part in userParts(local, self.recipientDelimiter):
+            route = self._senders.get(f"{part}@{domain}")
+            if route is not None:
+                return route
+        return self._senders.get("@" + domain)
 
     def _add(self, rule: RouteRule) -> None:
         pattern = parseRouteDomain(rule.domain)
@@ -219,6 +297,9 @@ class RoutingTable:
                     diagnostic=f"X-mailrelay; recipient {recipient.address} has no domain",
                 )
             return Route(route.backend, nexthopForDomain(domain, port), options)
+        senderRoute = self._senderRoute(envelope)
+        if senderRoute is not None:
+            return senderRoute
         if self.smarthost is not None:
             return Route("smtp", self.smarthost, self.smarthostOptions)
         if not domain:

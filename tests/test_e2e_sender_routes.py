@@ -1,0 +1,112 @@
+"""End-to-end: sender routes ([[sender_routes]], Postfix's sender_dependent_relayhost_maps
+with smtp_sender_dependent_authentication = yes).  The real relay, a smarthost and two
+providers (aiosmtpd next hops requiring AUTH): the mail of each sender arrives at its own
+provider, logged in as its own user; other senders' mail at the smarthost; a [[routes]]
+rule for the recipient wins over the sender's route."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from tests.test_e2e_outbound import (  # noqa: F401 - fixtures
+    Recorder,
+    _TCPController,
+    config,
+    dns,
+    nexthop,
+    relay,
+    smtpRoute,
+    submit,
+)
+
+
+class LoginRecorder(Recorder):
+    """A L{Recorder} that also records, for each message accepted, the user the client
+    logged in as (C{users}, in the order of C{accepted})."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.users: list[tuple[str, str | None]] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        with self.cond:
+            self.users.append((envelope.mail_from, session.auth_data))
+        return await super().handle_DATA(server, session, envelope)
+
+
+@pytest.fixture
+def provider():
+    """C{provider(accounts)}: an aiosmtpd next hop on 127.0.0.1 requiring AUTH (over plain
+    text: the relay's routes say C{auth_without_tls}) for the C{user: password} pairs of
+    C{accounts}: C{(LoginRecorder, port)}.  Stopped in teardown."""
+    controllers: list[Any] = []
+
+    def start(accounts: dict[str, str]) -> tuple[LoginRecorder, int]:
+        def authenticator(server: Any, session: Any, envelope: Any, mechanism: str,
+                          data: Any) -> AuthResult:
+            if isinstance(data, LoginPassword):
+                user = data.login.decode()
+                if accounts.get(user) == data.password.decode():
+                    return AuthResult(success=True, auth_data=user)
+            return AuthResult(success=False, handled=False, message="535 5.7.8 go away")
+
+        recorder = LoginRecorder()
+        controller = _TCPController(recorder, hostname="127.0.0.1", port=0, ready_timeout=10,
+                                    authenticator=authenticator, auth_required=True,
+                                    auth_require_tls=False)
+        controller.start()
+        controllers.append(controller)
+        return recorder, controller.port
+
+    yield start
+    for controller in controllers:
+        controller.stop()
+
+
+def senderRoute(sender: str, port: int, user: str) -> str:
+    return (
+        f'[[sender_routes]]\nsender = "{sender}"\nnexthop = "[127.0.0.1]:{port}"\n'
+        f'tls = "none"\nauth_without_tls = true\nusername = "{user}"\n'
+        f'password = "{user}-secret"\n'
+    )
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+def test_each_sender_through_its_own_provider_as_its_own_user(
+    dns, relay, nexthop, provider,  # noqa: F811 - fixtures
+) -> None:
+    """@a.example's mail goes to provider A as user a; @b.example's to provider B as b, and
+    boss@b.example's to B too but as b-boss (the address before the domain): deliveries to
+    one next hop with other credentials do not share a connection.  Another sender's mail
+    goes to the smarthost; a [[routes]] rule for the recipient wins over a sender route."""
+    providerA, portA = provider({"a": "a-secret"})
+    providerB, portB = provider({"b": "b-secret", "b-boss": "b-boss-secret"})
+    smarthost, smarthostPort = nexthop()
+    routed, routedPort = nexthop()
+    r = relay(
+        config(dns, routes=[smtpRoute("routed.test", routedPort)])
+        + f'[relay]\nsmarthost = "[127.0.0.1]:{smarthostPort}"\n'
+        + senderRoute("@a.example", portA, "a")
+        + senderRoute("@B.example", portB, "b")
+        + senderRoute("boss@b.example", portB, "b-boss")
+    )
+    message = b"Subject: sender routes\r\n\r\nhi\r\n"
+    submit(r, "ann@a.example", ["x@one.test"], message)
+    submit(r, "bob@b.example", ["y@one.test"], message)
+    submit(r, "Boss@b.example", ["z@one.test"], message)
+    submit(r, "cy@c.example", ["w@one.test"], message)
+    submit(r, "ann@a.example", ["v@routed.test"], message)
+
+    assert [m.mailFrom for m in providerA.waitTo("x@one.test")] == ["ann@a.example"]
+    providerB.waitTo("y@one.test")
+    providerB.waitTo("z@one.test")
+    assert [m.mailFrom for m in smarthost.waitTo("w@one.test")] == ["cy@c.example"]
+    assert [m.mailFrom for m in routed.waitTo("v@routed.test")] == ["ann@a.example"]
+    assert providerA.users == [("ann@a.example", "a")]
+    assert sorted(providerB.users) == [("Boss@b.example", "b-boss"), ("bob@b.example", "b")]
+    assert len(providerA.accepted) == 1 and len(providerB.accepted) == 2
+    for address in ("x@one.test", "y@one.test", "z@one.test", "w@one.test", "v@routed.test"):
+        r.waitForLog(rf"to=<{address}>.*status=sent")
