@@ -40,6 +40,7 @@ __all__ = [
     "normaliseHostname",
     "parseForwardPath",
     "parseReversePath",
+    "parseSenderPattern",
     "splitArgument",
     "unmappedAddress",
     "userParts",
@@ -418,6 +419,20 @@ def parseReversePath(path: str, *, utf8: bool = False) -> Mailbox | None:
         non-ASCII address without C{utf8}.
     """
     return _parsePath(path, utf8=utf8, who="sender", status="5.1.7", postmasterDomain=None)
+
+
+def parseSenderPattern(text: str) -> str | None:
+    """Parse a pattern of senders written without angle brackets: an address
+    (C{"a@example.com"}) or every address of a domain (C{"@example.com"}).
+
+    @return: the pattern in canonical form (the address's, L{parseReversePath}; the domain's,
+        L{normaliseDomain}), or C{None} for C{""} (the null sender).
+    @raise AddressError: neither (L{domainProblem} says why).
+    """
+    if text.startswith("@"):
+        return "@" + normaliseDomain(text[1:])
+    mailbox = parseReversePath(f"<{text}>", utf8=True)
+    return None if mailbox is None else str(mailbox)
 
 
 def parseForwardPath(path: str, *, utf8: bool = False, postmasterDomain: str) -> Mailbox:

@@ -18,7 +18,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from mailrelay.address import domainProblem, normaliseDomain, parseReversePath
+from mailrelay.address import domainProblem, parseSenderPattern
 from mailrelay.config.schema import At, Reading, given, tableOf
 from mailrelay.config.types import SNICertificate
 from mailrelay.config.values import (
@@ -433,12 +433,10 @@ def senders(value: Any, at: At) -> dict[str, tuple[str, ...]]:
 def _senderPattern(text: str, at: At) -> str:
     """An address (C{"a@example.com"}) or a domain (C{"@example.com"}), normalised."""
     try:
-        if text.startswith("@"):
-            return "@" + normaliseDomain(text[1:])
-        mailbox = parseReversePath(f"<{text}>", utf8=True)
-        if mailbox is None:
+        pattern = parseSenderPattern(text)
+        if pattern is None:
             raise ValueError("the null sender <> is always allowed")
-        return str(mailbox)
+        return pattern
     except ValueError as e:
         raise at.error(
             f'{describeValue(text)} is not an address or "@domain": {domainProblem(e)}'

@@ -28,7 +28,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from mailrelay.address import domainProblem, hostnameProblem, normaliseDomain, parseReversePath
+from mailrelay.address import domainProblem, hostnameProblem, normaliseDomain, parseSenderPattern
 from mailrelay.errors import describeValue
 
 __all__ = [
@@ -327,12 +327,10 @@ def parseSenderKey(text: str) -> str:
     if text == NULL_SENDER_KEY:
         return text
     try:
-        if text.startswith("@"):
-            return "@" + normaliseDomain(text[1:])
-        mailbox = parseReversePath(f"<{text}>", utf8=True)
-        if mailbox is None:
+        pattern = parseSenderPattern(text)
+        if pattern is None:
             raise ValueError("it is empty")
-        return str(mailbox).lower()
+        return pattern.lower()
     except ValueError as e:
         raise ValueError(
             f'{describeValue(text)} is not an address, "@domain" or "<>" (the null sender): '
