@@ -343,6 +343,23 @@ def test_connectionRefused():
     assert error.diagnostic == "X-mailrelay; connection refused by mx.test"
 
 
+def test_a_source_address_that_cannot_be_bound_defers_4_4_0():
+    """A [delivery] source_address the host no longer has (removed after start-up) defers
+    the delivery with 4.4.0, naming the address: mail is not sent from another address,
+    as Postfix's smtp_bind_address_enforce = yes ("4.4.0 server configuration error")."""
+    from twisted.internet.error import ConnectBindError
+
+    endpoint = FakeEndpoint(failWith=ConnectBindError(99, "Cannot assign requested address"))
+    endpoint._bindAddress = ("192.0.2.100", 0)  # (as TCP4ClientEndpoint keeps it)
+    peer = Peer(ClientSettings("client.test", sourceAddress="192.0.2.100"), endpoint=endpoint)
+    error = failureOf(peer.ready)
+    assert (error.code, error.permanent) == ("4.4.0", False)
+    assert error.diagnostic == (
+        "X-mailrelay; cannot connect to mx.test from source address 192.0.2.100 (server "
+        "configuration error): Couldn't bind: 99: Cannot assign requested address."
+    )
+
+
 def test_a_connection_failure_is_logged_by_the_caller_only():
     """connectSMTP logs nothing of a failure to connect: the backend that asked logs it
     once, naming the message, the host, its address and port (a refused connection was

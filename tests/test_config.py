@@ -6,6 +6,7 @@ import dataclasses
 import ipaddress
 import os
 import re
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from mailrelay.config import (
     Config,
     ListenerConfig,
     PluginSpec,
+    checks,
     loadConfig,
     parseNetwork,
 )
@@ -610,6 +612,16 @@ ERROR_CASES = [
     ('[queue]\npostmaster = "jörg@example.com"', "queue.postmaster", "requires SMTPUTF8"),
     ("[queue]\nretries = 5", "queue.retries", "allowed in [queue] are: min_backoff"),
     ("queue = 5", "queue", "must be a table ([queue]), not 5"),
+    # [delivery] source_address, source_address6
+    ('[delivery]\nsource_address = "relay.example"', "delivery.source_address",
+     '"relay.example" is not an IPv4 address'),
+    ('[delivery]\nsource_address = "::1"', "delivery.source_address",
+     '"::1" is an IPv6 address: give it as source_address6'),
+    ('[delivery]\nsource_address6 = "127.0.0.1"', "delivery.source_address6",
+     '"127.0.0.1" is an IPv4 address: give it as source_address'),
+    ('[delivery]\nsource_address = 5', "delivery.source_address", "must be a string, not 5"),
+    ('[delivery]\nsource_address = "192.0.2.77"', "delivery.source_address",
+     '"192.0.2.77" cannot be bound: this host has no such address ('),
     # [delivery]
     ('[delivery]\nhelo_name = "bad_name"', "delivery.helo_name",
      '"bad_name" is not a valid host name'),
@@ -850,6 +862,28 @@ nexthop = "[bounces.example]"
         SenderRoute("<>", "[bounces.example]:25", transport()),
     )
     assert loadConfig(writeConfig(tmp_path, "")).senderRoutes == ()
+
+
+def test_sourceAddresses(tmp_path: Path) -> None:
+    """[delivery] source_address and source_address6 (Postfix's smtp_bind_address and
+    smtp_bind_address6): addresses of this host, normalised, in the delivery settings; none
+    by default."""
+    assert (c := loadConfig(writeConfig(tmp_path, ""))).delivery.sourceAddress is None
+    assert c.delivery.sourceAddress6 is None
+    path = writeConfig(tmp_path, '[delivery]\nsource_address = "[127.0.0.2]"\n')
+    assert loadConfig(path).delivery.sourceAddress == "127.0.0.2"
+    if socket.has_ipv6 and _canBind6():
+        path = writeConfig(tmp_path, '[delivery]\nsource_address6 = "0:0::1"\n')
+        assert loadConfig(path).delivery.sourceAddress6 == "::1"
+
+
+def _canBind6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
 
 
 def test_errorExactMessage(tmp_path: Path) -> None:
@@ -1109,9 +1143,16 @@ def test_sampleSpool() -> None:
     assert data["spool"]["directory"] == "/var/spool/mailrelay"
 
 
-def test_sampleEveryKeyUncommentedLoads(tmp_path: Path) -> None:
+def test_sampleEveryKeyUncommentedLoads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With every setting switched on, the sample still loads: every key in it is known.
-    Its relative files (CA bundle, password files) are made next to it."""
+    Its relative files (CA bundle, password files) are made next to it; its source addresses
+    (documentation addresses, which this host has not) bind."""
+
+    class AnyAddress(socket.socket):
+        def bind(self, address: Any) -> None:
+            pass
+
+    monkeypatch.setattr(checks.socket, "socket", AnyAddress)
     text = uncommentSettings(SAMPLE.read_text(encoding="utf-8"))
     path = writeConfig(tmp_path, text, "sample.toml")
     (tmp_path / "ca.pem").write_text(PEM)
@@ -1137,6 +1178,7 @@ def test_sampleEveryKeyUncommentedLoads(tmp_path: Path) -> None:
     assert c.smarthost == SMTPNexthop("smtp.example.net", 587, False)
     assert c.hostname == "relay.example.com"
     assert [spec.plugin for spec in c.recipientValidators] == ["accepted-domains"]
+    assert (c.delivery.sourceAddress, c.delivery.sourceAddress6) == ("192.0.2.25", "2001:db8::25")
     assert [(r.sender, r.options.username, r.options.password) for r in c.senderRoutes] == [
         ("@a.example", "relay@a.example", "a secret"),
         ("sales@b.example", "sales@b.example", "correct horse battery staple"),

@@ -1037,6 +1037,42 @@ def test_smtp_failover_order() -> None:
     assert net.connections[0].sent == [("Q" * 20, ["a@example.org", "b@example.org"])]
 
 
+def test_smtp_source_address_by_family() -> None:
+    """[delivery] source_address binds IPv4 connections, source_address6 IPv6 ones
+    (Postfix's smtp_bind_address and smtp_bind_address6); without one of them the
+    connections of that family are not bound."""
+    settings = dataclasses.replace(SETTINGS, sourceAddress="192.0.2.100",
+                                   sourceAddress6="2001:db8::100")
+    backend, net, clock, mx = smtpBackend(settings=settings)
+    net.connectBehaviour["192.0.2.1"] = connectError("4.4.1", "X-mailrelay; refused")
+    net.connectBehaviour["2001:db8::1"] = connectError("4.4.1", "X-mailrelay; refused")
+    assert result(send(backend, "example.org", "a@example.org"))[0].status is DELIVERED
+    assert [(a, e._bindAddress) for a, _, _, _, e in net.attempts] == [
+        ("192.0.2.1", ("192.0.2.100", 0)),
+        ("2001:db8::1", ("2001:db8::100", 0)),
+        ("192.0.2.2", ("192.0.2.100", 0)),
+    ]
+    settings = dataclasses.replace(SETTINGS, sourceAddress="192.0.2.100")
+    backend, net, clock, mx = smtpBackend(settings=settings)
+    net.connectBehaviour["192.0.2.1"] = connectError("4.4.1", "X-mailrelay; refused")
+    assert result(send(backend, "example.org", "a@example.org"))[0].status is DELIVERED
+    assert [e._bindAddress for *_, e in net.attempts] == [("192.0.2.100", 0), None]
+    backend, net, clock, mx = smtpBackend(settings=dataclasses.replace(
+        SETTINGS, tls="implicit", sourceAddress="192.0.2.100"))
+    result(send(backend, "example.net", "a@example.net"))
+    assert net.attempts[0][4]._wrappedEndpoint._bindAddress == ("192.0.2.100", 0)
+
+
+def test_client_settings_source_addresses_are_checked() -> None:
+    for bad, message in [
+        (dict(sourceAddress="2001:db8::1"), "sourceAddress must be an IPv4 address"),
+        (dict(sourceAddress="relay.example"), "sourceAddress must be an IPv4 address"),
+        (dict(sourceAddress6="192.0.2.1"), "sourceAddress6 must be an IPv6 address"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            dataclasses.replace(SETTINGS, **bad)
+
+
 def test_smtp_unreachable_next_hop_is_suspended() -> None:
     """As many deliveries in a row as the destination concurrency that reach no server of a
     next hop suspend it for plaintextFallbackAge (the queue's min_backoff): deliveries to it

@@ -11,7 +11,10 @@ Part of the config layer: it may import the values, L{mailrelay.smtp} and the st
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
+from collections.abc import Callable
 from functools import partial
 from socket import AF_INET6, AF_UNIX
 from typing import Any
@@ -63,6 +66,43 @@ def smarthost(value: Any, at: At) -> SMTPNexthop | None:
     none."""
     text = string(value, at)
     return checked(partial(parseSMTPNexthop, what="smarthost"))(text, at) if text else None
+
+
+def sourceAddress(version: int) -> Callable[[Any, At], str | None]:
+    """C{[delivery]}'s C{source_address} (C{version} 4) or C{source_address6} (6): an IP
+    address of that version (C{"[...]"} allowed, as Postfix's C{smtp_bind_address}),
+    normalised, or C{""} for none (C{None}).  Bound once now, so that an address this host
+    does not have is refused at start-up, naming the key (Postfix finds out at each
+    connection, and logs a warning)."""
+    key, other = ("source_address", "source_address6") if version == 4 else (
+        "source_address6", "source_address")
+
+    def parse(value: Any, at: At) -> str | None:
+        text = string(value, at)
+        if not text:
+            return None
+        bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+        try:
+            address = ipaddress.ip_address(bare)
+        except ValueError:
+            raise at.error(f"{describeValue(text)} is not an IPv{version} address") from None
+        if address.version != version:
+            raise at.error(
+                f"{describeValue(text)} is an IPv{address.version} address: give it as "
+                f"{other} ({key} is the source of the connections to IPv{version} addresses)"
+            )
+        family = socket.AF_INET if version == 4 else socket.AF_INET6
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.bind((str(address), 0))
+        except OSError as e:
+            raise at.error(
+                f"{describeValue(text)} cannot be bound: this host has no such address "
+                f"({e.strerror or e}); give one of its own addresses, or remove {key}"
+            ) from None
+        return str(address)
+
+    return parse
 
 
 def nameservers(value: Any, at: At) -> tuple[tuple[str, int], ...]:

@@ -524,6 +524,18 @@ DELIVERY = Table(
             recipientDelimiter,
             "The characters separating a user from an address extension (bob+lists@).",
         ),
+        Key(
+            "source_address",
+            checks.sourceAddress(4),
+            "The local IPv4 address SMTP connections are made from (default: the system's).",
+            default="",
+        ),
+        Key(
+            "source_address6",
+            checks.sourceAddress(6),
+            "The local IPv6 address SMTP connections are made from (default: the system's).",
+            default="",
+        ),
         Key("timeouts", TIMEOUTS, "The SMTP client's time-outs.", default={}),
     ),
     target=Config,

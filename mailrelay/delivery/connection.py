@@ -209,6 +209,17 @@ def connectSMTP(reactor: Any, endpoint: Any, settings: ClientSettings, *, tlsHos
             return  # cancelled by our caller
         if state["timedOut"]:
             why = f"connection to {where} timed out"
+        elif isinstance(value, ierror.ConnectBindError):
+            # [delivery] source_address that the host no longer has: deferred, not sent from
+            # another address (Postfix's smtp_bind_address_enforce = yes).
+            source = getattr(getattr(endpoint, "_wrappedEndpoint", endpoint), "_bindAddress",
+                             None)
+            ready.errback(SMTPConnectError(
+                "4.4.0",
+                f"X-mailrelay; cannot connect to {where} from source address "
+                f"{source[0] if source else '?'} (server configuration error): {value}",
+            ))
+            return
         elif isinstance(value, ierror.ConnectionRefusedError):
             why = f"connection refused by {where}"
         elif isinstance(value, ierror.DNSLookupError):

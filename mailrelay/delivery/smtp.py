@@ -332,12 +332,14 @@ class SMTPBackend(ClientBackend):
 
     def _endpoint(self, host: MXHost, settings: ClientSettings) -> Any:
         timeout = settings.timeouts.connect
-        if host.family == 6:
-            endpoint: Any = TCP6ClientEndpoint(
-                self.reactor, host.address, host.port, timeout=timeout
-            )
-        else:
-            endpoint = TCP4ClientEndpoint(self.reactor, host.address, host.port, timeout=timeout)
+        kind = TCP6ClientEndpoint if host.family == 6 else TCP4ClientEndpoint
+        endpoint: Any = kind(
+            self.reactor,
+            host.address,
+            host.port,
+            timeout=timeout,
+            bindAddress=settings.sourceFor(host.family),
+        )
         if settings.tls == "implicit":
             endpoint = wrapClientTLS(clientTLSOptions(settings, host.name), endpoint)
         return endpoint

@@ -4,9 +4,19 @@ by the connection in L{mailrelay.delivery})."""
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 from mailrelay.interfaces import TLS_POLICIES
+
+
+def _ipVersion(text: object) -> int | None:
+    """4 or 6 for an IP address in canonical form, else C{None}."""
+    try:
+        address = ipaddress.ip_address(text)  # type: ignore[arg-type]
+    except ValueError:
+        return None
+    return address.version if str(address) == text else None
 
 
 @dataclass(frozen=True)
@@ -122,6 +132,10 @@ class ClientSettings:
     @ivar caFile: a PEM bundle of trusted CA certificates, or C{None} for the platform's.
     @ivar username: authenticate (AUTH PLAIN, else LOGIN) with these credentials.
     @ivar authWithoutTLS: allow sending credentials on a connection without TLS.
+    @ivar sourceAddress: the local IPv4 address connections to IPv4 addresses are made from
+        (bound before connecting), or C{None}: the system's choice (Postfix's
+        C{smtp_bind_address}).
+    @ivar sourceAddress6: the same for IPv6 (Postfix's C{smtp_bind_address6}).
     """
 
     heloName: str
@@ -134,6 +148,8 @@ class ClientSettings:
     timeouts: ClientTimeouts = ClientTimeouts()
     tlsVerify: bool = True
     tlsa: DANEPolicy | None = None
+    sourceAddress: str | None = None
+    sourceAddress6: str | None = None
 
     @property
     def verifiesTLS(self) -> bool:
@@ -155,3 +171,13 @@ class ClientSettings:
             raise ValueError("a username needs a password")
         if not self.heloName or any(c.isspace() for c in self.heloName):
             raise ValueError(f"bad heloName {self.heloName!r}")
+        for name, version in (("sourceAddress", 4), ("sourceAddress6", 6)):
+            value = getattr(self, name)
+            if value is not None and _ipVersion(value) != version:
+                raise ValueError(f"{name} must be an IPv{version} address, not {value!r}")
+
+    def sourceFor(self, family: int) -> tuple[str, int] | None:
+        """The local address to bind a connection of address C{family} (4 or 6) to before
+        connecting (any port), or C{None}."""
+        address = self.sourceAddress6 if family == 6 else self.sourceAddress
+        return None if address is None else (address, 0)
