@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import importlib
+import ipaddress
 import re
 import time
 from collections.abc import Callable
@@ -722,6 +723,25 @@ TLS_POLICIES = ("none", "may", "required", "implicit")
 PLATFORM_TRUST_STORE = ""
 
 
+def checkSourceAddresses(settings: Any) -> None:
+    """Check the C{sourceAddress} (IPv4) and C{sourceAddress6} (IPv6) of L{RouteOptions} or
+    of L{mailrelay.smtp.clientsettings.ClientSettings}: each C{None} or an address of its
+    version in canonical form.
+
+    @raise ValueError: the message names the field and the value.
+    """
+    for name, version in (("sourceAddress", 4), ("sourceAddress6", 6)):
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        try:
+            address = ipaddress.ip_address(value)
+        except ValueError:
+            address = None
+        if address is None or address.version != version or str(address) != value:
+            raise ValueError(f"{name} must be an IPv{version} address, not {value!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class RouteOptions:
     """The client settings a route sets for its next hop, over the backend's defaults.
@@ -739,6 +759,8 @@ class RouteOptions:
     @ivar username: log in (AUTH) as this user; needs C{password}.
     @ivar password: the AUTH password; needs C{username}.
     @ivar authWithoutTLS: whether AUTH may be sent on a connection without TLS.
+    @ivar sourceAddress: the local IPv4 address to connect from (SMTP only).
+    @ivar sourceAddress6: the local IPv6 address to connect from (SMTP only).
     @raise ValueError: a bad setting (the message names it).
     """
 
@@ -747,6 +769,8 @@ class RouteOptions:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     authWithoutTLS: bool | None = None
+    sourceAddress: str | None = None
+    sourceAddress6: str | None = None
 
     def __post_init__(self) -> None:
         if self.tls is not None and self.tls not in TLS_POLICIES:
@@ -762,12 +786,21 @@ class RouteOptions:
             raise ValueError("username and password go together")
         if self.authWithoutTLS is not None and not isinstance(self.authWithoutTLS, bool):
             raise ValueError(f"authWithoutTLS must be a bool, not {self.authWithoutTLS!r}")
+        checkSourceAddresses(self)
 
     def changes(self) -> dict[str, Any]:
         """The settings this route sets (those not C{None}), by name."""
         return {
             name: getattr(self, name)
-            for name in ("tls", "caFile", "username", "password", "authWithoutTLS")
+            for name in (
+                "tls",
+                "caFile",
+                "username",
+                "password",
+                "authWithoutTLS",
+                "sourceAddress",
+                "sourceAddress6",
+            )
             if getattr(self, name) is not None
         }
 

@@ -612,6 +612,14 @@ ERROR_CASES = [
     ('[queue]\npostmaster = "jörg@example.com"', "queue.postmaster", "requires SMTPUTF8"),
     ("[queue]\nretries = 5", "queue.retries", "allowed in [queue] are: min_backoff"),
     ("queue = 5", "queue", "must be a table ([queue]), not 5"),
+    # a route's source_address
+    (('[[routes]]\ndomain = "a.example"\nbackend = "lmtp"\nnexthop = "h:24"\n'
+      'source_address = "127.0.0.1"'), "routes[0].source_address",
+     'only smtp routes take source_address, not an "lmtp" route'),
+    ('[[routes]]\ndomain = "a.example"\nbackend = "smtp"\nsource_address6 = "127.0.0.1"',
+     "routes[0].source_address6", '"127.0.0.1" is an IPv4 address: give it as source_address'),
+    ('[smarthost]\nsource_address = "192.0.2.77"', "smarthost.source_address",
+     '"192.0.2.77" cannot be bound'),
     # [delivery] source_address, source_address6
     ('[delivery]\nsource_address = "relay.example"', "delivery.source_address",
      '"relay.example" is not an IPv4 address'),
@@ -872,6 +880,17 @@ def test_sourceAddresses(tmp_path: Path) -> None:
     assert c.delivery.sourceAddress6 is None
     path = writeConfig(tmp_path, '[delivery]\nsource_address = "[127.0.0.2]"\n')
     assert loadConfig(path).delivery.sourceAddress == "127.0.0.2"
+    # A route's, the smarthost's or a sender route's replaces [delivery]'s for its mail.
+    path = writeConfig(tmp_path, (
+        '[delivery]\nsource_address = "127.0.0.2"\n[smarthost]\nsource_address = "127.0.0.3"\n'
+        '[[routes]]\ndomain = "a.example"\nbackend = "smtp"\nsource_address = "127.0.0.4"\n'
+        '[[routes]]\ndomain = "b.example"\nbackend = "smtp"\n'
+        '[[sender_routes]]\nsender = "@c.example"\nnexthop = "[h.example]"\n'
+        'source_address = "127.0.0.5"\n'))
+    c = loadConfig(path)
+    assert c.smarthostOptions.sourceAddress == "127.0.0.3"
+    assert [r.options.sourceAddress for r in c.routes] == ["127.0.0.4", None]
+    assert c.senderRoutes[0].options.sourceAddress == "127.0.0.5"
     if socket.has_ipv6 and _canBind6():
         path = writeConfig(tmp_path, '[delivery]\nsource_address6 = "0:0::1"\n')
         assert loadConfig(path).delivery.sourceAddress6 == "::1"
@@ -1179,14 +1198,16 @@ def test_sampleEveryKeyUncommentedLoads(tmp_path: Path, monkeypatch: pytest.Monk
     assert c.hostname == "relay.example.com"
     assert [spec.plugin for spec in c.recipientValidators] == ["accepted-domains"]
     assert (c.delivery.sourceAddress, c.delivery.sourceAddress6) == ("192.0.2.25", "2001:db8::25")
-    assert [(r.sender, r.options.username, r.options.password) for r in c.senderRoutes] == [
-        ("@a.example", "relay@a.example", "a secret"),
-        ("sales@b.example", "sales@b.example", "correct horse battery staple"),
+    assert [(r.sender, r.options.username, r.options.password, r.options.sourceAddress)
+            for r in c.senderRoutes] == [
+        ("@a.example", "relay@a.example", "a secret", "192.0.2.28"),
+        ("sales@b.example", "sales@b.example", "correct horse battery staple", None),
     ]
 
     ca = str(tmp_path / "ca.pem")
-    assert c.smarthostOptions == transport(
-        "may", ca, "relay@example.com", "smarthost secret", False
+    assert c.smarthostOptions == dataclasses.replace(
+        transport("may", ca, "relay@example.com", "smarthost secret", False),
+        sourceAddress="192.0.2.26", sourceAddress6="2001:db8::26",
     )
     assert c.nameservers == (("127.0.0.1", 5353), ("::1", 53), ("192.0.2.53", 53))
     assert c.queue.postmaster == "postmaster@example.com"
@@ -1196,7 +1217,8 @@ def test_sampleEveryKeyUncommentedLoads(tmp_path: Path, monkeypatch: pytest.Monk
     assert c.routes == (
         RouteRule(
             "example.org", "smtp", "[mx.example.org]:25",
-            transport("required", ca, "relay", "org secret", False)),
+            dataclasses.replace(transport("required", ca, "relay", "org secret", False),
+                                sourceAddress="192.0.2.27", sourceAddress6="2001:db8::27")),
         RouteRule(
             "example.net", "smtp", "[submit.example.net]:587",
             transport("may", ca, "relay@example.net", "correct horse battery staple")),

@@ -2017,6 +2017,21 @@ def test_smtp_route_options_over_defaults() -> None:
     assert net.attempts[1][3] is SETTINGS
 
 
+def test_smtp_route_source_address_over_delivery() -> None:
+    """A route's (a sender route's) source address replaces [delivery]'s for its mail only:
+    two companies relayed by one host leave from their own addresses."""
+    backend, net, clock, mx = smtpBackend(
+        settings=dataclasses.replace(SETTINGS, sourceAddress="192.0.2.100"))
+    options = RouteOptions(sourceAddress="192.0.2.101", sourceAddress6="2001:db8::101")
+    result(send(backend, "[relay.example]:587", "a@example.com", options=options))
+    result(send(backend, "example.net", "a@example.net"))
+    assert [(a[3].sourceAddress, a[3].sourceAddress6, a[4]._bindAddress)
+            for a in net.attempts] == [
+        ("192.0.2.101", "2001:db8::101", ("192.0.2.101", 0)),
+        ("192.0.2.100", None, ("192.0.2.100", 0)),
+    ]
+
+
 def test_smtp_route_asking_for_the_platform_trust_store() -> None:
     """C{caFile = PLATFORM_TRUST_STORE} verifies with the platform's trust store even when
     the backend's default names a CA file (the smarthost's own, unset C{ca_file} must not

@@ -27,3 +27,19 @@ def test_the_next_hop_sees_the_source_address(dns, relay, nexthop) -> None:  # n
     submit(unbound, "alice@example.com", ["carol@one.test"], b"Subject: free\r\n\r\nhi\r\n")
     (message,) = hop.waitTo("carol@one.test")
     assert message.peer[0] == "127.0.0.1"
+
+
+def test_a_sender_route_has_its_own_source_address(dns, relay, nexthop) -> None:  # noqa: F811
+    """A sender route's source_address replaces [delivery]'s for its sender's mail only:
+    two companies relayed by one host leave from their own addresses."""
+    hop, port = nexthop()
+    r = relay(
+        config(dns, delivery={"source_address": "127.0.0.2"})
+        + f'[relay]\nsmarthost = "[127.0.0.1]:{port}"\n'
+        + f'[[sender_routes]]\nsender = "@a.example"\nnexthop = "[127.0.0.1]:{port}"\n'
+        + 'source_address = "127.0.0.3"\n'
+    )
+    submit(r, "ann@a.example", ["x@one.test"], b"Subject: a\r\n\r\nhi\r\n")
+    submit(r, "bob@b.example", ["y@one.test"], b"Subject: b\r\n\r\nhi\r\n")
+    assert [m.peer[0] for m in hop.waitTo("x@one.test")] == ["127.0.0.3"]
+    assert [m.peer[0] for m in hop.waitTo("y@one.test")] == ["127.0.0.2"]

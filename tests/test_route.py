@@ -202,6 +202,8 @@ def test_route_options_are_checked() -> None:
         (dict(caFile=b"/ca.pem"), "caFile must be a non-empty string"),
         (dict(username="u\0", password="p"), "username must be"),
         (dict(authWithoutTLS="yes"), "authWithoutTLS must be a bool"),
+        (dict(sourceAddress="2001:db8::1"), "sourceAddress must be an IPv4 address"),
+        (dict(sourceAddress6="192.0.2.1"), "sourceAddress6 must be an IPv6 address"),
     ]:
         with pytest.raises(ValueError, match=message):
             RouteOptions(**bad)

@@ -569,6 +569,13 @@ def checkRoute(r: Reading) -> None:
         caFile = PLATFORM_TRUST_STORE if delivery.caFile is None else delivery.caFile
         r.fields["options"] = r.readIncluded({"tls": delivery.tls, "caFile": caFile})
     elif backend == "lmtp":
+        for name in ("source_address", "source_address6"):
+            if r.given(name):
+                raise r.error(
+                    name,
+                    f"{describeValue(r.raw[name])}: only smtp routes take {name}, not an "
+                    '"lmtp" route (LMTP connections are not bound to a source address)',
+                )
         r.fields["options"] = r.readIncluded()
     else:
         for name in r.table.includes[0].names:

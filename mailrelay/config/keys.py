@@ -566,6 +566,16 @@ TRANSPORT = Table(
             default=False,
             field="authWithoutTLS",
         ),
+        Key(
+            "source_address",
+            checks.sourceAddress(4),
+            "The local IPv4 address to connect from (default: [delivery]'s).",
+        ),
+        Key(
+            "source_address6",
+            checks.sourceAddress(6),
+            "The local IPv6 address to connect from (default: [delivery]'s).",
+        ),
     ),
     target=RouteOptions,
     check=checks.checkTransport,

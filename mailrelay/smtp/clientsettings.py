@@ -4,19 +4,9 @@ by the connection in L{mailrelay.delivery})."""
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 
-from mailrelay.interfaces import TLS_POLICIES
-
-
-def _ipVersion(text: object) -> int | None:
-    """4 or 6 for an IP address in canonical form, else C{None}."""
-    try:
-        address = ipaddress.ip_address(text)  # type: ignore[arg-type]
-    except ValueError:
-        return None
-    return address.version if str(address) == text else None
+from mailrelay.interfaces import TLS_POLICIES, checkSourceAddresses
 
 
 @dataclass(frozen=True)
@@ -171,10 +161,7 @@ class ClientSettings:
             raise ValueError("a username needs a password")
         if not self.heloName or any(c.isspace() for c in self.heloName):
             raise ValueError(f"bad heloName {self.heloName!r}")
-        for name, version in (("sourceAddress", 4), ("sourceAddress6", 6)):
-            value = getattr(self, name)
-            if value is not None and _ipVersion(value) != version:
-                raise ValueError(f"{name} must be an IPv{version} address, not {value!r}")
+        checkSourceAddresses(self)
 
     def sourceFor(self, family: int) -> tuple[str, int] | None:
         """The local address to bind a connection of address C{family} (4 or 6) to before
