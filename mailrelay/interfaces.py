@@ -844,8 +844,9 @@ class IRouter(Interface):
     The queue manager routes every pending recipient at each delivery attempt.  The site's
     routers, plugins named by C{[[routers]]} tables, are asked first, in the order the
     configuration lists them (L{mailrelay.route.chain.RouterChain}); when each has fallen
-    through, the routing table decides (C{[[routes]]}, then the smarthost, then the
-    recipient domain's MX hosts: L{mailrelay.route.table.RoutingTable}).
+    through, the routing table decides (C{[[routes]]}, then the sender's
+    C{[[sender_routes]]}, then the smarthost, then the recipient domain's MX hosts:
+    L{mailrelay.route.table.RoutingTable}).
 
     A router answers with one of:
 
