@@ -465,12 +465,22 @@ class FilterResult:
         C{Authentication-Results:} forged with this relay's authserv-id (RFC 8601 section 5).
         Every field of the header section equal to one is deleted; a filter must have read
         the message, and may only remove fields that are there (not the fields filters add).
+    @ivar replace: C{(field, replacement)} pairs: each field of the header section equal to
+        C{field} (byte for byte, as for C{remove}) becomes C{replacement} where it stands, a
+        whole well-formed field of the same name (an address rewritten in C{From:}, as
+        Postfix's cleanup rewrites with C{canonical_maps}).  The message must have been read.
+    @ivar sender: the new envelope sender, or C{None} (unchanged): an address (C{user@domain},
+        ASCII unless the message is SMTPUTF8); the null sender is never rewritten, nor does a
+        sender become null.  Later filters, the queue and the notifications (DSNs go to it)
+        see the new sender; the log says the rewrite.
     """
 
     verdict: Verdict = CONTINUE
     prepend: tuple[bytes, ...] = ()
     append: tuple[bytes, ...] = ()
     remove: tuple[bytes, ...] = ()
+    replace: tuple[tuple[bytes, bytes], ...] = ()
+    sender: str | None = None
 
 
 class IFilterContext(Interface):

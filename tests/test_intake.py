@@ -482,6 +482,76 @@ def test_filters_remove_fields_they_read() -> None:
     assert spool.committed[env.queueID][0].messageSize == len(final)
 
 
+def test_a_filter_rewrites_the_envelope_sender_and_fields_in_place() -> None:
+    """A filter (the built-in sender-canonical, as Postfix's cleanup applies
+    canonical_maps) rewrites the envelope sender and replaces header fields where they
+    stand: later filters (a DKIM signer) see both, the spool keeps them, the message's size
+    counts them, and the log says the rewrite; the from= of the message's line is the new
+    sender, as Postfix's qmgr logs the sender cleanup rewrote."""
+    original = b"Subject: hi\r\nFrom: Root <root@web1.internal>\r\nTo: a@example.org\r\n\r\nbody\r\n"
+    new = b"From: Root <ops@example.com>\r\n"
+    seen: list[tuple[str, bytes]] = []
+
+    def rewrites(context: Any) -> Deferred[FilterResult]:
+        return context.read().addCallback(lambda m: FilterResult(
+            sender="ops@example.com", replace=((b"From: Root <root@web1.internal>\r\n", new),)))
+
+    def later(context: Any) -> Deferred[None]:
+        return context.read().addCallback(lambda m: seen.append((context.envelope.sender, m)))
+
+    intake, spool, queued = makeIntake(filters=[Filter(rewrites), Filter(later)])
+    env = envelope()
+    message = intake.open(env, env.client, {})
+    message.write(original)
+    with capturedLogs() as events:
+        assert received(message.finish()).code == 250
+    final = b"Subject: hi\r\n" + new + b"To: a@example.org\r\n\r\nbody\r\n"
+    assert seen == [("ops@example.com", final)] and spool.messages() == [final]
+    stored = spool.committed[env.queueID][0]
+    assert stored.sender == "ops@example.com" and stored.messageSize == len(final)
+    lines = [formatEvent(e) for e in events]
+    assert f"{env.queueID}: sender=<a@example.com> rewritten to <ops@example.com>" in lines
+    assert any(line.startswith(f"{env.queueID}: from=<ops@example.com> nrcpt=1") for line in lines)
+
+
+@pytest.mark.parametrize(
+    "judge",
+    [
+        lambda c: FilterResult(sender="not an address"),
+        lambda c: FilterResult(sender=""),  # (a sender never becomes the null sender)
+        lambda c: FilterResult(sender="jos\u00e9@example.com"),  # (not SMTPUTF8)
+        lambda c: FilterResult(replace=((b"Subject: hi\r\n", b"Subject: ho\r\n"),)),  # unread
+        lambda c: c.read().addCallback(
+            lambda m: FilterResult(replace=((b"X-None: 1\r\n", b"X-None: 2\r\n"),))),
+        lambda c: c.read().addCallback(
+            lambda m: FilterResult(replace=((b"Subject: hi\r\n", b"To: x@example.org\r\n"),))),
+        lambda c: c.read().addCallback(
+            lambda m: FilterResult(replace=((b"Subject: hi\r\n", b"Subject: ho\n"),))),
+    ],
+)
+def test_a_filter_rewriting_badly_fails(judge: Any) -> None:
+    """A sender that is no address (or none, or needs SMTPUTF8 the message lacks), a field
+    replaced that is not there, was not read, or by another field or a malformed one: the
+    message is refused, never spooled half rewritten."""
+    assertFilterFails(judge, envelope())
+
+
+def test_a_filter_never_rewrites_the_null_sender() -> None:
+    env = envelope()
+    env.sender = ""
+    assertFilterFails(lambda c: FilterResult(sender="a@b.example"), env)
+
+
+def assertFilterFails(judge: Any, env: Envelope) -> None:
+    """The filter answering C{judge(context)} makes the message of C{env} refused (451)."""
+    intake, spool, queued = makeIntake(filters=[Filter(judge)])
+    message = intake.open(env, None, {})
+    message.write(MESSAGE)
+    with capturedLogs():
+        assert received(message.finish()) == FILTER_FAILED.reply
+    assert spool.committed == {}
+
+
 @pytest.mark.parametrize(
     "judge",
     [
@@ -491,12 +561,7 @@ def test_filters_remove_fields_they_read() -> None:
     ],
 )
 def test_a_filter_removing_fields_not_read_or_not_there_fails(judge: Any) -> None:
-    intake, spool, queued = makeIntake(filters=[Filter(judge)])
-    message = intake.open(envelope(), None, {})
-    message.write(MESSAGE)
-    with capturedLogs():
-        assert received(message.finish()) == FILTER_FAILED.reply
-    assert spool.committed == {}
+    assertFilterFails(judge, envelope())
 
 
 def test_fields_of_a_refusing_filter_are_not_added() -> None:

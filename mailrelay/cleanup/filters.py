@@ -7,8 +7,10 @@ complete, stamped and checked for hops, before the commit, as one chain of the p
 L{FilterContext}: C{read()} reads the message from the spool writer (its temporary file, or
 its memory for a small message) in the thread pool once, and gives every filter the message
 as it stands, the fields of the filters before it included (and without the fields they
-removed).  When the filters added or removed fields, the message is written again so before
-it is committed.
+removed).  When the filters added, removed or replaced fields, the message is written
+again so before it is committed.  A filter may also rewrite the envelope sender
+(C{FilterResult.sender}), as Postfix's cleanup rewrites it with C{canonical_maps}: the
+context's envelope has the new sender at once, and the intake keeps it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailrelay.address import AddressError, parseReversePath
 from mailrelay.cleanup.stamping import HEADER_SECTION_LIMIT, fieldProblem, parseHeaderSection
 from mailrelay.envelope import ClientInfo, Envelope
 from mailrelay.headers import needsEmptyLine
@@ -68,6 +71,8 @@ class FilterContext:
         filter's above an earlier one's).
     @ivar append: the fields they added after it, in order.
     @ivar remove: the fields of the message they removed.
+    @ivar replaced: the fields they put in place of others (L{replaceFields}), in order.
+    @ivar originalSender: the envelope sender before a filter rewrote it, or C{None}.
     """
 
     def __init__(
@@ -97,6 +102,8 @@ class FilterContext:
         self.prepend: list[bytes] = []
         self.append: list[bytes] = []
         self.remove: set[bytes] = set()
+        self.replaced: list[bytes] = []
+        self.originalSender: str | None = None
         self._removedSize = 0
 
     @property
@@ -106,8 +113,8 @@ class FilterContext:
 
     @property
     def changed(self) -> bool:
-        """Whether the filters added or removed fields."""
-        return bool(self.prepend or self.append or self.remove)
+        """Whether the filters added, removed or replaced fields."""
+        return bool(self.prepend or self.append or self.remove or self.replaced)
 
     def read(self) -> Deferred[bytes]:
         """The message as it stands (see L{IFilterContext.read})."""
@@ -140,17 +147,23 @@ class FilterContext:
         return withFields(message, self.prepend, self.append, self.remove)
 
     def addFields(
-        self, prepend: Sequence[bytes], append: Sequence[bytes], remove: Sequence[bytes] = ()
+        self,
+        prepend: Sequence[bytes],
+        append: Sequence[bytes],
+        remove: Sequence[bytes] = (),
+        replace: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
-        """Add a filter's fields, and remove those it removes.
+        """Add a filter's fields, remove those it removes and replace those it replaces.
 
-        @raise BadAnswer: one is not a whole, well-formed header field, or one to remove is
-            not in the message's header section (or the message was not read).
+        @raise BadAnswer: one is not a whole, well-formed header field, or one to remove or
+            replace is not in the message's header section (or the message was not read),
+            or a replacement is a field of another name; then nothing is changed.
         """
         for field in (*prepend, *append):
             problem = fieldProblem(field, self.envelope.smtputf8)
             if problem is not None:
                 raise BadAnswer(f"added {problem}")
+        replacements = self._checkReplacements(replace)
         if remove:
             if self._message is None:
                 raise BadAnswer("removed header fields without reading the message")
@@ -162,6 +175,69 @@ class FilterContext:
             self._removedSize = sum(len(raw) for raw in fields if raw in self.remove)
         self.prepend[:0] = prepend
         self.append.extend(append)
+        if replacements:
+            self._replace(replacements)
+
+    def _checkReplacements(
+        self, replace: Sequence[tuple[bytes, bytes]]
+    ) -> dict[bytes, bytes]:
+        """The replacements C{replace} asks for, checked (see L{addFields})."""
+        if not replace:
+            return {}
+        if self._message is None:
+            raise BadAnswer("replaced header fields without reading the message")
+        names = {raw: name for name, raw in parseHeaderSection(self._message,
+                                                               HEADER_SECTION_LIMIT)[0]}
+        replacements: dict[bytes, bytes] = {}
+        for pair in replace:
+            old, new = pair if isinstance(pair, tuple) and len(pair) == 2 else (pair, None)
+            if not isinstance(old, bytes) or old not in names or old in self.remove:
+                raise BadAnswer(f"replaced a header field the message does not have: {old!r}")
+            # (a field with 8-bit octets already may keep them: none are added)
+            problem = fieldProblem(new, self.envelope.smtputf8 or not old.isascii())
+            if problem is not None:
+                raise BadAnswer(f"replaced a field by {problem}")
+            assert isinstance(new, bytes)
+            if new.partition(b":")[0].rstrip(b" \t").lower() != names[old].lower().encode():
+                raise BadAnswer(f"replaced a {names[old]}: field by another field: {new!r}")
+            replacements[old] = new
+        return replacements
+
+    def _replace(self, replacements: dict[bytes, bytes]) -> None:
+        """Put each field of the message read that is a key of C{replacements} by its
+        value, where it stands."""
+        assert self._message is not None
+        fields, end = parseHeaderSection(self._message, HEADER_SECTION_LIMIT)
+        head = b"".join(replacements.get(raw, raw) for _, raw in fields)
+        self._size += len(head) - end
+        self._message = head + self._message[end:]
+        self.replaced.extend(replacements.values())
+
+    def checkedSender(self, sender: object) -> str:
+        """C{sender}, a filter's new envelope sender, in canonical form.
+
+        @raise BadAnswer: it is no address (or needs SMTPUTF8 the message does not have),
+            is the null sender, or the sender is the null sender (never rewritten).
+        """
+        envelope = self.envelope
+        if envelope.sender == "":
+            raise BadAnswer(f"rewrote the null sender to {sender!r}")
+        if not isinstance(sender, str):
+            raise BadAnswer(f"rewrote the sender to {sender!r}, not a string")
+        try:
+            mailbox = parseReversePath(f"<{sender}>", utf8=envelope.smtputf8)
+        except AddressError as e:
+            raise BadAnswer(f"rewrote the sender to {sender!r}: {e.reply.text}") from None
+        if mailbox is None:
+            raise BadAnswer("rewrote the sender to the null sender")
+        return str(mailbox)
+
+    def rewriteSender(self, sender: str) -> None:
+        """Make C{sender} (L{checkedSender}) the envelope sender, the first one kept in
+        L{originalSender}."""
+        if self.originalSender is None:
+            self.originalSender = self.envelope.sender
+        self.envelope.sender = sender
 
     def drop(self, fields: Collection[bytes]) -> None:
         """Remove C{fields}, fields of the message's header section as the relay parsed it
@@ -193,5 +269,11 @@ def filterVerdict(answer: Any, args: Sequence[Any]) -> Verdict:
     verdict = checkVerdict(answer.verdict)
     if verdict.kind in (VerdictKind.CONTINUE, VerdictKind.ACCEPT):
         context: FilterContext = args[0]
-        context.addFields(tuple(answer.prepend), tuple(answer.append), tuple(answer.remove))
+        sender = None if answer.sender is None else context.checkedSender(answer.sender)
+        context.addFields(
+            tuple(answer.prepend), tuple(answer.append), tuple(answer.remove),
+            tuple(answer.replace),
+        )
+        if sender is not None:
+            context.rewriteSender(sender)
     return verdict

@@ -11,8 +11,9 @@ the relay made itself and gives whole, such as a delivery status notification
   3. the header stampers (L{runStampers}) add their fields; the body streams on to the spool;
   4. the hop check: more than C{maxHops} C{Received:} fields is a mail loop (554 5.4.6);
   5. the message filters (L{mailrelay.interfaces.IMessageFilter}), in order, which see the
-     whole message (L{mailrelay.cleanup.filters}) and may add header fields or refuse it;
-     with fields added, the message is written again with them;
+     whole message (L{mailrelay.cleanup.filters}) and may add, remove or replace header
+     fields, rewrite the envelope sender (logged) or refuse it; with fields changed, the
+     message is written again with them;
      (a C{TLS-Required: No} field, RFC 8689, is noted on the envelope before them:
      C{tlsRequiredNo});
   6. the commit: the message is durable before its 250;
@@ -352,14 +353,32 @@ class IncomingMessage:
         def judged(verdict: Verdict) -> Reply | Deferred[Reply]:
             if verdict.kind not in (VerdictKind.CONTINUE, VerdictKind.ACCEPT):
                 return self._refuse(verdict.reply or _DISCONNECT)
+            envelope = self.envelope
+            if context.originalSender is not None:
+                self._senderRewritten(context.originalSender)
             if not context.changed:
                 return self._commit()
-            envelope = self.envelope
             if envelope.smtputf8 and not envelope.utf8Header:
-                envelope.utf8Header = any(not f.isascii() for f in context.prepend + context.append)
+                envelope.utf8Header = any(
+                    not f.isascii() for f in context.prepend + context.append + context.replaced)
             return context.message().addCallbacks(self._rewritten, self._notRewritten)
 
         return d.addCallback(judged)
+
+    def _senderRewritten(self, original: str) -> None:
+        """A filter rewrote the envelope sender (C{FilterResult.sender}) from C{original}:
+        the new one is kept at the commit, and logged."""
+        envelope = self.envelope
+        self._accepted = [
+            (obj, name, envelope.sender if obj is envelope and name == "sender" else value)
+            for obj, name, value in self._accepted
+        ]
+        log.info(
+            "{queueID}: sender=<{original}> rewritten to <{sender}>",
+            queueID=self.queueID,
+            original=original,
+            sender=envelope.sender,
+        )
 
     def _rewritten(self, message: bytes) -> Reply | Deferred[Reply]:
         """Write the message again, with the filters' fields, under its queue id."""
