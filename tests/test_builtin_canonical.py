@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from mailrelay.builtin.addressfields import Rewritten, rewriteAddresses
 from mailrelay.builtin.canonicalmap import MapFile, parseCanonicalMap
 from mailrelay.errors import ConfigError
 
@@ -105,3 +106,72 @@ def test_a_file_that_cannot_be_read_is_named(tmp_path: Path) -> None:
     (tmp_path / "latin1").write_bytes(b"# ok\nroot@web1.internal jos\xe9@example.com\n")
     with pytest.raises(ConfigError, match=f"{tmp_path}/latin1:2: not UTF-8 text"):
         MapFile(str(tmp_path / "latin1"))
+
+
+MAP = {
+    "root@web1.internal": "ops@example.com",
+    "www-data@app3.lan": "web@example.com",
+    '"jo smith"@lan.internal': "jo@example.com",
+    "josé@lan.internal": "jose@example.com",
+}
+
+
+def rewritten(field: bytes) -> Rewritten:
+    return rewriteAddresses(field, MAP.get)
+
+
+@pytest.mark.parametrize(
+    ("field", "result"),
+    [
+        (b"From: root@web1.internal\r\n", b"From: ops@example.com\r\n"),
+        (b"From: Root <root@web1.internal>\r\n", b"From: Root <ops@example.com>\r\n"),
+        # display names, quoted or encoded, and comments: untouched
+        (b'From: "Root, the (super) user" <root@web1.internal> (cron)\r\n',
+         b'From: "Root, the (super) user" <ops@example.com> (cron)\r\n'),
+        (b"From: =?utf-8?Q?R=C3=A9mi_root=40web1?= <root@web1.internal>\r\n",
+         b"From: =?utf-8?Q?R=C3=A9mi_root=40web1?= <ops@example.com>\r\n"),
+        (b"From: root@web1.internal (Cron Daemon)\r\n",
+         b"From: ops@example.com (Cron Daemon)\r\n"),
+        # several addresses, some not in the map; folded lines kept
+        (b"Reply-To: a@example.org,\r\n\tRoot <root@web1.internal>,\r\n www-data@app3.lan\r\n",
+         b"Reply-To: a@example.org,\r\n\tRoot <ops@example.com>,\r\n web@example.com\r\n"),
+        # groups
+        (b"Reply-To: Ops: root@web1.internal, b@example.org;, www-data@app3.lan\r\n",
+         b"Reply-To: Ops: ops@example.com, b@example.org;, web@example.com\r\n"),
+        (b"Reply-To: undisclosed-recipients:;\r\n", None),
+        # case of the domain, quoted and UTF-8 local parts (RFC 6532), an obsolete route
+        (b"From: <root@WEB1.Internal>\r\n", b"From: <ops@example.com>\r\n"),
+        (b'From: Jo <"jo smith"@lan.internal>\r\n', b"From: Jo <jo@example.com>\r\n"),
+        ("From: José <josé@lan.internal>\r\n".encode(), "From: José <jose@example.com>\r\n".encode()),
+        (b"Sender: <@hop.example:root@web1.internal>\r\n", b"Sender: <@hop.example:ops@example.com>\r\n"),
+        # nothing to change: other addresses, an unqualified one, the null address
+        (b"From: Someone <someone@example.org>\r\n", None),
+        (b"From: root\r\n", None),
+        (b"From: <>\r\n", None),
+    ],
+)
+def test_header_addresses_are_rewritten_in_place(field: bytes, result: bytes | None) -> None:
+    """As Postfix's cleanup rewrites address tokens: the addr-spec changes, every other
+    byte of the field stays (RFC 5322 3.4: display names, comments, groups, folding)."""
+    outcome = rewritten(field)
+    assert outcome.problem is None
+    assert outcome.field == result
+
+
+@pytest.mark.parametrize(
+    ("field", "problem"),
+    [
+        (b'From: "Root <root@web1.internal>\r\n', "unclosed '\"'"),
+        (b"From: Root (cron <root@web1.internal>\r\n", "unclosed '('"),
+        (b"From: Root <root@web1.internal\r\n", "unclosed '<'"),
+        (b"From: Root <root@web1.internal> extra\r\n", "text after '<...>'"),
+        (b"From: Ops: root@web1.internal\r\n", "a group without its ';'"),
+        (b"From: root @ web1.internal\r\n", "white space or a comment inside an address"),
+        (b"From: John Smith root@web1.internal\r\n", "white space or a comment inside"),
+        (b"From: Root <root@web1..internal>\r\n", "bad address 'root@web1..internal'"),
+    ],
+)
+def test_a_field_it_cannot_read_is_left_as_it_is(field: bytes, problem: str) -> None:
+    outcome = rewritten(field)
+    assert outcome.field is None and outcome.changes == ()
+    assert outcome.problem is not None and problem in outcome.problem
