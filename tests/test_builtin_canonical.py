@@ -7,10 +7,14 @@ import os
 from pathlib import Path
 
 import pytest
+from twisted.logger import capturedLogs, formatEvent
 
 from mailrelay.builtin.addressfields import Rewritten, rewriteAddresses
+from mailrelay.builtin.canonical import SenderCanonical, defaultLocalDomains
 from mailrelay.builtin.canonicalmap import MapFile, parseCanonicalMap
 from mailrelay.errors import ConfigError
+from mailrelay.interfaces import FilterResult, IMessageFilter
+from mailrelay.testing import buildPlugin, makeClient, makeEnvelope, makeFilterContext
 
 LOCAL = frozenset({"relay.example.net", "localhost"})
 
@@ -175,3 +179,151 @@ def test_a_field_it_cannot_read_is_left_as_it_is(field: bytes, problem: str) -> 
     outcome = rewritten(field)
     assert outcome.field is None and outcome.changes == ()
     assert outcome.problem is not None and problem in outcome.problem
+
+
+ROOT_MESSAGE = (
+    b"Received: from web1.internal by relay.test; Tue, 1 Dec 2026 10:00:00 +0000\r\n"
+    b"From: Cron Daemon <root@web1.internal>\r\n"
+    b"To: admin@example.org\r\n"
+    b"Reply-To: root@web1.internal, other@example.org\r\n"
+    b"Resent-From: root@web1.internal\r\n"
+    b"Subject: =?utf-8?Q?root@web1.internal?=\r\n"
+    b"\r\n"
+    b"root@web1.internal in the body\r\n"
+)
+
+
+def canonical(tmp_path: Path, table: str = "root@web1.internal ops@example.com\n",
+              **options: object) -> SenderCanonical:
+    (tmp_path / "canonical").write_text(table)
+    plugin = buildPlugin("sender-canonical", {"map": "canonical", **options}, tmp_path,
+                         interface=IMessageFilter, hostname="relay.test")
+    assert isinstance(plugin, SenderCanonical)
+    return plugin
+
+
+def filtered(plugin: SenderCanonical, message: bytes = ROOT_MESSAGE, sender: str =
+             "root@web1.internal", **client: object) -> FilterResult:
+    env = makeEnvelope(sender, client=makeClient(**(client or {"relayAllowed": True})))
+    box: list[object] = []
+    with capturedLogs() as events:
+        d = plugin.filterMessage(makeFilterContext(message, envelope=env))
+        d.addBoth(box.append)
+    filtered.events = [formatEvent(e) for e in events]  # type: ignore[attr-defined]
+    (result,) = box
+    assert isinstance(result, FilterResult)
+    return result
+
+
+def test_rewrites_the_envelope_sender_and_the_sender_fields_of_our_mail(tmp_path: Path) -> None:
+    """canonical_classes = envelope_sender, header_sender; the fields: From:, Sender:,
+    Reply-To: by default (not Resent-From:, nor Subject:, the body or trace fields)."""
+    result = filtered(canonical(tmp_path))
+    assert result.sender == "ops@example.com"
+    assert result.replace == (
+        (b"From: Cron Daemon <root@web1.internal>\r\n", b"From: Cron Daemon <ops@example.com>\r\n"),
+        (b"Reply-To: root@web1.internal, other@example.org\r\n",
+         b"Reply-To: ops@example.com, other@example.org\r\n"),
+    )
+    assert "01KTEST0000000000000000000: sender-canonical: From: <root@web1.internal> " \
+           "rewritten to <ops@example.com>" in filtered.events  # type: ignore[attr-defined]
+
+
+def test_the_classes_and_fields_are_chosen(tmp_path: Path) -> None:
+    only = canonical(tmp_path, classes=["header_sender"], header_fields=["Resent-From"])
+    result = filtered(only)
+    assert result.sender is None
+    assert result.replace == ((b"Resent-From: root@web1.internal\r\n",
+                               b"Resent-From: ops@example.com\r\n"),)
+    envelopeOnly = canonical(tmp_path, classes=["envelope_sender"])
+    assert filtered(envelopeOnly) == FilterResult(sender="ops@example.com")
+
+
+def test_headers_of_mail_from_outside_are_left_alone(tmp_path: Path) -> None:
+    """As Postfix's local_header_rewrite_clients: only the headers of mail of ours (an
+    authenticated client, one allowed to relay, or made here) are rewritten; the envelope
+    sender always is."""
+    plugin = canonical(tmp_path)
+    assert filtered(plugin, relayAllowed=False) == FilterResult(sender="ops@example.com")
+    assert filtered(plugin, authUser="web1").replace != ()
+
+
+def test_the_null_sender_is_never_rewritten(tmp_path: Path) -> None:
+    plugin = canonical(tmp_path, table="@web1.internal @example.com\n")
+    assert filtered(plugin, sender="").sender is None
+
+
+def test_an_8bit_result_for_a_message_without_smtputf8_is_not_used(tmp_path: Path) -> None:
+    plugin = canonical(tmp_path, table="root@web1.internal josé@example.com\n")
+    result = filtered(plugin)
+    assert result == FilterResult()
+    assert any("<root@web1.internal> not rewritten to <josé@example.com>: the message is not "
+               "SMTPUTF8" in e for e in filtered.events)  # type: ignore[attr-defined]
+
+
+def test_a_changed_map_is_used_from_the_next_message(tmp_path: Path) -> None:
+    plugin = canonical(tmp_path)
+    (tmp_path / "canonical").write_text("root@web1.internal admin@example.com\n")
+    assert filtered(plugin).sender == "admin@example.com"
+    (tmp_path / "canonical").write_text("root@web1.internal\n")
+    assert filtered(plugin).sender == "admin@example.com"  # (the broken file: the old table)
+    assert any("sender-canonical: the map changed but cannot be used" in e and ":1: a line is a "
+               "pattern" in e for e in filtered.events)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({}, "map: is required"),
+        ({"map": "none"}, "map: cannot read the map"),
+        ({"map": "canonical", "classes": ["envelope_recipient"]},
+         "classes[0]: \"envelope_recipient\" is not a class"),
+        ({"map": "canonical", "classes": []}, "classes: must name"),
+        ({"map": "canonical", "header_fields": ["To"]}, "header_fields[0]: \"To\" is not a sender"),
+        ({"map": "canonical", "local_domains": ["bad..domain"]}, "local_domains[0]:"),
+    ],
+)
+def test_bad_options_are_named(tmp_path: Path, options: dict[str, object], error: str) -> None:
+    (tmp_path / "canonical").write_text("root ops@example.com\n")
+    with pytest.raises(ConfigError) as raised:
+        buildPlugin("sender-canonical", options, tmp_path)
+    assert error in str(raised.value)
+
+
+def test_a_bad_map_line_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as raised:
+        canonical(tmp_path, table="# site\nroot ops\n")
+    assert str(raised.value) == (
+        f"map: {tmp_path}/canonical:2: the result 'ops' must be user@domain or @domain: 'root ops'")
+
+
+def test_local_domains_default_to_postfixs_mydestination(tmp_path: Path) -> None:
+    plugin = canonical(tmp_path, table="nagios monitoring@example.com\n")
+    assert plugin.localDomains == {"relay.test", "localhost.test", "localhost"}
+    assert filtered(plugin, sender="nagios@localhost").sender == "monitoring@example.com"
+    assert defaultLocalDomains("mx1.Example.COM") == (
+        "mx1.example.com", "localhost.example.com", "localhost")
+
+
+def test_mailrelay_check_validates_the_map(tmp_path: Path) -> None:
+    """mailrelay check builds the plugin as the relay would: a bad line of the table is one
+    error line naming the configuration, the entry, the table file and its line."""
+    import io
+
+    from mailrelay.app.cli import main
+
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'[spool]\ndirectory = "{tmp_path / "spool"}"\n[dns]\nnameservers = ["127.0.0.1"]\n'
+        '[[plugins]]\nplugin = "sender-canonical"\nmap = "canonical"\n')
+    (tmp_path / "canonical").write_text("root@web1.internal ops@example.com\n@app3.lan\n")
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["check", "--config", str(config)], out, err) == 1
+    assert err.getvalue() == (
+        f"mailrelay: configuration error: {config}: plugins[0].map: {tmp_path}/canonical:2: a "
+        "line is a pattern and its result (user@domain, user or @domain, then user@domain or "
+        "@domain): '@app3.lan'\n")
+    (tmp_path / "canonical").write_text("root@web1.internal ops@example.com\n")
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["check", "--config", str(config)], out, err) == 0
+    assert out.getvalue() == f"mailrelay: configuration {config}: ok\n"

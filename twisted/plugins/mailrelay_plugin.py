@@ -62,6 +62,13 @@ dkimSignPlugin = MailRelayPlugin(
     factory="mailrelay.builtin.dkim:build",
 )
 
+senderCanonicalPlugin = MailRelayPlugin(
+    name="sender-canonical",
+    provides=IMessageFilter,
+    description="Rewrite senders (envelope, From:/Sender:/Reply-To:) by a Postfix canonical table",
+    factory="mailrelay.builtin.canonical:build",
+)
+
 authresPlugin = MailRelayPlugin(
     name="authres",
     provides=IMessageFilter,
@@ -108,6 +115,7 @@ __all__ = [
     "recipientMapPlugin",
     "regexPlugin",
     "dkimSignPlugin",
+    "senderCanonicalPlugin",
     "authresPlugin",
     "dnsblPlugin",
     "greylistPlugin",
