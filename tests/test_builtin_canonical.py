@@ -305,6 +305,43 @@ def test_local_domains_default_to_postfixs_mydestination(tmp_path: Path) -> None
         "mx1.example.com", "localhost.example.com", "localhost")
 
 
+@pytest.mark.parametrize("canonicalFirst", [True, False])
+def test_it_must_come_before_dkim_sign(tmp_path: Path, canonicalFirst: bool) -> None:
+    """The signature must cover what leaves (RFC 6376 5.4: From: is signed): a
+    sender-canonical entry after a dkim-sign one serving the message hook would break every
+    signature, so the configuration is refused, naming both entries."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from twisted.internet.task import Clock
+
+    from mailrelay.app.plugins import availablePlugins, pluginBuilder
+    from mailrelay.config import loadConfig
+    from mailrelay.config.plugins import buildHooks
+
+    (tmp_path / "canonical").write_text("root@web1.internal ops@example.com\n")
+    (tmp_path / "ed.pem").write_bytes(ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    entries = [
+        '[[plugins]]\nplugin = "sender-canonical"\nmap = "canonical"\n',
+        '[[plugins]]\nplugin = "dkim-sign"\nkeys = [{domain = "example.com", selector = "s", '
+        'key_file = "ed.pem"}]\n',
+    ]
+    path = tmp_path / "relay.toml"
+    path.write_text("".join(entries if canonicalFirst else entries[::-1]))
+    config = loadConfig(str(path))
+    build = pluginBuilder(config, Clock(), availablePlugins())
+    if canonicalFirst:
+        hooks = buildHooks(config, build, "relay")
+        assert [c.name for c in hooks.serving("message")] == ["sender-canonical", "dkim-sign"]
+        return
+    with pytest.raises(ConfigError) as raised:
+        buildHooks(config, build, "relay")
+    assert str(raised.value) == (
+        f"{path}: plugins[1]: sender-canonical must come before dkim-sign (plugins[0]): the "
+        "DKIM signature must cover the rewritten From: (RFC 6376 5.4)")
+
+
 def test_mailrelay_check_validates_the_map(tmp_path: Path) -> None:
     """mailrelay check builds the plugin as the relay would: a bad line of the table is one
     error line naming the configuration, the entry, the table file and its line."""

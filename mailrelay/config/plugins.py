@@ -505,6 +505,7 @@ def buildHooks(
             ) from None
         hooks = tuple(h for h in entry.hooks if HOOKS_BY_NAME[h].process in where)
         entries.append(PluginEntry(entry.name, plugin, entry.timeout, hooks, spec.key))
+    _checkFilterOrder(entries, config.source or "(embedded default)")
     validators: tuple[ConfiguredPlugin, ...] = ()
     if "relay" in where:
         validators = tuple(
@@ -512,6 +513,33 @@ def buildHooks(
             for spec in config.recipientValidators
         )
     return HookPlugins(tuple(entries), validators)
+
+
+#: Message filters that rewrite what a signing filter signs, and the signing filters: each
+#: of the first must run before each of the second (RFC 6376 5.4: From: is signed).
+_REWRITERS = ("sender-canonical",)
+_SIGNERS = ("dkim-sign",)
+
+
+def _checkFilterOrder(entries: Sequence[PluginEntry], source: str) -> None:
+    """Refuse a built-in rewriting filter (C{sender-canonical}) after a signing one
+    (C{dkim-sign}): the signature would cover the message before its rewriting, and break.
+
+    @raise ConfigError: naming both entries.
+    """
+    signer: PluginEntry | None = None
+    for entry in entries:
+        if "message" not in entry.hooks:
+            continue
+        if entry.name in _SIGNERS and signer is None:
+            signer = entry
+        elif entry.name in _REWRITERS and signer is not None:
+            raise ConfigError(
+                f"{entry.name} must come before {signer.name} ({signer.key}): the DKIM "
+                "signature must cover the rewritten From: (RFC 6376 5.4)",
+                file=source,
+                key=entry.key,
+            )
 
 
 def _servesHere(spec: PluginSpec, available: Any, where: Sequence[str]) -> bool:
