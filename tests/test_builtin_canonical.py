@@ -364,3 +364,23 @@ def test_mailrelay_check_validates_the_map(tmp_path: Path) -> None:
     out, err = io.StringIO(), io.StringIO()
     assert main(["check", "--config", str(config)], out, err) == 0
     assert out.getvalue() == f"mailrelay: configuration {config}: ok\n"
+
+
+def test_sender_binding_judges_the_sender_as_the_client_sent_it(tmp_path: Path) -> None:
+    """[auth.senders] judges MAIL FROM at MAIL, before the filter rewrites it at the end of
+    data, as Postfix's smtpd checks smtpd_sender_login_maps before its cleanup rewrites: a
+    user bound to root@web1.internal sends as it (and the mail leaves as ops@example.com),
+    not as the rewritten address."""
+    from tests.test_tls_auth import afterTLS, plain, tlsHarness
+
+    h = tlsHarness(senders={"alice": ("root@web1.internal",)}, plugins=[canonical(tmp_path)])
+    afterTLS(h)
+    h.send(b"AUTH PLAIN " + plain("alice", "secret") + b"\r\n")
+    with capturedLogs():
+        assert h.send(b"MAIL FROM:<ops@example.com>\r\n")[0].startswith(b"553 5.7.1")
+        h.send(b"RSET\r\n")
+        lines = h.send(b"MAIL FROM:<root@web1.internal>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n"
+                       b"From: Root <root@web1.internal>\r\n\r\nhi\r\n.\r\n")
+    assert lines[-1].startswith(b"250 2.0.0 Ok: queued as "), lines
+    envelope, data = h.spool.committed[lines[-1].rsplit(b" ", 1)[1].decode()]
+    assert envelope.sender == "ops@example.com" and b"\r\nFrom: Root <ops@example.com>\r\n" in data
