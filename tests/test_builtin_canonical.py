@@ -384,3 +384,28 @@ def test_sender_binding_judges_the_sender_as_the_client_sent_it(tmp_path: Path) 
     assert lines[-1].startswith(b"250 2.0.0 Ok: queued as "), lines
     envelope, data = h.spool.committed[lines[-1].rsplit(b" ", 1)[1].decode()]
     assert envelope.sender == "ops@example.com" and b"\r\nFrom: Root <ops@example.com>\r\n" in data
+
+
+@pytest.mark.parametrize("smtputf8", [True, False])
+def test_utf8_local_parts_and_8bit_fields_survive(tmp_path: Path, smtputf8: bool) -> None:
+    """Through the intake: a UTF-8 sender (RFC 6531) is rewritten to a UTF-8 result; a field
+    with 8-bit octets already (a raw UTF-8 display name, in a message without SMTPUTF8)
+    keeps them, its address rewritten; nothing else of the message changes."""
+    from mailrelay.envelope import ClientInfo, Envelope, Recipient
+    from tests.test_intake import makeIntake, received
+
+    plugin = canonical(tmp_path, table="josé@lan.internal  josé@example.com\n"
+                                       "root@web1.internal ops@example.com\n")
+    intake, spool, _ = makeIntake(filters=[plugin])
+    sender = "josé@lan.internal" if smtputf8 else "root@web1.internal"
+    env = Envelope(sender=sender, recipients=[Recipient("bob@example.org")], smtputf8=smtputf8,
+                   client=ClientInfo("192.0.2.7", relayAllowed=True))
+    field = f"From: José <{sender}>\r\n".encode()
+    message = intake.open(env, env.client, {})
+    message.write(b"Subject: hi\r\n" + field + b"\r\nbody\r\n")
+    with capturedLogs():
+        assert received(message.finish()).code == 250
+    new = "josé@example.com" if smtputf8 else "ops@example.com"
+    (stored, data), = spool.committed.values()
+    assert stored.sender == new
+    assert data == b"Subject: hi\r\n" + f"From: José <{new}>\r\n".encode() + b"\r\nbody\r\n"
