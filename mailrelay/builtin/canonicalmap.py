@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
@@ -175,7 +176,8 @@ def _stamp(path: str) -> tuple[int, int, int, int]:
 class MapFile:
     """A canonical table file, read again when it changes (its inode, modification time or
     size), as the AUTH password file is: a changed file that cannot be used leaves the
-    table read before in use, and says why (once per change).
+    table read before in use, and says why (once per change).  Safe to call from several
+    threads of the pool at once (one reads the file, the others wait for it).
 
     @ivar path: the file.
     @ivar table: the table in use.
@@ -183,6 +185,7 @@ class MapFile:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._lock = threading.Lock()
         self._stamp: tuple[int, int, int, int] | None = None
         try:
             self._stamp = _stamp(path)
@@ -193,6 +196,10 @@ class MapFile:
     def current(self) -> tuple[CanonicalMap, str | None]:
         """The table, read again first if the file changed (blocking: call it in a thread),
         and what is wrong with the changed file (C{None}: nothing, or told already)."""
+        with self._lock:
+            return self._current()
+
+    def _current(self) -> tuple[CanonicalMap, str | None]:
         try:
             stamp: tuple[int, int, int, int] | None = _stamp(self.path)
         except OSError as e:
