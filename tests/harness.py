@@ -279,6 +279,9 @@ class Zone(authority.FileAuthority):
         self.records = {origin: [soa]}
         self.failing = {}
         for name, rtype, *args in spec["records"]:
+            if rtype == "ANSWERFOR":  # (a name whose queries are answered as another's)
+                answerFor[name.lower().encode("ascii")] = args[0].encode("ascii")
+                continue
             if rtype in ("SERVFAIL", "REFUSED", "TRUNCATE"):  # (a name whose queries fail)
                 self.failing[name.lower().encode("ascii")] = rtype
                 continue
@@ -304,6 +307,12 @@ class Factory(server.DNSServerFactory):
         if message.authenticData:
             print("ad", flush=True)
             askedAD.add(message.id)
+        for query in message.queries:
+            other = answerFor.get(query.name.name.lower())
+            if other is not None:
+                print("query", query.name.name.decode("ascii", "replace").lower(),
+                      dns.QUERY_TYPES.get(query.type, query.type), flush=True)
+                query.name = dns.Name(other)
         return super().handleQuery(message, protocol, address)
 
     def sendReply(self, protocol, message, address):
@@ -323,6 +332,7 @@ class Factory(server.DNSServerFactory):
         self.sendReply(protocol, response, address)
 
 askedAD = set()
+answerFor = {}
 zone = Zone(None)
 factory = Factory(authorities=[zone])
 for attempt in range(20):  # (a UDP port whose TCP twin is free)
@@ -344,6 +354,8 @@ class DNSServer:
     C{[name, type, *arguments]} (C{Record_<type>}'s); C{[name, "SERVFAIL"]} (or
     C{"REFUSED"}) makes every query of C{name} (of every name for C{"*"}) answer that code;
     C{[name, "TRUNCATE"]} truncates its answers over UDP (TC: ask again over TCP);
+    C{[name, "ANSWERFOR", other]} answers the queries of C{name} as those of C{other}, their
+    question too (an answer to another question);
     C{[name, "TLSA", usage, selector, matchingType, hexData]} is a TLSA record.  The answers
     about the names of C{ad} (every name for C{"*"}) have the AD bit when asked for it, as a
     validating resolver's.

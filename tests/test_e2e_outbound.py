@@ -1276,6 +1276,33 @@ def test_a_truncated_answer_is_asked_again_over_tcp_of_the_same_server(
         zone.stop()
 
 
+def test_an_answer_to_another_question_is_ignored(relay, nexthop, dns, tmp_path: Path) -> None:
+    """A name server answering another question than the one asked (here: that "nx.test"
+    does not exist, for the MX query of "mx.test") has its answer dropped, as the C
+    library's resolver does (RFC 5452 section 9.1): no answer from it, the next name
+    server is asked and the mail delivered.  It was taken as the answer: the mail bounced,
+    "domain mx.test does not exist"."""
+    hop, port = nexthop()
+    notices, noticePort = nexthop()
+    confused = DNSServer(tmp_path / "confused-dns", "test", [
+        ["mx.test", "ANSWERFOR", "nx.test"],
+        ["mail.mx.test", "REFUSED"],  # (its address: asked of the next name server)
+    ])
+    try:
+        r = relay(config(dns, routes=_mxRoutes(port, noticePort), before=(confused,)))
+        qid = submit(r, "alice@sender.test", ["user@mx.test"], message("other question"))
+        m = waitResult(r, qid, "user@mx.test")
+        assert (m["status"], m["relay"]) == ("sent", f"mail.mx.test[127.0.0.1]:{port}"), m[0]
+        assert ("mx.test", "MX") in confused.queries()
+        assert re.search(r"DNS answer from .* dropped: not the question asked \(\[Query\(b'nx"
+                         r"\.test', 15, 1\)\] instead of \[Query\(b'mx\.test', 15, 1\)\]\)",
+                         r.log()), r.log()
+        hop.waitTo("user@mx.test")
+        waitEmpty(r)
+    finally:
+        confused.stop()
+
+
 def test_an_mx_host_that_is_an_alias_elsewhere_is_followed(relay, nexthop,
                                                             tmp_path: Path) -> None:
     """An MX host whose name is a CNAME to a name of another zone: the name server of the

@@ -736,6 +736,93 @@ def test_resolver_asks_a_truncated_answer_again_over_tcp_of_the_same_server() ->
     assert isinstance(failure, Failure) and failure.check(ConnectionRefusedError), failure
 
 
+class UDPReactor(Clock):
+    """A clock whose C{listenUDP} connects the protocol (kept in C{protocols}) to a
+    transport that keeps what it is told to send, as C{(datagram, address)}, in C{sent}."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[tuple[bytes, Any]] = []
+        self.protocols: list[Any] = []
+
+    def listenUDP(self, port: int, protocol: Any, interface: str = "",
+                  maxPacketSize: int = 8192) -> Any:
+        sent = self.sent
+        transport = SimpleNamespace(write=lambda data, address: sent.append((data, address)),
+                                    stopListening=lambda: None)
+        self.protocols.append(protocol)
+        protocol.makeConnection(transport)
+        return transport
+
+
+def test_an_answer_to_another_question_is_ignored() -> None:
+    """A UDP answer whose question section is not the query's (right ID, right server) is
+    not an answer to it (RFC 5452 section 9.1; the C library's res_send checks it with
+    res_queriesmatch() and waits on): it is dropped, and the right one still counts.
+    Twisted matched on the ID alone, and a name server answering another question (a
+    forgery, a broken server or middlebox) had its records taken for the name asked."""
+    from mailrelay.route.mx import _Resolver
+
+    server = ("192.0.2.1", 53)
+    reactor = UDPReactor()
+    resolver = _Resolver(servers=[server], reactor=reactor)
+    d = resolver.queryUDP([dns.Query(b"example.org", dns.MX)], (5,))
+    ((data, address),) = reactor.sent
+    asked = dns.Message()
+    asked.fromStr(data)
+    (protocol,) = reactor.protocols
+    assert address == server
+
+    def answer(name: bytes, exchange: bytes, qtype: int = dns.MX) -> bytes:
+        reply = dns.Message(id=asked.id, answer=1)
+        reply.queries = [dns.Query(name, qtype)]
+        reply.answers = [dns.RRHeader(name, dns.MX, payload=dns.Record_MX(10, exchange))]
+        return reply.toStr()
+
+    with capturedLogs() as events:
+        protocol.datagramReceived(answer(b"other.example", b"mx.other.example"), server)
+        protocol.datagramReceived(answer(b"example.org", b"mx.other.example", dns.A), server)
+    assert not d.called
+    assert any("not the question asked" in formatEvent(e) for e in events), events
+    protocol.datagramReceived(answer(b"EXAMPLE.org", b"mx.example.org"), server)
+    result = fired(d)
+    assert [rr.payload.name.name for rr in result.answers] == [b"mx.example.org"]
+
+
+def test_an_answer_over_tcp_to_another_question_is_not_taken() -> None:
+    """Over TCP too (after a truncated answer), an answer to another question is not the
+    answer: the lookup over TCP fails (the next name server is then asked)."""
+    import struct
+
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+    from mailrelay.route.mx import _Resolver
+
+    server = ("192.0.2.1", 53)
+    reactor = MemoryReactorClock()
+    resolver = _Resolver(servers=[server], reactor=reactor)
+
+    def ask(name: bytes) -> Any:
+        d = defer.Deferred.fromCoroutine(
+            resolver._queryOverTCP(server, [dns.Query(b"example.org", dns.MX)]))
+        factory = reactor.tcpClients.pop()[2]
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        asked = dns.Message()
+        asked.fromStr(transport.value()[2:])
+        reply = dns.Message(id=asked.id, answer=1)
+        reply.queries = [dns.Query(name, dns.MX)]
+        data = reply.toStr()
+        protocol.dataReceived(struct.pack("!H", len(data)) + data)
+        return fired(d)
+
+    failure = ask(b"other.example")
+    assert isinstance(failure, Failure) and failure.check(error.DNSFormatError), failure
+    assert "not to the question asked" in failure.getErrorMessage()
+    assert ask(b"Example.ORG").answer == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # MXResolver with a fake IResolver
 

@@ -622,6 +622,44 @@ def _askingAD(protocol: Any, dnssec: bool) -> Any:
     return protocol
 
 
+def _question(message: Any) -> list[Any]:
+    """The question section of C{message}, as compared: C{dns.Query}s are equal when their
+    names (in any case), types and classes are."""
+    return list(message.queries)
+
+
+def _answersAsked(protocol: Any) -> Any:
+    """C{protocol} (a C{dns.DNSDatagramProtocol}), an answer whose question section is not
+    that of the query of its ID dropped, as never received: it answers something else (RFC
+    5452 section 9.1; the C library's res_send checks it with res_queriesmatch() and waits
+    on).  Twisted matches an answer to its query by ID (and server) alone."""
+    write = protocol.writeMessage
+    receive = protocol.datagramReceived
+    asked: dict[int, list[Any]] = {}
+
+    def writeMessage(message: Any, *address: Any) -> None:
+        asked[message.id] = _question(message)
+        write(message, *address)
+
+    def datagramReceived(data: bytes, address: Any) -> None:
+        answer = dns.Message()
+        try:
+            answer.fromStr(data)
+        except (EOFError, ValueError):
+            return receive(data, address)  # (Twisted logs and drops it)
+        expected = asked.get(answer.id)
+        if expected is not None and _question(answer) != expected:
+            log.info("DNS answer from {server} dropped: not the question asked ({got} "
+                     "instead of {expected})", server=address, got=_question(answer),
+                     expected=expected)
+            return None
+        return receive(data, address)
+
+    protocol.writeMessage = writeMessage
+    protocol.datagramReceived = datagramReceived
+    return protocol
+
+
 class _OneQuery:
     """The controller of a C{dns.DNSProtocol} that carries one query (L{_Resolver}): the
     protocol's own Deferred has the answer, there is nothing to be told."""
@@ -650,7 +688,7 @@ class _Resolver(client.Resolver):
     dnssec = False
 
     def _connectedProtocol(self, interface: str = "") -> Any:
-        return _askingAD(super()._connectedProtocol(interface), self.dnssec)
+        return _askingAD(_answersAsked(super()._connectedProtocol(interface)), self.dnssec)
 
     def filterAnswers(self, message: Any) -> Any:
         """Twisted's, the result keeping the answer's AD bit when asked for it (L{isSecure}):
@@ -714,9 +752,13 @@ class _Resolver(client.Resolver):
         protocol = await connectProtocol(endpoint, _askingAD(
             dns.DNSProtocol(_OneQuery(), self._reactor), self.dnssec))
         try:
-            return await protocol.query(queries, _TCP_TIMEOUT)
+            answer = await protocol.query(queries, _TCP_TIMEOUT)
         finally:
             protocol.transport.loseConnection()
+        if _question(answer) != list(queries):  # (as over UDP: L{_answersAsked})
+            raise dnsError.DNSFormatError(f"the answer of {host} port {port} over TCP is not "
+                                          f"to the question asked: {_question(answer)}")
+        return answer
 
 
 def makeResolver(nameservers: Sequence[Any] | None = None, *, reactor: Any = None,
