@@ -288,12 +288,15 @@ def test_pipelining_client_that_never_reads_cannot_grow_memory(relay) -> None:
 @pytest.fixture
 def ptrDNS(tmp_path: Path):
     """A DNS server with forward-confirmed reverse names for 192.0.2.7 (a name that would
-    close the comment of Received: and open another) and 192.0.2.8 (a good one)."""
+    close the comment of Received: and open another) and 192.0.2.8 (a good one), and a
+    name for 192.0.2.9 that resolves to another address (forged)."""
     server = DNSServer(tmp_path / "ptr-dns", "test", [
         ["7.2.0.192.in-addr.arpa", "PTR", "spoof) (by trusted.test"],
         ["spoof) (by trusted.test", "A", "192.0.2.7"],
         ["8.2.0.192.in-addr.arpa", "PTR", "good.test"],
         ["good.test", "A", "192.0.2.8"],
+        ["9.2.0.192.in-addr.arpa", "PTR", "forged.test"],  # (not confirmed: another address)
+        ["forged.test", "A", "192.0.2.99"],
     ])
     yield server
     server.stop()
@@ -335,6 +338,18 @@ def test_reverse_name_of_bad_syntax_is_left_out(relay, ptrDNS) -> None:
     assert bad.startswith(b"Received: from unknown (unknown [192.0.2.7])\r\n")
     assert ("7.2.0.192.in-addr.arpa", "PTR") in ptrDNS.queries()
     assert "spoof" not in r.log()
+
+
+def test_a_forged_reverse_name_is_unknown_and_logged(relay, ptrDNS) -> None:
+    """A PTR name that does not resolve to the client's address: "unknown" in Received:
+    and a warning that says why, as Postfix's smtpd ("hostname X does not resolve to
+    address Y"); nothing was logged."""
+    r = proxiedRelay(relay, ptrDNS.port)
+    forged = proxiedMessage(r, b"PROXY TCP4 192.0.2.9 192.0.2.25 40000 25\r\n")
+    assert forged.startswith(b"Received: from lb-client.test (unknown [192.0.2.9])\r\n")
+    assert ("forged.test", "A") in ptrDNS.queries()
+    assert re.search(r"#warn\] hostname forged\.test does not resolve to address 192\.0\.2\.9$",
+                     r.log(), re.MULTILINE), r.log()
 
 
 def test_proxy_ipv4_mapped_client_is_logged_as_ipv4(relay, ptrDNS) -> None:

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.names import dns
 from twisted.names.error import DNSNameError
 from twisted.python.failure import Failure
@@ -274,6 +275,22 @@ def test_reverse_lookup_forward_confirmed() -> None:
     reverseLookup(FakeResolver(fail=True), "192.0.2.1", 10, clock).addCallback(results.append)
     reverseLookup(FakeResolver(ptr="v6.example", aaaa=["2001:db8::1"]), "2001:db8::1", 10, clock).addCallback(results.append)
     assert results == [None, None, "v6.example"]
+
+
+def test_a_reverse_name_that_does_not_resolve_to_the_client_is_logged() -> None:
+    """A PTR name whose addresses are not the client's (a forged or stale name): the client
+    is "unknown", and the warning says why, as Postfix's smtpd_peer.c ("hostname X does not
+    resolve to address Y"); it said nothing, the admin could not tell a forged name from no
+    PTR record at all."""
+    results: list = []
+    with capturedLogs() as events:
+        reverseLookup(FakeResolver(ptr=["Liar.Example."], a=["192.0.2.99"]), "192.0.2.1", 10,
+                      Clock()).addCallback(results.append)
+        reverseLookup(FakeResolver(ptr=["mail.example"], a=["192.0.2.2"]), "192.0.2.2", 10,
+                      Clock()).addCallback(results.append)
+    assert results == [None, "mail.example"]
+    assert [(e["log_level"], formatEvent(e)) for e in events] == [
+        (LogLevel.warn, "hostname liar.example does not resolve to address 192.0.2.1")]
 
 
 def test_reverse_lookup_skips_a_name_not_in_ascii() -> None:

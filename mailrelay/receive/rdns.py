@@ -1,9 +1,10 @@
 """Forward-confirmed reverse DNS of a client, never blocking the reactor.
 
-The name is only used when one of its addresses is the client's address (as Postfix does)
-and it is a host name of valid syntax (it goes into C{Received:} and the logs: a PTR record
-may hold any octets, parentheses that would end the comment of C{Received:} included);
-otherwise, or on any error or time-out, the client is "unknown".
+The name is only used when one of its addresses is the client's address (as Postfix does;
+one that does not resolve to it is logged as Postfix's smtpd does: "hostname X does not
+resolve to address Y") and it is a host name of valid syntax (it goes into C{Received:} and
+the logs: a PTR record may hold any octets, parentheses that would end the comment of
+C{Received:} included); otherwise, or on any error or time-out, the client is "unknown".
 
 An answer (a name or none) is remembered for L{REVERSE_CACHE_TIME} seconds per resolver, so
 that a client opening many connections is looked up once, not at each of them; a failure or
@@ -69,6 +70,9 @@ def _lookup(resolver: Any, host: str) -> Any:
             found = {str(ip_address(p.address)) for p in _answers(fwd, dns.AAAA)}
         if str(addr) in found:
             return name
+        # (As Postfix's smtpd_peer.c: a forged or stale name, told from no PTR record.)
+        log.warn("hostname {name} does not resolve to address {address}", name=name,
+                 address=str(addr))
     return None
 
 
