@@ -288,8 +288,9 @@ def test_pipelining_client_that_never_reads_cannot_grow_memory(relay) -> None:
 @pytest.fixture
 def ptrDNS(tmp_path: Path):
     """A DNS server with forward-confirmed reverse names for 192.0.2.7 (a name that would
-    close the comment of Received: and open another) and 192.0.2.8 (a good one), and a
-    name for 192.0.2.9 that resolves to another address (forged)."""
+    close the comment of Received: and open another) and 192.0.2.8 (a good one), a name
+    for 192.0.2.9 that resolves to another address (forged), and for 192.0.2.10 a name
+    that does not exist before a good one."""
     server = DNSServer(tmp_path / "ptr-dns", "test", [
         ["7.2.0.192.in-addr.arpa", "PTR", "spoof) (by trusted.test"],
         ["spoof) (by trusted.test", "A", "192.0.2.7"],
@@ -297,6 +298,9 @@ def ptrDNS(tmp_path: Path):
         ["good.test", "A", "192.0.2.8"],
         ["9.2.0.192.in-addr.arpa", "PTR", "forged.test"],  # (not confirmed: another address)
         ["forged.test", "A", "192.0.2.99"],
+        ["10.2.0.192.in-addr.arpa", "PTR", "gone.test"],  # (NXDOMAIN) then a good name
+        ["10.2.0.192.in-addr.arpa", "PTR", "second.test"],
+        ["second.test", "A", "192.0.2.10"],
     ])
     yield server
     server.stop()
@@ -350,6 +354,17 @@ def test_a_forged_reverse_name_is_unknown_and_logged(relay, ptrDNS) -> None:
     assert ("forged.test", "A") in ptrDNS.queries()
     assert re.search(r"#warn\] hostname forged\.test does not resolve to address 192\.0\.2\.9$",
                      r.log(), re.MULTILINE), r.log()
+
+
+def test_a_reverse_name_that_does_not_exist_does_not_hide_the_next(relay, ptrDNS) -> None:
+    """The first PTR name of a client does not exist (NXDOMAIN): logged, and its next PTR
+    name, which resolves to it, is the client's name.  The NXDOMAIN made the client
+    "unknown" and nothing was logged."""
+    r = proxiedRelay(relay, ptrDNS.port)
+    message = proxiedMessage(r, b"PROXY TCP4 192.0.2.10 192.0.2.25 40000 25\r\n")
+    assert message.startswith(b"Received: from lb-client.test (second.test [192.0.2.10])\r\n")
+    assert re.search(r"#warn\] hostname gone\.test does not resolve to address 192\.0\.2\.10: "
+                     r"the name does not exist$", r.log(), re.MULTILINE), r.log()
 
 
 def test_proxy_ipv4_mapped_client_is_logged_as_ipv4(relay, ptrDNS) -> None:

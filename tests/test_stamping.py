@@ -293,6 +293,28 @@ def test_a_reverse_name_that_does_not_resolve_to_the_client_is_logged() -> None:
         (LogLevel.warn, "hostname liar.example does not resolve to address 192.0.2.1")]
 
 
+def test_a_reverse_name_that_does_not_exist_is_logged_and_the_next_tried() -> None:
+    """A PTR name that does not exist (NXDOMAIN for its address): logged as Postfix's smtpd
+    does ("hostname X does not resolve to address Y: ..."), and the client's next PTR
+    name is still tried.  The NXDOMAIN failed the whole lookup: the client was "unknown",
+    a name of it that resolves to it not even asked, and nothing was said."""
+
+    class Resolver(FakeResolver):
+        def lookupAddress(self, name):
+            if name == "gone.example":
+                return fail(DNSNameError(name))
+            return super().lookupAddress(name)
+
+    results: list = []
+    with capturedLogs() as events:
+        reverseLookup(Resolver(ptr=["gone.example", "mail.example"], a=["192.0.2.1"]),
+                      "192.0.2.1", 10, Clock()).addCallback(results.append)
+    assert results == ["mail.example"]
+    assert [(e["log_level"], formatEvent(e)) for e in events] == [
+        (LogLevel.warn, "hostname gone.example does not resolve to address 192.0.2.1: "
+                        "the name does not exist")]
+
+
 def test_reverse_lookup_skips_a_name_not_in_ascii() -> None:
     """A PTR record whose name is not ASCII (what a hostile DNS server can answer) is
     skipped, as a name of bad syntax is: the client's other PTR names are still tried (it

@@ -21,6 +21,7 @@ from weakref import WeakKeyDictionary
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.logger import Logger
 from twisted.names import dns
+from twisted.names.error import DomainError
 
 from mailrelay.address import clientIP, hostnameProblem
 
@@ -62,12 +63,17 @@ def _lookup(resolver: Any, host: str) -> Any:
     names = [_asciiName(p.name.name) for p in _answers(ptr, dns.PTR)]
     names = [name for name in names if name is not None and _validName(name)]
     for name in names[:3]:
-        if addr.version == 4:
-            fwd = yield resolver.lookupAddress(name)
-            found = {p.dottedQuad() for p in _answers(fwd, dns.A)}
-        else:
-            fwd = yield resolver.lookupIPV6Address(name)
-            found = {str(ip_address(p.address)) for p in _answers(fwd, dns.AAAA)}
+        try:
+            if addr.version == 4:
+                fwd = yield resolver.lookupAddress(name)
+                found = {p.dottedQuad() for p in _answers(fwd, dns.A)}
+            else:
+                fwd = yield resolver.lookupIPV6Address(name)
+                found = {str(ip_address(p.address)) for p in _answers(fwd, dns.AAAA)}
+        except DomainError:  # (NXDOMAIN: a final answer, the next name is tried)
+            log.warn("hostname {name} does not resolve to address {address}: the name does "
+                     "not exist", name=name, address=str(addr))
+            continue
         if str(addr) in found:
             return name
         # (As Postfix's smtpd_peer.c: a forged or stale name, told from no PTR record.)
