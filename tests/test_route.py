@@ -823,6 +823,41 @@ def test_an_answer_over_tcp_to_another_question_is_not_taken() -> None:
     assert ask(b"Example.ORG").answer == 1
 
 
+def test_the_system_resolver_honours_the_options_of_resolv_conf(tmp_path) -> None:
+    """/etc/resolv.conf's C{options timeout:n attempts:n rotate} are honoured, as the C
+    library's resolver honours them for Postfix: each server is given C{timeout} seconds,
+    C{attempts} rounds, and with C{rotate} each query starts at the next server.  Twisted
+    read only the C{nameserver} lines: an admin's C{timeout:1 attempts:1} for a quick
+    failover was 1, 3, 11 and 45 seconds of each server.  A change of the file is
+    followed; without options, Twisted's time-outs stand."""
+    from mailrelay.route.mx import _Resolver
+
+    one, two = ("192.0.2.1", 53), ("192.0.2.2", 53)
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("nameserver 192.0.2.1\nnameserver 192.0.2.2\nsearch example.net\n"
+                    "options ndots:3 timeout:2 attempts:3\noptions rotate\n")
+    resolver = _Resolver(str(conf).encode(), reactor=Clock())
+    asked: list[tuple[Any, float]] = []
+
+    def query(server: tuple[str, int], queries: Any, timeout: float) -> defer.Deferred:
+        asked.append((server, timeout))
+        if server == two:
+            return defer.succeed(dns.Message(rCode=dns.OK, answer=1))
+        return defer.fail(error.DNSQueryTimeoutError(0))
+
+    resolver._query = query
+    assert resolver.timeout == (2, 2, 2)
+    for _ in range(3):
+        assert fired(resolver.queryUDP([dns.Query(b"example.org", dns.MX)])).rCode == dns.OK
+    assert asked == [(one, 2), (two, 2), (two, 2), (one, 2), (two, 2)]
+    conf.write_text("nameserver 192.0.2.1\noptions timeout:99 attempts:0\n")
+    resolver.parseConfig(conf.open("rb"))
+    assert resolver.timeout == (30,)  # (the C library's bounds: 30 seconds, 1 to 5 rounds)
+    conf.write_text("nameserver 192.0.2.1\n")
+    resolver.parseConfig(conf.open("rb"))
+    assert resolver.timeout == (1, 3, 11, 45)
+
+
 # ---------------------------------------------------------------------------------------------
 # MXResolver with a fake IResolver
 

@@ -674,6 +674,15 @@ class _OneQuery:
         pass
 
 
+def _option(options: dict[str, str], key: str, default: int, most: int) -> int:
+    """The number of resolv.conf's C{options key:n}, within 1 to C{most} as the C library
+    bounds it, or C{default} when it is not given or not a number."""
+    try:
+        return min(max(int(options[key]), 1), most)
+    except (KeyError, ValueError):
+        return default
+
+
 class _Resolver(client.Resolver):
     """C{client.Resolver} asking its name servers as the C library does for Postfix: in the
     order listed, the next one also when one answers SERVFAIL, NOTIMP or REFUSED (Twisted's
@@ -681,11 +690,44 @@ class _Resolver(client.Resolver):
     Time-outs go round the servers as Twisted's do, each round with the next of the
     time-outs; when every server answered such a code, the last answer stands.  A truncated
     answer (TC) is asked again over TCP of the same server (Twisted's asked the next server
-    of its round, which may be down); when that fails, the next server is asked.
+    of its round, which may be down); when that fails, the next server is asked.  From
+    C{/etc/resolv.conf}, its C{options} C{timeout}, C{attempts} and C{rotate} are honoured
+    too (L{parseConfig}).
     """
 
     #: Ask with the AD bit set and report it in the answers (L{makeResolver}'s C{dnssec}).
     dnssec = False
+    #: Each query starts at the next name server (resolv.conf's C{options rotate}).
+    rotate = False
+    #: The time-out of each round (Twisted's C{timeout}: its annotation says C{None}).
+    timeout: Any
+    _given: Sequence[float] | None = None
+    _turn = 0
+
+    def parseConfig(self, resolvConf: Any) -> None:
+        """Twisted's (the C{nameserver} lines), and the C{options} the C library's resolver
+        takes from C{/etc/resolv.conf} for Postfix: C{timeout:n} seconds a server (1 to
+        30; 5 by default), C{attempts:n} rounds (1 to 5; 2 by default), C{rotate}.  With
+        neither C{timeout} nor C{attempts}, Twisted's time-outs stand.  (C{search},
+        C{domain} and C{ndots} are not used: mail domains are never completed, as
+        Postfix's resolver is told.)"""
+        lines = list(resolvConf)
+        super().parseConfig(lines)
+        if self._given is None:
+            self._given = self.timeout
+        options: dict[str, str] = {}
+        for line in lines:
+            fields = line.split()
+            if fields[:1] == [b"options"]:
+                for option in fields[1:]:
+                    key, _, value = option.decode("ascii", "replace").partition(":")
+                    options[key] = value
+        self.rotate = "rotate" in options
+        timeout, attempts = _option(options, "timeout", 5, 30), _option(options, "attempts", 2, 5)
+        if "timeout" in options or "attempts" in options:
+            self.timeout = (timeout,) * attempts
+        else:
+            self.timeout = self._given
 
     def _connectedProtocol(self, interface: str = "") -> Any:
         return _askingAD(_answersAsked(super()._connectedProtocol(interface)), self.dnssec)
@@ -712,6 +754,9 @@ class _Resolver(client.Resolver):
         servers: list[Any] = list(self.servers or ()) + list(self.dynServers or ())
         if not servers:
             raise OSError("No domain name servers available")
+        if self.rotate:
+            first, self._turn = self._turn % len(servers), self._turn + 1
+            servers = servers[first:] + servers[:first]
         failed: Any = None
         tcpError: Exception | None = None
         answeredFailure: list[Any] = []
