@@ -270,6 +270,9 @@ def _domain(text: str) -> str:
         if len(label) > MAX_LABEL:
             raise _Bad(f"domain label longer than {MAX_LABEL} octets", _PLAIN)
         labels.append(label)
+    if labels[-1].isdigit():  # (RFC 1123 section 2.1: an IP address, not a domain)
+        raise _Bad("the last label of a domain cannot be all digits (an IP address is "
+                   "written in brackets: [192.0.2.1])")
     result = ".".join(labels)
     if len(result) > MAX_DOMAIN:
         raise _Bad(f"domain longer than {MAX_DOMAIN} octets", _PLAIN)

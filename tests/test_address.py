@@ -606,6 +606,21 @@ def test_normaliseDomainInvalid(domain: str) -> None:
     assert info.value.reply.text.startswith("Error: ")
 
 
+@pytest.mark.parametrize("domain", ["192.0.2.1", "192.0.2.1.", "mail.example.123", "1"])
+def test_a_domain_whose_last_label_is_all_digits_is_refused(domain: str) -> None:
+    """A domain whose top label is all digits is no domain (RFC 1123 section 2.1, RFC 3696
+    section 2): an IP address written without brackets.  C{joe@192.0.2.1} was taken, and
+    its mail sent to 192.0.2.1 with no DNS lookup, as if it were C{joe@[192.0.2.1]};
+    Postfix refuses it (resolve_numeric_domain = no, its default: "Bad recipient address
+    syntax")."""
+    text = ("Error: bad {} address syntax: the last label of a domain cannot be all digits "
+            "(an IP address is written in brackets: [192.0.2.1])")
+    assert forwardError(f"<joe@{domain}>") == Reply(501, "5.1.3", text.format("recipient"))
+    assert reverseError(f"<joe@{domain}>") == Reply(501, "5.1.7", text.format("sender"))
+    assert forward("<joe@192.0.2.1.example>").domain == "192.0.2.1.example"
+    assert forward("<joe@[192.0.2.1]>").domain == "[192.0.2.1]"
+
+
 def test_addressErrorIsValueError() -> None:
     """L{AddressError} is a C{ValueError} carrying its reply."""
     error = AddressError(Reply(501, "5.1.3", "Error: x"))
@@ -800,7 +815,8 @@ atoms = st.text(alphabet=ATEXT, min_size=1, max_size=8)
 dotStrings = st.lists(atoms, min_size=1, max_size=4).map(".".join).filter(
     lambda local: not local.startswith("-"))
 labels = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
-domains = st.lists(labels, min_size=1, max_size=4).map(".".join)
+domains = st.lists(labels, min_size=1, max_size=4).map(".".join).filter(
+    lambda domain: not domain.rsplit(".", 1)[-1].isdigit())  # (refused: see above)
 
 
 @fast

@@ -120,6 +120,25 @@ def test_addresses_starting_with_a_dash_refused(relay) -> None:
     c.close()
 
 
+def test_an_ip_address_without_brackets_is_no_domain(relay) -> None:
+    """RCPT TO:<u@127.0.0.1> was taken and its mail sent straight to 127.0.0.1, no DNS
+    asked, as if it were <u@[127.0.0.1]>: an all-digit top label is no domain (RFC 1123
+    section 2.1); Postfix refuses it (resolve_numeric_domain = no).  The literal is taken."""
+    r = relay()
+    c, _ = session(r)
+    c.send(b"MAIL FROM:<a@192.0.2.1>\r\nMAIL FROM:<a@example.com>\r\n"
+           b"RCPT TO:<u@127.0.0.1>\r\nRCPT TO:<u@[127.0.0.1]>\r\n")
+    syntax = (b"the last label of a domain cannot be all digits (an IP address is written in "
+              b"brackets: [192.0.2.1])")
+    assert [c.readReply() for _ in range(4)] == [
+        [b"501 5.1.7 Error: bad sender address syntax: " + syntax],
+        [b"250 2.1.0 Ok"],
+        [b"501 5.1.3 Error: bad recipient address syntax: " + syntax],
+        [b"250 2.1.5 Ok"],
+    ]
+    c.close()
+
+
 def test_ehlo_with_spaces_accepted_and_logged(relay) -> None:
     r = relay()
     c, ehlo = session(r, b"EHLO My Computer")

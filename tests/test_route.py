@@ -460,7 +460,11 @@ def test_parseSMTPNexthop_recipient_domain() -> None:
     for text in ["example.123", "bücher.example"]:
         with pytest.raises(ValueError):
             parseSMTPNexthop(text)
-    assert parseSMTPNexthop("example.123:2525", strict=False) == SMTPNexthop("example.123", 2525)
+    # (An all-digit top label is no mail domain either: RFC 1123 section 2.1.)
+    with pytest.raises(ValueError, match="the last label of a domain cannot be all digits"):
+        parseSMTPNexthop("example.123:2525", strict=False)
+    assert parseSMTPNexthop("mx-1.example:2525", strict=False) == SMTPNexthop(
+        "mx-1.example", 2525)
     assert parseSMTPNexthop("Bücher.example", strict=False) == SMTPNexthop(
         "xn--bcher-kva.example"
     )
