@@ -282,7 +282,7 @@ class Zone(authority.FileAuthority):
             if rtype == "ANSWERFOR":  # (a name whose queries are answered as another's)
                 answerFor[name.lower().encode("ascii")] = args[0].encode("ascii")
                 continue
-            if rtype in ("SERVFAIL", "REFUSED", "TRUNCATE"):  # (a name whose queries fail)
+            if rtype in ("SERVFAIL", "REFUSED", "TRUNCATE", "TRUNCATEALL"):  # (queries fail)
                 self.failing[name.lower().encode("ascii")] = rtype
                 continue
             args = [a.encode("ascii") if isinstance(a, str) and rtype not in ("A", "AAAA", "TLSA")
@@ -320,9 +320,11 @@ class Factory(server.DNSServerFactory):
         message.authenticData = int(message.id in askedAD
                                     and (name in secure or b"*" in secure))
         askedAD.discard(message.id)
-        if address is not None and zone.failing.get(name) == "TRUNCATE":
+        failing = zone.failing.get(name)
+        if failing == "TRUNCATEALL" or (address is not None and failing == "TRUNCATE"):
             message.trunc = 1
-            message.answers, message.authority, message.additional = [], [], []
+            if address is not None:
+                message.answers, message.authority, message.additional = [], [], []
         return super().sendReply(protocol, message, address)
 
     def gotResolverError(self, failure, protocol, message, address):
@@ -354,6 +356,7 @@ class DNSServer:
     C{[name, type, *arguments]} (C{Record_<type>}'s); C{[name, "SERVFAIL"]} (or
     C{"REFUSED"}) makes every query of C{name} (of every name for C{"*"}) answer that code;
     C{[name, "TRUNCATE"]} truncates its answers over UDP (TC: ask again over TCP);
+    C{[name, "TRUNCATEALL"]} too, and its answers over TCP say they are truncated (TC);
     C{[name, "ANSWERFOR", other]} answers the queries of C{name} as those of C{other}, their
     question too (an answer to another question);
     C{[name, "TLSA", usage, selector, matchingType, hexData]} is a TLSA record.  The answers

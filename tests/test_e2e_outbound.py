@@ -1276,6 +1276,28 @@ def test_a_truncated_answer_is_asked_again_over_tcp_of_the_same_server(
         zone.stop()
 
 
+def test_an_answer_truncated_over_tcp_too_is_taken_as_it_is(relay, nexthop,
+                                                            tmp_path: Path) -> None:
+    """A name server whose answer says it is truncated over TCP too: what it holds is
+    used, as Postfix's resolver does.  The relay asked over TCP again and again until the
+    lookup's time-out, and deferred the mail ("DNS time-out") at every attempt."""
+    hop, port = nexthop()
+    zone = DNSServer(tmp_path / "tc-dns", "test", [
+        ["big.test", "TRUNCATEALL"], ["big.test", "MX", 10, "mx.big.test"],
+        ["mx.big.test", "A", "127.0.0.1"],
+    ])
+    try:
+        r = relay(config(zone, routes=[{"domain": "big.test", "backend": "smtp",
+                                        "nexthop": f"big.test:{port}"}]))
+        qid = submit(r, "alice@sender.test", ["user@big.test"], message("truncated"))
+        m = waitResult(r, qid, "user@big.test", timeout=45)
+        assert (m["status"], m["relay"]) == ("sent", f"mx.big.test[127.0.0.1]:{port}"), m[0]
+        assert zone.log().count("tcp\nquery big.test MX") == 1, zone.log()
+        hop.waitTo("user@big.test")
+    finally:
+        zone.stop()
+
+
 def test_an_answer_to_another_question_is_ignored(relay, nexthop, dns, tmp_path: Path) -> None:
     """A name server answering another question than the one asked (here: that "nx.test"
     does not exist, for the MX query of "mx.test") has its answer dropped, as the C

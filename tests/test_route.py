@@ -759,6 +759,28 @@ class UDPReactor(Clock):
         return transport
 
 
+def test_an_answer_truncated_over_tcp_too_is_taken_as_it_is() -> None:
+    """An answer that says it is truncated over TCP too (a server that sets TC there, an
+    answer beyond 64 KiB) is taken as it is, as the C library's resolver returns it and
+    Postfix's dns_query() uses it.  Twisted's filterAnswers() asked again over TCP for
+    each such answer, of whichever server came next, until the lookup's time-out: the
+    mail was deferred ("DNS time-out") however often it was tried."""
+    one = ("192.0.2.1", 53)
+    resolver = AnsweringResolver({one: ["TC"]}, tcp={one: dns.OK})
+    rr = dns.RRHeader(b"example.org", dns.MX, payload=dns.Record_MX(10, b"mx.example.org"))
+
+    async def queryOverTCP(server: tuple[str, int], queries: Any) -> dns.Message:
+        resolver.asked.append((server, "tcp"))
+        message = dns.Message(rCode=dns.OK, answer=1, trunc=1)
+        message.queries, message.answers = list(queries), [rr]
+        return message
+
+    resolver._queryOverTCP = queryOverTCP
+    answers, _, _ = fired(resolver.lookupMailExchange("example.org"))
+    assert ([a.payload.name.name for a in answers], resolver.asked) == (
+        [b"mx.example.org"], [(one, 1), (one, "tcp")])
+
+
 def test_an_answer_to_another_question_is_ignored() -> None:
     """A UDP answer whose question section is not the query's (right ID, right server) is
     not an answer to it (RFC 5452 section 9.1; the C library's res_send checks it with

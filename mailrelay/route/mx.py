@@ -777,6 +777,9 @@ class _Resolver(client.Resolver):
                         tcpError = e
                         answeredFailure.append(server)
                         continue
+                    # Truncated over TCP too: taken as it is, as res_send returns it and
+                    # Postfix's dns_query() uses it (filterAnswers would ask over TCP again).
+                    message.trunc = 0
                 if message.rCode not in _ASK_NEXT:
                     return message
                 failed = message
