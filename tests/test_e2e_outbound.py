@@ -1276,6 +1276,50 @@ def test_a_truncated_answer_is_asked_again_over_tcp_of_the_same_server(
         zone.stop()
 
 
+class UDPEcho:
+    """A UDP socket on 127.0.0.1 that sends every datagram back where it came from (a
+    "name server" that returns the queries themselves), in a thread, until closed."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.echoed = 0
+        threading.Thread(target=self._echo, daemon=True).start()
+
+    def _echo(self) -> None:
+        while True:
+            try:
+                data, address = self.sock.recvfrom(65535)
+                self.sock.sendto(data, address)
+            except OSError:
+                return
+            self.echoed += 1
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_query_sent_back_is_no_answer(relay, nexthop, dns) -> None:
+    """A name server listed first that sends the queries back (an echo, a loop): they are
+    no answers (QR clear), the next name server is asked and the mail delivered.  Each
+    was taken for an answer without records: no MX, no address, the mail bounced (5.4.4,
+    "host mx.test has no address")."""
+    hop, port = nexthop()
+    notices, noticePort = nexthop()
+    echo = UDPEcho()
+    try:
+        r = relay(config(dns, routes=_mxRoutes(port, noticePort), before=(echo,)))
+        qid = submit(r, "alice@sender.test", ["user@mx.test"], message("echo"))
+        m = waitResult(r, qid, "user@mx.test")
+        assert (m["status"], m["relay"]) == ("sent", f"mail.mx.test[127.0.0.1]:{port}"), m[0]
+        assert echo.echoed >= 2  # (the MX and address queries: each sent there first)
+        assert "dropped: not an answer (a query, sent back?)" in r.log()
+        hop.waitTo("user@mx.test")
+    finally:
+        echo.close()
+
+
 def test_an_answer_truncated_over_tcp_too_is_taken_as_it_is(relay, nexthop,
                                                             tmp_path: Path) -> None:
     """A name server whose answer says it is truncated over TCP too: what it holds is

@@ -815,6 +815,29 @@ def test_an_answer_to_another_question_is_ignored() -> None:
     assert [rr.payload.name.name for rr in result.answers] == [b"mx.example.org"]
 
 
+def test_a_message_that_is_no_answer_is_ignored() -> None:
+    """A message that is not an answer (its QR bit clear: RFC 1035 section 4.1.1), such as
+    the query itself sent back by an echo or a loop, is dropped; Twisted took it for an
+    answer holding no record -- no MX, no address: the mail bounced (5.4.4)."""
+    from mailrelay.route.mx import _Resolver
+
+    server = ("192.0.2.1", 53)
+    reactor = UDPReactor()
+    resolver = _Resolver(servers=[server], reactor=reactor)
+    d = resolver.queryUDP([dns.Query(b"example.org", dns.MX)], (5,))
+    ((data, _),) = reactor.sent
+    (protocol,) = reactor.protocols
+    with capturedLogs() as events:
+        protocol.datagramReceived(data, server)
+    assert not d.called
+    assert any("not an answer" in formatEvent(e) for e in events), events
+    reply = dns.Message()
+    reply.fromStr(data)
+    reply.answer = 1
+    protocol.datagramReceived(reply.toStr(), server)
+    assert fired(d).answer == 1
+
+
 def test_an_answer_over_tcp_to_another_question_is_not_taken() -> None:
     """Over TCP too (after a truncated answer), an answer to another question is not the
     answer: the lookup over TCP fails (the next name server is then asked)."""
@@ -828,7 +851,7 @@ def test_an_answer_over_tcp_to_another_question_is_not_taken() -> None:
     reactor = MemoryReactorClock()
     resolver = _Resolver(servers=[server], reactor=reactor)
 
-    def ask(name: bytes) -> Any:
+    def ask(name: bytes, answer: int = 1) -> Any:
         d = defer.Deferred.fromCoroutine(
             resolver._queryOverTCP(server, [dns.Query(b"example.org", dns.MX)]))
         factory = reactor.tcpClients.pop()[2]
@@ -837,7 +860,7 @@ def test_an_answer_over_tcp_to_another_question_is_not_taken() -> None:
         protocol.makeConnection(transport)
         asked = dns.Message()
         asked.fromStr(transport.value()[2:])
-        reply = dns.Message(id=asked.id, answer=1)
+        reply = dns.Message(id=asked.id, answer=answer)
         reply.queries = [dns.Query(name, dns.MX)]
         data = reply.toStr()
         protocol.dataReceived(struct.pack("!H", len(data)) + data)
@@ -846,6 +869,8 @@ def test_an_answer_over_tcp_to_another_question_is_not_taken() -> None:
     failure = ask(b"other.example")
     assert isinstance(failure, Failure) and failure.check(error.DNSFormatError), failure
     assert "not to the question asked" in failure.getErrorMessage()
+    failure = ask(b"example.org", answer=0)  # (no answer: the query sent back)
+    assert isinstance(failure, Failure) and failure.check(error.DNSFormatError), failure
     assert ask(b"Example.ORG").answer == 1
 
 

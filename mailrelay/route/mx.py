@@ -632,7 +632,8 @@ def _answersAsked(protocol: Any) -> Any:
     """C{protocol} (a C{dns.DNSDatagramProtocol}), an answer whose question section is not
     that of the query of its ID dropped, as never received: it answers something else (RFC
     5452 section 9.1; the C library's res_send checks it with res_queriesmatch() and waits
-    on).  Twisted matches an answer to its query by ID (and server) alone."""
+    on); so is a message that is no answer (its QR bit clear: the query sent back).
+    Twisted matches an answer to its query by ID (and server) alone."""
     write = protocol.writeMessage
     receive = protocol.datagramReceived
     asked: dict[int, list[Any]] = {}
@@ -648,6 +649,10 @@ def _answersAsked(protocol: Any) -> Any:
         except (EOFError, ValueError):
             return receive(data, address)  # (Twisted logs and drops it)
         expected = asked.get(answer.id)
+        if expected is not None and not answer.answer:  # (QR clear: RFC 1035 section 4.1.1)
+            log.info("DNS message from {server} dropped: not an answer (a query, sent back?)",
+                     server=address)
+            return None
         if expected is not None and _question(answer) != expected:
             log.info("DNS answer from {server} dropped: not the question asked ({got} "
                      "instead of {expected})", server=address, got=_question(answer),
@@ -803,7 +808,7 @@ class _Resolver(client.Resolver):
             answer = await protocol.query(queries, _TCP_TIMEOUT)
         finally:
             protocol.transport.loseConnection()
-        if _question(answer) != list(queries):  # (as over UDP: L{_answersAsked})
+        if not answer.answer or _question(answer) != list(queries):  # (L{_answersAsked})
             raise dnsError.DNSFormatError(f"the answer of {host} port {port} over TCP is not "
                                           f"to the question asked: {_question(answer)}")
         return answer
