@@ -209,6 +209,19 @@ def test_replyParserTakesTheLastLinesCodeWhenTheLinesDisagree():
     assert (second.code, second.enhanced, second.text) == (554, "", "fine\n5.7.1 but no")
 
 
+def test_replyParserTakesABareLFForALineEnd():
+    """A reply line may end in a bare LF (and CRs before its line end are dropped), as
+    Postfix's smtp_get() reads replies ("liberal in what we accept", smtp_stream.c): a next
+    hop answering its end of data "250 ok<LF>" has the message; a protocol error instead
+    deferred it, and it was sent again at every retry (found by a bug hunt)."""
+    parser = ReplyParser()
+    parser.feed(b"220 mx.test\n250-mx.test\n250 PIPELINING\r\n250 2.0.0 ok\r\r\n")
+    replies = [parser.next(), parser.next(), parser.next()]
+    assert [(r.code, r.enhanced, r.text) for r in replies] == [
+        (220, "", "mx.test"), (250, "", "mx.test\nPIPELINING"), (250, "2.0.0", "ok")]
+    assert parser.next() is None and not parser.hasData
+
+
 @pytest.mark.parametrize("data", [
     b"hello\r\n",
     b"250x\r\n",

@@ -265,6 +265,53 @@ class SilentServer:
         self.sock.close()
 
 
+class ScriptedServer(SilentServer):
+    """A next hop whose every reply is raw bytes the test chooses: C{replies} maps a verb
+    (C{"GREETING"}, C{"EHLO"}, C{"MAIL"}, C{"RCPT"}, C{"DATA"}, C{"DOT"}, C{"RSET"},
+    C{"QUIT"}) to the bytes sent for it, line ends included; a callable is given the number
+    of such commands seen on the connection so far (from 0).  C{messages} holds the content
+    of each message it read to its end of data."""
+
+    DEFAULTS = {"GREETING": b"220 scripted.test ESMTP\r\n",
+                "EHLO": b"250-scripted.test\r\n250 PIPELINING\r\n",
+                "MAIL": b"250 2.1.0 ok\r\n", "RCPT": b"250 2.1.5 ok\r\n",
+                "DATA": b"354 go on\r\n", "DOT": b"250 2.0.0 ok\r\n",
+                "RSET": b"250 2.0.0 ok\r\n", "QUIT": b"221 2.0.0 bye\r\n"}
+
+    def __init__(self, **replies: Any) -> None:
+        super().__init__()
+        self.replies = {**self.DEFAULTS, **replies}
+        self.messages: list[bytes] = []
+        self.serve(lambda conn: threading.Thread(target=self._talk, args=(conn,),
+                                                 daemon=True).start())
+
+    def _reply(self, conn: socket.socket, verb: str, seen: dict[str, int]) -> None:
+        reply = self.replies[verb]
+        count = seen[verb] = seen.get(verb, -1) + 1
+        conn.sendall(reply(count) if callable(reply) else reply)
+
+    def _talk(self, conn: socket.socket) -> None:
+        seen: dict[str, int] = {}
+        with conn, conn.makefile("rb") as lines:
+            try:
+                self._reply(conn, "GREETING", seen)
+                for line in lines:
+                    verb = line[:4].upper().decode("ascii", "replace")
+                    verb = "EHLO" if verb in ("EHLO", "LHLO") else verb
+                    if verb not in self.replies:
+                        conn.sendall(b"502 5.5.2 no\r\n")
+                        continue
+                    self._reply(conn, verb, seen)
+                    if verb == "DATA" and self.replies["DATA"][:3] == b"354":
+                        content = b"".join(iter(lines.readline, b".\r\n"))
+                        self.messages.append(content)
+                        self._reply(conn, "DOT", seen)
+                    elif verb == "QUIT":
+                        return
+            except OSError:
+                return
+
+
 # ---------------------------------------------------------------------------------------------
 # DNS: one server for the module; zone "test"
 
@@ -609,6 +656,25 @@ def test_a_reply_whose_lines_disagree_is_taken_by_its_last_line(relay, nexthop, 
     assert len(hop.attempts) == 1
     assert results(r, qid, "bob@example.org") == [
         ("1", "sent", "smtp; 251 2.0.0 ok queued as 1")]
+
+
+def test_replies_ending_in_a_bare_lf_are_read(relay, dns) -> None:
+    """A next hop whose replies end in a bare LF (and one CR too many) is understood, as
+    Postfix's smtp_get() reads them (smtp_stream.c): the message is delivered once.  It
+    used to be deferred as a protocol error, even after the "250" to its end of data, and
+    sent again at every retry."""
+    hop = ScriptedServer(GREETING=b"220 lf.test ESMTP\n",
+                         EHLO=b"250-lf.test\n250 PIPELINING\n", DOT=b"250 2.0.0 ok\r\r\n")
+    try:
+        r = relay(config(dns, queue={"min_backoff": 1, "max_backoff": 2},
+                         routes=[smtpRoute("example.org", hop.port)]))
+        qid = submit(r, "alice@sender.test", ["bob@example.org"], message("bare LF"))
+        m = waitResult(r, qid, "bob@example.org")
+        assert (m["status"], m["diagnostic"]) == ("sent", "smtp; 250 2.0.0 ok"), m[0]
+        waitRemoved(r, qid)
+        assert len(hop.messages) == 1
+    finally:
+        hop.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,8 +56,11 @@ class ReplyParser:
     has no C{"-"}.  All the lines of one reply should carry the same code (RFC 5321 4.2.1);
     where they do not, the last line's is the reply's, as in Postfix's C{smtp_chat_resp} (a
     protocol error would make a server's C{250-}/C{251} answer to the end of data a deferral,
-    and the message be sent again).  A bare CR or LF, a line longer than L{MAX_REPLY_LINE}
-    or a reply longer than L{MAX_REPLY_LINES} raises L{ProtocolError}.  Replies are returned
+    and the message be sent again).  A line may end in a bare LF, and the CRs before its
+    line end are dropped, as Postfix's C{smtp_get} reads replies (C{smtp_stream.c}: "liberal
+    in what we accept"; a deferral would send a message the server has again).  A CR within
+    a line, a line longer than L{MAX_REPLY_LINE} or a reply longer than L{MAX_REPLY_LINES}
+    raises L{ProtocolError}.  Replies are returned
     as L{Reply}: the enhanced status code (RFC 2034), when the first line starts with one of
     the reply's class, is taken out of every line.
     """
@@ -80,20 +83,18 @@ class ReplyParser:
         @raise ProtocolError: malformed input.
         """
         while True:
-            end = self._buf.find(b"\r\n")
+            end = self._buf.find(b"\n")
             if end < 0:
-                if b"\n" in self._buf:
-                    raise ProtocolError("bare LF in reply")
                 if len(self._buf) > MAX_REPLY_LINE:
                     raise ProtocolError(f"reply line longer than {MAX_REPLY_LINE} octets")
                 return None
-            line, self._buf = self._buf[:end], self._buf[end + 2 :]
+            line, self._buf = self._buf[:end].rstrip(b"\r"), self._buf[end + 1 :]
             match = _REPLY_LINE.fullmatch(line)
             if match is None or (not match.group(2) and match.group(3)):
                 raise ProtocolError(f"malformed reply line {_show(line)}")
             code, sep, text = match.groups()
-            if b"\r" in text or b"\n" in text:
-                raise ProtocolError(f"bare CR or LF in reply line {_show(line)}")
+            if b"\r" in text:
+                raise ProtocolError(f"bare CR in reply line {_show(line)}")
             self._lines.append(text)
             if len(self._lines) > MAX_REPLY_LINES:
                 raise ProtocolError(f"reply longer than {MAX_REPLY_LINES} lines")
