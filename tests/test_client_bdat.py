@@ -214,16 +214,23 @@ def test_withoutPipeliningOneChunk(message):
     assert [r.status for r in resultOf(d)] == [DELIVERED, DELIVERED]
 
 
-def test_refusedChunkStopsTheBody(tmp_path, monkeypatch):
-    """A chunk refused: no further chunk, the replies still due are read (the first refusal
-    is the answer), and the next transaction starts with RSET."""
+def _sentInChunksOf10(tmp_path, monkeypatch, content: bytes):
+    """C{(peer, conn, d)}: C{content} sent to a server offering CHUNKING, in chunks of 10
+    octets, MAIL and RCPT accepted: the body's producer is ready to write the first."""
     monkeypatch.setattr(clientProtocol, "CHUNK_SIZE", 10)
     path = tmp_path / "m"
-    path.write_bytes(b"x" * 38 + b"\r\n")
+    path.write_bytes(content)
     peer, conn = connected(CHUNKING)
     d = send(conn, envelope("a@example.org"), path)
     peer.heard()
     peer.say(b"250 ok\r\n250 ok\r\n")
+    return peer, conn, d
+
+
+def test_refusedChunkStopsTheBody(tmp_path, monkeypatch):
+    """A chunk refused: no further chunk, the replies still due are read (the first refusal
+    is the answer), and the next transaction starts with RSET."""
+    peer, conn, d = _sentInChunksOf10(tmp_path, monkeypatch, b"x" * 38 + b"\r\n")
     producer = peer.transport.producer
     producer.resumeProducing()
     producer.resumeProducing()
@@ -236,7 +243,7 @@ def test_refusedChunkStopsTheBody(tmp_path, monkeypatch):
     assert (a.status, a.code, a.diagnostic) == (
         PERMANENT, "5.3.4", "smtp; 552 5.3.4 message too big")
     assert conn.usable and not peer.aborted
-    send(conn, envelope("b@example.org"), path)
+    send(conn, envelope("b@example.org"), tmp_path / "m")
     assert peer.heard() == b"RSET\r\n"
 
 
