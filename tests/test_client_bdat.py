@@ -369,3 +369,22 @@ def test_againstPathologicalEarlyReply(message):
     peer.say(b"250 2.0.0 too early\r\n")
     (a,) = resultOf(d)
     assert a.status is TRANSIENT and peer.aborted
+
+
+@pytest.mark.parametrize("how", ["lost", "timeout"])
+def test_aBreakOnceTheLastChunkIsSentMaySendTheMessageTwice(tmp_path, monkeypatch, how):
+    """Pipelined chunks, the LAST one written, and the connection lost (or timed out) before
+    the replies to the earlier ones came: the server may have the whole message, so the
+    deferral says that it may be sent more than once, as a break after the end of DATA does
+    (it said "while sending BDAT", as if the message was not all sent)."""
+    peer, conn, d = _sentInChunksOf10(tmp_path, monkeypatch, b"x" * 18 + b"\r\n")
+    peer.pump()
+    assert parseBDAT(peer.heard())[0] == [(10, False), (10, True)]
+    if how == "lost":
+        peer.lose()
+    else:
+        peer.clock.advance(conn._protocol.settings.timeouts.dataDone)
+    (a,) = resultOf(d)
+    assert a.status is TRANSIENT
+    assert a.diagnostic.endswith(
+        "while sending end of data -- message may be sent more than once"), a.diagnostic

@@ -12,11 +12,13 @@ from pathlib import Path
 from mailrelay.delivery.protocol import CHUNK_SIZE
 from tests.postfixpeer import DOMAIN, PostfixPeer, postfix  # noqa: F401 - fixture
 from tests.test_e2e_outbound import (
+    ScriptedServer,
     bounceID,
     config,
     dns,  # noqa: F401 - the module's DNS server fixture
     relay,  # noqa: F401 - the relay fixture
     release,
+    smtpRoute,
     spooled,
     submit,
     waitEmpty,
@@ -99,3 +101,23 @@ def test_refused_chunk_bounces(relay, dns, postfix, tmp_path: Path) -> None:
     bounce = tmp_path / "mail" / "sender.test" / "alice" / "Maildir" / "new"
     assert len(list(bounce.iterdir())) == 1
     waitEmpty(r)
+
+
+def test_a_break_once_the_last_chunk_is_sent_says_the_message_may_go_twice(relay, dns) -> None:
+    """A next hop that reads every BDAT chunk, the LAST one too, and closes before any
+    reply: it may have the message, so the deferral says it may be sent more than once (it
+    said "while sending BDAT"), as one after the end of DATA does."""
+    hop = ScriptedServer(EHLO=b"250-scripted.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n",
+                         BDAT=lambda n: b"" if n == 0 else None)
+    try:
+        r = relay(config(dns, queue={"min_backoff": 300, "max_backoff": 600},
+                         routes=[smtpRoute("example.org", hop.port)]))
+        msg = b"From: <alice@sender.test>\r\nSubject: two chunks\r\n\r\n" + _body(CHUNK_SIZE)
+        qid = submit(r, "alice@sender.test", ["bob@example.org"], msg)
+        m = waitResult(r, qid, "bob@example.org")
+        assert (m["status"], m["diagnostic"]) == (
+            "deferred", "X-mailrelay; lost connection with 127.0.0.1[127.0.0.1] while sending "
+            "end of data -- message may be sent more than once"), m[0]
+        assert len(hop.messages) == 1 and r.queued() == [qid]
+    finally:
+        hop.close()

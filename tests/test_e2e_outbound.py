@@ -269,8 +269,9 @@ class ScriptedServer(SilentServer):
     """A next hop whose every reply is raw bytes the test chooses: C{replies} maps a verb
     (C{"GREETING"}, C{"EHLO"}, C{"MAIL"}, C{"RCPT"}, C{"DATA"}, C{"DOT"}, C{"RSET"},
     C{"QUIT"}) to the bytes sent for it, line ends included; a callable is given the number
-    of such commands seen on the connection so far (from 0).  C{messages} holds the content
-    of each message it read to its end of data."""
+    of such commands seen on the connection so far (from 0); C{None} closes the connection
+    instead.  A C{BDAT} command's data is read before its reply.  C{messages} holds the
+    content of each message it read to its end (its end of data, or its LAST chunk)."""
 
     DEFAULTS = {"GREETING": b"220 scripted.test ESMTP\r\n",
                 "EHLO": b"250-scripted.test\r\n250 PIPELINING\r\n",
@@ -285,29 +286,41 @@ class ScriptedServer(SilentServer):
         self.serve(lambda conn: threading.Thread(target=self._talk, args=(conn,),
                                                  daemon=True).start())
 
-    def _reply(self, conn: socket.socket, verb: str, seen: dict[str, int]) -> None:
+    def _reply(self, conn: socket.socket, verb: str, seen: dict[str, int]) -> bool:
+        """Send the reply to C{verb}; C{False}: the connection is to be closed instead."""
         reply = self.replies[verb]
         count = seen[verb] = seen.get(verb, -1) + 1
-        conn.sendall(reply(count) if callable(reply) else reply)
+        reply = reply(count) if callable(reply) else reply
+        if reply is None:
+            return False
+        conn.sendall(reply)
+        return True
 
     def _talk(self, conn: socket.socket) -> None:
         seen: dict[str, int] = {}
+        chunks: list[bytes] = []
         with conn, conn.makefile("rb") as lines:
             try:
-                self._reply(conn, "GREETING", seen)
+                if not self._reply(conn, "GREETING", seen):
+                    return
                 for line in lines:
                     verb = line[:4].upper().decode("ascii", "replace")
                     verb = "EHLO" if verb in ("EHLO", "LHLO") else verb
                     if verb not in self.replies:
                         conn.sendall(b"502 5.5.2 no\r\n")
                         continue
-                    self._reply(conn, verb, seen)
-                    if verb == "DATA" and self.replies["DATA"][:3] == b"354":
-                        content = b"".join(iter(lines.readline, b".\r\n"))
-                        self.messages.append(content)
-                        self._reply(conn, "DOT", seen)
-                    elif verb == "QUIT":
+                    if verb == "BDAT":
+                        _, size, *last = line.split()
+                        chunks.append(lines.read(int(size)))
+                        if last:
+                            self.messages.append(b"".join(chunks))
+                            chunks.clear()
+                    if not self._reply(conn, verb, seen) or verb == "QUIT":
                         return
+                    if verb == "DATA" and self.replies["DATA"][:3] == b"354":
+                        self.messages.append(b"".join(iter(lines.readline, b".\r\n")))
+                        if not self._reply(conn, "DOT", seen):
+                            return
             except OSError:
                 return
 

@@ -246,9 +246,13 @@ class ClientSession:
 
     @property
     def step(self) -> str:
-        """What the session is doing or waiting for (a key of the step table)."""
+        """What the session is doing or waiting for (a key of the step table).  Once the
+        whole message is sent (a reply to its end is due), it is the end of data, whatever
+        reply comes first (pipelined BDAT chunks): the server may have the message."""
         if self.state == _TRANSACTION:
-            return self._expect[0][0] if self._expect else self._answered
+            if not self._expect:
+                return self._answered
+            return _DOT if self._expect[-1][0] == _DOT else self._expect[0][0]
         return self.state
 
     def waitingFor(self) -> str:

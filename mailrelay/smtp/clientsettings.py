@@ -15,7 +15,7 @@ class ClientTimeouts:
 
     C{starttls} covers the reply to STARTTLS and the TLS handshake; C{dataBlock} is the longest
     the connection may refuse to take more body data; C{dataDone} is the wait for the reply (for
-    LMTP: each reply) after the final dot.
+    LMTP: each reply) after the final dot, or after the last BDAT chunk (each reply still due).
     """
 
     connect: float = 30
