@@ -89,12 +89,7 @@ class ReplyParser:
                     raise ProtocolError(f"reply line longer than {MAX_REPLY_LINE} octets")
                 return None
             line, self._buf = self._buf[:end].rstrip(b"\r"), self._buf[end + 1 :]
-            match = _REPLY_LINE.fullmatch(line)
-            if match is None or (not match.group(2) and match.group(3)):
-                raise ProtocolError(f"malformed reply line {_show(line)}")
-            code, sep, text = match.groups()
-            if b"\r" in text:
-                raise ProtocolError(f"bare CR in reply line {_show(line)}")
+            code, sep, text = _replyLine(line)
             self._lines.append(text)
             if len(self._lines) > MAX_REPLY_LINES:
                 raise ProtocolError(f"reply longer than {MAX_REPLY_LINES} lines")
@@ -103,6 +98,18 @@ class ReplyParser:
             lines, self._lines = self._lines, []
             # (Its last line's code, whatever the others said: see the class's docstring.)
             return _makeReply(int(code), [t.decode("utf-8", "replace") for t in lines])
+
+
+def _replyLine(line: bytes) -> tuple[bytes, bytes, bytes]:
+    """The code, separator and text of a reply line (without its line end).
+    @raise ProtocolError: it is not one."""
+    match = _REPLY_LINE.fullmatch(line)
+    if match is None or (not match.group(2) and match.group(3)):
+        raise ProtocolError(f"malformed reply line {_show(line)}")
+    code, sep, text = match.groups()
+    if b"\r" in text:
+        raise ProtocolError(f"bare CR in reply line {_show(line)}")
+    return code, sep, text
 
 
 def _makeReply(code: int, lines: list[str]) -> Reply:
