@@ -690,6 +690,25 @@ def test_replies_ending_in_a_bare_lf_are_read(relay, dns) -> None:
         hop.close()
 
 
+def test_an_overlong_reply_to_the_end_of_data_is_cut_not_refused(relay, dns) -> None:
+    """A next hop answering the end of data with a reply line of 100,000 octets and 2,000
+    lines has the message: its reply is cut (as Postfix's smtp_chat_resp cuts one) and the
+    message delivered once.  A protocol error deferred it, and it was sent again."""
+    hop = ScriptedServer(DOT=b"250-2.0.0 " + b"x" * 100_000 + b"\r\n"
+                         + b"250-2.0.0 more\r\n" * 2000 + b"250 2.0.0 ok\r\n")
+    try:
+        r = relay(config(dns, queue={"min_backoff": 1, "max_backoff": 2},
+                         routes=[smtpRoute("example.org", hop.port)]))
+        qid = submit(r, "alice@sender.test", ["bob@example.org"], message("long reply"))
+        m = waitResult(r, qid, "bob@example.org")
+        assert m["status"] == "sent", m[0]
+        assert m["diagnostic"].startswith("smtp; 250 2.0.0 xxxxxxxxxx"), m[0]
+        waitRemoved(r, qid)
+        assert len(hop.messages) == 1
+    finally:
+        hop.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. 5xx at RCPT: a bounce, delivered, from <>
 

@@ -38,9 +38,9 @@ def formatDate(when: float) -> str:
     return text
 
 
-#: A reply line longer than this (no CRLF within it) is a protocol error.
+#: A reply line longer than this (no line end within it) is cut to this many octets.
 MAX_REPLY_LINE = 65536
-#: A multi-line reply with more lines than this is a protocol error.
+#: A multi-line reply keeps this many lines, the first; the others are read and dropped.
 MAX_REPLY_LINES = 1000
 #: Diagnostics are cut to this many characters.
 MAX_DIAGNOSTIC = 1000
@@ -58,8 +58,10 @@ class ReplyParser:
     protocol error would make a server's C{250-}/C{251} answer to the end of data a deferral,
     and the message be sent again).  A line may end in a bare LF, and the CRs before its
     line end are dropped, as Postfix's C{smtp_get} reads replies (C{smtp_stream.c}: "liberal
-    in what we accept"; a deferral would send a message the server has again).  A CR within
-    a line, a line longer than L{MAX_REPLY_LINE} or a reply longer than L{MAX_REPLY_LINES}
+    in what we accept"; a deferral would send a message the server has again).  A line
+    longer than L{MAX_REPLY_LINE} octets is cut (the rest of it read and dropped), a reply of
+    more than L{MAX_REPLY_LINES} lines keeps its first ones, as Postfix's C{smtp_chat_resp}
+    cuts a reply (so memory stays bounded, whatever the server sends).  A CR within a line
     raises L{ProtocolError}.  Replies are returned
     as L{Reply}: the enhanced status code (RFC 2034), when the first line starts with one of
     the reply's class, is taken out of every line.
@@ -68,6 +70,8 @@ class ReplyParser:
     def __init__(self) -> None:
         self._buf = b""
         self._lines: list[bytes] = []
+        #: The line buffered was cut: the rest of it, to its line end, is dropped.
+        self._cut = False
 
     @property
     def hasData(self) -> bool:
@@ -75,6 +79,12 @@ class ReplyParser:
         return bool(self._buf or self._lines)
 
     def feed(self, data: bytes) -> None:
+        if self._cut:
+            end = data.find(b"\n")
+            if end < 0:
+                return
+            data = data[end:]
+            self._cut = False
         self._buf += data
 
     def next(self) -> Reply | None:
@@ -86,13 +96,14 @@ class ReplyParser:
             end = self._buf.find(b"\n")
             if end < 0:
                 if len(self._buf) > MAX_REPLY_LINE:
-                    raise ProtocolError(f"reply line longer than {MAX_REPLY_LINE} octets")
+                    self._buf = self._buf[:MAX_REPLY_LINE]
+                    self._cut = True
+                    _replyLine(self._buf.rstrip(b"\r"))  # (a reply line so far?)
                 return None
             line, self._buf = self._buf[:end].rstrip(b"\r"), self._buf[end + 1 :]
             code, sep, text = _replyLine(line)
-            self._lines.append(text)
-            if len(self._lines) > MAX_REPLY_LINES:
-                raise ProtocolError(f"reply longer than {MAX_REPLY_LINES} lines")
+            if len(self._lines) < MAX_REPLY_LINES:
+                self._lines.append(text)
             if sep == b"-":
                 continue
             lines, self._lines = self._lines, []
