@@ -7,6 +7,7 @@ import grp
 import json
 import os
 import pwd
+import random
 import re
 import shutil
 import signal
@@ -466,8 +467,11 @@ def relayArgs(config: Path, directory: Path) -> tuple[int, tuple[str, ...]]:
 
 
 def privilegedPort() -> int:
-    """A port below 1024 free on 127.0.0.1."""
-    for port in range(1023, 600, -1):
+    """A port below 1024 free on 127.0.0.1, picked at random: two suites running at once
+    (as beside each other on one machine) took the same first free one and one failed."""
+    ports = list(range(600, 1024))
+    random.shuffle(ports)
+    for port in ports:
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
