@@ -12,7 +12,6 @@ or otherwise; one whose answers are not validated (no AD bit) goes with opportun
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import ssl
 from pathlib import Path
@@ -25,7 +24,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tests.harness import DNSServer, RelayProcess
 from tests.test_e2e_outbound import message, submit, waitResult
-from tests.test_e2e_requiretls_out import Controller, RequireTLSRecorder
+from tests.test_e2e_requiretls_out import Controller, RequireTLSRecorder, markRequireTLS
 from tests.test_e2e_route_tls import TLSRecorder
 
 
@@ -163,11 +162,7 @@ def test_requiretls_goes_by_dane_to_mx_hosts_found_securely(tmp_path: Path, dns:
         queued = {rcpt: submit(r, "alice@example.com", [rcpt], message(rcpt))
                   for rcpt in ("bob@dane.test", "carol@insecure.test")}
         r.stop()
-        for queueID in queued.values():  # (REQUIRETLS, as a client over TLS gives it)
-            path = r.spool / "queue" / f"{queueID}.json"
-            envelope = json.loads(path.read_bytes())
-            envelope["requireTLS"] = True
-            path.write_text(json.dumps(envelope))
+        markRequireTLS(r, queued.values())
         r.configText = config
         r.start()
         (got,) = recorder.waitTo("bob@dane.test")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import smtplib
 import ssl
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,16 @@ def _config(dns: DNSServer, port: int, caFile: Path, tmp_path: Path, tls: str,
     )
 
 
+def markRequireTLS(r: RelayProcess, queueIDs: Iterable[str], requireTLS: bool = True) -> None:
+    """Mark the spooled envelopes of C{queueIDs} (the relay C{r} stopped) C{requireTLS}, as
+    the receiving side does for MAIL ... REQUIRETLS over TLS (RFC 8689)."""
+    for queueID in queueIDs:
+        path = r.spool / "queue" / f"{queueID}.json"
+        envelope = json.loads(path.read_bytes())
+        envelope["requireTLS"] = requireTLS
+        path.write_text(json.dumps(envelope))
+
+
 def _queueHeld(tmp_path: Path, dns: DNSServer, port: int, caFile: Path, tls: str,
                message: bytes, requireTLS: bool, routes: str = "") -> tuple[RelayProcess, str]:
     """A relay that has spooled C{message} (held), its envelope marked C{requireTLS}, then
@@ -132,10 +143,7 @@ def _queueHeld(tmp_path: Path, dns: DNSServer, port: int, caFile: Path, tls: str
         s.sendmail("alice@sender.test", ["bob@example.org"], message)
     (qid,) = r.queued()
     r.stop()
-    path = r.spool / "queue" / f"{qid}.json"
-    envelope = json.loads(path.read_bytes())
-    envelope["requireTLS"] = requireTLS
-    path.write_text(json.dumps(envelope))
+    markRequireTLS(r, [qid], requireTLS)
     r.configText = _config(dns, port, caFile, tmp_path, tls, False, routes)
     r.start()
     return r, qid
