@@ -26,12 +26,15 @@ import pytest
 import trustme
 
 from tests.harness import DNSServer, RelayProcess
-from tests.test_e2e_outbound import _TCPController
-from tests.test_e2e_route_tls import TLSRecorder, _send
+from tests.test_e2e_dane import _Recorder
+from tests.test_e2e_outbound import message, submit, waitResult
+from tests.test_e2e_requiretls_out import Controller, markRequireTLS
+from tests.test_e2e_route_tls import _send
 
 POLICIES = {
     "mta-sts.sts.test": "version: STSv1\nmode: enforce\nmx: mx.sts.test\nmax_age: 86400\n",
     "mta-sts.other.test": "version: STSv1\nmode: enforce\nmx: *.elsewhere.test\nmax_age: 600\n",
+    "mta-sts.trial.test": "version: STSv1\nmode: testing\nmx: mx.trial.test\nmax_age: 600\n",
 }
 
 
@@ -105,10 +108,10 @@ def policyServer(ca: Any, request: pytest.FixtureRequest):
 def mx(ca: Any):
     """The MX host of both domains: STARTTLS offered, a certificate for mx.sts.test."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("mx.sts.test", "mx.other.test").configure_cert(context)
-    recorder = TLSRecorder()
-    controller = _TCPController(recorder, hostname="127.0.0.1", port=0, ready_timeout=10,
-                                tls_context=context, require_starttls=False)
+    ca.issue_cert("mx.sts.test", "mx.other.test", "mx.trial.test").configure_cert(context)
+    recorder = _Recorder()  # (offering REQUIRETLS, RFC 8689, after STARTTLS)
+    controller = Controller(recorder, hostname="127.0.0.1", port=0, ready_timeout=10,
+                            tls_context=context, require_starttls=False)
     controller.start()
     yield recorder, controller.port
     controller.stop()
@@ -124,19 +127,22 @@ def _dns(tmp_path: Path) -> DNSServer:
         ["mx.other.test", "A", "127.0.0.1"],
         ["mta-sts.other.test", "A", POLICY_ADDRESS],
         ["_mta-sts.other.test", "TXT", "v=STSv1; id=1"],
+        ["trial.test", "MX", 10, "mx.trial.test"],
+        ["mx.trial.test", "A", "127.0.0.1"],
+        ["mta-sts.trial.test", "A", POLICY_ADDRESS],
+        ["_mta-sts.trial.test", "TXT", "v=STSv1; id=1"],
     ])
 
 
-def _relay(tmp_path: Path, dns: DNSServer, port: int) -> RelayProcess:
+def _relay(tmp_path: Path, dns: DNSServer, port: int, hold: bool = False) -> RelayProcess:
     caFile = tmp_path / "ca.pem"
     config = (
         f'[delivery]\nmta_sts = true\nca_file = "{caFile}"\n'
         f'[dns]\nreverse_lookups = false\nnameservers = ["127.0.0.1:{dns.port}"]\n'
-        "[queue]\nmin_backoff = 600\n"
-        # MX lookups, to the test MX's port.
-        f'[[routes]]\ndomain = "sts.test"\nbackend = "smtp"\nnexthop = "sts.test:{port}"\n'
-        f'[[routes]]\ndomain = "other.test"\nbackend = "smtp"\nnexthop = "other.test:{port}"\n'
-    )
+        f"[queue]\nmin_backoff = 600\nhold = {str(hold).lower()}\n"
+    ) + "".join(  # MX lookups, to the test MX's port
+        f'[[routes]]\ndomain = "{d}"\nbackend = "smtp"\nnexthop = "{d}:{port}"\n'
+        for d in ("sts.test", "other.test", "trial.test"))
     return RelayProcess(tmp_path / "relay", config, env={"SSL_CERT_FILE": str(caFile)})
 
 
@@ -197,3 +203,36 @@ def test_a_policy_host_whose_certificate_names_cannot_be_checked_is_not_believed
                  r"certificate host name mismatch")
     r.waitForLog(r"to=<carol@other\.test>.*status=sent")
     assert "MTA-STS: policy of other.test" not in r.log()
+
+
+def test_requiretls_goes_to_the_mx_hosts_an_enforced_policy_matches(
+    tmp_path: Path, policyServer: list[str], mx: Any
+) -> None:
+    """RFC 8689 section 4.2.1: a REQUIRETLS message's MX hosts are found by DNSSEC-validated
+    lookups or match an MTA-STS policy.  This relay does not validate DNS: mail to sts.test,
+    whose enforced policy names its MX host, goes to it over TLS verified for mx.sts.test,
+    with REQUIRETLS; mail to trial.test, whose policy is in testing mode, is returned
+    (5.7.30) and never sent.  (Both were returned: "cannot be looked up securely here".)"""
+    recorder, port = mx
+    dns = _dns(tmp_path)
+    r = _relay(tmp_path, dns, port, hold=True)
+    try:
+        r.start()
+        queued = {rcpt: submit(r, "alice@example.com", [rcpt], message(rcpt))
+                  for rcpt in ("bob@sts.test", "carol@trial.test")}
+        r.stop()
+        markRequireTLS(r, queued.values())
+        r.configText = r.configText.replace("hold = true", "hold = false")
+        r.start()
+        (got,) = recorder.waitTo("bob@sts.test")
+        assert "REQUIRETLS" in got.mailOptions and recorder.sessions["bob@sts.test"][1]
+        waitResult(r, queued["bob@sts.test"], "bob@sts.test", "sent")
+        line = waitResult(r, queued["carol@trial.test"], "carol@trial.test", "bounced")
+        assert line.group("diagnostic") == (
+            "X-mailrelay; REQUIRETLS support required: the MX hosts of trial.test cannot be "
+            "looked up securely here (no DNSSEC validation), and its MTA-STS policy is in "
+            "testing mode")
+        assert "carol@trial.test" not in recorder.sessions
+    finally:
+        r.stop()
+        dns.stop()

@@ -19,7 +19,16 @@ from mailrelay.route.mx import MXHost
 from mailrelay.smtp.clientsettings import ClientSettings
 from mailrelay.smtp.errors import SMTPConnectError
 from tests.test_client import PERMANENT, Peer, ehloReply, resultOf
-from tests.test_delivery import DANE_POLICY, DELIVERED, HOSTS, daneBackend, result, smtpBackend
+from tests.test_delivery import (
+    DANE_POLICY,
+    DELIVERED,
+    HOSTS,
+    FakeSTS,
+    daneBackend,
+    result,
+    smtpBackend,
+    stsPolicy,
+)
 
 MESSAGE = b"Subject: secret\r\n\r\nbody\r\n"
 
@@ -149,6 +158,64 @@ def test_requireTLSByMXLookupWithDANE(message: Path) -> None:
     assert r.diagnostic == ("X-mailrelay; REQUIRETLS support required: no MX host of "
                             "example.org was found by DNSSEC-validated lookups")
     assert net.attempts == []
+
+
+def test_requireTLSByMXLookupUnderAnEnforcedMTASTSPolicy(message: Path) -> None:
+    """RFC 8689 section 4.2.1: the MX hosts of a REQUIRETLS message are found by
+    DNSSEC-validated lookups, I{or} match the recipient domain's MTA-STS policy (RFC 8461).
+    Under a policy in enforce mode the message goes to the MX hosts it matches, over TLS
+    verified for the host's name (PKIX), also without DNSSEC; a policy in testing mode, or
+    none, vouches for no host: the message is returned (5.7.30) without an MX lookup."""
+    env = envelope()
+    env.recipients = [Recipient("b@example.org")]
+    sts = FakeSTS({"example.org": stsPolicy("enforce", "mx2.example.org")})
+    backend, net, _, mx = smtpBackend(mtaSTS=sts,
+                                      settings=ClientSettings("relay.test", tls="may"))
+    (r,) = deliver(backend, env, "example.org", message)
+    assert r.status is DELIVERED, r
+    ((address, _, tlsHostname, settings, _),) = net.attempts
+    assert (address, tlsHostname, settings.tls, settings.tlsa) == (
+        "192.0.2.2", "mx2.example.org", "required", None)
+    # A second one is sent afresh, not over the idle connection left by the first.
+    (r,) = deliver(backend, env, "example.org", message)
+    assert r.status is DELIVERED and len(net.attempts) == 2
+    for policies, why in [
+        ({"example.org": stsPolicy("testing", "mx2.example.org")},
+         "its MTA-STS policy is in testing mode"),
+        ({}, "it has no MTA-STS policy"),
+    ]:
+        backend, net, _, mx = smtpBackend(mtaSTS=FakeSTS(policies))
+        (r,) = deliver(backend, env, "example.org", message)
+        assert (r.status, r.code) == (PERMANENT, "5.7.30"), r
+        assert r.diagnostic == (
+            "X-mailrelay; REQUIRETLS support required: the MX hosts of example.org cannot "
+            f"be looked up securely here (no DNSSEC validation), and {why}")
+        assert net.attempts == []
+
+
+def test_requireTLSByMXLookupWithDANEAndAnEnforcedMTASTSPolicy(message: Path) -> None:
+    """With DANE too, an MX host found insecurely that an enforced MTA-STS policy matches
+    qualifies (RFC 8689 section 4.2.1: either way); one found securely keeps its DANE."""
+    env = envelope()
+    env.recipients = [Recipient("b@example.org")]
+    sts = FakeSTS({"example.org": stsPolicy("enforce", "*.example.org")})
+    backend, net, _, mx = daneBackend({"mx1.example.org": DANE_POLICY}, mtaSTS=sts)
+    mx.answers["example.org"] = [dataclasses.replace(h, secure=False)
+                                 for h in HOSTS["example.org"]]
+    net.connectBehaviour["192.0.2.1"] = SMTPConnectError("4.4.1", "X-mailrelay; refused")
+    net.connectBehaviour["2001:db8::1"] = SMTPConnectError("4.4.1", "X-mailrelay; refused")
+    (r,) = deliver(backend, env, "example.org", message)
+    assert r.status is DELIVERED, r
+    assert [(a[0], a[3].tls, a[3].tlsa) for a in net.attempts] == [
+        ("192.0.2.1", "required", None), ("2001:db8::1", "required", None),
+        ("192.0.2.2", "required", None)]
+    # Testing mode: only the hosts found securely, as without a policy.
+    sts.policies["example.org"] = stsPolicy("testing", "*.example.org")
+    (r,) = deliver(backend, env, "example.org", message)
+    assert (r.status, r.code) == (PERMANENT, "5.7.30")
+    assert r.diagnostic == ("X-mailrelay; REQUIRETLS support required: no MX host of "
+                            "example.org was found by DNSSEC-validated lookups, and its "
+                            "MTA-STS policy is in testing mode")
 
 
 def test_requireTLSReturnedWhenNoHostGivesVerifiedTLS(message: Path) -> None:

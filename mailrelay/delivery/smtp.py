@@ -137,6 +137,12 @@ def _whyDeferred(results: list[RecipientResult], limit: int = 3) -> str:
     return "; ".join(reasons[:limit]) + (f"; and {more} more" if more > 0 else "")
 
 
+def _enforced(policy: Any) -> bool:
+    """Whether C{policy} (an L{STSPolicy <mailrelay.route.mtasts.STSPolicy>} or C{None}) is
+    an MTA-STS policy in enforce mode."""
+    return policy is not None and policy.mode == "enforce"
+
+
 def _transientCode(code: str) -> str:
     return "4" + code[1:] if code[:1] in ("4", "5") else "4.4.0"
 
@@ -365,13 +371,16 @@ class SMTPBackend(ClientBackend):
         done: Callable[[list[RecipientResult]], None] | None = None,
     ) -> Any:
         policy = yield self._stsPolicy(envelope, nexthop)
-        if policy is not None and policy.mode == "enforce" and settings.tls != "implicit":
+        if _enforced(policy) and settings.tls != "implicit":
             settings = dataclasses.replace(settings, tls="required")
+        domain = self._mxDomain(nexthop) if envelope.requireTLS else None
+        if domain is not None and not self.dane and not _enforced(policy):
+            return self._notFoundSecurely(envelope, recipients, domain, policy)
         key = (nexthop, settings)
         reused = None
-        if not (envelope.requireTLS and self._dnssecDomain(nexthop)):
-            # (Not an idle connection for REQUIRETLS: whether its host was found securely
-            # is not known.)
+        if domain is None:
+            # (Not an idle connection for REQUIRETLS by MX lookup: whether its host was
+            # found securely, or matched an enforced policy, is not known.)
             reused = yield self._sendOnIdle(key, envelope, recipients, messagePath)
         if reused is None:
             return (yield self._deliverFresh(envelope, recipients, key, policy, messagePath,
@@ -456,16 +465,12 @@ class SMTPBackend(ClientBackend):
                 log.warn("{queueID}: {diagnostic}; deferred", queueID=envelope.queueID,
                          diagnostic=diagnostic.removeprefix("X-mailrelay; "))
                 return resultsForAll(recipients, DeliveryStatus.TRANSIENT, "4.7.5", diagnostic)
-        domain = self._dnssecDomain(nexthop) if envelope.requireTLS else None
-        if domain is not None:
+        domain = self._mxDomain(nexthop) if envelope.requireTLS else None
+        if domain is not None and not _enforced(policy):
+            # (Under an enforced MTA-STS policy, every host _stsHosts kept qualifies.)
             hosts = [h for h in hosts if h.secure]
             if not hosts:
-                diagnostic = (f"X-mailrelay; REQUIRETLS support required: no MX host of "
-                              f"{domain} was found by DNSSEC-validated lookups")
-                log.warn("{queueID}: REQUIRETLS message not relayed: {diagnostic}",
-                         queueID=envelope.queueID,
-                         diagnostic=diagnostic.removeprefix("X-mailrelay; "))
-                return resultsForAll(recipients, DeliveryStatus.PERMANENT, "5.7.30", diagnostic)
+                return self._notFoundSecurely(envelope, recipients, domain, policy)
         tried = _Tried(sessions=sessions)
         if answered and reusedResults is not None:
             tried.deferred, tried.answered = list(reusedResults), True
@@ -861,31 +866,47 @@ class SMTPBackend(ClientBackend):
         return results
 
     def _insecureLookup(self, nexthop: str) -> str | None:
-        """REQUIRETLS (RFC 8689 section 4.2.1) wants the MX hosts looked up securely (DNSSEC,
-        or an MTA-STS policy).  Without C{dane} this resolver validates neither, so only a
-        next hop named without MX lookup (a smarthost, a bracketed route) will do; with
-        C{dane} it validates, and only the MX hosts found securely are used
-        (L{_dnssecDomain})."""
-        try:
-            parsed = parseSMTPNexthop(nexthop, strict=False)
-        except ValueError:
-            return None  # the delivery will say what is wrong with it
-        if parsed.mxLookup and not self.dane:
-            return (f"the MX hosts of {parsed.host} cannot be looked up securely here (no "
+        """REQUIRETLS (RFC 8689 section 4.2.1) wants the MX hosts found by DNSSEC-validated
+        lookups or matching the domain's MTA-STS policy (RFC 8461).  Without C{dane} and
+        C{mtaSTS} neither can be, so only a next hop named without MX lookup (a smarthost, a
+        bracketed route) will do; with either, the MX hosts that qualify are used (see
+        L{_deliver} and L{_deliverFresh}: those found securely, those an enforced policy
+        matches), and without any the message is returned (L{_notFoundSecurely})."""
+        domain = self._mxDomain(nexthop)
+        if domain is not None and not self.dane and self.mtaSTS is None:
+            return (f"the MX hosts of {domain} cannot be looked up securely here (no "
                     "DNSSEC validation)")
         return None
 
-    def _dnssecDomain(self, nexthop: str) -> str | None:
-        """The domain whose MX hosts a REQUIRETLS message to C{nexthop} goes to only when
-        found by DNSSEC-validated lookups (L{MXHost.secure}; RFC 8689 section 4.2.1):
-        C{dane} on and the next hop looked up by MX; else C{None}."""
-        if not self.dane:
-            return None
+    @staticmethod
+    def _mxDomain(nexthop: str) -> str | None:
+        """The domain C{nexthop} names when its MX hosts are looked up (not a smarthost, not
+        a bracketed host), else C{None}."""
         try:
             parsed = parseSMTPNexthop(nexthop, strict=False)
         except ValueError:
-            return None
+            return None  # (the resolution says what is wrong with it)
         return parsed.host if parsed.mxLookup else None
+
+    def _notFoundSecurely(
+        self, envelope: Any, recipients: list, domain: str, policy: Any
+    ) -> list[RecipientResult]:
+        """The results of a REQUIRETLS message to C{domain} none of whose MX hosts qualify
+        (RFC 8689 section 4.2.1): none found by DNSSEC-validated lookups, and no MTA-STS
+        policy in enforce mode (C{policy}: the one found, C{None} for none) to match them
+        against: returned, 5.7.30."""
+        if self.dane:
+            why = f"no MX host of {domain} was found by DNSSEC-validated lookups"
+        else:
+            why = (f"the MX hosts of {domain} cannot be looked up securely here (no DNSSEC "
+                   "validation)")
+        if self.mtaSTS is not None:
+            why += (f", and its MTA-STS policy is in {policy.mode} mode" if policy is not None
+                    else ", and it has no MTA-STS policy")
+        diagnostic = f"X-mailrelay; REQUIRETLS support required: {why}"
+        log.warn("{queueID}: REQUIRETLS message not relayed: {why}", queueID=envelope.queueID,
+                 why=why)
+        return resultsForAll(recipients, DeliveryStatus.PERMANENT, "5.7.30", diagnostic)
 
     def _withoutSelf(
         self, hosts: list[MXHost], nexthop: str
