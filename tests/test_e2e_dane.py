@@ -41,7 +41,7 @@ def mx():
     CA's); C{(recorder, port, SPKI SHA-256 of its certificate, its CA's SPKI)}."""
     ca = trustme.CA()
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    leaf = ca.issue_cert("mx.dane.test", "mx.ta.test")
+    leaf = ca.issue_cert("mx.dane.test", "mx.ta.test", "hosting.test")
     leaf.configure_cert(context)
     certificate = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes())
     spki = _spki(certificate)
@@ -80,6 +80,14 @@ def dns(tmp_path: Path, mx: Any):
                 [f"_{port}._tcp.mx.alias.test", "TLSA", 3, 1, 1, "00" * 32]]
     secure += ["alias.test", "mx.alias.test", "mx.target.test", f"_{port}._tcp.mx.target.test",
                f"_{port}._tcp.mx.alias.test"]
+    # A domain that is an alias (shop.test of hosting.test, secure; loose.test of it, not
+    # validated): its MX host's certificate, vouched for by a DANE-TA record, is for the
+    # alias's end, hosting.test, only (RFC 7672 3.2.3).
+    records += [["shop.test", "CNAME", "hosting.test"], ["loose.test", "CNAME", "hosting.test"],
+                ["hosting.test", "MX", 10, "mx.hosting.test"],
+                ["mx.hosting.test", "A", "127.0.0.1"],
+                [f"_{port}._tcp.mx.hosting.test", "TLSA", 2, 1, 0, anchor.hex()]]
+    secure += ["shop.test", "hosting.test", "mx.hosting.test", f"_{port}._tcp.mx.hosting.test"]
     server = DNSServer(tmp_path / "dns", "test", records, ad=tuple(secure))
     yield server
     server.stop()
@@ -94,7 +102,8 @@ def _config(dns: DNSServer, port: int) -> str:
         "[queue]\nmin_backoff = 600\n"
     ) + "".join(  # MX lookups, to the test MX's port
         f'[[routes]]\ndomain = "{d}"\nbackend = "smtp"\nnexthop = "{d}:{port}"\n'
-        for d in ("dane.test", "bad.test", "insecure.test", "ta.test", "alias.test"))
+        for d in ("dane.test", "bad.test", "insecure.test", "ta.test", "alias.test",
+                  "shop.test", "loose.test"))
 
 
 @pytest.fixture
@@ -241,3 +250,17 @@ def test_a_dane_verified_connection_carries_the_next_message_to_the_same_domain(
         assert dns.queries().count((f"_{port}._tcp.mx.dane.test", "52")) == 1
     finally:
         r.stop()
+
+
+def test_a_certificate_for_the_secure_cname_end_of_the_domain_is_dane_verified(
+    relay: RelayProcess, mx: Any
+) -> None:
+    """RFC 7672 3.2.3, as Postfix's DANE match list: shop.test is an alias of hosting.test
+    (a DNSSEC-validated chain), whose MX host's certificate, vouched for by its DANE-TA
+    record, names hosting.test only: it is a reference identifier, the mail is sent
+    dane-verified.  (It was deferred: "... is not for mx.hosting.test or shop.test".)
+    Through loose.test, an alias not validated, nothing is found securely: no DANE, the
+    mail goes over TLS unverified, as to any domain not signed."""
+    recorder = mx[0]
+    _delivered(relay, recorder, "gina@shop.test", "dane-verified")
+    _delivered(relay, recorder, "hank@loose.test", "unverified")

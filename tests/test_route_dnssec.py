@@ -261,3 +261,40 @@ def test_a_failing_tlsa_lookup_at_the_expansion_is_not_followed_by_the_original_
     assert failure.value.diagnostic.startswith(
         "X-mailrelay; TLSA lookup error for mx.alias.example:25")
     assert [a[0] for a in network.asked] == ["_25._tcp.mx.provider.net"]
+
+
+def _domainAlias(secure: bool) -> dict[tuple[str, int], Any]:
+    """A zone where the domain shop.example is an alias of hosting.example (its CNAME
+    answer validated when C{secure}), whose MX host has DANE-TA records."""
+    return {
+        ("shop.example", dns.MX): ([dns.RRHeader("shop.example", dns.CNAME,
+                                                 payload=dns.Record_CNAME(b"hosting.example"))],
+                                   secure),
+        ("hosting.example", dns.MX): ([dns.Record_MX(10, b"mx.hosting.example")], True),
+        ("mx.hosting.example", dns.A): ([dns.Record_A("192.0.2.8")], True),
+        ("mx.hosting.example", dns.AAAA): ([], True),
+        ("_25._tcp.mx.hosting.example", TLSA): ([_tlsa(2, 0, 1)], True),
+    }
+
+
+def test_a_securely_cname_expanded_next_hop_domain_is_a_reference_identifier() -> None:
+    """RFC 7672 section 3.2.3, as Postfix's DANE match list (smtp_tls_policy.c: the TLSA
+    base domain, then the MX RRset's rname and qname): when the next hop's domain is an
+    alias and its MX records came through a DNSSEC-validated CNAME chain, a certificate a
+    DANE-TA record vouches for may be for the chain's end (the hosting provider's domain)
+    as for the domain itself or the MX host."""
+    (host,), _ = _resolve(_domainAlias(True), "shop.example")
+    assert host == MXHost("mx.hosting.example", "192.0.2.8", 25, 10, True,
+                          domainExpanded="hosting.example")
+    policy, _ = _policy(_domainAlias(True), host, "shop.example")
+    assert policy.names == ("mx.hosting.example", "hosting.example", "shop.example")
+    # Not through an alias: as before.
+    (host,), _ = _resolve(ZONE, "example.org")
+    assert host.domainExpanded is None
+
+
+def test_an_insecure_cname_of_the_next_hop_domain_widens_nothing() -> None:
+    """A CNAME answer that was not validated could have been forged: its target is not a
+    name the certificate may be for (nor are the hosts found secure: no DANE at all)."""
+    (host,), _ = _resolve(_domainAlias(False), "shop.example")
+    assert (host.secure, host.domainExpanded) == (False, None)

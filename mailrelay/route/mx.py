@@ -75,6 +75,11 @@ class MXHost:
         an alias), the chain's end, the owner of the address records (lower case, no
         trailing dot): where DANE looks for TLSA records first (RFC 7672 section 2.2.2,
         L{MXResolver.danePolicy}); else C{None}.
+    @ivar domainExpanded: when the next hop's domain is an alias and its MX records came
+        through a DNSSEC-validated CNAME chain, the chain's end (lower case, no trailing
+        dot; Postfix's C{rname} of the MX RRset): a name a certificate verified by DANE-TA
+        may be for (RFC 7672 section 3.2.3, L{MXResolver.danePolicy}); else C{None} -- never
+        from an answer not validated, which could have been forged.
     """
 
     name: str
@@ -83,6 +88,7 @@ class MXHost:
     preference: int | None = None
     secure: bool = False
     expanded: str | None = None
+    domainExpanded: str | None = None
 
     @property
     def family(self) -> int:
@@ -424,6 +430,9 @@ class MXResolver:
             return [MXHost(host, a, port, secure=mxSecure and a in secure, expanded=expanded)
                     for a in addresses]
 
+        owner = getattr(result, "name", None)  # (the end of a CNAME chain from host)
+        domainExpanded = (owner if mxSecure and owner and owner != host.lower().rstrip(".")
+                          else None)
         ordered = self._orderMX(real)[:_MX_HOSTS_LIMIT]
         hosts: list[MXHost] = []
         problems = []
@@ -447,7 +456,7 @@ class MXResolver:
                     problems.append(problem)
                 for a in addresses:
                     hosts.append(MXHost(name, a, port, preference, mxSecure and a in secure,
-                                        expanded))
+                                        expanded, domainExpanded))
         if not hosts:
             problem = next((p for p in problems if p not in (_NXDOMAIN, _NODATA)), _NODATA)
             raise self._noAddress(host, problem, [n for _, n in ordered], final=True)
@@ -486,7 +495,9 @@ class MXResolver:
         asked first, and those of C{host.name} only when there are none there -- no record,
         NXDOMAIN, or an answer not validated (RFC 7672 section 2.2.2, RFC 7671 section 7).
         The name whose records are used is the TLSA base domain: a name the certificate
-        may be for (DANE-TA), with C{domain} (Postfix's DANE match list).
+        may be for (DANE-TA), with C{host.domainExpanded} (C{domain}'s end of a secure
+        CNAME chain) and C{domain} (RFC 7672 section 3.2.3; Postfix's DANE match list: the
+        base domain, then the MX RRset's rname and qname).
 
         @return: a Deferred firing with a L{DANEPolicy} -- its usable records, none when
             the records published are all unusable -- or C{None}: no DANE for C{host}
@@ -529,7 +540,8 @@ class MXResolver:
         if not usable:
             log.info("TLSA records of {base} are all unusable: TLS without verification "
                      "(RFC 7672 section 2.2)", base=base)
-        names = tuple(dict.fromkeys((name, domain.lower().rstrip("."))))
+        names = tuple(dict.fromkeys(n for n in (name, host.domainExpanded,
+                                                domain.lower().rstrip(".")) if n))
         return DANEPolicy(base, usable, names)
 
     def limit(self, hosts: list[MXHost]) -> list[MXHost]:

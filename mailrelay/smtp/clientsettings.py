@@ -82,8 +82,9 @@ class DANEPolicy:
         matching type), at least one of which the server's certificate must match; empty when
         the server publishes records but none is usable: TLS is then mandatory but not
         verified (RFC 7672 section 2.2; Postfix's "encrypt" fallback of its "dane" level).
-    @ivar names: the names a certificate matched by a DANE-TA(2) record must be for (the MX
-        host, the next hop's domain: Postfix's DANE match list); DANE-EE(3) has no name check
+    @ivar names: the names a certificate matched by a DANE-TA(2) record must be for (the
+        TLSA base domain, the securely CNAME-expanded next-hop domain, the next hop's domain:
+        Postfix's DANE match list, RFC 7672 section 3.2.3); DANE-EE(3) has no name check
         (RFC 7672 section 3.1.1).
     """
 
