@@ -1109,6 +1109,27 @@ def test_smtp_unreachable_next_hop_is_suspended() -> None:
     assert len(net.attempts) == 7
 
 
+def test_a_suspension_after_a_servers_reply_says_what_the_server_said() -> None:
+    """A next hop suspended after its server refused the session (421 to EHLO): the
+    deliveries deferred meanwhile say what the failure said, as Postfix's qmgr defers them
+    with the dead queue's saved DSN (qmgr_queue_throttle(), qmgr_defer_todo()): its status,
+    its Remote-MTA, and its reason after "delivery temporarily suspended: " -- "host H
+    said: <reply>", with the command it answered (qmgr_deliver.c).  It said only the reply,
+    neither which host nor to what."""
+    backend, net, _, _ = smtpBackend(destinationConcurrency=1, connectionCacheTime=0)
+    net.connectBehaviour["192.0.2.30"] = SMTPConnectError(
+        "4.3.2", "smtp; 421 4.3.2 mx.example.net busy", remoteMTA="dns; mx.example.net",
+        command="EHLO")
+    (first,) = result(send(backend, "example.net", "a@example.net"))
+    (r,) = result(send(backend, "example.net", "a@example.net"))
+    assert (r.status, r.code, r.diagnostic, r.remoteMTA, r.command, r.relay) == (
+        TRANSIENT, "4.3.2",
+        "X-mailrelay; delivery temporarily suspended: host mx.example.net said: 421 4.3.2 "
+        "mx.example.net busy", "dns; mx.example.net", "EHLO", None)
+    assert (first.diagnostic, first.command) == ("smtp; 421 4.3.2 mx.example.net busy", "EHLO")
+    assert len(net.attempts) == 1
+
+
 def test_smtp_suspension_ends_on_time_after_a_step_back_of_the_clock() -> None:
     """A next hop suspended before a step back of the clock (NTP, date -s) is suspended
     for plaintextFallbackAge from the step at the latest, not until the clock reaches the

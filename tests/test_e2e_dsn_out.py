@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email
 import re
+import socket
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from tests.harness import freePort
 from tests.postfixpeer import DOMAIN, HOSTNAME, postfix  # noqa: F401 - fixture
 from tests.test_e2e_outbound import (
     Recorder,
+    SilentServer,
     _TCPController,
     bounceID,
     config,
@@ -27,6 +29,7 @@ from tests.test_e2e_outbound import (
     relay,  # noqa: F401 - the relay fixture
     smtpRoute,
     submit,
+    unfold,
     waitEmpty,
     waitRemoved,
     waitResult,
@@ -217,6 +220,70 @@ def test_bounce_after_refused_connections_names_no_remote_mta(relay, nexthop, dn
     assert "<bob@example.org>: message expired after" in text, text
     assert "the last attempt said: connection refused by 127.0.0.1" in text, text
     waitEmpty(r)
+
+
+class BusyServer(SilentServer):
+    """Greets, then answers EHLO with 421 and closes (a server that refuses sessions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.serve(self._refuse)
+
+    def _refuse(self, conn: socket.socket) -> None:
+        with conn:
+            conn.sendall(b"220 busy.test ESMTP\r\n")
+            conn.recv(1000)  # EHLO
+            conn.sendall(b"421 4.3.2 busy.test is busy\r\n")
+
+
+def test_a_delay_notice_of_a_suspended_next_hop_says_what_its_server_said(
+    relay, nexthop, dns  # noqa: F811
+) -> None:
+    """A next hop whose server answers EHLO with 421 is suspended after a cohort of
+    deliveries (1 here); the message deferred meanwhile, unattempted, gets a delay notice
+    saying what that failure said, as Postfix's qmgr defers a dead queue's mail with its
+    saved DSN: the same Status and Remote-MTA, and the reason "delivery temporarily
+    suspended: host H said: <reply>" (the log adds the command it answered).  It said
+    neither which host nor to what command."""
+    hop, port = nexthop()
+    busy = BusyServer()
+    try:
+        def settings(hold: bool) -> str:
+            return config(dns, hold=hold, queue={"min_backoff": 300, "max_backoff": 600,
+                                                 "delay_warning": 1},
+                          delivery={"destination_concurrency": 1},
+                          routes=[smtpRoute("busy.test", busy.port),
+                                  smtpRoute("sender.test", port)])
+
+        r = relay(settings(True))
+        queued = [submit(r, "alice@sender.test", [f"u{n}@busy.test"], message(f"busy {n}"))
+                  for n in range(2)]
+        submitted = time.monotonic()
+        r.stop()
+        while time.monotonic() - submitted < 1.1:  # (older than delay_warning when tried)
+            time.sleep(0.05)
+        r.configText = settings(False)
+        r.start()
+        found = {waitResult(r, q, f"u{n}@busy.test", "deferred")["diagnostic"]
+                 for n, q in enumerate(queued)}
+        reply = "421 4.3.2 busy.test is busy"
+        assert found == {
+            f"smtp; {reply} (in reply to EHLO command)",
+            "X-mailrelay; delivery temporarily suspended: host [127.0.0.1] said: "
+            f"{reply} (in reply to EHLO command)"}, r.log()
+        notices = hop.waitTo("alice@sender.test", count=2)
+        blocks = {}
+        for notice in notices:
+            _msg, _perMessage, (block,), _parts = parseReport(notice.content)
+            blocks[block["Final-Recipient"]] = block
+        assert sorted((b["Action"], b["Status"], b["Remote-MTA"], unfold(b["Diagnostic-Code"]))
+                      for b in blocks.values()) == [
+            ("delayed", "4.3.2", "dns; [127.0.0.1]",
+             f"X-mailrelay; delivery temporarily suspended: host [127.0.0.1] said: {reply}"),
+            ("delayed", "4.3.2", "dns; [127.0.0.1]", f"smtp; {reply}"),
+        ], str(blocks)
+    finally:
+        busy.close()
 
 
 def test_bounce_after_a_lost_connection_names_no_remote_mta(relay, nexthop, dns) -> None:  # noqa: F811

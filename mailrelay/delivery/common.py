@@ -196,19 +196,29 @@ class PerDestination:
         return count if now - last < self.suspendTime else 0
 
     def _suspended(self, nexthop: str, recipients: list[Any]) -> list[RecipientResult] | None:
-        """The results of a delivery to C{nexthop} while it is suspended, else C{None}."""
+        """The results of a delivery to C{nexthop} while it is suspended, else C{None}: what
+        the failure that suspended it said, as Postfix's qmgr defers a dead queue's entries
+        with its saved DSN (qmgr_queue_throttle(), qmgr_defer_todo()) -- its status, its
+        Remote-MTA (only where a server answered) and the command its reply answered --
+        its reason after C{"delivery temporarily suspended: "} (qmgr_deliver.c), a
+        server's reply as C{"host H said: <reply>"} (smtp_trouble.c)."""
         if self.clock is None or self._count(nexthop, self.clock.seconds()) < self.limit:
             return None
         why = self._failures[nexthop][2]
         kind, sep, text = why.diagnostic.partition(";")
         if not sep or " " in kind.strip():  # (no diagnostic type: the whole is the text)
             text = why.diagnostic
+        text = text.strip()
+        host = (why.remoteMTA or "").partition(";")[2].strip()
+        if host and sep and kind.strip().lower() == "smtp":
+            text = f"host {host} said: {text}"
         return resultsForAll(
             recipients,
             DeliveryStatus.TRANSIENT,
             why.code,
-            f"X-mailrelay; delivery temporarily suspended: {text.strip()}",
+            f"X-mailrelay; delivery temporarily suspended: {text}",
             why.remoteMTA,
+            why.command,
         )
 
     def run(
