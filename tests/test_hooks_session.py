@@ -543,3 +543,35 @@ def test_an_extension_may_not_open_the_relay_or_rewrite_a_recipient() -> None:
         assert re.search(f"ESMTP extension {plugin} changed the ClientInfo's \\w+ .only notes may change. "
                          f"{what} 192.0.2.7|ESMTP extension {plugin} changed the Recipient's address "
                          f".only notes may change. {what} 192.0.2.7", logged), (plugin, what)
+
+
+def test_an_extension_command_that_blocks_past_its_timeout_is_not_believed() -> None:
+    """An extension whose command held the reactor longer than its timeout (its timer could
+    not fire) and then answered had its reply sent, while a Deferred answering after the
+    same timeout is refused: the answer came too late either way (Postfix does not use a
+    reply that comes after its timeout), so it is 451 4.3.0 too, logged as the timeout
+    with how long the call held the reactor."""
+    import time
+
+    from twisted.internet.task import Clock
+
+    from mailrelay.envelope import ClientInfo, Envelope
+
+    class Sleepy(Priority):
+        def command(self, client: Any, envelope: Any, verb: str, argument: str) -> Any:
+            time.sleep(0.03)
+            return Reply(250, "2.0.0", "done")
+
+    clock = Clock()
+    adapter = ExtensionAdapter("sleepy", Sleepy(), 0.01, clock)
+    envelope = Envelope(sender="a@example.com")
+    with capturedLogs() as events:
+        d = adapter.command(ClientInfo(address="192.0.2.9"), envelope, "XPRIO", "")
+    replies: list[Reply] = []
+    d.addCallback(replies.append)
+    assert replies == [Reply(451, "4.3.0", "Error: temporary failure, try again later")]
+    assert clock.getDelayedCalls() == []
+    texts = [formatEvent(e) for e in events]
+    assert any(re.search(r"ESMTP extension sleepy did not answer XPRIO from 192\.0\.2\.9 within "
+                         r"0\.01s \(its call held the reactor for 0\.0\d+s\)", t)
+               for t in texts), texts

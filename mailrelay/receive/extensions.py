@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ from mailrelay.envelope import (
     undoPluginChanges,
 )
 from mailrelay.interfaces import Reply
+from mailrelay.metrics import boundedAnswer
 from mailrelay.smtp.server import ServerSession
 
 log = Logger()
@@ -223,11 +225,14 @@ class ExtensionAdapter:
         self, client: ClientInfo, envelope: Envelope | None, verb: str, argument: str
     ) -> Deferred[Reply]:
         """The reply to the extension's command C{verb}: the plugin's, or C{451 4.3.0} when it
-        fails, answers something else or does not answer within the timeout."""
+        fails, answers something else or does not answer within the timeout (also when its
+        call held the reactor past the timeout, so that the timer could not fire, and then
+        answered: that answer came too late, and is not believed)."""
         about: dict[str, Any] = {"plugin": self.name, "verb": verb, "client": client.address}
         saved = savePluginKept((client, envelope))
+        started = time.perf_counter()
         d: Deferred[Any] = maybeDeferred(self.plugin.command, client, envelope, verb, argument)
-        d.addTimeout(self.timeout, self.clock)
+        d, held = boundedAnswer(d, self.timeout, self.clock, started)
 
         def answered(reply: Any) -> Reply:
             if self._changed(saved, f"answering {verb} from", client):
@@ -257,8 +262,9 @@ class ExtensionAdapter:
             if failure.check(TimeoutError):
                 log.warn(
                     "ESMTP extension {plugin} did not answer {verb} from {client} within "
-                    "{timeout:g}s",
+                    "{timeout:g}s{held}",
                     timeout=self.timeout,
+                    held="" if held is None else f" (its call held the reactor for {held:.2f}s)",
                     **about,
                 )
             else:
