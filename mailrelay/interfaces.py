@@ -1059,7 +1059,8 @@ class IRateLimiter(Interface):
     event).
 
     Every method may return a Deferred.  An answer that fails, does not come within
-    L{mailrelay.receive.limits.LIMITER_TIMEOUT} seconds, or (of C{acquire} and C{hit}) is not
+    L{mailrelay.receive.limits.LIMITER_TIMEOUT} seconds (also one returned by a call that held
+    the reactor that long), or (of C{acquire} and C{hit}) is not
     a count (an C{int} >= 0), is logged and the limit is not applied for that event: the
     limits never stop mail because their store is down, and acknowledging a message never
     depends on it.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 from typing import Any
 
 import pytest
@@ -697,3 +698,51 @@ def test_client_address_decisions_are_made_once_per_address(monkeypatch) -> None
     assert parsed == ["192.0.2.7", "198.51.100.1"]
     # A new configuration decides afresh.
     assert not RelayControl([], [], "mx.test").isRelayClient("192.0.2.7")
+
+
+def test_a_limiter_that_blocks_past_its_timeout_is_not_believed() -> None:
+    """A rate limiter whose call held the reactor longer than its timeout (its timer could
+    not fire) and then answered had its count believed -- a client refused on it, only the
+    blocking logged -- while a Deferred answering after the same timeout is not: the count
+    came too late either way, so that limit is not applied (Postfix does not use a reply
+    that comes after its timeout), logged as the timeout with how long the call held the
+    reactor.  A session the limiter did count is released at its end all the same (as
+    smtpd sends anvil its disconnect whatever connect answered)."""
+    import time
+
+    class Sleepy(MemoryRateLimiter):
+        blocking = False
+
+        def acquire(self, key: str) -> int:
+            if self.blocking:
+                time.sleep(0.03)
+            return super().acquire(key)
+
+        def hit(self, key: str, window: float) -> int:
+            if self.blocking:
+                time.sleep(0.03)
+            return super().hit(key, window)
+
+    limiter = Sleepy(Clock())
+    limits = {"maxConnectionsPerClient": 1, "messageRateLimit": 1, "limiterTimeout": 0.01}
+    first = ServerHarness(peer="192.0.2.1", limiter=limiter, limits=limits)
+    limiter.clock = first.clock
+    assert first.replies()[0].startswith(b"220 ")
+    first.send(b"EHLO x\r\n")
+    assert first.send(b"MAIL FROM:<a@example.com>\r\n") == [b"250 2.1.0 Ok"]
+    limiter.blocking = True
+    with capturedLogs() as logs:
+        second = first.another("192.0.2.1")
+        assert second.replies()[0].startswith(b"220 ")  # 2 at once: over, not believed
+        second.send(b"EHLO x\r\n")
+        assert second.send(b"MAIL FROM:<a@example.com>\r\n") == [b"250 2.1.0 Ok"]
+    text = messages(logs)
+    for call in ("acquire", "hit"):
+        assert re.search(rf"rate limiter {call}\(test \w+ 192\.0\.2\.1\) did not answer within "
+                         r"0\.01s \(its call held the reactor for 0\.0\d+s\), limit not applied",
+                         text), text
+    assert limiter.sessions("test conn 192.0.2.1") == 2
+    second.loseConnection()
+    first.loseConnection()
+    assert limiter.sessions("test conn 192.0.2.1") == 0
+    assert first.clock.getDelayedCalls() == []

@@ -20,6 +20,7 @@ their store.
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -33,6 +34,7 @@ from zope.interface import implementer
 
 from mailrelay.address import clientIP
 from mailrelay.interfaces import IRateLimiter
+from mailrelay.metrics import boundedAnswer
 from mailrelay.policy.chain import ADDRESS_CACHE_SIZE
 from mailrelay.smtp.replies import Reply
 
@@ -273,20 +275,22 @@ class ListenerLimits:
 
     def ask(self, what: str, call: Callable[..., Any], *args: Any) -> Deferred:
         """Call the limiter; a Deferred firing with its answer, or with C{None} (logged) when
-        it fails or does not answer within C{timeout} seconds."""
-        d = maybeDeferred(call, *args)
+        it fails or does not answer within C{timeout} seconds (also when its call held the
+        reactor past the timeout, so that the timer could not fire, and then answered: that
+        answer came too late, and is not believed)."""
         timeout = self.settings.limiterTimeout
-        if not d.called:
-            d.addTimeout(timeout, self.clock)
+        started = time.perf_counter()
+        d, held = boundedAnswer(maybeDeferred(call, *args), timeout, self.clock, started)
 
         def failed(failure: Failure) -> None:
             if failure.check(TimeoutError):
                 log.error(
-                    "rate limiter {what}({key}) did not answer within {timeout:g}s, limit "
-                    "not applied",
+                    "rate limiter {what}({key}) did not answer within {timeout:g}s{held}, "
+                    "limit not applied",
                     what=what,
                     key=args[0],
                     timeout=timeout,
+                    held="" if held is None else f" (its call held the reactor for {held:.2f}s)",
                 )
                 return None
             log.error(
@@ -350,7 +354,7 @@ class Admission:
         rateKey = limits.clientKey("conn-rate", self.address)
         d: Deferred = succeed(None)
         if settings.maxConnectionsPerClient:
-            d = limits.ask("acquire", limits.limiter.acquire, key).addCallback(self._gotCount)
+            d = limits.ask("acquire", self._acquire, key)
 
         def rate(count: int | None) -> Any:
             if count is not None and count > settings.maxConnectionsPerClient:
@@ -371,8 +375,16 @@ class Admission:
 
         return d.addCallback(rate)
 
-    def _gotCount(self, count: int | None) -> int | None:
-        if count is not None:
+    def _acquire(self, key: str) -> Any:
+        """The limiter's C{acquire}, the session taken as counted once it answers a count,
+        whether that answer is then believed or not (one after its call held the reactor
+        past the timeout is not, L{ListenerLimits.ask}): every C{acquire} that answered is
+        matched by one C{release} (L{IRateLimiter}), as smtpd sends anvil its disconnect
+        whatever connect answered."""
+        return maybeDeferred(self.limits.limiter.acquire, key).addCallback(self._gotCount)
+
+    def _gotCount(self, count: Any) -> Any:
+        if type(count) is int and count >= 0:
             self._acquired = True
             if self._released:  # the connection ended while the limiter was counting
                 self._release()
