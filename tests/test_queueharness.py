@@ -234,6 +234,33 @@ def test_a_backend_that_answers_its_timeouts_cancel_is_believed(tmp_path: Path) 
     h.stop()
 
 
+@pytest.mark.parametrize("wrap", [lambda results: results, succeed])
+def test_a_backend_that_blocks_past_its_timeout_is_believed(tmp_path: Path, wrap: Any) -> None:
+    """Unlike a policy answer, a delivery's outcome reports what was done: a backend whose
+    deliver() held the reactor past its timeout (its timer could not fire) and then
+    answered delivered has delivered; that is recorded, once, as an outcome the backend
+    gives its timeout's cancel is (above): taken for a timeout, the message would be sent
+    again at the next attempt.  Only the blocking is logged."""
+    import time
+
+    hook = Webhook()
+    h = QueueHarness(tmp_path, {"webhook": hook}, routes=[RouteRule("*", "webhook")],
+                     timeouts={"webhook": 0.01})
+
+    def deliver(envelope: Envelope, recipients: Any, route: Route, path: Path) -> Any:
+        hook.calls.append((envelope, [r.address for r in recipients], route, b""))
+        time.sleep(0.03)
+        return wrap(resultsForAll(list(recipients), DeliveryStatus.DELIVERED, "2.0.0",
+                                  "X-webhook; done"))
+
+    hook.deliver = deliver  # type: ignore[method-assign]
+    queueID = h.submit("alice@example.org", ["bob@hooks.example"])
+    assert h.envelope(queueID) is None  # delivered, removed
+    h.clock.advance(3600)
+    assert len(hook.calls) == 1
+    h.stop()
+
+
 def test_stop_waits_for_deliveries_in_flight(tmp_path: Path) -> None:
     hook = Webhook()
     hook.hold = True
