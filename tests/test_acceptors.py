@@ -980,6 +980,46 @@ def test_a_child_serves_the_relays_certificate_whatever_the_file_holds(tmp_path:
     assert served == relays.options.certificate
 
 
+#: RFC 7919's ffdhe2048 group, as C{openssl genpkey -genparam -algorithm DH -pkeyopt
+#: group:ffdhe2048} writes it: DH parameters for an C{ssl:} endpoint's C{dhParameters=}.
+FFDHE2048 = """\
+-----BEGIN DH PARAMETERS-----
+MIIBCAKCAQEA//////////+t+FRYortKmq/cViAnPTzx2LnFg84tNpWp4TZBFGQz
++8yTnc4kmz75fS/jY2MMddj2gbICrsRhetPfHtXV/WVhJDP1H18GbtCFY2VVPe0a
+87VXE15/V8k1mE8McODmi3fipona8+/och3xWKE2rec1MKzKT0g6eXq8CrGCsyT7
+YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi
+7MA0BM0oNC9hkXL+nOmFg/+OTxIy7vKBg8P+OxtMb61zO7X8vC7CIAXFjvGDfRaD
+ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
+-----END DH PARAMETERS-----
+"""
+
+
+def test_a_child_serves_the_relays_dh_parameters(tmp_path: Path) -> None:
+    """An C{ssl:} endpoint's C{dhParameters=} file: the relay reads it once, with the
+    certificate's files, and hands its bytes to the children too; a child (and the relay)
+    makes its TLS context of those bytes.  The child read the file itself, when its first
+    client came: a file only root may read, or one removed or broken since the start,
+    failed every TLS handshake of an acceptor started after it."""
+    import trustme
+
+    leaf = trustme.CA().issue_cert("first.relay.test")
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "relay.pem"))
+    leaf.private_key_pem.write_to_path(str(tmp_path / "relay.key"))
+    (tmp_path / "dh.pem").write_text(FFDHE2048)
+    text = (f'[[listeners]]\nendpoint = "ssl:2465:privateKey={tmp_path}/relay.key:'
+            f'certKey={tmp_path}/relay.pem:dhParameters={tmp_path}/dh.pem"\n')
+    relays = _load(tmp_path, text).listeners[0]
+    assert relays.endpointCertificate.files[str(tmp_path / "dh.pem")] == FFDHE2048.encode()
+    (tmp_path / "dh.pem").unlink()
+    relays.settings.endpointTLS.getContext()  # (made of what was read at the start)
+    config = loadConfig(str(tmp_path / "mailrelay.toml"),
+                        relayFiles=relays.endpointCertificate.files)
+    config.listeners[0].settings.endpointTLS.getContext()
+    (tmp_path / "dh.pem").write_text("not DH parameters\n")
+    with pytest.raises(ConfigError, match=r"dh\.pem.* holds no PEM DH parameters"):
+        _load(tmp_path, text)
+
+
 def test_a_child_serves_the_relays_ssl_endpoint_certificate(tmp_path: Path) -> None:
     """So with an C{ssl:} endpoint's own files (C{privateKey=}, C{certKey=},
     C{extraCertChain=}): the relay keeps their bytes, and a child loaded with them serves

@@ -590,6 +590,37 @@ def test_an_acceptor_restarted_on_a_refused_certificate_serves_the_relays(
         assert "configuration error" not in r.log()
 
 
+def test_an_acceptor_restarted_without_the_dh_file_serves_the_relays_dh_parameters(
+    tmp_path: Path
+) -> None:
+    """An ssl: listener's dhParameters= file removed (or made unreadable) after the start,
+    then the acceptor killed: the one started again makes its TLS context of the bytes the
+    relay read at the start and handed it, as the certificate's.  It read the file itself
+    when its first client came: every TLS handshake it then took failed (and the relay's
+    own too, had no client come before the file went)."""
+    import trustme
+
+    from tests.test_acceptors import FFDHE2048
+
+    ca = trustme.CA()
+    directory = tmp_path / "relay"
+    directory.mkdir()
+    _issue(ca, directory, "first.relay.test")
+    (directory / "dh.pem").write_text(FFDHE2048)
+    endpoint = (f"ssl:0:interface=127.0.0.1:privateKey={directory}/relay.key:"
+                f"certKey={directory}/relay.pem:dhParameters={directory}/dh.pem")
+    with _relayWithListener(directory, "", endpoint=endpoint) as (r, acceptor):
+        (directory / "dh.pem").unlink()
+        os.kill(acceptor, signal.SIGKILL)
+        r.waitForLog(rf"acceptor process \(pid {acceptor}\) exited unexpectedly")
+        again = _waitForAcceptor(r, 2)
+        r.waitForLog(rf"acceptor process {again}: accepting on", timeout=20)
+        with _relayStopped(r):
+            assert _servedName(ca, r) == "first.relay.test"  # the restarted acceptor's
+        assert _servedName(ca, r) == "first.relay.test"
+        assert f"(pid {again}) exited" not in r.log()
+
+
 def test_a_memory_greylist_with_several_processes_is_warned_of_once(relay) -> None:
     """docs/plugin-greylist.md: the memory store is per process; with processes = 2 a
     client whose retry reached the other process was greylisted again, without a word.

@@ -15,12 +15,17 @@ L{ServerTLS.warnings}, which the service logs at start-up.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Mapping
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.utils import CryptographyDeprecationWarning
 from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
@@ -183,19 +188,58 @@ def loadEndpointTLS(
         if not chain:
             raise ValueError(f"Specified chain file {chainFile!r} doesn't contain any valid "
                              "certificates in PEM format.")
-    dh = None
-    if options.get("dhParameters") is not None:
-        dh = ssl.DiffieHellmanParameters.fromFile(FilePath(options["dhParameters"]))
     method = options.get("sslmethod")
     extra = {} if method is None else {"method": getattr(ssl.SSL, method)}
-    made = ssl.CertificateOptions(
-        privateKey=pair.privateKey.original,
-        certificate=pair.original,
-        extraCertChain=chain,
-        dhParameters=dh,
-        **extra,
-    )
+    dhFile = options.get("dhParameters")
+    with ExitStack() as atPath:
+        dh = None
+        if dhFile is not None:
+            # (OpenSSL's load_tmp_dh takes a path: the bytes read are put at one while the
+            # context is made, now; it is kept and serves every connection.)
+            path = atPath.enter_context(_dataPath(_dhParameters(dhFile, content(dhFile))))
+            dh = ssl.DiffieHellmanParameters.fromFile(FilePath(path))
+        made = ssl.CertificateOptions(
+            privateKey=pair.privateKey.original,
+            certificate=pair.original,
+            extraCertChain=chain,
+            dhParameters=dh,
+            **extra,
+        )
+        made.getContext()
     return made, read
+
+
+def _dhParameters(path: str, data: bytes) -> bytes:
+    """C{data}, the content of the C{dhParameters=} file C{path}, checked.
+
+    @raise ValueError: it holds no PEM DH parameters (the message names the file)."""
+    try:
+        with warnings.catch_warnings():  # (that FFDH is deprecated: the site's choice)
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+            serialization.load_pem_parameters(data)
+    except ValueError:
+        raise ValueError(f"dhParameters file {path!r} holds no PEM DH parameters") from None
+    return data
+
+
+@contextmanager
+def _dataPath(data: bytes) -> Iterator[str]:
+    """A path that OpenSSL can open, holding C{data}, while the context lasts: a memory
+    file's (Linux's C{memfd}, by its C{/proc/self/fd} path), else a private temporary
+    file's."""
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        fd = os.memfd_create("mailrelay-tls", os.MFD_CLOEXEC)
+        try:
+            with open(fd, "wb", closefd=False) as f:
+                f.write(data)
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    with tempfile.NamedTemporaryFile() as f:
+        f.write(data)
+        f.flush()
+        yield f.name
 
 
 def describeServerTLS(
