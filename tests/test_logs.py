@@ -485,3 +485,35 @@ def test_the_run_users_directory_is_asked_of_the_system(reachable: Path) -> None
             checkPidFile(str(run / "mailrelay.pid"), nobody, nogroup)
         said = [formatEvent(e) for e in events]
         assert bool(said) is told, (mode, said)
+
+
+def test_twistds_scan_of_a_failing_dropin_is_debug(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """twistd's own plugin scan (for its commands, before any of mailrelay's code runs)
+    logs a site dropin that fails to import as "Unhandled Error" with its traceback, and
+    twistd writes it again in the relay's log once logging starts; the relay's scan then
+    says it in one line naming the file and the error (mailrelay.config.plugins._scan).
+    The traceback now passes only at debug, so that the log at start holds that line
+    alone; other failures are kept."""
+    from twisted.logger import capturedLogs
+    from twisted.plugin import IPlugin, getPlugins
+
+    import twisted.plugins
+
+    site = tmp_path / "site" / "twisted" / "plugins"
+    site.mkdir(parents=True)
+    (site / "acme_scan_plugin.py").write_text("import acme_ldap_client_not_installed\n")
+    monkeypatch.setattr(twisted.plugins, "__path__", [str(site)])
+    with capturedLogs() as events:
+        assert list(getPlugins(IPlugin, twisted.plugins)) == []
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            legacy.err()
+    scan, other = [e for e in events if e.get("failure") is not None]
+    assert "acme_ldap_client_not_installed" in scan["failure"].getTraceback()
+    levels = LevelFilter()
+    assert (levels(scan).name, levels(other).name) == ("no", "maybe")
+    levels.setLevel("debug")
+    assert levels(scan).name == "maybe"

@@ -60,12 +60,31 @@ _DEBUG_TEXT = re.compile(
 
 def _isDebugNoise(event: dict[str, Any]) -> bool:
     """Whether C{event} is Twisted's chatter about a DNS query's UDP port (read from the
-    legacy event's message as given, never formatted)."""
+    legacy event's message as given, never formatted), or the traceback of a dropin that
+    failed to import in a plugin scan (L{_isDropinTraceback})."""
+    if event.get("log_namespace") != "log_legacy":
+        return False
+    if _isDropinTraceback(event):
+        return True
     message = event.get("message")
-    if not message or event.get("log_namespace") != "log_legacy":
+    if not message:
         return False
     first = message[0]
     return isinstance(first, str) and _DEBUG_TEXT.match(first) is not None
+
+
+def _isDropinTraceback(event: dict[str, Any]) -> bool:
+    """Whether C{event} is C{twisted.plugin}'s scan logging a dropin that failed to import
+    (C{log.err()} in C{getCache}, the failure's first frame): twistd's own scan, for its
+    commands, before any of mailrelay's code runs, whose "Unhandled Error" twistd writes
+    again in the log once it starts.  The relay's own scan says it in one line, naming the
+    file and the error (L{mailrelay.config.plugins}); the traceback is for debugging."""
+    failure = event.get("failure")
+    frames = getattr(failure, "frames", None)
+    if not frames or event.get("why") is not None:
+        return False
+    function, path = frames[0][0], frames[0][1]
+    return function == "getCache" and path.replace(os.sep, "/").endswith("/twisted/plugin.py")
 
 
 @implementer(ILogFilterPredicate)
