@@ -260,7 +260,7 @@ PROBE_CHILD = '''
 import os
 
 def forkedMain(argv):
-    from mailrelay.config.values import passedSockets
+    from mailrelay.endpoints import passedSockets
 
     passed = passedSockets()
     os.write(1, repr((passed.inheritedDescriptors(), passed.inheritedNamedDescriptors(),

@@ -706,7 +706,7 @@ def _unknownSockets(relay: Any, config: Any) -> list[str]:
     """What C{check} cannot know of the listeners of C{config}: outside socket activation,
     whether systemd will pass a C{systemd:} endpoint its socket (only its syntax is checked;
     under socket activation, the configuration refuses it if not)."""
-    from mailrelay.config.values import passedSockets
+    from mailrelay.endpoints import passedSockets
 
     if passedSockets().inheritedDescriptors():
         return []

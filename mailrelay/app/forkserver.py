@@ -677,7 +677,7 @@ def _runChild(
         _closeAllBut(set(moved))
         os.environ.clear()
         os.environ.update(request["env"])
-        from mailrelay.config.values import rereadPassedSockets
+        from mailrelay.endpoints import rereadPassedSockets
 
         rereadPassedSockets()  # (the relay's systemd sockets are not the child's)
         sys.argv = [request["module"], *request["argv"]]

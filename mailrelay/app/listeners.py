@@ -22,8 +22,9 @@ from mailrelay.cleanup.stamping import ConfiguredStamper
 from mailrelay.config import Config, ListenerConfig
 from mailrelay.config.checks import postmasterHasNowhereToGo
 from mailrelay.config.plugins import HookPlugins
-from mailrelay.config.values import resolveProcessCount, socketKey, systemdSocketProblem
+from mailrelay.config.values import resolveProcessCount, systemdSocketProblem
 from mailrelay.delivery.maildir import MaildirUsers, needsUsers
+from mailrelay.endpoints import socketKey
 from mailrelay.errors import ConfigError
 from mailrelay.interfaces import IHeaderStamper, IRateLimiter, ISpool
 from mailrelay.policy.chain import RecipientPolicy, RelayControl

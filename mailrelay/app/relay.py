@@ -27,7 +27,8 @@ from mailrelay.config import Config, loadConfig, overriddenKeys, readConfigFile
 from mailrelay.config.checks import postmasterHasNowhereToGo
 from mailrelay.config.plugins import buildHooks, makeContext
 from mailrelay.config.schema import given
-from mailrelay.config.values import resolveProcessCount, socketKey
+from mailrelay.config.values import resolveProcessCount
+from mailrelay.endpoints import socketKey
 from mailrelay.errors import ConfigError
 from mailrelay.metrics import ProcessMetrics
 from mailrelay.receive.protocol import Sessions

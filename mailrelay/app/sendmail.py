@@ -53,7 +53,7 @@ from mailrelay.app.localmail import (
     senderAddress,
 )
 from mailrelay.config import ConfigError, ListenerView, LocalView, loadLocalView
-from mailrelay.config.values import listeningSocket
+from mailrelay.endpoints import listeningSocket
 from mailrelay.interfaces import Reply
 from mailrelay.smtp.errors import ProtocolError
 from mailrelay.smtp.wire import DotStuffer, ReplyParser, asciiName, parseExtensions

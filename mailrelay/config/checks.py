@@ -25,16 +25,15 @@ from mailrelay.address import domainProblem, parseSenderPattern
 from mailrelay.config.schema import At, Reading, given, tableOf
 from mailrelay.config.types import SNICertificate
 from mailrelay.config.values import (
-    ListeningSocket,
     checked,
     fileName,
-    listeningSocket,
     nonEmpty,
     readSecret,
     string,
     stringList,
 )
 from mailrelay.delivery import BUILTIN_BACKENDS
+from mailrelay.endpoints import ListeningSocket, listeningSocket
 from mailrelay.envelope import Recipient
 from mailrelay.errors import describeValue
 from mailrelay.interfaces import PLATFORM_TRUST_STORE

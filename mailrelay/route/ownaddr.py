@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from mailrelay.address import clientIP
-from mailrelay.config.values import listeningSocket, passedSockets, systemdArguments
+from mailrelay.endpoints import listeningSocket, passedSockets, systemdArguments
 
 __all__ = [
     "PASSED_SOCKETS",
