@@ -336,6 +336,12 @@ def heldPast(timeout: float | None, started: float) -> float | None:
     return held if held > timeout else None
 
 
+def heldText(held: float | None) -> str:
+    """What a timeout's log line adds for a call that held the reactor past its timeout
+    (L{heldPast}): C{" (its call held the reactor for 6.01s)"}, or C{""}."""
+    return "" if held is None else f" (its call held the reactor for {held:.2f}s)"
+
+
 def dropAnswer(answer: object) -> None:
     """Give up a plugin's answer that came too late (L{heldPast}): a Deferred is cancelled,
     what it then fails with ignored."""

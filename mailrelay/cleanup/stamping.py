@@ -43,7 +43,7 @@ from mailrelay.headers import (
     parseHeaderSection,
 )
 from mailrelay.interfaces import IHeaderStamper, PluginContext, StampContext, StampResult
-from mailrelay.metrics import dropAnswer, heldPast, timePlugin
+from mailrelay.metrics import dropAnswer, heldPast, heldText, timePlugin
 from mailrelay.smtp.replies import Reply
 from mailrelay.smtp.wire import formatDate
 
@@ -393,7 +393,7 @@ def runStampers(
                 queueID=queueID,
                 stamper=configured.name,
                 timeout=configured.timeout,
-                held="" if held is None else f" (its call held the reactor for {held:.2f}s)",
+                held=heldText(held),
             )
             what = f"gave no answer in {configured.timeout:g}s"
         else:

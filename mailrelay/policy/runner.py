@@ -52,7 +52,7 @@ from mailrelay.interfaces import (
     VerdictKind,
     checkVerdict,
 )
-from mailrelay.metrics import dropAnswer, heldPast, timePlugin
+from mailrelay.metrics import dropAnswer, heldPast, heldText, timePlugin
 
 log = Logger()
 
@@ -223,7 +223,7 @@ class PolicyChain:
                 "{hook} plugin {plugin} did not answer within {timeout:g}s for {subject}; "
                 "deferring{held}",
                 timeout=configured.timeout,
-                held="" if held is None else f" (its call held the reactor for {held:.2f}s)",
+                held=heldText(held),
                 **about,
             )
         elif failure.check(CancelledError):

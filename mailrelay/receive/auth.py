@@ -45,7 +45,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from mailrelay.interfaces import Reply
-from mailrelay.metrics import boundedAnswer
+from mailrelay.metrics import boundedAnswer, heldText
 from mailrelay.namedfile import readError, readNamedFile
 from mailrelay.receive.limits import DEFAULT_IPV6_PREFIX_LENGTH, clientNetwork
 from mailrelay.smtp.server import AUTH_INVALID, Authenticate
@@ -654,8 +654,7 @@ class _Attempt:
                 "authentication check for {client} (sasl_username={user}) by {checker} gave "
                 "no answer in {timeout:g}s; answered 454{held}",
                 timeout=self.policy.timeout,
-                held="" if self.held is None else (
-                    f" (its call held the reactor for {self.held:.2f}s)"),
+                held=heldText(self.held),
                 **about,
             )
             return AUTH_TEMPORARY_FAILURE

@@ -24,7 +24,7 @@ from mailrelay.envelope import (
     undoPluginChanges,
 )
 from mailrelay.interfaces import Reply
-from mailrelay.metrics import boundedAnswer
+from mailrelay.metrics import boundedAnswer, heldText
 from mailrelay.smtp.server import ServerSession
 
 log = Logger()
@@ -264,7 +264,7 @@ class ExtensionAdapter:
                     "ESMTP extension {plugin} did not answer {verb} from {client} within "
                     "{timeout:g}s{held}",
                     timeout=self.timeout,
-                    held="" if held is None else f" (its call held the reactor for {held:.2f}s)",
+                    held=heldText(held),
                     **about,
                 )
             else:

@@ -34,7 +34,7 @@ from zope.interface import implementer
 
 from mailrelay.address import clientIP
 from mailrelay.interfaces import IRateLimiter
-from mailrelay.metrics import boundedAnswer
+from mailrelay.metrics import boundedAnswer, heldText
 from mailrelay.policy.chain import ADDRESS_CACHE_SIZE
 from mailrelay.smtp.replies import Reply
 
@@ -290,7 +290,7 @@ class ListenerLimits:
                     what=what,
                     key=args[0],
                     timeout=timeout,
-                    held="" if held is None else f" (its call held the reactor for {held:.2f}s)",
+                    held=heldText(held),
                 )
                 return None
             log.error(

@@ -28,7 +28,7 @@ from zope.interface import implementer
 from mailrelay.envelope import Envelope, Recipient
 from mailrelay.errors import DeliveryFailure, TransientFailure
 from mailrelay.interfaces import CONTINUE, IRouter, Route
-from mailrelay.metrics import boundedAnswer
+from mailrelay.metrics import boundedAnswer, heldText
 
 log = Logger()
 
@@ -136,7 +136,7 @@ class RouterChain:
                 "{queueID}: router {router} did not answer within {timeout}s for <{rcpt}>;"
                 " deferring{held}",
                 timeout=timeout,
-                held="" if held is None else f" (its call held the reactor for {held:.2f}s)",
+                held=heldText(held),
                 **about,
             )
             raise TransientFailure(
