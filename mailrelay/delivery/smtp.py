@@ -803,7 +803,9 @@ class SMTPBackend(ClientBackend):
         a delivery to C{key} but for a C{TLS-Required: No} (L{_daneKey}), else C{None}."""
         # (REQUIRETLS made the route's level "required": PKIX, or DANE where it applies.)
         level = key[1].tls == "may" or (envelope.requireTLS and key[1].tls == "required")
-        return self._dnssecDomain(key[0]) if host.secure and level else None
+        if not (self.dane and host.secure and level):
+            return None
+        return self._mxDomain(key[0])
 
     def _noHostAccepted(
         self,
