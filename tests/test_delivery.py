@@ -1130,6 +1130,48 @@ def test_a_suspension_after_a_servers_reply_says_what_the_server_said() -> None:
     assert len(net.attempts) == 1
 
 
+def test_a_source_address_that_cannot_be_bound_does_not_suspend_the_next_hop() -> None:
+    """Two companies' sender routes to one provider, each from its own source address:
+    company A's address gone from the host defers A's mail at each attempt (4.4.0, server
+    configuration error), but does not make the provider unreachable: B's mail, from its
+    own address, is neither suspended nor told of A's address.  (Postfix binds per
+    transport, smtp_bind_address: a site binding two companies apart runs two transports,
+    whose destinations its queue manager throttles apart.)"""
+    from twisted.internet.error import ConnectBindError
+
+    from mailrelay.delivery.connection import connectSMTP
+
+    class Unbindable:
+        """A client endpoint whose source address the host no longer has."""
+
+        def __init__(self, endpoint: Any) -> None:
+            self._bindAddress = endpoint._bindAddress
+
+        def connect(self, factory: Any) -> defer.Deferred:
+            return defer.fail(ConnectBindError(99, "Cannot assign requested address"))
+
+    backend, net, clock, _ = smtpBackend(destinationConcurrency=2, plaintextFallbackAge=60,
+                                         connectionCacheTime=0)
+    fakeConnect = net.connect
+
+    def connect(reactor: Any, endpoint: Any, settings: ClientSettings, **kw: Any) -> Any:
+        if settings.sourceAddress == "192.0.2.101":
+            return connectSMTP(reactor, Unbindable(endpoint), settings, **kw)
+        return fakeConnect(reactor, endpoint, settings, **kw)
+
+    backend._connect = connect
+    companyA = RouteOptions(sourceAddress="192.0.2.101")
+    companyB = RouteOptions(sourceAddress="192.0.2.102")
+    for _ in range(3):
+        (r,) = result(send(backend, "[relay.example]:587", "a@example.com", options=companyA))
+        assert (r.status, r.code) == (TRANSIENT, "4.4.0"), r
+        assert r.diagnostic.startswith(
+            "X-mailrelay; cannot connect to relay.example from source address 192.0.2.101"), r
+    (r,) = result(send(backend, "[relay.example]:587", "b@example.com", options=companyB))
+    assert r.status is DELIVERED, r
+    assert [a[3].sourceAddress for a in net.attempts] == ["192.0.2.102"]
+
+
 def test_smtp_suspension_ends_on_time_after_a_step_back_of_the_clock() -> None:
     """A next hop suspended before a step back of the clock (NTP, date -s) is suspended
     for plaintextFallbackAge from the step at the latest, not until the clock reaches the

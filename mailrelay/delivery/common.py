@@ -103,8 +103,10 @@ def resultsForAll(
 
 def aboutSecurity(error: Any) -> bool:
     """Whether C{error} (an L{SMTPConnectError <mailrelay.smtp.errors.SMTPConnectError>}) is
-    about TLS or AUTH, the settings of one delivery, not about reaching the server."""
-    return (bool(error.tlsFailure) or error.withoutRequiredTLS
+    about TLS, AUTH or the source address, the settings of one delivery, not about reaching
+    the server: the next hop is not counted unreachable for it (other routes' deliveries to
+    it, with their own settings, would be suspended for one route's fault)."""
+    return (bool(error.tlsFailure) or error.withoutRequiredTLS or error.sourceUnbound
             or error.code.startswith(("4.7.", "5.7.")))
 
 

@@ -218,6 +218,7 @@ def connectSMTP(reactor: Any, endpoint: Any, settings: ClientSettings, *, tlsHos
                 "4.4.0",
                 f"X-mailrelay; cannot connect to {where} from source address "
                 f"{source[0] if source else '?'} (server configuration error): {value}",
+                sourceUnbound=True,
             ))
             return
         elif isinstance(value, ierror.ConnectionRefusedError):

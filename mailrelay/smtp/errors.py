@@ -42,12 +42,16 @@ class SMTPConnectError(Exception):
         try, as Postfix's C{smtp_site_fail} at the final server does.  A 5xx greeting or
         AUTH reply is not one: Postfix defers those (C{smtp_skip_5xx_greeting},
         C{smtp_sasl_auth_soft_bounce}).
+    @ivar sourceUnbound: the connection could not be made from its source address (the
+        host no longer has it: Postfix's 4.4.0 "server configuration error"): a fault of
+        this delivery's settings, not of the server.
     """
 
     def __init__(self, code: str, diagnostic: str, permanent: bool = False,
                  remoteMTA: str | None = None, *, tlsFailure: bool = False,
                  loop: bool = False, refusedSetup: bool = False,
-                 command: str | None = None, refusedTLS: bool = False) -> None:
+                 command: str | None = None, refusedTLS: bool = False,
+                 sourceUnbound: bool = False) -> None:
         """
         @param refusedTLS: TLS was required and the server refused STARTTLS (its reply is
             the C{diagnostic}, its status the C{code}, as Postfix passes them on).
@@ -64,6 +68,7 @@ class SMTPConnectError(Exception):
         self.refusedSetup = refusedSetup and permanent
         self.command = command
         self.refusedTLS = refusedTLS
+        self.sourceUnbound = sourceUnbound
 
     @property
     def withoutRequiredTLS(self) -> bool:
