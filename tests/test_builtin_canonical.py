@@ -71,6 +71,8 @@ def test_lookup_order_is_canonical5s(address: str, result: str | None) -> None:
         ("@bad_domain..x a@b.example\n", "canonical:1: bad pattern domain"),
         ("root @bad..x\n", "canonical:1: bad result domain"),
         ("a@b.example\tc@[192.0.2.1]\n", "canonical:1: bad result address"),
+        ("<> a@b.example\n", "canonical:1: bad pattern user '<>' (bad sender address syntax: "
+         "invalid character '<' in local part): '<> a@b.example'"),
         ("root a@b.example\nROOT c@d.example\n", "canonical:2: pattern given twice (first on line 1)"),
         ("x y@z.example\n@web1.internal a@b.example\n@WEB1.internal @c.example\n",
          "canonical:3: pattern given twice (first on line 2)"),

@@ -115,7 +115,11 @@ def _parseLine(line: str) -> tuple[str, str, str]:
     if "@" in pattern:
         local, _, domain = _mailbox(pattern, "pattern address").rpartition("@")
         return "address", f"{local.lower()}@{domain}", result
-    local = _mailbox(f"{pattern}@example.invalid", "pattern user").rpartition("@")[0]
+    try:
+        local = _mailbox(f"{pattern}@example.invalid", "pattern user").rpartition("@")[0]
+    except ValueError as e:
+        # (The message names the user as written, not the address it was checked as.)
+        raise ValueError(str(e).replace(f"{pattern}@example.invalid", pattern, 1)) from None
     return "user", local.lower(), result
 
 
