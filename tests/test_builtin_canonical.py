@@ -354,6 +354,8 @@ def test_mailrelay_check_validates_the_map(tmp_path: Path) -> None:
     config = tmp_path / "relay.toml"
     config.write_text(
         f'[spool]\ndirectory = "{tmp_path / "spool"}"\n[dns]\nnameservers = ["127.0.0.1"]\n'
+        # (Somewhere for postmaster mail: no warning about it before the error.)
+        '[queue]\npostmaster = "postmaster@example.com"\n'
         '[[plugins]]\nplugin = "sender-canonical"\nmap = "canonical"\n')
     (tmp_path / "canonical").write_text("root@web1.internal ops@example.com\n@app3.lan\n")
     out, err = io.StringIO(), io.StringIO()
