@@ -1063,6 +1063,22 @@ def test_smtp_source_address_by_family() -> None:
     assert net.attempts[0][4]._wrappedEndpoint._bindAddress == ("192.0.2.100", 0)
 
 
+def test_smtp_source_address_of_an_ipv4_mapped_mx_address() -> None:
+    """An MX host at an IPv4-mapped address (::ffff:192.0.2.50) is an IPv4 destination (the
+    relay takes it as one to find itself: OwnAddresses), so it is connected to as IPv4 and
+    from [delivery] source_address, not from the system's choice through a dual-stack socket
+    nor from source_address6 (Postfix's smtp_bind_address, smtp_bind_address_enforce)."""
+    settings = dataclasses.replace(SETTINGS, sourceAddress="192.0.2.100",
+                                   sourceAddress6="2001:db8::100")
+    backend, net, clock, mx = smtpBackend(settings=settings)
+    mx.answers = {"mapped.example": [MXHost("mx.mapped.example", "::ffff:192.0.2.50", 25, 10)]}
+    assert result(send(backend, "mapped.example", "a@mapped.example"))[0].status is DELIVERED
+    ((address, port, name, _, endpoint),) = net.attempts
+    assert (address, port, name) == ("192.0.2.50", 25, "mx.mapped.example")
+    assert isinstance(endpoint, TCP4ClientEndpoint)
+    assert endpoint._bindAddress == ("192.0.2.100", 0)
+
+
 def test_client_settings_source_addresses_are_checked() -> None:
     for bad, message in [
         (dict(sourceAddress="2001:db8::1"), "sourceAddress must be an IPv4 address"),

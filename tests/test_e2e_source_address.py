@@ -43,3 +43,17 @@ def test_a_sender_route_has_its_own_source_address(dns, relay, nexthop) -> None:
     submit(r, "bob@b.example", ["y@one.test"], b"Subject: b\r\n\r\nhi\r\n")
     assert [m.peer[0] for m in hop.waitTo("x@one.test")] == ["127.0.0.3"]
     assert [m.peer[0] for m in hop.waitTo("y@one.test")] == ["127.0.0.2"]
+
+
+def test_an_ipv4_mapped_next_hop_is_reached_from_the_source_address(
+    dns, relay, nexthop  # noqa: F811
+) -> None:
+    """A next hop at an IPv4-mapped address ([::ffff:127.0.0.1]) is an IPv4 one: the relay
+    reaches it from [delivery] source_address, never from the system's choice."""
+    hop, port = nexthop()
+    r = relay(config(dns, delivery={"source_address": "127.0.0.2"}, routes=[
+        {"domain": "one.test", "backend": "smtp", "nexthop": f"[::ffff:127.0.0.1]:{port}"}]))
+    submit(r, "alice@example.com", ["bob@one.test"], b"Subject: mapped\r\n\r\nhi\r\n")
+    (message,) = hop.waitTo("bob@one.test")
+    assert message.peer[0] == "127.0.0.2"
+    r.waitForLog(r"to=<bob@one\.test>.*status=sent")

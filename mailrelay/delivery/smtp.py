@@ -78,6 +78,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, w
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailrelay.address import clientIP
 from mailrelay.delivery.common import (
     ClientBackend,
     PerDestination,
@@ -337,14 +338,21 @@ class SMTPBackend(ClientBackend):
         return self._connect if self._connect is not None else connectSMTP
 
     def _endpoint(self, host: MXHost, settings: ClientSettings) -> Any:
+        """The endpoint of a connection to C{host}: an IPv4-mapped address
+        (C{::ffff:192.0.2.1}) is connected to as the IPv4 address it maps, where a
+        dual-stack socket would go (as L{OwnAddresses} takes it), and so from the IPv4
+        source address (C{[delivery] source_address}), never from the system's choice."""
         timeout = settings.timeouts.connect
-        kind = TCP6ClientEndpoint if host.family == 6 else TCP4ClientEndpoint
+        ip = clientIP(host.address)
+        family, address = (4, str(ip)) if ip is not None and ip.version == 4 else (
+            host.family, host.address)
+        kind = TCP6ClientEndpoint if family == 6 else TCP4ClientEndpoint
         endpoint: Any = kind(
             self.reactor,
-            host.address,
+            address,
             host.port,
             timeout=timeout,
-            bindAddress=settings.sourceFor(host.family),
+            bindAddress=settings.sourceFor(family),
         )
         if settings.tls == "implicit":
             endpoint = wrapClientTLS(clientTLSOptions(settings, host.name), endpoint)
