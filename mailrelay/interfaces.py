@@ -736,7 +736,8 @@ PLATFORM_TRUST_STORE = ""
 def checkSourceAddresses(settings: Any) -> None:
     """Check the C{sourceAddress} (IPv4) and C{sourceAddress6} (IPv6) of L{RouteOptions} or
     of L{mailrelay.smtp.clientsettings.ClientSettings}: each C{None} or an address of its
-    version in canonical form.
+    version in canonical form (not an IPv4-mapped one: a socket bound to it reaches no IPv6
+    address).
 
     @raise ValueError: the message names the field and the value.
     """
@@ -748,7 +749,8 @@ def checkSourceAddresses(settings: Any) -> None:
             address = ipaddress.ip_address(value)
         except ValueError:
             address = None
-        if address is None or address.version != version or str(address) != value:
+        if (address is None or address.version != version or str(address) != value
+                or getattr(address, "ipv4_mapped", None) is not None):
             raise ValueError(f"{name} must be an IPv{version} address, not {value!r}")
 
 

@@ -627,6 +627,12 @@ ERROR_CASES = [
      '"::1" is an IPv6 address: give it as source_address6'),
     ('[delivery]\nsource_address6 = "127.0.0.1"', "delivery.source_address6",
      '"127.0.0.1" is an IPv4 address: give it as source_address'),
+    ('[delivery]\nsource_address6 = "::ffff:127.0.0.1"', "delivery.source_address6",
+     '"::ffff:127.0.0.1" is an IPv4-mapped address (connections from it reach no IPv6 '
+     'address): give 127.0.0.1 as source_address'),
+    ('[delivery]\nsource_address = "[::ffff:127.0.0.1]"', "delivery.source_address",
+     '"[::ffff:127.0.0.1]" is an IPv4-mapped address (connections from it reach no IPv6 '
+     'address): give 127.0.0.1 as source_address'),
     ('[delivery]\nsource_address = 5', "delivery.source_address", "must be a string, not 5"),
     ('[delivery]\nsource_address = "192.0.2.77"', "delivery.source_address",
      '"192.0.2.77" cannot be bound: this host has no such address ('),

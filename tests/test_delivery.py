@@ -1084,6 +1084,7 @@ def test_client_settings_source_addresses_are_checked() -> None:
         (dict(sourceAddress="2001:db8::1"), "sourceAddress must be an IPv4 address"),
         (dict(sourceAddress="relay.example"), "sourceAddress must be an IPv4 address"),
         (dict(sourceAddress6="192.0.2.1"), "sourceAddress6 must be an IPv6 address"),
+        (dict(sourceAddress6="::ffff:c000:201"), "sourceAddress6 must be an IPv6 address"),
     ]:
         with pytest.raises(ValueError, match=message):
             dataclasses.replace(SETTINGS, **bad)

@@ -85,6 +85,12 @@ def sourceAddress(version: int) -> Callable[[Any, At], str | None]:
             address = ipaddress.ip_address(bare)
         except ValueError:
             raise at.error(f"{describeValue(text)} is not an IPv{version} address") from None
+        mapped = getattr(address, "ipv4_mapped", None)
+        if mapped is not None:
+            raise at.error(
+                f"{describeValue(text)} is an IPv4-mapped address (connections from it reach "
+                f"no IPv6 address): give {mapped} as source_address"
+            )
         if address.version != version:
             raise at.error(
                 f"{describeValue(text)} is an IPv{address.version} address: give it as "
