@@ -413,3 +413,29 @@ def test_utf8_local_parts_and_8bit_fields_survive(tmp_path: Path, smtputf8: bool
     (stored, data), = spool.committed.values()
     assert stored.sender == new
     assert data == b"Subject: hi\r\n" + f"From: José <{new}>\r\n".encode() + b"\r\nbody\r\n"
+
+
+def test_a_field_whose_line_would_grow_past_998_octets_is_left_as_it_is(tmp_path: Path) -> None:
+    """A From: whose line the longer address would take past 998 octets (RFC 5322 2.1.1:
+    the relay never writes such a line) is left as it is, said in the log, and the message
+    is taken with its envelope sender rewritten -- not deferred at each try of the client
+    for the filter's malformed answer."""
+    from mailrelay.envelope import ClientInfo, Envelope, Recipient
+    from tests.test_intake import makeIntake, received
+
+    plugin = canonical(tmp_path, table="root@web1.internal a-much-longer-address@example.com\n")
+    intake, spool, _ = makeIntake(filters=[plugin])
+    env = Envelope(sender="root@web1.internal", recipients=[Recipient("bob@example.org")],
+                   client=ClientInfo("192.0.2.7", relayAllowed=True))
+    field = b"From: " + b"x" * 963 + b" <root@web1.internal>\r\n"
+    assert len(field) == 990 + 2  # (998 octets at most, the CRLF left out)
+    message = intake.open(env, env.client, {})
+    message.write(b"Subject: hi\r\n" + field + b"\r\nbody\r\n")
+    with capturedLogs() as events:
+        reply = received(message.finish())
+    assert reply.code == 250, reply
+    (stored, data), = spool.committed.values()
+    assert stored.sender == "a-much-longer-address@example.com"
+    assert data == b"Subject: hi\r\n" + field + b"\r\nbody\r\n"
+    assert any("sender-canonical: From: left as it is, a line would be longer than 998 "
+               "octets" in formatEvent(e) for e in events)

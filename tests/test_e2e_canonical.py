@@ -75,3 +75,27 @@ def test_a_smarthost_rewrites_the_sender_and_signs_what_leaves(relays, nexthop, 
     assert "sender=<root@web1.internal> rewritten to <ops@example.com>" in log
     assert "sender-canonical: From: <root@web1.internal> rewritten to <ops@example.com>" in log
     assert "from=<ops@example.com> nrcpt=2" in log
+
+
+def test_a_from_line_the_rewriting_would_make_too_long_is_left_as_sent(
+    relays, nexthop, tmp_path  # noqa: F811
+) -> None:
+    """A From: line that the longer address would take past 998 octets is relayed as sent
+    (the log says why), the envelope sender rewritten: the client's message is taken, not
+    deferred at each of its tries."""
+    hop, port = nexthop()
+    (tmp_path / "canonical").write_text("root@web1.internal  a-much-longer-address@example.com\n")
+    r = relays(
+        '[dns]\nreverse_lookups = false\n'
+        f'[relay]\nsmarthost = "[127.0.0.1]:{port}"\n'
+        f'[[plugins]]\nplugin = "sender-canonical"\nmap = "{tmp_path / "canonical"}"\n'
+    ).start()
+    field = b"From: " + b"x" * 963 + b" <root@web1.internal>\r\n"
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as smtp:
+        smtp.sendmail("root@web1.internal", ["bob@example.net"],
+                      b"Subject: long\r\n" + field + b"\r\nhi\r\n")
+    (message,) = hop.waitTo("bob@example.net")
+    assert message.mailFrom == "a-much-longer-address@example.com"
+    assert b"\r\n" + field in message.content
+    assert "sender-canonical: From: left as it is, a line would be longer than 998 octets" \
+        in r.log()

@@ -5,7 +5,8 @@ words included), comments, white space and folding, the group syntax and the oth
 of the field stay byte for byte (RFC 5322 section 3.4).
 
 A field that cannot be read as RFC 5322 addresses (an unclosed quote, comment or angle
-bracket, a mailbox that is no addr-spec) is left as it is: L{rewriteAddresses} says why, for
+bracket, a mailbox that is no addr-spec), or whose line the new addresses would take past
+998 octets, is left as it is: L{rewriteAddresses} says why, for
 the log, and never returns half a field.  An address without a domain (C{From: root}) is not
 looked up: on a smarthost the client qualifies it (Postfix's C{append_at_myorigin} is the
 client's).
@@ -23,6 +24,8 @@ from mailrelay.address import AddressError, parseReversePath
 __all__ = ["Rewritten", "rewriteAddresses"]
 
 _SPECIALS = "<>,:;@."
+#: The longest line of a header field, its CRLF left out (RFC 5322 section 2.1.1).
+MAX_LINE = 998
 _SPACE = " \t\r\n"
 
 
@@ -205,4 +208,9 @@ def rewriteAddresses(field: bytes, rewrite: Callable[[str], str | None]) -> Rewr
         return Rewritten()
     for first, last, new in reversed(edits):
         text = text[:first] + new + text[last:]
-    return Rewritten(name + b":" + text.encode("utf-8", "surrogateescape"), tuple(changes))
+    rewritten = name + b":" + text.encode("utf-8", "surrogateescape")
+    if any(len(line) > MAX_LINE for line in rewritten.split(b"\r\n")):
+        # (Not folded here: the field is the client's, its layout kept byte for byte.)
+        return Rewritten(problem=f"a line would be longer than {MAX_LINE} octets (RFC 5322 "
+                                 "section 2.1.1)")
+    return Rewritten(rewritten, tuple(changes))
