@@ -466,7 +466,8 @@ class FilterResult:
         Every field of the header section equal to one is deleted; a filter must have read
         the message, and may only remove fields that are there (not the fields filters add).
     @ivar replace: C{(field, replacement)} pairs: each field of the header section equal to
-        C{field} (byte for byte, as for C{remove}) becomes C{replacement} where it stands, a
+        C{field} (byte for byte, as for C{remove}; one an earlier filter added too, as the
+        message read shows it) becomes C{replacement} where it stands, a
         whole well-formed field of the same name (an address rewritten in C{From:}, as
         Postfix's cleanup rewrites with C{canonical_maps}).  The message must have been read.
     @ivar sender: the new envelope sender, or C{None} (unchanged): an address (C{user@domain},

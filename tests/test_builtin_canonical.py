@@ -439,3 +439,30 @@ def test_a_field_whose_line_would_grow_past_998_octets_is_left_as_it_is(tmp_path
     assert data == b"Subject: hi\r\n" + field + b"\r\nbody\r\n"
     assert any("sender-canonical: From: left as it is, a line would be longer than 998 "
                "octets" in formatEvent(e) for e in events)
+
+
+def test_a_field_an_earlier_filter_added_is_rewritten_too(tmp_path: Path) -> None:
+    """A sender field an earlier filter added (a site's filter appending Reply-To:) is in
+    the message sender-canonical reads, and is rewritten where it stands like the client's
+    own: the message is taken, not deferred for the filter's answer replacing a field
+    "the message does not have"."""
+    from mailrelay.envelope import ClientInfo, Envelope, Recipient
+    from tests.test_intake import Filter, makeIntake, received
+
+    def addsReplyTo(context: object) -> FilterResult:
+        return FilterResult(prepend=(b"Sender: root@web1.internal\r\n",),
+                            append=(b"Reply-To: root@web1.internal\r\n",))
+
+    intake, spool, _ = makeIntake(filters=[Filter(addsReplyTo), canonical(tmp_path)])
+    env = Envelope(sender="root@web1.internal", recipients=[Recipient("bob@example.org")],
+                   client=ClientInfo("192.0.2.7", relayAllowed=True))
+    message = intake.open(env, env.client, {})
+    message.write(b"Subject: hi\r\nFrom: <root@web1.internal>\r\n\r\nbody\r\n")
+    with capturedLogs():
+        reply = received(message.finish())
+    assert reply.code == 250, reply
+    (stored, data), = spool.committed.values()
+    assert stored.sender == "ops@example.com"
+    assert data == (b"Sender: ops@example.com\r\nSubject: hi\r\nFrom: <ops@example.com>\r\n"
+                    b"Reply-To: ops@example.com\r\n\r\nbody\r\n")
+    assert stored.messageSize == len(data)

@@ -155,9 +155,10 @@ class FilterContext:
     ) -> None:
         """Add a filter's fields, remove those it removes and replace those it replaces.
 
-        @raise BadAnswer: one is not a whole, well-formed header field, or one to remove or
-            replace is not in the message's header section (or the message was not read),
-            or a replacement is a field of another name; then nothing is changed.
+        @raise BadAnswer: one is not a whole, well-formed header field, or one to remove is
+            not in the message's header section, or one to replace is neither there nor
+            added by an earlier filter (or the message was not read), or a replacement is a
+            field of another name; then nothing is changed.
         """
         for field in (*prepend, *append):
             problem = fieldProblem(field, self.envelope.smtputf8)
@@ -188,6 +189,8 @@ class FilterContext:
             raise BadAnswer("replaced header fields without reading the message")
         names = {raw: name for name, raw in parseHeaderSection(self._message,
                                                                HEADER_SECTION_LIMIT)[0]}
+        for added in (*self.prepend, *self.append):  # (the earlier filters', read with it)
+            names.setdefault(added, added.partition(b":")[0].rstrip(b" \t").decode("ascii"))
         replacements: dict[bytes, bytes] = {}
         for pair in replace:
             old, new = pair if isinstance(pair, tuple) and len(pair) == 2 else (pair, None)
@@ -204,13 +207,15 @@ class FilterContext:
         return replacements
 
     def _replace(self, replacements: dict[bytes, bytes]) -> None:
-        """Put each field of the message read that is a key of C{replacements} by its
-        value, where it stands."""
+        """Put each field of the message read, or that earlier filters added, that is a key
+        of C{replacements} by its value, where it stands."""
         assert self._message is not None
         fields, end = parseHeaderSection(self._message, HEADER_SECTION_LIMIT)
         head = b"".join(replacements.get(raw, raw) for _, raw in fields)
         self._size += len(head) - end
         self._message = head + self._message[end:]
+        self.prepend[:] = [replacements.get(f, f) for f in self.prepend]
+        self.append[:] = [replacements.get(f, f) for f in self.append]
         self.replaced.extend(replacements.values())
 
     def checkedSender(self, sender: object) -> str:
