@@ -2503,6 +2503,9 @@ class FakeSTS:
         self.asked.append(domain)
         return defer.succeed(self.policies.get(domain))
 
+    def unknown(self, domain: str) -> str | None:
+        return None  # (every policy is had: it is given, or there is none)
+
 
 def stsPolicy(mode: str, *mx: str) -> Any:
     from mailrelay.route.mtasts import STSPolicy

@@ -131,6 +131,11 @@ def _dns(tmp_path: Path) -> DNSServer:
         ["mx.trial.test", "A", "127.0.0.1"],
         ["mta-sts.trial.test", "A", POLICY_ADDRESS],
         ["_mta-sts.trial.test", "TXT", "v=STSv1; id=1"],
+        # (publishes MTA-STS, but the policy server has no policy for it: 404)
+        ["down.test", "MX", 10, "mx.down.test"],
+        ["mx.down.test", "A", "127.0.0.1"],
+        ["mta-sts.down.test", "A", POLICY_ADDRESS],
+        ["_mta-sts.down.test", "TXT", "v=STSv1; id=7"],
     ])
 
 
@@ -142,7 +147,7 @@ def _relay(tmp_path: Path, dns: DNSServer, port: int, hold: bool = False) -> Rel
         f"[queue]\nmin_backoff = 600\nhold = {str(hold).lower()}\n"
     ) + "".join(  # MX lookups, to the test MX's port
         f'[[routes]]\ndomain = "{d}"\nbackend = "smtp"\nnexthop = "{d}:{port}"\n'
-        for d in ("sts.test", "other.test", "trial.test"))
+        for d in ("sts.test", "other.test", "trial.test", "down.test"))
     return RelayProcess(tmp_path / "relay", config, env={"SSL_CERT_FILE": str(caFile)})
 
 
@@ -212,14 +217,15 @@ def test_requiretls_goes_to_the_mx_hosts_an_enforced_policy_matches(
     lookups or match an MTA-STS policy.  This relay does not validate DNS: mail to sts.test,
     whose enforced policy names its MX host, goes to it over TLS verified for mx.sts.test,
     with REQUIRETLS; mail to trial.test, whose policy is in testing mode, is returned
-    (5.7.30) and never sent.  (Both were returned: "cannot be looked up securely here".)"""
+    (5.7.30) and never sent; mail to down.test, whose policy cannot be fetched now, is
+    deferred.  (Both were returned: "cannot be looked up securely here".)"""
     recorder, port = mx
     dns = _dns(tmp_path)
     r = _relay(tmp_path, dns, port, hold=True)
     try:
         r.start()
         queued = {rcpt: submit(r, "alice@example.com", [rcpt], message(rcpt))
-                  for rcpt in ("bob@sts.test", "carol@trial.test")}
+                  for rcpt in ("bob@sts.test", "carol@trial.test", "dave@down.test")}
         r.stop()
         markRequireTLS(r, queued.values())
         r.configText = r.configText.replace("hold = true", "hold = false")
@@ -233,6 +239,14 @@ def test_requiretls_goes_to_the_mx_hosts_an_enforced_policy_matches(
             "looked up securely here (no DNSSEC validation), and its MTA-STS policy is in "
             "testing mode")
         assert "carol@trial.test" not in recorder.sessions
+        # A domain that publishes MTA-STS whose policy cannot be fetched now: deferred, not
+        # returned as if it had none (its policy may vouch for its MX hosts later).
+        line = waitResult(r, queued["dave@down.test"], "dave@down.test", "deferred")
+        assert line.group("diagnostic").startswith(
+            "X-mailrelay; REQUIRETLS support required: the MX hosts of down.test cannot be "
+            "looked up securely here (no DNSSEC validation), and its MTA-STS policy cannot be "
+            "had now (its policy (id 7) cannot be fetched: "), line.group("diagnostic")
+        assert "dave@down.test" not in recorder.sessions
     finally:
         r.stop()
         dns.stop()

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from twisted.internet import defer
+from twisted.logger import capturedLogs
 
 from mailrelay.delivery.tls import clientTLSOptions
 from mailrelay.envelope import Envelope, Recipient
@@ -23,6 +24,7 @@ from tests.test_delivery import (
     DANE_POLICY,
     DELIVERED,
     HOSTS,
+    TRANSIENT,
     FakeSTS,
     daneBackend,
     result,
@@ -191,6 +193,34 @@ def test_requireTLSByMXLookupUnderAnEnforcedMTASTSPolicy(message: Path) -> None:
             "X-mailrelay; REQUIRETLS support required: the MX hosts of example.org cannot "
             f"be looked up securely here (no DNSSEC validation), and {why}")
         assert net.attempts == []
+
+
+def test_requireTLSDeferredWhileTheMTASTSPolicyCannotBeHad(message: Path) -> None:
+    """A domain that publishes MTA-STS (its TXT record) whose policy cannot be fetched now,
+    none cached: the REQUIRETLS message is deferred (4.7.5), to go once the policy can be
+    had -- not returned 5.7.30 as if the domain had none (RFC 8461 section 5.1 lets other
+    mail go on as without MTA-STS; REQUIRETLS mail may not go without it here)."""
+    from twisted.internet.error import ConnectionRefusedError
+    from twisted.internet.task import Clock
+
+    from mailrelay.route.mtasts import MTASTS
+    from tests.test_mtasts import FakeResolver, Fetches
+
+    env = envelope()
+    env.recipients = [Recipient("b@example.org")]
+    resolver, fetches = FakeResolver(), Fetches()
+    resolver.records["_mta-sts.example.org"] = ["v=STSv1; id=one"]
+    fetches.texts["example.org"] = ConnectionRefusedError("mta-sts.example.org")
+    sts = MTASTS(resolver, Clock(), None, fetches)
+    backend, net, _, mx = smtpBackend(mtaSTS=sts)
+    with capturedLogs():
+        (r,) = deliver(backend, env, "example.org", message)
+    assert (r.status, r.code) == (TRANSIENT, "4.7.5"), r
+    assert r.diagnostic.startswith(
+        "X-mailrelay; REQUIRETLS support required: the MX hosts of example.org cannot be "
+        "looked up securely here (no DNSSEC validation), and its MTA-STS policy cannot be had "
+        "now (its policy (id one) cannot be fetched: "), r.diagnostic
+    assert net.attempts == []
 
 
 def test_requireTLSByMXLookupWithDANEAndAnEnforcedMTASTSPolicy(message: Path) -> None:

@@ -904,16 +904,24 @@ class SMTPBackend(ClientBackend):
         """The results of a REQUIRETLS message to C{domain} none of whose MX hosts qualify
         (RFC 8689 section 4.2.1): none found by DNSSEC-validated lookups, and no MTA-STS
         policy in enforce mode (C{policy}: the one found, C{None} for none) to match them
-        against: returned, 5.7.30."""
+        against: returned, 5.7.30 -- or deferred (4.7.5) while the domain's policy cannot
+        be had (L{MTASTS.unknown}): it may have one that vouches for its MX hosts."""
         if self.dane:
             why = f"no MX host of {domain} was found by DNSSEC-validated lookups"
         else:
             why = (f"the MX hosts of {domain} cannot be looked up securely here (no DNSSEC "
                    "validation)")
+        unknown = None
         if self.mtaSTS is not None:
+            unknown = None if policy is not None else self.mtaSTS.unknown(domain)
             why += (f", and its MTA-STS policy is in {policy.mode} mode" if policy is not None
+                    else f", and its MTA-STS policy cannot be had now ({unknown})" if unknown
                     else ", and it has no MTA-STS policy")
         diagnostic = f"X-mailrelay; REQUIRETLS support required: {why}"
+        if unknown is not None:
+            log.warn("{queueID}: REQUIRETLS message deferred: {why}", queueID=envelope.queueID,
+                     why=why)
+            return resultsForAll(recipients, DeliveryStatus.TRANSIENT, "4.7.5", diagnostic)
         log.warn("{queueID}: REQUIRETLS message not relayed: {why}", queueID=envelope.queueID,
                  why=why)
         return resultsForAll(recipients, DeliveryStatus.PERMANENT, "5.7.30", diagnostic)

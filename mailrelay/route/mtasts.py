@@ -298,11 +298,13 @@ def fetchPolicy(
 
 @dataclass
 class _Known:
-    """What is known of a domain: its policy (or C{None}) and when its TXT record was
-    last looked at (seconds since the epoch)."""
+    """What is known of a domain: its policy (or C{None}), when its TXT record was last
+    looked at (seconds since the epoch), and, without a policy, why none could be had then
+    when that may pass (L{MTASTS.unknown}), else C{None}."""
 
     policy: STSPolicy | None
     checked: float
+    unknown: str | None = None
 
 
 class MTASTS:
@@ -375,6 +377,14 @@ class MTASTS:
             return found
         return self._policy(domain)
 
+    def unknown(self, domain: str) -> str | None:
+        """Why C{domain}'s policy could not be had at its last look, when that may pass (its
+        TXT record could not be looked up, or it has one and its policy could not be
+        fetched, none cached): L{policy} then gave C{None}, as for a domain without
+        MTA-STS (RFC 8461 section 5.1), but it may have a policy.  C{None} otherwise."""
+        known = self._known.get(domain.lower().rstrip("."))
+        return None if known is None or known.policy is not None else known.unknown
+
     def _policy(self, domain: str) -> Deferred[STSPolicy | None]:
         now = self._now()
         if len(self._known) > MAX_KNOWN:
@@ -423,7 +433,8 @@ class MTASTS:
                 log.info("MTA-STS: no TXT record of {domain} to be had ({error}); {keeping}",
                          domain=domain, error=str(e),
                          keeping="keeping its cached policy" if usable else "no policy")
-            self._known[domain] = _Known(usable, now)
+            self._known[domain] = _Known(usable, now, None if usable or isinstance(
+                e, _NoRecord) else f"its TXT record cannot be looked up: {e}")
             return usable
         if recordID is None:
             self._known[domain] = _Known(usable, now)
@@ -437,14 +448,16 @@ class MTASTS:
                 text = text.decode("utf-8")
             mode, mx, maxAge = parsePolicy(text)
         except Exception as e:
+            error = describeFetchError(e, describeTLS=self.describeTLS)
             log.warn(
                 "MTA-STS: cannot fetch the policy of {domain} (id {id}): {error}; {keeping}",
                 domain=domain,
                 id=recordID,
-                error=describeFetchError(e, describeTLS=self.describeTLS),
+                error=error,
                 keeping="keeping its cached policy" if usable else "no policy",
             )
-            self._known[domain] = _Known(usable, now)
+            self._known[domain] = _Known(usable, now, None if usable else (
+                f"its policy (id {recordID}) cannot be fetched: {error}"))
             return usable
         policy = STSPolicy(domain, recordID, mode, mx, maxAge, self._now())
         log.info(
