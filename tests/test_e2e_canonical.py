@@ -99,3 +99,25 @@ def test_a_from_line_the_rewriting_would_make_too_long_is_left_as_sent(
     assert b"\r\n" + field in message.content
     assert "sender-canonical: From: left as it is, a line would be longer than 998 octets" \
         in r.log()
+
+
+def test_a_sender_route_is_chosen_by_the_rewritten_sender(
+    relays, nexthop, tmp_path  # noqa: F811
+) -> None:
+    """[[sender_routes]] looks up the sender as queued, after sender-canonical rewrote it (as
+    Postfix's sender_dependent_relayhost_maps sees the sender its cleanup rewrote): the
+    machines' root@web1.internal leaves as ops@example.com through example.com's route."""
+    smarthost, smarthostPort = nexthop()
+    provider, providerPort = nexthop()
+    (tmp_path / "canonical").write_text("root@web1.internal  ops@example.com\n")
+    r = relays(
+        '[dns]\nreverse_lookups = false\n'
+        f'[relay]\nsmarthost = "[127.0.0.1]:{smarthostPort}"\n'
+        f'[[sender_routes]]\nsender = "@example.com"\nnexthop = "[127.0.0.1]:{providerPort}"\n'
+        f'[[plugins]]\nplugin = "sender-canonical"\nmap = "{tmp_path / "canonical"}"\n'
+    ).start()
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as smtp:
+        smtp.sendmail("root@web1.internal", ["bob@example.net"], MESSAGE)
+    (message,) = provider.waitTo("bob@example.net")
+    assert message.mailFrom == "ops@example.com"
+    assert smarthost.accepted == []
