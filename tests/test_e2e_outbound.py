@@ -334,6 +334,9 @@ ZONE = [
     ["nullmx.test", "MX", 0, ""],                 # RFC 7505 null MX
     ["aonly.test", "A", "127.0.0.1"],             # no MX: the domain is its own exchanger
     ["nullmx.test", "A", "127.0.0.1"],            # (never to be used: null MX wins)
+    ["mixnull.test", "MX", 0, ""],                # a null MX beside a real one: no mail
+    ["mixnull.test", "MX", 10, "mail.mixnull.test"],
+    ["mail.mixnull.test", "A", "127.0.0.1"],
     ["two.test", "MX", 10, "mx1.two.test"],       # two MX hosts, on two loopback addresses
     ["two.test", "MX", 20, "mx2.two.test"],
     ["mx1.two.test", "A", "127.0.0.1"],
@@ -994,7 +997,7 @@ def _mxRoutes(port: int, sinkPort: int) -> list[dict]:
     # (relay.smarthost syntax; see route.parseNexthop).  The relay cannot be made to use port
     # 25 here, so every test domain gets such a route.
     return ([{"domain": d, "backend": "smtp", "nexthop": f"{d}:{port}"}
-             for d in ("mx.test", "aonly.test", "nullmx.test", "nx.test")]
+             for d in ("mx.test", "aonly.test", "nullmx.test", "mixnull.test", "nx.test")]
             + [smtpRoute("sender.test", sinkPort)])
 
 
@@ -1002,6 +1005,7 @@ def _mxRoutes(port: int, sinkPort: int) -> list[dict]:
     ("mx.test", "sent", [("mx.test", "MX"), ("mail.mx.test", "A")]),
     ("aonly.test", "sent", [("aonly.test", "MX"), ("aonly.test", "A")]),
     ("nullmx.test", "5.1.10", [("nullmx.test", "MX")]),
+    ("mixnull.test", "5.1.10", [("mixnull.test", "MX")]),
     ("nx.test", "5.1.2", [("nx.test", "MX")]),
 ])
 def test_mx_delivery(relay, nexthop, dns, domain: str, outcome: str,
@@ -1029,8 +1033,9 @@ def test_mx_delivery(relay, nexthop, dns, domain: str, outcome: str,
         expected = {"5.1.10": "does not accept mail (null MX)", "5.1.2": "does not exist"}[outcome]
         assert m["diagnostic"] == f"X-mailrelay; domain {domain} {expected}", m[0]
         assert hop.accepted == []
-        if domain == "nullmx.test":
+        if domain in ("nullmx.test", "mixnull.test"):
             assert (domain, "A") not in asked  # a null MX is final: no fallback to A
+            assert (f"mail.{domain}", "A") not in asked  # nor the other MX hosts (Postfix)
         dsnID = bounceID(r, qid)
         waitRemoved(r, dsnID)
         (bounce,) = notices.waitTo("alice@sender.test")

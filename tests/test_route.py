@@ -993,6 +993,7 @@ ZONE: dict[str, Any] = {
     "plain.example": [A("192.0.2.9")],
     "v6only.example": [AAAA("2001:db8::9")],
     "nullmx.example": [MX(0, ".")],
+    "mixednull.example": [MX(10, "mx1.example.org."), MX(0, ".")],
     "broken.example": error.DNSServerError("SERVFAIL"),
     "refused.example": error.DNSQueryRefusedError("REFUSED"),
     "lame.example": [MX(10, "gone.example"), MX(20, "mx2.example.org")],
@@ -1073,6 +1074,16 @@ def test_null_mx() -> None:
     assert isinstance(f, PermanentFailure)
     assert (f.permanent, f.code) == (True, "5.1.10")
     assert f.diagnostic == "X-mailrelay; domain nullmx.example does not accept mail (null MX)"
+
+
+def test_null_mx_among_other_mx_records() -> None:
+    # Postfix's dns_lookup() returns DNS_NULLMX for any null MX in the answer (RFC 7505
+    # section 3: a null MX is published alone; one beside real MX hosts still says "no mail").
+    resolver, fake, _ = makeMX()
+    f = failureOf(resolver, "mixednull.example")
+    assert (f.permanent, f.code) == (True, "5.1.10")
+    assert f.diagnostic == "X-mailrelay; domain mixednull.example does not accept mail (null MX)"
+    assert ("A", "mx1.example.org") not in fake.queries
 
 
 def test_nxdomain() -> None:

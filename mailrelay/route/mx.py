@@ -171,8 +171,9 @@ class MXResolver:
     each family looked up -- unlimited (L{resolve}), to the end of the preference reached;
     at most the first 100 hosts), hosts without an address are
     skipped; the addresses are cut to C{maxAddresses}, both families kept (L{limit}).  A
-    domain without MX records is its own mail exchanger.  A domain whose only MX records
-    have the exchange C{"."} has a null MX (RFC 7505).  An MX exchange written as an IP
+    domain without MX records is its own mail exchanger.  A domain with an MX record whose
+    exchange is C{"."} has a null MX (RFC 7505), whatever other MX records it has (as
+    Postfix).  An MX exchange written as an IP
     address is used as is.  An answer holding only a CNAME for the name asked is followed
     to its target, as a resolver does (L{_lookup}).
 
@@ -410,7 +411,9 @@ class MXResolver:
         mxSecure = isSecure(result)
         records = _records(result, dns.MX)
         real = [r for r in records if r.name.name not in (b"", b".")]  # not "." (RFC 7505)
-        if records and not real:
+        if len(real) < len(records):
+            # Any null MX in the answer, even beside real ones (which RFC 7505 section 3
+            # forbids): the domain accepts no mail (Postfix's dns_lookup(), DNS_NULLMX).
             raise PermanentFailure(
                 code="5.1.10",
                 diagnostic=f"X-mailrelay; domain {host} does not accept mail (null MX)",
