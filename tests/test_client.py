@@ -334,6 +334,33 @@ def test_ehloFallsBackToHelo(message):
     assert not d.called  # waiting for the reply to MAIL before RCPT
 
 
+@pytest.mark.parametrize("refusal", [b"450 4.7.1 try HELO\r\n", b"451 later\r\n",
+                                     b"454 4.7.0 no ESMTP now\r\n", b"354 what\r\n"])
+def test_ehloRefusedTransientlyFallsBackToHelo(refusal):
+    """Any reply to EHLO but 2xx and 421 means no ESMTP, as Postfix's smtp_helo() (it
+    clears SMTP_FEATURE_ESMTP): HELO is sent, and the session goes on without extensions."""
+    peer = Peer()
+    peer.say(b"220 mx.test ESMTP\r\n")
+    assert peer.heard() == b"EHLO client.test\r\n"
+    peer.say(refusal)
+    assert peer.heard() == b"HELO client.test\r\n"
+    peer.say(b"250 mx.test\r\n")
+    conn = resultOf(peer.ready)
+    assert conn.extensions == {} and conn.usable
+
+
+def test_ehlo421IsNotRetriedWithHelo():
+    """421 to EHLO: the server closes the channel (RFC 5321 section 3.8); no HELO (Postfix:
+    "host refused to talk to me"), a transient failure."""
+    peer = Peer()
+    peer.say(b"220 mx.test ESMTP\r\n")
+    assert peer.heard() == b"EHLO client.test\r\n"
+    peer.say(b"421 4.3.2 closing\r\n")
+    error = failureOf(peer.ready)
+    assert not error.permanent and error.code == "4.3.2"
+    assert b"HELO" not in peer.heard()
+
+
 def test_heloRefusedIsPermanent():
     peer = Peer()
     peer.say(b"220 mx.test ESMTP\r\n500 no\r\n501 no HELO either\r\n")

@@ -674,6 +674,22 @@ def test_a_reply_whose_lines_disagree_is_taken_by_its_last_line(relay, nexthop, 
         ("1", "sent", "smtp; 251 2.0.0 ok queued as 1")]
 
 
+def _sentOnceThrough(relay, dns, hop: ScriptedServer, subject: str) -> tuple[Any, dict]:
+    """Send one message to bob@example.org through C{hop} (closed after): it is sent, once,
+    and leaves the queue.  The relay and the message's result."""
+    try:
+        r = relay(config(dns, queue={"min_backoff": 1, "max_backoff": 2},
+                         routes=[smtpRoute("example.org", hop.port)]))
+        qid = submit(r, "alice@sender.test", ["bob@example.org"], message(subject))
+        m = waitResult(r, qid, "bob@example.org")
+        assert m["status"] == "sent", m[0]
+        waitRemoved(r, qid)
+        assert len(hop.messages) == 1
+        return r, m
+    finally:
+        hop.close()
+
+
 def test_replies_ending_in_a_bare_lf_are_read(relay, dns) -> None:
     """A next hop whose replies end in a bare LF (and one CR too many) is understood, as
     Postfix's smtp_get() reads them (smtp_stream.c): the message is delivered once.  It
@@ -681,16 +697,16 @@ def test_replies_ending_in_a_bare_lf_are_read(relay, dns) -> None:
     sent again at every retry."""
     hop = ScriptedServer(GREETING=b"220 lf.test ESMTP\n",
                          EHLO=b"250-lf.test\n250 PIPELINING\n", DOT=b"250 2.0.0 ok\r\r\n")
-    try:
-        r = relay(config(dns, queue={"min_backoff": 1, "max_backoff": 2},
-                         routes=[smtpRoute("example.org", hop.port)]))
-        qid = submit(r, "alice@sender.test", ["bob@example.org"], message("bare LF"))
-        m = waitResult(r, qid, "bob@example.org")
-        assert (m["status"], m["diagnostic"]) == ("sent", "smtp; 250 2.0.0 ok"), m[0]
-        waitRemoved(r, qid)
-        assert len(hop.messages) == 1
-    finally:
-        hop.close()
+    _, m = _sentOnceThrough(relay, dns, hop, "bare LF")
+    assert m["diagnostic"] == "smtp; 250 2.0.0 ok", m[0]
+
+
+def test_a_4xx_reply_to_ehlo_falls_back_to_helo(relay, dns) -> None:
+    """A next hop answering EHLO with 451 gets HELO and the message, as Postfix's
+    smtp_helo() does for any reply to EHLO but 2xx and 421; it used to be deferred."""
+    hop = ScriptedServer(EHLO=b"451 4.3.0 no ESMTP now\r\n", HELO=b"250 scripted.test\r\n")
+    _, m = _sentOnceThrough(relay, dns, hop, "helo only")
+    assert m["diagnostic"] == "smtp; 250 2.0.0 ok", m[0]
 
 
 def test_an_overlong_reply_to_the_end_of_data_is_cut_not_refused(relay, dns) -> None:

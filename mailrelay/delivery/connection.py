@@ -156,8 +156,9 @@ def connectSMTP(reactor: Any, endpoint: Any, settings: ClientSettings, *, tlsHos
                 remoteMTA: str | None = None) -> Deferred:
     """Connect to an SMTP or LMTP server and set the connection up.
 
-    Reads the greeting (220), sends EHLO (HELO when EHLO gets 5xx; LHLO for LMTP), STARTTLS per
-    C{settings.tls} and EHLO again, then AUTH when C{settings.username} is set.
+    Reads the greeting (220), sends EHLO (HELO when EHLO gets any non-2xx reply but 421;
+    LHLO for LMTP), STARTTLS per C{settings.tls} and EHLO again, then AUTH when
+    C{settings.username} is set.
 
     @param reactor: provides C{IReactorTime}; all timeouts use it.
     @param endpoint: an C{IStreamClientEndpoint}; for C{tls="implicit"} already TLS-wrapped

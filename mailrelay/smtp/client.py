@@ -584,7 +584,9 @@ class ClientSession:
                 return
             self.extensions = parseExtensions(reply)
             self._afterHello()
-        elif reply.code // 100 == 5 and not self.settings.lmtp:
+        elif reply.code != 421 and not self.settings.lmtp:
+            # Any other refusal means no ESMTP here, a 4xx too: HELO (Postfix's smtp_helo()
+            # clears SMTP_FEATURE_ESMTP for any non-2xx reply but 421).
             self._write(b"HELO " + asciiName(self.settings.heloName) + b"\r\n")
             self._wait(_HELO)
         else:
