@@ -243,6 +243,48 @@ def test_replyParserCutsAnOverlongReplyInsteadOfRefusingIt():
     assert not parser.hasData
 
 
+def test_replyParserSaysWhatItCutOfEachReply():
+    """After a reply it cut, L{ReplyParser.cut} says what (for the log: Postfix's
+    smtp_chat_resp() warns "response longer than N"); C{None} after a reply it kept whole."""
+    parser = ReplyParser()
+    parser.feed(b"250 ok\r\n")
+    assert parser.next().code == 250 and parser.cut is None
+    parser.feed(b"250-" + b"x" * (wire.MAX_REPLY_LINE + 1) + b"\r\n250 ok\r\n")
+    parser.next()
+    assert parser.cut == f"a line longer than {wire.MAX_REPLY_LINE} octets"
+    parser.feed(b"250-more\r\n" * wire.MAX_REPLY_LINES + b"250 ok\r\n")
+    parser.next()
+    assert parser.cut == f"more than {wire.MAX_REPLY_LINES} lines"
+    parser.feed(b"250-" + b"x" * (wire.MAX_REPLY_LINE + 1) + b"\r\n"
+                + b"250-more\r\n" * wire.MAX_REPLY_LINES + b"250 ok\r\n221 bye\r\n")
+    parser.next()
+    assert parser.cut == (f"a line longer than {wire.MAX_REPLY_LINE} octets, "
+                          f"more than {wire.MAX_REPLY_LINES} lines")
+    assert (parser.next().code, parser.cut) == (221, None)
+
+
+def test_anOverlongReplyIsLoggedOnceNamingTheHost():
+    """A reply the client cut is logged once (two long lines in it: one warning), naming
+    the server, its address and port, as Postfix's "host[addr]:port: response longer than
+    N: start..." (it was not logged at all); the session goes on."""
+    from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+    peer = Peer()
+    long = b"x" * (wire.MAX_REPLY_LINE + 10)
+    with capturedLogs() as events:
+        peer.say(b"220-" + long + b"\r\n220-" + long + b"\r\n220 ready\r\n")
+    assert peer.heard() == b"EHLO client.test\r\n"
+    cut = [e for e in events if "cut" in formatEvent(e)]
+    assert len(cut) == 1, [formatEvent(e) for e in events]
+    assert cut[0]["log_level"] == LogLevel.warn
+    assert formatEvent(cut[0]) == (
+        f"{HOST}[{PEER.host}]:{PEER.port}: reply cut (a line longer than "
+        f"{wire.MAX_REPLY_LINE} octets): 220 xxxxxxxxxxxxxxxxxxxxxxxxxx...")
+    with capturedLogs() as events:
+        peer.say(b"250 mx.test\r\n")
+    assert not [e for e in events if "cut" in formatEvent(e)] and resultOf(peer.ready).usable
+
+
 @pytest.mark.parametrize("data", [
     b"hello\r\n",
     b"250x\r\n",

@@ -40,6 +40,7 @@ from mailrelay.smtp.client import (
     Close,
     ConnectFailed,
     Ready,
+    ReplyCut,
     SendBody,
     SetTimer,
     StartTLS,
@@ -242,6 +243,9 @@ class SMTPClientProtocol(Protocol):
                          extensions=" ".join(sorted(self.session.extensions)), queueID=None)
                 if self.ready is not None and not self.ready.called:
                     fire.append((self.ready, self.connection))
+            elif isinstance(event, ReplyCut):
+                log.warn("{host}: reply cut ({what}): {start}...", host=self.relay,
+                         what=event.what, start=event.start, queueID=self._queueID)
             elif isinstance(event, ConnectFailed):
                 error = event.error
                 log.warn("connection to {host} failed: {diagnostic}", host=self.host,

@@ -101,6 +101,16 @@ class ConnectFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplyCut:
+    """The server sent a reply too long to keep whole: C{what} was cut of it (see
+    L{ReplyParser <mailrelay.smtp.wire.ReplyParser>}), C{start} is its first words.  Log
+    it, naming the server (Postfix's smtp_chat_resp(): "response longer than N")."""
+
+    what: str
+    start: str
+
+
+@dataclass(frozen=True, slots=True)
 class SendBody:
     """DATA was accepted: stream the message body (L{DotStuffer}), write the terminator, then
     call L{ClientSession.bodySent} (or L{ClientSession.bodyFailed}).  Restart the timer with
@@ -278,6 +288,10 @@ class ClientSession:
                 reply = self._parser.next()
                 if reply is None:
                     break
+                if self._parser.cut:
+                    head = (str(reply.code), reply.enhanced, reply.text[:30])
+                    start = printable(" ".join(filter(None, head)))[:30]
+                    self._out.append(ReplyCut(self._parser.cut, start))
                 self._onReply(reply)
             if self.state == _HANDSHAKE and self._parser.hasData:
                 self._injection()

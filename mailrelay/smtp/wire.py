@@ -65,6 +65,10 @@ class ReplyParser:
     raises L{ProtocolError}.  Replies are returned
     as L{Reply}: the enhanced status code (RFC 2034), when the first line starts with one of
     the reply's class, is taken out of every line.
+
+    @ivar cut: what was cut of the reply L{next} returned last, in words for the log
+        (C{"a line longer than 65536 octets"}, C{"more than 1000 lines"}, or both), or
+        C{None}: it was kept whole.
     """
 
     def __init__(self) -> None:
@@ -72,6 +76,9 @@ class ReplyParser:
         self._lines: list[bytes] = []
         #: The line buffered was cut: the rest of it, to its line end, is dropped.
         self._cut = False
+        #: The reply being read had a line cut, lines dropped.
+        self._lineCut = self._linesDropped = False
+        self.cut: str | None = None
 
     @property
     def hasData(self) -> bool:
@@ -97,16 +104,25 @@ class ReplyParser:
             if end < 0:
                 if len(self._buf) > MAX_REPLY_LINE:
                     self._buf = self._buf[:MAX_REPLY_LINE]
-                    self._cut = True
+                    self._cut = self._lineCut = True
                     _replyLine(self._buf.rstrip(b"\r"))  # (a reply line so far?)
                 return None
             line, self._buf = self._buf[:end].rstrip(b"\r"), self._buf[end + 1 :]
+            if len(line) > MAX_REPLY_LINE:  # (its line end came in the same piece)
+                line, self._lineCut = line[:MAX_REPLY_LINE], True
             code, sep, text = _replyLine(line)
             if len(self._lines) < MAX_REPLY_LINES:
                 self._lines.append(text)
+            else:
+                self._linesDropped = True
             if sep == b"-":
                 continue
             lines, self._lines = self._lines, []
+            self.cut = ", ".join(
+                what for what, done in (
+                    (f"a line longer than {MAX_REPLY_LINE} octets", self._lineCut),
+                    (f"more than {MAX_REPLY_LINES} lines", self._linesDropped)) if done) or None
+            self._lineCut = self._linesDropped = False
             # (Its last line's code, whatever the others said: see the class's docstring.)
             return _makeReply(int(code), [t.decode("utf-8", "replace") for t in lines])
 
