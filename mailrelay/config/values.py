@@ -42,6 +42,7 @@ from mailrelay.endpoints import passedSockets, sslArguments, systemdArguments
 from mailrelay.errors import describeValue
 from mailrelay.interfaces import PLATFORM_TRUST_STORE
 from mailrelay.namedfile import readError, readNamedFile, runUserReadError
+from mailrelay.pem import pemCertificates
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 T = TypeVar("T")
@@ -564,29 +565,6 @@ def _readBytes(path: str, what: str, at: At) -> bytes:
             "mode 0640)"
         )
     return data
-
-
-def pemCertificates(data: bytes) -> list[Any]:
-    """The certificates (Twisted's C{Certificate}) of the PEM blocks (C{-----BEGIN
-    CERTIFICATE-----}) in C{data}: what the delivery's TLS trusts of a CA file, and so what
-    the configuration's check of one loads.
-
-    @raise ValueError: one cannot be read (which, and OpenSSL's complaint).
-    """
-    from OpenSSL import crypto
-    from twisted.internet.ssl import Certificate
-
-    marker = b"-----END CERTIFICATE-----"
-    blocks = [b + marker for b in data.split(marker) if b"-----BEGIN CERTIFICATE-----" in b]
-    certificates = []
-    for number, block in enumerate(blocks, 1):
-        try:
-            certificates.append(Certificate.loadPEM(block))
-        except (crypto.Error, ValueError) as e:
-            raise ValueError(
-                f"certificate {number} of {len(blocks)} cannot be read: {e}"
-            ) from None
-    return certificates
 
 
 def caFile(value: Any, at: At) -> str | None:

@@ -40,7 +40,7 @@ from twisted.internet.ssl import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay.config.values import pemCertificates
+from mailrelay.pem import pemCertificates
 from mailrelay.smtp.clientsettings import (
     DANE_EE,
     DANE_TA,
