@@ -658,9 +658,28 @@ def test_the_system_resolver_runs_on_the_reactor_it_is_given() -> None:
     r = makeResolver(None, reactor=clock)
     assert set(globalReactor.getDelayedCalls()) == before
     assert [c.func.__name__ for c in clock.getDelayedCalls()] == ["maybeParseConfig"]
-    hostsResolver, cacheResolver, dnsResolver = r.resolvers
+    cacheResolver, dnsResolver = r.resolvers
     assert (cacheResolver._reactor, dnsResolver._reactor) == (clock, clock)
-    assert (hostsResolver.file, dnsResolver.resolv) == (b"/etc/hosts", b"/etc/resolv.conf")
+    assert dnsResolver.resolv == b"/etc/resolv.conf"
+
+
+def test_the_system_resolver_does_not_read_the_hosts_file() -> None:
+    """Without C{[dns] nameservers}, an MX host's (or C{[host]}'s) addresses are asked of
+    the DNS, not C{/etc/hosts} first: Postfix's default C{smtp_host_lookup = dns} (only
+    C{native}, nsswitch.conf, reads the hosts file), and what the relay does with name
+    servers named.  "localhost", in every hosts file, is asked of the name servers."""
+    clock = Clock()
+    r = makeResolver(None, reactor=clock)
+    asked: list[bytes] = []
+
+    def query(server: Any, queries: Any, timeout: Any) -> defer.Deferred:
+        asked.append(queries[0].name.name)
+        return defer.succeed(dns.Message(rCode=dns.ENAME, answer=1))
+
+    r.resolvers[-1]._query = query
+    f = failureOf(MXResolver(r, clock), "[localhost]")
+    assert (f.permanent, f.code) == (False, "4.4.4")
+    assert b"localhost" in asked
 
 
 class AnsweringResolver:

@@ -32,7 +32,6 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, c
 from twisted.logger import Logger
 from twisted.names import cache, client, dns, resolve
 from twisted.names import error as dnsError
-from twisted.names import hosts as hostsModule
 
 from mailrelay.address import hostnameProblem
 from mailrelay.errors import (
@@ -835,12 +834,13 @@ def makeResolver(nameservers: Sequence[Any] | None = None, *, reactor: Any = Non
 
     With C{dnssec}, it asks with the AD bit and its answers say whether the resolver
     validated them (L{isSecure}), as Postfix's C{smtp_dns_support_level = dnssec}; it then
-    has no cache nor hosts file (their answers would not say), even for the system's
+    has no cache (its answers would not say), even for the system's
     resolver (the name servers of C{/etc/resolv.conf}), and has C{lookupTLSA}.
 
     @param nameservers: C{None} or empty for the system's resolver
-        (C{twisted.names.client.createResolver()}: C{/etc/hosts}, a cache and the servers of
-        C{/etc/resolv.conf}); otherwise name servers as C{"10.0.0.1"}, C{"127.0.0.1:5353"},
+        (C{twisted.names.client.createResolver()} without C{/etc/hosts}: a cache and the
+        servers of C{/etc/resolv.conf}, as Postfix's default C{smtp_host_lookup = dns});
+        otherwise name servers as C{"10.0.0.1"}, C{"127.0.0.1:5353"},
         C{"::1"} or C{"[::1]:53"} (or C{(address, port)} pairs, as
         L{mailrelay.config.Config.nameservers} holds them), asked in turn (L{_Resolver}),
         without cache and without the hosts file.
@@ -851,10 +851,10 @@ def makeResolver(nameservers: Sequence[Any] | None = None, *, reactor: Any = Non
         resolver.dnssec = True
         return resolver
     if not nameservers:
-        # client.createResolver(), which takes no reactor: its resolver re-reads resolv.conf
-        # every minute, and its cache expires entries, on the relay's reactor.
+        # client.createResolver() without its hosts file (it takes no reactor either): its
+        # resolver re-reads resolv.conf every minute, and its cache expires entries, on the
+        # relay's reactor.  No /etc/hosts: Postfix's default smtp_host_lookup = dns.
         return resolve.ResolverChain([
-            hostsModule.Resolver(b"/etc/hosts"),
             cache.CacheResolver(reactor=reactor),
             _Resolver(b"/etc/resolv.conf", reactor=reactor),
         ])
