@@ -35,6 +35,7 @@ __all__ = [
     "Mailbox",
     "clientIP",
     "domainProblem",
+    "extendedLocalPart",
     "hostnameProblem",
     "normaliseDomain",
     "normaliseHostname",
@@ -42,6 +43,7 @@ __all__ = [
     "parseReversePath",
     "parseSenderPattern",
     "splitArgument",
+    "splitExtension",
     "unmappedAddress",
     "userParts",
     "utf8AddrXtext",
@@ -722,3 +724,23 @@ def userParts(local: str, delimiters: str) -> list[str]:
         if index and c in delimiters:
             return [local, local[:index]]
     return [local]
+
+
+def splitExtension(localPart: str, delimiters: str) -> tuple[str, str]:
+    """A canonical local part (L{Mailbox.localPart}) without its address extension, and the
+    extension with its delimiter, split as L{userParts} splits (on the content of a
+    quoted-string, as Postfix splits the unquoted form): C{("bob", "+lists")} for
+    C{"bob+lists"} with C{"+"}; C{(localPart, "")} when it has none."""
+    content = _unquote(localPart)
+    parts = userParts(content, delimiters)
+    if len(parts) == 1:
+        return localPart, ""
+    return _quote(parts[1]), content[len(parts[1]):]
+
+
+def extendedLocalPart(localPart: str, extension: str) -> str:
+    """The canonical local part C{localPart} with C{extension} (as L{splitExtension} gives
+    it) appended, quoted as it then must be (Postfix's propagate_unmatched_extensions)."""
+    if not extension:
+        return localPart
+    return _quote(_unquote(localPart) + extension)

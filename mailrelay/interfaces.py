@@ -1143,6 +1143,10 @@ class PluginContext:
     @ivar processes: how many processes accept connections with this configuration
         (C{[relay] processes}, resolved): what a plugin keeps in memory (L{keep}) is kept
         in each of them, not shared.
+    @ivar recipientDelimiter: the characters that separate a user from an address
+        extension (C{[delivery] recipient_delimiter}, Postfix's C{recipient_delimiter}:
+        C{"+"} makes C{bob+lists} the user C{bob}), C{""} for none; for a plugin that looks
+        addresses up as Postfix's tables do (L{mailrelay.address.splitExtension}).
     """
 
     hostname: str
@@ -1156,6 +1160,7 @@ class PluginContext:
     entry: str | None = None
     monotonic: Callable[[], float] = time.monotonic
     processes: int = 1
+    recipientDelimiter: str = ""
     #: The warnings L{checkTimeout} gave for this configuration (each is given once).
     warned: set[str] = field(default_factory=set, repr=False, compare=False)
     #: In the relay's child processes: what the relay said of the configuration (the

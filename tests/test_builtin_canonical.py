@@ -62,6 +62,37 @@ def test_lookup_order_is_canonical5s(address: str, result: str | None) -> None:
 
 
 @pytest.mark.parametrize(
+    ("address", "result"),
+    [
+        ("root+cron@web1.internal", "ops+cron@example.com"),  # user@domain, extension kept
+        ("root+cron+x@web1.internal", "ops+cron+x@example.com"),  # (the first delimiter)
+        ("root-cron@web1.internal", "ops-cron@example.com"),  # (any of the delimiters)
+        ("www-data+x@web1.internal", "www-data+x@example.com"),  # @domain: the whole user
+        ("root+x@relay.example.net", "postmaster+x@example.com"),  # user, a local domain
+        ("Nagios+Disk@localhost", "monitoring+Disk@example.com"),
+        ('"jo smith+x"@lan.internal', "jo.smith+x@example.com"),  # (quoted: unquoted first)
+        ("+root@elsewhere.example", None),  # (a delimiter first is no extension)
+        ("full+match@web1.internal", "whole@example.com"),  # user+ext@domain first, as is
+        ("full+other@web1.internal", "bare+other@example.com"),
+        ('"jo smith+a b"@lan.internal', '"jo.smith+a b"@example.com'),  # (quoted again)
+        ("owner-list@web1.internal", "owner-list@example.com"),  # (never split: Postfix)
+    ],
+)
+def test_address_extensions_are_looked_up_as_postfix_does(address: str, result: str | None
+                                                          ) -> None:
+    """With a recipient delimiter (C{[delivery] recipient_delimiter}), C{user+ext@domain}
+    is looked up whole, then as C{user@domain} with the extension put back into the result
+    (canonical(5) ADDRESS EXTENSION: Postfix's propagate_unmatched_extensions holds
+    canonical); the same for C{user+ext} then C{user} in the local domains."""
+    extra = ("full+match@web1.internal whole@example.com\nfull@web1.internal bare@example.com"
+             "\nowner@web1.internal nobody@example.com\n")
+    table = parseCanonicalMap((TABLE + extra).splitlines(), "canonical")
+    assert table.lookup(address, LOCAL, "+-") == result
+    # Without a delimiter (the default), the address is looked up whole.
+    assert table.lookup("root+cron@web1.internal", LOCAL) == "root+cron@example.com"
+
+
+@pytest.mark.parametrize(
     ("text", "error"),
     [
         ("root@web1.internal\n", "canonical:1: a line is a pattern and its result"),
@@ -229,6 +260,23 @@ def test_rewrites_the_envelope_sender_and_the_sender_fields_of_our_mail(tmp_path
     )
     assert "01KTEST0000000000000000000: sender-canonical: From: <root@web1.internal> " \
            "rewritten to <ops@example.com>" in filtered.events  # type: ignore[attr-defined]
+
+
+def test_the_relays_recipient_delimiter_splits_address_extensions(tmp_path: Path) -> None:
+    """The plugin splits extensions at C{[delivery] recipient_delimiter} (the context's
+    C{recipientDelimiter}), as Postfix's canonical maps use its C{recipient_delimiter}: the
+    envelope sender and the header fields both keep their extension."""
+    (tmp_path / "canonical").write_text("root@web1.internal ops@example.com\n")
+    plugin = buildPlugin("sender-canonical", {"map": "canonical"}, tmp_path,
+                         interface=IMessageFilter, hostname="relay.test",
+                         recipientDelimiter="+")
+    message = ROOT_MESSAGE.replace(b"<root@web1.internal>", b"<root+cron@web1.internal>")
+    result = filtered(plugin, message, sender="root+cron@web1.internal")
+    assert result.sender == "ops+cron@example.com"
+    assert (b"From: Cron Daemon <root+cron@web1.internal>\r\n",
+            b"From: Cron Daemon <ops+cron@example.com>\r\n") in result.replace
+    # Without it (the default), root+cron is a user of its own: not in the table.
+    assert filtered(canonical(tmp_path), message, sender="root+cron@web1.internal").sender is None
 
 
 def test_the_classes_and_fields_are_chosen(tmp_path: Path) -> None:

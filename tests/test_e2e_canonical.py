@@ -121,3 +121,23 @@ def test_a_sender_route_is_chosen_by_the_rewritten_sender(
     (message,) = provider.waitTo("bob@example.net")
     assert message.mailFrom == "ops@example.com"
     assert smarthost.accepted == []
+
+
+def test_an_address_extension_is_kept_through_the_rewriting(relays, nexthop, tmp_path) -> None:  # noqa: F811
+    """With [delivery] recipient_delimiter = "+", root+cron@web1.internal is looked up whole,
+    then as root@web1.internal, and becomes ops+cron@example.com (Postfix's canonical maps
+    with recipient_delimiter: canonical(5) ADDRESS EXTENSION); it was left as it was."""
+    hop, port = nexthop()
+    (tmp_path / "canonical").write_text("root@web1.internal  ops@example.com\n")
+    r = relays(
+        '[dns]\nreverse_lookups = false\n[delivery]\nrecipient_delimiter = "+"\n'
+        f'[relay]\nsmarthost = "[127.0.0.1]:{port}"\n'
+        f'[[plugins]]\nplugin = "sender-canonical"\nmap = "{tmp_path / "canonical"}"\n'
+    ).start()
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as smtp:
+        smtp.sendmail("root+cron@web1.internal", ["bob@example.net"],
+                      MESSAGE.replace(b"<root@web1.internal>", b"<root+cron@web1.internal>"))
+    (got,) = hop.waitTo("bob@example.net")
+    assert got.mailFrom == "ops+cron@example.com"
+    assert b"From: Cron Daemon <ops+cron@example.com>\r\n" in got.content
+    assert "sender=<root+cron@web1.internal> rewritten to <ops+cron@example.com>" in r.log()

@@ -115,6 +115,8 @@ class SenderCanonical:
     @ivar classes: what it rewrites (of L{CLASSES}).
     @ivar fields: the header fields C{header_sender} covers (lower case).
     @ivar localDomains: the domains of C{user} patterns.
+    @ivar delimiters: the recipient delimiters that split an address extension off
+        (C{[delivery] recipient_delimiter}), C{""} for none.
     """
 
     def __init__(
@@ -123,11 +125,13 @@ class SenderCanonical:
         classes: Collection[str] = CLASSES,
         fields: Collection[str] = ("from", "sender", "reply-to"),
         localDomains: Collection[str] = ("localhost",),
+        delimiters: str = "",
     ) -> None:
         self.table = table
         self.classes = frozenset(classes)
         self.fields = frozenset(fields)
         self.localDomains = frozenset(localDomains)
+        self.delimiters = delimiters
 
     def __repr__(self) -> str:
         return f"<SenderCanonical {self.table.path}: {', '.join(sorted(self.classes))}>"
@@ -158,7 +162,7 @@ class SenderCanonical:
                                   f"before: {problem}"))
 
         def lookup(address: str) -> str | None:
-            new = table.lookup(address, self.localDomains)
+            new = table.lookup(address, self.localDomains, self.delimiters)
             if new is not None and not smtputf8 and not new.isascii():
                 said.append(("warn", f"<{address}> not rewritten to <{new}>: the message is "
                                      "not SMTPUTF8"))
@@ -207,4 +211,5 @@ def build(options: dict[str, Any], context: Any) -> SenderCanonical:
             "sender-canonical: {count} patterns from {path}; rewriting {classes}",
             count=len(table.table), path=read.map, classes=", ".join(read.classes),
         )  # fmt: skip
-    return SenderCanonical(table, read.classes, read.headerFields, local)
+    return SenderCanonical(table, read.classes, read.headerFields, local,
+                           context.recipientDelimiter)

@@ -10,6 +10,10 @@ before (as postmap(1) reads it).  Patterns, in the order canonical(5) looks them
     C{$mydestination}; here the plugin's C{local_domains});
   - C{@domain}: any other address in the domain (lowest precedence).
 
+With recipient delimiters (C{[delivery] recipient_delimiter}), an address with an extension
+is looked up whole, then without it, and a C{user@domain} result found so gets the
+extension back (canonical(5) ADDRESS EXTENSION: L{CanonicalMap.lookup}).
+
 Results: C{user@domain} (the address becomes it) or C{@domain} (the same local part, in that
 domain).  Look-ups ignore case, as Postfix's indexed tables fold their keys (the local part
 of an C{@domain} result keeps its case).  Local parts and domains may be UTF-8 (RFC 6531);
@@ -26,7 +30,13 @@ import threading
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
-from mailrelay.address import AddressError, normaliseDomain, parseReversePath
+from mailrelay.address import (
+    AddressError,
+    extendedLocalPart,
+    normaliseDomain,
+    parseReversePath,
+    splitExtension,
+)
 from mailrelay.errors import ConfigError
 from mailrelay.namedfile import readError, readNamedFile
 
@@ -54,23 +64,35 @@ class CanonicalMap:
     def __len__(self) -> int:
         return len(self.addresses) + len(self.users) + len(self.domains)
 
-    def lookup(self, address: str, localDomains: Collection[str]) -> str | None:
+    def lookup(self, address: str, localDomains: Collection[str],
+               delimiters: str = "") -> str | None:
         """What C{address} (canonical: C{local@domain}, domain in A-labels, lower case)
         becomes, or C{None} when no pattern matches it (or its result is the address
-        itself)."""
+        itself).
+
+        @param delimiters: the recipient delimiters (C{[delivery] recipient_delimiter}):
+            an address with an extension (C{user+ext@domain}) is looked up whole, then
+            without it (C{user@domain}), whose C{user@domain} result gets the extension
+            back (canonical(5) ADDRESS EXTENSION; Postfix's mail_addr_find() and
+            propagate_unmatched_extensions); the same for C{user+ext}, then C{user}.
+        """
         local, at, domain = address.rpartition("@")
         if not at or not local:
             return None
-        folded = local.lower()
-        result = self.addresses.get(f"{folded}@{domain}")
-        if result is None and domain in localDomains:
-            result = self.users.get(folded)
-        if result is None:
-            result = self.domains.get(domain)
+        bare, extension = splitExtension(local, delimiters)
+        users = [(local.lower(), "")] + ([(bare.lower(), extension)] if extension else [])
+        tried = [(self.addresses, f"{user}@{domain}", kept) for user, kept in users]
+        if domain in localDomains:
+            tried += [(self.users, user, kept) for user, kept in users]
+        result, kept = next(((table[key], kept) for table, key, kept in tried if key in table),
+                            (self.domains.get(domain), ""))
         if result is None:
             return None
         if result.startswith("@"):
             result = local + result
+        elif kept:
+            user, _, resultDomain = result.rpartition("@")
+            result = f"{extendedLocalPart(user, kept)}@{resultDomain}"
         return None if result == address else result
 
 

@@ -288,6 +288,7 @@ def makeContext(
         kept=kept if kept is not None else {},
         quiet=quiet,
         processes=resolveProcessCount(config.processes),
+        recipientDelimiter=config.recipientDelimiter,
     )
 
 

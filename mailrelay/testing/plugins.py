@@ -63,6 +63,7 @@ def makePluginContext(
     deferToThread: Callable[..., Deferred[Any]] | None = None,
     kept: dict[str, Any] | None = None,
     monotonic: Callable[[], float] | None = None,
+    recipientDelimiter: str = "",
 ) -> PluginContext:
     """The L{PluginContext} the relay would give a plugin whose configuration file is in
     C{directory} (pytest's C{tmp_path}).
@@ -78,6 +79,7 @@ def makePluginContext(
         default C{reactor}'s C{seconds} when it is a C{task.Clock} (its time passes as the
         test advances it), else C{time.monotonic}.  Give another C{Clock}'s to test a step
         of the wall clock (C{reactor.rightNow -= 3600}).
+    @param recipientDelimiter: C{[delivery] recipient_delimiter} (by default none).
     """
     if reactor is None:
         reactor = Clock()
@@ -91,6 +93,7 @@ def makePluginContext(
         resolver=resolver if resolver is not None else FakeResolver(),
         source=str(Path(directory) / "mailrelay.toml"),
         kept=kept if kept is not None else {},
+        recipientDelimiter=recipientDelimiter,
     )
     if monotonic is not None:
         context.monotonic = monotonic
@@ -117,7 +120,8 @@ def buildPlugin(
     @param interface: an interface the plugin must provide (as a table of the configuration
         asks it), or C{None}.
     @param context: the L{PluginContext}; by default L{makePluginContext}C{(directory,
-        **contextOptions)} (C{reactor=}, C{resolver=}, C{hostname=}, C{kept=}).
+        **contextOptions)} (C{reactor=}, C{resolver=}, C{hostname=}, C{kept=},
+        C{recipientDelimiter=}).
     @raise mailrelay.errors.ConfigError: as the relay would refuse it (without the file and
         table, which a configuration adds).
     """
