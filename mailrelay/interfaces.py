@@ -1074,7 +1074,9 @@ class IRateLimiter(Interface):
 
         @return: the number of sessions open for C{key} now, this one included (an C{int}, or
             a Deferred firing with one).  Every C{acquire} that answered is matched by one
-            L{release}, also when the session is then refused for being over the limit.
+            L{release}, also when the session is then refused for being over the limit, or
+            when the answer came after the time-out (its Deferred is not cancelled then:
+            a late count is waited for, and released).
         """
 
     def release(key: str) -> Any:

@@ -308,6 +308,38 @@ def test_failingOrSlowLimiterDoesNotStopMail() -> None:
     assert ("release", "test conn 192.0.2.1") not in slow.calls  # never counted
 
 
+@pytest.mark.parametrize("leaveFirst", [True, False])
+@pytest.mark.parametrize("canceller", [None, lambda d: None])
+def test_a_late_acquire_that_ignored_the_timeout_is_released(leaveFirst: bool,
+                                                             canceller: Any) -> None:
+    """A rate limiter whose acquire answers after LIMITER_TIMEOUT (its Deferred has no
+    canceller, or one that ignores the cancel: a thread or a store that counted anyway)
+    has counted the session: it is released, at once when the client already left, else
+    when it leaves, as Postfix's smtpd always sends anvil its disconnect.  The timeout's
+    cancel dropped the late count, and the session was never released."""
+    limiter = SlowLimiter()
+    pending: list[Deferred] = []
+
+    def acquire(key: str) -> Deferred:
+        limiter.calls.append(("acquire", key))
+        pending.append(Deferred(canceller))
+        return pending[-1]
+
+    limiter.acquire = acquire  # type: ignore[method-assign]
+    with capturedLogs():
+        h = ServerHarness(peer="192.0.2.1", limiter=limiter, limits={})
+        h.clock.advance(LIMITER_TIMEOUT)  # given up: the session goes on, not limited
+    assert h.replies()[0].startswith(b"220 ")
+    if leaveFirst:
+        h.loseConnection()
+    pending.pop().callback(1)  # the limiter counted it after all
+    if not leaveFirst:
+        assert ("release", "test conn 192.0.2.1") not in limiter.calls
+        h.loseConnection()
+    assert limiter.calls == [("acquire", "test conn 192.0.2.1"),
+                             ("release", "test conn 192.0.2.1")]
+
+
 @pytest.mark.parametrize("answer", ["OK", None, -1, True, 2.5])
 def test_a_limiter_answering_no_count_is_not_applied(answer: Any) -> None:
     """A rate limiter whose acquire or hit answers something that is not a count ('OK',

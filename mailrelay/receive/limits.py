@@ -378,10 +378,20 @@ class Admission:
     def _acquire(self, key: str) -> Any:
         """The limiter's C{acquire}, the session taken as counted once it answers a count,
         whether that answer is then believed or not (one after its call held the reactor
-        past the timeout is not, L{ListenerLimits.ask}): every C{acquire} that answered is
-        matched by one C{release} (L{IRateLimiter}), as smtpd sends anvil its disconnect
-        whatever connect answered."""
-        return maybeDeferred(self.limits.limiter.acquire, key).addCallback(self._gotCount)
+        past the timeout, or after the timeout, is not: L{ListenerLimits.ask}): every
+        C{acquire} that answered is matched by one C{release} (L{IRateLimiter}), as smtpd
+        sends anvil its disconnect whatever connect answered.  The timeout cancels the
+        Deferred returned here, never the limiter's own: one that ignores a cancel (no
+        canceller, or one that does nothing) still answers, and that count is seen."""
+        answer = maybeDeferred(self.limits.limiter.acquire, key).addCallback(self._gotCount)
+        waiting: Deferred = Deferred()
+
+        def forward(result: Any) -> None:
+            if not waiting.called:  # (else given up: cancelled at the timeout)
+                waiting.callback(result)
+
+        answer.addBoth(forward)
+        return waiting
 
     def _gotCount(self, count: Any) -> Any:
         if type(count) is int and count >= 0:
