@@ -1111,6 +1111,42 @@ def threadHandOff(reactor: Any) -> Callable[..., Any]:
     return deferToThread
 
 
+_FlatSemaphore: Any = None
+
+
+def flatSemaphore(tokens: int) -> Any:
+    """A C{twisted.internet.defer.DeferredSemaphore} of C{tokens} whose release hands the
+    token to the next waiter without nesting: a waiter that gets it and gives it back at once
+    (its work ended synchronously) has it handed on by the release already running, in a
+    loop, not by a release called within the previous one.  Twisted's nests them, one
+    stack level per waiter, so that a few hundred waiters ending at once (deliveries to a
+    suspended next hop, or not started because the queue is stopping) raise RecursionError
+    in the middle of the chain, and the Deferreds left behind never fire.  Waiters are
+    served in the same order."""
+    global _FlatSemaphore
+    if _FlatSemaphore is None:
+        from twisted.internet.defer import DeferredSemaphore
+
+        class FlatSemaphore(DeferredSemaphore):
+            _releasing = False
+            _owed = 0
+
+            def release(self) -> None:
+                self._owed += 1
+                if self._releasing:
+                    return  # (the release running below us hands it on, after its own)
+                self._releasing = True
+                try:
+                    while self._owed:
+                        self._owed -= 1
+                        DeferredSemaphore.release(self)
+                finally:
+                    self._releasing = False
+
+        _FlatSemaphore = FlatSemaphore
+    return _FlatSemaphore(tokens)
+
+
 @dataclass
 class PluginContext:
     """What a plugin's C{build} may use, and keep for later.

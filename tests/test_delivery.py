@@ -961,6 +961,49 @@ def test_a_next_hop_at_its_limit_holds_no_delivery_place() -> None:
     assert limit.semaphores == {}
 
 
+def test_deliveries_ending_at_once_after_waiting_do_not_recurse() -> None:
+    """Thousands of deliveries waiting for one next hop's slot, each ending at once when it
+    gets it (the queue stopping: its places interrupted, none starts), all end, one after
+    the other.  The slot freed by each was handed to the next from within the previous
+    one's end, so that the waiters' ends nested: past a few hundred a RecursionError broke
+    the chains, deliveries never ended, and the stopping delivery process never exited,
+    keeping the queue lock from the one the relay had started."""
+    from mailrelay.delivery import common
+    from mailrelay.errors import DeliveryNotStarted
+    from mailrelay.queue.attempt import DeliveryPlaces
+
+    places = DeliveryPlaces(100)
+    limit = common.PerDestination(1, "SMTP")
+    limit.places = places
+    env = envelope("a@example.org")
+    first = defer.Deferred()
+    running = limit.run("slow.example", env, env.recipients, lambda: first)
+    waiting = [limit.run("slow.example", env, env.recipients, lambda: defer.succeed(["sent"]))
+               for _ in range(3000)]
+    places.interrupt()
+    first.callback(["done"])
+    assert result(running) == ["done"]
+    for d in waiting:
+        with pytest.raises(DeliveryNotStarted):
+            result(d)
+    assert limit.semaphores == {} and places.running == 0
+
+
+def test_places_handed_on_by_deliveries_ending_at_once_do_not_recurse() -> None:
+    """The same with the queue's places: thousands of deliveries waiting for a place, each
+    ending at once (a next hop suspended), all end in turn, none nested in another."""
+    from mailrelay.queue.attempt import DeliveryPlaces
+
+    places = DeliveryPlaces(1)
+    first = defer.Deferred()
+    running = places.run(lambda: first)
+    waiting = [places.run(defer.succeed, ["deferred"]) for _ in range(3000)]
+    first.callback(["done"])
+    assert result(running) == ["done"]
+    assert [result(d) for d in waiting] == [["deferred"]] * 3000
+    assert places.running == 0 and places.waiting == 0
+
+
 def test_a_delivery_says_when_it_has_its_place() -> None:
     """C{started} is called once the delivery has its next hop's slot and its place among
     the queue's (the queue's L{Deliverer <mailrelay.queue.attempt.Deliverer>} starts the

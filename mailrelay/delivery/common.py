@@ -20,7 +20,13 @@ from twisted.python.failure import Failure
 
 from mailrelay.delivery import mime
 from mailrelay.errors import DeliveryNotStarted
-from mailrelay.interfaces import PLATFORM_TRUST_STORE, DeliveryStatus, RecipientResult, Route
+from mailrelay.interfaces import (
+    PLATFORM_TRUST_STORE,
+    DeliveryStatus,
+    RecipientResult,
+    Route,
+    flatSemaphore,
+)
 from mailrelay.smtp.clientsettings import ClientSettings
 
 __all__ = [
@@ -242,7 +248,7 @@ class PerDestination:
             return defer.succeed(suspended)
         semaphore = self.semaphores.get(nexthop)
         if semaphore is None:
-            semaphore = self.semaphores[nexthop] = DeferredSemaphore(self.limit)
+            semaphore = self.semaphores[nexthop] = flatSemaphore(self.limit)
 
         slotted: list[bool] = []
 

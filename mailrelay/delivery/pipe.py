@@ -69,7 +69,7 @@ from signal import SIGKILL
 from typing import Any, BinaryIO
 
 from twisted.internet import defer
-from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.defer import Deferred
 from twisted.internet.error import (
     ConnectionDone,
     ProcessDone,
@@ -98,6 +98,7 @@ from mailrelay.interfaces import (
     PluginContext,
     RecipientResult,
     Route,
+    flatSemaphore,
     threadHandOff,
 )
 
@@ -456,7 +457,7 @@ class PipeBackend:
         self.reactor = reactor
         self.settings = settings
         self.account = account
-        self._semaphore = DeferredSemaphore(settings.concurrency)
+        self._semaphore = flatSemaphore(settings.concurrency)
         #: The places of every backend's deliveries (L{useDeliveryPlaces}), or C{None}.
         self._places: Any = None
         #: the command has C{{nexthop}}: a run is for one next hop

@@ -24,7 +24,6 @@ from typing import Any
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
-    DeferredSemaphore,
     fail,
     maybeDeferred,
 )
@@ -41,7 +40,14 @@ from mailrelay.errors import (
     notStartedDiagnostic,
     stoppedBeforeStart,
 )
-from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, ISpool, RecipientResult, Route
+from mailrelay.interfaces import (
+    DeliveryStatus,
+    IDeliveryBackend,
+    ISpool,
+    RecipientResult,
+    Route,
+    flatSemaphore,
+)
 from mailrelay.metrics import DELIVERY_SECONDS, DELIVERY_WAIT_SECONDS, child, noteBlocking
 from mailrelay.queue.outcome import Outcome
 
@@ -210,7 +216,7 @@ class DeliveryPlaces:
         if limit < 1:
             raise ValueError(f"the delivery limit must be at least 1, not {limit!r}")
         self.limit = limit
-        self._semaphore = DeferredSemaphore(limit)
+        self._semaphore = flatSemaphore(limit)
         #: L{interrupt} was called (the stop; until L{reset}): no delivery starts.
         self.interrupted = False
 
