@@ -518,3 +518,47 @@ def test_a_recipient_done_before_a_crash_is_not_sent_again(relay, nexthop) -> No
     assert len(fast.to("a@fast.test")) == 1
     assert len(re.findall(sent, r.log())) == 1
     assert "Traceback" not in r.log()
+
+
+def test_a_stop_with_hundreds_of_deliveries_waiting_for_a_next_hop(relay, nexthop) -> None:  # noqa: F811
+    """600 messages for a next hop that takes one at a time (destination_concurrency = 1)
+    and stalls on the first until the stop has begun: then the 599 waiting are not started,
+    each ending at once as it gets the slot.  They ended one within the other (a Twisted DeferredSemaphore hands its token on
+    from within the release), and past a few hundred a RecursionError broke the chain: the
+    log said 'maximum recursion depth exceeded', and the delivery process never ended the
+    attempts, holding the queue lock (after a kill -9 of twistd, for ever).  Now each is
+    logged deferred, not started, and the delivery process exits within the drain time."""
+    import threading
+
+    recorder, port = nexthop()
+    stall = threading.Event()
+    recorder.dataReply = lambda received, n: (stall.wait(60), "451 4.3.0 late")[1]
+    try:
+        r = relay(
+            "drain_time = 3\n[dns]\nreverse_lookups = false\n"
+            "[delivery]\ndestination_concurrency = 1\n"
+            f'[[routes]]\ndomain = "slow.test"\nbackend = "smtp"\nnexthop = "[127.0.0.1]:{port}"\n'
+        )
+        count = 600
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=30) as s:
+            for n in range(count):
+                s.sendmail("alice@example.com", ["b@slow.test"], f"Subject: m{n}\r\n\r\nx\r\n")
+        deadline = time.monotonic() + 30
+        while not recorder.attempts and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert recorder.attempts, "the next hop never got the first message"
+        started = time.monotonic()
+        assert r.process is not None
+        r.process.send_signal(signal.SIGTERM)
+        r.waitForLog(r"queue manager stopping: waiting for \d+ deliveries", timeout=30)
+        stall.set()  # the delivery in flight ends, its slot going to the next, not started
+        r.stop(signal.SIGTERM, timeout=60)
+        stopped = time.monotonic() - started
+    finally:
+        stall.set()
+    log = r.log()
+    assert "recursion" not in log
+    assert "Traceback" not in log
+    assert len(re.findall(r"to=<b@slow\.test>.*status=deferred .*not started", log)) == count - 1
+    assert stopped < 20, f"the relay took {stopped:.1f}s to stop"
+    assert len(r.queued()) == count
