@@ -108,14 +108,20 @@ class Notices:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        #: The same by the queue id of the message reported on (its Received: field).
+        self.queueIDs: collections.Counter[tuple[str, str]] = collections.Counter()
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         text = envelope.original_content.decode("utf-8", "replace")
         subject = SUBJECT.search(text)
+        # (The first Received: with an id after the report's own header is the original's.)
+        original = text.split("\r\n\r\n", 1)[-1]
+        queueID = re.search(r"^Received:.*?\bid (\w+)", original, re.MULTILINE | re.DOTALL)
         with self.lock:
             for rcpt in re.findall(r"^Final-Recipient: *rfc822; *(\S+)", text,
                                    re.MULTILINE | re.IGNORECASE):
                 self.counts[(subject.group(1) if subject else "", rcpt.lower())] += 1
+                self.queueIDs[(queueID.group(1) if queueID else "", rcpt.lower())] += 1
         return "250 2.0.0 OK"
 
 
@@ -302,8 +308,11 @@ def main(argv: list[str] | None = None) -> int:
         while not commandsDone.wait(rng.uniform(0.1, 0.5)):
             subprocess.run(control + list(rng.choice(choices)), capture_output=True,
                            timeout=30, check=False)
-        subprocess.run(control + ["release", "--all"], capture_output=True, timeout=30,
-                       check=False)
+        for _ in range(60):  # (the relay may be restarting: until it answers)
+            if subprocess.run(control + ["release", "--all"], capture_output=True, timeout=30,
+                              check=False).returncode == 0:
+                break
+            time.sleep(0.5)
 
     threads = [threading.Thread(target=sender, daemon=True) for _ in range(args.senders)]
     started = time.monotonic()
@@ -410,11 +419,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.notify_success or "refused" in targets:
         with notices.lock:
             noticeCounts = dict(notices.counts)
+            byQueueID = dict(notices.queueIDs)
         expected = expectedNotices()
         missing = sorted(expected - set(noticeCounts))
         twice = sum(c - 1 for c in noticeCounts.values() if c > 1)
         print(f"  notices: expected={len(expected)} got={len(noticeCounts)} "
-              f"missing={len(missing)} duplicates={twice}")
+              f"missing={len(missing)} duplicates={twice} (about a queue entry twice: "
+              f"{sum(c - 1 for c in byQueueID.values() if c > 1)})")
         if missing:
             print("  missing:", " ".join(f"{s}/{r}" for s, r in missing[:10]))
             failed = True
