@@ -567,7 +567,7 @@ ERROR_CASES = [
     ('[[listeners]]\nendpoint = "tcp:25"\nbinarymime = "yes"', "listeners[0].binarymime",
      'true or false, not "yes"'),
     ('[[listeners]]\nendpoint = "tcp:25"\nport = 25', "listeners[0].port",
-     "allowed in [listeners[0]] are: endpoint, bare_newline"),
+     "allowed in a [[listeners]] table are: endpoint, bare_newline"),
     ('[[recipient_validators]]\nplugin = "a"\n[[recipient_validators]]\nfile = "x"',
      "recipient_validators[1].plugin", "required"),
     ("[[recipient_validators]]\nplugin = 3", "recipient_validators[0].plugin", "not 3"),
@@ -779,7 +779,7 @@ ERROR_CASES = [
     (('[[routes]]\ndomain = "a.example"\nbackend = "lmtp"\nnexthop = "h:24"\n'
       'username = "u"'), "routes[0].username", "needs a password: set routes[0].password_file"),
     ('[[routes]]\ndomain = "a.example"\nbackend = "smtp"\nport = 25', "routes[0].port",
-     "allowed in [routes[0]] are: domain, backend, nexthop, tls"),
+     "allowed in a [[routes]] table are: domain, backend, nexthop, tls"),
     # [[sender_routes]]
     ('sender_routes = {sender = "@a.example"}', "sender_routes",
      "array of tables ([[sender_routes]])"),
@@ -807,7 +807,8 @@ ERROR_CASES = [
     ('[[sender_routes]]\nsender = "@a.example"\nnexthop = "[h.example]"\ntls = "always"',
      "sender_routes[0].tls", 'not "always"'),
     ('[[sender_routes]]\nsender = "@a.example"\nnexthop = "[h.example]"\nbackend = "smtp"',
-     "sender_routes[0].backend", "allowed in [sender_routes[0]] are: sender, nexthop, tls"),
+     "sender_routes[0].backend",
+     "allowed in a [[sender_routes]] table are: sender, nexthop, tls"),
     # [[backends]]
     ('backends = {name = "x"}', "backends", "array of tables ([[backends]])"),
     ('[[backends]]\nplugin = "p"', "backends[0].name", "is required"),

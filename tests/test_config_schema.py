@@ -257,7 +257,18 @@ def test_unknownKeyDidYouMean() -> None:
         read({"pets": [{"name": "rex", "leg": 3}]})
     assert str(e.value) == (
         'zoo.toml: zoo.pets[0].leg: unknown key "leg" (did you mean "legs"?); the keys allowed '
-        "in [zoo.pets[0]] are: name, legs, tame"
+        "in a [[zoo.pets]] table are: name, legs, tame"
+    )
+
+
+def test_unknownKeyInALaterElementNamesItsTableHeader() -> None:
+    """An element of an array of tables is named by its TOML header (C{[[zoo.pets]]}), not
+    by a header no file can hold (C{[zoo.pets[1]]}): the key's path says which element."""
+    with pytest.raises(ConfigError) as e:
+        read({"pets": [{"name": "rex"}, {"name": "tom", "x": 1}]})
+    assert str(e.value) == (
+        'zoo.toml: zoo.pets[1].x: unknown key "x"; the keys allowed in a [[zoo.pets]] table '
+        "are: name, legs, tame"
     )
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -147,6 +148,14 @@ def given(overrides: Mapping[str, Any], name: str) -> bool:
     """Whether the command line gave option C{name}: not absent, not C{None}, not C{[]}."""
     value = overrides.get(name)
     return value is not None and value != [] and value != ()
+
+
+def tableHeader(key: str) -> str:
+    """Where the table at C{key} is, by the TOML header that opens it: C{in [queue]}; for an
+    element of an array of tables C{in a [[routes]] table} (C{routes[3]} is no header: the
+    key's own path, which the message starts with, says which element)."""
+    header = re.sub(r"\[\d+\]", "", key)
+    return f"in a [[{header}]] table" if key.endswith("]") else f"in [{header}]"
 
 
 def tableOf(value: Any, at: At) -> dict[str, Any]:
@@ -381,7 +390,7 @@ class Table:
                 if name not in allowed:
                     close = difflib.get_close_matches(name, allowed, n=1)
                     hint = f" (did you mean {describeValue(close[0])}?)" if close else ""
-                    where = f"in [{at.key}]" if at.key else (self.place or "at the top level")
+                    where = tableHeader(at.key) if at.key else (self.place or "at the top level")
                     raise at.child(name).error(
                         f"unknown key {describeValue(name)}{hint}; "
                         f"the keys allowed {where} are: {', '.join(allowed)}"
