@@ -107,6 +107,12 @@ def test_address_extensions_are_looked_up_as_postfix_does(address: str, result: 
         ("root a@b.example\nROOT c@d.example\n", "canonical:2: pattern given twice (first on line 1)"),
         ("x y@z.example\n@web1.internal a@b.example\n@WEB1.internal @c.example\n",
          "canonical:3: pattern given twice (first on line 2)"),
+        # Postfix's readllines() warns "logical line must not start with whitespace" and
+        # skips such a line: it continues no line before it.
+        (" root a@b.example\n", "canonical:1: a logical line must not start with white space "
+         "(it continues no line before it): ' root a@b.example'"),
+        ("# site\n\n\t@web1.internal\n @b.example\nx y@z.example\n",
+         "canonical:3: a logical line must not start with white space"),
     ],
 )
 def test_a_bad_line_is_named(text: str, error: str) -> None:

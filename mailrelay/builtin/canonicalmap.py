@@ -3,7 +3,9 @@ table format and lookup order, read from a file and read again when the file cha
 
 The file: one C{pattern result} pair a logical line; blank lines and lines whose first
 non-blank character is C{#} are ignored; a line starting with white space continues the one
-before (as postmap(1) reads it).  Patterns, in the order canonical(5) looks them up:
+before (as postmap(1) reads it), and is an error where there is none before it (Postfix
+warns "logical line must not start with whitespace" and skips it).
+Patterns, in the order canonical(5) looks them up:
 
   - C{user@domain}: that address (highest precedence);
   - C{user}: that user at one of the relay's own domains (Postfix: C{$myorigin},
@@ -162,9 +164,15 @@ def parseCanonicalMap(lines: Iterable[str], source: str = "") -> CanonicalMap:
             first, text = logical[-1]
             logical[-1] = (first, f"{text} {raw.strip()}")
         else:
-            logical.append((lineno, raw.strip()))
+            logical.append((lineno, raw.rstrip()))
     for lineno, line in logical:
         try:
+            if line[0].isspace():
+                # Postfix's readllines() warns and skips it; a table line in error here.
+                raise ValueError(
+                    "a logical line must not start with white space (it continues no line "
+                    "before it)"
+                )
             kind, key, result = _parseLine(line)
             if (kind, key) in seen:
                 raise ValueError(f"pattern given twice (first on line {seen[kind, key]})")
