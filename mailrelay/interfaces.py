@@ -772,8 +772,10 @@ class RouteOptions:
     @ivar username: log in (AUTH) as this user; needs C{password}.
     @ivar password: the AUTH password; needs C{username}.
     @ivar authWithoutTLS: whether AUTH may be sent on a connection without TLS.
-    @ivar sourceAddress: the local IPv4 address to connect from (SMTP only).
-    @ivar sourceAddress6: the local IPv6 address to connect from (SMTP only).
+    @ivar sourceAddress: the local IPv4 address to connect from (SMTP only: an C{lmtp}
+        route that sets it is deferred with 4.3.5).
+    @ivar sourceAddress6: the local IPv6 address to connect from (SMTP only, as
+        C{sourceAddress}).
     @raise ValueError: a bad setting (the message names it).
     """
 

@@ -14,7 +14,7 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.task import Clock
-from twisted.logger import capturedLogs, formatEvent
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
@@ -2313,6 +2313,32 @@ def test_lmtp_nexthop_without_port_is_deferred() -> None:
         assert (r.status, r.code) == (TRANSIENT, "4.3.5")
         assert "is not a valid LMTP server" in r.diagnostic
     assert calls == []
+
+
+@pytest.mark.parametrize(
+    "options",
+    [RouteOptions(sourceAddress="127.0.0.1"), RouteOptions(sourceAddress6="::1")],
+)
+def test_lmtp_route_with_a_source_address_is_deferred(options: RouteOptions) -> None:
+    """A router's lmtp route with a source address (which LMTP connections are not bound
+    to, and [[routes]] refuses) defers with 4.3.5 naming the option, logged with the queue
+    id; nothing is sent from the system's choice of address instead."""
+    from mailrelay.delivery.lmtp import LMTPBackend
+
+    calls: list[Any] = []
+    backend = LMTPBackend(Clock(), SETTINGS, connect=lambda *a, **kw: calls.append(a))
+    with capturedLogs() as events:
+        (r,) = result(send(backend, "[127.0.0.1]:24", "a@example.org", queueID="Q1",
+                           options=options, backendName="lmtp"))
+    assert (r.status, r.code) == (TRANSIENT, "4.3.5")
+    name = "sourceAddress6" if options.sourceAddress6 else "sourceAddress"
+    assert r.diagnostic == (
+        "X-mailrelay; unusable options for the route to [127.0.0.1]:24: an lmtp route takes "
+        f"no {name} (LMTP connections are not bound to a source address)")
+    assert calls == []
+    assert [formatEvent(e) for e in events if e["log_level"] is LogLevel.error] == [
+        "Q1: the options of the LMTP route to [127.0.0.1]:24 cannot be used: an lmtp route "
+        f"takes no {name} (LMTP connections are not bound to a source address)"]
 
 
 def test_lmtp_with_fake_connection(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 from tests.test_e2e_outbound import (  # noqa: F401 (fixtures)
@@ -106,3 +107,65 @@ def test_example_router_routes_before_the_table(
     assert m["diagnostic"] == "smtp; 250 2.0.0 delivered", m[0]
     assert [m.rcptTos for m in lmtp.waitTo("fred@later.test")] == [["fred@later.test"]]
     waitEmpty(r)
+
+
+ROUTER = '''\
+from zope.interface import implementer
+
+from mailrelay.interfaces import IRouter, Route, RouteOptions
+
+
+@implementer(IRouter)
+class Bound:
+    def __init__(self, nexthop):
+        self.nexthop = nexthop
+
+    def route(self, envelope, recipient):
+        return Route("lmtp", self.nexthop, RouteOptions(sourceAddress="127.0.0.1"))
+
+
+def build(options, context):
+    return Bound(options["nexthop"])
+'''
+
+DROPIN = '''\
+from mailrelay.interfaces import IRouter
+from mailrelay.plugins import MailRelayPlugin
+
+bound = MailRelayPlugin(name="bound-lmtp", provides=IRouter, description="test router",
+                        factory="bound_lmtp:build")
+'''
+
+
+def test_a_routers_lmtp_route_with_a_source_address_is_deferred(
+    relay, nexthop, dns, tmp_path: Path  # noqa: F811 (the fixtures imported above)
+) -> None:
+    """A router's lmtp route that sets a source address (which [[routes]] refuses and LMTP
+    does not use) defers the recipient with 4.3.5, logged; nothing reaches the LMTP server
+    from another address."""
+    lmtp, socket = nexthop(lmtp=True)
+    site = tmp_path / "site"
+    (site / "twisted" / "plugins").mkdir(parents=True)
+    (site / "bound_lmtp.py").write_text(ROUTER)
+    (site / "twisted" / "plugins" / "bound_lmtp_plugin.py").write_text(DROPIN)
+    text = config(dns) + f'[[routers]]\nplugin = "bound-lmtp"\nnexthop = "unix:{socket}"\n'
+    r = relay(text, env={"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH",
+                                                                                 "")])})
+    qid = submit(r, "alice@sender.test", ["bob@lmtp.test"], message("bound"))
+    m = waitResult(r, qid, "bob@lmtp.test")
+    assert (m["status"], m["diagnostic"]) == (
+        "deferred",
+        f"X-mailrelay; unusable options for the route to unix:{socket}: an lmtp route takes "
+        "no sourceAddress (LMTP connections are not bound to a source address)"), m[0]
+    r.waitForLog(rf"{qid}: the options of the LMTP route to unix:\S+ cannot be used: an lmtp "
+                 "route takes no sourceAddress")
+    # Kept queued with its status (the envelope is written just after the result's line).
+    deadline = time.monotonic() + 10
+    while True:
+        envelope = json.loads((r.spool / "queue" / f"{qid}.json").read_text())
+        statuses = [x["status"] for x in envelope["recipients"]]
+        if statuses == ["4.3.5"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert statuses == ["4.3.5"], envelope
+    assert not lmtp.to("bob@lmtp.test")

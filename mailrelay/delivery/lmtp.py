@@ -91,7 +91,18 @@ class LMTPBackend(ClientBackend):
         self._quitter = Quitter(reactor)
 
     def settingsFor(self, route: Route) -> ClientSettings:
-        """The client settings of a delivery along C{route}, with C{lmtp=True}."""
+        """The client settings of a delivery along C{route}, with C{lmtp=True}.
+
+        @raise ValueError: the route sets a source address (a router's route: C{[[routes]]}
+            refuses one), which LMTP connections are not bound to: the delivery is deferred
+            rather than made from the system's choice of address.
+        """
+        for name in ("sourceAddress", "sourceAddress6"):
+            if getattr(route.options, name) is not None:
+                raise ValueError(
+                    f"an lmtp route takes no {name} (LMTP connections are not bound to a "
+                    "source address)"
+                )
         settings = super().settingsFor(route)
         return settings if settings.lmtp else dataclasses.replace(settings, lmtp=True)
 
