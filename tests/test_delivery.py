@@ -137,6 +137,45 @@ def _context(reactor: Any = None) -> Any:
     return PluginContext(hostname="relay.test", configDir=Path("/"), reactor=reactor or Clock())
 
 
+@pytest.mark.parametrize(
+    ("nameservers", "resolvConf", "warned"),
+    [
+        ((("127.0.0.1", 53), ("::1", 5353)), None, None),
+        ((("127.0.0.1", 53), ("192.0.2.53", 53), ("2001:db8::53", 53)), None,
+         "[dns] nameservers: 192.0.2.53, 2001:db8::53"),
+        ((), "nameserver 127.0.0.53\noptions edns0 trust-ad\n", None),
+        ((), "nameserver 127.0.0.1\nnameserver 10.0.0.2\n", "{conf}: 10.0.0.2"),
+    ],
+)
+def test_dane_warns_of_a_name_server_not_on_this_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nameservers: Any, resolvConf: str | None,
+    warned: str | None,
+) -> None:
+    """DANE trusts the AD bit of the name servers' answers (as Postfix does, whatever
+    resolv.conf's trust-ad says): one not on a loopback address is warned of at start, for
+    [dns] nameservers as for those of resolv.conf (RFC 4035 4.9.3; Postfix's
+    smtp_dns_support_level documentation)."""
+    from mailrelay.app.plugins import availablePlugins, buildPlugin
+    from mailrelay.route import mx
+
+    conf = tmp_path / "resolv.conf"
+    conf.write_text(resolvConf or "")
+    monkeypatch.setattr(mx, "RESOLV_CONF", str(conf).encode())
+    options = {"settings": SETTINGS, "nameservers": nameservers, "dane": True}
+    with capturedLogs() as events:
+        buildPlugin(availablePlugins(), "smtp", IDeliveryBackend, options, _context())
+    warnings = [formatEvent(e) for e in events if e["log_level"] >= LogLevel.warn]
+    if warned is None:
+        assert warnings == []
+        return
+    assert warnings == [
+        "[delivery] dane = true trusts the AD bit of the answers of name servers not on this "
+        f"host ({warned.format(conf=conf)}): an answer forged on the way to the relay would "
+        "pass for DNSSEC-validated; use a validating resolver on a loopback address (RFC 4035 "
+        "4.9.3)"
+    ]
+
+
 def test_builtin_backends_build_from_their_options() -> None:
     from mailrelay.app.plugins import availablePlugins, buildPlugin
     from mailrelay.delivery.lmtp import LMTPBackend

@@ -264,3 +264,27 @@ def test_a_certificate_for_the_secure_cname_end_of_the_domain_is_dane_verified(
     recorder = mx[0]
     _delivered(relay, recorder, "gina@shop.test", "dane-verified")
     _delivered(relay, recorder, "hank@loose.test", "unverified")
+
+
+def test_a_name_server_not_on_this_host_is_warned_of_at_start(tmp_path: Path, dns: DNSServer,
+                                                              mx: Any) -> None:
+    """DANE trusts the AD bit of every name server asked: one that is not on a loopback
+    address is warned of when the relay starts (and by mailrelay check); mail still goes
+    by DANE through the local one."""
+    local = _config(dns, mx[1])
+    remote = local.replace(f'nameservers = ["127.0.0.1:{dns.port}"]',
+                           f'nameservers = ["127.0.0.1:{dns.port}", "192.0.2.53"]')
+    assert remote != local
+    r = RelayProcess(tmp_path / "remote", remote).start()
+    try:
+        r.waitForLog(r"\[delivery\] dane = true trusts the AD bit of the answers of name "
+                     r"servers not on this host \(\[dns\] nameservers: 192\.0\.2\.53\): ")
+        _delivered(r, mx[0], "bob@dane.test", "dane-verified")
+    finally:
+        r.stop()
+
+
+def test_no_warning_when_every_name_server_is_on_this_host(relay: RelayProcess,
+                                                           mx: Any) -> None:
+    _delivered(relay, mx[0], "bob@dane.test", "dane-verified")
+    assert "trusts the AD bit" not in relay.log()

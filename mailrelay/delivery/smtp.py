@@ -94,7 +94,7 @@ from mailrelay.delivery.tls import clientTLSOptions, describeTLSFailure, verifie
 from mailrelay.errors import DeliveryFailure, PermanentFailure, TransientFailure
 from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, PluginContext, RecipientResult
 from mailrelay.route.mtasts import MTASTS
-from mailrelay.route.mx import MXHost, MXResolver, makeResolver
+from mailrelay.route.mx import MXHost, MXResolver, makeResolver, remoteNameservers
 from mailrelay.route.nexthop import parseSMTPNexthop
 from mailrelay.route.ownaddr import OwnAddresses
 from mailrelay.smtp.client import needsSMTPUTF8
@@ -1062,6 +1062,17 @@ def build(options: dict[str, Any], context: PluginContext) -> SMTPBackend:
         # (For DANE, one that asks for and keeps the AD bit, without a cache.)
         resolver = makeResolver(list(options.get("nameservers", ())) or None, reactor=reactor,
                                 dnssec=dane)
+    if dane:
+        where, remote = remoteNameservers(resolver)
+        if remote:
+            log.warn(
+                "[delivery] dane = true trusts the AD bit of the answers of name servers not "
+                "on this host ({where}: {servers}): an answer forged on the way to the relay "
+                "would pass for DNSSEC-validated; use a validating resolver on a loopback "
+                "address (RFC 4035 4.9.3)",
+                where=where,
+                servers=", ".join(remote),
+            )
     sts = None
     if options.get("mta_sts", False):
         sts = MTASTS(resolver, reactor, options.get("mta_sts_cache"),

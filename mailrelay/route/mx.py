@@ -21,6 +21,7 @@ Next hop syntax (the SMTP backend's, read by L{parseSMTPNexthop
 from __future__ import annotations
 
 import ipaddress
+import os
 import random as randomModule
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -828,6 +829,34 @@ class _Resolver(client.Resolver):
         return answer
 
 
+#: The system resolver's configuration (the C library's).
+RESOLV_CONF = b"/etc/resolv.conf"
+
+
+def _isLoopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # (not an address: a name of resolv.conf, which the C library skips)
+
+
+def remoteNameservers(resolver: Any) -> tuple[str, list[str]]:
+    """Where the name servers of C{resolver} (a L{makeResolver} one of C{dnssec}) come
+    from (C{[dns] nameservers}, or the path of resolv.conf), and those of them not on a
+    loopback address (C{"192.0.2.53"}, C{"192.0.2.53 port 5353"}): their AD bit proves
+    nothing to the relay but what the path to them lets through (RFC 4035 section 4.9.3:
+    a stub resolver relies on a validating resolver's AD bit over a secure channel only;
+    Postfix, which trusts the AD bit of the servers of resolv.conf whatever its
+    C{trust-ad} says, recommends one on a loopback address)."""
+    where = "[dns] nameservers" if resolver.resolv is None else os.fsdecode(resolver.resolv)
+    remote = [
+        host if port == 53 else f"{host} port {port}"
+        for host, port in [*(resolver.servers or ()), *(resolver.dynServers or ())]
+        if not _isLoopback(host)
+    ]
+    return where, remote
+
+
 def makeResolver(nameservers: Sequence[Any] | None = None, *, reactor: Any = None,
                  dnssec: bool = False) -> Any:
     """A DNS resolver: the system's, or one asking only C{nameservers}.
@@ -847,7 +876,7 @@ def makeResolver(nameservers: Sequence[Any] | None = None, *, reactor: Any = Non
     @raise ValueError: a bad name server (the message names it).
     """
     if not nameservers and dnssec:
-        resolver = _Resolver(b"/etc/resolv.conf", reactor=reactor)
+        resolver = _Resolver(RESOLV_CONF, reactor=reactor)
         resolver.dnssec = True
         return resolver
     if not nameservers:
@@ -856,7 +885,7 @@ def makeResolver(nameservers: Sequence[Any] | None = None, *, reactor: Any = Non
         # relay's reactor.  No /etc/hosts: Postfix's default smtp_host_lookup = dns.
         return resolve.ResolverChain([
             cache.CacheResolver(reactor=reactor),
-            _Resolver(b"/etc/resolv.conf", reactor=reactor),
+            _Resolver(RESOLV_CONF, reactor=reactor),
         ])
     servers = [
         (str(ns[0]), int(ns[1])) if isinstance(ns, tuple) else parseNameserver(ns)
