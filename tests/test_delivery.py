@@ -1271,6 +1271,50 @@ def test_a_source_address_that_cannot_be_bound_does_not_suspend_the_next_hop() -
     assert [a[3].sourceAddress for a in net.attempts] == ["192.0.2.102"]
 
 
+def test_a_next_hop_unreachable_from_one_source_address_is_suspended_from_it_only() -> None:
+    """Time-outs or refusals seen from one route's own source address suspend the next hop
+    for that source address only: mail to it from another address (another route's, or
+    [delivery]'s) is still tried, as Postfix's qmgr keeps dead destinations per transport
+    and a bind address of its own is a transport of its own (smtp_bind_address in
+    master.cf).  Both share the next hop's concurrency limit.  A flush of the next hop
+    (resumeSuspended) resumes it from every source address."""
+    backend, net, clock, _ = smtpBackend(destinationConcurrency=2, plaintextFallbackAge=60,
+                                         connectionCacheTime=0)
+    fakeConnect = net.connect
+    refused = connectError("4.4.1", "X-mailrelay; connection refused by relay.example",
+                           remoteMTA="dns; relay.example")
+
+    def connect(reactor: Any, endpoint: Any, settings: ClientSettings, **kw: Any) -> Any:
+        if settings.sourceAddress == "192.0.2.101":  # (a firewall drops this one's SYNs)
+            net.attempts.append((None, None, None, settings, endpoint))
+            return defer.fail(refused)
+        return fakeConnect(reactor, endpoint, settings, **kw)
+
+    backend._connect = connect
+    companyA = RouteOptions(sourceAddress="192.0.2.101")
+    nexthop = "[relay.example]:587"
+    with capturedLogs() as events:
+        for _ in range(2):
+            (r,) = result(send(backend, nexthop, "a@example.com", options=companyA))
+            assert (r.status, r.diagnostic) == (TRANSIENT, refused.diagnostic), r
+    assert [formatEvent(e) for e in events if e["log_level"] is LogLevel.warn] == [
+        "SMTP delivery to [relay.example]:587 from 192.0.2.101 temporarily suspended for 60s "
+        "after 2 failure(s) in a row: X-mailrelay; connection refused by relay.example"]
+    (r,) = result(send(backend, nexthop, "a@example.com", options=companyA))
+    assert r.diagnostic.startswith("X-mailrelay; delivery temporarily suspended"), r
+    assert len(net.attempts) == 2
+    # From another source address, or the default one: tried, delivered.
+    companyB = RouteOptions(sourceAddress="192.0.2.102")
+    assert result(send(backend, nexthop, "b@example.com", options=companyB))[0].status is (
+        DELIVERED)
+    assert result(send(backend, nexthop, "c@example.com"))[0].status is DELIVERED
+    assert [a[3].sourceAddress for a in net.attempts[2:]] == ["192.0.2.102", None]
+    # A flush of the next hop resumes it from company A's address too.
+    backend.resumeSuspended(nexthop)
+    (r,) = result(send(backend, nexthop, "a@example.com", options=companyA))
+    assert r.diagnostic == refused.diagnostic and len(net.attempts) == 5
+
+
 def test_smtp_suspension_ends_on_time_after_a_step_back_of_the_clock() -> None:
     """A next hop suspended before a step back of the clock (NTP, date -s) is suspended
     for plaintextFallbackAge from the step at the latest, not until the clock reaches the

@@ -3,13 +3,18 @@ connects to its next hop from the address configured, which the next hop sees.""
 
 from __future__ import annotations
 
+from typing import Any
+
 from tests.test_e2e_outbound import (  # noqa: F401 - fixtures
+    Recorder,
+    _TCPController,
     config,
     dns,
     nexthop,
     relay,
     smtpRoute,
     submit,
+    waitResult,
 )
 
 
@@ -57,3 +62,41 @@ def test_an_ipv4_mapped_next_hop_is_reached_from_the_source_address(
     (message,) = hop.waitTo("bob@one.test")
     assert message.peer[0] == "127.0.0.2"
     r.waitForLog(r"to=<bob@one\.test>.*status=sent")
+
+
+class _RefusesOneAddress(Recorder):
+    """A next hop whose EHLO from 127.0.0.3 gets a 421 (a server that will not serve that
+    address); from any other address, an ordinary one."""
+
+    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        if session.peer[0] == "127.0.0.3":
+            return ["421 4.3.2 not from 127.0.0.3"]
+        session.host_name = hostname
+        return responses
+
+
+def test_a_next_hop_refusing_one_source_address_is_suspended_from_it_only(
+    dns, relay  # noqa: F811
+) -> None:
+    """A next hop that refuses the relay from one route's source address is suspended from
+    that address only (Postfix keeps dead destinations per transport, and a bind address is
+    a transport's): the mail of the route from another address still goes at once."""
+    hop = _TCPController(_RefusesOneAddress(), hostname="127.0.0.1", port=0, ready_timeout=10)
+    hop.start()
+    try:
+        bound = smtpRoute("a.test", hop.port) | {"source_address": "127.0.0.3"}
+        r = relay(config(dns, delivery={"destination_concurrency": 1},
+                         routes=[bound, smtpRoute("b.test", hop.port)]))
+        qid = submit(r, "alice@example.com", ["x@a.test"], b"Subject: a\r\n\r\nhi\r\n")
+        m = waitResult(r, qid, "x@a.test")
+        assert m["status"] == "deferred", m[0]
+        r.waitForLog(rf"SMTP delivery to \[127\.0\.0\.1\]:{hop.port} from 127\.0\.0\.3 "
+                     r"temporarily suspended for \d+s after 1 failure\(s\) in a row: ")
+        qid = submit(r, "alice@example.com", ["y@b.test"], b"Subject: b\r\n\r\nhi\r\n")
+        m = waitResult(r, qid, "y@b.test")
+        assert m["status"] == "sent", m[0]
+        assert [m.peer[0] for m in hop.handler.waitTo("y@b.test")] == ["127.0.0.1"]
+        assert hop.handler.to("x@a.test") == []
+    finally:
+        hop.stop()

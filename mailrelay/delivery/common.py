@@ -116,6 +116,20 @@ def aboutSecurity(error: Any) -> bool:
             or error.code.startswith(("4.7.", "5.7.")))
 
 
+#: A next hop and the source addresses (IPv4, IPv6) deliveries to it are made from.
+_Destination = tuple[str, "str | None", "str | None"]
+
+
+def _destination(nexthop: str, settings: Any) -> _Destination:
+    """The key of C{nexthop} reached from the source addresses of C{settings} (a
+    L{ClientSettings}, or C{None}: the system's choice)."""
+    return (
+        nexthop,
+        getattr(settings, "sourceAddress", None),
+        getattr(settings, "sourceAddress6", None),
+    )
+
+
 class PerDestination:
     """Runs deliveries with at most C{limit} at once per next hop, and makes their Deferreds
     never fail (an unexpected error is logged and counts as a transient failure of every
@@ -133,6 +147,13 @@ class PerDestination:
     A delivery with its next hop's slot then takes one of C{places} (the queue's places of
     the deliveries in flight at once over every backend, C{[queue] delivery_limit}), when
     given: a next hop at its limit holds none of them while its deliveries wait.
+
+    A next hop is suspended from the source addresses of the deliveries that failed to
+    reach it (their L{ClientSettings} C{sourceAddress} and C{sourceAddress6}), not from
+    others: a route connecting from an address of its own may be blocked where another is
+    not, and Postfix's qmgr keeps dead destinations per transport, a bind address of its own
+    (C{smtp_bind_address} in master.cf) being a transport of its own.  The concurrency limit
+    stays per next hop, whatever the source address.
 
     @ivar places: the places of every backend's deliveries (their C{run(f, *args)}), or
         C{None}.
@@ -155,11 +176,13 @@ class PerDestination:
         self.suspendTime = suspendTime
         self.places: Any = None
         self.semaphores: dict[str, DeferredSemaphore] = {}
-        #: Next hop -> (failures in a row, the last one's time, its result).
-        self._failures: dict[str, tuple[int, float, RecipientResult]] = {}
+        #: (Next hop, source addresses) -> (failures in a row, the last one's time, its
+        #: result).
+        self._failures: dict[_Destination, tuple[int, float, RecipientResult]] = {}
 
-    def unreachable(self, nexthop: str, result: RecipientResult) -> None:
-        """No server of C{nexthop} could be talked to; C{result} (transient) says why."""
+    def unreachable(self, nexthop: str, result: RecipientResult, settings: Any = None) -> None:
+        """No server of C{nexthop} could be talked to from the source addresses of
+        C{settings} (C{None}: the system's choice); C{result} (transient) says why."""
         if self.clock is None:
             return
         now = self.clock.seconds()
@@ -167,52 +190,62 @@ class PerDestination:
             self._failures = {
                 k: v for k, v in self._failures.items() if now - v[1] < self.suspendTime
             }
-        count = self._count(nexthop, now) + 1
-        self._failures[nexthop] = (count, now, result)
+        key = _destination(nexthop, settings)
+        count = self._count(key, now) + 1
+        self._failures[key] = (count, now, result)
         if count == self.limit:
+            sources = " and ".join(a for a in key[1:] if a is not None)
             log.warn(
-                "{what} delivery to {nexthop} temporarily suspended for {seconds:g}s after "
-                "{count} failure(s) in a row: {diagnostic}",
+                "{what} delivery to {nexthop}{source} temporarily suspended for {seconds:g}s "
+                "after {count} failure(s) in a row: {diagnostic}",
                 what=self.what,
                 nexthop=nexthop,
+                source=f" from {sources}" if sources else "",
                 seconds=self.suspendTime,
                 count=count,
                 diagnostic=result.diagnostic,
             )
 
-    def reached(self, nexthop: str) -> None:
-        """A delivery to C{nexthop} reached a server: it is not suspended."""
-        self._failures.pop(nexthop, None)
+    def reached(self, nexthop: str, settings: Any = None) -> None:
+        """A delivery to C{nexthop} from the source addresses of C{settings} reached a
+        server: it is not suspended from them."""
+        self._failures.pop(_destination(nexthop, settings), None)
 
     def resume(self, nexthop: str | None = None) -> None:
-        """Suspend C{nexthop} (or, with C{None}, every next hop) no more, and start its count
-        again (the operator flushed a message for it, or the whole queue)."""
+        """Suspend C{nexthop} (or, with C{None}, every next hop) no more, from any source
+        address, and start its counts again (the operator flushed a message for it, or the
+        whole queue)."""
         if nexthop is None:
             self._failures.clear()
         else:
-            self._failures.pop(nexthop, None)
+            for key in [k for k in self._failures if k[0] == nexthop]:
+                del self._failures[key]
 
-    def _count(self, nexthop: str, now: float) -> int:
-        """The failures of C{nexthop} in a row that still count (none once its suspension,
-        or the time it would have lasted, is over: then it is tried again)."""
-        count, last, why = self._failures.get(nexthop, (0, 0.0, None))
+    def _count(self, key: _Destination, now: float) -> int:
+        """The failures in a row of the next hop and source addresses C{key} that still
+        count (none once its suspension, or the time it would have lasted, is over: then it
+        is tried again)."""
+        count, last, why = self._failures.get(key, (0, 0.0, None))
         if last > now and why is not None:
             # Counted before a step back of the clock: the time runs from now (it ran
             # until the clock reached the last failure again).
-            self._failures[nexthop] = (count, now, why)
+            self._failures[key] = (count, now, why)
             last = now
         return count if now - last < self.suspendTime else 0
 
-    def _suspended(self, nexthop: str, recipients: list[Any]) -> list[RecipientResult] | None:
+    def _suspended(
+        self, nexthop: str, recipients: list[Any], settings: Any = None
+    ) -> list[RecipientResult] | None:
         """The results of a delivery to C{nexthop} while it is suspended, else C{None}: what
         the failure that suspended it said, as Postfix's qmgr defers a dead queue's entries
         with its saved DSN (qmgr_queue_throttle(), qmgr_defer_todo()) -- its status, its
         Remote-MTA (only where a server answered) and the command its reply answered --
         its reason after C{"delivery temporarily suspended: "} (qmgr_deliver.c), a
         server's reply as C{"host H said: <reply>"} (smtp_trouble.c)."""
-        if self.clock is None or self._count(nexthop, self.clock.seconds()) < self.limit:
+        key = _destination(nexthop, settings)
+        if self.clock is None or self._count(key, self.clock.seconds()) < self.limit:
             return None
-        why = self._failures[nexthop][2]
+        why = self._failures[key][2]
         kind, sep, text = why.diagnostic.partition(";")
         if not sep or " " in kind.strip():  # (no diagnostic type: the whole is the text)
             text = why.diagnostic
@@ -237,13 +270,16 @@ class PerDestination:
         f: Callable[..., Deferred],
         *args: Any,
         started: Callable[[], None] | None = None,
+        settings: Any = None,
     ) -> Deferred:
         """Run C{f(*args)} when a slot for C{nexthop} is free (at once with the results of
         a suspended next hop, when it is or becomes suspended: see L{unreachable}).
 
         @param started: called when the delivery begins, with its slot and its place among
-            the queue's (the queue's delivery timeout runs from then)."""
-        suspended = self._suspended(nexthop, recipients)
+            the queue's (the queue's delivery timeout runs from then).
+        @param settings: the delivery's client settings, whose source addresses it is
+            suspended from (L{unreachable})."""
+        suspended = self._suspended(nexthop, recipients, settings)
         if suspended is not None:
             return defer.succeed(suspended)
         semaphore = self.semaphores.get(nexthop)
@@ -255,12 +291,12 @@ class PerDestination:
         def begin() -> Deferred:
             if started is not None:
                 started()
-            late = self._suspended(nexthop, recipients)
+            late = self._suspended(nexthop, recipients, settings)
             return defer.succeed(late) if late is not None else f(*args)
 
         def start() -> Deferred:
             slotted.append(True)
-            if self.places is None or self._suspended(nexthop, recipients) is not None:
+            if self.places is None or self._suspended(nexthop, recipients, settings) is not None:
                 return begin()
             return self.places.run(begin)
 
@@ -476,6 +512,7 @@ class ClientBackend:
             messagePath,
             done,
             started=started,
+            settings=settings,
         )
 
     def _deliver(

@@ -187,14 +187,14 @@ class LMTPBackend(ClientBackend):
                 e.remoteMTA,
             )
             if not aboutSecurity(e):
-                self._perDestination.unreachable(nexthop, results[0])
+                self._perDestination.unreachable(nexthop, results[0], settings)
             return results
         results = yield self._send(connection, envelope, recipients, messagePath)
         stalled = firstDeferred(results) if connection.broke else None
         if stalled is not None and not connection.tlsSessionFailed:
-            self._perDestination.unreachable(nexthop, stalled)
+            self._perDestination.unreachable(nexthop, stalled, settings)
         else:
-            self._perDestination.reached(nexthop)
+            self._perDestination.reached(nexthop, settings)
         self._quit(connection)
         if connection.tlsSessionFailed and self._plaintextOK(settings, envelope):
             results = yield self._sendPlaintext(

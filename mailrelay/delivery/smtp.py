@@ -399,7 +399,7 @@ class SMTPBackend(ClientBackend):
             sessions = 0 if cached.broke else 1
             return (yield self._deliverFresh(envelope, recipients, key, policy, messagePath,
                                              done, reusedResults, sessions=sessions))
-        self._perDestination.reached(nexthop)
+        self._perDestination.reached(nexthop, settings)
         if firstDeferred(reusedResults) is None:
             return reusedResults
         # Some deferred: they go on to the other hosts, as on a fresh connection (Postfix's
@@ -487,12 +487,12 @@ class SMTPBackend(ClientBackend):
         answer = results if results is not None else tried.deferred
         stalled = firstDeferred(answer or []) if tried.broke else None
         if stalled is not None:  # (as Postfix's smtp_stream_except: it throttles)
-            self._perDestination.unreachable(nexthop, stalled)
+            self._perDestination.unreachable(nexthop, stalled, key[1])
         elif results is not None or tried.deferred is not None:
-            self._perDestination.reached(nexthop)
+            self._perDestination.reached(nexthop, key[1])
         if results is not None:
             return results
-        return self._noHostAccepted(tried, reusedResults, envelope, recipients, nexthop)
+        return self._noHostAccepted(tried, reusedResults, envelope, recipients, key)
 
     def _stsPolicy(self, envelope: Any, nexthop: str) -> Deferred[Any]:
         """The MTA-STS policy of C{nexthop}'s domain when it is looked up by MX (not a
@@ -821,13 +821,14 @@ class SMTPBackend(ClientBackend):
         reusedResults: list[RecipientResult] | None,
         envelope: Any,
         recipients: list,
-        nexthop: str,
+        key: tuple[str, ClientSettings],
     ) -> list[RecipientResult]:
         """The results when no host took the message (or the recipients an earlier host
         deferred): returned when the last host refused HELO with a 5xx
         (L{SMTPConnectError.refusedSetup}); else what the last server that answered said, or
         the most relevant connection error, as a transient failure.  Recipients an earlier
         host delivered or refused keep that result."""
+        nexthop = key[0]
         last = tried.connectErrors[-1] if tried.connectErrors else None
         if last is not None and (last.refusedSetup or last is tried.lacksSMTPUTF8):
             refused = tried.connectErrors[-1].resultsFor(recipients)  # (logged)
@@ -872,7 +873,7 @@ class SMTPBackend(ClientBackend):
         )
         if not any(aboutSecurity(e) for e in tried.connectErrors):
             # No server of it could be talked to (not: this delivery's TLS or AUTH failed).
-            self._perDestination.unreachable(nexthop, results[0])
+            self._perDestination.unreachable(nexthop, results[0], key[1])
         return results
 
     def _insecureLookup(self, nexthop: str) -> str | None:
