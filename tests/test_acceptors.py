@@ -1047,3 +1047,28 @@ def test_a_child_serves_the_relays_ssl_endpoint_certificate(tmp_path: Path) -> N
     assert mine.certificate.to_cryptography() == theirs.certificate.to_cryptography()
     assert [c.to_cryptography() for c in mine.extraCertChain] == [
         c.to_cryptography() for c in theirs.extraCertChain] != []
+
+
+def test_an_ssl_endpoints_chain_file_is_read_as_a_ca_file(tmp_path: Path) -> None:
+    """C{extraCertChain=} is read with L{mailrelay.pem.pemCertificates}, as a CA file: a
+    chain whose last certificate is cut short (no C{-----END CERTIFICATE-----}) stops the
+    start, naming which (Twisted's reading left it out of the chain sent, silently)."""
+    import trustme
+
+    ca = trustme.CA().create_child_ca()
+    leaf = ca.issue_cert("first.relay.test")
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "relay.pem"))
+    leaf.private_key_pem.write_to_path(str(tmp_path / "relay.key"))
+    chain = b"".join(p.bytes() for p in leaf.cert_chain_pems[1:])
+    text = (f'[[listeners]]\nendpoint = "ssl:2465:privateKey={tmp_path}/relay.key:'
+            f'certKey={tmp_path}/relay.pem:extraCertChain={tmp_path}/chain.pem"\n')
+    (tmp_path / "chain.pem").write_bytes(chain)
+    endpointTLS = _load(tmp_path, text).listeners[0].settings.endpointTLS
+    assert len(endpointTLS.extraCertChain) == 1
+    cut = chain + chain[: len(chain) // 2]
+    (tmp_path / "chain.pem").write_bytes(cut)
+    with pytest.raises(ConfigError, match="certificate 2 of 2 cannot be read"):
+        _load(tmp_path, text)
+    (tmp_path / "chain.pem").write_text("no certificate\n")
+    with pytest.raises(ConfigError, match="doesn't contain any valid certificates"):
+        _load(tmp_path, text)

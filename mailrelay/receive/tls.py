@@ -33,6 +33,7 @@ from zope.interface import implementer
 
 # (Its home is smtp.wire, which the delivery client shares; named here for its users.)
 from mailrelay.namedfile import readError, readNamedFile
+from mailrelay.pem import pemCertificates
 from mailrelay.smtp.wire import describeTLS as describeTLS
 
 #: The values of C{tls_min_version}, lowest first.
@@ -159,8 +160,6 @@ def loadEndpointTLS(
 
     @raise Exception: as Twisted's parser (C{OSError}, C{ValueError}, OpenSSL's errors).
     """
-    import re
-
     from twisted.internet import endpoints, ssl
     from twisted.python.filepath import FilePath
 
@@ -179,12 +178,9 @@ def loadEndpointTLS(
     chain = None
     chainFile = options.get("extraCertChain")
     if chainFile is not None:
-        found = re.findall(
-            r"(-----BEGIN CERTIFICATE-----\n.+?\n-----END CERTIFICATE-----)",
-            content(chainFile).decode("ascii", "replace"),
-            flags=re.DOTALL,
-        )
-        chain = [ssl.Certificate.loadPEM(pem).original for pem in found]
+        # (Read as a CA file is: a block that cannot be read stops the start, naming it,
+        # where Twisted's parser leaves one without its END line out of the chain.)
+        chain = [c.original for c in pemCertificates(content(chainFile))]
         if not chain:
             raise ValueError(f"Specified chain file {chainFile!r} doesn't contain any valid "
                              "certificates in PEM format.")
