@@ -339,11 +339,12 @@ def test_delivery_process_logs_where_the_relay_logs(tmp_path: Path) -> None:
 
 def test_delivery_process_legacy_lines_keep_their_system(relay) -> None:
     """Twisted's own lines, logged through twisted.python.log (its resolver reading
-    resolv.conf), read "[-]" when the delivery process logs them as when the relay does,
-    never "[log_legacy#info]"."""
+    resolv.conf, at debug), read "[-]" when the delivery process logs them as when the relay
+    does, never "[log_legacy#info]"."""
     resolvConf = Path("/etc/resolv.conf")
     assert resolvConf.exists()  # (what makes both processes log the line)
-    r = relay('[relay]\nsmarthost = "[127.0.0.1]:9"\n[dns]\nreverse_lookups = false\n')
+    r = relay('[relay]\nsmarthost = "[127.0.0.1]:9"\n[dns]\nreverse_lookups = false\n'
+              '[log]\nlevel = "debug"\n')
     r.waitForLog(r"queue manager started")
     line = "[-] b'/etc/resolv.conf' changed, reparsing"
     deadline = time.monotonic() + 10

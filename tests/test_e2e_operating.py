@@ -76,6 +76,27 @@ def test_logLevelInfoHidesDNSChatter(relay, nexthop, dns) -> None:
     assert all(chatter in r.log() for chatter in _DNS_CHATTER), r.log()
 
 
+def test_logLevelInfoHidesResolvConfChatter(tmp_path: Path) -> None:
+    """With the embedded default configuration (the system's resolver) the relay and the
+    delivery process do not log Twisted's lines of reading C{/etc/resolv.conf} at the
+    default level; at debug both do."""
+    chatter = re.compile(r"changed, reparsing|Resolver added .* to server list")
+    r = RelayProcess(tmp_path / "info", None)
+    try:
+        r.start()
+        r.waitForLog(r"queue manager started")
+        assert not chatter.search(r.log()), r.log()
+    finally:
+        r.stop()
+    r = RelayProcess(tmp_path / "debug", '[log]\nlevel = "debug"\n')
+    try:
+        r.start()
+        r.waitForLog(r"queue manager started")
+        r.waitForLog(r"(?s)(Resolver added .*){2}")
+    finally:
+        r.stop()
+
+
 def test_logLevelWarnAndReload(tmp_path: Path) -> None:
     """At "warn" the relay logs its warnings only (not even where it listens); a reload
     back to "info" brings the connection lines back."""

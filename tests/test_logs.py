@@ -74,16 +74,34 @@ def legacyEvent(text: str) -> dict[str, Any]:
     return event
 
 
-def test_dnsPortChatterIsDebug() -> None:
-    """The four lines Twisted logs about each DNS query's UDP port pass only at debug; the
-    TCP listener's lines are kept."""
-    noise = [
-        "DNSDatagramProtocol starting on 14431",
-        "Starting protocol <twisted.names.dns.DNSDatagramProtocol object at 0x7f2150ff7290>",
-        "(UDP Port 14431 Closed)",
-        "Stopping protocol <twisted.names.dns.DNSDatagramProtocol object at 0x7f2150ff7290>",
-    ]
-    kept = ["SMTPServerFactory starting on 2525", "(TCP Port 2525 Closed)"]
+@pytest.mark.parametrize(
+    "noise, kept",
+    [
+        # Twisted's four lines about each DNS query's UDP port; the TCP listener's are kept.
+        (
+            [
+                "DNSDatagramProtocol starting on 14431",
+                "Starting protocol <twisted.names.dns.DNSDatagramProtocol object at 0x7f21>",
+                "(UDP Port 14431 Closed)",
+                "Stopping protocol <twisted.names.dns.DNSDatagramProtocol object at 0x7f21>",
+            ],
+            ["SMTPServerFactory starting on 2525", "(TCP Port 2525 Closed)"],
+        ),
+        # Its resolver's lines of reading the system's resolv.conf (at start, in each
+        # process, and at each change); a line that only ends alike is kept.
+        (
+            [
+                "b'/etc/resolv.conf' changed, reparsing",
+                "/etc/resolv.conf changed, reparsing",
+                "Resolver added ('10.255.255.53', 53) to server list",
+                "Resolver added ('2001:db8::53', 53) to server list",
+            ],
+            ["the policy file changed, reparsing it", "Resolver added to server list"],
+        ),
+    ],
+)
+def test_twistedDNSChatterIsDebug(noise: list[str], kept: list[str]) -> None:
+    """Twisted's DNS chatter passes only at debug; other lines are kept."""
     levels = LevelFilter()
     passed = [text for text in noise + kept if levels(legacyEvent(text)).name == "maybe"]
     assert passed == kept

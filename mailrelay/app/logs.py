@@ -50,17 +50,21 @@ __all__ = [
 LOG_LEVELS = tuple(level.name for level in LogLevel.iterconstants())
 
 #: The text of legacy events that are debug whatever their level: the UDP port of each DNS
-#: query opening and closing.
+#: query opening and closing, and the system resolver reading C{resolv.conf} (at start in
+#: each process, and at each change: C{twisted.names.client.Resolver.maybeParseConfig}).
 _DEBUG_TEXT = re.compile(
     r"(?:DNSDatagramProtocol starting on \d+"
     r"|(?:Starting|Stopping) protocol <twisted\.names\.dns\.DNSDatagramProtocol "
-    r"|\(UDP Port \d+ Closed\))"
+    r"|\(UDP Port \d+ Closed\)"
+    r"|(?:b'[^']*'|\S+) changed, reparsing$"
+    r"|Resolver added \('[^']*', \d+\) to server list$)"
 )
 
 
 def _isDebugNoise(event: dict[str, Any]) -> bool:
-    """Whether C{event} is Twisted's chatter about a DNS query's UDP port (read from the
-    legacy event's message as given, never formatted), or the traceback of a dropin that
+    """Whether C{event} is Twisted's chatter about a DNS query's UDP port or the system's
+    C{resolv.conf} (read from the legacy event's message as given, never formatted),
+    or the traceback of a dropin that
     failed to import in a plugin scan (L{_isDropinTraceback})."""
     if event.get("log_namespace") != "log_legacy":
         return False
