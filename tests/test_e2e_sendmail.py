@@ -47,14 +47,15 @@ class Site:
                               env=self.env(**extra))
 
 
-def startSite(relays: Any, nexthop: Any, tmp_path: Path, relayKeys: str = "") -> Site:  # noqa: F811
+def startSite(relays: Any, nexthop: Any, tmp_path: Path, relayKeys: str = "",  # noqa: F811
+              args: tuple[str, ...] = ()) -> Site:
     hop, hopPort = nexthop()
     for attempt in range(5):  # the free port may be taken before the relay binds it
         port = freePort()
         config = (f'hostname = "relay.test"\n[relay]\nsmarthost = "[127.0.0.1]:{hopPort}"\n'
                   f'{relayKeys}\n[spool]\ndirectory = "spool"\n'
                   f'[[listeners]]\nendpoint = "tcp:{port}:interface=127.0.0.1"\n')
-        relay = relays(config, name=f"relay{attempt}", defaults=False)
+        relay = relays(config, name=f"relay{attempt}", defaults=False, args=args)
         try:
             relay.start()
         except AssertionError:
@@ -108,6 +109,20 @@ def test_mail_command_bsd_mailx(site: Site, tmp_path: Path) -> None:
     assert len(fields(got.content, "Message-Id")) == 1 and len(fields(got.content, "Date")) == 1
     assert got.content.endswith(b"\r\n\r\nHi.\r\n.\r\nThe line above is a single dot.\r\n")
     site.relay.waitForLog(rf"{queueID}: from=<{LOGIN}@relay\.test> nrcpt=3 ")
+
+
+def test_bare_names_get_the_hostname_the_relay_runs_with(
+        relays: Any, nexthop: Any, tmp_path: Path) -> None:  # noqa: F811
+    """A relay started with --hostname (not the file's hostname): sendmail qualifies bare
+    names with the name the relay runs with (its greeting's), as Postfix's cleanup appends
+    the running system's myorigin."""
+    site = startSite(relays, nexthop, tmp_path, args=("--hostname", "started.test"))
+    result = site.run([SENDMAIL, "-f", "root", "bob"], b"To: carol\n\nHi\n")
+    assert result.returncode == 0, result.stderr
+    (got,) = site.hop.waitFor(lambda acc: len(acc) >= 1, what="the message")
+    assert got.mailFrom == "root@started.test" and got.rcptTos == ["bob@started.test"]
+    assert fields(got.content, "To") == ["carol@started.test"]
+    assert fields(got.content, "From") == ["root@started.test"]
 
 
 def test_mail_command_s_nail(site: Site) -> None:

@@ -720,6 +720,8 @@ def test_an_unexpected_error_after_reading_keeps_the_message(
     lost it) and the command exits with EX_SOFTWARE, saying what happened."""
 
     class Session:
+        hostname = None  # (the greeting's)
+
         def __init__(self, view: LocalView, verbose: object) -> None:
             pass
 
@@ -742,6 +744,35 @@ def test_an_unexpected_error_after_reading_keeps_the_message(
         "internal error: RuntimeError('a bug')",
         f"the message was saved in {tmp_path}/dead.letter"]
     assert (tmp_path / "dead.letter").read_bytes().endswith(b"\nSubject: x\n\nkept\n\n")
+
+
+@pytest.mark.parametrize(
+    "greeting, domain",
+    [
+        ("220 running.test ESMTP mailrelay", "running.test"),  # the running relay's name
+        ("220 Running.Test.", "running.test"),
+        ("220 [127.0.0.1] ESMTP", "relay.test"),  # no host name: the file's
+        ("220", "relay.test"),
+    ],
+)
+def test_bare_names_get_the_running_relays_hostname(
+        greeting: str, domain: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name without a domain (C{-f root}, C{root} as a recipient, in C{To:}) is qualified
+    with the host name the relay's greeting gives (its C{hostname}, also when C{--hostname}
+    set it), as Postfix's cleanup appends the running system's C{myorigin}: the file's
+    C{hostname} (C{relay.test} here) only when the greeting gives none."""
+    relay = ScriptedRelay({}, greeting=greeting)
+    monkeypatch.setattr(sendmail, "loadLocalView", lambda config: VIEW)
+    session = sendmail.RelaySession
+    monkeypatch.setattr(sendmail, "RelaySession",
+                        lambda view, verbose: session(view, verbose, relay.connector))
+    sendmail.run(Options(sender="root", recipients=["bob"]),
+                 io.BytesIO(b"To: carol\n\nHi\n"), io.StringIO(), {"HOME": str(tmp_path)})
+    relay.thread.join(5)
+    assert relay.commands[1:3] == [f"MAIL FROM:<root@{domain}>", f"RCPT TO:<bob@{domain}>"]
+    (content,) = relay.messages
+    assert f"Received: by {domain} (mailrelay-sendmail".encode() in content
+    assert f"To: carol@{domain}\r\n".encode() in content
 
 
 def test_relay_down_is_a_temporary_failure(tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, BinaryIO, TextIO
 
-from mailrelay.address import hostPort, xtextEncode
+from mailrelay.address import hostPort, normaliseHostname, xtextEncode
 from mailrelay.app.localmail import (
     MessageTooLarge,
     Submission,
@@ -463,6 +463,17 @@ class _Stale(Exception):
     while the input came, or stopped): open another."""
 
 
+def greetingHostname(greeting: Reply) -> str | None:
+    """The host name a 220 greeting begins with (RFC 5321 4.3.1, C{Greeting = "220 " Domain
+    ...}): the running relay's C{hostname}, also when C{--hostname} set it; C{None} when it
+    begins with no host name (an address literal, nothing)."""
+    words = greeting.text.split(None, 1)
+    try:
+        return normaliseHostname(words[0]) if words else None
+    except ValueError:
+        return None
+
+
 class RelaySession:
     """The connection to the relay, opened before the message is read, so that a relay that
     is down is known before the input is consumed: the caller (mail(1), cron) still has the
@@ -481,10 +492,12 @@ class RelaySession:
         self.transcript = transcript
         self.connector = connector
         self.client: RelayClient | None = None
+        self.hostname: str | None = None
 
     def open(self) -> None:
-        """Connect and read the greeting.  @raise SubmitError: the relay cannot be reached
-        (C{EX_TEMPFAIL}) or refuses the connection."""
+        """Connect and read the greeting (keep the host name it gives: L{hostname}).
+        @raise SubmitError: the relay cannot be reached (C{EX_TEMPFAIL}) or refuses the
+        connection."""
         sock, where = self.connector(self.view)
         client = RelayClient(sock, where, self.transcript)
         try:
@@ -499,6 +512,7 @@ class RelaySession:
             error.message += "\n" + NOTHING_SENT
             raise error
         self.client = client
+        self.hostname = greetingHostname(greeting)
 
     def submit(self, envelope: Envelope, submission: Submission) -> str:
         """Hand C{submission} to the relay; return its last reply (C{"250 2.0.0 Ok: queued
@@ -958,7 +972,8 @@ def run(
         return os.EX_OK
     uid = os.getuid()
     given = options.sender
-    sender = senderAddress(given if given is not None else loginName(uid), view.hostname)
+    bareSender = given if given is not None else loginName(uid)
+    sender = senderAddress(bareSender, view.hostname)
     recipients = commandLineRecipients(options.recipients, view.hostname)
     if not recipients and not options.extract:
         raise SubmitError(
@@ -966,6 +981,12 @@ def run(
         )
     session = RelaySession(view, stderr if options.verbose else None)
     session.open()  # a relay that is down is known before the input is read
+    # Names without a domain get the running relay's (Postfix's cleanup appends the running
+    # system's myorigin): a relay started with --hostname is not named by the file.
+    hostname = session.hostname or view.hostname
+    if hostname != view.hostname:
+        sender = senderAddress(bareSender, hostname)
+        recipients = commandLineRecipients(options.recipients, hostname)
     lines: list[bytes] | None = None
     try:
         lines = readInput(stdin, dotEnds=options.dotEnds, limit=view.maxMessageSize)
@@ -975,7 +996,7 @@ def run(
             extract=options.extract,
             sender=sender,
             fullName=options.fullName or environ.get("NAME") or None,
-            hostname=view.hostname,
+            hostname=hostname,
             uid=uid,
             now=time.time(),
         )
