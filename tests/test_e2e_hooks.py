@@ -509,6 +509,30 @@ def test_an_extension_answering_354_is_refused(relays, tmp_path: Path) -> None:
                  r"354 go ahead, not a final reply")
 
 
+SLOWEHLO = GOAHEAD.replace("class GoAhead", "class SlowEhlo").replace(
+    "return GoAhead()", "return SlowEhlo()")
+SLOWEHLO = SLOWEHLO.replace(
+    '    def ehloLine(self, client):\n        return "XGO"',
+    '    def ehloLine(self, client):\n        import time\n        time.sleep(0.05)\n'
+    '        return "XGO"')
+SLOWEHLO_DROPIN = GOAHEAD_DROPIN.replace("goahead", "slowehlo").replace("goAhead", "slowEhlo")
+
+
+def test_an_extension_blocking_in_ehloLine_past_its_timeout_is_logged(relays, tmp_path) -> None:
+    """A site extension whose ehloLine held the reactor past its timeout: the relay said
+    nothing of it.  It is logged once, naming the extension and the call; its line, which
+    it did give, is offered."""
+    _, env = sitePlugins(tmp_path, "slowehlo", SLOWEHLO, SLOWEHLO_DROPIN)
+    r = relays(BASE + '[[plugins]]\nplugin = "site-slowehlo"\ntimeout = 0.01\n',
+               env=env).start()
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
+        assert s.ehlo("client.test")[0] == 250 and s.has_extn("XGO")
+    pattern = (r"#warn\] ESMTP extension site-slowehlo held the reactor for 0\.\d+s in ehloLine "
+               r"for 127\.0\.0\.1, past its timeout of 0\.01s")
+    r.waitForLog(pattern)
+    assert len(re.findall(pattern, r.log())) == 1, r.log()
+
+
 def test_a_plugin_whose_dropin_fails_to_import_is_explained(tmp_path: Path) -> None:
     """A site dropin that cannot be imported (it needs a module not installed): the relay
     refuses the configuration naming its plugin, and now says which dropin failed and

@@ -575,3 +575,59 @@ def test_an_extension_command_that_blocks_past_its_timeout_is_not_believed() -> 
     assert any(re.search(r"ESMTP extension sleepy did not answer XPRIO from 192\.0\.2\.9 within "
                          r"0\.01s \(its call held the reactor for 0\.0\d+s\)", t)
                for t in texts), texts
+
+
+def test_an_extensions_synchronous_calls_are_timed_and_blocking_past_the_timeout_logged(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """ehloLine, mailParameter and rcptParameter are timed (mailrelay_plugin_seconds, hook
+    esmtp); one that held the reactor past the extension's timeout is logged once, naming
+    the plugin and the call, and its answer is kept (it returned: there is no later answer
+    to refuse, as a Deferred's after its timeout is)."""
+    import time
+
+    from twisted.internet.task import Clock
+
+    from mailrelay import metrics
+    from mailrelay.envelope import ClientInfo, Envelope, Recipient
+
+    class Sleepy(Priority):
+        def ehloLine(self, client: Any) -> str | None:
+            time.sleep(0.03)
+            return "MT-PRIORITY MIXER"
+
+        def mailParameter(self, client: Any, envelope: Any, name: str, value: Any) -> Any:
+            time.sleep(0.03)
+            return super().mailParameter(client, envelope, name, value)
+
+        def rcptParameter(self, client: Any, envelope: Any, recipient: Any, name: str,
+                          value: Any) -> Any:
+            time.sleep(0.03)
+            return super().rcptParameter(client, envelope, recipient, name, value)
+
+    metrics.enable()
+    monkeypatch.setattr(metrics, "BLOCKING_WARN_SECONDS", 0.0)  # (every call "blocks")
+    timed = metrics.PLUGIN_SECONDS.labels("esmtp", "sleepy")
+    before = sum(b.get() for b in timed._buckets)
+    adapter = ExtensionAdapter("sleepy", Sleepy(), 0.01, Clock())
+    client = ClientInfo(address="192.0.2.9", helo="a.example")
+    envelope = Envelope(sender="a@example.com")
+    with capturedLogs() as events:
+        assert adapter.ehloLine(client) == "MT-PRIORITY MIXER"
+        assert adapter.mailParameter(client, envelope, "MT-PRIORITY", "3") == 3
+        assert adapter.rcptParameter(client, envelope, Recipient("b@example.com"), "X-FLAVOUR",
+                                     "mint") == {"flavour": "mint", "for": "b@example.com"}
+    assert sum(b.get() for b in timed._buckets) == before + 3
+    texts = [formatEvent(e) for e in events]
+    for call in ("ehloLine", "mailParameter MT-PRIORITY", "rcptParameter X-FLAVOUR"):
+        found = [t for t in texts if re.search(
+            rf"ESMTP extension sleepy held the reactor for 0\.0\d+s in {call} for 192\.0\.2\.9,"
+            r" past its timeout of 0\.01s", t)]
+        assert len(found) == 1, (call, texts)
+    assert not any("esmtp plugin sleepy held" in t for t in texts), texts  # (once)
+    # Under its timeout, a call that held the reactor is logged as any hook's is.
+    patient = ExtensionAdapter("patient", Sleepy(), 10.0, Clock())
+    with capturedLogs() as events:
+        assert patient.ehloLine(client) == "MT-PRIORITY MIXER"
+    texts = [formatEvent(e) for e in events]
+    assert any(re.search(r"esmtp plugin patient held the reactor for 0\.0\d+s", t)
+               for t in texts), texts

@@ -24,7 +24,14 @@ from mailrelay.envelope import (
     undoPluginChanges,
 )
 from mailrelay.interfaces import Reply
-from mailrelay.metrics import boundedAnswer, heldText
+from mailrelay.metrics import (
+    PLUGIN_SECONDS,
+    boundedAnswer,
+    child,
+    heldPast,
+    heldText,
+    timePlugin,
+)
 from mailrelay.smtp.server import ServerSession
 
 log = Logger()
@@ -52,6 +59,9 @@ _KEYWORD = re.compile(r"[A-Z0-9][A-Z0-9-]*\Z")
 _SESSION_COMMANDS = frozenset(
     {name[5:] for name in dir(ServerSession) if name.startswith("_cmd_")} | {"LHLO", "BDAT"}
 )
+
+#: The hook an extension's calls are timed and logged under (L{timePlugin}).
+HOOK = "esmtp"
 
 #: The reply to an extension command whose plugin failed.
 COMMAND_FAILED = Reply(451, "4.3.0", "Error: temporary failure, try again later")
@@ -104,9 +114,11 @@ class ExtensionAdapter:
         """The plugin's EHLO line for C{client}, or C{None}: not offered (also when the
         plugin fails or gives a line that is not its keyword and printable ASCII)."""
         saved = savePluginKept((client,))
+        started = time.perf_counter()
         try:
             line = self.plugin.ehloLine(client)
         except Exception:
+            self._timed("ehloLine", client, started)
             undoPluginChanges(saved)
             log.failure(
                 "ESMTP extension {plugin} failed giving its EHLO line to {client}; not offered",
@@ -114,6 +126,7 @@ class ExtensionAdapter:
                 client=client.address,
             )
             return None
+        self._timed("ehloLine", client, started)
         if self._changed(saved, "giving its EHLO line to", client):
             return None
         if line is None:
@@ -172,16 +185,44 @@ class ExtensionAdapter:
         )
         return True
 
+    def _timed(self, call: str, client: ClientInfo, started: float) -> None:
+        """Time the plugin's synchronous C{call} (L{timePlugin}: also logged when it held
+        the reactor), and log it, once, when it held the reactor past the extension's
+        timeout, naming the call.
+        Its answer is kept: it returned, there is no later answer to refuse (a Deferred's
+        after its timeout is refused, and so is a command's answer that held the reactor
+        that long, L{command}); refusing it would only add a failure to the wait."""
+        held = heldPast(self.timeout, started)
+        if held is None:
+            timePlugin(HOOK, self.name, None, started)  # (logged past BLOCKING_WARN_SECONDS)
+            return
+        child(PLUGIN_SECONDS, HOOK, self.name).observe(held)  # (this line says it, once)
+        log.warn(
+            "ESMTP extension {plugin} held the reactor for {held:.2f}s in {call} for "
+            "{client}, past its timeout of {timeout:g}s: every connection of this process "
+            "waited; its answer is used (ehloLine and the parameter parsers must answer "
+            "from memory: look things up in command, or ahead of time)",
+            plugin=self.name,
+            held=held,
+            call=call,
+            client=client.address,
+            timeout=self.timeout,
+        )
+
     def _parameter(self, command: str, parse: Any, *args: Any) -> Any:
         name = args[-2]
         client = args[0]
+        call = f"{command.lower()}Parameter {name}"
         saved = savePluginKept(args)
+        started = time.perf_counter()
         try:
             kept = parse(*args)
         except ValueError as e:
+            self._timed(call, client, started)
             undoPluginChanges(saved)
             return Reply(501, "5.5.4", f"Error: bad {name} parameter: {_oneLine(str(e))}")
         except Exception:
+            self._timed(call, client, started)
             undoPluginChanges(saved)
             log.failure(
                 "ESMTP extension {plugin} failed parsing the {command} parameter {name} of "
@@ -192,6 +233,7 @@ class ExtensionAdapter:
                 client=client.address,
             )
             return COMMAND_FAILED
+        self._timed(call, client, started)
         if self._changed(saved, f"parsing {command} parameter {name} of", client):
             return COMMAND_FAILED
         if isinstance(kept, Reply):
