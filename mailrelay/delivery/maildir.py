@@ -25,6 +25,15 @@ The copy is written to C{tmp/}, fsynced, linked (or, where the file system canno
 renamed) into C{new/}, and C{new/} is fsynced, as the Maildir specification asks.  Missing
 Maildirs (C{tmp}, C{new}, C{cur}) are created with mode 0700.
 
+Exactly once across a crash: the copy's unique name is the queue id (unique on this host,
+L{mailrelay.spool.ids}), a hash of the mailbox and the host name, the same at every attempt,
+so that an attempt killed after its copy reached C{new/} but before the spool recorded the
+recipient delivered is found by the retry: the name in C{new/} (or C{EEXIST} at the link)
+means delivered.  A copy the user's mail reader has since moved to C{cur/} (as
+C{name:2,flags}) is looked for there only when C{tmp/} still holds the name, left by an
+attempt that may have reached the link and did not end: C{cur/}, which can be big, is not
+listed otherwise.
+
 Only for users that exist, unless C{[delivery] create_mailboxes} is set: a user's directory
 is the template up to and including its first part holding C{{local}} or C{{address}}
 (C{/var/mail/example.org/bob} for C{/var/mail/{domain}/{local}/Maildir}); when it does not
@@ -42,12 +51,12 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import itertools
 import os
 import re
 import socket
 import stat
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +88,6 @@ log = Logger()
 CHUNK = 65536
 DELIVERED_DIAGNOSTIC = "X-mailrelay; delivered to maildir"
 
-_counter = itertools.count(1)
 #: The placeholders of a template (any other brace is text).
 _PLACEHOLDERS = re.compile(r"\{(local|domain|address)\}")
 
@@ -192,6 +200,15 @@ def _writeFailed(address: str, e: OSError) -> RecipientResult:
     else:
         code = "4.3.0"
     return RecipientResult(address, status, code, f"X-mailrelay; cannot deliver to maildir: {e}")
+
+
+def _fsyncDirectory(path: str) -> None:
+    """Make the entries of the directory C{path} durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _anyUser(directories: list[str]) -> bool:
@@ -415,7 +432,8 @@ class MaildirBackend:
                     results[index] = outcome
                 return results
             _, path, converted = prepared
-            d = self._deferToThread(self._deliverAll, header, [j for _, j in jobs], str(path))
+            d = self._deferToThread(self._deliverAll, header, [j for _, j in jobs], str(path),
+                                    envelope.queueID)
             d.addCallbacks(done, failed)
             return removeWhenFired(d, converted)
 
@@ -459,9 +477,12 @@ class MaildirBackend:
 
     # -- in the thread ------------------------------------------------------------------------
 
-    def _deliverAll(self, header: str, jobs: list[_Job], messagePath: str) -> list[RecipientResult]:
+    def _deliverAll(
+        self, header: str, jobs: list[_Job], messagePath: str, queueID: str
+    ) -> list[RecipientResult]:
         """Each job's result; recipients of one mailbox (C{Bob@} and C{bob@}, C{bob+a@} and
-        C{bob+b@}) get one copy, as Postfix's local(8) delivers once per mailbox."""
+        C{bob+b@}) get one copy, as Postfix's local(8) delivers once per mailbox, also
+        across attempts (L{_uniqueName})."""
         delivered: dict[str, RecipientResult] = {}
         results = []
         for job in jobs:
@@ -475,7 +496,7 @@ class MaildirBackend:
             if first is not None:
                 results.append(dataclasses.replace(first, address=job.address))
                 continue
-            result = self._deliverOne(header, job, messagePath)
+            result = self._deliverOne(header, job, messagePath, queueID)
             if result.status is DeliveryStatus.DELIVERED:
                 delivered[job.directory] = result
             results.append(result)
@@ -495,7 +516,9 @@ class MaildirBackend:
         job.directory = job.candidates[-1 if self.createMailboxes else 0][0]
         job.known = self.createMailboxes
 
-    def _deliverOne(self, header: str, job: _Job, messagePath: str) -> RecipientResult:
+    def _deliverOne(
+        self, header: str, job: _Job, messagePath: str, queueID: str
+    ) -> RecipientResult:
         try:
             if not job.known:
                 return RecipientResult(
@@ -504,32 +527,57 @@ class MaildirBackend:
                     "5.1.1",
                     f"X-mailrelay; unknown user: no mailbox for {job.address}",
                 )
-            self._write(header + f"Delivered-To: {job.address}\n", job.directory, messagePath)
+            self._write(header + f"Delivered-To: {job.address}\n", job.directory, messagePath,
+                        self._uniqueName(queueID, job.directory))
         except OSError as e:
             return _writeFailed(job.address, e)
         return RecipientResult(
             job.address, DeliveryStatus.DELIVERED, "2.0.0", DELIVERED_DIAGNOSTIC, final=True
         )
 
-    def _uniqueName(self) -> str:
-        now = time.time()
-        seconds = int(now)
-        micro = int((now - seconds) * 1_000_000)
-        return f"{seconds}.M{micro}P{os.getpid()}Q{next(_counter)}.{self.hostname}"
+    def _uniqueName(self, queueID: str, directory: str) -> str:
+        """The name of C{queueID}'s copy in the Maildir C{directory}: the same at every
+        attempt, unique on this host (the queue id is), so that a retry finds what a killed
+        attempt delivered.  (The Maildir specification's unique names are the time, what
+        makes the delivery unique on the host, and the host name: the queue id begins with
+        its arrival time.)
 
-    def _write(self, header: str, directory: str, messagePath: str) -> None:
+        @raise ValueError: C{queueID} is not one (two messages must not share a name).
+        """
+        if not isinstance(queueID, str) or not (queueID.isascii() and queueID.isalnum()):
+            raise ValueError(f"cannot name a maildir copy after queue id {queueID!r}")
+        mailbox = hashlib.sha256(directory.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        return f"{queueID}.M{mailbox}.{self.hostname}"
+
+    @staticmethod
+    def _delivered(directory: str, name: str, interrupted: bool) -> bool:
+        """Whether the copy C{name} is in the Maildir C{directory} already: in C{new/}, or,
+        after an C{interrupted} attempt only, in C{cur/} with its flags (C{name:2,S})."""
+        if os.path.lexists(os.path.join(directory, "new", name)):
+            return True
+        if not interrupted:
+            return False
+        prefix = name + ":"
+        with os.scandir(os.path.join(directory, "cur")) as entries:
+            return any(e.name == name or e.name.startswith(prefix) for e in entries)
+
+    def _write(self, header: str, directory: str, messagePath: str, name: str) -> None:
+        """Write the copy C{name} into the Maildir C{directory}, unless it is there already
+        (L{_delivered}): an earlier attempt, killed before the spool recorded it, wrote it."""
         for sub in ("", "tmp", "new", "cur"):
             path = os.path.join(directory, sub) if sub else directory
             if not os.path.isdir(path):
                 os.makedirs(path, mode=0o700, exist_ok=True)
-        while True:
-            name = self._uniqueName()
-            tmpPath = os.path.join(directory, "tmp", name)
-            try:
-                fd = os.open(tmpPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                continue
-            break
+        tmpPath = os.path.join(directory, "tmp", name)
+        newPath = os.path.join(directory, "new", name)
+        interrupted = os.path.lexists(tmpPath)
+        if self._delivered(directory, name, interrupted):
+            if interrupted:
+                os.unlink(tmpPath)
+            _fsyncDirectory(os.path.join(directory, "new"))  # (the killed attempt may not have)
+            return
+        # O_TRUNC, not O_EXCL: a name in tmp/ is that of an interrupted attempt of this copy.
+        fd = os.open(tmpPath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
             with os.fdopen(fd, "wb") as out, open(messagePath, "rb") as source:
                 out.write(header.encode("utf-8"))
@@ -547,29 +595,23 @@ class MaildirBackend:
                 out.write(pendingCR)
                 out.flush()
                 os.fsync(out.fileno())
-            newPath = os.path.join(directory, "new", name)
             try:
                 os.link(tmpPath, newPath)
+            except FileExistsError:
+                pass  # delivered meanwhile: the copy there is this one
             except OSError as e:
                 if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EOPNOTSUPP):
                     raise
-                os.rename(tmpPath, newPath)
-            else:
-                try:
-                    os.unlink(tmpPath)
-                except OSError:
-                    pass
+                os.rename(tmpPath, newPath)  # (new/ was checked for the name above)
+            if os.path.lexists(tmpPath):
+                os.unlink(tmpPath)
         except BaseException:
             try:
                 os.unlink(tmpPath)
             except OSError:
                 pass
             raise
-        dirFD = os.open(os.path.join(directory, "new"), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dirFD)
-        finally:
-            os.close(dirFD)
+        _fsyncDirectory(os.path.join(directory, "new"))
 
     def close(self) -> Deferred:
         """Nothing to close."""
