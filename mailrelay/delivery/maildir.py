@@ -29,10 +29,11 @@ Exactly once across a crash: the copy's unique name is the queue id (unique on t
 L{mailrelay.spool.ids}), a hash of the mailbox and the host name, the same at every attempt,
 so that an attempt killed after its copy reached C{new/} but before the spool recorded the
 recipient delivered is found by the retry: the name in C{new/} (or C{EEXIST} at the link)
-means delivered.  A copy the user's mail reader has since moved to C{cur/} (as
-C{name:2,flags}) is looked for there only when C{tmp/} still holds the name, left by an
-attempt that may have reached the link and did not end: C{cur/}, which can be big, is not
-listed otherwise.
+means delivered.  A copy the user's mail reader has since moved to C{cur/} is found there:
+under the 64 names the specification's flags can give it (C{name:2,} to C{name:2,DFPRST},
+looked up one by one), and under any other C{name:info} (C{cur/} listed) only when C{tmp/}
+still holds the name, left by an attempt that may have reached the link and did not end:
+C{cur/}, which can be big, is not listed otherwise.
 
 Only for users that exist, unless C{[delivery] create_mailboxes} is set: a user's directory
 is the template up to and including its first part holding C{{local}} or C{{address}}
@@ -200,6 +201,15 @@ def _writeFailed(address: str, e: OSError) -> RecipientResult:
     else:
         code = "4.3.0"
     return RecipientResult(address, status, code, f"X-mailrelay; cannot deliver to maildir: {e}")
+
+
+#: The names a mail reader gives a copy it moves from C{new/} to C{cur/}: C{name:2,flags},
+#: the flags a subset of the specification's C{DFPRST} in ASCII order (64 names).
+_READ_INFOS = tuple(
+    ":2," + "".join(flags)
+    for size in range(len("DFPRST") + 1)
+    for flags in itertools.combinations("DFPRST", size)
+)
 
 
 def _fsyncDirectory(path: str) -> None:
@@ -551,9 +561,14 @@ class MaildirBackend:
 
     @staticmethod
     def _delivered(directory: str, name: str, interrupted: bool) -> bool:
-        """Whether the copy C{name} is in the Maildir C{directory} already: in C{new/}, or,
-        after an C{interrupted} attempt only, in C{cur/} with its flags (C{name:2,S})."""
+        """Whether the copy C{name} is in the Maildir C{directory} already: in C{new/}, or in
+        C{cur/} where a mail reader moved it: under one of the L{_READ_INFOS} names (looked
+        up one by one), or, after an C{interrupted} attempt only, under any C{name:info}
+        (C{cur/} listed)."""
         if os.path.lexists(os.path.join(directory, "new", name)):
+            return True
+        cur = os.path.join(directory, "cur")
+        if any(os.path.lexists(os.path.join(cur, name + info)) for info in _READ_INFOS):
             return True
         if not interrupted:
             return False
