@@ -1072,3 +1072,34 @@ def test_an_ssl_endpoints_chain_file_is_read_as_a_ca_file(tmp_path: Path) -> Non
     (tmp_path / "chain.pem").write_text("no certificate\n")
     with pytest.raises(ConfigError, match="doesn't contain any valid certificates"):
         _load(tmp_path, text)
+
+
+def test_a_delivery_process_that_ran_long_restarts_after_a_second() -> None:
+    """The delivery process's pause before a restart doubles in a crash loop (to 60 s) and
+    starts again from a second after a child that ran well for a while, as an acceptor's
+    does: it was only reset by a reload, so a process killed now and then (the OOM killer)
+    came to wait a minute each time, mail waiting."""
+    from mailrelay.queue.process import DeliveryProcessService
+
+    from twisted.internet.testing import StringTransport
+
+    class Reactor(ProcessReactor):
+        def adoptStreamConnection(self, fd: int, family: Any, factory: Any) -> None:
+            factory.buildProtocol(None).makeConnection(StringTransport())
+
+    reactor = Reactor()
+    monotonic = Clock()
+    service = DeliveryProcessService(reactor, None, {}, configText=b"[relay]\n")
+    service.monotonic = monotonic.seconds
+    service.startService()
+    for n in range(3):  # a crash loop: the pause doubles to 8 s
+        reactor.spawned[-1][0].end(9)
+        reactor.advance(2**n)
+        monotonic.advance(2**n)
+    assert len(reactor.spawned) == 4
+    reactor.advance(3600)  # it runs well for an hour
+    monotonic.advance(3600)
+    reactor.spawned[-1][0].end(9)
+    reactor.advance(1)
+    assert len(reactor.spawned) == 5  # restarted after a second, not 8
+    service.beginShutdown()

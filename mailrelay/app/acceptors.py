@@ -423,8 +423,7 @@ class AcceptorPool(ChildSupervisor, Service):
             self._children.remove(child)
         if self._stopping:
             return
-        if self.lifeOf(child) >= _RESTART_MAX:
-            self._restartDelay = _RESTART_MIN  # it ran well for a while: no crash loop
+        self._endedUnexpectedly(child)
         self.restarts += 1
         log.error(
             "acceptor process (pid {pid}) exited unexpectedly ({reason}); restarting in "

@@ -313,6 +313,13 @@ class ChildSupervisor:
         """How long C{child} has run (0 before it started)."""
         return 0.0 if child.began is None else self.monotonic() - child.began
 
+    def _endedUnexpectedly(self, child: _ChildProtocol) -> None:
+        """C{child} exited unexpectedly: the pause before its restart (C{_restartDelay},
+        doubled at each restart up to L{_RESTART_MAX}) starts again from L{_RESTART_MIN}
+        when it ran that long or more, as a crash loop is over once a child ran well."""
+        if self.lifeOf(child) >= _RESTART_MAX:
+            self._restartDelay = _RESTART_MIN
+
     def startOf(self, child: _ChildProtocol) -> float:
         """When C{child} started on the wall clock as it is now (seconds since the epoch),
         for the status: what it said then is off by any step since."""
@@ -600,6 +607,7 @@ class DeliveryProcessService(ChildSupervisor, Service):
             self._child = None
         if self._stopping:
             return
+        self._endedUnexpectedly(child)
         # What it was delivering is tried again by the next one: a message whose next hop
         # had answered its end of data, but whose removal the process did not live to make,
         # goes twice.  Nothing durable says which (a record per attempt would cost a sync).
