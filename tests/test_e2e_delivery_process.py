@@ -65,7 +65,7 @@ def test_delivery_process_restarted_and_stopped_with_the_relay(relay, nexthop) -
     r.waitForLog(
         r"delivery process exited unexpectedly \(.*\); restarting in 1s; messages it was "
         r"delivering will be tried again, and any a next hop had already accepted will be "
-        r"delivered twice"
+        r"delivered twice \(a maildir finds its copy\)"
     )
     pids = [int(p) for p in re.findall(r"delivery process started \(pid (\d+)\)", r.log())]
     deadline = time.monotonic() + 15

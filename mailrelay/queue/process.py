@@ -614,7 +614,7 @@ class DeliveryProcessService(ChildSupervisor, Service):
         log.error(
             "delivery process exited unexpectedly ({reason}); restarting in {delay:.0f}s; "
             "messages it was delivering will be tried again, and any a next hop had already "
-            "accepted will be delivered twice",
+            "accepted will be delivered twice (a maildir finds its copy)",
             reason=how,
             delay=self._restartDelay,
         )
