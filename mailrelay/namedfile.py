@@ -18,6 +18,7 @@ from collections.abc import Callable
 __all__ = [
     "MAX_NAMED_FILE",
     "explainPermissions",
+    "fileStamp",
     "readError",
     "readNamedFile",
     "runUserReadError",
@@ -27,6 +28,15 @@ __all__ = [
 #: The most octets such a file may hold: a large CA bundle is well under 1 MiB, a table of
 #: a hundred thousand users and hashes about 10 MiB.
 MAX_NAMED_FILE = 64 << 20
+
+
+def fileStamp(path: str) -> tuple[int, int, int, int]:
+    """What says that the file C{path} changed since it was read (its inode, device,
+    modification time and size), for a file read again when it changes.
+
+    @raise OSError: it cannot be looked at."""
+    st = os.stat(path)
+    return (st.st_ino, st.st_dev, st.st_mtime_ns, st.st_size)
 
 
 def readNamedFile(path: str) -> bytes:

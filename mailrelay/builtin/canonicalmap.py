@@ -26,7 +26,6 @@ Written on the public plugin API only (tests/test_layering.py).
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 from collections.abc import Collection, Iterable
@@ -40,7 +39,7 @@ from mailrelay.address import (
     splitExtension,
 )
 from mailrelay.errors import ConfigError
-from mailrelay.namedfile import readError, readNamedFile
+from mailrelay.namedfile import fileStamp, readError, readNamedFile
 
 __all__ = ["CanonicalMap", "MapFile", "parseCanonicalMap", "readCanonicalMap"]
 
@@ -202,11 +201,6 @@ def readCanonicalMap(path: str) -> CanonicalMap:
     return parseCanonicalMap(text.splitlines(), path)
 
 
-def _stamp(path: str) -> tuple[int, int, int, int]:
-    st = os.stat(path)
-    return (st.st_ino, st.st_dev, st.st_mtime_ns, st.st_size)
-
-
 class MapFile:
     """A canonical table file, read again when it changes (its inode, modification time or
     size), as the AUTH password file is: a changed file that cannot be used leaves the
@@ -222,7 +216,7 @@ class MapFile:
         self._lock = threading.Lock()
         self._stamp: tuple[int, int, int, int] | None = None
         try:
-            self._stamp = _stamp(path)
+            self._stamp = fileStamp(path)
         except OSError:
             pass
         self.table = readCanonicalMap(path)
@@ -235,7 +229,7 @@ class MapFile:
 
     def _current(self) -> tuple[CanonicalMap, str | None]:
         try:
-            stamp: tuple[int, int, int, int] | None = _stamp(self.path)
+            stamp: tuple[int, int, int, int] | None = fileStamp(self.path)
         except OSError as e:
             stamp = None
             problem = f"cannot read the map {self.path}: {readError(e)}"

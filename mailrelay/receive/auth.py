@@ -46,7 +46,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from mailrelay.interfaces import Reply
 from mailrelay.metrics import boundedAnswer, heldText
-from mailrelay.namedfile import readError, readNamedFile
+from mailrelay.namedfile import fileStamp, readError, readNamedFile
 from mailrelay.receive.limits import DEFAULT_IPV6_PREFIX_LENGTH, clientNetwork
 from mailrelay.smtp.server import AUTH_INVALID, Authenticate
 
@@ -161,11 +161,6 @@ def readPasswordFile(path: str) -> dict[str, str]:
     return parsePasswordLines(path, text)
 
 
-def _fileStamp(path: str) -> tuple[int, int, int, int]:
-    st = os.stat(path)
-    return (st.st_ino, st.st_dev, st.st_mtime_ns, st.st_size)
-
-
 #: The most password checks run at once by default: each argon2id check of mailrelay-passwd's
 #: hashes takes 64 MiB (m=65536) and about half a second of CPU, so more at once than there
 #: are CPUs only costs memory (ten at once, as many as the reactor's thread pool runs, took
@@ -208,7 +203,7 @@ class PasswordFileChecker:
         self._lock = threading.Lock()
         self._users = dict(readPasswordFile(path) if users is None else users)
         try:
-            self._stamp: tuple[int, int, int, int] | None = _fileStamp(path)
+            self._stamp: tuple[int, int, int, int] | None = fileStamp(path)
         except OSError:
             self._stamp = None
         self._deferToThread = deferToThread or _defaultDeferToThread
@@ -293,7 +288,7 @@ class PasswordFileChecker:
 
     def _reloadIfChanged(self) -> str | None:
         try:
-            stamp = _fileStamp(self.path)
+            stamp = fileStamp(self.path)
         except OSError as e:
             return f"{self.path}: {e.strerror or e}"
         if stamp == self._stamp:
