@@ -29,22 +29,31 @@ MESSAGE = (
 )
 
 
+def _rewritingRelay(relays, tmp_path, table: str, config: str, after: str = ""):  # noqa: ANN001, ANN202
+    """A relay (started) without reverse lookups, of C{config}, then the sender-canonical
+    filter of the canonical(5) C{table} (written to a file), then C{after}."""
+    (tmp_path / "canonical").write_text(table)
+    return relays(
+        "[dns]\nreverse_lookups = false\n" + config
+        + f'[[plugins]]\nplugin = "sender-canonical"\nmap = "{tmp_path / "canonical"}"\n'
+        + after
+    ).start()
+
+
 def test_a_smarthost_rewrites_the_sender_and_signs_what_leaves(relays, nexthop, tmp_path) -> None:  # noqa: F811
     hop, port = nexthop()
     hop.rcptReply = lambda rcpt: "550 5.1.1 no such user" if rcpt.startswith("gone@") else None
     dns = FakeDNS()
     key = ed25519.Ed25519PrivateKey.generate()
     dns.publish("s1", "example.com", key)
-    (tmp_path / "canonical").write_text(
-        "# the site's machines\nroot@web1.internal  ops@example.com\n@app3.lan  @example.com\n")
-    r = relays(
-        '[dns]\nreverse_lookups = false\n'
-        f'[relay]\nsmarthost = "[127.0.0.1]:{port}"\n'
-        f'[[plugins]]\nplugin = "sender-canonical"\nmap = "{tmp_path / "canonical"}"\n'
+    r = _rewritingRelay(
+        relays, tmp_path,
+        "# the site's machines\nroot@web1.internal  ops@example.com\n@app3.lan  @example.com\n",
+        f'[relay]\nsmarthost = "[127.0.0.1]:{port}"\n',
         '[[plugins]]\nplugin = "dkim-sign"\n'
         f'keys = [{{domain = "example.com", selector = "s1", key_file = '
-        f'"{keyFile(tmp_path / "s1.pem", key)}"}}]\n'
-    ).start()
+        f'"{keyFile(tmp_path / "s1.pem", key)}"}}]\n',
+    )
     with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as smtp:
         smtp.sendmail("root@web1.internal", ["bob@example.net", "gone@example.net"], MESSAGE)
         smtp.sendmail("www-data@app3.lan", ["bob@example.net"],
@@ -84,12 +93,8 @@ def test_a_from_line_the_rewriting_would_make_too_long_is_left_as_sent(
     (the log says why), the envelope sender rewritten: the client's message is taken, not
     deferred at each of its tries."""
     hop, port = nexthop()
-    (tmp_path / "canonical").write_text("root@web1.internal  a-much-longer-address@example.com\n")
-    r = relays(
-        '[dns]\nreverse_lookups = false\n'
-        f'[relay]\nsmarthost = "[127.0.0.1]:{port}"\n'
-        f'[[plugins]]\nplugin = "sender-canonical"\nmap = "{tmp_path / "canonical"}"\n'
-    ).start()
+    r = _rewritingRelay(relays, tmp_path, "root@web1.internal  a-much-longer-address@example.com\n",
+                        f'[relay]\nsmarthost = "[127.0.0.1]:{port}"\n')
     field = b"From: " + b"x" * 963 + b" <root@web1.internal>\r\n"
     with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as smtp:
         smtp.sendmail("root@web1.internal", ["bob@example.net"],
@@ -109,13 +114,11 @@ def test_a_sender_route_is_chosen_by_the_rewritten_sender(
     machines' root@web1.internal leaves as ops@example.com through example.com's route."""
     smarthost, smarthostPort = nexthop()
     provider, providerPort = nexthop()
-    (tmp_path / "canonical").write_text("root@web1.internal  ops@example.com\n")
-    r = relays(
-        '[dns]\nreverse_lookups = false\n'
+    r = _rewritingRelay(
+        relays, tmp_path, "root@web1.internal  ops@example.com\n",
         f'[relay]\nsmarthost = "[127.0.0.1]:{smarthostPort}"\n'
-        f'[[sender_routes]]\nsender = "@example.com"\nnexthop = "[127.0.0.1]:{providerPort}"\n'
-        f'[[plugins]]\nplugin = "sender-canonical"\nmap = "{tmp_path / "canonical"}"\n'
-    ).start()
+        f'[[sender_routes]]\nsender = "@example.com"\nnexthop = "[127.0.0.1]:{providerPort}"\n',
+    )
     with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as smtp:
         smtp.sendmail("root@web1.internal", ["bob@example.net"], MESSAGE)
     (message,) = provider.waitTo("bob@example.net")
@@ -128,12 +131,11 @@ def test_an_address_extension_is_kept_through_the_rewriting(relays, nexthop, tmp
     then as root@web1.internal, and becomes ops+cron@example.com (Postfix's canonical maps
     with recipient_delimiter: canonical(5) ADDRESS EXTENSION); it was left as it was."""
     hop, port = nexthop()
-    (tmp_path / "canonical").write_text("root@web1.internal  ops@example.com\n")
-    r = relays(
-        '[dns]\nreverse_lookups = false\n[delivery]\nrecipient_delimiter = "+"\n'
-        f'[relay]\nsmarthost = "[127.0.0.1]:{port}"\n'
-        f'[[plugins]]\nplugin = "sender-canonical"\nmap = "{tmp_path / "canonical"}"\n'
-    ).start()
+    r = _rewritingRelay(
+        relays, tmp_path, "root@web1.internal  ops@example.com\n",
+        '[delivery]\nrecipient_delimiter = "+"\n'
+        f'[relay]\nsmarthost = "[127.0.0.1]:{port}"\n',
+    )
     with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as smtp:
         smtp.sendmail("root+cron@web1.internal", ["bob@example.net"],
                       MESSAGE.replace(b"<root@web1.internal>", b"<root+cron@web1.internal>"))
