@@ -77,6 +77,20 @@ def test_a_listed_client_is_tagged(relays, blocklist) -> None:
         "score": 1, "listed": [{"zone": "bl.test", "answers": ["127.0.0.2"]}]}
 
 
+def send(port: int) -> tuple[int, bytes]:
+    """A message from alice@sender.test to bob@example.org: the reply to its end of data,
+    or to DATA."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        s.ehlo("client.test")
+        assert s.mail("alice@sender.test")[0] == 250
+        assert s.rcpt("bob@example.org")[0] == 250
+        code, text = s.docmd("DATA")
+        if code != 354:
+            return code, text
+        s.send(MESSAGE.encode() + b".\r\n")
+        return s.getreply()
+
+
 def test_two_relays_share_greylisting_through_redis(relays, tmp_path: Path) -> None:
     redis = RedisServer(tmp_path / "redis", password="grey")
     try:
@@ -88,18 +102,6 @@ def test_two_relays_share_greylisting_through_redis(relays, tmp_path: Path) -> N
                   f'redis_password_file = "{tmp_path / "redis.pw"}"\n')
         relayA = relays(config, "a", hold=True).start()
         relayB = relays(config, "b", hold=True).start()
-
-        def send(port: int) -> tuple[int, bytes]:
-            with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
-                s.ehlo("client.test")
-                assert s.mail("alice@sender.test")[0] == 250
-                assert s.rcpt("bob@example.org")[0] == 250
-                code, text = s.docmd("DATA")
-                if code != 354:
-                    return code, text
-                s.send(MESSAGE.encode() + b".\r\n")
-                return s.getreply()
-
         first = time.monotonic()
         assert send(relayA.port) == (451, b"4.7.1 Greylisted, try again later")
         # B has never seen the triplet: it passes there only because A recorded it in Redis.
