@@ -61,9 +61,10 @@ def test_a_new_triplet_waits_the_delay_then_passes(tmp_path: Path) -> None:
 
 
 def test_a_first_sighting_after_the_clock_stepped_back_counts_from_now(tmp_path: Path) -> None:
-    """A triplet first seen before a step back of the clock it is timed on (a Redis store's,
-    the wall clock: here the Clock is both) is seen again "before" its first sighting: the delay counts from then (it waited until the clock
-    reached the first sighting again, an hour for an hour)."""
+    """A triplet first seen before a step back of the clock it is timed on (a Redis
+    server's; here the Clock the memory store runs on) is seen again "before" its first
+    sighting: the delay counts from then (it waited until the clock reached the first
+    sighting again, an hour for an hour)."""
     r = Relay(tmp_path, delay=300)
     assert r.data()[0] == GREYLISTED
     r.clock.rightNow -= 3600
@@ -170,7 +171,7 @@ class BrokenStore(MemoryStore):
         super().__init__(clock.seconds)
         self.hang = hang
 
-    def get(self, key: str) -> Deferred[Any]:
+    def read(self, keys: Any) -> Deferred[Any]:
         return Deferred() if self.hang else fail(ConnectionRefusedError("redis is down"))
 
 
@@ -208,7 +209,7 @@ def test_the_memory_store_outlives_a_reload_and_forgets_expired_records(tmp_path
     store = second.plugin.store
     assert len(store.records) == 2  # the triplet, the client's count
     second.clock.advance(35 * 86400 + 600)
-    fired(store.get("anything"))
+    fired(store.read(["anything"]))
     assert store.records == {}
 
 
@@ -229,7 +230,7 @@ def test_the_memory_store_keeps_a_record_its_time_to_live_through_a_step_back(
     clock.rightNow -= 86400  # stepped back a day
     clock.advance(601)
     monotonic.advance(601)
-    assert fired(store.get("key")) is None
+    assert fired(store.read(["key"])) == (monotonic.seconds(), [None])
 
 
 @pytest.mark.parametrize("step", [3600.0, -3600.0])

@@ -24,6 +24,20 @@ from tests.harness import RedisServer, freePort
 PASSWORD = "grey s3cret"
 
 
+class SkewedReactor:
+    """The reactor, but for its wall clock, C{skew} seconds off: a relay's clock that is
+    wrong (or steps)."""
+
+    def __init__(self, skew: float) -> None:
+        self.skew = skew
+
+    def seconds(self) -> float:
+        return reactor.seconds() + self.skew
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(reactor, name)
+
+
 @pytest.fixture(scope="class")
 def redisServer(request: Any, tmp_path_factory: Any) -> Any:
     server = RedisServer(tmp_path_factory.mktemp("redis"), password=PASSWORD)
@@ -40,10 +54,10 @@ class RedisStoreTests(unittest.TestCase):
     server: RedisServer
     directory: Path
 
-    def plugin(self, **options: Any) -> Any:
+    def plugin(self, clock: Any = reactor, **options: Any) -> Any:
         options = {"store": "redis", "redis": f"tcp:127.0.0.1:{self.server.port}",
                    "redis_password_file": "redis.pw", "store_timeout": 2, **options}
-        plugin = buildPlugin("greylist", options, self.directory, reactor=reactor)
+        plugin = buildPlugin("greylist", options, self.directory, reactor=clock)
         plugin.startService()
         self.addCleanup(plugin.stopService)
         return plugin
@@ -56,16 +70,17 @@ class RedisStoreTests(unittest.TestCase):
     @inlineCallbacks
     def test_values_and_counts_expire(self) -> Any:
         store = self.store()
-        self.assertIsNone((yield store.get("t1:none")))
         yield store.put("t1:a", "value", 0.3)
-        self.assertEqual((yield store.get("t1:a")), "value")
+        now, values = yield store.read(["t1:none", "t1:a"])
+        self.assertEqual(values, [None, "value"])
+        seconds, micro = yield store._redis().execute_command("TIME")
+        self.assertTrue(0 <= int(seconds) + int(micro) / 1e6 - now < 1, now)  # the server's
         self.assertEqual((yield store.increment("t1:n", 0.3)), 1)
         self.assertEqual((yield store.increment("t1:n", 0.3)), 2)
         ttl = yield store._redis().execute_command("PTTL", "t1:n")
         self.assertTrue(0 < ttl <= 300, ttl)
         yield deferLater(reactor, 0.5, lambda: None)
-        self.assertIsNone((yield store.get("t1:a")))
-        self.assertIsNone((yield store.get("t1:n")))
+        self.assertEqual((yield store.read(["t1:a", "t1:n"]))[1], [None, None])
 
     @inlineCallbacks
     def test_two_relays_share_the_triplets(self) -> Any:
@@ -87,6 +102,33 @@ class RedisStoreTests(unittest.TestCase):
                                 "t2:triplet:192.0.2.0/24/alice@example.com/bob@example.org"])
         ttl = yield relayA.store._redis().ttl(keys[1])
         self.assertTrue(35 * 86400 - 10 < ttl <= 35 * 86400, ttl)
+
+    @inlineCallbacks
+    def test_the_delay_runs_on_the_servers_clock_not_the_relays(self) -> Any:
+        """Relays sharing one Redis time a triplet's delay on the server's clock: a relay
+        whose wall clock is hours ahead let a triplet another had just greylisted pass at
+        once, one hours behind started it again, and a step of a relay's clock did the
+        same to its own triplets."""
+        ahead, behind = SkewedReactor(3 * 3600), SkewedReactor(-3 * 3600)
+        relays = [self.plugin(clock, delay=1, key_prefix="t4:")
+                  for clock in (reactor, ahead, behind)]
+
+        def data(plugin: Any, sender: str = "alice@example.com") -> Any:
+            envelope = makeEnvelope(sender, ["bob@example.org"], client=makeClient("192.0.2.7"))
+            d = plugin.checkData(envelope.client, envelope)
+            return d.addCallback(lambda verdict: (verdict, envelope.notes.get("greylist")))
+
+        for plugin in relays:
+            self.assertEqual((yield data(plugin)), (GREYLISTED, None))
+        yield data(relays[1], "carol@example.com")
+        ahead.skew += 3600  # a step forward of its clock
+        self.assertEqual((yield data(relays[1], "carol@example.com")), (GREYLISTED, None))
+        yield deferLater(reactor, 1.1, lambda: None)
+        for plugin in relays:
+            verdict, note = yield data(plugin)
+            self.assertEqual(verdict, CONTINUE)
+            self.assertIn(note["result"], ("passed", "known"))
+            self.assertLess(note.get("delayed", 0), 3)
 
     @inlineCallbacks
     def test_a_wrong_password_or_no_server_defers(self) -> Any:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import DNSServer, LineClient, RedisServer
+from tests.test_e2e_clocksteps import FakeClock
 
 #: Nobody relays (so 127.0.0.1 is exempt from nothing); example.org is accepted.
 BASE = ('[relay]\nnetworks = []\naccept_domains = ["example.org"]\n'
@@ -77,6 +78,16 @@ def test_a_listed_client_is_tagged(relays, blocklist) -> None:
         "score": 1, "listed": [{"zone": "bl.test", "answers": ["127.0.0.2"]}]}
 
 
+def greylistingConfig(redis: RedisServer, tmp_path: Path) -> str:
+    """A relay's configuration greylisting (delay 2 s) with the store C{redis}."""
+    (tmp_path / "redis.pw").write_text("grey\n")
+    return ('[relay]\nnetworks = []\naccept_domains = ["example.org"]\n'
+            '[dns]\nreverse_lookups = false\n'
+            '[[plugins]]\nplugin = "greylist"\ndelay = 2\nstore = "redis"\n'
+            f'redis = "tcp:127.0.0.1:{redis.port}"\n'
+            f'redis_password_file = "{tmp_path / "redis.pw"}"\n')
+
+
 def send(port: int) -> tuple[int, bytes]:
     """A message from alice@sender.test to bob@example.org: the reply to its end of data,
     or to DATA."""
@@ -94,12 +105,7 @@ def send(port: int) -> tuple[int, bytes]:
 def test_two_relays_share_greylisting_through_redis(relays, tmp_path: Path) -> None:
     redis = RedisServer(tmp_path / "redis", password="grey")
     try:
-        (tmp_path / "redis.pw").write_text("grey\n")
-        config = ('[relay]\nnetworks = []\naccept_domains = ["example.org"]\n'
-                  '[dns]\nreverse_lookups = false\n'
-                  '[[plugins]]\nplugin = "greylist"\ndelay = 2\nstore = "redis"\n'
-                  f'redis = "tcp:127.0.0.1:{redis.port}"\n'
-                  f'redis_password_file = "{tmp_path / "redis.pw"}"\n')
+        config = greylistingConfig(redis, tmp_path)
         relayA = relays(config, "a", hold=True).start()
         relayB = relays(config, "b", hold=True).start()
         first = time.monotonic()
@@ -112,5 +118,28 @@ def test_two_relays_share_greylisting_through_redis(relays, tmp_path: Path) -> N
         assert len(relayA.queued()) == len(relayB.queued()) == 1
         relayA.waitForLog(r"NOQUEUE: reject: DATA from unknown\[127\.0\.0\.1\]: 451 4\.7\.1 "
                           r"Greylisted, try again later")
+    finally:
+        redis.stop()
+
+
+def test_greylisting_through_redis_runs_on_the_servers_clock(relays, tmp_path: Path) -> None:
+    """Two relays sharing one Redis, B's wall clock three hours ahead (libfaketime): a
+    triplet A has just greylisted is greylisted at B too, and passes at either once the
+    delay has passed on the Redis server's clock.  B timed the delay on its own clock, and
+    passed it at once (three hours "after" A's first sighting)."""
+    redis = RedisServer(tmp_path / "redis", password="grey")
+    try:
+        config = greylistingConfig(redis, tmp_path)
+        ahead = FakeClock(tmp_path)
+        ahead.step(3 * 3600)
+        relayA = relays(config, "a", hold=True).start()
+        relayB = relays(config, "b", hold=True, env=ahead.env).start()
+        first = time.monotonic()
+        assert send(relayA.port)[0] == 451
+        assert send(relayB.port)[0] == 451
+        assert time.monotonic() - first < 2, "too slow to tell"
+        time.sleep(max(0.0, first + 2.2 - time.monotonic()))
+        assert send(relayB.port)[0] == 250
+        assert send(relayA.port)[0] == 250
     finally:
         redis.stop()

@@ -74,8 +74,10 @@ class IGreylistStore(Interface):
 
     description = Attribute("What and where the store is, for the log (C{'redis tcp:...'}).")
 
-    def get(key: str) -> Any:
-        """A Deferred firing with the value under C{key}, or C{None} (none, or expired)."""
+    def read(keys: Any) -> Any:
+        """A Deferred firing with C{(now, values)}: the store's clock now (seconds), which
+        every relay sharing the store reads alike, and the value under each of C{keys} (a
+        non-empty sequence), or C{None} (none, or expired), in one operation."""
 
     def put(key: str, value: str, ttl: float) -> Any:
         """Set C{key} to C{value}, forgotten C{ttl} seconds from now."""
@@ -115,8 +117,8 @@ class MemoryStore:
         found = self.records.get(key)
         return found[0] if found is not None and found[1] > now else None
 
-    def get(self, key: str) -> Deferred[str | None]:
-        return succeed(self._value(key))
+    def read(self, keys: Any) -> Deferred[tuple[float, list[str | None]]]:
+        return succeed((self._now(), [self._value(key) for key in keys]))
 
     def put(self, key: str, value: str, ttl: float) -> Deferred[None]:
         self.records[key] = (value, self._now() + ttl)
@@ -132,6 +134,8 @@ class MemoryStore:
 _INCREMENT = (
     "local n = redis.call('INCR', KEYS[1]) redis.call('PEXPIRE', KEYS[1], ARGV[1]) return n"
 )
+#: The server's clock (TIME: seconds, microseconds) and the values of the keys, in one step.
+_READ = "local t = redis.call('TIME') return {t[1], t[2], redis.call('MGET', unpack(KEYS))}"
 
 
 @implementer(IGreylistStore)
@@ -195,8 +199,9 @@ class RedisStore:
             return succeed(None)
         return connection.disconnect()
 
-    def get(self, key: str) -> Deferred[str | None]:
-        return self._redis().get(key)
+    def read(self, keys: Any) -> Deferred[tuple[float, list[str | None]]]:
+        d = self._redis().eval(_READ, list(keys))
+        return d.addCallback(lambda r: (int(r[0]) + int(r[1]) / 1e6, list(r[2])))
 
     def put(self, key: str, value: str, ttl: float) -> Deferred[Any]:
         return self._redis().set(key, value, pexpire=max(1, int(ttl * 1000)))
@@ -289,18 +294,16 @@ class Greylist(Service):
     (every triplet had passed before), C{"whitelisted"} (the client's network), C{"exempt"}.
     """
 
-    def __init__(self, options: Any, store: Any, clock: Any,
-                 now: Callable[[], float] | None = None) -> None:
+    def __init__(self, options: Any, store: Any, clock: Any) -> None:
         """
+        @param store: the L{IGreylistStore}, whose clock a triplet's first sighting and
+            delay are timed on (the memory store's monotonic clock; the Redis server's,
+            which the relays sharing it have in common, whatever their own clocks say).
         @param clock: the reactor (its calls time the store's operations out).
-        @param now: the clock a triplet's first sighting and delay are timed on (the memory
-            store's monotonic clock; by default C{clock.seconds}, the wall clock, which
-            relays sharing a Redis store have in common).
         """
         self.options = options
         self.store = store
         self.clock = clock
-        self.now = clock.seconds if now is None else now
         self.prefix: str = options.keyPrefix if options.store == "redis" else ""
 
     def startService(self) -> None:
@@ -337,25 +340,24 @@ class Greylist(Service):
     def _check(self, envelope: Any, network: str) -> Any:
         o = self.options
         clientKey = f"{self.prefix}client:{network}"
-        if o.autoWhitelist:
-            count = yield self._call("get", clientKey)
-            if count is not None and int(count) >= o.autoWhitelist:
-                yield self._call("increment", clientKey, o.lifetime)
-                envelope.notes["greylist"] = {"result": "whitelisted"}
-                return CONTINUE
         sender = normaliseSender(envelope.sender)
         keys = sorted({
             f"{self.prefix}triplet:{network}/{sender}/{r.address.lower()}"
             for r in envelope.recipients
         })
-        records = yield gatherResults([self._call("get", key) for key in keys])
-        now = self.now()
+        # (One read, the client's count with the triplets, and the store's clock with them.)
+        now, records = yield self._call("read", [clientKey, *keys])
+        count, records = records[0], records[1:]
+        if o.autoWhitelist and count is not None and int(count) >= o.autoWhitelist:
+            yield self._call("increment", clientKey, o.lifetime)
+            envelope.notes["greylist"] = {"result": "whitelisted"}
+            return CONTINUE
         updates, waiting, delayed = [], False, 0.0
         for key, record in zip(keys, records, strict=True):
             first, passed = self._record(record)
-            # (A first sighting after now was made before a step back of the wall clock,
-            # with a Redis store: it starts again, or it would wait until the clock
-            # reached it again.)
+            # (A first sighting after now was made before a step back of the Redis
+            # server's clock: it starts again, or it would wait until the clock reached it
+            # again.)
             if first is None or (
                 not passed and not 0 <= now - first <= o.delay + o.retryWindow
             ):
@@ -417,7 +419,6 @@ def build(options: dict[str, Any], context: Any) -> Greylist:
     if read.store == "redis":
         context.checkTimeout("store_timeout", read.storeTimeout)
         store = RedisStore(read.redis, read.redisDb, read.redisPasswordFile, read.storeTimeout)
-        # (The relays sharing it have the wall clock in common, not a monotonic one.)
         return Greylist(read, store, context.reactor)
     memory = context.keep("greylist:memory", lambda: MemoryStore(context.monotonic))
     if getattr(context, "processes", 1) > 1:
@@ -428,5 +429,5 @@ def build(options: dict[str, Any], context: Any) -> Greylist:
             'process is greylisted again; set store = "redis" to share them between '
             "the processes",
         )
-    # The delay is timed on the clock the records live on, which no step moves.
-    return Greylist(read, memory, context.reactor, now=memory.monotonic)
+    # (The delay is timed on the clock the records live on, which no step moves.)
+    return Greylist(read, memory, context.reactor)
