@@ -82,6 +82,9 @@ class Recipient:
     @ivar status: the RFC 3463 status of the last attempt or final outcome (C{"5.1.1"}).
     @ivar remoteMTA: the RFC 3464 Remote-MTA of the last attempt (C{"dns; mx.example.org"}).
     @ivar finalTime: when the recipient was delivered or bounced (seconds since the epoch).
+    @ivar reason: what notices and the queue listing say of the last attempt where it is
+        not what C{lastResult} says (L{mailrelay.interfaces.RecipientResult.reason}: a
+        suspended next hop's deferral), or C{None}; not stored when C{None}.
     @ivar parameters: the RCPT parameters owned by ESMTP extensions, as they parsed them, by
         parameter name (see L{mailrelay.interfaces.IESMTPExtension}).
     """
@@ -97,6 +100,7 @@ class Recipient:
     remoteMTA: str | None = None
     finalTime: float | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
+    reason: str | None = None
 
     @property
     def domain(self) -> str:
@@ -187,6 +191,8 @@ class Envelope:
             rd = {f: getattr(r, f) for f in _RECIPIENT_FIELDS}
             if r.notify is not None:
                 rd["notify"] = list(r.notify)
+            if r.reason is None:  # (as before it existed: older relays read it)
+                del rd["reason"]
             recipients.append(rd)
         d["recipients"] = recipients
         return d
@@ -331,7 +337,7 @@ _CLIENT_KINDS = {
 _RECIPIENT_KINDS = {
     "address": "str", "original": "str", "notify": "strings?", "orcpt": "str?", "state": "state",
     "attempts": "count", "lastResult": "str?", "status": "str?", "remoteMTA": "str?",
-    "finalTime": "time?", "parameters": "object",
+    "finalTime": "time?", "parameters": "object", "reason": "str?",
 }  # fmt: skip
 
 

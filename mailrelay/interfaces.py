@@ -931,6 +931,11 @@ class RecipientResult:
         of a deferral or a bounce says C{(in reply to RCPT TO command)}; C{None} when the
         result is no server's reply.
         Not compared: two results are equal whatever command they answered.
+    @ivar reason: what the log and a notice's text say of the result, where it is not
+        what C{diagnostic} says: a next hop's suspension defers its mail with the failure's
+        diagnostic (C{"smtp; 421 4.3.2 busy"}, the DSN's Diagnostic-Code) and the reason
+        C{"delivery temporarily suspended: host H said: 421 4.3.2 busy"}, as Postfix keeps
+        a DSN's reason apart from its diagnostic text; C{None}: the diagnostic says it.
     """
 
     address: str
@@ -943,6 +948,7 @@ class RecipientResult:
     tls: str | None = None
     final: bool = False
     command: str | None = field(default=None, compare=False)
+    reason: str | None = None
 
     def __post_init__(self) -> None:
         expected = {

@@ -600,3 +600,28 @@ def test_notificationToOtherAddress(original: Path) -> None:
     assert b"To: <postmaster@relay.test>\r\n" in dsn
     perMessage, _ = deliveryStatus(dsn)
     assert "X-Mailrelay-Sender" not in perMessage
+
+
+@pytest.mark.parametrize(("action", "text"), [
+    ("delayed", "<a@example.com>: delivery temporarily suspended: host mx.example.com said: "
+                "421 4.3.2 mx.example.com busy"),
+    ("failed", "<a@example.com>: message expired after 1 hour in the queue; the last attempt "
+               "said: delivery temporarily suspended: host mx.example.com said: 421 4.3.2 "
+               "mx.example.com busy"),
+])
+def test_aReasonBesideTheDiagnostic(original: Path, action: str, text: str) -> None:
+    """A recipient deferred by a suspended next hop (a reason recorded beside the failure's
+    diagnostic): the Diagnostic-Code is the server's reply, typed smtp, with its Remote-MTA,
+    and the text says the reason, as Postfix's bounce daemon writes a DSN's dtype; dtext and
+    its reason apart.  Both said the reason, the Diagnostic-Code typed X-mailrelay."""
+    suspended = Recipient(
+        "a@example.com", status="4.3.2", remoteMTA="dns; mx.example.com",
+        lastResult="smtp; 421 4.3.2 mx.example.com busy",
+        reason="delivery temporarily suspended: host mx.example.com said: 421 4.3.2 "
+               "mx.example.com busy")
+    dsn = build(original, recipients=[suspended], action=action,
+                willRetryUntil=ARRIVAL + 86400 if action == "delayed" else None)
+    _, [block] = deliveryStatus(dsn)
+    assert (block["Status"], block["Remote-MTA"], block["Diagnostic-Code"]) == (
+        "4.3.2", "dns; mx.example.com", "smtp; 421 4.3.2 mx.example.com busy")
+    assert text in " ".join(parts(dsn)[0].get_content().split())

@@ -46,6 +46,7 @@ from mailrelay.queue.control import (
     QueueControl,
     QueueUnavailable,
     UnknownEntry,
+    entryInfo,
 )
 from mailrelay.queue.manager import RETURNED_STATUS
 from mailrelay.route.table import RouteRule
@@ -328,7 +329,11 @@ def test_flush_of_one_entry_resumes_only_its_own_suspended_next_hops(tmp_path: P
     assert hop.reached == ["a.example"] and org not in h.queued()
     later = h.submit("alice@example.com", ["dave@example.net"])
     assert hop.reached == ["a.example"]
-    assert "delivery temporarily suspended" in h.envelope(later).recipients[0].lastResult
+    # (The failure's diagnostic, the reason after "delivery temporarily suspended: ", as
+    # postqueue -j's delay_reason says it.)
+    assert h.envelope(later).recipients[0].lastResult == "X-hop; refused"
+    assert entryInfo(later, h.envelope(later), False)["recipients"][0]["delay_reason"] == (
+        "delivery temporarily suspended: refused")
     assert net in h.queued()
     # A whole flush revives every suspended next hop, as postqueue -f does.
     assert result(c.flush()) == {"results": [], "count": 2}

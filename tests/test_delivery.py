@@ -1188,9 +1188,9 @@ def test_smtp_unreachable_next_hop_is_suspended() -> None:
         assert (r.status, r.diagnostic) == (TRANSIENT, refused.diagnostic)
     assert len(net.attempts) == 2
     (r,) = result(send(backend, "example.net", "a@example.net"))
-    assert (r.status, r.code, r.diagnostic, r.remoteMTA) == (
-        TRANSIENT, "4.4.1",
-        "X-mailrelay; delivery temporarily suspended: connection refused by 192.0.2.30",
+    assert (r.status, r.code, r.diagnostic, r.reason, r.remoteMTA) == (
+        TRANSIENT, "4.4.1", "X-mailrelay; connection refused by 192.0.2.30",
+        "delivery temporarily suspended: connection refused by 192.0.2.30",
         "dns; mx.example.net",
     )
     assert len(net.attempts) == 2  # not tried
@@ -1213,18 +1213,19 @@ def test_a_suspension_after_a_servers_reply_says_what_the_server_said() -> None:
     """A next hop suspended after its server refused the session (421 to EHLO): the
     deliveries deferred meanwhile say what the failure said, as Postfix's qmgr defers them
     with the dead queue's saved DSN (qmgr_queue_throttle(), qmgr_defer_todo()): its status,
-    its Remote-MTA, and its reason after "delivery temporarily suspended: " -- "host H
-    said: <reply>", with the command it answered (qmgr_deliver.c).  It said only the reply,
-    neither which host nor to what."""
+    its Remote-MTA, its diagnostic (type smtp: the reply, as the DSN's Diagnostic-Code), and
+    its reason after "delivery temporarily suspended: " -- "host H said: <reply>", with the
+    command it answered (qmgr_deliver.c).  The diagnostic was the reason, typed
+    X-mailrelay."""
     backend, net, _, _ = smtpBackend(destinationConcurrency=1, connectionCacheTime=0)
     net.connectBehaviour["192.0.2.30"] = SMTPConnectError(
         "4.3.2", "smtp; 421 4.3.2 mx.example.net busy", remoteMTA="dns; mx.example.net",
         command="EHLO")
     (first,) = result(send(backend, "example.net", "a@example.net"))
     (r,) = result(send(backend, "example.net", "a@example.net"))
-    assert (r.status, r.code, r.diagnostic, r.remoteMTA, r.command, r.relay) == (
-        TRANSIENT, "4.3.2",
-        "X-mailrelay; delivery temporarily suspended: host mx.example.net said: 421 4.3.2 "
+    assert (r.status, r.code, r.diagnostic, r.reason, r.remoteMTA, r.command, r.relay) == (
+        TRANSIENT, "4.3.2", "smtp; 421 4.3.2 mx.example.net busy",
+        "delivery temporarily suspended: host mx.example.net said: 421 4.3.2 "
         "mx.example.net busy", "dns; mx.example.net", "EHLO", None)
     assert (first.diagnostic, first.command) == ("smtp; 421 4.3.2 mx.example.net busy", "EHLO")
     assert len(net.attempts) == 1
@@ -1302,7 +1303,7 @@ def test_a_next_hop_unreachable_from_one_source_address_is_suspended_from_it_onl
         "SMTP delivery to [relay.example]:587 from 192.0.2.101 temporarily suspended for 60s "
         "after 2 failure(s) in a row: X-mailrelay; connection refused by relay.example"]
     (r,) = result(send(backend, nexthop, "a@example.com", options=companyA))
-    assert r.diagnostic.startswith("X-mailrelay; delivery temporarily suspended"), r
+    assert (r.reason or "").startswith("delivery temporarily suspended"), r
     assert len(net.attempts) == 2
     # From another source address, or the default one: tried, delivered.
     companyB = RouteOptions(sourceAddress="192.0.2.102")
@@ -1327,7 +1328,7 @@ def test_smtp_suspension_ends_on_time_after_a_step_back_of_the_clock() -> None:
     assert result(send(backend, "example.net", "a@example.net"))[0].status == TRANSIENT
     clock.rightNow -= 3600
     (r,) = result(send(backend, "example.net", "a@example.net"))
-    assert r.diagnostic.startswith("X-mailrelay; delivery temporarily suspended")
+    assert (r.reason or "").startswith("delivery temporarily suspended")
     del net.connectBehaviour["192.0.2.30"]
     clock.advance(60)
     assert result(send(backend, "example.net", "a@example.net"))[0].status == DELIVERED
@@ -1342,7 +1343,8 @@ def test_smtp_next_hop_that_stops_answering_is_suspended() -> None:
     (r,) = result(send(backend, "example.net", "a@example.net"))
     assert r.diagnostic == "X-mailrelay; connection lost"
     (r,) = result(send(backend, "example.net", "a@example.net"))
-    assert r.diagnostic == "X-mailrelay; delivery temporarily suspended: connection lost"
+    assert (r.diagnostic, r.reason) == (
+        "X-mailrelay; connection lost", "delivery temporarily suspended: connection lost")
     assert len(net.attempts) == 1
 
 
@@ -1359,7 +1361,7 @@ def test_smtp_next_hop_whose_hosts_all_stall_or_refuse_is_suspended() -> None:
     (r,) = result(send(backend, "example.org", "a@example.org"))
     assert (r.status, r.diagnostic) == (TRANSIENT, "X-mailrelay; connection lost")
     (r,) = result(send(backend, "example.org", "a@example.org"))
-    assert r.diagnostic == "X-mailrelay; delivery temporarily suspended: connection lost"
+    assert r.reason == "delivery temporarily suspended: connection lost"
     assert [a[0] for a in net.attempts] == ["192.0.2.1", "2001:db8::1", "192.0.2.2"]
     # The primary answering with a deferral: reached, never suspended.
     backend, net, _, _ = smtpBackend(destinationConcurrency=1, connectionCacheTime=0)
@@ -1396,9 +1398,9 @@ def test_suspended_next_hop_defers_the_deliveries_waiting_for_a_slot() -> None:
     assert result(first)[0].diagnostic == "X-mailrelay; connection to mx.example.net timed out"
     for d in waiting:
         (r,) = result(d)
-        assert r.diagnostic == (
-            "X-mailrelay; delivery temporarily suspended: connection to mx.example.net timed out"
-        )
+        assert (r.diagnostic, r.reason) == (
+            "X-mailrelay; connection to mx.example.net timed out",
+            "delivery temporarily suspended: connection to mx.example.net timed out")
     assert len(net.attempts) == 1
     assert backend._perDestination.semaphores == {}
 
@@ -1418,9 +1420,9 @@ def test_lmtp_unreachable_server_is_suspended() -> None:
     assert first.diagnostic == "X-mailrelay; connection refused by lmtp"
     # No server answered: no Remote-MTA (as the SMTP backend; Postfix's lmtp is its smtp).
     assert first.remoteMTA is None and second.remoteMTA is None
-    assert second.diagnostic == (
-        "X-mailrelay; delivery temporarily suspended: connection refused by lmtp"
-    )
+    assert (second.diagnostic, second.reason) == (
+        "X-mailrelay; connection refused by lmtp",
+        "delivery temporarily suspended: connection refused by lmtp")
     assert len(connects) == 1
 
 

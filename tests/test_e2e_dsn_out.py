@@ -14,6 +14,8 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.harness import freePort
 from tests.postfixpeer import DOMAIN, HOSTNAME, postfix  # noqa: F401 - fixture
 from tests.test_e2e_outbound import (
@@ -236,21 +238,27 @@ class BusyServer(SilentServer):
             conn.sendall(b"421 4.3.2 busy.test is busy\r\n")
 
 
-def test_a_delay_notice_of_a_suspended_next_hop_says_what_its_server_said(
-    relay, nexthop, dns  # noqa: F811
+@pytest.mark.parametrize("notice", ["delayed", "failed"])
+def test_a_notice_of_a_suspended_next_hop_says_what_its_server_said(
+    relay, nexthop, dns, notice: str  # noqa: F811
 ) -> None:
     """A next hop whose server answers EHLO with 421 is suspended after a cohort of
     deliveries (1 here); the message deferred meanwhile, unattempted, gets a delay notice
-    saying what that failure said, as Postfix's qmgr defers a dead queue's mail with its
-    saved DSN: the same Status and Remote-MTA, and the reason "delivery temporarily
-    suspended: host H said: <reply>" (the log adds the command it answered).  It said
-    neither which host nor to what command."""
+    (or, past max_lifetime, a bounce) saying what that failure said, as Postfix's qmgr
+    defers a dead queue's mail with its saved DSN (qmgr_queue_throttle(), dsn_copy()): the
+    same Status, Remote-MTA and Diagnostic-Code ("smtp; 421 ...": the server's reply), and
+    the reason "delivery temporarily suspended: host H said: <reply>" in the text and the
+    log (which adds the command it answered).  Its Diagnostic-Code was the reason, typed
+    X-mailrelay."""
     hop, port = nexthop()
     busy = BusyServer()
     try:
+        # (Past max_lifetime, or older than delay_warning, when first tried.)
+        queue = {"min_backoff": 300, "max_backoff": 600}
+        queue.update({"delay_warning": 1} if notice == "delayed" else {"max_lifetime": 1})
+
         def settings(hold: bool) -> str:
-            return config(dns, hold=hold, queue={"min_backoff": 300, "max_backoff": 600,
-                                                 "delay_warning": 1},
+            return config(dns, hold=hold, queue=queue,
                           delivery={"destination_concurrency": 1},
                           routes=[smtpRoute("busy.test", busy.port),
                                   smtpRoute("sender.test", port)])
@@ -260,28 +268,31 @@ def test_a_delay_notice_of_a_suspended_next_hop_says_what_its_server_said(
                   for n in range(2)]
         submitted = time.monotonic()
         r.stop()
-        while time.monotonic() - submitted < 1.1:  # (older than delay_warning when tried)
+        while time.monotonic() - submitted < 1.1:
             time.sleep(0.05)
         r.configText = settings(False)
         r.start()
-        found = {waitResult(r, q, f"u{n}@busy.test", "deferred")["diagnostic"]
+        status = "deferred" if notice == "delayed" else "bounced"
+        found = {waitResult(r, q, f"u{n}@busy.test", status)["diagnostic"]
                  for n, q in enumerate(queued)}
         reply = "421 4.3.2 busy.test is busy"
-        assert found == {
-            f"smtp; {reply} (in reply to EHLO command)",
-            "X-mailrelay; delivery temporarily suspended: host [127.0.0.1] said: "
-            f"{reply} (in reply to EHLO command)"}, r.log()
+        said = f"{reply} (in reply to EHLO command)"
+        suspended = f"delivery temporarily suspended: host [127.0.0.1] said: {said}"
+        if notice == "failed":
+            found = {re.sub(r"^message expired after \d+s in the queue; last error: ", "", d)
+                     for d in found}
+        assert found == {f"smtp; {said}", suspended}, r.log()
         notices = hop.waitTo("alice@sender.test", count=2)
-        blocks = {}
-        for notice in notices:
-            _msg, _perMessage, (block,), _parts = parseReport(notice.content)
-            blocks[block["Final-Recipient"]] = block
-        assert sorted((b["Action"], b["Status"], b["Remote-MTA"], unfold(b["Diagnostic-Code"]))
-                      for b in blocks.values()) == [
-            ("delayed", "4.3.2", "dns; [127.0.0.1]",
-             f"X-mailrelay; delivery temporarily suspended: host [127.0.0.1] said: {reply}"),
-            ("delayed", "4.3.2", "dns; [127.0.0.1]", f"smtp; {reply}"),
-        ], str(blocks)
+        blocks, texts = [], []
+        for n in notices:
+            _msg, _perMessage, (block,), parts = parseReport(n.content)
+            blocks.append((block["Action"], block["Status"], block["Remote-MTA"],
+                           unfold(block["Diagnostic-Code"])))
+            texts.append(" ".join(parts[0].get_payload(decode=True).decode().split()))
+        assert blocks == [(notice, "4.3.2", "dns; [127.0.0.1]", f"smtp; {reply}")] * 2, blocks
+        assert sum(f"delivery temporarily suspended: host [127.0.0.1] said: {reply}" in t
+                   for t in texts) == 1, texts
+        assert all(f"said: {reply}" in t for t in texts), texts
     finally:
         busy.close()
 

@@ -338,3 +338,31 @@ def test_the_log_says_which_command_a_reply_answered() -> None:
                            command="end of DATA")
     (t,) = decide(envelope, [Outcome(r, sent, "mx")], policy, 1100.0).transitions
     assert t.logDiagnostic == "smtp; 250 ok"
+
+
+def test_a_reason_beside_the_diagnostic_is_recorded_and_logged() -> None:
+    """A result whose reason is not what its diagnostic says (a suspended next hop's
+    deferral: the failure's reply, and "delivery temporarily suspended: host H said: ...",
+    as Postfix's qmgr keeps its saved DSN's dtext beside the reason it prepends to) keeps
+    both: the diagnostic for the DSN's Diagnostic-Code, the reason for the log and the
+    notice's text; the next result without one forgets it."""
+    r = Recipient("a@example.org", "a@example.org")
+    envelope = Envelope("s@example.org", [r], arrival=1000.0)
+    reason = "delivery temporarily suspended: host mx.example.org said: 421 4.3.2 busy"
+    suspended = RecipientResult("a@example.org", DeliveryStatus.TRANSIENT, "4.3.2",
+                                "smtp; 421 4.3.2 busy", "dns; mx.example.org",
+                                command="EHLO", reason=reason)
+    policy = QueuePolicy(maxLifetime=3600, minBackoff=300, maxBackoff=4000)
+    decision = decide(envelope, [Outcome(r, suspended, "mx.example.org")], policy, 1100.0)
+    (t,) = decision.transitions
+    assert (t.lastResult, t.reason, t.remoteMTA) == (
+        "smtp; 421 4.3.2 busy", reason, "dns; mx.example.org")
+    assert t.logDiagnostic == f"{reason} (in reply to EHLO command)"
+    apply(envelope, decision)
+    assert (r.lastResult, r.reason) == ("smtp; 421 4.3.2 busy", reason)
+    (t,) = decide(envelope, [Outcome(r, suspended, "mx")], policy, 1000.0 + 3601).transitions
+    assert t.logDiagnostic == ("message expired after 3601s in the queue; last error: "
+                               f"{reason} (in reply to EHLO command)")
+    later = RecipientResult("a@example.org", DeliveryStatus.TRANSIENT, "4.2.0", "smtp; 451 x")
+    apply(envelope, decide(envelope, [Outcome(r, later, "mx")], policy, 1200.0))
+    assert (r.lastResult, r.reason) == ("smtp; 451 x", None)

@@ -950,6 +950,7 @@ def test_loadEnvelopeErrors(spool: Spool, spoolDir: Path) -> None:
         (lambda e: e["recipients"][0].update(state="lost"), "recipients[0].state: 'lost' is not one of"),
         (lambda e: e["recipients"][0].update(notify=[1]), "recipients[0].notify: [1] is not a list of strings"),
         (lambda e: e["recipients"][0].update(finalTime=True), "recipients[0].finalTime: True is not a finite"),
+        (lambda e: e["recipients"][0].update(reason=1), "recipients[0].reason: 1 is not a string"),
         (lambda e: e.update(client=[]), "client: [] is not a JSON object"),
         (lambda e: e.update(client={"port": 25}), "client.address: missing"),
     ],
@@ -1533,3 +1534,20 @@ def test_the_relays_spool_is_swept_every_hour(spoolDir: Path, clock: Clock, even
     joined.startService()
     assert clock.getDelayedCalls() == []
     joined.stopService()
+
+
+def test_aRecipientsReasonIsKeptAndOlderRecordsLoad() -> None:
+    """A recipient's reason (beside its diagnostic: a suspended next hop's deferral) is
+    stored; a recipient without one is written without the field, as before it existed (a
+    relay of the version before reads it), and one written then reads back without one."""
+    reason = "delivery temporarily suspended: host mx.example.org said: 421 busy"
+    envelope = Envelope(sender="a@example.org", recipients=[
+        Recipient("b@example.org", lastResult="smtp; 421 busy", reason=reason),
+        Recipient("c@example.org", lastResult="smtp; 451 later")])
+    again = Envelope.fromJSON(envelope.toJSON())
+    assert [(r.lastResult, r.reason) for r in again.recipients] == [
+        ("smtp; 421 busy", reason), ("smtp; 451 later", None)]
+    stored = json.loads(envelope.toJSON())
+    assert "reason" not in stored["recipients"][1]
+    del stored["recipients"][0]["reason"]
+    assert Envelope.fromDict(stored).recipients[0].reason is None

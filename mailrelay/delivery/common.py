@@ -95,13 +95,15 @@ def resultsForAll(
     diagnostic: str,
     remoteMTA: str | None = None,
     command: str | None = None,
+    reason: str | None = None,
 ) -> list[RecipientResult]:
     """The same result for each of C{recipients} (L{mailrelay.envelope.Recipient}s);
-    C{command}: the one whose reply C{diagnostic} is (L{RecipientResult.command})."""
+    C{command}: the one whose reply C{diagnostic} is (L{RecipientResult.command});
+    C{reason}: L{RecipientResult.reason}."""
     return [
         RecipientResult(
             address=r.address, status=status, code=code, diagnostic=diagnostic,
-            remoteMTA=remoteMTA, command=command,
+            remoteMTA=remoteMTA, command=command, reason=reason,
         )
         for r in recipients
     ]
@@ -238,10 +240,11 @@ class PerDestination:
     ) -> list[RecipientResult] | None:
         """The results of a delivery to C{nexthop} while it is suspended, else C{None}: what
         the failure that suspended it said, as Postfix's qmgr defers a dead queue's entries
-        with its saved DSN (qmgr_queue_throttle(), qmgr_defer_todo()) -- its status, its
-        Remote-MTA (only where a server answered) and the command its reply answered --
-        its reason after C{"delivery temporarily suspended: "} (qmgr_deliver.c), a
-        server's reply as C{"host H said: <reply>"} (smtp_trouble.c)."""
+        with its saved DSN (qmgr_queue_throttle(), dsn_copy(), qmgr_defer_todo()) -- its
+        status, its Remote-MTA (only where a server answered), its diagnostic (a server's
+        reply stays of type smtp: the DSN's Diagnostic-Code) and the command its reply
+        answered -- with its reason after C{"delivery temporarily suspended: "}
+        (qmgr_deliver.c), a server's reply as C{"host H said: <reply>"} (smtp_trouble.c)."""
         key = _destination(nexthop, settings)
         if self.clock is None or self._count(key, self.clock.seconds()) < self.limit:
             return None
@@ -257,9 +260,10 @@ class PerDestination:
             recipients,
             DeliveryStatus.TRANSIENT,
             why.code,
-            f"X-mailrelay; delivery temporarily suspended: {text}",
+            why.diagnostic,
             why.remoteMTA,
             why.command,
+            f"delivery temporarily suspended: {text}",
         )
 
     def run(

@@ -104,7 +104,7 @@ def entryInfo(queueID: str, envelope: Envelope, active: bool) -> dict[str, Any]:
             "attempts": r.attempts,
         }
         if r.lastResult is not None:
-            item["delay_reason"] = r.lastResult
+            item["delay_reason"] = r.reason or r.lastResult
         recipients.append(item)
     return {
         "queue_name": queueName(envelope, active),

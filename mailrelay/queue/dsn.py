@@ -457,7 +457,7 @@ def _explanation(
 
 def _recipientText(r: Recipient, action: str, delay: float) -> str:
     """What the report says of one recipient."""
-    reason = _diagnosticText(r.lastResult) if r.lastResult else ""
+    reason = r.reason or (_diagnosticText(r.lastResult) if r.lastResult else "")
     remote = _remoteName(r.remoteMTA)
     if action in ("delivered", "relayed"):
         text = f"<{r.address}>: " + (f"{action} via {remote}: " if remote else "")
@@ -466,7 +466,7 @@ def _recipientText(r: Recipient, action: str, delay: float) -> str:
         # (A temporary status that failed: the message expired with it.)
         text = f"<{r.address}>: message expired after {_duration(delay)} in the queue"
         return text + (f"; the last attempt said: {reason}" if reason else "")
-    if remote and reason and (r.lastResult or "").lower().startswith("smtp;"):
+    if remote and reason and not r.reason and (r.lastResult or "").lower().startswith("smtp;"):
         # (Only a server's own reply is what it said: an X-mailrelay reason is ours.)
         return f"<{r.address}>: host {remote} said: {reason}"
     return f"<{r.address}>: {reason or 'delivery failed'}"

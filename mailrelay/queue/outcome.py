@@ -67,6 +67,7 @@ class Transition:
     @ivar status: the RFC 3463 status code to record: the result's, also when the message
         expired (a 4.x.x then, as Postfix returns the deferred reason's status).
     @ivar lastResult: the diagnostic to record (the result's).
+    @ivar reason: the reason to record beside it (the result's, L{RecipientResult.reason}).
     @ivar remoteMTA: the Remote-MTA to record (the result's).
     @ivar finalTime: when it was delivered or bounced (its old value while pending).
     @ivar attempts: its attempt count, this one included.
@@ -82,6 +83,7 @@ class Transition:
     status: str
     lastResult: str
     remoteMTA: str | None
+    reason: str | None
     finalTime: float | None
     attempts: int
     relay: str
@@ -188,7 +190,7 @@ def doneEarly(
 def _transition(outcome: Outcome, now: float, delay: float, expired: bool) -> Transition:
     r, result = outcome.recipient, outcome.result
     state, status, finalTime = PENDING, result.code, r.finalTime
-    diagnostic, logStatus = result.diagnostic, "deferred"
+    diagnostic, logStatus = result.reason or result.diagnostic, "deferred"
     if result.command and result.status is not DeliveryStatus.DELIVERED:
         # As Postfix says of a refusal: which command the server's reply answered.
         diagnostic += f" (in reply to {result.command} command)"
@@ -209,6 +211,7 @@ def _transition(outcome: Outcome, now: float, delay: float, expired: bool) -> Tr
         status=status,
         lastResult=result.diagnostic,
         remoteMTA=result.remoteMTA,
+        reason=result.reason,
         finalTime=finalTime,
         attempts=r.attempts + 1,
         relay=outcome.relay,
@@ -315,3 +318,4 @@ def applyTo(r: Recipient, t: Transition) -> None:
     """Write the transition C{t} into the recipient C{r} (its own, or a copy's)."""
     r.state, r.status, r.lastResult = t.state, t.status, t.lastResult
     r.remoteMTA, r.finalTime, r.attempts = t.remoteMTA, t.finalTime, t.attempts
+    r.reason = t.reason
