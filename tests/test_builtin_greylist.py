@@ -191,6 +191,34 @@ def test_a_failing_store_defers_by_default(tmp_path: Path, hang: bool) -> None:
                formatEvent(e) for e in events)  # (a time-out read "(2.0, 'Deferred')")
 
 
+class StoreOfBefore:
+    """A site's store written to the interface before C{read}: C{get} of one key, no clock."""
+
+    description = "site store"
+
+    def __init__(self, clock: Any) -> None:
+        self.memory = MemoryStore(clock.seconds)
+
+    def get(self, key: str) -> Deferred[Any]:
+        return self.memory.read([key]).addCallback(lambda result: result[1][0])
+
+    def put(self, key: str, value: str, ttl: float) -> Any:
+        return self.memory.put(key, value, ttl)
+
+    def increment(self, key: str, ttl: float) -> Any:
+        return self.memory.increment(key, ttl)
+
+
+def test_a_store_with_get_and_no_read_still_works_on_the_relays_clock(tmp_path: Path) -> None:
+    r = Relay(tmp_path, delay=300)
+    r.plugin.store = StoreOfBefore(r.clock)
+    assert r.data() == (GREYLISTED, {})
+    r.clock.advance(299)
+    assert r.data()[0] == GREYLISTED
+    r.clock.advance(6)
+    assert r.data() == (CONTINUE, {"result": "passed", "delayed": 305})
+
+
 def test_a_failing_store_may_pass_instead(tmp_path: Path) -> None:
     r = Relay(tmp_path, store_failure="continue")
     r.plugin.store = BrokenStore(r.clock)

@@ -326,6 +326,15 @@ class Greylist(Service):
         d: Deferred[Any] = getattr(self.store, method)(*args)
         return d.addTimeout(self.options.storeTimeout, self.clock)
 
+    def _read(self, keys: list[str]) -> Deferred[Any]:
+        """The store's C{read}; for a site's store written before it (C{get} of one key,
+        no clock of its own), its C{get}s and the relay's wall clock, as then."""
+        if hasattr(self.store, "read") or not hasattr(self.store, "get"):
+            return self._call("read", keys)
+        now = self.clock.seconds()
+        values = gatherResults([self._call("get", key) for key in keys], consumeErrors=True)
+        return values.addCallback(lambda found: (now, found))
+
     def checkData(self, client: Any, envelope: Any) -> Any:
         ip = clientIP(client.address)
         if ip is None or isExempt(client, ip, self.options.exemptRelayClients,
@@ -346,7 +355,7 @@ class Greylist(Service):
             for r in envelope.recipients
         })
         # (One read, the client's count with the triplets, and the store's clock with them.)
-        now, records = yield self._call("read", [clientKey, *keys])
+        now, records = yield self._read([clientKey, *keys])
         count, records = records[0], records[1:]
         if o.autoWhitelist and count is not None and int(count) >= o.autoWhitelist:
             yield self._call("increment", clientKey, o.lifetime)
