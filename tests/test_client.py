@@ -1267,6 +1267,40 @@ def test_idle421MakesConnectionUnusable():
     assert not conn.usable and peer.transport.disconnecting
 
 
+def test_a421WithTheEhloReplyIsTheDeferralOfTheNextTransaction(message):
+    """A 421 in the same read as the EHLO reply (a server shutting down at once) closes the
+    connection; the transaction then started is deferred with the server's 421 and its
+    text, as Postfix's smtp reads it as the reply to its next command ("host X said: 421
+    ...", smtp_proto.c), not "connection closed", which named neither (found by a review)."""
+    peer = Peer()
+    peer.say(b"220 mx.test ESMTP\r\n")
+    peer.heard()
+    peer.say(ehloReply(["PIPELINING"]) + b"421 4.3.2 shutting down\r\n")
+    conn = resultOf(peer.ready)
+    assert not conn.usable and peer.transport.disconnecting
+    (a,) = resultOf(send(conn, envelope("a@example.org"), message))
+    assert (a.status, a.code, a.diagnostic, a.remoteMTA) == (
+        TRANSIENT, "4.3.2", "smtp; 421 4.3.2 shutting down", "dns; mx.test")
+    assert peer.heard() == b""  # no MAIL after the 421
+
+
+def test_a421ToStarttlsWhereTlsMayBeEndsTheSetUpWithIt():
+    """With C{tls = "may"}, a refused STARTTLS lets the session go on without TLS, but not a
+    421: the server is closing (RFC 5321 section 3.8).  The set-up fails with its 421 and
+    text, as one to EHLO does; going on, the next command met the closed connection and
+    said only "lost connection"."""
+    peer = Peer(ClientSettings("client.test", tls="may"))
+    peer.say(b"220 mx.test ESMTP\r\n")
+    peer.heard()
+    peer.say(ehloReply(["STARTTLS"]))
+    assert peer.heard() == b"STARTTLS\r\n"
+    peer.say(b"421 4.3.2 shutting down\r\n")
+    error = failureOf(peer.ready)
+    assert (error.code, error.permanent, error.diagnostic, error.remoteMTA) == (
+        "4.3.2", False, "smtp; 421 4.3.2 shutting down", "dns; mx.test")
+    assert peer.transport.disconnecting
+
+
 def test_malformedReplyDuringTransaction(message):
     peer, conn = connected()
     d = send(conn, envelope("a@example.org", "b@example.org"), message)

@@ -265,6 +265,10 @@ class SilentServer:
         self.sock.close()
 
 
+class ThenClose(bytes):
+    """A reply of a L{ScriptedServer} after which it closes the connection."""
+
+
 class ScriptedServer(SilentServer):
     """A next hop whose every reply is raw bytes the test chooses: C{replies} maps a verb
     (C{"GREETING"}, C{"EHLO"}, C{"MAIL"}, C{"RCPT"}, C{"DATA"}, C{"DOT"}, C{"RSET"},
@@ -287,14 +291,15 @@ class ScriptedServer(SilentServer):
                                                  daemon=True).start())
 
     def _reply(self, conn: socket.socket, verb: str, seen: dict[str, int]) -> bool:
-        """Send the reply to C{verb}; C{False}: the connection is to be closed instead."""
+        """Send the reply to C{verb}; C{False}: the connection is to be closed instead (or
+        after it, for a L{ThenClose} reply)."""
         reply = self.replies[verb]
         count = seen[verb] = seen.get(verb, -1) + 1
         reply = reply(count) if callable(reply) else reply
         if reply is None:
             return False
         conn.sendall(reply)
-        return True
+        return not isinstance(reply, ThenClose)
 
     def _talk(self, conn: socket.socket) -> None:
         seen: dict[str, int] = {}
@@ -707,6 +712,30 @@ def test_a_4xx_reply_to_ehlo_falls_back_to_helo(relay, dns) -> None:
     hop = ScriptedServer(EHLO=b"451 4.3.0 no ESMTP now\r\n", HELO=b"250 scripted.test\r\n")
     _, m = _sentOnceThrough(relay, dns, hop, "helo only")
     assert m["diagnostic"] == "smtp; 250 2.0.0 ok", m[0]
+
+
+@pytest.mark.parametrize("extensions,answered", [
+    (b"250 PIPELINING\r\n", ""),
+    (b"250 STARTTLS\r\n", " (in reply to STARTTLS command)"),  # (sent on the EHLO reply)
+])
+def test_a_421_with_the_ehlo_reply_defers_with_its_text(relay, dns, extensions,
+                                                        answered) -> None:
+    """A next hop that writes its EHLO reply and "421 4.3.2 shutting down" at once, and
+    closes: the message is deferred with that 421 and its text in the log (and so in a
+    delay notice), as Postfix reports it ("host X said: 421 ..."); it used to say
+    "connection ... is closed", naming neither (also where STARTTLS was offered: under
+    tls = "may" the 421 to it was taken for a refusal, and the session went on)."""
+    hop = ScriptedServer(EHLO=ThenClose(b"250-scripted.test\r\n" + extensions
+                                        + b"421 4.3.2 shutting down\r\n"))
+    try:
+        r = relay(config(dns, queue={"min_backoff": 3600, "max_backoff": 7200},
+                         routes=[smtpRoute("example.org", hop.port)]))
+        qid = submit(r, "alice@sender.test", ["bob@example.org"], message("421"))
+        m = waitResult(r, qid, "bob@example.org", "deferred")
+        assert m["diagnostic"] == "smtp; 421 4.3.2 shutting down" + answered, m[0]
+        assert hop.messages == []
+    finally:
+        hop.close()
 
 
 def test_an_overlong_reply_to_the_end_of_data_is_cut_not_refused(relay, dns) -> None:

@@ -33,6 +33,10 @@ Choices worth knowing (see also L{mailrelay.delivery.connection.SMTPConnection.s
     extensions are forgotten and EHLO is sent again.  With C{tls="may"} a server that does not
     offer STARTTLS, or refuses it, is used in plaintext; a failed handshake is an error
     (L{SMTPConnectError} 4.7.5, transient) and is not retried in plaintext here.
+  - A 421 that comes while no command is due (with the EHLO reply, or while idle) closes
+    the connection, and is the answer the next transaction gets, as Postfix reads it as
+    the reply to its next command; a 421 to STARTTLS ends the set-up, also under
+    C{tls="may"} (the server is closing: RFC 5321 section 3.8).
   - Credentials are never sent on a connection without TLS unless
     L{ClientSettings.authWithoutTLS} is set.
   - REQUIRETLS (RFC 8689): a message whose envelope says C{requireTLS} goes only over TLS
@@ -237,6 +241,9 @@ class ClientSession:
         self._needRset = False
         #: The server has sent a reply (its greeting at least).
         self._heard = False
+        #: The 421 with which the server closed the connection while no command was due
+        #: (with its EHLO reply, or after a transaction): the next transaction's answer.
+        self._closing: Reply | None = None
 
     # Driver API -------------------------------------------------------------------------------
 
@@ -328,6 +335,14 @@ class ClientSession:
             self._out.append(TransactionDone([]))
             return self._out
         if self.state != _IDLE:
+            if self._closing is not None:
+                # Postfix reads such a 421 as the reply to its next command (smtp_proto.c:
+                # "host X said: 421 ..."): the server's status and words, not ours.
+                status, code = statusOf(self._closing)
+                diagnostic = replyDiagnostic(self._closing)
+                self._out.append(TransactionDone(
+                    [self._result(r, status, code, diagnostic) for r in recipients]))
+                return self._out
             if self.state == _CLOSED:
                 diag = f"X-mailrelay; connection with {self.host} is closed"
             else:
@@ -652,6 +667,10 @@ class ClientSession:
             self._out.append(StartTLS())
         elif reply.code // 100 not in (4, 5):
             self._protocolError(f"unexpected reply to STARTTLS {replyDiagnostic(reply)[6:]}")
+        elif reply.code == 421:
+            # The server is closing the connection (RFC 5321 section 3.8), under "may" too:
+            # there is no going on without TLS, and its reply says why.
+            self._connectFailedReply(reply)
         elif self.settings.tls == "required":
             # The server's reply and status, as Postfix's smtp_site_fail() "TLS is required,
             # but host %s refused to start TLS" (smtp_proto.c).
@@ -720,6 +739,7 @@ class ClientSession:
 
     def _reply_idle(self, reply: Reply) -> None:
         if reply.code == 421:  # the server is closing (idle timeout, shutdown)
+            self._closing = reply
             self._close(abort=False)
         else:
             self._protocolError(f"unexpected reply while idle {replyDiagnostic(reply)[6:]}")
