@@ -819,6 +819,28 @@ class RouteOptions:
             if getattr(self, name) is not None
         }
 
+    def refusedBy(self, backend: str) -> str | None:
+        """Why a route to C{backend} cannot carry these options (C{None}: it can).
+
+        They are the settings of a client connection: an C{smtp} route takes them all, an
+        C{lmtp} one all but a source address, any other backend (C{maildir}, C{discard}, a
+        site backend) none, as Postfix's transport(5) gives per-transport options only to
+        the transports that take them.  C{[[routes]]} refuses such a table and the routing
+        table such a rule; a router's route carrying them is deferred (4.3.5), never
+        delivered without them.
+        """
+        if backend == "smtp":
+            return None
+        client = backend == "lmtp"
+        names = [name for name in self.changes()
+                 if not client or name in ("sourceAddress", "sourceAddress6")]
+        if not names:
+            return None
+        if client:
+            return (f"an lmtp route takes no {', '.join(names)} (LMTP connections are not "
+                    "bound to a source address)")
+        return f'only smtp and lmtp routes take {", ".join(names)}, not a "{backend}" route'
+
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -867,7 +889,10 @@ class IRouter(Interface):
 
       - a L{Route}: the recipient goes there; later routers and the table are not asked.
         C{route.backend} names a built-in or C{[[backends]]} backend (an unknown name defers
-        the recipient), C{route.nexthop} is in that backend's notation.
+        the recipient), C{route.nexthop} is in that backend's notation.  C{route.options}
+        are for C{smtp} and C{lmtp} routes only (an C{lmtp} one without a source address:
+        L{RouteOptions.refusedBy}): a route to another backend that carries any defers the
+        recipient (4.3.5, logged), as C{[[routes]]} refuses such a table.
       - C{None} or L{CONTINUE}: no opinion; the next router (at the end, the table) decides.
       - a L{TransientFailure <mailrelay.errors.TransientFailure>} (raised, or failing the
         Deferred): the recipient is deferred and routed again at its next attempt.
@@ -977,9 +1002,11 @@ class IDeliveryBackend(Interface):
             is this backend's name, C{route.nexthop} where to deliver, and C{route.options}
             the L{RouteOptions} to use for this delivery over the backend's own defaults
             (never looked up again by the next hop's name: two routes to one next hop may
-            differ).  A backend must never deliver with weaker settings than these; when it
-            cannot meet them (TLS required but unavailable), the recipients fail
-            transiently, with a diagnostic saying why.
+            differ); only C{smtp} and C{lmtp} routes carry any (the queue defers a route
+            to another backend that does, before calling it).  A backend must never
+            deliver with weaker settings than these; when it cannot meet them (TLS required
+            but unavailable), the recipients fail transiently, with a diagnostic saying
+            why.
         @return: a Deferred firing with one L{RecipientResult} per recipient, in order.  The
             Deferred should not fail; if it does, every recipient counts as a transient
             failure (retried), never as delivered.

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
+
+import pytest
 
 from tests.test_e2e_outbound import (  # noqa: F401 (fixtures)
     bounceID,
@@ -117,15 +120,15 @@ from mailrelay.interfaces import IRouter, Route, RouteOptions
 
 @implementer(IRouter)
 class Bound:
-    def __init__(self, nexthop):
-        self.nexthop = nexthop
+    def __init__(self, backend, nexthop, options):
+        self.route_ = Route(backend, nexthop, RouteOptions(**options))
 
     def route(self, envelope, recipient):
-        return Route("lmtp", self.nexthop, RouteOptions(sourceAddress="127.0.0.1"))
+        return self.route_
 
 
 def build(options, context):
-    return Bound(options["nexthop"])
+    return Bound(options["backend"], options["nexthop"], options["options"])
 '''
 
 DROPIN = '''\
@@ -137,28 +140,40 @@ bound = MailRelayPlugin(name="bound-lmtp", provides=IRouter, description="test r
 '''
 
 
-def test_a_routers_lmtp_route_with_a_source_address_is_deferred(
-    relay, nexthop, dns, tmp_path: Path  # noqa: F811 (the fixtures imported above)
+@pytest.mark.parametrize("backend,options,problem", [
+    ("lmtp", 'sourceAddress = "127.0.0.1"',
+     "an lmtp route takes no sourceAddress (LMTP connections are not bound to a source "
+     "address)"),
+    ("maildir", 'tls = "required", username = "u", password = "p"',
+     'only smtp and lmtp routes take tls, username, password, not a "maildir" route'),
+])
+def test_a_routers_route_with_options_its_backend_does_not_take_is_deferred(
+    relay, nexthop, dns, tmp_path: Path, backend: str, options: str,  # noqa: F811 (fixtures)
+    problem: str,
 ) -> None:
-    """A router's lmtp route that sets a source address (which [[routes]] refuses and LMTP
-    does not use) defers the recipient with 4.3.5, logged; nothing reaches the LMTP server
-    from another address."""
+    """A router's route with options its backend does not take (which [[routes]] refuses):
+    an lmtp route's source address, a maildir route's TLS and AUTH settings, defers the
+    recipient with 4.3.5, logged; nothing reaches the LMTP server from another address,
+    nothing is written to the mailbox as if the options meant nothing (they were silently
+    ignored: found by a review)."""
     lmtp, socket = nexthop(lmtp=True)
+    mailbox = tmp_path / "mail" / "bob"
+    mailbox.mkdir(parents=True)  # (the user exists: a maildir route would deliver)
+    target = f"unix:{socket}" if backend == "lmtp" else f"{mailbox.parent}/{{local}}/Maildir"
     site = tmp_path / "site"
     (site / "twisted" / "plugins").mkdir(parents=True)
     (site / "bound_lmtp.py").write_text(ROUTER)
     (site / "twisted" / "plugins" / "bound_lmtp_plugin.py").write_text(DROPIN)
-    text = config(dns) + f'[[routers]]\nplugin = "bound-lmtp"\nnexthop = "unix:{socket}"\n'
+    text = config(dns) + (f'[[routers]]\nplugin = "bound-lmtp"\nbackend = "{backend}"\n'
+                          f'nexthop = "{target}"\noptions = {{ {options} }}\n')
     r = relay(text, env={"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH",
                                                                                  "")])})
     qid = submit(r, "alice@sender.test", ["bob@lmtp.test"], message("bound"))
     m = waitResult(r, qid, "bob@lmtp.test")
     assert (m["status"], m["diagnostic"]) == (
-        "deferred",
-        f"X-mailrelay; unusable options for the route to unix:{socket}: an lmtp route takes "
-        "no sourceAddress (LMTP connections are not bound to a source address)"), m[0]
-    r.waitForLog(rf"{qid}: the options of the LMTP route to unix:\S+ cannot be used: an lmtp "
-                 "route takes no sourceAddress")
+        "deferred", f"X-mailrelay; unusable options for the route to {target}: {problem}"), m[0]
+    r.waitForLog(rf"{qid}: unusable options for the route to \S+: {re.escape(problem)} for 1 "
+                 r"recipient\(s\); deferring")
     # Kept queued with its status (the envelope is written just after the result's line).
     deadline = time.monotonic() + 10
     while True:
@@ -169,3 +184,4 @@ def test_a_routers_lmtp_route_with_a_source_address_is_deferred(
         time.sleep(0.05)
     assert statuses == ["4.3.5"], envelope
     assert not lmtp.to("bob@lmtp.test")
+    assert list(mailbox.iterdir()) == []

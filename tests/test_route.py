@@ -240,6 +240,27 @@ def test_bad_rules() -> None:
         RoutingTable(smarthost="[nope")
 
 
+@pytest.mark.parametrize("backend,nexthop,options,refused", [
+    ("maildir", "/m/{local}", RouteOptions(tls="required"), "tls"),
+    ("discard", None, RouteOptions(username="u", password="p"), "username, password"),
+    ("acme-store", None, RouteOptions(sourceAddress="192.0.2.1"), "sourceAddress"),
+    ("lmtp", "unix:/run/lmtp", RouteOptions(sourceAddress6="2001:db8::1"), "sourceAddress6"),
+])
+def test_route_options_only_for_the_backends_that_take_them(
+    backend: str, nexthop: str | None, options: RouteOptions, refused: str
+) -> None:
+    """A rule's options are a client connection's (TLS, CA file, AUTH, source address):
+    a rule for another backend that sets them is refused, naming them, as the
+    configuration refuses such a [[routes]] table, not kept and ignored at delivery (as
+    Postfix's transport(5) gives per-transport options only to the transports that take
+    them); an lmtp rule takes them but a source address."""
+    problem = (f"an lmtp route takes no {refused}" if backend == "lmtp"
+               else f'only smtp and lmtp routes take {refused}, not a "{backend}" route')
+    with pytest.raises(ValueError, match=f"route 'example.org': {problem}"):
+        RoutingTable([RouteRule("example.org", backend, nexthop, options)])
+    RoutingTable([RouteRule("example.org", "lmtp", "unix:/run/lmtp", RouteOptions(tls="may"))])
+
+
 def test_recipient_without_domain() -> None:
     with pytest.raises(DeliveryFailure) as e:
         routeOf(RoutingTable(), "postmaster")

@@ -324,6 +324,41 @@ def test_aRoutersFailureIsLoggedOnceByTheQueue(tmp_path: Path) -> None:
         assert len(lines) == 1 and "router r0 " in lines[0], lines
 
 
+@pytest.mark.parametrize("route,refused", [
+    (Route("maildir", "/var/mail/{local}", RouteOptions(tls="required")), "tls"),
+    (Route("discard", "discard", RouteOptions(caFile="/ca.pem")), "caFile"),
+    (Route("archive", "archive", RouteOptions(username="u", password="p")),
+     "username, password"),
+    (Route("lmtp", "unix:/run/lmtp", RouteOptions(sourceAddress="127.0.0.1")),
+     "sourceAddress"),
+])
+def test_aRoutersOptionsTheBackendDoesNotTakeDefer(tmp_path: Path, route: Route,
+                                                   refused: str) -> None:
+    """A router's route to a backend that does not take route options (maildir, discard,
+    a site backend; an lmtp route's source address) defers its recipients with 4.3.5,
+    logged, rather than delivering without them: [[routes]] refuses such a table, and a
+    router's route computed per message is refused where it is used (Postfix's
+    transport(5) gives per-transport options only to the transports that take them)."""
+    backend = Backend()
+    c, clock = chain(Answers(route))
+    deliverer = Deliverer(Spool(tmp_path / "m.eml"), c, {route.backend: backend},
+                          Calls(clock), deliveryTimeout=60)
+    with capturedLogs() as events:
+        outcomes = defer.Deferred.fromCoroutine(
+            deliverer.deliver(ENV.queueID, ENV, [Recipient("bob@example.org")]))
+    results: list[Any] = []
+    outcomes.addBoth(results.append)
+    ((outcome),) = results[0]
+    problem = (f"an lmtp route takes no {refused}" if route.backend == "lmtp"
+               else f'only smtp and lmtp routes take {refused}, not a "{route.backend}" route')
+    assert (outcome.result.status, outcome.result.code) == (DeliveryStatus.TRANSIENT, "4.3.5")
+    assert outcome.result.diagnostic.startswith(
+        f"X-mailrelay; unusable options for the route to {route.nexthop}: {problem}")
+    assert backend.calls == []
+    lines = [formatEvent(e) for e in events if problem in formatEvent(e)]
+    assert len(lines) == 1 and lines[0].startswith(f"{ENV.queueID}: "), lines
+
+
 # ---------------------------------------------------------------------------------------------
 # [[routers]] in the configuration
 

@@ -97,12 +97,9 @@ class LMTPBackend(ClientBackend):
             refuses one), which LMTP connections are not bound to: the delivery is deferred
             rather than made from the system's choice of address.
         """
-        for name in ("sourceAddress", "sourceAddress6"):
-            if getattr(route.options, name) is not None:
-                raise ValueError(
-                    f"an lmtp route takes no {name} (LMTP connections are not bound to a "
-                    "source address)"
-                )
+        refused = route.options.refusedBy("lmtp")
+        if refused is not None:
+            raise ValueError(refused)
         settings = super().settingsFor(route)
         return settings if settings.lmtp else dataclasses.replace(settings, lmtp=True)
 

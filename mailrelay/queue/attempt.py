@@ -477,16 +477,25 @@ class Deliverer:
         those it reported final while it went on (C{done}, handed to C{ended} too), which
         keep what it reported."""
         backend = self.backends.get(route.backend)
-        if backend is None:
+        refused = route.options.refusedBy(route.backend)
+        if backend is None or refused is not None:
+            if backend is None:
+                why = f"unknown delivery backend {route.backend!r}"
+                known = "; known: " + (", ".join(sorted(self.backends)) or "none")
+            else:
+                # A router's route (the table refuses such a rule): deferred, never
+                # delivered without the options it asked for.
+                why = f"unusable options for the route to {route.nexthop}: {refused}"
+                known = ""
             log.error(
-                "{queueID}: unknown delivery backend {backend!r} for {count} recipient(s); "
-                "known: {known}",
+                "{queueID}: {why} for {count} recipient(s){known}; deferring",
                 queueID=queueID,
+                why=why,
                 backend=route.backend,
                 count=len(recipients),
-                known=", ".join(sorted(self.backends)) or "none",
+                known=known,
             )
-            diagnostic = f"X-mailrelay; unknown delivery backend {route.backend!r}"
+            diagnostic = f"X-mailrelay; {why}"
             return [
                 Outcome(r, _transient(r, "4.3.5", diagnostic), _logRelay(route), route.backend)
                 for r in recipients

@@ -226,6 +226,9 @@ class RoutingTable:
             raise ValueError(
                 f"route {rule.domain!r}: options must be RouteOptions, not {rule.options!r}"
             )
+        refused = rule.options.refusedBy(rule.backend)
+        if refused is not None:
+            raise ValueError(f"route {rule.domain!r}: {refused}")
         port = rule.port
         if port is not None:
             if rule.backend != "smtp":
