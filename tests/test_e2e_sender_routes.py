@@ -6,6 +6,7 @@ rule for the recipient wins over the sender's route."""
 
 from __future__ import annotations
 
+import smtplib
 from typing import Any
 
 import pytest
@@ -110,3 +111,35 @@ def test_each_sender_through_its_own_provider_as_its_own_user(
     assert len(providerA.accepted) == 1 and len(providerB.accepted) == 2
     for address in ("x@one.test", "y@one.test", "z@one.test", "w@one.test", "v@routed.test"):
         r.waitForLog(rf"to=<{address}>.*status=sent")
+
+
+def test_postmaster_mail_a_sender_route_takes_is_accepted(
+    dns, relay, nexthop,  # noqa: F811 - fixtures
+) -> None:
+    """No [queue] postmaster, nothing routing the relay's host name but its MX lookup: mail
+    to postmaster@relay.test is refused at RCPT (550 5.1.1) as having nowhere to go -- but
+    not from a sender whose sender route takes it to its relay host, as its delivery does
+    (a [[routes]] rule for the recipient, then the sender route, then the smarthost, then
+    MX: Postfix's trivial-rewrite resolve.c).  It was refused from every sender; the
+    start-up warning names the senders it is accepted from."""
+    hop, port = nexthop()
+    text = config(dns) + (f'[[sender_routes]]\nsender = "@a.example"\n'
+                          f'nexthop = "[127.0.0.1]:{port}"\ntls = "none"\n')
+    r = relay(text)
+    r.waitForLog(r"is refused \(550 5\.1\.1\) but from the senders of \[\[sender_routes\]\] "
+                 r"that route it \(@a\.example\), and bounces")
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=15) as s:
+        s.ehlo("client.test")
+        assert s.mail("bob@b.example")[0] == 250
+        assert s.rcpt("postmaster@relay.test") == (
+            550, b"5.1.1 Recipient address rejected: this relay has no mailbox for its "
+                 b"postmaster")
+        s.rset()
+        assert s.mail("alice@a.example")[0] == 250
+        assert s.rcpt("postmaster@relay.test") == (250, b"2.1.5 Ok")
+        assert s.rcpt("postmaster") == (250, b"2.1.5 Ok")
+        code, reply = s.data(b"Subject: hello postmaster\r\n\r\nHello.\r\n")
+        assert code == 250, reply
+    (received,) = hop.waitTo("postmaster@relay.test")
+    assert received.mailFrom == "alice@a.example"
+    assert received.rcptTos == ["postmaster@relay.test"]  # (the same address twice: once)

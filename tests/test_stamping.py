@@ -431,6 +431,61 @@ def test_postmaster_with_nowhere_to_go_is_refused_at_rcpt(client: str) -> None:
         verdict = relay.check(info, parseForwardPath(f"<{rcpt}>", postmasterDomain="relay.test"))
         assert (verdict.kind is VerdictKind.CONTINUE) is allowed, rcpt
 
+SENDER_ROUTE = '[[sender_routes]]\nsender = "@a.example"\nnexthop = "[smtp.a.example]:587"\n'
+
+
+def _postmasterConfig(tmp_path: Any, text: str) -> Any:
+    from mailrelay.config import loadConfig
+
+    path = tmp_path / "relay.toml"
+    path.write_text('hostname = "relay.test"\n' + text, encoding="utf-8")
+    return loadConfig(str(path))
+
+
+@pytest.mark.parametrize("text,accepted", [
+    # The sender route of @a.example takes its senders' mail to postmaster@relay.test.
+    (SENDER_ROUTE, {"a.example"}),
+    (SENDER_ROUTE + '[[sender_routes]]\nsender = "<>"\nnexthop = "[bounces.example]"\n',
+     {"a.example", "<>"}),
+    # A [[routes]] rule for the name wins over the sender route, as at delivery: by its MX.
+    (SENDER_ROUTE + '[[routes]]\ndomain = "relay.test"\nbackend = "smtp"\n', set()),
+])
+def test_postmaster_mail_a_sender_route_takes_is_accepted(tmp_path: Any, text: str,
+                                                          accepted: set[str]) -> None:
+    """Without [queue] postmaster, mail to postmaster@<hostname> (or <postmaster>) from a
+    sender whose [[sender_routes]] entry routes it goes to that relay host, as its delivery
+    will (a [[routes]] rule for the recipient first, then the sender route, then the
+    smarthost, then MX: Postfix's trivial-rewrite resolve.c): accepted, not refused as
+    having nowhere to go -- the RCPT rule asks the routing table the question the delivery
+    asks.  Other senders' such mail is still refused."""
+    from mailrelay.app.listeners import makeRecipientPolicy
+    from mailrelay.config.plugins import HookPlugins
+
+    policy = makeRecipientPolicy(_postmasterConfig(tmp_path, text), Clock(), HookPlugins())
+    info = ClientInfo(address="192.0.2.1", relayAllowed=False)
+    for sender in ("alice@a.example", "Bob@A.Example", "carol@b.example", ""):
+        for rcpt in ("postmaster@relay.test", "postmaster"):
+            mailbox = parseForwardPath(f"<{rcpt}>", postmasterDomain="relay.test")
+            d = policy.check(info, Envelope(sender=sender), Recipient(str(mailbox)), mailbox)
+            verdicts: list[Any] = []
+            d.addBoth(verdicts.append)
+            expected = (sender.lower().rpartition("@")[2] or "<>") in accepted
+            assert (verdicts[0].kind is VerdictKind.CONTINUE) is expected, (sender, rcpt)
+
+
+def test_the_postmaster_warning_names_the_senders_a_sender_route_takes(tmp_path: Any) -> None:
+    """The start-up, reload and `mailrelay check` warning says which senders' mail to
+    postmaster is accepted after all: those of the sender routes that take it."""
+    from mailrelay.app.relay import _sayWherePostmasterMailGoes
+
+    with capturedLogs() as events:
+        _sayWherePostmasterMailGoes(_postmasterConfig(tmp_path, SENDER_ROUTE))
+    (line,) = [formatEvent(e) for e in events]
+    assert ("mail to postmaster@relay.test (and <postmaster>) is refused (550 5.1.1) but "
+            "from the senders of [[sender_routes]] that route it (@a.example), and bounces"
+            ) in line, line
+
+
 def _clearing(context: Any) -> None:
     context.envelope.recipients.clear()
 

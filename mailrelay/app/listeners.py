@@ -20,7 +20,7 @@ from mailrelay.address import hostPort
 from mailrelay.cleanup.intake import Intake
 from mailrelay.cleanup.stamping import ConfiguredStamper
 from mailrelay.config import Config, ListenerConfig
-from mailrelay.config.checks import postmasterHasNowhereToGo
+from mailrelay.config.checks import postmasterRoutedByOwnMX
 from mailrelay.config.plugins import HookPlugins
 from mailrelay.config.values import resolveProcessCount, systemdSocketProblem
 from mailrelay.delivery.maildir import MaildirUsers, needsUsers
@@ -361,8 +361,10 @@ def makeStampers(config: Config, build: Any) -> list[ConfiguredStamper]:
 def makeRecipientPolicy(config: Config, reactor: Any, hooks: HookPlugins) -> RecipientPolicy:
     """Relay control and the recipient validators (those of C{[[recipient_validators]]},
     then the C{[[plugins]]} serving C{rcpt}), shared by all listeners."""
+    byOwnMX = postmasterRoutedByOwnMX(config)
     relay = RelayControl(config.relayNetworks, config.acceptDomains, config.hostname,
-                         postmasterDeliverable=not postmasterHasNowhereToGo(config))
+                         postmasterDeliverable=True if byOwnMX is None
+                         else lambda sender: not byOwnMX(sender))
     return RecipientPolicy(
         relay, hooks.serving("rcpt"), reactor, mailboxes=_maildirUsers(config, reactor)
     )

@@ -24,7 +24,7 @@ from mailrelay.app.logs import LevelFilter, installTwistdObserver
 from mailrelay.app.plugins import availablePlugins, pluginBuilder
 from mailrelay.app.services import OrderedMultiService, PluginServices, PluginStartError
 from mailrelay.config import Config, loadConfig, overriddenKeys, readConfigFile
-from mailrelay.config.checks import postmasterHasNowhereToGo
+from mailrelay.config.checks import postmasterHasNowhereToGo, sendersRoutingPostmaster
 from mailrelay.config.plugins import buildHooks, makeContext
 from mailrelay.config.schema import given
 from mailrelay.config.values import resolveProcessCount
@@ -89,19 +89,23 @@ def _sayBounceLifetimeLowered(config: Config) -> None:
 
 def _sayWherePostmasterMailGoes(config: Config) -> None:
     """Say when mail to postmaster at the relay's host name has nowhere to go (no C{[queue]
-    postmaster}, the name routed only by its MX lookup): it is refused (L{RelayControl
-    <mailrelay.policy.chain.RelayControl>}), and the bounces that cannot be returned are
-    dropped.  Postfix delivers both locally (postmaster@$myhostname, and
-    C{2bounce_notice_recipient}, to the person its aliases name)."""
+    postmaster}, the name routed only by its MX lookup, but for the senders whose sender
+    route takes it): it is refused (L{RelayControl <mailrelay.policy.chain.RelayControl>}),
+    and the bounces that cannot be returned are dropped.  Postfix delivers both locally
+    (postmaster@$myhostname, and C{2bounce_notice_recipient}, to the person its aliases
+    name)."""
     if postmasterHasNowhereToGo(config):
+        senders = sendersRoutingPostmaster(config)
         log.warn(
             "{source}: queue.postmaster is not set and nothing routes {hostname} but its MX "
             "lookup (normally this relay: a loop): mail to postmaster@{hostname} (and "
-            "<postmaster>) is refused (550 5.1.1), and bounces that cannot be returned are "
-            "logged and dropped; set [queue] postmaster to a mailbox elsewhere, or route "
+            "<postmaster>) is refused (550 5.1.1){but}, and bounces that cannot be returned "
+            "are logged and dropped; set [queue] postmaster to a mailbox elsewhere, or route "
             "{hostname} ([[routes]], a smarthost)",
             source=config.source or "(embedded default)",
             hostname=config.hostname,
+            but=f" but from the senders of [[sender_routes]] that route it ({', '.join(senders)})"
+            if senders else "",
         )
 
 

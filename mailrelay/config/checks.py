@@ -34,7 +34,7 @@ from mailrelay.config.values import (
 )
 from mailrelay.delivery import BUILTIN_BACKENDS
 from mailrelay.endpoints import ListeningSocket, listeningSocket
-from mailrelay.envelope import Recipient
+from mailrelay.envelope import Envelope, Recipient
 from mailrelay.errors import describeValue
 from mailrelay.interfaces import PLATFORM_TRUST_STORE
 from mailrelay.receive.auth import MECHANISMS, PasswordFileError, readPasswordFile
@@ -46,6 +46,7 @@ from mailrelay.receive.tls import (
     loadServerTLS,
 )
 from mailrelay.route.nexthop import (
+    NULL_SENDER_KEY,
     SMTPNexthop,
     checkMaildirTemplate,
     parseLMTPNexthop,
@@ -673,23 +674,68 @@ def routedByOwnMX(address: str, hostname: str, routes: Any, smarthost: Any,
                   routers: Any) -> bool:
     """Whether mail to C{address}, at this relay's own C{hostname}, goes nowhere but to that
     name's MX hosts (normally this very relay): no C{[[routes]]} rule (for it, its parent
-    domain or C{"*"} with a next hop), no smarthost and no router plugin routes it."""
+    domain or C{"*"} with a next hop), no smarthost and no router plugin routes it (for a
+    sender without a sender route: L{postmasterRoutedByOwnMX} asks for any sender)."""
     if address.rpartition("@")[2] != hostname or routers:
         return False
-    route = RoutingTable(routes, smarthost=smarthost).route(None, Recipient(address))
+    table = RoutingTable(routes, smarthost=smarthost)
+    return _byOwnMX(table.route(None, Recipient(address)), hostname)
+
+
+def _byOwnMX(route: Any, hostname: str) -> bool:
+    """Whether C{route} is the MX lookup of C{hostname}."""
     if route.backend != "smtp":
         return False
     nexthop = parseSMTPNexthop(route.nexthop)
     return nexthop.mxLookup and nexthop.host == hostname
 
+
+def postmasterRoutedByOwnMX(config: Any) -> Callable[[str | None], bool] | None:
+    """Whether mail to postmaster at the host name of C{config} (a L{Config}) has nowhere to
+    go, as a function of its sender (C{None}: a sender without a sender route): no
+    C{[queue] postmaster}, and the routing table -- asked as the delivery will ask it: a
+    C{[[routes]]} rule for the name, then the sender's C{[[sender_routes]]} entry, then the
+    smarthost, then the MX lookup (Postfix's trivial-rewrite resolve.c) -- routes it only
+    by that name's MX lookup (normally this relay: a loop; the relay delivers nothing
+    locally).  C{None} when it always has somewhere to go (C{[queue] postmaster} is set, or
+    a router plugin, which the table cannot speak for, may route it)."""
+    if config.queue.postmaster is not None or config.routers:
+        return None
+    hostname = config.hostname
+    table = RoutingTable.fromConfig(config)
+    recipient = Recipient(f"postmaster@{hostname}")
+
+    def byOwnMX(sender: str | None) -> bool:
+        envelope = None if sender is None else Envelope(sender=sender)
+        return _byOwnMX(table.route(envelope, recipient), hostname)
+
+    return byOwnMX
+
+
 def postmasterHasNowhereToGo(config: Any) -> bool:
     """Whether mail to postmaster at the host name of C{config} (a L{Config}) has nowhere
-    to go: no C{[queue] postmaster}, and that name routed only by its MX lookup (normally
-    this relay: a loop; the relay delivers nothing locally)."""
-    return config.queue.postmaster is None and routedByOwnMX(
-        f"postmaster@{config.hostname}", config.hostname, config.routes, config.smarthost,
-        config.routers,
-    )
+    to go from a sender without a sender route (see L{postmasterRoutedByOwnMX})."""
+    byOwnMX = postmasterRoutedByOwnMX(config)
+    return byOwnMX is not None and byOwnMX(None)
+
+
+def sendersRoutingPostmaster(config: Any) -> list[str]:
+    """The C{[[sender_routes]]} entries of C{config} (as written) whose senders' mail to
+    postmaster at its host name goes to their relay host, where that of other senders has
+    nowhere to go (see L{postmasterRoutedByOwnMX})."""
+    byOwnMX = postmasterRoutedByOwnMX(config)
+    if byOwnMX is None or not byOwnMX(None):
+        return []
+    return [route.sender for route in config.senderRoutes
+            if not byOwnMX(_someSender(route.sender))]
+
+
+def _someSender(key: str) -> str:
+    """A sender that the sender route C{key} (C{"user@domain"}, C{"@domain"}, C{"<>"}) is
+    for."""
+    if key == NULL_SENDER_KEY:
+        return ""
+    return "postmaster" + key if key.startswith("@") else key
 
 
 def checkSockets(r: Reading) -> None:

@@ -11,7 +11,7 @@ failing plugin never accepts.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
@@ -43,9 +43,10 @@ class RelayControl:
     @param hostname: this relay's host name; C{postmaster@hostname} is always accepted
         (RFC 5321 4.5.1)...
     @param postmasterDeliverable: ...unless it has nowhere to go (C{False}: no C{[queue]
-        postmaster}, and nothing routes C{hostname} but its MX lookup, normally this relay):
-        then it is refused from everyone (L{NO_POSTMASTER}), rather than accepted and
-        bounced as a loop.
+        postmaster}, and nothing routes C{hostname} but its MX lookup, normally this relay;
+        or a function of the sender, C{None} when not known, saying so for that sender's
+        mail, which a sender route may take elsewhere): then it is refused
+        (L{NO_POSTMASTER}), rather than accepted and bounced as a loop.
     """
 
     def __init__(
@@ -53,7 +54,7 @@ class RelayControl:
         networks: Iterable[IPv4Network | IPv6Network],
         acceptDomains: Iterable[str],
         hostname: str,
-        postmasterDeliverable: bool = True,
+        postmasterDeliverable: bool | Callable[[str | None], bool] = True,
     ) -> None:
         self.postmasterDeliverable = postmasterDeliverable
         self.networks = tuple(networks)
@@ -75,13 +76,14 @@ class RelayControl:
             return False
         return any(addr.version == net.version and addr in net for net in self.networks)
 
-    def check(self, client: ClientInfo, mailbox: Mailbox) -> Verdict:
+    def check(self, client: ClientInfo, mailbox: Mailbox, sender: str | None = None) -> Verdict:
         """CONTINUE when the recipient passes relay control, else 554 5.7.1 (or 550 5.1.1
-        for a postmaster with nowhere to go)."""
+        for a postmaster with nowhere to go from C{sender}, the envelope's)."""
         isPostmaster = (
             mailbox.localPart.lower() == "postmaster" and mailbox.domain == self.hostname
         )
-        if isPostmaster and not self.postmasterDeliverable:
+        deliverable = self.postmasterDeliverable
+        if isPostmaster and not (deliverable(sender) if callable(deliverable) else deliverable):
             return NO_POSTMASTER
         if client.relayAllowed:
             return CONTINUE
@@ -131,7 +133,7 @@ class RecipientPolicy:
     def check(
         self, client: ClientInfo, envelope: Envelope, recipient: Recipient, mailbox: Mailbox
     ) -> Deferred[Verdict]:
-        verdict = self.relay.check(client, mailbox)
+        verdict = self.relay.check(client, mailbox, envelope.sender)
         if verdict.kind is not VerdictKind.CONTINUE:
             return succeed(verdict)
         if self.validators:
