@@ -465,6 +465,46 @@ def _recordedDelivered(r: RelayProcess, address: str) -> bool:
     return False
 
 
+def _stallFirstData(slow: Any) -> Any:
+    """Have the next hop C{slow} (a L{Recorder}) answer its first end of data late: when the
+    event returned is set (after a kill: to nobody), with a 451; the later ones at once."""
+    import threading
+
+    stall = threading.Event()
+
+    def slowReply(received: Any, n: int) -> str:
+        if n == 1:
+            stall.wait(60)
+            return "451 4.3.0 too late"
+        return "250 2.0.0 OK"
+
+    slow.dataReply = slowReply
+    return stall
+
+
+def _routes(**ports: int) -> str:
+    """C{[[routes]]} sending each domain C{<name>.test} by SMTP to 127.0.0.1:C{port}."""
+    return "".join(
+        f'[[routes]]\ndomain = "{name}.test"\nbackend = "smtp"\n'
+        f'nexthop = "[127.0.0.1]:{port}"\n'
+        for name, port in ports.items()
+    )
+
+
+def _waitRecordedWhileStalled(r: RelayProcess, slow: Any, address: str) -> None:
+    """Wait until C{r}'s spool records C{address} delivered and the next hop C{slow} has the
+    message (its end of data stalled: L{_stallFirstData})."""
+    # The log line is written when the record is asked for; a kill must come once the spool
+    # holds it (a kill before that may send it again, as Postfix's may).
+    deadline = time.monotonic() + 30
+    while not _recordedDelivered(r, address) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _recordedDelivered(r, address), f"the spool never recorded {address}"
+    while not slow.attempts and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert slow.attempts, "the slow next hop never got the message"
+
+
 def test_a_recipient_done_before_a_crash_is_not_sent_again(relay, nexthop) -> None:  # noqa: F811
     """A message to a fast next hop and a slow one (its end of data answered late): the
     recipient the fast one took is logged as sent and marked done in the spool when its
@@ -472,26 +512,11 @@ def test_a_recipient_done_before_a_crash_is_not_sent_again(relay, nexthop) -> No
     runs does not make the restarted one send it again.  Both were recorded only once the
     slow delivery ended too: the restarted process sent the message to the fast next hop a
     second time, and the log had no line saying it had it."""
-    import threading
-
     fast, fastPort = nexthop()
     slow, slowPort = nexthop()
-    stall = threading.Event()
-
-    def slowReply(received: Any, n: int) -> str:
-        if n == 1:  # the first end of data: answered late (after the kill: to nobody)
-            stall.wait(60)
-            return "451 4.3.0 too late"
-        return "250 2.0.0 OK"
-
-    slow.dataReply = slowReply
-    route = 'backend = "smtp"\nnexthop = "[127.0.0.1]:{}"\n'
+    stall = _stallFirstData(slow)
     try:
-        r = relay(
-            "[dns]\nreverse_lookups = false\n"
-            f'[[routes]]\ndomain = "fast.test"\n{route.format(fastPort)}'
-            f'[[routes]]\ndomain = "slow.test"\n{route.format(slowPort)}'
-        )
+        r = relay("[dns]\nreverse_lookups = false\n" + _routes(fast=fastPort, slow=slowPort))
         first = int(r.waitForLog(r"delivery process started \(pid (\d+)\)").group(1))
         with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
             s.sendmail("alice@example.com", ["a@fast.test", "b@slow.test"],
@@ -499,15 +524,7 @@ def test_a_recipient_done_before_a_crash_is_not_sent_again(relay, nexthop) -> No
         fast.waitTo("a@fast.test", timeout=30)
         sent = r"to=<a@fast\.test>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:\d+, .*status=sent"
         r.waitForLog(sent, timeout=30)
-        # The line is written when the record is asked for; the kill must come once the
-        # spool holds it (a kill before that may send it again, as Postfix's may).
-        deadline = time.monotonic() + 30
-        while not _recordedDelivered(r, "a@fast.test") and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert _recordedDelivered(r, "a@fast.test"), "the spool never recorded a@fast.test"
-        while not slow.attempts and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert slow.attempts, "the slow next hop never got the message"
+        _waitRecordedWhileStalled(r, slow, "a@fast.test")
         assert not re.search(r"b@slow\.test>.*status=", r.log())  # still delivering
 
         os.kill(first, signal.SIGKILL)
