@@ -87,6 +87,13 @@ class Recipient:
         suspended next hop's deferral), or C{None}; not stored when C{None}.
     @ivar parameters: the RCPT parameters owned by ESMTP extensions, as they parsed them, by
         parameter name (see L{mailrelay.interfaces.IESMTPExtension}).
+    @ivar noticeOwed: the success notice (RFC 3461 NOTIFY=SUCCESS) owed for this recipient,
+        delivered, and not yet queued: its RFC 3464 action (C{"delivered"}, C{"relayed"}),
+        recorded with the delivery (what the notice says is the recipient's C{lastResult},
+        C{remoteMTA}, C{finalTime} and C{orcpt}), cleared when the notice is queued; or
+        C{None}.  Stored only when set, like L{noticeID}.
+    @ivar noticeID: the queue id that notice is to have (so that after a crash it is made
+        again only if it was not queued), or C{None}.
     """
 
     address: str
@@ -101,6 +108,8 @@ class Recipient:
     finalTime: float | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     reason: str | None = None
+    noticeOwed: str | None = None
+    noticeID: str | None = None
 
     @property
     def domain(self) -> str:
@@ -144,6 +153,10 @@ class Envelope:
     @ivar notes: the transaction's notes: what plugins note about the message for later
         stages, the delivery side included (Haraka's transaction notes), by key (prefix keys
         with the plugin's name); JSON values only, stored with the envelope.
+    @ivar noticeOf: for a success notice, the queue id of the message it reports on, whose
+        recipients' marks (L{Recipient.noticeID}) name it until they are cleared: it is not
+        delivered before (after a crash, the message may still be about to queue it).
+        Stored only when set.
     """
 
     sender: str = ""
@@ -167,6 +180,7 @@ class Envelope:
     held: bool = False
     parameters: dict[str, Any] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
+    noticeOf: str | None = None
 
     @property
     def pendingRecipients(self) -> list[Recipient]:
@@ -181,6 +195,8 @@ class Envelope:
             del d["held"]
         if self.utf8Header is None:
             del d["utf8Header"]
+        if self.noticeOf is None:
+            del d["noticeOf"]
         client = self.client
         if client is not None:
             c = {f: getattr(client, f) for f in _CLIENT_FIELDS}
@@ -193,6 +209,8 @@ class Envelope:
                 rd["notify"] = list(r.notify)
             if r.reason is None:  # (as before it existed: older relays read it)
                 del rd["reason"]
+            if r.noticeOwed is None:
+                del rd["noticeOwed"], rd["noticeID"]
             recipients.append(rd)
         d["recipients"] = recipients
         return d
@@ -319,6 +337,7 @@ _KINDS: dict[str, tuple[str, Any]] = {
     ),
     "state": (f"one of {', '.join(RECIPIENT_STATES)}", lambda v: v in RECIPIENT_STATES),
     "object": ("a JSON object", lambda v: isinstance(v, dict)),
+    "notice": ("delivered or relayed", lambda v: v in ("delivered", "relayed")),
 }
 _ENVELOPE_KINDS = {
     "sender": "str", "queueID": "str?", "size": "count?", "body": "str?", "smtputf8": "bool",
@@ -327,7 +346,7 @@ _ENVELOPE_KINDS = {
     "arrival": "time?", "messageSize": "count",
     "attempts": "count", "nextAttempt": "time?", "delayWarned": "bool", "isBounce": "bool",
     "held": "bool",
-    "parameters": "object", "notes": "object",
+    "parameters": "object", "notes": "object", "noticeOf": "str?",
 }  # fmt: skip
 _CLIENT_KINDS = {
     "address": "str", "port": "count", "rdns": "str?", "helo": "str?", "esmtp": "bool",
@@ -337,7 +356,8 @@ _CLIENT_KINDS = {
 _RECIPIENT_KINDS = {
     "address": "str", "original": "str", "notify": "strings?", "orcpt": "str?", "state": "state",
     "attempts": "count", "lastResult": "str?", "status": "str?", "remoteMTA": "str?",
-    "finalTime": "time?", "parameters": "object", "reason": "str?",
+    "finalTime": "time?", "parameters": "object", "reason": "str?", "noticeOwed": "notice?",
+    "noticeID": "str?",
 }  # fmt: skip
 
 

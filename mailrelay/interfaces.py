@@ -602,7 +602,9 @@ class IIntake(Interface):
         """Start a message from C{client} (C{None}: made here): an L{IIncomingMessage}, or
         the L{Reply} refusing it (the spool cannot take it now)."""
 
-    def submit(envelope: Envelope, message: bytes, *, notify: bool = True) -> Any:
+    def submit(
+        envelope: Envelope, message: bytes, *, notify: bool = True, queueID: str | None = None
+    ) -> Any:
         """Spool a message the relay made itself (a delivery status notification), given
         whole: CRLF lines, the header section first, not dot-stuffed.
 
@@ -627,6 +629,9 @@ class IIntake(Interface):
             received (the intake's C{notify}); C{False} when the caller schedules it
             itself (the queue manager, committing the notifications of an attempt before
             recording the attempt, enqueues their ids once all are committed).
+        @param queueID: the queue id the message is to have (the queue manager's success
+            notices have the id their marks name, so that one already queued is not queued
+            twice: the spool refuses an id taken); C{None}: a new one.
         @return: a Deferred firing with its queue id once it is durable (and, with
             C{notify}, the queue told), or failing with L{MessageRefused} carrying the
             reply an SMTP client would have had: 451 4.3.0 when the spool cannot take it
@@ -690,6 +695,10 @@ class ISpool(Interface):
             a new one (L{IMessageWriter.queueID}).
         @raise mailrelay.errors.SpoolError: the message cannot be created.
         """
+
+    def newQueueID() -> str:
+        """A new queue id, for an entry to be opened later under it (L{openMessage}): the
+        queue manager's success notices, whose id is recorded before they are made."""
 
     def hasFreeSpace(needed: int = 0) -> bool:
         """Whether C{needed} more octets still leave the spool's reserve free."""

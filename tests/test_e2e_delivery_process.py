@@ -538,6 +538,59 @@ def test_a_recipient_done_before_a_crash_is_not_sent_again(relay, nexthop) -> No
     assert "Traceback" not in r.log()
 
 
+def _finalRecipients(received: Any) -> list[bytes]:
+    """The Final-Recipient addresses of the notice C{received}, in lower case."""
+    return [m.lower() for m in re.findall(rb"^Final-Recipient: *rfc822; *(\S+)", received.content,
+                                          re.MULTILINE | re.IGNORECASE)]
+
+
+def test_a_success_notice_owed_at_a_crash_is_made_once(relay, nexthop) -> None:  # noqa: F811
+    """A message to a fast next hop and one that stalls after DATA, NOTIFY=SUCCESS on both
+    recipients (RFC 3461; neither next hop offers DSN: the relay sends the notices): the
+    delivery process killed (kill -9) while the slow one stalls, the restarted one does not
+    send the message to the fast one again, and each recipient gets exactly one success
+    notice.  The recipient owed a notice was recorded done only at the attempt's end: the
+    restarted process sent it a second copy."""
+    fast, fastPort = nexthop()
+    slow, slowPort = nexthop()
+    notices, noticePort = nexthop()
+    stall = _stallFirstData(slow)
+    both = [b"a@fast.test", b"b@slow.test"]
+
+    def reported(accepted: list[Any]) -> list[bytes]:
+        return sorted(a for m in accepted for a in _finalRecipients(m))
+
+    try:
+        r = relay(
+            "[dns]\nreverse_lookups = false\n[queue]\nmin_backoff = 1\nmax_backoff = 2\n"
+            + _routes(fast=fastPort, slow=slowPort)
+            + f'[[routes]]\ndomain = "example.com"\nbackend = "smtp"\n'
+            f'nexthop = "[127.0.0.1]:{noticePort}"\n'
+        )
+        first = int(r.waitForLog(r"delivery process started \(pid (\d+)\)").group(1))
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
+            s.sendmail("alice@example.com", ["a@fast.test", "b@slow.test"],
+                       b"Subject: p\r\n\r\nbody\r\n", rcpt_options=["NOTIFY=SUCCESS"])
+        fast.waitTo("a@fast.test", timeout=30)
+        _waitRecordedWhileStalled(r, slow, "a@fast.test")
+        assert not notices.accepted  # made at the attempt's end
+
+        os.kill(first, signal.SIGKILL)
+        stall.set()
+        slow.waitTo("b@slow.test", timeout=30)
+        notices.waitFor(lambda accepted: reported(accepted) == both, timeout=30,
+                        what="a notice for each recipient")
+        deadline = time.monotonic() + 30
+        while list((r.spool / "queue").glob("*.json")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not list((r.spool / "queue").glob("*.json")), "the queue never emptied"
+    finally:
+        stall.set()
+    assert len(fast.to("a@fast.test")) == 1
+    assert reported(notices.accepted) == both
+    assert "Traceback" not in r.log()
+
+
 def test_a_stop_with_hundreds_of_deliveries_waiting_for_a_next_hop(relay, nexthop) -> None:  # noqa: F811
     """600 messages for a next hop that takes one at a time (destination_concurrency = 1)
     and stalls on the first until the stop has begun: then the 599 waiting are not started,

@@ -40,7 +40,7 @@ from mailrelay.queue import scheduler as schedulerModule
 from mailrelay.queue.attempt import Calls
 from mailrelay.queue.observers import Observers
 from mailrelay.queue.outcome import POSTMASTER_SOURCE
-from mailrelay.spool import Spool, newQueueID
+from mailrelay.spool import Spool, isQueueID, newQueueID
 from mailrelay.testing import RecordingObserver
 
 HOST = "relay.test"
@@ -1960,31 +1960,109 @@ def test_aSingleDeliveryWritesTheEnvelopeOnce(
     resultOf(qm.stopService())
 
 
-def test_aRecipientOwedASuccessNoticeIsRecordedAtTheEnd(
+def noticesAbout(backend: FakeBackend, address: str) -> list[Call]:
+    """The success notices C{backend} was given that report on C{address}."""
+    return [
+        call for call in backend.bounces()
+        if f"rfc822; {address}" in [b["Final-Recipient"] for b in recipientBlocks(call.message)]
+    ]
+
+
+def test_aRecipientOwedASuccessNoticeIsRecordedAtOnceWithTheNoticeOwed(
     spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any
 ) -> None:
-    """A recipient whose sender asked for a success notice (NOTIFY=SUCCESS) is recorded and
-    logged with the attempt's results, after its notice is queued: recorded before, a crash
-    would lose the notice."""
-    asked = Recipient("a@fast.test", "a@fast.test", notify=["SUCCESS"])
+    """A recipient whose sender asked for a success notice (NOTIFY=SUCCESS) is recorded done
+    and logged as soon as its delivery ends, like the others, with the notice it is owed (its
+    action and the notice's queue id) in the same write, as Postfix marks it done in the
+    queue file and keeps what the notice needs in its trace log; the notice is made at the
+    attempt's end under that id, and the mark goes.  It waited for the attempt's end: a crash
+    meanwhile sent the message to it again."""
+    asked = Recipient("a@fast.test", "a@fast.test", notify=["SUCCESS"],
+                      orcpt="rfc822;A@Fast.Test")
     qm, queueID = fastAndSlow(
         spool, router, backend, clock, [asked, "b@slow.test", "c@fast.test"]
     )
-    assert [r["state"] for r in stored(spool, queueID)["recipients"]] == [
-        PENDING, PENDING, DELIVERED
-    ]
-    assert not sentLines(events, queueID, "a@fast.test")
-    assert len(sentLines(events, queueID, "c@fast.test")) == 1
+    record = stored(spool, queueID)
+    assert [r["state"] for r in record["recipients"]] == [DELIVERED, PENDING, DELIVERED]
+    owed = record["recipients"][0]
+    assert owed["noticeOwed"] == "relayed" and isQueueID(owed["noticeID"])
+    assert owed["lastResult"] == "smtp; 250 2.0.0 Ok" and owed["finalTime"] == START
+    assert owed["remoteMTA"] == "dns; mx.fast.test" and owed["orcpt"] == "rfc822;A@Fast.Test"
+    # Only a recipient owed one carries the mark: the others keep the form earlier versions
+    # wrote (and read).
+    assert "noticeOwed" not in record["recipients"][2] and "noticeOf" not in record
+    assert len(sentLines(events, queueID, "a@fast.test")) == 1
+    assert not backend.bounces()  # made at the attempt's end
     backend.release()
-    (notice,) = backend.bounces()  # the success notice
+    (notice,) = backend.bounces()
+    assert notice.queueID == owed["noticeID"]
     assert [b["Final-Recipient"] for b in recipientBlocks(notice.message)] == [
         "rfc822; a@fast.test"
     ]
     assert len(sentLines(events, queueID, "a@fast.test")) == 1
-    assert len(sentLines(events, queueID, "c@fast.test")) == 1
     assert queueID not in spool.queueIDs()
     backend.release()  # (the notice's delivery)
+    assert spool.queueIDs() == []
     resultOf(qm.stopService())
+
+
+def test_aSuccessNoticeOwedIsMadeOnceAfterACrash(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    """The delivery process dies while slow.test's delivery runs, a success notice owed for
+    the recipient fast.test took: the next queue manager sends the message to slow.test only,
+    and makes the notice owed, once."""
+    asked = Recipient("a@fast.test", "a@fast.test", notify=["SUCCESS"])
+    fastAndSlow(spool, router, backend, clock, [asked, "b@slow.test"])
+    backend.held.clear()  # (the crash: that answer never comes)
+    backend.hold = False
+    following = makeManager(spool, router, {"smtp": backend}, clock)
+    following.startService()
+    assert [c.addresses for c in backend.calls if not c.isBounce][-1] == ["b@slow.test"]
+    assert backend.addressesDelivered().count("a@fast.test") == 1
+    assert len(noticesAbout(backend, "a@fast.test")) == 1
+    assert len(backend.bounces()) == 1
+    assert spool.queueIDs() == []
+    resultOf(following.stopService())
+
+
+def test_aSuccessNoticeQueuedJustBeforeACrashIsNotQueuedAgain(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, monkeypatch: Any,
+    events: Any,
+) -> None:
+    """The delivery process dies once the success notice owed is queued, before the mark
+    saying it is owed is cleared: the next queue manager does not queue it again (it is
+    queued under the id the mark names), and does not deliver it until that mark is cleared
+    (delivered and removed first, it would be made again)."""
+    asked = Recipient("a@fast.test", "a@fast.test", notify=["SUCCESS"])
+    _, queueID = fastAndSlow(spool, router, backend, clock, [asked, "b@slow.test"])
+    noticeID = stored(spool, queueID)["recipients"][0]["noticeID"]
+    crashed: list[Deferred[None]] = []
+
+    def never(*args: Any) -> Deferred[None]:
+        crashed.append(Deferred())
+        return crashed[-1]
+
+    monkeypatch.setattr(spool, "updateEnvelope", never)
+    monkeypatch.setattr(spool, "remove", never)
+    backend.release()  # slow.test's answer: the attempt ends, its notice is queued
+    assert noticeID in spool.queueIDs() and crashed  # (and the record never ends)
+    monkeypatch.undo()
+    backend.held.clear()  # (the crash: the notice's delivery never ends)
+    del backend.calls[:]
+    following = makeManager(spool, router, {"smtp": backend}, clock)
+    following.startService()
+    # The message again (slow.test's answer was not recorded), but not the notice yet.
+    assert [c.addresses for c in backend.calls] == [["b@slow.test"]]
+    assert any(f"{noticeID}: waits for {queueID}" in t for t in texts(events))
+    backend.release()
+    assert len(noticesAbout(backend, "a@fast.test")) == 1
+    assert any(f"{noticeID} (queued before" in t for t in texts(events, queueID))
+    assert backend.bounces()[0].queueID == noticeID
+    backend.release()  # (the notice's delivery)
+    assert len(noticesAbout(backend, "a@fast.test")) == 1
+    assert spool.queueIDs() == []
+    resultOf(following.stopService())
 
 
 def test_aHoldDuringTheAttemptKeepsTheRecipientsDoneEarly(

@@ -1448,6 +1448,33 @@ def test_requireTLSIsKeptAndDefaultsToFalse() -> None:
     assert Envelope.fromDict(old).requireTLS is False
 
 
+def test_aSuccessNoticeOwedIsKeptAndEarlierEnvelopesReadBack() -> None:
+    """A recipient's success notice owed (its action and queue id) and a notice's message
+    are stored on the envelope, only when set: an envelope without them is written as
+    before, and one written before the fields existed reads back without them.  A damaged
+    mark is refused, naming the field."""
+    owed = Recipient("b@example.org", noticeOwed="relayed", noticeID=newQueueID())
+    envelope = Envelope(sender="a@example.org", recipients=[owed, Recipient("c@example.org")],
+                        noticeOf=newQueueID())
+    back = Envelope.fromJSON(envelope.toJSON())
+    assert (back.recipients[0].noticeOwed, back.recipients[0].noticeID) == (
+        "relayed", owed.noticeID)
+    assert back.noticeOf == envelope.noticeOf
+    stored = json.loads(envelope.toJSON())
+    assert "noticeOwed" not in stored["recipients"][1]
+    assert "noticeID" not in stored["recipients"][1]
+    for r in stored["recipients"]:
+        r.pop("noticeOwed", None), r.pop("noticeID", None)
+    del stored["noticeOf"]
+    old = Envelope.fromDict(stored)
+    assert old.noticeOf is None and all(r.noticeOwed is None for r in old.recipients)
+    assert "noticeOf" not in json.loads(old.toJSON())
+    stored["recipients"][0]["noticeOwed"] = "sent"
+    with pytest.raises(ValueError, match=r"recipients\[0\]\.noticeOwed: 'sent' is not "
+                                         r"delivered or relayed"):
+        Envelope.fromDict(stored)
+
+
 def test_stale_partial_files_are_swept(spool: Spool, spoolDir: Path, events) -> None:
     """A process that ends while it writes (an acceptor process or sendmail killed, the
     delivery process killed in an envelope update) leaves its file in tmp/; only a start

@@ -143,9 +143,16 @@ class Intake:
         """Start a message (see L{IIntake.open}); sets C{envelope.queueID}."""
         return self._open(envelope, client, listenerOptions or {}, self.notify)
 
-    def submit(self, envelope: Envelope, message: bytes, *, notify: bool = True) -> Deferred[str]:
+    def submit(
+        self,
+        envelope: Envelope,
+        message: bytes,
+        *,
+        notify: bool = True,
+        queueID: str | None = None,
+    ) -> Deferred[str]:
         """Spool a whole message made here (see L{IIntake.submit})."""
-        opened = self._open(envelope, None, {}, self.notify if notify else None)
+        opened = self._open(envelope, None, {}, self.notify if notify else None, queueID)
         if isinstance(opened, Reply):
             return fail(MessageRefused(opened))
         opened.write(message)
@@ -163,9 +170,10 @@ class Intake:
         client: ClientInfo | None,
         listenerOptions: dict[str, Any],
         notify: Callable[[str], object] | None,
+        queueID: str | None = None,
     ) -> IncomingMessage | Reply:
         try:
-            writer = self.spool.openMessage()
+            writer = self.spool.openMessage(queueID)
         except SpoolError as e:
             log.error("cannot create queue file: {error}", error=str(e))
             return R.LOCAL_ERROR

@@ -628,6 +628,7 @@ def dsnEnvelope(
     hostname: str = "localhost",
     message: bytes | None = None,
     postmasterNotice: bool = False,
+    noticeOf: str | None = None,
 ) -> Envelope:
     """The envelope to queue a notification about C{original} under.
 
@@ -642,6 +643,8 @@ def dsnEnvelope(
     @param postmasterNotice: this notification goes to the postmaster because a bounce failed;
         it is marked (C{client.listener} is L{POSTMASTER_SOURCE}) so that, should it fail too,
         it is dropped instead of notifying anyone again.
+    @param noticeOf: for a success notice made from its recipients' marks, the queue id of
+        C{original} (see L{Envelope.noticeOf}).
     @return: an envelope with the null sender, one recipient, C{isBounce} set.
     """
     eightBit = message is not None and not message.isascii()
@@ -661,4 +664,5 @@ def dsnEnvelope(
         arrival=now,
         messageSize=len(message) if message is not None else 0,
         isBounce=True,
+        noticeOf=noticeOf,
     )

@@ -16,8 +16,12 @@ crash anywhere in between may repeat a delivery or a notification, but loses not
 an attempt makes several deliveries (next hops), the recipients of each one that ends while
 others still run are logged as sent and recorded in the spool at once, as Postfix's delivery
 agents mark each recipient done when its delivery ends: a crash while a slow next hop is
-being delivered to does not send the message again to the others.  (A recipient whose sender
-is owed a success notice waits for the attempt's end, when its notice is made.)
+being delivered to does not send the message again to the others.  A recipient whose sender
+is owed a success notice (NOTIFY=SUCCESS) is recorded so too, marked with the notice owed and
+the queue id it is to have (Postfix's trace log); the notice is made at the attempt's end
+from what is recorded, or, after a crash, at the next attempt, under that id: it is queued
+once (L{mailrelay.queue.notify}), and delivered once the marks naming it are cleared in the
+spool (a notice whose message still names it waits: L{QueueManager._noticeStillOwed}).
 
 Everything runs on the reactor thread; the only blocking calls are the small reads of
 envelopes (L{ISpool.loadEnvelope}, with a stat of the message) and of the original's header
@@ -50,7 +54,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailrelay.envelope import BOUNCED, DELIVERED, PENDING, Envelope
+from mailrelay.envelope import BOUNCED, DELIVERED, PENDING, Envelope, Recipient
 from mailrelay.errors import CorruptEntry, EntryGone, SpoolError
 from mailrelay.interfaces import (
     DEFERRED,
@@ -66,6 +70,7 @@ from mailrelay.queue.attempt import Calls, Deliverer, DeliveryTimedOut
 from mailrelay.queue.notify import Notifier
 from mailrelay.queue.observers import Observers
 from mailrelay.queue.outcome import (
+    SUCCESS_ACTIONS,
     Decision,
     Outcome,
     Transition,
@@ -73,6 +78,7 @@ from mailrelay.queue.outcome import (
     applyTo,
     decide,
     doneEarly,
+    wants,
 )
 from mailrelay.queue.policy import QueuePolicy
 from mailrelay.queue.scheduler import Scheduler
@@ -579,6 +585,8 @@ class QueueManager(Service):
         if envelope.held:
             self._held.add(queueID)
             return False
+        if envelope.noticeOf is not None and self._noticeStillOwed(queueID, envelope.noticeOf):
+            return False  # (enqueued once its message records it queued)
         stepped = self._stepped.get(queueID, 0.0)
         nextAttempt = None if envelope.nextAttempt is None else envelope.nextAttempt + stepped
         if nextAttempt is not None and nextAttempt - now > self.policy.maxBackoff:
@@ -714,11 +722,15 @@ class QueueManager(Service):
             envelope.arrival = self.clock.seconds()
         pending = envelope.pendingRecipients
         if not pending:
-            # Finished before a crash, or by another process: only the removal is left.
+            # Finished before a crash, or by another process: only the removal is left, and
+            # the success notices still owed (a crash came before they were queued).
+            if _marked(envelope):
+                return await self._conclude(queueID, envelope, [])
             return await self._remove(queueID)
+        noticeIDs = _noticeIDs(envelope, pending, self.spool.newQueueID)
 
         def ended(outcomes: list[Outcome]) -> None:
-            self._deliveryEnded(queueID, envelope, outcomes)
+            self._deliveryEnded(queueID, envelope, outcomes, noticeIDs)
 
         try:
             outcomes = await self.deliverer.deliver(
@@ -727,20 +739,30 @@ class QueueManager(Service):
             saving = self._earlySave.get(queueID)
             if saving is not None:
                 await saving
-            return await self._conclude(queueID, envelope, outcomes)
+            return await self._conclude(queueID, envelope, outcomes, noticeIDs)
         finally:
             self._early.pop(queueID, None)
 
-    def _deliveryEnded(self, queueID: str, envelope: Envelope, outcomes: list[Outcome]) -> None:
+    def _deliveryEnded(
+        self,
+        queueID: str,
+        envelope: Envelope,
+        outcomes: list[Outcome],
+        noticeIDs: dict[str, str],
+    ) -> None:
         """One delivery of C{envelope}'s attempt ended while others still run, or reported
-        recipients done while it goes on: log its recipients done (L{doneEarly}; once each)
-        and have the spool record them now (or, when a record of earlier ones is in flight,
-        right after it)."""
+        recipients done while it goes on: log its recipients done (L{doneEarly}; once each,
+        with the success notice each owes, by the attempt's C{noticeIDs}) and have the spool
+        record them now (or, when a record of earlier ones is in flight, right after it)."""
         now = self.clock.seconds()
         early = self._early.setdefault(queueID, {})
         # (A recipient its backend reported done while the delivery went on comes again
         # with the delivery's end.)
-        done = [t for t in doneEarly(envelope, outcomes, now) if id(t.recipient) not in early]
+        done = [
+            t
+            for t in doneEarly(envelope, outcomes, now, noticeIDs)
+            if id(t.recipient) not in early
+        ]
         if not done:
             return
         delay = now - (envelope.arrival if envelope.arrival is not None else now)
@@ -796,10 +818,16 @@ class QueueManager(Service):
             self._earlySave.pop(queueID, None)
 
     async def _conclude(
-        self, queueID: str, envelope: Envelope, outcomes: list[Outcome]
+        self,
+        queueID: str,
+        envelope: Envelope,
+        outcomes: list[Outcome],
+        noticeIDs: dict[str, str] | None = None,
     ) -> float | None:
         """Decide what C{outcomes} mean, notify, log and record them; return when to
-        schedule the entry next, or C{None} when it is gone."""
+        schedule the entry next, or C{None} when it is gone.  Then enqueue the success
+        notices queued under their marks' ids (L{mailrelay.queue.notify}), once the marks
+        are recorded cleared (or the entry removed)."""
         now = self.clock.seconds()
         # A step of the clock from now on is not applied to the envelope in memory, whose
         # times are decided and recorded as of now: to the time returned, and to the record
@@ -807,13 +835,18 @@ class QueueManager(Service):
         self._concluding[queueID] = self._stepTotal
         try:
             early = self._early.pop(queueID, {})
-            decision = decide(envelope, outcomes, self.policy, now, early)
+            decision = decide(envelope, outcomes, self.policy, now, early, noticeIDs)
             apply(envelope, decision)
-            await self.notifier.notify(
+            queued = await self.notifier.notify(
                 queueID, envelope, decision.notices, decision.discarded, now
             )
             _logTransitions(queueID, decision, early)
             due = await self._record(queueID, envelope, decision, now)
+            if queueID not in self._unsaved:
+                # (Not recorded: the marks in the spool still name them; the periodic look
+                # into the spool finds them once they are cleared.)
+                for dsnID in queued:
+                    self.enqueue(dsnID)
         finally:
             stepped = self._stepTotal - self._concluding.pop(queueID)
         if stepped:
@@ -1196,9 +1229,55 @@ class QueueManager(Service):
             )
             for r in envelope.pendingRecipients
         ]
-        if not outcomes:
+        if not outcomes and not _marked(envelope):
             return await self._remove(queueID)
         return await self._conclude(queueID, envelope, outcomes)
+
+    def _noticeStillOwed(self, dsnID: str, queueID: str) -> bool:
+        """Whether the success notice C{dsnID} is to wait: the recipients' marks of the
+        message C{queueID} it reports on name it in the spool (the spool's record, not the
+        state in memory, which a crash loses: that message may be about to queue it, and
+        were it delivered and removed first, it would be made again).  That message
+        enqueues it once it records the marks cleared."""
+        try:
+            envelope = self.spool.loadEnvelope(queueID)
+        except (EntryGone, CorruptEntry, ValueError):
+            return False  # (done with, or never to make it)
+        except Exception as e:
+            log.error(
+                "{dsnID}: cannot read the envelope of {queueID}, the message it reports on: "
+                "{error}; retrying in {delay:.0f}s",
+                dsnID=dsnID,
+                queueID=queueID,
+                error=str(e) or repr(e),
+                delay=self.policy.maxBackoff,
+            )
+            self.scheduler.schedule(dsnID, self.clock.seconds() + self.policy.maxBackoff)
+            return True
+        owed = any(r.noticeID == dsnID for r in envelope.recipients)
+        if owed:
+            log.info(
+                "{dsnID}: waits for {queueID}, the message it reports on, to record it queued",
+                dsnID=dsnID,
+                queueID=queueID,
+            )
+        return owed
+
+
+def _marked(envelope: Envelope) -> bool:
+    """Whether a recipient of C{envelope} is owed a success notice not yet queued."""
+    return any(r.noticeOwed is not None for r in envelope.recipients)
+
+
+def _noticeIDs(
+    envelope: Envelope, pending: list[Recipient], newQueueID: Callable[[], str]
+) -> dict[str, str]:
+    """The queue ids (from C{newQueueID}) the success notices of an attempt on C{envelope}
+    are to have, by action, when one of its C{pending} recipients may owe one (see
+    L{mailrelay.queue.outcome.Notice.queueID})."""
+    if not envelope.sender or not any(wants(r, "SUCCESS") for r in pending):
+        return {}
+    return {action: newQueueID() for action in SUCCESS_ACTIONS}
 
 
 def _moveTimes(envelope: Envelope, step: float) -> None:

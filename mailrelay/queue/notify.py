@@ -10,6 +10,12 @@ A notice that cannot be committed is undone in the envelope, so that it is owed 
 next attempt: its bounced recipients go back to pending, a delay warning is not marked as
 sent.  (A success report that cannot be committed is only logged: delivering again would be
 worse.)
+
+A success notice is made from its recipients' marks (L{Recipient.noticeOwed}), recorded with
+their delivery, under the queue id they name, and its recipients' marks are cleared (the
+caller records that).  So it is queued once: made again after a crash (the marks still
+recorded), it is found queued under that id; and it is not delivered until the marks naming
+it are cleared in the spool (see L{Envelope.noticeOf}): the caller enqueues it then.
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from mailrelay.envelope import PENDING, Envelope
+from mailrelay.errors import CorruptEntry, EntryGone
 from mailrelay.interfaces import IIntake, ISpool
 from mailrelay.metrics import DSNS, countNow
 from mailrelay.queue.dsn import buildDSN, dsnEnvelope
-from mailrelay.queue.outcome import Discarded, Notice
+from mailrelay.queue.outcome import SUCCESS_ACTIONS, Discarded, Notice
 from mailrelay.queue.policy import QueuePolicy
 
 log = Logger(namespace="mailrelay.queue")
@@ -67,9 +74,12 @@ class Notifier:
         notices: Sequence[Notice],
         discarded: Discarded | None,
         now: float,
-    ) -> None:
+    ) -> list[str]:
         """Commit every notice (all at once) about the message C{queueID}; undo in
-        C{envelope} what a notice that failed reported on.  Log the C{discarded} failures."""
+        C{envelope} what a notice that failed reported on, and clear the marks of the
+        success notices' recipients.  Log the C{discarded} failures.  Return the queue ids
+        of the success notices queued under the id their marks named (now, or before a
+        crash), for the caller to enqueue once it has recorded the marks cleared."""
         if discarded is not None:
             log.warn(
                 "{queueID}: undeliverable {what} discarded (to {addresses})",
@@ -81,9 +91,18 @@ class Notifier:
             Deferred.fromCoroutine(self._commit(queueID, envelope, notice, now))
             for notice in notices
         ]
+        queued = []
         for notice, d in zip(notices, commits, strict=True):
-            if await d is None:
+            dsnID = await d
+            if notice.action in SUCCESS_ACTIONS:
+                # (Queued, or not and only logged, as before marks: the mark goes.)
+                for r in notice.recipients:
+                    r.noticeOwed = r.noticeID = None
+                if dsnID is not None and notice.queueID is not None:
+                    queued.append(dsnID)
+            if dsnID is None:
                 self._undo(queueID, envelope, notice)
+        return queued
 
     @staticmethod
     def _undo(queueID: str, envelope: Envelope, notice: Notice) -> None:
@@ -106,7 +125,19 @@ class Notifier:
         """Build one notification and submit it; its queue id, or C{None} on failure."""
         policy = self.policy
         arrival = envelope.arrival if envelope.arrival is not None else now
+        kind = _KINDS[notice.action]
+        who = "postmaster" if notice.postmaster else "sender"
         try:
+            if notice.queueID is not None and self._queued(notice.queueID):
+                log.info(
+                    "{queueID}: {who} {kind}: {dsnID} (queued before the queue manager "
+                    "stopped: not queued again)",
+                    queueID=queueID,
+                    who=who,
+                    kind=kind,
+                    dsnID=notice.queueID,
+                )
+                return notice.queueID
             message = buildDSN(
                 envelope,
                 notice.recipients,
@@ -126,8 +157,13 @@ class Notifier:
                 hostname=self.hostname,
                 message=message,
                 postmasterNotice=notice.postmaster,
+                noticeOf=None if notice.queueID is None else queueID,
             )
-            dsnID = str(await self.intake.submit(dsn, message))
+            dsnID = str(
+                await self.intake.submit(
+                    dsn, message, notify=notice.queueID is None, queueID=notice.queueID
+                )
+            )
         except Exception as e:  # MessageRefused (logged by the intake), or a bug
             log.error(
                 "{queueID}: queueing the {action} notification to <{to}> failed: {error}",
@@ -138,9 +174,17 @@ class Notifier:
             )
             return None
         countNow(DSNS, notice.action)
-        kind = _KINDS[notice.action]
-        who = "postmaster" if notice.postmaster else "sender"
         log.info(
             "{queueID}: {who} {kind}: {dsnID}", queueID=queueID, who=who, kind=kind, dsnID=dsnID
         )
         return dsnID
+
+    def _queued(self, dsnID: str) -> bool:
+        """Whether the notice C{dsnID} is in the spool (damaged or not)."""
+        try:
+            self.spool.loadEnvelope(dsnID)
+        except EntryGone:
+            return False
+        except CorruptEntry:
+            pass  # (there, but damaged: moved aside when its turn comes)
+        return True

@@ -8,6 +8,15 @@ NOTIFY rules; a failed bounce goes to the postmaster once, a failed postmaster n
 nobody), whether the one delay warning is now due, and when to try again.  L{apply} then
 writes the transitions into the envelope; committing the notices and recording the envelope
 are the queue manager's (L{mailrelay.queue.notify}, L{mailrelay.queue.manager}).
+
+A recipient delivered whose sender is owed a success notice is marked with it
+(L{Recipient.noticeOwed} and L{Recipient.noticeID}, the queue id the notice is to have) in
+the transition that marks it done, so that both are recorded in one write, as Postfix's
+delivery agents mark the recipient done in the queue file and log what its notice needs in
+the message's C{trace} log (C{DEL_REQ_FLAG_RECORD}; its qmgr asks the bounce daemon's
+C{trace} service for the notice at the end).  The success notices are made from the marks
+(the recipient's recorded reply, Remote-MTA, time and ORCPT), those of this attempt and any
+left by one a crash cut short.
 """
 
 from __future__ import annotations
@@ -31,8 +40,13 @@ __all__ = [
     "decide",
     "doneEarly",
     "isPostmasterNotice",
+    "owedNotices",
     "wants",
 ]
+
+#: The success notices' actions (RFC 3464): delivered to the mailbox, or relayed to a next hop
+#: that will not send one (it did not take the DSN request).
+SUCCESS_ACTIONS = ("delivered", "relayed")
 
 #: The C{ClientInfo.listener} of a notification sent to the postmaster because a bounce could
 #: not be delivered; when one of these fails in turn it is dropped, never bounced again.
@@ -76,6 +90,9 @@ class Transition:
     @ivar logDiagnostic: the log's explanation.
     @ivar backend: the backend of the attempt (the outcome's), for the metrics.
     @ivar tls: the TLS of the connection that answered (the result's), for the log.
+    @ivar notice: the success notice a delivery owes the sender (C{delivered} or
+        C{relayed}), or C{None}: recorded with the recipient until the notice is queued.
+    @ivar noticeID: the queue id that notice is to have (or C{None}: the intake's choice).
     """
 
     recipient: Recipient
@@ -91,6 +108,8 @@ class Transition:
     logDiagnostic: str
     backend: str = "none"
     tls: str | None = None
+    notice: str | None = None
+    noticeID: str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,12 +120,16 @@ class Notice:
     @ivar recipients: the recipients it reports on.
     @ivar to: whom it goes to.
     @ivar postmaster: a notice to the postmaster about a failed bounce.
+    @ivar queueID: the queue id a success notice is to have (its recipients' marks name it),
+        so that queueing it again, after a crash, finds it queued; or C{None}: the intake's
+        choice.
     """
 
     action: str
     recipients: tuple[Recipient, ...]
     to: str
     postmaster: bool = False
+    queueID: str | None = None
 
 
 @dataclass(frozen=True)
@@ -172,23 +195,37 @@ def _owesSuccessNotice(envelope: Envelope, outcome: Outcome) -> bool:
 
 
 def doneEarly(
-    envelope: Envelope, outcomes: Sequence[Outcome], now: float
+    envelope: Envelope,
+    outcomes: Sequence[Outcome],
+    now: float,
+    noticeIDs: Mapping[str, str] | None = None,
 ) -> tuple[Transition, ...]:
     """What C{outcomes}, those of one delivery that ended at C{now} while others of its
     attempt still run, make of the recipients that may be recorded as done at once (as
     Postfix's delivery agents mark each recipient done when its delivery ends): those
-    delivered, except any whose sender is owed a success notice (made at the attempt's end
-    from what is recorded: recorded before, a crash would lose it).  Changes nothing."""
+    delivered, each with the success notice it owes, if any (made at the attempt's end from
+    the mark).  Changes nothing.
+
+    @param noticeIDs: the queue ids the attempt's success notices are to have, by action.
+    """
     arrival = envelope.arrival if envelope.arrival is not None else now
     return tuple(
-        _transition(o, now, now - arrival, False)
+        _transition(envelope, o, now, now - arrival, False, noticeIDs)
         for o in outcomes
-        if o.result.status is DeliveryStatus.DELIVERED and not _owesSuccessNotice(envelope, o)
+        if o.result.status is DeliveryStatus.DELIVERED
     )
 
 
-def _transition(outcome: Outcome, now: float, delay: float, expired: bool) -> Transition:
+def _transition(
+    envelope: Envelope,
+    outcome: Outcome,
+    now: float,
+    delay: float,
+    expired: bool,
+    noticeIDs: Mapping[str, str] | None,
+) -> Transition:
     r, result = outcome.recipient, outcome.result
+    notice = None
     state, status, finalTime = PENDING, result.code, r.finalTime
     diagnostic, logStatus = result.reason or result.diagnostic, "deferred"
     if result.command and result.status is not DeliveryStatus.DELIVERED:
@@ -196,6 +233,8 @@ def _transition(outcome: Outcome, now: float, delay: float, expired: bool) -> Tr
         diagnostic += f" (in reply to {result.command} command)"
     if result.status is DeliveryStatus.DELIVERED:
         state, finalTime, logStatus = DELIVERED, now, "sent"
+        if _owesSuccessNotice(envelope, outcome):
+            notice = "delivered" if result.final else "relayed"
     elif result.status is DeliveryStatus.PERMANENT:
         state, finalTime, logStatus = BOUNCED, now, "bounced"
     elif expired:
@@ -219,6 +258,30 @@ def _transition(outcome: Outcome, now: float, delay: float, expired: bool) -> Tr
         logDiagnostic=diagnostic,
         backend=outcome.backend,
         tls=result.tls,
+        notice=notice,
+        noticeID=(noticeIDs or {}).get(notice) if notice else None,
+    )
+
+
+def owedNotices(envelope: Envelope, marks: Mapping[int, Transition] | None = None) -> tuple[
+    Notice, ...
+]:
+    """The success notices owed for C{envelope}'s recipients, from their marks
+    (L{Recipient.noticeOwed}, L{Recipient.noticeID}), or those of the transitions C{marks}
+    (by the C{id} of their recipient) for the recipients they mark: one per action and
+    queue id (an attempt's are one per action; a crash may have left another's)."""
+    marks = marks or {}
+    owed: dict[tuple[str, str | None], list[Recipient]] = {}
+    for r in envelope.recipients:
+        t = marks.get(id(r))
+        action, noticeID = (t.notice, t.noticeID) if t is not None and t.notice else (
+            r.noticeOwed, r.noticeID)
+        if action in SUCCESS_ACTIONS:
+            owed.setdefault((action, noticeID), []).append(r)
+    return tuple(
+        Notice(action, tuple(recipients), envelope.sender, queueID=noticeID)
+        for (action, noticeID), recipients in sorted(
+            owed.items(), key=lambda item: SUCCESS_ACTIONS.index(item[0][0]))
     )
 
 
@@ -247,19 +310,23 @@ def decide(
     policy: QueuePolicy,
     now: float,
     early: Mapping[int, Transition] | None = None,
+    noticeIDs: Mapping[str, str] | None = None,
 ) -> Decision:
     """What the attempt that gave C{outcomes} (one per recipient tried) at time C{now}
     means for C{envelope}.  Changes nothing.
 
     @param early: the transitions of the recipients recorded as done while the attempt ran
         (L{doneEarly}), by the C{id} of their recipient: kept as they were made.
+    @param noticeIDs: the queue ids the attempt's success notices are to have, by action
+        (see L{Notice.queueID}).
     """
     arrival = envelope.arrival if envelope.arrival is not None else now
     delay = now - arrival
     expired = delay >= policy.lifetime(envelope.sender)
     early = early or {}
     transitions = tuple(
-        early.get(id(o.recipient)) or _transition(o, now, delay, expired) for o in outcomes
+        early.get(id(o.recipient)) or _transition(envelope, o, now, delay, expired, noticeIDs)
+        for o in outcomes
     )
     newState = {id(t.recipient): t.state for t in transitions}
     pending = [r for r in envelope.recipients if newState.get(id(r), r.state) == PENDING]
@@ -272,22 +339,15 @@ def decide(
     )
     discarded = None
     if envelope.sender:
-        succeeded = [
-            o
-            for o in outcomes
-            if o.result.status is DeliveryStatus.DELIVERED and _owesSuccessNotice(envelope, o)
-        ]
         owed = (
             ("failed", [r for r in failed if wants(r, "FAILURE")]),
             ("delayed", [r for r in pending if wants(r, "DELAY")] if warnNow else []),
-            ("delivered", [o.recipient for o in succeeded if o.result.final]),
-            ("relayed", [o.recipient for o in succeeded if not o.result.final]),
         )
         notices = tuple(
             Notice(action, tuple(recipients), envelope.sender)
             for action, recipients in owed
             if recipients
-        )
+        ) + owedNotices(envelope, {id(t.recipient): t for t in transitions})
     else:
         notices, discarded = _toNullSender(envelope, failed, policy)
     attempts = envelope.attempts + 1
@@ -319,3 +379,5 @@ def applyTo(r: Recipient, t: Transition) -> None:
     r.state, r.status, r.lastResult = t.state, t.status, t.lastResult
     r.remoteMTA, r.finalTime, r.attempts = t.remoteMTA, t.finalTime, t.attempts
     r.reason = t.reason
+    if t.notice is not None:
+        r.noticeOwed, r.noticeID = t.notice, t.noticeID

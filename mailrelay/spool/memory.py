@@ -99,6 +99,10 @@ class MemorySpool:
     def hasFreeSpace(self, needed: int = 0) -> bool:
         return self.freeSpace - needed >= self.minFreeSpace
 
+    def newQueueID(self) -> str:
+        """A new queue id (see L{ISpool.newQueueID})."""
+        return newQueueID()
+
     def openMessage(self, queueID: str | None = None) -> _MemoryWriter:
         if queueID is None:
             queueID = newQueueID()

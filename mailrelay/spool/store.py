@@ -527,6 +527,10 @@ class Spool:
         if not self._running:
             raise SpoolError(f"{what} in spool {self.directory}: the spool is not started")
 
+    def newQueueID(self) -> str:
+        """A new queue id (see L{ISpool.newQueueID})."""
+        return newQueueID()
+
     def openMessage(self, queueID: str | None = None) -> MessageWriter:
         """Create C{tmp/<queueID>.eml} and return a writer for it.
 
