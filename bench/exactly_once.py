@@ -229,216 +229,231 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="exactly-once-"))
 
-    hops: dict[str, Hop] = {}
+    # Everything started is stopped on any failure, Ctrl-C included: the relay (twistd, and
+    # its children with it), the next hops, and the threads sending to it.
+    live: dict[str, Any] = {}
     controllers: list[Any] = []
-    routes: list[str] = []
-    recipients: list[str] = []
-    maildir = work / "maildir"
-    for target in targets:
-        if target == "maildir":
-            routes.append(f'[[routes]]\ndomain = "maildir.test"\nbackend = "maildir"\n'
-                          f'nexthop = "{maildir}"\n')
-            recipients.append("bob@maildir.test")
-            continue
-        hop = hops[target] = Hop(
-            args.slow_delay if target == "slow" else args.hop_delay,
-            lmtp=target == "lmtp", refuse=target == "refused",
-        )
-        if target == "lmtp":
-            socketPath = work / "lmtp.sock"
-            controller: Any = _LMTPController(hop, unix_socket=str(socketPath), ready_timeout=10)
-            controller.start()
-            routes.append(f'[[routes]]\ndomain = "lmtp.test"\nbackend = "lmtp"\n'
-                          f'nexthop = "unix:{socketPath}"\n')
-        else:
-            controller = _TCPController(hop, hostname="127.0.0.1", port=0, ready_timeout=10)
-            controller.start()
-            if target != "fast":
-                routes.append(f'[[routes]]\ndomain = "{target}.test"\nbackend = "smtp"\n'
-                              f'nexthop = "[127.0.0.1]:{controller.port}"\n')
-        controllers.append(controller)
-        recipients.append("bob@example.org" if target == "fast" else f"bob@{target}.test")
-    notices = Notices()
-    noticeHop = _TCPController(notices, hostname="127.0.0.1", port=0, ready_timeout=10)
-    noticeHop.start()
-    controllers.append(noticeHop)
-    routes.append(f'[[routes]]\ndomain = "example.com"\nbackend = "smtp"\n'
-                  f'nexthop = "[127.0.0.1]:{noticeHop.port}"\n')
-    smarthost = controllers[targets.index("fast")].port if "fast" in hops else noticeHop.port
-    relay = RelayProcess(
-        work / "relay",
-        f'[relay]\nsmarthost = "[127.0.0.1]:{smarthost}"\nprocesses = {args.processes}\n'
-        f"fork_children = {'true' if args.fork_children else 'false'}\n"
-        "[dns]\nreverse_lookups = false\n"
-        "[delivery]\nconnection_cache_time = 0\ncreate_mailboxes = true\n"
-        "[queue]\nmin_backoff = 1\nmax_backoff = 2\n" + "".join(routes),
-        args=("--listen", "tcp:0:interface=127.0.0.1"),
-    )
-    relay.start()
-    ports = {"port": relay.port}
-    accepted: set[str] = set()
-    acceptedLock = threading.Lock()
-    subjects = [f"m{i:06d}" for i in range(args.messages)]
-    todo = collections.deque(subjects)
-    todoLock = threading.Lock()
-
-    interval = args.senders / args.rate if args.rate > 0 else 0.0
-
-    def sender() -> None:
-        while True:
-            with todoLock:
-                if not todo:
-                    return
-                subject = todo.popleft()
-            time.sleep(interval)
-            if send(ports["port"], subject, recipients, args.notify_success):
-                with acceptedLock:
-                    accepted.add(subject)
-            else:
-                with todoLock:
-                    todo.append(subject)  # not accepted: the client tries again
-                time.sleep(0.05)
-
+    stopping = threading.Event()
     commandsDone = threading.Event()
 
-    def queueCommands() -> None:
-        control = [sys.executable, "-m", "mailrelay", "--spool", str(relay.spool),
-                   "--timeout", "10", "queue"]
-        choices = (["hold", "--all"], ["release", "--all"], ["flush"])
-        while not commandsDone.wait(rng.uniform(0.1, 0.5)):
-            subprocess.run(control + list(rng.choice(choices)), capture_output=True,
-                           timeout=30, check=False)
-        for _ in range(60):  # (the relay may be restarting: until it answers)
-            if subprocess.run(control + ["release", "--all"], capture_output=True, timeout=30,
-                              check=False).returncode == 0:
-                break
-            time.sleep(0.5)
+    def stopAll() -> None:
+        stopping.set()
+        commandsDone.set()
+        relay = live.pop("relay", None)
+        if relay is not None:
+            relay.stop()
+        while controllers:
+            controllers.pop().stop()
 
-    threads = [threading.Thread(target=sender, daemon=True) for _ in range(args.senders)]
-    started = time.monotonic()
-    for t in threads:
-        t.start()
-    commander = threading.Thread(target=queueCommands, daemon=True)
-    if args.queue_commands:
-        commander.start()
-    sig = signal.SIGKILL if args.signal == "KILL" else signal.SIGTERM
-    step = args.messages // (args.stops + 1)
-    marks = sorted(rng.randrange(1, args.messages) for _ in range(args.stops)) if args.random \
-        else [n * step for n in range(1, args.stops + 1)]
-    killed: collections.Counter[str] = collections.Counter()
-    for n, mark in enumerate(marks, 1):
-        while True:
-            with acceptedLock:
-                if len(accepted) >= mark:
-                    break
-            time.sleep(0.01)
-        if args.random:
-            time.sleep(rng.uniform(0, 0.5))
-        delivered = sum(h.total() for h in hops.values())
-        kind = args.kill if sig == signal.SIGKILL else "twistd"
-        assert relay.process is not None
-        children = descendants(relay.process.pid)
-        if kind == "any":
-            running = sorted({k for k, name in KINDS.items() if name in children.values()})
-            kind = rng.choice(["twistd", *running])
-        if kind == "twistd":
-            relay.stop(sig, timeout=60)
-        else:
-            pids = [pid for pid, name in children.items() if name == KINDS[kind]]
-            if not pids:
-                print(f"stop {n}: no {kind} process running", flush=True)
+    try:
+        hops: dict[str, Hop] = {}
+        routes: list[str] = []
+        recipients: list[str] = []
+        maildir = work / "maildir"
+        for target in targets:
+            if target == "maildir":
+                routes.append(f'[[routes]]\ndomain = "maildir.test"\nbackend = "maildir"\n'
+                              f'nexthop = "{maildir}"\n')
+                recipients.append("bob@maildir.test")
                 continue
-            os.kill(rng.choice(pids), signal.SIGKILL)
-        killed[kind] += 1
-        print(f"stop {n}: SIG{args.signal} of {kind} after {len(accepted)} accepted, "
-              f"{delivered} delivered", flush=True)
-        if kind == "twistd":
-            if sig == signal.SIGKILL:
-                time.sleep(0.2)
-            relay.start()
-            ports["port"] = relay.port
-    for t in threads:
-        t.join()
-    commandsDone.set()
-    if args.queue_commands:
-        commander.join()
+            hop = hops[target] = Hop(
+                args.slow_delay if target == "slow" else args.hop_delay,
+                lmtp=target == "lmtp", refuse=target == "refused",
+            )
+            if target == "lmtp":
+                socketPath = work / "lmtp.sock"
+                controller: Any = _LMTPController(hop, unix_socket=str(socketPath),
+                                                  ready_timeout=10)
+                controller.start()
+                routes.append(f'[[routes]]\ndomain = "lmtp.test"\nbackend = "lmtp"\n'
+                              f'nexthop = "unix:{socketPath}"\n')
+            else:
+                controller = _TCPController(hop, hostname="127.0.0.1", port=0, ready_timeout=10)
+                controller.start()
+                if target != "fast":
+                    routes.append(f'[[routes]]\ndomain = "{target}.test"\nbackend = "smtp"\n'
+                                  f'nexthop = "[127.0.0.1]:{controller.port}"\n')
+            controllers.append(controller)
+            recipients.append("bob@example.org" if target == "fast" else f"bob@{target}.test")
+        notices = Notices()
+        noticeHop = _TCPController(notices, hostname="127.0.0.1", port=0, ready_timeout=10)
+        noticeHop.start()
+        controllers.append(noticeHop)
+        routes.append(f'[[routes]]\ndomain = "example.com"\nbackend = "smtp"\n'
+                      f'nexthop = "[127.0.0.1]:{noticeHop.port}"\n')
+        smarthost = controllers[targets.index("fast")].port if "fast" in hops else noticeHop.port
+        relay = live["relay"] = RelayProcess(
+            work / "relay",
+            f'[relay]\nsmarthost = "[127.0.0.1]:{smarthost}"\nprocesses = {args.processes}\n'
+            f"fork_children = {'true' if args.fork_children else 'false'}\n"
+            "[dns]\nreverse_lookups = false\n"
+            "[delivery]\nconnection_cache_time = 0\ncreate_mailboxes = true\n"
+            "[queue]\nmin_backoff = 1\nmax_backoff = 2\n" + "".join(routes),
+            args=("--listen", "tcp:0:interface=127.0.0.1"),
+        )
+        relay.start()
+        ports = {"port": relay.port}
+        accepted: set[str] = set()
+        acceptedLock = threading.Lock()
+        subjects = [f"m{i:06d}" for i in range(args.messages)]
+        todo = collections.deque(subjects)
+        todoLock = threading.Lock()
 
-    def delivered() -> dict[str, collections.Counter[str]]:
-        counts = {}
-        for target, hop in hops.items():
-            if target != "refused":
-                with hop.lock:
-                    counts[target] = collections.Counter(hop.counts)
-        if "maildir" in targets:
-            counts["maildir"] = maildirCounts(maildir)
-        return counts
+        interval = args.senders / args.rate if args.rate > 0 else 0.0
 
-    def expectedNotices() -> set[tuple[str, str]]:
-        noticed = [r for r in recipients if args.notify_success or r.endswith("@refused.test")]
-        return {(s, r) for s in accepted for r in noticed}
+        def sender() -> None:
+            while not stopping.is_set():
+                with todoLock:
+                    if not todo:
+                        return
+                    subject = todo.popleft()
+                time.sleep(interval)
+                if send(ports["port"], subject, recipients, args.notify_success):
+                    with acceptedLock:
+                        accepted.add(subject)
+                else:
+                    with todoLock:
+                        todo.append(subject)  # not accepted: the client tries again
+                    time.sleep(0.05)
 
-    deadline = time.monotonic() + args.drain_timeout
-    while time.monotonic() < deadline:
-        counts = delivered()
-        with notices.lock:
-            noticed = set(notices.counts)
-        done = all(c[s] for c in counts.values() for s in accepted) \
-            and expectedNotices() <= noticed
-        if done and not relay.queued():
-            break
-        time.sleep(0.2)
-    elapsed = time.monotonic() - started
-    time.sleep(1.0)  # late duplicates, if any
-    relay.stop()
-    for controller in controllers:
-        controller.stop()
-    corrupt = sorted(p.name for p in (relay.spool / "corrupt").glob("*")) \
-        if (relay.spool / "corrupt").is_dir() else []
-    print(f"signal=SIG{args.signal} stops={args.stops} ({dict(killed)}) "
-          f"messages={args.messages} accepted={len(accepted)} corrupt={len(corrupt)} "
-          f"time={elapsed:.1f}s")
-    failed = bool(corrupt)
-    for target, counts in delivered().items():
-        lost = sorted(s for s in accepted if not counts.get(s))
-        duplicates = sum(c - 1 for c in counts.values() if c > 1)
-        unexpected = sorted(s for s in counts if s not in accepted)
-        line = (f"  {target}: delivered={len(counts)} lost={len(lost)} "
-                f"duplicates={duplicates} delivered-but-not-acknowledged={len(unexpected)}")
-        if target in hops:
-            with hops[target].lock:
-                queueIDs = dict(hops[target].queueIDs)
-            # A queue entry delivered twice: the relay's doing.  A message queued twice
-            # (the relay was killed between its commit and its 250, and the client sent it
-            # again): the client's, as with any MTA.
-            line += (f" (queue entries delivered twice: "
-                     f"{sum(c - 1 for c in queueIDs.values() if c > 1)})")
-        print(line)
-        if lost:
-            print("  lost:", " ".join(lost[:20]))
-            failed = True
-    if args.notify_success or "refused" in targets:
-        with notices.lock:
-            noticeCounts = dict(notices.counts)
-            byQueueID = dict(notices.queueIDs)
-        expected = expectedNotices()
-        missing = sorted(expected - set(noticeCounts))
-        twice = sum(c - 1 for c in noticeCounts.values() if c > 1)
-        print(f"  notices: expected={len(expected)} got={len(noticeCounts)} "
-              f"missing={len(missing)} duplicates={twice} (about a queue entry twice: "
-              f"{sum(c - 1 for c in byQueueID.values() if c > 1)})")
-        if missing:
-            print("  missing:", " ".join(f"{s}/{r}" for s, r in missing[:10]))
-            failed = True
-    if corrupt:
-        print("  corrupt:", " ".join(corrupt[:20]))
-    if args.keep:
-        print("work directory:", work)
-    else:
-        import shutil
+        def queueCommands() -> None:
+            control = [sys.executable, "-m", "mailrelay", "--spool", str(relay.spool),
+                       "--timeout", "10", "queue"]
+            choices = (["hold", "--all"], ["release", "--all"], ["flush"])
+            while not commandsDone.wait(rng.uniform(0.1, 0.5)):
+                subprocess.run(control + list(rng.choice(choices)), capture_output=True,
+                               timeout=30, check=False)
+            for _ in range(60):  # (the relay may be restarting: until it answers)
+                if subprocess.run(control + ["release", "--all"], capture_output=True, timeout=30,
+                                  check=False).returncode == 0:
+                    break
+                time.sleep(0.5)
 
-        shutil.rmtree(work, ignore_errors=True)
-    return 1 if failed else 0
+        threads = [threading.Thread(target=sender, daemon=True) for _ in range(args.senders)]
+        started = time.monotonic()
+        for t in threads:
+            t.start()
+        commander = threading.Thread(target=queueCommands, daemon=True)
+        if args.queue_commands:
+            commander.start()
+        sig = signal.SIGKILL if args.signal == "KILL" else signal.SIGTERM
+        step = args.messages // (args.stops + 1)
+        marks = sorted(rng.randrange(1, args.messages) for _ in range(args.stops)) if args.random \
+            else [n * step for n in range(1, args.stops + 1)]
+        killed: collections.Counter[str] = collections.Counter()
+        for n, mark in enumerate(marks, 1):
+            while True:
+                with acceptedLock:
+                    if len(accepted) >= mark:
+                        break
+                time.sleep(0.01)
+            if args.random:
+                time.sleep(rng.uniform(0, 0.5))
+            delivered = sum(h.total() for h in hops.values())
+            kind = args.kill if sig == signal.SIGKILL else "twistd"
+            assert relay.process is not None
+            children = descendants(relay.process.pid)
+            if kind == "any":
+                running = sorted({k for k, name in KINDS.items() if name in children.values()})
+                kind = rng.choice(["twistd", *running])
+            if kind == "twistd":
+                relay.stop(sig, timeout=60)
+            else:
+                pids = [pid for pid, name in children.items() if name == KINDS[kind]]
+                if not pids:
+                    print(f"stop {n}: no {kind} process running", flush=True)
+                    continue
+                os.kill(rng.choice(pids), signal.SIGKILL)
+            killed[kind] += 1
+            print(f"stop {n}: SIG{args.signal} of {kind} after {len(accepted)} accepted, "
+                  f"{delivered} delivered", flush=True)
+            if kind == "twistd":
+                if sig == signal.SIGKILL:
+                    time.sleep(0.2)
+                relay.start()
+                ports["port"] = relay.port
+        for t in threads:
+            t.join()
+        commandsDone.set()
+        if args.queue_commands:
+            commander.join()
 
+        def delivered() -> dict[str, collections.Counter[str]]:
+            counts = {}
+            for target, hop in hops.items():
+                if target != "refused":
+                    with hop.lock:
+                        counts[target] = collections.Counter(hop.counts)
+            if "maildir" in targets:
+                counts["maildir"] = maildirCounts(maildir)
+            return counts
+
+        def expectedNotices() -> set[tuple[str, str]]:
+            noticed = [r for r in recipients if args.notify_success or r.endswith("@refused.test")]
+            return {(s, r) for s in accepted for r in noticed}
+
+        deadline = time.monotonic() + args.drain_timeout
+        while time.monotonic() < deadline:
+            counts = delivered()
+            with notices.lock:
+                noticed = set(notices.counts)
+            done = all(c[s] for c in counts.values() for s in accepted) \
+                and expectedNotices() <= noticed
+            if done and not relay.queued():
+                break
+            time.sleep(0.2)
+        elapsed = time.monotonic() - started
+        time.sleep(1.0)  # late duplicates, if any
+        stopAll()
+        corrupt = sorted(p.name for p in (relay.spool / "corrupt").glob("*")) \
+            if (relay.spool / "corrupt").is_dir() else []
+        print(f"signal=SIG{args.signal} stops={args.stops} ({dict(killed)}) "
+              f"messages={args.messages} accepted={len(accepted)} corrupt={len(corrupt)} "
+              f"time={elapsed:.1f}s")
+        failed = bool(corrupt)
+        for target, counts in delivered().items():
+            lost = sorted(s for s in accepted if not counts.get(s))
+            duplicates = sum(c - 1 for c in counts.values() if c > 1)
+            unexpected = sorted(s for s in counts if s not in accepted)
+            line = (f"  {target}: delivered={len(counts)} lost={len(lost)} "
+                    f"duplicates={duplicates} delivered-but-not-acknowledged={len(unexpected)}")
+            if target in hops:
+                with hops[target].lock:
+                    queueIDs = dict(hops[target].queueIDs)
+                # A queue entry delivered twice: the relay's doing.  A message queued twice
+                # (the relay was killed between its commit and its 250, and the client sent it
+                # again): the client's, as with any MTA.
+                line += (f" (queue entries delivered twice: "
+                         f"{sum(c - 1 for c in queueIDs.values() if c > 1)})")
+            print(line)
+            if lost:
+                print("  lost:", " ".join(lost[:20]))
+                failed = True
+        if args.notify_success or "refused" in targets:
+            with notices.lock:
+                noticeCounts = dict(notices.counts)
+                byQueueID = dict(notices.queueIDs)
+            expected = expectedNotices()
+            missing = sorted(expected - set(noticeCounts))
+            twice = sum(c - 1 for c in noticeCounts.values() if c > 1)
+            print(f"  notices: expected={len(expected)} got={len(noticeCounts)} "
+                  f"missing={len(missing)} duplicates={twice} (about a queue entry twice: "
+                  f"{sum(c - 1 for c in byQueueID.values() if c > 1)})")
+            if missing:
+                print("  missing:", " ".join(f"{s}/{r}" for s, r in missing[:10]))
+                failed = True
+        if corrupt:
+            print("  corrupt:", " ".join(corrupt[:20]))
+        return 1 if failed else 0
+
+    finally:
+        stopAll()
+        if args.keep:
+            print("work directory:", work)
+        else:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
 
 if __name__ == "__main__":
     sys.exit(main())

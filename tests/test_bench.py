@@ -1,5 +1,5 @@
 """bench/run.py's CPU accounting: every thread of a process counts, and the busiest process
-is named with its share of a core."""
+is named with its share of a core; bench/exactly_once.py stops what it started."""
 
 from __future__ import annotations
 
@@ -10,15 +10,16 @@ import threading
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux /proc")
 
 
-def _bench() -> ModuleType:
-    path = Path(__file__).resolve().parent.parent / "bench" / "run.py"
-    spec = importlib.util.spec_from_file_location("mailrelay_bench_run", path)
+def _bench(name: str = "run") -> ModuleType:
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"mailrelay_bench_{name}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # (dataclasses look their module up)
@@ -92,3 +93,62 @@ def test_machine_phase_probe(tmp_path: Path) -> None:
     assert line.startswith("machine phase before each of 3 runs: CPU probe 33.00 ms (30.00-36.00)")
     assert "fsync probe 1.50 ms (1.00-2.00)" in line
     assert bench.phase_summary([{}]) is None
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("a bug, partway"), KeyboardInterrupt()])
+def test_exactly_once_stops_what_it_started_when_a_run_fails(
+    monkeypatch: pytest.MonkeyPatch, failure: BaseException
+) -> None:
+    """bench/exactly_once.py failing partway (a bug, or Ctrl-C) while the relay runs: the
+    relay (twistd and its children) and every next hop it started are stopped, and the
+    exception goes on.  They were left running: nothing stopped them but the end of a run
+    that went well."""
+    import socket
+
+    from tests.test_e2e_delivery_process import _alive
+
+    bench = _bench("exactly_once")
+    relays: list[Any] = []
+    hops: list[Any] = []
+    pids: list[int] = []
+
+    class Relay(bench.RelayProcess):  # type: ignore[name-defined,misc]
+        def start(self, *args: Any, **kwargs: Any) -> Any:
+            relays.append(self)
+            return super().start(*args, **kwargs)
+
+    class Hop(bench._TCPController):  # type: ignore[name-defined,misc]
+        def start(self) -> None:
+            hops.append(self)
+            super().start()
+
+    found = bench.descendants
+
+    def failing(pid: int) -> dict[int, str]:
+        # (At the first stop: the relay and its children run, and the next hops.)
+        pids.append(pid)
+        pids.extend(found(pid))
+        raise failure
+
+    monkeypatch.setattr(bench, "RelayProcess", Relay)
+    monkeypatch.setattr(bench, "_TCPController", Hop)
+    monkeypatch.setattr(bench, "descendants", failing)
+    try:
+        with pytest.raises(type(failure)):
+            bench.main(["--messages", "20", "--stops", "1", "--rate", "0",
+                        "--targets", "fast,slow", "--notify-success"])
+        assert relays and pids and len(hops) == 3
+        assert all(r.process is None for r in relays)
+        deadline = time.monotonic() + 15
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in pids if _alive(pid)]
+        for hop in hops:
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", hop.port), timeout=5).close()
+    finally:  # (what the bench left running, should it fail to stop it)
+        for relay in relays:
+            relay.stop()
+        for hop in hops:
+            if hop._thread is not None:
+                hop.stop()
