@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         hops: dict[str, Hop] = {}
+        fastPort: int | None = None  # (the smarthost)
         routes: list[str] = []
         recipients: list[str] = []
         maildir = work / "maildir"
@@ -270,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 controller = _TCPController(hop, hostname="127.0.0.1", port=0, ready_timeout=10)
                 controller.start()
-                if target != "fast":
+                if target == "fast":
+                    fastPort = controller.port
+                else:
                     routes.append(f'[[routes]]\ndomain = "{target}.test"\nbackend = "smtp"\n'
                                   f'nexthop = "[127.0.0.1]:{controller.port}"\n')
             controllers.append(controller)
@@ -281,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         controllers.append(noticeHop)
         routes.append(f'[[routes]]\ndomain = "example.com"\nbackend = "smtp"\n'
                       f'nexthop = "[127.0.0.1]:{noticeHop.port}"\n')
-        smarthost = controllers[targets.index("fast")].port if "fast" in hops else noticeHop.port
+        smarthost = fastPort if fastPort is not None else noticeHop.port
         relay = live["relay"] = RelayProcess(
             work / "relay",
             f'[relay]\nsmarthost = "[127.0.0.1]:{smarthost}"\nprocesses = {args.processes}\n'

@@ -152,3 +152,12 @@ def test_exactly_once_stops_what_it_started_when_a_run_fails(
         for hop in hops:
             if hop._thread is not None:
                 hop.stop()
+
+
+def test_exactly_once_sends_to_the_fast_next_hop_whatever_the_order_of_targets() -> None:
+    """C{--targets maildir,fast}: the smarthost is the fast next hop.  It was the one of the
+    notices (the fast one's place among the targets taken for its place among the next hops
+    started, which a maildir has none of): every message to it was lost."""
+    bench = _bench("exactly_once")
+    assert bench.main(["--messages", "3", "--stops", "0", "--rate", "0",
+                       "--targets", "maildir,fast", "--drain-timeout", "15"]) == 0
