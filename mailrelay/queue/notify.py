@@ -95,7 +95,7 @@ class Notifier:
         for notice, d in zip(notices, commits, strict=True):
             dsnID = await d
             if notice.action in SUCCESS_ACTIONS:
-                # (Queued, or not and only logged, as before marks: the mark goes.)
+                # (Queued; or not, and only logged, as ever: the marks go either way.)
                 for r in notice.recipients:
                     r.noticeOwed = r.noticeID = None
                 if dsnID is not None and notice.queueID is not None:

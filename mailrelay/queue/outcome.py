@@ -30,6 +30,7 @@ from mailrelay.queue.policy import QueuePolicy, backoff
 
 __all__ = [
     "POSTMASTER_SOURCE",
+    "SUCCESS_ACTIONS",
     "Decision",
     "Discarded",
     "Notice",
@@ -263,9 +264,9 @@ def _transition(
     )
 
 
-def owedNotices(envelope: Envelope, marks: Mapping[int, Transition] | None = None) -> tuple[
-    Notice, ...
-]:
+def owedNotices(
+    envelope: Envelope, marks: Mapping[int, Transition] | None = None
+) -> tuple[Notice, ...]:
     """The success notices owed for C{envelope}'s recipients, from their marks
     (L{Recipient.noticeOwed}, L{Recipient.noticeID}), or those of the transitions C{marks}
     (by the C{id} of their recipient) for the recipients they mark: one per action and
