@@ -292,6 +292,8 @@ def runChild(
     (L{RecordReporter})."""
     from twisted.internet import stdio
 
+    from mailrelay.app.memory import releaseFreeMemory
+
     exitCode = [0]
     reporter = None
     if reportMetrics:
@@ -320,6 +322,7 @@ def runChild(
             return
         if reporter is not None:
             reporter.start()
+        releaseFreeMemory()  # (what starting left free)
 
     stopOnSignals(reactor)
     followClockSteps(reactor)

@@ -232,6 +232,9 @@ class ForkServer:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         gc.collect()
+        from mailrelay.app.memory import releaseFreeMemory
+
+        releaseFreeMemory()  # (the start-up's garbage: not in the image the children share)
         gc.freeze()
         try:
             pid = os.fork()

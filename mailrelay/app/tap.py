@@ -192,6 +192,9 @@ def makeService(options: Options) -> Any:
 
     followClockSteps(reactor)
     notifySystemd(reactor, relay)
+    from mailrelay.app.memory import releaseFreeMemory
+
+    reactor.callWhenRunning(releaseFreeMemory)  # (what building the relay left free)
     return relay
 
 
