@@ -403,7 +403,7 @@ def preload() -> None:
     """Import what the delivery process imports as it starts and runs (without installing
     a reactor): done by the relay before it forks the fork server
     (L{mailrelay.app.forkserver}), so that the delivery process shares it."""
-    import ctypes.util  # noqa: F401 - dieWithParent's (forkserver.deathSignal)
+    import ctypes  # noqa: F401 - dieWithParent's (forkserver.deathSignal)
     import importlib
 
     # (default: imports the default reactor's module; the reactor is installed by the child)

@@ -58,9 +58,11 @@ def _libcFunction(name: str, *argtypes: Any) -> Any:
     C{argtypes}; C{None} where there is none."""
     try:
         import ctypes
-        import ctypes.util
 
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        # (The process's own symbols, the C library's among them: ctypes.util.find_library
+        # would run ldconfig and parse its output, costing a child's start-up a few hundred
+        # KiB of pages it shared with the relay.)
+        libc = ctypes.CDLL(None, use_errno=True)
         function = getattr(libc, name)
     except (OSError, AttributeError, ImportError):  # pragma: no cover - not Linux/glibc
         return None
