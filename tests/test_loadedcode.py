@@ -66,3 +66,83 @@ def test_what_is_said_of_files_the_new_processes_import_anew() -> None:
             "it (/site/plugin.py), running the new code beside the relay's old: restart the "
             "relay (not reload) to run the new code everywhere") in said, said
     assert describeChanged(["/lib/a.py"], anew=[]) == describeChanged(["/lib/a.py"])
+
+
+def test_extending_what_was_noted_earlier(tmp_path: Path) -> None:
+    """The relay notes what it loaded before it forks its fork server, then what it imported
+    since (held, not copied: see LoadedCode): a change to a file of either is found."""
+    first, second, both = (tmp_path / f"{n}.py" for n in "abc")
+    for path in (first, second, both):
+        path.write_text("x = 1\n")
+    earlier = LoadedCode.now([module(first), module(both)])
+    code = LoadedCode.now([module(second), module(both)], earlier=earlier)
+    assert code.stamps == {str(second): code.stamps[str(second)], str(both): earlier.stamps[
+        str(both)]}
+    assert code.earlier is earlier and code.changed() == []
+    for path in (first, second, both):
+        path.write_text("x = 22\n")
+    assert code.changed() == sorted(map(str, (first, second, both)))  # (each once)
+    assert earlier.changed() == sorted(map(str, (first, both)))
+
+
+def test_the_imports_from_now_on(tmp_path: Path, monkeypatch) -> None:
+    """ImportsFromNow names the modules imported while it runs, not those loaded before nor
+    those that failed to import; stopped, it leaves the import system as it was."""
+    import sys
+
+    from mailrelay.app.loadedcode import ImportsFromNow
+
+    for name in ("loadedbefore", "loadedafter", "loadedlater"):
+        (tmp_path / f"{name}.py").write_text("x = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("loadedbefore", "loadedafter", "loadedlater"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    import loadedbefore  # noqa: F401
+
+    finders = list(sys.meta_path)
+    imports = ImportsFromNow()
+    imports.start()
+    import loadedafter
+    import loadedbefore  # noqa: F401, F811 - (loaded already)
+
+    try:
+        import loadednowhere  # noqa: F401
+    except ImportError:
+        pass
+    assert imports.stop() == [loadedafter]
+    assert sys.meta_path == finders
+    import loadedlater  # noqa: F401
+
+    assert imports.stop() == []
+
+
+def test_the_fork_servers_code_is_what_it_was_forked_with_and_imported_since(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """ForkServer.loadedCode: the files of the modules the relay had loaded at the fork
+    (noted then) and of those it imported since, as one LoadedCode."""
+    import socket
+    import sys
+
+    from mailrelay.app.forkserver import ForkServer
+
+    forked, imported = tmp_path / "atfork.py", tmp_path / "sincefork.py"
+    forked.write_text("x = 1\n")
+    imported.write_text("x = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "sincefork", raising=False)
+    ours, theirs = socket.socketpair()
+    try:
+        server = ForkServer(ours, 0)
+        server.forkedCode = LoadedCode.now([module(forked)])
+        server._imports.start()
+        import sincefork  # noqa: F401
+
+        code = server.loadedCode()
+        assert set(code.stamps) == {str(imported)} and code.earlier is server.forkedCode
+        forked.write_text("x = 22\n")
+        imported.write_text("x = 22\n")
+        assert code.changed() == sorted(map(str, (forked, imported)))
+    finally:
+        ours.close()
+        theirs.close()

@@ -57,6 +57,8 @@ from typing import Any
 from twisted.internet.process import Process, _BaseProcess
 from twisted.logger import Logger
 
+from mailrelay.app.loadedcode import ImportsFromNow, LoadedCode
+
 log = Logger()
 
 __all__ = ["CHILD_MODULES", "ForkServer", "ForkedProcess", "forRelay", "preload"]
@@ -213,6 +215,12 @@ class ForkServer:
         self._early: dict[int, int] = {}
         #: Why it is no longer used (C{None} while it is).
         self.gone: str | None = None
+        #: The files of the modules the server was forked with, which the children it forks
+        #: share (L{start} notes them before the fork: see L{LoadedCode}).
+        self.forkedCode = LoadedCode({})
+        #: Their paths.
+        self.forkedFiles: frozenset[str] = frozenset()
+        self._imports = ImportsFromNow()
 
     @classmethod
     def start(
@@ -230,6 +238,8 @@ class ForkServer:
         parent = os.getpid()
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
+        forkedCode = LoadedCode.now()
+        forkedFiles = frozenset(forkedCode.stamps)
         gc.collect()
         from mailrelay.app.memory import releaseFreeMemory
 
@@ -251,7 +261,15 @@ class ForkServer:
             finally:
                 os._exit(code)
         theirs.close()
-        return cls(ours, pid)
+        server = cls(ours, pid)
+        server.forkedCode, server.forkedFiles = forkedCode, forkedFiles
+        server._imports.start()
+        return server
+
+    def loadedCode(self) -> LoadedCode:
+        """The files of the modules loaded now (once): those the server was forked with and
+        those imported since (without a pass over every loaded module: see L{LoadedCode})."""
+        return LoadedCode.now(self._imports.stop(), earlier=self.forkedCode)
 
     def attach(self, reactor: Any) -> None:
         """Read the server's reports of children's ends with C{reactor}."""

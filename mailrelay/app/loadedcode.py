@@ -22,7 +22,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["LoadedCode", "describeChanged"]
+__all__ = ["ImportsFromNow", "LoadedCode", "describeChanged"]
 
 #: How many changed files a message names.
 NAMED = 3
@@ -38,15 +38,29 @@ def _stamp(path: str) -> tuple[int, int] | None:
 
 class LoadedCode:
     """The files of the modules loaded when it was made, with their size and modification
-    time then (L{now}); L{changed} names those that differ today."""
+    time then (L{now}); L{changed} names those that differ today.
 
-    def __init__(self, stamps: dict[str, tuple[int, int] | None]) -> None:
+    It may extend one made earlier (C{earlier}), which it holds rather than copies: the
+    relay notes what it loaded before it forks its fork server, then only what it imports
+    after (L{ImportsFromNow}) -- a second pass over every module, or a copy of the first
+    one's table, would write to the reference count of each module, its name and its file
+    name, copying the pages the fork server and its children share with it (some 2 MiB of
+    issue 11's base memory)."""
+
+    def __init__(
+        self, stamps: dict[str, tuple[int, int] | None], earlier: LoadedCode | None = None
+    ) -> None:
+        #: The files noted when it was made (not those of C{earlier}).
         self.stamps = stamps
+        self.earlier = earlier
 
     @classmethod
-    def now(cls, modules: Iterable[Any] | None = None) -> LoadedCode:
+    def now(
+        cls, modules: Iterable[Any] | None = None, earlier: LoadedCode | None = None
+    ) -> LoadedCode:
         """The files of C{modules} (default: every module loaded, C{sys.modules}): those
-        with a C{__file__} on disk (not the built-in, frozen or zip-imported ones)."""
+        with a C{__file__} on disk (not the built-in, frozen or zip-imported ones); beside
+        those of C{earlier}."""
         if modules is None:
             modules = list(sys.modules.values())
         stamps = {}
@@ -54,11 +68,39 @@ class LoadedCode:
             path = getattr(module, "__file__", None)
             if isinstance(path, str) and os.path.isabs(path):
                 stamps[path] = _stamp(path)
-        return cls(stamps)
+        return cls(stamps, earlier)
 
     def changed(self) -> list[str]:
-        """The files written, replaced or removed since (in a stable order)."""
-        return sorted(path for path, stamp in self.stamps.items() if _stamp(path) != stamp)
+        """The files written, replaced or removed since (in a stable order), of this one
+        and of those it extends."""
+        changed: set[str] = set()
+        code: LoadedCode | None = self
+        while code is not None:
+            changed.update(path for path, stamp in code.stamps.items() if _stamp(path) != stamp)
+            code = code.earlier
+        return sorted(changed)
+
+
+class ImportsFromNow:
+    """Notes the modules imported from when it is started until it is stopped (a finder
+    first on C{sys.meta_path} that finds nothing, asked first for each module not yet
+    loaded), without looking at those loaded already (see L{LoadedCode})."""
+
+    def __init__(self) -> None:
+        self._names: list[str] = []
+
+    def start(self) -> None:
+        sys.meta_path.insert(0, self)  # type: ignore[arg-type]
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        self._names.append(name)
+
+    def stop(self) -> list[Any]:
+        """Stop noting; the modules imported meanwhile (those loaded now)."""
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)  # type: ignore[arg-type]
+        names, self._names = dict.fromkeys(self._names), []
+        return [sys.modules[name] for name in names if name in sys.modules]
 
 
 def describeChanged(changed: list[str], anew: Iterable[str] = ()) -> str | None:

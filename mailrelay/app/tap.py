@@ -149,7 +149,7 @@ def makeService(options: Options) -> Any:
 
     # What the fork server loaded, which the children it forks share: not the site's plugin
     # modules, which the relay imports as it builds (a reload's children import them anew).
-    forked = frozenset(LoadedCode.now().stamps) if forkServer is not None else None
+    forked = forkServer.forkedFiles if forkServer is not None else None
 
     from twisted.internet import reactor
 
@@ -166,7 +166,7 @@ def makeService(options: Options) -> Any:
     except ConfigError as e:
         raise SystemExit(f"mailrelay: configuration error: {e}") from None
     # Every module is loaded now, the plugins' too: a reload will say which changed since.
-    relay.loadedCode = LoadedCode.now()
+    relay.loadedCode = forkServer.loadedCode() if forkServer is not None else LoadedCode.now()
     # (Without children, nothing is imported anew; without the fork server, all is.)
     relay.forkedCode = forked if hasChildren(config) else frozenset(relay.loadedCode.stamps)
     from mailrelay.app.files import raiseFileLimit
