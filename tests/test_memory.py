@@ -122,3 +122,32 @@ def test_relayWithMetricsLoadsTheExporter(tmp_path: Path) -> None:
     config = configFile(tmp_path, '[metrics]\nlisten = "tcp:0:interface=127.0.0.1"\n')
     modules = relayModules(tmp_path, config)
     assert loaded(modules, METRICS_LIBRARIES) == set(METRICS_LIBRARIES)
+
+
+_RELAY_AFTER_PRELOAD = """
+import json, sys
+from twisted.internet import reactor
+from mailrelay.app import forkserver
+from mailrelay.app.tap import Options, makeService
+forkserver.preload([])
+before = set(sys.modules)
+options = Options()
+options.parseOptions(sys.argv[1:])
+makeService(options)
+print(json.dumps(sorted(set(sys.modules) - before)))
+"""
+
+
+def test_the_relay_imports_none_of_its_own_modules_after_the_fork(tmp_path: Path) -> None:
+    """What the relay imports as it builds itself is imported before it forks its fork
+    server (mailrelay.app.forkserver.RELAY_MODULES): an import after the fork copies pages
+    the relay shares with the server and the children."""
+    config = configFile(tmp_path, "")
+    result = subprocess.run(
+        [sys.executable, "-c", _RELAY_AFTER_PRELOAD, "--config", str(config),
+         "--hostname", "relay.test"],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=60, cwd=tmp_path, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    imported = json.loads(result.stdout.splitlines()[-1])
+    assert [m for m in imported if m.startswith("mailrelay.")] == [], imported
