@@ -13,9 +13,11 @@ started.  Elsewhere than glibc it does nothing.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["releaseFreeMemory"]
+__all__ = ["libraryCode", "releaseFreeMemory", "unmapLibraryCode"]
 
 _trim: Any = None
 
@@ -32,3 +34,54 @@ def releaseFreeMemory() -> bool:
             _trim.argtypes = [ctypes.c_size_t]
             _trim.restype = ctypes.c_int
     return bool(_trim and _trim(0))
+
+
+#: The first line of a mapping in C{/proc/PID/smaps}: its range, permissions, path.
+_HEADER = re.compile(r"([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+ *(.*?)\n?$")
+#: A shared library's file name.
+_LIBRARY = re.compile(r"\.so(\.[\d.]+)?$")
+_MADV_DONTNEED = 4
+
+
+def unmapLibraryCode() -> int:
+    """Drop this process's page table entries of the shared libraries' code and read-only
+    data (L{libraryCode}): the pages stay in the page cache, and what runs later faults
+    back in from there.  The octets of the mappings dropped.
+
+    Linux maps a library's file in whole page-cache folios, up to some MiB at one fault:
+    importing C{cryptography} (Twisted's TCP transport imports its TLS) left twistd with 7
+    MiB of the Rust binding's code mapped, none of which the relay runs at rest, counted in
+    its memory (issue 11's base memory).
+    """
+    import ctypes
+
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    with open("/proc/self/smaps") as f:
+        mappings = libraryCode(f)
+    dropped = 0
+    for start, end in mappings:
+        if madvise(start, end - start, _MADV_DONTNEED) == 0:
+            dropped += end - start
+    return dropped
+
+
+def libraryCode(smaps: Iterable[str]) -> list[tuple[int, int]]:
+    """The ranges of the mappings of shared libraries (C{.so} files) in C{smaps} (the lines
+    of C{/proc/PID/smaps}) that hold nothing but the file's clean pages: not writable, and
+    no page of their own (C{Anonymous: 0}: no relocated or written page, which dropping
+    would lose)."""
+    found = []
+    mapping: tuple[int, int] | None = None
+    for line in smaps:
+        header = _HEADER.match(line)
+        if header is not None:
+            mapping = None
+            path = header.group(4)
+            if "w" not in header.group(3) and _LIBRARY.search(path) and path.startswith("/"):
+                mapping = (int(header.group(1), 16), int(header.group(2), 16))
+        elif mapping is not None and line.startswith("Anonymous:"):
+            if line.split()[1] == "0":
+                found.append(mapping)
+            mapping = None
+    return found

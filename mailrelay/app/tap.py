@@ -192,9 +192,10 @@ def makeService(options: Options) -> Any:
 
     followClockSteps(reactor)
     notifySystemd(reactor, relay)
-    from mailrelay.app.memory import releaseFreeMemory
+    from mailrelay.app.memory import releaseFreeMemory, unmapLibraryCode
 
     reactor.callWhenRunning(releaseFreeMemory)  # (what building the relay left free)
+    reactor.callWhenRunning(unmapLibraryCode)  # (what importing mapped of the libraries)
     return relay
 
 
