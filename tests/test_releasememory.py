@@ -112,3 +112,12 @@ def test_dropped_library_code_runs_again() -> None:
     after = mappedOf("_rust")
     assert after < before, (before, after)
     assert sha256(b"abc") == expected
+
+
+def test_nothing_dropped_without_proc(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where there is no /proc/self/smaps (not Linux), nothing is dropped, and the relay's
+    start (which calls it once running) is not disturbed by an error."""
+    from mailrelay.app.memory import unmapLibraryCode
+
+    monkeypatch.setattr(memory, "_SMAPS", str(tmp_path / "no-such-file"))
+    assert unmapLibraryCode() == 0

@@ -41,6 +41,8 @@ _HEADER = re.compile(r"([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+ *(.*?)\n?$")
 #: A shared library's file name.
 _LIBRARY = re.compile(r"\.so(\.[\d.]+)?$")
 _MADV_DONTNEED = 4
+#: Where the kernel lists this process's mappings (Linux).
+_SMAPS = "/proc/self/smaps"
 
 
 def unmapLibraryCode() -> int:
@@ -51,14 +53,18 @@ def unmapLibraryCode() -> int:
     Linux maps a library's file in whole page-cache folios, up to some MiB at one fault:
     importing C{cryptography} (Twisted's TCP transport imports its TLS) left twistd with 7
     MiB of the Rust binding's code mapped, none of which the relay runs at rest, counted in
-    its memory (issue 11's base memory).
+    its memory (issue 11's base memory).  Nothing is dropped where there is no
+    C{/proc/self/smaps} (not Linux).
     """
     import ctypes
 
-    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    try:
+        with open(_SMAPS) as f:
+            mappings = libraryCode(f)
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):  # not Linux
+        return 0
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    with open("/proc/self/smaps") as f:
-        mappings = libraryCode(f)
     dropped = 0
     for start, end in mappings:
         if madvise(start, end - start, _MADV_DONTNEED) == 0:
