@@ -511,24 +511,29 @@ def test_notificationsEnterThroughTheIntake(
     resultOf(qm.stopService())
 
 
+@implementer(IHeaderStamper)
+class FlakyStamper:
+    """A stamper that fails its first C{failures} times (as one whose database is gone, or
+    the spool's disk full, would refuse the message), then stamps nothing."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+
+    def stamp(self, context: StampContext) -> StampResult:
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("the stamper's database is gone")
+        return StampResult()
+
+
 def test_notificationRefusedByAStamperIsOwedAgain(
     spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any
 ) -> None:
     """A stamper that fails refuses the bounce as it would any message: the recipient stays
     queued and the bounce is owed again at the next attempt."""
 
-    @implementer(IHeaderStamper)
-    class Flaky:
-        failures = 1
-
-        def stamp(self, context: StampContext) -> StampResult:
-            if self.failures:
-                self.failures -= 1
-                raise RuntimeError("the stamper's database is gone")
-            return StampResult()
-
     backend.script["a@example.com"] = ["5"]
-    qm = makeManager(spool, router, {"smtp": backend}, clock, stampers=[Flaky()])
+    qm = makeManager(spool, router, {"smtp": backend}, clock, stampers=[FlakyStamper(1)])
     qm.startService()
     queueID = queueMessage(spool, clock, ["a@example.com"])
     with capturedLogs():
@@ -681,6 +686,45 @@ def test_successNotification(
         "2.0.0",
     )
     assert spool.queueIDs() == []
+    resultOf(qm.stopService())
+
+
+def test_successNotificationThatCannotBeQueuedIsOwedWithoutDeliveringAgain(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any
+) -> None:
+    """A success notification (NOTIFY=SUCCESS) the spool cannot take (a full disk: here a
+    stamper that fails) is owed, not lost: the recipient stays delivered (never sent again),
+    the entry stays queued and the notification is queued at its next attempt, as Postfix's
+    sent() defers a recipient whose trace record fails (global/sent.c) -- but without a
+    second delivery."""
+
+    qm = makeManager(spool, router, {"smtp": backend}, clock, stampers=[FlakyStamper(2)])
+    qm.startService()
+    queueID = queueMessage(
+        spool, clock, [Recipient("a@example.com", notify=("SUCCESS",)), Recipient("b@example.com")]
+    )
+    with capturedLogs():
+        qm.enqueue(queueID)
+    assert sorted(backend.addressesDelivered()) == ["a@example.com", "b@example.com"]
+    assert backend.bounces() == [] and spool.queueIDs() == [queueID]
+    recipients = stored(spool, queueID)["recipients"]
+    assert [r["state"] for r in recipients] == [DELIVERED, DELIVERED]
+    assert recipients[0]["noticeOwed"] == "relayed" and "noticeOwed" not in recipients[1]
+    assert any(
+        "delivery status notification to <sender@example.org> not queued; owed for "
+        "<a@example.com>, queued at the next attempt (the message is not delivered again)" in t
+        for t in texts(events, queueID)
+    )
+    with capturedLogs():
+        clock.advance(300)  # the spool still refuses: owed again, nothing delivered again
+    assert backend.bounces() == [] and spool.queueIDs() == [queueID]
+    assert len(backend.calls) == 1
+    clock.advance(600)
+    [dsn] = backend.bounces()
+    assert parse(dsn.message)["Subject"] == "Successful Mail Delivery Report"
+    [block] = recipientBlocks(dsn.message)
+    assert (block["Final-Recipient"], block["Action"]) == ("rfc822; a@example.com", "relayed")
+    assert len(backend.calls) == 2 and spool.queueIDs() == []
     resultOf(qm.stopService())
 
 

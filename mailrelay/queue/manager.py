@@ -437,9 +437,10 @@ class QueueManager(Service):
         for queueID, data in list(self._unsaved.items()):
             envelope = Envelope.fromJSON(data)
             envelope.queueID = queueID
-            done = "delivery state saved" if envelope.pendingRecipients else "removed"
+            keep = bool(envelope.pendingRecipients) or _marked(envelope)
+            done = "delivery state saved" if keep else "removed"
             try:
-                if envelope.pendingRecipients:
+                if keep:
                     await self.spool.updateEnvelope(envelope)
                 else:
                     await self.spool.remove(queueID)
@@ -862,7 +863,8 @@ class QueueManager(Service):
         """Store what the attempt changed (or remove the entry when nothing is left to do);
         return when to schedule the entry next, or C{None} when it is gone."""
         policy = self.policy
-        stillPending = bool(envelope.pendingRecipients)
+        # (A success notice the spool could not take keeps the entry: its recipients' marks.)
+        stillPending = bool(envelope.pendingRecipients) or _marked(envelope)
         removalFailed = False
         if not stillPending and not decision.notices:
             # Every recipient is done and no notification depends on the recorded state: go
@@ -881,12 +883,15 @@ class QueueManager(Service):
             else:
                 log.info("{queueID}: removed", queueID=queueID)
                 return None
+        nextAttempt = decision.nextAttempt
+        if nextAttempt is None and stillPending:
+            nextAttempt = now + policy.minBackoff  # (only a notice owed is left)
         if stillPending:
-            envelope.nextAttempt = decision.nextAttempt
+            envelope.nextAttempt = nextAttempt
         try:
             await self.spool.updateEnvelope(envelope)
         except Exception as e:
-            retry = decision.nextAttempt if stillPending else now + policy.minBackoff
+            retry = nextAttempt if stillPending else now + policy.minBackoff
             assert retry is not None
             # Kept for the next attempts of this process: the recipients done are not sent
             # again (a restart before the state is saved may send them once more).
@@ -901,7 +906,7 @@ class QueueManager(Service):
             return retry
         self._unsaved.pop(queueID, None)
         if stillPending:
-            return decision.nextAttempt
+            return nextAttempt
         if removalFailed:
             return now + policy.minBackoff
         return await self._remove(queueID)

@@ -8,8 +8,9 @@ it like any new entry.
 
 A notice that cannot be committed is undone in the envelope, so that it is owed again at the
 next attempt: its bounced recipients go back to pending, a delay warning is not marked as
-sent.  (A success report that cannot be committed is only logged: delivering again would be
-worse.)
+sent, and a success report's recipients keep their marks: they stay delivered, never sent
+again, and the entry stays queued until the report is committed.  (Postfix's sent() defers
+the recipient when its trace record fails, global/sent.c, and so delivers it again.)
 
 A success notice is made from its recipients' marks (L{Recipient.noticeOwed}), recorded with
 their delivery, under the queue id they name, and its recipients' marks are cleared (the
@@ -94,11 +95,10 @@ class Notifier:
         queued = []
         for notice, d in zip(notices, commits, strict=True):
             dsnID = await d
-            if notice.action in SUCCESS_ACTIONS:
-                # (Queued; or not, and only logged, as ever: the marks go either way.)
+            if notice.action in SUCCESS_ACTIONS and dsnID is not None:
                 for r in notice.recipients:
                     r.noticeOwed = r.noticeID = None
-                if dsnID is not None and notice.queueID is not None:
+                if notice.queueID is not None:
                     queued.append(dsnID)
             if dsnID is None:
                 self._undo(queueID, envelope, notice)
@@ -118,6 +118,15 @@ class Notifier:
             )
         elif notice.action == "delayed":
             envelope.delayWarned = False
+        elif notice.action in SUCCESS_ACTIONS:
+            # (The marks stay, recorded: the entry stays queued for them alone.)
+            log.warn(
+                "{queueID}: delivery status notification to <{to}> not queued; owed for "
+                "{addresses}, queued at the next attempt (the message is not delivered again)",
+                queueID=queueID,
+                to=notice.to,
+                addresses=", ".join(f"<{r.address}>" for r in notice.recipients),
+            )
 
     async def _commit(
         self, queueID: str, envelope: Envelope, notice: Notice, now: float

@@ -1,0 +1,120 @@
+"""End-to-end: the real relay with its spool on a small file system of its own (a tmpfs
+mounted for the test, as root) that fills up, then is freed: what clients are told, what
+the log says, and that nothing accepted is lost or delivered twice once space is back.
+
+Mounting needs root: these tests skip, saying so, when not run as root (CI runs them as
+root).  Every file system mounted is unmounted in teardown.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import smtplib
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import RelayProcess
+from tests.test_e2e_outbound import (  # noqa: F401 - fixtures
+    config,
+    dns,
+    nexthop,
+    relay,
+    smtpRoute,
+)
+
+MAILRELAY = str(Path(sys.executable).with_name("mailrelay"))
+
+
+@pytest.fixture
+def smallDisk(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """C{smallDisk(size="4m")}: a directory with a tmpfs of C{size} mounted on it."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI runs as root: the spool's small file system must be mounted")
+        pytest.skip("needs root, to mount a small file system (tmpfs) for the spool")
+    mounted: list[Path] = []
+
+    def mount(size: str = "4m") -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
+                        str(where)], check=True, capture_output=True)
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in reversed(mounted):
+        # Lazily: a relay that failed to stop may still hold it (its own teardown kills it).
+        subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)
+
+
+def fill(disk: Path) -> Path:
+    """Write a file on C{disk} until its file system is full (ENOSPC); its path."""
+    path = disk / "filler"
+    chunk = b"\0" * 65536
+    with open(path, "ab", buffering=0) as f:
+        for _ in range(1 << 16):  # (bounded: 4 GiB)
+            try:
+                f.write(chunk)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+                return path
+    raise AssertionError(f"{disk} never filled up")
+
+
+def isNotification(received: Any) -> bool:
+    """Whether the next hop's C{received} is from the null sender (aiosmtpd says C{<>})."""
+    return received.mailFrom in ("", "<>")
+
+
+def flush(spool: Path) -> str:
+    p = subprocess.run([MAILRELAY, "--spool", str(spool), "queue", "flush"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    return p.stdout
+
+
+def test_a_success_notification_the_full_spool_refuses_is_sent_once_space_is_back(
+    smallDisk: Any, relay: Any, nexthop: Any, dns: Any  # noqa: F811 - fixtures
+) -> None:
+    """NOTIFY=SUCCESS, and the spool's disk fills up while the next hop takes the message:
+    the notification cannot be queued.  It is owed, not lost: once space is freed (and the
+    queue flushed), the sender gets it, once, and the message is not delivered again."""
+    disk = smallDisk()
+    spool = disk / "spool"
+    hop, port = nexthop()
+
+    def reply(received: Any, n: int) -> str:
+        if not isNotification(received):
+            fill(disk)
+        return "250 2.0.0 OK"
+
+    hop.dataReply = reply
+    routes = [smtpRoute("example.org", port), smtpRoute("client.test", port)]
+    r: RelayProcess = relay(config(dns, routes=routes) + "[spool]\nmin_free_space = 0\n",
+                            "--spool", str(spool))
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=15) as s:
+        s.ehlo("client.test")
+        assert s.mail("a@client.test")[0] == 250
+        assert s.rcpt("b@example.org", ["NOTIFY=SUCCESS"])[0] == 250
+        code, text = s.data(b"Subject: owed\r\n\r\nHello.\r\n")
+    assert code == 250, text
+    queueID = text.decode().rsplit(" ", 1)[1]
+    r.waitForLog(rf"{queueID}: delivery status notification to <a@client.test> not queued; "
+                 r"owed for <b@example.org>, queued at the next attempt \(the message is not "
+                 r"delivered again\)")
+    assert (spool / "queue" / f"{queueID}.eml").exists()
+    (disk / "filler").unlink()
+    flush(spool)
+    [dsn] = [m for m in hop.waitFor(lambda acc: any(map(isNotification, acc)),
+                                    what="the success notification") if isNotification(m)]
+    assert dsn.rcptTos == ["a@client.test"] and b"Action: relayed" in dsn.content
+    r.waitForLog(rf"{queueID}: removed")
+    assert len(hop.to("b@example.org")) == 1 and len(hop.attempts) == 2
+    assert list((spool / "queue").iterdir()) == []
