@@ -1,8 +1,9 @@
-"""End-to-end: the real relay with its spool on a small file system of its own (a tmpfs
-mounted for the test, as root) that fills up, then is freed: what clients are told, what
-the log says, and that nothing accepted is lost or delivered twice once space is back.
+"""End-to-end: the real relay's spool failing under it -- on a small file system of its
+own (a tmpfs mounted for the test, as root) that fills up, then is freed; or changed by
+hand: what clients are told, what the log says, and that nothing accepted is lost or
+delivered twice once the spool is usable again, with no restart.
 
-Mounting needs root: these tests skip, saying so, when not run as root (CI runs them as
+Mounting needs root: those tests skip, saying so, when not run as root (CI runs them as
 root).  Every file system mounted is unmounted in teardown.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import smtplib
 import subprocess
 import sys
@@ -118,3 +120,30 @@ def test_a_success_notification_the_full_spool_refuses_is_sent_once_space_is_bac
     r.waitForLog(rf"{queueID}: removed")
     assert len(hop.to("b@example.org")) == 1 and len(hop.attempts) == 2
     assert list((spool / "queue").iterdir()) == []
+
+
+def test_spool_directories_removed_by_hand_are_created_again(
+    relay: Any, nexthop: Any, dns: Any  # noqa: F811 - fixtures
+) -> None:
+    """An operator's C{rm -rf} of the spool's C{tmp/} and C{queue/} while the relay runs:
+    the next message (held in memory, or spilled to its file while it arrives) makes them
+    again, is accepted and delivered, and the log says so -- not 451 for every message
+    until a restart (Postfix's mail_queue_enter() makes a missing queue directory)."""
+    hop, port = nexthop()
+    r: RelayProcess = relay(config(dns, routes=[smtpRoute("example.org", port)]))
+    for name in ("tmp", "queue"):
+        shutil.rmtree(r.spool / name)
+    sent = {"small": b"Hello.\r\n", "big": (b"x" * 70 + b"\r\n") * 5000}
+    for subject, body in sent.items():
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=15) as s:
+            s.ehlo("client.test")
+            refused = s.sendmail("a@client.test", ["b@example.org"],
+                                 b"Subject: " + subject.encode() + b"\r\n\r\n" + body)
+        assert refused == {}, refused
+    received = hop.waitTo("b@example.org", count=2)
+    assert sorted(m.content.rsplit(b"\r\n\r\n", 1)[1] for m in received) == sorted(sent.values())
+    log = r.log()
+    for name in ("tmp", "queue"):
+        assert f"spool: directory {r.spool / name} was missing (removed by hand?); created " \
+            "again" in log
+    assert "451" not in log

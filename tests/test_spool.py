@@ -1578,3 +1578,39 @@ def test_aRecipientsReasonIsKeptAndOlderRecordsLoad() -> None:
     assert "reason" not in stored["recipients"][1]
     del stored["recipients"][0]["reason"]
     assert Envelope.fromDict(stored).recipients[0].reason is None
+
+
+@pytest.mark.parametrize("removed", ["tmp", "queue"])
+@pytest.mark.parametrize("data", [MESSAGE, BIG], ids=["in memory", "spilled"])
+def test_aSpoolDirectoryRemovedByHandIsCreatedAgain(
+    spool: Spool, spoolDir: Path, events: Any, removed: str, data: bytes
+) -> None:
+    """C{tmp/} or C{queue/} removed by hand (C{rm -rf}) while the relay runs: the next
+    commit creates it again (mode 0700) and succeeds, saying so, as Postfix's
+    mail_queue_enter() and mail_queue_open() make a missing queue directory
+    (global/mail_queue.c), instead of refusing every message (451) until a restart."""
+    os.rmdir(spoolDir / removed)
+    writer = writeMessage(spool, data)
+    envelope = makeEnvelope(writer.queueID)
+    envelope.messageSize = len(data)
+    resultOf(writer.commit(envelope))
+    assert spool.queueIDs() == [writer.queueID]
+    assert spool.messagePath(writer.queueID).read_bytes() == data
+    assert stat.S_IMODE(os.stat(spoolDir / removed).st_mode) == 0o700
+    assert listing(spoolDir / "tmp") == []
+    assert [formatEvent(e) for e in events if "created again" in formatEvent(e)] == [
+        f"spool: directory {spoolDir / removed} was missing (removed by hand?); created again"
+    ]
+
+
+def test_aMissingSpoolDirectoryIsNotCreatedWhereTheSpoolIsGone(
+    spool: Spool, spoolDir: Path
+) -> None:
+    """The spool's own files gone too (its C{lock}: the directory emptied, or another file
+    system mounted over it): nothing is created there; the commit fails, naming the file."""
+    os.rmdir(spoolDir / "tmp")
+    os.unlink(spoolDir / "lock")
+    writer = writeMessage(spool)
+    f = failureOf(writer.commit(makeEnvelope(writer.queueID)), SpoolError)
+    assert f"{spoolDir / 'tmp'}" in str(f.value) and "No such file or directory" in str(f.value)
+    assert not (spoolDir / "tmp").exists()

@@ -174,11 +174,69 @@ def _writeAll(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+#: The spool directories L{remakeDirectory} created again, to be logged on the reactor
+#: thread (L{logRemade}); appended to by the committer's thread.
+_remade: list[str] = []
+
+
+def remakeDirectory(directory: str) -> bool:
+    """Create again the spool's C{tmp/} or C{queue/} C{directory} (mode 0700) if it is missing
+    (removed by hand), as Postfix's mail_queue_enter() and mail_queue_open() create a missing
+    queue directory (global/mail_queue.c); whether it is there now.  Only in a spool that
+    still has its C{lock} file: nothing is created where the spool itself is gone (emptied,
+    or another file system mounted over it).  Logs nothing (it may run in a thread): see
+    L{logRemade}.
+
+    @raise OSError: it cannot be created, or its creation made durable.
+    """
+    parent = os.path.dirname(directory)
+    if os.path.isdir(directory):
+        return True
+    if not os.path.exists(os.path.join(parent, "lock")):
+        return False
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        return True
+    fd = os.open(parent, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _remade.append(directory)
+    return True
+
+
+def logRemade() -> None:
+    """Log the spool directories created again since the last call (on the reactor
+    thread)."""
+    while _remade:
+        log.warn(
+            "spool: directory {path} was missing (removed by hand?); created again",
+            path=_remade.pop(0),
+        )
+
+
+def openNew(path: Path | str) -> int:
+    """Create the file C{path}, which must not exist, for writing (mode 0600); its
+    directory too if it was removed by hand (L{remakeDirectory}).
+
+    @raise OSError: it cannot be created.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC
+    try:
+        return os.open(path, flags, _FILE_MODE)
+    except FileNotFoundError:
+        if not remakeDirectory(os.path.dirname(path)):
+            raise
+    return os.open(path, flags, _FILE_MODE)
+
+
 def _createAndWrite(path: Path | str, data: bytes, queueID: str | None) -> int:
     """Create C{path} (which must not exist) and write C{data}; return the open descriptor
     (to fsync, then close).  Raises L{SpoolError}, leaving nothing open."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, _FILE_MODE)
+        fd = openNew(path)
     except OSError as e:
         raise _osError("creating", path, e, queueID) from None
     try:
@@ -305,7 +363,12 @@ class _Commit(_Operation):
         # Never replace a committed entry (two writers given one id): each rename fails if
         # its destination exists (and the rollback then removes only what we renamed).
         try:
-            _renameNoReplace(self.tmpMessage, self.message)
+            try:
+                _renameNoReplace(self.tmpMessage, self.message)
+            except FileNotFoundError:
+                if not remakeDirectory(os.path.dirname(self.message)):
+                    raise
+                _renameNoReplace(self.tmpMessage, self.message)
         except FileExistsError:
             self._exists(self.message)
         except OSError as e:
@@ -728,6 +791,7 @@ class GroupCommitter:
                     )
                 )
             results = errors
+        logRemade()
         try:
             for operation, error in zip(batch, results, strict=True):
                 for problem in operation.problems:

@@ -14,7 +14,7 @@ from zope.interface import implementer
 from mailrelay.envelope import Envelope
 from mailrelay.errors import SpoolError
 from mailrelay.interfaces import IMessageWriter
-from mailrelay.spool.commit import _FILE_MODE, _O_CLOEXEC, _Commit, _writeAll
+from mailrelay.spool.commit import _Commit, _writeAll, openNew
 
 if TYPE_CHECKING:  # pragma: no cover
     from mailrelay.spool.store import Spool
@@ -51,7 +51,7 @@ class _SpillFile:
         self.closed = False
 
     def _create(self) -> int:
-        return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, _FILE_MODE)
+        return openNew(self.path)
 
     def _materialise(self) -> None:
         fd = self._create()
