@@ -791,6 +791,76 @@ def test_a_socket_that_cannot_be_removed_at_the_stop_is_a_warning(tmp_path: Path
         "system; the next start replaces it")
 
 
+class FullDiskReactor:
+    """A reactor (its clock a L{Clock}) whose C{listenUNIX} fails as on a file system with
+    no inode left (ENOSPC) C{failures} times, then makes the socket's file."""
+
+    def __init__(self, failures: int) -> None:
+        from twisted.internet.task import Clock
+
+        self.clock = Clock()
+        self.failures = failures
+        self.callLater = self.clock.callLater
+        self.seconds = self.clock.seconds
+
+    def listenUNIX(self, path: str, factory: Any, mode: int) -> Any:
+        from twisted.internet.error import CannotListenError
+
+        if self.failures:
+            self.failures -= 1
+            raise CannotListenError(None, path, OSError(28, "No space left on device"))
+        Path(path).touch()
+
+        class Port:
+            def stopListening(self) -> Any:
+                os.unlink(path)
+                return succeed(None)
+
+        return Port()
+
+
+def test_a_control_socket_the_full_spool_has_no_room_for_is_made_once_there_is(
+    tmp_path: Path,
+) -> None:
+    """No inode left on the spool's file system when the relay starts (another process
+    filled it, the relay's own socket removed at its last stop): the relay starts all the
+    same -- its queue is delivered, which frees space -- as its spool does on a full disk,
+    and makes its control socket as soon as there is room, trying every 10 seconds.  It
+    refused to start: what was queued waited for the operator."""
+    from types import SimpleNamespace
+
+    from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+    from mailrelay.app.control import ControlService
+
+    reactor = FullDiskReactor(failures=2)
+    service = ControlService(SimpleNamespace(reactor=reactor), tmp_path)
+    with capturedLogs() as events:
+        service.privilegedStartService()  # (no SystemExit)
+        assert service.port is None and not service.path.exists()
+        reactor.clock.advance(10)
+        assert service.port is None
+        reactor.clock.advance(10)
+    assert service.port is not None and service.path.exists()
+    assert [(e["log_level"], formatEvent(e)) for e in events] == [
+        (LogLevel.error, f"cannot listen on the control socket {service.path}: [Errno 28] No "
+         "space left on device; the relay runs without it (the mailrelay command cannot reach "
+         "it) and tries again every 10 seconds"),
+        (LogLevel.info, f"control socket {service.path}"),
+    ]
+    assert reactor.clock.getDelayedCalls() == []
+    service.running = True
+    result(service.stopService())
+    assert not service.path.exists()
+    # Stopped while it still has no room: it tries no more.
+    reactor = FullDiskReactor(failures=1)
+    service = ControlService(SimpleNamespace(reactor=reactor), tmp_path)
+    with capturedLogs():
+        service.privilegedStartService()
+    result(service.stopService())
+    assert reactor.clock.getDelayedCalls() == []
+
+
 def test_peer_credentials_and_refusal(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from mailrelay.app import control as controlModule
 

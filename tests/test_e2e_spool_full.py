@@ -35,18 +35,20 @@ MAILRELAY = str(Path(sys.executable).with_name("mailrelay"))
 
 @pytest.fixture
 def smallDisk(tmp_path: Path) -> Iterator[Callable[..., Path]]:
-    """C{smallDisk(size="4m")}: a directory with a tmpfs of C{size} mounted on it."""
+    """C{smallDisk(size="4m", inodes=None)}: a directory with a tmpfs of C{size} (and of
+    C{inodes} inodes) mounted on it."""
     if os.geteuid() != 0:
         if os.environ.get("CI") == "true":
             pytest.fail("CI runs as root: the spool's small file system must be mounted")
         pytest.skip("needs root, to mount a small file system (tmpfs) for the spool")
     mounted: list[Path] = []
 
-    def mount(size: str = "4m") -> Path:
+    def mount(size: str = "4m", inodes: int | None = None) -> Path:
         where = tmp_path / f"disk{len(mounted)}"
         where.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
-                        str(where)], check=True, capture_output=True)
+        options = f"size={size},mode=0755" + (f",nr_inodes={inodes}" if inodes else "")
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+                       check=True, capture_output=True)
         mounted.append(where)
         return where
 
@@ -68,6 +70,20 @@ def fill(disk: Path) -> Path:
                 assert e.errno == errno.ENOSPC, e
                 return path
     raise AssertionError(f"{disk} never filled up")
+
+
+def useUpInodes(disk: Path) -> list[Path]:
+    """Make empty files on C{disk} until its file system has no inode left; their paths."""
+    made: list[Path] = []
+    for n in range(100000):
+        path = disk / f"inode{n}"
+        try:
+            path.touch()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+            return made
+        made.append(path)
+    raise AssertionError(f"{disk} never ran out of inodes")
 
 
 def isNotification(received: Any) -> bool:
@@ -147,3 +163,30 @@ def test_spool_directories_removed_by_hand_are_created_again(
         assert f"spool: directory {r.spool / name} was missing (removed by hand?); created " \
             "again" in log
     assert "451" not in log
+
+
+def test_a_relay_started_with_no_inode_left_makes_its_control_socket_later(
+    smallDisk: Any, relay: Any, dns: Any  # noqa: F811 - fixtures
+) -> None:
+    """The spool's file system has no inode left when the relay starts (filled by another
+    process after the relay's last stop removed its control socket): the relay starts all
+    the same, as its spool does on a full disk so that the queue is delivered, and makes its
+    control socket once an inode is free, with no restart.  It refused to start."""
+    disk = smallDisk(inodes=64)
+    spool = disk / "spool"
+    r: RelayProcess = relay(config(dns) + "[spool]\nmin_free_space = 0\n", "--spool", str(spool))
+    r.waitForLog("queue manager started")  # (its signal handlers in place: a clean stop)
+    r.stop()
+    assert not (spool / "control.sock").exists()
+    fillers = useUpInodes(disk)
+    r.start()
+    r.waitForLog(rf"cannot listen on the control socket {spool}/control.sock: \[Errno 28\] No "
+                 r"space left on device; the relay runs without it \(the mailrelay command "
+                 r"cannot reach it\) and tries again every 10 seconds")
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=15) as s:  # (it answers, refusing for now)
+        assert s.ehlo("client.test")[0] == 250
+    fillers[-1].unlink()
+    r.waitForLog(rf"control socket {spool}/control.sock\n", timeout=20)
+    p = subprocess.run([MAILRELAY, "--spool", str(spool), "status"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, (p.stdout, p.stderr)

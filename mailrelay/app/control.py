@@ -19,6 +19,7 @@ Where the system does not say who the peer is, the socket is its owner's only (m
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
@@ -287,6 +288,20 @@ class ControlProtocol(QuietAMP):
         super().connectionLost(reason)
 
 
+#: Seconds between two tries to make the control socket on a spool file system that had no
+#: room for it.
+LISTEN_RETRY = 10.0
+
+
+def _noRoom(error: OSError) -> bool:
+    """Whether C{error}, from L{ControlService.listen}, says the file system has no room for
+    the socket (no inode left: ENOSPC; the quota reached: EDQUOT)."""
+    cause = error.__cause__
+    return isinstance(cause, ierror.CannotListenError) and getattr(
+        cause.socketError, "errno", None
+    ) in (errno.ENOSPC, errno.EDQUOT)
+
+
 class ControlService(Service):
     """Listens on the control socket from start-up (before privileges are dropped: the socket
     is then given to the spool's owner) until the relay has stopped.
@@ -305,6 +320,8 @@ class ControlService(Service):
         self.port: Any = None
         self.connections: set[ControlProtocol] = set()
         self._began: float | None = None
+        #: The next try to listen, while the spool's file system has no room for the socket.
+        self._retry: Any = None
 
     @property
     def startedAt(self) -> float | None:
@@ -346,11 +363,40 @@ class ControlService(Service):
             raise SystemExit(f"mailrelay: error: {e}") from None
 
     def privilegedStartService(self) -> None:
+        """Listen on the socket; on a spool file system with no room for it (no inode left,
+        the quota reached), start without it and try again every L{LISTEN_RETRY} seconds:
+        the spool starts on a full disk too, so that its queue is delivered, which frees
+        space (see L{mailrelay.spool.store}).
+
+        @raise SystemExit: it cannot be listened on (the message says why)."""
+        self._began = self.monotonic()
         try:
             self.listen()
         except OSError as e:
-            raise SystemExit(f"mailrelay: error: {e}") from None
+            if not _noRoom(e):
+                raise SystemExit(f"mailrelay: error: {e}") from None
+            log.error(
+                "{error}; the relay runs without it (the mailrelay command cannot reach it) "
+                "and tries again every {interval:.0f} seconds",
+                error=str(e),
+                interval=LISTEN_RETRY,
+            )
+            self._listenLater()
         super().privilegedStartService()
+
+    def _listenLater(self) -> None:
+        self._retry = self.relay.reactor.callLater(LISTEN_RETRY, self._listenAgain)
+
+    def _listenAgain(self) -> None:
+        """Try again to listen on the socket the full file system had no room for."""
+        self._retry = None
+        try:
+            self.listen()
+        except OSError as e:
+            if _noRoom(e):
+                self._listenLater()
+            else:
+                log.error("{error}; the relay runs without its control socket", error=str(e))
 
     def listen(self) -> None:
         """Listen on the socket (removing one left by a relay that is gone).
@@ -375,7 +421,8 @@ class ControlService(Service):
             # Give it to the spool's owner, who the relay may run as (twistd --uid).
             owner = os.stat(self.path.parent)
             os.chown(path, owner.st_uid, owner.st_gid)
-        self._began = self.monotonic()
+        if self._began is None:
+            self._began = self.monotonic()
         log.info("control socket {path}", path=path)
         self.openToListing()
 
@@ -422,6 +469,9 @@ class ControlService(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        retry, self._retry = self._retry, None
+        if retry is not None and retry.active():
+            retry.cancel()
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.loseConnection()
