@@ -190,3 +190,33 @@ def test_a_relay_started_with_no_inode_left_makes_its_control_socket_later(
     p = subprocess.run([MAILRELAY, "--spool", str(spool), "status"], capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 0, (p.stdout, p.stderr)
+
+
+def test_a_queue_manager_with_no_inode_for_its_lock_starts_once_there_is(
+    smallDisk: Any, relay: Any, nexthop: Any, dns: Any  # noqa: F811 - fixtures
+) -> None:
+    """A spool first used with [queue] hold = true (no queue manager, so no qmgr.lock yet)
+    whose file system then has no inode left: the queue manager cannot make its lock file.
+    It waits, saying why, and delivers the queue once an inode is free, with no restart; it
+    gave up at once, and the relay ran on delivering nothing."""
+    disk = smallDisk(inodes=64)
+    spool = disk / "spool"
+    hop, port = nexthop()
+    r: RelayProcess = relay(config(dns, hold=True) + "[spool]\nmin_free_space = 0\n",
+                            "--spool", str(spool))
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=15) as s:
+        assert s.sendmail("a@client.test", ["b@example.org"], b"Subject: held\r\n\r\nHi\r\n") == {}
+    r.waitForLog("queued as")
+    r.stop()
+    assert not (spool / "qmgr.lock").exists()
+    fillers = useUpInodes(disk)
+    r.configText = config(dns, routes=[smtpRoute("example.org", port)])
+    r.start()
+    r.waitForLog(rf"cannot take the queue lock {spool}/qmgr.lock: No space left on device; the "
+                 r"queue manager waits, trying again every 5 seconds")
+    assert hop.to("b@example.org") == []
+    for path in fillers[-2:]:  # (one for the lock, one for the control socket)
+        path.unlink()
+    [delivered] = hop.waitTo("b@example.org", timeout=20)
+    assert b"Subject: held" in delivered.content
+    r.waitForLog("removed")

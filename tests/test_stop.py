@@ -3,10 +3,12 @@ manager's drain time and queue lock (no reactor: Clock, StringTransport, Deferre
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
 
+import pytest
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
@@ -131,6 +133,42 @@ def test_queue_lock_is_exclusive_and_waits(tmp_path: Path) -> None:
     clock.advance(0.2)
     assert got == [None, "second"] and second.held
     second.release()
+
+
+def test_a_queue_lock_that_cannot_be_made_is_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock file cannot be made (no inode left on the spool's file system, where no
+    queue manager ran before: a relay run with [queue] hold = true; or made unreadable by
+    hand): the queue manager waits, saying why once a minute, and takes the lock once it can,
+    with no restart.  It gave up at once: the relay ran on, accepting mail and delivering
+    none, until restarted."""
+    from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+    clock = Clock()
+    lock = QueueLock(tmp_path, clock)
+    tries: list[float] = []
+    tryLock = lock._tryLock
+
+    def full() -> bool:
+        tries.append(clock.seconds())
+        if len(tries) <= 13:
+            raise OSError(errno.ENOSPC, "No space left on device", str(lock.path))
+        return tryLock()
+
+    monkeypatch.setattr(lock, "_tryLock", full)
+    got: list[Any] = []
+    with capturedLogs() as events:
+        lock.acquire().addBoth(got.append)
+        clock.pump([5] * 12)
+        assert got == [] and not lock.held
+        clock.advance(5)
+    assert got == [None] and lock.held and tries == [5.0 * n for n in range(14)]
+    error = (LogLevel.error, f"cannot take the queue lock {lock.path}: No space left on device; "
+             "the queue manager waits, trying again every 5 seconds")
+    assert [(e["log_level"], formatEvent(e)) for e in events] == [
+        error, error, (LogLevel.info, f"queue lock {lock.path} acquired")]
+    lock.release()
 
 
 def test_queue_lock_wait_can_be_cancelled(tmp_path: Path) -> None:

@@ -9,7 +9,9 @@ may deliver, and writes its process id into the file for the log of the one wait
 The lock is taken without blocking the reactor: L{QueueLock.acquire} tries at once, then
 again every C{interval} seconds, logging once (and then every minute) who holds it.  The
 kernel releases it when its holder exits, however it exits, so a crashed holder never blocks
-its successor.
+its successor.  A lock file that cannot be made or locked (no inode left on the spool's file
+system, a file made unreadable by hand) is tried again every L{ERROR_INTERVAL} seconds,
+saying why once a minute: the queue manager starts once the spool lets it, with no restart.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from twisted.logger import Logger
 
 log = Logger(namespace="mailrelay.queue")
 
-__all__ = ["LOCK_NAME", "QueueLock"]
+__all__ = ["ERROR_INTERVAL", "LOCK_NAME", "QueueLock"]
 
 #: The lock file's name in the spool directory.
 LOCK_NAME = "qmgr.lock"
+#: Seconds between two tries when the lock file cannot be made or locked.
+ERROR_INTERVAL = 5.0
 
 
 class QueueLock:
@@ -52,10 +56,8 @@ class QueueLock:
 
     def acquire(self) -> Deferred[None]:
         """A Deferred that fires once this process holds the lock (at once if it can be had).
-        Cancelling it stops waiting.
-
-        @raise OSError: the lock file cannot be opened (through the Deferred).
-        """
+        Cancelling it stops waiting.  While the lock file cannot be made or locked, it is
+        tried again every L{ERROR_INTERVAL} seconds (the error logged once a minute)."""
         if self._waiting is not None:
             raise RuntimeError("already waiting for the queue lock")
         d: Deferred[None] = Deferred(lambda _: self._cancel())
@@ -83,8 +85,7 @@ class QueueLock:
                 d.callback(None)
                 return
         except OSError as e:
-            self._waiting = None
-            d.errback(e)
+            self._failed(e)
             return
         now = self.clock.seconds()
         if self._loggedAt is None or now - self._loggedAt >= 60:
@@ -97,6 +98,20 @@ class QueueLock:
                 holder=self.holder(),
             )
         self._timer = self.clock.callLater(self.interval, self._try)
+
+    def _failed(self, error: OSError) -> None:
+        """The lock file could not be made or locked: say why (once a minute), try again."""
+        now = self.clock.seconds()
+        if self._loggedAt is None or now - self._loggedAt >= 60:
+            self._loggedAt = now
+            log.error(
+                "cannot take the queue lock {path}: {error}; the queue manager waits, trying "
+                "again every {interval:.0f} seconds",
+                path=str(self.path),
+                error=error.strerror or str(error),
+                interval=ERROR_INTERVAL,
+            )
+        self._timer = self.clock.callLater(ERROR_INTERVAL, self._try)
 
     def _tryLock(self) -> bool:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
