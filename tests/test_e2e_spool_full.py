@@ -12,9 +12,11 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import smtplib
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,13 @@ from typing import Any
 import pytest
 
 from tests.harness import RelayProcess
+from tests.test_e2e_operating import (  # noqa: F401 - fixtures
+    nobodyDirectory,
+    nobodyRuntime,
+    privilegedPort,
+    startAs,
+    waitListening,
+)
 from tests.test_e2e_outbound import (  # noqa: F401 - fixtures
     config,
     dns,
@@ -220,3 +229,47 @@ def test_a_queue_manager_with_no_inode_for_its_lock_starts_once_there_is(
     [delivered] = hop.waitTo("b@example.org", timeout=20)
     assert b"Subject: held" in delivered.content
     r.waitForLog("removed")
+
+
+def test_an_envelope_made_unreadable_by_hand_is_tried_again_soon(
+    nobodyRuntime: Any, nexthop: Any  # noqa: F811 - fixtures
+) -> None:
+    """The relay runs as nobody and an operator, as root, leaves a queued envelope unreadable
+    for it (chmod, an editor's copy): its attempt cannot load it, and says it tries again
+    after the shortest backoff (300 s, when Postfix's qmgr would look again), not the
+    longest (4000 s: an hour more after the operator mended it)."""
+    python, top = nobodyRuntime
+    directory = nobodyDirectory(top)
+    hop, hopPort = nexthop()
+    hop.dataReply = lambda received, n: "451 4.3.0 try again later"
+    config = directory / "mailrelay.toml"
+    config.write_text("[dns]\nreverse_lookups = false\n[[routes]]\ndomain = \"example.org\"\n"
+                      f"backend = \"smtp\"\nnexthop = \"[127.0.0.1]:{hopPort}\"\n")
+    port = privilegedPort()
+    spool = directory / "spool"
+    process = startAs(python, directory, "--config", str(config), "--listen",
+                      f"tcp:{port}:interface=127.0.0.1", "--spool", str(spool))
+    log = directory / "relay.log"
+    try:
+        waitListening(port)
+        with smtplib.SMTP("127.0.0.1", port, timeout=15) as s:
+            assert s.sendmail("a@client.test", ["b@example.org"], b"Subject: x\r\n\r\nHi\r\n") == {}
+        [envelope] = (spool / "queue").glob("*.json")
+        queueID = envelope.stem
+        waitFor(lambda: "status=deferred" in log.read_text(), "the first attempt deferred")
+        envelope.chmod(0)
+        flush(spool)
+        waitFor(lambda: f"{queueID}: cannot load envelope: reading envelope {envelope} failed: "
+                "Permission denied (EACCES); retrying in 300s" in log.read_text(),
+                "the load failure")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+
+
+def waitFor(predicate: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not seen in {timeout}s")
+        time.sleep(0.05)

@@ -1826,6 +1826,35 @@ def test_quarantineThatFailsIsRetriedLater(
     resultOf(qm.stopService())
 
 
+def test_anEnvelopeThatCannotBeReadIsTriedAgainAfterTheShortestBackoff(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An envelope the spool cannot read for now (made unreadable by hand: EACCES; an I/O
+    error; too many open files) is tried again after the shortest backoff, as the next look
+    of Postfix's qmgr into its queue would, not after the longest (67 minutes for a failure
+    already mended)."""
+    queueID = queueMessage(spool, clock, ["a@example.com"])
+    load = spool.loadEnvelope
+
+    def unreadable(queueID: str) -> Envelope:
+        raise SpoolError(f"reading envelope {queueID}.json failed: Permission denied (EACCES)")
+
+    monkeypatch.setattr(spool, "loadEnvelope", unreadable)
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    assert any(
+        t == f"{queueID}: cannot load envelope: reading envelope {queueID}.json failed: "
+        "Permission denied (EACCES); retrying in 300s" for t in texts(events, queueID)
+    )
+    monkeypatch.setattr(spool, "loadEnvelope", load)
+    clock.advance(299)
+    assert backend.calls == []
+    clock.advance(1)
+    assert backend.addressesDelivered() == ["a@example.com"] and spool.queueIDs() == []
+    resultOf(qm.stopService())
+
+
 def test_policyValidation() -> None:
     with pytest.raises(ValueError):
         QueuePolicy(activeLimit=0)

@@ -570,13 +570,15 @@ class QueueManager(Service):
             self._quarantine(queueID, str(e))
             return False
         except SpoolError as e:
+            # (Made unreadable by hand, an I/O error, no descriptor left: tried again after
+            # the shortest backoff, as the next look of Postfix's qmgr into its queue.)
             log.error(
                 "{queueID}: cannot load envelope: {error}; retrying in {delay:.0f}s",
                 queueID=queueID,
                 error=str(e),
-                delay=self.policy.maxBackoff,
+                delay=self.policy.minBackoff,
             )
-            self.scheduler.schedule(queueID, now + self.policy.maxBackoff)
+            self.scheduler.schedule(queueID, now + self.policy.minBackoff)
             return False
         except Exception:
             log.failure("{queueID}: cannot load envelope; retrying later", queueID=queueID)
