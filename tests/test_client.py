@@ -11,6 +11,7 @@ L{mailrelay.testing.ServerHarness}, and the end-to-end tests talk to an aiosmtpd
 from __future__ import annotations
 
 import base64
+import os
 import shutil
 import ssl
 import tempfile
@@ -1356,6 +1357,29 @@ def test_bareNewlineInFileIsNotSent(tmp_path):
     assert (a.status, a.code) == (TRANSIENT, "4.3.0") and "bare CR or LF" in a.diagnostic
     assert a.remoteMTA is None  # the relay's own failure (test_noRemoteMTAForTheRelays...)
     assert peer.heard() == b"" and peer.aborted  # no terminating dot: the server drops it
+
+
+def test_aMessageFileTruncatedWhileSentIsNotEnded(tmp_path):
+    """The message file truncated by hand (an operator's mistake, a file system failing)
+    while it is sent with DATA: no terminating dot (the server drops the transaction) and a
+    4.3.0 of the relay's own, as BDAT's framer refuses a size that changed; the DATA path
+    sent the part left and ended it, so the next hop took a truncated message and the entry
+    was removed.  (Postfix's smtp client refuses a queue file cut short: its end record is
+    missing.)"""
+    path = tmp_path / "message"
+    lines = b"".join(b"line %06d\r\n" % n for n in range(20000))  # (several chunks)
+    path.write_bytes(b"Subject: x\r\n\r\n" + lines)
+    peer, conn = connected()
+    d = send(conn, envelope("a@example.org"), path)
+    peer.say(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    peer.heard()
+    peer.transport.producer.resumeProducing()  # a first chunk goes
+    os.truncate(path, 70000)
+    peer.pump()
+    (a,) = resultOf(d)
+    assert (a.status, a.code) == (TRANSIENT, "4.3.0") and a.remoteMTA is None
+    assert "the message file changed while it was sent" in a.diagnostic
+    assert not peer.heard().endswith(b"\r\n.\r\n") and peer.aborted
 
 
 def test_noRemoteMTAForTheRelaysOwnFileTroubles(tmp_path, message):

@@ -14,8 +14,10 @@ import os
 import shutil
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -273,3 +275,72 @@ def waitFor(predicate: Callable[[], bool], what: str, timeout: float = 15.0) -> 
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not seen in {timeout}s")
         time.sleep(0.05)
+
+
+class PausingHop:
+    """A next hop that answers DATA with 354, then reads nothing until told (L{resume}), so
+    that the relay is in the middle of the body; it then reads to the end of data or of the
+    connection.  C{ended}: whether the body came with its terminating dot."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # (the relay stalls)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1)
+        self.port = self.sock.getsockname()[1]
+        self.inData = threading.Event()
+        self.resumed = threading.Event()
+        self.done = threading.Event()
+        self.ended: bool | None = None
+        threading.Thread(target=self._talk, daemon=True).start()
+
+    def _talk(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn, conn.makefile("rb") as lines:
+            conn.sendall(b"220 pausing.test ESMTP\r\n")
+            for line in lines:
+                verb = line[:4].upper()
+                if verb == b"DATA":
+                    conn.sendall(b"354 go on\r\n")
+                    self.inData.set()
+                    self.resumed.wait(30)
+                    conn.settimeout(30)
+                    try:
+                        self.ended = any(body == b".\r\n" for body in lines)
+                    except OSError:
+                        self.ended = False
+                    break
+                conn.sendall(b"250-pausing.test\r\n250 8BITMIME\r\n" if verb == b"EHLO"
+                             else b"250 2.0.0 ok\r\n")
+        self.done.set()
+
+    def close(self) -> None:
+        self.resumed.set()
+        self.sock.close()
+
+
+def test_a_message_file_truncated_while_it_is_sent_is_not_ended(
+    relay: Any, dns: Any  # noqa: F811 - fixtures
+) -> None:
+    """The spool's message file truncated by hand while the relay sends it with DATA: the
+    relay drops the connection without the terminating dot (the next hop discards the
+    part it got) and defers, saying why; it sent what was left and the dot, and the next
+    hop took a truncated message."""
+    hop = PausingHop()
+    try:
+        r: RelayProcess = relay(config(dns, routes=[smtpRoute("example.org", hop.port)]))
+        body = b"".join(b"line %07d of a big message\r\n" % n for n in range(300000))
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=30) as s:
+            assert s.sendmail("a@client.test", ["b@example.org"],
+                              b"Subject: big\r\n\r\n" + body) == {}
+        assert hop.inData.wait(15)
+        [message] = (r.spool / "queue").glob("*.eml")
+        time.sleep(0.5)  # (the relay fills the connection's buffers, and waits)
+        os.truncate(message, 1000)
+        hop.resumed.set()
+        assert hop.done.wait(15)
+        assert hop.ended is False
+        r.waitForLog(rf"{message.stem}: to=<b@example.org>, .*status=deferred \(X-mailrelay; "
+                     r"the message file changed while it was sent")
+    finally:
+        hop.close()

@@ -72,12 +72,20 @@ class _BodySender:
     C{framer} is given (BDAT), one chunk per C{resumeProducing}."""
 
     def __init__(self, protocol: SMTPClientProtocol, file: BinaryIO, chunkSize: int,
-                 framer: BDATFramer | None = None, checkLineEnds: bool = True) -> None:
+                 framer: BDATFramer | None = None, checkLineEnds: bool = True,
+                 size: int | None = None) -> None:
+        """
+        @param size: the file's size when the body started (DATA): a file that turns out
+            shorter or longer (truncated or changed by hand) is not ended with the dot, as
+            BDAT's C{framer} refuses it too.
+        """
         self.protocol = protocol
         self.file = file
         self.chunkSize = chunkSize
         self.stuffer = DotStuffer(checkLineEnds=checkLineEnds)
         self.framer = framer
+        self.size = size
+        self.read = 0
         self.done = False
         self.registered = False
 
@@ -96,6 +104,10 @@ class _BodySender:
             if framer is not None:
                 data, chunks = framer.feed(chunk) if chunk else framer.finish()
             else:
+                self.read += len(chunk)
+                if self.size is not None and (self.read > self.size
+                                              or not chunk and self.read != self.size):
+                    raise SizeMismatchError(f"{self.read} octets read, {self.size} expected")
                 data = self.stuffer.feed(chunk) if chunk else self.stuffer.finish()
         except OSError as e:
             self.stop()
@@ -324,11 +336,12 @@ class SMTPClientProtocol(Protocol):
         assert self._file is not None
         framer = None
         check = not self._lineEndsChecked
+        size = os.fstat(self._file.fileno()).st_size
         if event.bdat:
-            size = os.fstat(self._file.fileno()).st_size
             framer = BDATFramer(size, pipelined=event.pipelined,
                                 checkLineEnds=event.checkLineEnds and check)
-        self._body = _BodySender(self, self._file, CHUNK_SIZE, framer, checkLineEnds=check)
+        self._body = _BodySender(self, self._file, CHUNK_SIZE, framer, checkLineEnds=check,
+                                 size=size)
         self._file = None
         self._body.start()
 
