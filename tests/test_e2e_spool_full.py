@@ -10,6 +10,7 @@ root).  Every file system mounted is unmounted in teardown.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -158,6 +159,7 @@ def test_spool_directories_removed_by_hand_are_created_again(
     until a restart (Postfix's mail_queue_enter() makes a missing queue directory)."""
     hop, port = nexthop()
     r: RelayProcess = relay(config(dns, routes=[smtpRoute("example.org", port)]))
+    r.waitForLog("queue manager started")  # (the delivery process makes them at its start)
     for name in ("tmp", "queue"):
         shutil.rmtree(r.spool / name)
     sent = {"small": b"Hello.\r\n", "big": (b"x" * 70 + b"\r\n") * 5000}
@@ -258,22 +260,23 @@ def test_an_envelope_made_unreadable_by_hand_is_tried_again_soon(
             assert s.sendmail("a@client.test", ["b@example.org"], b"Subject: x\r\n\r\nHi\r\n") == {}
         [envelope] = (spool / "queue").glob("*.json")
         queueID = envelope.stem
-        waitFor(lambda: "status=deferred" in log.read_text(), "the first attempt deferred")
+        waitFor(lambda: json.loads(envelope.read_bytes())["attempts"] == 1,
+                "the first attempt deferred and recorded", log)
         envelope.chmod(0)
         flush(spool)
         waitFor(lambda: f"{queueID}: cannot load envelope: reading envelope {envelope} failed: "
                 "Permission denied (EACCES); retrying in 300s" in log.read_text(),
-                "the load failure")
+                "the load failure", log)
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(30)
 
 
-def waitFor(predicate: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+def waitFor(predicate: Callable[[], bool], what: str, log: Path, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not seen in {timeout}s")
+            raise AssertionError(f"{what}: not seen in {timeout}s:\n{log.read_text()}")
         time.sleep(0.05)
 
 
