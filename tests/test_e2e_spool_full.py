@@ -347,3 +347,30 @@ def test_a_message_file_truncated_while_it_is_sent_is_not_ended(
                      r"the message file changed while it was sent")
     finally:
         hop.close()
+
+
+def test_a_spool_out_of_inodes_refuses_mail_at_mail_from(
+    smallDisk: Any, relay: Any, dns: Any  # noqa: F811 - fixtures
+) -> None:
+    """Octets to spare but (almost) no inode left on the spool's file system: MAIL gets
+    452 4.3.1 and the log says why, as Postfix refuses at MAIL when its queue file cannot be
+    made -- not 451 after the whole message, which the client sends again at each retry.
+    Once inodes are freed, mail is taken again, with no restart."""
+    disk = smallDisk(inodes=128)
+    r: RelayProcess = relay(config(dns, hold=True) + "[spool]\nmin_free_space = 1\n",
+                            "--spool", str(disk / "spool"))
+    fillers = useUpInodes(disk)
+    for path in fillers[-5:]:  # five free: not enough to keep
+        path.unlink()
+
+    def mail() -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=15) as s:
+            s.ehlo("client.test")
+            return s.mail("a@client.test")
+
+    assert mail() == (452, b"4.3.1 Error: insufficient system storage")
+    r.waitForLog(rf"not enough free inodes in spool {disk}/spool: 5 free, fewer than 16; new "
+                 r"mail is refused \(452 4.3.1\)")
+    for path in fillers[-40:-5]:
+        path.unlink()
+    assert mail()[0] == 250

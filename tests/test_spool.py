@@ -1030,9 +1030,11 @@ def test_quarantineCutShortKeepsTheMessage(
 
 
 class FakeStatvfs:
-    def __init__(self, bavail: int, frsize: int = 4096) -> None:
+    def __init__(self, bavail: int, frsize: int = 4096, files: int = 0, favail: int = 0) -> None:
         self.f_bavail = bavail
         self.f_frsize = frsize
+        self.f_files = files  # (0: the file system counts no inodes, as btrfs)
+        self.f_favail = favail
 
 
 def test_hasFreeSpace(
@@ -1093,6 +1095,35 @@ def test_freeSpaceNearTheMinimumIsCheckedEveryTime(
     assert not s.hasFreeSpace(1)  # 2 MiB left: the minimum, nothing more
     free[0] -= 1 << 20
     assert not s.hasFreeSpace()
+
+
+#: The inodes a spool keeps free (the store's MIN_FREE_INODES).
+MIN_INODES = 16
+
+
+def test_aSpoolWithoutFreeInodesRefusesNewMailBeforeItsData(
+    spoolDir: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch, events: list[dict[str, Any]]
+) -> None:
+    """Room for the octets but (almost) no inode left: new mail is refused at MAIL (452
+    4.3.1), as Postfix's smtpd answers at MAIL when cleanup cannot create the queue file,
+    instead of after the whole message (451 at the end of data, each retry sending it
+    again), and a few inodes stay for the queue's own needs (envelope updates,
+    bounces).  A file system that counts no inodes (btrfs), or min_free_space = 0, is not
+    checked."""
+    answer = [FakeStatvfs(10**6, files=65536, favail=MIN_INODES)]
+    monkeypatch.setattr(os, "statvfs", lambda path: answer[0])
+    s = Spool(spoolDir, reactor=clock, minFreeSpace=1_000_000, deferToThread=syncDeferToThread)
+    assert s.hasFreeSpace()
+    answer[0] = FakeStatvfs(10**6, files=65536, favail=MIN_INODES - 1)
+    assert not s.hasFreeSpace()
+    assert [formatEvent(e) for e in events] == [
+        f"not enough free inodes in spool {spoolDir}: {MIN_INODES - 1} free, "
+        f"fewer than {MIN_INODES}; new mail is refused (452 4.3.1)"]
+    answer[0] = FakeStatvfs(10**6, files=0, favail=0)
+    assert s.hasFreeSpace()
+    answer[0] = FakeStatvfs(10**6, files=65536, favail=0)
+    s.minFreeSpace = 0
+    assert s.hasFreeSpace()
 
 
 # --- queue ids ---------------------------------------------------------------------------------

@@ -198,7 +198,7 @@ SPOOL = Table(
         Key(
             "min_free_space",
             integer(0, 10**18),
-            "Bytes that must stay free on the spool's file system (0: no check).",
+            "Bytes (and 16 inodes) that must stay free on the spool's file system (0: no check).",
             default=100 * 1024 * 1024,
         ),
         Key(

@@ -57,7 +57,7 @@ from mailrelay.spool.writer import MessageWriter, _SpillFile
 
 log = Logger(namespace="mailrelay.spool")
 
-__all__ = ["REMOVAL_SYNC_DELAY", "Spool"]
+__all__ = ["MIN_FREE_INODES", "REMOVAL_SYNC_DELAY", "Spool"]
 
 _DIR_MODE = 0o700
 
@@ -68,6 +68,12 @@ _FREE_SPACE_CACHE_SECONDS = 1.0
 #: Within this many octets above C{minFreeSpace}, the free space is read at every check: a
 #: burst of messages within the second of a cached answer could go past the minimum.
 _FREE_SPACE_MARGIN = 256 << 20
+#: Inodes that must stay free on the spool's file system (when C{minFreeSpace} is set and
+#: the file system counts inodes): a message takes two, and the queue needs some for its own
+#: work (envelope updates, bounces).
+MIN_FREE_INODES = 16
+#: Below this many free inodes, they are read at every check (see L{_FREE_SPACE_MARGIN}).
+_FREE_INODES_MARGIN = 4096
 
 
 @implementer(ISpool)
@@ -133,6 +139,8 @@ class Spool:
         self._updateSerial = 0
         self._freeSpaceCheckedAt: float | None = None
         self._freeSpace: int | None = None
+        #: Free inodes, or C{None} when the file system counts none (btrfs).
+        self._freeInodes: int | None = None
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -487,11 +495,16 @@ class Spool:
         unless it was within L{_FREE_SPACE_MARGIN} of the minimum: then every check reads it
         again, as Postfix's smtpd does at each MAIL.  A C{statvfs} failure is logged and
         answers C{False}; so is a shortage (as a warning naming the octets free).
+
+        Unless C{minFreeSpace} is 0, fewer than L{MIN_FREE_INODES} free inodes is a
+        shortage too: mail is refused at MAIL, as Postfix's smtpd refuses it at MAIL when
+        its cleanup cannot create the queue file, not after the whole message.
         """
         now = self._reactor.seconds()
         checkedAt = self._freeSpaceCheckedAt
         known = self._freeSpace
         near = known is not None and known - needed - self.minFreeSpace < _FREE_SPACE_MARGIN
+        near = near or (self._freeInodes is not None and self._freeInodes < _FREE_INODES_MARGIN)
         if (checkedAt is None or near
                 or not checkedAt <= now < checkedAt + _FREE_SPACE_CACHE_SECONDS):
             self._freeSpaceCheckedAt = now
@@ -506,7 +519,18 @@ class Spool:
                 )
             else:
                 self._freeSpace = st.f_bavail * st.f_frsize
+                self._freeInodes = st.f_favail if st.f_files else None
         if self._freeSpace is None:
+            return False
+        inodes = self._freeInodes
+        if self.minFreeSpace and inodes is not None and inodes < MIN_FREE_INODES:
+            log.warn(
+                "not enough free inodes in spool {directory}: {inodes} free, fewer than "
+                "{minimum}; new mail is refused (452 4.3.1)",
+                directory=str(self.directory),
+                inodes=inodes,
+                minimum=MIN_FREE_INODES,
+            )
             return False
         if self._freeSpace - needed >= self.minFreeSpace:
             return True
