@@ -65,6 +65,18 @@ def test_seed_session() -> None:
     assert message.endswith(b"Subject: test\r\n" + b"Message-Id: <" + message.split(b"Message-Id: <")[1].split(b">")[0] + b">\r\n" + b"Date: " + message.split(b"\r\nDate: ")[1].split(b"\r\n")[0] + b"\r\n\r\nHello\r\n")
 
 
+@pytest.mark.parametrize("bad", [b"\x00", b"\r"])
+@pytest.mark.parametrize("at", [0, 4, 11])
+def test_command_with_nul_or_bare_cr(bad: bytes, at: int) -> None:
+    """A command line holding a NUL or a bare CR anywhere (its verb, its argument) is refused
+    with 500 5.5.2 bad syntax, and the session goes on."""
+    h = ServerHarness()
+    h.replies()
+    line = b"HELO client.example"
+    assert h.send(line[:at] + bad + line[at:] + b"\r\n") == [b"500 5.5.2 Error: bad syntax"]
+    assert h.send(line + b"\r\n") == [b"250 relay.test"]
+
+
 @pytest.mark.parametrize(
     "commands,expected",
     [

@@ -727,7 +727,7 @@ class ServerSession:
         except UnicodeDecodeError:
             self._reply(Reply(500, "5.5.2", "Error: command is not valid UTF-8"))
             return True
-        if any(c in line for c in "\r\n\x00"):
+        if "\r" in line or "\n" in line or "\x00" in line:  # (no generator: per command)
             self._reply(R.SYNTAX_ERROR)
             return True
         verb, _, arg = line.partition(" ")
