@@ -775,3 +775,58 @@ def test_a_client_gone_before_its_250_is_logged_as_a_possible_duplicate(how: str
     ]
     assert [e["log_level"].name for e in events if "may send it again" in formatEvent(e)] == ["warn"]
     assert queueID in spool.committed
+
+
+
+
+
+@pytest.mark.parametrize("starttls", [False, True])
+@pytest.mark.parametrize("authWithoutTLS", [False, True])
+def test_ehlo_and_greeting_made_once_per_settings_are_those_made_anew(
+    starttls: bool, authWithoutTLS: bool
+) -> None:
+    """The greeting and the EHLO reply (without extensions) are made once per listener's
+    settings and shared by its sessions: each session, with or without TLS, gets what a
+    session on settings of its own gets."""
+    from mailrelay.smtp.server import Reply
+
+    def settings() -> SessionSettings:
+        return SessionSettings("relay.test", starttls=starttls, authMechanisms=("PLAIN",),
+                               authWithoutTLS=authWithoutTLS)
+
+    def replies(shared: SessionSettings, tls: str | None) -> list[bytes]:
+        session = ServerSession(shared, ClientInfo("192.0.2.1", tls=tls))
+        events = session.greeting() + session.dataReceived(b"EHLO client.example\r\n")
+        return [e.toBytes() for e in events if isinstance(e, Reply)]
+
+    shared = settings()
+    for tls in (None, "TLSv1.3 TLS_AES_256_GCM_SHA384", None, "TLSv1.2 other"):
+        assert replies(shared, tls) == replies(settings(), tls)
+    assert replies(shared, None) != replies(shared, "TLSv1.3 TLS_AES_256_GCM_SHA384")
+
+
+def test_a_reply_of_a_subclass_is_sent_as_a_reply() -> None:
+    """The protocol takes the session's replies by their exact type first (the commonest
+    event); a plugin's verdict whose reply is of a subclass of Reply goes the general way and
+    is sent, and logged as the last reply, exactly as the same Reply would be."""
+    from mailrelay.interfaces import Reply, VerdictKind
+
+    class OwnReply(Reply):
+        pass
+
+    def session(reply: Reply) -> tuple[list[bytes], object]:
+        @implementer(IRecipientValidator)
+        class Refusing:
+            def validateRecipient(self, client, envelope, recipient):
+                return Verdict(VerdictKind.REJECT, reply)
+
+        h = ServerHarness(validators=[ConfiguredValidator("refusing", Refusing(), 5)])
+        h.replies()
+        lines = h.send(b"EHLO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n")
+        return lines, h.protocol._lastReply
+
+    plain, lastPlain = session(Reply(550, "5.1.1", "no such user\nhere"))
+    own, lastOwn = session(OwnReply(550, "5.1.1", "no such user\nhere"))
+    assert own == plain and plain[-2:] == [b"550-5.1.1 no such user", b"550 5.1.1 here"]
+    assert type(lastOwn) is OwnReply and type(lastPlain) is Reply
+    assert (lastOwn.code, lastOwn.text) == (lastPlain.code, lastPlain.text)  # type: ignore[attr-defined]

@@ -218,6 +218,11 @@ _ABORT_AFTER = 5.0
 #: before it closes, which a client that says nothing more never sends: it held the
 #: connection (and its slot) until idle_timeout.  Postfix closes after a one-way shutdown.
 _TLS_CLOSE_GRACE = 5.0
+#: The session's questions (L{SMTPServerProtocol._handle} asks the answer of any other event
+#: it does not know); by exact type, for a dispatch without a chain of isinstance calls.
+_QUESTIONS = frozenset({
+    CheckMail, CheckRecipient, CheckHelo, StartData, EndOfData, ExtensionCommand, Authenticate,
+})
 #: Seconds a client whose message was answered while the relay stops has to say QUIT.
 _QUIT_GRACE = 1.0
 
@@ -642,6 +647,16 @@ class SMTPServerProtocol(Protocol):
             out: list[bytes] = []
             question = None
             for index, event in enumerate(events):
+                # (The commonest events by their exact type first, without isinstance: a
+                # reply at every command, a question at most; then the general chain.)
+                kind = type(event)
+                if kind is Reply:
+                    out.append(event.toBytes())  # type: ignore[attr-defined]
+                    self._lastReply = event  # type: ignore[assignment]
+                    continue
+                if kind in _QUESTIONS:
+                    question = event
+                    continue
                 if isinstance(event, Pause):
                     self._flush(out)
                     self._startPause(event.seconds, events[index + 1 :])
