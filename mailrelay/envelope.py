@@ -11,6 +11,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field, fields
+from operator import attrgetter
 from typing import Any
 
 ENVELOPE_VERSION = 1
@@ -189,7 +190,8 @@ class Envelope:
     def toDict(self) -> dict[str, Any]:
         # Field by field rather than dataclasses.asdict, whose deep copies cost more than the
         # rest of the serialisation (profiled: it is written for every message).
-        d = {f: getattr(self, f) for f in _ENVELOPE_FIELDS}
+        # (Each object's values in one attrgetter call, not a getattr per field.)
+        d = dict(zip(_ENVELOPE_FIELDS, _ENVELOPE_VALUES(self), strict=True))
         d["version"] = ENVELOPE_VERSION
         if not self.held:
             del d["held"]
@@ -199,12 +201,12 @@ class Envelope:
             del d["noticeOf"]
         client = self.client
         if client is not None:
-            c = {f: getattr(client, f) for f in _CLIENT_FIELDS}
+            c = dict(zip(_CLIENT_FIELDS, _CLIENT_VALUES(client), strict=True))
             c["protocol"] = client.protocol
             d["client"] = c
         recipients = []
         for r in self.recipients:
-            rd = {f: getattr(r, f) for f in _RECIPIENT_FIELDS}
+            rd = dict(zip(_RECIPIENT_FIELDS, _RECIPIENT_VALUES(r), strict=True))
             if r.notify is not None:
                 rd["notify"] = list(r.notify)
             if r.reason is None:  # (as before it existed: older relays read it)
@@ -389,5 +391,9 @@ def _fields(d: Any, kind: type, kinds: dict[str, str], where: str) -> dict[str, 
 _ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope))
 _CLIENT_FIELDS = tuple(f.name for f in fields(ClientInfo))
 _RECIPIENT_FIELDS = tuple(f.name for f in fields(Recipient))
+#: The values of those fields, in their order, in one call (L{Envelope.toDict}).
+_ENVELOPE_VALUES = attrgetter(*_ENVELOPE_FIELDS)
+_CLIENT_VALUES = attrgetter(*_CLIENT_FIELDS)
+_RECIPIENT_VALUES = attrgetter(*_RECIPIENT_FIELDS)
 # No indent: only then does json use its C encoder (the pure-Python one cost 0.1 ms per message).
 _ENCODER = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(", ", ": "))

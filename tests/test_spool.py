@@ -1645,3 +1645,38 @@ def test_aMissingSpoolDirectoryIsNotCreatedWhereTheSpoolIsGone(
     f = failureOf(writer.commit(makeEnvelope(writer.queueID)), SpoolError)
     assert f"{spoolDir / 'tmp'}" in str(f.value) and "No such file or directory" in str(f.value)
     assert not (spoolDir / "tmp").exists()
+
+
+@pytest.mark.parametrize("held", [False, True])
+def test_envelope_json_is_what_a_getattr_per_field_makes(held: bool) -> None:
+    """Envelope.toDict takes each object's field values in one call: its dict, and so the
+    JSON written to the spool, is the one made field by field (every field of the
+    envelope, of its client and of each recipient, in order), and reads back the same."""
+    import dataclasses
+
+    from mailrelay.envelope import ENVELOPE_VERSION
+
+    client = ClientInfo("192.0.2.7", helo="client.example", rdns="client.example",
+                        relayAllowed=True, authUser="u", tls="TLSv1.3 X", esmtp=True)
+    recipients = [Recipient("a@example.org", notify=("SUCCESS", "FAILURE"), orcpt="rfc822;a@x"),
+                  Recipient("b@example.org", state=DELIVERED, attempts=2)]
+    envelope = Envelope(sender="s@example.com", recipients=recipients, client=client,
+                        queueID="Q", held=held, utf8Header=True,
+                        notes={"k": [1, "v"]}, parameters={"X": "y"})
+
+    def byField(obj: Any) -> dict[str, Any]:
+        return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+    expected = byField(envelope)
+    expected["version"] = ENVELOPE_VERSION
+    if not held:
+        del expected["held"]
+    expected["client"] = {**byField(client), "protocol": client.protocol}
+    expected["recipients"] = [
+        {**byField(r), **({"notify": list(r.notify)} if r.notify is not None else {})}
+        for r in recipients
+    ]
+    assert envelope.toDict() == expected
+    assert list(envelope.toDict()) == list(expected)
+    assert [list(r) for r in envelope.toDict()["recipients"]] == [list(r) for r in expected["recipients"]]
+    assert Envelope.fromJSON(envelope.toJSON()) == envelope
