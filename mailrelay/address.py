@@ -474,6 +474,30 @@ def _isValueChar(char: str) -> bool:
     return (33 <= code <= 126 and code != 61) or code >= 128
 
 
+#: The reply to a path whose angle bracket is never closed (L{splitArgument}).
+_NO_CLOSING_BRACKET = Reply(501, "5.5.4", "Error: missing closing '>' in address")
+
+
+def _pathEnd(text: str) -> int:
+    """The index of the C{>} that ends the path C{text} starts (with C{<}), outside any
+    quoted-string (where a backslash quotes the next character); -1 when there is none."""
+    quoted = False
+    i = 1
+    while i < len(text):
+        char = text[i]
+        if quoted:
+            if char == "\\":
+                i += 1
+            elif char == '"':
+                quoted = False
+        elif char == '"':
+            quoted = True
+        elif char == ">":
+            return i
+        i += 1
+    return -1
+
+
 def splitArgument(arg: str) -> tuple[str, list[tuple[str, str | None]]]:
     """Split the argument of MAIL FROM: or RCPT TO: into the path and ESMTP parameters.
 
@@ -492,22 +516,9 @@ def splitArgument(arg: str) -> tuple[str, list[tuple[str, str | None]]]:
     if not text:
         raise AddressError(Reply(501, "5.5.4", "Error: missing address"))
     if text.startswith("<"):
-        quoted = False
-        i = 1
-        while i < len(text):
-            char = text[i]
-            if quoted:
-                if char == "\\":
-                    i += 1
-                elif char == '"':
-                    quoted = False
-            elif char == '"':
-                quoted = True
-            elif char == ">":
-                break
-            i += 1
-        else:
-            raise AddressError(Reply(501, "5.5.4", "Error: missing closing '>' in address"))
+        i = _pathEnd(text)
+        if i < 0:
+            raise AddressError(_NO_CLOSING_BRACKET)
         path, rest = text[: i + 1], text[i + 1 :]
     else:
         bare, space, rest = text.partition(" ")
