@@ -516,7 +516,8 @@ def splitArgument(arg: str) -> tuple[str, list[tuple[str, str | None]]]:
     if not text:
         raise AddressError(Reply(501, "5.5.4", "Error: missing address"))
     if text.startswith("<"):
-        i = _pathEnd(text)
+        # (Without a quoted-string the path ends at the first ">": found without a loop.)
+        i = text.find(">") if '"' not in text else _pathEnd(text)
         if i < 0:
             raise AddressError(_NO_CLOSING_BRACKET)
         path, rest = text[: i + 1], text[i + 1 :]

@@ -993,3 +993,17 @@ def test_line_separators_and_format_characters_are_refused_in_addresses(char: st
             parseForwardPath(text, utf8=True, postmasterDomain="example.org")
     assert str(parseForwardPath("<jörg@example.org>", utf8=True,
                                 postmasterDomain="example.org")) == "jörg@example.org"
+
+
+@fast
+@given(st.text(alphabet="<>\\ a@b.=X\x80", max_size=30))
+@example("<a\\>b> SIZE=1")
+@example("<a@b")
+def test_path_end_without_quotes_is_the_loops(tail: str) -> None:
+    """splitArgument finds the end of a path without a quoted-string by a plain search:
+    the index the scanning loop (L{_pathEnd}, which the quoted paths still take) finds, and
+    so the same path, parameters or 501."""
+    from mailrelay.address import _pathEnd
+
+    text = "<" + tail
+    assert text.find(">") == _pathEnd(text)
