@@ -161,3 +161,26 @@ def test_exactly_once_sends_to_the_fast_next_hop_whatever_the_order_of_targets()
     bench = _bench("exactly_once")
     assert bench.main(["--messages", "3", "--stops", "0", "--rate", "0",
                        "--targets", "maildir,fast", "--drain-timeout", "15"]) == 0
+
+
+def test_eodtracePerMessage() -> None:
+    """bench/eodtrace.py cuts the relay's stamps into messages, from the read of each
+    end-of-data to its 250 sent, keeping the first stamp of each name: a stamp before the
+    first end of data (a batch of another kind) or after a 250 belongs to no message."""
+    path = Path(__file__).resolve().parent.parent / "bench" / "eodtrace.py"
+    spec = importlib.util.spec_from_file_location("mailrelay_bench_eodtrace", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    stamps = [
+        ["batch0", 1], ["batch1", 2],
+        ["rx", 10], ["submit", 12], ["batch0", 15], ["synced", 20], ["synced", 21],
+        ["batch1", 30], ["finished", 35], ["sent", 40],
+        ["batch0", 41],
+        ["rx", 50], ["submit", 51], ["sent", 60],
+    ]
+    assert module.perMessage(stamps) == [
+        {"rx": 10, "submit": 12, "batch0": 15, "synced": 20, "batch1": 30, "finished": 35,
+         "sent": 40},
+        {"rx": 50, "submit": 51, "sent": 60},
+    ]
