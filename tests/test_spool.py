@@ -1318,6 +1318,63 @@ def test_syncfsBatchSyncsOnceAndPublishesAfter(
     assert list((spoolDir / "tmp").iterdir()) == []
 
 
+@pytest.mark.parametrize("openable", [True, False])
+def test_batchesSyncThroughTheDirectoriesOpenedAtStart(
+    spoolDir: Path,
+    clock: Clock,
+    threads: ManualThreads,
+    monkeypatch: pytest.MonkeyPatch,
+    openable: bool,
+) -> None:
+    """The committer opens the spool directory and queue/ once, at start, and every batch
+    syncs through them (no open or close of a directory per batch); they are closed at stop.
+    Where they cannot be opened at start, each batch opens them as before: the same syncs
+    of the same directories, the same entries."""
+    if commitModule._syncfs is None:
+        pytest.skip("no syncfs(2) on this platform")
+    for sub in ("tmp", "queue"):  # (else start() syncs the directories it creates)
+        (spoolDir / sub).mkdir(parents=True)
+    realOpenDirectory = commitModule._openDirectory
+    if not openable:
+        def refuse(path: Path | str) -> int:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+        monkeypatch.setattr(commitModule, "_openDirectory", refuse)
+    spool = Spool(spoolDir, reactor=clock, deferToThread=threads, syncMethod="syncfs")
+    spool.start()
+    monkeypatch.setattr(commitModule, "_openDirectory", realOpenDirectory)
+    committer = spool._committer
+    synced: list[tuple[str, int]] = []
+    realSyncfs, realFsync, realOpen = commitModule._syncfs, os.fsync, os.open
+    monkeypatch.setattr(
+        commitModule, "_syncfs",
+        lambda fd: (synced.append(("syncfs", os.fstat(fd).st_ino)), realSyncfs(fd))[1])
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (synced.append(("fsync", os.fstat(fd).st_ino)), realFsync(fd))[1])
+    opened: list[str] = []
+    monkeypatch.setattr(
+        os, "open", lambda path, *a, **kw: (opened.append(str(path)), realOpen(path, *a, **kw))[1])
+    writers = [writeMessage(spool) for _ in range(2)]
+    for writer in writers:
+        d = writer.commit(makeEnvelope(writer.queueID))
+        threads.runAll()
+        assert resultOf(d) is None
+    directory, queue = os.stat(spoolDir).st_ino, os.stat(spoolDir / "queue").st_ino
+    assert synced == [("syncfs", directory), ("fsync", queue)] * 2
+    directoriesOpened = [p for p in opened if p in (str(spoolDir), str(spoolDir / "queue"))]
+    assert directoriesOpened == ([] if openable else [str(spoolDir), str(spoolDir / "queue")] * 2)
+    assert listing(spoolDir / "queue") == sorted(
+        f"{w.queueID}{ext}" for w in writers for ext in (".eml", ".json"))
+    fds = [committer._directoryFD, committer._queueFD]
+    assert (None not in fds) is openable
+    spool.stop()
+    assert [committer._directoryFD, committer._queueFD] == [None, None]
+    for fd in fds:
+        if fd is not None:
+            with pytest.raises(OSError):
+                os.fstat(fd)
+
+
 def test_syncfsFailureFailsTheBatchAndLeavesNothing(
     syncfsSpool: Spool, spoolDir: Path, threads: ManualThreads, monkeypatch: pytest.MonkeyPatch
 ) -> None:
