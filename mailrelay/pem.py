@@ -8,6 +8,7 @@ read a CA file the same way.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 __all__ = ["pemCertificates"]
@@ -18,19 +19,29 @@ def pemCertificates(data: bytes) -> list[Any]:
     CERTIFICATE-----}) in C{data}: what the delivery's TLS trusts of a CA file, and so what
     the configuration's check of one loads.
 
-    @raise ValueError: one cannot be read (which, and OpenSSL's complaint).
+    Each BEGIN line must have its END line before the next BEGIN line (RFC 7468 section 2):
+    a file cut short by a failed copy, even just before its last END line, is refused, not
+    read for the certificates it still holds whole, nor for the one cut completed.
+
+    @raise ValueError: one cannot be read (which, and why: OpenSSL's complaint, or its END
+        line missing).
     """
     from OpenSSL import crypto
     from twisted.internet.ssl import Certificate
 
-    marker = b"-----END CERTIFICATE-----"
-    blocks = [b + marker for b in data.split(marker) if b"-----BEGIN CERTIFICATE-----" in b]
+    begin, end = b"-----BEGIN CERTIFICATE-----", b"-----END CERTIFICATE-----"
+    starts = [m.start() for m in re.finditer(re.escape(begin), data)]
     certificates = []
-    for number, block in enumerate(blocks, 1):
+    for number, start in enumerate(starts, 1):
+        following = starts[number] if number < len(starts) else len(data)
+        stop = data.find(end, start, following)
         try:
-            certificates.append(Certificate.loadPEM(block))
+            if stop < 0:
+                raise ValueError(f'no "{end.decode()}" line after its BEGIN line: the file is '
+                                 "cut short, or the line damaged")
+            certificates.append(Certificate.loadPEM(data[start : stop + len(end)]))
         except (crypto.Error, ValueError) as e:
             raise ValueError(
-                f"certificate {number} of {len(blocks)} cannot be read: {e}"
+                f"certificate {number} of {len(starts)} cannot be read: {e}"
             ) from None
     return certificates

@@ -426,3 +426,18 @@ def test_lifetime_beyond_the_bound_of_seconds_stops_the_relay(tmp_path: Path) ->
         tmp_path, "[queue]\nmax_lifetime = 1e12\ndelay_warning = 60\n",
         r"queue\.max_lifetime: must be a positive number of seconds no larger than 1000000000 "
         r"\(about 31 years\), not 1000000000000\.0")
+
+
+def test_a_ca_file_cut_before_its_end_line_stops_the_relay(tmp_path: Path) -> None:
+    """A CA file cut by a failed copy just before its last C{-----END CERTIFICATE-----} line
+    was read as whole (the END line was put back), and the relay started trusting a bundle
+    nobody wrote: it does not start, naming the file and the certificate (RFC 7468 2)."""
+    import trustme
+
+    pem = trustme.CA().cert_pem.bytes()
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(pem[: pem.index(b"-----END CERTIFICATE-----")])
+    refusedAtStart(
+        tmp_path, f'[delivery]\nca_file = "{ca}"\n',
+        re.escape(f'delivery.ca_file: the CA file "{ca}": certificate 1 of 1 cannot be read: '
+                  'no "-----END CERTIFICATE-----" line after its BEGIN line'))
