@@ -533,6 +533,35 @@ def test_an_extension_blocking_in_ehloLine_past_its_timeout_is_logged(relays, tm
     assert len(re.findall(pattern, r.log())) == 1, r.log()
 
 
+SLOWXGO = GOAHEAD.replace("class GoAhead", "class SlowXgo").replace(
+    "return GoAhead()", "return SlowXgo()")
+SLOWXGO = SLOWXGO.replace(
+    '        return Reply(354, "", "go ahead")',
+    '        import time\n        time.sleep(0.3)\n        return Reply(250, "2.0.0", "went")')
+SLOWXGO_DROPIN = GOAHEAD_DROPIN.replace("goahead", "slowxgo").replace("goAhead", "slowXgo")
+
+
+def test_an_extension_command_is_timed_and_its_blocking_logged(relays, tmp_path) -> None:
+    """A site extension's command that held the reactor (0.3 s, under its timeout) was
+    neither counted in mailrelay_plugin_seconds nor logged, where its ehloLine and parameter
+    parsers are: it is, as any hook's call."""
+    from tests.test_e2e_operating import metricsPort, value, waitSamples
+
+    _, env = sitePlugins(tmp_path, "slowxgo", SLOWXGO, SLOWXGO_DROPIN)
+    r = relays(BASE + '[metrics]\nlisten = "tcp:0:interface=127.0.0.1"\n'
+               '[[plugins]]\nplugin = "site-slowxgo"\n', env=env, listeners=2).start()
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
+        assert s.ehlo("client.test")[0] == 250
+        assert s.docmd("XGO") == (250, b"2.0.0 went")
+    r.waitForLog(r"#warn\] esmtp plugin site-slowxgo held the reactor for 0\.\d\ds: every "
+                 r"connection of this process waited")
+    labels = {"hook": "esmtp", "plugin": "site-slowxgo"}
+    samples = waitSamples(metricsPort(r), lambda s: value(  # (its ehloLine, its command)
+        s, "mailrelay_plugin_seconds_count", **labels) == 2, "the command's time")
+    assert value(samples, "mailrelay_plugin_seconds_sum", **labels) >= 0.3
+    assert value(samples, "mailrelay_plugin_seconds_bucket", le="0.25", **labels) == 1
+
+
 def test_a_plugin_whose_dropin_fails_to_import_is_explained(tmp_path: Path) -> None:
     """A site dropin that cannot be imported (it needs a module not installed): the relay
     refuses the configuration naming its plugin, and now says which dropin failed and

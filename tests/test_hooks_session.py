@@ -577,6 +577,71 @@ def test_an_extension_command_that_blocks_past_its_timeout_is_not_believed() -> 
                for t in texts), texts
 
 
+def test_an_extensions_command_is_timed_and_blocking_logged(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An extension's command is timed in mailrelay_plugin_seconds (hook esmtp) however it
+    answers: at once, later, never (its timeout), or after holding the reactor past its
+    timeout, which is logged once, as that timeout.  Holding it under the timeout is logged
+    as any hook's call is."""
+    import time
+
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import Clock
+
+    from mailrelay import metrics
+    from mailrelay.envelope import ClientInfo, Envelope
+
+    later: list[Deferred[Any]] = []
+
+    class Slow(Priority):
+        def command(self, client: Any, envelope: Any, verb: str, argument: str) -> Any:
+            if argument == "sleep":
+                time.sleep(0.03)
+                return Reply(250, "2.0.0", "done")
+            if argument == "later":
+                later.append(Deferred())
+                return later[-1]
+            return super().command(client, envelope, verb, argument)
+
+    metrics.enable()
+    monkeypatch.setattr(metrics, "BLOCKING_WARN_SECONDS", 0.02)
+    timed = metrics.PLUGIN_SECONDS.labels("esmtp", "slow-command")
+
+    def count() -> float:
+        return sum(b.get() for b in timed._buckets)
+
+    clock = Clock()
+    adapter = ExtensionAdapter("slow-command", Slow(), 0.01, clock)
+    client = ClientInfo(address="192.0.2.9", helo="a.example")
+    envelope = Envelope(sender="a@example.com")
+    replies: list[Reply] = []
+    before = count()
+    adapter.command(client, envelope, "XPRIO", "").addCallback(replies.append)
+    assert count() == before + 1  # at once
+    adapter.command(client, envelope, "XPRIO", "later").addCallback(replies.append)
+    assert count() == before + 1
+    later[-1].callback(Reply(250, "2.0.0", "later"))
+    assert count() == before + 2  # when it answers
+    adapter.command(client, envelope, "XPRIO", "later").addCallback(replies.append)
+    clock.advance(0.01)
+    assert count() == before + 3  # when its timeout gives it up
+    with capturedLogs() as events:
+        adapter.command(client, envelope, "XPRIO", "sleep").addCallback(replies.append)
+    assert count() == before + 4  # after holding the reactor past its timeout
+    assert [r.code for r in replies] == [250, 250, 451, 451]
+    texts = [formatEvent(e) for e in events]
+    assert len([t for t in texts if "slow-command" in t]) == 1, texts  # (once: the timeout)
+    assert re.search(r"ESMTP extension slow-command did not answer XPRIO from 192\.0\.2\.9 "
+                     r"within 0\.01s \(its call held the reactor for 0\.0\d+s\)", texts[0])
+    patient = ExtensionAdapter("patient-command", Slow(), 10.0, clock)
+    with capturedLogs() as events:
+        patient.command(client, envelope, "XPRIO", "sleep").addCallback(replies.append)
+    assert replies[-1] == Reply(250, "2.0.0", "done")
+    texts = [formatEvent(e) for e in events]
+    assert any(re.search(r"esmtp plugin patient-command held the reactor for 0\.0\d+s", t)
+               for t in texts), texts
+
+
 def test_an_extensions_synchronous_calls_are_timed_and_blocking_past_the_timeout_logged(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """ehloLine, mailParameter and rcptParameter are timed (mailrelay_plugin_seconds, hook

@@ -269,12 +269,18 @@ class ExtensionAdapter:
         """The reply to the extension's command C{verb}: the plugin's, or C{451 4.3.0} when it
         fails, answers something else or does not answer within the timeout (also when its
         call held the reactor past the timeout, so that the timer could not fire, and then
-        answered: that answer came too late, and is not believed)."""
+        answered: that answer came too late, and is not believed).  Its time is counted in
+        C{mailrelay_plugin_seconds} (hook C{esmtp}), and a call that held the reactor is
+        logged (L{timePlugin}), as every hook's."""
         about: dict[str, Any] = {"plugin": self.name, "verb": verb, "client": client.address}
         saved = savePluginKept((client, envelope))
         started = time.perf_counter()
         d: Deferred[Any] = maybeDeferred(self.plugin.command, client, envelope, verb, argument)
         d, held = boundedAnswer(d, self.timeout, self.clock, started)
+        if held is None:  # (timed when it answers, or its timeout gives it up)
+            timePlugin(HOOK, self.name, d, started)
+        else:  # (the timeout's line below says it held the reactor, once)
+            child(PLUGIN_SECONDS, HOOK, self.name).observe(held)
 
         def answered(reply: Any) -> Reply:
             if self._changed(saved, f"answering {verb} from", client):
