@@ -542,6 +542,33 @@ class IMessageFilter(Interface):
         """
 
 
+class IRewritingFilter(Interface):
+    """A marker a message filter (L{IMessageFilter}) declares when it rewrites addresses or
+    header fields: the envelope sender (L{FilterResult.sender}), fields replaced or removed
+    (C{replace}, C{remove}), as the built-in C{sender-canonical} does.
+
+    What a signature covers must not change after it is made (RFC 6376 5.4: a DKIM
+    signature covers C{From:} and the fields of its C{h=}): the relay refuses, at start,
+    reload and C{mailrelay check}, a configuration that puts such a filter after an
+    L{ISigningFilter}, naming both entries.  Declared with the filter's class::
+
+        @implementer(IMessageFilter, IRewritingFilter)
+        class ViaRewriter: ...
+
+    (A filter that only adds fields, C{FilterResult.prepend} and C{append}, declares
+    nothing.)
+    """
+
+
+class ISigningFilter(Interface):
+    """A marker a message filter (L{IMessageFilter}) declares when it signs the message as
+    it stands (a DKIM signature, as the built-in C{dkim-sign} makes; an ARC seal): every
+    L{IRewritingFilter} must come before it in the configuration.  A filter that rewrites
+    and then signs what it rewrote declares both: it must come after every other signing
+    filter, and before every other rewriting one.
+    """
+
+
 class MessageRefused(Exception):
     """The intake refused a message given to it whole (L{IIntake.submit}).
 

@@ -394,8 +394,9 @@ def test_it_must_come_before_dkim_sign(tmp_path: Path, canonicalFirst: bool) -> 
     with pytest.raises(ConfigError) as raised:
         buildHooks(config, build, "relay")
     assert str(raised.value) == (
-        f"{path}: plugins[1]: sender-canonical must come before dkim-sign (plugins[0]): the "
-        "DKIM signature must cover the rewritten From: (RFC 6376 5.4)")
+        f"{path}: plugins[1]: sender-canonical must come before dkim-sign (plugins[0]): "
+        "sender-canonical rewrites addresses or header fields and dkim-sign signs the "
+        "message: the signature must cover them as they leave (RFC 6376 5.4)")
 
 
 def test_mailrelay_check_validates_the_map(tmp_path: Path) -> None:

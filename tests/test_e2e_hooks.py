@@ -562,6 +562,49 @@ def test_an_extension_command_is_timed_and_its_blocking_logged(relays, tmp_path)
     assert value(samples, "mailrelay_plugin_seconds_bucket", le="0.25", **labels) == 1
 
 
+VIA = '''
+from zope.interface import implementer
+
+from mailrelay.interfaces import CONTINUE, IMessageFilter, IRewritingFilter
+
+
+@implementer(IMessageFilter, IRewritingFilter)
+class Via:
+    def filterMessage(self, context):
+        return CONTINUE
+
+
+def build(options, context):
+    return Via()
+'''
+VIA_DROPIN = '''
+from mailrelay.interfaces import IMessageFilter, MailRelayPlugin
+
+via = MailRelayPlugin("site-via", IMessageFilter, "Rewrites From:", "via:build")
+'''
+
+
+def test_a_sites_rewriting_filter_after_dkim_sign_stops_the_relay(relays, tmp_path) -> None:
+    """A site's filter declaring that it rewrites header fields, after dkim-sign, would
+    break every signature: the relay knew only sender-canonical by name and started.  It
+    does not start, naming the file and both entries (RFC 6376 5.4)."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from tests.test_e2e_dkim import keyFile
+
+    _, env = sitePlugins(tmp_path, "via", VIA, VIA_DROPIN)
+    key = keyFile(tmp_path / "ed.pem", ed25519.Ed25519PrivateKey.generate())
+    r = relays(BASE + '[[plugins]]\nplugin = "dkim-sign"\n'
+               f'keys = [{{domain = "example.com", selector = "s", key_file = "{key}"}}]\n'
+               '[[plugins]]\nplugin = "site-via"\n', env=env)
+    with pytest.raises(AssertionError, match="relay exited with 1"):
+        r.start()
+    assert re.search(
+        r"mailrelay: configuration error: \S+/mailrelay\.toml: plugins\[1\]: site-via must "
+        r"come before dkim-sign \(plugins\[0\]\): site-via rewrites addresses or header "
+        r"fields and dkim-sign signs the message", r.log()), r.log()
+
+
 def test_a_plugin_whose_dropin_fails_to_import_is_explained(tmp_path: Path) -> None:
     """A site dropin that cannot be imported (it needs a module not installed): the relay
     refuses the configuration naming its plugin, and now says which dropin failed and

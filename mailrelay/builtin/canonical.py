@@ -14,7 +14,8 @@ Postfix's canonical(5) format (L{mailrelay.builtin.canonicalmap}), the filter re
     relay), as Postfix rewrites the headers of C{local_header_rewrite_clients} only.
 
 It runs where the configuration puts it among the message filters, which must be before
-C{dkim-sign} (the relay refuses the other order): the signature covers what leaves.  The
+C{dkim-sign} and any other signing filter (it declares L{IRewritingFilter}, and the relay
+refuses the other order): the signature covers what leaves.  The
 sender binding of C{[auth.senders]} judged MAIL FROM as the client gave it, long before (as
 Postfix's smtpd checks before its cleanup rewrites).
 
@@ -41,7 +42,7 @@ from mailrelay.builtin.headers import headerFields
 from mailrelay.config.schema import At, Key, pluginOptions
 from mailrelay.config.values import domains, fileName, strings
 from mailrelay.errors import describeValue
-from mailrelay.interfaces import CONTINUE, FilterResult, IMessageFilter
+from mailrelay.interfaces import CONTINUE, FilterResult, IMessageFilter, IRewritingFilter
 
 __all__ = ["CLASSES", "SENDER_FIELDS", "SenderCanonical", "build"]
 
@@ -107,7 +108,7 @@ class _Outcome:
     said: tuple[tuple[str, str], ...] = ()  # (log level, text)
 
 
-@implementer(IMessageFilter)
+@implementer(IMessageFilter, IRewritingFilter)
 class SenderCanonical:
     """The C{sender-canonical} filter (see the module docstring).
 

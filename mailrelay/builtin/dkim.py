@@ -46,7 +46,13 @@ from mailrelay.builtin.headers import headerFields
 from mailrelay.config.schema import At, Key, Reading, Table, pluginOptions
 from mailrelay.config.values import boolean, choice, fileName, seconds, strings
 from mailrelay.errors import ConfigError, describeValue
-from mailrelay.interfaces import CONTINUE, FilterResult, IMessageFilter, IOnlineCheck
+from mailrelay.interfaces import (
+    CONTINUE,
+    FilterResult,
+    IMessageFilter,
+    IOnlineCheck,
+    ISigningFilter,
+)
 from mailrelay.namedfile import readError, readNamedFile
 
 __all__ = ["DEFAULT_HEADERS", "DKIMSigner", "SigningKey", "build", "loadKey"]
@@ -385,7 +391,7 @@ def recordVerdict(key: SigningKey, records: Sequence[str]) -> tuple[bool, str]:
     return False, f"{where} publishes another key than {key.keyFile}: {fails}"
 
 
-@implementer(IMessageFilter, IOnlineCheck)
+@implementer(IMessageFilter, ISigningFilter, IOnlineCheck)
 class DKIMSigner(Service):
     """Signs our messages with the keys of their domain (see the module's docstring).
 

@@ -34,6 +34,8 @@ from mailrelay.interfaces import (
     HOOKS_BY_NAME,
     ConfiguredPlugin,
     IMailRelayPlugin,
+    IRewritingFilter,
+    ISigningFilter,
     PluginContext,
     providedBy,
 )
@@ -516,15 +518,11 @@ def buildHooks(
     return HookPlugins(tuple(entries), validators)
 
 
-#: Message filters that rewrite what a signing filter signs, and the signing filters: each
-#: of the first must run before each of the second (RFC 6376 5.4: From: is signed).
-_REWRITERS = ("sender-canonical",)
-_SIGNERS = ("dkim-sign",)
-
-
 def _checkFilterOrder(entries: Sequence[PluginEntry], source: str) -> None:
-    """Refuse a built-in rewriting filter (C{sender-canonical}) after a signing one
-    (C{dkim-sign}): the signature would cover the message before its rewriting, and break.
+    """Refuse a message filter that rewrites addresses or header fields (L{IRewritingFilter})
+    after one that signs the message (L{ISigningFilter}), as each declares, the built-ins
+    (C{sender-canonical}, C{dkim-sign}) and a site's alike: the signature would cover the
+    message before its rewriting, and break (RFC 6376 5.4).
 
     @raise ConfigError: naming both entries.
     """
@@ -532,15 +530,16 @@ def _checkFilterOrder(entries: Sequence[PluginEntry], source: str) -> None:
     for entry in entries:
         if "message" not in entry.hooks:
             continue
-        if entry.name in _SIGNERS and signer is None:
-            signer = entry
-        elif entry.name in _REWRITERS and signer is not None:
+        if signer is not None and IRewritingFilter.providedBy(entry.plugin):
             raise ConfigError(
-                f"{entry.name} must come before {signer.name} ({signer.key}): the DKIM "
-                "signature must cover the rewritten From: (RFC 6376 5.4)",
+                f"{entry.name} must come before {signer.name} ({signer.key}): {entry.name} "
+                f"rewrites addresses or header fields and {signer.name} signs the message: "
+                "the signature must cover them as they leave (RFC 6376 5.4)",
                 file=source,
                 key=entry.key,
             )
+        if signer is None and ISigningFilter.providedBy(entry.plugin):
+            signer = entry
 
 
 def _servesHere(spec: PluginSpec, available: Any, where: Sequence[str]) -> bool:
