@@ -126,6 +126,18 @@ class RelayProcess:
         self.stop()
         raise AssertionError(f"relay did not start listening in {timeout}s:\n{self.log()}")
 
+    def published(self, timeout: float = 10.0) -> Path:
+        """The file naming its listeners that the relay writes in its spool
+        (L{mailrelay.app.published}) once started: a moment after its "listening on" lines,
+        which L{start} waits for."""
+        path = self.spool / "listeners.json"
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{path} not written in {timeout}s:\n{self.log()}")
+            time.sleep(0.02)
+        return path
+
     def log(self) -> str:
         """What the relay logged since its last start."""
         if not self.logPath.exists():

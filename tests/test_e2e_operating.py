@@ -781,6 +781,7 @@ def test_secondRelayAsAnotherUserLeavesTheSpoolAlone(tmp_path: Path) -> None:
     first = RelayProcess(tmp_path / "first", hold=True).start()
     try:
         spool = first.spool
+        first.published()  # (its whole spool, as it stays while it runs)
         owners = {path: (path.lstat().st_uid, path.lstat().st_gid)
                   for path in [spool, *spool.rglob("*")]}
         second = subprocess.run(

@@ -268,7 +268,11 @@ def test_message_over_the_size_limit_goes_to_dead_letter(site: Site) -> None:
     dropped: cron's output gone)."""
     body = b"".join(b"line %d of the cron job's output\n" % n for n in range(5000))
     config = site.config.parent / "small.toml"
-    config.write_text(site.config.read_text() + "\n[limits]\nmessage_size = 4096\n")
+    # (On a spool no relay runs on: the command takes the file's listener and limit, not
+    # those the running relay publishes in its spool.)
+    config.write_text(site.config.read_text().replace('directory = "spool"',
+                                                      'directory = "no-relay-here"')
+                      + "\n[limits]\nmessage_size = 4096\n")
     result = site.run([SENDMAIL, "-C", str(config), "-i", "user@example.org"],
                       b"Subject: big\n\n" + body)
     assert result.returncode == os.EX_DATAERR, result.stderr
@@ -342,3 +346,39 @@ def test_submission_through_a_unix_socket_listener(relays: Any, nexthop: Any,
     received = fields(got.content, "Received")
     assert received[0].startswith("from relay.test (localhost [127.0.0.1]) by relay.test "), received
     relay.waitForLog(r"connect from 127\.0\.0\.1:0 on unix:\S+ relay=True")
+
+
+def test_a_relay_started_with_listen_and_spool_alone_is_reached(relays: Any,
+                                                                 tmp_path: Path) -> None:
+    """A relay started with --listen (here on a port chosen at start) and --spool on the
+    command line: no file names its listener, and the command could not reach it.  It
+    publishes its listeners in its spool, where --spool DIR finds them, and so does a
+    configuration file naming that spool directory (as Postfix's sendmail reaches the
+    running system through the queue_directory of its main.cf).  Stopped, it is said not
+    to run, the input left unread."""
+    r = relays(None, hold=True).start()  # (--listen tcp:0:interface=127.0.0.1 --spool DIR)
+    r.published()
+    env = {k: v for k, v in os.environ.items() if k != "MAILRELAY_CONFIG"}
+    env["HOME"] = str(tmp_path)
+
+    def send(*options: str, **extra: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([SENDMAIL, *options, "-i", "bob@example.org"],
+                              input=b"Subject: found\n\nbody\n", capture_output=True,
+                              timeout=60, env={**env, **extra}, cwd=tmp_path)
+
+    result = send("--spool", str(r.spool))
+    assert result.returncode == 0, result.stderr
+    config = tmp_path / "elsewhere.toml"  # (its listener is not the running relay's)
+    config.write_text(f'[spool]\ndirectory = "{r.spool}"\n[[listeners]]\n'
+                      f'endpoint = "tcp:{freePort()}:interface=127.0.0.1"\n')
+    result = send(MAILRELAY_CONFIG=str(config))
+    assert result.returncode == 0, result.stderr
+    assert len(r.queued()) == 2
+    r.stop()
+    assert not (r.spool / "listeners.json").exists()
+    result = send("--spool", str(r.spool))
+    assert result.returncode == 75, result.stderr  # EX_TEMPFAIL
+    assert result.stderr.decode() == (
+        f"mailrelay-sendmail: no relay runs on the spool directory {r.spool} (no relay "
+        f"publishes its listeners in {r.spool / 'listeners.json'}); is mailrelay running? "
+        "Nothing was sent; try again later\n")

@@ -445,6 +445,7 @@ def test_local_view_reads_nothing_else(tmp_path: Path) -> None:
         '[[listeners]]\nendpoint = "tcp:2526"\ntls_mode = "starttls"\ntls_certificate = "x"\n')
     view = loadLocalView(path)
     assert (view.hostname, view.maxMessageSize) == ("relay.example.org", 5000)
+    assert view.spoolDirectory == "/nonexistent/unwritable"  # (its name only: not checked)
     assert view.listeners == (ListenerView("tcp:465", "submissions", None, False),
                               ListenerView("tcp:25", "relay", None, True),
                               ListenerView("tcp:2526", "relay", "starttls", False))
@@ -835,5 +836,145 @@ def test_queue_commands_call_the_mailrelay_command(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(sendmail, "MAILRELAY_COMMAND", "fake_mailrelay_cli")
     assert sendmail.main(["-bp", "-C", "/etc/r.toml"]) == 3
     assert sendmail.main(["-qRexample.org"]) == 3
+    assert sendmail.main(["-bp", "--spool", "/var/spool/r"]) == 3  # (the relay running there)
     assert calls == [["--config", "/etc/r.toml", "queue", "list"],
-                     ["queue", "flush", "--domain", "example.org"]]
+                     ["queue", "flush", "--domain", "example.org"],
+                     ["--spool", "/var/spool/r", "queue", "list"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# The running relay's listeners, published in its spool (--spool)
+
+
+def test_spool_option() -> None:
+    assert parseArguments(["--spool", "/var/spool/r", "-i", "a@b"]).spool == "/var/spool/r"
+    assert parseArguments(["--spool=/var/spool/r", "a@b"]).spool == "/var/spool/r"
+    assert parseArguments(["a@b"]).spool is None
+    with pytest.raises(UsageError, match="option --spool needs a directory"):
+        parseArguments(["--spool"])
+
+
+def _published(tmp_path: Path, **changes: Any) -> Path:
+    """A spool directory holding the listeners of a relay running as this process."""
+    from mailrelay.app.published import publish
+
+    spool = tmp_path / "spool"
+    spool.mkdir(exist_ok=True)
+    publish(spool, "relay.test", 5000, (
+        ListenerView("tcp:465:interface=127.0.0.1", "submissions", "implicit", False),
+        ListenerView("tcp:34567:interface=127.0.0.1", "relay", "none", False),
+        ListenerView("unix:/run/a\\:b.sock", "relay", "starttls", True),
+    ))
+    if changes:
+        import json
+
+        path = spool / "listeners.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return spool
+
+
+def test_the_published_listeners_are_read_back(tmp_path: Path) -> None:
+    """What the relay publishes (the addresses it listens on, its host name and size limit)
+    is what the command reads: a view of the running relay, not of a file."""
+    from mailrelay.app.published import readPublished
+
+    spool = _published(tmp_path)
+    path = spool / "listeners.json"
+    assert oct(path.stat().st_mode & 0o777) == "0o644"  # (any local user may read it)
+    view = readPublished(spool)
+    assert view == LocalView(str(path), "relay.test", 5000, (
+        ListenerView("tcp:465:interface=127.0.0.1", "submissions", "implicit", False),
+        ListenerView("tcp:34567:interface=127.0.0.1", "relay", "none", False),
+        ListenerView("unix:/run/a\\:b.sock", "relay", "starttls", True),
+    ), str(spool))
+    listener, address = chooseListener(view)
+    assert address.text == "127.0.0.1:34567"
+
+
+def test_no_published_listeners_is_no_relay(tmp_path: Path) -> None:
+    """No file, or one left by a relay that is gone (killed: it could not remove it): no
+    relay runs on that spool."""
+    import subprocess
+
+    from mailrelay.app.published import readPublished
+
+    assert readPublished(tmp_path) is None
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    assert readPublished(_published(tmp_path, pid=gone.pid)) is None
+
+
+@pytest.mark.parametrize("changes, problem", [
+    ({"pid": "1"}, "pid: not a process id"),
+    ({"listeners": [{"endpoint": 25}]}, "listeners[0]: not a listener"),
+    ({"message_size": None}, "message_size: not a number of octets"),
+])
+def test_a_published_file_that_is_not_the_relays_is_refused(
+        tmp_path: Path, changes: dict, problem: str) -> None:
+    from mailrelay.app.published import PublishedError, readPublished
+
+    spool = _published(tmp_path, **changes)
+    with pytest.raises(PublishedError) as e:
+        readPublished(spool)
+    assert str(e.value) == f"{spool / 'listeners.json'}: {problem}"
+    (spool / "listeners.json").write_text("{")
+    with pytest.raises(PublishedError, match="listeners.json: not JSON: "):
+        readPublished(spool)
+
+
+def test_the_listeners_published_are_those_bound(tmp_path: Path) -> None:
+    """Each listener as it is bound: the port chosen for C{tcp:0}, the address of a
+    listener named on the command line (C{--listen}), with its mode, TLS mode and PROXY
+    setting; one not listening is left out."""
+    from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+
+    from mailrelay.app.published import boundListeners
+    from mailrelay.config import loadConfig
+
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        '[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\n'
+        '[[listeners]]\nendpoint = "tcp6:0:interface=\\\\:\\\\:"\nproxy_protocol = true\n'
+        'proxy_networks = ["192.0.2.0/24"]\n'
+        f'[[listeners]]\nendpoint = "unix:{tmp_path}/smtp.sock"\n'
+        '[[listeners]]\nendpoint = "tcp:2526"\n')
+    config = loadConfig(str(path))
+    bound = {
+        "tcp:0:interface=127.0.0.1": IPv4Address("TCP", "127.0.0.1", 34567),
+        "tcp6:0:interface=\\:\\:": IPv6Address("TCP", "::", 34568),
+        f"unix:{tmp_path}/smtp.sock": UNIXAddress(f"{tmp_path}/smtp.sock".encode()),
+    }
+    services = {
+        endpoint: types.SimpleNamespace(port=types.SimpleNamespace(getHost=lambda a=address: a))
+        for endpoint, address in bound.items()
+    }
+    services["tcp:2526"] = types.SimpleNamespace(port=None)  # (not listening)
+    assert boundListeners(config, services) == (
+        ListenerView("tcp:34567:interface=127.0.0.1", "relay", "none", False),
+        ListenerView("tcp6:34568:interface=\\:\\:", "relay", "none", True),
+        ListenerView(f"unix:{tmp_path}/smtp.sock", "relay", "none", False),
+    )
+
+
+def test_the_relay_is_found_by_its_spool(tmp_path: Path) -> None:
+    """--spool DIR: the listeners the relay running on DIR publishes; the configuration
+    file's spool directory likewise, before the file's own listeners (a relay started with
+    --listen, or on tcp:0, is reached); without a relay publishing there, the file's."""
+    spool = _published(tmp_path)
+    view = sendmail.localView(Options(spool=str(spool)), None)
+    assert chooseListener(view)[1].text == "127.0.0.1:34567"
+    config = tmp_path / "relay.toml"
+    config.write_text('[spool]\ndirectory = "spool"\n'
+                      '[[listeners]]\nendpoint = "tcp:2525:interface=127.0.0.1"\n')
+    view = sendmail.localView(Options(), str(config))
+    assert chooseListener(view)[1].text == "127.0.0.1:34567"
+    (spool / "listeners.json").unlink()
+    view = sendmail.localView(Options(), str(config))
+    assert view.source == str(config) and chooseListener(view)[1].text == "127.0.0.1:2525"
+    with pytest.raises(SubmitError) as e:
+        sendmail.localView(Options(spool=str(spool)), None)
+    assert e.value.status == os.EX_TEMPFAIL
+    assert e.value.message == (
+        f"no relay runs on the spool directory {spool} (no relay publishes its listeners in "
+        f"{spool / 'listeners.json'}); is mailrelay running? Nothing was sent; try again later")
+

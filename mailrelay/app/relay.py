@@ -206,7 +206,32 @@ class RelayService(OrderedMultiService):
 
     def startService(self) -> None:
         self._start(super().startService)
+        self.publishListeners()
         self.startedWell()
+
+    def stopService(self) -> Any:
+        if self.control is not None and self.config is not None:
+            from mailrelay.app.published import unpublish
+
+            unpublish(self.config.spoolDirectory)  # (first: a new submission is not taken)
+        return super().stopService()
+
+    def publishListeners(self) -> None:
+        """Publish in the spool directory, beside the control socket, the listeners as they
+        are bound (L{mailrelay.app.published}), for C{mailrelay-sendmail}: at the start and
+        after a reload.  A failure is logged: the command then finds the configuration
+        file's listeners only."""
+        from mailrelay.app.published import boundListeners, publish
+
+        config = self.config
+        if self.control is None or config is None:
+            return
+        try:
+            publish(config.spoolDirectory, config.hostname, config.maxMessageSize,
+                    boundListeners(config, self.listeners))
+        except OSError as e:
+            log.warn("{error}: mailrelay-sendmail finds the listeners of the configuration "
+                     "file only", error=e.strerror or str(e))
 
     def startedWell(self) -> None:
         """The relay has started: let go of the command's standard error
@@ -651,6 +676,7 @@ class RelayService(OrderedMultiService):
         self.acceptors.reload(
             plan.configText, self.overrides, self._acceptorCount(config), config.drainTime
         )
+        self.publishListeners()
 
 
     # -- the control socket -------------------------------------------------------------------

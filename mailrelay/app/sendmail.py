@@ -1,18 +1,23 @@
 """C{mailrelay-sendmail}: the Sendmail command line that mail(1), cron, PHP and git use.
 
-    mailrelay-sendmail [-t] [-i] [-f sender] [-F name] [-v] [-C config] [--] [recipient ...]
+    mailrelay-sendmail [-t] [-i] [-f sender] [-F name] [-v] [-C config | --spool dir] [--]
+                       [recipient ...]
     mailrelay-sendmail -bs         # SMTP on standard input and output
     mailrelay-sendmail -bp         # the queue (also as mailq)
     mailrelay-sendmail -q          # deliver the queue now (-qRdomain: mail for a domain)
 
 (or C{python -m mailrelay.app.sendmail ...}).  The message on standard input is submitted
 through the same intake as mail received by SMTP: the command connects to the relay's
-first listener of mode C{relay} that it can reach locally (from the same configuration
-file as the relay's: C{-C FILE}, C{--config FILE}, C{$MAILRELAY_CONFIG}, else the embedded
-default) and speaks SMTP with it, so policy, stamping, spooling and group commit are the
-relay's.  Exit 0 means the relay has the message on disk for every recipient; otherwise the
-status is a C{sysexits.h} code and standard error says why: C{EX_TEMPFAIL} (75) when the
-relay is not running or answers 4xx (nothing was accepted: the caller keeps the message
+first listener of mode C{relay} that it can reach locally and speaks SMTP with it, so
+policy, stamping, spooling and group commit are the relay's.  The relay is the one running
+on the spool directory of the same configuration file as the relay's (C{-C FILE},
+C{--config FILE}, C{$MAILRELAY_CONFIG}, else the embedded default), or on C{--spool DIR}:
+it publishes the listeners it is bound to there (L{mailrelay.app.published}), as Postfix's
+sendmail reaches the running system through the queue directory of its C{main.cf}; the
+file's own listeners serve when no relay publishes on its spool directory.  Exit 0 means
+the relay has the message on disk for every recipient; otherwise the status is a
+C{sysexits.h} code and standard error says why: C{EX_TEMPFAIL} (75) when the relay is not
+running or answers 4xx (nothing was accepted: the caller keeps the message
 and tries again), C{EX_NOUSER}, C{EX_NOHOST}, C{EX_NOPERM}, C{EX_DATAERR} ... for a
 refusal, C{EX_USAGE} for a bad command line, C{EX_CONFIG} for a bad configuration.
 
@@ -52,6 +57,7 @@ from mailrelay.app.localmail import (
     readInput,
     senderAddress,
 )
+from mailrelay.app.published import PublishedError, publishedPath, readPublished
 from mailrelay.config import ConfigError, ListenerView, LocalView, loadLocalView
 from mailrelay.endpoints import listeningSocket
 from mailrelay.interfaces import Reply
@@ -61,12 +67,13 @@ from mailrelay.smtp.wire import DotStuffer, ReplyParser, asciiName, parseExtensi
 PROG = "mailrelay-sendmail"
 
 USAGE = f"""\
-usage: {PROG} [-t] [-i|-oi] [-f sender] [-F full_name] [-v] [-C config]
+usage: {PROG} [-t] [-i|-oi] [-f sender] [-F full_name] [-v] [-C config | --spool dir]
                           [-N dsn] [-R ret] [-V envid] [-B 7BIT|8BITMIME] [--] [recipient ...]
        {PROG} -bs [-C config]      SMTP on standard input and output
        {PROG} -bp [-C config]      list the queue (as mailq)
        {PROG} -q[Rdomain] [-C config]  deliver the queue (a domain's mail) now
 The configuration: -C FILE, --config FILE, $MAILRELAY_CONFIG, else the relay's embedded default.
+The relay is the one running on the configuration's spool directory, or on --spool DIR.
 """
 
 #: The environment variable naming the relay's configuration file (as Postfix's MAIL_CONFIG).
@@ -86,6 +93,8 @@ DATA_TIMEOUT = 600.0
 _FLAGS = frozenset("GIUimntv")
 _WITH_VALUE = frozenset("ABCDFLNORVXbefhopr")
 _OPTIONAL_VALUE = frozenset("dq")
+#: The long options, each with a value (C{--config FILE}, C{--config=FILE}): what it is.
+_LONG_WITH_VALUE = {"--config": "a file name", "--spool": "a directory"}
 #: The -b modes of Sendmail this command does not have.
 _OTHER_MODES = "aDdHhlPtv"
 
@@ -104,6 +113,9 @@ class Options:
     @ivar flush: with C{"flush"}: the arguments of C{mailrelay queue flush} (C{[]}, C{["--domain",
         D]}, C{[ID]}).
     @ivar dotEnds: a line holding a single dot ends the message (no C{-i}, C{-oi}).
+    @ivar config: C{-C}, C{--config}: the relay's configuration file.
+    @ivar spool: C{--spool}: the spool directory of the relay to submit to, which publishes
+        its listeners there (L{mailrelay.app.published}).
     @ivar notify: C{-N}: the DSN NOTIFY value (C{"NEVER"}, C{"SUCCESS,FAILURE"}).
     @ivar ret: C{-R}: C{"FULL"} or C{"HDRS"}.
     @ivar envid: C{-V}: the DSN envelope id, as xtext.
@@ -118,6 +130,7 @@ class Options:
     fullName: str | None = None
     verbose: bool = False
     config: str | None = None
+    spool: str | None = None
     notify: str | None = None
     ret: str | None = None
     envid: str | None = None
@@ -147,14 +160,14 @@ def parseArguments(argv: Sequence[str], name: str = PROG) -> Options:
             break
         if arg == "--help":
             options.action = "help"
-        elif arg == "--config" or arg.startswith("--config="):
-            if arg == "--config":
+        elif arg.partition("=")[0] in _LONG_WITH_VALUE:
+            option, attached, value = arg.partition("=")
+            if not attached:
                 index += 1
                 if index >= len(argv):
-                    raise UsageError("option --config needs a file name")
-                options.config = argv[index]
-            else:
-                options.config = arg.partition("=")[2]
+                    raise UsageError(f"option {option} needs {_LONG_WITH_VALUE[option]}")
+                value = argv[index]
+            setattr(options, option[2:], value)
         elif arg.startswith("--"):
             raise UsageError(f"unknown option {arg}")
         elif not arg.startswith("-") or arg == "-":
@@ -348,6 +361,41 @@ def connect(view: LocalView, timeout: float = CONNECT_TIMEOUT) -> tuple[socket.s
             os.EX_TEMPFAIL,
         ) from None
     return sock, where
+
+
+def localView(options: Options, config: str | None) -> LocalView:
+    """The relay to submit to: the one running on the spool directory C{--spool} names, or
+    the configuration file C{config}'s (its published listeners, L{readPublished}: a relay
+    started with C{--listen}, or on a port chosen at start, is reached); the file's own
+    listeners when no relay publishes there (as before relays published them, and for a
+    user who may not read the spool directory).
+
+    @raise SubmitError: C{EX_TEMPFAIL} when no relay runs on C{--spool}'s directory,
+        C{EX_CONFIG} for a bad configuration or a published file that cannot be read.
+    """
+    if options.spool is not None:
+        try:
+            published = readPublished(options.spool)
+        except PublishedError as e:
+            raise SubmitError(str(e), os.EX_CONFIG) from None
+        if published is None:
+            directory = os.path.abspath(options.spool)
+            raise SubmitError(
+                f"no relay runs on the spool directory {directory} (no relay publishes its "
+                f"listeners in {publishedPath(directory)}); is mailrelay running? "
+                "Nothing was sent; try again later",
+                os.EX_TEMPFAIL,
+            )
+        return published
+    try:
+        view = loadLocalView(config)
+    except ConfigError as e:
+        raise SubmitError(f"configuration error: {e}", os.EX_CONFIG) from None
+    try:
+        published = readPublished(view.spoolDirectory) if view.spoolDirectory else None
+    except PublishedError:
+        published = None  # (this user may not read the spool directory: the file's)
+    return published or view
 
 
 def showReply(reply: Reply) -> str:
@@ -904,9 +952,12 @@ def serveSMTP(view: LocalView, stdin: int, stdout: int) -> None:
 # -bp and -q
 
 
-def runQueueCommand(arguments: Sequence[str], config: str | None) -> int:
+def runQueueCommand(
+    arguments: Sequence[str], config: str | None, spool: str | None = None
+) -> int:
     """Run C{mailrelay queue ARGUMENTS} (C{["list"]}, C{["flush", "--domain", "example.org"]})
-    in this process, with the configuration file C{config}; return its exit status.
+    in this process, with the configuration file C{config}, or on the spool directory
+    C{spool}; return its exit status.
 
     @raise SubmitError: C{EX_UNAVAILABLE} when this installation has no C{mailrelay} command
         (L{MAILRELAY_COMMAND}).
@@ -922,7 +973,8 @@ def runQueueCommand(arguments: Sequence[str], config: str | None) -> int:
             "nothing was done",
             os.EX_UNAVAILABLE,
         ) from None
-    argv = [*(["--config", config] if config else []), "queue", *arguments]
+    where = ["--spool", spool] if spool else ["--config", config] if config else []
+    argv = [*where, "queue", *arguments]
     status = module.main(argv)
     return int(status or 0)
 
@@ -960,13 +1012,10 @@ def run(
     if options.action == "nothing":
         return os.EX_OK
     if options.action == "list":
-        return runQueueCommand(["list"], config)
+        return runQueueCommand(["list"], config, options.spool)
     if options.action == "flush":
-        return runQueueCommand(["flush", *options.flush], config)
-    try:
-        view = loadLocalView(config)
-    except ConfigError as e:
-        raise SubmitError(f"configuration error: {e}", os.EX_CONFIG) from None
+        return runQueueCommand(["flush", *options.flush], config, options.spool)
+    view = localView(options, config)
     if options.action == "smtp":
         serveSMTP(view, stdinFD, stdoutFD)
         return os.EX_OK

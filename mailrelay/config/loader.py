@@ -17,9 +17,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mailrelay.config.keys import LIMITS, LISTENERS, OVERRIDE_OPTIONS, TOP
+from mailrelay.config.keys import DEFAULT_SPOOL, LIMITS, LISTENERS, OVERRIDE_OPTIONS, TOP
 from mailrelay.config.schema import MISSING, At, Key, Source, Table, tableOf
 from mailrelay.config.types import Config, ListenerView, LocalView
+from mailrelay.config.values import defaultSpoolDirectory, spoolPath
 from mailrelay.errors import ConfigError, describeValue
 from mailrelay.namedfile import readError
 
@@ -179,11 +180,11 @@ def _keyValue(table: Table, name: str, data: dict[str, Any], at: At) -> Any:
 def loadLocalView(path: str | os.PathLike[str] | None) -> LocalView:
     """The settings a local command needs to reach the relay running on C{path}.
 
-    The host name, the message size limit and each listener's endpoint, mode, TLS mode and
-    PROXY setting are read with the keys' own parsers and defaults, and the file's shape is
-    checked as the relay checks it (an unknown key is refused); nothing else is read: not the
-    certificates, password files or spool the other keys name, which the command's user may
-    not be allowed to read or write.
+    The host name, the message size limit, each listener's endpoint, mode, TLS mode and PROXY
+    setting, and the spool directory's path are read with the keys' own parsers and
+    defaults, and the file's shape is checked as the relay checks it (an unknown key is
+    refused); nothing else is read: not the certificates, password files or spool the other
+    keys name, which the command's user may not be allowed to read or write.
 
     @param path: the relay's TOML file, or C{None} for the embedded default.
     @raise ConfigError: naming the file, the key and the value.
@@ -226,4 +227,10 @@ def loadLocalView(path: str | os.PathLike[str] | None) -> LocalView:
                 proxyProtocol=bool(_keyValue(LISTENERS, "proxy_protocol", table, where)),
             )
         )
-    return LocalView(file, hostname, maxMessageSize, tuple(listeners))
+    spool = tableOf(data.get("spool", {}), at.child("spool"))
+    spoolAt = at.child("spool").child("directory")
+    spoolDirectory = (
+        spoolPath(spool["directory"], spoolAt) if "directory" in spool
+        else defaultSpoolDirectory(DEFAULT_SPOOL, spoolPath)(spoolAt)
+    )  # (its path only: whether the relay's user may write there is not this user's business)
+    return LocalView(file, hostname, maxMessageSize, tuple(listeners), str(spoolDirectory))

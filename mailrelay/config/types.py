@@ -291,9 +291,13 @@ class LocalView:
     @ivar hostname: the relay's host name (the domain of local senders).
     @ivar maxMessageSize: the largest message the relay accepts, in bytes.
     @ivar listeners: its listeners, in the file's order.
+    @ivar spoolDirectory: the spool directory it names (its path only: not checked), where
+        the relay running on it publishes the listeners it is bound to
+        (L{mailrelay.app.published}); C{None}: not known.
     """
 
     source: str | None
     hostname: str
     maxMessageSize: int
     listeners: tuple[ListenerView, ...]
+    spoolDirectory: str | None = None
