@@ -570,10 +570,9 @@ class GroupCommitter:
         self._pending: list[_Operation] = []
         self._inFlight = False
         self._whenIdle: Callable[[], None] | None = None
-        #: The spool directory (for syncfs) and C{queue/} (for its fsync), open between
-        #: L{start} and the end of L{stop} (see L{_openDirectories}); C{None}: opened per use.
+        #: The spool directory (for syncfs), open between L{start} and the end of L{stop}
+        #: (see L{_openDirectories}); C{None}: opened per use.
         self._directoryFD: int | None = None
-        self._queueFD: int | None = None
 
     @property
     def busy(self) -> bool:
@@ -621,33 +620,30 @@ class GroupCommitter:
             whenIdle()
 
     def _openDirectories(self) -> None:
-        """Open the spool directory and C{queue/} once for every batch until L{stop}: each
-        batch syncs through them, two C{open}s and two C{close}s fewer in the committer's
-        thread per batch.  One that cannot be opened here is opened per use, as before (its
-        error then fails that batch's entries)."""
-        for name, path in (("_directoryFD", self.directory), ("_queueFD", self.queueDir)):
-            try:
-                fd: int | None = _openDirectory(path)
-            except OSError:
-                fd = None
-            setattr(self, name, fd)
+        """Open the spool directory once for every batch's C{syncfs} until L{stop}: an
+        C{open} and a C{close} fewer in the committer's thread per batch.  One that cannot
+        be opened here is opened per use, as before (its error then fails that batch's
+        entries).  (Not C{queue/}, fsynced through a descriptor opened by its path each
+        batch: a C{queue/} removed by hand and created again, by this process or another,
+        is a new directory, and a descriptor kept from start would sync the removed one,
+        leaving the renames into the new one not durable.  C{syncfs} syncs the whole file
+        system, whichever of its directories it is given.)"""
+        try:
+            self._directoryFD = _openDirectory(self.directory)
+        except OSError:
+            self._directoryFD = None
 
     def _closeDirectories(self) -> None:
         """Close what L{_openDirectories} opened; when no batch is in flight."""
-        for name in ("_directoryFD", "_queueFD"):
-            fd = getattr(self, name)
-            setattr(self, name, None)
-            if fd is not None:
-                try:
-                    os.close(fd)
-                except OSError:  # pragma: no cover
-                    pass
+        fd, self._directoryFD = self._directoryFD, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:  # pragma: no cover
+                pass
 
     def fsyncDirectory(self, path: Path) -> None:
         """fsync the directory C{path}; raises C{OSError}.  Runs in the committer's thread."""
-        if path is self.queueDir and self._queueFD is not None:
-            os.fsync(self._queueFD)
-            return
         fd = _openDirectory(path)
         try:
             os.fsync(fd)
