@@ -1515,3 +1515,32 @@ def test_the_start_the_status_gives_follows_a_step_of_the_clock(
     Relay.reactor.advance(60)
     monotonic.advance(60)
     assert service.startedAt == Relay.reactor.seconds() - 60
+
+
+def test_show_prints_a_recipients_reason_diagnostic_and_notice_owed() -> None:
+    """C{queue show} (postcat -q) says of a recipient what C{queue list} says of it: the
+    reason of a suspended next hop's deferral (its delay_reason), and beside it the server's
+    diagnostic recorded apart (92a8e92); and a success notice still owed (the marks of
+    892fb5e: C{noticeOwed}, C{noticeID}), which alone keeps a message all delivered queued."""
+    from mailrelay.app.cli import printShow
+    from mailrelay.envelope import DELIVERED, Recipient
+    from mailrelay.queue.control import entryInfo
+
+    reason = "delivery temporarily suspended: host mx.example.org said: 421 4.4.2 busy"
+    envelope = Envelope(sender="alice@example.com", arrival=1e9, attempts=1, recipients=[
+        Recipient("bob@example.org", attempts=1, status="4.4.2",
+                  lastResult="smtp; 421 4.4.2 busy", reason=reason),
+        Recipient("carol@example.org", state=DELIVERED, attempts=1, status="2.0.0",
+                  lastResult="smtp; 250 2.0.0 ok", noticeOwed="relayed", noticeID="NOTICE1")])
+    shown = {"entry": entryInfo("Q1", envelope, False), "envelope": envelope.toDict(),
+             "headers": "Subject: hi\r\n"}
+    out = io.StringIO()
+    printShow(shown, out)
+    text = out.getvalue()
+    bob, carol = text.split("recipient: ")[1:]
+    assert shown["entry"]["recipients"][0]["delay_reason"] == reason
+    assert f"  reason: {reason}\n" in bob
+    assert "  diagnostic: smtp; 421 4.4.2 busy\n" in bob
+    assert "notice" not in bob
+    assert "  reason: smtp; 250 2.0.0 ok\n" in carol and "diagnostic" not in carol
+    assert "  notice_owed: relayed (queue id NOTICE1)\n" in carol

@@ -364,9 +364,15 @@ def printShow(shown: dict[str, Any], out: TextIO) -> None:
         print(f"  state: {r['state']}, attempts: {r['attempts']}"
               + (f", status: {r['status']}" if r.get("status") else ""), file=out)
         if r.get("lastResult"):
-            print(f"  reason: {r['lastResult']}", file=out)
+            # (As the listing's delay_reason: the reason where one is recorded apart, and
+            # then the diagnostic it stands beside.)
+            print(f"  reason: {r.get('reason') or r['lastResult']}", file=out)
+            if r.get("reason"):
+                print(f"  diagnostic: {r['lastResult']}", file=out)
         if r.get("remoteMTA"):
             print(f"  remote_mta: {r['remoteMTA']}", file=out)
+        if r.get("noticeOwed"):
+            print(f"  notice_owed: {r['noticeOwed']} (queue id {r.get('noticeID')})", file=out)
     print(f"*** MESSAGE CONTENTS {e['queue_name']}/{queueID} ***", file=out)
     out.write(shown["headers"].replace("\r\n", "\n"))
     if shown.get("headers_truncated"):
