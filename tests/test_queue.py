@@ -2387,3 +2387,36 @@ def test_an_observer_that_blocks_the_reactor_is_named_in_the_log(monkeypatch) ->
     assert len(lines) == 2, lines
     assert lines[0].startswith("queue plugin site-slow held the reactor for")
     assert lines[1].startswith("delivery plugin site-slow held the reactor for")
+
+
+def test_aNoticeWhoseMessageCannotBeReadIsTriedAgainAfterTheShortestBackoff(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock, events: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A success notice checks, before its delivery, that the message it reports on no
+    longer names it (Envelope.noticeOf); that message's envelope unreadable for now (an I/O
+    error, no descriptor left) makes the notice try again after the shortest backoff, as
+    any envelope that cannot be read (acfe2cc), not after the longest."""
+    messageID = queueMessage(spool, clock, ["b@example.com"], nextAttempt=clock.seconds() + 3000)
+    noticeID = queueMessage(spool, clock, ["sender@example.org"], sender="",
+                            noticeOf=messageID)
+    load = spool.loadEnvelope
+
+    def unreadable(queueID: str) -> Envelope:
+        if queueID == messageID:
+            raise SpoolError(f"reading envelope {queueID}.json failed: Input/output error")
+        return load(queueID)
+
+    monkeypatch.setattr(spool, "loadEnvelope", unreadable)
+    qm = makeManager(spool, router, {"smtp": backend}, clock)
+    qm.startService()
+    assert backend.calls == []
+    assert any(f"{noticeID}: cannot read the envelope of {messageID}" in t
+               and "retrying in 300s" in t for t in texts(events))
+    monkeypatch.setattr(spool, "loadEnvelope", load)
+    clock.advance(299)
+    assert backend.calls == []
+    clock.advance(1)
+    assert backend.addressesDelivered() == ["sender@example.org"]
+    assert spool.queueIDs() == [messageID]
+    resultOf(qm.stopService())

@@ -1257,9 +1257,10 @@ class QueueManager(Service):
                 dsnID=dsnID,
                 queueID=queueID,
                 error=str(e) or repr(e),
-                delay=self.policy.maxBackoff,
+                delay=self.policy.minBackoff,
             )
-            self.scheduler.schedule(dsnID, self.clock.seconds() + self.policy.maxBackoff)
+            # (As any envelope that cannot be read for now: see _load.)
+            self.scheduler.schedule(dsnID, self.clock.seconds() + self.policy.minBackoff)
             return True
         owed = any(r.noticeID == dsnID for r in envelope.recipients)
         if owed:
