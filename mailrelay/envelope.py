@@ -225,8 +225,9 @@ class Envelope:
     def fromDict(cls, d: dict[str, Any]) -> Envelope:
         """The envelope L{toDict} made.
 
-        @raise ValueError: C{d} is not such a dict: another version, an unknown or missing
-            field, or a field of the wrong type (the message names it).
+        @raise ValueError: C{d} is not such a dict: another version, a missing field, or a
+            field of the wrong type (the message names it); a field it does not know (a later
+            version's) is skipped.
         """
         if not isinstance(d, dict):
             raise ValueError(f"an envelope is a JSON object, not {_shown(d)}")
@@ -367,8 +368,12 @@ def _fields(d: Any, kind: type, kinds: dict[str, str], where: str) -> dict[str, 
     """The fields of the stored C{kind} C{d} (a JSON object), checked against C{kinds}, as
     keyword arguments for C{kind} (a list of strings made a tuple).
 
-    @raise ValueError: C{d} is not an object, lacks a required field, has an unknown one, or
-        one of the wrong type; C{where} prefixes the field's name in the message.
+    A field not in C{kinds} is skipped: a later version added it (an operator rolled back
+    with mail queued), and what it adds is lost, not the message (Postfix's rule: queue file
+    records unknown to a version are skipped, not fatal).
+
+    @raise ValueError: C{d} is not an object, lacks a required field, or has one of the wrong
+        type; C{where} prefixes the field's name in the message.
     """
     if not isinstance(d, dict):
         raise ValueError(f"{where[:-1] or kind.__name__}: {_shown(d)} is not a JSON object")
@@ -377,9 +382,9 @@ def _fields(d: Any, kind: type, kinds: dict[str, str], where: str) -> dict[str, 
             raise ValueError(f"{where}{f.name}: missing")
     result = {}
     for name, value in d.items():
-        if name not in kinds:
-            raise ValueError(f"{where}{name}: unknown field")
-        spec = kinds[name]
+        spec = kinds.get(name)
+        if spec is None:  # a later version's field: skipped, as Postfix skips such records
+            continue
         if not (value is None and spec.endswith("?")):
             description, check = _KINDS[spec.rstrip("?")]
             if not check(value):

@@ -224,6 +224,39 @@ def test_envelope_with_fields_of_the_wrong_type_is_quarantined(tmp_path: Path, n
     assert code == -signal.SIGTERM, text  # stopped on SIGTERM, not killed after a hang
 
 
+
+def test_envelope_written_by_a_later_relay_is_delivered_after_a_rollback(
+    tmp_path: Path, nexthop
+) -> None:
+    """A relay rolled back over a spool written by a later one: the fields it does not know
+    are skipped (Postfix skips queue file records it does not know), and the mail is
+    delivered once, not moved to corrupt/ undelivered."""
+    import json
+
+    recorder, port = nexthop()
+    directory = tmp_path / "relay"
+    ids = queueHeld(directory, port, 2)
+    queue = directory / "spool" / "queue"
+    for queueID in ids:
+        path = queue / f"{queueID}.json"
+        envelope = json.loads(path.read_bytes())
+        envelope["laterField"] = "x"
+        envelope["client"]["laterField"] = 1
+        envelope["recipients"][0]["laterField"] = {"a": 1}
+        path.write_text(json.dumps(envelope))
+
+    r = RelayProcess(directory, deliveryConfig(port))
+    try:
+        r.start()
+        for queueID in ids:
+            r.waitForLog(rf"{queueID}: removed")
+    finally:
+        text = r.log()
+        r.stop()
+    assert sorted(m.rcptTos[0] for m in recorder.accepted) == ["r0@good.test", "r1@good.test"]
+    assert r.queued() == [] and not (r.spool / "corrupt").exists(), text
+    assert "damaged queue entry" not in text, text
+
 # Header stampers that fail or are slow ------------------------------------------------------------
 
 STAMPER_MODULE = '''
