@@ -9,6 +9,7 @@ own C{delivered} notice back through the relay)."""
 from __future__ import annotations
 
 import email
+import json
 import re
 import socket
 import time
@@ -343,3 +344,30 @@ def test_bounce_for_a_size_limit_names_no_remote_mta(relay, nexthop, dns) -> Non
         waitEmpty(r)
     finally:
         small.stop()
+
+
+def test_a_success_notice_deferred_is_stored_in_the_form_earlier_relays_read(
+    relay, dns, tmp_path: Path  # noqa: F811
+) -> None:
+    """A success notice keeps its noticeOf (a field relays before it do not know: rolled
+    back to, they moved the notice to corrupt/) only until the marks of the message it
+    reports on are found cleared: its first deferral writes its envelope without it."""
+    busy = BusyServer()
+    try:
+        r = relay(config(dns, routes=[_maildir(tmp_path, "maildir.test"),
+                                      smtpRoute("sender.test", busy.port)]))
+        qid = submit(r, "alice@sender.test", ["bob@maildir.test"], message("success wanted"),
+                     rcptOptions=("NOTIFY=SUCCESS",))
+        waitResult(r, qid, "bob@maildir.test", "sent")
+        dsnID = bounceID(r, qid, "delivery status notification")
+        waitResult(r, dsnID, "alice@sender.test", "deferred")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # (the deferral is logged as it is written)
+            stored = json.loads((r.spool / "queue" / f"{dsnID}.json").read_bytes())
+            if stored["attempts"]:
+                break
+            time.sleep(0.05)
+        assert stored["attempts"] == 1 and stored["isBounce"], stored
+        assert "noticeOf" not in stored, stored
+    finally:
+        busy.close()

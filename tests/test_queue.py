@@ -2079,6 +2079,28 @@ def test_aRecipientOwedASuccessNoticeIsRecordedAtOnceWithTheNoticeOwed(
     resultOf(qm.stopService())
 
 
+def test_aSuccessNoticeDeferredIsStoredInTheFormEarlierVersionsRead(
+    spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
+) -> None:
+    """A success notice's C{noticeOf} (which earlier relays do not read: rolled back to, they
+    move the entry to corrupt/) is needed only until the marks of the message it reports on
+    are found cleared: the notice's first deferral writes its envelope without it, so that a
+    notice waiting in the queue for days does not keep the field."""
+    asked = Recipient("a@fast.test", "a@fast.test", notify=["SUCCESS"])
+    backend.script["sender@example.org"] = ["4", "2"]
+    qm, queueID = fastAndSlow(spool, router, backend, clock, [asked, "b@slow.test"])
+    noticeID = stored(spool, queueID)["recipients"][0]["noticeID"]
+    backend.release()  # slow.test's answer: the notice is queued, its delivery starts
+    assert stored(spool, noticeID)["noticeOf"] == queueID
+    backend.release()  # the notice's delivery: deferred
+    record = stored(spool, noticeID)
+    assert record["attempts"] == 1 and "noticeOf" not in record
+    clock.advance(record["nextAttempt"] - clock.seconds())
+    backend.release()
+    assert len(noticesAbout(backend, "a@fast.test")) == 2 and spool.queueIDs() == []
+    resultOf(qm.stopService())
+
+
 def test_aSuccessNoticeOwedIsMadeOnceAfterACrash(
     spool: Spool, router: FakeRouter, backend: FakeBackend, clock: Clock
 ) -> None:

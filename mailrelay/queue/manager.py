@@ -588,8 +588,12 @@ class QueueManager(Service):
         if envelope.held:
             self._held.add(queueID)
             return False
-        if envelope.noticeOf is not None and self._noticeStillOwed(queueID, envelope.noticeOf):
-            return False  # (enqueued once its message records it queued)
+        if envelope.noticeOf is not None:
+            if self._noticeStillOwed(queueID, envelope.noticeOf):
+                return False  # (enqueued once its message records it queued)
+            # Never needed again: its next write leaves it out, in the form earlier versions
+            # read (they do not know the field; see README, upgrades and rollbacks).
+            envelope.noticeOf = None
         stepped = self._stepped.get(queueID, 0.0)
         nextAttempt = None if envelope.nextAttempt is None else envelope.nextAttempt + stepped
         if nextAttempt is not None and nextAttempt - now > self.policy.maxBackoff:
