@@ -18,6 +18,7 @@ import socket
 import ssl
 import stat
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,20 @@ def _relay(tmp_path: Path, dns: DNSServer, port: int, hold: bool = False) -> Rel
     return RelayProcess(tmp_path / "relay", config, env={"SSL_CERT_FILE": str(caFile)})
 
 
+def waitCached(cache: Path, domains: list[str], timeout: float = 10.0) -> list[str]:
+    """The domains of the cache file once they are C{domains} (sorted), or, after
+    C{timeout} seconds, those it has then (C{[]} without the file)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            cached = sorted(p["domain"] for p in json.loads(cache.read_text())["policies"])
+        except FileNotFoundError:
+            cached = []
+        if cached == domains or time.monotonic() > deadline:
+            return cached
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def relay(tmp_path: Path, ca: Any, policyServer: list[str], mx: Any):
     """The started relay, with the MX host and the policy server: C{(recorder, relay, dns)}."""
@@ -184,9 +199,10 @@ def test_mail_follows_the_domains_mta_sts_policy(relay: Any, policyServer: list[
                  r"other\.test matches its MTA-STS policy \(mx: \*\.elsewhere\.test\)\)")
     assert "carol@other.test" not in recorder.sessions
 
+    # The cache is written in a thread after the policy is had: the deferral may be logged
+    # before other.test's policy is in the file (it is replaced whole, never half written).
     cache = r.spool.parent / "spool" / "mta-sts.json"
-    cached = json.loads(cache.read_text())
-    assert sorted(p["domain"] for p in cached["policies"]) == ["other.test", "sts.test"]
+    assert waitCached(cache, ["other.test", "sts.test"]) == ["other.test", "sts.test"]
     # The spool is searchable by all ([spool] mailq_users: anyone, by default), the domains
     # mail went to are not readable there by all.
     assert os.stat(cache.parent).st_mode & 0o011 == 0o011
