@@ -14,9 +14,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import socket
 import ssl
 import stat
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -263,6 +265,39 @@ def test_requiretls_goes_to_the_mx_hosts_an_enforced_policy_matches(
             "looked up securely here (no DNSSEC validation), and its MTA-STS policy cannot be "
             "had now (its policy (id 7) cannot be fetched: "), line.group("diagnostic")
         assert "dave@down.test" not in recorder.sessions
+    finally:
+        r.stop()
+        dns.stop()
+
+
+def test_a_cache_that_cannot_be_written_leaves_no_temporary_file(
+    tmp_path: Path, policyServer: list[str], mx: Any
+) -> None:
+    """A write of mta-sts.json that fails (here a directory in its place, as the spool's
+    disk full would) removes its temporary file and is said once, naming the file; the
+    temporary file a crashed relay left is removed when the cache is first read."""
+    recorder, port = mx
+    dns = _dns(tmp_path)
+    r = _relay(tmp_path, dns, port)
+    try:
+        r.start()
+        r.stop()
+        crashed = subprocess.Popen(["true"])
+        crashed.wait()
+        leftover = r.spool / f"mta-sts.json.{crashed.pid}.tmp"
+        leftover.write_text('{"policies": [')
+        (r.spool / "mta-sts.json").mkdir()
+        (r.spool / "mta-sts.json" / "keep").write_text("")
+        r.start()
+        _send(r, "bob@sts.test")
+        recorder.waitTo("bob@sts.test")
+        r.waitForLog(r"to=<bob@sts\.test>.*status=sent")
+        r.waitForLog(rf"MTA-STS: removed {re.escape(str(leftover))}, left by an interrupted "
+                     r"write")
+        said = r.waitForLog(r"MTA-STS: cannot write the cache (\S+): Is a directory")
+        assert said.group(1) == str(r.spool / "mta-sts.json")
+        assert r.log().count("cannot write the cache") == 1
+        assert sorted(p.name for p in r.spool.glob("mta-sts.json*")) == ["mta-sts.json"]
     finally:
         r.stop()
         dns.stop()

@@ -481,3 +481,50 @@ def test_expired_policies_are_not_written_again(world: Any) -> None:
     result(sts.policy("other.example"))
     saved = json.loads(Path(world.cache).read_text())["policies"]
     assert [p["domain"] for p in saved] == ["other.example"]
+
+
+def _temporaries(cache: str) -> list[str]:
+    directory = Path(cache).parent
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_a_failed_write_of_the_cache_leaves_no_temporary_file(world: Any) -> None:
+    """Found by a review: a write of the cache that failed (the spool's disk full; here the
+    rename onto a directory in its place) left C{mta-sts.json.PID.tmp} in the spool, one a
+    failure.  It is removed, and the failure said once, naming the cache file."""
+    os.mkdir(world.cache)
+    Path(world.cache, "keep").write_text("")  # (a directory os.replace cannot replace)
+    with capturedLogs() as events:
+        assert result(world.sts().policy("example.org")).mode == "enforce"
+    assert _temporaries(world.cache) == []
+    said = [formatEvent(e) for e in events if "cannot write" in formatEvent(e)]
+    assert said == [f"MTA-STS: cannot write the cache {world.cache}: Is a directory"], said
+
+
+def test_temporary_files_left_by_a_crash_are_removed(world: Any) -> None:
+    """A write interrupted by a crash (or a power cut) left its temporary file for good:
+    those of processes no longer running are removed when the cache is first read (as
+    Postfix's postsuper at start removes the temporary files left in its queue), those of
+    a running process (during a reload the old delivery process may be writing) are not."""
+    dead = _deadPid()
+    for pid in (dead, os.getppid(), os.getpid()):
+        Path(f"{world.cache}.{pid}.tmp").write_text("{")
+    Path(f"{world.cache}.notapid.tmp").write_text("")  # (not a name of the relay's)
+    Path(world.cache).write_text("{not json")  # (said, and the leftovers removed all the same)
+    with capturedLogs() as events:
+        assert result(world.sts().policy("example.org")).mode == "enforce"
+    assert sum("not read" in formatEvent(e) for e in events) == 1
+    assert _temporaries(world.cache) == sorted(
+        [f"mta-sts.json.{os.getppid()}.tmp", "mta-sts.json.notapid.tmp"])
+    said = sorted(formatEvent(e) for e in events if "removed" in formatEvent(e))
+    assert said == sorted(f"MTA-STS: removed {world.cache}.{pid}.tmp, left by an interrupted "
+                          f"write" for pid in (dead, os.getpid())), said
+
+
+def _deadPid() -> int:
+    """The process id of a process that has ended (and been waited for)."""
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid

@@ -496,10 +496,10 @@ class MTASTS:
         """Read the cache file in the thread pool (its size grows with the domains that
         publish a policy); the lookups asked meanwhile wait in C{_loading}."""
         if self.cacheFile is None:
-            self._cacheRead([])
+            self._cacheRead(([], []))
             return
-        d = self._deferToThread(_readCache, self.cacheFile)
-        d.addErrback(self._notRead)
+        d = self._deferToThread(_loadCache, self.cacheFile)
+        d.addErrback(lambda failure: (failure, []))
         d.addCallback(self._cacheRead)
 
     def _notRead(self, failure: Failure) -> list[STSPolicy]:
@@ -509,7 +509,12 @@ class MTASTS:
                  path=self.cacheFile, error=str(error) or type(error).__name__)
         return []
 
-    def _cacheRead(self, policies: list[STSPolicy]) -> None:
+    def _cacheRead(self, read: tuple[list[STSPolicy] | Failure, list[str]]) -> None:
+        policies, removed = read
+        for leftover in removed:
+            log.info("MTA-STS: removed {path}, left by an interrupted write", path=leftover)
+        if isinstance(policies, Failure):
+            policies = self._notRead(policies)
         now = self._now()
         for loaded in policies:
             if not loaded.expired(now):
@@ -539,8 +544,11 @@ class MTASTS:
         def written(result: Any) -> None:
             self._saving = False
             if isinstance(result, Failure):
+                error = result.value
                 log.warn("MTA-STS: cannot write the cache {path}: {error}",
-                         path=self.cacheFile, error=result.getErrorMessage())
+                         path=self.cacheFile, error=(
+                             error.strerror if isinstance(error, OSError) and error.strerror
+                             else result.getErrorMessage()))
             if self._saveAgain:
                 self._saveAgain = False
                 self._save()
@@ -598,8 +606,19 @@ class _NoRecord(Exception):
     """The domain has no TXT record of that name."""
 
 
+def _loadCache(path: str) -> tuple[list[STSPolicy] | Failure, list[str]]:
+    """In a thread: the policies of the cache file C{path} (L{_readCache}), or why they
+    cannot be read, and the temporary files of interrupted writes removed beside it
+    (L{_removeLeftovers})."""
+    removed = _removeLeftovers(path)
+    try:
+        return _readCache(path), removed
+    except Exception:
+        return Failure(), removed
+
+
 def _readCache(path: str) -> list[STSPolicy]:
-    """The policies of the cache file C{path} (C{[]} when there is none), in a thread.
+    """The policies of the cache file C{path} (C{[]} when there is none).
 
     @raise ValueError: (and C{OSError}, C{KeyError}, C{TypeError}, C{RecursionError}) a
         file that cannot be read, or is not one L{_writeCache} writes.
@@ -612,17 +631,76 @@ def _readCache(path: str) -> list[STSPolicy]:
     return [_cached(p) for p in data["policies"]]
 
 
+def _temporary(path: str, pid: int) -> str:
+    """The temporary file the process C{pid} writes the cache file C{path} to."""
+    return f"{path}.{pid}.tmp"
+
+
+def _removeLeftovers(path: str) -> list[str]:
+    """Remove the temporary files of the cache file C{path} that writes of processes no
+    longer running left (a crash, a power cut), as Postfix's postsuper does at start with
+    those of its queue: the files removed.  A running process's (during a reload the old
+    delivery process may be writing its own) is kept; so is what cannot be removed."""
+    directory, name = os.path.split(path)
+    pattern = re.compile(re.escape(name) + r"\.([0-9]{1,10})\.tmp")
+    removed = []
+    try:
+        names = os.listdir(directory or ".")
+    except OSError:
+        return []
+    for entry in names:
+        match = pattern.fullmatch(entry)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        if pid != os.getpid() and _running(pid):
+            continue
+        leftover = _temporary(path, pid)
+        try:
+            os.unlink(leftover)
+        except OSError:
+            continue
+        removed.append(leftover)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):  # (another user's)
+        return True
+    return True
+
+
 def _writeCache(path: str, policies: list[dict[str, Any]]) -> None:
+    """Write C{policies} to the cache file C{path}, whole: to a temporary file renamed onto
+    it.  A write that fails removes its temporary file (the spool's disk full would keep
+    it, filling the disk further at each failure).
+
+    @raise OSError: the write failed.
+    """
     # (A name of this process's: during a reload the old and new delivery processes may
     # both write; each renames a whole file of its own.)
-    temporary = f"{path}.{os.getpid()}.tmp"
+    temporary = _temporary(path, os.getpid())
     # Mode 0600 whatever the umask, as the queue files: the spool directory is searchable
     # by all when other users may list the queue ([spool] mailq_users), and these are the
     # domains the relay sends mail to.
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    os.fchmod(fd, 0o600)  # (a file left by a write that failed keeps its old mode)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump({"policies": policies}, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    try:
+        os.fchmod(fd, 0o600)  # (a file left by a write that failed keeps its old mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            fd = -1  # (the file object closes it)
+            json.dump({"policies": policies}, f, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass  # (the failure said is the write's)
+        raise
