@@ -603,6 +603,36 @@ def test_notificationToOtherAddress(original: Path) -> None:
 
 
 @pytest.mark.parametrize(("action", "text"), [
+    ("delayed", "<a@example.com>: host mx.example.com[192.0.2.1] said: 421 4.3.2 busy "
+                "(in reply to RCPT TO command)"),
+    ("failed", "<a@example.com>: message expired after 1 hour in the queue; the last attempt: "
+               "host mx.example.com[192.0.2.1] said: 421 4.3.2 busy (in reply to RCPT TO "
+               "command)"),
+])
+def test_textPartNamesTheHostOfTheLastAttempt(original: Path, action: str, text: str) -> None:
+    """Found by a review: the bounce after max_lifetime said "the last attempt said: 421 ..."
+    without the host that said it, which the delay warning and Postfix's bounce name (the
+    defer log's text: "host mx.example[192.0.2.1] said: 421 ..."); the host of the last
+    attempt (its Remote-MTA) is named in both, where its reply is the server's."""
+    deferred = Recipient(
+        "a@example.com", status="4.3.2", remoteMTA="dns; mx.example.com[192.0.2.1]",
+        lastResult="smtp; 421 4.3.2 busy (in reply to RCPT TO command)")
+    dsn = build(original, recipients=[deferred], action=action,
+                willRetryUntil=ARRIVAL + 86400 if action == "delayed" else None)
+    assert text in " ".join(parts(dsn)[0].get_content().split())
+
+
+def test_textPartOfAnExpiredMessageWithoutAHost(original: Path) -> None:
+    """Without a Remote-MTA (the connection refused), or a reason of the relay's own, the
+    last attempt's words as they are."""
+    refused = Recipient("a@example.com", status="4.4.1", remoteMTA="dns; mx.example.com",
+                        lastResult="X-mailrelay; connection refused by mx.example.com")
+    text = " ".join(parts(build(original, recipients=[refused]))[0].get_content().split())
+    assert ("<a@example.com>: message expired after 1 hour in the queue; the last attempt "
+            "said: connection refused by mx.example.com") in text, text
+
+
+@pytest.mark.parametrize(("action", "text"), [
     ("delayed", "<a@example.com>: delivery temporarily suspended: host mx.example.com said: "
                 "421 4.3.2 mx.example.com busy"),
     ("failed", "<a@example.com>: message expired after 1 hour in the queue; the last attempt "

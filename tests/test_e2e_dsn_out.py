@@ -294,6 +294,11 @@ def test_a_notice_of_a_suspended_next_hop_says_what_its_server_said(
         assert sum(f"delivery temporarily suspended: host [127.0.0.1] said: {reply}" in t
                    for t in texts) == 1, texts
         assert all(f"said: {reply}" in t for t in texts), texts
+        # The other, the one attempted, names the host that said it, the bounce after
+        # max_lifetime as the delay notice (Postfix's bounce gives the defer log's text).
+        attempted = {"failed": "in the queue; the last attempt: ",
+                     "delayed": "@busy.test>: "}[notice] + f"host [127.0.0.1] said: {reply}"
+        assert sum(attempted in t for t in texts) == 1, texts
     finally:
         busy.close()
 

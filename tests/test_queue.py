@@ -607,8 +607,10 @@ def test_expiryBouncesWithTheLastReasonsStatus(
     assert block["Diagnostic-Code"] == "smtp; 451 4.2.0 try later"
     text = parse(bounce.message).get_body(("plain",))
     assert text is not None
+    # (With the host of the last attempt, its Remote-MTA, as Postfix's defer log says it.)
     assert ("<a@example.com>: message expired after 35 minutes in the queue; the last "
-            "attempt said: 451 4.2.0 try later") in " ".join(text.get_content().split())
+            "attempt: host mx.example.com said: 451 4.2.0 try later"
+            ) in " ".join(text.get_content().split())
     assert spool.queueIDs() == []
     assert any("status=bounced (message expired" in t for t in texts(events, queueID))
     resultOf(qm.stopService())

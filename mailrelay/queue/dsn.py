@@ -462,14 +462,19 @@ def _recipientText(r: Recipient, action: str, delay: float) -> str:
     if action in ("delivered", "relayed"):
         text = f"<{r.address}>: " + (f"{action} via {remote}: " if remote else "")
         return text + (reason or action)
+    # (Only a server's own reply is what it said: an X-mailrelay reason is ours.)
+    said = (f"host {remote} said: {reason}"
+            if remote and reason and not r.reason
+            and (r.lastResult or "").lower().startswith("smtp;") else None)
     if action == "failed" and (r.status or "").startswith("4."):
-        # (A temporary status that failed: the message expired with it.)
+        # (A temporary status that failed: the message expired with it.  The host of the
+        # last attempt named, as Postfix's bounce of an expired message gives the defer
+        # log's "host H said: ...".)
         text = f"<{r.address}>: message expired after {_duration(delay)} in the queue"
+        if said:
+            return f"{text}; the last attempt: {said}"
         return text + (f"; the last attempt said: {reason}" if reason else "")
-    if remote and reason and not r.reason and (r.lastResult or "").lower().startswith("smtp;"):
-        # (Only a server's own reply is what it said: an X-mailrelay reason is ours.)
-        return f"<{r.address}>: host {remote} said: {reason}"
-    return f"<{r.address}>: {reason or 'delivery failed'}"
+    return f"<{r.address}>: {said or reason or 'delivery failed'}"
 
 
 def _remoteName(remoteMTA: str | None) -> str | None:
