@@ -1272,6 +1272,37 @@ def test_queue_list_output() -> None:
     assert lines[-1] == "-- 3 Kbytes in 3 Requests."
 
 
+def test_queue_show_says_the_reason_of_a_suspended_next_hops_deferral(tmp_path: Path) -> None:
+    """Found by a review: C{queue show} printed a recipient's diagnostic as its reason,
+    where its deferral has a reason of its own ("delivery temporarily suspended: ..."), as
+    the queue listing (postqueue -p, -j: delay_reason) and the log say.  It says the reason,
+    the diagnostic (the notices' Diagnostic-Code) beside it; without a reason, the
+    diagnostic as before."""
+    from mailrelay.app.cli import printShow
+
+    routes = [RouteRule("example.org", "hop", "a.example")]
+    h = QueueHarness(tmp_path / "spool", {}, routes=routes, start=False,
+                     minBackoff=3600, maxBackoff=3600)
+    hop = DeadHops(h.clock)
+    h.queue.deliverer.backends["hop"] = hop
+    h.queue.startService()
+    hop.down = {"a.example"}
+    first = h.submit("alice@example.com", ["bob@example.org"])
+    later = h.submit("alice@example.com", ["carol@example.org"])
+    c = control(h)
+
+    def shown(queueID: str) -> list[str]:
+        out = io.StringIO()
+        printShow(result(c.show(queueID)), out)
+        return [line.strip() for line in out.getvalue().splitlines()
+                if line.startswith("  ") and line.split(":")[0].strip() in (
+                    "reason", "diagnostic")]
+
+    assert shown(first) == ["reason: X-hop; refused"]
+    assert shown(later) == ["reason: delivery temporarily suspended: refused",
+                            "diagnostic: X-hop; refused"]
+
+
 def test_summary_output() -> None:
     from mailrelay.app.cli import printSummary
 

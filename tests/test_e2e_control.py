@@ -230,6 +230,13 @@ def test_flush_tries_a_suspended_next_hop_again(relays, nexthop, command) -> Non
     deferred(r, [first])
     second = send(r, "second")
     r.waitForLog(rf"{second}: to=<bob@example.org>, .*delivery temporarily suspended")
+    # queue show says the deferral's reason, as the log and the listing do, and the
+    # diagnostic beside it (it said the diagnostic as the reason).
+    shown = waitFor(lambda: (lambda t: t if "  reason: delivery" in t else None)(
+        ok(r, "queue", "show", second)), "the suspension's reason in queue show")
+    assert re.search(r"^  reason: delivery temporarily suspended: .*connection refused.*\n"
+                     r"  diagnostic: X-mailrelay; connection refused", shown, re.M), shown
+    assert "(delivery temporarily suspended: " in ok(r, "queue", "list")
     hop, _ = nexthop(port=port)
     ok(r, *(c.format(id=second) for c in command))
     r.waitForLog(rf"{second}: to=<bob@example.org>, .*status=sent")
