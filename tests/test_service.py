@@ -253,3 +253,40 @@ def test_a_configuration_error_preparing_the_fork_server_stops_the_start(
         makeService(options)
     assert str(raised.value) == (
         "mailrelay: configuration error: two installed plugins are named 'site-gate': ...")
+
+
+@pytest.mark.parametrize(("options", "toFile"), [
+    ({"nodaemon": True, "logfile": None, "syslog": False}, False),
+    ({"nodaemon": True, "logfile": "-", "syslog": False}, False),
+    ({"nodaemon": False, "logfile": None, "syslog": True}, False),
+    ({"nodaemon": True, "logfile": "relay.log", "syslog": False}, True),
+    ({"nodaemon": False, "logfile": None, "syslog": False}, True),  # (twistd.log)
+])
+def test_whether_twistd_logs_to_a_file_it_rotates(options: dict, toFile: bool) -> None:
+    """As twistd's UnixAppLogger decides (it installs its SIGUSR1 rotation only then)."""
+    from mailrelay.app.tap import twistdLogsToFile
+
+    assert twistdLogsToFile(options) is toFile
+
+
+def test_sigusr1_is_handled_before_the_relay_listens_without_a_log_file(tmp_path: Path) -> None:
+    """twistd listens before it runs the reactor: a SIGUSR1 then (a log rotation at the
+    wrong moment) took its default action and killed the relay, where the handler saying
+    there is no file to rotate was installed only once the reactor ran.  Without a log file
+    twistd installs no handler of its own, so the relay's is installed as it is built."""
+    from mailrelay.app.tap import installRotateSignalNow
+
+    previous = signal.getsignal(signal.SIGUSR1)
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    try:
+        clock = Clock()
+        assert installRotateSignalNow(clock, {"nodaemon": True, "logfile": None,
+                                              "syslog": False}) is True
+        assert signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None)
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        # With a log file, twistd's rotation is installed after the relay is built: left to it.
+        assert installRotateSignalNow(clock, {"nodaemon": True, "logfile": "relay.log",
+                                              "syslog": False}) is False
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

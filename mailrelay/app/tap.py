@@ -184,7 +184,8 @@ def makeService(options: Options) -> Any:
     # Now, not once the reactor runs: twistd listens before it runs the reactor, and a SIGHUP
     # meanwhile (a reload during a restart) took the signal's default action, ending us.
     installReloadSignal(reactor, relay)
-    reactor.callWhenRunning(installRotateSignal, reactor)
+    if not installRotateSignalNow(reactor, serverOptions):
+        reactor.callWhenRunning(installRotateSignal, reactor)
     from mailrelay.app.services import stopOnSignals
 
     stopOnSignals(reactor)
@@ -237,6 +238,28 @@ def installReloadSignal(reactor: Any, relay: Any) -> None:
         reactor.callFromThread(relay.reload)
 
     signal.signal(signal.SIGHUP, onSignal)
+
+
+def twistdLogsToFile(serverOptions: Any) -> bool:
+    """Whether twistd, run with C{serverOptions}, logs to a file (and so installs its own
+    SIGUSR1 handler, which rotates it), as its C{UnixAppLogger} decides: not with
+    C{--syslog}, C{--logfile=-}, nor C{--nodaemon} without C{--logfile}."""
+    logfile = serverOptions.get("logfile")
+    if serverOptions.get("syslog") or logfile == "-":
+        return False
+    return bool(logfile) or not serverOptions.get("nodaemon")
+
+
+def installRotateSignalNow(reactor: Any, serverOptions: Any) -> bool:
+    """Install L{installRotateSignal}'s handler now, as the relay is built, where twistd
+    will install none of its own (no log file): twistd listens before it runs the reactor,
+    and a SIGUSR1 meanwhile took its default action, killing the relay.  Whether it did
+    (with a log file, twistd's rotation is installed after the relay is built, before it
+    listens; not under twistd, the caller installs it once the reactor runs)."""
+    if serverOptions is None or twistdLogsToFile(serverOptions):
+        return False
+    installRotateSignal(reactor)
+    return True
 
 
 def installRotateSignal(reactor: Any) -> None:
