@@ -172,6 +172,15 @@ def _openDirectory(path: Path | str) -> int:
     return os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
 
 
+def _closeQuietly(fd: int | None) -> None:
+    """Close C{fd} unless it is C{None}, ignoring a failure (nothing is left to tell)."""
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:  # pragma: no cover
+            pass
+
+
 def _writeAll(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -203,7 +212,7 @@ def remakeDirectory(directory: str) -> bool:
         os.mkdir(directory, 0o700)
     except FileExistsError:
         return True
-    fd = os.open(parent, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+    fd = _openDirectory(parent)
     try:
         os.fsync(fd)
     finally:
@@ -307,11 +316,7 @@ class _Operation:
 
     def _closeEnvelope(self) -> None:
         fd, self.envelopeFD = self.envelopeFD, None
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:  # pragma: no cover
-                pass
+        _closeQuietly(fd)
 
 
 class _Commit(_Operation):
@@ -636,11 +641,7 @@ class GroupCommitter:
     def _closeDirectories(self) -> None:
         """Close what L{_openDirectories} opened; when no batch is in flight."""
         fd, self._directoryFD = self._directoryFD, None
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:  # pragma: no cover
-                pass
+        _closeQuietly(fd)
 
     def fsyncDirectory(self, path: Path) -> None:
         """fsync the directory C{path}; raises C{OSError}.  Runs in the committer's thread."""
