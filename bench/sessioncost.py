@@ -205,20 +205,21 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(runOnce(args)), flush=True)
         return 0
     passed = list(argv if argv is not None else sys.argv[1:])
-    for flag in ("--ab", "--repeat"):
+    for flag in ("--ab", "--repeat", "--workdir"):
         while flag in passed:
             at = passed.index(flag)
             del passed[at:at + 2]
-    pythons = [("new", sys.executable)]
-    if args.ab:
-        pythons.insert(0, ("old", args.ab))
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in pythons}
-    for _ in range(args.repeat):
-        for name, python in pythons:
-            line = subprocess.run([python, __file__, "--once", *passed], check=True,
-                                  stdout=subprocess.PIPE, text=True).stdout.splitlines()[-1]
-            runs[name].append(json.loads(line))
-            print(name, line, file=sys.stderr, flush=True)
+    # Every run's spool stays until all runs are done: on an ext4 without a journal (this
+    # VM's), creating a file scans past each inode of its group freed in the last ~30 s
+    # (bench/README), so a spool removed just before a run would cost that run's file
+    # creations more than the relay's code does.
+    parent = tempfile.mkdtemp(prefix="mailrelay-sessioncost-runs-", dir=args.workdir)
+    passed += ["--workdir", parent, "--keep"]
+    try:
+        runs = _alternate(args, passed)
+    finally:
+        if not args.keep:
+            shutil.rmtree(parent, ignore_errors=True)
     summary: dict[str, Any] = {}
     for name, results in runs.items():
         for key in ("reactor_cpu_ms", "process_cpu_ms", "calls"):
@@ -229,6 +230,21 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in summary.items():
         print(f"{key}: {value}")
     return 0
+
+
+def _alternate(args: argparse.Namespace, passed: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Runs of the old build (C{--ab}) and of this one alternated, C{--repeat} each."""
+    pythons = [("new", sys.executable)]
+    if args.ab:
+        pythons.insert(0, ("old", args.ab))
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in pythons}
+    for _ in range(args.repeat):
+        for name, python in pythons:
+            line = subprocess.run([python, __file__, "--once", *passed], check=True,
+                                  stdout=subprocess.PIPE, text=True).stdout.splitlines()[-1]
+            runs[name].append(json.loads(line))
+            print(name, line, file=sys.stderr, flush=True)
+    return runs
 
 
 if __name__ == "__main__":
