@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -214,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     # (bench/README), so a spool removed just before a run would cost that run's file
     # creations more than the relay's code does.
     parent = tempfile.mkdtemp(prefix="mailrelay-sessioncost-runs-", dir=args.workdir)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # (clean up)
     passed += ["--workdir", parent, "--keep"]
     try:
         runs = _alternate(args, passed)
