@@ -415,6 +415,20 @@ def test_a_spool_short_of_space_refuses_mail_and_warns(relays) -> None:
     r.waitForLog(r"NOQUEUE: reject: MAIL from .*452 4\.3\.1.*from=<alice@example.com>")
 
 
+def test_a_spool_short_of_space_warns_once_not_at_every_mail(relays) -> None:
+    """Found by a review: the warning came at every MAIL while the disk stayed full, a log
+    flood exactly when the disk is full; it comes once (then at most once a minute, see
+    L{mailrelay.lograte}), while each MAIL is still refused and its refusal logged."""
+    r = relays("[spool]\nmin_free_space = 1000000000000000000\n", hold=True).start()
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=20) as s:
+        s.ehlo("client.test")
+        for i in range(5):
+            assert s.mail(f"m{i}@example.com")[0] == 452
+            s.rset()
+    r.waitForLog(r"(?s)(NOQUEUE: reject: MAIL from .*){5}")
+    assert len(re.findall(r"not enough free space", r.log())) == 1, r.log()
+
+
 # ---------------------------------------------------------------------------------------------
 # Running as another user: twistd's --uid/--gid
 

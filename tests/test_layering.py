@@ -1,7 +1,7 @@
 """The import rule of the package layout, checked on the source (AST, no import).
 
 Layers, lowest first: the values (C{interfaces}, C{envelope}, C{errors}, C{address},
-C{metrics}, C{namedfile}, C{headers}, C{endpoints}, C{pem}, and C{config.schema}/C{config.values} once they exist); C{smtp/}, the sans-IO
+C{metrics}, C{namedfile}, C{headers}, C{endpoints}, C{pem}, C{lograte}, and C{config.schema}/C{config.values} once they exist); C{smtp/}, the sans-IO
 protocol engines;
 the stages (C{receive}, C{policy}, C{cleanup}, C{spool}, C{queue}, C{route}, C{delivery});
 C{config/}; C{testing/}; C{app/}, the composition roots (and C{mailrelay.__main__}, which
@@ -46,6 +46,7 @@ VALUES = {
     "mailrelay.headers",
     "mailrelay.endpoints",
     "mailrelay.pem",
+    "mailrelay.lograte",
     "mailrelay.config.schema",
     "mailrelay.config.values",
 }

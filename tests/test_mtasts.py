@@ -528,3 +528,32 @@ def _deadPid() -> int:
     child = subprocess.Popen(["true"])
     child.wait()
     return child.pid
+
+
+def test_a_lasting_cache_write_failure_is_logged_once_a_minute_and_its_end_once(
+        world: Any) -> None:
+    """Found by a review: while the cache could not be written (the spool's disk full), each
+    new policy logged "cannot write the cache": a flood exactly when the disk is full.  The
+    first failure is logged, then at most one a minute saying how many were not (Postfix's
+    msg_rate_delay(3), which its dict_cache uses for its caches' errors), and one line when
+    the cache is written again."""
+    os.mkdir(world.cache)
+    Path(world.cache, "keep").write_text("")  # (a directory os.replace cannot replace)
+    sts = world.sts()
+    for i in range(6):
+        world.resolver.records[f"_mta-sts.d{i}.example"] = ["v=STSv1; id=x"]
+        world.fetches.texts[f"d{i}.example"] = POLICY.encode()
+    failed = f"MTA-STS: cannot write the cache {world.cache}: Is a directory"
+    with capturedLogs() as events:
+        for i in range(4):
+            assert result(sts.policy(f"d{i}.example")).mode == "enforce"
+            world.now.t += 10
+        world.now.t += 30  # a minute since the first failure
+        result(sts.policy("d4.example"))
+        Path(world.cache, "keep").unlink()
+        os.rmdir(world.cache)
+        result(sts.policy("d5.example"))
+    said = [formatEvent(e) for e in events if "the cache" in formatEvent(e)]
+    assert said == [failed, failed + " (3 more times since the last such line)",
+                    f"MTA-STS: the cache {world.cache} is written again"], said
+    assert json.loads(Path(world.cache).read_text())["policies"]

@@ -1783,3 +1783,44 @@ def test_aQueueDirectoryRemovedByHandIsSyncedWhereItIsCreatedAgain(
         assert os.stat(spoolDir / "queue").st_ino in fsynced[-1:]
     finally:
         spool.stop()
+
+
+def test_aLastingShortageIsLoggedOnceAMinuteAndItsEndOnce(
+    spoolDir: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch, events: list[dict[str, Any]]
+) -> None:
+    """Found by a review: while the disk stayed full, every MAIL (and every metrics scrape)
+    logged "not enough free space": a flood exactly when the disk is full.  The first is
+    logged, then at most one a minute saying how many were not (as Postfix's
+    msg_rate_delay(3) does for its caches' errors), and one line when there is room again;
+    another problem (no inode, statvfs failing) is logged at once."""
+    answer: list[Any] = [FakeStatvfs(100)]  # 409600 octets: fewer than the minimum
+
+    def statvfs(path: str) -> Any:
+        if isinstance(answer[0], OSError):
+            raise answer[0]
+        return answer[0]
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    s = Spool(spoolDir, reactor=clock, minFreeSpace=1_000_000, deferToThread=syncDeferToThread)
+    said = lambda: [formatEvent(e) for e in events]  # noqa: E731
+    short = (f"not enough free space in spool {spoolDir} for 0 more octets: 409600 free, "
+             "min_free_space = 1000000; new mail is refused (452 4.3.1)")
+    for _ in range(50):
+        assert not s.hasFreeSpace()
+        clock.advance(1)
+    assert said() == [short]
+    clock.advance(10)  # a minute since the first line
+    assert not s.hasFreeSpace()
+    assert said() == [short, short + " (49 more times since the last such line)"]
+    answer[0] = FakeStatvfs(10**6)
+    assert s.hasFreeSpace()
+    assert s.hasFreeSpace()
+    assert said()[2:] == [f"enough free space in spool {spoolDir} again: 4096000000 free, "
+                          "min_free_space = 1000000; new mail is accepted"]
+    answer[0] = OSError(errno.EIO, os.strerror(errno.EIO))
+    clock.advance(1)
+    for _ in range(5):
+        assert not s.hasFreeSpace()
+        clock.advance(1)
+    assert said()[3:] == [
+        f"checking free space of spool {spoolDir} failed: Input/output error"]

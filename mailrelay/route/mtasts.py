@@ -39,12 +39,13 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.names import dns
 from twisted.names import error as dnsError
 from twisted.python.failure import Failure
 
 from mailrelay.interfaces import threadHandOff
+from mailrelay.lograte import RepeatedProblem
 from mailrelay.route.mx import MXResolver
 
 log = Logger()
@@ -358,6 +359,9 @@ class MTASTS:
         self._inFlight: dict[str, list[Deferred[STSPolicy | None]]] = {}
         self._saving = False
         self._saveAgain = False
+        #: The log of a lasting failure to write the cache (a full disk): not one line a
+        #: write.
+        self._notWritten = RepeatedProblem(log, now)
         self._loaded = False
         #: the lookups waiting for the cache file to be read, or C{None}: not being read
         self._loading: list[Deferred[None]] | None = None
@@ -545,10 +549,14 @@ class MTASTS:
             self._saving = False
             if isinstance(result, Failure):
                 error = result.value
-                log.warn("MTA-STS: cannot write the cache {path}: {error}",
-                         path=self.cacheFile, error=(
-                             error.strerror if isinstance(error, OSError) and error.strerror
-                             else result.getErrorMessage()))
+                self._notWritten.occurred(
+                    LogLevel.warn, "MTA-STS: cannot write the cache {path}: {error}",
+                    path=self.cacheFile, error=(
+                        error.strerror if isinstance(error, OSError) and error.strerror
+                        else result.getErrorMessage()))
+            else:
+                self._notWritten.over("MTA-STS: the cache {path} is written again",
+                                      path=self.cacheFile)
             if self._saveAgain:
                 self._saveAgain = False
                 self._save()

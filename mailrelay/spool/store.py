@@ -35,12 +35,13 @@ from typing import Any, cast
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
 from mailrelay.envelope import Envelope
 from mailrelay.errors import CorruptEntry, EntryGone, SpoolError
 from mailrelay.interfaces import ISpool
+from mailrelay.lograte import RepeatedProblem
 from mailrelay.spool.commit import (
     _FILE_MODE,
     _O_CLOEXEC,
@@ -141,6 +142,8 @@ class Spool:
         self._freeSpace: int | None = None
         #: Free inodes, or C{None} when the file system counts none (btrfs).
         self._freeInodes: int | None = None
+        #: The log of a lasting lack of room (L{hasFreeSpace}).
+        self._noRoom = RepeatedProblem(log, lambda: self._reactor.seconds())
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -494,7 +497,9 @@ class Spool:
         The C{statvfs} result (or its failure) is reused for a second of C{reactor.seconds()},
         unless it was within L{_FREE_SPACE_MARGIN} of the minimum: then every check reads it
         again, as Postfix's smtpd does at each MAIL.  A C{statvfs} failure is logged and
-        answers C{False}; so is a shortage (as a warning naming the octets free).
+        answers C{False}; so is a shortage (as a warning naming the octets free).  While
+        it lasts, it is logged at most once a minute, and its end once
+        (L{RepeatedProblem}): a full disk does not flood the log.
 
         Unless C{minFreeSpace} is 0, fewer than L{MIN_FREE_INODES} free inodes is a
         shortage too: mail is refused at MAIL, as Postfix's smtpd refuses it at MAIL when
@@ -512,7 +517,8 @@ class Spool:
                 st = os.statvfs(self.directory)
             except OSError as e:
                 self._freeSpace = None
-                log.error(
+                self._noRoom.occurred(
+                    LogLevel.error,
                     "checking free space of spool {directory} failed: {error}",
                     directory=str(self.directory),
                     error=e.strerror or str(e),
@@ -524,7 +530,8 @@ class Spool:
             return False
         inodes = self._freeInodes
         if self.minFreeSpace and inodes is not None and inodes < MIN_FREE_INODES:
-            log.warn(
+            self._noRoom.occurred(
+                LogLevel.warn,
                 "not enough free inodes in spool {directory}: {inodes} free, fewer than "
                 "{minimum}; new mail is refused (452 4.3.1)",
                 directory=str(self.directory),
@@ -533,9 +540,17 @@ class Spool:
             )
             return False
         if self._freeSpace - needed >= self.minFreeSpace:
+            self._noRoom.over(
+                "enough free space in spool {directory} again: {free} free, min_free_space "
+                "= {minimum}; new mail is accepted",
+                directory=str(self.directory),
+                free=self._freeSpace,
+                minimum=self.minFreeSpace,
+            )
             return True
         # As Postfix's smtpd: "warning: not enough free space in mail queue".
-        log.warn(
+        self._noRoom.occurred(
+            LogLevel.warn,
             "not enough free space in spool {directory} for {needed} more octets: "
             "{free} free, min_free_space = {minimum}; new mail is refused (452 4.3.1)",
             directory=str(self.directory),
