@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import smtplib
+import subprocess
 import time
 from collections import Counter
 
@@ -235,3 +236,76 @@ def test_queue_manager_waits_for_the_queue_lock(relays, hop) -> None:
     finally:
         os.close(fd)
     fast.waitFor(lambda: fast.subjects["locked"] == 1, 20, "the message")
+
+
+SLOW_START = '''
+import time
+from pathlib import Path
+
+from twisted.application.service import Service
+from zope.interface import implementer
+
+from mailrelay.interfaces import CONTINUE, IConnectionPolicy
+
+
+@implementer(IConnectionPolicy)
+class SlowStart(Service):
+    """A plugin whose service takes a while to start (it opens a slow database)."""
+
+    def checkConnect(self, client):
+        return CONTINUE
+
+    def checkHelo(self, client, name):
+        return CONTINUE
+
+    def startService(self):
+        super().startService()
+        Path(MARKER).write_text("")
+        time.sleep(2)
+
+
+def build(options, context):
+    return SlowStart()
+'''
+SLOW_START_DROPIN = '''
+from mailrelay.interfaces import IConnectionPolicy, MailRelayPlugin
+
+slowStart = MailRelayPlugin("slow-start", IConnectionPolicy, "Starts slowly", "slowstart:build")
+'''
+
+
+def test_a_sigterm_during_the_start_is_a_clean_stop(relays, tmp_path) -> None:
+    """Found by a review: a SIGTERM in the first instants of a start (systemd's stop just
+    after a start, a restart) came before Twisted installs its handlers, as the reactor
+    runs: it killed the relay on the spot, leaving its control socket (replaced at the
+    next start) and the pid file.  Here it comes as twistd starts the relay's services
+    (a plugin's service taking two seconds), after the control socket is made: the relay
+    finishes starting, then stops as at any SIGTERM -- saying so, its children stopped,
+    its socket removed, no traceback."""
+    from tests.test_e2e_hooks import sitePlugins
+    from tests.test_e2e_operating import processesMentioning
+
+    marker = tmp_path / "starting"
+    _, env = sitePlugins(tmp_path, "slowstart", SLOW_START.replace("MARKER", repr(str(marker))),
+                         SLOW_START_DROPIN)
+    r = relays('[dns]\nreverse_lookups = false\n[[routes]]\ndomain = "*"\nbackend = "discard"\n'
+               '[[plugins]]\nplugin = "slow-start"\n', env=env)
+    with open(r.logPath, "ab") as log:
+        r.process = subprocess.Popen(r.command(), cwd=r.directory, env=dict(os.environ, **env),
+                                     stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not marker.exists():
+        assert r.process.poll() is None and time.monotonic() < deadline, r.log()
+        time.sleep(0.02)
+    assert (r.spool / "control.sock").exists()
+    r.process.send_signal(signal.SIGTERM)
+    assert r.process.wait(30) in (0, -signal.SIGTERM)
+    log = r.log()
+    assert "Received SIGTERM, shutting down." in log and "Server Shut Down." in log, log
+    assert "Traceback" not in log, log
+    assert not (r.spool / "control.sock").exists(), log
+    deadline = time.monotonic() + 15
+    while processesMentioning(str(r.directory)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processesMentioning(str(r.directory)) == [], log

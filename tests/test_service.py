@@ -290,3 +290,43 @@ def test_sigusr1_is_handled_before_the_relay_listens_without_a_log_file(tmp_path
         assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+class _Reactor:
+    """What the stop handlers use of a reactor: C{callFromThread}, recorded."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, ...]] = []
+
+    def callFromThread(self, f: object, *args: object) -> None:
+        self.calls.append((f, *args))
+
+
+def test_a_stop_signal_at_any_moment_of_the_start_stops_the_relay_cleanly() -> None:
+    """Found by a review: Twisted installs its SIGTERM and SIGINT handlers only as the
+    reactor runs, after twistd has built and started the relay (control socket, spool lock,
+    children): a SIGTERM before that (systemd's stop right after a start, a restart) took
+    the default action and killed the relay on the spot, leaving control.sock (and a
+    Ctrl-C a traceback).  The handlers are installed first thing as the relay is built, as
+    the SIGHUP one is; a signal that comes before the reactor exists is kept and stops the
+    reactor once it runs, and a second is said to be one."""
+    from mailrelay.app.services import catchStopSignals, stopOnSignals, stopReactor
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        early = catchStopSignals()  # (first thing in makeService: no reactor yet)
+        os.kill(os.getpid(), signal.SIGTERM)  # we survive it
+        reactor = _Reactor()
+        stopOnSignals(reactor, early)
+        assert reactor.calls == [(stopReactor, reactor)]
+        assert getattr(reactor, "_exitSignal") == signal.SIGTERM  # (twistd's exit status)
+        os.kill(os.getpid(), signal.SIGINT)  # (no KeyboardInterrupt either)
+        assert reactor.calls == [(stopReactor, reactor)]
+        # A signal after the reactor is known, before it runs, goes the same way.
+        later = _Reactor()
+        stopOnSignals(later, catchStopSignals())
+        os.kill(os.getpid(), signal.SIGINT)
+        assert later.calls == [(stopReactor, later)]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

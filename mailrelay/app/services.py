@@ -3,6 +3,7 @@ delivery backends' lifetimes."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,13 +28,32 @@ def stopReactor(reactor: Any) -> None:
         pass
 
 
-def stopOnSignals(reactor: Any) -> None:
-    """Make SIGTERM and SIGINT stop C{reactor} once (before C{reactor.run}, which installs
-    the handlers).  Twisted's own handlers stop it again at a second signal -- systemd's
-    stop and a kill, a whole process group signalled, a stop asked twice while a delivery
-    drains -- and log the C{ReactorNotRunning} they get as critical, with a traceback.  The
-    second is logged as what it is; as Twisted's, the handler records the signal for
-    twistd's exit status."""
+def catchStopSignals() -> list[int]:
+    """Keep SIGTERM and SIGINT from ending the process (or raising C{KeyboardInterrupt})
+    until L{stopOnSignals} is called, first thing as the relay is built (before the
+    reactor exists: see L{mailrelay.app.forkserver}): the list the numbers of those
+    received meanwhile go in, for L{stopOnSignals}."""
+    received: list[int] = []
+
+    def keep(number: int, frame: Any = None) -> None:
+        received.append(number)
+
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, keep)
+    return received
+
+
+def stopOnSignals(reactor: Any, received: Sequence[int] = ()) -> None:
+    """Make SIGTERM and SIGINT stop C{reactor} once, from now on: not only once the reactor
+    runs, which installs Twisted's handlers (they call these) -- twistd builds and starts
+    the relay before (its control socket, its children), and a SIGTERM meanwhile took its
+    default action, killing it on the spot.  One that comes before the reactor runs stops
+    it as soon as it does; so do those in C{received} (L{catchStopSignals}).
+
+    Twisted's own handlers stop it again at a second signal -- systemd's stop and a kill, a
+    whole process group signalled, a stop asked twice while a delivery drains -- and log the
+    C{ReactorNotRunning} they get as critical, with a traceback.  The second is logged as
+    what it is; as Twisted's, the handler records the signal for twistd's exit status."""
 
     def handler(name: str) -> Any:
         def handle(number: int, frame: Any = None) -> None:
@@ -51,6 +71,11 @@ def stopOnSignals(reactor: Any) -> None:
     stopping: list[str] = []
     reactor.sigTerm = handler("SIGTERM")
     reactor.sigInt = handler("SIGINT")
+    handlers: dict[int, Any] = {signal.SIGTERM: reactor.sigTerm, signal.SIGINT: reactor.sigInt}
+    for sig, handle in handlers.items():
+        signal.signal(sig, handle)
+    for number in list(received):
+        handlers[number](number)
 
 
 class OrderedMultiService(MultiService):

@@ -122,6 +122,11 @@ def makeService(options: Options) -> Any:
     twistd exits with status 1.
     """
     from mailrelay.app.forkserver import forRelay, hasChildren
+    from mailrelay.app.services import catchStopSignals, stopOnSignals
+
+    # First: a stop asked while the relay starts (before the reactor runs, which installs
+    # Twisted's handlers) stops it once started, rather than killing it half made.
+    stopSignals = catchStopSignals()
     from mailrelay.config import loadConfig, readConfigFile
     from mailrelay.errors import ConfigError
     from mailrelay.namedfile import explainPermissions, runAsUser
@@ -186,9 +191,7 @@ def makeService(options: Options) -> Any:
     installReloadSignal(reactor, relay)
     if not installRotateSignalNow(reactor, serverOptions):
         reactor.callWhenRunning(installRotateSignal, reactor)
-    from mailrelay.app.services import stopOnSignals
-
-    stopOnSignals(reactor)
+    stopOnSignals(reactor, stopSignals)
     from mailrelay.app.clocksteps import followClockSteps
 
     followClockSteps(reactor)
