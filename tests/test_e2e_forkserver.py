@@ -12,6 +12,8 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
+
 from mailrelay.app import forkserver
 from tests.harness import RelayProcess
 from tests.test_e2e_delivery_process import _alive as alive
@@ -190,6 +192,25 @@ def test_relay_killed_takes_them_along(relay, nexthop) -> None:  # noqa: F811
     r.waitForLog("queue manager started")
     r.kill9()
     assert waitGone([server, child]) == []
+
+
+@pytest.mark.parametrize("fork", ["true", "false"])
+def test_relay_killed_takes_every_child_along(relay, nexthop, fork: str) -> None:  # noqa: F811
+    """kill -9 of twistd, with acceptor processes too, forked (twistd -> fork server ->
+    children) or started as new processes (twistd -> children): every process of the relay
+    is gone within seconds, without systemd's KillMode=control-group to kill them (each
+    dies with its parent: PR_SET_PDEATHSIG), as Postfix's processes exit when their master
+    is gone.  (A restarted relay's queue manager meanwhile waits for the spool's queue lock:
+    test_e2e_stop.py::test_kill9_delivery_process_finishes_in_flight_work_and_exits.)"""
+    _, port = nexthop()
+    r = relay(base(port, f"processes = 2\nfork_children = {fork}\n"))
+    r.waitForLog(r"acceptor process started")
+    r.waitForLog("queue manager started")
+    assert r.process is not None
+    pids = descendantsOf(r.process.pid)
+    assert len(pids) == (3 if fork == "true" else 2), pids
+    r.kill9()
+    assert waitGone(pids, timeout=10) == []
 
 
 def test_fork_server_killed_children_started_anew(relay, nexthop) -> None:  # noqa: F811
