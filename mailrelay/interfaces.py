@@ -812,6 +812,11 @@ class RouteOptions:
         route that sets it is deferred with 4.3.5).
     @ivar sourceAddress6: the local IPv6 address to connect from (SMTP only, as
         C{sourceAddress}).
+    @ivar fallbackRelay: the SMTP next hops (C{"[relay.example]:587"}, C{"example.net"}) the
+        recipients are tried at, in order, when every host of the route's next hop failed
+        with a temporary error (Postfix's C{smtp_fallback_relay}; SMTP only); C{None}: the
+        backend's (which it uses for mail to the recipients' own domain's MX hosts only).
+        Not a client setting (L{changes} leaves it out): the backend reads it itself.
     @raise ValueError: a bad setting (the message names it).
     """
 
@@ -822,6 +827,7 @@ class RouteOptions:
     authWithoutTLS: bool | None = None
     sourceAddress: str | None = None
     sourceAddress6: str | None = None
+    fallbackRelay: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.tls is not None and self.tls not in TLS_POLICIES:
@@ -838,6 +844,15 @@ class RouteOptions:
         if self.authWithoutTLS is not None and not isinstance(self.authWithoutTLS, bool):
             raise ValueError(f"authWithoutTLS must be a bool, not {self.authWithoutTLS!r}")
         checkSourceAddresses(self)
+        relays = self.fallbackRelay
+        if relays is not None:
+            if not isinstance(relays, tuple) or not all(
+                isinstance(r, str) and r and "\0" not in r for r in relays
+            ):
+                raise ValueError(
+                    f"fallbackRelay must be a tuple of SMTP next hops, not {relays!r}")
+            if not relays:
+                raise ValueError("fallbackRelay must list at least one SMTP next hop, not ()")
 
     def changes(self) -> dict[str, Any]:
         """The settings this route sets (those not C{None}), by name."""
@@ -859,22 +874,27 @@ class RouteOptions:
         """Why a route to C{backend} cannot carry these options (C{None}: it can).
 
         They are the settings of a client connection: an C{smtp} route takes them all, an
-        C{lmtp} one all but a source address, any other backend (C{maildir}, C{discard}, a
-        site backend) none, as Postfix's transport(5) gives per-transport options only to
-        the transports that take them.  C{[[routes]]} refuses such a table and the routing
-        table such a rule; a router's route carrying them is deferred (4.3.5), never
-        delivered without them.
+        C{lmtp} one all but a source address and a fallback relay, any other backend
+        (C{maildir}, C{discard}, a site backend) none, as Postfix's transport(5) gives
+        per-transport options only to the transports that take them.  C{[[routes]]}
+        refuses such a table and the routing table such a rule; a router's route carrying
+        them is deferred (4.3.5), never delivered without them.
         """
         if backend == "smtp":
             return None
         client = backend == "lmtp"
-        names = [name for name in self.changes()
-                 if not client or name in ("sourceAddress", "sourceAddress6")]
+        given = [*self.changes(), *(["fallbackRelay"] if self.fallbackRelay else [])]
+        lmtpRefuses = ("sourceAddress", "sourceAddress6", "fallbackRelay")
+        names = [name for name in given if not client or name in lmtpRefuses]
         if not names:
             return None
         if client:
-            return (f"an lmtp route takes no {', '.join(names)} (LMTP connections are not "
-                    "bound to a source address)")
+            why = [w for w, given in (
+                ("LMTP connections are not bound to a source address",
+                 names != ["fallbackRelay"]),
+                ("LMTP deliveries go to no fallback relay", "fallbackRelay" in names),
+            ) if given]
+            return f"an lmtp route takes no {', '.join(names)} ({'; '.join(why)})"
         return f'only smtp and lmtp routes take {", ".join(names)}, not a "{backend}" route'
 
 

@@ -612,6 +612,25 @@ ERROR_CASES = [
     ('[queue]\npostmaster = "jörg@example.com"', "queue.postmaster", "requires SMTPUTF8"),
     ("[queue]\nretries = 5", "queue.retries", "allowed in [queue] are: min_backoff"),
     ("queue = 5", "queue", "must be a table ([queue]), not 5"),
+    # fallback_relay ([delivery], [smarthost], [[routes]], [[sender_routes]])
+    ("[delivery]\nfallback_relay = []", "delivery.fallback_relay",
+     "must list at least one SMTP next hop"),
+    ('[delivery]\nfallback_relay = "[relay.example]:587"', "delivery.fallback_relay",
+     'must be an array of strings, not "[relay.example]:587"'),
+    ('[delivery]\nfallback_relay = ["[relay.example]:587", "[bad"]',
+     "delivery.fallback_relay[1]", '"[bad"'),
+    ('[delivery]\nfallback_relay = ["relay.example:99999"]', "delivery.fallback_relay[0]",
+     '"relay.example:99999"'),
+    ("[smarthost]\nfallback_relay = []", "smarthost.fallback_relay",
+     "must list at least one SMTP next hop"),
+    (('[[routes]]\ndomain = "a.example"\nbackend = "lmtp"\nnexthop = "h:24"\n'
+      'fallback_relay = ["[relay.example]"]'), "routes[0].fallback_relay",
+     'only smtp routes take fallback_relay, not an "lmtp" route'),
+    (('[[routes]]\ndomain = "a.example"\nbackend = "maildir"\nnexthop = "/m/{local}"\n'
+      'fallback_relay = ["[relay.example]"]'), "routes[0].fallback_relay",
+     'only smtp and lmtp routes take fallback_relay, not a "maildir" route'),
+    ('[[routes]]\ndomain = "a.example"\nbackend = "smtp"\nfallback_relay = [5]',
+     "routes[0].fallback_relay[0]", "must be a string, not 5"),
     # a route's source_address
     (('[[routes]]\ndomain = "a.example"\nbackend = "lmtp"\nnexthop = "h:24"\n'
       'source_address = "127.0.0.1"'), "routes[0].source_address",
@@ -835,6 +854,37 @@ ERROR_CASES = [
     ('[[listeners]]\nendpoint = "tcp:25"\ntls_certificate = "c\\u0000"',
      "listeners[0].tls_certificate", '"c\\u0000" holds a NUL character'),
 ]
+
+
+def test_fallback_relay_is_read_where_it_is_given(tmp_path: Path) -> None:
+    """[delivery] fallback_relay (Postfix's smtp_fallback_relay) is a list of SMTP next
+    hops, normalised; [smarthost], [[routes]] and [[sender_routes]] may set their own
+    (RouteOptions.fallbackRelay), which no other table inherits."""
+    path = writeConfig(tmp_path, '''
+[delivery]
+fallback_relay = ["[Relay.Example]:587", "backup.example"]
+[smarthost]
+fallback_relay = ["[192.0.2.9]"]
+[[routes]]
+domain = "a.example"
+backend = "smtp"
+nexthop = "[mx.a.example]"
+fallback_relay = ["[relay-a.example]:2525"]
+[[routes]]
+domain = "b.example"
+backend = "smtp"
+[[sender_routes]]
+sender = "@c.example"
+nexthop = "[smtp.c.example]:587"
+fallback_relay = ["[relay-c.example]"]
+''')
+    config = loadConfig(path)
+    assert config.fallbackRelay == ("[relay.example]:587", "backup.example")
+    assert config.smarthostOptions.fallbackRelay == ("[192.0.2.9]:25",)
+    assert [r.options.fallbackRelay for r in config.routes] == [
+        ("[relay-a.example]:2525",), None]
+    assert config.senderRoutes[0].options.fallbackRelay == ("[relay-c.example]:25",)
+    assert loadConfig(writeConfig(tmp_path, "")).fallbackRelay == ()
 
 
 @pytest.mark.parametrize(("text", "key", "fragment"), ERROR_CASES)
@@ -1205,17 +1255,20 @@ def test_sampleEveryKeyUncommentedLoads(tmp_path: Path, monkeypatch: pytest.Monk
     assert c.hostname == "relay.example.com"
     assert [spec.plugin for spec in c.recipientValidators] == ["accepted-domains"]
     assert (c.delivery.sourceAddress, c.delivery.sourceAddress6) == ("192.0.2.25", "2001:db8::25")
-    assert [(r.sender, r.options.username, r.options.password, r.options.sourceAddress)
-            for r in c.senderRoutes] == [
-        ("@a.example", "relay@a.example", "a secret", "192.0.2.28"),
-        ("sales@b.example", "sales@b.example", "correct horse battery staple", None),
+    assert [(r.sender, r.options.username, r.options.password, r.options.sourceAddress,
+             r.options.fallbackRelay) for r in c.senderRoutes] == [
+        ("@a.example", "relay@a.example", "a secret", "192.0.2.28",
+         ("[smtp.backup-provider.example]:587",)),
+        ("sales@b.example", "sales@b.example", "correct horse battery staple", None, None),
     ]
 
     ca = str(tmp_path / "ca.pem")
     assert c.smarthostOptions == dataclasses.replace(
         transport("may", ca, "relay@example.com", "smarthost secret", False),
         sourceAddress="192.0.2.26", sourceAddress6="2001:db8::26",
+        fallbackRelay=("[backup-relay.example]:587",),
     )
+    assert c.fallbackRelay == ("[backup-relay.example]:587", "[192.0.2.40]:25")
     assert c.nameservers == (("127.0.0.1", 5353), ("::1", 53), ("192.0.2.53", 53))
     assert c.queue.postmaster == "postmaster@example.com"
     assert c.delivery.heloName == "relay.example.com"
@@ -1225,7 +1278,8 @@ def test_sampleEveryKeyUncommentedLoads(tmp_path: Path, monkeypatch: pytest.Monk
         RouteRule(
             "example.org", "smtp", "[mx.example.org]:25",
             dataclasses.replace(transport("required", ca, "relay", "org secret", False),
-                                sourceAddress="192.0.2.27", sourceAddress6="2001:db8::27")),
+                                sourceAddress="192.0.2.27", sourceAddress6="2001:db8::27",
+                                fallbackRelay=("[backup-mx.example.org]:25",))),
         RouteRule(
             "example.net", "smtp", "[submit.example.net]:587",
             transport("may", ca, "relay@example.net", "correct horse battery staple")),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from types import SimpleNamespace
 from typing import Any
 
@@ -245,6 +246,10 @@ def test_bad_rules() -> None:
     ("discard", None, RouteOptions(username="u", password="p"), "username, password"),
     ("acme-store", None, RouteOptions(sourceAddress="192.0.2.1"), "sourceAddress"),
     ("lmtp", "unix:/run/lmtp", RouteOptions(sourceAddress6="2001:db8::1"), "sourceAddress6"),
+    ("lmtp", "unix:/run/lmtp", RouteOptions(fallbackRelay=("[relay.example]",)),
+     "fallbackRelay"),
+    ("maildir", "/m/{local}", RouteOptions(fallbackRelay=("[relay.example]",)),
+     "fallbackRelay"),
 ])
 def test_route_options_only_for_the_backends_that_take_them(
     backend: str, nexthop: str | None, options: RouteOptions, refused: str
@@ -259,6 +264,24 @@ def test_route_options_only_for_the_backends_that_take_them(
     with pytest.raises(ValueError, match=f"route 'example.org': {problem}"):
         RoutingTable([RouteRule("example.org", backend, nexthop, options)])
     RoutingTable([RouteRule("example.org", "lmtp", "unix:/run/lmtp", RouteOptions(tls="may"))])
+
+
+@pytest.mark.parametrize("value,problem", [
+    ((), "fallbackRelay must list at least one SMTP next hop, not ()"),
+    ("[relay.example]", "fallbackRelay must be a tuple of SMTP next hops, not '[relay.example]'"),
+    (("[relay.example]", ""), "fallbackRelay must be a tuple of SMTP next hops, not "),
+    (("[relay.example]", 5), "fallbackRelay must be a tuple of SMTP next hops, not "),
+])
+def test_route_options_fallback_relay_is_a_list_of_next_hops(value: Any, problem: str) -> None:
+    """A route's fallback relays (Postfix's smtp_fallback_relay) are a non-empty tuple of
+    strings (parsed as SMTP next hops by the smtp backend); they are not client settings
+    (RouteOptions.changes leaves them out) but make routes differ."""
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        RouteOptions(fallbackRelay=value)
+    options = RouteOptions(tls="may", fallbackRelay=("[relay.example]:587",))
+    assert options.changes() == {"tls": "may"}
+    assert options != RouteOptions(tls="may")
+    assert options.refusedBy("smtp") is None
 
 
 def test_recipient_without_domain() -> None:

@@ -68,6 +68,24 @@ def smarthost(value: Any, at: At) -> SMTPNexthop | None:
     return checked(partial(parseSMTPNexthop, what="smarthost"))(text, at) if text else None
 
 
+def fallbackRelay(value: Any, at: At) -> tuple[str, ...]:
+    """C{fallback_relay}: a non-empty array of SMTP next hops (as a smarthost is written:
+    C{"[relay.example]:587"}, C{"relay.example"} for its MX hosts), each normalised and
+    kept once, in order (Postfix's C{smtp_fallback_relay}).  An empty array is refused:
+    leave the key out for none."""
+    relays: list[str] = []
+    for where, text in stringList(value, at):
+        relay = str(checked(partial(parseSMTPNexthop, what="fallback relay"))(text, where))
+        if relay not in relays:
+            relays.append(relay)
+    if not relays:
+        raise at.error(
+            'must list at least one SMTP next hop (e.g. ["[relay.example]:587"]), not []: '
+            "leave it out for no fallback relay"
+        )
+    return tuple(relays)
+
+
 def sourceAddress(version: int) -> Callable[[Any, At], str | None]:
     """C{[delivery]}'s C{source_address} (C{version} 4) or C{source_address6} (6): an IP
     address of that version (C{"[...]"} allowed, as Postfix's C{smtp_bind_address}),
@@ -575,12 +593,14 @@ def checkRoute(r: Reading) -> None:
         caFile = PLATFORM_TRUST_STORE if delivery.caFile is None else delivery.caFile
         r.fields["options"] = r.readIncluded({"tls": delivery.tls, "caFile": caFile})
     elif backend == "lmtp":
-        for name in ("source_address", "source_address6"):
+        for name in ("source_address", "source_address6", "fallback_relay"):
             if r.given(name):
                 raise r.error(
                     name,
                     f"{describeValue(r.raw[name])}: only smtp routes take {name}, not an "
-                    '"lmtp" route (LMTP connections are not bound to a source address)',
+                    '"lmtp" route ('
+                    + ("LMTP deliveries go to no fallback relay)" if name == "fallback_relay"
+                       else "LMTP connections are not bound to a source address)"),
                 )
         r.fields["options"] = r.readIncluded()
     else:

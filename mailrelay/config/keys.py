@@ -536,6 +536,12 @@ DELIVERY = Table(
             "The local IPv6 address SMTP connections are made from (default: the system's).",
             default="",
         ),
+        Key(
+            "fallback_relay",
+            checks.fallbackRelay,
+            "SMTP next hops tried, in order, when no MX host of the recipients' domain "
+            "takes the mail for a temporary reason.",
+        ),
         Key("timeouts", TIMEOUTS, "The SMTP client's time-outs.", default={}),
     ),
     target=Config,
@@ -575,6 +581,12 @@ TRANSPORT = Table(
             "source_address6",
             checks.sourceAddress(6),
             "The local IPv6 address to connect from (default: [delivery]'s).",
+        ),
+        Key(
+            "fallback_relay",
+            checks.fallbackRelay,
+            "SMTP next hops tried, in order, when no host of the next hop takes the mail "
+            "for a temporary reason (default: none).",
         ),
     ),
     target=RouteOptions,

@@ -175,6 +175,11 @@ class Config:
         whose records the resolver validated (its AD bit: L{mailrelay.route.mx.makeResolver}).
     @ivar recipientDelimiter: the characters separating a maildir route's user from an
         address extension (C{"+"}: C{bob+lists@} goes to C{bob}'s mailbox), or C{""}.
+    @ivar fallbackRelay: the SMTP next hops mail to the recipients' own domain's MX hosts
+        is tried at, in order, when none of them took it for a temporary reason
+        (C{[delivery] fallback_relay}, Postfix's C{smtp_fallback_relay}); C{()}: none.  A
+        smarthost, sender route or route uses its own C{fallback_relay} only
+        (L{RouteOptions.fallbackRelay <mailrelay.interfaces.RouteOptions>}).
     @ivar smarthostOptions: how to talk to the smarthost (C{[smarthost]}): every option
         set (C{tls} C{"may"}, the platform's trust store, no AUTH unless given).
     @ivar nameservers: C{(address, port)} of the DNS resolvers to use instead of the
@@ -246,6 +251,7 @@ class Config:
     recipientDelimiter: str = ""
     mtaSts: bool = False
     dane: bool = False
+    fallbackRelay: tuple[str, ...] = ()
     nameservers: tuple[tuple[str, int], ...] = ()
     routes: tuple[RouteRule, ...] = ()
     senderRoutes: tuple[SenderRoute, ...] = ()
