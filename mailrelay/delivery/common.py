@@ -504,6 +504,22 @@ class ClientBackend:
         if isinstance(decided, list):
             return defer.succeed(decided)
         envelope, settings = decided
+        return self._deliverAlong(envelope, recipients, route, settings, messagePath, done,
+                                  started)
+
+    def _deliverAlong(
+        self,
+        envelope: Any,
+        recipients: list[Any],
+        route: Route,
+        settings: Any,
+        messagePath: Any,
+        done: Callable[[list[RecipientResult]], None] | None = None,
+        started: Callable[[], None] | None = None,
+    ) -> Deferred:
+        """Deliver to C{recipients} along C{route} with C{settings} (the route's, with what
+        the message asks of TLS applied: L{_tlsPolicy}), in a slot of its next hop
+        (L{PerDestination.run}); see L{deliver}."""
         return self._perDestination.run(
             route.nexthop,
             envelope,
