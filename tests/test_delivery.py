@@ -3069,3 +3069,192 @@ def test_maildir_a_retry_finds_the_copy_a_reader_moved_with_standard_flags(
     assert (r.status, r.code) == (DELIVERED, "2.0.0")
     assert list((box / "new").iterdir()) == []
     assert list((box / "cur").iterdir()) == [read]
+
+
+# Fallback relays (Postfix's smtp_fallback_relay)
+
+FALLBACK = ("[relay.example]:587",)
+
+
+def _refuseAll(net: FakeNet, *addresses: str) -> None:
+    for address in addresses:
+        net.connectBehaviour[address] = connectError(
+            "4.4.1", f"X-mailrelay; connection refused by {address}")
+
+
+def test_fallback_relay_takes_what_no_mx_host_took() -> None:
+    """When every MX host of the recipients' domain fails for a temporary reason, the
+    recipients still pending are tried at the fallback relays in order, in the same
+    delivery (Postfix's smtp_fallback_relay, smtp_connect.c: the fallback sites appended to
+    the next hop's); the results name the fallback that took them."""
+    backend, net, clock, mx = smtpBackend(fallbackRelay=FALLBACK, connectionCacheTime=0)
+    _refuseAll(net, "192.0.2.1", "2001:db8::1", "192.0.2.2")
+    (r,) = result(send(backend, "example.org", "a@example.org"))
+    assert (r.status, r.remoteMTA) == (DELIVERED, "dns; relay.example")
+    assert [a[:3] for a in net.attempts] == [
+        ("192.0.2.1", 25, "mx1.example.org"), ("2001:db8::1", 25, "mx1.example.org"),
+        ("192.0.2.2", 25, "mx2.example.org"), ("192.0.2.40", 587, "relay.example")]
+    assert mx.asked == ["example.org", "[relay.example]:587"]
+    # A 4xx to some recipients: those go on, those delivered or refused do not.
+    net.connectBehaviour.clear()
+    net.sendBehaviour.update({"192.0.2.1": "ok,451,550", "2001:db8::1": "451",
+                              "192.0.2.2": "451"})
+    del net.attempts[:]
+    reported: list[RecipientResult] = []
+    results = result(send(backend, "example.org", "a@example.org", "b@example.org",
+                          "c@example.org", done=reported.extend))
+    assert [(r.address, r.status, r.remoteMTA) for r in results] == [
+        ("a@example.org", DELIVERED, "dns; mx1.example.org"),
+        ("b@example.org", DELIVERED, "dns; relay.example"),
+        ("c@example.org", PERMANENT, "dns; mx1.example.org")]
+    assert net.connections[-1].sent == [("Q" * 20, ["b@example.org"])]
+    assert {r.address for r in reported} >= {"a@example.org", "c@example.org"}
+
+
+def test_fallback_relay_not_for_a_5xx_nor_a_domain_that_takes_no_mail() -> None:
+    """A 5xx from the destination's server is final: never sent to the fallback (Postfix:
+    only soft-failed recipients are kept, SMTP_RCPT_KEEP); so are a domain that does not
+    exist and a null MX (RFC 7505: it takes no mail)."""
+    backend, net, clock, mx = smtpBackend(fallbackRelay=FALLBACK)
+    net.sendBehaviour["192.0.2.1"] = "550"
+    (r,) = result(send(backend, "example.org", "a@example.org"))
+    assert (r.status, r.code) == (PERMANENT, "5.1.1")
+    for domain in ("nowhere.example", "nullmx.example"):
+        (r,) = result(send(backend, domain, f"a@{domain}"))
+        assert r.status is PERMANENT
+    assert "[relay.example]:587" not in mx.asked
+    assert [a[0] for a in net.attempts] == ["192.0.2.1"]
+
+
+def test_fallback_relay_after_a_dns_failure_and_refused_hello() -> None:
+    """A temporary DNS failure goes on to the fallback; so does a 5xx to HELO from the
+    destination's last host, which is not the final server when a fallback follows
+    (Postfix's SMTP_MISC_FLAG_FINAL_NEXTHOP is set for the last site only)."""
+    backend, net, clock, mx = smtpBackend(fallbackRelay=FALLBACK)
+    (r,) = result(send(backend, "broken.example", "a@broken.example"))
+    assert (r.status, r.remoteMTA) == (DELIVERED, "dns; relay.example")
+    net.connectBehaviour["192.0.2.1"] = connectError("4.4.1", "X-mailrelay; refused")
+    net.connectBehaviour["2001:db8::1"] = connectError("4.4.1", "X-mailrelay; refused")
+    net.connectBehaviour["192.0.2.2"] = _refusedHello("mx2.example.org")
+    (r,) = result(send(backend, "example.org", "a@example.org"))
+    assert (r.status, r.remoteMTA) == (DELIVERED, "dns; relay.example")
+
+
+def test_fallback_relays_in_order_and_what_the_last_said() -> None:
+    """The fallback relays are tried in order; when none takes the mail, it is deferred
+    with what the last one said.  The last fallback relay refusing HELO with a 5xx defers
+    the mail (4.3.5), as Postfix's 'smtp_fallback_relay configuration problem'."""
+    backend, net, clock, mx = smtpBackend(
+        fallbackRelay=("[relay.example]:587", "example.net"), connectionCacheTime=0)
+    _refuseAll(net, "192.0.2.1", "2001:db8::1", "192.0.2.2", "192.0.2.40")
+    net.sendBehaviour["192.0.2.30"] = "451"
+    (r,) = result(send(backend, "example.org", "a@example.org"))
+    assert (r.status, r.diagnostic, r.remoteMTA) == (
+        TRANSIENT, "smtp; 451 4.3.0 try later", "dns; mx.example.net")
+    assert [a[0] for a in net.attempts][-2:] == ["192.0.2.40", "192.0.2.30"]
+    net.connectBehaviour["192.0.2.30"] = _refusedHello("mx.example.net")
+    with capturedLogs() as events:
+        (r,) = result(send(backend, "example.org", "a@example.org"))
+    assert (r.status, r.code) == (TRANSIENT, "4.3.5")
+    assert any("fallback relay example.net" in formatEvent(e)
+               and "configuration problem" in formatEvent(e) for e in events)
+
+
+def test_fallback_relay_only_for_the_recipients_domain_unless_the_route_sets_one() -> None:
+    """The backend's fallback relays are for mail to the recipients' own domain's MX hosts,
+    not for a relay host (a smarthost, a route's own next hop: Postfix's fallback relay
+    is for destinations that cannot be found or reached); a route's own fallback_relay
+    applies to its mail whatever its next hop."""
+    backend, net, clock, mx = smtpBackend(fallbackRelay=("example.net",))
+    _refuseAll(net, "192.0.2.1", "2001:db8::1", "192.0.2.2")
+    (r,) = result(send(backend, "example.org", "a@other.example"))
+    assert r.status is TRANSIENT
+    assert "example.net" not in mx.asked
+    (r,) = result(send(backend, "example.org", "a@other.example",
+                       options=RouteOptions(fallbackRelay=FALLBACK)))
+    assert (r.status, r.remoteMTA) == (DELIVERED, "dns; relay.example")
+    assert "example.net" not in mx.asked
+
+
+def test_fallback_relay_not_used_when_the_relay_is_an_mx_host() -> None:
+    """A relay that is itself an MX host of the destination does not hand its mail to a
+    fallback relay (Postfix 2.2 and later: i_am_mx sets SMTP_MISC_FLAG_FINAL_NEXTHOP, and
+    so does a loop), which could send it back: a mail loop."""
+    backend, net, clock, mx = smtpBackend(fallbackRelay=FALLBACK, selfName="mx2.example.org")
+    _refuseAll(net, "192.0.2.1", "2001:db8::1")
+    (r,) = result(send(backend, "example.org", "a@example.org"))
+    assert r.status is TRANSIENT
+    assert "[relay.example]:587" not in mx.asked
+
+
+def test_fallback_relay_keeps_verified_tls_the_destination_requires() -> None:
+    """The fallback relay is tried with the route's TLS settings and the policy of its own
+    name (Postfix looks up smtp_tls_policy_maps by the fallback's name), raised to
+    verified TLS when the destination's MTA-STS policy was enforced on its MX hosts: a
+    fallback never carries the mail with less than the destination demands."""
+    from mailrelay.route.mtasts import STSPolicy
+
+    class Policies:
+        def policy(self, domain: str) -> defer.Deferred:
+            return defer.succeed(
+                STSPolicy(domain, "1", "enforce", ("*.example.org",), 86400, 0.0))
+
+    backend, net, clock, mx = smtpBackend(fallbackRelay=FALLBACK, mtaSTS=Policies(),
+                                          connectionCacheTime=0)
+    _refuseAll(net, "192.0.2.1", "2001:db8::1", "192.0.2.2")
+    (r,) = result(send(backend, "example.org", "a@example.org"))
+    assert r.status is DELIVERED
+    assert [(a[0], a[3].tls) for a in net.attempts] == [
+        ("192.0.2.1", "required"), ("2001:db8::1", "required"), ("192.0.2.2", "required"),
+        ("192.0.2.40", "required")]
+    # The destination suspended (its hosts not tried): still verified at the fallback.
+    for _ in range(backend.destinationConcurrency):
+        result(send(backend, "example.org", "a@example.org"))
+    del net.attempts[:]
+    (r,) = result(send(backend, "example.org", "a@example.org"))
+    assert r.status is DELIVERED
+    assert [(a[0], a[3].tls) for a in net.attempts] == [("192.0.2.40", "required")]
+    # Without a policy the route's own level stands; under DANE, when the destination's
+    # hosts were not looked up (a DNS failure), TLS is required there too.
+    backend, net, clock, mx = smtpBackend(fallbackRelay=FALLBACK)
+    _refuseAll(net, "192.0.2.1", "2001:db8::1", "192.0.2.2")
+    result(send(backend, "example.org", "a@example.org"))
+    assert net.attempts[-1][3].tls == SETTINGS.tls
+    backend, net, clock, mx = smtpBackend(fallbackRelay=FALLBACK, dane=True)
+    result(send(backend, "broken.example", "a@broken.example"))
+    assert [(a[0], a[3].tls) for a in net.attempts] == [("192.0.2.40", "required")]
+
+
+def test_fallback_relay_connections_are_cached_and_limited_under_its_own_name() -> None:
+    """A fallback relay's connection is cached under the fallback's next hop (reused by the
+    next delivery that goes there, never by one to the destination), and the fallback
+    delivery takes a slot of the fallback's own next hop once the destination's is
+    released (no delivery holds two slots: none waits for another's)."""
+    backend, net, clock, mx = smtpBackend(fallbackRelay=FALLBACK, destinationConcurrency=1)
+    _refuseAll(net, "192.0.2.1", "2001:db8::1", "192.0.2.2")
+    net.sendBehaviour["192.0.2.40"] = "hold"
+    first = send(backend, "example.org", "a@example.org")
+    assert set(backend._perDestination.semaphores) == {"[relay.example]:587"}
+    held, conn, _ = net.heldSends.pop()
+    held.callback(net.results(conn, [Recipient("a@example.org")], "ok"))
+    assert result(first)[0].status is DELIVERED
+    assert backend.idleConnections("[relay.example]:587") == 1
+    assert backend.idleConnections("example.org") == 0
+    net.sendBehaviour["192.0.2.40"] = "ok"
+    (r,) = result(send(backend, "example.org", "b@example.org"))
+    assert r.status is DELIVERED
+    assert len(net.connections) == 1 and net.connections[0].sent[-1][1] == ["b@example.org"]
+
+
+def test_fallback_relay_is_checked_at_start_and_at_delivery() -> None:
+    """A fallback relay that is no SMTP next hop is refused when the backend is built
+    (naming it), and a router's route carrying one is deferred (4.3.5)."""
+    from mailrelay.delivery.smtp import SMTPBackend
+
+    with pytest.raises(ValueError, match=r"fallback relay.*\[bad"):
+        SMTPBackend(Clock(), FakeMX(HOSTS), SETTINGS, fallbackRelay=("[bad",))
+    backend, net, clock, mx = smtpBackend()
+    (r,) = result(send(backend, "example.org", "a@example.org",
+                       options=RouteOptions(fallbackRelay=("[bad",))))
+    assert (r.status, r.code) == (TRANSIENT, "4.3.5")
+    assert net.attempts == []

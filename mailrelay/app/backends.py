@@ -35,6 +35,7 @@ def builtinBackendSpecs(config: Config) -> list[BackendSpec]:
             "mta_sts": config.mtaSts,
             "mta_sts_cache": str(config.spoolDirectory / "mta-sts.json"),
             "dane": config.dane,
+            "fallback_relay": config.fallbackRelay,
         },
         "lmtp": {
             "settings": config.delivery,

@@ -56,6 +56,24 @@ with (the password would go in the clear).  That is Postfix's C{may} level
 also wait for C{$minimal_backoff_time}).  The plaintext connection is cached under
 C{tls = "none"}, never reused for a delivery that asks for TLS.
 
+B{Fallback relays} (Postfix's C{smtp_fallback_relay}, smtp_connect.c): when the route's
+next hop did not take every recipient for temporary reasons -- its hosts refused, timed out,
+deferred (4xx), failed TLS where another host may be tried, its DNS lookup failed for now,
+or it is suspended -- the recipients still deferred are tried at the fallback relays, in
+order, in the same delivery, each a next hop of its own (its own slot, cache key, suspension
+and MX lookup).  A 5xx from the destination is final; so are a domain that does not exist
+and a null MX.  A delivery to the recipients' own domain's MX hosts uses the backend's
+C{fallbackRelay} (C{[delivery] fallback_relay}); any other (a smarthost, a sender route, a
+route's next hop: a relay host) only its route's own (L{RouteOptions.fallbackRelay
+<mailrelay.interfaces.RouteOptions>}).  As Postfix, the next hop's last host is then not the
+final server (a 5xx to HELO from it moves on), a relay that is an MX host of the destination
+(or to which its mail loops) does not use the fallbacks (Postfix 2.2's i_am_mx), and a
+refusal by the last fallback relay that would return the mail defers it (4.3.5, "fallback
+relay configuration problem").  Each fallback relay is connected to with the route's
+settings and the policy of its own name (Postfix looks up C{smtp_tls_policy_maps} by it),
+raised to C{tls = "required"} when the destination's MTA-STS policy or DANE records made
+TLS mandatory for its hosts: the mail never leaves with less than the destination demands.
+
 Connections that are still usable after a delivery stay open for C{connectionCacheTime}
 seconds and carry the next delivery to the same next hop I{with the same settings} (several
 messages share one connection; for one DANE verified, the settings asked for, before DANE
@@ -67,8 +85,9 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +111,13 @@ from mailrelay.delivery.common import (
 from mailrelay.delivery.connection import connectSMTP
 from mailrelay.delivery.tls import clientTLSOptions, describeTLSFailure, verifiedClientTLS
 from mailrelay.errors import DeliveryFailure, PermanentFailure, TransientFailure
-from mailrelay.interfaces import DeliveryStatus, IDeliveryBackend, PluginContext, RecipientResult
+from mailrelay.interfaces import (
+    DeliveryStatus,
+    IDeliveryBackend,
+    PluginContext,
+    RecipientResult,
+    Route,
+)
 from mailrelay.route.mtasts import MTASTS
 from mailrelay.route.mx import MXHost, MXResolver, makeResolver, remoteNameservers
 from mailrelay.route.nexthop import parseSMTPNexthop
@@ -138,6 +163,12 @@ def _whyDeferred(results: list[RecipientResult], limit: int = 3) -> str:
     return "; ".join(reasons[:limit]) + (f"; and {more} more" if more > 0 else "")
 
 
+def _howMany(count: int, total: int) -> str:
+    """Which recipients a line says C{count} of C{total} are: C{"every recipient"}, or
+    C{"2 of 3 recipients"}."""
+    return "every recipient" if count == total else f"{count} of {total} recipients"
+
+
 def _enforced(policy: Any) -> bool:
     """Whether C{policy} (an L{STSPolicy <mailrelay.route.mtasts.STSPolicy>} or C{None}) is
     an MTA-STS policy in enforce mode."""
@@ -181,6 +212,32 @@ class _Tried:
     #: The DANE policy (or C{None}, or the lookup's failure) of each MX host name and port
     #: looked up in this delivery: one TLSA lookup for all of a host's addresses.
     dane: dict[tuple[str, int], Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Hop:
+    """One next hop of a delivery that goes on to fallback relays (Postfix's sites in
+    smtp_connect_inet()).
+
+    @ivar final: the last next hop to try (Postfix's C{SMTP_MISC_FLAG_FINAL_NEXTHOP}): only
+        then does a refusal of its last host (a 5xx to HELO, no SMTPUTF8, no verified TLS
+        for REQUIRETLS) return the mail.
+    @ivar fallback: a fallback relay: such a refusal by the last one defers the mail
+        (4.3.5), as Postfix's "smtp_fallback_relay configuration problem".
+    @ivar relayIsMX: set when the relay is one of the next hop's MX hosts, or its mail loops
+        back to the relay: no fallback relay is tried (Postfix's i_am_mx).
+    @ivar tlsRequired: set when the DANE records of a host of the next hop made TLS
+        mandatory: a fallback relay is tried with C{tls = "required"} too (as under the
+        next hop's MTA-STS policy in enforce mode: L{SMTPBackend._toFallbacks}).
+    @ivar resolved: set once the next hop's hosts were found and tried (not: it was
+        suspended, or its lookup failed): whether DANE applied to them is known.
+    """
+
+    final: bool = True
+    fallback: bool = False
+    relayIsMX: bool = False
+    tlsRequired: bool = False
+    resolved: bool = False
 
 
 class _Idle:
@@ -285,6 +342,7 @@ class SMTPBackend(ClientBackend):
         mxSessionLimit: int = 2,
         ownAddresses: Container[tuple[str, int]] = (),
         dane: bool = False,
+        fallbackRelay: Sequence[str] = (),
     ) -> None:
         """
         @param reactor: provides C{IReactorTCP} and C{IReactorTime}.
@@ -311,12 +369,17 @@ class SMTPBackend(ClientBackend):
             failed is not one.  The recipients the last session deferred stay deferred.
         @param dane: use the DANE TLSA records of DNSSEC-secure MX hosts (L{_daneKey});
             C{resolver} must then ask a validating resolver (L{makeResolver}'s C{dnssec}).
+        @param fallbackRelay: the SMTP next hops mail to the recipients' own domain's MX
+            hosts goes on to when they did not take it (see the module docstring).
+        @raise ValueError: a bad setting (a fallback relay that is no SMTP next hop: the
+            message names it).
         """
         if destinationConcurrency < 1:
             raise ValueError("destinationConcurrency must be at least 1")
         if mxSessionLimit < 0:
             raise ValueError(f"mxSessionLimit must be 0 (no limit) or more, not {mxSessionLimit}")
         self.mxSessionLimit = mxSessionLimit
+        self.fallbackRelay = self._fallbackRelays(tuple(fallbackRelay))
         self.reactor = reactor
         self.resolver = resolver
         self.settings = settings
@@ -333,6 +396,125 @@ class SMTPBackend(ClientBackend):
         )
         self._quitter = Quitter(reactor)
         self._cache = _ConnectionCache(reactor, connectionCacheTime, self._quit)
+
+    @staticmethod
+    def _fallbackRelays(relays: tuple[str, ...]) -> tuple[str, ...]:
+        """C{relays}, each checked to be an SMTP next hop.
+
+        @raise ValueError: one is not (the message names it)."""
+        for relay in relays:
+            try:
+                parseSMTPNexthop(relay, what="fallback relay")
+            except ValueError as e:
+                raise ValueError(f"fallback relay {relay!r}: {e}") from None
+        return relays
+
+    def settingsFor(self, route: Route) -> Any:
+        """The route's client settings (see L{ClientBackend.settingsFor}), its fallback
+        relays checked (a router's route may carry any).
+
+        @raise ValueError: the options cannot be used (the message says why)."""
+        self._fallbackRelays(route.options.fallbackRelay or ())
+        return super().settingsFor(route)
+
+    def _fallbacksFor(self, route: Route, recipients: list) -> tuple[str, ...]:
+        """The fallback relays of a delivery along C{route}: the route's own, else the
+        backend's when C{route} goes to the recipients' own domain's MX hosts."""
+        if route.options.fallbackRelay is not None:
+            return route.options.fallbackRelay
+        if self.fallbackRelay and self._isRecipientDomain(route.nexthop, recipients):
+            return self.fallbackRelay
+        return ()
+
+    def _deliverAlong(
+        self,
+        envelope: Any,
+        recipients: list,
+        route: Route,
+        settings: ClientSettings,
+        messagePath: Path,
+        done: Callable[[list[RecipientResult]], None] | None = None,
+        started: Callable[[], None] | None = None,
+    ) -> Deferred:
+        """Deliver along C{route} (see L{ClientBackend._deliverAlong}), then to its fallback
+        relays (L{_toFallbacks}) the recipients it deferred."""
+        relays = self._fallbacksFor(route, recipients)
+        if not relays:
+            return super()._deliverAlong(envelope, recipients, route, settings, messagePath,
+                                         done, started)
+        hop = _Hop(final=False)
+        d = self._perDestination.run(
+            route.nexthop, envelope, recipients, partial(self._deliver, hop=hop), envelope,
+            recipients, route.nexthop, settings, messagePath, done, started=started,
+            settings=settings,
+        )
+        d.addCallback(self._toFallbacks, relays, hop, envelope, recipients, route.nexthop,
+                      settings, messagePath, done)
+        return d
+
+    @inlineCallbacks
+    def _toFallbacks(
+        self,
+        results: list[RecipientResult],
+        relays: tuple[str, ...],
+        hop: _Hop,
+        envelope: Any,
+        recipients: list,
+        nexthop: str,
+        settings: ClientSettings,
+        messagePath: Path,
+        done: Callable[[list[RecipientResult]], None] | None,
+    ) -> Any:
+        """Try the recipients C{results} deferred (those of a delivery to C{nexthop}) at
+        C{relays} in order, each in a slot of its own next hop, until none is left.
+
+        @return: a Deferred firing with C{results}, those of the recipients sent on replaced
+            by what the last fallback relay tried for them said."""
+        if firstDeferred(results) is not None and hop.relayIsMX:
+            log.info("{queueID}: this relay is an MX host of {nexthop}, or its mail loops "
+                     "back here: the fallback relays are not used", queueID=envelope.queueID,
+                     nexthop=nexthop)
+            return results
+        if settings.tls not in ("required", "implicit") and (
+                yield self._demandsTLS(envelope, nexthop, hop)):
+            settings = replace(settings, tls="required")
+        for index, relay in enumerate(relays):
+            left = [r for r, got in zip(recipients, results, strict=True)
+                    if got.status is DeliveryStatus.TRANSIENT]
+            if not left:
+                break
+            final = [r for r in results if r.status is not DeliveryStatus.TRANSIENT]
+            if final and done is not None:
+                done(final)
+            log.info(
+                "{queueID}: {which} not taken by {nexthop} ({why}); trying fallback relay "
+                "{relay}",
+                queueID=envelope.queueID,
+                which=_howMany(len(left), len(results)),
+                nexthop=nexthop, why=_whyDeferred(results), relay=relay,
+            )
+            decided = self._tlsPolicy(envelope, left, relay, settings)
+            if isinstance(decided, list):  # (REQUIRETLS: not a relay to use; logged)
+                continue
+            hop = _Hop(final=index == len(relays) - 1, fallback=True)
+            again = yield self._perDestination.run(
+                relay, envelope, left, partial(self._deliver, hop=hop), decided[0], left,
+                relay, decided[1], messagePath, done, settings=decided[1],
+            )
+            results = withDeferredReplaced(results, again)
+            nexthop = relay
+        return results
+
+    @inlineCallbacks
+    def _demandsTLS(self, envelope: Any, nexthop: str, hop: _Hop) -> Any:
+        """Whether the mail to C{nexthop} that goes on to its fallback relays must have
+        verified TLS there: C{nexthop}'s MTA-STS policy is in enforce mode, or DANE made TLS
+        mandatory for one of its hosts -- or might have, for hosts not tried (a suspended
+        next hop, a failed lookup), when DANE is on and C{nexthop} is an MX lookup."""
+        if _enforced((yield self._stsPolicy(envelope, nexthop))) or hop.tlsRequired:
+            return True
+        return (self.dane and not hop.resolved and not envelope.tlsRequiredNo
+                and self._mxDomain(nexthop) is not None)
 
     def _connectFunction(self) -> Callable[..., Deferred]:
         return self._connect if self._connect is not None else connectSMTP
@@ -377,7 +559,12 @@ class SMTPBackend(ClientBackend):
         settings: ClientSettings,
         messagePath: Path,
         done: Callable[[list[RecipientResult]], None] | None = None,
+        hop: _Hop | None = None,
     ) -> Any:
+        """Deliver to C{recipients} at C{nexthop}'s hosts (see the module docstring).
+
+        @param hop: where C{nexthop} stands among the next hops of a delivery that goes on
+            to fallback relays, and what it finds out for them; C{None}: the only one."""
         policy = yield self._stsPolicy(envelope, nexthop)
         if _enforced(policy) and settings.tls != "implicit":
             settings = dataclasses.replace(settings, tls="required")
@@ -392,13 +579,13 @@ class SMTPBackend(ClientBackend):
             reused = yield self._sendOnIdle(key, envelope, recipients, messagePath)
         if reused is None:
             return (yield self._deliverFresh(envelope, recipients, key, policy, messagePath,
-                                             done))
+                                             done, hop=hop))
         reusedResults, cached = reused
         if _allTransient(reusedResults):  # (a stale connection, most likely: all afresh)
             # A session when its server answered (Postfix counts a reused one).
             sessions = 0 if cached.broke else 1
             return (yield self._deliverFresh(envelope, recipients, key, policy, messagePath,
-                                             done, reusedResults, sessions=sessions))
+                                             done, reusedResults, sessions=sessions, hop=hop))
         self._perDestination.reached(nexthop, settings)
         if firstDeferred(reusedResults) is None:
             return reusedResults
@@ -412,7 +599,7 @@ class SMTPBackend(ClientBackend):
                                          [r for r in reusedResults
                                           if r.status is DeliveryStatus.TRANSIENT],
                                          getattr(cached, "address", None), sessions=1,
-                                         answered=True)
+                                         answered=True, hop=hop)
         return withDeferredReplaced(reusedResults, again)
 
     @inlineCallbacks
@@ -428,6 +615,7 @@ class SMTPBackend(ClientBackend):
         reusedAddress: str | None = None,
         sessions: int = 0,
         answered: bool = False,
+        hop: _Hop | None = None,
     ) -> Any:
         """Deliver to C{recipients} over new connections to the next hop's hosts.
 
@@ -441,6 +629,7 @@ class SMTPBackend(ClientBackend):
             transaction): they stand unless another host does better -- a server was
             talked to, so the next hop is not unreachable, and a reply says more than a
             refusal to connect -- as when a fresh connection's server deferred them.
+        @param hop: see L{_deliver}.
         """
         nexthop = key[0]
         if 0 < self.mxSessionLimit <= sessions and reusedResults is not None:
@@ -449,7 +638,10 @@ class SMTPBackend(ClientBackend):
             hosts = yield self.resolver.resolve(nexthop, limited=False)
         except DeliveryFailure as e:
             return self._unresolved(e, envelope, recipients, nexthop)
+        found = len(hosts)
         hosts, loop = self._withoutSelf(hosts, nexthop)
+        if hop is not None and (loop is not None or len(hosts) < found):
+            hop.relayIsMX = True
         if loop is not None:
             log.warn("{queueID}: {diagnostic}", queueID=envelope.queueID,
                      diagnostic=loop[2].removeprefix("X-mailrelay; "))
@@ -484,6 +676,11 @@ class SMTPBackend(ClientBackend):
             tried.deferred, tried.answered = list(reusedResults), True
         results = yield self._tryHosts(hosts, key, envelope, recipients, messagePath, tried,
                                        done)
+        if hop is not None:
+            hop.resolved = True
+            hop.relayIsMX = hop.relayIsMX or tried.loop is not None or tried.foundSelf
+            hop.tlsRequired = hop.tlsRequired or any(
+                p is not None for p in tried.dane.values())
         answer = results if results is not None else tried.deferred
         stalled = firstDeferred(answer or []) if tried.broke else None
         if stalled is not None:  # (as Postfix's smtp_stream_except: it throttles)
@@ -492,7 +689,7 @@ class SMTPBackend(ClientBackend):
             self._perDestination.reached(nexthop, key[1])
         if results is not None:
             return results
-        return self._noHostAccepted(tried, reusedResults, envelope, recipients, key)
+        return self._noHostAccepted(tried, reusedResults, envelope, recipients, key, hop)
 
     def _stsPolicy(self, envelope: Any, nexthop: str) -> Deferred[Any]:
         """The MTA-STS policy of C{nexthop}'s domain when it is looked up by MX (not a
@@ -549,8 +746,7 @@ class SMTPBackend(ClientBackend):
                 "{queueID}: {which} deferred on the reused connection to {relay} ({why}); "
                 "{how}",
                 queueID=envelope.queueID,
-                which=("every recipient" if len(deferred) == len(results)
-                       else f"{len(deferred)} of {len(results)} recipients"),
+                which=_howMany(len(deferred), len(results)),
                 how=("trying afresh" if len(deferred) == len(results)
                      else "trying the other hosts"),
                 relay=cached.relay,
@@ -652,8 +848,7 @@ class SMTPBackend(ClientBackend):
                 log.info(
                     "{queueID}: {which} deferred by {relay} ({why}); trying the next host",
                     queueID=envelope.queueID,
-                    which=("every recipient" if len(deferred) == len(left)
-                           else f"{len(deferred)} of {len(left)} recipients"),
+                    which=_howMany(len(deferred), len(left)),
                     why=_whyDeferred(results),
                     deferred=len(deferred),
                     recipients=len(left),
@@ -822,15 +1017,24 @@ class SMTPBackend(ClientBackend):
         envelope: Any,
         recipients: list,
         key: tuple[str, ClientSettings],
+        hop: _Hop | None = None,
     ) -> list[RecipientResult]:
         """The results when no host took the message (or the recipients an earlier host
         deferred): returned when the last host refused HELO with a 5xx
         (L{SMTPConnectError.refusedSetup}); else what the last server that answered said, or
         the most relevant connection error, as a transient failure.  Recipients an earlier
-        host delivered or refused keep that result."""
+        host delivered or refused keep that result.  Returned only at the final next hop
+        (C{hop}, L{_Hop.final}); at the last fallback relay, deferred with 4.3.5."""
         nexthop = key[0]
         last = tried.connectErrors[-1] if tried.connectErrors else None
-        if last is not None and (last.refusedSetup or last is tried.lacksSMTPUTF8):
+        refusal = last if last is not None and (
+            last.refusedSetup or last is tried.lacksSMTPUTF8) else None
+        if refusal is not None and hop is not None and hop.fallback and hop.final:
+            log.warn("{queueID}: fallback relay {nexthop} refused the mail: {diagnostic} "
+                     "(a fallback_relay configuration problem)", queueID=envelope.queueID,
+                     nexthop=nexthop, diagnostic=refusal.diagnostic)
+            return self._configurationProblem(tried, recipients, refusal)
+        if refusal is not None and (hop is None or hop.final):
             refused = tried.connectErrors[-1].resultsFor(recipients)  # (logged)
             if tried.deferred is None:
                 return refused
@@ -849,7 +1053,8 @@ class SMTPBackend(ClientBackend):
         withReply = [c for c in tried.connectErrors if c.diagnostic.startswith("smtp;")]
         decisive = (withReply or tried.connectErrors)[-1]
         code, diagnostic, remoteMTA = decisive.code, decisive.diagnostic, decisive.remoteMTA
-        if envelope.requireTLS and all(c.withoutRequiredTLS for c in tried.connectErrors):
+        if (envelope.requireTLS and (hop is None or hop.final)
+                and all(c.withoutRequiredTLS for c in tried.connectErrors)):
             # No host gave verified TLS: a REQUIRETLS message is returned, not retried.
             log.warn(
                 "{queueID}: REQUIRETLS message not relayed: no host of {nexthop} gave "
@@ -875,6 +1080,19 @@ class SMTPBackend(ClientBackend):
             # No server of it could be talked to (not: this delivery's TLS or AUTH failed).
             self._perDestination.unreachable(nexthop, results[0], key[1])
         return results
+
+    @staticmethod
+    def _configurationProblem(tried: _Tried, recipients: list,
+                              error: SMTPConnectError) -> list[RecipientResult]:
+        """The results of the recipients the last fallback relay refused (C{error}):
+        deferred with 4.3.5 and its diagnostic, as Postfix's smtp_connect_inet(); those an
+        earlier host delivered or refused keep that result."""
+        deferred = resultsForAll(recipients, DeliveryStatus.TRANSIENT, "4.3.5",
+                                 error.diagnostic, error.remoteMTA, error.command)
+        if tried.deferred is None:
+            return deferred
+        return [mine if r.status is DeliveryStatus.TRANSIENT else r
+                for r, mine in zip(tried.deferred, deferred, strict=True)]
 
     def _insecureLookup(self, nexthop: str) -> str | None:
         """REQUIRETLS (RFC 8689 section 4.2.1) wants the MX hosts found by DNSSEC-validated
@@ -1034,7 +1252,8 @@ def build(options: dict[str, Any], context: PluginContext) -> SMTPBackend:
         C{mx_address_limit} (L{MXResolver}'s C{maxAddresses}); C{listeners} (their
         endpoint descriptions) and C{proxy_interfaces}, the relay's own addresses
         (L{OwnAddresses}); C{dane} (L{SMTPBackend}'s; its own resolver then, of
-        C{nameservers}, asking with the AD bit: L{makeResolver}).
+        C{nameservers}, asking with the AD bit: L{makeResolver}); C{fallback_relay}
+        (L{SMTPBackend}'s C{fallbackRelay}).
     @param context: its C{reactor} connects and times, its C{resolver} (when it has one;
         else one of C{nameservers}) looks up the MX hosts.
     """
@@ -1054,6 +1273,7 @@ def build(options: dict[str, Any], context: PluginContext) -> SMTPBackend:
             "mta_sts",
             "mta_sts_cache",
             "dane",
+            "fallback_relay",
         ),
     )
     reactor = context.reactor
@@ -1092,5 +1312,6 @@ def build(options: dict[str, Any], context: PluginContext) -> SMTPBackend:
         ownAddresses=OwnAddresses(options.get("listeners", ()),
                                   options.get("proxy_interfaces", ())),
         dane=dane,
+        fallbackRelay=options.get("fallback_relay", ()),
     )
 
