@@ -3258,3 +3258,20 @@ def test_fallback_relay_is_checked_at_start_and_at_delivery() -> None:
                        options=RouteOptions(fallbackRelay=("[bad",))))
     assert (r.status, r.code) == (TRANSIENT, "4.3.5")
     assert net.attempts == []
+
+
+def test_a_delivery_cut_short_before_its_fallback_relay_keeps_its_results() -> None:
+    """A delivery cancelled (the queue's stop) while waiting for its fallback relay's slot
+    ends with what the destination said: it did start, and what it did is known."""
+    backend, net, clock, mx = smtpBackend(fallbackRelay=FALLBACK, destinationConcurrency=1)
+    _refuseAll(net, "192.0.2.1", "2001:db8::1", "192.0.2.2")
+    net.sendBehaviour["192.0.2.40"] = "hold"
+    busy = send(backend, "[relay.example]:587", "x@example.com")
+    waiting = send(backend, "example.org", "a@example.org")
+    waiting.cancel()
+    (r,) = result(waiting)
+    assert (r.status, r.diagnostic) == (TRANSIENT, "X-mailrelay; connection refused by 192.0.2.2")
+    held, conn, rcpts = net.heldSends.pop()
+    held.callback(net.results(conn, rcpts, "ok"))
+    assert result(busy)[0].status is DELIVERED
+    assert [a[0] for a in net.attempts].count("192.0.2.40") == 1

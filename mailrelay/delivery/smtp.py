@@ -110,7 +110,12 @@ from mailrelay.delivery.common import (
 )
 from mailrelay.delivery.connection import connectSMTP
 from mailrelay.delivery.tls import clientTLSOptions, describeTLSFailure, verifiedClientTLS
-from mailrelay.errors import DeliveryFailure, PermanentFailure, TransientFailure
+from mailrelay.errors import (
+    DeliveryFailure,
+    DeliveryNotStarted,
+    PermanentFailure,
+    TransientFailure,
+)
 from mailrelay.interfaces import (
     DeliveryStatus,
     IDeliveryBackend,
@@ -497,10 +502,16 @@ class SMTPBackend(ClientBackend):
             if isinstance(decided, list):  # (REQUIRETLS: not a relay to use; logged)
                 continue
             hop = _Hop(final=index == len(relays) - 1, fallback=True)
-            again = yield self._perDestination.run(
-                relay, envelope, left, partial(self._deliver, hop=hop), decided[0], left,
-                relay, decided[1], messagePath, done, settings=decided[1],
-            )
+            try:
+                again = yield self._perDestination.run(
+                    relay, envelope, left, partial(self._deliver, hop=hop), decided[0], left,
+                    relay, decided[1], messagePath, done, settings=decided[1],
+                )
+            except DeliveryNotStarted:
+                # (Cut short while it waited for its slot: what was done so far stands.)
+                log.info("{queueID}: fallback relay {relay} not tried: the delivery was cut "
+                         "short", queueID=envelope.queueID, relay=relay)
+                break
             results = withDeferredReplaced(results, again)
             nexthop = relay
         return results
