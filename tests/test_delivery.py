@@ -3275,3 +3275,19 @@ def test_a_delivery_cut_short_before_its_fallback_relay_keeps_its_results() -> N
     held.callback(net.results(conn, rcpts, "ok"))
     assert result(busy)[0].status is DELIVERED
     assert [a[0] for a in net.attempts].count("192.0.2.40") == 1
+
+
+def test_a_delivery_the_destination_took_asks_nothing_more_for_its_fallback() -> None:
+    """When the destination took every recipient, nothing is done for the fallback relays:
+    not even the destination's MTA-STS policy is asked for again."""
+    asked: list[str] = []
+
+    class Policies:
+        def policy(self, domain: str) -> defer.Deferred:
+            asked.append(domain)
+            return defer.succeed(None)
+
+    backend, net, clock, mx = smtpBackend(fallbackRelay=FALLBACK, mtaSTS=Policies())
+    assert result(send(backend, "example.org", "a@example.org"))[0].status is DELIVERED
+    assert asked == ["example.org"]
+    assert "[relay.example]:587" not in mx.asked

@@ -475,7 +475,9 @@ class SMTPBackend(ClientBackend):
 
         @return: a Deferred firing with C{results}, those of the recipients sent on replaced
             by what the last fallback relay tried for them said."""
-        if firstDeferred(results) is not None and hop.relayIsMX:
+        if firstDeferred(results) is None:
+            return results
+        if hop.relayIsMX:
             log.info("{queueID}: this relay is an MX host of {nexthop}, or its mail loops "
                      "back here: the fallback relays are not used", queueID=envelope.queueID,
                      nexthop=nexthop)
