@@ -3291,3 +3291,26 @@ def test_a_delivery_the_destination_took_asks_nothing_more_for_its_fallback() ->
     assert result(send(backend, "example.org", "a@example.org"))[0].status is DELIVERED
     assert asked == ["example.org"]
     assert "[relay.example]:587" not in mx.asked
+
+
+def test_a_requiretls_message_skips_a_fallback_relay_not_found_securely() -> None:
+    """A REQUIRETLS message (RFC 8689 section 4.2.1) is not returned because a fallback
+    relay found by an MX lookup that cannot be secured does not qualify: that fallback is
+    skipped, the next one (a relay host) tried with verified TLS, and without one the
+    destination's deferral stands."""
+    backend, net, clock, mx = smtpBackend(connectionCacheTime=0)
+    net.connectBehaviour["192.0.2.40"] = connectError(
+        "4.4.1", "X-mailrelay; connection refused by 192.0.2.40")
+    env = dataclasses.replace(envelope("a@example.org"), requireTLS=True)
+    route = Route("smtp", "[relay.example]:587",
+                  RouteOptions(fallbackRelay=("example.net", "[192.0.2.2]")))
+    mx.answers = {**HOSTS, "[192.0.2.2]": [MXHost("192.0.2.2", "192.0.2.2", 25)]}
+    (r,) = result(backend.deliver(env, env.recipients, route, Path("/nonexistent")))
+    assert r.status is DELIVERED
+    assert [(a[0], a[3].tls) for a in net.attempts] == [
+        ("192.0.2.40", "required"), ("192.0.2.2", "required")]
+    assert "example.net" not in mx.asked
+    route = Route("smtp", "[relay.example]:587", RouteOptions(fallbackRelay=("example.net",)))
+    (r,) = result(backend.deliver(env, env.recipients, route, Path("/nonexistent")))
+    assert (r.status, r.diagnostic) == (
+        TRANSIENT, "X-mailrelay; connection refused by 192.0.2.40")
