@@ -1575,3 +1575,28 @@ def test_show_prints_a_recipients_reason_diagnostic_and_notice_owed() -> None:
     assert "notice" not in bob
     assert "  reason: smtp; 250 2.0.0 ok\n" in carol and "diagnostic" not in carol
     assert "  notice_owed: relayed (queue id NOTICE1)\n" in carol
+
+
+def test_show_prints_the_message_a_success_notice_is_of() -> None:
+    """C{queue show} of a success notice names the message it reports on (its C{noticeOf},
+    kept until that message's marks are cleared, 892fb5e), as the recipients' marks
+    (C{notice_owed}) name the notice: the two ends of the link, each shown where it is."""
+    from mailrelay.app.cli import printShow
+    from mailrelay.queue.control import entryInfo
+
+    def show(envelope: Envelope) -> str:
+        shown = {"entry": entryInfo("N1", envelope, False), "envelope": envelope.toDict(),
+                 "headers": "Subject: Successful Mail Delivery Report\r\n"}
+        out = io.StringIO()
+        printShow(shown, out)
+        return out.getvalue()
+
+    from mailrelay.envelope import Recipient
+
+    notice = Envelope(sender="", arrival=1e9, recipients=[Recipient("alice@example.com")],
+                      noticeOf="ORIG1")
+    text = show(notice)
+    assert "\nnotice_of: ORIG1\n" in text
+    assert text.index("notice_of:") < text.index("recipient: ")
+    notice.noticeOf = None
+    assert "notice_of" not in show(notice)

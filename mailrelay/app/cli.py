@@ -352,6 +352,9 @@ def printShow(shown: dict[str, Any], out: TextIO) -> None:
     print(f"attempts: {e['attempts']}", file=out)
     if e["next_attempt"] is not None and e["queue_name"] != "hold":
         print(f"next_attempt: {_fullTime(e['next_attempt'])}", file=out)
+    if envelope.get("noticeOf"):
+        # (A success notice: the message whose recipients' notice_owed marks name it.)
+        print(f"notice_of: {envelope['noticeOf']}", file=out)
     for r in envelope["recipients"]:
         print(f"recipient: {r['address']}", file=out)
         if r.get("original") and r["original"] != r["address"]:
