@@ -399,6 +399,50 @@ def test_it_must_come_before_dkim_sign(tmp_path: Path, canonicalFirst: bool) -> 
         "message: the signature must cover them as they leave (RFC 6376 5.4)")
 
 
+@pytest.mark.parametrize(
+    ("classes", "refused"),
+    [('["envelope_sender"]', False), ('["header_sender"]', True),
+     ('["envelope_sender", "header_sender"]', True)],
+)
+def test_after_dkim_sign_only_a_header_rewriting_one_is_refused(
+    tmp_path: Path, classes: str, refused: bool
+) -> None:
+    """A DKIM signature covers header fields and the body, never the envelope (RFC 6376
+    3.7, 5.4): sender-canonical configured to rewrite only the envelope sender may come
+    after dkim-sign, the start check asks the entry as configured (it declares
+    IRewritingFilter only when it rewrites header fields)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from twisted.internet.task import Clock
+    from zope.interface.verify import verifyObject
+
+    from mailrelay.app.plugins import availablePlugins, pluginBuilder
+    from mailrelay.config import loadConfig
+    from mailrelay.config.plugins import buildHooks
+    from mailrelay.interfaces import IMessageFilter, IRewritingFilter
+
+    (tmp_path / "canonical").write_text("root@web1.internal ops@example.com\n")
+    (tmp_path / "ed.pem").write_bytes(ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        '[[plugins]]\nplugin = "dkim-sign"\nkeys = [{domain = "example.com", selector = "s", '
+        'key_file = "ed.pem"}]\n'
+        f'[[plugins]]\nplugin = "sender-canonical"\nmap = "canonical"\nclasses = {classes}\n')
+    config = loadConfig(str(path))
+    build = pluginBuilder(config, Clock(), availablePlugins())
+    if refused:
+        with pytest.raises(ConfigError, match=r"plugins\[1\]: sender-canonical must come "
+                                              r"before dkim-sign \(plugins\[0\]\)"):
+            buildHooks(config, build, "relay")
+        return
+    hooks = buildHooks(config, build, "relay")
+    [signer, canonical] = [c.plugin for c in hooks.serving("message")]
+    assert verifyObject(IMessageFilter, canonical)
+    assert not IRewritingFilter.providedBy(canonical)
+
+
 def test_mailrelay_check_validates_the_map(tmp_path: Path) -> None:
     """mailrelay check builds the plugin as the relay would: a bad line of the table is one
     error line naming the configuration, the entry, the table file and its line."""

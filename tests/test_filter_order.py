@@ -14,10 +14,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.internet.task import Clock
 from zope.interface import implementer
-from zope.interface.verify import verifyClass
+from zope.interface.verify import verifyClass, verifyObject
 
 from mailrelay.app.plugins import availablePlugins, pluginBuilder
-from mailrelay.builtin.canonical import SenderCanonical
+from mailrelay.builtin.canonical import CLASSES, SenderCanonical
+from mailrelay.builtin.canonicalmap import MapFile
 from mailrelay.builtin.dkim import DKIMSigner
 from mailrelay.config import loadConfig
 from mailrelay.config.plugins import buildHooks
@@ -89,10 +90,19 @@ def _build(tmp_path: Path, *names: str) -> Any:
     return buildHooks(config, build, "relay")
 
 
-def test_the_builtins_declare_what_they_do() -> None:
-    assert verifyClass(IRewritingFilter, SenderCanonical)
+def test_the_builtins_declare_what_they_do(tmp_path: Path) -> None:
+    """dkim-sign signs; sender-canonical rewrites header fields as configured by default
+    (and then declares it), the envelope sender only when so configured (and declares
+    nothing then: RFC 6376 3.7, a signature does not cover the envelope)."""
+    (tmp_path / "canonical").write_text("root@web1.internal ops@example.com\n")
+    table = MapFile(str(tmp_path / "canonical"))
+    for classes, rewrites in ((CLASSES, True), (("header_sender",), True),
+                              (("envelope_sender",), False)):
+        canonical = SenderCanonical(table, classes)
+        assert verifyObject(IMessageFilter, canonical)
+        assert IRewritingFilter.providedBy(canonical) is rewrites
+        assert not ISigningFilter.providedBy(canonical)
     assert verifyClass(ISigningFilter, DKIMSigner)
-    assert not ISigningFilter.implementedBy(SenderCanonical)
     assert not IRewritingFilter.implementedBy(DKIMSigner)
 
 

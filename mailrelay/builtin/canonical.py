@@ -14,8 +14,12 @@ Postfix's canonical(5) format (L{mailrelay.builtin.canonicalmap}), the filter re
     relay), as Postfix rewrites the headers of C{local_header_rewrite_clients} only.
 
 It runs where the configuration puts it among the message filters, which must be before
-C{dkim-sign} and any other signing filter (it declares L{IRewritingFilter}, and the relay
-refuses the other order): the signature covers what leaves.  The
+C{dkim-sign} and any other signing filter when it rewrites header fields (it then declares
+L{IRewritingFilter}, and the relay refuses the other order): the signature covers what
+leaves.  Rewriting the envelope sender only (C{classes = ["envelope_sender"]}) declares
+nothing: a DKIM signature covers header fields and the body, never the envelope (RFC 6376
+3.7), so such an entry may come after C{dkim-sign} (whose C{sign_by = "sender"} then picks
+the key by the sender as it was before the rewriting).  The
 sender binding of C{[auth.senders]} judged MAIL FROM as the client gave it, long before (as
 Postfix's smtpd checks before its cleanup rewrites).
 
@@ -33,7 +37,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 from mailrelay.address import normaliseDomain
 from mailrelay.builtin.addressfields import rewriteAddresses
@@ -108,9 +112,11 @@ class _Outcome:
     said: tuple[tuple[str, str], ...] = ()  # (log level, text)
 
 
-@implementer(IMessageFilter, IRewritingFilter)
+@implementer(IMessageFilter)
 class SenderCanonical:
-    """The C{sender-canonical} filter (see the module docstring).
+    """The C{sender-canonical} filter (see the module docstring).  An instance that rewrites
+    header fields (C{header_sender}) provides L{IRewritingFilter}; one that rewrites only
+    the envelope sender does not (a signature does not cover it).
 
     @ivar table: the L{MapFile}.
     @ivar classes: what it rewrites (of L{CLASSES}).
@@ -133,6 +139,8 @@ class SenderCanonical:
         self.fields = frozenset(fields)
         self.localDomains = frozenset(localDomains)
         self.delimiters = delimiters
+        if "header_sender" in self.classes:
+            alsoProvides(self, IRewritingFilter)
 
     def __repr__(self) -> str:
         return f"<SenderCanonical {self.table.path}: {', '.join(sorted(self.classes))}>"
