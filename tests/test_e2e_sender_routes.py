@@ -143,3 +143,30 @@ def test_postmaster_mail_a_sender_route_takes_is_accepted(
     (received,) = hop.waitTo("postmaster@relay.test")
     assert received.mailFrom == "alice@a.example"
     assert received.rcptTos == ["postmaster@relay.test"]  # (the same address twice: once)
+
+
+def test_postmaster_mail_is_judged_by_the_sender_sender_canonical_makes(
+    dns, relay, nexthop, tmp_path,  # noqa: F811 - fixtures
+) -> None:
+    """The postmaster rule at RCPT asks the routing table with the sender the delivery will
+    route by: root@web1.internal, which sender-canonical rewrites to ops@a.example at the
+    end of data, has its mail to postmaster accepted (the sender route of @a.example takes
+    it, as it does at delivery), where it was refused as having nowhere to go."""
+    hop, port = nexthop()
+    table = tmp_path / "canonical"
+    table.write_text("root@web1.internal ops@a.example\n")
+    r = relay(config(dns) + (f'[[sender_routes]]\nsender = "@a.example"\n'
+                             f'nexthop = "[127.0.0.1]:{port}"\ntls = "none"\n'
+                             f'[[plugins]]\nplugin = "sender-canonical"\nmap = "{table}"\n'
+                             'classes = ["envelope_sender"]\n'))
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=15) as s:
+        s.ehlo("client.test")
+        assert s.mail("bob@web1.internal")[0] == 250
+        assert s.rcpt("postmaster@relay.test")[0] == 550
+        s.rset()
+        assert s.mail("root@web1.internal")[0] == 250
+        assert s.rcpt("postmaster@relay.test") == (250, b"2.1.5 Ok")
+        code, reply = s.data(b"Subject: hello postmaster\r\n\r\nHello.\r\n")
+        assert code == 250, reply
+    (received,) = hop.waitTo("postmaster@relay.test")
+    assert received.mailFrom == "ops@a.example"

@@ -624,3 +624,41 @@ def test_utf8_header_fields_the_relay_adds_or_does_not_see_count_too() -> None:
     assert h.send(long + "Subject: caf\u00e9\r\n\r\nHello.\r\n.\r\n".encode()) == [
         b"552 5.6.0 Error: message header size exceeds fixed limit"]
     assert h.spool.committed == {}
+
+
+@pytest.mark.parametrize("classes,accepted", [
+    ('["envelope_sender"]', True), ('["header_sender"]', False)])
+def test_postmaster_rule_asks_with_the_sender_sender_canonical_makes(
+        tmp_path: Any, classes: str, accepted: bool) -> None:
+    """The postmaster rule at RCPT asks the routing table with the sender the delivery will
+    route by: the one sender-canonical (envelope_sender) will make of MAIL FROM at the end of
+    data, not MAIL FROM as given.  root@web1.internal rewritten to ops@a.example is taken by
+    the sender route of @a.example: accepted (without the envelope rewriting, refused as
+    having nowhere to go, as the delivery would find).  (Postfix's smtpd resolves with the
+    sender as given, its cleanup rewrites later; it never refuses postmaster mail.)"""
+    from mailrelay.app.listeners import makeRecipientPolicy
+    from mailrelay.app.plugins import availablePlugins, pluginBuilder
+    from mailrelay.config.plugins import buildHooks
+
+    (tmp_path / "canonical").write_text("root@web1.internal ops@a.example\n"
+                                        "@utf8.internal pöstmaster@a.example\n")
+    config = _postmasterConfig(
+        tmp_path, SENDER_ROUTE + '[[plugins]]\nplugin = "sender-canonical"\n'
+        f'map = "{tmp_path / "canonical"}"\nclasses = {classes}\n')
+    hooks = buildHooks(config, pluginBuilder(config, Clock(), availablePlugins()), "relay")
+    policy = makeRecipientPolicy(config, Clock(), hooks)
+    info = ClientInfo(address="192.0.2.1", relayAllowed=False)
+    mailbox = parseForwardPath("<postmaster@relay.test>", postmasterDomain="relay.test")
+
+    def verdict(sender: str, smtputf8: bool = False) -> VerdictKind:
+        verdicts: list[Any] = []
+        policy.check(info, Envelope(sender=sender, smtputf8=smtputf8),
+                     Recipient(str(mailbox)), mailbox).addBoth(verdicts.append)
+        return verdicts[0].kind
+
+    assert (verdict("root@web1.internal") is VerdictKind.CONTINUE) is accepted
+    assert verdict("bob@web1.internal") is VerdictKind.REJECT
+    assert verdict("alice@a.example") is VerdictKind.CONTINUE
+    # A result the message may not carry (not SMTPUTF8) is not made: not asked with it.
+    assert verdict("x@utf8.internal") is VerdictKind.REJECT
+    assert (verdict("x@utf8.internal", True) is VerdictKind.CONTINUE) is accepted

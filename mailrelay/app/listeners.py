@@ -17,6 +17,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from mailrelay.address import hostPort
+from mailrelay.builtin.canonical import SenderCanonical
 from mailrelay.cleanup.intake import Intake
 from mailrelay.cleanup.stamping import ConfiguredStamper
 from mailrelay.config import Config, ListenerConfig
@@ -25,6 +26,7 @@ from mailrelay.config.plugins import HookPlugins
 from mailrelay.config.values import resolveProcessCount, systemdSocketProblem
 from mailrelay.delivery.maildir import MaildirUsers, needsUsers
 from mailrelay.endpoints import socketKey
+from mailrelay.envelope import Envelope
 from mailrelay.errors import ConfigError
 from mailrelay.interfaces import IHeaderStamper, IRateLimiter, ISpool
 from mailrelay.policy.chain import RecipientPolicy, RelayControl
@@ -366,8 +368,28 @@ def makeRecipientPolicy(config: Config, reactor: Any, hooks: HookPlugins) -> Rec
                          postmasterDeliverable=True if byOwnMX is None
                          else lambda sender: not byOwnMX(sender))
     return RecipientPolicy(
-        relay, hooks.serving("rcpt"), reactor, mailboxes=_maildirUsers(config, reactor)
+        relay, hooks.serving("rcpt"), reactor, mailboxes=_maildirUsers(config, reactor),
+        deliverySender=_deliverySender(hooks),
     )
+
+
+def _deliverySender(hooks: HookPlugins) -> Callable[[Envelope], str] | None:
+    """The envelope sender the delivery will route a message by, from its envelope at RCPT:
+    MAIL FROM as the C{sender-canonical} entries among the message filters will rewrite it
+    at the end of data, in their order (C{None}: none rewrites the envelope sender).  Other
+    filters may rewrite it too (C{FilterResult.sender}), but cannot be asked before."""
+    rewriters = [c.plugin for c in hooks.serving("message")
+                 if isinstance(c.plugin, SenderCanonical) and "envelope_sender" in c.plugin.classes]
+    if not rewriters:
+        return None
+
+    def deliverySender(envelope: Envelope) -> str:
+        sender = envelope.sender
+        for rewriter in rewriters:
+            sender = rewriter.envelopeSender(sender, bool(envelope.smtputf8))
+        return sender
+
+    return deliverySender
 
 
 def _maildirUsers(config: Config, reactor: Any) -> MaildirUsers | None:

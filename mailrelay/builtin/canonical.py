@@ -145,6 +145,18 @@ class SenderCanonical:
     def __repr__(self) -> str:
         return f"<SenderCanonical {self.table.path}: {', '.join(sorted(self.classes))}>"
 
+    def envelopeSender(self, sender: str, smtputf8: bool) -> str:
+        """The envelope sender this filter will give a message whose sender is C{sender}
+        (C{smtputf8}: the message is SMTPUTF8), by the table as last read (no file access:
+        the reactor calls it, for the rule of postmaster mail at RCPT, which asks the
+        routing table with the sender the delivery will route by)."""
+        if "envelope_sender" not in self.classes or not sender:
+            return sender
+        new = self.table.table.lookup(sender, self.localDomains, self.delimiters)
+        if new is None or not (smtputf8 or new.isascii()):
+            return sender
+        return new
+
     def filterMessage(self, context: Any) -> Any:
         envelope = context.envelope
         client = context.client

@@ -112,12 +112,17 @@ class RecipientPolicy:
         validators: Sequence[ConfiguredPlugin],
         clock: Any,
         mailboxes: Any = None,
+        deliverySender: Callable[[Envelope], str] | None = None,
     ) -> None:
         """
         @param mailboxes: asked last, about each recipient the validators did not refuse:
             C{mailboxes.check(recipient)} returns C{None} (not its business) or a Deferred
             firing with L{CONTINUE} or the refusal (the maildir routes' users:
             L{mailrelay.delivery.maildir.MaildirUsers}); or C{None}.
+        @param deliverySender: the envelope sender the delivery will route the message by,
+            from its envelope at RCPT (the sender as the message filters will rewrite it:
+            C{sender-canonical}), asked by the rule of postmaster mail
+            (L{RelayControl.postmasterDeliverable}); C{None}: the sender as given.
         @raise TypeError: a validator does not provide L{IRecipientValidator}.
         """
         for v in validators:
@@ -129,11 +134,13 @@ class RecipientPolicy:
         )
         self.clock = clock
         self.mailboxes = mailboxes
+        self.deliverySender = deliverySender
 
     def check(
         self, client: ClientInfo, envelope: Envelope, recipient: Recipient, mailbox: Mailbox
     ) -> Deferred[Verdict]:
-        verdict = self.relay.check(client, mailbox, envelope.sender)
+        sender = envelope.sender if self.deliverySender is None else self.deliverySender(envelope)
+        verdict = self.relay.check(client, mailbox, sender)
         if verdict.kind is not VerdictKind.CONTINUE:
             return succeed(verdict)
         if self.validators:
