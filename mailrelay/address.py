@@ -42,6 +42,7 @@ __all__ = [
     "parseForwardPath",
     "parseReversePath",
     "parseSenderPattern",
+    "serverName",
     "splitArgument",
     "splitExtension",
     "unmappedAddress",
@@ -697,6 +698,14 @@ def hostPort(host: str, port: int | str) -> str:
     """C{host} and C{port} as logs and status show them: C{host:port}, an IPv6 address in
     brackets (C{[2001:db8::7]:1234}) so that its colons are not taken for the port's."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def serverName(remoteMTA: str | None) -> str | None:
+    """The host of a Remote-MTA value (C{"dns; mx.example.org"} -> C{"mx.example.org"})."""
+    if not remoteMTA:
+        return None
+    kind, sep, name = remoteMTA.partition(";")
+    return name.strip() if sep else remoteMTA.strip()
 
 
 def normaliseHostname(text: str) -> str:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
-from mailrelay.address import utf8AddrDecode, utf8AddrXtext, xtextEncode
+from mailrelay.address import serverName, utf8AddrDecode, utf8AddrXtext, xtextEncode
 from mailrelay.envelope import ClientInfo, Envelope, Recipient
 from mailrelay.queue.outcome import POSTMASTER_SOURCE, isPostmasterNotice
 from mailrelay.smtp.wire import formatDate
@@ -458,7 +458,7 @@ def _explanation(
 def _recipientText(r: Recipient, action: str, delay: float) -> str:
     """What the report says of one recipient."""
     reason = r.reason or (_diagnosticText(r.lastResult) if r.lastResult else "")
-    remote = _remoteName(r.remoteMTA)
+    remote = serverName(r.remoteMTA)
     if action in ("delivered", "relayed"):
         text = f"<{r.address}>: " + (f"{action} via {remote}: " if remote else "")
         return text + (reason or action)
@@ -475,14 +475,6 @@ def _recipientText(r: Recipient, action: str, delay: float) -> str:
             return f"{text}; the last attempt: {said}"
         return text + (f"; the last attempt said: {reason}" if reason else "")
     return f"<{r.address}>: {said or reason or 'delivery failed'}"
-
-
-def _remoteName(remoteMTA: str | None) -> str | None:
-    """The host of a Remote-MTA value (C{"dns; mx.example.org"} -> C{"mx.example.org"})."""
-    if not remoteMTA:
-        return None
-    kind, sep, name = remoteMTA.partition(";")
-    return name.strip() if sep else remoteMTA.strip()
 
 
 def _part(headers: list[str], content: bytes) -> bytes:
