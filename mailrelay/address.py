@@ -700,12 +700,22 @@ def hostPort(host: str, port: int | str) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def serverName(remoteMTA: str | None) -> str | None:
-    """The host of a Remote-MTA value (C{"dns; mx.example.org"} -> C{"mx.example.org"})."""
+def serverName(remoteMTA: str | None, address: str | None = None) -> str | None:
+    """The server that gave a status, as texts name it: the name of its RFC 3464
+    Remote-MTA (C{"dns; mx.example.org"}), with the C{address} the status came from as
+    Postfix's texts give it, C{"mx.example.org[192.0.2.1]"} (its C{namaddr}: C{"host %s
+    said: ..."}, smtp_proto.c); a literal next hop's name (C{"[192.0.2.1]"}) is its
+    address, C{"192.0.2.1[192.0.2.1]"}.  The name alone without C{address} (not known, or
+    recorded by an older relay); C{None} without C{remoteMTA}."""
     if not remoteMTA:
         return None
     kind, sep, name = remoteMTA.partition(";")
-    return name.strip() if sep else remoteMTA.strip()
+    name = name.strip() if sep else remoteMTA.strip()
+    if not address:
+        return name
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    return f"{name}[{address}]"
 
 
 def normaliseHostname(text: str) -> str:

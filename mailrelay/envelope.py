@@ -82,6 +82,9 @@ class Recipient:
         C{"smtp; 550 5.1.1 user unknown"}), or C{None}.
     @ivar status: the RFC 3463 status of the last attempt or final outcome (C{"5.1.1"}).
     @ivar remoteMTA: the RFC 3464 Remote-MTA of the last attempt (C{"dns; mx.example.org"}).
+    @ivar remoteAddress: the address that Remote-MTA's status came from (C{"192.0.2.1"}),
+        for the texts that name the server as Postfix's do (C{mx.example.org[192.0.2.1]}),
+        or C{None}; not stored when C{None}.
     @ivar finalTime: when the recipient was delivered or bounced (seconds since the epoch).
     @ivar reason: what notices and the queue listing say of the last attempt where it is
         not what C{lastResult} says (L{mailrelay.interfaces.RecipientResult.reason}: a
@@ -111,6 +114,7 @@ class Recipient:
     reason: str | None = None
     noticeOwed: str | None = None
     noticeID: str | None = None
+    remoteAddress: str | None = None
 
     @property
     def domain(self) -> str:
@@ -211,6 +215,8 @@ class Envelope:
                 rd["notify"] = list(r.notify)
             if r.reason is None:  # (as before it existed: older relays read it)
                 del rd["reason"]
+            if r.remoteAddress is None:
+                del rd["remoteAddress"]
             if r.noticeOwed is None:
                 del rd["noticeOwed"], rd["noticeID"]
             recipients.append(rd)
@@ -360,7 +366,7 @@ _RECIPIENT_KINDS = {
     "address": "str", "original": "str", "notify": "strings?", "orcpt": "str?", "state": "state",
     "attempts": "count", "lastResult": "str?", "status": "str?", "remoteMTA": "str?",
     "finalTime": "time?", "parameters": "object", "reason": "str?", "noticeOwed": "notice?",
-    "noticeID": "str?",
+    "noticeID": "str?", "remoteAddress": "str?",
 }  # fmt: skip
 
 

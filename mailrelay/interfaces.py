@@ -1017,6 +1017,11 @@ class RecipientResult:
         diagnostic (C{"smtp; 421 4.3.2 busy"}, the DSN's Diagnostic-Code) and the reason
         C{"delivery temporarily suspended: host H said: 421 4.3.2 busy"}, as Postfix keeps
         a DSN's reason apart from its diagnostic text; C{None}: the diagnostic says it.
+    @ivar remoteAddress: the address the server that gave the status was reached at
+        (C{"192.0.2.1"}; an LMTP socket's path), with C{remoteMTA}, which stays its name
+        (RFC 3464 2.3.5): the texts name the server as Postfix's do, C{"host
+        mx.example.org[192.0.2.1] said: ..."} (smtp_proto.c, its C{namaddr}); C{None}
+        where C{remoteMTA} is, or not known.  Not compared, as C{command}.
     """
 
     address: str
@@ -1030,6 +1035,7 @@ class RecipientResult:
     final: bool = False
     command: str | None = field(default=None, compare=False)
     reason: str | None = None
+    remoteAddress: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         expected = {

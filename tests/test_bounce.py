@@ -622,6 +622,28 @@ def test_textPartNamesTheHostOfTheLastAttempt(original: Path, action: str, text:
     assert text in " ".join(parts(dsn)[0].get_content().split())
 
 
+@pytest.mark.parametrize(("remoteMTA", "address", "host"), [
+    ("dns; mx.example.com", "192.0.2.1", "mx.example.com[192.0.2.1]"),
+    ("dns; [192.0.2.1]", "192.0.2.1", "192.0.2.1[192.0.2.1]"),  # (a literal next hop)
+    ("dns; mx.example.com", None, "mx.example.com"),  # (a record of an older relay)
+])
+def test_textPartNamesTheHostWithTheAddressItSpokeFrom(
+    original: Path, remoteMTA: str, address: str | None, host: str
+) -> None:
+    """The text says which server said it as Postfix's does, name[address]
+    (smtp_proto.c: "host %s said: %s", session->namaddr), from the address recorded with
+    the status; the Remote-MTA field stays the name (RFC 3464 2.3.5).  A record without
+    the address (written by an older relay) names the host alone."""
+    refused = Recipient("a@example.com", status="5.1.1", remoteMTA=remoteMTA,
+                        remoteAddress=address,
+                        lastResult="smtp; 550 5.1.1 unknown (in reply to RCPT TO command)")
+    dsn = build(original, recipients=[refused])
+    _, [block] = deliveryStatus(dsn)
+    assert block["Remote-MTA"] == remoteMTA
+    text = " ".join(parts(dsn)[0].get_content().split())
+    assert f"<a@example.com>: host {host} said: 550 5.1.1 unknown" in text, text
+
+
 def test_textPartOfAnExpiredMessageWithoutAHost(original: Path) -> None:
     """Without a Remote-MTA (the connection refused), or a reason of the relay's own, the
     last attempt's words as they are."""

@@ -1943,3 +1943,25 @@ def test_tlsLibraryErrorsAreSaidInWords():
                        ("SSL routines", "", "tlsv1 alert protocol version")])
     assert describeTLSFailure(Failure(error)) == "TLS error: tlsv1 alert protocol version"
     assert describeTLSFailure(Failure(SSL.Error("odd"))) == "TLS error: odd"
+
+
+def test_a_servers_status_records_the_address_it_came_from(tmp_path):
+    """A result the server's reply gave records the address the reply came from beside the
+    Remote-MTA (which stays the name, RFC 3464 2.3.5), for the texts that name the server
+    as Postfix's do, "host mx.test[192.0.2.25] said: ..." (smtp_proto.c, session->namaddr);
+    a set-up refusal too.  A status of ours (the connection broke) records neither."""
+    peer, conn = connected()
+    (tmp_path / "m").write_bytes(MESSAGE)
+    d = send(conn, envelope("a@example.org", "b@example.org"), tmp_path / "m")
+    peer.say(b"250 ok\r\n250 ok\r\n550 5.1.1 no\r\n354 go\r\n")
+    peer.pump()
+    peer.lose(ConnectionLost)
+    a, b = resultOf(d)
+    assert (b.remoteMTA, b.remoteAddress) == ("dns; mx.test", "192.0.2.25")
+    assert (a.remoteMTA, a.remoteAddress) == (None, None)
+    refused = Peer()
+    refused.say(b"421 4.3.2 busy\r\n")
+    error = failureOf(refused.ready)
+    assert (error.remoteMTA, error.remoteAddress) == ("dns; mx.test", "192.0.2.25")
+    (result,) = error.resultsFor([Recipient("a@example.org")])
+    assert (result.remoteMTA, result.remoteAddress) == ("dns; mx.test", "192.0.2.25")

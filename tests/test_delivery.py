@@ -1220,13 +1220,15 @@ def test_a_suspension_after_a_servers_reply_says_what_the_server_said() -> None:
     backend, net, _, _ = smtpBackend(destinationConcurrency=1, connectionCacheTime=0)
     net.connectBehaviour["192.0.2.30"] = SMTPConnectError(
         "4.3.2", "smtp; 421 4.3.2 mx.example.net busy", remoteMTA="dns; mx.example.net",
-        command="EHLO")
+        command="EHLO", remoteAddress="192.0.2.30")
     (first,) = result(send(backend, "example.net", "a@example.net"))
     (r,) = result(send(backend, "example.net", "a@example.net"))
     assert (r.status, r.code, r.diagnostic, r.reason, r.remoteMTA, r.command, r.relay) == (
         TRANSIENT, "4.3.2", "smtp; 421 4.3.2 mx.example.net busy",
-        "delivery temporarily suspended: host mx.example.net said: 421 4.3.2 "
+        "delivery temporarily suspended: host mx.example.net[192.0.2.30] said: 421 4.3.2 "
         "mx.example.net busy", "dns; mx.example.net", "EHLO", None)
+    # (The address the reply came from is carried, as the name: Postfix's namaddr.)
+    assert (first.remoteAddress, r.remoteAddress) == ("192.0.2.30", "192.0.2.30")
     assert (first.diagnostic, first.command) == ("smtp; 421 4.3.2 mx.example.net busy", "EHLO")
     assert len(net.attempts) == 1
 

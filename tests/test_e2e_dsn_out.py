@@ -274,11 +274,15 @@ def test_a_notice_of_a_suspended_next_hop_says_what_its_server_said(
         r.configText = settings(False)
         r.start()
         status = "deferred" if notice == "delayed" else "bounced"
-        found = {waitResult(r, q, f"u{n}@busy.test", status)["diagnostic"]
-                 for n, q in enumerate(queued)}
+        logged = [waitResult(r, q, f"u{n}@busy.test", status) for n, q in enumerate(queued)]
+        found = {m["diagnostic"] for m in logged}
+        # The attempted one's relay= names the server that refused the session as Postfix's
+        # does, name[address]:port; the one deferred unattempted, none.
+        assert sorted(m["relay"] for m in logged) == sorted(
+            [f"127.0.0.1[127.0.0.1]:{busy.port}", "none"]), r.log()
         reply = "421 4.3.2 busy.test is busy"
         said = f"{reply} (in reply to EHLO command)"
-        suspended = f"delivery temporarily suspended: host [127.0.0.1] said: {said}"
+        suspended = f"delivery temporarily suspended: host 127.0.0.1[127.0.0.1] said: {said}"
         if notice == "failed":
             found = {re.sub(r"^message expired after \d+s in the queue; last error: ", "", d)
                      for d in found}
@@ -291,13 +295,13 @@ def test_a_notice_of_a_suspended_next_hop_says_what_its_server_said(
                            unfold(block["Diagnostic-Code"])))
             texts.append(" ".join(parts[0].get_payload(decode=True).decode().split()))
         assert blocks == [(notice, "4.3.2", "dns; [127.0.0.1]", f"smtp; {reply}")] * 2, blocks
-        assert sum(f"delivery temporarily suspended: host [127.0.0.1] said: {reply}" in t
+        assert sum(f"delivery temporarily suspended: host 127.0.0.1[127.0.0.1] said: {reply}" in t
                    for t in texts) == 1, texts
         assert all(f"said: {reply}" in t for t in texts), texts
         # The other, the one attempted, names the host that said it, the bounce after
         # max_lifetime as the delay notice (Postfix's bounce gives the defer log's text).
         attempted = {"failed": "in the queue; the last attempt: ",
-                     "delayed": "@busy.test>: "}[notice] + f"host [127.0.0.1] said: {reply}"
+                     "delayed": "@busy.test>: "}[notice] + f"host 127.0.0.1[127.0.0.1] said: {reply}"
         assert sum(attempted in t for t in texts) == 1, texts
     finally:
         busy.close()

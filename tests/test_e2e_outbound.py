@@ -790,6 +790,11 @@ def test_permanent_failure_bounces_to_sender(relay, nexthop, dns) -> None:
     assert block["Status"] == "5.1.1"
     assert block["Remote-MTA"] == "dns; [127.0.0.1]"
     assert unfold(block["Diagnostic-Code"]) == "smtp; 550 5.1.1 no such user"
+    # The text names the server as Postfix's, name[address] (smtp_proto.c, namaddr); the
+    # log's relay= with its port.
+    text = " ".join(parts[0].get_payload(decode=True).decode().split())
+    assert "<bob@example.org>: host 127.0.0.1[127.0.0.1] said: 550 5.1.1 no such user" in text, text
+    assert m["relay"] == f"127.0.0.1[127.0.0.1]:{port}", m[0]
     # RET not given: the original's header section is returned.
     assert parts[2].get_content_type() == "text/rfc822-headers"
     assert b"Subject: will bounce" in parts[2].get_payload(decode=True)

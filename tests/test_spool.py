@@ -1684,6 +1684,23 @@ def test_aRecipientsReasonIsKeptAndOlderRecordsLoad() -> None:
     assert Envelope.fromDict(stored).recipients[0].reason is None
 
 
+def test_aRecipientsRemoteAddressIsKeptAndOlderRecordsLoad() -> None:
+    """The address the last attempt's status came from (beside its Remote-MTA, the name) is
+    stored; a recipient without one is written without the field, as before it existed (a
+    relay of the version before reads it), and one written then reads back without one."""
+    envelope = Envelope(sender="a@example.org", recipients=[
+        Recipient("b@example.org", lastResult="smtp; 421 busy", remoteMTA="dns; mx.example.org",
+                  remoteAddress="192.0.2.1"),
+        Recipient("c@example.org", lastResult="X-mailrelay; connection refused")])
+    again = Envelope.fromJSON(envelope.toJSON())
+    assert [(r.remoteMTA, r.remoteAddress) for r in again.recipients] == [
+        ("dns; mx.example.org", "192.0.2.1"), (None, None)]
+    stored = json.loads(envelope.toJSON())
+    assert "remoteAddress" not in stored["recipients"][1]
+    del stored["recipients"][0]["remoteAddress"]
+    assert Envelope.fromDict(stored).recipients[0].remoteAddress is None
+
+
 @pytest.mark.parametrize("removed", ["tmp", "queue"])
 @pytest.mark.parametrize("data", [MESSAGE, BIG], ids=["in memory", "spilled"])
 def test_aSpoolDirectoryRemovedByHandIsCreatedAgain(
@@ -1751,7 +1768,7 @@ def test_envelope_json_is_what_a_getattr_per_field_makes(held: bool) -> None:
         for r in recipients
     ]
     for r in expected["recipients"]:
-        del r["reason"], r["noticeOwed"], r["noticeID"]
+        del r["reason"], r["noticeOwed"], r["noticeID"], r["remoteAddress"]
     assert envelope.toDict() == expected
     assert list(envelope.toDict()) == list(expected)
     assert [list(r) for r in envelope.toDict()["recipients"]] == [list(r) for r in expected["recipients"]]

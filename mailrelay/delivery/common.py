@@ -18,6 +18,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailrelay.address import serverName
 from mailrelay.delivery import mime
 from mailrelay.errors import DeliveryNotStarted
 from mailrelay.interfaces import (
@@ -96,14 +97,17 @@ def resultsForAll(
     remoteMTA: str | None = None,
     command: str | None = None,
     reason: str | None = None,
+    remoteAddress: str | None = None,
+    relay: str | None = None,
 ) -> list[RecipientResult]:
     """The same result for each of C{recipients} (L{mailrelay.envelope.Recipient}s);
     C{command}: the one whose reply C{diagnostic} is (L{RecipientResult.command});
-    C{reason}: L{RecipientResult.reason}."""
+    C{reason}, C{remoteAddress}, C{relay}: those of L{RecipientResult}."""
     return [
         RecipientResult(
             address=r.address, status=status, code=code, diagnostic=diagnostic,
             remoteMTA=remoteMTA, command=command, reason=reason,
+            remoteAddress=remoteAddress, relay=relay,
         )
         for r in recipients
     ]
@@ -244,7 +248,8 @@ class PerDestination:
         status, its Remote-MTA (only where a server answered), its diagnostic (a server's
         reply stays of type smtp: the DSN's Diagnostic-Code) and the command its reply
         answered -- with its reason after C{"delivery temporarily suspended: "}
-        (qmgr_deliver.c), a server's reply as C{"host H said: <reply>"} (smtp_trouble.c)."""
+        (qmgr_deliver.c), a server's reply as C{"host H said: <reply>"}, H its name and the
+        address it spoke from (smtp_proto.c: C{name[address]})."""
         key = _destination(nexthop, settings)
         if self.clock is None or self._count(key, self.clock.seconds()) < self.limit:
             return None
@@ -253,7 +258,7 @@ class PerDestination:
         if not sep or " " in kind.strip():  # (no diagnostic type: the whole is the text)
             text = why.diagnostic
         text = text.strip()
-        host = (why.remoteMTA or "").partition(";")[2].strip()
+        host = serverName(why.remoteMTA, why.remoteAddress)
         if host and sep and kind.strip().lower() == "smtp":
             text = f"host {host} said: {text}"
         return resultsForAll(
@@ -264,6 +269,7 @@ class PerDestination:
             why.remoteMTA,
             why.command,
             f"delivery temporarily suspended: {text}",
+            why.remoteAddress,
         )
 
     def run(

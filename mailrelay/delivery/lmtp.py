@@ -175,6 +175,8 @@ class LMTPBackend(ClientBackend):
                     "5.7.30",
                     f"{e.diagnostic} (REQUIRETLS support required)",
                     e.remoteMTA,
+                    remoteAddress=e.remoteAddress,
+                    relay=e.relay,
                 )
             results = resultsForAll(
                 recipients,
@@ -182,6 +184,8 @@ class LMTPBackend(ClientBackend):
                 "4" + e.code[1:],
                 e.diagnostic,
                 e.remoteMTA,
+                remoteAddress=e.remoteAddress,
+                relay=e.relay,
             )
             if not aboutSecurity(e):
                 self._perDestination.unreachable(nexthop, results[0], settings)

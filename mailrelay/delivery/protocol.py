@@ -201,7 +201,7 @@ class SMTPClientProtocol(Protocol):
         self.host = f"{self.tlsHostname}[{address}]" if address else self.tlsHostname
         port = getattr(peer, "port", None)
         self.relay = f"{self.host}:{port}" if address and port else self.host
-        self._handle(self.session.connectionMade(self.host))
+        self._handle(self.session.connectionMade(self.host, address))
 
     def dataReceived(self, data: bytes) -> None:
         self._handle(self.session.dataReceived(data))
@@ -260,6 +260,8 @@ class SMTPClientProtocol(Protocol):
                          what=event.what, start=event.start, queueID=self._queueID)
             elif isinstance(event, ConnectFailed):
                 error = event.error
+                if error.remoteMTA is not None:  # (a server's status: it is named)
+                    error.relay = self.relay
                 log.warn("connection to {host} failed: {diagnostic}", host=self.host,
                          diagnostic=error.described, code=error.code, queueID=None)
                 if self.ready is not None and not self.ready.called:

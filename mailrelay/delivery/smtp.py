@@ -1082,12 +1082,14 @@ class SMTPBackend(ClientBackend):
                 "5.7.30",
                 f"{diagnostic} (REQUIRETLS support required)",
                 remoteMTA,
+                remoteAddress=decisive.remoteAddress,
+                relay=decisive.relay,
             )
         # (Each host's failure is logged as it happens, the recipients' results by the
         # queue: one line per fact, as Postfix's.)
         results = resultsForAll(
             recipients, DeliveryStatus.TRANSIENT, _transientCode(code), diagnostic, remoteMTA,
-            decisive.command,
+            decisive.command, remoteAddress=decisive.remoteAddress, relay=decisive.relay,
         )
         if not any(aboutSecurity(e) for e in tried.connectErrors):
             # No server of it could be talked to (not: this delivery's TLS or AUTH failed).

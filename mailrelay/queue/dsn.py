@@ -463,7 +463,7 @@ def _recipientText(r: Recipient, action: str, delay: float) -> str:
         text = f"<{r.address}>: " + (f"{action} via {remote}: " if remote else "")
         return text + (reason or action)
     # (Only a server's own reply is what it said: an X-mailrelay reason is ours.)
-    said = (f"host {remote} said: {reason}"
+    said = (f"host {serverName(r.remoteMTA, r.remoteAddress)} said: {reason}"
             if remote and reason and not r.reason
             and (r.lastResult or "").lower().startswith("smtp;") else None)
     if action == "failed" and (r.status or "").startswith("4."):

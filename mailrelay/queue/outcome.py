@@ -84,6 +84,7 @@ class Transition:
     @ivar lastResult: the diagnostic to record (the result's).
     @ivar reason: the reason to record beside it (the result's, L{RecipientResult.reason}).
     @ivar remoteMTA: the Remote-MTA to record (the result's).
+    @ivar remoteAddress: the address its status came from, to record (the result's).
     @ivar finalTime: when it was delivered or bounced (its old value while pending).
     @ivar attempts: its attempt count, this one included.
     @ivar relay: where it went, for the log.
@@ -111,6 +112,7 @@ class Transition:
     tls: str | None = None
     notice: str | None = None
     noticeID: str | None = None
+    remoteAddress: str | None = None
 
 
 @dataclass(frozen=True)
@@ -251,6 +253,7 @@ def _transition(
         status=status,
         lastResult=result.diagnostic,
         remoteMTA=result.remoteMTA,
+        remoteAddress=result.remoteAddress,
         reason=result.reason,
         finalTime=finalTime,
         attempts=r.attempts + 1,
@@ -379,6 +382,7 @@ def applyTo(r: Recipient, t: Transition) -> None:
     """Write the transition C{t} into the recipient C{r} (its own, or a copy's)."""
     r.state, r.status, r.lastResult = t.state, t.status, t.lastResult
     r.remoteMTA, r.finalTime, r.attempts = t.remoteMTA, t.finalTime, t.attempts
+    r.remoteAddress = t.remoteAddress
     r.reason = t.reason
     if t.notice is not None:
         r.noticeOwed, r.noticeID = t.notice, t.noticeID

@@ -225,6 +225,7 @@ class ClientSession:
         self.settings = settings
         self.remoteMTA = remoteMTA
         self.host = "the server"
+        self.address: str | None = None
         self.extensions: dict[str, str] = {}
         self.tls = False
         self.tlsSessionFailed = False
@@ -277,11 +278,13 @@ class ClientSession:
         what = _STEPS[self.step][1]
         return what.replace("EHLO", "LHLO") if self.settings.lmtp else what
 
-    def connectionMade(self, host: str) -> list[object]:
+    def connectionMade(self, host: str, address: str | None = None) -> list[object]:
         """The connection is up; C{host} names the server in diagnostics
-        (C{"mx.example.org[192.0.2.1]"})."""
+        (C{"mx.example.org[192.0.2.1]"}), C{address} is its address (C{"192.0.2.1"}),
+        recorded with the statuses it gives (L{RecipientResult.remoteAddress})."""
         self._out = []
         self.host = host
+        self.address = address
         self._wait(_GREETING)
         return self._out
 
@@ -517,7 +520,8 @@ class ClientSession:
         relayed = delivered and recipient.notify is not None and "DSN" in self.extensions
         return RecipientResult(recipient.address, status, code, diagnostic[:MAX_DIAGNOSTIC],
                                self.remoteMTA if byServer else None, dsnRelayed=relayed,
-                               final=delivered and self.settings.lmtp, command=command)
+                               final=delivered and self.settings.lmtp, command=command,
+                               remoteAddress=self.address if byServer else None)
 
     def _fromReply(self, recipient: Recipient, reply: Reply, kind: str) -> RecipientResult:
         """The result of C{recipient} that C{reply}, to the command of C{kind}, gives."""
@@ -560,7 +564,8 @@ class ClientSession:
                                  remoteMTA, tlsFailure=self.tlsSessionFailed, loop=loop,
                                  refusedSetup=(self.state in (_EHLO, _HELO) and not loop
                                                or refusedTLS),
-                                 command=command, refusedTLS=refusedTLS)
+                                 command=command, refusedTLS=refusedTLS,
+                                 remoteAddress=self.address if remoteMTA else None)
         self._out.append(ConnectFailed(error))
         if close:
             if quit:

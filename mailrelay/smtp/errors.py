@@ -42,6 +42,11 @@ class SMTPConnectError(Exception):
         try, as Postfix's C{smtp_site_fail} at the final server does.  A 5xx greeting or
         AUTH reply is not one: Postfix defers those (C{smtp_skip_5xx_greeting},
         C{smtp_sasl_auth_soft_bounce}).
+    @ivar remoteAddress: the address of the server whose reply it is (with C{remoteMTA},
+        its name), or C{None} (see L{RecipientResult.remoteAddress
+        <mailrelay.interfaces.RecipientResult>}).
+    @ivar relay: the server whose reply it is as the log's C{relay=} says it
+        (C{"mx.example.org[192.0.2.1]:25"}), set by the connection, or C{None}.
     @ivar sourceUnbound: the connection could not be made from its source address (the
         host no longer has it: Postfix's 4.4.0 "server configuration error"): a fault of
         this delivery's settings, not of the server.
@@ -51,7 +56,7 @@ class SMTPConnectError(Exception):
                  remoteMTA: str | None = None, *, tlsFailure: bool = False,
                  loop: bool = False, refusedSetup: bool = False,
                  command: str | None = None, refusedTLS: bool = False,
-                 sourceUnbound: bool = False) -> None:
+                 sourceUnbound: bool = False, remoteAddress: str | None = None) -> None:
         """
         @param refusedTLS: TLS was required and the server refused STARTTLS (its reply is
             the C{diagnostic}, its status the C{code}, as Postfix passes them on).
@@ -69,6 +74,8 @@ class SMTPConnectError(Exception):
         self.command = command
         self.refusedTLS = refusedTLS
         self.sourceUnbound = sourceUnbound
+        self.remoteAddress = remoteAddress
+        self.relay: str | None = None
 
     @property
     def withoutRequiredTLS(self) -> bool:
@@ -88,7 +95,8 @@ class SMTPConnectError(Exception):
         """One L{RecipientResult} per recipient saying this error happened."""
         status = DeliveryStatus.PERMANENT if self.permanent else DeliveryStatus.TRANSIENT
         return [RecipientResult(r.address, status, self.code, self.diagnostic, self.remoteMTA,
-                                command=self.command)
+                                command=self.command, remoteAddress=self.remoteAddress,
+                                relay=self.relay)
                 for r in recipients]
 
     def __repr__(self) -> str:
