@@ -321,3 +321,135 @@ def test_a_forked_child_does_not_see_the_relays_systemd_sockets(tmp_path: Path, 
     assert os.waitstatus_to_exitcode(status) == 0, said
     assert said == b"([], {}, None)", said
     assert "probe_forked_child" not in sys.modules
+
+
+FORKED_TEXT = (b'hostname = "relay.test"\n[relay]\nsmarthost = "[127.0.0.1]:2525"\n'
+               b'[[listeners]]\nendpoint = "tcp:2500:interface=127.0.0.1"\n')
+
+
+def _forkedRecord(tmp_path: Path, monkeypatch, overrides: dict) -> tuple[object, object]:
+    """What L{forkserver.forRelay} leaves in the fork server's image for the configuration
+    parsed from FORKED_TEXT with C{overrides} (the fork itself left out), and the config."""
+    from mailrelay.config import loadConfig
+
+    monkeypatch.chdir(tmp_path)
+    path = str(tmp_path / "mailrelay.toml")  # (the relay's is absolute: tap.Options)
+    config = loadConfig(path, overrides, text=FORKED_TEXT)
+    recorded = []
+
+    def start(*args: object) -> None:
+        recorded.append(forkserver._forkedConfig)
+        raise OSError("not forked in this test")
+
+    monkeypatch.setattr(forkserver, "preload", lambda modules: None)
+    monkeypatch.setattr(forkserver, "usable", lambda options: None)
+    monkeypatch.setattr(forkserver.ForkServer, "start", start)
+    assert forkserver.forRelay(
+        config, {"nodaemon": True}, None, (path, overrides, FORKED_TEXT)
+    ) is None
+    assert forkserver._forkedConfig is None  # the relay's process keeps no copy
+    assert len(recorded) == 1 and recorded[0] is not None
+    return recorded[0], config
+
+
+def test_the_forked_configuration_is_taken_only_as_it_was_parsed(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """The configuration the relay parsed before forking the fork server is what a forked
+    child gets from the same path, overrides, bytes and directory -- the same as parsing
+    them again (as a delivery process, listeners' certificates unread) gives -- and nothing
+    otherwise (the child parses)."""
+    from mailrelay.config import loadConfig
+
+    overrides = {"spool": "spool"}
+    record, config = _forkedRecord(tmp_path, monkeypatch, overrides)
+    path = str(tmp_path / "mailrelay.toml")
+    assert forkserver.forkedConfig(path, overrides, FORKED_TEXT) is None  # not forked
+    monkeypatch.setattr(forkserver, "_forkedConfig", record)
+    taken = forkserver.forkedConfig(path, overrides, FORKED_TEXT)
+    assert taken is config
+    assert taken == loadConfig(path, overrides, text=FORKED_TEXT, listenerTLS=False)
+    assert forkserver.forkedConfig(path, overrides, FORKED_TEXT + b"\n") is None
+    assert forkserver.forkedConfig(path, {"spool": "other"}, FORKED_TEXT) is None
+    assert forkserver.forkedConfig(path, {}, FORKED_TEXT) is None
+    assert forkserver.forkedConfig(str(tmp_path / "other.toml"), overrides, FORKED_TEXT) is None
+    assert forkserver.forkedConfig("mailrelay.toml", overrides, FORKED_TEXT) is None
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # (the relative spool is another directory)
+    assert forkserver.forkedConfig(path, overrides, FORKED_TEXT) is None
+
+
+def test_a_child_takes_the_forked_configuration_only_when_told_and_forked(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """L{deliveryprocess.childConfig}: the forked configuration for a forked child given
+    C{--forked-config}; parsed (an equal configuration, a new object) for one not forked,
+    one not told, and an acceptor process (given the relay's users and files)."""
+    import json
+
+    from mailrelay.app import deliveryprocess
+
+    record, config = _forkedRecord(tmp_path, monkeypatch, {})
+    monkeypatch.setattr(forkserver, "_forkedConfig", record)
+    path = str(tmp_path / "mailrelay.toml")
+    told = deliveryprocess._parseArguments(
+        ["--config", path, "--config-fd", "3", "--overrides", json.dumps({}),
+         "--forked-config"])
+    untold = deliveryprocess._parseArguments(["--config", path, "--config-fd", "3"])
+    assert deliveryprocess.childConfig(told, FORKED_TEXT, True, listenerTLS=False) is config
+    for options, forked, extra in [
+        (told, False, {}), (untold, True, {}), (told, True, {"relayFiles": {"a.pem": b"x"}}),
+    ]:
+        parsed = deliveryprocess.childConfig(options, FORKED_TEXT, forked, listenerTLS=False,
+                                             **extra)
+        assert parsed is not config and parsed == config
+
+
+def test_the_fork_server_offers_its_configuration_once_for_the_same_bytes() -> None:
+    """L{forkserver.ForkServer.offerForkedConfig}: for the very bytes object the relay
+    parsed (a reload's equal bytes are not it), once, while the server is there."""
+    ours, theirs = socket.socketpair()
+    try:
+        server = forkserver.ForkServer(ours, 0)
+        text = bytes(FORKED_TEXT)
+        server.forkedConfigText = (text,)
+        assert server.offerForkedConfig(text) is True
+        assert server.offerForkedConfig(text) is False  # once
+        server.forkedConfigText = (text,)
+        assert server.offerForkedConfig(bytes(bytearray(text))) is False  # not the same
+        assert server.offerForkedConfig(text) is False
+        server.forkedConfigText = (text,)
+        server.gone = "closed"
+        assert server.offerForkedConfig(text) is False
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_the_first_delivery_process_is_told_to_take_the_forked_configuration() -> None:
+    """L{DeliveryProcessService}: C{--forked-config} for the first child its spawner (the
+    fork server) offers it to; a restarted one parses its configuration."""
+    from twisted.internet.testing import StringTransport
+
+    from mailrelay.queue.process import DeliveryProcessService
+    from tests.test_acceptors import ProcessReactor
+
+    text = b"[relay]\n"
+
+    class Spawner(ProcessReactor):
+        offered = [text]
+
+        def adoptStreamConnection(self, fd: int, family: object, factory) -> None:
+            factory.buildProtocol(None).makeConnection(StringTransport())
+
+        def offerForkedConfig(self, configText: bytes | None) -> bool:
+            return bool(self.offered) and self.offered.pop() is configText
+
+    reactor = Spawner()
+    service = DeliveryProcessService(reactor, None, {}, configText=text)
+    service.spawner = reactor
+    service.startService()
+    reactor.spawned[-1][0].end(9)
+    reactor.advance(60)
+    assert len(reactor.spawned) == 2
+    assert ["--forked-config" in args for _, args, _ in reactor.spawned] == [True, False]
+    service.beginShutdown()

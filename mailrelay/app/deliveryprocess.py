@@ -99,6 +99,8 @@ def childArguments(module: str) -> argparse.ArgumentParser:
 def _parseArguments(argv: list[str]) -> argparse.Namespace:
     parser = childArguments("mailrelay.app.deliveryprocess")
     parser.add_argument("--control-fd", type=int)
+    # (Given by the relay to the first one the fork server forks: see childConfig.)
+    parser.add_argument("--forked-config", action="store_true")
     return parser.parse_args(argv)
 
 
@@ -355,7 +357,6 @@ def startChild(
     @param relayFiles: the bytes of the listeners' certificates and keys the relay
         serves, by path (see L{mailrelay.config.loadConfig}), or C{None}.
     """
-    from mailrelay.config import loadConfig
     from mailrelay.errors import ConfigError
     from mailrelay.namedfile import explainPermissions
 
@@ -368,9 +369,8 @@ def startChild(
     levels = LevelFilter()
     _logToRelay(levels, forked)
     try:
-        config = loadConfig(options.config, json.loads(options.overrides), text=configText,
-                            listenerTLS=listenerTLS, relayUsers=relayUsers,
-                            relayFiles=relayFiles)
+        config = childConfig(options, configText, forked, listenerTLS=listenerTLS,
+                             relayUsers=relayUsers, relayFiles=relayFiles)
         levels.setLevel(config.logLevel)
         if config.metricsListen is not None:  # we count, and report to the relay
             from mailrelay.metrics import enable
@@ -397,6 +397,31 @@ def startChild(
         )
         return 1
     return config, built
+
+
+def childConfig(
+    options: argparse.Namespace, configText: bytes | None, forked: bool, *,
+    listenerTLS: bool = True, relayUsers: Any = None, relayFiles: Any = None,
+) -> Any:
+    """The configuration of a child of the relay (L{startChild}'s arguments): the one the
+    relay parsed before it forked the fork server, when we were forked by it, the relay
+    said so (C{--forked-config}: the first delivery process on the configuration the relay
+    started with) and it was parsed from the same path, overrides and bytes
+    (L{mailrelay.app.forkserver.forkedConfig}); else parsed.
+
+    @raise mailrelay.errors.ConfigError: it is refused.
+    """
+    from mailrelay.config import loadConfig
+
+    overrides = json.loads(options.overrides)
+    if forked and getattr(options, "forked_config", False) and not relayUsers and not relayFiles:
+        from mailrelay.app.forkserver import forkedConfig
+
+        config = forkedConfig(options.config, overrides, configText)
+        if config is not None:
+            return config
+    return loadConfig(options.config, overrides, text=configText, listenerTLS=listenerTLS,
+                      relayUsers=relayUsers, relayFiles=relayFiles)
 
 
 def preload() -> None:

@@ -52,6 +52,7 @@ import threading
 import time
 import traceback
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.process import Process, _BaseProcess
@@ -61,7 +62,7 @@ from mailrelay.app.loadedcode import ImportsFromNow, LoadedCode
 
 log = Logger()
 
-__all__ = ["CHILD_MODULES", "ForkServer", "ForkedProcess", "forRelay", "preload"]
+__all__ = ["CHILD_MODULES", "ForkServer", "ForkedProcess", "forRelay", "forkedConfig", "preload"]
 
 #: The child modules the server may run (each has a C{forkedMain(argv)}).
 CHILD_MODULES = frozenset({"mailrelay.app.deliveryprocess", "mailrelay.app.acceptorprocess"})
@@ -169,11 +170,66 @@ def hasChildren(config: Any) -> bool:
     return config.queueProcess == "separate" or resolveProcessCount(config.processes) > 1
 
 
-def forRelay(config: Any, twistdOptions: Any, runAs: tuple[int, int] | None) -> ForkServer | None:
+@dataclass(frozen=True)
+class ForkedConfig:
+    """The configuration the relay parsed before it forked the fork server, and what it
+    parsed it from: in the server's image, so that the delivery process it forks first can
+    take it rather than parse the same bytes again (L{forkedConfig})."""
+
+    #: The file's path as it was given (C{None}: the built-in defaults): the relay's is
+    #: absolute, as its children are given it (L{mailrelay.app.tap.Options}).
+    path: str | None
+    #: The command line's overrides (L{mailrelay.config.loadConfig}'s).
+    overrides: dict[str, Any]
+    #: The file's bytes.
+    text: bytes | None
+    #: The current directory it was parsed in (relative paths are relative to it).
+    cwd: str
+    #: The configuration (L{mailrelay.config.Config}).
+    config: Any
+
+
+#: In the fork server and the children it forks: what the relay parsed before the fork
+#: (L{forRelay}).  C{None} in any other process.
+_forkedConfig: ForkedConfig | None = None
+
+
+def forkedConfig(path: str | None, overrides: dict[str, Any], text: bytes | None) -> Any:
+    """The configuration the relay parsed before it forked the fork server, if this process
+    was forked by that server and it was parsed from C{path}, C{overrides} and
+    C{text} in this same current directory; else C{None} (parse it).
+
+    A child that takes it does not run the parser again: parsing copied 1.0 MiB of the
+    pages it shares with the relay and the server (the parser's code and objects, as
+    CPython counts references and specialises the code it runs; issue 11).  It was parsed
+    as the relay's (its listeners' certificates loaded), a fraction of a second before.
+    """
+    parsed = _forkedConfig
+    if parsed is None:
+        return None
+    if (parsed.path, parsed.overrides, parsed.text, parsed.cwd) != (
+        path, overrides, text, os.getcwd()
+    ):
+        return None
+    return parsed.config
+
+
+def forRelay(
+    config: Any,
+    twistdOptions: Any,
+    runAs: tuple[int, int] | None,
+    parsedFrom: tuple[str | None, dict[str, Any], bytes | None] | None = None,
+) -> ForkServer | None:
     """The fork server of the relay about to be built from C{config} under twistd's options
     C{twistdOptions} (as C{runAs} once privileges are dropped), started; or C{None} when the
     relay has no children to fork (its queue manager in its own process, no acceptor
-    process) or the server cannot be used (logged)."""
+    process) or the server cannot be used (logged).
+
+    @param parsedFrom: what C{config} was parsed from: C{(path, overrides, text)} as given
+        to L{mailrelay.config.loadConfig} in this directory; the server keeps it for the
+        first delivery process (L{forkedConfig}, L{ForkServer.offerForkedConfig}).
+    """
+    global _forkedConfig
     if not hasChildren(config):
         return None
     why = "relay.fork_children = false" if not config.forkChildren else usable(twistdOptions)
@@ -194,12 +250,19 @@ def forRelay(config: Any, twistdOptions: Any, runAs: tuple[int, int] | None) -> 
     if why is not None:
         log.info("the relay's children are started as new processes ({why})", why=why)
         return None
+    if parsedFrom is not None:
+        path, overrides, text = parsedFrom
+        _forkedConfig = ForkedConfig(path, dict(overrides), text, os.getcwd(), config)
     try:
         server = ForkServer.start(runAs, twistdOptions.get("umask"), twistdOptions.get("rundir"))
     except OSError as e:
         log.warn("cannot start the fork server ({error}): the relay's children are started "
                  "as new processes", error=e)
         return None
+    finally:
+        _forkedConfig = None  # (the server's, not the relay's: it parses its reloads)
+    if parsedFrom is not None:
+        server.forkedConfigText = (parsedFrom[2],)
     log.info("fork server started (pid {pid})", pid=server.pid)
     return server
 
@@ -240,6 +303,9 @@ class ForkServer:
         #: Their paths.
         self.forkedFiles: frozenset[str] = frozenset()
         self._imports = ImportsFromNow()
+        #: The bytes of the configuration the server was forked with, the very object the
+        #: relay parsed (L{forkedConfig}), while no child was offered it.
+        self.forkedConfigText: tuple[bytes | None] | None = None
 
     @classmethod
     def start(
@@ -284,6 +350,16 @@ class ForkServer:
         server.forkedCode, server.forkedFiles = forkedCode, forkedFiles
         server._imports.start()
         return server
+
+    def offerForkedConfig(self, configText: bytes | None) -> bool:
+        """Whether the child about to be forked (the delivery process) may take the
+        configuration the server was forked with rather than parse C{configText}
+        (L{forkedConfig}): C{configText} is the very bytes object it was parsed from (not a
+        reload's), and no child was asked this before.  Once only: a child started later
+        (a restart) parses its configuration as a new process would, reading again the
+        files it names."""
+        offered, self.forkedConfigText = self.forkedConfigText, None
+        return offered is not None and offered[0] is configText and self.gone is None
 
     def loadedCode(self) -> LoadedCode:
         """The files of the modules loaded now (once): those the server was forked with and

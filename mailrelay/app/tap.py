@@ -147,7 +147,7 @@ def makeService(options: Options) -> Any:
         config = loadConfig(path, options.overrides(), text=text)
         # Before the reactor exists: the fork server must not have one (see its module).
         # (It lists the installed plugins: two of one name are refused there first.)
-        forkServer = forRelay(config, serverOptions, user)
+        forkServer = forRelay(config, serverOptions, user, (path, options.overrides(), text))
     except ConfigError as e:
         raise SystemExit(f"mailrelay: configuration error: {e}") from None
     from mailrelay.app.loadedcode import LoadedCode

@@ -457,13 +457,15 @@ class DeliveryProcessService(ChildSupervisor, Service):
         program)."""
         self._restartCall = None
         child = _ChildProtocol(self)
+        extra = ["--control-fd", str(CONTROL_FD)]
+        # The first one, forked by the fork server on the configuration the relay parsed
+        # before forking it, takes that (mailrelay.app.forkserver.forkedConfig).
+        offer = getattr(self.spawner, "offerForkedConfig", None)
+        if offer is not None and offer(self.configText):
+            extra.append("--forked-config")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._spawnChild(
-                child,
-                {0: "w", 1: "r", 2: 2, CONTROL_FD: theirs.fileno()},
-                ["--control-fd", str(CONTROL_FD)],
-            )
+            self._spawnChild(child, {0: "w", 1: "r", 2: 2, CONTROL_FD: theirs.fileno()}, extra)
         except OSError:
             ours.close()
             raise
