@@ -453,3 +453,18 @@ def test_the_first_delivery_process_is_told_to_take_the_forked_configuration() -
     assert len(reactor.spawned) == 2
     assert ["--forked-config" in args for _, args, _ in reactor.spawned] == [True, False]
     service.beginShutdown()
+
+
+def test_a_forked_childs_environment_is_the_one_asked() -> None:
+    """L{forkserver._setEnvironment}: the environment asked, whether it differs (emptied and
+    filled again) or is the one the child has already (then left alone: its objects are
+    the same)."""
+    environ = {"PATH": "/usr/bin", "LANG": "C.UTF-8", "OLD": "1"}
+    forkserver._setEnvironment({"PATH": "/bin", "LANG": "C.UTF-8"}, environ)
+    assert environ == {"PATH": "/bin", "LANG": "C.UTF-8"}
+    before = list(environ.values())
+    forkserver._setEnvironment({"LANG": "C.UTF-8", "PATH": "/bin"}, environ)
+    assert environ == {"PATH": "/bin", "LANG": "C.UTF-8"}
+    assert all(a is b for a, b in zip(environ.values(), before, strict=True))
+    forkserver._setEnvironment({}, environ)
+    assert environ == {}
