@@ -468,3 +468,21 @@ def test_a_forked_childs_environment_is_the_one_asked() -> None:
     assert all(a is b for a, b in zip(environ.values(), before, strict=True))
     forkserver._setEnvironment({}, environ)
     assert environ == {}
+
+
+def test_the_delivery_process_parser_is_made_before_the_fork_and_reused() -> None:
+    """The delivery process's argument parser is made once (by its preload, before the
+    fork); parsing with it again gives each command line its own options, none carried
+    over from the one before."""
+    from mailrelay.app import deliveryprocess
+
+    first = deliveryprocess._parseArguments(
+        ["--config", "/etc/mailrelay.toml", "--config-fd", "3", "--overrides", '{"a": 1}',
+         "--control-fd", "4", "--forked-config"])
+    second = deliveryprocess._parseArguments(["--control-fd", "5"])
+    assert deliveryprocess._arguments() is deliveryprocess._arguments()
+    assert vars(first) == {"config": "/etc/mailrelay.toml", "config_fd": 3,
+                           "overrides": '{"a": 1}', "parent_pid": None, "control_fd": 4,
+                           "forked_config": True}
+    assert vars(second) == {"config": None, "config_fd": None, "overrides": "{}",
+                            "parent_pid": None, "control_fd": 5, "forked_config": False}

@@ -8,6 +8,7 @@ relay's side, and the whole process model, are in L{mailrelay.queue.process}.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -96,12 +97,19 @@ def childArguments(module: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _parseArguments(argv: list[str]) -> argparse.Namespace:
+@functools.cache
+def _arguments() -> argparse.ArgumentParser:
+    """The delivery process's command line: made once, by L{preload} before the fork when
+    the fork server forks us (see L{preload})."""
     parser = childArguments("mailrelay.app.deliveryprocess")
     parser.add_argument("--control-fd", type=int)
     # (Given by the relay to the first one the fork server forks: see childConfig.)
     parser.add_argument("--forked-config", action="store_true")
-    return parser.parse_args(argv)
+    return parser
+
+
+def _parseArguments(argv: list[str]) -> argparse.Namespace:
+    return _arguments().parse_args(argv)
 
 
 def relayObserver(out: Any, err: Any) -> ILogObserver:
@@ -447,6 +455,9 @@ def preload() -> None:
     for name in BUILTIN_BACKENDS:
         importlib.import_module(f"mailrelay.delivery.{name}")
     mailrelay.app.plugins.availablePlugins()  # imports the dropins
+    # Made in the child, the parser (argparse's objects, its gettext lookups) copied 0.3
+    # MiB of the pages it shares with the relay and the fork server (issue 11).
+    _arguments()
 
 
 def forkedMain(argv: list[str]) -> int:
