@@ -486,3 +486,21 @@ def test_the_delivery_process_parser_is_made_before_the_fork_and_reused() -> Non
                            "forked_config": True}
     assert vars(second) == {"config": None, "config_fd": None, "overrides": "{}",
                             "parent_pid": None, "control_fd": 5, "forked_config": False}
+
+
+def test_the_forked_plugins_go_with_the_forked_configuration_only(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    """L{forkserver.forkedPlugins}: the installed plugins as the relay found them before
+    the fork -- the same as looking for them again -- for the configuration it parsed
+    then, taken by the child; for any other configuration (an equal one parsed anew, a
+    reload's), and in a process not forked by the server, none (it looks for them)."""
+    from mailrelay.config import loadConfig
+    from mailrelay.config.plugins import availablePlugins
+
+    record, config = _forkedRecord(tmp_path, monkeypatch, {})
+    assert forkserver.forkedPlugins(config) is None  # not forked
+    monkeypatch.setattr(forkserver, "_forkedConfig", record)
+    plugins = forkserver.forkedPlugins(config)
+    assert plugins is not None and plugins == availablePlugins()
+    again = loadConfig(str(tmp_path / "mailrelay.toml"), {}, text=FORKED_TEXT)
+    assert again == config and forkserver.forkedPlugins(again) is None

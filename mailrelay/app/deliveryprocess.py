@@ -35,11 +35,16 @@ __all__ = ["makeDeliveryServices"]
 # -- the child ----------------------------------------------------------------------------------
 
 
-def makeDeliveryServices(config: Any, reactor: Any) -> tuple[Any, Any]:
+def makeDeliveryServices(
+    config: Any, reactor: Any, available: dict[str, Any] | None = None
+) -> tuple[Any, Any]:
     """The spool, the plugins of the delivery side's hooks that are services, the delivery
     backends and the queue manager of C{config} (with the intake its notifications enter the
     spool through: L{makeDelivery}), as one service (started in that order, stopped in the
     reverse order, each after the one before has finished), and the queue manager.
+
+    @param available: the installed plugins by name (by default, looked for:
+        L{mailrelay.config.plugins.availablePlugins}).
 
     @raise mailrelay.errors.ConfigError: a route, a backend or a header stamper plugin is
         refused.
@@ -53,9 +58,9 @@ def makeDeliveryServices(config: Any, reactor: Any) -> tuple[Any, Any]:
     # The relay's process recovered the spool before starting us.
     spool = makeSpool(config, reactor, top, recover=False)
     # (Quiet: the relay has said what it had to say of this configuration.)
-    build = pluginBuilder(
-        config, reactor, availablePlugins(), makeContext(config, reactor, quiet=True)
-    )
+    if available is None:
+        available = availablePlugins()
+    build = pluginBuilder(config, reactor, available, makeContext(config, reactor, quiet=True))
     hooks = buildHooks(config, build, "delivery")
     PluginServices(hooks.services).setServiceParent(top)
     services, queue = makeDelivery(config, reactor, spool, build, hooks)
@@ -470,7 +475,9 @@ def _childMain(argv: list[str], forked: bool = False) -> int:
     from twisted.internet import reactor
 
     def build(config: Any) -> Any:
-        services, queue = makeDeliveryServices(config, reactor)
+        from mailrelay.app.forkserver import forkedPlugins
+
+        services, queue = makeDeliveryServices(config, reactor, forkedPlugins(config))
         services.privilegedStartService()
         return services, queue
 

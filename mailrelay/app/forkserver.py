@@ -62,7 +62,10 @@ from mailrelay.app.loadedcode import ImportsFromNow, LoadedCode
 
 log = Logger()
 
-__all__ = ["CHILD_MODULES", "ForkServer", "ForkedProcess", "forRelay", "forkedConfig", "preload"]
+__all__ = [
+    "CHILD_MODULES", "ForkServer", "ForkedProcess", "forRelay", "forkedConfig", "forkedPlugins",
+    "preload",
+]
 
 #: The child modules the server may run (each has a C{forkedMain(argv)}).
 CHILD_MODULES = frozenset({"mailrelay.app.deliveryprocess", "mailrelay.app.acceptorprocess"})
@@ -187,6 +190,8 @@ class ForkedConfig:
     cwd: str
     #: The configuration (L{mailrelay.config.Config}).
     config: Any
+    #: The installed plugins by name, as found just before the fork (L{forkedPlugins}).
+    plugins: dict[str, Any]
 
 
 #: In the fork server and the children it forks: what the relay parsed before the fork
@@ -212,6 +217,21 @@ def forkedConfig(path: str | None, overrides: dict[str, Any], text: bytes | None
     ):
         return None
     return parsed.config
+
+
+def forkedPlugins(config: Any) -> dict[str, Any] | None:
+    """The installed plugins by name as the relay found them just before it forked the fork
+    server, when C{config} is the configuration it parsed then, taken by this child
+    (L{forkedConfig}); else C{None} (look for them:
+    L{mailrelay.config.plugins.availablePlugins}).
+
+    Looking again, the first delivery process read Twisted's plugin cache anew and made
+    its objects, copying 0.5 MiB of the pages it shares with the relay and the server
+    (issue 11); a child on any other configuration (a reload's, a restart's) looks again,
+    and sees a plugin installed since.
+    """
+    parsed = _forkedConfig
+    return parsed.plugins if parsed is not None and parsed.config is config else None
 
 
 def forRelay(
@@ -251,8 +271,12 @@ def forRelay(
         log.info("the relay's children are started as new processes ({why})", why=why)
         return None
     if parsedFrom is not None:
+        from mailrelay.app.plugins import availablePlugins
+
         path, overrides, text = parsedFrom
-        _forkedConfig = ForkedConfig(path, dict(overrides), text, os.getcwd(), config)
+        _forkedConfig = ForkedConfig(
+            path, dict(overrides), text, os.getcwd(), config, availablePlugins()
+        )
     try:
         server = ForkServer.start(runAs, twistdOptions.get("umask"), twistdOptions.get("rundir"))
     except OSError as e:
