@@ -504,3 +504,32 @@ def test_the_forked_plugins_go_with_the_forked_configuration_only(tmp_path: Path
     assert plugins is not None and plugins == availablePlugins()
     again = loadConfig(str(tmp_path / "mailrelay.toml"), {}, text=FORKED_TEXT)
     assert again == config and forkserver.forkedPlugins(again) is None
+
+
+def test_the_relay_side_keeps_the_plugins_and_the_bytes_the_server_was_forked_with(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """L{forkserver.forRelay}: the relay's end of the server started holds the very bytes
+    object the configuration was parsed from (L{ForkServer.offerForkedConfig}) and the
+    installed plugins found just before the fork -- the same as looking again -- for the
+    relay to build its first configuration with."""
+    from mailrelay.config import loadConfig
+    from mailrelay.config.plugins import availablePlugins
+
+    monkeypatch.chdir(tmp_path)
+    path = str(tmp_path / "mailrelay.toml")
+    text = bytes(bytearray(FORKED_TEXT))
+    config = loadConfig(path, {}, text=text)
+    ours, theirs = socket.socketpair()
+    monkeypatch.setattr(forkserver, "preload", lambda modules: None)
+    monkeypatch.setattr(forkserver, "usable", lambda options: None)
+    monkeypatch.setattr(forkserver.ForkServer, "start",
+                        lambda *args: forkserver.ForkServer(ours, 0))
+    try:
+        server = forkserver.forRelay(config, {"nodaemon": True}, None, (path, {}, text))
+        assert server is not None
+        assert server.forkedConfigText is not None and server.forkedConfigText[0] is text
+        assert server.plugins is not None and server.plugins == availablePlugins()
+    finally:
+        ours.close()
+        theirs.close()

@@ -247,3 +247,39 @@ def test_a_sighup_while_the_relay_starts_does_not_end_it(tmp_path: Path) -> None
         [sys.executable, "-c", _SIGHUP_AT_START, "--config", str(config)],
         stdin=subprocess.DEVNULL, capture_output=True, timeout=60, cwd=tmp_path, text=True)
     assert (result.returncode, result.stdout) == (0, "alive\n"), result.stderr
+
+
+def test_the_first_configuration_is_built_with_the_plugins_given(tmp_path: Path) -> None:
+    """makeRelayService(available=...): the relay builds its first configuration with the
+    installed plugins it is given (those the fork server was forked with, found just
+    before); a reload looks for them again -- here, without the test's plugin, refused."""
+    from mailrelay.app import relay
+    from mailrelay.app.relay import makeRelayService
+    from mailrelay.config import loadConfig
+    from mailrelay.plugins import MailRelayPlugin
+
+    made: list[Starting] = []
+
+    def build(options: dict[str, Any], context: Any) -> Starting:
+        made.append(Starting(options["tag"]))
+        return made[-1]
+
+    available = {**relay.availablePlugins(),
+                 "test-starting": MailRelayPlugin("test-starting", IDataPolicy, "tests", build)}
+    path = tmp_path / "relay.toml"
+    path.write_text(BASE + plugins("first"))
+    overrides = {"spool": str(tmp_path / "spool")}
+    config = loadConfig(str(path), overrides)
+    top = makeRelayService(config, MemoryReactorClock(), overrides, path.read_bytes(),
+                           available=available)
+    assert [p.tag for p in made] == ["first"]
+    assert top.plugins.current == [("test-starting", made[0])]
+    top.control.disownServiceParent()
+    top.control = None
+    top.privilegedStartService()
+    top.startService()
+    try:
+        assert not top.reload()
+        assert top.reloadError is not None and "unknown plugin 'test-starting'" in top.reloadError
+    finally:
+        fired(top.stopService())

@@ -274,7 +274,7 @@ def forRelay(
         from mailrelay.app.plugins import availablePlugins
 
         path, overrides, text = parsedFrom
-        _forkedConfig = ForkedConfig(
+        forked = _forkedConfig = ForkedConfig(
             path, dict(overrides), text, os.getcwd(), config, availablePlugins()
         )
     try:
@@ -287,6 +287,7 @@ def forRelay(
         _forkedConfig = None  # (the server's, not the relay's: it parses its reloads)
     if parsedFrom is not None:
         server.forkedConfigText = (parsedFrom[2],)
+        server.plugins = forked.plugins
     log.info("fork server started (pid {pid})", pid=server.pid)
     return server
 
@@ -330,6 +331,11 @@ class ForkServer:
         #: The bytes of the configuration the server was forked with, the very object the
         #: relay parsed (L{forkedConfig}), while no child was offered it.
         self.forkedConfigText: tuple[bytes | None] | None = None
+        #: The installed plugins by name as found just before the fork (L{forRelay}), for
+        #: the relay to build its first configuration with: looked for again after the
+        #: fork, the relay copied 0.3 MiB of the pages it shares with the server and the
+        #: children (issue 11).  C{None}: unknown.
+        self.plugins: dict[str, Any] | None = None
 
     @classmethod
     def start(

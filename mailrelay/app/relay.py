@@ -335,8 +335,11 @@ class RelayService(OrderedMultiService):
         if self.delivery is not None:
             self.delivery.rescan()
 
-    def plan(self, config: Config, configText: bytes | None) -> _Plan:
-        """Build everything C{config} describes, without touching what runs.
+    def plan(
+        self, config: Config, configText: bytes | None, available: dict[str, Any] | None = None
+    ) -> _Plan:
+        """Build everything C{config} describes, without touching what runs, with the
+        installed plugins C{available} (by default, looked for: L{availablePlugins}).
 
         @raise ConfigError: a plugin, certificate, password file, route or backend is refused.
         """
@@ -347,7 +350,9 @@ class RelayService(OrderedMultiService):
         context = makeContext(
             config, self.reactor, resolver=self._resolver(config, carried), kept=self.kept
         )
-        build = pluginBuilder(config, self.reactor, availablePlugins(), context)
+        if available is None:
+            available = availablePlugins()
+        build = pluginBuilder(config, self.reactor, available, context)
         inline = config.queueProcess == "inline"
         hooks = buildHooks(config, build, "inline" if inline else "relay")
         # (In a delivery process of its own, the delivery side's plugins are built here only
@@ -769,6 +774,7 @@ def makeRelayService(
     configText: bytes | None = None,
     runAs: tuple[int, int] | None = None,
     spawner: Any = None,
+    available: dict[str, Any] | None = None,
 ) -> RelayService:
     """Build the whole relay from a checked configuration.
 
@@ -780,6 +786,8 @@ def makeRelayService(
         its privileges (C{--uid}/C{--gid}), or C{None}: the spool is given to that user and
         started as that user.
     @param spawner: what starts the child processes (L{RelayService.spawner}).
+    @param available: the installed plugins by name, when just looked for (by default,
+        looked for: L{availablePlugins}); a reload looks again.
     @raise ConfigError: a plugin is unknown or refuses its options.
     """
     from mailrelay.app.control import ControlService
@@ -790,7 +798,7 @@ def makeRelayService(
     top.runAs = runAs
     top.control = ControlService(top, config.spoolDirectory)
     top.control.setServiceParent(top)
-    top.build(top.plan(config, configText))
+    top.build(top.plan(config, configText, available))
     return top
 
 

@@ -166,7 +166,7 @@ def makeService(options: Options) -> Any:
     try:
         relay = makeRelayService(
             config, reactor, options.overrides(), configText=text, runAs=user,
-            spawner=forkServer,
+            spawner=forkServer, available=forkServer.plugins if forkServer is not None else None,
         )
     except ConfigError as e:
         raise SystemExit(f"mailrelay: configuration error: {e}") from None
