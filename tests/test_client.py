@@ -1212,6 +1212,22 @@ def test_smtputf8(message):
     assert peer.heard() == "MAIL FROM:<jøran@example.org> SMTPUTF8\r\n".encode()
 
 
+def test_a_server_offering_smtputf8_takes_8bit_without_saying_8bitmime(message):
+    """RFC 6531 section 3.1 makes a server offering SMTPUTF8 implement 8BITMIME; one that
+    offers SMTPUTF8 alone is taken to have it, as Postfix's smtp does (smtp_proto.c: "offers
+    SMTPUTF8 support, but not 8BITMIME"): its 8-bit mail goes as it is, declared, instead
+    of converted to 7 bits or, with UTF-8 header fields, returned."""
+    peer, conn = connected(extensions=["SMTPUTF8", "PIPELINING"])
+    assert "8BITMIME" in conn.extensions
+    env = Envelope(sender="jøran@example.org", recipients=[Recipient("a@example.org")],
+                   smtputf8=True, body="8BITMIME")
+    send(conn, env, message)
+    assert peer.heard() == ("MAIL FROM:<jøran@example.org> BODY=8BITMIME SMTPUTF8\r\n"
+                            "RCPT TO:<a@example.org>\r\nDATA\r\n").encode()
+    peer, conn = connected(extensions=["PIPELINING"])
+    assert "8BITMIME" not in conn.extensions
+
+
 def test_dsnParametersOnlyWhenOffered(message):
     env = envelope("a@example.org", ret="HDRS", envid="id+1=x", body="8BITMIME")
     env.recipients[0].notify = ("SUCCESS", "FAILURE")

@@ -1,6 +1,7 @@
 """End-to-end, 8BITMIME downgrade on the way out (RFC 6152 section 3): the real C{twistd -n
 mailrelay} delivering 8-bit mail to Postfix's smtpd told not to offer 8BITMIME
-(C{smtpd_discard_ehlo_keywords = 8bitmime}): the 8-bit parts arrive quoted-printable or
+(C{smtpd_discard_ehlo_keywords = 8bitmime,smtputf8}: SMTPUTF8 implies 8BITMIME, RFC 6531
+section 3.1): the 8-bit parts arrive quoted-printable or
 base64, the rest as it was, and the relay logs C{conversion=7bit}; a DKIM-signed 8-bit
 message, which conversion would break, is returned to its sender with 5.6.3.  To Postfix
 offering 8BITMIME the same message goes unchanged, with C{BODY=8BITMIME}."""
@@ -55,7 +56,7 @@ def _parts(content: bytes) -> list[tuple[str, str | None, bytes | None]]:
 
 def test_eight_bit_converted_for_a_hop_without_8bitmime(relay, dns, postfix,
                                                         tmp_path: Path) -> None:
-    peer = postfix("smtpd_discard_ehlo_keywords=8bitmime")
+    peer = postfix("smtpd_discard_ehlo_keywords=8bitmime,smtputf8")
     routes = _routes(peer, tmp_path)
     r = relay(config(dns, hold=True, routes=routes))
     qid = submit(r, "alice@sender.test", [f"bob@{DOMAIN}"], MESSAGE,
@@ -96,7 +97,7 @@ def test_eight_bit_unchanged_for_a_hop_with_8bitmime(relay, dns, postfix,
 
 
 def test_dkim_signed_eight_bit_is_returned(relay, dns, postfix, tmp_path: Path) -> None:
-    peer = postfix("smtpd_discard_ehlo_keywords=8bitmime")
+    peer = postfix("smtpd_discard_ehlo_keywords=8bitmime,smtputf8")
     r = relay(config(dns, routes=_routes(peer, tmp_path)))
     signed = b"DKIM-Signature: v=1; a=rsa-sha256; d=sender.test; s=s1; bh=x; b=y\r\n" + MESSAGE
     qid = submit(r, "alice@sender.test", [f"bob@{DOMAIN}"], signed,

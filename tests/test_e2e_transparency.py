@@ -9,7 +9,8 @@ invalid UTF-8 text, SMTPUTF8 header fields, MIME with 8bit parts), sent by DATA 
 random sizes or in BDAT chunks cut inside CRLF and inside C{CRLF.CRLF}, to a next hop that
 records the octets it gets (L{RawHop}) and offers a given set of extensions:
 
-  - with 8BITMIME, everything arrives as sent (by DATA, dot-stuffed, or by BDAT when CHUNKING is offered);
+  - with 8BITMIME (or SMTPUTF8 alone, which implies it: RFC 6531 section 3.1), everything
+    arrives as sent (by DATA, dot-stuffed, or by BDAT when CHUNKING is offered);
   - without 8BITMIME, 8-bit messages arrive converted to 7 bits (the same content once
     decoded), or are returned when they cannot be: DKIM-signed (5.6.3, the signature would
     break), 8-bit header fields (5.6.3), SMTPUTF8 needed and not offered (5.6.7, RFC 6531
@@ -337,8 +338,9 @@ def decodedParts(content: bytes) -> list[bytes]:
 @pytest.mark.parametrize("extensions", [
     ("PIPELINING", "8BITMIME", "SMTPUTF8", "CHUNKING"),
     ("PIPELINING", "8BITMIME", "SMTPUTF8"),
+    ("SMTPUTF8",),
     ("PIPELINING",),
-], ids=["chunking", "data", "7bit"])
+], ids=["chunking", "data", "smtputf8-only", "7bit"])
 def test_generated_messages_arrive_as_sent(rawhop, relay, dns, extensions) -> None:  # noqa: F811
     # (rawhop first: the relay, stopped first, then finds its cached connections answered)
     hop = rawhop(extensions)
@@ -348,7 +350,7 @@ def test_generated_messages_arrive_as_sent(rawhop, relay, dns, extensions) -> No
     samples = [sample(rng, n) for n in range(26)]
     queued = {submit(r.port, s, rng): s for s in samples}
 
-    eightBitOK = "8BITMIME" in extensions
+    eightBitOK = "8BITMIME" in extensions or "SMTPUTF8" in extensions
     bounced = {s.rcpt: ("5.6.7" if s.smtputf8 and "SMTPUTF8" not in extensions else "5.6.3")
                for s in samples
                if s.smtputf8 and "SMTPUTF8" not in extensions

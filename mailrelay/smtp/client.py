@@ -617,6 +617,11 @@ class ClientSession:
             if self._isSelf(reply, "EHLO"):
                 return
             self.extensions = parseExtensions(reply)
+            if "SMTPUTF8" in self.extensions:
+                # RFC 6531 section 3.1: a server offering SMTPUTF8 implements 8BITMIME; one
+                # that does not say so is taken at its word for SMTPUTF8, as by Postfix's
+                # smtp ("offers SMTPUTF8 support, but not 8BITMIME", smtp_proto.c).
+                self.extensions.setdefault("8BITMIME", "")
             self._afterHello()
         elif reply.code != 421 and not self.settings.lmtp:
             # Any other refusal means no ESMTP here, a 4xx too: HELO (Postfix's smtp_helo()
