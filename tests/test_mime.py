@@ -350,3 +350,18 @@ def test_backendConvertsBinaryForANextHopWithoutBINARYMIME(tmp_path: Path) -> No
     backend, given = _backendTo({"BINARYMIME": "", "CHUNKING": ""})
     _deliver(backend, path, body="BINARYMIME")
     assert given == [("BINARYMIME", binary, str(path), False)]  # binary: no CRLF guarantee
+
+
+def test_backendSendsBinaryThatNeedsNoConversionAsText(tmp_path: Path) -> None:
+    """A C{BODY=BINARYMIME} message whose content is 7-bit text (CRLF lines, no NUL) needs
+    no conversion for a next hop without BINARYMIME: it goes as it is, declared as text (no
+    BODY=BINARYMIME, which the hop does not offer), instead of being returned with 5.6.3
+    ("the message is binary")."""
+    path = tmp_path / "m.eml"
+    text = b"Subject: x\r\n\r\nplain text\r\n"
+    path.write_bytes(text)
+    for extensions in ({"8BITMIME": "", "CHUNKING": ""}, {}):
+        backend, given = _backendTo(extensions)
+        (r,) = _deliver(backend, path, body="BINARYMIME")
+        assert r.status.value == "delivered", r
+        assert given == [(None, text, str(path), True)]

@@ -740,8 +740,8 @@ def convertTo7Bit(
             f"X-mailrelay; {target} does not support {lacking}, and the message cannot be "
             f"converted to 7 bits: {e}",
         )
-    if converted is None:  # 7-bit already
-        return envelope, messagePath, None
+    if converted is None:  # 7-bit already: a binary message too, which then goes as text
+        return dataclasses.replace(envelope, body=None) if binary else envelope, messagePath, None
     path, parts = converted
     log.info(
         "{queueID}: conversion=7bit for {host} (no {lacking}): {parts} body part(s) "
