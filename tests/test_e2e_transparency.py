@@ -415,3 +415,28 @@ def test_a_binary_message_that_is_text_goes_as_it_is(rawhop, relay, dns, extensi
     assert got.mail == b"MAIL FROM:<alice@sender.test>", r.log()
     assert got.rcpts == [b"RCPT TO:<b@example.org>"]
     assert withoutOurFields(got.content, BINARY_TEXT) == BINARY_TEXT
+
+
+def test_a_binary_message_with_long_lines_is_encoded_for_a_hop_without_binarymime(
+        rawhop, relay, dns) -> None:  # noqa: F811
+    """BINARYMIME content may have lines of any length (RFC 3030 section 3); to a next hop
+    without BINARYMIME (here by DATA) a part with lines over 998 octets (RFC 5321 section
+    4.5.3.1.6) is encoded (base64), though it is ASCII; the other parts go as they are."""
+    hop = rawhop(("PIPELINING", "8BITMIME"))
+    routes = [smtpRoute("example.org", hop.port), smtpRoute("sender.test", hop.port)]
+    r = relay(config(dns, routes=routes)
+              + '[[listeners]]\nendpoint = "tcp:0:interface=127.0.0.1"\nbinarymime = true\n',
+              "--spool", "spool", "--hostname", "relay.test", defaults=False)
+    part = b"z" * 1500 + b"\r\n" + b"y" * 999
+    message = (b"From: Alice <alice@sender.test>\r\nTo: b@example.org\r\nSubject: long\r\n"
+               b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n"
+               b"--B\r\nContent-Type: text/plain\r\n\r\nshort\r\n"
+               b"--B\r\nContent-Type: application/octet-stream\r\n\r\n" + part + b"\r\n"
+               b"--B--\r\n")
+    _sendBinary(r.port, "b@example.org", message)
+    (got,) = hop.waitFor(1)
+    assert got.mail == b"MAIL FROM:<alice@sender.test>", r.log()
+    assert max(len(line) for line in got.content.split(b"\r\n")) <= 998
+    parts = email.message_from_bytes(got.content, policy=email.policy.compat32).get_payload()
+    assert [p.get_payload(decode=True) for p in parts] == [b"short", part]
+    assert parts[1]["Content-Transfer-Encoding"] == "base64"

@@ -2,12 +2,12 @@
 section 3: convert, or return the message) or BINARYMIME.
 
 L{downgrade} rewrites only what must change, and keeps every other octet as it was: each leaf
-body part holding 8-bit octets (or, for binary content, a bare CR or LF or a NUL) is encoded,
-C{quoted-printable} for C{text/*} and C{base64} for anything else (the standard library's
-C{binascii}), and its C{Content-Transfer-Encoding} field says so; multipart and
-C{message/rfc822} entities are walked into (their parts are converted, their own encoding
-becomes C{7bit}).  A message without MIME (no C{MIME-Version}) is one C{text/plain} entity:
-it gets C{MIME-Version: 1.0} and, when it has none, C{Content-Type: text/plain;
+body part holding 8-bit octets (or, for binary content, a bare CR or LF, a NUL or a line longer
+than 998 octets) is encoded, C{quoted-printable} for C{text/*} and C{base64} for anything else
+(the standard library's C{binascii}), and its C{Content-Transfer-Encoding} field says so;
+multipart and C{message/rfc822} entities are walked into (their parts are converted, their own
+encoding becomes C{7bit}).  A message without MIME (no C{MIME-Version}) is one C{text/plain}
+entity: it gets C{MIME-Version: 1.0} and, when it has none, C{Content-Type: text/plain;
 charset=unknown-8bit} (RFC 1428), as it cannot say which character set it is in.
 
 Conversion is refused (L{ConversionImpossible}, a bounce with status 5.6.3) when:
@@ -57,6 +57,8 @@ MAX_DEPTH = 50
 _CRLF = b"\r\n"
 _HEADER_END = re.compile(rb"\r\n\r\n")
 _BASE64_LINE = 76
+#: A line longer than SMTP's 998 octets (in content whose only CR and LF are CRLF pairs).
+_LONG_LINE = re.compile(rb"[^\r\n]{999}")
 #: The C{message/*} types that may be encoded (RFC 6532 3.5, the RFC 6533 registrations:
 #: quoted-printable or base64 over a 7-bit path), unlike the others (RFC 2046 5.2): UTF-8 text, so
 #: quoted-printable, as a leaf (a message/global is not walked into).
@@ -79,12 +81,14 @@ def isEightBit(data: bytes) -> bool:
 
 def needsEncoding(data: bytes, binary: bool = False) -> bool:
     """Whether C{data}, the content of one entity, cannot go as it is in 7-bit SMTP: 8-bit
-    octets, or (C{binary}) a NUL, or a CR or LF not in a CRLF pair."""
+    octets, or (C{binary}) a NUL, a CR or LF not in a CRLF pair, or a line longer than 998
+    octets (RFC 5321 section 4.5.3.1.6; binary content has no line limit, RFC 3030)."""
     if isEightBit(data):
         return True
     if binary:
         lf = data.count(b"\n")
-        return b"\0" in data or data.count(b"\r") != lf or data.count(b"\r\n") != lf
+        return (b"\0" in data or data.count(b"\r") != lf or data.count(b"\r\n") != lf
+                or _LONG_LINE.search(data) is not None)
     return False
 
 
