@@ -308,18 +308,24 @@ class DeadHops:
         self.per.resume(nexthop)
 
 
-def test_flush_of_one_entry_resumes_only_its_own_suspended_next_hops(tmp_path: Path) -> None:
-    """Flushing one entry (postqueue -i) tries its own suspended next hops again, not every
-    one: Postfix's flush server marks only that queue file (UNTHROTTLE_AFTER), and qmgr
-    unthrottles the queues its recipients resolve to (qmgr_message.c, QMGR_FLUSH_EACH); only
-    postqueue -f and -s send QMGR_REQ_FLUSH_DEAD, which revives every dead destination."""
-    routes = [RouteRule("example.org", "hop", "a.example"),
-              RouteRule("example.net", "hop", "b.example")]
+def deadHopsQueue(tmp_path: Path, routes: list[RouteRule]) -> tuple[QueueHarness, DeadHops]:
+    """A running queue whose C{routes} go to the backend "hop", a L{DeadHops}; a first
+    retry an hour away."""
     h = QueueHarness(tmp_path / "spool", {}, routes=routes, start=False,
                      minBackoff=3600, maxBackoff=3600)
     hop = DeadHops(h.clock)
     h.queue.deliverer.backends["hop"] = hop
     h.queue.startService()
+    return h, hop
+
+
+def test_flush_of_one_entry_resumes_only_its_own_suspended_next_hops(tmp_path: Path) -> None:
+    """Flushing one entry (postqueue -i) tries its own suspended next hops again, not every
+    one: Postfix's flush server marks only that queue file (UNTHROTTLE_AFTER), and qmgr
+    unthrottles the queues its recipients resolve to (qmgr_message.c, QMGR_FLUSH_EACH); only
+    postqueue -f and -s send QMGR_REQ_FLUSH_DEAD, which revives every dead destination."""
+    h, hop = deadHopsQueue(tmp_path, [RouteRule("example.org", "hop", "a.example"),
+                                      RouteRule("example.net", "hop", "b.example")])
     hop.down = {"a.example", "b.example"}
     org = h.submit("alice@example.com", ["bob@example.org"])
     net = h.submit("alice@example.com", ["carol@example.net"])
@@ -1280,12 +1286,7 @@ def test_queue_show_says_the_reason_of_a_suspended_next_hops_deferral(tmp_path: 
     diagnostic as before."""
     from mailrelay.app.cli import printShow
 
-    routes = [RouteRule("example.org", "hop", "a.example")]
-    h = QueueHarness(tmp_path / "spool", {}, routes=routes, start=False,
-                     minBackoff=3600, maxBackoff=3600)
-    hop = DeadHops(h.clock)
-    h.queue.deliverer.backends["hop"] = hop
-    h.queue.startService()
+    h, hop = deadHopsQueue(tmp_path, [RouteRule("example.org", "hop", "a.example")])
     hop.down = {"a.example"}
     first = h.submit("alice@example.com", ["bob@example.org"])
     later = h.submit("alice@example.com", ["carol@example.org"])
