@@ -290,12 +290,15 @@ class DeadHops:
         self.per = PerDestination(1, "test", clock, suspendTime=3600)
         self.down: set[str] = set()
         self.reached: list[str] = []
+        #: The next hops it tried to reach, reached or not.
+        self.tried: list[str] = []
 
     def deliver(self, envelope: Envelope, recipients: Any, route: Route, path: Path) -> Any:
         return self.per.run(route.nexthop, envelope, list(recipients), self._reach,
                             route.nexthop, list(recipients))
 
     def _reach(self, nexthop: str, recipients: list[Any]) -> Any:
+        self.tried.append(nexthop)
         if nexthop in self.down:
             why = RecipientResult("", DeliveryStatus.TRANSIENT, "4.4.1", "X-hop; refused")
             self.per.unreachable(nexthop, why)
@@ -344,6 +347,32 @@ def test_flush_of_one_entry_resumes_only_its_own_suspended_next_hops(tmp_path: P
     # A whole flush revives every suspended next hop, as postqueue -f does.
     assert result(c.flush()) == {"results": [], "count": 2}
     assert sorted(hop.reached) == ["a.example", "b.example", "b.example"]
+
+
+def test_a_whole_flush_tries_a_dead_next_hop_again_once_not_once_per_message(
+    tmp_path: Path,
+) -> None:
+    """A flush of the whole queue (postqueue -f) or of a domain (-s) revives every
+    suspended next hop once, before its messages are tried (Postfix: mail_flush_deferred()
+    and flush_send_path()'s UNTHROTTLE_BEFORE send one QMGR_REQ_FLUSH_DEAD), not once per
+    message as the flush of one entry (-i) does: the first delivery that fails to reach it
+    suspends it again, and its other messages are deferred at once.  Otherwise 50,000
+    messages deferred to a dead next hop are each tried again, a retry storm of 50,000
+    connections, or of 50,000 connect time-outs."""
+    h, hop = deadHopsQueue(tmp_path, [RouteRule("example.org", "hop", "a.example")])
+    hop.down = {"a.example"}
+    ids = [h.submit("alice@example.com", [f"u{i}@example.org"]) for i in range(5)]
+    assert hop.tried == ["a.example"]  # the first one suspended it
+    c = control(h)
+    assert result(c.flush()) == {"results": [], "count": 5}
+    assert hop.tried == ["a.example"] * 2
+    assert result(c.flush(domain="example.org"))["count"] == 5
+    assert hop.tried == ["a.example"] * 3
+    assert all(h.envelope(q).attempts == 3 for q in ids)
+    assert all(h.envelope(q).recipients[0].reason is not None for q in ids[1:])
+    # The flush of one entry still tries its own next hops again.
+    one(h, c.flush([ids[0]]))
+    assert hop.tried == ["a.example"] * 4
 
 
 def test_flush_of_an_entry_being_delivered(tmp_path: Path) -> None:

@@ -21,7 +21,10 @@ import pytest
 
 from tests.harness import RelayProcess, freePort
 from tests.test_e2e_operating import nobodyDirectory, nobodyRuntime  # noqa: F401 - a fixture
-from tests.test_e2e_outbound import nexthop  # noqa: F401 - the aiosmtpd next-hop fixture
+from tests.test_e2e_outbound import (
+    SilentServer,
+    nexthop,  # noqa: F401 - the aiosmtpd next-hop fixture
+)
 
 MAILRELAY = str(Path(sys.executable).with_name("mailrelay"))
 
@@ -241,6 +244,43 @@ def test_flush_tries_a_suspended_next_hop_again(relays, nexthop, command) -> Non
     ok(r, *(c.format(id=second) for c in command))
     r.waitForLog(rf"{second}: to=<bob@example.org>, .*status=sent")
     assert any(b"Subject: second" in m.content for m in hop.to("bob@example.org"))
+
+
+@pytest.mark.parametrize("command", [("queue", "flush"),
+                                     ("queue", "flush", "--domain", "example.org")])
+def test_a_whole_flush_tries_a_dead_next_hop_once_not_once_per_message(
+    relays, command  # noqa: F811
+) -> None:
+    """A flush of the whole queue or of a domain tries a suspended next hop again once
+    (Postfix's postqueue -f and -s: one QMGR_REQ_FLUSH_DEAD), not once per message: the
+    first delivery that fails to reach it again suspends it, and the others are deferred
+    at once.  It made a connection per message: a dead next hop with 50,000 messages
+    deferred got 50,000 connections (each a connect time-out when it drops them)."""
+    dead = SilentServer()  # takes each connection and closes it: no greeting
+    connections: list[int] = []
+
+    def hangUp(conn: Any) -> None:
+        connections.append(1)
+        conn.close()
+
+    dead.serve(hangUp)
+    try:
+        # (One message in delivery at a time: as the 50,000's, most are activated after
+        # the first ones failed to reach it.)
+        r = relays(relayConfig(dead.port, "active_limit = 1\n"
+                                          "[delivery]\ndestination_concurrency = 1\n")).start()
+        first = send(r, "first")
+        r.waitForLog(rf"{first}: to=<bob@example.org>, .*status=deferred")
+        ids = [first, *(send(r, f"more {n}") for n in range(4))]
+        for queueID in ids[1:]:
+            r.waitForLog(rf"{queueID}: to=<bob@example.org>, .*delivery temporarily suspended")
+        assert len(connections) == 1
+        ok(r, *command)
+        for queueID in ids:
+            r.waitForLog(rf"{queueID}: to=<bob@example.org>, .*attempts=2, status=deferred")
+        assert len(connections) == 2, r.log()
+    finally:
+        dead.close()
 
 
 def test_flush_of_one_message_leaves_other_suspended_next_hops_alone(

@@ -435,7 +435,8 @@ class QueueControl:
         """Attempt the entries C{ids} now; or those with a recipient still pending in
         C{domain} (as C{postqueue -s}); or, with neither, every entry not on hold (as
         C{postqueue -f}: the result then has C{count} only).  The entries' own suspended
-        next hops are tried again; with C{domain} or neither, every suspended next hop."""
+        next hops are tried again; with C{domain} or neither, every suspended next hop, once
+        (not once per entry: see L{QueueManager.flushAll})."""
         if ids and domain:
             raise BadRequest("give queue ids or --domain, not both")
         manager = self._ready()
@@ -450,7 +451,9 @@ class QueueControl:
             queueIDs = await self._matching(
                 lambda _, e: any(r.domain.lower() == wanted for r in e.pendingRecipients)
             )
-            return await self._each(queueIDs, lambda q: manager.flush(q, check=False))
+            return await self._each(
+                queueIDs, lambda q: manager.flush(q, check=False, resume=False)
+            )
 
         return await self._serially(work)
 

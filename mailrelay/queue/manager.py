@@ -195,8 +195,10 @@ class QueueManager(Service):
         #: Entries on hold, as far as the manager has seen them (loaded, or held by the
         #: operator): never activated.
         self._held: set[str] = set()
-        #: Entries the operator flushed: their next activation ignores C{nextAttempt}.
-        self._forced: set[str] = set()
+        #: Entries the operator flushed: their next activation ignores C{nextAttempt}; the
+        #: value says whether it tries their own suspended next hops again too (the flush of
+        #: entries by id), or not (a whole flush, or a domain's, revived them all once).
+        self._forced: dict[str, bool] = {}
         #: The envelopes of the entries whose attempt is in progress.
         self._envelopes: dict[str, Envelope] = {}
         #: queue id -> the steps of the wall clock (seconds) since its envelope was stored
@@ -556,8 +558,8 @@ class QueueManager(Service):
         started."""
         if queueID in self._held:
             return False  # released by the operator only
-        forced = queueID in self._forced
-        self._forced.discard(queueID)
+        resume = self._forced.pop(queueID, None)
+        forced = resume is not None
         try:
             envelope = self.spool.loadEnvelope(queueID)
         except ValueError as e:  # not a queue id (SpoolError is no ValueError)
@@ -623,7 +625,7 @@ class QueueManager(Service):
         )
         self.scheduler.begin(queueID)
         self._envelopes[queueID] = envelope
-        attempt = Deferred.fromCoroutine(self._attempt(queueID, envelope, forced))
+        attempt = Deferred.fromCoroutine(self._attempt(queueID, envelope, bool(resume)))
         attempt.addErrback(self._attemptFailed, queueID)
         attempt.addCallback(
             lambda due: Deferred.fromCoroutine(self._afterwards(queueID, envelope, due))
@@ -724,7 +726,8 @@ class QueueManager(Service):
         """Deliver, decide, notify, record.  Return when to schedule the entry next, or
         C{None} when it is gone from the spool.
 
-        @param flushed: the operator flushed the entry (see L{flush})."""
+        @param flushed: the operator flushed the entry by its id: its own suspended next
+            hops are tried again (see L{flush})."""
         if envelope.arrival is None:
             envelope.arrival = self.clock.seconds()
         pending = envelope.pendingRecipients
@@ -947,7 +950,7 @@ class QueueManager(Service):
         """C{queueID} left the spool: forget what the operator said of it, and the clock's
         steps not yet written to it."""
         self._held.discard(queueID)
-        self._forced.discard(queueID)
+        self._forced.pop(queueID, None)
         self._unsaved.pop(queueID, None)
         self._stepped.pop(queueID, None)
 
@@ -1081,7 +1084,7 @@ class QueueManager(Service):
         envelope.held = held
         if held:
             self._held.add(queueID)
-            self._forced.discard(queueID)
+            self._forced.pop(queueID, None)
         else:
             self._held.discard(queueID)
         try:
@@ -1115,7 +1118,7 @@ class QueueManager(Service):
         )
         return Done(True, f"{done} when its delivery attempt in progress ends")
 
-    def flush(self, queueID: str, *, check: bool = True) -> Done:
+    def flush(self, queueID: str, *, check: bool = True, resume: bool = True) -> Done:
         """Attempt C{queueID} now, whatever its next attempt's time (as C{postqueue -i}),
         its own next hops too if they are suspended, but not the others (Postfix's flush
         server marks the one queue file, and qmgr unthrottles the queues its recipients go
@@ -1125,6 +1128,9 @@ class QueueManager(Service):
         @param check: read the entry first (to refuse an unknown id, and to see a hold the
             manager has not seen yet); without, an id that is gone is only logged when its
             turn comes.
+        @param resume: try its own suspended next hops again; not when the caller revived
+            every one just before (L{resumeSuspended}: the flush of a domain), so that the
+            first delivery that fails to reach a dead one again suspends it for the others.
         @raise EntryGone: there is no such entry (with C{check}), or its removal is under way.
         @raise QueueUnavailable: see L{checkReady}.
         """
@@ -1138,7 +1144,7 @@ class QueueManager(Service):
                 self.scheduler.unschedule(queueID)
         if queueID in self._held:
             return Done(False, "on hold (release it first)")
-        self._forced.add(queueID)
+        self._forced[queueID] = resume
         self.scheduler.schedule(queueID, self.clock.seconds())
         self.scheduler.pump()
         return Done(True, "scheduled for delivery now")
@@ -1152,6 +1158,11 @@ class QueueManager(Service):
         """Attempt every entry not on hold now (as C{postqueue -f}), suspended next hops
         too; the number of entries scheduled (those being delivered are not counted).
 
+        Every suspended next hop is revived once, here, as Postfix's C{postqueue -f} sends
+        one C{QMGR_REQ_FLUSH_DEAD} (C{mail_flush_deferred()}), not once per entry: the first
+        delivery that fails to reach a dead one again suspends it, and its other entries are
+        deferred at once rather than each trying it (a retry storm).
+
         @raise QueueUnavailable: see L{checkReady}.
         """
         self.checkReady()
@@ -1160,7 +1171,7 @@ class QueueManager(Service):
         for queueID in self.spool.queueIDs():
             if queueID in self._held or self.isActive(queueID):
                 continue
-            self._forced.add(queueID)
+            self._forced[queueID] = False
             self.scheduler.schedule(queueID, self.clock.seconds())
             count += 1
         self.scheduler.pump()
