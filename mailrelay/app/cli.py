@@ -285,44 +285,71 @@ def _fullTime(seconds: float | None) -> str:
 _MARKS = {"active": "*", "hold": "!", "corrupt": "?"}
 
 
-def printEntries(entries: Sequence[dict[str, Any]], out: TextIO) -> None:
-    """The queue as C{postqueue -p} shows it: a line per message (queue id, C{*} when
-    active, C{!} when on hold; size; arrival; sender), then each recipient, a pending one
-    after its last delay reason, the others with their state."""
-    if not entries:
-        print("Mail queue is empty", file=out)
-        return
-    width = max(len(e["queue_id"]) for e in entries) + 1
-    indent = " " * (width + 1 + 8 + 1 + 19 + 2)
-    print(
-        f"{'-Queue ID-':<{width}} {'--Size--':>8} {'----Arrival Time---':<19}  "
-        "-Sender/Recipient-------",
-        file=out,
-    )
-    size = 0
-    for e in entries:
-        queueID = e["queue_id"] + _MARKS.get(e["queue_name"], "")
-        if e["queue_name"] == "corrupt":
-            print(f"{queueID:<{width}} {'?':>8} {'?':<19}  (unreadable: {e['error']})", file=out)
+class EntryPrinter:
+    """The queue as C{postqueue -p} shows it, printed as its pages come (as Postfix's showq
+    streams it), so that listing a large queue does not hold it in memory: a line per
+    message (queue id, C{*} when active, C{!} when on hold; size; arrival; sender), then
+    each recipient, a pending one after its last delay reason, the others with their state;
+    L{end} prints the total."""
+
+    #: A queue id's width (20 characters: L{mailrelay.spool.ids}) and its mark's.
+    width = 21
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.count = 0
+        self.size = 0
+
+    def entries(self, entries: Sequence[dict[str, Any]]) -> None:
+        """Print C{entries}, the next page of the queue (the heading before the first)."""
+        out, width = self.out, self.width
+        indent = " " * (width + 1 + 8 + 1 + 19 + 2)
+        for e in entries:
+            if not self.count:
+                print(
+                    f"{'-Queue ID-':<{width}} {'--Size--':>8} {'----Arrival Time---':<19}  "
+                    "-Sender/Recipient-------",
+                    file=out,
+                )
+            self.count += 1
+            queueID = e["queue_id"] + _MARKS.get(e["queue_name"], "")
+            if e["queue_name"] == "corrupt":
+                print(
+                    f"{queueID:<{width}} {'?':>8} {'?':<19}  (unreadable: {e['error']})", file=out
+                )
+                print(file=out)
+                continue
+            self.size += e["message_size"]
+            sender = e["sender"] or "MAILER-DAEMON"
+            print(
+                f"{queueID:<{width}} {e['message_size']:>8} {_when(e['arrival_time']):<19}  "
+                f"{sender}",
+                file=out,
+            )
+            for r in e["recipients"]:
+                if r["state"] == "pending":
+                    if r.get("delay_reason"):
+                        print(f"{' ' * (width + 6)}({r['delay_reason']})", file=out)
+                    print(f"{indent}{r['address']}", file=out)
+                else:
+                    print(f"{indent}{r['address']} ({r['state']}, {r['status']})", file=out)
             print(file=out)
-            continue
-        size += e["message_size"]
-        sender = e["sender"] or "MAILER-DAEMON"
-        print(
-            f"{queueID:<{width}} {e['message_size']:>8} {_when(e['arrival_time']):<19}  {sender}",
-            file=out,
-        )
-        for r in e["recipients"]:
-            if r["state"] == "pending":
-                if r.get("delay_reason"):
-                    print(f"{' ' * (width + 6)}({r['delay_reason']})", file=out)
-                print(f"{indent}{r['address']}", file=out)
-            else:
-                print(f"{indent}{r['address']} ({r['state']}, {r['status']})", file=out)
-        print(file=out)
-    count = len(entries)
-    kbytes = (size + 1023) // 1024
-    print(f"-- {kbytes} Kbytes in {count} Request{'s' if count != 1 else ''}.", file=out)
+
+    def end(self) -> None:
+        """Print the total (or that the queue is empty)."""
+        if not self.count:
+            print("Mail queue is empty", file=self.out)
+            return
+        kbytes = (self.size + 1023) // 1024
+        s = "s" if self.count != 1 else ""
+        print(f"-- {kbytes} Kbytes in {self.count} Request{s}.", file=self.out)
+
+
+def printEntries(entries: Sequence[dict[str, Any]], out: TextIO) -> None:
+    """The queue C{entries} as C{postqueue -p} shows it (see L{EntryPrinter})."""
+    printer = EntryPrinter(out)
+    printer.entries(entries)
+    printer.end()
 
 
 def printShow(shown: dict[str, Any], out: TextIO) -> None:
@@ -498,7 +525,7 @@ def _output(value: Any, options: Any, out: TextIO, printer: Callable[[Any, TextI
 async def queueList(session: Session, options: Any, out: TextIO, err: TextIO) -> int:
     from mailrelay.queue.commands import LIST_PAGE, QueueList
 
-    entries: list[dict[str, Any]] = []
+    printer = EntryPrinter(out)
     cursor = None
     while True:
         page = await session.call(QueueList, cursor=cursor, limit=LIST_PAGE)
@@ -506,12 +533,12 @@ async def queueList(session: Session, options: Any, out: TextIO, err: TextIO) ->
             for entry in page["entries"]:
                 _dump(entry, out)
         else:
-            entries.extend(page["entries"])
+            printer.entries(page["entries"])
         cursor = page["next"]
         if cursor is None:
             break
     if not options.json:
-        printEntries(entries, out)
+        printer.end()
     return 0
 
 
