@@ -752,6 +752,51 @@ def test_queue_commands_over_amp(tmp_path: Path) -> None:
         call(client, pump, QueueHold, ids=ids[:1], all_entries=False)
 
 
+def test_a_command_on_every_entry_keeps_only_its_workers_in_memory() -> None:
+    """A command on many entries (hold --all, release --all, delete --all-deferred on a
+    queue of 50,000) runs a few at once (_CONCURRENCY) from one list of ids: it started a
+    coroutine for every id up front, each waiting for its turn, 83 MiB of them for 50,000
+    ids before the first was done (the delivery process grew from 55 to 174 MiB).  Also:
+    once the queue manager becomes unavailable, no further id is tried."""
+    import tracemalloc
+
+    from mailrelay.queue import control as module
+    from mailrelay.queue.manager import Done
+
+    pending: list[Deferred[Done]] = []
+    calls: list[str] = []
+
+    def command(queueID: str) -> Deferred[Done]:
+        calls.append(queueID)
+        pending.append(Deferred())
+        return pending[-1]
+
+    c = object.__new__(QueueControl)
+    ids = [f"01K1HDPTVQRF{n:04d}ZZZZ" for n in range(5000)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        done = Deferred.fromCoroutine(c._each(ids, command))
+        started = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(calls) == module._CONCURRENCY
+    assert started < 1_000_000, f"{started} bytes for {len(ids)} ids waiting"
+    while pending:
+        pending.pop(0).callback(Done(True, "placed on hold"))
+    out = result(done)
+    assert out["count"] == len(ids) and [r["queue_id"] for r in out["results"]] == ids
+    # The queue manager stops meanwhile: the commands in flight end, no other starts.
+    calls.clear()
+    done = Deferred.fromCoroutine(c._each(ids, command))
+    pending.pop(0).errback(QueueUnavailable("the queue manager is stopped"))
+    while pending:
+        pending.pop(0).callback(Done(True, "placed on hold"))
+    with pytest.raises(QueueUnavailable, match="stopped"):
+        result(done)
+    assert len(calls) == module._CONCURRENCY
+
+
 def test_json_argument_round_trip() -> None:
     """A value of any size, split over AMP values of at most 64 KiB."""
     Echo = makeCommand(b"echo", "Echo.", (b"value", JSON()), errors={})

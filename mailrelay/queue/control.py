@@ -25,7 +25,7 @@ import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredLock, DeferredSemaphore, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredLock, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -348,16 +348,14 @@ class QueueControl:
         self, queueIDs: Sequence[str], command: Callable[[str], Any]
     ) -> dict[str, Any]:
         """Run C{command(queueID)} (a L{Done}, or a Deferred or coroutine of one) for each
-        id, a few at once; C{{"results": [{"queue_id", "ok", "changed", "result"}, ...],
-        "count": the number changed}}.  An id given more than once is taken once (as
-        C{postsuper}: not a second command on it while the first runs).  An unknown id, or a
-        failure, is a result that is not ok; the queue manager becoming unavailable stops
-        everything."""
+        id, C{_CONCURRENCY} at once, in order; C{{"results": [{"queue_id", "ok", "changed",
+        "result"}, ...], "count": the number changed}}.  An id given more than once is taken
+        once (as C{postsuper}: not a second command on it while the first runs).  An unknown
+        id, or a failure, is a result that is not ok; the queue manager becoming unavailable
+        stops everything: the commands in flight end, no other starts, and it is raised."""
         queueIDs = list(dict.fromkeys(queueIDs))
-        semaphore = DeferredSemaphore(_CONCURRENCY)
 
         async def one(queueID: str) -> dict[str, Any]:
-            await semaphore.acquire()
             try:
                 done = await Deferred.fromCoroutine(_awaited(command(queueID)))
             except EntryGone:
@@ -375,20 +373,28 @@ class QueueControl:
                     queueID=queueID,
                 )
                 return _failed(queueID, f"failed: {e}")
-            finally:
-                semaphore.release()
             return {"queue_id": queueID, "ok": True, "changed": done.changed, "result": done.text}
 
-        running = [Deferred.fromCoroutine(one(queueID)) for queueID in queueIDs]
-        results = []
-        failure: BaseException | None = None
-        for d in running:
-            try:
-                results.append(await d)
-            except QueueUnavailable as e:
-                failure = failure or e
-        if failure is not None:
-            raise failure
+        # A few workers taking the ids in turn: a coroutine per id, started up front, would
+        # hold tens of MiB for a queue of 50,000 while they wait.
+        results: list[dict[str, Any]] = [{}] * len(queueIDs)
+        todo = iter(enumerate(queueIDs))
+        failures: list[QueueUnavailable] = []
+
+        async def worker() -> None:
+            for index, queueID in todo:
+                if failures:
+                    return
+                try:
+                    results[index] = await one(queueID)
+                except QueueUnavailable as e:
+                    failures.append(e)
+
+        workers = [Deferred.fromCoroutine(worker()) for _ in range(_CONCURRENCY)]
+        for d in workers:
+            await d
+        if failures:
+            raise failures[0]
         return {"results": results, "count": sum(1 for r in results if r["changed"])}
 
     async def _matching(self, predicate: Callable[[str, Envelope], bool]) -> list[str]:
