@@ -797,6 +797,42 @@ def test_a_command_on_every_entry_keeps_only_its_workers_in_memory() -> None:
     assert len(calls) == module._CONCURRENCY
 
 
+def test_the_views_of_the_whole_queue_read_it_a_chunk_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """status, summary and the commands on every entry that matches (release --all,
+    flush --domain, delete --all-deferred) read the queue _SCAN_CHUNK envelopes at a time
+    and look at each chunk before reading the next: they read every envelope of the queue
+    into one list first, 50,000 of them in memory at once for a queue of 50,000 (more with
+    many recipients each), where Postfix's qshape and postsuper read a file at a time."""
+    from mailrelay.queue import control as module
+
+    monkeypatch.setattr(module, "_SCAN_CHUNK", 2, raising=False)
+    h = harness(tmp_path, Hop(), minBackoff=3600, maxBackoff=3600)
+    ids = [h.submit("alice@example.com", [f"u{n}@example.org"]) for n in range(5)]
+    c = control(h)
+    loads: list[str] = []
+    load = h.spool.loadEnvelope
+
+    def counted(queueID: str) -> Envelope:
+        loads.append(queueID)
+        return load(queueID)
+
+    monkeypatch.setattr(h.spool, "loadEnvelope", counted)
+    seen: list[str] = []
+
+    def looked(queueID: str, envelope: Envelope) -> bool:
+        seen.append(queueID)
+        assert len(loads) - len(seen) < 2, (loads, seen)
+        return queueID != ids[2]
+
+    assert result(c._matching(looked)) == [q for q in ids if q != ids[2]]
+    assert seen == ids == loads
+    status = result(c.status())
+    assert status["messages"] == 5 and status["recipients"] == 5
+    assert result(c.summary())["total"][0] == 5
+
+
 def test_json_argument_round_trip() -> None:
     """A value of any size, split over AMP values of at most 64 KiB."""
     Echo = makeCommand(b"echo", "Echo.", (b"value", JSON()), errors={})

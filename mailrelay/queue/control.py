@@ -22,7 +22,7 @@ Each queued message is in one of Postfix's queues, by C{queue_name}:
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredLock, maybeDeferred
@@ -62,6 +62,9 @@ SHOW_LIMIT = 1024 * 1024
 #: Commands on many entries run this many at once (so that their envelope updates share the
 #: spool's group commits).
 _CONCURRENCY = 64
+
+#: The envelopes read at a time by the views of the whole queue (L{QueueControl._scan}).
+_SCAN_CHUNK = 500
 
 
 class UnknownEntry(Exception):
@@ -196,11 +199,16 @@ class QueueControl:
                 loaded.append((queueID, e))
         return loaded
 
-    def _scan(self) -> Deferred[list[tuple[str, Envelope | Exception]]]:
-        """Every entry's envelope (or why it cannot be read), read in a thread."""
-        return self._deferToThread(lambda: self._loadAll(self.spool.queueIDs())).addCallback(
-            self._current
-        )
+    async def _scan(self) -> AsyncIterator[tuple[str, Envelope | Exception]]:
+        """Every entry's envelope (or why it cannot be read), oldest first, read in a
+        thread C{_SCAN_CHUNK} at a time, each chunk looked at before the next is read: a
+        large queue is never in memory all at once (as Postfix's tools read a queue file at
+        a time)."""
+        queueIDs = await self._deferToThread(self.spool.queueIDs)
+        for start in range(0, len(queueIDs), _SCAN_CHUNK):
+            chunk = queueIDs[start : start + _SCAN_CHUNK]
+            for item in self._current(await self._deferToThread(self._loadAll, chunk)):
+                yield item
 
     def _current(
         self, loaded: list[tuple[str, Envelope | Exception]]
@@ -280,12 +288,11 @@ class QueueControl:
             raise BadRequest(
                 f"unknown queue {unknown[0]!r}; the queues are: {', '.join(QUEUE_NAMES)}"
             )
-        loaded = await self._scan()
         now = self.clock.seconds()
         width = len(AGE_BUCKETS) + 1
         total = [0] * (width + 1)
         rows: dict[str, list[int]] = {}
-        for queueID, envelope in loaded:
+        async for queueID, envelope in self._scan():
             if isinstance(envelope, Exception):
                 continue
             if states and queueName(envelope, self._isActive(queueID)) not in states:
@@ -310,10 +317,10 @@ class QueueControl:
         for the queue lock}, ... or why none runs), C{pid} (of the process it runs in),
         C{messages} (queued), C{recipients} (still pending) and C{queues} (messages by
         queue, L{QUEUE_NAMES})."""
-        loaded = await self._scan()
         queues = dict.fromkeys(QUEUE_NAMES, 0)
-        recipients = 0
-        for queueID, envelope in loaded:
+        recipients = messages = 0
+        async for queueID, envelope in self._scan():
+            messages += 1
             if isinstance(envelope, Exception):
                 queues["corrupt"] += 1
                 continue
@@ -323,7 +330,7 @@ class QueueControl:
         return {
             "manager": manager.state() if manager is not None else self.unavailable,
             "pid": os.getpid(),
-            "messages": len(loaded),
+            "messages": messages,
             "recipients": recipients,
             "queues": queues,
         }
@@ -401,7 +408,7 @@ class QueueControl:
         """The queue ids of the readable entries C{predicate(queueID, envelope)} accepts."""
         return [
             queueID
-            for queueID, envelope in await self._scan()
+            async for queueID, envelope in self._scan()
             if not isinstance(envelope, Exception) and predicate(queueID, envelope)
         ]
 
