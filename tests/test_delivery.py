@@ -3316,3 +3316,19 @@ def test_a_requiretls_message_skips_a_fallback_relay_not_found_securely() -> Non
     (r,) = result(backend.deliver(env, env.recipients, route, Path("/nonexistent")))
     assert (r.status, r.diagnostic) == (
         TRANSIENT, "X-mailrelay; connection refused by 192.0.2.40")
+
+
+def test_fallback_relay_configuration_problem_names_the_server_that_refused() -> None:
+    """The 4.3.5 deferral of a refusal by the last fallback relay (Postfix's
+    'smtp_fallback_relay configuration problem') keeps the address of the server that said
+    it and where it was, as every other result of a server's reply does: the notices and
+    the queue listing name it 'mx.example.net[192.0.2.30]' (smtp_proto.c's namaddr)."""
+    backend, net, clock, mx = smtpBackend(
+        fallbackRelay=("example.net",), connectionCacheTime=0)
+    _refuseAll(net, "192.0.2.1", "2001:db8::1", "192.0.2.2")
+    refused = _refusedHello("mx.example.net")
+    refused.remoteAddress, refused.relay = "192.0.2.30", "mx.example.net[192.0.2.30]:25"
+    net.connectBehaviour["192.0.2.30"] = refused
+    (r,) = result(send(backend, "example.org", "a@example.org"))
+    assert (r.status, r.code, r.remoteMTA) == (TRANSIENT, "4.3.5", "dns; mx.example.net")
+    assert (r.remoteAddress, r.relay) == ("192.0.2.30", "mx.example.net[192.0.2.30]:25")

@@ -96,3 +96,20 @@ def test_a_5xx_from_the_destination_bounces_and_the_fallback_is_unused(
     assert unfold(block["Diagnostic-Code"]) == "smtp; 550 5.1.1 no such user"
     assert primary.accepted == []
     waitEmpty(r)
+
+
+def test_the_last_fallback_relay_refusing_hello_defers_naming_it(relay, nexthop, dns) -> None:  # noqa: F811
+    """The last fallback relay refusing HELO with a 5xx defers the mail (4.3.5, Postfix's
+    'smtp_fallback_relay configuration problem'); the deferral's relay= names the relay
+    that refused, as any other server reply's result does."""
+    refusing = ScriptedServer(EHLO=b"550 5.7.1 not you\r\n", HELO=b"550 5.7.1 not you\r\n")
+    try:
+        route = {**smtpRoute("example.org", freePort()),
+                 "fallback_relay": [f"[127.0.0.1]:{refusing.port}"]}
+        r = relay(config(dns, queue={"min_backoff": 300, "max_backoff": 600}, routes=[route]))
+        qid = submit(r, "alice@sender.test", ["bob@example.org"], message("refused"))
+        m = waitResult(r, qid, "bob@example.org", "deferred")
+        assert m["relay"] == f"127.0.0.1[127.0.0.1]:{refusing.port}", m[0]
+        assert "550 5.7.1 not you" in m[0], m[0]
+    finally:
+        refusing.close()

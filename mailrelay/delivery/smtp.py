@@ -1103,7 +1103,8 @@ class SMTPBackend(ClientBackend):
         deferred with 4.3.5 and its diagnostic, as Postfix's smtp_connect_inet(); those an
         earlier host delivered or refused keep that result."""
         deferred = resultsForAll(recipients, DeliveryStatus.TRANSIENT, "4.3.5",
-                                 error.diagnostic, error.remoteMTA, error.command)
+                                 error.diagnostic, error.remoteMTA, error.command,
+                                 remoteAddress=error.remoteAddress, relay=error.relay)
         if tried.deferred is None:
             return deferred
         return [mine if r.status is DeliveryStatus.TRANSIENT else r
