@@ -145,6 +145,32 @@ def test_postmaster_mail_a_sender_route_takes_is_accepted(
     assert received.rcptTos == ["postmaster@relay.test"]  # (the same address twice: once)
 
 
+def _canonicalRelay(dns: Any, relay: Any, nexthop: Any, tmp_path: Any,  # noqa: F811
+                    text: str) -> tuple[Any, Any, Any]:
+    """A relay whose sender route of @a.example goes to a next hop, with sender-canonical
+    rewriting the envelope sender by a table of C{text}: the relay, the next hop, the
+    table's path."""
+    hop, port = nexthop()
+    table = tmp_path / "canonical"
+    table.write_text(text)
+    r = relay(config(dns) + (f'[[sender_routes]]\nsender = "@a.example"\n'
+                             f'nexthop = "[127.0.0.1]:{port}"\ntls = "none"\n'
+                             f'[[plugins]]\nplugin = "sender-canonical"\nmap = "{table}"\n'
+                             'classes = ["envelope_sender"]\n'))
+    return r, hop, table
+
+
+def _sendsToPostmaster(s: smtplib.SMTP, hop: Any, sender: str, routedAs: str) -> None:
+    """Mail from C{sender} to postmaster@relay.test is accepted on C{s} and reaches C{hop}
+    from C{routedAs}."""
+    assert s.mail(sender)[0] == 250
+    assert s.rcpt("postmaster@relay.test") == (250, b"2.1.5 Ok")
+    code, reply = s.data(b"Subject: hello postmaster\r\n\r\nHello.\r\n")
+    assert code == 250, reply
+    (received,) = hop.waitTo("postmaster@relay.test")
+    assert received.mailFrom == routedAs
+
+
 def test_postmaster_mail_is_judged_by_the_sender_sender_canonical_makes(
     dns, relay, nexthop, tmp_path,  # noqa: F811 - fixtures
 ) -> None:
@@ -152,21 +178,28 @@ def test_postmaster_mail_is_judged_by_the_sender_sender_canonical_makes(
     route by: root@web1.internal, which sender-canonical rewrites to ops@a.example at the
     end of data, has its mail to postmaster accepted (the sender route of @a.example takes
     it, as it does at delivery), where it was refused as having nowhere to go."""
-    hop, port = nexthop()
-    table = tmp_path / "canonical"
-    table.write_text("root@web1.internal ops@a.example\n")
-    r = relay(config(dns) + (f'[[sender_routes]]\nsender = "@a.example"\n'
-                             f'nexthop = "[127.0.0.1]:{port}"\ntls = "none"\n'
-                             f'[[plugins]]\nplugin = "sender-canonical"\nmap = "{table}"\n'
-                             'classes = ["envelope_sender"]\n'))
+    r, hop, table = _canonicalRelay(dns, relay, nexthop, tmp_path, "root@web1.internal ops@a.example\n")
     with smtplib.SMTP("127.0.0.1", r.port, timeout=15) as s:
         s.ehlo("client.test")
         assert s.mail("bob@web1.internal")[0] == 250
         assert s.rcpt("postmaster@relay.test")[0] == 550
         s.rset()
+        _sendsToPostmaster(s, hop, "root@web1.internal", "ops@a.example")
+
+
+def test_postmaster_mail_is_judged_by_the_canonical_table_as_it_is_now(
+    dns, relay, nexthop, tmp_path,  # noqa: F811 - fixtures
+) -> None:
+    """The sender-canonical map is read again when its file changes (no reload needed):
+    the postmaster rule at RCPT asks with the map as it is then, as the message's filter
+    will rewrite, not with the map the process read for its last message -- here the one
+    of its start, as it only refused postmaster mail since."""
+    r, hop, table = _canonicalRelay(dns, relay, nexthop, tmp_path, "bob@web1.internal bob@web1.internal\n")
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=15) as s:
+        s.ehlo("client.test")
         assert s.mail("root@web1.internal")[0] == 250
-        assert s.rcpt("postmaster@relay.test") == (250, b"2.1.5 Ok")
-        code, reply = s.data(b"Subject: hello postmaster\r\n\r\nHello.\r\n")
-        assert code == 250, reply
-    (received,) = hop.waitTo("postmaster@relay.test")
-    assert received.mailFrom == "ops@a.example"
+        assert s.rcpt("postmaster@relay.test")[0] == 550
+    table.write_text("root@web1.internal ops@a.example\n")
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=15) as s:
+        s.ehlo("client.test")
+        _sendsToPostmaster(s, hop, "root@web1.internal", "ops@a.example")

@@ -626,25 +626,17 @@ def test_utf8_header_fields_the_relay_adds_or_does_not_see_count_too() -> None:
     assert h.spool.committed == {}
 
 
-@pytest.mark.parametrize("classes,accepted", [
-    ('["envelope_sender"]', True), ('["header_sender"]', False)])
-def test_postmaster_rule_asks_with_the_sender_sender_canonical_makes(
-        tmp_path: Any, classes: str, accepted: bool) -> None:
-    """The postmaster rule at RCPT asks the routing table with the sender the delivery will
-    route by: the one sender-canonical (envelope_sender) will make of MAIL FROM at the end of
-    data, not MAIL FROM as given.  root@web1.internal rewritten to ops@a.example is taken by
-    the sender route of @a.example: accepted (without the envelope rewriting, refused as
-    having nowhere to go, as the delivery would find).  (Postfix's smtpd resolves with the
-    sender as given, its cleanup rewrites later; it never refuses postmaster mail.)"""
+def _postmasterVerdict(tmp_path: Any, table: Any, classes: str) -> Any:
+    """The verdict at RCPT on postmaster@relay.test of a relay whose sender route takes
+    the mail of @a.example, with a sender-canonical entry of C{table} rewriting C{classes},
+    as a function of the sender (and whether the message is SMTPUTF8)."""
     from mailrelay.app.listeners import makeRecipientPolicy
     from mailrelay.app.plugins import availablePlugins, pluginBuilder
     from mailrelay.config.plugins import buildHooks
 
-    (tmp_path / "canonical").write_text("root@web1.internal ops@a.example\n"
-                                        "@utf8.internal pöstmaster@a.example\n")
     config = _postmasterConfig(
         tmp_path, SENDER_ROUTE + '[[plugins]]\nplugin = "sender-canonical"\n'
-        f'map = "{tmp_path / "canonical"}"\nclasses = {classes}\n')
+        f'map = "{table}"\nclasses = {classes}\n')
     hooks = buildHooks(config, pluginBuilder(config, Clock(), availablePlugins()), "relay")
     policy = makeRecipientPolicy(config, Clock(), hooks)
     info = ClientInfo(address="192.0.2.1", relayAllowed=False)
@@ -656,9 +648,45 @@ def test_postmaster_rule_asks_with_the_sender_sender_canonical_makes(
                      Recipient(str(mailbox)), mailbox).addBoth(verdicts.append)
         return verdicts[0].kind
 
+    return verdict
+
+
+@pytest.mark.parametrize("classes,accepted", [
+    ('["envelope_sender"]', True), ('["header_sender"]', False)])
+def test_postmaster_rule_asks_with_the_sender_sender_canonical_makes(
+        tmp_path: Any, classes: str, accepted: bool) -> None:
+    """The postmaster rule at RCPT asks the routing table with the sender the delivery will
+    route by: the one sender-canonical (envelope_sender) will make of MAIL FROM at the end of
+    data, not MAIL FROM as given.  root@web1.internal rewritten to ops@a.example is taken by
+    the sender route of @a.example: accepted (without the envelope rewriting, refused as
+    having nowhere to go, as the delivery would find).  (Postfix's smtpd resolves with the
+    sender as given, its cleanup rewrites later; it never refuses postmaster mail.)"""
+    (tmp_path / "canonical").write_text("root@web1.internal ops@a.example\n"
+                                        "@utf8.internal pöstmaster@a.example\n")
+    verdict = _postmasterVerdict(tmp_path, tmp_path / "canonical", classes)
     assert (verdict("root@web1.internal") is VerdictKind.CONTINUE) is accepted
     assert verdict("bob@web1.internal") is VerdictKind.REJECT
     assert verdict("alice@a.example") is VerdictKind.CONTINUE
     # A result the message may not carry (not SMTPUTF8) is not made: not asked with it.
     assert verdict("x@utf8.internal") is VerdictKind.REJECT
     assert (verdict("x@utf8.internal", True) is VerdictKind.CONTINUE) is accepted
+
+
+def test_postmaster_rule_asks_with_the_canonical_table_as_it_is_now(tmp_path: Any) -> None:
+    """The sender-canonical table a message's filter will use is the file as it is at the
+    end of data (read again when it changed): the postmaster rule at RCPT asks with that
+    table too, not the one a process last read for a message -- in a process that only
+    refuses postmaster mail, that could be the table of its start, forever.  A changed
+    file that cannot be used leaves the table before in use, and says why."""
+    table = tmp_path / "canonical"
+    table.write_text("root@web1.internal ops@a.example\n")
+    verdict = _postmasterVerdict(tmp_path, table, '["envelope_sender"]')
+    assert verdict("root@web1.internal") is VerdictKind.CONTINUE
+    table.write_text("# root@web1.internal ops@a.example\nbob@web1.internal ops@a.example\n")
+    assert verdict("root@web1.internal") is VerdictKind.REJECT
+    assert verdict("bob@web1.internal") is VerdictKind.CONTINUE
+    table.write_text("bad line without a result\n")
+    with capturedLogs() as events:
+        assert verdict("bob@web1.internal") is VerdictKind.CONTINUE
+    (said,) = [formatEvent(e) for e in events if "sender-canonical" in formatEvent(e)]
+    assert said.startswith(f"sender-canonical: the map {table} changed but cannot be used")

@@ -28,7 +28,7 @@ from mailrelay.delivery.maildir import MaildirUsers, needsUsers
 from mailrelay.endpoints import socketKey
 from mailrelay.envelope import Envelope
 from mailrelay.errors import ConfigError
-from mailrelay.interfaces import IHeaderStamper, IRateLimiter, ISpool
+from mailrelay.interfaces import IHeaderStamper, IRateLimiter, ISpool, threadHandOff
 from mailrelay.policy.chain import RecipientPolicy, RelayControl
 from mailrelay.receive.limits import ConnectionCount, MemoryRateLimiter
 from mailrelay.receive.listener import (
@@ -369,25 +369,42 @@ def makeRecipientPolicy(config: Config, reactor: Any, hooks: HookPlugins) -> Rec
                          else lambda sender: not byOwnMX(sender))
     return RecipientPolicy(
         relay, hooks.serving("rcpt"), reactor, mailboxes=_maildirUsers(config, reactor),
-        deliverySender=_deliverySender(hooks),
+        deliverySender=_deliverySender(hooks, threadHandOff(reactor)),
     )
 
 
-def _deliverySender(hooks: HookPlugins) -> Callable[[Envelope], str] | None:
+def _deliverySender(
+    hooks: HookPlugins, deferToThread: Callable[..., Deferred[Any]]
+) -> Callable[[Envelope], Deferred[str]] | None:
     """The envelope sender the delivery will route a message by, from its envelope at RCPT:
     MAIL FROM as the C{sender-canonical} entries among the message filters will rewrite it
-    at the end of data, in their order (C{None}: none rewrites the envelope sender).  Other
-    filters may rewrite it too (C{FilterResult.sender}), but cannot be asked before."""
+    at the end of data, in their order, each by its table as it is now (its file read again
+    in the thread pool, C{deferToThread}, if it changed: L{SenderCanonical.envelopeSender});
+    C{None}: none rewrites the envelope sender.  Other filters may rewrite it too
+    (C{FilterResult.sender}), but cannot be asked before."""
     rewriters = [c.plugin for c in hooks.serving("message")
                  if isinstance(c.plugin, SenderCanonical) and "envelope_sender" in c.plugin.classes]
     if not rewriters:
         return None
 
-    def deliverySender(envelope: Envelope) -> str:
-        sender = envelope.sender
+    def rewritten(sender: str, smtputf8: bool) -> tuple[str, list[tuple[str, str]]]:
+        problems = []
         for rewriter in rewriters:
-            sender = rewriter.envelopeSender(sender, bool(envelope.smtputf8))
+            sender, problem = rewriter.envelopeSender(sender, smtputf8)
+            if problem is not None:
+                problems.append((rewriter.table.path, problem))
+        return sender, problems
+
+    def said(answer: tuple[str, list[tuple[str, str]]]) -> str:
+        sender, problems = answer
+        for path, problem in problems:  # (of the map, said once: no message has a queue id yet)
+            log.error("sender-canonical: the map {path} changed but cannot be used, kept the "
+                      "one read before: {problem}", path=path, problem=problem)
         return sender
+
+    def deliverySender(envelope: Envelope) -> Deferred[str]:
+        d = deferToThread(rewritten, envelope.sender, bool(envelope.smtputf8))
+        return d.addCallback(said)
 
     return deliverySender
 

@@ -145,17 +145,20 @@ class SenderCanonical:
     def __repr__(self) -> str:
         return f"<SenderCanonical {self.table.path}: {', '.join(sorted(self.classes))}>"
 
-    def envelopeSender(self, sender: str, smtputf8: bool) -> str:
-        """The envelope sender this filter will give a message whose sender is C{sender}
-        (C{smtputf8}: the message is SMTPUTF8), by the table as last read (no file access:
-        the reactor calls it, for the rule of postmaster mail at RCPT, which asks the
-        routing table with the sender the delivery will route by)."""
+    def envelopeSender(self, sender: str, smtputf8: bool) -> tuple[str, str | None]:
+        """The envelope sender this filter would give now a message whose sender is
+        C{sender} (C{smtputf8}: the message is SMTPUTF8), by the table as L{rewrite} would
+        use it: read again first if its file changed (for the rule of postmaster mail at
+        RCPT, which asks the routing table with the sender the delivery will route by); and
+        what is wrong with the changed file (C{None}: nothing, or told already).  Blocking:
+        run in the thread pool."""
         if "envelope_sender" not in self.classes or not sender:
-            return sender
-        new = self.table.table.lookup(sender, self.localDomains, self.delimiters)
+            return sender, None
+        table, problem = self.table.current()
+        new = table.lookup(sender, self.localDomains, self.delimiters)
         if new is None or not (smtputf8 or new.isascii()):
-            return sender
-        return new
+            return sender, problem
+        return new, problem
 
     def filterMessage(self, context: Any) -> Any:
         envelope = context.envelope

@@ -76,12 +76,15 @@ class RelayControl:
             return False
         return any(addr.version == net.version and addr in net for net in self.networks)
 
+    def isPostmaster(self, mailbox: Mailbox) -> bool:
+        """Whether C{mailbox} is C{postmaster@hostname} (the rule of L{check} that asks
+        for the sender)."""
+        return mailbox.localPart.lower() == "postmaster" and mailbox.domain == self.hostname
+
     def check(self, client: ClientInfo, mailbox: Mailbox, sender: str | None = None) -> Verdict:
         """CONTINUE when the recipient passes relay control, else 554 5.7.1 (or 550 5.1.1
         for a postmaster with nowhere to go from C{sender}, the envelope's)."""
-        isPostmaster = (
-            mailbox.localPart.lower() == "postmaster" and mailbox.domain == self.hostname
-        )
+        isPostmaster = self.isPostmaster(mailbox)
         deliverable = self.postmasterDeliverable
         if isPostmaster and not (deliverable(sender) if callable(deliverable) else deliverable):
             return NO_POSTMASTER
@@ -112,7 +115,7 @@ class RecipientPolicy:
         validators: Sequence[ConfiguredPlugin],
         clock: Any,
         mailboxes: Any = None,
-        deliverySender: Callable[[Envelope], str] | None = None,
+        deliverySender: Callable[[Envelope], Deferred[str]] | None = None,
     ) -> None:
         """
         @param mailboxes: asked last, about each recipient the validators did not refuse:
@@ -121,7 +124,7 @@ class RecipientPolicy:
             L{mailrelay.delivery.maildir.MaildirUsers}); or C{None}.
         @param deliverySender: the envelope sender the delivery will route the message by,
             from its envelope at RCPT (the sender as the message filters will rewrite it:
-            C{sender-canonical}), asked by the rule of postmaster mail
+            C{sender-canonical}), as a Deferred, asked for the rule of postmaster mail only
             (L{RelayControl.postmasterDeliverable}); C{None}: the sender as given.
         @raise TypeError: a validator does not provide L{IRecipientValidator}.
         """
@@ -139,7 +142,15 @@ class RecipientPolicy:
     def check(
         self, client: ClientInfo, envelope: Envelope, recipient: Recipient, mailbox: Mailbox
     ) -> Deferred[Verdict]:
-        sender = envelope.sender if self.deliverySender is None else self.deliverySender(envelope)
+        if self.deliverySender is not None and self.relay.isPostmaster(mailbox):
+            d = self.deliverySender(envelope)
+            return d.addCallback(
+                lambda sender: self._check(client, envelope, recipient, mailbox, sender))
+        return self._check(client, envelope, recipient, mailbox, envelope.sender)
+
+    def _check(self, client: ClientInfo, envelope: Envelope, recipient: Recipient,
+               mailbox: Mailbox, sender: str) -> Deferred[Verdict]:
+        """L{check}, C{sender} the one the delivery will route by."""
         verdict = self.relay.check(client, mailbox, sender)
         if verdict.kind is not VerdictKind.CONTINUE:
             return succeed(verdict)
