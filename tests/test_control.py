@@ -1752,3 +1752,25 @@ def test_show_prints_the_message_a_success_notice_is_of() -> None:
     assert text.index("notice_of:") < text.index("recipient: ")
     notice.noticeOf = None
     assert "notice_of" not in show(notice)
+
+
+def test_show_prints_the_address_of_the_server_that_gave_a_recipients_status() -> None:
+    """C{queue show} says which server gave a recipient's last status as the notices name
+    it (cf0a193: C{mx.example.org[192.0.2.1]}): its Remote-MTA, and beside it the address
+    the status came from (C{remoteAddress}), where one is recorded."""
+    from mailrelay.app.cli import printShow
+    from mailrelay.envelope import Recipient
+    from mailrelay.queue.control import entryInfo
+
+    envelope = Envelope(sender="alice@example.com", arrival=1e9, attempts=1, recipients=[
+        Recipient("bob@example.org", attempts=1, status="4.4.2", remoteMTA="dns; mx.example.org",
+                  lastResult="smtp; 421 4.4.2 busy", remoteAddress="192.0.2.1"),
+        Recipient("carol@example.org", attempts=1, status="4.4.2", remoteMTA="dns; mx.example.org",
+                  lastResult="smtp; 421 4.4.2 busy")])
+    shown = {"entry": entryInfo("Q1", envelope, False), "envelope": envelope.toDict(),
+             "headers": "Subject: hi\r\n"}
+    out = io.StringIO()
+    printShow(shown, out)
+    bob, carol = out.getvalue().split("recipient: ")[1:]
+    assert "  remote_mta: dns; mx.example.org\n  remote_address: 192.0.2.1\n" in bob
+    assert "  remote_mta: dns; mx.example.org\n" in carol and "remote_address" not in carol

@@ -844,3 +844,17 @@ def test_status_and_reload_name_a_relative_configuration_absolutely(relays) -> N
     assert json.loads(ok(r, "status", "--json"))["config"] == str(path)
     assert ok(r, "reload") == f"mailrelay: configuration reloaded from {path}\n"
     assert f"configuration: {path}\n" in ok(r, "status")
+
+
+def test_show_names_the_server_that_deferred_a_recipient(relays, nexthop) -> None:  # noqa: F811
+    """queue show says which server gave a recipient's last status: its Remote-MTA and the
+    address it answered from, as the notices name it (name[address])."""
+    port = freePort()
+    hop, _ = nexthop(port=port)
+    hop.rcptReply = lambda address: "450 4.2.1 busy"
+    r = relays(relayConfig(port)).start()
+    queued = send(r, "busy")
+    r.waitForLog(rf"{queued}: to=<bob@example.org>, .*status=deferred")
+    shown = ok(r, "queue", "show", queued)
+    assert re.search(r"^  remote_mta: dns; \[127\.0\.0\.1\]\n  remote_address: 127\.0\.0\.1$",
+                     shown, re.M), shown

@@ -401,6 +401,8 @@ def printShow(shown: dict[str, Any], out: TextIO) -> None:
                 print(f"  diagnostic: {r['lastResult']}", file=out)
         if r.get("remoteMTA"):
             print(f"  remote_mta: {r['remoteMTA']}", file=out)
+            if r.get("remoteAddress"):  # (the address its status came from: name[address])
+                print(f"  remote_address: {r['remoteAddress']}", file=out)
         if r.get("noticeOwed"):
             print(f"  notice_owed: {r['noticeOwed']} (queue id {r.get('noticeID')})", file=out)
     print(f"*** MESSAGE CONTENTS {e['queue_name']}/{queueID} ***", file=out)
