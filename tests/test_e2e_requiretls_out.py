@@ -27,7 +27,7 @@ from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP
 
 from tests.harness import DNSServer, RelayProcess
-from tests.test_e2e_outbound import Recorder, _TCPController, parseReport
+from tests.test_e2e_outbound import Recorder, ScriptedServer, _TCPController, parseReport
 
 
 @pytest.fixture(scope="module")
@@ -239,3 +239,29 @@ def test_requiretls_not_sent_to_an_lmtp_server_over_tcp_without_tls(
         assert (block["Action"], block["Status"]) == ("failed", "5.7.30")
     finally:
         r.stop()
+
+
+def test_requiretls_returned_when_no_fallback_relay_can_carry_it(
+    tmp_path: Path, dns, smarthost
+) -> None:
+    """A route's fallback relay found by an MX lookup that cannot be secured here cannot
+    carry a REQUIRETLS message: when the route's next hop does not offer STARTTLS, the
+    message is returned (5.7.30) at once, as without the fallback relay, not deferred
+    until it expires."""
+    _, port, caFile = smarthost()
+    plain = ScriptedServer()
+    try:
+        route = (f'[[routes]]\ndomain = "example.org"\nbackend = "smtp"\n'
+                 f'nexthop = "[127.0.0.1]:{plain.port}"\n'
+                 'fallback_relay = ["fallback.example"]\n')
+        r, qid = _queueHeld(tmp_path, dns, port, caFile, "may", SECRET, requireTLS=True,
+                            routes=route)
+        try:
+            m = r.waitForLog(rf"{qid}: to=<bob@example\.org>.*status=(\w+) \((.*)\)")
+            assert m.group(1) == "bounced", m.group(0)
+            assert "(REQUIRETLS support required)" in m.group(2), m.group(0)
+            r.waitForLog(rf"{qid}: REQUIRETLS: fallback relay fallback\.example not used")
+        finally:
+            r.stop()
+    finally:
+        plain.close()

@@ -369,3 +369,30 @@ def test_tlsRequiredNoRelaxesARequiredPolicy(tmp_path: Path) -> None:
     backend, net, _, _ = smtpBackend()
     deliver(backend, envelope(False), "[relay.example]:587", path, required)
     assert net.attempts[0][3].tls == "required"
+
+
+def test_requireTLSNoFallbackRelayToGoOnToIsReturned(message: Path) -> None:
+    """A REQUIRETLS message no host of its next hop gave verified TLS is returned (5.7.30)
+    when none of the route's fallback relays can carry it (found by an MX lookup that
+    cannot be secured here): as without fallback relays, not deferred until it expires --
+    no later attempt could go anywhere else.  A fallback relay that can carry it is still
+    tried."""
+    from tests.test_delivery import connectError
+
+    for fallbacks in (None, ("example.org",)):
+        backend, net, _, _ = smtpBackend(connectionCacheTime=0)
+        net.connectBehaviour["192.0.2.40"] = connectError(
+            "4.7.4", "X-mailrelay; TLS is required, but relay.example does not offer STARTTLS")
+        options = RouteOptions(fallbackRelay=fallbacks)
+        (r,) = deliver(backend, envelope(), "[relay.example]:587", message, options)
+        assert (r.status, r.code) == (PERMANENT, "5.7.30"), (fallbacks, r)
+        assert [a[0] for a in net.attempts] == ["192.0.2.40"]
+    backend, net, _, mx = smtpBackend(connectionCacheTime=0)
+    net.connectBehaviour["192.0.2.40"] = connectError(
+        "4.7.4", "X-mailrelay; TLS is required, but relay.example does not offer STARTTLS")
+    mx.answers = {**HOSTS, "[192.0.2.2]": [MXHost("192.0.2.2", "192.0.2.2", 25)]}
+    options = RouteOptions(fallbackRelay=("example.org", "[192.0.2.2]"))
+    (r,) = deliver(backend, envelope(), "[relay.example]:587", message, options)
+    assert r.status is DELIVERED
+    assert [(a[0], a[3].tls) for a in net.attempts] == [
+        ("192.0.2.40", "required"), ("192.0.2.2", "required")]

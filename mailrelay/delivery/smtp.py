@@ -444,6 +444,8 @@ class SMTPBackend(ClientBackend):
         """Deliver along C{route} (see L{ClientBackend._deliverAlong}), then to its fallback
         relays (L{_toFallbacks}) the recipients it deferred."""
         relays = self._fallbacksFor(route, recipients)
+        if envelope.requireTLS:
+            relays = self._securelyFound(envelope, relays)
         if not relays:
             return super()._deliverAlong(envelope, recipients, route, settings, messagePath,
                                          done, started)
@@ -456,6 +458,22 @@ class SMTPBackend(ClientBackend):
         d.addCallback(self._toFallbacks, relays, hop, envelope, recipients, route.nexthop,
                       settings, messagePath, done)
         return d
+
+    def _securelyFound(self, envelope: Any, relays: tuple[str, ...]) -> tuple[str, ...]:
+        """The fallback relays among C{relays} that can carry a REQUIRETLS message: those
+        found securely enough (L{_insecureLookup}; the others are logged).  Known before
+        the next hop is tried, so that without any it is the final one, and a message none
+        of its hosts gave verified TLS is returned (5.7.30) rather than deferred: no later
+        attempt could go elsewhere (RFC 8689 section 4.2.1)."""
+        usable = []
+        for relay in relays:
+            why = self._insecureLookup(relay)
+            if why is None:
+                usable.append(relay)
+            else:
+                log.info("{queueID}: REQUIRETLS: fallback relay {relay} not used: {why}",
+                         queueID=envelope.queueID, relay=relay, why=why)
+        return tuple(usable)
 
     @inlineCallbacks
     def _toFallbacks(
