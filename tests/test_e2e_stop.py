@@ -21,6 +21,7 @@ import smtplib
 import subprocess
 import time
 from collections import Counter
+from typing import Any
 
 from tests.conftest import deliveryPIDs
 
@@ -274,22 +275,16 @@ slowStart = MailRelayPlugin("slow-start", IConnectionPolicy, "Starts slowly", "s
 '''
 
 
-def test_a_sigterm_during_the_start_is_a_clean_stop(relays, tmp_path) -> None:
-    """Found by a review: a SIGTERM in the first instants of a start (systemd's stop just
-    after a start, a restart) came before Twisted installs its handlers, as the reactor
-    runs: it killed the relay on the spot, leaving its control socket (replaced at the
-    next start) and the pid file.  Here it comes as twistd starts the relay's services
-    (a plugin's service taking two seconds), after the control socket is made: the relay
-    finishes starting, then stops as at any SIGTERM -- saying so, its children stopped,
-    its socket removed, no traceback."""
+def _startedUntilMarked(relays: Any, tmp_path: Any, module: str, source: str, dropin: str,
+                        plugin: str) -> Any:
+    """A relay with the site plugin C{plugin} (its C{module}'s C{source}, C{dropin}),
+    started as twistd (not waited for), once the plugin has written its C{MARKER}."""
     from tests.test_e2e_hooks import sitePlugins
-    from tests.test_e2e_operating import processesMentioning
 
-    marker = tmp_path / "starting"
-    _, env = sitePlugins(tmp_path, "slowstart", SLOW_START.replace("MARKER", repr(str(marker))),
-                         SLOW_START_DROPIN)
+    marker = tmp_path / "marker"
+    _, env = sitePlugins(tmp_path, module, source.replace("MARKER", repr(str(marker))), dropin)
     r = relays('[dns]\nreverse_lookups = false\n[[routes]]\ndomain = "*"\nbackend = "discard"\n'
-               '[[plugins]]\nplugin = "slow-start"\n', env=env)
+               f'[[plugins]]\nplugin = "{plugin}"\n', env=env)
     with open(r.logPath, "ab") as log:
         r.process = subprocess.Popen(r.command(), cwd=r.directory, env=dict(os.environ, **env),
                                      stdout=log, stderr=subprocess.STDOUT,
@@ -298,6 +293,21 @@ def test_a_sigterm_during_the_start_is_a_clean_stop(relays, tmp_path) -> None:
     while not marker.exists():
         assert r.process.poll() is None and time.monotonic() < deadline, r.log()
         time.sleep(0.02)
+    return r
+
+
+def test_a_sigterm_during_the_start_is_a_clean_stop(relays, tmp_path) -> None:
+    """Found by a review: a SIGTERM in the first instants of a start (systemd's stop just
+    after a start, a restart) came before Twisted installs its handlers, as the reactor
+    runs: it killed the relay on the spot, leaving its control socket (replaced at the
+    next start) and the pid file.  Here it comes as twistd starts the relay's services
+    (a plugin's service taking two seconds), after the control socket is made: the relay
+    finishes starting, then stops as at any SIGTERM -- saying so, its children stopped,
+    its socket removed, no traceback."""
+    from tests.test_e2e_operating import processesMentioning
+
+    r = _startedUntilMarked(relays, tmp_path, "slowstart", SLOW_START, SLOW_START_DROPIN,
+                            "slow-start")
     assert (r.spool / "control.sock").exists()
     r.process.send_signal(signal.SIGTERM)
     assert r.process.wait(30) in (0, -signal.SIGTERM)
@@ -309,3 +319,47 @@ def test_a_sigterm_during_the_start_is_a_clean_stop(relays, tmp_path) -> None:
     while processesMentioning(str(r.directory)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert processesMentioning(str(r.directory)) == [], log
+
+
+SLOW_BUILD = '''
+import time
+from pathlib import Path
+
+from zope.interface import implementer
+
+from mailrelay.interfaces import CONTINUE, IConnectionPolicy
+
+
+@implementer(IConnectionPolicy)
+class SlowBuild:
+    """A plugin that takes a while to build (it loads a large table)."""
+
+    def checkConnect(self, client):
+        return CONTINUE
+
+    def checkHelo(self, client, name):
+        return CONTINUE
+
+
+def build(options, context):
+    Path(MARKER).write_text("")
+    time.sleep(2)
+    return SlowBuild()
+'''
+SLOW_BUILD_DROPIN = '''
+from mailrelay.interfaces import IConnectionPolicy, MailRelayPlugin
+
+slowBuild = MailRelayPlugin("slow-build", IConnectionPolicy, "Builds slowly", "slowbuild:build")
+'''
+
+
+def test_a_sighup_while_the_relay_is_built_reloads_it_once_started(relays, tmp_path) -> None:
+    """A SIGHUP while twistd builds the relay (its plugins, here one taking two seconds)
+    came before the reload handler was installed: its default action killed the relay on
+    the spot.  It is caught from the first instant: the relay starts, then reloads."""
+    r = _startedUntilMarked(relays, tmp_path, "slowbuild", SLOW_BUILD, SLOW_BUILD_DROPIN,
+                            "slow-build")
+    r.process.send_signal(signal.SIGHUP)
+    r.waitForLog(r"configuration reloaded from", timeout=30)
+    assert r.process.poll() is None, r.log()
+    assert "Traceback" not in r.log(), r.log()

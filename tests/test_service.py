@@ -330,3 +330,35 @@ def test_a_stop_signal_at_any_moment_of_the_start_stops_the_relay_cleanly() -> N
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def test_a_sighup_while_the_relay_is_built_reloads_once_it_runs() -> None:
+    """SIGHUP's default action ends the process too: the reload handler was installed only
+    once the relay was built (its plugins, the fork server, the spool), so a SIGHUP
+    meanwhile (a reload asked just after a start) killed it on the spot.  It is caught
+    first thing with the stop signals, and reloads once the reactor runs."""
+    from mailrelay.app.services import catchStopSignals, stopOnSignals
+    from mailrelay.app.tap import installReloadSignal
+
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        early = catchStopSignals()  # (first thing in makeService)
+        assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+        os.kill(os.getpid(), signal.SIGHUP)  # we survive it
+        reactor = _Reactor()
+
+        class Relay:
+            def reload(self) -> bool:
+                return True
+
+        relay = Relay()
+        installReloadSignal(reactor, relay, early)
+        stopOnSignals(reactor, early)  # (not a stop)
+        assert reactor.calls == [(relay.reload,)]
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert reactor.calls == [(relay.reload,), (relay.reload,)]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -30,15 +30,17 @@ def stopReactor(reactor: Any) -> None:
 
 def catchStopSignals() -> list[int]:
     """Keep SIGTERM and SIGINT from ending the process (or raising C{KeyboardInterrupt})
-    until L{stopOnSignals} is called, first thing as the relay is built (before the
-    reactor exists: see L{mailrelay.app.forkserver}): the list the numbers of those
-    received meanwhile go in, for L{stopOnSignals}."""
+    until L{stopOnSignals} is called, and SIGHUP (whose default action ends it too) until
+    the reload handler is installed (L{mailrelay.app.tap.installReloadSignal}), first
+    thing as the relay is built (before the reactor exists: see
+    L{mailrelay.app.forkserver}): the list the numbers of those received meanwhile go in,
+    for those two."""
     received: list[int] = []
 
     def keep(number: int, frame: Any = None) -> None:
         received.append(number)
 
-    for number in (signal.SIGTERM, signal.SIGINT):
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(number, keep)
     return received
 
@@ -75,7 +77,8 @@ def stopOnSignals(reactor: Any, received: Sequence[int] = ()) -> None:
     for sig, handle in handlers.items():
         signal.signal(sig, handle)
     for number in list(received):
-        handlers[number](number)
+        if number in handlers:  # (a SIGHUP is the reload handler's)
+            handlers[number](number)
 
 
 class OrderedMultiService(MultiService):

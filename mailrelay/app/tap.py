@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.logger import Logger
@@ -125,7 +126,8 @@ def makeService(options: Options) -> Any:
     from mailrelay.app.services import catchStopSignals, stopOnSignals
 
     # First: a stop asked while the relay starts (before the reactor runs, which installs
-    # Twisted's handlers) stops it once started, rather than killing it half made.
+    # Twisted's handlers) stops it once started, rather than killing it half made; a
+    # SIGHUP meanwhile reloads it once started.
     stopSignals = catchStopSignals()
     from mailrelay.config import loadConfig, readConfigFile
     from mailrelay.errors import ConfigError
@@ -188,7 +190,7 @@ def makeService(options: Options) -> Any:
         relay.startErrors = os.dup(2)
     # Now, not once the reactor runs: twistd listens before it runs the reactor, and a SIGHUP
     # meanwhile (a reload during a restart) took the signal's default action, ending us.
-    installReloadSignal(reactor, relay)
+    installReloadSignal(reactor, relay, stopSignals)
     if not installRotateSignalNow(reactor, serverOptions):
         reactor.callWhenRunning(installRotateSignal, reactor)
     stopOnSignals(reactor, stopSignals)
@@ -231,16 +233,19 @@ def runAs(serverOptions: Any) -> tuple[int, int] | None:
     return (-1 if uid is None else uid, -1 if gid is None else gid)
 
 
-def installReloadSignal(reactor: Any, relay: Any) -> None:
+def installReloadSignal(reactor: Any, relay: Any, received: Sequence[int] = ()) -> None:
     """SIGHUP reloads the configuration (as C{postfix reload} does), instead of ending the
     process; one that comes before the reactor runs reloads once it runs (and the relay has
-    started)."""
+    started), as does one in C{received}, caught while the relay was built
+    (L{mailrelay.app.services.catchStopSignals}): once however many came."""
     import signal
 
     def onSignal(signum: int, frame: Any) -> None:
         reactor.callFromThread(relay.reload)
 
     signal.signal(signal.SIGHUP, onSignal)
+    if signal.SIGHUP in received:
+        onSignal(signal.SIGHUP, None)
 
 
 def twistdLogsToFile(serverOptions: Any) -> bool:
