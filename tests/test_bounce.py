@@ -677,3 +677,17 @@ def test_aReasonBesideTheDiagnostic(original: Path, action: str, text: str) -> N
     assert (block["Status"], block["Remote-MTA"], block["Diagnostic-Code"]) == (
         "4.3.2", "dns; mx.example.com", "smtp; 421 4.3.2 mx.example.com busy")
     assert text in " ".join(parts(dsn)[0].get_content().split())
+
+
+def test_successTextNamesTheServerWithTheAddressItSpokeFrom(original: Path) -> None:
+    """A success report's text names the server that took the message as a failure's
+    does, name[address] (Postfix's trace.c: "delivery via %s: ", the session's namaddrport),
+    from the address recorded with the status; the Remote-MTA field stays the name (RFC
+    3464 2.3.5), and a record without the address names the host alone."""
+    recipient = Recipient("a@example.com", status="2.0.0", lastResult="smtp; 250 2.0.0 Ok",
+                          remoteMTA="dns; store.example.com", remoteAddress="192.0.2.7")
+    dsn = build(original, recipients=[recipient], action="relayed")
+    _, [block] = deliveryStatus(dsn)
+    assert block["Remote-MTA"] == "dns; store.example.com"
+    text = " ".join(parts(dsn)[0].get_content().split())
+    assert "<a@example.com>: relayed via store.example.com[192.0.2.7]: 250 2.0.0 Ok" in text, text

@@ -380,3 +380,22 @@ def test_a_success_notice_deferred_is_stored_in_the_form_earlier_relays_read(
         assert "noticeOf" not in stored, stored
     finally:
         busy.close()
+
+
+def test_a_relayed_notice_names_the_server_with_its_address(relay, nexthop, dns) -> None:  # noqa: F811
+    """A success notice's text names the next hop's server that took the message as
+    Postfix's does, name[address] ("delivery via %s", trace.c); its Remote-MTA field stays
+    the name."""
+    hop, port = nexthop()
+    notices, noticePort = nexthop()
+    r = relay(config(dns, routes=[smtpRoute("example.org", port),
+                                  smtpRoute("sender.test", noticePort)]))
+    qid = submit(r, "alice@sender.test", ["bob@example.org"], message("relayed"),
+                 rcptOptions=("NOTIFY=SUCCESS",))
+    waitResult(r, qid, "bob@example.org", "sent")
+    (notice,) = notices.waitTo("alice@sender.test")
+    _, _, (block,), parts = parseReport(notice.content)
+    assert (block["Action"], block["Remote-MTA"]) == ("relayed", "dns; [127.0.0.1]")
+    text = " ".join(parts[0].get_payload(decode=True).decode().split())
+    assert "<bob@example.org>: relayed via 127.0.0.1[127.0.0.1]: 250" in text, text
+    waitEmpty(r)

@@ -460,7 +460,9 @@ def _recipientText(r: Recipient, action: str, delay: float) -> str:
     reason = r.reason or (_diagnosticText(r.lastResult) if r.lastResult else "")
     remote = serverName(r.remoteMTA)
     if action in ("delivered", "relayed"):
-        text = f"<{r.address}>: " + (f"{action} via {remote}: " if remote else "")
+        # (As Postfix's trace.c, "delivery via name[address]:port: ": name[address].)
+        text = f"<{r.address}>: " + (
+            f"{action} via {serverName(r.remoteMTA, r.remoteAddress)}: " if remote else "")
         return text + (reason or action)
     # (Only a server's own reply is what it said: an X-mailrelay reason is ours.)
     said = (f"host {serverName(r.remoteMTA, r.remoteAddress)} said: {reason}"
