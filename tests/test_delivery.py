@@ -3332,3 +3332,27 @@ def test_fallback_relay_configuration_problem_names_the_server_that_refused() ->
     (r,) = result(send(backend, "example.org", "a@example.org"))
     assert (r.status, r.code, r.remoteMTA) == (TRANSIENT, "4.3.5", "dns; mx.example.net")
     assert (r.remoteAddress, r.relay) == ("192.0.2.30", "mx.example.net[192.0.2.30]:25")
+
+
+def test_fallback_relay_not_used_for_a_suspended_destination_the_relay_is_an_mx_of() -> None:
+    """A relay that is an MX host of the destination does not hand its mail to a fallback
+    relay (Postfix's i_am_mx): not at the first attempt, and not either once the
+    destination is suspended (its hosts not tried, so not looked up: it is looked up for
+    this), where the fallback relay could send the mail back here -- a loop."""
+    backend, net, clock, mx = smtpBackend(fallbackRelay=FALLBACK, selfName="mx2.example.org")
+    _refuseAll(net, "192.0.2.1", "2001:db8::1")
+    for _ in range(backend.destinationConcurrency + 1):
+        (r,) = result(send(backend, "example.org", "a@example.org"))
+        assert r.status is TRANSIENT
+    assert "delivery temporarily suspended" in (r.reason or "")
+    assert "[relay.example]:587" not in mx.asked
+    assert "192.0.2.40" not in [a[0] for a in net.attempts]
+    # Another destination, suspended, whose MX hosts are not this relay: the fallback.
+    backend, net, clock, mx = smtpBackend(fallbackRelay=FALLBACK, connectionCacheTime=0)
+    _refuseAll(net, "192.0.2.1", "2001:db8::1", "192.0.2.2")
+    for _ in range(backend.destinationConcurrency):
+        result(send(backend, "example.org", "a@example.org"))
+    del net.attempts[:]
+    (r,) = result(send(backend, "example.org", "a@example.org"))
+    assert (r.status, r.remoteMTA) == (DELIVERED, "dns; relay.example")
+    assert [a[0] for a in net.attempts] == ["192.0.2.40"]

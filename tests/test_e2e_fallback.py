@@ -113,3 +113,25 @@ def test_the_last_fallback_relay_refusing_hello_defers_naming_it(relay, nexthop,
         assert "550 5.7.1 not you" in m[0], m[0]
     finally:
         refusing.close()
+
+
+def test_a_suspended_destination_the_relay_is_an_mx_of_skips_the_fallback(
+    relay, nexthop, dns  # noqa: F811
+) -> None:
+    """A relay that is a backup MX host of the destination (mx2.two.test) hands none of its
+    mail to a fallback relay, which could send it back (Postfix's i_am_mx): nor once the
+    destination is suspended after its primary refused, when its hosts are not tried."""
+    fallback, fallbackPort = nexthop()
+    route = {"domain": "two.test", "backend": "smtp", "nexthop": f"two.test:{freePort()}",
+             "fallback_relay": [f"[127.0.0.1]:{fallbackPort}"]}
+    text = config(dns, queue={"min_backoff": 300, "max_backoff": 600},
+                  delivery={"destination_concurrency": 1}, routes=[route])
+    r = relay(text, "--hostname", "mx2.two.test")
+    first = submit(r, "alice@sender.test", ["bob@two.test"], message("first"))
+    waitResult(r, first, "bob@two.test", "deferred")
+    second = submit(r, "alice@sender.test", ["bob@two.test"], message("second"))
+    m = waitResult(r, second, "bob@two.test", "deferred")
+    assert "delivery temporarily suspended" in m[0], m[0]
+    r.waitForLog(rf"{second}: this relay is an MX host of two\.test:\d+, or its mail loops "
+                 "back here: the fallback relays are not used")
+    assert fallback.accepted == []

@@ -236,6 +236,8 @@ class _Hop:
         next hop's MTA-STS policy in enforce mode: L{SMTPBackend._toFallbacks}).
     @ivar resolved: set once the next hop's hosts were found and tried (not: it was
         suspended, or its lookup failed): whether DANE applied to them is known.
+    @ivar tried: set once the next hop's delivery ran (not: it was suspended): whether
+        C{relayIsMX} is known.
     """
 
     final: bool = True
@@ -243,6 +245,7 @@ class _Hop:
     relayIsMX: bool = False
     tlsRequired: bool = False
     resolved: bool = False
+    tried: bool = False
 
 
 class _Idle:
@@ -495,6 +498,8 @@ class SMTPBackend(ClientBackend):
             by what the last fallback relay tried for them said."""
         if firstDeferred(results) is None:
             return results
+        if not hop.tried:  # (suspended: whether we are one of its MX hosts is not known)
+            hop.relayIsMX = yield self._relayIsMX(nexthop)
         if hop.relayIsMX:
             log.info("{queueID}: this relay is an MX host of {nexthop}, or its mail loops "
                      "back here: the fallback relays are not used", queueID=envelope.queueID,
@@ -535,6 +540,20 @@ class SMTPBackend(ClientBackend):
             results = withDeferredReplaced(results, again)
             nexthop = relay
         return results
+
+    @inlineCallbacks
+    def _relayIsMX(self, nexthop: str) -> Any:
+        """Whether this relay is one of C{nexthop}'s MX hosts (L{_withoutSelf}), for a next
+        hop whose hosts were not tried: C{False} when its lookup fails for now (Postfix
+        goes on to the fallback relays then)."""
+        if self._mxDomain(nexthop) is None:
+            return False
+        try:
+            hosts = yield self.resolver.resolve(nexthop, limited=False)
+        except DeliveryFailure:
+            return False
+        kept, loop = self._withoutSelf(hosts, nexthop)
+        return loop is not None or len(kept) < len(hosts)
 
     @inlineCallbacks
     def _demandsTLS(self, envelope: Any, nexthop: str, hop: _Hop) -> Any:
@@ -596,6 +615,8 @@ class SMTPBackend(ClientBackend):
 
         @param hop: where C{nexthop} stands among the next hops of a delivery that goes on
             to fallback relays, and what it finds out for them; C{None}: the only one."""
+        if hop is not None:
+            hop.tried = True
         policy = yield self._stsPolicy(envelope, nexthop)
         if _enforced(policy) and settings.tls != "implicit":
             settings = dataclasses.replace(settings, tls="required")
