@@ -312,7 +312,8 @@ def test_a_stop_signal_at_any_moment_of_the_start_stops_the_relay_cleanly() -> N
     reactor once it runs, and a second is said to be one."""
     from mailrelay.app.services import catchStopSignals, stopOnSignals, stopReactor
 
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # (all three it catches)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
     try:
         early = catchStopSignals()  # (first thing in makeService: no reactor yet)
         os.kill(os.getpid(), signal.SIGTERM)  # we survive it
