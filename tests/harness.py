@@ -49,8 +49,10 @@ class RelayProcess:
 
     def __init__(self, directory: Path, config: str | None = None, args: tuple[str, ...] = (),
                  env: dict[str, str] | None = None, defaults: bool = True, listeners: int = 1,
-                 hold: bool = False, systemdSocket: Any = None) -> None:
+                 hold: bool = False, systemdSocket: Any = None,
+                 twistdArgs: tuple[str, ...] = ()) -> None:
         """
+        @param twistdArgs: twistd's own options (C{--rundir DIR}), before C{mailrelay}.
         @param systemdSocket: a listening socket passed to the relay as systemd's socket
             activation does (file descriptor 3, C{LISTEN_PID}, C{LISTEN_FDS=1},
             C{LISTEN_FDNAMES=smtp}), for a C{systemd:domain=...:index=0} (or C{name=smtp})
@@ -67,6 +69,7 @@ class RelayProcess:
         self.defaults = defaults
         self.listeners = listeners
         self.systemdSocket = systemdSocket
+        self.twistdArgs = twistdArgs
         self.process: subprocess.Popen[bytes] | None = None
         self.logPath = directory / "relay.log"
         self.ports: list[int] = []
@@ -81,7 +84,7 @@ class RelayProcess:
         return self.directory / "spool"
 
     def command(self) -> list[str]:
-        cmd = [TWISTD, "-n", "--pidfile=", "mailrelay"]
+        cmd = [TWISTD, "-n", "--pidfile=", *self.twistdArgs, "mailrelay"]
         if self.configText is not None:
             path = self.directory / "mailrelay.toml"
             path.write_text(self.configText)

@@ -960,3 +960,32 @@ def test_a_pid_file_in_a_sticky_directory_is_said_at_start(nobodyRuntime) -> Non
         f"{pidfile.read_text().strip()}), and this user may not remove it: its directory "
         f"{sticky} is sticky (mode 1777) and the file is not this user's: only its owner, the "
         "directory's or root may remove it; remove it, or give twistd another --pidfile"), log
+
+
+# ---------------------------------------------------------------------------------------------
+# twistd's --rundir
+
+
+@pytest.mark.parametrize("spool", ["relspool", None])
+def test_rundirWithARelativeSpoolDeliversWhatItAccepts(relay, nexthop, dns, tmp_path: Path,
+                                                         spool: str | None) -> None:
+    """twistd's C{--rundir} changes directory after the relay is built, before its delivery
+    process starts: a relative C{--spool} (or the default C{./mailrelay-spool}) is the one
+    directory of the directory twistd was started in, in every process (as C{--config} and
+    twistd's own C{--pidfile} are), and the mail accepted there is delivered."""
+    handler, port = nexthop()
+    rundir = tmp_path / "run"
+    rundir.mkdir()
+    args = ["--listen", "tcp:0:interface=127.0.0.1", "--hostname", "relay.test"]
+    if spool is not None:
+        args += ["--spool", spool]
+    r = relay(config(dns, routes=[smtpRoute("example.org", port)]), *args, defaults=False,
+              twistdArgs=("--rundir", str(rundir)))
+    qid = submit(r, "alice@sender.test", ["bob@example.org"], message("rundir"))
+    m = waitResult(r, qid, "bob@example.org")
+    assert m["status"] == "sent", m[0]
+    waitRemoved(r, qid)
+    name = spool or "mailrelay-spool"
+    assert (r.directory / name / "queue").is_dir()
+    assert not (rundir / name).exists()
+    assert [received.rcptTos for received in handler.accepted] == [["bob@example.org"]]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent
 
 from mailrelay.app.systemd import Notifier, notify
 from mailrelay.app.tap import runAs
@@ -363,3 +364,52 @@ def test_a_sighup_while_the_relay_is_built_reloads_once_it_runs() -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def test_a_relative_or_default_spool_is_made_absolute(tmp_path: Path, monkeypatch) -> None:
+    """C{--spool relspool}, and the default C{./mailrelay-spool} when neither the command
+    line nor the file names a spool, are the directories of the directory twistd was
+    started in: the relay gives them so to its children and its reloads, which run after
+    twistd's C{--rundir} changed directory.  A spool the file names stays the file's."""
+    from mailrelay.app.tap import Options
+
+    monkeypatch.chdir(tmp_path)
+    options = Options()
+    options.parseOptions(["--spool", "relspool"])
+    assert options["spool"] == str(tmp_path / "relspool")
+    assert options.pinnedOverrides(None) == {"spool": str(tmp_path / "relspool")}
+    options = Options()
+    options.parseOptions([])
+    assert options["spool"] is None
+    assert options.pinnedOverrides(None) == {"spool": str(tmp_path / "mailrelay-spool")}
+    assert options.pinnedOverrides(b"[queue]\nhold = true\n") == {
+        "spool": str(tmp_path / "mailrelay-spool")
+    }
+    assert options.pinnedOverrides(b'[spool]\ndirectory = "s"\n') == {}
+    assert options.overrides() == {}
+
+
+def test_a_spool_the_file_names_after_the_default_was_pinned_waits_for_a_restart() -> None:
+    """The default spool, made absolute for the relay's life (not given on the command
+    line), is not said to come from C{--spool} when a reload's file names one: that one is
+    used once the relay is restarted."""
+    from types import SimpleNamespace
+
+    from twisted.logger import capturedLogs
+
+    from mailrelay.app.relay import RelayService
+
+    relay = RelayService(Clock(), "/etc/relay.toml", {"spool": "/start/mailrelay-spool"})
+    relay.pinned = frozenset({"spool"})
+    text = b'[spool]\ndirectory = "/var/spool/relay"\n'
+    with capturedLogs() as events:
+        relay._sayOverridden(SimpleNamespace(source="/etc/relay.toml"), text)
+    [said] = [formatEvent(e) for e in events]
+    assert said == ("spool.directory in /etc/relay.toml is not used until the relay is "
+                    "restarted: it runs on the default, /start/mailrelay-spool")
+    relay.pinned = frozenset()
+    with capturedLogs() as events:
+        relay._sayOverridden(SimpleNamespace(source="/etc/relay.toml"), text)
+    assert [formatEvent(e) for e in events] == [
+        "spool.directory in /etc/relay.toml is not used: --spool on the command line replaces it"
+    ]

@@ -128,6 +128,9 @@ class RelayService(OrderedMultiService):
         self.reactor = reactor
         self.configPath = configPath
         self.overrides = dict(overrides or {})
+        #: The names of L{overrides} the command line did not give: defaults made absolute
+        #: once (L{mailrelay.app.tap.Options.pinnedOverrides}).
+        self.pinned: frozenset[str] = frozenset()
         self.sessions = Sessions()
         self.carried = _Carried()
         self.config: Config | None = None
@@ -575,6 +578,12 @@ class RelayService(OrderedMultiService):
         """Say which settings of the file the command line's options replace: a change of
         them in the file does nothing (a reload says it again)."""
         for key, option in overriddenKeys(text, self.overrides):
+            name = option.removeprefix("--").replace("-", "_")
+            if name in self.pinned:
+                log.warn("{key} in {source} is not used until the relay is restarted: it "
+                         "runs on the default, {value}", key=key, source=config.source,
+                         value=self.overrides[name])
+                continue
             log.warn("{key} in {source} is not used: {option} on the command line replaces it",
                      key=key, source=config.source, option=option)
 

@@ -70,11 +70,13 @@ class Options(usage.Options):
         raise SystemExit(0)
 
     def postOptions(self) -> None:
-        # Resolved once, against the directory twistd was started in: the relay names the
-        # file so (mailrelay status, reload) and reads it so at each reload, which may come
-        # after twistd's --rundir changed directory.
-        if self["config"] is not None:
-            self["config"] = os.path.abspath(self["config"])
+        # Resolved once, against the directory twistd was started in (as twistd does its
+        # --pidfile): the relay names the file so (mailrelay status, reload) and reads it so
+        # at each reload, which may come after twistd's --rundir changed directory, and its
+        # children, started there, use the same spool.
+        for key in ("config", "spool"):
+            if self[key] is not None:
+                self[key] = os.path.abspath(self[key])
         if self["list-plugins"]:
             raise SystemExit(listPlugins(self["config"], self.overrides()))
         serverOptions = getattr(self, "parent", None)  # twistd's, when it runs us
@@ -93,6 +95,20 @@ class Options(usage.Options):
         for key in ("hostname", "spool", "smarthost"):
             if self[key] is not None:
                 result[key] = self[key]
+        return result
+
+    def pinnedOverrides(self, text: bytes | None) -> dict[str, Any]:
+        """L{overrides}, and the default spool (C{./mailrelay-spool}, when neither C{--spool}
+        nor the configuration file's bytes C{text} name one) as an absolute C{spool}: the
+        directory twistd was started in, which the relay's children and its reloads, after
+        twistd's C{--rundir} changed directory, must still use."""
+        from mailrelay.config import overriddenKeys
+        from mailrelay.config.keys import DEFAULT_SPOOL
+
+        result = self.overrides()
+        default = os.path.abspath(DEFAULT_SPOOL)
+        if "spool" not in result and not overriddenKeys(text, {"spool": default}):
+            result["spool"] = default
         return result
 
 
@@ -146,10 +162,11 @@ def makeService(options: Options) -> Any:
     exportPassedSockets()
     try:
         text = readConfigFile(path) if path is not None else None
-        config = loadConfig(path, options.overrides(), text=text)
+        overrides = options.pinnedOverrides(text)
+        config = loadConfig(path, overrides, text=text)
         # Before the reactor exists: the fork server must not have one (see its module).
         # (It lists the installed plugins: two of one name are refused there first.)
-        forkServer = forRelay(config, serverOptions, user, (path, options.overrides(), text))
+        forkServer = forRelay(config, serverOptions, user, (path, overrides, text))
     except ConfigError as e:
         raise SystemExit(f"mailrelay: configuration error: {e}") from None
     from mailrelay.app.loadedcode import LoadedCode
@@ -167,11 +184,12 @@ def makeService(options: Options) -> Any:
         reactor.addSystemEventTrigger("after", "shutdown", forkServer.close)
     try:
         relay = makeRelayService(
-            config, reactor, options.overrides(), configText=text, runAs=user,
+            config, reactor, overrides, configText=text, runAs=user,
             spawner=forkServer, available=forkServer.plugins if forkServer is not None else None,
         )
     except ConfigError as e:
         raise SystemExit(f"mailrelay: configuration error: {e}") from None
+    relay.pinned = frozenset(overrides.keys() - options.overrides().keys())
     # Every module is loaded now, the plugins' too: a reload will say which changed since.
     relay.loadedCode = forkServer.loadedCode() if forkServer is not None else LoadedCode.now()
     # (Without children, nothing is imported anew; without the fork server, all is.)
