@@ -572,12 +572,9 @@ class ClientBackend:
                 return dataclasses.replace(envelope, requireTLS=False), settings
             why = self._insecureLookup(nexthop)
             if why is not None:
-                log.warn(
-                    "{queueID}: REQUIRETLS message not relayed to {nexthop}: {why}",
-                    queueID=envelope.queueID,
-                    nexthop=nexthop,
-                    why=why,
-                )
+                log.warn("{queueID}: REQUIRETLS message not relayed to {nexthop}: {why}; "
+                         "bounced (5.7.30)", queueID=envelope.queueID, nexthop=nexthop,
+                         why=why)
                 return resultsForAll(
                     recipients,
                     DeliveryStatus.PERMANENT,
