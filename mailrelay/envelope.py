@@ -98,6 +98,9 @@ class Recipient:
         C{None}.  Stored only when set, like L{noticeID}.
     @ivar noticeID: the queue id that notice is to have (so that after a crash it is made
         again only if it was not queued), or C{None}.
+    @ivar command: the command whose reply C{lastResult} is, when a server refused or
+        deferred the recipient (C{"RCPT TO"}, C{"end of DATA"}: what the notice's text says,
+        as Postfix's "(in reply to RCPT TO command)"), or C{None}; not stored when C{None}.
     """
 
     address: str
@@ -115,6 +118,7 @@ class Recipient:
     noticeOwed: str | None = None
     noticeID: str | None = None
     remoteAddress: str | None = None
+    command: str | None = None
 
     @property
     def domain(self) -> str:
@@ -217,6 +221,8 @@ class Envelope:
                 del rd["reason"]
             if r.remoteAddress is None:
                 del rd["remoteAddress"]
+            if r.command is None:
+                del rd["command"]
             if r.noticeOwed is None:
                 del rd["noticeOwed"], rd["noticeID"]
             recipients.append(rd)
@@ -366,7 +372,7 @@ _RECIPIENT_KINDS = {
     "address": "str", "original": "str", "notify": "strings?", "orcpt": "str?", "state": "state",
     "attempts": "count", "lastResult": "str?", "status": "str?", "remoteMTA": "str?",
     "finalTime": "time?", "parameters": "object", "reason": "str?", "noticeOwed": "notice?",
-    "noticeID": "str?", "remoteAddress": "str?",
+    "noticeID": "str?", "remoteAddress": "str?", "command": "str?",
 }  # fmt: skip
 
 

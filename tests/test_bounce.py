@@ -616,7 +616,7 @@ def test_textPartNamesTheHostOfTheLastAttempt(original: Path, action: str, text:
     attempt (its Remote-MTA) is named in both, where its reply is the server's."""
     deferred = Recipient(
         "a@example.com", status="4.3.2", remoteMTA="dns; mx.example.com[192.0.2.1]",
-        lastResult="smtp; 421 4.3.2 busy (in reply to RCPT TO command)")
+        lastResult="smtp; 421 4.3.2 busy", command="RCPT TO")
     dsn = build(original, recipients=[deferred], action=action,
                 willRetryUntil=ARRIVAL + 86400 if action == "delayed" else None)
     assert text in " ".join(parts(dsn)[0].get_content().split())
@@ -636,12 +636,33 @@ def test_textPartNamesTheHostWithTheAddressItSpokeFrom(
     the address (written by an older relay) names the host alone."""
     refused = Recipient("a@example.com", status="5.1.1", remoteMTA=remoteMTA,
                         remoteAddress=address,
-                        lastResult="smtp; 550 5.1.1 unknown (in reply to RCPT TO command)")
+                        lastResult="smtp; 550 5.1.1 unknown", command="RCPT TO")
     dsn = build(original, recipients=[refused])
     _, [block] = deliveryStatus(dsn)
     assert block["Remote-MTA"] == remoteMTA
     text = " ".join(parts(dsn)[0].get_content().split())
     assert f"<a@example.com>: host {host} said: 550 5.1.1 unknown" in text, text
+
+
+@pytest.mark.parametrize(("command", "said"), [
+    ("RCPT TO", "550 5.1.1 unknown (in reply to RCPT TO command)"),
+    ("end of DATA", "550 5.1.1 unknown (in reply to end of DATA command)"),
+    (None, "550 5.1.1 unknown"),  # (a record of an older relay)
+])
+def test_textPartSaysWhichCommandTheReplyAnswered(original: Path, command: str | None,
+                                                  said: str) -> None:
+    """The text says to which command the server's reply answered, as Postfix's bounce
+    (smtp_trouble.c: "host %s said: %s (in reply to %s command)"); the Diagnostic-Code
+    field is the reply alone (RFC 3464 2.3.6).  A record without the command (written by
+    an older relay) says the reply alone."""
+    refused = Recipient("a@example.com", status="5.1.1", remoteMTA="dns; mx.example.com",
+                        remoteAddress="192.0.2.1", lastResult="smtp; 550 5.1.1 unknown",
+                        command=command)
+    dsn = build(original, recipients=[refused])
+    _, [block] = deliveryStatus(dsn)
+    assert block["Diagnostic-Code"] == "smtp; 550 5.1.1 unknown"
+    text = " ".join(parts(dsn)[0].get_content().split())
+    assert text.endswith(f"<a@example.com>: host mx.example.com[192.0.2.1] said: {said}"), text
 
 
 def test_textPartOfAnExpiredMessageWithoutAHost(original: Path) -> None:

@@ -110,6 +110,35 @@ def test_bounce_names_quoted_addresses_exactly(relay, nexthop, dns) -> None:  # 
     waitEmpty(r)
 
 
+@pytest.mark.parametrize("stage", ["RCPT TO", "end of DATA"])
+def test_bounce_text_says_which_command_the_refusal_answered(relay, nexthop, dns,  # noqa: F811
+                                                             stage: str) -> None:
+    """The bounce's text says what the next hop said and to which command, as Postfix's
+    (smtp_trouble.c: "host %s said: %s (in reply to %s command)"), as the log line does;
+    the Diagnostic-Code field is the reply alone (RFC 3464 2.3.6)."""
+    hop, port = nexthop()
+    reply = "550 5.1.1 no such user" if stage == "RCPT TO" else "554 5.6.0 refused"
+    if stage == "RCPT TO":
+        hop.rcptReply = lambda a: reply if a == "bob@example.org" else None
+    else:
+        hop.dataReply = lambda received, n: (
+            reply if received.rcptTos == ["bob@example.org"] else "250 2.0.0 OK")
+    r = relay(config(dns, routes=[smtpRoute("example.org", port),
+                                  smtpRoute("sender.test", port)]))
+    qid = submit(r, "alice@sender.test", ["bob@example.org"], message("refused"))
+    m = waitResult(r, qid, "bob@example.org", "bounced")
+    assert m["diagnostic"].endswith(f"{reply} (in reply to {stage} command)"), m[0]
+    waitResult(r, bounceID(r, qid), "alice@sender.test", "sent")
+    (bounce,) = hop.waitTo("alice@sender.test")
+    _msg, _perMessage, (block,), _parts = parseReport(bounce.content)
+    assert block["Diagnostic-Code"] == f"smtp; {reply}", str(block)
+    text = " ".join(email.message_from_bytes(bounce.content).get_payload(0)
+                    .get_payload(decode=True).decode().split())
+    assert (f"<bob@example.org>: host 127.0.0.1[127.0.0.1] said: {reply} (in reply to "
+            f"{stage} command)") in text, text
+    waitEmpty(r)
+
+
 def test_bounce_of_a_binary_message_returns_its_header_section(relay, nexthop, dns) -> None:  # noqa: F811
     """A BODY=BINARYMIME message (RFC 3030, by BDAT to a listener with binarymime = true)
     refused by the next hop, RET=FULL: the bounce returns its header section as it is, says

@@ -366,3 +366,23 @@ def test_a_reason_beside_the_diagnostic_is_recorded_and_logged() -> None:
     later = RecipientResult("a@example.org", DeliveryStatus.TRANSIENT, "4.2.0", "smtp; 451 x")
     apply(envelope, decide(envelope, [Outcome(r, later, "mx")], policy, 1200.0))
     assert (r.lastResult, r.reason) == ("smtp; 451 x", None)
+
+
+def test_the_command_a_refusal_answered_is_recorded_with_the_recipient() -> None:
+    """The command whose reply refused or deferred a recipient (C{RCPT TO}, C{end of DATA})
+    is recorded beside its last result, for the notice's text (Postfix's "(in reply to %s
+    command)", smtp_trouble.c); the diagnostic itself (the DSN's Diagnostic-Code) is the
+    reply alone.  A delivery, or a result that is no server's reply, records none."""
+    policy = QueuePolicy(maxLifetime=3600, minBackoff=300, maxBackoff=4000)
+    for status, code, command, recorded in [
+        (DeliveryStatus.PERMANENT, "5.1.1", "RCPT TO", "RCPT TO"),
+        (DeliveryStatus.TRANSIENT, "4.3.0", "end of DATA", "end of DATA"),
+        (DeliveryStatus.DELIVERED, "2.0.0", "end of DATA", None),
+        (DeliveryStatus.TRANSIENT, "4.4.1", None, None),
+    ]:
+        r = Recipient("a@example.org", "a@example.org", command="MAIL FROM")
+        envelope = Envelope("s@example.org", [r], arrival=1000.0)
+        result = RecipientResult("a@example.org", status, code, f"smtp; {code[0]}50 {code} x",
+                                 command=command)
+        apply(envelope, decide(envelope, [Outcome(r, result, "mx")], policy, 1001.0))
+        assert (r.lastResult, r.command) == (f"smtp; {code[0]}50 {code} x", recorded)

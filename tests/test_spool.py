@@ -1701,6 +1701,21 @@ def test_aRecipientsRemoteAddressIsKeptAndOlderRecordsLoad() -> None:
     assert Envelope.fromDict(stored).recipients[0].remoteAddress is None
 
 
+def test_aRecipientsRefusedCommandIsKeptAndOlderRecordsLoad() -> None:
+    """The command whose reply the last result is (C{RCPT TO}) is stored with the recipient;
+    one without is written without the field, as before it existed (a relay of the version
+    before reads it), and one written then reads back without one."""
+    envelope = Envelope(sender="a@example.org", recipients=[
+        Recipient("b@example.org", lastResult="smtp; 550 5.1.1 unknown", command="RCPT TO"),
+        Recipient("c@example.org", lastResult="X-mailrelay; connection refused")])
+    again = Envelope.fromJSON(envelope.toJSON())
+    assert [r.command for r in again.recipients] == ["RCPT TO", None]
+    stored = json.loads(envelope.toJSON())
+    assert "command" not in stored["recipients"][1]
+    del stored["recipients"][0]["command"]
+    assert Envelope.fromDict(stored).recipients[0].command is None
+
+
 @pytest.mark.parametrize("removed", ["tmp", "queue"])
 @pytest.mark.parametrize("data", [MESSAGE, BIG], ids=["in memory", "spilled"])
 def test_aSpoolDirectoryRemovedByHandIsCreatedAgain(
@@ -1768,7 +1783,7 @@ def test_envelope_json_is_what_a_getattr_per_field_makes(held: bool) -> None:
         for r in recipients
     ]
     for r in expected["recipients"]:
-        del r["reason"], r["noticeOwed"], r["noticeID"], r["remoteAddress"]
+        del r["reason"], r["noticeOwed"], r["noticeID"], r["remoteAddress"], r["command"]
     assert envelope.toDict() == expected
     assert list(envelope.toDict()) == list(expected)
     assert [list(r) for r in envelope.toDict()["recipients"]] == [list(r) for r in expected["recipients"]]

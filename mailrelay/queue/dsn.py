@@ -465,7 +465,9 @@ def _recipientText(r: Recipient, action: str, delay: float) -> str:
             f"{action} via {serverName(r.remoteMTA, r.remoteAddress)}: " if remote else "")
         return text + (reason or action)
     # (Only a server's own reply is what it said: an X-mailrelay reason is ours.)
-    said = (f"host {serverName(r.remoteMTA, r.remoteAddress)} said: {reason}"
+    # (Postfix's "host %s said: %s (in reply to %s command)", smtp_trouble.c.)
+    inReplyTo = f" (in reply to {r.command} command)" if r.command else ""
+    said = (f"host {serverName(r.remoteMTA, r.remoteAddress)} said: {reason}{inReplyTo}"
             if remote and reason and not r.reason
             and (r.lastResult or "").lower().startswith("smtp;") else None)
     if action == "failed" and (r.status or "").startswith("4."):

@@ -85,6 +85,8 @@ class Transition:
     @ivar reason: the reason to record beside it (the result's, L{RecipientResult.reason}).
     @ivar remoteMTA: the Remote-MTA to record (the result's).
     @ivar remoteAddress: the address its status came from, to record (the result's).
+    @ivar command: the command whose reply refused or deferred it, to record (the
+        result's), or C{None} (delivered, or no server's reply).
     @ivar finalTime: when it was delivered or bounced (its old value while pending).
     @ivar attempts: its attempt count, this one included.
     @ivar relay: where it went, for the log.
@@ -113,6 +115,7 @@ class Transition:
     notice: str | None = None
     noticeID: str | None = None
     remoteAddress: str | None = None
+    command: str | None = None
 
 
 @dataclass(frozen=True)
@@ -231,9 +234,10 @@ def _transition(
     notice = None
     state, status, finalTime = PENDING, result.code, r.finalTime
     diagnostic, logStatus = result.reason or result.diagnostic, "deferred"
-    if result.command and result.status is not DeliveryStatus.DELIVERED:
+    command = result.command if result.status is not DeliveryStatus.DELIVERED else None
+    if command:
         # As Postfix says of a refusal: which command the server's reply answered.
-        diagnostic += f" (in reply to {result.command} command)"
+        diagnostic += f" (in reply to {command} command)"
     if result.status is DeliveryStatus.DELIVERED:
         state, finalTime, logStatus = DELIVERED, now, "sent"
         if _owesSuccessNotice(envelope, outcome):
@@ -254,6 +258,7 @@ def _transition(
         lastResult=result.diagnostic,
         remoteMTA=result.remoteMTA,
         remoteAddress=result.remoteAddress,
+        command=command or None,
         reason=result.reason,
         finalTime=finalTime,
         attempts=r.attempts + 1,
@@ -382,7 +387,7 @@ def applyTo(r: Recipient, t: Transition) -> None:
     """Write the transition C{t} into the recipient C{r} (its own, or a copy's)."""
     r.state, r.status, r.lastResult = t.state, t.status, t.lastResult
     r.remoteMTA, r.finalTime, r.attempts = t.remoteMTA, t.finalTime, t.attempts
-    r.remoteAddress = t.remoteAddress
+    r.remoteAddress, r.command = t.remoteAddress, t.command
     r.reason = t.reason
     if t.notice is not None:
         r.noticeOwed, r.noticeID = t.notice, t.noticeID
