@@ -22,6 +22,7 @@ Each queued message is in one of Postfix's queues, by C{queue_name}:
 from __future__ import annotations
 
 import os
+from bisect import bisect_right
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -62,6 +63,10 @@ SHOW_LIMIT = 1024 * 1024
 #: Commands on many entries run this many at once (so that their envelope updates share the
 #: spool's group commits).
 _CONCURRENCY = 64
+
+#: How long, in seconds, the sorted queue ids the first page of a listing took are used for
+#: its next pages (L{QueueControl.entries}).
+LIST_SNAPSHOT_TTL = 60.0
 
 #: The envelopes read at a time by the views of the whole queue (L{QueueControl._scan}).
 _SCAN_CHUNK = 500
@@ -180,6 +185,9 @@ class QueueControl:
         self.unavailable = unavailable
         #: Commands that change the queue run one at a time.
         self._lock = DeferredLock()
+        #: When the queue ids the pages of a listing are served from were listed, and they
+        #: (sorted), or C{None} (L{entries}).
+        self._snapshot: tuple[float, list[str]] | None = None
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -233,11 +241,26 @@ class QueueControl:
         if limit < 1:
             raise BadRequest(f"limit must be at least 1, not {limit}")
 
-        def page() -> tuple[list[tuple[str, Envelope | Exception]], str | None]:
-            ids = [i for i in self.spool.queueIDs() if cursor is None or i > cursor]
-            return self._loadAll(ids[:limit]), (ids[limit - 1] if len(ids) > limit else None)
+        snapshot = self._snapshot
+        now = self.clock.seconds()
+        if cursor is None or snapshot is None or now - snapshot[0] > LIST_SNAPSHOT_TTL:
+            snapshot = None
 
-        loaded, following = await self._deferToThread(page)
+        def page() -> tuple[list[str], list[tuple[str, Envelope | Exception]], str | None]:
+            # The first page lists the spool directory; the next are served from that
+            # listing (as Postfix's showq reads each queue directory once): an entry removed
+            # meanwhile is skipped, one added meanwhile not shown.
+            ids = self.spool.queueIDs() if snapshot is None else snapshot[1]
+            start = 0 if cursor is None else bisect_right(ids, cursor)
+            following = ids[start + limit - 1] if len(ids) - start > limit else None
+            return ids, self._loadAll(ids[start : start + limit]), following
+
+        ids, loaded, following = await self._deferToThread(page)
+        # One snapshot at most, dropped after the last page or LIST_SNAPSHOT_TTL.
+        if following is None:
+            self._snapshot = None
+        elif snapshot is None:
+            self._snapshot = (now, ids)
         return {
             "entries": [self._info(queueID, item) for queueID, item in self._current(loaded)],
             "next": following,
